@@ -1,0 +1,36 @@
+# make demo  : set up .venv (if missing) and run the whole pipeline on simulated data
+# make test  : set up .venv (if missing) and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+EXP    ?= demo
+
+.PHONY: demo test test-all lint tensorboard bench clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pipeline stage=all experiment=$(EXP) overwrite=true
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-all: $(STAMP)
+	$(PY) -m pytest -m ''
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+tensorboard: $(STAMP)
+	$(VENV)/bin/tensorboard --logdir $$(ls -td outputs/*/ 2>/dev/null | head -1 || echo outputs)
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,161 @@
+"""Atomic writes and stage manifests: the contract between stages.
+
+Every stage writes its outputs under a temporary name and renames them into
+place only when complete, so a crash never leaves a half-written artifact
+behind. Each stage folder holds ``manifest.json`` that records what was read
+and written (paths, sizes, modification times) and the hash of the resolved
+config, so a later stage can refuse a missing, unfinished or stale input with
+a message that says which stage to run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+class StageInputError(RuntimeError):
+    """An input artifact is missing, unfinished or stale."""
+
+
+def _tmp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it into place on success.
+
+    Works for files and folders. If the body raises, the temporary is removed
+    and ``final`` (if it existed) is left untouched.
+
+    Examples
+    --------
+    >>> with atomic_path("out/cells.h5ad") as tmp:  # doctest: +SKIP
+    ...     adata.write_h5ad(tmp)
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(final)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise RuntimeError(f"atomic write of {final}: nothing was written to {tmp}")
+        if final.is_dir() and not final.is_symlink():
+            old = _tmp_name(final)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """Size and modification time of a file, or of all files in a folder."""
+    p = Path(path)
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file()]
+        size = sum(f.stat().st_size for f in files)
+        mtime = max((f.stat().st_mtime for f in files), default=p.stat().st_mtime)
+        return {"path": str(p), "kind": "dir", "files": len(files), "bytes": size, "mtime": mtime}
+    st = p.stat()
+    return {"path": str(p), "kind": "file", "bytes": st.st_size, "mtime": st.st_mtime}
+
+
+def config_hash(resolved: dict[str, Any]) -> str:
+    """Short stable hash of a resolved config (dict)."""
+    blob = json.dumps(resolved, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Manifest:
+    """Record of one stage run: inputs, outputs, config, status and timing."""
+
+    def __init__(self, stage_dir: Path, stage: str, resolved_config: dict[str, Any]):
+        self.path = Path(stage_dir) / MANIFEST
+        self.data: dict[str, Any] = {
+            "stage": stage,
+            "status": "running",
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "finished": None,
+            "config_hash": config_hash(resolved_config),
+            "inputs": {},
+            "outputs": {},
+            "config": resolved_config,
+        }
+
+    def add_input(self, name: str, path: Path) -> None:
+        self.data["inputs"][name] = describe(path)
+
+    def add_output(self, name: str, path: Path) -> None:
+        self.data["outputs"][name] = describe(path)
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+    def finish(self, status: str = "complete") -> None:
+        self.data["status"] = status
+        self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.save()
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    p = Path(stage_dir) / MANIFEST
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise StageInputError(f"{p}: manifest is not valid JSON ({e})") from e
+
+
+def check_fresh(path: Path, manifest: dict[str, Any], name: str) -> None:
+    """Refuse an artifact that changed after its producing stage recorded it."""
+    rec = manifest.get("outputs", {}).get(name)
+    if rec is None:
+        return
+    now = describe(path)
+    if now["bytes"] != rec["bytes"]:
+        raise StageInputError(
+            f"{path} is stale: its size changed since stage '{manifest['stage']}' wrote it "
+            f"({rec['bytes']} -> {now['bytes']} bytes). Re-run stage={manifest['stage']}."
+        )

@@ -1,0 +1,380 @@
+"""Stage registry, run directory and the runner behind ``python -m pipeline``.
+
+A stage is a function ``fn(ctx: StageContext) -> None`` registered with
+:func:`stage`. It reads its inputs through ``ctx.input(name)`` (resolved
+before it starts, so a missing input fails at once and names the stage that
+produces it) and writes its outputs with ``ctx.atomic(name)`` into its own
+folder ``outputs/<experiment>/<stage>[/<variant>]/``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.artifacts import (
+    Manifest,
+    StageInputError,
+    atomic_path,
+    check_fresh,
+    read_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+# Stage order of `stage=all`. `simulate` runs only with data=synthetic.
+ORDER = [
+    "simulate",
+    "segment_train",
+    "segment",
+    "expression",
+    "pair",
+    "train",
+    "evaluate",
+    "traverse",
+]
+
+# artifact name -> (producing stage, path inside that stage's folder)
+ARTIFACTS: dict[str, tuple[str, str]] = {
+    "smears": ("simulate", "smears"),
+    "annotations": ("simulate", "smears/annotations.json"),
+    "expression_raw": ("simulate", "expression_raw.h5ad"),
+    "segmentation_model": ("segment_train", "model.pt"),
+    "cells": ("segment", "cells.h5ad"),
+    "expression": ("expression", "expression.h5ad"),
+    "paired": ("pair", "paired.h5ad"),
+    "model": ("train", "model.pt"),
+    "latent": ("train", "latent.h5ad"),
+    "evaluation": ("evaluate", "metrics.json"),
+    "report": ("traverse", "report.html"),
+}
+
+# modules that register stages when imported
+STAGE_MODULES = [
+    "pipeline.stage_simulate",
+    "pipeline.stage_segmentation",
+    "pipeline.stage_expression",
+    "pipeline.stage_train",
+    "pipeline.stage_analysis",
+]
+
+
+class StageError(RuntimeError):
+    """A stage cannot run as configured (bad setting, existing outputs...)."""
+
+
+class StageNotImplemented(StageError):
+    pass
+
+
+Needs = list[str] | Callable[[DictConfig], list[str]]
+
+
+@dataclass
+class StageSpec:
+    name: str
+    fn: Callable[[StageContext], None] | None
+    needs: Needs = field(default_factory=list)
+    optional: Needs = field(default_factory=list)
+    produces: list[str] = field(default_factory=list)
+    distributed: bool = False  # run once per DDP rank through pipeline.hardware
+    issue: str = ""  # where an unbuilt stage will come from
+
+    def needs_for(self, cfg: DictConfig) -> list[str]:
+        return list(self.needs(cfg) if callable(self.needs) else self.needs)
+
+    def optional_for(self, cfg: DictConfig) -> list[str]:
+        return list(self.optional(cfg) if callable(self.optional) else self.optional)
+
+
+REGISTRY: dict[str, StageSpec] = {
+    name: StageSpec(name=name, fn=None, issue="a later issue") for name in ORDER
+}
+
+
+def stage(
+    name: str,
+    *,
+    needs: Needs = (),
+    optional: Needs = (),
+    produces: list[str] = (),
+    distributed: bool = False,
+) -> Callable[[Callable[[StageContext], None]], Callable[[StageContext], None]]:
+    """Register ``fn`` as the implementation of stage ``name``."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown stage {name!r}; valid: {', '.join(ORDER)}")
+
+    def deco(fn: Callable[[StageContext], None]) -> Callable[[StageContext], None]:
+        REGISTRY[name] = StageSpec(
+            name=name,
+            fn=fn,
+            needs=needs if callable(needs) else list(needs),
+            optional=optional if callable(optional) else list(optional),
+            produces=list(produces),
+            distributed=distributed,
+        )
+        return fn
+
+    return deco
+
+
+def load_stages() -> None:
+    for mod in STAGE_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # a real import error inside the module
+                raise
+
+
+# ----------------------------------------------------------------------------
+# run directory
+# ----------------------------------------------------------------------------
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.root) / cfg.experiment
+
+
+def stage_dir(cfg: DictConfig, name: str) -> Path:
+    d = run_dir(cfg) / name
+    return d / cfg.variant if cfg.variant else d
+
+
+def resolve_input(cfg: DictConfig, name: str) -> Path:
+    """Path of artifact ``name``: an explicit ``paths.inputs.<name>`` or the run dir.
+
+    Raises
+    ------
+    StageInputError
+        If the artifact does not exist, its producing stage did not finish, or
+        it changed since that stage recorded it. The message says which stage
+        produces it and which setting overrides it.
+    """
+    explicit = cfg.paths.inputs.get(name) if name in cfg.paths.inputs else None
+    if explicit:
+        p = Path(explicit)
+        if not p.exists():
+            raise StageInputError(f"paths.inputs.{name}={explicit}: no such file or folder")
+        return p
+    producer, rel = ARTIFACTS[name]
+    candidates = []
+    if cfg.variant:
+        candidates.append(run_dir(cfg) / producer / cfg.variant)
+    candidates.append(run_dir(cfg) / producer)
+    for d in candidates:
+        p = d / rel
+        if p.exists():
+            man = read_manifest(d)
+            if man is not None and man.get("status") != "complete":
+                raise StageInputError(
+                    f"{p} comes from an unfinished run of stage={producer} "
+                    f"(status: {man.get('status')}). Re-run `python -m pipeline "
+                    f"stage={producer} experiment={cfg.experiment} overwrite=true`."
+                )
+            if man is not None:
+                check_fresh(p, man, name)
+            return p
+    raise StageInputError(
+        f"missing input '{name}': expected {candidates[-1] / rel}, which stage={producer} "
+        f"writes. Run `python -m pipeline stage={producer} experiment={cfg.experiment}` "
+        f"first, or set paths.inputs.{name}=PATH."
+    )
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: config, its folder, inputs and the devices."""
+
+    cfg: DictConfig
+    name: str
+    dir: Path
+    inputs: dict[str, Path]
+    dist: Any = None  # pipeline.hardware.DistInfo, set by the runner
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+    @property
+    def run_dir(self) -> Path:
+        return run_dir(self.cfg)
+
+    def input(self, name: str) -> Path:
+        if name not in self.inputs:
+            self.inputs[name] = resolve_input(self.cfg, name)
+        return self.inputs[name]
+
+    def has_input(self, name: str) -> bool:
+        try:
+            self.input(name)
+        except StageInputError:
+            return False
+        return True
+
+    def output(self, name: str) -> Path:
+        """Final path of an artifact this stage produces (or any file name)."""
+        if name in ARTIFACTS and ARTIFACTS[name][0] == self.name:
+            return self.dir / ARTIFACTS[name][1]
+        return self.dir / name
+
+    @contextmanager
+    def atomic(self, name: str) -> Iterator[Path]:
+        """Temporary path for output ``name``, renamed into place on success."""
+        with atomic_path(self.output(name)) as tmp:
+            yield tmp
+
+
+# ----------------------------------------------------------------------------
+# runner
+# ----------------------------------------------------------------------------
+
+
+def _check_writable(d: Path, setting: str) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".write-test-{uuid.uuid4().hex[:6]}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise StageError(f"{setting}={d} is not writable: {e.strerror or e}") from e
+
+
+def _prepare_stage_dir(cfg: DictConfig, name: str) -> tuple[Path, Path | None]:
+    """Create the stage folder; refuse to replace a finished one silently.
+
+    Returns the folder and, with ``overwrite=true``, where the old one was
+    moved (deleted once the new run succeeds, restored if it fails).
+    """
+    d = stage_dir(cfg, name)
+    _check_writable(Path(cfg.paths.root), "paths.root")
+    backup = None
+    if d.exists() and any(d.iterdir()):
+        man = read_manifest(d)
+        if cfg.overwrite:
+            backup = d.with_name(f".{d.name}.old-{uuid.uuid4().hex[:6]}")
+            d.rename(backup)
+        elif not cfg.resume:
+            status = man.get("status") if man else "unknown (no manifest)"
+            raise StageError(
+                f"{d} already holds a run of stage={name} (status: {status}). "
+                f"Refusing to overwrite it: pass overwrite=true to replace it, "
+                f"resume=true to continue it, or choose another experiment=NAME."
+            )
+    d.mkdir(parents=True, exist_ok=True)
+    return d, backup
+
+
+def _add_log_file(path: Path, level: str) -> logging.Handler:
+    h = logging.FileHandler(path, mode="a")
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    h.setLevel(level)
+    root = logging.getLogger()
+    root.addHandler(h)
+    if root.level > logging.getLevelName(level):
+        root.setLevel(level)
+    return h
+
+
+def stages_for(cfg: DictConfig) -> list[str]:
+    name = cfg.stage.name
+    if name == "all":
+        seq = list(ORDER)
+        if cfg.data.name != "synthetic":
+            seq.remove("simulate")
+        return seq
+    if name not in REGISTRY:
+        raise StageError(f"unknown stage {name!r}; valid stages: {', '.join([*ORDER, 'all'])}")
+    return [name]
+
+
+def run_stage(cfg: DictConfig, name: str) -> Path:
+    """Run one stage: check inputs, prepare its folder, call it, write the manifest."""
+    from pipeline import hardware
+
+    spec = REGISTRY[name]
+    if spec.fn is None:
+        raise StageNotImplemented(
+            f"stage={name} is not implemented yet (it comes with {spec.issue}); "
+            f"nothing was written."
+        )
+    # resolve inputs first: fail before touching any folder
+    inputs = {n: resolve_input(cfg, n) for n in spec.needs_for(cfg)}
+    for n in spec.optional_for(cfg):
+        try:
+            inputs[n] = resolve_input(cfg, n)
+        except StageInputError:
+            pass
+    if hardware.launched_by_torchrun() and int(os.environ["RANK"]) != 0:
+        # torchrun started this rank: rank 0 owns the folder and the manifest
+        ctx = StageContext(cfg=cfg, name=name, dir=stage_dir(cfg, name), inputs=inputs)
+        hardware.launch(spec.fn, ctx, cfg.hardware)
+        return ctx.dir
+    d, backup = _prepare_stage_dir(cfg, name)
+    handler = _add_log_file(d / f"{name}.log", cfg.log_level)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    manifest = Manifest(d, name, resolved)
+    for n, p in inputs.items():
+        manifest.add_input(n, p)
+    manifest.save()
+    ctx = StageContext(cfg=cfg, name=name, dir=d, inputs=dict(inputs))
+    t0 = time.time()
+    log.info("stage=%s -> %s", name, d)
+    try:
+        if spec.distributed:
+            hardware.launch(spec.fn, ctx, cfg.hardware)
+        else:
+            ctx.dist = hardware.single_process(cfg.hardware)
+            spec.fn(ctx)
+        for n in spec.produces:
+            p = ctx.output(n)
+            if not p.exists():
+                raise StageError(f"stage={name} finished without writing '{n}' ({p})")
+            manifest.add_output(n, p)
+        manifest.data["seconds"] = round(time.time() - t0, 2)
+        manifest.finish("complete")
+    except BaseException:
+        manifest.finish("failed")
+        if backup is not None:
+            failed = d.with_name(f"{d.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
+            d.rename(failed)
+            backup.rename(d)
+            log.error(
+                "stage=%s failed; previous outputs restored, this attempt kept in %s", name, failed
+            )
+        raise
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    log.info("stage=%s done in %.1f s", name, time.time() - t0)
+    return d
+
+
+def main(cfg: DictConfig) -> int:
+    """Entry point after Hydra composed ``cfg``. Returns a process exit code."""
+    load_stages()
+    try:
+        names = stages_for(cfg)
+        for name in names:
+            run_stage(cfg, name)
+    except (StageError, StageInputError) as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = run_dir(cfg)
+    print(f"done: stage={cfg.stage.name} -> {out}")
+    return 0
