@@ -65,6 +65,7 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
 STAGE_MODULES = [
     "pipeline.stage_simulate",
     "pipeline.stage_segmentation",
+    "pipeline.stage_segment",
     "pipeline.stage_expression",
     "pipeline.stage_train",
     "pipeline.stage_analysis",
