@@ -1,0 +1,297 @@
+"""Foundation: config composition, stage runner, run directory, atomic writes, DDP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from pipeline import hardware, stages
+from pipeline.artifacts import StageInputError, atomic_path, write_json
+from pipeline.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+ALL_STAGES = [*stages.ORDER, "all"]
+
+
+def _compose(overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+# --- configuration -----------------------------------------------------------
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", ALL_STAGES)
+def test_every_stage_config_composes(name):
+    cfg = _compose([f"stage={name}"])
+    assert cfg.stage.name == name
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.parametrize(
+    "group",
+    [
+        "data",
+        "segmentation",
+        "expression",
+        "pair",
+        "vae",
+        "trainer",
+        "analysis",
+        "hardware",
+        "paths",
+    ],
+)
+def test_every_group_option_composes(group):
+    opts = _options(group)
+    assert opts, f"conf/{group} has no options"
+    for opt in opts:
+        cfg = _compose(["stage=simulate", f"{group}={opt}"])
+        OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_stage_options_are_exactly_the_registered_stages():
+    assert _options("stage") == sorted(ALL_STAGES)
+
+
+def test_config_typo_fails_at_compose():
+    with pytest.raises(ConfigCompositionException, match="betta"):
+        _compose(["stage=train", "vae.betta=4"])
+
+
+def test_config_wrong_type_fails_at_compose():
+    with pytest.raises(ConfigCompositionException, match="beta"):
+        _compose(["stage=train", "vae.beta=high"])
+
+
+def test_cli_missing_stage_and_unknown_stage(tmp_path):
+    r = _run([f"paths.root={tmp_path}"])
+    assert r.returncode != 0
+    assert "stage" in r.stderr
+    r = _run(["stage=bogus", f"paths.root={tmp_path}"])
+    assert r.returncode != 0
+    for name in stages.ORDER:  # Hydra lists the valid options
+        assert name in r.stderr
+
+
+def test_cli_typo_fails_with_hydra_message(tmp_path):
+    r = _run(["stage=simulate", "vae.betta=4", f"paths.root={tmp_path}"])
+    assert r.returncode != 0
+    assert "betta" in r.stderr
+
+
+# --- run directory and runner -------------------------------------------------
+
+
+def _cfg(tmp_path: Path, stage: str = "simulate", *extra: str):
+    return _compose([f"stage={stage}", f"paths.root={tmp_path}", "experiment=t", *extra])
+
+
+def test_missing_input_names_the_producing_stage(tmp_path):
+    cfg = _cfg(tmp_path, "pair")
+    with pytest.raises(StageInputError) as e:
+        stages.resolve_input(cfg, "cells")
+    msg = str(e.value)
+    assert "stage=segment" in msg and "paths.inputs.cells" in msg
+
+
+def test_explicit_input_must_exist(tmp_path):
+    cfg = _cfg(tmp_path, "pair", f"paths.inputs.cells={tmp_path}/nope.h5ad")
+    with pytest.raises(StageInputError, match="paths.inputs.cells"):
+        stages.resolve_input(cfg, "cells")
+
+
+def _register_toy(monkeypatch, body):
+    spec = stages.StageSpec(name="evaluate", fn=body, produces=["evaluation"])
+    monkeypatch.setitem(stages.REGISTRY, "evaluate", spec)
+
+
+def test_runner_writes_manifest_and_refuses_overwrite(tmp_path, monkeypatch):
+    def body(ctx):
+        with ctx.atomic("evaluation") as tmp:
+            tmp.write_text('{"ok": 1}')
+
+    _register_toy(monkeypatch, body)
+    cfg = _cfg(tmp_path, "evaluate")
+    d = stages.run_stage(cfg, "evaluate")
+    man = json.loads((d / "manifest.json").read_text())
+    assert man["status"] == "complete"
+    assert man["outputs"]["evaluation"]["bytes"] == len('{"ok": 1}')
+    assert man["config"]["experiment"] == "t"
+    assert (d / "evaluate.log").exists()
+    # a second run refuses to replace the finished one
+    with pytest.raises(stages.StageError, match="overwrite=true"):
+        stages.run_stage(cfg, "evaluate")
+    # the artifact resolves for a later stage
+    assert stages.resolve_input(cfg, "evaluation") == d / "metrics.json"
+
+
+def test_failed_overwrite_restores_previous_outputs(tmp_path, monkeypatch):
+    def good(ctx):
+        with ctx.atomic("evaluation") as tmp:
+            tmp.write_text("first")
+
+    def bad(ctx):
+        raise RuntimeError("boom")
+
+    _register_toy(monkeypatch, good)
+    cfg = _cfg(tmp_path, "evaluate")
+    d = stages.run_stage(cfg, "evaluate")
+    _register_toy(monkeypatch, bad)
+    with pytest.raises(RuntimeError, match="boom"):
+        stages.run_stage(_cfg(tmp_path, "evaluate", "overwrite=true"), "evaluate")
+    assert (d / "metrics.json").read_text() == "first"
+    assert json.loads((d / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_unfinished_producer_is_refused(tmp_path, monkeypatch):
+    def bad(ctx):
+        (ctx.dir / "metrics.json").write_text("partial")
+        raise RuntimeError("crash")
+
+    _register_toy(monkeypatch, bad)
+    cfg = _cfg(tmp_path, "evaluate")
+    with pytest.raises(RuntimeError):
+        stages.run_stage(cfg, "evaluate")
+    with pytest.raises(StageInputError, match="unfinished"):
+        stages.resolve_input(cfg, "evaluation")
+
+
+def test_stale_input_is_refused(tmp_path, monkeypatch):
+    def body(ctx):
+        with ctx.atomic("evaluation") as tmp:
+            tmp.write_text("12345")
+
+    _register_toy(monkeypatch, body)
+    cfg = _cfg(tmp_path, "evaluate")
+    d = stages.run_stage(cfg, "evaluate")
+    (d / "metrics.json").write_text("123")
+    with pytest.raises(StageInputError, match="stale"):
+        stages.resolve_input(cfg, "evaluation")
+
+
+def test_unwritable_root_is_a_clear_error(tmp_path, monkeypatch):
+    _register_toy(monkeypatch, lambda ctx: None)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = _cfg(blocker / "sub", "evaluate")
+    with pytest.raises(stages.StageError, match="paths.root"):
+        stages.run_stage(cfg, "evaluate")
+
+
+def test_unknown_stage_name_lists_valid_ones(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg.stage.name = "nope"
+    with pytest.raises(stages.StageError) as e:
+        stages.stages_for(cfg)
+    assert all(n in str(e.value) for n in stages.ORDER)
+
+
+def test_all_runs_every_stage_in_order(tmp_path):
+    cfg = _cfg(tmp_path, "all")
+    assert stages.stages_for(cfg) == stages.ORDER
+    cfg.data.name = "bccd"
+    assert stages.stages_for(cfg) == stages.ORDER[1:]
+
+
+# --- atomic writes -------------------------------------------------------------
+
+
+def test_atomic_path_keeps_old_file_on_failure(tmp_path):
+    f = tmp_path / "a.json"
+    write_json(f, {"v": 1})
+    with pytest.raises(ValueError):
+        with atomic_path(f) as tmp:
+            tmp.write_text("half")
+            raise ValueError("interrupted")
+    assert json.loads(f.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_atomic_path_replaces_folders(tmp_path):
+    d = tmp_path / "smears"
+    d.mkdir()
+    (d / "old.png").write_text("o")
+    with atomic_path(d) as tmp:
+        tmp.mkdir()
+        (tmp / "new.png").write_text("n")
+    assert [p.name for p in d.iterdir()] == ["new.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smears"]
+
+
+# --- hardware / DDP ----------------------------------------------------------------
+
+
+def test_gpu_request_without_gpu_is_clear(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    hw = _compose(["stage=train", "hardware=gpu"]).hardware
+    with pytest.raises(hardware.HardwareError, match="hardware.fallback_to_cpu"):
+        hardware.plan(hw)
+    hw.fallback_to_cpu = True
+    assert hardware.plan(hw) == ("cpu", [], 1)
+
+
+def test_bad_hardware_settings_name_the_field():
+    hw = _compose(["stage=train"]).hardware
+    hw.precision = "fp8"
+    with pytest.raises(hardware.HardwareError, match="hardware.precision"):
+        hardware.plan(hw)
+
+
+def _ddp_body(ctx):
+    """Runs in each spawned rank: all-reduce, then a rank-0-only write."""
+    d = ctx.dist
+    t = torch.tensor([float(d.rank + 1)])
+    d.all_reduce_sum(t)
+    model = d.wrap(torch.nn.Linear(2, 1))
+    loss = model(torch.ones(4, 2) * (d.rank + 1)).sum()
+    loss.backward()  # DDP averages gradients over ranks
+    grad = model.module.weight.grad.clone()
+    (ctx.dir / f"seen_rank{d.rank}.json").write_text(
+        json.dumps({"sum": t.item(), "world": d.world_size, "grad": grad.tolist()})
+    )
+    if d.is_main:
+        (ctx.dir / "artifact.txt").write_text("rank0")
+    d.barrier()
+
+
+def test_ddp_two_cpu_processes_gloo(tmp_path):
+    hw = _compose(["stage=train", "hardware.num_processes=2", "hardware.master_port=0"]).hardware
+    ctx = SimpleNamespace(dir=tmp_path, dist=None)
+    hardware.launch(_ddp_body, ctx, hw)
+    seen = [json.loads((tmp_path / f"seen_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["sum"] for s in seen] == [3.0, 3.0]  # 1 + 2 on both ranks
+    assert [s["world"] for s in seen] == [2, 2]
+    # gradient of sum(W x) over 4 rows of value r+1 is 4(r+1); DDP averages: 4*1.5 = 6
+    assert seen[0]["grad"] == seen[1]["grad"] == [[6.0, 6.0]]
+    assert (tmp_path / "artifact.txt").read_text() == "rank0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "artifact.txt",
+        "seen_rank0.json",
+        "seen_rank1.json",
+    ]
