@@ -127,11 +127,64 @@ class SegmentationConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _default_programs() -> dict[str, list[str]]:
+    # human symbols; matched case-insensitively, so mouse Mpo/Elane map too
+    return {
+        "primary": ["MPO", "ELANE", "AZU1", "PRTN3", "CTSG"],  # azurophilic granules
+        "specific": ["LTF", "CAMP", "LCN2", "CEACAM8"],
+        "tertiary": ["MMP9"],
+        "maturation": ["CXCR2", "FCGR3B", "CSF3R", "ITGAM", "MME"],
+    }
+
+
 @dataclass
 class ExpressionConfig:
-    """scanpy preprocessing of stage=expression."""
+    """scanpy preprocessing of stage=expression (see docs/expression_pairing.md).
 
-    extra: dict[str, Any] = field(default_factory=dict)
+    Input precedence: ``paths.inputs.expression_raw`` > ``input_file`` >
+    ``data.expression_file`` > the simulator's ``expression_raw.h5ad``.
+    """
+
+    # file to read instead of data.expression_file; relative paths are tried from the
+    # working dir, then from paths.shared_data; "scanpy:pbmc68k_reduced" = scanpy's copy
+    input_file: str | None = None
+    input_format: str = "auto"  # auto | h5ad | 10x_h5 | 10x_mtx | csv | tsv | loom
+    orientation: str = "cells_by_genes"  # CSV/TSV only: cells_by_genes | genes_by_cells
+    values: str = "auto"  # what X holds: auto | counts | lognorm (auto: integers -> counts)
+    # QC filters (0 / null = off); cells first, then genes
+    min_genes: int = 0  # min detected genes per cell
+    min_counts: int = 0  # min total counts per cell
+    max_pct_mito: float | None = None  # max % counts in mitochondrial genes
+    mito_prefix: str = "MT-"  # case-insensitive symbol prefix of mitochondrial genes
+    min_cells: int = 0  # min cells expressing a gene
+    target_sum: float = 1e4  # normalize_total target per cell
+    n_top_genes: int | None = 2000  # highly variable genes (null: flag all genes)
+    hvg_flavor: str = "seurat"  # seurat | cell_ranger (log data) | seurat_v3 (counts)
+    subset_hvg: bool = False  # keep only HVGs + genes of interest in the output
+    genes_of_interest: list[str] = field(default_factory=list)  # kept even if not HVG
+    programs: dict[str, list[str]] = field(default_factory=_default_programs)
+    require_program_match: bool = True  # error if no program gene matches at all
+    score_ctrl_size: int = 50  # sc.tl.score_genes control genes per program
+    score_n_bins: int = 25
+    label_key: str | None = None  # obs column for labels (null: first known column)
+    maturation: str = "auto"  # auto (column, else dpt) | column | dpt | none
+    maturation_key: str | None = None  # obs column (null: t / pseudotime / dpt_pseudotime)
+    root_label: str | None = None  # label whose extremal cell roots diffusion pseudotime
+    scale: bool = False  # scale genes before PCA only (X stays log-normalised)
+    n_pcs: int = 30
+    n_neighbors: int = 15
+    umap: bool = True  # UMAP for the report figure
+    plots: bool = True  # qc.png and umap.png
+    seed: int | None = None  # null: top-level seed
+
+
+@dataclass
+class CropSourceConfig:
+    """One source of cell crops for stage=pair."""
+
+    kind: str = "cells"  # cells (stage=segment) | image_folder | segmentation_wbc
+    path: str | None = None  # null for cells; relative -> paths.shared_data
+    max_per_class: int | None = None  # cap per class (first N in sorted order)
 
 
 @dataclass
@@ -139,16 +192,55 @@ class PairConfig:
     """How crops are matched to expression profiles (stage=pair)."""
 
     mode: str = "same_cell"  # same_cell | by_label | by_maturation | unpaired
-    extra: dict[str, Any] = field(default_factory=dict)
+    # where crops come from; several sources are concatenated
+    crop_sources: list[CropSourceConfig] = field(default_factory=lambda: [CropSourceConfig()])
+    crop_size: int = 64  # crops resized to (S, S)
+    background_value: int = 0  # pixel value outside the cell mask (0..255)
+    # image class -> expression label (by_label); {} = identity on shared labels;
+    # image classes are lower-cased by the folder readers
+    label_map: dict[str, str] = field(default_factory=dict)
+    draws_per_crop: int = 1  # by_label/by_maturation: rows (profile draws) per crop
+    keep_unmatched_images: bool = True  # crops without a partner -> image-only rows
+    keep_unused_expression: bool = True  # profiles never drawn -> expression-only rows
+    n_bins: int = 5  # by_maturation: equal-width bins of maturation in [0, 1]
+    # by_maturation: maturation of crops known only by class (e.g. {band: 0.8})
+    label_maturation: dict[str, float] = field(default_factory=dict)
+    seed: int | None = None  # null: top-level seed
 
 
 @dataclass
 class VAEConfig:
-    """Two-branch beta-VAE architecture and loss weights."""
+    """Two-branch beta-VAE architecture and loss weights (see docs/vae.md)."""
 
-    n_latent: int = 16
-    beta: float = 4.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    n_latent: int = 16  # shared latent dimensions (fused over modalities)
+    n_private: int = 0  # extra private dims per modality (0: no split latent)
+    beta: float = 4.0  # weight of KL to the prior (final value after warm-up)
+    # image branch; crops are resized to image_size when it differs (None: as stored)
+    image_size: int | None = None
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])  # one conv per /2
+    image_likelihood: str = "gaussian"  # mse | gaussian | laplace (learned scalar scale)
+    predict_mask: bool = True  # decoder also predicts the cell mask (BCE)
+    ssim_weight: float = 0.0  # optional (1 - SSIM) term inside the mask
+    # expression branch
+    hidden: list[int] = field(default_factory=lambda: [128, 64])  # MLP widths
+    expression_likelihood: str = "auto"  # auto | nb | zinb | gaussian (auto: nb if counts)
+    library_covariate: bool = True  # feed log library size to the expression encoder
+    late_mask: bool = False  # score observed non-zero entries only (LATE)
+    dropout: float = 0.1  # MLP dropout
+    # fusion of the unimodal posteriors
+    fusion: str = "poe"  # poe (product of experts with the prior) | moe (mixture)
+    # loss weights
+    image_weight: float = 1.0
+    mask_weight: float = 1.0
+    expression_weight: float = 1.0
+    cross_weight: float = 1.0  # unimodal/cross-modal reconstruction on paired rows
+    align: str = "none"  # none | clip (InfoNCE on paired rows) | class (by label)
+    align_weight: float = 0.0
+    align_temperature: float = 0.1
+    # KL schedule (owned by the trainer)
+    kl_warmup_epochs: float = 5.0  # linear beta warm-up from 0 (0: none)
+    capacity_max: float = 0.0  # Burgess capacity C in nats (0: off)
+    capacity_epochs: float = 20.0  # epochs for C to rise from 0 to capacity_max
 
 
 @dataclass
@@ -156,9 +248,21 @@ class TrainerConfig:
     """Optimisation of the beta-VAE (stage=train)."""
 
     max_epochs: int = 30
+    max_minutes: float | None = None  # stop (as a finished run) after this wall time
     batch_size: int = 64
     lr: float = 1e-3
-    extra: dict[str, Any] = field(default_factory=dict)
+    weight_decay: float = 1e-4  # AdamW
+    lr_schedule: str = "cosine"  # cosine | constant (both after lr_warmup_epochs)
+    lr_warmup_epochs: float = 1.0
+    grad_clip: float = 10.0  # max grad norm (0: off)
+    early_stopping_patience: int = 10  # epochs without val improvement (0: off)
+    val_fraction: float = 0.15  # split stratified by obs["label"], seeded by `seed`
+    test_fraction: float = 0.15  # never used for early stopping or tuning
+    augment: bool = True  # random flips / rot90 of crops and masks, per batch
+    log_every_steps: int = 10  # TensorBoard scalars
+    image_every_epochs: int = 1  # reconstruction grid + expression figure
+    n_images: int = 8  # rows of the reconstruction grid
+    projector_max_cells: int = 1000  # embedding projector at the end (0: off)
 
 
 @dataclass
