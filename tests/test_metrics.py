@@ -1,0 +1,159 @@
+"""Metrics on hand-made latents with known answers."""
+
+import numpy as np
+import pytest
+
+from vae import metrics as M
+
+
+def _separated(n_per=20, d=4, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = np.eye(d)[:3] * 20.0
+    z = np.concatenate([c + rng.normal(0, 0.1, (n_per, d)) for c in centers])
+    y = np.repeat(["a", "b", "c"], n_per)
+    return z, y
+
+
+def test_knn_accuracy_perfectly_separated_is_one():
+    z, y = _separated()
+    assert M.knn_accuracy(z, y, k=5) == 1.0
+    assert M.knn_accuracy(z[::2], y[::2], k=5, z_ref=z[1::2], labels_ref=y[1::2]) == 1.0
+
+
+def test_knn_accuracy_swapped_reference_labels_is_zero():
+    z, y = _separated()
+    wrong = np.where(y == "a", "b", np.where(y == "b", "c", "a"))
+    assert M.knn_accuracy(z, y, k=3, z_ref=z, labels_ref=wrong) == 0.0
+
+
+def test_silhouette_and_leiden_on_separated_clusters():
+    z, y = _separated()
+    assert M.silhouette(z, y) > 0.95
+    agree = M.leiden_agreement(z, y, n_neighbors=10, resolution=0.5)
+    assert agree.ari == 1.0 and agree.nmi == pytest.approx(1.0)
+    assert agree.n_clusters == 3
+
+
+def test_retrieval_identity_is_perfect_and_shuffled_is_not():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(40, 5))
+    r = M.retrieval(z, z + 1e-3)
+    assert (r.recall_at_1, r.recall_at_5, r.recall_at_10, r.foscttm) == (1.0, 1.0, 1.0, 0.0)
+    # reversed order: the true partner of row i is row 39 - i, never the nearest
+    rs = M.retrieval(z, z[::-1].copy())
+    assert rs.recall_at_1 <= 1 / 40
+    assert rs.foscttm > 0.2
+
+
+def test_retrieval_hand_computed_foscttm():
+    # 1-D: queries 0, 1, 2; targets 0, 2, 1 -> row 1's partner (2) is farther than target 2 (1)
+    q = np.array([[0.0], [1.0], [2.0]])
+    t = np.array([[0.0], [2.0], [1.0]])
+    r = M.retrieval(q, t)
+    # query side: row0 0 closer, row1 |1-2|=1 vs |1-1|=0 -> 1 closer (target2), |1-0|=1 tie not closer
+    # row2 |2-1|=1 vs target1 |2-2|=0 -> 1 closer; fractions 0, 1/2, 1/2
+    assert r.recall_at_1 == pytest.approx(1 / 3)
+    assert r.foscttm == pytest.approx(1 / 3)
+
+
+def test_mig_axis_aligned_high_rotated_low():
+    rng = np.random.default_rng(0)
+    n = 3000
+    f = rng.uniform(0, 1, (n, 2))
+    aligned = np.c_[f, rng.normal(0, 1, (n, 2))]
+    m_al = M.mig(aligned, {"a": f[:, 0], "b": f[:, 1]}, bins=20)
+    th = np.pi / 4
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    rotated = np.c_[f @ rot.T, rng.normal(0, 1, (n, 2))]
+    m_rot = M.mig(rotated, {"a": f[:, 0], "b": f[:, 1]}, bins=20)
+    assert m_al.mig > 0.7
+    assert m_rot.mig < 0.15
+    assert m_al.best_dim == {"a": 0, "b": 1}
+
+
+def test_dci_axis_aligned_beats_rotated_and_handles_categorical():
+    rng = np.random.default_rng(0)
+    n = 600
+    f = rng.uniform(0, 1, (n, 2))
+    kind = np.where(f[:, 0] > 0.5, "x", "y")
+    aligned = np.c_[f, rng.normal(0, 1, (n, 1))]
+    d_al = M.dci(aligned, {"a": f[:, 0], "b": f[:, 1]}, n_estimators=20)
+    rot = np.c_[(f[:, 0] + f[:, 1]), (f[:, 0] - f[:, 1]), rng.normal(0, 1, n)]
+    d_rot = M.dci(rot, {"a": f[:, 0], "b": f[:, 1]}, n_estimators=20)
+    assert d_al.disentanglement > 0.8 and d_al.completeness > 0.7
+    assert d_al.disentanglement > d_rot.disentanglement + 0.3
+    assert d_al.informativeness["a"] > 0.9
+    d_cat = M.dci(aligned, {"kind": kind}, n_estimators=10)
+    assert d_cat.informativeness["kind"] > 0.95
+    assert int(np.argmax(d_cat.importance[:, 0])) == 0
+
+
+def test_best_dim_spearman_finds_the_monotone_dim_and_skips_nan():
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 1, 50)
+    z = np.c_[rng.normal(size=50), -np.exp(3 * t), rng.normal(size=50)]
+    t_nan = t.copy()
+    t_nan[:5] = np.nan
+    b = M.best_dim_spearman(z, t_nan)
+    assert b.dim == 1 and b.spearman == pytest.approx(-1.0)
+
+
+def test_masked_mse_ignores_background_exactly():
+    target = np.zeros((2, 4, 4, 3))
+    pred = np.zeros((2, 4, 4, 3))
+    mask = np.zeros((2, 4, 4), bool)
+    mask[:, 1:3, 1:3] = True
+    pred[:, 0, 0] = 1.0  # error outside the mask only
+    pred[1, 1, 1] = 0.5  # one masked pixel off by 0.5 in all channels
+    mse = M.masked_mse(pred, target, mask)
+    assert mse[0] == 0.0
+    assert mse[1] == pytest.approx(0.25 / 4)
+    # channel-first layout gives the same answer
+    mse_cf = M.masked_mse(np.moveaxis(pred, -1, 1), np.moveaxis(target, -1, 1), mask)
+    np.testing.assert_allclose(mse, mse_cf)
+
+
+def test_masked_ssim_identity_is_one():
+    rng = np.random.default_rng(0)
+    img = rng.uniform(size=(2, 16, 16, 3))
+    mask = np.ones((2, 16, 16), bool)
+    np.testing.assert_allclose(M.masked_ssim(img, img, mask), 1.0)
+    assert (M.masked_ssim(img, 1 - img, mask) < 0.5).all()
+
+
+def test_per_gene_correlation_exact():
+    x = np.arange(10.0)
+    obs = np.c_[x, x, x**2, np.ones(10)]
+    pred = np.c_[2 * x + 1, -x, x, np.arange(10.0)]
+    c = M.per_gene_correlation(pred, obs)
+    np.testing.assert_allclose(c.pearson[:2], [1.0, -1.0])
+    assert c.spearman[2] == pytest.approx(1.0)
+    assert np.isnan(c.pearson[3])
+
+
+def test_nb_log_likelihood_matches_scipy():
+    from scipy import stats
+
+    counts = np.array([[0.0, 3.0, 10.0]])
+    mu = np.array([[1.0, 2.5, 8.0]])
+    theta = np.array([2.0, 5.0, 0.5])
+    p = theta / (theta + mu)
+    expected = stats.nbinom.logpmf(counts, theta, p).sum(1)
+    np.testing.assert_allclose(M.nb_log_likelihood(counts, mu, theta), expected)
+    with pytest.raises(ValueError, match="mu and theta"):
+        M.nb_log_likelihood(counts, -mu, theta)
+
+
+def test_correlation_matrix_shape_and_values():
+    x = np.c_[np.arange(10.0), -np.arange(10.0)]
+    y = np.arange(10.0) ** 3
+    c = M.correlation_matrix(x, y)
+    assert c.shape == (2, 1)
+    np.testing.assert_allclose(c[:, 0], [1.0, -1.0])
+
+
+def test_bad_input_names_the_field():
+    with pytest.raises(ValueError, match="z: contains NaN"):
+        M.knn_accuracy(np.array([[np.nan, 0.0], [1.0, 1.0]]), ["a", "b"])
+    with pytest.raises(ValueError, match="labels: has 1 rows"):
+        M.silhouette(np.zeros((3, 2)), ["a"])

@@ -1,0 +1,579 @@
+"""Latent-space and reconstruction metrics of the two-branch beta-VAE.
+
+Every function takes plain arrays (NumPy) and returns a small named dataclass
+or a float. Nothing here reads the config; ``pipeline.stage_analysis`` wires
+them to the run's artifacts.
+
+Groups
+------
+- latent structure: :func:`knn_accuracy`, :func:`silhouette`, :func:`leiden_agreement`
+- matching of paired rows: :func:`retrieval`
+- disentanglement against known factors: :func:`mig`, :func:`dci`,
+  :func:`best_dim_spearman`
+- reconstruction: :func:`masked_mse`, :func:`masked_ssim`, :func:`per_gene_correlation`,
+  :func:`nb_log_likelihood`
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import special, stats
+
+# ----------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------
+
+
+def _check_2d(name: str, x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (n, d), got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name}: contains NaN or inf ({int((~np.isfinite(x)).sum())} entries)")
+    return x
+
+
+def _check_rows(name: str, x: np.ndarray, n: int) -> None:
+    if len(x) != n:
+        raise ValueError(f"{name}: has {len(x)} rows, expected {n}")
+
+
+def _labels(y: np.ndarray) -> np.ndarray:
+    """Integer codes of any label array (strings, ints, categoricals)."""
+    return np.unique(np.asarray(y).astype(str), return_inverse=True)[1]
+
+
+# ----------------------------------------------------------------------------
+# latent structure
+# ----------------------------------------------------------------------------
+
+
+def knn_accuracy(
+    z: np.ndarray,
+    labels: np.ndarray,
+    k: int = 15,
+    z_ref: np.ndarray | None = None,
+    labels_ref: np.ndarray | None = None,
+) -> float:
+    """Accuracy of a k-nearest-neighbour vote of cell labels in latent space.
+
+    Parameters
+    ----------
+    z : (n, d) latent codes of the cells to classify.
+    labels : (n,) their labels.
+    k : neighbours that vote (clipped to the reference size).
+    z_ref, labels_ref : (m, d), (m,) labelled reference cells (e.g. the training
+        split). When omitted, each cell is classified by the *other* cells of
+        ``z`` (leave-one-out).
+
+    Returns
+    -------
+    float in [0, 1]: share of cells whose majority-vote label is right.
+    """
+    from sklearn.neighbors import KNeighborsClassifier
+
+    z = _check_2d("z", z)
+    labels = np.asarray(labels).astype(str)
+    _check_rows("labels", labels, len(z))
+    if z_ref is None:
+        if len(z) < 2:
+            raise ValueError("knn_accuracy: leave-one-out needs at least 2 cells")
+        kk = min(k, len(z) - 1)
+        clf = KNeighborsClassifier(n_neighbors=kk + 1).fit(z, labels)
+        idx = clf.kneighbors(z, return_distance=False)
+        # drop each cell itself (the first neighbour unless there are exact ties)
+        preds = []
+        for i, row in enumerate(idx):
+            row = [j for j in row if j != i][:kk]
+            vals, counts = np.unique(labels[row], return_counts=True)
+            preds.append(vals[np.argmax(counts)])
+        return float(np.mean(np.asarray(preds) == labels))
+    z_ref = _check_2d("z_ref", z_ref)
+    labels_ref = np.asarray(labels_ref).astype(str)
+    _check_rows("labels_ref", labels_ref, len(z_ref))
+    clf = KNeighborsClassifier(n_neighbors=min(k, len(z_ref))).fit(z_ref, labels_ref)
+    return float(np.mean(clf.predict(z) == labels))
+
+
+def silhouette(z: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette width of the labels in latent space (Euclidean), in [-1, 1].
+
+    NaN when fewer than 2 labels or every label has one cell.
+    """
+    from sklearn.metrics import silhouette_score
+
+    z = _check_2d("z", z)
+    y = _labels(labels)
+    _check_rows("labels", y, len(z))
+    n_lab = len(np.unique(y))
+    if n_lab < 2 or n_lab >= len(z):
+        return float("nan")
+    return float(silhouette_score(z, y))
+
+
+@dataclass
+class ClusterAgreement:
+    """Leiden clusters of the latent kNN graph against the labels."""
+
+    ari: float  # adjusted Rand index, 1 = same partition
+    nmi: float  # normalised mutual information, in [0, 1]
+    n_clusters: int
+    clusters: np.ndarray  # (n,) cluster id of each cell (str)
+
+
+def leiden_agreement(
+    z: np.ndarray,
+    labels: np.ndarray,
+    n_neighbors: int = 15,
+    resolution: float = 1.0,
+    seed: int = 0,
+) -> ClusterAgreement:
+    """Leiden clustering (scanpy) of the latent kNN graph, compared with labels.
+
+    Parameters
+    ----------
+    z : (n, d) latent codes.
+    labels : (n,) reference labels.
+    n_neighbors : size of the kNN graph (clipped to n - 1).
+    resolution : Leiden resolution (higher -> more clusters).
+    """
+    import anndata as ad
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    z = _check_2d("z", z)
+    y = _labels(labels)
+    _check_rows("labels", y, len(z))
+    a = ad.AnnData(np.zeros((len(z), 1), dtype=np.float32))
+    a.obsm["X_lat"] = z.astype(np.float32)
+    sc.pp.neighbors(
+        a, n_neighbors=max(2, min(n_neighbors, len(z) - 1)), use_rep="X_lat", random_state=seed
+    )
+    sc.tl.leiden(
+        a,
+        resolution=resolution,
+        random_state=seed,
+        flavor="igraph",
+        n_iterations=2,
+        directed=False,
+    )
+    cl = a.obs["leiden"].astype(str).to_numpy()
+    return ClusterAgreement(
+        ari=float(adjusted_rand_score(y, cl)),
+        nmi=float(normalized_mutual_info_score(y, cl)),
+        n_clusters=len(np.unique(cl)),
+        clusters=cl,
+    )
+
+
+# ----------------------------------------------------------------------------
+# matching
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Retrieval:
+    """Retrieval of the paired partner across modalities (row i <-> row i)."""
+
+    recall_at_1: float  # share of queries whose true partner is the nearest
+    recall_at_5: float
+    recall_at_10: float
+    foscttm: float  # fraction of samples closer than the true match (0 = perfect, 0.5 = random)
+    n: int
+
+
+def retrieval(z_query: np.ndarray, z_target: np.ndarray) -> Retrieval:
+    """Find each query's partner among all targets (Euclidean distance).
+
+    Parameters
+    ----------
+    z_query : (n, d) e.g. image-only latents.
+    z_target : (n, d) e.g. expression-only latents; row i is the partner of query i.
+
+    Notes
+    -----
+    Recall@k is computed query -> target. FOSCTTM (Liu et al. 2019) is the
+    mean of both directions: for each row, the fraction of the other n - 1
+    rows that lie closer than its true partner.
+    """
+    from scipy.spatial.distance import cdist
+
+    q = _check_2d("z_query", z_query)
+    t = _check_2d("z_target", z_target)
+    if q.shape != t.shape:
+        raise ValueError(f"retrieval: z_query {q.shape} and z_target {t.shape} differ")
+    n = len(q)
+    if n < 2:
+        raise ValueError("retrieval: needs at least 2 pairs")
+    d = cdist(q, t)  # (n, n), row: query, col: target
+    true = np.diag(d)
+    # rank of the true partner (0 = nearest); ties count against the query
+    rank = (d < true[:, None]).sum(1)
+    closer_q = (d < true[:, None]).sum(1) / (n - 1)
+    closer_t = (d < true[None, :]).sum(0) / (n - 1)
+    return Retrieval(
+        recall_at_1=float(np.mean(rank < 1)),
+        recall_at_5=float(np.mean(rank < 5)),
+        recall_at_10=float(np.mean(rank < 10)),
+        foscttm=float((closer_q.mean() + closer_t.mean()) / 2),
+        n=n,
+    )
+
+
+# ----------------------------------------------------------------------------
+# disentanglement
+# ----------------------------------------------------------------------------
+
+
+def _discretize(x: np.ndarray, bins: int) -> np.ndarray:
+    """Equal-width bins of each column; (n, d) -> (n, d) int."""
+    out = np.zeros(x.shape, dtype=np.int64)
+    for j in range(x.shape[1]):
+        col = x[:, j]
+        edges = np.histogram_bin_edges(col, bins=bins)
+        out[:, j] = np.digitize(col, edges[1:-1])
+    return out
+
+
+def _factor_codes(factors: dict[str, np.ndarray], bins: int) -> dict[str, np.ndarray]:
+    """Discrete codes of each factor: categorical as is, numeric binned if many values."""
+    out = {}
+    for name, v in factors.items():
+        v = np.asarray(v)
+        if v.dtype.kind in "fiu":
+            v = v.astype(np.float64)
+            uniq = np.unique(v)
+            out[name] = (
+                np.searchsorted(uniq, v)
+                if len(uniq) <= bins
+                else _discretize(v[:, None], bins)[:, 0]
+            )
+        else:
+            out[name] = _labels(v)
+    return out
+
+
+@dataclass
+class MIG:
+    """Mutual information gap (Chen et al. 2018)."""
+
+    mig: float  # mean over factors of the normalised gap, in [0, 1]
+    per_factor: dict[str, float]  # normalised gap of each factor
+    best_dim: dict[str, int]  # latent dimension with the highest MI for each factor
+    mutual_info: np.ndarray  # (d, n_factors) MI in nats
+
+
+def mig(z: np.ndarray, factors: dict[str, np.ndarray], bins: int = 20) -> MIG:
+    """Mutual information gap of a code against known factors.
+
+    Parameters
+    ----------
+    z : (n, d) latent codes.
+    factors : name -> (n,) factor values; numeric factors with more than
+        ``bins`` distinct values are binned, others used as categories.
+    bins : histogram bins of each latent dimension (and numeric factor).
+
+    Returns
+    -------
+    MIG; a factor with zero entropy (constant) is skipped.
+    """
+    from sklearn.metrics import mutual_info_score
+
+    z = _check_2d("z", z)
+    if not factors:
+        raise ValueError("mig: no factors given")
+    zd = _discretize(z, bins)
+    codes = _factor_codes(factors, bins)
+    names = list(codes)
+    mi = np.zeros((z.shape[1], len(names)))
+    per, best = {}, {}
+    for j, name in enumerate(names):
+        v = codes[name]
+        _check_rows(f"factors[{name!r}]", v, len(z))
+        for i in range(z.shape[1]):
+            mi[i, j] = mutual_info_score(v, zd[:, i])
+        h = stats.entropy(np.bincount(v))
+        if h <= 0:
+            continue
+        top = np.sort(mi[:, j])[::-1]
+        gap = top[0] - (top[1] if len(top) > 1 else 0.0)
+        per[name] = float(gap / h)
+        best[name] = int(np.argmax(mi[:, j]))
+    return MIG(
+        mig=float(np.mean(list(per.values()))) if per else float("nan"),
+        per_factor=per,
+        best_dim=best,
+        mutual_info=mi,
+    )
+
+
+@dataclass
+class DCI:
+    """Disentanglement, completeness, informativeness (Eastwood & Williams 2018)."""
+
+    disentanglement: float  # in [0, 1]: each latent dim explains one factor
+    completeness: float  # in [0, 1]: each factor is captured by one dim
+    informativeness: dict[str, float]  # held-out R^2 (numeric) or accuracy (categorical)
+    importance: np.ndarray  # (d, n_factors) feature importances, columns sum to 1
+    factors: list[str]
+
+
+def dci(
+    z: np.ndarray,
+    factors: dict[str, np.ndarray],
+    n_estimators: int = 50,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+) -> DCI:
+    """DCI with random-forest regressors/classifiers (scikit-learn).
+
+    Parameters
+    ----------
+    z : (n, d) latent codes.
+    factors : name -> (n,) values; float factors with more than 10 distinct
+        values are regressed, others classified.
+    n_estimators : trees per forest.
+    test_fraction : share of rows held out for informativeness.
+    """
+    from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
+    from sklearn.model_selection import train_test_split
+
+    z = _check_2d("z", z)
+    d = z.shape[1]
+    names, cols, info = [], [], {}
+    idx_tr, idx_te = train_test_split(np.arange(len(z)), test_size=test_fraction, random_state=seed)
+    for name, v in factors.items():
+        v = np.asarray(v)
+        _check_rows(f"factors[{name!r}]", v, len(z))
+        numeric = v.dtype.kind in "fiu" and len(np.unique(v)) > 10
+        if len(np.unique(v)) < 2:
+            continue
+        if numeric:
+            m = RandomForestRegressor(
+                n_estimators=n_estimators, max_depth=8, random_state=seed, n_jobs=1
+            )
+            y = v.astype(np.float64)
+        else:
+            m = RandomForestClassifier(
+                n_estimators=n_estimators, max_depth=8, random_state=seed, n_jobs=1
+            )
+            y = np.asarray(v).astype(str)
+        m.fit(z[idx_tr], y[idx_tr])
+        info[name] = float(m.score(z[idx_te], y[idx_te]))
+        imp = np.abs(m.feature_importances_)
+        cols.append(imp / imp.sum() if imp.sum() > 0 else np.full(d, 1.0 / d))
+        names.append(name)
+    if not names:
+        raise ValueError("dci: no factor with at least 2 distinct values")
+    R = np.stack(cols, axis=1)  # (d, K)
+    K = R.shape[1]
+    # disentanglement: 1 - entropy (base K) of each dim's importance over factors
+    rowsum = R.sum(1)
+    p_dim = R / np.maximum(rowsum[:, None], 1e-12)
+    h_dim = stats.entropy(p_dim.T, base=K) if K > 1 else np.zeros(d)
+    rho = rowsum / max(rowsum.sum(), 1e-12)
+    dis = float(np.sum(rho * (1 - h_dim)))
+    # completeness: 1 - entropy (base d) of each factor's importance over dims
+    h_fac = stats.entropy(R, base=d) if d > 1 else np.zeros(K)
+    comp = float(np.mean(1 - h_fac))
+    return DCI(
+        disentanglement=dis, completeness=comp, informativeness=info, importance=R, factors=names
+    )
+
+
+@dataclass
+class BestDim:
+    dim: int  # latent dimension with the largest |Spearman rho|
+    spearman: float  # its signed rho
+    abs_spearman: float
+
+
+def best_dim_spearman(z: np.ndarray, factor: np.ndarray) -> BestDim:
+    """The latent dimension most monotonically related to a numeric factor.
+
+    Rows where the factor is NaN are ignored.
+    """
+    z = _check_2d("z", z)
+    f = np.asarray(factor, dtype=np.float64)
+    _check_rows("factor", f, len(z))
+    ok = np.isfinite(f)
+    if ok.sum() < 3 or np.unique(f[ok]).size < 2:
+        return BestDim(dim=-1, spearman=float("nan"), abs_spearman=float("nan"))
+    rhos = np.array([_spearman(z[ok, i], f[ok]) for i in range(z.shape[1])])
+    a = np.nan_to_num(np.abs(rhos), nan=-1)
+    i = int(np.argmax(a))
+    return BestDim(dim=i, spearman=float(rhos[i]), abs_spearman=float(abs(rhos[i])))
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(stats.spearmanr(a, b).statistic)
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def correlation_matrix(x: np.ndarray, y: np.ndarray, method: str = "spearman") -> np.ndarray:
+    """Correlation of every column of ``x`` (n, p) with every column of ``y`` (n, q).
+
+    NaN rows of a column pair are dropped; constant columns give NaN.
+    Returns (p, q).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    if y.ndim == 1:
+        y = y[:, None]
+    _check_rows("y", y, len(x))
+    f = _spearman if method == "spearman" else _pearson
+    out = np.full((x.shape[1], y.shape[1]), np.nan)
+    for i in range(x.shape[1]):
+        for j in range(y.shape[1]):
+            ok = np.isfinite(x[:, i]) & np.isfinite(y[:, j])
+            if ok.sum() >= 3:
+                out[i, j] = f(x[ok, i], y[ok, j])
+    return out
+
+
+# ----------------------------------------------------------------------------
+# reconstruction
+# ----------------------------------------------------------------------------
+
+
+def masked_mse(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean squared error over the cell mask, per image.
+
+    Parameters
+    ----------
+    pred, target : (n, H, W, C) or (n, C, H, W) float images in [0, 1]; same layout.
+    mask : (n, H, W) bool, True inside the cell.
+
+    Returns
+    -------
+    (n,) MSE per image over masked pixels and all channels (NaN for an empty mask).
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    if pred.shape != target.shape:
+        raise ValueError(f"masked_mse: pred {pred.shape} and target {target.shape} differ")
+    m = np.asarray(mask, dtype=bool)
+    cl = _channel_last(pred, m)
+    pred, target = (pred, target) if cl else (np.moveaxis(pred, 1, -1), np.moveaxis(target, 1, -1))
+    err = ((pred - target) ** 2).mean(-1)  # (n, H, W)
+    n_in = m.sum((1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n_in > 0, (err * m).sum((1, 2)) / n_in, np.nan)
+
+
+def _channel_last(img: np.ndarray, mask: np.ndarray) -> bool:
+    if img.ndim != 4 or mask.ndim != 3:
+        raise ValueError(
+            f"images must be (n, H, W, C) or (n, C, H, W), masks (n, H, W); got {img.shape}, {mask.shape}"
+        )
+    if img.shape[1:3] == mask.shape[1:]:
+        return True
+    if img.shape[2:] == mask.shape[1:]:
+        return False
+    raise ValueError(f"image shape {img.shape} does not match mask shape {mask.shape}")
+
+
+def masked_ssim(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """SSIM (skimage.metrics.structural_similarity) averaged over the cell mask.
+
+    Same arguments as :func:`masked_mse`. Returns (n,) mean SSIM of the local
+    SSIM map over masked pixels (NaN for an empty mask).
+    """
+    from skimage.metrics import structural_similarity
+
+    pred = np.asarray(pred, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    m = np.asarray(mask, dtype=bool)
+    if not _channel_last(pred, m):
+        pred, target = np.moveaxis(pred, 1, -1), np.moveaxis(target, 1, -1)
+    out = np.full(len(pred), np.nan)
+    win = min(7, min(pred.shape[1:3]) // 2 * 2 - 1)
+    for i in range(len(pred)):
+        if not m[i].any():
+            continue
+        _, smap = structural_similarity(
+            target[i], pred[i], data_range=1.0, channel_axis=-1, full=True, win_size=win
+        )
+        out[i] = smap.mean(-1)[m[i]].mean()
+    return out
+
+
+@dataclass
+class GeneCorrelation:
+    """Per-gene agreement of predicted and observed expression across cells."""
+
+    pearson: np.ndarray  # (G,) NaN for constant genes
+    spearman: np.ndarray  # (G,)
+    mean_pearson: float  # nanmean over genes
+    mean_spearman: float
+
+
+def per_gene_correlation(pred: np.ndarray, obs: np.ndarray) -> GeneCorrelation:
+    """Pearson and Spearman r of each gene across cells.
+
+    Parameters
+    ----------
+    pred, obs : (n, G) predicted and observed (log-normalised) expression.
+    """
+    pred = _check_2d("pred", pred)
+    obs = _check_2d("obs", obs)
+    if pred.shape != obs.shape:
+        raise ValueError(f"per_gene_correlation: pred {pred.shape} and obs {obs.shape} differ")
+    G = pred.shape[1]
+    p = np.array([_pearson(pred[:, g], obs[:, g]) for g in range(G)])
+    s = np.array([_spearman(pred[:, g], obs[:, g]) for g in range(G)])
+    return GeneCorrelation(
+        pearson=p,
+        spearman=s,
+        mean_pearson=float(np.nanmean(p)) if np.isfinite(p).any() else float("nan"),
+        mean_spearman=float(np.nanmean(s)) if np.isfinite(s).any() else float("nan"),
+    )
+
+
+def nb_log_likelihood(counts: np.ndarray, mu: np.ndarray, theta: np.ndarray | float) -> np.ndarray:
+    """Negative-binomial log-likelihood, mean/inverse-dispersion form.
+
+    ``log NB(x; mu, theta) = lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
+    + theta log(theta / (theta + mu)) + x log(mu / (theta + mu))``
+
+    Parameters
+    ----------
+    counts : (n, G) non-negative counts.
+    mu : (n, G) positive means.
+    theta : (G,), (n, G) or scalar positive inverse dispersion.
+
+    Returns
+    -------
+    (n,) log-likelihood per cell in nats (summed over genes).
+    """
+    x = np.asarray(counts, dtype=np.float64)
+    mu = np.asarray(mu, dtype=np.float64)
+    th = np.broadcast_to(np.asarray(theta, dtype=np.float64), x.shape)
+    if mu.shape != x.shape:
+        raise ValueError(f"nb_log_likelihood: mu {mu.shape} and counts {x.shape} differ")
+    if (x < 0).any() or (mu <= 0).any() or (th <= 0).any():
+        raise ValueError("nb_log_likelihood: counts must be >= 0, mu and theta > 0")
+    ll = (
+        special.gammaln(x + th)
+        - special.gammaln(th)
+        - special.gammaln(x + 1)
+        + th * (np.log(th) - np.log(th + mu))
+        + x * (np.log(mu) - np.log(th + mu))
+    )
+    return ll.sum(1)
+
+
+def to_dict(obj) -> dict:
+    """A metric dataclass as a JSON-friendly dict (arrays dropped)."""
+    return {k: v for k, v in asdict(obj).items() if not isinstance(v, np.ndarray)}
