@@ -124,6 +124,35 @@ class SegmentationConfig:
     trainable_backbone_layers: int = 5
     min_size: int = 512
     max_size: int = 512
+    # --- stage=segment: tiled inference (docs/segmentation_infer.md) ---
+    input_scale: float = 1.0  # source image resized by this before tiling (cell px as trained)
+    tile_size: int = 1024  # square tile side, px at input_scale; fed to the net unresized
+    tile_overlap: int = 256  # px; keep above the largest cell diameter
+    batch_size: int = 4  # tiles per forward pass
+    detect_score_floor: float = 0.05  # detections below are not even listed
+    mask_threshold: float = 0.5  # mask probability -> binary mask
+    max_detections_per_tile: int = 100
+    rpn_post_nms_top_n: int = 300  # proposals per tile kept for the box head
+    merge_iou: float = 0.5  # global NMS (box IoU) over detections of all tiles
+    merge_containment: float = 0.7  # drop a tile-cut detection this much inside another
+    max_images: int | None = None  # first N images only (smoke runs)
+    split: str | None = None  # only COCO images of this split (train|val); None = all
+    convert_images: bool = True  # grayscale/RGBA/16-bit -> RGB uint8 (else skip them)
+    # --- stage=segment: crops and filters (each flag is counted in uns["filter_counts"]) ---
+    crop_size: int = 128  # output crop side S, px
+    crop_margin: float = 0.1  # context around a large cell, fraction of its size, per side
+    background_value: int = 0  # 0..255, every channel outside the cell mask
+    score_threshold: float = 0.5  # keep score >= this
+    min_area: int = 200  # mask px (source frame); smaller are dropped
+    max_area: int | None = None  # mask px; None = no upper limit
+    drop_border: bool = True  # drop cells whose mask touches the image border
+    border_margin: int = 1  # px from the border that counts as touching
+    max_overlap_iou: float | None = 0.2  # drop cells with mask IoU above this with another
+    drop_multi_piece: bool = True  # drop masks in several connected pieces
+    min_piece_area: int = 10  # px; smaller specks are not counted as pieces
+    match_iou: float = 0.5  # detection <-> ground-truth mask IoU for truth labels
+    n_overlays: int = 8  # overlay PNGs written (first N images)
+    contact_sheet_max: int = 64  # crops on the contact sheet
     extra: dict[str, Any] = field(default_factory=dict)
 
 
