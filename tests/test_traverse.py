@@ -1,0 +1,142 @@
+"""Traversals and paths on hand-made latents, with a stand-in decoder."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vae import traverse as T
+
+
+@dataclass
+class _Dec:
+    image: torch.Tensor
+    mask: torch.Tensor | None
+    expression_log: torch.Tensor
+
+
+class LinearStandIn(nn.Module):
+    """Test double with the documented decode API: brightness and gene 0 rise with z[0].
+
+    Gene 1 falls with z[0]; gene 2 rises with z[1]; gene 3 is constant.
+    """
+
+    def __init__(self, d=4, s=8):
+        super().__init__()
+        self.d, self.s = d, s
+
+    def decode(self, z):
+        b = z.shape[0]
+        level = torch.sigmoid(z[:, :1])  # (B, 1)
+        img = level[:, :, None, None].expand(b, 3, self.s, self.s).clone()
+        mask = torch.ones(b, 1, self.s, self.s)
+        expr = torch.stack(
+            [
+                torch.nn.functional.softplus(z[:, 0]),
+                torch.nn.functional.softplus(-z[:, 0]),
+                torch.nn.functional.softplus(z[:, 1]),
+                torch.ones(b),
+            ],
+            1,
+        )
+        return _Dec(img, mask, expr)
+
+
+def test_top_dims_by_kl():
+    assert list(T.top_dims_by_kl([0.1, 3.0, 0.0, 1.5], 2)) == [1, 3]
+    assert list(T.top_dims_by_kl([1.0, 2.0], 5)) == [1, 0]
+
+
+def test_anchor_choices():
+    z = np.array([[0.0, 0.0], [2.0, 0.0], [10.0, 10.0]])
+    lab = np.array(["a", "a", "b"])
+    ids = np.array(["c0", "c1", "c2"])
+    np.testing.assert_allclose(T.anchor_point(z, lab, ids, anchor_class="a"), [1.0, 0.0])
+    np.testing.assert_allclose(T.anchor_point(z, lab, ids, anchor_cell="c2"), [10.0, 10.0])
+    np.testing.assert_allclose(T.anchor_point(z), z.mean(0))
+    with pytest.raises(ValueError, match="anchor_class='x'"):
+        T.anchor_point(z, lab, ids, anchor_class="x")
+
+
+def test_dim_traversal_shapes_and_monotonic_decoding():
+    model = LinearStandIn()
+    tr = T.traverse_dims(model, np.zeros(4), [0, 2], sd=np.full(4, 2.0), span=3, n_steps=7)
+    assert [t.dim for t in tr] == [0, 2]
+    t0 = tr[0]
+    assert t0.decoded.images.shape == (7, 8, 8, 3)
+    assert t0.decoded.masks.shape == (7, 8, 8)
+    assert t0.decoded.expression.shape == (7, 4)
+    np.testing.assert_allclose(t0.values, np.linspace(-6, 6, 7))
+    bright = t0.decoded.images.mean((1, 2, 3))
+    assert np.all(np.diff(bright) > 0)  # the swept dim drives the image monotonically
+    assert np.all(np.diff(t0.decoded.expression[:, 0]) > 0)
+    assert np.all(np.diff(t0.decoded.expression[:, 1]) < 0)
+    # sweeping an unused dim changes nothing
+    assert np.ptp(tr[1].decoded.images) == 0
+
+
+def test_class_centroids_maturation_order_and_explicit_order():
+    z = np.array([[5.0, 0], [5.2, 0], [0.0, 0], [0.2, 0], [9.0, 0], [3.0, 3.0]])
+    lab = np.array(["mid", "mid", "early", "early", "late", "lympho"])
+    mat = np.array([0.5, 0.5, 0.1, 0.1, 0.9, np.nan])
+    c = T.class_centroids(z, lab, mat)
+    assert c.names == ["early", "mid", "late"]  # lympho has no maturation: left out
+    np.testing.assert_allclose(c.points[:, 0], [0.1, 5.1, 9.0])
+    c2 = T.class_centroids(z, lab, None, order=["late", "early", "absent"])
+    assert c2.names == ["late", "early"]
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        T.class_centroids(z, lab, None)
+
+
+def test_straight_and_gp_paths_on_hand_made_latent():
+    cents = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]])  # a bend
+    sp = T.straight_path(cents[0], cents[-1], 5)
+    np.testing.assert_allclose(sp.points[:, 1], 0.0)
+    np.testing.assert_allclose(sp.points[:, 0], np.linspace(0, 2, 5))
+    gp = T.gp_path(cents, 21, noise=1e-6)
+    assert gp.points.shape == (21, 2)
+    np.testing.assert_allclose(gp.knots_s, [0.0, 0.5, 1.0])
+    # the GP passes through the centroids (s = 0, 0.5, 1 are steps 0, 10, 20)
+    np.testing.assert_allclose(gp.points[[0, 10, 20]], cents, atol=1e-2)
+    # and bends: the middle lies off the straight line
+    assert gp.points[10, 1] > 0.9
+
+
+def test_project_onto_path():
+    sp = T.straight_path(np.zeros(2), np.array([10.0, 0.0]), 11)
+    pos = T.project_onto_path(np.array([[0.0, 5.0], [5.0, -1.0], [12.0, 0.0]]), sp, n_dense=101)
+    np.testing.assert_allclose(pos, [0.0, 0.5, 1.0])
+
+
+def test_rank_genes_fold_change_and_trend():
+    model = LinearStandIn()
+    path = T.straight_path(np.array([-3.0, 0, 0, 0]), np.array([3.0, 0, 0, 0]), 9)
+    dec = T.decode(model, path.points)
+    df = T.rank_genes(dec.expression, ["up", "down", "flat2", "const"], path.s, {"p": ["UP"]})
+    top = df.set_index("gene")
+    assert top.loc["up", "spearman"] == pytest.approx(1.0)
+    assert top.loc["down", "spearman"] == pytest.approx(-1.0)
+    assert top.loc["up", "log2fc"] > 0 > top.loc["down", "log2fc"]
+    assert top.loc["const", "score"] == 0.0 and np.isnan(top.loc["const", "spearman"])
+    assert top.loc["up", "program"] == "p"
+    assert set(df["gene"][:2]) == {"up", "down"}
+
+
+def test_program_scores_and_matching():
+    x = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 6.0]])
+    sc = T.program_scores(x, ["Mpo", "Elane", "Ltf"], {"primary": ["MPO", "ELANE"], "none": ["X"]})
+    assert list(sc) == ["primary"]
+    np.testing.assert_allclose(sc["primary"], [1.5, 0.0])
+    assert T.match_genes(["a", "B"], ["b", "c", "A"]) == [1, 0]
+
+
+def test_real_vae_module_decodes_through_the_traversal():
+    model_mod = pytest.importorskip("vae.model")
+    args = model_mod.VAEArgs(n_genes=5, crop_size=16, n_shared=3, channels=[4, 8], hidden=[8])
+    model = model_mod.TwoBranchVAE(args)
+    tr = T.traverse_dims(model, np.zeros(3), [0], sd=np.ones(3), n_steps=5)
+    assert tr[0].decoded.images.shape == (5, 16, 16, 3)
+    assert tr[0].decoded.expression.shape == (5, 5)
+    assert (tr[0].decoded.images >= 0).all() and (tr[0].decoded.images <= 1).all()

@@ -1,0 +1,386 @@
+"""Latent traversals of a trained two-branch beta-VAE.
+
+* per-dimension sweeps: move one latent dimension over ``anchor +- span x sd``
+  with the others fixed, decode image and expression at each step;
+* paths between classes: a straight line, or a Gaussian-process path fitted
+  through the class centroids in maturation order, from the earliest class
+  (myeloblast) to the latest (segmented neutrophil);
+* genes ranked by their change along a path (fold change and monotonic trend).
+
+The model only needs the documented API: ``model.decode(z)`` returning an
+object with ``image`` (B, 3, S, S), ``mask`` (B, 1, S, S) or None and
+``expression_log`` (B, G) (see ``docs/artifacts.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# ----------------------------------------------------------------------------
+# decoding
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class DecodedArrays:
+    """Decoder outputs as NumPy arrays (channel-last images)."""
+
+    images: np.ndarray  # (n, S, S, 3) float in [0, 1]
+    masks: np.ndarray | None  # (n, S, S) probability, or None
+    expression: np.ndarray  # (n, G) predicted log1p-normalised expression
+
+
+def decode(model, z: np.ndarray, batch_size: int = 256, device: str = "cpu") -> DecodedArrays:
+    """Decode latent codes in batches under ``torch.inference_mode``.
+
+    Parameters
+    ----------
+    model : module with ``decode(z) -> obj(image, mask, expression_log)``.
+    z : (n, d) latent codes.
+    """
+    import torch
+
+    z = np.asarray(z, dtype=np.float32)
+    if z.ndim != 2:
+        raise ValueError(f"decode: z must be (n, d), got {z.shape}")
+    imgs, masks, exprs = [], [], []
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(z), batch_size):
+            dec = model.decode(torch.from_numpy(z[i : i + batch_size]).to(device))
+            # (B, 3, S, S) -> (B, S, S, 3)
+            imgs.append(dec.image.float().permute(0, 2, 3, 1).cpu().numpy())
+            if dec.mask is not None:
+                masks.append(dec.mask.float()[:, 0].cpu().numpy())
+            exprs.append(dec.expression_log.float().cpu().numpy())
+    return DecodedArrays(
+        images=np.clip(np.concatenate(imgs), 0, 1),
+        masks=np.concatenate(masks) if masks else None,
+        expression=np.concatenate(exprs),
+    )
+
+
+# ----------------------------------------------------------------------------
+# per-dimension traversals
+# ----------------------------------------------------------------------------
+
+
+def top_dims_by_kl(kl_per_dim: Sequence[float], k: int) -> np.ndarray:
+    """Indices of the ``k`` dimensions with the largest KL, largest first."""
+    kl = np.asarray(kl_per_dim, dtype=np.float64)
+    if kl.ndim != 1 or not np.all(np.isfinite(kl)):
+        raise ValueError(f"kl_per_dim must be a finite 1-D array, got {kl!r}")
+    return np.argsort(-kl, kind="stable")[: min(k, len(kl))]
+
+
+def anchor_point(
+    z: np.ndarray,
+    labels: np.ndarray | None = None,
+    cell_ids: np.ndarray | None = None,
+    anchor_class: str | None = None,
+    anchor_cell: str | None = None,
+) -> np.ndarray:
+    """The code that traversals start from: one cell, a class mean, or the overall mean.
+
+    Parameters
+    ----------
+    z : (n, d) latent means.
+    labels, cell_ids : (n,) per-row label and id.
+    anchor_class : use the mean of rows with this label.
+    anchor_cell : use this row (takes precedence).
+
+    Returns
+    -------
+    (d,) anchor code.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if anchor_cell is not None:
+        ids = np.asarray(cell_ids).astype(str)
+        hit = np.flatnonzero(ids == str(anchor_cell))
+        if len(hit) == 0:
+            raise ValueError(f"anchor_cell={anchor_cell!r} is not a row of the latent table")
+        return z[hit[0]]
+    if anchor_class is not None:
+        lab = np.asarray(labels).astype(str)
+        sel = lab == str(anchor_class)
+        if not sel.any():
+            raise ValueError(
+                f"anchor_class={anchor_class!r} not among labels: {sorted(set(lab))[:20]}"
+            )
+        return z[sel].mean(0)
+    return z.mean(0)
+
+
+@dataclass
+class DimTraversal:
+    """One latent dimension swept with the others fixed at the anchor."""
+
+    dim: int
+    values: np.ndarray  # (n_steps,) value of z_dim at each step
+    offsets: np.ndarray  # (n_steps,) same, in sd units from the anchor
+    decoded: DecodedArrays  # n_steps decodings
+
+
+def traverse_dims(
+    model,
+    anchor: np.ndarray,
+    dims: Sequence[int],
+    sd: np.ndarray,
+    span: float = 3.0,
+    n_steps: int = 9,
+    device: str = "cpu",
+) -> list[DimTraversal]:
+    """Sweep each of ``dims`` over ``anchor[dim] + linspace(-span, span) * sd[dim]``.
+
+    Parameters
+    ----------
+    model : decodes (see module docstring).
+    anchor : (d,) code the others stay at.
+    dims : dimensions to sweep.
+    sd : (d,) scale of each dimension (e.g. the spread of the latent means).
+    span : half-range in sd units.
+    n_steps : points per sweep (odd keeps the anchor itself in the middle).
+    """
+    anchor = np.asarray(anchor, dtype=np.float64)
+    sd = np.asarray(sd, dtype=np.float64)
+    if anchor.shape != sd.shape:
+        raise ValueError(f"anchor {anchor.shape} and sd {sd.shape} differ")
+    offsets = np.linspace(-span, span, n_steps)
+    out = []
+    for dim in dims:
+        z = np.repeat(anchor[None], n_steps, 0)
+        z[:, dim] = anchor[dim] + offsets * sd[dim]
+        out.append(
+            DimTraversal(
+                dim=int(dim),
+                values=z[:, dim].copy(),
+                offsets=offsets,
+                decoded=decode(model, z, device=device),
+            )
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------
+# paths through class centroids
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Centroids:
+    """Class centroids of the latent in maturation order."""
+
+    names: list[str]  # classes, earliest first
+    points: np.ndarray  # (K, d)
+    maturation: np.ndarray  # (K,) mean maturation of each class (NaN if unknown)
+    counts: np.ndarray  # (K,) rows per class
+
+
+def class_centroids(
+    z: np.ndarray,
+    labels: np.ndarray,
+    maturation: np.ndarray | None = None,
+    order: Sequence[str] | None = None,
+) -> Centroids:
+    """Mean code of each class, ordered along maturation.
+
+    Parameters
+    ----------
+    z : (n, d) latent means.
+    labels : (n,) class of each row.
+    maturation : (n,) maturation (e.g. simulator t or pseudotime), NaN if unknown.
+    order : classes in maturation order. Classes of ``order`` absent from
+        ``labels`` are skipped. When None, classes with a known mean
+        maturation are sorted by it; classes without one are left out.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    lab = np.asarray(labels).astype(str)
+    mat = (
+        np.full(len(z), np.nan) if maturation is None else np.asarray(maturation, dtype=np.float64)
+    )
+    present = set(lab)
+    if order is not None:
+        names = [c for c in order if c in present]
+    else:
+        means = {}
+        for c in sorted(present):
+            m = mat[lab == c]
+            if np.isfinite(m).any():
+                means[c] = float(np.nanmean(m))
+        names = sorted(means, key=means.get)
+    if len(names) < 2:
+        raise ValueError(
+            f"a path needs at least 2 classes in maturation order; found {names} "
+            f"(labels present: {sorted(present)[:20]}; give analysis.path_classes or a "
+            f"maturation column)"
+        )
+    pts, mats, cnt = [], [], []
+    for c in names:
+        sel = lab == c
+        pts.append(z[sel].mean(0))
+        m = mat[sel]
+        mats.append(float(np.nanmean(m)) if np.isfinite(m).any() else np.nan)
+        cnt.append(int(sel.sum()))
+    return Centroids(names, np.stack(pts), np.asarray(mats), np.asarray(cnt))
+
+
+@dataclass
+class LatentPath:
+    """Points along a path in latent space."""
+
+    kind: str  # "straight" | "gp"
+    s: np.ndarray  # (n,) path position in [0, 1]
+    points: np.ndarray  # (n, d)
+    knots_s: np.ndarray  # (K,) position of each centroid (GP) or of the two ends
+
+
+def straight_path(start: np.ndarray, end: np.ndarray, n_steps: int) -> LatentPath:
+    """``n_steps`` evenly spaced points from ``start`` to ``end`` (both included)."""
+    start = np.asarray(start, dtype=np.float64)
+    end = np.asarray(end, dtype=np.float64)
+    s = np.linspace(0.0, 1.0, n_steps)
+    pts = start[None] + s[:, None] * (end - start)[None]
+    return LatentPath("straight", s, pts, np.array([0.0, 1.0]))
+
+
+def gp_path(
+    centroids: np.ndarray,
+    n_steps: int,
+    length_scale: float = 0.3,
+    noise: float = 1e-4,
+    seed: int = 0,
+) -> LatentPath:
+    """Smooth path through ordered centroids: a Gaussian process s -> z.
+
+    Each centroid k gets a position s_k in [0, 1] proportional to the
+    cumulative chord length between consecutive centroids; a GP with an RBF
+    kernel (scikit-learn ``GaussianProcessRegressor``, length scale fitted
+    from ``length_scale`` by marginal likelihood) maps s to the code, and is
+    evaluated at ``n_steps`` evenly spaced s.
+
+    Parameters
+    ----------
+    centroids : (K, d) ordered codes, K >= 2.
+    n_steps : points on the path.
+    length_scale : initial RBF length scale, in units of s.
+    noise : GP noise level (small: the path passes close to the centroids).
+    """
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import RBF, ConstantKernel
+
+    c = np.asarray(centroids, dtype=np.float64)
+    if c.ndim != 2 or len(c) < 2:
+        raise ValueError(f"gp_path: need (K >= 2, d) centroids, got {c.shape}")
+    seg = np.linalg.norm(np.diff(c, axis=0), axis=1)
+    cum = np.r_[0.0, np.cumsum(seg)]
+    knots = cum / cum[-1] if cum[-1] > 0 else np.linspace(0, 1, len(c))
+    mean = c.mean(0)
+    kernel = ConstantKernel(1.0, (1e-3, 1e3)) * RBF(length_scale, (0.05, 10.0))
+    gp = GaussianProcessRegressor(
+        kernel=kernel, alpha=noise, normalize_y=False, random_state=seed, n_restarts_optimizer=0
+    )
+    gp.fit(knots[:, None], c - mean)
+    s = np.linspace(0.0, 1.0, n_steps)
+    pts = gp.predict(s[:, None]) + mean
+    return LatentPath("gp", s, np.asarray(pts), knots)
+
+
+def project_onto_path(z: np.ndarray, path: LatentPath, n_dense: int = 200) -> np.ndarray:
+    """Position in [0, 1] of the nearest point of ``path`` to each code.
+
+    The path is linearly interpolated to ``n_dense`` points first.
+
+    Returns
+    -------
+    (m,) path positions.
+    """
+    from scipy.spatial.distance import cdist
+
+    z = np.asarray(z, dtype=np.float64)
+    sd = np.linspace(0, 1, n_dense)
+    dense = np.stack([np.interp(sd, path.s, path.points[:, j]) for j in range(z.shape[1])], 1)
+    return sd[np.argmin(cdist(z, dense), axis=1)]
+
+
+# ----------------------------------------------------------------------------
+# genes along a path
+# ----------------------------------------------------------------------------
+
+
+def rank_genes(
+    expression_log: np.ndarray,
+    genes: Sequence[str],
+    s: np.ndarray | None = None,
+    programs: dict[str, list[str]] | None = None,
+):
+    """Rank genes by their change along a path.
+
+    Parameters
+    ----------
+    expression_log : (n_steps, G) decoded log1p-normalised expression along the path.
+    genes : (G,) gene names.
+    s : (n_steps,) path positions (default: the step index).
+    programs : program -> genes, to annotate each gene's program (case-insensitive).
+
+    Returns
+    -------
+    pandas.DataFrame sorted by ``score`` (descending), columns: ``gene``,
+    ``program``, ``log2fc`` (log2 of (end + 1) / (start + 1) on the
+    normalised scale), ``spearman`` (monotonic trend with s), ``peak_s``
+    (position of the maximum), ``start``, ``end``, ``range`` (max - min of
+    log1p values), ``score`` = |spearman| x |log2fc|.
+    """
+    import pandas as pd
+    from scipy import stats
+
+    x = np.asarray(expression_log, dtype=np.float64)
+    genes = [str(g) for g in genes]
+    if x.ndim != 2 or x.shape[1] != len(genes):
+        raise ValueError(f"rank_genes: expression {x.shape} does not match {len(genes)} genes")
+    s = np.arange(len(x), dtype=np.float64) if s is None else np.asarray(s, dtype=np.float64)
+    lin = np.expm1(np.clip(x, 0, None))
+    log2fc = np.log2((lin[-1] + 1) / (lin[0] + 1))
+    rho = np.full(x.shape[1], np.nan)
+    for g in range(x.shape[1]):
+        if np.ptp(x[:, g]) > 0:
+            rho[g] = stats.spearmanr(s, x[:, g]).statistic
+    prog_of = {}
+    for p, gl in (programs or {}).items():
+        for g in gl:
+            prog_of[str(g).upper()] = p
+    df = pd.DataFrame(
+        {
+            "gene": genes,
+            "program": [prog_of.get(g.upper(), "") for g in genes],
+            "log2fc": log2fc,
+            "spearman": rho,
+            "peak_s": s[np.argmax(x, axis=0)],
+            "start": x[0],
+            "end": x[-1],
+            "range": np.ptp(x, axis=0),
+            "score": np.nan_to_num(np.abs(rho)) * np.abs(log2fc),
+        }
+    )
+    return df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def match_genes(genes: Sequence[str], wanted: Sequence[str]) -> list[int]:
+    """Indices of ``wanted`` genes in ``genes`` (case-insensitive, order of ``wanted``)."""
+    upper = {str(g).upper(): i for i, g in enumerate(genes)}
+    return [upper[w.upper()] for w in wanted if w.upper() in upper]
+
+
+def program_scores(
+    expression_log: np.ndarray, genes: Sequence[str], programs: dict[str, list[str]]
+) -> dict[str, np.ndarray]:
+    """Mean log1p expression of each program's genes per row; programs with no match skipped."""
+    x = np.asarray(expression_log, dtype=np.float64)
+    out = {}
+    for p, gl in programs.items():
+        idx = match_genes(genes, gl)
+        if idx:
+            out[p] = x[:, idx].mean(1)
+    return out
