@@ -1,0 +1,191 @@
+"""Matplotlib figures of the evaluation and traversal study (Agg backend, no display).
+
+Each function returns a ``matplotlib.figure.Figure``; :func:`save` writes it
+as PNG and closes it. :func:`to_image` renders it to an (H, W, 3) uint8 array
+for TensorBoard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def to_image(fig) -> np.ndarray:
+    """Render a figure to an (H, W, 3) uint8 array."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def save(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` as PNG (atomically) and close it."""
+    from pipeline.artifacts import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def scatter(
+    emb: np.ndarray,
+    values: np.ndarray,
+    title: str,
+    categorical: bool | None = None,
+    ax=None,
+):
+    """2-D embedding coloured by a label (categorical) or a number (colour bar)."""
+    values = np.asarray(values)
+    if categorical is None:
+        categorical = values.dtype.kind not in "fiu"
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(4.6, 3.8))
+    else:
+        fig = ax.figure
+    if categorical:
+        cats = sorted(set(values.astype(str)))
+        cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
+        for i, c in enumerate(cats):
+            sel = values.astype(str) == c
+            ax.scatter(emb[sel, 0], emb[sel, 1], s=6, color=cmap(i % cmap.N), label=c)
+        ax.legend(fontsize=6, markerscale=2, loc="best", frameon=False)
+    else:
+        v = values.astype(float)
+        ok = np.isfinite(v)
+        ax.scatter(emb[~ok, 0], emb[~ok, 1], s=4, color="lightgrey")
+        sc = ax.scatter(emb[ok, 0], emb[ok, 1], s=6, c=v[ok], cmap="viridis")
+        fig.colorbar(sc, ax=ax, shrink=0.8)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig
+
+
+def scatter_panel(emb: np.ndarray, columns: dict[str, np.ndarray], suptitle: str):
+    """Several colourings of one embedding side by side."""
+    n = len(columns)
+    ncol = min(n, 3)
+    nrow = int(np.ceil(n / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.4 * ncol, 3.7 * nrow), squeeze=False)
+    for ax, (name, v) in zip(axes.flat, columns.items()):
+        scatter(emb, v, name, ax=ax)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def strip_with_heatmap(
+    images: np.ndarray,
+    expression: np.ndarray | None,
+    gene_names: Sequence[str],
+    step_labels: Sequence[str],
+    title: str,
+):
+    """A row of decoded images above a heatmap of genes (rows) x steps (columns).
+
+    Parameters
+    ----------
+    images : (n, S, S, 3) float [0, 1].
+    expression : (n, g) decoded log1p expression of the genes shown, or None.
+    """
+    n = len(images)
+    has_h = expression is not None and expression.shape[1] > 0
+    h_rows = max(1.0, 0.22 * len(gene_names)) if has_h else 0
+    fig = plt.figure(figsize=(max(4, 1.1 * n), 1.4 + h_rows + 0.4))
+    gs = fig.add_gridspec(2 if has_h else 1, n, height_ratios=[1.2, h_rows] if has_h else [1])
+    for i in range(n):
+        ax = fig.add_subplot(gs[0, i])
+        ax.imshow(np.clip(images[i], 0, 1))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(step_labels[i], fontsize=7)
+    if has_h:
+        ax = fig.add_subplot(gs[1, :])
+        im = ax.imshow(expression.T, aspect="auto", cmap="magma")
+        ax.set_yticks(range(len(gene_names)))
+        ax.set_yticklabels(gene_names, fontsize=7)
+        ax.set_xticks(range(n))
+        ax.set_xticklabels(step_labels, fontsize=7)
+        fig.colorbar(im, ax=ax, shrink=0.9, label="log1p expr")
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def image_grid(rows: list[np.ndarray], row_labels: Sequence[str], col_labels: Sequence[str], title):
+    """Grid of images: one row per entry of ``rows`` ((n, S, S, 3) each)."""
+    nr, nc = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(nr, nc, figsize=(0.9 * nc + 0.8, 0.9 * nr + 0.6), squeeze=False)
+    for r, imgs in enumerate(rows):
+        for c in range(nc):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(imgs):
+                ax.imshow(np.clip(imgs[c], 0, 1))
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=7)
+            if r == 0:
+                ax.set_title(col_labels[c], fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def heatmap(
+    matrix: np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str,
+    vmin: float = -1.0,
+    vmax: float = 1.0,
+    cmap: str = "RdBu_r",
+    annotate: bool = True,
+):
+    """Annotated heatmap (e.g. correlations in [-1, 1])."""
+    m = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(0.7 * len(col_labels) + 2.2, 0.32 * len(row_labels) + 1.4))
+    im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(col_labels)))
+    ax.set_xticklabels(col_labels, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(row_labels)))
+    ax.set_yticklabels(row_labels, fontsize=7)
+    if annotate and m.size <= 600:
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                if np.isfinite(m[i, j]):
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=5.5)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def line_plot(x: np.ndarray, series: dict[str, np.ndarray], xlabel: str, ylabel: str, title: str):
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, y in series.items():
+        ax.plot(x, y, marker="o", ms=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def truth_scatter(x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str, title: str):
+    fig, ax = plt.subplots(figsize=(3.8, 3.4))
+    ax.scatter(x, y, s=6, alpha=0.7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,147 @@
+"""Self-contained HTML report: figures embedded as base64 PNG, tables inline.
+
+A report is a list of :class:`Section`; each holds text, tables
+(:class:`TableItem`) and figures (:class:`FigureItem`, each with a one-line
+caption). :func:`write_report` reads every figure file and embeds it, so the
+single ``report.html`` can be mailed or opened offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class FigureItem:
+    path: Path  # PNG file to embed
+    caption: str  # one line: what the figure shows
+
+
+@dataclass
+class TableItem:
+    title: str
+    frame: Any  # pandas.DataFrame
+    caption: str = ""
+    max_rows: int = 40
+    float_format: str = "{:.3f}"
+
+
+@dataclass
+class Section:
+    title: str
+    text: str = ""
+    tables: list[TableItem] = field(default_factory=list)
+    figures: list[FigureItem] = field(default_factory=list)
+
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1150px;
+color:#222;line-height:1.4;padding:0 1em}
+h1{font-size:1.6em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;font-size:.82em;margin:.5em 0 1em}
+th,td{border:1px solid #ddd;padding:2px 6px;text-align:right} th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}
+figure{margin:1em 0;display:inline-block;vertical-align:top;max-width:100%}
+figure img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:.85em;color:#444;max-width:900px}
+pre{background:#f7f7f7;padding:.6em;font-size:.78em;overflow-x:auto}
+.caption{font-size:.85em;color:#555}
+nav a{margin-right:1em}
+"""
+
+
+def _img_tag(path: Path, caption: str) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"report: figure {path} does not exist")
+    b64 = base64.b64encode(path.read_bytes()).decode("ascii")
+    alt = html.escape(caption, quote=True)
+    return (
+        f'<figure data-file="{html.escape(path.name)}"><img alt="{alt}" '
+        f'src="data:image/png;base64,{b64}"/><figcaption>{html.escape(caption)}'
+        f" <small>({html.escape(path.name)})</small></figcaption></figure>"
+    )
+
+
+def _table_html(t: TableItem) -> str:
+    df = t.frame
+    more = ""
+    if len(df) > t.max_rows:
+        more = (
+            f'<p class="caption">showing {t.max_rows} of {len(df)} rows; full table in the CSV</p>'
+        )
+        df = df.head(t.max_rows)
+
+    def fmt(v):
+        return t.float_format.format(v) if isinstance(v, float) else str(v)
+
+    body = df.to_html(
+        index=False,
+        escape=True,
+        border=0,
+        formatters={c: fmt for c in df.columns if df[c].dtype.kind == "f"},
+    )
+    cap = f'<p class="caption">{html.escape(t.caption)}</p>' if t.caption else ""
+    return f"<h3>{html.escape(t.title)}</h3>{cap}{body}{more}"
+
+
+def write_report(
+    path: str | Path,
+    title: str,
+    sections: list[Section],
+    config: dict | None = None,
+    subtitle: str = "",
+) -> Path:
+    """Write a self-contained ``report.html`` (atomically).
+
+    Parameters
+    ----------
+    path : output file.
+    title : page heading.
+    sections : report body, in order.
+    config : resolved run configuration, shown as JSON at the end.
+    subtitle : a line under the title (run folder, date ...).
+
+    Returns
+    -------
+    The path written. Raises FileNotFoundError naming a missing figure.
+    """
+    from pipeline.artifacts import atomic_path
+
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    if subtitle:
+        parts.append(f'<p class="caption">{html.escape(subtitle)}</p>')
+    anchors = [f"s{i}" for i in range(len(sections))]
+    nav = "".join(f'<a href="#{a}">{html.escape(s.title)}</a>' for a, s in zip(anchors, sections))
+    if config is not None:
+        nav += '<a href="#config">Config</a>'
+    parts.append(f"<nav>{nav}</nav>")
+    for a, s in zip(anchors, sections):
+        parts.append(f'<h2 id="{a}">{html.escape(s.title)}</h2>')
+        if s.text:
+            for para in s.text.strip().split("\n\n"):
+                parts.append(f"<p>{html.escape(para)}</p>")
+        for t in s.tables:
+            parts.append(_table_html(t))
+        for f in s.figures:
+            parts.append(_img_tag(f.path, f.caption))
+    if config is not None:
+        blob = json.dumps(config, indent=2, default=str)
+        parts.append(
+            '<h2 id="config">Config</h2><details><summary>resolved configuration of this '
+            f"run</summary><pre>{html.escape(blob, quote=False)}</pre></details>"
+        )
+    parts.append("</body></html>")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(parts), encoding="utf-8")
+    return path
