@@ -1,0 +1,369 @@
+"""stage=segment: find, filter and crop every white cell of a folder of smears.
+
+Reads the ``segmentation_model`` checkpoint and the ``smears`` folder (the
+simulator's, or any folder via ``paths.inputs.smears=DIR``; COCO ground truth
+from ``annotations.json`` there or ``paths.inputs.annotations``), and writes
+``cells.h5ad``, ``detections.csv``, ``rejects.csv``, ``summary.json``,
+``contact_sheet.png`` and ``overlays/`` (see docs/artifacts.md, "segment").
+
+Images are sharded round robin over DDP ranks; each rank writes a part file
+and rank 0 merges them in image order.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.artifacts import write_json
+from pipeline.stages import StageContext, StageError, stage
+from segmentation.cells import (
+    CocoTruth,
+    ImageCells,
+    SegmentSettings,
+    contact_sheet,
+    draw_overlay,
+    load_coco_truth,
+    segment_image,
+)
+from segmentation.crops import FLAGS, FilterSettings
+from segmentation.inference import MaskRCNNDetector
+from segmentation.io import list_images, read_rgb
+
+log = logging.getLogger(__name__)
+
+PARTS = ".segment_parts"
+
+
+def settings_from_config(sc: Any) -> SegmentSettings:
+    """``cfg.segmentation`` -> :class:`SegmentSettings` (validated)."""
+    if not 1 <= int(sc.crop_size) <= 4096:
+        raise StageError(f"segmentation.crop_size={sc.crop_size}: must be in [1, 4096]")
+    if not 0 <= int(sc.background_value) <= 255:
+        raise StageError(f"segmentation.background_value={sc.background_value}: must be 0..255")
+    if float(sc.input_scale) <= 0:
+        raise StageError(f"segmentation.input_scale={sc.input_scale}: must be > 0")
+    if not 0 <= int(sc.tile_overlap) < int(sc.tile_size):
+        raise StageError(
+            f"segmentation.tile_overlap={sc.tile_overlap} must be >= 0 and < "
+            f"segmentation.tile_size={sc.tile_size}"
+        )
+    return SegmentSettings(
+        input_scale=float(sc.input_scale),
+        tile_size=int(sc.tile_size),
+        tile_overlap=int(sc.tile_overlap),
+        batch_size=int(sc.batch_size),
+        merge_iou=float(sc.merge_iou),
+        merge_containment=float(sc.merge_containment),
+        crop_size=int(sc.crop_size),
+        crop_margin=float(sc.crop_margin),
+        background_value=int(sc.background_value),
+        match_iou=float(sc.match_iou),
+        filters=FilterSettings(
+            score_threshold=float(sc.score_threshold),
+            min_area=int(sc.min_area),
+            max_area=None if sc.max_area is None else int(sc.max_area),
+            drop_border=bool(sc.drop_border),
+            border_margin=int(sc.border_margin),
+            max_overlap_iou=None if sc.max_overlap_iou is None else float(sc.max_overlap_iou),
+            drop_multi_piece=bool(sc.drop_multi_piece),
+            min_piece_area=int(sc.min_piece_area),
+        ),
+    )
+
+
+def _annotations_path(ctx: StageContext, smears: Path) -> Path | None:
+    explicit = ctx.cfg.paths.inputs.get("annotations")
+    if explicit:
+        p = Path(explicit)
+        if not p.is_file():
+            raise StageError(f"paths.inputs.annotations={explicit}: no such file")
+        return p
+    p = smears / "annotations.json"
+    return p if p.is_file() else None
+
+
+def _image_list(ctx: StageContext, smears: Path, truth: CocoTruth | None) -> list[Path]:
+    sc = ctx.cfg.segmentation
+    images = list_images(smears)
+    if sc.split is not None:
+        if truth is None:
+            raise StageError(
+                f"segmentation.split={sc.split} needs COCO annotations with an image 'split' "
+                f"field; none found for {smears}"
+            )
+        images = [p for p in images if truth.images.get(p.name, {}).get("split") == sc.split]
+    if sc.max_images is not None:
+        images = images[: int(sc.max_images)]
+    return images
+
+
+def _run_shard(
+    ctx: StageContext,
+    items: list[tuple[int, Path]],
+    settings: SegmentSettings,
+    truth: CocoTruth | None,
+    overlay_dir: Path,
+) -> dict[str, Any]:
+    sc = ctx.cfg.segmentation
+    dev = ctx.dist.device
+    from segmentation.model import load_checkpoint
+
+    model, ckpt = load_checkpoint(ctx.input("segmentation_model"), map_location=dev)
+    detector = MaskRCNNDetector(
+        model,
+        dev,
+        score_floor=float(sc.detect_score_floor),
+        mask_threshold=float(sc.mask_threshold),
+        max_detections=int(sc.max_detections_per_tile),
+        rpn_post_nms_top_n=int(sc.rpn_post_nms_top_n),
+        autocast=ctx.dist.autocast,
+    )
+    tables, crops, masks, rejects = [], [], [], []
+    n_truth, n_images, seconds = 0, 0, 0.0
+    for index, path in items:
+        rd = read_rgb(path, convert=bool(sc.convert_images))
+        if not rd.ok:
+            log.warning("skipping %s: %s", path.name, rd.reason)
+            rejects.append({"image": path.name, "action": "skipped", "reason": rd.reason})
+            continue
+        if rd.converted:
+            rejects.append(
+                {"image": path.name, "action": "converted", "reason": ",".join(rd.converted)}
+            )
+        it = truth.for_image(path.name) if truth is not None else None
+        t0 = time.perf_counter()
+        cells: ImageCells = segment_image(detector, rd.image, path.name, settings, truth=it)
+        seconds += time.perf_counter() - t0
+        n_images += 1
+        if it is not None:
+            n_truth += cells.n_truth or 0
+        tab = cells.table
+        tab.insert(1, "image_index", index)
+        tables.append(tab)
+        crops.append(cells.crops.images)
+        masks.append(cells.crops.masks)
+        if not len(tab):
+            rejects.append({"image": path.name, "action": "no_cells", "reason": "no detections"})
+        elif not tab.kept.any():
+            rejects.append(
+                {"image": path.name, "action": "no_cells", "reason": "no detection passed filters"}
+            )
+        if index < int(sc.n_overlays):
+            ov = draw_overlay(cells, min(float(sc.score_threshold), 0.99))
+            ov.save(overlay_dir / f"{path.stem}.png")
+    s = int(sc.crop_size)
+    return {
+        "tables": tables,
+        "crops": np.concatenate(crops) if crops else np.zeros((0, s, s, 3), np.uint8),
+        "masks": np.concatenate(masks) if masks else np.zeros((0, s, s), bool),
+        "rejects": rejects,
+        "n_truth": n_truth,
+        "n_images": n_images,
+        "seconds": seconds,
+        "model_args": dict(ckpt.get("model_args", {})),
+    }
+
+
+def _obs_frame(table: pd.DataFrame) -> pd.DataFrame:
+    obs = table.drop(columns=["kept"]).set_index("cell_id")
+    obs.index = obs.index.astype(str)
+    obs.index.name = None
+    for col in ("image", "kind", "lineage", "truth_cell_id"):
+        if col in obs:
+            obs[col] = obs[col].astype(str)
+    return obs
+
+
+@stage(
+    "segment",
+    needs=["segmentation_model", "smears"],
+    produces=["cells"],
+    distributed=True,
+)
+def segment(ctx: StageContext) -> None:
+    """Tiled Mask R-CNN inference -> filtered, background-free crops in cells.h5ad."""
+    sc = ctx.cfg.segmentation
+    settings = settings_from_config(sc)
+    smears = ctx.input("smears")
+    if smears.is_file():
+        raise StageError(f"smears input {smears} is a file; give the folder of images")
+    ann = _annotations_path(ctx, smears)
+    truth = load_coco_truth(ann) if ann is not None else None
+    images = _image_list(ctx, smears, truth)
+    if not images:
+        raise StageError(f"no images (*.png, *.jpg, *.bmp, *.tif) found in {smears}")
+    parts = ctx.dir / PARTS
+    if ctx.is_main:
+        shutil.rmtree(parts, ignore_errors=True)
+        (parts / "overlays").mkdir(parents=True)
+    ctx.dist.barrier()
+    torch.manual_seed(int(ctx.cfg.seed))
+    mine = ctx.dist.shard(list(enumerate(images)))
+    log.info(
+        "rank %d: %d of %d images from %s (truth: %s)",
+        ctx.dist.rank,
+        len(mine),
+        len(images),
+        smears,
+        ann or "none",
+    )
+    part = _run_shard(ctx, mine, settings, truth, parts / "overlays")
+    if ctx.dist.distributed:
+        with open(parts / f"rank{ctx.dist.rank}.pkl", "wb") as f:
+            pickle.dump(part, f)
+        ctx.dist.barrier()
+        if not ctx.is_main:
+            return
+        all_parts = []
+        for r in range(ctx.dist.world_size):
+            with open(parts / f"rank{r}.pkl", "rb") as f:
+                all_parts.append(pickle.load(f))
+    else:
+        all_parts = [part]
+    _write_outputs(ctx, all_parts, settings, smears, ann, len(images))
+    shutil.rmtree(parts, ignore_errors=True)
+
+
+def _write_outputs(
+    ctx: StageContext,
+    parts: list[dict[str, Any]],
+    settings: SegmentSettings,
+    smears: Path,
+    ann: Path | None,
+    n_listed: int,
+) -> None:
+    import anndata as ad
+
+    sc = ctx.cfg.segmentation
+    s = settings.crop_size
+    # each part's tables and crops are in its own image order; put images back in order
+    rows, crop_list, mask_list = [], [], []
+    for p in parts:
+        start = 0
+        for tab in p["tables"]:
+            k = int(tab.kept.sum())
+            rows.append(tab)
+            crop_list.append(p["crops"][start : start + k])
+            mask_list.append(p["masks"][start : start + k])
+            start += k
+    order = np.argsort(
+        [int(t.image_index.iloc[0]) if len(t) else 10**9 for t in rows], kind="stable"
+    )
+    tabs = [rows[i] for i in order if len(rows[i])]
+    table = pd.concat(tabs, ignore_index=True) if tabs else _empty_table(ann is not None)
+    crops = [crop_list[i] for i in order]
+    masks = [mask_list[i] for i in order]
+    crops = np.concatenate(crops) if crops else np.zeros((0, s, s, 3), np.uint8)
+    masks = np.concatenate(masks) if masks else np.zeros((0, s, s), bool)
+    kept = table[table.kept].copy()
+    assert len(kept) == len(crops), (len(kept), len(crops))
+    rejects = pd.DataFrame(
+        [r for p in parts for r in p["rejects"]], columns=["image", "action", "reason"]
+    )
+    counts = {"images": n_listed, "images_read": int(sum(p["n_images"] for p in parts))}
+    counts["detections"] = len(table)
+    for f in FLAGS:
+        counts[f] = int(table[f].sum()) if len(table) else 0
+    counts["kept"] = len(kept)
+    has_truth = ann is not None
+    summary: dict[str, Any] = {
+        "filter_counts": counts,
+        "seconds_inference": round(sum(p["seconds"] for p in parts), 3),
+        "images_per_second": round(
+            counts["images_read"] / max(1e-9, max(p["seconds"] for p in parts)), 4
+        ),
+        "world_size": ctx.dist.world_size,
+        "device": str(ctx.dist.device),
+        "smears": str(smears),
+        "annotations": str(ann) if ann else None,
+        "model_args": parts[0]["model_args"],
+    }
+    if has_truth and "truth_cell_id" in table:
+        n_truth = int(sum(p["n_truth"] for p in parts))
+        scored = table[~table.low_score]
+        matched = int((scored.truth_cell_id != "").sum())
+        summary["truth"] = {
+            "n_truth": n_truth,
+            "n_scored_detections": len(scored),
+            "matched": matched,
+            "recall_at_score_threshold": matched / n_truth if n_truth else None,
+            "precision_at_score_threshold": matched / len(scored) if len(scored) else None,
+            "kept_with_truth": int((kept.truth_cell_id != "").sum()),
+            "mean_match_iou_kept": float(kept.match_iou[kept.truth_cell_id != ""].mean())
+            if len(kept)
+            else None,
+        }
+    obs = _obs_frame(kept)
+    adata = ad.AnnData(
+        obs=obs,
+        obsm={"crops": crops, "masks": masks},
+        uns={
+            "crop_size": s,
+            "background_value": settings.background_value,
+            "input_scale": settings.input_scale,
+            "filter_counts": counts,
+            "filters": {
+                k: ("none" if v is None else v) for k, v in settings.filters.__dict__.items()
+            },
+            "source": str(smears),
+        },
+    )
+    with ctx.atomic("cells") as tmp:
+        adata.write_h5ad(tmp)
+    with ctx.atomic("detections.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with ctx.atomic("rejects.csv") as tmp:
+        rejects.to_csv(tmp, index=False)
+    labels = None
+    if len(kept):
+        labels = (
+            [k or f"{sc_:.2f}" for k, sc_ in zip(kept["kind"], kept["score"])]
+            if "kind" in kept
+            else [f"{v:.2f}" for v in kept["score"]]
+        )
+    with ctx.atomic("contact_sheet.png") as tmp:
+        contact_sheet(crops, labels, int(sc.contact_sheet_max)).save(tmp, format="PNG")
+    with ctx.atomic("overlays") as tmp:
+        shutil.copytree(ctx.dir / PARTS / "overlays", tmp)
+    write_json(ctx.output("summary.json"), summary)
+    log.info(
+        "segment: %d images, %d detections, %d cells kept; filters %s",
+        counts["images_read"],
+        counts["detections"],
+        counts["kept"],
+        {k: counts[k] for k in FLAGS},
+    )
+
+
+def _empty_table(with_truth: bool) -> pd.DataFrame:
+    cols: dict[str, Any] = {
+        "cell_id": pd.Series([], dtype=str),
+        "image_index": pd.Series([], dtype=np.int64),
+        "image": pd.Series([], dtype=str),
+    }
+    for c in ("x0", "y0", "x1", "y1", "score"):
+        cols[c] = pd.Series([], dtype=np.float32)
+    cols["area"] = pd.Series([], dtype=np.int64)
+    cols["n_pieces"] = pd.Series([], dtype=np.int64)
+    cols["max_overlap_iou"] = pd.Series([], dtype=np.float64)
+    cols["tile_fragment"] = pd.Series([], dtype=bool)
+    for f in FLAGS:
+        cols[f] = pd.Series([], dtype=bool)
+    cols["kept"] = pd.Series([], dtype=bool)
+    if with_truth:
+        cols["truth_cell_id"] = pd.Series([], dtype=str)
+        for c in ("kind", "lineage"):
+            cols[c] = pd.Series([], dtype=str)
+        for c in ("t", "granule_density", "lobes", "diameter", "match_iou"):
+            cols[c] = pd.Series([], dtype=np.float64)
+    cols["crop_scale"] = pd.Series([], dtype=np.float64)
+    return pd.DataFrame(cols)

@@ -1,0 +1,308 @@
+"""One image -> its white cells: tiled detection, filters, crops, ground truth.
+
+:func:`segment_image` is the per-image work of ``stage=segment``; the stage
+only lists images, reads the config and writes the artifacts. Ground truth
+comes from COCO instances (:func:`load_coco_truth`), e.g. the simulator's
+``annotations.json`` with its extra per-cell fields.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+from skimage.segmentation import find_boundaries
+
+from segmentation.crops import (
+    FLAGS,
+    Crops,
+    FilterResult,
+    FilterSettings,
+    extract_crops,
+    filter_detections,
+    match_truth,
+)
+from segmentation.inference import Detections, Detector, detect_image, resize_image
+
+# ground-truth fields copied from a matched COCO annotation into the cell table
+TRUTH_FIELDS = ("kind", "lineage", "t", "granule_density", "lobes", "diameter")
+
+
+@dataclass
+class ImageTruth:
+    """Ground-truth instances of one image (source px, local masks)."""
+
+    masks: list[np.ndarray]
+    origins: np.ndarray  # (M, 2) int64 (x, y)
+    records: list[dict[str, Any]]  # one annotation dict per mask (extra fields included)
+
+
+@dataclass
+class CocoTruth:
+    """COCO instances indexed by file name."""
+
+    images: dict[str, dict[str, Any]]  # file_name -> image record
+    annotations: dict[int, list[dict[str, Any]]]  # image id -> white-cell annotations
+
+    def for_image(self, file_name: str) -> ImageTruth | None:
+        """Decode the instance masks of ``file_name`` (None if the image is not listed)."""
+        from pycocotools import mask as mask_utils
+
+        rec = self.images.get(file_name)
+        if rec is None:
+            return None
+        h, w = int(rec["height"]), int(rec["width"])
+        masks, origins, records = [], [], []
+        for ann in self.annotations.get(rec["id"], []):
+            seg = ann.get("segmentation")
+            if not seg:
+                continue
+            if isinstance(seg, list):  # polygons
+                rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+            elif isinstance(seg.get("counts"), list):  # uncompressed RLE
+                rle = mask_utils.frPyObjects(seg, h, w)
+            else:
+                rle = dict(seg)
+                if isinstance(rle["counts"], str):
+                    rle["counts"] = rle["counts"].encode()
+            full = mask_utils.decode(rle).astype(bool)
+            ys, xs = np.nonzero(full)
+            if not len(ys):
+                continue
+            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+            masks.append(full[y0:y1, x0:x1].copy())
+            origins.append((x0, y0))
+            records.append(ann)
+        return ImageTruth(masks, np.asarray(origins, np.int64).reshape(-1, 2), records)
+
+
+def load_coco_truth(path: str | Path) -> CocoTruth:
+    """Read a COCO instances JSON; keeps the ``wbc`` category (all, if none is named so).
+
+    Raises
+    ------
+    ValueError
+        Naming the file and the missing key when the JSON is not COCO instances.
+    """
+    path = Path(path)
+    try:
+        coco = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from e
+    for key in ("images", "annotations"):
+        if key not in coco:
+            raise ValueError(f"{path}: COCO instances JSON needs a '{key}' list")
+    cats = {c["id"]: str(c.get("name", "")).lower() for c in coco.get("categories", [])}
+    wbc = {
+        i for i, n in cats.items() if n in ("wbc", "white_cell", "white blood cell", "leukocyte")
+    }
+    images = {}
+    for im in coco["images"]:
+        for key in ("id", "file_name", "width", "height"):
+            if key not in im:
+                raise ValueError(f"{path}: image record {im} lacks '{key}'")
+        images[Path(im["file_name"]).name] = im
+    anns: dict[int, list[dict[str, Any]]] = {}
+    for a in coco["annotations"]:
+        if wbc and a.get("category_id") not in wbc:
+            continue
+        if a.get("iscrowd", 0):
+            continue
+        anns.setdefault(a["image_id"], []).append(a)
+    return CocoTruth(images, anns)
+
+
+@dataclass
+class SegmentSettings:
+    """Everything :func:`segment_image` needs besides the detector and the image."""
+
+    input_scale: float = 1.0
+    tile_size: int = 1024
+    tile_overlap: int = 256
+    batch_size: int = 4
+    merge_iou: float = 0.5
+    merge_containment: float = 0.7
+    crop_size: int = 128
+    crop_margin: float = 0.1
+    background_value: int = 0
+    match_iou: float = 0.5
+    filters: FilterSettings = field(default_factory=FilterSettings)
+
+
+@dataclass
+class ImageCells:
+    """Result for one image.
+
+    Attributes
+    ----------
+    table
+        One row per detection (kept or not): ids, bbox and area in source px,
+        score, filter flags, ``kept``, truth columns when ``truth`` was given.
+    crops
+        Crops of the kept rows (same order as ``table[table.kept]``).
+    detections
+        All detections, working frame (``input_scale``), for drawing.
+    working_image
+        The image the detector saw (H*scale, W*scale, 3) uint8.
+    n_truth
+        Ground-truth cells in the image (None without truth).
+    """
+
+    table: pd.DataFrame
+    crops: Crops
+    detections: Detections
+    working_image: np.ndarray
+    n_truth: int | None = None
+
+
+def _scale_local(
+    masks: Sequence[np.ndarray], origins: np.ndarray, scale: float
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Resize local masks + origins by ``scale`` (nearest); identity at 1."""
+    if scale == 1.0:
+        return list(masks), np.asarray(origins)
+    out, org = [], []
+    for m, (x, y) in zip(masks, origins):
+        h, w = max(1, round(m.shape[0] * scale)), max(1, round(m.shape[1] * scale))
+        r = Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
+        out.append(np.asarray(r) > 127)
+        org.append((round(x * scale), round(y * scale)))
+    return out, np.asarray(org, np.int64).reshape(-1, 2)
+
+
+def segment_image(
+    detector: Detector,
+    image: np.ndarray,
+    name: str,
+    settings: SegmentSettings,
+    truth: ImageTruth | None = None,
+    id_prefix: str | None = None,
+) -> ImageCells:
+    """Detect, filter and crop the white cells of one (H, W, 3) uint8 image.
+
+    Parameters
+    ----------
+    detector
+        Tile detector (:class:`segmentation.inference.MaskRCNNDetector` or a fake).
+    name
+        Image name written to the ``image`` column.
+    truth
+        Ground-truth instances (source px) to match, or None.
+    id_prefix
+        Prefix of detection ids (default: ``name`` without suffix).
+    """
+    s = settings
+    scale = float(s.input_scale)
+    work = resize_image(image, scale)
+    h, w = work.shape[:2]
+    res = detect_image(
+        detector, work, s.tile_size, s.tile_overlap, s.batch_size, s.merge_iou, s.merge_containment
+    )
+    det = res.detections
+    # area thresholds are given in source px; the masks are in working px
+    f = s.filters
+    fw = replace(
+        f,
+        min_area=int(math.floor(f.min_area * scale * scale)),
+        max_area=None if f.max_area is None else int(math.ceil(f.max_area * scale * scale)),
+    )
+    filt: FilterResult = filter_detections(det, h, w, fw)
+    prefix = id_prefix or Path(name).stem
+    ids = [f"{prefix}_d{k:03d}" for k in range(len(det))]
+    table = pd.DataFrame(
+        {
+            "cell_id": ids,
+            "image": name,
+            "x0": det.boxes[:, 0] / scale,
+            "y0": det.boxes[:, 1] / scale,
+            "x1": det.boxes[:, 2] / scale,
+            "y1": det.boxes[:, 3] / scale,
+            "score": det.scores,
+            "area": np.round(filt.area / (scale * scale)).astype(np.int64),
+            "n_pieces": filt.n_pieces,
+            "max_overlap_iou": filt.max_overlap_iou,
+            "tile_fragment": det.cut,
+            **{k: filt.flags[k] for k in FLAGS},
+            "kept": filt.kept,
+        }
+    )
+    n_truth = None
+    if truth is not None:
+        n_truth = len(truth.masks)
+        tm, to = _scale_local(truth.masks, truth.origins, scale)
+        match = match_truth(det, tm, to, s.match_iou, candidates=~filt.flags["low_score"])
+        rec = [truth.records[i] if i >= 0 else {} for i in match.truth_index]
+        table["truth_cell_id"] = [str(r.get("cell_id", r.get("id", ""))) if r else "" for r in rec]
+        for key in TRUTH_FIELDS:
+            vals = [r.get(key) for r in rec]
+            if key in ("kind", "lineage"):
+                table[key] = ["" if v is None else str(v) for v in vals]
+            else:
+                table[key] = np.array([np.nan if v is None else float(v) for v in vals])
+        table["match_iou"] = match.iou
+    keep = np.nonzero(filt.kept)[0]
+    crops = extract_crops(work, det.select(keep), s.crop_size, s.background_value, s.crop_margin)
+    table["crop_scale"] = np.nan
+    table.loc[keep, "crop_scale"] = crops.scale * scale  # crop px per source px
+    return ImageCells(table, crops, det, work, n_truth)
+
+
+# ----------------------------------------------------------------------------
+# pictures for quick visual checks
+# ----------------------------------------------------------------------------
+
+
+def draw_overlay(cells: ImageCells, min_score: float) -> Image.Image:
+    """Working image with mask outlines and boxes: green kept, red dropped (score >= min_score)."""
+    img = cells.working_image.copy()
+    det, table = cells.detections, cells.table
+    h, w = img.shape[:2]
+    shown = [k for k in range(len(det)) if det.scores[k] >= min_score]
+    for k in shown:
+        m = det.masks[k]
+        if not m.any():
+            continue
+        edge = find_boundaries(np.pad(m, 1), mode="inner")[1:-1, 1:-1]
+        ys, xs = np.nonzero(edge)
+        ys, xs = ys + det.origins[k, 1], xs + det.origins[k, 0]
+        ok = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+        color = (0, 255, 0) if table.kept.iloc[k] else (255, 0, 0)
+        img[ys[ok], xs[ok]] = color
+    pil = Image.fromarray(img)
+    draw = ImageDraw.Draw(pil)
+    for k in shown:
+        kept = bool(table.kept.iloc[k])
+        color = (0, 200, 0) if kept else (230, 0, 0)
+        x0, y0, x1, y1 = det.boxes[k].tolist()
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=1)
+        why = "" if kept else ",".join(f[:6] for f in FLAGS if table[f].iloc[k])
+        draw.text((x0 + 2, y0 + 1), f"{det.scores[k]:.2f} {why}".strip(), fill=color)
+    return pil
+
+
+def contact_sheet(
+    crops: np.ndarray, labels: Sequence[str] | None = None, max_n: int = 64, pad: int = 2
+) -> Image.Image:
+    """Grid of up to ``max_n`` crops (evenly sampled), optional text label on each."""
+    n = len(crops)
+    s = crops.shape[1] if n else 32
+    idx = np.linspace(0, n - 1, min(n, max_n)).round().astype(int) if n else np.zeros(0, int)
+    cols = max(1, math.ceil(math.sqrt(len(idx))))
+    rows = max(1, math.ceil(len(idx) / cols))
+    sheet = Image.new("RGB", (cols * (s + pad) + pad, rows * (s + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, k in enumerate(idx):
+        x, y = pad + (i % cols) * (s + pad), pad + (i // cols) * (s + pad)
+        sheet.paste(Image.fromarray(crops[k]), (x, y))
+        if labels is not None:
+            draw.text((x + 2, y + 1), str(labels[k])[:18], fill=(255, 255, 0))
+    if not n:
+        draw.text((4, 4), "no cells", fill=(0, 0, 0))
+    return sheet

@@ -1,0 +1,276 @@
+"""Per-cell filters and fixed-size, background-free crops.
+
+:func:`filter_detections` flags every detection of one image (low score, too
+small/large, cut by the image border, overlapping another cell, mask in
+several pieces) and says which are kept; :func:`extract_crops` cuts a square
+window centred on each kept cell, resizes it to ``crop_size`` when the cell is
+larger, and paints everything outside the instance mask with
+``background_value``. :func:`match_truth` pairs detections with ground-truth
+masks (mask IoU, Hungarian).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from scipy.optimize import linear_sum_assignment
+from skimage.measure import label
+
+from segmentation.inference import Detections, mask_iou_matrix
+
+FLAGS = ("low_score", "too_small", "too_large", "at_border", "overlapping", "multi_piece")
+
+
+@dataclass
+class FilterSettings:
+    """Which detections become cells. Every threshold is in the frame the masks are in."""
+
+    score_threshold: float = 0.5
+    min_area: int = 0  # px
+    max_area: int | None = None  # px
+    drop_border: bool = True
+    border_margin: int = 1  # px
+    max_overlap_iou: float | None = 0.2  # None: never drop for overlap
+    drop_multi_piece: bool = True
+    min_piece_area: int = 10  # px; smaller components are specks, not pieces
+
+
+@dataclass
+class FilterResult:
+    """Flags of one image's detections; each array is (N,).
+
+    ``flags[name]`` is True when the detection fails that test (computed for
+    every detection, whether or not the filter is enabled); ``kept`` is the
+    AND of the enabled filters.
+    """
+
+    flags: dict[str, np.ndarray]
+    kept: np.ndarray
+    area: np.ndarray  # mask px
+    n_pieces: np.ndarray
+    max_overlap_iou: np.ndarray  # highest mask IoU with another scored detection
+
+
+def count_pieces(mask: np.ndarray, min_piece_area: int = 1) -> int:
+    """Connected components (8-connectivity) with at least ``min_piece_area`` px."""
+    if not mask.any():
+        return 0
+    lab = label(mask, connectivity=2)
+    sizes = np.bincount(lab.ravel())[1:]
+    return int((sizes >= max(1, min_piece_area)).sum())
+
+
+def filter_detections(
+    det: Detections, height: int, width: int, settings: FilterSettings
+) -> FilterResult:
+    """Flag the detections of one image (H x W px frame) and decide which are kept.
+
+    The overlap test compares only detections that pass the score threshold,
+    so low-score noise never removes a confident cell; both cells of an
+    overlapping pair are flagged (neither crop would be clean).
+    """
+    n = len(det)
+    s = settings
+    area = det.areas()
+    n_pieces = np.array([count_pieces(m, s.min_piece_area) for m in det.masks], np.int64)
+    scored = det.scores >= s.score_threshold
+    idx = np.nonzero(scored)[0]
+    iou = mask_iou_matrix(
+        [det.masks[i] for i in idx], det.origins[idx], [det.masks[i] for i in idx], det.origins[idx]
+    )
+    np.fill_diagonal(iou, 0.0)
+    max_iou = np.zeros(n, np.float64)
+    if len(idx):
+        max_iou[idx] = iou.max(axis=1)
+    at_border = np.zeros(n, bool)
+    for k, (m, (ox, oy)) in enumerate(zip(det.masks, det.origins)):
+        if not m.any():
+            continue
+        ys, xs = np.nonzero(m)
+        at_border[k] = (
+            ox + xs.min() <= s.border_margin - 1
+            or oy + ys.min() <= s.border_margin - 1
+            or ox + xs.max() >= width - s.border_margin
+            or oy + ys.max() >= height - s.border_margin
+        )
+    flags = {
+        "low_score": ~scored,
+        "too_small": area < s.min_area,
+        "too_large": area > s.max_area if s.max_area is not None else np.zeros(n, bool),
+        "at_border": at_border,
+        "overlapping": max_iou > s.max_overlap_iou
+        if s.max_overlap_iou is not None
+        else np.zeros(n, bool),
+        "multi_piece": n_pieces != 1,
+    }
+    enabled = {
+        "low_score": True,
+        "too_small": True,
+        "too_large": True,
+        "at_border": s.drop_border,
+        "overlapping": s.max_overlap_iou is not None,
+        "multi_piece": s.drop_multi_piece,
+    }
+    kept = np.ones(n, bool)
+    for name, on in enabled.items():
+        if on:
+            kept &= ~flags[name]
+    kept &= area > 0  # an empty mask is never a cell
+    return FilterResult(flags, kept, area, n_pieces, max_iou)
+
+
+@dataclass
+class Crops:
+    """Crops of the kept cells of one image.
+
+    Attributes
+    ----------
+    images
+        (N, S, S, 3) uint8, outside the mask = ``background_value``.
+    masks
+        (N, S, S) bool instance masks.
+    scale
+        (N,) crop px per image px (1.0 unless the cell was larger than the crop).
+    centers
+        (N, 2) float ``(x, y)`` crop centre in image px.
+    """
+
+    images: np.ndarray
+    masks: np.ndarray
+    scale: np.ndarray
+    centers: np.ndarray
+
+
+def _window_with_pad(image: np.ndarray, x0: int, y0: int, side: int, fill: int) -> np.ndarray:
+    """(side, side, C) window of ``image`` at (x0, y0); outside the image = ``fill``."""
+    h, w = image.shape[:2]
+    out = np.full((side, side, *image.shape[2:]), fill, dtype=image.dtype)
+    ax0, ay0, ax1, ay1 = max(x0, 0), max(y0, 0), min(x0 + side, w), min(y0 + side, h)
+    if ax1 > ax0 and ay1 > ay0:
+        out[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0] = image[ay0:ay1, ax0:ax1]
+    return out
+
+
+def extract_crop(
+    image: np.ndarray,
+    mask: np.ndarray,
+    origin: Sequence[int],
+    crop_size: int,
+    background_value: int = 0,
+    margin: float = 0.1,
+) -> tuple[np.ndarray, np.ndarray, float, tuple[float, float]]:
+    """One square crop centred on a cell.
+
+    Parameters
+    ----------
+    image
+        (H, W, 3) uint8.
+    mask
+        (h, w) bool local mask, top-left at ``origin = (x, y)`` in image px.
+    crop_size
+        Output side S, px.
+    background_value
+        Value of every channel outside the mask.
+    margin
+        A cell whose side plus ``margin`` of it on each side exceeds S is
+        taken in a larger window that is then resized down to S.
+
+    Returns
+    -------
+    crop, crop_mask, scale, center
+        (S, S, 3) uint8, (S, S) bool, crop px per image px, ``(x, y)`` centre.
+    """
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        raise ValueError("extract_crop: empty mask")
+    mx0, mx1 = origin[0] + xs.min(), origin[0] + xs.max() + 1
+    my0, my1 = origin[1] + ys.min(), origin[1] + ys.max() + 1
+    cx, cy = (mx0 + mx1) / 2.0, (my0 + my1) / 2.0
+    extent = max(mx1 - mx0, my1 - my0)
+    side = max(crop_size, math.ceil(extent * (1.0 + 2.0 * margin)))
+    wx0, wy0 = int(math.floor(cx - side / 2.0)), int(math.floor(cy - side / 2.0))
+    win = _window_with_pad(image, wx0, wy0, side, background_value)
+    # local mask into the window frame
+    wmask = np.zeros((side, side), bool)
+    ox, oy = origin[0] - wx0, origin[1] - wy0
+    h, w = mask.shape
+    ax0, ay0, ax1, ay1 = max(ox, 0), max(oy, 0), min(ox + w, side), min(oy + h, side)
+    wmask[ay0:ay1, ax0:ax1] = mask[ay0 - oy : ay1 - oy, ax0 - ox : ax1 - ox]
+    scale = crop_size / side
+    if side != crop_size:
+        # resize the real pixels (neighbours included) so the cell edge never blends
+        # with the background value, then cut with the resized mask
+        win = np.asarray(Image.fromarray(win).resize((crop_size, crop_size), Image.Resampling.BOX))
+        fm = Image.fromarray(wmask.astype(np.float32)).resize(
+            (crop_size, crop_size), Image.Resampling.BILINEAR
+        )
+        wmask = np.asarray(fm) >= 0.5
+    crop = win.copy()
+    crop[~wmask] = background_value
+    return crop, wmask, scale, (cx, cy)
+
+
+def extract_crops(
+    image: np.ndarray,
+    det: Detections,
+    crop_size: int,
+    background_value: int = 0,
+    margin: float = 0.1,
+) -> Crops:
+    """Crops of every detection in ``det`` (select the kept ones first)."""
+    n = len(det)
+    imgs = np.zeros((n, crop_size, crop_size, 3), np.uint8)
+    masks = np.zeros((n, crop_size, crop_size), bool)
+    scale = np.ones(n, np.float32)
+    centers = np.zeros((n, 2), np.float32)
+    for k in range(n):
+        imgs[k], masks[k], scale[k], centers[k] = extract_crop(
+            image, det.masks[k], det.origins[k], crop_size, background_value, margin
+        )
+    return Crops(imgs, masks, scale, centers)
+
+
+@dataclass
+class TruthMatch:
+    """Detection -> ground-truth assignment of one image.
+
+    ``truth_index[k]`` is the matched ground-truth index of detection ``k``
+    or -1; ``iou[k]`` its mask IoU (0 when unmatched).
+    """
+
+    truth_index: np.ndarray
+    iou: np.ndarray
+
+
+def match_truth(
+    det: Detections,
+    truth_masks: Sequence[np.ndarray],
+    truth_origins: np.ndarray,
+    min_iou: float = 0.5,
+    candidates: np.ndarray | None = None,
+) -> TruthMatch:
+    """One-to-one matching by mask IoU (Hungarian on IoU, pairs below ``min_iou`` dropped).
+
+    Parameters
+    ----------
+    candidates
+        (N,) bool: detections allowed to match (e.g. score >= threshold); all if None.
+    """
+    n = len(det)
+    out = TruthMatch(np.full(n, -1, np.int64), np.zeros(n, np.float64))
+    idx = np.arange(n) if candidates is None else np.nonzero(candidates)[0]
+    if not len(idx) or not len(truth_masks):
+        return out
+    iou = mask_iou_matrix(
+        [det.masks[i] for i in idx], det.origins[idx], truth_masks, np.asarray(truth_origins)
+    )
+    rows, cols = linear_sum_assignment(-iou)
+    for r, c in zip(rows, cols):
+        if iou[r, c] >= min_iou:
+            out.truth_index[idx[r]] = c
+            out.iou[idx[r]] = iou[r, c]
+    return out

@@ -1,0 +1,552 @@
+"""Tiled Mask R-CNN inference over images of any size, in bounded memory.
+
+An image is cut into square tiles that overlap (:func:`tile_grid`), tiles go
+through the detector in batches, and the detections are mapped back to the
+image frame and merged (:func:`merge_tiles`) so that a cell straddling a tile
+border is reported once. Masks stay *local*: each detection keeps a boolean
+array covering only its own box plus its top-left origin, never an
+image-sized mask, so a 4000x3000 slide with hundreds of cells needs memory
+for one batch of tiles plus the cells themselves.
+
+A detector is any callable ``tiles -> list[Detections]`` (one per tile, tile
+frame); :class:`MaskRCNNDetector` wraps a torchvision Mask R-CNN, and the
+tests pass a fake one that returns known masks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
+# ----------------------------------------------------------------------------
+# containers
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Detections:
+    """Instances in one frame (a tile or a whole image), masks stored locally.
+
+    Attributes
+    ----------
+    boxes
+        (N, 4) float32, ``x0, y0, x1, y1`` px (x1/y1 exclusive).
+    scores
+        (N,) float32 in [0, 1].
+    masks
+        N bool arrays; ``masks[k]`` has shape (h_k, w_k) and covers rows
+        ``origins[k, 1] : origins[k, 1] + h_k`` and the matching columns.
+    origins
+        (N, 2) int64 ``(x, y)`` of each mask's top-left px in this frame.
+    cut
+        (N,) bool: the mask touches a tile edge that lies inside the image
+        (the cell may continue in the next tile). Set by :func:`merge_tiles`.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    masks: list[np.ndarray]
+    origins: np.ndarray
+    cut: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+
+    def __post_init__(self) -> None:
+        n = len(self.masks)
+        self.boxes = np.asarray(self.boxes, np.float32).reshape(n, 4)
+        self.scores = np.asarray(self.scores, np.float32).reshape(n)
+        self.origins = np.asarray(self.origins, np.int64).reshape(n, 2)
+        if len(self.cut) != n:
+            self.cut = np.zeros(n, bool)
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls(np.zeros((0, 4)), np.zeros(0), [], np.zeros((0, 2)))
+
+    @classmethod
+    def from_masks(cls, masks: Sequence[np.ndarray], scores: Sequence[float]) -> Detections:
+        """Build from full-frame (H, W) bool masks (tests and small images)."""
+        boxes, locs, origins = [], [], []
+        for m in masks:
+            ys, xs = np.nonzero(m)
+            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+            boxes.append([x0, y0, x1, y1])
+            locs.append(np.asarray(m[y0:y1, x0:x1], bool))
+            origins.append([x0, y0])
+        return cls(np.array(boxes), np.array(scores), locs, np.array(origins))
+
+    def select(self, keep: np.ndarray | Sequence[int]) -> Detections:
+        keep = np.asarray(keep, np.int64).reshape(-1)
+        return Detections(
+            self.boxes[keep],
+            self.scores[keep],
+            [self.masks[i] for i in keep],
+            self.origins[keep],
+            self.cut[keep],
+        )
+
+    def shifted(self, dx: int, dy: int) -> Detections:
+        off = np.array([dx, dy, dx, dy], np.float32)
+        return Detections(
+            self.boxes + off,
+            self.scores,
+            self.masks,
+            self.origins + np.array([dx, dy]),
+            self.cut,
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[Detections]) -> Detections:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Detections.empty()
+        return Detections(
+            np.concatenate([p.boxes for p in parts]),
+            np.concatenate([p.scores for p in parts]),
+            [m for p in parts for m in p.masks],
+            np.concatenate([p.origins for p in parts]),
+            np.concatenate([p.cut for p in parts]),
+        )
+
+    def areas(self) -> np.ndarray:
+        """(N,) int64 mask px."""
+        return np.array([int(m.sum()) for m in self.masks], np.int64)
+
+    def mask_boxes(self) -> np.ndarray:
+        """(N, 4) int64 ``x0, y0, x1, y1`` of the mask arrays (not the tight mask)."""
+        if not len(self):
+            return np.zeros((0, 4), np.int64)
+        hw = np.array([m.shape for m in self.masks], np.int64)  # (N, 2) = (h, w)
+        return np.concatenate([self.origins, self.origins + hw[:, ::-1]], axis=1)
+
+    def full_mask(self, k: int, height: int, width: int) -> np.ndarray:
+        """(height, width) bool mask of detection ``k`` (for drawing and tests only)."""
+        out = np.zeros((height, width), bool)
+        x0, y0 = self.origins[k]
+        m = self.masks[k]
+        ys, xs = (
+            slice(max(y0, 0), min(y0 + m.shape[0], height)),
+            slice(max(x0, 0), min(x0 + m.shape[1], width)),
+        )
+        out[ys, xs] = m[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
+        return out
+
+
+# ----------------------------------------------------------------------------
+# mask geometry on local masks
+# ----------------------------------------------------------------------------
+
+
+def local_overlap(
+    m1: np.ndarray, o1: Sequence[int], m2: np.ndarray, o2: Sequence[int]
+) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+    """Overlap of two local masks: (intersection px, m1 and m2 cut to the shared rectangle)."""
+    x0, y0 = max(o1[0], o2[0]), max(o1[1], o2[1])
+    x1 = min(o1[0] + m1.shape[1], o2[0] + m2.shape[1])
+    y1 = min(o1[1] + m1.shape[0], o2[1] + m2.shape[0])
+    if x1 <= x0 or y1 <= y0:
+        return 0, None, None
+    a = m1[y0 - o1[1] : y1 - o1[1], x0 - o1[0] : x1 - o1[0]]
+    b = m2[y0 - o2[1] : y1 - o2[1], x0 - o2[0] : x1 - o2[0]]
+    return int(np.logical_and(a, b).sum()), a, b
+
+
+def mask_iou_matrix(
+    a_masks: Sequence[np.ndarray],
+    a_origins: np.ndarray,
+    b_masks: Sequence[np.ndarray],
+    b_origins: np.ndarray,
+) -> np.ndarray:
+    """(Na, Nb) mask IoU between two sets of local masks (0 where boxes are disjoint)."""
+    out = np.zeros((len(a_masks), len(b_masks)), np.float64)
+    if not len(a_masks) or not len(b_masks):
+        return out
+    a_area = np.array([m.sum() for m in a_masks], np.float64)
+    b_area = np.array([m.sum() for m in b_masks], np.float64)
+    for i, (ma, oa) in enumerate(zip(a_masks, a_origins)):
+        for j, (mb, ob) in enumerate(zip(b_masks, b_origins)):
+            inter, _, _ = local_overlap(ma, oa, mb, ob)
+            if inter:
+                out[i, j] = inter / (a_area[i] + b_area[j] - inter)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# tiling and merging
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A window ``[x0, x1) x [y0, y1)`` of the image (px)."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+
+def _starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    n = math.ceil((length - tile) / stride) + 1
+    # spread the tiles evenly: the last one ends exactly at the border
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def tile_grid(height: int, width: int, tile_size: int, overlap: int) -> list[Tile]:
+    """Overlapping square tiles covering an image; all tiles the same size.
+
+    Tiles are ``tile_size`` px (or the image side, if smaller), evenly spaced
+    so that neighbours overlap by at least ``overlap`` px and the last tile
+    ends at the border (no thin edge tiles).
+
+    Raises
+    ------
+    ValueError
+        If ``overlap`` is not in ``[0, tile_size)``.
+    """
+    if tile_size <= 0 or not 0 <= overlap < tile_size:
+        raise ValueError(f"tile_size={tile_size}, tile_overlap={overlap}: need 0 <= overlap < size")
+    th, tw = min(tile_size, height), min(tile_size, width)
+    return [
+        Tile(x, y, x + tw, y + th)
+        for y in _starts(height, tile_size, overlap)
+        for x in _starts(width, tile_size, overlap)
+    ]
+
+
+def _cut_flags(det: Detections, tile: Tile, height: int, width: int, margin: int) -> np.ndarray:
+    """(N,) bool: mask reaches a tile edge that is not an image border (tile frame)."""
+    cut = np.zeros(len(det), bool)
+    tw, th = tile.x1 - tile.x0, tile.y1 - tile.y0
+    inner = (tile.x0 > 0, tile.y0 > 0, tile.x1 < width, tile.y1 < height)
+    for k, (m, (ox, oy)) in enumerate(zip(det.masks, det.origins)):
+        if not m.any():
+            continue
+        ys, xs = np.nonzero(m)
+        mx0, my0, mx1, my1 = ox + xs.min(), oy + ys.min(), ox + xs.max() + 1, oy + ys.max() + 1
+        cut[k] = (
+            (inner[0] and mx0 <= margin)
+            or (inner[1] and my0 <= margin)
+            or (inner[2] and mx1 >= tw - margin)
+            or (inner[3] and my1 >= th - margin)
+        )
+    return cut
+
+
+def merge_tiles(
+    per_tile: Sequence[Detections],
+    tiles: Sequence[Tile],
+    height: int,
+    width: int,
+    merge_iou: float = 0.5,
+    containment: float = 0.7,
+    edge_margin: int = 2,
+) -> Detections:
+    """Map tile detections to the image frame and keep each cell once.
+
+    1. Detections whose mask reaches an inner tile edge are marked ``cut``:
+       the cell may continue outside that tile.
+    2. Global NMS (``torchvision.ops.nms``, box IoU > ``merge_iou``) where
+       uncut detections outrank cut ones, then score: a cell seen whole in
+       one tile and cut in another keeps the whole one.
+    3. A cut detection lying mostly inside a kept one (intersection over its
+       own mask area >= ``containment``) is a fragment of it and is dropped.
+    4. Cut fragments left (a cell wider than the overlap is cut in every
+       tile) are joined when their masks agree on the tiles' shared area.
+
+    Parameters
+    ----------
+    per_tile
+        Detections of each tile, in tile px.
+    tiles
+        The tiles (same order).
+    height, width
+        Image size, px.
+
+    Returns
+    -------
+    Detections
+        Image frame, sorted by descending score; ``cut`` is True only for a
+        joined or lone fragment (a cell the tiling could not see whole).
+    """
+    shifted = []
+    for det, t in zip(per_tile, tiles):
+        d = det.shifted(t.x0, t.y0)
+        d.cut = _cut_flags(det, t, height, width, edge_margin)
+        shifted.append(d)
+    tile_of = np.concatenate(
+        [np.full(len(d), i) for i, d in enumerate(shifted)] or [np.zeros(0, int)]
+    ).astype(int)
+    det = Detections.concat(shifted)
+    if not len(det):
+        return det
+    # 2. NMS with whole (uncut) detections ranked above fragments
+    rank = torch.as_tensor(det.scores + (~det.cut) * 2.0, dtype=torch.float32)
+    keep = torchvision.ops.nms(torch.as_tensor(det.boxes), rank, merge_iou).numpy()
+    det, tile_of = det.select(keep), tile_of[keep]
+    # 3. fragments inside something better
+    areas = det.areas()
+    order = np.argsort(-(det.scores + (~det.cut) * 2.0), kind="stable")
+    kept: list[int] = []
+    for i in order:
+        drop = False
+        if det.cut[i] and areas[i] > 0:
+            for j in kept:
+                inter, _, _ = local_overlap(
+                    det.masks[i], det.origins[i], det.masks[j], det.origins[j]
+                )
+                if inter / areas[i] >= containment:
+                    drop = True
+                    break
+        if not drop:
+            kept.append(i)
+    det, tile_of = det.select(kept), tile_of[kept]
+    # 4. join fragments of one cell from different tiles
+    det = _join_fragments(det, tile_of, tiles)
+    order = np.argsort(-det.scores, kind="stable")
+    return det.select(order)
+
+
+def _join_fragments(det: Detections, tile_of: np.ndarray, tiles: Sequence[Tile]) -> Detections:
+    frag = [i for i in range(len(det)) if det.cut[i]]
+    if len(frag) < 2:
+        return det
+    parent = {i: i for i in frag}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for a_i, i in enumerate(frag):
+        for j in frag[a_i + 1 :]:
+            if tile_of[i] == tile_of[j]:
+                continue
+            ti, tj = tiles[tile_of[i]], tiles[tile_of[j]]
+            # compare the masks only where both tiles saw the image
+            sx0, sy0 = max(ti.x0, tj.x0), max(ti.y0, tj.y0)
+            sx1, sy1 = min(ti.x1, tj.x1), min(ti.y1, tj.y1)
+            if sx1 <= sx0 or sy1 <= sy0:
+                continue
+            a = _window(det.masks[i], det.origins[i], sx0, sy0, sx1, sy1)
+            b = _window(det.masks[j], det.origins[j], sx0, sy0, sx1, sy1)
+            union = np.logical_or(a, b).sum()
+            if union and np.logical_and(a, b).sum() / union >= 0.5:
+                parent[find(j)] = find(i)
+    groups: dict[int, list[int]] = {}
+    for i in frag:
+        groups.setdefault(find(i), []).append(i)
+    keep = [i for i in range(len(det)) if not det.cut[i]]
+    out = [det.select(keep)]
+    for members in groups.values():
+        if len(members) == 1:
+            out.append(det.select(members))
+            continue
+        mb = det.select(members).mask_boxes()
+        x0, y0, x1, y1 = mb[:, 0].min(), mb[:, 1].min(), mb[:, 2].max(), mb[:, 3].max()
+        m = np.zeros((y1 - y0, x1 - x0), bool)
+        for k in members:
+            ox, oy = det.origins[k]
+            h, w = det.masks[k].shape
+            m[oy - y0 : oy - y0 + h, ox - x0 : ox - x0 + w] |= det.masks[k]
+        box = np.array(
+            [det.boxes[members, 0].min(), det.boxes[members, 1].min()]
+            + [det.boxes[members, 2].max(), det.boxes[members, 3].max()]
+        )
+        out.append(
+            Detections(box[None], [det.scores[members].max()], [m], [[x0, y0]], np.array([True]))
+        )
+    return Detections.concat(out)
+
+
+def _window(m: np.ndarray, o: Sequence[int], x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """(y1-y0, x1-x0) bool: local mask ``m`` at origin ``o`` seen through a window."""
+    out = np.zeros((y1 - y0, x1 - x0), bool)
+    ax0, ay0 = max(x0, o[0]), max(y0, o[1])
+    ax1, ay1 = min(x1, o[0] + m.shape[1]), min(y1, o[1] + m.shape[0])
+    if ax1 > ax0 and ay1 > ay0:
+        out[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0] = m[
+            ay0 - o[1] : ay1 - o[1], ax0 - o[0] : ax1 - o[0]
+        ]
+    return out
+
+
+# ----------------------------------------------------------------------------
+# the detector
+# ----------------------------------------------------------------------------
+
+Detector = Callable[[list[np.ndarray]], list[Detections]]
+
+
+def paste_local_masks(
+    probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Mask R-CNN's (K, M, M) box-frame mask probabilities -> local bool masks.
+
+    Same geometry as torchvision's ``paste_masks_in_image`` (1 px padding,
+    bilinear), but each mask is pasted only into its own clipped box.
+
+    Returns
+    -------
+    masks, origins
+        K bool arrays and (K, 2) int64 ``(x, y)`` origins in the image frame.
+    """
+    if probs.shape[0] == 0:
+        return [], np.zeros((0, 2), np.int64)
+    padded, scale = expand_masks(probs[:, None], padding=1)  # (K, 1, M+2, M+2)
+    eboxes = expand_boxes(boxes, scale).to(torch.int64).tolist()
+    masks, origins = [], []
+    for p, (bx0, by0, bx1, by1) in zip(padded, eboxes):
+        w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
+        m = F.interpolate(p[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        x0, y0 = max(bx0, 0), max(by0, 0)
+        x1, y1 = min(bx0 + w, width), min(by0 + h, height)
+        if x1 <= x0 or y1 <= y0:
+            masks.append(np.zeros((1, 1), bool))
+            origins.append((min(max(bx0, 0), width - 1), min(max(by0, 0), height - 1)))
+            continue
+        local = m[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] > threshold
+        masks.append(local.cpu().numpy())
+        origins.append((x0, y0))
+    return masks, np.asarray(origins, np.int64).reshape(-1, 2)
+
+
+class MaskRCNNDetector:
+    """Callable detector around a torchvision Mask R-CNN (eval mode, no resize).
+
+    The network sees each tile at its own pixel size (the model's internal
+    resize is set to scale 1), so cells keep the px size chosen by the
+    caller's ``input_scale``. Masks are pasted locally (no full-tile masks).
+
+    Parameters
+    ----------
+    model
+        ``torchvision.models.detection.MaskRCNN``.
+    device
+        Where to run.
+    score_floor
+        Box-head score threshold: lower detections are discarded in the model.
+    mask_threshold
+        Probability that turns a mask pixel on.
+    max_detections
+        Per tile.
+    rpn_post_nms_top_n
+        Proposals per tile passed to the box head (torchvision: 1000).
+    autocast
+        Context manager factory (e.g. ``DistInfo.autocast``) or ``None``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device | str = "cpu",
+        score_floor: float = 0.05,
+        mask_threshold: float = 0.5,
+        max_detections: int = 100,
+        rpn_post_nms_top_n: int | None = None,
+        autocast: Callable[[], object] | None = None,
+    ):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        rh = self.model.roi_heads
+        rh.score_thresh = float(score_floor)
+        rh.detections_per_img = int(max_detections)
+        if rpn_post_nms_top_n:
+            rpn = self.model.rpn
+            rpn._post_nms_top_n["testing"] = int(rpn_post_nms_top_n)
+            rpn._pre_nms_top_n["testing"] = max(
+                rpn._pre_nms_top_n["testing"] // 1, int(rpn_post_nms_top_n)
+            )
+        self.mask_threshold = float(mask_threshold)
+        self.autocast = autocast
+
+    @torch.inference_mode()
+    def __call__(self, tiles: list[np.ndarray]) -> list[Detections]:
+        """Detect in a batch of (h, w, 3) uint8 tiles of one size. Returns tile-frame Detections."""
+        if not tiles:
+            return []
+        m = self.model
+        h, w = tiles[0].shape[:2]
+        # (h, w, 3) uint8 -> (3, h, w) float in [0, 1]
+        batch = [
+            torch.from_numpy(t).to(self.device).permute(2, 0, 1).float().div_(255.0) for t in tiles
+        ]
+        # scale 1 in GeneralizedRCNNTransform: min_size = max_size = longest side
+        m.transform.min_size = (max(h, w),)
+        m.transform.max_size = max(h, w)
+        ctx = self.autocast() if self.autocast else torch.autocast("cpu", enabled=False)
+        with ctx:
+            images, _ = m.transform(batch)
+            features = m.backbone(images.tensors)
+            proposals, _ = m.rpn(images, features)
+            dets, _ = m.roi_heads(features, proposals, images.image_sizes)
+        out = []
+        for d, (ih, iw) in zip(dets, images.image_sizes):
+            boxes = d["boxes"].float()
+            if (ih, iw) != (h, w):  # defensive: map back if the transform resized anyway
+                boxes = boxes * torch.tensor([w / iw, h / ih, w / iw, h / ih], device=boxes.device)
+            masks, origins = paste_local_masks(
+                d["masks"][:, 0].float(), boxes, h, w, self.mask_threshold
+            )
+            out.append(
+                Detections(boxes.cpu().numpy(), d["scores"].float().cpu().numpy(), masks, origins)
+            )
+        return out
+
+
+@dataclass
+class ImageDetections:
+    """Detections of one whole image plus how they were obtained."""
+
+    detections: Detections
+    n_tiles: int
+    scale: float  # working px per source px
+
+
+def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
+    """(H, W, 3) uint8 resized by ``scale`` (antialiased); unchanged when scale == 1."""
+    if scale == 1.0:
+        return image
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+
+def detect_image(
+    detector: Detector,
+    image: np.ndarray,
+    tile_size: int = 1024,
+    overlap: int = 256,
+    batch_size: int = 4,
+    merge_iou: float = 0.5,
+    containment: float = 0.7,
+) -> ImageDetections:
+    """Tiled detection on one (H, W, 3) uint8 image (already at working scale).
+
+    Returns
+    -------
+    ImageDetections
+        Detections in the frame of ``image``, each cell once.
+    """
+    h, w = image.shape[:2]
+    tiles = tile_grid(h, w, tile_size, overlap)
+    per_tile: list[Detections] = []
+    for i in range(0, len(tiles), max(1, batch_size)):
+        chunk = tiles[i : i + max(1, batch_size)]
+        crops = [np.ascontiguousarray(image[t.y0 : t.y1, t.x0 : t.x1]) for t in chunk]
+        per_tile.extend(detector(crops))
+    det = merge_tiles(per_tile, tiles, h, w, merge_iou=merge_iou, containment=containment)
+    return ImageDetections(det, len(tiles), 1.0)

@@ -1,0 +1,147 @@
+"""Robust image reading for inference: any file in, RGB uint8 out, or a reason why not.
+
+A smear folder in the wild holds surprises: truncated JPEGs, grayscale scans,
+RGBA screenshots, 16-bit microscope PNG/TIFF. :func:`read_rgb` never raises on
+such a file; it returns an :class:`ImageRead` whose ``image`` is ``None`` (and
+``reason`` says why) or an RGB uint8 array (with ``converted`` naming every
+conversion made), so the caller can list it in a rejects table and go on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class ImageRead:
+    """Result of :func:`read_rgb`.
+
+    Attributes
+    ----------
+    path
+        The file read.
+    image
+        (H, W, 3) uint8 RGB, or ``None`` when the file was rejected.
+    converted
+        Conversions applied, e.g. ``["grayscale->rgb", "16bit->8bit"]``.
+    reason
+        Why the file was rejected (``image is None``), else ``""``.
+    """
+
+    path: Path
+    image: np.ndarray | None
+    converted: list[str] = field(default_factory=list)
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.image is not None
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly inside ``folder`` (sorted by name)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder of images")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _to_uint8(a: np.ndarray, converted: list[str]) -> np.ndarray:
+    """Rescale any integer/float array to uint8 (16-bit: divide by 257; float: [0, 1])."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        converted.append("bool->8bit")
+        return a.astype(np.uint8) * 255
+    if np.issubdtype(a.dtype, np.integer):
+        info = np.iinfo(a.dtype)
+        if a.dtype in (np.uint16, np.int32, np.int16) and int(a.max(initial=0)) > 255:
+            converted.append("16bit->8bit")
+            # full-range 16-bit: 65535 -> 255; keep the relative stain intensities
+            top = 65535.0 if info.max >= 65535 and int(a.max()) > 4095 else float(a.max())
+            return np.clip(a.astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        converted.append(f"{a.dtype}->8bit")
+        return np.clip(a, 0, 255).astype(np.uint8)
+    converted.append("float->8bit")
+    a = np.nan_to_num(a.astype(np.float64))
+    if a.max(initial=0.0) > 1.0:
+        a = a / 255.0
+    return np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _decode(path: Path) -> np.ndarray:
+    """Decode with imageio (keeps 16-bit RGB), falling back to Pillow."""
+    try:
+        import imageio.v3 as iio
+
+        return np.asarray(iio.imread(path))
+    except Exception:  # noqa: BLE001 - try the other decoder before giving up
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.load()
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            return np.asarray(im)
+
+
+def read_rgb(
+    path: str | Path, convert: bool = True, min_side: int = 8, background: int = 255
+) -> ImageRead:
+    """Read any image as (H, W, 3) uint8 RGB, or say why it cannot be used.
+
+    Parameters
+    ----------
+    path
+        Image file.
+    convert
+        Convert grayscale, RGBA/LA, 16-bit and float images to RGB uint8. With
+        ``False`` such images are rejected instead (reason names the format).
+    min_side
+        Images smaller than this (px) in either dimension are rejected.
+    background
+        Grey level an alpha channel is composited onto (255: white slide).
+
+    Returns
+    -------
+    ImageRead
+        Never raises for a bad file; a missing file is also a reject.
+    """
+    path = Path(path)
+    converted: list[str] = []
+    try:
+        a = _decode(path)
+    except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        return ImageRead(path, None, [], f"unreadable: {msg}")
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 2:
+        if not convert:
+            return ImageRead(path, None, [], f"grayscale image ({a.dtype}); convert_images=false")
+        converted.append("grayscale->rgb")
+        a = np.stack([a, a, a], axis=-1)
+    if a.ndim != 3 or a.shape[-1] not in (2, 3, 4):
+        return ImageRead(path, None, [], f"unsupported array shape {tuple(a.shape)}")
+    if a.shape[-1] == 2:  # gray + alpha
+        a = np.concatenate([a[..., :1]] * 3 + [a[..., 1:]], axis=-1)
+        converted.append("grayscale->rgb")
+    if a.dtype != np.uint8 and not convert:
+        return ImageRead(path, None, [], f"{a.dtype} image; convert_images=false")
+    if a.shape[-1] == 4:
+        if not convert:
+            return ImageRead(path, None, [], "RGBA image; convert_images=false")
+        alpha = _to_uint8(a[..., 3], []).astype(np.float32)[..., None] / 255.0
+        rgb = _to_uint8(a[..., :3], converted).astype(np.float32)
+        a = (rgb * alpha + background * (1.0 - alpha) + 0.5).astype(np.uint8)
+        converted.append("rgba->rgb")
+    else:
+        a = _to_uint8(a, converted)
+    if min(a.shape[:2]) < min_side:
+        return ImageRead(path, None, converted, f"too small: {a.shape[1]}x{a.shape[0]} px")
+    return ImageRead(path, np.ascontiguousarray(a), converted, "")
