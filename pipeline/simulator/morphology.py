@@ -1,0 +1,236 @@
+"""White-cell kinds and their morphology as a function of (kind, maturation t).
+
+The neutrophil lineage is one continuous axis ``t`` in [0, 1]; the six
+classical stage names are equal-width bins of ``t`` (:func:`stage_of`).
+Every visual property of a simulated cell comes from :func:`morphology`, a
+deterministic function of ``(kind, t)`` (plus the mature-neutrophil diameter
+that sets the scale), so maturation can be read back from the pixels:
+
+=====================  ==========================================================
+property               along t (myeloblast -> segmented neutrophil)
+=====================  ==========================================================
+diameter               shrinks linearly, 1.5x -> 1.0x ``mature_diameter``
+nucleus area fraction  0.72 -> 0.36 of the cell area
+nucleus shape          round -> oval/eccentric -> kidney -> band (horseshoe)
+                       -> 2..5 separate lobes (more lobes for larger t)
+chromatin              pale, fine, with nucleoli -> dark, clumped
+cytoplasm              basophilic blue -> pale pink/lilac
+azurophilic granules   large, dark purple; Gaussian peak at the promyelocyte
+specific granules      fine, lilac; sigmoid rise from the myelocyte on
+=====================  ==========================================================
+
+Lymphocytes, monocytes and eosinophils have fixed morphologies (``t`` is NaN).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+LINEAGE_KINDS = (
+    "myeloblast",
+    "promyelocyte",
+    "myelocyte",
+    "metamyelocyte",
+    "band",
+    "segmented_neutrophil",
+)
+OTHER_KINDS = ("lymphocyte", "monocyte", "eosinophil")
+KINDS = LINEAGE_KINDS + OTHER_KINDS
+# kind_weights keys: the lineage as a whole, then the other kinds
+KIND_GROUPS = ("neutrophil_lineage",) + OTHER_KINDS
+
+# t bin edges of the six lineage stages (equal width)
+STAGE_EDGES = np.linspace(0.0, 1.0, len(LINEAGE_KINDS) + 1)
+
+# largest cell relative to mature_diameter (myeloblast 1.5x, +5% size jitter)
+MAX_DIAMETER_FACTOR = 1.5 * 1.05
+
+
+def stage_of(t: float) -> str:
+    """Stage name of maturation ``t`` in [0, 1] (equal-width bins)."""
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"maturation t={t} outside [0, 1]")
+    i = min(int(np.searchsorted(STAGE_EDGES, t, side="right")) - 1, len(LINEAGE_KINDS) - 1)
+    return LINEAGE_KINDS[i]
+
+
+def lineage_of(kind: str) -> str:
+    """``neutrophil`` for the six lineage stages, else the kind itself."""
+    if kind in LINEAGE_KINDS:
+        return "neutrophil"
+    if kind in OTHER_KINDS:
+        return kind
+    raise ValueError(f"unknown kind {kind!r}; valid: {', '.join(KINDS)}")
+
+
+def lobes_of(t: float) -> int:
+    """Nucleus lobe count of a lineage cell: 1 before the segmented stage, then 2..5."""
+    t_seg = STAGE_EDGES[-2]
+    if t < t_seg:
+        return 1
+    frac = (t - t_seg) / (1.0 - t_seg)
+    return int(min(2 + math.floor(frac * 4), 5))
+
+
+def _interp(t: float, knots: tuple[float, ...], values: tuple[float, ...]) -> float:
+    return float(np.interp(t, knots, values))
+
+
+def _lerp(a: tuple[float, ...], b: tuple[float, ...], f: float) -> tuple[float, ...]:
+    return tuple(x + (y - x) * f for x, y in zip(a, b))
+
+
+def azurophilic_density(t: float) -> float:
+    """Relative density (0..1) of large azurophilic granules: peak at the promyelocyte."""
+    return float(math.exp(-(((t - 0.25) / 0.11) ** 2)))
+
+
+def specific_density(t: float) -> float:
+    """Relative density (0..1) of fine specific granules: rises from the myelocyte on."""
+    return float(1.0 / (1.0 + math.exp(-(t - 0.40) / 0.04)))
+
+
+@dataclass(frozen=True)
+class Morphology:
+    """Rendering recipe of one white cell (all lengths in px, colours RGB 0-255).
+
+    Colours are the transmitted colour of the structure at full stain, on a
+    white background; the renderer converts them to optical densities.
+    """
+
+    kind: str
+    lineage: str
+    t: float  # NaN outside the neutrophil lineage
+    diameter: float  # px, before per-cell jitter
+    nucleus_fraction: float  # nucleus area / cell area
+    lobes: int  # 1 = single nucleus
+    span_deg: float  # arc angle of the nucleus centre line (0 = round)
+    width_ratio: float  # nucleus half-width / radius of an equal-area disc
+    eccentricity: float  # nucleus centre offset / cell radius
+    nucleus_rgb: tuple[float, float, float]
+    chromatin_clump: float  # relative amplitude of the chromatin texture
+    clump_sigma: float  # px, size of chromatin clumps
+    nucleoli: float  # expected number of nucleoli (pale spots)
+    cytoplasm_rgb: tuple[float, float, float]
+    azurophilic: float  # density of large dark granules (0..1)
+    specific: float  # density of fine granules (0..1)
+    eosinophilic: float  # density of large orange granules (0..1)
+    vacuoles: float  # expected number of cytoplasmic vacuoles
+
+    @property
+    def granule_density(self) -> float:
+        """Ground-truth granule density: sum of the three granule densities."""
+        return self.azurophilic + self.specific + self.eosinophilic
+
+
+def morphology(kind: str, t: float | None, mature_diameter: float) -> Morphology:
+    """Morphology of a cell of ``kind`` (at maturation ``t`` for the lineage).
+
+    Parameters
+    ----------
+    kind
+        One of :data:`KINDS`. For a lineage kind ``t`` is required and must
+        fall in that kind's bin (see :func:`stage_of`).
+    t
+        Maturation in [0, 1] for the neutrophil lineage, ``None`` otherwise.
+    mature_diameter
+        Diameter of a segmented neutrophil in px; sets the scale of every cell.
+    """
+    lineage = lineage_of(kind)
+    D = float(mature_diameter)
+    if lineage == "neutrophil":
+        if t is None or not np.isfinite(t):
+            raise ValueError(f"kind={kind} needs a maturation t in [0, 1]")
+        if stage_of(t) != kind:
+            raise ValueError(f"t={t} is a {stage_of(t)}, not a {kind}")
+        tk = (0.0, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0)
+        lobes = lobes_of(t)
+        return Morphology(
+            kind=kind,
+            lineage=lineage,
+            t=float(t),
+            diameter=D * (1.5 - 0.5 * t),
+            nucleus_fraction=0.72 - 0.36 * t,
+            lobes=lobes,
+            span_deg=_interp(t, (0.0, 0.35, 0.55, 0.70, 5 / 6, 1.0), (0, 10, 120, 220, 250, 250)),
+            width_ratio=_interp(t, tk, (1.0, 0.97, 0.85, 0.68, 0.50, 0.45, 0.45)),
+            eccentricity=_interp(t, tk, (0.04, 0.10, 0.18, 0.16, 0.08, 0.04, 0.04)),
+            nucleus_rgb=_lerp((150, 112, 190), (72, 28, 112), t),
+            chromatin_clump=0.12 + 0.38 * t,
+            clump_sigma=1.6 - 0.6 * t,
+            nucleoli=max(0.0, 2.5 * (1 - t / 0.25)),
+            cytoplasm_rgb=_lerp((128, 160, 222), (232, 200, 220), min(1.0, t / 0.8)),
+            azurophilic=azurophilic_density(t),
+            specific=specific_density(t),
+            eosinophilic=0.0,
+            vacuoles=0.0,
+        )
+    if t is not None and np.isfinite(t):
+        raise ValueError(f"kind={kind} has no maturation t (got t={t})")
+    nan = float("nan")
+    if kind == "lymphocyte":
+        return Morphology(
+            kind=kind,
+            lineage=lineage,
+            t=nan,
+            diameter=D * 0.72,
+            nucleus_fraction=0.80,
+            lobes=1,
+            span_deg=0.0,
+            width_ratio=1.0,
+            eccentricity=0.08,
+            nucleus_rgb=(70, 35, 120),
+            chromatin_clump=0.35,
+            clump_sigma=1.3,
+            nucleoli=0.0,
+            cytoplasm_rgb=(150, 185, 235),
+            azurophilic=0.05,
+            specific=0.0,
+            eosinophilic=0.0,
+            vacuoles=0.0,
+        )
+    if kind == "monocyte":
+        return Morphology(
+            kind=kind,
+            lineage=lineage,
+            t=nan,
+            diameter=D * 1.3,
+            nucleus_fraction=0.48,
+            lobes=1,
+            span_deg=150.0,
+            width_ratio=0.72,
+            eccentricity=0.12,
+            nucleus_rgb=(120, 85, 170),
+            chromatin_clump=0.22,
+            clump_sigma=2.2,
+            nucleoli=0.0,
+            cytoplasm_rgb=(175, 175, 215),
+            azurophilic=0.0,
+            specific=0.25,
+            eosinophilic=0.0,
+            vacuoles=3.0,
+        )
+    # eosinophil: bilobed nucleus, cytoplasm packed with large orange granules
+    return Morphology(
+        kind=kind,
+        lineage=lineage,
+        t=nan,
+        diameter=D * 1.05,
+        nucleus_fraction=0.34,
+        lobes=2,
+        span_deg=120.0,
+        width_ratio=0.5,
+        eccentricity=0.05,
+        nucleus_rgb=(85, 40, 125),
+        chromatin_clump=0.35,
+        clump_sigma=1.2,
+        nucleoli=0.0,
+        cytoplasm_rgb=(235, 190, 170),
+        azurophilic=0.0,
+        specific=0.0,
+        eosinophilic=1.0,
+        vacuoles=0.0,
+    )

@@ -1,0 +1,480 @@
+"""Rendering of synthetic blood smears in optical-density (Beer-Lambert) space.
+
+Every structure adds optical density (OD) per RGB channel; overlapping red
+cells therefore look darker where they overlap, as in a real smear. White
+cells are composited on top (they replace what lies under them, so their
+masks are exact). Stain strength, white balance, vignetting and noise vary
+per image. All drawing is vectorised over small patches (no per-pixel Python
+loops): a 512 x 512 smear renders in a few tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from pipeline.simulator.morphology import (
+    KIND_GROUPS,
+    MAX_DIAMETER_FACTOR,
+    Morphology,
+    morphology,
+    stage_of,
+)
+
+
+@dataclass(frozen=True)
+class SmearParams:
+    """What one smear image contains (lengths in px).
+
+    Parameters
+    ----------
+    height, width
+        Image size in px; each side must be >= :meth:`min_side`.
+    wbc_per_image, platelets_per_image
+        Inclusive (low, high) ranges of the number of white cells / platelets.
+    rbc_density
+        Red-cell area / field area (overlaps counted twice), 0..1.
+    mature_diameter
+        Diameter of a segmented neutrophil; red cells are 0.62x this, a
+        myeloblast 1.5x.
+    kind_weights
+        Relative frequency of ``neutrophil_lineage``, ``lymphocyte``,
+        ``monocyte``, ``eosinophil``. Lineage cells get t ~ U(0, 1).
+    touching_fraction
+        Probability that a white cell is placed touching (slightly
+        overlapping) an already placed one.
+    stain_jitter, illumination_jitter
+        Log-normal sd of the per-image stain strength per channel, and the
+        relative sd of the per-channel white balance.
+    noise_std
+        Gaussian pixel noise, in 0-255 units.
+    blur_sigma
+        Optical blur (Gaussian sd, px) applied to the optical density.
+    """
+
+    height: int = 512
+    width: int = 512
+    wbc_per_image: tuple[int, int] = (3, 6)
+    rbc_density: float = 0.55
+    platelets_per_image: tuple[int, int] = (2, 8)
+    mature_diameter: float = 60.0
+    kind_weights: dict[str, float] = field(
+        default_factory=lambda: {
+            "neutrophil_lineage": 0.7,
+            "lymphocyte": 0.1,
+            "monocyte": 0.1,
+            "eosinophil": 0.1,
+        }
+    )
+    touching_fraction: float = 0.15
+    stain_jitter: float = 0.08
+    illumination_jitter: float = 0.03
+    noise_std: float = 2.0
+    blur_sigma: float = 0.7
+
+    def min_side(self) -> int:
+        """Smallest allowed image side: 2x the largest possible cell diameter."""
+        return int(math.ceil(2 * MAX_DIAMETER_FACTOR * self.mature_diameter))
+
+
+@dataclass
+class RenderedCell:
+    """Ground truth of one white cell in a rendered smear.
+
+    ``mask`` and ``nucleus_mask`` are (H, W) bool arrays of the visible part
+    (clipped by the image border, minus what later cells cover).
+    """
+
+    morph: Morphology
+    diameter: float  # px, the drawn diameter (with per-cell jitter)
+    center: tuple[float, float]  # (y, x) px, may lie near/over the border
+    mask: np.ndarray
+    nucleus_mask: np.ndarray
+    truncated: bool  # part of the cell lies outside the image
+    granule_density: float  # ground truth (see Morphology.granule_density)
+
+    @property
+    def kind(self) -> str:
+        return self.morph.kind
+
+
+@dataclass
+class Smear:
+    """One rendered smear: ``image`` (H, W, 3) uint8 and its white cells."""
+
+    image: np.ndarray
+    cells: list[RenderedCell]
+
+
+def rgb_to_od(rgb: tuple[float, ...]) -> np.ndarray:
+    """Optical density (3,) of a transmitted RGB colour (0-255, on white)."""
+    c = np.clip(np.asarray(rgb, dtype=np.float64), 1.0, 255.0) / 255.0
+    return -np.log(c)
+
+
+# ----------------------------------------------------------------------------
+# one white cell
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class CellPatch:
+    """A white cell drawn on a square patch centred on the cell centre.
+
+    ``alpha`` (S, S) coverage in [0, 1]; ``od`` (S, S, 3) optical density;
+    ``mask``/``nucleus`` (S, S) bool; ``half`` = (S - 1) / 2 so that patch
+    pixel (i, j) sits at image (cy - half + i, cx - half + j).
+    """
+
+    alpha: np.ndarray
+    od: np.ndarray
+    mask: np.ndarray
+    nucleus: np.ndarray
+    half: int
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """Zero-mean, unit-sd, spatially correlated noise (Gaussian-filtered white noise)."""
+    n = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
+    sd = n.std()
+    return n / sd if sd > 0 else n
+
+
+def _nucleus_skeleton(
+    m: Morphology, rc: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Centre-line points (P, 2) in px relative to the cell centre, disc radii (P,).
+
+    The nucleus is the union of discs. Returns ``lobed=True`` when each disc
+    is one separate lobe (then adjacent lobes are >= 3 px apart).
+    """
+    area = m.nucleus_fraction * math.pi * rc**2
+    r_eq = math.sqrt(area / math.pi)
+    rot = rng.uniform(0, 2 * math.pi)
+    if m.lobes == 1:
+        w = m.width_ratio * r_eq
+        length = max(0.0, (area - math.pi * w**2) / (2 * w))
+        span = math.radians(m.span_deg) * rng.uniform(0.9, 1.1)
+        s = np.linspace(0.0, 1.0, 32)
+        if span > 1e-3 and length > 0:
+            radius = length / span
+            phi = -span / 2 + s * span
+            pts = np.stack([radius * np.cos(phi), radius * np.sin(phi)], axis=1)
+        else:
+            pts = np.stack([(s - 0.5) * length, np.zeros_like(s)], axis=1)
+        # slightly tapered ends for kidney/band shapes
+        radii = w * (1.0 - 0.12 * np.abs(2 * s - 1) ** 2 * min(1.0, span / math.pi))
+        lobed = False
+    else:
+        n = m.lobes
+        w_l = math.sqrt(area / (n * math.pi))
+        radii = w_l * rng.uniform(0.92, 1.08, size=n)
+        gap = max(3.0, 0.45 * w_l)
+        chords = radii[:-1] + radii[1:] + gap
+        span = math.radians(min(70.0 * (n - 1), 240.0))
+        dtheta = span / (n - 1)
+        radius = float(np.median(chords)) / (2 * math.sin(dtheta / 2))
+        steps = 2 * np.arcsin(np.clip(chords / (2 * radius), 0, 1))
+        phi = np.concatenate([[0.0], np.cumsum(steps)])
+        phi = phi - phi.mean()
+        pts = np.stack([radius * np.cos(phi), radius * np.sin(phi)], axis=1)
+        lobed = True
+    pts = pts - pts.mean(axis=0)
+    c, si = math.cos(rot), math.sin(rot)
+    pts = pts @ np.array([[c, si], [-si, c]])
+    ang = rng.uniform(0, 2 * math.pi)
+    pts = pts + m.eccentricity * rc * np.array([math.cos(ang), math.sin(ang)])
+    # keep the nucleus inside the cell
+    extent = float(np.max(np.linalg.norm(pts, axis=1) + radii))
+    if extent > 0.88 * rc:
+        f = 0.88 * rc / extent
+        pts = pts * f
+        radii = radii * f
+    if lobed:  # re-open gaps that the fit may have narrowed
+        for i in range(len(radii) - 1):
+            d = float(np.linalg.norm(pts[i + 1] - pts[i]))
+            excess = radii[i] + radii[i + 1] + 3.0 - d
+            if excess > 0:
+                radii[i] -= excess / 2
+                radii[i + 1] -= excess / 2
+    return pts, radii, lobed
+
+
+def draw_cell(m: Morphology, diameter: float, rng: np.random.Generator) -> CellPatch:
+    """Draw one white cell of morphology ``m`` and ``diameter`` px on its own patch."""
+    rc = diameter / 2
+    half = int(math.ceil(rc * 1.12)) + 2
+    size = 2 * half + 1
+    ax = np.arange(size, dtype=np.float64) - half
+    yy, xx = np.meshgrid(ax, ax, indexing="ij")
+    dist = np.hypot(yy, xx)
+    theta = np.arctan2(yy, xx)
+
+    # cell outline: circle with small low-order harmonics
+    rho = np.full_like(dist, rc)
+    for k in (2, 3, 4):
+        rho += rc * rng.uniform(0, 0.025) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    alpha = np.clip(rho - dist + 0.5, 0.0, 1.0)
+    mask = alpha >= 0.5
+
+    # nucleus: union of discs along its centre line
+    pts, radii, lobed = _nucleus_skeleton(m, rc, rng)
+    # (P, S, S) distance to each disc edge -> (S, S) signed distance
+    d = np.hypot(yy[None] - pts[:, 1, None, None], xx[None] - pts[:, 0, None, None])
+    sd = np.min(d - radii[:, None, None], axis=0)
+    a_nuc = np.clip(0.5 - sd, 0.0, 1.0) * alpha
+    nucleus = (sd < 0) & mask
+
+    od_cyto = rgb_to_od(m.cytoplasm_rgb)
+    od_nuc = rgb_to_od(m.nucleus_rgb)
+    # cytoplasm: slightly thicker in the middle, faint texture
+    thick = 0.85 + 0.15 * np.clip(1 - (dist / rc) ** 2, 0, 1)
+    cyto = thick * (1 + 0.06 * _smooth_noise(rng, dist.shape, 2.0))
+    od = cyto[..., None] * od_cyto
+
+    # chromatin: clumps (texture amplitude grows with maturation), nucleoli
+    chrom = 1 + m.chromatin_clump * _smooth_noise(rng, dist.shape, m.clump_sigma)
+    n_nucleoli = rng.poisson(m.nucleoli) if m.nucleoli > 0 else 0
+    if n_nucleoli and nucleus.any():
+        iy, ix = np.nonzero(nucleus)
+        pick = rng.integers(0, iy.size, size=n_nucleoli)
+        r_eq = math.sqrt(m.nucleus_fraction) * rc
+        for p in pick:
+            r_nl = r_eq * rng.uniform(0.10, 0.16)
+            inside = np.hypot(yy - ax[iy[p]], xx - ax[ix[p]]) < r_nl
+            chrom = np.where(inside, chrom * 0.55, chrom)
+    chrom = np.clip(chrom, 0.25, None)
+    od = od * (1 - a_nuc[..., None]) + (chrom[..., None] * od_nuc) * a_nuc[..., None]
+    if lobed:  # thin chromatin filaments between lobes (drawn, not in the mask)
+        for i in range(len(radii) - 1):
+            p, q = pts[i], pts[i + 1]
+            v = q - p
+            tt = np.clip(((xx - p[0]) * v[0] + (yy - p[1]) * v[1]) / (v @ v), 0, 1)
+            dseg = np.hypot(xx - (p[0] + tt * v[0]), yy - (p[1] + tt * v[1]))
+            a_f = np.clip(0.9 - dseg, 0, 1) * 0.8 * (~nucleus) * alpha
+            od = od * (1 - a_f[..., None]) + a_f[..., None] * od_nuc
+
+    cyto_only = mask & ~nucleus
+    area_c = float(cyto_only.sum())
+    grains = np.zeros((size, size, 3))
+
+    def scatter(where: np.ndarray, count: float, sigma: float, rgb, strength: float) -> None:
+        n = rng.poisson(count) if count > 0 else 0
+        iy, ix = np.nonzero(where)
+        if n == 0 or iy.size == 0:
+            return
+        pick = rng.integers(0, iy.size, size=n)
+        img = np.zeros((size, size))
+        np.add.at(img, (iy[pick], ix[pick]), rng.uniform(0.7, 1.3, size=n))
+        # unit peak per granule: Gaussian of sd sigma integrates to 2 pi sigma^2
+        img = ndimage.gaussian_filter(img, sigma) * (2 * math.pi * sigma**2)
+        grains[...] += np.minimum(img, 1.6)[..., None] * (strength * rgb_to_od(rgb))
+
+    # large dark azurophilic granules (over the whole cell, nucleus included)
+    scatter(mask, m.azurophilic * 0.05 * float(mask.sum()), 1.0, (95, 25, 105), 0.9)
+    # fine lilac specific granules (cytoplasm only)
+    scatter(cyto_only, m.specific * 0.22 * area_c, 0.6, (185, 130, 185), 0.55)
+    # eosinophil: coarse orange-red granules packing the cytoplasm
+    scatter(cyto_only, m.eosinophilic * 0.085 * area_c, 1.3, (235, 110, 60), 0.8)
+    od = od + grains * alpha[..., None]
+
+    n_vac = rng.poisson(m.vacuoles) if m.vacuoles > 0 else 0
+    if n_vac and cyto_only.any():
+        iy, ix = np.nonzero(cyto_only)
+        for p in rng.integers(0, iy.size, size=n_vac):
+            inside = np.hypot(yy - ax[iy[p]], xx - ax[ix[p]]) < rc * rng.uniform(0.05, 0.09)
+            od = np.where((inside & cyto_only)[..., None], od * 0.35, od)
+    return CellPatch(alpha=alpha, od=od, mask=mask, nucleus=nucleus, half=half)
+
+
+# ----------------------------------------------------------------------------
+# background: red cells and platelets
+# ----------------------------------------------------------------------------
+
+
+def _add_red_cells(od: np.ndarray, p: SmearParams, rng: np.random.Generator) -> None:
+    h, w = od.shape[:2]
+    r0 = 0.31 * p.mature_diameter
+    n = int(round(p.rbc_density * h * w / (math.pi * r0**2)))
+    od_rbc = rgb_to_od((215, 120, 130)) * rng.uniform(0.85, 1.15)
+    ys = rng.uniform(-r0, h + r0, size=n)
+    xs = rng.uniform(-r0, w + r0, size=n)
+    for cy, cx in zip(ys, xs):
+        r = r0 * rng.uniform(0.9, 1.1)
+        e = rng.uniform(0.0, 0.1)
+        rot = rng.uniform(0, math.pi)
+        y0, y1 = max(int(cy - r - 2), 0), min(int(cy + r + 3), h)
+        x0, x1 = max(int(cx - r - 2), 0), min(int(cx + r + 3), w)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float64)
+        dy, dx = yy - cy, xx - cx
+        c, s = math.cos(rot), math.sin(rot)
+        u, v = (dx * c + dy * s) / (1 + e), (-dx * s + dy * c) / (1 - e)
+        rr = np.hypot(u, v) / r
+        edge = np.clip((1 - rr) * r + 0.5, 0, 1)
+        # central pallor: thin centre, thick rim (biconcave disc)
+        x = np.clip((rr - 0.1) / 0.65, 0, 1)
+        prof = 0.35 + 0.65 * x * x * (3 - 2 * x) + 0.12 * np.exp(-(((rr - 0.88) / 0.08) ** 2))
+        od[y0:y1, x0:x1] += (edge * prof)[..., None] * od_rbc
+
+
+def _add_platelets(od: np.ndarray, p: SmearParams, rng: np.random.Generator) -> None:
+    h, w = od.shape[:2]
+    lo, hi = p.platelets_per_image
+    n = int(rng.integers(lo, hi + 1))
+    od_plt = rgb_to_od((140, 95, 175))
+    for _ in range(n):
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        r = p.mature_diameter * rng.uniform(0.03, 0.06)
+        y0, y1 = max(int(cy - r - 3), 0), min(int(cy + r + 4), h)
+        x0, x1 = max(int(cx - r - 3), 0), min(int(cx + r + 4), w)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float64)
+        th = np.arctan2(yy - cy, xx - cx)
+        rho = r * (1 + 0.25 * np.cos(3 * th + rng.uniform(0, 6.3)))
+        a = np.clip(rho - np.hypot(yy - cy, xx - cx) + 0.5, 0, 1)
+        grain = 1 + 0.3 * rng.standard_normal(a.shape)
+        od[y0:y1, x0:x1] += (a * grain)[..., None] * od_plt
+
+
+# ----------------------------------------------------------------------------
+# one smear
+# ----------------------------------------------------------------------------
+
+
+def sample_cell_kinds(
+    n: int, kind_weights: dict[str, float], rng: np.random.Generator
+) -> list[tuple[str, float | None]]:
+    """Draw ``n`` (kind, t) pairs; lineage cells get t ~ U(0, 1)."""
+    groups = [g for g in KIND_GROUPS if kind_weights.get(g, 0) > 0]
+    wts = np.array([kind_weights[g] for g in groups], dtype=np.float64)
+    out: list[tuple[str, float | None]] = []
+    for g in rng.choice(len(groups), size=n, p=wts / wts.sum()):
+        if groups[g] == "neutrophil_lineage":
+            t = float(rng.uniform(0.0, 1.0))
+            out.append((stage_of(t), t))
+        else:
+            out.append((groups[g], None))
+    return out
+
+
+def _place(
+    r: float,
+    placed: list[tuple[float, float, float]],
+    p: SmearParams,
+    rng: np.random.Generator,
+) -> tuple[float, float] | None:
+    """Centre (y, x) for a cell of radius ``r``: touching a placed one, or free."""
+
+    def clear(cy: float, cx: float, skip: int = -1) -> bool:
+        return all(
+            math.hypot(cy - y, cx - x) > r + rr + 2
+            for k, (y, x, rr) in enumerate(placed)
+            if k != skip
+        )
+
+    if placed and rng.random() < p.touching_fraction:
+        j = int(rng.integers(len(placed)))
+        y, x, rr = placed[j]
+        for _ in range(20):
+            ang = rng.uniform(0, 2 * math.pi)
+            dd = r + rr - rng.uniform(0.0, 0.12) * min(r, rr)
+            cy, cx = y + dd * math.sin(ang), x + dd * math.cos(ang)
+            if 0 <= cy < p.height and 0 <= cx < p.width and clear(cy, cx, skip=j):
+                return cy, cx
+    for _ in range(100):
+        cy, cx = rng.uniform(0, p.height), rng.uniform(0, p.width)
+        if clear(cy, cx):
+            return cy, cx
+    return None
+
+
+def render_smear(p: SmearParams, rng: np.random.Generator) -> Smear:
+    """Render one smear with red cells, platelets and white cells.
+
+    Parameters
+    ----------
+    p
+        What to draw (see :class:`SmearParams`).
+    rng
+        Source of all randomness; seed it per image (``default_rng([seed, k])``)
+        so image ``k`` does not depend on how many images are rendered.
+
+    Returns
+    -------
+    Smear
+        ``image`` (H, W, 3) uint8 and one :class:`RenderedCell` per visible
+        white cell; later cells are drawn over earlier ones.
+    """
+    h, w = p.height, p.width
+    lo, hi = p.wbc_per_image
+    n_wbc = int(rng.integers(lo, hi + 1))
+    kinds = sample_cell_kinds(n_wbc, p.kind_weights, rng)
+
+    # per-image stain and illumination
+    stain = np.exp(rng.normal(0, p.stain_jitter, size=3) + rng.normal(0, p.stain_jitter))
+    white = 255 * np.clip(0.95 + rng.normal(0, p.illumination_jitter, size=3), 0.8, 1.0)
+    od = np.broadcast_to(rgb_to_od((222, 226, 220)), (h, w, 3)).copy()
+    od *= rng.uniform(0.7, 1.3)
+    _add_red_cells(od, p, rng)
+    _add_platelets(od, p, rng)
+
+    cells: list[RenderedCell] = []
+    placed: list[tuple[float, float, float]] = []
+    for kind, t in kinds:
+        m = morphology(kind, t, p.mature_diameter)
+        diameter = m.diameter * rng.uniform(0.95, 1.05)
+        where = _place(diameter / 2, placed, p, rng)
+        if where is None:
+            continue
+        cy, cx = where
+        placed.append((cy, cx, diameter / 2))
+        patch = draw_cell(m, diameter, rng)
+        iy, ix = int(round(cy)), int(round(cx))
+        y0, x0 = iy - patch.half, ix - patch.half
+        s = patch.alpha.shape[0]
+        # clip patch to the image
+        py0, px0 = max(0, -y0), max(0, -x0)
+        py1, px1 = s - max(0, y0 + s - h), s - max(0, x0 + s - w)
+        sl = (slice(y0 + py0, y0 + py1), slice(x0 + px0, x0 + px1))
+        psl = (slice(py0, py1), slice(px0, px1))
+        a = patch.alpha[psl][..., None]
+        od[sl] = od[sl] * (1 - a) + patch.od[psl] * a
+        mask = np.zeros((h, w), dtype=bool)
+        nuc = np.zeros((h, w), dtype=bool)
+        mask[sl] = patch.mask[psl]
+        nuc[sl] = patch.nucleus[psl]
+        for c in cells:  # the new cell covers earlier ones
+            c.mask &= ~mask
+            c.nucleus_mask &= ~mask
+        truncated = int(mask.sum()) < int(patch.mask.sum())
+        cells.append(
+            RenderedCell(
+                morph=m,
+                diameter=float(diameter),
+                center=(float(cy), float(cx)),
+                mask=mask,
+                nucleus_mask=nuc,
+                truncated=truncated,
+                granule_density=m.granule_density,
+            )
+        )
+    cells = [c for c in cells if c.mask.any()]
+
+    od *= stain
+    if p.blur_sigma > 0:
+        od = ndimage.gaussian_filter(od, (p.blur_sigma, p.blur_sigma, 0))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    rr2 = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2) / ((h / 2) ** 2 + (w / 2) ** 2)
+    ang = rng.uniform(0, 2 * math.pi)
+    grad = ((yy / h - 0.5) * math.sin(ang) + (xx / w - 0.5) * math.cos(ang)) * rng.uniform(0, 0.08)
+    illum = (1 - rng.uniform(0, 0.12) * rr2 + grad)[..., None]
+    img = white * illum * np.exp(-od)
+    img += rng.normal(0, p.noise_std, size=img.shape)
+    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return Smear(image=image, cells=cells)
