@@ -91,13 +91,18 @@ class SimulatorConfig:
             "eosinophil": 0.1,
         }
     )
-    touching_fraction: float = 0.15  # share of WBCs placed touching another
-    n_genes: int = 240
-    mean_library_size: float = 2000.0
+    touching_fraction: float = 0.15  # probability a WBC is placed touching another
+    stain_jitter: float = 0.08  # log-normal sd of per-image stain strength per channel
+    illumination_jitter: float = 0.03  # relative sd of the per-image white balance
+    noise_std: float = 2.0  # Gaussian pixel noise, 0-255 units
+    blur_sigma: float = 0.7  # optical blur, px
+    n_genes: int = 240  # >= 111 (the program genes); the rest are noise genes
+    mean_library_size: float = 2000.0  # median total counts per cell
+    library_size_sd: float = 0.35  # log-normal sd of the library size
     nb_dispersion: float = 5.0  # NB inverse dispersion (larger = less noise)
     dropout: float = 0.1  # extra zero-inflation probability
-    val_fraction: float = 0.2
-    seed: int = 0
+    val_fraction: float = 0.2  # share of images in split "val"
+    seed: int = 0  # image k uses default_rng([seed, k]): independent of n_images
 
 
 @dataclass
