@@ -1,0 +1,79 @@
+"""Tiny hand-built paired AnnData for the β-VAE tests (format of docs/artifacts.md, pair)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+KINDS = ["myeloblast", "myelocyte", "lymphocyte"]
+
+
+def make_paired(
+    n: int = 24,
+    size: int = 16,
+    n_genes: int = 12,
+    *,
+    counts: bool = True,
+    image_only: int = 0,
+    expression_only: int = 0,
+    seed: int = 0,
+) -> ad.AnnData:
+    """Paired rows (disk cells whose colour and genes depend on the kind), then
+    ``image_only`` rows without expression and ``expression_only`` rows without image.
+    """
+    rng = np.random.default_rng(seed)
+    total = n + image_only + expression_only
+    kind = np.array([KINDS[i % len(KINDS)] for i in range(total)])
+    code = np.array([KINDS.index(k) for k in kind])
+    t = np.where(code < 2, rng.uniform(0, 1, total), np.nan)
+    yy, xx = np.mgrid[:size, :size]
+    crops = np.zeros((total, size, size, 3), np.uint8)
+    masks = np.zeros((total, size, size), bool)
+    colours = np.array([[200, 80, 160], [150, 120, 200], [90, 90, 220]])
+    for i in range(total):
+        r = size * (0.3 + 0.1 * code[i])
+        m = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= r**2
+        masks[i] = m
+        crops[i][m] = np.clip(colours[code[i]] + rng.normal(0, 10, 3), 0, 255).astype(np.uint8)
+        crops[i][~m] = 230  # background that must never matter
+    rate = np.exp(
+        rng.normal(1.0, 0.3, (1, n_genes)) + 1.5 * (code[:, None] == np.arange(n_genes) % 3)
+    )
+    lib = rng.integers(200, 400, total)
+    mu = rate / rate.sum(1, keepdims=True) * lib[:, None]
+    cnt = rng.poisson(mu).astype(np.float32)
+    has_image = np.ones(total, bool)
+    has_expr = np.ones(total, bool)
+    has_image[n + image_only :] = False
+    has_expr[n : n + image_only] = False
+    crops[~has_image] = 0
+    masks[~has_image] = False
+    cnt[~has_expr] = 0
+    libs = np.maximum(cnt.sum(1, keepdims=True), 1)
+    x = np.log1p(cnt / libs * 1e4).astype(np.float32)
+    x[~has_expr] = 0
+    obs = pd.DataFrame(
+        {
+            "has_image": has_image,
+            "has_expression": has_expr,
+            "pair_mode": "same_cell",
+            "label": kind,
+            "kind": kind,
+            "maturation": t,
+            "t": t,
+            "lineage": np.where(code < 2, "neutrophil", "lymphoid"),
+        },
+        index=[f"c{i:03d}" for i in range(total)],
+    )
+    var = pd.DataFrame(
+        {"program": ["primary_granule" if g % 3 == 0 else "other" for g in range(n_genes)]},
+        index=[f"G{g}" for g in range(n_genes)],
+    )
+    a = ad.AnnData(X=x, obs=obs, var=var)
+    if counts:
+        a.layers["counts"] = cnt
+    a.uns["has_counts"] = counts
+    a.obsm["crops"] = crops
+    a.obsm["masks"] = masks
+    return a

@@ -1,0 +1,86 @@
+"""Save and load β-VAE checkpoints.
+
+A checkpoint is a ``torch.save`` dict::
+
+    model        state dict of TwoBranchVAE
+    model_args   VAEArgs as a dict (rebuilds the architecture)
+    meta         gene_names, label_names, crop_size, n_latent, n_shared, n_private,
+                 norm_total, has_counts, ... (what downstream stages need)
+    optimizer, scheduler, epoch (completed), step, rng, best_val, best_epoch,
+    bad_epochs, history, train_args, config (resolved Hydra config)
+
+Use :func:`load_model` for inference.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vae.model import TwoBranchVAE, VAEArgs
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """``torch.save`` to a temporary name, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - report which file is broken
+        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from e
+    for key in ("model", "model_args"):
+        if key not in ck:
+            raise CheckpointError(f"{path}: checkpoint lacks '{key}' (not a vae checkpoint?)")
+    return ck
+
+
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[TwoBranchVAE, dict[str, Any]]:
+    """Rebuild the model from a checkpoint, in eval mode.
+
+    Parameters
+    ----------
+    path : model.pt or last.pt written by ``stage=train``
+    device : where to put the model
+
+    Returns
+    -------
+    (model, meta)
+        ``meta`` holds ``gene_names``, ``label_names``, ``crop_size``,
+        ``n_latent`` (total d), ``n_shared``, ``n_private``, ``norm_total``,
+        ``has_counts``, ``expression_likelihood``, ``epoch``, ``step``.
+    """
+    ck = load_checkpoint(path)
+    model = TwoBranchVAE(VAEArgs(**ck["model_args"]))
+    model.load_state_dict(ck["model"])
+    model.to(device).eval()
+    meta = dict(ck.get("meta", {}))
+    meta.setdefault("n_latent", model.args.n_latent)
+    meta.setdefault("n_shared", model.args.n_shared)
+    meta.setdefault("n_private", model.args.n_private)
+    meta.setdefault("crop_size", model.args.crop_size)
+    meta["epoch"] = ck.get("epoch")
+    meta["step"] = ck.get("step")
+    return model, meta

@@ -1,0 +1,381 @@
+"""paired.h5ad -> tensors, a seeded stratified split, and fast batches.
+
+The data path is built to keep up with the model on a CPU: all crops stay in
+one uint8 tensor (N, 3, S, S) and masks in one (N, 1, S, S) uint8 tensor; a
+batch is an index_select, converted to float and augmented (random flips and
+rot90, the same for crop and mask) as a whole batch on the training device.
+``num_workers > 0`` prefetches index batches in worker processes through a
+DataLoader (useful on GPU hosts; on a 2-core CPU 0 is fastest).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+SPLITS = ("train", "val", "test")
+
+
+class PairedDataError(ValueError):
+    """paired.h5ad lacks a field or holds one of the wrong shape/type."""
+
+
+@dataclass
+class PairedTensors:
+    """All training examples in memory.
+
+    Attributes
+    ----------
+    crops : (N, 3, S, S) uint8
+    masks : (N, 1, S, S) uint8 in {0, 1}
+    x : (N, G) float32 log-normalised expression (zeros where absent)
+    counts : (N, G) float32 raw counts, or None when the data have none
+    library : (N,) float32 total counts (1 where absent / unknown)
+    has_image, has_expression : (N,) bool
+    labels : (N,) int64 codes into ``label_names`` (``"NA"`` when unknown)
+    label_names : list of str
+    obs_names, gene_names : list of str
+    norm_total : float
+        Median of ``expm1(x).sum(1)`` over rows with expression (typical
+        normalised total, used to turn NB proportions into log-normalised values).
+    """
+
+    crops: torch.Tensor
+    masks: torch.Tensor
+    x: torch.Tensor
+    counts: torch.Tensor | None
+    library: torch.Tensor
+    has_image: torch.Tensor
+    has_expression: torch.Tensor
+    labels: torch.Tensor
+    label_names: list[str]
+    obs_names: list[str]
+    gene_names: list[str]
+    norm_total: float
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def crop_size(self) -> int:
+        return int(self.crops.shape[-1])
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.x.shape[1])
+
+
+@dataclass
+class Batch:
+    """One batch on the training device (floats ready for the model).
+
+    image (B, 3, S, S) in [0, 1]; mask (B, 1, S, S) {0, 1}; x (B, G);
+    counts (B, G) or None; library (B,); log_library (B,); has_image,
+    has_expression (B,) bool; labels (B,) int64; index (B,) int64 rows.
+    """
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    x: torch.Tensor
+    counts: torch.Tensor | None
+    library: torch.Tensor
+    log_library: torch.Tensor
+    has_image: torch.Tensor
+    has_expression: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+
+def _dense(m) -> np.ndarray:
+    return np.asarray(m.toarray() if hasattr(m, "toarray") else m)
+
+
+def from_anndata(
+    adata, source: str = "paired.h5ad", image_size: int | None = None
+) -> PairedTensors:
+    """Convert a paired AnnData (see docs/artifacts.md, ``pair``) to tensors.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+    source : str
+        Name used in error messages.
+    image_size : int, optional
+        Resize crops (area) and masks (nearest) to this side, px.
+
+    Raises
+    ------
+    PairedDataError
+        Naming ``source`` and the missing or malformed field.
+    """
+    n, g = adata.shape
+    for key in ("crops", "masks"):
+        if key not in adata.obsm:
+            raise PairedDataError(f"{source}: obsm['{key}'] is missing")
+    crops = np.asarray(adata.obsm["crops"])
+    masks = np.asarray(adata.obsm["masks"])
+    if (
+        crops.ndim != 4
+        or crops.shape[0] != n
+        or crops.shape[3] != 3
+        or crops.shape[1] != crops.shape[2]
+    ):
+        raise PairedDataError(f"{source}: obsm['crops'] must be (N, S, S, 3); got {crops.shape}")
+    if crops.dtype != np.uint8:
+        raise PairedDataError(f"{source}: obsm['crops'] must be uint8; got {crops.dtype}")
+    if masks.shape != crops.shape[:3]:
+        raise PairedDataError(
+            f"{source}: obsm['masks'] must be (N, S, S) = {crops.shape[:3]}; got {masks.shape}"
+        )
+    for col in ("has_image", "has_expression"):
+        if col not in adata.obs:
+            raise PairedDataError(f"{source}: obs['{col}'] is missing")
+    has_image = adata.obs["has_image"].to_numpy().astype(bool)
+    has_expr = adata.obs["has_expression"].to_numpy().astype(bool)
+    x = _dense(adata.X).astype(np.float32)
+    if not np.isfinite(x).all():
+        raise PairedDataError(f"{source}: X holds non-finite values")
+    has_counts = "counts" in adata.layers and bool(adata.uns.get("has_counts", True))
+    counts = _dense(adata.layers["counts"]).astype(np.float32) if has_counts else None
+    if counts is not None and (counts < 0).any():
+        raise PairedDataError(f"{source}: layers['counts'] holds negative values")
+    if counts is not None:
+        library = counts.sum(1)
+    else:
+        library = np.expm1(x).sum(1)
+    library = np.where(has_expr & (library > 0), library, 1.0).astype(np.float32)
+    norm = np.expm1(x[has_expr]).sum(1) if has_expr.any() else np.array([1e4])
+    norm_total = float(np.median(norm)) if norm.size and np.median(norm) > 0 else 1e4
+
+    if "label" in adata.obs:
+        lab = adata.obs["label"].astype(str).fillna("NA").to_numpy()
+    else:
+        lab = np.full(n, "NA")
+    names, codes = np.unique(lab, return_inverse=True)
+
+    t_crops = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).contiguous()
+    t_masks = torch.from_numpy(masks.astype(np.uint8)).unsqueeze(1).contiguous()
+    if image_size is not None and image_size != t_crops.shape[-1]:
+        t_crops, t_masks = _resize(t_crops, t_masks, image_size)
+    return PairedTensors(
+        crops=t_crops,
+        masks=t_masks,
+        x=torch.from_numpy(x),
+        counts=torch.from_numpy(counts) if counts is not None else None,
+        library=torch.from_numpy(library),
+        has_image=torch.from_numpy(has_image),
+        has_expression=torch.from_numpy(has_expr),
+        labels=torch.from_numpy(codes.astype(np.int64)),
+        label_names=[str(s) for s in names],
+        obs_names=[str(s) for s in adata.obs_names],
+        gene_names=[str(s) for s in adata.var_names],
+        norm_total=norm_total,
+    )
+
+
+def _resize(crops: torch.Tensor, masks: torch.Tensor, size: int, chunk: int = 512):
+    out_c, out_m = [], []
+    for i in range(0, crops.shape[0], chunk):
+        c = crops[i : i + chunk].float()
+        out_c.append(F.interpolate(c, size=(size, size), mode="area").round().clamp(0, 255).byte())
+        m = masks[i : i + chunk].float()
+        out_m.append(F.interpolate(m, size=(size, size), mode="nearest").byte())
+    return torch.cat(out_c), torch.cat(out_m)
+
+
+def load_paired(path: str | Path, image_size: int | None = None) -> PairedTensors:
+    """Read ``paired.h5ad`` into :class:`PairedTensors` (see :func:`from_anndata`)."""
+    import anndata as ad
+
+    path = Path(path)
+    if not path.exists():
+        raise PairedDataError(f"{path}: no such file")
+    return from_anndata(ad.read_h5ad(path), str(path), image_size)
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> np.ndarray:
+    """Seeded train/val/test assignment, stratified by label.
+
+    Within each label, rows are shuffled by ``seed`` and the first
+    ``round(n * test_fraction)`` go to test, the next ``round(n * val_fraction)``
+    to val (each at least 1 when the label has >= 3 rows and the fraction is > 0).
+
+    Returns
+    -------
+    (N,) array of ``"train"`` | ``"val"`` | ``"test"``.
+    """
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"val_fraction={val_fraction}, test_fraction={test_fraction}: need both >= 0, sum < 1"
+        )
+    labels = np.asarray(labels)
+    out = np.full(labels.shape[0], "train", dtype=object)
+    rng = np.random.default_rng(seed)
+    for lab in sorted(set(labels.tolist()), key=str):
+        idx = np.flatnonzero(labels == lab)
+        idx = idx[rng.permutation(idx.size)]
+        n_test = round(idx.size * test_fraction)
+        n_val = round(idx.size * val_fraction)
+        if idx.size >= 3:
+            n_test = max(n_test, 1 if test_fraction > 0 else 0)
+            n_val = max(n_val, 1 if val_fraction > 0 else 0)
+        out[idx[:n_test]] = "test"
+        out[idx[n_test : n_test + n_val]] = "val"
+    return out.astype(str)
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Dataset whose items are whole batches (index arrays) of raw tensors."""
+
+    def __init__(self, data: PairedTensors):
+        self.d = data
+
+    def __len__(self) -> int:
+        return self.d.n
+
+    def __getitem__(self, idx) -> dict[str, torch.Tensor]:
+        return raw_batch(self.d, torch.as_tensor(idx, dtype=torch.long))
+
+
+def raw_batch(d: PairedTensors, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Index rows ``idx`` out of the in-memory tensors (still uint8 images)."""
+    out = {
+        "crops": d.crops.index_select(0, idx),
+        "masks": d.masks.index_select(0, idx),
+        "x": d.x.index_select(0, idx),
+        "library": d.library.index_select(0, idx),
+        "has_image": d.has_image.index_select(0, idx),
+        "has_expression": d.has_expression.index_select(0, idx),
+        "labels": d.labels.index_select(0, idx),
+        "index": idx,
+    }
+    if d.counts is not None:
+        out["counts"] = d.counts.index_select(0, idx)
+    return out
+
+
+def augment_dihedral(
+    img: torch.Tensor, mask: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random element of the dihedral group (flips, rot90) per row, same for image and mask.
+
+    Three independent coin flips per row (horizontal flip, vertical flip,
+    transpose) reach all 8 symmetries of the square.
+
+    Parameters
+    ----------
+    img : (B, C, S, S); mask : (B, 1, S, S)
+    generator : torch.Generator on the CPU (seeded by the trainer)
+    """
+    b = img.shape[0]
+    coins = torch.rand(b, 3, generator=generator).to(img.device) < 0.5  # (B, 3)
+    both = torch.cat([img, mask.to(img.dtype)], dim=1)  # (B, C+1, S, S)
+    sel = coins[:, 0].view(-1, 1, 1, 1)
+    both = torch.where(sel, both.flip(-1), both)
+    sel = coins[:, 1].view(-1, 1, 1, 1)
+    both = torch.where(sel, both.flip(-2), both)
+    sel = coins[:, 2].view(-1, 1, 1, 1)
+    both = torch.where(sel, both.transpose(-1, -2), both)
+    return both[:, :-1], both[:, -1:].to(mask.dtype)
+
+
+def to_batch(
+    raw: dict[str, torch.Tensor],
+    device: torch.device,
+    augment: bool = False,
+    generator: torch.Generator | None = None,
+    non_blocking: bool = False,
+) -> Batch:
+    """Move a raw batch to ``device``, convert crops to float, optionally augment."""
+
+    def mv(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=non_blocking)
+
+    img = mv(raw["crops"]).float().div_(255.0)
+    mask = mv(raw["masks"]).float()
+    if augment:
+        if generator is None:
+            raise ValueError("augment=True needs a generator")
+        img, mask = augment_dihedral(img, mask, generator)
+    lib = mv(raw["library"])
+    return Batch(
+        image=img * mask,  # background excluded before it reaches anything
+        mask=mask,
+        x=mv(raw["x"]),
+        counts=mv(raw["counts"]) if "counts" in raw else None,
+        library=lib,
+        log_library=torch.log(lib.clamp_min(1.0)),
+        has_image=mv(raw["has_image"]),
+        has_expression=mv(raw["has_expression"]),
+        labels=mv(raw["labels"]),
+        index=raw["index"],
+    )
+
+
+def epoch_batches(
+    indices: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> list[np.ndarray]:
+    """This rank's batches of one epoch: seeded permutation, then round-robin shards.
+
+    With ``world_size > 1`` the permutation is padded (repeating rows) so each
+    rank gets the same number of batches (DDP needs equal step counts).
+    """
+    idx = np.asarray(indices)
+    if shuffle:
+        rng = np.random.default_rng([seed, epoch])
+        idx = idx[rng.permutation(idx.size)]
+    if world_size > 1:
+        per = math.ceil(idx.size / world_size)
+        if idx.size and per * world_size > idx.size:
+            idx = np.concatenate([idx, idx[: per * world_size - idx.size]])
+        idx = idx[rank::world_size]
+    out = [idx[i : i + batch_size] for i in range(0, idx.size, batch_size)]
+    if drop_last and len(out) > 1 and out[-1].size < batch_size:
+        out = out[:-1]
+    # a batch of one row breaks nothing here, but gives a useless InfoNCE; merge it
+    if len(out) > 1 and out[-1].size == 1:
+        out[-2] = np.concatenate([out[-2], out[-1]])
+        out = out[:-1]
+    return out
+
+
+def iterate(
+    data: PairedTensors,
+    batches: list[np.ndarray],
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield raw batches in order, prefetched by workers when ``num_workers > 0``."""
+    if num_workers <= 0:
+        for b in batches:
+            r = raw_batch(data, torch.as_tensor(b, dtype=torch.long))
+            if pin_memory:
+                r = {k: v.pin_memory() for k, v in r.items()}
+            yield r
+        return
+    loader = torch.utils.data.DataLoader(
+        _Rows(data),
+        batch_size=None,
+        sampler=[b.tolist() for b in batches],
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+    yield from loader

@@ -1,0 +1,407 @@
+"""Named loss terms of the two-branch β-VAE.
+
+:func:`vae_loss` returns a :class:`LossTerms` dataclass; every term is a
+per-row average over the batch (rows lacking a modality contribute 0 to its
+terms), so the total is a per-cell negative ELBO plus the extra terms.
+
+β and the capacity C are arguments: the trainer owns their schedule
+(:mod:`vae.schedules`); the module keeps no step counter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from torch.nn import functional as F
+
+from vae.model import Decoded, ForwardOutput, Gaussian, Posteriors
+
+ALIGNS = ("none", "clip", "class")
+
+
+@dataclass
+class LossWeights:
+    """Weights of the loss terms (plain values, from ``vae.*`` in the config)."""
+
+    image: float = 1.0
+    mask: float = 1.0
+    ssim: float = 0.0
+    expression: float = 1.0
+    cross: float = 1.0  # unimodal + cross-modal reconstructions on paired rows
+    align: float = 0.0
+    align_mode: str = "none"  # none | clip | class
+    temperature: float = 0.1
+    late_mask: bool = False  # expression: score observed non-zero entries only
+
+    def __post_init__(self) -> None:
+        if self.align_mode not in ALIGNS:
+            raise ValueError(f"align={self.align_mode!r}; valid: {', '.join(ALIGNS)}")
+
+
+@dataclass
+class LossTerms:
+    """Loss terms of one batch (scalars), already weighted into ``total``.
+
+    Attributes
+    ----------
+    total : objective that is minimised
+    image : masked image NLL from the fused posterior
+    mask : mask BCE (0 when the decoder predicts no mask)
+    ssim : 1 - SSIM inside the mask (0 when its weight is 0)
+    expression : expression NLL from the fused posterior
+    kl : KL(q(z|x) || N(0, I)) of the fused posterior, nats per cell
+    kl_objective : β · |KL - C| (capacity) or β · KL, as added to ``total``
+    image_unimodal, expression_unimodal : self-reconstruction from the
+        unimodal posteriors on paired rows
+    image_from_expression, expression_from_image : cross-modal reconstruction
+        on paired rows
+    kl_unimodal : KL of the unimodal posteriors on paired rows
+    align : alignment loss (0 when off)
+    kl_per_dim : (d,) KL of the fused posterior per latent dim (not in total)
+    """
+
+    total: torch.Tensor
+    image: torch.Tensor
+    mask: torch.Tensor
+    ssim: torch.Tensor
+    expression: torch.Tensor
+    kl: torch.Tensor
+    kl_objective: torch.Tensor
+    image_unimodal: torch.Tensor
+    expression_unimodal: torch.Tensor
+    image_from_expression: torch.Tensor
+    expression_from_image: torch.Tensor
+    kl_unimodal: torch.Tensor
+    align: torch.Tensor
+    kl_per_dim: torch.Tensor
+
+    def scalars(self) -> dict[str, float]:
+        """Every scalar term as a Python float (for logging)."""
+        return {
+            f.name: float(getattr(self, f.name).detach())
+            for f in fields(self)
+            if f.name != "kl_per_dim"
+        }
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def kl_normal(g: Gaussian) -> torch.Tensor:
+    """Closed-form KL(N(mu, exp(logvar)) || N(0, 1)) per dimension, (B, d)."""
+    mu, logvar = g
+    return 0.5 * (mu**2 + logvar.exp() - 1.0 - logvar)
+
+
+def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
+    """Negative binomial log-likelihood (mean/inverse-dispersion form), elementwise.
+
+    Parameters
+    ----------
+    x : (B, G) counts
+    mu : (B, G) mean, > 0
+    log_theta : (G,) or (B, G) log inverse dispersion
+
+    Returns
+    -------
+    (B, G) log P(x | mu, theta).
+    """
+    theta = log_theta.exp().expand_as(mu)
+    eps = 1e-8
+    log_theta_mu = torch.log(theta + mu + eps)
+    return (
+        theta * (torch.log(theta + eps) - log_theta_mu)
+        + x * (torch.log(mu + eps) - log_theta_mu)
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1.0)
+    )
+
+
+def zinb_log_prob(
+    x: torch.Tensor, mu: torch.Tensor, log_theta: torch.Tensor, pi_logits: torch.Tensor
+) -> torch.Tensor:
+    """Zero-inflated NB log-likelihood, elementwise (B, G); ``pi`` = sigmoid(logits)."""
+    nb = nb_log_prob(x, mu, log_theta)
+    theta = log_theta.exp().expand_as(mu)
+    nb_zero = theta * (torch.log(theta + 1e-8) - torch.log(theta + mu + 1e-8))
+    log_pi = F.logsigmoid(pi_logits)
+    log_not_pi = F.logsigmoid(-pi_logits)
+    zero = torch.logaddexp(log_pi, log_not_pi + nb_zero)
+    return torch.where(x < 0.5, zero, log_not_pi + nb)
+
+
+def image_nll(
+    target: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor, log_scale: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """Image negative log-likelihood summed over the pixels inside the mask.
+
+    Parameters
+    ----------
+    target, mean : (B, 3, S, S) in [0, 1]
+    mask : (B, 1, S, S) in {0, 1}; pixels where it is 0 contribute exactly 0
+    log_scale : () log σ (gaussian) or log b (laplace); ignored for ``mse``
+    kind : ``mse`` | ``gaussian`` | ``laplace``
+
+    Returns
+    -------
+    (B,) nats (``mse``: half the sum of squared errors).
+    """
+    diff = (target - mean) * mask  # background is multiplied out before any op
+    n = mask.sum(dim=(1, 2, 3)) * target.shape[1]  # scored values per row
+    if kind == "mse":
+        return 0.5 * diff.pow(2).sum(dim=(1, 2, 3))
+    if kind == "gaussian":
+        per = 0.5 * diff.pow(2).sum(dim=(1, 2, 3)) * torch.exp(-2 * log_scale)
+        return per + n * (log_scale + 0.5 * math.log(2 * math.pi))
+    if kind == "laplace":
+        per = diff.abs().sum(dim=(1, 2, 3)) * torch.exp(-log_scale)
+        return per + n * (log_scale + math.log(2.0))
+    raise ValueError(f"image likelihood {kind!r}; valid: mse, gaussian, laplace")
+
+
+def masked_ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, win: int = 7) -> torch.Tensor:
+    """Mean SSIM inside the mask per row (B,), box window of ``win`` px.
+
+    Both images are multiplied by the mask first, so the background does not
+    enter the local statistics of pixels far from the outline.
+    """
+    a, b = a * mask, b * mask
+    pad = win // 2
+    c1, c2 = 0.01**2, 0.03**2
+
+    def avg(t: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(t, win, stride=1, padding=pad, count_include_pad=False)
+
+    mu_a, mu_b = avg(a), avg(b)
+    va = avg(a * a) - mu_a**2
+    vb = avg(b * b) - mu_b**2
+    cov = avg(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
+    s = s.mean(dim=1, keepdim=True) * mask
+    return s.sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1.0)
+
+
+def expression_nll(
+    dec: Decoded,
+    x_log: torch.Tensor,
+    counts: torch.Tensor | None,
+    library: torch.Tensor | None,
+    late_mask: bool,
+) -> torch.Tensor:
+    """Expression negative log-likelihood summed over genes, (B,).
+
+    NB / ZINB over ``counts`` with mean ``library * scale``, or Gaussian over
+    the log-normalised ``x_log`` when the decoder is Gaussian. With
+    ``late_mask``, only observed non-zero entries are scored (LATE).
+    """
+    if dec.expression_log_sd is not None:
+        sd_log = dec.expression_log_sd
+        lp = (
+            -0.5 * ((x_log - dec.expression_log) / sd_log.exp()) ** 2
+            - sd_log
+            - 0.5 * math.log(2 * math.pi)
+        )
+        observed = x_log
+    else:
+        if counts is None or library is None:
+            raise ValueError("NB/ZINB expression likelihood needs counts and library sizes")
+        mu = dec.expression_scale * library.view(-1, 1)
+        if dec.expression_dropout_logits is not None:
+            lp = zinb_log_prob(counts, mu, dec.expression_log_theta, dec.expression_dropout_logits)
+        else:
+            lp = nb_log_prob(counts, mu, dec.expression_log_theta)
+        observed = counts
+    if late_mask:
+        lp = lp * (observed > 0).to(lp.dtype)
+    return -lp.sum(dim=1)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric CLIP-style InfoNCE between matched rows of a and b, (N, d) -> ()."""
+    a = F.normalize(a, dim=1)
+    b = F.normalize(b, dim=1)
+    logits = a @ b.t() / temperature  # (N, N), matches on the diagonal
+    target = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def class_align(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    labels: torch.Tensor,
+    mask_a: torch.Tensor,
+    mask_b: torch.Tensor,
+) -> torch.Tensor:
+    """Squared distance between per-class centroids of the two unimodal means.
+
+    For ``by_label`` pairs, where individual rows are not the same cell but
+    classes are shared. Classes present in both modalities of the batch only.
+    """
+    total = a.new_zeros(())
+    n = 0
+    for c in torch.unique(labels[mask_a & mask_b] if (mask_a & mask_b).any() else labels):
+        ia = mask_a & (labels == c)
+        ib = mask_b & (labels == c)
+        if ia.any() and ib.any():
+            total = total + (a[ia].mean(0) - b[ib].mean(0)).pow(2).sum()
+            n += 1
+    return total / max(n, 1)
+
+
+# ----------------------------------------------------------------------- the loss
+
+
+def vae_loss(
+    out: ForwardOutput,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    x_log: torch.Tensor,
+    counts: torch.Tensor | None,
+    library: torch.Tensor | None,
+    *,
+    beta: float,
+    capacity: float = 0.0,
+    weights: LossWeights | None = None,
+    image_likelihood: str = "gaussian",
+    n_shared: int | None = None,
+    labels: torch.Tensor | None = None,
+) -> LossTerms:
+    """All loss terms of one batch.
+
+    Parameters
+    ----------
+    out : ForwardOutput from ``TwoBranchVAE.forward``
+    image : (B, 3, S, S) float in [0, 1]
+    mask : (B, 1, S, S) float {0, 1}: image terms score these pixels only
+    x_log : (B, G) log-normalised expression
+    counts : (B, G) raw counts or None (Gaussian decoder)
+    library : (B,) total counts or None
+    beta : float
+        KL weight (0 drops the KL term from ``total``).
+    capacity : float
+        Burgess capacity C, nats: the KL term becomes β·|KL − C|; 0 is plain β·KL.
+    weights : LossWeights
+    image_likelihood : str
+    n_shared : int, optional
+        Shared dims used for alignment (default: all).
+    labels : (B,) int, optional
+        Class codes for ``class`` alignment.
+
+    Returns
+    -------
+    LossTerms
+    """
+    w = weights or LossWeights()
+    post: Posteriors = out.posteriors
+    hi = post.has_image.to(image.dtype)
+    he = post.has_expression.to(image.dtype)
+    paired = hi * he
+    b = image.shape[0]
+    zero = image.new_zeros(())
+
+    def img_terms(dec: Decoded, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        nll = (
+            image_nll(image, dec.image, mask, dec.image_log_scale, image_likelihood) * rows
+        ).sum()
+        if dec.mask_logits is not None and w.mask > 0:
+            bce = F.binary_cross_entropy_with_logits(dec.mask_logits, mask, reduction="none")
+            m = (bce.sum(dim=(1, 2, 3)) * rows).sum()
+        else:
+            m = zero
+        if w.ssim > 0:
+            s = ((1.0 - masked_ssim(image, dec.image, mask)) * rows).sum()
+        else:
+            s = zero
+        return nll / b, m / b, s / b
+
+    def expr_term(dec: Decoded, rows: torch.Tensor) -> torch.Tensor:
+        nll = expression_nll(dec, x_log, counts, library, w.late_mask)
+        return (nll * rows).sum() / b
+
+    def weighted_img(t: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return w.image * t[0] + w.mask * t[1] + w.ssim * t[2]
+
+    def kl_of(g: Gaussian, rows: torch.Tensor) -> torch.Tensor:
+        return (kl_normal(g).sum(dim=1) * rows).sum() / b
+
+    if out.joint is not None:  # PoE: ELBO of the fused posterior on every row
+        i_nll, i_mask, i_ssim = img_terms(out.joint, hi)
+        e_nll = expr_term(out.joint, he)
+        kl_dims = kl_normal(post.joint)
+        kl = kl_dims.sum(dim=1).mean()
+        # unimodal ELBOs on paired rows (MVAE-style subsampling): each expert
+        # alone reconstructs both modalities -> cross-modal prediction works
+        ui = img_terms(out.from_image, paired)
+        ue = expr_term(out.from_expression, paired)
+        ci = img_terms(out.from_expression, paired)
+        ce = expr_term(out.from_image, paired)
+        kl_uni = kl_of(post.image, paired) + kl_of(post.expression, paired)
+        extra = w.cross * (
+            weighted_img(ui) + w.expression * ue + weighted_img(ci) + w.expression * ce
+        )
+    else:  # MoE: average of the present components' ELBOs
+        n_present = (hi + he).clamp_min(1.0)
+        wi, we = hi / n_present, he / n_present
+        ii = img_terms(out.from_image, wi)
+        ie = img_terms(out.from_expression, wi * he)
+        i_nll = ii[0] + ie[0]
+        i_mask = ii[1] + ie[1]
+        i_ssim = ii[2] + ie[2]
+        e_nll = expr_term(out.from_expression, we) + expr_term(out.from_image, he * wi)
+        kl_dims = kl_normal(post.image) * wi.view(-1, 1) + kl_normal(post.expression) * we.view(
+            -1, 1
+        )
+        kl = kl_dims.sum(dim=1).mean()
+        ui = ci = (zero, zero, zero)
+        ue = ce = zero
+        # cross-modal terms are part of the MoE ELBO above; report them alone too
+        with torch.no_grad():
+            ci = img_terms(out.from_expression, paired)
+            ce = expr_term(out.from_image, paired)
+        kl_uni = zero
+        extra = zero
+
+    kl_obj = beta * (kl - capacity).abs() if capacity > 0 else beta * kl
+    if beta == 0:
+        kl_obj = zero
+
+    align = zero
+    if w.align > 0 and w.align_mode != "none" and post.image is not None:
+        ns = n_shared or post.image[0].shape[1]
+        mi, me = post.image[0][:, :ns], post.expression[0][:, :ns]
+        if w.align_mode == "clip":
+            keep = (paired > 0).nonzero().flatten()
+            if keep.numel() > 1:
+                align = info_nce(mi[keep], me[keep], w.temperature)
+        elif labels is not None:
+            align = class_align(mi, me, labels, post.has_image, post.has_expression)
+
+    total = (
+        w.image * i_nll
+        + w.mask * i_mask
+        + w.ssim * i_ssim
+        + w.expression * e_nll
+        + kl_obj
+        + extra
+        + beta * w.cross * kl_uni
+        + w.align * align
+    )
+    return LossTerms(
+        total=total,
+        image=i_nll,
+        mask=i_mask,
+        ssim=i_ssim,
+        expression=e_nll,
+        kl=kl,
+        kl_objective=kl_obj,
+        image_unimodal=ui[0],
+        expression_unimodal=ue,
+        image_from_expression=ci[0],
+        expression_from_image=ce,
+        kl_unimodal=kl_uni,
+        align=align,
+        kl_per_dim=kl_dims.mean(dim=0).detach(),
+    )

@@ -1,0 +1,582 @@
+"""Two-branch β-VAE: image CNN + expression MLP with a fused (shared) latent.
+
+Inference, generative model and loss are kept apart (as scvi-tools' VAE module):
+
+* :meth:`TwoBranchVAE.encode` -> :class:`Posteriors` (unimodal and fused Gaussians),
+* :meth:`TwoBranchVAE.decode` -> :class:`Decoded` (image, mask and expression
+  distributions' parameters),
+* :mod:`vae.losses` turns a :class:`ForwardOutput` into named loss terms.
+
+Latent layout, ``d = n_shared + 2 * n_private``::
+
+    z = [ shared (n_shared) | image private (n_private) | expression private (n_private) ]
+
+The shared block is the product (or mixture) of the experts present in each
+row; each private block comes from its own modality only (prior N(0, I) when
+that modality is absent). The image decoder reads ``[shared | image private]``,
+the expression decoder ``[shared | expression private]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+IMAGE_LIKELIHOODS = ("mse", "gaussian", "laplace")
+EXPRESSION_LIKELIHOODS = ("nb", "zinb", "gaussian")
+FUSIONS = ("poe", "moe")
+
+Gaussian = tuple[torch.Tensor, torch.Tensor]  # (mu, logvar), each (B, d)
+
+
+@dataclass
+class VAEArgs:
+    """Architecture of :class:`TwoBranchVAE` (plain values, saved in checkpoints).
+
+    Attributes
+    ----------
+    n_genes : int
+        Number of genes G of the expression branch.
+    crop_size : int
+        Side S of the square crops, px; must be divisible by ``2 ** len(channels)``.
+    n_shared, n_private : int
+        Shared latent dims and private dims per modality.
+    channels : list of int
+        Conv widths of the image encoder, one stride-2 conv each (decoder mirrors).
+    hidden : list of int
+        MLP widths of the expression encoder (decoder mirrors).
+    expression_likelihood : str
+        ``nb`` | ``zinb`` (counts) or ``gaussian`` (log-normalised values).
+    image_likelihood : str
+        ``mse`` | ``gaussian`` | ``laplace``; the latter two learn one scale.
+    library_covariate : bool
+        Give the expression encoder log library size as an extra input.
+    predict_mask : bool
+        Decode a mask channel besides RGB.
+    fusion : str
+        ``poe`` or ``moe``.
+    norm_total : float
+        Typical sum of ``expm1(X)`` per cell; turns NB proportions into
+        log-normalised predictions.
+    dropout : float
+        Dropout in the expression MLPs.
+    """
+
+    n_genes: int
+    crop_size: int
+    n_shared: int = 16
+    n_private: int = 0
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])
+    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    expression_likelihood: str = "nb"
+    image_likelihood: str = "gaussian"
+    library_covariate: bool = True
+    predict_mask: bool = True
+    fusion: str = "poe"
+    norm_total: float = 1e4
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.expression_likelihood not in EXPRESSION_LIKELIHOODS:
+            raise ValueError(
+                f"expression_likelihood={self.expression_likelihood!r}; "
+                f"valid: {', '.join(EXPRESSION_LIKELIHOODS)}"
+            )
+        if self.image_likelihood not in IMAGE_LIKELIHOODS:
+            raise ValueError(
+                f"image_likelihood={self.image_likelihood!r}; valid: {', '.join(IMAGE_LIKELIHOODS)}"
+            )
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion={self.fusion!r}; valid: {', '.join(FUSIONS)}")
+        down = 2 ** len(self.channels)
+        if not self.channels or self.crop_size % down or self.crop_size < down:
+            raise ValueError(
+                f"crop_size={self.crop_size} must be a positive multiple of 2**len(channels)"
+                f"={down} (channels={self.channels})"
+            )
+        if self.n_shared < 1 or self.n_private < 0 or self.n_genes < 1:
+            raise ValueError(
+                f"need n_shared >= 1, n_private >= 0, n_genes >= 1; got {self.n_shared}, "
+                f"{self.n_private}, {self.n_genes}"
+            )
+
+    @property
+    def n_latent(self) -> int:
+        """Total latent size d."""
+        return self.n_shared + 2 * self.n_private
+
+    @property
+    def has_counts(self) -> bool:
+        return self.expression_likelihood in ("nb", "zinb")
+
+
+@dataclass
+class Posteriors:
+    """Diagonal Gaussian posteriors, each ``(mu, logvar)`` of shape (B, d).
+
+    ``image`` / ``expression`` are the unimodal experts (with the prior filled
+    in for their missing private block) or ``None`` when not computed;
+    ``joint`` fuses the modalities present in each row.
+    """
+
+    joint: Gaussian
+    image: Gaussian | None
+    expression: Gaussian | None
+    has_image: torch.Tensor  # (B,) bool
+    has_expression: torch.Tensor  # (B,) bool
+
+
+@dataclass
+class Decoded:
+    """Decoder outputs for latent codes z (B, d).
+
+    Attributes
+    ----------
+    image : (B, 3, S, S) float in [0, 1]
+        Mean image.
+    mask : (B, 1, S, S) probability or None
+    mask_logits : (B, 1, S, S) or None
+    image_log_scale : () tensor
+        Log of the learned pixel scale (σ or Laplace b); 0 for ``mse``.
+    expression_log : (B, G)
+        Predicted log1p-normalised expression.
+    expression_scale : (B, G) or None
+        NB/ZINB proportions (rows sum to 1); multiply by library for the mean.
+    expression_log_theta : (G,) or None
+        NB inverse dispersion (log).
+    expression_dropout_logits : (B, G) or None
+        ZINB zero-inflation logits.
+    expression_log_sd : (G,) or None
+        Gaussian likelihood log standard deviation.
+    """
+
+    image: torch.Tensor
+    mask: torch.Tensor | None
+    mask_logits: torch.Tensor | None
+    image_log_scale: torch.Tensor
+    expression_log: torch.Tensor
+    expression_scale: torch.Tensor | None = None
+    expression_log_theta: torch.Tensor | None = None
+    expression_dropout_logits: torch.Tensor | None = None
+    expression_log_sd: torch.Tensor | None = None
+
+
+@dataclass
+class ForwardOutput:
+    """Everything the loss needs from one training forward pass.
+
+    ``joint`` decodes z sampled from the fused posterior; on PoE,
+    ``from_image`` / ``from_expression`` decode z sampled from the unimodal
+    posteriors (used for unimodal + cross-modal terms on paired rows), with
+    ``z_image_mu`` / ``z_expression_mu`` the shared means for alignment. On
+    MoE, ``from_image`` / ``from_expression`` are the mixture components and
+    ``joint`` is None.
+    """
+
+    posteriors: Posteriors
+    joint: Decoded | None
+    from_image: Decoded | None
+    from_expression: Decoded | None
+
+
+def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.LayerNorm(b), nn.SiLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def _groups(c: int) -> int:
+    # GroupNorm is per sample: rows without an image do not pollute statistics
+    # and train/eval behave the same (unlike BatchNorm)
+    for g in (8, 4, 2, 1):
+        if c % g == 0:
+            return g
+    return 1
+
+
+class ImageEncoder(nn.Module):
+    """Masked crop -> Gaussian over ``n_out`` dims.
+
+    Input is ``cat(image * mask, mask)``: (B, 4, S, S), so pixels outside the
+    cell never reach the encoder and the cell outline is given explicitly.
+    """
+
+    def __init__(self, crop_size: int, channels: list[int], n_out: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 4
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.GroupNorm(_groups(c), c)]
+            layers.append(nn.SiLU())
+            c_in = c
+        self.conv = nn.Sequential(*layers)
+        side = crop_size // 2 ** len(channels)
+        flat = channels[-1] * side * side
+        self.mu = nn.Linear(flat, n_out)
+        self.logvar = nn.Linear(flat, n_out)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> Gaussian:
+        x = torch.cat([image * mask, mask], dim=1)  # (B, 4, S, S)
+        h = self.conv(x).flatten(1)  # (B, C, s, s) -> (B, C*s*s)
+        return self.mu(h), self.logvar(h).clamp(-10.0, 8.0)
+
+
+class ImageDecoder(nn.Module):
+    """z -> mean image (B, 3, S, S) in [0, 1] and mask logits (B, 1, S, S)."""
+
+    def __init__(self, crop_size: int, channels: list[int], n_in: int, predict_mask: bool):
+        super().__init__()
+        self.side = crop_size // 2 ** len(channels)
+        self.c0 = channels[-1]
+        self.fc = nn.Linear(n_in, self.c0 * self.side * self.side)
+        rev = list(reversed(channels))
+        layers: list[nn.Module] = []
+        for a, b in zip(rev[:-1], rev[1:]):
+            layers += [nn.ConvTranspose2d(a, b, 4, stride=2, padding=1)]
+            layers += [nn.GroupNorm(_groups(b), b), nn.SiLU()]
+        # last upsampling straight to the output channels
+        self.predict_mask = predict_mask
+        layers.append(nn.ConvTranspose2d(rev[-1], 4 if predict_mask else 3, 4, 2, 1))
+        self.deconv = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = F.silu(self.fc(z)).view(-1, self.c0, self.side, self.side)  # (B, C*s*s) -> (B, C, s, s)
+        out = self.deconv(h)  # (B, 3 or 4, S, S)
+        img = torch.sigmoid(out[:, :3])
+        return img, (out[:, 3:4] if self.predict_mask else None)
+
+
+class ExpressionEncoder(nn.Module):
+    """Log-normalised expression (B, G) [+ log library (B, 1)] -> Gaussian."""
+
+    def __init__(self, n_genes: int, hidden: list[int], n_out: int, library: bool, dropout: float):
+        super().__init__()
+        self.library = library
+        self.net = _mlp([n_genes + int(library), *hidden], dropout)
+        self.mu = nn.Linear(hidden[-1], n_out)
+        self.logvar = nn.Linear(hidden[-1], n_out)
+
+    def forward(self, x: torch.Tensor, log_library: torch.Tensor | None) -> Gaussian:
+        if self.library:
+            if log_library is None:
+                log_library = torch.zeros(x.shape[0], 1, device=x.device, dtype=x.dtype)
+            x = torch.cat([x, log_library.view(-1, 1).to(x.dtype)], dim=1)
+        h = self.net(x)
+        return self.mu(h), self.logvar(h).clamp(-10.0, 8.0)
+
+
+class ExpressionDecoder(nn.Module):
+    """z -> parameters of NB / ZINB over counts, or Gaussian over log-normalised X."""
+
+    def __init__(
+        self,
+        n_genes: int,
+        hidden: list[int],
+        n_in: int,
+        likelihood: str,
+        norm_total: float,
+        dropout: float,
+    ):
+        super().__init__()
+        self.likelihood = likelihood
+        self.net = _mlp([n_in, *reversed(hidden)], dropout)
+        self.out = nn.Linear(hidden[0], n_genes)
+        self.register_buffer("log_norm_total", torch.tensor(math.log(norm_total)))
+        if likelihood in ("nb", "zinb"):
+            self.log_theta = nn.Parameter(torch.full((n_genes,), math.log(5.0)))
+        if likelihood == "zinb":
+            self.dropout_head = nn.Linear(hidden[0], n_genes)
+        if likelihood == "gaussian":
+            self.log_sd = nn.Parameter(torch.full((n_genes,), math.log(0.5)))
+
+    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        h = self.net(z)
+        raw = self.out(h)  # (B, G)
+        if self.likelihood == "gaussian":
+            return {"expression_log": raw, "expression_log_sd": self.log_sd}
+        scale = torch.softmax(raw, dim=-1)  # proportions, rows sum to 1
+        # log1p(proportion * typical total) = log-normalised prediction
+        pred = torch.log1p(scale * self.log_norm_total.exp())
+        return {
+            "expression_log": pred,
+            "expression_scale": scale,
+            "expression_log_theta": self.log_theta,
+            "expression_dropout_logits": (
+                self.dropout_head(h) if self.likelihood == "zinb" else None
+            ),
+        }
+
+
+def poe(experts: list[Gaussian], present: list[torch.Tensor]) -> Gaussian:
+    """Product of Gaussian experts with the N(0, I) prior expert.
+
+    Parameters
+    ----------
+    experts : list of (mu, logvar), each (B, d)
+    present : list of (B,) bool
+        Whether expert k is observed in each row; absent experts contribute
+        nothing, so a row with no modality gets the prior.
+
+    Returns
+    -------
+    (mu, logvar) of the product, each (B, d).
+    """
+    mu0 = torch.zeros_like(experts[0][0])
+    precision = torch.ones_like(mu0)  # prior expert: precision 1, mean 0
+    weighted = mu0
+    for (mu, logvar), m in zip(experts, present):
+        p = torch.exp(-logvar) * m.view(-1, 1).to(mu.dtype)
+        precision = precision + p
+        weighted = weighted + mu * p
+    return weighted / precision, -torch.log(precision)
+
+
+def moe_mean(experts: list[Gaussian], present: list[torch.Tensor]) -> Gaussian:
+    """Moment-matched Gaussian of the uniform mixture of the present experts.
+
+    Rows with no modality get the prior. Used to report ``joint`` under MoE;
+    training samples each component (see :class:`ForwardOutput`).
+    """
+    mu0 = torch.zeros_like(experts[0][0])
+    w_sum = torch.zeros_like(mu0[:, :1])
+    m1 = mu0.clone()
+    m2 = mu0.clone()
+    for (mu, logvar), m in zip(experts, present):
+        w = m.view(-1, 1).to(mu.dtype)
+        w_sum = w_sum + w
+        m1 = m1 + w * mu
+        m2 = m2 + w * (logvar.exp() + mu**2)
+    none = w_sum == 0
+    w_sum = w_sum.clamp_min(1.0)
+    m1 = m1 / w_sum
+    var = (m2 / w_sum - m1**2).clamp_min(1e-6)
+    var = torch.where(none, torch.ones_like(var), var)
+    return m1, var.log()
+
+
+def reparameterize(g: Gaussian) -> torch.Tensor:
+    mu, logvar = g
+    return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+
+class TwoBranchVAE(nn.Module):
+    """Image + expression β-VAE with a fused latent (see module docstring).
+
+    Parameters
+    ----------
+    args : VAEArgs
+        Architecture; stored as ``self.args`` and in checkpoints.
+    """
+
+    def __init__(self, args: VAEArgs):
+        super().__init__()
+        self.args = args
+        a = args
+        ns, npv = a.n_shared, a.n_private
+        self.image_encoder = ImageEncoder(a.crop_size, a.channels, ns + npv)
+        self.image_decoder = ImageDecoder(a.crop_size, a.channels, ns + npv, a.predict_mask)
+        self.expression_encoder = ExpressionEncoder(
+            a.n_genes, a.hidden, ns + npv, a.library_covariate, a.dropout
+        )
+        self.expression_decoder = ExpressionDecoder(
+            a.n_genes, a.hidden, ns + npv, a.expression_likelihood, a.norm_total, a.dropout
+        )
+        # one learned pixel scale (σ-VAE style); fixed at 1 for plain MSE
+        self.image_log_scale = nn.Parameter(
+            torch.tensor(-2.0), requires_grad=a.image_likelihood != "mse"
+        )
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def n_latent(self) -> int:
+        return self.args.n_latent
+
+    def _split(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ns = self.args.n_shared
+        return t[:, :ns], t[:, ns:]
+
+    def _full(self, shared: Gaussian, private: Gaussian | None, modality: str) -> Gaussian:
+        """Place shared + one modality's private block into the full layout (B, d).
+
+        The other modality's private block gets the prior N(0, 1).
+        """
+        npv = self.args.n_private
+        if npv == 0:
+            return shared
+        mu_s, lv_s = shared
+        zeros = torch.zeros(mu_s.shape[0], npv, device=mu_s.device, dtype=mu_s.dtype)
+        mu_p, lv_p = private if private is not None else (zeros, zeros)
+        if modality == "image":
+            return torch.cat([mu_s, mu_p, zeros], 1), torch.cat([lv_s, lv_p, zeros], 1)
+        return torch.cat([mu_s, zeros, mu_p], 1), torch.cat([lv_s, zeros, lv_p], 1)
+
+    def image_part(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, d) -> (B, n_shared + n_private): what the image decoder reads."""
+        a = self.args
+        return z[:, : a.n_shared + a.n_private]
+
+    def expression_part(self, z: torch.Tensor) -> torch.Tensor:
+        a = self.args
+        if a.n_private == 0:
+            return z
+        return torch.cat([z[:, : a.n_shared], z[:, a.n_shared + a.n_private :]], 1)
+
+    # --------------------------------------------------------------- inference
+    def encode(
+        self,
+        image: torch.Tensor | None = None,
+        expression: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
+        has_expression: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        log_library: torch.Tensor | None = None,
+    ) -> Posteriors:
+        """Posteriors of the modalities given, fused over those present per row.
+
+        Parameters
+        ----------
+        image : (B, 3, S, S) float in [0, 1], or None
+        expression : (B, G) log-normalised, or None
+        has_image, has_expression : (B,) bool, optional
+            Which rows hold each modality; default: all rows when the tensor
+            is given, none otherwise.
+        mask : (B, 1, S, S) or (B, S, S), optional
+            Cell mask; default: the whole crop (all ones).
+        log_library : (B,) or (B, 1), optional
+            log(total counts) covariate; default 0 (unknown).
+
+        Returns
+        -------
+        Posteriors
+            ``joint``: PoE (or MoE moment match) of the present experts and
+            the prior; unimodal posteriors in the full latent layout.
+        """
+        if image is None and expression is None:
+            raise ValueError("encode needs image and/or expression")
+        ref = image if image is not None else expression
+        b, dev = ref.shape[0], ref.device
+        no = torch.zeros(b, dtype=torch.bool, device=dev)
+        if has_image is None:
+            has_image = ~no if image is not None else no
+        if has_expression is None:
+            has_expression = ~no if expression is not None else no
+        if image is None:
+            has_image = no
+        if expression is None:
+            has_expression = no
+        has_image, has_expression = has_image.to(dev).bool(), has_expression.to(dev).bool()
+
+        post_img = post_expr = None
+        experts, present = [], []
+        if image is not None:
+            if mask is None:
+                mask = torch.ones_like(image[:, :1])
+            elif mask.dim() == 3:
+                mask = mask.unsqueeze(1)  # (B, S, S) -> (B, 1, S, S)
+            mu, lv = self.image_encoder(image, mask.to(image.dtype))
+            sh = (mu[:, : self.args.n_shared], lv[:, : self.args.n_shared])
+            pv = (mu[:, self.args.n_shared :], lv[:, self.args.n_shared :])
+            post_img = self._full(sh, pv, "image")
+            experts.append(sh)
+            present.append(has_image)
+        if expression is not None:
+            mu, lv = self.expression_encoder(expression, log_library)
+            sh = (mu[:, : self.args.n_shared], lv[:, : self.args.n_shared])
+            pv = (mu[:, self.args.n_shared :], lv[:, self.args.n_shared :])
+            post_expr = self._full(sh, pv, "expression")
+            experts.append(sh)
+            present.append(has_expression)
+
+        fuse = poe if self.args.fusion == "poe" else moe_mean
+        shared = fuse(experts, present)
+        joint = shared
+        npv = self.args.n_private
+        if npv:
+            zeros = torch.zeros(b, npv, device=dev, dtype=shared[0].dtype)
+
+            def private(post: Gaussian | None, sl: slice, m: torch.Tensor) -> Gaussian:
+                if post is None:
+                    return zeros, zeros
+                keep = m.view(-1, 1)
+                return (
+                    torch.where(keep, post[0][:, sl], zeros),
+                    torch.where(keep, post[1][:, sl], zeros),
+                )
+
+            ns = self.args.n_shared
+            pi = private(post_img, slice(ns, ns + npv), has_image)
+            pe = private(post_expr, slice(ns + npv, ns + 2 * npv), has_expression)
+            joint = (
+                torch.cat([shared[0], pi[0], pe[0]], 1),
+                torch.cat([shared[1], pi[1], pe[1]], 1),
+            )
+        return Posteriors(joint, post_img, post_expr, has_image, has_expression)
+
+    # -------------------------------------------------------------- generative
+    def decode(self, z: torch.Tensor) -> Decoded:
+        """Decode latent codes.
+
+        Parameters
+        ----------
+        z : (B, d)
+
+        Returns
+        -------
+        Decoded
+            ``image`` (B, 3, S, S) in [0, 1], ``mask`` (B, 1, S, S) probability
+            or None, ``expression_log`` (B, G) log1p-normalised prediction and
+            the likelihood parameters.
+        """
+        img, mask_logits = self.image_decoder(self.image_part(z))
+        expr = self.expression_decoder(self.expression_part(z))
+        return Decoded(
+            image=img,
+            mask=torch.sigmoid(mask_logits) if mask_logits is not None else None,
+            mask_logits=mask_logits,
+            image_log_scale=self.image_log_scale.clamp(-4.6, 2.0),
+            **expr,
+        )
+
+    # ---------------------------------------------------------------- training
+    def forward(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor,
+        expression: torch.Tensor,
+        has_image: torch.Tensor,
+        has_expression: torch.Tensor,
+        log_library: torch.Tensor | None = None,
+    ) -> ForwardOutput:
+        """Encode, sample and decode everything the training loss needs.
+
+        All parameters are used in every call (rows without a modality still
+        flow through its encoder, then get masked out), which keeps DDP happy
+        without ``find_unused_parameters``.
+
+        Parameters
+        ----------
+        image : (B, 3, S, S) float in [0, 1] (zeros where absent)
+        mask : (B, 1, S, S) float {0, 1}
+        expression : (B, G) log-normalised (zeros where absent)
+        has_image, has_expression : (B,) bool
+        log_library : (B,) optional
+        """
+        post = self.encode(image, expression, has_image, has_expression, mask, log_library)
+        if self.args.fusion == "poe":
+            joint = self.decode(reparameterize(post.joint))
+        else:
+            joint = None
+        from_img = self.decode(reparameterize(post.image))
+        from_expr = self.decode(reparameterize(post.expression))
+        return ForwardOutput(post, joint, from_img, from_expr)
+
+
+def args_to_dict(args: VAEArgs) -> dict:
+    return asdict(args)

@@ -1,0 +1,165 @@
+"""TensorBoard logging of β-VAE training.
+
+Tags written (all by rank 0 only):
+
+* ``train/<term>``, ``val/<term>``: every loss term (see :class:`vae.losses.LossTerms`)
+* ``schedule/beta``, ``schedule/capacity``, ``schedule/lr``, ``train/grad_norm``
+* ``kl_dim/NN``: KL of the fused posterior per latent dim (val, per epoch)
+* ``reconstruction/val``: image grid, rows = input | reconstruction (fused) |
+  reconstruction from the image alone | cross-modal (image decoded from expression)
+* ``expression/granule_genes``: observed vs reconstructed (fused and from image)
+* ``latent/mu_NN``: histograms of the fused posterior means
+* projector: fused latent of (up to) N cells with crop thumbnails and labels
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vae.data import Batch
+from vae.model import TwoBranchVAE
+
+RECON_TAG = "reconstruction/val"
+EXPRESSION_TAG = "expression/granule_genes"
+
+
+def pick_granule_genes(gene_names: list[str], var=None, max_genes: int = 12) -> list[int]:
+    """Indices of the genes shown in the expression figure.
+
+    ``var["program"]`` containing "granule" (simulator), else
+    ``var["gene_of_interest"]``, else known granule-protein genes by name,
+    else the first ``max_genes`` genes.
+    """
+    if var is not None:
+        if "program" in var:
+            prog = var["program"].astype(str).str.lower()
+            hit = np.flatnonzero(prog.str.contains("granul").to_numpy())
+            if hit.size:
+                return hit[:max_genes].tolist()
+        if "gene_of_interest" in var:
+            hit = np.flatnonzero(var["gene_of_interest"].to_numpy().astype(bool))
+            if hit.size:
+                return hit[:max_genes].tolist()
+    known = {"MPO", "ELANE", "PRTN3", "CTSG", "AZU1", "LTF", "CAMP", "LCN2", "MMP8", "MMP9"}
+    hit = [i for i, g in enumerate(gene_names) if g.upper() in known]
+    return (hit or list(range(min(max_genes, len(gene_names)))))[:max_genes]
+
+
+class TBLogger:
+    """Thin wrapper around ``SummaryWriter`` with the figures of this model.
+
+    Parameters
+    ----------
+    log_dir : folder of the event files
+    gene_names : list of str
+    granule_genes : indices of the genes for the expression figure
+    """
+
+    def __init__(self, log_dir: str | Path, gene_names: list[str], granule_genes: list[int]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir))
+        self.gene_names = gene_names
+        self.granule_genes = granule_genes
+
+    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def kl_per_dim(self, kl: np.ndarray, step: int) -> None:
+        for i, v in enumerate(np.asarray(kl).ravel()):
+            self.writer.add_scalar(f"kl_dim/{i:02d}", float(v), step)
+
+    @torch.no_grad()
+    def epoch_figures(self, model: TwoBranchVAE, batch: Batch, epoch: int) -> None:
+        """Reconstruction grid, expression figure and latent histograms on a fixed batch."""
+        import torchvision
+
+        was = model.training
+        model.eval()
+        post = model.encode(
+            batch.image,
+            batch.x,
+            batch.has_image,
+            batch.has_expression,
+            batch.mask,
+            batch.log_library,
+        )
+        joint = model.decode(post.joint[0])
+        from_img = model.decode(post.image[0])
+        from_expr = model.decode(post.expression[0])
+        m = batch.mask
+        rows = [batch.image, joint.image.float() * m, from_img.image.float() * m]
+        rows.append(from_expr.image.float() * m)
+        grid = torchvision.utils.make_grid(
+            torch.cat(rows).clamp(0, 1).cpu(), nrow=batch.image.shape[0], padding=2, pad_value=1.0
+        )
+        self.writer.add_image(RECON_TAG, grid, epoch)
+        self.writer.add_figure(
+            EXPRESSION_TAG,
+            self._expression_figure(
+                batch.x.cpu().numpy(),
+                joint.expression_log.float().cpu().numpy(),
+                from_img.expression_log.float().cpu().numpy(),
+                batch.has_expression.cpu().numpy(),
+            ),
+            epoch,
+        )
+        mu = post.joint[0].float().cpu()
+        for i in range(mu.shape[1]):
+            self.writer.add_histogram(f"latent/mu_{i:02d}", mu[:, i], epoch)
+        if was:
+            model.train()
+
+    def _expression_figure(self, obs, rec, from_img, has_expr):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        genes = self.granule_genes
+        n = len(genes)
+        cols = min(4, max(1, n))
+        rows = int(np.ceil(n / cols)) or 1
+        fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.6 * rows), squeeze=False)
+        keep = has_expr.astype(bool)
+        for ax, g in zip(axes.ravel(), genes):
+            ax.scatter(obs[keep, g], rec[keep, g], s=6, alpha=0.6, label="fused")
+            ax.scatter(obs[keep, g], from_img[keep, g], s=6, alpha=0.6, label="from image")
+            hi = float(max(obs[keep, g].max(initial=0), rec[keep, g].max(initial=0), 1e-3))
+            ax.plot([0, hi], [0, hi], "k--", lw=0.5)
+            ax.set_title(self.gene_names[g], fontsize=8)
+            ax.tick_params(labelsize=6)
+        for ax in axes.ravel()[n:]:
+            ax.axis("off")
+        axes.ravel()[0].legend(fontsize=6)
+        fig.supxlabel("observed log-normalised", fontsize=8)
+        fig.supylabel("reconstructed", fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    def projector(
+        self, latent: np.ndarray, labels: list[str], thumbnails: torch.Tensor | None, step: int
+    ) -> None:
+        """Embedding projector: (N, d) latent, N labels, (N, 3, h, w) thumbnails in [0, 1]."""
+        keep = np.isfinite(latent).all(1)
+        if not keep.any():
+            return
+        lab = [labels[i] for i in np.flatnonzero(keep)]
+        thumbs = thumbnails[torch.from_numpy(keep)] if thumbnails is not None else None
+        self.writer.add_embedding(
+            torch.from_numpy(latent[keep]),
+            metadata=lab,
+            label_img=thumbs,
+            global_step=step,
+            tag="vae_latent",
+        )
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

@@ -1,0 +1,492 @@
+"""Training loop of the two-branch β-VAE (typed arguments, no config objects).
+
+``train(model, data, split, args, dist, out_dir)`` runs AdamW with a warm-up +
+cosine learning rate, the KL schedule (β warm-up / capacity annealing),
+gradient clipping, a non-finite-loss stop, early stopping on the validation
+loss, and writes ``last.pt`` (every epoch) and ``model.pt`` (best on val) with
+everything needed to resume bit-exactly on CPU: optimizer, scheduler, epoch,
+step, RNG states (torch, numpy, python, augmentation generator), early-stopping
+state and the resolved config.
+
+Distributed: pass the ``DistInfo`` of ``pipeline.hardware`` (``device``,
+``rank``, ``world_size``, ``wrap``, ``autocast``, ``all_reduce_sum``); every
+rank trains on its shard of each epoch, rank 0 writes files and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vae.checkpoint import load_checkpoint, save_checkpoint
+from vae.data import Batch, PairedTensors, epoch_batches, iterate, raw_batch, to_batch
+from vae.losses import LossTerms, LossWeights, vae_loss
+from vae.model import TwoBranchVAE
+from vae.schedules import KLSchedule, lr_lambda
+from vae.tb import TBLogger
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; training stopped before the weights were updated."""
+
+
+@dataclass
+class TrainArgs:
+    """Optimisation settings (see TrainerConfig / VAEConfig in pipeline/config.py)."""
+
+    max_epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    lr_schedule: str = "cosine"
+    lr_warmup_epochs: float = 1.0
+    grad_clip: float = 10.0
+    early_stopping_patience: int = 10
+    max_minutes: float | None = None
+    augment: bool = True
+    seed: int = 0
+    # KL schedule
+    beta: float = 4.0
+    kl_warmup_epochs: float = 5.0
+    capacity_max: float = 0.0
+    capacity_epochs: float = 20.0
+    # loss
+    weights: LossWeights = field(default_factory=LossWeights)
+    image_likelihood: str = "gaussian"
+    # data path
+    num_workers: int = 0
+    pin_memory: bool = False
+    # TensorBoard
+    log_every_steps: int = 10
+    image_every_epochs: int = 1
+    n_images: int = 8
+    # testing: return after this many epochs as if the job had been killed
+    stop_after_epochs: int | None = None
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`.
+
+    best_epoch : epoch (1-based) of model.pt; best_val : its validation loss;
+    epochs : epochs completed in total; steps : optimizer steps in total;
+    stopped : ``max_epochs`` | ``early_stopping`` | ``time_limit`` | ``interrupted``;
+    history : per-epoch dicts (train/val loss terms, β, C, lr, seconds);
+    kl_per_dim : (d,) validation KL per latent dim at the last epoch.
+    """
+
+    best_epoch: int
+    best_val: float
+    epochs: int
+    steps: int
+    stopped: str
+    history: list[dict[str, Any]]
+    kl_per_dim: list[float]
+    seconds: float
+
+
+def _unwrap(m: torch.nn.Module) -> TwoBranchVAE:
+    return m.module if hasattr(m, "module") else m
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "augment": gen.get_state(),
+    }
+
+
+def _set_rng_state(st: dict[str, Any], gen: torch.Generator) -> None:
+    torch.set_rng_state(st["torch"])
+    if st.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    gen.set_state(st["augment"])
+
+
+def forward_loss(
+    model: torch.nn.Module,
+    batch: Batch,
+    *,
+    beta: float,
+    capacity: float,
+    args: TrainArgs,
+    n_shared: int,
+    autocast=None,
+) -> LossTerms:
+    """One forward pass and all loss terms (loss in fp32 even under autocast)."""
+    import contextlib
+
+    with autocast() if autocast is not None else contextlib.nullcontext():
+        out = model(
+            batch.image,
+            batch.mask,
+            batch.x,
+            batch.has_image,
+            batch.has_expression,
+            batch.log_library,
+        )
+    return vae_loss(
+        out,
+        batch.image,
+        batch.mask,
+        batch.x,
+        batch.counts,
+        batch.library,
+        beta=beta,
+        capacity=capacity,
+        weights=args.weights,
+        image_likelihood=args.image_likelihood,
+        n_shared=n_shared,
+        labels=batch.labels,
+    )
+
+
+def train(
+    model: TwoBranchVAE,
+    data: PairedTensors,
+    split: np.ndarray,
+    args: TrainArgs,
+    dist: Any,
+    out_dir: str | Path,
+    *,
+    resume_from: str | Path | None = None,
+    meta: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+    tb: TBLogger | None = None,
+) -> TrainResult:
+    """Train ``model`` on the ``train`` rows of ``data``, early-stop on ``val``.
+
+    Parameters
+    ----------
+    model : TwoBranchVAE (unwrapped; moved/wrapped here through ``dist.wrap``)
+    data : PairedTensors
+    split : (N,) array of ``train`` | ``val`` | ``test``; test rows are never read
+    args : TrainArgs
+    dist : pipeline.hardware.DistInfo (device, rank, world_size, wrap, autocast, ...)
+    out_dir : where ``last.pt`` and ``model.pt`` go (rank 0 only)
+    resume_from : a ``last.pt`` to continue from (same args and split)
+    meta, config : stored in the checkpoints
+    tb : TensorBoard logger (rank 0) or None
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    NonFiniteLossError
+        On a NaN/inf loss, naming epoch, step and the terms.
+    """
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    device = dist.device
+    is_main = dist.rank == 0
+    train_idx = np.flatnonzero(split == "train")
+    val_idx = np.flatnonzero(split == "val")
+    if train_idx.size == 0:
+        raise ValueError("no training rows in the split")
+    if val_idx.size == 0:
+        log.warning("no validation rows: early stopping and model.pt selection use train loss")
+
+    torch.manual_seed(args.seed + dist.rank)
+    np.random.seed(args.seed + dist.rank)
+    random.seed(args.seed + dist.rank)
+    gen = torch.Generator().manual_seed(args.seed * 7919 + dist.rank)
+
+    core = model
+    wrapped = dist.wrap(core)
+    n_shared = core.args.n_shared
+    opt = torch.optim.AdamW(
+        [p for p in core.parameters() if p.requires_grad],
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+    )
+    steps_per_epoch = len(
+        epoch_batches(
+            train_idx,
+            args.batch_size,
+            shuffle=False,
+            seed=0,
+            epoch=0,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+    )
+    total_steps = steps_per_epoch * args.max_epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lr_lambda(round(args.lr_warmup_epochs * steps_per_epoch), total_steps, args.lr_schedule),
+    )
+    kl_sched = KLSchedule(
+        beta=args.beta,
+        warmup_steps=round(args.kl_warmup_epochs * steps_per_epoch),
+        capacity_max=args.capacity_max,
+        capacity_steps=round(args.capacity_epochs * steps_per_epoch),
+    )
+
+    epoch, step = 0, 0
+    best_val, best_epoch, bad_epochs = math.inf, 0, 0
+    history: list[dict[str, Any]] = []
+    if resume_from is not None:
+        ck = load_checkpoint(resume_from)
+        core.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        epoch, step = int(ck["epoch"]), int(ck["step"])
+        best_val = float(ck.get("best_val", math.inf))
+        best_epoch = int(ck.get("best_epoch", 0))
+        bad_epochs = int(ck.get("bad_epochs", 0))
+        history = list(ck.get("history", []))
+        _set_rng_state(ck["rng"], gen)
+        log.info("resumed from %s at epoch %d, step %d", resume_from, epoch, step)
+
+    # fixed validation batch for the figures (first rows of val, else train)
+    fig_rows = (val_idx if val_idx.size else train_idx)[: args.n_images]
+    fig_batch = to_batch(raw_batch(data, torch.as_tensor(fig_rows, dtype=torch.long)), device)
+
+    def payload(kind: str) -> dict[str, Any]:
+        return {
+            "model": core.state_dict(),
+            "model_args": asdict(core.args),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "rng": _rng_state(gen),
+            "best_val": best_val,
+            "best_epoch": best_epoch,
+            "bad_epochs": bad_epochs,
+            "history": history,
+            "train_args": asdict(args),
+            "config": config,
+            "meta": dict(
+                meta or {},
+                n_latent=core.args.n_latent,
+                n_shared=n_shared,
+                n_private=core.args.n_private,
+                crop_size=core.args.crop_size,
+                checkpoint=kind,
+            ),
+        }
+
+    stopped = "max_epochs"
+    last_kl = np.zeros(core.args.n_latent)
+    while epoch < args.max_epochs:
+        t_ep = time.time()
+        wrapped.train()
+        batches = epoch_batches(
+            train_idx,
+            args.batch_size,
+            shuffle=True,
+            seed=args.seed,
+            epoch=epoch,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+        sums: dict[str, float] = {}
+        n_rows = 0
+        data_s = 0.0
+        t_data = time.time()
+        for raw in iterate(data, batches, args.num_workers, args.pin_memory):
+            batch = to_batch(raw, device, args.augment, gen, non_blocking=args.pin_memory)
+            data_s += time.time() - t_data
+            beta = kl_sched.beta_at(step)
+            cap = kl_sched.capacity_at(step)
+            terms = forward_loss(
+                wrapped,
+                batch,
+                beta=beta,
+                capacity=cap,
+                args=args,
+                n_shared=n_shared,
+                autocast=dist.autocast,
+            )
+            if not torch.isfinite(terms.total):
+                bad = {k: v for k, v in terms.scalars().items() if not math.isfinite(v)}
+                raise NonFiniteLossError(
+                    f"non-finite loss at epoch {epoch + 1}, step {step}: non-finite terms "
+                    f"{bad} (beta={beta:.3g}, lr={sched.get_last_lr()[0]:.3g}). Lower "
+                    f"trainer.lr, keep trainer.grad_clip > 0, or check the input "
+                    f"(X must be log-normalised, counts non-negative)."
+                )
+            opt.zero_grad(set_to_none=True)
+            terms.total.backward()
+            gnorm = (
+                torch.nn.utils.clip_grad_norm_(core.parameters(), args.grad_clip)
+                if args.grad_clip > 0
+                else torch.tensor(0.0)
+            )
+            opt.step()
+            sched.step()
+            step += 1
+            bsz = int(batch.x.shape[0])
+            n_rows += bsz
+            sc = terms.scalars()
+            for k, v in sc.items():
+                sums[k] = sums.get(k, 0.0) + v * bsz
+            if tb is not None and is_main and step % max(1, args.log_every_steps) == 0:
+                tb.scalars("train", sc, step)
+                tb.scalars(
+                    "schedule",
+                    {"beta": beta, "capacity": cap, "lr": sched.get_last_lr()[0]},
+                    step,
+                )
+                tb.writer.add_scalar("train/grad_norm", float(gnorm), step)
+            t_data = time.time()
+        epoch += 1
+        train_means = {k: v / max(n_rows, 1) for k, v in sums.items()}
+
+        # validation at the final β / C so epochs stay comparable during warm-up
+        val_means, last_kl = evaluate_loss(
+            wrapped, data, val_idx if val_idx.size else train_idx, args, dist, kl_sched, n_shared
+        )
+        monitor = val_means["total"]
+        eligible = kl_sched.done_at(step)
+        improved = eligible and monitor < best_val
+        if improved:
+            best_val, best_epoch, bad_epochs = monitor, epoch, 0
+        elif eligible:
+            bad_epochs += 1
+        rec = {
+            "epoch": epoch,
+            "step": step,
+            "beta": kl_sched.beta_at(step),
+            "capacity": kl_sched.capacity_at(step),
+            "lr": sched.get_last_lr()[0],
+            "seconds": round(time.time() - t_ep, 3),
+            "data_seconds": round(data_s, 3),
+            "train": train_means,
+            "val": val_means,
+        }
+        history.append(rec)
+        if is_main:
+            log.info(
+                "epoch %d/%d step %d: train %.4g val %.4g (img %.4g expr %.4g kl %.3g "
+                "x-expr %.4g) beta %.3g %.1fs%s",
+                epoch,
+                args.max_epochs,
+                step,
+                train_means.get("total", math.nan),
+                monitor,
+                val_means["image"],
+                val_means["expression"],
+                val_means["kl"],
+                val_means["expression_from_image"],
+                rec["beta"],
+                rec["seconds"],
+                " *" if improved else "",
+            )
+            if tb is not None:
+                tb.scalars("epoch_train", train_means, epoch)
+                tb.scalars("val", val_means, epoch)
+                tb.kl_per_dim(last_kl, epoch)
+                if args.image_every_epochs > 0 and (
+                    epoch % args.image_every_epochs == 0 or epoch == args.max_epochs
+                ):
+                    tb.epoch_figures(core, fig_batch, epoch)
+                tb.flush()
+            save_checkpoint(out_dir / "last.pt", payload("last"))
+            if improved:
+                save_checkpoint(out_dir / "model.pt", payload("best"))
+        if args.early_stopping_patience > 0 and bad_epochs >= args.early_stopping_patience:
+            stopped = "early_stopping"
+            break
+        if args.max_minutes is not None and (time.time() - t_start) / 60 > args.max_minutes:
+            stopped = "time_limit"
+            log.info("trainer.max_minutes=%s reached after epoch %d", args.max_minutes, epoch)
+            break
+        if args.stop_after_epochs is not None and epoch >= args.stop_after_epochs:
+            stopped = "interrupted"
+            break
+    dist.barrier()
+    if is_main and stopped != "interrupted" and best_epoch == 0:
+        # the KL schedule never finished: keep the last weights as "best"
+        log.warning("KL schedule did not finish within the run; model.pt = last epoch")
+        best_epoch, best_val = epoch, history[-1]["val"]["total"] if history else math.nan
+        save_checkpoint(out_dir / "model.pt", payload("best"))
+    return TrainResult(
+        best_epoch=best_epoch,
+        best_val=float(best_val),
+        epochs=epoch,
+        steps=step,
+        stopped=stopped,
+        history=history,
+        kl_per_dim=[float(v) for v in last_kl],
+        seconds=round(time.time() - t_start, 2),
+    )
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    data: PairedTensors,
+    rows: np.ndarray,
+    args: TrainArgs,
+    dist: Any,
+    kl_sched: KLSchedule,
+    n_shared: int,
+) -> tuple[dict[str, float], np.ndarray]:
+    """Mean loss terms over ``rows`` (sharded over ranks) at the final β and C.
+
+    Returns the term means and the per-dim KL (d,) of the fused posterior.
+    """
+    was = model.training
+    model.eval()
+    batches = epoch_batches(
+        rows,
+        max(args.batch_size, 128),
+        shuffle=False,
+        seed=0,
+        epoch=0,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+    sums: torch.Tensor | None = None
+    keys: list[str] = []
+    kl_sum = None
+    n = 0
+    for raw in iterate(data, batches):
+        batch = to_batch(raw, dist.device)
+        terms = forward_loss(
+            model,
+            batch,
+            beta=kl_sched.beta,
+            capacity=kl_sched.capacity_max,
+            args=args,
+            n_shared=n_shared,
+            autocast=dist.autocast,
+        )
+        sc = terms.scalars()
+        keys = list(sc)
+        bsz = batch.x.shape[0]
+        v = torch.tensor([sc[k] * bsz for k in keys] + [bsz], dtype=torch.float64)
+        sums = v if sums is None else sums + v
+        k = terms.kl_per_dim.double().cpu() * bsz
+        kl_sum = k if kl_sum is None else kl_sum + k
+        n += bsz
+    if was:
+        model.train()
+    if sums is None:
+        return {"total": math.nan}, np.zeros(n_shared)
+    both = torch.cat([sums, kl_sum]).to(dist.device)
+    dist.all_reduce_sum(both)
+    both = both.cpu()
+    cnt = float(both[len(keys)])
+    means = {k: float(both[i]) / cnt for i, k in enumerate(keys)}
+    kl = (both[len(keys) + 1 :] / cnt).numpy()
+    return means, kl
