@@ -1,0 +1,802 @@
+"""Single-cell expression: readers, validation and scanpy preprocessing.
+
+Library code: plain typed arguments, no config objects (``pipeline.stage_expression``
+maps the config onto :class:`PreprocessParams`).
+
+Outputs follow ``docs/artifacts.md`` (section *expression*): ``X`` is
+``log1p(normalize_total(counts, target_sum))`` as float32, the untouched raw
+counts of the kept cells/genes sit in ``layers["counts"]`` when the input had
+counts (``uns["has_counts"]``), labels in ``obs["label"]``, maturation in
+``obs["maturation"]``, program scores in ``obs["score_<program>"]``.
+
+Inputs without counts (``scanpy.datasets.pbmc68k_reduced()``: its ``.raw`` is
+log-normalised) are kept as they are: no counts are invented, ``has_counts`` is
+False and the VAE must use a Gaussian likelihood on ``X``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PBMC68K = "scanpy:pbmc68k_reduced"
+INPUT_FORMATS = ("auto", "h5ad", "10x_h5", "10x_mtx", "csv", "tsv", "loom")
+ORIENTATIONS = ("cells_by_genes", "genes_by_cells")
+VALUE_KINDS = ("auto", "counts", "lognorm")
+MATURATION_MODES = ("auto", "column", "dpt", "none")
+# obs columns searched, in order, when no label / maturation column is configured
+LABEL_CANDIDATES = ("kind", "celltype", "cell_type", "bulk_labels", "paul_cluster", "louvain")
+MATURATION_CANDIDATES = ("t", "maturation", "pseudotime", "dpt_pseudotime")
+
+
+class ExpressionInputError(ValueError):
+    """Bad expression input or setting. ``field`` names the offending field.
+
+    Parameters
+    ----------
+    message
+        What is wrong and how to fix it.
+    field
+        Config key or data field at fault, e.g. ``"X"``, ``"var_names"``,
+        ``"expression.label_key"``.
+    source
+        File (or data set name) the problem was found in.
+    """
+
+    def __init__(self, message: str, *, field: str, source: str = ""):
+        self.field = field
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}[{field}] {message}")
+
+
+# ----------------------------------------------------------------------------
+# readers
+# ----------------------------------------------------------------------------
+
+
+def detect_format(path: str | Path) -> str:
+    """Guess the reader from a file name (``auto`` input format)."""
+    p = Path(path)
+    name = p.name.lower()
+    if str(path) == BUILTIN_PBMC68K:
+        return "scanpy"
+    if p.is_dir():
+        return "10x_mtx"
+    for suffix, fmt in (
+        (".h5ad", "h5ad"),
+        (".h5", "10x_h5"),
+        (".loom", "loom"),
+        (".csv", "csv"),
+        (".csv.gz", "csv"),
+        (".tsv", "tsv"),
+        (".tsv.gz", "tsv"),
+        (".txt", "tsv"),
+        (".txt.gz", "tsv"),
+    ):
+        if name.endswith(suffix):
+            return fmt
+    raise ExpressionInputError(
+        f"cannot tell the format of {p.name}; set expression.input_format to one of "
+        f"{', '.join(INPUT_FORMATS[1:])}",
+        field="expression.input_format",
+        source=str(path),
+    )
+
+
+def read_expression(
+    path: str | Path, *, fmt: str = "auto", orientation: str = "cells_by_genes"
+) -> ad.AnnData:
+    """Read an expression matrix into AnnData (cells x genes).
+
+    Parameters
+    ----------
+    path
+        ``.h5ad``; 10x ``.h5`` or matrix-market folder (``matrix.mtx[.gz]``,
+        ``features/genes.tsv``, ``barcodes.tsv``); ``.csv``/``.tsv`` with a header
+        row and an index column; ``.loom``; or ``"scanpy:pbmc68k_reduced"``.
+    fmt
+        One of :data:`INPUT_FORMATS`.
+    orientation
+        CSV/TSV only: ``cells_by_genes`` (rows are cells) or ``genes_by_cells``.
+
+    Returns
+    -------
+    AnnData
+        ``uns["source"]`` holds the path; for ``pbmc68k_reduced`` ``X`` is its
+        log-normalised ``.raw`` (700 x 765) and ``uns["input_values"]="lognorm"``.
+    """
+    import scanpy as sc
+
+    if fmt not in INPUT_FORMATS and fmt != "scanpy":
+        raise ExpressionInputError(
+            f"unknown format {fmt!r}; valid: {', '.join(INPUT_FORMATS)}",
+            field="expression.input_format",
+        )
+    if orientation not in ORIENTATIONS:
+        raise ExpressionInputError(
+            f"unknown orientation {orientation!r}; valid: {', '.join(ORIENTATIONS)}",
+            field="expression.orientation",
+        )
+    src = str(path)
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt == "scanpy":
+        if src != BUILTIN_PBMC68K:
+            raise ExpressionInputError(
+                f"only {BUILTIN_PBMC68K} is built in", field="expression.input_file"
+            )
+        full = sc.datasets.pbmc68k_reduced()
+        # .raw holds log-normalised values of 765 genes; .X is scaled (negative values)
+        adata = ad.AnnData(
+            X=full.raw.X.copy(), obs=full.obs.copy(), var=pd.DataFrame(index=full.raw.var_names)
+        )
+        adata.uns["input_values"] = "lognorm"
+        adata.uns["source"] = src
+        return adata
+    p = Path(path)
+    if not p.exists():
+        raise ExpressionInputError("no such file or folder", field="path", source=src)
+    try:
+        if fmt == "h5ad":
+            adata = ad.read_h5ad(p)
+        elif fmt == "10x_h5":
+            adata = sc.read_10x_h5(p)
+        elif fmt == "10x_mtx":
+            adata = sc.read_10x_mtx(p, var_names="gene_symbols", make_unique=False)
+        elif fmt == "loom":
+            adata = ad.read_loom(p, sparse=True)
+        else:
+            sep = "," if fmt == "csv" else "\t"
+            df = pd.read_csv(p, sep=sep, index_col=0)
+            if orientation == "genes_by_cells":
+                df = df.T
+            non_numeric = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+            if non_numeric:
+                raise ExpressionInputError(
+                    f"non-numeric columns {non_numeric[:5]} (is expression.orientation right?)",
+                    field="X",
+                    source=src,
+                )
+            adata = ad.AnnData(
+                X=df.to_numpy(dtype=np.float32),
+                obs=pd.DataFrame(index=df.index.astype(str)),
+                var=pd.DataFrame(index=df.columns.astype(str)),
+            )
+    except ExpressionInputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - name the file in every reader failure
+        raise ExpressionInputError(
+            f"could not read as {fmt}: {type(e).__name__}: {e}", field="path", source=src
+        ) from e
+    adata.uns["source"] = src
+    return adata
+
+
+# ----------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------
+
+
+def _values(m) -> np.ndarray:
+    return m.data if sp.issparse(m) else np.asarray(m)
+
+
+def validate_matrix(adata: ad.AnnData, *, values: str = "auto", source: str = "") -> bool:
+    """Check an input matrix; return whether it holds raw counts.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes. Counts are taken from ``layers["counts"]`` if present, else ``X``.
+    values
+        ``counts``: require non-negative integers; ``lognorm``: ``X`` is already
+        log-normalised (no counts); ``auto``: counts if integer-valued, else lognorm.
+    source
+        Named in error messages.
+
+    Raises
+    ------
+    ExpressionInputError
+        Empty matrix, duplicate cell or gene names (``obs_names``/``var_names``),
+        NaN/inf or negative values, non-integer values where counts are required.
+    """
+    if values not in VALUE_KINDS:
+        raise ExpressionInputError(
+            f"unknown value kind {values!r}; valid: {', '.join(VALUE_KINDS)}",
+            field="expression.values",
+            source=source,
+        )
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ExpressionInputError(
+            f"empty matrix ({adata.n_obs} cells x {adata.n_vars} genes)", field="X", source=source
+        )
+    for what, names in (("obs_names", adata.obs_names), ("var_names", adata.var_names)):
+        dup = names[names.duplicated()].unique()
+        if len(dup):
+            kind = "cell" if what == "obs_names" else "gene"
+            raise ExpressionInputError(
+                f"{len(dup)} duplicate {kind} names, e.g. {list(dup[:5])}",
+                field=what,
+                source=source,
+            )
+    key = "layers['counts']" if "counts" in adata.layers else "X"
+    m = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    v = _values(m)
+    if not np.issubdtype(v.dtype, np.number):
+        raise ExpressionInputError(f"dtype {v.dtype} is not numeric", field=key, source=source)
+    bad = ~np.isfinite(v)
+    if bad.any():
+        raise ExpressionInputError(f"{int(bad.sum())} NaN/inf values", field=key, source=source)
+    if (v < 0).any():
+        hint = (
+            " (looks scaled; give unscaled counts or log-normalised values)"
+            if values != "counts"
+            else ""
+        )
+        raise ExpressionInputError(
+            f"{int((v < 0).sum())} negative values{hint}", field=key, source=source
+        )
+    integer = bool(np.all(v == np.round(v)))
+    declared = adata.uns.get("input_values", values)
+    if values == "counts" and not integer:
+        raise ExpressionInputError(
+            f"{int((v != np.round(v)).sum())} non-integer values, but expression.values="
+            "counts requires raw counts (set values=lognorm for log-normalised input)",
+            field=key,
+            source=source,
+        )
+    if values == "lognorm" or declared == "lognorm":
+        return False
+    if not integer:
+        log.warning(
+            "%s: %s is not integer-valued; treating it as log-normalised (no counts, "
+            "Gaussian likelihood downstream). Set expression.values=counts to refuse this.",
+            source,
+            key,
+        )
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------
+# gene matching
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class GeneMatch:
+    """Case-insensitive match of requested symbols to ``var_names``.
+
+    Attributes
+    ----------
+    matched
+        Requested symbol -> symbol as spelled in the data (``MPO -> Mpo``).
+    missing
+        Requested symbols with no match.
+    """
+
+    matched: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def genes(self) -> list[str]:
+        """Matched symbols as spelled in the data, in request order, unique."""
+        return list(dict.fromkeys(self.matched.values()))
+
+
+def match_genes(var_names, requested: list[str]) -> GeneMatch:
+    """Match gene symbols case-insensitively (mouse ``Mpo`` for human ``MPO``).
+
+    When two data genes differ only by case, the exact spelling wins, else the first.
+    """
+    names = [str(g) for g in var_names]
+    exact = set(names)
+    lower: dict[str, str] = {}
+    for g in names:
+        lower.setdefault(g.lower(), g)
+    out = GeneMatch()
+    for g in requested:
+        if g in exact:
+            out.matched[g] = g
+        elif g.lower() in lower:
+            out.matched[g] = lower[g.lower()]
+        else:
+            out.missing.append(g)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# preprocessing
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class PreprocessParams:
+    """Settings of :func:`preprocess`; see ``ExpressionConfig`` for each meaning."""
+
+    values: str = "auto"
+    min_genes: int = 0
+    min_counts: int = 0
+    max_pct_mito: float | None = None
+    mito_prefix: str = "MT-"
+    min_cells: int = 0
+    target_sum: float = 1e4
+    n_top_genes: int | None = 2000
+    hvg_flavor: str = "seurat"
+    subset_hvg: bool = False
+    genes_of_interest: list[str] = field(default_factory=list)
+    programs: dict[str, list[str]] = field(default_factory=dict)
+    require_program_match: bool = True
+    score_ctrl_size: int = 50
+    score_n_bins: int = 25
+    label_key: str | None = None
+    maturation: str = "auto"
+    maturation_key: str | None = None
+    root_label: str | None = None
+    scale: bool = False
+    n_pcs: int = 30
+    n_neighbors: int = 15
+    umap: bool = True
+    seed: int = 0
+
+
+@dataclass
+class QCReport:
+    """What the QC filters did (counts of cells/genes in, dropped and out)."""
+
+    n_cells_in: int
+    n_genes_in: int
+    dropped_min_genes: int = 0
+    dropped_min_counts: int = 0
+    dropped_mito: int = 0
+    dropped_genes_min_cells: int = 0
+    n_mito_genes: int = 0
+    n_cells_out: int = 0
+    n_genes_out: int = 0
+
+
+@dataclass
+class PreprocessResult:
+    """Output of :func:`preprocess`.
+
+    Attributes
+    ----------
+    adata
+        Processed AnnData (contract of ``docs/artifacts.md``, section *expression*).
+    qc
+        Filter counts.
+    programs
+        Program -> matched genes (data spelling); empty list if nothing matched.
+    missing
+        Program -> requested symbols not found (also for ``genes_of_interest``).
+    qc_frame
+        Per-cell QC metrics of the input *before* filtering (for the QC figure),
+        with a bool column ``kept``.
+    """
+
+    adata: ad.AnnData
+    qc: QCReport
+    programs: dict[str, list[str]]
+    missing: dict[str, list[str]]
+    qc_frame: pd.DataFrame
+
+
+def _qc_metrics(counts, var_names, mito_prefix: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """Per-cell total counts, detected genes and % mitochondrial counts."""
+    mito = np.array([str(g).lower().startswith(mito_prefix.lower()) for g in var_names])
+    if sp.issparse(counts):
+        counts = counts.tocsr()
+        total = np.asarray(counts.sum(1)).ravel()
+        n_genes = np.asarray((counts > 0).sum(1)).ravel()
+        mito_counts = np.asarray(counts[:, mito].sum(1)).ravel() if mito.any() else 0 * total
+    else:
+        counts = np.asarray(counts)
+        total = counts.sum(1)
+        n_genes = (counts > 0).sum(1)
+        mito_counts = counts[:, mito].sum(1) if mito.any() else 0 * total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pct = np.where(total > 0, 100.0 * mito_counts / np.maximum(total, 1e-12), 0.0)
+    df = pd.DataFrame(
+        {"total_counts": total.astype(float), "n_genes": n_genes.astype(int), "pct_mito": pct}
+    )
+    return df, mito
+
+
+def preprocess(
+    adata: ad.AnnData, params: PreprocessParams, *, source: str = ""
+) -> PreprocessResult:
+    """QC-filter, normalise, log1p, flag HVGs, score programs, label and order cells.
+
+    Steps, in order (each off when its threshold is 0/None):
+
+    1. validate (:func:`validate_matrix`);
+    2. cell filters on the raw counts: ``min_genes``, ``min_counts``, ``max_pct_mito``
+       (only when some gene starts with ``mito_prefix``); then gene filter ``min_cells``;
+    3. ``layers["counts"]`` = kept counts, unchanged (same dtype and values);
+    4. ``X`` = ``log1p(normalize_total(counts, target_sum))`` float32 (or the input's
+       log-normalised values when there are no counts);
+    5. highly variable genes (``n_top_genes``; genes of interest and program genes
+       are flagged ``gene_of_interest`` and kept when ``subset_hvg``);
+    6. program scores with ``sc.tl.score_genes`` into ``obs["score_<program>"]``;
+    7. PCA (on scaled values if ``scale``), neighbours, optional UMAP;
+    8. ``obs["label"]`` and ``obs["maturation"]`` (column or diffusion pseudotime).
+
+    Raises
+    ------
+    ExpressionInputError
+        Bad input (see :func:`validate_matrix`), nothing left after filtering
+        (``field`` names the filter), no program gene matched when
+        ``require_program_match``, unknown ``label_key``/``maturation_key``/``root_label``.
+    """
+    import scanpy as sc
+
+    p = params
+    src = source or str(adata.uns.get("source", ""))
+    has_counts = validate_matrix(adata, values=p.values, source=src)
+    adata = adata.copy()
+    if sp.issparse(adata.X):
+        adata.X = adata.X.tocsr()
+    if has_counts and "counts" not in adata.layers:
+        adata.layers["counts"] = adata.X.copy()
+    base = adata.layers["counts"] if has_counts else adata.X
+
+    # -- QC -----------------------------------------------------------------
+    qc_df, mito = _qc_metrics(base, adata.var_names, p.mito_prefix)
+    qc_df.index = adata.obs_names
+    qc = QCReport(n_cells_in=adata.n_obs, n_genes_in=adata.n_vars, n_mito_genes=int(mito.sum()))
+    keep = np.ones(adata.n_obs, bool)
+    if p.min_genes > 0:
+        drop = keep & (qc_df["n_genes"].to_numpy() < p.min_genes)
+        qc.dropped_min_genes = int(drop.sum())
+        keep &= ~drop
+    if p.min_counts > 0:
+        drop = keep & (qc_df["total_counts"].to_numpy() < p.min_counts)
+        qc.dropped_min_counts = int(drop.sum())
+        keep &= ~drop
+    if p.max_pct_mito is not None:
+        if mito.any():
+            drop = keep & (qc_df["pct_mito"].to_numpy() > p.max_pct_mito)
+            qc.dropped_mito = int(drop.sum())
+            keep &= ~drop
+        else:
+            log.warning(
+                "%s: no gene starts with %r (expression.mito_prefix); "
+                "expression.max_pct_mito not applied",
+                src,
+                p.mito_prefix,
+            )
+    qc_df["kept"] = keep
+    if not keep.any():
+        raise ExpressionInputError(
+            f"no cell left after QC (min_genes={p.min_genes}: -{qc.dropped_min_genes}, "
+            f"min_counts={p.min_counts}: -{qc.dropped_min_counts}, max_pct_mito="
+            f"{p.max_pct_mito}: -{qc.dropped_mito} of {qc.n_cells_in}); loosen the filters",
+            field="expression.min_genes/min_counts/max_pct_mito",
+            source=src,
+        )
+    adata = adata[keep].copy()
+    base = adata.layers["counts"] if has_counts else adata.X
+    if p.min_cells > 0:
+        n_cells = np.asarray((base > 0).sum(0)).ravel()
+        gkeep = n_cells >= p.min_cells
+        qc.dropped_genes_min_cells = int((~gkeep).sum())
+        if not gkeep.any():
+            raise ExpressionInputError(
+                f"no gene left after min_cells={p.min_cells} (of {adata.n_vars})",
+                field="expression.min_cells",
+                source=src,
+            )
+        adata = adata[:, gkeep].copy()
+    qc.n_cells_out, qc.n_genes_out = adata.n_obs, adata.n_vars
+    if has_counts:
+        totals = np.asarray(adata.layers["counts"].sum(1)).ravel()
+        if (totals == 0).any():
+            raise ExpressionInputError(
+                f"{int((totals == 0).sum())} cells have zero counts after filtering; "
+                "set expression.min_counts >= 1",
+                field="expression.min_counts",
+                source=src,
+            )
+    for col in ("total_counts", "n_genes", "pct_mito"):
+        adata.obs[col] = qc_df.loc[adata.obs_names, col].to_numpy()
+
+    # -- normalise ----------------------------------------------------------
+    if has_counts:
+        x = adata.layers["counts"].astype(np.float32)
+        tmp = ad.AnnData(X=x)
+        sc.pp.normalize_total(tmp, target_sum=p.target_sum)
+        sc.pp.log1p(tmp)
+        adata.X = tmp.X
+    else:
+        adata.X = adata.X.astype(np.float32)
+    adata.X = (adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)).astype(
+        np.float32
+    )
+    adata.uns["log1p"] = {"base": None}
+
+    # -- genes of interest and programs ------------------------------------
+    missing: dict[str, list[str]] = {}
+    programs: dict[str, list[str]] = {}
+    for name, genes in p.programs.items():
+        m = match_genes(adata.var_names, list(genes))
+        programs[name] = m.genes
+        if m.missing:
+            missing[name] = m.missing
+    goi = match_genes(adata.var_names, list(p.genes_of_interest))
+    if goi.missing:
+        missing["genes_of_interest"] = goi.missing
+    for name, genes in missing.items():
+        log.warning(
+            "%s: %d of the genes of %s not found: %s",
+            src,
+            len(genes),
+            "expression.genes_of_interest"
+            if name == "genes_of_interest"
+            else f"expression.programs.{name}",
+            ", ".join(genes),
+        )
+    n_matched = sum(len(g) for g in programs.values())
+    if p.programs and n_matched == 0:
+        msg = (
+            f"none of the {sum(len(g) for g in p.programs.values())} program genes "
+            f"({', '.join(p.programs)}) is in the data ({adata.n_vars} genes, e.g. "
+            f"{list(adata.var_names[:5])}); no program score can be computed"
+        )
+        if p.require_program_match:
+            raise ExpressionInputError(
+                msg + "; set programs for this data set or require_program_match=false",
+                field="expression.programs",
+                source=src,
+            )
+        log.warning("%s: %s", src, msg)
+    if p.genes_of_interest and not goi.genes:
+        log.warning(
+            "%s: no gene of expression.genes_of_interest (%s) is in the data",
+            src,
+            ", ".join(p.genes_of_interest),
+        )
+    interest = set(goi.genes) | {g for gs in programs.values() for g in gs}
+    adata.var["gene_of_interest"] = adata.var_names.isin(sorted(interest))
+
+    # -- highly variable genes ---------------------------------------------
+    if p.n_top_genes is None or p.n_top_genes >= adata.n_vars:
+        adata.var["highly_variable"] = True
+    else:
+        kw = {"layer": "counts"} if p.hvg_flavor == "seurat_v3" else {}
+        if p.hvg_flavor == "seurat_v3" and not has_counts:
+            raise ExpressionInputError(
+                "hvg_flavor=seurat_v3 needs counts; this input has none",
+                field="expression.hvg_flavor",
+                source=src,
+            )
+        sc.pp.highly_variable_genes(adata, n_top_genes=p.n_top_genes, flavor=p.hvg_flavor, **kw)
+    adata.var["highly_variable"] = adata.var["highly_variable"].astype(bool)
+
+    # -- program scores (on all genes, before any HVG subsetting) ------------
+    for name, genes in programs.items():
+        col = f"score_{name}"
+        if not genes:
+            continue
+        sc.tl.score_genes(
+            adata,
+            genes,
+            ctrl_size=min(p.score_ctrl_size, max(1, adata.n_vars - len(genes))),
+            n_bins=p.score_n_bins,
+            score_name=col,
+            random_state=p.seed,
+            use_raw=False,
+        )
+        adata.obs[col] = adata.obs[col].astype(np.float32)
+    if p.subset_hvg:
+        adata = adata[:, adata.var["highly_variable"] | adata.var["gene_of_interest"]].copy()
+
+    # -- embedding ----------------------------------------------------------
+    n_pcs = max(1, min(p.n_pcs, adata.n_obs - 1, adata.n_vars - 1))
+    emb = ad.AnnData(X=adata.X.copy(), obs=pd.DataFrame(index=adata.obs_names))
+    if p.scale:
+        sc.pp.scale(emb, max_value=10)
+    sc.pp.pca(emb, n_comps=n_pcs, random_state=p.seed)
+    adata.obsm["X_pca"] = emb.obsm["X_pca"].astype(np.float32)
+    sc.pp.neighbors(
+        adata, n_neighbors=min(p.n_neighbors, adata.n_obs - 1), use_rep="X_pca", random_state=p.seed
+    )
+    if p.umap:
+        sc.tl.umap(adata, random_state=p.seed)
+
+    # -- labels and maturation ---------------------------------------------
+    _assign_label(adata, p.label_key, src, p.seed)
+    _assign_maturation(adata, p, src)
+
+    adata.uns["has_counts"] = bool(has_counts)
+    adata.uns["programs"] = {k: np.array(v, dtype=str) for k, v in programs.items()}
+    adata.uns["missing_genes"] = {k: np.array(v, dtype=str) for k, v in missing.items()}
+    adata.uns["qc"] = {k: int(v) for k, v in vars(qc).items()}
+    adata.uns["source"] = src
+    if not has_counts:
+        adata.layers.pop("counts", None)
+    return PreprocessResult(adata=adata, qc=qc, programs=programs, missing=missing, qc_frame=qc_df)
+
+
+def _assign_label(adata: ad.AnnData, key: str | None, src: str, seed: int) -> None:
+    import scanpy as sc
+
+    if key is not None:
+        if key not in adata.obs:
+            raise ExpressionInputError(
+                f"no obs column {key!r}; available: {list(adata.obs.columns)}",
+                field="expression.label_key",
+                source=src,
+            )
+    else:
+        key = next((c for c in LABEL_CANDIDATES if c in adata.obs), None)
+    if key is None:
+        sc.tl.leiden(adata, random_state=seed, key_added="leiden", flavor="igraph", n_iterations=2)
+        key = "leiden"
+        adata.obs["label"] = "cluster_" + adata.obs["leiden"].astype(str)
+        log.info("%s: no label column; labels are leiden clusters", src)
+    else:
+        adata.obs["label"] = adata.obs[key].astype(str).to_numpy()
+    adata.uns["label_key"] = key
+
+
+def _assign_maturation(adata: ad.AnnData, p: PreprocessParams, src: str) -> None:
+    import scanpy as sc
+
+    if p.maturation not in MATURATION_MODES:
+        raise ExpressionInputError(
+            f"unknown mode {p.maturation!r}; valid: {', '.join(MATURATION_MODES)}",
+            field="expression.maturation",
+            source=src,
+        )
+    found = next((c for c in MATURATION_CANDIDATES if c in adata.obs), None)
+    adata.obs["maturation"] = np.float32(np.nan)
+    source = "none"
+    if p.maturation in ("auto", "column"):
+        key = p.maturation_key
+        if key is not None and key not in adata.obs:
+            raise ExpressionInputError(
+                f"no obs column {key!r}; available: {list(adata.obs.columns)}",
+                field="expression.maturation_key",
+                source=src,
+            )
+        key = key or found
+        if key is not None:
+            adata.obs["maturation"] = pd.to_numeric(adata.obs[key], errors="coerce").astype(
+                np.float32
+            )
+            source = f"column:{key}"
+        elif p.maturation == "column":
+            raise ExpressionInputError(
+                f"no maturation column (tried {', '.join(MATURATION_CANDIDATES)})",
+                field="expression.maturation_key",
+                source=src,
+            )
+    if source == "none" and p.maturation in ("auto", "dpt"):
+        if p.root_label is None:
+            if p.maturation == "dpt":
+                raise ExpressionInputError(
+                    "maturation=dpt needs a root cell type",
+                    field="expression.root_label",
+                    source=src,
+                )
+            log.warning(
+                "%s: no maturation column and no expression.root_label: maturation is NaN", src
+            )
+        else:
+            labels = adata.obs["label"].astype(str)
+            in_root = (labels.str.lower() == p.root_label.lower()).to_numpy()
+            if not in_root.any():
+                raise ExpressionInputError(
+                    f"root label {p.root_label!r} not among labels {sorted(labels.unique())[:20]}",
+                    field="expression.root_label",
+                    source=src,
+                )
+            n_comps = max(2, min(15, adata.n_obs - 2))
+            sc.tl.diffmap(adata, n_comps=n_comps)
+            dm = adata.obsm["X_diffmap"][:, 1:]
+            # extremal root: the root-type cell farthest from the other cells' centroid
+            centre = dm[~in_root].mean(0) if (~in_root).any() else dm.mean(0)
+            d = np.linalg.norm(dm - centre, axis=1)
+            d[~in_root] = -np.inf
+            adata.uns["iroot"] = int(np.argmax(d))
+            sc.tl.dpt(adata, n_dcs=n_comps)
+            dpt = adata.obs["dpt_pseudotime"].to_numpy(dtype=float)
+            dpt[~np.isfinite(dpt)] = np.nan
+            adata.obs["maturation"] = dpt.astype(np.float32)
+            source = f"dpt:root={p.root_label}"
+    adata.uns["maturation_source"] = source
+
+
+# ----------------------------------------------------------------------------
+# figures
+# ----------------------------------------------------------------------------
+
+
+def plot_qc(qc_frame: pd.DataFrame, params: PreprocessParams, path: str | Path) -> None:
+    """Histograms of total counts, detected genes and % mito with thresholds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    specs = (
+        ("total_counts", params.min_counts or None, "min_counts"),
+        ("n_genes", params.min_genes or None, "min_genes"),
+        ("pct_mito", params.max_pct_mito, "max_pct_mito"),
+    )
+    kept = qc_frame["kept"].to_numpy()
+    for ax, (col, thr, name) in zip(axes, specs):
+        v = qc_frame[col].to_numpy(dtype=float)
+        bins = np.histogram_bin_edges(v, bins=40)
+        ax.hist(v[kept], bins=bins, color="tab:blue", label=f"kept ({kept.sum()})")
+        if (~kept).any():
+            ax.hist(
+                v[~kept], bins=bins, color="tab:red", alpha=0.7, label=f"dropped ({(~kept).sum()})"
+            )
+        if thr is not None:
+            ax.axvline(thr, color="k", ls="--", lw=1, label=f"{name}={thr}")
+        ax.set_xlabel(col)
+        ax.set_ylabel("cells")
+        ax.legend(fontsize=7)
+    fig.suptitle("expression QC (before filtering)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, format="png")
+    plt.close(fig)
+
+
+def plot_embedding(adata: ad.AnnData, path: str | Path, *, max_panels: int = 8) -> None:
+    """UMAP (or first two PCs) coloured by label, maturation and program scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    basis = "X_umap" if "X_umap" in adata.obsm else "X_pca"
+    xy = np.asarray(adata.obsm[basis])[:, :2]
+    cols = ["label", "maturation"] + [c for c in adata.obs.columns if c.startswith("score_")]
+    cols = cols[:max_panels]
+    n = len(cols)
+    ncol = min(4, n)
+    nrow = int(np.ceil(n / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3.6 * nrow), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    for ax, col in zip(axes.ravel(), cols):
+        if col == "label":
+            cats = pd.Categorical(adata.obs[col].astype(str))
+            cmap = plt.get_cmap("tab20")
+            for i, c in enumerate(cats.categories):
+                sel = cats == c
+                ax.scatter(*xy[sel].T, s=4, color=cmap(i % 20), label=f"{c} ({sel.sum()})")
+            ax.legend(fontsize=6, markerscale=2, loc="best")
+        else:
+            v = adata.obs[col].to_numpy(dtype=float)
+            ok = np.isfinite(v)
+            ax.scatter(*xy[~ok].T, s=3, color="lightgrey")
+            sca = ax.scatter(*xy[ok].T, s=4, c=v[ok], cmap="viridis")
+            fig.colorbar(sca, ax=ax, shrink=0.8)
+        ax.set_title(col, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{basis[2:].upper()} of {adata.n_obs} cells")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, format="png")
+    plt.close(fig)
+
+
+def sanitize_for_h5ad(adata: ad.AnnData) -> None:
+    """Make obs/var object columns writable (mixed types -> str), in place."""
+    for df in (adata.obs, adata.var):
+        for c in df.columns:
+            if df[c].dtype == object:
+                df[c] = df[c].astype(str)

@@ -1,0 +1,655 @@
+"""Crop readers and the pairing of cell crops with expression profiles.
+
+No public data set holds cells both imaged and sequenced, so a paired training
+set is a modelling choice. :func:`make_pairs` builds it in one of four modes and
+records, per row, which modalities are present and how the pair was made:
+
+``same_cell``
+    crop ``truth_cell_id`` == expression ``obs_names`` (the simulator's true pairs).
+``by_label``
+    each crop draws ``draws_per_crop`` profiles of its class through ``label_map``
+    (image class -> expression label), fixed by ``seed``.
+``by_maturation``
+    crops and profiles binned on maturation in [0, 1] (``n_bins`` equal-width
+    bins); each crop draws profiles from its own bin.
+``unpaired``
+    every crop and every profile is a single-modality row.
+
+Rows without a partner become single-modality rows (``keep_unmatched_images``,
+``keep_unused_expression``). Library code: plain typed arguments only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+log = logging.getLogger(__name__)
+
+PAIR_MODES = ("same_cell", "by_label", "by_maturation", "unpaired")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+# segmentation_WBC label CSVs: class codes of the data set's authors
+SEGMENTATION_WBC_CLASSES = {
+    1: "neutrophil",
+    2: "lymphocyte",
+    3: "monocyte",
+    4: "eosinophil",
+    5: "basophil",
+}
+# columns copied from crop / expression obs into paired obs when present
+TRUTH_COLUMNS = ("kind", "lineage", "t", "granule_density", "lobes", "diameter")
+
+
+class PairingError(ValueError):
+    """Bad crop input or pairing setting. ``field`` names the offending field."""
+
+    def __init__(self, message: str, *, field: str, source: str = ""):
+        self.field = field
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}[{field}] {message}")
+
+
+@dataclass
+class CropSet:
+    """Cell crops of one size.
+
+    Attributes
+    ----------
+    crops
+        (N, S, S, 3) uint8, background outside the mask set to the background value.
+    masks
+        (N, S, S) bool cell masks (all True when the source has no mask).
+    obs
+        N rows, index = unique image reference; columns ``label`` (str, may be
+        ""), ``source``, ``has_mask`` and, when known, ``maturation``,
+        ``truth_cell_id`` and the truth columns.
+    """
+
+    crops: np.ndarray
+    masks: np.ndarray
+    obs: pd.DataFrame
+
+    def __post_init__(self) -> None:
+        n = len(self.obs)
+        if self.crops.shape[0] != n or self.masks.shape[0] != n:
+            raise PairingError(
+                f"{self.crops.shape[0]} crops, {self.masks.shape[0]} masks, {n} obs rows",
+                field="crops",
+            )
+        if self.obs.index.duplicated().any():
+            raise PairingError(
+                f"duplicate crop ids {list(self.obs.index[self.obs.index.duplicated()][:5])}",
+                field="obs_names",
+            )
+
+    def __len__(self) -> int:
+        return len(self.obs)
+
+    @staticmethod
+    def concat(sets: list[CropSet]) -> CropSet:
+        if not sets:
+            raise PairingError("no crop source", field="pair.crop_sources")
+        return CropSet(
+            crops=np.concatenate([s.crops for s in sets]),
+            masks=np.concatenate([s.masks for s in sets]),
+            obs=pd.concat([s.obs for s in sets]),
+        )
+
+
+# ----------------------------------------------------------------------------
+# crop geometry
+# ----------------------------------------------------------------------------
+
+
+def square_crop(
+    image: np.ndarray, mask: np.ndarray, size: int, background: int = 0, margin: float = 0.1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut the mask's bounding square (plus ``margin``), resize, blank the background.
+
+    Parameters
+    ----------
+    image
+        (H, W, 3) uint8.
+    mask
+        (H, W) bool; all True keeps the whole image (no mask known).
+    size
+        Output side S, px.
+    background
+        Value given to every pixel outside the mask.
+
+    Returns
+    -------
+    crop, mask
+        (S, S, 3) uint8 and (S, S) bool.
+    """
+    from PIL import Image
+
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        ys, xs = np.array([0, h - 1]), np.array([0, w - 1])
+    cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
+    side = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) * (1 + margin)
+    if mask.all():
+        side = max(h, w)
+    half = side / 2
+    y0, y1 = int(round(cy - half)), int(round(cy + half))
+    x0, x1 = int(round(cx - half)), int(round(cx + half))
+    pad = max(0, -y0, -x0, y1 - h, x1 - w)
+    img = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), constant_values=background)
+    msk = np.pad(mask, ((pad, pad), (pad, pad)), constant_values=False)
+    img = img[y0 + pad : y1 + pad, x0 + pad : x1 + pad]
+    msk = msk[y0 + pad : y1 + pad, x0 + pad : x1 + pad]
+    img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+    msk = (
+        np.asarray(Image.fromarray(msk.astype(np.uint8) * 255).resize((size, size), Image.NEAREST))
+        > 127
+    )
+    img = img.copy()
+    img[~msk] = background
+    return img.astype(np.uint8), msk
+
+
+def resize_crop(
+    crop: np.ndarray, mask: np.ndarray, size: int, background: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resize a (H, W, 3) crop (bilinear) and its (H, W) mask (nearest) to (S, S)."""
+    from PIL import Image
+
+    img = np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR)).copy()
+    m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST))
+    m = m > 127
+    img[~m] = background
+    return img.astype(np.uint8), m
+
+
+def _load_rgb(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise PairingError(f"unreadable image: {e}", field="image", source=str(path)) from e
+
+
+# ----------------------------------------------------------------------------
+# crop readers
+# ----------------------------------------------------------------------------
+
+
+def read_cells_h5ad(path: str | Path, size: int, background: int = 0) -> CropSet:
+    """Crops of ``stage=segment`` (``cells.h5ad``), resized to ``size`` if needed."""
+    path = Path(path)
+    a = ad.read_h5ad(path)
+    for key in ("crops", "masks"):
+        if key not in a.obsm:
+            raise PairingError(f"no obsm['{key}']", field=f"obsm['{key}']", source=str(path))
+    crops = np.asarray(a.obsm["crops"])
+    masks = np.asarray(a.obsm["masks"]).astype(bool)
+    if crops.ndim != 4 or crops.shape[-1] != 3 or crops.dtype != np.uint8:
+        raise PairingError(
+            f"expected (N, S, S, 3) uint8, got {crops.shape} {crops.dtype}",
+            field="obsm['crops']",
+            source=str(path),
+        )
+    if crops.shape[1] != size or crops.shape[2] != size:
+        # keep the segment stage's framing: resize the whole crop, not the mask box
+        resized = [resize_crop(c, m, size, background) for c, m in zip(crops, masks)]
+        crops = np.stack([r[0] for r in resized])
+        masks = np.stack([r[1] for r in resized])
+    else:
+        crops = crops.copy()
+        crops[~masks] = background
+    obs = pd.DataFrame(index=a.obs_names.astype(str))
+    src = a.obs
+    obs["label"] = src["kind"].astype(str).to_numpy() if "kind" in src else ""
+    if "label" in src:
+        obs["label"] = src["label"].astype(str).to_numpy()
+    obs["source"] = "cells"
+    obs["has_mask"] = True
+    if "truth_cell_id" in src:
+        obs["truth_cell_id"] = (
+            src["truth_cell_id"].astype(str).replace({"nan": "", "None": ""}).to_numpy()
+        )
+    for c in TRUTH_COLUMNS:
+        if c in src:
+            obs[c] = src[c].to_numpy()
+    if "t" in src:
+        obs["maturation"] = pd.to_numeric(src["t"], errors="coerce").to_numpy(dtype=np.float32)
+    return CropSet(crops=crops, masks=masks, obs=obs)
+
+
+def read_image_folder(
+    root: str | Path, size: int, background: int = 0, max_per_class: int | None = None
+) -> CropSet:
+    """ImageFolder of labelled crops (``root/<Class>/*.jpg``); class names lower-cased.
+
+    These crops have no cell mask: ``masks`` are all True and ``obs["has_mask"]``
+    False, so the whole (square-padded) crop counts as cell.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise PairingError("no such folder", field="path", source=str(root))
+    classes = sorted(d for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise PairingError(
+            "no class sub-folders (ImageFolder layout)", field="path", source=str(root)
+        )
+    crops, masks, rows = [], [], []
+    for d in classes:
+        files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+        if max_per_class is not None:
+            files = files[:max_per_class]
+        for f in files:
+            img = _load_rgb(f)
+            c, m = square_crop(img, np.ones(img.shape[:2], bool), size, background)
+            crops.append(c)
+            masks.append(m)
+            rows.append({"id": f"{root.name}/{d.name}/{f.name}", "label": d.name.lower()})
+    if not rows:
+        raise PairingError("no images found", field="path", source=str(root))
+    obs = pd.DataFrame(rows).set_index("id")
+    obs.index.name = None
+    obs["source"] = root.name
+    obs["has_mask"] = False
+    return CropSet(crops=np.stack(crops), masks=np.stack(masks), obs=obs)
+
+
+def read_segmentation_wbc(
+    root: str | Path,
+    size: int,
+    background: int = 0,
+    max_per_class: int | None = None,
+    subsets: tuple[str, ...] = ("dataset1", "dataset2"),
+) -> CropSet:
+    """segmentation_WBC: ``<subset>/NNN.bmp`` + ``NNN.png`` mask, ``<subset>_labels.csv``.
+
+    Mask coding 0 background, 128 cytoplasm, 255 nucleus; cell = mask > 0.
+    Labels CSV: first column image id (int), second the class code 1-5
+    (:data:`SEGMENTATION_WBC_CLASSES`).
+    """
+    root = Path(root)
+    crops, masks, rows = [], [], []
+    for sub in subsets:
+        csv = root / f"{sub}_labels.csv"
+        if not csv.exists():
+            raise PairingError("label CSV missing", field="path", source=str(csv))
+        lab = pd.read_csv(csv)
+        if lab.shape[1] < 2:
+            raise PairingError(
+                "expected columns: image id, class", field="columns", source=str(csv)
+            )
+        per_class: dict[str, int] = {}
+        for img_id, code in zip(lab.iloc[:, 0], lab.iloc[:, 1]):
+            if int(code) not in SEGMENTATION_WBC_CLASSES:
+                raise PairingError(
+                    f"class code {code} of image {img_id} not in 1-5",
+                    field="class",
+                    source=str(csv),
+                )
+            label = SEGMENTATION_WBC_CLASSES[int(code)]
+            if max_per_class is not None and per_class.get(label, 0) >= max_per_class:
+                continue
+            stem = f"{int(img_id):03d}"
+            img_path = root / sub / f"{stem}.bmp"
+            mask_path = root / sub / f"{stem}.png"
+            if not img_path.exists() or not mask_path.exists():
+                log.warning("%s: image or mask of id %s missing; skipped", csv, img_id)
+                continue
+            img = _load_rgb(img_path)
+            from PIL import Image
+
+            with Image.open(mask_path) as im:
+                m = np.asarray(im.convert("L")) > 0
+            if m.shape != img.shape[:2]:
+                raise PairingError(
+                    f"mask {m.shape} vs image {img.shape[:2]}", field="mask", source=str(mask_path)
+                )
+            c, mm = square_crop(img, m, size, background)
+            crops.append(c)
+            masks.append(mm)
+            per_class[label] = per_class.get(label, 0) + 1
+            rows.append({"id": f"segmentation_wbc/{sub}/{stem}", "label": label})
+    if not rows:
+        raise PairingError("no images found", field="path", source=str(root))
+    obs = pd.DataFrame(rows).set_index("id")
+    obs.index.name = None
+    obs["source"] = "segmentation_wbc"
+    obs["has_mask"] = True
+    return CropSet(crops=np.stack(crops), masks=np.stack(masks), obs=obs)
+
+
+# ----------------------------------------------------------------------------
+# pairing
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class PairResult:
+    """Output of :func:`make_pairs`.
+
+    Attributes
+    ----------
+    adata
+        ``paired.h5ad`` content (``docs/artifacts.md``, section *pair*).
+    summary
+        Rows per ``label`` x ``modalities`` (``image+expression``, ``image``,
+        ``expression``) with column ``n``.
+    """
+
+    adata: ad.AnnData
+    summary: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+
+def _ci_lookup(names, wanted: str) -> str | None:
+    low = {str(n).lower(): str(n) for n in names}
+    return low.get(str(wanted).lower())
+
+
+def resolve_label_map(
+    label_map: dict[str, str], image_labels, expression_labels, *, strict: bool = True
+) -> dict[str, str]:
+    """Image label -> expression label, both spelled as in the data.
+
+    An empty map pairs the labels the two sides share (case-insensitive).
+
+    Raises
+    ------
+    PairingError
+        ``field="pair.label_map"`` when a key is not an image class or a value
+        not an expression label (``strict``); the message lists valid classes.
+    """
+    img = sorted({str(x) for x in image_labels if str(x)})
+    expr = sorted({str(x) for x in expression_labels if str(x)})
+    if not label_map:
+        out = {}
+        for c in img:
+            e = _ci_lookup(expr, c)
+            if e is not None:
+                out[c] = e
+        return out
+    out = {}
+    for k, v in label_map.items():
+        ki, ve = _ci_lookup(img, k), _ci_lookup(expr, v)
+        if ki is None or ve is None:
+            what = (
+                f"image class {k!r} is not among the crops' classes {img}"
+                if ki is None
+                else f"expression label {v!r} is not among {expr}"
+            )
+            if strict:
+                raise PairingError(what, field="pair.label_map")
+            log.warning("pair.label_map: %s; entry ignored", what)
+            continue
+        out[ki] = ve
+    return out
+
+
+def _dense(m) -> np.ndarray:
+    return (m.toarray() if sp.issparse(m) else np.asarray(m)).astype(np.float32)
+
+
+def make_pairs(
+    crops: CropSet | None,
+    expression: ad.AnnData,
+    mode: str,
+    *,
+    label_map: dict[str, str] | None = None,
+    draws_per_crop: int = 1,
+    n_bins: int = 5,
+    label_maturation: dict[str, float] | None = None,
+    keep_unmatched_images: bool = True,
+    keep_unused_expression: bool = True,
+    seed: int = 0,
+    background: int = 0,
+) -> PairResult:
+    """Build the paired training table.
+
+    Parameters
+    ----------
+    crops
+        Crop set (S from its arrays), or None for an expression-only table.
+    expression
+        Processed expression AnnData: ``X`` log-normalised, ``obs["label"]``,
+        ``obs["maturation"]``, optional ``layers["counts"]``.
+    mode
+        One of :data:`PAIR_MODES`.
+    label_map
+        ``by_label``: image class -> expression label (see :func:`resolve_label_map`).
+    draws_per_crop
+        ``by_label``/``by_maturation``: profiles drawn per crop (with replacement
+        across crops, without within a crop when the class has enough profiles);
+        each draw is its own row sharing ``image_ref`` (``obs["draw"]``).
+    n_bins
+        ``by_maturation``: equal-width bins on [0, 1].
+    label_maturation
+        ``by_maturation``: maturation of crops known only by label.
+    seed
+        Fixes every draw.
+
+    Returns
+    -------
+    PairResult
+    """
+    if mode not in PAIR_MODES:
+        raise PairingError(
+            f"unknown mode {mode!r}; valid: {', '.join(PAIR_MODES)}", field="pair.mode"
+        )
+    if draws_per_crop < 1:
+        raise PairingError("must be >= 1", field="pair.draws_per_crop")
+    if n_bins < 1:
+        raise PairingError("must be >= 1", field="pair.n_bins")
+    if "label" not in expression.obs:
+        raise PairingError("expression has no obs['label']", field="obs['label']")
+    rng = np.random.default_rng(seed)
+    n_img = 0 if crops is None else len(crops)
+    img_labels = (
+        np.array([], dtype=str) if crops is None else crops.obs["label"].astype(str).to_numpy()
+    )
+    expr_labels = expression.obs["label"].astype(str).to_numpy()
+    pairs: list[tuple[int, int, int]] = []  # (crop index or -1, profile index or -1, draw)
+    notes: list[str] = []
+
+    if mode == "same_cell":
+        if crops is not None and n_img and "truth_cell_id" not in crops.obs:
+            raise PairingError(
+                "same_cell needs crops with obs['truth_cell_id'] (cells.h5ad of a "
+                "simulated run); use by_label or by_maturation for real data",
+                field="pair.mode",
+            )
+        pos = {c: i for i, c in enumerate(expression.obs_names.astype(str))}
+        for i in range(n_img):
+            j = pos.get(str(crops.obs["truth_cell_id"].iloc[i]), -1)
+            pairs.append((i, j, 0))
+    elif mode == "by_label":
+        lm = resolve_label_map(label_map or {}, img_labels, expr_labels)
+        notes.append(f"label_map: {lm}")
+        pools = {v: np.flatnonzero(expr_labels == v) for v in set(lm.values())}
+        for i in range(n_img):
+            pool = pools.get(lm.get(img_labels[i], None), np.array([], int))
+            pairs.extend(_draw(i, pool, draws_per_crop, rng))
+    elif mode == "by_maturation":
+        edges = np.linspace(0.0, 1.0, n_bins + 1)
+
+        def binned(v: np.ndarray) -> np.ndarray:
+            b = np.clip(np.searchsorted(edges, v, side="right") - 1, 0, n_bins - 1)
+            return np.where(np.isfinite(v), b, -1)
+
+        if "maturation" not in expression.obs:
+            raise PairingError("expression has no obs['maturation']", field="obs['maturation']")
+        e_mat = expression.obs["maturation"].to_numpy(dtype=float)
+        c_mat = np.full(n_img, np.nan)
+        if crops is not None and "maturation" in crops.obs:
+            c_mat = crops.obs["maturation"].to_numpy(dtype=float).copy()
+        lmat = {str(k).lower(): float(v) for k, v in (label_maturation or {}).items()}
+        for i in range(n_img):
+            if not np.isfinite(c_mat[i]) and img_labels[i].lower() in lmat:
+                c_mat[i] = lmat[img_labels[i].lower()]
+        if n_img and not np.isfinite(c_mat).any():
+            raise PairingError(
+                "no crop has a maturation (obs 't'/'maturation' or pair.label_maturation)",
+                field="pair.label_maturation",
+            )
+        if not np.isfinite(e_mat).any():
+            raise PairingError(
+                "no expression profile has a maturation; set expression.root_label "
+                "(diffusion pseudotime) or a maturation column",
+                field="obs['maturation']",
+            )
+        eb, cb = binned(e_mat), binned(c_mat)
+        pools = {b: np.flatnonzero(eb == b) for b in range(n_bins)}
+        for i in range(n_img):
+            pool = pools.get(int(cb[i]), np.array([], int)) if cb[i] >= 0 else np.array([], int)
+            pairs.extend(_draw(i, pool, draws_per_crop, rng))
+    else:  # unpaired
+        pairs.extend((i, -1, 0) for i in range(n_img))
+
+    if not keep_unmatched_images:
+        pairs = [p for p in pairs if p[1] >= 0]
+    used = {p[1] for p in pairs if p[1] >= 0}
+    if mode == "unpaired" or keep_unused_expression:
+        pairs.extend((-1, j, 0) for j in range(expression.n_obs) if j not in used)
+
+    adata = _assemble(crops, expression, pairs, mode, background)
+    summary = summarize(adata)
+    adata.uns["pair_summary"] = summary
+    return PairResult(adata=adata, summary=summary, notes=notes)
+
+
+def _draw(i: int, pool: np.ndarray, k: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    if len(pool) == 0:
+        return [(i, -1, 0)]
+    pick = rng.choice(pool, size=k, replace=len(pool) < k)
+    return [(i, int(j), d) for d, j in enumerate(pick)]
+
+
+def _assemble(
+    crops: CropSet | None,
+    expression: ad.AnnData,
+    pairs: list[tuple[int, int, int]],
+    mode: str,
+    background: int,
+) -> ad.AnnData:
+    n = len(pairs)
+    ci = np.array([p[0] for p in pairs], dtype=int)
+    ei = np.array([p[1] for p in pairs], dtype=int)
+    has_img, has_expr = ci >= 0, ei >= 0
+    g = expression.n_vars
+    x_src = _dense(expression.X)
+    X = np.zeros((n, g), np.float32)
+    X[has_expr] = x_src[ei[has_expr]]
+    layers = {}
+    has_counts = bool(expression.uns.get("has_counts", "counts" in expression.layers))
+    if has_counts and "counts" in expression.layers:
+        c_src = _dense(expression.layers["counts"])
+        counts = np.zeros((n, g), np.float32)
+        counts[has_expr] = c_src[ei[has_expr]]
+        layers["counts"] = counts
+    s = crops.crops.shape[1] if crops is not None else 0
+    crop_arr = np.zeros((n, s, s, 3), np.uint8)
+    mask_arr = np.zeros((n, s, s), bool)
+    if crops is not None:
+        crop_arr[has_img] = crops.crops[ci[has_img]]
+        mask_arr[has_img] = crops.masks[ci[has_img]]
+
+    cobs = crops.obs if crops is not None else pd.DataFrame(columns=["label", "source"])
+    eobs = expression.obs
+    e_names = expression.obs_names.astype(str).to_numpy()
+    obs = pd.DataFrame(index=[f"r{k:06d}" for k in range(n)])
+    obs["has_image"] = has_img
+    obs["has_expression"] = has_expr
+    obs["pair_mode"] = np.where(has_img & has_expr, mode, "none")
+    obs["image_ref"] = np.where(
+        has_img, cobs.index.astype(str).to_numpy()[np.maximum(ci, 0)] if len(cobs) else "", ""
+    )
+    obs["expression_ref"] = np.where(has_expr, e_names[np.maximum(ei, 0)], "")
+    obs["draw"] = np.array([p[2] for p in pairs], dtype=np.int16)
+    c_lab = cobs["label"].astype(str).to_numpy() if len(cobs) else np.array([""])
+    e_lab = eobs["label"].astype(str).to_numpy()
+    obs["image_label"] = np.where(has_img, c_lab[np.maximum(ci, 0)], "")
+    obs["expression_label"] = np.where(has_expr, e_lab[np.maximum(ei, 0)], "")
+    obs["label"] = np.where(has_img, obs["image_label"], obs["expression_label"])
+    obs["image_source"] = np.where(
+        has_img, cobs["source"].astype(str).to_numpy()[np.maximum(ci, 0)] if len(cobs) else "", ""
+    )
+    # maturation: the crop's when known, else the profile's
+    c_mat = (
+        cobs["maturation"].to_numpy(dtype=float)
+        if "maturation" in cobs
+        else np.full(max(len(cobs), 1), np.nan)
+    )
+    e_mat = (
+        eobs["maturation"].to_numpy(dtype=float)
+        if "maturation" in eobs
+        else np.full(len(eobs), np.nan)
+    )
+    mat = np.full(n, np.nan)
+    mat[has_img] = c_mat[ci[has_img]]
+    fill = ~np.isfinite(mat) & has_expr
+    mat[fill] = e_mat[ei[fill]]
+    obs["maturation"] = mat.astype(np.float32)
+    # truth columns describe the row's cell: the crop's; the profile's when the row
+    # has no crop or both sides are the same cell (same_cell)
+    for col in TRUTH_COLUMNS:
+        in_c, in_e = col in cobs, col in eobs
+        if not (in_c or in_e):
+            continue
+        vals = pd.Series([None] * n, dtype=object)
+        if in_c:
+            cv = cobs[col].to_numpy(dtype=object)
+            vals[has_img] = cv[ci[has_img]]
+        if in_e:
+            ev = eobs[col].to_numpy(dtype=object)
+            sel = has_expr & (~has_img | (mode == "same_cell")) & vals.isna().to_numpy()
+            vals[sel] = ev[ei[sel]]
+        obs[col] = _typed(vals)
+    for c in (
+        "pair_mode",
+        "image_ref",
+        "expression_ref",
+        "image_label",
+        "expression_label",
+        "label",
+        "image_source",
+    ):
+        obs[c] = obs[c].astype(str)
+    var = pd.DataFrame(index=expression.var_names.astype(str))
+    for c in ("highly_variable", "gene_of_interest"):
+        if c in expression.var:
+            var[c] = expression.var[c].to_numpy(dtype=bool)
+    out = ad.AnnData(X=X, obs=obs, var=var, layers=layers)
+    out.obsm["crops"] = crop_arr
+    out.obsm["masks"] = mask_arr
+    out.uns["has_counts"] = has_counts
+    out.uns["crop_size"] = int(s)
+    out.uns["background_value"] = int(background)
+    return out
+
+
+def _typed(vals: pd.Series) -> np.ndarray:
+    """Object column -> float when numeric (None -> NaN), else str (None -> "")."""
+    num = pd.to_numeric(vals, errors="coerce")
+    if num.notna().sum() == vals.notna().sum():
+        if (vals.map(lambda v: isinstance(v, bool | np.bool_))).any():
+            return vals.fillna(False).astype(bool).to_numpy()
+        return num.to_numpy(dtype=np.float32)
+    return vals.fillna("").astype(str).to_numpy()
+
+
+def summarize(adata: ad.AnnData) -> pd.DataFrame:
+    """Rows per label and modality combination (``image+expression``, ``image``, ``expression``)."""
+    hi = adata.obs["has_image"].to_numpy(bool)
+    he = adata.obs["has_expression"].to_numpy(bool)
+    combo = np.where(hi & he, "image+expression", np.where(hi, "image", "expression"))
+    df = pd.DataFrame({"label": adata.obs["label"].astype(str).to_numpy(), "modalities": combo})
+    out = df.groupby(["label", "modalities"]).size().rename("n").reset_index()
+    return out.sort_values(["label", "modalities"]).reset_index(drop=True)
