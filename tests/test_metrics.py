@@ -157,3 +157,18 @@ def test_bad_input_names_the_field():
         M.knn_accuracy(np.array([[np.nan, 0.0], [1.0, 1.0]]), ["a", "b"])
     with pytest.raises(ValueError, match="labels: has 1 rows"):
         M.silhouette(np.zeros((3, 2)), ["a"])
+
+
+def test_mig_and_dci_leave_out_unknown_factor_rows():
+    rng = np.random.default_rng(0)
+    n = 800
+    t = rng.uniform(0, 1, n)
+    z = np.c_[t, rng.normal(size=n)]
+    t_part = t.copy()
+    t_part[: n // 4] = np.nan  # e.g. lymphocytes have no maturation t
+    kind = np.where(np.arange(n) < n // 4, "lympho", np.where(t > 0.5, "late", "early"))
+    m = M.mig(z, {"t": t_part, "kind": kind})
+    assert m.best_dim["t"] == 0 and m.per_factor["t"] > 0.5
+    d = M.dci(z, {"t": t_part}, n_estimators=10)
+    assert d.informativeness["t"] > 0.9
+    assert list(M.known_rows(np.array(["a", "nan", None], dtype=object))) == [True, False, False]

@@ -237,22 +237,25 @@ def _discretize(x: np.ndarray, bins: int) -> np.ndarray:
     return out
 
 
-def _factor_codes(factors: dict[str, np.ndarray], bins: int) -> dict[str, np.ndarray]:
-    """Discrete codes of each factor: categorical as is, numeric binned if many values."""
-    out = {}
-    for name, v in factors.items():
-        v = np.asarray(v)
-        if v.dtype.kind in "fiu":
-            v = v.astype(np.float64)
-            uniq = np.unique(v)
-            out[name] = (
-                np.searchsorted(uniq, v)
-                if len(uniq) <= bins
-                else _discretize(v[:, None], bins)[:, 0]
-            )
-        else:
-            out[name] = _labels(v)
-    return out
+def known_rows(v: np.ndarray) -> np.ndarray:
+    """(n,) bool: rows where a factor is known (finite number, or a label other than NaN/None/"")."""
+    v = np.asarray(v)
+    if v.dtype.kind in "fiub":
+        return np.isfinite(v.astype(np.float64))
+    s = v.astype(str)
+    return ~np.isin(s, ["nan", "None", "", "NA", "<NA>"])
+
+
+def _factor_codes(v: np.ndarray, bins: int) -> np.ndarray:
+    """Discrete codes of a factor: categorical as is, numeric binned if many values."""
+    v = np.asarray(v)
+    if v.dtype.kind in "fiub":
+        v = v.astype(np.float64)
+        uniq = np.unique(v)
+        if len(uniq) <= bins:
+            return np.searchsorted(uniq, v)
+        return _discretize(v[:, None], bins)[:, 0]
+    return _labels(v)
 
 
 @dataclass
@@ -272,7 +275,8 @@ def mig(z: np.ndarray, factors: dict[str, np.ndarray], bins: int = 20) -> MIG:
     ----------
     z : (n, d) latent codes.
     factors : name -> (n,) factor values; numeric factors with more than
-        ``bins`` distinct values are binned, others used as categories.
+        ``bins`` distinct values are binned, others used as categories. Rows
+        where a factor is unknown (NaN) are left out for that factor.
     bins : histogram bins of each latent dimension (and numeric factor).
 
     Returns
@@ -284,14 +288,17 @@ def mig(z: np.ndarray, factors: dict[str, np.ndarray], bins: int = 20) -> MIG:
     z = _check_2d("z", z)
     if not factors:
         raise ValueError("mig: no factors given")
-    zd = _discretize(z, bins)
-    codes = _factor_codes(factors, bins)
-    names = list(codes)
+    names = list(factors)
     mi = np.zeros((z.shape[1], len(names)))
     per, best = {}, {}
     for j, name in enumerate(names):
-        v = codes[name]
-        _check_rows(f"factors[{name!r}]", v, len(z))
+        raw = np.asarray(factors[name])
+        _check_rows(f"factors[{name!r}]", raw, len(z))
+        ok = known_rows(raw)  # e.g. maturation t is unknown for lymphocytes
+        if ok.sum() < 2:
+            continue
+        v = _factor_codes(raw[ok], bins)
+        zd = _discretize(z[ok], bins)
         for i in range(z.shape[1]):
             mi[i, j] = mutual_info_score(v, zd[:, i])
         h = stats.entropy(np.bincount(v))
@@ -332,24 +339,29 @@ def dci(
     Parameters
     ----------
     z : (n, d) latent codes.
-    factors : name -> (n,) values; float factors with more than 10 distinct
-        values are regressed, others classified.
+    factors : name -> (n,) values; numeric factors with more than 10 distinct
+        values are regressed, others classified. Rows where a factor is
+        unknown (NaN) are left out for that factor.
     n_estimators : trees per forest.
     test_fraction : share of rows held out for informativeness.
     """
     from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
-    from sklearn.model_selection import train_test_split
 
     z = _check_2d("z", z)
     d = z.shape[1]
     names, cols, info = [], [], {}
-    idx_tr, idx_te = train_test_split(np.arange(len(z)), test_size=test_fraction, random_state=seed)
+    rng = np.random.default_rng(seed)
     for name, v in factors.items():
         v = np.asarray(v)
         _check_rows(f"factors[{name!r}]", v, len(z))
-        numeric = v.dtype.kind in "fiu" and len(np.unique(v)) > 10
-        if len(np.unique(v)) < 2:
+        ok = known_rows(v)  # unknown rows (NaN) are left out for this factor
+        if ok.sum() < 4 or len(np.unique(v[ok])) < 2:
             continue
+        numeric = v.dtype.kind in "fiu" and len(np.unique(v[ok])) > 10
+        rows = np.flatnonzero(ok)
+        perm = rng.permutation(rows)
+        n_te = max(1, int(round(test_fraction * len(rows))))
+        idx_te, idx_tr = perm[:n_te], perm[n_te:]
         if numeric:
             m = RandomForestRegressor(
                 n_estimators=n_estimators, max_depth=8, random_state=seed, n_jobs=1
