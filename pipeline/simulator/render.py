@@ -157,7 +157,7 @@ def _nucleus_skeleton(
     if m.lobes == 1:
         w = m.width_ratio * r_eq
         length = max(0.0, (area - math.pi * w**2) / (2 * w))
-        span = math.radians(m.span_deg) * rng.uniform(0.9, 1.1)
+        span = math.radians(m.span_deg) * rng.uniform(0.92, 1.08)
         s = np.linspace(0.0, 1.0, 32)
         if span > 1e-3 and length > 0:
             radius = length / span
@@ -278,7 +278,7 @@ def draw_cell(m: Morphology, diameter: float, rng: np.random.Generator) -> CellP
     # fine lilac specific granules (cytoplasm only)
     scatter(cyto_only, m.specific * 0.22 * area_c, 0.6, (185, 130, 185), 0.55)
     # eosinophil: coarse orange-red granules packing the cytoplasm
-    scatter(cyto_only, m.eosinophilic * 0.085 * area_c, 1.3, (235, 110, 60), 0.8)
+    scatter(cyto_only, m.eosinophilic * 0.08 * area_c, 1.3, (230, 135, 95), 0.7)
     od = od + grains * alpha[..., None]
 
     n_vac = rng.poisson(m.vacuoles) if m.vacuoles > 0 else 0
@@ -299,7 +299,7 @@ def _add_red_cells(od: np.ndarray, p: SmearParams, rng: np.random.Generator) -> 
     h, w = od.shape[:2]
     r0 = 0.31 * p.mature_diameter
     n = int(round(p.rbc_density * h * w / (math.pi * r0**2)))
-    od_rbc = rgb_to_od((215, 120, 130)) * rng.uniform(0.85, 1.15)
+    od_rbc = rgb_to_od((212, 148, 152)) * rng.uniform(0.85, 1.15)
     ys = rng.uniform(-r0, h + r0, size=n)
     xs = rng.uniform(-r0, w + r0, size=n)
     for cy, cx in zip(ys, xs):
@@ -318,7 +318,7 @@ def _add_red_cells(od: np.ndarray, p: SmearParams, rng: np.random.Generator) -> 
         edge = np.clip((1 - rr) * r + 0.5, 0, 1)
         # central pallor: thin centre, thick rim (biconcave disc)
         x = np.clip((rr - 0.1) / 0.65, 0, 1)
-        prof = 0.35 + 0.65 * x * x * (3 - 2 * x) + 0.12 * np.exp(-(((rr - 0.88) / 0.08) ** 2))
+        prof = 0.3 + 0.7 * x * x * (3 - 2 * x) + 0.15 * np.exp(-(((rr - 0.88) / 0.08) ** 2))
         od[y0:y1, x0:x1] += (edge * prof)[..., None] * od_rbc
 
 
