@@ -281,7 +281,7 @@ def draw_overlay(cells: ImageCells, min_score: float) -> Image.Image:
         kept = bool(table.kept.iloc[k])
         color = (0, 200, 0) if kept else (230, 0, 0)
         x0, y0, x1, y1 = det.boxes[k].tolist()
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=1)
+        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=1)
         why = "" if kept else ",".join(f[:6] for f in FLAGS if table[f].iloc[k])
         draw.text((x0 + 2, y0 + 1), f"{det.scores[k]:.2f} {why}".strip(), fill=color)
     return pil

@@ -105,7 +105,7 @@ def filter_detections(
         "overlapping": max_iou > s.max_overlap_iou
         if s.max_overlap_iou is not None
         else np.zeros(n, bool),
-        "multi_piece": n_pieces != 1,
+        "multi_piece": n_pieces > 1,
     }
     enabled = {
         "low_score": True,

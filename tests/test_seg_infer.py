@@ -1,0 +1,543 @@
+"""stage=segment: tiling + merge, crop filters, crops, image reading, the stage itself.
+
+Detection is replaced by a fake detector that "finds" the connected
+components of a known label image inside each tile, so every count is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage.measure import label, regionprops
+
+from segmentation.cells import ImageTruth, SegmentSettings, segment_image
+from segmentation.crops import FilterSettings, count_pieces, extract_crop, filter_detections
+from segmentation.inference import (
+    Detections,
+    detect_image,
+    merge_tiles,
+    paste_local_masks,
+    tile_grid,
+)
+from segmentation.io import read_rgb
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def disc(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def visible_cells(lab: np.ndarray, score: float = 0.9) -> Detections:
+    """What a perfect detector returns for one tile: each labelled cell, cut at the tile edge."""
+    masks = [lab == r.label for r in regionprops(lab)]
+    return Detections.from_masks(masks, [score] * len(masks))
+
+
+class FakeDetector:
+    """Detector callable over a known label image; tiles arrive in ``tile_grid`` order."""
+
+    def __init__(self, labels: np.ndarray, tile: int, overlap: int):
+        self.labels = labels
+        self.grid = tile_grid(*labels.shape, tile, overlap)
+        self.calls: list[int] = []
+
+    def __call__(self, tiles: list[np.ndarray]) -> list[Detections]:
+        done = sum(self.calls)
+        self.calls.append(len(tiles))
+        out = []
+        for t, img in zip(self.grid[done : done + len(tiles)], tiles):
+            assert img.shape[:2] == (t.y1 - t.y0, t.x1 - t.x0)
+            out.append(visible_cells(self.labels[t.y0 : t.y1, t.x0 : t.x1]))
+        return out
+
+
+def run_fake(labels: np.ndarray, tile: int, overlap: int) -> tuple[Detections, list[Detections]]:
+    """Per-tile fake detections and their merge."""
+    h, w = labels.shape
+    grid = tile_grid(h, w, tile, overlap)
+    per_tile = [visible_cells(labels[t.y0 : t.y1, t.x0 : t.x1]) for t in grid]
+    return merge_tiles(per_tile, grid, h, w), per_tile
+
+
+# ----------------------------------------------------------------------------
+# tiling and merging
+# ----------------------------------------------------------------------------
+
+
+def test_tile_grid_covers_image_with_overlap():
+    tiles = tile_grid(300, 500, 128, 40)
+    assert {(t.x1 - t.x0, t.y1 - t.y0) for t in tiles} == {(128, 128)}
+    cover = np.zeros((300, 500), int)
+    for t in tiles:
+        cover[t.y0 : t.y1, t.x0 : t.x1] += 1
+    assert cover.min() >= 1
+    xs = sorted({t.x0 for t in tiles})
+    assert xs[0] == 0 and xs[-1] == 500 - 128
+    assert min(b - a for a, b in zip(xs, xs[1:])) <= 128 - 40  # overlap >= 40
+    assert tile_grid(100, 90, 128, 40) == [tile_grid(100, 90, 128, 40)[0]]  # one small tile
+    with pytest.raises(ValueError, match="overlap"):
+        tile_grid(100, 100, 64, 64)
+
+
+def test_cell_straddling_tile_border_found_once():
+    h, w = 200, 300
+    grid = tile_grid(h, w, 128, 48)
+    x_border = grid[0].x1  # right edge of the first tile: cells there straddle it
+    labels = np.zeros((h, w), np.int32)
+    cells = {
+        1: disc(h, w, 60, x_border, 15),  # straddles the first vertical tile border
+        2: disc(h, w, grid[0].y1, 250, 14),  # straddles a horizontal border
+        3: disc(h, w, 30, 30, 10),  # inside one tile
+    }
+    for k, m in cells.items():
+        labels[m] = k
+    merged, per_tile = run_fake(labels, 128, 48)
+    naive = sum(len(d) for d in per_tile)
+    assert naive > 3  # the same cells are seen (whole or cut) by several tiles
+    assert len(merged) == 3
+    for k in range(len(merged)):
+        full = merged.full_mask(k, h, w)
+        assert max(np.array_equal(full, m) for m in cells.values())
+    assert not merged.cut.any()  # every cell was whole in some tile
+
+
+def test_cell_wider_than_any_tile_is_joined_from_fragments():
+    h, w = 200, 400
+    labels = np.zeros((h, w), np.int32)
+    labels[80:120, 100:260] = 1  # 160 px wide: no 128-px tile holds it whole
+    labels[20:40, 20:40] = 2
+    merged, _ = run_fake(labels, 128, 48)
+    assert len(merged) == 2
+    big = int(np.argmax(merged.areas()))
+    assert np.array_equal(merged.full_mask(big, h, w), labels == 1)
+    assert merged.cut[big] and not merged.cut[1 - big]
+
+
+def test_detect_image_batches_tiles_and_merges():
+    h, w = 256, 256
+    labels = np.zeros((h, w), np.int32)
+    grid = tile_grid(h, w, 128, 32)
+    labels[disc(h, w, 128, grid[0].x1 - 5, 12)] = 1  # near the centre: seen by 4 tiles
+    fake = FakeDetector(labels, 128, 32)
+    res = detect_image(fake, np.zeros((h, w, 3), np.uint8), 128, 32, batch_size=4)
+    assert res.n_tiles == 9 and fake.calls == [4, 4, 1]
+    assert len(res.detections) == 1
+    assert np.array_equal(res.detections.full_mask(0, h, w), labels == 1)
+
+
+def test_paste_local_masks_matches_torchvision_paste():
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(6, 28, 28, generator=g)
+    boxes = torch.tensor(
+        [
+            [10.3, 12.7, 60.2, 40.9],
+            [0.0, 0.0, 20.0, 30.0],
+            [90.5, 70.2, 127.9, 95.9],  # reaches the right edge
+            [-5.0, 50.0, 15.0, 80.0],  # starts left of the image
+            [30.0, 30.0, 31.0, 31.0],  # tiny
+            [100.0, 80.0, 140.0, 120.0],  # partly outside
+        ]
+    )
+    h, w = 96, 128
+    ref = paste_masks_in_image(probs[:, None], boxes, (h, w))[:, 0] > 0.5
+    masks, origins = paste_local_masks(probs, boxes, h, w, 0.5)
+    det = Detections(boxes.numpy(), np.ones(6), masks, origins)
+    for k in range(6):
+        assert np.array_equal(det.full_mask(k, h, w), ref[k].numpy()), k
+
+
+# ----------------------------------------------------------------------------
+# filters and crops
+# ----------------------------------------------------------------------------
+
+
+def _filter_scene():
+    h = w = 120
+    masks, scores, names = [], [], []
+
+    def add(m, s, n):
+        masks.append(m)
+        scores.append(s)
+        names.append(n)
+
+    add(disc(h, w, 30, 30, 10), 0.9, "good")
+    add(disc(h, w, 30, 32, 10), 0.3, "low_score")  # overlaps "good" but must not flag it
+    sq = np.zeros((h, w), bool)
+    sq[60:63, 10:13] = True
+    add(sq, 0.9, "too_small")
+    add(disc(h, w, 60, 3, 8), 0.9, "at_border")
+    add(disc(h, w, 95, 40, 10), 0.9, "overlap_a")
+    add(disc(h, w, 95, 48, 10), 0.9, "overlap_b")
+    two = disc(h, w, 30, 80, 6) | disc(h, w, 30, 100, 6)
+    add(two, 0.9, "multi_piece")
+    big = np.zeros((h, w), bool)
+    big[60:100, 70:110] = True
+    add(big, 0.9, "too_large")
+    return Detections.from_masks(masks, scores), names, h, w
+
+
+def test_filters_give_exact_counts():
+    det, names, h, w = _filter_scene()
+    s = FilterSettings(
+        score_threshold=0.5,
+        min_area=50,
+        max_area=1000,
+        drop_border=True,
+        max_overlap_iou=0.2,
+        drop_multi_piece=True,
+    )
+    res = filter_detections(det, h, w, s)
+    assert [names[k] for k in np.nonzero(res.kept)[0]] == ["good"]
+    counts = {f: int(v.sum()) for f, v in res.flags.items()}
+    assert counts == {
+        "low_score": 1,
+        "too_small": 1,
+        "too_large": 1,
+        "at_border": 1,
+        "overlapping": 2,
+        "multi_piece": 1,
+    }
+    for f, v in res.flags.items():
+        if f != "overlapping":
+            assert names[int(np.nonzero(v)[0][0])] == f
+    assert res.n_pieces[names.index("multi_piece")] == 2
+    # each filter can be switched off
+    loose = FilterSettings(
+        score_threshold=0.5,
+        min_area=50,
+        max_area=None,
+        drop_border=False,
+        max_overlap_iou=None,
+        drop_multi_piece=False,
+    )
+    res2 = filter_detections(det, h, w, loose)
+    kept = {names[k] for k in np.nonzero(res2.kept)[0]}
+    assert kept == {"good", "at_border", "overlap_a", "overlap_b", "multi_piece", "too_large"}
+
+
+def test_count_pieces_ignores_specks():
+    m = disc(40, 40, 20, 20, 8)
+    m[0, 0] = True  # 1 px speck
+    assert count_pieces(m, min_piece_area=1) == 2
+    assert count_pieces(m, min_piece_area=10) == 1
+    assert count_pieces(np.zeros((4, 4), bool)) == 0
+
+
+@pytest.mark.parametrize("bg", [0, 7, 255])
+def test_crop_background_and_centering(bg):
+    rng = np.random.default_rng(0)
+    h, w = 100, 120
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    m = disc(h, w, 50, 60, 12)
+    det = Detections.from_masks([m], [0.9])
+    crop, cmask, scale, center = extract_crop(
+        image, det.masks[0], det.origins[0], 48, background_value=bg
+    )
+    assert crop.shape == (48, 48, 3) and cmask.shape == (48, 48) and scale == 1.0
+    assert (crop[~cmask] == bg).all()
+    assert cmask.sum() == m.sum()  # native resolution: mask copied exactly
+    ys, xs = np.nonzero(cmask)
+    assert abs(ys.mean() - 23.5) <= 1 and abs(xs.mean() - 23.5) <= 1
+    # inside the mask, the crop holds the image pixels
+    cy, cx = np.nonzero(m)
+    oy, ox = int(center[1] - 24), int(center[0] - 24)
+    assert np.array_equal(crop[cy - oy, cx - ox], image[cy, cx])
+
+
+def test_large_cell_is_resized_and_border_cell_padded():
+    h, w = 200, 200
+    image = np.full((h, w, 3), 200, np.uint8)
+    big = disc(h, w, 100, 100, 40)  # 81 px > crop 32 -> resized
+    det = Detections.from_masks([big], [0.9])
+    crop, cmask, scale, _ = extract_crop(image, det.masks[0], det.origins[0], 32, 5, margin=0.1)
+    assert scale == pytest.approx(32 / np.ceil(81 * 1.2))
+    assert (crop[~cmask] == 5).all() and (crop[cmask] == 200).all()
+    side = np.ceil(81 * 1.2)  # window around the cell, resized to 32 px
+    assert abs(cmask.mean() - big.sum() / side**2) < 0.02
+    edge = disc(h, w, 100, 2, 10)  # cut by the image border: window padded
+    det = Detections.from_masks([edge], [0.9])
+    crop, cmask, scale, _ = extract_crop(image, det.masks[0], det.origins[0], 32, 5)
+    assert scale == 1.0 and (crop[~cmask] == 5).all() and cmask.sum() == edge.sum()
+
+
+def test_segment_image_copies_matched_truth():
+    h, w = 160, 200
+    labels = np.zeros((h, w), np.int32)
+    labels[disc(h, w, 50, 50, 15)] = 1
+    labels[disc(h, w, 100, 140, 18)] = 2
+    truth_masks = [labels == 1, labels == 2, disc(h, w, 130, 40, 10)]  # third: missed
+    t = Detections.from_masks(truth_masks, [1, 1, 1])
+    records = [
+        {"cell_id": f"sim_c{i}", "kind": k, "lineage": "neutrophil", "t": 0.1 * i, "lobes": i}
+        for i, k in enumerate(["band", "myelocyte", "monocyte"])
+    ]
+    truth = ImageTruth(t.masks, t.origins, records)
+
+    def detector(tiles):
+        assert len(tiles) == 1 and tiles[0].shape == (h, w, 3)
+        masks = [labels == r.label for r in regionprops(label(labels > 0))]
+        return [Detections.from_masks(masks, [0.95, 0.8])]
+
+    settings = SegmentSettings(tile_size=256, tile_overlap=64, crop_size=48, background_value=3)
+    settings.filters = FilterSettings(min_area=50)
+    cells = segment_image(detector, np.zeros((h, w, 3), np.uint8), "img.png", settings, truth)
+    tab = cells.table
+    assert cells.n_truth == 3 and len(tab) == 2 and tab.kept.all()
+    assert sorted(tab.truth_cell_id) == ["sim_c0", "sim_c1"]
+    assert (tab.match_iou == 1.0).all()
+    row = tab[tab.truth_cell_id == "sim_c1"].iloc[0]
+    assert row.kind == "myelocyte" and row.t == pytest.approx(0.1) and row.lobes == 1
+    assert np.isnan(row.granule_density)  # absent field -> NaN
+    assert cells.crops.images.shape == (2, 48, 48, 3)
+    assert (cells.crops.images[~cells.crops.masks] == 3).all()
+
+
+def test_input_scale_reports_source_pixels():
+    h, w = 200, 200
+    m = disc(h, w, 100, 100, 20)
+    seen = []
+
+    def detector(tiles):
+        seen.append(tiles[0].shape)
+        th, tw = tiles[0].shape[:2]
+        return [Detections.from_masks([disc(th, tw, th / 2, tw / 2, 10)], [0.9])]
+
+    s = SegmentSettings(input_scale=0.5, tile_size=512, tile_overlap=64, crop_size=32)
+    s.filters = FilterSettings(min_area=1000)  # source px: the cell has ~1250
+    cells = segment_image(detector, np.zeros((h, w, 3), np.uint8), "a.png", s)
+    assert seen == [(100, 100, 3)]
+    row = cells.table.iloc[0]
+    assert row.kept and abs(row.area - m.sum()) / m.sum() < 0.1
+    assert row.x0 == pytest.approx(80, abs=2) and row.x1 == pytest.approx(121, abs=2)
+    assert row.crop_scale == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------
+# image reading
+# ----------------------------------------------------------------------------
+
+
+def _bad_images(d: Path) -> dict[str, Path]:
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    p = {}
+    p["rgb"] = d / "rgb.png"
+    Image.fromarray(rgb).save(p["rgb"])
+    p["corrupt"] = d / "corrupt.png"
+    p["corrupt"].write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    p["empty"] = d / "empty.jpg"
+    p["empty"].write_bytes(b"")
+    p["gray"] = d / "gray.png"
+    Image.fromarray(rgb[..., 0]).save(p["gray"])
+    p["rgba"] = d / "rgba.png"
+    alpha = np.full((40, 50, 1), 255, np.uint8)
+    alpha[:10] = 0
+    Image.fromarray(np.concatenate([rgb, alpha], -1)).save(p["rgba"])
+    p["gray16"] = d / "gray16.png"
+    Image.fromarray(rgb[..., 1].astype(np.uint16) * 257).save(p["gray16"])
+    p["tiny"] = d / "tiny.png"
+    Image.fromarray(rgb[:3, :3]).save(p["tiny"])
+    return p
+
+
+def test_read_rgb_converts_or_rejects_with_reasons(tmp_path):
+    p = _bad_images(tmp_path)
+    r = read_rgb(p["rgb"])
+    assert r.ok and r.converted == [] and r.image.shape == (40, 50, 3)
+    rgb = r.image
+    for name in ("corrupt", "empty"):
+        r = read_rgb(p[name])
+        assert not r.ok and r.reason.startswith("unreadable"), (name, r.reason)
+    r = read_rgb(tmp_path / "missing.png")
+    assert not r.ok and r.reason.startswith("unreadable")
+    r = read_rgb(p["gray"])
+    assert r.converted == ["grayscale->rgb"] and np.array_equal(r.image[..., 2], rgb[..., 0])
+    r = read_rgb(p["rgba"], background=255)
+    assert r.converted == ["rgba->rgb"]
+    assert (r.image[:10] == 255).all() and np.array_equal(r.image[10:], rgb[10:])
+    r = read_rgb(p["gray16"])
+    assert set(r.converted) == {"grayscale->rgb", "16bit->8bit"}
+    assert r.image.dtype == np.uint8 and np.array_equal(r.image[..., 0], rgb[..., 1])
+    r = read_rgb(p["tiny"])
+    assert not r.ok and r.reason.startswith("too small")
+    for name in ("gray", "rgba", "gray16"):
+        r = read_rgb(p[name], convert=False)
+        assert not r.ok and "convert_images=false" in r.reason, name
+
+
+def test_read_rgb_16bit_rgb_tiff(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    a = (np.arange(20 * 30 * 3).reshape(20, 30, 3) * 30).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "a.tif", a)
+    r = read_rgb(tmp_path / "a.tif")
+    assert r.ok and r.converted == ["16bit->8bit"]
+    assert np.array_equal(r.image, np.round(a / 65535 * 255).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------
+# the stage, end to end (untrained checkpoint: plumbing, not accuracy)
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def untrained_ckpt(tmp_path_factory) -> Path:
+    from segmentation.model import build_maskrcnn, save_checkpoint
+
+    torch.manual_seed(0)
+    args = {"arch": "resnet18_fpn", "min_size": 128, "max_size": 128}
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, build_maskrcnn(**args), args)
+    return path
+
+
+def _smear_folder(d: Path) -> Path:
+    """Two small RGB smears with COCO truth, plus a corrupt and a grayscale file."""
+    from pycocotools import mask as mask_utils
+
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "wbc"}]}
+    for i in range(2):
+        h, w = 96, 128
+        img = np.full((h, w, 3), (230, 200, 200), np.uint8)
+        m = disc(h, w, 40 + 10 * i, 60, 14)
+        img[m] = (120, 60, 160)
+        img = np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(d / f"sim_{i:04d}.png")
+        coco["images"].append(
+            {"id": i, "file_name": f"sim_{i:04d}.png", "width": w, "height": h, "split": "val"}
+        )
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode()
+        coco["annotations"].append(
+            {
+                "id": i,
+                "image_id": i,
+                "category_id": 1,
+                "bbox": [46, 26 + 10 * i, 29, 29],
+                "area": int(m.sum()),
+                "segmentation": rle,
+                "iscrowd": 0,
+                "cell_id": f"sim{i:04d}_c00",
+                "kind": "band",
+                "lineage": "neutrophil",
+                "t": 0.5,
+                "granule_density": 0.3,
+                "lobes": 1,
+                "diameter": 29.0,
+            }
+        )
+    (d / "annotations.json").write_text(json.dumps(coco))
+    (d / "zz_corrupt.png").write_bytes(b"not a png")
+    Image.fromarray(np.full((96, 128), 200, np.uint8)).save(d / "zz_gray.png")
+    return d
+
+
+def _run_segment(tmp_path: Path, ckpt: Path, smears: Path, *extra: str):
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "stage=segment",
+        "experiment=seginf_test",
+        f"paths.root={tmp_path / 'out'}",
+        f"paths.inputs.smears={smears}",
+        f"paths.inputs.segmentation_model={ckpt}",
+        "hardware.torch_threads=1",
+        "segmentation.crop_size=32",
+        "segmentation.tile_size=128",
+        "segmentation.tile_overlap=32",
+        "segmentation.min_area=20",
+        *extra,
+    ]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp_path / "out" / "seginf_test" / "segment"
+
+
+def _check_outputs(out: Path, crop: int = 32):
+    import anndata as ad
+    import pandas as pd
+
+    a = ad.read_h5ad(out / "cells.h5ad")
+    n = a.n_obs
+    assert a.obsm["crops"].shape == (n, crop, crop, 3) and a.obsm["crops"].dtype == np.uint8
+    assert a.obsm["masks"].shape == (n, crop, crop) and a.obsm["masks"].dtype == bool
+    assert a.uns["crop_size"] == crop
+    bg = int(a.uns["background_value"])
+    assert (a.obsm["crops"][~a.obsm["masks"]] == bg).all()
+    det = pd.read_csv(out / "detections.csv")
+    assert int(det.kept.sum()) == n == a.uns["filter_counts"]["kept"]
+    assert a.uns["filter_counts"]["detections"] == len(det)
+    rej = pd.read_csv(out / "rejects.csv")
+    reasons = dict(zip(rej.image + ":" + rej.action, rej.reason))
+    assert reasons["zz_corrupt.png:skipped"].startswith("unreadable")
+    assert reasons["zz_gray.png:converted"] == "grayscale->rgb"
+    assert (out / "contact_sheet.png").is_file()
+    assert sorted(p.name for p in (out / "overlays").iterdir())[:2] == [
+        "sim_0000.png",
+        "sim_0001.png",
+    ]
+    assert not (out / ".segment_parts").exists()
+    return a, det
+
+
+def test_stage_segment_subprocess_untrained(tmp_path, untrained_ckpt):
+    smears = _smear_folder(tmp_path / "smears")
+    # score 0: the untrained net's detections pass, so the crop path runs end to end
+    out = _run_segment(tmp_path, untrained_ckpt, smears, "segmentation.score_threshold=0.0")
+    a, det = _check_outputs(out)
+    assert len(det) > 0 and {"truth_cell_id", "kind", "match_iou"} <= set(det.columns)
+    assert {"image", "x0", "y0", "x1", "y1", "score", "area", "at_border"} <= set(a.obs.columns)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["truth"]["n_truth"] == 2
+    assert summary["filter_counts"]["images_read"] == 3  # corrupt one skipped
+
+
+def test_stage_segment_zero_cells_is_valid(tmp_path, untrained_ckpt):
+    smears = _smear_folder(tmp_path / "smears")
+    out = _run_segment(tmp_path, untrained_ckpt, smears, "segmentation.score_threshold=1.01")
+    a, det = _check_outputs(out)
+    assert a.n_obs == 0 and a.uns["filter_counts"]["low_score"] == len(det)
+    import pandas as pd
+
+    rej = pd.read_csv(out / "rejects.csv")
+    assert set(rej[rej.action == "no_cells"].image) == {
+        "sim_0000.png",
+        "sim_0001.png",
+        "zz_gray.png",
+    }
+
+
+@pytest.mark.slow
+def test_stage_segment_two_ranks_matches_one(tmp_path, untrained_ckpt):
+    import pandas as pd
+
+    smears = _smear_folder(tmp_path / "smears")
+    one = _run_segment(tmp_path / "a", untrained_ckpt, smears, "segmentation.score_threshold=0.0")
+    two = _run_segment(
+        tmp_path / "b",
+        untrained_ckpt,
+        smears,
+        "segmentation.score_threshold=0.0",
+        "hardware.num_processes=2",
+        "hardware.master_port=0",
+    )
+    d1, d2 = pd.read_csv(one / "detections.csv"), pd.read_csv(two / "detections.csv")
+    assert list(d1.cell_id) == list(d2.cell_id)
+    np.testing.assert_allclose(d1.score, d2.score, rtol=1e-4)
+    a1, _ = _check_outputs(one)
+    a2, _ = _check_outputs(two)
+    assert np.array_equal(a1.obsm["masks"], a2.obsm["masks"])
