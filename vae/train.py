@@ -103,7 +103,7 @@ def _rng_state(gen: torch.Generator) -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
+        "numpy": np.random.get_state(),  # noqa: NPY002 - global state other code may use
         "python": random.getstate(),
         "augment": gen.get_state(),
     }
@@ -113,7 +113,7 @@ def _set_rng_state(st: dict[str, Any], gen: torch.Generator) -> None:
     torch.set_rng_state(st["torch"])
     if st.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
-    np.random.set_state(st["numpy"])
+    np.random.set_state(st["numpy"])  # noqa: NPY002
     random.setstate(st["python"])
     gen.set_state(st["augment"])
 
@@ -204,7 +204,7 @@ def train(
         log.warning("no validation rows: early stopping and model.pt selection use train loss")
 
     torch.manual_seed(args.seed + dist.rank)
-    np.random.seed(args.seed + dist.rank)
+    np.random.seed(args.seed + dist.rank)  # noqa: NPY002
     random.seed(args.seed + dist.rank)
     gen = torch.Generator().manual_seed(args.seed * 7919 + dist.rank)
 

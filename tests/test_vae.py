@@ -1,0 +1,304 @@
+"""β-VAE library: shapes, fusion, closed-form checks, masked loss, β, one-step, resume."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from vae_toy import make_paired
+
+from pipeline.hardware import DistInfo
+from vae.data import (
+    augment_dihedral,
+    epoch_batches,
+    from_anndata,
+    raw_batch,
+    stratified_split,
+    to_batch,
+)
+from vae.losses import image_nll, kl_normal, nb_log_prob, vae_loss, zinb_log_prob
+from vae.model import TwoBranchVAE, VAEArgs, poe
+from vae.schedules import KLSchedule
+from vae.train import TrainArgs, train
+
+torch.set_num_threads(1)
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+def small_args(**kw) -> VAEArgs:
+    base = dict(n_genes=12, crop_size=16, n_shared=4, channels=[8, 16], hidden=[16], dropout=0.0)
+    base.update(kw)
+    return VAEArgs(**base)
+
+
+def batch_of(adata, rows=None):
+    d = from_anndata(adata)
+    idx = torch.arange(d.n) if rows is None else torch.as_tensor(rows)
+    return d, to_batch(raw_batch(d, idx), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("fusion", ["poe", "moe"])
+@pytest.mark.parametrize("n_private", [0, 2])
+def test_shapes_every_branch_and_missing_modalities(fusion, n_private):
+    torch.manual_seed(0)
+    m = TwoBranchVAE(small_args(fusion=fusion, n_private=n_private))
+    _, b = batch_of(make_paired(6, image_only=3, expression_only=3))
+    d = 4 + 2 * n_private
+    post = m.encode(b.image, b.x, b.has_image, b.has_expression, b.mask, b.log_library)
+    assert post.joint[0].shape == (12, d) and post.joint[1].shape == (12, d)
+    assert post.image[0].shape == (12, d) and post.expression[0].shape == (12, d)
+    dec = m.decode(post.joint[0])
+    assert dec.image.shape == (12, 3, 16, 16) and dec.mask.shape == (12, 1, 16, 16)
+    assert dec.expression_log.shape == (12, 12)
+    assert float(dec.image.min().detach()) >= 0 and float(dec.image.max().detach()) <= 1
+    # image-only / expression-only encoding at inference
+    pi = m.encode(image=b.image[:6])
+    pe = m.encode(expression=b.x[:6])
+    assert pi.expression is None and pe.image is None
+    assert pi.joint[0].shape == pe.joint[0].shape == (6, d)
+    out = m(b.image, b.mask, b.x, b.has_image, b.has_expression, b.log_library)
+    assert (out.joint is None) == (fusion == "moe")
+
+
+def test_poe_with_prior_expert_closed_form():
+    mu1, lv1 = torch.tensor([[1.0]]), torch.log(torch.tensor([[0.5]]))  # precision 2
+    mu2, lv2 = torch.tensor([[-2.0]]), torch.log(torch.tensor([[0.25]]))  # precision 4
+    both = torch.tensor([True])
+    mu, lv = poe([(mu1, lv1), (mu2, lv2)], [both, both])
+    # precision 1 (prior) + 2 + 4 = 7; mean (0*1 + 1*2 - 2*4) / 7
+    assert torch.allclose(lv.exp(), torch.tensor([[1 / 7]]))
+    assert torch.allclose(mu, torch.tensor([[-6 / 7]]))
+    # a missing expert contributes nothing; no expert at all gives the prior
+    mu, lv = poe([(mu1, lv1), (mu2, lv2)], [both, ~both])
+    assert torch.allclose(mu, torch.tensor([[2 / 3]])) and torch.allclose(
+        lv.exp(), torch.tensor([[1 / 3]])
+    )
+    mu, lv = poe([(mu1, lv1)], [~both])
+    assert float(mu) == 0.0 and float(lv) == 0.0
+
+
+def test_encode_joint_equals_unimodal_poe_on_single_modality_rows():
+    torch.manual_seed(0)
+    m = TwoBranchVAE(small_args()).eval()
+    _, b = batch_of(make_paired(2, image_only=2, expression_only=2))
+    post = m.encode(b.image, b.x, b.has_image, b.has_expression, b.mask, b.log_library)
+    img_rows = torch.tensor([2, 3])
+    mu_i, lv_i = post.image[0][img_rows], post.image[1][img_rows]
+    prec = 1 + torch.exp(-lv_i)
+    assert torch.allclose(post.joint[1][img_rows], -torch.log(prec), atol=1e-6)
+    assert torch.allclose(post.joint[0][img_rows], mu_i * torch.exp(-lv_i) / prec, atol=1e-6)
+
+
+def test_kl_closed_form_matches_torch_distributions():
+    mu = torch.tensor([[0.3, -1.2, 2.0]])
+    lv = torch.tensor([[0.1, -0.7, 1.3]])
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * lv))
+    p = torch.distributions.Normal(torch.zeros(3), torch.ones(3))
+    assert torch.allclose(kl_normal((mu, lv)), torch.distributions.kl_divergence(q, p), atol=1e-6)
+    assert float(kl_normal((torch.zeros(1, 2), torch.zeros(1, 2))).sum()) == 0.0
+
+
+def test_nb_and_zinb_log_likelihood_closed_form():
+    x = torch.tensor([[0.0, 1.0, 3.0, 10.0]])
+    mu = torch.tensor([[0.5, 2.0, 3.0, 7.5]])
+    theta = torch.tensor([2.0, 0.5, 5.0, 1.0])
+    got = nb_log_prob(x, mu, theta.log())
+    # torch's NegativeBinomial: total_count r = theta, success prob p = mu / (mu + theta)
+    ref = torch.distributions.NegativeBinomial(total_count=theta, probs=mu / (mu + theta)).log_prob(
+        x
+    )
+    assert torch.allclose(got, ref, atol=1e-5)
+    # x = 0, mu = 1, theta = 1: P = (1 / 2)^1
+    assert math.isclose(
+        float(nb_log_prob(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1))),
+        math.log(0.5),
+        rel_tol=1e-6,
+    )
+    # ZINB with pi = 0.5 at x = 0: log(0.5 + 0.5 * 0.5)
+    z = zinb_log_prob(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1), torch.zeros(1, 1))
+    assert math.isclose(float(z), math.log(0.75), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mse", "gaussian", "laplace"])
+def test_masked_image_loss_ignores_background_exactly(kind):
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 8, 8, generator=g)
+    mean = torch.rand(2, 3, 8, 8, generator=g)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:6, 2:6] = 1
+    ls = torch.tensor(-1.0)
+    base = image_nll(target, mean, mask, ls, kind)
+    # change every background pixel of target and prediction arbitrarily
+    t2, m2 = target.clone(), mean.clone()
+    bg = (mask == 0).expand_as(target)
+    t2[bg] = 1e6
+    m2[bg] = -1e6
+    assert torch.equal(image_nll(t2, m2, mask, ls, kind), base)
+    # and the inside counts: a perfect prediction inside gives only the normaliser
+    perfect = image_nll(target, target, mask, ls, kind)
+    assert (perfect < base).all()
+    if kind == "mse":
+        assert torch.equal(perfect, torch.zeros(2))
+
+
+def _loss_for(beta, capacity=0.0):
+    torch.manual_seed(0)
+    m = TwoBranchVAE(small_args())
+    _, b = batch_of(make_paired(6))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = m(b.image, b.mask, b.x, b.has_image, b.has_expression, b.log_library)
+    return vae_loss(out, b.image, b.mask, b.x, b.counts, b.library, beta=beta, capacity=capacity)
+
+
+def test_beta_zero_drops_kl_and_beta_scales_it():
+    l0, l4 = _loss_for(0.0), _loss_for(4.0)
+    assert float(l0.kl) > 0 and float(l0.kl_objective) == 0.0
+    assert torch.equal(l0.kl, l4.kl)
+    others = l0.total
+    expected = others + 4.0 * l4.kl + 4.0 * l4.kl_unimodal
+    assert torch.allclose(l4.total, expected, rtol=1e-5)
+    lc = _loss_for(4.0, capacity=100.0)
+    assert torch.allclose(lc.kl_objective, 4.0 * (100.0 - l4.kl))
+
+
+def test_schedules():
+    s = KLSchedule(beta=4.0, warmup_steps=10, capacity_max=20.0, capacity_steps=5)
+    assert s.beta_at(0) == 0.0 and s.beta_at(5) == 2.0 and s.beta_at(50) == 4.0
+    assert s.capacity_at(0) == 0.0 and s.capacity_at(5) == 20.0
+    assert not s.done_at(9) and s.done_at(10)
+    assert KLSchedule(beta=2.0).beta_at(0) == 2.0
+
+
+def test_one_step_changes_weights_of_both_branches():
+    torch.manual_seed(0)
+    m = TwoBranchVAE(small_args())
+    _, b = batch_of(make_paired(8))
+    before = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    out = m(b.image, b.mask, b.x, b.has_image, b.has_expression, b.log_library)
+    loss = vae_loss(out, b.image, b.mask, b.x, b.counts, b.library, beta=1.0)
+    loss.total.backward()
+    opt.step()
+    after = m.state_dict()
+    for prefix in ("image_encoder", "image_decoder", "expression_encoder", "expression_decoder"):
+        changed = [
+            k for k in before if k.startswith(prefix) and not torch.equal(before[k], after[k])
+        ]
+        assert changed, f"no weight of {prefix} changed"
+
+
+def test_gaussian_expression_without_counts_and_late_mask():
+    torch.manual_seed(0)
+    a = make_paired(6, counts=False)
+    d, b = batch_of(a)
+    assert d.counts is None
+    m = TwoBranchVAE(small_args(expression_likelihood="gaussian", library_covariate=False))
+    out = m(b.image, b.mask, b.x, b.has_image, b.has_expression, b.log_library)
+    full = vae_loss(out, b.image, b.mask, b.x, None, None, beta=1.0)
+    from vae.losses import LossWeights
+
+    assert torch.isfinite(full.total)
+    x0 = b.x.clone()
+    x0[:, :4] = 0.0  # dropouts
+    late_w = LossWeights(late_mask=True)
+    late = vae_loss(out, b.image, b.mask, x0, None, None, beta=1.0, weights=late_w)
+    full0 = vae_loss(out, b.image, b.mask, x0, None, None, beta=1.0)
+    assert late.expression.item() != full0.expression.item()
+    # LATE scores observed non-zero entries only: all-zero profiles cost nothing
+    none = vae_loss(
+        out, b.image, b.mask, torch.zeros_like(x0), None, None, beta=1.0, weights=late_w
+    )
+    assert none.expression.item() == 0.0
+
+
+def test_augmentation_keeps_image_and_mask_together():
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(32, 3, 8, 8, generator=g)
+    mask = (img[:, :1] > 0.5).float()
+    a_img, a_mask = augment_dihedral(img, mask, g)
+    assert torch.equal((a_img[:, :1] > 0.5).float(), a_mask)
+    # a permutation of pixels: the multiset of values per row is kept
+    assert torch.allclose(a_img.flatten(1).sort(1).values, img.flatten(1).sort(1).values)
+    assert not torch.equal(a_img, img)
+
+
+def test_split_is_seeded_stratified_and_batches_cover_train():
+    labels = np.repeat(np.arange(3), 20)
+    s1 = stratified_split(labels, 0.2, 0.2, seed=3)
+    assert np.array_equal(s1, stratified_split(labels, 0.2, 0.2, seed=3))
+    assert not np.array_equal(s1, stratified_split(labels, 0.2, 0.2, seed=4))
+    for lab in range(3):
+        got = s1[labels == lab]
+        assert (got == "test").sum() == 4 and (got == "val").sum() == 4
+    idx = np.flatnonzero(s1 == "train")
+    bs = epoch_batches(idx, 7, shuffle=True, seed=0, epoch=1)
+    assert sorted(np.concatenate(bs).tolist()) == idx.tolist()
+    r0 = epoch_batches(idx, 7, shuffle=True, seed=0, epoch=1, rank=0, world_size=2)
+    r1 = epoch_batches(idx, 7, shuffle=True, seed=0, epoch=1, rank=1, world_size=2)
+    assert len(r0) == len(r1)
+    assert set(np.concatenate(r0).tolist()) | set(np.concatenate(r1).tolist()) == set(idx.tolist())
+
+
+def test_bad_input_names_file_and_field():
+    from vae.data import PairedDataError
+
+    a = make_paired(4)
+    del a.obsm["masks"]
+    with pytest.raises(PairedDataError, match=r"x\.h5ad: obsm\['masks'\]"):
+        from_anndata(a, "x.h5ad")
+    with pytest.raises(ValueError, match="multiple of"):
+        small_args(crop_size=18)
+
+
+def test_non_finite_loss_stops_with_clear_message(tmp_path):
+    from vae.train import NonFiniteLossError
+
+    a = make_paired(12)
+    d = from_anndata(a)
+    d.x[0, 0] = float("nan")
+    split = np.array(["train"] * 12)
+    m = TwoBranchVAE(small_args())
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 1"):
+        train(m, d, split, TrainArgs(max_epochs=1, batch_size=12), CPU, tmp_path)
+
+
+def _train_args(**kw):
+    base = dict(max_epochs=4, batch_size=8, kl_warmup_epochs=1, image_every_epochs=0, seed=5)
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def test_resume_after_interruption_is_bit_exact(tmp_path):
+    a = make_paired(24, image_only=4, expression_only=4)
+    d = from_anndata(a)
+    split = stratified_split(d.labels.numpy(), 0.2, 0.0, 0)
+
+    def fresh():
+        torch.manual_seed(0)
+        return TwoBranchVAE(small_args(dropout=0.1))
+
+    straight = fresh()
+    r_full = train(straight, d, split, _train_args(), CPU, tmp_path / "full")
+    part = fresh()
+    r_part = train(part, d, split, _train_args(stop_after_epochs=2), CPU, tmp_path / "resumed")
+    assert r_part.stopped == "interrupted" and r_part.epochs == 2
+    ck = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert ck["epoch"] == 2 and ck["step"] == r_part.steps > 0
+    torch.manual_seed(123)  # a different RNG state must not matter: it is restored
+    resumed = fresh()
+    r_res = train(
+        resumed,
+        d,
+        split,
+        _train_args(),
+        CPU,
+        tmp_path / "resumed",
+        resume_from=tmp_path / "resumed" / "last.pt",
+    )
+    assert r_res.epochs == 4 and r_res.steps == r_full.steps
+    assert [h["step"] for h in r_res.history] == [h["step"] for h in r_full.history]
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k

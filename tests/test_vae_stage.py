@@ -1,0 +1,159 @@
+"""stage=train end to end in a subprocess: outputs, TensorBoard tags, resume, sweep."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from vae_toy import make_paired
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "vae.channels=[8,16]",
+    "vae.hidden=[16]",
+    "vae.n_latent=4",
+    "vae.kl_warmup_epochs=1",
+    "trainer.batch_size=16",
+    "trainer.max_minutes=null",
+    "trainer.log_every_steps=1",
+    "hardware.torch_threads=1",
+]
+
+
+def _run(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    flags = [a for a in args if a.startswith("-")]
+    args = tuple(a for a in args if not a.startswith("-"))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            *flags,
+            "stage=train",
+            f"paths.root={tmp / 'out'}",
+            f"paths.inputs.paired={tmp / 'paired.h5ad'}",
+            *TINY,
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture
+def paired(tmp_path: Path) -> Path:
+    make_paired(48, image_only=6, expression_only=6).write_h5ad(tmp_path / "paired.h5ad")
+    return tmp_path
+
+
+def test_stage_train_writes_model_latent_and_tensorboard(paired: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vae.checkpoint import load_model
+
+    _run(paired, "experiment=t", "trainer.max_epochs=3")
+    d = paired / "out" / "t" / "train"
+    for f in ("model.pt", "last.pt", "latent.h5ad", "split.csv", "train_summary.json"):
+        assert (d / f).exists(), f
+    lat = ad.read_h5ad(d / "latent.h5ad")
+    assert lat.obsm["X_vae"].shape == (60, 4) and np.isfinite(lat.obsm["X_vae"]).all()
+    assert set(lat.obs["split"]) == {"train", "val", "test"}
+    # image latent is NaN exactly where there is no image
+    no_img = ~lat.obs["has_image"].to_numpy()
+    assert np.isnan(lat.obsm["X_vae_image"][no_img]).all()
+    assert np.isfinite(lat.obsm["X_vae_image"][~no_img]).all()
+    assert lat.uns["kl_per_dim"].shape == (4,)
+    model, meta = load_model(d / "model.pt")
+    assert meta["n_latent"] == 4 and meta["gene_names"][0] == "G0" and meta["crop_size"] == 16
+    dec = model.decode(torch.zeros(2, 4))
+    assert dec.image.shape == (2, 3, 16, 16) and dec.expression_log.shape == (2, 12)
+    acc = EventAccumulator(str(d / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "reconstruction/val" in tags["images"]
+    assert "expression/granule_genes" in tags["images"]
+    assert len(acc.Images("reconstruction/val")) == 3  # one per epoch
+    for t in (
+        "train/total",
+        "train/kl",
+        "train/expression_from_image",
+        "schedule/beta",
+        "schedule/lr",
+        "val/image",
+        "kl_dim/00",
+    ):
+        assert t in tags["scalars"], t
+    assert any(t.startswith("latent/mu_") for t in tags["histograms"])
+    assert (d / "tb" / "projector_config.pbtxt").exists()
+
+
+def test_stage_train_resume_continues_from_saved_step(paired: Path):
+    _run(paired, "experiment=r", "trainer.max_epochs=2")
+    d = paired / "out" / "r" / "train"
+    ck = torch.load(d / "last.pt", weights_only=False)
+    step2 = ck["step"]
+    assert ck["epoch"] == 2 and step2 > 0
+    split_before = (d / "split.csv").read_text()
+    p = _run(paired, "experiment=r", "trainer.max_epochs=3", "resume=true")
+    assert "resumed from" in p.stderr + p.stdout or "resumed from" in (d / "train.log").read_text()
+    ck = torch.load(d / "last.pt", weights_only=False)
+    assert ck["epoch"] == 3 and ck["step"] == step2 + step2 // 2
+    assert [h["epoch"] for h in ck["history"]] == [1, 2, 3]
+    assert (d / "split.csv").read_text() == split_before
+
+
+@pytest.mark.slow
+def test_multirun_beta_sweep_puts_each_job_in_a_variant_folder(paired: Path):
+    import os
+
+    # the runner names a sweep job's folder after all its overrides: keep them short
+    conf = paired / "conf"
+    for group, lines in {"vae": TINY[:4], "trainer": TINY[4:7] + ["max_epochs: 1"]}.items():
+        (conf / group).mkdir(parents=True)
+        body = [f"defaults: [base_{group}]"] + [
+            ln.split(".", 1)[1].replace("=", ": ") if "=" in ln else ln for ln in lines
+        ]
+        (conf / group / "tiny.yaml").write_text("\n".join(body) + "\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "-m",
+            f"--config-dir={conf}",
+            "stage=train",
+            "experiment=s",
+            "paths.root=out",
+            "paths.inputs.paired=paired.h5ad",
+            "vae=tiny",
+            "trainer=tiny",
+            "vae.beta=1,4",
+        ],
+        cwd=paired,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    d = paired / "out" / "s" / "train"
+    subs = sorted(p.name for p in d.iterdir() if p.is_dir())
+    assert len(subs) == 2 and "vae.beta=1," in subs[0] and "vae.beta=4," in subs[1], subs
+    betas = []
+    for s in subs:
+        summary = json.loads((d / s / "train_summary.json").read_text())
+        assert summary["epochs"] == 1
+        ck = torch.load(d / s / "model.pt", weights_only=False)
+        betas.append(ck["train_args"]["beta"])
+    assert betas == [1.0, 4.0]
