@@ -255,5 +255,7 @@ def run_pair(ctx: StageContext) -> None:
         with ctx.atomic("pair_summary.csv") as tmp:
             res.summary.to_csv(tmp, index=False)
         write_json(ctx.output("pair_counts.json"), counts)
+        with ctx.atomic("crops.png") as tmp:
+            pr.contact_sheet(out, tmp, seed=cfg.seed)
         with ctx.atomic("paired") as tmp:
-            out.write_h5ad(tmp)
+            out.write_h5ad(tmp, compression="gzip")

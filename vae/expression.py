@@ -606,14 +606,12 @@ def preprocess(
         sc.pp.scale(emb, max_value=10)
     sc.pp.pca(emb, n_comps=n_pcs, random_state=p.seed)
     adata.obsm["X_pca"] = emb.obsm["X_pca"].astype(np.float32)
-    sc.pp.neighbors(
-        adata, n_neighbors=min(p.n_neighbors, adata.n_obs - 1), use_rep="X_pca", random_state=p.seed
-    )
     if p.umap:
+        _neighbors(adata, p)
         sc.tl.umap(adata, random_state=p.seed)
 
     # -- labels and maturation ---------------------------------------------
-    _assign_label(adata, p.label_key, src, p.seed)
+    _assign_label(adata, p, src)
     _assign_maturation(adata, p, src)
 
     adata.uns["has_counts"] = bool(has_counts)
@@ -626,8 +624,26 @@ def preprocess(
     return PreprocessResult(adata=adata, qc=qc, programs=programs, missing=missing, qc_frame=qc_df)
 
 
-def _assign_label(adata: ad.AnnData, key: str | None, src: str, seed: int) -> None:
+def _neighbors(adata: ad.AnnData, p: PreprocessParams) -> None:
+    """kNN graph on X_pca, built only when UMAP, DPT or clustering needs it.
+
+    (The first call in a process JIT-compiles numba code: about 10 s.)
+    """
     import scanpy as sc
+
+    if "neighbors" not in adata.uns:
+        sc.pp.neighbors(
+            adata,
+            n_neighbors=max(2, min(p.n_neighbors, adata.n_obs - 1)),
+            use_rep="X_pca",
+            random_state=p.seed,
+        )
+
+
+def _assign_label(adata: ad.AnnData, p: PreprocessParams, src: str) -> None:
+    import scanpy as sc
+
+    key, seed = p.label_key, p.seed
 
     if key is not None:
         if key not in adata.obs:
@@ -639,6 +655,7 @@ def _assign_label(adata: ad.AnnData, key: str | None, src: str, seed: int) -> No
     else:
         key = next((c for c in LABEL_CANDIDATES if c in adata.obs), None)
     if key is None:
+        _neighbors(adata, p)
         sc.tl.leiden(adata, random_state=seed, key_added="leiden", flavor="igraph", n_iterations=2)
         key = "leiden"
         adata.obs["label"] = "cluster_" + adata.obs["leiden"].astype(str)
@@ -701,6 +718,7 @@ def _assign_maturation(adata: ad.AnnData, p: PreprocessParams, src: str) -> None
                     source=src,
                 )
             n_comps = max(2, min(15, adata.n_obs - 2))
+            _neighbors(adata, p)
             sc.tl.diffmap(adata, n_comps=n_comps)
             dm = adata.obsm["X_diffmap"][:, 1:]
             # extremal root: the root-type cell farthest from the other cells' centroid

@@ -457,6 +457,7 @@ def make_pairs(
     )
     expr_labels = expression.obs["label"].astype(str).to_numpy()
     pairs: list[tuple[int, int, int]] = []  # (crop index or -1, profile index or -1, draw)
+    lm: dict[str, str] = {}
     notes: list[str] = []
 
     if mode == "same_cell":
@@ -519,7 +520,9 @@ def make_pairs(
     if mode == "unpaired" or keep_unused_expression:
         pairs.extend((-1, j, 0) for j in range(expression.n_obs) if j not in used)
 
-    adata = _assemble(crops, expression, pairs, mode, background)
+    adata = _assemble(
+        crops, expression, pairs, mode, background, lm if mode == "by_label" else None
+    )
     summary = summarize(adata)
     adata.uns["pair_summary"] = summary
     return PairResult(adata=adata, summary=summary, notes=notes)
@@ -538,6 +541,7 @@ def _assemble(
     pairs: list[tuple[int, int, int]],
     mode: str,
     background: int,
+    label_map: dict[str, str] | None = None,
 ) -> ad.AnnData:
     n = len(pairs)
     ci = np.array([p[0] for p in pairs], dtype=int)
@@ -567,7 +571,7 @@ def _assemble(
     obs = pd.DataFrame(index=[f"r{k:06d}" for k in range(n)])
     obs["has_image"] = has_img
     obs["has_expression"] = has_expr
-    obs["pair_mode"] = np.where(has_img & has_expr, mode, "none")
+    obs["pair_mode"] = np.where(has_img & has_expr, mode, "unpaired")
     obs["image_ref"] = np.where(
         has_img, cobs.index.astype(str).to_numpy()[np.maximum(ci, 0)] if len(cobs) else "", ""
     )
@@ -577,7 +581,10 @@ def _assemble(
     e_lab = eobs["label"].astype(str).to_numpy()
     obs["image_label"] = np.where(has_img, c_lab[np.maximum(ci, 0)], "")
     obs["expression_label"] = np.where(has_expr, e_lab[np.maximum(ei, 0)], "")
-    obs["label"] = np.where(has_img, obs["image_label"], obs["expression_label"])
+    img_as = obs["image_label"].to_numpy(dtype=object)
+    if label_map:  # one vocabulary: mapped image classes take the expression label
+        img_as = np.array([label_map.get(v, v) for v in img_as], dtype=object)
+    obs["label"] = np.where(has_img, img_as, obs["expression_label"])
     obs["image_source"] = np.where(
         has_img, cobs["source"].astype(str).to_numpy()[np.maximum(ci, 0)] if len(cobs) else "", ""
     )
@@ -653,3 +660,30 @@ def summarize(adata: ad.AnnData) -> pd.DataFrame:
     df = pd.DataFrame({"label": adata.obs["label"].astype(str).to_numpy(), "modalities": combo})
     out = df.groupby(["label", "modalities"]).size().rename("n").reset_index()
     return out.sort_values(["label", "modalities"]).reset_index(drop=True)
+
+
+def contact_sheet(adata: ad.AnnData, path: str | Path, per_label: int = 8, seed: int = 0) -> None:
+    """PNG grid: up to ``per_label`` crops of each image label, mask outline in yellow."""
+    from PIL import Image
+
+    hi = adata.obs["has_image"].to_numpy(bool)
+    if not hi.any():
+        return
+    labels = adata.obs["image_label"].astype(str).to_numpy()
+    rng = np.random.default_rng(seed)
+    classes = sorted(set(labels[hi]))
+    s = adata.obsm["crops"].shape[1]
+    sheet = np.full((len(classes) * s, per_label * s, 3), 255, np.uint8)
+    for r, c in enumerate(classes):
+        idx = np.flatnonzero(hi & (labels == c))
+        idx = rng.choice(idx, size=min(per_label, len(idx)), replace=False)
+        for k, i in enumerate(sorted(idx)):
+            tile = adata.obsm["crops"][i].copy()
+            m = adata.obsm["masks"][i]
+            edge = m & ~(
+                np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1)
+            )
+            tile[edge] = (255, 220, 0)
+            sheet[r * s : (r + 1) * s, k * s : (k + 1) * s] = tile
+    Image.fromarray(sheet).save(path, format="PNG")
+    log.info("contact sheet rows (top to bottom): %s", ", ".join(classes))

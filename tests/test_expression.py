@@ -1,0 +1,373 @@
+"""stage=expression: readers, validation, QC filters, gene programs, labels, the stage.
+
+Hand-made matrices with exact expected outcomes. Most tests keep UMAP, DPT and
+clustering off (the first kNN graph of a process JIT-compiles numba code, ~10 s).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.io
+import scipy.sparse as sp
+
+from vae.expression import (
+    ExpressionInputError,
+    PreprocessParams,
+    match_genes,
+    preprocess,
+    read_expression,
+    validate_matrix,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PAUL15 = ROOT / "../shared/data/expression/paul15_tradeseq_2660x240.h5ad"
+
+GENES = ["MPO", "ELANE", "MT-CO1", "LTF", "G5", "G6", "G7", "G8"]
+
+
+def _params(**kw) -> PreprocessParams:
+    base = dict(
+        programs={"primary": ["MPO", "ELANE"]},
+        umap=False,
+        maturation="none",
+        n_pcs=2,
+        score_ctrl_size=3,
+        score_n_bins=3,
+        n_top_genes=None,
+    )
+    base.update(kw)
+    return PreprocessParams(**base)
+
+
+def _toy() -> ad.AnnData:
+    """8 cells x 8 genes of integer counts with known QC outcomes.
+
+    c0: 2 detected genes (dropped by min_genes=3)
+    c1: total 4 counts (dropped by min_counts=5)
+    c2: 60 % counts in MT-CO1 (dropped by max_pct_mito=50)
+    G8 is detected in one kept cell only (dropped by min_cells=2)
+    """
+    X = np.array(
+        [
+            [5, 5, 0, 0, 0, 0, 0, 0],  # c0: 2 genes
+            [1, 1, 1, 1, 0, 0, 0, 0],  # c1: 4 counts
+            [1, 1, 6, 1, 1, 0, 0, 0],  # c2: 6/10 mito
+            [3, 2, 1, 2, 4, 1, 2, 0],
+            [2, 0, 1, 3, 2, 4, 1, 0],
+            [0, 4, 1, 1, 2, 3, 3, 7],  # the only cell with G8
+            [6, 1, 0, 2, 1, 1, 1, 0],
+            [1, 3, 2, 2, 3, 2, 2, 0],
+        ],
+        dtype=np.float32,
+    )
+    obs = pd.DataFrame(
+        {"celltype": ["A", "A", "A", "A", "B", "B", "B", "B"]},
+        index=[f"c{i}" for i in range(8)],
+    )
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=GENES))
+
+
+# --- QC and counts -----------------------------------------------------------
+
+
+def test_qc_filters_drop_exactly_the_expected_cells_and_genes():
+    a = _toy()
+    res = preprocess(a, _params(min_genes=3, min_counts=5, max_pct_mito=50.0, min_cells=2))
+    out = res.adata
+    assert list(out.obs_names) == ["c3", "c4", "c5", "c6", "c7"]
+    assert list(out.var_names) == GENES[:7]
+    assert (res.qc.dropped_min_genes, res.qc.dropped_min_counts, res.qc.dropped_mito) == (1, 1, 1)
+    assert res.qc.dropped_genes_min_cells == 1 and res.qc.n_mito_genes == 1
+    assert res.qc_frame["kept"].tolist() == [False, False, False, True, True, True, True, True]
+
+
+def test_counts_layer_is_preserved_bit_for_bit_and_x_is_lognormalised():
+    a = _toy()
+    a.X = sp.csr_matrix(a.X)
+    res = preprocess(a, _params(min_cells=2, target_sum=100.0))
+    out = res.adata
+    kept = a[out.obs_names, out.var_names].X.toarray()
+    counts = out.layers["counts"]
+    counts = counts.toarray() if sp.issparse(counts) else counts
+    assert counts.dtype == np.float32
+    assert np.array_equal(counts.view(np.uint32), kept.view(np.uint32))  # bit-for-bit
+    expected = np.log1p(kept / kept.sum(1, keepdims=True) * 100.0)
+    assert out.X.dtype == np.float32
+    np.testing.assert_allclose(out.X, expected, rtol=1e-5)
+    assert out.uns["has_counts"] is True
+
+
+def test_existing_counts_layer_is_used_and_kept():
+    a = _toy()
+    a.layers["counts"] = a.X.copy()
+    a.X = np.log1p(a.X)  # X something else: the counts layer is the source
+    out = preprocess(a, _params()).adata
+    np.testing.assert_array_equal(out.layers["counts"], _toy().X)
+
+
+def test_non_integer_input_is_treated_as_lognormalised_without_fake_counts(caplog):
+    a = _toy()
+    a.X = np.log1p(a.X)
+    with caplog.at_level(logging.WARNING):
+        out = preprocess(a, _params()).adata
+    assert out.uns["has_counts"] is False
+    assert "counts" not in out.layers
+    np.testing.assert_allclose(out.X, np.log1p(_toy().X))
+    assert "not integer-valued" in caplog.text
+
+
+def test_pbmc68k_reduced_has_no_counts():
+    a = read_expression("scanpy:pbmc68k_reduced")
+    assert a.shape == (700, 765)
+    out = preprocess(
+        a, _params(values="lognorm", programs={"mono": ["lyz", "S100A8"]}, label_key="bulk_labels")
+    ).adata
+    assert out.uns["has_counts"] is False and "counts" not in out.layers
+    assert out.X.min() >= 0
+    assert set(out.obs["label"]) >= {"CD34+", "CD14+ Monocyte"}
+    assert list(out.uns["programs"]["mono"]) == ["LYZ", "S100A8"]
+
+
+# --- genes of interest and programs ------------------------------------------
+
+
+def test_case_insensitive_gene_matching():
+    m = match_genes(["Mpo", "Elane", "Actb", "mt-Co1"], ["MPO", "ELANE", "AZU1", "MT-CO1"])
+    assert m.matched == {"MPO": "Mpo", "ELANE": "Elane", "MT-CO1": "mt-Co1"}
+    assert m.missing == ["AZU1"]
+    # the exact spelling wins when two genes differ only by case
+    assert match_genes(["mpo", "MPO"], ["MPO"]).matched == {"MPO": "MPO"}
+
+
+def test_mouse_symbols_scored_and_missing_genes_reported():
+    a = _toy()
+    a.var_names = ["Mpo", "Elane", "mt-Co1", "Ltf", "G5", "G6", "G7", "G8"]
+    res = preprocess(a, _params(programs={"primary": ["MPO", "ELANE", "AZU1"], "x": ["NOPE"]}))
+    out = res.adata
+    assert res.programs == {"primary": ["Mpo", "Elane"], "x": []}
+    assert res.missing == {"primary": ["AZU1"], "x": ["NOPE"]}
+    assert list(out.uns["missing_genes"]["primary"]) == ["AZU1"]
+    assert "score_primary" in out.obs and "score_x" not in out.obs
+    assert out.obs["score_primary"].dtype == np.float32
+    assert out.var.loc[["Mpo", "Elane"], "gene_of_interest"].all()
+
+
+def test_no_program_gene_at_all_is_an_error_or_a_warning(caplog):
+    a = _toy()
+    with pytest.raises(ExpressionInputError) as e:
+        preprocess(a, _params(programs={"p": ["NOPE1", "NOPE2"]}))
+    assert e.value.field == "expression.programs"
+    with caplog.at_level(logging.WARNING):
+        out = preprocess(a, _params(programs={"p": ["NOPE1"]}, require_program_match=False)).adata
+    assert "none of the 1 program genes" in caplog.text
+    assert not any(c.startswith("score_") for c in out.obs)
+
+
+def test_genes_of_interest_kept_when_not_highly_variable():
+    rng = np.random.default_rng(0)
+    X = rng.poisson(3.0, (40, 30)).astype(np.float32)
+    X[:, 0] = 2  # constant: never highly variable
+    X[:20, 1:6] *= 8  # strongly variable genes
+    var = [f"G{i}" for i in range(30)]
+    a = ad.AnnData(X=X, var=pd.DataFrame(index=var))
+    p = _params(programs={"p": ["g1", "g2"]}, genes_of_interest=["g0"], n_top_genes=5)
+    p.subset_hvg = True
+    out = preprocess(a, p).adata
+    assert not out.var.loc["G0", "highly_variable"]
+    assert "G0" in out.var_names and out.var.loc["G0", "gene_of_interest"]
+    assert out.n_vars == int((out.var["highly_variable"] | out.var["gene_of_interest"]).sum())
+    assert out.n_vars < 30
+
+
+# --- labels and maturation ---------------------------------------------------
+
+
+def test_label_and_maturation_columns_from_data():
+    a = _toy()
+    a.obs["kind"] = ["myeloblast"] * 4 + ["band"] * 4
+    a.obs["t"] = np.linspace(0, 1, 8)
+    out = preprocess(a, _params(maturation="auto")).adata
+    assert list(out.obs["label"]) == list(a.obs["kind"])  # kind before celltype
+    np.testing.assert_allclose(out.obs["maturation"], np.linspace(0, 1, 8), rtol=1e-6)
+    assert out.uns["maturation_source"] == "column:t"
+    out = preprocess(a, _params(label_key="celltype")).adata
+    assert list(out.obs["label"]) == list(a.obs["celltype"])
+
+
+def test_unknown_label_key_and_root_label_are_errors():
+    with pytest.raises(ExpressionInputError) as e:
+        preprocess(_toy(), _params(label_key="nope"))
+    assert e.value.field == "expression.label_key"
+    with pytest.raises(ExpressionInputError) as e:
+        preprocess(_toy(), _params(label_key="celltype", maturation="dpt", root_label="Z"))
+    assert e.value.field == "expression.root_label"
+    with pytest.raises(ExpressionInputError) as e:
+        preprocess(_toy(), _params(maturation="dpt"))
+    assert e.value.field == "expression.root_label"
+
+
+# --- bad input ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mutate, field, text",
+    [
+        (lambda a: a.X.__setitem__((3, 1), np.nan), "X", "NaN/inf"),
+        (lambda a: a.X.__setitem__((3, 1), np.inf), "X", "NaN/inf"),
+        (lambda a: a.X.__setitem__((3, 1), -1.0), "X", "negative"),
+        (lambda a: a.X.__setitem__((3, 1), 0.5), "X", "non-integer"),
+        (
+            lambda a: setattr(a, "obs_names", ["c0"] * 2 + [f"c{i}" for i in range(2, 8)]),
+            "obs_names",
+            "duplicate cell",
+        ),
+        (lambda a: setattr(a, "var_names", ["MPO"] * 2 + GENES[2:]), "var_names", "duplicate gene"),
+    ],
+)
+def test_bad_input_raises_naming_the_field(mutate, field, text):
+    a = _toy()
+    mutate(a)
+    with pytest.raises(ExpressionInputError) as e:
+        preprocess(a, _params(values="counts"), source="toy.h5ad")
+    assert e.value.field == field
+    assert text in str(e.value) and "toy.h5ad" in str(e.value)
+
+
+def test_empty_after_filtering_and_empty_input():
+    with pytest.raises(ExpressionInputError) as e:
+        preprocess(_toy(), _params(min_genes=100))
+    assert "no cell left" in str(e.value) and "min_genes" in e.value.field
+    with pytest.raises(ExpressionInputError) as e:
+        preprocess(_toy(), _params(min_cells=100))
+    assert e.value.field == "expression.min_cells"
+    with pytest.raises(ExpressionInputError) as e:
+        validate_matrix(ad.AnnData(np.zeros((0, 3), np.float32)))
+    assert e.value.field == "X"
+
+
+# --- readers -----------------------------------------------------------------
+
+
+def test_csv_tsv_orientation_and_10x_mtx(tmp_path):
+    a = _toy()
+    df = pd.DataFrame(a.X, index=a.obs_names, columns=a.var_names)
+    df.to_csv(tmp_path / "cells.csv")
+    df.T.to_csv(tmp_path / "genes.tsv", sep="\t")
+    r1 = read_expression(tmp_path / "cells.csv")
+    r2 = read_expression(tmp_path / "genes.tsv", orientation="genes_by_cells")
+    for r in (r1, r2):
+        assert list(r.obs_names) == list(a.obs_names) and list(r.var_names) == GENES
+        np.testing.assert_array_equal(r.X, a.X)
+    with pytest.raises(ExpressionInputError) as e:
+        read_expression(tmp_path / "cells.csv", orientation="sideways")
+    assert e.value.field == "expression.orientation"
+    # 10x v3 matrix-market folder: genes x cells matrix + features + barcodes
+    d = tmp_path / "mtx"
+    d.mkdir()
+    with gzip.open(d / "matrix.mtx.gz", "wb") as f:
+        scipy.io.mmwrite(f, sp.coo_matrix(a.X.T.astype(np.int64)))
+    feats = "".join(f"ENSG{i}\t{g}\tGene Expression\n" for i, g in enumerate(GENES))
+    (d / "features.tsv.gz").write_bytes(gzip.compress(feats.encode()))
+    (d / "barcodes.tsv.gz").write_bytes(gzip.compress("\n".join(a.obs_names).encode() + b"\n"))
+    r3 = read_expression(d)
+    assert list(r3.var_names) == GENES and list(r3.obs_names) == list(a.obs_names)
+    np.testing.assert_array_equal(r3.X.toarray(), a.X)
+    with pytest.raises(ExpressionInputError) as e:
+        read_expression(tmp_path / "missing.h5ad")
+    assert e.value.field == "path"
+
+
+# --- the stage as a subprocess ----------------------------------------------------
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_stage_on_simulator_output(tmp_path):
+    common = [f"paths.root={tmp_path}", "experiment=sim"]
+    r = _run(["stage=simulate", *common, "data.simulator.n_images=3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run(["stage=expression", *common, "expression.umap=false"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = tmp_path / "sim" / "expression"
+    raw = ad.read_h5ad(tmp_path / "sim" / "simulate" / "expression_raw.h5ad")
+    out = ad.read_h5ad(d / "expression.h5ad")
+    assert out.n_obs == raw.n_obs and out.uns["has_counts"]
+    np.testing.assert_array_equal(
+        np.asarray(
+            out.layers["counts"].todense()
+            if sp.issparse(out.layers["counts"])
+            else out.layers["counts"]
+        ),
+        np.asarray(raw[out.obs_names, out.var_names].layers["counts"]),
+    )
+    assert list(out.obs["label"]) == list(raw.obs.loc[out.obs_names, "kind"].astype(str))
+    t = raw.obs.loc[out.obs_names, "t"].to_numpy(dtype=float)
+    np.testing.assert_allclose(out.obs["maturation"].to_numpy(dtype=float), t, equal_nan=True)
+    assert list(out.uns["programs"]["primary"]) == ["MPO", "ELANE", "AZU1", "PRTN3", "CTSG"]
+    assert (d / "qc.png").stat().st_size > 0 and (d / "umap.png").stat().st_size > 0
+    man = json.loads((d / "manifest.json").read_text())
+    assert man["status"] == "complete" and "expression_raw" in man["inputs"]
+
+
+def test_stage_bad_input_writes_nothing(tmp_path):
+    a = _toy()
+    a.X[3, 1] = np.nan
+    bad = tmp_path / "bad.h5ad"
+    a.write_h5ad(bad)
+    r = _run(
+        [
+            "stage=expression",
+            f"paths.root={tmp_path}",
+            "experiment=bad",
+            f"paths.inputs.expression_raw={bad}",
+        ]
+    )
+    assert r.returncode == 2
+    assert "[X]" in r.stderr and "NaN/inf" in r.stderr and "bad.h5ad" in r.stderr
+    d = tmp_path / "bad" / "expression"
+    assert sorted(p.name for p in d.iterdir()) == ["expression.log", "manifest.json"]
+    assert json.loads((d / "manifest.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.skipif(not PAUL15.exists(), reason="shared Paul15 data not present")
+def test_stage_on_paul15(tmp_path):
+    r = _run(
+        [
+            "stage=expression",
+            "expression=paul15",
+            f"paths.root={tmp_path}",
+            "experiment=paul",
+            "expression.umap=false",
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = tmp_path / "paul" / "expression"
+    out = ad.read_h5ad(d / "expression.h5ad")
+    qc = json.loads((d / "qc.json").read_text())
+    assert qc["qc"]["n_cells_in"] == 2660 and qc["qc"]["dropped_min_counts"] == 7
+    assert out.shape == (2653, 240)
+    assert qc["programs"]["primary"] == ["Mpo", "Elane", "Prtn3", "Ctsg"]
+    assert qc["missing_genes"]["primary"] == ["AZU1"]
+    assert int(out.var["highly_variable"].sum()) == 120
+    med = out.obs.groupby("label", observed=True)["maturation"].median()
+    # diffusion pseudotime from the MPP root: progenitors earliest
+    assert med["Multipotent progenitors"] < med["GMP"] < med["Neutrophils"]
+    assert med["Multipotent progenitors"] == med.min()
