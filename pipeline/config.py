@@ -80,7 +80,7 @@ class SimulatorConfig:
     n_images: int = 24
     image_size: list[int] = field(default_factory=lambda: [512, 512])  # (H, W) px
     wbc_per_image: list[int] = field(default_factory=lambda: [3, 6])  # inclusive range
-    rbc_density: float = 0.55  # fraction of the field covered by red cells
+    rbc_density: float = 0.65  # red-cell area / field area (overlaps counted twice)
     platelets_per_image: list[int] = field(default_factory=lambda: [2, 8])
     wbc_diameter_px: float = 60.0  # diameter of a mature neutrophil, px
     kind_weights: dict[str, float] = field(

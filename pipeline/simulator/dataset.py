@@ -49,7 +49,7 @@ class SimulatorParams:
     n_images: int = 24
     image_size: tuple[int, int] = (512, 512)  # (H, W) px
     wbc_per_image: tuple[int, int] = (3, 6)
-    rbc_density: float = 0.55
+    rbc_density: float = 0.65
     platelets_per_image: tuple[int, int] = (2, 8)
     wbc_diameter_px: float = 60.0
     kind_weights: dict[str, float] = field(

@@ -158,7 +158,7 @@ def morphology(kind: str, t: float | None, mature_diameter: float) -> Morphology
             span_deg=_interp(t, (0.0, 0.35, 0.55, 0.70, 5 / 6, 1.0), (0, 10, 120, 220, 235, 235)),
             width_ratio=_interp(t, tk, (1.0, 0.97, 0.85, 0.62, 0.46, 0.36, 0.36)),
             eccentricity=_interp(t, tk, (0.04, 0.10, 0.18, 0.16, 0.08, 0.04, 0.04)),
-            nucleus_rgb=_lerp((150, 112, 190), (72, 28, 112), t),
+            nucleus_rgb=_lerp((150, 118, 200), (78, 38, 135), t),
             chromatin_clump=0.12 + 0.38 * t,
             clump_sigma=1.6 - 0.6 * t,
             nucleoli=max(0.0, 2.5 * (1 - t / 0.25)),

@@ -58,7 +58,7 @@ class SmearParams:
     height: int = 512
     width: int = 512
     wbc_per_image: tuple[int, int] = (3, 6)
-    rbc_density: float = 0.55
+    rbc_density: float = 0.65
     platelets_per_image: tuple[int, int] = (2, 8)
     mature_diameter: float = 60.0
     kind_weights: dict[str, float] = field(
@@ -299,7 +299,7 @@ def _add_red_cells(od: np.ndarray, p: SmearParams, rng: np.random.Generator) -> 
     h, w = od.shape[:2]
     r0 = 0.31 * p.mature_diameter
     n = int(round(p.rbc_density * h * w / (math.pi * r0**2)))
-    od_rbc = rgb_to_od((212, 148, 152)) * rng.uniform(0.85, 1.15)
+    od_rbc = rgb_to_od((226, 174, 180)) * rng.uniform(0.85, 1.15)
     ys = rng.uniform(-r0, h + r0, size=n)
     xs = rng.uniform(-r0, w + r0, size=n)
     for cy, cx in zip(ys, xs):
@@ -314,11 +314,15 @@ def _add_red_cells(od: np.ndarray, p: SmearParams, rng: np.random.Generator) -> 
         dy, dx = yy - cy, xx - cx
         c, s = math.cos(rot), math.sin(rot)
         u, v = (dx * c + dy * s) / (1 + e), (-dx * s + dy * c) / (1 - e)
-        rr = np.hypot(u, v) / r
-        edge = np.clip((1 - rr) * r + 0.5, 0, 1)
+        # slightly irregular outline (low-order harmonics)
+        th = np.arctan2(v, u)
+        wob = 1 + rng.uniform(0, 0.05) * np.cos(2 * th + rng.uniform(0, 6.3))
+        wob += rng.uniform(0, 0.03) * np.cos(3 * th + rng.uniform(0, 6.3))
+        rr = np.hypot(u, v) / (r * wob)
+        edge = np.clip((1 - rr) * r * wob + 0.5, 0, 1)
         # central pallor: thin centre, thick rim (biconcave disc)
         x = np.clip((rr - 0.1) / 0.65, 0, 1)
-        prof = 0.3 + 0.7 * x * x * (3 - 2 * x) + 0.15 * np.exp(-(((rr - 0.88) / 0.08) ** 2))
+        prof = 0.22 + 0.78 * x * x * (3 - 2 * x) + 0.15 * np.exp(-(((rr - 0.88) / 0.08) ** 2))
         od[y0:y1, x0:x1] += (edge * prof)[..., None] * od_rbc
 
 
@@ -419,7 +423,7 @@ def render_smear(p: SmearParams, rng: np.random.Generator) -> Smear:
     # per-image stain and illumination
     stain = np.exp(rng.normal(0, p.stain_jitter, size=3) + rng.normal(0, p.stain_jitter))
     white = 255 * np.clip(0.95 + rng.normal(0, p.illumination_jitter, size=3), 0.8, 1.0)
-    od = np.broadcast_to(rgb_to_od((222, 226, 220)), (h, w, 3)).copy()
+    od = np.broadcast_to(rgb_to_od((216, 224, 212)), (h, w, 3)).copy()
     od *= rng.uniform(0.7, 1.3)
     _add_red_cells(od, p, rng)
     _add_platelets(od, p, rng)

@@ -1,0 +1,84 @@
+"""README figure: a simulated smear next to a real BCCD smear, same scale.
+
+    python scripts/figure_sim_vs_real.py [--real ../shared/data/smears/bccd/JPEGImages/BloodImage_00001.jpg]
+                                         [--out docs/figures/sim_vs_real.png] [--seed 0] [--index 3]
+
+The simulated image uses the default simulator settings (512 x 512 px,
+mature neutrophil 60 px). The simulated panel is the part of the
+simulated field (around its first white cell) that the real 640 x 480 photo
+would cover at the simulator's scale (red cells 37 px here, ~90 px in BCCD),
+so both panels show cells at the same size.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pipeline.simulator import SimulatorParams, make_gene_panel, simulate_image
+
+REPO = Path(__file__).resolve().parents[1]
+# BCCD (640x480) red cells are ~90 px across; the simulator's are 0.62 * 60 = 37 px
+BCCD_RBC_PX = 90.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--real",
+        default=str(REPO / "../shared/data/smears/bccd/JPEGImages/BloodImage_00001.jpg"),
+        help="a real smear photo (BCCD JPEG)",
+    )
+    ap.add_argument("--out", default=str(REPO / "docs/figures/sim_vs_real.png"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--index", type=int, default=3, help="simulated image index")
+    ap.add_argument("--panel", type=int, default=400, help="panel width in the figure, px")
+    args = ap.parse_args()
+
+    p = SimulatorParams(seed=args.seed)
+    sim = simulate_image(p, make_gene_panel(p.n_genes, p.seed), args.index, "train")
+    sim_img = Image.fromarray(sim.image)
+
+    real = Image.open(args.real).convert("RGB")
+    # same cell scale: crop the simulated field that the real photo covers at the
+    # simulator's scale, around the first white cell, then show both at one size
+    f = 0.62 * p.wbc_diameter_px / BCCD_RBC_PX
+    cw, ch = (
+        min(round(real.width * f), p.image_size[1]),
+        min(round(real.height * f), p.image_size[0]),
+    )
+    x, y, w, h = sim.annotations[0]["bbox"] if sim.annotations else (0, 0, 0, 0)
+    cx = int(np.clip(x + w / 2 - cw / 2, 0, p.image_size[1] - cw))
+    cy = int(np.clip(y + h / 2 - ch / 2, 0, p.image_size[0] - ch))
+    sim_crop = sim_img.crop((cx, cy, cx + cw, cy + ch))
+    size = (args.panel, round(args.panel * real.height / real.width))
+    panels = [sim_crop.resize(size, Image.LANCZOS), real.resize(size, Image.LANCZOS)]
+    pad, top = 8, 22
+    fig = Image.new("RGB", (2 * size[0] + 3 * pad, size[1] + top + pad), "white")
+    draw = ImageDraw.Draw(fig)
+    for i, (panel, title) in enumerate(
+        zip(
+            panels,
+            [
+                f"simulated (seed {args.seed}, image {args.index})",
+                f"real: BCCD {Path(args.real).name}",
+            ],
+        )
+    ):
+        x = pad + i * (size[0] + pad)
+        fig.paste(panel, (x, top))
+        draw.text((x, 5), title, fill="black")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a 256-colour palette keeps the PNG small (the pixel noise defeats compression)
+    fig.quantize(256, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
+    print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")
+
+
+if __name__ == "__main__":
+    main()
