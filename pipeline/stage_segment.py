@@ -106,18 +106,38 @@ def _image_list(ctx: StageContext, smears: Path, truth: CocoTruth | None) -> lis
     return images
 
 
+def resolve_input_scale(cfg: Any, ckpt: dict[str, Any]) -> tuple[float, str]:
+    """Working scale (network px per source px) and where it came from.
+
+    Real data configs (``data=bccd`` ...) carry the scale their images were
+    trained at in ``data.smear_sources[0].scale``; otherwise
+    ``segmentation.input_scale`` (the simulator's training scale) is used.
+    """
+    sources = list(cfg.data.smear_sources or [])
+    if cfg.data.name != "synthetic" and sources and sources[0].get("scale") is not None:
+        return float(sources[0]["scale"]), f"data.smear_sources[0].scale ({cfg.data.name})"
+    trained = ckpt.get("input_scale")
+    if trained is not None and abs(float(trained) - float(cfg.segmentation.input_scale)) > 1e-6:
+        log.warning(
+            "segmentation.input_scale=%s differs from the scale the checkpoint was trained "
+            "at (%s); cells will not have their trained size",
+            cfg.segmentation.input_scale,
+            trained,
+        )
+    return float(cfg.segmentation.input_scale), "segmentation.input_scale"
+
+
 def _run_shard(
     ctx: StageContext,
     items: list[tuple[int, Path]],
     settings: SegmentSettings,
     truth: CocoTruth | None,
     overlay_dir: Path,
+    model: torch.nn.Module,
+    ckpt: dict[str, Any],
 ) -> dict[str, Any]:
     sc = ctx.cfg.segmentation
     dev = ctx.dist.device
-    from segmentation.model import load_checkpoint
-
-    model, ckpt = load_checkpoint(ctx.input("segmentation_model"), map_location=dev)
     detector = MaskRCNNDetector(
         model,
         dev,
@@ -216,7 +236,13 @@ def segment(ctx: StageContext) -> None:
         smears,
         ann or "none",
     )
-    part = _run_shard(ctx, mine, settings, truth, parts / "overlays")
+    from segmentation.model import load_checkpoint
+
+    model, ckpt = load_checkpoint(ctx.input("segmentation_model"), map_location=ctx.dist.device)
+    settings.input_scale, scale_from = resolve_input_scale(ctx.cfg, ckpt)
+    if ctx.is_main:
+        log.info("input_scale=%.4g from %s", settings.input_scale, scale_from)
+    part = _run_shard(ctx, mine, settings, truth, parts / "overlays", model, ckpt)
     if ctx.dist.distributed:
         with open(parts / f"rank{ctx.dist.rank}.pkl", "wb") as f:
             pickle.dump(part, f)

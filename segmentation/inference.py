@@ -480,7 +480,12 @@ class MaskRCNNDetector:
         h, w = tiles[0].shape[:2]
         # (h, w, 3) uint8 -> (3, h, w) float in [0, 1]
         batch = [
-            torch.from_numpy(t).to(self.device).permute(2, 0, 1).float().div_(255.0) for t in tiles
+            torch.from_numpy(np.ascontiguousarray(t))
+            .to(self.device)
+            .permute(2, 0, 1)
+            .float()
+            .div_(255.0)
+            for t in tiles
         ]
         # scale 1 in GeneralizedRCNNTransform: min_size = max_size = longest side
         m.transform.min_size = (max(h, w),)
