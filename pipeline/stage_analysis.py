@@ -558,6 +558,13 @@ def _tb_scalars(tb, prefix: str, d: dict) -> None:
 # ----------------------------------------------------------------------------
 
 
+def _show(dec) -> np.ndarray:
+    """Decoded images for display: the cell only (decoded mask applied when there is one)."""
+    if dec.masks is None:
+        return dec.images
+    return dec.images * (dec.masks[..., None] > 0.5)
+
+
 def _measure(images: np.ndarray, masks: np.ndarray | None, params, background: float):
     """Granule features of decoded images; masks from the decoder or the background."""
     from vae import granules as G
@@ -626,7 +633,7 @@ def run_traverse(ctx: StageContext) -> None:
     step_lab = [f"{o:+.1f}sd" for o in trs[0].offsets] if trs else []
     for tr in trs:
         fig = F.strip_with_heatmap(
-            tr.decoded.images,
+            _show(tr.decoded),
             tr.decoded.expression[:, gidx],
             gnames,
             step_lab,
@@ -649,7 +656,7 @@ def run_traverse(ctx: StageContext) -> None:
         dim_rows.append(row)
     if trs:
         fig = F.image_grid(
-            [tr.decoded.images for tr in trs],
+            [_show(tr.decoded) for tr in trs],
             [f"z{tr.dim}" for tr in trs],
             step_lab,
             f"top {len(trs)} latent dims by KL, anchor: {anchor_desc}",
@@ -703,7 +710,7 @@ def run_traverse(ctx: StageContext) -> None:
         for kind, pth in paths.items():
             dec = T.decode(rd.model, pth.points, a.batch_size, rd.device)
             fig = F.strip_with_heatmap(
-                dec.images,
+                _show(dec),
                 dec.expression[:, gidx],
                 gnames,
                 [f"{s:.2f}" for s in pth.s],

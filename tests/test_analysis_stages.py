@@ -1,0 +1,195 @@
+"""stage=evaluate and stage=traverse on a tiny trained run (in-process and as subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from vae_toy import make_paired
+
+from pipeline.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+TINY_TRAIN = [
+    "trainer.max_epochs=2",
+    "trainer.batch_size=16",
+    "trainer.projector_max_cells=0",
+    "vae.channels=[8,16]",
+    "vae.hidden=[16]",
+    "vae.n_latent=4",
+]
+FAST_ANALYSIS = [
+    "analysis.umap=false",
+    "analysis.dci_trees=5",
+    "analysis.top_k_dims=2",
+    "analysis.n_steps=5",
+    "analysis.path_steps=6",
+    "analysis.path_classes=[myeloblast,myelocyte]",
+]
+
+
+def _paired(path: Path) -> Path:
+    make_paired(n=72, size=16, n_genes=12, image_only=4, expression_only=4).write_h5ad(path)
+    return path
+
+
+def _run_in_process(root: Path, paired: Path, stage: str, extra: list[str]) -> int:
+    from pipeline import stages
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                f"stage={stage}",
+                f"paths.root={root}",
+                "experiment=tiny",
+                f"paths.inputs.paired={paired}",
+                *extra,
+            ],
+        )
+    return stages.main(cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analysis")
+    paired = _paired(root / "paired.h5ad")
+    assert _run_in_process(root, paired, "train", TINY_TRAIN) == 0
+    return root, paired
+
+
+def _check_outputs(run: Path) -> None:
+    ev = run / "evaluate"
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["n_rows"] > 0
+    for key in ("latent_structure", "reconstruction", "retrieval", "disentanglement"):
+        assert key in metrics, key
+    ls = pd.read_csv(ev / "latent_structure.csv")
+    assert set(ls["latent"]) == {"joint", "image", "expression"}
+    assert ls["knn_accuracy"].between(0, 1).all()
+    rec = pd.read_csv(ev / "reconstruction.csv")
+    assert {"image (joint)", "image -> expression", "expression -> image"} <= set(rec["what"])
+    for t in metrics["tables"]:
+        assert (ev / t).exists()
+    assert (ev / "umap_labels.png").exists()
+    assert list((ev / "tb").glob("events.out.tfevents.*"))
+
+    tr = run / "traverse"
+    assert len(list(tr.glob("traverse_dim*.png"))) == 2  # top_k_dims
+    rank = pd.read_csv(tr / "gene_ranking_gp.csv")
+    assert len(rank) == 12 and {"gene", "log2fc", "spearman", "score"} <= set(rank.columns)
+    assert (rank["score"].diff().dropna() <= 0).all()  # sorted
+    path = pd.read_csv(tr / "path_features_gp.csv")
+    assert len(path) == 6 and "granule_density" in path
+    truth = pd.read_csv(tr / "truth_recovery.csv")
+    assert "gp_path_position_vs_true_t_spearman" in set(truth["measure"])
+    # the report embeds every figure of both stages
+    html = (tr / "report.html").read_text()
+    embedded = set(re.findall(r'data-file="([^"]+)"', html))
+    pngs = {p.name for p in tr.glob("*.png")} | {p.name for p in ev.glob("*.png")}
+    assert pngs and pngs == embedded
+    assert html.count("<figcaption>") == len(embedded)
+    assert "data:image/png;base64," in html and "Config" in html
+
+
+def test_evaluate_and_traverse_in_process(tiny_run):
+    root, paired = tiny_run
+    assert _run_in_process(root, paired, "evaluate", FAST_ANALYSIS) == 0
+    assert _run_in_process(root, paired, "traverse", FAST_ANALYSIS) == 0
+    _check_outputs(root / "tiny")
+    man = json.loads((root / "tiny" / "traverse" / "manifest.json").read_text())
+    assert man["status"] == "complete" and "evaluation" in man["inputs"]
+
+
+def test_traverse_without_paired_data_still_reports(tiny_run, tmp_path):
+    root, _ = tiny_run
+    # no paired input: latent + model only -> traversals and paths, no real-crop table
+    from pipeline import stages
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                "stage=traverse",
+                f"paths.root={tmp_path}",
+                "experiment=x",
+                f"paths.inputs.latent={root / 'tiny' / 'train' / 'latent.h5ad'}",
+                f"paths.inputs.model={root / 'tiny' / 'train' / 'model.pt'}",
+                *FAST_ANALYSIS,
+            ],
+        )
+    assert stages.main(cfg) == 0
+    out = tmp_path / "x" / "traverse"
+    assert (out / "report.html").exists() and (out / "gene_ranking_gp.csv").exists()
+    assert not (out / "real_crop_features.csv").exists()
+    assert "stage=evaluate has not run" in (out / "report.html").read_text()
+
+
+def test_bad_anchor_fails_with_the_setting_name(tiny_run, tmp_path):
+    root, paired = tiny_run
+    code = _run_in_process(
+        root, paired, "traverse", [*FAST_ANALYSIS, "analysis.anchor_class=nope", "experiment=bad"]
+    )
+    assert code == 2
+
+
+def _sub(root: Path, paired: Path, stage: str, extra: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            f"stage={stage}",
+            f"paths.root={root}",
+            "experiment=sub",
+            f"paths.inputs.paired={paired}",
+            *extra,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_train_evaluate_traverse_as_subprocesses(tmp_path):
+    paired = _paired(tmp_path / "paired.h5ad")
+    for stage, extra in [
+        ("train", TINY_TRAIN),
+        ("evaluate", FAST_ANALYSIS),
+        ("traverse", FAST_ANALYSIS),
+    ]:
+        r = _sub(tmp_path, paired, stage, extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "report: " in r.stdout and "tensorboard --logdir" in r.stdout
+    _check_outputs(tmp_path / "sub")
+
+
+def test_evaluate_missing_inputs_names_the_stage(tmp_path):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "stage=evaluate",
+            f"paths.root={tmp_path}",
+            "experiment=e",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode != 0
+    assert "stage=train" in r.stderr
