@@ -169,7 +169,7 @@ def run_train(ctx: StageContext) -> None:
         margs.expression_likelihood,
         sum(p.numel() for p in model.parameters()),
     )
-    granule = pick_granule_genes(data.gene_names, adata.var)
+    granule = pick_granule_genes(data.gene_names, adata.var, max_genes=len(data.gene_names))
     meta = {
         "gene_names": data.gene_names,
         "label_names": data.label_names,
@@ -180,7 +180,7 @@ def run_train(ctx: StageContext) -> None:
         "fusion": margs.fusion,
         "source": str(src),
     }
-    tb = TBLogger(ctx.output("tb"), data.gene_names, granule) if dist.is_main else None
+    tb = TBLogger(ctx.output("tb"), data.gene_names, granule[:12]) if dist.is_main else None
     resolved = OmegaConf.to_container(cfg, resolve=True)
     try:
         result = train(
