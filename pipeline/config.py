@@ -106,6 +106,24 @@ class SimulatorConfig:
 
 
 @dataclass
+class SmearSourceConfig:
+    """One annotated smear set read by stage=segment_train (segmentation/datasets.py)."""
+
+    format: str = MISSING  # coco | voc | yolo | mask_png
+    path: str = MISSING  # folder (voc/yolo/mask_png) or COCO JSON; relative -> paths.shared_data
+    name: str = ""  # short name in logs and metrics (default: the folder name)
+    train_splits: list[str] = field(default_factory=lambda: ["train"])
+    val_splits: list[str] = field(default_factory=lambda: ["val"])
+    test_splits: list[str] = field(default_factory=list)  # evaluated once at the end
+    # load-time resize (network px per source px); null = auto per image: the
+    # median WBC box side becomes segmentation.cell_px (needs boxes: training/eval only)
+    scale: float | None = None
+    val_fraction: float = 0.2  # mask_png: deterministic held-out share per folder
+    repeat: int = 1  # times each training image is listed per epoch (oversampling)
+    copy_paste_donor: bool = False  # its masked cells may be pasted onto other images
+
+
+@dataclass
 class DataConfig:
     """Where images, crops and expression come from.
 
@@ -114,8 +132,9 @@ class DataConfig:
 
     name: str = "synthetic"
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
-    # real data (resolved relative to paths.shared_data when not absolute)
-    smear_sources: list[dict[str, Any]] = field(default_factory=list)
+    # real smear sets for stage=segment_train (conf/data/{bccd,txl_pbc,...}.yaml);
+    # data=synthetic reads the simulator's smears instead
+    smear_sources: list[SmearSourceConfig] = field(default_factory=list)
     crop_sources: list[dict[str, Any]] = field(default_factory=list)
     expression_file: str | None = None
 
@@ -129,6 +148,49 @@ class SegmentationConfig:
     trainable_backbone_layers: int = 5
     min_size: int = 512
     max_size: int = 512
+    # --- stage=segment_train: model shape (docs/segmentation_train.md) ---
+    # anchor side per FPN level, px at network input (cells are ~cell_px there)
+    anchor_sizes: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
+    fpn_channels: int = 128  # resnet18_fpn only: FPN width (torchvision 256)
+    box_representation: int = 512  # resnet18_fpn only: box-head MLP width (torchvision 1024)
+    mask_head_layers: int = 2  # resnet18_fpn only: mask-head convs (torchvision 4)
+    rpn_pre_nms_top_n_train: int = 600  # torchvision: 2000; fewer = faster on CPU
+    rpn_post_nms_top_n_train: int = 300  # torchvision: 2000
+    rpn_pre_nms_top_n_test: int = 300  # torchvision: 1000
+    rpn_batch_size_per_image: int = 128  # anchors sampled per image for the RPN loss
+    box_batch_size_per_image: int = 128  # RoIs sampled per image for the box/mask heads
+    # --- stage=segment_train: data ---
+    cell_px: float = 40.0  # WBC size at network input for sources with scale=null (auto)
+    mask_mode: str = "pseudo"  # box-only WBCs: ignore (no mask loss) | pseudo | box
+    pseudo_method: str = "ellipse"  # ellipse (inscribed in the box) | watershed (ellipse fallback)
+    copy_paste: float = 0.0  # probability per training image of pasting masked cells
+    copy_paste_max: int = 3  # cells pasted per image at most
+    max_train_images: int | None = None  # first N training images (smoke runs)
+    max_val_images: int | None = None  # first N validation images
+    cache_images: bool = True  # keep loaded training images in memory
+    # augmentation (segmentation/transforms.py), in the scaled frame
+    aug_flips: bool = True  # horizontal + vertical flips
+    aug_rot90: bool = True  # random multiples of 90 degrees
+    aug_scale: list[float] = field(default_factory=lambda: [0.8, 1.25])  # random rescale
+    aug_crop: int = 0  # random square crop side, px (0 = whole image)
+    aug_color: float = 0.2  # brightness/contrast/saturation jitter strength
+    aug_stain: float = 0.2  # probability of an H&E-like stain perturbation
+    aug_blur: float = 0.1  # probability of a Gaussian blur
+    aug_noise: float = 0.1  # probability of Gaussian noise
+    # optimisation
+    epochs: int = 12
+    stop_after_epochs: int | None = None  # end this run early (same schedule); resume=true goes on
+    train_batch_size: int = 2  # images per step per process
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.02  # peak LR (after warm-up), per train_batch_size images
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 1e-4
+    warmup_iters: int = 50
+    schedule: str = "cosine"  # cosine | step | constant (per iteration, after warm-up)
+    grad_clip: float = 10.0  # max gradient norm; 0 = off
+    eval_every: int = 1  # epochs between validation runs (the last epoch always)
+    tb_images: int = 4  # validation images with drawn predictions in TensorBoard
+    log_every: int = 10  # iterations between log lines
     # --- stage=segment: tiled inference (docs/segmentation_infer.md) ---
     input_scale: float = 1.0  # source image resized by this before tiling (cell px as trained)
     tile_size: int = 1024  # square tile side, px at input_scale; fed to the net unresized

@@ -12,11 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn_v2
+from torchvision.models.detection import roi_heads as _roi_heads
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import (
+    BackboneWithFPN,
     mobilenet_backbone,
     resnet_fpn_backbone,
 )
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import misc as misc_nn_ops
 
 log = logging.getLogger(__name__)
@@ -24,6 +31,95 @@ log = logging.getLogger(__name__)
 ARCHS = ("resnet18_fpn", "mobilenet_v3_fpn", "resnet50_fpn_v2", "resnet50_fpn")
 # class index 0 is background; 1 is the white blood cell
 NUM_CLASSES = 2
+# gt mask pixels above 1 mean "unknown" (box-only annotation): no mask loss there
+# (segmentation.datasets.MASK_UNKNOWN == 2)
+_UNKNOWN_ABOVE = 1.0
+
+
+def _maskrcnn_loss_with_unknown(mask_logits, proposals, gt_masks, gt_labels, mask_matched_idxs):
+    """torchvision's ``maskrcnn_loss``, except target px > 1 (unknown) carry no loss.
+
+    With only 0/1 masks this equals the original (mean BCE over all RoI px).
+    Installed into ``torchvision.models.detection.roi_heads`` on import, which
+    is how ``RoIHeads.forward`` finds it, so "mask loss only where masks exist"
+    needs no fork of RoIHeads.
+    """
+    size = mask_logits.shape[-1]
+    labels = torch.cat([lab[idx] for lab, idx in zip(gt_labels, mask_matched_idxs)], dim=0)
+    targets = [
+        _roi_heads.project_masks_on_boxes(m, p, i, size)
+        for m, p, i in zip(gt_masks, proposals, mask_matched_idxs)
+    ]
+    targets = torch.cat(targets, dim=0)
+    if targets.numel() == 0:
+        return mask_logits.sum() * 0
+    logits = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels]
+    known = (targets <= _UNKNOWN_ABOVE).to(logits.dtype)
+    if known.sum() == 0:
+        return mask_logits.sum() * 0
+    loss = F.binary_cross_entropy_with_logits(
+        logits, targets.clamp(max=1.0), weight=known, reduction="sum"
+    )
+    return loss / known.sum()
+
+
+_roi_heads.maskrcnn_loss = _maskrcnn_loss_with_unknown
+
+
+class ScaleTransform(GeneralizedRCNNTransform):
+    """GeneralizedRCNNTransform that rescales every image by one fixed factor.
+
+    torchvision rescales each image to a fixed short side (``min_size``), so
+    cell size in network px depends on the image size. Here the factor is
+    constant (``input_scale`` = network px per image px), so a cell is the
+    same size in a 120 px crop, a 640 px field and a tile of a 4000 px slide.
+    Outputs are mapped back to the input image frame as usual.
+    """
+
+    def __init__(self, input_scale: float, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.input_scale = float(input_scale)
+
+    def resize(self, image, target=None):  # noqa: ANN001 - torchvision signature
+        h, w = image.shape[-2:]
+        if self.input_scale == 1.0:
+            return image, target
+        nh, nw = max(1, round(h * self.input_scale)), max(1, round(w * self.input_scale))
+        image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+        if target is None:
+            return image, target
+        target["boxes"] = resize_boxes(target["boxes"], (h, w), (nh, nw))
+        if "masks" in target:
+            m = target["masks"]
+            target["masks"] = (
+                F.interpolate(m[:, None].float(), size=(nh, nw), mode="nearest")[:, 0].byte()
+                if m.numel()
+                else m.new_zeros((0, nh, nw))
+            )
+        return image, target
+
+
+def _resnet18_fpn(out_channels: int, trainable_layers: int, norm: type) -> BackboneWithFPN:
+    """ResNet-18 + FPN (4 levels + max-pool level) with a chosen FPN width."""
+    from torchvision.models import resnet18
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    body = resnet18(weights=None, norm_layer=norm)
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_backbone_layers={trainable_layers}; valid: 0..5")
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        train.append("bn1")
+    for name, p in body.named_parameters():
+        if all(not name.startswith(t) for t in train):
+            p.requires_grad_(False)
+    return BackboneWithFPN(
+        body,
+        {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        [64, 128, 256, 512],
+        out_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
 
 
 def build_maskrcnn(
@@ -33,6 +129,11 @@ def build_maskrcnn(
     max_size: int = 512,
     pretrained_weights: str | None = None,
     trainable_backbone_layers: int = 5,
+    input_scale: float | None = None,
+    anchor_sizes: list[int] | tuple[int, ...] | None = None,
+    fpn_channels: int = 256,
+    box_representation: int = 1024,
+    mask_head_layers: int = 4,
     **kwargs: Any,
 ) -> MaskRCNN:
     """Build a torchvision Mask R-CNN.
@@ -49,23 +150,46 @@ def build_maskrcnn(
         most ``max_size``) before the network; pick them so cells keep enough px.
     pretrained_weights
         Local path to a state dict to load (strict=False, reported); never a URL.
+    input_scale
+        If set, every image is rescaled by this constant factor (network px per
+        image px, see :class:`ScaleTransform`) instead of to ``min_size``.
+    anchor_sizes
+        One anchor size (px, in network input) per FPN level, e.g.
+        ``[16, 32, 64, 128, 256]`` for cells of ~32-64 px; default torchvision's.
+    fpn_channels, box_representation, mask_head_layers
+        ``resnet18_fpn`` only: FPN width, box-head MLP width and number of
+        mask-head convolutions (torchvision: 256, 1024, 4). Smaller = faster
+        on CPU; the box-head MLP and mask head dominate the backward pass.
     **kwargs
         Passed to :class:`torchvision.models.detection.MaskRCNN` (e.g.
         ``box_detections_per_img``, ``rpn_anchor_generator``).
     """
     if arch not in ARCHS:
         raise ValueError(f"segmentation.arch={arch!r}; valid: {', '.join(ARCHS)}")
+    if anchor_sizes is not None:
+        sizes = [int(a) for a in anchor_sizes]
+        if arch == "mobilenet_v3_fpn":  # 3 feature maps, every size on each
+            per_level = (tuple(sizes),) * 3
+            ratios = ((0.5, 1.0, 2.0),) * 3
+        else:
+            per_level = tuple((a,) for a in sizes)
+            ratios = ((0.5, 1.0, 2.0),) * len(sizes)
+        kwargs["rpn_anchor_generator"] = AnchorGenerator(per_level, ratios)
     # from scratch: BatchNorm trains normally (FrozenBN would freeze random stats)
     norm = torch.nn.BatchNorm2d
     if arch == "resnet18_fpn":
-        backbone = resnet_fpn_backbone(
-            backbone_name="resnet18",
-            weights=None,
-            norm_layer=norm,
-            trainable_layers=trainable_backbone_layers,
-        )
+        backbone = _resnet18_fpn(fpn_channels, trainable_backbone_layers, norm)
+        c = backbone.out_channels
         model = MaskRCNN(
-            backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs
+            backbone,
+            num_classes=None,
+            min_size=min_size,
+            max_size=max_size,
+            box_head=TwoMLPHead(c * 7 * 7, box_representation),
+            box_predictor=FastRCNNPredictor(box_representation, num_classes),
+            mask_head=MaskRCNNHeads(c, [c] * int(mask_head_layers), 1),
+            mask_predictor=MaskRCNNPredictor(c, c, num_classes),
+            **kwargs,
         )
     elif arch == "mobilenet_v3_fpn":
         backbone = mobilenet_backbone(
@@ -97,6 +221,11 @@ def build_maskrcnn(
         )
         model = MaskRCNN(
             backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs
+        )
+    if input_scale is not None:
+        t = model.transform
+        model.transform = ScaleTransform(
+            input_scale, t.min_size, t.max_size, t.image_mean, t.image_std
         )
     if pretrained_weights:
         p = Path(pretrained_weights)

@@ -1,0 +1,748 @@
+"""Readers that turn smear annotations into one internal COCO-style dataset.
+
+Formats: COCO instances JSON (RLE or polygon segmentations; the simulator's
+output and what CVAT / Label Studio export), Pascal VOC XML boxes
+(``smears/bccd``, splits in ``ImageSets/Main``), YOLO txt boxes
+(``smears/txl_pbc``, ``labels/classes.txt``) and per-image mask PNGs
+(``cells/segmentation_wbc``: 0 background, 128 cytoplasm, 255 nucleus; the
+whole cell is ``mask > 0``).
+
+Every reader returns a :class:`SmearDataset`: a list of
+:class:`ImageRecord` with :class:`Instance` objects whose ``bbox`` is
+``(x0, y0, x1, y1)`` in source pixels (x1/y1 exclusive, as COCO ``x + w``)
+and whose ``mask`` is a COCO RLE dict or ``None`` (box-only annotation).
+Only white cells (``category == "wbc"``) are detection targets; red cells
+and platelets are kept in the records for statistics.
+
+:class:`DetectionDataset` turns records into torchvision detection
+``(image, target)`` pairs, optionally rescaled so that white cells have a
+fixed size in pixels, augmented, and with masks for box-only instances made
+from pseudo-masks or marked "unknown" (mask loss ignored there).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# label value of a mask pixel whose truth is unknown (mask loss ignores it);
+# survives nearest-neighbour resizing, > 1 so it never looks like a probability
+MASK_UNKNOWN = 2
+
+_ALIASES = {
+    "wbc": "wbc",
+    "white blood cell": "wbc",
+    "white_blood_cell": "wbc",
+    "leukocyte": "wbc",
+    "leucocyte": "wbc",
+    "rbc": "rbc",
+    "red blood cell": "rbc",
+    "red_blood_cell": "rbc",
+    "erythrocyte": "rbc",
+    "platelet": "platelet",
+    "platelets": "platelet",
+    "plt": "platelet",
+}
+
+
+def canonical_category(name: str) -> str:
+    """Map a data set's class name to ``wbc`` / ``rbc`` / ``platelet`` (else lower-case name)."""
+    key = str(name).strip().lower()
+    return _ALIASES.get(key, key)
+
+
+class AnnotationError(ValueError):
+    """An annotation file is malformed; the message names the file and field."""
+
+
+@dataclass
+class Instance:
+    """One annotated object.
+
+    Attributes
+    ----------
+    bbox
+        ``(x0, y0, x1, y1)`` in source pixels, float.
+    category
+        ``wbc``, ``rbc``, ``platelet`` or another lower-case name.
+    mask
+        COCO RLE (``{"size": [H, W], "counts": ...}``) of the whole cell, or
+        ``None`` for a box-only annotation.
+    extra
+        Any further fields (simulator ground truth, class labels...).
+    """
+
+    bbox: tuple[float, float, float, float]
+    category: str = "wbc"
+    mask: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def decode_mask(self, height: int, width: int) -> np.ndarray | None:
+        """(H, W) bool mask, or ``None`` when the instance has no mask."""
+        if self.mask is None:
+            return None
+        m = mask_utils.decode(self.mask).astype(bool)
+        if m.shape != (height, width):
+            raise AnnotationError(
+                f"mask of size {m.shape} does not match its image ({height}, {width})"
+            )
+        return m
+
+
+@dataclass
+class ImageRecord:
+    """One image and its annotations.
+
+    Attributes
+    ----------
+    path
+        Image file.
+    width, height
+        Size in source pixels.
+    split
+        ``train``, ``val``, ``test`` or another name.
+    source
+        Short name of the data set it came from (e.g. ``bccd``).
+    scale
+        Resize factor applied when the image is loaded (cells to the reference
+        size); boxes and masks are scaled with it.
+    """
+
+    path: Path
+    width: int
+    height: int
+    split: str = "train"
+    source: str = ""
+    instances: list[Instance] = field(default_factory=list)
+    scale: float = 1.0
+    image_id: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def wbcs(self) -> list[Instance]:
+        return [a for a in self.instances if a.category == "wbc"]
+
+
+@dataclass
+class SmearDataset:
+    """A list of :class:`ImageRecord` (the internal COCO-style dataset)."""
+
+    images: list[ImageRecord] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[ImageRecord]:
+        return iter(self.images)
+
+    def split(self, *names: str) -> SmearDataset:
+        """Records whose split is one of ``names``."""
+        return SmearDataset([r for r in self.images if r.split in names])
+
+    def __add__(self, other: SmearDataset) -> SmearDataset:
+        return SmearDataset(self.images + other.images)
+
+    def renumber(self) -> SmearDataset:
+        """Give every record a unique ``image_id`` 1..N (in place); returns self."""
+        for i, r in enumerate(self.images, start=1):
+            r.image_id = i
+        return self
+
+    def counts(self) -> dict[str, int]:
+        c = {"images": len(self.images)}
+        for r in self.images:
+            for a in r.instances:
+                c[a.category] = c.get(a.category, 0) + 1
+            c["wbc_with_mask"] = c.get("wbc_with_mask", 0) + sum(a.mask is not None for a in r.wbcs)
+        return c
+
+
+# ----------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """COCO RLE of a (H, W) bool mask, with ``counts`` as ``str`` (JSON-safe)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def mask_bbox(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """``(x0, y0, x1, y1)`` (x1/y1 exclusive) of the True pixels, or None if empty."""
+    ys = np.flatnonzero(mask.any(axis=1))
+    xs = np.flatnonzero(mask.any(axis=0))
+    if len(xs) == 0:
+        return None
+    return float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.size  # (W, H)
+    except Exception as e:  # noqa: BLE001 - name the file whatever PIL raised
+        raise AnnotationError(f"{path}: not a readable image ({e})") from e
+
+
+def _clip_box(b: Sequence[float], w: int, h: int) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = (float(v) for v in b)
+    return max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
+
+
+def _valid(b: Sequence[float]) -> bool:
+    return b[2] - b[0] >= 1 and b[3] - b[1] >= 1
+
+
+# ----------------------------------------------------------------------------
+# readers
+# ----------------------------------------------------------------------------
+
+
+def _coco_segmentation(seg: Any, h: int, w: int, where: str) -> dict[str, Any] | None:
+    if seg is None or (isinstance(seg, list) and len(seg) == 0):
+        return None
+    try:
+        if isinstance(seg, list):  # polygons
+            rles = mask_utils.frPyObjects(seg, h, w)
+            rle = mask_utils.merge(rles)
+        elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):  # uncompressed
+            rle = mask_utils.frPyObjects(seg, h, w)
+        elif isinstance(seg, dict) and "counts" in seg:
+            rle = {"size": list(seg["size"]), "counts": seg["counts"]}
+            if isinstance(rle["counts"], str):
+                rle["counts"] = rle["counts"].encode("ascii")
+        else:
+            raise TypeError(f"unsupported type {type(seg).__name__}")
+        if isinstance(rle["counts"], bytes):
+            rle["counts"] = rle["counts"].decode("ascii")
+        return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]}
+    except Exception as e:  # noqa: BLE001
+        raise AnnotationError(f"{where}: field 'segmentation' cannot be read ({e})") from e
+
+
+def read_coco(
+    json_path: str | Path,
+    image_root: str | Path | None = None,
+    source: str = "coco",
+    default_split: str = "train",
+) -> SmearDataset:
+    """Read a COCO instances JSON.
+
+    Parameters
+    ----------
+    json_path
+        The JSON file.
+    image_root
+        Folder holding ``file_name`` of each image; default: the JSON's folder.
+    default_split
+        Split of images without a ``split`` field.
+
+    Notes
+    -----
+    Categories are mapped with :func:`canonical_category`; extra annotation
+    fields (e.g. the simulator's ``cell_id``, ``kind``, ``t``) land in
+    ``Instance.extra``.
+    """
+    json_path = Path(json_path)
+    root = Path(image_root) if image_root else json_path.parent
+    try:
+        data = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AnnotationError(f"{json_path}: not a readable JSON file ({e})") from e
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise AnnotationError(f"{json_path}: missing top-level field '{key}'")
+    cats = {c["id"]: canonical_category(c["name"]) for c in data["categories"]}
+    records: dict[int, ImageRecord] = {}
+    for im in data["images"]:
+        try:
+            rec = ImageRecord(
+                path=root / im["file_name"],
+                width=int(im["width"]),
+                height=int(im["height"]),
+                split=str(im.get("split", default_split)),
+                source=source,
+                image_id=int(im["id"]),
+            )
+        except KeyError as e:
+            raise AnnotationError(f"{json_path}: image {im} lacks field {e}") from e
+        records[rec.image_id] = rec
+    std = {"id", "image_id", "category_id", "bbox", "area", "segmentation", "iscrowd"}
+    for i, a in enumerate(data["annotations"]):
+        where = f"{json_path}: annotations[{i}]"
+        try:
+            rec = records[int(a["image_id"])]
+            x, y, w, h = (float(v) for v in a["bbox"])
+            cat = cats[a["category_id"]]
+        except KeyError as e:
+            raise AnnotationError(f"{where}: missing or unknown field {e}") from e
+        if a.get("iscrowd", 0):
+            continue
+        rle = _coco_segmentation(a.get("segmentation"), rec.height, rec.width, where)
+        box = _clip_box((x, y, x + w, y + h), rec.width, rec.height)
+        if not _valid(box):
+            continue
+        extra = {k: v for k, v in a.items() if k not in std}
+        rec.instances.append(Instance(bbox=box, category=cat, mask=rle, extra=extra))
+    return SmearDataset(list(records.values()))
+
+
+def read_voc(
+    root: str | Path,
+    splits: Sequence[str] = ("train", "val", "test"),
+    source: str = "voc",
+) -> SmearDataset:
+    """Read a Pascal VOC folder (``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/``).
+
+    Images listed in ``ImageSets/Main/<split>.txt`` get that split; with no
+    ImageSets every XML is read as ``train``. VOC pixel coordinates are
+    1-based inclusive; they are kept as ``(xmin, ymin, xmax, ymax)`` like
+    torchvision's VOC loaders (the 1 px shift is below annotation noise).
+    """
+    root = Path(root)
+    ann_dir = root / "Annotations"
+    if not ann_dir.is_dir():
+        raise AnnotationError(f"{root}: no Annotations/ folder (Pascal VOC layout expected)")
+    sets = root / "ImageSets" / "Main"
+    ids: list[tuple[str, str]] = []
+    if sets.is_dir():
+        for s in splits:
+            f = sets / f"{s}.txt"
+            if not f.exists():
+                raise AnnotationError(f"{f}: split file missing (splits={list(splits)})")
+            ids += [(line.split()[0], s) for line in f.read_text().split("\n") if line.strip()]
+    else:
+        ids = [(p.stem, "train") for p in sorted(ann_dir.glob("*.xml"))]
+    out = []
+    for stem, split in ids:
+        xml = ann_dir / f"{stem}.xml"
+        try:
+            tree = ET.parse(xml).getroot()
+        except (OSError, ET.ParseError) as e:
+            raise AnnotationError(f"{xml}: not a readable VOC XML ({e})") from e
+        fname = tree.findtext("filename") or f"{stem}.jpg"
+        img = root / "JPEGImages" / fname
+        if not img.exists():
+            alt = [p for p in (root / "JPEGImages").glob(f"{stem}.*")]
+            if not alt:
+                raise AnnotationError(f"{xml}: image {img} not found")
+            img = alt[0]
+        size = tree.find("size")
+        if size is not None and size.findtext("width"):
+            w, h = int(float(size.findtext("width"))), int(float(size.findtext("height")))
+        else:
+            w, h = _image_size(img)
+        rec = ImageRecord(path=img, width=w, height=h, split=split, source=source)
+        for j, obj in enumerate(tree.findall("object")):
+            bb = obj.find("bndbox")
+            try:
+                box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+            except (AttributeError, TypeError, ValueError) as e:
+                raise AnnotationError(f"{xml}: object[{j}] has a bad 'bndbox' ({e})") from e
+            box = _clip_box(box, w, h)
+            if not _valid(box):
+                continue
+            extra = {"truncated": obj.findtext("truncated") == "1"}
+            rec.instances.append(
+                Instance(bbox=box, category=canonical_category(obj.findtext("name")), extra=extra)
+            )
+        out.append(rec)
+    return SmearDataset(out)
+
+
+def read_yolo(
+    root: str | Path,
+    splits: Sequence[str] = ("train", "val"),
+    source: str = "yolo",
+    classes_file: str | Path | None = None,
+) -> SmearDataset:
+    """Read a YOLO folder: ``images/<split>/*``, ``labels/<split>/<stem>.txt``.
+
+    Each label line is ``cls cx cy w h`` normalised to [0, 1]; class names come
+    from ``labels/classes.txt`` (or ``classes_file``), one per line. An image
+    without a label file has no objects.
+    """
+    root = Path(root)
+    cf = Path(classes_file) if classes_file else root / "labels" / "classes.txt"
+    if not cf.exists():
+        raise AnnotationError(f"{cf}: classes file missing (one class name per line)")
+    names = [canonical_category(n) for n in cf.read_text().split("\n") if n.strip()]
+    out = []
+    for split in splits:
+        img_dir = root / "images" / split
+        if not img_dir.is_dir():
+            raise AnnotationError(f"{img_dir}: split folder missing (splits={list(splits)})")
+        for img in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS):
+            w, h = _image_size(img)
+            rec = ImageRecord(path=img, width=w, height=h, split=split, source=source)
+            lab = root / "labels" / split / f"{img.stem}.txt"
+            if lab.exists():
+                for k, line in enumerate(lab.read_text().split("\n")):
+                    if not line.strip():
+                        continue
+                    parts = line.split()
+                    try:
+                        c = int(parts[0])
+                        cx, cy, bw, bh = (float(v) for v in parts[1:5])
+                        name = names[c]
+                    except (ValueError, IndexError) as e:
+                        raise AnnotationError(
+                            f"{lab}: line {k + 1} {line!r} is not 'cls cx cy w h' with cls < "
+                            f"{len(names)} ({e})"
+                        ) from e
+                    box = _clip_box(
+                        (
+                            (cx - bw / 2) * w,
+                            (cy - bh / 2) * h,
+                            (cx + bw / 2) * w,
+                            (cy + bh / 2) * h,
+                        ),
+                        w,
+                        h,
+                    )
+                    if _valid(box):
+                        rec.instances.append(Instance(bbox=box, category=name))
+            out.append(rec)
+    return SmearDataset(out)
+
+
+def read_mask_pngs(
+    root: str | Path,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    source: str = "mask_png",
+    foreground_min: int = 1,
+) -> SmearDataset:
+    """Read single-cell images with per-image mask PNGs (``<stem>.<ext>`` + ``<stem>.png``).
+
+    Searches ``root`` and its sub-folders. The whole-cell mask is
+    ``mask >= foreground_min`` (0 background, 128 cytoplasm, 255 nucleus); its
+    largest connected piece is the instance (its box is the box of that piece).
+    A ``<folder>_labels.csv`` next to a folder (``image ID,class label``) adds
+    ``extra["label"]``. A deterministic ``val_fraction`` of the images per
+    folder gets split ``val``, the rest ``train``.
+    """
+    from skimage.measure import label as cc_label
+
+    root = Path(root)
+    folders = sorted({p.parent for p in root.rglob("*.png")})
+    if not folders:
+        raise AnnotationError(f"{root}: no mask PNGs found")
+    out = []
+    for folder in folders:
+        labels: dict[int, str] = {}
+        lab_csv = folder.parent / f"{folder.name}_labels.csv"
+        if lab_csv.exists():
+            with lab_csv.open() as f:
+                for row in csv.reader(f):
+                    if row and row[0].strip().isdigit():
+                        labels[int(row[0])] = row[1].strip()
+        pairs = []
+        for m in sorted(folder.glob("*.png")):
+            imgs = [
+                p
+                for p in folder.glob(f"{m.stem}.*")
+                if p.suffix.lower() in IMAGE_EXTS and p.suffix.lower() != ".png"
+            ]
+            if imgs:
+                pairs.append((imgs[0], m))
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(pairs))
+        n_val = int(round(val_fraction * len(pairs)))
+        val_idx = set(order[:n_val].tolist())
+        for i, (img, mpath) in enumerate(pairs):
+            try:
+                m = np.asarray(Image.open(mpath))
+            except Exception as e:  # noqa: BLE001
+                raise AnnotationError(f"{mpath}: not a readable mask PNG ({e})") from e
+            if m.ndim == 3:
+                m = m[..., 0]
+            w, h = _image_size(img)
+            if m.shape != (h, w):
+                raise AnnotationError(f"{mpath}: mask size {m.shape} != image size {(h, w)}")
+            fg = m >= foreground_min
+            cc = cc_label(fg, connectivity=1)
+            if cc.max() == 0:
+                continue
+            sizes = np.bincount(cc.ravel())
+            sizes[0] = 0
+            fg = cc == int(sizes.argmax())
+            box = mask_bbox(fg)
+            extra: dict[str, Any] = {}
+            if m.max() == 255:
+                extra["nucleus"] = encode_mask(m >= 192)
+            if img.stem.isdigit() and int(img.stem) in labels:
+                extra["label"] = labels[int(img.stem)]
+            rec = ImageRecord(
+                path=img,
+                width=w,
+                height=h,
+                split="val" if i in val_idx else "train",
+                source=source,
+                instances=[Instance(bbox=box, category="wbc", mask=encode_mask(fg), extra=extra)],
+            )
+            out.append(rec)
+    return SmearDataset(out)
+
+
+READERS = {"coco": read_coco, "voc": read_voc, "yolo": read_yolo, "mask_png": read_mask_pngs}
+
+
+def auto_scale(rec: ImageRecord, cell_px: float) -> float:
+    """Scale that makes the median white-cell box side ``cell_px`` (1.0 without WBCs)."""
+    sides = [np.sqrt((a.bbox[2] - a.bbox[0]) * (a.bbox[3] - a.bbox[1])) for a in rec.wbcs]
+    return float(cell_px / np.median(sides)) if sides else 1.0
+
+
+def to_coco(
+    dataset: SmearDataset, masks: str = "real", categories: Sequence[str] = ("wbc",)
+) -> dict[str, Any]:
+    """COCO instances dict of the white cells, in the *loaded* (scaled) frame.
+
+    Parameters
+    ----------
+    masks
+        ``real``: segmentation from the instance masks (instances without one
+        get their box as a polygon); ``none``: no segmentation field.
+    """
+    images, anns = [], []
+    for rec in dataset.images:
+        s = rec.scale
+        h, w = scaled_size(rec)
+        images.append({"id": rec.image_id, "file_name": str(rec.path), "width": w, "height": h})
+        for a in rec.instances:
+            if a.category not in categories:
+                continue
+            x0, y0, x1, y1 = (v * s for v in a.bbox)
+            ann = {
+                "id": len(anns) + 1,
+                "image_id": rec.image_id,
+                "category_id": 1,
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": (x1 - x0) * (y1 - y0),
+                "iscrowd": 0,
+            }
+            if masks == "real":
+                if a.mask is not None:
+                    m = resize_mask(a.decode_mask(rec.height, rec.width), (h, w))
+                    ann["segmentation"] = encode_mask(m)
+                    ann["area"] = float(m.sum())
+                else:
+                    ann["segmentation"] = [[x0, y0, x1, y0, x1, y1, x0, y1]]
+            anns.append(ann)
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "wbc"}]}
+
+
+# ----------------------------------------------------------------------------
+# torch dataset
+# ----------------------------------------------------------------------------
+
+
+def scaled_size(rec: ImageRecord) -> tuple[int, int]:
+    """(H, W) of the record after its load-time ``scale``."""
+    if rec.scale == 1.0:
+        return rec.height, rec.width
+    return max(1, round(rec.height * rec.scale)), max(1, round(rec.width * rec.scale))
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a (H, W) mask to ``size`` = (H', W')."""
+    if mask.shape == tuple(size):
+        return mask
+    im = Image.fromarray(mask.astype(np.uint8))
+    return np.asarray(im.resize((size[1], size[0]), Image.NEAREST)).astype(mask.dtype)
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of any PIL-readable image (grey/RGBA/16-bit converted)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                a = np.asarray(im, dtype=np.float32)
+                a = (255 * a / max(1.0, float(a.max()))).astype(np.uint8)
+                return np.stack([a] * 3, -1)
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # noqa: BLE001
+        raise AnnotationError(f"{path}: not a readable image ({e})") from e
+
+
+@dataclass
+class Sample:
+    """One loaded record in the loaded (scaled) frame, before augmentation.
+
+    ``image`` (H, W, 3) uint8; ``boxes`` (N, 4) float32 xyxy; ``masks`` (N, H, W)
+    uint8 with 1 = cell, 0 = not, :data:`MASK_UNKNOWN` = unknown (box-only
+    instance in ``ignore`` mode); ``has_mask`` (N,) bool.
+    """
+
+    image: np.ndarray
+    boxes: np.ndarray
+    masks: np.ndarray
+    has_mask: np.ndarray
+
+
+def load_sample(
+    rec: ImageRecord,
+    mask_mode: str = "ignore",
+    pseudo: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> Sample:
+    """Load a record's image and white-cell targets, scaled by ``rec.scale``.
+
+    Parameters
+    ----------
+    mask_mode
+        For white cells without a mask: ``ignore`` (mask filled with
+        :data:`MASK_UNKNOWN`, no mask loss), ``pseudo`` (``pseudo(image, boxes)``
+        -> (N, H, W) bool, e.g. :func:`segmentation.pseudomask.pseudo_masks`),
+        or ``box`` (the filled box).
+    """
+    if mask_mode not in ("ignore", "pseudo", "box"):
+        raise ValueError(f"mask_mode={mask_mode!r}; valid: ignore, pseudo, box")
+    img = load_rgb(rec.path)
+    if img.shape[:2] != (rec.height, rec.width):
+        raise AnnotationError(
+            f"{rec.path}: image is {img.shape[1]}x{img.shape[0]} but its annotation says "
+            f"{rec.width}x{rec.height}"
+        )
+    wbcs = rec.wbcs
+    h, w = rec.height, rec.width
+    boxes = np.array([a.bbox for a in wbcs], dtype=np.float32).reshape(-1, 4)
+    masks = np.zeros((len(wbcs), h, w), dtype=np.uint8)
+    has = np.zeros(len(wbcs), dtype=bool)
+    missing = []
+    for i, a in enumerate(wbcs):
+        m = a.decode_mask(h, w)
+        if m is not None:
+            masks[i] = m
+            has[i] = True
+        else:
+            missing.append(i)
+    if missing:
+        if mask_mode == "ignore":
+            masks[missing] = MASK_UNKNOWN
+        elif mask_mode == "box":
+            for i in missing:
+                x0, y0, x1, y1 = (int(round(v)) for v in boxes[i])
+                masks[i, y0:y1, x0:x1] = 1
+            has[missing] = True
+        else:
+            if pseudo is None:
+                raise ValueError("mask_mode='pseudo' needs a pseudo-mask function")
+            masks[missing] = pseudo(img, boxes[missing]).astype(np.uint8)
+            has[missing] = True
+    if rec.scale != 1.0:
+        sh, sw = scaled_size(rec)
+        img = np.asarray(Image.fromarray(img).resize((sw, sh), Image.BILINEAR))
+        masks = (
+            np.stack([resize_mask(m, (sh, sw)) for m in masks])
+            if len(masks)
+            else np.zeros((0, sh, sw), np.uint8)
+        )
+        boxes = boxes * np.float32(rec.scale)
+    return Sample(img, boxes, masks, has)
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """torchvision detection pairs from :class:`ImageRecord` objects.
+
+    ``dataset[i]`` is ``(image, target)``: image (3, H, W) float in [0, 1];
+    target ``boxes`` (N, 4) float xyxy, ``labels`` (N,) int64 (1 = WBC),
+    ``masks`` (N, H, W) uint8 (see :class:`Sample`), ``image_id`` int.
+
+    Parameters
+    ----------
+    records
+        Images to serve.
+    transform
+        ``fn(sample, rng_seed) -> Sample`` (see :mod:`segmentation.transforms`)
+        or None.
+    mask_mode, pseudo
+        See :func:`load_sample`.
+    seed
+        Base seed of the augmentation; sample ``i`` of epoch ``e`` uses a seed
+        derived from (seed, e, i), so runs and resumed runs are reproducible.
+    cache
+        Keep loaded samples in memory (small sets only).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        transform: Callable[[Sample, int], Sample] | None = None,
+        mask_mode: str = "ignore",
+        pseudo: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+        seed: int = 0,
+        cache: bool = False,
+        post: Callable[[Sample, int], Sample] | None = None,
+    ):
+        self.records = list(records)
+        self.transform = transform
+        self.mask_mode = mask_mode
+        self.pseudo = pseudo
+        self.seed = seed
+        self.epoch = 0
+        self.cache = cache
+        self.post = post
+        self._cache: dict[int, Sample] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def sample(self, i: int) -> Sample:
+        if self.cache and i in self._cache:
+            return self._cache[i]
+        s = load_sample(self.records[i], self.mask_mode, self.pseudo)
+        if self.cache:
+            self._cache[i] = s
+        return s
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        s = self.sample(i)
+        item_seed = int((self.seed * 1_000_003 + self.epoch * 10_007 + i) % (2**31))
+        if self.post is not None:
+            s = self.post(s, item_seed)
+        if self.transform is not None:
+            s = self.transform(s, item_seed)
+        return to_tensors(s, self.records[i].image_id)
+
+
+def to_tensors(s: Sample, image_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    img = torch.from_numpy(np.array(s.image, copy=True)).permute(2, 0, 1).float() / 255.0
+    n = len(s.boxes)
+    target = {
+        "boxes": torch.from_numpy(np.asarray(s.boxes, np.float32).reshape(n, 4)),
+        "labels": torch.ones(n, dtype=torch.int64),
+        "masks": torch.from_numpy(np.ascontiguousarray(s.masks)),
+        "image_id": torch.tensor(image_id),
+    }
+    return img, target
+
+
+def collate(batch: list) -> tuple[list, list]:
+    return tuple(zip(*batch))  # type: ignore[return-value]
+
+
+def with_scale(ds: SmearDataset, scale: float | None, cell_px: float) -> SmearDataset:
+    """Copy of ``ds`` whose records carry load-time ``scale`` (``None``: per image, auto)."""
+    return SmearDataset(
+        [replace(r, scale=auto_scale(r, cell_px) if scale is None else float(scale)) for r in ds]
+    )

@@ -1,0 +1,313 @@
+"""Readers, augmentation, pseudo-masks and copy-paste of the segmentation data path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from segmentation.copy_paste import CopyPaste
+from segmentation.datasets import (
+    MASK_UNKNOWN,
+    AnnotationError,
+    DetectionDataset,
+    ImageRecord,
+    Instance,
+    SmearDataset,
+    encode_mask,
+    load_sample,
+    mask_bbox,
+    read_coco,
+    read_mask_pngs,
+    read_voc,
+    read_yolo,
+    to_coco,
+    with_scale,
+)
+from segmentation.pseudomask import PseudoMasker, ellipse_in_box, pseudo_mask_in_box
+from segmentation.transforms import AugmentOptions, boxes_match_masks, build_train_transform
+
+VOC_XML = """<annotation><filename>a.jpg</filename>
+<size><width>64</width><height>48</height><depth>3</depth></size>
+<object><name>WBC</name><truncated>0</truncated>
+<bndbox><xmin>10</xmin><ymin>5</ymin><xmax>30</xmax><ymax>25</ymax></bndbox></object>
+<object><name>RBC</name><truncated>1</truncated>
+<bndbox><xmin>40</xmin><ymin>30</ymin><xmax>70</xmax><ymax>48</ymax></bndbox></object>
+</annotation>"""
+
+
+def _img(path, w, h, color=(230, 200, 200)):
+    a = np.zeros((h, w, 3), np.uint8)
+    a[:] = color
+    Image.fromarray(a).save(path)
+
+
+def test_read_voc_exact_boxes_and_split(tmp_path):
+    root = tmp_path / "voc"
+    (root / "Annotations").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "Annotations" / "a.xml").write_text(VOC_XML)
+    _img(root / "JPEGImages" / "a.jpg", 64, 48)
+    (root / "ImageSets" / "Main" / "test.txt").write_text("a\n")
+    ds = read_voc(root, splits=["test"], source="bccd")
+    assert len(ds) == 1
+    rec = ds.images[0]
+    assert (rec.width, rec.height, rec.split, rec.source) == (64, 48, "test", "bccd")
+    assert [a.category for a in rec.instances] == ["wbc", "rbc"]
+    assert rec.instances[0].bbox == (10.0, 5.0, 30.0, 25.0)
+    assert rec.instances[1].bbox == (40.0, 30.0, 64.0, 48.0)  # clipped to the image
+    assert rec.instances[1].extra["truncated"] is True
+    assert rec.wbcs[0].mask is None
+
+
+def test_read_voc_missing_split_file_names_it(tmp_path):
+    root = tmp_path / "voc"
+    (root / "Annotations").mkdir(parents=True)
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    with pytest.raises(AnnotationError, match="val.txt"):
+        read_voc(root, splits=["val"])
+
+
+def test_read_yolo_exact_boxes(tmp_path):
+    root = tmp_path / "yolo"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    (root / "labels" / "classes.txt").write_text("WBC\nRBC\nPlatelet\n")
+    _img(root / "images" / "train" / "x.jpg", 100, 50)
+    (root / "labels" / "train" / "x.txt").write_text("0 0.5 0.5 0.2 0.4\n2 0.1 0.1 0.1 0.2\n")
+    ds = read_yolo(root, splits=["train"])
+    rec = ds.images[0]
+    assert [a.category for a in rec.instances] == ["wbc", "platelet"]
+    np.testing.assert_allclose(rec.instances[0].bbox, (40.0, 15.0, 60.0, 35.0))
+    np.testing.assert_allclose(rec.instances[1].bbox, (5.0, 0.0, 15.0, 10.0))
+
+
+def test_read_yolo_bad_line_names_file_and_line(tmp_path):
+    root = tmp_path / "yolo"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    (root / "labels" / "classes.txt").write_text("WBC\n")
+    _img(root / "images" / "train" / "x.jpg", 10, 10)
+    (root / "labels" / "train" / "x.txt").write_text("0 0.5 0.5 0.2 0.4\n5 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(AnnotationError, match=r"x.txt: line 2"):
+        read_yolo(root, splits=["train"])
+
+
+def test_read_mask_png_whole_cell_is_mask_above_zero(tmp_path):
+    d = tmp_path / "dataset1"
+    d.mkdir()
+    m = np.zeros((20, 30), np.uint8)
+    m[4:14, 6:20] = 128  # cytoplasm
+    m[7:10, 9:12] = 255  # nucleus
+    Image.fromarray(m).save(d / "001.png")
+    _img(d / "001.bmp", 30, 20)
+    (tmp_path / "dataset1_labels.csv").write_text("image ID,class label\n1,3\n")
+    ds = read_mask_pngs(tmp_path, val_fraction=0.0)
+    rec = ds.images[0]
+    inst = rec.instances[0]
+    assert inst.bbox == (6.0, 4.0, 20.0, 14.0)
+    np.testing.assert_array_equal(inst.decode_mask(20, 30), m > 0)
+    assert inst.extra["label"] == "3"
+    np.testing.assert_array_equal(mask_utils.decode(inst.extra["nucleus"]).astype(bool), m == 255)
+
+
+def test_read_coco_rle_and_polygon(tmp_path):
+    m = np.zeros((16, 16), bool)
+    m[2:6, 3:9] = True
+    data = {
+        "images": [{"id": 7, "file_name": "a.png", "width": 16, "height": 16, "split": "val"}],
+        "categories": [{"id": 1, "name": "wbc"}, {"id": 2, "name": "RBC"}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 7,
+                "category_id": 1,
+                "bbox": [3, 2, 6, 4],
+                "segmentation": encode_mask(m),
+                "iscrowd": 0,
+                "kind": "band",
+                "t": 0.5,
+            },
+            {
+                "id": 2,
+                "image_id": 7,
+                "category_id": 1,
+                "bbox": [10, 10, 4, 4],
+                "segmentation": [[10, 10, 14, 10, 14, 14, 10, 14]],
+                "iscrowd": 0,
+            },
+            {"id": 3, "image_id": 7, "category_id": 2, "bbox": [0, 0, 2, 2], "iscrowd": 0},
+        ],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    _img(tmp_path / "a.png", 16, 16)
+    ds = read_coco(tmp_path / "ann.json")
+    rec = ds.images[0]
+    assert rec.split == "val" and rec.image_id == 7
+    assert [a.category for a in rec.instances] == ["wbc", "wbc", "rbc"]
+    a0, a1 = rec.wbcs
+    assert a0.bbox == (3.0, 2.0, 9.0, 6.0)
+    np.testing.assert_array_equal(a0.decode_mask(16, 16), m)
+    assert a0.extra == {"kind": "band", "t": 0.5}
+    assert mask_bbox(a1.decode_mask(16, 16)) == (10.0, 10.0, 14.0, 14.0)
+    assert rec.instances[2].mask is None
+
+
+def test_read_coco_missing_field_names_file(tmp_path):
+    (tmp_path / "ann.json").write_text(json.dumps({"images": [], "categories": []}))
+    with pytest.raises(AnnotationError, match="ann.json: missing top-level field 'annotations'"):
+        read_coco(tmp_path / "ann.json")
+
+
+def _masked_record(tmp_path, size=64):
+    img = np.full((size, size, 3), 220, np.uint8)
+    m1 = np.zeros((size, size), bool)
+    m1[5:20, 8:30] = True
+    m2 = np.zeros((size, size), bool)
+    m2[35:60, 30:50] = True
+    img[m1] = (120, 60, 160)
+    img[m2] = (100, 50, 150)
+    Image.fromarray(img).save(tmp_path / "s.png")
+    rec = ImageRecord(
+        path=tmp_path / "s.png",
+        width=size,
+        height=size,
+        instances=[
+            Instance(bbox=mask_bbox(m1), mask=encode_mask(m1)),
+            Instance(bbox=mask_bbox(m2), mask=encode_mask(m2)),
+            Instance(bbox=(40.0, 2.0, 60.0, 22.0)),  # box only
+            Instance(bbox=(0.0, 40.0, 10.0, 50.0), category="rbc"),
+        ],
+    )
+    return rec, m1, m2
+
+
+def test_load_sample_modes_and_scale(tmp_path):
+    rec, m1, _ = _masked_record(tmp_path)
+    s = load_sample(rec, "ignore")
+    assert s.boxes.shape == (3, 4) and s.masks.shape == (3, 64, 64)
+    assert s.has_mask.tolist() == [True, True, False]
+    assert (s.masks[2] == MASK_UNKNOWN).all()
+    np.testing.assert_array_equal(s.masks[0], m1)
+    sb = load_sample(rec, "box")
+    assert sb.masks[2].sum() == 20 * 20 and sb.has_mask.all()
+    rec.scale = 0.5
+    sh = load_sample(rec, "ignore")
+    assert sh.image.shape == (32, 32, 3) and sh.masks.shape == (3, 32, 32)
+    np.testing.assert_allclose(sh.boxes[0], np.array(mask_bbox(m1)) * 0.5)
+
+
+def test_augmentation_keeps_boxes_and_masks_aligned(tmp_path):
+    rec, _, _ = _masked_record(tmp_path)
+    s = load_sample(rec, "ignore")
+    aug = build_train_transform(AugmentOptions(scale_range=(0.7, 1.4), crop_size=48))
+    seen_rot = False
+    for seed in range(25):
+        out = aug(s, seed)
+        assert out.masks.shape[1:] == out.image.shape[:2] == (48, 48)
+        assert len(out.boxes) == len(out.masks) == len(out.has_mask)
+        # box of every masked instance == bbox of its transformed mask, exactly
+        assert boxes_match_masks(out.boxes, out.masks, out.has_mask)
+        for b, m, h in zip(out.boxes, out.masks, out.has_mask):
+            if h:
+                assert set(np.unique(m)) <= {0, 1}
+            else:
+                assert (m == MASK_UNKNOWN).all() and b[2] > b[0] and b[3] > b[1]
+        seen_rot |= out.image.shape == (48, 48, 3)
+    # same seed -> same result (what makes resume exact)
+    a, b = aug(s, 3), aug(s, 3)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.boxes, b.boxes)
+
+
+def test_flip_moves_box_exactly(tmp_path):
+    rec, m1, _ = _masked_record(tmp_path)
+    s = load_sample(rec, "ignore")
+    import albumentations as A
+
+    from segmentation.transforms import Augment
+
+    flip = Augment(
+        A.Compose(
+            [A.HorizontalFlip(p=1.0)],
+            bbox_params=A.BboxParams(format="pascal_voc", label_fields=["idx"], clip=True),
+        )
+    )
+    out = flip(s, 0)
+    np.testing.assert_array_equal(out.masks[0], m1[:, ::-1])
+    np.testing.assert_allclose(out.boxes[0], (64 - 30, 5, 64 - 8, 20))
+    np.testing.assert_allclose(out.boxes[2], (64 - 60, 2, 64 - 40, 22))  # box-only instance
+
+
+def test_detection_dataset_target_format(tmp_path):
+    rec, _, _ = _masked_record(tmp_path)
+    rec.image_id = 5
+    img, t = DetectionDataset([rec])[0]
+    assert img.shape == (3, 64, 64) and float(img.max()) <= 1.0
+    assert t["boxes"].shape == (3, 4) and t["labels"].tolist() == [1, 1, 1]
+    assert t["masks"].shape == (3, 64, 64) and int(t["image_id"]) == 5
+
+
+def test_to_coco_scaled_frame(tmp_path):
+    rec, m1, _ = _masked_record(tmp_path)
+    ds = with_scale(SmearDataset([rec]), 0.5, 40).renumber()
+    coco = to_coco(ds)
+    assert coco["images"][0]["width"] == 32
+    assert len(coco["annotations"]) == 3  # WBCs only
+    np.testing.assert_allclose(coco["annotations"][0]["bbox"], np.array([8, 5, 22, 15]) * 0.5)
+
+
+def test_pseudo_mask_finds_round_cell_in_box():
+    h = w = 80
+    yy, xx = np.mgrid[0:h, 0:w]
+    cell = (xx - 40) ** 2 + (yy - 38) ** 2 <= 20**2
+    nucleus = (xx - 42) ** 2 + (yy - 36) ** 2 <= 9**2
+    img = np.full((h, w, 3), (235, 210, 215), np.uint8)
+    img[cell] = (190, 160, 210)
+    img[nucleus] = (80, 30, 120)
+    box = np.array(mask_bbox(cell))
+    m, how = pseudo_mask_in_box(img, box)
+    iou = (m & cell).sum() / (m | cell).sum()
+    assert how == "watershed" and iou > 0.9
+    e, how_e = pseudo_mask_in_box(img, box, method="ellipse")
+    assert how_e == "ellipse" and (e == ellipse_in_box((h, w), box)).all()
+    pm = PseudoMasker()
+    out = pm(img, box[None])
+    assert out.shape == (1, h, w) and pm.stats.watershed == 1
+
+
+def test_copy_paste_adds_masked_cells_without_overlap(tmp_path):
+    rec, _, _ = _masked_record(tmp_path)
+    donor_dir = tmp_path / "d"
+    donor_dir.mkdir()
+    dm = np.zeros((20, 20), bool)
+    dm[4:16, 5:15] = True
+    dimg = np.zeros((20, 20, 3), np.uint8)
+    dimg[dm] = (10, 200, 10)
+    Image.fromarray(dimg).save(donor_dir / "c.png")
+    donor = ImageRecord(
+        path=donor_dir / "c.png",
+        width=20,
+        height=20,
+        instances=[Instance(bbox=mask_bbox(dm), mask=encode_mask(dm))],
+    )
+    s = load_sample(rec, "ignore")
+    cp = CopyPaste([donor], p=1.0, max_cells=3)
+    out = cp(s, 1)
+    n_new = len(out.boxes) - len(s.boxes)
+    assert n_new >= 1
+    assert boxes_match_masks(out.boxes, out.masks, out.has_mask)
+    for m in out.masks[len(s.boxes) :]:
+        assert m.sum() == dm.sum()
+        assert (out.image[m == 1] == (10, 200, 10)).all()
+    new = out.boxes[len(s.boxes) :]
+    for b in new:
+        for o in out.boxes:
+            if o is b:
+                continue
+            overlap = min(b[2], o[2]) > max(b[0], o[0]) and min(b[3], o[3]) > max(b[1], o[1])
+            assert not overlap or np.array_equal(o, b)

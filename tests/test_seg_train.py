@@ -1,0 +1,214 @@
+"""Mask R-CNN training: loss masking, one step, schedule, evaluation, stage=segment_train."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _seg_synth import make_coco_smears
+
+from segmentation.datasets import MASK_UNKNOWN, DetectionDataset, collate, read_coco
+from segmentation.engine import NonFiniteLossError, evaluate, train_one_epoch, warmup_schedule
+from segmentation.model import _maskrcnn_loss_with_unknown, build_maskrcnn, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {
+    "fpn_channels": 128,
+    "box_representation": 512,
+    "mask_head_layers": 2,
+    "arch": "resnet18_fpn",
+    "input_scale": 1.0,
+    "anchor_sizes": [8, 16, 32, 64, 128],
+    "rpn_pre_nms_top_n_train": 100,
+    "rpn_post_nms_top_n_train": 50,
+    "rpn_pre_nms_top_n_test": 50,
+    "rpn_post_nms_top_n_test": 20,
+    "box_batch_size_per_image": 32,
+    "rpn_batch_size_per_image": 32,
+}
+
+
+def test_mask_loss_ignores_unknown_pixels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 4, 4)
+    props = [torch.tensor([[0.0, 0.0, 8.0, 8.0], [0.0, 0.0, 8.0, 8.0]])]
+    known = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    known[0, :4] = 1
+    unknown = torch.full((1, 8, 8), MASK_UNKNOWN, dtype=torch.uint8)
+    labels = [torch.tensor([1, 1])]
+    # both RoIs on the known mask: equals plain BCE over all px
+    gt = [torch.cat([known, unknown])]
+    both_known = _maskrcnn_loss_with_unknown(logits, props, gt, labels, [torch.tensor([0, 0])])
+    from torchvision.models.detection import roi_heads
+
+    target = roi_heads.project_masks_on_boxes(gt[0], props[0], torch.tensor([0, 0]), 4)
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 1], target)
+    assert torch.allclose(both_known, ref)
+    # second RoI on the unknown mask: only the first RoI counts
+    mixed = _maskrcnn_loss_with_unknown(logits, props, gt, labels, [torch.tensor([0, 1])])
+    ref1 = torch.nn.functional.binary_cross_entropy_with_logits(logits[0, 1], target[0])
+    assert torch.allclose(mixed, ref1)
+    none = _maskrcnn_loss_with_unknown(logits, props, gt, labels, [torch.tensor([1, 1])])
+    assert float(none) == 0.0
+
+
+def test_warmup_schedule_shapes():
+    f = warmup_schedule(100, 10, "cosine", warmup_factor=0.0, final_factor=0.0)
+    assert f(0) == 0.0 and f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.0)
+    assert f(5) == pytest.approx(0.5)
+    g = warmup_schedule(100, 0, "step", milestones=(0.5,), gamma=0.1)
+    assert g(49) == 1.0 and g(50) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="valid"):
+        warmup_schedule(10, 1, "linear")
+
+
+def _tiny(tmp_path, n=3):
+    ann = make_coco_smears(tmp_path / "smears", n_images=n, size=96, cells=2, radius=10, val=1)
+    return read_coco(ann).renumber()
+
+
+def test_one_training_step_changes_weights(tmp_path):
+    torch.manual_seed(0)
+    ds = _tiny(tmp_path)
+    loader = torch.utils.data.DataLoader(
+        DetectionDataset(ds.images[:2]), batch_size=2, collate_fn=collate
+    )
+    model = build_maskrcnn(**SMALL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    stats = train_one_epoch(model, opt, loader, torch.device("cpu"), 0, log_every=0)
+    assert stats.iterations == 1
+    assert set(stats.losses) == {
+        "loss_classifier",
+        "loss_box_reg",
+        "loss_mask",
+        "loss_objectness",
+        "loss_rpn_box_reg",
+    }
+    assert all(np.isfinite(v) for v in stats.losses.values()) and stats.losses["loss_mask"] > 0
+    after = model.state_dict()
+    changed = [
+        k
+        for k in before
+        if before[k].dtype.is_floating_point and not torch.equal(before[k], after[k])
+    ]
+    assert any(k.startswith("roi_heads.mask_head") for k in changed)
+    assert any(k.startswith("backbone.body") for k in changed)
+    assert any(k.startswith("rpn.") for k in changed)
+
+
+def test_non_finite_loss_stops_with_message(tmp_path):
+    ds = _tiny(tmp_path)
+    loader = torch.utils.data.DataLoader(
+        DetectionDataset(ds.images[:1]), batch_size=1, collate_fn=collate
+    )
+    model = build_maskrcnn(**SMALL)
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.weight.fill_(float("nan"))
+    before = model.rpn.head.conv[0][0].weight.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(NonFiniteLossError, match="epoch 3, iteration 0"):
+        train_one_epoch(model, opt, loader, torch.device("cpu"), 3, log_every=0)
+    assert torch.equal(before, model.rpn.head.conv[0][0].weight)  # no update happened
+
+
+def test_evaluate_perfect_and_empty_predictions(tmp_path):
+    ds = _tiny(tmp_path)
+    dset = DetectionDataset(ds.images)
+    perfect = []
+    for i in range(len(dset)):
+        _, t = dset[i]
+        n = len(t["boxes"])
+        perfect.append(
+            {
+                "boxes": t["boxes"].numpy(),
+                "scores": np.full(n, 0.9, np.float32),
+                "masks": t["masks"].numpy().astype(bool),
+            }
+        )
+    r = evaluate(None, dset, torch.device("cpu"), 0.5, predictions=perfect)
+    assert r.n_gt == 2 * len(dset) and r.recall == 1.0 and r.precision == 1.0
+    assert r.box_ap50 == pytest.approx(1.0) and r.mask_ap == pytest.approx(1.0)
+    assert r.mean_mask_iou == pytest.approx(1.0)
+    low = [dict(p, scores=np.full(len(p["scores"]), 0.1, np.float32)) for p in perfect]
+    r2 = evaluate(None, dset, torch.device("cpu"), 0.5, predictions=low)
+    assert r2.recall == 0.0 and r2.precision is None and r2.box_ap50 == pytest.approx(1.0)
+
+
+def _run(args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+TINY_TRAIN = [
+    "stage=segment_train",
+    "segmentation.epochs=1",
+    "segmentation.input_scale=1.0",
+    "segmentation.anchor_sizes=[8,16,32,64,128]",
+    "segmentation.rpn_pre_nms_top_n_train=100",
+    "segmentation.rpn_post_nms_top_n_train=50",
+    "segmentation.box_batch_size_per_image=32",
+    "segmentation.warmup_iters=1",
+    "segmentation.tb_images=1",
+    "hardware.torch_threads=1",
+]
+
+
+def test_stage_segment_train_writes_model_and_metrics(tmp_path):
+    smears = tmp_path / "smears"
+    make_coco_smears(smears, n_images=3, size=96, cells=2, radius=10, val=1)
+    root = tmp_path / "out"
+    p = _run(
+        [*TINY_TRAIN, f"paths.root={root}", "experiment=t", f"paths.inputs.smears={smears}"], REPO
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = root / "t" / "segment_train"
+    m = json.loads((d / "metrics.json").read_text())
+    v = m["val"]["synthetic"]
+    assert v["n_images"] == 1 and v["n_gt"] == 2
+    assert {"box_ap", "box_ap50", "box_ap75", "mask_ap", "mask_ap50", "mask_ap75", "recall"} <= set(
+        v
+    )
+    model, ck = load_checkpoint(d / "model.pt")
+    assert ck["epoch"] == 0 and "optimizer" in ck and "rng" in ck
+    assert ck["model_args"]["anchor_sizes"] == [8, 16, 32, 64, 128]
+    assert any(f.name.startswith("events") for f in (d / "tb").iterdir())
+    man = json.loads((d / "manifest.json").read_text())
+    assert man["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path):
+    smears = tmp_path / "smears"
+    make_coco_smears(smears, n_images=3, size=96, cells=2, radius=10, val=1)
+    root = tmp_path / "out"
+    common = [
+        *TINY_TRAIN[1:],
+        f"paths.root={root}",
+        f"paths.inputs.smears={smears}",
+        "stage=segment_train",
+        "segmentation.epochs=2",
+        "segmentation.eval_every=5",
+    ]
+    common = [a for a in common if a != "segmentation.epochs=1"]
+    p = _run([*common, "experiment=full"], REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    # interrupted run: 1 epoch of the same 2-epoch schedule, then resume
+    p = _run([*common, "experiment=part", "segmentation.stop_after_epochs=1"], REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = _run([*common, "experiment=part", "resume=true"], REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = torch.load(root / "full" / "segment_train" / "model.pt", weights_only=False)["model"]
+    b = torch.load(root / "part" / "segment_train" / "model.pt", weights_only=False)["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
