@@ -179,7 +179,8 @@ def test_genes_of_interest_kept_when_not_highly_variable():
     X[:, 0] = 2  # constant: never highly variable
     X[:20, 1:6] *= 8  # strongly variable genes
     var = [f"G{i}" for i in range(30)]
-    a = ad.AnnData(X=X, var=pd.DataFrame(index=var))
+    obs = pd.DataFrame({"kind": ["a", "b"] * 20}, index=[f"c{i}" for i in range(40)])
+    a = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=var))
     p = _params(programs={"p": ["g1", "g2"]}, genes_of_interest=["g0"], n_top_genes=5)
     p.subset_hvg = True
     out = preprocess(a, p).adata
@@ -300,10 +301,26 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     )
 
 
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _run_in_process(overrides: list[str], name: str) -> None:
+    from pipeline import stages
+
+    stages.load_stages()
+    stages.run_stage(_compose([f"stage={name}", *overrides]), name)
+
+
 def test_stage_on_simulator_output(tmp_path):
     common = [f"paths.root={tmp_path}", "experiment=sim"]
-    r = _run(["stage=simulate", *common, "data.simulator.n_images=3"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    _run_in_process([*common, "data.simulator.n_images=3"], "simulate")  # fast, in-process
     r = _run(["stage=expression", *common, "expression.umap=false"])
     assert r.returncode == 0, r.stderr[-3000:]
     d = tmp_path / "sim" / "expression"
@@ -332,21 +349,47 @@ def test_stage_bad_input_writes_nothing(tmp_path):
     a.X[3, 1] = np.nan
     bad = tmp_path / "bad.h5ad"
     a.write_h5ad(bad)
-    r = _run(
-        [
-            "stage=expression",
-            f"paths.root={tmp_path}",
-            "experiment=bad",
-            f"paths.inputs.expression_raw={bad}",
-        ]
-    )
-    assert r.returncode == 2
-    assert "[X]" in r.stderr and "NaN/inf" in r.stderr and "bad.h5ad" in r.stderr
+    from pipeline.stages import StageError
+
+    with pytest.raises(StageError) as e:
+        _run_in_process(
+            [f"paths.root={tmp_path}", "experiment=bad", f"paths.inputs.expression_raw={bad}"],
+            "expression",
+        )
+    msg = str(e.value)
+    assert "[X]" in msg and "NaN/inf" in msg and "bad.h5ad" in msg
     d = tmp_path / "bad" / "expression"
     assert sorted(p.name for p in d.iterdir()) == ["expression.log", "manifest.json"]
     assert json.loads((d / "manifest.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.skipif(not PAUL15.exists(), reason="shared Paul15 data not present")
+def test_paul15_in_process():
+    a = read_expression(PAUL15)
+    res = preprocess(
+        a,
+        _params(
+            values="counts",
+            min_counts=100,
+            min_genes=10,
+            min_cells=3,
+            n_top_genes=120,
+            label_key="celltype",
+            programs={"primary": ["MPO", "ELANE", "AZU1", "PRTN3", "CTSG"]},
+            score_ctrl_size=50,
+            score_n_bins=25,
+        ),
+    )
+    out = res.adata
+    assert out.shape == (2653, 240) and res.qc.dropped_min_counts == 7
+    assert res.programs["primary"] == ["Mpo", "Elane", "Prtn3", "Ctsg"]
+    assert int(out.var["highly_variable"].sum()) == 120
+    score = out.obs.groupby("label", observed=True)["score_primary"].mean()
+    # primary granule genes: high in GMP-derived myeloid cells, low in erythroid cells
+    assert score["Neutrophils"] > score["GMP"] > score["Erythrocyte"]
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not PAUL15.exists(), reason="shared Paul15 data not present")
 def test_stage_on_paul15(tmp_path):
     r = _run(
