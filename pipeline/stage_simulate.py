@@ -73,3 +73,9 @@ def simulate(ctx: StageContext) -> None:
         summary.n_genes,
         summary.kind_counts,
     )
+    if summary.n_unplaced:
+        log.warning(
+            "%d white cells found no free spot and were left out; lower "
+            "data.simulator.wbc_per_image or raise data.simulator.image_size",
+            summary.n_unplaced,
+        )

@@ -445,3 +445,11 @@ def test_empty_run_is_valid(tmp_path):
     coco = json.loads((tmp_path / "smears" / "annotations.json").read_text())
     assert coco["images"] == [] and coco["annotations"] == []
     assert math.isfinite(s.n_genes)
+
+
+def test_crowded_images_report_unplaced_cells():
+    p = small(n_images=1, wbc_per_image=(30, 30), image_size=(160, 160))
+    sim = simulate_image(p, make_gene_panel(p.n_genes, p.seed), 0, "train")
+    assert sim.n_unplaced > 0
+    assert len(sim.annotations) + sim.n_unplaced == 30
+    assert sim.counts.shape[0] == len(sim.annotations)

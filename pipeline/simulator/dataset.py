@@ -177,6 +177,7 @@ class SimulatedImage:
     coco_image: dict[str, Any]
     annotations: list[dict[str, Any]]  # COCO records with the ground-truth fields
     counts: np.ndarray  # (n_cells, G) int
+    n_unplaced: int = 0  # requested white cells that found no free spot
 
 
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:
@@ -263,6 +264,7 @@ def simulate_image(
         },
         annotations=anns,
         counts=counts,
+        n_unplaced=smear.n_requested - len(smear.cells),
     )
 
 
@@ -373,6 +375,7 @@ class WriteSummary:
     n_cells: int
     n_genes: int
     kind_counts: dict[str, int]
+    n_unplaced: int = 0  # white cells dropped for lack of space (see Smear.n_requested)
 
 
 def write_dataset(
@@ -405,12 +408,14 @@ def write_dataset(
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     counts: list[np.ndarray] = []
+    n_unplaced = 0
     for k in progress(range(params.n_images)):
         sim = simulate_image(params, panel, k, splits[k])
         Image.fromarray(sim.image).save(smears_dir / sim.file_name, compress_level=1)
         images.append(sim.coco_image)
         annotations.extend(sim.annotations)
         counts.append(sim.counts)
+        n_unplaced += sim.n_unplaced
     coco = {
         "info": {"description": "wbc-pipeline synthetic smears", "simulator": asdict(params)},
         "images": images,
@@ -428,4 +433,5 @@ def write_dataset(
         n_cells=len(annotations),
         n_genes=int(allc.shape[1]),
         kind_counts={k: int(v) for k, v in table["kind"].value_counts().items()},
+        n_unplaced=n_unplaced,
     )

@@ -103,10 +103,15 @@ class RenderedCell:
 
 @dataclass
 class Smear:
-    """One rendered smear: ``image`` (H, W, 3) uint8 and its white cells."""
+    """One rendered smear: ``image`` (H, W, 3) uint8 and its white cells.
+
+    ``n_requested`` white cells were drawn from ``wbc_per_image``; fewer are
+    in ``cells`` when no free spot was found for some (crowded, small image).
+    """
 
     image: np.ndarray
     cells: list[RenderedCell]
+    n_requested: int = 0
 
 
 def rgb_to_od(rgb: tuple[float, ...]) -> np.ndarray:
@@ -481,4 +486,4 @@ def render_smear(p: SmearParams, rng: np.random.Generator) -> Smear:
     img = white * illum * np.exp(-od)
     img += rng.normal(0, p.noise_std, size=img.shape)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    return Smear(image=image, cells=cells)
+    return Smear(image=image, cells=cells, n_requested=n_wbc)
