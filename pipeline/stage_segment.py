@@ -290,6 +290,8 @@ def _write_outputs(
     masks = [mask_list[i] for i in order]
     crops = np.concatenate(crops) if crops else np.zeros((0, s, s, 3), np.uint8)
     masks = np.concatenate(masks) if masks else np.zeros((0, s, s), bool)
+    if table.cell_id.duplicated().any():  # same stem, different suffix (a.png, a.jpg)
+        table["cell_id"] = [f"i{i:05d}_{c}" for i, c in zip(table.image_index, table.cell_id)]
     kept = table[table.kept].copy()
     assert len(kept) == len(crops), (len(kept), len(crops))
     rejects = pd.DataFrame(
@@ -325,7 +327,7 @@ def _write_outputs(
             "precision_at_score_threshold": matched / len(scored) if len(scored) else None,
             "kept_with_truth": int((kept.truth_cell_id != "").sum()),
             "mean_match_iou_kept": float(kept.match_iou[kept.truth_cell_id != ""].mean())
-            if len(kept)
+            if (kept.truth_cell_id != "").any()
             else None,
         }
     obs = _obs_frame(kept)
