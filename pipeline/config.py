@@ -410,10 +410,13 @@ class AnalysisConfig:
     gp_length_scale: float = 0.3  # initial RBF length scale (path position units)
     gp_noise: float = 1e-3
     top_genes: int = 20  # genes listed in the report
-    # granule quantification (pixels of the crop; scale with pair.crop_size)
-    granule_min_sigma: float = 0.7
+    # granule quantification, vae/granules.py (pixels of the crop: tuned on 64 px crops)
+    granule_min_sigma: float = 1.0  # LoG scales of a granule
     granule_max_sigma: float = 2.0
-    granule_threshold: float = 0.04  # LoG threshold on the stain score
+    granule_threshold: float = 0.10  # LoG threshold on the stain score (1 - luminance)
+    granule_border_px: int = 2  # rim of the cell outline left out of the cytoplasm
+    granule_nucleus_margin_px: int = 3  # margin around the nucleus left out
+    lobe_core_fraction: float = 0.35  # lobe = core deeper than this x max nucleus half-width
     max_cells_measured: int = 400  # real crops quantified (random subset of the split)
 
 

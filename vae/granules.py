@@ -8,7 +8,8 @@ can be compared. For one RGB crop and its cell mask:
 2. lobes: connected parts of the nucleus core (pixels farther than
    ``core_fraction`` x the widest half-width from the nucleus border), so
    thin bridges between lobes do not join them;
-3. cytoplasm = cell mask minus the (slightly dilated) nucleus;
+3. cytoplasm = cell mask minus a rim at the cell outline and a margin around
+   the nucleus (both dark and blurred, they would read as granules);
 4. granules: Laplacian-of-Gaussian blobs of the stain score inside the
    cytoplasm; count and density (per 100 px^2 of cytoplasm);
 5. texture: GLCM contrast of the cytoplasm grey levels;
@@ -37,14 +38,15 @@ FEATURES = [
 class GranuleParams:
     """Detection settings, in pixels of the crop being measured."""
 
-    min_sigma: float = 0.7  # smallest granule LoG scale (radius ~ sigma * sqrt(2))
+    min_sigma: float = 1.0  # smallest granule LoG scale (radius ~ sigma * sqrt(2))
     max_sigma: float = 2.0  # largest granule scale
     num_sigma: int = 5
-    threshold: float = 0.04  # LoG response threshold on the stain score (0..1 units)
-    nucleus_min_fraction: float = (
-        0.03  # nucleus parts smaller than this share of the cell are dropped
-    )
-    core_fraction: float = 0.45  # lobe cores: distance to border > this x max distance
+    threshold: float = 0.10  # LoG response threshold on the stain score (0..1 units)
+    border_px: int = 2  # cytoplasm excludes this rim of the cell mask (dark outline)
+    nucleus_margin_px: int = 3  # ... and this margin around the nucleus (blurred edge)
+    # nucleus parts smaller than this share of the cell are dropped
+    nucleus_min_fraction: float = 0.03
+    core_fraction: float = 0.35  # lobe cores: distance to border > this x max distance
     glcm_levels: int = 32
 
 
@@ -151,7 +153,7 @@ def segment_nucleus(
     return ndi.binary_fill_holes(nuc) & cell
 
 
-def count_lobes(nucleus: np.ndarray, core_fraction: float = 0.45, min_core_px: int = 2) -> int:
+def count_lobes(nucleus: np.ndarray, core_fraction: float = 0.35, min_core_px: int = 2) -> int:
     """Nucleus lobe count from the cores of its distance transform.
 
     A lobe is a connected region of pixels whose distance to the nucleus
@@ -182,10 +184,10 @@ def count_lobes(nucleus: np.ndarray, core_fraction: float = 0.45, min_core_px: i
 def detect_granules(
     img: np.ndarray,
     cytoplasm: np.ndarray,
-    min_sigma: float = 0.7,
+    min_sigma: float = 1.0,
     max_sigma: float = 2.0,
     num_sigma: int = 5,
-    threshold: float = 0.04,
+    threshold: float = 0.10,
 ) -> np.ndarray:
     """Granule-like blobs (LoG) of the stain score inside the cytoplasm.
 
@@ -277,7 +279,9 @@ def measure_cell(
     if cell.shape != np.asarray(img).shape[:2]:
         raise ValueError(f"cell_mask shape {cell.shape} does not match image {np.shape(img)}")
     nuc = segment_nucleus(img, cell, p.nucleus_min_fraction)
-    cyto = cell & ~ndi.binary_dilation(nuc, iterations=1)
+    cyto = cell & ~ndi.binary_dilation(nuc, iterations=max(1, p.nucleus_margin_px))
+    if p.border_px > 0:
+        cyto &= ndi.binary_erosion(cell, iterations=p.border_px)
     blobs = detect_granules(img, cyto, p.min_sigma, p.max_sigma, p.num_sigma, p.threshold)
     area = int(cyto.sum())
     hue, sat = cytoplasm_colour(img, cyto)
