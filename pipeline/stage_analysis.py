@@ -54,6 +54,7 @@ class RunData:
     data: Any | None  # vae.data.PairedTensors aligned with latent rows, or None
     gene_names: list[str]
     device: Any
+    gene_program: dict[str, str]  # gene -> program from paired var["program"] (may be empty)
 
 
 def _load(ctx: StageContext, need_paired: bool = False) -> RunData:
@@ -90,7 +91,12 @@ def _load(ctx: StageContext, need_paired: bool = False) -> RunData:
     elif need_paired:
         raise StageError("this step needs paired.h5ad (stage=pair or paths.inputs.paired=PATH)")
     genes = list(meta.get("gene_names") or (data.gene_names if data is not None else []))
-    return RunData(latent, model, meta, data, genes, device)
+    gene_program: dict[str, str] = {}
+    if data is not None:
+        var = ad.read_h5ad(ctx.input("paired"), backed="r").var
+        if "program" in var:
+            gene_program = dict(zip(var.index.astype(str), var["program"].astype(str)))
+    return RunData(latent, model, meta, data, genes, device, gene_program)
 
 
 def _full_codes(latent) -> np.ndarray:
@@ -597,6 +603,15 @@ def run_traverse(ctx: StageContext) -> None:
     programs = _programs(a.programs, genes)
     gidx = _heatmap_genes(programs, genes, rd.meta)
     gnames = [genes[i] for i in gidx]
+    # program of each gene for the ranking table: the data's own (simulator) programs,
+    # then the configured granule programs
+    annot: dict[str, list[str]] = {}
+    for g, p_ in rd.gene_program.items():
+        annot.setdefault(p_, []).append(g)
+    for p_, gl in programs.items():
+        annot.setdefault(p_, []).extend(
+            g for g in gl if g.upper() not in {x.upper() for x in rd.gene_program}
+        )
     labels = _labels(lat, a.label_key)
     Z = _full_codes(lat)  # (N, d)
     d = Z.shape[1]
@@ -733,7 +748,7 @@ def run_traverse(ctx: StageContext) -> None:
                     p, f"Decoded cells and granule-gene expression along {how} (position 0..1)."
                 )
             )
-            rank = T.rank_genes(dec.expression, genes, pth.s, programs)
+            rank = T.rank_genes(dec.expression, genes, pth.s, annot)
             _csv(ctx, rank, f"gene_ranking_{kind}")
             tables[f"gene_ranking_{kind}"] = rank
             feats = _measure(dec.images, dec.masks, params, bg)
