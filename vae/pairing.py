@@ -135,14 +135,17 @@ def square_crop(
     ys, xs = np.nonzero(mask)
     if len(ys) == 0:
         ys, xs = np.array([0, h - 1]), np.array([0, w - 1])
-    cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
-    side = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) * (1 + margin)
     if mask.all():
         side = max(h, w)
-    half = side / 2
-    y0, y1 = int(round(cy - half)), int(round(cy + half))
-    x0, x1 = int(round(cx - half)), int(round(cx + half))
+    else:
+        side = int(np.ceil(max(np.ptp(ys) + 1, np.ptp(xs) + 1) * (1 + margin)))
+    # box centre in pixel-edge coordinates; the square [y0, y0 + side) is centred on it
+    cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
+    y0, x0 = int(np.floor(cy - side / 2)), int(np.floor(cx - side / 2))
+    y1, x1 = y0 + side, x0 + side
     pad = max(0, -y0, -x0, y1 - h, x1 - w)
+    image = image.copy()
+    image[~mask] = background  # no smear context bleeds into edge pixels on resize
     img = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), constant_values=background)
     msk = np.pad(mask, ((pad, pad), (pad, pad)), constant_values=False)
     img = img[y0 + pad : y1 + pad, x0 + pad : x1 + pad]
@@ -232,8 +235,9 @@ def read_image_folder(
 ) -> CropSet:
     """ImageFolder of labelled crops (``root/<Class>/*.jpg``); class names lower-cased.
 
-    These crops have no cell mask: ``masks`` are all True and ``obs["has_mask"]``
-    False, so the whole (square-padded) crop counts as cell.
+    These crops have no cell mask: ``masks`` are True over the whole image (False
+    only on the padding that makes a non-square image square) and
+    ``obs["has_mask"]`` is False.
     """
     root = Path(root)
     if not root.is_dir():
@@ -278,6 +282,7 @@ def read_segmentation_wbc(
     """
     root = Path(root)
     crops, masks, rows = [], [], []
+    per_class: dict[str, int] = {}  # max_per_class counts over all subsets
     for sub in subsets:
         csv = root / f"{sub}_labels.csv"
         if not csv.exists():
@@ -287,7 +292,6 @@ def read_segmentation_wbc(
             raise PairingError(
                 "expected columns: image id, class", field="columns", source=str(csv)
             )
-        per_class: dict[str, int] = {}
         for img_id, code in zip(lab.iloc[:, 0], lab.iloc[:, 1]):
             if int(code) not in SEGMENTATION_WBC_CLASSES:
                 raise PairingError(

@@ -1,0 +1,456 @@
+"""stage=pair: crop readers, the four pairing modes, label maps, the stage.
+
+A tiny crop set (5 crops) and profile set (6 profiles) built by hand; every
+mode is checked for exact row counts and modality flags.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from vae.pairing import (
+    CropSet,
+    PairingError,
+    make_pairs,
+    read_cells_h5ad,
+    read_image_folder,
+    read_segmentation_wbc,
+    resolve_label_map,
+    square_crop,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT / "../shared/data"
+S = 8
+
+
+def _crops() -> CropSet:
+    """5 crops: 2 neutrophil (t 0.1, 0.9), 1 monocyte, 1 eosinophil, 1 band (t 0.5)."""
+    n = 5
+    crops = np.full((n, S, S, 3), 0, np.uint8)
+    masks = np.zeros((n, S, S), bool)
+    for i in range(n):
+        crops[i, 2:6, 2:6] = 10 * (i + 1)
+        masks[i, 2:6, 2:6] = True
+    obs = pd.DataFrame(
+        {
+            "label": ["neutrophil", "neutrophil", "monocyte", "eosinophil", "band"],
+            "source": "toy",
+            "truth_cell_id": ["e0", "e1", "e4", "", "zz"],
+            "maturation": [0.1, 0.9, np.nan, np.nan, 0.5],
+            "kind": [
+                "segmented_neutrophil",
+                "segmented_neutrophil",
+                "monocyte",
+                "eosinophil",
+                "band",
+            ],
+        },
+        index=[f"img{i}" for i in range(n)],
+    )
+    return CropSet(crops=crops, masks=masks, obs=obs)
+
+
+def _expr() -> ad.AnnData:
+    """6 profiles: 3 Neutrophils (mat 0.05, 0.15, 0.95), 2 Monocytes, 1 GMP (mat 0.55)."""
+    X = np.arange(6 * 4, dtype=np.float32).reshape(6, 4) / 10
+    counts = np.arange(6 * 4, dtype=np.float32).reshape(6, 4)
+    obs = pd.DataFrame(
+        {
+            "label": ["Neutrophils", "Neutrophils", "Neutrophils", "GMP", "Monocytes", "Monocytes"],
+            "maturation": np.array([0.05, 0.15, 0.95, 0.55, np.nan, 0.3], np.float32),
+            "kind": ["n", "n", "n", "g", "m", "m"],
+        },
+        index=[f"e{i}" for i in range(6)],
+    )
+    a = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=["MPO", "ELANE", "LYZ", "ACTB"]))
+    a.layers["counts"] = counts
+    a.uns["has_counts"] = True
+    return a
+
+
+def _flags(res) -> tuple[int, int, int]:
+    hi = res.adata.obs["has_image"].to_numpy(bool)
+    he = res.adata.obs["has_expression"].to_numpy(bool)
+    return int((hi & he).sum()), int((hi & ~he).sum()), int((~hi & he).sum())
+
+
+def _check_consistent(res, crops: CropSet, expr: ad.AnnData) -> None:
+    """Rows carry exactly their crop / profile; zeros where a modality is absent."""
+    a = res.adata
+    pos_c = {c: i for i, c in enumerate(crops.obs.index)}
+    pos_e = {c: i for i, c in enumerate(expr.obs_names)}
+    for k in range(a.n_obs):
+        o = a.obs.iloc[k]
+        if o["has_image"]:
+            i = pos_c[o["image_ref"]]
+            assert np.array_equal(a.obsm["crops"][k], crops.crops[i])
+            assert np.array_equal(a.obsm["masks"][k], crops.masks[i])
+        else:
+            assert o["image_ref"] == "" and not a.obsm["crops"][k].any()
+            assert not a.obsm["masks"][k].any()
+        if o["has_expression"]:
+            j = pos_e[o["expression_ref"]]
+            assert np.array_equal(a.X[k], expr.X[j])
+            assert np.array_equal(a.layers["counts"][k], expr.layers["counts"][j])
+        else:
+            assert o["expression_ref"] == "" and not a.X[k].any()
+        both = o["has_image"] and o["has_expression"]
+        assert (o["pair_mode"] == "unpaired") == (not both)
+    assert a.obsm["crops"].dtype == np.uint8 and a.obsm["masks"].dtype == bool
+    assert a.X.dtype == np.float32
+    s = res.summary
+    assert int(s["n"].sum()) == a.n_obs
+
+
+# --- modes -----------------------------------------------------------------------
+
+
+def test_same_cell():
+    c, e = _crops(), _expr()
+    res = make_pairs(c, e, "same_cell")
+    # img0-e0, img1-e1, img2-e4 paired; img3 (no truth), img4 (zz) image-only;
+    # e2, e3, e5 expression-only
+    assert _flags(res) == (3, 2, 3)
+    obs = res.adata.obs
+    paired = obs[obs.has_image & obs.has_expression]
+    assert dict(zip(paired.image_ref, paired.expression_ref)) == {
+        "img0": "e0",
+        "img1": "e1",
+        "img2": "e4",
+    }
+    assert set(paired.pair_mode) == {"same_cell"}
+    _check_consistent(res, c, e)
+    # truth columns: the crop's, and the profile's on expression-only rows
+    eo = obs[~obs.has_image]
+    assert list(eo["kind"]) == ["n", "g", "m"]
+    assert list(obs[obs.has_image]["kind"])[:2] == ["segmented_neutrophil"] * 2
+    # maturation: the crop's, else the profile's
+    np.testing.assert_allclose(
+        obs["maturation"].to_numpy(dtype=float),
+        [0.1, 0.9, np.nan, np.nan, 0.5, 0.95, 0.55, 0.3],
+        equal_nan=True,
+    )
+    # dropping unmatched sides
+    res2 = make_pairs(c, e, "same_cell", keep_unmatched_images=False, keep_unused_expression=False)
+    assert _flags(res2) == (3, 0, 0)
+
+
+def test_same_cell_needs_truth_ids():
+    c = _crops()
+    c.obs = c.obs.drop(columns="truth_cell_id")
+    with pytest.raises(PairingError) as e:
+        make_pairs(c, _expr(), "same_cell")
+    assert e.value.field == "pair.mode"
+
+
+def test_by_label_with_label_map_is_fixed_by_seed():
+    c, e = _crops(), _expr()
+    lm = {"neutrophil": "Neutrophils", "Monocyte": "monocytes"}  # case-insensitive
+    res = make_pairs(c, e, "by_label", label_map=lm, seed=3)
+    # neutrophil x2 and monocyte paired; eosinophil, band image-only;
+    # profiles never drawn are expression-only (6 - drawn)
+    obs = res.adata.obs
+    paired = obs[obs.has_image & obs.has_expression]
+    assert list(paired.image_ref) == ["img0", "img1", "img2"]
+    assert set(paired.expression_ref[:2]) <= {"e0", "e1", "e2"}
+    assert paired.expression_ref.iloc[2] in {"e4", "e5"}
+    n_drawn = paired.expression_ref.nunique()
+    assert _flags(res) == (3, 2, 6 - n_drawn)
+    # one vocabulary: mapped image classes carry the expression label
+    assert list(paired.label) == ["Neutrophils", "Neutrophils", "Monocytes"]
+    assert list(paired.image_label) == ["neutrophil", "neutrophil", "monocyte"]
+    _check_consistent(res, c, e)
+    same = make_pairs(c, e, "by_label", label_map=lm, seed=3).adata.obs
+    assert list(same.expression_ref) == list(obs.expression_ref)
+    draws = [
+        tuple(make_pairs(c, e, "by_label", label_map=lm, seed=s).adata.obs.expression_ref[:3])
+        for s in range(8)
+    ]
+    assert len(set(draws)) > 1  # the seed matters
+
+
+def test_by_label_draws_per_crop_and_identity_map():
+    c, e = _crops(), _expr()
+    e.obs["label"] = ["neutrophil", "neutrophil", "neutrophil", "GMP", "monocyte", "monocyte"]
+    res = make_pairs(c, e, "by_label", draws_per_crop=2, seed=0)  # {} = identity
+    obs = res.adata.obs
+    paired = obs[obs.has_image & obs.has_expression]
+    assert len(paired) == 6  # 3 crops x 2 draws
+    assert list(paired.draw) == [0, 1, 0, 1, 0, 1]
+    for ref, grp in paired.groupby("image_ref"):
+        assert grp.expression_ref.nunique() == 2, ref  # without replacement within a crop
+    # monocyte has 2 profiles, both drawn; neutrophil draws 2 of 3 twice
+    assert set(obs[~obs.has_image].expression_ref) <= {"e0", "e1", "e2", "e3"}
+    assert "e3" in set(obs[~obs.has_image].expression_ref)
+
+
+def test_label_map_naming_a_missing_class_is_an_error():
+    c, e = _crops(), _expr()
+    with pytest.raises(PairingError) as err:
+        make_pairs(c, e, "by_label", label_map={"neutrophil": "Neutrophil"})
+    assert err.value.field == "pair.label_map" and "'Neutrophil'" in str(err.value)
+    assert "Neutrophils" in str(err.value)  # lists the valid labels
+    with pytest.raises(PairingError) as err:
+        make_pairs(c, e, "by_label", label_map={"basophil": "GMP"})
+    assert err.value.field == "pair.label_map" and "basophil" in str(err.value)
+    assert resolve_label_map({"x": "y"}, ["a"], ["b"], strict=False) == {}
+
+
+def test_by_maturation_bins():
+    c, e = _crops(), _expr()
+    res = make_pairs(c, e, "by_maturation", n_bins=2, label_maturation={"monocyte": 0.2}, seed=0)
+    obs = res.adata.obs
+    paired = obs[obs.has_image & obs.has_expression]
+    # bins [0, .5) and [.5, 1]: img0 (0.1), img2 (0.2 from label) -> {e0, e1, e5};
+    # img1 (0.9), img4 (0.5) -> {e2, e3}; img3 has no maturation -> image-only
+    assert list(paired.image_ref) == ["img0", "img1", "img2", "img4"]
+    lo, hi = {"e0", "e1", "e5"}, {"e2", "e3"}
+    refs = dict(zip(paired.image_ref, paired.expression_ref))
+    assert refs["img0"] in lo and refs["img2"] in lo
+    assert refs["img1"] in hi and refs["img4"] in hi
+    assert _flags(res) == (4, 1, 6 - len(set(refs.values())))
+    _check_consistent(res, c, e)
+    with pytest.raises(PairingError):
+        make_pairs(c, e, "by_maturation", n_bins=0)
+
+
+def test_unpaired_and_expression_only():
+    c, e = _crops(), _expr()
+    res = make_pairs(c, e, "unpaired")
+    assert _flags(res) == (0, 5, 6)
+    assert set(res.adata.obs.pair_mode) == {"unpaired"}
+    _check_consistent(res, c, e)
+    summ = res.summary.set_index(["label", "modalities"])["n"]
+    assert summ[("neutrophil", "image")] == 2 and summ[("Neutrophils", "expression")] == 3
+    res = make_pairs(None, e, "unpaired")
+    assert _flags(res) == (0, 0, 6)
+    with pytest.raises(PairingError) as err:
+        make_pairs(c, e, "nearest")
+    assert err.value.field == "pair.mode" and "by_label" in str(err.value)
+
+
+def test_no_counts_gives_no_counts_layer():
+    e = _expr()
+    del e.layers["counts"]
+    e.uns["has_counts"] = False
+    res = make_pairs(_crops(), e, "same_cell")
+    assert "counts" not in res.adata.layers and res.adata.uns["has_counts"] is False
+
+
+# --- crop readers ----------------------------------------------------------------
+
+
+def test_square_crop_background_and_mask():
+    img = np.full((20, 30, 3), 200, np.uint8)
+    mask = np.zeros((20, 30), bool)
+    mask[5:15, 10:20] = True
+    img[mask] = 50
+    c, m = square_crop(img, mask, 16, background=7, margin=0.0)
+    assert c.shape == (16, 16, 3) and m.shape == (16, 16) and m.all()  # box = mask
+    c, m = square_crop(img, mask, 16, background=7, margin=1.0)
+    assert m.sum() < 16 * 16 and (c[~m] == 7).all() and m[8, 8]
+    assert (c[5:11, 5:11] == 50).all()  # interior exact; edge pixels blend with 7
+    assert (c[m] <= 50).all()
+
+
+def test_image_folder_reader(tmp_path):
+    root = tmp_path / "crops"
+    for cls, n in (("Neutrophil", 3), ("Monocyte", 1)):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((30, 20, 3), 40 * i, np.uint8)).save(root / cls / f"{i}.png")
+    (root / "Monocyte" / "notes.txt").write_text("not an image")
+    cs = read_image_folder(root, 12, background=0)
+    # 30 x 20 images padded to 30 x 30: mask = the image, not the padding
+    assert cs.crops.shape == (4, 12, 12, 3)
+    assert cs.masks[:, :, 3:9].all() and not cs.masks[:, :, :2].any()
+    assert list(cs.obs.label) == ["monocyte", "neutrophil", "neutrophil", "neutrophil"]
+    assert not cs.obs.has_mask.any()
+    assert len(read_image_folder(root, 12, max_per_class=2)) == 3
+    with pytest.raises(PairingError):
+        read_image_folder(tmp_path / "nope", 12)
+
+
+def test_segmentation_wbc_reader(tmp_path):
+    root = tmp_path / "seg"
+    (root / "dataset1").mkdir(parents=True)
+    for i in (1, 2, 3):
+        img = np.full((40, 40, 3), 220, np.uint8)
+        m = np.zeros((40, 40), np.uint8)
+        m[10:30, 10:30] = 128
+        m[15:25, 15:25] = 255
+        img[m > 0] = 90
+        Image.fromarray(img).save(root / "dataset1" / f"{i:03d}.bmp")
+        Image.fromarray(m).save(root / "dataset1" / f"{i:03d}.png")
+    (root / "dataset1_labels.csv").write_text("image ID,class label\n1,2\n2,1\n3,1\n")
+    cs = read_segmentation_wbc(root, 16, background=5, subsets=("dataset1",))
+    assert list(cs.obs.label) == ["lymphocyte", "neutrophil", "neutrophil"]
+    assert list(cs.obs.index) == [f"segmentation_wbc/dataset1/{i:03d}" for i in (1, 2, 3)]
+    assert cs.obs.has_mask.all() and cs.crops.shape == (3, 16, 16, 3)
+    assert (cs.crops[~cs.masks] == 5).all() and cs.masks[:, 8, 8].all() and not cs.masks.all()
+    (root / "dataset1_labels.csv").write_text("image ID,class label\n1,9\n")
+    with pytest.raises(PairingError) as e:
+        read_segmentation_wbc(root, 16, subsets=("dataset1",))
+    assert e.value.field == "class"
+
+
+def _cells_h5ad(path: Path, size: int = 12) -> None:
+    n = 3
+    crops = np.full((n, size, size, 3), 100, np.uint8)
+    masks = np.zeros((n, size, size), bool)
+    masks[:, 2:10, 2:10] = True
+    obs = pd.DataFrame(
+        {
+            "image": "sim_0000.png",
+            "truth_cell_id": ["e0", "", "e3"],
+            "kind": ["myeloblast", "band", "lymphocyte"],
+            "t": [0.0, 0.8, np.nan],
+            "lineage": ["neutrophil", "neutrophil", "lymphocyte"],
+        },
+        index=["cell0", "cell1", "cell2"],
+    )
+    a = ad.AnnData(obs=obs)
+    a.obsm["crops"] = crops
+    a.obsm["masks"] = masks
+    a.uns["crop_size"] = size
+    a.write_h5ad(path)
+
+
+def test_cells_h5ad_reader_resizes_and_blanks_background(tmp_path):
+    _cells_h5ad(tmp_path / "cells.h5ad")
+    cs = read_cells_h5ad(tmp_path / "cells.h5ad", 24, background=3)
+    assert cs.crops.shape == (3, 24, 24, 3) and cs.masks.shape == (3, 24, 24)
+    assert cs.masks.sum() == 3 * 16 * 16  # nearest-neighbour doubling of an 8x8 box
+    assert (cs.crops[~cs.masks] == 3).all() and (cs.crops[cs.masks] == 100).all()
+    assert list(cs.obs.label) == ["myeloblast", "band", "lymphocyte"]
+    np.testing.assert_allclose(cs.obs.maturation, [0.0, 0.8, np.nan])
+
+
+# --- the stage -------------------------------------------------------------------
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_pair_stage_same_cell_subprocess(tmp_path):
+    _cells_h5ad(tmp_path / "cells.h5ad")
+    e = _expr()
+    e.write_h5ad(tmp_path / "expression.h5ad")
+    r = _run(
+        [
+            "stage=pair",
+            f"paths.root={tmp_path}",
+            "experiment=p",
+            f"paths.inputs.cells={tmp_path / 'cells.h5ad'}",
+            f"paths.inputs.expression={tmp_path / 'expression.h5ad'}",
+            "pair.crop_size=16",
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = tmp_path / "p" / "pair"
+    a = ad.read_h5ad(d / "paired.h5ad")
+    counts = json.loads((d / "pair_counts.json").read_text())
+    # cell0-e0, cell2-e3 paired; cell1 image-only; e1, e2, e4, e5 expression-only
+    assert counts == {
+        "rows": 7,
+        "image+expression": 2,
+        "image_only": 1,
+        "expression_only": 4,
+        "genes": 4,
+        "crop_size": 16,
+        "has_counts": True,
+    }
+    assert a.obsm["crops"].shape == (7, 16, 16, 3) and a.obsm["masks"].shape == (7, 16, 16)
+    assert list(a.obs.columns[:3]) == ["has_image", "has_expression", "pair_mode"]
+    assert a.obs.has_image.dtype == bool and "counts" in a.layers
+    summary = pd.read_csv(d / "pair_summary.csv")
+    assert int(summary.n.sum()) == 7 and set(summary.columns) == {"label", "modalities", "n"}
+    assert (d / "crops.png").exists()
+
+
+def test_pair_stage_bad_label_map_writes_nothing(tmp_path):
+    root = tmp_path / "crops"
+    (root / "Neutrophil").mkdir(parents=True)
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(root / "Neutrophil" / "a.png")
+    _expr().write_h5ad(tmp_path / "expression.h5ad")
+    from hydra import compose, initialize_config_dir
+
+    from pipeline import stages
+    from pipeline.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                "stage=pair",
+                f"paths.root={tmp_path}",
+                "experiment=bad",
+                f"paths.inputs.expression={tmp_path / 'expression.h5ad'}",
+                f"pair.crop_sources=[{{kind: image_folder, path: '{root}'}}]",
+                "pair.mode=by_label",
+                "+pair.label_map={neutrophil: Neutrophilz}",
+            ],
+        )
+    stages.load_stages()
+    with pytest.raises(stages.StageError) as e:
+        stages.run_stage(cfg, "pair")
+    assert "[pair.label_map]" in str(e.value) and "Neutrophilz" in str(e.value)
+    d = tmp_path / "bad" / "pair"
+    assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "pair.log"]
+
+
+@pytest.mark.skipif(not (SHARED / "cells/bccd_cropped").exists(), reason="shared data absent")
+def test_real_crops_by_label_against_paul15_labels(tmp_path):
+    """The real-data config: bccd_cropped + segmentation_wbc x Paul15-style labels."""
+    e = _expr()
+    e.obs["label"] = ["Neutrophils", "Neutrophils", "Monocytes", "Basophils", "GMP", "GMP"]
+    e.write_h5ad(tmp_path / "expression.h5ad")
+    r = _run(
+        [
+            "stage=pair",
+            "pair=by_label_real",
+            f"paths.root={tmp_path}",
+            "experiment=real",
+            f"paths.inputs.expression={tmp_path / 'expression.h5ad'}",
+            "pair.crop_sources.0.max_per_class=2",
+            "pair.crop_sources.1.max_per_class=2",
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = ad.read_h5ad(tmp_path / "real" / "pair" / "paired.h5ad")
+    obs = a.obs
+    img = obs[obs.has_image]
+    # 5 bccd classes x 2 + 5 segmentation_wbc classes x 2 (cap per class per source)
+    assert img.image_label.astype(str).value_counts().to_dict() == {
+        "basophil": 4,
+        "eosinophil": 4,
+        "lymphocyte": 4,
+        "monocyte": 4,
+        "neutrophil": 4,
+    }
+    paired = obs[obs.has_image & obs.has_expression]
+    assert set(paired.image_label) == {"neutrophil", "monocyte", "basophil"}
+    assert len(paired) == 12
+    assert set(obs[obs.has_image & ~obs.has_expression].image_label) == {"eosinophil", "lymphocyte"}
+    assert set(obs[~obs.has_image].expression_label) <= {"GMP", "Neutrophils"}
+    assert a.obsm["crops"].shape[1:] == (64, 64, 3)
+    seg = obs.image_source == "segmentation_wbc"
+    assert (a.obsm["crops"][seg.to_numpy()][~a.obsm["masks"][seg.to_numpy()]] == 0).all()
