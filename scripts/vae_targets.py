@@ -88,6 +88,26 @@ def build(n_images: int, crop_size: int, seed: int, out: Path, target_sum: float
     print(f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes, crops {crop_size}px")
 
 
+def noise_free(run: Path, paired: Path | None, seed: int, target_sum: float = 1e4) -> np.ndarray:
+    """log1p(normalised expected expression) of each row from its true kind and t."""
+    import anndata as ad
+
+    from pipeline.simulator import make_gene_panel
+    from pipeline.simulator.expression import mean_profile
+
+    if paired is None:
+        man = json.loads((run / "manifest.json").read_text())
+        paired = Path(man["inputs"]["paired"]["path"])
+    a = ad.read_h5ad(paired, backed="r")
+    panel = make_gene_panel(a.n_vars, seed)
+    if list(map(str, panel.genes)) != list(a.var_names):
+        raise SystemExit(f"{paired}: genes differ from the simulator panel of seed {seed}")
+    out = np.zeros(a.shape, np.float32)
+    for i, (kind, t) in enumerate(zip(a.obs["kind"].astype(str), a.obs["t"].astype(float))):
+        out[i] = np.log1p(mean_profile(panel, kind, None if np.isnan(t) else t) * target_sum)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -100,6 +120,12 @@ def main() -> None:
     e.add_argument("--run", type=Path, required=True, help="the train stage folder")
     e.add_argument("--paired", type=Path, default=None, help="default: from manifest.json")
     e.add_argument("--out", type=Path, default=None, help="default: RUN/targets.json")
+    e.add_argument(
+        "--simulator-seed",
+        type=int,
+        default=None,
+        help="also compare with the simulator's noise-free expression (gene panel of this seed)",
+    )
     a = ap.parse_args()
     if a.cmd == "build":
         build(a.n_images, a.crop_size, a.seed, a.out)
@@ -109,7 +135,10 @@ def main() -> None:
     torch.set_num_threads(1)
     from vae.targets import targets_for_run
 
-    rep = targets_for_run(a.run, a.paired)
+    expected = None
+    if a.simulator_seed is not None:
+        expected = noise_free(a.run, a.paired, a.simulator_seed)
+    rep = targets_for_run(a.run, a.paired, expected)
     out = a.out or a.run / "targets.json"
     out.write_text(json.dumps(rep.to_dict(), indent=2, default=float) + "\n")
     print(f"{'target':48s} {'value':>8s} {'goal':>6s}  pass")
@@ -119,6 +148,8 @@ def main() -> None:
         "t_best_dim_image_only_abs_spearman",
         "knn15_kind_accuracy_expression",
         "all_genes_from_image_mean_pearson",
+        "granule_from_image_vs_noise_free_mean_pearson",
+        "truth_ceiling_granule_pearson",
         "n_test",
     ):
         if k in rep.details:

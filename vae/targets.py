@@ -44,6 +44,7 @@ def compute_targets(
     granule_genes: list[int],
     device: str = "cpu",
     k: int = 15,
+    expected: np.ndarray | None = None,
 ) -> TargetReport:
     """Targets of a trained model on ``data`` (PairedTensors) with truth columns in ``obs``.
 
@@ -54,6 +55,15 @@ def compute_targets(
     obs : paired obs (needs ``kind`` or ``label``; ``t`` and ``lineage`` for the t target)
     split : (N,) train/val/test
     granule_genes : column indices of the granule-program genes
+    expected : (N, G), optional
+        Noise-free log-normalised expression (simulator truth); adds the
+        cross-modal r against it to ``details``.
+
+    Notes
+    -----
+    ``details["truth_ceiling_granule_pearson"]`` is the same r for a kNN
+    regressor (k = 30) fitted on the *true* kind and t of the train rows: how
+    far noisy counts let any predictor go.
     """
     from vae.infer import encode_dataset
     from vae.metrics import best_dim_spearman, knn_accuracy, per_gene_correlation
@@ -96,6 +106,13 @@ def compute_targets(
         }
         allg = per_gene_correlation(lat.expression_from_image[rows], data.x.numpy()[rows])
         details["all_genes_from_image_mean_pearson"] = allg.mean_pearson
+        if expected is not None:
+            ex = per_gene_correlation(pred, expected[rows][:, g])
+            details["granule_from_image_vs_noise_free_mean_pearson"] = ex.mean_pearson
+        if "t" in obs and "kind" in obs:
+            details["truth_ceiling_granule_pearson"] = _truth_ceiling(
+                obs, data.x.numpy()[:, g], train & he, rows
+            )
     else:
         values["granule_expression_from_image_mean_pearson"] = float("nan")
 
@@ -120,7 +137,21 @@ def compute_targets(
     return TargetReport(values=values, targets=dict(TARGETS), passed=passed, details=details)
 
 
-def targets_for_run(train_dir: str | Path, paired: str | Path | None = None) -> TargetReport:
+def _truth_ceiling(obs: pd.DataFrame, x: np.ndarray, fit: np.ndarray, test: np.ndarray) -> float:
+    from sklearn.neighbors import KNeighborsRegressor
+
+    from vae.metrics import per_gene_correlation
+
+    kinds = pd.get_dummies(obs["kind"].astype(str)).to_numpy(dtype=float) * 3.0
+    t = pd.to_numeric(obs["t"], errors="coerce").to_numpy(dtype=float)
+    feats = np.hstack([kinds, np.nan_to_num(t, nan=-1.0)[:, None] * 3.0])
+    reg = KNeighborsRegressor(min(30, int(fit.sum()))).fit(feats[fit], x[fit])
+    return per_gene_correlation(reg.predict(feats[test]), x[test]).mean_pearson
+
+
+def targets_for_run(
+    train_dir: str | Path, paired: str | Path | None = None, expected: np.ndarray | None = None
+) -> TargetReport:
     """Load ``model.pt``, ``split.csv`` and the paired input of a train run, compute targets."""
     import json
 
@@ -139,4 +170,4 @@ def targets_for_run(train_dir: str | Path, paired: str | Path | None = None) -> 
     split = pd.read_csv(train_dir / "split.csv", index_col=0)["split"].to_numpy().astype(str)
     names = meta.get("granule_genes") or []
     idx = [data.gene_names.index(g) for g in names if g in data.gene_names]
-    return compute_targets(model, data, adata.obs, split, idx)
+    return compute_targets(model, data, adata.obs, split, idx, expected=expected)
