@@ -1,12 +1,12 @@
 """README figure: a simulated smear next to a real BCCD smear, same scale.
 
     python scripts/figure_sim_vs_real.py [--real ../shared/data/smears/bccd/JPEGImages/BloodImage_00001.jpg]
-                                         [--out docs/figures/sim_vs_real.png] [--seed 0] [--index 3]
+                                         [--out docs/figures/sim_vs_real.png] [--seed 0] [--index 0] [--kind segmented_neutrophil]
 
 The simulated image uses the default simulator settings (512 x 512 px,
 mature neutrophil 60 px). The simulated panel is the part of the
-simulated field (around its first white cell) that the real 640 x 480 photo
-would cover at the simulator's scale (red cells 37 px here, ~90 px in BCCD),
+simulated field (around a white cell of --kind) that the real 640 x 480 photo
+would cover at the simulator's scale (red cells 34 px here, ~90 px in BCCD),
 so both panels show cells at the same size.
 """
 
@@ -19,9 +19,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.simulator import SimulatorParams, make_gene_panel, simulate_image
+from pipeline.simulator.render import RBC_DIAMETER_FACTOR
 
 REPO = Path(__file__).resolve().parents[1]
-# BCCD (640x480) red cells are ~90 px across; the simulator's are 0.62 * 60 = 37 px
+# BCCD (640x480) red cells are ~90 px across; the simulator's 0.56 * 60 = 34 px
 BCCD_RBC_PX = 90.0
 
 
@@ -36,23 +37,32 @@ def main() -> None:
     )
     ap.add_argument("--out", default=str(REPO / "docs/figures/sim_vs_real.png"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--index", type=int, default=3, help="simulated image index")
+    ap.add_argument("--index", type=int, default=0, help="first simulated image index to try")
+    ap.add_argument("--kind", default="segmented_neutrophil", help="white-cell kind to centre on")
     ap.add_argument("--panel", type=int, default=400, help="panel width in the figure, px")
     args = ap.parse_args()
 
     p = SimulatorParams(seed=args.seed)
-    sim = simulate_image(p, make_gene_panel(p.n_genes, p.seed), args.index, "train")
+    panel = make_gene_panel(p.n_genes, p.seed)
+    # first image from --index on with an uncut white cell of --kind
+    for index in range(args.index, args.index + 100):
+        sim = simulate_image(p, panel, index, "train")
+        hits = [a for a in sim.annotations if a["kind"] == args.kind and not a["truncated"]]
+        if hits:
+            break
+    else:
+        raise SystemExit(f"no {args.kind} in 100 images from index {args.index}")
     sim_img = Image.fromarray(sim.image)
 
     real = Image.open(args.real).convert("RGB")
     # same cell scale: crop the simulated field that the real photo covers at the
     # simulator's scale, around the first white cell, then show both at one size
-    f = 0.62 * p.wbc_diameter_px / BCCD_RBC_PX
+    f = RBC_DIAMETER_FACTOR * p.wbc_diameter_px / BCCD_RBC_PX
     cw, ch = (
         min(round(real.width * f), p.image_size[1]),
         min(round(real.height * f), p.image_size[0]),
     )
-    x, y, w, h = sim.annotations[0]["bbox"] if sim.annotations else (0, 0, 0, 0)
+    x, y, w, h = hits[0]["bbox"]
     cx = int(np.clip(x + w / 2 - cw / 2, 0, p.image_size[1] - cw))
     cy = int(np.clip(y + h / 2 - ch / 2, 0, p.image_size[0] - ch))
     sim_crop = sim_img.crop((cx, cy, cx + cw, cy + ch))
@@ -65,7 +75,7 @@ def main() -> None:
         zip(
             panels,
             [
-                f"simulated (seed {args.seed}, image {args.index})",
+                f"simulated (seed {args.seed}, image {index}, {args.kind})",
                 f"real: BCCD {Path(args.real).name}",
             ],
         )

@@ -24,6 +24,9 @@ from pipeline.simulator.morphology import (
     stage_of,
 )
 
+# red-cell diameter / mature-neutrophil diameter (~7.5 um vs ~13 um)
+RBC_DIAMETER_FACTOR = 0.56
+
 
 @dataclass(frozen=True)
 class SmearParams:
@@ -38,7 +41,7 @@ class SmearParams:
     rbc_density
         Red-cell area / field area (overlaps counted twice), 0..1.
     mature_diameter
-        Diameter of a segmented neutrophil; red cells are 0.62x this, a
+        Diameter of a segmented neutrophil; red cells are 0.56x this, a
         myeloblast 1.5x.
     kind_weights
         Relative frequency of ``neutrophil_lineage``, ``lymphocyte``,
@@ -148,13 +151,35 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float
     return n / sd if sd > 0 else n
 
 
-def _nucleus_skeleton(
-    m: Morphology, rc: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Centre-line points (P, 2) in px relative to the cell centre, disc radii (P,).
+@dataclass
+class NucleusSkeleton:
+    """The nucleus as a union of discs, in px relative to the cell centre.
 
-    The nucleus is the union of discs. Returns ``lobed=True`` when each disc
-    is one separate lobe (then adjacent lobes are >= 3 px apart).
+    ``points`` (P, 2) as (x, y), ``radii`` (P,), ``lobe`` (P,) the lobe of each
+    disc (all 0 for a single nucleus), ``centres`` (L, 2) lobe centres.
+    """
+
+    points: np.ndarray
+    radii: np.ndarray
+    lobe: np.ndarray
+    centres: np.ndarray
+
+    @property
+    def n_lobes(self) -> int:
+        return len(self.centres)
+
+
+# lobes closer than this (px, edge to edge) could merge in an 8-connected mask
+MIN_LOBE_GAP = 2.5
+
+
+def _nucleus_skeleton(m: Morphology, rc: float, rng: np.random.Generator) -> NucleusSkeleton:
+    """Discs whose union is the nucleus of ``m`` in a cell of radius ``rc``.
+
+    A single nucleus is a tube along an arc (round -> kidney -> band as the
+    arc angle grows and the tube thins). A lobed nucleus is ``m.lobes``
+    slightly elongated lobes along an arc, each at least
+    :data:`MIN_LOBE_GAP` px from every other.
     """
     area = m.nucleus_fraction * math.pi * rc**2
     r_eq = math.sqrt(area / math.pi)
@@ -172,40 +197,56 @@ def _nucleus_skeleton(
             pts = np.stack([(s - 0.5) * length, np.zeros_like(s)], axis=1)
         # slightly tapered ends for kidney/band shapes
         radii = w * (1.0 - 0.12 * np.abs(2 * s - 1) ** 2 * min(1.0, span / math.pi))
-        lobed = False
+        lobe = np.zeros(len(s), dtype=int)
     else:
         n = m.lobes
-        w_l = math.sqrt(area / (n * math.pi))
-        radii = w_l * rng.uniform(0.92, 1.08, size=n)
-        gap = max(3.0, 0.45 * w_l)
-        chords = radii[:-1] + radii[1:] + gap
-        span = math.radians(min(70.0 * (n - 1), 240.0))
-        dtheta = span / (n - 1)
-        radius = float(np.median(chords)) / (2 * math.sin(dtheta / 2))
+        # each lobe: 3 discs along the arc tangent -> half-length 1.3 w, half-width 0.85 w
+        w_l = math.sqrt(area / (n * math.pi * 1.1))
+        size = w_l * rng.uniform(0.9, 1.1, size=n)
+        gap = max(MIN_LOBE_GAP + 0.5, 0.25 * w_l)
+        chords = 1.3 * (size[:-1] + size[1:]) + gap
+        span = math.radians(min(75.0 * (n - 1), 250.0))
+        radius = float(np.median(chords)) / (2 * math.sin(span / (n - 1) / 2))
         steps = 2 * np.arcsin(np.clip(chords / (2 * radius), 0, 1))
         phi = np.concatenate([[0.0], np.cumsum(steps)])
         phi = phi - phi.mean()
-        pts = np.stack([radius * np.cos(phi), radius * np.sin(phi)], axis=1)
-        lobed = True
-    pts = pts - pts.mean(axis=0)
+        rad = radius + rng.uniform(-0.15, 0.15, size=n) * w_l  # irregular placement
+        cen = np.stack([rad * np.cos(phi), rad * np.sin(phi)], axis=1)
+        tang = np.stack([-np.sin(phi), np.cos(phi)], axis=1)
+        tilt = rng.uniform(-0.35, 0.35, size=n)  # lobes not exactly along the arc
+        ct, st = np.cos(tilt), np.sin(tilt)
+        tang = np.stack([tang[:, 0] * ct - tang[:, 1] * st, tang[:, 0] * st + tang[:, 1] * ct], 1)
+        offs = np.array([-0.45, 0.0, 0.45])
+        pts = (
+            cen[:, None, :] + offs[None, :, None] * size[:, None, None] * tang[:, None, :]
+        ).reshape(-1, 2)
+        radii = np.repeat(0.85 * size, 3) * np.tile([0.92, 1.0, 0.92], n)
+        lobe = np.repeat(np.arange(n), 3)
+    shift = pts.mean(axis=0)
     c, si = math.cos(rot), math.sin(rot)
-    pts = pts @ np.array([[c, si], [-si, c]])
+    rmat = np.array([[c, si], [-si, c]])
     ang = rng.uniform(0, 2 * math.pi)
-    pts = pts + m.eccentricity * rc * np.array([math.cos(ang), math.sin(ang)])
+    offset = m.eccentricity * rc * np.array([math.cos(ang), math.sin(ang)])
+    pts = (pts - shift) @ rmat + offset
     # keep the nucleus inside the cell
     extent = float(np.max(np.linalg.norm(pts, axis=1) + radii))
     if extent > 0.88 * rc:
         f = 0.88 * rc / extent
         pts = pts * f
         radii = radii * f
-    if lobed:  # re-open gaps that the fit may have narrowed
-        for i in range(len(radii) - 1):
-            d = float(np.linalg.norm(pts[i + 1] - pts[i]))
-            excess = radii[i] + radii[i + 1] + 3.0 - d
-            if excess > 0:
-                radii[i] -= excess / 2
-                radii[i + 1] -= excess / 2
-    return pts, radii, lobed
+    n_l = int(lobe.max()) + 1
+    if n_l > 1:  # re-open gaps between lobes that the fit may have narrowed
+        for _ in range(3):
+            for i in range(n_l):
+                for j in range(i + 1, n_l):
+                    a, b = lobe == i, lobe == j
+                    dd = np.linalg.norm(pts[a][:, None] - pts[b][None], axis=2)
+                    gap_ij = dd - radii[a][:, None] - radii[b][None]
+                    excess = MIN_LOBE_GAP - float(gap_ij.min())
+                    if excess > 0:
+                        radii[a | b] = np.maximum(radii[a | b] - excess / 2 - 0.05, 0.5)
+    centres = np.stack([pts[lobe == i].mean(axis=0) for i in range(n_l)])
+    return NucleusSkeleton(points=pts, radii=radii, lobe=lobe, centres=centres)
 
 
 def draw_cell(m: Morphology, diameter: float, rng: np.random.Generator) -> CellPatch:
@@ -226,7 +267,8 @@ def draw_cell(m: Morphology, diameter: float, rng: np.random.Generator) -> CellP
     mask = alpha >= 0.5
 
     # nucleus: union of discs along its centre line
-    pts, radii, lobed = _nucleus_skeleton(m, rc, rng)
+    skel = _nucleus_skeleton(m, rc, rng)
+    pts, radii = skel.points, skel.radii
     # (P, S, S) distance to each disc edge -> (S, S) signed distance
     d = np.hypot(yy[None] - pts[:, 1, None, None], xx[None] - pts[:, 0, None, None])
     sd = np.min(d - radii[:, None, None], axis=0)
@@ -253,9 +295,9 @@ def draw_cell(m: Morphology, diameter: float, rng: np.random.Generator) -> CellP
             chrom = np.where(inside, chrom * 0.55, chrom)
     chrom = np.clip(chrom, 0.25, None)
     od = od * (1 - a_nuc[..., None]) + (chrom[..., None] * od_nuc) * a_nuc[..., None]
-    if lobed:  # thin chromatin filaments between lobes (drawn, not in the mask)
-        for i in range(len(radii) - 1):
-            p, q = pts[i], pts[i + 1]
+    if skel.n_lobes > 1:  # thin chromatin filaments between lobes (drawn, not in the mask)
+        for i in range(skel.n_lobes - 1):
+            p, q = skel.centres[i], skel.centres[i + 1]
             v = q - p
             tt = np.clip(((xx - p[0]) * v[0] + (yy - p[1]) * v[1]) / (v @ v), 0, 1)
             dseg = np.hypot(xx - (p[0] + tt * v[0]), yy - (p[1] + tt * v[1]))
@@ -283,7 +325,7 @@ def draw_cell(m: Morphology, diameter: float, rng: np.random.Generator) -> CellP
     # fine lilac specific granules (cytoplasm only)
     scatter(cyto_only, m.specific * 0.22 * area_c, 0.6, (185, 130, 185), 0.55)
     # eosinophil: coarse orange-red granules packing the cytoplasm
-    scatter(cyto_only, m.eosinophilic * 0.08 * area_c, 1.3, (230, 135, 95), 0.7)
+    scatter(cyto_only, m.eosinophilic * 0.08 * area_c, 1.3, (228, 112, 105), 0.7)
     od = od + grains * alpha[..., None]
 
     n_vac = rng.poisson(m.vacuoles) if m.vacuoles > 0 else 0
@@ -302,9 +344,9 @@ def draw_cell(m: Morphology, diameter: float, rng: np.random.Generator) -> CellP
 
 def _add_red_cells(od: np.ndarray, p: SmearParams, rng: np.random.Generator) -> None:
     h, w = od.shape[:2]
-    r0 = 0.31 * p.mature_diameter
+    r0 = 0.5 * RBC_DIAMETER_FACTOR * p.mature_diameter
     n = int(round(p.rbc_density * h * w / (math.pi * r0**2)))
-    od_rbc = rgb_to_od((226, 174, 180)) * rng.uniform(0.85, 1.15)
+    od_rbc = rgb_to_od((230, 184, 190)) * rng.uniform(0.85, 1.15)
     ys = rng.uniform(-r0, h + r0, size=n)
     xs = rng.uniform(-r0, w + r0, size=n)
     for cy, cx in zip(ys, xs):
@@ -428,7 +470,7 @@ def render_smear(p: SmearParams, rng: np.random.Generator) -> Smear:
     # per-image stain and illumination
     stain = np.exp(rng.normal(0, p.stain_jitter, size=3) + rng.normal(0, p.stain_jitter))
     white = 255 * np.clip(0.95 + rng.normal(0, p.illumination_jitter, size=3), 0.8, 1.0)
-    od = np.broadcast_to(rgb_to_od((216, 224, 212)), (h, w, 3)).copy()
+    od = np.broadcast_to(rgb_to_od((210, 215, 213)), (h, w, 3)).copy()
     od *= rng.uniform(0.7, 1.3)
     _add_red_cells(od, p, rng)
     _add_platelets(od, p, rng)
