@@ -800,7 +800,13 @@ def run_traverse(ctx: StageContext) -> None:
             real = G.measure_batch(crops, masks, params)
             real.insert(0, "cell", np.asarray(lat.obs_names)[cand])
             zc = Z[cand]
-            fcols = [f for f in G.FEATURES if f in real]
+            # granule program scores of the expression decoded from each cell's code
+            dec_c = T.decode(rd.model, zc, a.batch_size, rd.device)
+            for p_, v in T.program_scores(dec_c.expression, genes, programs).items():
+                real[f"program:{p_}"] = v
+            fcols = [f for f in G.FEATURES if f in real] + [
+                c for c in real if c.startswith("program:")
+            ]
             cm = M.correlation_matrix(real[fcols].to_numpy(float), zc)  # (F, d)
             corr_df = pd.DataFrame(cm, columns=[f"z{i}" for i in range(d)])
             corr_df.insert(0, "feature", fcols)
@@ -822,7 +828,7 @@ def run_traverse(ctx: StageContext) -> None:
             figs["granules"].append(
                 FigureItem(
                     p,
-                    f"Spearman correlation of granule/nucleus features measured on {len(cand)} real {a.split} crops with each latent dim of their code and with their position on the GP path.",
+                    f"Spearman correlation of granule/nucleus features measured on {len(cand)} real {a.split} crops, and of program scores of the expression decoded from their codes, with each latent dim and with their position on the GP path.",
                 )
             )
 
@@ -911,12 +917,15 @@ def run_traverse(ctx: StageContext) -> None:
         if name in tables:
             _csv(ctx, tables[name], name)
     summary["seconds"] = round(time.time() - t0, 2)
-    write_json(ctx.output("traverse_summary.json"), _clean(summary))
     _tb_scalars(tb, "traverse/truth", truth)
     tb.close()
 
     # ---- report
-    sections = _eval_sections(ctx, lat, rd)
+    key = _key_findings(tables, truth, cents.names if path_ok else [], a.top_genes)
+    summary["key_findings"] = key
+    write_json(ctx.output("traverse_summary.json"), _clean(summary))
+    sections = [Section("Key findings", text="\n\n".join(key))] if key else []
+    sections += _eval_sections(ctx, lat, rd)
     text = (
         f"Top {len(trs)} latent dimensions by KL swept around the {anchor_desc}. "
         "Features are measured with scikit-image on the decoded crops (vae/granules.py)."
@@ -995,6 +1004,44 @@ def run_traverse(ctx: StageContext) -> None:
         ctx.output("report"),
     )
     print(f"report: {ctx.output('report')}\ntensorboard --logdir {ctx.run_dir}")
+
+
+def _key_findings(tables: dict, truth: dict, path_classes: list[str], top: int) -> list[str]:
+    """One-line findings for the top of the report (from the tables just computed)."""
+    out = []
+    if "real_feature_correlation" in tables:
+        df = tables["real_feature_correlation"].set_index("feature")
+        zcols = [c for c in df.columns if c.startswith("z")]
+        for feat in ["granule_density", *[f for f in df.index if f.startswith("program:")]]:
+            if feat not in df.index:
+                continue
+            r = df.loc[feat, zcols].astype(float)
+            if not np.isfinite(r).any():
+                continue
+            best = r.abs().sort_values(ascending=False).index[:3]
+            dims = ", ".join(f"{c} (rho {r[c]:+.2f})" for c in best)
+            extra = ""
+            if "gp_path_position" in df.columns and np.isfinite(df.loc[feat, "gp_path_position"]):
+                extra = f"; with GP path position rho {df.loc[feat, 'gp_path_position']:+.2f}"
+            out.append(f"Latent dims most correlated with {feat} of held-out cells: {dims}{extra}.")
+    if "gene_ranking_gp" in tables and path_classes:
+        g = tables["gene_ranking_gp"]
+        up = g[g["log2fc"] > 0].head(min(top, 8))["gene"].tolist()
+        down = g[g["log2fc"] < 0].head(min(top, 8))["gene"].tolist()
+        out.append(
+            f"Along the GP path {path_classes[0]} -> {path_classes[-1]}, genes rising most "
+            f"(fold change x monotonic trend): {', '.join(up) or 'none'}; falling: "
+            f"{', '.join(down) or 'none'}."
+        )
+    for k, v in truth.items():
+        if k != "n_cells" and v is not None and np.isfinite(v):
+            out.append(f"Truth recovery: {k.replace('_', ' ')} = {v:.3f}.")
+        elif k != "n_cells":
+            out.append(
+                f"Truth recovery: {k.replace('_', ' ')} undefined (the measured feature is "
+                f"constant, e.g. no granules detected on the decoded images)."
+            )
+    return out
 
 
 def _azurophilic_truth(lat, rows: np.ndarray) -> np.ndarray | None:
