@@ -157,8 +157,13 @@ def run_expression(ctx: StageContext) -> None:
 
 
 def _pair_needs(cfg: DictConfig) -> list[str]:
-    kinds = [s.kind for s in cfg.pair.crop_sources]
-    return ["expression", *(["cells"] if "cells" in kinds else [])]
+    needs = ["expression"]
+    for s in cfg.pair.crop_sources:
+        if s.kind == "cells":
+            needs.append("cells")
+        elif s.kind == "coco" and not s.path:
+            needs += ["smears", "annotations"]
+    return list(dict.fromkeys(needs))
 
 
 def load_crops(ctx: StageContext):
@@ -174,6 +179,13 @@ def load_crops(ctx: StageContext):
             cs = pr.read_cells_h5ad(ctx.input("cells"), size, bg)
             if s.max_per_class is not None:
                 cs = _cap(cs, s.max_per_class)
+        elif s.kind == "coco":
+            if s.path:  # a folder of images holding annotations.json
+                folder = Path(resolve_data_path(cfg, s.path, f"{setting}.path"))
+                ann = folder / "annotations.json"
+            else:  # the simulator's smears
+                folder, ann = ctx.input("smears"), ctx.input("annotations")
+            cs = pr.read_coco_crops(folder, ann, size, bg, s.max_per_class)
         elif s.kind in ("image_folder", "segmentation_wbc"):
             if not s.path:
                 raise StageError(f"{setting}.path is required for kind={s.kind}")
@@ -184,7 +196,7 @@ def load_crops(ctx: StageContext):
                 cs = pr.read_segmentation_wbc(path, size, bg, s.max_per_class)
         else:
             raise StageError(
-                f"{setting}.kind={s.kind!r}; valid: cells, image_folder, segmentation_wbc"
+                f"{setting}.kind={s.kind!r}; valid: cells, coco, image_folder, segmentation_wbc"
             )
         log.info("pair: %d crops from %s (%s)", len(cs), s.kind, s.path or "cells.h5ad")
         sets.append(cs)

@@ -22,6 +22,7 @@ from vae.pairing import (
     PairingError,
     make_pairs,
     read_cells_h5ad,
+    read_coco_crops,
     read_image_folder,
     read_segmentation_wbc,
     resolve_label_map,
@@ -349,13 +350,25 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     )
 
 
-def test_pair_stage_same_cell_subprocess(tmp_path):
+def _run_in_process(overrides: list[str], name: str = "pair") -> None:
+    from hydra import compose, initialize_config_dir
+
+    from pipeline import stages
+    from pipeline.config import register_configs
+
+    register_configs()
+    stages.load_stages()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"stage={name}", *overrides])
+    stages.run_stage(cfg, name)
+
+
+def test_pair_stage_same_cell_on_cells_h5ad(tmp_path):
     _cells_h5ad(tmp_path / "cells.h5ad")
     e = _expr()
     e.write_h5ad(tmp_path / "expression.h5ad")
-    r = _run(
+    _run_in_process(
         [
-            "stage=pair",
             f"paths.root={tmp_path}",
             "experiment=p",
             f"paths.inputs.cells={tmp_path / 'cells.h5ad'}",
@@ -363,7 +376,6 @@ def test_pair_stage_same_cell_subprocess(tmp_path):
             "pair.crop_size=16",
         ]
     )
-    assert r.returncode == 0, r.stderr[-3000:]
     d = tmp_path / "p" / "pair"
     a = ad.read_h5ad(d / "paired.h5ad")
     counts = json.loads((d / "pair_counts.json").read_text())
@@ -390,28 +402,19 @@ def test_pair_stage_bad_label_map_writes_nothing(tmp_path):
     (root / "Neutrophil").mkdir(parents=True)
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(root / "Neutrophil" / "a.png")
     _expr().write_h5ad(tmp_path / "expression.h5ad")
-    from hydra import compose, initialize_config_dir
+    from pipeline.stages import StageError
 
-    from pipeline import stages
-    from pipeline.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[
-                "stage=pair",
+    with pytest.raises(StageError) as e:
+        _run_in_process(
+            [
                 f"paths.root={tmp_path}",
                 "experiment=bad",
                 f"paths.inputs.expression={tmp_path / 'expression.h5ad'}",
                 f"pair.crop_sources=[{{kind: image_folder, path: '{root}'}}]",
                 "pair.mode=by_label",
                 "+pair.label_map={neutrophil: Neutrophilz}",
-            ],
+            ]
         )
-    stages.load_stages()
-    with pytest.raises(stages.StageError) as e:
-        stages.run_stage(cfg, "pair")
     assert "[pair.label_map]" in str(e.value) and "Neutrophilz" in str(e.value)
     d = tmp_path / "bad" / "pair"
     assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "pair.log"]
@@ -454,3 +457,84 @@ def test_real_crops_by_label_against_paul15_labels(tmp_path):
     assert a.obsm["crops"].shape[1:] == (64, 64, 3)
     seg = obs.image_source == "segmentation_wbc"
     assert (a.obsm["crops"][seg.to_numpy()][~a.obsm["masks"][seg.to_numpy()]] == 0).all()
+
+
+def test_coco_crops_reader(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    img = np.full((40, 60, 3), 230, np.uint8)
+    m1 = np.zeros((40, 60), np.uint8)
+    m1[5:15, 5:15] = 1
+    m2 = np.zeros((40, 60), np.uint8)
+    m2[20:38, 30:50] = 1
+    img[m1 > 0] = 60
+    img[m2 > 0] = 90
+    Image.fromarray(img).save(tmp_path / "a.png")
+
+    def rle(m):
+        r = mask_utils.encode(np.asfortranarray(m))
+        return {"size": r["size"], "counts": r["counts"].decode()}
+
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 60, "height": 40}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "segmentation": rle(m1),
+                "cell_id": "s_c0",
+                "kind": "band",
+                "t": 0.7,
+                "lobes": 1,
+                "truncated": False,
+            },
+            {
+                "id": 2,
+                "image_id": 1,
+                "segmentation": rle(m2),
+                "cell_id": "s_c1",
+                "kind": "lymphocyte",
+                "t": None,
+                "lobes": 1,
+                "truncated": False,
+            },
+            {
+                "id": 3,
+                "image_id": 1,
+                "segmentation": rle(m2),
+                "cell_id": "s_c2",
+                "kind": "band",
+                "truncated": True,
+            },
+        ],
+    }
+    (tmp_path / "annotations.json").write_text(json.dumps(coco))
+    cs = read_coco_crops(tmp_path, tmp_path / "annotations.json", 16, background=1)
+    assert list(cs.obs.index) == ["s_c0", "s_c1"]  # truncated cell skipped
+    assert list(cs.obs.truth_cell_id) == ["s_c0", "s_c1"]
+    assert list(cs.obs.label) == ["band", "lymphocyte"]
+    np.testing.assert_allclose(cs.obs.maturation, [0.7, np.nan])
+    assert (cs.crops[0][4:12, 4:12] == 60).all() and (cs.crops[~cs.masks] == 1).all()
+    assert (cs.crops[1][5:11, 5:11] == 90).all()
+
+
+def test_pair_stage_on_simulator_output(tmp_path):
+    """simulate -> expression in-process, then stage=pair (ground-truth crops) as a subprocess."""
+    common = [f"paths.root={tmp_path}", "experiment=sim"]
+    _run_in_process([*common, "data.simulator.n_images=3"], "simulate")
+    _run_in_process([*common, "expression.umap=false", "expression.plots=false"], "expression")
+    r = _run(["stage=pair", "pair=sim_truth", *common, "pair.crop_size=32"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    truth = pd.read_csv(tmp_path / "sim" / "simulate" / "cells_truth.csv")
+    a = ad.read_h5ad(tmp_path / "sim" / "pair" / "paired.h5ad")
+    obs = a.obs
+    both = (obs.has_image & obs.has_expression).to_numpy()
+    n_whole = int((~truth["truncated"].astype(bool)).sum())
+    assert a.n_obs == len(truth) and int(both.sum()) == n_whole
+    assert (obs.image_ref[both] == obs.expression_ref[both]).all()  # the same cell
+    assert set(obs.pair_mode[both]) == {"same_cell"}
+    assert a.obsm["crops"].shape == (len(truth), 32, 32, 3)
+    t = truth.set_index("cell_id").loc[obs.expression_ref.astype(str), "t"].to_numpy(float)
+    np.testing.assert_allclose(obs.maturation.to_numpy(float), t, rtol=1e-5, equal_nan=True)
+    kinds = truth.set_index("cell_id").loc[obs.expression_ref.astype(str), "kind"]
+    assert list(obs.label.astype(str)) == list(kinds)

@@ -331,6 +331,91 @@ def read_segmentation_wbc(
     return CropSet(crops=np.stack(crops), masks=np.stack(masks), obs=obs)
 
 
+def _decode_segmentation(seg, h: int, w: int) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):  # polygons
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    elif isinstance(seg.get("counts"), list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(seg, h, w)
+    else:
+        rle = {"size": seg["size"], "counts": seg["counts"].encode()}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def read_coco_crops(
+    images_dir: str | Path,
+    annotations: str | Path,
+    size: int,
+    background: int = 0,
+    max_per_class: int | None = None,
+    skip_truncated: bool = True,
+) -> CropSet:
+    """Ground-truth crops of a COCO instances file with masks (e.g. the simulator's).
+
+    Each annotation with a ``segmentation`` becomes one crop (mask bounding square
+    plus 10 % margin). The annotation's ``cell_id`` (or ``ann<id>``) is both the
+    crop id and ``truth_cell_id``; ``kind`` is the label; the truth columns and
+    ``t`` (as ``maturation``) are copied when present. ``skip_truncated`` drops
+    cells cut by the image border (``truncated`` true).
+    """
+    import json
+
+    images_dir, annotations = Path(images_dir), Path(annotations)
+    try:
+        coco = json.loads(annotations.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PairingError(
+            f"unreadable COCO file: {e}", field="path", source=str(annotations)
+        ) from e
+    for key in ("images", "annotations"):
+        if key not in coco:
+            raise PairingError(f"no '{key}' list", field=key, source=str(annotations))
+    by_image: dict[int, list[dict]] = {}
+    for a in coco["annotations"]:
+        if a.get("segmentation") and not (skip_truncated and a.get("truncated")):
+            by_image.setdefault(a["image_id"], []).append(a)
+    crops, masks, rows = [], [], []
+    per_class: dict[str, int] = {}
+    for im in sorted(coco["images"], key=lambda d: d["id"]):
+        anns = by_image.get(im["id"], [])
+        if not anns:
+            continue
+        path = images_dir / im["file_name"]
+        img = _load_rgb(path)
+        h, w = img.shape[:2]
+        for a in anns:
+            label = str(a.get("kind", a.get("category_id", "")))
+            if max_per_class is not None and per_class.get(label, 0) >= max_per_class:
+                continue
+            m = _decode_segmentation(a["segmentation"], h, w)
+            if not m.any():
+                continue
+            c, mm = square_crop(img, m, size, background)
+            crops.append(c)
+            masks.append(mm)
+            per_class[label] = per_class.get(label, 0) + 1
+            cid = str(a.get("cell_id", f"ann{a['id']}"))
+            row = {"id": cid, "label": label, "truth_cell_id": cid, "image": im["file_name"]}
+            row.update({k: a[k] for k in TRUTH_COLUMNS if k in a})
+            if a.get("t") is not None:
+                row["maturation"] = float(a["t"])
+            rows.append(row)
+    if not rows:
+        raise PairingError(
+            "no annotation with a mask", field="annotations", source=str(annotations)
+        )
+    obs = pd.DataFrame(rows).set_index("id")
+    obs.index.name = None
+    if "maturation" in obs:
+        obs["maturation"] = pd.to_numeric(obs["maturation"], errors="coerce")
+    if "t" in obs:
+        obs["t"] = pd.to_numeric(obs["t"], errors="coerce")
+    obs["source"] = "coco"
+    obs["has_mask"] = True
+    return CropSet(crops=np.stack(crops), masks=np.stack(masks), obs=obs)
+
+
 # ----------------------------------------------------------------------------
 # pairing
 # ----------------------------------------------------------------------------
