@@ -347,6 +347,7 @@ def _add_red_cells(od: np.ndarray, p: SmearParams, rng: np.random.Generator) -> 
     r0 = 0.5 * RBC_DIAMETER_FACTOR * p.mature_diameter
     n = int(round(p.rbc_density * h * w / (math.pi * r0**2)))
     od_rbc = rgb_to_od((230, 184, 190)) * rng.uniform(0.85, 1.15)
+    layer = np.zeros((h, w))  # red-cell thickness, 1 = rim of one cell
     ys = rng.uniform(-r0, h + r0, size=n)
     xs = rng.uniform(-r0, w + r0, size=n)
     for cy, cx in zip(ys, xs):
@@ -370,7 +371,11 @@ def _add_red_cells(od: np.ndarray, p: SmearParams, rng: np.random.Generator) -> 
         # central pallor: thin centre, thick rim (biconcave disc)
         x = np.clip((rr - 0.1) / 0.65, 0, 1)
         prof = 0.22 + 0.78 * x * x * (3 - 2 * x) + 0.15 * np.exp(-(((rr - 0.88) / 0.08) ** 2))
-        od[y0:y1, x0:x1] += (edge * prof)[..., None] * od_rbc
+        # overlaps: thicker, but less than the sum (cells flatten against each other)
+        cur = layer[y0:y1, x0:x1]
+        new = edge * prof
+        layer[y0:y1, x0:x1] = np.maximum(cur, new) + 0.35 * np.minimum(cur, new)
+    od += layer[..., None] * od_rbc
 
 
 def _add_platelets(od: np.ndarray, p: SmearParams, rng: np.random.Generator) -> None:
