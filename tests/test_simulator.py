@@ -453,3 +453,12 @@ def test_crowded_images_report_unplaced_cells():
     assert sim.n_unplaced > 0
     assert len(sim.annotations) + sim.n_unplaced == 30
     assert sim.counts.shape[0] == len(sim.annotations)
+
+
+def test_config_schema_and_library_defaults_agree():
+    from pipeline.config import SimulatorConfig
+
+    raw = OmegaConf.to_container(OmegaConf.structured(SimulatorConfig))
+    assert SimulatorParams.from_mapping(raw) == SimulatorParams()
+    with pytest.raises(SimulatorSettingError, match="is not a simulator setting"):
+        SimulatorParams.from_mapping({**raw, "n_imagez": 3})

@@ -5,7 +5,7 @@ cells therefore look darker where they overlap, as in a real smear. White
 cells are composited on top (they replace what lies under them, so their
 masks are exact). Stain strength, white balance, vignetting and noise vary
 per image. All drawing is vectorised over small patches (no per-pixel Python
-loops): a 512 x 512 smear renders in a few tens of milliseconds.
+loops): a 512 x 512 smear renders in about 0.2 s on one CPU core.
 """
 
 from __future__ import annotations
