@@ -148,9 +148,11 @@ class ImageCells:
     crops
         Crops of the kept rows (same order as ``table[table.kept]``).
     detections
-        All detections, working frame (``input_scale``), for drawing.
-    working_image
-        The image the detector saw (H*scale, W*scale, 3) uint8.
+        All detections, working frame (source px * ``scale``).
+    image
+        The source image (H, W, 3) uint8; crops are cut from it.
+    scale
+        Working px per source px.
     n_truth
         Ground-truth cells in the image (None without truth).
     """
@@ -158,21 +160,30 @@ class ImageCells:
     table: pd.DataFrame
     crops: Crops
     detections: Detections
-    working_image: np.ndarray
+    image: np.ndarray
+    scale: float = 1.0
     n_truth: int | None = None
 
 
-def _scale_local(
-    masks: Sequence[np.ndarray], origins: np.ndarray, scale: float
+def scale_local_masks(
+    masks: Sequence[np.ndarray], origins: np.ndarray, scale: float, smooth: bool = False
 ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Resize local masks + origins by ``scale`` (nearest); identity at 1."""
+    """Resize local masks + origins by ``scale``; identity at 1.
+
+    ``smooth``: bilinear on the 0/1 mask then >= 0.5 (smooth edges when
+    enlarging), else nearest neighbour.
+    """
     if scale == 1.0:
         return list(masks), np.asarray(origins)
     out, org = [], []
     for m, (x, y) in zip(masks, origins):
         h, w = max(1, round(m.shape[0] * scale)), max(1, round(m.shape[1] * scale))
-        r = Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
-        out.append(np.asarray(r) > 127)
+        if smooth:
+            r = Image.fromarray(m.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR)
+            out.append(np.asarray(r) >= 0.5)
+        else:
+            r = Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
+            out.append(np.asarray(r) > 127)
         org.append((round(x * scale), round(y * scale)))
     return out, np.asarray(org, np.int64).reshape(-1, 2)
 
@@ -236,7 +247,7 @@ def segment_image(
     n_truth = None
     if truth is not None:
         n_truth = len(truth.masks)
-        tm, to = _scale_local(truth.masks, truth.origins, scale)
+        tm, to = scale_local_masks(truth.masks, truth.origins, scale)
         match = match_truth(det, tm, to, s.match_iou, candidates=~filt.flags["low_score"])
         rec = [truth.records[i] if i >= 0 else {} for i in match.truth_index]
         table["truth_cell_id"] = [str(r.get("cell_id", r.get("id", ""))) if r else "" for r in rec]
@@ -248,10 +259,14 @@ def segment_image(
                 table[key] = np.array([np.nan if v is None else float(v) for v in vals])
         table["match_iou"] = match.iou
     keep = np.nonzero(filt.kept)[0]
-    crops = extract_crops(work, det.select(keep), s.crop_size, s.background_value, s.crop_margin)
+    # crops come from the source image (full resolution), masks mapped back to it
+    kd = det.select(keep)
+    km, ko = scale_local_masks(kd.masks, kd.origins, 1.0 / scale, smooth=True)
+    src = Detections(kd.boxes / scale, kd.scores, km, ko)
+    crops = extract_crops(image, src, s.crop_size, s.background_value, s.crop_margin)
     table["crop_scale"] = np.nan
-    table.loc[keep, "crop_scale"] = crops.scale * scale  # crop px per source px
-    return ImageCells(table, crops, det, work, n_truth)
+    table.loc[keep, "crop_scale"] = crops.scale  # crop px per source px
+    return ImageCells(table, crops, det, image, scale, n_truth)
 
 
 # ----------------------------------------------------------------------------
@@ -260,18 +275,20 @@ def segment_image(
 
 
 def draw_overlay(cells: ImageCells, min_score: float) -> Image.Image:
-    """Working image with mask outlines and boxes: green kept, red dropped (score >= min_score)."""
-    img = cells.working_image.copy()
+    """Source image with mask outlines and boxes: green kept, red dropped (score >= min_score)."""
+    img = cells.image.copy()
     det, table = cells.detections, cells.table
     h, w = img.shape[:2]
     shown = [k for k in range(len(det)) if det.scores[k] >= min_score]
-    for k in shown:
-        m = det.masks[k]
+    masks, origins = scale_local_masks(
+        [det.masks[k] for k in shown], det.origins[shown], 1.0 / cells.scale
+    )
+    for k, m, o in zip(shown, masks, origins):
         if not m.any():
             continue
         edge = find_boundaries(np.pad(m, 1), mode="inner")[1:-1, 1:-1]
         ys, xs = np.nonzero(edge)
-        ys, xs = ys + det.origins[k, 1], xs + det.origins[k, 0]
+        ys, xs = ys + o[1], xs + o[0]
         ok = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
         color = (0, 255, 0) if table.kept.iloc[k] else (255, 0, 0)
         img[ys[ok], xs[ok]] = color
@@ -280,7 +297,7 @@ def draw_overlay(cells: ImageCells, min_score: float) -> Image.Image:
     for k in shown:
         kept = bool(table.kept.iloc[k])
         color = (0, 200, 0) if kept else (230, 0, 0)
-        x0, y0, x1, y1 = det.boxes[k].tolist()
+        x0, y0, x1, y1 = (det.boxes[k] / cells.scale).tolist()
         draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=1)
         why = "" if kept else ",".join(f[:6] for f in FLAGS if table[f].iloc[k])
         draw.text((x0 + 2, y0 + 1), f"{det.scores[k]:.2f} {why}".strip(), fill=color)

@@ -313,14 +313,16 @@ def test_input_scale_reports_source_pixels():
         th, tw = tiles[0].shape[:2]
         return [Detections.from_masks([disc(th, tw, th / 2, tw / 2, 10)], [0.9])]
 
-    s = SegmentSettings(input_scale=0.5, tile_size=512, tile_overlap=64, crop_size=32)
+    s = SegmentSettings(input_scale=0.5, tile_size=512, tile_overlap=64, crop_size=64)
     s.filters = FilterSettings(min_area=1000)  # source px: the cell has ~1250
     cells = segment_image(detector, np.zeros((h, w, 3), np.uint8), "a.png", s)
     assert seen == [(100, 100, 3)]
     row = cells.table.iloc[0]
     assert row.kept and abs(row.area - m.sum()) / m.sum() < 0.1
     assert row.x0 == pytest.approx(80, abs=2) and row.x1 == pytest.approx(121, abs=2)
-    assert row.crop_scale == pytest.approx(0.5)
+    # the crop is cut from the source image at full resolution
+    assert row.crop_scale == 1.0
+    assert abs(int(cells.crops.masks[0].sum()) - m.sum()) / m.sum() < 0.1
 
 
 # ----------------------------------------------------------------------------
