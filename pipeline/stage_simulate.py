@@ -33,14 +33,7 @@ def simulator_params(cfg: DictConfig) -> SimulatorParams:
     return params
 
 
-def _validate_first(cfg: DictConfig) -> list[str]:
-    # The runner resolves `needs` before it creates the stage folder, so checking
-    # the settings here makes a bad setting fail before anything is written.
-    simulator_params(cfg)
-    return []
-
-
-@stage("simulate", needs=_validate_first, produces=["smears", "expression_raw"])
+@stage("simulate", validate=simulator_params, produces=["smears", "expression_raw"])
 def simulate(ctx: StageContext) -> None:
     from tqdm import tqdm
 

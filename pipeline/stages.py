@@ -91,6 +91,8 @@ class StageSpec:
     optional: Needs = field(default_factory=list)
     produces: list[str] = field(default_factory=list)
     distributed: bool = False  # run once per DDP rank through pipeline.hardware
+    # checks the settings before any folder is created; raises StageError
+    validate: Callable[[DictConfig], None] | None = None
     issue: str = ""  # where an unbuilt stage will come from
 
     def needs_for(self, cfg: DictConfig) -> list[str]:
@@ -112,6 +114,7 @@ def stage(
     optional: Needs = (),
     produces: list[str] = (),
     distributed: bool = False,
+    validate: Callable[[DictConfig], None] | None = None,
 ) -> Callable[[Callable[[StageContext], None]], Callable[[StageContext], None]]:
     """Register ``fn`` as the implementation of stage ``name``."""
     if name not in REGISTRY:
@@ -125,6 +128,7 @@ def stage(
             optional=optional if callable(optional) else list(optional),
             produces=list(produces),
             distributed=distributed,
+            validate=validate,
         )
         return fn
 
@@ -311,7 +315,9 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
             f"stage={name} is not implemented yet (it comes with {spec.issue}); "
             f"nothing was written."
         )
-    # resolve inputs first: fail before touching any folder
+    # check settings and resolve inputs first: fail before touching any folder
+    if spec.validate is not None:
+        spec.validate(cfg)
     inputs = {n: resolve_input(cfg, n) for n in spec.needs_for(cfg)}
     for n in spec.optional_for(cfg):
         try:
