@@ -543,3 +543,46 @@ def test_stage_segment_two_ranks_matches_one(tmp_path, untrained_ckpt):
     a1, _ = _check_outputs(one)
     a2, _ = _check_outputs(two)
     assert np.array_equal(a1.obsm["masks"], a2.obsm["masks"])
+
+
+@pytest.mark.slow
+def test_segment_train_then_segment_subprocess(tmp_path):
+    """The issue's chain: stage=segment_train then stage=segment on the same smears."""
+    from _seg_synth import make_coco_smears
+
+    smears = tmp_path / "smears"
+    make_coco_smears(smears, n_images=3, size=96, cells=2, radius=10, val=1)
+    common = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "experiment=chain",
+        f"paths.root={tmp_path / 'out'}",
+        f"paths.inputs.smears={smears}",
+        "hardware.torch_threads=1",
+        "segmentation.input_scale=1.0",
+    ]
+    train = [
+        "stage=segment_train",
+        "segmentation.epochs=1",
+        "segmentation.anchor_sizes=[8,16,32,64,128]",
+        "segmentation.rpn_pre_nms_top_n_train=100",
+        "segmentation.rpn_post_nms_top_n_train=50",
+        "segmentation.box_batch_size_per_image=32",
+        "segmentation.rpn_batch_size_per_image=32",
+        "segmentation.warmup_iters=1",
+        "segmentation.tb_images=1",
+    ]
+    r = subprocess.run([*common, *train], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seg = ["stage=segment", "segmentation.crop_size=32", "segmentation.score_threshold=0.0"]
+    r = subprocess.run([*common, *seg], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import anndata as ad
+
+    out = tmp_path / "out" / "chain" / "segment"
+    a = ad.read_h5ad(out / "cells.h5ad")
+    assert a.obsm["crops"].shape == (a.n_obs, 32, 32, 3)
+    assert a.obsm["masks"].shape == (a.n_obs, 32, 32)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["truth"]["n_truth"] == 6 and summary["filter_counts"]["images_read"] == 3
