@@ -109,13 +109,21 @@ def _image_list(ctx: StageContext, smears: Path, truth: CocoTruth | None) -> lis
 def resolve_input_scale(cfg: Any, ckpt: dict[str, Any]) -> tuple[float, str]:
     """Working scale (network px per source px) and where it came from.
 
-    Real data configs (``data=bccd`` ...) carry the scale their images were
-    trained at in ``data.smear_sources[0].scale``; otherwise
-    ``segmentation.input_scale`` (the simulator's training scale) is used.
+    A real data config with a single smear source of fixed scale (``data=bccd``)
+    gives the scale its images were trained at; otherwise
+    ``segmentation.input_scale`` is used (the simulator's training scale; set it
+    to match other images' magnification).
     """
     sources = list(cfg.data.smear_sources or [])
-    if cfg.data.name != "synthetic" and sources and sources[0].get("scale") is not None:
+    if cfg.data.name != "synthetic" and len(sources) == 1 and sources[0].get("scale") is not None:
         return float(sources[0]["scale"]), f"data.smear_sources[0].scale ({cfg.data.name})"
+    if cfg.data.name != "synthetic":
+        log.warning(
+            "data=%s has no single fixed smear scale; using segmentation.input_scale=%s "
+            "(network px per image px): set it so white cells are ~segmentation.cell_px px",
+            cfg.data.name,
+            cfg.segmentation.input_scale,
+        )
     trained = ckpt.get("input_scale")
     if trained is not None and abs(float(trained) - float(cfg.segmentation.input_scale)) > 1e-6:
         log.warning(
