@@ -235,6 +235,7 @@ def run_pair(ctx: StageContext) -> None:
             keep_unused_expression=p.keep_unused_expression,
             seed=cfg.seed if p.seed is None else p.seed,
             background=p.background_value,
+            crop_size=p.crop_size,
         )
     except pr.PairingError as e:
         raise StageError(str(e)) from e
@@ -267,7 +268,8 @@ def run_pair(ctx: StageContext) -> None:
         with ctx.atomic("pair_summary.csv") as tmp:
             res.summary.to_csv(tmp, index=False)
         write_json(ctx.output("pair_counts.json"), counts)
-        with ctx.atomic("crops.png") as tmp:
-            pr.contact_sheet(out, tmp, seed=cfg.seed)
+        if hi.any():
+            with ctx.atomic("crops.png") as tmp:
+                pr.contact_sheet(out, tmp, seed=cfg.seed)
         with ctx.atomic("paired") as tmp:
             out.write_h5ad(tmp, compression="gzip")

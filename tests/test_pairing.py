@@ -76,6 +76,7 @@ def _expr() -> ad.AnnData:
     a = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=["MPO", "ELANE", "LYZ", "ACTB"]))
     a.layers["counts"] = counts
     a.uns["has_counts"] = True
+    a.obs["score_primary"] = np.arange(6, dtype=np.float32)
     return a
 
 
@@ -103,8 +104,10 @@ def _check_consistent(res, crops: CropSet, expr: ad.AnnData) -> None:
             j = pos_e[o["expression_ref"]]
             assert np.array_equal(a.X[k], expr.X[j])
             assert np.array_equal(a.layers["counts"][k], expr.layers["counts"][j])
+            assert o["score_primary"] == expr.obs["score_primary"].iloc[j]
         else:
             assert o["expression_ref"] == "" and not a.X[k].any()
+            assert np.isnan(o["score_primary"])
         both = o["has_image"] and o["has_expression"]
         assert (o["pair_mode"] == "unpaired") == (not both)
     assert a.obsm["crops"].dtype == np.uint8 and a.obsm["masks"].dtype == bool
@@ -233,8 +236,8 @@ def test_unpaired_and_expression_only():
     _check_consistent(res, c, e)
     summ = res.summary.set_index(["label", "modalities"])["n"]
     assert summ[("neutrophil", "image")] == 2 and summ[("Neutrophils", "expression")] == 3
-    res = make_pairs(None, e, "unpaired")
-    assert _flags(res) == (0, 0, 6)
+    res = make_pairs(None, e, "unpaired", crop_size=S)
+    assert _flags(res) == (0, 0, 6) and res.adata.obsm["crops"].shape == (6, S, S, 3)
     with pytest.raises(PairingError) as err:
         make_pairs(c, e, "nearest")
     assert err.value.field == "pair.mode" and "by_label" in str(err.value)

@@ -153,6 +153,15 @@ def read_expression(
         elif fmt == "10x_mtx":
             adata = sc.read_10x_mtx(p, var_names="gene_symbols", make_unique=False)
         elif fmt == "loom":
+            try:
+                import loompy  # noqa: F401
+            except ImportError as e:
+                raise ExpressionInputError(
+                    "reading .loom needs the optional package loompy (pip install loompy), "
+                    "or convert the file to .h5ad",
+                    field="expression.input_format",
+                    source=src,
+                ) from e
             adata = ad.read_loom(p, sparse=True)
         else:
             sep = "," if fmt == "csv" else "\t"

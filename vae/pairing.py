@@ -500,6 +500,7 @@ def make_pairs(
     keep_unused_expression: bool = True,
     seed: int = 0,
     background: int = 0,
+    crop_size: int = 64,
 ) -> PairResult:
     """Build the paired training table.
 
@@ -524,6 +525,10 @@ def make_pairs(
         ``by_maturation``: maturation of crops known only by label.
     seed
         Fixes every draw.
+    background
+        Recorded in ``uns["background_value"]``.
+    crop_size
+        S of the all-zero crop arrays when ``crops`` is None.
 
     Returns
     -------
@@ -610,7 +615,7 @@ def make_pairs(
         pairs.extend((-1, j, 0) for j in range(expression.n_obs) if j not in used)
 
     adata = _assemble(
-        crops, expression, pairs, mode, background, lm if mode == "by_label" else None
+        crops, expression, pairs, mode, background, lm if mode == "by_label" else None, crop_size
     )
     summary = summarize(adata)
     adata.uns["pair_summary"] = summary
@@ -631,6 +636,7 @@ def _assemble(
     mode: str,
     background: int,
     label_map: dict[str, str] | None = None,
+    crop_size: int = 64,
 ) -> ad.AnnData:
     n = len(pairs)
     ci = np.array([p[0] for p in pairs], dtype=int)
@@ -647,7 +653,7 @@ def _assemble(
         counts = np.zeros((n, g), np.float32)
         counts[has_expr] = c_src[ei[has_expr]]
         layers["counts"] = counts
-    s = crops.crops.shape[1] if crops is not None else 0
+    s = crops.crops.shape[1] if crops is not None else crop_size
     crop_arr = np.zeros((n, s, s, 3), np.uint8)
     mask_arr = np.zeros((n, s, s), bool)
     if crops is not None:
@@ -693,6 +699,11 @@ def _assemble(
     fill = ~np.isfinite(mat) & has_expr
     mat[fill] = e_mat[ei[fill]]
     obs["maturation"] = mat.astype(np.float32)
+    # program scores of the row's profile (NaN without expression)
+    for col in [c for c in eobs.columns if str(c).startswith("score_")]:
+        v = np.full(n, np.nan, np.float32)
+        v[has_expr] = eobs[col].to_numpy(dtype=np.float32)[ei[has_expr]]
+        obs[col] = v
     # truth columns describe the row's cell: the crop's; the profile's when the row
     # has no crop or both sides are the same cell (same_cell)
     for col in TRUTH_COLUMNS:
