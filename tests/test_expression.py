@@ -414,3 +414,23 @@ def test_stage_on_paul15(tmp_path):
     # diffusion pseudotime from the MPP root: progenitors earliest
     assert med["Multipotent progenitors"] < med["GMP"] < med["Neutrophils"]
     assert med["Multipotent progenitors"] == med.min()
+
+
+def test_10x_h5_reader(tmp_path):
+    import h5py
+
+    a = _toy()
+    m = sp.csc_matrix(a.X.T.astype(np.int32))  # 10x stores genes x cells, CSC by cell
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        g = f.create_group("matrix")
+        g["data"], g["indices"], g["indptr"] = m.data, m.indices, m.indptr
+        g["shape"] = np.array(m.shape, np.int32)
+        g["barcodes"] = np.array(list(a.obs_names), dtype="S")
+        ft = g.create_group("features")
+        ft["id"] = np.array([f"ENSG{i}" for i in range(8)], dtype="S")
+        ft["name"] = np.array(GENES, dtype="S")
+        ft["feature_type"] = np.array(["Gene Expression"] * 8, dtype="S")
+        ft["genome"] = np.array(["GRCh38"] * 8, dtype="S")
+    r = read_expression(tmp_path / "f.h5")
+    assert list(r.var_names) == GENES and list(r.obs_names) == list(a.obs_names)
+    np.testing.assert_array_equal(r.X.toarray(), a.X)
