@@ -212,3 +212,28 @@ def test_resume_continues_exactly(tmp_path):
     b = torch.load(root / "part" / "segment_train" / "model.pt", weights_only=False)["model"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+@pytest.mark.slow
+def test_stage_segment_train_ddp_two_cpu_processes(tmp_path):
+    smears = tmp_path / "smears"
+    make_coco_smears(smears, n_images=5, size=96, cells=2, radius=10, val=1)
+    root = tmp_path / "out"
+    p = _run(
+        [
+            *TINY_TRAIN,
+            f"paths.root={root}",
+            "experiment=d",
+            f"paths.inputs.smears={smears}",
+            "hardware.num_processes=2",
+            "hardware.master_port=0",
+        ],
+        REPO,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = root / "d" / "segment_train"
+    m = json.loads((d / "metrics.json").read_text())
+    # 4 training images over 2 ranks, batch 2: one iteration per rank
+    assert m["history"][0]["train"]["iterations"] == 1
+    assert m["val"]["synthetic"]["n_gt"] == 2
+    load_checkpoint(d / "model.pt")
