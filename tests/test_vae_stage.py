@@ -157,3 +157,25 @@ def test_multirun_beta_sweep_puts_each_job_in_a_variant_folder(paired: Path):
         ck = torch.load(d / s / "model.pt", weights_only=False)
         betas.append(ck["train_args"]["beta"])
     assert betas == [1.0, 4.0]
+
+
+@pytest.mark.slow
+def test_stage_train_ddp_two_cpu_processes(paired: Path):
+    """2-rank gloo DDP: both ranks train on their shards, rank 0 writes the outputs."""
+    _run(
+        paired,
+        "experiment=ddp",
+        "trainer.max_epochs=2",
+        "hardware.num_processes=2",
+        "hardware.master_port=0",
+    )
+    d = paired / "out" / "ddp" / "train"
+    ck = torch.load(d / "last.pt", weights_only=False)
+    import math
+
+    import pandas as pd
+
+    n_train = int((pd.read_csv(d / "split.csv", index_col=0)["split"] == "train").sum())
+    per_rank = math.ceil(n_train / 2)  # each rank sees half of every epoch
+    assert ck["epoch"] == 2 and ck["step"] == 2 * math.ceil(per_rank / 16)
+    assert ad.read_h5ad(d / "latent.h5ad").obsm["X_vae"].shape == (60, 4)
