@@ -154,6 +154,9 @@ def main() -> None:
     ):
         if k in rep.details:
             print(f"  {k}: {rep.details[k]}")
+    for k, v in rep.details.items():
+        if k.startswith("score_"):
+            print(f"  {k}: {v}")
     print(f"wrote {out}")
 
 

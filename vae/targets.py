@@ -45,6 +45,7 @@ def compute_targets(
     device: str = "cpu",
     k: int = 15,
     expected: np.ndarray | None = None,
+    programs: dict[str, list[int]] | None = None,
 ) -> TargetReport:
     """Targets of a trained model on ``data`` (PairedTensors) with truth columns in ``obs``.
 
@@ -106,6 +107,11 @@ def compute_targets(
         }
         allg = per_gene_correlation(lat.expression_from_image[rows], data.x.numpy()[rows])
         details["all_genes_from_image_mean_pearson"] = allg.mean_pearson
+        # program scores (mean over a program's genes) average the count noise out
+        for name, gi in (programs or {}).items():
+            sp = lat.expression_from_image[rows][:, gi].mean(1, keepdims=True)
+            so = data.x.numpy()[rows][:, gi].mean(1, keepdims=True)
+            details[f"score_{name}_from_image_pearson"] = per_gene_correlation(sp, so).mean_pearson
         if expected is not None:
             ex = per_gene_correlation(pred, expected[rows][:, g])
             details["granule_from_image_vs_noise_free_mean_pearson"] = ex.mean_pearson
@@ -170,4 +176,10 @@ def targets_for_run(
     split = pd.read_csv(train_dir / "split.csv", index_col=0)["split"].to_numpy().astype(str)
     names = meta.get("granule_genes") or []
     idx = [data.gene_names.index(g) for g in names if g in data.gene_names]
-    return compute_targets(model, data, adata.obs, split, idx, expected=expected)
+    programs = None
+    if "program" in adata.var:
+        prog = adata.var["program"].astype(str).to_numpy()
+        programs = {
+            p: np.flatnonzero(prog == p).tolist() for p in sorted(set(prog)) if "granul" in p
+        }
+    return compute_targets(model, data, adata.obs, split, idx, expected=expected, programs=programs)
