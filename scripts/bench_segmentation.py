@@ -171,7 +171,9 @@ def main() -> int:
         model, ckpt = load_checkpoint(args.checkpoint)
         ours_name = f"ours ({Path(args.checkpoint).parent.parent.name} checkpoint)"
     else:
-        margs = {"arch": sc.arch, "min_size": sc.min_size, "max_size": sc.max_size}
+        from pipeline.stage_segmentation import model_args_from
+
+        margs = model_args_from(cfg)  # exactly what stage=segment_train would build
         model, ckpt = build_maskrcnn(**margs), {"model_args": margs}
         ours_name = f"ours ({sc.arch}, untrained)"
     settings.input_scale, scale_from = resolve_input_scale(cfg, ckpt)
@@ -253,6 +255,7 @@ def main() -> int:
         },
         "images": [p.name for p in paths[: args.n]],
         "config": {
+            "model_args": {k: v for k, v in ckpt["model_args"].items() if "train" not in k},
             "arch": sc.arch,
             "input_scale": settings.input_scale,
             "input_scale_from": scale_from,
