@@ -326,12 +326,15 @@ class VAEConfig:
     # fusion of the unimodal posteriors
     fusion: str = "poe"  # poe (product of experts with the prior) | moe (mixture)
     # loss weights
-    image_weight: float = 1.0
-    mask_weight: float = 1.0
+    # the summed pixel NLL (learned scale) is ~10x the expression NLL per cell; 0.01
+    # keeps the latent from spending itself on pixel detail (docs/vae.md, targets)
+    image_weight: float = 0.01
+    mask_weight: float = 0.01
     expression_weight: float = 1.0
     cross_weight: float = 1.0  # unimodal/cross-modal reconstruction on paired rows
-    align: str = "none"  # none | clip (InfoNCE on paired rows) | class (by label)
-    align_weight: float = 0.0
+    # auto: clip when every paired row is a same_cell pair, else class | none | clip | class
+    align: str = "auto"  # clip: InfoNCE on paired rows; class: per-label centroids
+    align_weight: float = 20.0
     align_temperature: float = 0.1
     # KL schedule (owned by the trainer)
     kl_warmup_epochs: float = 5.0  # linear beta warm-up from 0 (0: none)

@@ -61,7 +61,18 @@ def build_model_args(cfg: DictConfig, data, source: str):
         raise StageError(f"vae config: {e}") from e
 
 
-def build_train_args(cfg: DictConfig):
+def resolve_align(value: str, obs) -> str:
+    """``auto`` -> ``clip`` when every paired row is a same-cell pair, else ``class``."""
+    if value != "auto":
+        return value
+    if "pair_mode" not in obs or "has_image" not in obs:
+        return "class"
+    both = obs["has_image"].to_numpy().astype(bool) & obs["has_expression"].to_numpy().astype(bool)
+    modes = set(obs["pair_mode"].astype(str).to_numpy()[both])
+    return "clip" if modes and modes <= {"same_cell"} else "class"
+
+
+def build_train_args(cfg: DictConfig, align: str | None = None):
     from vae.losses import LossWeights
     from vae.train import TrainArgs
 
@@ -74,7 +85,7 @@ def build_train_args(cfg: DictConfig):
             expression=v.expression_weight,
             cross=v.cross_weight,
             align=v.align_weight,
-            align_mode=v.align,
+            align_mode=align or v.align,
             temperature=v.align_temperature,
             late_mask=bool(v.late_mask),
         )
@@ -130,7 +141,9 @@ def run_train(ctx: StageContext) -> None:
             f"trainer.lr_schedule={cfg.trainer.lr_schedule!r}; valid: cosine, constant"
         )
     margs = build_model_args(cfg, data, str(src))
-    targs = build_train_args(cfg)
+    align = resolve_align(cfg.vae.align, adata.obs)
+    targs = build_train_args(cfg, align)
+    log.info("alignment: %s (vae.align=%s) weight %s", align, cfg.vae.align, cfg.vae.align_weight)
 
     split_csv = ctx.output("split.csv")
     last = ctx.output("last.pt")
