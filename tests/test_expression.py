@@ -171,6 +171,11 @@ def test_no_program_gene_at_all_is_an_error_or_a_warning(caplog):
         out = preprocess(a, _params(programs={"p": ["NOPE1"]}, require_program_match=False)).adata
     assert "none of the 1 program genes" in caplog.text
     assert not any(c.startswith("score_") for c in out.obs)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        res = preprocess(a, _params(genes_of_interest=["NOPE3"]))
+    assert "no gene of expression.genes_of_interest (NOPE3)" in caplog.text
+    assert res.missing["genes_of_interest"] == ["NOPE3"]
 
 
 def test_genes_of_interest_kept_when_not_highly_variable():
