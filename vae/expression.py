@@ -772,6 +772,8 @@ def plot_qc(qc_frame: pd.DataFrame, params: PreprocessParams, path: str | Path) 
             )
         if thr is not None:
             ax.axvline(thr, color="k", ls="--", lw=1, label=f"{name}={thr}")
+        if col == "pct_mito" and not np.any(v > 0):
+            ax.set_title(f"no counts in genes starting with {params.mito_prefix!r}", fontsize=8)
         ax.set_xlabel(col)
         ax.set_ylabel("cells")
         ax.legend(fontsize=7)
