@@ -33,7 +33,11 @@ def _explicit_expression_file(cfg: DictConfig) -> str | None:
 
 
 def _expression_needs(cfg: DictConfig) -> list[str]:
-    return [] if _explicit_expression_file(cfg) else ["expression_raw"]
+    if _explicit_expression_file(cfg):
+        return []
+    if cfg.data.name != "synthetic" and not cfg.paths.inputs.get("expression_raw"):
+        return []  # run_expression explains what to set
+    return ["expression_raw"]
 
 
 def resolve_data_path(cfg: DictConfig, p: str, setting: str) -> Path | str:
@@ -93,6 +97,12 @@ def run_expression(ctx: StageContext) -> None:
 
     cfg = ctx.cfg
     explicit = _explicit_expression_file(cfg)
+    if not explicit and cfg.data.name != "synthetic" and not cfg.paths.inputs.get("expression_raw"):
+        raise StageError(
+            f"data={cfg.data.name} has no expression file: choose one with "
+            "expression=paul15 | expression=pbmc68k, expression.input_file=PATH, "
+            "data.expression_file=PATH or paths.inputs.expression_raw=PATH"
+        )
     if explicit:
         src = resolve_data_path(
             cfg,

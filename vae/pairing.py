@@ -757,7 +757,8 @@ def summarize(adata: ad.AnnData) -> pd.DataFrame:
     hi = adata.obs["has_image"].to_numpy(bool)
     he = adata.obs["has_expression"].to_numpy(bool)
     combo = np.where(hi & he, "image+expression", np.where(hi, "image", "expression"))
-    df = pd.DataFrame({"label": adata.obs["label"].astype(str).to_numpy(), "modalities": combo})
+    labels = adata.obs["label"].astype(str).replace({"": "(none)"}).to_numpy()
+    df = pd.DataFrame({"label": labels, "modalities": combo})
     out = df.groupby(["label", "modalities"]).size().rename("n").reset_index()
     return out.sort_values(["label", "modalities"]).reset_index(drop=True)
 
