@@ -215,6 +215,9 @@ class SegmentationConfig:
     drop_border: bool = True  # drop cells whose mask touches the image border
     border_margin: int = 1  # px from the border that counts as touching
     max_overlap_iou: float | None = 0.2  # drop cells with mask IoU above this with another
+    # a lower-score detection lying this much (intersection / its area) inside a better one
+    # is a duplicate of that cell: flagged, and not counted as an overlap; null = off
+    duplicate_containment: float | None = 0.6
     drop_multi_piece: bool = True  # drop masks in several connected pieces
     min_piece_area: int = 10  # px; smaller specks are not counted as pieces
     match_iou: float = 0.5  # detection <-> ground-truth mask IoU for truth labels

@@ -74,6 +74,9 @@ def settings_from_config(sc: Any) -> SegmentSettings:
             drop_border=bool(sc.drop_border),
             border_margin=int(sc.border_margin),
             max_overlap_iou=None if sc.max_overlap_iou is None else float(sc.max_overlap_iou),
+            duplicate_containment=None
+            if sc.duplicate_containment is None
+            else float(sc.duplicate_containment),
             drop_multi_piece=bool(sc.drop_multi_piece),
             min_piece_area=int(sc.min_piece_area),
         ),

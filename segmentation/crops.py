@@ -20,9 +20,17 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from skimage.measure import label
 
-from segmentation.inference import Detections, mask_iou_matrix
+from segmentation.inference import Detections, local_overlap, mask_iou_matrix
 
-FLAGS = ("low_score", "too_small", "too_large", "at_border", "overlapping", "multi_piece")
+FLAGS = (
+    "low_score",
+    "too_small",
+    "too_large",
+    "at_border",
+    "duplicate",
+    "overlapping",
+    "multi_piece",
+)
 
 
 @dataclass
@@ -35,6 +43,7 @@ class FilterSettings:
     drop_border: bool = True
     border_margin: int = 1  # px
     max_overlap_iou: float | None = 0.2  # None: never drop for overlap
+    duplicate_containment: float | None = 0.6  # None: no duplicate test
     drop_multi_piece: bool = True
     min_piece_area: int = 10  # px; smaller components are specks, not pieces
 
@@ -52,7 +61,7 @@ class FilterResult:
     kept: np.ndarray
     area: np.ndarray  # mask px
     n_pieces: np.ndarray
-    max_overlap_iou: np.ndarray  # highest mask IoU with another scored detection
+    max_overlap_iou: np.ndarray  # highest mask IoU with another scored, non-duplicate one
 
 
 def count_pieces(mask: np.ndarray, min_piece_area: int = 1) -> int:
@@ -69,16 +78,32 @@ def filter_detections(
 ) -> FilterResult:
     """Flag the detections of one image (H x W px frame) and decide which are kept.
 
-    The overlap test compares only detections that pass the score threshold,
-    so low-score noise never removes a confident cell; both cells of an
-    overlapping pair are flagged (neither crop would be clean).
+    Only detections that pass the score threshold are compared with each
+    other, so low-score noise never removes a confident cell. Among them, in
+    descending score, one lying at least ``duplicate_containment`` of its area
+    inside a better one is a ``duplicate`` (a second detection of the same
+    cell); of the rest, both cells of a pair with mask IoU above
+    ``max_overlap_iou`` are ``overlapping`` (neither crop would be clean).
     """
     n = len(det)
     s = settings
     area = det.areas()
     n_pieces = np.array([count_pieces(m, s.min_piece_area) for m in det.masks], np.int64)
     scored = det.scores >= s.score_threshold
-    idx = np.nonzero(scored)[0]
+    duplicate = np.zeros(n, bool)
+    if s.duplicate_containment is not None:
+        ref: list[int] = []
+        for i in sorted(np.nonzero(scored)[0], key=lambda k: -det.scores[k]):
+            for j in ref:
+                inter, _, _ = local_overlap(
+                    det.masks[i], det.origins[i], det.masks[j], det.origins[j]
+                )
+                if area[i] and inter / area[i] >= s.duplicate_containment:
+                    duplicate[i] = True
+                    break
+            if not duplicate[i]:
+                ref.append(i)
+    idx = np.nonzero(scored & ~duplicate)[0]
     iou = mask_iou_matrix(
         [det.masks[i] for i in idx], det.origins[idx], [det.masks[i] for i in idx], det.origins[idx]
     )
@@ -102,6 +127,7 @@ def filter_detections(
         "too_small": area < s.min_area,
         "too_large": area > s.max_area if s.max_area is not None else np.zeros(n, bool),
         "at_border": at_border,
+        "duplicate": duplicate,
         "overlapping": max_iou > s.max_overlap_iou
         if s.max_overlap_iou is not None
         else np.zeros(n, bool),
@@ -112,6 +138,7 @@ def filter_detections(
         "too_small": True,
         "too_large": True,
         "at_border": s.drop_border,
+        "duplicate": s.duplicate_containment is not None,
         "overlapping": s.max_overlap_iou is not None,
         "multi_piece": s.drop_multi_piece,
     }

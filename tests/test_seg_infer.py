@@ -172,6 +172,7 @@ def _filter_scene():
         names.append(n)
 
     add(disc(h, w, 30, 30, 10), 0.9, "good")
+    add(disc(h, w, 30, 30, 7), 0.8, "duplicate")  # second, smaller detection of "good"
     add(disc(h, w, 30, 32, 10), 0.3, "low_score")  # overlaps "good" but must not flag it
     sq = np.zeros((h, w), bool)
     sq[60:63, 10:13] = True
@@ -205,6 +206,7 @@ def test_filters_give_exact_counts():
         "too_small": 1,
         "too_large": 1,
         "at_border": 1,
+        "duplicate": 1,
         "overlapping": 2,
         "multi_piece": 1,
     }
@@ -220,10 +222,23 @@ def test_filters_give_exact_counts():
         drop_border=False,
         max_overlap_iou=None,
         drop_multi_piece=False,
+        duplicate_containment=None,
     )
     res2 = filter_detections(det, h, w, loose)
     kept = {names[k] for k in np.nonzero(res2.kept)[0]}
-    assert kept == {"good", "at_border", "overlap_a", "overlap_b", "multi_piece", "too_large"}
+    assert kept == {
+        "good",
+        "duplicate",
+        "at_border",
+        "overlap_a",
+        "overlap_b",
+        "multi_piece",
+        "too_large",
+    }
+    # without the duplicate test, "good" and its duplicate overlap: both dropped
+    no_dup = FilterSettings(min_area=50, max_area=1000, duplicate_containment=None)
+    res3 = filter_detections(det, h, w, no_dup)
+    assert not res3.kept[names.index("good")] and res3.flags["overlapping"].sum() == 4
 
 
 def test_count_pieces_ignores_specks():
