@@ -198,6 +198,20 @@ def test_by_label_draws_per_crop_and_identity_map():
     assert "e3" in set(obs[~obs.has_image].expression_ref)
 
 
+def test_by_label_union_of_expression_labels():
+    c, e = _crops(), _expr()
+    lm = {"monocyte": "Monocytes|gmp"}
+    res = make_pairs(c, e, "by_label", label_map=lm, draws_per_crop=3, seed=0)
+    obs = res.adata.obs
+    paired = obs[obs.has_image & obs.has_expression]
+    assert list(paired.image_ref) == ["img2"] * 3
+    assert set(paired.expression_ref) <= {"e3", "e4", "e5"} and paired.expression_ref.nunique() == 3
+    assert set(paired.label) == {"monocyte"}  # a union keeps the image label
+    with pytest.raises(PairingError) as err:
+        make_pairs(c, e, "by_label", label_map={"monocyte": "Monocytes|nope"})
+    assert "'nope'" in str(err.value)
+
+
 def test_label_map_naming_a_missing_class_is_an_error():
     c, e = _crops(), _expr()
     with pytest.raises(PairingError) as err:

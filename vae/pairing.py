@@ -444,12 +444,17 @@ def _ci_lookup(names, wanted: str) -> str | None:
     return low.get(str(wanted).lower())
 
 
+LABEL_UNION = "|"  # "A|B" in a label_map value: draw from the profiles of A and B
+
+
 def resolve_label_map(
     label_map: dict[str, str], image_labels, expression_labels, *, strict: bool = True
 ) -> dict[str, str]:
-    """Image label -> expression label, both spelled as in the data.
+    """Image label -> expression label(s), both spelled as in the data.
 
-    An empty map pairs the labels the two sides share (case-insensitive).
+    Matching is case-insensitive. A value may name several expression labels
+    joined by ``|`` (e.g. ``lymphocyte: "CD8+ Cytotoxic T|CD19+ B"``): the crop
+    then draws from their union. An empty map pairs the labels both sides share.
 
     Raises
     ------
@@ -468,18 +473,21 @@ def resolve_label_map(
         return out
     out = {}
     for k, v in label_map.items():
-        ki, ve = _ci_lookup(img, k), _ci_lookup(expr, v)
-        if ki is None or ve is None:
+        ki = _ci_lookup(img, k)
+        parts = [x.strip() for x in str(v).split(LABEL_UNION)]
+        found = [_ci_lookup(expr, x) for x in parts]
+        bad = [x for x, f in zip(parts, found) if f is None]
+        if ki is None or bad:
             what = (
                 f"image class {k!r} is not among the crops' classes {img}"
                 if ki is None
-                else f"expression label {v!r} is not among {expr}"
+                else f"expression label {bad[0]!r} is not among {expr}"
             )
             if strict:
                 raise PairingError(what, field="pair.label_map")
             log.warning("pair.label_map: %s; entry ignored", what)
             continue
-        out[ki] = ve
+        out[ki] = LABEL_UNION.join(found)
     return out
 
 
@@ -568,7 +576,9 @@ def make_pairs(
     elif mode == "by_label":
         lm = resolve_label_map(label_map or {}, img_labels, expr_labels)
         notes.append(f"label_map: {lm}")
-        pools = {v: np.flatnonzero(expr_labels == v) for v in set(lm.values())}
+        pools = {
+            v: np.flatnonzero(np.isin(expr_labels, v.split(LABEL_UNION))) for v in set(lm.values())
+        }
         for i in range(n_img):
             pool = pools.get(lm.get(img_labels[i], None), np.array([], int))
             pairs.extend(_draw(i, pool, draws_per_crop, rng))
@@ -678,7 +688,8 @@ def _assemble(
     obs["expression_label"] = np.where(has_expr, e_lab[np.maximum(ei, 0)], "")
     img_as = obs["image_label"].to_numpy(dtype=object)
     if label_map:  # one vocabulary: mapped image classes take the expression label
-        img_as = np.array([label_map.get(v, v) for v in img_as], dtype=object)
+        one = {k: v for k, v in label_map.items() if LABEL_UNION not in v}  # unions keep theirs
+        img_as = np.array([one.get(v, v) for v in img_as], dtype=object)
     obs["label"] = np.where(has_img, img_as, obs["expression_label"])
     obs["image_source"] = np.where(
         has_img, cobs["source"].astype(str).to_numpy()[np.maximum(ci, 0)] if len(cobs) else "", ""
