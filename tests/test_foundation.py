@@ -295,3 +295,10 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
         "seen_rank0.json",
         "seen_rank1.json",
     ]
+
+
+def test_real_preset_composes():
+    cfg = _compose(["stage=all", "+preset=real"])
+    assert (cfg.data.name, cfg.pair.mode, cfg.experiment) == ("real_small", "by_label", "real")
+    assert "simulate" not in stages.stages_for(cfg)
+    OmegaConf.to_container(cfg, resolve=True)
