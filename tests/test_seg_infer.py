@@ -601,3 +601,29 @@ def test_segment_train_then_segment_subprocess(tmp_path):
     assert a.obsm["masks"].shape == (a.n_obs, 32, 32)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["truth"]["n_truth"] == 6 and summary["filter_counts"]["images_read"] == 3
+
+
+def test_image_list_split_and_max_images(tmp_path):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from pipeline.stage_segment import _image_list
+    from pipeline.stages import StageError
+    from segmentation.cells import load_coco_truth
+
+    smears = _smear_folder(tmp_path / "smears")
+    coco = json.loads((smears / "annotations.json").read_text())
+    coco["images"][0]["split"] = "train"
+    (smears / "annotations.json").write_text(json.dumps(coco))
+    truth = load_coco_truth(smears / "annotations.json")
+
+    def names(split, max_images, t=truth):
+        cfg = OmegaConf.create({"segmentation": {"split": split, "max_images": max_images}})
+        return [p.name for p in _image_list(SimpleNamespace(cfg=cfg), smears, t)]
+
+    assert names(None, None) == ["sim_0000.png", "sim_0001.png", "zz_corrupt.png", "zz_gray.png"]
+    assert names("val", None) == ["sim_0001.png"]
+    assert names(None, 1) == ["sim_0000.png"]
+    with pytest.raises(StageError, match="split"):
+        names("val", None, None)
