@@ -25,12 +25,18 @@ def to_image(fig) -> np.ndarray:
 
 def save(fig, path: str | Path, dpi: int = 110) -> Path:
     """Write ``fig`` as PNG (atomically) and close it."""
-    from pipeline.artifacts import atomic_path
+    import os
+    import uuid
 
     path = Path(path)
-    with atomic_path(path) as tmp:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:  # temporary name, then rename: never a half-written PNG
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return path
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,8 +113,6 @@ def write_report(
     -------
     The path written. Raises FileNotFoundError naming a missing figure.
     """
-    from pipeline.artifacts import atomic_path
-
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
@@ -142,6 +142,11 @@ def write_report(
         )
     parts.append("</body></html>")
     path = Path(path)
-    with atomic_path(path) as tmp:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:  # temporary name, then rename: never a half-written report
         tmp.write_text("\n".join(parts), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
