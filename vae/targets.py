@@ -76,6 +76,10 @@ def compute_targets(
     hi = data.has_image.numpy()
     he = data.has_expression.numpy()
     kind = (obs["kind"] if "kind" in obs else obs["label"]).astype(str).to_numpy()
+    # by_label real data: an image row's own class is image_label
+    kind_img = kind
+    if "kind" not in obs and "image_label" in obs:
+        kind_img = obs["image_label"].astype(str).to_numpy()
     values: dict[str, float] = {}
     details: dict[str, object] = {"n_test": int(test.sum()), "n_train": int(train.sum())}
 
@@ -128,7 +132,7 @@ def compute_targets(
     )
     ti, tr = test & hi, train & hi
     values["knn15_kind_accuracy_image"] = (
-        knn_accuracy(lat.image[ti, :ns], kind[ti], k, lat.image[tr, :ns], kind[tr])
+        knn_accuracy(lat.image[ti, :ns], kind_img[ti], k, lat.image[tr, :ns], kind_img[tr])
         if ti.any() and tr.any()
         else float("nan")
     )

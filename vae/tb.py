@@ -29,9 +29,9 @@ EXPRESSION_TAG = "expression/granule_genes"
 def pick_granule_genes(gene_names: list[str], var=None, max_genes: int = 12) -> list[int]:
     """Indices of the genes shown in the expression figure.
 
-    ``var["program"]`` containing "granule" (simulator), else
-    ``var["gene_of_interest"]``, else known granule-protein genes by name,
-    else the first ``max_genes`` genes.
+    ``var["program"]`` containing "granule" (simulator), else known
+    granule-protein genes by name (MPO, ELANE, ...), else
+    ``var["gene_of_interest"]``, else the first ``max_genes`` genes.
     """
     if var is not None:
         if "program" in var:
@@ -39,12 +39,12 @@ def pick_granule_genes(gene_names: list[str], var=None, max_genes: int = 12) -> 
             hit = np.flatnonzero(prog.str.contains("granul").to_numpy())
             if hit.size:
                 return hit[:max_genes].tolist()
-        if "gene_of_interest" in var:
-            hit = np.flatnonzero(var["gene_of_interest"].to_numpy().astype(bool))
-            if hit.size:
-                return hit[:max_genes].tolist()
     known = {"MPO", "ELANE", "PRTN3", "CTSG", "AZU1", "LTF", "CAMP", "LCN2", "MMP8", "MMP9"}
     hit = [i for i, g in enumerate(gene_names) if g.upper() in known]
+    if hit:
+        return hit[:max_genes]
+    if var is not None and "gene_of_interest" in var:
+        hit = np.flatnonzero(var["gene_of_interest"].to_numpy().astype(bool)).tolist()
     return (hit or list(range(min(max_genes, len(gene_names)))))[:max_genes]
 
 
