@@ -313,7 +313,7 @@ class VAEConfig:
 
     n_latent: int = 16  # shared latent dimensions (fused over modalities)
     n_private: int = 0  # extra private dims per modality (0: no split latent)
-    beta: float = 4.0  # weight of KL to the prior (final value after warm-up)
+    beta: float = 8.0  # weight of KL to the prior (final value after warm-up)
     # image branch; crops are resized to image_size when it differs (None: as stored)
     image_size: int | None = None
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])  # one conv per /2
