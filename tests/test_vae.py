@@ -302,3 +302,20 @@ def test_resume_after_interruption_is_bit_exact(tmp_path):
     assert [h["step"] for h in r_res.history] == [h["step"] for h in r_full.history]
     for k, v in straight.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_class_alignment_prefers_matching_classes_and_is_not_met_by_collapse():
+    from vae.losses import class_align
+
+    labels = torch.tensor([0, 1, 0, 1])
+    img = torch.tensor([True, True, False, False])
+    expr = ~img
+    e = torch.eye(2)
+    aligned = torch.stack([e[0], e[1], e[0], e[1]])
+    swapped = torch.stack([e[0], e[1], e[1], e[0]])
+    collapsed = torch.ones(4, 2)
+    good = class_align(aligned, aligned, labels, img, expr, 0.1)
+    bad = class_align(swapped, swapped, labels, img, expr, 0.1)
+    flat = class_align(collapsed, collapsed, labels, img, expr, 0.1)
+    assert float(good) < float(flat) < float(bad)
+    assert math.isclose(float(flat), math.log(2), rel_tol=1e-6)

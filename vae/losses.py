@@ -58,7 +58,8 @@ class LossTerms:
     image_from_expression, expression_from_image : cross-modal reconstruction
         on paired rows
     kl_unimodal : KL of the unimodal posteriors on paired rows
-    align : alignment loss (0 when off)
+    align : alignment loss (0 when off): InfoNCE on paired rows (clip) or
+        class-level InfoNCE (class)
     kl_per_dim : (d,) KL of the fused posterior per latent dim (not in total)
     """
 
@@ -234,21 +235,35 @@ def class_align(
     labels: torch.Tensor,
     mask_a: torch.Tensor,
     mask_b: torch.Tensor,
+    temperature: float = 0.1,
 ) -> torch.Tensor:
-    """Squared distance between per-class centroids of the two unimodal means.
+    """Class-level (supervised) InfoNCE between image means ``a`` and expression means ``b``.
 
-    For ``by_label`` pairs, where individual rows are not the same cell but
-    classes are shared. Classes present in both modalities of the batch only.
+    For ``by_label`` pairs, where rows are not the same cell but classes are
+    shared: every image row's positives are the expression rows of its label
+    (and vice versa). Contrastive, so it cannot be met by collapsing the
+    latent (unlike a centroid distance). Rows whose label is absent from the
+    other modality in the batch are left out. Returns () (0 without positives).
     """
-    total = a.new_zeros(())
-    n = 0
-    for c in torch.unique(labels[mask_a & mask_b] if (mask_a & mask_b).any() else labels):
-        ia = mask_a & (labels == c)
-        ib = mask_b & (labels == c)
-        if ia.any() and ib.any():
-            total = total + (a[ia].mean(0) - b[ib].mean(0)).pow(2).sum()
-            n += 1
-    return total / max(n, 1)
+    ia = mask_a.nonzero().flatten()
+    ib = mask_b.nonzero().flatten()
+    if ia.numel() == 0 or ib.numel() == 0:
+        return a.new_zeros(())
+    za = F.normalize(a[ia], dim=1)
+    zb = F.normalize(b[ib], dim=1)
+    la, lb = labels[ia], labels[ib]
+    pos = (la.view(-1, 1) == lb.view(1, -1)).to(za.dtype)  # (Na, Nb)
+    logits = za @ zb.t() / temperature
+
+    def side(lg: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        keep = p.sum(1) > 0
+        if not keep.any():
+            return lg.new_zeros(())
+        logp = lg - torch.logsumexp(lg, dim=1, keepdim=True)
+        per = -(logp * p).sum(1) / p.sum(1).clamp_min(1.0)
+        return per[keep].mean()
+
+    return 0.5 * (side(logits, pos) + side(logits.t(), pos.t()))
 
 
 # ----------------------------------------------------------------------- the loss
@@ -377,7 +392,7 @@ def vae_loss(
             if keep.numel() > 1:
                 align = info_nce(mi[keep], me[keep], w.temperature)
         elif labels is not None:
-            align = class_align(mi, me, labels, post.has_image, post.has_expression)
+            align = class_align(mi, me, labels, post.has_image, post.has_expression, w.temperature)
 
     total = (
         w.image * i_nll
