@@ -422,6 +422,10 @@ def paste_local_masks(
     return masks, np.asarray(origins, np.int64).reshape(-1, 2)
 
 
+def _no_resize(image: torch.Tensor, target: dict | None = None) -> tuple[torch.Tensor, dict | None]:
+    return image, target
+
+
 class MaskRCNNDetector:
     """Callable detector around a torchvision Mask R-CNN (eval mode, no resize).
 
@@ -470,26 +474,25 @@ class MaskRCNNDetector:
             )
         self.mask_threshold = float(mask_threshold)
         self.autocast = autocast
+        # tiles go in at their own px size, whatever their size (the caller chose the
+        # working scale): replace the transform's resize by the identity
+        self.model.transform.resize = _no_resize
 
     @torch.inference_mode()
     def __call__(self, tiles: list[np.ndarray]) -> list[Detections]:
-        """Detect in a batch of (h, w, 3) uint8 tiles of one size. Returns tile-frame Detections."""
+        """Detect in a batch of (h, w, 3) uint8 tiles (sizes may differ). Returns tile-frame Detections."""
         if not tiles:
             return []
         m = self.model
-        h, w = tiles[0].shape[:2]
         # (h, w, 3) uint8 -> (3, h, w) float in [0, 1]
         batch = [
-            torch.from_numpy(np.ascontiguousarray(t))
+            torch.from_numpy(np.require(t, requirements=["C", "W"]))
             .to(self.device)
             .permute(2, 0, 1)
             .float()
             .div_(255.0)
             for t in tiles
         ]
-        # scale 1 in GeneralizedRCNNTransform: min_size = max_size = longest side
-        m.transform.min_size = (max(h, w),)
-        m.transform.max_size = max(h, w)
         ctx = self.autocast() if self.autocast else torch.autocast("cpu", enabled=False)
         with ctx:
             images, _ = m.transform(batch)
@@ -497,7 +500,8 @@ class MaskRCNNDetector:
             proposals, _ = m.rpn(images, features)
             dets, _ = m.roi_heads(features, proposals, images.image_sizes)
         out = []
-        for d, (ih, iw) in zip(dets, images.image_sizes):
+        for d, (ih, iw), t in zip(dets, images.image_sizes, tiles):
+            h, w = t.shape[:2]
             boxes = d["boxes"].float()
             if (ih, iw) != (h, w):  # defensive: map back if the transform resized anyway
                 boxes = boxes * torch.tensor([w / iw, h / ih, w / iw, h / ih], device=boxes.device)

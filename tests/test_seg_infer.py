@@ -627,3 +627,23 @@ def test_image_list_split_and_max_images(tmp_path):
     assert names(None, 1) == ["sim_0000.png"]
     with pytest.raises(StageError, match="split"):
         names("val", None, None)
+
+
+def test_maskrcnn_detector_mixed_tile_sizes_no_resize():
+    from segmentation.inference import MaskRCNNDetector
+    from segmentation.model import build_maskrcnn
+
+    torch.manual_seed(0)
+    model = build_maskrcnn("resnet18_fpn", min_size=512, max_size=512)  # would upscale
+    det = MaskRCNNDetector(model, "cpu", score_floor=0.0, max_detections=5)
+    seen = []
+    model.backbone.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    rng = np.random.default_rng(0)
+    tiles = [rng.integers(0, 256, s, dtype=np.uint8) for s in [(64, 96, 3), (80, 48, 3)]]
+    out = det(tiles)
+    assert seen == [(2, 3, 96, 96)]  # padded batch of the unresized tiles (size_divisible 32)
+    for d, t in zip(out, tiles):
+        h, w = t.shape[:2]
+        assert len(d) <= 5
+        for m, (x, y) in zip(d.masks, d.origins):
+            assert 0 <= x and 0 <= y and x + m.shape[1] <= w and y + m.shape[0] <= h
