@@ -32,7 +32,7 @@ from segmentation.cells import (
     contact_sheet,
     draw_overlay,
     load_coco_truth,
-    segment_image,
+    segment_images,
 )
 from segmentation.crops import FLAGS, FilterSettings
 from segmentation.inference import MaskRCNNDetector
@@ -160,37 +160,58 @@ def _run_shard(
     )
     tables, crops, masks, rejects = [], [], [], []
     n_truth, n_images, seconds = 0, 0, 0.0
-    for index, path in items:
-        rd = read_rgb(path, convert=bool(sc.convert_images))
-        if not rd.ok:
-            log.warning("skipping %s: %s", path.name, rd.reason)
-            rejects.append({"image": path.name, "action": "skipped", "reason": rd.reason})
+    # images are read batch_size at a time so that the tiles of small images share
+    # detector batches (a large slide spreads over several batches by itself)
+    group = max(1, settings.batch_size)
+    for g in range(0, len(items), group):
+        good = []  # (index, path, image, truth)
+        for index, path in items[g : g + group]:
+            rd = read_rgb(path, convert=bool(sc.convert_images))
+            if not rd.ok:
+                log.warning("skipping %s: %s", path.name, rd.reason)
+                rejects.append({"image": path.name, "action": "skipped", "reason": rd.reason})
+                continue
+            if rd.converted:
+                rejects.append(
+                    {"image": path.name, "action": "converted", "reason": ",".join(rd.converted)}
+                )
+            it = truth.for_image(path.name) if truth is not None else None
+            good.append((index, path, rd.image, it))
+        if not good:
             continue
-        if rd.converted:
-            rejects.append(
-                {"image": path.name, "action": "converted", "reason": ",".join(rd.converted)}
-            )
-        it = truth.for_image(path.name) if truth is not None else None
         t0 = time.perf_counter()
-        cells: ImageCells = segment_image(detector, rd.image, path.name, settings, truth=it)
+        results: list[ImageCells] = segment_images(
+            detector,
+            [im for _, _, im, _ in good],
+            [p.name for _, p, _, _ in good],
+            settings,
+            truths=[it for _, _, _, it in good],
+        )
         seconds += time.perf_counter() - t0
-        n_images += 1
-        if it is not None:
-            n_truth += cells.n_truth or 0
-        tab = cells.table
-        tab.insert(1, "image_index", index)
-        tables.append(tab)
-        crops.append(cells.crops.images)
-        masks.append(cells.crops.masks)
-        if not len(tab):
-            rejects.append({"image": path.name, "action": "no_cells", "reason": "no detections"})
-        elif not tab.kept.any():
-            rejects.append(
-                {"image": path.name, "action": "no_cells", "reason": "no detection passed filters"}
-            )
-        if index < int(sc.n_overlays):
-            ov = draw_overlay(cells, min(float(sc.score_threshold), 0.99))
-            ov.save(overlay_dir / f"{path.stem}.png")
+        for (index, path, _, it), cells in zip(good, results):
+            n_images += 1
+            if it is not None:
+                n_truth += cells.n_truth or 0
+            tab = cells.table
+            tab.insert(1, "image_index", index)
+            tables.append(tab)
+            crops.append(cells.crops.images)
+            masks.append(cells.crops.masks)
+            if not len(tab):
+                rejects.append(
+                    {"image": path.name, "action": "no_cells", "reason": "no detections"}
+                )
+            elif not tab.kept.any():
+                rejects.append(
+                    {
+                        "image": path.name,
+                        "action": "no_cells",
+                        "reason": "no detection passed filters",
+                    }
+                )
+            if index < int(sc.n_overlays):
+                ov = draw_overlay(cells, min(float(sc.score_threshold), 0.99))
+                ov.save(overlay_dir / f"{path.stem}.png")
     s = int(sc.crop_size)
     return {
         "tables": tables,

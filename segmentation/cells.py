@@ -29,7 +29,7 @@ from segmentation.crops import (
     filter_detections,
     match_truth,
 )
-from segmentation.inference import Detections, Detector, detect_image, resize_image
+from segmentation.inference import Detections, Detector, detect_images, resize_image
 
 # ground-truth fields copied from a matched COCO annotation into the cell table
 TRUTH_FIELDS = ("kind", "lineage", "t", "granule_density", "lobes", "diameter")
@@ -209,14 +209,45 @@ def segment_image(
     id_prefix
         Prefix of detection ids (default: ``name`` without suffix).
     """
+    return segment_images(detector, [image], [name], settings, [truth], [id_prefix])[0]
+
+
+def segment_images(
+    detector: Detector,
+    images: Sequence[np.ndarray],
+    names: Sequence[str],
+    settings: SegmentSettings,
+    truths: Sequence[ImageTruth | None] | None = None,
+    id_prefixes: Sequence[str | None] | None = None,
+) -> list[ImageCells]:
+    """:func:`segment_image` for several images whose tiles share detector batches."""
+    scale = float(settings.input_scale)
+    works = [resize_image(im, scale) for im in images]
+    s = settings
+    dets = detect_images(
+        detector, works, s.tile_size, s.tile_overlap, s.batch_size, s.merge_iou, s.merge_containment
+    )
+    truths = list(truths) if truths is not None else [None] * len(images)
+    id_prefixes = list(id_prefixes) if id_prefixes is not None else [None] * len(images)
+    return [
+        _finish_image(d.detections, im, wk.shape[:2], n, s, t, p)
+        for d, im, wk, n, t, p in zip(dets, images, works, names, truths, id_prefixes)
+    ]
+
+
+def _finish_image(
+    det: Detections,
+    image: np.ndarray,
+    work_hw: tuple[int, int],
+    name: str,
+    settings: SegmentSettings,
+    truth: ImageTruth | None,
+    id_prefix: str | None,
+) -> ImageCells:
+    """Filters, table, truth matching and crops of one image's merged detections."""
     s = settings
     scale = float(s.input_scale)
-    work = resize_image(image, scale)
-    h, w = work.shape[:2]
-    res = detect_image(
-        detector, work, s.tile_size, s.tile_overlap, s.batch_size, s.merge_iou, s.merge_containment
-    )
-    det = res.detections
+    h, w = work_hw
     # area thresholds are given in source px; the masks are in working px
     f = s.filters
     fw = replace(

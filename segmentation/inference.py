@@ -534,6 +534,52 @@ def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
+def detect_images(
+    detector: Detector,
+    images: Sequence[np.ndarray],
+    tile_size: int = 1024,
+    overlap: int = 256,
+    batch_size: int = 4,
+    merge_iou: float = 0.5,
+    containment: float = 0.7,
+) -> list[ImageDetections]:
+    """Tiled detection on several (H, W, 3) uint8 images (already at working scale).
+
+    The tiles of all images go through the detector ``batch_size`` at a time
+    (small images share a forward pass; a large slide spreads over several),
+    then each image's tiles are merged on its own.
+
+    Returns
+    -------
+    list[ImageDetections]
+        One per image, detections in that image's frame, each cell once.
+    """
+    jobs = []  # (image index, tile)
+    grids = []
+    for i, im in enumerate(images):
+        g = tile_grid(im.shape[0], im.shape[1], tile_size, overlap)
+        grids.append(g)
+        jobs.extend((i, t) for t in g)
+    results: list[Detections] = []
+    step = max(1, batch_size)
+    for k in range(0, len(jobs), step):
+        chunk = jobs[k : k + step]
+        crops = [np.ascontiguousarray(images[i][t.y0 : t.y1, t.x0 : t.x1]) for i, t in chunk]
+        out = detector(crops)
+        if len(out) != len(crops):
+            raise RuntimeError(f"detector returned {len(out)} results for {len(crops)} tiles")
+        results.extend(out)
+    merged, pos = [], 0
+    for im, g in zip(images, grids):
+        per_tile = results[pos : pos + len(g)]
+        pos += len(g)
+        det = merge_tiles(
+            per_tile, g, im.shape[0], im.shape[1], merge_iou=merge_iou, containment=containment
+        )
+        merged.append(ImageDetections(det, len(g), 1.0))
+    return merged
+
+
 def detect_image(
     detector: Detector,
     image: np.ndarray,
@@ -543,19 +589,7 @@ def detect_image(
     merge_iou: float = 0.5,
     containment: float = 0.7,
 ) -> ImageDetections:
-    """Tiled detection on one (H, W, 3) uint8 image (already at working scale).
-
-    Returns
-    -------
-    ImageDetections
-        Detections in the frame of ``image``, each cell once.
-    """
-    h, w = image.shape[:2]
-    tiles = tile_grid(h, w, tile_size, overlap)
-    per_tile: list[Detections] = []
-    for i in range(0, len(tiles), max(1, batch_size)):
-        chunk = tiles[i : i + max(1, batch_size)]
-        crops = [np.ascontiguousarray(image[t.y0 : t.y1, t.x0 : t.x1]) for t in chunk]
-        per_tile.extend(detector(crops))
-    det = merge_tiles(per_tile, tiles, h, w, merge_iou=merge_iou, containment=containment)
-    return ImageDetections(det, len(tiles), 1.0)
+    """Tiled detection on one (H, W, 3) uint8 image: :func:`detect_images` of one."""
+    return detect_images(detector, [image], tile_size, overlap, batch_size, merge_iou, containment)[
+        0
+    ]

@@ -647,3 +647,35 @@ def test_maskrcnn_detector_mixed_tile_sizes_no_resize():
         assert len(d) <= 5
         for m, (x, y) in zip(d.masks, d.origins):
             assert 0 <= x and 0 <= y and x + m.shape[1] <= w and y + m.shape[0] <= h
+
+
+def test_detect_images_shares_batches_and_matches_one_by_one():
+    from segmentation.inference import detect_images
+
+    calls = []
+
+    def bright_cells(tiles):
+        """Content-based fake: every bright blob of channel 0 is a cell."""
+        calls.append([t.shape[:2] for t in tiles])
+        return [visible_cells(label(t[..., 0] > 128)) for t in tiles]
+
+    def img(h, w, centres):
+        a = np.zeros((h, w, 3), np.uint8)
+        for cy, cx in centres:
+            a[disc(h, w, cy, cx, 9)] = 255
+        return a
+
+    images = [img(60, 80, [(30, 40)]), img(200, 260, [(100, 128), (40, 40)]), img(50, 50, [])]
+    together = detect_images(bright_cells, images, 128, 40, batch_size=4)
+    n_tiles = [r.n_tiles for r in together]
+    assert n_tiles == [1, 6, 1] and [len(c) for c in calls] == [4, 4]  # 8 tiles, 2 passes
+    assert {(60, 80), (128, 128), (50, 50)} == {s for c in calls for s in c}
+    for im, res in zip(images, together):
+        alone = detect_image(bright_cells, im, 128, 40, batch_size=1)
+        assert len(res.detections) == len(alone.detections)
+        for k in range(len(alone.detections)):
+            h, w = im.shape[:2]
+            assert np.array_equal(
+                res.detections.full_mask(k, h, w), alone.detections.full_mask(k, h, w)
+            )
+    assert [len(r.detections) for r in together] == [1, 2, 0]
