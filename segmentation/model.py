@@ -203,6 +203,9 @@ def build_maskrcnn(
             backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs
         )
     elif arch == "resnet50_fpn_v2":
+        # the v2 builder makes its own anchor generator; ours (same anchors per
+        # location, so the RPN head fits) replaces it afterwards
+        anchors = kwargs.pop("rpn_anchor_generator", None)
         model = maskrcnn_resnet50_fpn_v2(
             weights=None,
             weights_backbone=None,
@@ -212,6 +215,8 @@ def build_maskrcnn(
             trainable_backbone_layers=trainable_backbone_layers,
             **kwargs,
         )
+        if anchors is not None:
+            model.rpn.anchor_generator = anchors
     else:
         backbone = resnet_fpn_backbone(
             backbone_name="resnet50",

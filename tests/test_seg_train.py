@@ -237,3 +237,24 @@ def test_stage_segment_train_ddp_two_cpu_processes(tmp_path):
     assert m["history"][0]["train"]["iterations"] == 1
     assert m["val"]["synthetic"]["n_gt"] == 2
     load_checkpoint(d / "model.pt")
+
+
+@pytest.mark.parametrize("arch", ["resnet18_fpn", "mobilenet_v3_fpn", "resnet50_fpn_v2"])
+def test_every_arch_builds_with_custom_anchors_and_round_trips(arch, tmp_path):
+    from segmentation.model import save_checkpoint
+
+    args = {**SMALL, "arch": arch, "anchor_sizes": [16, 32, 64, 128, 256]}
+    model = build_maskrcnn(**args)
+    model.train()
+    t = {
+        "boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]),
+        "labels": torch.tensor([1]),
+        "masks": torch.ones(1, 64, 64, dtype=torch.uint8),
+    }
+    losses = model([torch.rand(3, 64, 64)], [t])
+    assert all(torch.isfinite(v) for v in losses.values())
+    save_checkpoint(tmp_path / "m.pt", model, args)
+    again, ck = load_checkpoint(tmp_path / "m.pt")
+    assert ck["model_args"]["arch"] == arch
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
