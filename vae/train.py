@@ -406,7 +406,12 @@ def train(
         if args.early_stopping_patience > 0 and bad_epochs >= args.early_stopping_patience:
             stopped = "early_stopping"
             break
-        if args.max_minutes is not None and (time.time() - t_start) / 60 > args.max_minutes:
+        over = args.max_minutes is not None and (time.time() - t_start) / 60 > args.max_minutes
+        if args.max_minutes is not None and dist.world_size > 1:
+            # every rank must stop after the same epoch, or DDP hangs
+            flag = torch.tensor([float(over)], device=device)
+            over = float(dist.all_reduce_sum(flag)[0]) > 0
+        if over:
             stopped = "time_limit"
             log.info("trainer.max_minutes=%s reached after epoch %d", args.max_minutes, epoch)
             break
