@@ -62,7 +62,9 @@ def main() -> None:
     res = {
         "n_cells": int(rows.size),
         "lobe_accuracy": float((df["lobes"].to_numpy() == lobes).mean()),
-        "lobe_accuracy_neutrophil_lineage": float((df["lobes"].to_numpy()[neut] == lobes[neut]).mean()),
+        "lobe_accuracy_neutrophil_lineage": float(
+            (df["lobes"].to_numpy()[neut] == lobes[neut]).mean()
+        ),
         "lobes_spearman": rho(df["lobes"].to_numpy(float), lobes.astype(float), np.ones_like(neut)),
         "density_vs_true_total_spearman_all": rho(meas, dens, np.ones_like(neut)),
         "density_vs_true_total_spearman_neutrophil": rho(meas, dens, neut),
