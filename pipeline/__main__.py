@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
 
@@ -14,6 +15,58 @@ from pipeline.config import register_configs
 
 register_configs()
 
+# settings that never name a sweep job's folder (where, how and on what it runs)
+_NOT_IN_VARIANT = (
+    "stage",
+    "experiment",
+    "overwrite",
+    "resume",
+    "log_level",
+    "variant",
+    "paths",
+    "hardware",
+)
+
+
+def _top_level_comma(value: str) -> bool:
+    depth = 0
+    for ch in value:
+        depth += int(ch in "[{(") - int(ch in "]})")
+        if ch == "," and depth == 0:
+            return True
+    return False
+
+
+def sweep_variant(task_overrides: list[str], argv: list[str]) -> str:
+    """Folder name of one ``-m`` sweep job: the swept settings with this job's values.
+
+    ``argv`` tells which keys were swept (``vae.beta=1,4,16``, ``range(...)``,
+    ``choice(...)``); ``task_overrides`` holds this job's value of each. Paths and
+    hardware never count; long names are shortened with a hash.
+
+    >>> sweep_variant(["stage=train", "vae.beta=4", "paths.root=/tmp/x"],
+    ...               ["stage=train", "vae.beta=1,4", "paths.root=/tmp/x"])
+    'vae.beta=4'
+    """
+    swept = set()
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, value = arg.split("=", 1)
+        if _top_level_comma(value) or re.match(r"(range|choice|glob|interval)\(", value):
+            swept.add(key.lstrip("+~"))
+    pairs = []
+    for o in task_overrides:
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        if key.split(".")[0] in _NOT_IN_VARIANT or (swept and key not in swept):
+            continue
+        pairs.append(f"{key}={value}")
+    name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", ",".join(sorted(pairs)))
+    if len(name) > 120:
+        name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def app(cfg: DictConfig) -> int:
@@ -22,7 +75,7 @@ def app(cfg: DictConfig) -> int:
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN and not cfg.variant:
         # each job of a sweep (-m vae.beta=1,4,16) gets its own sub-folder
-        cfg.variant = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", hc.job.override_dirname) or str(hc.job.num)
+        cfg.variant = sweep_variant(list(hc.overrides.task), sys.argv[1:]) or str(hc.job.num)
     code = stages.main(cfg)
     if code and hc.mode != RunMode.MULTIRUN:
         sys.exit(code)

@@ -302,3 +302,25 @@ def test_real_preset_composes():
     assert (cfg.data.name, cfg.pair.mode, cfg.experiment) == ("real_small", "by_label", "real")
     assert "simulate" not in stages.stages_for(cfg)
     OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_sweep_variant_names_only_the_swept_settings():
+    from pipeline.__main__ import sweep_variant
+
+    task = [
+        "stage=train",
+        "vae.beta=4",
+        "vae.n_latent=8",
+        "paths.root=/tmp/very/long",
+        "hardware.devices=[0]",
+    ]
+    argv = ["-m", "stage=train", "vae.beta=1,4,16", "vae.n_latent=8", "paths.root=/tmp/very/long"]
+    assert sweep_variant(task, argv) == "vae.beta=4"
+    # a list value is not a sweep; without any sweep every setting but paths/hardware names it
+    assert (
+        sweep_variant(["vae.channels=[8,16]", "seed=1"], ["vae.channels=[8,16]"])
+        == "seed=1,vae.channels=_8,16_"
+    )
+    long = [f"vae.k{i}=v{i}" for i in range(40)]
+    name = sweep_variant(long, [])
+    assert len(name) == 109 and name.startswith("vae.k0=v0")
