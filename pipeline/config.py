@@ -163,7 +163,7 @@ class SegmentationConfig:
     cell_px: float = 40.0  # WBC size at network input for sources with scale=null (auto)
     mask_mode: str = "pseudo"  # box-only WBCs: ignore (no mask loss) | pseudo | box
     pseudo_method: str = "ellipse"  # ellipse (inscribed in the box) | watershed (ellipse fallback)
-    copy_paste: float = 0.0  # probability per training image of pasting masked cells
+    copy_paste: float = 0.5  # P(paste donor cells into a training image); needs a donor source
     copy_paste_max: int = 3  # cells pasted per image at most
     max_train_images: int | None = None  # first N training images (smoke runs)
     max_val_images: int | None = None  # first N validation images

@@ -231,13 +231,11 @@ def segment_train(ctx: StageContext) -> None:
         )
     )
     post = None
-    if sc.copy_paste > 0:
+    if sc.copy_paste > 0 and not donors:
+        log.info("copy-paste off: no data.smear_sources[*] has copy_paste_donor=true")
+    if sc.copy_paste > 0 and donors:
         from segmentation.copy_paste import CopyPaste
 
-        if not donors:
-            raise StageError(
-                "segmentation.copy_paste > 0 but no data.smear_sources[*].copy_paste_donor=true"
-            )
         post = CopyPaste(
             [train.images[i] for i in donors], p=float(sc.copy_paste), max_cells=sc.copy_paste_max
         )
