@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pipeline stage=all experiment=$(EXP) overwrite=true
+	$(PY) -m pipeline stage=all +preset=demo experiment=$(EXP) overwrite=true
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -223,7 +223,6 @@ class SegmentationConfig:
     match_iou: float = 0.5  # detection <-> ground-truth mask IoU for truth labels
     n_overlays: int = 8  # overlay PNGs written (first N images)
     contact_sheet_max: int = 64  # crops on the contact sheet
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _default_programs() -> dict[str, list[str]]:
