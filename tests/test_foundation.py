@@ -324,3 +324,9 @@ def test_sweep_variant_names_only_the_swept_settings():
     long = [f"vae.k{i}=v{i}" for i in range(40)]
     name = sweep_variant(long, [])
     assert len(name) == 109 and name.startswith("vae.k0=v0")
+
+
+def test_demo_preset_composes():
+    cfg = _compose(["stage=all", "+preset=demo"])
+    assert cfg.data.name == "synthetic" and cfg.data.simulator.n_images == 120
+    assert stages.stages_for(cfg) == stages.ORDER
