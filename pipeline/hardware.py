@@ -196,6 +196,8 @@ def launch(fn: Callable[[Any], None], ctx: Any, hw: Any) -> None:
             hw,
             int(os.environ["LOCAL_RANK"]),
         )
+        # every rank starts a stage together (rank 0 may still be writing the last one)
+        ctx.dist.barrier()
         fn(ctx)
         return
     _, _, world = plan(hw)

@@ -318,17 +318,21 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
     # check settings and resolve inputs first: fail before touching any folder
     if spec.validate is not None:
         spec.validate(cfg)
+    if hardware.launched_by_torchrun() and int(os.environ["RANK"]) != 0:
+        # torchrun started this rank: rank 0 owns folders, manifests and the
+        # single-process stages; this rank joins the distributed ones only, and
+        # resolves inputs after the rendezvous, once rank 0 has written them
+        if not spec.distributed:
+            return stage_dir(cfg, name)
+        ctx = StageContext(cfg=cfg, name=name, dir=stage_dir(cfg, name), inputs={})
+        hardware.launch(spec.fn, ctx, cfg.hardware)
+        return ctx.dir
     inputs = {n: resolve_input(cfg, n) for n in spec.needs_for(cfg)}
     for n in spec.optional_for(cfg):
         try:
             inputs[n] = resolve_input(cfg, n)
         except StageInputError:
             pass
-    if hardware.launched_by_torchrun() and int(os.environ["RANK"]) != 0:
-        # torchrun started this rank: rank 0 owns the folder and the manifest
-        ctx = StageContext(cfg=cfg, name=name, dir=stage_dir(cfg, name), inputs=inputs)
-        hardware.launch(spec.fn, ctx, cfg.hardware)
-        return ctx.dir
     d, backup = _prepare_stage_dir(cfg, name)
     handler = _add_log_file(d / f"{name}.log", cfg.log_level)
     resolved = OmegaConf.to_container(cfg, resolve=True)
