@@ -302,6 +302,14 @@ def observed_program_scores(latent, data, genes, programs) -> dict[str, np.ndarr
     return out
 
 
+def _gene_row(what: str, n: int, gc, gidx: list[int]) -> dict:
+    """One reconstruction-table row from per-gene correlations (granule genes apart)."""
+    row = {"what": what, "n": n, "gene_pearson": gc.mean_pearson, "gene_spearman": gc.mean_spearman}
+    if gidx:
+        row["granule_gene_pearson"] = float(np.nanmean(gc.pearson[gidx]))
+    return row
+
+
 @stage("evaluate", needs=["latent", "model"], optional=["paired"], produces=["evaluation"])
 def run_evaluate(ctx: StageContext) -> None:
     from vae import figures as F
@@ -428,14 +436,7 @@ def run_evaluate(ctx: StageContext) -> None:
             )
         if he.sum() >= 3:
             gc = M.per_gene_correlation(P.rec_expression[he], P.x[he])
-            row = {
-                "what": "expression (joint)",
-                "n": int(he.sum()),
-                "gene_pearson": gc.mean_pearson,
-                "gene_spearman": gc.mean_spearman,
-            }
-            if gidx:
-                row["granule_gene_pearson"] = float(np.nanmean(gc.pearson[gidx]))
+            row = _gene_row("expression (joint)", int(he.sum()), gc, gidx)
             if P.nb_mu is not None and P.counts is not None:
                 ll = M.nb_log_likelihood(P.counts[he], np.maximum(P.nb_mu[he], 1e-8), P.nb_theta)
                 row["nb_loglik_per_cell"] = float(ll.mean())
@@ -445,14 +446,7 @@ def run_evaluate(ctx: StageContext) -> None:
         both = hi & he
         if both.sum() >= 3:
             gi = M.per_gene_correlation(P.expr_from_image[both], P.x[both])
-            row = {
-                "what": "image -> expression",
-                "n": int(both.sum()),
-                "gene_pearson": gi.mean_pearson,
-                "gene_spearman": gi.mean_spearman,
-            }
-            if gidx:
-                row["granule_gene_pearson"] = float(np.nanmean(gi.pearson[gidx]))
+            row = _gene_row("image -> expression", int(both.sum()), gi, gidx)
             rec.append(row)
             gene_rows.append(("image_to_expression", gi))
             mse = M.masked_mse(P.image_from_expr[both], P.image[both], P.mask[both])
