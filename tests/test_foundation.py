@@ -126,17 +126,23 @@ def test_explicit_input_must_exist(tmp_path):
         stages.resolve_input(cfg, "cells")
 
 
+def _writes(text: str):
+    """A toy stage body that writes ``text`` as its evaluation artifact."""
+
+    def body(ctx):
+        with ctx.atomic("evaluation") as tmp:
+            tmp.write_text(text)
+
+    return body
+
+
 def _register_toy(monkeypatch, body):
     spec = stages.StageSpec(name="evaluate", fn=body, produces=["evaluation"])
     monkeypatch.setitem(stages.REGISTRY, "evaluate", spec)
 
 
 def test_runner_writes_manifest_and_refuses_overwrite(tmp_path, monkeypatch):
-    def body(ctx):
-        with ctx.atomic("evaluation") as tmp:
-            tmp.write_text('{"ok": 1}')
-
-    _register_toy(monkeypatch, body)
+    _register_toy(monkeypatch, _writes('{"ok": 1}'))
     cfg = _cfg(tmp_path, "evaluate")
     d = stages.run_stage(cfg, "evaluate")
     man = json.loads((d / "manifest.json").read_text())
@@ -152,14 +158,10 @@ def test_runner_writes_manifest_and_refuses_overwrite(tmp_path, monkeypatch):
 
 
 def test_failed_overwrite_restores_previous_outputs(tmp_path, monkeypatch):
-    def good(ctx):
-        with ctx.atomic("evaluation") as tmp:
-            tmp.write_text("first")
-
     def bad(ctx):
         raise RuntimeError("boom")
 
-    _register_toy(monkeypatch, good)
+    _register_toy(monkeypatch, _writes("first"))
     cfg = _cfg(tmp_path, "evaluate")
     d = stages.run_stage(cfg, "evaluate")
     _register_toy(monkeypatch, bad)
@@ -183,11 +185,7 @@ def test_unfinished_producer_is_refused(tmp_path, monkeypatch):
 
 
 def test_stale_input_is_refused(tmp_path, monkeypatch):
-    def body(ctx):
-        with ctx.atomic("evaluation") as tmp:
-            tmp.write_text("12345")
-
-    _register_toy(monkeypatch, body)
+    _register_toy(monkeypatch, _writes("12345"))
     cfg = _cfg(tmp_path, "evaluate")
     d = stages.run_stage(cfg, "evaluate")
     (d / "metrics.json").write_text("123")
