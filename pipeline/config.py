@@ -316,9 +316,12 @@ class VAEConfig:
     # image branch; crops are resized to image_size when it differs (None: as stored)
     image_size: int | None = None
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])  # one conv per /2
+    image_arch: str = "plain"  # plain | residual (residual blocks, upsample+conv decoder)
     image_likelihood: str = "gaussian"  # mse | gaussian | laplace (learned scalar scale)
     predict_mask: bool = True  # decoder also predicts the cell mask (BCE)
     ssim_weight: float = 0.0  # optional (1 - SSIM) term inside the mask
+    spectral_weight: float = 0.0  # masked log-amplitude spectrum L1 (granule texture)
+    free_bits: float = 0.0  # nats per latent dim that cost no KL (keeps dims active)
     # expression branch
     hidden: list[int] = field(default_factory=lambda: [128, 64])  # MLP widths
     expression_likelihood: str = "auto"  # auto | nb | zinb | gaussian (auto: nb if counts)
@@ -360,6 +363,7 @@ class TrainerConfig:
     val_fraction: float = 0.15  # split stratified by obs["label"], seeded by `seed`
     test_fraction: float = 0.15  # never used for early stopping or tuning
     augment: bool = True  # random flips / rot90 of crops and masks, per batch
+    stain_jitter: float = 0.0  # HED stain + colour jitter strength when augment (0: off)
     log_every_steps: int = 10  # TensorBoard scalars
     image_every_epochs: int = 1  # reconstruction grid + expression figure
     n_images: int = 8  # rows of the reconstruction grid

@@ -56,6 +56,7 @@ def build_model_args(cfg: DictConfig, data, source: str):
             fusion=v.fusion,
             norm_total=float(data.norm_total),
             dropout=float(v.dropout),
+            image_arch=v.image_arch,
         )
     except ValueError as e:
         raise StageError(f"vae config: {e}") from e
@@ -82,6 +83,8 @@ def build_train_args(cfg: DictConfig, align: str | None = None):
             image=v.image_weight,
             mask=v.mask_weight if v.predict_mask else 0.0,
             ssim=v.ssim_weight,
+            spectral=v.spectral_weight,
+            free_bits=float(v.free_bits),
             expression=v.expression_weight,
             cross=v.cross_weight,
             align=v.align_weight,
@@ -102,6 +105,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None):
         early_stopping_patience=int(t.early_stopping_patience),
         max_minutes=t.max_minutes,
         augment=bool(t.augment),
+        stain_jitter=float(t.stain_jitter),
         seed=int(cfg.seed),
         beta=float(v.beta),
         kl_warmup_epochs=float(v.kl_warmup_epochs),

@@ -34,6 +34,12 @@ class LossWeights:
     align_mode: str = "none"  # none | clip | class
     temperature: float = 0.1
     late_mask: bool = False  # expression: score observed non-zero entries only
+    # masked log-amplitude spectrum L1 (phase-free: rewards granule texture of the
+    # right density and size wherever the granules sit; a pixel likelihood blurs it)
+    spectral: float = 0.0
+    # free bits: nats per latent dim below which the KL costs nothing (batch mean);
+    # keeps dims active so the latent is not spent on one modality only
+    free_bits: float = 0.0
 
     def __post_init__(self) -> None:
         if self.align_mode not in ALIGNS:
@@ -50,6 +56,7 @@ class LossTerms:
     image : masked image NLL from the fused posterior
     mask : mask BCE (0 when the decoder predicts no mask)
     ssim : 1 - SSIM inside the mask (0 when its weight is 0)
+    spectral : L1 between masked log-amplitude spectra (0 when its weight is 0)
     expression : expression NLL from the fused posterior
     kl : KL(q(z|x) || N(0, I)) of the fused posterior, nats per cell
     kl_objective : β · |KL - C| (capacity) or β · KL, as added to ``total``
@@ -67,6 +74,7 @@ class LossTerms:
     image: torch.Tensor
     mask: torch.Tensor
     ssim: torch.Tensor
+    spectral: torch.Tensor
     expression: torch.Tensor
     kl: torch.Tensor
     kl_objective: torch.Tensor
@@ -183,6 +191,24 @@ def masked_ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, win: int =
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
     s = s.mean(dim=1, keepdim=True) * mask
     return s.sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1.0)
+
+
+def spectral_l1(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L1 distance of masked log-amplitude spectra per row (B,).
+
+    ``log1p(|FFT2(x * mask)|)`` per channel: the amplitude spectrum says how much
+    structure there is at each scale and orientation, not where, so decoded
+    granules of the right size and density score well even though their exact
+    positions (unpredictable from a low-dimensional latent) differ.
+
+    Parameters
+    ----------
+    a, b : (B, 3, S, S) in [0, 1]
+    mask : (B, 1, S, S) in {0, 1}
+    """
+    fa = torch.fft.rfft2((a * mask).float(), norm="ortho").abs()
+    fb = torch.fft.rfft2((b * mask).float(), norm="ortho").abs()
+    return (torch.log1p(fa) - torch.log1p(fb)).abs().mean(dim=(1, 2, 3))
 
 
 def expression_nll(
@@ -330,20 +356,24 @@ def vae_loss(
             s = ((1.0 - masked_ssim(image, dec.image, mask)) * rows).sum()
         else:
             s = zero
-        return nll / b, m / b, s / b
+        if w.spectral > 0:
+            f = (spectral_l1(image, dec.image, mask) * rows).sum()
+        else:
+            f = zero
+        return nll / b, m / b, s / b, f / b
 
     def expr_term(dec: Decoded, rows: torch.Tensor) -> torch.Tensor:
         nll = expression_nll(dec, x_log, counts, library, w.late_mask)
         return (nll * rows).sum() / b
 
     def weighted_img(t: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return w.image * t[0] + w.mask * t[1] + w.ssim * t[2]
+        return w.image * t[0] + w.mask * t[1] + w.ssim * t[2] + w.spectral * t[3]
 
     def kl_of(g: Gaussian, rows: torch.Tensor) -> torch.Tensor:
         return (kl_normal(g).sum(dim=1) * rows).sum() / b
 
     if out.joint is not None:  # PoE: ELBO of the fused posterior on every row
-        i_nll, i_mask, i_ssim = img_terms(out.joint, hi)
+        i_nll, i_mask, i_ssim, i_spec = img_terms(out.joint, hi)
         e_nll = expr_term(out.joint, he)
         kl_dims = kl_normal(post.joint)
         kl = kl_dims.sum(dim=1).mean()
@@ -365,12 +395,13 @@ def vae_loss(
         i_nll = ii[0] + ie[0]
         i_mask = ii[1] + ie[1]
         i_ssim = ii[2] + ie[2]
+        i_spec = ii[3] + ie[3]
         e_nll = expr_term(out.from_expression, we) + expr_term(out.from_image, he * wi)
         kl_dims = kl_normal(post.image) * wi.view(-1, 1) + kl_normal(post.expression) * we.view(
             -1, 1
         )
         kl = kl_dims.sum(dim=1).mean()
-        ui = ci = (zero, zero, zero)
+        ui = ci = (zero, zero, zero, zero)
         ue = ce = zero
         # cross-modal terms are part of the MoE ELBO above; report them alone too
         with torch.no_grad():
@@ -379,7 +410,13 @@ def vae_loss(
         kl_uni = zero
         extra = zero
 
-    kl_obj = beta * (kl - capacity).abs() if capacity > 0 else beta * kl
+    if w.free_bits > 0:
+        # Kingma et al. 2016: a dim whose batch-mean KL is under the floor costs
+        # the floor, so the optimiser gains nothing by closing it down
+        kl_fb = kl_dims.mean(dim=0).clamp_min(w.free_bits).sum()
+    else:
+        kl_fb = kl
+    kl_obj = beta * (kl_fb - capacity).abs() if capacity > 0 else beta * kl_fb
     if beta == 0:
         kl_obj = zero
 
@@ -398,6 +435,7 @@ def vae_loss(
         w.image * i_nll
         + w.mask * i_mask
         + w.ssim * i_ssim
+        + w.spectral * i_spec
         + w.expression * e_nll
         + kl_obj
         + extra
@@ -409,6 +447,7 @@ def vae_loss(
         image=i_nll,
         mask=i_mask,
         ssim=i_ssim,
+        spectral=i_spec,
         expression=e_nll,
         kl=kl,
         kl_objective=kl_obj,

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 IMAGE_LIKELIHOODS = ("mse", "gaussian", "laplace")
 EXPRESSION_LIKELIHOODS = ("nb", "zinb", "gaussian")
 FUSIONS = ("poe", "moe")
+IMAGE_ARCHS = ("plain", "residual")
 
 Gaussian = tuple[torch.Tensor, torch.Tensor]  # (mu, logvar), each (B, d)
 
@@ -64,6 +65,13 @@ class VAEArgs:
         log-normalised predictions.
     dropout : float
         Dropout in the expression MLPs.
+    image_arch : str
+        ``plain``: one stride-2 conv per scale and transposed convs back (the
+        first design; decodes blurred discs). ``residual``: a residual 3x3
+        block after every scale in both directions, nearest upsampling + 3x3
+        conv instead of transposed convs (no checkerboard), and a full-resolution
+        3x3 head, so the decoder has capacity at the scales where nucleus
+        outline and granules live (docs/vae.md, "Image branch").
     """
 
     n_genes: int
@@ -79,6 +87,8 @@ class VAEArgs:
     fusion: str = "poe"
     norm_total: float = 1e4
     dropout: float = 0.1
+    # default "plain" so checkpoints saved before this field load unchanged
+    image_arch: str = "plain"
 
     def __post_init__(self) -> None:
         if self.expression_likelihood not in EXPRESSION_LIKELIHOODS:
@@ -90,6 +100,8 @@ class VAEArgs:
             raise ValueError(
                 f"image_likelihood={self.image_likelihood!r}; valid: {', '.join(IMAGE_LIKELIHOODS)}"
             )
+        if self.image_arch not in IMAGE_ARCHS:
+            raise ValueError(f"image_arch={self.image_arch!r}; valid: {', '.join(IMAGE_ARCHS)}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion={self.fusion!r}; valid: {', '.join(FUSIONS)}")
         down = 2 ** len(self.channels)
@@ -201,20 +213,46 @@ def _groups(c: int) -> int:
     return 1
 
 
+# residual blocks only up to this side (px): above it a 3x3 conv per scale, which on
+# a CPU costs a fraction of a residual block at 32 or 64 px
+RES_MAX_SIDE = 16
+
+
+class ResBlock(nn.Module):
+    """x + conv3x3(SiLU(GN(conv3x3(SiLU(GN(x)))))): keeps resolution and width."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.GroupNorm(_groups(c), c),
+            nn.SiLU(),
+            nn.Conv2d(c, c, 3, padding=1),
+            nn.GroupNorm(_groups(c), c),
+            nn.SiLU(),
+            nn.Conv2d(c, c, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
 class ImageEncoder(nn.Module):
     """Masked crop -> Gaussian over ``n_out`` dims.
 
     Input is ``cat(image * mask, mask)``: (B, 4, S, S), so pixels outside the
     cell never reach the encoder and the cell outline is given explicitly.
+    ``arch="residual"`` adds a residual block after each stride-2 conv.
     """
 
-    def __init__(self, crop_size: int, channels: list[int], n_out: int):
+    def __init__(self, crop_size: int, channels: list[int], n_out: int, arch: str = "plain"):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 4
-        for c in channels:
+        for k, c in enumerate(channels):
             layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.GroupNorm(_groups(c), c)]
             layers.append(nn.SiLU())
+            if arch == "residual" and crop_size // 2 ** (k + 1) <= RES_MAX_SIDE:
+                layers.append(ResBlock(c))
             c_in = c
         self.conv = nn.Sequential(*layers)
         side = crop_size // 2 ** len(channels)
@@ -231,19 +269,37 @@ class ImageEncoder(nn.Module):
 class ImageDecoder(nn.Module):
     """z -> mean image (B, 3, S, S) in [0, 1] and mask logits (B, 1, S, S)."""
 
-    def __init__(self, crop_size: int, channels: list[int], n_in: int, predict_mask: bool):
+    def __init__(
+        self, crop_size: int, channels: list[int], n_in: int, predict_mask: bool, arch: str = "plain"
+    ):
         super().__init__()
         self.side = crop_size // 2 ** len(channels)
         self.c0 = channels[-1]
         self.fc = nn.Linear(n_in, self.c0 * self.side * self.side)
         rev = list(reversed(channels))
-        layers: list[nn.Module] = []
-        for a, b in zip(rev[:-1], rev[1:]):
-            layers += [nn.ConvTranspose2d(a, b, 4, stride=2, padding=1)]
-            layers += [nn.GroupNorm(_groups(b), b), nn.SiLU()]
-        # last upsampling straight to the output channels
         self.predict_mask = predict_mask
-        layers.append(nn.ConvTranspose2d(rev[-1], 4 if predict_mask else 3, 4, 2, 1))
+        n_out = 4 if predict_mask else 3
+        layers: list[nn.Module] = []
+        if arch == "plain":
+            for a, b in zip(rev[:-1], rev[1:]):
+                layers += [nn.ConvTranspose2d(a, b, 4, stride=2, padding=1)]
+                layers += [nn.GroupNorm(_groups(b), b), nn.SiLU()]
+            # last upsampling straight to the output channels
+            layers.append(nn.ConvTranspose2d(rev[-1], n_out, 4, 2, 1))
+        else:
+            # upsample x2 + 3x3 conv per scale, a residual block at the coarse scales;
+            # the last step is a learned (transposed-conv) upsampling straight to the
+            # output: a 3x3 conv at full resolution costs more than the rest together
+            side = self.side
+            for a, b in zip(rev[:-1], rev[1:]):
+                side *= 2
+                layers += [nn.Upsample(scale_factor=2, mode="nearest")]
+                layers += [nn.Conv2d(a, b, 3, padding=1)]
+                if side <= RES_MAX_SIDE:
+                    layers.append(ResBlock(b))
+                else:
+                    layers += [nn.GroupNorm(_groups(b), b), nn.SiLU()]
+            layers.append(nn.ConvTranspose2d(rev[-1], n_out, 4, 2, 1))
         self.deconv = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -380,8 +436,10 @@ class TwoBranchVAE(nn.Module):
         self.args = args
         a = args
         ns, npv = a.n_shared, a.n_private
-        self.image_encoder = ImageEncoder(a.crop_size, a.channels, ns + npv)
-        self.image_decoder = ImageDecoder(a.crop_size, a.channels, ns + npv, a.predict_mask)
+        self.image_encoder = ImageEncoder(a.crop_size, a.channels, ns + npv, a.image_arch)
+        self.image_decoder = ImageDecoder(
+            a.crop_size, a.channels, ns + npv, a.predict_mask, a.image_arch
+        )
         self.expression_encoder = ExpressionEncoder(
             a.n_genes, a.hidden, ns + npv, a.library_covariate, a.dropout
         )

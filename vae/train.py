@@ -54,6 +54,7 @@ class TrainArgs:
     early_stopping_patience: int = 10
     max_minutes: float | None = None
     augment: bool = True
+    stain_jitter: float = 0.0  # strength of the stain/colour jitter (vae.data.augment_stain)
     seed: int = 0
     # KL schedule
     beta: float = 4.0
@@ -93,6 +94,19 @@ class TrainResult:
     history: list[dict[str, Any]]
     kl_per_dim: list[float]
     seconds: float
+
+
+ACTIVE_UNIT_NATS = 0.01  # a latent dim is "active" when its mean KL exceeds this
+
+
+def active_units(kl_per_dim, threshold: float = ACTIVE_UNIT_NATS) -> int:
+    """Number of latent dims whose mean KL to the prior exceeds ``threshold`` nats.
+
+    Parameters
+    ----------
+    kl_per_dim : (d,) array-like, nats per dim averaged over cells
+    """
+    return int((np.asarray(kl_per_dim, dtype=float) > threshold).sum())
 
 
 def _unwrap(m: torch.nn.Module) -> TwoBranchVAE:
@@ -303,7 +317,14 @@ def train(
         data_s = 0.0
         t_data = time.time()
         for raw in iterate(data, batches, args.num_workers, args.pin_memory):
-            batch = to_batch(raw, device, args.augment, gen, non_blocking=args.pin_memory)
+            batch = to_batch(
+                raw,
+                device,
+                args.augment,
+                gen,
+                non_blocking=args.pin_memory,
+                stain_jitter=args.stain_jitter,
+            )
             data_s += time.time() - t_data
             beta = kl_sched.beta_at(step)
             cap = kl_sched.capacity_at(step)
@@ -372,12 +393,13 @@ def train(
             "data_seconds": round(data_s, 3),
             "train": train_means,
             "val": val_means,
+            "active_units": active_units(last_kl),
         }
         history.append(rec)
         if is_main:
             log.info(
                 "epoch %d/%d step %d: train %.4g val %.4g (img %.4g expr %.4g kl %.3g "
-                "x-expr %.4g) beta %.3g %.1fs%s",
+                "x-expr %.4g) active %d/%d beta %.3g %.1fs%s",
                 epoch,
                 args.max_epochs,
                 step,
@@ -387,6 +409,8 @@ def train(
                 val_means["expression"],
                 val_means["kl"],
                 val_means["expression_from_image"],
+                rec["active_units"],
+                len(last_kl),
                 rec["beta"],
                 rec["seconds"],
                 " *" if improved else "",
@@ -395,6 +419,7 @@ def train(
                 tb.scalars("epoch_train", train_means, epoch)
                 tb.scalars("val", val_means, epoch)
                 tb.kl_per_dim(last_kl, epoch)
+                tb.scalars("val", {"active_units": rec["active_units"]}, epoch)
                 if args.image_every_epochs > 0 and (
                     epoch % args.image_every_epochs == 0 or epoch == args.max_epochs
                 ):
