@@ -31,19 +31,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _knn(z: np.ndarray, y: np.ndarray, k: int = 15, seed: int = 0) -> float:
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+def _knn(z_fit: np.ndarray, y_fit: np.ndarray, z: np.ndarray, y: np.ndarray, k: int = 15) -> float:
+    """kNN(k) fitted on the train+val rows, accuracy on the test rows (NaN rows dropped)."""
     from sklearn.neighbors import KNeighborsClassifier
 
-    ok = np.isfinite(z).all(1)
-    z, y = z[ok], y[ok]
-    counts = np.unique(y, return_counts=True)[1]
-    folds = int(min(5, counts.min())) if counts.size > 1 else 0
-    if folds < 2:
+    a, b = np.isfinite(z_fit).all(1), np.isfinite(z).all(1)
+    if a.sum() < 2 or b.sum() < 1:
         return float("nan")
-    clf = KNeighborsClassifier(n_neighbors=min(k, len(y) - len(y) // folds - 1))
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    return float(cross_val_score(clf, z, y, cv=cv).mean())
+    clf = KNeighborsClassifier(n_neighbors=int(min(k, a.sum())))
+    clf.fit(z_fit[a], y_fit[a])
+    return float((clf.predict(z[b]) == y[b]).mean())
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -53,6 +50,36 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     if ok.sum() < 3 or np.std(a[ok]) == 0 or np.std(b[ok]) == 0:
         return float("nan")
     return float(stats.spearmanr(a[ok], b[ok])[0])
+
+
+def _figure(path: Path, data, rows: np.ndarray, dec: np.ndarray, obs, n: int = 12) -> None:
+    """Masked input (top) and fused reconstruction (bottom) of ``n`` test cells, by class/t."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.arange(rows.size)
+    if "t" in obs and np.isfinite(obs["t"].to_numpy(float)).any():
+        order = np.argsort(obs["t"].to_numpy(float))
+    elif "label" in obs:
+        order = np.argsort(obs["label"].astype(str).to_numpy(), kind="stable")
+    pick = order[np.linspace(0, order.size - 1, min(n, order.size)).astype(int)]
+    fig, ax = plt.subplots(2, pick.size, figsize=(1.3 * pick.size, 3.0), squeeze=False)
+    for k, i in enumerate(pick):
+        r = rows[i]
+        img = (data.crops[r].float() / 255 * data.masks[r].float()).permute(1, 2, 0).numpy()
+        ax[0, k].imshow(img)
+        ax[1, k].imshow(np.clip(dec[i], 0, 1))
+        lab = str(obs["label"].iloc[i]) if "label" in obs else ""
+        ax[0, k].set_title(lab[:10], fontsize=6)
+        for a in ax[:, k]:
+            a.axis("off")
+    ax[0, 0].text(-0.1, 0.5, "input", transform=ax[0, 0].transAxes, rotation=90, ha="right")
+    ax[1, 0].text(-0.1, 0.5, "decoded", transform=ax[1, 0].transAxes, rotation=90, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def check(run: Path, paired: Path | None, traverse: Path | None) -> dict:
@@ -78,28 +105,45 @@ def check(run: Path, paired: Path | None, traverse: Path | None) -> dict:
     adata = ad.read_h5ad(paired)
     split = pd.read_csv(run / "split.csv", index_col=0)["split"].reindex(adata.obs_names)
     data = from_anndata(adata, image_size=model.args.crop_size)
-    test = np.flatnonzero(split.to_numpy() == "test")
+    sp = split.to_numpy().astype(str)
+    test = np.flatnonzero(sp == "test")
+    fit = np.flatnonzero(sp != "test")
+    lat_all = encode_dataset(model, data)
     lat = encode_dataset(model, data, rows=test)
     obs = adata.obs.iloc[test]
-    y = obs["label"].astype(str).to_numpy() if "label" in obs else None
-    has_i = data.has_image.numpy()[test].astype(bool)
-    has_e = data.has_expression.numpy()[test].astype(bool)
+    has_i_all = data.has_image.numpy().astype(bool)
+    has_e_all = data.has_expression.numpy().astype(bool)
+    has_i, has_e = has_i_all[test], has_e_all[test]
 
     res: dict = {"run": str(run), "paired": str(paired), "n_test": int(test.size)}
-    if y is not None:
-        lab = y != "nan"
+    if "label" in adata.obs:
+        y_all = adata.obs["label"].astype(str).to_numpy()
+        lab_all = ~np.isin(y_all, ["nan", "", "None"])
+        y, lab = y_all[test], lab_all[test]
+        yf, labf = y_all[fit], lab_all[fit]
         vals, cnt = np.unique(y[lab & has_i], return_counts=True)
+        res["n_test_image_labelled"] = int(cnt.sum())
         res["majority_image_rows"] = float(cnt.max() / cnt.sum()) if cnt.size else float("nan")
-        res["knn_image"] = _knn(lat.image[lab & has_i], y[lab & has_i])
-        res["knn_expression"] = _knn(lat.expression[lab & has_e], y[lab & has_e])
-        res["knn_joint"] = _knn(lat.joint[lab], y[lab])
-        crops = data.crops[test].float().div(255) * data.masks[test].float()
-        flat = crops[lab & has_i].flatten(1).numpy()
+        for name, zz, hf, ht in (
+            ("image", lat_all.image, has_i_all[fit], has_i),
+            ("expression", lat_all.expression, has_e_all[fit], has_e),
+            ("joint", lat_all.joint, np.ones(fit.size, bool), np.ones(test.size, bool)),
+        ):
+            res[f"knn_{name}"] = _knn(
+                zz[fit][labf & hf], yf[labf & hf], zz[test][lab & ht], y[lab & ht]
+            )
         from sklearn.decomposition import PCA
 
-        n = min(model.n_latent, flat.shape[0] - 1, flat.shape[1])
-        pcs = PCA(n, random_state=0).fit_transform(flat) if n >= 1 else flat
-        res["knn_pixel_pca"] = _knn(pcs, y[lab & has_i])
+        def pix(rows: np.ndarray) -> np.ndarray:
+            c = data.crops[rows].float().div(255) * data.masks[rows].float()
+            return c.flatten(1).numpy()
+
+        rf, rt = fit[labf & has_i_all[fit]], test[lab & has_i]
+        if rf.size > model.n_latent and rt.size:
+            pca = PCA(model.n_latent, random_state=0).fit(pix(rf))
+            res["knn_pixel_pca"] = _knn(
+                pca.transform(pix(rf)), y_all[rf], pca.transform(pix(rt)), y_all[rt]
+            )
 
     kl = kl_normal((torch.from_numpy(lat.joint), torch.from_numpy(lat.joint_logvar)))
     kl_dim = kl.mean(0).numpy()
@@ -118,6 +162,8 @@ def check(run: Path, paired: Path | None, traverse: Path | None) -> dict:
             ssim.append(masked_ssim(b.image, dec.image, b.mask).numpy())
             dec_imgs.append((dec.image * b.mask).permute(0, 2, 3, 1).numpy())
     res["ssim_joint"] = float(np.concatenate(ssim).mean()) if ssim else float("nan")
+    if rows.size:
+        _figure(run / "image_branch_recon.png", data, rows, np.concatenate(dec_imgs), obs[has_i])
 
     o = obs[has_i]
     if "t" in o and rows.size:
