@@ -25,12 +25,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segmentation.datasets import DetectionDataset, encode_mask, to_coco
+from segmentation.runtime import NonFiniteLossError
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN/inf; the message names epoch, iteration and terms."""
 
 
 @dataclass

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pycocotools import mask as mask_utils
 
 from pipeline.simulator.expression import (
     GenePanel,
@@ -27,6 +26,7 @@ from pipeline.simulator.expression import (
 )
 from pipeline.simulator.morphology import KIND_GROUPS, MAX_DIAMETER_FACTOR
 from pipeline.simulator.render import SmearParams, render_smear
+from segmentation.io import encode_mask
 
 
 class SimulatorSettingError(ValueError):
@@ -180,12 +180,6 @@ class SimulatedImage:
     n_unplaced: int = 0  # requested white cells that found no free spot
 
 
-def encode_rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO RLE of a (H, W) bool mask with ``counts`` as str (JSON-ready)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
 def mask_bbox(mask: np.ndarray) -> list[float]:
     """COCO ``[x, y, w, h]`` of a non-empty (H, W) bool mask (w = x_max - x_min + 1)."""
     rows = np.flatnonzero(mask.any(axis=1))
@@ -213,7 +207,7 @@ def simulate_image(
     file_name = f"sim_{index:04d}.png"
     anns = []
     for j, c in enumerate(smear.cells):
-        rle = encode_rle(c.mask)
+        rle = encode_mask(c.mask)
         x, y, w, h = mask_bbox(c.mask)
         m = c.morph
         anns.append(
@@ -237,7 +231,7 @@ def simulate_image(
                 "diameter": round(c.diameter, 3),
                 "truncated": bool(c.truncated),
                 "nucleus_area": int(c.nucleus_mask.sum()),
-                "nucleus_segmentation": encode_rle(c.nucleus_mask),
+                "nucleus_segmentation": encode_mask(c.nucleus_mask),
             }
         )
     counts = simulate_counts(

@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from segmentation.io import decode_coco_mask
+
 log = logging.getLogger(__name__)
 
 PAIR_MODES = ("same_cell", "by_label", "by_maturation", "unpaired")
@@ -174,12 +176,11 @@ def resize_crop(
 
 
 def _load_rgb(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from segmentation.io import ImageReadError, load_rgb
 
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
+        return load_rgb(path)
+    except ImageReadError as e:
         raise PairingError(f"unreadable image: {e}", field="image", source=str(path)) from e
 
 
@@ -331,18 +332,6 @@ def read_segmentation_wbc(
     return CropSet(crops=np.stack(crops), masks=np.stack(masks), obs=obs)
 
 
-def _decode_segmentation(seg, h: int, w: int) -> np.ndarray:
-    from pycocotools import mask as mask_utils
-
-    if isinstance(seg, list):  # polygons
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    elif isinstance(seg.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(seg, h, w)
-    else:
-        rle = {"size": seg["size"], "counts": seg["counts"].encode()}
-    return mask_utils.decode(rle).astype(bool)
-
-
 def read_coco_crops(
     images_dir: str | Path,
     annotations: str | Path,
@@ -388,7 +377,7 @@ def read_coco_crops(
             label = str(a.get("kind", a.get("category_id", "")))
             if max_per_class is not None and per_class.get(label, 0) >= max_per_class:
                 continue
-            m = _decode_segmentation(a["segmentation"], h, w)
+            m = decode_coco_mask(a["segmentation"], h, w)
             if not m.any():
                 continue
             c, mm = square_crop(img, m, size, background)

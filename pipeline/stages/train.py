@@ -17,7 +17,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import write_json
-from pipeline.stages import StageContext, StageError, stage
+from pipeline.runner import StageContext, StageError, stage
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from pipeline.artifacts import write_json
-from pipeline.stages import StageContext, StageError, stage
+from pipeline.runner import StageContext, StageError, stage
 from segmentation.cells import (
     CocoTruth,
     ImageCells,
