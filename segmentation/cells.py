@@ -31,9 +31,7 @@ from segmentation.crops import (
 )
 from segmentation.inference import Detections, Detector, detect_images, resize_image
 from segmentation.io import decode_coco_mask
-
-# ground-truth fields copied from a matched COCO annotation into the cell table
-TRUTH_FIELDS = ("kind", "lineage", "t", "granule_density", "lobes", "diameter")
+from segmentation.schema import TRUTH_FIELDS  # copied from a matched COCO annotation
 
 
 @dataclass

@@ -32,7 +32,7 @@ from vae.checkpoint import load_checkpoint, save_checkpoint
 from vae.data import Batch, PairedTensors, epoch_batches, iterate, raw_batch, to_batch
 from vae.losses import LossTerms, LossWeights, vae_loss
 from vae.model import TwoBranchVAE
-from vae.schedules import KLSchedule, lr_lambda
+from vae.schedules import DEFAULT_BETA, KLSchedule, lr_lambda
 from vae.tb import TBLogger
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class TrainArgs:
     augment: bool = True
     seed: int = 0
     # KL schedule
-    beta: float = 4.0
+    beta: float = DEFAULT_BETA
     kl_warmup_epochs: float = 5.0
     capacity_max: float = 0.0
     capacity_epochs: float = 20.0

@@ -39,6 +39,9 @@ class SimulatorSettingError(ValueError):
         super().__init__(f"{setting}={value} {requirement}")
 
 
+_SMEAR = SmearParams()  # the image defaults
+
+
 @dataclass(frozen=True)
 class SimulatorParams:
     """All simulator settings; field names match ``data.simulator`` in the config.
@@ -47,24 +50,18 @@ class SimulatorParams:
     """
 
     n_images: int = 24
-    image_size: tuple[int, int] = (512, 512)  # (H, W) px
-    wbc_per_image: tuple[int, int] = (3, 6)
-    rbc_density: float = 0.65
-    platelets_per_image: tuple[int, int] = (2, 8)
-    wbc_diameter_px: float = 60.0
-    kind_weights: dict[str, float] = field(
-        default_factory=lambda: {
-            "neutrophil_lineage": 0.7,
-            "lymphocyte": 0.1,
-            "monocyte": 0.1,
-            "eosinophil": 0.1,
-        }
-    )
-    touching_fraction: float = 0.15
-    stain_jitter: float = 0.08
-    illumination_jitter: float = 0.03
-    noise_std: float = 2.0
-    blur_sigma: float = 0.7
+    # image settings: defaults owned by SmearParams
+    image_size: tuple[int, int] = (_SMEAR.height, _SMEAR.width)  # (H, W) px
+    wbc_per_image: tuple[int, int] = _SMEAR.wbc_per_image
+    rbc_density: float = _SMEAR.rbc_density
+    platelets_per_image: tuple[int, int] = _SMEAR.platelets_per_image
+    wbc_diameter_px: float = _SMEAR.mature_diameter
+    kind_weights: dict[str, float] = field(default_factory=lambda: dict(_SMEAR.kind_weights))
+    touching_fraction: float = _SMEAR.touching_fraction
+    stain_jitter: float = _SMEAR.stain_jitter
+    illumination_jitter: float = _SMEAR.illumination_jitter
+    noise_std: float = _SMEAR.noise_std
+    blur_sigma: float = _SMEAR.blur_sigma
     n_genes: int = 240
     mean_library_size: float = 2000.0
     library_size_sd: float = 0.35

@@ -13,6 +13,7 @@ import logging
 from omegaconf import DictConfig
 
 from pipeline.runner import StageContext, StageError, resolve_data_path, stage
+from vae.inputs.schema import HAS_COUNTS
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def run_expression(ctx: StageContext) -> None:
         out.n_vars,
         int(out.var["highly_variable"].sum()),
         int(out.var["gene_of_interest"].sum()),
-        out.uns["has_counts"],
+        out.uns[HAS_COUNTS],
         out.uns["label_key"],
         out.uns["maturation_source"],
     )
@@ -115,7 +116,7 @@ def run_expression(ctx: StageContext) -> None:
                 json.dumps(
                     {
                         "qc": out.uns["qc"],
-                        "has_counts": bool(out.uns["has_counts"]),
+                        HAS_COUNTS: bool(out.uns[HAS_COUNTS]),
                         "programs": res.programs,
                         "missing_genes": res.missing,
                         "label_key": out.uns["label_key"],

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import write_json
 from pipeline.runner import StageContext, StageError, resolve_data_path, stage
+from vae.inputs.schema import HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def run_pair(ctx: StageContext) -> None:
     for k in ("programs", "label_key", "maturation_source"):
         if k in expr.uns:
             out.uns[f"expression_{k}"] = expr.uns[k]
-    hi, he = out.obs["has_image"].to_numpy(), out.obs["has_expression"].to_numpy()
+    hi, he = out.obs[HAS_IMAGE].to_numpy(), out.obs[HAS_EXPRESSION].to_numpy()
     counts = {
         "rows": int(out.n_obs),
         "image+expression": int((hi & he).sum()),
@@ -121,7 +122,7 @@ def run_pair(ctx: StageContext) -> None:
         "expression_only": int((~hi & he).sum()),
         "genes": int(out.n_vars),
         "crop_size": int(out.uns["crop_size"]),
-        "has_counts": bool(out.uns["has_counts"]),
+        HAS_COUNTS: bool(out.uns[HAS_COUNTS]),
     }
     log.info("pair (%s): %s", p.mode, counts)
     if (hi & he).sum() == 0 and p.mode != "unpaired":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vae.inputs.schema import MATURATION_ORDER, granule_programs
+
 
 @dataclass
 class AnalysisSettings:
@@ -29,14 +31,7 @@ class AnalysisSettings:
     mig_bins: int = 20
     dci_trees: int = 50  # random-forest size of DCI
     # gene programs (matched case-insensitively to the model's genes)
-    programs: dict[str, list[str]] = field(
-        default_factory=lambda: {
-            "primary_granules": ["MPO", "ELANE", "AZU1", "PRTN3", "CTSG"],
-            "specific_granules": ["LTF", "CAMP", "LCN2", "CEACAM8"],
-            "tertiary_granules": ["MMP9"],
-            "mature_neutrophil": ["CXCR2", "FCGR3B"],
-        }
-    )
+    programs: dict[str, list[str]] = field(default_factory=granule_programs)
     # per-dimension traversals
     top_k_dims: int = 6  # dims with the largest KL that are swept
     span_sd: float = 3.0  # sweep anchor +- span_sd x sd of the latent means
@@ -45,14 +40,7 @@ class AnalysisSettings:
     anchor_cell: str | None = None  # anchor = this cell id (overrides anchor_class)
     # path from the earliest to the latest class
     path_classes: list[str] = field(
-        default_factory=lambda: [
-            "myeloblast",
-            "promyelocyte",
-            "myelocyte",
-            "metamyelocyte",
-            "band",
-            "segmented_neutrophil",
-        ]
+        default_factory=lambda: list(MATURATION_ORDER)
     )  # maturation order; classes missing from the data are skipped; [] -> sort by maturation
     path_steps: int = 12  # decoded points along each path
     gp_length_scale: float = 0.3  # initial RBF length scale (path position units)
