@@ -70,13 +70,13 @@ def sweep_variant(task_overrides: list[str], argv: list[str]) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def app(cfg: DictConfig) -> int:
-    from pipeline import stages
+    from pipeline import runner
 
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN and not cfg.variant:
         # each job of a sweep (-m vae.beta=1,4,16) gets its own sub-folder
         cfg.variant = sweep_variant(list(hc.overrides.task), sys.argv[1:]) or str(hc.job.num)
-    code = stages.main(cfg)
+    code = runner.main(cfg)
     if code and hc.mode != RunMode.MULTIRUN:
         sys.exit(code)
     if code:

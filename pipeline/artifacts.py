@@ -10,60 +10,24 @@ a message that says which stage to run.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
 
 
+# one atomic writer for every package (libraries cannot import pipeline)
+from segmentation.io import atomic_path  # noqa: E402
+
+__all__ = ["atomic_path"]
+
+
 class StageInputError(RuntimeError):
     """An input artifact is missing, unfinished or stale."""
-
-
-def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-
-@contextlib.contextmanager
-def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``final``; rename it into place on success.
-
-    Works for files and folders. If the body raises, the temporary is removed
-    and ``final`` (if it existed) is left untouched.
-
-    Examples
-    --------
-    >>> with atomic_path("out/cells.h5ad") as tmp:  # doctest: +SKIP
-    ...     adata.write_h5ad(tmp)
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(final)
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise RuntimeError(f"atomic write of {final}: nothing was written to {tmp}")
-        if final.is_dir() and not final.is_symlink():
-            old = _tmp_name(final)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -16,6 +16,12 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from pipeline.simulator.dataset import SimulatorParams
+from segmentation.schema import MASK_THRESHOLD, SCORE_THRESHOLD
+from vae.analysis.settings import AnalysisSettings
+from vae.inputs.schema import granule_programs
+from vae.schedules import DEFAULT_BETA
+
 
 @dataclass
 class StageConfig:
@@ -73,36 +79,33 @@ class HardwareConfig:
     torch_threads: int | None = None  # None -> torch default
 
 
+_SIM = SimulatorParams()  # the simulator's defaults
+
+
 @dataclass
 class SimulatorConfig:
     """Synthetic smears and paired expression with known ground truth."""
 
-    n_images: int = 24
-    image_size: list[int] = field(default_factory=lambda: [512, 512])  # (H, W) px
-    wbc_per_image: list[int] = field(default_factory=lambda: [3, 6])  # inclusive range
-    rbc_density: float = 0.65  # red-cell area / field area (overlaps counted twice)
-    platelets_per_image: list[int] = field(default_factory=lambda: [2, 8])
-    wbc_diameter_px: float = 60.0  # diameter of a mature neutrophil, px
-    kind_weights: dict[str, float] = field(
-        default_factory=lambda: {
-            "neutrophil_lineage": 0.7,
-            "lymphocyte": 0.1,
-            "monocyte": 0.1,
-            "eosinophil": 0.1,
-        }
-    )
-    touching_fraction: float = 0.15  # probability a WBC is placed touching another
-    stain_jitter: float = 0.08  # log-normal sd of per-image stain strength per channel
-    illumination_jitter: float = 0.03  # relative sd of the per-image white balance
-    noise_std: float = 2.0  # Gaussian pixel noise, 0-255 units
-    blur_sigma: float = 0.7  # optical blur, px
-    n_genes: int = 240  # >= 111 (the program genes); the rest are noise genes
-    mean_library_size: float = 2000.0  # median total counts per cell
-    library_size_sd: float = 0.35  # log-normal sd of the library size
-    nb_dispersion: float = 5.0  # NB inverse dispersion (larger = less noise)
-    dropout: float = 0.1  # extra zero-inflation probability
-    val_fraction: float = 0.2  # share of images in split "val"
-    seed: int = 0  # image k uses default_rng([seed, k]): independent of n_images
+    # defaults owned by pipeline.simulator.dataset.SimulatorParams (and its SmearParams)
+    n_images: int = _SIM.n_images
+    image_size: list[int] = field(default_factory=lambda: list(_SIM.image_size))  # (H, W) px
+    wbc_per_image: list[int] = field(default_factory=lambda: list(_SIM.wbc_per_image))  # range
+    rbc_density: float = _SIM.rbc_density  # red-cell area / field area (overlaps counted twice)
+    platelets_per_image: list[int] = field(default_factory=lambda: list(_SIM.platelets_per_image))
+    wbc_diameter_px: float = _SIM.wbc_diameter_px  # diameter of a mature neutrophil, px
+    kind_weights: dict[str, float] = field(default_factory=lambda: dict(_SIM.kind_weights))
+    touching_fraction: float = _SIM.touching_fraction  # P(a WBC is placed touching another)
+    stain_jitter: float = _SIM.stain_jitter  # log-normal sd of per-image stain per channel
+    illumination_jitter: float = _SIM.illumination_jitter  # relative sd of the white balance
+    noise_std: float = _SIM.noise_std  # Gaussian pixel noise, 0-255 units
+    blur_sigma: float = _SIM.blur_sigma  # optical blur, px
+    n_genes: int = _SIM.n_genes  # >= 111 (the program genes); the rest are noise genes
+    mean_library_size: float = _SIM.mean_library_size  # median total counts per cell
+    library_size_sd: float = _SIM.library_size_sd  # log-normal sd of the library size
+    nb_dispersion: float = _SIM.nb_dispersion  # NB inverse dispersion (larger = less noise)
+    dropout: float = _SIM.dropout  # extra zero-inflation probability
+    val_fraction: float = _SIM.val_fraction  # share of images in split "val"
+    seed: int = _SIM.seed  # image k uses default_rng([seed, k]): independent of n_images
 
 
 @dataclass
@@ -197,7 +200,7 @@ class SegmentationConfig:
     tile_overlap: int = 256  # px; keep above the largest cell diameter
     batch_size: int = 4  # tiles per forward pass
     detect_score_floor: float = 0.05  # detections below are not even listed
-    mask_threshold: float = 0.5  # mask probability -> binary mask
+    mask_threshold: float = MASK_THRESHOLD  # mask probability -> binary mask
     max_detections_per_tile: int = 100
     rpn_post_nms_top_n: int = 300  # proposals per tile kept for the box head
     merge_iou: float = 0.5  # global NMS (box IoU) over detections of all tiles
@@ -209,7 +212,7 @@ class SegmentationConfig:
     crop_size: int = 128  # output crop side S, px
     crop_margin: float = 0.1  # context around a large cell, fraction of its size, per side
     background_value: int = 0  # 0..255, every channel outside the cell mask
-    score_threshold: float = 0.5  # keep score >= this
+    score_threshold: float = SCORE_THRESHOLD  # keep score >= this
     min_area: int = 200  # mask px (source frame); smaller are dropped
     max_area: int | None = None  # mask px; None = no upper limit
     drop_border: bool = True  # drop cells whose mask touches the image border
@@ -223,16 +226,6 @@ class SegmentationConfig:
     match_iou: float = 0.5  # detection <-> ground-truth mask IoU for truth labels
     n_overlays: int = 8  # overlay PNGs written (first N images)
     contact_sheet_max: int = 64  # crops on the contact sheet
-
-
-def _default_programs() -> dict[str, list[str]]:
-    # human symbols; matched case-insensitively, so mouse Mpo/Elane map too
-    return {
-        "primary": ["MPO", "ELANE", "AZU1", "PRTN3", "CTSG"],  # azurophilic granules
-        "specific": ["LTF", "CAMP", "LCN2", "CEACAM8"],
-        "tertiary": ["MMP9"],
-        "maturation": ["CXCR2", "FCGR3B", "CSF3R", "ITGAM", "MME"],
-    }
 
 
 @dataclass
@@ -260,7 +253,7 @@ class ExpressionConfig:
     hvg_flavor: str = "seurat"  # seurat | cell_ranger (log data) | seurat_v3 (counts)
     subset_hvg: bool = False  # keep only HVGs + genes of interest in the output
     genes_of_interest: list[str] = field(default_factory=list)  # kept even if not HVG
-    programs: dict[str, list[str]] = field(default_factory=_default_programs)
+    programs: dict[str, list[str]] = field(default_factory=granule_programs)
     require_program_match: bool = True  # error if no program gene matches at all
     score_ctrl_size: int = 50  # sc.tl.score_genes control genes per program
     score_n_bins: int = 25
@@ -312,7 +305,7 @@ class VAEConfig:
 
     n_latent: int = 16  # shared latent dimensions (fused over modalities)
     n_private: int = 0  # extra private dims per modality (0: no split latent)
-    beta: float = 8.0  # weight of KL to the prior (final value after warm-up)
+    beta: float = DEFAULT_BETA  # weight of KL to the prior (final value after warm-up)
     # image branch; crops are resized to image_size when it differs (None: as stored)
     image_size: int | None = None
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])  # one conv per /2
@@ -370,63 +363,7 @@ class TrainerConfig:
     projector_max_cells: int = 1000  # embedding projector at the end (0: off)
 
 
-@dataclass
-class AnalysisConfig:
-    """stage=evaluate and stage=traverse (see docs/analysis.md)."""
-
-    split: str = "test"  # rows of latent.h5ad evaluated (obs["split"]); "all" for every row
-    label_key: str = "label"  # obs column with the cell class
-    maturation_key: str = "maturation"  # obs column with maturation (simulator t / pseudotime)
-    batch_size: int = 128  # encode/decode batch
-    # latent structure
-    knn_k: int = 15  # kNN vote (reference: the train split)
-    n_neighbors: int = 15  # kNN graph for Leiden and UMAP
-    leiden_resolution: float = 1.0
-    umap: bool = True  # UMAP figures (off: PCA, faster)
-    # disentanglement against simulator truth (obs columns; absent ones are skipped)
-    factors: list[str] = field(
-        default_factory=lambda: ["t", "granule_density", "lobes", "diameter", "kind"]
-    )
-    mig_bins: int = 20
-    dci_trees: int = 50  # random-forest size of DCI
-    # gene programs (matched case-insensitively to the model's genes)
-    programs: dict[str, list[str]] = field(
-        default_factory=lambda: {
-            "primary_granules": ["MPO", "ELANE", "AZU1", "PRTN3", "CTSG"],
-            "specific_granules": ["LTF", "CAMP", "LCN2", "CEACAM8"],
-            "tertiary_granules": ["MMP9"],
-            "mature_neutrophil": ["CXCR2", "FCGR3B"],
-        }
-    )
-    # per-dimension traversals
-    top_k_dims: int = 6  # dims with the largest KL that are swept
-    span_sd: float = 3.0  # sweep anchor +- span_sd x sd of the latent means
-    n_steps: int = 9  # images per sweep
-    anchor_class: str | None = None  # anchor = mean of this class (None: mean of all rows)
-    anchor_cell: str | None = None  # anchor = this cell id (overrides anchor_class)
-    # path from the earliest to the latest class
-    path_classes: list[str] = field(
-        default_factory=lambda: [
-            "myeloblast",
-            "promyelocyte",
-            "myelocyte",
-            "metamyelocyte",
-            "band",
-            "segmented_neutrophil",
-        ]
-    )  # maturation order; classes missing from the data are skipped; [] -> sort by maturation
-    path_steps: int = 12  # decoded points along each path
-    gp_length_scale: float = 0.3  # initial RBF length scale (path position units)
-    gp_noise: float = 1e-3
-    top_genes: int = 20  # genes listed in the report
-    # granule quantification, vae/granules.py (pixels of the crop: tuned on 64 px crops)
-    granule_min_sigma: float = 1.0  # LoG scales of a granule
-    granule_max_sigma: float = 2.0
-    granule_threshold: float = 0.10  # LoG threshold on the stain score (1 - luminance)
-    granule_border_px: int = 2  # rim of the cell outline left out of the cytoplasm
-    granule_nucleus_margin_px: int = 3  # margin around the nucleus left out
-    lobe_core_fraction: float = 0.35  # lobe = core deeper than this x max nucleus half-width
-    max_cells_measured: int = 400  # real crops quantified (random subset of the split)
+AnalysisConfig = AnalysisSettings  # owned by the library: vae/analysis/settings.py
 
 
 @dataclass

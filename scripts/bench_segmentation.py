@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.stage_segment import resolve_input_scale, settings_from_config  # noqa: E402
+from pipeline.stages.segment import resolve_input_scale, settings_from_config  # noqa: E402
 from segmentation.cells import segment_image  # noqa: E402
 from segmentation.inference import MaskRCNNDetector  # noqa: E402
 from segmentation.io import read_rgb  # noqa: E402
@@ -177,7 +177,7 @@ def main() -> int:
         model, ckpt = load_checkpoint(args.checkpoint)
         ours_name = f"ours (trained {sc.arch}, epoch {ckpt.get('epoch', '?')})"
     else:
-        from pipeline.stage_segmentation import model_args_from
+        from pipeline.stages.segment_train import model_args_from
 
         margs = model_args_from(cfg)  # exactly what stage=segment_train would build
         model, ckpt = build_maskrcnn(**margs), {"model_args": margs}

@@ -1,4 +1,4 @@
-"""How well vae/granules.py reads simulator truth off real (not decoded) crops.
+"""How well vae/analysis/granules.py reads simulator truth off real (not decoded) crops.
 
 Reads a paired.h5ad with simulator truth in ``obs`` (``lobes``, ``t``,
 ``granule_density``), measures every crop (or a random subset) and prints a
@@ -36,7 +36,7 @@ def main() -> None:
     from scipy import stats
 
     from pipeline.simulator.morphology import azurophilic_density
-    from vae import granules as G
+    from vae.analysis import granules as G
 
     a = ad.read_h5ad(args.paired)
     for col in ("lobes", "t", "granule_density", "kind"):

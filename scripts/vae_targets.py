@@ -32,7 +32,7 @@ def build(n_images: int, crop_size: int, seed: int, out: Path, target_sum: float
     from pycocotools import mask as mask_utils
 
     from pipeline.simulator import SimulatorParams, make_gene_panel, simulate_image
-    from vae.pairing import square_crop
+    from vae.inputs.pairing import square_crop
 
     params = SimulatorParams(n_images=n_images, seed=seed)
     panel = make_gene_panel(params.n_genes, seed)
@@ -133,7 +133,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from vae.targets import targets_for_run
+    from vae.analysis.targets import targets_for_run
 
     expected = None
     if a.simulator_seed is not None:

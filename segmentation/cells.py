@@ -30,9 +30,8 @@ from segmentation.crops import (
     match_truth,
 )
 from segmentation.inference import Detections, Detector, detect_images, resize_image
-
-# ground-truth fields copied from a matched COCO annotation into the cell table
-TRUTH_FIELDS = ("kind", "lineage", "t", "granule_density", "lobes", "diameter")
+from segmentation.io import decode_coco_mask
+from segmentation.schema import TRUTH_FIELDS  # copied from a matched COCO annotation
 
 
 @dataclass
@@ -53,8 +52,6 @@ class CocoTruth:
 
     def for_image(self, file_name: str) -> ImageTruth | None:
         """Decode the instance masks of ``file_name`` (None if the image is not listed)."""
-        from pycocotools import mask as mask_utils
-
         rec = self.images.get(file_name)
         if rec is None:
             return None
@@ -64,15 +61,7 @@ class CocoTruth:
             seg = ann.get("segmentation")
             if not seg:
                 continue
-            if isinstance(seg, list):  # polygons
-                rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-            elif isinstance(seg.get("counts"), list):  # uncompressed RLE
-                rle = mask_utils.frPyObjects(seg, h, w)
-            else:
-                rle = dict(seg)
-                if isinstance(rle["counts"], str):
-                    rle["counts"] = rle["counts"].encode()
-            full = mask_utils.decode(rle).astype(bool)
+            full = decode_coco_mask(seg, h, w)
             ys, xs = np.nonzero(full)
             if not len(ys):
                 continue

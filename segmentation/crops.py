@@ -21,6 +21,7 @@ from scipy.optimize import linear_sum_assignment
 from skimage.measure import label
 
 from segmentation.inference import Detections, local_overlap, mask_iou_matrix
+from segmentation.schema import SCORE_THRESHOLD
 
 FLAGS = (
     "low_score",
@@ -37,7 +38,7 @@ FLAGS = (
 class FilterSettings:
     """Which detections become cells. Every threshold is in the frame the masks are in."""
 
-    score_threshold: float = 0.5
+    score_threshold: float = SCORE_THRESHOLD
     min_area: int = 0  # px
     max_area: int | None = None  # px
     drop_border: bool = True

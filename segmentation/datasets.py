@@ -36,6 +36,13 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from segmentation.io import (  # noqa: F401 - encode_mask, load_rgb: used by callers
+    ImageReadError,
+    coco_rle,
+    encode_mask,
+    load_rgb,
+)
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -176,13 +183,6 @@ class SmearDataset:
 # ----------------------------------------------------------------------------
 
 
-def encode_mask(mask: np.ndarray) -> dict[str, Any]:
-    """COCO RLE of a (H, W) bool mask, with ``counts`` as ``str`` (JSON-safe)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
 def mask_bbox(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     """``(x0, y0, x1, y1)`` (x1/y1 exclusive) of the True pixels, or None if empty."""
     ys = np.flatnonzero(mask.any(axis=1))
@@ -218,20 +218,7 @@ def _coco_segmentation(seg: Any, h: int, w: int, where: str) -> dict[str, Any] |
     if seg is None or (isinstance(seg, list) and len(seg) == 0):
         return None
     try:
-        if isinstance(seg, list):  # polygons
-            rles = mask_utils.frPyObjects(seg, h, w)
-            rle = mask_utils.merge(rles)
-        elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):  # uncompressed
-            rle = mask_utils.frPyObjects(seg, h, w)
-        elif isinstance(seg, dict) and "counts" in seg:
-            rle = {"size": list(seg["size"]), "counts": seg["counts"]}
-            if isinstance(rle["counts"], str):
-                rle["counts"] = rle["counts"].encode("ascii")
-        else:
-            raise TypeError(f"unsupported type {type(seg).__name__}")
-        if isinstance(rle["counts"], bytes):
-            rle["counts"] = rle["counts"].decode("ascii")
-        return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]}
+        return coco_rle(seg, h, w)
     except Exception as e:  # noqa: BLE001
         raise AnnotationError(f"{where}: field 'segmentation' cannot be read ({e})") from e
 
@@ -569,19 +556,6 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(im.resize((size[1], size[0]), Image.NEAREST)).astype(mask.dtype)
 
 
-def load_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of any PIL-readable image (grey/RGBA/16-bit converted)."""
-    try:
-        with Image.open(path) as im:
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im, dtype=np.float32)
-                a = (255 * a / max(1.0, float(a.max()))).astype(np.uint8)
-                return np.stack([a] * 3, -1)
-            return np.asarray(im.convert("RGB"))
-    except Exception as e:  # noqa: BLE001
-        raise AnnotationError(f"{path}: not a readable image ({e})") from e
-
-
 @dataclass
 class Sample:
     """One loaded record in the loaded (scaled) frame, before augmentation.
@@ -614,7 +588,10 @@ def load_sample(
     """
     if mask_mode not in ("ignore", "pseudo", "box"):
         raise ValueError(f"mask_mode={mask_mode!r}; valid: ignore, pseudo, box")
-    img = load_rgb(rec.path)
+    try:
+        img = load_rgb(rec.path)
+    except ImageReadError as e:
+        raise AnnotationError(str(e)) from e
     if img.shape[:2] != (rec.height, rec.width):
         raise AnnotationError(
             f"{rec.path}: image is {img.shape[1]}x{img.shape[0]} but its annotation says "

@@ -25,12 +25,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segmentation.datasets import DetectionDataset, encode_mask, to_coco
+from segmentation.runtime import NonFiniteLossError
+from segmentation.schema import SCORE_THRESHOLD
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN/inf; the message names epoch, iteration and terms."""
 
 
 @dataclass
@@ -273,7 +271,7 @@ def evaluate(
     model: torch.nn.Module,
     dataset: DetectionDataset,
     device: torch.device,
-    score_threshold: float = 0.5,
+    score_threshold: float = SCORE_THRESHOLD,
     batch_size: int = 2,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     predictions: list[dict[str, np.ndarray]] | None = None,
@@ -375,7 +373,7 @@ def evaluate(
 
 
 def draw_predictions(
-    image: torch.Tensor, pred: dict[str, np.ndarray], score_threshold: float = 0.5
+    image: torch.Tensor, pred: dict[str, np.ndarray], score_threshold: float = SCORE_THRESHOLD
 ) -> torch.Tensor:
     """(3, H, W) uint8 image with predicted masks (filled) and boxes (with scores) drawn."""
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks

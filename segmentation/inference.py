@@ -25,6 +25,8 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
+from segmentation.schema import MASK_THRESHOLD
+
 # ----------------------------------------------------------------------------
 # containers
 # ----------------------------------------------------------------------------
@@ -456,7 +458,7 @@ class MaskRCNNDetector:
         model: torch.nn.Module,
         device: torch.device | str = "cpu",
         score_floor: float = 0.05,
-        mask_threshold: float = 0.5,
+        mask_threshold: float = MASK_THRESHOLD,
         max_detections: int = 100,
         rpn_post_nms_top_n: int | None = None,
         autocast: Callable[[], object] | None = None,

@@ -1,4 +1,12 @@
-"""Robust image reading for inference: any file in, RGB uint8 out, or a reason why not.
+"""All file I/O of the libraries: the one image reader, the one COCO mask codec, atomic writes.
+
+Every package reads images through :func:`read_rgb` (never raises, for
+inference over folders in the wild) or :func:`load_rgb` (raises
+:class:`ImageReadError`, for training data), and COCO ``segmentation`` fields
+through :func:`coco_rle` / :func:`decode_coco_mask` (polygons, compressed and
+uncompressed RLE); masks are written with :func:`encode_mask`.
+
+Robust image reading for inference: any file in, RGB uint8 out, or a reason why not.
 
 A smear folder in the wild holds surprises: truncated JPEGs, grayscale scans,
 RGBA screenshots, 16-bit microscope PNG/TIFF. :func:`read_rgb` never raises on
@@ -9,8 +17,14 @@ conversion made), so the caller can list it in a rejects table and go on.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -145,3 +159,108 @@ def read_rgb(
     if min(a.shape[:2]) < min_side:
         return ImageRead(path, None, converted, f"too small: {a.shape[1]}x{a.shape[0]} px")
     return ImageRead(path, np.ascontiguousarray(a), converted, "")
+
+
+def _tmp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it into place on success.
+
+    Works for files and folders. If the body raises, the temporary is removed
+    and ``final`` (if it existed) is left untouched.
+
+    Examples
+    --------
+    >>> with atomic_path("out/cells.h5ad") as tmp:  # doctest: +SKIP
+    ...     adata.write_h5ad(tmp)
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(final)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise RuntimeError(f"atomic write of {final}: nothing was written to {tmp}")
+        if final.is_dir() and not final.is_symlink():
+            old = _tmp_name(final)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+class ImageReadError(ValueError):
+    """An image file cannot be read; the message names the file and the reason."""
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of any image (grey/RGBA/16-bit converted as :func:`read_rgb` does).
+
+    Raises
+    ------
+    ImageReadError
+        When :func:`read_rgb` rejects the file.
+    """
+    r = read_rgb(path, convert=True, min_side=1)
+    if r.image is None:
+        raise ImageReadError(f"{path}: not a readable image ({r.reason})")
+    return r.image
+
+
+# ----------------------------------------------------------------------------
+# COCO masks
+# ----------------------------------------------------------------------------
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """COCO RLE of a (H, W) bool mask, with ``counts`` as ``str`` (JSON-safe)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def coco_rle(seg: Any, h: int, w: int) -> dict[str, Any] | None:
+    """A COCO ``segmentation`` field (polygons, uncompressed or compressed RLE) as compressed
+    RLE with ``str`` counts; None when empty.
+
+    Raises ``TypeError``/``ValueError`` on anything else.
+    """
+    from pycocotools import mask as mask_utils
+
+    if seg is None or (isinstance(seg, list) and len(seg) == 0):
+        return None
+    if isinstance(seg, list):  # polygons
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):  # uncompressed
+        rle = mask_utils.frPyObjects(seg, h, w)
+    elif isinstance(seg, dict) and "counts" in seg:
+        rle = {"size": list(seg["size"]), "counts": seg["counts"]}
+    else:
+        raise TypeError(f"unsupported type {type(seg).__name__}")
+    counts = rle["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    return {"size": [int(v) for v in rle["size"]], "counts": counts}
+
+
+def decode_coco_mask(seg: Any, h: int, w: int) -> np.ndarray:
+    """(h, w) bool mask of a COCO ``segmentation`` field (all False when empty)."""
+    from pycocotools import mask as mask_utils
+
+    rle = coco_rle(seg, h, w)
+    if rle is None:
+        return np.zeros((h, w), bool)
+    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(
+        bool
+    )

@@ -42,7 +42,7 @@ def _paired(path: Path) -> Path:
 
 
 def _run_in_process(root: Path, paired: Path, stage: str, extra: list[str]) -> int:
-    from pipeline import stages
+    from pipeline import runner
 
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -56,7 +56,7 @@ def _run_in_process(root: Path, paired: Path, stage: str, extra: list[str]) -> i
                 *extra,
             ],
         )
-    return stages.main(cfg)
+    return runner.main(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_evaluate_and_traverse_in_process(tiny_run):
 def test_traverse_without_paired_data_still_reports(tiny_run, tmp_path):
     root, _ = tiny_run
     # no paired input: latent + model only -> traversals and paths, no real-crop table
-    from pipeline import stages
+    from pipeline import runner
 
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -128,7 +128,7 @@ def test_traverse_without_paired_data_still_reports(tiny_run, tmp_path):
                 *FAST_ANALYSIS,
             ],
         )
-    assert stages.main(cfg) == 0
+    assert runner.main(cfg) == 0
     out = tmp_path / "x" / "traverse"
     assert (out / "report.html").exists() and (out / "gene_ranking_gp.csv").exists()
     assert not (out / "real_crop_features.csv").exists()

@@ -20,7 +20,7 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from vae.expression import (
+from vae.inputs.expression import (
     ExpressionInputError,
     PreprocessParams,
     match_genes,
@@ -317,10 +317,10 @@ def _compose(overrides: list[str]):
 
 
 def _run_in_process(overrides: list[str], name: str) -> None:
-    from pipeline import stages
+    from pipeline import runner
 
-    stages.load_stages()
-    stages.run_stage(_compose([f"stage={name}", *overrides]), name)
+    runner.load_stages()
+    runner.run_stage(_compose([f"stage={name}", *overrides]), name)
 
 
 def test_stage_on_simulator_output(tmp_path):
@@ -354,7 +354,7 @@ def test_stage_bad_input_writes_nothing(tmp_path):
     a.X[3, 1] = np.nan
     bad = tmp_path / "bad.h5ad"
     a.write_h5ad(bad)
-    from pipeline.stages import StageError
+    from pipeline.runner import StageError
 
     with pytest.raises(StageError) as e:
         _run_in_process(

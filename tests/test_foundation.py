@@ -14,13 +14,13 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from pipeline import hardware, stages
+from pipeline import hardware, runner
 from pipeline.artifacts import StageInputError, atomic_path, write_json
 from pipeline.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
-ALL_STAGES = [*stages.ORDER, "all"]
+ALL_STAGES = [*runner.ORDER, "all"]
 
 
 def _compose(overrides: list[str]):
@@ -95,7 +95,7 @@ def test_cli_missing_stage_and_unknown_stage(tmp_path):
     assert "stage" in r.stderr
     r = _run(["stage=bogus", f"paths.root={tmp_path}"])
     assert r.returncode != 0
-    for name in stages.ORDER:  # Hydra lists the valid options
+    for name in runner.ORDER:  # Hydra lists the valid options
         assert name in r.stderr
 
 
@@ -115,7 +115,7 @@ def _cfg(tmp_path: Path, stage: str = "simulate", *extra: str):
 def test_missing_input_names_the_producing_stage(tmp_path):
     cfg = _cfg(tmp_path, "pair")
     with pytest.raises(StageInputError) as e:
-        stages.resolve_input(cfg, "cells")
+        runner.resolve_input(cfg, "cells")
     msg = str(e.value)
     assert "stage=segment" in msg and "paths.inputs.cells" in msg
 
@@ -123,7 +123,7 @@ def test_missing_input_names_the_producing_stage(tmp_path):
 def test_explicit_input_must_exist(tmp_path):
     cfg = _cfg(tmp_path, "pair", f"paths.inputs.cells={tmp_path}/nope.h5ad")
     with pytest.raises(StageInputError, match="paths.inputs.cells"):
-        stages.resolve_input(cfg, "cells")
+        runner.resolve_input(cfg, "cells")
 
 
 def _writes(text: str):
@@ -137,24 +137,24 @@ def _writes(text: str):
 
 
 def _register_toy(monkeypatch, body):
-    spec = stages.StageSpec(name="evaluate", fn=body, produces=["evaluation"])
-    monkeypatch.setitem(stages.REGISTRY, "evaluate", spec)
+    spec = runner.StageSpec(name="evaluate", fn=body, produces=["evaluation"])
+    monkeypatch.setitem(runner.REGISTRY, "evaluate", spec)
 
 
 def test_runner_writes_manifest_and_refuses_overwrite(tmp_path, monkeypatch):
     _register_toy(monkeypatch, _writes('{"ok": 1}'))
     cfg = _cfg(tmp_path, "evaluate")
-    d = stages.run_stage(cfg, "evaluate")
+    d = runner.run_stage(cfg, "evaluate")
     man = json.loads((d / "manifest.json").read_text())
     assert man["status"] == "complete"
     assert man["outputs"]["evaluation"]["bytes"] == len('{"ok": 1}')
     assert man["config"]["experiment"] == "t"
     assert (d / "evaluate.log").exists()
     # a second run refuses to replace the finished one
-    with pytest.raises(stages.StageError, match="overwrite=true"):
-        stages.run_stage(cfg, "evaluate")
+    with pytest.raises(runner.StageError, match="overwrite=true"):
+        runner.run_stage(cfg, "evaluate")
     # the artifact resolves for a later stage
-    assert stages.resolve_input(cfg, "evaluation") == d / "metrics.json"
+    assert runner.resolve_input(cfg, "evaluation") == d / "metrics.json"
 
 
 def test_failed_overwrite_restores_previous_outputs(tmp_path, monkeypatch):
@@ -163,10 +163,10 @@ def test_failed_overwrite_restores_previous_outputs(tmp_path, monkeypatch):
 
     _register_toy(monkeypatch, _writes("first"))
     cfg = _cfg(tmp_path, "evaluate")
-    d = stages.run_stage(cfg, "evaluate")
+    d = runner.run_stage(cfg, "evaluate")
     _register_toy(monkeypatch, bad)
     with pytest.raises(RuntimeError, match="boom"):
-        stages.run_stage(_cfg(tmp_path, "evaluate", "overwrite=true"), "evaluate")
+        runner.run_stage(_cfg(tmp_path, "evaluate", "overwrite=true"), "evaluate")
     assert (d / "metrics.json").read_text() == "first"
     assert json.loads((d / "manifest.json").read_text())["status"] == "complete"
 
@@ -179,18 +179,18 @@ def test_unfinished_producer_is_refused(tmp_path, monkeypatch):
     _register_toy(monkeypatch, bad)
     cfg = _cfg(tmp_path, "evaluate")
     with pytest.raises(RuntimeError):
-        stages.run_stage(cfg, "evaluate")
+        runner.run_stage(cfg, "evaluate")
     with pytest.raises(StageInputError, match="unfinished"):
-        stages.resolve_input(cfg, "evaluation")
+        runner.resolve_input(cfg, "evaluation")
 
 
 def test_stale_input_is_refused(tmp_path, monkeypatch):
     _register_toy(monkeypatch, _writes("12345"))
     cfg = _cfg(tmp_path, "evaluate")
-    d = stages.run_stage(cfg, "evaluate")
+    d = runner.run_stage(cfg, "evaluate")
     (d / "metrics.json").write_text("123")
     with pytest.raises(StageInputError, match="stale"):
-        stages.resolve_input(cfg, "evaluation")
+        runner.resolve_input(cfg, "evaluation")
 
 
 def test_unwritable_root_is_a_clear_error(tmp_path, monkeypatch):
@@ -198,23 +198,23 @@ def test_unwritable_root_is_a_clear_error(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     cfg = _cfg(blocker / "sub", "evaluate")
-    with pytest.raises(stages.StageError, match="paths.root"):
-        stages.run_stage(cfg, "evaluate")
+    with pytest.raises(runner.StageError, match="paths.root"):
+        runner.run_stage(cfg, "evaluate")
 
 
 def test_unknown_stage_name_lists_valid_ones(tmp_path):
     cfg = _cfg(tmp_path)
     cfg.stage.name = "nope"
-    with pytest.raises(stages.StageError) as e:
-        stages.stages_for(cfg)
-    assert all(n in str(e.value) for n in stages.ORDER)
+    with pytest.raises(runner.StageError) as e:
+        runner.stages_for(cfg)
+    assert all(n in str(e.value) for n in runner.ORDER)
 
 
 def test_all_runs_every_stage_in_order(tmp_path):
     cfg = _cfg(tmp_path, "all")
-    assert stages.stages_for(cfg) == stages.ORDER
+    assert runner.stages_for(cfg) == runner.ORDER
     cfg.data.name = "bccd"
-    assert stages.stages_for(cfg) == stages.ORDER[1:]
+    assert runner.stages_for(cfg) == runner.ORDER[1:]
 
 
 # --- atomic writes -------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
 def test_real_preset_composes():
     cfg = _compose(["stage=all", "+preset=real"])
     assert (cfg.data.name, cfg.pair.mode, cfg.experiment) == ("real_small", "by_label", "real")
-    assert "simulate" not in stages.stages_for(cfg)
+    assert "simulate" not in runner.stages_for(cfg)
     OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -327,4 +327,4 @@ def test_sweep_variant_names_only_the_swept_settings():
 def test_demo_preset_composes():
     cfg = _compose(["stage=all", "+preset=demo"])
     assert cfg.data.name == "synthetic" and cfg.data.simulator.n_images == 120
-    assert stages.stages_for(cfg) == stages.ORDER
+    assert runner.stages_for(cfg) == runner.ORDER

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from skimage.draw import disk, ellipse, line
 
-from vae import granules as G
+from vae.analysis import granules as G
 
 PINK = (0.93, 0.78, 0.82)
 PURPLE = (0.35, 0.2, 0.5)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vae import metrics as M
+from vae.analysis import metrics as M
 
 
 def _separated(n_per=20, d=4, seed=0):

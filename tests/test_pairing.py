@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from vae.pairing import (
+from vae.inputs.pairing import (
     CropSet,
     PairingError,
     make_pairs,
@@ -370,14 +370,14 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 def _run_in_process(overrides: list[str], name: str = "pair") -> None:
     from hydra import compose, initialize_config_dir
 
-    from pipeline import stages
+    from pipeline import runner
     from pipeline.config import register_configs
 
     register_configs()
-    stages.load_stages()
+    runner.load_stages()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"stage={name}", *overrides])
-    stages.run_stage(cfg, name)
+    runner.run_stage(cfg, name)
 
 
 def test_pair_stage_same_cell_on_cells_h5ad(tmp_path):
@@ -419,7 +419,7 @@ def test_pair_stage_bad_label_map_writes_nothing(tmp_path):
     (root / "Neutrophil").mkdir(parents=True)
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(root / "Neutrophil" / "a.png")
     _expr().write_h5ad(tmp_path / "expression.h5ad")
-    from pipeline.stages import StageError
+    from pipeline.runner import StageError
 
     with pytest.raises(StageError) as e:
         _run_in_process(

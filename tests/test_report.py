@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vae import figures as F
-from vae.report import FigureItem, Section, TableItem, write_report
+from vae.analysis import figures as F
+from vae.analysis.report import FigureItem, Section, TableItem, write_report
 
 
 def test_report_embeds_every_figure_and_table(tmp_path):

@@ -608,8 +608,8 @@ def test_image_list_split_and_max_images(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from pipeline.stage_segment import _image_list
-    from pipeline.stages import StageError
+    from pipeline.runner import StageError
+    from pipeline.stages.segment import _image_list
     from segmentation.cells import load_coco_truth
 
     smears = _smear_folder(tmp_path / "smears")

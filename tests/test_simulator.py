@@ -332,8 +332,8 @@ def test_gene_panel_names_and_programs():
     ],
 )
 def test_bad_settings_name_the_setting(override, message):
-    from pipeline.stage_simulate import simulator_params
-    from pipeline.stages import StageError
+    from pipeline.runner import StageError
+    from pipeline.stages.simulate import simulator_params
 
     cfg = OmegaConf.create({"data": {"simulator": {**SMALL, **override}}})
     with pytest.raises(StageError) as e:
@@ -419,7 +419,7 @@ def test_stage_simulate_bad_setting_writes_nothing(tmp_path):
 def test_runner_rejects_too_small_images_before_creating_folders(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from pipeline import stages
+    from pipeline import runner
     from pipeline.config import register_configs
 
     register_configs()
@@ -429,11 +429,11 @@ def test_runner_rejects_too_small_images_before_creating_folders(tmp_path):
             config_name="config",
             overrides=["stage=simulate", f"paths.root={root}", "data.simulator.image_size=[64,64]"],
         )
-    importlib.import_module("pipeline.stage_simulate")  # registers stage=simulate
+    importlib.import_module("pipeline.stages.simulate")  # registers stage=simulate
     with pytest.raises(
-        stages.StageError, match=r"data\.simulator\.image_size=\[64, 64\] is too small"
+        runner.StageError, match=r"data\.simulator\.image_size=\[64, 64\] is too small"
     ):
-        stages.run_stage(cfg, "simulate")
+        runner.run_stage(cfg, "simulate")
     assert not root.exists()
 
 

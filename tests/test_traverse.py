@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from vae import traverse as T
+from vae.analysis import traverse as T
 
 
 @dataclass

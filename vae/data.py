@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from vae.inputs.schema import HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
+
 SPLITS = ("train", "val", "test")
 
 
@@ -134,15 +136,15 @@ def from_anndata(
         raise PairedDataError(
             f"{source}: obsm['masks'] must be (N, S, S) = {crops.shape[:3]}; got {masks.shape}"
         )
-    for col in ("has_image", "has_expression"):
+    for col in (HAS_IMAGE, HAS_EXPRESSION):
         if col not in adata.obs:
             raise PairedDataError(f"{source}: obs['{col}'] is missing")
-    has_image = adata.obs["has_image"].to_numpy().astype(bool)
-    has_expr = adata.obs["has_expression"].to_numpy().astype(bool)
+    has_image = adata.obs[HAS_IMAGE].to_numpy().astype(bool)
+    has_expr = adata.obs[HAS_EXPRESSION].to_numpy().astype(bool)
     x = _dense(adata.X).astype(np.float32)
     if not np.isfinite(x).all():
         raise PairedDataError(f"{source}: X holds non-finite values")
-    has_counts = "counts" in adata.layers and bool(adata.uns.get("has_counts", True))
+    has_counts = "counts" in adata.layers and bool(adata.uns.get(HAS_COUNTS, True))
     counts = _dense(adata.layers["counts"]).astype(np.float32) if has_counts else None
     if counts is not None and (counts < 0).any():
         raise PairedDataError(f"{source}: layers['counts'] holds negative values")

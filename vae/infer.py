@@ -28,6 +28,35 @@ class Latents:
     expression: np.ndarray
     joint_logvar: np.ndarray
     expression_from_image: np.ndarray
+    decoded: Decoded | None = None  # with decode=True
+
+
+@dataclass
+class Decoded:
+    """Inputs and decodings of the encoded rows (numpy, channel-last images).
+
+    Filled by ``encode_dataset(..., decode=True)`` for the analyses; unlike
+    :class:`Latents` nothing is NaN-masked, use ``has_image``/``has_expression``.
+    """
+
+    rows: np.ndarray  # (n,) row indices into the data set
+    image: np.ndarray  # (n, S, S, 3) masked input crops in [0, 1]
+    mask: np.ndarray  # (n, S, S) bool
+    x: np.ndarray  # (n, G) observed log-normalised expression
+    counts: np.ndarray | None  # (n, G)
+    library: np.ndarray  # (n,)
+    has_image: np.ndarray  # (n,) bool
+    has_expression: np.ndarray
+    rec_image: np.ndarray  # (n, S, S, 3) decoded from the joint mean
+    rec_expression: np.ndarray  # (n, G)
+    nb_mu: np.ndarray | None  # (n, G) NB mean of the joint decoding (counts models)
+    nb_theta: np.ndarray | None  # (G,)
+    expr_from_image: np.ndarray  # (n, G) decoded from the image-only mean
+    image_from_expr: np.ndarray  # (n, S, S, 3) decoded from the expression-only mean
+
+
+def _chw_to_hwc(t: torch.Tensor) -> np.ndarray:
+    return t.float().permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -37,12 +66,19 @@ def encode_dataset(
     device: torch.device | str = "cpu",
     batch_size: int = 256,
     rows: np.ndarray | None = None,
+    decode: bool = False,
 ) -> Latents:
-    """Posterior means of ``rows`` (default all) with the model in eval mode."""
+    """Posterior means of ``rows`` (default all) with the model in eval mode.
+
+    ``decode=True`` also decodes the joint, image-only and expression-only
+    means and keeps the inputs (``Latents.decoded``), for the analyses.
+    """
     was_training = model.training
     model.eval()
     rows = np.arange(data.n) if rows is None else np.asarray(rows)
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("j", "lv", "i", "e", "x")}
+    dec: dict[str, list[np.ndarray]] = {}
+    theta = None
     for s in range(0, rows.size, batch_size):
         idx = torch.as_tensor(rows[s : s + batch_size], dtype=torch.long)
         b = to_batch(raw_batch(data, idx), torch.device(device))
@@ -51,13 +87,17 @@ def encode_dataset(
         nan_e = (~b.has_expression).view(-1, 1)
         mi = post.image[0].float()
         me = post.expression[0].float()
-        x_img = model.decode(post.image[0]).expression_log.float()
+        di = model.decode(post.image[0])
+        x_img = di.expression_log.float()
         nan = torch.tensor(float("nan"), device=mi.device)
         out["j"].append(post.joint[0].float().cpu().numpy())
         out["lv"].append(post.joint[1].float().cpu().numpy())
         out["i"].append(torch.where(nan_i, nan, mi).cpu().numpy())
         out["e"].append(torch.where(nan_e, nan, me).cpu().numpy())
         out["x"].append(torch.where(nan_i, nan, x_img).cpu().numpy())
+        if decode:
+            t = _decode_batch(model, b, post, di, dec)
+            theta = t if t is not None else theta
     if was_training:
         model.train()
 
@@ -71,4 +111,51 @@ def encode_dataset(
         expression=cat("e", d),
         joint_logvar=cat("lv", d),
         expression_from_image=cat("x", g),
+        decoded=_decoded(rows, dec, theta) if decode else None,
+    )
+
+
+def _decode_batch(model: TwoBranchVAE, b, post, di, acc: dict) -> np.ndarray | None:
+    """Append one batch's inputs and decodings to ``acc``; the NB theta when the model has one."""
+    dj = model.decode(post.joint[0])
+    de = model.decode(post.expression[0])
+    add = lambda k, v: acc.setdefault(k, []).append(v)  # noqa: E731
+    add("img", _chw_to_hwc(b.image))
+    add("m", b.mask[:, 0].bool().cpu().numpy())
+    add("x", b.x.float().cpu().numpy())
+    if b.counts is not None:
+        add("c", b.counts.float().cpu().numpy())
+    add("lib", b.library.float().cpu().numpy())
+    add("hi", b.has_image.cpu().numpy())
+    add("he", b.has_expression.cpu().numpy())
+    add("ri", _chw_to_hwc(dj.image))
+    add("re", dj.expression_log.float().cpu().numpy())
+    add("xi", di.expression_log.float().cpu().numpy())
+    add("ie", _chw_to_hwc(de.image))
+    theta = None
+    if getattr(dj, "expression_scale", None) is not None:
+        add("mu", (dj.expression_scale * b.library[:, None]).float().cpu().numpy())
+        if getattr(dj, "expression_log_theta", None) is not None:
+            theta = dj.expression_log_theta.float().exp().cpu().numpy()
+    return theta
+
+
+def _decoded(rows: np.ndarray, acc: dict, theta: np.ndarray | None) -> Decoded:
+    cat = lambda k: np.concatenate(acc[k]) if acc.get(k) else None  # noqa: E731
+    mu = cat("mu")
+    return Decoded(
+        rows=rows,
+        image=cat("img"),
+        mask=cat("m"),
+        x=cat("x"),
+        counts=cat("c"),
+        library=cat("lib"),
+        has_image=cat("hi").astype(bool),
+        has_expression=cat("he").astype(bool),
+        rec_image=np.clip(cat("ri"), 0, 1),
+        rec_expression=cat("re"),
+        nb_mu=mu if theta is not None else None,
+        nb_theta=theta,
+        expr_from_image=cat("xi"),
+        image_from_expr=np.clip(cat("ie"), 0, 1),
     )

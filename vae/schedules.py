@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# final KL weight β after warm-up: the one default (VAEConfig.beta and TrainArgs.beta use it)
+DEFAULT_BETA = 8.0
+
 
 @dataclass
 class KLSchedule:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,18 +25,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from segmentation.runtime import NonFiniteLossError, seed_everything
+from segmentation.runtime import rng_state as _rng_state
+from segmentation.runtime import set_rng_state as _set_rng_state
 from vae.checkpoint import load_checkpoint, save_checkpoint
 from vae.data import Batch, PairedTensors, epoch_batches, iterate, raw_batch, to_batch
 from vae.losses import LossTerms, LossWeights, vae_loss
 from vae.model import TwoBranchVAE
-from vae.schedules import KLSchedule, lr_lambda
+from vae.schedules import DEFAULT_BETA, KLSchedule, lr_lambda
 from vae.tb import TBLogger
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; training stopped before the weights were updated."""
 
 
 @dataclass
@@ -57,7 +55,7 @@ class TrainArgs:
     stain_jitter: float = 0.0  # strength of the stain/colour jitter (vae.data.augment_stain)
     seed: int = 0
     # KL schedule
-    beta: float = 4.0
+    beta: float = DEFAULT_BETA
     kl_warmup_epochs: float = 5.0
     capacity_max: float = 0.0
     capacity_epochs: float = 20.0
@@ -111,25 +109,6 @@ def active_units(kl_per_dim, threshold: float = ACTIVE_UNIT_NATS) -> int:
 
 def _unwrap(m: torch.nn.Module) -> TwoBranchVAE:
     return m.module if hasattr(m, "module") else m
-
-
-def _rng_state(gen: torch.Generator) -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),  # noqa: NPY002 - global state other code may use
-        "python": random.getstate(),
-        "augment": gen.get_state(),
-    }
-
-
-def _set_rng_state(st: dict[str, Any], gen: torch.Generator) -> None:
-    torch.set_rng_state(st["torch"])
-    if st.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-    np.random.set_state(st["numpy"])  # noqa: NPY002
-    random.setstate(st["python"])
-    gen.set_state(st["augment"])
 
 
 def forward_loss(
@@ -217,9 +196,7 @@ def train(
     if val_idx.size == 0:
         log.warning("no validation rows: early stopping and model.pt selection use train loss")
 
-    torch.manual_seed(args.seed + dist.rank)
-    np.random.seed(args.seed + dist.rank)  # noqa: NPY002
-    random.seed(args.seed + dist.rank)
+    seed_everything(args.seed + dist.rank)
     gen = torch.Generator().manual_seed(args.seed * 7919 + dist.rank)
 
     core = model

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pycocotools import mask as mask_utils
 
 from pipeline.simulator.expression import (
     GenePanel,
@@ -27,6 +26,7 @@ from pipeline.simulator.expression import (
 )
 from pipeline.simulator.morphology import KIND_GROUPS, MAX_DIAMETER_FACTOR
 from pipeline.simulator.render import SmearParams, render_smear
+from segmentation.io import encode_mask
 
 
 class SimulatorSettingError(ValueError):
@@ -39,6 +39,9 @@ class SimulatorSettingError(ValueError):
         super().__init__(f"{setting}={value} {requirement}")
 
 
+_SMEAR = SmearParams()  # the image defaults
+
+
 @dataclass(frozen=True)
 class SimulatorParams:
     """All simulator settings; field names match ``data.simulator`` in the config.
@@ -47,24 +50,18 @@ class SimulatorParams:
     """
 
     n_images: int = 24
-    image_size: tuple[int, int] = (512, 512)  # (H, W) px
-    wbc_per_image: tuple[int, int] = (3, 6)
-    rbc_density: float = 0.65
-    platelets_per_image: tuple[int, int] = (2, 8)
-    wbc_diameter_px: float = 60.0
-    kind_weights: dict[str, float] = field(
-        default_factory=lambda: {
-            "neutrophil_lineage": 0.7,
-            "lymphocyte": 0.1,
-            "monocyte": 0.1,
-            "eosinophil": 0.1,
-        }
-    )
-    touching_fraction: float = 0.15
-    stain_jitter: float = 0.08
-    illumination_jitter: float = 0.03
-    noise_std: float = 2.0
-    blur_sigma: float = 0.7
+    # image settings: defaults owned by SmearParams
+    image_size: tuple[int, int] = (_SMEAR.height, _SMEAR.width)  # (H, W) px
+    wbc_per_image: tuple[int, int] = _SMEAR.wbc_per_image
+    rbc_density: float = _SMEAR.rbc_density
+    platelets_per_image: tuple[int, int] = _SMEAR.platelets_per_image
+    wbc_diameter_px: float = _SMEAR.mature_diameter
+    kind_weights: dict[str, float] = field(default_factory=lambda: dict(_SMEAR.kind_weights))
+    touching_fraction: float = _SMEAR.touching_fraction
+    stain_jitter: float = _SMEAR.stain_jitter
+    illumination_jitter: float = _SMEAR.illumination_jitter
+    noise_std: float = _SMEAR.noise_std
+    blur_sigma: float = _SMEAR.blur_sigma
     n_genes: int = 240
     mean_library_size: float = 2000.0
     library_size_sd: float = 0.35
@@ -180,12 +177,6 @@ class SimulatedImage:
     n_unplaced: int = 0  # requested white cells that found no free spot
 
 
-def encode_rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO RLE of a (H, W) bool mask with ``counts`` as str (JSON-ready)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
 def mask_bbox(mask: np.ndarray) -> list[float]:
     """COCO ``[x, y, w, h]`` of a non-empty (H, W) bool mask (w = x_max - x_min + 1)."""
     rows = np.flatnonzero(mask.any(axis=1))
@@ -213,7 +204,7 @@ def simulate_image(
     file_name = f"sim_{index:04d}.png"
     anns = []
     for j, c in enumerate(smear.cells):
-        rle = encode_rle(c.mask)
+        rle = encode_mask(c.mask)
         x, y, w, h = mask_bbox(c.mask)
         m = c.morph
         anns.append(
@@ -237,7 +228,7 @@ def simulate_image(
                 "diameter": round(c.diameter, 3),
                 "truncated": bool(c.truncated),
                 "nucleus_area": int(c.nucleus_mask.sum()),
-                "nucleus_segmentation": encode_rle(c.nucleus_mask),
+                "nucleus_segmentation": encode_mask(c.nucleus_mask),
             }
         )
     counts = simulate_counts(

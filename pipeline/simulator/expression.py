@@ -30,16 +30,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.simulator.morphology import KINDS, lineage_of
+from vae.inputs.schema import GRANULE_PROGRAMS
 
 PROGRAM_GENES: dict[str, tuple[str, ...]] = {
     "progenitor": ("CD34", "KIT", "MYB", "FLT3", "SOX4", "PROM1", "SPINK2", "ERG", "MEIS1", "CD38"),
     "proliferation": ("MKI67", "TOP2A", "CDK1", "CCNB1", "PCNA", "MCM2", "TYMS", "H2AZ1"),
+    # the granule programs start with the shared definition (vae.inputs.schema)
     "primary_granule": (
-        "MPO",
-        "ELANE",
-        "AZU1",
-        "PRTN3",
-        "CTSG",
+        *GRANULE_PROGRAMS["primary"],
         "MS4A3",
         "CST7",
         "RNASE2",
@@ -47,10 +45,7 @@ PROGRAM_GENES: dict[str, tuple[str, ...]] = {
         "CEBPE",
     ),
     "specific_granule": (
-        "LTF",
-        "CAMP",
-        "LCN2",
-        "CEACAM8",
+        *GRANULE_PROGRAMS["specific"],
         "MMP8",
         "CHI3L1",
         "OLFM4",
@@ -58,7 +53,7 @@ PROGRAM_GENES: dict[str, tuple[str, ...]] = {
         "BPI",
         "CEACAM6",
     ),
-    "tertiary_granule": ("MMP9", "ARG1", "CD177", "ADAM8", "MMP25", "SLPI"),
+    "tertiary_granule": (*GRANULE_PROGRAMS["tertiary"], "ARG1", "CD177", "ADAM8", "MMP25", "SLPI"),
     "mature": (
         "CXCR2",
         "FCGR3B",

@@ -29,14 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-LINEAGE_KINDS = (
-    "myeloblast",
-    "promyelocyte",
-    "myelocyte",
-    "metamyelocyte",
-    "band",
-    "segmented_neutrophil",
-)
+from vae.inputs.schema import MATURATION_ORDER
+
+LINEAGE_KINDS = MATURATION_ORDER  # the six lineage stages, earliest first
 OTHER_KINDS = ("lymphocyte", "monocyte", "eosinophil")
 KINDS = LINEAGE_KINDS + OTHER_KINDS
 # kind_weights keys: the lineage as a whole, then the other kinds

@@ -66,8 +66,8 @@ def compute_targets(
     regressor (k = 30) fitted on the *true* kind and t of the train rows: how
     far noisy counts let any predictor go.
     """
+    from vae.analysis.metrics import best_dim_spearman, knn_accuracy, per_gene_correlation
     from vae.infer import encode_dataset
-    from vae.metrics import best_dim_spearman, knn_accuracy, per_gene_correlation
 
     ns = model.args.n_shared
     lat = encode_dataset(model, data, device)
@@ -150,7 +150,7 @@ def compute_targets(
 def _truth_ceiling(obs: pd.DataFrame, x: np.ndarray, fit: np.ndarray, test: np.ndarray) -> float:
     from sklearn.neighbors import KNeighborsRegressor
 
-    from vae.metrics import per_gene_correlation
+    from vae.analysis.metrics import per_gene_correlation
 
     kinds = pd.get_dummies(obs["kind"].astype(str)).to_numpy(dtype=float) * 3.0
     t = pd.to_numeric(obs["t"], errors="coerce").to_numpy(dtype=float)

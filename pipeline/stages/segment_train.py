@@ -8,42 +8,31 @@ continues from it exactly), logs every loss term, the LR, validation metrics
 and drawn predictions to ``tb/``, and writes ``metrics.json`` (pycocotools
 box/mask AP, recall at ``segmentation.score_threshold``, mean mask IoU) per
 validation / test source. Runs under DDP through ``ctx.dist``; only rank 0
-writes.
+writes. The training recipe is :func:`segmentation.train.fit`; this file maps
+the config onto it.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import write_json
-from pipeline.stages import StageContext, StageError, stage
+from pipeline.runner import StageContext, StageError, stage
 from segmentation.datasets import (
     READERS,
     DetectionDataset,
     SmearDataset,
-    collate,
     read_coco,
     with_scale,
 )
-from segmentation.engine import (
-    EvalResult,
-    draw_predictions,
-    evaluate,
-    predict,
-    train_one_epoch,
-    warmup_schedule,
-)
-from segmentation.model import build_maskrcnn, save_checkpoint
 from segmentation.pseudomask import PseudoMasker
+from segmentation.runtime import seed_everything
+from segmentation.train import FitArgs, FitError, fit
 from segmentation.transforms import AugmentOptions, build_train_transform
 
 log = logging.getLogger(__name__)
@@ -172,27 +161,6 @@ def model_args_from(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),  # noqa: NPY002 - libraries may use it
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(s: dict[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])  # noqa: NPY002
-    random.setstate(s["python"])
-
-
-def _summary(r: EvalResult) -> dict[str, Any]:
-    keys = ("box_ap", "box_ap50", "box_ap75", "mask_ap", "mask_ap50", "mask_ap75")
-    out = {k: getattr(r, k) for k in keys}
-    out.update(recall=r.recall, precision=r.precision, mean_mask_iou=r.mean_mask_iou)
-    return out
-
-
 @stage(
     "segment_train",
     needs=_needs,
@@ -211,9 +179,7 @@ def segment_train(ctx: StageContext) -> None:
         if sc[k] not in valid:
             raise StageError(f"segmentation.{k}={sc[k]!r}; valid: {', '.join(valid)}")
     seed = int(cfg.seed)
-    torch.manual_seed(seed + dist.rank)
-    np.random.seed(seed + dist.rank)  # noqa: NPY002
-    random.seed(seed + dist.rank)
+    seed_everything(seed + dist.rank)
 
     smears = ctx.input("smears") if cfg.data.name == "synthetic" else None
     train, val, test, donors = load_sets(cfg, smears)
@@ -242,166 +208,49 @@ def segment_train(ctx: StageContext) -> None:
     train_ds = DetectionDataset(
         train.images, aug, sc.mask_mode, pseudo, seed=seed, cache=sc.cache_images, post=post
     )
-    sampler = torch.utils.data.DistributedSampler(
-        train_ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed
-    )
-    loader = torch.utils.data.DataLoader(
-        train_ds,
+    args = FitArgs(
+        epochs=int(sc.epochs),
+        optimizer=sc.optimizer,
+        lr=float(sc.lr),
+        momentum=float(sc.momentum),
+        weight_decay=float(sc.weight_decay),
+        schedule=sc.schedule,
+        warmup_iters=int(sc.warmup_iters),
+        grad_clip=float(sc.grad_clip),
         batch_size=int(sc.train_batch_size),
-        sampler=sampler,
-        collate_fn=collate,
+        stop_after_epochs=sc.stop_after_epochs,
+        eval_every=int(sc.eval_every),
+        score_threshold=float(sc.score_threshold),
+        tb_images=int(sc.tb_images),
+        log_every=int(sc.log_every),
         num_workers=int(cfg.hardware.num_workers),
         pin_memory=bool(cfg.hardware.pin_memory),
+        seed=seed,
+        resume=bool(cfg.resume),
     )
     eval_sets = {n: DetectionDataset(v.images, None, sc.mask_mode, pseudo) for n, v in val.items()}
-
-    margs = model_args_from(cfg)
-    model = build_maskrcnn(**margs, pretrained_weights=sc.pretrained_weights)
-    model = dist.wrap(model)
-    core = model.module if hasattr(model, "module") else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    if sc.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=sc.lr, momentum=sc.momentum, weight_decay=sc.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=sc.lr, weight_decay=sc.weight_decay)
-    total = int(sc.epochs) * len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_schedule(total, int(sc.warmup_iters), sc.schedule)
-    )
-
-    ckpt_path = ctx.output("segmentation_model")
-    start_epoch, history = 0, []
-    if cfg.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=dist.device, weights_only=False)
-        if "optimizer" not in ck:
-            raise StageError(f"{ckpt_path}: no optimizer state; cannot resume (overwrite=true)")
-        core.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        _set_rng_state(ck["rng"])
-        start_epoch = int(ck["epoch"]) + 1
-        history = list(ck.get("history", []))
-        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
-
-    writer = None
-    if dist.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(ctx.dir / "tb"))
-    log.info(
-        "segment_train: %d training images (%d iterations/epoch, %d epochs), val sources %s, "
-        "device %s x%d",
-        len(train_ds),
-        len(loader),
-        sc.epochs,
-        list(val),
-        dist.device,
-        dist.world_size,
-    )
-
-    def on_iter(epoch: int):
-        def f(it: int, terms: dict[str, float], lr: float) -> None:
-            if writer is None:
-                return
-            step = epoch * len(loader) + it
-            for k, v in terms.items():
-                writer.add_scalar(f"train/{k}", v, step)
-            writer.add_scalar("train/loss", sum(terms.values()), step)
-            writer.add_scalar("train/lr", lr, step)
-
-        return f
-
-    last: dict[str, EvalResult] = {}
-    end_epoch = int(sc.epochs)
-    if sc.stop_after_epochs:
-        end_epoch = min(end_epoch, int(sc.stop_after_epochs))
-    for epoch in range(start_epoch, end_epoch):
-        sampler.set_epoch(epoch)
-        train_ds.set_epoch(epoch)
-        stats = train_one_epoch(
-            model,
-            opt,
-            loader,
-            dist.device,
-            epoch,
-            scheduler=sched,
-            grad_clip=float(sc.grad_clip) or None,
-            autocast=dist.autocast,
-            on_iteration=on_iter(epoch),
-            log_every=int(sc.log_every),
-            reduce=dist.all_reduce_mean if dist.distributed else None,
+    test_sets = {n: DetectionDataset(v.images, None, sc.mask_mode, pseudo) for n, v in test.items()}
+    try:
+        final = fit(
+            model_args_from(cfg),
+            train_ds,
+            eval_sets,
+            test_sets,
+            args,
+            dist,
+            checkpoint=ctx.output("segmentation_model"),
+            tb_dir=ctx.dir / "tb",
+            pretrained_weights=sc.pretrained_weights,
+            checkpoint_extra={
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "input_scale": float(sc.input_scale) if cfg.data.name == "synthetic" else None,
+                "cell_px": float(sc.cell_px),
+            },
         )
-        entry: dict[str, Any] = {"epoch": epoch, "train": asdict(stats)}
-        if dist.is_main:
-            for k, v in stats.losses.items():
-                writer.add_scalar(f"epoch/{k}", v, epoch)
-            writer.add_scalar("epoch/loss", stats.loss, epoch)
-            writer.add_scalar("epoch/seconds", stats.seconds, epoch)
-            is_last = epoch == end_epoch - 1
-            if eval_sets and (is_last or (epoch + 1) % max(1, int(sc.eval_every)) == 0):
-                entry["val"] = {}
-                for name, ds in eval_sets.items():
-                    preds = predict(core, ds, dist.device, 2, dist.autocast)
-                    r = evaluate(core, ds, dist.device, sc.score_threshold, predictions=preds)
-                    last[name] = r
-                    entry["val"][name] = _summary(r)
-                    for k, v in _summary(r).items():
-                        if v is not None:
-                            writer.add_scalar(f"val/{name}/{k}", v, epoch)
-                    for i in range(min(int(sc.tb_images), len(ds))):
-                        img = draw_predictions(ds[i][0], preds[i], sc.score_threshold)
-                        writer.add_image(f"val_pred/{name}/{i}", img, epoch)
-                log.info(
-                    "epoch %d: loss %.3f (%.0f s); val %s",
-                    epoch,
-                    stats.loss,
-                    stats.seconds,
-                    {
-                        n: {k: round(v, 3) for k, v in s.items() if v is not None}
-                        for n, s in entry.get("val", {}).items()
-                    },
-                )
-            history.append(entry)
-            with ctx.atomic("segmentation_model") as tmp:
-                save_checkpoint(
-                    tmp,
-                    model,
-                    margs,
-                    optimizer=opt.state_dict(),
-                    scheduler=sched.state_dict(),
-                    epoch=epoch,
-                    rng=_rng_state(),
-                    history=history,
-                    config=OmegaConf.to_container(cfg, resolve=True),
-                    input_scale=float(sc.input_scale) if cfg.data.name == "synthetic" else None,
-                    cell_px=float(sc.cell_px),
-                )
-            writer.flush()
-        dist.barrier()
-
-    if not dist.is_main:
+    except FitError as e:
+        raise StageError(str(e)) from e
+    if final is None:  # not rank 0
         return
-    final: dict[str, Any] = {"val": {}, "test": {}}
-    for name, ds in eval_sets.items():
-        if name not in last:  # e.g. resumed after the last epoch
-            last[name] = evaluate(core, ds, dist.device, sc.score_threshold)
-        final["val"][name] = last[name].as_dict()
-    for name, v in test.items():
-        ds = DetectionDataset(v.images, None, sc.mask_mode, pseudo)
-        r = evaluate(core, ds, dist.device, sc.score_threshold)
-        final["test"][name] = r.as_dict()
-        for k, val_ in _summary(r).items():
-            if val_ is not None:
-                writer.add_scalar(f"test/{name}/{k}", val_, int(sc.epochs))
-        log.info("test %s: %s", name, {k: v for k, v in _summary(r).items() if v is not None})
-    final.update(
-        epochs=int(sc.epochs),
-        epochs_done=(history[-1]["epoch"] + 1) if history else 0,
-        train_images=len(train_ds),
-        seconds=round(time.time() - t_start, 1),
-        pseudo_masks={"watershed": pseudo.stats.watershed, "ellipse": pseudo.stats.ellipse},
-        history=history,
-        score_threshold=float(sc.score_threshold),
-    )
+    final["seconds"] = round(time.time() - t_start, 1)
+    final["pseudo_masks"] = {"watershed": pseudo.stats.watershed, "ellipse": pseudo.stats.ellipse}
     write_json(ctx.output("metrics.json"), final)
-    writer.close()

@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from vae.inputs.schema import HAS_COUNTS
+
 log = logging.getLogger(__name__)
 
 BUILTIN_PBMC68K = "scanpy:pbmc68k_reduced"
@@ -623,7 +625,7 @@ def preprocess(
     _assign_label(adata, p, src)
     _assign_maturation(adata, p, src)
 
-    adata.uns["has_counts"] = bool(has_counts)
+    adata.uns[HAS_COUNTS] = bool(has_counts)
     adata.uns["programs"] = {k: np.array(v, dtype=str) for k, v in programs.items()}
     adata.uns["missing_genes"] = {k: np.array(v, dtype=str) for k, v in missing.items()}
     adata.uns["qc"] = {k: int(v) for k, v in vars(qc).items()}

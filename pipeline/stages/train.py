@@ -17,7 +17,8 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import write_json
-from pipeline.stages import StageContext, StageError, stage
+from pipeline.runner import StageContext, StageError, stage
+from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,9 @@ def resolve_align(value: str, obs) -> str:
     """``auto`` -> ``clip`` when every paired row is a same-cell pair, else ``class``."""
     if value != "auto":
         return value
-    if "pair_mode" not in obs or "has_image" not in obs:
+    if "pair_mode" not in obs or HAS_IMAGE not in obs:
         return "class"
-    both = obs["has_image"].to_numpy().astype(bool) & obs["has_expression"].to_numpy().astype(bool)
+    both = obs[HAS_IMAGE].to_numpy().astype(bool) & obs[HAS_EXPRESSION].to_numpy().astype(bool)
     modes = set(obs["pair_mode"].astype(str).to_numpy()[both])
     return "clip" if modes and modes <= {"same_cell"} else "class"
 

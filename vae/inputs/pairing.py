@@ -30,6 +30,15 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from segmentation.io import decode_coco_mask
+from vae.inputs.schema import (  # noqa: F401 - TRUTH_COLUMNS: columns copied into paired obs
+    HAS_COUNTS,
+    HAS_EXPRESSION,
+    HAS_IMAGE,
+    HAS_MASK,
+    TRUTH_COLUMNS,
+)
+
 log = logging.getLogger(__name__)
 
 PAIR_MODES = ("same_cell", "by_label", "by_maturation", "unpaired")
@@ -42,8 +51,6 @@ SEGMENTATION_WBC_CLASSES = {
     4: "eosinophil",
     5: "basophil",
 }
-# columns copied from crop / expression obs into paired obs when present
-TRUTH_COLUMNS = ("kind", "lineage", "t", "granule_density", "lobes", "diameter")
 
 
 class PairingError(ValueError):
@@ -174,12 +181,11 @@ def resize_crop(
 
 
 def _load_rgb(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from segmentation.io import ImageReadError, load_rgb
 
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
+        return load_rgb(path)
+    except ImageReadError as e:
         raise PairingError(f"unreadable image: {e}", field="image", source=str(path)) from e
 
 
@@ -217,7 +223,7 @@ def read_cells_h5ad(path: str | Path, size: int, background: int = 0) -> CropSet
     if "label" in src:
         obs["label"] = src["label"].astype(str).to_numpy()
     obs["source"] = "cells"
-    obs["has_mask"] = True
+    obs[HAS_MASK] = True
     if "truth_cell_id" in src:
         obs["truth_cell_id"] = (
             src["truth_cell_id"].astype(str).replace({"nan": "", "None": ""}).to_numpy()
@@ -237,7 +243,7 @@ def read_image_folder(
 
     These crops have no cell mask: ``masks`` are True over the whole image (False
     only on the padding that makes a non-square image square) and
-    ``obs["has_mask"]`` is False.
+    ``obs[HAS_MASK]`` is False.
     """
     root = Path(root)
     if not root.is_dir():
@@ -263,7 +269,7 @@ def read_image_folder(
     obs = pd.DataFrame(rows).set_index("id")
     obs.index.name = None
     obs["source"] = root.name
-    obs["has_mask"] = False
+    obs[HAS_MASK] = False
     return CropSet(crops=np.stack(crops), masks=np.stack(masks), obs=obs)
 
 
@@ -327,20 +333,8 @@ def read_segmentation_wbc(
     obs = pd.DataFrame(rows).set_index("id")
     obs.index.name = None
     obs["source"] = "segmentation_wbc"
-    obs["has_mask"] = True
+    obs[HAS_MASK] = True
     return CropSet(crops=np.stack(crops), masks=np.stack(masks), obs=obs)
-
-
-def _decode_segmentation(seg, h: int, w: int) -> np.ndarray:
-    from pycocotools import mask as mask_utils
-
-    if isinstance(seg, list):  # polygons
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    elif isinstance(seg.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(seg, h, w)
-    else:
-        rle = {"size": seg["size"], "counts": seg["counts"].encode()}
-    return mask_utils.decode(rle).astype(bool)
 
 
 def read_coco_crops(
@@ -388,7 +382,7 @@ def read_coco_crops(
             label = str(a.get("kind", a.get("category_id", "")))
             if max_per_class is not None and per_class.get(label, 0) >= max_per_class:
                 continue
-            m = _decode_segmentation(a["segmentation"], h, w)
+            m = decode_coco_mask(a["segmentation"], h, w)
             if not m.any():
                 continue
             c, mm = square_crop(img, m, size, background)
@@ -412,7 +406,7 @@ def read_coco_crops(
     if "t" in obs:
         obs["t"] = pd.to_numeric(obs["t"], errors="coerce")
     obs["source"] = "coco"
-    obs["has_mask"] = True
+    obs[HAS_MASK] = True
     return CropSet(crops=np.stack(crops), masks=np.stack(masks), obs=obs)
 
 
@@ -657,7 +651,7 @@ def _assemble(
     X = np.zeros((n, g), np.float32)
     X[has_expr] = x_src[ei[has_expr]]
     layers = {}
-    has_counts = bool(expression.uns.get("has_counts", "counts" in expression.layers))
+    has_counts = bool(expression.uns.get(HAS_COUNTS, "counts" in expression.layers))
     if has_counts and "counts" in expression.layers:
         c_src = _dense(expression.layers["counts"])
         counts = np.zeros((n, g), np.float32)
@@ -674,8 +668,8 @@ def _assemble(
     eobs = expression.obs
     e_names = expression.obs_names.astype(str).to_numpy()
     obs = pd.DataFrame(index=[f"r{k:06d}" for k in range(n)])
-    obs["has_image"] = has_img
-    obs["has_expression"] = has_expr
+    obs[HAS_IMAGE] = has_img
+    obs[HAS_EXPRESSION] = has_expr
     obs["pair_mode"] = np.where(has_img & has_expr, mode, "unpaired")
     obs["image_ref"] = np.where(
         has_img, cobs.index.astype(str).to_numpy()[np.maximum(ci, 0)] if len(cobs) else "", ""
@@ -747,7 +741,7 @@ def _assemble(
     out = ad.AnnData(X=X, obs=obs, var=var, layers=layers)
     out.obsm["crops"] = crop_arr
     out.obsm["masks"] = mask_arr
-    out.uns["has_counts"] = has_counts
+    out.uns[HAS_COUNTS] = has_counts
     out.uns["crop_size"] = int(s)
     out.uns["background_value"] = int(background)
     return out
@@ -765,8 +759,8 @@ def _typed(vals: pd.Series) -> np.ndarray:
 
 def summarize(adata: ad.AnnData) -> pd.DataFrame:
     """Rows per label and modality combination (``image+expression``, ``image``, ``expression``)."""
-    hi = adata.obs["has_image"].to_numpy(bool)
-    he = adata.obs["has_expression"].to_numpy(bool)
+    hi = adata.obs[HAS_IMAGE].to_numpy(bool)
+    he = adata.obs[HAS_EXPRESSION].to_numpy(bool)
     combo = np.where(hi & he, "image+expression", np.where(hi, "image", "expression"))
     labels = adata.obs["label"].astype(str).replace({"": "(none)"}).to_numpy()
     df = pd.DataFrame({"label": labels, "modalities": combo})
@@ -778,7 +772,7 @@ def contact_sheet(adata: ad.AnnData, path: str | Path, per_label: int = 8, seed:
     """PNG grid: up to ``per_label`` crops of each image label, mask outline in yellow."""
     from PIL import Image
 
-    hi = adata.obs["has_image"].to_numpy(bool)
+    hi = adata.obs[HAS_IMAGE].to_numpy(bool)
     if not hi.any():
         return
     labels = adata.obs["image_label"].astype(str).to_numpy()

@@ -10,8 +10,8 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.runner import StageContext, StageError, stage
 from pipeline.simulator import SimulatorParams, SimulatorSettingError, write_dataset
-from pipeline.stages import StageContext, StageError, stage
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,8 @@
 """Stage registry, run directory and the runner behind ``python -m pipeline``.
 
+The stages themselves live in ``pipeline/stages/<stage>.py``, one file per
+``stage=NAME``; importing one registers it here.
+
 A stage is a function ``fn(ctx: StageContext) -> None`` registered with
 :func:`stage`. It reads its inputs through ``ctx.input(name)`` (resolved
 before it starts, so a missing input fails at once and names the stage that
@@ -61,23 +64,12 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     "report": ("traverse", "report.html"),
 }
 
-# modules that register stages when imported
-STAGE_MODULES = [
-    "pipeline.stage_simulate",
-    "pipeline.stage_segmentation",
-    "pipeline.stage_segment",
-    "pipeline.stage_expression",
-    "pipeline.stage_train",
-    "pipeline.stage_analysis",
-]
+# modules that register stages when imported: pipeline/stages/<stage>.py
+STAGE_MODULES = [f"pipeline.stages.{name}" for name in ORDER]
 
 
 class StageError(RuntimeError):
     """A stage cannot run as configured (bad setting, existing outputs...)."""
-
-
-class StageNotImplemented(StageError):
-    pass
 
 
 Needs = list[str] | Callable[[DictConfig], list[str]]
@@ -86,14 +78,13 @@ Needs = list[str] | Callable[[DictConfig], list[str]]
 @dataclass
 class StageSpec:
     name: str
-    fn: Callable[[StageContext], None] | None
+    fn: Callable[[StageContext], None]
     needs: Needs = field(default_factory=list)
     optional: Needs = field(default_factory=list)
     produces: list[str] = field(default_factory=list)
     distributed: bool = False  # run once per DDP rank through pipeline.hardware
     # checks the settings before any folder is created; raises StageError
     validate: Callable[[DictConfig], None] | None = None
-    issue: str = ""  # where an unbuilt stage will come from
 
     def needs_for(self, cfg: DictConfig) -> list[str]:
         return list(self.needs(cfg) if callable(self.needs) else self.needs)
@@ -102,9 +93,7 @@ class StageSpec:
         return list(self.optional(cfg) if callable(self.optional) else self.optional)
 
 
-REGISTRY: dict[str, StageSpec] = {
-    name: StageSpec(name=name, fn=None, issue="a later issue") for name in ORDER
-}
+REGISTRY: dict[str, StageSpec] = {}
 
 
 def stage(
@@ -117,7 +106,7 @@ def stage(
     validate: Callable[[DictConfig], None] | None = None,
 ) -> Callable[[Callable[[StageContext], None]], Callable[[StageContext], None]]:
     """Register ``fn`` as the implementation of stage ``name``."""
-    if name not in REGISTRY:
+    if name not in ORDER:
         raise ValueError(f"unknown stage {name!r}; valid: {', '.join(ORDER)}")
 
     def deco(fn: Callable[[StageContext], None]) -> Callable[[StageContext], None]:
@@ -137,11 +126,22 @@ def stage(
 
 def load_stages() -> None:
     for mod in STAGE_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # a real import error inside the module
-                raise
+        importlib.import_module(mod)
+
+
+def resolve_data_path(cfg: DictConfig, p: str, setting: str) -> Path:
+    """A path as given when it exists, else relative to ``paths.shared_data``."""
+    path = Path(p)
+    if path.exists():
+        return path
+    if not path.is_absolute():
+        alt = Path(cfg.paths.shared_data) / path
+        if alt.exists():
+            return alt
+    raise StageError(
+        f"{setting}={p}: no such file or folder (also tried under "
+        f"paths.shared_data={cfg.paths.shared_data})"
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def stages_for(cfg: DictConfig) -> list[str]:
         if cfg.data.name != "synthetic":
             seq.remove("simulate")
         return seq
-    if name not in REGISTRY:
+    if name not in ORDER:
         raise StageError(f"unknown stage {name!r}; valid stages: {', '.join([*ORDER, 'all'])}")
     return [name]
 
@@ -309,12 +309,9 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
     """Run one stage: check inputs, prepare its folder, call it, write the manifest."""
     from pipeline import hardware
 
+    if name not in REGISTRY:
+        load_stages()
     spec = REGISTRY[name]
-    if spec.fn is None:
-        raise StageNotImplemented(
-            f"stage={name} is not implemented yet (it comes with {spec.issue}); "
-            f"nothing was written."
-        )
     # check settings and resolve inputs first: fail before touching any folder
     if spec.validate is not None:
         spec.validate(cfg)

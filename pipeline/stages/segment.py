@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from pipeline.artifacts import write_json
-from pipeline.stages import StageContext, StageError, stage
+from pipeline.runner import StageContext, StageError, stage
 from segmentation.cells import (
     CocoTruth,
     ImageCells,
@@ -37,6 +37,7 @@ from segmentation.cells import (
 from segmentation.crops import FLAGS, FilterSettings
 from segmentation.inference import MaskRCNNDetector
 from segmentation.io import list_images, read_rgb
+from segmentation.schema import TRUTH_NUMERIC_FIELDS, TRUTH_TEXT_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -421,9 +422,9 @@ def _empty_table(with_truth: bool) -> pd.DataFrame:
     cols["kept"] = pd.Series([], dtype=bool)
     if with_truth:
         cols["truth_cell_id"] = pd.Series([], dtype=str)
-        for c in ("kind", "lineage"):
+        for c in TRUTH_TEXT_FIELDS:
             cols[c] = pd.Series([], dtype=str)
-        for c in ("t", "granule_density", "lobes", "diameter", "match_iou"):
+        for c in (*TRUTH_NUMERIC_FIELDS, "match_iou"):
             cols[c] = pd.Series([], dtype=np.float64)
     cols["crop_scale"] = pd.Series([], dtype=np.float64)
     return pd.DataFrame(cols)

@@ -1,0 +1,137 @@
+"""``stage=expression``: scanpy preprocessing of the expression matrix.
+
+The only place that maps ``cfg.expression`` onto :mod:`vae.inputs.expression`.
+Output: see ``docs/artifacts.md`` (section *expression*) and
+``docs/expression_pairing.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from omegaconf import DictConfig
+
+from pipeline.runner import StageContext, StageError, resolve_data_path, stage
+from vae.inputs.schema import HAS_COUNTS
+
+log = logging.getLogger(__name__)
+
+
+def _explicit_expression_file(cfg: DictConfig) -> str | None:
+    """The configured expression file, or None to use the simulator's artifact."""
+    if cfg.paths.inputs.get("expression_raw"):
+        return None  # ctx.input("expression_raw") resolves it
+    return cfg.expression.input_file or cfg.data.get("expression_file")
+
+
+def _expression_needs(cfg: DictConfig) -> list[str]:
+    if _explicit_expression_file(cfg):
+        return []
+    if cfg.data.name != "synthetic" and not cfg.paths.inputs.get("expression_raw"):
+        return []  # run_expression explains what to set
+    return ["expression_raw"]
+
+
+def preprocess_params(cfg: DictConfig):
+    from vae.inputs.expression import PreprocessParams
+
+    e = cfg.expression
+    return PreprocessParams(
+        values=e["values"],  # e.values is the DictConfig method
+        min_genes=e.min_genes,
+        min_counts=e.min_counts,
+        max_pct_mito=e.max_pct_mito,
+        mito_prefix=e.mito_prefix,
+        min_cells=e.min_cells,
+        target_sum=e.target_sum,
+        n_top_genes=e.n_top_genes,
+        hvg_flavor=e.hvg_flavor,
+        subset_hvg=e.subset_hvg,
+        genes_of_interest=list(e.genes_of_interest),
+        programs={k: list(v) for k, v in e.programs.items()},
+        require_program_match=e.require_program_match,
+        score_ctrl_size=e.score_ctrl_size,
+        score_n_bins=e.score_n_bins,
+        label_key=e.label_key,
+        maturation=e.maturation,
+        maturation_key=e.maturation_key,
+        root_label=e.root_label,
+        scale=e.scale,
+        n_pcs=e.n_pcs,
+        n_neighbors=e.n_neighbors,
+        umap=e.umap,
+        seed=cfg.seed if e.seed is None else e.seed,
+    )
+
+
+@stage("expression", needs=_expression_needs, produces=["expression"])
+def run_expression(ctx: StageContext) -> None:
+    from vae.inputs import expression as ex
+
+    cfg = ctx.cfg
+    explicit = _explicit_expression_file(cfg)
+    if not explicit and cfg.data.name != "synthetic" and not cfg.paths.inputs.get("expression_raw"):
+        raise StageError(
+            f"data={cfg.data.name} has no expression file: choose one with "
+            "expression=paul15 | expression=pbmc68k, expression.input_file=PATH, "
+            "data.expression_file=PATH or paths.inputs.expression_raw=PATH"
+        )
+    if explicit == ex.BUILTIN_PBMC68K:
+        src = explicit
+    elif explicit:
+        src = resolve_data_path(
+            cfg,
+            explicit,
+            "expression.input_file" if cfg.expression.input_file else "data.expression_file",
+        )
+    else:
+        src = ctx.input("expression_raw")
+    try:
+        adata = ex.read_expression(
+            src, fmt=cfg.expression.input_format, orientation=cfg.expression.orientation
+        )
+        params = preprocess_params(cfg)
+        res = ex.preprocess(adata, params, source=str(src))
+    except ex.ExpressionInputError as e:
+        raise StageError(str(e)) from e
+    out = res.adata
+    ex.sanitize_for_h5ad(out)
+    log.info(
+        "expression: %d -> %d cells, %d -> %d genes (%d HVG, %d of interest), counts=%s, "
+        "labels from %s, maturation from %s",
+        res.qc.n_cells_in,
+        res.qc.n_cells_out,
+        res.qc.n_genes_in,
+        out.n_vars,
+        int(out.var["highly_variable"].sum()),
+        int(out.var["gene_of_interest"].sum()),
+        out.uns[HAS_COUNTS],
+        out.uns["label_key"],
+        out.uns["maturation_source"],
+    )
+    if ctx.is_main:
+        with ctx.atomic("qc.json") as tmp:
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "qc": out.uns["qc"],
+                        HAS_COUNTS: bool(out.uns[HAS_COUNTS]),
+                        "programs": res.programs,
+                        "missing_genes": res.missing,
+                        "label_key": out.uns["label_key"],
+                        "maturation_source": out.uns["maturation_source"],
+                        "labels": out.obs["label"].value_counts().to_dict(),
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
+        if cfg.expression.plots:
+            with ctx.atomic("qc.png") as tmp:
+                ex.plot_qc(res.qc_frame, params, tmp)
+            with ctx.atomic("umap.png") as tmp:
+                ex.plot_embedding(out, tmp)
+        # the artifact last: its presence means the stage finished
+        with ctx.atomic("expression") as tmp:
+            out.write_h5ad(tmp)

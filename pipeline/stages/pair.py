@@ -1,0 +1,138 @@
+"""``stage=pair``: crops x expression profiles -> ``paired.h5ad``.
+
+The only place that maps ``cfg.pair`` onto :mod:`vae.inputs.pairing`. Output: see
+``docs/artifacts.md`` (section *pair*) and ``docs/expression_pairing.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.artifacts import write_json
+from pipeline.runner import StageContext, StageError, resolve_data_path, stage
+from vae.inputs.schema import HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
+
+log = logging.getLogger(__name__)
+
+
+def _pair_needs(cfg: DictConfig) -> list[str]:
+    needs = ["expression"]
+    for s in cfg.pair.crop_sources:
+        if s.kind == "cells":
+            needs.append("cells")
+        elif s.kind == "coco" and not s.path:
+            needs += ["smears", "annotations"]
+    return list(dict.fromkeys(needs))
+
+
+def load_crops(ctx: StageContext):
+    """Read and concatenate every ``pair.crop_sources`` entry (or None if empty)."""
+    from vae.inputs import pairing as pr
+
+    cfg = ctx.cfg
+    size, bg = cfg.pair.crop_size, cfg.pair.background_value
+    sets = []
+    for k, s in enumerate(cfg.pair.crop_sources):
+        setting = f"pair.crop_sources[{k}]"
+        if s.kind == "cells":
+            cs = pr.read_cells_h5ad(ctx.input("cells"), size, bg)
+            if s.max_per_class is not None:
+                cs = _cap(cs, s.max_per_class)
+        elif s.kind == "coco":
+            if s.path:  # a folder of images holding annotations.json
+                folder = Path(resolve_data_path(cfg, s.path, f"{setting}.path"))
+                ann = folder / "annotations.json"
+            else:  # the simulator's smears
+                folder, ann = ctx.input("smears"), ctx.input("annotations")
+            cs = pr.read_coco_crops(folder, ann, size, bg, s.max_per_class)
+        elif s.kind in ("image_folder", "segmentation_wbc"):
+            if not s.path:
+                raise StageError(f"{setting}.path is required for kind={s.kind}")
+            path = resolve_data_path(cfg, s.path, f"{setting}.path")
+            if s.kind == "image_folder":
+                cs = pr.read_image_folder(path, size, bg, s.max_per_class)
+            else:
+                cs = pr.read_segmentation_wbc(path, size, bg, s.max_per_class)
+        else:
+            raise StageError(
+                f"{setting}.kind={s.kind!r}; valid: cells, coco, image_folder, segmentation_wbc"
+            )
+        log.info("pair: %d crops from %s (%s)", len(cs), s.kind, s.path or "cells.h5ad")
+        sets.append(cs)
+    return pr.CropSet.concat(sets) if sets else None
+
+
+def _cap(cs, n: int):
+    from vae.inputs.pairing import CropSet
+
+    keep = cs.obs.groupby("label", sort=False).cumcount().to_numpy() < n
+    return CropSet(crops=cs.crops[keep], masks=cs.masks[keep], obs=cs.obs[keep])
+
+
+@stage("pair", needs=_pair_needs, produces=["paired"])
+def run_pair(ctx: StageContext) -> None:
+    import anndata as ad
+
+    from vae.inputs import pairing as pr
+
+    cfg = ctx.cfg
+    p = cfg.pair
+    if not 0 <= p.background_value <= 255:
+        raise StageError(f"pair.background_value={p.background_value}: must be in 0..255")
+    expr = ad.read_h5ad(ctx.input("expression"))
+    try:
+        crops = load_crops(ctx)
+        res = pr.make_pairs(
+            crops,
+            expr,
+            p.mode,
+            label_map=OmegaConf.to_container(p.label_map),
+            draws_per_crop=p.draws_per_crop,
+            n_bins=p.n_bins,
+            label_maturation=OmegaConf.to_container(p.label_maturation),
+            keep_unmatched_images=p.keep_unmatched_images,
+            keep_unused_expression=p.keep_unused_expression,
+            seed=cfg.seed if p.seed is None else p.seed,
+            background=p.background_value,
+            crop_size=p.crop_size,
+        )
+    except pr.PairingError as e:
+        raise StageError(str(e)) from e
+    out = res.adata
+    out.uns["pair"] = {
+        "mode": p.mode,
+        "seed": int(cfg.seed if p.seed is None else p.seed),
+        "draws_per_crop": int(p.draws_per_crop),
+        "n_bins": int(p.n_bins),
+        "crop_sources": json.dumps(OmegaConf.to_container(p.crop_sources)),
+        "notes": json.dumps(res.notes),
+    }
+    for k in ("programs", "label_key", "maturation_source"):
+        if k in expr.uns:
+            out.uns[f"expression_{k}"] = expr.uns[k]
+    hi, he = out.obs[HAS_IMAGE].to_numpy(), out.obs[HAS_EXPRESSION].to_numpy()
+    counts = {
+        "rows": int(out.n_obs),
+        "image+expression": int((hi & he).sum()),
+        "image_only": int((hi & ~he).sum()),
+        "expression_only": int((~hi & he).sum()),
+        "genes": int(out.n_vars),
+        "crop_size": int(out.uns["crop_size"]),
+        HAS_COUNTS: bool(out.uns[HAS_COUNTS]),
+    }
+    log.info("pair (%s): %s", p.mode, counts)
+    if (hi & he).sum() == 0 and p.mode != "unpaired":
+        log.warning("pair.mode=%s produced no paired row; check labels / label_map", p.mode)
+    if ctx.is_main:
+        with ctx.atomic("pair_summary.csv") as tmp:
+            res.summary.to_csv(tmp, index=False)
+        write_json(ctx.output("pair_counts.json"), counts)
+        if hi.any():
+            with ctx.atomic("crops.png") as tmp:
+                pr.contact_sheet(out, tmp, seed=cfg.seed)
+        with ctx.atomic("paired") as tmp:
+            out.write_h5ad(tmp, compression="gzip")

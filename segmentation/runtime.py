@@ -1,0 +1,54 @@
+"""What both training loops share (Mask R-CNN here, the VAE in ``vae/train.py``).
+
+One definition of the non-finite-loss stop and of the RNG state a checkpoint
+carries so that ``resume=true`` continues bit-exactly. It lives in the
+segmentation library because that is the upstream one of the two: ``vae``
+imports it, ``segmentation`` never imports ``vae``, and no library imports
+``pipeline``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/inf; training stopped before the weights were updated.
+
+    The message names the epoch, the iteration and the loss terms.
+    """
+
+
+def rng_state(gen: torch.Generator | None = None) -> dict[str, Any]:
+    """Every RNG a training loop draws from (torch, CUDA, numpy, python, ``gen``)."""
+    st = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),  # noqa: NPY002 - global state other code may use
+        "python": random.getstate(),
+    }
+    if gen is not None:
+        st["augment"] = gen.get_state()
+    return st
+
+
+def set_rng_state(st: dict[str, Any], gen: torch.Generator | None = None) -> None:
+    """Restore what :func:`rng_state` saved (CUDA only when saved and available)."""
+    torch.set_rng_state(st["torch"])
+    if st.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    np.random.set_state(st["numpy"])  # noqa: NPY002
+    random.setstate(st["python"])
+    if gen is not None and "augment" in st:
+        gen.set_state(st["augment"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy's global RNG and python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # noqa: NPY002
+    random.seed(seed)

@@ -1,0 +1,260 @@
+"""Training recipe of the Mask R-CNN (typed arguments, no config objects).
+
+``fit(model_args, train_ds, eval_sets, test_sets, args, dist, checkpoint, tb_dir)``
+is one linear recipe over the per-epoch engine (:mod:`segmentation.engine`),
+like torchvision's ``references/detection/train.py``: loader, model, optimizer
+and warm-up schedule, resume, the epoch loop (gradient clipping, non-finite
+loss stop, validation every ``eval_every`` epochs, drawn predictions), a
+checkpoint after every epoch that resumes exactly, and the final validation /
+test metrics. ``pipeline/stages/segment_train.py`` maps the config onto it,
+as ``pipeline/stages/train.py`` does for :func:`vae.train.train`.
+
+Distributed: pass the ``DistInfo`` of ``pipeline.hardware`` (``device``,
+``rank``, ``world_size``, ``wrap``, ``autocast``, ``barrier``,
+``all_reduce_mean``); rank 0 writes the checkpoint and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segmentation.datasets import DetectionDataset, collate
+from segmentation.engine import (
+    EvalResult,
+    draw_predictions,
+    evaluate,
+    predict,
+    train_one_epoch,
+    warmup_schedule,
+)
+from segmentation.io import atomic_path
+from segmentation.model import build_maskrcnn, save_checkpoint
+from segmentation.runtime import rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+
+class FitError(ValueError):
+    """The run cannot start as asked (e.g. resume from a checkpoint without optimizer state)."""
+
+
+@dataclass
+class FitArgs:
+    """Optimisation settings; no defaults here: ``SegmentationConfig`` (pipeline/config.py) owns them."""
+
+    epochs: int
+    optimizer: str  # sgd | adamw
+    lr: float
+    momentum: float
+    weight_decay: float
+    schedule: str  # cosine | step | constant
+    warmup_iters: int
+    grad_clip: float  # 0: off
+    batch_size: int
+    stop_after_epochs: int | None  # stop early (the schedule still spans ``epochs``)
+    eval_every: int
+    score_threshold: float
+    tb_images: int
+    log_every: int
+    num_workers: int
+    pin_memory: bool
+    seed: int
+    resume: bool
+
+
+def summary(r: EvalResult) -> dict[str, Any]:
+    """The headline numbers of an evaluation (COCO AP, recall, precision, mask IoU)."""
+    keys = ("box_ap", "box_ap50", "box_ap75", "mask_ap", "mask_ap50", "mask_ap75")
+    out = {k: getattr(r, k) for k in keys}
+    out.update(recall=r.recall, precision=r.precision, mean_mask_iou=r.mean_mask_iou)
+    return out
+
+
+def fit(
+    model_args: dict[str, Any],
+    train_ds: DetectionDataset,
+    eval_sets: dict[str, DetectionDataset],
+    test_sets: dict[str, DetectionDataset],
+    args: FitArgs,
+    dist: Any,
+    checkpoint: Path,
+    tb_dir: Path,
+    pretrained_weights: str | None = None,
+    checkpoint_extra: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """Train, checkpoint every epoch to ``checkpoint``, evaluate; rank 0 returns the metrics.
+
+    ``checkpoint_extra`` is stored in every checkpoint (config, input scale...).
+    Returns ``None`` on the other ranks.
+
+    Raises
+    ------
+    segmentation.runtime.NonFiniteLossError
+        The loss became NaN/inf.
+    FitError
+        ``args.resume`` with a checkpoint that cannot be resumed.
+    """
+    t_start = time.time()
+    sampler = torch.utils.data.DistributedSampler(
+        train_ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=args.seed
+    )
+    loader = torch.utils.data.DataLoader(
+        train_ds,
+        batch_size=int(args.batch_size),
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=int(args.num_workers),
+        pin_memory=bool(args.pin_memory),
+    )
+    model = build_maskrcnn(**model_args, pretrained_weights=pretrained_weights)
+    model = dist.wrap(model)
+    core = model.module if hasattr(model, "module") else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(
+            params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+        )
+    else:
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    total = int(args.epochs) * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_schedule(total, int(args.warmup_iters), args.schedule)
+    )
+
+    start_epoch, history = 0, []
+    if args.resume and checkpoint.exists():
+        ck = torch.load(checkpoint, map_location=dist.device, weights_only=False)
+        if "optimizer" not in ck:
+            raise FitError(f"{checkpoint}: no optimizer state; cannot resume (overwrite=true)")
+        core.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"])
+        start_epoch = int(ck["epoch"]) + 1
+        history = list(ck.get("history", []))
+        log.info("resumed from %s at epoch %d", checkpoint, start_epoch)
+
+    writer = None
+    if dist.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(tb_dir))
+    log.info(
+        "segment_train: %d training images (%d iterations/epoch, %d epochs), val sources %s, "
+        "device %s x%d",
+        len(train_ds),
+        len(loader),
+        args.epochs,
+        list(eval_sets),
+        dist.device,
+        dist.world_size,
+    )
+
+    def on_iter(epoch: int):
+        def f(it: int, terms: dict[str, float], lr: float) -> None:
+            if writer is None:
+                return
+            step = epoch * len(loader) + it
+            for k, v in terms.items():
+                writer.add_scalar(f"train/{k}", v, step)
+            writer.add_scalar("train/loss", sum(terms.values()), step)
+            writer.add_scalar("train/lr", lr, step)
+
+        return f
+
+    last: dict[str, EvalResult] = {}
+    end_epoch = int(args.epochs)
+    if args.stop_after_epochs:
+        end_epoch = min(end_epoch, int(args.stop_after_epochs))
+    for epoch in range(start_epoch, end_epoch):
+        sampler.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+        stats = train_one_epoch(
+            model,
+            opt,
+            loader,
+            dist.device,
+            epoch,
+            scheduler=sched,
+            grad_clip=float(args.grad_clip) or None,
+            autocast=dist.autocast,
+            on_iteration=on_iter(epoch),
+            log_every=int(args.log_every),
+            reduce=dist.all_reduce_mean if dist.distributed else None,
+        )
+        entry: dict[str, Any] = {"epoch": epoch, "train": asdict(stats)}
+        if dist.is_main:
+            for k, v in stats.losses.items():
+                writer.add_scalar(f"epoch/{k}", v, epoch)
+            writer.add_scalar("epoch/loss", stats.loss, epoch)
+            writer.add_scalar("epoch/seconds", stats.seconds, epoch)
+            is_last = epoch == end_epoch - 1
+            if eval_sets and (is_last or (epoch + 1) % max(1, int(args.eval_every)) == 0):
+                entry["val"] = {}
+                for name, ds in eval_sets.items():
+                    preds = predict(core, ds, dist.device, 2, dist.autocast)
+                    r = evaluate(core, ds, dist.device, args.score_threshold, predictions=preds)
+                    last[name] = r
+                    entry["val"][name] = summary(r)
+                    for k, v in summary(r).items():
+                        if v is not None:
+                            writer.add_scalar(f"val/{name}/{k}", v, epoch)
+                    for i in range(min(int(args.tb_images), len(ds))):
+                        img = draw_predictions(ds[i][0], preds[i], args.score_threshold)
+                        writer.add_image(f"val_pred/{name}/{i}", img, epoch)
+                log.info(
+                    "epoch %d: loss %.3f (%.0f s); val %s",
+                    epoch,
+                    stats.loss,
+                    stats.seconds,
+                    {
+                        n: {k: round(v, 3) for k, v in s.items() if v is not None}
+                        for n, s in entry.get("val", {}).items()
+                    },
+                )
+            history.append(entry)
+            with atomic_path(checkpoint) as tmp:
+                save_checkpoint(
+                    tmp,
+                    model,
+                    model_args,
+                    optimizer=opt.state_dict(),
+                    scheduler=sched.state_dict(),
+                    epoch=epoch,
+                    rng=rng_state(),
+                    history=history,
+                    **(checkpoint_extra or {}),
+                )
+            writer.flush()
+        dist.barrier()
+
+    if not dist.is_main:
+        return None
+    final: dict[str, Any] = {"val": {}, "test": {}}
+    for name, ds in eval_sets.items():
+        if name not in last:  # e.g. resumed after the last epoch
+            last[name] = evaluate(core, ds, dist.device, args.score_threshold)
+        final["val"][name] = last[name].as_dict()
+    for name, ds in test_sets.items():
+        r = evaluate(core, ds, dist.device, args.score_threshold)
+        final["test"][name] = r.as_dict()
+        for k, val_ in summary(r).items():
+            if val_ is not None:
+                writer.add_scalar(f"test/{name}/{k}", val_, int(args.epochs))
+        log.info("test %s: %s", name, {k: v for k, v in summary(r).items() if v is not None})
+    final.update(
+        epochs=int(args.epochs),
+        epochs_done=(history[-1]["epoch"] + 1) if history else 0,
+        train_images=len(train_ds),
+        seconds=round(time.time() - t_start, 1),
+        history=history,
+        score_threshold=float(args.score_threshold),
+    )
+    writer.close()
+    return final

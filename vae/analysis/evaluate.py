@@ -1,0 +1,265 @@
+"""stage=evaluate's analysis: reconstruction, cross-modal prediction, latent structure,
+retrieval and disentanglement of a trained VAE on one split (see docs/analysis.md)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vae.analysis.run import (
+    LATENTS,
+    Outputs,
+    RunData,
+    clean_json,
+    embedding,
+    has_tabulate,
+    heatmap_genes,
+    labels_of,
+    obs_col,
+    observed_program_scores,
+    programs_of,
+    split_rows,
+    tb_scalars,
+)
+from vae.analysis.settings import AnalysisSettings
+from vae.infer import encode_dataset
+
+log = logging.getLogger(__name__)
+
+
+def _gene_row(what: str, n: int, gc, gidx: list[int]) -> dict:
+    """One reconstruction-table row from per-gene correlations (granule genes apart)."""
+    row = {"what": what, "n": n, "gene_pearson": gc.mean_pearson, "gene_spearman": gc.mean_spearman}
+    if gidx:
+        row["granule_gene_pearson"] = float(np.nanmean(gc.pearson[gidx]))
+    return row
+
+
+def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0) -> dict[str, Any]:
+    """Every evaluation table of ``rd`` on split ``a.split``: CSVs and figures into
+    ``out_files``, the summary (strict-JSON-clean) returned for ``metrics.json``."""
+    from vae.analysis import figures as F
+    from vae.analysis import metrics as M
+
+    t0 = time.time()
+    lat = rd.latent
+    rows = split_rows(lat, a.split)
+    ref = (
+        np.flatnonzero(lat.obs["split"].astype(str).to_numpy() == "train")
+        if "split" in lat.obs
+        else rows
+    )
+    if a.split == "all" or ref.size == 0:
+        ref = None
+    labels = labels_of(lat, a.label_key)
+    programs = programs_of(a.programs, rd.gene_names)
+    gidx = heatmap_genes(programs, rd.gene_names, rd.meta)
+    out: dict[str, Any] = {
+        "split": a.split,
+        "n_rows": int(rows.size),
+        "n_reference_rows": int(ref.size) if ref is not None else 0,
+    }
+    tables: dict[str, pd.DataFrame] = {}
+    tb = out_files.tb
+
+    # ---- latent structure
+    struct = []
+    for name, key in LATENTS.items():
+        if key not in lat.obsm:
+            continue
+        z = np.asarray(lat.obsm[key], dtype=np.float64)
+        ok = rows[np.isfinite(z[rows]).all(1)]
+        if ok.size < 3:
+            continue
+        row = {"latent": name, "n": int(ok.size)}
+        if ref is not None:
+            rok = ref[np.isfinite(z[ref]).all(1)]
+            row["knn_accuracy"] = (
+                M.knn_accuracy(z[ok], labels[ok], a.knn_k, z[rok], labels[rok])
+                if rok.size
+                else np.nan
+            )
+        else:
+            row["knn_accuracy"] = M.knn_accuracy(z[ok], labels[ok], a.knn_k)
+        row["silhouette"] = M.silhouette(z[ok], labels[ok])
+        if len(set(labels[ok])) >= 2:
+            agree = M.leiden_agreement(z[ok], labels[ok], a.n_neighbors, a.leiden_resolution, seed)
+            row.update(leiden_ari=agree.ari, leiden_nmi=agree.nmi, leiden_clusters=agree.n_clusters)
+        struct.append(row)
+    if struct:
+        tables["latent_structure"] = pd.DataFrame(struct)
+        out["latent_structure"] = {
+            r["latent"]: {k: v for k, v in r.items() if k != "latent"} for r in struct
+        }
+
+    # ---- matching of paired rows (image-only vs expression-only latents)
+    if "X_vae_image" in lat.obsm and "X_vae_expression" in lat.obsm:
+        zi = np.asarray(lat.obsm["X_vae_image"], dtype=np.float64)
+        ze = np.asarray(lat.obsm["X_vae_expression"], dtype=np.float64)
+        both = rows[np.isfinite(zi[rows]).all(1) & np.isfinite(ze[rows]).all(1)]
+        if both.size >= 2:
+            r = M.retrieval(zi[both], ze[both])
+            out["retrieval"] = M.to_dict(r)
+            tables["retrieval"] = pd.DataFrame([{"query": "image -> expression", **M.to_dict(r)}])
+
+    # ---- disentanglement against known factors (simulator truth)
+    z = np.asarray(lat.obsm["X_vae"], dtype=np.float64)[rows]
+    factors = {f: obs_col(lat, f)[rows] for f in a.factors if f in lat.obs}
+    factors = {f: v for f, v in factors.items() if M.known_rows(v).sum() >= 4}
+    if factors:
+        mg = M.mig(z, factors, a.mig_bins)
+        dc = M.dci(z, factors, n_estimators=a.dci_trees, seed=seed)
+        drows = []
+        for f, v in factors.items():
+            bd = (
+                M.best_dim_spearman(z, v.astype(float))
+                if np.asarray(v).dtype.kind in "fiub"
+                else None
+            )
+            drows.append(
+                {
+                    "factor": f,
+                    "n_known": int(M.known_rows(v).sum()),
+                    "mig_gap": mg.per_factor.get(f, np.nan),
+                    "mig_best_dim": mg.best_dim.get(f, -1),
+                    "dci_informativeness": dc.informativeness.get(f, np.nan),
+                    "best_dim_spearman": bd.spearman if bd else np.nan,
+                    "best_dim": bd.dim if bd else -1,
+                }
+            )
+        tables["disentanglement"] = pd.DataFrame(drows)
+        out["disentanglement"] = {
+            "mig": mg.mig,
+            "dci_disentanglement": dc.disentanglement,
+            "dci_completeness": dc.completeness,
+            "per_factor": {
+                r["factor"]: {k: v for k, v in r.items() if k != "factor"} for r in drows
+            },
+        }
+        imp = pd.DataFrame(dc.importance, columns=dc.factors)
+        imp.insert(0, "dim", np.arange(len(imp)))
+        tables["dci_importance"] = imp
+
+    # ---- reconstruction and cross-modal prediction (needs the paired data)
+    if rd.data is not None:
+        P = encode_dataset(
+            rd.model, rd.data, rd.device, a.batch_size, rows=rows, decode=True
+        ).decoded
+        rec, gene_rows = [], []
+        hi, he = P.has_image, P.has_expression
+        if hi.any():
+            mse = M.masked_mse(P.rec_image[hi], P.image[hi], P.mask[hi])
+            ssim = M.masked_ssim(P.rec_image[hi], P.image[hi], P.mask[hi])
+            rec.append(
+                {
+                    "what": "image (joint)",
+                    "n": int(hi.sum()),
+                    "masked_mse": np.nanmean(mse),
+                    "masked_ssim": np.nanmean(ssim),
+                }
+            )
+        if he.sum() >= 3:
+            gc = M.per_gene_correlation(P.rec_expression[he], P.x[he])
+            row = _gene_row("expression (joint)", int(he.sum()), gc, gidx)
+            if P.nb_mu is not None and P.counts is not None:
+                ll = M.nb_log_likelihood(P.counts[he], np.maximum(P.nb_mu[he], 1e-8), P.nb_theta)
+                row["nb_loglik_per_cell"] = float(ll.mean())
+                row["nb_loglik_per_count"] = float(ll.sum() / max(P.counts[he].sum(), 1))
+            rec.append(row)
+            gene_rows.append(("joint", gc))
+        both = hi & he
+        if both.sum() >= 3:
+            gi = M.per_gene_correlation(P.expr_from_image[both], P.x[both])
+            row = _gene_row("image -> expression", int(both.sum()), gi, gidx)
+            rec.append(row)
+            gene_rows.append(("image_to_expression", gi))
+            mse = M.masked_mse(P.image_from_expr[both], P.image[both], P.mask[both])
+            ssim = M.masked_ssim(P.image_from_expr[both], P.image[both], P.mask[both])
+            rec.append(
+                {
+                    "what": "expression -> image",
+                    "n": int(both.sum()),
+                    "masked_mse": np.nanmean(mse),
+                    "masked_ssim": np.nanmean(ssim),
+                }
+            )
+        if rec:
+            tables["reconstruction"] = pd.DataFrame(rec)
+            out["reconstruction"] = {
+                r["what"]: {k: v for k, v in r.items() if k != "what"} for r in rec
+            }
+        if gene_rows:
+            g = pd.DataFrame({"gene": rd.gene_names})
+            g["granule_gene"] = np.isin(np.arange(len(rd.gene_names)), gidx)
+            for nm, gc in gene_rows:
+                g[f"{nm}_pearson"] = gc.pearson
+                g[f"{nm}_spearman"] = gc.spearman
+            tables["per_gene"] = g
+        # reconstruction figure: input | joint | from expression, a few rows
+        show = np.flatnonzero(hi)[:8]
+        if show.size:
+            fig = F.image_grid(
+                [np.stack([P.image[i], P.rec_image[i], P.image_from_expr[i]]) for i in show],
+                [labels[P.rows[i]] for i in show],
+                ["input (masked)", "joint recon", "from expression"],
+                "held-out reconstructions",
+            )
+            out_files.figure(fig, "reconstructions", "evaluate/reconstructions")
+
+    # ---- UMAPs of all rows (the embedding needs more cells than the test split)
+    emb, method = embedding(
+        z=np.asarray(lat.obsm["X_vae"], dtype=np.float64),
+        n_neighbors=a.n_neighbors,
+        use_umap=a.umap,
+        seed=seed,
+    )
+    cols: dict[str, np.ndarray] = {"label": labels}
+    if "split" in lat.obs:
+        cols["split"] = lat.obs["split"].astype(str).to_numpy()
+    mat = obs_col(lat, a.maturation_key)
+    if mat is not None:
+        cols["maturation"] = mat.astype(float)
+    fig = F.scatter_panel(emb, cols, f"{method} of the shared latent (all {lat.n_obs} rows)")
+    out_files.figure(fig, "umap_labels", "evaluate/umap_labels")
+    scores = observed_program_scores(lat, rd.data, rd.gene_names, programs)
+    if scores:
+        fig = F.scatter_panel(
+            emb, scores, f"{method} coloured by granule program scores (observed)"
+        )
+        out_files.figure(fig, "umap_programs", "evaluate/umap_programs")
+    for name, key in LATENTS.items():
+        if name == "joint" or key not in lat.obsm:
+            continue
+        zz = np.asarray(lat.obsm[key], dtype=np.float64)
+        ok = np.isfinite(zz).all(1)
+        if ok.sum() >= 5:
+            e2, m2 = embedding(zz[ok], a.n_neighbors, a.umap, seed)
+            fig = F.scatter_panel(e2, {"label": labels[ok]}, f"{m2} of the {name}-only latent")
+            out_files.figure(fig, f"umap_{name}", f"evaluate/umap_{name}")
+
+    # ---- write
+    for name, df in tables.items():
+        out_files.csv(df, name)
+    out["tables"] = sorted(f"{n}.csv" for n in tables)
+    out["seconds"] = round(time.time() - t0, 2)
+    if tb is not None:
+        for sect, vals in out.items():
+            if isinstance(vals, dict):
+                tb_scalars(tb, f"evaluate/{sect}", vals)
+        for name, df in tables.items():
+            tb.add_text(
+                f"evaluate/{name}",
+                df.head(50).to_markdown(index=False)
+                if has_tabulate()
+                else df.head(50).to_string(index=False),
+                0,
+            )
+        tb.close()
+    log.info(
+        "evaluate: %d %s rows, tables %s, %.1fs", rows.size, a.split, out["tables"], out["seconds"]
+    )
+    return clean_json(out)

@@ -1,0 +1,238 @@
+"""What both analyses share: the run's files loaded together, where they write, small helpers.
+
+Library code: paths and typed settings in, no config objects (``pipeline/stages/evaluate.py``
+and ``pipeline/stages/traverse.py`` wire it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+LATENTS = {"joint": "X_vae", "image": "X_vae_image", "expression": "X_vae_expression"}
+
+
+class AnalysisError(ValueError):
+    """The run's files do not fit together or a setting does not fit the data."""
+
+
+class Outputs:
+    """Where an analysis writes: PNG and CSV files in ``folder``, figures also to TensorBoard."""
+
+    def __init__(self, folder: Path, tb: Any = None):
+        self.folder = Path(folder)
+        self.tb = tb  # a torch SummaryWriter or None
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    def figure(self, fig, name: str, tag: str | None = None) -> Path:
+        """Save a figure PNG into the folder and log it to TensorBoard."""
+        from vae.analysis import figures as F
+
+        if self.tb is not None:
+            self.tb.add_image(tag or name, F.to_image(fig), 0, dataformats="HWC")
+        return F.save(fig, self.path(f"{name}.png"))
+
+    def csv(self, df: pd.DataFrame, name: str) -> Path:
+        from segmentation.io import atomic_path
+
+        with atomic_path(self.path(f"{name}.csv")) as tmp:
+            df.to_csv(tmp, index=False)
+        return self.path(f"{name}.csv")
+
+
+@dataclass
+class RunData:
+    """What both stages read: latent table, model, and (optionally) the paired data."""
+
+    latent: Any  # AnnData of latent.h5ad
+    model: Any  # vae.model.TwoBranchVAE in eval mode
+    meta: dict
+    data: Any | None  # vae.data.PairedTensors aligned with latent rows, or None
+    gene_names: list[str]
+    device: Any
+    gene_program: dict[str, str]  # gene -> program from paired var["program"] (may be empty)
+
+
+def load_run(
+    lat_path: Path, model_path: Path, paired_path: Path | None, device: Any = "cpu"
+) -> RunData:
+    """Read latent.h5ad, the trained model and (when given) the paired data it was trained on.
+
+    Raises :class:`AnalysisError` when they do not belong together.
+    """
+    import anndata as ad
+
+    from vae.checkpoint import CheckpointError, load_model
+
+    latent = ad.read_h5ad(lat_path)
+    for key in ("X_vae",):
+        if key not in latent.obsm:
+            raise AnalysisError(
+                f"{lat_path}: obsm['{key}'] is missing (not a latent.h5ad of stage=train?)"
+            )
+    try:
+        model, meta = load_model(model_path, device)
+    except CheckpointError as e:
+        raise AnalysisError(str(e)) from e
+    data = None
+    if paired_path is not None:
+        from vae.data import PairedDataError, load_paired
+
+        p = paired_path
+        try:
+            data = load_paired(p, image_size=int(model.args.crop_size))
+        except PairedDataError as e:
+            raise AnalysisError(str(e)) from e
+        if list(data.obs_names) != [str(s) for s in latent.obs_names]:
+            raise AnalysisError(
+                f"{p} and {lat_path} hold different rows ({data.n} vs {latent.n_obs}); "
+                f"use the paired.h5ad the model was trained on (paths.inputs.paired=...)"
+            )
+    genes = list(meta.get("gene_names") or (data.gene_names if data is not None else []))
+    gene_program: dict[str, str] = {}
+    if data is not None:
+        var = ad.read_h5ad(paired_path, backed="r").var
+        if "program" in var:
+            gene_program = dict(zip(var.index.astype(str), var["program"].astype(str)))
+    return RunData(latent, model, meta, data, genes, device, gene_program)
+
+
+def full_codes(latent) -> np.ndarray:
+    """(N, d) full latent means (shared + private) used for decoding."""
+    return np.asarray(latent.obsm.get("X_vae_full", latent.obsm["X_vae"]), dtype=np.float64)
+
+
+def split_rows(latent, split: str) -> np.ndarray:
+    if split == "all":
+        return np.arange(latent.n_obs)
+    if "split" not in latent.obs:
+        raise AnalysisError("latent.h5ad: obs['split'] is missing; set analysis.split=all")
+    rows = np.flatnonzero(latent.obs["split"].astype(str).to_numpy() == split)
+    if rows.size == 0:
+        vals = sorted(set(latent.obs["split"].astype(str)))
+        raise AnalysisError(f"analysis.split={split!r}: no rows of latent.h5ad (splits: {vals})")
+    return rows
+
+
+def obs_col(latent, key: str) -> np.ndarray | None:
+    return latent.obs[key].to_numpy() if key in latent.obs else None
+
+
+def labels_of(latent, key: str) -> np.ndarray:
+    if key not in latent.obs:
+        raise AnalysisError(f"latent.h5ad: obs[{key!r}] is missing (analysis.label_key)")
+    return latent.obs[key].astype(str).to_numpy()
+
+
+def programs_of(programs: dict | None, genes: list[str]) -> dict[str, list[str]]:
+    return {str(k): [str(g) for g in v] for k, v in (programs or {}).items()}
+
+
+def heatmap_genes(programs: dict[str, list[str]], genes: list[str], meta: dict) -> list[int]:
+    from vae.analysis.traverse import match_genes
+
+    idx: list[int] = []
+    for gl in programs.values():
+        idx += [i for i in match_genes(genes, gl) if i not in idx]
+    if not idx and meta.get("granule_genes"):
+        idx = match_genes(genes, list(meta["granule_genes"]))
+    return idx or list(range(min(12, len(genes))))
+
+
+def clean_json(v):
+    """NaN/inf -> None for strict JSON."""
+    if isinstance(v, dict):
+        return {k: clean_json(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [clean_json(x) for x in v]
+    if isinstance(v, float | np.floating):
+        return float(v) if np.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def embedding(z: np.ndarray, n_neighbors: int, use_umap: bool, seed: int) -> tuple[np.ndarray, str]:
+    import anndata as ad
+    import scanpy as sc
+
+    if len(z) < 5 or not use_umap:
+        from sklearn.decomposition import PCA
+
+        k = min(2, z.shape[1], len(z))
+        e = PCA(k, random_state=seed).fit_transform(z) if len(z) >= 2 else np.zeros((len(z), 2))
+        if e.shape[1] < 2:
+            e = np.c_[e, np.zeros(len(e))]
+        return e, "PCA"
+    a = ad.AnnData(np.zeros((len(z), 1), np.float32))
+    a.obsm["X_lat"] = z.astype(np.float32)
+    sc.pp.neighbors(
+        a, n_neighbors=max(2, min(n_neighbors, len(z) - 1)), use_rep="X_lat", random_state=seed
+    )
+    sc.tl.umap(a, random_state=seed)
+    return np.asarray(a.obsm["X_umap"]), "UMAP"
+
+
+def observed_program_scores(latent, data, genes, programs) -> dict[str, np.ndarray]:
+    """Per-row program scores: obs['score_<p>'] when present, else the mean observed
+    log expression of the program genes (NaN for rows without expression)."""
+    from vae.analysis.traverse import program_scores
+
+    out = {}
+    for p in programs:
+        col = f"score_{p}"
+        if col in latent.obs:
+            out[p] = latent.obs[col].to_numpy().astype(float)
+    if data is not None:
+        x = data.x.numpy()
+        he = data.has_expression.numpy()
+        for p, v in program_scores(x, genes, programs).items():
+            if p not in out:
+                out[p] = np.where(he, v, np.nan)
+    return out
+
+
+def minmax(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=float)
+    r = np.nanmax(v) - np.nanmin(v) if np.isfinite(v).any() else 0
+    return (v - np.nanmin(v)) / r if r > 0 else np.zeros_like(v)
+
+
+def has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def tb_scalars(tb, prefix: str, d: dict) -> None:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            tb_scalars(tb, f"{prefix}/{k}", v)
+        elif isinstance(v, int | float | np.floating | np.integer) and np.isfinite(v):
+            tb.add_scalar(f"{prefix}/{k}", float(v), 0)
+
+
+def show(dec) -> np.ndarray:
+    """Decoded images for display: the cell only (decoded mask applied when there is one)."""
+    if dec.masks is None:
+        return dec.images
+    return dec.images * (dec.masks[..., None] > 0.5)
+
+
+def measure(images: np.ndarray, masks: np.ndarray | None, params, background: float):
+    """Granule features of decoded images; masks from the decoder or the background."""
+    from vae.analysis import granules as G
+
+    if masks is not None:
+        m = masks > 0.5
+    else:
+        m = np.stack([G.mask_from_background(im, background) for im in images])
+    return G.measure_batch(images, m, params)

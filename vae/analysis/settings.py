@@ -1,0 +1,56 @@
+"""Typed settings of the analyses; ``cfg.analysis`` is built from this dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vae.inputs.schema import MATURATION_ORDER, granule_programs
+
+
+@dataclass
+class AnalysisSettings:
+    """Settings of stage=evaluate and stage=traverse (see docs/analysis.md).
+
+    The config schema uses this dataclass as ``cfg.analysis`` (``pipeline/config.py``),
+    so every default has this one owner.
+    """
+
+    split: str = "test"  # rows of latent.h5ad evaluated (obs["split"]); "all" for every row
+    label_key: str = "label"  # obs column with the cell class
+    maturation_key: str = "maturation"  # obs column with maturation (simulator t / pseudotime)
+    batch_size: int = 128  # encode/decode batch
+    # latent structure
+    knn_k: int = 15  # kNN vote (reference: the train split)
+    n_neighbors: int = 15  # kNN graph for Leiden and UMAP
+    leiden_resolution: float = 1.0
+    umap: bool = True  # UMAP figures (off: PCA, faster)
+    # disentanglement against simulator truth (obs columns; absent ones are skipped)
+    factors: list[str] = field(
+        default_factory=lambda: ["t", "granule_density", "lobes", "diameter", "kind"]
+    )
+    mig_bins: int = 20
+    dci_trees: int = 50  # random-forest size of DCI
+    # gene programs (matched case-insensitively to the model's genes)
+    programs: dict[str, list[str]] = field(default_factory=granule_programs)
+    # per-dimension traversals
+    top_k_dims: int = 6  # dims with the largest KL that are swept
+    span_sd: float = 3.0  # sweep anchor +- span_sd x sd of the latent means
+    n_steps: int = 9  # images per sweep
+    anchor_class: str | None = None  # anchor = mean of this class (None: mean of all rows)
+    anchor_cell: str | None = None  # anchor = this cell id (overrides anchor_class)
+    # path from the earliest to the latest class
+    path_classes: list[str] = field(
+        default_factory=lambda: list(MATURATION_ORDER)
+    )  # maturation order; classes missing from the data are skipped; [] -> sort by maturation
+    path_steps: int = 12  # decoded points along each path
+    gp_length_scale: float = 0.3  # initial RBF length scale (path position units)
+    gp_noise: float = 1e-3
+    top_genes: int = 20  # genes listed in the report
+    # granule quantification, vae/analysis/granules.py (pixels of the crop: tuned on 64 px crops)
+    granule_min_sigma: float = 1.0  # LoG scales of a granule
+    granule_max_sigma: float = 2.0
+    granule_threshold: float = 0.10  # LoG threshold on the stain score (1 - luminance)
+    granule_border_px: int = 2  # rim of the cell outline left out of the cytoplasm
+    granule_nucleus_margin_px: int = 3  # margin around the nucleus left out
+    lobe_core_fraction: float = 0.35  # lobe = core deeper than this x max nucleus half-width
+    max_cells_measured: int = 400  # real crops quantified (random subset of the split)

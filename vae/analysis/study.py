@@ -1,0 +1,556 @@
+"""stage=traverse's analysis: what the latent space says about granule formation.
+
+Per-dimension sweeps of the top-k dims by KL, straight and GP paths from the
+earliest to the latest maturation class, genes ranked along the path, granule
+features measured on decoded and real crops, recovery of simulator truth, and
+the self-contained ``report.html`` (see docs/analysis.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vae.analysis.run import (
+    AnalysisError,
+    Outputs,
+    RunData,
+    clean_json,
+    full_codes,
+    heatmap_genes,
+    labels_of,
+    measure,
+    minmax,
+    obs_col,
+    programs_of,
+    show,
+    split_rows,
+    tb_scalars,
+)
+from vae.analysis.settings import AnalysisSettings
+
+log = logging.getLogger(__name__)
+
+
+def traverse_study(
+    rd: RunData,
+    a: AnalysisSettings,
+    out_files: Outputs,
+    report: Path,
+    evaluation: Path | None,
+    title: str,
+    subtitle: str,
+    resolved_config: dict,
+    background: float = 0.0,
+    azurophilic_density: Callable[[float], float] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Traversals, paths, granule features and truth recovery of ``rd``, then ``report``.
+
+    Figures and CSVs go to ``out_files``; ``evaluation`` (stage=evaluate's
+    ``metrics.json``, its tables beside it) adds the evaluation section;
+    ``azurophilic_density(t)`` is the simulator's truth of the large-granule
+    density (None for real data). Returns the summary for ``traverse_summary.json``.
+    """
+    from vae.analysis import figures as F
+    from vae.analysis import granules as G
+    from vae.analysis import metrics as M
+    from vae.analysis import traverse as T
+    from vae.analysis.report import FigureItem, Section, TableItem, write_report
+
+    t0 = time.time()
+    lat = rd.latent
+    genes = rd.gene_names
+    programs = programs_of(a.programs, genes)
+    gidx = heatmap_genes(programs, genes, rd.meta)
+    gnames = [genes[i] for i in gidx]
+    # program of each gene for the ranking table: the data's own (simulator) programs,
+    # then the configured granule programs
+    annot: dict[str, list[str]] = {}
+    for g, p_ in rd.gene_program.items():
+        annot.setdefault(p_, []).append(g)
+    for p_, gl in programs.items():
+        annot.setdefault(p_, []).extend(
+            g for g in gl if g.upper() not in {x.upper() for x in rd.gene_program}
+        )
+    labels = labels_of(lat, a.label_key)
+    Z = full_codes(lat)  # (N, d)
+    d = Z.shape[1]
+    rows = split_rows(lat, a.split)
+    params = G.GranuleParams(
+        min_sigma=a.granule_min_sigma,
+        max_sigma=a.granule_max_sigma,
+        threshold=a.granule_threshold,
+        border_px=a.granule_border_px,
+        nucleus_margin_px=a.granule_nucleus_margin_px,
+        core_fraction=a.lobe_core_fraction,
+    )
+    bg = background
+    tb = out_files.tb
+    figs: dict[str, list] = {k: [] for k in ("dims", "path", "granules", "truth")}
+    tables: dict[str, pd.DataFrame] = {}
+    summary: dict[str, Any] = {"n_latent": d, "split": a.split}
+
+    # ---- per-dimension traversals
+    kl = np.asarray(lat.uns.get("kl_per_dim", np.ones(d)), dtype=np.float64).ravel()
+    if kl.size != d:  # KL of the shared block only: private dims come after it
+        kl = np.r_[kl, np.zeros(d - kl.size)] if kl.size < d else kl[:d]
+    dims = T.top_dims_by_kl(kl, a.top_k_dims)
+    sd = Z.std(0)
+    sd = np.where(sd > 1e-6, sd, 1.0)
+    try:
+        anchor = T.anchor_point(Z, labels, np.asarray(lat.obs_names), a.anchor_class, a.anchor_cell)
+    except ValueError as e:
+        raise AnalysisError(f"analysis.anchor_*: {e}") from e
+    anchor_desc = (
+        f"cell {a.anchor_cell}"
+        if a.anchor_cell
+        else f"mean of class {a.anchor_class}"
+        if a.anchor_class
+        else "mean of all cells"
+    )
+    trs = T.traverse_dims(rd.model, anchor, dims, sd, a.span_sd, a.n_steps, rd.device)
+    dim_rows = []
+    step_lab = [f"{o:+.1f}sd" for o in trs[0].offsets] if trs else []
+    for tr in trs:
+        fig = F.strip_with_heatmap(
+            show(tr.decoded),
+            tr.decoded.expression[:, gidx],
+            gnames,
+            step_lab,
+            f"z{tr.dim} (KL {kl[tr.dim]:.2f} nats), anchor: {anchor_desc}",
+        )
+        p = out_files.figure(fig, f"traverse_dim{tr.dim:02d}", f"traverse/dim{tr.dim:02d}")
+        figs["dims"].append(
+            FigureItem(
+                p,
+                f"Latent dim z{tr.dim} swept from -{a.span_sd} to +{a.span_sd} sd around the {anchor_desc}: decoded images (top) and granule-gene expression (heatmap).",
+            )
+        )
+        feats = measure(tr.decoded.images, tr.decoded.masks, params, bg)
+        prog = T.program_scores(tr.decoded.expression, genes, programs)
+        row = {"dim": tr.dim, "kl": kl[tr.dim]}
+        for f in G.FEATURES:
+            row[f] = M.correlation_matrix(tr.offsets, feats[f].to_numpy(float))[0, 0]
+        for p_, v in prog.items():
+            row[f"program:{p_}"] = M.correlation_matrix(tr.offsets, v)[0, 0]
+        dim_rows.append(row)
+    if trs:
+        fig = F.image_grid(
+            [show(tr.decoded) for tr in trs],
+            [f"z{tr.dim}" for tr in trs],
+            step_lab,
+            f"top {len(trs)} latent dims by KL, anchor: {anchor_desc}",
+        )
+        p = out_files.figure(fig, "traverse_grid", "traverse/grid")
+        figs["dims"].insert(
+            0,
+            FigureItem(
+                p,
+                f"Summary: each row sweeps one of the {len(trs)} highest-KL latent dims over -{a.span_sd}..+{a.span_sd} sd (decoded images).",
+            ),
+        )
+        tables["dim_feature_correlation"] = pd.DataFrame(dim_rows)
+        cols = [c for c in tables["dim_feature_correlation"].columns if c not in ("dim", "kl")]
+        fig = F.heatmap(
+            tables["dim_feature_correlation"][cols].to_numpy(float),
+            [f"z{r['dim']}" for r in dim_rows],
+            cols,
+            "Spearman: traversal offset vs feature of decoded cell",
+        )
+        p = out_files.figure(fig, "dim_feature_heatmap", "traverse/dim_feature_heatmap")
+        figs["granules"].append(
+            FigureItem(
+                p,
+                "Spearman correlation between each swept dim's offset and granule/nucleus features measured on the decoded images and program scores of the decoded expression.",
+            )
+        )
+
+    # ---- path from the earliest to the latest class
+    mat = obs_col(lat, a.maturation_key)
+    order = list(a.path_classes) if a.path_classes else None
+    if order is not None and sum(c in set(labels) for c in order) < 2:
+        log.warning(
+            "analysis.path_classes: fewer than 2 present in labels; ordering by %s",
+            a.maturation_key,
+        )
+        order = None
+    path_ok = True
+    try:
+        cents = T.class_centroids(Z, labels, mat.astype(float) if mat is not None else None, order)
+    except ValueError as e:
+        log.warning("no path traversal: %s", e)
+        path_ok = False
+    path_info: dict[str, Any] = {}
+    if path_ok:
+        paths = {
+            "straight": T.straight_path(cents.points[0], cents.points[-1], a.path_steps),
+            "gp": T.gp_path(cents.points, a.path_steps, a.gp_length_scale, a.gp_noise, seed),
+        }
+        summary["path_classes"] = cents.names
+        for kind, pth in paths.items():
+            dec = T.decode(rd.model, pth.points, a.batch_size, rd.device)
+            fig = F.strip_with_heatmap(
+                show(dec),
+                dec.expression[:, gidx],
+                gnames,
+                [f"{s:.2f}" for s in pth.s],
+                f"{kind} path {cents.names[0]} -> {cents.names[-1]}",
+            )
+            p = out_files.figure(fig, f"path_{kind}", f"traverse/path_{kind}")
+            how = (
+                "a straight line between the two end centroids"
+                if kind == "straight"
+                else "a Gaussian-process path through the class centroids "
+                + " -> ".join(cents.names)
+            )
+            figs["path"].append(
+                FigureItem(
+                    p, f"Decoded cells and granule-gene expression along {how} (position 0..1)."
+                )
+            )
+            rank = T.rank_genes(dec.expression, genes, pth.s, annot)
+            out_files.csv(rank, f"gene_ranking_{kind}")
+            tables[f"gene_ranking_{kind}"] = rank
+            feats = measure(dec.images, dec.masks, params, bg)
+            feats.insert(0, "s", pth.s)
+            for p_, v in T.program_scores(dec.expression, genes, programs).items():
+                feats[f"program:{p_}"] = v
+            out_files.csv(feats, f"path_features_{kind}")
+            tables[f"path_features_{kind}"] = feats
+            corr = {
+                c: M.correlation_matrix(pth.s, feats[c].to_numpy(float))[0, 0]
+                for c in feats.columns
+                if c != "s"
+            }
+            path_info[kind] = {
+                "position_vs_feature_spearman": corr,
+                "top_genes": rank["gene"].head(a.top_genes).tolist(),
+            }
+            series = {
+                c: minmax(feats[c].to_numpy(float))
+                for c in [
+                    "granule_density",
+                    "lobes",
+                    "nucleus_fraction",
+                    *[k for k in feats if k.startswith("program:")],
+                ]
+            }
+            fig = F.line_plot(
+                pth.s, series, "path position", "min-max scaled", f"features along the {kind} path"
+            )
+            p = out_files.figure(fig, f"path_features_{kind}", f"traverse/path_features_{kind}")
+            figs["path"].append(
+                FigureItem(
+                    p,
+                    f"Granule density, lobes and nucleus share measured on the decoded images, and decoded program scores, along the {kind} path (each scaled to 0..1).",
+                )
+            )
+        summary["path"] = path_info
+
+    # ---- real crops: granule features vs latent dims
+    real = None
+    if rd.data is not None:
+        rng = np.random.default_rng(int(seed))
+        cand = rows[rd.data.has_image.numpy()[rows]]
+        if cand.size > a.max_cells_measured:
+            cand = np.sort(rng.choice(cand, a.max_cells_measured, replace=False))
+        if cand.size:
+            crops = rd.data.crops[cand].permute(0, 2, 3, 1).numpy()
+            masks = rd.data.masks[cand, 0].numpy().astype(bool)
+            real = G.measure_batch(crops, masks, params)
+            real.insert(0, "cell", np.asarray(lat.obs_names)[cand])
+            zc = Z[cand]
+            # granule program scores of the expression decoded from each cell's code
+            dec_c = T.decode(rd.model, zc, a.batch_size, rd.device)
+            for p_, v in T.program_scores(dec_c.expression, genes, programs).items():
+                real[f"program:{p_}"] = v
+            fcols = [f for f in G.FEATURES if f in real] + [
+                c for c in real if c.startswith("program:")
+            ]
+            cm = M.correlation_matrix(real[fcols].to_numpy(float), zc)  # (F, d)
+            corr_df = pd.DataFrame(cm, columns=[f"z{i}" for i in range(d)])
+            corr_df.insert(0, "feature", fcols)
+            if path_ok:
+                pos = T.project_onto_path(zc, paths["gp"])
+                real["gp_path_position"] = pos
+                corr_df["gp_path_position"] = M.correlation_matrix(
+                    real[fcols].to_numpy(float), pos
+                )[:, 0]
+            tables["real_feature_correlation"] = corr_df
+            out_files.csv(real, "real_crop_features")
+            fig = F.heatmap(
+                corr_df.drop(columns="feature").to_numpy(float),
+                fcols,
+                list(corr_df.columns[1:]),
+                f"Spearman: features of {len(cand)} real {a.split} crops vs latent dims",
+            )
+            p = out_files.figure(fig, "real_feature_heatmap", "traverse/real_feature_heatmap")
+            figs["granules"].append(
+                FigureItem(
+                    p,
+                    f"Spearman correlation of granule/nucleus features measured on {len(cand)} real {a.split} crops, and of program scores of the expression decoded from their codes, with each latent dim and with their position on the GP path.",
+                )
+            )
+
+    # ---- simulator truth recovery
+    truth: dict[str, Any] = {}
+    t_true = obs_col(lat, "t")
+    if path_ok and t_true is not None:
+        t_true = t_true.astype(float)
+        ok = rows[np.isfinite(t_true[rows])]
+        if ok.size >= 3:
+            for kind, pth in paths.items():
+                pos = T.project_onto_path(Z[ok], pth)
+                truth[f"{kind}_path_position_vs_true_t_spearman"] = M.correlation_matrix(
+                    pos, t_true[ok]
+                )[0, 0]
+            pos = T.project_onto_path(Z[ok], paths["gp"])
+            fig = F.truth_scatter(
+                t_true[ok],
+                pos,
+                "true maturation t",
+                "GP path position",
+                f"rho={truth['gp_path_position_vs_true_t_spearman']:.2f}",
+            )
+            p = out_files.figure(fig, "truth_t_vs_path", "traverse/truth_t_vs_path")
+            figs["truth"].append(
+                FigureItem(
+                    p,
+                    f"Held-out neutrophil-lineage cells ({ok.size}): position of their code projected on the GP path vs the simulator's true maturation t.",
+                )
+            )
+    dens = obs_col(lat, "granule_density")
+    if dens is not None and rd.data is not None:
+        dens = dens.astype(float)
+        ok = rows[np.isfinite(dens[rows]) & rd.data.has_image.numpy()[rows]]
+        if ok.size >= 3:
+            dec = T.decode(rd.model, Z[ok], a.batch_size, rd.device)
+            fd = measure(dec.images, dec.masks, params, bg)
+            truth["decoded_granule_density_vs_true_spearman"] = M.correlation_matrix(
+                fd["granule_density"].to_numpy(float), dens[ok]
+            )[0, 0]
+            crops = rd.data.crops[ok].permute(0, 2, 3, 1).numpy()
+            fr = G.measure_batch(crops, rd.data.masks[ok, 0].numpy().astype(bool), params)
+            truth["real_crop_granule_density_vs_true_spearman"] = M.correlation_matrix(
+                fr["granule_density"].to_numpy(float), dens[ok]
+            )[0, 0]
+            azu = _azurophilic_truth(lat, ok, azurophilic_density)
+            if azu is not None:
+                # the blob counter sees the large azurophilic granules; the fine specific
+                # ones (part of the simulator's total density) are below 64 px resolution
+                for nm, fx in (("decoded", fd), ("real_crop", fr)):
+                    truth[f"{nm}_granule_density_vs_true_azurophilic_spearman"] = (
+                        M.correlation_matrix(fx["granule_density"].to_numpy(float), azu)[0, 0]
+                    )
+            lob = obs_col(lat, "lobes")
+            if lob is not None:
+                lob = lob.astype(float)[ok]
+                truth["decoded_lobes_vs_true_spearman"] = M.correlation_matrix(
+                    fd["lobes"].to_numpy(float), lob
+                )[0, 0]
+                truth["real_crop_lobes_vs_true_spearman"] = M.correlation_matrix(
+                    fr["lobes"].to_numpy(float), lob
+                )[0, 0]
+            fig = F.truth_scatter(
+                dens[ok],
+                fd["granule_density"].to_numpy(float),
+                "true granule density",
+                "granules / 100 px^2 (decoded)",
+                f"rho={truth['decoded_granule_density_vs_true_spearman']:.2f}",
+            )
+            p = out_files.figure(fig, "truth_granules_decoded", "traverse/truth_granules_decoded")
+            figs["truth"].append(
+                FigureItem(
+                    p,
+                    f"Granule density counted on images decoded from {ok.size} held-out cells' codes vs the simulator's true granule density.",
+                )
+            )
+            truth["n_cells"] = int(ok.size)
+    if truth:
+        summary["truth_recovery"] = truth
+        tables["truth_recovery"] = pd.DataFrame(
+            [{"measure": k, "value": v} for k, v in truth.items()]
+        )
+        out_files.csv(tables["truth_recovery"], "truth_recovery")
+
+    for name in ("dim_feature_correlation", "real_feature_correlation"):
+        if name in tables:
+            out_files.csv(tables[name], name)
+    summary["seconds"] = round(time.time() - t0, 2)
+    if tb is not None:
+        tb_scalars(tb, "traverse/truth", truth)
+
+    # ---- report
+    key = _key_findings(tables, truth, cents.names if path_ok else [], a.top_genes)
+    summary["key_findings"] = key
+    sections = [Section("Key findings", text="\n\n".join(key))] if key else []
+    sections += _eval_sections(evaluation)
+    text = (
+        f"Top {len(trs)} latent dimensions by KL swept around the {anchor_desc}. "
+        "Features are measured with scikit-image on the decoded crops (vae/analysis/granules.py)."
+    )
+    sections.append(Section("Per-dimension traversals", text=text, figures=figs["dims"]))
+    if path_ok:
+        top = tables["gene_ranking_gp"].head(a.top_genes)
+        sections.append(
+            Section(
+                "Path from the earliest to the latest class",
+                text=f"Classes in maturation order: {' -> '.join(cents.names)} "
+                f"(rows per class: {', '.join(map(str, cents.counts))}).",
+                tables=[
+                    TableItem(
+                        "Genes ranked along the GP path",
+                        top,
+                        "log2fc: end vs start; spearman: monotonic trend with path position; "
+                        "score = |spearman| x |log2fc|. Full table: gene_ranking_gp.csv",
+                    ),
+                    TableItem(
+                        "Genes ranked along the straight path",
+                        tables["gene_ranking_straight"].head(a.top_genes),
+                        "Full table: gene_ranking_straight.csv",
+                    ),
+                ],
+                figures=figs["path"],
+            )
+        )
+    gt = []
+    if "dim_feature_correlation" in tables:
+        gt.append(
+            TableItem(
+                "Traversal offset vs decoded features (Spearman)", tables["dim_feature_correlation"]
+            )
+        )
+    if "real_feature_correlation" in tables:
+        gt.append(
+            TableItem(
+                "Real crop features vs latent dims (Spearman)", tables["real_feature_correlation"]
+            )
+        )
+    sections.append(
+        Section(
+            "Granule formation in the latent space",
+            text=(
+                "Which latent directions carry granule formation: correlations of granule count/density, "
+                "GLCM contrast, cytoplasm hue, lobe count and nucleus share with each latent dim and with the "
+                "path position."
+            ),
+            tables=gt,
+            figures=figs["granules"],
+        )
+    )
+    if truth:
+        sections.append(
+            Section(
+                "Recovery of the simulator's ground truth",
+                tables=[TableItem("Truth recovery (Spearman)", tables["truth_recovery"])],
+                figures=figs["truth"],
+            )
+        )
+    write_report(report, title, sections, resolved_config, subtitle=subtitle)
+    log.info(
+        "traverse: %d dims, path %s, %.1fs; report %s",
+        len(trs),
+        "yes" if path_ok else "no",
+        time.time() - t0,
+        report,
+    )
+    return clean_json(summary)
+
+
+def _key_findings(tables: dict, truth: dict, path_classes: list[str], top: int) -> list[str]:
+    """One-line findings for the top of the report (from the tables just computed)."""
+    out = []
+    if "real_feature_correlation" in tables:
+        df = tables["real_feature_correlation"].set_index("feature")
+        zcols = [c for c in df.columns if c.startswith("z")]
+        for feat in ["granule_density", *[f for f in df.index if f.startswith("program:")]]:
+            if feat not in df.index:
+                continue
+            r = df.loc[feat, zcols].astype(float)
+            if not np.isfinite(r).any():
+                continue
+            best = r.abs().sort_values(ascending=False).index[:3]
+            dims = ", ".join(f"{c} (rho {r[c]:+.2f})" for c in best)
+            extra = ""
+            if "gp_path_position" in df.columns and np.isfinite(df.loc[feat, "gp_path_position"]):
+                extra = f"; with GP path position rho {df.loc[feat, 'gp_path_position']:+.2f}"
+            out.append(f"Latent dims most correlated with {feat} of held-out cells: {dims}{extra}.")
+    if "gene_ranking_gp" in tables and path_classes:
+        g = tables["gene_ranking_gp"]
+        up = g[g["log2fc"] > 0].head(min(top, 8))["gene"].tolist()
+        down = g[g["log2fc"] < 0].head(min(top, 8))["gene"].tolist()
+        out.append(
+            f"Along the GP path {path_classes[0]} -> {path_classes[-1]}, genes rising most "
+            f"(fold change x monotonic trend): {', '.join(up) or 'none'}; falling: "
+            f"{', '.join(down) or 'none'}."
+        )
+    for k, v in truth.items():
+        if k != "n_cells" and v is not None and np.isfinite(v):
+            out.append(f"Truth recovery: {k.replace('_', ' ')} = {v:.3f}.")
+        elif k != "n_cells":
+            out.append(
+                f"Truth recovery: {k.replace('_', ' ')} undefined (the measured feature is "
+                f"constant, e.g. no granules detected on the decoded images)."
+            )
+    return out
+
+
+def _eval_sections(evaluation: Path | None) -> list:
+    """Report sections from stage=evaluate's outputs, when it ran."""
+    import json
+
+    from vae.analysis.report import FigureItem, Section, TableItem
+
+    if evaluation is None:
+        return [Section("Evaluation", text="stage=evaluate has not run for this experiment.")]
+    ev_dir = evaluation.parent
+    metrics = json.loads(evaluation.read_text())
+    tables, figs = [], []
+    captions = {
+        "latent_structure": "kNN accuracy (reference: train split), silhouette and Leiden ARI/NMI of each latent on the held-out split.",
+        "reconstruction": "Held-out reconstruction: masked image MSE/SSIM; expression per-gene r; cross-modal prediction.",
+        "retrieval": "Finding each cell's own expression profile from its image latent (Recall@k, FOSCTTM: 0 perfect, 0.5 random).",
+        "disentanglement": "Against simulator truth: MIG gap, DCI informativeness and the best single dim's Spearman per factor.",
+    }
+    for name, cap in captions.items():
+        f = ev_dir / f"{name}.csv"
+        if f.exists():
+            tables.append(TableItem(name.replace("_", " "), pd.read_csv(f), cap))
+    fcaps = {
+        "umap_labels.png": "Embedding of the shared latent, coloured by label, split and maturation.",
+        "umap_programs.png": "Same embedding coloured by observed granule program scores.",
+        "umap_image.png": "Embedding of the image-only latent, coloured by label.",
+        "umap_expression.png": "Embedding of the expression-only latent, coloured by label.",
+        "reconstructions.png": "Held-out cells: masked input, joint reconstruction, and the image decoded from expression alone.",
+    }
+    for fn, cap in fcaps.items():
+        if (ev_dir / fn).exists():
+            figs.append(FigureItem(ev_dir / fn, cap))
+    dis = metrics.get("disentanglement", {})
+    text = f"{metrics.get('n_rows')} rows of split '{metrics.get('split')}'."
+    if dis:
+        text += (
+            f" MIG {dis.get('mig')}, DCI disentanglement {dis.get('dci_disentanglement')}, "
+            f"completeness {dis.get('dci_completeness')}."
+        )
+    return [Section("Evaluation (held-out cells)", text=text, tables=tables, figures=figs)]
+
+
+def _azurophilic_truth(
+    lat, rows: np.ndarray, azurophilic_density: Callable[[float], float] | None
+) -> np.ndarray | None:
+    """Simulator truth of the large (azurophilic) granule density of ``rows``, from t.
+
+    NaN outside the neutrophil lineage; None when the data are not simulated.
+    """
+    if azurophilic_density is None or "t" not in lat.obs or "kind" not in lat.obs:
+        return None
+    t = lat.obs["t"].to_numpy().astype(float)[rows]
+    return np.array([azurophilic_density(x) if np.isfinite(x) else np.nan for x in t])

@@ -1,0 +1,1 @@
+"""Inputs of the VAE: expression preprocessing (``expression``) and crop x profile pairing (``pairing``)."""

@@ -1,0 +1,46 @@
+"""Keys of ``expression.h5ad`` and ``paired.h5ad`` and the label vocabulary; one owner each.
+
+Every module that writes or reads these artifacts imports the names from here
+(see docs/artifacts.md): the pairing writes them, :mod:`vae.data` reads them,
+the stages count them, the analyses colour by them.
+"""
+
+from __future__ import annotations
+
+from segmentation.schema import TRUTH_FIELDS
+
+# paired.h5ad obs: which modality a row has, and whether its crop has a true mask
+HAS_IMAGE = "has_image"
+HAS_EXPRESSION = "has_expression"
+HAS_MASK = "has_mask"
+# expression.h5ad / paired.h5ad uns: layers["counts"] holds raw counts
+HAS_COUNTS = "has_counts"
+
+# simulator ground truth carried from crops / expression obs into paired obs
+TRUTH_COLUMNS = TRUTH_FIELDS
+
+# the neutrophil lineage, earliest to latest: the simulator's stages and the
+# default path of stage=traverse (analysis.path_classes)
+MATURATION_ORDER = (
+    "myeloblast",
+    "promyelocyte",
+    "myelocyte",
+    "metamyelocyte",
+    "band",
+    "segmented_neutrophil",
+)
+
+# granule gene programs (human symbols; matched case-insensitively, so mouse
+# Mpo/Elane map too): expression.programs and analysis.programs default to these,
+# and obs["score_<program>"] of expression.h5ad is keyed by them
+GRANULE_PROGRAMS: dict[str, tuple[str, ...]] = {
+    "primary": ("MPO", "ELANE", "AZU1", "PRTN3", "CTSG"),  # azurophilic granules
+    "specific": ("LTF", "CAMP", "LCN2", "CEACAM8"),
+    "tertiary": ("MMP9",),
+    "maturation": ("CXCR2", "FCGR3B", "CSF3R", "ITGAM", "MME"),
+}
+
+
+def granule_programs() -> dict[str, list[str]]:
+    """A fresh, mutable copy of :data:`GRANULE_PROGRAMS` (for dataclass defaults)."""
+    return {k: list(v) for k, v in GRANULE_PROGRAMS.items()}
