@@ -98,7 +98,9 @@ def check(run: Path, paired: Path | None, traverse: Path | None) -> dict:
         from vae import granules as G
 
     model, meta = load_model(run / "model.pt")
-    manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").exists() else {}
+    manifest = (
+        json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").exists() else {}
+    )
     if paired is None:
         src = manifest.get("inputs", {}).get("paired", {})
         paired = Path(src.get("path", "")) if isinstance(src, dict) else Path(str(src))
@@ -171,9 +173,10 @@ def check(run: Path, paired: Path | None, traverse: Path | None) -> dict:
         z = lat.joint[has_i]
         rho = [abs(_spearman(z[:, j], t)) for j in range(z.shape[1])]
         res["best_dim_vs_t_spearman"] = float(np.nanmax(rho)) if rho else float("nan")
-        neut = np.isfinite(t) & o.get("lineage", pd.Series("", index=o.index)).astype(str).eq(
-            "neutrophil"
-        ).to_numpy()
+        neut = (
+            np.isfinite(t)
+            & o.get("lineage", pd.Series("", index=o.index)).astype(str).eq("neutrophil").to_numpy()
+        )
         if neut.sum() >= 3:
             from pipeline.simulator.morphology import azurophilic_density
 

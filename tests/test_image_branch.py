@@ -106,3 +106,62 @@ def test_stain_jitter_is_seeded_bounded_and_off_at_zero():
     r = np.corrcoef(a[0].flatten().numpy(), img[0].flatten().numpy())[0, 1]
     assert r > 0.8
     assert torch.equal(augment_stain(img, 0.0, g1), img)
+
+
+@pytest.mark.parametrize("fusion", ["poe", "moe"])
+def test_cnn_on_image_rows_only_gives_the_same_loss(monkeypatch, fusion):
+    """Modality-aware compute: same loss terms as running the CNNs on every row."""
+    import vae.model as vm
+
+    torch.manual_seed(0)
+    m = TwoBranchVAE(
+        VAEArgs(
+            n_genes=7,
+            crop_size=16,
+            channels=[8, 8],
+            n_private=2,
+            expression_likelihood="gaussian",
+            fusion=fusion,
+            image_arch="residual",
+        )
+    )
+    b = 6
+    img, mask = torch.rand(b, 3, 16, 16), (torch.rand(b, 1, 16, 16) > 0.3).float()
+    x = torch.rand(b, 7)
+    hi = torch.tensor([1, 1, 0, 0, 1, 0], dtype=torch.bool)
+    he = torch.tensor([1, 0, 1, 1, 1, 0], dtype=torch.bool)
+    img = img * hi.view(-1, 1, 1, 1)
+    w = LossWeights(ssim=0.5, spectral=2.0, align=1.0, align_mode="clip")
+
+    def terms():
+        torch.manual_seed(1)
+        out = m(img, mask, x, hi, he)
+        return vae_loss(out, img, mask, x, None, None, beta=1.0, weights=w, n_shared=16)
+
+    new = terms().scalars()
+    monkeypatch.setattr(vm, "_rows_only", lambda fn, rows, *t: fn(*t))
+    old = terms().scalars()
+    for k in old:
+        assert new[k] == pytest.approx(old[k], rel=1e-6, abs=1e-6), k
+
+
+def test_batch_without_images_keeps_every_parameter_in_the_graph():
+    torch.manual_seed(0)
+    m = TwoBranchVAE(
+        VAEArgs(n_genes=5, crop_size=16, channels=[8, 8], expression_likelihood="gaussian")
+    )
+    b = 3
+    no = torch.zeros(b, dtype=torch.bool)
+    out = m(torch.zeros(b, 3, 16, 16), torch.zeros(b, 1, 16, 16), torch.rand(b, 5), no, ~no)
+    loss = vae_loss(
+        out,
+        torch.zeros(b, 3, 16, 16),
+        torch.zeros(b, 1, 16, 16),
+        torch.rand(b, 5),
+        None,
+        None,
+        beta=1.0,
+    )
+    loss.total.backward()
+    assert all(p.grad is not None for p in m.image_decoder.parameters())
+    assert all(p.grad is not None for p in m.image_encoder.parameters())

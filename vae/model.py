@@ -270,7 +270,12 @@ class ImageDecoder(nn.Module):
     """z -> mean image (B, 3, S, S) in [0, 1] and mask logits (B, 1, S, S)."""
 
     def __init__(
-        self, crop_size: int, channels: list[int], n_in: int, predict_mask: bool, arch: str = "plain"
+        self,
+        crop_size: int,
+        channels: list[int],
+        n_in: int,
+        predict_mask: bool,
+        arch: str = "plain",
     ):
         super().__init__()
         self.side = crop_size // 2 ** len(channels)
@@ -538,7 +543,11 @@ class TwoBranchVAE(nn.Module):
                 mask = torch.ones_like(image[:, :1])
             elif mask.dim() == 3:
                 mask = mask.unsqueeze(1)  # (B, S, S) -> (B, 1, S, S)
-            mu, lv = self.image_encoder(image, mask.to(image.dtype))
+            # the CNN runs on the rows that hold an image only; the others get
+            # N(0, 1) placeholders that no loss term and no fusion reads
+            mu, lv = _rows_only(
+                lambda i, m: self.image_encoder(i, m), has_image, image, mask.to(image.dtype)
+            )
             sh = (mu[:, : self.args.n_shared], lv[:, : self.args.n_shared])
             pv = (mu[:, self.args.n_shared :], lv[:, self.args.n_shared :])
             post_img = self._full(sh, pv, "image")
@@ -578,12 +587,16 @@ class TwoBranchVAE(nn.Module):
         return Posteriors(joint, post_img, post_expr, has_image, has_expression)
 
     # -------------------------------------------------------------- generative
-    def decode(self, z: torch.Tensor) -> Decoded:
+    def decode(self, z: torch.Tensor, image_rows: torch.Tensor | None = None) -> Decoded:
         """Decode latent codes.
 
         Parameters
         ----------
         z : (B, d)
+        image_rows : (B,) bool, optional
+            Rows whose image is needed; the image decoder runs on these only and
+            the other rows get zeros (training: rows without an image score
+            nothing). Default: all rows.
 
         Returns
         -------
@@ -592,7 +605,11 @@ class TwoBranchVAE(nn.Module):
             or None, ``expression_log`` (B, G) log1p-normalised prediction and
             the likelihood parameters.
         """
-        img, mask_logits = self.image_decoder(self.image_part(z))
+        zi = self.image_part(z)
+        if image_rows is None:
+            img, mask_logits = self.image_decoder(zi)
+        else:
+            img, mask_logits = _rows_only(self.image_decoder, image_rows, zi)
         expr = self.expression_decoder(self.expression_part(z))
         return Decoded(
             image=img,
@@ -614,9 +631,12 @@ class TwoBranchVAE(nn.Module):
     ) -> ForwardOutput:
         """Encode, sample and decode everything the training loss needs.
 
-        All parameters are used in every call (rows without a modality still
-        flow through its encoder, then get masked out), which keeps DDP happy
-        without ``find_unused_parameters``.
+        The CNNs run only on the rows that need them: the image encoder on rows
+        with an image, the fused and image-only decodes' images on rows with an
+        image, the expression-only decode's image on paired rows (the only rows
+        a cross-modal image term scores). A batch without any image still calls
+        them on an empty sub-batch, so every parameter is in the graph (DDP
+        needs no ``find_unused_parameters``).
 
         Parameters
         ----------
@@ -627,13 +647,36 @@ class TwoBranchVAE(nn.Module):
         log_library : (B,) optional
         """
         post = self.encode(image, expression, has_image, has_expression, mask, log_library)
+        hi, paired = post.has_image, post.has_image & post.has_expression
         if self.args.fusion == "poe":
-            joint = self.decode(reparameterize(post.joint))
+            joint = self.decode(reparameterize(post.joint), hi)
         else:
             joint = None
-        from_img = self.decode(reparameterize(post.image))
-        from_expr = self.decode(reparameterize(post.expression))
+        from_img = self.decode(reparameterize(post.image), hi)
+        from_expr = self.decode(reparameterize(post.expression), paired)
         return ForwardOutput(post, joint, from_img, from_expr)
+
+
+def _rows_only(fn, rows: torch.Tensor, *tensors: torch.Tensor):
+    """Apply ``fn`` to the ``rows`` (bool (B,)) of each tensor, scatter into zeros.
+
+    ``fn`` returns a tuple of tensors (or None entries) with batch first; rows
+    not selected come back as zeros. With every row selected, ``fn`` sees the
+    whole batch unchanged (no copy).
+    """
+    b = tensors[0].shape[0]
+    if bool(rows.all()):
+        return fn(*tensors)
+    idx = rows.nonzero().flatten()
+    outs = fn(*(t.index_select(0, idx) for t in tensors))
+
+    def scatter(o: torch.Tensor | None) -> torch.Tensor | None:
+        if o is None:
+            return None
+        full = o.new_zeros((b, *o.shape[1:]))
+        return full.index_copy(0, idx, o)
+
+    return tuple(scatter(o) for o in outs)
 
 
 def args_to_dict(args: VAEArgs) -> dict:
