@@ -310,6 +310,7 @@ class VAEConfig:
     image_size: int | None = None
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])  # one conv per /2
     image_arch: str = "plain"  # plain | residual (residual blocks, upsample+conv decoder)
+    texture_noise: bool = False  # residual decoder: learned per-pixel noise (granule texture)
     image_likelihood: str = "gaussian"  # mse | gaussian | laplace (learned scalar scale)
     predict_mask: bool = True  # decoder also predicts the cell mask (BCE)
     ssim_weight: float = 0.0  # optional (1 - SSIM) term inside the mask

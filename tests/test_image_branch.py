@@ -35,9 +35,25 @@ def test_unknown_arch_is_refused():
 
 
 def test_old_checkpoint_args_keep_plain_arch():
-    # checkpoints written before image_arch existed have no such key
+    # checkpoints written before image_arch existed have no such key, and their
+    # state dicts name the plain layers: the plain layout must not move
     a = VAEArgs(**{"n_genes": 5, "crop_size": 64})
-    assert a.image_arch == "plain"
+    assert a.image_arch == "plain" and not a.texture_noise
+    keys = set(TwoBranchVAE(a).image_decoder.state_dict())
+    assert keys == {
+        "fc.weight",
+        "fc.bias",
+        *(f"deconv.{i}.{w}" for i in (0, 1, 3, 4, 6, 7, 9) for w in ("weight", "bias")),
+    }
+    assert isinstance(TwoBranchVAE(a).image_decoder.deconv[-1], torch.nn.ConvTranspose2d)
+
+
+def test_texture_noise_makes_decoding_stochastic():
+    a = VAEArgs(n_genes=5, crop_size=16, channels=[8, 8], image_arch="residual", texture_noise=True)
+    m = TwoBranchVAE(a).eval()
+    z = torch.zeros(2, a.n_latent)
+    with torch.no_grad():
+        assert not torch.equal(m.decode(z).image, m.decode(z).image)
 
 
 def _dots(shift: int, n: int = 12, size: int = 32, seed: int = 0) -> torch.Tensor:

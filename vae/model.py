@@ -89,6 +89,7 @@ class VAEArgs:
     dropout: float = 0.1
     # default "plain" so checkpoints saved before this field load unchanged
     image_arch: str = "plain"
+    texture_noise: bool = False  # residual decoder: per-pixel noise before the last conv
 
     def __post_init__(self) -> None:
         if self.expression_likelihood not in EXPRESSION_LIKELIHOODS:
@@ -236,6 +237,23 @@ class ResBlock(nn.Module):
         return x + self.body(x)
 
 
+class NoiseInjection(nn.Module):
+    """h + s_c * N(0, 1) per pixel, s_c learned per channel (StyleGAN-style).
+
+    Granule positions are random: no code of a few dims can say where each one
+    sits, so a deterministic decoder can only paint their average (a smooth
+    tint). Per-pixel noise lets the layers after it place granule-like texture
+    whose amount and size the latent controls; the spectral term rewards it.
+    """
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((1, c, 1, 1), 0.1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.scale * torch.randn_like(h)
+
+
 class ImageEncoder(nn.Module):
     """Masked crop -> Gaussian over ``n_out`` dims.
 
@@ -276,6 +294,7 @@ class ImageDecoder(nn.Module):
         n_in: int,
         predict_mask: bool,
         arch: str = "plain",
+        texture_noise: bool = False,
     ):
         super().__init__()
         self.side = crop_size // 2 ** len(channels)
@@ -292,9 +311,8 @@ class ImageDecoder(nn.Module):
             # last upsampling straight to the output channels
             layers.append(nn.ConvTranspose2d(rev[-1], n_out, 4, 2, 1))
         else:
-            # upsample x2 + 3x3 conv per scale, a residual block at the coarse scales;
-            # the last step is a learned (transposed-conv) upsampling straight to the
-            # output: a 3x3 conv at full resolution costs more than the rest together
+            # upsample x2 + 3x3 conv per scale, a residual block at the coarse scales
+            # (at 32-64 px a residual block costs more than the rest together)
             side = self.side
             for a, b in zip(rev[:-1], rev[1:]):
                 side *= 2
@@ -304,7 +322,15 @@ class ImageDecoder(nn.Module):
                     layers.append(ResBlock(b))
                 else:
                     layers += [nn.GroupNorm(_groups(b), b), nn.SiLU()]
-            layers.append(nn.ConvTranspose2d(rev[-1], n_out, 4, 2, 1))
+            # last scale: upsample + two 3x3 convs at full resolution (a transposed
+            # conv here paints a periodic checkerboard once the spectral term asks
+            # for high frequencies); narrow because full resolution is the cost
+            c_top = max(8, rev[-1] // 2)
+            layers += [nn.Upsample(scale_factor=2, mode="nearest")]
+            layers += [nn.Conv2d(rev[-1], c_top, 3, padding=1)]
+            if texture_noise:
+                layers.append(NoiseInjection(c_top))
+            layers += [nn.SiLU(), nn.Conv2d(c_top, n_out, 3, padding=1)]
         self.deconv = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -443,7 +469,7 @@ class TwoBranchVAE(nn.Module):
         ns, npv = a.n_shared, a.n_private
         self.image_encoder = ImageEncoder(a.crop_size, a.channels, ns + npv, a.image_arch)
         self.image_decoder = ImageDecoder(
-            a.crop_size, a.channels, ns + npv, a.predict_mask, a.image_arch
+            a.crop_size, a.channels, ns + npv, a.predict_mask, a.image_arch, a.texture_noise
         )
         self.expression_encoder = ExpressionEncoder(
             a.n_genes, a.hidden, ns + npv, a.library_covariate, a.dropout

@@ -58,6 +58,7 @@ def build_model_args(cfg: DictConfig, data, source: str):
             norm_total=float(data.norm_total),
             dropout=float(v.dropout),
             image_arch=v.image_arch,
+            texture_noise=bool(v.texture_noise),
         )
     except ValueError as e:
         raise StageError(f"vae config: {e}") from e
