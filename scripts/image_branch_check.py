@@ -3,8 +3,10 @@
 Reads ``model.pt``, ``split.csv`` and the ``paired.h5ad`` the run trained on,
 and measures on the test split (rows never used for early stopping):
 
-- kNN(15) class accuracy of the image-only, expression-only and fused latents
-  (5-fold CV inside the test split; ``obs['label']``), with the majority-class rate;
+- kNN(15) class accuracy (``obs['label']``) of the image-only (shared + image-private
+  dims, and shared dims only, as ``stage=evaluate`` reports it), expression-only and
+  fused latents: fitted on the train+val rows, scored on the test rows; with the
+  majority-class rate of the labelled test image rows;
 - active units: latent dims whose mean KL of the fused posterior exceeds 0.01 nats;
 - masked SSIM of the fused reconstructions (decoded from the posterior mean);
 - raw-pixel PCA baseline: kNN accuracy of the first ``n_latent`` PCs of the masked crops;
@@ -126,8 +128,10 @@ def check(run: Path, paired: Path | None, traverse: Path | None) -> dict:
         vals, cnt = np.unique(y[lab & has_i], return_counts=True)
         res["n_test_image_labelled"] = int(cnt.sum())
         res["majority_image_rows"] = float(cnt.max() / cnt.sum()) if cnt.size else float("nan")
+        ns = model.args.n_shared
         for name, zz, hf, ht in (
             ("image", lat_all.image, has_i_all[fit], has_i),
+            ("image_shared", lat_all.image[:, :ns], has_i_all[fit], has_i),
             ("expression", lat_all.expression, has_e_all[fit], has_e),
             ("joint", lat_all.joint, np.ones(fit.size, bool), np.ones(test.size, bool)),
         ):
