@@ -7,7 +7,6 @@ import importlib
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,7 @@ from pipeline.simulator import (
 )
 from pipeline.simulator.morphology import STAGE_EDGES, lobes_of
 from pipeline.simulator.render import draw_cell, rgb_to_od
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.run import compose_config, run_pipeline
 
 # small images, small cells: fast but every structure still drawn
 SMALL = {
@@ -357,8 +355,7 @@ ARGS = [
 
 
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline", "stage=simulate", f"paths.root={tmp_path}", *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    return run_pipeline(["stage=simulate", f"paths.root={tmp_path}", *args], timeout=120)
 
 
 def test_stage_simulate_writes_valid_artifacts(tmp_path):
@@ -417,18 +414,12 @@ def test_stage_simulate_bad_setting_writes_nothing(tmp_path):
 
 
 def test_runner_rejects_too_small_images_before_creating_folders(tmp_path):
-    from hydra import compose, initialize_config_dir
-
     from pipeline import runner
-    from pipeline.config import register_configs
 
-    register_configs()
     root = tmp_path / "runs"
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=["stage=simulate", f"paths.root={root}", "data.simulator.image_size=[64,64]"],
-        )
+    cfg = compose_config(
+        ["stage=simulate", f"paths.root={root}", "data.simulator.image_size=[64,64]"]
+    )
     importlib.import_module("pipeline.stages.simulate")  # registers stage=simulate
     with pytest.raises(
         runner.StageError, match=r"data\.simulator\.image_size=\[64, 64\] is too small"
