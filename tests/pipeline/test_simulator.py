@@ -29,8 +29,9 @@ from pipeline.simulator import (
     stage_of,
     write_dataset,
 )
+from pipeline.simulator.cell import draw_cell, rgb_to_od
 from pipeline.simulator.morphology import STAGE_EDGES, lobes_of
-from pipeline.simulator.render import draw_cell, rgb_to_od
+from segmentation.schema import TRUTH_FIELDS
 from tests.helpers.run import compose_config, run_pipeline
 
 # small images, small cells: fast but every structure still drawn
@@ -383,16 +384,7 @@ def test_stage_simulate_writes_valid_artifacts(tmp_path):
     assert adata.shape[1] == 150
     assert np.array_equal(adata.X, adata.layers["counts"])
     assert np.array_equal(adata.X, np.round(adata.X)) and adata.X.dtype == np.float32
-    assert {
-        "kind",
-        "lineage",
-        "t",
-        "granule_density",
-        "lobes",
-        "diameter",
-        "image",
-        "split",
-    } <= set(adata.obs)
+    assert {*TRUTH_FIELDS, "image", "split"} <= set(adata.obs)
     assert "program" in adata.var
     table = pd.read_csv(d / "cells_truth.csv")
     assert list(table["cell_id"]) == [a["cell_id"] for a in anns]
