@@ -10,6 +10,7 @@ Only the ``pipeline`` package reads these objects. Library code in
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ class StageConfig:
 class InputsConfig:
     """Explicit input paths. ``null`` means: take it from the run directory.
 
-    Each key names an artifact; see ``pipeline.stages.ARTIFACTS`` for the
+    Each key names an artifact; see ``pipeline.runner.ARTIFACTS`` for the
     stage that produces it inside ``outputs/<experiment>/``.
     """
 
@@ -79,33 +80,27 @@ class HardwareConfig:
     torch_threads: int | None = None  # None -> torch default
 
 
-_SIM = SimulatorParams()  # the simulator's defaults
+def _simulator_schema() -> type:
+    """``data.simulator``: the fields and defaults of :class:`SimulatorParams` (their one
+    owner, documented there), with tuples as lists (OmegaConf has no tuples)."""
+    types = {"int": int, "float": float, "str": str, "bool": bool}
+    fields = []
+    for f in dataclasses.fields(SimulatorParams):
+        default = getattr(SimulatorParams(), f.name)
+        if isinstance(default, tuple):
+            fields.append((f.name, list[int], field(default_factory=lambda v=default: list(v))))
+        elif isinstance(default, dict):
+            fields.append(
+                (f.name, dict[str, float], field(default_factory=lambda v=default: dict(v)))
+            )
+        else:
+            fields.append((f.name, types[str(f.type)], default))
+    cls = dataclasses.make_dataclass("SimulatorConfig", fields)
+    cls.__module__ = __name__  # so the config pickles (DDP workers get it by spawn)
+    return cls
 
 
-@dataclass
-class SimulatorConfig:
-    """Synthetic smears and paired expression with known ground truth."""
-
-    # defaults owned by pipeline.simulator.dataset.SimulatorParams (and its SmearParams)
-    n_images: int = _SIM.n_images
-    image_size: list[int] = field(default_factory=lambda: list(_SIM.image_size))  # (H, W) px
-    wbc_per_image: list[int] = field(default_factory=lambda: list(_SIM.wbc_per_image))  # range
-    rbc_density: float = _SIM.rbc_density  # red-cell area / field area (overlaps counted twice)
-    platelets_per_image: list[int] = field(default_factory=lambda: list(_SIM.platelets_per_image))
-    wbc_diameter_px: float = _SIM.wbc_diameter_px  # diameter of a mature neutrophil, px
-    kind_weights: dict[str, float] = field(default_factory=lambda: dict(_SIM.kind_weights))
-    touching_fraction: float = _SIM.touching_fraction  # P(a WBC is placed touching another)
-    stain_jitter: float = _SIM.stain_jitter  # log-normal sd of per-image stain per channel
-    illumination_jitter: float = _SIM.illumination_jitter  # relative sd of the white balance
-    noise_std: float = _SIM.noise_std  # Gaussian pixel noise, 0-255 units
-    blur_sigma: float = _SIM.blur_sigma  # optical blur, px
-    n_genes: int = _SIM.n_genes  # >= 111 (the program genes); the rest are noise genes
-    mean_library_size: float = _SIM.mean_library_size  # median total counts per cell
-    library_size_sd: float = _SIM.library_size_sd  # log-normal sd of the library size
-    nb_dispersion: float = _SIM.nb_dispersion  # NB inverse dispersion (larger = less noise)
-    dropout: float = _SIM.dropout  # extra zero-inflation probability
-    val_fraction: float = _SIM.val_fraction  # share of images in split "val"
-    seed: int = _SIM.seed  # image k uses default_rng([seed, k]): independent of n_images
+SimulatorConfig = _simulator_schema()
 
 
 @dataclass

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from pipeline.simulator.expression import (
     GenePanel,
@@ -26,6 +25,7 @@ from pipeline.simulator.expression import (
 )
 from pipeline.simulator.morphology import KIND_GROUPS, MAX_DIAMETER_FACTOR
 from pipeline.simulator.render import SmearParams, render_smear
+from pipeline.simulator.tables import expression_anndata, truth_table
 from segmentation.io import encode_mask
 
 
@@ -52,23 +52,23 @@ class SimulatorParams:
     n_images: int = 24
     # image settings: defaults owned by SmearParams
     image_size: tuple[int, int] = (_SMEAR.height, _SMEAR.width)  # (H, W) px
-    wbc_per_image: tuple[int, int] = _SMEAR.wbc_per_image
-    rbc_density: float = _SMEAR.rbc_density
+    wbc_per_image: tuple[int, int] = _SMEAR.wbc_per_image  # inclusive range
+    rbc_density: float = _SMEAR.rbc_density  # red-cell area / field area (overlaps counted twice)
     platelets_per_image: tuple[int, int] = _SMEAR.platelets_per_image
-    wbc_diameter_px: float = _SMEAR.mature_diameter
+    wbc_diameter_px: float = _SMEAR.mature_diameter  # diameter of a mature neutrophil, px
     kind_weights: dict[str, float] = field(default_factory=lambda: dict(_SMEAR.kind_weights))
-    touching_fraction: float = _SMEAR.touching_fraction
-    stain_jitter: float = _SMEAR.stain_jitter
-    illumination_jitter: float = _SMEAR.illumination_jitter
-    noise_std: float = _SMEAR.noise_std
-    blur_sigma: float = _SMEAR.blur_sigma
-    n_genes: int = 240
-    mean_library_size: float = 2000.0
-    library_size_sd: float = 0.35
-    nb_dispersion: float = 5.0
-    dropout: float = 0.1
-    val_fraction: float = 0.2
-    seed: int = 0
+    touching_fraction: float = _SMEAR.touching_fraction  # P(a WBC is placed touching another)
+    stain_jitter: float = _SMEAR.stain_jitter  # log-normal sd of per-image stain per channel
+    illumination_jitter: float = _SMEAR.illumination_jitter  # relative sd of the white balance
+    noise_std: float = _SMEAR.noise_std  # Gaussian pixel noise, 0-255 units
+    blur_sigma: float = _SMEAR.blur_sigma  # optical blur, px
+    n_genes: int = 240  # >= 111 (the program genes); the rest are noise genes
+    mean_library_size: float = 2000.0  # median total counts per cell
+    library_size_sd: float = 0.35  # log-normal sd of the library size
+    nb_dispersion: float = 5.0  # NB inverse dispersion (larger = less noise)
+    dropout: float = 0.1  # extra zero-inflation probability
+    val_fraction: float = 0.2  # share of images in split "val"
+    seed: int = 0  # image k uses default_rng([seed, k]): independent of n_images
 
     @classmethod
     def from_mapping(cls, d: dict[str, Any]) -> SimulatorParams:
@@ -257,105 +257,6 @@ def simulate_image(
         counts=counts,
         n_unplaced=smear.n_requested - len(smear.cells),
     )
-
-
-TRUTH_COLUMNS = [
-    "cell_id",
-    "image",
-    "image_id",
-    "annotation_id",
-    "split",
-    "kind",
-    "lineage",
-    "t",
-    "granule_density",
-    "azurophilic_density",
-    "specific_density",
-    "eosinophilic_density",
-    "lobes",
-    "diameter",
-    "truncated",
-    "area",
-    "nucleus_area",
-    "bbox_x",
-    "bbox_y",
-    "bbox_w",
-    "bbox_h",
-]
-
-
-def truth_table(
-    images: Iterable[dict[str, Any]], annotations: list[dict[str, Any]]
-) -> pd.DataFrame:
-    """One row per white cell (columns :data:`TRUTH_COLUMNS`)."""
-    by_id = {im["id"]: im for im in images}
-    rows = []
-    for a in annotations:
-        im = by_id[a["image_id"]]
-        x, y, w, h = a["bbox"]
-        rows.append(
-            {
-                "cell_id": a["cell_id"],
-                "image": im["file_name"],
-                "image_id": a["image_id"],
-                "annotation_id": a["id"],
-                "split": im["split"],
-                "kind": a["kind"],
-                "lineage": a["lineage"],
-                "t": np.nan if a["t"] is None else a["t"],
-                "granule_density": a["granule_density"],
-                "azurophilic_density": a["azurophilic_density"],
-                "specific_density": a["specific_density"],
-                "eosinophilic_density": a["eosinophilic_density"],
-                "lobes": a["lobes"],
-                "diameter": a["diameter"],
-                "truncated": a["truncated"],
-                "area": a["area"],
-                "nucleus_area": a["nucleus_area"],
-                "bbox_x": x,
-                "bbox_y": y,
-                "bbox_w": w,
-                "bbox_h": h,
-            }
-        )
-    return pd.DataFrame(rows, columns=TRUTH_COLUMNS)
-
-
-def expression_anndata(
-    table: pd.DataFrame, counts: np.ndarray, panel: GenePanel, params: SimulatorParams
-):
-    """AnnData of raw counts: obs = ground truth (index ``cell_id``), var = genes."""
-    import anndata as ad
-
-    obs = table.set_index("cell_id")[
-        [
-            "kind",
-            "lineage",
-            "t",
-            "granule_density",
-            "lobes",
-            "diameter",
-            "image",
-            "split",
-            "truncated",
-            "azurophilic_density",
-            "specific_density",
-            "eosinophilic_density",
-        ]
-    ].copy()
-    obs.index = obs.index.astype(str)
-    obs.index.name = None
-    obs["t"] = obs["t"].astype(np.float64)
-    obs["truncated"] = obs["truncated"].astype(bool)
-    var = pd.DataFrame(
-        {"program": pd.Categorical(panel.program)}, index=[str(g) for g in panel.genes]
-    )
-    x = counts.astype(np.float32)
-    adata = ad.AnnData(X=x, obs=obs, var=var)
-    adata.layers["counts"] = x.copy()
-    adata.uns["programs"] = panel.programs()
-    adata.uns["simulator"] = json.loads(json.dumps(asdict(params), default=list))
-    return adata
 
 
 @dataclass

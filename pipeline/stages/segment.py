@@ -37,7 +37,7 @@ from segmentation.cells import (
 from segmentation.crops import FLAGS, FilterSettings
 from segmentation.inference import MaskRCNNDetector
 from segmentation.io import list_images, read_rgb
-from segmentation.schema import TRUTH_NUMERIC_FIELDS, TRUTH_TEXT_FIELDS
+from segmentation.table import cells_adata, merge_parts, truth_summary
 
 log = logging.getLogger(__name__)
 
@@ -226,16 +226,6 @@ def _run_shard(
     }
 
 
-def _obs_frame(table: pd.DataFrame) -> pd.DataFrame:
-    obs = table.drop(columns=["kept"]).set_index("cell_id")
-    obs.index = obs.index.astype(str)
-    obs.index.name = None
-    for col in ("image", "kind", "lineage", "truth_cell_id"):
-        if col in obs:
-            obs[col] = obs[col].astype(str)
-    return obs
-
-
 @stage(
     "segment",
     needs=["segmentation_model", "smears"],
@@ -300,33 +290,8 @@ def _write_outputs(
     ann: Path | None,
     n_listed: int,
 ) -> None:
-    import anndata as ad
-
     sc = ctx.cfg.segmentation
-    s = settings.crop_size
-    # each part's tables and crops are in its own image order; put images back in order
-    rows, crop_list, mask_list = [], [], []
-    for p in parts:
-        start = 0
-        for tab in p["tables"]:
-            k = int(tab.kept.sum())
-            rows.append(tab)
-            crop_list.append(p["crops"][start : start + k])
-            mask_list.append(p["masks"][start : start + k])
-            start += k
-    order = np.argsort(
-        [int(t.image_index.iloc[0]) if len(t) else 10**9 for t in rows], kind="stable"
-    )
-    tabs = [rows[i] for i in order if len(rows[i])]
-    table = pd.concat(tabs, ignore_index=True) if tabs else _empty_table(ann is not None)
-    crops = [crop_list[i] for i in order]
-    masks = [mask_list[i] for i in order]
-    crops = np.concatenate(crops) if crops else np.zeros((0, s, s, 3), np.uint8)
-    masks = np.concatenate(masks) if masks else np.zeros((0, s, s), bool)
-    if table.cell_id.duplicated().any():  # same stem, different suffix (a.png, a.jpg)
-        table["cell_id"] = [f"i{i:05d}_{c}" for i, c in zip(table.image_index, table.cell_id)]
-    kept = table[table.kept].copy()
-    assert len(kept) == len(crops), (len(kept), len(crops))
+    table, kept, crops, masks = merge_parts(parts, settings.crop_size, ann is not None)
     rejects = pd.DataFrame(
         [r for p in parts for r in p["rejects"]], columns=["image", "action", "reason"]
     )
@@ -349,35 +314,8 @@ def _write_outputs(
         "model_args": parts[0]["model_args"],
     }
     if has_truth and "truth_cell_id" in table:
-        n_truth = int(sum(p["n_truth"] for p in parts))
-        scored = table[~table.low_score]
-        matched = int((scored.truth_cell_id != "").sum())
-        summary["truth"] = {
-            "n_truth": n_truth,
-            "n_scored_detections": len(scored),
-            "matched": matched,
-            "recall_at_score_threshold": matched / n_truth if n_truth else None,
-            "precision_at_score_threshold": matched / len(scored) if len(scored) else None,
-            "kept_with_truth": int((kept.truth_cell_id != "").sum()),
-            "mean_match_iou_kept": float(kept.match_iou[kept.truth_cell_id != ""].mean())
-            if (kept.truth_cell_id != "").any()
-            else None,
-        }
-    obs = _obs_frame(kept)
-    adata = ad.AnnData(
-        obs=obs,
-        obsm={"crops": crops, "masks": masks},
-        uns={
-            "crop_size": s,
-            "background_value": settings.background_value,
-            "input_scale": settings.input_scale,
-            "filter_counts": counts,
-            "filters": {
-                k: ("none" if v is None else v) for k, v in settings.filters.__dict__.items()
-            },
-            "source": str(smears),
-        },
-    )
+        summary["truth"] = truth_summary(table, kept, int(sum(p["n_truth"] for p in parts)))
+    adata = cells_adata(kept, crops, masks, settings, counts, str(smears))
     with ctx.atomic("cells") as tmp:
         adata.write_h5ad(tmp)
     with ctx.atomic("detections.csv") as tmp:
@@ -403,28 +341,3 @@ def _write_outputs(
         counts["kept"],
         {k: counts[k] for k in FLAGS},
     )
-
-
-def _empty_table(with_truth: bool) -> pd.DataFrame:
-    cols: dict[str, Any] = {
-        "cell_id": pd.Series([], dtype=str),
-        "image_index": pd.Series([], dtype=np.int64),
-        "image": pd.Series([], dtype=str),
-    }
-    for c in ("x0", "y0", "x1", "y1", "score"):
-        cols[c] = pd.Series([], dtype=np.float32)
-    cols["area"] = pd.Series([], dtype=np.int64)
-    cols["n_pieces"] = pd.Series([], dtype=np.int64)
-    cols["max_overlap_iou"] = pd.Series([], dtype=np.float64)
-    cols["tile_fragment"] = pd.Series([], dtype=bool)
-    for f in FLAGS:
-        cols[f] = pd.Series([], dtype=bool)
-    cols["kept"] = pd.Series([], dtype=bool)
-    if with_truth:
-        cols["truth_cell_id"] = pd.Series([], dtype=str)
-        for c in TRUTH_TEXT_FIELDS:
-            cols[c] = pd.Series([], dtype=str)
-        for c in (*TRUTH_NUMERIC_FIELDS, "match_iou"):
-            cols[c] = pd.Series([], dtype=np.float64)
-    cols["crop_scale"] = pd.Series([], dtype=np.float64)
-    return pd.DataFrame(cols)

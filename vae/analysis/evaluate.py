@@ -31,6 +31,19 @@ from vae.infer import encode_dataset
 log = logging.getLogger(__name__)
 
 
+def _image_row(what: str, decoded: np.ndarray, P, rows: np.ndarray) -> dict:
+    """One reconstruction-table row: masked MSE / SSIM of ``decoded`` vs the input crops."""
+    from vae.analysis import metrics as M
+
+    args = (decoded[rows], P.image[rows], P.mask[rows])
+    return {
+        "what": what,
+        "n": int(rows.sum()),
+        "masked_mse": np.nanmean(M.masked_mse(*args)),
+        "masked_ssim": np.nanmean(M.masked_ssim(*args)),
+    }
+
+
 def _gene_row(what: str, n: int, gc, gidx: list[int]) -> dict:
     """One reconstruction-table row from per-gene correlations (granule genes apart)."""
     row = {"what": what, "n": n, "gene_pearson": gc.mean_pearson, "gene_spearman": gc.mean_spearman}
@@ -152,16 +165,7 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
         rec, gene_rows = [], []
         hi, he = P.has_image, P.has_expression
         if hi.any():
-            mse = M.masked_mse(P.rec_image[hi], P.image[hi], P.mask[hi])
-            ssim = M.masked_ssim(P.rec_image[hi], P.image[hi], P.mask[hi])
-            rec.append(
-                {
-                    "what": "image (joint)",
-                    "n": int(hi.sum()),
-                    "masked_mse": np.nanmean(mse),
-                    "masked_ssim": np.nanmean(ssim),
-                }
-            )
+            rec.append(_image_row("image (joint)", P.rec_image, P, hi))
         if he.sum() >= 3:
             gc = M.per_gene_correlation(P.rec_expression[he], P.x[he])
             row = _gene_row("expression (joint)", int(he.sum()), gc, gidx)
@@ -177,16 +181,7 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
             row = _gene_row("image -> expression", int(both.sum()), gi, gidx)
             rec.append(row)
             gene_rows.append(("image_to_expression", gi))
-            mse = M.masked_mse(P.image_from_expr[both], P.image[both], P.mask[both])
-            ssim = M.masked_ssim(P.image_from_expr[both], P.image[both], P.mask[both])
-            rec.append(
-                {
-                    "what": "expression -> image",
-                    "n": int(both.sum()),
-                    "masked_mse": np.nanmean(mse),
-                    "masked_ssim": np.nanmean(ssim),
-                }
-            )
+            rec.append(_image_row("expression -> image", P.image_from_expr, P, both))
         if rec:
             tables["reconstruction"] = pd.DataFrame(rec)
             out["reconstruction"] = {

@@ -7,8 +7,6 @@ mode is checked for exact row counts and modality flags.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import anndata as ad
@@ -17,6 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from tests.helpers.run import ROOT, run_pipeline, run_stage_in_process
 from vae.inputs.pairing import (
     CropSet,
     PairingError,
@@ -29,7 +28,6 @@ from vae.inputs.pairing import (
     square_crop,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / "../shared/data"
 S = 8
 
@@ -357,27 +355,11 @@ def test_cells_h5ad_reader_resizes_and_blanks_background(tmp_path):
 # --- the stage -------------------------------------------------------------------
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+_run = run_pipeline
 
 
 def _run_in_process(overrides: list[str], name: str = "pair") -> None:
-    from hydra import compose, initialize_config_dir
-
-    from pipeline import runner
-    from pipeline.config import register_configs
-
-    register_configs()
-    runner.load_stages()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"stage={name}", *overrides])
-    runner.run_stage(cfg, name)
+    run_stage_in_process(overrides, name)
 
 
 def test_pair_stage_same_cell_on_cells_h5ad(tmp_path):

@@ -7,8 +7,6 @@ components of a known label image inside each tile, so every count is exact.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +25,7 @@ from segmentation.inference import (
     tile_grid,
 )
 from segmentation.io import read_rgb
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.run import run_pipeline
 
 
 def disc(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
@@ -464,9 +461,6 @@ def _smear_folder(d: Path) -> Path:
 
 def _run_segment(tmp_path: Path, ckpt: Path, smears: Path, *extra: str):
     cmd = [
-        sys.executable,
-        "-m",
-        "pipeline",
         "stage=segment",
         "experiment=seginf_test",
         f"paths.root={tmp_path / 'out'}",
@@ -479,7 +473,7 @@ def _run_segment(tmp_path: Path, ckpt: Path, smears: Path, *extra: str):
         "segmentation.min_area=20",
         *extra,
     ]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_pipeline(cmd)
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp_path / "out" / "seginf_test" / "segment"
 
@@ -563,14 +557,11 @@ def test_stage_segment_two_ranks_matches_one(tmp_path, untrained_ckpt):
 @pytest.mark.slow
 def test_segment_train_then_segment_subprocess(tmp_path):
     """The issue's chain: stage=segment_train then stage=segment on the same smears."""
-    from _seg_synth import make_coco_smears
+    from tests.helpers.seg_synth import make_coco_smears
 
     smears = tmp_path / "smears"
     make_coco_smears(smears, n_images=3, size=96, cells=2, radius=10, val=1)
     common = [
-        sys.executable,
-        "-m",
-        "pipeline",
         "experiment=chain",
         f"paths.root={tmp_path / 'out'}",
         f"paths.inputs.smears={smears}",
@@ -588,10 +579,10 @@ def test_segment_train_then_segment_subprocess(tmp_path):
         "segmentation.warmup_iters=1",
         "segmentation.tb_images=1",
     ]
-    r = subprocess.run([*common, *train], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = run_pipeline([*common, *train], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     seg = ["stage=segment", "segmentation.crop_size=32", "segmentation.score_threshold=0.0"]
-    r = subprocess.run([*common, *seg], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = run_pipeline([*common, *seg], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     import anndata as ad
 

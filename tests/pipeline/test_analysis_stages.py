@@ -5,18 +5,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
-from vae_toy import make_paired
 
-from pipeline.config import register_configs
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
+from tests.helpers.run import compose_config, run_pipeline
+from tests.helpers.vae_toy import make_paired
 
 TINY_TRAIN = [
     "trainer.max_epochs=2",
@@ -44,18 +39,15 @@ def _paired(path: Path) -> Path:
 def _run_in_process(root: Path, paired: Path, stage: str, extra: list[str]) -> int:
     from pipeline import runner
 
-    register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[
-                f"stage={stage}",
-                f"paths.root={root}",
-                "experiment=tiny",
-                f"paths.inputs.paired={paired}",
-                *extra,
-            ],
-        )
+    cfg = compose_config(
+        [
+            f"stage={stage}",
+            f"paths.root={root}",
+            "experiment=tiny",
+            f"paths.inputs.paired={paired}",
+            *extra,
+        ]
+    )
     return runner.main(cfg)
 
 
@@ -115,19 +107,16 @@ def test_traverse_without_paired_data_still_reports(tiny_run, tmp_path):
     # no paired input: latent + model only -> traversals and paths, no real-crop table
     from pipeline import runner
 
-    register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[
-                "stage=traverse",
-                f"paths.root={tmp_path}",
-                "experiment=x",
-                f"paths.inputs.latent={root / 'tiny' / 'train' / 'latent.h5ad'}",
-                f"paths.inputs.model={root / 'tiny' / 'train' / 'model.pt'}",
-                *FAST_ANALYSIS,
-            ],
-        )
+    cfg = compose_config(
+        [
+            "stage=traverse",
+            f"paths.root={tmp_path}",
+            "experiment=x",
+            f"paths.inputs.latent={root / 'tiny' / 'train' / 'latent.h5ad'}",
+            f"paths.inputs.model={root / 'tiny' / 'train' / 'model.pt'}",
+            *FAST_ANALYSIS,
+        ]
+    )
     assert runner.main(cfg) == 0
     out = tmp_path / "x" / "traverse"
     assert (out / "report.html").exists() and (out / "gene_ranking_gp.csv").exists()
@@ -144,20 +133,14 @@ def test_bad_anchor_fails_with_the_setting_name(tiny_run, tmp_path):
 
 
 def _sub(root: Path, paired: Path, stage: str, extra: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return run_pipeline(
         [
-            sys.executable,
-            "-m",
-            "pipeline",
             f"stage={stage}",
             f"paths.root={root}",
             "experiment=sub",
             f"paths.inputs.paired={paired}",
             *extra,
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
 
@@ -177,19 +160,6 @@ def test_train_evaluate_traverse_as_subprocesses(tmp_path):
 
 
 def test_evaluate_missing_inputs_names_the_stage(tmp_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "stage=evaluate",
-            f"paths.root={tmp_path}",
-            "experiment=e",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = run_pipeline(["stage=evaluate", f"paths.root={tmp_path}", "experiment=e"])
     assert r.returncode != 0
     assert "stage=train" in r.stderr

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from vae_toy import make_paired
 
 from pipeline.hardware import DistInfo
+from tests.helpers.vae_toy import make_paired
 from vae.data import (
     augment_dihedral,
     epoch_batches,

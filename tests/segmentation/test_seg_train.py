@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _seg_synth import make_coco_smears
 
 from segmentation.datasets import MASK_UNKNOWN, DetectionDataset, collate, read_coco
 from segmentation.engine import NonFiniteLossError, evaluate, train_one_epoch, warmup_schedule
 from segmentation.model import _maskrcnn_loss_with_unknown, build_maskrcnn, load_checkpoint
+from tests.helpers.run import ROOT as REPO
+from tests.helpers.run import run_pipeline
+from tests.helpers.seg_synth import make_coco_smears
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = {
     "fpn_channels": 128,
     "box_representation": 512,
@@ -141,13 +139,7 @@ def test_evaluate_perfect_and_empty_predictions(tmp_path):
 
 
 def _run(args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_pipeline(args, cwd=cwd, timeout=600)
 
 
 TINY_TRAIN = [

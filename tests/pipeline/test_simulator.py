@@ -7,7 +7,6 @@ import importlib
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +29,10 @@ from pipeline.simulator import (
     stage_of,
     write_dataset,
 )
+from pipeline.simulator.cell import draw_cell, rgb_to_od
 from pipeline.simulator.morphology import STAGE_EDGES, lobes_of
-from pipeline.simulator.render import draw_cell, rgb_to_od
-
-REPO = Path(__file__).resolve().parents[1]
+from segmentation.schema import TRUTH_FIELDS
+from tests.helpers.run import compose_config, run_pipeline
 
 # small images, small cells: fast but every structure still drawn
 SMALL = {
@@ -357,8 +356,7 @@ ARGS = [
 
 
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline", "stage=simulate", f"paths.root={tmp_path}", *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    return run_pipeline(["stage=simulate", f"paths.root={tmp_path}", *args], timeout=120)
 
 
 def test_stage_simulate_writes_valid_artifacts(tmp_path):
@@ -386,16 +384,7 @@ def test_stage_simulate_writes_valid_artifacts(tmp_path):
     assert adata.shape[1] == 150
     assert np.array_equal(adata.X, adata.layers["counts"])
     assert np.array_equal(adata.X, np.round(adata.X)) and adata.X.dtype == np.float32
-    assert {
-        "kind",
-        "lineage",
-        "t",
-        "granule_density",
-        "lobes",
-        "diameter",
-        "image",
-        "split",
-    } <= set(adata.obs)
+    assert {*TRUTH_FIELDS, "image", "split"} <= set(adata.obs)
     assert "program" in adata.var
     table = pd.read_csv(d / "cells_truth.csv")
     assert list(table["cell_id"]) == [a["cell_id"] for a in anns]
@@ -417,18 +406,12 @@ def test_stage_simulate_bad_setting_writes_nothing(tmp_path):
 
 
 def test_runner_rejects_too_small_images_before_creating_folders(tmp_path):
-    from hydra import compose, initialize_config_dir
-
     from pipeline import runner
-    from pipeline.config import register_configs
 
-    register_configs()
     root = tmp_path / "runs"
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=["stage=simulate", f"paths.root={root}", "data.simulator.image_size=[64,64]"],
-        )
+    cfg = compose_config(
+        ["stage=simulate", f"paths.root={root}", "data.simulator.image_size=[64,64]"]
+    )
     importlib.import_module("pipeline.stages.simulate")  # registers stage=simulate
     with pytest.raises(
         runner.StageError, match=r"data\.simulator\.image_size=\[64, 64\] is too small"

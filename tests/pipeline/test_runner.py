@@ -3,40 +3,23 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from pipeline import hardware, runner
 from pipeline.artifacts import StageInputError, atomic_path, write_json
-from pipeline.config import register_configs
+from tests.helpers.run import ROOT, compose_config, run_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
 ALL_STAGES = [*runner.ORDER, "all"]
 
 
-def _compose(overrides: list[str]):
-    register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
-def _run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+_compose = compose_config
+_run = run_pipeline
 
 
 # --- configuration -----------------------------------------------------------

@@ -9,9 +9,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import subprocess
-import sys
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -20,6 +17,7 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
+from tests.helpers.run import ROOT, compose_config, run_pipeline, run_stage_in_process
 from vae.inputs.expression import (
     ExpressionInputError,
     PreprocessParams,
@@ -29,7 +27,6 @@ from vae.inputs.expression import (
     validate_matrix,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 PAUL15 = ROOT / "../shared/data/expression/paul15_tradeseq_2660x240.h5ad"
 
 GENES = ["MPO", "ELANE", "MT-CO1", "LTF", "G5", "G6", "G7", "G8"]
@@ -296,31 +293,9 @@ def test_csv_tsv_orientation_and_10x_mtx(tmp_path):
 # --- the stage as a subprocess ----------------------------------------------------
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
-def _run_in_process(overrides: list[str], name: str) -> None:
-    from pipeline import runner
-
-    runner.load_stages()
-    runner.run_stage(_compose([f"stage={name}", *overrides]), name)
+_run = run_pipeline
+_compose = compose_config
+_run_in_process = run_stage_in_process
 
 
 def test_stage_on_simulator_output(tmp_path):

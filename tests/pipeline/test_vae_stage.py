@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
 import torch
-from vae_toy import make_paired
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.run import ROOT, run_pipeline
+from tests.helpers.vae_toy import make_paired
+
 TINY = [
     "vae.channels=[8,16]",
     "vae.hidden=[16]",
@@ -29,22 +29,15 @@ TINY = [
 def _run(tmp: Path, *args: str) -> subprocess.CompletedProcess:
     flags = [a for a in args if a.startswith("-")]
     args = tuple(a for a in args if not a.startswith("-"))
-    p = subprocess.run(
+    p = run_pipeline(
         [
-            sys.executable,
-            "-m",
-            "pipeline",
             *flags,
             "stage=train",
             f"paths.root={tmp / 'out'}",
             f"paths.inputs.paired={tmp / 'paired.h5ad'}",
             *TINY,
             *args,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        ]
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
@@ -125,11 +118,8 @@ def test_multirun_beta_sweep_puts_each_job_in_a_variant_folder(paired: Path):
         ]
         (conf / group / "tiny.yaml").write_text("\n".join(body) + "\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    p = subprocess.run(
+    p = run_pipeline(
         [
-            sys.executable,
-            "-m",
-            "pipeline",
             "-m",
             f"--config-dir={conf}",
             "stage=train",
@@ -141,9 +131,6 @@ def test_multirun_beta_sweep_puts_each_job_in_a_variant_folder(paired: Path):
             "vae.beta=1,4",
         ],
         cwd=paired,
-        capture_output=True,
-        text=True,
-        timeout=300,
         env=env,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

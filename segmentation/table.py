@@ -1,0 +1,128 @@
+"""The cell table and ``cells.h5ad`` of stage=segment, from the per-rank parts.
+
+Each rank of the segment stage returns a *part* (per image: a detection table
+and the kept crops / masks); :func:`merge_parts` puts them back in image order,
+:func:`truth_summary` scores them against ground truth and :func:`cells_adata`
+builds the artifact (keys: docs/artifacts.md, section *segment*).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from segmentation.cells import SegmentSettings
+from segmentation.crops import FLAGS
+from segmentation.schema import TRUTH_NUMERIC_FIELDS, TRUTH_TEXT_FIELDS
+
+
+def merge_parts(
+    parts: list[dict[str, Any]], crop_size: int, with_truth: bool
+) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
+    """``(table, kept, crops, masks)`` of all parts, images in their listed order."""
+    s = crop_size
+    # each part's tables and crops are in its own image order; put images back in order
+    rows, crop_list, mask_list = [], [], []
+    for p in parts:
+        start = 0
+        for tab in p["tables"]:
+            k = int(tab.kept.sum())
+            rows.append(tab)
+            crop_list.append(p["crops"][start : start + k])
+            mask_list.append(p["masks"][start : start + k])
+            start += k
+    order = np.argsort(
+        [int(t.image_index.iloc[0]) if len(t) else 10**9 for t in rows], kind="stable"
+    )
+    tabs = [rows[i] for i in order if len(rows[i])]
+    table = pd.concat(tabs, ignore_index=True) if tabs else empty_table(with_truth)
+    crops = [crop_list[i] for i in order]
+    masks = [mask_list[i] for i in order]
+    crops = np.concatenate(crops) if crops else np.zeros((0, s, s, 3), np.uint8)
+    masks = np.concatenate(masks) if masks else np.zeros((0, s, s), bool)
+    if table.cell_id.duplicated().any():  # same stem, different suffix (a.png, a.jpg)
+        table["cell_id"] = [f"i{i:05d}_{c}" for i, c in zip(table.image_index, table.cell_id)]
+    kept = table[table.kept].copy()
+    assert len(kept) == len(crops), (len(kept), len(crops))
+    return table, kept, crops, masks
+
+
+def truth_summary(table: pd.DataFrame, kept: pd.DataFrame, n_truth: int) -> dict[str, Any]:
+    """Recall / precision at the score threshold and match quality of the kept cells."""
+    scored = table[~table.low_score]
+    matched = int((scored.truth_cell_id != "").sum())
+    return {
+        "n_truth": n_truth,
+        "n_scored_detections": len(scored),
+        "matched": matched,
+        "recall_at_score_threshold": matched / n_truth if n_truth else None,
+        "precision_at_score_threshold": matched / len(scored) if len(scored) else None,
+        "kept_with_truth": int((kept.truth_cell_id != "").sum()),
+        "mean_match_iou_kept": float(kept.match_iou[kept.truth_cell_id != ""].mean())
+        if (kept.truth_cell_id != "").any()
+        else None,
+    }
+
+
+def cells_adata(
+    kept: pd.DataFrame,
+    crops: np.ndarray,
+    masks: np.ndarray,
+    settings: SegmentSettings,
+    counts: dict[str, int],
+    source: str,
+):
+    """The ``cells.h5ad`` AnnData: one row per kept cell, crops and masks in obsm."""
+    import anndata as ad
+
+    return ad.AnnData(
+        obs=obs_frame(kept),
+        obsm={"crops": crops, "masks": masks},
+        uns={
+            "crop_size": settings.crop_size,
+            "background_value": settings.background_value,
+            "input_scale": settings.input_scale,
+            "filter_counts": counts,
+            "filters": {
+                k: ("none" if v is None else v) for k, v in settings.filters.__dict__.items()
+            },
+            "source": source,
+        },
+    )
+
+
+def obs_frame(table: pd.DataFrame) -> pd.DataFrame:
+    obs = table.drop(columns=["kept"]).set_index("cell_id")
+    obs.index = obs.index.astype(str)
+    obs.index.name = None
+    for col in ("image", "kind", "lineage", "truth_cell_id"):
+        if col in obs:
+            obs[col] = obs[col].astype(str)
+    return obs
+
+
+def empty_table(with_truth: bool) -> pd.DataFrame:
+    cols: dict[str, Any] = {
+        "cell_id": pd.Series([], dtype=str),
+        "image_index": pd.Series([], dtype=np.int64),
+        "image": pd.Series([], dtype=str),
+    }
+    for c in ("x0", "y0", "x1", "y1", "score"):
+        cols[c] = pd.Series([], dtype=np.float32)
+    cols["area"] = pd.Series([], dtype=np.int64)
+    cols["n_pieces"] = pd.Series([], dtype=np.int64)
+    cols["max_overlap_iou"] = pd.Series([], dtype=np.float64)
+    cols["tile_fragment"] = pd.Series([], dtype=bool)
+    for f in FLAGS:
+        cols[f] = pd.Series([], dtype=bool)
+    cols["kept"] = pd.Series([], dtype=bool)
+    if with_truth:
+        cols["truth_cell_id"] = pd.Series([], dtype=str)
+        for c in TRUTH_TEXT_FIELDS:
+            cols[c] = pd.Series([], dtype=str)
+        for c in (*TRUTH_NUMERIC_FIELDS, "match_iou"):
+            cols[c] = pd.Series([], dtype=np.float64)
+    cols["crop_scale"] = pd.Series([], dtype=np.float64)
+    return pd.DataFrame(cols)

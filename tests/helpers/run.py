@@ -1,0 +1,43 @@
+"""Compose the Hydra config and run ``python -m pipeline``: one place for every test."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
+
+
+def compose_config(overrides: list[str], config_dir: Path | str = CONF):
+    """The config ``python -m pipeline`` would build from ``overrides``."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_pipeline(
+    args: list[str], cwd: Path | str = ROOT, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m pipeline *args`` in a subprocess (output captured as text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def run_stage_in_process(overrides: list[str], name: str) -> Path:
+    """Compose ``stage=name`` + ``overrides`` and run that stage in this process."""
+    from pipeline import runner
+
+    runner.load_stages()
+    return runner.run_stage(compose_config([f"stage={name}", *overrides]), name)
