@@ -311,6 +311,9 @@ class VAEConfig:
     ssim_weight: float = 0.0  # optional (1 - SSIM) term inside the mask
     spectral_weight: float = 0.0  # masked log-amplitude spectrum L1 (granule texture)
     free_bits: float = 0.0  # nats per latent dim that cost no KL (keeps dims active)
+    # label cross-entropy on each expert's shared mean, rows with a known obs['label']
+    # (scANVI-style semi-supervision; 0: off, and no classifier head is built)
+    classify_weight: float = 0.0
     # expression branch
     hidden: list[int] = field(default_factory=lambda: [128, 64])  # MLP widths
     expression_likelihood: str = "auto"  # auto | nb | zinb | gaussian (auto: nb if counts)
@@ -319,11 +322,11 @@ class VAEConfig:
     dropout: float = 0.1  # MLP dropout
     # fusion of the unimodal posteriors
     fusion: str = "poe"  # poe (product of experts with the prior) | moe (mixture)
-    # loss weights
-    # the summed pixel NLL (learned scale) is ~10x the expression NLL per cell; 0.01
-    # keeps the latent from spending itself on pixel detail (docs/vae.md, targets)
-    image_weight: float = 0.01
-    mask_weight: float = 0.01
+    # loss weights; null (auto): each image term is scaled by n_genes / (values it
+    # scores per row), so one cell's image and its expression weigh alike in the
+    # ELBO whatever the crop size and mask area (docs/vae.md, "Image branch")
+    image_weight: float | None = None
+    mask_weight: float | None = None
     expression_weight: float = 1.0
     cross_weight: float = 1.0  # unimodal/cross-modal reconstruction on paired rows
     # auto: clip when every paired row is a same_cell pair, else class | none | clip | class

@@ -16,12 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.nn import functional as F
 
 from vae.inputs.schema import HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
 
 SPLITS = ("train", "val", "test")
+
+
+UNKNOWN_LABEL = "NA"  # label of rows whose class is not known
 
 
 class PairedDataError(ValueError):
@@ -157,9 +161,12 @@ def from_anndata(
     norm_total = float(np.median(norm)) if norm.size and np.median(norm) > 0 else 1e4
 
     if "label" in adata.obs:
-        lab = adata.obs["label"].astype(str).fillna("NA").to_numpy()
+        lab = adata.obs["label"].astype(object).to_numpy()
+        # NaN / None / "" / "nan" (a NaN that went through astype(str)) mean not known
+        unknown = pd.isna(lab) | np.isin(lab.astype(str), ["", "nan", "None", UNKNOWN_LABEL])
+        lab = np.where(unknown, UNKNOWN_LABEL, lab.astype(str))
     else:
-        lab = np.full(n, "NA")
+        lab = np.full(n, UNKNOWN_LABEL)
     names, codes = np.unique(lab, return_inverse=True)
 
     t_crops = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).contiguous()

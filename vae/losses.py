@@ -40,6 +40,10 @@ class LossWeights:
     # free bits: nats per latent dim below which the KL costs nothing (batch mean);
     # keeps dims active so the latent is not spent on one modality only
     free_bits: float = 0.0
+    # cross-entropy of the label classifier on each expert's shared mean (rows with
+    # a known label only); needs a model built with n_classes > 0
+    classify: float = 0.0
+    unknown_label: int = -1  # label code that means "not known" (never scored)
 
     def __post_init__(self) -> None:
         if self.align_mode not in ALIGNS:
@@ -57,6 +61,8 @@ class LossTerms:
     mask : mask BCE (0 when the decoder predicts no mask)
     ssim : 1 - SSIM inside the mask (0 when its weight is 0)
     spectral : L1 between masked log-amplitude spectra (0 when its weight is 0)
+    classify : label cross-entropy of the image and expression experts' shared means
+        (rows with a known label; 0 when off)
     expression : expression NLL from the fused posterior
     kl : KL(q(z|x) || N(0, I)) of the fused posterior, nats per cell
     kl_objective : β · |KL - C| (capacity) or β · KL, as added to ``total``
@@ -75,6 +81,7 @@ class LossTerms:
     mask: torch.Tensor
     ssim: torch.Tensor
     spectral: torch.Tensor
+    classify: torch.Tensor
     expression: torch.Tensor
     kl: torch.Tensor
     kl_objective: torch.Tensor
@@ -191,6 +198,35 @@ def masked_ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, win: int =
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
     s = s.mean(dim=1, keepdim=True) * mask
     return s.sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1.0)
+
+
+def per_value_weight(data, term: str = "image") -> float:
+    """Weight that puts one row's image term on the scale of its expression term.
+
+    The image NLL sums over every scored value (3 channels x the pixels inside
+    the mask), the expression NLL over G genes; left as is, a 64 px crop casts
+    ~50x the votes of its expression profile and the latent is spent on pixels
+    (or, with a hand-set small weight and a large β, on nothing). Scaling each
+    image term by ``G / (values it scores)`` gives both modalities the same
+    number of votes per cell, whatever the crop size or mask area.
+
+    Parameters
+    ----------
+    data : PairedTensors (``masks`` (N, 1, S, S), ``has_image`` (N,), ``n_genes``)
+    term : ``image`` (3 x mask pixels per image row) or ``mask`` (S x S per row)
+
+    Returns
+    -------
+    float, the weight (1.0 when there are no image rows)
+    """
+    has = data.has_image.bool()
+    if not bool(has.any()):
+        return 1.0
+    if term == "mask":
+        n_values = float(data.masks.shape[-1] * data.masks.shape[-2])
+    else:
+        n_values = 3.0 * float(data.masks[has].float().sum(dim=(1, 2, 3)).mean())
+    return float(data.n_genes) / max(n_values, 1.0)
 
 
 def spectral_l1(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -431,6 +467,19 @@ def vae_loss(
         elif labels is not None:
             align = class_align(mi, me, labels, post.has_image, post.has_expression, w.temperature)
 
+    classify = zero
+    head = out.classifier
+    if w.classify > 0 and head is not None and labels is not None and post.image is not None:
+        ns = n_shared or post.image[0].shape[1]
+        known = labels != w.unknown_label
+        parts = []
+        for g, has in ((post.image, post.has_image), (post.expression, post.has_expression)):
+            keep = (known & has).nonzero().flatten()
+            if keep.numel():
+                parts.append(F.cross_entropy(head(g[0][keep, :ns]), labels[keep]))
+        if parts:
+            classify = torch.stack(parts).mean()
+
     total = (
         w.image * i_nll
         + w.mask * i_mask
@@ -441,6 +490,7 @@ def vae_loss(
         + extra
         + beta * w.cross * kl_uni
         + w.align * align
+        + w.classify * classify
     )
     return LossTerms(
         total=total,
@@ -448,6 +498,7 @@ def vae_loss(
         mask=i_mask,
         ssim=i_ssim,
         spectral=i_spec,
+        classify=classify,
         expression=e_nll,
         kl=kl,
         kl_objective=kl_obj,

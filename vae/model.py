@@ -90,6 +90,8 @@ class VAEArgs:
     # default "plain" so checkpoints saved before this field load unchanged
     image_arch: str = "plain"
     texture_noise: bool = False  # residual decoder: per-pixel noise before the last conv
+    # label classifier on the shared latent (scANVI-style semi-supervision; 0: none)
+    n_classes: int = 0
 
     def __post_init__(self) -> None:
         if self.expression_likelihood not in EXPRESSION_LIKELIHOODS:
@@ -194,6 +196,7 @@ class ForwardOutput:
     joint: Decoded | None
     from_image: Decoded | None
     from_expression: Decoded | None
+    classifier: nn.Module | None = None  # label head on shared means (n_classes > 0)
 
 
 def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
@@ -477,6 +480,9 @@ class TwoBranchVAE(nn.Module):
         self.expression_decoder = ExpressionDecoder(
             a.n_genes, a.hidden, ns + npv, a.expression_likelihood, a.norm_total, a.dropout
         )
+        # linear head on the shared means: rows with a known label teach both
+        # encoders what separates the classes (vae.losses: classify term)
+        self.classifier = nn.Linear(ns, a.n_classes) if a.n_classes > 0 else None
         # one learned pixel scale (σ-VAE style); fixed at 1 for plain MSE
         self.image_log_scale = nn.Parameter(
             torch.tensor(-2.0), requires_grad=a.image_likelihood != "mse"
@@ -680,7 +686,7 @@ class TwoBranchVAE(nn.Module):
             joint = None
         from_img = self.decode(reparameterize(post.image), hi)
         from_expr = self.decode(reparameterize(post.expression), paired)
-        return ForwardOutput(post, joint, from_img, from_expr)
+        return ForwardOutput(post, joint, from_img, from_expr, self.classifier)
 
 
 def _rows_only(fn, rows: torch.Tensor, *tensors: torch.Tensor):

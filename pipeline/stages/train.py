@@ -59,6 +59,7 @@ def build_model_args(cfg: DictConfig, data, source: str):
             dropout=float(v.dropout),
             image_arch=v.image_arch,
             texture_noise=bool(v.texture_noise),
+            n_classes=len(data.label_names) if float(v.classify_weight) > 0 else 0,
         )
     except ValueError as e:
         raise StageError(f"vae config: {e}") from e
@@ -75,18 +76,38 @@ def resolve_align(value: str, obs) -> str:
     return "clip" if modes and modes <= {"same_cell"} else "class"
 
 
-def build_train_args(cfg: DictConfig, align: str | None = None):
+def _image_weight(value: float | None, data, term: str) -> float:
+    """``vae.image_weight`` / ``vae.mask_weight``; None -> per-value balance from ``data``."""
+    if value is not None:
+        return float(value)
+    if data is None:
+        raise StageError(f"vae.{term}_weight=null (auto) needs the paired data")
+    from vae.losses import per_value_weight
+
+    return per_value_weight(data, term)
+
+
+def unknown_label_code(label_names: list[str]) -> int:
+    """Code of the "not known" label in ``label_names`` (-1 when every row is labelled)."""
+    from vae.data import UNKNOWN_LABEL
+
+    return label_names.index(UNKNOWN_LABEL) if UNKNOWN_LABEL in label_names else -1
+
+
+def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: int = -1, data=None):
     from vae.losses import LossWeights
     from vae.train import TrainArgs
 
     v, t, hw = cfg.vae, cfg.trainer, cfg.hardware
     try:
         weights = LossWeights(
-            image=v.image_weight,
-            mask=v.mask_weight if v.predict_mask else 0.0,
+            image=_image_weight(v.image_weight, data, "image"),
+            mask=_image_weight(v.mask_weight, data, "mask") if v.predict_mask else 0.0,
             ssim=v.ssim_weight,
             spectral=v.spectral_weight,
             free_bits=float(v.free_bits),
+            classify=float(v.classify_weight),
+            unknown_label=int(unknown_label),
             expression=v.expression_weight,
             cross=v.cross_weight,
             align=v.align_weight,
@@ -148,7 +169,14 @@ def run_train(ctx: StageContext) -> None:
         )
     margs = build_model_args(cfg, data, str(src))
     align = resolve_align(cfg.vae.align, adata.obs)
-    targs = build_train_args(cfg, align)
+    targs = build_train_args(cfg, align, unknown_label_code(data.label_names), data)
+    log.info(
+        "loss weights: image %.4g, mask %.4g (vae.image_weight=%s, vae.mask_weight=%s)",
+        targs.weights.image,
+        targs.weights.mask,
+        cfg.vae.image_weight,
+        cfg.vae.mask_weight,
+    )
     log.info("alignment: %s (vae.align=%s) weight %s", align, cfg.vae.align, cfg.vae.align_weight)
 
     split_csv = ctx.output("split.csv")
