@@ -65,6 +65,9 @@ def _check_outputs(run: Path) -> None:
     assert metrics["split"] == "test" and metrics["n_rows"] > 0
     for key in ("latent_structure", "reconstruction", "retrieval", "disentanglement"):
         assert key in metrics, key
+    au = metrics["active_units"]
+    assert 0 <= au["n_active"] <= au["n_latent"] == len(au["kl_per_dim"])
+    assert au["n_active"] == sum(v > au["threshold_nats"] for v in au["kl_per_dim"])
     ls = pd.read_csv(ev / "latent_structure.csv")
     assert set(ls["latent"]) == {"joint", "image", "expression"}
     assert ls["knn_accuracy"].between(0, 1).all()

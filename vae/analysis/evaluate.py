@@ -109,6 +109,20 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
             r["latent"]: {k: v for k, v in r.items() if k != "latent"} for r in struct
         }
 
+    # ---- active units: dims whose mean KL to the prior (fused posterior) > 0.01 nats
+    if "X_vae_full" in lat.obsm and "X_vae_logvar" in lat.obsm and rows.size:
+        from vae.train import ACTIVE_UNIT_NATS, active_units
+
+        mu = np.asarray(lat.obsm["X_vae_full"], dtype=np.float64)[rows]
+        lv = np.asarray(lat.obsm["X_vae_logvar"], dtype=np.float64)[rows]
+        kl_dim = (0.5 * (mu**2 + np.exp(lv) - 1.0 - lv)).mean(0)
+        out["active_units"] = {
+            "n_active": active_units(kl_dim),
+            "n_latent": int(kl_dim.size),
+            "threshold_nats": ACTIVE_UNIT_NATS,
+            "kl_per_dim": [float(v) for v in kl_dim],
+        }
+
     # ---- matching of paired rows (image-only vs expression-only latents)
     if "X_vae_image" in lat.obsm and "X_vae_expression" in lat.obsm:
         zi = np.asarray(lat.obsm["X_vae_image"], dtype=np.float64)
