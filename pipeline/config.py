@@ -299,12 +299,14 @@ class VAEConfig:
     """Two-branch beta-VAE architecture and loss weights (see docs/vae.md)."""
 
     n_latent: int = 16  # shared latent dimensions (fused over modalities)
-    n_private: int = 0  # extra private dims per modality (0: no split latent)
+    # private dims per modality: what one modality shows and the other cannot predict
+    # (granule texture, nucleus pose) goes there instead of into the shared block
+    n_private: int = 8
     beta: float = DEFAULT_BETA  # weight of KL to the prior (final value after warm-up)
     # image branch; crops are resized to image_size when it differs (None: as stored)
     image_size: int | None = None
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])  # one conv per /2
-    image_arch: str = "plain"  # plain | residual (residual blocks, upsample+conv decoder)
+    image_arch: str = "residual"  # residual | plain (the first design: blurred discs)
     texture_noise: bool = False  # residual decoder: learned per-pixel noise (granule texture)
     image_likelihood: str = "gaussian"  # mse | gaussian | laplace (learned scalar scale)
     predict_mask: bool = True  # decoder also predicts the cell mask (BCE)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# final KL weight β after warm-up: the one default (VAEConfig.beta and TrainArgs.beta use it)
-DEFAULT_BETA = 8.0
+# final KL weight β after warm-up: the one default (VAEConfig.beta and TrainArgs.beta use it).
+# 1 (the ELBO) since the image terms are balanced per value (docs/vae.md, "Image branch");
+# the earlier 8 with a 0.01 image weight left the image branch with nothing to say
+DEFAULT_BETA = 1.0
 
 
 @dataclass

@@ -18,6 +18,7 @@ TINY = [
     "vae.channels=[8,16]",
     "vae.hidden=[16]",
     "vae.n_latent=4",
+    "vae.n_private=0",
     "vae.kl_warmup_epochs=1",
     "trainer.batch_size=16",
     "trainer.max_minutes=null",
@@ -111,7 +112,7 @@ def test_multirun_beta_sweep_puts_each_job_in_a_variant_folder(paired: Path):
 
     # the runner names a sweep job's folder after all its overrides: keep them short
     conf = paired / "conf"
-    for group, lines in {"vae": TINY[:4], "trainer": TINY[4:7] + ["max_epochs: 1"]}.items():
+    for group, lines in {"vae": TINY[:5], "trainer": TINY[5:8] + ["max_epochs: 1"]}.items():
         (conf / group).mkdir(parents=True)
         body = [f"defaults: [base_{group}]"] + [
             ln.split(".", 1)[1].replace("=", ": ") if "=" in ln else ln for ln in lines
