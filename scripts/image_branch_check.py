@@ -13,7 +13,8 @@ and measures on the test split (rows never used for early stopping):
 - with simulator truth in ``obs``: best single latent dim vs true t (|Spearman|),
   granule density measured by ``vae.analysis.granules`` on the reconstructions vs the
   true azurophilic density, decoded lobes vs true lobes (neutrophil lineage);
-- with ``--traverse RUN/traverse``: the path numbers ``stage=traverse`` wrote.
+- with ``--traverse EXP/traverse``: the truth-recovery numbers ``stage=traverse`` wrote
+  (``traverse_summary.json``: decoded granules / lobes vs truth, path position vs t).
 
     .venv/bin/python scripts/image_branch_check.py outputs/demo/train \
         [--paired outputs/demo/pair/paired.h5ad] [--out outputs/demo/train/image_branch.json]
@@ -200,8 +201,12 @@ def check(run: Path, paired: Path | None, traverse: Path | None) -> dict:
             res["input_granules_vs_true_azurophilic_spearman"] = _spearman(
                 fr["granule_density"].to_numpy(float), azu
             )
-    if traverse is not None and (traverse / "truth.json").exists():
-        res["traverse"] = json.loads((traverse / "truth.json").read_text())
+    summary = traverse / "traverse_summary.json" if traverse is not None else None
+    if summary is not None and summary.exists():
+        truth = json.loads(summary.read_text()).get("truth_recovery") or {}
+        for k, v in truth.items():
+            if isinstance(v, (int, float)):
+                res[f"traverse_{k}"] = float(v)
     return res
 
 
@@ -220,7 +225,7 @@ def main() -> None:
     out.write_text(json.dumps(res, indent=2, default=float))
     width = max(len(k) for k in res)
     for k, v in res.items():
-        if k in ("kl_per_dim", "traverse"):
+        if k == "kl_per_dim":
             continue
         print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     print(
