@@ -166,3 +166,21 @@ def test_evaluate_missing_inputs_names_the_stage(tmp_path):
     r = run_pipeline(["stage=evaluate", f"paths.root={tmp_path}", "experiment=e"])
     assert r.returncode != 0
     assert "stage=train" in r.stderr
+
+
+def test_image_branch_check_script_on_a_finished_run(tiny_run):
+    """scripts/image_branch_check.py: the table's numbers exist, are in range, files written."""
+    import importlib.util
+
+    root, paired = tiny_run
+    path = Path(__file__).resolve().parents[2] / "scripts" / "image_branch_check.py"
+    spec = importlib.util.spec_from_file_location("image_branch_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = root / "tiny" / "train"
+    res = mod.check(run, paired, root / "tiny" / "traverse")
+    assert res["n_test"] > 0 and 0 <= res["active_units"] <= res["n_latent"]
+    for k in ("knn_image", "knn_expression", "knn_joint", "knn_pixel_pca"):
+        assert 0 <= res[k] <= 1, k
+    assert -1 <= res["ssim_joint"] <= 1
+    assert (run / "image_branch_recon.png").stat().st_size > 0
