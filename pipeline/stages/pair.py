@@ -95,8 +95,9 @@ def drop_small_classes(crops, min_size: int):
     """Clear the label of classes with fewer than ``min_size`` crops.
 
     Their crops stay as unlabelled image-only rows (a class of one cannot be
-    split into train / validation / test). Returns the crops and one reject row
-    per affected crop (``image``, ``field``, ``action``, ``reason``).
+    split into train / validation / test). Returns the crops, one reject row
+    per affected crop (``image``, ``field``, ``action``, ``reason``) and the
+    cleared classes (lower case).
     """
     lab = crops.obs["label"].astype(str)
     sizes = lab[lab != ""].value_counts()
@@ -116,7 +117,7 @@ def drop_small_classes(crops, min_size: int):
         log.warning("pair: class %r has only %d crop(s); its label is cleared", cls, n)
     if len(small):
         crops.obs.loc[lab.isin(small.index), "label"] = ""
-    return crops, rejects
+    return crops, rejects, {str(c).lower() for c in small.index}
 
 
 @stage("pair", needs=_pair_needs, produces=["paired"], validate=_validate)
@@ -131,15 +132,17 @@ def run_pair(ctx: StageContext) -> None:
         raise StageError(f"pair.background_value={p.background_value}: must be in 0..255")
     expr = ad.read_h5ad(ctx.input("expression"))
     rejects: list[dict] = []
+    label_map = OmegaConf.to_container(p.label_map)
     try:
         crops = load_crops(ctx)
         if crops is not None and p.mode == "by_label":
-            crops, rejects = drop_small_classes(crops, int(p.min_class_size))
+            crops, rejects, cleared = drop_small_classes(crops, int(p.min_class_size))
+            label_map = {k: v for k, v in label_map.items() if k.lower() not in cleared}
         res = pr.make_pairs(
             crops,
             expr,
             p.mode,
-            label_map=OmegaConf.to_container(p.label_map),
+            label_map=label_map,
             draws_per_crop=p.draws_per_crop,
             n_bins=p.n_bins,
             label_maturation=OmegaConf.to_container(p.label_maturation),
