@@ -38,7 +38,7 @@ from segmentation.sources import (
     pick_centre_cell,
     read_bccd_labels,
 )
-from segmentation.table import cells_adata, merge_parts
+from segmentation.table import cells_adata, empty_table, merge_parts
 
 log = logging.getLogger(__name__)
 
@@ -220,12 +220,12 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
 
 def _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects, per_source):
     sc = ctx.cfg.segmentation
-    kept = pd.concat(kept_frames, ignore_index=True) if kept_frames else None
-    if kept is None:
-        raise StageError(
-            "segment: no cell kept in any of data.segment_sources "
-            f"({', '.join(per_source)}); see rejects.csv reasons in the log"
-        )
+    if kept_frames:
+        kept = pd.concat(kept_frames, ignore_index=True)
+    else:  # a valid, empty cells.h5ad; rejects.csv says why
+        log.warning("segment: no cell kept in any of data.segment_sources; see rejects.csv")
+        kept = empty_table(False).assign(label="", label_status="", source="", mode="")
+        tables = [kept]
     kept["kept"] = True
     crops, masks = np.concatenate(crop_arrays), np.concatenate(mask_arrays)
     for col in ("label", "label_status", "source", "mode"):

@@ -299,3 +299,19 @@ def test_pair_class_of_one_and_bad_cells_file(tmp_path):
         run_stage_in_process(bad, "pair")
     d = tmp_path / "out" / "bad" / "pair"
     assert not list(d.glob("paired*")) and not list(d.glob(".*paired*"))
+
+
+def test_segment_crop_folder_nothing_segmentable(tmp_path, tiny_ckpt, fake_detector):
+    """A crop folder whose images cannot be segmented: every crop a reject row, no crash."""
+    root = tmp_path / "data"
+    for k in range(3):
+        _save(root / f"crops/Basophil/b{k}.png", _image(64, 64, []))
+    overrides = _segment_overrides(tmp_path, tiny_ckpt, root)
+    overrides[-1] = (
+        f"data.segment_sources=[{{name: c, kind: crop_folder, path: '{root / 'crops'}'}}]"
+    )
+    out = run_stage_in_process(overrides, "segment")
+    assert ad.read_h5ad(out / "cells.h5ad").n_obs == 0
+    rej = pd.read_csv(out / "rejects.csv")
+    assert len(rej) == 3 and set(rej.field) == {"mask"} and set(rej.reason) == {"no detection"}
+    assert list(rej.image) == [f"Basophil/b{k}.png" for k in range(3)]
