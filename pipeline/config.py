@@ -135,7 +135,7 @@ class DataConfig:
     # data=synthetic reads the simulator's smears instead
     smear_sources: list[SmearSourceConfig] = field(default_factory=list)
     crop_sources: list[dict[str, Any]] = field(default_factory=list)
-    # real images stage=segment runs the trained detector on; [] -> the `smears` input
+    # real images for stage=segment (pipeline/config_sources.py); [] -> `smears` input
     segment_sources: list[SegmentSourceConfig] = field(default_factory=list)
     expression_file: str | None = None
 
@@ -295,8 +295,7 @@ class PairConfig:
     # by_maturation: maturation of crops known only by class (e.g. {band: 0.8})
     label_maturation: dict[str, float] = field(default_factory=dict)
     seed: int | None = None  # null: top-level seed
-    # by_label: classes with fewer crops lose their label (image-only rows; rejects.csv)
-    min_class_size: int = 1  # 1 = off; pair=real_chain uses 2
+    min_class_size: int = 1  # by_label: smaller classes -> unlabelled (rejects.csv); 1 = off
 
 
 @dataclass

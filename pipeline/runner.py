@@ -305,39 +305,6 @@ def stages_for(cfg: DictConfig) -> list[str]:
     return [name]
 
 
-def precheck(cfg: DictConfig, names: list[str]) -> None:
-    """Check every stage's settings and inputs before the first one starts.
-
-    An input counts as available when an earlier stage of ``names`` produces it
-    (unless ``paths.inputs.<name>`` points elsewhere). Raises :class:`StageError`
-    naming the stage and the missing input or bad setting; writes nothing.
-    """
-    load_stages()
-    produced: set[str] = set()
-    for name in names:
-        spec = REGISTRY[name]
-        try:
-            if spec.validate is not None:
-                spec.validate(cfg)
-            for n in spec.needs_for(cfg):
-                explicit = cfg.paths.inputs.get(n) if n in cfg.paths.inputs else None
-                if n in produced and not explicit:
-                    continue
-                resolve_input(cfg, n)
-            d = stage_dir(cfg, name)
-            if d.exists() and any(d.iterdir()) and not (cfg.overwrite or cfg.resume):
-                raise StageError(
-                    f"{d} already holds a run of stage={name}; pass overwrite=true, "
-                    f"resume=true or another experiment=NAME"
-                )
-        except (StageError, StageInputError) as e:
-            raise StageError(
-                f"stage={cfg.stage.name}: stage={name} cannot run: {e} "
-                f"(checked before any stage started; nothing was run)"
-            ) from e
-        produced |= {a for a, (producer, _) in ARTIFACTS.items() if producer == name}
-
-
 def run_stage(cfg: DictConfig, name: str) -> Path:
     """Run one stage: check inputs, prepare its folder, call it, write the manifest."""
     from pipeline import hardware
@@ -411,6 +378,8 @@ def main(cfg: DictConfig) -> int:
     try:
         names = stages_for(cfg)
         if len(names) > 1 and os.environ.get("RANK", "0") in ("", "0"):
+            from pipeline.precheck import precheck
+
             precheck(cfg, names)  # rank 0 of torchrun or a plain run
         for name in names:
             run_stage(cfg, name)

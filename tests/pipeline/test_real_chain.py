@@ -180,7 +180,7 @@ def test_stage_all_precheck_fails_before_anything_runs(tmp_path, capsys):
 
 
 def test_precheck_counts_earlier_outputs_and_names_bad_source(tmp_path, tiny_ckpt):
-    from pipeline import runner
+    from pipeline.precheck import precheck
     from pipeline.runner import StageError
 
     root = _data(tmp_path / "data")
@@ -189,13 +189,13 @@ def test_precheck_counts_earlier_outputs_and_names_bad_source(tmp_path, tiny_ckp
     cfg = compose_config([*base, f"paths.shared_data={tmp_path / 'data'}"])
     ok = compose_config([*base, "pair.crop_sources=[{kind: cells}]"])
     # cells (segment) and expression come from earlier stages of the run: fine
-    runner.precheck(ok, ["segment", "expression", "pair"])
+    precheck(ok, ["segment", "expression", "pair"])
     # pair=real_chain reads cells/segmentation_wbc under shared_data: not there
     with pytest.raises(StageError, match=r"stage=pair cannot run.*pair.crop_sources\[1\].path"):
-        runner.precheck(cfg, ["segment", "pair"])
+        precheck(cfg, ["segment", "pair"])
     bad = compose_config([*base, "data.segment_sources.2.path=/nonexistent/crops"])
     with pytest.raises(StageError, match=r"stage=segment cannot run.*segment_sources\[2\].path"):
-        runner.precheck(bad, ["segment", "pair"])
+        precheck(bad, ["segment", "pair"])
     assert not (tmp_path / "out").exists()
 
 
