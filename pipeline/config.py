@@ -17,6 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from pipeline.config_sources import SegmentSourceConfig
 from pipeline.simulator.dataset import SimulatorParams
 from segmentation.schema import MASK_THRESHOLD, SCORE_THRESHOLD
 from vae.analysis.settings import AnalysisSettings
@@ -134,6 +135,8 @@ class DataConfig:
     # data=synthetic reads the simulator's smears instead
     smear_sources: list[SmearSourceConfig] = field(default_factory=list)
     crop_sources: list[dict[str, Any]] = field(default_factory=list)
+    # real images for stage=segment (pipeline/config_sources.py); [] -> `smears` input
+    segment_sources: list[SegmentSourceConfig] = field(default_factory=list)
     expression_file: str | None = None
 
 
@@ -268,7 +271,7 @@ class ExpressionConfig:
 class CropSourceConfig:
     """One source of cell crops for stage=pair."""
 
-    kind: str = "cells"  # cells (stage=segment) | image_folder | segmentation_wbc
+    kind: str = "cells"  # cells (stage=segment) | image_folder | segmentation_wbc | coco
     path: str | None = None  # null for cells; relative -> paths.shared_data
     max_per_class: int | None = None  # cap per class (first N in sorted order)
 
@@ -292,6 +295,7 @@ class PairConfig:
     # by_maturation: maturation of crops known only by class (e.g. {band: 0.8})
     label_maturation: dict[str, float] = field(default_factory=dict)
     seed: int | None = None  # null: top-level seed
+    min_class_size: int = 1  # by_label: smaller classes -> unlabelled (rejects.csv); 1 = off
 
 
 @dataclass

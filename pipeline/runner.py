@@ -377,6 +377,10 @@ def main(cfg: DictConfig) -> int:
     load_stages()
     try:
         names = stages_for(cfg)
+        if len(names) > 1 and os.environ.get("RANK", "0") in ("", "0"):
+            from pipeline.precheck import precheck
+
+            precheck(cfg, names)  # rank 0 of torchrun or a plain run
         for name in names:
             run_stage(cfg, name)
     except (StageError, StageInputError) as e:

@@ -10,6 +10,7 @@ import json
 import logging
 from pathlib import Path
 
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import write_json
@@ -73,7 +74,53 @@ def _cap(cs, n: int):
     return CropSet(crops=cs.crops[keep], masks=cs.masks[keep], obs=cs.obs[keep])
 
 
-@stage("pair", needs=_pair_needs, produces=["paired"])
+CROP_KINDS = ("cells", "coco", "image_folder", "segmentation_wbc")
+
+
+def _validate(cfg: DictConfig) -> None:
+    """Crop source kinds and paths, before any folder is made."""
+    for k, s in enumerate(cfg.pair.crop_sources):
+        setting = f"pair.crop_sources[{k}]"
+        if s.kind not in CROP_KINDS:
+            raise StageError(f"{setting}.kind={s.kind!r}; valid: {', '.join(CROP_KINDS)}")
+        if s.kind in ("image_folder", "segmentation_wbc") and not s.path:
+            raise StageError(f"{setting}.path is required for kind={s.kind}")
+        if s.path:
+            resolve_data_path(cfg, s.path, f"{setting}.path")
+    if int(cfg.pair.min_class_size) < 1:
+        raise StageError(f"pair.min_class_size={cfg.pair.min_class_size}: must be >= 1")
+
+
+def drop_small_classes(crops, min_size: int):
+    """Clear the label of classes with fewer than ``min_size`` crops.
+
+    Their crops stay as unlabelled image-only rows (a class of one cannot be
+    split into train / validation / test). Returns the crops, one reject row
+    per affected crop (``image``, ``field``, ``action``, ``reason``) and the
+    cleared classes (lower case).
+    """
+    lab = crops.obs["label"].astype(str)
+    sizes = lab[lab != ""].value_counts()
+    small = sizes[sizes < min_size]
+    rejects = []
+    for cls, n in small.items():
+        for cid in lab.index[lab == cls]:
+            rejects.append(
+                {
+                    "image": cid,
+                    "field": "label",
+                    "action": "label_cleared",
+                    "reason": f"class {cls!r} has {n} crop(s) < pair.min_class_size="
+                    f"{min_size}; kept as an unlabelled image-only row",
+                }
+            )
+        log.warning("pair: class %r has only %d crop(s); its label is cleared", cls, n)
+    if len(small):
+        crops.obs.loc[lab.isin(small.index), "label"] = ""
+    return crops, rejects, {str(c).lower() for c in small.index}
+
+
+@stage("pair", needs=_pair_needs, produces=["paired"], validate=_validate)
 def run_pair(ctx: StageContext) -> None:
     import anndata as ad
 
@@ -84,13 +131,18 @@ def run_pair(ctx: StageContext) -> None:
     if not 0 <= p.background_value <= 255:
         raise StageError(f"pair.background_value={p.background_value}: must be in 0..255")
     expr = ad.read_h5ad(ctx.input("expression"))
+    rejects: list[dict] = []
+    label_map = OmegaConf.to_container(p.label_map)
     try:
         crops = load_crops(ctx)
+        if crops is not None and p.mode == "by_label":
+            crops, rejects, cleared = drop_small_classes(crops, int(p.min_class_size))
+            label_map = {k: v for k, v in label_map.items() if k.lower() not in cleared}
         res = pr.make_pairs(
             crops,
             expr,
             p.mode,
-            label_map=OmegaConf.to_container(p.label_map),
+            label_map=label_map,
             draws_per_crop=p.draws_per_crop,
             n_bins=p.n_bins,
             label_maturation=OmegaConf.to_container(p.label_maturation),
@@ -131,6 +183,10 @@ def run_pair(ctx: StageContext) -> None:
         with ctx.atomic("pair_summary.csv") as tmp:
             res.summary.to_csv(tmp, index=False)
         write_json(ctx.output("pair_counts.json"), counts)
+        with ctx.atomic("rejects.csv") as tmp:
+            pd.DataFrame(rejects, columns=["image", "field", "action", "reason"]).to_csv(
+                tmp, index=False
+            )
         if hi.any():
             with ctx.atomic("crops.png") as tmp:
                 pr.contact_sheet(out, tmp, seed=cfg.seed)

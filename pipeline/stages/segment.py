@@ -139,6 +139,20 @@ def resolve_input_scale(cfg: Any, ckpt: dict[str, Any]) -> tuple[float, str]:
     return float(cfg.segmentation.input_scale), "segmentation.input_scale"
 
 
+def make_detector(ctx: StageContext, model: torch.nn.Module) -> MaskRCNNDetector:
+    """The tile detector of ``cfg.segmentation`` on this rank's device."""
+    sc = ctx.cfg.segmentation
+    return MaskRCNNDetector(
+        model,
+        ctx.dist.device,
+        score_floor=float(sc.detect_score_floor),
+        mask_threshold=float(sc.mask_threshold),
+        max_detections=int(sc.max_detections_per_tile),
+        rpn_post_nms_top_n=int(sc.rpn_post_nms_top_n),
+        autocast=ctx.dist.autocast,
+    )
+
+
 def _run_shard(
     ctx: StageContext,
     items: list[tuple[int, Path]],
@@ -147,18 +161,11 @@ def _run_shard(
     overlay_dir: Path,
     model: torch.nn.Module,
     ckpt: dict[str, Any],
+    overlay_below: int | None = None,
 ) -> dict[str, Any]:
     sc = ctx.cfg.segmentation
-    dev = ctx.dist.device
-    detector = MaskRCNNDetector(
-        model,
-        dev,
-        score_floor=float(sc.detect_score_floor),
-        mask_threshold=float(sc.mask_threshold),
-        max_detections=int(sc.max_detections_per_tile),
-        rpn_post_nms_top_n=int(sc.rpn_post_nms_top_n),
-        autocast=ctx.dist.autocast,
-    )
+    detector = make_detector(ctx, model)
+    overlay_below = int(sc.n_overlays) if overlay_below is None else overlay_below
     tables, crops, masks, rejects = [], [], [], []
     n_truth, n_images, seconds = 0, 0, 0.0
     # images are read batch_size at a time so that the tiles of small images share
@@ -210,7 +217,7 @@ def _run_shard(
                         "reason": "no detection passed filters",
                     }
                 )
-            if index < int(sc.n_overlays):
+            if index < overlay_below:
                 ov = draw_overlay(cells, min(float(sc.score_threshold), 0.99))
                 ov.save(overlay_dir / f"{path.stem}.png")
     s = int(sc.crop_size)
@@ -226,16 +233,36 @@ def _run_shard(
     }
 
 
+def _segment_needs(cfg: Any) -> list[str]:
+    if cfg.data.segment_sources:
+        return ["segmentation_model"]  # real images listed in the config
+    return ["segmentation_model", "smears"]
+
+
+def _validate(cfg: Any) -> None:
+    settings_from_config(cfg.segmentation)
+    if cfg.data.segment_sources:
+        from pipeline.segment_sources import validate_sources
+
+        validate_sources(cfg)
+
+
 @stage(
     "segment",
-    needs=["segmentation_model", "smears"],
+    needs=_segment_needs,
     produces=["cells"],
     distributed=True,
+    validate=_validate,
 )
 def segment(ctx: StageContext) -> None:
     """Tiled Mask R-CNN inference -> filtered, background-free crops in cells.h5ad."""
     sc = ctx.cfg.segmentation
     settings = settings_from_config(sc)
+    if ctx.cfg.data.segment_sources:
+        from pipeline.segment_sources import segment_sources
+
+        segment_sources(ctx, settings)
+        return
     smears = ctx.input("smears")
     if smears.is_file():
         raise StageError(f"smears input {smears} is a file; give the folder of images")

@@ -222,7 +222,7 @@ def read_cells_h5ad(path: str | Path, size: int, background: int = 0) -> CropSet
     obs["label"] = src["kind"].astype(str).to_numpy() if "kind" in src else ""
     if "label" in src:
         obs["label"] = src["label"].astype(str).to_numpy()
-    obs["source"] = "cells"
+    obs["source"] = src["source"].astype(str).to_numpy() if "source" in src else "cells"
     obs[HAS_MASK] = True
     if "truth_cell_id" in src:
         obs["truth_cell_id"] = (

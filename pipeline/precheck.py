@@ -1,0 +1,48 @@
+"""The check ``stage=all`` makes before its first stage starts (:func:`precheck`)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from pipeline.artifacts import StageInputError
+from pipeline.runner import (
+    ARTIFACTS,
+    REGISTRY,
+    StageError,
+    load_stages,
+    resolve_input,
+    stage_dir,
+)
+
+
+def precheck(cfg: DictConfig, names: list[str]) -> None:
+    """Check every stage's settings and inputs before the first one starts.
+
+    An input counts as available when an earlier stage of ``names`` produces it
+    (unless ``paths.inputs.<name>`` points elsewhere). Raises :class:`StageError`
+    naming the stage and the missing input or bad setting; writes nothing.
+    """
+    load_stages()
+    produced: set[str] = set()
+    for name in names:
+        spec = REGISTRY[name]
+        try:
+            if spec.validate is not None:
+                spec.validate(cfg)
+            for n in spec.needs_for(cfg):
+                explicit = cfg.paths.inputs.get(n) if n in cfg.paths.inputs else None
+                if n in produced and not explicit:
+                    continue
+                resolve_input(cfg, n)
+            d = stage_dir(cfg, name)
+            if d.exists() and any(d.iterdir()) and not (cfg.overwrite or cfg.resume):
+                raise StageError(
+                    f"{d} already holds a run of stage={name}; pass overwrite=true, "
+                    f"resume=true or another experiment=NAME"
+                )
+        except (StageError, StageInputError) as e:
+            raise StageError(
+                f"stage={cfg.stage.name}: stage={name} cannot run: {e} "
+                f"(checked before any stage started; nothing was run)"
+            ) from e
+        produced |= {a for a, (producer, _) in ARTIFACTS.items() if producer == name}

@@ -1,0 +1,257 @@
+"""``stage=segment`` on the real images listed in ``data.segment_sources``.
+
+Used by :mod:`pipeline.stages.segment` when that list is not empty (``+preset=real``).
+Each ``kind=smears`` source is segmented like the simulator's smears (tiled
+inference, filters, masked crops); its kept cells take a label from the
+source's class list where that is unambiguous
+(:func:`segmentation.sources.label_for_image`), else enter unlabelled. Each
+``kind=crop_folder`` source (ImageFolder of single-cell crops without masks) is
+run crop by crop; the kept detection covering the crop centre gives the mask
+(:func:`segmentation.sources.pick_centre_cell`), the folder the label; a crop
+without one is a ``rejects.csv`` row. All cells go into one ``cells.h5ad``
+(``obs``: ``source``, ``label``, ``label_status``, ``mode``).
+
+Runs on rank 0 only (other DDP ranks return at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline.artifacts import write_json
+from pipeline.config_sources import LABEL_FORMATS, SEGMENT_SOURCE_KINDS
+from pipeline.runner import StageContext, StageError, resolve_data_path
+from segmentation.cells import SegmentSettings, contact_sheet, segment_images
+from segmentation.io import list_images, read_rgb
+from segmentation.sources import (
+    LabelFileError,
+    label_for_image,
+    list_crop_folder,
+    pick_centre_cell,
+    read_bccd_labels,
+)
+from segmentation.table import cells_adata, empty_table, merge_parts
+
+log = logging.getLogger(__name__)
+
+REJECT_COLUMNS = ["source", "image", "field", "action", "reason"]
+
+
+def validate_sources(cfg: Any) -> None:
+    """Check every ``data.segment_sources`` entry before any work (raises StageError)."""
+    names = set()
+    for k, src in enumerate(cfg.data.segment_sources):
+        at = f"data.segment_sources[{k}]"
+        if src.kind not in SEGMENT_SOURCE_KINDS:
+            raise StageError(f"{at}.kind={src.kind!r}; valid: {', '.join(SEGMENT_SOURCE_KINDS)}")
+        if src.labels_format not in LABEL_FORMATS:
+            raise StageError(
+                f"{at}.labels_format={src.labels_format!r}; valid: {', '.join(LABEL_FORMATS)}"
+            )
+        if src.name in names:
+            raise StageError(f"{at}.name={src.name!r} is used twice")
+        names.add(src.name)
+        if not resolve_data_path(cfg, src.path, f"{at}.path").is_dir():
+            raise StageError(f"{at}.path={src.path}: not a folder")
+        if src.labels:
+            if src.kind != "smears" or src.labels_format == "none":
+                raise StageError(
+                    f"{at}.labels is for kind=smears with labels_format=bccd_kaggle "
+                    f"(got kind={src.kind}, labels_format={src.labels_format})"
+                )
+            resolve_data_path(cfg, src.labels, f"{at}.labels")
+        for key, v in [("scale", src.scale), *src.scale_by_width.items()]:
+            if v is not None and float(v) <= 0:
+                raise StageError(f"{at}.scale{'' if key == 'scale' else '_by_width.' + key}={v}")
+
+
+def _scale(src: Any, default: float, path: Path) -> float:
+    base = default if src.scale is None else float(src.scale)
+    if not src.scale_by_width:
+        return base
+    try:
+        with Image.open(path) as im:
+            width = im.size[0]
+    except Exception:  # noqa: BLE001 - read_rgb rejects it later, with the reason
+        return base
+    return float(src.scale_by_width.get(str(width), base))
+
+
+def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
+    from pipeline.stages.segment import _run_shard
+
+    sc = ctx.cfg.segmentation
+    images = list_images(folder)
+    labels, rejects = None, []
+    if src.labels:
+        path = resolve_data_path(ctx.cfg, src.labels, f"{src.name}.labels")
+        try:
+            labels, rejects = read_bccd_labels(path, {p.name for p in images})
+        except LabelFileError as e:
+            raise StageError(f"data.segment_sources ({src.name}).labels: {e}") from e
+    cap = src.max_images if src.max_images is not None else sc.max_images
+    images = images[: None if cap is None else int(cap)]
+    by_scale: dict[float, list[tuple[int, Path]]] = {}
+    for i, p in enumerate(images):
+        by_scale.setdefault(_scale(src, settings.input_scale, p), []).append((offset + i, p))
+    parts = []
+    for scale, items in sorted(by_scale.items()):
+        log.info("segment: %s, %d images at scale %.3g", src.name, len(items), scale)
+        s = replace(settings, input_scale=scale)
+        part = _run_shard(ctx, items, s, None, overlays, model, ckpt, offset + int(sc.n_overlays))
+        parts.append(part)
+    for p in parts:
+        rejects += [{"field": "image", **r} for r in p["rejects"]]
+    return parts, labels, rejects, len(images)
+
+
+def _crop_folder(ctx, src, folder, model, settings, offset):
+    from pipeline.stages.segment import make_detector
+
+    detector = make_detector(ctx, model)
+    files = list_crop_folder(folder, src.max_images)
+    # a crop holds one cell, often touching the border, next to cut neighbours
+    f = replace(settings.filters, drop_border=False, max_overlap_iou=None)
+    tables, crops, masks, rejects = [], [], [], []
+    group = max(1, settings.batch_size)
+    for g in range(0, len(files), group):
+        good = []
+        for i, (path, cls) in enumerate(files[g : g + group], start=offset + g):
+            rel = f"{path.parent.name}/{path.name}"
+            rd = read_rgb(path, convert=True)
+            if not rd.ok:
+                rejects.append(
+                    {"image": rel, "field": "image", "action": "skipped", "reason": rd.reason}
+                )
+                continue
+            good.append((i, rel, cls, rd.image, _scale(src, settings.input_scale, path)))
+        for i, rel, cls, img, scale in good:  # scales may differ: one call per crop
+            s = replace(settings, input_scale=scale, filters=f)
+            cells = segment_images(detector, [img], [rel], s, id_prefixes=[f"{src.name}/{rel}"])[0]
+            pos, reason = pick_centre_cell(cells)
+            if pos is None:
+                rejects.append(
+                    {"image": rel, "field": "mask", "action": "no_mask", "reason": reason}
+                )
+                continue
+            row = cells.table[cells.table.kept].iloc[[pos]].copy()
+            row.insert(1, "image_index", i)
+            row["cell_id"] = f"{src.name}/{rel}"
+            row["label"], row["label_status"] = cls, "labelled"
+            tables.append(row)
+            crops.append(cells.crops.images[pos])
+            masks.append(cells.crops.masks[pos])
+    return tables, crops, masks, rejects, len(files)
+
+
+def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
+    """Run the detector on every ``data.segment_sources`` entry; write the segment outputs."""
+    from segmentation.model import load_checkpoint
+
+    if not ctx.is_main:
+        return
+    cfg, sc = ctx.cfg, ctx.cfg.segmentation
+    settings.input_scale = float(sc.input_scale)
+    model, ckpt = load_checkpoint(ctx.input("segmentation_model"), map_location=ctx.dist.device)
+    overlays = ctx.dir / ".overlays"
+    shutil.rmtree(overlays, ignore_errors=True)
+    overlays.mkdir(parents=True)
+    kept_frames, crop_arrays, mask_arrays, tables, rejects = [], [], [], [], []
+    per_source: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for k, src in enumerate(cfg.data.segment_sources):
+        folder = resolve_data_path(cfg, src.path, f"data.segment_sources[{k}].path")
+        if src.kind == "smears":
+            parts, labels, rej, n = _smears(
+                ctx, src, folder, model, ckpt, settings, offset, overlays
+            )
+            table, kept, crops, masks = merge_parts(parts, settings.crop_size, False)
+            n_per_image = kept.groupby("image").size().to_dict()
+            status = {
+                im: label_for_image(nk, None if labels is None else labels.get(im))
+                for im, nk in n_per_image.items()
+            }
+            kept["label"] = [status[im][0] for im in kept.image]
+            kept["label_status"] = [status[im][1] for im in kept.image]
+            counts = {
+                "images": n,
+                "images_read": int(sum(p["n_images"] for p in parts)),
+                "detections": len(table),
+                "kept": len(kept),
+                **{
+                    f"cells_{s}": int((kept.label_status == s).sum())
+                    for s in sorted(set(kept.label_status))
+                },
+            }
+        else:
+            tabs, crops, masks, rej, n = _crop_folder(ctx, src, folder, model, settings, offset)
+            kept = pd.concat(tabs, ignore_index=True) if tabs else pd.DataFrame()
+            table = kept
+            s = settings.crop_size
+            crops = np.stack(crops) if crops else np.zeros((0, s, s, 3), np.uint8)
+            masks = np.stack(masks) if masks else np.zeros((0, s, s), bool)
+            counts = {
+                "crops": n,
+                "masked": len(kept),
+                "no_mask": sum(r["action"] == "no_mask" for r in rej),
+            }
+        if len(kept):
+            kept["source"], kept["mode"] = src.name, src.kind
+            kept_frames.append(kept)
+            tables.append(table.assign(source=src.name))
+        crop_arrays.append(crops)
+        mask_arrays.append(masks)
+        rejects += [{"source": src.name, **r} for r in rej]
+        counts["rejects"] = len(rej)
+        per_source[src.name] = counts
+        log.info("segment: %s (%s): %s", src.name, src.kind, counts)
+        offset += n
+    _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects, per_source)
+    shutil.rmtree(overlays, ignore_errors=True)
+
+
+def _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects, per_source):
+    sc = ctx.cfg.segmentation
+    if kept_frames:
+        kept = pd.concat(kept_frames, ignore_index=True)
+    else:  # a valid, empty cells.h5ad; rejects.csv says why
+        log.warning("segment: no cell kept in any of data.segment_sources; see rejects.csv")
+        kept = empty_table(False).assign(label="", label_status="", source="", mode="")
+        tables = [kept]
+    kept["kept"] = True
+    crops, masks = np.concatenate(crop_arrays), np.concatenate(mask_arrays)
+    for col in ("label", "label_status", "source", "mode"):
+        kept[col] = kept[col].fillna("").astype(str)
+    totals = {
+        "cells": len(kept),
+        "labelled": int((kept.label != "").sum()),
+        "unlabelled": int((kept.label == "").sum()),
+        "rejects": len(rejects),
+    }
+    counts = {**totals, "per_source": per_source}
+    adata = cells_adata(kept, crops, masks, settings, totals, "data.segment_sources")
+    adata.uns["per_source"] = {k: {a: int(b) for a, b in v.items()} for k, v in per_source.items()}
+    with ctx.atomic("cells") as tmp:
+        adata.write_h5ad(tmp)
+    with ctx.atomic("detections.csv") as tmp:
+        pd.concat(tables, ignore_index=True).to_csv(tmp, index=False)
+    with ctx.atomic("rejects.csv") as tmp:
+        pd.DataFrame(rejects, columns=REJECT_COLUMNS).to_csv(tmp, index=False)
+    labels = [f"{lab or '?'} {sc_:.2f}" for lab, sc_ in zip(kept.label, kept.score.astype(float))]
+    with ctx.atomic("contact_sheet.png") as tmp:
+        contact_sheet(crops, labels, int(sc.contact_sheet_max)).save(tmp, format="PNG")
+    with ctx.atomic("overlays") as tmp:
+        shutil.copytree(ctx.dir / ".overlays", tmp)
+    write_json(
+        ctx.output("summary.json"),
+        {"counts": counts, "filter_counts": totals, "device": str(ctx.dist.device)},
+    )
+    log.info("segment: %s", counts)

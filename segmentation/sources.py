@@ -1,0 +1,184 @@
+"""Real image sources of stage=segment: per-image class lists and the crop-folder mask mode.
+
+Two helpers the stage needs beyond tiled inference on smears:
+
+* labels of detected cells where the data set has them: BCCD's per-image class
+  list (``cells/bccd_cropped/kaggle_labels.csv``, columns ``,Image,Category``,
+  image number ``N`` -> ``BloodImage_%05d.jpg``) read by
+  :func:`read_bccd_labels` and turned into a cell label by :func:`label_for_image`;
+* masks for folders of single-cell crops that have none (ImageFolder layout):
+  :func:`list_crop_folder` lists them and :func:`pick_centre_cell` keeps, of the
+  detector's kept cells of one crop, the one that covers the crop centre.
+
+Every problem is a reject row ``{"image", "field", "action", "reason"}`` for
+``rejects.csv``, never an exception, except a label file that cannot be read at
+all (:class:`LabelFileError`, naming file and field). Library code: typed
+arguments only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from segmentation.cells import ImageCells
+from segmentation.io import IMAGE_SUFFIXES
+
+BCCD_IMAGE = "BloodImage_{:05d}.jpg"
+
+
+class LabelFileError(ValueError):
+    """A label file that cannot be used at all; the message names file and field."""
+
+
+def read_bccd_labels(
+    csv_path: str | Path, available: set[str]
+) -> tuple[dict[str, list[str]], list[dict[str, str]]]:
+    """BCCD's per-image class list -> ``{image file name: [class, ...]}`` plus reject rows.
+
+    Parameters
+    ----------
+    csv_path
+        ``kaggle_labels.csv``: columns ``Image`` (image number N of
+        ``BloodImage_%05d.jpg``) and ``Category`` (one class, or several
+        comma-separated classes for an image with several white cells; empty =
+        not labelled).
+    available
+        File names of the images that exist; a label naming any other image is
+        a reject row (``field=Image``, ``action=label_without_image``).
+
+    Returns
+    -------
+    labels, rejects
+        Lower-cased class names per image (``[]`` for an empty category), and
+        one reject row per unusable line.
+    """
+    csv_path = Path(csv_path)
+    try:
+        tab = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise LabelFileError(f"{csv_path}: unreadable label file ({e})") from e
+    for col in ("Image", "Category"):
+        if col not in tab.columns:
+            raise LabelFileError(
+                f"{csv_path}: no column '{col}' (columns: {list(tab.columns)}); "
+                "expected ',Image,Category'"
+            )
+    labels: dict[str, list[str]] = {}
+    rejects: list[dict[str, str]] = []
+    for line, (num, cat) in enumerate(zip(tab["Image"], tab["Category"]), start=2):
+        try:
+            name = BCCD_IMAGE.format(int(str(num).strip()))
+        except ValueError:
+            rejects.append(
+                {
+                    "image": csv_path.name,
+                    "field": "Image",
+                    "action": "bad_label_row",
+                    "reason": f"line {line}: Image={num!r} is not an image number",
+                }
+            )
+            continue
+        if name not in available:
+            rejects.append(
+                {
+                    "image": name,
+                    "field": "Image",
+                    "action": "label_without_image",
+                    "reason": f"{csv_path.name} line {line} labels {name} "
+                    f"({cat or 'no class'}), which is not in the smear folder",
+                }
+            )
+            continue
+        labels[name] = [c.strip().lower() for c in str(cat).split(",") if c.strip()]
+    return labels, rejects
+
+
+def label_for_image(n_cells: int, classes: list[str] | None) -> tuple[str, str]:
+    """Label of the detected cells of one smear, and why.
+
+    A label is given only when it cannot go to the wrong cell: the class list
+    names a single class (possibly repeated) and exactly as many cells as the
+    list has entries were detected. ``("", status)`` otherwise.
+
+    Parameters
+    ----------
+    n_cells
+        Kept (filtered) detections in the image.
+    classes
+        Its class list (:func:`read_bccd_labels`), ``None`` when the image is
+        not in the label file (or the source has none).
+
+    Returns
+    -------
+    label, status
+        ``status`` is ``labelled``, ``unlabelled`` (no list for this source or
+        image), ``no_class`` (empty category), ``mixed_classes`` (several
+        classes: which cell is which is unknown) or ``count_mismatch``.
+    """
+    if classes is None:
+        return "", "unlabelled"
+    if not classes:
+        return "", "no_class"
+    if len(set(classes)) > 1:
+        return "", "mixed_classes"
+    if n_cells != len(classes):
+        return "", "count_mismatch"
+    return classes[0], "labelled"
+
+
+def list_crop_folder(root: str | Path, max_per_class: int | None = None) -> list[tuple[Path, str]]:
+    """``(file, class)`` of an ImageFolder (``root/<Class>/*.jpg``), class lower-cased.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``root`` is not a folder or has no class sub-folder with images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder")
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        out += [(f, d.name.lower()) for f in files[:max_per_class]]
+    if not out:
+        raise FileNotFoundError(f"{root}: no class sub-folder with images (ImageFolder layout)")
+    return out
+
+
+def pick_centre_cell(cells: ImageCells) -> tuple[int | None, str]:
+    """The kept detection of a single-cell crop that covers the crop centre.
+
+    Parameters
+    ----------
+    cells
+        :func:`segmentation.cells.segment_image` result of one crop.
+
+    Returns
+    -------
+    index, reason
+        Position in ``cells.crops`` (and in ``cells.table[cells.table.kept]``)
+        of the highest-scoring kept detection whose mask holds the centre pixel,
+        or ``None`` and why no mask could be found.
+    """
+    table, det = cells.table, cells.detections
+    if not len(table):
+        return None, "no detection"
+    kept = np.nonzero(table["kept"].to_numpy())[0]
+    if not len(kept):
+        return None, f"no detection passed the filters (best score {table.score.max():.2f})"
+    h, w = cells.image.shape[:2]
+    cx, cy = int(w * cells.scale / 2), int(h * cells.scale / 2)  # working frame
+    best, best_score = None, -1.0
+    for pos, k in enumerate(kept):
+        m, (ox, oy) = det.masks[k], det.origins[k]
+        y, x = cy - int(oy), cx - int(ox)
+        if 0 <= y < m.shape[0] and 0 <= x < m.shape[1] and m[y, x]:
+            if float(det.scores[k]) > best_score:
+                best, best_score = pos, float(det.scores[k])
+    if best is None:
+        return None, f"none of the {len(kept)} kept detections covers the crop centre"
+    return best, ""
