@@ -65,11 +65,10 @@ def preprocess_params(cfg: DictConfig):
     )
 
 
-@stage("expression", needs=_expression_needs, produces=["expression"])
-def run_expression(ctx: StageContext) -> None:
-    from vae.inputs import expression as ex
+def _validate(cfg: DictConfig) -> None:
+    """An expression input is configured and its file exists (before any folder is made)."""
+    from vae.inputs.expression import BUILTIN_PBMC68K
 
-    cfg = ctx.cfg
     explicit = _explicit_expression_file(cfg)
     if not explicit and cfg.data.name != "synthetic" and not cfg.paths.inputs.get("expression_raw"):
         raise StageError(
@@ -77,6 +76,18 @@ def run_expression(ctx: StageContext) -> None:
             "expression=paul15 | expression=pbmc68k, expression.input_file=PATH, "
             "data.expression_file=PATH or paths.inputs.expression_raw=PATH"
         )
+    if explicit and explicit != BUILTIN_PBMC68K:
+        setting = "expression.input_file" if cfg.expression.input_file else "data.expression_file"
+        resolve_data_path(cfg, explicit, setting)
+
+
+@stage("expression", needs=_expression_needs, produces=["expression"], validate=_validate)
+def run_expression(ctx: StageContext) -> None:
+    from vae.inputs import expression as ex
+
+    cfg = ctx.cfg
+    explicit = _explicit_expression_file(cfg)
+    _validate(cfg)
     if explicit == ex.BUILTIN_PBMC68K:
         src = explicit
     elif explicit:

@@ -161,16 +161,9 @@ def model_args_from(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-@stage(
-    "segment_train",
-    needs=_needs,
-    produces=["segmentation_model", "metrics.json"],
-    distributed=True,
-)
-def segment_train(ctx: StageContext) -> None:
-    cfg, dist = ctx.cfg, ctx.dist
+def _validate(cfg: DictConfig) -> None:
+    """Choices and the real smear folders exist (before any folder is made)."""
     sc = cfg.segmentation
-    t_start = time.time()
     for k, valid in (
         ("mask_mode", ("ignore", "pseudo", "box")),
         ("optimizer", ("sgd", "adamw")),
@@ -178,6 +171,32 @@ def segment_train(ctx: StageContext) -> None:
     ):
         if sc[k] not in valid:
             raise StageError(f"segmentation.{k}={sc[k]!r}; valid: {', '.join(valid)}")
+    if cfg.data.name != "synthetic":
+        if not cfg.data.smear_sources:
+            raise StageError(f"data={cfg.data.name} lists no smear_sources")
+        for i, src in enumerate(cfg.data.smear_sources):
+            if src.format not in READERS:
+                raise StageError(
+                    f"data.smear_sources[{i}].format={src.format!r}; valid: {', '.join(READERS)}"
+                )
+            if not _resolve(cfg, src.path).exists():
+                raise StageError(
+                    f"data.smear_sources[{i}].path={src.path} -> {_resolve(cfg, src.path)}: "
+                    f"not found (set paths.shared_data=... or an absolute path)"
+                )
+
+
+@stage(
+    "segment_train",
+    needs=_needs,
+    produces=["segmentation_model", "metrics.json"],
+    distributed=True,
+    validate=_validate,
+)
+def segment_train(ctx: StageContext) -> None:
+    cfg, dist = ctx.cfg, ctx.dist
+    sc = cfg.segmentation
+    t_start = time.time()
     seed = int(cfg.seed)
     seed_everything(seed + dist.rank)
 

@@ -26,7 +26,9 @@ from segmentation.sources import (
     pick_centre_cell,
     read_bccd_labels,
 )
-from tests.helpers.run import compose_config, run_stage_in_process
+from tests.helpers.run import ROOT, compose_config, run_stage_in_process
+
+SHARED = ROOT / "../shared/data"
 
 BG, CELL = (235, 215, 215), (110, 50, 150)
 
@@ -197,6 +199,45 @@ def test_precheck_counts_earlier_outputs_and_names_bad_source(tmp_path, tiny_ckp
     with pytest.raises(StageError, match=r"stage=segment cannot run.*segment_sources\[2\].path"):
         precheck(bad, ["segment", "pair"])
     assert not (tmp_path / "out").exists()
+
+
+def test_precheck_real_preset_without_shared_data(tmp_path):
+    """+preset=real with a wrong paths.shared_data fails at segment_train, before it trains."""
+    from pipeline import runner
+
+    cfg = compose_config(
+        [
+            "stage=all",
+            "+preset=real",
+            f"paths.root={tmp_path}",
+            f"paths.shared_data={tmp_path / 'nowhere'}",
+        ]
+    )
+    with pytest.raises(
+        runner.StageError, match=r"stage=segment_train cannot run.*smear_sources\[0\]"
+    ):
+        from pipeline.precheck import precheck
+
+        precheck(cfg, runner.stages_for(cfg))
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="shared data absent")
+def test_precheck_real_preset_missing_expression_file(tmp_path):
+    from pipeline import runner
+
+    # earlier stages are fine; the missing expression file is named at stage=expression
+    cfg = compose_config(
+        [
+            "stage=all",
+            "+preset=real",
+            f"paths.root={tmp_path}",
+            "expression.input_file=/nonexistent/paul15.h5ad",
+        ]
+    )
+    with pytest.raises(runner.StageError, match=r"stage=expression cannot run.*input_file"):
+        from pipeline.precheck import precheck
+
+        precheck(cfg, runner.stages_for(cfg))
 
 
 # ----------------------------------------------------------------------------
