@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainArgs:
-    """Optimisation settings (see TrainerConfig / VAEConfig in pipeline/config.py)."""
+    """Optimisation settings (see TrainerConfig / VAEConfig in pipeline/config_vae.py)."""
 
     max_epochs: int = 30
     batch_size: int = 64

@@ -1,0 +1,81 @@
+"""Schema of the ``vae`` and ``trainer`` groups (``stage=train``).
+
+Kept out of :mod:`pipeline.config` (which holds every other group) for file
+length; ``pipeline.config.Config`` uses both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vae.schedules import DEFAULT_BETA
+
+
+@dataclass
+class VAEConfig:
+    """Two-branch beta-VAE architecture and loss weights (see docs/vae.md)."""
+
+    n_latent: int = 16  # shared latent dimensions (fused over modalities)
+    # private dims per modality: what one modality shows and the other cannot predict
+    # (granule texture, nucleus pose) goes there instead of into the shared block
+    n_private: int = 8
+    beta: float = DEFAULT_BETA  # weight of KL to the prior (final value after warm-up)
+    # image branch; crops are resized to image_size when it differs (None: as stored)
+    image_size: int | None = None
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])  # one conv per /2
+    image_arch: str = "residual"  # residual | plain (the first design: blurred discs)
+    texture_noise: bool = False  # residual decoder: learned per-pixel noise (granule texture)
+    image_likelihood: str = "gaussian"  # mse | gaussian | laplace (learned scalar scale)
+    predict_mask: bool = True  # decoder also predicts the cell mask (BCE)
+    ssim_weight: float = 0.0  # optional (1 - SSIM) term inside the mask
+    spectral_weight: float = 0.0  # masked log-amplitude spectrum L1 (granule texture)
+    free_bits: float = 0.0  # nats per latent dim that cost no KL (keeps dims active)
+    # label cross-entropy on each expert's shared mean, rows with a known obs['label']
+    # (scANVI-style semi-supervision; 0: off, and no classifier head is built)
+    classify_weight: float = 0.0
+    # expression branch
+    hidden: list[int] = field(default_factory=lambda: [128, 64])  # MLP widths
+    expression_likelihood: str = "auto"  # auto | nb | zinb | gaussian (auto: nb if counts)
+    library_covariate: bool = True  # feed log library size to the expression encoder
+    late_mask: bool = False  # score observed non-zero entries only (LATE)
+    dropout: float = 0.1  # MLP dropout
+    # fusion of the unimodal posteriors
+    fusion: str = "poe"  # poe (product of experts with the prior) | moe (mixture)
+    # loss weights; null (auto): each image term is scaled by n_genes / (values it
+    # scores per row), so one cell's image and its expression weigh alike in the
+    # ELBO whatever the crop size and mask area (docs/vae.md, "Image branch")
+    image_weight: float | None = None
+    mask_weight: float | None = None
+    expression_weight: float = 1.0
+    cross_weight: float = 1.0  # unimodal/cross-modal reconstruction on paired rows
+    # auto: clip when every paired row is a same_cell pair, else class | none | clip | class
+    align: str = "auto"  # clip: InfoNCE on paired rows; class: per-label centroids
+    align_weight: float = 20.0
+    align_temperature: float = 0.1
+    # KL schedule (owned by the trainer)
+    kl_warmup_epochs: float = 5.0  # linear beta warm-up from 0 (0: none)
+    capacity_max: float = 0.0  # Burgess capacity C in nats (0: off)
+    capacity_epochs: float = 20.0  # epochs for C to rise from 0 to capacity_max
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation of the beta-VAE (stage=train)."""
+
+    max_epochs: int = 30
+    max_minutes: float | None = None  # stop (as a finished run) after this wall time
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4  # AdamW
+    lr_schedule: str = "cosine"  # cosine | constant (both after lr_warmup_epochs)
+    lr_warmup_epochs: float = 1.0
+    grad_clip: float = 10.0  # max grad norm (0: off)
+    early_stopping_patience: int = 10  # epochs without val improvement (0: off)
+    val_fraction: float = 0.15  # split stratified by obs["label"], seeded by `seed`
+    test_fraction: float = 0.15  # never used for early stopping or tuning
+    augment: bool = True  # random flips / rot90 of crops and masks, per batch
+    stain_jitter: float = 0.0  # HED stain + colour jitter strength when augment (0: off)
+    log_every_steps: int = 10  # TensorBoard scalars
+    image_every_epochs: int = 1  # reconstruction grid + expression figure
+    n_images: int = 8  # rows of the reconstruction grid
+    projector_max_cells: int = 1000  # embedding projector at the end (0: off)
