@@ -465,7 +465,10 @@ def vae_loss(
             if keep.numel() > 1:
                 align = info_nce(mi[keep], me[keep], w.temperature)
         elif labels is not None:
-            align = class_align(mi, me, labels, post.has_image, post.has_expression, w.temperature)
+            known = labels != w.unknown_label  # an unknown label is not a class
+            align = class_align(
+                mi, me, labels, post.has_image & known, post.has_expression & known, w.temperature
+            )
 
     classify = zero
     head = out.classifier

@@ -181,3 +181,25 @@ def test_batch_without_images_keeps_every_parameter_in_the_graph():
     loss.total.backward()
     assert all(p.grad is not None for p in m.image_decoder.parameters())
     assert all(p.grad is not None for p in m.image_encoder.parameters())
+
+
+def test_unknown_label_is_not_a_class_for_alignment_or_the_head():
+    """Rows labelled NA are neither aligned with each other nor scored by the label head."""
+    torch.manual_seed(0)
+    m = TwoBranchVAE(
+        VAEArgs(
+            n_genes=5, crop_size=16, channels=[8, 8], expression_likelihood="gaussian", n_classes=3
+        )
+    )
+    b = 4
+    img, mask, x = torch.rand(b, 3, 16, 16), torch.ones(b, 1, 16, 16), torch.rand(b, 5)
+    hi = torch.tensor([1, 1, 0, 0], dtype=torch.bool)
+    he = ~hi
+    na = torch.full((b,), 2)  # every row unknown (code 2 = NA)
+    w = LossWeights(align=1.0, align_mode="class", classify=1.0, unknown_label=2)
+    out = m(img, mask, x, hi, he)
+    t = vae_loss(out, img, mask, x, None, None, beta=1.0, weights=w, labels=na)
+    assert float(t.align) == 0.0 and float(t.classify) == 0.0
+    known = torch.tensor([0, 1, 0, 1])
+    t = vae_loss(out, img, mask, x, None, None, beta=1.0, weights=w, labels=known)
+    assert float(t.align) > 0 and float(t.classify) > 0
