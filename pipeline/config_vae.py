@@ -32,7 +32,7 @@ class VAEConfig:
     free_bits: float = 0.0  # nats per latent dim that cost no KL (keeps dims active)
     # label cross-entropy on each expert's shared mean, rows with a known obs['label']
     # (scANVI-style semi-supervision; 0: off, and no classifier head is built)
-    classify_weight: float = 0.0
+    classify_weight: float = 200.0
     # expression branch
     hidden: list[int] = field(default_factory=lambda: [128, 64])  # MLP widths
     expression_likelihood: str = "auto"  # auto | nb | zinb | gaussian (auto: nb if counts)
@@ -41,11 +41,12 @@ class VAEConfig:
     dropout: float = 0.1  # MLP dropout
     # fusion of the unimodal posteriors
     fusion: str = "poe"  # poe (product of experts with the prior) | moe (mixture)
-    # loss weights; null (auto): each image term is scaled by n_genes / (values it
-    # scores per row), so one cell's image and its expression weigh alike in the
-    # ELBO whatever the crop size and mask area (docs/vae.md, "Image branch")
-    image_weight: float | None = None
-    mask_weight: float | None = None
+    # loss weights: 1 is the ELBO's own weight (image NLL summed over the scored
+    # pixels). null (auto) scales each image term by n_genes / (values it scores per
+    # row); measured: auto decoded blobs on real crops and faint cells on the
+    # simulator, 1 + the label head decoded nuclei on both (docs/vae.md, "Image branch")
+    image_weight: float | None = 1.0
+    mask_weight: float | None = 1.0
     expression_weight: float = 1.0
     cross_weight: float = 1.0  # unimodal/cross-modal reconstruction on paired rows
     # auto: clip when every paired row is a same_cell pair, else class | none | clip | class

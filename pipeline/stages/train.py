@@ -59,7 +59,7 @@ def build_model_args(cfg: DictConfig, data, source: str):
             dropout=float(v.dropout),
             image_arch=v.image_arch,
             texture_noise=bool(v.texture_noise),
-            n_classes=len(data.label_names) if float(v.classify_weight) > 0 else 0,
+            n_classes=_n_classes(float(v.classify_weight), data.label_names),
         )
     except ValueError as e:
         raise StageError(f"vae config: {e}") from e
@@ -85,6 +85,15 @@ def _image_weight(value: float | None, data, term: str) -> float:
     from vae.losses import per_value_weight
 
     return per_value_weight(data, term)
+
+
+def _n_classes(weight: float, label_names: list[str]) -> int:
+    """Width of the label head: 0 (no head) when it is off or no row has a known label."""
+    from vae.data import UNKNOWN_LABEL
+
+    if weight <= 0 or not [n for n in label_names if n != UNKNOWN_LABEL]:
+        return 0
+    return len(label_names)
 
 
 def unknown_label_code(label_names: list[str]) -> int:
