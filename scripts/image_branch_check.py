@@ -90,15 +90,12 @@ def check(run: Path, paired: Path | None, traverse: Path | None) -> dict:
     import pandas as pd
     import torch
 
+    from vae.analysis import granules as G
     from vae.checkpoint import load_model
-    from vae.data import from_anndata, raw_batch, to_batch
+    from vae.data import UNKNOWN_LABEL, from_anndata
     from vae.infer import encode_dataset
     from vae.losses import kl_normal, masked_ssim
-
-    try:
-        from vae.analysis import granules as G
-    except ImportError:  # layout before the vae/analysis package
-        from vae import granules as G
+    from vae.train import active_units
 
     model, meta = load_model(run / "model.pt")
     manifest = (
@@ -114,16 +111,16 @@ def check(run: Path, paired: Path | None, traverse: Path | None) -> dict:
     test = np.flatnonzero(sp == "test")
     fit = np.flatnonzero(sp != "test")
     lat_all = encode_dataset(model, data)
-    lat = encode_dataset(model, data, rows=test)
     obs = adata.obs.iloc[test]
     has_i_all = data.has_image.numpy().astype(bool)
     has_e_all = data.has_expression.numpy().astype(bool)
     has_i, has_e = has_i_all[test], has_e_all[test]
 
     res: dict = {"run": str(run), "paired": str(paired), "n_test": int(test.size)}
-    if "label" in adata.obs:
-        y_all = adata.obs["label"].astype(str).to_numpy()
-        lab_all = ~np.isin(y_all, ["nan", "", "None"])
+    # label codes as the trainer sees them (vae.data normalises unknown labels)
+    y_all = np.asarray(data.label_names)[data.labels.numpy()]
+    lab_all = y_all != UNKNOWN_LABEL
+    if lab_all.any():
         y, lab = y_all[test], lab_all[test]
         yf, labf = y_all[fit], lab_all[fit]
         vals, cnt = np.unique(y[lab & has_i], return_counts=True)
@@ -152,30 +149,31 @@ def check(run: Path, paired: Path | None, traverse: Path | None) -> dict:
                 pca.transform(pix(rf)), y_all[rf], pca.transform(pix(rt)), y_all[rt]
             )
 
-    kl = kl_normal((torch.from_numpy(lat.joint), torch.from_numpy(lat.joint_logvar)))
-    kl_dim = kl.mean(0).numpy()
+    joint = torch.from_numpy(lat_all.joint[test])
+    kl_dim = kl_normal((joint, torch.from_numpy(lat_all.joint_logvar[test]))).mean(0).numpy()
     res["kl_per_dim"] = [round(float(v), 4) for v in kl_dim]
-    res["active_units"] = int((kl_dim > 0.01).sum())
+    res["active_units"] = active_units(kl_dim)
     res["n_latent"] = int(model.n_latent)
 
-    # reconstructions from the fused posterior mean, image rows only
+    # reconstructions from the fused posterior mean, test rows with an image
     rows = test[has_i]
-    ssim, dec_imgs = [], []
-    with torch.no_grad():
-        for s in range(0, rows.size, 256):
-            b = to_batch(raw_batch(data, torch.as_tensor(rows[s : s + 256])), torch.device("cpu"))
-            post = model.encode(b.image, b.x, b.has_image, b.has_expression, b.mask, b.log_library)
-            dec = model.decode(post.joint[0])
-            ssim.append(masked_ssim(b.image, dec.image, b.mask).numpy())
-            dec_imgs.append((dec.image * b.mask).permute(0, 2, 3, 1).numpy())
-    res["ssim_joint"] = float(np.concatenate(ssim).mean()) if ssim else float("nan")
     if rows.size:
-        _figure(run / "image_branch_recon.png", data, rows, np.concatenate(dec_imgs), obs[has_i])
+        dec = encode_dataset(model, data, rows=rows, decode=True).decoded
+        dec_imgs = dec.rec_image * dec.mask[..., None]  # the cell only, (n, S, S, 3)
+
+        def chw(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).float().permute(0, 3, 1, 2)
+
+        m = torch.from_numpy(dec.mask).float()[:, None]
+        res["ssim_joint"] = float(masked_ssim(chw(dec.image), chw(dec_imgs), m).mean())
+        _figure(run / "image_branch_recon.png", data, rows, dec_imgs, obs[has_i])
+    else:
+        res["ssim_joint"] = float("nan")
 
     o = obs[has_i]
     if "t" in o and rows.size:
         t = o["t"].to_numpy(float)
-        z = lat.joint[has_i]
+        z = lat_all.joint[rows]
         rho = [abs(_spearman(z[:, j], t)) for j in range(z.shape[1])]
         res["best_dim_vs_t_spearman"] = float(np.nanmax(rho)) if rho else float("nan")
         neut = (
@@ -185,8 +183,8 @@ def check(run: Path, paired: Path | None, traverse: Path | None) -> dict:
         if neut.sum() >= 3:
             from pipeline.simulator.morphology import azurophilic_density
 
-            imgs = np.concatenate(dec_imgs)[neut]
-            masks = data.masks[rows][neut, 0].numpy().astype(bool)
+            imgs = dec_imgs[neut]
+            masks = dec.mask[neut]
             fd = G.measure_batch(imgs, masks, G.GranuleParams())
             azu = np.array([azurophilic_density(v) for v in t[neut]])
             res["decoded_granules_vs_true_azurophilic_spearman"] = _spearman(

@@ -456,25 +456,25 @@ def vae_loss(
     if beta == 0:
         kl_obj = zero
 
+    # shared dims used for alignment and the label head; an unknown label is not a class
+    ns = n_shared or (post.image[0].shape[1] if post.image is not None else 0)
+    known = labels != w.unknown_label if labels is not None else None
+
     align = zero
     if w.align > 0 and w.align_mode != "none" and post.image is not None:
-        ns = n_shared or post.image[0].shape[1]
         mi, me = post.image[0][:, :ns], post.expression[0][:, :ns]
         if w.align_mode == "clip":
             keep = (paired > 0).nonzero().flatten()
             if keep.numel() > 1:
                 align = info_nce(mi[keep], me[keep], w.temperature)
-        elif labels is not None:
-            known = labels != w.unknown_label  # an unknown label is not a class
+        elif known is not None:
             align = class_align(
                 mi, me, labels, post.has_image & known, post.has_expression & known, w.temperature
             )
 
     classify = zero
     head = out.classifier
-    if w.classify > 0 and head is not None and labels is not None and post.image is not None:
-        ns = n_shared or post.image[0].shape[1]
-        known = labels != w.unknown_label
+    if w.classify > 0 and head is not None and known is not None and post.image is not None:
         parts = []
         for g, has in ((post.image, post.has_image), (post.expression, post.has_expression)):
             keep = (known & has).nonzero().flatten()

@@ -577,9 +577,7 @@ class TwoBranchVAE(nn.Module):
                 mask = mask.unsqueeze(1)  # (B, S, S) -> (B, 1, S, S)
             # the CNN runs on the rows that hold an image only; the others get
             # N(0, 1) placeholders that no loss term and no fusion reads
-            mu, lv = _rows_only(
-                lambda i, m: self.image_encoder(i, m), has_image, image, mask.to(image.dtype)
-            )
+            mu, lv = _rows_only(self.image_encoder, has_image, image, mask.to(image.dtype))
             sh = (mu[:, : self.args.n_shared], lv[:, : self.args.n_shared])
             pv = (mu[:, self.args.n_shared :], lv[:, self.args.n_shared :])
             post_img = self._full(sh, pv, "image")

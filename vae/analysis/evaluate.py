@@ -111,11 +111,14 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
 
     # ---- active units: dims whose mean KL to the prior (fused posterior) > 0.01 nats
     if "X_vae_full" in lat.obsm and "X_vae_logvar" in lat.obsm and rows.size:
+        import torch
+
+        from vae.losses import kl_normal
         from vae.train import ACTIVE_UNIT_NATS, active_units
 
-        mu = np.asarray(lat.obsm["X_vae_full"], dtype=np.float64)[rows]
-        lv = np.asarray(lat.obsm["X_vae_logvar"], dtype=np.float64)[rows]
-        kl_dim = (0.5 * (mu**2 + np.exp(lv) - 1.0 - lv)).mean(0)
+        mu = torch.from_numpy(np.asarray(lat.obsm["X_vae_full"], dtype=np.float64)[rows])
+        lv = torch.from_numpy(np.asarray(lat.obsm["X_vae_logvar"], dtype=np.float64)[rows])
+        kl_dim = kl_normal((mu, lv)).mean(0).numpy()
         out["active_units"] = {
             "n_active": active_units(kl_dim),
             "n_latent": int(kl_dim.size),
