@@ -29,6 +29,10 @@ class VAEConfig:
     predict_mask: bool = True  # decoder also predicts the cell mask (BCE)
     ssim_weight: float = 0.0  # optional (1 - SSIM) term inside the mask
     spectral_weight: float = 0.0  # masked log-amplitude spectrum L1 (granule texture)
+    # granule layer (> 0 builds it): the decoder predicts a granule-rate map and the
+    # granules' colour, trained on the granules found on the input crops; decoded
+    # cells are rendered with granules drawn from that map (docs/vae.md)
+    granule_weight: float = 0.0
     free_bits: float = 0.0  # nats per latent dim that cost no KL (keeps dims active)
     # label cross-entropy on each expert's shared mean, rows with a known obs['label']
     # (scANVI-style semi-supervision; 0: off, and no classifier head is built)

@@ -117,8 +117,9 @@ def encode_dataset(
 
 def _decode_batch(model: TwoBranchVAE, b, post, di, acc: dict) -> np.ndarray | None:
     """Append one batch's inputs and decodings to ``acc``; the NB theta when the model has one."""
-    dj = model.decode(post.joint[0])
-    de = model.decode(post.expression[0])
+    # decoded cells as a user sees them: with granules drawn when the model has a head
+    dj = model.decode(post.joint[0], render=True)
+    de = model.decode(post.expression[0], render=True)
     add = lambda k, v: acc.setdefault(k, []).append(v)  # noqa: E731
     add("img", _chw_to_hwc(b.image))
     add("m", b.mask[:, 0].bool().cpu().numpy())

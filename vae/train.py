@@ -146,6 +146,7 @@ def forward_loss(
         image_likelihood=args.image_likelihood,
         n_shared=n_shared,
         labels=batch.labels,
+        granules=batch.granules,
     )
 
 
@@ -202,6 +203,17 @@ def train(
     core = model
     wrapped = dist.wrap(core)
     n_shared = core.args.n_shared
+    if getattr(core.args, "granule_head", False) and data.granules is None:
+        from vae.data import granule_centres
+
+        t_g = time.time()
+        data.granules = granule_centres(data.crops, data.masks, data.has_image)
+        log.info(
+            "granule centres of %d crops: %d granules (%.1f s)",
+            int(data.has_image.sum()),
+            int(data.granules.sum()),
+            time.time() - t_g,
+        )
     opt = torch.optim.AdamW(
         [p for p in core.parameters() if p.requires_grad],
         lr=args.lr,

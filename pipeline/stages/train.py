@@ -59,6 +59,7 @@ def build_model_args(cfg: DictConfig, data, source: str):
             dropout=float(v.dropout),
             image_arch=v.image_arch,
             texture_noise=bool(v.texture_noise),
+            granule_head=float(v.granule_weight) > 0,
             n_classes=_n_classes(float(v.classify_weight), data.label_names),
         )
     except ValueError as e:
@@ -114,6 +115,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
             mask=_image_weight(v.mask_weight, data, "mask") if v.predict_mask else 0.0,
             ssim=v.ssim_weight,
             spectral=v.spectral_weight,
+            granules=float(v.granule_weight),
             free_bits=float(v.free_bits),
             classify=float(v.classify_weight),
             unknown_label=int(unknown_label),

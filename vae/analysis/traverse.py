@@ -47,10 +47,13 @@ def decode(model, z: np.ndarray, batch_size: int = 256, device: str = "cpu") -> 
     if z.ndim != 2:
         raise ValueError(f"decode: z must be (n, d), got {z.shape}")
     imgs, masks, exprs = [], [], []
+    # a model with a granule layer renders granules on the decoded cells (one noise
+    # field for every code, so granules stay in place along a path)
+    kw = {"render": True} if getattr(getattr(model, "args", None), "granule_head", False) else {}
     model.eval()
     with torch.inference_mode():
         for i in range(0, len(z), batch_size):
-            dec = model.decode(torch.from_numpy(z[i : i + batch_size]).to(device))
+            dec = model.decode(torch.from_numpy(z[i : i + batch_size]).to(device), **kw)
             # (B, 3, S, S) -> (B, S, S, 3)
             imgs.append(dec.image.float().permute(0, 2, 3, 1).cpu().numpy())
             if dec.mask is not None:
