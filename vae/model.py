@@ -323,7 +323,12 @@ class ImageDecoder(nn.Module):
         self.predict_mask = predict_mask
         self.granule_head = granule_head
         n_out = 4 if predict_mask else 3
-        n_out += 4 if granule_head else 0  # granule rate logit + granule RGB
+        n_out += 1 if granule_head else 0  # where granules are (spatial log-rate)
+        if granule_head:
+            # how many granules and their colour come from the code through an MLP:
+            # granule density peaks mid-path (promyelocyte), which a linear read-out
+            # of the image trunk's few full-resolution channels cannot follow
+            self.granule_mlp = nn.Sequential(nn.Linear(n_in, 64), nn.SiLU(), nn.Linear(64, 4))
         layers: list[nn.Module] = []
         if arch == "plain":
             for a, b in zip(rev[:-1], rev[1:]):
@@ -364,8 +369,10 @@ class ImageDecoder(nn.Module):
         mask_logits = out[:, 3:4] if self.predict_mask else None
         if not self.granule_head:
             return img, mask_logits, None, None
-        rate = F.softplus(out[:, k : k + 1])
-        colour = torch.sigmoid(out[:, k + 1 : k + 4])
+        g = self.granule_mlp(z)  # (B, 4): log density offset, colour logits
+        log_rate = (g[:, :1, None, None] + out[:, k : k + 1]).clamp(-12.0, 6.0)
+        rate = torch.exp(log_rate)  # (B, 1, S, S) centres per 100 px^2
+        colour = torch.sigmoid(g[:, 1:4, None, None]).expand(-1, -1, *img.shape[-2:])
         return img, mask_logits, rate, colour
 
 

@@ -80,9 +80,10 @@ def test_granule_loss_scores_the_head_and_only_when_on():
     assert float(on.granules) > 0 and float(off.granules) == 0.0
     assert float(on.total) > float(off.total)
     on.total.backward()
-    # the decoder's last conv gets a gradient on the granule channels (rate + colour)
+    # the spatial rate channel of the last conv and the count/colour MLP get gradients
     g = m.image_decoder.deconv[-1].weight.grad
-    assert g[-4:].abs().sum() > 0
+    assert g[-1:].abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in m.image_decoder.granule_mlp.parameters())
 
 
 def test_render_adds_granules_in_place_as_the_rate_rises():
