@@ -32,7 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--kinds", nargs="+", default=["myeloblast"], help="kinds held out (one run each)")
+    ap.add_argument(
+        "--kinds", nargs="+", default=["myeloblast"], help="kinds held out (one run each)"
+    )
     ap.add_argument("--n-images", type=int, default=100)
     ap.add_argument("--minutes", type=float, default=2.5, help="training wall cap per run")
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_anomaly")
@@ -47,9 +49,20 @@ def main() -> None:
     t0 = time.time()
     if not paired.exists():
         subprocess.run(
-            [py, str(ROOT / "scripts" / "vae_targets.py"), "build", "--n-images", str(args.n_images),
-             "--seed", str(args.seed), "--out", str(paired)],
-            check=True, env=env, cwd=ROOT,
+            [
+                py,
+                str(ROOT / "scripts" / "vae_targets.py"),
+                "build",
+                "--n-images",
+                str(args.n_images),
+                "--seed",
+                str(args.seed),
+                "--out",
+                str(paired),
+            ],
+            check=True,
+            env=env,
+            cwd=ROOT,
         )
     import anndata as ad
 
@@ -57,10 +70,20 @@ def main() -> None:
     for kind in args.kinds:
         variant = f"without_{kind}"
         cmd = [
-            py, "-m", "pipeline", "stage=train", f"experiment={args.out.name}", f"paths.root={args.out.parent}",
-            f"variant={variant}", f"paths.inputs.paired={paired}", f"trainer.exclude_labels=[{kind}]",
-            f"trainer.max_minutes={args.minutes}", "trainer.projector_max_cells=0", "hardware.torch_threads=1",
-            f"seed={args.seed}", "overwrite=true",
+            py,
+            "-m",
+            "pipeline",
+            "stage=train",
+            f"experiment={args.out.name}",
+            f"paths.root={args.out.parent}",
+            f"variant={variant}",
+            f"paths.inputs.paired={paired}",
+            f"trainer.exclude_labels=[{kind}]",
+            f"trainer.max_minutes={args.minutes}",
+            "trainer.projector_max_cells=0",
+            "hardware.torch_threads=1",
+            f"seed={args.seed}",
+            "overwrite=true",
         ]
         t1 = time.time()
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
@@ -69,7 +92,10 @@ def main() -> None:
         test = obs["split"].astype(str).to_numpy() == "test"
         pos = obs["label"].astype(str).to_numpy() == kind
         assert not (pos & ~test).any(), "a held-out cell was trained on"
-        aucs = {name: roc_auc(obs[col].to_numpy(dtype=float)[test], pos[test]) for name, col in ANOMALY_COLUMNS.items()}
+        aucs = {
+            name: roc_auc(obs[col].to_numpy(dtype=float)[test], pos[test])
+            for name, col in ANOMALY_COLUMNS.items()
+        }
         summ = json.loads((args.out / "train" / variant / "train_summary.json").read_text())
         results[kind] = {
             "auc": aucs,
@@ -90,8 +116,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "anomaly.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
     table = pd.DataFrame({k: v["auc"] for k, v in results.items()})
-    table.loc["n held out / n test"] = [f"{v['n_held_out']}/{v['n_test']}" for v in results.values()]
-    print(f"\nROC AUC of each score for the held-out kind among the test cells ({out['n_cells']} cells):")
+    table.loc["n held out / n test"] = [
+        f"{v['n_held_out']}/{v['n_test']}" for v in results.values()
+    ]
+    print(
+        f"\nROC AUC of each score for the held-out kind among the test cells ({out['n_cells']} cells):"
+    )
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {args.out / 'anomaly.json'} ({out['seconds']} s)")
 

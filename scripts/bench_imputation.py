@@ -66,7 +66,9 @@ def paul15(shared: Path) -> tuple[np.ndarray, np.ndarray, list[str], None, None]
     return c[keep][:, genes], labels, list(a.var_names[genes]), None, None
 
 
-def simulator(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, np.ndarray]:
+def simulator(
+    n: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, np.ndarray]:
     """Counts of n cells (70 % neutrophil lineage with t ~ U(0, 1)), their noise-free
     log-normalised expression and each gene's programme."""
     from pipeline.simulator import OTHER_KINDS, SimulatorParams, make_gene_panel, stage_of
@@ -82,7 +84,13 @@ def simulator(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str], np.
         panel, kinds, ts, rng, p.mean_library_size, p.library_size_sd, p.nb_dispersion, p.dropout
     ).astype(np.float32)
     truth = np.stack([np.log1p(mean_profile(panel, k, t) * TARGET_SUM) for k, t in zip(kinds, ts)])
-    return counts, np.array(kinds), list(map(str, panel.genes)), truth.astype(np.float32), np.array(panel.program)
+    return (
+        counts,
+        np.array(kinds),
+        list(map(str, panel.genes)),
+        truth.astype(np.float32),
+        np.array(panel.program),
+    )
 
 
 def tensors(counts: np.ndarray, labels: np.ndarray, genes: list[str]):
@@ -146,7 +154,11 @@ def train_one(data, split, likelihood: str, late: bool, out: Path, args) -> tupl
     t0 = time.time()
     res = train(model, data, split, targs, DistInfo(0, 1, 0, torch.device("cpu")), out)
     best, _ = load_model(out / "model.pt", "cpu")
-    return best, {"epochs": res.epochs, "best_epoch": res.best_epoch, "seconds": round(time.time() - t0, 1)}
+    return best, {
+        "epochs": res.epochs,
+        "best_epoch": res.best_epoch,
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def bench(name: str, counts, labels, genes, truth, programs, args, out: Path) -> dict:
@@ -171,10 +183,14 @@ def bench(name: str, counts, labels, genes, truth, programs, args, out: Path) ->
         model, info = train_one(data, split, lik, late, out / name / sname.replace(" ", "_"), args)
         preds[sname] = I.model_imputation(model, masked)
         runs[sname] = info
-        print(f"  [{name}] {sname}: {info['epochs']} epochs (best {info['best_epoch']}), {info['seconds']} s")
+        print(
+            f"  [{name}] {sname}: {info['epochs']} epochs (best {info['best_epoch']}), {info['seconds']} s"
+        )
         if truth is not None:
             full = I.masked_tensors(data, te, x[te], counts[te])
-            denoise[sname] = I.denoising_scores(I.model_imputation(model, full), x[te], truth[te], programs)
+            denoise[sname] = I.denoising_scores(
+                I.model_imputation(model, full), x[te], truth[te], programs
+            )
     sc = I.scvi_imputation(counts[tr], cm, TARGET_SUM, seed=args.seed)
     if sc is not None:
         preds["scvi-tools"] = sc
@@ -224,12 +240,16 @@ def main() -> None:
 
     torch.set_num_threads(1)
     if not (args.shared / PAUL15).exists():
-        raise SystemExit(f"{args.shared / PAUL15} not found (set --shared to the shared data folder)")
+        raise SystemExit(
+            f"{args.shared / PAUL15} not found (set --shared to the shared data folder)"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     results = {"paul15": bench("paul15", *paul15(args.shared), args, args.out)}
     if not args.skip_simulator:
-        results["simulator"] = bench("simulator", *simulator(args.sim_cells, args.seed), args, args.out)
+        results["simulator"] = bench(
+            "simulator", *simulator(args.sim_cells, args.seed), args, args.out
+        )
     results["seconds"] = round(time.time() - t0, 1)
     results["settings"] = {k: v for k, v in vars(args).items() if k not in ("shared", "out")}
     results["load_average"] = os.getloadavg()
@@ -240,8 +260,10 @@ def main() -> None:
             continue
         t = pd.DataFrame(r["table"])
         extra = ["pearson_vs_noise_free"] if "pearson_vs_noise_free" in t else []
-        print(f"\n{name}: {r['n_test']} test cells, {r['n_hidden']} hidden entries, "
-              f"{r['n_skipped']} cells skipped (< {args.min_nonzero} non-zero); scvi-tools {r['scvi_tools']}")
+        print(
+            f"\n{name}: {r['n_test']} test cells, {r['n_hidden']} hidden entries, "
+            f"{r['n_skipped']} cells skipped (< {args.min_nonzero} non-zero); scvi-tools {r['scvi_tools']}"
+        )
         print(t[cols + extra].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         for sname, rows in r.get("denoising", {}).items():
             print(f"\n{name} denoising ({sname}): per-gene Pearson with the noise-free expression")
@@ -249,7 +271,9 @@ def main() -> None:
     print(f"\nwrote {args.out / 'imputation.json'} ({results['seconds']} s)")
     t = pd.DataFrame(results["paul15"]["table"]).set_index("predictor")
     best = best_of(t.reset_index())
-    print(f"imputation pearson ours/gene-mean: {t.loc[best, 'pearson']:.2f}/{t.loc['gene mean', 'pearson']:.2f}")
+    print(
+        f"imputation pearson ours/gene-mean: {t.loc[best, 'pearson']:.2f}/{t.loc['gene mean', 'pearson']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -83,7 +83,11 @@ def run_evaluate(ctx: StageContext) -> None:
     tb = tensorboard(ctx) if ctx.is_main else None
     try:
         metrics = evaluate(
-            rd, settings, Outputs(ctx.dir, tb), seed=int(ctx.cfg.seed), noise_free=simulator_truth(ctx, rd)
+            rd,
+            settings,
+            Outputs(ctx.dir, tb),
+            seed=int(ctx.cfg.seed),
+            noise_free=simulator_truth(ctx, rd),
         )
     except AnalysisError as e:
         raise StageError(str(e)) from e

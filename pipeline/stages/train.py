@@ -175,8 +175,8 @@ def run_train(ctx: StageContext) -> None:
     import anndata as ad
     import torch
 
-    from vae.data import PairedDataError, from_anndata, stratified_split
     from vae.analysis.anomaly import anomaly_scores
+    from vae.data import PairedDataError, from_anndata, stratified_split
     from vae.infer import encode_dataset
     from vae.model import TwoBranchVAE
     from vae.tb import TBLogger, pick_granule_genes

@@ -26,7 +26,9 @@ from vae.inputs.schema import ANOMALY_COLUMNS, ANOMALY_SCORE
 DEFAULT_K = 15
 
 
-def knn_distance(z: np.ndarray, z_ref: np.ndarray, k: int = DEFAULT_K, self_in_ref: np.ndarray | None = None) -> np.ndarray:
+def knn_distance(
+    z: np.ndarray, z_ref: np.ndarray, k: int = DEFAULT_K, self_in_ref: np.ndarray | None = None
+) -> np.ndarray:
     """Mean distance of each row of ``z`` to its ``k`` nearest rows of ``z_ref``, (n,).
 
     Parameters

@@ -167,7 +167,9 @@ def score_hidden(
     pred = np.asarray(pred, dtype=np.float64)
     truth = np.asarray(truth, dtype=np.float64)
     if pred.shape != truth.shape or pred.shape != h.hidden.shape:
-        raise ValueError(f"shapes differ: pred {pred.shape}, truth {truth.shape}, hidden {h.hidden.shape}")
+        raise ValueError(
+            f"shapes differ: pred {pred.shape}, truth {truth.shape}, hidden {h.hidden.shape}"
+        )
     m = h.hidden
     p, t = pred[m], truth[m]
     rows = []
@@ -191,8 +193,12 @@ def score_hidden(
         pearson=_r(p, t, "pearson"),
         spearman=_r(p, t, "spearman"),
         median_abs_error=float(np.median(np.abs(p - t))) if p.size else float("nan"),
-        gene_pearson=float(np.nanmean(per_gene["pearson"])) if per_gene["pearson"].notna().any() else float("nan"),
-        gene_spearman=float(np.nanmean(per_gene["spearman"])) if per_gene["spearman"].notna().any() else float("nan"),
+        gene_pearson=float(np.nanmean(per_gene["pearson"]))
+        if per_gene["pearson"].notna().any()
+        else float("nan"),
+        gene_spearman=float(np.nanmean(per_gene["spearman"]))
+        if per_gene["spearman"].notna().any()
+        else float("nan"),
         n_entries=int(m.sum()),
         n_cells=int((m.any(1)).sum()),
         n_skipped=h.n_skipped,
@@ -352,7 +358,13 @@ def denoising_scores(
             continue
         d, o = float(rd[sel].mean()), float(ro[sel].mean())
         rows.append(
-            {"program": p, "n_genes": int(sel.sum()), "decoded_pearson": d, "observed_pearson": o, "gain": d - o}
+            {
+                "program": p,
+                "n_genes": int(sel.sum()),
+                "decoded_pearson": d,
+                "observed_pearson": o,
+                "gain": d - o,
+            }
         )
     return pd.DataFrame(rows)
 
@@ -391,8 +403,18 @@ def late_figure(
     fig, axes = plt.subplots(1, len(pred), figsize=(3.6 * len(pred), 3.6), squeeze=False)
     hi = float(truth.max()) if truth.size else 1.0
     for ax, (name, p) in zip(axes[0], pred.items()):
-        ax.scatter(truth[ro, co], p[ro, co], s=3, alpha=0.3, c="0.6", label="observed", rasterized=True)
-        ax.scatter(truth[rh, ch], p[rh, ch], s=3, alpha=0.5, c="tab:red", label="imputed (hidden)", rasterized=True)
+        ax.scatter(
+            truth[ro, co], p[ro, co], s=3, alpha=0.3, c="0.6", label="observed", rasterized=True
+        )
+        ax.scatter(
+            truth[rh, ch],
+            p[rh, ch],
+            s=3,
+            alpha=0.5,
+            c="tab:red",
+            label="imputed (hidden)",
+            rasterized=True,
+        )
         ax.plot([0, hi], [0, hi], "k--", lw=0.7)
         r = _r(np.asarray(p)[h.hidden], truth[h.hidden], "pearson")
         ax.set_title(f"{name}: hidden r = {r:.2f}", fontsize=9)

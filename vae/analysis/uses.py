@@ -82,11 +82,16 @@ def imputation_and_denoising(
         prog = [rd.gene_program.get(g, "other") for g in rd.gene_names]
         dn = I.denoising_scores(dec, x[rows], noise_free[rows], prog)
         out_files.csv(dn, DENOISING_CSV)
-        out["denoising"] = {r["program"]: {k: v for k, v in r.items() if k != "program"} for r in dn.to_dict("records")}
+        out["denoising"] = {
+            r["program"]: {k: v for k, v in r.items() if k != "program"}
+            for r in dn.to_dict("records")
+        }
     return out
 
 
-def anomaly_summary(lat, decoded, labels: np.ndarray, rows: np.ndarray, out_files, n_top: int = 8) -> dict[str, Any]:
+def anomaly_summary(
+    lat, decoded, labels: np.ndarray, rows: np.ndarray, out_files, n_top: int = 8
+) -> dict[str, Any]:
     """Top atypical cells of ``rows`` (their crops when they have one) and the score per label.
 
     ``decoded`` is ``encode_dataset(..., rows=rows, decode=True).decoded`` (or None).
@@ -99,7 +104,9 @@ def anomaly_summary(lat, decoded, labels: np.ndarray, rows: np.ndarray, out_file
         return {}
     order = np.argsort(-np.where(ok, s, -np.inf))[: min(n_top, int(ok.sum()))]
     names = np.asarray(lat.obs_names)[rows]
-    top = pd.DataFrame({"cell": names[order], "label": labels[rows][order], ANOMALY_SCORE: s[order]})
+    top = pd.DataFrame(
+        {"cell": names[order], "label": labels[rows][order], ANOMALY_SCORE: s[order]}
+    )
     out_files.csv(top, ANOMALY_CSV)
     by = (
         pd.DataFrame({"label": labels[rows][ok], "score": s[ok]})
@@ -112,7 +119,9 @@ def anomaly_summary(lat, decoded, labels: np.ndarray, rows: np.ndarray, out_file
     if decoded is not None:
         from vae.analysis.anomaly import top_cells_figure
 
-        with_img = [i for i in np.argsort(-np.where(ok, s, -np.inf)) if ok[i] and decoded.has_image[i]][:n_top]
+        with_img = [
+            i for i in np.argsort(-np.where(ok, s, -np.inf)) if ok[i] and decoded.has_image[i]
+        ][:n_top]
         if with_img:
             fig = top_cells_figure(
                 decoded.image[with_img],

@@ -45,6 +45,7 @@ def granule_programs() -> dict[str, list[str]]:
     """A fresh, mutable copy of :data:`GRANULE_PROGRAMS` (for dataclass defaults)."""
     return {k: list(v) for k, v in GRANULE_PROGRAMS.items()}
 
+
 # latent.h5ad obs: atypical-cell scores written by stage=train (vae/analysis/anomaly.py);
 # raw per-modality scores (NaN where the row lacks the modality) and the combined
 # robust z-score against the training rows (higher = more atypical)

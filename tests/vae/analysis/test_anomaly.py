@@ -50,12 +50,24 @@ def test_out_of_distribution_row_scores_higher_after_training(tmp_path):
     d = from_anndata(adata)
     split = np.array(["train"] * 30 + ["val"] * 3 + ["test"] * 3)
     torch.manual_seed(0)
-    m = TwoBranchVAE(VAEArgs(n_genes=12, crop_size=16, n_shared=4, channels=[8, 16], hidden=[16], dropout=0.0))
-    args = TrainArgs(max_epochs=25, batch_size=16, augment=False, weights=LossWeights(), log_every_steps=10**6, image_every_epochs=10**6)
+    m = TwoBranchVAE(
+        VAEArgs(n_genes=12, crop_size=16, n_shared=4, channels=[8, 16], hidden=[16], dropout=0.0)
+    )
+    args = TrainArgs(
+        max_epochs=25,
+        batch_size=16,
+        augment=False,
+        weights=LossWeights(),
+        log_every_steps=10**6,
+        image_every_epochs=10**6,
+    )
     train(m, d, split, args, DistInfo(0, 1, 0, torch.device("cpu")), tmp_path)
     df = A.anomaly_scores(m, d, split == "train", k=5)
     assert set(ANOMALY_COLUMNS.values()) == set(df.columns)
     assert df[ANOMALY_SCORE].to_numpy().argmax() == d.n - 1
-    for col in (ANOMALY_COLUMNS["image_reconstruction"], ANOMALY_COLUMNS["expression_reconstruction"]):
+    for col in (
+        ANOMALY_COLUMNS["image_reconstruction"],
+        ANOMALY_COLUMNS["expression_reconstruction"],
+    ):
         others = df[col].to_numpy()[:-1]
         assert df[col].iloc[-1] > np.percentile(others, 90)

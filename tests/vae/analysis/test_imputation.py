@@ -77,7 +77,9 @@ def test_denoising_scores_per_program():
     rng = np.random.default_rng(0)
     truth = rng.normal(size=(50, 6))
     observed = truth + rng.normal(scale=1.0, size=truth.shape)
-    df = I.denoising_scores(truth + 0.01 * rng.normal(size=truth.shape), observed, truth, ["a"] * 3 + ["b"] * 3)
+    df = I.denoising_scores(
+        truth + 0.01 * rng.normal(size=truth.shape), observed, truth, ["a"] * 3 + ["b"] * 3
+    )
     assert list(df["program"]) == ["a", "b", "all"]
     assert (df["decoded_pearson"] > 0.99).all() and (df["gain"] > 0.1).all()
     assert df.set_index("program").loc["all", "n_genes"] == 6
