@@ -54,7 +54,7 @@ def test_out_of_distribution_row_scores_higher_after_training(tmp_path):
         VAEArgs(n_genes=12, crop_size=16, n_shared=4, channels=[8, 16], hidden=[16], dropout=0.0)
     )
     args = TrainArgs(
-        max_epochs=25,
+        max_epochs=12,
         batch_size=16,
         augment=False,
         weights=LossWeights(),
