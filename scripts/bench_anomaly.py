@@ -11,6 +11,14 @@ score of ``latent.h5ad`` finds the held-out kind among the other test cells
     .venv/bin/python scripts/bench_anomaly.py --kinds myeloblast eosinophil
 
 Prints a table and writes ``outputs/bench_anomaly/anomaly.json``.
+
+``--latent`` scores a finished run instead (one trained with
+``trainer.exclude_labels``): the AUC of each score for the rows labelled with
+any of ``--kinds`` among the test rows, over all of them and over the rows with
+an image (e.g. real eosinophil and basophil crops when the model saw neither)::
+
+    .venv/bin/python scripts/bench_anomaly.py --latent outputs/anom_real/train/latent.h5ad \
+        --kinds eosinophil Basophils
 """
 
 from __future__ import annotations
@@ -39,9 +47,16 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=2.5, help="training wall cap per run")
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_anomaly")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--latent", type=Path, default=None, help="score this latent.h5ad, train nothing"
+    )
     args = ap.parse_args()
     from vae.analysis.anomaly import roc_auc
     from vae.inputs.schema import ANOMALY_COLUMNS
+
+    if args.latent is not None:
+        score_run(args.latent, args.kinds)
+        return
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     py = sys.executable
@@ -124,6 +139,39 @@ def main() -> None:
     )
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {args.out / 'anomaly.json'} ({out['seconds']} s)")
+
+
+def score_run(latent: Path, kinds: list[str]) -> None:
+    """AUC of each score of ``latent`` for the ``kinds`` among its test rows."""
+    import anndata as ad
+
+    from vae.analysis.anomaly import roc_auc
+    from vae.inputs.schema import ANOMALY_COLUMNS
+
+    obs = ad.read_h5ad(latent, backed="r").obs
+    test = obs["split"].astype(str).to_numpy() == "test"
+    pos = obs["label"].astype(str).isin(kinds).to_numpy()
+    img = obs["has_image"].to_numpy(bool)
+    rows = {}
+    for subset, sel in (("test rows", test), ("test rows with an image", test & img)):
+        rows[f"{subset} ({int((sel & pos).sum())} of {int(sel.sum())} held out)"] = {
+            name: roc_auc(obs[col].to_numpy(dtype=float)[sel], pos[sel])
+            for name, col in ANOMALY_COLUMNS.items()
+        }
+    table = pd.DataFrame(rows)
+    print(f"ROC AUC for {kinds} among the test rows of {latent}:")
+    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    by = obs[test].groupby(obs["label"].astype(str)[test])["anomaly_score"].median()
+    print("median combined score per label (test rows):")
+    print(by.sort_values(ascending=False).to_string(float_format=lambda v: f"{v:.2f}"))
+    out = latent.parent / "anomaly_heldout.json"
+    out.write_text(
+        json.dumps(
+            {"kinds": kinds, "auc": rows, "median_by_label": by.to_dict()}, indent=2, default=float
+        )
+        + "\n"
+    )
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
