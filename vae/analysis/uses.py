@@ -43,13 +43,14 @@ def imputation_and_denoising(
     denoising per gene programme when ``noise_free`` (N, G) log-normalised truth is given.
 
     Rows without expression are left out; the reference (gene mean, kNN) is ``ref``
-    (the train rows) with expression, else the evaluated rows themselves.
+    (the train rows) with expression, else the evaluated rows themselves *masked*
+    (so no baseline sees a hidden value).
     """
     d = rd.data
     he = d.has_expression.numpy()
     rows = np.asarray(rows)[he[rows]]
-    ref = rows if ref is None else np.asarray(ref)[he[ref]]
-    if rows.size < 3 or ref.size < 3:
+    ref = None if ref is None else np.asarray(ref)[he[ref]]
+    if rows.size < 3 or (ref is not None and ref.size < 3):
         return {}
     x = d.x.numpy()
     values = d.counts.numpy() if d.counts is not None else x
@@ -58,10 +59,11 @@ def imputation_and_denoising(
         return {"n_skipped": h.n_skipped, "n_hidden": 0}
     xm, cm = I.apply_hiding(x[rows], None if d.counts is None else values[rows], h)
     masked = I.masked_tensors(d, rows, xm, cm)
+    x_ref = xm if ref is None else x[ref]
     preds = {
         "model": I.model_imputation(rd.model, masked, rd.device),
-        "gene mean": I.gene_mean_imputation(x[ref], rows.size),
-        "kNN smoothing (PCA)": I.knn_imputation(xm, x[ref], seed=seed),
+        "gene mean": I.gene_mean_imputation(x_ref, rows.size),
+        "kNN smoothing (PCA)": I.knn_imputation(xm, x_ref, seed=seed),
     }
     table = []
     for name, p in preds.items():
