@@ -78,6 +78,9 @@ class TrainerConfig:
     early_stopping_patience: int = 10  # epochs without val improvement (0: off)
     val_fraction: float = 0.15  # split stratified by obs["label"], seeded by `seed`
     test_fraction: float = 0.15  # never used for early stopping or tuning
+    # labels (obs["label"]) kept out of training: their rows all go to the test split
+    # (held-out-kind anomaly detection, scripts/bench_anomaly.py)
+    exclude_labels: list[str] = field(default_factory=list)
     augment: bool = True  # random flips / rot90 of crops and masks, per batch
     stain_jitter: float = 0.0  # HED stain + colour jitter strength when augment (0: off)
     log_every_steps: int = 10  # TensorBoard scalars

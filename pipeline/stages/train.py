@@ -104,6 +104,23 @@ def unknown_label_code(label_names: list[str]) -> int:
     return label_names.index(UNKNOWN_LABEL) if UNKNOWN_LABEL in label_names else -1
 
 
+def exclude_labels(split: np.ndarray, data, labels: list[str]) -> np.ndarray:
+    """Move every row whose label is in ``labels`` to the test split (never trained on)."""
+    if not labels:
+        return split
+    unknown = sorted(set(labels) - set(data.label_names))
+    if unknown:
+        raise StageError(
+            f"trainer.exclude_labels: {unknown} not among the labels of the paired data "
+            f"({', '.join(data.label_names)})"
+        )
+    codes = [data.label_names.index(lab) for lab in labels]
+    out = split.copy()
+    out[np.isin(data.labels.numpy(), codes)] = "test"
+    log.info("trainer.exclude_labels=%s: %d rows moved to test", labels, int((out != split).sum()))
+    return out
+
+
 def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: int = -1, data=None):
     from vae.losses import LossWeights
     from vae.train import TrainArgs
@@ -160,6 +177,7 @@ def run_train(ctx: StageContext) -> None:
     import anndata as ad
     import torch
 
+    from vae.analysis.anomaly import anomaly_scores
     from vae.data import PairedDataError, from_anndata, stratified_split
     from vae.infer import encode_dataset
     from vae.model import TwoBranchVAE
@@ -207,6 +225,7 @@ def run_train(ctx: StageContext) -> None:
             float(cfg.trainer.test_fraction),
             int(cfg.seed),
         )
+        split = exclude_labels(split, data, list(cfg.trainer.exclude_labels))
         if dist.is_main:
             with ctx.atomic("split.csv") as tmp:
                 pd.DataFrame({"split": split}, index=pd.Index(data.obs_names, name="obs")).to_csv(
@@ -260,6 +279,7 @@ def run_train(ctx: StageContext) -> None:
 
         best, _ = load_model(ctx.output("model"), dist.device)
         lat = encode_dataset(best, data, dist.device)
+        anomaly = anomaly_scores(best, data, split == "train", dist.device, latents=lat)
         if tb is not None and cfg.trainer.projector_max_cells > 0:
             _projector(
                 tb,
@@ -271,7 +291,7 @@ def run_train(ctx: StageContext) -> None:
     finally:
         if tb is not None:
             tb.close()
-    _write_latent(ctx, adata, data, split, lat, margs, result)
+    _write_latent(ctx, adata, data, split, lat, margs, result, anomaly)
     write_json(
         ctx.output("train_summary.json"),
         {
@@ -306,12 +326,14 @@ def _projector(tb, latent: np.ndarray, data, max_cells: int, step: int) -> None:
     tb.projector(latent[rows], labels, thumbs, step)
 
 
-def _write_latent(ctx: StageContext, adata, data, split, lat, margs, result) -> None:
+def _write_latent(ctx: StageContext, adata, data, split, lat, margs, result, anomaly) -> None:
     import anndata as ad
 
     ns = margs.n_shared
     obs = adata.obs.copy()
     obs["split"] = pd.Categorical(split, categories=["train", "val", "test"])
+    for col in anomaly.columns:  # names owned by vae.inputs.schema.ANOMALY_COLUMNS
+        obs[col] = anomaly[col].to_numpy(dtype=np.float32)
     out = ad.AnnData(obs=obs)
     out.obsm["X_vae"] = lat.joint[:, :ns].astype(np.float32)
     out.obsm["X_vae_image"] = lat.image[:, :ns].astype(np.float32)

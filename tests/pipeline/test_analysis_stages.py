@@ -77,6 +77,12 @@ def _check_outputs(run: Path) -> None:
         assert (ev / t).exists()
     assert (ev / "umap_labels.png").exists()
     assert list((ev / "tb").glob("events.out.tfevents.*"))
+    # issue 15: imputation (LATE protocol) and atypical-cell scores
+    imp = pd.read_csv(ev / "imputation.csv")
+    assert list(imp["predictor"]) == ["model", "gene mean", "kNN smoothing (PCA)"]
+    assert (imp["n_entries"] > 0).all() and imp["pearson"].between(-1, 1).all()
+    assert metrics["imputation"]["n_hidden"] == imp["n_entries"].iloc[0]
+    assert metrics["anomaly"]["n_scored"] == metrics["n_rows"]
 
     tr = run / "traverse"
     assert len(list(tr.glob("traverse_dim*.png"))) == 2  # top_k_dims
@@ -94,6 +100,7 @@ def _check_outputs(run: Path) -> None:
     assert pngs and pngs == embedded
     assert html.count("<figcaption>") == len(embedded)
     assert "data:image/png;base64," in html and "Config" in html
+    assert "Imputation, denoising and atypical cells" in html
 
 
 def test_evaluate_and_traverse_in_process(tiny_run):
@@ -103,6 +110,31 @@ def test_evaluate_and_traverse_in_process(tiny_run):
     _check_outputs(root / "tiny")
     man = json.loads((root / "tiny" / "traverse" / "manifest.json").read_text())
     assert man["status"] == "complete" and "evaluation" in man["inputs"]
+
+
+def test_latent_holds_anomaly_scores_and_exclude_labels_moves_rows_to_test(tiny_run):
+    import anndata as ad
+    import numpy as np
+
+    from pipeline.runner import StageError
+    from pipeline.stages.train import exclude_labels
+    from vae.data import load_paired
+    from vae.inputs.schema import ANOMALY_COLUMNS, ANOMALY_SCORE
+
+    root, paired = tiny_run
+    lat = ad.read_h5ad(root / "tiny" / "train" / "latent.h5ad")
+    for col in ANOMALY_COLUMNS.values():
+        assert col in lat.obs, col
+    assert np.isfinite(lat.obs[ANOMALY_SCORE]).all()
+    img_only = ~lat.obs["has_expression"].to_numpy(bool)
+    assert lat.obs.loc[img_only, ANOMALY_COLUMNS["expression_latent"]].isna().all()
+    d = load_paired(paired)
+    split = np.array(["train"] * d.n, dtype=object).astype(str)
+    out = exclude_labels(split, d, ["lymphocyte"])
+    lymph = np.asarray(d.label_names)[d.labels.numpy()] == "lymphocyte"
+    assert (out[lymph] == "test").all() and (out[~lymph] == "train").all()
+    with pytest.raises(StageError, match="exclude_labels"):
+        exclude_labels(split, d, ["basophil"])
 
 
 def test_traverse_without_paired_data_still_reports(tiny_run, tmp_path):

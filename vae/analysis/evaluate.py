@@ -52,11 +52,22 @@ def _gene_row(what: str, n: int, gc, gidx: list[int]) -> dict:
     return row
 
 
-def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0) -> dict[str, Any]:
+def evaluate(
+    rd: RunData,
+    a: AnalysisSettings,
+    out_files: Outputs,
+    seed: int = 0,
+    noise_free: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Every evaluation table of ``rd`` on split ``a.split``: CSVs and figures into
-    ``out_files``, the summary (strict-JSON-clean) returned for ``metrics.json``."""
+    ``out_files``, the summary (strict-JSON-clean) returned for ``metrics.json``.
+
+    ``noise_free`` : (N, G) noise-free log-normalised expression of every row
+    (simulator truth), adds the denoising table.
+    """
     from vae.analysis import figures as F
     from vae.analysis import metrics as M
+    from vae.analysis import uses
 
     t0 = time.time()
     lat = rd.latent
@@ -175,6 +186,7 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
         tables["dci_importance"] = imp
 
     # ---- reconstruction and cross-modal prediction (needs the paired data)
+    P = None
     if rd.data is not None:
         P = encode_dataset(
             rd.model, rd.data, rd.device, a.batch_size, rows=rows, decode=True
@@ -221,6 +233,17 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
                 "held-out reconstructions",
             )
             out_files.figure(fig, "reconstructions", "evaluate/reconstructions")
+
+    # ---- what expression autoencoders are used for: imputation, denoising, atypical cells
+    if rd.data is not None:
+        used = uses.imputation_and_denoising(rd, rows, ref, out_files, seed, noise_free)
+        if "denoising" in used:
+            out["denoising"] = used.pop("denoising")
+        if used:
+            out["imputation"] = used
+    an = uses.anomaly_summary(lat, P, labels, rows, out_files)
+    if an:
+        out["anomaly"] = an
 
     # ---- UMAPs of all rows (the embedding needs more cells than the test split)
     emb, method = embedding(

@@ -540,7 +540,11 @@ def _eval_sections(evaluation: Path | None) -> list:
             f" MIG {dis.get('mig')}, DCI disentanglement {dis.get('dci_disentanglement')}, "
             f"completeness {dis.get('dci_completeness')}."
         )
-    return [Section("Evaluation (held-out cells)", text=text, tables=tables, figures=figs)]
+    from vae.analysis.uses import report_section
+
+    uses = report_section(ev_dir)  # imputation, denoising, atypical cells (issue 15)
+    out = [Section("Evaluation (held-out cells)", text=text, tables=tables, figures=figs)]
+    return out + ([uses] if uses is not None else [])
 
 
 def _azurophilic_truth(
