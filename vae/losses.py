@@ -45,7 +45,7 @@ class LossWeights:
     classify: float = 0.0
     unknown_label: int = -1  # label code that means "not known" (never scored)
     # granule head: Poisson point-process NLL of the granule centres found on the
-    # input under the decoded rate map, plus the granule colour at those centres;
+    # input under the decoded rate map, plus the granules' optical density there;
     # needs a model built with granule_head and centres in the batch
     granules: float = 0.0
 
@@ -65,7 +65,7 @@ class LossTerms:
     mask : mask BCE (0 when the decoder predicts no mask)
     ssim : 1 - SSIM inside the mask (0 when its weight is 0)
     spectral : L1 between masked log-amplitude spectra (0 when its weight is 0)
-    granules : granule point-process NLL + granule colour error (0 when off)
+    granules : granule point-process NLL + granule optical-density error (0 when off)
     classify : label cross-entropy of the image and expression experts' shared means
         (rows with a known label; 0 when off)
     expression : expression NLL from the fused posterior
@@ -253,20 +253,50 @@ def spectral_l1(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.T
     return (torch.log1p(fa) - torch.log1p(fb)).abs().mean(dim=(1, 2, 3))
 
 
-def granule_error(dec: Decoded, image: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """Per-row granule-head loss (B,), nats + squared colour error.
+GRANULE_OD_SIGMA = 2.0  # px: local background a granule's optical density is taken against
+
+
+def granule_contrast(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Optical density of each pixel above its masked neighbourhood (B, 3, S, S).
+
+    ``OD = -ln(I)``; the neighbourhood is a Gaussian (``GRANULE_OD_SIGMA``)
+    average over cell pixels only (normalised convolution), so the black
+    background outside the mask does not count as stain.
+    """
+    od = -torch.log(image.clamp_min(1.0 / 255.0)) * mask
+    sigma = GRANULE_OD_SIGMA
+    r = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-r, r + 1, device=image.device, dtype=image.dtype)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    c = image.shape[1]
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        n = t.shape[1]
+        t = F.conv2d(t, k.view(1, 1, 1, -1).expand(n, 1, 1, -1), padding=(0, r), groups=n)
+        return F.conv2d(t, k.view(1, 1, -1, 1).expand(n, 1, -1, 1), padding=(r, 0), groups=n)
+
+    local = blur(od) / blur(mask).clamp_min(1e-6).expand(-1, c, -1, -1)
+    return (od - local).clamp_min(0.0) * mask
+
+
+def granule_error(
+    dec: Decoded, image: torch.Tensor, mask: torch.Tensor, centres: torch.Tensor
+) -> torch.Tensor:
+    """Per-row granule-head loss (B,): point-process NLL (nats) + stain error.
 
     The input's granule centres are a point pattern; the decoded rate map is
     the intensity of an inhomogeneous Poisson process (``rate / 100`` centres
     per pixel), scored by its negative log-likelihood
     ``sum(lambda) - sum(c log lambda)``: the total says how many granules, the
     map where (granule positions are random, so the decoder can only predict
-    their density). The granule colour is scored at the observed centres.
+    their density). The granule's optical density is scored at the observed
+    centres against the input's :func:`granule_contrast` there.
     """
     lam = (dec.granule_rate / 100.0).clamp_min(1e-6)
     nll = (lam - centres * torch.log(lam)).sum(dim=(1, 2, 3))
-    colour_err = (centres * (dec.granule_colour - image).pow(2)).sum(dim=(1, 2, 3))
-    return nll + colour_err
+    target = granule_contrast(image, mask)
+    od_err = (centres * (dec.granule_od - target).pow(2)).sum(dim=(1, 2, 3))
+    return nll + od_err
 
 
 def expression_nll(
@@ -423,7 +453,7 @@ def vae_loss(
         else:
             f = zero
         if w.granules > 0 and dec.granule_rate is not None and granules is not None:
-            g = (granule_error(dec, image, granules) * rows).sum()
+            g = (granule_error(dec, image, mask, granules) * rows).sum()
         else:
             g = zero
         return nll / b, m / b, s / b, f / b, g / b

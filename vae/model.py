@@ -174,8 +174,9 @@ class Decoded:
         Gaussian likelihood log standard deviation.
     granule_rate : (B, 1, S, S) or None
         Expected granule centres per 100 px^2 at each pixel (granule head only).
-    granule_colour : (B, 3, S, S) in [0, 1] or None
-        Colour of a granule centred at each pixel (granule head only).
+    granule_od : (B, 3, S, S) >= 0 or None
+        Optical density (per RGB channel, -ln transmission) that a granule
+        centred at each pixel adds to the cell under it (granule head only).
     image_mean : (B, 3, S, S) or None
         The mean image when ``image`` holds a rendering with granules
         (``decode(..., render=True)``), else None.
@@ -191,7 +192,7 @@ class Decoded:
     expression_dropout_logits: torch.Tensor | None = None
     expression_log_sd: torch.Tensor | None = None
     granule_rate: torch.Tensor | None = None
-    granule_colour: torch.Tensor | None = None
+    granule_od: torch.Tensor | None = None
     image_mean: torch.Tensor | None = None
 
 
@@ -325,7 +326,7 @@ class ImageDecoder(nn.Module):
         n_out = 4 if predict_mask else 3
         n_out += 1 if granule_head else 0  # where granules are (spatial log-rate)
         if granule_head:
-            # how many granules and their colour come from the code through an MLP:
+            # how many granules and their stain come from the code through an MLP:
             # granule density peaks mid-path (promyelocyte), which a linear read-out
             # of the image trunk's few full-resolution channels cannot follow
             self.granule_mlp = nn.Sequential(nn.Linear(n_in, 64), nn.SiLU(), nn.Linear(64, 4))
@@ -361,7 +362,7 @@ class ImageDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, n_in) -> image (B, 3, S, S), mask logits (B, 1, S, S) or None, and the
-        granule rate (B, 1, S, S, per 100 px^2) and colour (B, 3, S, S), or None."""
+        granule rate (B, 1, S, S, per 100 px^2) and optical density (B, 3, S, S), or None."""
         h = F.silu(self.fc(z)).view(-1, self.c0, self.side, self.side)  # (B, C*s*s) -> (B, C, s, s)
         out = self.deconv(h)  # (B, 3 [+1 mask] [+4 granules], S, S)
         img = torch.sigmoid(out[:, :3])
@@ -369,11 +370,11 @@ class ImageDecoder(nn.Module):
         mask_logits = out[:, 3:4] if self.predict_mask else None
         if not self.granule_head:
             return img, mask_logits, None, None
-        g = self.granule_mlp(z)  # (B, 4): log density offset, colour logits
+        g = self.granule_mlp(z)  # (B, 4): log density offset, granule optical density
         log_rate = (g[:, :1, None, None] + out[:, k : k + 1]).clamp(-12.0, 6.0)
         rate = torch.exp(log_rate)  # (B, 1, S, S) centres per 100 px^2
-        colour = torch.sigmoid(g[:, 1:4, None, None]).expand(-1, -1, *img.shape[-2:])
-        return img, mask_logits, rate, colour
+        od = F.softplus(g[:, 1:4, None, None]).expand(-1, -1, *img.shape[-2:])
+        return img, mask_logits, rate, od
 
 
 class ExpressionEncoder(nn.Module):
@@ -687,13 +688,13 @@ class TwoBranchVAE(nn.Module):
         """
         zi = self.image_part(z)
         if image_rows is None:
-            img, mask_logits, rate, colour = self.image_decoder(zi)
+            img, mask_logits, rate, od = self.image_decoder(zi)
         else:
-            img, mask_logits, rate, colour = _rows_only(self.image_decoder, image_rows, zi)
+            img, mask_logits, rate, od = _rows_only(self.image_decoder, image_rows, zi)
         mask = torch.sigmoid(mask_logits) if mask_logits is not None else None
         mean = None
         if render and rate is not None:
-            mean, img = img, render_granules(img, rate, colour, mask, seed)
+            mean, img = img, render_granules(img, rate, od, mask, seed)
         expr = self.expression_decoder(self.expression_part(z))
         return Decoded(
             image=img,
@@ -701,7 +702,7 @@ class TwoBranchVAE(nn.Module):
             mask_logits=mask_logits,
             image_log_scale=self.image_log_scale.clamp(-4.6, 2.0),
             granule_rate=rate,
-            granule_colour=colour,
+            granule_od=od,
             image_mean=mean,
             **expr,
         )
@@ -789,7 +790,7 @@ def granule_field(side: int, seed: int = 0) -> torch.Tensor:
 def render_granules(
     image: torch.Tensor,
     rate: torch.Tensor,
-    colour: torch.Tensor,
+    od: torch.Tensor,
     mask: torch.Tensor | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
@@ -800,14 +801,15 @@ def render_granules(
     below ``rate / 100``: a region holds about as many granules as the decoded
     rate (per 100 px^2) says, spread evenly, and along a latent path granules
     appear and disappear in place as the rate changes. Each centre is a
-    Gaussian dot (peak 1, ``GRANULE_DOT_SIGMA``) blended towards the decoded
-    granule colour.
+    Gaussian dot (peak 1, ``GRANULE_DOT_SIGMA``) whose stain adds to the
+    cell's (Beer-Lambert: optical densities add), so a granule keeps its
+    contrast on a pale or a dark decoded cytoplasm.
 
     Parameters
     ----------
     image : (B, 3, S, S) mean image in [0, 1]
     rate : (B, 1, S, S) granule centres per 100 px^2
-    colour : (B, 3, S, S) granule colour in [0, 1]
+    od : (B, 3, S, S) optical density a granule adds at its centre (>= 0)
     mask : (B, 1, S, S) cell probability, optional: centres only where > 0.5
     seed : int
 
@@ -825,7 +827,7 @@ def render_granules(
     k1 = torch.exp(-(x**2) / (2 * GRANULE_DOT_SIGMA**2))  # separable, peak 1
     dots = F.conv2d(centres, k1.view(1, 1, 1, -1), padding=(0, r))
     dots = F.conv2d(dots, k1.view(1, 1, -1, 1), padding=(r, 0)).clamp(0.0, 1.0)
-    return image * (1.0 - dots) + colour * dots
+    return image * torch.exp(-dots * od)
 
 
 def _rows_only(fn, rows: torch.Tensor, *tensors: torch.Tensor):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from vae.data import PairedTensors, granule_centres, raw_batch, to_batch
-from vae.losses import LossWeights, granule_error, vae_loss
+from vae.losses import LossWeights, granule_contrast, granule_error, vae_loss
 from vae.model import TwoBranchVAE, VAEArgs, granule_field, render_granules
 
 
@@ -26,9 +26,10 @@ def test_poisson_rate_loss_is_lowest_at_the_true_density():
     def loss(rate: float) -> float:
         dec = SimpleNamespace(
             granule_rate=torch.full((1, 1, 200, 200), rate),
-            granule_colour=torch.zeros(1, 3, 200, 200),
+            granule_od=torch.zeros(1, 3, 200, 200),
         )
-        return float(granule_error(dec, torch.zeros(1, 3, 200, 200), cen)[0])
+        img = torch.ones(1, 3, 200, 200)
+        return float(granule_error(dec, img, torch.ones(1, 1, 200, 200), cen)[0])
 
     assert loss(5.0) < loss(3.0) and loss(5.0) < loss(8.0)
 
@@ -54,7 +55,7 @@ def test_granule_loss_scores_the_head_and_only_when_on():
     cen = (torch.rand(b, 1, 16, 16) < 0.05).float()
     out = m(img, mask, x, has, has)
     assert out.joint.granule_rate.shape == (b, 1, 16, 16)
-    assert out.joint.granule_colour.shape == (b, 3, 16, 16)
+    assert out.joint.granule_od.shape == (b, 3, 16, 16)
     on = vae_loss(
         out,
         img,
@@ -80,7 +81,7 @@ def test_granule_loss_scores_the_head_and_only_when_on():
     assert float(on.granules) > 0 and float(off.granules) == 0.0
     assert float(on.total) > float(off.total)
     on.total.backward()
-    # the spatial rate channel of the last conv and the count/colour MLP get gradients
+    # the spatial rate channel of the last conv and the count/stain MLP get gradients
     g = m.image_decoder.deconv[-1].weight.grad
     assert g[-1:].abs().sum() > 0
     assert all(p.grad.abs().sum() > 0 for p in m.image_decoder.granule_mlp.parameters())
@@ -89,7 +90,7 @@ def test_granule_loss_scores_the_head_and_only_when_on():
 def test_render_adds_granules_in_place_as_the_rate_rises():
     s = 32
     img = torch.full((1, 3, s, s), 0.9)
-    colour = torch.zeros(1, 3, s, s)
+    colour = torch.full((1, 3, s, s), 2.0)  # optical density a granule adds
     lo = render_granules(img, torch.full((1, 1, s, s), 2.0), colour, seed=3)
     hi = render_granules(img, torch.full((1, 1, s, s), 8.0), colour, seed=3)
     none = render_granules(img, torch.zeros(1, 1, s, s), colour, seed=3)
@@ -104,7 +105,7 @@ def test_render_adds_granules_in_place_as_the_rate_rises():
 
 def test_render_keeps_granules_inside_the_mask():
     s = 16
-    img, colour = torch.ones(1, 3, s, s), torch.zeros(1, 3, s, s)
+    img, colour = torch.ones(1, 3, s, s), torch.full((1, 3, s, s), 2.0)
     mask = torch.zeros(1, 1, s, s)
     out = render_granules(img, torch.full((1, 1, s, s), 50.0), colour, mask, seed=0)
     assert torch.equal(out, img)
@@ -118,6 +119,19 @@ def test_decode_render_keeps_the_mean():
         shown = m.decode(z, render=True)
     assert plain.image_mean is None and torch.equal(shown.image_mean, plain.image)
     assert shown.image.shape == plain.image.shape
+
+
+def test_contrast_is_the_stain_above_the_neighbourhood():
+    img = torch.full((1, 3, 20, 20), 0.8)
+    img[0, :, 10, 10] = 0.2  # one dark granule on pale cytoplasm
+    mask = torch.ones(1, 1, 20, 20)
+    c = granule_contrast(img, mask)
+    assert float(c[0, 0, 10, 10]) > 1.0  # ln(0.8 / 0.2) = 1.39 minus a little blur
+    assert float(c[0, 0, 2, 2]) == 0.0
+    # the black background outside a mask is not stain
+    mask[..., :, :5] = 0
+    img = img * mask
+    assert float(granule_contrast(img, mask)[0, 0, 10, 6]) < 0.05
 
 
 def test_centres_move_with_the_pixels_under_augmentation():
