@@ -37,6 +37,23 @@ from vae.analysis.settings import AnalysisSettings
 
 log = logging.getLogger(__name__)
 
+# one line per truth-recovery row, so rows that look contradictory read as intended
+_TRUTH_MEANING = {
+    "straight_path_position_vs_true_t_spearman": "cells ordered along the straight path as by true maturation",
+    "gp_path_position_vs_true_t_spearman": "cells ordered along the GP path as by true maturation",
+    "decoded_granule_density_vs_true_spearman": "granules counted on decoded images vs the total true density (azurophilic + fine specific granules)",
+    "real_crop_granule_density_vs_true_spearman": "same count on the real crops: the ceiling the decoder can reach",
+    "decoded_granule_density_vs_true_azurophilic_spearman": "vs the large azurophilic granules only (the counter cannot resolve the fine specific ones, whose density rises while azurophilic falls: so this sign can differ from the total's)",
+    "real_crop_granule_density_vs_true_azurophilic_spearman": "same on the real crops",
+    "decoded_lobes_vs_true_spearman": "nuclear lobes counted on decoded images vs true lobes",
+    "real_crop_lobes_vs_true_spearman": "same count on the real crops",
+}
+
+_CONSTANT = (
+    "the feature is constant here (e.g. no granules found on any decoded image), "
+    "so no correlation is defined"
+)
+
 
 def traverse_study(
     rd: RunData,
@@ -62,7 +79,7 @@ def traverse_study(
     from vae.analysis import granules as G
     from vae.analysis import metrics as M
     from vae.analysis import traverse as T
-    from vae.analysis.report import FigureItem, Section, TableItem, write_report
+    from vae.analysis.report import FigureItem, Section, TableItem, fmt_number, write_report
 
     t0 = time.time()
     lat = rd.latent
@@ -301,6 +318,7 @@ def traverse_study(
 
     # ---- simulator truth recovery
     truth: dict[str, Any] = {}
+    truth_notes: list[str] = []  # sentences for figures left out
     t_true = obs_col(lat, "t")
     if path_ok and t_true is not None:
         t_true = t_true.astype(float)
@@ -358,25 +376,41 @@ def traverse_study(
                 truth["real_crop_lobes_vs_true_spearman"] = M.correlation_matrix(
                     fr["lobes"].to_numpy(float), lob
                 )[0, 0]
-            fig = F.truth_scatter(
-                dens[ok],
-                fd["granule_density"].to_numpy(float),
-                "true granule density",
-                "granules / 100 px^2 (decoded)",
-                f"rho={truth['decoded_granule_density_vs_true_spearman']:.2f}",
-            )
-            p = out_files.figure(fig, "truth_granules_decoded", "traverse/truth_granules_decoded")
-            figs["truth"].append(
-                FigureItem(
-                    p,
-                    f"Granule density counted on images decoded from {ok.size} held-out cells' codes vs the simulator's true granule density.",
+            rho = truth["decoded_granule_density_vs_true_spearman"]
+            fdv = fd["granule_density"].to_numpy(float)
+            if np.isfinite(rho) and np.ptp(fdv) > 0:
+                fig = F.truth_scatter(
+                    dens[ok],
+                    fdv,
+                    "true granule density",
+                    "granules / 100 px^2 (decoded)",
+                    f"rho={rho:.2f}",
                 )
-            )
+                p = out_files.figure(
+                    fig, "truth_granules_decoded", "traverse/truth_granules_decoded"
+                )
+                figs["truth"].append(
+                    FigureItem(
+                        p,
+                        f"Granule density counted on images decoded from {ok.size} held-out cells' codes vs the simulator's true granule density.",
+                    )
+                )
+            else:  # an all-equal scatter says nothing: say why instead of drawing it
+                truth_notes.append(
+                    f"No scatter of decoded granule density: the granule counter found "
+                    f"{fmt_number(float(fdv[0]) if fdv.size else 0.0)} granules / 100 px^2 on "
+                    f"every one of the {ok.size} decoded images (the decoder does not draw "
+                    "granules it can resolve), so there is no correlation to show."
+                )
             truth["n_cells"] = int(ok.size)
     if truth:
         summary["truth_recovery"] = truth
         tables["truth_recovery"] = pd.DataFrame(
-            [{"measure": k, "value": v} for k, v in truth.items()]
+            [
+                {"measure": k, "value": v, "meaning": _TRUTH_MEANING.get(k, "")}
+                for k, v in truth.items()
+                if k != "n_cells"
+            ]
         )
         out_files.csv(tables["truth_recovery"], "truth_recovery")
 
@@ -424,13 +458,17 @@ def traverse_study(
     if "dim_feature_correlation" in tables:
         gt.append(
             TableItem(
-                "Traversal offset vs decoded features (Spearman)", tables["dim_feature_correlation"]
+                "Traversal offset vs decoded features (Spearman)",
+                tables["dim_feature_correlation"],
+                missing=_CONSTANT,
             )
         )
     if "real_feature_correlation" in tables:
         gt.append(
             TableItem(
-                "Real crop features vs latent dims (Spearman)", tables["real_feature_correlation"]
+                "Real crop features vs latent dims (Spearman)",
+                tables["real_feature_correlation"],
+                missing=_CONSTANT,
             )
         )
     sections.append(
@@ -449,7 +487,15 @@ def traverse_study(
         sections.append(
             Section(
                 "Recovery of the simulator's ground truth",
-                tables=[TableItem("Truth recovery (Spearman)", tables["truth_recovery"])],
+                text=f"Spearman correlations on {truth.get('n_cells', 'the')} held-out cells "
+                "with an image and known truth." + "".join(f" {x}" for x in truth_notes),
+                tables=[
+                    TableItem(
+                        "Truth recovery (Spearman)",
+                        tables["truth_recovery"],
+                        missing=_CONSTANT,
+                    )
+                ],
                 figures=figs["truth"],
             )
         )
@@ -506,7 +552,7 @@ def _eval_sections(evaluation: Path | None) -> list:
     """Report sections from stage=evaluate's outputs, when it ran."""
     import json
 
-    from vae.analysis.report import FigureItem, Section, TableItem
+    from vae.analysis.report import FigureItem, Section, TableItem, fmt_number
 
     if evaluation is None:
         return [Section("Evaluation", text="stage=evaluate has not run for this experiment.")]
@@ -519,10 +565,21 @@ def _eval_sections(evaluation: Path | None) -> list:
         "retrieval": "Finding each cell's own expression profile from its image latent (Recall@k, FOSCTTM: 0 perfect, 0.5 random).",
         "disentanglement": "Against simulator truth: MIG gap, DCI informativeness and the best single dim's Spearman per factor.",
     }
+    missing = {
+        "latent_structure": "fewer than two labels among these rows, so no Leiden comparison",
+        "reconstruction": "this measure does not apply to this row's modality",
+        "retrieval": "not defined for these rows",
+        "disentanglement": "the factor is categorical (no Spearman) or has no informative dim",
+    }
     for name, cap in captions.items():
         f = ev_dir / f"{name}.csv"
-        if f.exists():
-            tables.append(TableItem(name.replace("_", " "), pd.read_csv(f), cap))
+        if not f.exists():
+            continue
+        df = pd.read_csv(f)
+        if name == "reconstruction":
+            tables += _reconstruction_tables(df, cap)
+            continue
+        tables.append(TableItem(name.replace("_", " "), df, cap, missing=missing[name]))
     fcaps = {
         "umap_labels.png": "Embedding of the shared latent, coloured by label, split and maturation.",
         "umap_programs.png": "Same embedding coloured by observed granule program scores.",
@@ -537,10 +594,44 @@ def _eval_sections(evaluation: Path | None) -> list:
     text = f"{metrics.get('n_rows')} rows of split '{metrics.get('split')}'."
     if dis:
         text += (
-            f" MIG {dis.get('mig')}, DCI disentanglement {dis.get('dci_disentanglement')}, "
-            f"completeness {dis.get('dci_completeness')}."
+            f" MIG {fmt_number(dis.get('mig'))}, DCI disentanglement "
+            f"{fmt_number(dis.get('dci_disentanglement'))}, completeness "
+            f"{fmt_number(dis.get('dci_completeness'))} (0 = no single latent dim per factor, "
+            "1 = one dim each)."
         )
     return [Section("Evaluation (held-out cells)", text=text, tables=tables, figures=figs)]
+
+
+def _reconstruction_tables(df: pd.DataFrame, caption: str) -> list:
+    """evaluate's reconstruction.csv as two tables, images and expression, so that no
+    row carries the other modality's empty columns."""
+    from vae.analysis.report import TableItem
+
+    img_cols = [c for c in ("masked_mse", "masked_ssim") if c in df]
+    out = []
+    img = df[df[img_cols].notna().any(axis=1)] if img_cols else df.iloc[:0]
+    if len(img):
+        out.append(
+            TableItem(
+                "reconstruction: images",
+                img[["what", "n", *img_cols]],
+                caption + " Image rows: masked MSE (lower is better) and SSIM (1 = identical).",
+            )
+        )
+    expr_cols = [c for c in df.columns if c not in ("what", "n", *img_cols)]
+    ex = df[df[expr_cols].notna().any(axis=1)] if expr_cols else df.iloc[:0]
+    if len(ex):
+        out.append(
+            TableItem(
+                "reconstruction: expression",
+                ex[["what", "n", *expr_cols]],
+                "Mean per-gene correlation of predicted vs observed log expression "
+                "(granule genes apart); the negative-binomial log-likelihood of the counts.",
+                missing="the NB log-likelihood is computed for the joint reconstruction only "
+                "(the image-only prediction has no count model)",
+            )
+        )
+    return out
 
 
 def _azurophilic_truth(
