@@ -205,6 +205,7 @@ def traverse_study(
         log.warning("no path traversal: %s", e)
         path_ok = False
     path_info: dict[str, Any] = {}
+    path_decoded: dict[str, Any] = {}
     if path_ok:
         paths = {
             "straight": T.straight_path(cents.points[0], cents.points[-1], a.path_steps),
@@ -213,6 +214,7 @@ def traverse_study(
         summary["path_classes"] = cents.names
         for kind, pth in paths.items():
             dec = T.decode(rd.model, pth.points, a.batch_size, rd.device)
+            path_decoded[kind] = dec
             fig = F.strip_with_heatmap(
                 show(dec),
                 dec.expression[:, gidx],
@@ -421,6 +423,26 @@ def traverse_study(
     if tb is not None:
         tb_scalars(tb, "traverse/truth", truth)
 
+    # ---- interactive page next to the report
+    study_page = None
+    if path_ok:
+        study_page = _write_study_page(
+            rd,
+            a,
+            report.with_name("study.html"),
+            paths["gp"],
+            path_decoded["gp"],
+            cents.names,
+            labels,
+            Z,
+            programs,
+            gidx,
+            title,
+            subtitle,
+            seed,
+        )
+        summary["study_page"] = study_page.name
+
     # ---- report
     key = _key_findings(tables, truth, cents.names if path_ok else [], a.top_genes)
     summary["key_findings"] = key
@@ -600,6 +622,74 @@ def _eval_sections(evaluation: Path | None) -> list:
             "1 = one dim each)."
         )
     return [Section("Evaluation (held-out cells)", text=text, tables=tables, figures=figs)]
+
+
+def _write_study_page(
+    rd: RunData,
+    a: AnalysisSettings,
+    path: Path,
+    gp,
+    dec,
+    classes: list[str],
+    labels: np.ndarray,
+    Z: np.ndarray,
+    programs: dict[str, list[str]],
+    gidx: list[int],
+    title: str,
+    subtitle: str,
+    seed: int,
+) -> Path:
+    """``study.html`` (:mod:`vae.analysis.study_page`) for the GP path ``gp`` decoded as ``dec``."""
+    from vae.analysis import traverse as T
+    from vae.analysis.palette import label_colours
+    from vae.analysis.run import embedding
+    from vae.analysis.study_page import StudyPageData, nearest_rows, sample_rows, write_study_page
+
+    lat = rd.latent
+    n = lat.n_obs
+    has_crop = rd.data.has_image.numpy().astype(bool) if rd.data is not None else np.zeros(n, bool)
+    # nearest cells of each path step among those with a crop (all cells without data)
+    cand = np.flatnonzero(has_crop) if has_crop.any() else np.arange(n)
+    near = nearest_rows(gp.points, Z, cand, a.page_nearest)
+    keep = sample_rows(n, a.page_max_cells, seed, keep=np.unique(near))
+    remap = {int(r): i for i, r in enumerate(keep)}
+    if "X_umap" in lat.obsm and np.asarray(lat.obsm["X_umap"]).shape == (n, 2):
+        emb, method = np.asarray(lat.obsm["X_umap"], float), "UMAP"
+    else:
+        emb, method = embedding(
+            np.asarray(lat.obsm["X_vae"], dtype=np.float64), a.n_neighbors, a.umap, seed
+        )
+    prog = T.program_scores(dec.expression, rd.gene_names, programs)
+    rows = [f"program: {p}" for p in prog] + [rd.gene_names[i] for i in gidx]
+    values = (
+        np.column_stack([*prog.values(), dec.expression[:, gidx]])
+        if rows
+        else np.zeros((len(gp.s), 0))
+    )
+    info = {}
+    for key in (a.maturation_key, "split", "kind", "t", "granule_density", "lobes"):
+        if key in lat.obs and key not in info and key != a.label_key:
+            info[key] = lat.obs[key].to_numpy()[keep]
+    crops = None
+    if rd.data is not None:
+        crops = rd.data.crops[keep].permute(0, 2, 3, 1).numpy()
+    data = StudyPageData(
+        s=gp.s,
+        decoded=show(dec),
+        rows=rows,
+        values=values,
+        nearest=np.vectorize(remap.get, otypes=[np.int64])(near) if near.size else near,
+        emb=emb[keep],
+        labels=labels[keep],
+        cell_ids=np.asarray(lat.obs_names)[keep],
+        crops=crops,
+        has_crop=has_crop[keep],
+        colours=label_colours(labels),
+        axis_name=method,
+        path_classes=list(classes),
+        info=info,
+    )
+    return write_study_page(path, data, f"{title}: interactive path", subtitle)
 
 
 def _reconstruction_tables(df: pd.DataFrame, caption: str) -> list:
