@@ -53,6 +53,7 @@ class InputsConfig:
     expression_raw: str | None = None  # raw counts AnnData (simulator or user file)
     segmentation_model: str | None = None  # Mask R-CNN checkpoint
     cells: str | None = None  # cells.h5ad from stage=segment
+    crop_rejects: str | None = None  # rejects.png of stage=segment (shown in the report)
     expression: str | None = None  # processed expression AnnData
     paired: str | None = None  # paired.h5ad from stage=pair
     model: str | None = None  # beta-VAE checkpoint

@@ -67,13 +67,15 @@ def traverse_study(
     background: float = 0.0,
     azurophilic_density: Callable[[float], float] | None = None,
     seed: int = 0,
+    crop_rejects: Path | None = None,
 ) -> dict[str, Any]:
     """Traversals, paths, granule features and truth recovery of ``rd``, then ``report``.
 
     Figures and CSVs go to ``out_files``; ``evaluation`` (stage=evaluate's
     ``metrics.json``, its tables beside it) adds the evaluation section;
     ``azurophilic_density(t)`` is the simulator's truth of the large-granule
-    density (None for real data). Returns the summary for ``traverse_summary.json``.
+    density (None for real data); ``crop_rejects`` (stage=segment's ``rejects.png``,
+    ``rejects.csv`` beside it) adds examples of the cells the crop filters dropped. Returns the summary for ``traverse_summary.json``.
     """
     from vae.analysis import figures as F
     from vae.analysis import granules as G
@@ -521,6 +523,8 @@ def traverse_study(
                 figures=figs["truth"],
             )
         )
+    if crop_rejects is not None:
+        sections.append(_rejects_section(crop_rejects))
     write_report(report, title, sections, resolved_config, subtitle=subtitle)
     log.info(
         "traverse: %d dims, path %s, %.1fs; report %s",
@@ -690,6 +694,52 @@ def _write_study_page(
         info=info,
     )
     return write_study_page(path, data, f"{title}: interactive path", subtitle)
+
+
+def _rejects_section(sheet: Path):
+    """Examples of the detections stage=segment did not keep, and how many per reason."""
+    from vae.analysis.report import FigureItem, Section, TableItem
+
+    tables = []
+    csv = sheet.with_name("rejects.csv")
+    if csv.exists():
+        rej = pd.read_csv(csv, keep_default_na=False)
+        rej = rej[rej["action"] == "rejected_cell"] if "action" in rej else rej.iloc[:0]
+        if len(rej):
+            flags = rej["reason"].astype(str).str.split(",").explode()
+            detail = {}
+            for _, r in rej.iterrows():
+                for f, d in zip(str(r["reason"]).split(","), str(r.get("detail", "")).split("; ")):
+                    detail.setdefault(f, d)
+            counts = flags.value_counts()
+            tables.append(
+                TableItem(
+                    "Rejected cells by filter",
+                    pd.DataFrame(
+                        {
+                            "filter": counts.index,
+                            "cells": counts.to_numpy(),
+                            "meaning": [detail.get(f, "") for f in counts.index],
+                        }
+                    ),
+                    f"{len(rej)} confident detections were not kept (a cell can fail several "
+                    "filters); one row each in segment/rejects.csv.",
+                )
+            )
+    return Section(
+        "Rejected crops",
+        text="Cells the segmentation found but did not crop: cut by the image or tile edge, "
+        "touching a neighbour, or two cells kept as one (low solidity, area outlier). "
+        "Thresholds: segmentation.border_margin, touch_px, min_solidity, max_area_ratio.",
+        tables=tables,
+        figures=[
+            FigureItem(
+                sheet,
+                "Examples of rejected detections (mask outlined in yellow, the rest dimmed), "
+                "each labelled with the first filter it failed (+: more than one).",
+            )
+        ],
+    )
 
 
 def _reconstruction_tables(df: pd.DataFrame, caption: str) -> list:
