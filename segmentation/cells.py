@@ -302,7 +302,12 @@ def _finish_image(
         rd = det.select(rej)
         rm, ro = scale_local_masks(rd.masks, rd.origins, 1.0 / scale, smooth=True)
         rc = extract_crops(
-            image, Detections(rd.boxes / scale, rd.scores, rm, ro), s.crop_size, 0, s.crop_margin
+            image,
+            Detections(rd.boxes / scale, rd.scores, rm, ro),
+            s.crop_size,
+            0,
+            s.crop_margin,
+            paint=False,
         )
         # the whole window with the mask outlined: what was cut away matters here
         rej_crops = _outlined(rc)

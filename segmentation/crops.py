@@ -292,6 +292,7 @@ def extract_crop(
     crop_size: int,
     background_value: int = 0,
     margin: float = 0.1,
+    paint: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, float, tuple[float, float]]:
     """One square crop centred on a cell.
 
@@ -308,6 +309,9 @@ def extract_crop(
     margin
         A cell whose side plus ``margin`` of it on each side exceeds S is
         taken in a larger window that is then resized down to S.
+    paint
+        Paint outside the mask with ``background_value`` (False: keep the
+        neighbourhood, e.g. to show why a cell was rejected).
 
     Returns
     -------
@@ -340,7 +344,8 @@ def extract_crop(
         )
         wmask = np.asarray(fm) >= 0.5
     crop = win.copy()
-    crop[~wmask] = background_value
+    if paint:
+        crop[~wmask] = background_value
     return crop, wmask, scale, (cx, cy)
 
 
@@ -350,8 +355,10 @@ def extract_crops(
     crop_size: int,
     background_value: int = 0,
     margin: float = 0.1,
+    paint: bool = True,
 ) -> Crops:
-    """Crops of every detection in ``det`` (select the kept ones first)."""
+    """Crops of every detection in ``det`` (select the kept ones first); ``paint``: see
+    :func:`extract_crop`."""
     n = len(det)
     imgs = np.zeros((n, crop_size, crop_size, 3), np.uint8)
     masks = np.zeros((n, crop_size, crop_size), bool)
@@ -359,7 +366,7 @@ def extract_crops(
     centers = np.zeros((n, 2), np.float32)
     for k in range(n):
         imgs[k], masks[k], scale[k], centers[k] = extract_crop(
-            image, det.masks[k], det.origins[k], crop_size, background_value, margin
+            image, det.masks[k], det.origins[k], crop_size, background_value, margin, paint
         )
     return Crops(imgs, masks, scale, centers)
 

@@ -204,7 +204,7 @@ def test_morphology_filters_drop_cut_touching_and_doublets():
     names.append("tile_piece")
     det = Detections.from_masks(masks, np.full(len(masks), 0.9))
     det.cut = np.array([n == "tile_piece" for n in names])
-    res = filter_detections(det, h, w, FilterSettings(min_area=50))
+    res = filter_detections(det, h, w, FilterSettings(min_area=50, max_area_ratio=2.0))
     flagged = {f: sorted(names[k] for k in np.nonzero(v)[0]) for f, v in res.flags.items()}
     assert flagged["touching"] == ["touch_a", "touch_b"]
     assert flagged["low_solidity"] == ["doublet"]
@@ -221,7 +221,8 @@ def test_morphology_filters_drop_cut_touching_and_doublets():
     assert filter_detections(det, h, w, off).kept.all()
     # the area test needs min_cells_area_ratio cells in the image
     two = Detections.from_masks([masks[0], masks[5]], np.full(2, 0.9))
-    assert not filter_detections(two, h, w, FilterSettings()).flags["area_outlier"].any()
+    lone = FilterSettings(max_area_ratio=2.0)
+    assert not filter_detections(two, h, w, lone).flags["area_outlier"].any()
 
 
 def test_filters_give_exact_counts():
