@@ -547,7 +547,15 @@ def _check_outputs(out: Path, crop: int = 32):
     reasons = dict(zip(rej.image + ":" + rej.action, rej.reason))
     assert reasons["zz_corrupt.png:skipped"].startswith("unreadable")
     assert reasons["zz_gray.png:converted"] == "grayscale->rgb"
-    assert (out / "contact_sheet.png").is_file()
+    # one row per confident detection not kept, naming the flags it failed
+    from segmentation.crops import FLAGS
+
+    cells = rej[rej.action == "rejected_cell"].set_index("cell_id")
+    dropped = det[~det.kept & ~det.low_score & ~det.duplicate].set_index("cell_id")
+    assert sorted(cells.index) == sorted(dropped.index)
+    for cid, r in dropped.iterrows():
+        assert cells.loc[cid, "reason"] == ",".join(f for f in FLAGS if r[f])
+    assert (out / "contact_sheet.png").is_file() and (out / "rejects.png").is_file()
     assert sorted(p.name for p in (out / "overlays").iterdir())[:2] == [
         "sim_0000.png",
         "sim_0001.png",
