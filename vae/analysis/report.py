@@ -86,8 +86,8 @@ h1{font-size:1.6em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-t
 .tw{max-width:100%;overflow-x:auto;margin:.5em 0 1em}
 table{border-collapse:collapse;font-size:.82em}
 th,td{border:1px solid #ddd;padding:2px 6px;text-align:right;vertical-align:top}
-th{background:#f3f3f3;max-width:9em;overflow-wrap:anywhere}
-td{max-width:28em;overflow-wrap:anywhere}
+th{background:#f3f3f3;max-width:9em}
+td{white-space:nowrap} td.t{white-space:normal;text-align:left;max-width:30em}
 td:first-child,th:first-child{text-align:left}
 figure{margin:1em 0;display:inline-block;vertical-align:top;max-width:100%}
 figure img{max-width:100%;border:1px solid #eee}
@@ -135,7 +135,13 @@ def _table_html(t: TableItem) -> str:
     if val and len(df):
         dead = df[val].isna().all(axis=1)
         if dead.any():
-            notes.append(f"{int(dead.sum())} row(s) with no value left out")
+            first = df.columns[0]
+            names = ", ".join(str(v) for v in df.loc[dead, first].head(5))
+            notes.append(
+                f"left out, no value: {names}"
+                if first not in num
+                else f"{int(dead.sum())} row(s) with no value left out"
+            )
             df = df[~dead]
     more = ""
     if len(df) > t.max_rows:
@@ -148,12 +154,14 @@ def _table_html(t: TableItem) -> str:
     def head(c) -> str:  # long snake_case names may break after an underscore
         return html.escape(str(c)).replace("_", "_<wbr>")
 
+    text_cols = [not _is_number_col(df[c]) for c in df.columns]
     rows = []
     for rec in df.itertuples(index=False):
         cells = []
-        for v in rec:
+        for v, is_text in zip(rec, text_cols):
             txt = "n/a" if (v is None or (isinstance(v, float) and pd.isna(v))) else fmt_number(v)
-            cells.append(f"<td>{html.escape(txt)}</td>")
+            cls = ' class="t"' if is_text else ""  # text wraps and is left-aligned
+            cells.append(f"<td{cls}>{html.escape(txt)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     body = (
         '<div class="tw"><table><thead><tr>'

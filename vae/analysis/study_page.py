@@ -210,14 +210,14 @@ if (pathXY.length > 1) sc.appendChild(el('polyline', {points: pathXY.map(p => p.
 const here = el('circle', {id: 'here', r: 7, fill: 'none', stroke: '#d00', 'stroke-width': 3}); sc.appendChild(here);
 function showCell(i){ const c = D.cells[i]; const h = $('hover');
   let s = (c.crop ? '<img alt="crop" src="' + c.crop + '"/>' : '<p>(no image: expression-only cell)</p>') +
-    '<div><b>' + esc(c.label) + '</b><br/>' + esc(c.id);
+    '<div><b>' + esc(c.label || '(no label)') + '</b><br/>' + esc(c.id);
   for (const k in c.info) s += '<br/>' + esc(k) + ': ' + esc(fmt(c.info[k]));
   h.innerHTML = s + '</div>'; h.setAttribute('data-cell', c.id); }
 function esc(t){ return String(t).replace(/[&<>"]/g, ch => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[ch])); }
 dots.forEach((d, i) => d.addEventListener('mouseenter', () => showCell(i)));
 const legend = $('legend');
 Object.keys(D.colours).forEach(k => { const s = document.createElement('span');
-  s.innerHTML = '<svg width="10" height="10"><circle cx="5" cy="5" r="5" fill="' + D.colours[k] + '"/></svg> ' + esc(k);
+  s.innerHTML = '<svg width="10" height="10"><circle cx="5" cy="5" r="5" fill="' + D.colours[k] + '"/></svg> ' + esc(k || '(no label)');
   legend.appendChild(s); });
 
 // ---- the slider
