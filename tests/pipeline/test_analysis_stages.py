@@ -94,6 +94,14 @@ def _check_outputs(run: Path) -> None:
     assert pngs and pngs == embedded
     assert html.count("<figcaption>") == len(embedded)
     assert "data:image/png;base64," in html and "Config" in html
+    # the interactive page next to the report: one file, its data inline
+    page = (tr / "study.html").read_text()
+    payload = json.loads(
+        re.search(r'id="study-data">(.*?)</script>', page, re.S).group(1).replace("<\\/", "</")
+    )
+    assert len(payload["decoded"]) == len(payload["s"]) == 6  # path_steps
+    assert len(payload["cells"]) == 80 and all(len(n) == 6 for n in payload["nearest"])
+    assert payload["colours"]["myeloblast"] != payload["colours"]["myelocyte"]
 
 
 def test_evaluate_and_traverse_in_process(tiny_run):

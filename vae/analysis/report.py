@@ -88,6 +88,7 @@ table{border-collapse:collapse;font-size:.82em}
 th,td{border:1px solid #ddd;padding:2px 6px;text-align:right;vertical-align:top}
 th{background:#f3f3f3;max-width:9em}
 td{white-space:nowrap} td.t{white-space:normal;text-align:left;max-width:30em}
+th.t{text-align:left}
 td:first-child,th:first-child{text-align:left}
 figure{margin:1em 0;display:inline-block;vertical-align:top;max-width:100%}
 figure img{max-width:100%;border:1px solid #eee}
@@ -165,7 +166,10 @@ def _table_html(t: TableItem) -> str:
         rows.append("<tr>" + "".join(cells) + "</tr>")
     body = (
         '<div class="tw"><table><thead><tr>'
-        + "".join(f"<th>{head(c)}</th>" for c in df.columns)
+        + "".join(
+            ("<th class='t'>" if t else "<th>") + f"{head(c)}</th>"
+            for c, t in zip(df.columns, text_cols)
+        )
         + "</tr></thead><tbody>"
         + "".join(rows)
         + "</tbody></table></div>"
