@@ -158,7 +158,7 @@ h1{font-size:1.4em;margin:.2em 0} .cap{font-size:.85em;color:#555}
 #nearest figure{display:inline-block;margin:2px;text-align:center;font-size:.7em}
 #genecol td{padding:1px 6px;font-size:.8em} #genecol td.v{text-align:right;font-family:monospace}
 .bar{display:inline-block;height:9px;background:#7a5195}
-#scatter circle{stroke:none} #scatter circle.near{stroke:#000;stroke-width:2}
+#scatter circle[data-i]{stroke:none} #scatter circle.near{stroke:#000;stroke-width:2}
 #hover{min-height:120px;font-size:.8em;width:220px} #legend span{margin-right:.8em;font-size:.8em}
 """
 
