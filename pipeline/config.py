@@ -20,7 +20,15 @@ from omegaconf import MISSING
 from pipeline.config_sources import SegmentSourceConfig
 from pipeline.config_vae import TrainerConfig, VAEConfig
 from pipeline.simulator.dataset import SimulatorParams
-from segmentation.schema import MASK_THRESHOLD, SCORE_THRESHOLD
+from segmentation.schema import (
+    BORDER_MARGIN,
+    MASK_THRESHOLD,
+    MAX_AREA_RATIO,
+    MIN_CELLS_AREA_RATIO,
+    MIN_SOLIDITY,
+    SCORE_THRESHOLD,
+    TOUCH_PX,
+)
 from vae.analysis.settings import AnalysisSettings
 from vae.inputs.schema import granule_programs
 
@@ -45,6 +53,7 @@ class InputsConfig:
     expression_raw: str | None = None  # raw counts AnnData (simulator or user file)
     segmentation_model: str | None = None  # Mask R-CNN checkpoint
     cells: str | None = None  # cells.h5ad from stage=segment
+    crop_rejects: str | None = None  # rejects.png of stage=segment (shown in the report)
     expression: str | None = None  # processed expression AnnData
     paired: str | None = None  # paired.h5ad from stage=pair
     model: str | None = None  # beta-VAE checkpoint
@@ -214,13 +223,20 @@ class SegmentationConfig:
     min_area: int = 200  # mask px (source frame); smaller are dropped
     max_area: int | None = None  # mask px; None = no upper limit
     drop_border: bool = True  # drop cells whose mask touches the image border
-    border_margin: int = 1  # px from the border that counts as touching
+    border_margin: int = BORDER_MARGIN  # px from the border that counts as touching
     max_overlap_iou: float | None = 0.2  # drop cells with mask IoU above this with another
     # a lower-score detection lying this much (intersection / its area) inside a better one
     # is a duplicate of that cell: flagged, and not counted as an overlap; null = off
     duplicate_containment: float | None = 0.6
     drop_multi_piece: bool = True  # drop masks in several connected pieces
     min_piece_area: int = 10  # px; smaller specks are not counted as pieces
+    # cells a morphologist would not accept (defaults owned by segmentation/schema.py)
+    drop_tile_cut: bool = True  # drop a tile fragment left after merging the tiles
+    touch_px: int | None = TOUCH_PX  # drop cells within this gap of another cell; null = off
+    min_solidity: float | None = MIN_SOLIDITY  # drop masks less convex (doublets); null = off
+    max_area_ratio: float | None = MAX_AREA_RATIO  # drop area > this x image median; null = off
+    min_cells_area_ratio: int = MIN_CELLS_AREA_RATIO  # cells an image needs for that test
+    n_reject_examples: int = 32  # rejected crops on rejects.png (shown in the report)
     match_iou: float = 0.5  # detection <-> ground-truth mask IoU for truth labels
     n_overlays: int = 8  # overlay PNGs written (first N images)
     contact_sheet_max: int = 64  # crops on the contact sheet

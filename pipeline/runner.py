@@ -56,6 +56,7 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     "expression_raw": ("simulate", "expression_raw.h5ad"),
     "segmentation_model": ("segment_train", "model.pt"),
     "cells": ("segment", "cells.h5ad"),
+    "crop_rejects": ("segment", "rejects.png"),
     "expression": ("expression", "expression.h5ad"),
     "paired": ("pair", "paired.h5ad"),
     "model": ("train", "model.pt"),

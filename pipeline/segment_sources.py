@@ -118,8 +118,9 @@ def _crop_folder(ctx, src, folder, model, settings, offset):
 
     detector = make_detector(ctx, model)
     files = list_crop_folder(folder, src.max_images)
-    # a crop holds one cell, often touching the border, next to cut neighbours
-    f = replace(settings.filters, drop_border=False, max_overlap_iou=None)
+    # a crop holds one cell, often touching the border, next to cut neighbours: those
+    # neighbours must not reject it (the crop folder's cell is the one wanted)
+    f = replace(settings.filters, drop_border=False, max_overlap_iou=None, touch_px=None)
     tables, crops, masks, rejects = [], [], [], []
     group = max(1, settings.batch_size)
     for g in range(0, len(files), group):

@@ -32,6 +32,8 @@ from segmentation.cells import (
     contact_sheet,
     draw_overlay,
     load_coco_truth,
+    reject_rows,
+    reject_sheet,
     segment_images,
 )
 from segmentation.crops import FLAGS, FilterSettings
@@ -80,6 +82,11 @@ def settings_from_config(sc: Any) -> SegmentSettings:
             else float(sc.duplicate_containment),
             drop_multi_piece=bool(sc.drop_multi_piece),
             min_piece_area=int(sc.min_piece_area),
+            drop_tile_cut=bool(sc.drop_tile_cut),
+            touch_px=None if sc.touch_px is None else int(sc.touch_px),
+            min_solidity=None if sc.min_solidity is None else float(sc.min_solidity),
+            max_area_ratio=None if sc.max_area_ratio is None else float(sc.max_area_ratio),
+            min_cells_area_ratio=int(sc.min_cells_area_ratio),
         ),
     )
 
@@ -167,6 +174,7 @@ def _run_shard(
     detector = make_detector(ctx, model)
     overlay_below = int(sc.n_overlays) if overlay_below is None else overlay_below
     tables, crops, masks, rejects = [], [], [], []
+    rej_crops, rej_ids = [], []  # examples of rejected cells for rejects.png
     n_truth, n_images, seconds = 0, 0, 0.0
     # images are read batch_size at a time so that the tiles of small images share
     # detector batches (a large slide spreads over several batches by itself)
@@ -205,6 +213,10 @@ def _run_shard(
             tables.append(tab)
             crops.append(cells.crops.images)
             masks.append(cells.crops.masks)
+            rejects += reject_rows(tab)
+            if cells.reject_crops is not None and len(rej_ids) < int(sc.n_reject_examples):
+                rej_crops.append(cells.reject_crops)
+                rej_ids += cells.reject_ids
             if not len(tab):
                 rejects.append(
                     {"image": path.name, "action": "no_cells", "reason": "no detections"}
@@ -226,6 +238,10 @@ def _run_shard(
         "crops": np.concatenate(crops) if crops else np.zeros((0, s, s, 3), np.uint8),
         "masks": np.concatenate(masks) if masks else np.zeros((0, s, s), bool),
         "rejects": rejects,
+        "reject_crops": np.concatenate(rej_crops)
+        if rej_crops
+        else np.zeros((0, s, s, 3), np.uint8),
+        "reject_ids": rej_ids,
         "n_truth": n_truth,
         "n_images": n_images,
         "seconds": seconds,
@@ -320,7 +336,8 @@ def _write_outputs(
     sc = ctx.cfg.segmentation
     table, kept, crops, masks = merge_parts(parts, settings.crop_size, ann is not None)
     rejects = pd.DataFrame(
-        [r for p in parts for r in p["rejects"]], columns=["image", "action", "reason"]
+        [r for p in parts for r in p["rejects"]],
+        columns=["image", "action", "reason", "cell_id", "detail"],
     )
     counts = {"images": n_listed, "images_read": int(sum(p["n_images"] for p in parts))}
     counts["detections"] = len(table)
@@ -358,6 +375,8 @@ def _write_outputs(
         )
     with ctx.atomic("contact_sheet.png") as tmp:
         contact_sheet(crops, labels, int(sc.contact_sheet_max)).save(tmp, format="PNG")
+    with ctx.atomic("rejects.png") as tmp:  # a few rejected cells, each with why
+        reject_sheet(parts, table, int(sc.n_reject_examples)).save(tmp, format="PNG")
     with ctx.atomic("overlays") as tmp:
         shutil.copytree(ctx.dir / PARTS / "overlays", tmp)
     write_json(ctx.output("summary.json"), summary)

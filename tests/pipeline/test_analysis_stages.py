@@ -101,6 +101,14 @@ def _check_outputs(run: Path) -> None:
     assert html.count("<figcaption>") == len(embedded)
     assert "data:image/png;base64," in html and "Config" in html
     assert "Imputation, denoising and atypical cells" in html
+    # the interactive page next to the report: one file, its data inline
+    page = (tr / "study.html").read_text()
+    payload = json.loads(
+        re.search(r'id="study-data">(.*?)</script>', page, re.S).group(1).replace("<\\/", "</")
+    )
+    assert len(payload["decoded"]) == len(payload["s"]) == 6  # path_steps
+    assert len(payload["cells"]) == 80 and all(len(n) == 6 for n in payload["nearest"])
+    assert payload["colours"]["myeloblast"] != payload["colours"]["myelocyte"]
 
 
 def test_evaluate_and_traverse_in_process(tiny_run):
@@ -216,3 +224,70 @@ def test_image_branch_check_script_on_a_finished_run(tiny_run):
         assert 0 <= res[k] <= 1, k
     assert -1 <= res["ssim_joint"] <= 1
     assert (run / "image_branch_recon.png").stat().st_size > 0
+
+
+def test_study_page_works_in_a_real_browser(tiny_run, tmp_path):
+    """study.html in headless Chromium: loads without console errors; the slider changes the
+    decoded image, the gene column and the nearest crops; hovering a cell shows its crop."""
+    from tests.helpers.browser import headless_chromium, require_browser, severe_logs
+
+    require_browser()  # skips, saying why, before any work
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    root, paired = tiny_run
+    assert (
+        _run_in_process(
+            tmp_path,
+            paired,
+            "traverse",
+            [
+                *FAST_ANALYSIS,
+                "experiment=page",
+                f"paths.inputs.latent={root / 'tiny' / 'train' / 'latent.h5ad'}",
+                f"paths.inputs.model={root / 'tiny' / 'train' / 'model.pt'}",
+            ],
+        )
+        == 0
+    )
+    page = tmp_path / "page" / "traverse" / "study.html"
+    text = page.read_text()
+    # self-contained: no external script, style, image or font
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", text)
+    assert "<script src" not in text and "@import" not in text
+    with headless_chromium() as d:
+        d.get(page.as_uri())
+        assert d.find_element("tag name", "body").get_attribute("data-ready") == "1"
+        assert severe_logs(d) == []
+
+        def state():
+            img = d.find_element("id", "decoded").get_attribute("src")
+            col = [
+                tr.get_attribute("data-value")
+                for tr in d.find_elements("css selector", "#genecol tr")
+            ]
+            near = [i.get_attribute("src") for i in d.find_elements("css selector", "#nearest img")]
+            return img, col, near, d.find_element("id", "colbox").get_attribute("x")
+
+        img0, col0, near0, x0 = state()
+        assert img0.startswith("data:image/png;base64,") and col0 and near0
+        slider = d.find_element("id", "pos")
+        n_steps = int(slider.get_attribute("max")) + 1
+        assert n_steps == 6  # FAST_ANALYSIS path_steps
+        for _ in range(n_steps):  # to the far end of the path
+            slider.send_keys(Keys.ARROW_RIGHT)
+        img1, col1, near1, x1 = state()
+        assert slider.get_attribute("value") == str(n_steps - 1)
+        assert img1 != img0  # another decoded cell
+        assert col1 != col0 and len(col1) == len(col0)  # another heatmap column
+        assert x1 != x0  # the outlined column moved
+        assert near1 != near0  # other nearest crops (myeloblast end vs myelocyte end)
+        dots = d.find_elements("css selector", "#scatter circle[data-i]")
+        assert len(dots) == 80  # every cell of the tiny run
+        ActionChains(d).move_to_element(dots[0]).perform()
+        hover = d.find_element("id", "hover")
+        assert hover.get_attribute("data-cell")
+        assert hover.find_elements("tag name", "img") or "no image" in hover.text
+        assert severe_logs(d) == []
+        d.save_screenshot(str(tmp_path / "study.png"))
+    assert (tmp_path / "study.png").stat().st_size > 10_000

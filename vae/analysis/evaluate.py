@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vae.analysis.palette import label_colours
 from vae.analysis.run import (
     LATENTS,
     Outputs,
@@ -258,12 +259,23 @@ def evaluate(
     mat = obs_col(lat, a.maturation_key)
     if mat is not None:
         cols["maturation"] = mat.astype(float)
-    fig = F.scatter_panel(emb, cols, f"{method} of the shared latent (all {lat.n_obs} rows)")
+    # one label -> colour mapping of all rows for every panel (a subset keeps its colours)
+    colours = label_colours(labels)
+    fig = F.scatter_panel(
+        emb,
+        cols,
+        f"{method} of the shared latent (all {lat.n_obs} rows)",
+        colours=colours,
+        axis_name=method,
+    )
     out_files.figure(fig, "umap_labels", "evaluate/umap_labels")
     scores = observed_program_scores(lat, rd.data, rd.gene_names, programs)
     if scores:
         fig = F.scatter_panel(
-            emb, scores, f"{method} coloured by granule program scores (observed)"
+            emb,
+            scores,
+            f"{method} coloured by granule program scores (observed)",
+            axis_name=method,
         )
         out_files.figure(fig, "umap_programs", "evaluate/umap_programs")
     for name, key in LATENTS.items():
@@ -273,7 +285,13 @@ def evaluate(
         ok = np.isfinite(zz).all(1)
         if ok.sum() >= 5:
             e2, m2 = embedding(zz[ok], a.n_neighbors, a.umap, seed)
-            fig = F.scatter_panel(e2, {"label": labels[ok]}, f"{m2} of the {name}-only latent")
+            fig = F.scatter_panel(
+                e2,
+                {"label": labels[ok]},
+                f"{m2} of the {name}-only latent",
+                colours=colours,
+                axis_name=m2,
+            )
             out_files.figure(fig, f"umap_{name}", f"evaluate/umap_{name}")
 
     # ---- write

@@ -54,3 +54,6 @@ class AnalysisSettings:
     granule_nucleus_margin_px: int = 3  # margin around the nucleus left out
     lobe_core_fraction: float = 0.35  # lobe = core deeper than this x max nucleus half-width
     max_cells_measured: int = 400  # real crops quantified (random subset of the split)
+    # study.html, the interactive page next to report.html (vae/analysis/study_page.py)
+    page_max_cells: int = 1500  # cells in its scatter (random subset; ~4 kB of PNG each)
+    page_nearest: int = 6  # real crops shown for each path position
