@@ -323,20 +323,11 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schema with Hydra's ConfigStore (idempotent)."""
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    groups = {
-        "stage": StageConfig,
-        "data": DataConfig,
-        "segmentation": SegmentationConfig,
-        "expression": ExpressionConfig,
-        "pair": PairConfig,
-        "vae": VAEConfig,
-        "trainer": TrainerConfig,
-        "analysis": AnalysisConfig,
-        "hardware": HardwareConfig,
-        "paths": PathsConfig,
-    }
-    for group, node in groups.items():
-        cs.store(group=group, name=f"base_{group}", node=node)
+    """Register the schema with Hydra's ConfigStore (idempotent).
+
+    Only the top-level ``base_config`` is stored: it is first in ``conf/config.yaml``'s
+    defaults, so every group file merged after it is checked against :class:`Config`
+    (a typo or wrong type fails at compose). No per-group schema entries are stored,
+    so none shows up among a group's choices (``stage=``, ``vae=`` ...).
+    """
+    ConfigStore.instance().store(name="base_config", node=Config)
