@@ -78,7 +78,8 @@ class HardwareConfig:
     master_port: int = 29531
     num_workers: int = 0  # DataLoader workers
     pin_memory: bool = False
-    torch_threads: int | None = None  # None -> torch default
+    # intra-op threads; None: picked from free cores and load, 1 per DDP process (logged)
+    torch_threads: int | None = None
 
 
 def _simulator_schema() -> type:
