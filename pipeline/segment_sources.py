@@ -30,7 +30,7 @@ from pipeline.artifacts import write_json
 from pipeline.config_sources import LABEL_FORMATS, SEGMENT_SOURCE_KINDS
 from pipeline.runner import StageContext, StageError, resolve_data_path
 from segmentation.cells import SegmentSettings, contact_sheet, segment_images
-from segmentation.io import list_images, read_rgb
+from segmentation.io import list_images, read_rgb, write_h5ad
 from segmentation.sources import (
     LabelFileError,
     label_for_image,
@@ -240,7 +240,7 @@ def _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects
     adata = cells_adata(kept, crops, masks, settings, totals, "data.segment_sources")
     adata.uns["per_source"] = {k: {a: int(b) for a, b in v.items()} for k, v in per_source.items()}
     with ctx.atomic("cells") as tmp:
-        adata.write_h5ad(tmp)
+        write_h5ad(adata, tmp)
     with ctx.atomic("detections.csv") as tmp:
         pd.concat(tables, ignore_index=True).to_csv(tmp, index=False)
     with ctx.atomic("rejects.csv") as tmp:

@@ -36,7 +36,7 @@ from segmentation.cells import (
 )
 from segmentation.crops import FLAGS, FilterSettings
 from segmentation.inference import MaskRCNNDetector
-from segmentation.io import list_images, read_rgb
+from segmentation.io import list_images, read_rgb, write_h5ad
 from segmentation.table import cells_adata, merge_parts, truth_summary
 
 log = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ def _write_outputs(
         summary["truth"] = truth_summary(table, kept, int(sum(p["n_truth"] for p in parts)))
     adata = cells_adata(kept, crops, masks, settings, counts, str(smears))
     with ctx.atomic("cells") as tmp:
-        adata.write_h5ad(tmp)
+        write_h5ad(adata, tmp)
     with ctx.atomic("detections.csv") as tmp:
         table.to_csv(tmp, index=False)
     with ctx.atomic("rejects.csv") as tmp:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import write_json
 from pipeline.runner import StageContext, StageError, stage
+from segmentation.io import write_h5ad
 from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE
 
 log = logging.getLogger(__name__)
@@ -324,7 +325,7 @@ def _write_latent(ctx: StageContext, adata, data, split, lat, margs, result) -> 
     out.uns["latent_layout"] = {"n_shared": ns, "n_private": margs.n_private}
     out.uns["best_epoch"] = int(result.best_epoch)
     with ctx.atomic("latent") as tmp:
-        out.write_h5ad(tmp)
+        write_h5ad(out, tmp)
 
 
 __all__ = ["run_train", "build_model_args", "build_train_args"]

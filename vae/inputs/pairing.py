@@ -792,4 +792,7 @@ def contact_sheet(adata: ad.AnnData, path: str | Path, per_label: int = 8, seed:
             tile[edge] = (255, 220, 0)
             sheet[r * s : (r + 1) * s, k * s : (k + 1) * s] = tile
     Image.fromarray(sheet).save(path, format="PNG")
-    log.info("contact sheet rows (top to bottom): %s", ", ".join(classes))
+    log.info(
+        "contact sheet rows (top to bottom): %s",
+        ", ".join(c or "(unlabelled)" for c in classes),
+    )
