@@ -61,3 +61,48 @@ def bar(
         dynamic_ncols=True,
         **kw,
     )
+
+
+class Steps:
+    """A bar over the named sections of a long function (``evaluate``, ``traverse``).
+
+    ``steps("name")`` marks the previous section done and shows ``name``;
+    ``close()`` marks the last one done.
+
+    >>> st = Steps("evaluate", 2, enabled=False)
+    >>> st("latent structure"); st("UMAP"); st.close(); st.done
+    2
+    """
+
+    def __init__(self, desc: str, total: int, enabled: bool = True):
+        self.bar = bar(desc=desc, total=total, unit="step", enabled=enabled)
+        self._open = False
+        self.done = 0  # sections finished (a disabled tqdm does not count)
+
+    def __call__(self, name: str) -> None:
+        if self._open:
+            self.bar.update(1)
+            self.done += 1
+        self._open = True
+        self.bar.set_postfix_str(name)
+
+    def close(self) -> None:
+        if self._open:
+            self.bar.update(1)
+            self.done += 1
+            self._open = False
+        self.bar.close()
+
+
+def redirect_logging():
+    """Context in which console log lines print above the bars instead of through them.
+
+    ``tqdm.contrib.logging.logging_redirect_tqdm`` when bars are on, else a no-op.
+    """
+    import contextlib
+
+    if not bars_on():
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from segmentation.progress import Steps
 from vae.analysis.run import (
     LATENTS,
     Outputs,
@@ -78,7 +79,9 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
     }
     tables: dict[str, pd.DataFrame] = {}
     tb = out_files.tb
+    steps = Steps("evaluate", 6)  # one per section below (terminal only)
 
+    steps("latent structure")
     # ---- latent structure
     struct = []
     for name, key in LATENTS.items():
@@ -126,6 +129,7 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
             "kl_per_dim": [float(v) for v in kl_dim],
         }
 
+    steps("retrieval")
     # ---- matching of paired rows (image-only vs expression-only latents)
     if "X_vae_image" in lat.obsm and "X_vae_expression" in lat.obsm:
         zi = np.asarray(lat.obsm["X_vae_image"], dtype=np.float64)
@@ -136,6 +140,7 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
             out["retrieval"] = M.to_dict(r)
             tables["retrieval"] = pd.DataFrame([{"query": "image -> expression", **M.to_dict(r)}])
 
+    steps("disentanglement")
     # ---- disentanglement against known factors (simulator truth)
     z = np.asarray(lat.obsm["X_vae"], dtype=np.float64)[rows]
     factors = {f: obs_col(lat, f)[rows] for f in a.factors if f in lat.obs}
@@ -174,6 +179,7 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
         imp.insert(0, "dim", np.arange(len(imp)))
         tables["dci_importance"] = imp
 
+    steps("reconstruction")
     # ---- reconstruction and cross-modal prediction (needs the paired data)
     if rd.data is not None:
         P = encode_dataset(
@@ -222,6 +228,7 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
             )
             out_files.figure(fig, "reconstructions", "evaluate/reconstructions")
 
+    steps("UMAPs")
     # ---- UMAPs of all rows (the embedding needs more cells than the test split)
     emb, method = embedding(
         z=np.asarray(lat.obsm["X_vae"], dtype=np.float64),
@@ -253,10 +260,12 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
             fig = F.scatter_panel(e2, {"label": labels[ok]}, f"{m2} of the {name}-only latent")
             out_files.figure(fig, f"umap_{name}", f"evaluate/umap_{name}")
 
+    steps("write")
     # ---- write
     for name, df in tables.items():
         out_files.csv(df, name)
     out["tables"] = sorted(f"{n}.csv" for n in tables)
+    steps.close()
     out["seconds"] = round(time.time() - t0, 2)
     if tb is not None:
         for sect, vals in out.items():
