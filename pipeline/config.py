@@ -299,7 +299,23 @@ class PairConfig:
     min_class_size: int = 1  # by_label: smaller classes -> unlabelled (rejects.csv); 1 = off
 
 
-AnalysisConfig = AnalysisSettings  # owned by the library: vae/analysis/settings.py
+def _analysis_schema() -> type:
+    """``analysis``: the fields and defaults of :class:`AnalysisSettings` (their one owner,
+    vae/analysis/settings.py) except ``programs``: gene programs have one definition,
+    ``expression.programs``, which evaluate/traverse receive (pipeline/stages/evaluate.py)."""
+    fields = [
+        (f.name, f.type, field(default=f.default, default_factory=f.default_factory))
+        if f.default is dataclasses.MISSING
+        else (f.name, f.type, f.default)
+        for f in dataclasses.fields(AnalysisSettings)
+        if f.name != "programs"
+    ]
+    cls = dataclasses.make_dataclass("AnalysisConfig", fields)
+    cls.__module__ = __name__  # so the config pickles (DDP workers get it by spawn)
+    return cls
+
+
+AnalysisConfig = _analysis_schema()
 
 
 @dataclass

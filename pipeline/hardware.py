@@ -192,7 +192,9 @@ def set_threads(hw: Any, world_size: int = 1) -> int:
     key = (int(hw.torch_threads) if hw.torch_threads else None, int(world_size))
     if key not in _THREADS:
         _THREADS[key] = pick_threads(key[0], key[1])
-        log.info("torch threads: %d (%s; hardware.torch_threads=N overrides)", *_THREADS[key])
+        n, why = _THREADS[key]
+        hint = "" if key[0] else "; hardware.torch_threads=N sets it"
+        log.info("torch threads: %d (%s%s)", n, why, hint)
     torch.set_num_threads(_THREADS[key][0])
     return _THREADS[key][0]
 

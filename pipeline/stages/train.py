@@ -308,9 +308,15 @@ def _projector(tb, latent: np.ndarray, data, max_cells: int, step: int) -> None:
 def _write_latent(ctx: StageContext, adata, data, split, lat, margs, result) -> None:
     import anndata as ad
 
+    from vae.scverse import ROW_KEY, cell_obs_names
+
     ns = margs.n_shared
     obs = adata.obs.copy()
     obs["split"] = pd.Categorical(split, categories=["train", "val", "test"])
+    # rows named by the cells' own IDs (vae/scverse.py); paired.h5ad's row ID kept for joins
+    obs.insert(0, ROW_KEY, obs.index.astype(str))
+    obs.index = cell_obs_names(obs)
+    obs.index.name = None
     out = ad.AnnData(obs=obs)
     out.obsm["X_vae"] = lat.joint[:, :ns].astype(np.float32)
     out.obsm["X_vae_image"] = lat.image[:, :ns].astype(np.float32)

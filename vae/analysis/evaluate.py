@@ -55,7 +55,10 @@ def _gene_row(what: str, n: int, gc, gidx: list[int]) -> dict:
 
 def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0) -> dict[str, Any]:
     """Every evaluation table of ``rd`` on split ``a.split``: CSVs and figures into
-    ``out_files``, the summary (strict-JSON-clean) returned for ``metrics.json``."""
+    ``out_files``, the summary (strict-JSON-clean) returned for ``metrics.json``.
+
+    The 2-D embedding of ``X_vae`` over all rows (the one of ``umap_labels.png``) is
+    added to ``rd.latent.obsm`` as ``X_umap`` (``analysis.umap=true``) or ``X_vae_pca``."""
     from vae.analysis import figures as F
     from vae.analysis import metrics as M
 
@@ -236,6 +239,8 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
         use_umap=a.umap,
         seed=seed,
     )
+    # kept on the latent table the way scanpy keeps its own (the stage writes it out)
+    lat.obsm["X_umap" if method == "UMAP" else "X_vae_pca"] = emb.astype(np.float32)
     cols: dict[str, np.ndarray] = {"label": labels}
     if "split" in lat.obs:
         cols["split"] = lat.obs["split"].astype(str).to_numpy()
