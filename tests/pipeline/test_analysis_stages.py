@@ -227,3 +227,17 @@ def test_latent_rows_are_cell_ids_and_evaluate_stores_its_umap(tmp_path):
     row = int(np.flatnonzero(lat.obs["expression_ref"].to_numpy() == cells[5])[0])
     np.testing.assert_allclose(user.obsm["X_vae"][ids.index(cells[5])], lat.obsm["X_vae"][row])
     assert add_latent(user, ev, key="X_umap") == len(ids)
+
+
+def test_gene_programs_have_one_definition():
+    from types import SimpleNamespace
+
+    from hydra.errors import ConfigCompositionException
+
+    from pipeline.stages.evaluate import analysis_settings
+
+    cfg = compose_config(["stage=evaluate", "expression=paul15"])
+    programs = analysis_settings(SimpleNamespace(cfg=cfg)).programs
+    assert programs == dict(cfg.expression.programs) and "monocyte" in programs
+    with pytest.raises(ConfigCompositionException, match="programs"):
+        compose_config(["stage=evaluate", "analysis.programs={x: [MPO]}"])
