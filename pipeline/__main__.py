@@ -92,10 +92,13 @@ HELP_FLAGS = ("--help", "-h", "--hydra-help")
 def main() -> None:
     # `stage` is mandatory for a run, but --help must work without it: Hydra composes the
     # config to print the help, so give it a stage (the help text does not depend on it)
-    if any(a in HELP_FLAGS for a in sys.argv[1:]) and not any(
-        a.lstrip("+~").startswith("stage=") for a in sys.argv[1:]
+    args = sys.argv[1:]
+    if any(a in HELP_FLAGS for a in args) and not any(
+        a.lstrip("+~").startswith("stage=") for a in args
     ):
-        sys.argv.append("stage=all")
+        # next to the other overrides: argparse takes them as one block of positionals
+        at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), None)
+        sys.argv.insert(1 + (len(args) if at is None else at), "stage=all")
     app()
 
 

@@ -80,7 +80,8 @@ KNOBS: list[tuple[str, str]] = [
     ("log_level", "INFO | DEBUG | WARNING"),
 ]
 
-GROUP_VALUES = {"hardware": "hydra:runtime.choices.hardware"}
+# a group's chosen option is not a config value: read it from Hydra's runtime record
+GROUP_VALUES = {"hardware": "hydra.runtime.choices.hardware"}
 
 
 def _presets() -> list[tuple[str, str]]:
@@ -95,10 +96,8 @@ def _presets() -> list[tuple[str, str]]:
 def _value(root, key: str) -> str:
     try:
         v = OmegaConf.select(root, GROUP_VALUES.get(key, key), throw_on_missing=False)
-    except Exception:  # an interpolation that cannot resolve here (e.g. hydra: before run)
+    except Exception:  # an interpolation that cannot resolve at --help time
         v = "?"
-    if key in GROUP_VALUES and v in (None, "?"):
-        v = OmegaConf.select(root, f"hydra.runtime.choices.{key}", default="?")
     return "null" if v is None else str(v)
 
 

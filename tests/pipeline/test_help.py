@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pipeline import runner
 from pipeline.help import STAGES
 from tests.helpers.run import run_pipeline
@@ -24,8 +26,12 @@ def test_help_without_stage_lists_stages_presets_and_knobs():
     assert len(out.splitlines()) < 100  # a page, not the 300-line config
 
 
-def test_help_shows_current_values_of_overrides():
-    r = run_pipeline(["stage=train", "vae.beta=8", "-h"], timeout=120)
+@pytest.mark.parametrize(
+    "args",
+    [["stage=train", "vae.beta=8", "-h"], ["vae.beta=8", "--help"], ["--help", "vae.beta=8"]],
+)
+def test_help_shows_current_values_of_overrides(args):
+    r = run_pipeline(args, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "vae.beta=8" in r.stdout
 
