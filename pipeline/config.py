@@ -192,7 +192,7 @@ class SegmentationConfig:
     grad_clip: float = 10.0  # max gradient norm; 0 = off
     eval_every: int = 1  # epochs between validation runs (the last epoch always)
     tb_images: int = 4  # validation images with drawn predictions in TensorBoard
-    log_every: int = 10  # iterations between log lines
+    log_every: int = 10  # iterations between DEBUG loss lines (log_level=DEBUG; bars show progress)
     # --- stage=segment: tiled inference (docs/segmentation_infer.md) ---
     input_scale: float = 1.0  # source image resized by this before tiling (cell px as trained)
     tile_size: int = 1024  # square tile side, px at input_scale; fed to the net unresized
