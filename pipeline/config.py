@@ -87,7 +87,8 @@ class HardwareConfig:
     master_port: int = 29531
     num_workers: int = 0  # DataLoader workers
     pin_memory: bool = False
-    torch_threads: int | None = None  # None -> torch default
+    # intra-op threads; None: picked from free cores and load, 1 per DDP process (logged)
+    torch_threads: int | None = None
 
 
 def _simulator_schema() -> type:
@@ -200,7 +201,7 @@ class SegmentationConfig:
     grad_clip: float = 10.0  # max gradient norm; 0 = off
     eval_every: int = 1  # epochs between validation runs (the last epoch always)
     tb_images: int = 4  # validation images with drawn predictions in TensorBoard
-    log_every: int = 10  # iterations between log lines
+    log_every: int = 10  # iterations between DEBUG loss lines (log_level=DEBUG; bars show progress)
     # --- stage=segment: tiled inference (docs/segmentation_infer.md) ---
     input_scale: float = 1.0  # source image resized by this before tiling (cell px as trained)
     tile_size: int = 1024  # square tile side, px at input_scale; fed to the net unresized
@@ -314,7 +315,23 @@ class PairConfig:
     min_class_size: int = 1  # by_label: smaller classes -> unlabelled (rejects.csv); 1 = off
 
 
-AnalysisConfig = AnalysisSettings  # owned by the library: vae/analysis/settings.py
+def _analysis_schema() -> type:
+    """``analysis``: the fields and defaults of :class:`AnalysisSettings` (their one owner,
+    vae/analysis/settings.py) except ``programs``: gene programs have one definition,
+    ``expression.programs``, which evaluate/traverse receive (pipeline/stages/evaluate.py)."""
+    fields = [
+        (f.name, f.type, field(default=f.default, default_factory=f.default_factory))
+        if f.default is dataclasses.MISSING
+        else (f.name, f.type, f.default)
+        for f in dataclasses.fields(AnalysisSettings)
+        if f.name != "programs"
+    ]
+    cls = dataclasses.make_dataclass("AnalysisConfig", fields)
+    cls.__module__ = __name__  # so the config pickles (DDP workers get it by spawn)
+    return cls
+
+
+AnalysisConfig = _analysis_schema()
 
 
 @dataclass
@@ -339,20 +356,11 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schema with Hydra's ConfigStore (idempotent)."""
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    groups = {
-        "stage": StageConfig,
-        "data": DataConfig,
-        "segmentation": SegmentationConfig,
-        "expression": ExpressionConfig,
-        "pair": PairConfig,
-        "vae": VAEConfig,
-        "trainer": TrainerConfig,
-        "analysis": AnalysisConfig,
-        "hardware": HardwareConfig,
-        "paths": PathsConfig,
-    }
-    for group, node in groups.items():
-        cs.store(group=group, name=f"base_{group}", node=node)
+    """Register the schema with Hydra's ConfigStore (idempotent).
+
+    Only the top-level ``base_config`` is stored: it is first in ``conf/config.yaml``'s
+    defaults, so every group file merged after it is checked against :class:`Config`
+    (a typo or wrong type fails at compose). No per-group schema entries are stored,
+    so none shows up among a group's choices (``stage=``, ``vae=`` ...).
+    """
+    ConfigStore.instance().store(name="base_config", node=Config)

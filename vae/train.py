@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from segmentation.progress import bar
 from segmentation.runtime import NonFiniteLossError, seed_everything
 from segmentation.runtime import rng_state as _rng_state
 from segmentation.runtime import set_rng_state as _set_rng_state
@@ -289,6 +290,16 @@ def train(
 
     stopped = "max_epochs"
     last_kl = np.zeros(core.args.n_latent)
+    # outer bar: epochs with ETA (terminal only, rank 0); the inner one: this epoch's batches
+    limit = f" (cap {args.max_minutes:g} min)" if args.max_minutes is not None else ""
+    ebar = bar(
+        desc=f"train{limit}",
+        total=args.max_epochs,
+        initial=epoch,
+        unit="epoch",
+        enabled=is_main,
+        leave=True,
+    )
     while epoch < args.max_epochs:
         t_ep = time.time()
         wrapped.train()
@@ -305,7 +316,13 @@ def train(
         n_rows = 0
         data_s = 0.0
         t_data = time.time()
-        for raw in iterate(data, batches, args.num_workers, args.pin_memory):
+        for raw in bar(
+            iterate(data, batches, args.num_workers, args.pin_memory),
+            desc=f"epoch {epoch + 1}/{args.max_epochs}",
+            total=len(batches),
+            unit="batch",
+            enabled=is_main,
+        ):
             batch = to_batch(
                 raw,
                 device,
@@ -385,6 +402,8 @@ def train(
             "active_units": active_units(last_kl),
         }
         history.append(rec)
+        ebar.update(1)
+        ebar.set_postfix_str(f"val {monitor:.4g}", refresh=False)
         if is_main:
             log.info(
                 "epoch %d/%d step %d: train %.4g val %.4g (img %.4g expr %.4g kl %.3g "
@@ -432,6 +451,7 @@ def train(
         if args.stop_after_epochs is not None and epoch >= args.stop_after_epochs:
             stopped = "interrupted"
             break
+    ebar.close()
     dist.barrier()
     if is_main and stopped != "interrupted" and best_epoch == 0:
         # the KL schedule never finished: keep the last weights as "best"

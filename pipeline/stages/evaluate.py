@@ -4,7 +4,8 @@ Reconstruction (masked image MSE/SSIM, per-gene r, NB log-likelihood),
 cross-modal prediction, latent structure (kNN accuracy, silhouette, Leiden
 ARI/NMI), retrieval of paired partners (Recall@k, FOSCTTM) and
 disentanglement against simulator truth (MIG, DCI, best-dim Spearman);
-``metrics.json``, one CSV per table, UMAP figures, TensorBoard.
+``metrics.json``, one CSV per table, UMAP figures, TensorBoard, and
+``latent.h5ad``: train's latent table with the UMAP in ``obsm["X_umap"]``.
 
 The analysis itself is :func:`vae.analysis.evaluate.evaluate`; this file maps
 the config onto it (see docs/analysis.md).
@@ -16,13 +17,18 @@ from omegaconf import OmegaConf
 
 from pipeline.artifacts import write_json
 from pipeline.runner import StageContext, StageError, stage
+from segmentation.io import write_h5ad
 
 
 def analysis_settings(ctx: StageContext):
-    """``cfg.analysis`` as the library's typed settings."""
+    """``cfg.analysis`` as the library's typed settings, with the gene programs of
+    ``expression.programs`` (their one definition, also used by stage=expression)."""
     from vae.analysis.settings import AnalysisSettings
 
-    return AnalysisSettings(**OmegaConf.to_container(ctx.cfg.analysis, resolve=True))
+    return AnalysisSettings(
+        **OmegaConf.to_container(ctx.cfg.analysis, resolve=True),
+        programs=OmegaConf.to_container(ctx.cfg.expression.programs, resolve=True),
+    )
 
 
 def load_run_data(ctx: StageContext):
@@ -73,7 +79,12 @@ def tensorboard(ctx: StageContext):
     return SummaryWriter(str(ctx.output("tb")))
 
 
-@stage("evaluate", needs=["latent", "model"], optional=["paired"], produces=["evaluation"])
+@stage(
+    "evaluate",
+    needs=["latent", "model"],
+    optional=["paired"],
+    produces=["evaluation", "latent.h5ad"],
+)
 def run_evaluate(ctx: StageContext) -> None:
     from vae.analysis.evaluate import evaluate
     from vae.analysis.run import AnalysisError, Outputs
@@ -95,3 +106,7 @@ def run_evaluate(ctx: StageContext) -> None:
         if tb is not None:
             tb.close()
     write_json(ctx.output("evaluation"), metrics)
+    # train's latent.h5ad + obsm["X_umap"] (the embedding of umap_labels.png): the file to
+    # open in scanpy (sc.pl.umap works as is); train's own copy stays as recorded
+    with ctx.atomic("latent.h5ad") as tmp:
+        write_h5ad(rd.latent, tmp)

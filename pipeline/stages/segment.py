@@ -38,7 +38,8 @@ from segmentation.cells import (
 )
 from segmentation.crops import FLAGS, FilterSettings
 from segmentation.inference import MaskRCNNDetector
-from segmentation.io import list_images, read_rgb
+from segmentation.io import list_images, read_rgb, write_h5ad
+from segmentation.progress import bar
 from segmentation.table import cells_adata, merge_parts, truth_summary
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ def _run_shard(
     model: torch.nn.Module,
     ckpt: dict[str, Any],
     overlay_below: int | None = None,
+    desc: str = "segment",
 ) -> dict[str, Any]:
     sc = ctx.cfg.segmentation
     detector = make_detector(ctx, model)
@@ -179,6 +181,7 @@ def _run_shard(
     # images are read batch_size at a time so that the tiles of small images share
     # detector batches (a large slide spreads over several batches by itself)
     group = max(1, settings.batch_size)
+    pbar = bar(desc=desc, total=len(items), unit="img", enabled=ctx.is_main)
     for g in range(0, len(items), group):
         good = []  # (index, path, image, truth)
         for index, path in items[g : g + group]:
@@ -193,6 +196,7 @@ def _run_shard(
                 )
             it = truth.for_image(path.name) if truth is not None else None
             good.append((index, path, rd.image, it))
+        pbar.update(len(items[g : g + group]) - len(good))  # unreadable ones
         if not good:
             continue
         t0 = time.perf_counter()
@@ -204,6 +208,7 @@ def _run_shard(
             truths=[it for _, _, _, it in good],
         )
         seconds += time.perf_counter() - t0
+        pbar.update(len(good))
         for (index, path, _, it), cells in zip(good, results):
             n_images += 1
             if it is not None:
@@ -232,6 +237,7 @@ def _run_shard(
             if index < overlay_below:
                 ov = draw_overlay(cells, min(float(sc.score_threshold), 0.99))
                 ov.save(overlay_dir / f"{path.stem}.png")
+    pbar.close()
     s = int(sc.crop_size)
     return {
         "tables": tables,
@@ -361,7 +367,7 @@ def _write_outputs(
         summary["truth"] = truth_summary(table, kept, int(sum(p["n_truth"] for p in parts)))
     adata = cells_adata(kept, crops, masks, settings, counts, str(smears))
     with ctx.atomic("cells") as tmp:
-        adata.write_h5ad(tmp)
+        write_h5ad(adata, tmp)
     with ctx.atomic("detections.csv") as tmp:
         table.to_csv(tmp, index=False)
     with ctx.atomic("rejects.csv") as tmp:

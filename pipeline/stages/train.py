@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import write_json
 from pipeline.runner import StageContext, StageError, stage
+from segmentation.io import write_h5ad
 from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE
 
 log = logging.getLogger(__name__)
@@ -329,11 +330,17 @@ def _projector(tb, latent: np.ndarray, data, max_cells: int, step: int) -> None:
 def _write_latent(ctx: StageContext, adata, data, split, lat, margs, result, anomaly) -> None:
     import anndata as ad
 
+    from vae.scverse import ROW_KEY, cell_obs_names
+
     ns = margs.n_shared
     obs = adata.obs.copy()
     obs["split"] = pd.Categorical(split, categories=["train", "val", "test"])
     for col in anomaly.columns:  # names owned by vae.inputs.schema.ANOMALY_COLUMNS
         obs[col] = anomaly[col].to_numpy(dtype=np.float32)
+    # rows named by the cells' own IDs (vae/scverse.py); paired.h5ad's row ID kept for joins
+    obs.insert(0, ROW_KEY, obs.index.astype(str))
+    obs.index = cell_obs_names(obs)
+    obs.index.name = None
     out = ad.AnnData(obs=obs)
     out.obsm["X_vae"] = lat.joint[:, :ns].astype(np.float32)
     out.obsm["X_vae_image"] = lat.image[:, :ns].astype(np.float32)
@@ -348,7 +355,7 @@ def _write_latent(ctx: StageContext, adata, data, split, lat, margs, result, ano
     out.uns["latent_layout"] = {"n_shared": ns, "n_private": margs.n_private}
     out.uns["best_epoch"] = int(result.best_epoch)
     with ctx.atomic("latent") as tmp:
-        out.write_h5ad(tmp)
+        write_h5ad(out, tmp)
 
 
 __all__ = ["run_train", "build_model_args", "build_train_args"]

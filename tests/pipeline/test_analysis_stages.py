@@ -7,6 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -291,3 +292,59 @@ def test_study_page_works_in_a_real_browser(tiny_run, tmp_path):
         assert severe_logs(d) == []
         d.save_screenshot(str(tmp_path / "study.png"))
     assert (tmp_path / "study.png").stat().st_size > 10_000
+
+
+def test_latent_rows_are_cell_ids_and_evaluate_stores_its_umap(tmp_path):
+    """latent.h5ad: cell IDs as obs_names (unique), paired row IDs in obs["row"]; evaluate
+    reads it back against paired.h5ad and writes its UMAP into its copy; X_vae goes back
+    into the user's AnnData by cell ID."""
+    import anndata as ad
+
+    from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE
+    from vae.scverse import add_latent
+
+    p = make_paired(n=72, size=16, n_genes=12, image_only=4, expression_only=4)
+    he, hi = p.obs[HAS_EXPRESSION].to_numpy(bool), p.obs[HAS_IMAGE].to_numpy(bool)
+    cells = np.array([f"cell{i}" for i in range(p.n_obs)], dtype=object)
+    cells[1] = cells[0]  # one profile drawn for two crops
+    p.obs["expression_ref"] = np.where(he, cells, "")
+    p.obs["image_ref"] = np.where(hi, [f"crop{i}" for i in range(p.n_obs)], "")
+    p.obs_names = [f"r{i:06d}" for i in range(p.n_obs)]
+    paired = tmp_path / "paired.h5ad"
+    p.write_h5ad(paired)
+    assert _run_in_process(tmp_path, paired, "train", TINY_TRAIN) == 0
+    lat = ad.read_h5ad(tmp_path / "tiny" / "train" / "latent.h5ad")
+    assert list(lat.obs["row"]) == list(p.obs_names)
+    assert lat.obs_names.is_unique
+    want = np.where(he, cells, p.obs["image_ref"].to_numpy())
+    want[1] = f"{cells[0]}-1"
+    assert list(lat.obs_names) == list(want)
+
+    extra = [x for x in FAST_ANALYSIS if x != "analysis.umap=false"] + ["analysis.umap=true"]
+    assert _run_in_process(tmp_path, paired, "evaluate", extra) == 0
+    ev = ad.read_h5ad(tmp_path / "tiny" / "evaluate" / "latent.h5ad")
+    assert list(ev.obs_names) == list(lat.obs_names)
+    assert ev.obsm["X_umap"].shape == (p.n_obs, 2) and np.isfinite(ev.obsm["X_umap"]).all()
+    np.testing.assert_array_equal(ev.obsm["X_vae"], lat.obsm["X_vae"])
+
+    # the user's own expression AnnData, keyed by cell ID, gets X_vae
+    ids = sorted(set(cells[he]))
+    user = ad.AnnData(np.zeros((len(ids), 1), np.float32), obs=pd.DataFrame(index=ids))
+    assert add_latent(user, ev) == len(ids)
+    row = int(np.flatnonzero(lat.obs["expression_ref"].to_numpy() == cells[5])[0])
+    np.testing.assert_allclose(user.obsm["X_vae"][ids.index(cells[5])], lat.obsm["X_vae"][row])
+    assert add_latent(user, ev, key="X_umap") == len(ids)
+
+
+def test_gene_programs_have_one_definition():
+    from types import SimpleNamespace
+
+    from hydra.errors import ConfigCompositionException
+
+    from pipeline.stages.evaluate import analysis_settings
+
+    cfg = compose_config(["stage=evaluate", "expression=paul15"])
+    programs = analysis_settings(SimpleNamespace(cfg=cfg)).programs
+    assert programs == dict(cfg.expression.programs) and "monocyte" in programs
+    with pytest.raises(ConfigCompositionException, match="programs"):
+        compose_config(["stage=evaluate", "analysis.programs={x: [MPO]}"])

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from vae.analysis.palette import label_colours
+from segmentation.progress import Steps
 from vae.analysis.run import (
     LATENTS,
     Outputs,
@@ -65,7 +66,9 @@ def evaluate(
 
     ``noise_free`` : (N, G) noise-free log-normalised expression of every row
     (simulator truth), adds the denoising table.
-    """
+
+    The 2-D embedding of ``X_vae`` over all rows (the one of ``umap_labels.png``) is
+    added to ``rd.latent.obsm`` as ``X_umap`` (``analysis.umap=true``) or ``X_vae_pca``."""
     from vae.analysis import figures as F
     from vae.analysis import metrics as M
     from vae.analysis import uses
@@ -90,7 +93,9 @@ def evaluate(
     }
     tables: dict[str, pd.DataFrame] = {}
     tb = out_files.tb
+    steps = Steps("evaluate", 6)  # one per section below (terminal only)
 
+    steps("latent structure")
     # ---- latent structure
     struct = []
     for name, key in LATENTS.items():
@@ -138,6 +143,7 @@ def evaluate(
             "kl_per_dim": [float(v) for v in kl_dim],
         }
 
+    steps("retrieval")
     # ---- matching of paired rows (image-only vs expression-only latents)
     if "X_vae_image" in lat.obsm and "X_vae_expression" in lat.obsm:
         zi = np.asarray(lat.obsm["X_vae_image"], dtype=np.float64)
@@ -148,6 +154,7 @@ def evaluate(
             out["retrieval"] = M.to_dict(r)
             tables["retrieval"] = pd.DataFrame([{"query": "image -> expression", **M.to_dict(r)}])
 
+    steps("disentanglement")
     # ---- disentanglement against known factors (simulator truth)
     z = np.asarray(lat.obsm["X_vae"], dtype=np.float64)[rows]
     factors = {f: obs_col(lat, f)[rows] for f in a.factors if f in lat.obs}
@@ -186,6 +193,7 @@ def evaluate(
         imp.insert(0, "dim", np.arange(len(imp)))
         tables["dci_importance"] = imp
 
+    steps("reconstruction")
     # ---- reconstruction and cross-modal prediction (needs the paired data)
     P = None
     if rd.data is not None:
@@ -246,6 +254,7 @@ def evaluate(
     if an:
         out["anomaly"] = an
 
+    steps("UMAPs")
     # ---- UMAPs of all rows (the embedding needs more cells than the test split)
     emb, method = embedding(
         z=np.asarray(lat.obsm["X_vae"], dtype=np.float64),
@@ -253,6 +262,8 @@ def evaluate(
         use_umap=a.umap,
         seed=seed,
     )
+    # kept on the latent table the way scanpy keeps its own (the stage writes it out)
+    lat.obsm["X_umap" if method == "UMAP" else "X_vae_pca"] = emb.astype(np.float32)
     cols: dict[str, np.ndarray] = {"label": labels}
     if "split" in lat.obs:
         cols["split"] = lat.obs["split"].astype(str).to_numpy()
@@ -294,10 +305,12 @@ def evaluate(
             )
             out_files.figure(fig, f"umap_{name}", f"evaluate/umap_{name}")
 
+    steps("write")
     # ---- write
     for name, df in tables.items():
         out_files.csv(df, name)
     out["tables"] = sorted(f"{n}.csv" for n in tables)
+    steps.close()
     out["seconds"] = round(time.time() - t0, 2)
     if tb is not None:
         for sect, vals in out.items():

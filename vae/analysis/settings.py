@@ -30,7 +30,8 @@ class AnalysisSettings:
     )
     mig_bins: int = 20
     dci_trees: int = 50  # random-forest size of DCI
-    # gene programs (matched case-insensitively to the model's genes)
+    # gene programs (matched case-insensitively to the model's genes); the pipeline passes
+    # expression.programs (their one definition in the config; not an analysis.* setting)
     programs: dict[str, list[str]] = field(default_factory=granule_programs)
     # per-dimension traversals
     top_k_dims: int = 6  # dims with the largest KL that are swept

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from segmentation.progress import Steps
 from vae.analysis.run import (
     AnalysisError,
     Outputs,
@@ -115,7 +116,9 @@ def traverse_study(
     figs: dict[str, list] = {k: [] for k in ("dims", "path", "granules", "truth")}
     tables: dict[str, pd.DataFrame] = {}
     summary: dict[str, Any] = {"n_latent": d, "split": a.split}
+    steps = Steps("traverse", 5)  # one per section below (terminal only)
 
+    steps("traversals")
     # ---- per-dimension traversals
     kl = np.asarray(lat.uns.get("kl_per_dim", np.ones(d)), dtype=np.float64).ravel()
     if kl.size != d:  # KL of the shared block only: private dims come after it
@@ -191,6 +194,7 @@ def traverse_study(
             )
         )
 
+    steps("maturation path")
     # ---- path from the earliest to the latest class
     mat = obs_col(lat, a.maturation_key)
     order = list(a.path_classes) if a.path_classes else None
@@ -275,6 +279,7 @@ def traverse_study(
             )
         summary["path"] = path_info
 
+    steps("granule features")
     # ---- real crops: granule features vs latent dims
     real = None
     if rd.data is not None:
@@ -320,6 +325,7 @@ def traverse_study(
                 )
             )
 
+    steps("truth recovery")
     # ---- simulator truth recovery
     truth: dict[str, Any] = {}
     truth_notes: list[str] = []  # sentences for figures left out
@@ -445,6 +451,7 @@ def traverse_study(
         )
         summary["study_page"] = study_page.name
 
+    steps("report")
     # ---- report
     key = _key_findings(tables, truth, cents.names if path_ok else [], a.top_genes)
     summary["key_findings"] = key
@@ -526,6 +533,7 @@ def traverse_study(
     if crop_rejects is not None:
         sections.append(_rejects_section(crop_rejects))
     write_report(report, title, sections, resolved_config, subtitle=subtitle)
+    steps.close()
     log.info(
         "traverse: %d dims, path %s, %.1fs; report %s",
         len(trs),
