@@ -121,7 +121,10 @@ def forward_loss(
     n_shared: int,
     autocast=None,
 ) -> LossTerms:
-    """One forward pass and all loss terms (loss in fp32 even under autocast)."""
+    """One forward pass and all loss terms (loss in fp32 even under autocast).
+
+    A batch made without images (``batch.image`` None) skips the image branch.
+    """
     import contextlib
 
     with autocast() if autocast is not None else contextlib.nullcontext():
@@ -132,6 +135,7 @@ def forward_loss(
             batch.has_image,
             batch.has_expression,
             batch.log_library,
+            use_image=batch.image is not None,
         )
     return vae_loss(
         out,
@@ -200,6 +204,16 @@ def train(
     gen = torch.Generator().manual_seed(args.seed * 7919 + dist.rank)
 
     core = model
+    # no row of the data set has an image (e.g. pair=expression_only): the image
+    # branch would only ever see empty sub-batches; freeze it (out of the optimizer
+    # and of DDP's gradient sync) and build batches without crops, so no step runs
+    # a convolution, an augmentation or an image term (same loss values)
+    use_image = bool(data.has_image.any())
+    if not use_image:
+        for part in (core.image_encoder, core.image_decoder):
+            part.requires_grad_(False)
+        core.image_log_scale.requires_grad_(False)
+        log.info("no row has an image: image branch frozen and skipped")
     wrapped = dist.wrap(core)
     n_shared = core.args.n_shared
     opt = torch.optim.AdamW(
@@ -248,7 +262,9 @@ def train(
 
     # fixed validation batch for the figures (first rows of val, else train)
     fig_rows = (val_idx if val_idx.size else train_idx)[: args.n_images]
-    fig_batch = to_batch(raw_batch(data, torch.as_tensor(fig_rows, dtype=torch.long)), device)
+    fig_batch = to_batch(
+        raw_batch(data, torch.as_tensor(fig_rows, dtype=torch.long), use_image), device
+    )
 
     def payload(kind: str) -> dict[str, Any]:
         return {
@@ -289,11 +305,11 @@ def train(
             rank=dist.rank,
             world_size=dist.world_size,
         )
-        sums: dict[str, float] = {}
+        sums: torch.Tensor | None = None  # (T,) on the device: no host sync per step
         n_rows = 0
         data_s = 0.0
         t_data = time.time()
-        for raw in iterate(data, batches, args.num_workers, args.pin_memory):
+        for raw in iterate(data, batches, args.num_workers, args.pin_memory, use_image):
             batch = to_batch(
                 raw,
                 device,
@@ -334,11 +350,10 @@ def train(
             step += 1
             bsz = int(batch.x.shape[0])
             n_rows += bsz
-            sc = terms.scalars()
-            for k, v in sc.items():
-                sums[k] = sums.get(k, 0.0) + v * bsz
+            vec = terms.vector().double() * bsz
+            sums = vec if sums is None else sums + vec
             if tb is not None and is_main and step % max(1, args.log_every_steps) == 0:
-                tb.scalars("train", sc, step)
+                tb.scalars("train", terms.scalars(), step)
                 tb.scalars(
                     "schedule",
                     {"beta": beta, "capacity": cap, "lr": sched.get_last_lr()[0]},
@@ -347,7 +362,11 @@ def train(
                 tb.writer.add_scalar("train/grad_norm", float(gnorm), step)
             t_data = time.time()
         epoch += 1
-        train_means = {k: v / max(n_rows, 1) for k, v in sums.items()}
+        train_means = (
+            dict(zip(LossTerms.names(), (sums / max(n_rows, 1)).tolist()))
+            if sums is not None
+            else {}
+        )
 
         # validation at the final β / C so epochs stay comparable during warm-up
         val_means, last_kl = evaluate_loss(
@@ -467,7 +486,7 @@ def evaluate_loss(
     keys: list[str] = []
     kl_sum = None
     n = 0
-    for raw in iterate(data, batches):
+    for raw in iterate(data, batches, images=bool(data.has_image.any())):
         batch = to_batch(raw, dist.device)
         terms = forward_loss(
             model,
@@ -478,10 +497,11 @@ def evaluate_loss(
             n_shared=n_shared,
             autocast=dist.autocast,
         )
-        sc = terms.scalars()
-        keys = list(sc)
+        keys = LossTerms.names()
         bsz = batch.x.shape[0]
-        v = torch.tensor([sc[k] * bsz for k in keys] + [bsz], dtype=torch.float64)
+        v = torch.cat(
+            [terms.vector().double().cpu() * bsz, torch.tensor([bsz], dtype=torch.float64)]
+        )
         sums = v if sums is None else sums + v
         k = terms.kl_per_dim.double().cpu() * bsz
         kl_sum = k if kl_sum is None else kl_sum + k
