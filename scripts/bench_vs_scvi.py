@@ -88,7 +88,7 @@ def nb_ll_per_count(counts: np.ndarray, mu, log_theta) -> float:
 # --------------------------------------------------------------------------- ours
 
 
-def ours(counts, labels, obs_names, var_names, split, seed: int) -> dict:
+def ours(counts, labels, obs_names, var_names, split, seed: int, extra=()) -> dict:
     import anndata as ad
     import pandas as pd
     import torch
@@ -128,6 +128,7 @@ def ours(counts, labels, obs_names, var_names, split, seed: int) -> dict:
         "trainer.max_minutes=null",
         "trainer.early_stopping_patience=0",
         f"seed={seed}",
+        *extra,
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
@@ -226,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "vs_scvi.json"))
     p.add_argument("--only", choices=["ours", "scvi"], default=None)
     p.add_argument("--epochs", type=int, default=SETTINGS["epochs"], help="(profiling only)")
+    p.add_argument(
+        "overrides", nargs="*", help="extra Hydra overrides for our model (key=value)"
+    )
     args = p.parse_args(argv)
     SETTINGS["epochs"] = args.epochs
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict] = {}
     why_not = ""
     if args.only != "scvi":
-        rows["ours"] = ours(counts, labels, obs, var, split, args.seed)
+        rows["ours"] = ours(counts, labels, obs, var, split, args.seed, args.overrides)
     if args.only != "ours":
         try:
             import scvi  # noqa: F401
@@ -269,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     out = {
         "settings": SETTINGS,
+        "our_overrides": args.overrides,
         "threads": args.threads,
         "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
         "rows": rows,

@@ -132,7 +132,9 @@ def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, log_theta: torch.Tensor) -> t
     -------
     (B, G) log P(x | mu, theta).
     """
-    theta = log_theta.exp().expand_as(mu)
+    # terms of theta alone are computed on (G,) and broadcast (same values, B x
+    # fewer lgamma / log calls: lgamma is the costliest op of an expression step)
+    theta = log_theta.exp()
     eps = 1e-8
     log_theta_mu = torch.log(theta + mu + eps)
     return (
