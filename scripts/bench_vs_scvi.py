@@ -227,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "vs_scvi.json"))
     p.add_argument("--only", choices=["ours", "scvi"], default=None)
     p.add_argument("--epochs", type=int, default=SETTINGS["epochs"], help="(profiling only)")
-    p.add_argument(
-        "overrides", nargs="*", help="extra Hydra overrides for our model (key=value)"
-    )
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for our model (key=value)")
     args = p.parse_args(argv)
     SETTINGS["epochs"] = args.epochs
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
