@@ -117,3 +117,21 @@ def test_train_on_expression_only_data_freezes_and_never_runs_the_image_branch(t
     ck = torch.load(tmp_path / "model.pt", weights_only=False)
     assert set(ck["model"]) == set(model.state_dict())
     assert (tmp_path / "last.pt").exists()
+
+
+def test_encode_dataset_of_expression_only_rows_runs_no_cnn():
+    from vae.infer import encode_dataset
+
+    d = _expression_only(20)
+    model = _model("poe", 2)
+    ran = []
+    model.image_encoder.register_forward_hook(lambda *a: ran.append("encoder"))
+    model.image_decoder.register_forward_hook(lambda *a: ran.append("decoder"))
+    lat = encode_dataset(model, d, batch_size=8)
+    assert ran == []
+    assert np.isnan(lat.image).all() and np.isnan(lat.expression_from_image).all()
+    assert np.isfinite(lat.joint).all() and np.isfinite(lat.expression).all()
+    # the same joint and expression latents as the path that carries the (empty) crops
+    full = encode_dataset(model, d, batch_size=8, decode=True)  # carries the empty crops
+    np.testing.assert_allclose(lat.joint, full.joint, atol=1e-6)
+    np.testing.assert_allclose(lat.expression, full.expression, atol=1e-6)
