@@ -300,6 +300,10 @@ def stages_for(cfg: DictConfig) -> list[str]:
         seq = list(ORDER)
         if cfg.data.name != "synthetic":
             seq.remove("simulate")
+        if not any(s.kind == "cells" for s in cfg.pair.crop_sources):
+            # no crop source reads cells.h5ad (e.g. pair=expression_only): no detector
+            seq.remove("segment_train")
+            seq.remove("segment")
         return seq
     if name not in ORDER:
         raise StageError(f"unknown stage {name!r}; valid stages: {', '.join([*ORDER, 'all'])}")

@@ -86,14 +86,15 @@ class PairedTensors:
 class Batch:
     """One batch on the training device (floats ready for the model).
 
-    image (B, 3, S, S) in [0, 1]; mask (B, 1, S, S) {0, 1}; x (B, G);
+    image (B, 3, S, S) in [0, 1]; mask (B, 1, S, S) {0, 1} (both None when the
+    batch was made without images: no row of the data set has one); x (B, G);
     counts (B, G) or None; library (B,); log_library (B,); has_image,
     has_expression (B,) bool; labels (B,) int64; index (B,) int64 rows;
     granules (B, 1, S, S) float {0, 1} granule centres, or None.
     """
 
-    image: torch.Tensor
-    mask: torch.Tensor
+    image: torch.Tensor | None
+    mask: torch.Tensor | None
     x: torch.Tensor
     counts: torch.Tensor | None
     library: torch.Tensor
@@ -251,21 +252,23 @@ def stratified_split(
 class _Rows(torch.utils.data.Dataset):
     """Dataset whose items are whole batches (index arrays) of raw tensors."""
 
-    def __init__(self, data: PairedTensors):
+    def __init__(self, data: PairedTensors, images: bool = True):
         self.d = data
+        self.images = images
 
     def __len__(self) -> int:
         return self.d.n
 
     def __getitem__(self, idx) -> dict[str, torch.Tensor]:
-        return raw_batch(self.d, torch.as_tensor(idx, dtype=torch.long))
+        return raw_batch(self.d, torch.as_tensor(idx, dtype=torch.long), self.images)
 
 
-def raw_batch(d: PairedTensors, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Index rows ``idx`` out of the in-memory tensors (still uint8 images)."""
+def raw_batch(d: PairedTensors, idx: torch.Tensor, images: bool = True) -> dict[str, torch.Tensor]:
+    """Index rows ``idx`` out of the in-memory tensors (still uint8 images).
+
+    ``images=False`` leaves crops and masks out (a data set without image rows).
+    """
     out = {
-        "crops": d.crops.index_select(0, idx),
-        "masks": d.masks.index_select(0, idx),
         "x": d.x.index_select(0, idx),
         "library": d.library.index_select(0, idx),
         "has_image": d.has_image.index_select(0, idx),
@@ -273,6 +276,9 @@ def raw_batch(d: PairedTensors, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         "labels": d.labels.index_select(0, idx),
         "index": idx,
     }
+    if images:
+        out["crops"] = d.crops.index_select(0, idx)
+        out["masks"] = d.masks.index_select(0, idx)
     if d.counts is not None:
         out["counts"] = d.counts.index_select(0, idx)
     if d.granules is not None:
@@ -393,27 +399,31 @@ def to_batch(
     """Move a raw batch to ``device``, convert crops to float, optionally augment.
 
     ``augment`` applies the dihedral flips and, when ``stain_jitter`` > 0, the
-    stain/colour jitter of :func:`augment_stain` with that strength.
+    stain/colour jitter of :func:`augment_stain` with that strength. A raw batch
+    without crops (``raw_batch(images=False)``) gives ``image`` and ``mask`` None.
     """
 
     def mv(t: torch.Tensor) -> torch.Tensor:
         return t.to(device, non_blocking=non_blocking)
 
-    img = mv(raw["crops"]).float().div_(255.0)
-    mask = mv(raw["masks"]).float()
-    gran = mv(raw["granules"]).float() if "granules" in raw else None
-    if augment:
-        if generator is None:
-            raise ValueError("augment=True needs a generator")
-        if gran is not None:  # granule centres move with the pixels
-            both, mask = augment_dihedral(torch.cat([img, gran], 1), mask, generator)
-            img, gran = both[:, :3], both[:, 3:]
-        else:
-            img, mask = augment_dihedral(img, mask, generator)
-        img = augment_stain(img, stain_jitter, generator)
+    img = mask = gran = None
+    if "crops" in raw:
+        img = mv(raw["crops"]).float().div_(255.0)
+        mask = mv(raw["masks"]).float()
+        gran = mv(raw["granules"]).float() if "granules" in raw else None
+        if augment:
+            if generator is None:
+                raise ValueError("augment=True needs a generator")
+            if gran is not None:  # granule centres move with the pixels
+                both, mask = augment_dihedral(torch.cat([img, gran], 1), mask, generator)
+                img, gran = both[:, :3], both[:, 3:]
+            else:
+                img, mask = augment_dihedral(img, mask, generator)
+            img = augment_stain(img, stain_jitter, generator)
+        img = img * mask  # background excluded before it reaches anything
     lib = mv(raw["library"])
     return Batch(
-        image=img * mask,  # background excluded before it reaches anything
+        image=img,
         mask=mask,
         x=mv(raw["x"]),
         counts=mv(raw["counts"]) if "counts" in raw else None,
@@ -467,17 +477,21 @@ def iterate(
     batches: list[np.ndarray],
     num_workers: int = 0,
     pin_memory: bool = False,
+    images: bool = True,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield raw batches in order, prefetched by workers when ``num_workers > 0``."""
+    """Yield raw batches in order, prefetched by workers when ``num_workers > 0``.
+
+    ``images=False``: without crops and masks (see :func:`raw_batch`).
+    """
     if num_workers <= 0:
         for b in batches:
-            r = raw_batch(data, torch.as_tensor(b, dtype=torch.long))
+            r = raw_batch(data, torch.as_tensor(b, dtype=torch.long), images)
             if pin_memory:
                 r = {k: v.pin_memory() for k, v in r.items()}
             yield r
         return
     loader = torch.utils.data.DataLoader(
-        _Rows(data),
+        _Rows(data, images),
         batch_size=None,
         sampler=[b.tolist() for b in batches],
         num_workers=num_workers,

@@ -71,7 +71,9 @@ def encode_dataset(
     """Posterior means of ``rows`` (default all) with the model in eval mode.
 
     ``decode=True`` also decodes the joint, image-only and expression-only
-    means and keeps the inputs (``Latents.decoded``), for the analyses.
+    means and keeps the inputs (``Latents.decoded``), for the analyses. Without
+    ``decode``, no CNN runs on a row without an image (none at all when no row of
+    ``rows`` has one).
     """
     was_training = model.training
     model.eval()
@@ -79,17 +81,24 @@ def encode_dataset(
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("j", "lv", "i", "e", "x")}
     dec: dict[str, list[np.ndarray]] = {}
     theta = None
+    images = decode or bool(data.has_image[torch.as_tensor(rows, dtype=torch.long)].any())
     for s in range(0, rows.size, batch_size):
         idx = torch.as_tensor(rows[s : s + batch_size], dtype=torch.long)
-        b = to_batch(raw_batch(data, idx), torch.device(device))
+        b = to_batch(raw_batch(data, idx, images), torch.device(device))
         post = model.encode(b.image, b.x, b.has_image, b.has_expression, b.mask, b.log_library)
         nan_i = (~b.has_image).view(-1, 1)
         nan_e = (~b.has_expression).view(-1, 1)
-        mi = post.image[0].float()
         me = post.expression[0].float()
-        di = model.decode(post.image[0])
-        x_img = di.expression_log.float()
-        nan = torch.tensor(float("nan"), device=mi.device)
+        nan = torch.tensor(float("nan"), device=me.device)
+        if post.image is None:  # no image in these rows: the image latent is NaN throughout
+            mi = torch.full_like(me, float("nan"))
+            di = None
+            x_img = torch.full_like(b.x, float("nan"), dtype=torch.float32)
+        else:
+            mi = post.image[0].float()
+            # expression decoded from the image mean; the image decoder on image rows only
+            di = model.decode(post.image[0], image_rows=None if decode else b.has_image)
+            x_img = di.expression_log.float()
         out["j"].append(post.joint[0].float().cpu().numpy())
         out["lv"].append(post.joint[1].float().cpu().numpy())
         out["i"].append(torch.where(nan_i, nan, mi).cpu().numpy())

@@ -101,11 +101,19 @@ class LossTerms:
 
     def scalars(self) -> dict[str, float]:
         """Every scalar term as a Python float (for logging)."""
-        return {
-            f.name: float(getattr(self, f.name).detach())
-            for f in fields(self)
-            if f.name != "kl_per_dim"
-        }
+        return dict(zip(self.names(), self.vector().tolist()))
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """Names of the scalar terms, in the order of :meth:`vector`."""
+        return [f.name for f in fields(cls) if f.name != "kl_per_dim"]
+
+    def vector(self) -> torch.Tensor:
+        """Every scalar term, detached, in one (T,) tensor on the loss's device.
+
+        The trainer sums these per epoch without a host sync per step.
+        """
+        return torch.stack([getattr(self, n).detach().float() for n in self.names()])
 
 
 # --------------------------------------------------------------------------- pieces
@@ -130,7 +138,9 @@ def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, log_theta: torch.Tensor) -> t
     -------
     (B, G) log P(x | mu, theta).
     """
-    theta = log_theta.exp().expand_as(mu)
+    # terms of theta alone are computed on (G,) and broadcast (same values, B x
+    # fewer lgamma / log calls: lgamma is the costliest op of an expression step)
+    theta = log_theta.exp()
     eps = 1e-8
     log_theta_mu = torch.log(theta + mu + eps)
     return (
@@ -404,8 +414,9 @@ def vae_loss(
     Parameters
     ----------
     out : ForwardOutput from ``TwoBranchVAE.forward``
-    image : (B, 3, S, S) float in [0, 1]
-    mask : (B, 1, S, S) float {0, 1}: image terms score these pixels only
+    image : (B, 3, S, S) float in [0, 1], or None when no row has an image
+        (``out`` then decodes no image: every image term is 0)
+    mask : (B, 1, S, S) float {0, 1}: image terms score these pixels only (or None)
     x_log : (B, G) log-normalised expression
     counts : (B, G) raw counts or None (Gaussian decoder)
     library : (B,) total counts or None
@@ -429,13 +440,18 @@ def vae_loss(
     """
     w = weights or LossWeights()
     post: Posteriors = out.posteriors
-    hi = post.has_image.to(image.dtype)
-    he = post.has_expression.to(image.dtype)
+    ref = image if image is not None else x_log
+    hi = post.has_image.to(ref.dtype)
+    he = post.has_expression.to(ref.dtype)
     paired = hi * he
-    b = image.shape[0]
-    zero = image.new_zeros(())
+    b = ref.shape[0]
+    zero = ref.new_zeros(())
 
-    def img_terms(dec: Decoded, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # a decode or posterior that was skipped (None) is one whose rows are all
+    # weighted 0 here: its terms are exactly 0, as they would be computed
+    def img_terms(dec: Decoded | None, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if dec is None or dec.image is None:
+            return zero, zero, zero, zero
         nll = (
             image_nll(image, dec.image, mask, dec.image_log_scale, image_likelihood) * rows
         ).sum()
@@ -458,7 +474,9 @@ def vae_loss(
             g = zero
         return nll / b, m / b, s / b, f / b, g / b
 
-    def expr_term(dec: Decoded, rows: torch.Tensor) -> torch.Tensor:
+    def expr_term(dec: Decoded | None, rows: torch.Tensor) -> torch.Tensor:
+        if dec is None:
+            return zero
         nll = expression_nll(dec, x_log, counts, library, w.late_mask)
         return (nll * rows).sum() / b
 
@@ -467,7 +485,9 @@ def vae_loss(
             w.image * t[0] + w.mask * t[1] + w.ssim * t[2] + w.spectral * t[3] + w.granules * t[4]
         )
 
-    def kl_of(g: Gaussian, rows: torch.Tensor) -> torch.Tensor:
+    def kl_of(g: Gaussian | None, rows: torch.Tensor) -> torch.Tensor:
+        if g is None:
+            return zero
         return (kl_normal(g).sum(dim=1) * rows).sum() / b
 
     if out.joint is not None:  # PoE: ELBO of the fused posterior on every row
@@ -496,8 +516,10 @@ def vae_loss(
         i_spec = ii[3] + ie[3]
         i_gran = ii[4] + ie[4]
         e_nll = expr_term(out.from_expression, we) + expr_term(out.from_image, he * wi)
-        kl_dims = kl_normal(post.image) * wi.view(-1, 1) + kl_normal(post.expression) * we.view(
-            -1, 1
+        kl_dims = sum(
+            kl_normal(g) * wg.view(-1, 1)
+            for g, wg in ((post.image, wi), (post.expression, we))
+            if g is not None
         )
         kl = kl_dims.sum(dim=1).mean()
         ui = ci = (zero, zero, zero, zero, zero)
@@ -520,11 +542,16 @@ def vae_loss(
         kl_obj = zero
 
     # shared dims used for alignment and the label head; an unknown label is not a class
-    ns = n_shared or (post.image[0].shape[1] if post.image is not None else 0)
+    ns = n_shared or post.joint[0].shape[1]
     known = labels != w.unknown_label if labels is not None else None
 
     align = zero
-    if w.align > 0 and w.align_mode != "none" and post.image is not None:
+    if (
+        w.align > 0
+        and w.align_mode != "none"
+        and post.image is not None
+        and post.expression is not None
+    ):
         mi, me = post.image[0][:, :ns], post.expression[0][:, :ns]
         if w.align_mode == "clip":
             keep = (paired > 0).nonzero().flatten()
@@ -537,9 +564,11 @@ def vae_loss(
 
     classify = zero
     head = out.classifier
-    if w.classify > 0 and head is not None and known is not None and post.image is not None:
+    if w.classify > 0 and head is not None and known is not None:
         parts = []
         for g, has in ((post.image, post.has_image), (post.expression, post.has_expression)):
+            if g is None:
+                continue
             keep = (known & has).nonzero().flatten()
             if keep.numel():
                 parts.append(F.cross_entropy(head(g[0][keep, :ns]), labels[keep]))

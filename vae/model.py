@@ -156,8 +156,8 @@ class Decoded:
 
     Attributes
     ----------
-    image : (B, 3, S, S) float in [0, 1]
-        Mean image.
+    image : (B, 3, S, S) float in [0, 1], or None
+        Mean image (None when the image decoder was skipped: no image to score).
     mask : (B, 1, S, S) probability or None
     mask_logits : (B, 1, S, S) or None
     image_log_scale : () tensor
@@ -205,7 +205,9 @@ class ForwardOutput:
     posteriors (used for unimodal + cross-modal terms on paired rows), with
     ``z_image_mu`` / ``z_expression_mu`` the shared means for alignment. On
     MoE, ``from_image`` / ``from_expression`` are the mixture components and
-    ``joint`` is None.
+    ``joint`` is None. Trained without images (``forward(use_image=False)``),
+    ``posteriors.image`` and ``from_image`` are None, every decoded ``image`` is
+    None and, on PoE, ``from_expression`` is None (no paired row to score).
     """
 
     posteriors: Posteriors
@@ -663,6 +665,7 @@ class TwoBranchVAE(nn.Module):
         image_rows: torch.Tensor | None = None,
         render: bool = False,
         seed: int = 0,
+        use_image: bool = True,
     ) -> Decoded:
         """Decode latent codes.
 
@@ -678,6 +681,8 @@ class TwoBranchVAE(nn.Module):
             drawn from the decoded rate map (:func:`render_granules`, seeded by
             ``seed``) and ``image_mean`` keeps the mean. For figures and
             measurements of decoded cells; the loss always sees the mean.
+        use_image : bool
+            False skips the image decoder (``image``, ``mask`` None).
 
         Returns
         -------
@@ -687,7 +692,10 @@ class TwoBranchVAE(nn.Module):
             the likelihood parameters.
         """
         zi = self.image_part(z)
-        if image_rows is None:
+        rate = od = None
+        if not use_image:
+            img = mask_logits = None
+        elif image_rows is None:
             img, mask_logits, rate, od = self.image_decoder(zi)
         else:
             img, mask_logits, rate, od = _rows_only(self.image_decoder, image_rows, zi)
@@ -710,12 +718,13 @@ class TwoBranchVAE(nn.Module):
     # ---------------------------------------------------------------- training
     def forward(
         self,
-        image: torch.Tensor,
-        mask: torch.Tensor,
+        image: torch.Tensor | None,
+        mask: torch.Tensor | None,
         expression: torch.Tensor,
         has_image: torch.Tensor,
         has_expression: torch.Tensor,
         log_library: torch.Tensor | None = None,
+        use_image: bool = True,
     ) -> ForwardOutput:
         """Encode, sample and decode everything the training loss needs.
 
@@ -726,6 +735,10 @@ class TwoBranchVAE(nn.Module):
         them on an empty sub-batch, so every parameter is in the graph (DDP
         needs no ``find_unused_parameters``).
 
+        ``use_image=False`` (the trainer's choice when no row of the whole data set
+        has an image, its image parameters frozen) skips the image branch
+        entirely: the same loss values, none of the CNN work.
+
         Parameters
         ----------
         image : (B, 3, S, S) float in [0, 1] (zeros where absent)
@@ -734,6 +747,18 @@ class TwoBranchVAE(nn.Module):
         has_image, has_expression : (B,) bool
         log_library : (B,) optional
         """
+        if not use_image:
+            post = self.encode(None, expression, None, has_expression, None, log_library)
+            poe = self.args.fusion == "poe"
+            if not poe:  # the draw the image component would take: same stream after it
+                torch.randn_like(post.joint[0])
+            z = reparameterize(post.joint if poe else post.expression)
+            dec = self.decode(z, use_image=False)
+            # PoE: the fused decode is all there is (no paired row for the unimodal /
+            # cross-modal terms); MoE: the expression component
+            return ForwardOutput(
+                post, dec if poe else None, None, None if poe else dec, self.classifier
+            )
         post = self.encode(image, expression, has_image, has_expression, mask, log_library)
         hi, paired = post.has_image, post.has_image & post.has_expression
         if self.args.fusion == "poe":

@@ -88,16 +88,23 @@ class TBLogger:
             batch.mask,
             batch.log_library,
         )
-        joint = model.decode(post.joint[0], render=True)
-        from_img = model.decode(post.image[0], render=True)
-        from_expr = model.decode(post.expression[0], render=True)
-        m = batch.mask
-        rows = [batch.image, joint.image.float() * m, from_img.image.float() * m]
-        rows.append(from_expr.image.float() * m)
-        grid = torchvision.utils.make_grid(
-            torch.cat(rows).clamp(0, 1).cpu(), nrow=batch.image.shape[0], padding=2, pad_value=1.0
-        )
-        self.writer.add_image(RECON_TAG, grid, epoch)
+        use_image = batch.image is not None
+        joint = model.decode(post.joint[0], render=use_image, use_image=use_image)
+        if use_image:
+            from_img = model.decode(post.image[0], render=True)
+            from_expr = model.decode(post.expression[0], render=True)
+            m = batch.mask
+            rows = [batch.image, joint.image.float() * m, from_img.image.float() * m]
+            rows.append(from_expr.image.float() * m)
+            grid = torchvision.utils.make_grid(
+                torch.cat(rows).clamp(0, 1).cpu(),
+                nrow=batch.image.shape[0],
+                padding=2,
+                pad_value=1.0,
+            )
+            self.writer.add_image(RECON_TAG, grid, epoch)
+        else:  # no image in the data: no reconstruction grid, no image -> expression
+            from_img = joint
         self.writer.add_figure(
             EXPRESSION_TAG,
             self._expression_figure(

@@ -3,7 +3,8 @@
 ``train(model, data, split, args, dist, out_dir)`` runs AdamW with a warm-up +
 cosine learning rate, the KL schedule (β warm-up / capacity annealing),
 gradient clipping, a non-finite-loss stop, early stopping on the validation
-loss, and writes ``last.pt`` (every epoch) and ``model.pt`` (best on val) with
+loss, and writes ``last.pt`` (every ``checkpoint_every_s`` and after the last epoch) and
+``model.pt`` (best on val) with
 everything needed to resume bit-exactly on CPU: optimizer, scheduler, epoch,
 step, RNG states (torch, numpy, python, augmentation generator), early-stopping
 state and the resolved config.
@@ -70,6 +71,9 @@ class TrainArgs:
     log_every_steps: int = 10
     image_every_epochs: int = 1
     n_images: int = 8
+    # last.pt (and a pending model.pt) at most this often, s, and after the last epoch;
+    # 0 = every epoch. An interrupted job loses at most this much training.
+    checkpoint_every_s: float = 30.0
     # testing: return after this many epochs as if the job had been killed
     stop_after_epochs: int | None = None
 
@@ -108,6 +112,19 @@ def active_units(kl_per_dim, threshold: float = ACTIVE_UNIT_NATS) -> int:
     return int((np.asarray(kl_per_dim, dtype=float) > threshold).sum())
 
 
+def _snapshot(obj: Any) -> Any:
+    """Copy of a checkpoint payload that training cannot change: tensors cloned,
+    dicts and lists rebuilt, everything else shared (``copy.deepcopy`` is ~20x slower
+    on a state dict: it pickles every tensor)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
+
+
 def _unwrap(m: torch.nn.Module) -> TwoBranchVAE:
     return m.module if hasattr(m, "module") else m
 
@@ -122,7 +139,10 @@ def forward_loss(
     n_shared: int,
     autocast=None,
 ) -> LossTerms:
-    """One forward pass and all loss terms (loss in fp32 even under autocast)."""
+    """One forward pass and all loss terms (loss in fp32 even under autocast).
+
+    A batch made without images (``batch.image`` None) skips the image branch.
+    """
     import contextlib
 
     with autocast() if autocast is not None else contextlib.nullcontext():
@@ -133,6 +153,7 @@ def forward_loss(
             batch.has_image,
             batch.has_expression,
             batch.log_library,
+            use_image=batch.image is not None,
         )
     return vae_loss(
         out,
@@ -202,9 +223,19 @@ def train(
     gen = torch.Generator().manual_seed(args.seed * 7919 + dist.rank)
 
     core = model
+    # no row of the data set has an image (e.g. pair=expression_only): the image
+    # branch would only ever see empty sub-batches; freeze it (out of the optimizer
+    # and of DDP's gradient sync) and build batches without crops, so no step runs
+    # a convolution, an augmentation or an image term (same loss values)
+    use_image = bool(data.has_image.any())
+    if not use_image:
+        for part in (core.image_encoder, core.image_decoder):
+            part.requires_grad_(False)
+        core.image_log_scale.requires_grad_(False)
+        log.info("no row has an image: image branch frozen and skipped")
     wrapped = dist.wrap(core)
     n_shared = core.args.n_shared
-    if getattr(core.args, "granule_head", False) and data.granules is None:
+    if getattr(core.args, "granule_head", False) and data.granules is None and use_image:
         from vae.data import granule_centres
 
         t_g = time.time()
@@ -215,10 +246,15 @@ def train(
             int(data.granules.sum()),
             time.time() - t_g,
         )
+    # a list, once: clip_grad_norm_ re-walking the module tree each step costs ~1 ms
+    trainable = [p for p in core.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
-        [p for p in core.parameters() if p.requires_grad],
+        trainable,
         lr=args.lr,
         weight_decay=args.weight_decay,
+        # one fused kernel per tensor: the CPU default loops in Python with a host sync
+        # (.item()) per tensor and step
+        fused=True,
     )
     steps_per_epoch = len(
         epoch_batches(
@@ -261,7 +297,9 @@ def train(
 
     # fixed validation batch for the figures (first rows of val, else train)
     fig_rows = (val_idx if val_idx.size else train_idx)[: args.n_images]
-    fig_batch = to_batch(raw_batch(data, torch.as_tensor(fig_rows, dtype=torch.long)), device)
+    fig_batch = to_batch(
+        raw_batch(data, torch.as_tensor(fig_rows, dtype=torch.long), use_image), device
+    )
 
     def payload(kind: str) -> dict[str, Any]:
         return {
@@ -300,6 +338,8 @@ def train(
         enabled=is_main,
         leave=True,
     )
+    best_ck: dict[str, Any] | None = None  # best epoch's checkpoint not yet on disk
+    t_saved = time.time()
     while epoch < args.max_epochs:
         t_ep = time.time()
         wrapped.train()
@@ -312,12 +352,12 @@ def train(
             rank=dist.rank,
             world_size=dist.world_size,
         )
-        sums: dict[str, float] = {}
+        sums: torch.Tensor | None = None  # (T,) on the device: no host sync per step
         n_rows = 0
         data_s = 0.0
         t_data = time.time()
         for raw in bar(
-            iterate(data, batches, args.num_workers, args.pin_memory),
+            iterate(data, batches, args.num_workers, args.pin_memory, use_image),
             desc=f"epoch {epoch + 1}/{args.max_epochs}",
             total=len(batches),
             unit="batch",
@@ -354,7 +394,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             terms.total.backward()
             gnorm = (
-                torch.nn.utils.clip_grad_norm_(core.parameters(), args.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip, foreach=True)
                 if args.grad_clip > 0
                 else torch.tensor(0.0)
             )
@@ -363,11 +403,10 @@ def train(
             step += 1
             bsz = int(batch.x.shape[0])
             n_rows += bsz
-            sc = terms.scalars()
-            for k, v in sc.items():
-                sums[k] = sums.get(k, 0.0) + v * bsz
+            vec = terms.vector().double() * bsz
+            sums = vec if sums is None else sums + vec
             if tb is not None and is_main and step % max(1, args.log_every_steps) == 0:
-                tb.scalars("train", sc, step)
+                tb.scalars("train", terms.scalars(), step)
                 tb.scalars(
                     "schedule",
                     {"beta": beta, "capacity": cap, "lr": sched.get_last_lr()[0]},
@@ -376,7 +415,11 @@ def train(
                 tb.writer.add_scalar("train/grad_norm", float(gnorm), step)
             t_data = time.time()
         epoch += 1
-        train_means = {k: v / max(n_rows, 1) for k, v in sums.items()}
+        train_means = (
+            dict(zip(LossTerms.names(), (sums / max(n_rows, 1)).tolist()))
+            if sums is not None
+            else {}
+        )
 
         # validation at the final β / C so epochs stay comparable during warm-up
         val_means, last_kl = evaluate_loss(
@@ -433,23 +476,33 @@ def train(
                 ):
                     tb.epoch_figures(core, fig_batch, epoch)
                 tb.flush()
-            save_checkpoint(out_dir / "last.pt", payload("last"))
-            if improved:
-                save_checkpoint(out_dir / "model.pt", payload("best"))
+            if improved:  # kept in memory, written with the next last.pt
+                best_ck = _snapshot(payload("best"))
+        stop = None
         if args.early_stopping_patience > 0 and bad_epochs >= args.early_stopping_patience:
-            stopped = "early_stopping"
-            break
-        over = args.max_minutes is not None and (time.time() - t_start) / 60 > args.max_minutes
-        if args.max_minutes is not None and dist.world_size > 1:
-            # every rank must stop after the same epoch, or DDP hangs
-            flag = torch.tensor([float(over)], device=device)
-            over = float(dist.all_reduce_sum(flag)[0]) > 0
-        if over:
-            stopped = "time_limit"
-            log.info("trainer.max_minutes=%s reached after epoch %d", args.max_minutes, epoch)
-            break
-        if args.stop_after_epochs is not None and epoch >= args.stop_after_epochs:
-            stopped = "interrupted"
+            stop = "early_stopping"
+        else:
+            over = args.max_minutes is not None and (time.time() - t_start) / 60 > args.max_minutes
+            if args.max_minutes is not None and dist.world_size > 1:
+                # every rank must stop after the same epoch, or DDP hangs
+                flag = torch.tensor([float(over)], device=device)
+                over = float(dist.all_reduce_sum(flag)[0]) > 0
+            if over:
+                stop = "time_limit"
+                log.info("trainer.max_minutes=%s reached after epoch %d", args.max_minutes, epoch)
+            elif args.stop_after_epochs is not None and epoch >= args.stop_after_epochs:
+                stop = "interrupted"
+        # checkpoints at most every checkpoint_every_s and after the last epoch: a
+        # short epoch would otherwise spend more time in torch.save than in training
+        final = stop is not None or epoch >= args.max_epochs
+        if is_main and (final or time.time() - t_saved >= args.checkpoint_every_s):
+            if best_ck is not None:
+                save_checkpoint(out_dir / "model.pt", best_ck)
+                best_ck = None
+            save_checkpoint(out_dir / "last.pt", payload("last"))
+            t_saved = time.time()
+        if stop is not None:
+            stopped = stop
             break
     ebar.close()
     dist.barrier()
@@ -499,7 +552,7 @@ def evaluate_loss(
     keys: list[str] = []
     kl_sum = None
     n = 0
-    for raw in iterate(data, batches):
+    for raw in iterate(data, batches, images=bool(data.has_image.any())):
         batch = to_batch(raw, dist.device)
         terms = forward_loss(
             model,
@@ -510,10 +563,11 @@ def evaluate_loss(
             n_shared=n_shared,
             autocast=dist.autocast,
         )
-        sc = terms.scalars()
-        keys = list(sc)
+        keys = LossTerms.names()
         bsz = batch.x.shape[0]
-        v = torch.tensor([sc[k] * bsz for k in keys] + [bsz], dtype=torch.float64)
+        v = torch.cat(
+            [terms.vector().double().cpu() * bsz, torch.tensor([bsz], dtype=torch.float64)]
+        )
         sums = v if sums is None else sums + v
         k = terms.kl_per_dim.double().cpu() * bsz
         kl_sum = k if kl_sum is None else kl_sum + k

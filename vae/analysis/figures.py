@@ -119,7 +119,7 @@ def scatter_panel(
 
 
 def strip_with_heatmap(
-    images: np.ndarray,
+    images: np.ndarray | None,
     expression: np.ndarray | None,
     gene_names: Sequence[str],
     step_labels: Sequence[str],
@@ -129,22 +129,28 @@ def strip_with_heatmap(
 
     Parameters
     ----------
-    images : (n, S, S, 3) float [0, 1].
+    images : (n, S, S, 3) float [0, 1], or None (a model trained without images:
+        heatmap only).
     expression : (n, g) decoded log1p expression of the genes shown, or None.
     """
-    n = len(images)
+    n = len(step_labels)
     has_h = expression is not None and expression.shape[1] > 0
+    has_i = images is not None
+    if not (has_h or has_i):
+        raise ValueError("strip_with_heatmap needs images or expression")
     h_rows = max(1.0, 0.22 * len(gene_names)) if has_h else 0
-    fig = plt.figure(figsize=(max(4, 1.1 * n), 1.4 + h_rows + 0.4))
-    gs = fig.add_gridspec(2 if has_h else 1, n, height_ratios=[1.2, h_rows] if has_h else [1])
-    for i in range(n):
+    i_rows = 1.2 if has_i else 0
+    fig = plt.figure(figsize=(max(4, 1.1 * n), i_rows + 0.2 + h_rows + 0.4))
+    ratios = [r for r in (i_rows, h_rows) if r]
+    gs = fig.add_gridspec(len(ratios), n, height_ratios=ratios)
+    for i in range(n if has_i else 0):
         ax = fig.add_subplot(gs[0, i])
         ax.imshow(np.clip(images[i], 0, 1))
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(step_labels[i], fontsize=7)
     if has_h:
-        ax = fig.add_subplot(gs[1, :])
+        ax = fig.add_subplot(gs[len(ratios) - 1, :])
         im = ax.imshow(expression.T, aspect="auto", cmap="magma")
         ax.set_yticks(range(len(gene_names)))
         ax.set_yticklabels(gene_names, fontsize=7)

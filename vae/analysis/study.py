@@ -35,6 +35,7 @@ from vae.analysis.run import (
     tb_scalars,
 )
 from vae.analysis.settings import AnalysisSettings
+from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,10 @@ def traverse_study(
     tables: dict[str, pd.DataFrame] = {}
     summary: dict[str, Any] = {"n_latent": d, "split": a.split}
     steps = Steps("traverse", 5)  # one per section below (terminal only)
+    # a decoder branch no training row ever reached decodes noise: leave its figures out
+    img_ok, expr_ok = trained_modalities(lat)
+    summary["modalities"] = [m for m, ok in (("image", img_ok), ("expression", expr_ok)) if ok]
+    skipped = _skipped_sentence(img_ok, expr_ok)
 
     steps("traversals")
     # ---- per-dimension traversals
@@ -142,28 +147,34 @@ def traverse_study(
     step_lab = [f"{o:+.1f}sd" for o in trs[0].offsets] if trs else []
     for tr in trs:
         fig = F.strip_with_heatmap(
-            show(tr.decoded),
-            tr.decoded.expression[:, gidx],
+            show(tr.decoded) if img_ok else None,
+            tr.decoded.expression[:, gidx] if expr_ok else None,
             gnames,
             step_lab,
             f"z{tr.dim} (KL {kl[tr.dim]:.2f} nats), anchor: {anchor_desc}",
         )
         p = out_files.figure(fig, f"traverse_dim{tr.dim:02d}", f"traverse/dim{tr.dim:02d}")
+        shown = {
+            (True, True): "decoded images (top) and granule-gene expression (heatmap)",
+            (True, False): "decoded images",
+            (False, True): "decoded granule-gene expression (heatmap)",
+        }[(img_ok, expr_ok)]
         figs["dims"].append(
             FigureItem(
                 p,
-                f"Latent dim z{tr.dim} swept from -{a.span_sd} to +{a.span_sd} sd around the {anchor_desc}: decoded images (top) and granule-gene expression (heatmap).",
+                f"Latent dim z{tr.dim} swept from -{a.span_sd} to +{a.span_sd} sd around the {anchor_desc}: {shown}.",
             )
         )
-        feats = measure(tr.decoded.images, tr.decoded.masks, params, bg)
-        prog = T.program_scores(tr.decoded.expression, genes, programs)
+        prog = T.program_scores(tr.decoded.expression, genes, programs) if expr_ok else {}
         row = {"dim": tr.dim, "kl": kl[tr.dim]}
-        for f in G.FEATURES:
-            row[f] = M.correlation_matrix(tr.offsets, feats[f].to_numpy(float))[0, 0]
+        if img_ok:
+            feats = measure(tr.decoded.images, tr.decoded.masks, params, bg)
+            for f in G.FEATURES:
+                row[f] = M.correlation_matrix(tr.offsets, feats[f].to_numpy(float))[0, 0]
         for p_, v in prog.items():
             row[f"program:{p_}"] = M.correlation_matrix(tr.offsets, v)[0, 0]
         dim_rows.append(row)
-    if trs:
+    if trs and img_ok:
         fig = F.image_grid(
             [show(tr.decoded) for tr in trs],
             [f"z{tr.dim}" for tr in trs],
@@ -178,8 +189,9 @@ def traverse_study(
                 f"Summary: each row sweeps one of the {len(trs)} highest-KL latent dims over -{a.span_sd}..+{a.span_sd} sd (decoded images).",
             ),
         )
+    cols = [c for c in (dim_rows[0] if dim_rows else {}) if c not in ("dim", "kl")]
+    if trs and cols:
         tables["dim_feature_correlation"] = pd.DataFrame(dim_rows)
-        cols = [c for c in tables["dim_feature_correlation"].columns if c not in ("dim", "kl")]
         fig = F.heatmap(
             tables["dim_feature_correlation"][cols].to_numpy(float),
             [f"z{r['dim']}" for r in dim_rows],
@@ -190,7 +202,13 @@ def traverse_study(
         figs["granules"].append(
             FigureItem(
                 p,
-                "Spearman correlation between each swept dim's offset and granule/nucleus features measured on the decoded images and program scores of the decoded expression.",
+                "Spearman correlation between each swept dim's offset and "
+                + {
+                    (True, True): "granule/nucleus features measured on the decoded images "
+                    "and program scores of the decoded expression.",
+                    (True, False): "granule/nucleus features measured on the decoded images.",
+                    (False, True): "program scores of the decoded expression.",
+                }[(img_ok, expr_ok)],
             )
         )
 
@@ -222,8 +240,8 @@ def traverse_study(
             dec = T.decode(rd.model, pth.points, a.batch_size, rd.device)
             path_decoded[kind] = dec
             fig = F.strip_with_heatmap(
-                show(dec),
-                dec.expression[:, gidx],
+                show(dec) if img_ok else None,
+                dec.expression[:, gidx] if expr_ok else None,
                 gnames,
                 [f"{s:.2f}" for s in pth.s],
                 f"{kind} path {cents.names[0]} -> {cents.names[-1]}",
@@ -235,17 +253,24 @@ def traverse_study(
                 else "a Gaussian-process path through the class centroids "
                 + " -> ".join(cents.names)
             )
-            figs["path"].append(
-                FigureItem(
-                    p, f"Decoded cells and granule-gene expression along {how} (position 0..1)."
-                )
-            )
-            rank = T.rank_genes(dec.expression, genes, pth.s, annot)
-            out_files.csv(rank, f"gene_ranking_{kind}")
-            tables[f"gene_ranking_{kind}"] = rank
-            feats = measure(dec.images, dec.masks, params, bg)
+            what = {
+                (True, True): "Decoded cells and granule-gene expression",
+                (True, False): "Decoded cells",
+                (False, True): "Decoded granule-gene expression",
+            }[(img_ok, expr_ok)]
+            figs["path"].append(FigureItem(p, f"{what} along {how} (position 0..1)."))
+            if expr_ok:
+                rank = T.rank_genes(dec.expression, genes, pth.s, annot)
+                out_files.csv(rank, f"gene_ranking_{kind}")
+                tables[f"gene_ranking_{kind}"] = rank
+            if img_ok:
+                feats = measure(dec.images, dec.masks, params, bg)
+            else:
+                feats = pd.DataFrame(index=range(len(pth.s)))
             feats.insert(0, "s", pth.s)
-            for p_, v in T.program_scores(dec.expression, genes, programs).items():
+            for p_, v in (
+                T.program_scores(dec.expression, genes, programs) if expr_ok else {}
+            ).items():
                 feats[f"program:{p_}"] = v
             out_files.csv(feats, f"path_features_{kind}")
             tables[f"path_features_{kind}"] = feats
@@ -256,7 +281,7 @@ def traverse_study(
             }
             path_info[kind] = {
                 "position_vs_feature_spearman": corr,
-                "top_genes": rank["gene"].head(a.top_genes).tolist(),
+                "top_genes": rank["gene"].head(a.top_genes).tolist() if expr_ok else [],
             }
             series = {
                 c: minmax(feats[c].to_numpy(float))
@@ -266,6 +291,7 @@ def traverse_study(
                     "nucleus_fraction",
                     *[k for k in feats if k.startswith("program:")],
                 ]
+                if c in feats
             }
             fig = F.line_plot(
                 pth.s, series, "path position", "min-max scaled", f"features along the {kind} path"
@@ -274,7 +300,14 @@ def traverse_study(
             figs["path"].append(
                 FigureItem(
                     p,
-                    f"Granule density, lobes and nucleus share measured on the decoded images, and decoded program scores, along the {kind} path (each scaled to 0..1).",
+                    {
+                        (True, True): "Granule density, lobes and nucleus share measured on "
+                        "the decoded images, and decoded program scores",
+                        (True, False): "Granule density, lobes and nucleus share measured on "
+                        "the decoded images",
+                        (False, True): "Decoded program scores",
+                    }[(img_ok, expr_ok)]
+                    + f", along the {kind} path (each scaled to 0..1).",
                 )
             )
         summary["path"] = path_info
@@ -294,9 +327,10 @@ def traverse_study(
             real.insert(0, "cell", np.asarray(lat.obs_names)[cand])
             zc = Z[cand]
             # granule program scores of the expression decoded from each cell's code
-            dec_c = T.decode(rd.model, zc, a.batch_size, rd.device)
-            for p_, v in T.program_scores(dec_c.expression, genes, programs).items():
-                real[f"program:{p_}"] = v
+            if expr_ok:
+                dec_c = T.decode(rd.model, zc, a.batch_size, rd.device)
+                for p_, v in T.program_scores(dec_c.expression, genes, programs).items():
+                    real[f"program:{p_}"] = v
             fcols = [f for f in G.FEATURES if f in real] + [
                 c for c in real if c.startswith("program:")
             ]
@@ -457,31 +491,36 @@ def traverse_study(
     summary["key_findings"] = key
     sections = [Section("Key findings", text="\n\n".join(key))] if key else []
     sections += _eval_sections(evaluation)
-    text = (
-        f"Top {len(trs)} latent dimensions by KL swept around the {anchor_desc}. "
+    text = f"Top {len(trs)} latent dimensions by KL swept around the {anchor_desc}. " + (
         "Features are measured with scikit-image on the decoded crops (vae/analysis/granules.py)."
+        if img_ok
+        else ""
     )
+    if skipped:
+        sections.insert(0, Section("Modalities", text=skipped))
     sections.append(Section("Per-dimension traversals", text=text, figures=figs["dims"]))
     if path_ok:
-        top = tables["gene_ranking_gp"].head(a.top_genes)
+        ranks = []
+        if expr_ok:
+            ranks = [
+                TableItem(
+                    "Genes ranked along the GP path",
+                    tables["gene_ranking_gp"].head(a.top_genes),
+                    "log2fc: end vs start; spearman: monotonic trend with path position; "
+                    "score = |spearman| x |log2fc|. Full table: gene_ranking_gp.csv",
+                ),
+                TableItem(
+                    "Genes ranked along the straight path",
+                    tables["gene_ranking_straight"].head(a.top_genes),
+                    "Full table: gene_ranking_straight.csv",
+                ),
+            ]
         sections.append(
             Section(
                 "Path from the earliest to the latest class",
                 text=f"Classes in maturation order: {' -> '.join(cents.names)} "
                 f"(rows per class: {', '.join(map(str, cents.counts))}).",
-                tables=[
-                    TableItem(
-                        "Genes ranked along the GP path",
-                        top,
-                        "log2fc: end vs start; spearman: monotonic trend with path position; "
-                        "score = |spearman| x |log2fc|. Full table: gene_ranking_gp.csv",
-                    ),
-                    TableItem(
-                        "Genes ranked along the straight path",
-                        tables["gene_ranking_straight"].head(a.top_genes),
-                        "Full table: gene_ranking_straight.csv",
-                    ),
-                ],
+                tables=ranks,
                 figures=figs["path"],
             )
         )
@@ -542,6 +581,35 @@ def traverse_study(
         report,
     )
     return clean_json(summary)
+
+
+def trained_modalities(lat) -> tuple[bool, bool]:
+    """(image, expression): whether any row of the run's table holds that modality.
+
+    Read from the latent table's ``has_image`` / ``has_expression`` columns (copied
+    from ``paired.h5ad``); a table without them counts as having both.
+    """
+    out = []
+    for col in (HAS_IMAGE, HAS_EXPRESSION):
+        out.append(bool(lat.obs[col].to_numpy().astype(bool).any()) if col in lat.obs else True)
+    return out[0], out[1]
+
+
+def _skipped_sentence(img_ok: bool, expr_ok: bool) -> str:
+    """The report's sentence on a modality the model was never trained on ("" for none)."""
+    if not img_ok:
+        return (
+            "No row of the training table has an image (e.g. pair=expression_only), so the "
+            "image decoder was never trained: decoded images and the granule features "
+            "measured on them are left out of this report."
+        )
+    if not expr_ok:
+        return (
+            "No row of the training table has expression (e.g. pair=image_only), so the "
+            "expression decoder was never trained: decoded expression, gene rankings and "
+            "program scores are left out of this report."
+        )
+    return ""
 
 
 def _key_findings(tables: dict, truth: dict, path_classes: list[str], top: int) -> list[str]:

@@ -1,0 +1,137 @@
+"""A data set without image rows: the image branch is skipped, with the same loss values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.hardware import DistInfo
+from tests.helpers.vae_toy import make_paired
+from vae.data import from_anndata, raw_batch, stratified_split, to_batch
+from vae.losses import LossTerms, LossWeights, vae_loss
+from vae.model import TwoBranchVAE, VAEArgs
+from vae.train import TrainArgs, forward_loss, train
+
+torch.set_num_threads(1)
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+def _expression_only(n: int = 24):
+    a = make_paired(0, expression_only=n)
+    return from_anndata(a)
+
+
+def _model(fusion: str, n_private: int, dropout: float = 0.0) -> TwoBranchVAE:
+    torch.manual_seed(0)
+    args = VAEArgs(
+        n_genes=12,
+        crop_size=16,
+        n_shared=4,
+        n_private=n_private,
+        channels=[8, 16],
+        hidden=[16],
+        dropout=dropout,
+        fusion=fusion,
+        n_classes=3,
+    )
+    return TwoBranchVAE(args)
+
+
+@pytest.mark.parametrize("fusion", ["poe", "moe"])
+@pytest.mark.parametrize("n_private", [0, 2])
+def test_skipping_the_image_branch_gives_the_same_loss_terms(fusion, n_private):
+    d = _expression_only()
+    idx = torch.arange(d.n)
+    full = to_batch(raw_batch(d, idx), torch.device("cpu"))
+    lean = to_batch(raw_batch(d, idx, images=False), torch.device("cpu"))
+    assert full.image is not None and lean.image is None and lean.mask is None
+    model = _model(fusion, n_private)
+    model.train()
+    args = TrainArgs(weights=LossWeights(classify=1.0, align=1.0, align_mode="class"))
+    terms = []
+    for b in (full, lean):
+        torch.manual_seed(7)  # the same reparameterisation draws
+        terms.append(forward_loss(model, b, beta=0.7, capacity=0.0, args=args, n_shared=4))
+    a, b = (t.scalars() for t in terms)
+    assert set(a) == set(LossTerms.names())
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-6), k
+    assert a["expression"] > 0 and a["kl"] > 0 and a["classify"] > 0
+    assert torch.allclose(terms[0].kl_per_dim, terms[1].kl_per_dim, atol=1e-6)
+    # both paths give gradients to the expression branch alike
+    grads = []
+    for b_ in (full, lean):
+        model.zero_grad()
+        torch.manual_seed(7)
+        forward_loss(model, b_, beta=0.7, capacity=0.0, args=args, n_shared=4).total.backward()
+        grads.append(
+            {
+                n: p.grad.clone()
+                for n, p in model.named_parameters()
+                if n.startswith("expression_") and p.grad is not None
+            }
+        )
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_vae_loss_without_image_tensors_scores_no_image_term():
+    d = _expression_only(8)
+    lean = to_batch(raw_batch(d, torch.arange(d.n), images=False), torch.device("cpu"))
+    model = _model("poe", 2)
+    out = model(
+        None, None, lean.x, lean.has_image, lean.has_expression, lean.log_library, use_image=False
+    )
+    assert out.posteriors.image is None and out.from_image is None and out.joint.image is None
+    t = vae_loss(out, None, None, lean.x, lean.counts, lean.library, beta=1.0, n_shared=4)
+    for k in ("image", "mask", "image_unimodal", "image_from_expression", "kl_unimodal"):
+        assert float(getattr(t, k)) == 0.0, k
+    assert torch.isfinite(t.total) and float(t.expression) > 0
+
+
+def test_train_on_expression_only_data_freezes_and_never_runs_the_image_branch(tmp_path):
+    d = _expression_only(30)
+    split = stratified_split(d.labels.numpy(), 0.2, 0.0, 0)
+    model = _model("poe", 2, dropout=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = {"encoder": 0, "decoder": 0}
+    model.image_encoder.register_forward_hook(lambda *a: calls.__setitem__("encoder", 1))
+    model.image_decoder.register_forward_hook(lambda *a: calls.__setitem__("decoder", 1))
+    args = TrainArgs(max_epochs=3, batch_size=8, kl_warmup_epochs=1, image_every_epochs=0)
+    res = train(model, d, split, args, CPU, tmp_path)
+    assert res.epochs == 3 and np.isfinite(res.best_val)
+    assert calls == {"encoder": 0, "decoder": 0}
+    for n, p in model.named_parameters():
+        if n.startswith(("image_",)):
+            assert not p.requires_grad and torch.equal(p, before[n]), n
+        elif n.startswith("expression_"):
+            assert p.requires_grad
+    assert any(
+        not torch.equal(p, before[n])
+        for n, p in model.named_parameters()
+        if n.startswith("expression_encoder")
+    )
+    # the checkpoints hold the whole model (downstream stages decode images from it)
+    ck = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert set(ck["model"]) == set(model.state_dict())
+    assert (tmp_path / "last.pt").exists()
+
+
+def test_encode_dataset_of_expression_only_rows_runs_no_cnn():
+    from vae.infer import encode_dataset
+
+    d = _expression_only(20)
+    model = _model("poe", 2)
+    ran = []
+    model.image_encoder.register_forward_hook(lambda *a: ran.append("encoder"))
+    model.image_decoder.register_forward_hook(lambda *a: ran.append("decoder"))
+    lat = encode_dataset(model, d, batch_size=8)
+    assert ran == []
+    assert np.isnan(lat.image).all() and np.isnan(lat.expression_from_image).all()
+    assert np.isfinite(lat.joint).all() and np.isfinite(lat.expression).all()
+    # the same joint and expression latents as the path that carries the (empty) crops
+    full = encode_dataset(model, d, batch_size=8, decode=True)  # carries the empty crops
+    np.testing.assert_allclose(lat.joint, full.joint, atol=1e-6)
+    np.testing.assert_allclose(lat.expression, full.expression, atol=1e-6)
