@@ -17,6 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from pipeline.config_embed import EmbedConfig
 from pipeline.config_sources import SegmentSourceConfig
 from pipeline.config_vae import TrainerConfig, VAEConfig
 from pipeline.simulator.dataset import SimulatorParams
@@ -313,6 +314,7 @@ class Config:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     experiment: str = "demo"
     # sub-folder inside each stage folder; set automatically for -m sweeps
     variant: str = ""
@@ -337,6 +339,7 @@ def register_configs() -> None:
         "analysis": AnalysisConfig,
         "hardware": HardwareConfig,
         "paths": PathsConfig,
+        "embed": EmbedConfig,
     }
     for group, node in groups.items():
         cs.store(group=group, name=f"base_{group}", node=node)

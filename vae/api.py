@@ -242,7 +242,14 @@ class Study:
         return str(self.analysis.get("label_key", "label"))
 
     # ---------------------------------------------------------------- inputs
-    def read(self, path: str | Path, kind: str = "auto", background: int | None = None):
+    def read(
+        self,
+        path: str | Path,
+        kind: str = "auto",
+        background: int | None = None,
+        segment_settings: Any = None,
+        detector_kwargs: dict | None = None,
+    ):
         """Read one input into an AnnData (``(adata, rejects)`` for folders: see below).
 
         Parameters
@@ -251,6 +258,9 @@ class Study:
             file (10x, CSV/TSV...), a folder of crops or of smears
         kind : ``auto`` (h5ad / expression file by suffix, folders as crops),
             ``h5ad``, ``expression``, ``crops``, ``smears``
+        background : pixel value outside the mask (default: the study's ``pair.background_value``)
+        segment_settings, detector_kwargs : for ``smears``
+            (:func:`vae.inputs.query.segment_smear_folder`)
 
         Returns
         -------
@@ -292,7 +302,9 @@ class Study:
                     f"(give segmentation_model=)"
                 )
             try:
-                a, rej = Q.segment_smear_folder(p, self.segmentation_model, device=self.device)
+                a, rej = Q.segment_smear_folder(
+                    p, self.segmentation_model, segment_settings, self.device, detector_kwargs
+                )
             except RuntimeError as e:
                 raise StudyError(str(e)) from e
         else:
