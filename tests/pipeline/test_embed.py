@@ -186,3 +186,29 @@ def test_sample_profile_definitions():
     assert np.isnan(prof.loc["b", "left_shift_index"])
     assert prof.loc["a", "hist_09"] == pytest.approx(2 / 8)
     assert prof.loc["a", "n_segmented_neutrophil"] == 2 and prof.loc["b", "n_cells"] == 1
+
+
+def test_smears_go_through_segment_and_empty_ones_are_rejects(study: Path, tmp_path: Path):
+    """Smear sub-folders run through the segment code; images without cells are rejects."""
+    import torch
+
+    from segmentation.model import build_maskrcnn, save_checkpoint
+
+    torch.manual_seed(0)
+    args = {"arch": "resnet18_fpn", "min_size": 128, "max_size": 128}
+    save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args)
+    for sample in ("s1", "s2"):
+        (tmp_path / "smears" / sample).mkdir(parents=True)
+        img = np.full((96, 128, 3), (230, 200, 200), np.uint8)
+        Image.fromarray(img).save(tmp_path / "smears" / sample / f"{sample}.png")
+    (tmp_path / "smears" / "s2" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    _write_crops(tmp_path / "crops", paired, {"pat1": [0, 1]}, 16)
+    # score_threshold=1: the (untrained) detector keeps nothing, so both smears are skipped
+    d = _embed(study, "sm", f"embed.smears={tmp_path / 'smears'}", f"embed.crops={tmp_path / 'crops'}",
+               f"paths.inputs.segmentation_model={tmp_path / 'det.pt'}",
+               "segmentation.score_threshold=1.0")
+    rej = pd.read_csv(d / "rejects.csv")
+    items = set(rej["item"].map(lambda s: Path(s).name))
+    assert {"s1.png", "s2.png", "bad.jpg", "broken.png"} <= items
+    assert ad.read_h5ad(d / "query.h5ad").n_obs == 2
