@@ -276,7 +276,11 @@ class Study:
             raise StudyError(f"{p}: no such file or folder")
         if kind == "auto":
             kind = "crops" if p.is_dir() else ("h5ad" if p.suffix == ".h5ad" else "expression")
-        bg = int((self.config.get("pair") or {}).get("background_value", 0) if background is None else background)
+        bg = int(
+            (self.config.get("pair") or {}).get("background_value", 0)
+            if background is None
+            else background
+        )
         if kind == "h5ad":
             try:
                 a = ad.read_h5ad(p)
@@ -383,7 +387,9 @@ class Study:
             masks = np.ones(crops.shape[:3], bool)
         side = crops.shape[1]
         if side < 8:
-            raise StudyError(f"{source}: obsm['crops'] are {side} px; the model needs cells of >= 8 px")
+            raise StudyError(
+                f"{source}: obsm['crops'] are {side} px; the model needs cells of >= 8 px"
+            )
         if side not in (self.pair_crop_size, self.crop_size):
             # as stage=pair does for cells.h5ad: resize the whole crop, keep the framing
             bg = int((self.config.get("pair") or {}).get("background_value", 0))

@@ -65,8 +65,11 @@ def load_study(ctx: StageContext):
         if not seg and ctx.has_input("segmentation_model"):
             seg = ctx.input("segmentation_model")
         return Study.load(
-            ctx.run_dir, model=ctx.input("model"), latent=ctx.input("latent"),
-            variant=cfg.variant, segmentation_model=seg,
+            ctx.run_dir,
+            model=ctx.input("model"),
+            latent=ctx.input("latent"),
+            variant=cfg.variant,
+            segmentation_model=seg,
         )
     except StudyError as e:
         raise StageError(str(e)) from e
@@ -102,9 +105,10 @@ def _read_mapping(cfg) -> pd.DataFrame | None:
     return m
 
 
-@stage("embed", needs=_needs, optional=["segmentation_model"], produces=["query"], validate=_validate)
+@stage(
+    "embed", needs=_needs, optional=["segmentation_model"], produces=["query"], validate=_validate
+)
 def run_embed(ctx: StageContext) -> None:
-    import anndata as ad
 
     from vae.analysis.samples import sample_profile, write_samples_html
     from vae.api import StudyError
@@ -116,7 +120,10 @@ def run_embed(ctx: StageContext) -> None:
     mapping = _read_mapping(cfg)
     log.info(
         "study: %s (%d reference cells, %d genes, %d px crops)",
-        study.model_path, study.reference.n_obs, len(study.gene_names), study.crop_size,
+        study.model_path,
+        study.reference.n_obs,
+        len(study.gene_names),
+        study.crop_size,
     )
     parts, rejects, genes = [], [], {}
     for kind, p in _inputs(cfg):
@@ -141,9 +148,13 @@ def run_embed(ctx: StageContext) -> None:
                 f"embed.max_missing_genes={cfg.embed.max_missing_genes} of them are missing"
             )
         if rep and rep["missing"]:
-            log.warning("%s: %d model genes missing: %s", setting, len(rep["missing"]), rep["missing"][:10])
+            log.warning(
+                "%s: %d model genes missing: %s", setting, len(rep["missing"]), rep["missing"][:10]
+            )
         for cid in q.uns.get("dropped", []):
-            rejects.append({"input": setting, "item": cid, "reason": "neither image nor expression"})
+            rejects.append(
+                {"input": setting, "item": cid, "reason": "neither image nor expression"}
+            )
         q.obs["vae_input"] = kind
         q.obs["vae_sample"] = _samples(q, kind, path, cfg, mapping)
         for k in ("genes", "dropped", "rejects"):
@@ -162,8 +173,13 @@ def run_embed(ctx: StageContext) -> None:
         prof.to_csv(tmp, index=False)
     with ctx.atomic("samples.html") as tmp:
         write_samples_html(
-            tmp, prof, out.obs, crops, int(cfg.embed.examples_per_call),
-            title=f"Per-sample maturation profile ({cfg.experiment})", seed=int(cfg.seed),
+            tmp,
+            prof,
+            out.obs,
+            crops,
+            int(cfg.embed.examples_per_call),
+            title=f"Per-sample maturation profile ({cfg.experiment})",
+            seed=int(cfg.seed),
         )
     write_json(
         ctx.output("summary.json"),

@@ -32,16 +32,26 @@ def study(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("study")
     make_paired(48, image_only=6, expression_only=6).write_h5ad(tmp / "paired.h5ad")
     p = run_pipeline(
-        ["stage=train", f"paths.root={tmp / 'out'}", "experiment=s",
-         f"paths.inputs.paired={tmp / 'paired.h5ad'}", *TINY]
+        [
+            "stage=train",
+            f"paths.root={tmp / 'out'}",
+            "experiment=s",
+            f"paths.inputs.paired={tmp / 'paired.h5ad'}",
+            *TINY,
+        ]
     )
     assert p.returncode == 0, p.stderr[-3000:]
     return tmp
 
 
 def _args(study: Path, exp: str, *args: str) -> list[str]:
-    return [f"paths.root={study / 'out'}", f"experiment={exp}",
-            f"embed.study={study / 'out' / 's'}", "hardware.torch_threads=1", *args]
+    return [
+        f"paths.root={study / 'out'}",
+        f"experiment={exp}",
+        f"embed.study={study / 'out' / 's'}",
+        "hardware.torch_threads=1",
+        *args,
+    ]
 
 
 def _embed(study: Path, exp: str, *args: str) -> Path:
@@ -62,8 +72,9 @@ def test_round_trip_reproduces_latent(study: Path):
         assert np.nanmax(np.abs(a - b)) < 1e-5, k
     # the user's obs columns come back untouched, the study's readings beside them
     for c in paired.obs.columns:
-        pd.testing.assert_series_equal(q.obs[c], paired.obs[c], check_categorical=False,
-                                       check_index=False, check_names=False)
+        pd.testing.assert_series_equal(
+            q.obs[c], paired.obs[c], check_categorical=False, check_index=False, check_names=False
+        )
     assert (q.obs["vae_label"].astype(str) == paired.obs["label"].to_numpy()).mean() > 0.5
     assert q.obs["vae_label_confidence"].between(0, 1).all()
     assert q.obs["vae_maturation"].between(0, 1).all()
@@ -78,7 +89,9 @@ def _write_crops(folder: Path, paired: ad.AnnData, rows: dict[str, list[int]], s
         (folder / sample).mkdir(parents=True)
         for i in idx:
             c = paired.obsm["crops"][i]
-            Image.fromarray(c).resize((size, size), Image.BILINEAR).save(folder / sample / f"c{i}.png")
+            Image.fromarray(c).resize((size, size), Image.BILINEAR).save(
+                folder / sample / f"c{i}.png"
+            )
     (folder / "pat1" / "broken.png").write_bytes(b"not a png")
 
 
@@ -118,10 +131,14 @@ def test_crops_and_expression_with_samples(study: Path):
 
 def test_bad_inputs_fail_clearly_and_write_nothing(study: Path, tmp_path: Path):
     paired = ad.read_h5ad(study / "paired.h5ad")
-    few = ad.AnnData(X=paired.layers["counts"][:10, :3], var=pd.DataFrame(index=paired.var_names[:3]))
+    few = ad.AnnData(
+        X=paired.layers["counts"][:10, :3], var=pd.DataFrame(index=paired.var_names[:3])
+    )
     few.write_h5ad(tmp_path / "few.h5ad")
     # the command line: exit 2, one message naming the field and the setting, no traceback
-    p = run_pipeline(["stage=embed", *_args(study, "bad", f"embed.expression={tmp_path / 'few.h5ad'}")])
+    p = run_pipeline(
+        ["stage=embed", *_args(study, "bad", f"embed.expression={tmp_path / 'few.h5ad'}")]
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "var_names" in p.stderr and "embed.max_missing_genes" in p.stderr
     assert not (study / "out" / "bad" / "embed" / "query.h5ad").exists()
@@ -131,9 +148,14 @@ def test_bad_inputs_fail_clearly_and_write_nothing(study: Path, tmp_path: Path):
         _embed(study, "bad2", f"embed.expression={tmp_path / 'none.h5ad'}")
     (tmp_path / "broken.pt").write_bytes(b"garbage")
     with pytest.raises(StageError, match="broken.pt"):
-        _embed(study, "bad3", f"embed.h5ad={study / 'paired.h5ad'}", "embed.study=null",
-               f"paths.inputs.model={tmp_path / 'broken.pt'}",
-               f"paths.inputs.latent={study / 'out/s/train/latent.h5ad'}")
+        _embed(
+            study,
+            "bad3",
+            f"embed.h5ad={study / 'paired.h5ad'}",
+            "embed.study=null",
+            f"paths.inputs.model={tmp_path / 'broken.pt'}",
+            f"paths.inputs.latent={study / 'out/s/train/latent.h5ad'}",
+        )
     assert not (study / "out" / "bad3" / "embed" / "query.h5ad").exists()
     with pytest.raises(StageError, match="at least one input"):
         _embed(study, "bad4")
@@ -142,9 +164,14 @@ def test_bad_inputs_fail_clearly_and_write_nothing(study: Path, tmp_path: Path):
     other.obsm["X_vae"] = np.zeros((other.n_obs, 7), np.float32)
     other.write_h5ad(tmp_path / "other.h5ad")
     with pytest.raises(StageError, match="another study"):
-        _embed(study, "bad5", f"embed.h5ad={study / 'paired.h5ad'}", "embed.study=null",
-               f"paths.inputs.model={study / 'out/s/train/model.pt'}",
-               f"paths.inputs.latent={tmp_path / 'other.h5ad'}")
+        _embed(
+            study,
+            "bad5",
+            f"embed.h5ad={study / 'paired.h5ad'}",
+            "embed.study=null",
+            f"paths.inputs.model={study / 'out/s/train/model.pt'}",
+            f"paths.inputs.latent={tmp_path / 'other.h5ad'}",
+        )
 
 
 def test_api_genes_by_name_path_and_decode(study: Path):
@@ -176,10 +203,23 @@ def test_api_genes_by_name_path_and_decode(study: Path):
 def test_sample_profile_definitions():
     from vae.analysis.samples import sample_profile
 
-    lab = ["myeloblast", "promyelocyte", "myelocyte", "metamyelocyte", "band",
-           "segmented_neutrophil", "segmented_neutrophil", "lymphocyte"]
-    obs = pd.DataFrame({"vae_sample": ["a"] * 8 + ["b"], "vae_label": [*lab, "lymphocyte"],
-                        "vae_maturation": [0.05, 0.15, 0.35, 0.55, 0.75, 0.95, 0.95, 0.5, 0.5]})
+    lab = [
+        "myeloblast",
+        "promyelocyte",
+        "myelocyte",
+        "metamyelocyte",
+        "band",
+        "segmented_neutrophil",
+        "segmented_neutrophil",
+        "lymphocyte",
+    ]
+    obs = pd.DataFrame(
+        {
+            "vae_sample": ["a"] * 8 + ["b"],
+            "vae_label": [*lab, "lymphocyte"],
+            "vae_maturation": [0.05, 0.15, 0.35, 0.55, 0.75, 0.95, 0.95, 0.5, 0.5],
+        }
+    )
     prof = sample_profile(obs, bins=10).set_index("sample")
     assert prof.loc["a", "ig_fraction"] == pytest.approx(3 / 8)
     assert prof.loc["a", "left_shift_index"] == pytest.approx(5 / 7)
@@ -205,9 +245,14 @@ def test_smears_go_through_segment_and_empty_ones_are_rejects(study: Path, tmp_p
     paired = ad.read_h5ad(study / "paired.h5ad")
     _write_crops(tmp_path / "crops", paired, {"pat1": [0, 1]}, 16)
     # score_threshold=1: the (untrained) detector keeps nothing, so both smears are skipped
-    d = _embed(study, "sm", f"embed.smears={tmp_path / 'smears'}", f"embed.crops={tmp_path / 'crops'}",
-               f"paths.inputs.segmentation_model={tmp_path / 'det.pt'}",
-               "segmentation.score_threshold=1.0")
+    d = _embed(
+        study,
+        "sm",
+        f"embed.smears={tmp_path / 'smears'}",
+        f"embed.crops={tmp_path / 'crops'}",
+        f"paths.inputs.segmentation_model={tmp_path / 'det.pt'}",
+        "segmentation.score_threshold=1.0",
+    )
     rej = pd.read_csv(d / "rejects.csv")
     items = set(rej["item"].map(lambda s: Path(s).name))
     assert {"s1.png", "s2.png", "bad.jpg", "broken.png"} <= items

@@ -32,7 +32,9 @@ IMMATURE_GRANULOCYTES = ("promyelocyte", "myelocyte", "metamyelocyte")
 LEFT_SHIFTED = ("myeloblast", "promyelocyte", "myelocyte", "metamyelocyte", "band")
 
 
-def sample_profile(obs: pd.DataFrame, sample_key: str = "vae_sample", bins: int = 10) -> pd.DataFrame:
+def sample_profile(
+    obs: pd.DataFrame, sample_key: str = "vae_sample", bins: int = 10
+) -> pd.DataFrame:
     """One row per sample: counts, fractions, IG fraction, left-shift index, histogram.
 
     Parameters
@@ -53,7 +55,9 @@ def sample_profile(obs: pd.DataFrame, sample_key: str = "vae_sample", bins: int 
         row["ig_fraction"] = float(lab.isin(IMMATURE_GRANULOCYTES).sum() / n) if n else np.nan
         lineage = int(lab.isin(MATURATION_ORDER).sum())
         row["n_neutrophil_lineage"] = lineage
-        row["left_shift_index"] = float(lab.isin(LEFT_SHIFTED).sum() / lineage) if lineage else np.nan
+        row["left_shift_index"] = (
+            float(lab.isin(LEFT_SHIFTED).sum() / lineage) if lineage else np.nan
+        )
         pos = pd.to_numeric(g["vae_maturation"], errors="coerce").to_numpy(float)
         pos = pos[np.isfinite(pos)]
         row["maturation_mean"] = float(pos.mean()) if pos.size else np.nan
@@ -125,7 +129,9 @@ def write_samples_html(
         cells = []
         for c in main:
             v = r[c]
-            cells.append(f"<td>{v:.3f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>")
+            cells.append(
+                f"<td>{v:.3f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
+            )
         cells.append(f"<td>{_hist_svg(r[hist_cols].to_numpy(float))}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
     parts.append("</table><h2>Differential count</h2>")
@@ -148,7 +154,9 @@ def write_samples_html(
                 f'confidence {conf[i]:.2f}">'
                 for i in idx
             )
-            parts.append(f"<h3>{html.escape(c)} ({int((img_rows & (lab == c)).sum())} cells)</h3>{imgs}")
+            parts.append(
+                f"<h3>{html.escape(c)} ({int((img_rows & (lab == c)).sum())} cells)</h3>{imgs}"
+            )
     parts.append("</body></html>")
     with open(path, "w") as f:
         f.write("\n".join(parts))
