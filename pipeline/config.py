@@ -195,6 +195,9 @@ class SegmentationConfig:
     log_every: int = 10  # iterations between log lines
     # --- stage=segment: tiled inference (docs/segmentation_infer.md) ---
     input_scale: float = 1.0  # source image resized by this before tiling (cell px as trained)
+    # smear sources with no scale (scale null, width not listed), and stage=embed's smears:
+    # measure the scale per image from the red-cell diameter (segmentation/magnification.py)
+    estimate_scale: bool = False
     tile_size: int = 1024  # square tile side, px at input_scale; fed to the net unresized
     tile_overlap: int = 256  # px; keep above the largest cell diameter
     batch_size: int = 4  # tiles per forward pass

@@ -249,6 +249,7 @@ class Study:
         background: int | None = None,
         segment_settings: Any = None,
         detector_kwargs: dict | None = None,
+        estimate_cell_px: float | None = None,
     ):
         """Read one input into an AnnData (``(adata, rejects)`` for folders: see below).
 
@@ -259,8 +260,9 @@ class Study:
         kind : ``auto`` (h5ad / expression file by suffix, folders as crops),
             ``h5ad``, ``expression``, ``crops``, ``smears``
         background : pixel value outside the mask (default: the study's ``pair.background_value``)
-        segment_settings, detector_kwargs : for ``smears``
-            (:func:`vae.inputs.query.segment_smear_folder`)
+        segment_settings, detector_kwargs, estimate_cell_px : for ``smears``
+            (:func:`vae.inputs.query.segment_smear_folder`; ``estimate_cell_px``
+            measures each image's magnification from its red cells)
 
         Returns
         -------
@@ -307,7 +309,12 @@ class Study:
                 )
             try:
                 a, rej = Q.segment_smear_folder(
-                    p, self.segmentation_model, segment_settings, self.device, detector_kwargs
+                    p,
+                    self.segmentation_model,
+                    segment_settings,
+                    self.device,
+                    detector_kwargs,
+                    estimate_cell_px,
                 )
             except RuntimeError as e:
                 raise StudyError(str(e)) from e

@@ -214,6 +214,7 @@ def _segment_args(cfg, kind: str) -> dict:
             "max_detections": int(sc.max_detections_per_tile),
             "rpn_post_nms_top_n": int(sc.rpn_post_nms_top_n),
         },
+        "estimate_cell_px": float(sc.cell_px) if sc.estimate_scale else None,
     }
 
 

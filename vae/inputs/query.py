@@ -9,6 +9,7 @@ the folder get the folder's own name).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import pandas as pd
 from segmentation.io import IMAGE_SUFFIXES
 
 REJECT_COLUMNS = ["input", "item", "reason"]
+
+log = logging.getLogger(__name__)
 
 
 def sample_images(folder: str | Path) -> list[tuple[str, Path]]:
@@ -82,6 +85,7 @@ def segment_smear_folder(
     settings: Any = None,
     device: str = "cpu",
     detector_kwargs: dict | None = None,
+    estimate_cell_px: float | None = None,
 ):
     """Detect and crop the white cells of every smear image -> ``(AnnData, rejects)``.
 
@@ -96,12 +100,19 @@ def segment_smear_folder(
         with the scale the detector was trained at (checkpoint ``input_scale``)
     device : torch device
     detector_kwargs : extra arguments of ``MaskRCNNDetector``
+    estimate_cell_px : when given, each image's scale is measured from its red
+        cells (:func:`segmentation.magnification.estimate_scale`, white cells to
+        this many px) instead of ``settings.input_scale``; the scales used are in
+        ``uns["input_scales"]`` (image -> scale)
     """
+    from dataclasses import replace
+
     import anndata as ad
 
     from segmentation.cells import SegmentSettings, segment_images
     from segmentation.inference import MaskRCNNDetector
     from segmentation.io import read_rgb
+    from segmentation.magnification import estimate_scale
     from segmentation.model import load_checkpoint
     from segmentation.table import obs_frame
 
@@ -110,14 +121,20 @@ def segment_smear_folder(
         settings = SegmentSettings(input_scale=float(ckpt.get("input_scale") or 1.0))
     det = MaskRCNNDetector(model, device, **(detector_kwargs or {}))
     folder = Path(folder)
-    frames, crops, masks, rejects = [], [], [], []
+    frames, crops, masks, rejects, scales = [], [], [], [], {}
     for sample, p in sample_images(folder):
         rd = read_rgb(p)
         if not rd.ok:
             rejects.append({"input": str(folder), "item": str(p), "reason": rd.reason})
             continue
         prefix = f"{sample}/{p.stem}"
-        cells = segment_images(det, [rd.image], [p.name], settings, id_prefixes=[prefix])[0]
+        s_img = settings
+        if estimate_cell_px is not None:
+            est = estimate_scale(rd.image, estimate_cell_px, fallback=settings.input_scale)
+            log.info("scale estimate %s: %s", p.name, est)
+            s_img = replace(settings, input_scale=est.scale)
+        scales[prefix] = float(s_img.input_scale)
+        cells = segment_images(det, [rd.image], [p.name], s_img, id_prefixes=[prefix])[0]
         tab = cells.table
         kept = tab[tab["kept"]].copy()
         if not len(kept):
@@ -135,5 +152,5 @@ def segment_smear_folder(
     a = ad.AnnData(obs=obs)
     a.obsm["crops"] = np.concatenate(crops) if crops else np.zeros((0, s, s, 3), np.uint8)
     a.obsm["masks"] = np.concatenate(masks) if masks else np.zeros((0, s, s), bool)
-    a.uns["input_scale"] = float(settings.input_scale)
+    a.uns["input_scales"] = scales
     return a, rejects
