@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# median white-cell box side / red-cell diameter as measured by red_cell_diameter,
-# calibrated on TXL-PBC *train* (scripts/eval_scale_estimate.py --calibrate): white
-# boxes of all types, so it mixes lymphocytes (~1.2 red cells) and neutrophils (~1.7)
-WBC_PER_RBC = 2.0
+# median over images of (median ground-truth white-cell box side / red_cell_diameter),
+# measured on every 8th TXL-PBC *train* image with white cells (126 images; docs/embed.md,
+# "Automatic magnification"). White boxes of every type, so it is an average white cell.
+WBC_PER_RBC = 2.31
 
 
 @dataclass
@@ -43,11 +43,12 @@ def red_cell_diameter(
     Method: the green channel (haemoglobin absorbs green; white-cell nuclei
     too, but they are few) is smoothed and thresholded with Otsu, so cells are
     foreground and the plasma is not; holes (the central pallor of red cells)
-    are filled. Connected components that are convex (solidity >=
-    ``min_solidity``: single cells, not clumps of touching ones) and do not
-    touch the border are single cells; the median of their equivalent
-    diameters is the answer (red cells outnumber white cells and platelets are
-    removed as specks).
+    are filled. Touching cells are split by a watershed of the distance
+    transform from its h-maxima (h = 1 px: one marker per cell centre).
+    Segments that are convex (solidity >= ``min_solidity``: single cells, not
+    unsplit clumps) and do not touch the border count; the median of their
+    equivalent diameters is the answer (red cells outnumber white cells, and
+    platelets fall below the minimum area).
 
     Parameters
     ----------
@@ -62,14 +63,17 @@ def red_cell_diameter(
     from scipy import ndimage as ndi
     from skimage.filters import gaussian, threshold_otsu
     from skimage.measure import label, regionprops
-    from skimage.segmentation import clear_border
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import clear_border, watershed
 
     g = image[..., 1] if image.ndim == 3 else image
     g = gaussian(g.astype(np.float32) / 255.0, sigma=1.0)
     if np.ptp(g) < 0.05:
         return float("nan"), 0
     fg = ndi.binary_fill_holes(g < threshold_otsu(g))
-    lab = clear_border(label(fg))
+    dist = ndi.distance_transform_edt(fg)
+    markers = label(h_maxima(gaussian(dist, sigma=1.0), 1.0))
+    lab = clear_border(watershed(-dist, markers, mask=fg))
     # specks (platelets, debris): below 1/5000 of the image (8x8 px in 640x480)
     min_area = max(30, fg.size // 5000)
     d = [
