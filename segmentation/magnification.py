@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# median over images of (median ground-truth white-cell box side / red_cell_diameter),
-# measured on every 8th TXL-PBC *train* image with white cells (126 images; docs/embed.md,
-# "Automatic magnification"). White boxes of every type, so it is an average white cell.
-WBC_PER_RBC = 2.31
+# median over images of (median ground-truth white-cell box side / red_cell_diameter) on
+# TXL-PBC *train* (1003 images with white cells: `scripts/eval_segmentation.py --scale-only
+# --scale estimate --wbc-per-rbc 1 ... --split train` -> median_ratio_to_oracle 2.2846;
+# docs/segmentation_infer.md, "Automatic magnification"). White boxes of every type.
+WBC_PER_RBC = 2.28
 
 
 @dataclass
