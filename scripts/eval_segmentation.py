@@ -36,17 +36,27 @@ def estimated(ds, cell_px: float, wbc_per_rbc: float | None):
     from segmentation.magnification import WBC_PER_RBC, estimate_scale
 
     k = WBC_PER_RBC if wbc_per_rbc is None else wbc_per_rbc
-    recs, ratio, failed, per_source = [], [], 0, {}
+    recs, ratio, failed, per_source, ruler = [], [], 0, {}, []
     for rec in ds:
         est = estimate_scale(read_rgb(rec.path).image, cell_px, k, fallback=1.0)
         recs.append(replace(rec, scale=est.scale))
         if not est.ok:
             failed += 1
         if rec.wbcs:
-            q = est.scale / auto_scale(rec, cell_px) if est.ok else np.nan
+            oracle = auto_scale(rec, cell_px)
+            q = est.scale / oracle if est.ok else np.nan
             ratio.append(q)
             per_source.setdefault(f"width_{rec.width}", []).append(q)
+            # the best a red-cell ruler can do: the ground-truth red boxes as the ruler
+            rb = [
+                np.sqrt((a.bbox[2] - a.bbox[0]) * (a.bbox[3] - a.bbox[1]))
+                for a in rec.instances
+                if a.category == "rbc"
+            ]
+            ruler.append(1.0 / (np.median(rb) * oracle) if rb else np.nan)
     ratio = np.asarray(ratio, float)
+    ruler = np.asarray(ruler, float)
+    ruler = ruler / np.nanmedian(ruler)  # best single constant for the ground-truth ruler
 
     def within(x: np.ndarray) -> float:
         return round(float(np.mean(np.abs(np.nan_to_num(x, nan=9.0) - 1) <= 0.15)), 4)
@@ -63,6 +73,10 @@ def estimated(ds, cell_px: float, wbc_per_rbc: float | None):
             "median_ratio_by_source": {
                 s: round(float(np.nanmedian(v)), 4) for s, v in per_source.items()
             },
+            # same check with the ground-truth red-cell boxes as the ruler (an upper bound
+            # for any red-cell estimate: white-cell size varies with the cell type)
+            "ground_truth_rbc_ruler_within_15pct": within(ruler),
+            "images_with_wbc_and_rbc_boxes": int(np.isfinite(ruler).sum()),
         }
     }
 

@@ -425,33 +425,44 @@ class Study:
                 f"{source}: var_names: none of the model's {len(genes)} genes found "
                 f"(model: {genes[:5]}...; input: {list(names[:5])}...)"
             )
+        cols = idx[ok]  # only the matched columns are made dense (a query may hold 30k genes)
+
+        def sub(m) -> np.ndarray:
+            return _dense(m[:, cols]).astype(np.float64)
+
+        def rowsum(m) -> np.ndarray:
+            return np.asarray(m.sum(1), dtype=np.float64).ravel()
+
+        def values_of(m) -> np.ndarray:
+            return np.asarray(m.data if hasattr(m, "tocsr") else m)
+
         if "counts" in adata.layers:
-            raw = _dense(adata.layers["counts"]).astype(np.float64)
-            logx = _dense(adata.X).astype(np.float32)  # the pipeline's log-normalised X
-            values = "counts"
+            full = adata.layers["counts"]
+            raw, total, values = sub(full), rowsum(full), "counts"
+            logx = sub(adata.X).astype(np.float32)  # the pipeline's log-normalised X
+        elif _is_counts(values_of(adata.X)):
+            raw, total, logx, values = sub(adata.X), rowsum(adata.X), None, "counts"
         else:
-            m = _dense(adata.X).astype(np.float64)
-            if _is_counts(m):
-                raw, logx, values = m, None, "counts"
-            else:
-                raw, logx, values = None, m.astype(np.float32), "lognorm"
+            raw, logx, values = None, sub(adata.X).astype(np.float32), "lognorm"
+            total = np.expm1(logx).sum(1)
+        checked = "layers['counts']" if "counts" in adata.layers else "X"
         if raw is not None and (not np.isfinite(raw).all() or (raw < 0).any()):
-            raise StudyError(f"{source}: counts hold negative or non-finite values")
+            raise StudyError(f"{source}: {checked} holds negative or non-finite counts")
         if logx is not None and not np.isfinite(logx).all():
             raise StudyError(f"{source}: X holds non-finite values")
-        total = raw.sum(1) if raw is not None else np.expm1(logx).sum(1)
         has_expr = total > 0
         if logx is None:
+            # as stage=expression: normalize_total over all genes of the input, then log1p
             target = float((self.config.get("expression") or {}).get("target_sum") or 1e4)
             logx = np.log1p(raw / np.maximum(total, 1e-12)[:, None] * target).astype(np.float32)
         n, g = adata.n_obs, len(genes)
         x = np.zeros((n, g), np.float32)
-        x[:, ok] = logx[:, idx[ok]]
+        x[:, ok] = logx
         want_counts = bool(self.meta.get("has_counts", self.model.args.has_counts))
         counts = None
         if raw is not None and want_counts:
             counts = np.zeros((n, g), np.float32)
-            counts[:, ok] = raw[:, idx[ok]]
+            counts[:, ok] = raw
         elif want_counts:
             log.warning(
                 "%s: no raw counts; the model was trained on counts, its library covariate "

@@ -185,6 +185,10 @@ def test_api_genes_by_name_path_and_decode(study: Path):
     assert np.abs(st.get_latent(e[:, ::-1].copy(), modality="expression") - z).max() < 1e-5
     raw = ad.AnnData(X=e.layers["counts"], var=e.var)  # raw counts normalised like training
     assert np.abs(st.get_latent(raw, modality="expression") - z).max() < 1e-4
+    import scipy.sparse as sp
+
+    sparse = ad.AnnData(X=sp.csr_matrix(e.layers["counts"]), var=e.var)
+    assert np.abs(st.get_latent(sparse, modality="expression") - z).max() < 1e-4
     # the path: each class centroid projects onto its own knot and is called that class
     cents, path = st.maturation_path()
     mp = st.maturation_position(cents.points)
