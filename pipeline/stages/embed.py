@@ -84,11 +84,12 @@ def _samples(adata, kind: str, path: Path, cfg, mapping: pd.DataFrame | None) ->
     if mapping is not None:
         if "cell_id" in mapping:
             m = mapping.set_index("cell_id")["sample"]
-            hit = adata.obs_names.astype(str).map(m)
+            ids = adata.obs["cell_id"] if "cell_id" in adata.obs else adata.obs_names.to_series()
+            hit = ids.astype(str).map(m).to_numpy()
             out = np.where(pd.notna(hit), hit, out)
         if "image" in mapping and "image" in adata.obs:
             m = mapping.drop_duplicates("image").set_index("image")["sample"]
-            hit = adata.obs["image"].astype(str).map(m)
+            hit = adata.obs["image"].astype(str).map(m).to_numpy()
             out = np.where(pd.notna(hit), hit, out)
     return out.astype(str)
 

@@ -61,7 +61,15 @@ def _embed(study: Path, exp: str, *args: str) -> Path:
 
 def test_round_trip_reproduces_latent(study: Path):
     """Embedding the training data itself gives latent.h5ad back (to 1e-5)."""
-    _embed(study, "rt", f"embed.h5ad={study / 'paired.h5ad'}")
+    # a samples CSV names the sample of the first 30 cells; the others get the input's name
+    ids = [f"c{i:03d}" for i in range(30)]
+    pd.DataFrame({"cell_id": ids, "sample": "A"}).to_csv(study / "samples.csv", index=False)
+    _embed(
+        study,
+        "rt",
+        f"embed.h5ad={study / 'paired.h5ad'}",
+        f"embed.samples_csv={study / 'samples.csv'}",
+    )
     q = ad.read_h5ad(study / "out" / "rt" / "embed" / "query.h5ad")
     ref = ad.read_h5ad(study / "out" / "s" / "train" / "latent.h5ad")
     paired = ad.read_h5ad(study / "paired.h5ad")
@@ -81,7 +89,9 @@ def test_round_trip_reproduces_latent(study: Path):
     assert set(q.obs["vae_stage"]) <= {"myeloblast", "myelocyte"}
     d = study / "out" / "rt" / "embed"
     assert pd.read_csv(d / "rejects.csv").empty
-    assert pd.read_csv(d / "samples.csv")["n_cells"].sum() == q.n_obs
+    prof = pd.read_csv(d / "samples.csv").set_index("sample")
+    assert prof["n_cells"].to_dict() == {"A": 30, "paired": q.n_obs - 30}
+    assert (q.obs["vae_sample"].to_numpy()[:30] == "A").all()
 
 
 def _write_crops(folder: Path, paired: ad.AnnData, rows: dict[str, list[int]], size: int) -> None:
