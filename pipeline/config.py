@@ -17,6 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from pipeline.config_embed import EmbedConfig
 from pipeline.config_sources import SegmentSourceConfig
 from pipeline.config_vae import TrainerConfig, VAEConfig
 from pipeline.simulator.dataset import SimulatorParams
@@ -204,6 +205,9 @@ class SegmentationConfig:
     log_every: int = 10  # iterations between DEBUG loss lines (log_level=DEBUG; bars show progress)
     # --- stage=segment: tiled inference (docs/segmentation_infer.md) ---
     input_scale: float = 1.0  # source image resized by this before tiling (cell px as trained)
+    # smear sources with no scale (scale null, width not listed), and stage=embed's smears:
+    # measure the scale per image from the red-cell diameter (segmentation/magnification.py)
+    estimate_scale: bool = False
     tile_size: int = 1024  # square tile side, px at input_scale; fed to the net unresized
     tile_overlap: int = 256  # px; keep above the largest cell diameter
     batch_size: int = 4  # tiles per forward pass
@@ -346,6 +350,7 @@ class Config:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     experiment: str = "demo"
     # sub-folder inside each stage folder; set automatically for -m sweeps
     variant: str = ""

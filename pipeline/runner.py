@@ -49,6 +49,9 @@ ORDER = [
     "traverse",
 ]
 
+# stages that `stage=all` does not run: they read a finished study
+EXTRA_STAGES = ["embed"]
+
 # artifact name -> (producing stage, path inside that stage's folder)
 ARTIFACTS: dict[str, tuple[str, str]] = {
     "smears": ("simulate", "smears"),
@@ -63,10 +66,11 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     "latent": ("train", "latent.h5ad"),
     "evaluation": ("evaluate", "metrics.json"),
     "report": ("traverse", "report.html"),
+    "query": ("embed", "query.h5ad"),
 }
 
 # modules that register stages when imported: pipeline/stages/<stage>.py
-STAGE_MODULES = [f"pipeline.stages.{name}" for name in ORDER]
+STAGE_MODULES = [f"pipeline.stages.{name}" for name in [*ORDER, *EXTRA_STAGES]]
 
 
 class StageError(RuntimeError):
@@ -107,8 +111,8 @@ def stage(
     validate: Callable[[DictConfig], None] | None = None,
 ) -> Callable[[Callable[[StageContext], None]], Callable[[StageContext], None]]:
     """Register ``fn`` as the implementation of stage ``name``."""
-    if name not in ORDER:
-        raise ValueError(f"unknown stage {name!r}; valid: {', '.join(ORDER)}")
+    if name not in ORDER + EXTRA_STAGES:
+        raise ValueError(f"unknown stage {name!r}; valid: {', '.join(ORDER + EXTRA_STAGES)}")
 
     def deco(fn: Callable[[StageContext], None]) -> Callable[[StageContext], None]:
         REGISTRY[name] = StageSpec(
@@ -305,8 +309,9 @@ def stages_for(cfg: DictConfig) -> list[str]:
             seq.remove("segment_train")
             seq.remove("segment")
         return seq
-    if name not in ORDER:
-        raise StageError(f"unknown stage {name!r}; valid stages: {', '.join([*ORDER, 'all'])}")
+    if name not in ORDER + EXTRA_STAGES:
+        valid = ", ".join([*ORDER, *EXTRA_STAGES, "all"])
+        raise StageError(f"unknown stage {name!r}; valid stages: {valid}")
     return [name]
 
 

@@ -74,16 +74,47 @@ def validate_sources(cfg: Any) -> None:
                 raise StageError(f"{at}.scale{'' if key == 'scale' else '_by_width.' + key}={v}")
 
 
-def _scale(src: Any, default: float, path: Path) -> float:
+def _scale(src: Any, default: float, path: Path, estimate_px: float | None = None) -> float:
+    """Scale of one image: the source's, its width's, the estimate (``estimate_px``), the default."""
     base = default if src.scale is None else float(src.scale)
-    if not src.scale_by_width:
+    if src.scale_by_width:
+        try:
+            with Image.open(path) as im:
+                width = im.size[0]
+        except Exception:  # noqa: BLE001 - read_rgb rejects it later, with the reason
+            return base
+        if str(width) in src.scale_by_width:
+            return float(src.scale_by_width[str(width)])
+    if src.scale is not None or estimate_px is None:
         return base
-    try:
-        with Image.open(path) as im:
-            width = im.size[0]
-    except Exception:  # noqa: BLE001 - read_rgb rejects it later, with the reason
-        return base
-    return float(src.scale_by_width.get(str(width), base))
+    return estimated_scale(path, estimate_px, base)
+
+
+def estimated_scale(path: Path, cell_px: float, fallback: float) -> float:
+    """Scale measured from the red cells of ``path`` (logged; ``fallback`` when it fails)."""
+    from segmentation.io import read_rgb
+    from segmentation.magnification import estimate_scale
+
+    rd = read_rgb(path)
+    if not rd.ok:
+        return fallback  # rejected later, with the reason
+    est = estimate_scale(rd.image, cell_px, fallback=fallback)
+    if est.ok:
+        log.info(
+            "scale estimate %s: red-cell diameter %.1f px (%d cells) -> scale %.3g",
+            path.name,
+            est.diameter_px,
+            est.n_cells,
+            est.scale,
+        )
+        return round(est.scale, 2)  # images of one magnification share detector batches
+    log.warning("scale estimate %s: no red cell measured; scale %.3g", path.name, fallback)
+    return fallback
+
+
+def _estimate_px(cfg: Any) -> float | None:
+    sc = cfg.segmentation
+    return float(sc.cell_px) if sc.estimate_scale else None
 
 
 def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
@@ -102,7 +133,8 @@ def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
     images = images[: None if cap is None else int(cap)]
     by_scale: dict[float, list[tuple[int, Path]]] = {}
     for i, p in enumerate(images):
-        by_scale.setdefault(_scale(src, settings.input_scale, p), []).append((offset + i, p))
+        sc_i = _scale(src, settings.input_scale, p, _estimate_px(ctx.cfg))
+        by_scale.setdefault(sc_i, []).append((offset + i, p))
     parts = []
     for scale, items in sorted(by_scale.items()):
         log.info("segment: %s, %d images at scale %.3g", src.name, len(items), scale)

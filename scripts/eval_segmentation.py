@@ -2,10 +2,14 @@
 
 Usage:
   python scripts/eval_segmentation.py CKPT --format yolo --path ../shared/data/smears/txl_pbc \
-      --split val [--scale auto|FLOAT] [--cell-px 40] [--threshold 0.5] [--out FILE.json]
+      --split val [--scale auto|estimate|FLOAT] [--cell-px 40] [--threshold 0.5] [--out FILE.json]
+  python scripts/eval_segmentation.py --scale-only --format yolo --path ... --split val
 
-`--scale auto` scales each image so its median WBC box side is `--cell-px` (uses the
-ground-truth boxes, like `scale: null` sources in training). Prints the metrics as JSON.
+`--scale auto` is an ORACLE: it scales each image so its median WBC box side is `--cell-px`
+using the ground-truth boxes (a user never has them). `--scale estimate` measures the scale
+from the image itself (red-cell diameter, segmentation/magnification.py), as inference does,
+and adds to the JSON how close it came to the oracle scale (`scale_estimate`). `--scale-only`
+skips the detector (no checkpoint needed) and reports only that comparison. Prints JSON.
 """
 
 from __future__ import annotations
@@ -21,9 +25,67 @@ from segmentation.engine import evaluate
 from segmentation.model import load_checkpoint
 
 
+def estimated(ds, cell_px: float, wbc_per_rbc: float | None):
+    """Per-image scale from the red cells; agreement with the ground-truth-box (oracle) scale."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from segmentation.datasets import SmearDataset, auto_scale
+    from segmentation.io import read_rgb
+    from segmentation.magnification import WBC_PER_RBC, estimate_scale
+
+    k = WBC_PER_RBC if wbc_per_rbc is None else wbc_per_rbc
+    recs, ratio, failed, per_source, ruler = [], [], 0, {}, []
+    for rec in ds:
+        est = estimate_scale(read_rgb(rec.path).image, cell_px, k, fallback=1.0)
+        recs.append(replace(rec, scale=est.scale))
+        if not est.ok:
+            failed += 1
+        if rec.wbcs:
+            oracle = auto_scale(rec, cell_px)
+            q = est.scale / oracle if est.ok else np.nan
+            ratio.append(q)
+            per_source.setdefault(f"width_{rec.width}", []).append(q)
+            # the best a red-cell ruler can do: the ground-truth red boxes as the ruler
+            rb = [
+                np.sqrt((a.bbox[2] - a.bbox[0]) * (a.bbox[3] - a.bbox[1]))
+                for a in rec.instances
+                if a.category == "rbc"
+            ]
+            ruler.append(1.0 / (np.median(rb) * oracle) if rb else np.nan)
+    ratio = np.asarray(ratio, float)
+    ruler = np.asarray(ruler, float)
+    ruler = ruler / np.nanmedian(ruler)  # best single constant for the ground-truth ruler
+
+    def within(x: np.ndarray) -> float:
+        return round(float(np.mean(np.abs(np.nan_to_num(x, nan=9.0) - 1) <= 0.15)), 4)
+
+    return SmearDataset(recs), {
+        "scale_estimate": {
+            "wbc_per_rbc": k,
+            "images": len(recs),
+            "failed": failed,
+            "images_with_wbc": int(ratio.size),
+            "within_15pct_of_oracle": within(ratio),
+            "median_ratio_to_oracle": round(float(np.nanmedian(ratio)), 4),
+            "within_15pct_by_source": {s: within(np.asarray(v)) for s, v in per_source.items()},
+            "median_ratio_by_source": {
+                s: round(float(np.nanmedian(v)), 4) for s, v in per_source.items()
+            },
+            # same check with the ground-truth red-cell boxes as the ruler (an upper bound
+            # for any red-cell estimate: white-cell size varies with the cell type)
+            "ground_truth_rbc_ruler_within_15pct": within(ruler),
+            "images_with_wbc_and_rbc_boxes": int(np.isfinite(ruler).sum()),
+        }
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("checkpoint")
+    ap.add_argument("checkpoint", nargs="?")
+    ap.add_argument("--scale-only", action="store_true")
+    ap.add_argument("--wbc-per-rbc", type=float, default=None)
     ap.add_argument("--format", required=True, choices=sorted(READERS))
     ap.add_argument("--path", required=True)
     ap.add_argument("--split", default="val")
@@ -39,11 +101,20 @@ def main() -> None:
         ds = READERS["mask_png"](a.path).split(a.split)
     else:
         ds = READERS["coco"](a.path).split(a.split)
-    scale = None if a.scale == "auto" else float(a.scale)
-    ds = with_scale(ds, scale, a.cell_px).renumber()
-    model, _ = load_checkpoint(a.checkpoint)
-    r = evaluate(model, DetectionDataset(ds.images), torch.device("cpu"), a.threshold)
-    out = r.as_dict()
+    extra = {}
+    if a.scale == "estimate":
+        ds, extra = estimated(ds, a.cell_px, a.wbc_per_rbc)
+    else:
+        ds = with_scale(ds, None if a.scale == "auto" else float(a.scale), a.cell_px)
+    ds = ds.renumber()
+    if a.scale_only:
+        out = extra
+    else:
+        if not a.checkpoint:
+            ap.error("checkpoint is required unless --scale-only")
+        model, _ = load_checkpoint(a.checkpoint)
+        r = evaluate(model, DetectionDataset(ds.images), torch.device("cpu"), a.threshold)
+        out = {**r.as_dict(), **extra}
     print(json.dumps(out, indent=2))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2))

@@ -171,6 +171,7 @@ def _run_shard(
     ckpt: dict[str, Any],
     overlay_below: int | None = None,
     desc: str = "segment",
+    estimate_px: float | None = None,
 ) -> dict[str, Any]:
     sc = ctx.cfg.segmentation
     detector = make_detector(ctx, model)
@@ -200,13 +201,18 @@ def _run_shard(
         if not good:
             continue
         t0 = time.perf_counter()
-        results: list[ImageCells] = segment_images(
-            detector,
-            [im for _, _, im, _ in good],
-            [p.name for _, p, _, _ in good],
-            settings,
-            truths=[it for _, _, _, it in good],
-        )
+        if estimate_px is None:
+            results: list[ImageCells] = segment_images(
+                detector,
+                [im for _, _, im, _ in good],
+                [p.name for _, p, _, _ in good],
+                settings,
+                truths=[it for _, _, _, it in good],
+            )
+        else:  # magnification per image from its red cells (segmentation.estimate_scale)
+            results = [
+                _estimated(detector, im, p, settings, it, estimate_px) for _, p, im, it in good
+            ]
         seconds += time.perf_counter() - t0
         pbar.update(len(good))
         for (index, path, _, it), cells in zip(good, results):
@@ -253,6 +259,17 @@ def _run_shard(
         "seconds": seconds,
         "model_args": dict(ckpt.get("model_args", {})),
     }
+
+
+def _estimated(detector, image, path, settings, truth, cell_px: float) -> ImageCells:
+    from dataclasses import replace
+
+    from segmentation.magnification import estimate_scale
+
+    est = estimate_scale(image, cell_px, fallback=settings.input_scale)
+    log.info("scale estimate %s: %s", path.name, est)
+    s = replace(settings, input_scale=est.scale)
+    return segment_images(detector, [image], [path.name], s, truths=[truth])[0]
 
 
 def _segment_needs(cfg: Any) -> list[str]:
@@ -314,7 +331,8 @@ def segment(ctx: StageContext) -> None:
     settings.input_scale, scale_from = resolve_input_scale(ctx.cfg, ckpt)
     if ctx.is_main:
         log.info("input_scale=%.4g from %s", settings.input_scale, scale_from)
-    part = _run_shard(ctx, mine, settings, truth, parts / "overlays", model, ckpt)
+    est = float(sc.cell_px) if sc.estimate_scale else None
+    part = _run_shard(ctx, mine, settings, truth, parts / "overlays", model, ckpt, None, est)
     if ctx.dist.distributed:
         with open(parts / f"rank{ctx.dist.rank}.pkl", "wb") as f:
             pickle.dump(part, f)

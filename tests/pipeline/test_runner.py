@@ -15,7 +15,7 @@ from pipeline import hardware, runner
 from pipeline.artifacts import StageInputError, atomic_path, write_json
 from tests.helpers.run import ROOT, compose_config, run_pipeline
 
-ALL_STAGES = [*runner.ORDER, "all"]
+ALL_STAGES = [*runner.ORDER, *runner.EXTRA_STAGES, "all"]
 
 
 _compose = compose_config

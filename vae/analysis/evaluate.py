@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vae.analysis.palette import label_colours
 from segmentation.progress import Steps
+from vae.analysis.palette import label_colours
 from vae.analysis.run import (
     LATENTS,
     Outputs,

@@ -1,0 +1,26 @@
+"""Schema of ``cfg.embed``: apply a finished study to new data (``stage=embed``, docs/embed.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EmbedConfig:
+    """New inputs and how they are read against the study. Any subset of the four inputs."""
+
+    # the finished study: outputs/<experiment> of its train (and segment_train) run;
+    # null -> this experiment (or paths.inputs.model / paths.inputs.latent)
+    study: str | None = None
+    smears: str | None = None  # folder of smear images (sub-folders = samples), run through segment
+    crops: str | None = None  # folder of single-cell crops (sub-folders = samples)
+    h5ad: str | None = None  # cells.h5ad of stage=segment, paired.h5ad, or any AnnData with crops
+    expression: str | None = None  # expression file (h5ad, 10x, CSV/TSV): genes matched by name
+    sample_key: str = "sample"  # obs column of h5ad/expression inputs naming the sample
+    samples_csv: str | None = None  # CSV: (cell_id | image) -> sample, for inputs without one
+    knn_k: int | None = None  # label-transfer neighbours; null -> analysis.knn_k
+    # refuse an expression input missing more than this fraction of the model's genes
+    max_missing_genes: float = 0.5
+    batch_size: int = 256  # encoding batch
+    examples_per_call: int = 8  # example crops per transferred label in samples.html
+    histogram_bins: int = 10  # maturation-position histogram per sample (samples.csv)

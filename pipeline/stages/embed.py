@@ -1,0 +1,235 @@
+"""stage=embed: put new smears, crops, cells and/or expression into a finished study's latent.
+
+The stage maps ``cfg.embed`` onto :class:`vae.api.Study` (the same API a user
+calls from Python) and writes into ``outputs/<experiment>/embed/``:
+``query.h5ad`` (the inputs' obs untouched + ``vae_*`` columns, latents in
+``obsm``), ``samples.csv`` and ``samples.html`` (per-sample profile),
+``rejects.csv`` (``input``, ``item``, ``reason``) and ``summary.json``
+(gene matching per input, counts). See docs/embed.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.artifacts import write_json
+from pipeline.runner import StageContext, StageError, resolve_data_path, stage
+
+log = logging.getLogger(__name__)
+
+INPUT_KINDS = ("smears", "crops", "h5ad", "expression")
+REJECT_COLUMNS = ["input", "item", "reason"]
+
+
+def _inputs(cfg) -> list[tuple[str, str]]:
+    return [(k, cfg.embed[k]) for k in INPUT_KINDS if cfg.embed[k]]
+
+
+def _needs(cfg) -> list[str]:
+    return [] if cfg.embed.study else ["model", "latent"]
+
+
+def _validate(cfg) -> None:
+    e = cfg.embed
+    if not _inputs(cfg):
+        raise StageError(
+            "stage=embed needs at least one input: embed.smears=DIR, embed.crops=DIR, "
+            "embed.h5ad=FILE or embed.expression=FILE"
+        )
+    for k, p in _inputs(cfg):
+        resolve_data_path(cfg, p, f"embed.{k}")
+    if e.study and not Path(e.study).is_dir():
+        raise StageError(f"embed.study={e.study}: no such folder (outputs/<experiment> of a study)")
+    if e.samples_csv and not Path(e.samples_csv).is_file():
+        raise StageError(f"embed.samples_csv={e.samples_csv}: no such file")
+    if not 0 <= float(e.max_missing_genes) <= 1:
+        raise StageError(f"embed.max_missing_genes={e.max_missing_genes}: must be in [0, 1]")
+    if e.knn_k is not None and int(e.knn_k) < 1:
+        raise StageError(f"embed.knn_k={e.knn_k}: must be >= 1")
+
+
+def load_study(ctx: StageContext):
+    """The :class:`vae.api.Study` of ``embed.study`` or of this experiment's inputs."""
+    from vae.api import Study, StudyError
+
+    cfg = ctx.cfg
+    seg = cfg.paths.inputs.get("segmentation_model")
+    try:
+        if cfg.embed.study:
+            return Study.load(cfg.embed.study, variant=cfg.variant, segmentation_model=seg)
+        if not seg and ctx.has_input("segmentation_model"):
+            seg = ctx.input("segmentation_model")
+        return Study.load(
+            ctx.run_dir,
+            model=ctx.input("model"),
+            latent=ctx.input("latent"),
+            variant=cfg.variant,
+            segmentation_model=seg,
+        )
+    except StudyError as e:
+        raise StageError(str(e)) from e
+
+
+def _samples(adata, kind: str, path: Path, cfg, mapping: pd.DataFrame | None) -> np.ndarray:
+    """Sample of each row: reader's sub-folder, the obs column, the samples CSV, or the input."""
+    key = cfg.embed.sample_key
+    if key in adata.obs:
+        return adata.obs[key].astype(str).to_numpy()
+    out = np.full(adata.n_obs, path.stem if path.is_file() else path.name, dtype=object)
+    if mapping is not None:
+        if "cell_id" in mapping:
+            m = mapping.set_index("cell_id")["sample"]
+            ids = adata.obs["cell_id"] if "cell_id" in adata.obs else adata.obs_names.to_series()
+            hit = ids.astype(str).map(m).to_numpy()
+            out = np.where(pd.notna(hit), hit, out)
+        if "image" in mapping and "image" in adata.obs:
+            m = mapping.drop_duplicates("image").set_index("image")["sample"]
+            hit = adata.obs["image"].astype(str).map(m).to_numpy()
+            out = np.where(pd.notna(hit), hit, out)
+    return out.astype(str)
+
+
+def _read_mapping(cfg) -> pd.DataFrame | None:
+    if not cfg.embed.samples_csv:
+        return None
+    m = pd.read_csv(cfg.embed.samples_csv, dtype=str)
+    if "sample" not in m or not ({"cell_id", "image"} & set(m.columns)):
+        raise StageError(
+            f"embed.samples_csv={cfg.embed.samples_csv}: needs a 'sample' column and a "
+            f"'cell_id' or 'image' column; has {list(m.columns)}"
+        )
+    return m
+
+
+@stage(
+    "embed", needs=_needs, optional=["segmentation_model"], produces=["query"], validate=_validate
+)
+def run_embed(ctx: StageContext) -> None:
+
+    from vae.analysis.samples import sample_profile, write_samples_html
+    from vae.api import StudyError
+
+    cfg = ctx.cfg
+    study = load_study(ctx)
+    if cfg.embed.knn_k is not None:
+        study.analysis["knn_k"] = int(cfg.embed.knn_k)
+    mapping = _read_mapping(cfg)
+    log.info(
+        "study: %s (%d reference cells, %d genes, %d px crops)",
+        study.model_path,
+        study.reference.n_obs,
+        len(study.gene_names),
+        study.crop_size,
+    )
+    parts, rejects, genes = [], [], {}
+    for kind, p in _inputs(cfg):
+        path = resolve_data_path(cfg, p, f"embed.{kind}")
+        setting = f"embed.{kind}={p}"
+        try:
+            adata = study.read(path, kind, **_segment_args(cfg, kind))
+            rejects += adata.uns.pop("rejects", [])
+            if adata.n_obs == 0:
+                rejects.append({"input": setting, "item": str(path), "reason": "no cells"})
+                log.warning("%s: no cells", setting)
+                continue
+            q = study.embed(adata, setting, int(cfg.embed.batch_size))
+        except StudyError as e:
+            raise StageError(f"{setting}: {e}") from e
+        rep = q.uns.get("genes", "{}")
+        genes[setting] = rep = json.loads(rep)
+        if rep and len(rep["missing"]) > float(cfg.embed.max_missing_genes) * rep["n_model_genes"]:
+            raise StageError(
+                f"{setting}: var_names match only {rep['matched']} of the model's "
+                f"{rep['n_model_genes']} genes (missing e.g. {rep['missing'][:5]}); more than "
+                f"embed.max_missing_genes={cfg.embed.max_missing_genes} of them are missing"
+            )
+        if rep and rep["missing"]:
+            log.warning(
+                "%s: %d model genes missing: %s", setting, len(rep["missing"]), rep["missing"][:10]
+            )
+        for cid in q.uns.get("dropped", []):
+            rejects.append(
+                {"input": setting, "item": cid, "reason": "neither image nor expression"}
+            )
+        q.obs["vae_input"] = kind
+        q.obs["vae_sample"] = _samples(q, kind, path, cfg, mapping)
+        for k in ("genes", "dropped", "rejects"):
+            q.uns.pop(k, None)
+        parts.append(q)
+        log.info("%s: %d cells embedded", setting, q.n_obs)
+    if not parts:
+        raise StageError("stage=embed: no cell in any input (see the warnings above)")
+    out = _concat(parts) if len(parts) > 1 else parts[0]
+    out.uns["genes"] = json.dumps(genes)
+    prof = sample_profile(out.obs, "vae_sample", int(cfg.embed.histogram_bins))
+    crops = out.obsm["crops"] if "crops" in out.obsm else None
+    with ctx.atomic("rejects.csv") as tmp:
+        pd.DataFrame(rejects, columns=REJECT_COLUMNS).to_csv(tmp, index=False)
+    with ctx.atomic("samples.csv") as tmp:
+        prof.to_csv(tmp, index=False)
+    with ctx.atomic("samples.html") as tmp:
+        write_samples_html(
+            tmp,
+            prof,
+            out.obs,
+            crops,
+            int(cfg.embed.examples_per_call),
+            title=f"Per-sample maturation profile ({cfg.experiment})",
+            seed=int(cfg.seed),
+        )
+    write_json(
+        ctx.output("summary.json"),
+        {
+            "study": {"model": str(study.model_path), "latent": str(study.latent_path)},
+            "cells": int(out.n_obs),
+            "by_input": out.obs["vae_input"].value_counts().to_dict(),
+            "by_modality": out.obs["vae_modality"].value_counts().to_dict(),
+            "by_label": out.obs["vae_label"].value_counts().to_dict(),
+            "samples": int(len(prof)),
+            "rejects": len(rejects),
+            "genes": genes,
+        },
+    )
+    with ctx.atomic("query") as tmp:
+        out.write_h5ad(tmp)
+    log.info("embed: %d cells, %d samples, %d rejects", out.n_obs, len(prof), len(rejects))
+
+
+def _segment_args(cfg, kind: str) -> dict:
+    """Smears are segmented with the settings of stage=segment (``segmentation.*``)."""
+    if kind != "smears":
+        return {}
+    from pipeline.stages.segment import settings_from_config
+
+    sc = cfg.segmentation
+    return {
+        "segment_settings": settings_from_config(sc),
+        "detector_kwargs": {
+            "score_floor": float(sc.detect_score_floor),
+            "mask_threshold": float(sc.mask_threshold),
+            "max_detections": int(sc.max_detections_per_tile),
+            "rpn_post_nms_top_n": int(sc.rpn_post_nms_top_n),
+        },
+        "estimate_cell_px": float(sc.cell_px) if sc.estimate_scale else None,
+    }
+
+
+def _concat(parts):
+    """Rows of several inputs; crops of image-less inputs are zero, obs columns an outer union."""
+    import anndata as ad
+
+    s = next((p.obsm["crops"].shape[1] for p in parts if "crops" in p.obsm), None)
+    if s is not None:
+        for p in parts:
+            if "crops" not in p.obsm:
+                p.obsm["crops"] = np.zeros((p.n_obs, s, s, 3), np.uint8)
+                p.obsm["masks"] = np.zeros((p.n_obs, s, s), bool)
+    out = ad.concat(parts, join="outer", merge="first", uns_merge="first")
+    if out.obs_names.duplicated().any():
+        out.obs_names_make_unique()
+    return out

@@ -1,0 +1,273 @@
+"""stage=embed and vae.api.Study on a tiny study built once per module (2 epochs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.runner import StageError
+from tests.helpers.run import run_pipeline, run_stage_in_process
+from tests.helpers.vae_toy import make_paired
+
+TINY = [
+    "vae.channels=[8,16]",
+    "vae.hidden=[16]",
+    "vae.n_latent=4",
+    "vae.n_private=1",
+    "trainer.batch_size=16",
+    "trainer.max_minutes=null",
+    "trainer.max_epochs=2",
+    "hardware.torch_threads=1",
+]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """outputs root of a trained tiny study: <root>/s/train/{model.pt,latent.h5ad}."""
+    tmp = tmp_path_factory.mktemp("study")
+    make_paired(48, image_only=6, expression_only=6).write_h5ad(tmp / "paired.h5ad")
+    p = run_pipeline(
+        [
+            "stage=train",
+            f"paths.root={tmp / 'out'}",
+            "experiment=s",
+            f"paths.inputs.paired={tmp / 'paired.h5ad'}",
+            *TINY,
+        ]
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return tmp
+
+
+def _args(study: Path, exp: str, *args: str) -> list[str]:
+    return [
+        f"paths.root={study / 'out'}",
+        f"experiment={exp}",
+        f"embed.study={study / 'out' / 's'}",
+        "hardware.torch_threads=1",
+        *args,
+    ]
+
+
+def _embed(study: Path, exp: str, *args: str) -> Path:
+    """stage=embed in this process (fast); returns its folder."""
+    return run_stage_in_process(_args(study, exp, *args), "embed")
+
+
+def test_round_trip_reproduces_latent(study: Path):
+    """Embedding the training data itself gives latent.h5ad back (to 1e-5)."""
+    # a samples CSV names the sample of the first 30 cells; the others get the input's name
+    ids = [f"c{i:03d}" for i in range(30)]
+    pd.DataFrame({"cell_id": ids, "sample": "A"}).to_csv(study / "samples.csv", index=False)
+    _embed(
+        study,
+        "rt",
+        f"embed.h5ad={study / 'paired.h5ad'}",
+        f"embed.samples_csv={study / 'samples.csv'}",
+    )
+    q = ad.read_h5ad(study / "out" / "rt" / "embed" / "query.h5ad")
+    ref = ad.read_h5ad(study / "out" / "s" / "train" / "latent.h5ad")
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    assert q.n_obs == ref.n_obs == paired.n_obs
+    for k in ("X_vae", "X_vae_image", "X_vae_expression", "X_vae_full", "X_vae_private_image"):
+        a, b = q.obsm[k], ref.obsm[k]
+        assert np.array_equal(np.isnan(a), np.isnan(b)), k
+        assert np.nanmax(np.abs(a - b)) < 1e-5, k
+    # the user's obs columns come back untouched, the study's readings beside them
+    for c in paired.obs.columns:
+        pd.testing.assert_series_equal(
+            q.obs[c], paired.obs[c], check_categorical=False, check_index=False, check_names=False
+        )
+    assert (q.obs["vae_label"].astype(str) == paired.obs["label"].to_numpy()).mean() > 0.5
+    assert q.obs["vae_label_confidence"].between(0, 1).all()
+    assert q.obs["vae_maturation"].between(0, 1).all()
+    assert set(q.obs["vae_stage"]) <= {"myeloblast", "myelocyte"}
+    d = study / "out" / "rt" / "embed"
+    assert pd.read_csv(d / "rejects.csv").empty
+    prof = pd.read_csv(d / "samples.csv").set_index("sample")
+    assert prof["n_cells"].to_dict() == {"A": 30, "paired": q.n_obs - 30}
+    assert (q.obs["vae_sample"].to_numpy()[:30] == "A").all()
+
+
+def _write_crops(folder: Path, paired: ad.AnnData, rows: dict[str, list[int]], size: int) -> None:
+    for sample, idx in rows.items():
+        (folder / sample).mkdir(parents=True)
+        for i in idx:
+            c = paired.obsm["crops"][i]
+            Image.fromarray(c).resize((size, size), Image.BILINEAR).save(
+                folder / sample / f"c{i}.png"
+            )
+    (folder / "pat1" / "broken.png").write_bytes(b"not a png")
+
+
+def test_crops_and_expression_with_samples(study: Path):
+    """Crop sub-folders are samples, 32 px crops fit a 16 px model, genes by name, rejects."""
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    _write_crops(study / "crops", paired, {"pat1": [0, 1, 2, 3, 4], "pat2": [5, 6, 7]}, 32)
+    # expression: genes reversed, 2 model genes dropped, one extra gene added
+    e = paired[paired.obs["has_expression"].to_numpy()].copy()
+    counts = e.layers["counts"][:, ::-1][:, 2:]
+    genes = list(e.var_names[::-1][2:])
+    x = ad.AnnData(
+        X=np.c_[counts, np.ones(len(counts))].astype(np.float32),
+        obs=pd.DataFrame({"sample": "pat3", "donor_note": "keep me"}, index=e.obs_names),
+        var=pd.DataFrame(index=[*genes, "NOT_A_MODEL_GENE"]),
+    )
+    x.write_h5ad(study / "expr.h5ad")
+    _embed(study, "ce", f"embed.crops={study / 'crops'}", f"embed.expression={study / 'expr.h5ad'}")
+    d = study / "out" / "ce" / "embed"
+    q = ad.read_h5ad(d / "query.h5ad")
+    assert q.n_obs == 8 + e.n_obs
+    assert q.obsm["crops"].shape[1:] == (16, 16, 3)
+    assert set(q.obs["vae_sample"]) == {"pat1", "pat2", "pat3"}
+    assert (q.obs.loc[q.obs["vae_input"] == "expression", "donor_note"] == "keep me").all()
+    rej = pd.read_csv(d / "rejects.csv")
+    assert rej["item"].str.endswith("broken.png").sum() == 1
+    import json
+
+    genes = json.loads((d / "summary.json").read_text())["genes"]
+    rep = next(v for k, v in genes.items() if k.startswith("embed.expression"))
+    assert sorted(rep["missing"]) == sorted(e.var_names[::-1][:2]) and rep["n_extra_ignored"] == 1
+    prof = pd.read_csv(d / "samples.csv").set_index("sample")
+    assert prof.loc["pat2", "n_cells"] == 3
+    html = (d / "samples.html").read_text()
+    assert "<img" in html and "pat1" in html
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(study: Path, tmp_path: Path):
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    few = ad.AnnData(
+        X=paired.layers["counts"][:10, :3], var=pd.DataFrame(index=paired.var_names[:3])
+    )
+    few.write_h5ad(tmp_path / "few.h5ad")
+    # the command line: exit 2, one message naming the field and the setting, no traceback
+    p = run_pipeline(
+        ["stage=embed", *_args(study, "bad", f"embed.expression={tmp_path / 'few.h5ad'}")]
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "var_names" in p.stderr and "embed.max_missing_genes" in p.stderr
+    assert not (study / "out" / "bad" / "embed" / "query.h5ad").exists()
+    none = ad.AnnData(X=np.ones((4, 2), np.float32), var=pd.DataFrame(index=["foo", "bar"]))
+    none.write_h5ad(tmp_path / "none.h5ad")
+    with pytest.raises(StageError, match="none of the model's 12 genes"):
+        _embed(study, "bad2", f"embed.expression={tmp_path / 'none.h5ad'}")
+    (tmp_path / "broken.pt").write_bytes(b"garbage")
+    with pytest.raises(StageError, match="broken.pt"):
+        _embed(
+            study,
+            "bad3",
+            f"embed.h5ad={study / 'paired.h5ad'}",
+            "embed.study=null",
+            f"paths.inputs.model={tmp_path / 'broken.pt'}",
+            f"paths.inputs.latent={study / 'out/s/train/latent.h5ad'}",
+        )
+    assert not (study / "out" / "bad3" / "embed" / "query.h5ad").exists()
+    with pytest.raises(StageError, match="at least one input"):
+        _embed(study, "bad4")
+    # a latent from another study (other latent width) is refused by name
+    other = ad.read_h5ad(study / "out/s/train/latent.h5ad")
+    other.obsm["X_vae"] = np.zeros((other.n_obs, 7), np.float32)
+    other.write_h5ad(tmp_path / "other.h5ad")
+    with pytest.raises(StageError, match="another study"):
+        _embed(
+            study,
+            "bad5",
+            f"embed.h5ad={study / 'paired.h5ad'}",
+            "embed.study=null",
+            f"paths.inputs.model={study / 'out/s/train/model.pt'}",
+            f"paths.inputs.latent={tmp_path / 'other.h5ad'}",
+        )
+
+
+def test_api_genes_by_name_path_and_decode(study: Path):
+    from vae.api import Study, StudyError
+
+    st = Study.load(study / "out" / "s")
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    e = paired[paired.obs["has_expression"].to_numpy()].copy()
+    del e.obsm["crops"], e.obsm["masks"]
+    z = st.get_latent(e, modality="expression")
+    assert np.abs(st.get_latent(e[:, ::-1].copy(), modality="expression") - z).max() < 1e-5
+    raw = ad.AnnData(X=e.layers["counts"], var=e.var)  # raw counts normalised like training
+    assert np.abs(st.get_latent(raw, modality="expression") - z).max() < 1e-4
+    import scipy.sparse as sp
+
+    sparse = ad.AnnData(X=sp.csr_matrix(e.layers["counts"]), var=e.var)
+    assert np.abs(st.get_latent(sparse, modality="expression") - z).max() < 1e-4
+    # the path: each class centroid projects onto its own knot and is called that class
+    cents, path = st.maturation_path()
+    mp = st.maturation_position(cents.points)
+    assert list(mp["stage"]) == cents.names
+    assert np.abs(mp["position"].to_numpy() - path.knots_s).max() <= 1 / 199 + 1e-9
+    lab = st.transfer_labels(st.reference.obsm["X_vae"][:5], k=1)
+    assert (lab["confidence"] == 1).all()
+    dec = st.decode(st.reference.obsm["X_vae_full"][:3])
+    assert dec.images.shape == (3, 16, 16, 3) and dec.expression.shape == (3, 12)
+    with pytest.raises(StudyError, match="obsm\\['crops'\\]"):
+        bad = ad.AnnData(obs=pd.DataFrame(index=["a"]))
+        bad.obsm["crops"] = np.zeros((1, 16, 12, 3), np.uint8)
+        st.get_latent(bad)
+
+
+def test_sample_profile_definitions():
+    from vae.analysis.samples import sample_profile
+
+    lab = [
+        "myeloblast",
+        "promyelocyte",
+        "myelocyte",
+        "metamyelocyte",
+        "band",
+        "segmented_neutrophil",
+        "segmented_neutrophil",
+        "lymphocyte",
+    ]
+    obs = pd.DataFrame(
+        {
+            "vae_sample": ["a"] * 8 + ["b"],
+            "vae_label": [*lab, "lymphocyte"],
+            "vae_maturation": [0.05, 0.15, 0.35, 0.55, 0.75, 0.95, 0.95, 0.5, 0.5],
+        }
+    )
+    prof = sample_profile(obs, bins=10).set_index("sample")
+    assert prof.loc["a", "ig_fraction"] == pytest.approx(3 / 8)
+    assert prof.loc["a", "left_shift_index"] == pytest.approx(5 / 7)
+    assert np.isnan(prof.loc["b", "left_shift_index"])
+    assert prof.loc["a", "hist_09"] == pytest.approx(2 / 8)
+    assert prof.loc["a", "n_segmented_neutrophil"] == 2 and prof.loc["b", "n_cells"] == 1
+
+
+def test_smears_go_through_segment_and_empty_ones_are_rejects(study: Path, tmp_path: Path):
+    """Smear sub-folders run through the segment code; images without cells are rejects."""
+    import torch
+
+    from segmentation.model import build_maskrcnn, save_checkpoint
+
+    torch.manual_seed(0)
+    args = {"arch": "resnet18_fpn", "min_size": 128, "max_size": 128}
+    save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args)
+    for sample in ("s1", "s2"):
+        (tmp_path / "smears" / sample).mkdir(parents=True)
+        img = np.full((96, 128, 3), (230, 200, 200), np.uint8)
+        Image.fromarray(img).save(tmp_path / "smears" / sample / f"{sample}.png")
+    (tmp_path / "smears" / "s2" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    _write_crops(tmp_path / "crops", paired, {"pat1": [0, 1]}, 16)
+    # score_threshold=1: the (untrained) detector keeps nothing, so both smears are skipped
+    d = _embed(
+        study,
+        "sm",
+        f"embed.smears={tmp_path / 'smears'}",
+        f"embed.crops={tmp_path / 'crops'}",
+        f"paths.inputs.segmentation_model={tmp_path / 'det.pt'}",
+        "segmentation.score_threshold=1.0",
+    )
+    rej = pd.read_csv(d / "rejects.csv")
+    items = set(rej["item"].map(lambda s: Path(s).name))
+    assert {"s1.png", "s2.png", "bad.jpg", "broken.png"} <= items
+    assert ad.read_h5ad(d / "query.h5ad").n_obs == 2

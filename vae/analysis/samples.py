@@ -1,0 +1,162 @@
+"""Per-sample maturation profile of an embedded query (``embed/samples.csv`` and ``samples.html``).
+
+Definitions (docs/embed.md, "Per-sample profile"), over the cells of one sample
+with their transferred label (``vae_label``) and maturation position (``vae_maturation``):
+
+* differential count: cells per transferred label (``n_<label>``) and its
+  fraction of the sample (``frac_<label>``);
+* immature granulocyte fraction ``ig_fraction`` = (promyelocyte + myelocyte +
+  metamyelocyte) / all cells of the sample (as the IG% of a haematology analyser);
+* left-shift index ``left_shift_index`` = (myeloblast + promyelocyte + myelocyte +
+  metamyelocyte + band) / all neutrophil-lineage cells (those six classes with
+  segmented neutrophils): the share of the lineage that is not yet segmented;
+  NaN when the sample has no neutrophil-lineage cell (e.g. a study labelled with
+  other names);
+* ``maturation_mean`` / ``maturation_median`` of the path position, and its
+  histogram ``hist_00 .. hist_<B-1>``: fraction of the sample's cells in each of
+  B equal bins of [0, 1].
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import numpy as np
+import pandas as pd
+
+from vae.inputs.schema import MATURATION_ORDER
+
+IMMATURE_GRANULOCYTES = ("promyelocyte", "myelocyte", "metamyelocyte")
+LEFT_SHIFTED = ("myeloblast", "promyelocyte", "myelocyte", "metamyelocyte", "band")
+
+
+def sample_profile(
+    obs: pd.DataFrame, sample_key: str = "vae_sample", bins: int = 10
+) -> pd.DataFrame:
+    """One row per sample: counts, fractions, IG fraction, left-shift index, histogram.
+
+    Parameters
+    ----------
+    obs : query obs with ``sample_key``, ``vae_label`` and ``vae_maturation``
+    bins : histogram bins over the path position [0, 1]
+    """
+    labels = sorted(set(obs["vae_label"].astype(str)))
+    rows = []
+    for sample, g in obs.groupby(sample_key, sort=True, observed=True):
+        lab = g["vae_label"].astype(str).str.lower()
+        n = len(g)
+        row: dict = {"sample": sample, "n_cells": n}
+        for c in labels:
+            k = int((g["vae_label"].astype(str) == c).sum())
+            row[f"n_{c}"] = k
+            row[f"frac_{c}"] = k / n if n else np.nan
+        row["ig_fraction"] = float(lab.isin(IMMATURE_GRANULOCYTES).sum() / n) if n else np.nan
+        lineage = int(lab.isin(MATURATION_ORDER).sum())
+        row["n_neutrophil_lineage"] = lineage
+        row["left_shift_index"] = (
+            float(lab.isin(LEFT_SHIFTED).sum() / lineage) if lineage else np.nan
+        )
+        pos = pd.to_numeric(g["vae_maturation"], errors="coerce").to_numpy(float)
+        pos = pos[np.isfinite(pos)]
+        row["maturation_mean"] = float(pos.mean()) if pos.size else np.nan
+        row["maturation_median"] = float(np.median(pos)) if pos.size else np.nan
+        hist = np.histogram(pos, bins=bins, range=(0.0, 1.0))[0]
+        for b, v in enumerate(hist):
+            row[f"hist_{b:02d}"] = v / pos.size if pos.size else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _png(a: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _hist_svg(h: np.ndarray, width: int = 160, height: int = 40) -> str:
+    h = np.nan_to_num(np.asarray(h, float))
+    top = max(h.max(), 1e-9)
+    w = width / max(len(h), 1)
+    bars = "".join(
+        f'<rect x="{i * w:.1f}" y="{height - v / top * height:.1f}" width="{w - 1:.1f}" '
+        f'height="{v / top * height:.1f}" fill="#5b6bbf"/>'
+        for i, v in enumerate(h)
+    )
+    return f'<svg width="{width}" height="{height}" style="background:#eee">{bars}</svg>'
+
+
+def write_samples_html(
+    path,
+    profile: pd.DataFrame,
+    obs: pd.DataFrame,
+    crops: np.ndarray | None,
+    per_call: int = 8,
+    title: str = "Per-sample maturation profile",
+    seed: int = 0,
+) -> None:
+    """A self-contained HTML page: the profile table, histograms, example crops per call.
+
+    Parameters
+    ----------
+    path : output file (written as given; the caller makes it atomic)
+    obs : query obs aligned with ``crops`` (``vae_label``, ``vae_label_confidence``)
+    crops : (n, S, S, 3) uint8 crops of the query rows, or None (no images)
+    per_call : example crops per transferred label (the most confident ones first
+        among a seeded sample of rows with an image)
+    """
+    hist_cols = [c for c in profile.columns if c.startswith("hist_")]
+    main = ["sample", "n_cells", "ig_fraction", "left_shift_index", "maturation_median"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}"
+        "img{margin:1px;image-rendering:pixelated}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        "<p>Definitions: immature granulocyte fraction = (promyelocyte + myelocyte + "
+        "metamyelocyte) / all cells; left-shift index = non-segmented neutrophil-lineage "
+        "cells / all neutrophil-lineage cells; histogram of the position along the study's "
+        "maturation path (0 = earliest class, 1 = latest). See docs/embed.md.</p>",
+        "<h2>Samples</h2><table><tr>",
+        "".join(f"<th>{html.escape(c)}</th>" for c in [*main, "maturation histogram"]),
+        "</tr>",
+    ]
+    for _, r in profile.iterrows():
+        cells = []
+        for c in main:
+            v = r[c]
+            cells.append(
+                f"<td>{v:.3f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
+            )
+        cells.append(f"<td>{_hist_svg(r[hist_cols].to_numpy(float))}</td>")
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</table><h2>Differential count</h2>")
+    parts.append(profile.drop(columns=hist_cols).to_html(index=False, float_format="%.3f"))
+    parts.append("<h2>Example crops per call</h2>")
+    has = "vae_modality" in obs and crops is not None
+    if not has:
+        parts.append("<p>No images among the inputs.</p>")
+    else:
+        rng = np.random.default_rng(seed)
+        img_rows = obs["vae_modality"].astype(str).isin(["image", "both"]).to_numpy()
+        lab = obs["vae_label"].astype(str).to_numpy()
+        conf = obs["vae_label_confidence"].to_numpy(float)
+        for c in sorted(set(lab[img_rows])):
+            idx = np.flatnonzero(img_rows & (lab == c))
+            idx = rng.permutation(idx)[: 4 * per_call]
+            idx = idx[np.argsort(-conf[idx], kind="stable")][:per_call]
+            imgs = "".join(
+                f'<img src="{_png(crops[i])}" width="64" title="{html.escape(str(obs.index[i]))} '
+                f'confidence {conf[i]:.2f}">'
+                for i in idx
+            )
+            parts.append(
+                f"<h3>{html.escape(c)} ({int((img_rows & (lab == c)).sum())} cells)</h3>{imgs}"
+            )
+    parts.append("</body></html>")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))

@@ -1,0 +1,731 @@
+"""Apply a finished study to new cells, in the style of scvi-tools.
+
+A *study* is the run folder of ``stage=train`` (``model.pt`` and the reference
+``latent.h5ad``), optionally with ``segment_train/model.pt`` for raw smears.
+:class:`Study` puts new crops, smears and/or expression profiles into the
+study's latent space and reads them against the reference: label transfer by
+kNN, position along the maturation path, decoding. ``stage=embed``
+(``pipeline/stages/embed.py``) is a thin wrapper around :meth:`Study.embed`.
+
+Examples
+--------
+>>> from vae.api import Study
+>>> study = Study.load("outputs/demo")                          # doctest: +SKIP
+>>> z = study.get_latent("new_crops/", kind="crops")            # (n, n_shared)
+>>> q = study.embed(study.read("new_cells.h5ad"))               # AnnData, all results
+>>> q.obs[["vae_label", "vae_label_confidence", "vae_maturation", "vae_stage"]]
+>>> calls = study.transfer_labels(q.obsm["X_vae"])              # label, confidence
+>>> pos = study.maturation_position(q.obsm["X_vae_full"])       # position, stage
+>>> dec = study.decode(q.obsm["X_vae_full"][:4])                # images, expression
+
+How inputs are matched to the model (docs/embed.md):
+
+* genes by name (exact, then case-insensitive); extra genes are ignored, order
+  is irrelevant. A model gene the input lacks is *missing*: the encoder sees
+  the reference's mean log-expression of that gene (decoded from the reference
+  latent), and for counts models an expected count (the reference proportion of
+  that gene times the cell's library), so a missing gene carries no information
+  instead of pretending to be a measured zero;
+* raw counts are normalised like the training data (``log1p(normalize_total(
+  counts, expression.target_sum))`` over all genes of the input); log-normalised
+  values (an ``X`` beside ``layers["counts"]``, or non-integer ``X``) are used as given;
+* crops of another size are resized like ``stage=pair`` then ``stage=train`` do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vae.inputs.schema import HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
+
+log = logging.getLogger(__name__)
+
+UNKNOWN = {"", "nan", "None", "NA"}  # label values that mean "not known"
+# columns this module adds to obs (a user's column of the same name is refused)
+OBS_COLUMNS = (
+    "vae_modality",
+    "vae_label",
+    "vae_label_confidence",
+    "vae_maturation",
+    "vae_stage",
+)
+
+
+class StudyError(ValueError):
+    """The study or a query input does not fit; the message names the file and field."""
+
+
+@dataclass
+class GeneReport:
+    """How a query's genes matched the model's.
+
+    n_model : genes of the model; matched : found in the query (by name);
+    missing : model genes absent from the query (filled as described in the
+    module docstring); n_extra : query genes the model does not know (ignored);
+    values : ``counts`` or ``lognorm`` (what the query's expression held).
+    """
+
+    n_model: int
+    matched: int
+    missing: list[str] = field(default_factory=list)
+    n_extra: int = 0
+    values: str = "counts"
+
+    def as_dict(self) -> dict:
+        return {
+            "n_model_genes": self.n_model,
+            "matched": self.matched,
+            "missing": self.missing,
+            "n_extra_ignored": self.n_extra,
+            "values": self.values,
+        }
+
+
+def _dense(m) -> np.ndarray:
+    return np.asarray(m.toarray() if hasattr(m, "toarray") else m)
+
+
+def _is_counts(m: np.ndarray) -> bool:
+    return bool(m.size == 0 or ((m >= 0).all() and np.allclose(m, np.round(m))))
+
+
+class Study:
+    """A trained study: model, reference latent and (optionally) the detector.
+
+    Build it with :meth:`load`. Attributes: ``model`` (eval mode), ``meta``
+    (checkpoint meta: ``gene_names``, ``crop_size`` ...), ``reference`` (the
+    AnnData of ``latent.h5ad``), ``config`` (the resolved config the model was
+    trained with), ``segmentation_model`` (path or None), ``device``.
+    """
+
+    def __init__(
+        self,
+        model,
+        meta: dict,
+        reference,
+        config: dict,
+        *,
+        model_path: Path,
+        latent_path: Path,
+        segmentation_model: Path | None = None,
+        analysis: dict | None = None,
+        device: str = "cpu",
+    ):
+        self.model, self.meta, self.reference, self.config = model, meta, reference, config
+        self.model_path, self.latent_path = Path(model_path), Path(latent_path)
+        self.segmentation_model = segmentation_model
+        self.analysis = dict(analysis or config.get("analysis") or {})
+        self.device = device
+        self._path = None
+        self._ref_expr = None
+        if "X_vae" not in reference.obsm:
+            raise StudyError(f"{latent_path}: obsm['X_vae'] is missing (not a latent.h5ad?)")
+        ns = int(meta["n_shared"])
+        if reference.obsm["X_vae"].shape[1] != ns:
+            raise StudyError(
+                f"{latent_path}: obsm['X_vae'] has {reference.obsm['X_vae'].shape[1]} dims but "
+                f"{model_path} has n_shared={ns}: the latent comes from another study"
+            )
+
+    # ------------------------------------------------------------------ load
+    @classmethod
+    def load(
+        cls,
+        run_dir: str | Path | None = None,
+        *,
+        variant: str = "",
+        model: str | Path | None = None,
+        latent: str | Path | None = None,
+        segmentation_model: str | Path | None = None,
+        device: str = "cpu",
+    ) -> Study:
+        """Load a finished study.
+
+        Parameters
+        ----------
+        run_dir : ``outputs/<experiment>`` (or its ``train[/<variant>]`` folder)
+        variant : sweep sub-folder of ``train/``
+        model, latent : explicit ``model.pt`` / ``latent.h5ad`` (override ``run_dir``)
+        segmentation_model : detector for smear folders; default
+            ``<run_dir>/segment_train/model.pt`` when it exists
+        device : torch device for the model
+
+        Raises
+        ------
+        StudyError
+            A missing or unreadable file (named), or a latent of another study.
+        """
+        import anndata as ad
+
+        from vae.checkpoint import CheckpointError, load_checkpoint
+        from vae.model import TwoBranchVAE, VAEArgs
+
+        root = Path(run_dir) if run_dir is not None else None
+        train = None
+        if root is not None:
+            train = root if (root / "model.pt").exists() else root / "train"
+            if variant:
+                train = train / variant
+        mp = Path(model) if model else (train / "model.pt" if train else None)
+        lp = Path(latent) if latent else (train / "latent.h5ad" if train else None)
+        if mp is None or lp is None:
+            raise StudyError("Study.load: give run_dir, or both model= and latent=")
+        for what, p in (("model", mp), ("latent", lp)):
+            if not p.exists():
+                raise StudyError(f"{p}: no such file (the study's {what}; run stage=train first)")
+        try:
+            ck = load_checkpoint(mp)
+            net = TwoBranchVAE(VAEArgs(**ck["model_args"]))
+            net.load_state_dict(ck["model"])
+        except (CheckpointError, TypeError, RuntimeError) as e:
+            raise StudyError(f"{mp}: not a usable vae checkpoint ({e})") from e
+        net.to(device).eval()
+        meta = dict(ck.get("meta", {}))
+        for k in ("n_latent", "n_shared", "n_private", "crop_size", "n_genes"):
+            meta.setdefault(k, getattr(net.args, k))
+        meta.setdefault("gene_names", [f"gene{i}" for i in range(net.args.n_genes)])
+        try:
+            ref = ad.read_h5ad(lp)
+        except Exception as e:  # noqa: BLE001 - name the broken file
+            raise StudyError(f"{lp}: cannot read latent ({e})") from e
+        seg = Path(segmentation_model) if segmentation_model else None
+        if seg is None and root is not None and (root / "segment_train" / "model.pt").exists():
+            seg = root / "segment_train" / "model.pt"
+        config = dict(ck.get("config") or {})
+        analysis = config.get("analysis")
+        # the path of stage=traverse: its analysis settings when it ran
+        for tdir in [root / "traverse" / variant, root / "traverse"] if root else []:
+            man = tdir / "manifest.json"
+            if man.exists():
+                analysis = json.loads(man.read_text()).get("config", {}).get("analysis", analysis)
+                break
+        return cls(
+            net,
+            meta,
+            ref,
+            config,
+            model_path=mp,
+            latent_path=lp,
+            segmentation_model=seg,
+            analysis=analysis,
+            device=device,
+        )
+
+    # ------------------------------------------------------------ properties
+    @property
+    def gene_names(self) -> list[str]:
+        return [str(g) for g in self.meta["gene_names"]]
+
+    @property
+    def crop_size(self) -> int:
+        """Crop side the model reads, px."""
+        return int(self.model.args.crop_size)
+
+    @property
+    def pair_crop_size(self) -> int:
+        """Crop side of the training crops before ``vae.image_size`` resized them, px."""
+        return int((self.config.get("pair") or {}).get("crop_size") or self.crop_size)
+
+    @property
+    def n_shared(self) -> int:
+        return int(self.meta["n_shared"])
+
+    @property
+    def label_key(self) -> str:
+        return str(self.analysis.get("label_key", "label"))
+
+    # ---------------------------------------------------------------- inputs
+    def read(
+        self,
+        path: str | Path,
+        kind: str = "auto",
+        background: int | None = None,
+        segment_settings: Any = None,
+        detector_kwargs: dict | None = None,
+        estimate_cell_px: float | None = None,
+    ):
+        """Read one input into an AnnData (``(adata, rejects)`` for folders: see below).
+
+        Parameters
+        ----------
+        path : ``.h5ad`` (cells.h5ad, paired.h5ad, expression), expression
+            file (10x, CSV/TSV...), a folder of crops or of smears
+        kind : ``auto`` (h5ad / expression file by suffix, folders as crops),
+            ``h5ad``, ``expression``, ``crops``, ``smears``
+        background : pixel value outside the mask (default: the study's ``pair.background_value``)
+        segment_settings, detector_kwargs, estimate_cell_px : for ``smears``
+            (:func:`vae.inputs.query.segment_smear_folder`; ``estimate_cell_px``
+            measures each image's magnification from its red cells)
+
+        Returns
+        -------
+        AnnData; the reject rows of unreadable images are in ``uns["rejects"]``
+        (list of dicts with ``input``, ``item``, ``reason``).
+        """
+        import anndata as ad
+
+        from vae.inputs import query as Q
+
+        p = Path(path)
+        if not p.exists():
+            raise StudyError(f"{p}: no such file or folder")
+        if kind == "auto":
+            kind = "crops" if p.is_dir() else ("h5ad" if p.suffix == ".h5ad" else "expression")
+        bg = int(
+            (self.config.get("pair") or {}).get("background_value", 0)
+            if background is None
+            else background
+        )
+        if kind == "h5ad":
+            try:
+                a = ad.read_h5ad(p)
+            except Exception as e:  # noqa: BLE001
+                raise StudyError(f"{p}: cannot read h5ad ({e})") from e
+            a.uns["rejects"] = []
+            return a
+        if kind == "expression":
+            from vae.inputs.expression import ExpressionInputError, read_expression
+
+            try:
+                a = read_expression(p)
+            except ExpressionInputError as e:
+                raise StudyError(str(e)) from e
+            a.uns["rejects"] = []
+            return a
+        if kind == "crops":
+            a, rej = Q.read_crop_folder(p, self.pair_crop_size, bg)
+        elif kind == "smears":
+            if self.segmentation_model is None:
+                raise StudyError(
+                    f"{p}: smears need a detector; the study has no segment_train/model.pt "
+                    f"(give segmentation_model=)"
+                )
+            try:
+                a, rej = Q.segment_smear_folder(
+                    p,
+                    self.segmentation_model,
+                    segment_settings,
+                    self.device,
+                    detector_kwargs,
+                    estimate_cell_px,
+                )
+            except RuntimeError as e:
+                raise StudyError(str(e)) from e
+        else:
+            raise StudyError(f"kind={kind!r}; valid: auto, h5ad, expression, crops, smears")
+        a.uns["rejects"] = rej
+        return a
+
+    def _as_adata(self, data, kind: str):
+        return self.read(data, kind) if isinstance(data, str | Path) else data
+
+    # -------------------------------------------------------- preparation
+    def prepare(self, adata, source: str = "query"):
+        """A query AnnData -> the model's input tensors and the gene report.
+
+        ``adata`` may hold images (``obsm["crops"]`` (N, S, S, 3) uint8 and
+        optionally ``obsm["masks"]``), expression (``X`` and/or
+        ``layers["counts"]`` with gene names in ``var_names``), or both; the
+        optional ``obs["has_image"]`` / ``obs["has_expression"]`` say which
+        rows hold which. Returns ``(PairedTensors, GeneReport | None)``.
+        """
+        import anndata as ad
+
+        from vae.data import PairedDataError, from_anndata
+
+        n = adata.n_obs
+        s = self.pair_crop_size
+        has_img = np.zeros(n, bool)
+        crops = np.zeros((n, s, s, 3), np.uint8)
+        masks = np.zeros((n, s, s), bool)
+        if "crops" in adata.obsm:
+            crops, masks, has_img = self._images(adata, source)
+        report = None
+        g = len(self.gene_names)
+        x = np.zeros((n, g), np.float32)
+        counts = None
+        has_expr = np.zeros(n, bool)
+        if adata.n_vars > 0:
+            x, counts, has_expr, report = self._expression(adata, source)
+        if HAS_IMAGE in adata.obs:
+            has_img &= adata.obs[HAS_IMAGE].to_numpy().astype(bool)
+        if HAS_EXPRESSION in adata.obs:
+            has_expr &= adata.obs[HAS_EXPRESSION].to_numpy().astype(bool)
+        a = ad.AnnData(X=x, obs=pd.DataFrame(index=[str(i) for i in range(n)]))
+        a.var_names = self.gene_names
+        a.obs[HAS_IMAGE] = has_img
+        a.obs[HAS_EXPRESSION] = has_expr
+        a.obsm["crops"] = crops
+        a.obsm["masks"] = masks
+        if counts is not None:
+            a.layers["counts"] = counts
+        a.uns[HAS_COUNTS] = counts is not None
+        try:
+            data = from_anndata(a, source, image_size=self.crop_size)
+        except PairedDataError as e:
+            raise StudyError(str(e)) from e
+        return data, report
+
+    def _images(self, adata, source: str):
+        from vae.inputs.pairing import resize_crop
+
+        crops = np.asarray(adata.obsm["crops"])
+        n = adata.n_obs
+        if crops.ndim != 4 or crops.shape[-1] != 3 or crops.shape[1] != crops.shape[2]:
+            raise StudyError(
+                f"{source}: obsm['crops'] must be (N, S, S, 3) square RGB crops; got {crops.shape}"
+            )
+        if crops.dtype != np.uint8:
+            raise StudyError(f"{source}: obsm['crops'] must be uint8; got {crops.dtype}")
+        if "masks" in adata.obsm:
+            masks = np.asarray(adata.obsm["masks"]).astype(bool)
+            if masks.shape != crops.shape[:3]:
+                raise StudyError(
+                    f"{source}: obsm['masks'] must be (N, S, S) = {crops.shape[:3]}; got {masks.shape}"
+                )
+        else:
+            masks = np.ones(crops.shape[:3], bool)
+        side = crops.shape[1]
+        if side < 8:
+            raise StudyError(
+                f"{source}: obsm['crops'] are {side} px; the model needs cells of >= 8 px"
+            )
+        if side not in (self.pair_crop_size, self.crop_size):
+            # as stage=pair does for cells.h5ad: resize the whole crop, keep the framing
+            bg = int((self.config.get("pair") or {}).get("background_value", 0))
+            out = [resize_crop(c, m, self.pair_crop_size, bg) for c, m in zip(crops, masks)]
+            s = self.pair_crop_size
+            crops = np.stack([o[0] for o in out]) if out else np.zeros((0, s, s, 3), np.uint8)
+            masks = np.stack([o[1] for o in out]) if out else np.zeros((0, s, s), bool)
+        has = masks.reshape(n, -1).any(1)
+        return crops, masks, has
+
+    def _expression(self, adata, source: str):
+        names = pd.Index([str(v) for v in adata.var_names])
+        if names.duplicated().any():
+            raise StudyError(
+                f"{source}: var_names holds duplicated genes {list(names[names.duplicated()][:5])}"
+            )
+        genes = self.gene_names
+        pos = {g: i for i, g in enumerate(names)}
+        low: dict[str, int] = {}
+        for i, g in enumerate(names):
+            low.setdefault(g.lower(), i)
+        idx = np.array([pos.get(g, low.get(g.lower(), -1)) for g in genes])
+        ok = idx >= 0
+        if not ok.any():
+            raise StudyError(
+                f"{source}: var_names: none of the model's {len(genes)} genes found "
+                f"(model: {genes[:5]}...; input: {list(names[:5])}...)"
+            )
+        cols = idx[ok]  # only the matched columns are made dense (a query may hold 30k genes)
+
+        def sub(m) -> np.ndarray:
+            return _dense(m[:, cols]).astype(np.float64)
+
+        def rowsum(m) -> np.ndarray:
+            return np.asarray(m.sum(1), dtype=np.float64).ravel()
+
+        def values_of(m) -> np.ndarray:
+            return np.asarray(m.data if hasattr(m, "tocsr") else m)
+
+        if "counts" in adata.layers:
+            full = adata.layers["counts"]
+            raw, total, values = sub(full), rowsum(full), "counts"
+            logx = sub(adata.X).astype(np.float32)  # the pipeline's log-normalised X
+        elif _is_counts(values_of(adata.X)):
+            raw, total, logx, values = sub(adata.X), rowsum(adata.X), None, "counts"
+        else:
+            raw, logx, values = None, sub(adata.X).astype(np.float32), "lognorm"
+            total = np.expm1(logx).sum(1)
+        checked = "layers['counts']" if "counts" in adata.layers else "X"
+        if raw is not None and (not np.isfinite(raw).all() or (raw < 0).any()):
+            raise StudyError(f"{source}: {checked} holds negative or non-finite counts")
+        if logx is not None and not np.isfinite(logx).all():
+            raise StudyError(f"{source}: X holds non-finite values")
+        has_expr = total > 0
+        if logx is None:
+            # as stage=expression: normalize_total over all genes of the input, then log1p
+            target = float((self.config.get("expression") or {}).get("target_sum") or 1e4)
+            logx = np.log1p(raw / np.maximum(total, 1e-12)[:, None] * target).astype(np.float32)
+        n, g = adata.n_obs, len(genes)
+        x = np.zeros((n, g), np.float32)
+        x[:, ok] = logx
+        want_counts = bool(self.meta.get("has_counts", self.model.args.has_counts))
+        counts = None
+        if raw is not None and want_counts:
+            counts = np.zeros((n, g), np.float32)
+            counts[:, ok] = raw
+        elif want_counts:
+            log.warning(
+                "%s: no raw counts; the model was trained on counts, its library covariate "
+                "is taken from expm1(X)",
+                source,
+            )
+        if not ok.all():
+            mean_log, prop = self.reference_expression()
+            x[:, ~ok] = mean_log[~ok]
+            if counts is not None:
+                # library of the present genes scaled up by their reference share
+                share = max(float(prop[ok].sum()), 1e-6)
+                lib = counts[:, ok].sum(1, keepdims=True) / share
+                counts[:, ~ok] = lib * prop[~ok][None, :]
+        x[~has_expr] = 0
+        if counts is not None:
+            counts[~has_expr] = 0
+        rep = GeneReport(
+            n_model=g,
+            matched=int(ok.sum()),
+            missing=[genes[i] for i in np.flatnonzero(~ok)],
+            n_extra=int(len(names) - ok.sum()),
+            values=values,
+        )
+        return x, counts, has_expr, rep
+
+    def reference_expression(self) -> tuple[np.ndarray, np.ndarray]:
+        """(G,) mean log-expression and (G,) mean proportion of each model gene.
+
+        Decoded from the reference latent (``X_vae_full`` of rows with
+        expression), so nothing but ``model.pt`` and ``latent.h5ad`` is needed.
+        """
+        import torch
+
+        if self._ref_expr is None:
+            ref = self.reference
+            z = np.asarray(ref.obsm.get("X_vae_full", ref.obsm["X_vae"]), np.float32)
+            if HAS_EXPRESSION in ref.obs and ref.obs[HAS_EXPRESSION].astype(bool).any():
+                z = z[ref.obs[HAS_EXPRESSION].to_numpy().astype(bool)]
+            logs, props = [], []
+            with torch.inference_mode():
+                for i in range(0, len(z), 512):
+                    d = self.model.decode(torch.from_numpy(z[i : i + 512]).to(self.device))
+                    logs.append(d.expression_log.float().cpu().numpy())
+                    sc = getattr(d, "expression_scale", None)
+                    if sc is None:
+                        sc = torch.expm1(d.expression_log.float())
+                        sc = sc / sc.sum(1, keepdim=True).clamp_min(1e-12)
+                    props.append(sc.float().cpu().numpy())
+            mp = np.concatenate(props).mean(0)
+            self._ref_expr = (np.concatenate(logs).mean(0), mp / mp.sum())
+        return self._ref_expr
+
+    # ------------------------------------------------------------- encoding
+    def encode(self, data, batch_size: int = 256):
+        """:class:`vae.infer.Latents` of prepared tensors (see :meth:`prepare`)."""
+        from vae.infer import encode_dataset
+
+        return encode_dataset(self.model, data, self.device, batch_size)
+
+    def get_latent(self, data, kind: str = "auto", modality: str = "joint") -> np.ndarray:
+        """(n, n_shared) latent means of the query's cells.
+
+        Parameters
+        ----------
+        data : AnnData, ``.h5ad`` / expression file, or a folder (see :meth:`read`)
+        kind : how to read a path (:meth:`read`)
+        modality : ``joint`` (every modality a row has), ``image`` or
+            ``expression`` (that modality only; NaN rows where it is absent),
+            ``full`` (all d dims of the joint mean, private blocks included)
+        """
+        adata = self._as_adata(data, kind)
+        prepared, _ = self.prepare(adata)
+        lat = self.encode(prepared)
+        ns = self.n_shared
+        table = {
+            "joint": lat.joint[:, :ns],
+            "image": lat.image[:, :ns],
+            "expression": lat.expression[:, :ns],
+            "full": lat.joint,
+        }
+        if modality not in table:
+            raise StudyError(f"modality={modality!r}; valid: {', '.join(table)}")
+        return table[modality]
+
+    # ------------------------------------------------------- label transfer
+    def transfer_labels(self, z: np.ndarray, k: int | None = None) -> pd.DataFrame:
+        """kNN label transfer from the reference latent.
+
+        Parameters
+        ----------
+        z : (n, n_shared) query latent means (``obsm["X_vae"]``)
+        k : neighbours (default ``analysis.knn_k`` of the study, 15)
+
+        Returns
+        -------
+        DataFrame with ``label`` (majority of the k nearest labelled
+        reference cells in ``X_vae``, Euclidean) and ``confidence`` (fraction of
+        those k that carry it, in [0, 1]).
+        """
+        from sklearn.neighbors import KNeighborsClassifier
+
+        ref = self.reference
+        if self.label_key not in ref.obs:
+            raise StudyError(
+                f"{self.latent_path}: obs[{self.label_key!r}] is missing (analysis.label_key)"
+            )
+        lab = ref.obs[self.label_key].astype(str).to_numpy()
+        known = ~np.isin(lab, list(UNKNOWN))
+        if not known.any():
+            raise StudyError(f"{self.latent_path}: no reference cell has a known label")
+        z = np.asarray(z, np.float64)
+        if z.ndim != 2 or z.shape[1] != self.n_shared:
+            raise StudyError(f"transfer_labels: z must be (n, {self.n_shared}); got {z.shape}")
+        k = int(k or self.analysis.get("knn_k") or 15)
+        k = max(1, min(k, int(known.sum())))
+        clf = KNeighborsClassifier(n_neighbors=k).fit(
+            np.asarray(ref.obsm["X_vae"], np.float64)[known], lab[known]
+        )
+        if len(z) == 0:
+            return pd.DataFrame({"label": pd.Series([], dtype=str), "confidence": []})
+        proba = clf.predict_proba(z)
+        best = proba.argmax(1)
+        return pd.DataFrame({"label": clf.classes_[best], "confidence": proba.max(1)})
+
+    # ------------------------------------------------------ maturation path
+    def maturation_path(self):
+        """The study's GP maturation path, as ``stage=traverse`` builds it.
+
+        Class centroids of the reference ``X_vae_full`` in ``analysis.path_classes``
+        order (or by mean ``analysis.maturation_key``), a Gaussian-process
+        path through them (:func:`vae.analysis.traverse.gp_path`, same length
+        scale, noise, steps and seed). Returns ``(Centroids, LatentPath)``.
+        """
+        from vae.analysis import traverse as T
+
+        if self._path is None:
+            a = self.analysis
+            ref = self.reference
+            if self.label_key not in ref.obs:
+                raise StudyError(f"{self.latent_path}: obs[{self.label_key!r}] is missing")
+            z = np.asarray(ref.obsm.get("X_vae_full", ref.obsm["X_vae"]), np.float64)
+            labels = ref.obs[self.label_key].astype(str).to_numpy()
+            mkey = str(a.get("maturation_key", "maturation"))
+            mat = ref.obs[mkey].to_numpy().astype(float) if mkey in ref.obs else None
+            order = list(a.get("path_classes") or []) or None
+            if order is not None and sum(c in set(labels) for c in order) < 2:
+                order = None
+            try:
+                cents = T.class_centroids(z, labels, mat, order)
+            except ValueError as e:
+                raise StudyError(f"{self.latent_path}: no maturation path: {e}") from e
+            path = T.gp_path(
+                cents.points,
+                int(a.get("path_steps", 12)),
+                float(a.get("gp_length_scale", 0.3)),
+                float(a.get("gp_noise", 1e-3)),
+                int(self.config.get("seed", 0)),
+            )
+            self._path = (cents, path)
+        return self._path
+
+    def maturation_position(self, z_full: np.ndarray) -> pd.DataFrame:
+        """Position of each code along the maturation path and the stage it falls in.
+
+        Parameters
+        ----------
+        z_full : (n, d) full latent means (``obsm["X_vae_full"]``)
+
+        Returns
+        -------
+        DataFrame with ``position`` in [0, 1] (nearest point of the GP path,
+        :func:`vae.analysis.traverse.project_onto_path`; 0 = first path class)
+        and ``stage``: the path class whose centroid position is nearest.
+        """
+        from vae.analysis import traverse as T
+
+        cents, path = self.maturation_path()
+        z = np.asarray(z_full, np.float64)
+        if z.ndim != 2 or z.shape[1] != path.points.shape[1]:
+            raise StudyError(
+                f"maturation_position: z_full must be (n, {path.points.shape[1]}); got {z.shape}"
+            )
+        if len(z) == 0:
+            return pd.DataFrame({"position": [], "stage": pd.Series([], dtype=str)})
+        pos = T.project_onto_path(z, path)
+        stage = np.asarray(cents.names)[np.abs(pos[:, None] - path.knots_s[None]).argmin(1)]
+        return pd.DataFrame({"position": pos, "stage": stage})
+
+    # ---------------------------------------------------------------- decode
+    def decode(self, z: np.ndarray, batch_size: int = 256):
+        """Decode full latent codes (n, d): images, masks and log-expression.
+
+        Returns :class:`vae.analysis.traverse.DecodedArrays` (``images``
+        (n, S, S, 3) in [0, 1], ``masks``, ``expression`` (n, G) log1p-normalised
+        in the order of :attr:`gene_names`).
+        """
+        from vae.analysis.traverse import decode
+
+        z = np.asarray(z, np.float32)
+        d = int(self.meta["n_latent"])
+        if z.ndim != 2 or z.shape[1] != d:
+            raise StudyError(f"decode: z must be (n, {d}) full codes; got {z.shape}")
+        return decode(self.model, z, batch_size, self.device)
+
+    # ----------------------------------------------------------------- embed
+    def embed(self, adata, source: str = "query", batch_size: int = 256):
+        """Everything at once: a copy of ``adata``'s obs with the study's readings.
+
+        Returns
+        -------
+        AnnData with the input's obs columns untouched plus ``vae_modality``
+        (image / expression / both), ``vae_label`` + ``vae_label_confidence``
+        (:meth:`transfer_labels`), ``vae_maturation`` + ``vae_stage``
+        (:meth:`maturation_position`; NaN / "" when the study has no path);
+        ``obsm``: ``X_vae``, ``X_vae_image``, ``X_vae_expression``,
+        ``X_vae_full``, ``X_vae_logvar`` (+ private blocks), ``crops``/``masks``
+        at the model's size when there are images; ``uns["genes"]``: the
+        :class:`GeneReport`. Rows with neither modality are dropped (listed in
+        ``uns["dropped"]``).
+        """
+        import anndata as ad
+
+        clash = [c for c in OBS_COLUMNS if c in adata.obs]
+        if clash:
+            raise StudyError(f"{source}: obs already has column(s) {clash}; rename them")
+        data, report = self.prepare(adata, source)
+        hi, he = data.has_image.numpy(), data.has_expression.numpy()
+        keep = hi | he
+        dropped = [str(s) for s in adata.obs_names[~keep]]
+        lat = self.encode(data, batch_size)
+        ns, npv = self.n_shared, int(self.meta["n_private"])
+        obs = adata.obs.copy()
+        obs["vae_modality"] = np.where(hi & he, "both", np.where(hi, "image", "expression"))
+        out = ad.AnnData(obs=obs)
+        out.obsm["X_vae"] = lat.joint[:, :ns].astype(np.float32)
+        out.obsm["X_vae_image"] = lat.image[:, :ns].astype(np.float32)
+        out.obsm["X_vae_expression"] = lat.expression[:, :ns].astype(np.float32)
+        out.obsm["X_vae_full"] = lat.joint.astype(np.float32)
+        out.obsm["X_vae_logvar"] = lat.joint_logvar.astype(np.float32)
+        if npv:
+            out.obsm["X_vae_private_image"] = lat.image[:, ns : ns + npv].astype(np.float32)
+            out.obsm["X_vae_private_expression"] = lat.expression[:, ns + npv :].astype(np.float32)
+        if hi.any():
+            out.obsm["crops"] = data.crops.permute(0, 2, 3, 1).numpy()
+            out.obsm["masks"] = data.masks[:, 0].numpy().astype(bool)
+        out = out[keep].copy()
+        lab = self.transfer_labels(out.obsm["X_vae"])
+        out.obs["vae_label"] = lab["label"].to_numpy().astype(str)
+        out.obs["vae_label_confidence"] = lab["confidence"].to_numpy()
+        try:
+            mp = self.maturation_position(out.obsm["X_vae_full"])
+            out.obs["vae_maturation"] = mp["position"].to_numpy()
+            out.obs["vae_stage"] = mp["stage"].to_numpy().astype(str)
+        except StudyError as e:
+            log.warning("no maturation position: %s", e)
+            out.obs["vae_maturation"] = np.nan
+            out.obs["vae_stage"] = ""
+        out.uns["latent_layout"] = {"n_shared": ns, "n_private": npv}
+        out.uns["genes"] = json.dumps(report.as_dict()) if report else "{}"
+        out.uns["dropped"] = dropped
+        out.uns["study"] = {"model": str(self.model_path), "latent": str(self.latent_path)}
+        return out
+
+
+__all__ = ["Study", "StudyError", "GeneReport"]

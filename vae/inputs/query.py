@@ -1,0 +1,156 @@
+"""Readers of new data for :mod:`vae.api`: crop folders and smear folders -> AnnData.
+
+Both return an AnnData in the ``cells.h5ad`` layout (``obsm["crops"]`` (N, S, S, 3)
+uint8, ``obsm["masks"]`` (N, S, S) bool, no genes) plus a list of reject rows
+(``input``, ``item``, ``reason``) for what could not be read. A sub-folder of the
+given folder is a sample: its name goes to ``obs["sample"]`` (images directly in
+the folder get the folder's own name).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from segmentation.io import IMAGE_SUFFIXES
+
+REJECT_COLUMNS = ["input", "item", "reason"]
+
+log = logging.getLogger(__name__)
+
+
+def sample_images(folder: str | Path) -> list[tuple[str, Path]]:
+    """(sample, image path) for images in ``folder`` and in its direct sub-folders.
+
+    Images directly inside ``folder`` belong to the sample named after the
+    folder; each sub-folder is one sample named after the sub-folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    out = [(folder.name, p) for p in sorted(folder.iterdir()) if _is_image(p)]
+    for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        out += [(sub.name, p) for p in sorted(sub.iterdir()) if _is_image(p)]
+    return out
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+
+
+def read_crop_folder(folder: str | Path, size: int, background: int = 0):
+    """Single-cell crop images (no masks) -> ``(AnnData, rejects)``.
+
+    Each image is squared (padding marked outside the mask), resized to
+    ``size`` px with the pairing's :func:`vae.inputs.pairing.square_crop`, as
+    ``stage=pair`` does for crop folders; the mask covers the whole image.
+
+    Parameters
+    ----------
+    folder : images, or sub-folders of images (one per sample)
+    size : crop side S of the output, px
+    background : value of padding pixels (0..255)
+    """
+    import anndata as ad
+
+    from segmentation.io import read_rgb
+    from vae.inputs.pairing import square_crop
+
+    folder = Path(folder)
+    crops, masks, rows, rejects = [], [], [], []
+    for sample, p in sample_images(folder):
+        rd = read_rgb(p)
+        if not rd.ok:
+            rejects.append({"input": str(folder), "item": str(p), "reason": rd.reason})
+            continue
+        c, m = square_crop(rd.image, np.ones(rd.image.shape[:2], bool), size, background)
+        crops.append(c)
+        masks.append(m)
+        rows.append({"cell_id": f"{sample}/{p.name}", "image": p.name, "sample": sample})
+    obs = pd.DataFrame(rows, columns=["cell_id", "image", "sample"]).set_index("cell_id")
+    obs.index.name = None
+    a = ad.AnnData(obs=obs)
+    a.obsm["crops"] = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+    a.obsm["masks"] = np.stack(masks) if masks else np.zeros((0, size, size), bool)
+    return a, rejects
+
+
+def segment_smear_folder(
+    folder: str | Path,
+    model_path: str | Path,
+    settings: Any = None,
+    device: str = "cpu",
+    detector_kwargs: dict | None = None,
+    estimate_cell_px: float | None = None,
+):
+    """Detect and crop the white cells of every smear image -> ``(AnnData, rejects)``.
+
+    The same code as ``stage=segment`` (:func:`segmentation.cells.segment_images`
+    with the tiled :class:`~segmentation.inference.MaskRCNNDetector`).
+
+    Parameters
+    ----------
+    folder : smear images, or sub-folders of them (one per sample)
+    model_path : ``segment_train/model.pt``
+    settings : :class:`segmentation.cells.SegmentSettings`; None -> defaults
+        with the scale the detector was trained at (checkpoint ``input_scale``)
+    device : torch device
+    detector_kwargs : extra arguments of ``MaskRCNNDetector``
+    estimate_cell_px : when given, each image's scale is measured from its red
+        cells (:func:`segmentation.magnification.estimate_scale`, white cells to
+        this many px) instead of ``settings.input_scale``; the scales used are in
+        ``uns["input_scales"]`` (image -> scale)
+    """
+    from dataclasses import replace
+
+    import anndata as ad
+
+    from segmentation.cells import SegmentSettings, segment_images
+    from segmentation.inference import MaskRCNNDetector
+    from segmentation.io import read_rgb
+    from segmentation.magnification import estimate_scale
+    from segmentation.model import load_checkpoint
+    from segmentation.table import obs_frame
+
+    model, ckpt = load_checkpoint(model_path, map_location=device)
+    if settings is None:
+        settings = SegmentSettings(input_scale=float(ckpt.get("input_scale") or 1.0))
+    det = MaskRCNNDetector(model, device, **(detector_kwargs or {}))
+    folder = Path(folder)
+    frames, crops, masks, rejects, scales = [], [], [], [], {}
+    for sample, p in sample_images(folder):
+        rd = read_rgb(p)
+        if not rd.ok:
+            rejects.append({"input": str(folder), "item": str(p), "reason": rd.reason})
+            continue
+        prefix = f"{sample}/{p.stem}"
+        s_img = settings
+        if estimate_cell_px is not None:
+            est = estimate_scale(rd.image, estimate_cell_px, fallback=settings.input_scale)
+            log.info("scale estimate %s: %s", p.name, est)
+            s_img = replace(settings, input_scale=est.scale)
+        scales[prefix] = float(s_img.input_scale)
+        cells = segment_images(det, [rd.image], [p.name], s_img, id_prefixes=[prefix])[0]
+        tab = cells.table
+        kept = tab[tab["kept"]].copy()
+        if not len(kept):
+            rejects.append({"input": str(folder), "item": str(p), "reason": "no cells kept"})
+            continue
+        kept["sample"] = sample
+        frames.append(kept)
+        crops.append(cells.crops.images)
+        masks.append(cells.crops.masks)
+    s = settings.crop_size
+    if frames:
+        obs = obs_frame(pd.concat(frames, ignore_index=True))
+    else:
+        obs = pd.DataFrame(index=pd.Index([], dtype=str), columns=["image", "sample"])
+    a = ad.AnnData(obs=obs)
+    a.obsm["crops"] = np.concatenate(crops) if crops else np.zeros((0, s, s, 3), np.uint8)
+    a.obsm["masks"] = np.concatenate(masks) if masks else np.zeros((0, s, s), bool)
+    a.uns["input_scales"] = scales
+    return a, rejects
