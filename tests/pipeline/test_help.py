@@ -17,11 +17,13 @@ def test_help_without_stage_lists_stages_presets_and_knobs():
     # every stage in run order, numbered, with what it reads and writes
     pos = [out.index(f"{k}. {name} ") for k, name in enumerate(runner.ORDER, 1)]
     assert pos == sorted(pos)
-    assert out.count("reads:") == len(runner.ORDER) == out.count("writes:")
+    extra = len(runner.EXTRA_STAGES)  # listed after the stage=all order
+    assert out.count("reads:") == len(runner.ORDER) + extra == out.count("writes:")
+    assert "embed/query.h5ad" in out
     assert "+preset=demo" in out and "+preset=real" in out
     assert "vae.beta=" in out and "hardware.torch_threads=null" in out
     # Hydra's group listing (filled in for $APP_CONFIG_GROUPS) is there, without schema names
-    assert "stage: all, evaluate" in out
+    assert "stage: all, embed, evaluate" in out
     assert "base_" not in out
     assert len(out.splitlines()) < 100  # a page, not the 300-line config
 
@@ -46,4 +48,4 @@ def test_schema_name_as_stage_is_a_clear_error(tmp_path):
     assert "Could not find 'stage/base_stage'" in r.stderr
     assert "Traceback" not in r.stderr
     listed = r.stderr.split("Available options in 'stage':", 1)[1].split("Config search path")[0]
-    assert sorted(listed.split()) == sorted([*runner.ORDER, "all"])
+    assert sorted(listed.split()) == sorted([*runner.ORDER, *runner.EXTRA_STAGES, "all"])
