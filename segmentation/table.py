@@ -49,6 +49,45 @@ def merge_parts(
     return table, kept, crops, masks
 
 
+def run_summary(
+    parts: list[dict[str, Any]],
+    table: pd.DataFrame,
+    kept: pd.DataFrame,
+    n_listed: int,
+    smears: Any,
+    ann: Any,
+) -> tuple[pd.DataFrame, dict[str, int], dict[str, Any]]:
+    """Rejects table, filter counts and ``summary.json`` body of one segment run.
+
+    ``parts``: the per-rank results (``rejects``, ``n_images``, ``seconds``,
+    ``n_truth``, ``model_args``); ``table``/``kept``: all detections and the
+    kept cells (:func:`merge_parts`); ``n_listed``: images listed; ``smears`` /
+    ``ann``: the input folder and annotations path (None without truth).
+    """
+    rejects = pd.DataFrame(
+        [r for p in parts for r in p["rejects"]],
+        columns=["image", "action", "reason", "cell_id", "detail"],
+    )
+    counts = {"images": n_listed, "images_read": int(sum(p["n_images"] for p in parts))}
+    counts["detections"] = len(table)
+    for f in FLAGS:
+        counts[f] = int(table[f].sum()) if len(table) else 0
+    counts["kept"] = len(kept)
+    summary: dict[str, Any] = {
+        "filter_counts": counts,
+        "seconds_inference": round(sum(p["seconds"] for p in parts), 3),
+        "images_per_second": round(
+            counts["images_read"] / max(1e-9, max(p["seconds"] for p in parts)), 4
+        ),
+        "smears": str(smears),
+        "annotations": str(ann) if ann else None,
+        "model_args": parts[0]["model_args"],
+    }
+    if ann is not None and "truth_cell_id" in table:
+        summary["truth"] = truth_summary(table, kept, int(sum(p["n_truth"] for p in parts)))
+    return rejects, counts, summary
+
+
 def truth_summary(table: pd.DataFrame, kept: pd.DataFrame, n_truth: int) -> dict[str, Any]:
     """Recall / precision at the score threshold and match quality of the kept cells."""
     scored = table[~table.low_score]

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from pipeline.artifacts import write_json
@@ -40,7 +39,7 @@ from segmentation.crops import FLAGS, FilterSettings
 from segmentation.inference import MaskRCNNDetector
 from segmentation.io import list_images, read_rgb, write_h5ad
 from segmentation.progress import bar
-from segmentation.table import cells_adata, merge_parts, truth_summary
+from segmentation.table import cells_adata, merge_parts, run_summary
 
 log = logging.getLogger(__name__)
 
@@ -359,30 +358,8 @@ def _write_outputs(
 ) -> None:
     sc = ctx.cfg.segmentation
     table, kept, crops, masks = merge_parts(parts, settings.crop_size, ann is not None)
-    rejects = pd.DataFrame(
-        [r for p in parts for r in p["rejects"]],
-        columns=["image", "action", "reason", "cell_id", "detail"],
-    )
-    counts = {"images": n_listed, "images_read": int(sum(p["n_images"] for p in parts))}
-    counts["detections"] = len(table)
-    for f in FLAGS:
-        counts[f] = int(table[f].sum()) if len(table) else 0
-    counts["kept"] = len(kept)
-    has_truth = ann is not None
-    summary: dict[str, Any] = {
-        "filter_counts": counts,
-        "seconds_inference": round(sum(p["seconds"] for p in parts), 3),
-        "images_per_second": round(
-            counts["images_read"] / max(1e-9, max(p["seconds"] for p in parts)), 4
-        ),
-        "world_size": ctx.dist.world_size,
-        "device": str(ctx.dist.device),
-        "smears": str(smears),
-        "annotations": str(ann) if ann else None,
-        "model_args": parts[0]["model_args"],
-    }
-    if has_truth and "truth_cell_id" in table:
-        summary["truth"] = truth_summary(table, kept, int(sum(p["n_truth"] for p in parts)))
+    rejects, counts, summary = run_summary(parts, table, kept, n_listed, smears, ann)
+    summary.update(world_size=ctx.dist.world_size, device=str(ctx.dist.device))
     adata = cells_adata(kept, crops, masks, settings, counts, str(smears))
     with ctx.atomic("cells") as tmp:
         write_h5ad(adata, tmp)
