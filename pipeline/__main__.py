@@ -85,6 +85,12 @@ def app(cfg: DictConfig) -> int:
 
 
 def main() -> None:
+    from pipeline.names import check_argv
+
+    bad = check_argv(sys.argv[1:])
+    if bad:  # before Hydra creates <paths.root>/<experiment>/.hydra
+        print(f"error: {bad}", file=sys.stderr)
+        sys.exit(2)
     app()
 
 

@@ -322,8 +322,25 @@ class Config:
     log_level: str = "INFO"
 
 
+def _run_name_resolver(value: Any, setting: str = "experiment") -> str:
+    """``${run_name:${experiment}}`` in ``hydra.run.dir``: Hydra creates that folder
+    before the runner starts, so a name that would leave ``paths.root`` is replaced
+    by ``_rejected_name`` here (raising would make Hydra print a traceback); the
+    runner then refuses the name with a message (pipeline/names.py)."""
+    from pipeline.names import BadNameError, check_run_name
+
+    try:
+        return check_run_name(value, setting, allow_empty=setting == "variant")
+    except BadNameError:
+        return "_rejected_name"
+
+
 def register_configs() -> None:
     """Register the schema with Hydra's ConfigStore (idempotent)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", _run_name_resolver)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     groups = {

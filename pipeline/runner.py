@@ -34,6 +34,7 @@ from pipeline.artifacts import (
     check_fresh,
     read_manifest,
 )
+from pipeline.names import BadNameError, check_run_name
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +151,20 @@ def resolve_data_path(cfg: DictConfig, p: str, setting: str) -> Path:
 
 
 def run_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.root) / cfg.experiment
+    """``<paths.root>/<experiment>``; a name that would leave ``paths.root`` is refused."""
+    try:
+        return Path(cfg.paths.root) / check_run_name(cfg.experiment, "experiment")
+    except BadNameError as e:
+        raise StageError(str(e)) from None
 
 
 def stage_dir(cfg: DictConfig, name: str) -> Path:
     d = run_dir(cfg) / name
-    return d / cfg.variant if cfg.variant else d
+    try:
+        variant = check_run_name(cfg.variant, "variant", allow_empty=True)
+    except BadNameError as e:
+        raise StageError(str(e)) from None
+    return d / variant if variant else d
 
 
 def resolve_input(cfg: DictConfig, name: str) -> Path:
