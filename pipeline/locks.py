@@ -13,8 +13,10 @@ import fcntl
 import os
 from pathlib import Path
 
+from pipeline.runner import StageError
 
-class StageBusyError(RuntimeError):
+
+class StageBusyError(StageError):
     """Another process holds the lock of this stage folder."""
 
 
@@ -83,4 +85,6 @@ def stage_lock(run_dir: Path, stage: str, variant: str, experiment: str) -> Stag
     """The lock of one stage folder (``variant`` may be empty)."""
     key = stage + (f"__{variant.replace('/', '__')}" if variant else "")
     label = f"stage={stage}" + (f" variant={variant}" if variant else "")
-    return StageLock(Path(run_dir) / ".locks" / f"{key}.lock", f"{label} of experiment {experiment}")
+    return StageLock(
+        Path(run_dir) / ".locks" / f"{key}.lock", f"{label} of experiment {experiment}"
+    )

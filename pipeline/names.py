@@ -47,8 +47,10 @@ def check_run_name(value: str, setting: str, *, allow_empty: bool = False) -> st
     else:
         for part in value.split("/"):
             if part in ("", ".", ".."):
-                why = f"it has a {part or 'empty'!r} path component" if part else (
-                    "it has an empty path component (// or a trailing /)"
+                why = (
+                    f"it has a {part or 'empty'!r} path component"
+                    if part
+                    else ("it has an empty path component (// or a trailing /)")
                 )
                 break
             if not _COMPONENT.fullmatch(part):

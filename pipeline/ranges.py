@@ -217,7 +217,7 @@ def _describe(spec: str) -> str:
     if spec[0] in "[(":
         return f"in {spec}"
     op = ">=" if spec.startswith(">=") else ">"
-    return f"{op} {spec[len(op):]}"
+    return f"{op} {spec[len(op) :]}"
 
 
 def _values(v: Any) -> list[Any]:
