@@ -331,7 +331,7 @@ def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu", what: st
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message is long and suggests weights_only=False: keep only the cause
+        # torch's message is long and suggests the unsafe mode: keep only the cause
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         hits = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln]
         cause = (hits or lines[-1:] or [type(e).__name__])[0]
