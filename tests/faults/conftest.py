@@ -46,6 +46,7 @@ def cfg_for(root: Path, stage: str = "evaluate", *overrides: str):
 
 def register_toy(monkeypatch, name: str, body) -> None:
     """Replace stage ``name`` by ``body`` (writes the stage's first artifact)."""
+    runner.load_stages()  # import the real stages first, so none replaces the toy later
     produces = [a for a, (prod, _) in runner.ARTIFACTS.items() if prod == name][:1]
     spec = runner.StageSpec(name=name, fn=body, produces=produces)
     monkeypatch.setitem(runner.REGISTRY, name, spec)
