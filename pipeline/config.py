@@ -238,8 +238,11 @@ class ExpressionConfig:
     # working dir, then from paths.shared_data; "scanpy:pbmc68k_reduced" = scanpy's copy
     input_file: str | None = None
     input_format: str = "auto"  # auto | h5ad | 10x_h5 | 10x_mtx | csv | tsv | loom
-    orientation: str = "cells_by_genes"  # CSV/TSV only: cells_by_genes | genes_by_cells
-    values: str = "auto"  # what X holds: auto | counts | lognorm (auto: integers -> counts)
+    # CSV/TSV only: auto (gene-symbol overlap of rows vs columns, logged) | cells_by_genes |
+    # genes_by_cells
+    orientation: str = "auto"
+    # what X holds: auto | counts | lognorm (auto: integers -> counts, else an error)
+    values: str = "auto"
     # QC filters (0 / null = off); cells first, then genes
     min_genes: int = 0  # min detected genes per cell
     min_counts: int = 0  # min total counts per cell
