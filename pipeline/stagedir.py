@@ -151,10 +151,16 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
 
 def report_backups(run_dir: Path) -> None:
     """Warn about every backup ``.<stage>.old-*`` under ``run_dir`` (two levels deep)."""
+    from pipeline.locks import stage_lock
+
     if not run_dir.is_dir():
         return
     for pattern in (".*.old-*", "*/.*.old-*"):
         for p in sorted(run_dir.glob(pattern)):
+            name = p.name[1:].rsplit(".old-", 1)[0]
+            stage, variant = (name, "") if p.parent == run_dir else (p.parent.name, name)
+            if stage_lock(run_dir, stage, variant, run_dir.name).held_elsewhere():
+                continue  # a running overwrite=true owns it
             if p.is_dir():
                 log.warning(
                     "%s: backup of a complete result left by an interrupted overwrite=true "

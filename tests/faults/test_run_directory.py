@@ -158,3 +158,15 @@ def test_interrupted_first_run_says_so(tmp_path, toy, capsys):
     (d / "manifest.json").write_text(json.dumps({"stage": "evaluate", "status": "running"}))
     assert runner.main(cfg_for(tmp_path / "out", "evaluate")) == 2
     assert "interrupted: no process holds its lock" in capsys.readouterr().err
+
+
+def test_backup_of_a_running_overwrite_is_not_reported(tmp_path, toy, caplog):
+    """While an overwrite=true run holds the lock, its backup is not a leftover."""
+    toy("evaluate", writes("good"))
+    toy("traverse", writes("report"))
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "evaluate")) == 0
+    _, backup = _kill_during_overwrite(root)
+    with stage_lock(root / "t", "evaluate", "", "t"), caplog.at_level("WARNING"):
+        assert runner.main(cfg_for(root, "traverse")) == 0
+    assert str(backup) not in caplog.text
