@@ -170,3 +170,18 @@ def test_backup_of_a_running_overwrite_is_not_reported(tmp_path, toy, caplog):
     with stage_lock(root / "t", "evaluate", "", "t"), caplog.at_level("WARNING"):
         assert runner.main(cfg_for(root, "traverse")) == 0
     assert str(backup) not in caplog.text
+
+
+def test_hydra_run_dir_never_leaves_paths_root():
+    """A bad name that reaches Hydra (not from argv) puts .hydra/ under paths.root."""
+    from omegaconf import OmegaConf
+
+    from tests.helpers.run import CONF
+
+    run_dir = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"))["hydra"]["run"]["dir"]
+    assert run_dir.startswith("${paths.root}/${run_name:${experiment}}/")
+    from pipeline.config import _run_name_resolver
+
+    assert _run_name_resolver("../../x") == "_rejected_name"
+    assert _run_name_resolver("/abs") == "_rejected_name"
+    assert _run_name_resolver("study/b4") == "study/b4"
