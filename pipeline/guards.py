@@ -7,6 +7,11 @@
   is prepared, so a wrong or truncated file is one message, not a traceback.
 - :func:`check_resume`: ``resume=true`` continues only a run with the same
   settings that shape the model and the loss (named when they differ).
+- :func:`start_run`, :func:`report_crash`, :func:`log_traceback`: what
+  ``runner.main`` does first, and how an unexpected error becomes one line on the
+  console with its traceback in ``<stage>.log``.
+
+Guarantees and the faults tried: docs/reliability.md.
 """
 
 from __future__ import annotations
