@@ -1,5 +1,6 @@
 # make demo  : set up .venv (if missing) and run the whole pipeline on simulated data
 # make test  : set up .venv (if missing) and run the test suite
+# ARGS="..." : extra arguments, e.g. make demo ARGS="hardware.torch_threads=1", make test ARGS="-x tests/vae"
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -17,13 +18,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pipeline stage=all +preset=demo experiment=$(EXP) overwrite=true
+	$(PY) -m pipeline stage=all +preset=demo experiment=$(EXP) overwrite=true $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest $(ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -m ''
+	$(PY) -m pytest -m '' $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

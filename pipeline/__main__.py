@@ -11,9 +11,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from pipeline import help as pipeline_help
 from pipeline.config import register_configs
 
 register_configs()
+pipeline_help.register()
 
 # settings that never name a sweep job's folder (where, how and on what it runs)
 _NOT_IN_VARIANT = (
@@ -84,6 +86,9 @@ def app(cfg: DictConfig) -> int:
     return code
 
 
+HELP_FLAGS = ("--help", "-h", "--hydra-help")
+
+
 def main() -> None:
     from pipeline.names import check_argv
 
@@ -91,6 +96,15 @@ def main() -> None:
     if bad:  # before Hydra creates <paths.root>/<experiment>/.hydra
         print(f"error: {bad}", file=sys.stderr)
         sys.exit(2)
+    # `stage` is mandatory for a run, but --help must work without it: Hydra composes the
+    # config to print the help, so give it a stage (the help text does not depend on it)
+    args = sys.argv[1:]
+    if any(a in HELP_FLAGS for a in args) and not any(
+        a.lstrip("+~").startswith("stage=") for a in args
+    ):
+        # next to the other overrides: argparse takes them as one block of positionals
+        at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), None)
+        sys.argv.insert(1 + (len(args) if at is None else at), "stage=all")
     app()
 
 

@@ -20,7 +20,15 @@ from omegaconf import MISSING
 from pipeline.config_sources import SegmentSourceConfig
 from pipeline.config_vae import TrainerConfig, VAEConfig
 from pipeline.simulator.dataset import SimulatorParams
-from segmentation.schema import MASK_THRESHOLD, SCORE_THRESHOLD
+from segmentation.schema import (
+    BORDER_MARGIN,
+    MASK_THRESHOLD,
+    MAX_AREA_RATIO,
+    MIN_CELLS_AREA_RATIO,
+    MIN_SOLIDITY,
+    SCORE_THRESHOLD,
+    TOUCH_PX,
+)
 from vae.analysis.settings import AnalysisSettings
 from vae.inputs.schema import granule_programs
 
@@ -45,6 +53,7 @@ class InputsConfig:
     expression_raw: str | None = None  # raw counts AnnData (simulator or user file)
     segmentation_model: str | None = None  # Mask R-CNN checkpoint
     cells: str | None = None  # cells.h5ad from stage=segment
+    crop_rejects: str | None = None  # rejects.png of stage=segment (shown in the report)
     expression: str | None = None  # processed expression AnnData
     paired: str | None = None  # paired.h5ad from stage=pair
     model: str | None = None  # beta-VAE checkpoint
@@ -78,7 +87,8 @@ class HardwareConfig:
     master_port: int = 29531
     num_workers: int = 0  # DataLoader workers
     pin_memory: bool = False
-    torch_threads: int | None = None  # None -> torch default
+    # intra-op threads; None: picked from free cores and load, 1 per DDP process (logged)
+    torch_threads: int | None = None
 
 
 def _simulator_schema() -> type:
@@ -191,7 +201,7 @@ class SegmentationConfig:
     grad_clip: float = 10.0  # max gradient norm; 0 = off
     eval_every: int = 1  # epochs between validation runs (the last epoch always)
     tb_images: int = 4  # validation images with drawn predictions in TensorBoard
-    log_every: int = 10  # iterations between log lines
+    log_every: int = 10  # iterations between DEBUG loss lines (log_level=DEBUG; bars show progress)
     # --- stage=segment: tiled inference (docs/segmentation_infer.md) ---
     input_scale: float = 1.0  # source image resized by this before tiling (cell px as trained)
     tile_size: int = 1024  # square tile side, px at input_scale; fed to the net unresized
@@ -214,13 +224,20 @@ class SegmentationConfig:
     min_area: int = 200  # mask px (source frame); smaller are dropped
     max_area: int | None = None  # mask px; None = no upper limit
     drop_border: bool = True  # drop cells whose mask touches the image border
-    border_margin: int = 1  # px from the border that counts as touching
+    border_margin: int = BORDER_MARGIN  # px from the border that counts as touching
     max_overlap_iou: float | None = 0.2  # drop cells with mask IoU above this with another
     # a lower-score detection lying this much (intersection / its area) inside a better one
     # is a duplicate of that cell: flagged, and not counted as an overlap; null = off
     duplicate_containment: float | None = 0.6
     drop_multi_piece: bool = True  # drop masks in several connected pieces
     min_piece_area: int = 10  # px; smaller specks are not counted as pieces
+    # cells a morphologist would not accept (defaults owned by segmentation/schema.py)
+    drop_tile_cut: bool = True  # drop a tile fragment left after merging the tiles
+    touch_px: int | None = TOUCH_PX  # drop cells within this gap of another cell; null = off
+    min_solidity: float | None = MIN_SOLIDITY  # drop masks less convex (doublets); null = off
+    max_area_ratio: float | None = MAX_AREA_RATIO  # drop area > this x image median; null = off
+    min_cells_area_ratio: int = MIN_CELLS_AREA_RATIO  # cells an image needs for that test
+    n_reject_examples: int = 32  # rejected crops on rejects.png (shown in the report)
     match_iou: float = 0.5  # detection <-> ground-truth mask IoU for truth labels
     n_overlays: int = 8  # overlay PNGs written (first N images)
     contact_sheet_max: int = 64  # crops on the contact sheet
@@ -301,7 +318,23 @@ class PairConfig:
     min_class_size: int = 1  # by_label: smaller classes -> unlabelled (rejects.csv); 1 = off
 
 
-AnalysisConfig = AnalysisSettings  # owned by the library: vae/analysis/settings.py
+def _analysis_schema() -> type:
+    """``analysis``: the fields and defaults of :class:`AnalysisSettings` (their one owner,
+    vae/analysis/settings.py) except ``programs``: gene programs have one definition,
+    ``expression.programs``, which evaluate/traverse receive (pipeline/stages/evaluate.py)."""
+    fields = [
+        (f.name, f.type, field(default=f.default, default_factory=f.default_factory))
+        if f.default is dataclasses.MISSING
+        else (f.name, f.type, f.default)
+        for f in dataclasses.fields(AnalysisSettings)
+        if f.name != "programs"
+    ]
+    cls = dataclasses.make_dataclass("AnalysisConfig", fields)
+    cls.__module__ = __name__  # so the config pickles (DDP workers get it by spawn)
+    return cls
+
+
+AnalysisConfig = _analysis_schema()
 
 
 @dataclass
@@ -339,24 +372,15 @@ def _run_name_resolver(value: Any, setting: str = "experiment") -> str:
 
 
 def register_configs() -> None:
-    """Register the schema with Hydra's ConfigStore (idempotent)."""
+    """Register the schema with Hydra's ConfigStore (idempotent).
+
+    Only the top-level ``base_config`` is stored: it is first in ``conf/config.yaml``'s
+    defaults, so every group file merged after it is checked against :class:`Config`
+    (a typo or wrong type fails at compose). No per-group schema entries are stored,
+    so none shows up among a group's choices (``stage=``, ``vae=`` ...).
+    """
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", _run_name_resolver)
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    groups = {
-        "stage": StageConfig,
-        "data": DataConfig,
-        "segmentation": SegmentationConfig,
-        "expression": ExpressionConfig,
-        "pair": PairConfig,
-        "vae": VAEConfig,
-        "trainer": TrainerConfig,
-        "analysis": AnalysisConfig,
-        "hardware": HardwareConfig,
-        "paths": PathsConfig,
-    }
-    for group, node in groups.items():
-        cs.store(group=group, name=f"base_{group}", node=node)
+    ConfigStore.instance().store(name="base_config", node=Config)

@@ -29,6 +29,10 @@ class VAEConfig:
     predict_mask: bool = True  # decoder also predicts the cell mask (BCE)
     ssim_weight: float = 0.0  # optional (1 - SSIM) term inside the mask
     spectral_weight: float = 0.0  # masked log-amplitude spectrum L1 (granule texture)
+    # granule layer (> 0 builds it): the decoder predicts a granule-rate map and the
+    # granules' colour, trained on the granules found on the input crops; decoded
+    # cells are rendered with granules drawn from that map (docs/vae.md)
+    granule_weight: float = 0.0
     free_bits: float = 0.0  # nats per latent dim that cost no KL (keeps dims active)
     # label cross-entropy on each expert's shared mean, rows with a known obs['label']
     # (scANVI-style semi-supervision; 0: off, and no classifier head is built)
@@ -74,6 +78,9 @@ class TrainerConfig:
     early_stopping_patience: int = 10  # epochs without val improvement (0: off)
     val_fraction: float = 0.15  # split stratified by obs["label"], seeded by `seed`
     test_fraction: float = 0.15  # never used for early stopping or tuning
+    # labels (obs["label"]) kept out of training: their rows all go to the test split
+    # (held-out-kind anomaly detection, scripts/bench_anomaly.py)
+    exclude_labels: list[str] = field(default_factory=list)
     augment: bool = True  # random flips / rot90 of crops and masks, per batch
     stain_jitter: float = 0.0  # HED stain + colour jitter strength when augment (0: off)
     log_every_steps: int = 10  # TensorBoard scalars

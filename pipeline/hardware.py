@@ -130,6 +130,75 @@ def plan(hw: Any) -> tuple[str, list[int], int]:
     return "cuda", devices, len(devices)
 
 
+# (hardware.torch_threads, world size) -> (threads, why): decided once per process
+_THREADS: dict[tuple[int | None, int], tuple[int, str]] = {}
+
+
+def pick_threads(
+    setting: int | None,
+    world_size: int = 1,
+    cores: int | None = None,
+    load: float | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[int, str]:
+    """Intra-op torch threads for this process, and why.
+
+    Order: ``hardware.torch_threads`` when set; 1 per process under DDP (the
+    processes share the cores); ``OMP_NUM_THREADS`` when exported; else the cores
+    this process may run on (``os.sched_getaffinity``) minus the 1-min load
+    average (``os.getloadavg``), at least 1. On a shared machine this keeps
+    OpenMP from oversubscribing busy cores, which made training several times
+    slower (README, "Busy CPUs").
+
+    Parameters
+    ----------
+    setting
+        ``hardware.torch_threads`` (None: decide).
+    world_size
+        Processes of this run.
+    cores, load, env
+        For tests; default to this machine's affinity, load and ``os.environ``.
+
+    Returns
+    -------
+    (threads, reason)
+
+    >>> pick_threads(None, cores=2, load=0.1, env={})
+    (2, '2 cores, load 0.10')
+    >>> pick_threads(None, cores=2, load=5.0, env={})[0]
+    1
+    """
+    env = os.environ if env is None else env
+    if setting:
+        return int(setting), "hardware.torch_threads"
+    if world_size > 1:
+        return 1, f"1 per process ({world_size} DDP processes)"
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = int(round(cores - load))
+    return max(1, min(int(cores), free)), f"{cores} cores, load {load:.2f}"
+
+
+def set_threads(hw: Any, world_size: int = 1) -> int:
+    """Apply :func:`pick_threads`, decided (and logged) once per process and layout.
+
+    Deciding once keeps a ``stage=all`` run from reading its own earlier stages'
+    load as other jobs' load.
+    """
+    key = (int(hw.torch_threads) if hw.torch_threads else None, int(world_size))
+    if key not in _THREADS:
+        _THREADS[key] = pick_threads(key[0], key[1])
+        n, why = _THREADS[key]
+        hint = "" if key[0] else "; hardware.torch_threads=N sets it"
+        log.info("torch threads: %d (%s%s)", n, why, hint)
+    torch.set_num_threads(_THREADS[key][0])
+    return _THREADS[key][0]
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
@@ -140,8 +209,7 @@ def single_process(hw: Any) -> DistInfo:
     device = torch.device("cuda", ids[0]) if dtype == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if hw.torch_threads:
-        torch.set_num_threads(int(hw.torch_threads))
+    set_threads(hw, 1)
     return DistInfo(0, 1, 0, device, hw.precision, None)
 
 
@@ -159,8 +227,7 @@ def init_process(rank: int, world_size: int, hw: Any, local_rank: int | None = N
         os.environ.setdefault("MASTER_ADDR", str(hw.master_addr))
         os.environ.setdefault("MASTER_PORT", str(hw.master_port))
         torch_dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    if hw.torch_threads:
-        torch.set_num_threads(int(hw.torch_threads))
+    set_threads(hw, world_size)
     return DistInfo(
         rank, world_size, local_rank, device, hw.precision, backend if world_size > 1 else None
     )

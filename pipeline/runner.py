@@ -56,6 +56,7 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     "expression_raw": ("simulate", "expression_raw.h5ad"),
     "segmentation_model": ("segment_train", "model.pt"),
     "cells": ("segment", "cells.h5ad"),
+    "crop_rejects": ("segment", "rejects.png"),
     "expression": ("expression", "expression.h5ad"),
     "paired": ("pair", "paired.h5ad"),
     "model": ("train", "model.pt"),
@@ -374,8 +375,13 @@ def main(cfg: DictConfig) -> int:
             from pipeline.precheck import precheck
 
             precheck(cfg, names)  # rank 0 of torchrun or a plain run
-        for name in names:
-            run_stage(cfg, name)
+        from segmentation.progress import redirect_logging
+
+        with redirect_logging():  # log lines above the progress bars, not through them
+            for k, name in enumerate(names, 1):
+                if len(names) > 1:
+                    log.info("stage %d/%d: %s", k, len(names), name)
+                run_stage(cfg, name)
     except guards.USER_ERRORS as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

@@ -30,7 +30,8 @@ from pipeline.artifacts import write_json
 from pipeline.config_sources import LABEL_FORMATS, SEGMENT_SOURCE_KINDS
 from pipeline.runner import StageContext, StageError, resolve_data_path
 from segmentation.cells import SegmentSettings, contact_sheet, segment_images
-from segmentation.io import list_images, read_rgb
+from segmentation.io import list_images, read_rgb, write_h5ad
+from segmentation.progress import bar
 from segmentation.sources import (
     LabelFileError,
     label_for_image,
@@ -106,7 +107,9 @@ def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
     for scale, items in sorted(by_scale.items()):
         log.info("segment: %s, %d images at scale %.3g", src.name, len(items), scale)
         s = replace(settings, input_scale=scale)
-        part = _run_shard(ctx, items, s, None, overlays, model, ckpt, offset + int(sc.n_overlays))
+        part = _run_shard(
+            ctx, items, s, None, overlays, model, ckpt, offset + int(sc.n_overlays), src.name
+        )
         parts.append(part)
     for p in parts:
         rejects += [{"field": "image", **r} for r in p["rejects"]]
@@ -118,11 +121,12 @@ def _crop_folder(ctx, src, folder, model, settings, offset):
 
     detector = make_detector(ctx, model)
     files = list_crop_folder(folder, src.max_images)
-    # a crop holds one cell, often touching the border, next to cut neighbours
-    f = replace(settings.filters, drop_border=False, max_overlap_iou=None)
+    # a crop holds one cell, often touching the border, next to cut neighbours: those
+    # neighbours must not reject it (the crop folder's cell is the one wanted)
+    f = replace(settings.filters, drop_border=False, max_overlap_iou=None, touch_px=None)
     tables, crops, masks, rejects = [], [], [], []
     group = max(1, settings.batch_size)
-    for g in range(0, len(files), group):
+    for g in bar(range(0, len(files), group), desc=src.name, unit="batch", enabled=ctx.is_main):
         good = []
         for i, (path, cls) in enumerate(files[g : g + group], start=offset + g):
             rel = f"{path.parent.name}/{path.name}"
@@ -240,7 +244,7 @@ def _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects
     adata = cells_adata(kept, crops, masks, settings, totals, "data.segment_sources")
     adata.uns["per_source"] = {k: {a: int(b) for a, b in v.items()} for k, v in per_source.items()}
     with ctx.atomic("cells") as tmp:
-        adata.write_h5ad(tmp)
+        write_h5ad(adata, tmp)
     with ctx.atomic("detections.csv") as tmp:
         pd.concat(tables, ignore_index=True).to_csv(tmp, index=False)
     with ctx.atomic("rejects.csv") as tmp:

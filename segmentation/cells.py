@@ -22,6 +22,7 @@ from skimage.segmentation import find_boundaries
 
 from segmentation.crops import (
     FLAGS,
+    REASONS,
     Crops,
     FilterResult,
     FilterSettings,
@@ -123,6 +124,7 @@ class SegmentSettings:
     background_value: int = 0
     match_iou: float = 0.5
     filters: FilterSettings = field(default_factory=FilterSettings)
+    reject_examples_per_image: int = 2  # crops of rejected cells kept for rejects.png
 
 
 @dataclass
@@ -152,6 +154,9 @@ class ImageCells:
     image: np.ndarray
     scale: float = 1.0
     n_truth: int | None = None
+    # a few rejected cells (score above threshold, not duplicates) for a visual check
+    reject_crops: np.ndarray | None = None  # (R, S, S, 3) uint8, whole window (mask outlined)
+    reject_ids: list[str] = field(default_factory=list)  # their cell_id
 
 
 def scale_local_masks(
@@ -260,6 +265,8 @@ def _finish_image(
             "n_pieces": filt.n_pieces,
             "max_overlap_iou": filt.max_overlap_iou,
             "tile_fragment": det.cut,
+            "solidity": filt.solidity,
+            "area_ratio": filt.area_ratio,
             **{k: filt.flags[k] for k in FLAGS},
             "kept": filt.kept,
         }
@@ -286,7 +293,66 @@ def _finish_image(
     crops = extract_crops(image, src, s.crop_size, s.background_value, s.crop_margin)
     table["crop_scale"] = np.nan
     table.loc[keep, "crop_scale"] = crops.scale  # crop px per source px
-    return ImageCells(table, crops, det, image, scale, n_truth)
+    # rejected cells worth a look: confident, not a second detection of a kept one
+    rej = np.nonzero(
+        ~filt.kept & ~filt.flags["low_score"] & ~filt.flags["duplicate"] & (filt.area > 0)
+    )[0][: max(0, s.reject_examples_per_image)]
+    rej_crops = None
+    if len(rej):
+        rd = det.select(rej)
+        rm, ro = scale_local_masks(rd.masks, rd.origins, 1.0 / scale, smooth=True)
+        rc = extract_crops(
+            image,
+            Detections(rd.boxes / scale, rd.scores, rm, ro),
+            s.crop_size,
+            0,
+            s.crop_margin,
+            paint=False,
+        )
+        # the whole window with the mask outlined: what was cut away matters here
+        rej_crops = _outlined(rc)
+    return ImageCells(table, crops, det, image, scale, n_truth, rej_crops, [ids[k] for k in rej])
+
+
+def _outlined(c: Crops) -> np.ndarray:
+    """Crops with everything dimmed outside the mask and the mask edge in yellow."""
+    out = c.images.copy()
+    for k in range(len(out)):
+        m = c.masks[k]
+        edge = find_boundaries(m, mode="inner")
+        out[k][~m] = out[k][~m] // 3 + 40
+        out[k][edge] = (255, 230, 0)
+    return out
+
+
+def reject_reason(row) -> str:
+    """Comma-separated flags of a detection table row that kept it out."""
+    return ",".join(f for f in FLAGS if bool(row.get(f, False)))
+
+
+def reject_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """rejects.csv rows for every confident detection that did not become a cell.
+
+    Low-score detections are not cells and duplicates are second detections of a
+    kept cell, so neither is listed; every other dropped detection is, with the
+    names of the filters it failed (``reason``) and their meaning (``detail``).
+    """
+    out = []
+    if not len(table):
+        return out
+    sel = ~table["kept"].astype(bool) & ~table["low_score"] & ~table["duplicate"]
+    for _, r in table[sel].iterrows():
+        why = reject_reason(r)
+        out.append(
+            {
+                "image": r["image"],
+                "action": "rejected_cell",
+                "reason": why,
+                "cell_id": r["cell_id"],
+                "detail": "; ".join(REASONS[f] for f in why.split(",") if f in REASONS),
+            }
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -343,3 +409,18 @@ def contact_sheet(
     if not n:
         draw.text((4, 4), "no cells", fill=(0, 0, 0))
     return sheet
+
+
+def reject_sheet(parts: Sequence[dict[str, Any]], table: pd.DataFrame, n_max: int) -> Image.Image:
+    """Contact sheet of up to ``n_max`` rejected cells, each labelled with its first failed
+    filter ("+" when it failed more); ``parts`` hold ``reject_crops`` and ``reject_ids``
+    (see ``ImageCells``), ``table`` the detection table with their rows."""
+    ids = [i for p in parts for i in p["reject_ids"]][:n_max]
+    imgs = [p["reject_crops"] for p in parts if len(p["reject_crops"])]
+    crops = np.concatenate(imgs)[: len(ids)] if imgs else np.zeros((0, 32, 32, 3), np.uint8)
+    labels = None
+    if ids:
+        why = table.set_index("cell_id")
+        rs = [reject_reason(why.loc[i]).split(",") for i in ids]
+        labels = [r[0] + ("+" if len(r) > 1 else "") for r in rs]
+    return contact_sheet(crops, labels, max(1, n_max))

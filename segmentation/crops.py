@@ -21,7 +21,14 @@ from scipy.optimize import linear_sum_assignment
 from skimage.measure import label
 
 from segmentation.inference import Detections, local_overlap, mask_iou_matrix
-from segmentation.schema import SCORE_THRESHOLD
+from segmentation.schema import (
+    BORDER_MARGIN,
+    MAX_AREA_RATIO,
+    MIN_CELLS_AREA_RATIO,
+    MIN_SOLIDITY,
+    SCORE_THRESHOLD,
+    TOUCH_PX,
+)
 
 FLAGS = (
     "low_score",
@@ -31,7 +38,25 @@ FLAGS = (
     "duplicate",
     "overlapping",
     "multi_piece",
+    "tile_cut",
+    "touching",
+    "low_solidity",
+    "area_outlier",
 )
+# why each flag keeps a detection out (rejects.csv, the report's rejected examples)
+REASONS = {
+    "low_score": "score below the threshold",
+    "too_small": "mask smaller than min_area",
+    "too_large": "mask larger than max_area",
+    "at_border": "cut by the image edge",
+    "duplicate": "second detection of a cell",
+    "overlapping": "overlaps another cell",
+    "multi_piece": "mask in several pieces",
+    "tile_cut": "cut by a tile edge",
+    "touching": "touches another cell (cut by or stuck to a neighbour)",
+    "low_solidity": "not convex: two touching cells kept as one",
+    "area_outlier": "far larger than the image's other cells: a doublet",
+}
 
 
 @dataclass
@@ -42,11 +67,16 @@ class FilterSettings:
     min_area: int = 0  # px
     max_area: int | None = None  # px
     drop_border: bool = True
-    border_margin: int = 1  # px
+    border_margin: int = BORDER_MARGIN  # px
     max_overlap_iou: float | None = 0.2  # None: never drop for overlap
     duplicate_containment: float | None = 0.6  # None: no duplicate test
     drop_multi_piece: bool = True
     min_piece_area: int = 10  # px; smaller components are specks, not pieces
+    drop_tile_cut: bool = True  # a tile fragment left after merging is part of a cell
+    touch_px: int | None = TOUCH_PX  # px gap under which two cells touch; None: no test
+    min_solidity: float | None = MIN_SOLIDITY  # None: no test
+    max_area_ratio: float | None = MAX_AREA_RATIO  # x the image's median cell; None: no test
+    min_cells_area_ratio: int = MIN_CELLS_AREA_RATIO
 
 
 @dataclass
@@ -63,6 +93,8 @@ class FilterResult:
     area: np.ndarray  # mask px
     n_pieces: np.ndarray
     max_overlap_iou: np.ndarray  # highest mask IoU with another scored, non-duplicate one
+    solidity: np.ndarray  # mask area / convex hull area (1 for a convex cell)
+    area_ratio: np.ndarray  # area / median area of the image's scored, non-duplicate cells
 
 
 def count_pieces(mask: np.ndarray, min_piece_area: int = 1) -> int:
@@ -72,6 +104,49 @@ def count_pieces(mask: np.ndarray, min_piece_area: int = 1) -> int:
     lab = label(mask, connectivity=2)
     sizes = np.bincount(lab.ravel())[1:]
     return int((sizes >= max(1, min_piece_area)).sum())
+
+
+def solidity(mask: np.ndarray) -> float:
+    """Mask area over its convex hull area (1.0 = convex; 1.0 for an empty mask)."""
+    from skimage.morphology import convex_hull_image
+
+    if mask.sum() < 3:
+        return 1.0
+    hull = convex_hull_image(mask)
+    return float(mask.sum() / max(hull.sum(), 1))
+
+
+def touching_pairs(det: Detections, idx: np.ndarray, gap_px: int) -> np.ndarray:
+    """(N,) bool: detection ``k`` of ``idx`` lies within ``gap_px`` px of another of ``idx``.
+
+    Both masks are compared on their bounding boxes grown by ``gap_px``; the
+    test is a dilation of one mask by ``gap_px`` (a square) meeting the other.
+    """
+    from scipy.ndimage import binary_dilation
+
+    out = np.zeros(len(det), bool)
+    g = int(gap_px)
+    for a_pos, a in enumerate(idx):
+        ma, (ax, ay) = det.masks[a], det.origins[a]
+        ha, wa = ma.shape
+        for b in idx[a_pos + 1 :]:
+            mb, (bx, by) = det.masks[b], det.origins[b]
+            hb, wb = mb.shape
+            if bx > ax + wa + g or ax > bx + wb + g or by > ay + ha + g or ay > by + hb + g:
+                continue  # boxes farther apart than the gap
+            # frame covering a (grown by g); b pasted into it
+            fx, fy = ax - g, ay - g
+            grown = binary_dilation(np.pad(ma, g), np.ones((2 * g + 1, 2 * g + 1), bool))
+            other = np.zeros_like(grown)
+            x0, y0 = bx - fx, by - fy
+            sx0, sy0 = max(0, -x0), max(0, -y0)
+            ex, ey = min(wb, grown.shape[1] - x0), min(hb, grown.shape[0] - y0)
+            if ex <= sx0 or ey <= sy0:
+                continue
+            other[y0 + sy0 : y0 + ey, x0 + sx0 : x0 + ex] = mb[sy0:ey, sx0:ex]
+            if (grown & other).any():
+                out[a] = out[b] = True
+    return out
 
 
 def filter_detections(
@@ -85,6 +160,14 @@ def filter_detections(
     inside a better one is a ``duplicate`` (a second detection of the same
     cell); of the rest, both cells of a pair with mask IoU above
     ``max_overlap_iou`` are ``overlapping`` (neither crop would be clean).
+
+    Cells a morphologist would not accept: ``at_border`` (within ``border_margin``
+    px of the image edge), ``tile_cut`` (a tile fragment left after merging),
+    ``touching`` (within ``touch_px`` px of another cell: one of the two is
+    usually cut by the other), ``low_solidity`` (area / convex hull below
+    ``min_solidity``: two cells kept as one have a waist) and ``area_outlier``
+    (area above ``max_area_ratio`` x the median of the image's cells, tested when
+    the image has at least ``min_cells_area_ratio`` of them: a doublet).
     """
     n = len(det)
     s = settings
@@ -123,6 +206,13 @@ def filter_detections(
             or ox + xs.max() >= width - s.border_margin
             or oy + ys.max() >= height - s.border_margin
         )
+    solid = np.array([solidity(m) for m in det.masks], np.float64)
+    ratio = np.full(n, np.nan)
+    if len(idx):
+        med = float(np.median(area[idx]))
+        if med > 0:
+            ratio[idx] = area[idx] / med
+    area_test = s.max_area_ratio is not None and len(idx) >= max(1, s.min_cells_area_ratio)
     flags = {
         "low_score": ~scored,
         "too_small": area < s.min_area,
@@ -133,6 +223,14 @@ def filter_detections(
         if s.max_overlap_iou is not None
         else np.zeros(n, bool),
         "multi_piece": n_pieces > 1,
+        "tile_cut": np.asarray(det.cut, bool) & scored,
+        "touching": touching_pairs(det, idx, s.touch_px)
+        if s.touch_px is not None
+        else np.zeros(n, bool),
+        "low_solidity": scored & (solid < s.min_solidity)
+        if s.min_solidity is not None
+        else np.zeros(n, bool),
+        "area_outlier": np.nan_to_num(ratio) > s.max_area_ratio if area_test else np.zeros(n, bool),
     }
     enabled = {
         "low_score": True,
@@ -142,13 +240,17 @@ def filter_detections(
         "duplicate": s.duplicate_containment is not None,
         "overlapping": s.max_overlap_iou is not None,
         "multi_piece": s.drop_multi_piece,
+        "tile_cut": s.drop_tile_cut,
+        "touching": s.touch_px is not None,
+        "low_solidity": s.min_solidity is not None,
+        "area_outlier": s.max_area_ratio is not None,
     }
     kept = np.ones(n, bool)
     for name, on in enabled.items():
         if on:
             kept &= ~flags[name]
     kept &= area > 0  # an empty mask is never a cell
-    return FilterResult(flags, kept, area, n_pieces, max_iou)
+    return FilterResult(flags, kept, area, n_pieces, max_iou, solid, ratio)
 
 
 @dataclass
@@ -190,6 +292,7 @@ def extract_crop(
     crop_size: int,
     background_value: int = 0,
     margin: float = 0.1,
+    paint: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, float, tuple[float, float]]:
     """One square crop centred on a cell.
 
@@ -206,6 +309,9 @@ def extract_crop(
     margin
         A cell whose side plus ``margin`` of it on each side exceeds S is
         taken in a larger window that is then resized down to S.
+    paint
+        Paint outside the mask with ``background_value`` (False: keep the
+        neighbourhood, e.g. to show why a cell was rejected).
 
     Returns
     -------
@@ -238,7 +344,8 @@ def extract_crop(
         )
         wmask = np.asarray(fm) >= 0.5
     crop = win.copy()
-    crop[~wmask] = background_value
+    if paint:
+        crop[~wmask] = background_value
     return crop, wmask, scale, (cx, cy)
 
 
@@ -248,8 +355,10 @@ def extract_crops(
     crop_size: int,
     background_value: int = 0,
     margin: float = 0.1,
+    paint: bool = True,
 ) -> Crops:
-    """Crops of every detection in ``det`` (select the kept ones first)."""
+    """Crops of every detection in ``det`` (select the kept ones first); ``paint``: see
+    :func:`extract_crop`."""
     n = len(det)
     imgs = np.zeros((n, crop_size, crop_size, 3), np.uint8)
     masks = np.zeros((n, crop_size, crop_size), bool)
@@ -257,7 +366,7 @@ def extract_crops(
     centers = np.zeros((n, 2), np.float32)
     for k in range(n):
         imgs[k], masks[k], scale[k], centers[k] = extract_crop(
-            image, det.masks[k], det.origins[k], crop_size, background_value, margin
+            image, det.masks[k], det.origins[k], crop_size, background_value, margin, paint
         )
     return Crops(imgs, masks, scale, centers)
 

@@ -25,6 +25,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segmentation.datasets import DetectionDataset, encode_mask, to_coco
+from segmentation.progress import bar
 from segmentation.runtime import NonFiniteLossError
 from segmentation.schema import SCORE_THRESHOLD
 
@@ -89,6 +90,8 @@ def train_one_epoch(
     on_iteration: Callable[[int, dict[str, float], float], None] | None = None,
     log_every: int = 10,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    n_epochs: int | None = None,
+    progress: bool = True,
 ) -> EpochStats:
     """One training pass.
 
@@ -108,6 +111,13 @@ def train_one_epoch(
         ``fn(iteration_in_epoch, loss_terms, lr)`` after every step (TensorBoard).
     reduce
         Averages a tensor over DDP ranks (for the logged means); identity if None.
+    log_every
+        Iterations between DEBUG log lines of the loss terms (0: none).
+    n_epochs
+        Total epochs of the run, for the progress bar's ``epoch k/N``.
+    progress
+        Show a progress bar (rate, ETA, loss) on a terminal (rank 0 only);
+        see :mod:`segmentation.progress`.
 
     Raises
     ------
@@ -119,7 +129,9 @@ def train_one_epoch(
     n = 0
     t0 = time.time()
     lr = optimizer.param_groups[0]["lr"]
-    for it, (images, targets) in enumerate(loader):
+    of = f"/{n_epochs}" if n_epochs else ""
+    pbar = bar(loader, desc=f"epoch {epoch + 1}{of}", unit="it", enabled=progress)
+    for it, (images, targets) in enumerate(pbar):
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [
             {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
@@ -149,17 +161,21 @@ def train_one_epoch(
         n += 1
         if on_iteration is not None:
             on_iteration(it, terms, lr)
+        pbar.set_postfix_str(f"loss {sum(terms.values()):.3f}", refresh=False)
         if log_every and it % log_every == 0:
-            log.info(
-                "epoch %d it %d loss %.3f (%s) lr %.2e",
-                epoch,
+            log.debug(
+                "epoch %d%s it %d/%d loss %.3f (%s) lr %.2e",
+                epoch + 1,
+                of,
                 it,
+                len(loader),
                 sum(terms.values()),
                 ", ".join(
                     f"{k[5:] if k.startswith('loss_') else k} {v:.3f}" for k, v in terms.items()
                 ),
                 lr,
             )
+    pbar.close()
     keys = sorted(sums)
     vec = torch.tensor([sums[k] for k in keys] + [float(n)], dtype=torch.float64)
     if reduce is not None:
@@ -217,14 +233,18 @@ def predict(
     device: torch.device,
     batch_size: int = 2,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    progress: str | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Run ``model`` over every item of ``dataset`` (no augmentation) in order.
+
+    ``progress``: description of a progress bar (terminal only); ``None``: no bar.
 
     Returns per image ``boxes`` (K, 4), ``scores`` (K,), ``masks`` (K, H, W) bool
     (probability > 0.5), in the dataset's loaded frame.
     """
     model.eval()
     out = []
+    pbar = bar(desc=progress or "", total=len(dataset), unit="img", enabled=progress is not None)
     for start in range(0, len(dataset), batch_size):
         idx = range(start, min(len(dataset), start + batch_size))
         images = [dataset[i][0].to(device) for i in idx]
@@ -239,6 +259,8 @@ def predict(
                     "masks": (p["masks"][:, 0] > 0.5).cpu().numpy(),
                 }
             )
+        pbar.update(len(idx))
+    pbar.close()
     return out
 
 

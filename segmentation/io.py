@@ -345,3 +345,41 @@ def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu", what: st
             f"{what}={path}: not a readable torch checkpoint "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
+
+
+def categorical_strings(adata: Any) -> list[str]:
+    """Turn repeated-string ``obs``/``var`` columns into categoricals, in place.
+
+    The same rule as anndata's own conversion at write time (string columns
+    with fewer categories than rows; categories sorted), done beforehand so
+    anndata does not print "... storing 'kind' as categorical" once per column.
+
+    Returns
+    -------
+    list of str
+        The converted column names.
+
+    >>> import anndata as ad, pandas as pd
+    >>> a = ad.AnnData(obs=pd.DataFrame({"kind": ["band", "band", "blast"]}, index=list("xyz")))
+    >>> categorical_strings(a), list(a.obs["kind"].cat.categories)
+    (['kind'], ['band', 'blast'])
+    """
+    import pandas as pd
+    from pandas.api.types import infer_dtype
+
+    done = []
+    for df in (adata.obs, adata.var):
+        for key in df.columns:
+            if infer_dtype(df[key]) != "string":
+                continue
+            c = pd.Categorical(df[key])
+            if len(c.categories) < len(c):
+                df[key] = c.reorder_categories(sorted(c.categories))
+                done.append(key)
+    return done
+
+
+def write_h5ad(adata: Any, path: str | os.PathLike, **kw: Any) -> None:
+    """``adata.write_h5ad(path, **kw)`` after :func:`categorical_strings` (no conversion noise)."""
+    categorical_strings(adata)
+    adata.write_h5ad(path, **kw)

@@ -206,13 +206,21 @@ def build_maskrcnn(
         # the v2 builder makes its own anchor generator; ours (same anchors per
         # location, so the RPN head fits) replaces it afterwards
         anchors = kwargs.pop("rpn_anchor_generator", None)
+        # torchvision freezes backbone layers only when it loads its own weights (never
+        # here): every layer trains, whatever is asked; say so once instead of its warning
+        if trainable_backbone_layers < 5:
+            log.warning(
+                "segmentation.trainable_backbone_layers=%d has no effect on resnet50_fpn_v2 "
+                "(no torchvision weights): all backbone layers train",
+                trainable_backbone_layers,
+            )
         model = maskrcnn_resnet50_fpn_v2(
             weights=None,
             weights_backbone=None,
             num_classes=num_classes,
             min_size=min_size,
             max_size=max_size,
-            trainable_backbone_layers=trainable_backbone_layers,
+            trainable_backbone_layers=None,
             **kwargs,
         )
         if anchors is not None:

@@ -16,3 +16,15 @@ TRUTH_FIELDS = TRUTH_TEXT_FIELDS + TRUTH_NUMERIC_FIELDS
 
 SCORE_THRESHOLD = 0.5  # keep detections with score >= this
 MASK_THRESHOLD = 0.5  # mask probability -> binary mask
+
+# which detections a morphologist would accept as one whole cell (defaults of
+# segmentation.crops.FilterSettings and of cfg.segmentation; measured on the simulator:
+# docs/segmentation_infer.md, "Cut and touching cells")
+BORDER_MARGIN = 2  # px: a mask this close to the image edge is cut by it
+TOUCH_PX = 2  # px: a mask this close to another cell's mask touches it (cut by a neighbour)
+MIN_SOLIDITY = 0.90  # area / convex-hull area; two cells kept as one have a waist
+# area over the median of the image's cells; a doublet is ~2x one cell, but single
+# myeloblasts are ~2.5x lymphocytes (simulator medians 6678 vs 2614 px), so a lower
+# ratio would drop big early cells: this is a safety net, touching/solidity do the work
+MAX_AREA_RATIO = 2.6
+MIN_CELLS_AREA_RATIO = 3  # the area test needs at least this many cells in the image

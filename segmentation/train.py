@@ -35,6 +35,7 @@ from segmentation.engine import (
 )
 from segmentation.io import atomic_path, load_torch_file
 from segmentation.model import build_maskrcnn, save_checkpoint
+from segmentation.progress import bar
 from segmentation.runtime import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,31 @@ def summary(r: EvalResult) -> dict[str, Any]:
     out = {k: getattr(r, k) for k in keys}
     out.update(recall=r.recall, precision=r.precision, mean_mask_iou=r.mean_mask_iou)
     return out
+
+
+def epoch_line(epoch: int, n_epochs: int, stats: Any, val: dict[str, dict[str, Any]]) -> str:
+    """One log line per epoch: ``epoch k/N: loss L (terms) T s; val SRC box AP .. mask AP ..``.
+
+    ``epoch`` is 0-based (as in the checkpoint); ``val`` maps source -> :func:`summary`.
+
+    >>> from types import SimpleNamespace as S
+    >>> epoch_line(2, 16, S(loss=1.23456, losses={"loss_mask": 0.5}, seconds=14.6),
+    ...            {"sim": {"box_ap": 0.51234, "mask_ap": None, "recall": 0.9}})
+    'epoch 3/16: loss 1.235 (mask 0.500), 15 s; val sim: box AP 0.512, recall 0.900'
+    """
+    terms = ", ".join(
+        f"{k[5:] if k.startswith('loss_') else k} {v:.3f}" for k, v in sorted(stats.losses.items())
+    )
+    line = f"epoch {epoch + 1}/{n_epochs}: loss {stats.loss:.3f} ({terms}), {stats.seconds:.0f} s"
+    for src, s in val.items():
+        line += f"; val {src}: {metrics_text(s)}"
+    return line
+
+
+def metrics_text(s: dict[str, Any]) -> str:
+    """``box AP 0.512, mask AP 0.430, recall 0.900`` from a :func:`summary` (None: left out)."""
+    names = {"box_ap": "box AP", "mask_ap": "mask AP", "recall": "recall"}
+    return ", ".join(f"{nm} {s[k]:.3f}" for k, nm in names.items() if s.get(k) is not None)
 
 
 def fit(
@@ -172,6 +198,15 @@ def fit(
     end_epoch = int(args.epochs)
     if args.stop_after_epochs:
         end_epoch = min(end_epoch, int(args.stop_after_epochs))
+    # outer bar over the epochs (overall ETA); train_one_epoch draws the inner one
+    ebar = bar(
+        desc="segment_train",
+        total=end_epoch,
+        initial=start_epoch,
+        unit="epoch",
+        enabled=dist.is_main,
+        leave=True,
+    )
     for epoch in range(start_epoch, end_epoch):
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
@@ -187,6 +222,8 @@ def fit(
             on_iteration=on_iter(epoch),
             log_every=int(args.log_every),
             reduce=dist.all_reduce_mean if dist.distributed else None,
+            n_epochs=int(args.epochs),
+            progress=dist.is_main,
         )
         entry: dict[str, Any] = {"epoch": epoch, "train": asdict(stats)}
         if dist.is_main:
@@ -198,7 +235,7 @@ def fit(
             if eval_sets and (is_last or (epoch + 1) % max(1, int(args.eval_every)) == 0):
                 entry["val"] = {}
                 for name, ds in eval_sets.items():
-                    preds = predict(core, ds, dist.device, 2, dist.autocast)
+                    preds = predict(core, ds, dist.device, 2, dist.autocast, f"val {name}")
                     r = evaluate(core, ds, dist.device, args.score_threshold, predictions=preds)
                     last[name] = r
                     entry["val"][name] = summary(r)
@@ -208,16 +245,7 @@ def fit(
                     for i in range(min(int(args.tb_images), len(ds))):
                         img = draw_predictions(ds[i][0], preds[i], args.score_threshold)
                         writer.add_image(f"val_pred/{name}/{i}", img, epoch)
-                log.info(
-                    "epoch %d: loss %.3f (%.0f s); val %s",
-                    epoch,
-                    stats.loss,
-                    stats.seconds,
-                    {
-                        n: {k: round(v, 3) for k, v in s.items() if v is not None}
-                        for n, s in entry.get("val", {}).items()
-                    },
-                )
+            log.info("%s", epoch_line(epoch, int(args.epochs), stats, entry.get("val", {})))
             history.append(entry)
             with atomic_path(checkpoint) as tmp:
                 save_checkpoint(
@@ -232,7 +260,9 @@ def fit(
                     **(checkpoint_extra or {}),
                 )
             writer.flush()
+        ebar.update(1)
         dist.barrier()
+    ebar.close()
 
     if not dist.is_main:
         return None
@@ -247,7 +277,7 @@ def fit(
         for k, val_ in summary(r).items():
             if val_ is not None:
                 writer.add_scalar(f"test/{name}/{k}", val_, int(args.epochs))
-        log.info("test %s: %s", name, {k: v for k, v in summary(r).items() if v is not None})
+        log.info("test %s: %s", name, metrics_text(summary(r)))
     final.update(
         epochs=int(args.epochs),
         epochs_done=(history[-1]["epoch"] + 1) if history else 0,

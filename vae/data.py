@@ -50,6 +50,9 @@ class PairedTensors:
     norm_total : float
         Median of ``expm1(x).sum(1)`` over rows with expression (typical
         normalised total, used to turn NB proportions into log-normalised values).
+    granules : (N, 1, S, S) uint8 in {0, 1} or None
+        Granule centres found on each crop (:func:`granule_centres`); filled by
+        the trainer when the model has a granule head.
     """
 
     crops: torch.Tensor
@@ -64,6 +67,7 @@ class PairedTensors:
     obs_names: list[str]
     gene_names: list[str]
     norm_total: float
+    granules: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -84,7 +88,8 @@ class Batch:
 
     image (B, 3, S, S) in [0, 1]; mask (B, 1, S, S) {0, 1}; x (B, G);
     counts (B, G) or None; library (B,); log_library (B,); has_image,
-    has_expression (B,) bool; labels (B,) int64; index (B,) int64 rows.
+    has_expression (B,) bool; labels (B,) int64; index (B,) int64 rows;
+    granules (B, 1, S, S) float {0, 1} granule centres, or None.
     """
 
     image: torch.Tensor
@@ -97,6 +102,7 @@ class Batch:
     has_expression: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
+    granules: torch.Tensor | None = None
 
 
 def _dense(m) -> np.ndarray:
@@ -269,7 +275,44 @@ def raw_batch(d: PairedTensors, idx: torch.Tensor) -> dict[str, torch.Tensor]:
     }
     if d.counts is not None:
         out["counts"] = d.counts.index_select(0, idx)
+    if d.granules is not None:
+        out["granules"] = d.granules.index_select(0, idx)
     return out
+
+
+def granule_centres(
+    crops: torch.Tensor, masks: torch.Tensor, has_image: torch.Tensor, params=None
+) -> torch.Tensor:
+    """Granule centres of every crop, as the analyses count them.
+
+    The blobs of :func:`vae.analysis.granules.measure_cell` (LoG of the stain
+    score inside the cytoplasm, nucleus and cell rim excluded), so the granule
+    head learns the granules that ``stage=traverse`` measures on decoded cells.
+
+    Parameters
+    ----------
+    crops : (N, 3, S, S) uint8
+    masks : (N, 1, S, S) uint8 {0, 1}
+    has_image : (N,) bool; rows without an image get an empty map
+    params : vae.analysis.granules.GranuleParams, optional
+
+    Returns
+    -------
+    (N, 1, S, S) uint8 with 1 at each granule centre
+    """
+    from vae.analysis.granules import measure_cell
+
+    n, _, s, _ = crops.shape
+    out = np.zeros((n, 1, s, s), dtype=np.uint8)
+    for i in np.flatnonzero(has_image.numpy()):
+        m = masks[i, 0].numpy().astype(bool)
+        if m.sum() < 16:
+            continue
+        blobs = measure_cell(crops[i].permute(1, 2, 0).numpy(), m, params).blobs
+        if len(blobs):
+            rc = np.clip(np.rint(blobs[:, :2]).astype(int), 0, s - 1)
+            out[i, 0, rc[:, 0], rc[:, 1]] = 1
+    return torch.from_numpy(out)
 
 
 def augment_dihedral(
@@ -358,10 +401,15 @@ def to_batch(
 
     img = mv(raw["crops"]).float().div_(255.0)
     mask = mv(raw["masks"]).float()
+    gran = mv(raw["granules"]).float() if "granules" in raw else None
     if augment:
         if generator is None:
             raise ValueError("augment=True needs a generator")
-        img, mask = augment_dihedral(img, mask, generator)
+        if gran is not None:  # granule centres move with the pixels
+            both, mask = augment_dihedral(torch.cat([img, gran], 1), mask, generator)
+            img, gran = both[:, :3], both[:, 3:]
+        else:
+            img, mask = augment_dihedral(img, mask, generator)
         img = augment_stain(img, stain_jitter, generator)
     lib = mv(raw["library"])
     return Batch(
@@ -375,6 +423,7 @@ def to_batch(
         has_expression=mv(raw["has_expression"]),
         labels=mv(raw["labels"]),
         index=raw["index"],
+        granules=gran,
     )
 
 

@@ -117,8 +117,9 @@ def encode_dataset(
 
 def _decode_batch(model: TwoBranchVAE, b, post, di, acc: dict) -> np.ndarray | None:
     """Append one batch's inputs and decodings to ``acc``; the NB theta when the model has one."""
-    dj = model.decode(post.joint[0])
-    de = model.decode(post.expression[0])
+    # decoded cells as a user sees them: with granules drawn when the model has a head
+    dj = model.decode(post.joint[0], render=True)
+    de = model.decode(post.expression[0], render=True)
     add = lambda k, v: acc.setdefault(k, []).append(v)  # noqa: E731
     add("img", _chw_to_hwc(b.image))
     add("m", b.mask[:, 0].bool().cpu().numpy())
@@ -159,3 +160,50 @@ def _decoded(rows: np.ndarray, acc: dict, theta: np.ndarray | None) -> Decoded:
         expr_from_image=cat("xi"),
         image_from_expr=np.clip(cat("ie"), 0, 1),
     )
+
+
+@dataclass
+class ReconstructionNLL:
+    """Per-row reconstruction cost of each modality from its own posterior mean.
+
+    image : (n,) mean squared error per scored value inside the cell mask
+        (NaN without an image); the Gaussian NLL up to a shared constant
+    expression : (n,) negative log-likelihood per gene under the model's
+        expression likelihood (NB/ZINB over counts, Gaussian over log values;
+        NaN without expression)
+    """
+
+    image: np.ndarray
+    expression: np.ndarray
+
+
+@torch.no_grad()
+def reconstruction_nll(
+    model: TwoBranchVAE,
+    data: PairedTensors,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    rows: np.ndarray | None = None,
+) -> ReconstructionNLL:
+    """How badly each row's image / profile is reconstructed from itself (anomaly scores)."""
+    from vae.losses import expression_nll  # the training likelihood, one owner
+
+    was_training = model.training
+    model.eval()
+    rows = np.arange(data.n) if rows is None else np.asarray(rows)
+    img_out, expr_out = [], []
+    for s in range(0, rows.size, batch_size):
+        idx = torch.as_tensor(rows[s : s + batch_size], dtype=torch.long)
+        b = to_batch(raw_batch(data, idx), torch.device(device))
+        post = model.encode(b.image, b.x, b.has_image, b.has_expression, b.mask, b.log_library)
+        di = model.decode(post.image[0], b.has_image)
+        n_val = (b.mask.sum(dim=(1, 2, 3)) * b.image.shape[1]).clamp_min(1.0)
+        mse = ((di.image.float() - b.image) * b.mask).pow(2).sum(dim=(1, 2, 3)) / n_val
+        img_out.append(torch.where(b.has_image, mse, torch.nan).cpu().numpy())
+        de = model.decode(post.expression[0], torch.zeros_like(b.has_image))
+        nll = expression_nll(de, b.x, b.counts, b.library, late_mask=False) / data.n_genes
+        expr_out.append(torch.where(b.has_expression, nll.float(), torch.nan).cpu().numpy())
+    if was_training:
+        model.train()
+    cat = lambda v: np.concatenate(v) if v else np.zeros(0, np.float32)  # noqa: E731
+    return ReconstructionNLL(image=cat(img_out), expression=cat(expr_out))

@@ -44,6 +44,10 @@ class LossWeights:
     # a known label only); needs a model built with n_classes > 0
     classify: float = 0.0
     unknown_label: int = -1  # label code that means "not known" (never scored)
+    # granule head: Poisson point-process NLL of the granule centres found on the
+    # input under the decoded rate map, plus the granules' optical density there;
+    # needs a model built with granule_head and centres in the batch
+    granules: float = 0.0
 
     def __post_init__(self) -> None:
         if self.align_mode not in ALIGNS:
@@ -61,6 +65,7 @@ class LossTerms:
     mask : mask BCE (0 when the decoder predicts no mask)
     ssim : 1 - SSIM inside the mask (0 when its weight is 0)
     spectral : L1 between masked log-amplitude spectra (0 when its weight is 0)
+    granules : granule point-process NLL + granule optical-density error (0 when off)
     classify : label cross-entropy of the image and expression experts' shared means
         (rows with a known label; 0 when off)
     expression : expression NLL from the fused posterior
@@ -81,6 +86,7 @@ class LossTerms:
     mask: torch.Tensor
     ssim: torch.Tensor
     spectral: torch.Tensor
+    granules: torch.Tensor
     classify: torch.Tensor
     expression: torch.Tensor
     kl: torch.Tensor
@@ -247,6 +253,52 @@ def spectral_l1(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.T
     return (torch.log1p(fa) - torch.log1p(fb)).abs().mean(dim=(1, 2, 3))
 
 
+GRANULE_OD_SIGMA = 2.0  # px: local background a granule's optical density is taken against
+
+
+def granule_contrast(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Optical density of each pixel above its masked neighbourhood (B, 3, S, S).
+
+    ``OD = -ln(I)``; the neighbourhood is a Gaussian (``GRANULE_OD_SIGMA``)
+    average over cell pixels only (normalised convolution), so the black
+    background outside the mask does not count as stain.
+    """
+    od = -torch.log(image.clamp_min(1.0 / 255.0)) * mask
+    sigma = GRANULE_OD_SIGMA
+    r = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-r, r + 1, device=image.device, dtype=image.dtype)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    c = image.shape[1]
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        n = t.shape[1]
+        t = F.conv2d(t, k.view(1, 1, 1, -1).expand(n, 1, 1, -1), padding=(0, r), groups=n)
+        return F.conv2d(t, k.view(1, 1, -1, 1).expand(n, 1, -1, 1), padding=(r, 0), groups=n)
+
+    local = blur(od) / blur(mask).clamp_min(1e-6).expand(-1, c, -1, -1)
+    return (od - local).clamp_min(0.0) * mask
+
+
+def granule_error(
+    dec: Decoded, image: torch.Tensor, mask: torch.Tensor, centres: torch.Tensor
+) -> torch.Tensor:
+    """Per-row granule-head loss (B,): point-process NLL (nats) + stain error.
+
+    The input's granule centres are a point pattern; the decoded rate map is
+    the intensity of an inhomogeneous Poisson process (``rate / 100`` centres
+    per pixel), scored by its negative log-likelihood
+    ``sum(lambda) - sum(c log lambda)``: the total says how many granules, the
+    map where (granule positions are random, so the decoder can only predict
+    their density). The granule's optical density is scored at the observed
+    centres against the input's :func:`granule_contrast` there.
+    """
+    lam = (dec.granule_rate / 100.0).clamp_min(1e-6)
+    nll = (lam - centres * torch.log(lam)).sum(dim=(1, 2, 3))
+    target = granule_contrast(image, mask)
+    od_err = (centres * (dec.granule_od - target).pow(2)).sum(dim=(1, 2, 3))
+    return nll + od_err
+
+
 def expression_nll(
     dec: Decoded,
     x_log: torch.Tensor,
@@ -345,6 +397,7 @@ def vae_loss(
     image_likelihood: str = "gaussian",
     n_shared: int | None = None,
     labels: torch.Tensor | None = None,
+    granules: torch.Tensor | None = None,
 ) -> LossTerms:
     """All loss terms of one batch.
 
@@ -366,6 +419,9 @@ def vae_loss(
         Shared dims used for alignment (default: all).
     labels : (B,) int, optional
         Class codes for ``class`` alignment.
+    granules : (B, 1, S, S) float {0, 1}, optional
+        Granule centres of the input crops (scored when ``weights.granules`` > 0
+        and the model has a granule head).
 
     Returns
     -------
@@ -396,20 +452,26 @@ def vae_loss(
             f = (spectral_l1(image, dec.image, mask) * rows).sum()
         else:
             f = zero
-        return nll / b, m / b, s / b, f / b
+        if w.granules > 0 and dec.granule_rate is not None and granules is not None:
+            g = (granule_error(dec, image, mask, granules) * rows).sum()
+        else:
+            g = zero
+        return nll / b, m / b, s / b, f / b, g / b
 
     def expr_term(dec: Decoded, rows: torch.Tensor) -> torch.Tensor:
         nll = expression_nll(dec, x_log, counts, library, w.late_mask)
         return (nll * rows).sum() / b
 
     def weighted_img(t: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return w.image * t[0] + w.mask * t[1] + w.ssim * t[2] + w.spectral * t[3]
+        return (
+            w.image * t[0] + w.mask * t[1] + w.ssim * t[2] + w.spectral * t[3] + w.granules * t[4]
+        )
 
     def kl_of(g: Gaussian, rows: torch.Tensor) -> torch.Tensor:
         return (kl_normal(g).sum(dim=1) * rows).sum() / b
 
     if out.joint is not None:  # PoE: ELBO of the fused posterior on every row
-        i_nll, i_mask, i_ssim, i_spec = img_terms(out.joint, hi)
+        i_nll, i_mask, i_ssim, i_spec, i_gran = img_terms(out.joint, hi)
         e_nll = expr_term(out.joint, he)
         kl_dims = kl_normal(post.joint)
         kl = kl_dims.sum(dim=1).mean()
@@ -432,12 +494,13 @@ def vae_loss(
         i_mask = ii[1] + ie[1]
         i_ssim = ii[2] + ie[2]
         i_spec = ii[3] + ie[3]
+        i_gran = ii[4] + ie[4]
         e_nll = expr_term(out.from_expression, we) + expr_term(out.from_image, he * wi)
         kl_dims = kl_normal(post.image) * wi.view(-1, 1) + kl_normal(post.expression) * we.view(
             -1, 1
         )
         kl = kl_dims.sum(dim=1).mean()
-        ui = ci = (zero, zero, zero, zero)
+        ui = ci = (zero, zero, zero, zero, zero)
         ue = ce = zero
         # cross-modal terms are part of the MoE ELBO above; report them alone too
         with torch.no_grad():
@@ -488,6 +551,7 @@ def vae_loss(
         + w.mask * i_mask
         + w.ssim * i_ssim
         + w.spectral * i_spec
+        + w.granules * i_gran
         + w.expression * e_nll
         + kl_obj
         + extra
@@ -501,6 +565,7 @@ def vae_loss(
         mask=i_mask,
         ssim=i_ssim,
         spectral=i_spec,
+        granules=i_gran,
         classify=classify,
         expression=e_nll,
         kl=kl,

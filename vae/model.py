@@ -19,9 +19,11 @@ the expression decoder ``[shared | expression private]``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -90,6 +92,9 @@ class VAEArgs:
     # default "plain" so checkpoints saved before this field load unchanged
     image_arch: str = "plain"
     texture_noise: bool = False  # residual decoder: per-pixel noise before the last conv
+    # granule layer: the decoder also predicts a granule-rate map and the granules'
+    # colour; decoded images render granules from them (:func:`render_granules`)
+    granule_head: bool = False
     # label classifier on the shared latent (scANVI-style semi-supervision; 0: none)
     n_classes: int = 0
 
@@ -167,6 +172,14 @@ class Decoded:
         ZINB zero-inflation logits.
     expression_log_sd : (G,) or None
         Gaussian likelihood log standard deviation.
+    granule_rate : (B, 1, S, S) or None
+        Expected granule centres per 100 px^2 at each pixel (granule head only).
+    granule_od : (B, 3, S, S) >= 0 or None
+        Optical density (per RGB channel, -ln transmission) that a granule
+        centred at each pixel adds to the cell under it (granule head only).
+    image_mean : (B, 3, S, S) or None
+        The mean image when ``image`` holds a rendering with granules
+        (``decode(..., render=True)``), else None.
     """
 
     image: torch.Tensor
@@ -178,6 +191,9 @@ class Decoded:
     expression_log_theta: torch.Tensor | None = None
     expression_dropout_logits: torch.Tensor | None = None
     expression_log_sd: torch.Tensor | None = None
+    granule_rate: torch.Tensor | None = None
+    granule_od: torch.Tensor | None = None
+    image_mean: torch.Tensor | None = None
 
 
 @dataclass
@@ -298,6 +314,7 @@ class ImageDecoder(nn.Module):
         predict_mask: bool,
         arch: str = "plain",
         texture_noise: bool = False,
+        granule_head: bool = False,
     ):
         super().__init__()
         self.side = crop_size // 2 ** len(channels)
@@ -305,7 +322,14 @@ class ImageDecoder(nn.Module):
         self.fc = nn.Linear(n_in, self.c0 * self.side * self.side)
         rev = list(reversed(channels))
         self.predict_mask = predict_mask
+        self.granule_head = granule_head
         n_out = 4 if predict_mask else 3
+        n_out += 1 if granule_head else 0  # where granules are (spatial log-rate)
+        if granule_head:
+            # how many granules and their stain come from the code through an MLP:
+            # granule density peaks mid-path (promyelocyte), which a linear read-out
+            # of the image trunk's few full-resolution channels cannot follow
+            self.granule_mlp = nn.Sequential(nn.Linear(n_in, 64), nn.SiLU(), nn.Linear(64, 4))
         layers: list[nn.Module] = []
         if arch == "plain":
             for a, b in zip(rev[:-1], rev[1:]):
@@ -336,11 +360,21 @@ class ImageDecoder(nn.Module):
             layers += [nn.SiLU(), nn.Conv2d(c_top, n_out, 3, padding=1)]
         self.deconv = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, n_in) -> image (B, 3, S, S), mask logits (B, 1, S, S) or None, and the
+        granule rate (B, 1, S, S, per 100 px^2) and optical density (B, 3, S, S), or None."""
         h = F.silu(self.fc(z)).view(-1, self.c0, self.side, self.side)  # (B, C*s*s) -> (B, C, s, s)
-        out = self.deconv(h)  # (B, 3 or 4, S, S)
+        out = self.deconv(h)  # (B, 3 [+1 mask] [+4 granules], S, S)
         img = torch.sigmoid(out[:, :3])
-        return img, (out[:, 3:4] if self.predict_mask else None)
+        k = 4 if self.predict_mask else 3
+        mask_logits = out[:, 3:4] if self.predict_mask else None
+        if not self.granule_head:
+            return img, mask_logits, None, None
+        g = self.granule_mlp(z)  # (B, 4): log density offset, granule optical density
+        log_rate = (g[:, :1, None, None] + out[:, k : k + 1]).clamp(-12.0, 6.0)
+        rate = torch.exp(log_rate)  # (B, 1, S, S) centres per 100 px^2
+        od = F.softplus(g[:, 1:4, None, None]).expand(-1, -1, *img.shape[-2:])
+        return img, mask_logits, rate, od
 
 
 class ExpressionEncoder(nn.Module):
@@ -472,7 +506,13 @@ class TwoBranchVAE(nn.Module):
         ns, npv = a.n_shared, a.n_private
         self.image_encoder = ImageEncoder(a.crop_size, a.channels, ns + npv, a.image_arch)
         self.image_decoder = ImageDecoder(
-            a.crop_size, a.channels, ns + npv, a.predict_mask, a.image_arch, a.texture_noise
+            a.crop_size,
+            a.channels,
+            ns + npv,
+            a.predict_mask,
+            a.image_arch,
+            a.texture_noise,
+            a.granule_head,
         )
         self.expression_encoder = ExpressionEncoder(
             a.n_genes, a.hidden, ns + npv, a.library_covariate, a.dropout
@@ -617,7 +657,13 @@ class TwoBranchVAE(nn.Module):
         return Posteriors(joint, post_img, post_expr, has_image, has_expression)
 
     # -------------------------------------------------------------- generative
-    def decode(self, z: torch.Tensor, image_rows: torch.Tensor | None = None) -> Decoded:
+    def decode(
+        self,
+        z: torch.Tensor,
+        image_rows: torch.Tensor | None = None,
+        render: bool = False,
+        seed: int = 0,
+    ) -> Decoded:
         """Decode latent codes.
 
         Parameters
@@ -627,6 +673,11 @@ class TwoBranchVAE(nn.Module):
             Rows whose image is needed; the image decoder runs on these only and
             the other rows get zeros (training: rows without an image score
             nothing). Default: all rows.
+        render : bool
+            With a granule head, ``image`` is the mean image with granules
+            drawn from the decoded rate map (:func:`render_granules`, seeded by
+            ``seed``) and ``image_mean`` keeps the mean. For figures and
+            measurements of decoded cells; the loss always sees the mean.
 
         Returns
         -------
@@ -637,15 +688,22 @@ class TwoBranchVAE(nn.Module):
         """
         zi = self.image_part(z)
         if image_rows is None:
-            img, mask_logits = self.image_decoder(zi)
+            img, mask_logits, rate, od = self.image_decoder(zi)
         else:
-            img, mask_logits = _rows_only(self.image_decoder, image_rows, zi)
+            img, mask_logits, rate, od = _rows_only(self.image_decoder, image_rows, zi)
+        mask = torch.sigmoid(mask_logits) if mask_logits is not None else None
+        mean = None
+        if render and rate is not None:
+            mean, img = img, render_granules(img, rate, od, mask, seed)
         expr = self.expression_decoder(self.expression_part(z))
         return Decoded(
             image=img,
-            mask=torch.sigmoid(mask_logits) if mask_logits is not None else None,
+            mask=mask,
             mask_logits=mask_logits,
             image_log_scale=self.image_log_scale.clamp(-4.6, 2.0),
+            granule_rate=rate,
+            granule_od=od,
+            image_mean=mean,
             **expr,
         )
 
@@ -685,6 +743,91 @@ class TwoBranchVAE(nn.Module):
         from_img = self.decode(reparameterize(post.image), hi)
         from_expr = self.decode(reparameterize(post.expression), paired)
         return ForwardOutput(post, joint, from_img, from_expr, self.classifier)
+
+
+GRANULE_DOT_SIGMA = 0.8  # px: a rendered granule is a Gaussian dot of this width
+GRANULE_FIELD_TILE = 64  # px: larger fields are tiles of this size
+
+
+@functools.lru_cache(maxsize=8)
+def granule_field(side: int, seed: int = 0) -> torch.Tensor:
+    """Even ("blue-noise") threshold field of shape (side, side), values in (0, 1).
+
+    Pixels are ranked by greedy farthest-point sampling with a seeded random
+    preference (each next pixel is the one farthest from all earlier ones,
+    distances scaled by 1 + 0.5 u), and a pixel's value is its rank / side^2.
+    Thresholding at p keeps about p x area pixels of any region, spread
+    evenly: a white-noise field would give Poisson scatter (an expected 5
+    granules would read as anything from 1 to 10) and clumps that a blob
+    detector merges.
+    """
+    if side > GRANULE_FIELD_TILE:
+        # farthest-point ranking is O(side^4): tile seeded 64 px fields instead
+        n = -(-side // GRANULE_FIELD_TILE)
+        rows = [
+            torch.cat(
+                [granule_field(GRANULE_FIELD_TILE, seed * 1009 + i * n + j + 1) for j in range(n)],
+                1,
+            )
+            for i in range(n)
+        ]
+        return torch.cat(rows, 0)[:side, :side].contiguous()
+    rng = np.random.default_rng(int(seed))
+    yy, xx = np.mgrid[:side, :side]
+    pts = np.stack([yy.ravel(), xx.ravel()], 1).astype(np.float64)  # (N, 2)
+    pref = 1.0 + 0.5 * rng.random(len(pts))
+    rank = np.empty(len(pts), dtype=np.int64)
+    d2 = np.full(len(pts), np.inf)
+    j = int(rng.integers(len(pts)))
+    for r in range(len(pts)):
+        rank[j] = r
+        d2 = np.minimum(d2, ((pts - pts[j]) ** 2).sum(1))
+        d2[j] = -1.0
+        j = int(np.argmax(d2 * pref))
+    return torch.from_numpy(((rank + 0.5) / len(pts)).reshape(side, side).astype(np.float32))
+
+
+def render_granules(
+    image: torch.Tensor,
+    rate: torch.Tensor,
+    od: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Draw granules on decoded mean images.
+
+    A pixel holds a granule centre where the even threshold field of
+    :func:`granule_field` (one field per ``seed``, shared by every row) is
+    below ``rate / 100``: a region holds about as many granules as the decoded
+    rate (per 100 px^2) says, spread evenly, and along a latent path granules
+    appear and disappear in place as the rate changes. Each centre is a
+    Gaussian dot (peak 1, ``GRANULE_DOT_SIGMA``) whose stain adds to the
+    cell's (Beer-Lambert: optical densities add), so a granule keeps its
+    contrast on a pale or a dark decoded cytoplasm.
+
+    Parameters
+    ----------
+    image : (B, 3, S, S) mean image in [0, 1]
+    rate : (B, 1, S, S) granule centres per 100 px^2
+    od : (B, 3, S, S) optical density a granule adds at its centre (>= 0)
+    mask : (B, 1, S, S) cell probability, optional: centres only where > 0.5
+    seed : int
+
+    Returns
+    -------
+    (B, 3, S, S) image in [0, 1] with granules
+    """
+    s = image.shape[-1]
+    u = granule_field(s, int(seed)).to(image.device, image.dtype).view(1, 1, s, s)
+    centres = (u < rate / 100.0).to(image.dtype)
+    if mask is not None:
+        centres = centres * (mask > 0.5).to(image.dtype)
+    r = 2
+    x = torch.arange(-r, r + 1, device=image.device, dtype=image.dtype)
+    k1 = torch.exp(-(x**2) / (2 * GRANULE_DOT_SIGMA**2))  # separable, peak 1
+    dots = F.conv2d(centres, k1.view(1, 1, 1, -1), padding=(0, r))
+    dots = F.conv2d(dots, k1.view(1, 1, -1, 1), padding=(r, 0)).clamp(0.0, 1.0)
+    return image * torch.exp(-dots * od)
 
 
 def _rows_only(fn, rows: torch.Tensor, *tensors: torch.Tensor):

@@ -88,9 +88,9 @@ class TBLogger:
             batch.mask,
             batch.log_library,
         )
-        joint = model.decode(post.joint[0])
-        from_img = model.decode(post.image[0])
-        from_expr = model.decode(post.expression[0])
+        joint = model.decode(post.joint[0], render=True)
+        from_img = model.decode(post.image[0], render=True)
+        from_expr = model.decode(post.expression[0], render=True)
         m = batch.mask
         rows = [batch.image, joint.image.float() * m, from_img.image.float() * m]
         rows.append(from_expr.image.float() * m)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from segmentation.progress import bar
 from segmentation.runtime import NonFiniteLossError, seed_everything
 from segmentation.runtime import rng_state as _rng_state
 from segmentation.runtime import set_rng_state as _set_rng_state
@@ -146,6 +147,7 @@ def forward_loss(
         image_likelihood=args.image_likelihood,
         n_shared=n_shared,
         labels=batch.labels,
+        granules=batch.granules,
     )
 
 
@@ -202,6 +204,17 @@ def train(
     core = model
     wrapped = dist.wrap(core)
     n_shared = core.args.n_shared
+    if getattr(core.args, "granule_head", False) and data.granules is None:
+        from vae.data import granule_centres
+
+        t_g = time.time()
+        data.granules = granule_centres(data.crops, data.masks, data.has_image)
+        log.info(
+            "granule centres of %d crops: %d granules (%.1f s)",
+            int(data.has_image.sum()),
+            int(data.granules.sum()),
+            time.time() - t_g,
+        )
     opt = torch.optim.AdamW(
         [p for p in core.parameters() if p.requires_grad],
         lr=args.lr,
@@ -277,6 +290,16 @@ def train(
 
     stopped = "max_epochs"
     last_kl = np.zeros(core.args.n_latent)
+    # outer bar: epochs with ETA (terminal only, rank 0); the inner one: this epoch's batches
+    limit = f" (cap {args.max_minutes:g} min)" if args.max_minutes is not None else ""
+    ebar = bar(
+        desc=f"train{limit}",
+        total=args.max_epochs,
+        initial=epoch,
+        unit="epoch",
+        enabled=is_main,
+        leave=True,
+    )
     while epoch < args.max_epochs:
         t_ep = time.time()
         wrapped.train()
@@ -293,7 +316,13 @@ def train(
         n_rows = 0
         data_s = 0.0
         t_data = time.time()
-        for raw in iterate(data, batches, args.num_workers, args.pin_memory):
+        for raw in bar(
+            iterate(data, batches, args.num_workers, args.pin_memory),
+            desc=f"epoch {epoch + 1}/{args.max_epochs}",
+            total=len(batches),
+            unit="batch",
+            enabled=is_main,
+        ):
             batch = to_batch(
                 raw,
                 device,
@@ -373,6 +402,8 @@ def train(
             "active_units": active_units(last_kl),
         }
         history.append(rec)
+        ebar.update(1)
+        ebar.set_postfix_str(f"val {monitor:.4g}", refresh=False)
         if is_main:
             log.info(
                 "epoch %d/%d step %d: train %.4g val %.4g (img %.4g expr %.4g kl %.3g "
@@ -420,6 +451,7 @@ def train(
         if args.stop_after_epochs is not None and epoch >= args.stop_after_epochs:
             stopped = "interrupted"
             break
+    ebar.close()
     dist.barrier()
     if is_main and stopped != "interrupted" and best_epoch == 0:
         # the KL schedule never finished: keep the last weights as "best"

@@ -26,7 +26,7 @@ from pipeline.simulator.expression import (
 from pipeline.simulator.morphology import KIND_GROUPS, MAX_DIAMETER_FACTOR
 from pipeline.simulator.render import SmearParams, render_smear
 from pipeline.simulator.tables import expression_anndata, truth_table
-from segmentation.io import encode_mask
+from segmentation.io import encode_mask, write_h5ad
 
 
 class SimulatorSettingError(ValueError):
@@ -319,7 +319,7 @@ def write_dataset(
     table.to_csv(table_path, index=False)
     allc = np.concatenate(counts) if counts else np.zeros((0, params.n_genes), dtype=np.int64)
     adata = expression_anndata(table, allc, panel, params)
-    adata.write_h5ad(expression_path)
+    write_h5ad(adata, expression_path)
     return WriteSummary(
         n_images=len(images),
         n_cells=len(annotations),

@@ -13,6 +13,7 @@ import logging
 from omegaconf import DictConfig
 
 from pipeline.runner import StageContext, StageError, resolve_data_path, stage
+from segmentation.io import write_h5ad
 from vae.inputs.schema import HAS_COUNTS
 
 log = logging.getLogger(__name__)
@@ -149,4 +150,4 @@ def run_expression(ctx: StageContext) -> None:
                 ex.plot_embedding(out, tmp)
         # the artifact last: its presence means the stage finished
         with ctx.atomic("expression") as tmp:
-            out.write_h5ad(tmp)
+            write_h5ad(out, tmp)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import write_json
 from pipeline.runner import StageContext, StageError, resolve_data_path, stage
+from segmentation.io import write_h5ad
 from vae.inputs.schema import HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
 
 log = logging.getLogger(__name__)
@@ -191,4 +192,4 @@ def run_pair(ctx: StageContext) -> None:
             with ctx.atomic("crops.png") as tmp:
                 pr.contact_sheet(out, tmp, seed=cfg.seed)
         with ctx.atomic("paired") as tmp:
-            out.write_h5ad(tmp, compression="gzip")
+            write_h5ad(out, tmp, compression="gzip")

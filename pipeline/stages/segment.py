@@ -32,11 +32,14 @@ from segmentation.cells import (
     contact_sheet,
     draw_overlay,
     load_coco_truth,
+    reject_rows,
+    reject_sheet,
     segment_images,
 )
 from segmentation.crops import FLAGS, FilterSettings
 from segmentation.inference import MaskRCNNDetector
-from segmentation.io import list_images, read_rgb
+from segmentation.io import list_images, read_rgb, write_h5ad
+from segmentation.progress import bar
 from segmentation.table import cells_adata, merge_parts, truth_summary
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,11 @@ def settings_from_config(sc: Any) -> SegmentSettings:
             else float(sc.duplicate_containment),
             drop_multi_piece=bool(sc.drop_multi_piece),
             min_piece_area=int(sc.min_piece_area),
+            drop_tile_cut=bool(sc.drop_tile_cut),
+            touch_px=None if sc.touch_px is None else int(sc.touch_px),
+            min_solidity=None if sc.min_solidity is None else float(sc.min_solidity),
+            max_area_ratio=None if sc.max_area_ratio is None else float(sc.max_area_ratio),
+            min_cells_area_ratio=int(sc.min_cells_area_ratio),
         ),
     )
 
@@ -162,15 +170,18 @@ def _run_shard(
     model: torch.nn.Module,
     ckpt: dict[str, Any],
     overlay_below: int | None = None,
+    desc: str = "segment",
 ) -> dict[str, Any]:
     sc = ctx.cfg.segmentation
     detector = make_detector(ctx, model)
     overlay_below = int(sc.n_overlays) if overlay_below is None else overlay_below
     tables, crops, masks, rejects = [], [], [], []
+    rej_crops, rej_ids = [], []  # examples of rejected cells for rejects.png
     n_truth, n_images, seconds = 0, 0, 0.0
     # images are read batch_size at a time so that the tiles of small images share
     # detector batches (a large slide spreads over several batches by itself)
     group = max(1, settings.batch_size)
+    pbar = bar(desc=desc, total=len(items), unit="img", enabled=ctx.is_main)
     for g in range(0, len(items), group):
         good = []  # (index, path, image, truth)
         for index, path in items[g : g + group]:
@@ -185,6 +196,7 @@ def _run_shard(
                 )
             it = truth.for_image(path.name) if truth is not None else None
             good.append((index, path, rd.image, it))
+        pbar.update(len(items[g : g + group]) - len(good))  # unreadable ones
         if not good:
             continue
         t0 = time.perf_counter()
@@ -196,6 +208,7 @@ def _run_shard(
             truths=[it for _, _, _, it in good],
         )
         seconds += time.perf_counter() - t0
+        pbar.update(len(good))
         for (index, path, _, it), cells in zip(good, results):
             n_images += 1
             if it is not None:
@@ -205,6 +218,10 @@ def _run_shard(
             tables.append(tab)
             crops.append(cells.crops.images)
             masks.append(cells.crops.masks)
+            rejects += reject_rows(tab)
+            if cells.reject_crops is not None and len(rej_ids) < int(sc.n_reject_examples):
+                rej_crops.append(cells.reject_crops)
+                rej_ids += cells.reject_ids
             if not len(tab):
                 rejects.append(
                     {"image": path.name, "action": "no_cells", "reason": "no detections"}
@@ -220,12 +237,17 @@ def _run_shard(
             if index < overlay_below:
                 ov = draw_overlay(cells, min(float(sc.score_threshold), 0.99))
                 ov.save(overlay_dir / f"{path.stem}.png")
+    pbar.close()
     s = int(sc.crop_size)
     return {
         "tables": tables,
         "crops": np.concatenate(crops) if crops else np.zeros((0, s, s, 3), np.uint8),
         "masks": np.concatenate(masks) if masks else np.zeros((0, s, s), bool),
         "rejects": rejects,
+        "reject_crops": np.concatenate(rej_crops)
+        if rej_crops
+        else np.zeros((0, s, s, 3), np.uint8),
+        "reject_ids": rej_ids,
         "n_truth": n_truth,
         "n_images": n_images,
         "seconds": seconds,
@@ -320,7 +342,8 @@ def _write_outputs(
     sc = ctx.cfg.segmentation
     table, kept, crops, masks = merge_parts(parts, settings.crop_size, ann is not None)
     rejects = pd.DataFrame(
-        [r for p in parts for r in p["rejects"]], columns=["image", "action", "reason"]
+        [r for p in parts for r in p["rejects"]],
+        columns=["image", "action", "reason", "cell_id", "detail"],
     )
     counts = {"images": n_listed, "images_read": int(sum(p["n_images"] for p in parts))}
     counts["detections"] = len(table)
@@ -344,7 +367,7 @@ def _write_outputs(
         summary["truth"] = truth_summary(table, kept, int(sum(p["n_truth"] for p in parts)))
     adata = cells_adata(kept, crops, masks, settings, counts, str(smears))
     with ctx.atomic("cells") as tmp:
-        adata.write_h5ad(tmp)
+        write_h5ad(adata, tmp)
     with ctx.atomic("detections.csv") as tmp:
         table.to_csv(tmp, index=False)
     with ctx.atomic("rejects.csv") as tmp:
@@ -358,6 +381,8 @@ def _write_outputs(
         )
     with ctx.atomic("contact_sheet.png") as tmp:
         contact_sheet(crops, labels, int(sc.contact_sheet_max)).save(tmp, format="PNG")
+    with ctx.atomic("rejects.png") as tmp:  # a few rejected cells, each with why
+        reject_sheet(parts, table, int(sc.n_reject_examples)).save(tmp, format="PNG")
     with ctx.atomic("overlays") as tmp:
         shutil.copytree(ctx.dir / PARTS / "overlays", tmp)
     write_json(ctx.output("summary.json"), summary)

@@ -35,7 +35,7 @@ def simulator_params(cfg: DictConfig) -> SimulatorParams:
 
 @stage("simulate", validate=simulator_params, produces=["smears", "expression_raw"])
 def simulate(ctx: StageContext) -> None:
-    from tqdm import tqdm
+    from segmentation.progress import bar
 
     params = simulator_params(ctx.cfg)
     if not ctx.is_main:
@@ -57,7 +57,7 @@ def simulate(ctx: StageContext) -> None:
             smears,
             expr,
             table,
-            progress=lambda it: tqdm(it, desc="simulate", unit="img", leave=False),
+            progress=lambda it: bar(it, desc="simulate", unit="img"),
         )
     log.info(
         "wrote %d images, %d white cells x %d genes; kinds: %s",

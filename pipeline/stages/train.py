@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import write_json
 from pipeline.runner import StageContext, StageError, stage
+from segmentation.io import write_h5ad
 from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def build_model_args(cfg: DictConfig, data, source: str):
             dropout=float(v.dropout),
             image_arch=v.image_arch,
             texture_noise=bool(v.texture_noise),
+            granule_head=float(v.granule_weight) > 0,
             n_classes=_n_classes(float(v.classify_weight), data.label_names),
         )
     except ValueError as e:
@@ -103,6 +105,23 @@ def unknown_label_code(label_names: list[str]) -> int:
     return label_names.index(UNKNOWN_LABEL) if UNKNOWN_LABEL in label_names else -1
 
 
+def exclude_labels(split: np.ndarray, data, labels: list[str]) -> np.ndarray:
+    """Move every row whose label is in ``labels`` to the test split (never trained on)."""
+    if not labels:
+        return split
+    unknown = sorted(set(labels) - set(data.label_names))
+    if unknown:
+        raise StageError(
+            f"trainer.exclude_labels: {unknown} not among the labels of the paired data "
+            f"({', '.join(data.label_names)})"
+        )
+    codes = [data.label_names.index(lab) for lab in labels]
+    out = split.copy()
+    out[np.isin(data.labels.numpy(), codes)] = "test"
+    log.info("trainer.exclude_labels=%s: %d rows moved to test", labels, int((out != split).sum()))
+    return out
+
+
 def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: int = -1, data=None):
     from vae.losses import LossWeights
     from vae.train import TrainArgs
@@ -114,6 +133,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
             mask=_image_weight(v.mask_weight, data, "mask") if v.predict_mask else 0.0,
             ssim=v.ssim_weight,
             spectral=v.spectral_weight,
+            granules=float(v.granule_weight),
             free_bits=float(v.free_bits),
             classify=float(v.classify_weight),
             unknown_label=int(unknown_label),
@@ -158,6 +178,7 @@ def run_train(ctx: StageContext) -> None:
     import anndata as ad
     import torch
 
+    from vae.analysis.anomaly import anomaly_scores
     from vae.data import PairedDataError, from_anndata, stratified_split
     from vae.infer import encode_dataset
     from vae.model import TwoBranchVAE
@@ -205,6 +226,7 @@ def run_train(ctx: StageContext) -> None:
             float(cfg.trainer.test_fraction),
             int(cfg.seed),
         )
+        split = exclude_labels(split, data, list(cfg.trainer.exclude_labels))
         if dist.is_main:
             with ctx.atomic("split.csv") as tmp:
                 pd.DataFrame({"split": split}, index=pd.Index(data.obs_names, name="obs")).to_csv(
@@ -258,6 +280,7 @@ def run_train(ctx: StageContext) -> None:
 
         best, _ = load_model(ctx.output("model"), dist.device)
         lat = encode_dataset(best, data, dist.device)
+        anomaly = anomaly_scores(best, data, split == "train", dist.device, latents=lat)
         if tb is not None and cfg.trainer.projector_max_cells > 0:
             _projector(
                 tb,
@@ -269,7 +292,7 @@ def run_train(ctx: StageContext) -> None:
     finally:
         if tb is not None:
             tb.close()
-    _write_latent(ctx, adata, data, split, lat, margs, result)
+    _write_latent(ctx, adata, data, split, lat, margs, result, anomaly)
     write_json(
         ctx.output("train_summary.json"),
         {
@@ -304,12 +327,20 @@ def _projector(tb, latent: np.ndarray, data, max_cells: int, step: int) -> None:
     tb.projector(latent[rows], labels, thumbs, step)
 
 
-def _write_latent(ctx: StageContext, adata, data, split, lat, margs, result) -> None:
+def _write_latent(ctx: StageContext, adata, data, split, lat, margs, result, anomaly) -> None:
     import anndata as ad
+
+    from vae.scverse import ROW_KEY, cell_obs_names
 
     ns = margs.n_shared
     obs = adata.obs.copy()
     obs["split"] = pd.Categorical(split, categories=["train", "val", "test"])
+    for col in anomaly.columns:  # names owned by vae.inputs.schema.ANOMALY_COLUMNS
+        obs[col] = anomaly[col].to_numpy(dtype=np.float32)
+    # rows named by the cells' own IDs (vae/scverse.py); paired.h5ad's row ID kept for joins
+    obs.insert(0, ROW_KEY, obs.index.astype(str))
+    obs.index = cell_obs_names(obs)
+    obs.index.name = None
     out = ad.AnnData(obs=obs)
     out.obsm["X_vae"] = lat.joint[:, :ns].astype(np.float32)
     out.obsm["X_vae_image"] = lat.image[:, :ns].astype(np.float32)
@@ -324,7 +355,7 @@ def _write_latent(ctx: StageContext, adata, data, split, lat, margs, result) -> 
     out.uns["latent_layout"] = {"n_shared": ns, "n_private": margs.n_private}
     out.uns["best_epoch"] = int(result.best_epoch)
     with ctx.atomic("latent") as tmp:
-        out.write_h5ad(tmp)
+        write_h5ad(out, tmp)
 
 
 __all__ = ["run_train", "build_model_args", "build_train_args"]

@@ -24,7 +24,7 @@ from pipeline.stages.evaluate import analysis_settings, load_run_data, tensorboa
 @stage(
     "traverse",
     needs=["latent", "model"],
-    optional=["paired", "evaluation"],
+    optional=["paired", "evaluation", "crop_rejects"],
     produces=["report"],
 )
 def run_traverse(ctx: StageContext) -> None:
@@ -36,6 +36,7 @@ def run_traverse(ctx: StageContext) -> None:
     settings = analysis_settings(ctx)
     rd = load_run_data(ctx)
     evaluation = ctx.input("evaluation") if ctx.has_input("evaluation") else None
+    rejects = ctx.input("crop_rejects") if ctx.has_input("crop_rejects") else None
     tb = tensorboard(ctx)
     try:
         summary = traverse_study(
@@ -44,6 +45,7 @@ def run_traverse(ctx: StageContext) -> None:
             Outputs(ctx.dir, tb),
             report=ctx.output("report"),
             evaluation=evaluation,
+            crop_rejects=rejects,
             title=f"WBC beta-VAE study: {cfg.experiment}",
             subtitle=f"run folder {ctx.run_dir}; model epoch {rd.meta.get('epoch')}; "
             f"written {time.strftime('%Y-%m-%d %H:%M')}",

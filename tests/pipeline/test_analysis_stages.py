@@ -7,6 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -77,6 +78,12 @@ def _check_outputs(run: Path) -> None:
         assert (ev / t).exists()
     assert (ev / "umap_labels.png").exists()
     assert list((ev / "tb").glob("events.out.tfevents.*"))
+    # issue 15: imputation (LATE protocol) and atypical-cell scores
+    imp = pd.read_csv(ev / "imputation.csv")
+    assert list(imp["predictor"]) == ["model", "gene mean", "kNN smoothing (PCA)"]
+    assert (imp["n_entries"] > 0).all() and imp["pearson"].between(-1, 1).all()
+    assert metrics["imputation"]["n_hidden"] == imp["n_entries"].iloc[0]
+    assert metrics["anomaly"]["n_scored"] == metrics["n_rows"]
 
     tr = run / "traverse"
     assert len(list(tr.glob("traverse_dim*.png"))) == 2  # top_k_dims
@@ -94,6 +101,15 @@ def _check_outputs(run: Path) -> None:
     assert pngs and pngs == embedded
     assert html.count("<figcaption>") == len(embedded)
     assert "data:image/png;base64," in html and "Config" in html
+    assert "Imputation, denoising and atypical cells" in html
+    # the interactive page next to the report: one file, its data inline
+    page = (tr / "study.html").read_text()
+    payload = json.loads(
+        re.search(r'id="study-data">(.*?)</script>', page, re.S).group(1).replace("<\\/", "</")
+    )
+    assert len(payload["decoded"]) == len(payload["s"]) == 6  # path_steps
+    assert len(payload["cells"]) == 80 and all(len(n) == 6 for n in payload["nearest"])
+    assert payload["colours"]["myeloblast"] != payload["colours"]["myelocyte"]
 
 
 def test_evaluate_and_traverse_in_process(tiny_run):
@@ -103,6 +119,31 @@ def test_evaluate_and_traverse_in_process(tiny_run):
     _check_outputs(root / "tiny")
     man = json.loads((root / "tiny" / "traverse" / "manifest.json").read_text())
     assert man["status"] == "complete" and "evaluation" in man["inputs"]
+
+
+def test_latent_holds_anomaly_scores_and_exclude_labels_moves_rows_to_test(tiny_run):
+    import anndata as ad
+    import numpy as np
+
+    from pipeline.runner import StageError
+    from pipeline.stages.train import exclude_labels
+    from vae.data import load_paired
+    from vae.inputs.schema import ANOMALY_COLUMNS, ANOMALY_SCORE
+
+    root, paired = tiny_run
+    lat = ad.read_h5ad(root / "tiny" / "train" / "latent.h5ad")
+    for col in ANOMALY_COLUMNS.values():
+        assert col in lat.obs, col
+    assert np.isfinite(lat.obs[ANOMALY_SCORE]).all()
+    img_only = ~lat.obs["has_expression"].to_numpy(bool)
+    assert lat.obs.loc[img_only, ANOMALY_COLUMNS["expression_latent"]].isna().all()
+    d = load_paired(paired)
+    split = np.array(["train"] * d.n, dtype=object).astype(str)
+    out = exclude_labels(split, d, ["lymphocyte"])
+    lymph = np.asarray(d.label_names)[d.labels.numpy()] == "lymphocyte"
+    assert (out[lymph] == "test").all() and (out[~lymph] == "train").all()
+    with pytest.raises(StageError, match="exclude_labels"):
+        exclude_labels(split, d, ["basophil"])
 
 
 def test_traverse_without_paired_data_still_reports(tiny_run, tmp_path):
@@ -184,3 +225,126 @@ def test_image_branch_check_script_on_a_finished_run(tiny_run):
         assert 0 <= res[k] <= 1, k
     assert -1 <= res["ssim_joint"] <= 1
     assert (run / "image_branch_recon.png").stat().st_size > 0
+
+
+def test_study_page_works_in_a_real_browser(tiny_run, tmp_path):
+    """study.html in headless Chromium: loads without console errors; the slider changes the
+    decoded image, the gene column and the nearest crops; hovering a cell shows its crop."""
+    from tests.helpers.browser import headless_chromium, require_browser, severe_logs
+
+    require_browser()  # skips, saying why, before any work
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    root, paired = tiny_run
+    assert (
+        _run_in_process(
+            tmp_path,
+            paired,
+            "traverse",
+            [
+                *FAST_ANALYSIS,
+                "experiment=page",
+                f"paths.inputs.latent={root / 'tiny' / 'train' / 'latent.h5ad'}",
+                f"paths.inputs.model={root / 'tiny' / 'train' / 'model.pt'}",
+            ],
+        )
+        == 0
+    )
+    page = tmp_path / "page" / "traverse" / "study.html"
+    text = page.read_text()
+    # self-contained: no external script, style, image or font
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", text)
+    assert "<script src" not in text and "@import" not in text
+    with headless_chromium() as d:
+        d.get(page.as_uri())
+        assert d.find_element("tag name", "body").get_attribute("data-ready") == "1"
+        assert severe_logs(d) == []
+
+        def state():
+            img = d.find_element("id", "decoded").get_attribute("src")
+            col = [
+                tr.get_attribute("data-value")
+                for tr in d.find_elements("css selector", "#genecol tr")
+            ]
+            near = [i.get_attribute("src") for i in d.find_elements("css selector", "#nearest img")]
+            return img, col, near, d.find_element("id", "colbox").get_attribute("x")
+
+        img0, col0, near0, x0 = state()
+        assert img0.startswith("data:image/png;base64,") and col0 and near0
+        slider = d.find_element("id", "pos")
+        n_steps = int(slider.get_attribute("max")) + 1
+        assert n_steps == 6  # FAST_ANALYSIS path_steps
+        for _ in range(n_steps):  # to the far end of the path
+            slider.send_keys(Keys.ARROW_RIGHT)
+        img1, col1, near1, x1 = state()
+        assert slider.get_attribute("value") == str(n_steps - 1)
+        assert img1 != img0  # another decoded cell
+        assert col1 != col0 and len(col1) == len(col0)  # another heatmap column
+        assert x1 != x0  # the outlined column moved
+        assert near1 != near0  # other nearest crops (myeloblast end vs myelocyte end)
+        dots = d.find_elements("css selector", "#scatter circle[data-i]")
+        assert len(dots) == 80  # every cell of the tiny run
+        ActionChains(d).move_to_element(dots[0]).perform()
+        hover = d.find_element("id", "hover")
+        assert hover.get_attribute("data-cell")
+        assert hover.find_elements("tag name", "img") or "no image" in hover.text
+        assert severe_logs(d) == []
+        d.save_screenshot(str(tmp_path / "study.png"))
+    assert (tmp_path / "study.png").stat().st_size > 10_000
+
+
+def test_latent_rows_are_cell_ids_and_evaluate_stores_its_umap(tmp_path):
+    """latent.h5ad: cell IDs as obs_names (unique), paired row IDs in obs["row"]; evaluate
+    reads it back against paired.h5ad and writes its UMAP into its copy; X_vae goes back
+    into the user's AnnData by cell ID."""
+    import anndata as ad
+
+    from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE
+    from vae.scverse import add_latent
+
+    p = make_paired(n=72, size=16, n_genes=12, image_only=4, expression_only=4)
+    he, hi = p.obs[HAS_EXPRESSION].to_numpy(bool), p.obs[HAS_IMAGE].to_numpy(bool)
+    cells = np.array([f"cell{i}" for i in range(p.n_obs)], dtype=object)
+    cells[1] = cells[0]  # one profile drawn for two crops
+    p.obs["expression_ref"] = np.where(he, cells, "")
+    p.obs["image_ref"] = np.where(hi, [f"crop{i}" for i in range(p.n_obs)], "")
+    p.obs_names = [f"r{i:06d}" for i in range(p.n_obs)]
+    paired = tmp_path / "paired.h5ad"
+    p.write_h5ad(paired)
+    assert _run_in_process(tmp_path, paired, "train", TINY_TRAIN) == 0
+    lat = ad.read_h5ad(tmp_path / "tiny" / "train" / "latent.h5ad")
+    assert list(lat.obs["row"]) == list(p.obs_names)
+    assert lat.obs_names.is_unique
+    want = np.where(he, cells, p.obs["image_ref"].to_numpy())
+    want[1] = f"{cells[0]}-1"
+    assert list(lat.obs_names) == list(want)
+
+    extra = [x for x in FAST_ANALYSIS if x != "analysis.umap=false"] + ["analysis.umap=true"]
+    assert _run_in_process(tmp_path, paired, "evaluate", extra) == 0
+    ev = ad.read_h5ad(tmp_path / "tiny" / "evaluate" / "latent.h5ad")
+    assert list(ev.obs_names) == list(lat.obs_names)
+    assert ev.obsm["X_umap"].shape == (p.n_obs, 2) and np.isfinite(ev.obsm["X_umap"]).all()
+    np.testing.assert_array_equal(ev.obsm["X_vae"], lat.obsm["X_vae"])
+
+    # the user's own expression AnnData, keyed by cell ID, gets X_vae
+    ids = sorted(set(cells[he]))
+    user = ad.AnnData(np.zeros((len(ids), 1), np.float32), obs=pd.DataFrame(index=ids))
+    assert add_latent(user, ev) == len(ids)
+    row = int(np.flatnonzero(lat.obs["expression_ref"].to_numpy() == cells[5])[0])
+    np.testing.assert_allclose(user.obsm["X_vae"][ids.index(cells[5])], lat.obsm["X_vae"][row])
+    assert add_latent(user, ev, key="X_umap") == len(ids)
+
+
+def test_gene_programs_have_one_definition():
+    from types import SimpleNamespace
+
+    from hydra.errors import ConfigCompositionException
+
+    from pipeline.stages.evaluate import analysis_settings
+
+    cfg = compose_config(["stage=evaluate", "expression=paul15"])
+    programs = analysis_settings(SimpleNamespace(cfg=cfg)).programs
+    assert programs == dict(cfg.expression.programs) and "monocyte" in programs
+    with pytest.raises(ConfigCompositionException, match="programs"):
+        compose_config(["stage=evaluate", "analysis.programs={x: [MPO]}"])

@@ -311,3 +311,32 @@ def test_demo_preset_composes():
     cfg = _compose(["stage=all", "+preset=demo"])
     assert cfg.data.name == "synthetic" and cfg.data.simulator.n_images == 120
     assert runner.stages_for(cfg) == runner.ORDER
+
+
+# --- torch threads ------------------------------------------------------------
+
+
+def test_threads_follow_free_cores_setting_and_ddp():
+    assert hardware.pick_threads(None, cores=2, load=0.1, env={})[0] == 2
+    assert hardware.pick_threads(None, cores=2, load=1.2, env={})[0] == 1
+    assert hardware.pick_threads(None, cores=16, load=5.0, env={})[0] == 11
+    assert hardware.pick_threads(None, cores=2, load=9.0, env={})[0] == 1  # never 0
+    assert hardware.pick_threads(3, cores=2, load=9.0, env={}) == (3, "hardware.torch_threads")
+    assert hardware.pick_threads(None, world_size=4, cores=16, load=0.0, env={})[0] == 1
+    assert hardware.pick_threads(None, cores=16, load=0.0, env={"OMP_NUM_THREADS": "2"})[0] == 2
+
+
+def test_threads_are_applied_and_logged_once(monkeypatch, caplog):
+    monkeypatch.setattr(hardware, "_THREADS", {})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (50.0, 50.0, 50.0))
+    before = torch.get_num_threads()
+    hw = SimpleNamespace(torch_threads=None)
+    try:
+        with caplog.at_level("INFO", logger="pipeline.hardware"):
+            assert hardware.set_threads(hw) == 1 and torch.get_num_threads() == 1
+            hardware.set_threads(hw)
+        lines = [r.message for r in caplog.records if "torch threads" in r.message]
+        assert len(lines) == 1 and "load 50.00" in lines[0]
+    finally:
+        torch.set_num_threads(before)

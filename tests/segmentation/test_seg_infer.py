@@ -185,6 +185,46 @@ def _filter_scene():
     return Detections.from_masks(masks, scores), names, h, w
 
 
+def res_enabled(flag: str) -> bool:
+    return flag not in ("tile_cut", "touching", "low_solidity", "area_outlier")
+
+
+def test_morphology_filters_drop_cut_touching_and_doublets():
+    """Cells a morphologist would reject: each flagged for its own reason, whole ones kept."""
+    h, w = 160, 200
+    masks, names = [], []
+    for i, cx in enumerate((20, 60, 100)):  # three whole, separate cells
+        masks.append(disc(h, w, 30, cx, 10))
+        names.append(f"whole{i}")
+    masks += [disc(h, w, 90, 20, 10), disc(h, w, 90, 41, 10)]  # 1 px gap: touching
+    names += ["touch_a", "touch_b"]
+    masks.append(disc(h, w, 90, 100, 11) | disc(h, w, 90, 120, 11))  # doublet kept as one
+    names.append("doublet")
+    masks.append(disc(h, w, 140, 180, 10))
+    names.append("tile_piece")
+    det = Detections.from_masks(masks, np.full(len(masks), 0.9))
+    det.cut = np.array([n == "tile_piece" for n in names])
+    res = filter_detections(det, h, w, FilterSettings(min_area=50, max_area_ratio=2.0))
+    flagged = {f: sorted(names[k] for k in np.nonzero(v)[0]) for f, v in res.flags.items()}
+    assert flagged["touching"] == ["touch_a", "touch_b"]
+    assert flagged["low_solidity"] == ["doublet"]
+    assert flagged["area_outlier"] == ["doublet"]  # ~2.2x the median cell
+    assert flagged["tile_cut"] == ["tile_piece"]
+    assert sorted(names[k] for k in np.nonzero(res.kept)[0]) == ["whole0", "whole1", "whole2"]
+    assert res.solidity[names.index("whole0")] > 0.9 > res.solidity[names.index("doublet")]
+    # a 3 px gap is not touching; each test switches off
+    far = Detections.from_masks([disc(h, w, 90, 20, 10), disc(h, w, 90, 43, 10)], np.full(2, 0.9))
+    assert not filter_detections(far, h, w, FilterSettings()).flags["touching"].any()
+    off = FilterSettings(
+        min_area=50, touch_px=None, min_solidity=None, max_area_ratio=None, drop_tile_cut=False
+    )
+    assert filter_detections(det, h, w, off).kept.all()
+    # the area test needs min_cells_area_ratio cells in the image
+    two = Detections.from_masks([masks[0], masks[5]], np.full(2, 0.9))
+    lone = FilterSettings(max_area_ratio=2.0)
+    assert not filter_detections(two, h, w, lone).flags["area_outlier"].any()
+
+
 def test_filters_give_exact_counts():
     det, names, h, w = _filter_scene()
     s = FilterSettings(
@@ -194,10 +234,13 @@ def test_filters_give_exact_counts():
         drop_border=True,
         max_overlap_iou=0.2,
         drop_multi_piece=True,
+        touch_px=None,  # the morphology filters: test_morphology_filters_* below
+        min_solidity=None,
+        max_area_ratio=None,
     )
     res = filter_detections(det, h, w, s)
     assert [names[k] for k in np.nonzero(res.kept)[0]] == ["good"]
-    counts = {f: int(v.sum()) for f, v in res.flags.items()}
+    counts = {f: int(v.sum()) for f, v in res.flags.items() if res_enabled(f)}
     assert counts == {
         "low_score": 1,
         "too_small": 1,
@@ -208,7 +251,7 @@ def test_filters_give_exact_counts():
         "multi_piece": 1,
     }
     for f, v in res.flags.items():
-        if f != "overlapping":
+        if f != "overlapping" and res_enabled(f):
             assert names[int(np.nonzero(v)[0][0])] == f
     assert res.n_pieces[names.index("multi_piece")] == 2
     # each filter can be switched off
@@ -221,6 +264,7 @@ def test_filters_give_exact_counts():
         drop_multi_piece=False,
         duplicate_containment=None,
     )
+    loose.touch_px = loose.min_solidity = loose.max_area_ratio = None
     res2 = filter_detections(det, h, w, loose)
     kept = {names[k] for k in np.nonzero(res2.kept)[0]}
     assert kept == {
@@ -233,7 +277,14 @@ def test_filters_give_exact_counts():
         "too_large",
     }
     # without the duplicate test, "good" and its duplicate overlap: both dropped
-    no_dup = FilterSettings(min_area=50, max_area=1000, duplicate_containment=None)
+    no_dup = FilterSettings(
+        min_area=50,
+        max_area=1000,
+        duplicate_containment=None,
+        touch_px=None,
+        min_solidity=None,
+        max_area_ratio=None,
+    )
     res3 = filter_detections(det, h, w, no_dup)
     assert not res3.kept[names.index("good")] and res3.flags["overlapping"].sum() == 4
 
@@ -496,7 +547,15 @@ def _check_outputs(out: Path, crop: int = 32):
     reasons = dict(zip(rej.image + ":" + rej.action, rej.reason))
     assert reasons["zz_corrupt.png:skipped"].startswith("unreadable")
     assert reasons["zz_gray.png:converted"] == "grayscale->rgb"
-    assert (out / "contact_sheet.png").is_file()
+    # one row per confident detection not kept, naming the flags it failed
+    from segmentation.crops import FLAGS
+
+    cells = rej[rej.action == "rejected_cell"].set_index("cell_id")
+    dropped = det[~det.kept & ~det.low_score & ~det.duplicate].set_index("cell_id")
+    assert sorted(cells.index) == sorted(dropped.index)
+    for cid, r in dropped.iterrows():
+        assert cells.loc[cid, "reason"] == ",".join(f for f in FLAGS if r[f])
+    assert (out / "contact_sheet.png").is_file() and (out / "rejects.png").is_file()
     assert sorted(p.name for p in (out / "overlays").iterdir())[:2] == [
         "sim_0000.png",
         "sim_0001.png",

@@ -78,6 +78,7 @@ def test_spectral_l1_ignores_where_granules_sit_but_not_how_many():
     assert same < 0.2 * blur
 
 
+@torch.no_grad()  # only values are checked
 def _terms(free_bits: float, mu_value: float):
     torch.manual_seed(0)
     m = TwoBranchVAE(
@@ -183,6 +184,7 @@ def test_batch_without_images_keeps_every_parameter_in_the_graph():
     assert all(p.grad is not None for p in m.image_encoder.parameters())
 
 
+@torch.no_grad()  # only values are checked
 def test_unknown_label_is_not_a_class_for_alignment_or_the_head():
     """Rows labelled NA are neither aligned with each other nor scored by the label head."""
     torch.manual_seed(0)

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vae.analysis.palette import label_colours
+from segmentation.progress import Steps
 from vae.analysis.run import (
     LATENTS,
     Outputs,
@@ -52,11 +54,24 @@ def _gene_row(what: str, n: int, gc, gidx: list[int]) -> dict:
     return row
 
 
-def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0) -> dict[str, Any]:
+def evaluate(
+    rd: RunData,
+    a: AnalysisSettings,
+    out_files: Outputs,
+    seed: int = 0,
+    noise_free: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Every evaluation table of ``rd`` on split ``a.split``: CSVs and figures into
-    ``out_files``, the summary (strict-JSON-clean) returned for ``metrics.json``."""
+    ``out_files``, the summary (strict-JSON-clean) returned for ``metrics.json``.
+
+    ``noise_free`` : (N, G) noise-free log-normalised expression of every row
+    (simulator truth), adds the denoising table.
+
+    The 2-D embedding of ``X_vae`` over all rows (the one of ``umap_labels.png``) is
+    added to ``rd.latent.obsm`` as ``X_umap`` (``analysis.umap=true``) or ``X_vae_pca``."""
     from vae.analysis import figures as F
     from vae.analysis import metrics as M
+    from vae.analysis import uses
 
     t0 = time.time()
     lat = rd.latent
@@ -78,7 +93,9 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
     }
     tables: dict[str, pd.DataFrame] = {}
     tb = out_files.tb
+    steps = Steps("evaluate", 6)  # one per section below (terminal only)
 
+    steps("latent structure")
     # ---- latent structure
     struct = []
     for name, key in LATENTS.items():
@@ -126,6 +143,7 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
             "kl_per_dim": [float(v) for v in kl_dim],
         }
 
+    steps("retrieval")
     # ---- matching of paired rows (image-only vs expression-only latents)
     if "X_vae_image" in lat.obsm and "X_vae_expression" in lat.obsm:
         zi = np.asarray(lat.obsm["X_vae_image"], dtype=np.float64)
@@ -136,6 +154,7 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
             out["retrieval"] = M.to_dict(r)
             tables["retrieval"] = pd.DataFrame([{"query": "image -> expression", **M.to_dict(r)}])
 
+    steps("disentanglement")
     # ---- disentanglement against known factors (simulator truth)
     z = np.asarray(lat.obsm["X_vae"], dtype=np.float64)[rows]
     factors = {f: obs_col(lat, f)[rows] for f in a.factors if f in lat.obs}
@@ -174,7 +193,9 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
         imp.insert(0, "dim", np.arange(len(imp)))
         tables["dci_importance"] = imp
 
+    steps("reconstruction")
     # ---- reconstruction and cross-modal prediction (needs the paired data)
+    P = None
     if rd.data is not None:
         P = encode_dataset(
             rd.model, rd.data, rd.device, a.batch_size, rows=rows, decode=True
@@ -222,6 +243,18 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
             )
             out_files.figure(fig, "reconstructions", "evaluate/reconstructions")
 
+    # ---- what expression autoencoders are used for: imputation, denoising, atypical cells
+    if rd.data is not None:
+        used = uses.imputation_and_denoising(rd, rows, ref, out_files, seed, noise_free)
+        if "denoising" in used:
+            out["denoising"] = used.pop("denoising")
+        if used:
+            out["imputation"] = used
+    an = uses.anomaly_summary(lat, P, labels, rows, out_files)
+    if an:
+        out["anomaly"] = an
+
+    steps("UMAPs")
     # ---- UMAPs of all rows (the embedding needs more cells than the test split)
     emb, method = embedding(
         z=np.asarray(lat.obsm["X_vae"], dtype=np.float64),
@@ -229,18 +262,31 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
         use_umap=a.umap,
         seed=seed,
     )
+    # kept on the latent table the way scanpy keeps its own (the stage writes it out)
+    lat.obsm["X_umap" if method == "UMAP" else "X_vae_pca"] = emb.astype(np.float32)
     cols: dict[str, np.ndarray] = {"label": labels}
     if "split" in lat.obs:
         cols["split"] = lat.obs["split"].astype(str).to_numpy()
     mat = obs_col(lat, a.maturation_key)
     if mat is not None:
         cols["maturation"] = mat.astype(float)
-    fig = F.scatter_panel(emb, cols, f"{method} of the shared latent (all {lat.n_obs} rows)")
+    # one label -> colour mapping of all rows for every panel (a subset keeps its colours)
+    colours = label_colours(labels)
+    fig = F.scatter_panel(
+        emb,
+        cols,
+        f"{method} of the shared latent (all {lat.n_obs} rows)",
+        colours=colours,
+        axis_name=method,
+    )
     out_files.figure(fig, "umap_labels", "evaluate/umap_labels")
     scores = observed_program_scores(lat, rd.data, rd.gene_names, programs)
     if scores:
         fig = F.scatter_panel(
-            emb, scores, f"{method} coloured by granule program scores (observed)"
+            emb,
+            scores,
+            f"{method} coloured by granule program scores (observed)",
+            axis_name=method,
         )
         out_files.figure(fig, "umap_programs", "evaluate/umap_programs")
     for name, key in LATENTS.items():
@@ -250,13 +296,21 @@ def evaluate(rd: RunData, a: AnalysisSettings, out_files: Outputs, seed: int = 0
         ok = np.isfinite(zz).all(1)
         if ok.sum() >= 5:
             e2, m2 = embedding(zz[ok], a.n_neighbors, a.umap, seed)
-            fig = F.scatter_panel(e2, {"label": labels[ok]}, f"{m2} of the {name}-only latent")
+            fig = F.scatter_panel(
+                e2,
+                {"label": labels[ok]},
+                f"{m2} of the {name}-only latent",
+                colours=colours,
+                axis_name=m2,
+            )
             out_files.figure(fig, f"umap_{name}", f"evaluate/umap_{name}")
 
+    steps("write")
     # ---- write
     for name, df in tables.items():
         out_files.csv(df, name)
     out["tables"] = sorted(f"{n}.csv" for n in tables)
+    steps.close()
     out["seconds"] = round(time.time() - t0, 2)
     if tb is not None:
         for sect, vals in out.items():

@@ -46,8 +46,23 @@ def scatter(
     title: str,
     categorical: bool | None = None,
     ax=None,
+    colours: dict[str, str] | None = None,
+    axis_name: str = "",
 ):
-    """2-D embedding coloured by a label (categorical) or a number (colour bar)."""
+    """2-D embedding coloured by a label (categorical) or a number (colour bar).
+
+    Parameters
+    ----------
+    emb : (n, 2) embedding coordinates.
+    values : (n,) label or number of each point.
+    colours : label -> colour for a categorical colouring; default
+        :func:`vae.analysis.palette.label_colours` of ``values``. Pass the mapping of
+        the full label set when several panels show subsets, so a label keeps its
+        colour everywhere.
+    axis_name : "UMAP" or "PCA": axes are labelled "<axis_name> 1" / "<axis_name> 2".
+    """
+    from vae.analysis.palette import label_colours, label_order
+
     values = np.asarray(values)
     if categorical is None:
         categorical = values.dtype.kind not in "fiu"
@@ -57,11 +72,14 @@ def scatter(
     else:
         fig = ax.figure
     if categorical:
-        cats = sorted(set(values.astype(str)))
-        cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
-        for i, c in enumerate(cats):
-            sel = values.astype(str) == c
-            ax.scatter(emb[sel, 0], emb[sel, 1], s=6, color=cmap(i % cmap.N), label=c)
+        sv = values.astype(str)
+        pal = dict(colours) if colours is not None else label_colours(sv)
+        missing = [c for c in set(sv) if c not in pal]
+        if missing:  # a label outside the given mapping: colour it, never fail a figure
+            pal.update({k: v for k, v in label_colours(missing).items() if k not in pal})
+        for c in label_order(sv):
+            sel = sv == c
+            ax.scatter(emb[sel, 0], emb[sel, 1], s=6, color=pal[c], label=c)
         ax.legend(fontsize=6, markerscale=2, loc="best", frameon=False)
     else:
         v = values.astype(float)
@@ -72,17 +90,27 @@ def scatter(
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
+    if axis_name:
+        ax.set_xlabel(f"{axis_name} 1", fontsize=8)
+        ax.set_ylabel(f"{axis_name} 2", fontsize=8)
     return fig
 
 
-def scatter_panel(emb: np.ndarray, columns: dict[str, np.ndarray], suptitle: str):
-    """Several colourings of one embedding side by side."""
+def scatter_panel(
+    emb: np.ndarray,
+    columns: dict[str, np.ndarray],
+    suptitle: str,
+    colours: dict[str, str] | None = None,
+    axis_name: str = "",
+):
+    """Several colourings of one embedding side by side (``colours``, ``axis_name``: see
+    :func:`scatter`; the label mapping applies to every categorical column)."""
     n = len(columns)
     ncol = min(n, 3)
     nrow = int(np.ceil(n / ncol))
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.4 * ncol, 3.7 * nrow), squeeze=False)
     for ax, (name, v) in zip(axes.flat, columns.items()):
-        scatter(emb, v, name, ax=ax)
+        scatter(emb, v, name, ax=ax, colours=colours, axis_name=axis_name)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.suptitle(suptitle, fontsize=10)

@@ -30,7 +30,45 @@ class TableItem:
     frame: Any  # pandas.DataFrame
     caption: str = ""
     max_rows: int = 40
-    float_format: str = "{:.3f}"
+    # why a cell can be empty, shown under the table when one is ("n/a: <missing>");
+    # columns empty in every row are left out, rows empty in every number column too
+    missing: str = "not defined for this row"
+
+
+def fmt_number(v: Any, digits: int = 3) -> str:
+    """A number as a reader wants it: integers as integers, others to ``digits``
+    significant digits without exponent between 1e-4 and 1e6; NaN/None -> "n/a".
+
+    >>> fmt_number(0.02083205907050001), fmt_number(64.0), fmt_number(1234.567)
+    ('0.0208', '64', '1235')
+    """
+    import math
+
+    import numpy as np
+
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool | np.bool_):
+        return str(bool(v))
+    if isinstance(v, int | np.integer):
+        return str(int(v))
+    if not isinstance(v, float | np.floating):
+        return str(v)
+    v = float(v)
+    if not math.isfinite(v):
+        return "n/a" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if v == 0:
+        return "0"
+    if v.is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    if abs(v) < 10 ** (digits - 1):  # round first so 99.96 -> 100 (not "100.0")
+        v = float(f"{v:.{digits - 1}e}")
+    mag = math.floor(math.log10(abs(v)))
+    if mag >= digits - 1 and abs(v) < 1e15:
+        return str(int(round(v)))  # 1234.567 -> 1235: no spurious ".0", no exponent
+    if mag < -4:
+        return f"{v:.{digits - 1}e}"
+    return f"{v:.{digits - 1 - mag}f}"
 
 
 @dataclass
@@ -45,8 +83,12 @@ _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1150px;
 color:#222;line-height:1.4;padding:0 1em}
 h1{font-size:1.6em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;font-size:.82em;margin:.5em 0 1em}
-th,td{border:1px solid #ddd;padding:2px 6px;text-align:right} th{background:#f3f3f3}
+.tw{max-width:100%;overflow-x:auto;margin:.5em 0 1em}
+table{border-collapse:collapse;font-size:.82em}
+th,td{border:1px solid #ddd;padding:2px 6px;text-align:right;vertical-align:top}
+th{background:#f3f3f3;max-width:9em}
+td{white-space:nowrap} td.t{white-space:normal;text-align:left;max-width:30em}
+th.t{text-align:left}
 td:first-child,th:first-child{text-align:left}
 figure{margin:1em 0;display:inline-block;vertical-align:top;max-width:100%}
 figure img{max-width:100%;border:1px solid #eee}
@@ -70,26 +112,73 @@ def _img_tag(path: Path, caption: str) -> str:
     )
 
 
+def _is_number_col(col) -> bool:
+    return col.dtype.kind in "fiu"
+
+
 def _table_html(t: TableItem) -> str:
-    df = t.frame
+    """A table with rounded numbers inside a box that scrolls by itself (never the page).
+
+    Columns empty in every row and rows empty in every number column are left out
+    (and said so); a cell that is still empty reads "n/a", explained under the table.
+    """
+    import pandas as pd
+
+    df = t.frame.copy()
+    notes = []
+    empty_cols = [c for c in df.columns if df[c].isna().all()]
+    if empty_cols and len(df):
+        df = df.drop(columns=empty_cols)
+        notes.append(f"left out, empty in every row: {', '.join(map(str, empty_cols))}")
+    num = [c for c in df.columns if _is_number_col(df[c])]
+    id_num = [c for c in num if c in ("n", "dim") or str(c).startswith("n_")]
+    val = [c for c in num if c not in id_num]
+    if val and len(df):
+        dead = df[val].isna().all(axis=1)
+        if dead.any():
+            first = df.columns[0]
+            names = ", ".join(str(v) for v in df.loc[dead, first].head(5))
+            notes.append(
+                f"left out, no value: {names}"
+                if first not in num
+                else f"{int(dead.sum())} row(s) with no value left out"
+            )
+            df = df[~dead]
     more = ""
     if len(df) > t.max_rows:
         more = (
             f'<p class="caption">showing {t.max_rows} of {len(df)} rows; full table in the CSV</p>'
         )
         df = df.head(t.max_rows)
+    has_na = bool(len(df)) and bool(df.isna().to_numpy().any())
 
-    def fmt(v):
-        return t.float_format.format(v) if isinstance(v, float) else str(v)
+    def head(c) -> str:  # long snake_case names may break after an underscore
+        return html.escape(str(c)).replace("_", "_<wbr>")
 
-    body = df.to_html(
-        index=False,
-        escape=True,
-        border=0,
-        formatters={c: fmt for c in df.columns if df[c].dtype.kind == "f"},
+    text_cols = [not _is_number_col(df[c]) for c in df.columns]
+    rows = []
+    for rec in df.itertuples(index=False):
+        cells = []
+        for v, is_text in zip(rec, text_cols):
+            txt = "n/a" if (v is None or (isinstance(v, float) and pd.isna(v))) else fmt_number(v)
+            cls = ' class="t"' if is_text else ""  # text wraps and is left-aligned
+            cells.append(f"<td{cls}>{html.escape(txt)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    body = (
+        '<div class="tw"><table><thead><tr>'
+        + "".join(
+            ("<th class='t'>" if t else "<th>") + f"{head(c)}</th>"
+            for c, t in zip(df.columns, text_cols)
+        )
+        + "</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table></div>"
     )
+    if has_na:
+        notes.append(f"n/a: {t.missing}")
     cap = f'<p class="caption">{html.escape(t.caption)}</p>' if t.caption else ""
-    return f"<h3>{html.escape(t.title)}</h3>{cap}{body}{more}"
+    note = f'<p class="caption">{html.escape("; ".join(notes))}.</p>' if notes else ""
+    return f"<h3>{html.escape(t.title)}</h3>{cap}{body}{note}{more}"
 
 
 def write_report(

@@ -89,7 +89,11 @@ def load_run(
             data = load_paired(p, image_size=int(model.args.crop_size))
         except PairedDataError as e:
             raise AnalysisError(str(e)) from e
-        if list(data.obs_names) != [str(s) for s in latent.obs_names]:
+        from vae.scverse import ROW_KEY
+
+        # latent.h5ad rows carry paired.h5ad's row ID in obs["row"] (older runs: obs_names)
+        rows = latent.obs[ROW_KEY] if ROW_KEY in latent.obs else latent.obs_names
+        if list(data.obs_names) != [str(s) for s in rows]:
             raise AnalysisError(
                 f"{p} and {lat_path} hold different rows ({data.n} vs {latent.n_obs}); "
                 f"use the paired.h5ad the model was trained on (paths.inputs.paired=...)"

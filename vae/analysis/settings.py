@@ -30,7 +30,8 @@ class AnalysisSettings:
     )
     mig_bins: int = 20
     dci_trees: int = 50  # random-forest size of DCI
-    # gene programs (matched case-insensitively to the model's genes)
+    # gene programs (matched case-insensitively to the model's genes); the pipeline passes
+    # expression.programs (their one definition in the config; not an analysis.* setting)
     programs: dict[str, list[str]] = field(default_factory=granule_programs)
     # per-dimension traversals
     top_k_dims: int = 6  # dims with the largest KL that are swept
@@ -54,3 +55,6 @@ class AnalysisSettings:
     granule_nucleus_margin_px: int = 3  # margin around the nucleus left out
     lobe_core_fraction: float = 0.35  # lobe = core deeper than this x max nucleus half-width
     max_cells_measured: int = 400  # real crops quantified (random subset of the split)
+    # study.html, the interactive page next to report.html (vae/analysis/study_page.py)
+    page_max_cells: int = 1500  # cells in its scatter (random subset; ~4 kB of PNG each)
+    page_nearest: int = 6  # real crops shown for each path position

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from segmentation.progress import Steps
 from vae.analysis.run import (
     AnalysisError,
     Outputs,
@@ -37,6 +38,23 @@ from vae.analysis.settings import AnalysisSettings
 
 log = logging.getLogger(__name__)
 
+# one line per truth-recovery row, so rows that look contradictory read as intended
+_TRUTH_MEANING = {
+    "straight_path_position_vs_true_t_spearman": "cells ordered along the straight path as by true maturation",
+    "gp_path_position_vs_true_t_spearman": "cells ordered along the GP path as by true maturation",
+    "decoded_granule_density_vs_true_spearman": "granules counted on decoded images vs the total true density (azurophilic + fine specific granules)",
+    "real_crop_granule_density_vs_true_spearman": "same count on the real crops: the ceiling the decoder can reach",
+    "decoded_granule_density_vs_true_azurophilic_spearman": "vs the large azurophilic granules only (the counter cannot resolve the fine specific ones, whose density rises while azurophilic falls: so this sign can differ from the total's)",
+    "real_crop_granule_density_vs_true_azurophilic_spearman": "same on the real crops",
+    "decoded_lobes_vs_true_spearman": "nuclear lobes counted on decoded images vs true lobes",
+    "real_crop_lobes_vs_true_spearman": "same count on the real crops",
+}
+
+_CONSTANT = (
+    "the feature is constant here (e.g. no granules found on any decoded image), "
+    "so no correlation is defined"
+)
+
 
 def traverse_study(
     rd: RunData,
@@ -50,19 +68,21 @@ def traverse_study(
     background: float = 0.0,
     azurophilic_density: Callable[[float], float] | None = None,
     seed: int = 0,
+    crop_rejects: Path | None = None,
 ) -> dict[str, Any]:
     """Traversals, paths, granule features and truth recovery of ``rd``, then ``report``.
 
     Figures and CSVs go to ``out_files``; ``evaluation`` (stage=evaluate's
     ``metrics.json``, its tables beside it) adds the evaluation section;
     ``azurophilic_density(t)`` is the simulator's truth of the large-granule
-    density (None for real data). Returns the summary for ``traverse_summary.json``.
+    density (None for real data); ``crop_rejects`` (stage=segment's ``rejects.png``,
+    ``rejects.csv`` beside it) adds examples of the cells the crop filters dropped. Returns the summary for ``traverse_summary.json``.
     """
     from vae.analysis import figures as F
     from vae.analysis import granules as G
     from vae.analysis import metrics as M
     from vae.analysis import traverse as T
-    from vae.analysis.report import FigureItem, Section, TableItem, write_report
+    from vae.analysis.report import FigureItem, Section, TableItem, fmt_number, write_report
 
     t0 = time.time()
     lat = rd.latent
@@ -96,7 +116,9 @@ def traverse_study(
     figs: dict[str, list] = {k: [] for k in ("dims", "path", "granules", "truth")}
     tables: dict[str, pd.DataFrame] = {}
     summary: dict[str, Any] = {"n_latent": d, "split": a.split}
+    steps = Steps("traverse", 5)  # one per section below (terminal only)
 
+    steps("traversals")
     # ---- per-dimension traversals
     kl = np.asarray(lat.uns.get("kl_per_dim", np.ones(d)), dtype=np.float64).ravel()
     if kl.size != d:  # KL of the shared block only: private dims come after it
@@ -172,6 +194,7 @@ def traverse_study(
             )
         )
 
+    steps("maturation path")
     # ---- path from the earliest to the latest class
     mat = obs_col(lat, a.maturation_key)
     order = list(a.path_classes) if a.path_classes else None
@@ -188,6 +211,7 @@ def traverse_study(
         log.warning("no path traversal: %s", e)
         path_ok = False
     path_info: dict[str, Any] = {}
+    path_decoded: dict[str, Any] = {}
     if path_ok:
         paths = {
             "straight": T.straight_path(cents.points[0], cents.points[-1], a.path_steps),
@@ -196,6 +220,7 @@ def traverse_study(
         summary["path_classes"] = cents.names
         for kind, pth in paths.items():
             dec = T.decode(rd.model, pth.points, a.batch_size, rd.device)
+            path_decoded[kind] = dec
             fig = F.strip_with_heatmap(
                 show(dec),
                 dec.expression[:, gidx],
@@ -254,6 +279,7 @@ def traverse_study(
             )
         summary["path"] = path_info
 
+    steps("granule features")
     # ---- real crops: granule features vs latent dims
     real = None
     if rd.data is not None:
@@ -299,8 +325,10 @@ def traverse_study(
                 )
             )
 
+    steps("truth recovery")
     # ---- simulator truth recovery
     truth: dict[str, Any] = {}
+    truth_notes: list[str] = []  # sentences for figures left out
     t_true = obs_col(lat, "t")
     if path_ok and t_true is not None:
         t_true = t_true.astype(float)
@@ -358,25 +386,41 @@ def traverse_study(
                 truth["real_crop_lobes_vs_true_spearman"] = M.correlation_matrix(
                     fr["lobes"].to_numpy(float), lob
                 )[0, 0]
-            fig = F.truth_scatter(
-                dens[ok],
-                fd["granule_density"].to_numpy(float),
-                "true granule density",
-                "granules / 100 px^2 (decoded)",
-                f"rho={truth['decoded_granule_density_vs_true_spearman']:.2f}",
-            )
-            p = out_files.figure(fig, "truth_granules_decoded", "traverse/truth_granules_decoded")
-            figs["truth"].append(
-                FigureItem(
-                    p,
-                    f"Granule density counted on images decoded from {ok.size} held-out cells' codes vs the simulator's true granule density.",
+            rho = truth["decoded_granule_density_vs_true_spearman"]
+            fdv = fd["granule_density"].to_numpy(float)
+            if np.isfinite(rho) and np.ptp(fdv) > 0:
+                fig = F.truth_scatter(
+                    dens[ok],
+                    fdv,
+                    "true granule density",
+                    "granules / 100 px^2 (decoded)",
+                    f"rho={rho:.2f}",
                 )
-            )
+                p = out_files.figure(
+                    fig, "truth_granules_decoded", "traverse/truth_granules_decoded"
+                )
+                figs["truth"].append(
+                    FigureItem(
+                        p,
+                        f"Granule density counted on images decoded from {ok.size} held-out cells' codes vs the simulator's true granule density.",
+                    )
+                )
+            else:  # an all-equal scatter says nothing: say why instead of drawing it
+                truth_notes.append(
+                    f"No scatter of decoded granule density: the granule counter found "
+                    f"{fmt_number(float(fdv[0]) if fdv.size else 0.0)} granules / 100 px^2 on "
+                    f"every one of the {ok.size} decoded images (the decoder does not draw "
+                    "granules it can resolve), so there is no correlation to show."
+                )
             truth["n_cells"] = int(ok.size)
     if truth:
         summary["truth_recovery"] = truth
         tables["truth_recovery"] = pd.DataFrame(
-            [{"measure": k, "value": v} for k, v in truth.items()]
+            [
+                {"measure": k, "value": v, "meaning": _TRUTH_MEANING.get(k, "")}
+                for k, v in truth.items()
+                if k != "n_cells"
+            ]
         )
         out_files.csv(tables["truth_recovery"], "truth_recovery")
 
@@ -387,6 +431,27 @@ def traverse_study(
     if tb is not None:
         tb_scalars(tb, "traverse/truth", truth)
 
+    # ---- interactive page next to the report
+    study_page = None
+    if path_ok:
+        study_page = _write_study_page(
+            rd,
+            a,
+            report.with_name("study.html"),
+            paths["gp"],
+            path_decoded["gp"],
+            cents.names,
+            labels,
+            Z,
+            programs,
+            gidx,
+            title,
+            subtitle,
+            seed,
+        )
+        summary["study_page"] = study_page.name
+
+    steps("report")
     # ---- report
     key = _key_findings(tables, truth, cents.names if path_ok else [], a.top_genes)
     summary["key_findings"] = key
@@ -424,13 +489,17 @@ def traverse_study(
     if "dim_feature_correlation" in tables:
         gt.append(
             TableItem(
-                "Traversal offset vs decoded features (Spearman)", tables["dim_feature_correlation"]
+                "Traversal offset vs decoded features (Spearman)",
+                tables["dim_feature_correlation"],
+                missing=_CONSTANT,
             )
         )
     if "real_feature_correlation" in tables:
         gt.append(
             TableItem(
-                "Real crop features vs latent dims (Spearman)", tables["real_feature_correlation"]
+                "Real crop features vs latent dims (Spearman)",
+                tables["real_feature_correlation"],
+                missing=_CONSTANT,
             )
         )
     sections.append(
@@ -449,11 +518,22 @@ def traverse_study(
         sections.append(
             Section(
                 "Recovery of the simulator's ground truth",
-                tables=[TableItem("Truth recovery (Spearman)", tables["truth_recovery"])],
+                text=f"Spearman correlations on {truth.get('n_cells', 'the')} held-out cells "
+                "with an image and known truth." + "".join(f" {x}" for x in truth_notes),
+                tables=[
+                    TableItem(
+                        "Truth recovery (Spearman)",
+                        tables["truth_recovery"],
+                        missing=_CONSTANT,
+                    )
+                ],
                 figures=figs["truth"],
             )
         )
+    if crop_rejects is not None:
+        sections.append(_rejects_section(crop_rejects))
     write_report(report, title, sections, resolved_config, subtitle=subtitle)
+    steps.close()
     log.info(
         "traverse: %d dims, path %s, %.1fs; report %s",
         len(trs),
@@ -506,7 +586,7 @@ def _eval_sections(evaluation: Path | None) -> list:
     """Report sections from stage=evaluate's outputs, when it ran."""
     import json
 
-    from vae.analysis.report import FigureItem, Section, TableItem
+    from vae.analysis.report import FigureItem, Section, TableItem, fmt_number
 
     if evaluation is None:
         return [Section("Evaluation", text="stage=evaluate has not run for this experiment.")]
@@ -519,10 +599,21 @@ def _eval_sections(evaluation: Path | None) -> list:
         "retrieval": "Finding each cell's own expression profile from its image latent (Recall@k, FOSCTTM: 0 perfect, 0.5 random).",
         "disentanglement": "Against simulator truth: MIG gap, DCI informativeness and the best single dim's Spearman per factor.",
     }
+    missing = {
+        "latent_structure": "fewer than two labels among these rows, so no Leiden comparison",
+        "reconstruction": "this measure does not apply to this row's modality",
+        "retrieval": "not defined for these rows",
+        "disentanglement": "the factor is categorical (no Spearman) or has no informative dim",
+    }
     for name, cap in captions.items():
         f = ev_dir / f"{name}.csv"
-        if f.exists():
-            tables.append(TableItem(name.replace("_", " "), pd.read_csv(f), cap))
+        if not f.exists():
+            continue
+        df = pd.read_csv(f)
+        if name == "reconstruction":
+            tables += _reconstruction_tables(df, cap)
+            continue
+        tables.append(TableItem(name.replace("_", " "), df, cap, missing=missing[name]))
     fcaps = {
         "umap_labels.png": "Embedding of the shared latent, coloured by label, split and maturation.",
         "umap_programs.png": "Same embedding coloured by observed granule program scores.",
@@ -537,10 +628,162 @@ def _eval_sections(evaluation: Path | None) -> list:
     text = f"{metrics.get('n_rows')} rows of split '{metrics.get('split')}'."
     if dis:
         text += (
-            f" MIG {dis.get('mig')}, DCI disentanglement {dis.get('dci_disentanglement')}, "
-            f"completeness {dis.get('dci_completeness')}."
+            f" MIG {fmt_number(dis.get('mig'))}, DCI disentanglement "
+            f"{fmt_number(dis.get('dci_disentanglement'))}, completeness "
+            f"{fmt_number(dis.get('dci_completeness'))} (0 = no single latent dim per factor, "
+            "1 = one dim each)."
         )
-    return [Section("Evaluation (held-out cells)", text=text, tables=tables, figures=figs)]
+    from vae.analysis.uses import report_section
+
+    uses = report_section(ev_dir)  # imputation, denoising, atypical cells (issue 15)
+    out = [Section("Evaluation (held-out cells)", text=text, tables=tables, figures=figs)]
+    return out + ([uses] if uses is not None else [])
+
+
+def _write_study_page(
+    rd: RunData,
+    a: AnalysisSettings,
+    path: Path,
+    gp,
+    dec,
+    classes: list[str],
+    labels: np.ndarray,
+    Z: np.ndarray,
+    programs: dict[str, list[str]],
+    gidx: list[int],
+    title: str,
+    subtitle: str,
+    seed: int,
+) -> Path:
+    """``study.html`` (:mod:`vae.analysis.study_page`) for the GP path ``gp`` decoded as ``dec``."""
+    from vae.analysis import traverse as T
+    from vae.analysis.palette import label_colours
+    from vae.analysis.run import embedding
+    from vae.analysis.study_page import StudyPageData, nearest_rows, sample_rows, write_study_page
+
+    lat = rd.latent
+    n = lat.n_obs
+    has_crop = rd.data.has_image.numpy().astype(bool) if rd.data is not None else np.zeros(n, bool)
+    # nearest cells of each path step among those with a crop (all cells without data)
+    cand = np.flatnonzero(has_crop) if has_crop.any() else np.arange(n)
+    near = nearest_rows(gp.points, Z, cand, a.page_nearest)
+    keep = sample_rows(n, a.page_max_cells, seed, keep=np.unique(near))
+    remap = {int(r): i for i, r in enumerate(keep)}
+    if "X_umap" in lat.obsm and np.asarray(lat.obsm["X_umap"]).shape == (n, 2):
+        emb, method = np.asarray(lat.obsm["X_umap"], float), "UMAP"
+    else:
+        emb, method = embedding(
+            np.asarray(lat.obsm["X_vae"], dtype=np.float64), a.n_neighbors, a.umap, seed
+        )
+    prog = T.program_scores(dec.expression, rd.gene_names, programs)
+    rows = [f"program: {p}" for p in prog] + [rd.gene_names[i] for i in gidx]
+    values = (
+        np.column_stack([*prog.values(), dec.expression[:, gidx]])
+        if rows
+        else np.zeros((len(gp.s), 0))
+    )
+    info = {}
+    for key in (a.maturation_key, "split", "kind", "t", "granule_density", "lobes"):
+        if key in lat.obs and key not in info and key != a.label_key:
+            info[key] = lat.obs[key].to_numpy()[keep]
+    crops = None
+    if rd.data is not None:
+        crops = rd.data.crops[keep].permute(0, 2, 3, 1).numpy()
+    data = StudyPageData(
+        s=gp.s,
+        decoded=show(dec),
+        rows=rows,
+        values=values,
+        nearest=np.vectorize(remap.get, otypes=[np.int64])(near) if near.size else near,
+        emb=emb[keep],
+        labels=labels[keep],
+        cell_ids=np.asarray(lat.obs_names)[keep],
+        crops=crops,
+        has_crop=has_crop[keep],
+        colours=label_colours(labels),
+        axis_name=method,
+        path_classes=list(classes),
+        info=info,
+    )
+    return write_study_page(path, data, f"{title}: interactive path", subtitle)
+
+
+def _rejects_section(sheet: Path):
+    """Examples of the detections stage=segment did not keep, and how many per reason."""
+    from vae.analysis.report import FigureItem, Section, TableItem
+
+    tables = []
+    csv = sheet.with_name("rejects.csv")
+    if csv.exists():
+        rej = pd.read_csv(csv, keep_default_na=False)
+        rej = rej[rej["action"] == "rejected_cell"] if "action" in rej else rej.iloc[:0]
+        if len(rej):
+            flags = rej["reason"].astype(str).str.split(",").explode()
+            detail = {}
+            for _, r in rej.iterrows():
+                for f, d in zip(str(r["reason"]).split(","), str(r.get("detail", "")).split("; ")):
+                    detail.setdefault(f, d)
+            counts = flags.value_counts()
+            tables.append(
+                TableItem(
+                    "Rejected cells by filter",
+                    pd.DataFrame(
+                        {
+                            "filter": counts.index,
+                            "cells": counts.to_numpy(),
+                            "meaning": [detail.get(f, "") for f in counts.index],
+                        }
+                    ),
+                    f"{len(rej)} confident detections were not kept (a cell can fail several "
+                    "filters); one row each in segment/rejects.csv.",
+                )
+            )
+    return Section(
+        "Rejected crops",
+        text="Cells the segmentation found but did not crop: cut by the image or tile edge, "
+        "touching a neighbour, or two cells kept as one (low solidity, area outlier). "
+        "Thresholds: segmentation.border_margin, touch_px, min_solidity, max_area_ratio.",
+        tables=tables,
+        figures=[
+            FigureItem(
+                sheet,
+                "Examples of rejected detections (mask outlined in yellow, the rest dimmed), "
+                "each labelled with the first filter it failed (+: more than one).",
+            )
+        ],
+    )
+
+
+def _reconstruction_tables(df: pd.DataFrame, caption: str) -> list:
+    """evaluate's reconstruction.csv as two tables, images and expression, so that no
+    row carries the other modality's empty columns."""
+    from vae.analysis.report import TableItem
+
+    img_cols = [c for c in ("masked_mse", "masked_ssim") if c in df]
+    out = []
+    img = df[df[img_cols].notna().any(axis=1)] if img_cols else df.iloc[:0]
+    if len(img):
+        out.append(
+            TableItem(
+                "reconstruction: images",
+                img[["what", "n", *img_cols]],
+                caption + " Image rows: masked MSE (lower is better) and SSIM (1 = identical).",
+            )
+        )
+    expr_cols = [c for c in df.columns if c not in ("what", "n", *img_cols)]
+    ex = df[df[expr_cols].notna().any(axis=1)] if expr_cols else df.iloc[:0]
+    if len(ex):
+        out.append(
+            TableItem(
+                "reconstruction: expression",
+                ex[["what", "n", *expr_cols]],
+                "Mean per-gene correlation of predicted vs observed log expression "
+                "(granule genes apart); the negative-binomial log-likelihood of the counts.",
+                missing="the NB log-likelihood is computed for the joint reconstruction only "
+                "(the image-only prediction has no count model)",
+            )
+        )
+    return out
 
 
 def _azurophilic_truth(

@@ -47,10 +47,13 @@ def decode(model, z: np.ndarray, batch_size: int = 256, device: str = "cpu") -> 
     if z.ndim != 2:
         raise ValueError(f"decode: z must be (n, d), got {z.shape}")
     imgs, masks, exprs = [], [], []
+    # a model with a granule layer renders granules on the decoded cells (one noise
+    # field for every code, so granules stay in place along a path)
+    kw = {"render": True} if getattr(getattr(model, "args", None), "granule_head", False) else {}
     model.eval()
     with torch.inference_mode():
         for i in range(0, len(z), batch_size):
-            dec = model.decode(torch.from_numpy(z[i : i + batch_size]).to(device))
+            dec = model.decode(torch.from_numpy(z[i : i + batch_size]).to(device), **kw)
             # (B, 3, S, S) -> (B, S, S, 3)
             imgs.append(dec.image.float().permute(0, 2, 3, 1).cpu().numpy())
             if dec.mask is not None:
@@ -268,6 +271,9 @@ def gp_path(
     length_scale : initial RBF length scale, in units of s.
     noise : GP noise level (small: the path passes close to the centroids).
     """
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import RBF, ConstantKernel
 
@@ -282,7 +288,11 @@ def gp_path(
     gp = GaussianProcessRegressor(
         kernel=kernel, alpha=noise, normalize_y=False, random_state=seed, n_restarts_optimizer=0
     )
-    gp.fit(knots[:, None], c - mean)
+    with warnings.catch_warnings():
+        # a hyper-parameter at its bound (centroids close together: amplitude at 1e-3) is
+        # not a failure here: the path is the GP's posterior mean through the centroids
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gp.fit(knots[:, None], c - mean)
     s = np.linspace(0.0, 1.0, n_steps)
     pts = gp.predict(s[:, None]) + mean
     return LatentPath("gp", s, np.asarray(pts), knots)

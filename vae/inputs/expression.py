@@ -686,6 +686,10 @@ def preprocess(
         sc.pp.scale(emb, max_value=10)
     sc.pp.pca(emb, n_comps=n_pcs, random_state=p.seed)
     adata.obsm["X_pca"] = emb.obsm["X_pca"].astype(np.float32)
+    # loadings and explained variance where scanpy keeps them (sc.pl.pca_variance_ratio,
+    # sc.pl.pca_loadings work on expression.h5ad); emb has adata's genes in order
+    adata.varm["PCs"] = np.asarray(emb.varm["PCs"], dtype=np.float32)
+    adata.uns["pca"] = dict(emb.uns["pca"])
     if p.umap:
         _neighbors(adata, p)
         sc.tl.umap(adata, random_state=p.seed)

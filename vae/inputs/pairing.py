@@ -209,6 +209,13 @@ def read_cells_h5ad(path: str | Path, size: int, background: int = 0) -> CropSet
             field="obsm['crops']",
             source=str(path),
         )
+    if len(crops) == 0:
+        raise PairingError(
+            "holds no cells (stage=segment kept none: see its summary.json and rejects.csv; "
+            "a detector trained for too few segmentation.epochs finds none)",
+            field="obs",
+            source=str(path),
+        )
     if crops.shape[1] != size or crops.shape[2] != size:
         # keep the segment stage's framing: resize the whole crop, not the mask box
         resized = [resize_crop(c, m, size, background) for c, m in zip(crops, masks)]
@@ -792,4 +799,7 @@ def contact_sheet(adata: ad.AnnData, path: str | Path, per_label: int = 8, seed:
             tile[edge] = (255, 220, 0)
             sheet[r * s : (r + 1) * s, k * s : (k + 1) * s] = tile
     Image.fromarray(sheet).save(path, format="PNG")
-    log.info("contact sheet rows (top to bottom): %s", ", ".join(classes))
+    log.info(
+        "contact sheet rows (top to bottom): %s",
+        ", ".join(c or "(unlabelled)" for c in classes),
+    )

@@ -44,3 +44,16 @@ GRANULE_PROGRAMS: dict[str, tuple[str, ...]] = {
 def granule_programs() -> dict[str, list[str]]:
     """A fresh, mutable copy of :data:`GRANULE_PROGRAMS` (for dataclass defaults)."""
     return {k: list(v) for k, v in GRANULE_PROGRAMS.items()}
+
+
+# latent.h5ad obs: atypical-cell scores written by stage=train (vae/analysis/anomaly.py);
+# raw per-modality scores (NaN where the row lacks the modality) and the combined
+# robust z-score against the training rows (higher = more atypical)
+ANOMALY_SCORE = "anomaly_score"
+ANOMALY_COLUMNS: dict[str, str] = {
+    "image_reconstruction": "anomaly_image_reconstruction",
+    "expression_reconstruction": "anomaly_expression_reconstruction",
+    "image_latent": "anomaly_image_latent",
+    "expression_latent": "anomaly_expression_latent",
+    "combined": ANOMALY_SCORE,
+}

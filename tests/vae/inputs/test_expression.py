@@ -104,6 +104,19 @@ def test_counts_layer_is_preserved_bit_for_bit_and_x_is_lognormalised():
     assert out.uns["has_counts"] is True
 
 
+def test_pca_loadings_and_variance_stored_like_scanpy(tmp_path):
+    out = preprocess(_toy(), _params(min_cells=2)).adata
+    pcs, emb = out.varm["PCs"], out.obsm["X_pca"]
+    assert pcs.shape == (out.n_vars, 2) == (out.n_vars, emb.shape[1])
+    vr = out.uns["pca"]["variance_ratio"]
+    assert len(vr) == 2 and vr[0] >= vr[1] > 0 and vr.sum() <= 1 + 1e-6
+    # X_pca is X (centred) projected on the stored loadings
+    x = np.asarray(out.X, dtype=np.float64)
+    np.testing.assert_allclose((x - x.mean(0)) @ pcs, emb, rtol=1e-3, atol=1e-4)
+    out.write_h5ad(tmp_path / "e.h5ad")  # h5ad-writable (uns["pca"]["params"] included)
+    assert "PCs" in ad.read_h5ad(tmp_path / "e.h5ad").varm
+
+
 def test_existing_counts_layer_is_used_and_kept():
     a = _toy()
     a.layers["counts"] = a.X.copy()

@@ -352,6 +352,14 @@ def test_cells_h5ad_reader_resizes_and_blanks_background(tmp_path):
     np.testing.assert_allclose(cs.obs.maturation, [0.0, 0.8, np.nan])
 
 
+def test_cells_h5ad_without_cells_is_a_clear_error(tmp_path):
+    _cells_h5ad(tmp_path / "cells.h5ad")
+    a = ad.read_h5ad(tmp_path / "cells.h5ad")[:0].copy()  # stage=segment kept no cell
+    a.write_h5ad(tmp_path / "empty.h5ad")
+    with pytest.raises(PairingError, match=r"holds no cells .*segmentation.epochs"):
+        read_cells_h5ad(tmp_path / "empty.h5ad", 24)
+
+
 # --- the stage -------------------------------------------------------------------
 
 

@@ -1,0 +1,178 @@
+"""Held-out-kind detection with the atypical-cell scores (issue 15).
+
+Builds a simulator data set with true same-cell pairs (``scripts/vae_targets.py
+build``: true masks, 64 px crops), trains the default β-VAE through
+``stage=train`` with ``trainer.exclude_labels=[KIND]`` (every cell of that kind
+goes to the test split, none is trained on), and scores how well each anomaly
+score of ``latent.h5ad`` finds the held-out kind among the other test cells
+(ROC AUC)::
+
+    .venv/bin/python scripts/bench_anomaly.py                  # myeloblast held out
+    .venv/bin/python scripts/bench_anomaly.py --kinds myeloblast eosinophil
+
+Prints a table and writes ``outputs/bench_anomaly/anomaly.json``.
+
+``--latent`` scores a finished run instead (one trained with
+``trainer.exclude_labels``): the AUC of each score for the rows labelled with
+any of ``--kinds`` among the test rows, over all of them and over the rows with
+an image (e.g. real eosinophil and basophil crops when the model saw neither)::
+
+    .venv/bin/python scripts/bench_anomaly.py --latent outputs/anom_real/train/latent.h5ad \
+        --kinds eosinophil Basophils
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument(
+        "--kinds", nargs="+", default=["myeloblast"], help="kinds held out (one run each)"
+    )
+    ap.add_argument("--n-images", type=int, default=100)
+    ap.add_argument("--minutes", type=float, default=2.5, help="training wall cap per run")
+    ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_anomaly")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--latent", type=Path, default=None, help="score this latent.h5ad, train nothing"
+    )
+    args = ap.parse_args()
+    from vae.analysis.anomaly import roc_auc
+    from vae.inputs.schema import ANOMALY_COLUMNS
+
+    if args.latent is not None:
+        score_run(args.latent, args.kinds)
+        return
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    py = sys.executable
+    paired = args.out / f"paired_{args.n_images}.h5ad"
+    t0 = time.time()
+    if not paired.exists():
+        subprocess.run(
+            [
+                py,
+                str(ROOT / "scripts" / "vae_targets.py"),
+                "build",
+                "--n-images",
+                str(args.n_images),
+                "--seed",
+                str(args.seed),
+                "--out",
+                str(paired),
+            ],
+            check=True,
+            env=env,
+            cwd=ROOT,
+        )
+    import anndata as ad
+
+    results = {}
+    for kind in args.kinds:
+        variant = f"without_{kind}"
+        cmd = [
+            py,
+            "-m",
+            "pipeline",
+            "stage=train",
+            f"experiment={args.out.name}",
+            f"paths.root={args.out.parent}",
+            f"variant={variant}",
+            f"paths.inputs.paired={paired}",
+            f"trainer.exclude_labels=[{kind}]",
+            f"trainer.max_minutes={args.minutes}",
+            "trainer.projector_max_cells=0",
+            "hardware.torch_threads=1",
+            f"seed={args.seed}",
+            "overwrite=true",
+        ]
+        t1 = time.time()
+        subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+        lat = ad.read_h5ad(args.out / "train" / variant / "latent.h5ad")
+        obs = lat.obs
+        test = obs["split"].astype(str).to_numpy() == "test"
+        pos = obs["label"].astype(str).to_numpy() == kind
+        assert not (pos & ~test).any(), "a held-out cell was trained on"
+        aucs = {
+            name: roc_auc(obs[col].to_numpy(dtype=float)[test], pos[test])
+            for name, col in ANOMALY_COLUMNS.items()
+        }
+        summ = json.loads((args.out / "train" / variant / "train_summary.json").read_text())
+        results[kind] = {
+            "auc": aucs,
+            "n_test": int(test.sum()),
+            "n_held_out": int(pos.sum()),
+            "epochs": summ.get("epochs"),
+            "train_seconds": round(time.time() - t1, 1),
+            "median_score_held_out": float(np.nanmedian(obs["anomaly_score"][pos])),
+            "median_score_other_test": float(np.nanmedian(obs["anomaly_score"][test & ~pos])),
+        }
+    out = {
+        "n_images": args.n_images,
+        "n_cells": int(ad.read_h5ad(paired, backed="r").n_obs),
+        "results": results,
+        "seconds": round(time.time() - t0, 1),
+        "load_average": os.getloadavg(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "anomaly.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
+    table = pd.DataFrame({k: v["auc"] for k, v in results.items()})
+    table.loc["n held out / n test"] = [
+        f"{v['n_held_out']}/{v['n_test']}" for v in results.values()
+    ]
+    print(
+        f"\nROC AUC of each score for the held-out kind among the test cells ({out['n_cells']} cells):"
+    )
+    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {args.out / 'anomaly.json'} ({out['seconds']} s)")
+
+
+def score_run(latent: Path, kinds: list[str]) -> None:
+    """AUC of each score of ``latent`` for the ``kinds`` among its test rows."""
+    import anndata as ad
+
+    from vae.analysis.anomaly import roc_auc
+    from vae.inputs.schema import ANOMALY_COLUMNS
+
+    obs = ad.read_h5ad(latent, backed="r").obs
+    test = obs["split"].astype(str).to_numpy() == "test"
+    pos = obs["label"].astype(str).isin(kinds).to_numpy()
+    img = obs["has_image"].to_numpy(bool)
+    rows = {}
+    for subset, sel in (("test rows", test), ("test rows with an image", test & img)):
+        rows[f"{subset} ({int((sel & pos).sum())} of {int(sel.sum())} held out)"] = {
+            name: roc_auc(obs[col].to_numpy(dtype=float)[sel], pos[sel])
+            for name, col in ANOMALY_COLUMNS.items()
+        }
+    table = pd.DataFrame(rows)
+    print(f"ROC AUC for {kinds} among the test rows of {latent}:")
+    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    by = obs[test].groupby(obs["label"].astype(str)[test])["anomaly_score"].median()
+    print("median combined score per label (test rows):")
+    print(by.sort_values(ascending=False).to_string(float_format=lambda v: f"{v:.2f}"))
+    out = latent.parent / "anomaly_heldout.json"
+    out.write_text(
+        json.dumps(
+            {"kinds": kinds, "auc": rows, "median_by_label": by.to_dict()}, indent=2, default=float
+        )
+        + "\n"
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

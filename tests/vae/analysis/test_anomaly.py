@@ -1,0 +1,73 @@
+"""Atypical-cell scores: kNN latent density, robust z, and an out-of-distribution row."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.hardware import DistInfo
+from tests.helpers.vae_toy import make_paired
+from vae.analysis import anomaly as A
+from vae.inputs.schema import ANOMALY_COLUMNS, ANOMALY_SCORE
+
+torch.set_num_threads(1)
+
+
+def test_knn_distance_leaves_a_rows_own_entry_out():
+    ref = np.array([[0.0], [1.0], [3.0]])
+    own = A.knn_distance(ref, ref, k=1, self_in_ref=np.ones(3, bool))
+    assert np.allclose(own, [1.0, 1.0, 2.0])
+    new = A.knn_distance(np.array([[10.0]]), ref, k=2)
+    assert np.allclose(new, [(7.0 + 9.0) / 2])
+
+
+def test_combined_score_is_highest_for_the_outlier_and_nan_safe():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=50)
+    b = rng.normal(size=50)
+    a[-1], b[-1] = 8.0, 6.0
+    b[0] = np.nan  # a row without that modality still gets a score from the other
+    df = A.combine({"a": a, "b": b}, reference=np.arange(50) < 40)
+    assert df[ANOMALY_SCORE].idxmax() == 49
+    assert np.isfinite(df[ANOMALY_SCORE]).all()
+    assert A.roc_auc(df[ANOMALY_SCORE].to_numpy(), np.arange(50) == 49) == 1.0
+
+
+def test_out_of_distribution_row_scores_higher_after_training(tmp_path):
+    from vae.data import from_anndata
+    from vae.losses import LossWeights
+    from vae.model import TwoBranchVAE, VAEArgs
+    from vae.train import TrainArgs, train
+
+    adata = make_paired(36, n_genes=12, seed=0)
+    # the last row: an image unlike any cell (noise) and a profile on genes no kind uses
+    rng = np.random.default_rng(1)
+    adata.obsm["crops"][-1] = rng.integers(0, 255, adata.obsm["crops"][-1].shape, dtype=np.uint8)
+    cnt = np.zeros(12, np.float32)
+    cnt[[1, 4]] = 150.0
+    adata.layers["counts"][-1] = cnt
+    adata.X[-1] = np.log1p(cnt / cnt.sum() * 1e4)
+    d = from_anndata(adata)
+    split = np.array(["train"] * 30 + ["val"] * 3 + ["test"] * 3)
+    torch.manual_seed(0)
+    m = TwoBranchVAE(
+        VAEArgs(n_genes=12, crop_size=16, n_shared=4, channels=[8, 16], hidden=[16], dropout=0.0)
+    )
+    args = TrainArgs(
+        max_epochs=12,
+        batch_size=16,
+        augment=False,
+        weights=LossWeights(),
+        log_every_steps=10**6,
+        image_every_epochs=10**6,
+    )
+    train(m, d, split, args, DistInfo(0, 1, 0, torch.device("cpu")), tmp_path)
+    df = A.anomaly_scores(m, d, split == "train", k=5)
+    assert set(ANOMALY_COLUMNS.values()) == set(df.columns)
+    assert df[ANOMALY_SCORE].to_numpy().argmax() == d.n - 1
+    for col in (
+        ANOMALY_COLUMNS["image_reconstruction"],
+        ANOMALY_COLUMNS["expression_reconstruction"],
+    ):
+        others = df[col].to_numpy()[:-1]
+        assert df[col].iloc[-1] > np.percentile(others, 90)

@@ -1,0 +1,186 @@
+"""Granule layer of the image decoder: rate-map target, loss, rendering, augmentation."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from vae.data import PairedTensors, granule_centres, raw_batch, to_batch
+from vae.losses import LossWeights, granule_contrast, granule_error, vae_loss
+from vae.model import TwoBranchVAE, VAEArgs, granule_field, render_granules
+
+
+def _args(**kw) -> VAEArgs:
+    base = dict(n_genes=6, crop_size=16, channels=[8, 8], image_arch="residual", granule_head=True)
+    base.update(kw)
+    return VAEArgs(**base)
+
+
+def test_poisson_rate_loss_is_lowest_at_the_true_density():
+    # centres at 5 per 100 px^2 on average: the NLL of a flat rate map is lowest near 5
+    g = torch.Generator().manual_seed(0)
+    cen = (torch.rand(1, 1, 200, 200, generator=g) < 0.05).float()
+
+    def loss(rate: float) -> float:
+        dec = SimpleNamespace(
+            granule_rate=torch.full((1, 1, 200, 200), rate),
+            granule_od=torch.zeros(1, 3, 200, 200),
+        )
+        img = torch.ones(1, 3, 200, 200)
+        return float(granule_error(dec, img, torch.ones(1, 1, 200, 200), cen)[0])
+
+    assert loss(5.0) < loss(3.0) and loss(5.0) < loss(8.0)
+
+
+def test_field_is_even_and_seeded():
+    f = granule_field(32, 0)
+    assert f.shape == (32, 32) and torch.equal(f, granule_field(32, 0))
+    assert not torch.equal(f, granule_field(32, 1))
+    # each 8x8 block keeps about 5 % of its pixels at threshold 0.05, with less
+    # scatter than white noise (Poisson: variance = mean = 3.2)
+    k = (f < 0.05).float().view(4, 8, 4, 8).sum((1, 3))
+    assert abs(float(k.mean()) - 3.2) < 0.3 and float(k.var()) < 0.5 * 3.2
+    big = granule_field(80, 0)  # tiled from 64 px fields
+    assert big.shape == (80, 80) and abs(float((big < 0.1).float().mean()) - 0.1) < 0.02
+
+
+def test_granule_loss_scores_the_head_and_only_when_on():
+    torch.manual_seed(0)
+    m = TwoBranchVAE(_args())
+    b = 4
+    img, mask = torch.rand(b, 3, 16, 16), torch.ones(b, 1, 16, 16)
+    x, has = torch.rand(b, 6) * 3, torch.ones(b, dtype=torch.bool)
+    cen = (torch.rand(b, 1, 16, 16) < 0.05).float()
+    out = m(img, mask, x, has, has)
+    assert out.joint.granule_rate.shape == (b, 1, 16, 16)
+    assert out.joint.granule_od.shape == (b, 3, 16, 16)
+    on = vae_loss(
+        out,
+        img,
+        mask,
+        x,
+        x.round(),
+        x.sum(1),
+        beta=1.0,
+        weights=LossWeights(granules=1.0),
+        granules=cen,
+    )
+    off = vae_loss(
+        out,
+        img,
+        mask,
+        x,
+        x.round(),
+        x.sum(1),
+        beta=1.0,
+        weights=LossWeights(granules=0.0),
+        granules=cen,
+    )
+    assert float(on.granules) > 0 and float(off.granules) == 0.0
+    assert float(on.total) > float(off.total)
+    on.total.backward()
+    # the spatial rate channel of the last conv and the count/stain MLP get gradients
+    g = m.image_decoder.deconv[-1].weight.grad
+    assert g[-1:].abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in m.image_decoder.granule_mlp.parameters())
+
+
+def test_render_adds_granules_in_place_as_the_rate_rises():
+    s = 32
+    img = torch.full((1, 3, s, s), 0.9)
+    colour = torch.full((1, 3, s, s), 2.0)  # optical density a granule adds
+    lo = render_granules(img, torch.full((1, 1, s, s), 2.0), colour, seed=3)
+    hi = render_granules(img, torch.full((1, 1, s, s), 8.0), colour, seed=3)
+    none = render_granules(img, torch.zeros(1, 1, s, s), colour, seed=3)
+    assert torch.equal(none, img)
+    dark_lo, dark_hi = lo[0, 0] < 0.5, hi[0, 0] < 0.5
+    assert 0 < int(dark_lo.sum()) < int(dark_hi.sum())
+    # the same noise field: every granule of the lower rate is still there
+    assert bool((dark_hi | ~dark_lo).all())
+    # expected centres = rate/100 per px: 8/100 * 1024 px ~ 82 centres (dots overlap)
+    assert torch.equal(hi, render_granules(img, torch.full((1, 1, s, s), 8.0), colour, seed=3))
+
+
+def test_render_keeps_granules_inside_the_mask():
+    s = 16
+    img, colour = torch.ones(1, 3, s, s), torch.full((1, 3, s, s), 2.0)
+    mask = torch.zeros(1, 1, s, s)
+    out = render_granules(img, torch.full((1, 1, s, s), 50.0), colour, mask, seed=0)
+    assert torch.equal(out, img)
+
+
+def test_decode_render_keeps_the_mean():
+    m = TwoBranchVAE(_args()).eval()
+    z = torch.randn(3, m.n_latent)
+    with torch.no_grad():
+        plain = m.decode(z)
+        shown = m.decode(z, render=True)
+    assert plain.image_mean is None and torch.equal(shown.image_mean, plain.image)
+    assert shown.image.shape == plain.image.shape
+
+
+def test_contrast_is_the_stain_above_the_neighbourhood():
+    img = torch.full((1, 3, 20, 20), 0.8)
+    img[0, :, 10, 10] = 0.2  # one dark granule on pale cytoplasm
+    mask = torch.ones(1, 1, 20, 20)
+    c = granule_contrast(img, mask)
+    assert float(c[0, 0, 10, 10]) > 1.0  # ln(0.8 / 0.2) = 1.39 minus a little blur
+    assert float(c[0, 0, 2, 2]) == 0.0
+    # the black background outside a mask is not stain
+    mask[..., :, :5] = 0
+    img = img * mask
+    assert float(granule_contrast(img, mask)[0, 0, 10, 6]) < 0.05
+
+
+def test_centres_move_with_the_pixels_under_augmentation():
+    n, s = 8, 16
+    crops = torch.zeros(n, 3, s, s, dtype=torch.uint8)
+    gran = torch.zeros(n, 1, s, s, dtype=torch.uint8)
+    for i in range(n):  # one bright pixel per crop, marked as its granule centre
+        r, c = (3 + i) % s, (5 + 2 * i) % s
+        crops[i, :, r, c] = 255
+        gran[i, 0, r, c] = 1
+    d = PairedTensors(
+        crops=crops,
+        masks=torch.ones(n, 1, s, s, dtype=torch.uint8),
+        x=torch.zeros(n, 2),
+        counts=None,
+        library=torch.ones(n),
+        has_image=torch.ones(n, dtype=torch.bool),
+        has_expression=torch.zeros(n, dtype=torch.bool),
+        labels=torch.zeros(n, dtype=torch.long),
+        label_names=["a"],
+        obs_names=[str(i) for i in range(n)],
+        gene_names=["g0", "g1"],
+        norm_total=1.0,
+        granules=gran,
+    )
+    g = torch.Generator().manual_seed(1)
+    b = to_batch(raw_batch(d, torch.arange(n)), torch.device("cpu"), True, g)
+    assert torch.equal(b.granules[:, 0] > 0.5, b.image[:, 0] > 0.5)
+
+
+def test_centres_found_on_a_speckled_cell():
+    s = 48
+    yy, xx = np.mgrid[:s, :s]
+    cell = (yy - 24) ** 2 + (xx - 24) ** 2 < 20**2
+    nuc = (yy - 24) ** 2 + (xx - 24) ** 2 < 7**2
+    img = np.full((s, s, 3), 255, np.uint8)
+    img[cell] = (235, 200, 220)
+    img[nuc] = (90, 40, 140)
+    rng = np.random.default_rng(0)
+    pts = []
+    while len(pts) < 10:
+        r, c = rng.integers(8, 40, 2)
+        dist = np.hypot(r - 24, c - 24)
+        if 11 < dist < 16 and all(np.hypot(r - a, c - b) > 4 for a, b in pts):
+            pts.append((r, c))
+            img[r - 1 : r + 1, c - 1 : c + 1] = (110, 50, 150)
+    crops = torch.from_numpy(img).permute(2, 0, 1)[None]
+    masks = torch.from_numpy(cell.astype(np.uint8))[None, None]
+    cen = granule_centres(crops, masks, torch.ones(1, dtype=torch.bool))
+    assert cen.shape == (1, 1, s, s)
+    assert 6 <= int(cen.sum()) <= 14
+    assert int(cen[0, 0][nuc].sum()) == 0  # none on the nucleus

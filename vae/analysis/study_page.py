@@ -1,0 +1,311 @@
+"""``study.html``: one self-contained interactive page to walk the maturation path.
+
+A slider moves along the Gaussian-process path of ``stage=traverse``; at each
+position the page shows the decoded cell, the column of the gene-program heatmap
+at that position (and where it sits in the whole heatmap) and the real crops whose
+codes lie nearest to that point of the path. A latent scatter (the UMAP/PCA of
+the shared latent) shows every cell in the label colours of the report
+(:mod:`vae.analysis.palette`); hovering a point shows that cell's crop and labels,
+and the nearest cells of the current path position are ringed.
+
+Everything is inline: data as JSON in the page, images as base64 PNG, plain
+JavaScript and SVG; no server, no network, no library.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+def png_data_uri(image: np.ndarray, upscale: int = 1) -> str:
+    """(S, S, 3) float in [0, 1] or uint8 -> ``data:image/png;base64,...``.
+
+    ``upscale`` enlarges by an integer factor (nearest) so small crops stay crisp.
+    """
+    from PIL import Image
+
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+    im = Image.fromarray(a)
+    if upscale > 1:
+        im = im.resize((a.shape[1] * upscale, a.shape[0] * upscale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@dataclass
+class StudyPageData:
+    """What the page shows; every array is row-aligned as documented.
+
+    Attributes
+    ----------
+    s : (n,) path position in [0, 1] of each step.
+    decoded : (n, S, S, 3) decoded cell at each step, float [0, 1].
+    rows : (g,) heatmap row names (programs first, then genes).
+    values : (n, g) decoded value of each row at each step (log1p expression / score).
+    nearest : (n, k) indices into the cell arrays of the k cells nearest to each step.
+    emb : (m, 2) scatter coordinates of the cells.
+    labels : (m,) label of each cell.
+    cell_ids : (m,) id of each cell.
+    crops : (m, S, S, 3) uint8 crop of each cell, or None; ``has_crop`` (m,) says
+        which rows have one (expression-only cells have none).
+    info : column name -> (m,) extra per-cell values shown on hover.
+    colours : label -> "#rrggbb" (the report's palette).
+    axis_name : "UMAP" or "PCA".
+    path_classes : the classes the path runs through, earliest first.
+    """
+
+    s: np.ndarray
+    decoded: np.ndarray
+    rows: list[str]
+    values: np.ndarray
+    nearest: np.ndarray
+    emb: np.ndarray
+    labels: np.ndarray
+    cell_ids: np.ndarray
+    crops: np.ndarray | None
+    has_crop: np.ndarray
+    colours: dict[str, str]
+    axis_name: str = "UMAP"
+    path_classes: list[str] = field(default_factory=list)
+    info: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def nearest_rows(points: np.ndarray, codes: np.ndarray, candidates: np.ndarray, k: int):
+    """(n, k) indices (into ``codes``) of the ``k`` candidates nearest to each point.
+
+    Parameters
+    ----------
+    points : (n, d) path points.
+    codes : (m, d) cell codes.
+    candidates : (c,) row indices allowed (e.g. cells with a crop).
+    """
+    from scipy.spatial.distance import cdist
+
+    cand = np.asarray(candidates, dtype=np.int64)
+    if cand.size == 0:
+        return np.zeros((len(points), 0), np.int64)
+    d = cdist(np.asarray(points, float), np.asarray(codes, float)[cand])
+    k = min(k, cand.size)
+    return cand[np.argsort(d, axis=1, kind="stable")[:, :k]]
+
+
+def _json_value(v):
+    if isinstance(v, float | np.floating):
+        return round(float(v), 4) if np.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return str(v)
+
+
+def page_payload(d: StudyPageData, upscale: int = 2) -> dict:
+    """The JSON the page's script reads (images already as data URIs)."""
+    n, m = len(d.s), len(d.labels)
+    if d.decoded.shape[0] != n or d.values.shape != (n, len(d.rows)) or len(d.nearest) != n:
+        raise ValueError(
+            f"study page: {n} path steps but decoded {d.decoded.shape}, values "
+            f"{d.values.shape} for {len(d.rows)} rows, nearest {np.shape(d.nearest)}"
+        )
+    if d.emb.shape != (m, 2) or len(d.cell_ids) != m or len(d.has_crop) != m:
+        raise ValueError(f"study page: emb {d.emb.shape}, ids, has_crop must have {m} rows")
+    vals = np.asarray(d.values, float)
+    lo, hi = np.nanmin(vals, 0), np.nanmax(vals, 0)
+    span = np.where(hi - lo > 0, hi - lo, 1.0)
+    cells = []
+    for i in range(m):
+        c = {
+            "x": round(float(d.emb[i, 0]), 4),
+            "y": round(float(d.emb[i, 1]), 4),
+            "label": str(d.labels[i]),
+            "id": str(d.cell_ids[i]),
+            "info": {k: _json_value(v[i]) for k, v in d.info.items()},
+        }
+        if d.crops is not None and bool(d.has_crop[i]):
+            c["crop"] = png_data_uri(d.crops[i], upscale)
+        cells.append(c)
+    return {
+        "s": [round(float(x), 4) for x in d.s],
+        "decoded": [png_data_uri(im, upscale) for im in d.decoded],
+        "rows": list(d.rows),
+        "values": [[_json_value(v) for v in r] for r in vals],
+        "scaled": [[round(float(v), 4) for v in r] for r in (vals - lo) / span],
+        "nearest": [[int(j) for j in r] for r in np.asarray(d.nearest)],
+        "cells": cells,
+        "colours": dict(d.colours),
+        "axis": d.axis_name,
+        "path_classes": list(d.path_classes),
+    }
+
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1em auto;max-width:1300px;
+color:#222;padding:0 1em}
+h1{font-size:1.4em;margin:.2em 0} .cap{font-size:.85em;color:#555}
+.row{display:flex;flex-wrap:wrap;gap:1.2em;align-items:flex-start}
+.panel{border:1px solid #ddd;border-radius:4px;padding:.6em;background:#fff}
+#pos{width:100%} #decoded{width:192px;height:192px;image-rendering:pixelated;border:1px solid #eee}
+#nearest img,#hover img{width:96px;height:96px;image-rendering:pixelated;border:1px solid #eee}
+#nearest figure{display:inline-block;margin:2px;text-align:center;font-size:.7em}
+#genecol td{padding:1px 6px;font-size:.8em} #genecol td.v{text-align:right;font-family:monospace}
+.bar{display:inline-block;height:9px;background:#7a5195}
+#scatter circle[data-i]{stroke:none} #scatter circle.near{stroke:#000;stroke-width:2}
+#hover{min-height:120px;font-size:.8em;width:220px} #legend span{margin-right:.8em;font-size:.8em}
+"""
+
+_JS = r"""
+(function(){
+const D = JSON.parse(document.getElementById('study-data').textContent);
+const NS = 'http://www.w3.org/2000/svg';
+const $ = (id) => document.getElementById(id);
+function el(tag, attrs){ const e = document.createElementNS(NS, tag);
+  for (const k in attrs) e.setAttribute(k, attrs[k]); return e; }
+// colour ramp for the heatmap (dark -> bright), t in [0, 1]
+const RAMP = [[13,8,135],[126,3,168],[204,71,120],[248,149,64],[240,249,33]];
+function ramp(t){ if (t === null || isNaN(t)) return '#ddd';
+  t = Math.max(0, Math.min(1, t)) * (RAMP.length - 1); const i = Math.min(Math.floor(t), RAMP.length - 2);
+  const f = t - i, a = RAMP[i], b = RAMP[i + 1];
+  return 'rgb(' + a.map((v, j) => Math.round(v + f * (b[j] - v))).join(',') + ')'; }
+function fmt(v){ if (v === null || v === undefined) return 'n/a';
+  if (typeof v !== 'number') return String(v); return Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3); }
+
+// ---- heatmap (rows x steps) with the current column outlined
+const n = D.s.length, g = D.rows.length, cw = 14, ch = 14, lw = 150;
+const heat = $('heat'); heat.setAttribute('width', lw + n * cw + 4); heat.setAttribute('height', g * ch + 18);
+D.rows.forEach((r, i) => { const t = el('text', {x: lw - 4, y: i * ch + 11, 'text-anchor': 'end', 'font-size': 10});
+  t.textContent = r; heat.appendChild(t);
+  for (let j = 0; j < n; j++) heat.appendChild(el('rect', {x: lw + j * cw, y: i * ch, width: cw, height: ch,
+    fill: ramp(D.scaled[j][i])})); });
+const colbox = el('rect', {id: 'colbox', x: lw, y: 0, width: cw, height: g * ch, fill: 'none', stroke: '#000', 'stroke-width': 2});
+heat.appendChild(colbox);
+const sl = el('text', {x: lw, y: g * ch + 14, 'font-size': 10}); sl.textContent = 'path position 0 \u2192 1';
+heat.appendChild(sl);
+
+// ---- scatter
+const W = 560, H = 460, P = 30, sc = $('scatter');
+sc.setAttribute('viewBox', '0 0 ' + W + ' ' + H); sc.setAttribute('width', W); sc.setAttribute('height', H);
+const xs = D.cells.map(c => c.x), ys = D.cells.map(c => c.y);
+const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+const X = (x) => P + (x - x0) / ((x1 - x0) || 1) * (W - 2 * P);
+const Y = (y) => H - P - (y - y0) / ((y1 - y0) || 1) * (H - 2 * P);
+const ax = el('text', {x: W / 2, y: H - 6, 'text-anchor': 'middle', 'font-size': 11}); ax.textContent = D.axis + ' 1'; sc.appendChild(ax);
+const ay = el('text', {x: 12, y: H / 2, 'font-size': 11, transform: 'rotate(-90 12 ' + H / 2 + ')', 'text-anchor': 'middle'});
+ay.textContent = D.axis + ' 2'; sc.appendChild(ay);
+const dots = D.cells.map((c, i) => { const d = el('circle', {cx: X(c.x), cy: Y(c.y), r: 3.2,
+  fill: D.colours[c.label] || '#888', 'data-i': i}); sc.appendChild(d); return d; });
+// the path drawn through the mean position of each step's nearest cells
+const pathXY = D.nearest.map(nb => nb.length ? [nb.reduce((a, j) => a + X(D.cells[j].x), 0) / nb.length,
+  nb.reduce((a, j) => a + Y(D.cells[j].y), 0) / nb.length] : null).filter(p => p);
+if (pathXY.length > 1) sc.appendChild(el('polyline', {points: pathXY.map(p => p.join(',')).join(' '),
+  fill: 'none', stroke: '#000', 'stroke-width': 1.5, 'stroke-dasharray': '4 3'}));
+const here = el('circle', {id: 'here', r: 7, fill: 'none', stroke: '#d00', 'stroke-width': 3}); sc.appendChild(here);
+function showCell(i){ const c = D.cells[i]; const h = $('hover');
+  let s = (c.crop ? '<img alt="crop" src="' + c.crop + '"/>' : '<p>(no image: expression-only cell)</p>') +
+    '<div><b>' + esc(c.label || '(no label)') + '</b><br/>' + esc(c.id);
+  for (const k in c.info) s += '<br/>' + esc(k) + ': ' + esc(fmt(c.info[k]));
+  h.innerHTML = s + '</div>'; h.setAttribute('data-cell', c.id); }
+function esc(t){ return String(t).replace(/[&<>"]/g, ch => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[ch])); }
+dots.forEach((d, i) => d.addEventListener('mouseenter', () => showCell(i)));
+const legend = $('legend');
+Object.keys(D.colours).forEach(k => { const s = document.createElement('span');
+  s.innerHTML = '<svg width="10" height="10"><circle cx="5" cy="5" r="5" fill="' + D.colours[k] + '"/></svg> ' + esc(k || '(no label)');
+  legend.appendChild(s); });
+
+// ---- the slider
+function update(j){
+  j = Number(j); $('decoded').src = D.decoded[j];
+  $('where').textContent = 'position ' + D.s[j].toFixed(2) + ' (step ' + (j + 1) + ' of ' + n + ')';
+  colbox.setAttribute('x', lw + j * cw);
+  const tb = $('genecol'); tb.innerHTML = '';
+  D.rows.forEach((r, i) => { const tr = document.createElement('tr'); const v = D.values[j][i];
+    tr.setAttribute('data-value', v === null ? '' : v);
+    tr.innerHTML = '<td>' + esc(r) + '</td><td class="v">' + fmt(v) + '</td><td><span class="bar" style="width:' +
+      Math.round(80 * D.scaled[j][i]) + 'px;background:' + ramp(D.scaled[j][i]) + '"></span></td>';
+    tb.appendChild(tr); });
+  const nb = $('nearest'); nb.innerHTML = '';
+  dots.forEach(d => d.classList.remove('near'));
+  D.nearest[j].forEach(k => { const c = D.cells[k]; dots[k].classList.add('near');
+    const f = document.createElement('figure');
+    f.innerHTML = (c.crop ? '<img alt="crop" src="' + c.crop + '"/>' : '') + '<figcaption>' + esc(c.label) + '</figcaption>';
+    nb.appendChild(f); });
+  if (pathXY[j]) { here.setAttribute('cx', pathXY[j][0]); here.setAttribute('cy', pathXY[j][1]); }
+}
+const pos = $('pos'); pos.max = n - 1; pos.value = 0;
+pos.addEventListener('input', () => update(pos.value));
+update(0);
+document.body.setAttribute('data-ready', '1');
+})();
+"""
+
+
+def write_study_page(path: str | Path, data: StudyPageData, title: str, subtitle: str = "") -> Path:
+    """Write the self-contained ``study.html`` (atomically).
+
+    Parameters
+    ----------
+    path : output file (next to ``report.html``).
+    data : what the page shows.
+    title, subtitle : heading and a line under it.
+
+    Returns
+    -------
+    The path written.
+    """
+    from segmentation.io import atomic_path
+
+    payload = json.dumps(page_payload(data), separators=(",", ":"))
+    # "</" would end the script element early; JSON allows the escaped form
+    payload = payload.replace("</", "<\\/")
+    classes = " \u2192 ".join(data.path_classes) if data.path_classes else "the path"
+    body = f"""<!DOCTYPE html><html><head><meta charset="utf-8">
+<link rel="icon" href="data:,"><title>{html.escape(title)}</title><style>{_CSS}</style></head>
+<body><h1>{html.escape(title)}</h1><p class="cap">{html.escape(subtitle)}</p>
+<p class="cap">Drag the slider along the Gaussian-process path through the class centroids
+({html.escape(classes)}). Left: the cell decoded at that point of the latent space; middle: the
+decoded gene-program and granule-gene values there (the outlined column of the heatmap); right:
+the real cells whose codes lie nearest to that point. Hover over a point of the scatter to see
+that cell's crop and labels; the ringed points are the nearest cells of the current position.</p>
+<div class="panel"><input type="range" id="pos" min="0" step="1" aria-label="path position"/>
+<div id="where" class="cap"></div></div>
+<div class="row">
+<div class="panel"><div class="cap">decoded cell</div><img id="decoded" alt="decoded cell"/></div>
+<div class="panel"><div class="cap">decoded values at this position</div>
+<table><tbody id="genecol"></tbody></table></div>
+<div class="panel"><div class="cap">nearest real cells</div><div id="nearest"></div></div>
+</div>
+<div class="row">
+<div class="panel"><div class="cap">heatmap along the path (each row scaled 0..1)</div>
+<svg id="heat" xmlns="http://www.w3.org/2000/svg"></svg></div>
+</div>
+<div class="row">
+<div class="panel"><div class="cap">{html.escape(data.axis_name)} of the shared latent
+({len(data.labels)} cells)</div><svg id="scatter" xmlns="http://www.w3.org/2000/svg"></svg>
+<div id="legend"></div></div>
+<div class="panel" id="hover"><span class="cap">hover over a cell</span></div>
+</div>
+<script type="application/json" id="study-data">{payload}</script>
+<script>{_JS}</script></body></html>
+"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(body, encoding="utf-8")
+    return path
+
+
+def sample_rows(n: int, max_n: int, seed: int, keep: Sequence[int] = ()) -> np.ndarray:
+    """Sorted row indices: all ``n`` rows, or ``max_n`` random ones plus ``keep``."""
+    if n <= max_n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(n, max_n, replace=False)
+    return np.unique(np.r_[pick, np.asarray(keep, np.int64)])
