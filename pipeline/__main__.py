@@ -90,6 +90,12 @@ HELP_FLAGS = ("--help", "-h", "--hydra-help")
 
 
 def main() -> None:
+    from pipeline.names import check_argv
+
+    bad = check_argv(sys.argv[1:])
+    if bad:  # before Hydra creates <paths.root>/<experiment>/.hydra
+        print(f"error: {bad}", file=sys.stderr)
+        sys.exit(2)
     # `stage` is mandatory for a run, but --help must work without it: Hydra composes the
     # config to print the help, so give it a stage (the help text does not depend on it)
     args = sys.argv[1:]

@@ -259,8 +259,11 @@ class ExpressionConfig:
     # working dir, then from paths.shared_data; "scanpy:pbmc68k_reduced" = scanpy's copy
     input_file: str | None = None
     input_format: str = "auto"  # auto | h5ad | 10x_h5 | 10x_mtx | csv | tsv | loom
-    orientation: str = "cells_by_genes"  # CSV/TSV only: cells_by_genes | genes_by_cells
-    values: str = "auto"  # what X holds: auto | counts | lognorm (auto: integers -> counts)
+    # CSV/TSV only: auto (gene-symbol overlap of rows vs columns, logged) | cells_by_genes |
+    # genes_by_cells
+    orientation: str = "auto"
+    # what X holds: auto | counts | lognorm (auto: integers -> counts, else an error)
+    values: str = "auto"
     # QC filters (0 / null = off); cells first, then genes
     min_genes: int = 0  # min detected genes per cell
     min_counts: int = 0  # min total counts per cell
@@ -360,6 +363,19 @@ class Config:
     log_level: str = "INFO"
 
 
+def _run_name_resolver(value: Any, setting: str = "experiment") -> str:
+    """``${run_name:${experiment}}`` in ``hydra.run.dir``: Hydra creates that folder
+    before the runner starts, so a name that would leave ``paths.root`` is replaced
+    by ``_rejected_name`` here (raising would make Hydra print a traceback); the
+    runner then refuses the name with a message (pipeline/names.py)."""
+    from pipeline.names import BadNameError, check_run_name
+
+    try:
+        return check_run_name(value, setting, allow_empty=setting == "variant")
+    except BadNameError:
+        return "_rejected_name"
+
+
 def register_configs() -> None:
     """Register the schema with Hydra's ConfigStore (idempotent).
 
@@ -368,4 +384,8 @@ def register_configs() -> None:
     (a typo or wrong type fails at compose). No per-group schema entries are stored,
     so none shows up among a group's choices (``stage=``, ``vae=`` ...).
     """
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", _run_name_resolver)
     ConfigStore.instance().store(name="base_config", node=Config)

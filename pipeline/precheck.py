@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import StageInputError
+from pipeline.artifacts import StageInputError, read_manifest
 from pipeline.runner import (
     ARTIFACTS,
     REGISTRY,
@@ -22,6 +22,8 @@ def precheck(cfg: DictConfig, names: list[str]) -> None:
     (unless ``paths.inputs.<name>`` points elsewhere). Raises :class:`StageError`
     naming the stage and the missing input or bad setting; writes nothing.
     """
+    from pipeline.guards import RESUMABLE
+
     load_stages()
     produced: set[str] = set()
     for name in names:
@@ -40,6 +42,13 @@ def precheck(cfg: DictConfig, names: list[str]) -> None:
                     f"{d} already holds a run of stage={name}; pass overwrite=true, "
                     f"resume=true or another experiment=NAME"
                 )
+            man = read_manifest(d) if d.exists() else None
+            if cfg.resume and not cfg.overwrite and name not in RESUMABLE and man:
+                if man.get("status") == "complete":
+                    raise StageError(
+                        f"{d} holds a complete run of stage={name}, which keeps no "
+                        f"checkpoint to resume; pass overwrite=true"
+                    )
         except (StageError, StageInputError) as e:
             raise StageError(
                 f"stage={cfg.stage.name}: stage={name} cannot run: {e} "

@@ -18,7 +18,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from pipeline.artifacts import (
     check_fresh,
     read_manifest,
 )
+from pipeline.names import BadNameError, check_run_name
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +155,20 @@ def resolve_data_path(cfg: DictConfig, p: str, setting: str) -> Path:
 
 
 def run_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.root) / cfg.experiment
+    """``<paths.root>/<experiment>``; a name that would leave ``paths.root`` is refused."""
+    try:
+        return Path(cfg.paths.root) / check_run_name(cfg.experiment, "experiment")
+    except BadNameError as e:
+        raise StageError(str(e)) from None
 
 
 def stage_dir(cfg: DictConfig, name: str) -> Path:
     d = run_dir(cfg) / name
-    return d / cfg.variant if cfg.variant else d
+    try:
+        variant = check_run_name(cfg.variant, "variant", allow_empty=True)
+    except BadNameError as e:
+        raise StageError(str(e)) from None
+    return d / variant if variant else d
 
 
 def resolve_input(cfg: DictConfig, name: str) -> Path:
@@ -252,41 +260,6 @@ class StageContext:
 # ----------------------------------------------------------------------------
 
 
-def _check_writable(d: Path, setting: str) -> None:
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / f".write-test-{uuid.uuid4().hex[:6]}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise StageError(f"{setting}={d} is not writable: {e.strerror or e}") from e
-
-
-def _prepare_stage_dir(cfg: DictConfig, name: str) -> tuple[Path, Path | None]:
-    """Create the stage folder; refuse to replace a finished one silently.
-
-    Returns the folder and, with ``overwrite=true``, where the old one was
-    moved (deleted once the new run succeeds, restored if it fails).
-    """
-    d = stage_dir(cfg, name)
-    _check_writable(Path(cfg.paths.root), "paths.root")
-    backup = None
-    if d.exists() and any(d.iterdir()):
-        man = read_manifest(d)
-        if cfg.overwrite:
-            backup = d.with_name(f".{d.name}.old-{uuid.uuid4().hex[:6]}")
-            d.rename(backup)
-        elif not cfg.resume:
-            status = man.get("status") if man else "unknown (no manifest)"
-            raise StageError(
-                f"{d} already holds a run of stage={name} (status: {status}). "
-                f"Refusing to overwrite it: pass overwrite=true to replace it, "
-                f"resume=true to continue it, or choose another experiment=NAME."
-            )
-    d.mkdir(parents=True, exist_ok=True)
-    return d, backup
-
-
 def _add_log_file(path: Path, level: str) -> logging.Handler:
     h = logging.FileHandler(path, mode="a")
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -317,12 +290,15 @@ def stages_for(cfg: DictConfig) -> list[str]:
 
 def run_stage(cfg: DictConfig, name: str) -> Path:
     """Run one stage: check inputs, prepare its folder, call it, write the manifest."""
-    from pipeline import hardware
+    from pipeline import guards, hardware
+    from pipeline.locks import stage_lock
+    from pipeline.stagedir import check_writable
 
     if name not in REGISTRY:
         load_stages()
     spec = REGISTRY[name]
     # check settings and resolve inputs first: fail before touching any folder
+    guards.check_start(cfg)
     if spec.validate is not None:
         spec.validate(cfg)
     if hardware.launched_by_torchrun() and int(os.environ["RANK"]) != 0:
@@ -340,10 +316,23 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
             inputs[n] = resolve_input(cfg, n)
         except StageInputError:
             pass
-    d, backup = _prepare_stage_dir(cfg, name)
+    guards.probe_inputs(cfg, name, inputs)
+    # one run per stage folder at a time, from the existence check to the manifest
+    check_writable(Path(cfg.paths.root), "paths.root")
+    with stage_lock(run_dir(cfg), name, cfg.variant, cfg.experiment):
+        return _run_locked(cfg, name, spec, inputs)
+
+
+def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, Path]) -> Path:
+    from pipeline import hardware
+    from pipeline.guards import log_traceback, settings_hash
+    from pipeline.stagedir import prepare_stage_dir
+
+    d, backup = prepare_stage_dir(cfg, name, inputs)
     handler = _add_log_file(d / f"{name}.log", cfg.log_level)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     manifest = Manifest(d, name, resolved)
+    manifest.data["resume_hash"] = settings_hash(resolved, name)
     for n, p in inputs.items():
         manifest.add_input(n, p)
     manifest.save()
@@ -364,6 +353,7 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
         manifest.data["seconds"] = round(time.time() - t0, 2)
         manifest.finish("complete")
     except BaseException:
+        log_traceback(handler, name)  # to <stage>.log only; the console gets one line
         manifest.finish("failed")
         if backup is not None:
             failed = d.with_name(f"{d.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -384,9 +374,12 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
 
 def main(cfg: DictConfig) -> int:
     """Entry point after Hydra composed ``cfg``. Returns a process exit code."""
+    from pipeline import guards
+
     load_stages()
+    name = cfg.stage.name
     try:
-        names = stages_for(cfg)
+        names = guards.start_run(cfg, stages_for(cfg))
         if len(names) > 1 and os.environ.get("RANK", "0") in ("", "0"):
             from pipeline.precheck import precheck
 
@@ -398,10 +391,14 @@ def main(cfg: DictConfig) -> int:
                 if len(names) > 1:
                     log.info("stage %d/%d: %s", k, len(names), name)
                 run_stage(cfg, name)
-    except (StageError, StageInputError) as e:
+    except guards.USER_ERRORS as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if str(cfg.log_level).upper() == "DEBUG":
+            raise
+        return guards.report_crash(cfg, name, e)
     out = run_dir(cfg)
     print(f"done: stage={cfg.stage.name} -> {out}")
     return 0

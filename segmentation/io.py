@@ -21,6 +21,7 @@ import contextlib
 import os
 import shutil
 import uuid
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +265,86 @@ def decode_coco_mask(seg: Any, h: int, w: int) -> np.ndarray:
     return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(
         bool
     )
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file is unreadable, or holds objects other than tensors and plain data.
+
+    Checkpoints are unpickled with ``torch.load(weights_only=True)``: a file that
+    names any other Python object (a pickle that would run code) is refused,
+    never executed. The message names the file and what was refused.
+    """
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """The numpy constructors that older checkpoints used for RNG state and scalars.
+
+    They build arrays and scalars from raw bytes only (the same list torch's own
+    error message suggests); nothing else is allowed.
+    """
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    allowed: list[Any] = [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype]
+    for name in ("UInt32DType", "Int64DType", "Float64DType", "Float32DType", "BoolDType"):
+        if hasattr(np, "dtypes") and hasattr(np.dtypes, name):
+            allowed.append(getattr(np.dtypes, name))
+    return allowed
+
+
+def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint"):
+    """Load a ``torch.save`` file safely (``weights_only=True``).
+
+    Parameters
+    ----------
+    path
+        The ``.pt`` file.
+    map_location
+        Passed to :func:`torch.load`.
+    what
+        How the file is named in messages (e.g. ``"paths.inputs.model"``).
+
+    Returns
+    -------
+    The unpickled object: tensors, dicts, lists, tuples, str, numbers, None.
+
+    Raises
+    ------
+    UnsafeCheckpointError
+        The file is missing, not a torch file, truncated, or holds anything but
+        tensors and plain data (no code from the file ever runs).
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UnsafeCheckpointError(f"{what}={path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise UnsafeCheckpointError(
+            f"{what}={path}: not a torch checkpoint (not a zip archive as torch.save "
+            f"writes: another kind of file, or a truncated copy)"
+        )
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is long and suggests the unsafe mode: keep only the cause
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        hits = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln]
+        cause = (hits or lines[-1:] or [type(e).__name__])[0]
+        raise UnsafeCheckpointError(
+            f"{what}={path}: refused to load: it holds objects other than tensors and "
+            f"plain data ({cause}). Only checkpoints written by this pipeline are accepted; "
+            f"a pickled object could run code."
+        ) from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise UnsafeCheckpointError(
+            f"{what}={path}: not a readable torch checkpoint "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def categorical_strings(adata: Any) -> list[str]:

@@ -241,12 +241,15 @@ def build_maskrcnn(
             input_scale, t.min_size, t.max_size, t.image_mean, t.image_std
         )
     if pretrained_weights:
+        from segmentation.io import load_torch_file
+
         p = Path(pretrained_weights)
         if not p.is_file():
             raise FileNotFoundError(
                 f"segmentation.pretrained_weights={pretrained_weights}: no such file"
             )
-        state = torch.load(p, map_location="cpu", weights_only=False)
+        # weights_only: a shared weights file must not be able to run code
+        state = load_torch_file(p, "cpu", "segmentation.pretrained_weights")
         state = state.get("model", state) if isinstance(state, dict) else state
         res = model.load_state_dict(state, strict=False)
         log.info(
@@ -270,13 +273,12 @@ def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[MaskRCNN, dict[str, Any]]:
     """Rebuild a model from :func:`save_checkpoint` output. Returns ``(model, checkpoint)``."""
+    from segmentation.io import UnsafeCheckpointError, load_torch_file
+
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - report the file, whatever torch raised
-        raise RuntimeError(f"{path}: not a readable checkpoint ({e})") from e
+    ckpt = load_torch_file(path, map_location, "segmentation model")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise RuntimeError(
+        raise UnsafeCheckpointError(
             f"{path}: not a segmentation checkpoint (needs keys 'model', 'model_args')"
         )
     args = dict(ckpt["model_args"])

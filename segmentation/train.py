@@ -33,7 +33,7 @@ from segmentation.engine import (
     train_one_epoch,
     warmup_schedule,
 )
-from segmentation.io import atomic_path
+from segmentation.io import atomic_path, load_torch_file
 from segmentation.model import build_maskrcnn, save_checkpoint
 from segmentation.progress import bar
 from segmentation.runtime import rng_state, set_rng_state
@@ -155,7 +155,7 @@ def fit(
 
     start_epoch, history = 0, []
     if args.resume and checkpoint.exists():
-        ck = torch.load(checkpoint, map_location=dist.device, weights_only=False)
+        ck = load_torch_file(checkpoint, dist.device, "segment_train checkpoint")
         if "optimizer" not in ck:
             raise FitError(f"{checkpoint}: no optimizer state; cannot resume (overwrite=true)")
         core.load_state_dict(ck["model"])

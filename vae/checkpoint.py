@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from segmentation.io import UnsafeCheckpointError, load_torch_file
 from vae.model import TwoBranchVAE, VAEArgs
 
 
@@ -46,9 +47,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        ck = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - report which file is broken
-        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from e
+        # weights_only: a shared model file must not be able to run code
+        ck = load_torch_file(path, map_location, "vae checkpoint")
+    except UnsafeCheckpointError as e:
+        raise CheckpointError(str(e)) from None
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"{path}: not a vae checkpoint (no dict inside)")
     for key in ("model", "model_args"):
         if key not in ck:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}' (not a vae checkpoint?)")

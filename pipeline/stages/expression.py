@@ -100,8 +100,12 @@ def run_expression(ctx: StageContext) -> None:
     else:
         src = ctx.input("expression_raw")
     try:
+        known = [g for gs in cfg.expression.programs.values() for g in gs]
         adata = ex.read_expression(
-            src, fmt=cfg.expression.input_format, orientation=cfg.expression.orientation
+            src,
+            fmt=cfg.expression.input_format,
+            orientation=cfg.expression.orientation,
+            known_genes=[*known, *cfg.expression.genes_of_interest],
         )
         params = preprocess_params(cfg)
         res = ex.preprocess(adata, params, source=str(src))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from segmentation.io import load_torch_file
 from tests.helpers.run import ROOT, run_pipeline
 from tests.helpers.vae_toy import make_paired
 
@@ -94,13 +95,13 @@ def test_stage_train_writes_model_latent_and_tensorboard(paired: Path):
 def test_stage_train_resume_continues_from_saved_step(paired: Path):
     _run(paired, "experiment=r", "trainer.max_epochs=2")
     d = paired / "out" / "r" / "train"
-    ck = torch.load(d / "last.pt", weights_only=False)
+    ck = load_torch_file(d / "last.pt")
     step2 = ck["step"]
     assert ck["epoch"] == 2 and step2 > 0
     split_before = (d / "split.csv").read_text()
     p = _run(paired, "experiment=r", "trainer.max_epochs=3", "resume=true")
     assert "resumed from" in p.stderr + p.stdout or "resumed from" in (d / "train.log").read_text()
-    ck = torch.load(d / "last.pt", weights_only=False)
+    ck = load_torch_file(d / "last.pt")
     assert ck["epoch"] == 3 and ck["step"] == step2 + step2 // 2
     assert [h["epoch"] for h in ck["history"]] == [1, 2, 3]
     assert (d / "split.csv").read_text() == split_before
@@ -142,7 +143,7 @@ def test_multirun_beta_sweep_puts_each_job_in_a_variant_folder(paired: Path):
     for s in subs:
         summary = json.loads((d / s / "train_summary.json").read_text())
         assert summary["epochs"] == 1
-        ck = torch.load(d / s / "model.pt", weights_only=False)
+        ck = load_torch_file(d / s / "model.pt")
         betas.append(ck["train_args"]["beta"])
     assert betas == [1.0, 4.0]
 
@@ -158,7 +159,7 @@ def test_stage_train_ddp_two_cpu_processes(paired: Path):
         "hardware.master_port=0",
     )
     d = paired / "out" / "ddp" / "train"
-    ck = torch.load(d / "last.pt", weights_only=False)
+    ck = load_torch_file(d / "last.pt")
     import math
 
     import pandas as pd

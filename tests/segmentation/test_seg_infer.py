@@ -578,7 +578,8 @@ def test_stage_segment_subprocess_untrained(tmp_path, untrained_ckpt):
 
 def test_stage_segment_zero_cells_is_valid(tmp_path, untrained_ckpt):
     smears = _smear_folder(tmp_path / "smears")
-    out = _run_segment(tmp_path, untrained_ckpt, smears, "segmentation.score_threshold=1.01")
+    # 1.0: the top of the valid range [0, 1]; an untrained model scores far below it
+    out = _run_segment(tmp_path, untrained_ckpt, smears, "segmentation.score_threshold=1.0")
     a, det = _check_outputs(out)
     assert a.n_obs == 0 and a.uns["filter_counts"]["low_score"] == len(det)
     import pandas as pd

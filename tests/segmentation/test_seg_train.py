@@ -10,6 +10,7 @@ import torch
 
 from segmentation.datasets import MASK_UNKNOWN, DetectionDataset, collate, read_coco
 from segmentation.engine import NonFiniteLossError, evaluate, train_one_epoch, warmup_schedule
+from segmentation.io import load_torch_file
 from segmentation.model import _maskrcnn_loss_with_unknown, build_maskrcnn, load_checkpoint
 from tests.helpers.run import ROOT as REPO
 from tests.helpers.run import run_pipeline
@@ -200,8 +201,8 @@ def test_resume_continues_exactly(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     p = _run([*common, "experiment=part", "resume=true"], REPO)
     assert p.returncode == 0, p.stderr[-3000:]
-    a = torch.load(root / "full" / "segment_train" / "model.pt", weights_only=False)["model"]
-    b = torch.load(root / "part" / "segment_train" / "model.pt", weights_only=False)["model"]
+    a = load_torch_file(root / "full" / "segment_train" / "model.pt")["model"]
+    b = load_torch_file(root / "part" / "segment_train" / "model.pt")["model"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
 

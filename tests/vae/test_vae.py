@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.hardware import DistInfo
+from segmentation.io import load_torch_file
 from tests.helpers.vae_toy import make_paired
 from vae.data import (
     augment_dihedral,
@@ -285,7 +286,7 @@ def test_resume_after_interruption_is_bit_exact(tmp_path):
     part = fresh()
     r_part = train(part, d, split, _train_args(stop_after_epochs=2), CPU, tmp_path / "resumed")
     assert r_part.stopped == "interrupted" and r_part.epochs == 2
-    ck = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    ck = load_torch_file(tmp_path / "resumed" / "last.pt")
     assert ck["epoch"] == 2 and ck["step"] == r_part.steps > 0
     torch.manual_seed(123)  # a different RNG state must not matter: it is restored
     resumed = fresh()

@@ -17,6 +17,8 @@ False and the VAE must use a Gaussian likelihood on ``X``.
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +27,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from vae.inputs.schema import HAS_COUNTS
+from vae.inputs.schema import GRANULE_PROGRAMS, HAS_COUNTS
 
 log = logging.getLogger(__name__)
 
 BUILTIN_PBMC68K = "scanpy:pbmc68k_reduced"
 INPUT_FORMATS = ("auto", "h5ad", "10x_h5", "10x_mtx", "csv", "tsv", "loom")
-ORIENTATIONS = ("cells_by_genes", "genes_by_cells")
+ORIENTATIONS = ("auto", "cells_by_genes", "genes_by_cells")
 VALUE_KINDS = ("auto", "counts", "lognorm")
 MATURATION_MODES = ("auto", "column", "dpt", "none")
 # obs columns searched, in order, when no label / maturation column is configured
@@ -94,8 +96,59 @@ def detect_format(path: str | Path) -> str:
     )
 
 
+_BARCODE = re.compile(r"[ACGTN]{8,}(-\d+)?")
+
+
+def detect_orientation(
+    rows: Iterable[str], columns: Iterable[str], known_genes: Iterable[str]
+) -> tuple[str, str]:
+    """Which axis of a CSV/TSV table holds the genes.
+
+    Parameters
+    ----------
+    rows, columns
+        Row (index) and column names of the table.
+    known_genes
+        Gene symbols expected in the data (the programs, genes of interest);
+        matched case-insensitively.
+
+    Returns
+    -------
+    (orientation, reason)
+        ``cells_by_genes`` or ``genes_by_cells``, and why (for the log).
+
+    Raises
+    ------
+    ExpressionInputError
+        Neither the symbols nor cell-barcode-like names tell the axes apart.
+    """
+    rows, columns = [str(r) for r in rows], [str(c) for c in columns]
+    known = {g.upper() for g in known_genes}
+    rk = sum(r.upper() in known for r in rows)
+    ck = sum(c.upper() in known for c in columns)
+    counts = f"{rk} of {len(rows)} row names and {ck} of {len(columns)} column names"
+    if rk != ck:
+        orient = "genes_by_cells" if rk > ck else "cells_by_genes"
+        return orient, f"{counts} are known gene symbols"
+    rb = np.mean([bool(_BARCODE.fullmatch(r)) for r in rows]) if rows else 0.0
+    cb = np.mean([bool(_BARCODE.fullmatch(c)) for c in columns]) if columns else 0.0
+    if max(rb, cb) > 0.5 and rb != cb:
+        orient = "cells_by_genes" if rb > cb else "genes_by_cells"
+        return orient, f"{'row' if rb > cb else 'column'} names look like cell barcodes"
+    raise ExpressionInputError(
+        f"cannot tell whether rows or columns are genes ({counts} are known gene symbols, "
+        f"and neither look like cell barcodes; table {len(rows)} x {len(columns)}). "
+        f"Set expression.orientation=cells_by_genes or genes_by_cells",
+        field="expression.orientation",
+    )
+
+
 def read_expression(
-    path: str | Path, *, fmt: str = "auto", orientation: str = "cells_by_genes"
+    path: str | Path,
+    *,
+    fmt: str = "auto",
+    orientation: str = "auto",
+    known_genes: Iterable[str] | None = None,
 ) -> ad.AnnData:
     """Read an expression matrix into AnnData (cells x genes).
 
@@ -108,7 +161,10 @@ def read_expression(
     fmt
         One of :data:`INPUT_FORMATS`.
     orientation
-        CSV/TSV only: ``cells_by_genes`` (rows are cells) or ``genes_by_cells``.
+        CSV/TSV only: ``cells_by_genes`` (rows are cells), ``genes_by_cells``, or
+        ``auto``: decided by :func:`detect_orientation` and logged.
+    known_genes
+        Symbols for ``auto`` (default: the granule programs).
 
     Returns
     -------
@@ -168,6 +224,17 @@ def read_expression(
         else:
             sep = "," if fmt == "csv" else "\t"
             df = pd.read_csv(p, sep=sep, index_col=0)
+            if orientation == "auto":
+                genes = known_genes
+                if genes is None:
+                    genes = [g for gs in GRANULE_PROGRAMS.values() for g in gs]
+                try:
+                    orientation, why = detect_orientation(df.index, df.columns, genes)
+                except ExpressionInputError as e:
+                    raise ExpressionInputError(
+                        str(e).split("] ", 1)[-1], field=e.field, source=src
+                    ) from None
+                log.info("%s: read as %s (expression.orientation=auto: %s)", src, orientation, why)
             if orientation == "genes_by_cells":
                 df = df.T
             non_numeric = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
@@ -210,7 +277,8 @@ def validate_matrix(adata: ad.AnnData, *, values: str = "auto", source: str = ""
         Cells x genes. Counts are taken from ``layers["counts"]`` if present, else ``X``.
     values
         ``counts``: require non-negative integers; ``lognorm``: ``X`` is already
-        log-normalised (no counts); ``auto``: counts if integer-valued, else lognorm.
+        log-normalised (no counts); ``auto``: counts if integer-valued, else an
+        error (the user says ``lognorm``: never a silent guess).
     source
         Named in error messages.
 
@@ -268,13 +336,14 @@ def validate_matrix(adata: ad.AnnData, *, values: str = "auto", source: str = ""
     if values == "lognorm" or declared == "lognorm":
         return False
     if not integer:
-        log.warning(
-            "%s: %s is not integer-valued; treating it as log-normalised (no counts, "
-            "Gaussian likelihood downstream). Set expression.values=counts to refuse this.",
-            source,
-            key,
+        # never guess: counts and log-normalised values train different likelihoods
+        raise ExpressionInputError(
+            f"{int((v != np.round(v)).sum())} non-integer values, so these are not raw "
+            "counts. Set expression.values=lognorm if they are log-normalised (no counts, "
+            "Gaussian likelihood downstream), or give raw integer counts",
+            field="expression.values",
+            source=source,
         )
-        return False
     return True
 
 

@@ -125,15 +125,16 @@ def test_existing_counts_layer_is_used_and_kept():
     np.testing.assert_array_equal(out.layers["counts"], _toy().X)
 
 
-def test_non_integer_input_is_treated_as_lognormalised_without_fake_counts(caplog):
+def test_non_integer_input_needs_values_lognorm_and_gets_no_fake_counts():
     a = _toy()
     a.X = np.log1p(a.X)
-    with caplog.at_level(logging.WARNING):
-        out = preprocess(a, _params()).adata
+    with pytest.raises(ExpressionInputError) as e:
+        preprocess(a.copy(), _params())
+    assert e.value.field == "expression.values" and "values=lognorm" in str(e.value)
+    out = preprocess(a, _params(values="lognorm")).adata
     assert out.uns["has_counts"] is False
     assert "counts" not in out.layers
     np.testing.assert_allclose(out.X, np.log1p(_toy().X))
-    assert "not integer-valued" in caplog.text
 
 
 def test_pbmc68k_reduced_has_no_counts():

@@ -1,0 +1,285 @@
+"""Checks the runner makes before a stage folder is touched.
+
+- :func:`check_start`: ``experiment``/``variant`` names, numeric ranges and the
+  requested hardware, once per run, before any folder exists.
+- :func:`probe_inputs`: checkpoint inputs load with ``weights_only=True`` (and are
+  refused otherwise) and ``.h5ad`` inputs open as HDF5, before the stage folder
+  is prepared, so a wrong or truncated file is one message, not a traceback.
+- :func:`check_resume`: ``resume=true`` continues only a run with the same
+  settings that shape the model and the loss (named when they differ).
+- :func:`start_run`, :func:`report_crash`, :func:`log_traceback`: what
+  ``runner.main`` does first, and how an unexpected error becomes one line on the
+  console with its traceback in ``<stage>.log``.
+
+Guarantees and the faults tried: docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.artifacts import StageInputError, describe, read_manifest
+from pipeline.runner import StageError, run_dir, stage_dir
+
+log = logging.getLogger(__name__)
+
+# stages that write a checkpoint and continue from it with resume=true
+RESUMABLE = {"train": "last.pt", "segment_train": "model.pt"}
+
+# settings that must not change when a run is resumed: the model, the loss, the
+# optimiser and the data split. What is allowed to change: epoch limits
+# (max_epochs, stop_after_epochs, max_minutes), logging, hardware, paths.
+RESUME_SETTINGS: dict[str, list[str]] = {
+    "train": [
+        "vae",
+        "trainer.batch_size",
+        "trainer.lr",
+        "trainer.weight_decay",
+        "trainer.lr_schedule",
+        "trainer.lr_warmup_epochs",
+        "trainer.grad_clip",
+        "trainer.val_fraction",
+        "trainer.test_fraction",
+        "trainer.augment",
+        "trainer.stain_jitter",
+        "seed",
+    ],
+    "segment_train": [
+        *(
+            f"segmentation.{k}"
+            for k in (
+                "arch pretrained_weights trainable_backbone_layers min_size max_size "
+                "anchor_sizes fpn_channels box_representation mask_head_layers "
+                "rpn_pre_nms_top_n_train rpn_post_nms_top_n_train rpn_pre_nms_top_n_test "
+                "rpn_batch_size_per_image box_batch_size_per_image cell_px mask_mode "
+                "pseudo_method copy_paste copy_paste_max max_train_images aug_flips aug_rot90 "
+                "aug_scale aug_crop aug_color aug_stain aug_blur aug_noise epochs "
+                "train_batch_size optimizer lr momentum weight_decay warmup_iters schedule "
+                "grad_clip"
+            ).split()
+        ),
+        "data.name",
+        "data.smear_sources",
+        "seed",
+    ],
+}
+
+# inputs that are checkpoints / AnnData files (probed before the stage starts)
+CHECKPOINT_INPUTS = {"segmentation_model": "segmentation model", "model": "vae model"}
+H5AD_INPUTS = {"cells", "expression", "paired", "latent", "expression_raw"}
+
+
+def check_start(cfg: DictConfig) -> None:
+    """Names, ranges and hardware: everything checkable before any folder exists.
+
+    Raises
+    ------
+    StageError
+        Naming the setting and what is wrong with it.
+    """
+    from pipeline import hardware
+    from pipeline.ranges import SettingRangeError, check_ranges
+
+    stage_dir(cfg, "check")  # experiment / variant (pipeline/names.py)
+    try:
+        check_ranges(cfg)
+    except SettingRangeError as e:
+        raise StageError(str(e)) from None
+    try:
+        hardware.plan(cfg.hardware)
+    except hardware.HardwareError as e:
+        raise StageError(str(e)) from None
+
+
+def probe_inputs(cfg: DictConfig, name: str, inputs: dict[str, Path]) -> None:
+    """Open every checkpoint and AnnData input once; a bad file is a StageError.
+
+    Checkpoints are loaded with ``weights_only=True`` (no code from the file
+    runs); ``segmentation.pretrained_weights`` too when ``name`` trains the detector.
+    """
+    from segmentation.io import UnsafeCheckpointError, load_torch_file
+
+    checks = [(n, p) for n, p in inputs.items() if n in CHECKPOINT_INPUTS]
+    if name == "segment_train" and cfg.segmentation.pretrained_weights:
+        checks.append(("pretrained_weights", Path(cfg.segmentation.pretrained_weights)))
+    for n, p in checks:
+        setting = (
+            "segmentation.pretrained_weights"
+            if n == "pretrained_weights"
+            else f"input '{n}' (paths.inputs.{n})"
+        )
+        try:
+            ck = load_torch_file(p, "cpu", setting)
+        except UnsafeCheckpointError as e:
+            raise StageError(str(e)) from None
+        if n != "pretrained_weights" and not (
+            isinstance(ck, dict) and "model" in ck and "model_args" in ck
+        ):
+            raise StageError(
+                f"{setting}={p}: not a {CHECKPOINT_INPUTS[n]} checkpoint of this pipeline "
+                f"(it needs the keys 'model' and 'model_args')"
+            )
+        del ck
+    for n, p in inputs.items():
+        if n in H5AD_INPUTS and p.is_file() and p.suffix == ".h5ad":
+            _probe_h5ad(n, p)
+
+
+def _probe_h5ad(n: str, p: Path) -> None:
+    import h5py
+
+    try:
+        with h5py.File(p, "r") as f:
+            keys = set(f.keys())
+    except OSError as e:
+        raise StageError(
+            f"input '{n}' = {p}: not a readable .h5ad file (truncated, or not HDF5): "
+            f"{str(e).splitlines()[0]}. Re-run the stage that writes it, or set "
+            f"paths.inputs.{n}=PATH."
+        ) from None
+    if "obs" not in keys:
+        raise StageError(f"input '{n}' = {p}: an HDF5 file but not AnnData (no 'obs' group)")
+
+
+def _select(resolved: dict[str, Any], key: str) -> Any:
+    node: Any = resolved
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _flat(key: str, v: Any) -> dict[str, Any]:
+    if isinstance(v, dict):
+        out: dict[str, Any] = {}
+        for k, sub in v.items():
+            out.update(_flat(f"{key}.{k}", sub))
+        return out
+    return {key: v}
+
+
+def resume_settings(resolved: dict[str, Any], name: str) -> dict[str, Any]:
+    """The settings of stage ``name`` that a resumed run must share, flattened."""
+    out: dict[str, Any] = {}
+    for key in RESUME_SETTINGS.get(name, []):
+        out.update(_flat(key, _select(resolved, key)))
+    return out
+
+
+def settings_hash(resolved: dict[str, Any], name: str) -> str:
+    """Hash of :func:`resume_settings` (recorded in the manifest as ``resume_hash``)."""
+    blob = json.dumps(resume_settings(resolved, name), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_resume(cfg: DictConfig, name: str, man: dict[str, Any] | None, inputs: dict) -> None:
+    """Refuse ``resume=true`` when a setting that shapes the model or loss changed.
+
+    Parameters
+    ----------
+    man
+        The manifest of the run being resumed (its resolved ``config``).
+    inputs
+        This run's inputs; one whose size differs from the recorded one is refused.
+
+    Raises
+    ------
+    StageError
+        Listing every changed setting as ``key: old -> new``.
+    """
+    if name not in RESUMABLE or man is None or "config" not in man:
+        return
+    now = OmegaConf.to_container(cfg, resolve=True)
+    old_s, new_s = resume_settings(man["config"], name), resume_settings(now, name)
+    changed = [
+        f"{k}: {old_s.get(k)!r} -> {new_s.get(k)!r}"
+        for k in sorted(set(old_s) | set(new_s))
+        if old_s.get(k) != new_s.get(k)
+    ]
+    for n, p in inputs.items():
+        rec = man.get("inputs", {}).get(n)
+        if rec is not None and Path(p).exists() and describe(p)["bytes"] != rec["bytes"]:
+            changed.append(
+                f"input '{n}' ({p}) changed size: {rec['bytes']} -> {describe(p)['bytes']} bytes"
+            )
+    if changed:
+        raise StageError(
+            f"resume=true: stage={name} cannot continue the run in {stage_dir(cfg, name)}: "
+            f"settings that shape the model, the loss or the data changed since it started: "
+            + "; ".join(changed)
+            + ". Restore them, or pass overwrite=true to start again."
+        )
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from segmentation.io import UnsafeCheckpointError
+    from vae.checkpoint import CheckpointError
+
+    return (StageError, StageInputError, UnsafeCheckpointError, CheckpointError)
+
+
+USER_ERRORS = _user_errors()
+
+
+def start_run(cfg: DictConfig, names: list[str]) -> list[str]:
+    """Checks made once before the first stage: returns the stages to run.
+
+    Settings (:func:`check_start`) first; then a warning for every backup an
+    interrupted run left in the experiment. With ``resume=true``, ``stage=all``
+    skips the complete stages it starts with (it continues where it stopped).
+    """
+    check_start(cfg)
+    from pipeline.stagedir import report_backups
+
+    report_backups(run_dir(cfg))
+    if not (cfg.resume and not cfg.overwrite and len(names) > 1):
+        return names
+    head = 0
+    while head < len(names):
+        man = read_manifest(stage_dir(cfg, names[head]))
+        if not man or man.get("status") != "complete":
+            break
+        log.info("resume=true: stage=%s is complete; skipped", names[head])
+        head += 1
+    if head == len(names):
+        log.info("resume=true: every stage is complete; nothing to resume")
+    return names[head:]
+
+
+def report_crash(cfg: DictConfig, name: str, e: BaseException) -> int:
+    """One line on the console for an unexpected error (exit code 1).
+
+    The traceback is in ``<stage>.log`` (written by the runner); ``log_level=DEBUG``
+    prints it on the console instead.
+    """
+    text = str(e).strip().splitlines()
+    # a DDP worker's error arrives with the worker's traceback inside the message
+    last = text[-1] if text else ""
+    try:
+        where = stage_dir(cfg, name) / f"{name}.log"
+    except StageError:
+        where = None
+    hint = "log_level=DEBUG prints the traceback"
+    if where is not None and where.exists():
+        hint = f"traceback in {where}; {hint} here"
+    msg = f"stage={name} failed: {type(e).__name__}: {last} ({hint})"
+    log.error("%s", msg)
+    print(f"error: {msg}", file=sys.stderr)
+    return 1
+
+
+def log_traceback(handler: logging.Handler, name: str) -> None:
+    """Write the exception being handled, with its traceback, to ``handler`` only."""
+    handler.handle(
+        log.makeRecord(
+            log.name, logging.ERROR, __file__, 0, "stage=%s failed", (name,), sys.exc_info()
+        )
+    )

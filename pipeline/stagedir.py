@@ -1,0 +1,169 @@
+"""Preparing a stage folder: the rules for existing results, resume and backups.
+
+Called by the runner while it holds the stage's lock (pipeline/locks.py):
+
+- a finished folder is never silently replaced: ``overwrite=true`` moves it to
+  ``.<stage>.old-<id>`` (restored if the new run fails, deleted when it succeeds);
+- ``resume=true`` continues an unfinished run in place; on a *complete* run of a
+  stage that has checkpoints it continues from a copy kept as the backup, so a
+  failing continuation never demotes the complete result; a stage without
+  checkpoints has nothing to resume;
+- a backup left by a killed ``overwrite=true`` run is restored (or reported)
+  before anything else happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from pipeline.artifacts import read_manifest
+from pipeline.guards import RESUMABLE, check_resume
+from pipeline.runner import StageError, stage_dir
+
+log = logging.getLogger(__name__)
+
+
+def check_writable(d: Path, setting: str) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".write-test-{uuid.uuid4().hex[:6]}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise StageError(f"{setting}={d} is not writable: {e.strerror or e}") from e
+
+
+def _status(d: Path) -> str:
+    try:
+        man = read_manifest(d)
+    except Exception:  # noqa: BLE001 - an unreadable manifest is an unfinished run
+        return "unreadable manifest"
+    return man.get("status", "unknown") if man else "unknown (no manifest)"
+
+
+def backups_of(d: Path) -> list[Path]:
+    """Backups ``.<name>.old-*`` of folder ``d``, newest first."""
+    if not d.parent.is_dir():
+        return []
+    olds = [p for p in d.parent.glob(f".{d.name}.old-*") if p.is_dir()]
+    return sorted(olds, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def recover_backups(d: Path, stage: str) -> None:
+    """Restore the backup a killed ``overwrite=true`` (or resume) run left next to ``d``.
+
+    Call only while holding the stage's lock. If ``d`` holds no complete run, the
+    newest complete backup is moved back to ``d`` (the interrupted attempt is kept
+    as ``<name>.interrupted-<time>``); other backups are reported, never deleted.
+    """
+    olds = backups_of(d)
+    if not olds:
+        return
+    here = _status(d) if d.exists() and any(d.iterdir()) else None
+    if here != "complete":
+        good = next((o for o in olds if _status(o) == "complete"), None)
+        if good is not None:
+            if d.exists():
+                kept = d.with_name(f"{d.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+                d.rename(kept)
+                log.warning("stage=%s: the interrupted attempt in %s is kept in %s", stage, d, kept)
+            good.rename(d)
+            log.warning(
+                "stage=%s: restored the previous complete result from %s (left by an "
+                "interrupted overwrite=true or resume=true run)",
+                stage,
+                good,
+            )
+            olds.remove(good)
+    for o in olds:
+        log.warning(
+            "stage=%s: %s holds an earlier result (status: %s) left by an interrupted run; "
+            "%s holds the current one. Delete the old folder when it is not needed.",
+            stage,
+            o,
+            _status(o),
+            d,
+        )
+
+
+def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, Path | None]:
+    """Create the stage folder; refuse to replace a finished one silently.
+
+    Returns the folder and, with ``overwrite=true`` (or ``resume=true`` on a
+    complete run), the backup of the previous result: deleted once the new run
+    succeeds, restored if it fails.
+    """
+    d = stage_dir(cfg, name)
+    recover_backups(d, name)
+    backup = None
+    if d.exists() and any(d.iterdir()):
+        status = _status(d)
+        if cfg.overwrite:
+            backup = d.with_name(f".{d.name}.old-{uuid.uuid4().hex[:6]}")
+            d.rename(backup)
+        elif cfg.resume:
+            if name not in RESUMABLE:
+                if status == "complete":
+                    raise StageError(
+                        f"resume=true: stage={name} in {d} is complete, and this stage "
+                        f"keeps no checkpoint to continue from. Pass overwrite=true to run "
+                        f"it again, or choose another experiment=NAME."
+                    )
+                log.warning(
+                    "resume=true: stage=%s keeps no checkpoint; the unfinished run in %s "
+                    "(status: %s) is run again from the start",
+                    name,
+                    d,
+                    status,
+                )
+            else:
+                check_resume(cfg, name, read_manifest(d), inputs)
+                if status == "complete":
+                    # continue from a copy: if the continuation fails, the complete
+                    # result comes back untouched
+                    backup = d.with_name(f".{d.name}.old-{uuid.uuid4().hex[:6]}")
+                    shutil.copytree(d, backup, symlinks=True)
+                    log.info(
+                        "resume=true: stage=%s in %s is complete; continuing it from %s "
+                        "(the complete result is kept in %s until this run succeeds)",
+                        name,
+                        d,
+                        RESUMABLE[name],
+                        backup,
+                    )
+        else:
+            if status == "running":
+                status = "running when it was interrupted: no process holds its lock now"
+            raise StageError(
+                f"{d} already holds a run of stage={name} (status: {status}). "
+                f"Refusing to overwrite it: pass overwrite=true to replace it, "
+                f"resume=true to continue it, or choose another experiment=NAME."
+            )
+    d.mkdir(parents=True, exist_ok=True)
+    return d, backup
+
+
+def report_backups(run_dir: Path) -> None:
+    """Warn about every backup ``.<stage>.old-*`` under ``run_dir`` (two levels deep)."""
+    from pipeline.locks import stage_lock
+
+    if not run_dir.is_dir():
+        return
+    for pattern in (".*.old-*", "*/.*.old-*"):
+        for p in sorted(run_dir.glob(pattern)):
+            name = p.name[1:].rsplit(".old-", 1)[0]
+            stage, variant = (name, "") if p.parent == run_dir else (p.parent.name, name)
+            if stage_lock(run_dir, stage, variant, run_dir.name).held_elsewhere():
+                continue  # a running overwrite=true owns it
+            if p.is_dir():
+                log.warning(
+                    "%s: backup of a complete result left by an interrupted overwrite=true "
+                    "run; the next run of that stage restores it",
+                    p,
+                )

@@ -1,0 +1,186 @@
+"""Issue 11.4, 11.6, 11.7: resume never demotes a complete stage and refuses changed
+settings by name; numeric ranges; user errors are one line, not a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import guards, runner
+from pipeline.ranges import SettingRangeError, check_ranges
+from tests.faults.conftest import cfg_for, writes
+from tests.helpers.run import CONF, compose_config
+
+
+def _status(d: Path) -> str:
+    return json.loads((d / "manifest.json").read_text())["status"]
+
+
+def _fail(ctx):
+    (ctx.dir / "half.txt").write_text("half")
+    raise RuntimeError("continuation crashed")
+
+
+def test_resume_of_a_complete_stage_without_checkpoints_is_refused(tmp_path, toy, capsys):
+    toy("expression", writes("done"))
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "expression")) == 0
+    toy("expression", _fail)
+    assert runner.main(cfg_for(root, "expression", "resume=true")) == 2
+    assert "keeps no checkpoint to continue from" in capsys.readouterr().err
+    assert _status(root / "t" / "expression") == "complete"
+
+
+def test_failing_resume_of_a_complete_train_keeps_it_complete(tmp_path, toy):
+    toy("train", writes("model-v1"))
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "train")) == 0
+    d = root / "t" / "train"
+    toy("train", _fail)
+    assert runner.main(cfg_for(root, "train", "resume=true")) == 1
+    assert _status(d) == "complete"
+    assert (d / "model.pt").read_text() == "model-v1" and not (d / "half.txt").exists()
+    failed = list(d.parent.glob("train.failed-*"))
+    assert len(failed) == 1 and (failed[0] / "half.txt").exists()
+    assert not list(d.parent.glob(".train.old-*"))
+
+
+def test_resume_with_changed_loss_setting_is_refused_by_name(tmp_path, toy, capsys):
+    toy("train", writes("m"))
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "train", "vae.beta=4")) == 0
+    code = runner.main(cfg_for(root, "train", "vae.beta=8", "vae.n_latent=32", "resume=true"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "vae.beta: 4.0 -> 8.0" in err and "vae.n_latent: 16 -> 32" in err
+    assert _status(root / "t" / "train") == "complete"
+    # an epoch limit may change: that is what resume is for
+    assert (
+        runner.main(cfg_for(root, "train", "vae.beta=4", "trainer.max_epochs=99", "resume=true"))
+        == 0
+    )
+    man = json.loads((root / "t" / "train" / "manifest.json").read_text())
+    assert man["resume_hash"] == guards.settings_hash(man["config"], "train")
+
+
+def test_stage_all_resume_skips_the_complete_stages_it_starts_with(tmp_path, toy):
+    for name in runner.ORDER:
+        toy(name, writes(name))
+    root = tmp_path / "out"
+    for name in ("simulate", "segment_train"):
+        assert runner.main(cfg_for(root, name)) == 0
+    cfg = cfg_for(root, "all", "resume=true")
+    assert guards.start_run(cfg, runner.stages_for(cfg)) == runner.ORDER[2:]
+
+
+# --- ranges -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override,named",
+    [
+        ("vae.beta=-4", "vae.beta=-4.0 is out of range: must be >= 0"),
+        (
+            "segmentation.aug_stain=1.5",
+            "segmentation.aug_stain=1.5 is out of range: must be in [0,1]",
+        ),
+        ("trainer.batch_size=0", "trainer.batch_size=0 is out of range: must be >= 1"),
+        ("vae.channels=[16,0]", "vae.channels=[16, 0] is out of range"),
+        ("segmentation.tile_overlap=2048", "segmentation.tile_overlap=2048 must be <"),
+        (
+            "trainer.val_fraction=0.9",
+            "trainer.val_fraction=0.9 + trainer.test_fraction=0.15 must be < 1",
+        ),
+        ("expression.max_pct_mito=150", "expression.max_pct_mito=150.0 is out of range"),
+    ],
+)
+def test_out_of_range_settings_are_refused_by_name(override, named):
+    with pytest.raises(SettingRangeError) as e:
+        check_ranges(compose_config(["stage=train", override]))
+    assert named in str(e.value)
+
+
+def test_negative_beta_fails_before_any_folder(tmp_path, toy, capsys):
+    toy("train", writes("m"))
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "train", "vae.beta=-4")) == 2
+    assert "vae.beta=-4.0 is out of range" in capsys.readouterr().err
+    assert not (root / "t").exists()
+
+
+def test_every_shipped_config_is_in_range():
+    """Presets composed; every group option merged onto the default (composing each
+    one through Hydra costs about a second)."""
+    from omegaconf import OmegaConf
+
+    for ov in (["+preset=demo"], ["+preset=real"]):
+        check_ranges(compose_config(["stage=all", *ov]))
+    base = compose_config(["stage=all"])
+    check_ranges(base)
+    for group in (
+        "analysis",
+        "data",
+        "expression",
+        "hardware",
+        "pair",
+        "segmentation",
+        "trainer",
+        "vae",
+    ):
+        for f in (CONF / group).glob("*.yaml"):
+            values = OmegaConf.load(f)
+            values.pop("defaults", None)
+            cfg = base.copy()
+            OmegaConf.set_struct(cfg, False)
+            OmegaConf.update(cfg, group, values, merge=True)
+            check_ranges(cfg)
+
+
+# --- user errors: one line, no traceback, before any folder ----------------------
+
+
+def test_gpu_without_cuda_fails_before_the_stage_folder(tmp_path, toy, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    toy("evaluate", writes("x"))
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "evaluate", "hardware=gpu")) == 2
+    assert "usable CUDA device" in capsys.readouterr().err
+    assert not (root / "t" / "evaluate").exists()
+    # so the retry with the fallback is not refused as "already holds a run"
+    assert (
+        runner.main(cfg_for(root, "evaluate", "hardware=gpu", "hardware.fallback_to_cpu=true")) == 0
+    )
+
+
+def test_truncated_paired_h5ad_is_one_message(tmp_path, capsys):
+    from tests.helpers.vae_toy import make_paired
+
+    make_paired(12).write_h5ad(tmp_path / "full.h5ad")
+    data = (tmp_path / "full.h5ad").read_bytes()
+    (tmp_path / "cut.h5ad").write_bytes(data[: len(data) // 2])
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "train", f"paths.inputs.paired={tmp_path / 'cut.h5ad'}")) == 2
+    err = capsys.readouterr().err
+    assert "not a readable .h5ad file" in err and "cut.h5ad" in err and "Traceback" not in err
+    assert not (root / "t" / "train").exists()
+
+
+def test_unexpected_error_is_one_line_and_the_traceback_is_in_the_log(tmp_path, toy, capsys):
+    def body(ctx):
+        raise ZeroDivisionError("bad luck")
+
+    toy("evaluate", body)
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "evaluate")) == 1
+    err = capsys.readouterr().err
+    assert "stage=evaluate failed: ZeroDivisionError: bad luck" in err
+    assert "Traceback" not in err
+    log = (root / "t" / "evaluate" / "evaluate.log").read_text()
+    assert "Traceback" in log and "ZeroDivisionError" in log
+    # log_level=DEBUG: the traceback is raised to the console
+    with pytest.raises(ZeroDivisionError):
+        runner.main(cfg_for(root, "evaluate", "log_level=DEBUG", "overwrite=true"))
