@@ -260,17 +260,6 @@ class StageContext:
 # ----------------------------------------------------------------------------
 
 
-def _add_log_file(path: Path, level: str) -> logging.Handler:
-    h = logging.FileHandler(path, mode="a")
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    h.setLevel(level)
-    root = logging.getLogger()
-    root.addHandler(h)
-    if root.level > logging.getLevelName(level):
-        root.setLevel(level)
-    return h
-
-
 def stages_for(cfg: DictConfig) -> list[str]:
     name = cfg.stage.name
     if name == "all":
@@ -326,10 +315,10 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
 def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, Path]) -> Path:
     from pipeline import hardware
     from pipeline.guards import log_traceback, settings_hash
-    from pipeline.stagedir import prepare_stage_dir
+    from pipeline.stagedir import add_log_file, prepare_stage_dir
 
     d, backup = prepare_stage_dir(cfg, name, inputs)
-    handler = _add_log_file(d / f"{name}.log", cfg.log_level)
+    handler = add_log_file(d / f"{name}.log", cfg.log_level)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     manifest = Manifest(d, name, resolved)
     manifest.data["resume_hash"] = settings_hash(resolved, name)

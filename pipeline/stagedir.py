@@ -167,3 +167,15 @@ def report_backups(run_dir: Path) -> None:
                     "run; the next run of that stage restores it",
                     p,
                 )
+
+
+def add_log_file(path: Path, level: str) -> logging.Handler:
+    """Append the stage's log to ``path`` (root logger, at ``level`` or finer)."""
+    h = logging.FileHandler(path, mode="a")
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    h.setLevel(level)
+    root = logging.getLogger()
+    root.addHandler(h)
+    if root.level > logging.getLevelName(level):
+        root.setLevel(level)
+    return h
