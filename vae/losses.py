@@ -451,7 +451,7 @@ def vae_loss(
     # weighted 0 here: its terms are exactly 0, as they would be computed
     def img_terms(dec: Decoded | None, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if dec is None or dec.image is None:
-            return zero, zero, zero, zero
+            return zero, zero, zero, zero, zero
         nll = (
             image_nll(image, dec.image, mask, dec.image_log_scale, image_likelihood) * rows
         ).sum()
