@@ -81,10 +81,33 @@ def test_granule_loss_scores_the_head_and_only_when_on():
     assert float(on.granules) > 0 and float(off.granules) == 0.0
     assert float(on.total) > float(off.total)
     on.total.backward()
-    # the spatial rate channel of the last conv and the count/stain MLP get gradients
-    g = m.image_decoder.deconv[-1].weight.grad
-    assert g[-1:].abs().sum() > 0
-    assert all(p.grad.abs().sum() > 0 for p in m.image_decoder.granule_mlp.parameters())
+    # the granule layer learns; it reads the code and the trunk without shaping them
+    dec_ = m.image_decoder
+    assert all(p.grad.abs().sum() > 0 for p in dec_.granule_mlp.parameters())
+    assert dec_.granule_conv.weight.grad.abs().sum() > 0
+    m.zero_grad()
+    out = m(img, mask, x, has, has)  # a fresh graph
+    only = vae_loss(
+        out,
+        img,
+        mask,
+        x,
+        x.round(),
+        x.sum(1),
+        beta=0.0,
+        granules=cen,
+        weights=LossWeights(granules=1.0, image=0, mask=0, expression=0, cross=0),
+    )
+    only.granules.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.image_encoder.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in dec_.deconv.parameters())
+
+
+def test_granule_layer_needs_the_residual_decoder():
+    import pytest
+
+    with pytest.raises(ValueError, match="residual"):
+        TwoBranchVAE(_args(image_arch="plain"))
 
 
 def test_render_adds_granules_in_place_as_the_rate_rises():
