@@ -110,6 +110,10 @@ class VAEArgs:
             )
         if self.image_arch not in IMAGE_ARCHS:
             raise ValueError(f"image_arch={self.image_arch!r}; valid: {', '.join(IMAGE_ARCHS)}")
+        if self.granule_head and self.image_arch != "residual":
+            raise ValueError(
+                "granule_head needs image_arch='residual' (set vae.granule_weight=0 for 'plain')"
+            )
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion={self.fusion!r}; valid: {', '.join(FUSIONS)}")
         down = 2 ** len(self.channels)
