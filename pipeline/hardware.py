@@ -19,6 +19,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -145,8 +146,9 @@ def pick_threads(
 
     Order: ``hardware.torch_threads`` when set; 1 per process under DDP (the
     processes share the cores); ``OMP_NUM_THREADS`` when exported; else the cores
-    this process may run on (``os.sched_getaffinity``) minus the 1-min load
-    average (``os.getloadavg``), at least 1. On a shared machine this keeps
+    this process may run on (``os.sched_getaffinity``) minus the busy ones (the
+    1-min load average, capped by the tasks running now: :func:`_busy_cores`),
+    at least 1. On a shared machine this keeps
     OpenMP from oversubscribing busy cores, which made training several times
     slower (README, "Busy CPUs").
 
@@ -178,9 +180,22 @@ def pick_threads(
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if load is None:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        load = _busy_cores()
     free = int(round(cores - load))
     return max(1, min(int(cores), free)), f"{cores} cores, load {load:.2f}"
+
+
+def _busy_cores() -> float:
+    """Cores other jobs keep busy: the 1-min load average, but no more than the tasks
+    running right now besides this one (``/proc/loadavg``'s 4th field). The average
+    alone still counts a job that ended a minute ago (a test run, the previous
+    stage) and would halve the threads of a demo started on a machine gone idle."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    try:
+        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return load
+    return min(load, max(0, running - 1))
 
 
 def set_threads(hw: Any, world_size: int = 1) -> int:

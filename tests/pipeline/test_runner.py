@@ -318,6 +318,10 @@ def test_demo_preset_composes():
 
 def test_threads_follow_free_cores_setting_and_ddp():
     assert hardware.pick_threads(None, cores=2, load=0.1, env={})[0] == 2
+    # the busy-core estimate never exceeds the 1-min load average
+    import os
+
+    assert 0 <= hardware._busy_cores() <= os.getloadavg()[0] + 1e-9
     assert hardware.pick_threads(None, cores=2, load=1.2, env={})[0] == 1
     assert hardware.pick_threads(None, cores=16, load=5.0, env={})[0] == 11
     assert hardware.pick_threads(None, cores=2, load=9.0, env={})[0] == 1  # never 0
@@ -329,7 +333,7 @@ def test_threads_follow_free_cores_setting_and_ddp():
 def test_threads_are_applied_and_logged_once(monkeypatch, caplog):
     monkeypatch.setattr(hardware, "_THREADS", {})
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (50.0, 50.0, 50.0))
+    monkeypatch.setattr(hardware, "_busy_cores", lambda: 50.0)
     before = torch.get_num_threads()
     hw = SimpleNamespace(torch_threads=None)
     try:
