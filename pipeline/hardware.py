@@ -186,16 +186,26 @@ def pick_threads(
 
 
 def _busy_cores() -> float:
-    """Cores other jobs keep busy: the 1-min load average, but no more than the tasks
-    running right now besides this one (``/proc/loadavg``'s 4th field). The average
-    alone still counts a job that ended a minute ago (a test run, the previous
-    stage) and would halve the threads of a demo started on a machine gone idle."""
+    """Cores other jobs keep busy: the 1-min load average, but no more than the
+    threads of other processes running right now (state R in ``/proc``). The
+    average alone still counts a job that ended a minute ago (a test run, the
+    previous stage) and halved the threads of a demo started on an idle machine."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    me = str(os.getpid())
+    running = 0
     try:
-        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
-    except (OSError, ValueError, IndexError):
+        for stat in Path("/proc").glob("[0-9]*/task/*/stat"):
+            if stat.parts[2] == me:
+                continue
+            try:
+                # state is the field after the parenthesised command name
+                if stat.read_text().rsplit(")", 1)[1].split()[0] == "R":
+                    running += 1
+            except (OSError, IndexError):
+                continue  # the task ended while we looked
+    except OSError:
         return load
-    return min(load, max(0, running - 1))
+    return min(load, float(running))
 
 
 def set_threads(hw: Any, world_size: int = 1) -> int:
