@@ -190,6 +190,13 @@ def check(run: Path, paired: Path | None, traverse: Path | None) -> dict:
             res["decoded_granules_vs_true_azurophilic_spearman"] = _spearman(
                 fd["granule_density"].to_numpy(float), azu
             )
+            if getattr(model.args, "granule_head", False):
+                # the count the granule layer decodes (sum of its rate map), before drawing
+                with torch.no_grad():
+                    g = model.decode(torch.from_numpy(z[neut].astype(np.float32))).granule_rate
+                res["granule_layer_count_vs_true_azurophilic_spearman"] = _spearman(
+                    g.sum(dim=(1, 2, 3)).numpy() / 100.0, azu
+                )
             if "lobes" in o:
                 res["decoded_lobes_vs_true_spearman"] = _spearman(
                     fd["lobes"].to_numpy(float), o["lobes"].to_numpy(float)[neut]
