@@ -216,7 +216,8 @@ def line_plot(x: np.ndarray, series: dict[str, np.ndarray], xlabel: str, ylabel:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, frameon=False)
+    if series:  # an empty plot has nothing to label
+        ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     return fig
 

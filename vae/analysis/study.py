@@ -293,6 +293,8 @@ def traverse_study(
                 ]
                 if c in feats
             }
+            if not series:  # no image features and no program gene in the model: no figure
+                continue
             fig = F.line_plot(
                 pth.s, series, "path position", "min-max scaled", f"features along the {kind} path"
             )
