@@ -279,10 +279,10 @@ def raw_batch(d: PairedTensors, idx: torch.Tensor, images: bool = True) -> dict[
     if images:
         out["crops"] = d.crops.index_select(0, idx)
         out["masks"] = d.masks.index_select(0, idx)
+        if d.granules is not None:  # the crops' granule centres, read with them
+            out["granules"] = d.granules.index_select(0, idx)
     if d.counts is not None:
         out["counts"] = d.counts.index_select(0, idx)
-    if d.granules is not None:
-        out["granules"] = d.granules.index_select(0, idx)
     return out
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from vae.data import PairedTensors, raw_batch, to_batch
-from vae.model import TwoBranchVAE
+from vae.data import Batch, PairedTensors, raw_batch, to_batch
+from vae.model import Posteriors, TwoBranchVAE
 
 
 @dataclass
@@ -59,6 +60,29 @@ def _chw_to_hwc(t: torch.Tensor) -> np.ndarray:
     return t.float().permute(0, 2, 3, 1).cpu().numpy()
 
 
+def _encoded_batches(
+    model: TwoBranchVAE,
+    data: PairedTensors,
+    rows: np.ndarray,
+    batch_size: int,
+    device: torch.device | str,
+    images: bool = True,
+) -> Iterator[tuple[Batch, Posteriors]]:
+    """``rows`` in batches on ``device`` with their posteriors, the model in eval mode
+    (its train/eval state restored afterwards); ``images=False`` reads no crops."""
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, rows.size, batch_size):
+            idx = torch.as_tensor(rows[s : s + batch_size], dtype=torch.long)
+            b = to_batch(raw_batch(data, idx, images), torch.device(device))
+            post = model.encode(b.image, b.x, b.has_image, b.has_expression, b.mask, b.log_library)
+            yield b, post
+    finally:
+        if was_training:
+            model.train()
+
+
 @torch.no_grad()
 def encode_dataset(
     model: TwoBranchVAE,
@@ -75,17 +99,12 @@ def encode_dataset(
     ``decode``, no CNN runs on a row without an image (none at all when no row of
     ``rows`` has one).
     """
-    was_training = model.training
-    model.eval()
     rows = np.arange(data.n) if rows is None else np.asarray(rows)
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("j", "lv", "i", "e", "x")}
     dec: dict[str, list[np.ndarray]] = {}
     theta = None
     images = decode or bool(data.has_image[torch.as_tensor(rows, dtype=torch.long)].any())
-    for s in range(0, rows.size, batch_size):
-        idx = torch.as_tensor(rows[s : s + batch_size], dtype=torch.long)
-        b = to_batch(raw_batch(data, idx, images), torch.device(device))
-        post = model.encode(b.image, b.x, b.has_image, b.has_expression, b.mask, b.log_library)
+    for b, post in _encoded_batches(model, data, rows, batch_size, device, images):
         nan_i = (~b.has_image).view(-1, 1)
         nan_e = (~b.has_expression).view(-1, 1)
         me = post.expression[0].float()
@@ -107,8 +126,6 @@ def encode_dataset(
         if decode:
             t = _decode_batch(model, b, post, di, dec)
             theta = t if t is not None else theta
-    if was_training:
-        model.train()
 
     def cat(k: str, width: int) -> np.ndarray:
         return np.concatenate(out[k]) if out[k] else np.zeros((0, width), np.float32)
@@ -197,14 +214,9 @@ def reconstruction_nll(
     """How badly each row's image / profile is reconstructed from itself (anomaly scores)."""
     from vae.losses import expression_nll  # the training likelihood, one owner
 
-    was_training = model.training
-    model.eval()
     rows = np.arange(data.n) if rows is None else np.asarray(rows)
     img_out, expr_out = [], []
-    for s in range(0, rows.size, batch_size):
-        idx = torch.as_tensor(rows[s : s + batch_size], dtype=torch.long)
-        b = to_batch(raw_batch(data, idx), torch.device(device))
-        post = model.encode(b.image, b.x, b.has_image, b.has_expression, b.mask, b.log_library)
+    for b, post in _encoded_batches(model, data, rows, batch_size, device):
         di = model.decode(post.image[0], b.has_image)
         n_val = (b.mask.sum(dim=(1, 2, 3)) * b.image.shape[1]).clamp_min(1.0)
         mse = ((di.image.float() - b.image) * b.mask).pow(2).sum(dim=(1, 2, 3)) / n_val
@@ -212,7 +224,5 @@ def reconstruction_nll(
         de = model.decode(post.expression[0], torch.zeros_like(b.has_image))
         nll = expression_nll(de, b.x, b.counts, b.library, late_mask=False) / data.n_genes
         expr_out.append(torch.where(b.has_expression, nll.float(), torch.nan).cpu().numpy())
-    if was_training:
-        model.train()
     cat = lambda v: np.concatenate(v) if v else np.zeros(0, np.float32)  # noqa: E731
     return ReconstructionNLL(image=cat(img_out), expression=cat(expr_out))

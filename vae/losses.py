@@ -289,9 +289,7 @@ def granule_contrast(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (od - local).clamp_min(0.0) * mask
 
 
-def granule_error(
-    dec: Decoded, image: torch.Tensor, mask: torch.Tensor, centres: torch.Tensor
-) -> torch.Tensor:
+def granule_error(dec: Decoded, centres: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
     """Per-row granule-head loss (B,): point-process NLL (nats) + stain error.
 
     The input's granule centres are a point pattern; the decoded rate map is
@@ -300,12 +298,11 @@ def granule_error(
     ``sum(lambda) - sum(c log lambda)``: the total says how many granules, the
     map where (granule positions are random, so the decoder can only predict
     their density). The granule's optical density is scored at the observed
-    centres against the input's :func:`granule_contrast` there.
+    centres against ``contrast``, the input's :func:`granule_contrast`.
     """
     lam = (dec.granule_rate / 100.0).clamp_min(1e-6)
     nll = (lam - centres * torch.log(lam)).sum(dim=(1, 2, 3))
-    target = granule_contrast(image, mask)
-    od_err = (centres * (dec.granule_od - target).pow(2)).sum(dim=(1, 2, 3))
+    od_err = (centres * (dec.granule_od - contrast).pow(2)).sum(dim=(1, 2, 3))
     return nll + od_err
 
 
@@ -449,6 +446,13 @@ def vae_loss(
 
     # a decode or posterior that was skipped (None) is one whose rows are all
     # weighted 0 here: its terms are exactly 0, as they would be computed
+    # the input's stain contrast, once per batch: every decode below is scored against it
+    contrast = (
+        granule_contrast(image, mask)
+        if w.granules > 0 and granules is not None and image is not None
+        else None
+    )
+
     def img_terms(dec: Decoded | None, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if dec is None or dec.image is None:
             return zero, zero, zero, zero, zero
@@ -468,8 +472,8 @@ def vae_loss(
             f = (spectral_l1(image, dec.image, mask) * rows).sum()
         else:
             f = zero
-        if w.granules > 0 and dec.granule_rate is not None and granules is not None:
-            g = (granule_error(dec, image, mask, granules) * rows).sum()
+        if contrast is not None and dec.granule_rate is not None:
+            g = (granule_error(dec, granules, contrast) * rows).sum()
         else:
             g = zero
         return nll / b, m / b, s / b, f / b, g / b

@@ -375,16 +375,14 @@ class ImageDecoder(nn.Module):
         """(B, n_in) -> image (B, 3, S, S), mask logits (B, 1, S, S) or None, and the
         granule rate (B, 1, S, S, per 100 px^2) and optical density (B, 3, S, S), or None."""
         h = F.silu(self.fc(z)).view(-1, self.c0, self.side, self.side)  # (B, C*s*s) -> (B, C, s, s)
-        if not self.granule_head:
-            out = self.deconv(h)  # (B, 3 [+1 mask], S, S)
-            img = torch.sigmoid(out[:, :3])
-            return img, (out[:, 3:4] if self.predict_mask else None), None, None
-        top = self.deconv[:-1](h)  # (B, c_top, S, S) full-resolution features
-        out = self.deconv[-1](top)
+        top = self.deconv[:-1](h)  # features before the output layer
+        out = self.deconv[-1](top)  # (B, 3 [+1 mask], S, S)
         img = torch.sigmoid(out[:, :3])
         mask_logits = out[:, 3:4] if self.predict_mask else None
+        if not self.granule_head:
+            return img, mask_logits, None, None
         g = self.granule_mlp(z.detach())  # (B, 4): log density offset, granule optical density
-        where = self.granule_conv(top.detach())  # (B, 1, S, S)
+        where = self.granule_conv(top.detach())  # (B, 1, S, S) from full-resolution features
         log_rate = (g[:, :1, None, None] + where).clamp(-12.0, 6.0)
         rate = torch.exp(log_rate)  # (B, 1, S, S) centres per 100 px^2
         od = F.softplus(g[:, 1:4, None, None]).expand(-1, -1, *img.shape[-2:])
