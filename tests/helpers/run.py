@@ -9,6 +9,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 
+# evaluate / traverse in seconds on a tiny run (the tests check behaviour, not quality)
+FAST_ANALYSIS = [
+    "analysis.umap=false",
+    "analysis.dci_trees=5",
+    "analysis.top_k_dims=2",
+    "analysis.n_steps=5",
+    "analysis.path_steps=6",
+    "analysis.path_classes=[myeloblast,myelocyte]",
+]
+
 
 def compose_config(overrides: list[str], config_dir: Path | str = CONF):
     """The config ``python -m pipeline`` would build from ``overrides``."""

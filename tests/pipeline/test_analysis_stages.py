@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers.run import compose_config, run_pipeline
+from tests.helpers.run import FAST_ANALYSIS, compose_config, run_pipeline
 from tests.helpers.vae_toy import make_paired
 
 TINY_TRAIN = [
@@ -21,14 +21,6 @@ TINY_TRAIN = [
     "vae.channels=[8,16]",
     "vae.hidden=[16]",
     "vae.n_latent=4",
-]
-FAST_ANALYSIS = [
-    "analysis.umap=false",
-    "analysis.dci_trees=5",
-    "analysis.top_k_dims=2",
-    "analysis.n_steps=5",
-    "analysis.path_steps=6",
-    "analysis.path_classes=[myeloblast,myelocyte]",
 ]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from tests.helpers.run import compose_config
+from tests.helpers.run import FAST_ANALYSIS, compose_config
 from tests.helpers.vae_toy import make_paired
 
 TINY = [
@@ -21,12 +21,7 @@ TINY = [
     "vae.n_latent=4",
     "vae.n_private=2",
     "hardware.torch_threads=1",
-    "analysis.umap=false",
-    "analysis.dci_trees=5",
-    "analysis.top_k_dims=2",
-    "analysis.n_steps=5",
-    "analysis.path_steps=6",
-    "analysis.path_classes=[myeloblast,myelocyte]",
+    *FAST_ANALYSIS,
 ]
 
 

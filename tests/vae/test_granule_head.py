@@ -29,7 +29,8 @@ def test_poisson_rate_loss_is_lowest_at_the_true_density():
             granule_od=torch.zeros(1, 3, 200, 200),
         )
         img = torch.ones(1, 3, 200, 200)
-        return float(granule_error(dec, img, torch.ones(1, 1, 200, 200), cen)[0])
+        contrast = granule_contrast(img, torch.ones(1, 1, 200, 200))
+        return float(granule_error(dec, cen, contrast)[0])
 
     assert loss(5.0) < loss(3.0) and loss(5.0) < loss(8.0)
 
@@ -56,28 +57,12 @@ def test_granule_loss_scores_the_head_and_only_when_on():
     out = m(img, mask, x, has, has)
     assert out.joint.granule_rate.shape == (b, 1, 16, 16)
     assert out.joint.granule_od.shape == (b, 3, 16, 16)
-    on = vae_loss(
-        out,
-        img,
-        mask,
-        x,
-        x.round(),
-        x.sum(1),
-        beta=1.0,
-        weights=LossWeights(granules=1.0),
-        granules=cen,
-    )
-    off = vae_loss(
-        out,
-        img,
-        mask,
-        x,
-        x.round(),
-        x.sum(1),
-        beta=1.0,
-        weights=LossWeights(granules=0.0),
-        granules=cen,
-    )
+
+    def loss(weight: float):
+        w = LossWeights(granules=weight)
+        return vae_loss(out, img, mask, x, x.round(), x.sum(1), beta=1.0, weights=w, granules=cen)
+
+    on, off = loss(1.0), loss(0.0)
     assert float(on.granules) > 0 and float(off.granules) == 0.0
     assert float(on.total) > float(off.total)
     on.total.backward()
