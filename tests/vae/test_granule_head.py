@@ -63,8 +63,8 @@ def test_granule_loss_scores_the_head_and_only_when_on():
         return vae_loss(out, img, mask, x, x.round(), x.sum(1), beta=1.0, weights=w, granules=cen)
 
     on, off = loss(1.0), loss(0.0)
-    assert float(on.granules) > 0 and float(off.granules) == 0.0
-    assert float(on.total) > float(off.total)
+    assert float(on.granules.detach()) > 0 and float(off.granules) == 0.0
+    assert float(on.total.detach()) > float(off.total.detach())
     on.total.backward()
     # the granule layer learns; it reads the code and the trunk without shaping them
     dec_ = m.image_decoder
