@@ -25,6 +25,9 @@ class VAEConfig:
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])  # one conv per /2
     image_arch: str = "residual"  # residual | plain (the first design: blurred discs)
     texture_noise: bool = False  # residual decoder: learned per-pixel noise (granule texture)
+    # what the image encoder sees: rgb | stain (haematoxylin/eosin optical densities,
+    # colour deconvolution; docs/vae.md, "Image branch")
+    image_input: str = "rgb"
     image_likelihood: str = "gaussian"  # mse | gaussian | laplace (learned scalar scale)
     predict_mask: bool = True  # decoder also predicts the cell mask (BCE)
     ssim_weight: float = 0.0  # optional (1 - SSIM) term inside the mask
@@ -85,6 +88,9 @@ class TrainerConfig:
     exclude_labels: list[str] = field(default_factory=list)
     augment: bool = True  # random flips / rot90 of crops and masks, per batch
     stain_jitter: float = 0.0  # HED stain + colour jitter strength when augment (0: off)
+    # any-angle rotation + zoom 1 ± rotate when augment (0: dihedral flips only);
+    # a cell has no orientation (docs/vae.md, "Image branch")
+    rotate: float = 0.0
     log_every_steps: int = 10  # TensorBoard scalars
     image_every_epochs: int = 1  # reconstruction grid + expression figure
     n_images: int = 8  # rows of the reconstruction grid

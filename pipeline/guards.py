@@ -49,6 +49,7 @@ RESUME_SETTINGS: dict[str, list[str]] = {
         "trainer.test_fraction",
         "trainer.augment",
         "trainer.stain_jitter",
+        "trainer.rotate",
         "seed",
     ],
     "segment_train": [

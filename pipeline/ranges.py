@@ -55,6 +55,7 @@ RANGES: dict[str, str] = {
     "trainer.val_fraction": "[0,1)",
     "trainer.test_fraction": "[0,1)",
     "trainer.stain_jitter": NONNEG,
+    "trainer.rotate": NONNEG,
     "trainer.log_every_steps": COUNT,
     "trainer.image_every_epochs": NONNEG,
     "trainer.n_images": NONNEG,

@@ -346,6 +346,52 @@ def augment_dihedral(
     return both[:, :-1], both[:, -1:].to(mask.dtype)
 
 
+def augment_rotate(
+    img: torch.Tensor,
+    mask: torch.Tensor,
+    generator: torch.Generator,
+    scale: float = 0.1,
+    points: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Random rotation by any angle and a small zoom per row, about the crop centre.
+
+    A cell on a smear has no orientation, and the dihedral group alone leaves
+    the encoder free to learn the eight 90-degree poses as different cells;
+    a continuous rotation plus a zoom of ``U(1 - scale, 1 + scale)`` (the
+    spread of magnification left after the crop stage's rescaling) makes the
+    image latent spend itself on what differs between cells, not on pose.
+
+    Parameters
+    ----------
+    img : (B, C, S, S) float, bilinear resampling, zeros outside the crop
+    mask : (B, 1, S, S) {0, 1}, resampled nearest (stays binary)
+    generator : CPU generator (seeded by the trainer)
+    scale : zoom half-range, 0 = rotation only
+    points : (B, 1, S, S) {0, 1} point maps (granule centres), resampled
+        nearest, so each centre moves with its pixels and stays one pixel
+
+    Returns
+    -------
+    img, mask, points (None when not given), same shapes and dtypes.
+    """
+    import torch.nn.functional as F
+
+    b = img.shape[0]
+    ang = (torch.rand(b, generator=generator) * 2 * torch.pi).to(img.device, img.dtype)
+    zoom = (1 + scale * (torch.rand(b, generator=generator) * 2 - 1)).to(img.device, img.dtype)
+    c, s = torch.cos(ang) / zoom, torch.sin(ang) / zoom  # output -> input sampling
+    zero = torch.zeros_like(c)
+    theta = torch.stack([torch.stack([c, -s, zero], 1), torch.stack([s, c, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(img.shape), align_corners=False)  # (B, S, S, 2)
+    out = F.grid_sample(img, grid, mode="bilinear", align_corners=False)
+    m = F.grid_sample(mask.to(img.dtype), grid, mode="nearest", align_corners=False)
+    pts = None
+    if points is not None:
+        pts = F.grid_sample(points.to(img.dtype), grid, mode="nearest", align_corners=False)
+        pts = pts.to(points.dtype)
+    return out, m.to(mask.dtype), pts
+
+
 def augment_stain(img: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
     """Random stain and colour variation per row: HED jitter, brightness, contrast, saturation.
 
@@ -395,11 +441,14 @@ def to_batch(
     generator: torch.Generator | None = None,
     non_blocking: bool = False,
     stain_jitter: float = 0.0,
+    rotate: float = 0.0,
 ) -> Batch:
     """Move a raw batch to ``device``, convert crops to float, optionally augment.
 
-    ``augment`` applies the dihedral flips and, when ``stain_jitter`` > 0, the
-    stain/colour jitter of :func:`augment_stain` with that strength. A raw batch
+    ``augment`` applies the dihedral flips; ``rotate`` > 0 adds a rotation by
+    any angle with a zoom of ``1 ± rotate`` (:func:`augment_rotate`); when
+    ``stain_jitter`` > 0, the stain/colour jitter of :func:`augment_stain` with
+    that strength. A raw batch
     without crops (``raw_batch(images=False)``) gives ``image`` and ``mask`` None.
     """
 
@@ -419,6 +468,8 @@ def to_batch(
                 img, gran = both[:, :3], both[:, 3:]
             else:
                 img, mask = augment_dihedral(img, mask, generator)
+            if rotate > 0:
+                img, mask, gran = augment_rotate(img, mask, generator, rotate, gran)
             img = augment_stain(img, stain_jitter, generator)
         img = img * mask  # background excluded before it reaches anything
     lib = mv(raw["library"])

@@ -32,6 +32,7 @@ IMAGE_LIKELIHOODS = ("mse", "gaussian", "laplace")
 EXPRESSION_LIKELIHOODS = ("nb", "zinb", "gaussian")
 FUSIONS = ("poe", "moe")
 IMAGE_ARCHS = ("plain", "residual")
+IMAGE_INPUTS = ("rgb", "stain")
 
 Gaussian = tuple[torch.Tensor, torch.Tensor]  # (mu, logvar), each (B, d)
 
@@ -97,6 +98,10 @@ class VAEArgs:
     granule_head: bool = False
     # label classifier on the shared latent (scANVI-style semi-supervision; 0: none)
     n_classes: int = 0
+    # what the image encoder sees: "rgb", or "stain": haematoxylin / eosin / DAB
+    # optical densities (Beer-Lambert; :func:`stain_density`). Default "rgb" so
+    # checkpoints saved before this field load unchanged.
+    image_input: str = "rgb"
 
     def __post_init__(self) -> None:
         if self.expression_likelihood not in EXPRESSION_LIKELIHOODS:
@@ -110,6 +115,10 @@ class VAEArgs:
             )
         if self.image_arch not in IMAGE_ARCHS:
             raise ValueError(f"image_arch={self.image_arch!r}; valid: {', '.join(IMAGE_ARCHS)}")
+        if self.image_input not in IMAGE_INPUTS:
+            raise ValueError(
+                f"image_input={self.image_input!r}; valid: {', '.join(IMAGE_INPUTS)}"
+            )
         if self.granule_head and self.image_arch != "residual":
             raise ValueError(
                 "granule_head needs image_arch='residual' (set vae.granule_weight=0 for 'plain')"
@@ -279,16 +288,57 @@ class NoiseInjection(nn.Module):
         return h + self.scale * torch.randn_like(h)
 
 
+# rgb2hed's optical-density range: OD is -log(rgb) / -log(1e-6), then scaled so a
+# dense nucleus (haematoxylin OD ~0.1 in those units) reads about 1
+_OD_FLOOR = 1e-6
+_STAIN_GAIN = 10.0
+
+
+class StainDensity(nn.Module):
+    """RGB in [0, 1] -> haematoxylin / eosin / DAB optical densities, (B, 3, S, S).
+
+    Colour deconvolution (Ruifrok & Johnston 2001, scikit-image's ``rgb2hed``
+    matrix) in torch: ``OD = -log(rgb)`` is linear in the amount of each stain
+    (Beer-Lambert), so the nucleus (haematoxylin) and eosinophil granules
+    (eosin) become separate, additive channels instead of a product of
+    colours. Values are clipped at 0 like ``rgb2hed`` and scaled by
+    ``_STAIN_GAIN``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from skimage.color.colorconv import hed_from_rgb
+
+        self.register_buffer(
+            "hed_from_rgb", torch.as_tensor(hed_from_rgb, dtype=torch.float32), persistent=False
+        )
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        od = torch.log(image.clamp_min(_OD_FLOOR)) / float(np.log(_OD_FLOOR))
+        m = self.hed_from_rgb.to(image.dtype)
+        return torch.einsum("bchw,cd->bdhw", od, m).clamp_min(0) * _STAIN_GAIN
+
+
 class ImageEncoder(nn.Module):
     """Masked crop -> Gaussian over ``n_out`` dims.
 
     Input is ``cat(image * mask, mask)``: (B, 4, S, S), so pixels outside the
     cell never reach the encoder and the cell outline is given explicitly.
     ``arch="residual"`` adds a residual block after each stride-2 conv.
+    ``image_input="stain"`` gives the encoder the stain optical densities of
+    :class:`StainDensity` instead of RGB (the decoder still draws RGB).
     """
 
-    def __init__(self, crop_size: int, channels: list[int], n_out: int, arch: str = "plain"):
+    def __init__(
+        self,
+        crop_size: int,
+        channels: list[int],
+        n_out: int,
+        arch: str = "plain",
+        image_input: str = "rgb",
+    ):
         super().__init__()
+        self.stain = StainDensity() if image_input == "stain" else None
         layers: list[nn.Module] = []
         c_in = 4
         for k, c in enumerate(channels):
@@ -304,6 +354,8 @@ class ImageEncoder(nn.Module):
         self.logvar = nn.Linear(flat, n_out)
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> Gaussian:
+        if self.stain is not None:
+            image = self.stain(image)
         x = torch.cat([image * mask, mask], dim=1)  # (B, 4, S, S)
         h = self.conv(x).flatten(1)  # (B, C, s, s) -> (B, C*s*s)
         return self.mu(h), self.logvar(h).clamp(-10.0, 8.0)
@@ -516,7 +568,9 @@ class TwoBranchVAE(nn.Module):
         self.args = args
         a = args
         ns, npv = a.n_shared, a.n_private
-        self.image_encoder = ImageEncoder(a.crop_size, a.channels, ns + npv, a.image_arch)
+        self.image_encoder = ImageEncoder(
+            a.crop_size, a.channels, ns + npv, a.image_arch, a.image_input
+        )
         self.image_decoder = ImageDecoder(
             a.crop_size,
             a.channels,

@@ -55,6 +55,7 @@ class TrainArgs:
     max_minutes: float | None = None
     augment: bool = True
     stain_jitter: float = 0.0  # strength of the stain/colour jitter (vae.data.augment_stain)
+    rotate: float = 0.0  # >0: any-angle rotation + zoom 1 ± rotate (vae.data.augment_rotate)
     seed: int = 0
     # KL schedule
     beta: float = DEFAULT_BETA
@@ -370,6 +371,7 @@ def train(
                 gen,
                 non_blocking=args.pin_memory,
                 stain_jitter=args.stain_jitter,
+                rotate=args.rotate,
             )
             data_s += time.time() - t_data
             beta = kl_sched.beta_at(step)

@@ -60,6 +60,7 @@ def build_model_args(cfg: DictConfig, data, source: str):
             dropout=float(v.dropout),
             image_arch=v.image_arch,
             texture_noise=bool(v.texture_noise),
+            image_input=v.image_input,
             granule_head=float(v.granule_weight) > 0,
             n_classes=_n_classes(float(v.classify_weight), data.label_names),
         )
@@ -158,6 +159,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
         max_minutes=t.max_minutes,
         augment=bool(t.augment),
         stain_jitter=float(t.stain_jitter),
+        rotate=float(t.rotate),
         seed=int(cfg.seed),
         beta=float(v.beta),
         kl_warmup_epochs=float(v.kl_warmup_epochs),

@@ -205,3 +205,57 @@ def test_unknown_label_is_not_a_class_for_alignment_or_the_head():
     known = torch.tensor([0, 1, 0, 1])
     t = vae_loss(out, img, mask, x, None, None, beta=1.0, weights=w, labels=known)
     assert float(t.align) > 0 and float(t.classify) > 0
+
+
+def test_rotation_moves_image_mask_and_granule_centres_together():
+    from vae.data import augment_rotate
+
+    s = 32
+    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    # an off-centre disc: its centre of mass must turn about the crop centre
+    disc = (((yy - 10) ** 2 + (xx - 16) ** 2) <= 36).float()
+    img = disc.expand(16, 3, s, s).clone()
+    mask = disc.expand(16, 1, s, s).clone().to(torch.uint8)
+    pts = torch.zeros(16, 1, s, s)
+    pts[:, 0, 10, 16] = 1.0  # one point at the disc centre
+    g = torch.Generator().manual_seed(0)
+    a_img, a_mask, a_pts = augment_rotate(img, mask, g, scale=0.1, points=pts)
+    assert a_mask.dtype == torch.uint8 and set(a_mask.unique().tolist()) <= {0, 1}
+    c = (s - 1) / 2
+    radius, angle = [], []
+    for i in range(16):
+        m = a_mask[i, 0].float()
+        cy, cx = (m * yy).sum() / m.sum(), (m * xx).sum() / m.sum()
+        radius.append(float(((cy - c) ** 2 + (cx - c) ** 2).sqrt()))
+        angle.append(round(float(torch.atan2(cy - c, cx - c)), 2))
+        # the image's disc is where the mask is
+        assert ((a_img[i, 0] > 0.5).float() - m).abs().mean() < 0.03
+        # the point (when it survives nearest resampling) stays inside the disc
+        assert (a_pts[i, 0] * (1 - m)).sum() == 0
+    # 5.5 px from the centre before; a turn plus 10 % zoom keeps it near that radius
+    assert all(4.0 < r < 7.0 for r in radius)
+    # rotations differ between rows (any angle, not only the 8 dihedral poses)
+    assert len(set(angle)) > 8
+    assert a_pts.sum() >= 12  # most single-pixel centres survive resampling
+
+
+def test_stain_density_is_rgb2hed_and_reaches_the_encoder():
+    from skimage.color import rgb2hed
+
+    from vae.model import StainDensity, TwoBranchVAE, VAEArgs
+
+    rgb = np.random.default_rng(0).uniform(0.05, 0.95, size=(6, 5, 3))
+    got = StainDensity()(torch.tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None])
+    want = rgb2hed(rgb) * 10.0
+    assert np.allclose(got[0].permute(1, 2, 0).numpy(), want, atol=1e-5)
+    args = dict(n_genes=5, crop_size=16, channels=[8, 8], image_arch="residual")
+    torch.manual_seed(0)
+    plain = TwoBranchVAE(VAEArgs(**args))
+    torch.manual_seed(0)
+    stain = TwoBranchVAE(VAEArgs(**args, image_input="stain"))
+    img = torch.rand(3, 3, 16, 16)
+    mask = torch.ones(3, 1, 16, 16)
+    # same weights, different input representation -> different codes
+    assert not torch.allclose(plain.image_encoder(img, mask)[0], stain.image_encoder(img, mask)[0])
+    with pytest.raises(ValueError, match="image_input"):
+        VAEArgs(**args, image_input="hsv")
