@@ -35,3 +35,9 @@ class SegmentSourceConfig:
     labels: str | None = None  # per-image class list (smears only); relative -> shared_data
     labels_format: str = "none"  # none | bccd_kaggle (",Image,Category" keyed by number)
     max_images: int | None = None  # first N images (crop_folder: per class); null = all
+    # specimen of each cell (obs["specimen"]): "<specimen_group>:<first match of
+    # specimen_pattern in the image's file name, else the file's stem>". stage=train
+    # keeps a specimen's cells in one split (trainer.split_by), so two views of one
+    # cell (BCCD smears and the bccd_cropped crops cut from them) never straddle it
+    specimen_group: str | None = None  # null -> name
+    specimen_pattern: str | None = None  # a Python regex, e.g. 'BloodImage_\d+' 

@@ -83,6 +83,9 @@ class TrainerConfig:
     early_stopping_patience: int = 10  # epochs without val improvement (0: off)
     val_fraction: float = 0.15  # split stratified by obs["label"], seeded by `seed`
     test_fraction: float = 0.15  # never used for early stopping or tuning
+    # obs column whose rows stay in one split (null: split by row); stage=pair writes
+    # "specimen" (the image a crop comes from) for the real chain's sources
+    split_by: str | None = "specimen"
     # labels (obs["label"]) kept out of training: their rows all go to the test split
     # (held-out-kind anomaly detection, scripts/bench_anomaly.py)
     exclude_labels: list[str] = field(default_factory=list)

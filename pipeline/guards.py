@@ -47,6 +47,7 @@ RESUME_SETTINGS: dict[str, list[str]] = {
         "trainer.grad_clip",
         "trainer.val_fraction",
         "trainer.test_fraction",
+        "trainer.split_by",
         "trainer.augment",
         "trainer.stain_jitter",
         "trainer.rotate",

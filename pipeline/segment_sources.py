@@ -39,7 +39,7 @@ from segmentation.sources import (
     pick_centre_cell,
     read_bccd_labels,
 )
-from segmentation.table import cells_adata, empty_table, merge_parts
+from segmentation.table import cells_adata, empty_table, merge_parts, specimen_ids
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,15 @@ def validate_sources(cfg: Any) -> None:
                     f"(got kind={src.kind}, labels_format={src.labels_format})"
                 )
             resolve_data_path(cfg, src.labels, f"{at}.labels")
+        if src.specimen_pattern:
+            import re
+
+            try:
+                re.compile(src.specimen_pattern)
+            except re.error as e:
+                raise StageError(
+                    f"{at}.specimen_pattern={src.specimen_pattern!r}: not a regex ({e})"
+                ) from e
         for key, v in [("scale", src.scale), *src.scale_by_width.items()]:
             if v is not None and float(v) <= 0:
                 raise StageError(f"{at}.scale{'' if key == 'scale' else '_by_width.' + key}={v}")
@@ -241,6 +250,9 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
             }
         if len(kept):
             kept["source"], kept["mode"] = src.name, src.kind
+            kept["specimen"] = specimen_ids(
+                kept.image, src.specimen_group or src.name, src.specimen_pattern
+            )
             kept_frames.append(kept)
             tables.append(table.assign(source=src.name))
         crop_arrays.append(crops)
@@ -260,11 +272,13 @@ def _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects
         kept = pd.concat(kept_frames, ignore_index=True)
     else:  # a valid, empty cells.h5ad; rejects.csv says why
         log.warning("segment: no cell kept in any of data.segment_sources; see rejects.csv")
-        kept = empty_table(False).assign(label="", label_status="", source="", mode="")
+        kept = empty_table(False).assign(
+            label="", label_status="", source="", mode="", specimen=""
+        )
         tables = [kept]
     kept["kept"] = True
     crops, masks = np.concatenate(crop_arrays), np.concatenate(mask_arrays)
-    for col in ("label", "label_status", "source", "mode"):
+    for col in ("label", "label_status", "source", "mode", "specimen"):
         kept[col] = kept[col].fillna("").astype(str)
     totals = {
         "cells": len(kept),

@@ -132,6 +132,33 @@ def cells_adata(
     )
 
 
+def specimen_ids(images, group: str, pattern: str | None = None) -> list[str]:
+    """``"<group>:<id>"`` per image name: the first match of ``pattern``, else the stem.
+
+    Cells with the same id come from the same specimen image (for instance a
+    smear and a crop cut from it), so a split by specimen keeps them together.
+
+    Parameters
+    ----------
+    images : iterable of str
+        Image file names or relative paths (``"Neutrophil/BloodImage_00008_1.jpg"``).
+    group : str
+        Prefix shared by the sources that image the same specimens.
+    pattern : str, optional
+        Python regex; rows where it does not match fall back to the stem.
+    """
+    import re
+    from pathlib import PurePath
+
+    rx = re.compile(pattern) if pattern else None
+    out = []
+    for name in images:
+        name = str(name)
+        m = rx.search(name) if rx else None
+        out.append(f"{group}:{m.group(0) if m else PurePath(name).stem}")
+    return out
+
+
 def obs_frame(table: pd.DataFrame) -> pd.DataFrame:
     obs = table.drop(columns=["kept"]).set_index("cell_id")
     obs.index = obs.index.astype(str)

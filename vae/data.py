@@ -217,13 +217,29 @@ def load_paired(path: str | Path, image_size: int | None = None) -> PairedTensor
 
 
 def stratified_split(
-    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+    labels: np.ndarray,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Seeded train/val/test assignment, stratified by label.
+    """Seeded train/val/test assignment, stratified by label, optionally by group.
 
-    Within each label, rows are shuffled by ``seed`` and the first
+    Within each label, units are shuffled by ``seed`` and the first
     ``round(n * test_fraction)`` go to test, the next ``round(n * val_fraction)``
-    to val (each at least 1 when the label has >= 3 rows and the fraction is > 0).
+    to val (each at least 1 when the label has >= 3 units and the fraction is > 0).
+    A unit is a row, or with ``groups`` every row of one group (a specimen: all of
+    its rows land in one split, labelled by the group's most common label), so two
+    views of the same cell never sit on both sides of a test. Rows whose group is
+    empty (``""`` or None) are their own group; with only such rows the result is
+    the same as without ``groups``.
+
+    Parameters
+    ----------
+    labels : (N,) label codes
+    val_fraction, test_fraction : float, shares of the units
+    seed : int
+    groups : (N,) str, optional
 
     Returns
     -------
@@ -234,19 +250,32 @@ def stratified_split(
             f"val_fraction={val_fraction}, test_fraction={test_fraction}: need both >= 0, sum < 1"
         )
     labels = np.asarray(labels)
-    out = np.full(labels.shape[0], "train", dtype=object)
+    n = labels.shape[0]
+    if groups is None:
+        unit = np.arange(n)
+    else:
+        keys = [f"r:{i}" if g is None or g == "" else f"g:{g}" for i, g in enumerate(groups)]
+        # units numbered in order of first appearance: singletons keep the row order
+        unit = pd.factorize(pd.Index(keys))[0]
+    n_units = int(unit.max()) + 1 if n else 0
+    if groups is None:
+        unit_label = labels
+    else:  # the most common label of each group (ties: the smallest)
+        counts = pd.crosstab(unit, labels)
+        unit_label = counts.columns.to_numpy()[counts.to_numpy().argmax(axis=1)]
+    out_unit = np.full(n_units, "train", dtype=object)
     rng = np.random.default_rng(seed)
-    for lab in sorted(set(labels.tolist()), key=str):
-        idx = np.flatnonzero(labels == lab)
+    for lab in sorted(set(unit_label.tolist()), key=str):
+        idx = np.flatnonzero(unit_label == lab)
         idx = idx[rng.permutation(idx.size)]
         n_test = round(idx.size * test_fraction)
         n_val = round(idx.size * val_fraction)
         if idx.size >= 3:
             n_test = max(n_test, 1 if test_fraction > 0 else 0)
             n_val = max(n_val, 1 if val_fraction > 0 else 0)
-        out[idx[:n_test]] = "test"
-        out[idx[n_test : n_test + n_val]] = "val"
-    return out.astype(str)
+        out_unit[idx[:n_test]] = "test"
+        out_unit[idx[n_test : n_test + n_val]] = "val"
+    return out_unit[unit].astype(str)
 
 
 class _Rows(torch.utils.data.Dataset):

@@ -106,6 +106,22 @@ def unknown_label_code(label_names: list[str]) -> int:
     return label_names.index(UNKNOWN_LABEL) if UNKNOWN_LABEL in label_names else -1
 
 
+def split_groups(obs, column: str | None, src) -> np.ndarray | None:
+    """``obs[column]`` as split groups (a specimen's rows stay in one split), or None.
+
+    The default column, ``specimen``, is written by ``stage=pair`` from the segment
+    stage's sources; a table without it is split by row. Any other column named
+    in ``trainer.split_by`` must exist.
+    """
+    if not column:
+        return None
+    if column not in obs:
+        if column == "specimen":
+            return None
+        raise StageError(f"{src}: trainer.split_by={column!r} but obs has no such column")
+    return obs[column].astype(str).replace({"nan": "", "None": ""}).to_numpy(dtype=object)
+
+
 def exclude_labels(split: np.ndarray, data, labels: list[str]) -> np.ndarray:
     """Move every row whose label is in ``labels`` to the test split (never trained on)."""
     if not labels:
@@ -227,6 +243,7 @@ def run_train(ctx: StageContext) -> None:
             float(cfg.trainer.val_fraction),
             float(cfg.trainer.test_fraction),
             int(cfg.seed),
+            groups=split_groups(adata.obs, cfg.trainer.split_by, src),
         )
         split = exclude_labels(split, data, list(cfg.trainer.exclude_labels))
         if dist.is_main:

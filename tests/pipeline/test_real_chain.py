@@ -263,6 +263,9 @@ def test_segment_sources_labels_masks_and_rejects(tmp_path, tiny_ckpt, fake_dete
         "labelled"
     ]
     assert obs.index[-1] == "cropped/Neutrophil/c1.png"
+    # no specimen settings: "<source>:<image stem>", one id per smear image
+    assert obs.specimen.iloc[0].startswith("bccd:BloodImage_")
+    assert obs.specimen.iloc[-1] == "cropped:c1"
     crops, masks = a.obsm["crops"], a.obsm["masks"]
     assert masks.any(axis=(1, 2)).all() and not masks.all(axis=(1, 2)).any()
     assert (crops[~masks] == 0).all()  # background never scored
@@ -298,6 +301,8 @@ def test_segment_sources_labels_masks_and_rejects(tmp_path, tiny_ckpt, fake_dete
     img = p.obs[p.obs.has_image.astype(bool)]
     both = img[img.has_expression.astype(bool)]
     assert len(img) == 5 and len(both) == 2
+    # each crop row carries its specimen (train keeps a specimen in one split)
+    assert set(img.specimen) == set(obs.specimen) and set(p.obs.specimen[~p.obs.has_image]) <= {""}
     assert set(img[~img.has_expression.astype(bool)].label) == {""}
     assert pd.read_csv(d / "rejects.csv").empty
 

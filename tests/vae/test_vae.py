@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -320,3 +321,43 @@ def test_class_alignment_prefers_matching_classes_and_is_not_met_by_collapse():
     flat = class_align(collapsed, collapsed, labels, img, expr, 0.1)
     assert float(good) < float(flat) < float(bad)
     assert math.isclose(float(flat), math.log(2), rel_tol=1e-6)
+
+
+def test_split_keeps_a_specimen_in_one_split():
+    from segmentation.table import specimen_ids
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 300)
+    # two views of each specimen image (a smear cell and the crop cut from it)
+    smear = [f"BloodImage_{i // 2:05d}.jpg" for i in range(150)]
+    crops = [f"Neutrophil/BloodImage_{i // 2:05d}_1.jpg" for i in range(150)]
+    groups = np.array(
+        specimen_ids(smear, "bccd", r"BloodImage_\d+")
+        + specimen_ids(crops, "bccd", r"BloodImage_\d+"),
+        dtype=object,
+    )
+    assert groups[0] == "bccd:BloodImage_00000" == groups[150]
+    split = stratified_split(labels, 0.15, 0.15, seed=0, groups=groups)
+    per_group = pd.Series(split).groupby(groups).nunique()
+    assert per_group.max() == 1  # no specimen straddles two splits
+    assert 0.1 < (split == "test").mean() < 0.2  # about test_fraction of the specimens
+    # empty groups are single rows: same split as without groups
+    none = np.array([""] * 300, dtype=object)
+    assert np.array_equal(
+        stratified_split(labels, 0.15, 0.15, 0, groups=none),
+        stratified_split(labels, 0.15, 0.15, 0),
+    )
+    # no pattern match -> the file's stem
+    assert specimen_ids(["dir/cell_7.png"], "txl", r"BloodImage_\d+") == ["txl:cell_7"]
+
+
+def test_train_split_by_names_a_missing_column():
+    from pipeline.runner import StageError
+    from pipeline.stages.train import split_groups
+
+    obs = pd.DataFrame({"specimen": ["a", "a", ""], "x": [1, 2, 3]})
+    assert split_groups(obs, "specimen", "p.h5ad").tolist() == ["a", "a", ""]
+    assert split_groups(obs.drop(columns="specimen"), "specimen", "p.h5ad") is None
+    assert split_groups(obs, None, "p.h5ad") is None
+    with pytest.raises(StageError, match="trainer.split_by='patient'"):
+        split_groups(obs, "patient", "p.h5ad")

@@ -230,6 +230,8 @@ def read_cells_h5ad(path: str | Path, size: int, background: int = 0) -> CropSet
     if "label" in src:
         obs["label"] = src["label"].astype(str).to_numpy()
     obs["source"] = src["source"].astype(str).to_numpy() if "source" in src else "cells"
+    if "specimen" in src:  # stage=segment on data.segment_sources: one id per specimen image
+        obs["specimen"] = src["specimen"].astype(str).replace({"nan": ""}).to_numpy()
     obs[HAS_MASK] = True
     if "truth_cell_id" in src:
         obs["truth_cell_id"] = (
@@ -695,6 +697,14 @@ def _assemble(
     obs["image_source"] = np.where(
         has_img, cobs["source"].astype(str).to_numpy()[np.maximum(ci, 0)] if len(cobs) else "", ""
     )
+    # the specimen image a crop comes from (stage=train keeps a specimen in one split);
+    # crops of sources that do not say are their own specimen
+    spec = (
+        cobs["specimen"].fillna("").astype(str).to_numpy()
+        if "specimen" in cobs
+        else np.full(max(len(cobs), 1), "", dtype=object)
+    )
+    obs["specimen"] = np.where(has_img, spec[np.maximum(ci, 0)] if len(cobs) else "", "")
     # maturation: the crop's when known, else the profile's
     c_mat = (
         cobs["maturation"].to_numpy(dtype=float)
@@ -739,6 +749,7 @@ def _assemble(
         "expression_label",
         "label",
         "image_source",
+        "specimen",
     ):
         obs[c] = obs[c].astype(str)
     var = pd.DataFrame(index=expression.var_names.astype(str))
