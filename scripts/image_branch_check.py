@@ -5,8 +5,9 @@ and measures on the test split (rows never used for early stopping):
 
 - kNN(15) class accuracy (``obs['label']``) of the image-only (shared + image-private
   dims, and shared dims only, as ``stage=evaluate`` reports it), expression-only and
-  fused latents: fitted on the train+val rows, scored on the test rows; with the
-  majority-class rate of the labelled test image rows;
+  fused latents: fitted on the train+val rows, scored on the test rows (``joint``: every
+  labelled test row, most of them expression-only on real data; ``joint_image_rows``:
+  the test rows with a crop); with the majority-class rate of the labelled test image rows;
 - active units: latent dims whose mean KL of the fused posterior exceeds 0.01 nats;
 - masked SSIM of the fused reconstructions (decoded from the posterior mean);
 - raw-pixel PCA baseline: kNN accuracy of the first ``n_latent`` PCs of the masked crops;
@@ -132,6 +133,8 @@ def check(run: Path, paired: Path | None, traverse: Path | None) -> dict:
             ("image_shared", lat_all.image[:, :ns], has_i_all[fit], has_i),
             ("expression", lat_all.expression, has_e_all[fit], has_e),
             ("joint", lat_all.joint, np.ones(fit.size, bool), np.ones(test.size, bool)),
+            # the fused code of the cells that have a crop (image + expression where paired)
+            ("joint_image_rows", lat_all.joint, np.ones(fit.size, bool), has_i),
         ):
             res[f"knn_{name}"] = _knn(
                 zz[fit][labf & hf], yf[labf & hf], zz[test][lab & ht], y[lab & ht]
