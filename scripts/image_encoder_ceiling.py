@@ -1,0 +1,138 @@
+"""How much cell-type information can the VAE's image encoder pull from these crops at all?
+
+A reference for issue 9's image-latent targets: the same ``ImageEncoder``
+(architecture, widths, masked input) trained **supervised** on the labelled crops
+of a ``paired.h5ad`` (cross-entropy of a linear head on its mean, no decoder, no
+KL), with the trainer's augmentations, on the same seeded train+val / test split
+as ``stage=train`` (``vae.data.stratified_split``; rows of one ``obs['specimen']``
+stay together). It prints the test accuracy of the head and the kNN(15) accuracy
+of the encoder's mean (the number ``scripts/image_branch_check.py`` reports for a
+VAE as ``knn_image``), next to raw-pixel PCA, and writes JSON.
+
+    .venv/bin/python scripts/image_encoder_ceiling.py outputs/real/pair/paired.h5ad \\
+        [--rotate 0.1] [--image-input stain] [--epochs 40] [--seed 0] [--out ceiling.json]
+
+The last line reads ``supervised encoder: head A.AAA | kNN K.KKK | pixel PCA P.PPP``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _knn(z: np.ndarray, y: np.ndarray, fit: np.ndarray, test: np.ndarray, k: int = 15) -> float:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    clf = KNeighborsClassifier(n_neighbors=min(k, fit.size)).fit(z[fit], y[fit])
+    return float((clf.predict(z[test]) == y[test]).mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("paired", type=Path)
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--rotate", type=float, default=0.0, help="as trainer.rotate")
+    ap.add_argument("--stain-jitter", type=float, default=0.3, help="as trainer.stain_jitter")
+    ap.add_argument("--image-input", default="rgb", help="as vae.image_input (rgb | stain)")
+    ap.add_argument("--seed", type=int, default=0, help="as seed (split and init)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    import anndata as ad
+    import torch
+    import torch.nn.functional as F
+
+    from vae.data import (
+        augment_dihedral,
+        augment_rotate,
+        augment_stain,
+        UNKNOWN_LABEL,
+        from_anndata,
+        stratified_split,
+    )
+    from vae.model import ImageEncoder
+
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    adata = ad.read_h5ad(args.paired)
+    d = from_anndata(adata, str(args.paired))
+    lab = d.labels.numpy()
+    groups = adata.obs["specimen"].astype(str).to_numpy(object) if "specimen" in adata.obs else None
+    split = stratified_split(lab, 0.15, 0.15, args.seed, groups=groups)
+    known = np.asarray(d.label_names)[lab] != UNKNOWN_LABEL  # unlabelled crops: not scored
+    rows = d.has_image.numpy().astype(bool) & known
+    fit = np.flatnonzero(rows & (split != "test"))
+    test = np.flatnonzero(rows & (split == "test"))
+    n_classes = len(d.label_names)
+
+    from sklearn.decomposition import PCA
+
+    pix = (d.crops.float() / 255 * d.masks.float()).flatten(1).numpy()
+    pca = PCA(16, random_state=0).fit(pix[fit])
+    pca_knn = _knn(pca.transform(pix), lab, fit, test)
+
+    enc = ImageEncoder(d.crop_size, [16, 32, 64, 64], 24, "residual", args.image_input)
+    head = torch.nn.Linear(24, n_classes)
+    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], 1e-3, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(args.seed)
+    t0 = time.time()
+
+    def encode() -> np.ndarray:
+        enc.eval()
+        with torch.no_grad():
+            out = []
+            for j in range(0, d.n, 256):
+                img = d.crops[j : j + 256].float() / 255
+                m = d.masks[j : j + 256].float()
+                out.append(enc(img * m, m)[0])
+        enc.train()
+        return torch.cat(out).numpy()
+
+    history = []
+    for ep in range(args.epochs):
+        perm = fit[np.random.default_rng(args.seed * 1000 + ep).permutation(fit.size)]
+        for i in range(0, perm.size, 64):
+            idx = torch.as_tensor(perm[i : i + 64])
+            img, m = d.crops[idx].float() / 255, d.masks[idx].float()
+            img, m = augment_dihedral(img, m, gen)
+            if args.rotate > 0:
+                img, m, _ = augment_rotate(img, m, gen, args.rotate)
+            img = augment_stain(img, args.stain_jitter, gen) * m
+            loss = F.cross_entropy(head(enc(img, m)[0]), torch.as_tensor(lab[idx.numpy()]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if (ep + 1) % 10 == 0 or ep + 1 == args.epochs:
+            z = encode()
+            with torch.no_grad():
+                acc = float((head(torch.as_tensor(z[test])).argmax(1).numpy() == lab[test]).mean())
+            history.append({"epoch": ep + 1, "head": acc, "knn": _knn(z, lab, fit, test)})
+            print(f"epoch {ep + 1}: head {acc:.3f} kNN {history[-1]['knn']:.3f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+    res = {
+        "paired": str(args.paired),
+        "settings": vars(args) | {"paired": str(args.paired), "out": str(args.out)},
+        "n_fit": int(fit.size),
+        "n_test": int(test.size),
+        "majority": float(np.bincount(lab[test]).max() / test.size),
+        "pixel_pca_knn": pca_knn,
+        "head": history[-1]["head"],
+        "knn": history[-1]["knn"],
+        "history": history,
+    }
+    out = args.out or Path("image_encoder_ceiling.json")
+    out.write_text(json.dumps(res, indent=2))
+    print(f"supervised encoder: head {res['head']:.3f} | kNN {res['knn']:.3f} | "
+          f"pixel PCA {pca_knn:.3f}")
+
+
+if __name__ == "__main__":
+    main()
