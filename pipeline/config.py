@@ -304,7 +304,7 @@ class CropSourceConfig:
 class PairConfig:
     """How crops are matched to expression profiles (stage=pair)."""
 
-    mode: str = "same_cell"  # same_cell | by_label | by_maturation | unpaired
+    mode: str = "same_cell"  # same_cell | by_label | by_maturation | unpaired | image_only
     # where crops come from; several sources are concatenated
     crop_sources: list[CropSourceConfig] = field(default_factory=lambda: [CropSourceConfig()])
     crop_size: int = 64  # crops resized to (S, S)
