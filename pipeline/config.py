@@ -211,6 +211,7 @@ class SegmentationConfig:
     tile_size: int = 1024  # square tile side, px at input_scale; fed to the net unresized
     tile_overlap: int = 256  # px; keep above the largest cell diameter
     batch_size: int = 4  # tiles per forward pass
+    batch_megapixels: float = 1.1  # and at most this many tile px per pass (peak memory)
     detect_score_floor: float = 0.05  # detections below are not even listed
     mask_threshold: float = MASK_THRESHOLD  # mask probability -> binary mask
     max_detections_per_tile: int = 100
