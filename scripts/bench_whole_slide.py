@@ -18,7 +18,8 @@ Usage::
         [--case name=override,override ...] [--checkpoint model.pt]
 
 A case's overrides are Hydra overrides plus ``channels_last=false`` (the detector
-on NCHW tensors, as before issue 12); e.g. the before/after of docs/performance.md::
+on NCHW tensors, as before issue 12) and ``bf16=true`` (bf16 autocast on the CPU,
+which ``hardware.precision`` does not offer); e.g. the before/after of docs/performance.md::
 
     --case before=segmentation.batch_megapixels=1000,channels_last=false --case now=
 
@@ -86,7 +87,10 @@ def child(args: argparse.Namespace) -> int:
     overrides = [o for o in args.overrides.split(",") if o]
     # not a config setting: MaskRCNNDetector's memory layout, to time before/after
     nchw = "channels_last=false" in overrides
-    overrides = [o for o in overrides if o != "channels_last=false"]
+    # bf16 autocast on the CPU (pipeline.hardware applies bf16 on CUDA only): timed here
+    # as an option, its effect on detection quality needs a trained checkpoint
+    bf16 = "bf16=true" in overrides
+    overrides = [o for o in overrides if o not in ("channels_last=false", "bf16=true")]
     cfg = compose(["stage=segment", "segmentation=small_cpu", *overrides])
     sc = cfg.segmentation
     settings = settings_from_config(sc)
@@ -106,6 +110,7 @@ def child(args: argparse.Namespace) -> int:
         max_detections=int(sc.max_detections_per_tile),
         rpn_post_nms_top_n=int(sc.rpn_post_nms_top_n),
         channels_last=False if nchw else None,
+        autocast=(lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else None,
     )
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0, c0 = time.perf_counter(), time.process_time()
@@ -130,6 +135,7 @@ def child(args: argparse.Namespace) -> int:
                 "batch_megapixels": settings.batch_megapixels,
                 "tile_overlap": settings.tile_overlap,
                 "channels_last": det.channels_last,
+                "bf16_autocast": bf16,
                 "input_scale": settings.input_scale,
             }
         )
