@@ -155,10 +155,14 @@ def main() -> int:
         "stage_cpu_ratio": round(b["stage_cpu_s"] / n["stage_cpu_s"], 2),
     }
     print(f"\n+preset=real training, synthetic table of the real mix, {args.threads} thread(s)")
-    print(f"{'run':8s} {'epoch wall s':>24s} {'stage CPU s':>12s} {'stage wall s':>12s} {'load':>5s}")
+    print(
+        f"{'run':8s} {'epoch wall s':>24s} {'stage CPU s':>12s} {'stage wall s':>12s} {'load':>5s}"
+    )
     for k, r in rows.items():
         ep = " / ".join(f"{s:.1f}" for s in r["epoch_wall_s"])
-        print(f"{k:8s} {ep:>24s} {r['stage_cpu_s']:12.1f} {r['stage_wall_s']:12.1f} {r['loadavg_1min_before']:5.2f}")
+        print(
+            f"{k:8s} {ep:>24s} {r['stage_cpu_s']:12.1f} {r['stage_wall_s']:12.1f} {r['loadavg_1min_before']:5.2f}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

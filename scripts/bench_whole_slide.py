@@ -126,7 +126,9 @@ def child(args: argparse.Namespace) -> int:
                 "megapixels": round(h * w / 1e6, 2),
                 "mp_per_s_per_core": round(h * w / 1e6 / wall / args.threads, 3),
                 "mp_per_cpu_s": round(h * w / 1e6 / cpu, 3),
-                "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3),
+                "peak_rss_gib": round(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3
+                ),
                 "rss_before_slide_gib": round(rss0 / GIB, 3),
                 "detections": int(len(cells.table)),
                 "kept": int(cells.table.kept.sum()) if len(cells.table) else 0,

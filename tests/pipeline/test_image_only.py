@@ -64,9 +64,7 @@ def test_image_only_chain_has_no_gene_and_no_expression_figures(tmp_path, run_in
 
 
 def test_image_only_misuse_is_one_clear_error(tmp_path, run_cli):
-    p = run_cli(
-        ["stage=pair", "pair=image_only", "pair.crop_sources=[]", f"paths.root={tmp_path}"]
-    )
+    p = run_cli(["stage=pair", "pair=image_only", "pair.crop_sources=[]", f"paths.root={tmp_path}"])
     assert p.returncode != 0 and "Traceback" not in p.stderr + p.stdout
     assert "pair.mode=image_only needs at least one pair.crop_sources entry" in p.stderr
     assert not (tmp_path / "default" / "pair").exists()

@@ -106,7 +106,9 @@ def test_vae_loss_of_a_skipped_expression_decoder_is_zero_there():
     d = _image_only(8)
     b = to_batch(raw_batch(d, torch.arange(d.n)), torch.device("cpu"))
     m = _model(d.n_genes)
-    out = m(b.image, b.mask, b.x, b.has_image, b.has_expression, b.log_library, use_expression=False)
+    out = m(
+        b.image, b.mask, b.x, b.has_image, b.has_expression, b.log_library, use_expression=False
+    )
     assert out.posteriors.expression is None and out.from_expression is None
     assert out.from_image is None and out.joint.expression_log is None
     t = vae_loss(out, b.image, b.mask, b.x, b.counts, b.library, beta=1.0, n_shared=4)

@@ -557,9 +557,7 @@ def make_pairs(
         raise PairingError("must be >= 1", field="pair.n_bins")
     if mode == "image_only":
         if expression is not None:
-            raise PairingError(
-                "image_only reads no expression table; got one", field="pair.mode"
-            )
+            raise PairingError("image_only reads no expression table; got one", field="pair.mode")
         if crops is None or len(crops) == 0:
             raise PairingError(
                 "image_only needs crops: no pair.crop_sources entry gave any", field="pair.mode"
