@@ -6,8 +6,11 @@ import json
 
 import anndata as ad
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 
+from pipeline.runner import StageError
 from tests.helpers.run import FAST_ANALYSIS, compose_config
 
 # the simulator's own cells (COCO masks) as the crop source: no detector needed
@@ -61,6 +64,13 @@ def test_image_only_chain_has_no_gene_and_no_expression_figures(tmp_path, run_in
     assert ts["modalities"] == ["image"]
     assert all(not p["top_genes"] for p in ts["path"].values())
     assert "No row of the training table has expression" in (tr / "report.html").read_text()
+    # a model without genes cannot place expression profiles: one message, no output
+    expr = tmp_path / "expr.h5ad"
+    ad.AnnData(X=np.ones((3, 2), np.float32), var=pd.DataFrame(index=["MPO", "ELANE"])).write_h5ad(
+        expr
+    )
+    with pytest.raises(StageError, match="no gene .*pair=image_only"):
+        run_in_process([*common, f"embed.expression={expr}"], "embed")
 
 
 def test_image_only_misuse_is_one_clear_error(tmp_path, run_cli):
