@@ -87,7 +87,8 @@ def synthetic_paired(path: Path, seed: int = 0, genes: int = 240, size: int = 64
 
 def run_train(tree: Path, paired: Path, out: Path, epochs: int, threads: int) -> dict:
     """``python -m pipeline stage=train +preset=real`` in ``tree``; epoch times and CPU."""
-    import torch
+    sys.path.insert(0, str(ROOT))
+    from segmentation.io import load_torch_file
 
     cmd = [
         str(ROOT / ".venv/bin/python"),
@@ -110,7 +111,7 @@ def run_train(tree: Path, paired: Path, out: Path, epochs: int, threads: int) ->
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode:
         raise RuntimeError(f"{tree}: stage=train failed:\n{p.stderr[-3000:]}")
-    ck = torch.load(out / "bench_real_epoch" / "train" / "last.pt", weights_only=False)
+    ck = load_torch_file(out / "bench_real_epoch" / "train" / "last.pt")
     hist = ck["history"]
     return {
         "stage_wall_s": round(wall, 2),
