@@ -16,7 +16,12 @@ Per-epoch wall seconds come from each run's ``last.pt`` history; the CPU seconds
 each whole stage (reading, training, latents, anomaly scores) from the child's
 rusage. With one torch thread, CPU time is the number load disturbs least.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_real_epoch.py --epochs 2
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_real_epoch.py --epochs 2 \
+        [--now same_model=OVERRIDES ...]
+
+``--now name=overrides`` runs this tree with Hydra overrides; ``SAME_MODEL`` below
+holds the overrides that give the model of the ``before`` commit's defaults, so that
+the two runs time the same network (the defaults changed in between).
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 MIX = {"expression_only": 2403, "image_only": 245, "paired": 506}
 CLASSES = ["Neutrophils", "Monocytes", "Basophils"]
+# the defaults of 930b363's VAE (the model changed since: residual decoder, granule
+# layer, private dims, beta 1, per-value image weight, label head, stain jitter)
+SAME_MODEL = (
+    "same_model=vae.image_arch=plain,vae.granule_weight=0,vae.n_private=0,vae.beta=8.0,"
+    "vae.image_weight=0.01,vae.mask_weight=0.01,vae.classify_weight=0,trainer.stain_jitter=0"
+)
 
 
 def synthetic_paired(path: Path, seed: int = 0, genes: int = 240, size: int = 64) -> dict:
@@ -85,7 +96,9 @@ def synthetic_paired(path: Path, seed: int = 0, genes: int = 240, size: int = 64
     return {"rows": n, **MIX, "genes": genes, "crop_size": size}
 
 
-def run_train(tree: Path, paired: Path, out: Path, epochs: int, threads: int) -> dict:
+def run_train(
+    tree: Path, paired: Path, out: Path, epochs: int, threads: int, extra: list[str]
+) -> dict:
     """``python -m pipeline stage=train +preset=real`` in ``tree``; epoch times and CPU."""
     sys.path.insert(0, str(ROOT))
     from segmentation.io import load_torch_file
@@ -102,6 +115,7 @@ def run_train(tree: Path, paired: Path, out: Path, epochs: int, threads: int) ->
         f"trainer.max_epochs={epochs}",
         "trainer.max_minutes=null",
         f"hardware.torch_threads={threads}",
+        *extra,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -126,6 +140,13 @@ def main() -> int:
     ap.add_argument("--before", default="930b363", help="commit before modality-aware compute")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--now",
+        action="append",
+        default=[],
+        help="name=comma-separated overrides: a run of this tree (default: now= , the "
+        "defaults); e.g. the model of --before's defaults: " + SAME_MODEL,
+    )
     ap.add_argument("--out", default=str(ROOT / "outputs/bench/real_epoch.json"))
     args = ap.parse_args()
     rows = {}
@@ -139,12 +160,19 @@ def main() -> int:
             ["git", "archive", args.before], cwd=ROOT, capture_output=True, check=True
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(before)], input=arch, check=True)
-        for name, tree in (("before", before), ("now", ROOT)):
+        runs = [("before", before, [])]
+        for spec in args.now or ["now="]:
+            name, ov = spec.split("=", 1)
+            runs.append((name, ROOT, [o for o in ov.split(",") if o]))
+        for name, tree, extra in runs:
             load0 = os.getloadavg()[0]
-            rows[name] = run_train(tree, paired, tmp / f"out_{name}", args.epochs, args.threads)
+            rows[name] = run_train(
+                tree, paired, tmp / f"out_{name}", args.epochs, args.threads, extra
+            )
+            rows[name]["overrides"] = extra
             rows[name]["loadavg_1min_before"] = round(load0, 2)
             print(name, json.dumps(rows[name]), flush=True)
-    b, n = rows["before"], rows["now"]
+    b, n = rows["before"], rows[runs[1][0]]
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -167,8 +195,8 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
-    print(f"stage CPU ratio before/now: {report['stage_cpu_ratio']:.2f}")
-    print(f"last epoch wall ratio before/now: {report['last_epoch_wall_ratio']:.2f}")
+    print(f"stage CPU ratio before/{runs[1][0]}: {report['stage_cpu_ratio']:.2f}")
+    print(f"last epoch wall ratio before/{runs[1][0]}: {report['last_epoch_wall_ratio']:.2f}")
     return 0
 
 
