@@ -211,6 +211,7 @@ class SegmentationConfig:
     tile_size: int = 1024  # square tile side, px at input_scale; fed to the net unresized
     tile_overlap: int = 256  # px; keep above the largest cell diameter
     batch_size: int = 4  # tiles per forward pass
+    batch_megapixels: float = 1.1  # and at most this many tile px per pass (peak memory)
     detect_score_floor: float = 0.05  # detections below are not even listed
     mask_threshold: float = MASK_THRESHOLD  # mask probability -> binary mask
     max_detections_per_tile: int = 100
@@ -304,7 +305,7 @@ class CropSourceConfig:
 class PairConfig:
     """How crops are matched to expression profiles (stage=pair)."""
 
-    mode: str = "same_cell"  # same_cell | by_label | by_maturation | unpaired
+    mode: str = "same_cell"  # same_cell | by_label | by_maturation | unpaired | image_only
     # where crops come from; several sources are concatenated
     crop_sources: list[CropSourceConfig] = field(default_factory=lambda: [CropSourceConfig()])
     crop_size: int = 64  # crops resized to (S, S)

@@ -71,7 +71,7 @@ KNOBS: list[tuple[str, str]] = [
     ("data.simulator.n_images", "simulated smears"),
     ("segmentation.epochs", "Mask R-CNN epochs"),
     ("segmentation.score_threshold", "keep detections scoring at least this"),
-    ("pair.mode", "same_cell | by_label | by_maturation | unpaired"),
+    ("pair.mode", "same_cell | by_label | by_maturation | unpaired | image_only"),
     ("vae.beta", "KL weight of the beta-VAE"),
     ("vae.n_latent", "shared latent dimensions"),
     ("trainer.max_epochs", "VAE epochs at most"),

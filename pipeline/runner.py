@@ -270,6 +270,8 @@ def stages_for(cfg: DictConfig) -> list[str]:
             # no crop source reads cells.h5ad (e.g. pair=expression_only): no detector
             seq.remove("segment_train")
             seq.remove("segment")
+        if cfg.pair.mode == "image_only":  # pair=image_only reads no expression table
+            seq.remove("expression")
         return seq
     if name not in ORDER + EXTRA_STAGES:
         valid = ", ".join([*ORDER, *EXTRA_STAGES, "all"])

@@ -117,6 +117,9 @@ class SegmentSettings:
     tile_size: int = 1024
     tile_overlap: int = 256
     batch_size: int = 4
+    # a forward pass takes at most batch_size tiles and about this many tile pixels
+    # (at least one tile): a whole slide's tiles stream through one at a time
+    batch_megapixels: float | None = None
     merge_iou: float = 0.5
     merge_containment: float = 0.7
     crop_size: int = 128
@@ -219,7 +222,14 @@ def segment_images(
     works = [resize_image(im, scale) for im in images]
     s = settings
     dets = detect_images(
-        detector, works, s.tile_size, s.tile_overlap, s.batch_size, s.merge_iou, s.merge_containment
+        detector,
+        works,
+        s.tile_size,
+        s.tile_overlap,
+        s.batch_size,
+        s.merge_iou,
+        s.merge_containment,
+        batch_megapixels=s.batch_megapixels,
     )
     truths = list(truths) if truths is not None else [None] * len(images)
     id_prefixes = list(id_prefixes) if id_prefixes is not None else [None] * len(images)

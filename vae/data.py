@@ -152,7 +152,8 @@ def from_anndata(
             raise PairedDataError(f"{source}: obs['{col}'] is missing")
     has_image = adata.obs[HAS_IMAGE].to_numpy().astype(bool)
     has_expr = adata.obs[HAS_EXPRESSION].to_numpy().astype(bool)
-    x = _dense(adata.X).astype(np.float32)
+    # an AnnData without X (0 genes, e.g. written by hand for images alone) has none to read
+    x = (_dense(adata.X) if adata.X is not None else np.zeros((n, g))).astype(np.float32)
     if not np.isfinite(x).all():
         raise PairedDataError(f"{source}: X holds non-finite values")
     has_counts = "counts" in adata.layers and bool(adata.uns.get(HAS_COUNTS, True))

@@ -107,10 +107,12 @@ def encode_dataset(
     for b, post in _encoded_batches(model, data, rows, batch_size, device, images):
         nan_i = (~b.has_image).view(-1, 1)
         nan_e = (~b.has_expression).view(-1, 1)
-        me = post.expression[0].float()
-        nan = torch.tensor(float("nan"), device=me.device)
+        mj = post.joint[0].float()
+        nan = torch.tensor(float("nan"), device=mj.device)
+        # a model without genes (pair=image_only) has no expression posterior
+        me = post.expression[0].float() if post.expression is not None else mj * nan
         if post.image is None:  # no image in these rows: the image latent is NaN throughout
-            mi = torch.full_like(me, float("nan"))
+            mi = torch.full_like(mj, float("nan"))
             di = None
             x_img = torch.full_like(b.x, float("nan"), dtype=torch.float32)
         else:
@@ -145,7 +147,9 @@ def _decode_batch(model: TwoBranchVAE, b, post, di, acc: dict) -> np.ndarray | N
     """Append one batch's inputs and decodings to ``acc``; the NB theta when the model has one."""
     # decoded cells as a user sees them: with granules drawn when the model has a head
     dj = model.decode(post.joint[0], render=True)
-    de = model.decode(post.expression[0], render=True)
+    # no expression posterior without genes: nothing decoded from it (zeros, has_expression
+    # is False on every row)
+    de = model.decode(post.expression[0], render=True) if post.expression is not None else None
     add = lambda k, v: acc.setdefault(k, []).append(v)  # noqa: E731
     add("img", _chw_to_hwc(b.image))
     add("m", b.mask[:, 0].bool().cpu().numpy())
@@ -158,7 +162,7 @@ def _decode_batch(model: TwoBranchVAE, b, post, di, acc: dict) -> np.ndarray | N
     add("ri", _chw_to_hwc(dj.image))
     add("re", dj.expression_log.float().cpu().numpy())
     add("xi", di.expression_log.float().cpu().numpy())
-    add("ie", _chw_to_hwc(de.image))
+    add("ie", _chw_to_hwc(de.image if de is not None else torch.zeros_like(dj.image)))
     theta = None
     if getattr(dj, "expression_scale", None) is not None:
         add("mu", (dj.expression_scale * b.library[:, None]).float().cpu().numpy())
@@ -221,6 +225,9 @@ def reconstruction_nll(
         n_val = (b.mask.sum(dim=(1, 2, 3)) * b.image.shape[1]).clamp_min(1.0)
         mse = ((di.image.float() - b.image) * b.mask).pow(2).sum(dim=(1, 2, 3)) / n_val
         img_out.append(torch.where(b.has_image, mse, torch.nan).cpu().numpy())
+        if post.expression is None:  # a model without genes: no profile to score
+            expr_out.append(np.full(b.x.shape[0], np.nan, np.float32))
+            continue
         de = model.decode(post.expression[0], torch.zeros_like(b.has_image))
         nll = expression_nll(de, b.x, b.counts, b.library, late_mask=False) / data.n_genes
         expr_out.append(torch.where(b.has_expression, nll.float(), torch.nan).cpu().numpy())

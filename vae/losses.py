@@ -233,11 +233,11 @@ def per_value_weight(data, term: str = "image") -> float:
 
     Returns
     -------
-    float, the weight (1.0 when there are no image rows)
+    float, the weight (1.0 when there are no image rows or no genes)
     """
     has = data.has_image.bool()
-    if not bool(has.any()):
-        return 1.0
+    if not bool(has.any()) or data.n_genes == 0:
+        return 1.0  # nothing to balance against (no image, or no gene: pair=image_only)
     if term == "mask":
         n_values = float(data.masks.shape[-1] * data.masks.shape[-2])
     else:
@@ -479,7 +479,8 @@ def vae_loss(
         return nll / b, m / b, s / b, f / b, g / b
 
     def expr_term(dec: Decoded | None, rows: torch.Tensor) -> torch.Tensor:
-        if dec is None:
+        # skipped decoder (None) or a model without genes (B, 0): nothing to score
+        if dec is None or dec.expression_log is None or dec.expression_log.shape[-1] == 0:
             return zero
         nll = expression_nll(dec, x_log, counts, library, w.late_mask)
         return (nll * rows).sum() / b

@@ -44,7 +44,8 @@ class VAEArgs:
     Attributes
     ----------
     n_genes : int
-        Number of genes G of the expression branch.
+        Number of genes G of the expression branch; 0 builds an image-only model
+        (no expression encoder / decoder: ``pair=image_only``).
     crop_size : int
         Side S of the square crops, px; must be divisible by ``2 ** len(channels)``.
     n_shared, n_private : int
@@ -131,9 +132,9 @@ class VAEArgs:
                 f"crop_size={self.crop_size} must be a positive multiple of 2**len(channels)"
                 f"={down} (channels={self.channels})"
             )
-        if self.n_shared < 1 or self.n_private < 0 or self.n_genes < 1:
+        if self.n_shared < 1 or self.n_private < 0 or self.n_genes < 0:
             raise ValueError(
-                f"need n_shared >= 1, n_private >= 0, n_genes >= 1; got {self.n_shared}, "
+                f"need n_shared >= 1, n_private >= 0, n_genes >= 0; got {self.n_shared}, "
                 f"{self.n_private}, {self.n_genes}"
             )
 
@@ -175,8 +176,9 @@ class Decoded:
     mask_logits : (B, 1, S, S) or None
     image_log_scale : () tensor
         Log of the learned pixel scale (σ or Laplace b); 0 for ``mse``.
-    expression_log : (B, G)
-        Predicted log1p-normalised expression.
+    expression_log : (B, G) or None
+        Predicted log1p-normalised expression; (B, 0) for a model without genes,
+        None when the expression decoder was skipped (``use_expression=False``).
     expression_scale : (B, G) or None
         NB/ZINB proportions (rows sum to 1); multiply by library for the mean.
     expression_log_theta : (G,) or None
@@ -199,7 +201,7 @@ class Decoded:
     mask: torch.Tensor | None
     mask_logits: torch.Tensor | None
     image_log_scale: torch.Tensor
-    expression_log: torch.Tensor
+    expression_log: torch.Tensor | None
     expression_scale: torch.Tensor | None = None
     expression_log_theta: torch.Tensor | None = None
     expression_dropout_logits: torch.Tensor | None = None
@@ -221,6 +223,10 @@ class ForwardOutput:
     ``joint`` is None. Trained without images (``forward(use_image=False)``),
     ``posteriors.image`` and ``from_image`` are None, every decoded ``image`` is
     None and, on PoE, ``from_expression`` is None (no paired row to score).
+    Trained without expression (``forward(use_expression=False)``, or a model
+    with 0 genes) it is the mirror image: ``posteriors.expression`` and
+    ``from_expression`` are None, no decode holds an expression prediction and,
+    on PoE, ``from_image`` is None.
     """
 
     posteriors: Posteriors
@@ -580,11 +586,19 @@ class TwoBranchVAE(nn.Module):
             a.texture_noise,
             a.granule_head,
         )
-        self.expression_encoder = ExpressionEncoder(
-            a.n_genes, a.hidden, ns + npv, a.library_covariate, a.dropout
+        # 0 genes (pair=image_only): no expression branch at all, so no parameter
+        # of it is trained, saved or synchronised
+        self.expression_encoder = (
+            ExpressionEncoder(a.n_genes, a.hidden, ns + npv, a.library_covariate, a.dropout)
+            if a.n_genes > 0
+            else None
         )
-        self.expression_decoder = ExpressionDecoder(
-            a.n_genes, a.hidden, ns + npv, a.expression_likelihood, a.norm_total, a.dropout
+        self.expression_decoder = (
+            ExpressionDecoder(
+                a.n_genes, a.hidden, ns + npv, a.expression_likelihood, a.norm_total, a.dropout
+            )
+            if a.n_genes > 0
+            else None
         )
         # linear head on the shared means: rows with a known label teach both
         # encoders what separates the classes (vae.losses: classify term)
@@ -659,6 +673,8 @@ class TwoBranchVAE(nn.Module):
             ``joint``: PoE (or MoE moment match) of the present experts and
             the prior; unimodal posteriors in the full latent layout.
         """
+        if self.expression_encoder is None:
+            expression = None  # a model without genes: (B, 0) carries nothing
         if image is None and expression is None:
             raise ValueError("encode needs image and/or expression")
         ref = image if image is not None else expression
@@ -730,6 +746,7 @@ class TwoBranchVAE(nn.Module):
         render: bool = False,
         seed: int = 0,
         use_image: bool = True,
+        use_expression: bool = True,
     ) -> Decoded:
         """Decode latent codes.
 
@@ -747,6 +764,9 @@ class TwoBranchVAE(nn.Module):
             measurements of decoded cells; the loss always sees the mean.
         use_image : bool
             False skips the image decoder (``image``, ``mask`` None).
+        use_expression : bool
+            False skips the expression decoder (``expression_log`` None). A model
+            without genes always returns an empty (B, 0) ``expression_log``.
 
         Returns
         -------
@@ -767,7 +787,12 @@ class TwoBranchVAE(nn.Module):
         mean = None
         if render and rate is not None:
             mean, img = img, render_granules(img, rate, od, mask, seed)
-        expr = self.expression_decoder(self.expression_part(z))
+        if self.expression_decoder is None:
+            expr = {"expression_log": z.new_zeros(z.shape[0], 0)}
+        elif not use_expression:
+            expr = {"expression_log": None}
+        else:
+            expr = self.expression_decoder(self.expression_part(z))
         return Decoded(
             image=img,
             mask=mask,
@@ -789,6 +814,7 @@ class TwoBranchVAE(nn.Module):
         has_expression: torch.Tensor,
         log_library: torch.Tensor | None = None,
         use_image: bool = True,
+        use_expression: bool = True,
     ) -> ForwardOutput:
         """Encode, sample and decode everything the training loss needs.
 
@@ -801,7 +827,9 @@ class TwoBranchVAE(nn.Module):
 
         ``use_image=False`` (the trainer's choice when no row of the whole data set
         has an image, its image parameters frozen) skips the image branch
-        entirely: the same loss values, none of the CNN work.
+        entirely: the same loss values, none of the CNN work. ``use_expression=False``
+        (no row has expression, or a model with 0 genes) skips the expression branch
+        the same way.
 
         Parameters
         ----------
@@ -811,6 +839,20 @@ class TwoBranchVAE(nn.Module):
         has_image, has_expression : (B,) bool
         log_library : (B,) optional
         """
+        if self.expression_encoder is None:
+            use_expression = False
+        if not use_expression and not use_image:
+            raise ValueError("forward needs the image or the expression branch")
+        if not use_expression:
+            post = self.encode(image, None, has_image, None, mask, None)
+            poe = self.args.fusion == "poe"
+            z = reparameterize(post.joint if poe else post.image)
+            dec = self.decode(z, post.has_image, use_expression=False)
+            # PoE: the fused decode only (no paired row for the unimodal / cross-modal
+            # terms); MoE: the image component (the first draw of the full path too)
+            return ForwardOutput(
+                post, dec if poe else None, None if poe else dec, None, self.classifier
+            )
         if not use_image:
             post = self.encode(None, expression, None, has_expression, None, log_library)
             poe = self.args.fusion == "poe"

@@ -92,10 +92,11 @@ class TBLogger:
         joint = model.decode(post.joint[0], render=use_image, use_image=use_image)
         if use_image:
             from_img = model.decode(post.image[0], render=True)
-            from_expr = model.decode(post.expression[0], render=True)
             m = batch.mask
             rows = [batch.image, joint.image.float() * m, from_img.image.float() * m]
-            rows.append(from_expr.image.float() * m)
+            if post.expression is not None:  # none without genes (pair=image_only)
+                from_expr = model.decode(post.expression[0], render=True)
+                rows.append(from_expr.image.float() * m)
             grid = torchvision.utils.make_grid(
                 torch.cat(rows).clamp(0, 1).cpu(),
                 nrow=batch.image.shape[0],
@@ -105,16 +106,18 @@ class TBLogger:
             self.writer.add_image(RECON_TAG, grid, epoch)
         else:  # no image in the data: no reconstruction grid, no image -> expression
             from_img = joint
-        self.writer.add_figure(
-            EXPRESSION_TAG,
-            self._expression_figure(
-                batch.x.cpu().numpy(),
-                joint.expression_log.float().cpu().numpy(),
-                from_img.expression_log.float().cpu().numpy(),
-                batch.has_expression.cpu().numpy(),
-            ),
-            epoch,
-        )
+        # no expression figure without genes (pair=image_only)
+        if joint.expression_log is not None and joint.expression_log.shape[1] > 0:
+            self.writer.add_figure(
+                EXPRESSION_TAG,
+                self._expression_figure(
+                    batch.x.cpu().numpy(),
+                    joint.expression_log.float().cpu().numpy(),
+                    from_img.expression_log.float().cpu().numpy(),
+                    batch.has_expression.cpu().numpy(),
+                ),
+                epoch,
+            )
         mu = post.joint[0].float().cpu()
         for i in range(mu.shape[1]):
             self.writer.add_histogram(f"latent/mu_{i:02d}", mu[:, i], epoch)

@@ -139,10 +139,13 @@ def forward_loss(
     args: TrainArgs,
     n_shared: int,
     autocast=None,
+    use_expression: bool = True,
 ) -> LossTerms:
     """One forward pass and all loss terms (loss in fp32 even under autocast).
 
-    A batch made without images (``batch.image`` None) skips the image branch.
+    A batch made without images (``batch.image`` None) skips the image branch;
+    ``use_expression=False`` (no row of the data set has expression) skips the
+    expression branch.
     """
     import contextlib
 
@@ -155,6 +158,7 @@ def forward_loss(
             batch.has_expression,
             batch.log_library,
             use_image=batch.image is not None,
+            use_expression=use_expression,
         )
     return vae_loss(
         out,
@@ -234,6 +238,14 @@ def train(
             part.requires_grad_(False)
         core.image_log_scale.requires_grad_(False)
         log.info("no row has an image: image branch frozen and skipped")
+    # the mirror case (pair=image_only: 0 genes, no expression branch built; or a
+    # table whose rows hold no profile): the expression branch never runs
+    use_expression = bool(data.has_expression.any()) and core.expression_encoder is not None
+    if not use_expression:
+        for part in (core.expression_encoder, core.expression_decoder):
+            if part is not None:
+                part.requires_grad_(False)
+        log.info("no row has expression: expression branch frozen and skipped")
     wrapped = dist.wrap(core)
     n_shared = core.args.n_shared
     if getattr(core.args, "granule_head", False) and data.granules is None and use_image:
@@ -384,6 +396,7 @@ def train(
                 args=args,
                 n_shared=n_shared,
                 autocast=dist.autocast,
+                use_expression=use_expression,
             )
             if not torch.isfinite(terms.total):
                 bad = {k: v for k, v in terms.scalars().items() if not math.isfinite(v)}
@@ -564,6 +577,7 @@ def evaluate_loss(
             args=args,
             n_shared=n_shared,
             autocast=dist.autocast,
+            use_expression=bool(data.has_expression.any()),
         )
         keys = LossTerms.names()
         bsz = batch.x.shape[0]

@@ -130,6 +130,11 @@ def run_embed(ctx: StageContext) -> None:
     for kind, p in _inputs(cfg):
         path = resolve_data_path(cfg, p, f"embed.{kind}")
         setting = f"embed.{kind}={p}"
+        if kind == "expression" and not study.gene_names:
+            raise StageError(
+                f"{setting}: the study's model has no gene (trained with pair=image_only), "
+                "so it cannot embed expression profiles; embed smears or crops instead"
+            )
         try:
             adata = study.read(path, kind, **_segment_args(cfg, kind))
             rejects += adata.uns.pop("rejects", [])

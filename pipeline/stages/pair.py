@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def _pair_needs(cfg: DictConfig) -> list[str]:
-    needs = ["expression"]
+    # pair.mode=image_only reads no expression table (0 genes: image branch only)
+    needs = [] if cfg.pair.mode == "image_only" else ["expression"]
     for s in cfg.pair.crop_sources:
         if s.kind == "cells":
             needs.append("cells")
@@ -88,6 +89,11 @@ def _validate(cfg: DictConfig) -> None:
             raise StageError(f"{setting}.path is required for kind={s.kind}")
         if s.path:
             resolve_data_path(cfg, s.path, f"{setting}.path")
+    if cfg.pair.mode == "image_only" and not len(cfg.pair.crop_sources):
+        raise StageError(
+            "pair.mode=image_only needs at least one pair.crop_sources entry (crops are "
+            "all it pairs); for expression alone use pair=expression_only"
+        )
     if int(cfg.pair.min_class_size) < 1:
         raise StageError(f"pair.min_class_size={cfg.pair.min_class_size}: must be >= 1")
 
@@ -131,7 +137,8 @@ def run_pair(ctx: StageContext) -> None:
     p = cfg.pair
     if not 0 <= p.background_value <= 255:
         raise StageError(f"pair.background_value={p.background_value}: must be in 0..255")
-    expr = ad.read_h5ad(ctx.input("expression"))
+    image_only = p.mode == "image_only"
+    expr = None if image_only else ad.read_h5ad(ctx.input("expression"))
     rejects: list[dict] = []
     label_map = OmegaConf.to_container(p.label_map)
     try:
@@ -164,7 +171,7 @@ def run_pair(ctx: StageContext) -> None:
         "crop_sources": json.dumps(OmegaConf.to_container(p.crop_sources)),
         "notes": json.dumps(res.notes),
     }
-    for k in ("programs", "label_key", "maturation_source"):
+    for k in ("programs", "label_key", "maturation_source") if expr is not None else ():
         if k in expr.uns:
             out.uns[f"expression_{k}"] = expr.uns[k]
     hi, he = out.obs[HAS_IMAGE].to_numpy(), out.obs[HAS_EXPRESSION].to_numpy()
@@ -178,7 +185,7 @@ def run_pair(ctx: StageContext) -> None:
         HAS_COUNTS: bool(out.uns[HAS_COUNTS]),
     }
     log.info("pair (%s): %s", p.mode, counts)
-    if (hi & he).sum() == 0 and p.mode != "unpaired":
+    if (hi & he).sum() == 0 and p.mode not in ("unpaired", "image_only"):
         log.warning("pair.mode=%s produced no paired row; check labels / label_map", p.mode)
     if ctx.is_main:
         with ctx.atomic("pair_summary.csv") as tmp:

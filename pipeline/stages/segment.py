@@ -52,6 +52,8 @@ def settings_from_config(sc: Any) -> SegmentSettings:
         raise StageError(f"segmentation.crop_size={sc.crop_size}: must be in [1, 4096]")
     if not 0 <= int(sc.background_value) <= 255:
         raise StageError(f"segmentation.background_value={sc.background_value}: must be 0..255")
+    if float(sc.batch_megapixels) <= 0:
+        raise StageError(f"segmentation.batch_megapixels={sc.batch_megapixels}: must be > 0")
     if float(sc.input_scale) <= 0:
         raise StageError(f"segmentation.input_scale={sc.input_scale}: must be > 0")
     if not 0 <= int(sc.tile_overlap) < int(sc.tile_size):
@@ -64,6 +66,7 @@ def settings_from_config(sc: Any) -> SegmentSettings:
         tile_size=int(sc.tile_size),
         tile_overlap=int(sc.tile_overlap),
         batch_size=int(sc.batch_size),
+        batch_megapixels=float(sc.batch_megapixels),
         merge_iou=float(sc.merge_iou),
         merge_containment=float(sc.merge_containment),
         crop_size=int(sc.crop_size),

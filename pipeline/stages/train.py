@@ -49,8 +49,9 @@ def build_model_args(cfg: DictConfig, data, source: str):
             n_private=int(v.n_private),
             channels=list(v.channels),
             hidden=list(v.hidden),
+            # no gene (pair=image_only): no expression decoder, the setting is moot
             expression_likelihood=expression_likelihood(
-                v.expression_likelihood, data.counts is not None, source
+                v.expression_likelihood if data.n_genes else "auto", data.counts is not None, source
             ),
             image_likelihood=v.image_likelihood,
             library_covariate=bool(v.library_covariate) and data.counts is not None,
@@ -263,7 +264,7 @@ def run_train(ctx: StageContext) -> None:
         data.n_genes,
         data.crop_size,
         *(int((split == s).sum()) for s in ("train", "val", "test")),
-        margs.expression_likelihood,
+        margs.expression_likelihood if margs.n_genes else "no expression",
         sum(p.numel() for p in model.parameters()),
     )
     granule = pick_granule_genes(data.gene_names, adata.var, max_genes=len(data.gene_names))

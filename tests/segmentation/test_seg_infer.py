@@ -730,3 +730,14 @@ def test_detect_images_shares_batches_and_matches_one_by_one():
                 res.detections.full_mask(k, h, w), alone.detections.full_mask(k, h, w)
             )
     assert [len(r.detections) for r in together] == [1, 2, 0]
+    # a pixel budget per pass: the 128 px tiles (16384 px) go two at a time, the small
+    # images' tiles share a pass while they fit; the detections do not change
+    calls.clear()
+    streamed = detect_images(bright_cells, images, 128, 40, batch_size=4, batch_megapixels=0.033)
+    assert [len(c) for c in calls] == [2, 2, 2, 2]
+    assert all(sum(h * w for h, w in c) <= 33000 for c in calls)
+    for a_, b_ in zip(together, streamed):
+        assert np.array_equal(a_.detections.boxes, b_.detections.boxes)
+    calls.clear()
+    detect_images(bright_cells, images[1:2], 128, 40, batch_size=4, batch_megapixels=0.001)
+    assert [len(c) for c in calls] == [1] * 6  # a tile above the budget still goes, alone

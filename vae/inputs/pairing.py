@@ -14,6 +14,9 @@ records, per row, which modalities are present and how the pair was made:
     bins); each crop draws profiles from its own bin.
 ``unpaired``
     every crop and every profile is a single-modality row.
+``image_only``
+    every crop is an image-only row and no expression table is read: the
+    table has 0 genes (training then runs the image branch alone).
 
 Rows without a partner become single-modality rows (``keep_unmatched_images``,
 ``keep_unused_expression``). Library code: plain typed arguments only.
@@ -41,7 +44,7 @@ from vae.inputs.schema import (  # noqa: F401 - TRUTH_COLUMNS: columns copied in
 
 log = logging.getLogger(__name__)
 
-PAIR_MODES = ("same_cell", "by_label", "by_maturation", "unpaired")
+PAIR_MODES = ("same_cell", "by_label", "by_maturation", "unpaired", "image_only")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 # segmentation_WBC label CSVs: class codes of the data set's authors
 SEGMENTATION_WBC_CLASSES = {
@@ -500,7 +503,7 @@ def _dense(m) -> np.ndarray:
 
 def make_pairs(
     crops: CropSet | None,
-    expression: ad.AnnData,
+    expression: ad.AnnData | None,
     mode: str,
     *,
     label_map: dict[str, str] | None = None,
@@ -521,7 +524,8 @@ def make_pairs(
         Crop set (S from its arrays), or None for an expression-only table.
     expression
         Processed expression AnnData: ``X`` log-normalised, ``obs["label"]``,
-        ``obs["maturation"]``, optional ``layers["counts"]``.
+        ``obs["maturation"]``, optional ``layers["counts"]``; None (and only
+        None) for ``image_only``.
     mode
         One of :data:`PAIR_MODES`.
     label_map
@@ -553,6 +557,19 @@ def make_pairs(
         raise PairingError("must be >= 1", field="pair.draws_per_crop")
     if n_bins < 1:
         raise PairingError("must be >= 1", field="pair.n_bins")
+    if mode == "image_only":
+        if expression is not None:
+            raise PairingError("image_only reads no expression table; got one", field="pair.mode")
+        if crops is None or len(crops) == 0:
+            raise PairingError(
+                "image_only needs crops: no pair.crop_sources entry gave any", field="pair.mode"
+            )
+        expression = _no_expression()
+    elif expression is None:
+        raise PairingError(
+            f"mode {mode} needs an expression table (only image_only works without one)",
+            field="pair.mode",
+        )
     if "label" not in expression.obs:
         raise PairingError("expression has no obs['label']", field="obs['label']")
     rng = np.random.default_rng(seed)
@@ -618,7 +635,7 @@ def make_pairs(
         for i in range(n_img):
             pool = pools.get(int(cb[i]), np.array([], int)) if cb[i] >= 0 else np.array([], int)
             pairs.extend(_draw(i, pool, draws_per_crop, rng))
-    else:  # unpaired
+    else:  # unpaired, image_only
         pairs.extend((i, -1, 0) for i in range(n_img))
 
     if not keep_unmatched_images:
@@ -633,6 +650,15 @@ def make_pairs(
     summary = summarize(adata)
     adata.uns["pair_summary"] = summary
     return PairResult(adata=adata, summary=summary, notes=notes)
+
+
+def _no_expression() -> ad.AnnData:
+    """0 profiles x 0 genes: what an image-only table is paired with."""
+    return ad.AnnData(
+        X=np.zeros((0, 0), np.float32),
+        obs=pd.DataFrame({"label": []}, index=pd.Index([], dtype=str), dtype=str),
+        var=pd.DataFrame(index=pd.Index([], dtype=str)),
+    )
 
 
 def _draw(i: int, pool: np.ndarray, k: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
@@ -675,7 +701,8 @@ def _assemble(
 
     cobs = crops.obs if crops is not None else pd.DataFrame(columns=["label", "source"])
     eobs = expression.obs
-    e_names = expression.obs_names.astype(str).to_numpy()
+    # "" stands in for a profile when there is none at all (image_only: 0 profiles)
+    e_names = expression.obs_names.astype(str).to_numpy() if len(eobs) else np.array([""])
     obs = pd.DataFrame(index=[f"r{k:06d}" for k in range(n)])
     obs[HAS_IMAGE] = has_img
     obs[HAS_EXPRESSION] = has_expr
@@ -686,7 +713,7 @@ def _assemble(
     obs["expression_ref"] = np.where(has_expr, e_names[np.maximum(ei, 0)], "")
     obs["draw"] = np.array([p[2] for p in pairs], dtype=np.int16)
     c_lab = cobs["label"].astype(str).to_numpy() if len(cobs) else np.array([""])
-    e_lab = eobs["label"].astype(str).to_numpy()
+    e_lab = eobs["label"].astype(str).to_numpy() if len(eobs) else np.array([""])
     obs["image_label"] = np.where(has_img, c_lab[np.maximum(ci, 0)], "")
     obs["expression_label"] = np.where(has_expr, e_lab[np.maximum(ei, 0)], "")
     img_as = obs["image_label"].to_numpy(dtype=object)

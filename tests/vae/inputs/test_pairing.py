@@ -255,6 +255,23 @@ def test_unpaired_and_expression_only():
     assert err.value.field == "pair.mode" and "by_label" in str(err.value)
 
 
+def test_image_only_reads_no_expression_and_has_no_gene():
+    c = _crops()
+    res = make_pairs(c, None, "image_only")
+    a = res.adata
+    assert _flags(res) == (0, 5, 0) and a.n_vars == 0 and a.X.shape == (5, 0)
+    assert a.uns["has_counts"] is False and "counts" not in a.layers
+    assert list(a.obs["label"]) == list(c.obs["label"])
+    assert list(a.obs["image_ref"]) == list(c.obs.index)
+    assert (a.obs["expression_ref"] == "").all() and set(a.obs.pair_mode) == {"unpaired"}
+    assert np.array_equal(a.obsm["crops"], c.crops) and np.array_equal(a.obsm["masks"], c.masks)
+    np.testing.assert_allclose(a.obs["maturation"], c.obs["maturation"])
+    for bad in [(c, _expr(), "image_only"), (None, None, "image_only"), (c, None, "by_label")]:
+        with pytest.raises(PairingError) as err:
+            make_pairs(*bad)
+        assert err.value.field == "pair.mode"
+
+
 def test_no_counts_gives_no_counts_layer():
     e = _expr()
     del e.layers["counts"]
