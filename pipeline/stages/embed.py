@@ -49,6 +49,10 @@ def _validate(cfg) -> None:
         raise StageError(f"embed.samples_csv={e.samples_csv}: no such file")
     if not 0 <= float(e.max_missing_genes) <= 1:
         raise StageError(f"embed.max_missing_genes={e.max_missing_genes}: must be in [0, 1]")
+    if e.impute not in ("model", "mean"):
+        raise StageError(f"embed.impute={e.impute}: valid: model, mean")
+    if int(e.impute_iterations) < 1:
+        raise StageError(f"embed.impute_iterations={e.impute_iterations}: must be >= 1")
     if e.knn_k is not None and int(e.knn_k) < 1:
         raise StageError(f"embed.knn_k={e.knn_k}: must be >= 1")
 
@@ -59,9 +63,10 @@ def load_study(ctx: StageContext):
 
     cfg = ctx.cfg
     seg = cfg.paths.inputs.get("segmentation_model")
+    imp = {"impute": cfg.embed.impute, "impute_iterations": int(cfg.embed.impute_iterations)}
     try:
         if cfg.embed.study:
-            return Study.load(cfg.embed.study, variant=cfg.variant, segmentation_model=seg)
+            return Study.load(cfg.embed.study, variant=cfg.variant, segmentation_model=seg, **imp)
         if not seg and ctx.has_input("segmentation_model"):
             seg = ctx.input("segmentation_model")
         return Study.load(
@@ -70,6 +75,7 @@ def load_study(ctx: StageContext):
             latent=ctx.input("latent"),
             variant=cfg.variant,
             segmentation_model=seg,
+            **imp,
         )
     except StudyError as e:
         raise StageError(str(e)) from e
