@@ -235,6 +235,16 @@ def _concat(parts):
             if "crops" not in p.obsm:
                 p.obsm["crops"] = np.zeros((p.n_obs, s, s, 3), np.uint8)
                 p.obsm["masks"] = np.zeros((p.n_obs, s, s), bool)
+    # imputed genes: one column per gene missing from any input, NaN where not imputed
+    genes = sorted({g for p in parts for g in p.uns.get("imputed_genes", [])})
+    if genes:
+        for p in parts:
+            m = np.full((p.n_obs, len(genes)), np.nan, np.float32)
+            have = list(p.uns.get("imputed_genes", []))
+            if have:
+                m[:, [genes.index(g) for g in have]] = p.obsm["X_vae_imputed"]
+            p.obsm["X_vae_imputed"] = m
+            p.uns["imputed_genes"] = genes
     out = ad.concat(parts, join="outer", merge="first", uns_merge="first")
     if out.obs_names.duplicated().any():
         out.obs_names_make_unique()

@@ -133,6 +133,11 @@ def test_crops_and_expression_with_samples(study: Path):
     genes = json.loads((d / "summary.json").read_text())["genes"]
     rep = next(v for k, v in genes.items() if k.startswith("embed.expression"))
     assert sorted(rep["missing"]) == sorted(e.var_names[::-1][:2]) and rep["n_extra_ignored"] == 1
+    # the imputed values of the two missing genes: expression rows only
+    assert sorted(q.uns["imputed_genes"]) == sorted(rep["missing"])
+    is_expr = (q.obs["vae_input"] == "expression").to_numpy()
+    imp = q.obsm["X_vae_imputed"]
+    assert np.isfinite(imp[is_expr]).all() and np.isnan(imp[~is_expr]).all()
     prof = pd.read_csv(d / "samples.csv").set_index("sample")
     assert prof.loc["pat2", "n_cells"] == 3
     html = (d / "samples.html").read_text()
