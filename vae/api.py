@@ -288,7 +288,7 @@ class Study:
         background : pixel value outside the mask (default: the study's ``pair.background_value``)
         segment_settings, detector_kwargs, estimate_cell_px : for ``smears``
             (:func:`vae.inputs.query.segment_smear_folder`; ``estimate_cell_px``
-            measures each image's magnification from its red cells)
+            measures each image's magnification from its white cells, else red cells)
 
         Returns
         -------
