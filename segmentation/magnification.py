@@ -32,7 +32,7 @@ WHITE_BOX_PER_DIAMETER = 1.09
 # returned in source px)
 MEASURE_PX = 320
 # a nucleus pixel is at least this much more purple ((R + B) / 2 - G, 0-255 units) than
-# the median cell pixel (red cells: ~15-35 on TXL-PBC, nuclei: ~50-90)
+# the median of the other cell pixels (red cells: ~15-35 on TXL-PBC, nuclei: ~50-90)
 NUCLEUS_MARGIN = 20.0
 
 
@@ -73,11 +73,14 @@ def _nuclei(image: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         return np.zeros(g.shape, bool), []
     # three classes each (plasma / red cells / nuclei): the top purple class that is
     # also in the darkest green class
-    nuc = (p > threshold_multiotsu(p, classes=3)[-1]) & (g < threshold_multiotsu(g, classes=3)[0])
-    # and clearly more purple than the typical cell (mostly red cells): when the nuclei are
-    # a tiny share of the field the top class can hold red cells too
+    top = p > threshold_multiotsu(p, classes=3)[-1]
+    nuc = top & (g < threshold_multiotsu(g, classes=3)[0])
+    # and clearly more purple than the other cells (red cells): when the nuclei are a
+    # tiny share of the field the top class can hold red cells too
     cells = g < threshold_otsu(g)
-    nuc &= p > np.median(p[cells]) + NUCLEUS_MARGIN
+    rest = cells & ~nuc
+    if rest.any():
+        nuc &= p > np.median(p[rest]) + NUCLEUS_MARGIN
     nuc = ndi.binary_opening(nuc, disk(2))
     lab0 = label(nuc)
     if lab0.max() == 0:
