@@ -55,7 +55,9 @@ def make_study(model, data, labels, genes, train_rows):
 
     lat = encode_dataset(model, data, "cpu", 256, rows=train_rows)
     ns = model.args.n_shared
-    ref = ad.AnnData(obs=pd.DataFrame({"label": labels[train_rows]}, index=[f"r{i}" for i in train_rows]))
+    ref = ad.AnnData(
+        obs=pd.DataFrame({"label": labels[train_rows]}, index=[f"r{i}" for i in train_rows])
+    )
     ref.obs["has_expression"] = True
     ref.obsm["X_vae"] = lat.joint[:, :ns]
     ref.obsm["X_vae_full"] = lat.joint
@@ -139,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                 np.corrcoef(pred[:, j], true[:, j])[0, 1] if pred[:, j].std() > 0 else 0.0
                 for j in range(pred.shape[1])
             ]
-            agree = float(np.mean(out.obs["vae_label"].to_numpy() == full.obs["vae_label"].to_numpy()))
+            agree = float(
+                np.mean(out.obs["vae_label"].to_numpy() == full.obs["vae_label"].to_numpy())
+            )
             rows.append(
                 {
                     "repeat": rep,
@@ -148,14 +152,18 @@ def main(argv: list[str] | None = None) -> int:
                     "r_per_cell": float(np.mean(pearson_rows(pred, true))),
                     "r_per_gene": float(np.nanmean(per_gene)),
                     "rmse": float(np.sqrt(np.mean((pred - true) ** 2))),
-                    "latent_l2_to_full": float(np.linalg.norm(out.obsm["X_vae"] - z_full, axis=1).mean()),
+                    "latent_l2_to_full": float(
+                        np.linalg.norm(out.obsm["X_vae"] - z_full, axis=1).mean()
+                    ),
                     "label_agreement_with_full": agree,
                     "seconds": round(sec, 2),
                 }
             )
     df = pd.DataFrame(rows)
     summary = df.drop(columns="repeat").groupby("impute").mean(numeric_only=True)
-    print(f"Paul15: {len(te)} held-out cells, {len(genes)} genes, {args.repeats} draws of hidden genes")
+    print(
+        f"Paul15: {len(te)} held-out cells, {len(genes)} genes, {args.repeats} draws of hidden genes"
+    )
     print(summary.round(4).to_string())
     args.out.mkdir(parents=True, exist_ok=True)
     res = {

@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--wbc-per-rbc", type=float, default=None)
     ap.add_argument("--white-box-per-diameter", type=float, default=None)
     ap.add_argument("--ruler", default="auto", choices=["auto", "white", "red"])
+    ap.add_argument("--every", type=int, default=1, help="every N-th image only (calibration)")
     ap.add_argument("--format", required=True, choices=sorted(READERS))
     ap.add_argument("--path", required=True)
     ap.add_argument("--split", default="val")
@@ -134,6 +135,10 @@ def main() -> None:
     else:
         ds = READERS["coco"](a.path).split(a.split)
     extra = {}
+    if a.every > 1:
+        from segmentation.datasets import SmearDataset
+
+        ds = SmearDataset(list(ds)[:: a.every])
     if a.scale == "estimate":
         ds, extra = estimated(ds, a.cell_px, a.wbc_per_rbc, a.ruler, a.white_box_per_diameter)
     else:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segmentation.magnification import estimate_scale, red_cell_diameter, white_cell_sizes
+from segmentation.magnification import (
+    WHITE_BOX_PER_DIAMETER,
+    estimate_scale,
+    red_cell_diameter,
+    white_cell_sizes,
+)
 
 
 def _smear(
@@ -85,7 +90,7 @@ def test_white_cells_measured_at_full_resolution_size_and_each_one_counted():
 def test_auto_ruler_uses_white_cells_then_red_cells():
     est = estimate_scale(_smear(20.0, size=500, white=50.0), cell_px=40.0)
     assert est.ok and est.ruler == "white" and est.n_cells == 1
-    assert est.scale == pytest.approx(40.0 / (1.09 * est.white_px))
+    assert est.scale == pytest.approx(40.0 / (WHITE_BOX_PER_DIAMETER * est.white_px))
     # a field without white cells: the red cells are the ruler
     rng = np.random.default_rng(1)
     no_white = _smear(20.0, size=400)
