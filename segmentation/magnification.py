@@ -35,6 +35,8 @@ MEASURE_PX = 320
 # a nucleus pixel is at least this much more purple ((R + B) / 2 - G, 0-255 units) than
 # the median of the other cell pixels (red cells: ~15-35 on TXL-PBC, nuclei: ~50-90)
 NUCLEUS_MARGIN = 20.0
+# cell foreground threshold: Otsu of the green channel (0) ... the plasma's median (1)
+FOREGROUND_MIX = 0.0
 
 
 @dataclass
@@ -164,7 +166,10 @@ def white_cell_sizes(image: np.ndarray, measure_px: int = MEASURE_PX) -> np.ndar
     if not nuclei:
         return np.zeros(0)
     g = gaussian(image.astype(np.float32) / 255, sigma=1.5, channel_axis=-1)[..., 1]
-    fg = g < threshold_otsu(g)
+    t = threshold_otsu(g)
+    # FOREGROUND_MIX > 0 moves the threshold toward the plasma (pale cytoplasm counts as cell)
+    t = t + FOREGROUND_MIX * (np.median(g[g >= t]) - t)
+    fg = g < t
     markers = np.zeros(g.shape, np.int32)
     centres = []
     for k, m in enumerate(nuclei, start=2):
