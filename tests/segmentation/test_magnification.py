@@ -105,3 +105,28 @@ def test_auto_ruler_uses_white_cells_then_red_cells():
     assert red.diameter_px == pytest.approx(20.0, rel=0.1)
     with pytest.raises(ValueError, match="ruler"):
         estimate_scale(no_white, 40.0, ruler="blue")
+
+
+def test_smear_folder_uses_the_estimate_per_image(tmp_path):
+    """The embed reader measures each smear: the white-cell ruler's scale is the one
+    recorded for the image, and twice the magnification gives half the scale."""
+    import torch
+    from PIL import Image
+
+    from segmentation.model import build_maskrcnn, save_checkpoint
+    from vae.inputs.query import segment_smear_folder
+
+    torch.manual_seed(0)
+    args = {"arch": "resnet18_fpn", "min_size": 128, "max_size": 128}
+    save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args)
+    (tmp_path / "smears").mkdir()
+    Image.fromarray(_smear(12.0, size=300, white=30.0)).save(tmp_path / "smears" / "a.png")
+    Image.fromarray(_smear(24.0, size=600, white=60.0)).save(tmp_path / "smears" / "b.png")
+    fixed, _ = segment_smear_folder(tmp_path / "smears", tmp_path / "det.pt")
+    assert set(fixed.uns["input_scales"].values()) == {1.0}  # the checkpoint's scale
+    a, _ = segment_smear_folder(tmp_path / "smears", tmp_path / "det.pt", estimate_cell_px=40.0)
+    sc = a.uns["input_scales"]
+    assert set(sc) == {"smears/a", "smears/b"}
+    sa, sb = sc["smears/a"], sc["smears/b"]
+    assert sa == pytest.approx(40.0 / (WHITE_BOX_PER_DIAMETER * 30.0), rel=0.15)
+    assert sa / sb == pytest.approx(2.0, rel=0.15)
