@@ -206,7 +206,7 @@ class SegmentationConfig:
     # --- stage=segment: tiled inference (docs/segmentation_infer.md) ---
     input_scale: float = 1.0  # source image resized by this before tiling (cell px as trained)
     # smear sources with no scale (scale null, width not listed), and stage=embed's smears:
-    # measure the scale per image from the red-cell diameter (segmentation/magnification.py)
+    # measure the scale per image from its white cells, else red cells (segmentation/magnification.py)
     estimate_scale: bool = False
     tile_size: int = 1024  # square tile side, px at input_scale; fed to the net unresized
     tile_overlap: int = 256  # px; keep above the largest cell diameter

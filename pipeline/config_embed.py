@@ -21,6 +21,10 @@ class EmbedConfig:
     knn_k: int | None = None  # label-transfer neighbours; null -> analysis.knn_k
     # refuse an expression input missing more than this fraction of the model's genes
     max_missing_genes: float = 0.5
+    # missing genes: model = imputed from each cell's observed genes (iterated
+    # encode -> decode, impute_iterations passes); mean = the reference mean
+    impute: str = "model"
+    impute_iterations: int = 5
     batch_size: int = 256  # encoding batch
     examples_per_call: int = 8  # example crops per transferred label in samples.html
     histogram_bins: int = 10  # maturation-position histogram per sample (samples.csv)

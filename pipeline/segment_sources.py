@@ -100,7 +100,8 @@ def _scale(src: Any, default: float, path: Path, estimate_px: float | None = Non
 
 
 def estimated_scale(path: Path, cell_px: float, fallback: float) -> float:
-    """Scale measured from the red cells of ``path`` (logged; ``fallback`` when it fails)."""
+    """Scale measured from the image's white cells, else red cells (logged; ``fallback`` when
+    neither is found)."""
     from segmentation.io import read_rgb
     from segmentation.magnification import estimate_scale
 
@@ -109,15 +110,17 @@ def estimated_scale(path: Path, cell_px: float, fallback: float) -> float:
         return fallback  # rejected later, with the reason
     est = estimate_scale(rd.image, cell_px, fallback=fallback)
     if est.ok:
+        size = est.white_px if est.ruler == "white" else est.diameter_px
         log.info(
-            "scale estimate %s: red-cell diameter %.1f px (%d cells) -> scale %.3g",
+            "scale estimate %s: %s-cell diameter %.1f px (%d cells) -> scale %.3g",
             path.name,
-            est.diameter_px,
+            est.ruler,
+            size,
             est.n_cells,
             est.scale,
         )
         return round(est.scale, 2)  # images of one magnification share detector batches
-    log.warning("scale estimate %s: no red cell measured; scale %.3g", path.name, fallback)
+    log.warning("scale estimate %s: no white or red cell measured; scale %.3g", path.name, fallback)
     return fallback
 
 

@@ -1,10 +1,16 @@
-"""Magnification of a smear from the image itself: the red cell is the ruler.
+"""Magnification of a smear from the image itself.
 
-Red cells are the most numerous objects of a peripheral smear and have a
-narrow size distribution (about 7.5 µm), so their typical diameter in pixels
-gives the magnification. :func:`red_cell_diameter` measures it with
-scikit-image; :func:`estimate_scale` turns it into the detector's working
-scale (network px per source px) so that a white cell is about ``cell_px`` px.
+The detector wants white cells of about ``cell_px`` px, so the most direct ruler
+is the white cell itself: :func:`white_cell_sizes` finds white-cell nuclei by
+their stain (the only dark *and* purple objects of a Romanowsky-stained smear),
+grows each nucleus to its whole cell and measures the cell's diameter.
+:func:`red_cell_diameter` (red cells: the most numerous objects, about 7.5 µm)
+is the fallback for an image where no white cell is found. :func:`estimate_scale`
+turns either into the detector's working scale (network px per source px).
+
+Both rulers were calibrated on TXL-PBC *train* only (docs/segmentation_infer.md,
+"Automatic magnification"): the constants below are medians of
+(ground-truth white box side / measured size) there.
 """
 
 from __future__ import annotations
@@ -15,25 +21,182 @@ import numpy as np
 
 # median over images of (median ground-truth white-cell box side / red_cell_diameter) on
 # TXL-PBC *train* (1003 images with white cells: `scripts/eval_segmentation.py --scale-only
-# --scale estimate --wbc-per-rbc 1 ... --split train` -> median_ratio_to_oracle 2.2846;
-# docs/segmentation_infer.md, "Automatic magnification"). White boxes of every type.
+# --scale estimate --ruler red --wbc-per-rbc 1 ... --split train` -> median_ratio_to_oracle
+# 2.2846; docs/segmentation_infer.md, "Automatic magnification"). White boxes of every type.
 WBC_PER_RBC = 2.28
+# median over images of (median ground-truth white-cell box side / white_cell_sizes) on
+# TXL-PBC *train* (every 4th image, 250 with white cells: `scripts/eval_segmentation.py
+# --scale-only --scale estimate --ruler white --white-box-per-diameter 1 --every 4 ...
+# --split train` -> median_ratio_to_oracle 1.0386 with FOREGROUND_MIX 0.5; same doc section)
+WHITE_BOX_PER_DIAMETER = 1.04
+# images are measured at most this many px on their longer side (speed; sizes are
+# returned in source px)
+MEASURE_PX = 320
+# a nucleus pixel is at least this much more purple ((R + B) / 2 - G, 0-255 units) than
+# the median of the other cell pixels (red cells: ~15-35 on TXL-PBC, nuclei: ~50-90)
+NUCLEUS_MARGIN = 20.0
+# cell foreground threshold: Otsu of the green channel (0) ... the plasma's median (1).
+# 0.5: pale cytoplasm (Raabin fields) counts as cell; on TXL-PBC train (every 4th image)
+# within 15 % of the oracle 0.77 at 0, 0.83 at 0.5 (docs/segmentation_infer.md)
+FOREGROUND_MIX = 0.5
 
 
 @dataclass
 class ScaleEstimate:
     """Result of :func:`estimate_scale` for one image.
 
-    diameter_px : typical red-cell diameter in source px (NaN when not found)
-    n_cells : red-cell peaks it is based on
-    scale : working px per source px (``fallback`` when not found)
+    diameter_px : typical red-cell diameter in source px (NaN when not measured)
+    n_cells : cells the estimate rests on (white cells for ``ruler="white"``,
+        red cells for ``"red"``)
+    scale : working px per source px (``fallback`` when nothing was measured)
     ok : whether the image gave an estimate
+    ruler : ``white`` | ``red`` | ``none`` (fallback)
+    white_px : median white-cell diameter in source px (NaN when none was found)
     """
 
     diameter_px: float
     n_cells: int
     scale: float
     ok: bool
+    ruler: str = "red"
+    white_px: float = float("nan")
+
+
+def _nuclei(image: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(H, W) bool nucleus pixels and the nucleus masks, lobes joined (one per cell)."""
+    from scipy import ndimage as ndi
+    from skimage.filters import gaussian, threshold_multiotsu, threshold_otsu
+    from skimage.measure import label, regionprops
+    from skimage.morphology import disk
+
+    f = image.astype(np.float32)
+    # purple = red and blue kept, green absorbed: (R + B) / 2 - G is high on nuclei only
+    # (red cells absorb green too, but also blue); the nucleus is also dark in green
+    p = gaussian((f[..., 0] + f[..., 2]) / 2 - f[..., 1], sigma=1.0, preserve_range=True)
+    g = gaussian(f[..., 1], sigma=1.0, preserve_range=True)
+    if np.ptp(p) < 10 or np.ptp(g) < 10:
+        return np.zeros(g.shape, bool), []
+    # three classes each (plasma / red cells / nuclei): the top purple class that is
+    # also in the darkest green class
+    top = p > threshold_multiotsu(p, classes=3)[-1]
+    nuc = top & (g < threshold_multiotsu(g, classes=3)[0])
+    # and clearly more purple than the other cells (red cells): when the nuclei are a
+    # tiny share of the field the top class can hold red cells too
+    cells = g < threshold_otsu(g)
+    rest = cells & ~nuc
+    if rest.any():
+        nuc &= p > np.median(p[rest]) + NUCLEUS_MARGIN
+    nuc = ndi.binary_opening(nuc, disk(2))
+    lab0 = label(nuc)
+    if lab0.max() == 0:
+        return nuc, []
+    big = max(r.area for r in regionprops(lab0))
+    # join the lobes of a segmented nucleus: closing by half the largest piece's radius
+    # (two distance transforms: a disk closing of any radius at the same cost)
+    rad = max(1.0, 0.5 * np.sqrt(big / np.pi))
+    joined = ndi.distance_transform_edt(ndi.distance_transform_edt(~nuc) <= rad) > rad
+    lab = label(joined | nuc)
+    rs = regionprops(lab)
+    amax = max(r.area for r in rs)
+    # a nucleus piece under 0.3x the largest is a platelet or debris (nuclei of one smear
+    # differ less than that)
+    return nuc, [lab == r.label for r in rs if r.area >= 0.3 * amax]
+
+
+def _ray_lengths(region: np.ndarray, cy: float, cx: float, n: int = 32) -> np.ndarray:
+    """Distances (px) from (cy, cx) to the edge of ``region`` along ``n`` rays.
+
+    A ray that leaves the image while still inside the region has no length (the
+    cell is cut by the image edge there) and is left out.
+    """
+    h, w = region.shape
+    t = np.arange(int(np.hypot(h, w)) + 1, dtype=np.float32)
+    out = []
+    for th in np.linspace(0, 2 * np.pi, n, endpoint=False):
+        ys = np.round(cy + t * np.sin(th)).astype(int)
+        xs = np.round(cx + t * np.cos(th)).astype(int)
+        inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+        v = np.zeros(t.size, bool)
+        v[inside] = region[ys[inside], xs[inside]]
+        k = int(np.argmin(v)) if not v.all() else t.size - 1
+        if k == 0 or not inside[k]:
+            continue
+        out.append(float(k))
+    return np.asarray(out)
+
+
+def white_cell_sizes(image: np.ndarray, measure_px: int = MEASURE_PX) -> np.ndarray:
+    """Diameters (source px) of the white cells of a smear image, uncalibrated.
+
+    Method: nuclei are the pixels both in the most purple and in the darkest of
+    three Otsu classes (lobes joined by a closing, specks dropped); each nucleus
+    (its convex hull) seeds a watershed of the distance transform of the cell
+    foreground (green channel below Otsu, holes filled) against seeds at the
+    red-cell centres (distance maxima away from the nucleus), so the nucleus
+    grows over its cytoplasm and stops at the touching red cells. The diameter
+    is twice the **median** distance from the nucleus centre to the region's
+    edge over 32 rays: a leak into one touching red cell moves a few rays, not
+    the median. Rays cut by the image edge are left out.
+
+    Parameters
+    ----------
+    image : (H, W, 3) uint8 RGB
+    measure_px : the image is measured at most this many px on its longer side
+
+    Returns
+    -------
+    (n,) float diameters in source px, one per white cell found (may be empty)
+    """
+    from scipy import ndimage as ndi
+    from skimage.filters import gaussian, threshold_otsu
+    from skimage.measure import label
+    from skimage.morphology import convex_hull_image, h_maxima
+    from skimage.segmentation import watershed
+    from skimage.transform import rescale
+
+    if image.ndim != 3 or image.shape[2] < 3:
+        return np.zeros(0)
+    image = image[..., :3]
+    f = min(1.0, measure_px / max(image.shape[:2]))
+    if f < 1:
+        image = (
+            rescale(image, f, channel_axis=-1, anti_aliasing=True, preserve_range=True)
+            .round()
+            .astype(np.uint8)
+        )
+    _, nuclei = _nuclei(image)
+    if not nuclei:
+        return np.zeros(0)
+    g = gaussian(image.astype(np.float32) / 255, sigma=1.5, channel_axis=-1)[..., 1]
+    t = threshold_otsu(g)
+    # FOREGROUND_MIX > 0 moves the threshold toward the plasma (pale cytoplasm counts as cell)
+    t = t + FOREGROUND_MIX * (np.median(g[g >= t]) - t)
+    fg = g < t
+    markers = np.zeros(g.shape, np.int32)
+    centres = []
+    for k, m in enumerate(nuclei, start=2):
+        ys, xs = np.nonzero(m)
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        hull = np.zeros(g.shape, bool)
+        hull[y0:y1, x0:x1] = convex_hull_image(m[y0:y1, x0:x1])
+        markers[hull] = k
+        hy, hx = np.nonzero(hull)
+        centres.append((k, hy.mean(), hx.mean()))
+    fg = ndi.binary_fill_holes(fg | (markers > 0))
+    dist = ndi.distance_transform_edt(fg)
+    near = ndi.distance_transform_edt(markers == 0)
+    rad = np.sqrt(max(m.sum() for m in nuclei) / np.pi)
+    # red-cell seeds: distance maxima at least half a nucleus radius from every nucleus
+    peaks = h_maxima(gaussian(dist, sigma=1.0), 1.0) & (near > 0.5 * rad) & (markers == 0)
+    pl = label(peaks)
+    markers[pl > 0] = pl[pl > 0] + len(nuclei) + 2
+    ws = watershed(-dist, markers, mask=fg)
+    out = []
+    for k, cy, cx in centres:
+        r = _ray_lengths(ws == k, cy, cx)
+        if r.size >= 4:
+            out.append(2.0 * float(np.median(r)) / f)
+    return np.asarray(out, float)
 
 
 def red_cell_diameter(
@@ -87,18 +250,46 @@ def red_cell_diameter(
     return float(np.median(d)), len(d)
 
 
+RULERS = ("auto", "white", "red")
+
+
 def estimate_scale(
     image: np.ndarray,
     cell_px: float,
     wbc_per_rbc: float = WBC_PER_RBC,
     fallback: float = 1.0,
+    ruler: str = "auto",
+    white_box_per_diameter: float = WHITE_BOX_PER_DIAMETER,
 ) -> ScaleEstimate:
-    """Working scale that makes a white cell about ``cell_px`` px, from the red cells.
+    """Working scale that makes a white cell about ``cell_px`` px.
 
-    ``scale = cell_px / (wbc_per_rbc * diameter)``; ``fallback`` when the image
-    has too few red cells to measure.
+    Parameters
+    ----------
+    image : (H, W, 3) uint8 RGB
+    cell_px : wanted white-cell box side in working px
+    wbc_per_rbc : white box side per red-cell diameter (red ruler)
+    fallback : scale returned when nothing could be measured
+    ruler : ``white`` (the white cells themselves: ``scale = cell_px /
+        (white_box_per_diameter * median diameter)``), ``red`` (``scale =
+        cell_px / (wbc_per_rbc * red diameter)``), or ``auto``: white, else red
+        when the image shows no white cell
+    white_box_per_diameter : white box side per measured white-cell diameter
+
+    Returns
+    -------
+    ScaleEstimate
     """
+    if ruler not in RULERS:
+        raise ValueError(f"ruler={ruler!r}; valid: {', '.join(RULERS)}")
+    if ruler in ("auto", "white"):
+        w = white_cell_sizes(image)
+        if w.size:
+            wpx = float(np.median(w))
+            s = cell_px / (white_box_per_diameter * wpx)
+            return ScaleEstimate(float("nan"), int(w.size), float(s), True, "white", wpx)
+        if ruler == "white":
+            return ScaleEstimate(float("nan"), 0, float(fallback), False, "none")
     d, n = red_cell_diameter(image)
     if not np.isfinite(d) or d <= 0:
-        return ScaleEstimate(float("nan"), n, float(fallback), False)
-    return ScaleEstimate(d, n, float(cell_px / (wbc_per_rbc * d)), True)
+        return ScaleEstimate(float("nan"), n, float(fallback), False, "none")
+    return ScaleEstimate(d, n, float(cell_px / (wbc_per_rbc * d)), True, "red")

@@ -21,11 +21,18 @@ Examples
 How inputs are matched to the model (docs/embed.md):
 
 * genes by name (exact, then case-insensitive); extra genes are ignored, order
-  is irrelevant. A model gene the input lacks is *missing*: the encoder sees
-  the reference's mean log-expression of that gene (decoded from the reference
-  latent), and for counts models an expected count (the reference proportion of
-  that gene times the cell's library), so a missing gene carries no information
-  instead of pretending to be a measured zero;
+  is irrelevant. A model gene the input lacks is *missing*, never a measured
+  zero. With ``impute="model"`` (the default) it is imputed from the cell's own
+  observed genes: start from the reference mean, then ``impute_iterations``
+  times encode the cell (expression only) and replace the missing genes by the
+  model's decoded prediction for that cell (for counts models an expected count:
+  decoded proportion times the library the observed genes imply), so the
+  missing genes end up consistent with what the cell shows.
+  ``impute="mean"`` keeps the first step only: the reference's mean
+  log-expression (decoded from the reference latent), and for counts models
+  the reference proportion times the cell's library. :meth:`Study.embed` writes
+  the imputed values to ``obsm["X_vae_imputed"]`` (columns:
+  ``uns["imputed_genes"]``);
 * raw counts are normalised like the training data (``log1p(normalize_total(
   counts, expression.target_sum))`` over all genes of the input); log-normalised
   values (an ``X`` beside ``layers["counts"]``, or non-integer ``X``) are used as given;
@@ -47,6 +54,7 @@ from vae.inputs.schema import HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
 
 log = logging.getLogger(__name__)
 
+IMPUTE_METHODS = ("model", "mean")  # missing genes: cell-wise model imputation | reference mean
 UNKNOWN = {"", "nan", "None", "NA"}  # label values that mean "not known"
 # columns this module adds to obs (a user's column of the same name is refused)
 OBS_COLUMNS = (
@@ -77,6 +85,9 @@ class GeneReport:
     missing: list[str] = field(default_factory=list)
     n_extra: int = 0
     values: str = "counts"
+    impute: str = "model"  # how the missing genes were filled: model | mean
+    # (n, len(missing)) log1p-normalised values given to the missing genes (None: none missing)
+    imputed: np.ndarray | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
         return {
@@ -85,6 +96,7 @@ class GeneReport:
             "missing": self.missing,
             "n_extra_ignored": self.n_extra,
             "values": self.values,
+            "impute": self.impute if self.missing else None,
         }
 
 
@@ -117,12 +129,20 @@ class Study:
         segmentation_model: Path | None = None,
         analysis: dict | None = None,
         device: str = "cpu",
+        impute: str = "model",
+        impute_iterations: int = 5,
     ):
         self.model, self.meta, self.reference, self.config = model, meta, reference, config
         self.model_path, self.latent_path = Path(model_path), Path(latent_path)
         self.segmentation_model = segmentation_model
         self.analysis = dict(analysis or config.get("analysis") or {})
         self.device = device
+        if impute not in IMPUTE_METHODS:
+            raise StudyError(f"impute={impute!r}; valid: {', '.join(IMPUTE_METHODS)}")
+        if int(impute_iterations) < 1:
+            raise StudyError(f"impute_iterations={impute_iterations}: must be >= 1")
+        # how missing genes are filled (module docstring); settable after load
+        self.impute, self.impute_iterations = impute, int(impute_iterations)
         self._path = None
         self._ref_expr = None
         if "X_vae" not in reference.obsm:
@@ -145,6 +165,8 @@ class Study:
         latent: str | Path | None = None,
         segmentation_model: str | Path | None = None,
         device: str = "cpu",
+        impute: str = "model",
+        impute_iterations: int = 5,
     ) -> Study:
         """Load a finished study.
 
@@ -156,6 +178,8 @@ class Study:
         segmentation_model : detector for smear folders; default
             ``<run_dir>/segment_train/model.pt`` when it exists
         device : torch device for the model
+        impute, impute_iterations : how genes a query lacks are filled (module
+            docstring): ``model`` (each cell's own reconstruction, iterated) or ``mean``
 
         Raises
         ------
@@ -216,6 +240,8 @@ class Study:
             segmentation_model=seg,
             analysis=analysis,
             device=device,
+            impute=impute,
+            impute_iterations=impute_iterations,
         )
 
     # ------------------------------------------------------------ properties
@@ -262,7 +288,7 @@ class Study:
         background : pixel value outside the mask (default: the study's ``pair.background_value``)
         segment_settings, detector_kwargs, estimate_cell_px : for ``smears``
             (:func:`vae.inputs.query.segment_smear_folder`; ``estimate_cell_px``
-            measures each image's magnification from its red cells)
+            measures each image's magnification from its white cells, else red cells)
 
         Returns
         -------
@@ -451,9 +477,10 @@ class Study:
         if logx is not None and not np.isfinite(logx).all():
             raise StudyError(f"{source}: X holds non-finite values")
         has_expr = total > 0
+        target = float((self.config.get("expression") or {}).get("target_sum") or 1e4)
+        normalised_here = logx is None
         if logx is None:
             # as stage=expression: normalize_total over all genes of the input, then log1p
-            target = float((self.config.get("expression") or {}).get("target_sum") or 1e4)
             logx = np.log1p(raw / np.maximum(total, 1e-12)[:, None] * target).astype(np.float32)
         n, g = adata.n_obs, len(genes)
         x = np.zeros((n, g), np.float32)
@@ -477,6 +504,10 @@ class Study:
                 share = max(float(prop[ok].sum()), 1e-6)
                 lib = counts[:, ok].sum(1, keepdims=True) / share
                 counts[:, ~ok] = lib * prop[~ok][None, :]
+            if self.impute == "model":
+                # the library is corrected only where this function normalised the counts
+                own = raw if normalised_here else None
+                self._impute(x, counts, ok, has_expr, own, total, target)
         x[~has_expr] = 0
         if counts is not None:
             counts[~has_expr] = 0
@@ -486,8 +517,81 @@ class Study:
             missing=[genes[i] for i in np.flatnonzero(~ok)],
             n_extra=int(len(names) - ok.sum()),
             values=values,
+            impute=self.impute,
+            imputed=x[:, ~ok].copy() if not ok.all() else None,
         )
         return x, counts, has_expr, rep
+
+    def _impute(
+        self,
+        x: np.ndarray,
+        counts: np.ndarray | None,
+        observed: np.ndarray,
+        rows: np.ndarray,
+        raw: np.ndarray | None = None,
+        total: np.ndarray | None = None,
+        target: float = 1e4,
+    ) -> None:
+        """Fill the missing genes of ``rows`` in place from each cell's observed genes.
+
+        Parameters
+        ----------
+        x : (n, G) log1p-normalised input, missing genes pre-filled (reference mean)
+        counts : (n, G) raw counts for the model (missing genes pre-filled) or None
+        observed : (G,) bool, genes the query holds
+        rows : (n,) bool, cells with expression
+        raw : (n, observed.sum()) the query's counts of the observed genes, or None
+            (log-normalised input: its normalisation is taken as given)
+        total : (n,) the query's library (all its genes) that normalised ``x``
+        target : normalisation target sum of the study
+
+        A fixed-point iteration: the encoder was trained on complete profiles, so
+        a gene-masked input it never saw is avoided; instead the missing genes
+        are set to the model's reconstruction of the cell, ``impute_iterations``
+        times (each pass the latent moves toward what the observed genes say).
+        With raw counts, the counts the missing genes would have added to the
+        library are added back to it, so the observed genes are normalised as
+        if every gene had been measured (a file lacking genes otherwise inflates
+        every observed value by 1 / (share of the observed genes)).
+        """
+        import torch
+
+        miss = ~observed
+        idx = np.flatnonzero(rows)
+        dev = self.device
+        for s in range(0, idx.size, 512):
+            r = idx[s : s + 512]
+            xb = x[r]
+            cb = counts[r] if counts is not None else None
+            rb = raw[r] if raw is not None else None
+            for _ in range(self.impute_iterations):
+                lib = cb.sum(1) if cb is not None else np.expm1(xb).sum(1)
+                with torch.inference_mode():
+                    log_lib = torch.log(torch.from_numpy(lib.astype(np.float32)).clamp_min(1.0))
+                    post = self.model.encode(
+                        None, torch.from_numpy(xb).to(dev), log_library=log_lib.to(dev)
+                    )
+                    d = self.model.decode(post.expression[0], use_image=False)
+                pred = d.expression_log.float().cpu().numpy()
+                sc = getattr(d, "expression_scale", None)
+                sc = np.expm1(pred) if sc is None else sc.float().cpu().numpy()
+                sc = sc / np.maximum(sc.sum(1, keepdims=True), 1e-12)
+                # the model-gene library the observed genes imply, given the cell's proportions
+                share = np.maximum(sc[:, observed].sum(1, keepdims=True), 1e-6)
+                if rb is None:
+                    xb[:, miss] = pred[:, miss]
+                    if cb is not None:
+                        cb[:, miss] = cb[:, observed].sum(1, keepdims=True) / share * sc[:, miss]
+                    continue
+                c_miss = rb.sum(1, keepdims=True) / share * sc[:, miss]
+                tot = np.maximum(total[r][:, None] + c_miss.sum(1, keepdims=True), 1e-12)
+                xb[:, observed] = np.log1p(rb / tot * target)
+                xb[:, miss] = np.log1p(c_miss / tot * target)
+                if cb is not None:
+                    cb[:, miss] = c_miss
+            x[r] = xb
+            if cb is not None:
+                counts[r] = cb
 
     def reference_expression(self) -> tuple[np.ndarray, np.ndarray]:
         """(G,) mean log-expression and (G,) mean proportion of each model gene.
@@ -723,6 +827,11 @@ class Study:
             out.obs["vae_stage"] = ""
         out.uns["latent_layout"] = {"n_shared": ns, "n_private": npv}
         out.uns["genes"] = json.dumps(report.as_dict()) if report else "{}"
+        if report is not None and report.imputed is not None:
+            # the values the missing genes were given (NaN for rows without expression)
+            imp = np.where(he[:, None], report.imputed, np.nan).astype(np.float32)
+            out.obsm["X_vae_imputed"] = imp[keep]
+            out.uns["imputed_genes"] = list(report.missing)
         out.uns["dropped"] = dropped
         out.uns["study"] = {"model": str(self.model_path), "latent": str(self.latent_path)}
         return out

@@ -49,6 +49,10 @@ def _validate(cfg) -> None:
         raise StageError(f"embed.samples_csv={e.samples_csv}: no such file")
     if not 0 <= float(e.max_missing_genes) <= 1:
         raise StageError(f"embed.max_missing_genes={e.max_missing_genes}: must be in [0, 1]")
+    if e.impute not in ("model", "mean"):
+        raise StageError(f"embed.impute={e.impute}: valid: model, mean")
+    if int(e.impute_iterations) < 1:
+        raise StageError(f"embed.impute_iterations={e.impute_iterations}: must be >= 1")
     if e.knn_k is not None and int(e.knn_k) < 1:
         raise StageError(f"embed.knn_k={e.knn_k}: must be >= 1")
 
@@ -59,9 +63,10 @@ def load_study(ctx: StageContext):
 
     cfg = ctx.cfg
     seg = cfg.paths.inputs.get("segmentation_model")
+    imp = {"impute": cfg.embed.impute, "impute_iterations": int(cfg.embed.impute_iterations)}
     try:
         if cfg.embed.study:
-            return Study.load(cfg.embed.study, variant=cfg.variant, segmentation_model=seg)
+            return Study.load(cfg.embed.study, variant=cfg.variant, segmentation_model=seg, **imp)
         if not seg and ctx.has_input("segmentation_model"):
             seg = ctx.input("segmentation_model")
         return Study.load(
@@ -70,6 +75,7 @@ def load_study(ctx: StageContext):
             latent=ctx.input("latent"),
             variant=cfg.variant,
             segmentation_model=seg,
+            **imp,
         )
     except StudyError as e:
         raise StageError(str(e)) from e
@@ -234,6 +240,16 @@ def _concat(parts):
             if "crops" not in p.obsm:
                 p.obsm["crops"] = np.zeros((p.n_obs, s, s, 3), np.uint8)
                 p.obsm["masks"] = np.zeros((p.n_obs, s, s), bool)
+    # imputed genes: one column per gene missing from any input, NaN where not imputed
+    genes = sorted({g for p in parts for g in p.uns.get("imputed_genes", [])})
+    if genes:
+        for p in parts:
+            m = np.full((p.n_obs, len(genes)), np.nan, np.float32)
+            have = list(p.uns.get("imputed_genes", []))
+            if have:
+                m[:, [genes.index(g) for g in have]] = p.obsm["X_vae_imputed"]
+            p.obsm["X_vae_imputed"] = m
+            p.uns["imputed_genes"] = genes
     out = ad.concat(parts, join="outer", merge="first", uns_merge="first")
     if out.obs_names.duplicated().any():
         out.obs_names_make_unique()

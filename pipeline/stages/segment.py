@@ -211,7 +211,7 @@ def _run_shard(
                 settings,
                 truths=[it for _, _, _, it in good],
             )
-        else:  # magnification per image from its red cells (segmentation.estimate_scale)
+        else:  # magnification per image from its white (else red) cells (segmentation.estimate_scale)
             results = [
                 _estimated(detector, im, p, settings, it, estimate_px) for _, p, im, it in good
             ]

@@ -100,9 +100,9 @@ def segment_smear_folder(
         with the scale the detector was trained at (checkpoint ``input_scale``)
     device : torch device
     detector_kwargs : extra arguments of ``MaskRCNNDetector``
-    estimate_cell_px : when given, each image's scale is measured from its red
-        cells (:func:`segmentation.magnification.estimate_scale`, white cells to
-        this many px) instead of ``settings.input_scale``; the scales used are in
+    estimate_cell_px : when given, each image's scale is measured from the image
+        (:func:`segmentation.magnification.estimate_scale`: its white cells, else its
+        red cells; white cells to this many px) instead of ``settings.input_scale``; the scales used are in
         ``uns["input_scales"]`` (image -> scale)
     """
     from dataclasses import replace
