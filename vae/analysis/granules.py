@@ -3,15 +3,19 @@
 Works the same on real crops and on images decoded by the VAE, so the two
 can be compared. For one RGB crop and its cell mask:
 
-1. nucleus: the darkest (most stained) pixels inside the cell, Otsu
-   threshold of a stain score, small specks (granules) removed, holes filled;
-2. lobes: connected parts of the nucleus core (pixels farther than
-   ``core_fraction`` x the widest half-width from the nucleus border), so
-   thin bridges between lobes do not join them;
+1. nucleus: Otsu threshold of a nucleus stain (optical density ``G - 1.5 B``)
+   inside the cell after a grey opening that removes granules; specks dropped,
+   holes filled (:func:`segment_nucleus`);
+2. lobes: watershed basins of the nucleus distance transform, split where the
+   neck between two is narrower than ``neck_ratio`` x their half-width
+   (:func:`split_lobes`);
 3. cytoplasm = cell mask minus a rim at the cell outline and a margin around
-   the nucleus (both dark and blurred, they would read as granules);
-4. granules: Laplacian-of-Gaussian blobs of the stain score inside the
-   cytoplasm; count and density (per 100 px^2 of cytoplasm);
+   the nucleus (for colour and texture);
+4. granules: peaks of the white top-hat of a density that cancels the cell's
+   own nucleus colour, over the whole cell (nucleus included) minus the rim;
+   touching granules with their own peaks count apart, lines and chromatin
+   texture do not count (:func:`detect_granules`); count and density per
+   100 px^2 of the searched area;
 5. texture: GLCM contrast of the cytoplasm grey levels;
 6. colour: circular mean hue (degrees) and mean saturation of the cytoplasm.
 """
@@ -293,9 +297,7 @@ def split_lobes(
     return out
 
 
-def count_lobes(
-    nucleus: np.ndarray, neck_ratio: float = 0.3, min_radius_px: float = 1.5
-) -> int:
+def count_lobes(nucleus: np.ndarray, neck_ratio: float = 0.3, min_radius_px: float = 1.5) -> int:
     """Nucleus lobe count (0: empty mask); see :func:`split_lobes`.
 
     Lobes whose half-width stays below ``min_radius_px`` (specks left by the
@@ -411,7 +413,9 @@ def detect_granules(
         from skimage.feature import hessian_matrix, hessian_matrix_eigvals
 
         ev = hessian_matrix_eigvals(
-            hessian_matrix(c, sigma=max(smooth_sigma, 1.0), order="rc", use_gaussian_derivatives=False)
+            hessian_matrix(
+                c, sigma=max(smooth_sigma, 1.0), order="rc", use_gaussian_derivatives=False
+            )
         )  # (2, H, W), ev[0] >= ev[1]; a peak has both < 0
         e_big = -ev[1][pk[:, 0], pk[:, 1]]
         e_small = -ev[0][pk[:, 0], pk[:, 1]]
@@ -495,8 +499,15 @@ def measure_cell(
     # cancels the nucleus stain); colour and texture are read on the cytoplasm only
     cyto = inner & ~ndi.binary_dilation(nuc, iterations=max(1, p.nucleus_margin_px))
     blobs = detect_granules(
-        img, inner, nuc, p.radius_px, p.threshold, p.smooth_sigma, p.min_distance_px,
-        p.nucleus_noise_k, p.min_roundness,
+        img,
+        inner,
+        nuc,
+        p.radius_px,
+        p.threshold,
+        p.smooth_sigma,
+        p.min_distance_px,
+        p.nucleus_noise_k,
+        p.min_roundness,
     )
     searched = int(inner.sum())
     hue, sat = cytoplasm_colour(img, cyto)

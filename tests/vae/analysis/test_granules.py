@@ -62,7 +62,10 @@ def _od_cell(dots: list[tuple[float, float]], size: int = 64):
 def _ring_dots(n: int, radius: float, phase: float = 0.0):
     c = 32
     return [
-        (c + radius * np.sin(phase + 2 * np.pi * k / n), c + radius * np.cos(phase + 2 * np.pi * k / n))
+        (
+            c + radius * np.sin(phase + 2 * np.pi * k / n),
+            c + radius * np.cos(phase + 2 * np.pi * k / n),
+        )
         for k in range(n)
     ]
 
