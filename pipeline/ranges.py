@@ -155,12 +155,11 @@ RANGES: dict[str, str] = {
     "analysis.gp_length_scale": POS,
     "analysis.gp_noise": POS,
     "analysis.top_genes": COUNT,
-    "analysis.granule_min_sigma": POS,
-    "analysis.granule_max_sigma": POS,
+    "analysis.granule_radius_px": POS,
     "analysis.granule_threshold": NONNEG,
     "analysis.granule_border_px": NONNEG,
     "analysis.granule_nucleus_margin_px": NONNEG,
-    "analysis.lobe_core_fraction": "(0,1)",
+    "analysis.lobe_neck_ratio": "(0,1)",
     "analysis.max_cells_measured": COUNT,
     # --- hardware ---
     "hardware.devices": NONNEG,
@@ -174,7 +173,6 @@ RANGES: dict[str, str] = {
 RELATIONS: list[tuple[str, str, str]] = [
     ("segmentation.min_size", "<=", "segmentation.max_size"),
     ("segmentation.tile_overlap", "<", "segmentation.tile_size"),
-    ("analysis.granule_min_sigma", "<=", "analysis.granule_max_sigma"),
 ]
 
 

@@ -1,14 +1,18 @@
-"""How well vae/analysis/granules.py reads simulator truth off real (not decoded) crops.
+"""How well vae/analysis/granules.py reads simulator truth off input (not decoded) crops.
 
-Reads a paired.h5ad with simulator truth in ``obs`` (``lobes``, ``t``,
-``granule_density``), measures every crop (or a random subset) and prints a
-table: lobe-count accuracy, Spearman of the measured granule density with the
-true total density and with the true large (azurophilic) granule density.
-Writes the numbers as JSON.
+Reads a paired.h5ad with simulator truth in ``obs`` (``kind``, ``lobes``, ``t``,
+``truncated``), measures every crop (or a random subset) and prints one row per cell
+kind and one for the neutrophil lineage: lobe-count accuracy, Spearman of the measured
+lobes with the true lobes, Spearman of the measured granule density with the true
+azurophilic density (``pipeline.simulator.morphology.azurophilic_density(t)``), mean
+granule count. With ``--real DIR`` (``cells/segmentation_wbc``) it also measures the
+real crops, cut and resized as ``stage=pair`` does, against the data set's own
+nucleus masks: nucleus IoU, lobes and granules per class (a sanity check: real cells
+have no lobe or granule truth). Writes the numbers as JSON.
 
-    .venv/bin/python scripts/vae_targets.py build --n-images 120 --out outputs/analysis_sim/paired.h5ad
-    .venv/bin/python scripts/granule_check.py outputs/analysis_sim/paired.h5ad --n 300 \
-        --out outputs/analysis_sim/granule_check.json
+    .venv/bin/python scripts/vae_targets.py build --n-images 120 --out outputs/exp/paired_sim.h5ad
+    .venv/bin/python scripts/granule_check.py outputs/exp/paired_sim.h5ad --n 1000 \\
+        --real ../shared/data/cells/segmentation_wbc --out outputs/exp/granule_check.json
 """
 
 from __future__ import annotations
@@ -22,60 +26,128 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+REAL_CLASSES = {1: "neutrophil", 2: "lymphocyte", 3: "monocyte", 4: "eosinophil", 5: "basophil"}
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("paired", type=Path)
-    ap.add_argument("--n", type=int, default=300, help="cells measured (random subset)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
 
-    import anndata as ad
-    import pandas as pd
+def _rho(x: np.ndarray, y: np.ndarray) -> float:
     from scipy import stats
+
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
+        return float("nan")
+    return float(stats.spearmanr(x[ok], y[ok])[0])
+
+
+def simulated(paired: Path, n: int, seed: int) -> dict:
+    """Per-kind and neutrophil-lineage agreement of the counters with simulator truth."""
+    import anndata as ad
 
     from pipeline.simulator.morphology import azurophilic_density
     from vae.analysis import granules as G
 
-    a = ad.read_h5ad(args.paired)
-    for col in ("lobes", "t", "granule_density", "kind"):
+    a = ad.read_h5ad(paired)
+    for col in ("lobes", "t", "kind"):
         if col not in a.obs:
-            sys.exit(f"{args.paired}: obs['{col}'] missing (not simulator data?)")
+            sys.exit(f"{paired}: obs['{col}'] missing (not simulator data?)")
     rows = np.flatnonzero(a.obs["has_image"].to_numpy().astype(bool))
-    rng = np.random.default_rng(args.seed)
-    if rows.size > args.n:
-        rows = np.sort(rng.choice(rows, args.n, replace=False))
+    rng = np.random.default_rng(seed)
+    if rows.size > n:
+        rows = np.sort(rng.choice(rows, n, replace=False))
     df = G.measure_batch(a.obsm["crops"][rows], a.obsm["masks"][rows].astype(bool))
     obs = a.obs.iloc[rows]
-    lobes = obs["lobes"].to_numpy().astype(int)
-    t = obs["t"].to_numpy().astype(float)
-    dens = obs["granule_density"].to_numpy().astype(float)
+    kind = obs["kind"].astype(str).to_numpy()
+    lobes = obs["lobes"].to_numpy(float)
+    t = obs["t"].to_numpy(float)
+    whole = ~obs.get("truncated", np.zeros(len(obs), bool)).to_numpy(bool)
     azu = np.array([azurophilic_density(x) if np.isfinite(x) else np.nan for x in t])
+    ml, md = df["lobes"].to_numpy(float), df["granule_density"].to_numpy(float)
+    mc = df["granule_count"].to_numpy(float)
+
+    def row(sel: np.ndarray) -> dict:
+        return {
+            "n": int(sel.sum()),
+            "lobe_accuracy": float((ml[sel] == lobes[sel]).mean()),
+            "lobes_spearman": _rho(ml[sel], lobes[sel]),
+            "granule_density_vs_azurophilic_spearman": _rho(md[sel], azu[sel]),
+            "granule_count_mean": float(mc[sel].mean()),
+        }
+
     neut = np.isfinite(t)
-    meas = df["granule_density"].to_numpy(float)
-
-    def rho(x, y, m):
-        m = m & np.isfinite(x) & np.isfinite(y)
-        return float(stats.spearmanr(x[m], y[m]).statistic)
-
     res = {
         "n_cells": int(rows.size),
-        "lobe_accuracy": float((df["lobes"].to_numpy() == lobes).mean()),
-        "lobe_accuracy_neutrophil_lineage": float(
-            (df["lobes"].to_numpy()[neut] == lobes[neut]).mean()
-        ),
-        "lobes_spearman": rho(df["lobes"].to_numpy(float), lobes.astype(float), np.ones_like(neut)),
-        "density_vs_true_total_spearman_all": rho(meas, dens, np.ones_like(neut)),
-        "density_vs_true_total_spearman_neutrophil": rho(meas, dens, neut),
-        "density_vs_true_azurophilic_spearman_neutrophil": rho(meas, azu, neut),
-        "glcm_contrast_vs_true_total_spearman_neutrophil": rho(
-            df["glcm_contrast"].to_numpy(float), dens, neut
-        ),
+        "neutrophil_lineage": row(neut),
+        "neutrophil_lineage_whole_cells": row(neut & whole),
     }
-    print(pd.crosstab(pd.Series(lobes, name="true lobes"), pd.Series(df["lobes"], name="measured")))
-    print()
-    print(pd.Series(res).to_string())
+    for k in dict.fromkeys(kind):
+        res[k] = row(kind == k)
+    return res
+
+
+def real(root: Path, crop_size: int) -> dict:
+    """Counters on segmentation_wbc crops: nucleus IoU with its masks, lobes, granules."""
+    import pandas as pd
+    from PIL import Image
+
+    from vae.analysis import granules as G
+    from vae.inputs.pairing import square_crop
+
+    out: dict = {}
+    for ds in ("dataset1", "dataset2"):
+        labels = root / f"{ds}_labels.csv"
+        if not labels.exists():
+            sys.exit(f"{labels}: not found (--real expects cells/segmentation_wbc)")
+        lab = pd.read_csv(labels)
+        rec = []
+        for img_id, cls in lab.iloc[:, :2].itertuples(index=False):
+            f = root / ds / f"{int(img_id):03d}.bmp"
+            if not f.exists():
+                continue
+            img = np.asarray(Image.open(f).convert("RGB"))
+            m = np.asarray(Image.open(f.with_suffix(".png")))
+            m = m[..., 0] if m.ndim == 3 else m
+            crop, cm = square_crop(img, m > 0, crop_size)
+            nuc3 = np.repeat((m == 255).astype(np.uint8)[..., None] * 255, 3, axis=2)
+            true_nuc = square_crop(nuc3, m > 0, crop_size)[0][..., 0] > 127
+            me = G.measure_cell(crop, cm)
+            iou = (me.nucleus & true_nuc).sum() / max((me.nucleus | true_nuc).sum(), 1)
+            rec.append(
+                {
+                    "class": REAL_CLASSES.get(int(cls), str(cls)),
+                    "nucleus_iou": float(iou),
+                    "lobes": me.features.lobes,
+                    "lobes_on_true_nucleus": G.count_lobes(true_nuc),
+                    "granule_count": me.features.granule_count,
+                }
+            )
+        df = pd.DataFrame(rec)
+        out[ds] = {
+            "n": len(df),
+            "nucleus_iou": float(df["nucleus_iou"].mean()),
+            "per_class": df.groupby("class").mean(numeric_only=True).round(3).to_dict("index"),
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("paired", type=Path)
+    ap.add_argument("--n", type=int, default=1000, help="cells measured (random subset)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--real", type=Path, default=None, help="cells/segmentation_wbc folder")
+    ap.add_argument("--crop-size", type=int, default=64, help="real crops are resized to this")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    import pandas as pd
+
+    res = {"simulated": simulated(args.paired, args.n, args.seed)}
+    sim = {k: v for k, v in res["simulated"].items() if isinstance(v, dict)}
+    print(pd.DataFrame(sim).T.to_string(float_format=lambda v: f"{v:.3f}"))
+    if args.real is not None:
+        res["real"] = real(args.real, args.crop_size)
+        for ds, r in res["real"].items():
+            print(f"\n{ds}: {r['n']} crops, nucleus IoU {r['nucleus_iou']:.3f}")
+            print(pd.DataFrame(r["per_class"]).T.to_string(float_format=lambda v: f"{v:.2f}"))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2) + "\n")

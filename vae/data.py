@@ -321,9 +321,10 @@ def granule_centres(
 ) -> torch.Tensor:
     """Granule centres of every crop, as the analyses count them.
 
-    The blobs of :func:`vae.analysis.granules.measure_cell` (LoG of the stain
-    score inside the cytoplasm, nucleus and cell rim excluded), so the granule
-    head learns the granules that ``stage=traverse`` measures on decoded cells.
+    The blobs of :func:`vae.analysis.granules.measure_cell` (peaks of the
+    nucleus-cancelling top-hat over the whole cell, nucleus included, the cell rim
+    excluded), so the granule head learns the granules that ``stage=traverse``
+    measures on decoded cells.
 
     Parameters
     ----------

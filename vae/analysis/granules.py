@@ -3,15 +3,19 @@
 Works the same on real crops and on images decoded by the VAE, so the two
 can be compared. For one RGB crop and its cell mask:
 
-1. nucleus: the darkest (most stained) pixels inside the cell, Otsu
-   threshold of a stain score, small specks (granules) removed, holes filled;
-2. lobes: connected parts of the nucleus core (pixels farther than
-   ``core_fraction`` x the widest half-width from the nucleus border), so
-   thin bridges between lobes do not join them;
+1. nucleus: Otsu threshold of a nucleus stain (optical density ``G - 1.5 B``)
+   inside the cell after a grey opening that removes granules; specks dropped,
+   holes filled (:func:`segment_nucleus`);
+2. lobes: watershed basins of the nucleus distance transform, split where the
+   neck between two is narrower than ``neck_ratio`` x their half-width
+   (:func:`split_lobes`);
 3. cytoplasm = cell mask minus a rim at the cell outline and a margin around
-   the nucleus (both dark and blurred, they would read as granules);
-4. granules: Laplacian-of-Gaussian blobs of the stain score inside the
-   cytoplasm; count and density (per 100 px^2 of cytoplasm);
+   the nucleus (for colour and texture);
+4. granules: peaks of the white top-hat of a density that cancels the cell's
+   own nucleus colour, over the whole cell (nucleus included) minus the rim;
+   touching granules with their own peaks count apart, lines and chromatin
+   texture do not count (:func:`detect_granules`); count and density per
+   100 px^2 of the searched area;
 5. texture: GLCM contrast of the cytoplasm grey levels;
 6. colour: circular mean hue (degrees) and mean saturation of the cytoplasm.
 """
@@ -36,17 +40,24 @@ FEATURES = [
 
 @dataclass
 class GranuleParams:
-    """Detection settings, in pixels of the crop being measured."""
+    """Detection settings, in pixels of the crop being measured (tuned on 64 px crops)."""
 
-    min_sigma: float = 1.0  # smallest granule LoG scale (radius ~ sigma * sqrt(2))
-    max_sigma: float = 2.0  # largest granule scale
-    num_sigma: int = 5
-    threshold: float = 0.10  # LoG response threshold on the stain score (0..1 units)
-    border_px: int = 2  # cytoplasm excludes this rim of the cell mask (dark outline)
-    nucleus_margin_px: int = 3  # ... and this margin around the nucleus (blurred edge)
-    # nucleus parts smaller than this share of the cell are dropped
-    nucleus_min_fraction: float = 0.03
-    core_fraction: float = 0.35  # lobe cores: distance to border > this x max distance
+    # granules: local maxima of the granule contrast (see :func:`granule_contrast`)
+    radius_px: float = 2.0  # structures narrower than a disc of this radius read as granules
+    threshold: float = 0.25  # granule contrast (optical density above its surround)
+    smooth_sigma: float = 0.7  # px, Gaussian matched to a granule before peak finding
+    min_distance_px: int = 1  # peaks closer than this merge (1: touching granules split)
+    nucleus_noise_k: float = 2.0  # over the nucleus: also this many robust sd above its texture
+    min_roundness: float = 0.4  # smaller / larger curvature at a granule peak (lines are not)
+    border_px: int = 2  # the cell's outermost rim is not searched (blurred outline)
+    # cytoplasm (colour, texture, density reference) = cell minus the rim and this margin
+    nucleus_margin_px: int = 3
+    # nucleus: Otsu threshold of the nucleus stain (see :func:`nucleus_stain`)
+    nucleus_min_fraction: float = 0.03  # parts smaller than this share of the cell are dropped
+    # lobes: basins of the nucleus distance transform joined by a neck narrower than this
+    # share of the smaller basin's half-width count as separate lobes
+    neck_ratio: float = 0.3
+    min_lobe_radius_px: float = 1.5  # basins thinner than this are not lobes
     glcm_levels: int = 32
 
 
@@ -55,7 +66,7 @@ class CellFeatures:
     """Measured features of one crop (NaN/0 where the cell is empty)."""
 
     granule_count: int
-    granule_density: float  # granules per 100 px^2 of cytoplasm
+    granule_density: float  # granules per 100 px^2 of the searched area (cell minus its rim)
     glcm_contrast: float  # GLCM contrast of the cytoplasm, distance 1, mean of 4 angles
     cytoplasm_hue: float  # degrees in [0, 360), circular mean
     cytoplasm_saturation: float  # mean HSV saturation in [0, 1]
@@ -63,6 +74,7 @@ class CellFeatures:
     nucleus_fraction: float  # nucleus area / cell area
     cell_area: int  # px
     cytoplasm_area: int  # px
+    searched_area: int  # px searched for granules: the cell minus its outer rim
 
 
 @dataclass
@@ -119,105 +131,308 @@ def mask_from_background(
     return ndi.binary_fill_holes(m)
 
 
-def segment_nucleus(
-    img: np.ndarray, cell_mask: np.ndarray, min_fraction: float = 0.03
+# optical-density weights (R, G, B) of the nucleus stain: Romanowsky nuclei absorb green
+# and pass blue; blue (basophilic) cytoplasm absorbs mostly red, pink cytoplasm and
+# eosinophil granules absorb blue too, so green minus 1.5 x blue separates the nucleus from
+# both (chosen on simulated and segmentation_wbc crops against their true nucleus masks;
+# docs/vae.md, "Measuring instruments")
+NUCLEUS_OD_WEIGHTS = (0.0, 1.0, -1.5)
+
+
+def optical_density(img: np.ndarray) -> np.ndarray:
+    """Optical density -log(I) per channel, (H, W, 3) >= 0 (white = 0; black capped at 5.5)."""
+    return -np.log(np.clip(to_float_rgb(img), 1.0 / 255.0, 1.0))
+
+
+def _fill_outside(x: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """``x`` with the pixels outside ``region`` set to the region's median (no edge response)."""
+    return np.where(region, x, np.median(x[region]))
+
+
+def nucleus_stain(
+    img: np.ndarray,
+    cell_mask: np.ndarray,
+    od_weights: tuple[float, float, float] = NUCLEUS_OD_WEIGHTS,
+    granule_radius_px: float = 2.0,
+    smooth_sigma: float = 1.0,
 ) -> np.ndarray:
-    """Nucleus mask: Otsu threshold of the stain score inside the cell.
+    """How much nucleus stain each pixel holds, with granules taken out, (H, W).
+
+    The optical density weighted by ``od_weights`` (a blue-passing stain axis), a grey
+    opening with a disc of ``granule_radius_px`` (granules narrower than the disc are
+    removed; a nucleus, even a thin band, is wider) and a Gaussian of ``smooth_sigma``.
+    Pixels outside ``cell_mask`` hold the cell's median.
+    """
+    from skimage.filters import gaussian
+    from skimage.morphology import disk, opening
+
+    cell = np.asarray(cell_mask, dtype=bool)
+    s = optical_density(img) @ np.asarray(od_weights, dtype=np.float64)
+    s = _fill_outside(s, cell)
+    if granule_radius_px > 0:
+        s = opening(s, disk(max(1, int(round(granule_radius_px)))))
+    return gaussian(s, smooth_sigma) if smooth_sigma > 0 else s
+
+
+def segment_nucleus(
+    img: np.ndarray,
+    cell_mask: np.ndarray,
+    min_fraction: float = 0.03,
+    od_weights: tuple[float, float, float] = NUCLEUS_OD_WEIGHTS,
+    granule_radius_px: float = 2.0,
+) -> np.ndarray:
+    """Nucleus mask: Otsu threshold of :func:`nucleus_stain` inside the cell.
 
     Parameters
     ----------
     img : (H, W, 3) crop.
     cell_mask : (H, W) bool.
-    min_fraction : connected parts smaller than this share of the cell area
-        are dropped (granules, noise).
+    min_fraction : connected parts smaller than this share of the cell area (and than
+        a quarter of the largest part) are dropped (noise, granule clusters).
+    od_weights : (3,) optical-density weights of the nucleus stain.
+    granule_radius_px : granules narrower than this disc are opened away first.
 
     Returns
     -------
     (H, W) bool, empty when the cell has no contrast.
     """
     from scipy import ndimage as ndi
-    from skimage.filters import gaussian, threshold_otsu
+    from skimage.filters import threshold_otsu
     from skimage.morphology import remove_small_objects
 
     cell = np.asarray(cell_mask, dtype=bool)
     if cell.sum() < 10:
         return np.zeros_like(cell)
-    # light smoothing so granules (a few px) do not survive the threshold
-    s = gaussian(stain_score(img), sigma=1.0)
+    s = nucleus_stain(img, cell, od_weights, granule_radius_px)
     vals = s[cell]
     if np.ptp(vals) < 0.05:
         return np.zeros_like(cell)
     nuc = (s > threshold_otsu(vals)) & cell
     nuc = ndi.binary_opening(nuc, iterations=1)
-    nuc = remove_small_objects(nuc, max_size=max(1, int(min_fraction * cell.sum())))
+    lab, n = ndi.label(nuc)
+    if n == 0:
+        return nuc
+    # small parts go, but not the separate lobes of a segmented nucleus: a part is kept
+    # when it holds min_fraction of the cell or a quarter of the largest part
+    largest = float(np.max(ndi.sum(nuc, lab, range(1, n + 1))))
+    small = min(min_fraction * cell.sum(), 0.25 * largest)
+    nuc = remove_small_objects(nuc, max_size=max(1, int(small)))
     return ndi.binary_fill_holes(nuc) & cell
 
 
-def count_lobes(nucleus: np.ndarray, core_fraction: float = 0.35, min_core_px: int = 2) -> int:
-    """Nucleus lobe count from the cores of its distance transform.
+def split_lobes(
+    nucleus: np.ndarray, neck_ratio: float = 0.3, min_radius_px: float = 1.5
+) -> np.ndarray:
+    """Label the lobes of a nucleus mask: watershed of its distance transform, necks split.
 
-    A lobe is a connected region of pixels whose distance to the nucleus
-    border exceeds ``core_fraction`` times the largest such distance of the
-    nucleus; thin filaments between lobes fall below the threshold and split
-    them, a round, kidney or band nucleus keeps one core.
+    Every regional maximum of the distance transform (the nucleus half-width) seeds a
+    basin; two touching basins are one lobe unless the widest point of their shared
+    border (the neck, in half-width) is narrower than ``neck_ratio`` x the half-width
+    of the thinner of the two. Merging goes from the widest neck down (a merge tree),
+    so a band's even ridge stays one lobe and a filament or a pinch splits lobes.
 
     Parameters
     ----------
     nucleus : (H, W) bool mask.
-    core_fraction : share of the maximum half-width that defines a core.
-    min_core_px : cores smaller than this are ignored.
+    neck_ratio : neck / half-width below which two basins are separate lobes, in (0, 1).
+    min_radius_px : basins whose half-width stays below this (specks, filaments) are
+        not lobes; they join their widest neighbour.
+
+    Returns
+    -------
+    (H, W) int: 0 outside, 1..L one label per lobe.
     """
     from scipy import ndimage as ndi
+    from skimage.measure import label
+    from skimage.morphology import local_maxima
+    from skimage.segmentation import watershed
 
     nuc = np.asarray(nucleus, dtype=bool)
     if not nuc.any():
-        return 0
+        return np.zeros(nuc.shape, dtype=int)
     dt = ndi.distance_transform_edt(np.pad(nuc, 1))[1:-1, 1:-1]
-    core = dt > core_fraction * dt.max()
-    lab, n = ndi.label(core)
-    if n == 0:
-        return 1
-    sizes = ndi.sum(core, lab, range(1, n + 1))
-    return max(1, int((sizes >= min_core_px).sum()))
+    markers = label(local_maxima(dt, connectivity=2) & nuc, connectivity=2)
+    basins = watershed(-dt, markers, mask=nuc, connectivity=1)
+    n = int(basins.max())
+    if n <= 1:
+        return basins
+    peak = np.asarray(ndi.maximum(dt, basins, range(1, n + 1)))  # half-width per basin
+    # necks: for each pair of 4-neighbour pixels in different basins, min(dt) of the two;
+    # the neck of two basins is the largest such value along their border
+    necks: dict[tuple[int, int], float] = {}
+    for a, b, da, db in (
+        (basins[:, :-1], basins[:, 1:], dt[:, :-1], dt[:, 1:]),
+        (basins[:-1, :], basins[1:, :], dt[:-1, :], dt[1:, :]),
+    ):
+        sel = (a != b) & (a > 0) & (b > 0)
+        for i, j, v in zip(a[sel], b[sel], np.minimum(da, db)[sel]):
+            key = (int(min(i, j)), int(max(i, j)))
+            if v > necks.get(key, -1.0):
+                necks[key] = float(v)
+    parent = list(range(n + 1))
+    top = np.concatenate([[0.0], peak])  # widest half-width of each merged set
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for (i, j), v in sorted(necks.items(), key=lambda kv: -kv[1]):
+        ri, rj = find(i), find(j)
+        if ri == rj:
+            continue
+        thin = min(top[ri], top[rj])
+        if v >= neck_ratio * thin or thin < min_radius_px:
+            parent[rj] = ri
+            top[ri] = max(top[ri], top[rj])
+    roots = np.array([find(i) for i in range(n + 1)])
+    lab = roots[basins]
+    lab[~nuc] = 0
+    # renumber 1..L
+    u = np.unique(lab[lab > 0])
+    out = np.zeros_like(lab)
+    for k, r in enumerate(u, 1):
+        out[lab == r] = k
+    return out
+
+
+def count_lobes(nucleus: np.ndarray, neck_ratio: float = 0.3, min_radius_px: float = 1.5) -> int:
+    """Nucleus lobe count (0: empty mask); see :func:`split_lobes`.
+
+    Lobes whose half-width stays below ``min_radius_px`` (specks left by the
+    segmentation) are not counted unless nothing else is left.
+    """
+    from scipy import ndimage as ndi
+
+    lab = split_lobes(nucleus, neck_ratio, min_radius_px)
+    n = int(lab.max())
+    if n <= 1:
+        return n
+    dt = ndi.distance_transform_edt(np.pad(lab > 0, 1))[1:-1, 1:-1]
+    width = np.asarray(ndi.maximum(dt, lab, range(1, n + 1)))
+    return max(1, int((width >= min_radius_px).sum()))
+
+
+def granule_channel(img: np.ndarray, nucleus: np.ndarray | None = None) -> np.ndarray:
+    """Optical density along which granules stand out and the nucleus does not, (H, W).
+
+    ``OD_G - k OD_R`` with ``k`` the cell's own nucleus green/red density ratio (median
+    over ``nucleus``), so the nucleus, its chromatin clumps and the filaments between
+    lobes read ~0 and a granule (magenta-purple: it passes red, absorbs green) adds its
+    own density on top of cytoplasm and nucleus alike. Without a nucleus: ``OD_G``.
+    """
+    od = optical_density(img)
+    nuc = None if nucleus is None else np.asarray(nucleus, dtype=bool)
+    if nuc is None or nuc.sum() < 4:
+        return od[..., 1]
+    r = od[..., 0][nuc]
+    k = float(np.median(od[..., 1][nuc]) / max(np.median(r), 1e-3))
+    return od[..., 1] - np.clip(k, 0.0, 3.0) * od[..., 0]
+
+
+def granule_contrast(
+    img: np.ndarray, region: np.ndarray, nucleus: np.ndarray | None = None, radius_px: float = 2.0
+) -> np.ndarray:
+    """Granule contrast: white top-hat of :func:`granule_channel`, (H, W), >= 0.
+
+    The channel minus its grey opening with a disc of ``radius_px``: what is narrower
+    than the disc and denser than its surround (a granule), in optical density.
+    Pixels outside ``region`` hold the region's median first, so its outline does not
+    respond.
+    """
+    from skimage.morphology import disk, white_tophat
+
+    reg = np.asarray(region, dtype=bool)
+    s = _fill_outside(granule_channel(img, nucleus), reg)
+    return white_tophat(s, disk(max(1, int(round(radius_px)))))
 
 
 def detect_granules(
     img: np.ndarray,
-    cytoplasm: np.ndarray,
-    min_sigma: float = 1.0,
-    max_sigma: float = 2.0,
-    num_sigma: int = 5,
-    threshold: float = 0.10,
+    region: np.ndarray,
+    nucleus: np.ndarray | None = None,
+    radius_px: float = 2.0,
+    threshold: float = 0.25,
+    smooth_sigma: float = 0.7,
+    min_distance_px: int = 1,
+    nucleus_noise_k: float = 2.0,
+    min_roundness: float = 0.4,
 ) -> np.ndarray:
-    """Granule-like blobs (LoG) of the stain score inside the cytoplasm.
+    """Granules: local maxima of the smoothed :func:`granule_contrast` inside ``region``.
 
-    Pixels outside the cytoplasm are set to the cytoplasm's median score, so
-    the nucleus border and the cell outline do not respond.
+    Every local maximum above ``threshold`` (optical density) is one granule, so
+    touching granules, each with its own peak, count separately; the Gaussian of
+    ``smooth_sigma`` (matched to a granule) keeps pixel noise from splitting one.
+
+    Parameters
+    ----------
+    img : (H, W, 3) crop.
+    region : (H, W) bool where granules are searched (the cell, nucleus included).
+    nucleus : (H, W) bool nucleus mask (sets the granule channel); None: green density.
+    nucleus_noise_k : over the nucleus (and 1 px around it) a granule must also stand
+        ``nucleus_noise_k`` robust sd (1.4826 MAD) above the median contrast there, so
+        chromatin texture and colour fringes at the nuclear border, which the granule
+        channel cancels only in part on real stains, do not count; granules on a pale,
+        even nucleus (early cells) still do.
+    min_roundness : a peak must curve down in every direction: the smaller Hessian
+        eigenvalue of the contrast (Gaussian ``max(smooth_sigma, 1)``) at least this share of
+        the larger one, so lines (the nuclear envelope, filaments between lobes, the
+        outline) are not granules; 0 keeps every peak.
 
     Returns
     -------
-    (k, 3) float: row, col, sigma of each blob whose centre lies in the cytoplasm.
+    (k, 3) float: row, col, sigma (``radius_px`` / sqrt 2) of each granule.
     """
-    from skimage.feature import blob_log
+    from skimage.feature import peak_local_max
+    from skimage.filters import gaussian
 
-    cyto = np.asarray(cytoplasm, dtype=bool)
-    if cyto.sum() < 4:
+    reg = np.asarray(region, dtype=bool)
+    if reg.sum() < 4:
         return np.zeros((0, 3))
-    s = stain_score(img)
-    flat = np.where(cyto, s, np.median(s[cyto]))
-    blobs = blob_log(
-        flat,
-        min_sigma=min_sigma,
-        max_sigma=max_sigma,
-        num_sigma=num_sigma,
-        threshold=threshold,
+    c = granule_contrast(img, reg, nucleus, radius_px)
+    if smooth_sigma > 0:
+        c = gaussian(c, smooth_sigma)
+    pk = peak_local_max(
+        c,
+        min_distance=max(1, int(min_distance_px)),
+        threshold_abs=threshold,
+        labels=reg.astype(np.int32),
         exclude_border=False,
     )
-    if len(blobs) == 0:
+    if len(pk) > 1:  # a flat top (ties, e.g. uint8 input) gives adjacent peaks: one granule
+        from scipy import ndimage as ndi
+
+        on = np.zeros(c.shape, dtype=bool)
+        on[pk[:, 0], pk[:, 1]] = True
+        lab, n = ndi.label(on, structure=np.ones((3, 3)))
+        if n < len(pk):
+            cen = np.asarray(ndi.center_of_mass(on, lab, range(1, n + 1)))
+            pk = np.rint(cen).astype(int)
+    if len(pk) and min_roundness > 0:
+        from skimage.feature import hessian_matrix, hessian_matrix_eigvals
+
+        ev = hessian_matrix_eigvals(
+            hessian_matrix(
+                c, sigma=max(smooth_sigma, 1.0), order="rc", use_gaussian_derivatives=False
+            )
+        )  # (2, H, W), ev[0] >= ev[1]; a peak has both < 0
+        e_big = -ev[1][pk[:, 0], pk[:, 1]]
+        e_small = -ev[0][pk[:, 0], pk[:, 1]]
+        pk = pk[(e_big > 0) & (e_small >= min_roundness * e_big)]
+    nuc = None if nucleus is None else np.asarray(nucleus, dtype=bool)
+    if len(pk) and nuc is not None and nuc.sum() >= 16 and nucleus_noise_k > 0:
+        from scipy import ndimage as ndi
+
+        v = c[nuc]
+        med = float(np.median(v))
+        floor = med + nucleus_noise_k * 1.4826 * float(np.median(np.abs(v - med)))
+        near = ndi.binary_dilation(nuc, iterations=1)
+        keep = ~near[pk[:, 0], pk[:, 1]] | (c[pk[:, 0], pk[:, 1]] >= floor)
+        pk = pk[keep]
+    if len(pk) == 0:
         return np.zeros((0, 3))
-    r = blobs[:, 0].astype(int)
-    c = blobs[:, 1].astype(int)
-    return blobs[cyto[r, c]]
+    return np.column_stack([pk.astype(np.float64), np.full(len(pk), radius_px / np.sqrt(2))])
 
 
 def glcm_contrast(img: np.ndarray, region: np.ndarray, levels: int = 32) -> float:
@@ -278,23 +493,35 @@ def measure_cell(
     cell = np.asarray(cell_mask, dtype=bool)
     if cell.shape != np.asarray(img).shape[:2]:
         raise ValueError(f"cell_mask shape {cell.shape} does not match image {np.shape(img)}")
-    nuc = segment_nucleus(img, cell, p.nucleus_min_fraction)
-    cyto = cell & ~ndi.binary_dilation(nuc, iterations=max(1, p.nucleus_margin_px))
-    if p.border_px > 0:
-        cyto &= ndi.binary_erosion(cell, iterations=p.border_px)
-    blobs = detect_granules(img, cyto, p.min_sigma, p.max_sigma, p.num_sigma, p.threshold)
-    area = int(cyto.sum())
+    nuc = segment_nucleus(img, cell, p.nucleus_min_fraction, granule_radius_px=p.radius_px)
+    inner = ndi.binary_erosion(cell, iterations=p.border_px) if p.border_px > 0 else cell
+    # granules are searched over the whole cell, nucleus included (the granule channel
+    # cancels the nucleus stain); colour and texture are read on the cytoplasm only
+    cyto = inner & ~ndi.binary_dilation(nuc, iterations=max(1, p.nucleus_margin_px))
+    blobs = detect_granules(
+        img,
+        inner,
+        nuc,
+        p.radius_px,
+        p.threshold,
+        p.smooth_sigma,
+        p.min_distance_px,
+        p.nucleus_noise_k,
+        p.min_roundness,
+    )
+    searched = int(inner.sum())
     hue, sat = cytoplasm_colour(img, cyto)
     feats = CellFeatures(
         granule_count=len(blobs),
-        granule_density=float(100.0 * len(blobs) / area) if area else float("nan"),
+        granule_density=float(100.0 * len(blobs) / searched) if searched else float("nan"),
         glcm_contrast=glcm_contrast(img, cyto, p.glcm_levels),
         cytoplasm_hue=hue,
         cytoplasm_saturation=sat,
-        lobes=count_lobes(nuc, p.core_fraction),
+        lobes=count_lobes(nuc, p.neck_ratio, p.min_lobe_radius_px),
         nucleus_fraction=float(nuc.sum() / cell.sum()) if cell.any() else float("nan"),
         cell_area=int(cell.sum()),
-        cytoplasm_area=area,
+        cytoplasm_area=int(cyto.sum()),
+        searched_area=searched,
     )
     return CellMeasurement(features=feats, nucleus=nuc, cytoplasm=cyto, blobs=blobs)
 

@@ -48,12 +48,11 @@ class AnalysisSettings:
     gp_noise: float = 1e-3
     top_genes: int = 20  # genes listed in the report
     # granule quantification, vae/analysis/granules.py (pixels of the crop: tuned on 64 px crops)
-    granule_min_sigma: float = 1.0  # LoG scales of a granule
-    granule_max_sigma: float = 2.0
-    granule_threshold: float = 0.10  # LoG threshold on the stain score (1 - luminance)
+    granule_radius_px: float = 2.0  # structures narrower than this disc read as granules
+    granule_threshold: float = 0.25  # granule contrast, optical density above its surround
     granule_border_px: int = 2  # rim of the cell outline left out of the cytoplasm
     granule_nucleus_margin_px: int = 3  # margin around the nucleus left out
-    lobe_core_fraction: float = 0.35  # lobe = core deeper than this x max nucleus half-width
+    lobe_neck_ratio: float = 0.3  # lobes: basins joined by a neck < this x their half-width
     max_cells_measured: int = 400  # real crops quantified (random subset of the split)
     # study.html, the interactive page next to report.html (vae/analysis/study_page.py)
     page_max_cells: int = 1500  # cells in its scatter (random subset; ~4 kB of PNG each)

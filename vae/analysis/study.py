@@ -105,12 +105,11 @@ def traverse_study(
     d = Z.shape[1]
     rows = split_rows(lat, a.split)
     params = G.GranuleParams(
-        min_sigma=a.granule_min_sigma,
-        max_sigma=a.granule_max_sigma,
+        radius_px=a.granule_radius_px,
         threshold=a.granule_threshold,
         border_px=a.granule_border_px,
         nucleus_margin_px=a.granule_nucleus_margin_px,
-        core_fraction=a.lobe_core_fraction,
+        neck_ratio=a.lobe_neck_ratio,
     )
     bg = background
     tb = out_files.tb

@@ -40,22 +40,95 @@ def draw_nucleus(img, kind, c):
         img[ellipse(c, c, 5, 16, shape=img.shape[:2])] = PURPLE
 
 
+# optical densities (R, G, B) of the simulator's colours (pipeline.simulator.morphology)
+OD_PINK = -np.log(np.array([232, 200, 220]) / 255)  # mature cytoplasm
+OD_NUC = -np.log(np.array([152, 132, 215]) / 255)  # pale early nucleus
+OD_GRAN = 0.9 * -np.log(np.array([95, 25, 105]) / 255)  # azurophilic granule
+
+
+def _od_cell(dots: list[tuple[float, float]], size: int = 64):
+    """Cell (r=28) in optical density: pink cytoplasm, pale round nucleus (r=11),
+    a Gaussian granule (sd 1 px) at each (row, col) of ``dots``; returns RGB, mask."""
+    yy, xx = np.mgrid[:size, :size].astype(float)
+    c = size / 2
+    cell = np.hypot(yy - c, xx - c) < 28
+    nuc = np.hypot(yy - c, xx - c) < 11
+    od = np.where(nuc[..., None], OD_NUC, OD_PINK) * cell[..., None]
+    for r, q in dots:
+        od = od + np.exp(-((yy - r) ** 2 + (xx - q) ** 2) / 2.0)[..., None] * OD_GRAN
+    return np.exp(-od), cell
+
+
+def _ring_dots(n: int, radius: float, phase: float = 0.0):
+    c = 32
+    return [
+        (
+            c + radius * np.sin(phase + 2 * np.pi * k / n),
+            c + radius * np.cos(phase + 2 * np.pi * k / n),
+        )
+        for k in range(n)
+    ]
+
+
 @pytest.mark.parametrize("n", [0, 1, 7, 12])
-def test_granule_count_on_hand_drawn_disk_is_exact(n):
-    img, cell = _cell(n)
+def test_granule_count_on_drawn_cytoplasm_is_exact(n):
+    img, cell = _od_cell(_ring_dots(n, 19))
     m = G.measure_cell(img, cell)
     assert m.features.granule_count == n
     assert m.features.lobes == 1
-    # density per 100 px^2 of cytoplasm
-    assert m.features.granule_density == pytest.approx(100 * n / m.features.cytoplasm_area)
+    # density per 100 px^2 of the searched area (the cell minus its rim)
+    assert m.features.granule_density == pytest.approx(100 * n / m.features.searched_area)
 
 
-def test_granules_are_not_counted_in_the_nucleus_or_outside_the_cell():
-    img, cell = _cell(5)
-    # dark dots inside the nucleus and on the background must not count
-    img[disk((50, 50), 1.6)] = (0.1, 0.05, 0.15)
-    img[disk((3, 3), 1.6)] = GRANULE
-    assert G.measure_cell(img, cell).features.granule_count == 5
+def test_granules_over_the_nucleus_and_touching_granules_count():
+    # 6 granules over the pale nucleus, and 2 pairs of touching granules (3 px apart)
+    dots = _ring_dots(6, 6) + [(12, 30), (12, 33), (50, 30), (50, 33)]
+    img, cell = _od_cell(dots)
+    m = G.measure_cell(img, cell)
+    assert m.features.granule_count == 10
+    assert m.nucleus[32, 32] and m.features.lobes == 1
+
+
+def test_granules_outside_the_cell_and_lines_do_not_count():
+    img, cell = _od_cell(_ring_dots(5, 19))
+    od = -np.log(img)
+    od[2:5, 2:5] += OD_GRAN  # a dot on the background
+    od[20, 24:40] += OD_GRAN  # a thin line (a filament, an outline): not a granule
+    assert G.measure_cell(np.exp(-od), cell).features.granule_count == 5
+
+
+def _sim_crop(kind: str, t: float | None, seed: int):
+    """One cell drawn by the simulator, blurred as a smear is, cropped like stage=pair."""
+    from scipy import ndimage as ndi
+
+    from pipeline.simulator.cell import draw_cell
+    from pipeline.simulator.morphology import morphology
+    from vae.inputs.pairing import square_crop
+
+    m = morphology(kind, t, 60.0)
+    p = draw_cell(m, m.diameter, np.random.default_rng(seed))
+    od = ndi.gaussian_filter(p.od * p.alpha[..., None], (0.7, 0.7, 0))
+    rgb = np.clip(np.rint(242 * np.exp(-od)), 0, 255).astype(np.uint8)
+    return square_crop(rgb, p.mask, 64)
+
+
+def test_counters_read_simulated_lobes_and_azurophilic_density():
+    """Drawn neutrophil-lineage cells along t: lobes and granule density track the truth."""
+    from scipy.stats import spearmanr
+
+    from pipeline.simulator.morphology import azurophilic_density, lobes_of, stage_of
+
+    ts = np.linspace(0.02, 0.99, 24)
+    crops = [_sim_crop(stage_of(t), t, 100 + i) for i, t in enumerate(ts)]
+    feats = [G.measure_cell(c, m).features for c, m in crops]
+    lobes = np.array([f.lobes for f in feats])
+    truth = np.array([lobes_of(t) for t in ts])
+    assert (lobes == truth).mean() >= 0.9
+    assert spearmanr(lobes, truth)[0] >= 0.9
+    dens = np.array([f.granule_density for f in feats])
+    assert spearmanr(dens, [azurophilic_density(t) for t in ts])[0] >= 0.85
+    # no azurophilic granules are drawn late (t > 0.6): none found there
+    assert dens[ts > 0.6].max() == 0
 
 
 @pytest.mark.parametrize("kind,lobes", [("round", 1), ("band", 1), ("three_lobes", 3)])
@@ -101,7 +174,7 @@ def test_texture_and_hue():
 
 
 def test_mask_from_background_and_batch():
-    img, cell = _cell(3)
+    img, cell = _od_cell(_ring_dots(3, 19))
     m = G.mask_from_background(img, BG)
     assert (m == cell).mean() > 0.99
     df = G.measure_batch(np.stack([img, img]), np.stack([cell, cell]))
