@@ -236,9 +236,12 @@ def scvi_imputation(counts_ref, counts_query, args) -> tuple[np.ndarray | None, 
     or why nothing did).
     """
     py = args.scvi_python
-    probe = subprocess.run(
-        [py, "-c", "import scvi; print(scvi.__version__)"], capture_output=True, text=True
-    )
+    try:
+        probe = subprocess.run(
+            [py, "-c", "import scvi; print(scvi.__version__)"], capture_output=True, text=True
+        )
+    except OSError as e:  # no such interpreter
+        return None, f"not run: cannot start {py} ({e}); see --scvi-python"
     if probe.returncode != 0:
         err = (probe.stderr.strip().splitlines() or ["no output"])[-1]
         return None, f"not run: {py} cannot import scvi-tools ({err}); see --scvi-python"

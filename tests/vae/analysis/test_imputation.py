@@ -136,6 +136,9 @@ def test_bench_says_why_scvi_did_not_run(tmp_path):
     pred, status = bench.scvi_imputation(counts, counts, _scvi_args(str(fake)))
     assert pred is None
     assert status.startswith("not run") and str(fake) in status and "scvi" in status
+    missing = str(tmp_path / "no-such-python")
+    pred, status = bench.scvi_imputation(counts, counts, _scvi_args(missing))
+    assert pred is None and status.startswith("not run") and missing in status
 
 
 @pytest.mark.slow
