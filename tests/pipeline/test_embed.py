@@ -139,6 +139,17 @@ def test_crops_and_expression_with_samples(study: Path):
     assert q.obsm["crops"].shape[1:] == (16, 16, 3)
     assert set(q.obs["vae_sample"]) == {"pat1", "pat2", "pat3"}
     assert (q.obs.loc[q.obs["vae_input"] == "expression", "donor_note"] == "keep me").all()
+    # each input is scored on the modality it has: crops on the image scores only
+    from vae.inputs.schema import ANOMALY_COLUMNS, ANOMALY_SCORE
+
+    crops = (q.obs["vae_input"] == "crops").to_numpy()
+    for key, col in ANOMALY_COLUMNS.items():
+        v = q.obs[col].to_numpy(float)
+        if key.startswith("image"):
+            assert np.isfinite(v[crops]).all() and np.isnan(v[~crops]).all(), col
+        elif key.startswith("expression"):
+            assert np.isnan(v[crops]).all() and np.isfinite(v[~crops]).all(), col
+    assert np.isfinite(q.obs[ANOMALY_SCORE]).all()
     rej = pd.read_csv(d / "rejects.csv")
     assert rej["item"].str.endswith("broken.png").sum() == 1
     import json
