@@ -8,9 +8,10 @@ score of ``latent.h5ad`` finds the held-out kind among the other test cells
 (ROC AUC)::
 
     .venv/bin/python scripts/bench_anomaly.py                  # myeloblast held out
-    .venv/bin/python scripts/bench_anomaly.py --kinds myeloblast eosinophil
+    .venv/bin/python scripts/bench_anomaly.py --kinds myeloblast eosinophil --seeds 0 1
 
-Prints a table and writes ``outputs/bench_anomaly/anomaly.json``.
+Each seed builds its own data set and trains its own models. Prints a table (and
+the mean over seeds) and writes ``outputs/bench_anomaly/anomaly.json``.
 
 ``--latent`` scores a finished run instead (one trained with
 ``trainer.exclude_labels``): the AUC of each score for the rows labelled with
@@ -46,84 +47,25 @@ def main() -> None:
     ap.add_argument("--n-images", type=int, default=100)
     ap.add_argument("--minutes", type=float, default=2.5, help="training wall cap per run")
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_anomaly")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="one data set and training per seed"
+    )
     ap.add_argument(
         "--latent", type=Path, default=None, help="score this latent.h5ad, train nothing"
     )
     args = ap.parse_args()
-    from vae.analysis.anomaly import roc_auc
-    from vae.inputs.schema import ANOMALY_COLUMNS
-
     if args.latent is not None:
         score_run(args.latent, args.kinds)
         return
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    py = sys.executable
-    paired = args.out / f"paired_{args.n_images}.h5ad"
     t0 = time.time()
-    if not paired.exists():
-        subprocess.run(
-            [
-                py,
-                str(ROOT / "scripts" / "vae_targets.py"),
-                "build",
-                "--n-images",
-                str(args.n_images),
-                "--seed",
-                str(args.seed),
-                "--out",
-                str(paired),
-            ],
-            check=True,
-            env=env,
-            cwd=ROOT,
-        )
-    import anndata as ad
-
     results = {}
-    for kind in args.kinds:
-        variant = f"without_{kind}"
-        cmd = [
-            py,
-            "-m",
-            "pipeline",
-            "stage=train",
-            f"experiment={args.out.name}",
-            f"paths.root={args.out.parent}",
-            f"variant={variant}",
-            f"paths.inputs.paired={paired}",
-            f"trainer.exclude_labels=[{kind}]",
-            f"trainer.max_minutes={args.minutes}",
-            "trainer.projector_max_cells=0",
-            "hardware.torch_threads=1",
-            f"seed={args.seed}",
-            "overwrite=true",
-        ]
-        t1 = time.time()
-        subprocess.run(cmd, check=True, env=env, cwd=ROOT)
-        lat = ad.read_h5ad(args.out / "train" / variant / "latent.h5ad")
-        obs = lat.obs
-        test = obs["split"].astype(str).to_numpy() == "test"
-        pos = obs["label"].astype(str).to_numpy() == kind
-        assert not (pos & ~test).any(), "a held-out cell was trained on"
-        aucs = {
-            name: roc_auc(obs[col].to_numpy(dtype=float)[test], pos[test])
-            for name, col in ANOMALY_COLUMNS.items()
-        }
-        summ = json.loads((args.out / "train" / variant / "train_summary.json").read_text())
-        results[kind] = {
-            "auc": aucs,
-            "n_test": int(test.sum()),
-            "n_held_out": int(pos.sum()),
-            "epochs": summ.get("epochs"),
-            "train_seconds": round(time.time() - t1, 1),
-            "median_score_held_out": float(np.nanmedian(obs["anomaly_score"][pos])),
-            "median_score_other_test": float(np.nanmedian(obs["anomaly_score"][test & ~pos])),
-        }
+    for seed in args.seeds:
+        for kind in args.kinds:
+            results[f"{kind} seed {seed}"] = train_and_score(kind, seed, args, env)
     out = {
         "n_images": args.n_images,
-        "n_cells": int(ad.read_h5ad(paired, backed="r").n_obs),
         "results": results,
         "seconds": round(time.time() - t0, 1),
         "load_average": os.getloadavg(),
@@ -131,14 +73,72 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "anomaly.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
     table = pd.DataFrame({k: v["auc"] for k, v in results.items()})
-    table.loc["n held out / n test"] = [
+    if len(args.seeds) > 1:
+        for kind in args.kinds:
+            table[f"{kind} mean"] = table[[f"{kind} seed {s}" for s in args.seeds]].mean(1)
+    shown = table.astype(object)
+    shown.loc["n held out / n test"] = [
         f"{v['n_held_out']}/{v['n_test']}" for v in results.values()
-    ]
-    print(
-        f"\nROC AUC of each score for the held-out kind among the test cells ({out['n_cells']} cells):"
+    ] + [""] * (table.shape[1] - len(results))
+    shown.loc["epochs"] = [v["epochs"] for v in results.values()] + [""] * (
+        table.shape[1] - len(results)
     )
-    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"wrote {args.out / 'anomaly.json'} ({out['seconds']} s)")
+    print("\nROC AUC of each score for the held-out kind among the test cells:")
+    print(shown.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {args.out / 'anomaly.json'} ({out['seconds']} s, load {os.getloadavg()})")
+
+
+def train_and_score(kind: str, seed: int, args, env) -> dict:
+    """Build (once per seed) the simulated pairs, train without ``kind``, score the test cells."""
+    import anndata as ad
+
+    from vae.analysis.anomaly import roc_auc
+    from vae.inputs.schema import ANOMALY_COLUMNS
+
+    py = sys.executable
+    paired = args.out / f"paired_{args.n_images}_seed{seed}.h5ad"
+    if not paired.exists():
+        build = [py, str(ROOT / "scripts" / "vae_targets.py"), "build"]
+        build += ["--n-images", str(args.n_images), "--seed", str(seed), "--out", str(paired)]
+        subprocess.run(build, check=True, env=env, cwd=ROOT)
+    variant = f"without_{kind}_seed{seed}"
+    cmd = [
+        py,
+        "-m",
+        "pipeline",
+        "stage=train",
+        f"experiment={args.out.name}",
+        f"paths.root={args.out.parent}",
+        f"variant={variant}",
+        f"paths.inputs.paired={paired}",
+        f"trainer.exclude_labels=[{kind}]",
+        f"trainer.max_minutes={args.minutes}",
+        "trainer.projector_max_cells=0",
+        "hardware.torch_threads=1",
+        f"seed={seed}",
+        "overwrite=true",
+    ]
+    t1 = time.time()
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    run = args.out / "train" / variant
+    obs = ad.read_h5ad(run / "latent.h5ad").obs
+    test = obs["split"].astype(str).to_numpy() == "test"
+    pos = obs["label"].astype(str).to_numpy() == kind
+    assert not (pos & ~test).any(), "a held-out cell was trained on"
+    summ = json.loads((run / "train_summary.json").read_text())
+    return {
+        "auc": {
+            name: roc_auc(obs[col].to_numpy(dtype=float)[test], pos[test])
+            for name, col in ANOMALY_COLUMNS.items()
+        },
+        "n_cells": int(obs.shape[0]),
+        "n_test": int(test.sum()),
+        "n_held_out": int(pos.sum()),
+        "epochs": summ.get("epochs"),
+        "train_seconds": round(time.time() - t1, 1),
+        "median_score_held_out": float(np.nanmedian(obs["anomaly_score"][pos])),
+        "median_score_other_test": float(np.nanmedian(obs["anomaly_score"][test & ~pos])),
+    }
 
 
 def score_run(latent: Path, kinds: list[str]) -> None:

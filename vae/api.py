@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vae.inputs.schema import HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
+from vae.inputs.schema import ANOMALY_COLUMNS, HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ OBS_COLUMNS = (
     "vae_label_confidence",
     "vae_maturation",
     "vae_stage",
+    *ANOMALY_COLUMNS.values(),
 )
 
 
@@ -145,6 +146,7 @@ class Study:
         self.impute, self.impute_iterations = impute, int(impute_iterations)
         self._path = None
         self._ref_expr = None
+        self._anomaly_ref = None
         if "X_vae" not in reference.obsm:
             raise StudyError(f"{latent_path}: obsm['X_vae'] is missing (not a latent.h5ad?)")
         ns = int(meta["n_shared"])
@@ -772,6 +774,41 @@ class Study:
             raise StudyError(f"decode: z must be (n, {d}) full codes; got {z.shape}")
         return decode(self.model, z, batch_size, self.device)
 
+    # --------------------------------------------------------------- anomaly
+    def anomaly_scores(self, data, latents=None, batch_size: int = 256) -> pd.DataFrame:
+        """Atypical-cell scores of prepared rows against the study's training rows.
+
+        The score functions of ``stage=train`` (:mod:`vae.analysis.anomaly`): per
+        modality the reconstruction cost, the kNN distance and the class distance of
+        the unimodal mean, each a robust z against the training rows of
+        ``latent.h5ad``, and their mean ``anomaly_score``.
+
+        Parameters
+        ----------
+        data : prepared tensors (:meth:`prepare`)
+        latents : :class:`vae.infer.Latents` of ``data`` when already encoded
+
+        Returns
+        -------
+        DataFrame, one row per row of ``data``, columns
+        ``vae.inputs.schema.ANOMALY_COLUMNS``' values (NaN where a row lacks the
+        modality).
+        """
+        from vae.analysis import anomaly as A
+        from vae.infer import reconstruction_nll
+
+        ns, npv = self.n_shared, int(self.meta["n_private"])
+        if self._anomaly_ref is None:
+            self._anomaly_ref = A.reference_from_latent(self.reference, ns, npv)
+        lat = latents if latents is not None else self.encode(data, batch_size)
+        rec = reconstruction_nll(self.model, data, self.device, batch_size)
+        z = {
+            "image": A.modality_latent(lat.image, ns, npv, "image"),
+            "expression": A.modality_latent(lat.expression, ns, npv, "expression"),
+        }
+        recs = {"image": rec.image, "expression": rec.expression}
+        return A.score_rows(recs, z, self._anomaly_ref)
+
     # ----------------------------------------------------------------- embed
     def embed(self, adata, source: str = "query", batch_size: int = 256):
         """Everything at once: a copy of ``adata``'s obs with the study's readings.
@@ -781,8 +818,8 @@ class Study:
         AnnData with the input's obs columns untouched plus ``vae_modality``
         (image / expression / both), ``vae_label`` + ``vae_label_confidence``
         (:meth:`transfer_labels`), ``vae_maturation`` + ``vae_stage``
-        (:meth:`maturation_position`; NaN / "" when the study has no path);
-        ``obsm``: ``X_vae``, ``X_vae_image``, ``X_vae_expression``,
+        (:meth:`maturation_position`; NaN / "" when the study has no path), the
+        atypical-cell scores of :meth:`anomaly_scores` (``anomaly_*``); ``obsm``: ``X_vae``, ``X_vae_image``, ``X_vae_expression``,
         ``X_vae_full``, ``X_vae_logvar`` (+ private blocks), ``crops``/``masks``
         at the model's size when there are images; ``uns["genes"]``: the
         :class:`GeneReport`. Rows with neither modality are dropped (listed in
@@ -813,6 +850,8 @@ class Study:
         if hi.any():
             out.obsm["crops"] = data.crops.permute(0, 2, 3, 1).numpy()
             out.obsm["masks"] = data.masks[:, 0].numpy().astype(bool)
+        for col, v in self.anomaly_scores(data, lat).items():
+            out.obs[col] = v.to_numpy(dtype=np.float32)  # float32 as in latent.h5ad
         out = out[keep].copy()
         lab = self.transfer_labels(out.obsm["X_vae"])
         out.obs["vae_label"] = lab["label"].to_numpy().astype(str)

@@ -200,7 +200,7 @@ class ReconstructionNLL:
         (NaN without an image); the Gaussian NLL up to a shared constant
     expression : (n,) negative log-likelihood per gene under the model's
         expression likelihood (NB/ZINB over counts, Gaussian over log values;
-        NaN without expression)
+        NaN without expression, and for a count model given no counts)
     """
 
     image: np.ndarray
@@ -229,6 +229,11 @@ def reconstruction_nll(
             expr_out.append(np.full(b.x.shape[0], np.nan, np.float32))
             continue
         de = model.decode(post.expression[0], torch.zeros_like(b.has_image))
+        if b.counts is None and de.expression_log_sd is None:
+            # a count likelihood without counts (a log-normalised query): not on the
+            # training scale, so not scored
+            expr_out.append(np.full(b.x.shape[0], np.nan, np.float32))
+            continue
         nll = expression_nll(de, b.x, b.counts, b.library, late_mask=False) / data.n_genes
         expr_out.append(torch.where(b.has_expression, nll.float(), torch.nan).cpu().numpy())
     cat = lambda v: np.concatenate(v) if v else np.zeros(0, np.float32)  # noqa: E731

@@ -78,6 +78,19 @@ def test_round_trip_reproduces_latent(study: Path):
         a, b = q.obsm[k], ref.obsm[k]
         assert np.array_equal(np.isnan(a), np.isnan(b)), k
         assert np.nanmax(np.abs(a - b)) < 1e-5, k
+    # atypical-cell scores: the functions of stage=train against its training rows, so
+    # every row that was not trained on gets latent.h5ad's scores back; a training row
+    # too, except the kNN distance (train left the row's own entry out) and so the mean
+    from vae.inputs.schema import ANOMALY_COLUMNS, ANOMALY_SCORE
+
+    trained = ref.obs["split"].astype(str).to_numpy() == "train"
+    assert 0 < trained.sum() < ref.n_obs
+    for key, col in ANOMALY_COLUMNS.items():
+        a, b = q.obs[col].to_numpy(float), ref.obs[col].to_numpy(float)
+        assert np.array_equal(np.isnan(a), np.isnan(b)), col
+        rows = ~trained if key.endswith("latent") or col == ANOMALY_SCORE else slice(None)
+        assert np.nanmax(np.abs(a[rows] - b[rows]) / (1 + np.abs(b[rows]))) < 1e-4, col
+    assert np.isfinite(q.obs[ANOMALY_SCORE]).all()
     # the user's obs columns come back untouched, the study's readings beside them
     for c in paired.obs.columns:
         pd.testing.assert_series_equal(
@@ -126,6 +139,17 @@ def test_crops_and_expression_with_samples(study: Path):
     assert q.obsm["crops"].shape[1:] == (16, 16, 3)
     assert set(q.obs["vae_sample"]) == {"pat1", "pat2", "pat3"}
     assert (q.obs.loc[q.obs["vae_input"] == "expression", "donor_note"] == "keep me").all()
+    # each input is scored on the modality it has: crops on the image scores only
+    from vae.inputs.schema import ANOMALY_COLUMNS, ANOMALY_SCORE
+
+    crops = (q.obs["vae_input"] == "crops").to_numpy()
+    for key, col in ANOMALY_COLUMNS.items():
+        v = q.obs[col].to_numpy(float)
+        if key.startswith("image"):
+            assert np.isfinite(v[crops]).all() and np.isnan(v[~crops]).all(), col
+        elif key.startswith("expression"):
+            assert np.isnan(v[crops]).all() and np.isfinite(v[~crops]).all(), col
+    assert np.isfinite(q.obs[ANOMALY_SCORE]).all()
     rej = pd.read_csv(d / "rejects.csv")
     assert rej["item"].str.endswith("broken.png").sum() == 1
     import json

@@ -1,29 +1,54 @@
 """Atypical-cell (anomaly) scores of a trained β-VAE, per modality and combined.
 
-Two signals per modality, both "how unlike the training cells is this one":
+Three signals per modality, each "how unlike the training cells is this one":
 
 - **reconstruction**: the cost of reconstructing the row from its own posterior
   mean (:func:`vae.infer.reconstruction_nll`: masked image MSE per value,
   expression NLL per gene);
-- **latent density**: the mean Euclidean distance from the row's unimodal
-  posterior mean to its ``k`` nearest *reference* (training) means, a kNN density
-  estimate that does not assume one Gaussian blob.
+- **latent kNN distance**: the mean Euclidean distance from the row's unimodal
+  posterior mean to its ``k`` nearest *reference* (training) means, a density
+  estimate that assumes no shape;
+- **class distance**: the relative Mahalanobis distance (Ren et al. 2021, "A simple
+  fix to Mahalanobis distance for improving near-OOD detection") of the unimodal
+  mean to the nearest training class: per labelled class a Gaussian with a tied,
+  Ledoit-Wolf-shrunk within-class covariance, minus the squared distance to one
+  Gaussian of all reference rows. Subtracting the background term removes what
+  every class shares, so a cell that lies off the classes' own directions (e.g. past
+  the end of a maturation continuum) scores higher than one that is merely far from
+  the centre. Without two labelled classes it is the squared distance to the one
+  background Gaussian.
 
-Each raw score is turned into a robust z-score against the reference rows
-(median and MAD), and the combined score is the mean of the z-scores the row
-has (an image-only row averages its two image scores). The obs column names are
+The modality's latent is what its decoder reads: the shared block plus its own
+private block. Each raw score is turned into a robust z-score against the
+reference rows' own scores (median and MAD; a reference row's kNN distance leaves
+the row itself out), and the combined score is the mean of the z-scores the row
+has (an image-only row averages its three image scores). The obs column names are
 owned by :mod:`vae.inputs.schema` (``ANOMALY_COLUMNS``); ``stage=train`` writes
-them into ``latent.h5ad``.
+them into ``latent.h5ad`` (:func:`anomaly_scores`) and ``stage=embed`` into
+``query.h5ad`` against the study's training rows (:func:`reference_from_latent`,
+:func:`score_rows`).
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from vae.inputs.schema import ANOMALY_COLUMNS, ANOMALY_SCORE
 
+log = logging.getLogger(__name__)
+
 DEFAULT_K = 15
+MODALITIES = ("image", "expression")
+MIN_CLASS_ROWS = 3  # a labelled class with fewer reference rows defines no Gaussian
+UNKNOWN_LABELS = ("", "nan", "None", "NA")  # labels that name no class (vae.data)
+RAW_KEYS = tuple(
+    f"{m}_{s}" for s in ("reconstruction", "latent", "class_distance") for m in MODALITIES
+)
 
 
 def knn_distance(
@@ -51,6 +76,111 @@ def knn_distance(
     return out
 
 
+def _sq_mahalanobis(z: np.ndarray, centres: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """(n, c) squared Mahalanobis distance of each row of z to each centre."""
+    d = z[:, None, :] - centres[None]
+    return np.einsum("ncd,de,nce->nc", d, precision, d)
+
+
+def class_distance(
+    z: np.ndarray, z_ref: np.ndarray, labels_ref: np.ndarray, min_class: int = MIN_CLASS_ROWS
+) -> np.ndarray:
+    """Relative Mahalanobis distance of each row of ``z`` to the nearest reference class, (n,).
+
+    Parameters
+    ----------
+    z : (n, d) latent means to score; z_ref : (m, d) reference (training) means
+    labels_ref : (m,) class of each reference row; unknown labels (``UNKNOWN_LABELS``)
+        and classes with fewer than ``min_class`` rows define no Gaussian but count
+        in the background one
+    min_class : rows a class needs
+
+    Returns
+    -------
+    (n,) ``min_c [D_c(z)^2 - D_0(z)^2]``, ``D_c`` the Mahalanobis distance to class
+    ``c``'s mean under the tied within-class covariance and ``D_0`` the distance
+    under one Gaussian of all reference rows (both covariances Ledoit-Wolf shrunk);
+    ``D_0(z)^2`` alone when fewer than two classes qualify. Unitless; higher = more
+    atypical.
+    """
+    from sklearn.covariance import LedoitWolf
+
+    z = np.asarray(z, dtype=np.float64)
+    z_ref = np.asarray(z_ref, dtype=np.float64)
+    lab = np.asarray(labels_ref).astype(str)
+    if z.shape[0] == 0:
+        return np.zeros(0)
+    bg = LedoitWolf().fit(z_ref)
+    d0 = _sq_mahalanobis(z, bg.location_[None], bg.precision_)[:, 0]
+    names, counts = np.unique(lab[~np.isin(lab, UNKNOWN_LABELS)], return_counts=True)
+    classes = names[counts >= min_class]
+    if classes.size < 2:
+        return d0
+    centres = np.stack([z_ref[lab == c].mean(0) for c in classes])
+    resid = np.concatenate([z_ref[lab == c] - centres[i] for i, c in enumerate(classes)])
+    tied = LedoitWolf(assume_centered=True).fit(resid)
+    return (_sq_mahalanobis(z, centres, tied.precision_) - d0[:, None]).min(1)
+
+
+def modality_latent(z_full: np.ndarray, n_shared: int, n_private: int, modality: str) -> np.ndarray:
+    """The part of a unimodal posterior mean (n, d) that the modality's decoder reads.
+
+    ``image``: shared + image-private dims; ``expression``: shared + expression-private
+    (the layout of :class:`vae.model.TwoBranchVAE`), (n, n_shared + n_private).
+    """
+    z = np.asarray(z_full)
+    if modality == "image":
+        return z[:, : n_shared + n_private]
+    return np.concatenate([z[:, :n_shared], z[:, n_shared + n_private :]], 1)
+
+
+@dataclass
+class Reference:
+    """What "typical" is: the training rows' latents, labels and raw scores.
+
+    latents : modality -> (m, d_mod) unimodal means (:func:`modality_latent`), NaN
+        rows where the row lacks the modality
+    labels : (m,) class names (unknown labels allowed)
+    raw : score key (``RAW_KEYS``) -> (m,) the reference rows' own raw scores, the
+        scale of each z-score; a key that is missing is left out of the combined score
+    """
+
+    latents: dict[str, np.ndarray]
+    labels: np.ndarray
+    raw: dict[str, np.ndarray]
+
+
+def latent_scores(
+    latents: Mapping[str, np.ndarray],
+    ref: Reference,
+    k: int = DEFAULT_K,
+    self_in_ref: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """kNN and class distances of each modality, key (``RAW_KEYS``) -> (n,) (NaN: no modality).
+
+    Parameters
+    ----------
+    latents : modality -> (n, d_mod) unimodal means of the rows to score
+    ref : the reference (its ``raw`` is not read)
+    self_in_ref : (n,) bool, rows that are themselves reference rows, in the same
+        order as the reference (their own kNN entry is left out)
+    """
+    out = {}
+    for mod in MODALITIES:
+        z = np.asarray(latents[mod], dtype=np.float64)
+        zr = np.asarray(ref.latents[mod], dtype=np.float64)
+        ok, okr = np.isfinite(z).all(1), np.isfinite(zr).all(1)
+        knn = np.full(z.shape[0], np.nan)
+        cls = np.full(z.shape[0], np.nan)
+        if okr.sum() >= 2 and ok.any():
+            own = None if self_in_ref is None else np.asarray(self_in_ref, bool)[ok]
+            knn[ok] = knn_distance(z[ok], zr[okr], k, self_in_ref=own)
+            cls[ok] = class_distance(z[ok], zr[okr], np.asarray(ref.labels)[okr])
+        out[f"{mod}_latent"] = knn
+        out[f"{mod}_class_distance"] = cls
+    return out
+
+
 def robust_z(score: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """(score - median(ref)) / (1.4826 MAD(ref)); NaN stays NaN."""
     r = np.asarray(ref, dtype=np.float64)
@@ -63,27 +193,59 @@ def robust_z(score: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return (np.asarray(score, dtype=np.float64) - med) / scale
 
 
-def combine(raw: dict[str, np.ndarray], reference: np.ndarray) -> pd.DataFrame:
-    """Raw scores (name -> (n,)) plus their robust z-scores and the combined score.
+def combine(raw: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """Raw scores plus the combined score: the mean of their robust z-scores.
 
     Parameters
     ----------
-    raw : column name -> (n,) raw score (NaN where the row lacks the modality)
-    reference : (n,) bool, rows that define "typical" (the training rows)
+    raw : score name -> (n,) raw score (NaN where the row lacks the modality)
+    reference : score name -> (m,) the reference rows' raw scores (the scale of the
+        z-score); a score without a reference is kept but not combined
 
     Returns
     -------
     frame with the raw columns and ``ANOMALY_SCORE`` = mean of the z-scores present
     (NaN when the row has none).
     """
-    ref = np.asarray(reference, bool)
-    df = pd.DataFrame({k: np.asarray(v, dtype=np.float64) for k, v in raw.items()})
-    zs = np.stack([robust_z(df[c].to_numpy(), df[c].to_numpy()[ref]) for c in df.columns], 1)
+    df = pd.DataFrame({c: np.asarray(v, dtype=np.float64) for c, v in raw.items()})
+    zs = [robust_z(df[c].to_numpy(), reference[c]) for c in df.columns if c in reference]
+    zs = np.stack(zs, 1) if zs else np.full((len(df), 1), np.nan)
     with np.errstate(invalid="ignore"):
         n = np.isfinite(zs).sum(1)
         total = np.where(np.isfinite(zs), zs, 0.0).sum(1)
         df[ANOMALY_SCORE] = np.where(n > 0, total / np.maximum(n, 1), np.nan)
     return df
+
+
+def score_rows(
+    reconstruction: Mapping[str, np.ndarray],
+    latents: Mapping[str, np.ndarray],
+    ref: Reference,
+    k: int = DEFAULT_K,
+    self_in_ref: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Every score of ``n`` rows against ``ref`` (columns ``ANOMALY_COLUMNS``' values).
+
+    Parameters
+    ----------
+    reconstruction : ``image`` / ``expression`` -> (n,) reconstruction costs
+        (:func:`vae.infer.reconstruction_nll`)
+    latents : modality -> (n, d_mod) unimodal means (:func:`modality_latent`)
+    ref : :class:`Reference`
+    self_in_ref : see :func:`latent_scores`
+    """
+    return _frame(_raw(reconstruction, latents, ref, k, self_in_ref), ref)
+
+
+def _raw(reconstruction, latents, ref: Reference, k: int, self_in_ref) -> dict[str, np.ndarray]:
+    raw = {f"{m}_reconstruction": np.asarray(reconstruction[m], np.float64) for m in MODALITIES}
+    raw.update(latent_scores(latents, ref, k, self_in_ref))
+    return {key: raw[key] for key in RAW_KEYS}
+
+
+def _frame(raw: dict[str, np.ndarray], ref: Reference) -> pd.DataFrame:
+    df = combine(raw, ref.raw)
+    return df.rename(columns={key: ANOMALY_COLUMNS[key] for key in RAW_KEYS})
 
 
 def anomaly_scores(
@@ -101,7 +263,8 @@ def anomaly_scores(
     ----------
     model : TwoBranchVAE
     data : vae.data.PairedTensors
-    reference : (N,) bool, the training rows (what is "typical")
+    reference : (N,) bool, the training rows (what is "typical"); their labels
+        (``data.labels``) define the classes of the class distance
     latents : vae.infer.Latents of ``data`` when already computed (else encoded here)
 
     Returns
@@ -111,21 +274,59 @@ def anomaly_scores(
     """
     from vae.infer import encode_dataset, reconstruction_nll
 
-    ref = np.asarray(reference, bool)
+    refm = np.asarray(reference, bool)
     lat = latents if latents is not None else encode_dataset(model, data, device, batch_size)
     rec = reconstruction_nll(model, data, device, batch_size)
-    raw = {
-        ANOMALY_COLUMNS["image_reconstruction"]: rec.image,
-        ANOMALY_COLUMNS["expression_reconstruction"]: rec.expression,
+    ns, npv = int(model.args.n_shared), int(model.args.n_private)
+    z = {
+        "image": modality_latent(lat.image, ns, npv, "image"),
+        "expression": modality_latent(lat.expression, ns, npv, "expression"),
     }
-    for mod, z in (("image", lat.image), ("expression", lat.expression)):
-        ok = np.isfinite(z).all(1)
-        out = np.full(z.shape[0], np.nan)
-        rref = ref & ok
-        if rref.sum() >= 2 and ok.any():
-            out[ok] = knn_distance(z[ok], z[rref], k, self_in_ref=rref[ok])
-        raw[ANOMALY_COLUMNS[f"{mod}_latent"]] = out
-    return combine(raw, ref)
+    labels = np.asarray(data.label_names, dtype=object)[np.asarray(data.labels)].astype(str)
+    ref = Reference({m: v[refm] for m, v in z.items()}, labels[refm], {})
+    raw = _raw({"image": rec.image, "expression": rec.expression}, z, ref, k, refm)
+    ref.raw = {key: v[refm] for key, v in raw.items()}  # the training rows' own scores
+    return _frame(raw, ref)
+
+
+def reference_from_latent(
+    latent, n_shared: int, n_private: int, k: int = DEFAULT_K, label_key: str = "label"
+) -> Reference:
+    """The training rows of a study's ``latent.h5ad`` as a :class:`Reference`.
+
+    Rows with ``obs["split"] == "train"`` (all rows when there is no split); latents
+    from ``obsm["X_vae_<modality>"]`` (+ ``X_vae_private_<modality>``); reconstruction
+    scales from the obs columns ``stage=train`` wrote (left out, with a warning, in a
+    latent that predates them); latent-score scales recomputed here, as
+    :func:`anomaly_scores` computed them for the training rows.
+    """
+    obs = latent.obs
+    tr = (
+        obs["split"].astype(str).to_numpy() == "train"
+        if "split" in obs
+        else np.ones(latent.n_obs, bool)
+    )
+    z = {}
+    for mod in MODALITIES:
+        zs = np.asarray(latent.obsm[f"X_vae_{mod}"], np.float64)
+        pv = latent.obsm.get(f"X_vae_private_{mod}")
+        full = zs if pv is None or n_private == 0 else np.concatenate([zs, np.asarray(pv)], 1)
+        z[mod] = full[tr][:, : n_shared + n_private]
+    labels = (
+        obs[label_key].astype(str).to_numpy()[tr]
+        if label_key in obs
+        else np.full(int(tr.sum()), "NA")
+    )
+    ref = Reference(z, labels, {})
+    raw = latent_scores(z, ref, k, self_in_ref=np.ones(int(tr.sum()), bool))
+    for mod in MODALITIES:
+        col = ANOMALY_COLUMNS[f"{mod}_reconstruction"]
+        if col in obs:
+            raw[f"{mod}_reconstruction"] = obs[col].to_numpy(dtype=np.float64)[tr]
+        else:
+            log.warning("latent obs has no %s: that score is not combined", col)
+    ref.raw = raw
+    return ref
 
 
 def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:

@@ -15,7 +15,8 @@ Pieces
 - :func:`score_hidden` Pearson / Spearman / median absolute error, overall and per gene
 - predictors: :func:`model_imputation` (the β-VAE through :func:`vae.infer.encode_dataset`),
   :func:`gene_mean_imputation`, :func:`knn_imputation` (kNN smoothing over the expression
-  PCA, MAGIC in spirit), :func:`scvi_imputation` (only when scvi-tools is installed)
+  PCA, MAGIC in spirit); scvi-tools runs in ``scripts/scvi_impute.py`` (it may live in
+  another environment)
 - :func:`denoising_scores` decoded vs noise-free truth against observed vs truth, per program
 - :func:`late_figure` predicted vs true, observed and hidden entries in two colours
 """
@@ -279,44 +280,6 @@ def model_imputation(model, data, device="cpu", batch_size: int = 256) -> np.nda
 
     lat = encode_dataset(model, data, device, batch_size, decode=True)
     return lat.decoded.rec_expression.astype(np.float32)
-
-
-def scvi_available() -> bool:
-    """True when scvi-tools imports (the optional ``[bench]`` extra)."""
-    try:
-        import scvi  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return False
-    return True
-
-
-def scvi_imputation(
-    counts_ref: np.ndarray,
-    counts_query: np.ndarray,
-    target_sum: float = 1e4,
-    max_epochs: int = 100,
-    seed: int = 0,
-) -> np.ndarray | None:
-    """scvi-tools' ``get_normalized_expression`` for the masked query cells, or None.
-
-    Trains ``scvi.model.SCVI`` on the reference counts, then returns
-    ``log1p(normalised expression * target_sum)`` of the query cells (whose
-    hidden entries are zero). None when scvi-tools is not installed.
-    """
-    if not scvi_available():
-        return None
-    import anndata as ad
-    import scvi
-
-    scvi.settings.seed = seed
-    ref = ad.AnnData(X=np.asarray(counts_ref, dtype=np.float32))
-    scvi.model.SCVI.setup_anndata(ref)
-    m = scvi.model.SCVI(ref)
-    m.train(max_epochs=max_epochs, accelerator="cpu", enable_progress_bar=False)
-    q = ad.AnnData(X=np.asarray(counts_query, dtype=np.float32))
-    q.var_names = ref.var_names
-    norm = m.get_normalized_expression(q, library_size=target_sum, return_numpy=True)
-    return np.log1p(np.asarray(norm, dtype=np.float64)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- denoising

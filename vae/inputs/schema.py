@@ -46,7 +46,8 @@ def granule_programs() -> dict[str, list[str]]:
     return {k: list(v) for k, v in GRANULE_PROGRAMS.items()}
 
 
-# latent.h5ad obs: atypical-cell scores written by stage=train (vae/analysis/anomaly.py);
+# latent.h5ad obs (stage=train) and embed/query.h5ad obs (stage=embed): atypical-cell
+# scores (vae/analysis/anomaly.py);
 # raw per-modality scores (NaN where the row lacks the modality) and the combined
 # robust z-score against the training rows (higher = more atypical)
 ANOMALY_SCORE = "anomaly_score"
@@ -55,5 +56,7 @@ ANOMALY_COLUMNS: dict[str, str] = {
     "expression_reconstruction": "anomaly_expression_reconstruction",
     "image_latent": "anomaly_image_latent",
     "expression_latent": "anomaly_expression_latent",
+    "image_class_distance": "anomaly_image_class_distance",
+    "expression_class_distance": "anomaly_expression_class_distance",
     "combined": ANOMALY_SCORE,
 }

@@ -27,10 +27,63 @@ def test_combined_score_is_highest_for_the_outlier_and_nan_safe():
     b = rng.normal(size=50)
     a[-1], b[-1] = 8.0, 6.0
     b[0] = np.nan  # a row without that modality still gets a score from the other
-    df = A.combine({"a": a, "b": b}, reference=np.arange(50) < 40)
+    df = A.combine({"a": a, "b": b}, reference={"a": a[:40], "b": b[:40]})
     assert df[ANOMALY_SCORE].idxmax() == 49
     assert np.isfinite(df[ANOMALY_SCORE]).all()
     assert A.roc_auc(df[ANOMALY_SCORE].to_numpy(), np.arange(50) == 49) == 1.0
+    # a score without a reference scale is kept as a column but not combined
+    only_a = A.combine({"a": a, "b": b}, reference={"a": a[:40]})
+    assert np.allclose(only_a[ANOMALY_SCORE], A.robust_z(a, a[:40]))
+    assert np.array_equal(only_a["b"].to_numpy(), b, equal_nan=True)
+
+
+def _sq_maha(z, x):
+    """Squared Mahalanobis distance of z's rows under a Ledoit-Wolf Gaussian of x (by hand)."""
+    from sklearn.covariance import LedoitWolf
+
+    lw = LedoitWolf().fit(x)
+    d = z - x.mean(0)
+    return np.einsum("nd,de,ne->n", d, lw.precision_, d)
+
+
+def test_class_distance_is_relative_mahalanobis_to_the_nearest_class():
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(0)
+    # two classes along x (a continuum cut in two), unit spread
+    a = rng.normal(size=(60, 2)) + [0.0, 0.0]
+    b = rng.normal(size=(60, 2)) + [4.0, 0.0]
+    ref = np.concatenate([a, b])
+    lab = np.array(["a"] * 60 + ["b"] * 60)
+    z = np.array([[0.0, 0.0], [4.0, 0.0], [-4.0, 0.0], [2.0, 0.0]])
+    got = A.class_distance(z, ref, lab)
+    # by hand: tied within-class covariance, minus the background Gaussian's distance
+    resid = np.concatenate([a - a.mean(0), b - b.mean(0)])
+    prec = LedoitWolf(assume_centered=True).fit(resid).precision_
+    per_class = np.stack(
+        [np.einsum("nd,de,ne->n", z - c.mean(0), prec, z - c.mean(0)) for c in (a, b)], 1
+    )
+    assert np.allclose(got, per_class.min(1) - _sq_maha(z, ref))
+    # past the end of the continuum scores above both class centres and the gap between them
+    assert got[2] > max(got[0], got[1], got[3])
+
+
+def test_class_distance_without_two_classes_is_the_background_distance():
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(40, 3))
+    z = rng.normal(size=(5, 3)) * 3
+    # unknown labels and a class of two rows define no Gaussian
+    lab = np.array(["NA"] * 20 + ["nan"] * 18 + ["x", "x"])
+    assert np.allclose(A.class_distance(z, ref, lab), _sq_maha(z, ref))
+    lab2 = np.array(["a"] * 38 + ["x", "x"])
+    assert np.allclose(A.class_distance(z, ref, lab2), _sq_maha(z, ref))
+
+
+def test_modality_latent_takes_shared_and_own_private_block():
+    z = np.arange(2 * 7, dtype=float).reshape(2, 7)  # n_shared 3, n_private 2
+    assert np.array_equal(A.modality_latent(z, 3, 2, "image"), z[:, :5])
+    assert np.array_equal(A.modality_latent(z, 3, 2, "expression"), z[:, [0, 1, 2, 5, 6]])
+    assert np.array_equal(A.modality_latent(z[:, :3], 3, 0, "expression"), z[:, :3])
 
 
 def test_out_of_distribution_row_scores_higher_after_training(tmp_path):

@@ -104,3 +104,54 @@ def test_model_imputation_goes_through_encode_dataset():
     assert p.shape == (6, 12) and np.isfinite(p).all()
     fig = I.late_figure({"model": p}, d.x.numpy()[rows], h)
     assert len(fig.axes) == 1
+
+
+def _bench_imputation():
+    """scripts/bench_imputation.py as a module (it is a script, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "scripts" / "bench_imputation.py"
+    spec = importlib.util.spec_from_file_location("bench_imputation", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _scvi_args(python: str, epochs: int = 2):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(scvi_python=python, scvi_epochs=epochs, seed=0)
+
+
+def test_bench_says_why_scvi_did_not_run(tmp_path):
+    """An interpreter without scvi-tools: no prediction, a reason naming that interpreter."""
+    import sys
+
+    bench = _bench_imputation()
+    fake = tmp_path / "python-without-scvi"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -S -c 'import scvi_tools_absent' \"$@\"\n")
+    fake.chmod(0o755)
+    counts = np.ones((6, 4), np.float32)
+    pred, status = bench.scvi_imputation(counts, counts, _scvi_args(str(fake)))
+    assert pred is None
+    assert status.startswith("not run") and str(fake) in status and "scvi" in status
+    missing = str(tmp_path / "no-such-python")
+    pred, status = bench.scvi_imputation(counts, counts, _scvi_args(missing))
+    assert pred is None and status.startswith("not run") and missing in status
+
+
+@pytest.mark.slow
+def test_bench_runs_scvi_in_another_interpreter():
+    """SCVI_PYTHON (a Python with scvi-tools, e.g. the [bench] environment) imputes the query."""
+    import os
+
+    py = os.environ.get("SCVI_PYTHON")
+    if not py:
+        pytest.skip("set SCVI_PYTHON to a Python that imports scvi-tools")
+    bench = _bench_imputation()
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(3.0, size=(80, 12)).astype(np.float32)
+    pred, status = bench.scvi_imputation(counts[:60], counts[60:], _scvi_args(py))
+    assert status.startswith("ran"), status
+    assert pred.shape == (20, 12) and np.isfinite(pred).all() and (pred >= 0).all()
