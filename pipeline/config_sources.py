@@ -40,4 +40,4 @@ class SegmentSourceConfig:
     # keeps a specimen's cells in one split (trainer.split_by), so two views of one
     # cell (BCCD smears and the bccd_cropped crops cut from them) never straddle it
     specimen_group: str | None = None  # null -> name
-    specimen_pattern: str | None = None  # a Python regex, e.g. 'BloodImage_\d+' 
+    specimen_pattern: str | None = None  # a Python regex, e.g. 'BloodImage_\d+'

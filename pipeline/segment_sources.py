@@ -275,9 +275,7 @@ def _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects
         kept = pd.concat(kept_frames, ignore_index=True)
     else:  # a valid, empty cells.h5ad; rejects.csv says why
         log.warning("segment: no cell kept in any of data.segment_sources; see rejects.csv")
-        kept = empty_table(False).assign(
-            label="", label_status="", source="", mode="", specimen=""
-        )
+        kept = empty_table(False).assign(label="", label_status="", source="", mode="", specimen="")
         tables = [kept]
     kept["kept"] = True
     crops, masks = np.concatenate(crop_arrays), np.concatenate(mask_arrays)

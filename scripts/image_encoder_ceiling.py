@@ -51,10 +51,10 @@ def main() -> None:
     import torch.nn.functional as F
 
     from vae.data import (
+        UNKNOWN_LABEL,
         augment_dihedral,
         augment_rotate,
         augment_stain,
-        UNKNOWN_LABEL,
         from_anndata,
         stratified_split,
     )
@@ -115,8 +115,11 @@ def main() -> None:
             with torch.no_grad():
                 acc = float((head(torch.as_tensor(z[test])).argmax(1).numpy() == lab[test]).mean())
             history.append({"epoch": ep + 1, "head": acc, "knn": _knn(z, lab, fit, test)})
-            print(f"epoch {ep + 1}: head {acc:.3f} kNN {history[-1]['knn']:.3f} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+            print(
+                f"epoch {ep + 1}: head {acc:.3f} kNN {history[-1]['knn']:.3f} "
+                f"({time.time() - t0:.0f} s)",
+                flush=True,
+            )
     res = {
         "paired": str(args.paired),
         "settings": vars(args) | {"paired": str(args.paired), "out": str(args.out)},
@@ -130,8 +133,10 @@ def main() -> None:
     }
     out = args.out or Path("image_encoder_ceiling.json")
     out.write_text(json.dumps(res, indent=2))
-    print(f"supervised encoder: head {res['head']:.3f} | kNN {res['knn']:.3f} | "
-          f"pixel PCA {pca_knn:.3f}")
+    print(
+        f"supervised encoder: head {res['head']:.3f} | kNN {res['knn']:.3f} | "
+        f"pixel PCA {pca_knn:.3f}"
+    )
 
 
 if __name__ == "__main__":

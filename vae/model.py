@@ -117,9 +117,7 @@ class VAEArgs:
         if self.image_arch not in IMAGE_ARCHS:
             raise ValueError(f"image_arch={self.image_arch!r}; valid: {', '.join(IMAGE_ARCHS)}")
         if self.image_input not in IMAGE_INPUTS:
-            raise ValueError(
-                f"image_input={self.image_input!r}; valid: {', '.join(IMAGE_INPUTS)}"
-            )
+            raise ValueError(f"image_input={self.image_input!r}; valid: {', '.join(IMAGE_INPUTS)}")
         if self.granule_head and self.image_arch != "residual":
             raise ValueError(
                 "granule_head needs image_arch='residual' (set vae.granule_weight=0 for 'plain')"
