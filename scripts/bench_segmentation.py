@@ -39,7 +39,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.stages.segment import resolve_input_scale, settings_from_config  # noqa: E402
+from pipeline.stages.segment import (  # noqa: E402
+    detector_kwargs,
+    resolve_input_scale,
+    settings_from_config,
+)
 from segmentation.cells import segment_image  # noqa: E402
 from segmentation.inference import MaskRCNNDetector  # noqa: E402
 from segmentation.io import read_rgb  # noqa: E402
@@ -54,6 +58,21 @@ def compose(overrides: list[str]):
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         return h_compose(config_name="config", overrides=overrides)
+
+
+def load_or_build(cfg, checkpoint: str | None):
+    """``(model, ckpt)``: a trained checkpoint, or the untrained model of ``cfg``.
+
+    Untrained: exactly what stage=segment_train would build (its ``model_args_from``).
+    """
+    from segmentation.model import build_maskrcnn, load_checkpoint
+
+    if checkpoint:
+        return load_checkpoint(checkpoint)
+    from pipeline.stages.segment_train import model_args_from
+
+    margs = model_args_from(cfg)
+    return build_maskrcnn(**margs), {"model_args": margs}
 
 
 def voc_wbc_boxes(xml: Path) -> np.ndarray:
@@ -168,29 +187,16 @@ def main() -> int:
     paths = paths[: max(n_eval, args.n)]
     gt = [voc_wbc_boxes(data / "Annotations" / f"{p.stem}.xml") for p in paths]
 
-    from segmentation.model import build_maskrcnn, load_checkpoint
-
     cfg = compose(["stage=segment", "data=bccd", *args.override])
     sc = cfg.segmentation
     settings = settings_from_config(sc)
+    model, ckpt = load_or_build(cfg, args.checkpoint)
     if args.checkpoint:
-        model, ckpt = load_checkpoint(args.checkpoint)
         ours_name = f"ours (trained {sc.arch}, epoch {ckpt.get('epoch', '?')})"
     else:
-        from pipeline.stages.segment_train import model_args_from
-
-        margs = model_args_from(cfg)  # exactly what stage=segment_train would build
-        model, ckpt = build_maskrcnn(**margs), {"model_args": margs}
         ours_name = f"ours ({sc.arch}, untrained)"
     settings.input_scale, scale_from = resolve_input_scale(cfg, ckpt)
-    detector = MaskRCNNDetector(
-        model,
-        "cpu",
-        score_floor=float(sc.detect_score_floor),
-        mask_threshold=float(sc.mask_threshold),
-        max_detections=int(sc.max_detections_per_tile),
-        rpn_post_nms_top_n=int(sc.rpn_post_nms_top_n),
-    )
+    detector = MaskRCNNDetector(model, "cpu", **detector_kwargs(sc))
 
     def run_ours(p: Path):
         rd = read_rgb(p)

@@ -76,13 +76,16 @@ def child(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from bench_segmentation import compose
+    from bench_segmentation import compose, load_or_build
 
-    from pipeline.stages.segment import resolve_input_scale, settings_from_config
+    from pipeline.stages.segment import (
+        detector_kwargs,
+        resolve_input_scale,
+        settings_from_config,
+    )
     from segmentation.cells import segment_image
     from segmentation.inference import MaskRCNNDetector
     from segmentation.io import read_rgb
-    from segmentation.model import build_maskrcnn, load_checkpoint
 
     overrides = [o for o in args.overrides.split(",") if o]
     # not a config setting: MaskRCNNDetector's memory layout, to time before/after
@@ -94,21 +97,12 @@ def child(args: argparse.Namespace) -> int:
     cfg = compose(["stage=segment", "segmentation=small_cpu", *overrides])
     sc = cfg.segmentation
     settings = settings_from_config(sc)
-    if args.checkpoint:
-        model, ckpt = load_checkpoint(args.checkpoint)
-    else:
-        from pipeline.stages.segment_train import model_args_from
-
-        margs = model_args_from(cfg)
-        model, ckpt = build_maskrcnn(**margs), {"model_args": margs}
+    model, ckpt = load_or_build(cfg, args.checkpoint)
     settings.input_scale, _ = resolve_input_scale(cfg, ckpt)
     det = MaskRCNNDetector(
         model,
         "cpu",
-        score_floor=float(sc.detect_score_floor),
-        mask_threshold=float(sc.mask_threshold),
-        max_detections=int(sc.max_detections_per_tile),
-        rpn_post_nms_top_n=int(sc.rpn_post_nms_top_n),
+        **detector_kwargs(sc),
         channels_last=False if nchw else None,
         autocast=(lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else None,
     )

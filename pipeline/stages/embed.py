@@ -215,17 +215,12 @@ def _segment_args(cfg, kind: str) -> dict:
     """Smears are segmented with the settings of stage=segment (``segmentation.*``)."""
     if kind != "smears":
         return {}
-    from pipeline.stages.segment import settings_from_config
+    from pipeline.stages.segment import detector_kwargs, settings_from_config
 
     sc = cfg.segmentation
     return {
         "segment_settings": settings_from_config(sc),
-        "detector_kwargs": {
-            "score_floor": float(sc.detect_score_floor),
-            "mask_threshold": float(sc.mask_threshold),
-            "max_detections": int(sc.max_detections_per_tile),
-            "rpn_post_nms_top_n": int(sc.rpn_post_nms_top_n),
-        },
+        "detector_kwargs": detector_kwargs(sc),
         "estimate_cell_px": float(sc.cell_px) if sc.estimate_scale else None,
     }
 

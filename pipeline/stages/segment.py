@@ -149,18 +149,20 @@ def resolve_input_scale(cfg: Any, ckpt: dict[str, Any]) -> tuple[float, str]:
     return float(cfg.segmentation.input_scale), "segmentation.input_scale"
 
 
+def detector_kwargs(sc: Any) -> dict[str, Any]:
+    """``cfg.segmentation`` -> the :class:`MaskRCNNDetector` settings (one owner)."""
+    return {
+        "score_floor": float(sc.detect_score_floor),
+        "mask_threshold": float(sc.mask_threshold),
+        "max_detections": int(sc.max_detections_per_tile),
+        "rpn_post_nms_top_n": int(sc.rpn_post_nms_top_n),
+    }
+
+
 def make_detector(ctx: StageContext, model: torch.nn.Module) -> MaskRCNNDetector:
     """The tile detector of ``cfg.segmentation`` on this rank's device."""
-    sc = ctx.cfg.segmentation
-    return MaskRCNNDetector(
-        model,
-        ctx.dist.device,
-        score_floor=float(sc.detect_score_floor),
-        mask_threshold=float(sc.mask_threshold),
-        max_detections=int(sc.max_detections_per_tile),
-        rpn_post_nms_top_n=int(sc.rpn_post_nms_top_n),
-        autocast=ctx.dist.autocast,
-    )
+    kw = detector_kwargs(ctx.cfg.segmentation)
+    return MaskRCNNDetector(model, ctx.dist.device, autocast=ctx.dist.autocast, **kw)
 
 
 def _run_shard(
