@@ -51,6 +51,7 @@ import numpy as np
 import pandas as pd
 
 from vae.inputs.schema import ANOMALY_COLUMNS, HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
+from vae.scverse import latent_obsm
 
 log = logging.getLogger(__name__)
 
@@ -838,15 +839,7 @@ class Study:
         ns, npv = self.n_shared, int(self.meta["n_private"])
         obs = adata.obs.copy()
         obs["vae_modality"] = np.where(hi & he, "both", np.where(hi, "image", "expression"))
-        out = ad.AnnData(obs=obs)
-        out.obsm["X_vae"] = lat.joint[:, :ns].astype(np.float32)
-        out.obsm["X_vae_image"] = lat.image[:, :ns].astype(np.float32)
-        out.obsm["X_vae_expression"] = lat.expression[:, :ns].astype(np.float32)
-        out.obsm["X_vae_full"] = lat.joint.astype(np.float32)
-        out.obsm["X_vae_logvar"] = lat.joint_logvar.astype(np.float32)
-        if npv:
-            out.obsm["X_vae_private_image"] = lat.image[:, ns : ns + npv].astype(np.float32)
-            out.obsm["X_vae_private_expression"] = lat.expression[:, ns + npv :].astype(np.float32)
+        out = ad.AnnData(obs=obs, obsm=latent_obsm(lat, ns, npv))
         if hi.any():
             out.obsm["crops"] = data.crops.permute(0, 2, 3, 1).numpy()
             out.obsm["masks"] = data.masks[:, 0].numpy().astype(bool)

@@ -22,6 +22,39 @@ import pandas as pd
 ROW_KEY = "row"  # obs column of latent.h5ad holding the paired.h5ad row ID
 
 
+def latent_obsm(lat: Any, n_shared: int, n_private: int) -> dict[str, np.ndarray]:
+    """The ``obsm`` of ``latent.h5ad`` (stage=train) and ``query.h5ad`` (stage=embed).
+
+    One owner of the layout, so an embedded cell sits where a trained one does.
+
+    Parameters
+    ----------
+    lat : vae.infer.Latents
+        Posterior means ``joint``, ``image``, ``expression`` (n, d) and ``joint_logvar``.
+    n_shared, n_private : int
+        The model's latent layout: d = n_shared + 2 * n_private.
+
+    Returns
+    -------
+    ``X_vae`` (shared dims of the fused code), ``X_vae_image``, ``X_vae_expression``
+    (shared dims of each expert), ``X_vae_full`` and ``X_vae_logvar`` (all d dims),
+    and with private dims ``X_vae_private_image`` / ``X_vae_private_expression``;
+    float32.
+    """
+    ns, npv = n_shared, n_private
+    out = {
+        "X_vae": lat.joint[:, :ns],
+        "X_vae_image": lat.image[:, :ns],
+        "X_vae_expression": lat.expression[:, :ns],
+        "X_vae_full": lat.joint,
+        "X_vae_logvar": lat.joint_logvar,
+    }
+    if npv:
+        out["X_vae_private_image"] = lat.image[:, ns : ns + npv]
+        out["X_vae_private_expression"] = lat.expression[:, ns + npv :]
+    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+
+
 def cell_obs_names(obs: pd.DataFrame) -> pd.Index:
     """Unique per-row names: ``expression_ref``, else ``image_ref``, else the row ID.
 

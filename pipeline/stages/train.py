@@ -350,7 +350,7 @@ def _projector(tb, latent: np.ndarray, data, max_cells: int, step: int) -> None:
 def _write_latent(ctx: StageContext, adata, data, split, lat, margs, result, anomaly) -> None:
     import anndata as ad
 
-    from vae.scverse import ROW_KEY, cell_obs_names
+    from vae.scverse import ROW_KEY, cell_obs_names, latent_obsm
 
     ns = margs.n_shared
     obs = adata.obs.copy()
@@ -361,16 +361,7 @@ def _write_latent(ctx: StageContext, adata, data, split, lat, margs, result, ano
     obs.insert(0, ROW_KEY, obs.index.astype(str))
     obs.index = cell_obs_names(obs)
     obs.index.name = None
-    out = ad.AnnData(obs=obs)
-    out.obsm["X_vae"] = lat.joint[:, :ns].astype(np.float32)
-    out.obsm["X_vae_image"] = lat.image[:, :ns].astype(np.float32)
-    out.obsm["X_vae_expression"] = lat.expression[:, :ns].astype(np.float32)
-    out.obsm["X_vae_full"] = lat.joint.astype(np.float32)
-    out.obsm["X_vae_logvar"] = lat.joint_logvar.astype(np.float32)
-    if margs.n_private:
-        npv = margs.n_private
-        out.obsm["X_vae_private_image"] = lat.image[:, ns : ns + npv].astype(np.float32)
-        out.obsm["X_vae_private_expression"] = lat.expression[:, ns + npv :].astype(np.float32)
+    out = ad.AnnData(obs=obs, obsm=latent_obsm(lat, ns, margs.n_private))
     out.uns["kl_per_dim"] = np.asarray(result.kl_per_dim, dtype=np.float32)
     out.uns["latent_layout"] = {"n_shared": ns, "n_private": margs.n_private}
     out.uns["best_epoch"] = int(result.best_epoch)
