@@ -19,6 +19,20 @@ FAST_ANALYSIS = [
     "analysis.path_classes=[myeloblast,myelocyte]",
 ]
 
+# a two-epoch VAE run of a few seconds through the stages (train -> evaluate -> traverse)
+TINY_TRAIN = [
+    "trainer.max_epochs=2",
+    "trainer.batch_size=16",
+    "trainer.max_minutes=null",
+    "trainer.projector_max_cells=0",
+    "vae.channels=[8,16]",
+    "vae.hidden=[16]",
+    "vae.n_latent=4",
+    "vae.n_private=2",
+    "hardware.torch_threads=1",
+    *FAST_ANALYSIS,
+]
+
 
 def compose_config(overrides: list[str], config_dir: Path | str = CONF):
     """The config ``python -m pipeline`` would build from ``overrides``."""

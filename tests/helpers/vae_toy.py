@@ -77,3 +77,43 @@ def make_paired(
     a.obsm["crops"] = crops
     a.obsm["masks"] = masks
     return a
+
+
+def tiny_model(n_genes: int = 12, fusion: str = "poe", n_private: int = 2, dropout: float = 0.0):
+    """A seeded 16 px two-branch VAE with a 3-class head (0 genes: image branch only)."""
+    import torch
+
+    from vae.model import TwoBranchVAE, VAEArgs
+
+    torch.manual_seed(0)
+    args = VAEArgs(
+        n_genes=n_genes,
+        crop_size=16,
+        n_shared=4,
+        n_private=n_private,
+        channels=[8, 16],
+        hidden=[16],
+        dropout=dropout,
+        fusion=fusion,
+        expression_likelihood="nb" if n_genes else "gaussian",
+        n_classes=3,
+    )
+    return TwoBranchVAE(args)
+
+
+def assert_same_loss_terms(a, b, tol: float = 1e-6) -> dict[str, float]:
+    """Two ``LossTerms`` of one batch agree term by term (and per latent dim) to ``tol``.
+
+    Returns the scalars of ``a``, for the caller's own checks.
+    """
+    import pytest
+    import torch
+
+    from vae.losses import LossTerms
+
+    sa, sb = a.scalars(), b.scalars()
+    assert set(sa) == set(LossTerms.names())
+    for k in sa:
+        assert sb[k] == pytest.approx(sa[k], rel=tol, abs=tol), k
+    assert torch.allclose(a.kl_per_dim, b.kl_per_dim, atol=tol)
+    return sa

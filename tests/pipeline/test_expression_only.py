@@ -8,21 +8,8 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from tests.helpers.run import FAST_ANALYSIS, compose_config
+from tests.helpers.run import TINY_TRAIN, compose_config
 from tests.helpers.vae_toy import make_paired
-
-TINY = [
-    "trainer.max_epochs=2",
-    "trainer.batch_size=16",
-    "trainer.max_minutes=null",
-    "trainer.projector_max_cells=0",
-    "vae.channels=[8,16]",
-    "vae.hidden=[16]",
-    "vae.n_latent=4",
-    "vae.n_private=2",
-    "hardware.torch_threads=1",
-    *FAST_ANALYSIS,
-]
 
 
 def _expression_h5ad(path: Path) -> Path:
@@ -37,7 +24,7 @@ def _expression_h5ad(path: Path) -> Path:
 
 def test_expression_only_chain_has_no_image_rows_and_no_image_figures(tmp_path, run_in_process):
     expr = _expression_h5ad(tmp_path / "expression.h5ad")
-    common = [f"paths.root={tmp_path / 'out'}", "experiment=eo", *TINY]
+    common = [f"paths.root={tmp_path / 'out'}", "experiment=eo", *TINY_TRAIN]
     run_in_process(["pair=expression_only", f"paths.inputs.expression={expr}", *common], "pair")
     run = tmp_path / "out" / "eo"
     paired = ad.read_h5ad(run / "pair" / "paired.h5ad")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.runner import StageError
-from tests.helpers.run import FAST_ANALYSIS, compose_config
+from tests.helpers.run import TINY_TRAIN, compose_config
 
 # the simulator's own cells (COCO masks) as the crop source: no detector needed
 SIM = [
@@ -20,22 +20,16 @@ SIM = [
     "pair.crop_sources=[{kind: coco}]",
     "pair.crop_size=32",
 ]
-TINY = [
-    "trainer.max_epochs=2",
-    "trainer.batch_size=16",
-    "trainer.max_minutes=null",
-    "trainer.projector_max_cells=0",
-    "vae.channels=[8,16]",
-    "vae.hidden=[16]",
-    "vae.n_latent=4",
-    "vae.n_private=2",
-    "hardware.torch_threads=1",
-    *FAST_ANALYSIS,
-]
 
 
 def test_image_only_chain_has_no_gene_and_no_expression_figures(tmp_path, run_in_process):
-    common = [f"paths.root={tmp_path / 'out'}", "experiment=io", "pair=image_only", *SIM, *TINY]
+    common = [
+        f"paths.root={tmp_path / 'out'}",
+        "experiment=io",
+        "pair=image_only",
+        *SIM,
+        *TINY_TRAIN,
+    ]
     run_in_process(common, "simulate")
     run_in_process(common, "pair")
     run = tmp_path / "out" / "io"
