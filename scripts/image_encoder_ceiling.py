@@ -28,13 +28,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _knn(z: np.ndarray, y: np.ndarray, fit: np.ndarray, test: np.ndarray, k: int = 15) -> float:
-    from sklearn.neighbors import KNeighborsClassifier
-
-    clf = KNeighborsClassifier(n_neighbors=min(k, fit.size)).fit(z[fit], y[fit])
-    return float((clf.predict(z[test]) == y[test]).mean())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("paired", type=Path)
@@ -49,7 +42,9 @@ def main() -> None:
     import anndata as ad
     import torch
     import torch.nn.functional as F
+    from image_branch_check import _knn  # the kNN(15) the VAE's knn_image is scored with
 
+    from pipeline.stages.train import split_groups
     from vae.data import (
         UNKNOWN_LABEL,
         augment_dihedral,
@@ -65,7 +60,7 @@ def main() -> None:
     adata = ad.read_h5ad(args.paired)
     d = from_anndata(adata, str(args.paired))
     lab = d.labels.numpy()
-    groups = adata.obs["specimen"].astype(str).to_numpy(object) if "specimen" in adata.obs else None
+    groups = split_groups(adata.obs, "specimen", args.paired)  # as stage=train splits
     split = stratified_split(lab, 0.15, 0.15, args.seed, groups=groups)
     known = np.asarray(d.label_names)[lab] != UNKNOWN_LABEL  # unlabelled crops: not scored
     rows = d.has_image.numpy().astype(bool) & known
@@ -77,7 +72,8 @@ def main() -> None:
 
     pix = (d.crops.float() / 255 * d.masks.float()).flatten(1).numpy()
     pca = PCA(16, random_state=0).fit(pix[fit])
-    pca_knn = _knn(pca.transform(pix), lab, fit, test)
+    pc = pca.transform(pix)
+    pca_knn = _knn(pc[fit], lab[fit], pc[test], lab[test])
 
     enc = ImageEncoder(d.crop_size, [16, 32, 64, 64], 24, "residual", args.image_input)
     head = torch.nn.Linear(24, n_classes)
@@ -114,7 +110,9 @@ def main() -> None:
             z = encode()
             with torch.no_grad():
                 acc = float((head(torch.as_tensor(z[test])).argmax(1).numpy() == lab[test]).mean())
-            history.append({"epoch": ep + 1, "head": acc, "knn": _knn(z, lab, fit, test)})
+            history.append(
+                {"epoch": ep + 1, "head": acc, "knn": _knn(z[fit], lab[fit], z[test], lab[test])}
+            )
             print(
                 f"epoch {ep + 1}: head {acc:.3f} kNN {history[-1]['knn']:.3f} "
                 f"({time.time() - t0:.0f} s)",
