@@ -270,6 +270,11 @@ def _spawned(rank: int, fn: Callable, ctx: Any, hw: Any, world_size: int) -> Non
         logging.getLogger().setLevel(logging.WARNING)
     try:
         fn(ctx)
+        # tear gloo down together: a rank destroying its group while the other still
+        # talks aborted rank 0 at exit now and then ("terminate called without an
+        # active exception"). Not on the error path, where the other rank may never come
+        if torch_dist.is_initialized():
+            torch_dist.barrier()
     finally:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
