@@ -28,6 +28,11 @@ class VAEConfig:
     # what the image encoder sees: rgb | stain (haematoxylin/eosin optical densities,
     # colour deconvolution; docs/vae.md, "Image branch")
     image_input: str = "rgb"
+    # the image expert of a reported latent (latent.h5ad, evaluate, embed) is the mean
+    # over the crop's 8 symmetries (rotations x mirror): a cell on a smear has no
+    # orientation. 1: the crop as given. Training always sees one augmented view;
+    # reconstructions decode the single view (docs/vae.md, "Pose-free codes")
+    encode_views: int = 8
     image_likelihood: str = "gaussian"  # mse | gaussian | laplace (learned scalar scale)
     predict_mask: bool = True  # decoder also predicts the cell mask (BCE)
     ssim_weight: float = 0.0  # optional (1 - SSIM) term inside the mask

@@ -9,7 +9,8 @@ and measures on the test split (rows never used for early stopping):
   labelled test row, most of them expression-only on real data; ``joint_image_rows``:
   the test rows with a crop); with the majority-class rate of the labelled test image rows;
 - active units: latent dims whose mean KL of the fused posterior exceeds 0.01 nats;
-- masked SSIM of the fused reconstructions (decoded from the posterior mean);
+- masked SSIM of the fused reconstructions (decoded from the single-view posterior mean;
+  the latents use the model's ``encode_views`` unless ``--views`` says otherwise);
 - raw-pixel PCA baseline: kNN accuracy of the first ``n_latent`` PCs of the masked crops;
 - with simulator truth in ``obs``: best single latent dim vs true t (|Spearman|),
   granule density measured by ``vae.analysis.granules`` on the reconstructions vs the
@@ -86,7 +87,9 @@ def _figure(path: Path, data, rows: np.ndarray, dec: np.ndarray, obs, n: int = 1
     plt.close(fig)
 
 
-def check(run: Path, paired: Path | None, traverse: Path | None) -> dict:
+def check(
+    run: Path, paired: Path | None, traverse: Path | None, views: int | None = None
+) -> dict:
     import anndata as ad
     import pandas as pd
     import torch
@@ -111,13 +114,19 @@ def check(run: Path, paired: Path | None, traverse: Path | None) -> dict:
     sp = split.to_numpy().astype(str)
     test = np.flatnonzero(sp == "test")
     fit = np.flatnonzero(sp != "test")
-    lat_all = encode_dataset(model, data)
+    views = int(getattr(model.args, "encode_views", 1)) if views is None else views
+    lat_all = encode_dataset(model, data, views=views)
     obs = adata.obs.iloc[test]
     has_i_all = data.has_image.numpy().astype(bool)
     has_e_all = data.has_expression.numpy().astype(bool)
     has_i, has_e = has_i_all[test], has_e_all[test]
 
-    res: dict = {"run": str(run), "paired": str(paired), "n_test": int(test.size)}
+    res: dict = {
+        "run": str(run),
+        "paired": str(paired),
+        "n_test": int(test.size),
+        "encode_views": views,
+    }
     # label codes as the trainer sees them (vae.data normalises unknown labels)
     y_all = np.asarray(data.label_names)[data.labels.numpy()]
     lab_all = y_all != UNKNOWN_LABEL
@@ -224,11 +233,18 @@ def main() -> None:
     ap.add_argument("--paired", type=Path, default=None, help="default: the run's manifest input")
     ap.add_argument("--traverse", type=Path, default=None, help="stage=traverse folder")
     ap.add_argument("--out", type=Path, default=None, help="JSON (default RUN/image_branch.json)")
+    ap.add_argument(
+        "--views",
+        type=int,
+        choices=(1, 8),
+        default=None,
+        help="views the image expert averages (default: the model's encode_views)",
+    )
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)
-    res = check(args.run, args.paired, args.traverse)
+    res = check(args.run, args.paired, args.traverse, args.views)
     out = args.out or args.run / "image_branch.json"
     out.write_text(json.dumps(res, indent=2, default=float))
     width = max(len(k) for k in res)

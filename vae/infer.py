@@ -67,16 +67,20 @@ def _encoded_batches(
     batch_size: int,
     device: torch.device | str,
     images: bool = True,
+    views: int = 1,
 ) -> Iterator[tuple[Batch, Posteriors]]:
     """``rows`` in batches on ``device`` with their posteriors, the model in eval mode
-    (its train/eval state restored afterwards); ``images=False`` reads no crops."""
+    (its train/eval state restored afterwards); ``images=False`` reads no crops;
+    ``views``: see :meth:`TwoBranchVAE.encode`."""
     was_training = model.training
     model.eval()
     try:
         for s in range(0, rows.size, batch_size):
             idx = torch.as_tensor(rows[s : s + batch_size], dtype=torch.long)
             b = to_batch(raw_batch(data, idx, images), torch.device(device))
-            post = model.encode(b.image, b.x, b.has_image, b.has_expression, b.mask, b.log_library)
+            post = model.encode(
+                b.image, b.x, b.has_image, b.has_expression, b.mask, b.log_library, views=views
+            )
             yield b, post
     finally:
         if was_training:
@@ -91,6 +95,7 @@ def encode_dataset(
     batch_size: int = 256,
     rows: np.ndarray | None = None,
     decode: bool = False,
+    views: int | None = None,
 ) -> Latents:
     """Posterior means of ``rows`` (default all) with the model in eval mode.
 
@@ -98,13 +103,20 @@ def encode_dataset(
     means and keeps the inputs (``Latents.decoded``), for the analyses. Without
     ``decode``, no CNN runs on a row without an image (none at all when no row of
     ``rows`` has one).
+
+    ``views`` (default ``model.args.encode_views``): how many symmetries of each
+    crop the image expert averages for the reported latents (1 or 8,
+    :func:`vae.model.dihedral_mean`). Reconstructions (``decode=True``) are always
+    decoded from the single-view posterior: the averaged code has no pose, so it
+    decodes a cell in no particular orientation, not the input's.
     """
     rows = np.arange(data.n) if rows is None else np.asarray(rows)
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("j", "lv", "i", "e", "x")}
     dec: dict[str, list[np.ndarray]] = {}
     theta = None
     images = decode or bool(data.has_image[torch.as_tensor(rows, dtype=torch.long)].any())
-    for b, post in _encoded_batches(model, data, rows, batch_size, device, images):
+    views = int(getattr(model.args, "encode_views", 1)) if views is None else int(views)
+    for b, post in _encoded_batches(model, data, rows, batch_size, device, images, views):
         nan_i = (~b.has_image).view(-1, 1)
         nan_e = (~b.has_expression).view(-1, 1)
         mj = post.joint[0].float()
@@ -126,6 +138,11 @@ def encode_dataset(
         out["e"].append(torch.where(nan_e, nan, me).cpu().numpy())
         out["x"].append(torch.where(nan_i, nan, x_img).cpu().numpy())
         if decode:
+            if views != 1:  # reconstructions from the posterior of the crop as given
+                post = model.encode(
+                    b.image, b.x, b.has_image, b.has_expression, b.mask, b.log_library
+                )
+                di = model.decode(post.image[0]) if post.image is not None else None
             t = _decode_batch(model, b, post, di, dec)
             theta = t if t is not None else theta
 

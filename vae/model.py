@@ -33,6 +33,7 @@ EXPRESSION_LIKELIHOODS = ("nb", "zinb", "gaussian")
 FUSIONS = ("poe", "moe")
 IMAGE_ARCHS = ("plain", "residual")
 IMAGE_INPUTS = ("rgb", "stain")
+ENCODE_VIEWS = (1, 8)  # one view, or the 8 symmetries of the square
 
 Gaussian = tuple[torch.Tensor, torch.Tensor]  # (mu, logvar), each (B, d)
 
@@ -103,6 +104,12 @@ class VAEArgs:
     # optical densities (Beer-Lambert; :func:`stain_density`). Default "rgb" so
     # checkpoints saved before this field load unchanged.
     image_input: str = "rgb"
+    # views of each crop the image expert averages when a latent is reported
+    # (``encode(views=...)``, :func:`dihedral_mean`): 1, or 8 = the symmetries of the
+    # square. Saved with the model so a study's reference latent and every later query
+    # are encoded alike; training always sees one (augmented) view. Default 1 so
+    # checkpoints saved before this field load unchanged.
+    encode_views: int = 1
 
     def __post_init__(self) -> None:
         if self.expression_likelihood not in EXPRESSION_LIKELIHOODS:
@@ -124,6 +131,11 @@ class VAEArgs:
             )
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion={self.fusion!r}; valid: {', '.join(FUSIONS)}")
+        if self.encode_views not in ENCODE_VIEWS:
+            raise ValueError(
+                f"encode_views={self.encode_views!r}; valid: "
+                f"{', '.join(map(str, ENCODE_VIEWS))}"
+            )
         down = 2 ** len(self.channels)
         if not self.channels or self.crop_size % down or self.crop_size < down:
             raise ValueError(
@@ -650,6 +662,7 @@ class TwoBranchVAE(nn.Module):
         has_expression: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         log_library: torch.Tensor | None = None,
+        views: int = 1,
     ) -> Posteriors:
         """Posteriors of the modalities given, fused over those present per row.
 
@@ -664,6 +677,10 @@ class TwoBranchVAE(nn.Module):
             Cell mask; default: the whole crop (all ones).
         log_library : (B,) or (B, 1), optional
             log(total counts) covariate; default 0 (unknown).
+        views : int
+            1: the image expert of the crop as given (training). 8: its mean over
+            the 8 symmetries of the square (:func:`dihedral_mean`), a pose-free
+            code for reported latents (``args.encode_views``).
 
         Returns
         -------
@@ -697,7 +714,12 @@ class TwoBranchVAE(nn.Module):
                 mask = mask.unsqueeze(1)  # (B, S, S) -> (B, 1, S, S)
             # the CNN runs on the rows that hold an image only; the others get
             # N(0, 1) placeholders that no loss term and no fusion reads
-            mu, lv = _rows_only(self.image_encoder, has_image, image, mask.to(image.dtype))
+            enc = self.image_encoder
+            if views != 1:
+                if views not in ENCODE_VIEWS:
+                    raise ValueError(f"views={views}; valid: {ENCODE_VIEWS}")
+                enc = functools.partial(dihedral_mean, self.image_encoder)
+            mu, lv = _rows_only(enc, has_image, image, mask.to(image.dtype))
             sh = (mu[:, : self.args.n_shared], lv[:, : self.args.n_shared])
             pv = (mu[:, self.args.n_shared :], lv[:, self.args.n_shared :])
             post_img = self._full(sh, pv, "image")
@@ -957,6 +979,37 @@ def render_granules(
     dots = F.conv2d(centres, k1.view(1, 1, 1, -1), padding=(0, r))
     dots = F.conv2d(dots, k1.view(1, 1, -1, 1), padding=(r, 0)).clamp(0.0, 1.0)
     return image * torch.exp(-dots * od)
+
+
+def dihedral_mean(
+    encoder: nn.Module, image: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's Gaussian averaged over the 8 symmetries of the square.
+
+    A white cell has no preferred orientation on a smear, so its code should not
+    have one either: the mean over rotations by 0/90/180/270 degrees and their
+    mirror images removes the pose the encoder reads from one view (measured on
+    the real chain: image-only kNN 0.81 -> 0.84, docs/vae.md).
+
+    Parameters
+    ----------
+    encoder : callable (image, mask) -> (mu, logvar), each (B, d)
+    image : (B, C, S, S)
+    mask : (B, 1, S, S)
+
+    Returns
+    -------
+    mu, logvar : (B, d)
+        Mean of the 8 means and of the 8 log-variances.
+    """
+    mus, lvs = [], []
+    for k in range(4):
+        x, m = torch.rot90(image, k, (2, 3)), torch.rot90(mask, k, (2, 3))
+        for flip in (False, True):
+            mu, lv = encoder(x.flip(3), m.flip(3)) if flip else encoder(x, m)
+            mus.append(mu)
+            lvs.append(lv)
+    return torch.stack(mus).mean(0), torch.stack(lvs).mean(0)
 
 
 def _rows_only(fn, rows: torch.Tensor, *tensors: torch.Tensor):

@@ -62,6 +62,7 @@ def build_model_args(cfg: DictConfig, data, source: str):
             image_arch=v.image_arch,
             texture_noise=bool(v.texture_noise),
             image_input=v.image_input,
+            encode_views=int(v.encode_views),
             granule_head=float(v.granule_weight) > 0,
             n_classes=_n_classes(float(v.classify_weight), data.label_names),
         )
