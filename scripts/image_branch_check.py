@@ -87,9 +87,7 @@ def _figure(path: Path, data, rows: np.ndarray, dec: np.ndarray, obs, n: int = 1
     plt.close(fig)
 
 
-def check(
-    run: Path, paired: Path | None, traverse: Path | None, views: int | None = None
-) -> dict:
+def check(run: Path, paired: Path | None, traverse: Path | None, views: int | None = None) -> dict:
     import anndata as ad
     import pandas as pd
     import torch

@@ -133,8 +133,7 @@ class VAEArgs:
             raise ValueError(f"fusion={self.fusion!r}; valid: {', '.join(FUSIONS)}")
         if self.encode_views not in ENCODE_VIEWS:
             raise ValueError(
-                f"encode_views={self.encode_views!r}; valid: "
-                f"{', '.join(map(str, ENCODE_VIEWS))}"
+                f"encode_views={self.encode_views!r}; valid: {', '.join(map(str, ENCODE_VIEWS))}"
             )
         down = 2 ** len(self.channels)
         if not self.channels or self.crop_size % down or self.crop_size < down:
