@@ -2,7 +2,8 @@
 
 Usage:
   python scripts/eval_segmentation.py CKPT --format yolo --path ../shared/data/smears/txl_pbc \
-      --split val [--scale auto|estimate|FLOAT] [--cell-px 40] [--threshold 0.5] [--out FILE.json]
+      --split val [--scale auto|estimate|FLOAT] [--cell-px 40] [--threshold 0.5] [--out FILE.json] \
+      [--by-source]
   python scripts/eval_segmentation.py --scale-only --scale estimate --format yolo --path ... \
       --split val [--ruler auto|white|red] [--out FILE.json]
 
@@ -111,6 +112,26 @@ def estimated(ds, cell_px: float, wbc_per_rbc: float | None, ruler: str, white_k
     }
 
 
+def by_source(model, ds, threshold: float) -> dict[str, dict]:
+    """WBC box/mask AP of each source (``width_W``: image width tells TXL-PBC's four
+    microscopes apart, docs/segmentation_infer.md) scored on its own images."""
+    from segmentation.datasets import SmearDataset
+
+    groups: dict[str, list] = {}
+    for rec in ds:
+        groups.setdefault(f"width_{rec.width}", []).append(rec)
+    out = {}
+    for name, recs in sorted(groups.items()):
+        sub = SmearDataset(list(recs))
+        r = evaluate(model, DetectionDataset(sub.images), torch.device("cpu"), threshold)
+        d = r.as_dict()
+        out[name] = {
+            k: d.get(k)
+            for k in ("n_images", "n_gt", "box_ap50", "mask_ap50", "recall", "precision")
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint", nargs="?")
@@ -126,6 +147,11 @@ def main() -> None:
     ap.add_argument("--cell-px", type=float, default=40.0)
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--by-source",
+        action="store_true",
+        help="also score each source (image width: TXL-PBC's microscopes) on its own",
+    )
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.format in ("voc", "yolo"):
@@ -152,6 +178,8 @@ def main() -> None:
         model, _ = load_checkpoint(a.checkpoint)
         r = evaluate(model, DetectionDataset(ds.images), torch.device("cpu"), a.threshold)
         out = {**r.as_dict(), **extra}
+        if a.by_source:
+            out["by_source"] = by_source(model, ds, a.threshold)
     shown = out
     if "scale_estimate" in out:  # the per-image list goes to --out only
         se = {k: v for k, v in out["scale_estimate"].items() if k != "per_image"}
