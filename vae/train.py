@@ -252,7 +252,12 @@ def train(
         from vae.data import granule_centres
 
         t_g = time.time()
-        data.granules = granule_centres(data.crops, data.masks, data.has_image)
+        if isinstance(data.crops, torch.Tensor):
+            data.granules = granule_centres(data.crops, data.masks, data.has_image)
+        else:  # crops on disk: centres computed by blocks, kept next to them
+            from vae.store import granule_store
+
+            data.granules = granule_store(data.crops, data.masks, data.has_image)
         log.info(
             "granule centres of %d crops: %d granules (%.1f s)",
             int(data.has_image.sum()),
