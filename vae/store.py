@@ -233,8 +233,12 @@ def write_crop_store(
     c = _chunk_rows(n, chunk_rows)
     arrs = {
         name: g.create_array(
-            name, shape=(n, ch, size, size), chunks=(c, ch, size, size), dtype="uint8",
-            compressors=None, fill_value=0,
+            name,
+            shape=(n, ch, size, size),
+            chunks=(c, ch, size, size),
+            dtype="uint8",
+            compressors=None,
+            fill_value=0,
         )
         for name, ch in (("crops", 3), ("masks", 1))
     }
@@ -334,7 +338,9 @@ def build_crop_store(
                     c, m = _resize(c, m, size)
                 yield c.numpy(), m.contiguous().numpy()
 
-        log.info("writing crop store %s (%d rows, %d px, %d rows per chunk)", path, n, size, chunk_rows)
+        log.info(
+            "writing crop store %s (%d rows, %d px, %d rows per chunk)", path, n, size, chunk_rows
+        )
         return write_crop_store(path, blocks(), n, size, chunk_rows, src)
 
 
@@ -356,8 +362,13 @@ def granule_store(
     n, _, s, _ = crops.shape
     c = _chunk_rows(n, crops._arr.chunks[0])
     arr = g.create_array(
-        "granules", shape=(n, 1, s, s), chunks=(c, 1, s, s), dtype="uint8",
-        compressors=None, fill_value=0, overwrite=True,
+        "granules",
+        shape=(n, 1, s, s),
+        chunks=(c, 1, s, s),
+        dtype="uint8",
+        compressors=None,
+        fill_value=0,
+        overwrite=True,
     )
     for start, block in crops.blocks():
         rows = torch.arange(start, start + block.shape[0])

@@ -15,8 +15,14 @@ import torch
 
 from pipeline.hardware import DistInfo
 from tests.helpers.vae_toy import assert_same_loss_terms, make_paired, tiny_model
-from vae.data import PairedDataError, epoch_batches, from_anndata, iterate, stratified_split
-from vae.data import to_batch
+from vae.data import (
+    PairedDataError,
+    epoch_batches,
+    from_anndata,
+    iterate,
+    stratified_split,
+    to_batch,
+)
 from vae.losses import LossWeights, per_value_weight
 from vae.store import RowStore, SparseRows, ZeroRows, paired_streamed, read_table
 from vae.train import TrainArgs, forward_loss, train
@@ -122,7 +128,10 @@ def test_training_streamed_matches_in_memory(tmp_path):
     st, _ = paired_streamed(p, tmp_path / "store.zarr", chunk_rows=4)
     split = stratified_split(mem.labels.numpy(), 0.2, 0.1, seed=0)
     args = TrainArgs(
-        max_epochs=2, batch_size=8, kl_warmup_epochs=0, checkpoint_every_s=0,
+        max_epochs=2,
+        batch_size=8,
+        kl_warmup_epochs=0,
+        checkpoint_every_s=0,
         weights=LossWeights(granules=1.0),
     )
     hist = []
@@ -131,7 +140,11 @@ def test_training_streamed_matches_in_memory(tmp_path):
 
         base = tiny_model(12)
         torch.manual_seed(0)
-        model = TwoBranchVAE(type(base.args)(**{**base.args.__dict__, "granule_head": True, "image_arch": "residual"}))
+        model = TwoBranchVAE(
+            type(base.args)(
+                **{**base.args.__dict__, "granule_head": True, "image_arch": "residual"}
+            )
+        )
         out = tmp_path / name
         out.mkdir()
         hist.append(train(model, d, split, args, CPU, out).history)
