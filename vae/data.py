@@ -254,10 +254,13 @@ def _from_parts(adata, source: str, crops, masks, sparse: bool) -> PairedTensors
     counts = csr(adata.layers["counts"]) if has_counts else None
     if counts is not None and (counts.data < 0).any():
         raise PairedDataError(f"{source}: layers['counts'] holds negative values")
-    ex = x.expm1()  # expm1(0) = 0: stays sparse
-    library = np.asarray((counts if counts is not None else ex).sum(1), np.float32).ravel()
+    # expm1(0) = 0: the same pattern; the structure is shared, only the values copied
+    ex = sp.csr_matrix((np.expm1(x.data), x.indices, x.indptr), shape=x.shape)
+    ex_sums = np.asarray(ex.sum(1), np.float32).ravel()
+    del ex
+    library = np.asarray(counts.sum(1), np.float32).ravel() if counts is not None else ex_sums
     library = np.where(has_expr & (library > 0), library, 1.0).astype(np.float32)
-    norm = np.asarray(ex[has_expr].sum(1)).ravel() if has_expr.any() else np.array([1e4])
+    norm = ex_sums[has_expr] if has_expr.any() else np.array([1e4])
     norm_total = float(np.median(norm)) if norm.size and np.median(norm) > 0 else 1e4
     names, codes = _label_codes(adata.obs, n)
     if not sparse:
