@@ -244,6 +244,39 @@ def run_child(case: str, h5ad: Path, store: Path, args) -> dict:
     return row
 
 
+def chunk_layouts(n: int = 8192, size: int = 128, batches: int = 10, seed: int = 0) -> None:
+    """Mean read time of a random sorted 64-row batch for several zarr chunk layouts."""
+    import tempfile
+
+    import zarr
+
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 255, (1024, 3, size, size), dtype=np.uint8)
+    layouts = [("c1", 1, None), ("c8", 8, None), ("c32", 32, None)]
+    layouts += [("shard1024/1", 1, 1024), ("shard1024/8", 8, 1024)]
+    with tempfile.TemporaryDirectory(dir=ROOT / "outputs") as d:
+        for name, chunks, shards in layouts:
+            g = zarr.open_group(f"{d}/{name.replace('/', '_')}.zarr", mode="w")
+            a = g.create_array(
+                "crops",
+                shape=(n, 3, size, size),
+                chunks=(chunks, 3, size, size),
+                shards=None if shards is None else (shards, 3, size, size),
+                dtype="uint8",
+                compressors=None,
+            )
+            t = time.time()
+            for i in range(0, n, 1024):
+                a[i : i + 1024] = data
+            w = time.time() - t
+            ro = zarr.open_group(f"{d}/{name.replace('/', '_')}.zarr", mode="r")["crops"]
+            t = time.time()
+            for _ in range(batches):
+                ro.oindex[np.sort(rng.choice(n, 64, replace=False))]
+            r = (time.time() - t) / batches
+            print(f"{name:12s} write {w:6.2f} s   read 64 random rows {r * 1000:6.1f} ms")
+
+
 # ------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -265,7 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--h5ad", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--image-size", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--chunk-layouts", action="store_true", help="time random batch reads per chunk layout"
+    )
     args = ap.parse_args(argv)
+    if args.chunk_layouts:
+        chunk_layouts()
+        return 0
     if args.child:
         args.case = args.child
         return child(args)
