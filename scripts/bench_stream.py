@@ -6,7 +6,7 @@ above ``hardware.stream_above_gib`` (:func:`vae.store.paired_streamed`) and
 the pipeline's model and trainer settings (``conf/`` composed with Hydra):
 
 - ``expression``: simulated expression-only cells (negative-binomial counts of
-  ``--genes`` genes, 5 cell types, ~13 % non-zero), written once as a sparse
+  ``--genes`` genes, 5 cell types, ~17 % non-zero), written once as a sparse
   ``expression.h5ad`` (X log-normalised, ``layers['counts']``); X and counts stay
   CSR in the child, one batch is made dense at a time.
 - ``crops``: synthetic image-only rows (``--crops`` crops of ``--size`` px, each
