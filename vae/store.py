@@ -42,6 +42,14 @@ CHUNK_ROWS = 8  # rows per chunk file: the read unit of a random batch
 FORMAT = "vae-crop-store/1"
 
 
+class StoreError(PairedDataError):
+    """A crop store is missing, incomplete or damaged (the message names it).
+
+    Raised while reading batches too, so the pipeline's runner reports it as a user
+    error (one message, exit 2) whenever it happens.
+    """
+
+
 class RowStore:
     """(N, C, S, S) uint8 rows of a zarr array, read by index.
 
@@ -59,12 +67,12 @@ class RowStore:
             group = zarr.open_group(str(self.path), mode="r")
             arr = group[name]
         except Exception as e:  # noqa: BLE001 - zarr raises many kinds; one message
-            raise PairedDataError(
+            raise StoreError(
                 f"{self.path}: cannot open array {name!r} of the crop store ({e}); "
                 f"delete the folder to have it rebuilt"
             ) from e
         if arr.ndim != 4 or arr.dtype != np.uint8 or arr.shape[2] != arr.shape[3]:
-            raise PairedDataError(
+            raise StoreError(
                 f"{self.path}/{name}: must be (N, C, S, S) uint8; got {arr.shape} {arr.dtype}"
             )
         self._arr = arr
@@ -96,12 +104,12 @@ class RowStore:
         try:
             vals = self._arr.oindex[uniq]
         except Exception as e:  # noqa: BLE001
-            raise PairedDataError(
+            raise StoreError(
                 f"{self.path}/{self.name}: cannot read rows {uniq[:3].tolist()}... ({e}); "
                 f"the store is damaged: delete it to have it rebuilt"
             ) from e
         if vals.shape[0] != uniq.size:
-            raise PairedDataError(f"{self.path}/{self.name}: short read ({vals.shape})")
+            raise StoreError(f"{self.path}/{self.name}: short read ({vals.shape})")
         return torch.from_numpy(np.ascontiguousarray(vals[inverse]))
 
     def __getitem__(self, idx) -> torch.Tensor:
@@ -475,13 +483,13 @@ def paired_streamed(
     if has_obsm_crops and build:
         build_crop_store(h5ad, store, image_size, chunk_rows)
     elif not store_is_current(store, adata.n_obs):
-        raise PairedDataError(
+        raise StoreError(
             f"{store}: no complete crop store of {adata.n_obs} rows"
             + ("" if has_obsm_crops else f" (and {h5ad} holds no obsm['crops'] to build it)")
         )
     crops, masks = RowStore(store, "crops"), RowStore(store, "masks")
     if image_size is not None and crops.shape[-1] != image_size:
-        raise PairedDataError(
+        raise StoreError(
             f"{store}: crops are {crops.shape[-1]} px, {image_size} px asked for; "
             f"delete the store to have it rebuilt"
         )

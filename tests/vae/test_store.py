@@ -24,7 +24,14 @@ from vae.data import (
     to_batch,
 )
 from vae.losses import LossWeights, per_value_weight
-from vae.store import RowStore, SparseRows, ZeroRows, paired_streamed, read_table
+from vae.store import (
+    RowStore,
+    SparseRows,
+    StoreError,
+    ZeroRows,
+    paired_streamed,
+    read_table,
+)
 from vae.train import TrainArgs, forward_loss, train
 
 torch.set_num_threads(1)
@@ -182,7 +189,7 @@ def test_damaged_store_names_the_store(tmp_path):
     chunk = store / "crops" / "c" / "0" / "0" / "0" / "0"  # rows 0-3
     assert chunk.is_file()
     chunk.write_bytes(b"not a chunk")  # truncated file
-    with pytest.raises(PairedDataError, match=str(store)):
+    with pytest.raises(StoreError, match=str(store)):
         RowStore(store, "crops").index_select(0, torch.arange(8))
     shutil.rmtree(store / "masks")  # a store missing an array
     with pytest.raises(PairedDataError, match="store.zarr.*masks"):
@@ -190,3 +197,7 @@ def test_damaged_store_names_the_store(tmp_path):
     (tmp_path / "empty.zarr").mkdir()
     with pytest.raises(PairedDataError, match="empty.zarr"):
         RowStore(tmp_path / "empty.zarr", "crops")
+    # raised mid-training, the runner reports it as a user error (message, exit 2)
+    from pipeline.guards import USER_ERRORS
+
+    assert issubclass(StoreError, USER_ERRORS)
