@@ -88,6 +88,10 @@ class HardwareConfig:
     master_port: int = 29531
     num_workers: int = 0  # DataLoader workers
     pin_memory: bool = False
+    # paired tables whose crops + dense expression would exceed this many GiB in memory
+    # are streamed (stage=train, stage=embed): crops from a chunked store on disk, X and
+    # counts kept sparse, one batch in memory at a time; 0: always; null: never
+    stream_above_gib: float | None = 2.0
     # intra-op threads; None: picked from free cores and load, 1 per DDP process (logged)
     torch_threads: int | None = None
 

@@ -224,8 +224,9 @@ def check_resume(cfg: DictConfig, name: str, man: dict[str, Any] | None, inputs:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from segmentation.io import UnsafeCheckpointError
     from vae.checkpoint import CheckpointError
+    from vae.store import StoreError  # a damaged crop store, also while training
 
-    return (StageError, StageInputError, UnsafeCheckpointError, CheckpointError)
+    return (StageError, StageInputError, UnsafeCheckpointError, CheckpointError, StoreError)
 
 
 USER_ERRORS = _user_errors()

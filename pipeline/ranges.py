@@ -166,6 +166,7 @@ RANGES: dict[str, str] = {
     "hardware.num_processes": COUNT,
     "hardware.master_port": "[0,65535]",
     "hardware.num_workers": NONNEG,
+    "hardware.stream_above_gib": NONNEG,
     "hardware.torch_threads": COUNT,
 }
 

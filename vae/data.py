@@ -53,11 +53,16 @@ class PairedTensors:
     granules : (N, 1, S, S) uint8 in {0, 1} or None
         Granule centres found on each crop (:func:`granule_centres`); filled by
         the trainer when the model has a granule head.
+
+    For data larger than memory, ``crops``, ``masks`` and ``granules`` may be
+    :class:`vae.store.RowStore` (chunked on disk) and ``x``, ``counts``
+    :class:`vae.store.SparseRows` (CSR): anything read through
+    ``index_select(0, rows)`` (:func:`raw_batch`) works on them unchanged.
     """
 
-    crops: torch.Tensor
+    crops: torch.Tensor  # or vae.store.RowStore / ZeroRows (read by rows)
     masks: torch.Tensor
-    x: torch.Tensor
+    x: torch.Tensor  # or vae.store.SparseRows (CSR, dense per batch)
     counts: torch.Tensor | None
     library: torch.Tensor
     has_image: torch.Tensor
@@ -111,7 +116,13 @@ def _dense(m) -> np.ndarray:
 
 
 def from_anndata(
-    adata, source: str = "paired.h5ad", image_size: int | None = None
+    adata,
+    source: str = "paired.h5ad",
+    image_size: int | None = None,
+    *,
+    crops=None,
+    masks=None,
+    sparse: bool = False,
 ) -> PairedTensors:
     """Convert a paired AnnData (see docs/artifacts.md, ``pair``) to tensors.
 
@@ -122,6 +133,13 @@ def from_anndata(
         Name used in error messages.
     image_size : int, optional
         Resize crops (area) and masks (nearest) to this side, px.
+    crops, masks : vae.store.RowStore, optional
+        Crops (N, 3, S, S) and masks (N, 1, S, S) kept on disk (data larger than
+        memory); ``obsm`` is then not read and ``image_size`` must be None (the
+        store is written at the size wanted).
+    sparse : bool
+        Keep X and counts as CSR (:class:`vae.store.SparseRows`), made dense one
+        batch at a time; same values.
 
     Raises
     ------
@@ -129,6 +147,8 @@ def from_anndata(
         Naming ``source`` and the missing or malformed field.
     """
     n, g = adata.shape
+    if crops is not None:
+        return _from_parts(adata, source, crops, masks, sparse)
     for key in ("crops", "masks"):
         if key not in adata.obsm:
             raise PairedDataError(f"{source}: obsm['{key}'] is missing")
@@ -168,14 +188,7 @@ def from_anndata(
     norm = np.expm1(x[has_expr]).sum(1) if has_expr.any() else np.array([1e4])
     norm_total = float(np.median(norm)) if norm.size and np.median(norm) > 0 else 1e4
 
-    if "label" in adata.obs:
-        lab = adata.obs["label"].astype(object).to_numpy()
-        # NaN / None / "" / "nan" (a NaN that went through astype(str)) mean not known
-        unknown = pd.isna(lab) | np.isin(lab.astype(str), ["", "nan", "None", UNKNOWN_LABEL])
-        lab = np.where(unknown, UNKNOWN_LABEL, lab.astype(str))
-    else:
-        lab = np.full(n, UNKNOWN_LABEL)
-    names, codes = np.unique(lab, return_inverse=True)
+    names, codes = _label_codes(adata.obs, n)
 
     t_crops = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).contiguous()
     t_masks = torch.from_numpy(masks.astype(np.uint8)).unsqueeze(1).contiguous()
@@ -186,6 +199,81 @@ def from_anndata(
         masks=t_masks,
         x=torch.from_numpy(x),
         counts=torch.from_numpy(counts) if counts is not None else None,
+        library=torch.from_numpy(library),
+        has_image=torch.from_numpy(has_image),
+        has_expression=torch.from_numpy(has_expr),
+        labels=torch.from_numpy(codes.astype(np.int64)),
+        label_names=[str(s) for s in names],
+        obs_names=[str(s) for s in adata.obs_names],
+        gene_names=[str(s) for s in adata.var_names],
+        norm_total=norm_total,
+    )
+
+
+def _label_codes(obs: pd.DataFrame, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted label names and each row's code; NaN / None / "" / "nan" -> ``"NA"``."""
+    if "label" in obs:
+        lab = obs["label"].astype(object).to_numpy()
+        # NaN / None / "" / "nan" (a NaN that went through astype(str)) mean not known
+        unknown = pd.isna(lab) | np.isin(lab.astype(str), ["", "nan", "None", UNKNOWN_LABEL])
+        lab = np.where(unknown, UNKNOWN_LABEL, lab.astype(str))
+    else:
+        lab = np.full(n, UNKNOWN_LABEL)
+    return np.unique(lab, return_inverse=True)
+
+
+def _from_parts(adata, source: str, crops, masks, sparse: bool) -> PairedTensors:
+    """:func:`from_anndata` with crops and masks given (on disk), X / counts as CSR.
+
+    The same checks and derived fields as the in-memory path, computed on the
+    sparse matrices (row sums of CSR: equal to the dense sums up to float32
+    rounding order).
+    """
+    import scipy.sparse as sp
+
+    from vae.store import SparseRows
+
+    n, g = adata.shape
+    if crops.shape[0] != n or masks.shape[0] != n or masks.shape[2:] != crops.shape[2:]:
+        raise PairedDataError(
+            f"{source}: {crops.shape[0]} stored crops / {masks.shape[0]} masks for {n} rows"
+        )
+    for col in (HAS_IMAGE, HAS_EXPRESSION):
+        if col not in adata.obs:
+            raise PairedDataError(f"{source}: obs['{col}'] is missing")
+    has_image = adata.obs[HAS_IMAGE].to_numpy().astype(bool)
+    has_expr = adata.obs[HAS_EXPRESSION].to_numpy().astype(bool)
+
+    def csr(m) -> sp.csr_matrix:
+        return sp.csr_matrix(m if m is not None else (n, g), dtype=np.float32)
+
+    x = csr(adata.X)
+    if not np.isfinite(x.data).all():
+        raise PairedDataError(f"{source}: X holds non-finite values")
+    has_counts = "counts" in adata.layers and bool(adata.uns.get(HAS_COUNTS, True))
+    counts = csr(adata.layers["counts"]) if has_counts else None
+    if counts is not None and (counts.data < 0).any():
+        raise PairedDataError(f"{source}: layers['counts'] holds negative values")
+    # expm1(0) = 0: the same pattern; the structure is shared, only the values copied
+    ex = sp.csr_matrix((np.expm1(x.data), x.indices, x.indptr), shape=x.shape)
+    ex_sums = np.asarray(ex.sum(1), np.float32).ravel()
+    del ex
+    library = np.asarray(counts.sum(1), np.float32).ravel() if counts is not None else ex_sums
+    library = np.where(has_expr & (library > 0), library, 1.0).astype(np.float32)
+    norm = ex_sums[has_expr] if has_expr.any() else np.array([1e4])
+    norm_total = float(np.median(norm)) if norm.size and np.median(norm) > 0 else 1e4
+    names, codes = _label_codes(adata.obs, n)
+    if not sparse:
+        xs, cs = torch.from_numpy(x.toarray()), None
+        if counts is not None:
+            cs = torch.from_numpy(counts.toarray())
+    else:
+        xs, cs = SparseRows(x), SparseRows(counts) if counts is not None else None
+    return PairedTensors(
+        crops=crops,
+        masks=masks,
+        x=xs,
+        counts=cs,
         library=torch.from_numpy(library),
         has_image=torch.from_numpy(has_image),
         has_expression=torch.from_numpy(has_expr),

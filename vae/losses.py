@@ -240,8 +240,12 @@ def per_value_weight(data, term: str = "image") -> float:
         return 1.0  # nothing to balance against (no image, or no gene: pair=image_only)
     if term == "mask":
         n_values = float(data.masks.shape[-1] * data.masks.shape[-2])
-    else:
+    elif isinstance(data.masks, torch.Tensor):
         n_values = 3.0 * float(data.masks[has].float().sum(dim=(1, 2, 3)).mean())
+    else:  # masks on disk (vae.store.RowStore): read by blocks
+        from vae.store import mask_pixels_mean
+
+        n_values = 3.0 * mask_pixels_mean(data.masks, has)
     return float(data.n_genes) / max(n_values, 1.0)
 
 

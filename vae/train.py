@@ -252,7 +252,12 @@ def train(
         from vae.data import granule_centres
 
         t_g = time.time()
-        data.granules = granule_centres(data.crops, data.masks, data.has_image)
+        if isinstance(data.crops, torch.Tensor):
+            data.granules = granule_centres(data.crops, data.masks, data.has_image)
+        else:  # crops on disk: centres computed by blocks, kept next to them
+            from vae.store import granule_store
+
+            data.granules = granule_store(data.crops, data.masks, data.has_image)
         log.info(
             "granule centres of %d crops: %d granules (%.1f s)",
             int(data.has_image.sum()),
@@ -430,6 +435,7 @@ def train(
                 tb.writer.add_scalar("train/grad_norm", float(gnorm), step)
             t_data = time.time()
         epoch += 1
+        loop_s = time.time() - t_ep  # the training steps, without validation
         train_means = (
             dict(zip(LossTerms.names(), (sums / max(n_rows, 1)).tolist()))
             if sums is not None
@@ -455,6 +461,7 @@ def train(
             "lr": sched.get_last_lr()[0],
             "seconds": round(time.time() - t_ep, 3),
             "data_seconds": round(data_s, 3),
+            "train_seconds": round(loop_s, 3),
             "train": train_means,
             "val": val_means,
             "active_units": active_units(last_kl),

@@ -19,6 +19,7 @@ import pandas as pd
 
 from pipeline.artifacts import write_json
 from pipeline.runner import StageContext, StageError, resolve_data_path, stage
+from pipeline.streaming import h5ad_blocks, streams
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def _read_mapping(cfg) -> pd.DataFrame | None:
 def run_embed(ctx: StageContext) -> None:
 
     from vae.analysis.samples import sample_profile, write_samples_html
-    from vae.api import StudyError
+    from vae.data import PairedDataError
 
     cfg = ctx.cfg
     study = load_study(ctx)
@@ -141,38 +142,18 @@ def run_embed(ctx: StageContext) -> None:
                 f"{setting}: the study's model has no gene (trained with pair=image_only), "
                 "so it cannot embed expression profiles; embed smears or crops instead"
             )
+        stream = kind == "h5ad" and streams(cfg, path)
         try:
-            adata = study.read(path, kind, **_segment_args(cfg, kind))
-            rejects += adata.uns.pop("rejects", [])
-            if adata.n_obs == 0:
-                rejects.append({"input": setting, "item": str(path), "reason": "no cells"})
-                log.warning("%s: no cells", setting)
-                continue
-            q = study.embed(adata, setting, int(cfg.embed.batch_size))
-        except StudyError as e:
+            for block in h5ad_blocks(path) if stream else [None]:
+                q = _embed_one(study, cfg, path, kind, setting, block, rejects)
+                if q is None:
+                    continue
+                if stream:  # crops stay in the input file (same obs_names), not in memory
+                    q.obsm.pop("crops", None)
+                    q.obsm.pop("masks", None)
+                _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts)
+        except PairedDataError as e:
             raise StageError(f"{setting}: {e}") from e
-        rep = q.uns.get("genes", "{}")
-        genes[setting] = rep = json.loads(rep)
-        if rep and len(rep["missing"]) > float(cfg.embed.max_missing_genes) * rep["n_model_genes"]:
-            raise StageError(
-                f"{setting}: var_names match only {rep['matched']} of the model's "
-                f"{rep['n_model_genes']} genes (missing e.g. {rep['missing'][:5]}); more than "
-                f"embed.max_missing_genes={cfg.embed.max_missing_genes} of them are missing"
-            )
-        if rep and rep["missing"]:
-            log.warning(
-                "%s: %d model genes missing: %s", setting, len(rep["missing"]), rep["missing"][:10]
-            )
-        for cid in q.uns.get("dropped", []):
-            rejects.append(
-                {"input": setting, "item": cid, "reason": "neither image nor expression"}
-            )
-        q.obs["vae_input"] = kind
-        q.obs["vae_sample"] = _samples(q, kind, path, cfg, mapping)
-        for k in ("genes", "dropped", "rejects"):
-            q.uns.pop(k, None)
-        parts.append(q)
-        log.info("%s: %d cells embedded", setting, q.n_obs)
     if not parts:
         raise StageError("stage=embed: no cell in any input (see the warnings above)")
     out = _concat(parts) if len(parts) > 1 else parts[0]
@@ -209,6 +190,46 @@ def run_embed(ctx: StageContext) -> None:
     with ctx.atomic("query") as tmp:
         out.write_h5ad(tmp)
     log.info("embed: %d cells, %d samples, %d rejects", out.n_obs, len(prof), len(rejects))
+
+
+def _embed_one(study, cfg, path, kind, setting, block, rejects):
+    """One input (or one block of a streamed h5ad) through ``Study.embed``; None: no cells."""
+    from vae.api import StudyError
+
+    try:
+        adata = study.read(path, kind, **_segment_args(cfg, kind)) if block is None else block
+        rejects += adata.uns.pop("rejects", [])
+        if adata.n_obs == 0:
+            rejects.append({"input": setting, "item": str(path), "reason": "no cells"})
+            log.warning("%s: no cells", setting)
+            return None
+        return study.embed(adata, setting, int(cfg.embed.batch_size))
+    except StudyError as e:
+        raise StageError(f"{setting}: {e}") from e
+
+
+def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> None:
+    """Check the gene match of an embedded input, label its rows and keep it in ``parts``."""
+    rep = q.uns.get("genes", "{}")
+    genes[setting] = rep = json.loads(rep)
+    if rep and len(rep["missing"]) > float(cfg.embed.max_missing_genes) * rep["n_model_genes"]:
+        raise StageError(
+            f"{setting}: var_names match only {rep['matched']} of the model's "
+            f"{rep['n_model_genes']} genes (missing e.g. {rep['missing'][:5]}); more than "
+            f"embed.max_missing_genes={cfg.embed.max_missing_genes} of them are missing"
+        )
+    if rep and rep["missing"]:
+        log.warning(
+            "%s: %d model genes missing: %s", setting, len(rep["missing"]), rep["missing"][:10]
+        )
+    for cid in q.uns.get("dropped", []):
+        rejects.append({"input": setting, "item": cid, "reason": "neither image nor expression"})
+    q.obs["vae_input"] = kind
+    q.obs["vae_sample"] = _samples(q, kind, path, cfg, mapping)
+    for k in ("genes", "dropped", "rejects"):
+        q.uns.pop(k, None)
+    parts.append(q)
+    log.info("%s: %d cells embedded", setting, q.n_obs)
 
 
 def _segment_args(cfg, kind: str) -> dict:

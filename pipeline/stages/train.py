@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import write_json
 from pipeline.runner import StageContext, StageError, stage
+from pipeline.streaming import load_streamed, streams
 from segmentation.io import write_h5ad
 from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE
 
@@ -208,9 +209,12 @@ def run_train(ctx: StageContext) -> None:
     cfg, dist = ctx.cfg, ctx.dist
     src = ctx.input("paired")
     t0 = time.time()
-    adata = ad.read_h5ad(src)
     try:
-        data = from_anndata(adata, str(src), cfg.vae.image_size)
+        if streams(cfg, src):
+            data, adata = load_streamed(ctx, src)
+        else:
+            adata = ad.read_h5ad(src)
+            data = from_anndata(adata, str(src), cfg.vae.image_size)
     except PairedDataError as e:
         raise StageError(str(e)) from e
     if cfg.trainer.lr_schedule not in ("cosine", "constant"):

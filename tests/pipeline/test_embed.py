@@ -107,6 +107,33 @@ def test_round_trip_reproduces_latent(study: Path):
     assert (q.obs["vae_sample"].to_numpy()[:30] == "A").all()
 
 
+def test_streamed_h5ad_embeds_by_blocks_with_the_in_memory_result(study: Path, monkeypatch):
+    """Above hardware.stream_above_gib an h5ad is embedded a block of rows at a time."""
+    import scipy.sparse as sp
+
+    import pipeline.streaming
+
+    a = ad.read_h5ad(study / "paired.h5ad")
+    a.X = sp.csr_matrix(a.X)
+    a.layers["counts"] = sp.csr_matrix(a.layers["counts"])
+    a.write_h5ad(study / "query_sparse.h5ad")
+    inp = f"embed.h5ad={study / 'query_sparse.h5ad'}"
+    monkeypatch.setattr(pipeline.streaming, "EMBED_BLOCK_ROWS", 7)  # 60 rows: 9 blocks
+    mem = ad.read_h5ad(_embed(study, "qm", inp) / "query.h5ad")
+    st = ad.read_h5ad(_embed(study, "qs", inp, "hardware.stream_above_gib=0") / "query.h5ad")
+    assert "crops" in mem.obsm and "crops" not in st.obsm  # left in the input file
+    assert list(st.obs_names) == list(mem.obs_names)
+    for k in mem.obsm:
+        if k not in ("crops", "masks"):
+            assert np.allclose(st.obsm[k], mem.obsm[k], atol=1e-5, equal_nan=True), k
+    for c in mem.obs.columns:
+        x, y = mem.obs[c].to_numpy(), st.obs[c].to_numpy()
+        if x.dtype.kind == "f":
+            assert np.allclose(x, y, atol=1e-5, equal_nan=True), c
+        else:
+            assert (x.astype(str) == y.astype(str)).all(), c
+
+
 def _write_crops(folder: Path, paired: ad.AnnData, rows: dict[str, list[int]], size: int) -> None:
     for sample, idx in rows.items():
         (folder / sample).mkdir(parents=True)
