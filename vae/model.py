@@ -958,6 +958,32 @@ GRANULE_DOT_SIGMA = 0.8  # px: a rendered granule is a Gaussian dot of this widt
 GRANULE_FIELD_TILE = 64  # px: larger fields are tiles of this size
 
 
+@functools.lru_cache(maxsize=1)
+def granule_dot_gain() -> float:
+    """Peak optical density of a drawn dot per unit of the decoded granule density.
+
+    The granule layer's optical density is learned against the input's
+    :func:`vae.losses.granule_contrast` at each granule centre: the density *above
+    the cell's neighbourhood mean*, which includes the granule's own flanks. A dot
+    of peak ``od`` therefore measures less than ``od`` that way (its flanks raise
+    the mean), and a cell's granules drew fainter than the input's. The dot is
+    scaled so that, measured by the same function, a drawn dot has exactly the
+    contrast the layer decoded (a constant of the dot width and of the contrast's
+    neighbourhood, not fitted to any data).
+    """
+    from vae.losses import granule_contrast  # the loss's own measure (import cycle)
+
+    s, c = 33, 16
+    r = 2
+    x = torch.arange(-r, r + 1, dtype=torch.float64)
+    k1 = torch.exp(-(x**2) / (2 * GRANULE_DOT_SIGMA**2))
+    dot = torch.zeros(1, 1, s, s, dtype=torch.float64)
+    dot[0, 0, c - r : c + r + 1, c - r : c + r + 1] = k1[:, None] * k1[None, :]
+    img = torch.exp(-0.1 * dot).expand(1, 3, s, s)  # a faint dot: OD is linear in it
+    contrast = granule_contrast(img, torch.ones(1, 1, s, s, dtype=torch.float64))
+    return float(0.1 / contrast[0, 0, c, c])
+
+
 @functools.lru_cache(maxsize=8)
 def granule_field(side: int, seed: int = 0) -> torch.Tensor:
     """Even ("blue-noise") threshold field of shape (side, side), values in (0, 1).
@@ -1010,7 +1036,8 @@ def render_granules(
     below ``rate / 100``: a region holds about as many granules as the decoded
     rate (per 100 px^2) says, spread evenly, and along a latent path granules
     appear and disappear in place as the rate changes. Each centre is a
-    Gaussian dot (peak 1, ``GRANULE_DOT_SIGMA``) whose stain adds to the
+    Gaussian dot (``GRANULE_DOT_SIGMA``, peak :func:`granule_dot_gain`, so a drawn
+    granule has the contrast the layer decoded, as the loss measures it) whose stain adds to the
     cell's (Beer-Lambert: optical densities add), so a granule keeps its
     contrast on a pale or a dark decoded cytoplasm.
 
@@ -1036,7 +1063,7 @@ def render_granules(
     k1 = torch.exp(-(x**2) / (2 * GRANULE_DOT_SIGMA**2))  # separable, peak 1
     dots = F.conv2d(centres, k1.view(1, 1, 1, -1), padding=(0, r))
     dots = F.conv2d(dots, k1.view(1, 1, -1, 1), padding=(r, 0)).clamp(0.0, 1.0)
-    return image * torch.exp(-dots * od)
+    return image * torch.exp(-dots * od * granule_dot_gain())
 
 
 def _rows_only(fn, rows: torch.Tensor, *tensors: torch.Tensor):
