@@ -962,26 +962,33 @@ GRANULE_FIELD_TILE = 64  # px: larger fields are tiles of this size
 def granule_dot_gain() -> float:
     """Peak optical density of a drawn dot per unit of the decoded granule density.
 
-    The granule layer's optical density is learned against the input's
-    :func:`vae.losses.granule_contrast` at each granule centre: the density *above
-    the cell's neighbourhood mean*, which includes the granule's own flanks. A dot
-    of peak ``od`` therefore measures less than ``od`` that way (its flanks raise
-    the mean), and a cell's granules drew fainter than the input's. The dot is
-    scaled so that, measured by the same function, a drawn dot has exactly the
-    contrast the layer decoded (a constant of the dot width and of the contrast's
-    neighbourhood, not fitted to any data).
+    A drawn dot is narrower than the granules of the input crops, and the granule
+    counter of the analyses (:mod:`vae.analysis.granules`: white top-hat, then a
+    Gaussian matched to an input granule, then a contrast threshold) reads a dot of
+    peak ``od`` at about half of ``od``: decoded cells whose granules the layer
+    decoded at the input's density and contrast read as cells with few or none
+    (measured: docs/vae.md, "Nucleus layer"). The dot is scaled so that the
+    counter reads one drawn granule at the density the layer decoded. A constant of
+    the dot and of the counter's settings (computed with the counter's own
+    functions on one dot), not fitted to any data.
     """
-    from vae.losses import granule_contrast  # the loss's own measure (import cycle)
+    from skimage.filters import gaussian
 
-    s, c = 33, 16
-    r = 2
-    x = torch.arange(-r, r + 1, dtype=torch.float64)
-    k1 = torch.exp(-(x**2) / (2 * GRANULE_DOT_SIGMA**2))
-    dot = torch.zeros(1, 1, s, s, dtype=torch.float64)
-    dot[0, 0, c - r : c + r + 1, c - r : c + r + 1] = k1[:, None] * k1[None, :]
-    img = torch.exp(-0.1 * dot).expand(1, 3, s, s)  # a faint dot: OD is linear in it
-    contrast = granule_contrast(img, torch.ones(1, 1, s, s, dtype=torch.float64))
-    return float(0.1 / contrast[0, 0, c, c])
+    from vae.analysis.granules import GranuleParams, granule_contrast
+
+    p = GranuleParams()
+    s, c, r = 33, 16, 2
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k1 = np.exp(-(x**2) / (2 * GRANULE_DOT_SIGMA**2))
+    dot = np.zeros((s, s))
+    dot[c - r : c + r + 1, c - r : c + r + 1] = k1[:, None] * k1[None, :]
+    od = 0.1  # a faint dot, where optical density is linear in it
+    img = 0.8 * np.exp(-od * dot)[..., None] * np.array([1.0, 1.0, 1.0])
+    img[..., 0] = 0.8  # the granule channel is green minus the red the nucleus holds
+    resp = granule_contrast(img, np.ones((s, s), bool), None, p.radius_px)
+    if p.smooth_sigma > 0:
+        resp = gaussian(resp, p.smooth_sigma)
+    return float(od / resp[c, c])
 
 
 @functools.lru_cache(maxsize=8)
