@@ -237,3 +237,15 @@ def test_precompute_on_a_simulated_cell_is_the_counters_nucleus():
     assert nuc.sum() > 0 and not (nuc.bool() & ~mt.bool()).any()
     # rows without an image get an empty mask
     assert not nucleus_masks(ct, mt, torch.tensor([False, True, True, True]))[0].any()
+
+
+def test_traverse_draws_the_sharp_nucleus():
+    """Decoded cells of the analyses (traverse, study page) are the drawn ones."""
+    from vae.analysis.traverse import decode
+
+    m = _model(n_genes=6)
+    z = torch.randn(4, m.n_latent)
+    out = decode(m, z.numpy())
+    with torch.no_grad():
+        drawn = m.decode(z, render=True).image.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(out.images, np.clip(drawn, 0, 1), atol=1e-6)
