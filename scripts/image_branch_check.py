@@ -186,6 +186,11 @@ def check(run: Path, paired: Path | None, traverse: Path | None, views: int | No
         z = lat_all.joint[rows]
         rho = [abs(_spearman(z[:, j], t)) for j in range(z.shape[1])]
         res["best_dim_vs_t_spearman"] = float(np.nanmax(rho)) if rho else float("nan")
+
+        def imgs_in(sel: np.ndarray) -> np.ndarray:
+            """The masked input crops of the test image rows ``sel``, (n, S, S, 3) uint8."""
+            return (data.crops[rows][sel] * data.masks[rows][sel]).permute(0, 2, 3, 1).numpy()
+
         neut = (
             np.isfinite(t)
             & o.get("lineage", pd.Series("", index=o.index)).astype(str).eq("neutrophil").to_numpy()
@@ -211,6 +216,23 @@ def check(run: Path, paired: Path | None, traverse: Path | None, views: int | No
                 res["decoded_lobes_vs_true_spearman"] = _spearman(
                     fd["lobes"].to_numpy(float), o["lobes"].to_numpy(float)[neut]
                 )
+            if getattr(model.args, "nucleus_head", False):
+                # the nucleus layer's own mask (logit > 0) before drawing: lobes counted on
+                # it, and its overlap with the counter's nucleus of the input crop
+                with torch.no_grad():
+                    lg = model.decode(torch.from_numpy(z[neut].astype(np.float32))).nucleus_logits
+                layer = (lg[:, 0] > 0).numpy() & masks
+                inp = [G.cell_nucleus(c, mk) for c, mk in zip(imgs_in(neut), masks)]
+                inter = [float((a & b).sum()) for a, b in zip(layer, inp)]
+                union = [float((a | b).sum()) for a, b in zip(layer, inp)]
+                res["nucleus_layer_iou_vs_input_nucleus"] = float(
+                    np.mean([i / u for i, u in zip(inter, union) if u > 0])
+                )
+                if "lobes" in o:
+                    res["nucleus_layer_lobes_vs_true_spearman"] = _spearman(
+                        np.array([G.count_lobes(a) for a in layer], float),
+                        o["lobes"].to_numpy(float)[neut],
+                    )
             crops = data.crops[rows][neut].permute(0, 2, 3, 1).numpy()
             fr = G.measure_batch(crops, masks, G.GranuleParams())
             res["input_granules_vs_true_azurophilic_spearman"] = _spearman(

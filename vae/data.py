@@ -53,9 +53,12 @@ class PairedTensors:
     granules : (N, 1, S, S) uint8 in {0, 1} or None
         Granule centres found on each crop (:func:`granule_centres`); filled by
         the trainer when the model has a granule head.
+    nucleus : (N, 1, S, S) uint8 in {0, 1} or None
+        Nucleus mask of each crop (:func:`nucleus_masks`, the lobe counter's
+        nucleus); filled by the trainer when the model has a nucleus layer.
 
-    For data larger than memory, ``crops``, ``masks`` and ``granules`` may be
-    :class:`vae.store.RowStore` (chunked on disk) and ``x``, ``counts``
+    For data larger than memory, ``crops``, ``masks``, ``granules`` and ``nucleus``
+    may be :class:`vae.store.RowStore` (chunked on disk) and ``x``, ``counts``
     :class:`vae.store.SparseRows` (CSR): anything read through
     ``index_select(0, rows)`` (:func:`raw_batch`) works on them unchanged.
     """
@@ -73,6 +76,7 @@ class PairedTensors:
     gene_names: list[str]
     norm_total: float
     granules: torch.Tensor | None = None
+    nucleus: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -95,7 +99,8 @@ class Batch:
     batch was made without images: no row of the data set has one); x (B, G);
     counts (B, G) or None; library (B,); log_library (B,); has_image,
     has_expression (B,) bool; labels (B,) int64; index (B,) int64 rows;
-    granules (B, 1, S, S) float {0, 1} granule centres, or None.
+    granules (B, 1, S, S) float {0, 1} granule centres, or None; nucleus
+    (B, 1, S, S) float {0, 1} nucleus mask, or None.
     """
 
     image: torch.Tensor | None
@@ -109,6 +114,7 @@ class Batch:
     labels: torch.Tensor
     index: torch.Tensor
     granules: torch.Tensor | None = None
+    nucleus: torch.Tensor | None = None
 
 
 def _dense(m) -> np.ndarray:
@@ -399,45 +405,84 @@ def raw_batch(d: PairedTensors, idx: torch.Tensor, images: bool = True) -> dict[
         out["masks"] = d.masks.index_select(0, idx)
         if d.granules is not None:  # the crops' granule centres, read with them
             out["granules"] = d.granules.index_select(0, idx)
+        if d.nucleus is not None:  # the crops' nucleus masks, read with them
+            out["nucleus"] = d.nucleus.index_select(0, idx)
     if d.counts is not None:
         out["counts"] = d.counts.index_select(0, idx)
     return out
 
 
-def granule_centres(
-    crops: torch.Tensor, masks: torch.Tensor, has_image: torch.Tensor, params=None
-) -> torch.Tensor:
-    """Granule centres of every crop, as the analyses count them.
+def crop_targets(
+    crops: torch.Tensor,
+    masks: torch.Tensor,
+    has_image: torch.Tensor,
+    granules: bool = True,
+    nucleus: bool = True,
+    params=None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Granule centres and nucleus masks of every crop, as the analyses measure them.
 
-    The blobs of :func:`vae.analysis.granules.measure_cell` (peaks of the
-    nucleus-cancelling top-hat over the whole cell, nucleus included, the cell rim
-    excluded), so the granule head learns the granules that ``stage=traverse``
-    measures on decoded cells.
+    One pass of :mod:`vae.analysis.granules` per crop (the nucleus is segmented
+    once and serves both): the granule centres are the blobs of ``measure_cell``
+    (peaks of the nucleus-cancelling top-hat over the whole cell, nucleus included,
+    the cell rim excluded) and the nucleus mask is ``cell_nucleus``, the mask the
+    lobe counter splits. The decoder's granule and nucleus layers thus learn what
+    ``stage=traverse`` and ``scripts/image_branch_check.py`` measure on decoded cells.
 
     Parameters
     ----------
     crops : (N, 3, S, S) uint8
     masks : (N, 1, S, S) uint8 {0, 1}
-    has_image : (N,) bool; rows without an image get an empty map
+    has_image : (N,) bool; rows without an image (or a cell under 16 px) get empty maps
+    granules, nucleus : which of the two to compute
     params : vae.analysis.granules.GranuleParams, optional
 
     Returns
     -------
-    (N, 1, S, S) uint8 with 1 at each granule centre
+    granule centres (N, 1, S, S) uint8 with 1 at each centre, or None;
+    nucleus masks (N, 1, S, S) uint8 {0, 1}, or None
     """
-    from vae.analysis.granules import measure_cell
+    from vae.analysis.granules import cell_nucleus, measure_cell
 
     n, _, s, _ = crops.shape
-    out = np.zeros((n, 1, s, s), dtype=np.uint8)
+    gran = np.zeros((n, 1, s, s), dtype=np.uint8) if granules else None
+    nuc = np.zeros((n, 1, s, s), dtype=np.uint8) if nucleus else None
     for i in np.flatnonzero(has_image.numpy()):
         m = masks[i, 0].numpy().astype(bool)
         if m.sum() < 16:
             continue
-        blobs = measure_cell(crops[i].permute(1, 2, 0).numpy(), m, params).blobs
-        if len(blobs):
-            rc = np.clip(np.rint(blobs[:, :2]).astype(int), 0, s - 1)
-            out[i, 0, rc[:, 0], rc[:, 1]] = 1
-    return torch.from_numpy(out)
+        img = crops[i].permute(1, 2, 0).numpy()
+        if gran is None:  # the nucleus alone: no granule search
+            nuc[i, 0] = cell_nucleus(img, m, params)
+            continue
+        meas = measure_cell(img, m, params)
+        if nuc is not None:
+            nuc[i, 0] = meas.nucleus
+        if len(meas.blobs):
+            rc = np.clip(np.rint(meas.blobs[:, :2]).astype(int), 0, s - 1)
+            gran[i, 0, rc[:, 0], rc[:, 1]] = 1
+    as_t = lambda a: torch.from_numpy(a) if a is not None else None  # noqa: E731
+    return as_t(gran), as_t(nuc)
+
+
+def granule_centres(
+    crops: torch.Tensor, masks: torch.Tensor, has_image: torch.Tensor, params=None
+) -> torch.Tensor:
+    """Granule centres of every crop (N, 1, S, S) uint8, as the analyses count them.
+
+    See :func:`crop_targets` (same arguments).
+    """
+    return crop_targets(crops, masks, has_image, True, False, params)[0]
+
+
+def nucleus_masks(
+    crops: torch.Tensor, masks: torch.Tensor, has_image: torch.Tensor, params=None
+) -> torch.Tensor:
+    """Nucleus mask of every crop (N, 1, S, S) uint8 {0, 1}: the lobe counter's nucleus.
+
+    See :func:`crop_targets` (same arguments).
+    """
+    return crop_targets(crops, masks, has_image, False, True, params)[1]
 
 
 def augment_dihedral(
@@ -486,8 +531,9 @@ def augment_rotate(
     mask : (B, 1, S, S) {0, 1}, resampled nearest (stays binary)
     generator : CPU generator (seeded by the trainer)
     scale : zoom half-range, 0 = rotation only
-    points : (B, 1, S, S) {0, 1} point maps (granule centres), resampled
-        nearest, so each centre moves with its pixels and stays one pixel
+    points : (B, K, S, S) {0, 1} maps (granule centres, nucleus mask), resampled
+        nearest, so each centre moves with its pixels and stays one pixel and a
+        mask stays binary
 
     Returns
     -------
@@ -574,23 +620,34 @@ def to_batch(
     def mv(t: torch.Tensor) -> torch.Tensor:
         return t.to(device, non_blocking=non_blocking)
 
-    img = mask = gran = None
+    img = mask = gran = nuc = None
     if "crops" in raw:
         img = mv(raw["crops"]).float().div_(255.0)
         mask = mv(raw["masks"]).float()
         gran = mv(raw["granules"]).float() if "granules" in raw else None
+        nuc = mv(raw["nucleus"]).float() if "nucleus" in raw else None
         if augment:
             if generator is None:
                 raise ValueError("augment=True needs a generator")
-            if gran is not None:  # granule centres move with the pixels
-                both, mask = augment_dihedral(torch.cat([img, gran], 1), mask, generator)
-                img, gran = both[:, :3], both[:, 3:]
-            else:
-                img, mask = augment_dihedral(img, mask, generator)
+            # granule centres and the nucleus mask move with the pixels: one stack, so
+            # every map takes the same flips, rotation and zoom as the crop
+            maps = [m for m in (gran, nuc) if m is not None]
+            both, mask = augment_dihedral(torch.cat([img, *maps], 1), mask, generator)
+            img, maps = both[:, :3], both[:, 3:]
             if rotate > 0:
-                img, mask, gran = augment_rotate(img, mask, generator, rotate, gran)
+                img, mask, rot = augment_rotate(
+                    img, mask, generator, rotate, maps if maps.shape[1] else None
+                )
+                maps = rot if rot is not None else maps
+            k = 0
+            if gran is not None:
+                gran, k = maps[:, :1], 1
+            if nuc is not None:
+                nuc = maps[:, k : k + 1]
             img = augment_stain(img, stain_jitter, generator)
         img = img * mask  # background excluded before it reaches anything
+        if nuc is not None:
+            nuc = nuc * mask  # the nucleus lies inside the cell
     lib = mv(raw["library"])
     return Batch(
         image=img,
@@ -604,6 +661,7 @@ def to_batch(
         labels=mv(raw["labels"]),
         index=raw["index"],
         granules=gran,
+        nucleus=nuc,
     )
 
 

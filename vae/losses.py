@@ -48,6 +48,10 @@ class LossWeights:
     # input under the decoded rate map, plus the granules' optical density there;
     # needs a model built with granule_head and centres in the batch
     granules: float = 0.0
+    # nucleus layer: Bernoulli NLL (BCE) of the decoded nucleus mask against the
+    # input's nucleus (the lobe counter's), summed over the cell's pixels; needs a
+    # model built with nucleus_head and nucleus masks in the batch
+    nucleus: float = 0.0
 
     def __post_init__(self) -> None:
         if self.align_mode not in ALIGNS:
@@ -66,6 +70,7 @@ class LossTerms:
     ssim : 1 - SSIM inside the mask (0 when its weight is 0)
     spectral : L1 between masked log-amplitude spectra (0 when its weight is 0)
     granules : granule point-process NLL + granule optical-density error (0 when off)
+    nucleus : BCE of the decoded nucleus mask inside the cell (0 when off)
     classify : label cross-entropy of the image and expression experts' shared means
         (rows with a known label; 0 when off)
     expression : expression NLL from the fused posterior
@@ -87,6 +92,7 @@ class LossTerms:
     ssim: torch.Tensor
     spectral: torch.Tensor
     granules: torch.Tensor
+    nucleus: torch.Tensor
     classify: torch.Tensor
     expression: torch.Tensor
     kl: torch.Tensor
@@ -310,6 +316,23 @@ def granule_error(dec: Decoded, centres: torch.Tensor, contrast: torch.Tensor) -
     return nll + od_err
 
 
+def nucleus_bce(dec: Decoded, nucleus: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row nucleus-layer loss (B,): Bernoulli NLL of the nucleus mask, nats.
+
+    Binary cross-entropy of ``dec.nucleus_logits`` against the input's nucleus
+    mask, summed over the pixels inside the cell ``mask`` (outside the cell there
+    is no nucleus to draw and the decoded cell is cut by its own mask).
+
+    Parameters
+    ----------
+    dec : Decoded with ``nucleus_logits`` (B, 1, S, S)
+    nucleus : (B, 1, S, S) {0, 1} nucleus mask of the input
+    mask : (B, 1, S, S) {0, 1} cell mask
+    """
+    bce = F.binary_cross_entropy_with_logits(dec.nucleus_logits, nucleus, reduction="none")
+    return (bce * mask).sum(dim=(1, 2, 3))
+
+
 def expression_nll(
     dec: Decoded,
     x_log: torch.Tensor,
@@ -409,6 +432,7 @@ def vae_loss(
     n_shared: int | None = None,
     labels: torch.Tensor | None = None,
     granules: torch.Tensor | None = None,
+    nucleus: torch.Tensor | None = None,
 ) -> LossTerms:
     """All loss terms of one batch.
 
@@ -434,6 +458,9 @@ def vae_loss(
     granules : (B, 1, S, S) float {0, 1}, optional
         Granule centres of the input crops (scored when ``weights.granules`` > 0
         and the model has a granule head).
+    nucleus : (B, 1, S, S) float {0, 1}, optional
+        Nucleus masks of the input crops (scored when ``weights.nucleus`` > 0 and
+        the model has a nucleus layer).
 
     Returns
     -------
@@ -457,9 +484,11 @@ def vae_loss(
         else None
     )
 
+    score_nucleus = w.nucleus > 0 and nucleus is not None and image is not None
+
     def img_terms(dec: Decoded | None, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if dec is None or dec.image is None:
-            return zero, zero, zero, zero, zero
+            return zero, zero, zero, zero, zero, zero
         nll = (
             image_nll(image, dec.image, mask, dec.image_log_scale, image_likelihood) * rows
         ).sum()
@@ -480,7 +509,11 @@ def vae_loss(
             g = (granule_error(dec, granules, contrast) * rows).sum()
         else:
             g = zero
-        return nll / b, m / b, s / b, f / b, g / b
+        if score_nucleus and dec.nucleus_logits is not None:
+            nu = (nucleus_bce(dec, nucleus, mask) * rows).sum()
+        else:
+            nu = zero
+        return nll / b, m / b, s / b, f / b, g / b, nu / b
 
     def expr_term(dec: Decoded | None, rows: torch.Tensor) -> torch.Tensor:
         # skipped decoder (None) or a model without genes (B, 0): nothing to score
@@ -491,7 +524,12 @@ def vae_loss(
 
     def weighted_img(t: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return (
-            w.image * t[0] + w.mask * t[1] + w.ssim * t[2] + w.spectral * t[3] + w.granules * t[4]
+            w.image * t[0]
+            + w.mask * t[1]
+            + w.ssim * t[2]
+            + w.spectral * t[3]
+            + w.granules * t[4]
+            + w.nucleus * t[5]
         )
 
     def kl_of(g: Gaussian | None, rows: torch.Tensor) -> torch.Tensor:
@@ -500,7 +538,7 @@ def vae_loss(
         return (kl_normal(g).sum(dim=1) * rows).sum() / b
 
     if out.joint is not None:  # PoE: ELBO of the fused posterior on every row
-        i_nll, i_mask, i_ssim, i_spec, i_gran = img_terms(out.joint, hi)
+        i_nll, i_mask, i_ssim, i_spec, i_gran, i_nuc = img_terms(out.joint, hi)
         e_nll = expr_term(out.joint, he)
         kl_dims = kl_normal(post.joint)
         kl = kl_dims.sum(dim=1).mean()
@@ -524,6 +562,7 @@ def vae_loss(
         i_ssim = ii[2] + ie[2]
         i_spec = ii[3] + ie[3]
         i_gran = ii[4] + ie[4]
+        i_nuc = ii[5] + ie[5]
         e_nll = expr_term(out.from_expression, we) + expr_term(out.from_image, he * wi)
         kl_dims = sum(
             kl_normal(g) * wg.view(-1, 1)
@@ -531,7 +570,7 @@ def vae_loss(
             if g is not None
         )
         kl = kl_dims.sum(dim=1).mean()
-        ui = ci = (zero, zero, zero, zero, zero)
+        ui = ci = (zero, zero, zero, zero, zero, zero)
         ue = ce = zero
         # cross-modal terms are part of the MoE ELBO above; report them alone too
         with torch.no_grad():
@@ -590,6 +629,7 @@ def vae_loss(
         + w.ssim * i_ssim
         + w.spectral * i_spec
         + w.granules * i_gran
+        + w.nucleus * i_nuc
         + w.expression * e_nll
         + kl_obj
         + extra
@@ -604,6 +644,7 @@ def vae_loss(
         ssim=i_ssim,
         spectral=i_spec,
         granules=i_gran,
+        nucleus=i_nuc,
         classify=classify,
         expression=e_nll,
         kl=kl,

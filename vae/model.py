@@ -98,6 +98,11 @@ class VAEArgs:
     # granule layer: the decoder also predicts a granule-rate map and the granules'
     # colour; decoded images render granules from them (:func:`render_granules`)
     granule_head: bool = False
+    # nucleus layer: the decoder also outputs nucleus-mask logits (trained as a
+    # Bernoulli against the lobe counter's nucleus of the input) and a nucleus colour
+    # layer; the image is the cytoplasm layer with the nucleus layer painted through
+    # that mask (:func:`compose_nucleus`), sharpened when decoded cells are drawn
+    nucleus_head: bool = False
     # label classifier on the shared latent (scANVI-style semi-supervision; 0: none)
     n_classes: int = 0
     # what the image encoder sees: "rgb", or "stain": haematoxylin / eosin / DAB
@@ -202,8 +207,13 @@ class Decoded:
         Optical density (per RGB channel, -ln transmission) that a granule
         centred at each pixel adds to the cell under it (granule head only).
     image_mean : (B, 3, S, S) or None
-        The mean image when ``image`` holds a rendering with granules
-        (``decode(..., render=True)``), else None.
+        The mean image when ``image`` holds a rendering (sharp nucleus, granules:
+        ``decode(..., render=True)``), else None.
+    nucleus_logits : (B, 1, S, S) or None
+        Logits of the nucleus mask (nucleus layer only).
+    nucleus_colour, cytoplasm : (B, 3, S, S) in [0, 1] or None
+        The two colour layers the mean image is composed of (nucleus layer only):
+        ``image = cytoplasm + sigmoid(nucleus_logits) * (nucleus_colour - cytoplasm)``.
     """
 
     image: torch.Tensor
@@ -218,6 +228,9 @@ class Decoded:
     granule_rate: torch.Tensor | None = None
     granule_od: torch.Tensor | None = None
     image_mean: torch.Tensor | None = None
+    nucleus_logits: torch.Tensor | None = None
+    nucleus_colour: torch.Tensor | None = None
+    cytoplasm: torch.Tensor | None = None
 
 
 @dataclass
@@ -388,6 +401,7 @@ class ImageDecoder(nn.Module):
         arch: str = "plain",
         texture_noise: bool = False,
         granule_head: bool = False,
+        nucleus_head: bool = False,
     ):
         super().__init__()
         self.side = crop_size // 2 ** len(channels)
@@ -396,7 +410,13 @@ class ImageDecoder(nn.Module):
         rev = list(reversed(channels))
         self.predict_mask = predict_mask
         self.granule_head = granule_head
+        self.nucleus_head = nucleus_head
+        # output channels: RGB (the cytoplasm layer with a nucleus layer) [+ cell-mask
+        # logit] [+ nucleus logit + nucleus RGB]; new channels go last, so a model
+        # without the nucleus layer is the same network as before it existed
         n_out = 4 if predict_mask else 3
+        if nucleus_head:
+            n_out += NUCLEUS_CHANNELS
         layers: list[nn.Module] = []
         if arch == "plain" and granule_head:
             raise ValueError("granule_head needs image_arch='residual'")
@@ -438,22 +458,32 @@ class ImageDecoder(nn.Module):
                 self.granule_conv = nn.Conv2d(c_top, 1, 3, padding=1)
         self.deconv = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(B, n_in) -> image (B, 3, S, S), mask logits (B, 1, S, S) or None, and the
-        granule rate (B, 1, S, S, per 100 px^2) and optical density (B, 3, S, S), or None."""
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """(B, n_in) -> image (B, 3, S, S), mask logits (B, 1, S, S) or None, the
+        granule rate (B, 1, S, S, per 100 px^2) and optical density (B, 3, S, S) or
+        None, and the nucleus logits (B, 1, S, S), nucleus colour and cytoplasm
+        (B, 3, S, S) or None."""
         h = F.silu(self.fc(z)).view(-1, self.c0, self.side, self.side)  # (B, C*s*s) -> (B, C, s, s)
         top = self.deconv[:-1](h)  # features before the output layer
-        out = self.deconv[-1](top)  # (B, 3 [+1 mask], S, S)
+        out = self.deconv[-1](top)  # (B, 3 [+1 mask] [+4 nucleus], S, S)
         img = torch.sigmoid(out[:, :3])
+        k = 4 if self.predict_mask else 3
         mask_logits = out[:, 3:4] if self.predict_mask else None
+        nuc: tuple[torch.Tensor | None, ...] = (None, None, None)
+        if self.nucleus_head:
+            # the first three channels are then the cytoplasm layer
+            logits = out[:, k : k + 1]
+            colour = torch.sigmoid(out[:, k + 1 : k + NUCLEUS_CHANNELS])
+            nuc = (logits, colour, img)
+            img = compose_nucleus(img, colour, logits)
         if not self.granule_head:
-            return img, mask_logits, None, None
+            return img, mask_logits, None, None, *nuc
         g = self.granule_mlp(z.detach())  # (B, 4): log density offset, granule optical density
         where = self.granule_conv(top.detach())  # (B, 1, S, S) from full-resolution features
         log_rate = (g[:, :1, None, None] + where).clamp(-12.0, 6.0)
         rate = torch.exp(log_rate)  # (B, 1, S, S) centres per 100 px^2
         od = F.softplus(g[:, 1:4, None, None]).expand(-1, -1, *img.shape[-2:])
-        return img, mask_logits, rate, od
+        return img, mask_logits, rate, od, *nuc
 
 
 class ExpressionEncoder(nn.Module):
@@ -594,6 +624,7 @@ class TwoBranchVAE(nn.Module):
             a.image_arch,
             a.texture_noise,
             a.granule_head,
+            a.nucleus_head,
         )
         # 0 genes (pair=image_only): no expression branch at all, so no parameter
         # of it is trained, saved or synchronised
@@ -777,10 +808,12 @@ class TwoBranchVAE(nn.Module):
             the other rows get zeros (training: rows without an image score
             nothing). Default: all rows.
         render : bool
-            With a granule head, ``image`` is the mean image with granules
-            drawn from the decoded rate map (:func:`render_granules`, seeded by
-            ``seed``) and ``image_mean`` keeps the mean. For figures and
-            measurements of decoded cells; the loss always sees the mean.
+            Draw the decoded cell as a user sees it: with a nucleus layer the
+            nucleus is painted through its sharpened mask (:func:`compose_nucleus`,
+            crisp outline and necks), with a granule head granules are drawn from
+            the decoded rate map (:func:`render_granules`, seeded by ``seed``);
+            ``image_mean`` keeps the mean. For figures and measurements of decoded
+            cells; the loss always sees the mean.
         use_image : bool
             False skips the image decoder (``image``, ``mask`` None).
         use_expression : bool
@@ -795,17 +828,23 @@ class TwoBranchVAE(nn.Module):
             the likelihood parameters.
         """
         zi = self.image_part(z)
-        rate = od = None
+        rate = od = nuc_logits = nuc_colour = cyto = None
         if not use_image:
             img = mask_logits = None
         elif image_rows is None:
-            img, mask_logits, rate, od = self.image_decoder(zi)
+            img, mask_logits, rate, od, nuc_logits, nuc_colour, cyto = self.image_decoder(zi)
         else:
-            img, mask_logits, rate, od = _rows_only(self.image_decoder, image_rows, zi)
+            img, mask_logits, rate, od, nuc_logits, nuc_colour, cyto = _rows_only(
+                self.image_decoder, image_rows, zi
+            )
         mask = torch.sigmoid(mask_logits) if mask_logits is not None else None
         mean = None
-        if render and rate is not None:
-            mean, img = img, render_granules(img, rate, od, mask, seed)
+        if render and (rate is not None or nuc_logits is not None):
+            mean = img
+            if nuc_logits is not None:
+                img = compose_nucleus(cyto, nuc_colour, nuc_logits, NUCLEUS_RENDER_SHARPNESS)
+            if rate is not None:
+                img = render_granules(img, rate, od, mask, seed)
         if self.expression_decoder is None:
             expr = {"expression_log": z.new_zeros(z.shape[0], 0)}
         elif not use_expression:
@@ -820,6 +859,9 @@ class TwoBranchVAE(nn.Module):
             granule_rate=rate,
             granule_od=od,
             image_mean=mean,
+            nucleus_logits=nuc_logits,
+            nucleus_colour=nuc_colour,
+            cytoplasm=cyto,
             **expr,
         )
 
@@ -895,8 +937,79 @@ class TwoBranchVAE(nn.Module):
         return ForwardOutput(post, joint, from_img, from_expr, self.classifier)
 
 
+NUCLEUS_CHANNELS = 4  # nucleus layer: one mask logit + RGB
+# drawn cells: the nucleus mask is sigmoid(this x logit), an edge about 1 px wide, so
+# the outline and the necks between lobes are as crisp as the input's
+NUCLEUS_RENDER_SHARPNESS = 8.0
+
+
+def compose_nucleus(
+    cytoplasm: torch.Tensor,
+    nucleus: torch.Tensor,
+    logits: torch.Tensor,
+    sharpness: float = 1.0,
+) -> torch.Tensor:
+    """Paint the nucleus layer over the cytoplasm layer through the nucleus mask.
+
+    ``cytoplasm + m * (nucleus - cytoplasm)`` with ``m = sigmoid(sharpness * logits)``.
+    In training (``sharpness`` 1) ``m`` is the Bernoulli probability the nucleus
+    term scores, taken as a constant here (detached): the image likelihood fits the
+    two colour layers, and only the nucleus term (a cross-entropy, which keeps a
+    confident, sharp outline) moves the mask; a pixel likelihood on the mask would
+    blur it towards the average of the shapes the code cannot tell apart, as it
+    blurs a one-layer decoder's nucleus. Drawn cells use a sharp ``m``
+    (``NUCLEUS_RENDER_SHARPNESS``), so the outline and the necks between lobes
+    are crisp where the mask crosses 0.5.
+
+    Parameters
+    ----------
+    cytoplasm, nucleus : (B, 3, S, S) colour layers in [0, 1]
+    logits : (B, 1, S, S) nucleus-mask logits
+    sharpness : gain on the logits (1: the trained probability)
+
+    Returns
+    -------
+    (B, 3, S, S) image in [0, 1]
+    """
+    m = torch.sigmoid(sharpness * logits.detach())
+    return cytoplasm + m * (nucleus - cytoplasm)
+
+
 GRANULE_DOT_SIGMA = 0.8  # px: a rendered granule is a Gaussian dot of this width
 GRANULE_FIELD_TILE = 64  # px: larger fields are tiles of this size
+
+
+@functools.lru_cache(maxsize=1)
+def granule_dot_gain() -> float:
+    """Peak optical density of a drawn dot per unit of the decoded granule density.
+
+    A drawn dot is narrower than the granules of the input crops, and the granule
+    counter of the analyses (:mod:`vae.analysis.granules`: white top-hat, then a
+    Gaussian matched to an input granule, then a contrast threshold) reads a dot of
+    peak ``od`` at about half of ``od``: decoded cells whose granules the layer
+    decoded at the input's density and contrast read as cells with few or none
+    (measured: docs/vae.md, "Nucleus layer"). The dot is scaled so that the
+    counter reads one drawn granule at the density the layer decoded. A constant of
+    the dot and of the counter's settings (computed with the counter's own
+    functions on one dot), not fitted to any data.
+    """
+    from skimage.filters import gaussian
+
+    from vae.analysis.granules import GranuleParams, granule_contrast
+
+    p = GranuleParams()
+    s, c, r = 33, 16, 2
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k1 = np.exp(-(x**2) / (2 * GRANULE_DOT_SIGMA**2))
+    dot = np.zeros((s, s))
+    dot[c - r : c + r + 1, c - r : c + r + 1] = k1[:, None] * k1[None, :]
+    od = 0.1  # a faint dot, where optical density is linear in it
+    img = 0.8 * np.exp(-od * dot)[..., None] * np.array([1.0, 1.0, 1.0])
+    img[..., 0] = 0.8  # the granule channel is green minus the red the nucleus holds
+    resp = granule_contrast(img, np.ones((s, s), bool), None, p.radius_px)
+    if p.smooth_sigma > 0:
+        resp = gaussian(resp, p.smooth_sigma)
+    return float(od / resp[c, c])
 
 
 @functools.lru_cache(maxsize=8)
@@ -951,7 +1064,8 @@ def render_granules(
     below ``rate / 100``: a region holds about as many granules as the decoded
     rate (per 100 px^2) says, spread evenly, and along a latent path granules
     appear and disappear in place as the rate changes. Each centre is a
-    Gaussian dot (peak 1, ``GRANULE_DOT_SIGMA``) whose stain adds to the
+    Gaussian dot (``GRANULE_DOT_SIGMA``, peak :func:`granule_dot_gain`, so a drawn
+    granule has the contrast the layer decoded, as the loss measures it) whose stain adds to the
     cell's (Beer-Lambert: optical densities add), so a granule keeps its
     contrast on a pale or a dark decoded cytoplasm.
 
@@ -977,7 +1091,7 @@ def render_granules(
     k1 = torch.exp(-(x**2) / (2 * GRANULE_DOT_SIGMA**2))  # separable, peak 1
     dots = F.conv2d(centres, k1.view(1, 1, 1, -1), padding=(0, r))
     dots = F.conv2d(dots, k1.view(1, 1, -1, 1), padding=(r, 0)).clamp(0.0, 1.0)
-    return image * torch.exp(-dots * od)
+    return image * torch.exp(-dots * od * granule_dot_gain())
 
 
 def dihedral_mean(

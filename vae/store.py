@@ -56,7 +56,7 @@ class RowStore:
     Parameters
     ----------
     path : folder of the zarr group
-    name : array in the group (``crops``, ``masks``, ``granules``)
+    name : array in the group (``crops``, ``masks``, ``granules``, ``nucleus``)
     """
 
     def __init__(self, path: str | Path, name: str):
@@ -352,40 +352,58 @@ def build_crop_store(
         return write_crop_store(path, blocks(), n, size, chunk_rows, src)
 
 
-def granule_store(
-    crops: RowStore, masks: RowStore, has_image: torch.Tensor, params=None
-) -> RowStore:
-    """Granule centres of every stored crop (:func:`vae.data.granule_centres`), kept in the store.
+def crop_target_store(
+    crops: RowStore,
+    masks: RowStore,
+    has_image: torch.Tensor,
+    granules: bool = True,
+    nucleus: bool = True,
+    params=None,
+) -> tuple[RowStore | None, RowStore | None]:
+    """Granule centres and nucleus masks of every stored crop (:func:`vae.data.crop_targets`),
+    kept in the store.
 
-    Computed a block of rows at a time and written as the store's ``granules``
-    array; reused when it is already there.
+    Computed a block of rows at a time and written as the store's ``granules`` /
+    ``nucleus`` arrays; an array already complete is reused.
+
+    Returns
+    -------
+    (granules, nucleus): RowStore each, or None for the one not asked for
     """
     import zarr
 
-    from vae.data import granule_centres
+    from vae.data import crop_targets
 
     g = zarr.open_group(str(crops.path), mode="r+")
-    if "granules" in g and g.attrs.get("granules_complete"):
-        return RowStore(crops.path, "granules")
-    n, _, s, _ = crops.shape
-    c = _chunk_rows(n, crops._arr.chunks[0])
-    arr = g.create_array(
-        "granules",
-        shape=(n, 1, s, s),
-        chunks=(c, 1, s, s),
-        dtype="uint8",
-        compressors=None,
-        fill_value=0,
-        overwrite=True,
-    )
-    for start, block in crops.blocks():
-        rows = torch.arange(start, start + block.shape[0])
-        m = masks.index_select(0, rows)
-        arr[start : start + block.shape[0]] = granule_centres(
-            block, m, has_image[start : start + block.shape[0]], params
-        ).numpy()
-    g.attrs["granules_complete"] = True
-    return RowStore(crops.path, "granules")
+    want = {"granules": granules, "nucleus": nucleus}
+    todo = [k for k, w in want.items() if w and not (k in g and g.attrs.get(f"{k}_complete"))]
+    if todo:
+        n, _, s, _ = crops.shape
+        c = _chunk_rows(n, crops._arr.chunks[0])
+        arrs = {
+            k: g.create_array(
+                k,
+                shape=(n, 1, s, s),
+                chunks=(c, 1, s, s),
+                dtype="uint8",
+                compressors=None,
+                fill_value=0,
+                overwrite=True,
+            )
+            for k in todo
+        }
+        for start, block in crops.blocks():
+            stop = start + block.shape[0]
+            m = masks.index_select(0, torch.arange(start, stop))
+            gran, nuc = crop_targets(
+                block, m, has_image[start:stop], "granules" in todo, "nucleus" in todo, params
+            )
+            for k, v in (("granules", gran), ("nucleus", nuc)):
+                if k in arrs:
+                    arrs[k][start:stop] = v.numpy()
+        for k in todo:
+            g.attrs[f"{k}_complete"] = True
+    return tuple(RowStore(crops.path, k) if w else None for k, w in want.items())
 
 
 def mask_pixels_mean(masks: RowStore, has_image: torch.Tensor) -> float:

@@ -174,6 +174,7 @@ def forward_loss(
         n_shared=n_shared,
         labels=batch.labels,
         granules=batch.granules,
+        nucleus=batch.nucleus,
     )
 
 
@@ -248,20 +249,30 @@ def train(
         log.info("no row has expression: expression branch frozen and skipped")
     wrapped = dist.wrap(core)
     n_shared = core.args.n_shared
-    if getattr(core.args, "granule_head", False) and data.granules is None and use_image:
-        from vae.data import granule_centres
+    # the decoder's granule / nucleus layers learn what the analyses measure on the
+    # input crops: computed once per crop (one pass serves both), kept with the data
+    need_g = getattr(core.args, "granule_head", False) and data.granules is None
+    need_n = getattr(core.args, "nucleus_head", False) and data.nucleus is None
+    if use_image and (need_g or need_n):
+        from vae.data import crop_targets
 
         t_g = time.time()
         if isinstance(data.crops, torch.Tensor):
-            data.granules = granule_centres(data.crops, data.masks, data.has_image)
-        else:  # crops on disk: centres computed by blocks, kept next to them
-            from vae.store import granule_store
+            gran, nuc = crop_targets(data.crops, data.masks, data.has_image, need_g, need_n)
+        else:  # crops on disk: computed by blocks, kept next to them in the store
+            from vae.store import crop_target_store
 
-            data.granules = granule_store(data.crops, data.masks, data.has_image)
+            gran, nuc = crop_target_store(data.crops, data.masks, data.has_image, need_g, need_n)
+        data.granules = gran if need_g else data.granules
+        data.nucleus = nuc if need_n else data.nucleus
+        in_memory = isinstance(data.crops, torch.Tensor)  # a store is not summed here
         log.info(
-            "granule centres of %d crops: %d granules (%.1f s)",
+            "crop targets of %d crops: %s%s(%.1f s)",
             int(data.has_image.sum()),
-            int(data.granules.sum()),
+            f"{int(gran.sum())} granule centres " if need_g and in_memory else "",
+            f"nucleus {float(nuc.sum()) / max(float(data.masks.sum()), 1):.1%} of cell area "
+            if need_n and in_memory
+            else "",
             time.time() - t_g,
         )
     # a list, once: clip_grad_norm_ re-walking the module tree each step costs ~1 ms

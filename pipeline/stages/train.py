@@ -65,6 +65,7 @@ def build_model_args(cfg: DictConfig, data, source: str):
             image_input=v.image_input,
             encode_views=int(v.encode_views),
             granule_head=float(v.granule_weight) > 0,
+            nucleus_head=float(v.nucleus_weight) > 0,
             n_classes=_n_classes(float(v.classify_weight), data.label_names),
         )
     except ValueError as e:
@@ -154,6 +155,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
             ssim=v.ssim_weight,
             spectral=v.spectral_weight,
             granules=float(v.granule_weight),
+            nucleus=float(v.nucleus_weight),
             free_bits=float(v.free_bits),
             classify=float(v.classify_weight),
             unknown_label=int(unknown_label),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from vae.data import PairedTensors, granule_centres, raw_batch, to_batch
@@ -192,3 +193,26 @@ def test_centres_found_on_a_speckled_cell():
     assert cen.shape == (1, 1, s, s)
     assert 6 <= int(cen.sum()) <= 14
     assert int(cen[0, 0][nuc].sum()) == 0  # the even nucleus has none
+
+
+def test_the_counter_reads_a_drawn_granule_at_the_decoded_density(monkeypatch):
+    """render_granules is calibrated to vae.analysis.granules: a dot of od reads od."""
+    from skimage.filters import gaussian
+
+    import vae.model as vm
+    from vae.analysis import granules as G
+
+    s = 32
+    img = torch.full((1, 3, s, s), 0.8)
+    rate = torch.zeros(1, 1, s, s)
+    rate[0, 0, 16, 16] = 100.0  # a centre wherever the threshold field is below 1: here
+    od = torch.tensor([0.0, 0.3, 0.0]).view(1, 3, 1, 1).expand(1, 3, s, s)
+    out = render_granules(img, rate, od)[0].permute(1, 2, 0).numpy().astype(np.float64)
+    cell = np.ones((s, s), bool)
+    resp = gaussian(G.granule_contrast(out, cell, None, 2.0), 0.7)
+    assert resp[16, 16] == pytest.approx(0.3, rel=0.02)
+    # above the counter's 0.25 threshold, so it is found; an uncalibrated dot was not
+    assert G.measure_cell(out, cell).features.granule_count == 1
+    monkeypatch.setattr(vm, "granule_dot_gain", lambda: 1.0)  # the dot before calibration
+    faint = render_granules(img, rate, od)[0].permute(1, 2, 0).numpy().astype(np.float64)
+    assert G.measure_cell(faint, cell).features.granule_count == 0

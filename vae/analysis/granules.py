@@ -476,6 +476,24 @@ def cytoplasm_colour(img: np.ndarray, region: np.ndarray) -> tuple[float, float]
     return float(hue), float(hsv[..., 1][reg].mean())
 
 
+def cell_nucleus(
+    img: np.ndarray, cell_mask: np.ndarray, params: GranuleParams | None = None
+) -> np.ndarray:
+    """The nucleus mask :func:`measure_cell` counts lobes on, (H, W) bool.
+
+    :func:`segment_nucleus` with the settings of ``params``; one owner, so the
+    nucleus layer of the VAE (``vae.data.nucleus_masks``) trains on the very
+    nucleus the lobe counter reads.
+    """
+    p = params or GranuleParams()
+    return segment_nucleus(
+        img,
+        np.asarray(cell_mask, dtype=bool),
+        p.nucleus_min_fraction,
+        granule_radius_px=p.radius_px,
+    )
+
+
 def measure_cell(
     img: np.ndarray, cell_mask: np.ndarray, params: GranuleParams | None = None
 ) -> CellMeasurement:
@@ -493,7 +511,7 @@ def measure_cell(
     cell = np.asarray(cell_mask, dtype=bool)
     if cell.shape != np.asarray(img).shape[:2]:
         raise ValueError(f"cell_mask shape {cell.shape} does not match image {np.shape(img)}")
-    nuc = segment_nucleus(img, cell, p.nucleus_min_fraction, granule_radius_px=p.radius_px)
+    nuc = cell_nucleus(img, cell, p)
     inner = ndi.binary_erosion(cell, iterations=p.border_px) if p.border_px > 0 else cell
     # granules are searched over the whole cell, nucleus included (the granule channel
     # cancels the nucleus stain); colour and texture are read on the cytoplasm only

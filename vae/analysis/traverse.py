@@ -47,9 +47,12 @@ def decode(model, z: np.ndarray, batch_size: int = 256, device: str = "cpu") -> 
     if z.ndim != 2:
         raise ValueError(f"decode: z must be (n, d), got {z.shape}")
     imgs, masks, exprs = [], [], []
-    # a model with a granule layer renders granules on the decoded cells (one noise
-    # field for every code, so granules stay in place along a path)
-    kw = {"render": True} if getattr(getattr(model, "args", None), "granule_head", False) else {}
+    # a model with a granule or nucleus layer draws the decoded cells: granules (one
+    # noise field for every code, so granules stay in place along a path) and a sharp
+    # nucleus
+    args = getattr(model, "args", None)
+    drawn = getattr(args, "granule_head", False) or getattr(args, "nucleus_head", False)
+    kw = {"render": True} if drawn else {}
     model.eval()
     with torch.inference_mode():
         for i in range(0, len(z), batch_size):
