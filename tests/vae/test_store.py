@@ -139,7 +139,7 @@ def test_training_streamed_matches_in_memory(tmp_path):
         batch_size=8,
         kl_warmup_epochs=0,
         checkpoint_every_s=0,
-        weights=LossWeights(granules=1.0),
+        weights=LossWeights(granules=1.0, nucleus=1.0),
     )
     hist = []
     for name, d in (("mem", mem), ("st", st)):
@@ -149,7 +149,12 @@ def test_training_streamed_matches_in_memory(tmp_path):
         torch.manual_seed(0)
         model = TwoBranchVAE(
             type(base.args)(
-                **{**base.args.__dict__, "granule_head": True, "image_arch": "residual"}
+                **{
+                    **base.args.__dict__,
+                    "granule_head": True,
+                    "nucleus_head": True,
+                    "image_arch": "residual",
+                }
             )
         )
         out = tmp_path / name
@@ -157,6 +162,11 @@ def test_training_streamed_matches_in_memory(tmp_path):
         hist.append(train(model, d, split, args, CPU, out).history)
     assert isinstance(st.granules, RowStore)
     assert torch.equal(st.granules.index_select(0, torch.arange(st.n)), mem.granules)
+    # the nucleus masks of the nucleus layer are kept in the store the same way
+    assert isinstance(st.nucleus, RowStore)
+    assert torch.equal(st.nucleus.index_select(0, torch.arange(st.n)), mem.nucleus)
+    # (the toy discs are one colour, so their nucleus masks are empty: the nucleus
+    # segmentation itself is tested on simulated cells in test_nucleus_layer.py)
     for h_mem, h_st in zip(*hist):
         for k, v in h_mem["val"].items():
             assert h_st["val"][k] == pytest.approx(v, rel=1e-5, abs=1e-5), k
