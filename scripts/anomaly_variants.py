@@ -120,10 +120,18 @@ def rank_score(score, ref):
     return np.searchsorted(ref, score, side="left") / max(ref.size, 1)
 
 
+def p_value(score, ref):
+    """Conformal p-value: (1 + #reference rows scoring at least ``score``) / (m + 1)."""
+    ref = np.sort(ref[np.isfinite(ref)])
+    above = ref.size - np.searchsorted(ref, score, side="left")
+    return (1.0 + above) / (ref.size + 1.0)
+
+
 def combos(raw: dict, tr: np.ndarray, keys: list[str]) -> dict[str, np.ndarray]:
     zs = {k: A.robust_z(raw[k], raw[k][tr]) for k in keys}
     Z = np.stack([zs[k] for k in keys], 1)
     R = np.stack([rank_score(raw[k], raw[k][tr]) for k in keys], 1)
+    P = np.stack([p_value(raw[k], raw[k][tr]) for k in keys], 1)
     mods = sorted({k.split("_")[0] for k in keys})
     per_mod_max = np.stack(
         [np.stack([zs[k] for k in keys if k.startswith(m + "_")], 1).max(1) for m in mods], 1
@@ -137,6 +145,7 @@ def combos(raw: dict, tr: np.ndarray, keys: list[str]) -> dict[str, np.ndarray]:
         "mean of per-modality max z": per_mod_max.mean(1),
         "max of per-modality mean z": per_mod_mean.max(1),
         "rank mean": R.mean(1),
+        "Fisher (-2 sum log p)": -2.0 * np.log(P).sum(1),
     }
 
 
