@@ -798,15 +798,12 @@ class Study:
         from vae.analysis import anomaly as A
         from vae.infer import reconstruction_nll
 
-        ns, npv = self.n_shared, int(self.meta["n_private"])
+        ns = self.n_shared
         if self._anomaly_ref is None:
-            self._anomaly_ref = A.reference_from_latent(self.reference, ns, npv)
+            self._anomaly_ref = A.reference_from_latent(self.reference, ns)
         lat = latents if latents is not None else self.encode(data, batch_size)
         rec = reconstruction_nll(self.model, data, self.device, batch_size)
-        z = {
-            "image": A.modality_latent(lat.image, ns, npv, "image"),
-            "expression": A.modality_latent(lat.expression, ns, npv, "expression"),
-        }
+        z = {m: A.modality_latent(getattr(lat, m), ns) for m in A.MODALITIES}
         recs = {"image": rec.image, "expression": rec.expression}
         return A.score_rows(recs, z, self._anomaly_ref)
 
