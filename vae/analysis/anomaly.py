@@ -293,7 +293,7 @@ def anomaly_scores(
     Returns
     -------
     frame (N rows, same order as ``data``) with the per-modality raw scores and
-    the combined robust-z score.
+    the combined score (:func:`combine`).
     """
     from vae.infer import encode_dataset, reconstruction_nll
 
