@@ -8,10 +8,16 @@ score of ``latent.h5ad`` finds the held-out kind among the other test cells
 (ROC AUC)::
 
     .venv/bin/python scripts/bench_anomaly.py                  # myeloblast held out
-    .venv/bin/python scripts/bench_anomaly.py --kinds myeloblast eosinophil --seeds 0 1
+    .venv/bin/python scripts/bench_anomaly.py --kinds myeloblast eosinophil --seeds 2 3 --epochs 20
 
-Each seed builds its own data set and trains its own models. Prints a table (and
-the mean over seeds) and writes ``outputs/bench_anomaly/anomaly.json``.
+Each seed builds its own data set and trains its own models for exactly
+``--epochs`` epochs (no wall-time cap unless ``--minutes``: a capped run's result
+depends on machine load), one torch thread. Prints a table (the mean over seeds,
+the epochs each run trained, the load average at its start and end) and writes
+``outputs/bench_anomaly/anomaly_seeds_<seeds>.json`` after every run.
+``--rescore`` trains nothing: it recomputes the scores of the finished runs with
+the current code (:func:`vae.analysis.anomaly.rescore_latent`), e.g. after a change
+of the score (``scripts/anomaly_variants.py`` compares variants).
 
 ``--latent`` scores a finished run instead (one trained with
 ``trainer.exclude_labels``): the AUC of each score for the rows labelled with
