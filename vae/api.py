@@ -781,8 +781,8 @@ class Study:
 
         The score functions of ``stage=train`` (:mod:`vae.analysis.anomaly`): per
         modality the reconstruction cost, the kNN distance and the class distance of
-        the unimodal mean, scored against the training rows of ``latent.h5ad``, and
-        ``anomaly_score``, the mean rank of the latent scores among the training rows'.
+        the unimodal mean, each a robust z against the training rows of
+        ``latent.h5ad``, and their mean ``anomaly_score``.
 
         Parameters
         ----------

@@ -293,7 +293,7 @@ def anomaly_scores(
     Returns
     -------
     frame (N rows, same order as ``data``) with the per-modality raw scores and
-    the combined score (:func:`combine`).
+    the combined robust-z score.
     """
     from vae.infer import encode_dataset, reconstruction_nll
 

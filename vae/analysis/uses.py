@@ -150,9 +150,9 @@ def report_section(ev_dir: Path):
         "non-zero entries skipped (n_skipped).",
         DENOISING_CSV: "Denoising: per-gene Pearson r with the simulator's noise-free expression, "
         "decoded vs the observed counts, per gene programme.",
-        ANOMALY_CSV: "Most atypical held-out cells: combined anomaly score (mean rank among "
-        "the training cells of the latent kNN distance and class distance per modality; "
-        "reconstruction costs listed, not combined).",
+        ANOMALY_CSV: "Most atypical held-out cells: combined anomaly score (robust z of "
+        "reconstruction cost, latent kNN distance and class distance per modality vs the "
+        "training cells).",
         ANOMALY_BY_LABEL_CSV: "Anomaly score per label on the held-out split.",
     }
     for name, cap in caps.items():

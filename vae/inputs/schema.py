@@ -49,8 +49,7 @@ def granule_programs() -> dict[str, list[str]]:
 # latent.h5ad obs (stage=train) and embed/query.h5ad obs (stage=embed): atypical-cell
 # scores (vae/analysis/anomaly.py);
 # raw per-modality scores (NaN where the row lacks the modality) and the combined
-# score, the mean rank of the latent scores among the training rows' (in [0, 1],
-# higher = more atypical)
+# robust z-score against the training rows (higher = more atypical)
 ANOMALY_SCORE = "anomaly_score"
 ANOMALY_COLUMNS: dict[str, str] = {
     "image_reconstruction": "anomaly_image_reconstruction",
