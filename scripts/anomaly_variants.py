@@ -120,16 +120,6 @@ def rank_score(score, ref):
     return np.searchsorted(ref, score, side="left") / max(ref.size, 1)
 
 
-def robust_z(score, ref):
-    """(score - median(ref)) / (1.4826 MAD(ref)): the combination before this tuning."""
-    r = np.asarray(ref, dtype=np.float64)
-    r = r[np.isfinite(r)]
-    med = np.median(r)
-    mad = 1.4826 * np.median(np.abs(r - med))
-    scale = mad if mad > 0 else (r.std() if r.std() > 0 else 1.0)
-    return (np.asarray(score, dtype=np.float64) - med) / scale
-
-
 def p_value(score, ref):
     """Conformal p-value: (1 + #reference rows scoring at least ``score``) / (m + 1)."""
     ref = np.sort(ref[np.isfinite(ref)])
@@ -138,7 +128,7 @@ def p_value(score, ref):
 
 
 def combos(raw: dict, tr: np.ndarray, keys: list[str]) -> dict[str, np.ndarray]:
-    zs = {k: robust_z(raw[k], raw[k][tr]) for k in keys}
+    zs = {k: A.robust_z(raw[k], raw[k][tr]) for k in keys}
     Z = np.stack([zs[k] for k in keys], 1)
     R = np.stack([rank_score(raw[k], raw[k][tr]) for k in keys], 1)
     P = np.stack([p_value(raw[k], raw[k][tr]) for k in keys], 1)

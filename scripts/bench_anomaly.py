@@ -179,7 +179,8 @@ def rescore(kind: str, seed: int, args) -> dict:
     run = args.out / "train" / f"without_{kind}_seed{seed}"
     summ = json.loads((run / "train_summary.json").read_text())
     lat = ad.read_h5ad(run / "latent.h5ad")
-    frame = rescore_latent(lat, int(summ["model_args"]["n_shared"]))
+    ma = summ["model_args"]
+    frame = rescore_latent(lat, int(ma["n_shared"]), int(ma["n_private"]))
     obs = lat.obs.copy()
     for col in frame.columns:
         obs[col] = frame[col].to_numpy()

@@ -798,12 +798,15 @@ class Study:
         from vae.analysis import anomaly as A
         from vae.infer import reconstruction_nll
 
-        ns = self.n_shared
+        ns, npv = self.n_shared, int(self.meta["n_private"])
         if self._anomaly_ref is None:
-            self._anomaly_ref = A.reference_from_latent(self.reference, ns)
+            self._anomaly_ref = A.reference_from_latent(self.reference, ns, npv)
         lat = latents if latents is not None else self.encode(data, batch_size)
         rec = reconstruction_nll(self.model, data, self.device, batch_size)
-        z = {m: A.modality_latent(getattr(lat, m), ns) for m in A.MODALITIES}
+        z = {
+            "image": A.modality_latent(lat.image, ns, npv, "image"),
+            "expression": A.modality_latent(lat.expression, ns, npv, "expression"),
+        }
         recs = {"image": rec.image, "expression": rec.expression}
         return A.score_rows(recs, z, self._anomaly_ref)
 

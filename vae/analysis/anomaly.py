@@ -6,7 +6,7 @@ Three signals per modality, each "how unlike the training cells is this one":
   mean (:func:`vae.infer.reconstruction_nll`: masked image MSE per value,
   expression NLL per gene);
 - **latent kNN distance**: the mean Euclidean distance from the row's unimodal
-  posterior mean to its ``k`` (5) nearest *reference* (training) means, a density
+  posterior mean to its ``k`` nearest *reference* (training) means, a density
   estimate that assumes no shape;
 - **class distance**: the relative Mahalanobis distance (Ren et al. 2021, "A simple
   fix to Mahalanobis distance for improving near-OOD detection") of the unimodal
@@ -18,15 +18,11 @@ Three signals per modality, each "how unlike the training cells is this one":
   the centre. Without two labelled classes it is the squared distance to the one
   background Gaussian.
 
-The latent scores use the shared block of the modality's own posterior mean
-(:func:`modality_latent`). Each latent score is turned into its rank among the
-reference rows' own scores (:func:`empirical_cdf`; a reference row's kNN distance
-leaves the row itself out), and the combined score is the mean of the ranks the
-row has (an image-only row averages its two image latent scores; in [0, 1], 0.5 a
-typical training row). The reconstruction costs are written, not combined. These
-choices (k, latent block, combination, scores combined) were made on two tuning
-seeds of ``scripts/bench_anomaly.py`` (``scripts/anomaly_variants.py``) and checked
-on two others (docs/analysis.md, "Atypical cells"). The obs column names are
+The modality's latent is what its decoder reads: the shared block plus its own
+private block. Each raw score is turned into a robust z-score against the
+reference rows' own scores (median and MAD; a reference row's kNN distance leaves
+the row itself out), and the combined score is the mean of the z-scores the row
+has (an image-only row averages its three image scores). The obs column names are
 owned by :mod:`vae.inputs.schema` (``ANOMALY_COLUMNS``); ``stage=train`` writes
 them into ``latent.h5ad`` (:func:`anomaly_scores`) and ``stage=embed`` into
 ``query.h5ad`` against the study's training rows (:func:`reference_from_latent`,
@@ -46,19 +42,13 @@ from vae.inputs.schema import ANOMALY_COLUMNS, ANOMALY_SCORE
 
 log = logging.getLogger(__name__)
 
-# k and what enters the combined score were chosen on the tuning runs of
-# scripts/anomaly_variants.py (seeds 0 and 1) and checked on seeds 2 and 3 (docs/analysis.md)
-DEFAULT_K = 5
+DEFAULT_K = 15
 MODALITIES = ("image", "expression")
 MIN_CLASS_ROWS = 3  # a labelled class with fewer reference rows defines no Gaussian
 UNKNOWN_LABELS = ("", "nan", "None", "NA")  # labels that name no class (vae.data)
 RAW_KEYS = tuple(
     f"{m}_{s}" for s in ("reconstruction", "latent", "class_distance") for m in MODALITIES
 )
-# the scores the combined score averages: the latent ones. The reconstruction costs are
-# written but not combined: a VAE reconstructs a simple unseen cell (a granule-free
-# blast) as well as a seen one, so they diluted the latent evidence (docs/analysis.md)
-COMBINED_KEYS = tuple(f"{m}_{s}" for s in ("latent", "class_distance") for m in MODALITIES)
 
 
 def knn_distance(
@@ -132,14 +122,16 @@ def class_distance(
     return (_sq_mahalanobis(z, centres, tied.precision_) - d0[:, None]).min(1)
 
 
-def modality_latent(z_full: np.ndarray, n_shared: int) -> np.ndarray:
-    """The part of a unimodal posterior mean (n, d) the latent scores use, (n, n_shared).
+def modality_latent(z_full: np.ndarray, n_shared: int, n_private: int, modality: str) -> np.ndarray:
+    """The part of a unimodal posterior mean (n, d) that the modality's decoder reads.
 
-    The shared block (the layout of :class:`vae.model.TwoBranchVAE`): the space both
-    modalities' codes live in and the classes are aligned in. The private blocks are
-    left out (chosen on the tuning runs, docs/analysis.md).
+    ``image``: shared + image-private dims; ``expression``: shared + expression-private
+    (the layout of :class:`vae.model.TwoBranchVAE`), (n, n_shared + n_private).
     """
-    return np.asarray(z_full)[:, :n_shared]
+    z = np.asarray(z_full)
+    if modality == "image":
+        return z[:, : n_shared + n_private]
+    return np.concatenate([z[:, :n_shared], z[:, n_shared + n_private :]], 1)
 
 
 @dataclass
@@ -189,53 +181,38 @@ def latent_scores(
     return out
 
 
-def empirical_cdf(score: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Fraction of the reference scores strictly below each score, (n,) in [0, 1].
-
-    The score's rank among the training rows: 0.5 is a typical training row, 1 a
-    row above every one of them. NaN stays NaN; NaN everywhere when ``ref`` has no
-    finite value.
-    """
-    r = np.sort(np.asarray(ref, dtype=np.float64))
+def robust_z(score: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """(score - median(ref)) / (1.4826 MAD(ref)); NaN stays NaN."""
+    r = np.asarray(ref, dtype=np.float64)
     r = r[np.isfinite(r)]
-    s = np.asarray(score, dtype=np.float64)
     if r.size == 0:
-        return np.full(s.shape, np.nan)
-    out = np.searchsorted(r, s, side="left") / r.size
-    return np.where(np.isfinite(s), out, np.nan)
+        return np.full(np.shape(score), np.nan)
+    med = np.median(r)
+    mad = 1.4826 * np.median(np.abs(r - med))
+    scale = mad if mad > 0 else (r.std() if r.std() > 0 else 1.0)
+    return (np.asarray(score, dtype=np.float64) - med) / scale
 
 
-def combine(
-    raw: Mapping[str, np.ndarray],
-    reference: Mapping[str, np.ndarray],
-    keys: tuple[str, ...] | None = None,
-) -> pd.DataFrame:
-    """Raw scores plus the combined score: the mean of their ranks among the training rows.
-
-    Each score becomes its empirical CDF under the reference rows' own scores
-    (:func:`empirical_cdf`), so every score votes on the same bounded scale: one
-    heavy-tailed score (a few huge class distances) cannot outvote the others, as it
-    could in a mean of z-scores.
+def combine(raw: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """Raw scores plus the combined score: the mean of their robust z-scores.
 
     Parameters
     ----------
     raw : score name -> (n,) raw score (NaN where the row lacks the modality)
-    reference : score name -> (m,) the reference rows' raw scores; a score without a
-        reference is kept but not combined
-    keys : the scores combined (default: every score with a reference)
+    reference : score name -> (m,) the reference rows' raw scores (the scale of the
+        z-score); a score without a reference is kept but not combined
 
     Returns
     -------
-    frame with the raw columns and ``ANOMALY_SCORE`` = mean of the ranks present
-    (in [0, 1]; NaN when the row has none).
+    frame with the raw columns and ``ANOMALY_SCORE`` = mean of the z-scores present
+    (NaN when the row has none).
     """
     df = pd.DataFrame({c: np.asarray(v, dtype=np.float64) for c, v in raw.items()})
-    use = [c for c in (df.columns if keys is None else keys) if c in reference and c in df]
-    rs = [empirical_cdf(df[c].to_numpy(), reference[c]) for c in use]
-    rs = np.stack(rs, 1) if rs else np.full((len(df), 1), np.nan)
+    zs = [robust_z(df[c].to_numpy(), reference[c]) for c in df.columns if c in reference]
+    zs = np.stack(zs, 1) if zs else np.full((len(df), 1), np.nan)
     with np.errstate(invalid="ignore"):
-        n = np.isfinite(rs).sum(1)
-        total = np.where(np.isfinite(rs), rs, 0.0).sum(1)
+        n = np.isfinite(zs).sum(1)
+        total = np.where(np.isfinite(zs), zs, 0.0).sum(1)
         df[ANOMALY_SCORE] = np.where(n > 0, total / np.maximum(n, 1), np.nan)
     return df
 
@@ -267,7 +244,7 @@ def _raw(reconstruction, latents, ref: Reference, k: int, self_in_ref) -> dict[s
 
 
 def _frame(raw: dict[str, np.ndarray], ref: Reference) -> pd.DataFrame:
-    df = combine(raw, ref.raw, COMBINED_KEYS)
+    df = combine(raw, ref.raw)
     return df.rename(columns={key: ANOMALY_COLUMNS[key] for key in RAW_KEYS})
 
 
@@ -300,8 +277,11 @@ def anomaly_scores(
     refm = np.asarray(reference, bool)
     lat = latents if latents is not None else encode_dataset(model, data, device, batch_size)
     rec = reconstruction_nll(model, data, device, batch_size)
-    ns = int(model.args.n_shared)
-    z = {"image": modality_latent(lat.image, ns), "expression": modality_latent(lat.expression, ns)}
+    ns, npv = int(model.args.n_shared), int(model.args.n_private)
+    z = {
+        "image": modality_latent(lat.image, ns, npv, "image"),
+        "expression": modality_latent(lat.expression, ns, npv, "expression"),
+    }
     labels = np.asarray(data.label_names, dtype=object)[np.asarray(data.labels)].astype(str)
     ref = Reference({m: v[refm] for m, v in z.items()}, labels[refm], {})
     raw = _raw({"image": rec.image, "expression": rec.expression}, z, ref, k, refm)
@@ -317,28 +297,35 @@ def _train_rows(latent) -> np.ndarray:
     return obs["split"].astype(str).to_numpy() == "train"
 
 
-def latent_modalities(latent, n_shared: int) -> dict[str, np.ndarray]:
+def latent_modalities(latent, n_shared: int, n_private: int) -> dict[str, np.ndarray]:
     """Every row's modality latents (:func:`modality_latent`) from a ``latent.h5ad``'s obsm.
 
-    ``X_vae_<modality>``: the expert's shared dims, modality -> (n_obs, n_shared).
+    ``X_vae_<modality>`` (the expert's shared dims) plus ``X_vae_private_<modality>``
+    when the model has private dims; modality -> (n_obs, n_shared + n_private).
     """
-    return {m: np.asarray(latent.obsm[f"X_vae_{m}"], np.float64)[:, :n_shared] for m in MODALITIES}
+    z = {}
+    for mod in MODALITIES:
+        zs = np.asarray(latent.obsm[f"X_vae_{mod}"], np.float64)
+        pv = latent.obsm.get(f"X_vae_private_{mod}")
+        full = zs if pv is None or n_private == 0 else np.concatenate([zs, np.asarray(pv)], 1)
+        z[mod] = full[:, : n_shared + n_private]
+    return z
 
 
 def reference_from_latent(
-    latent, n_shared: int, k: int = DEFAULT_K, label_key: str = "label"
+    latent, n_shared: int, n_private: int, k: int = DEFAULT_K, label_key: str = "label"
 ) -> Reference:
     """The training rows of a study's ``latent.h5ad`` as a :class:`Reference`.
 
     Rows with ``obs["split"] == "train"`` (all rows when there is no split); latents
-    from ``obsm["X_vae_<modality>"]`` (:func:`latent_modalities`); reconstruction
+    from ``obsm["X_vae_<modality>"]`` (+ ``X_vae_private_<modality>``); reconstruction
     scales from the obs columns ``stage=train`` wrote (left out, with a warning, in a
     latent that predates them); latent-score scales recomputed here, as
     :func:`anomaly_scores` computed them for the training rows.
     """
     obs = latent.obs
     tr = _train_rows(latent)
-    z = {m: v[tr] for m, v in latent_modalities(latent, n_shared).items()}
+    z = {m: v[tr] for m, v in latent_modalities(latent, n_shared, n_private).items()}
     labels = (
         obs[label_key].astype(str).to_numpy()[tr]
         if label_key in obs
@@ -357,7 +344,7 @@ def reference_from_latent(
 
 
 def rescore_latent(
-    latent, n_shared: int, k: int = DEFAULT_K, label_key: str = "label"
+    latent, n_shared: int, n_private: int, k: int = DEFAULT_K, label_key: str = "label"
 ) -> pd.DataFrame:
     """Every row's scores recomputed with this module from a finished ``latent.h5ad``.
 
@@ -371,12 +358,12 @@ def rescore_latent(
     -------
     frame (n_obs rows, latent's order) with the columns ``ANOMALY_COLUMNS``' values.
     """
-    ref = reference_from_latent(latent, n_shared, k, label_key)
+    ref = reference_from_latent(latent, n_shared, n_private, k, label_key)
     rec = {
         m: latent.obs[ANOMALY_COLUMNS[f"{m}_reconstruction"]].to_numpy(dtype=np.float64)
         for m in MODALITIES
     }
-    z = latent_modalities(latent, n_shared)
+    z = latent_modalities(latent, n_shared, n_private)
     return score_rows(rec, z, ref, k, self_in_ref=_train_rows(latent))
 
 
