@@ -8,10 +8,16 @@ score of ``latent.h5ad`` finds the held-out kind among the other test cells
 (ROC AUC)::
 
     .venv/bin/python scripts/bench_anomaly.py                  # myeloblast held out
-    .venv/bin/python scripts/bench_anomaly.py --kinds myeloblast eosinophil --seeds 0 1
+    .venv/bin/python scripts/bench_anomaly.py --kinds myeloblast eosinophil --seeds 2 3 --epochs 20
 
-Each seed builds its own data set and trains its own models. Prints a table (and
-the mean over seeds) and writes ``outputs/bench_anomaly/anomaly.json``.
+Each seed builds its own data set and trains its own models for exactly
+``--epochs`` epochs (no wall-time cap unless ``--minutes``: a capped run's result
+depends on machine load), one torch thread. Prints a table (the mean over seeds,
+the epochs each run trained, the load average at its start and end) and writes
+``outputs/bench_anomaly/anomaly_seeds_<seeds>.json`` after every run.
+``--rescore`` trains nothing: it recomputes the scores of the finished runs with
+the current code (:func:`vae.analysis.anomaly.rescore_latent`), e.g. after a change
+of the score (``scripts/anomaly_variants.py`` compares variants).
 
 ``--latent`` scores a finished run instead (one trained with
 ``trainer.exclude_labels``): the AUC of each score for the rows labelled with
@@ -45,13 +51,26 @@ def main() -> None:
         "--kinds", nargs="+", default=["myeloblast"], help="kinds held out (one run each)"
     )
     ap.add_argument("--n-images", type=int, default=100)
-    ap.add_argument("--minutes", type=float, default=2.5, help="training wall cap per run")
+    ap.add_argument(
+        "--epochs", type=int, default=20, help="epochs per training (trainer.max_epochs)"
+    )
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="optional training wall cap per run (off by default: results then depend on load)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_anomaly")
     ap.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="one data set and training per seed"
     )
     ap.add_argument(
         "--latent", type=Path, default=None, help="score this latent.h5ad, train nothing"
+    )
+    ap.add_argument(
+        "--rescore",
+        action="store_true",
+        help="train nothing: recompute the scores of the finished runs with the current code",
     )
     args = ap.parse_args()
     if args.latent is not None:
@@ -61,40 +80,55 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.time()
     results = {}
-    for seed in args.seeds:
-        for kind in args.kinds:
-            results[f"{kind} seed {seed}"] = train_and_score(kind, seed, args, env)
-    out = {
-        "n_images": args.n_images,
-        "results": results,
-        "seconds": round(time.time() - t0, 1),
-        "load_average": os.getloadavg(),
-    }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "anomaly.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
+    tag = "_".join(str(s) for s in args.seeds) + ("_rescored" if args.rescore else "")
+    json_out = args.out / f"anomaly_seeds_{tag}.json"
+    # kinds outer: with several kinds, the first kind's seeds finish first
+    for kind in args.kinds:
+        for seed in args.seeds:
+            if args.rescore:
+                results[f"{kind} seed {seed}"] = rescore(kind, seed, args)
+            else:
+                results[f"{kind} seed {seed}"] = train_and_score(kind, seed, args, env)
+            out = {
+                "n_images": args.n_images,
+                "max_epochs": args.epochs,
+                "max_minutes": args.minutes,
+                "rescored": args.rescore,
+                "results": results,
+                "seconds": round(time.time() - t0, 1),
+                "load_average": os.getloadavg(),
+            }
+            # after every run: an interrupted benchmark keeps what finished
+            json_out.write_text(json.dumps(out, indent=2, default=float) + "\n")
+    print_table(results, args.kinds, args.seeds)
+    print(f"wrote {json_out} ({out['seconds']} s, load {os.getloadavg()})")
+
+
+def print_table(results: dict, kinds: list[str], seeds: list[int]) -> None:
+    """AUC per score and run, the mean over seeds, epochs and load of each run."""
     table = pd.DataFrame({k: v["auc"] for k, v in results.items()})
-    if len(args.seeds) > 1:
-        for kind in args.kinds:
-            table[f"{kind} mean"] = table[[f"{kind} seed {s}" for s in args.seeds]].mean(1)
+    if len(seeds) > 1:
+        for kind in kinds:
+            table[f"{kind} mean"] = table[[f"{kind} seed {s}" for s in seeds]].mean(1)
     shown = table.astype(object)
+    pad = [""] * (table.shape[1] - len(results))
     shown.loc["n held out / n test"] = [
         f"{v['n_held_out']}/{v['n_test']}" for v in results.values()
-    ] + [""] * (table.shape[1] - len(results))
-    shown.loc["epochs"] = [v["epochs"] for v in results.values()] + [""] * (
-        table.shape[1] - len(results)
-    )
+    ] + pad
+    shown.loc["epochs trained"] = [v["epochs"] for v in results.values()] + pad
+    shown.loc["load average (1 min) start/end"] = [
+        f"{v['load_average_start']:.1f}/{v['load_average_end']:.1f}"
+        if v.get("load_average_start") is not None
+        else ""
+        for v in results.values()
+    ] + pad
     print("\nROC AUC of each score for the held-out kind among the test cells:")
     print(shown.to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"wrote {args.out / 'anomaly.json'} ({out['seconds']} s, load {os.getloadavg()})")
 
 
 def train_and_score(kind: str, seed: int, args, env) -> dict:
     """Build (once per seed) the simulated pairs, train without ``kind``, score the test cells."""
-    import anndata as ad
-
-    from vae.analysis.anomaly import roc_auc
-    from vae.inputs.schema import ANOMALY_COLUMNS
-
     py = sys.executable
     paired = args.out / f"paired_{args.n_images}_seed{seed}.h5ad"
     if not paired.exists():
@@ -112,16 +146,52 @@ def train_and_score(kind: str, seed: int, args, env) -> dict:
         f"variant={variant}",
         f"paths.inputs.paired={paired}",
         f"trainer.exclude_labels=[{kind}]",
-        f"trainer.max_minutes={args.minutes}",
+        f"trainer.max_epochs={args.epochs}",
+        f"trainer.max_minutes={'null' if args.minutes is None else args.minutes}",
         "trainer.projector_max_cells=0",
         "hardware.torch_threads=1",
         f"seed={seed}",
         "overwrite=true",
     ]
-    t1 = time.time()
+    t1, load0 = time.time(), os.getloadavg()[0]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    load1 = os.getloadavg()[0]
     run = args.out / "train" / variant
-    obs = ad.read_h5ad(run / "latent.h5ad").obs
+    res = auc_of_run(run, kind, read_obs(run))
+    res.update(
+        train_seconds=round(time.time() - t1, 1), load_average_start=load0, load_average_end=load1
+    )
+    return res
+
+
+def read_obs(run: Path) -> pd.DataFrame:
+    import anndata as ad
+
+    return ad.read_h5ad(run / "latent.h5ad", backed="r").obs
+
+
+def rescore(kind: str, seed: int, args) -> dict:
+    """The AUCs of a finished run, its scores recomputed with the current code."""
+    import anndata as ad
+
+    from vae.analysis.anomaly import rescore_latent
+
+    run = args.out / "train" / f"without_{kind}_seed{seed}"
+    summ = json.loads((run / "train_summary.json").read_text())
+    lat = ad.read_h5ad(run / "latent.h5ad")
+    ma = summ["model_args"]
+    frame = rescore_latent(lat, int(ma["n_shared"]), int(ma["n_private"]))
+    obs = lat.obs.copy()
+    for col in frame.columns:
+        obs[col] = frame[col].to_numpy()
+    return auc_of_run(run, kind, obs)
+
+
+def auc_of_run(run: Path, kind: str, obs: pd.DataFrame) -> dict:
+    """ROC AUC of each score column of ``obs`` for ``kind`` among the test rows."""
+    from vae.analysis.anomaly import roc_auc
+    from vae.inputs.schema import ANOMALY_COLUMNS
+
     test = obs["split"].astype(str).to_numpy() == "test"
     pos = obs["label"].astype(str).to_numpy() == kind
     assert not (pos & ~test).any(), "a held-out cell was trained on"
@@ -135,7 +205,8 @@ def train_and_score(kind: str, seed: int, args, env) -> dict:
         "n_test": int(test.sum()),
         "n_held_out": int(pos.sum()),
         "epochs": summ.get("epochs"),
-        "train_seconds": round(time.time() - t1, 1),
+        "stopped": summ.get("stopped"),
+        "best_epoch": summ.get("best_epoch"),
         "median_score_held_out": float(np.nanmedian(obs["anomaly_score"][pos])),
         "median_score_other_test": float(np.nanmedian(obs["anomaly_score"][test & ~pos])),
     }

@@ -289,6 +289,29 @@ def anomaly_scores(
     return _frame(raw, ref)
 
 
+def _train_rows(latent) -> np.ndarray:
+    """(n_obs,) bool: ``obs["split"] == "train"`` (every row when there is no split)."""
+    obs = latent.obs
+    if "split" not in obs:
+        return np.ones(latent.n_obs, bool)
+    return obs["split"].astype(str).to_numpy() == "train"
+
+
+def latent_modalities(latent, n_shared: int, n_private: int) -> dict[str, np.ndarray]:
+    """Every row's modality latents (:func:`modality_latent`) from a ``latent.h5ad``'s obsm.
+
+    ``X_vae_<modality>`` (the expert's shared dims) plus ``X_vae_private_<modality>``
+    when the model has private dims; modality -> (n_obs, n_shared + n_private).
+    """
+    z = {}
+    for mod in MODALITIES:
+        zs = np.asarray(latent.obsm[f"X_vae_{mod}"], np.float64)
+        pv = latent.obsm.get(f"X_vae_private_{mod}")
+        full = zs if pv is None or n_private == 0 else np.concatenate([zs, np.asarray(pv)], 1)
+        z[mod] = full[:, : n_shared + n_private]
+    return z
+
+
 def reference_from_latent(
     latent, n_shared: int, n_private: int, k: int = DEFAULT_K, label_key: str = "label"
 ) -> Reference:
@@ -301,17 +324,8 @@ def reference_from_latent(
     :func:`anomaly_scores` computed them for the training rows.
     """
     obs = latent.obs
-    tr = (
-        obs["split"].astype(str).to_numpy() == "train"
-        if "split" in obs
-        else np.ones(latent.n_obs, bool)
-    )
-    z = {}
-    for mod in MODALITIES:
-        zs = np.asarray(latent.obsm[f"X_vae_{mod}"], np.float64)
-        pv = latent.obsm.get(f"X_vae_private_{mod}")
-        full = zs if pv is None or n_private == 0 else np.concatenate([zs, np.asarray(pv)], 1)
-        z[mod] = full[tr][:, : n_shared + n_private]
+    tr = _train_rows(latent)
+    z = {m: v[tr] for m, v in latent_modalities(latent, n_shared, n_private).items()}
     labels = (
         obs[label_key].astype(str).to_numpy()[tr]
         if label_key in obs
@@ -327,6 +341,30 @@ def reference_from_latent(
             log.warning("latent obs has no %s: that score is not combined", col)
     ref.raw = raw
     return ref
+
+
+def rescore_latent(
+    latent, n_shared: int, n_private: int, k: int = DEFAULT_K, label_key: str = "label"
+) -> pd.DataFrame:
+    """Every row's scores recomputed with this module from a finished ``latent.h5ad``.
+
+    What ``stage=train`` would write now (same functions, same training rows as the
+    reference): the reconstruction costs are read from the obs columns the run wrote
+    (they depend on the model only), the latent scores and the combined score are
+    recomputed from the obsm latents. For re-scoring finished runs after a change of
+    the latent scores or the combination (``scripts/bench_anomaly.py --rescore``).
+
+    Returns
+    -------
+    frame (n_obs rows, latent's order) with the columns ``ANOMALY_COLUMNS``' values.
+    """
+    ref = reference_from_latent(latent, n_shared, n_private, k, label_key)
+    rec = {
+        m: latent.obs[ANOMALY_COLUMNS[f"{m}_reconstruction"]].to_numpy(dtype=np.float64)
+        for m in MODALITIES
+    }
+    z = latent_modalities(latent, n_shared, n_private)
+    return score_rows(rec, z, ref, k, self_in_ref=_train_rows(latent))
 
 
 def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:

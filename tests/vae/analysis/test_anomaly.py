@@ -124,3 +124,55 @@ def test_out_of_distribution_row_scores_higher_after_training(tmp_path):
     ):
         others = df[col].to_numpy()[:-1]
         assert df[col].iloc[-1] > np.percentile(others, 90)
+
+
+def test_rescore_latent_reproduces_the_scores_of_the_training_rows_reference():
+    """A latent.h5ad's own layout (obsm shared + private per expert, obs split, label and
+    reconstruction columns) rescored gives what score_rows gives with the reference built
+    by hand from the training rows, as stage=train builds it."""
+    from types import SimpleNamespace
+
+    import anndata as ad
+    import pandas as pd
+
+    from vae.scverse import latent_obsm
+
+    rng = np.random.default_rng(3)
+    n, ns, npv = 80, 3, 2
+    full = {m: rng.normal(size=(n, ns + 2 * npv)) for m in ("joint", "image", "expression")}
+    lat = SimpleNamespace(  # the fields of vae.infer.Latents that latent_obsm reads
+        joint=full["joint"],
+        image=full["image"],
+        expression=full["expression"],
+        joint_logvar=np.zeros((n, ns + 2 * npv)),
+    )
+    split = np.array(["train"] * 60 + ["val"] * 10 + ["test"] * 10)
+    labels = np.array(["a", "b", "c", "d"] * 20)
+    rec = {"image": rng.gamma(2.0, size=n), "expression": rng.gamma(3.0, size=n)}
+    obs = pd.DataFrame({"split": split, "label": labels}, index=[f"c{i}" for i in range(n)])
+    for m in A.MODALITIES:
+        obs[ANOMALY_COLUMNS[f"{m}_reconstruction"]] = rec[m]
+    latent = ad.AnnData(obs=obs, obsm=latent_obsm(lat, ns, npv))
+
+    got = A.rescore_latent(latent, ns, npv, k=5)
+    # by hand: each modality's latent is its expert's shared dims and its own private block
+    z = {
+        "image": full["image"][:, : ns + npv],
+        "expression": np.concatenate(
+            [full["expression"][:, :ns], full["expression"][:, ns + npv :]], 1
+        ),
+    }
+    tr = split == "train"
+    ref = A.Reference({m: v[tr] for m, v in z.items()}, labels[tr], {})
+    raw = A.latent_scores(z, ref, 5, self_in_ref=tr)
+    raw.update({f"{m}_reconstruction": rec[m] for m in A.MODALITIES})
+    ref.raw = {key: v[tr] for key, v in raw.items()}
+    want = A.score_rows(rec, z, ref, 5, self_in_ref=tr)
+    assert list(got.columns) == list(want.columns)
+    assert np.allclose(got.to_numpy(), want.to_numpy(), atol=1e-5)
+    # the kNN scale of a training row leaves the row itself out
+    assert np.allclose(
+        got[ANOMALY_COLUMNS["image_latent"]].to_numpy()[tr],
+        A.knn_distance(z["image"][tr], z["image"][tr], 5, self_in_ref=np.ones(60, bool)),
+        atol=1e-5,
+    )
