@@ -121,6 +121,17 @@ def _dense(m) -> np.ndarray:
     return np.asarray(m.toarray() if hasattr(m, "toarray") else m)
 
 
+def _modality_flags(adata, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) bool ``obs['has_image']`` and ``obs['has_expression']``; a clear error when missing."""
+    for col in (HAS_IMAGE, HAS_EXPRESSION):
+        if col not in adata.obs:
+            raise PairedDataError(f"{source}: obs['{col}'] is missing")
+    return (
+        adata.obs[HAS_IMAGE].to_numpy().astype(bool),
+        adata.obs[HAS_EXPRESSION].to_numpy().astype(bool),
+    )
+
+
 def from_anndata(
     adata,
     source: str = "paired.h5ad",
@@ -173,11 +184,7 @@ def from_anndata(
         raise PairedDataError(
             f"{source}: obsm['masks'] must be (N, S, S) = {crops.shape[:3]}; got {masks.shape}"
         )
-    for col in (HAS_IMAGE, HAS_EXPRESSION):
-        if col not in adata.obs:
-            raise PairedDataError(f"{source}: obs['{col}'] is missing")
-    has_image = adata.obs[HAS_IMAGE].to_numpy().astype(bool)
-    has_expr = adata.obs[HAS_EXPRESSION].to_numpy().astype(bool)
+    has_image, has_expr = _modality_flags(adata, source)
     # an AnnData without X (0 genes, e.g. written by hand for images alone) has none to read
     x = (_dense(adata.X) if adata.X is not None else np.zeros((n, g))).astype(np.float32)
     if not np.isfinite(x).all():
@@ -244,11 +251,7 @@ def _from_parts(adata, source: str, crops, masks, sparse: bool) -> PairedTensors
         raise PairedDataError(
             f"{source}: {crops.shape[0]} stored crops / {masks.shape[0]} masks for {n} rows"
         )
-    for col in (HAS_IMAGE, HAS_EXPRESSION):
-        if col not in adata.obs:
-            raise PairedDataError(f"{source}: obs['{col}'] is missing")
-    has_image = adata.obs[HAS_IMAGE].to_numpy().astype(bool)
-    has_expr = adata.obs[HAS_EXPRESSION].to_numpy().astype(bool)
+    has_image, has_expr = _modality_flags(adata, source)
 
     def csr(m) -> sp.csr_matrix:
         return sp.csr_matrix(m if m is not None else (n, g), dtype=np.float32)

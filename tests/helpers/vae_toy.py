@@ -117,3 +117,29 @@ def assert_same_loss_terms(a, b, tol: float = 1e-6) -> dict[str, float]:
         assert sb[k] == pytest.approx(sa[k], rel=tol, abs=tol), k
     assert torch.allclose(a.kl_per_dim, b.kl_per_dim, atol=tol)
     return sa
+
+
+def image_tensors(crops, masks, **kw):
+    """``PairedTensors`` of image-only rows around ``crops`` (N, 3, S, S) uint8 and
+    ``masks`` (N, 1, S, S): two dummy genes, one label; ``kw`` adds fields such as
+    ``granules`` or ``nucleus`` (augmentation and precompute tests)."""
+    import torch
+
+    from vae.data import PairedTensors
+
+    n = crops.shape[0]
+    return PairedTensors(
+        crops=crops,
+        masks=masks,
+        x=torch.zeros(n, 2),
+        counts=None,
+        library=torch.ones(n),
+        has_image=torch.ones(n, dtype=torch.bool),
+        has_expression=torch.zeros(n, dtype=torch.bool),
+        labels=torch.zeros(n, dtype=torch.long),
+        label_names=["a"],
+        obs_names=[str(i) for i in range(n)],
+        gene_names=["g0", "g1"],
+        norm_total=1.0,
+        **kw,
+    )

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from vae.data import PairedTensors, granule_centres, raw_batch, to_batch
+from tests.helpers.vae_toy import image_tensors
+from vae.data import granule_centres, raw_batch, to_batch
 from vae.losses import LossWeights, granule_contrast, granule_error, vae_loss
 from vae.model import TwoBranchVAE, VAEArgs, granule_field, render_granules
 
@@ -151,21 +152,7 @@ def test_centres_move_with_the_pixels_under_augmentation():
         r, c = (3 + i) % s, (5 + 2 * i) % s
         crops[i, :, r, c] = 255
         gran[i, 0, r, c] = 1
-    d = PairedTensors(
-        crops=crops,
-        masks=torch.ones(n, 1, s, s, dtype=torch.uint8),
-        x=torch.zeros(n, 2),
-        counts=None,
-        library=torch.ones(n),
-        has_image=torch.ones(n, dtype=torch.bool),
-        has_expression=torch.zeros(n, dtype=torch.bool),
-        labels=torch.zeros(n, dtype=torch.long),
-        label_names=["a"],
-        obs_names=[str(i) for i in range(n)],
-        gene_names=["g0", "g1"],
-        norm_total=1.0,
-        granules=gran,
-    )
+    d = image_tensors(crops, torch.ones(n, 1, s, s, dtype=torch.uint8), granules=gran)
     g = torch.Generator().manual_seed(1)
     b = to_batch(raw_batch(d, torch.arange(n)), torch.device("cpu"), True, g)
     assert torch.equal(b.granules[:, 0] > 0.5, b.image[:, 0] > 0.5)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.vae_toy import assert_same_loss_terms
-from vae.data import PairedTensors, crop_targets, nucleus_masks, raw_batch, to_batch
+from tests.helpers.vae_toy import assert_same_loss_terms, image_tensors
+from vae.data import crop_targets, nucleus_masks, raw_batch, to_batch
 from vae.losses import LossWeights, image_nll, nucleus_bce, vae_loss
 from vae.model import (
     NUCLEUS_RENDER_SHARPNESS,
@@ -149,23 +149,7 @@ def test_sharp_rendering_keeps_the_neck_the_mean_blurs():
     assert count(NUCLEUS_RENDER_SHARPNESS) == 2
 
 
-def _paired(crops, masks, **kw) -> PairedTensors:
-    n = crops.shape[0]
-    return PairedTensors(
-        crops=crops,
-        masks=masks,
-        x=torch.zeros(n, 2),
-        counts=None,
-        library=torch.ones(n),
-        has_image=torch.ones(n, dtype=torch.bool),
-        has_expression=torch.zeros(n, dtype=torch.bool),
-        labels=torch.zeros(n, dtype=torch.long),
-        label_names=["a"],
-        obs_names=[str(i) for i in range(n)],
-        gene_names=["g0", "g1"],
-        norm_total=1.0,
-        **kw,
-    )
+_paired = image_tensors  # image-only rows (tests/helpers/vae_toy.py)
 
 
 @pytest.mark.parametrize("rotate", [0.0, 0.1])
