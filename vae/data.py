@@ -121,6 +121,45 @@ def _dense(m) -> np.ndarray:
     return np.asarray(m.toarray() if hasattr(m, "toarray") else m)
 
 
+def check_crop_arrays(crops_shape, crops_dtype, masks_shape, source, n: int | None = None) -> None:
+    """``obsm['crops']`` must be (N, S, S, 3) uint8 and ``obsm['masks']`` (N, S, S); with
+    ``n``, N must equal it. One clear error naming ``source`` and the field otherwise
+    (the in-memory reader and the crop store's builder share it)."""
+    if (
+        len(crops_shape) != 4
+        or (n is not None and crops_shape[0] != n)
+        or crops_shape[3] != 3
+        or crops_shape[1] != crops_shape[2]
+    ):
+        raise PairedDataError(f"{source}: obsm['crops'] must be (N, S, S, 3); got {crops_shape}")
+    if crops_dtype != np.uint8:
+        raise PairedDataError(f"{source}: obsm['crops'] must be uint8; got {crops_dtype}")
+    if tuple(masks_shape) != tuple(crops_shape[:3]):
+        raise PairedDataError(
+            f"{source}: obsm['masks'] must be (N, S, S) = {crops_shape[:3]}; got {masks_shape}"
+        )
+
+
+def _tensors(
+    adata, crops, masks, x, counts, library, has_image, has_expr, names, codes, norm_total
+) -> PairedTensors:
+    """The :class:`PairedTensors` of a table, in memory or streamed (crops/x as given)."""
+    return PairedTensors(
+        crops=crops,
+        masks=masks,
+        x=x,
+        counts=counts,
+        library=torch.from_numpy(library),
+        has_image=torch.from_numpy(has_image),
+        has_expression=torch.from_numpy(has_expr),
+        labels=torch.from_numpy(codes.astype(np.int64)),
+        label_names=[str(s) for s in names],
+        obs_names=[str(s) for s in adata.obs_names],
+        gene_names=[str(s) for s in adata.var_names],
+        norm_total=norm_total,
+    )
+
+
 def _modality_flags(adata, source: str) -> tuple[np.ndarray, np.ndarray]:
     """(N,) bool ``obs['has_image']`` and ``obs['has_expression']``; a clear error when missing."""
     for col in (HAS_IMAGE, HAS_EXPRESSION):
@@ -171,19 +210,7 @@ def from_anndata(
             raise PairedDataError(f"{source}: obsm['{key}'] is missing")
     crops = np.asarray(adata.obsm["crops"])
     masks = np.asarray(adata.obsm["masks"])
-    if (
-        crops.ndim != 4
-        or crops.shape[0] != n
-        or crops.shape[3] != 3
-        or crops.shape[1] != crops.shape[2]
-    ):
-        raise PairedDataError(f"{source}: obsm['crops'] must be (N, S, S, 3); got {crops.shape}")
-    if crops.dtype != np.uint8:
-        raise PairedDataError(f"{source}: obsm['crops'] must be uint8; got {crops.dtype}")
-    if masks.shape != crops.shape[:3]:
-        raise PairedDataError(
-            f"{source}: obsm['masks'] must be (N, S, S) = {crops.shape[:3]}; got {masks.shape}"
-        )
+    check_crop_arrays(crops.shape, crops.dtype, masks.shape, source, n)
     has_image, has_expr = _modality_flags(adata, source)
     # an AnnData without X (0 genes, e.g. written by hand for images alone) has none to read
     x = (_dense(adata.X) if adata.X is not None else np.zeros((n, g))).astype(np.float32)
@@ -207,19 +234,10 @@ def from_anndata(
     t_masks = torch.from_numpy(masks.astype(np.uint8)).unsqueeze(1).contiguous()
     if image_size is not None and image_size != t_crops.shape[-1]:
         t_crops, t_masks = _resize(t_crops, t_masks, image_size)
-    return PairedTensors(
-        crops=t_crops,
-        masks=t_masks,
-        x=torch.from_numpy(x),
-        counts=torch.from_numpy(counts) if counts is not None else None,
-        library=torch.from_numpy(library),
-        has_image=torch.from_numpy(has_image),
-        has_expression=torch.from_numpy(has_expr),
-        labels=torch.from_numpy(codes.astype(np.int64)),
-        label_names=[str(s) for s in names],
-        obs_names=[str(s) for s in adata.obs_names],
-        gene_names=[str(s) for s in adata.var_names],
-        norm_total=norm_total,
+    x_t = torch.from_numpy(x)
+    c_t = torch.from_numpy(counts) if counts is not None else None
+    return _tensors(
+        adata, t_crops, t_masks, x_t, c_t, library, has_image, has_expr, names, codes, norm_total
     )
 
 
@@ -278,19 +296,8 @@ def _from_parts(adata, source: str, crops, masks, sparse: bool) -> PairedTensors
             cs = torch.from_numpy(counts.toarray())
     else:
         xs, cs = SparseRows(x), SparseRows(counts) if counts is not None else None
-    return PairedTensors(
-        crops=crops,
-        masks=masks,
-        x=xs,
-        counts=cs,
-        library=torch.from_numpy(library),
-        has_image=torch.from_numpy(has_image),
-        has_expression=torch.from_numpy(has_expr),
-        labels=torch.from_numpy(codes.astype(np.int64)),
-        label_names=[str(s) for s in names],
-        obs_names=[str(s) for s in adata.obs_names],
-        gene_names=[str(s) for s in adata.var_names],
-        norm_total=norm_total,
+    return _tensors(
+        adata, crops, masks, xs, cs, library, has_image, has_expr, names, codes, norm_total
     )
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vae.data import PairedDataError, PairedTensors
+from vae.data import PairedDataError, PairedTensors, check_crop_arrays
 from vae.inputs.schema import HAS_IMAGE
 
 log = logging.getLogger(__name__)
@@ -323,14 +323,7 @@ def build_crop_store(
             if f"obsm/{key}" not in f:
                 raise PairedDataError(f"{h5ad}: obsm['{key}'] is missing")
         crops, masks = f["obsm/crops"], f["obsm/masks"]
-        if crops.ndim != 4 or crops.shape[3] != 3 or crops.shape[1] != crops.shape[2]:
-            raise PairedDataError(f"{h5ad}: obsm['crops'] must be (N, S, S, 3); got {crops.shape}")
-        if crops.dtype != np.uint8:
-            raise PairedDataError(f"{h5ad}: obsm['crops'] must be uint8; got {crops.dtype}")
-        if masks.shape != crops.shape[:3]:
-            raise PairedDataError(
-                f"{h5ad}: obsm['masks'] must be (N, S, S) = {crops.shape[:3]}; got {masks.shape}"
-            )
+        check_crop_arrays(crops.shape, crops.dtype, masks.shape, h5ad)
         n, s = int(crops.shape[0]), int(crops.shape[1])
         if store_is_current(path, n, src):
             log.info("crop store %s is current (%d rows)", path, n)
