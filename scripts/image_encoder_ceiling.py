@@ -10,7 +10,12 @@ of the encoder's mean (the number ``scripts/image_branch_check.py`` reports for 
 VAE as ``knn_image``), next to raw-pixel PCA, and writes JSON.
 
     .venv/bin/python scripts/image_encoder_ceiling.py outputs/real/pair/paired.h5ad \\
-        [--rotate 0.1] [--image-input stain] [--epochs 40] [--seed 0] [--out ceiling.json]
+        [--rotate 0.1] [--image-input stain] [--epochs 40] [--seed 0] [--out ceiling.json] \\
+        [--encoder resnet18 [--backbone-weights DETECTOR.pt]]
+
+``--encoder resnet18`` trains :class:`vae.backbone.ResNetImageEncoder` (as
+``vae.image_encoder=resnet18``), from ``--backbone-weights`` when given (as
+``vae.image_backbone_weights``).
 
 The last line reads ``supervised encoder: head A.AAA | kNN K.KKK | pixel PCA P.PPP``.
 """
@@ -36,6 +41,10 @@ def main() -> None:
     ap.add_argument("--stain-jitter", type=float, default=0.3, help="as trainer.stain_jitter")
     ap.add_argument("--image-input", default="rgb", help="as vae.image_input (rgb | stain)")
     ap.add_argument("--seed", type=int, default=0, help="as seed (split and init)")
+    ap.add_argument("--encoder", default="conv", help="as vae.image_encoder (conv | resnet18)")
+    ap.add_argument(
+        "--backbone-weights", type=Path, default=None, help="as vae.image_backbone_weights"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -75,7 +84,14 @@ def main() -> None:
     pc = pca.transform(pix)
     pca_knn = _knn(pc[fit], lab[fit], pc[test], lab[test])
 
-    enc = ImageEncoder(d.crop_size, [16, 32, 64, 64], 24, "residual", args.image_input)
+    if args.encoder == "resnet18":
+        from vae.backbone import ResNetImageEncoder, load_backbone
+
+        enc = ResNetImageEncoder(d.crop_size, 24)
+        if args.backbone_weights:
+            load_backbone(enc, args.backbone_weights)
+    else:
+        enc = ImageEncoder(d.crop_size, [16, 32, 64, 64], 24, "residual", args.image_input)
     head = torch.nn.Linear(24, n_classes)
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], 1e-3, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(args.seed)

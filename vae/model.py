@@ -33,6 +33,7 @@ EXPRESSION_LIKELIHOODS = ("nb", "zinb", "gaussian")
 FUSIONS = ("poe", "moe")
 IMAGE_ARCHS = ("plain", "residual")
 IMAGE_INPUTS = ("rgb", "stain")
+IMAGE_ENCODERS = ("conv", "resnet18")
 ENCODE_VIEWS = (1, 8)  # one view, or the 8 symmetries of the square
 
 Gaussian = tuple[torch.Tensor, torch.Tensor]  # (mu, logvar), each (B, d)
@@ -115,6 +116,11 @@ class VAEArgs:
     # are encoded alike; training always sees one (augmented) view. Default 1 so
     # checkpoints saved before this field load unchanged.
     encode_views: int = 1
+    # image encoder: "conv" (:class:`ImageEncoder`, widths ``channels``) or "resnet18"
+    # (:class:`vae.backbone.ResNetImageEncoder`, which can start from a local
+    # pretrained trunk, e.g. the study's own detector). Default "conv" so checkpoints
+    # saved before this field load unchanged.
+    image_encoder: str = "conv"
 
     def __post_init__(self) -> None:
         if self.expression_likelihood not in EXPRESSION_LIKELIHOODS:
@@ -130,6 +136,15 @@ class VAEArgs:
             raise ValueError(f"image_arch={self.image_arch!r}; valid: {', '.join(IMAGE_ARCHS)}")
         if self.image_input not in IMAGE_INPUTS:
             raise ValueError(f"image_input={self.image_input!r}; valid: {', '.join(IMAGE_INPUTS)}")
+        if self.image_encoder not in IMAGE_ENCODERS:
+            raise ValueError(
+                f"image_encoder={self.image_encoder!r}; valid: {', '.join(IMAGE_ENCODERS)}"
+            )
+        if self.image_encoder == "resnet18" and (self.crop_size % 32 or self.image_input != "rgb"):
+            raise ValueError(
+                f"image_encoder='resnet18' needs crop_size a multiple of 32 (got "
+                f"{self.crop_size}) and image_input='rgb' (got {self.image_input!r})"
+            )
         if self.granule_head and self.image_arch != "residual":
             raise ValueError(
                 "granule_head needs image_arch='residual' (set vae.granule_weight=0 for 'plain')"
@@ -613,9 +628,14 @@ class TwoBranchVAE(nn.Module):
         self.args = args
         a = args
         ns, npv = a.n_shared, a.n_private
-        self.image_encoder = ImageEncoder(
-            a.crop_size, a.channels, ns + npv, a.image_arch, a.image_input
-        )
+        if a.image_encoder == "resnet18":
+            from vae.backbone import ResNetImageEncoder
+
+            self.image_encoder: nn.Module = ResNetImageEncoder(a.crop_size, ns + npv)
+        else:
+            self.image_encoder = ImageEncoder(
+                a.crop_size, a.channels, ns + npv, a.image_arch, a.image_input
+            )
         self.image_decoder = ImageDecoder(
             a.crop_size,
             a.channels,

@@ -1,0 +1,162 @@
+"""Typed arguments of ``stage=train`` built from the config (the config's one reader).
+
+:func:`build_model_args` -> :class:`vae.model.VAEArgs` (architecture, saved in
+checkpoints) and :func:`build_train_args` -> :class:`vae.train.TrainArgs` (loss weights,
+schedule, augmentation). Benchmarks build the same arguments through these functions,
+so a benchmark trains exactly what ``stage=train`` would.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from pipeline.runner import StageError
+from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE
+
+
+def expression_likelihood(cfg_value: str, has_counts: bool, source: str) -> str:
+    """Resolve ``vae.expression_likelihood`` (``auto`` -> nb with counts, else gaussian)."""
+    if cfg_value == "auto":
+        return "nb" if has_counts else "gaussian"
+    if cfg_value in ("nb", "zinb") and not has_counts:
+        raise StageError(
+            f"vae.expression_likelihood={cfg_value} needs raw counts, but {source} has no "
+            f"layers['counts'] (uns['has_counts'] False). Use vae.expression_likelihood="
+            f"gaussian or auto."
+        )
+    return cfg_value
+
+
+def build_model_args(cfg: DictConfig, data, source: str):
+    from vae.model import VAEArgs
+
+    v = cfg.vae
+    try:
+        return VAEArgs(
+            n_genes=data.n_genes,
+            crop_size=data.crop_size,
+            n_shared=int(v.n_latent),
+            n_private=int(v.n_private),
+            channels=list(v.channels),
+            hidden=list(v.hidden),
+            # no gene (pair=image_only): no expression decoder, the setting is moot
+            expression_likelihood=expression_likelihood(
+                v.expression_likelihood if data.n_genes else "auto", data.counts is not None, source
+            ),
+            image_likelihood=v.image_likelihood,
+            library_covariate=bool(v.library_covariate) and data.counts is not None,
+            predict_mask=bool(v.predict_mask),
+            fusion=v.fusion,
+            norm_total=float(data.norm_total),
+            dropout=float(v.dropout),
+            image_arch=v.image_arch,
+            texture_noise=bool(v.texture_noise),
+            image_input=v.image_input,
+            image_encoder=v.image_encoder,
+            encode_views=int(v.encode_views),
+            granule_head=float(v.granule_weight) > 0,
+            nucleus_head=float(v.nucleus_weight) > 0,
+            n_classes=_n_classes(float(v.classify_weight), data.label_names),
+        )
+    except ValueError as e:
+        raise StageError(f"vae config: {e}") from e
+
+
+def resolve_align(value: str, obs) -> str:
+    """``auto`` -> ``clip`` when every paired row is a same-cell pair, else ``class``."""
+    if value != "auto":
+        return value
+    if "pair_mode" not in obs or HAS_IMAGE not in obs:
+        return "class"
+    both = obs[HAS_IMAGE].to_numpy().astype(bool) & obs[HAS_EXPRESSION].to_numpy().astype(bool)
+    modes = set(obs["pair_mode"].astype(str).to_numpy()[both])
+    return "clip" if modes and modes <= {"same_cell"} else "class"
+
+
+def _image_weight(value: float | None, data, term: str) -> float:
+    """``vae.image_weight`` / ``vae.mask_weight``; None -> per-value balance from ``data``."""
+    if value is not None:
+        return float(value)
+    if data is None:
+        raise StageError(f"vae.{term}_weight=null (auto) needs the paired data")
+    from vae.losses import per_value_weight
+
+    return per_value_weight(data, term)
+
+
+def _n_classes(weight: float, label_names: list[str]) -> int:
+    """Width of the label head: 0 (no head) when it is off or no row has a known label."""
+    from vae.data import UNKNOWN_LABEL
+
+    if weight <= 0 or not [n for n in label_names if n != UNKNOWN_LABEL]:
+        return 0
+    return len(label_names)
+
+
+def unknown_label_code(label_names: list[str]) -> int:
+    """Code of the "not known" label in ``label_names`` (-1 when every row is labelled)."""
+    from vae.data import UNKNOWN_LABEL
+
+    return label_names.index(UNKNOWN_LABEL) if UNKNOWN_LABEL in label_names else -1
+
+
+def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: int = -1, data=None):
+    from vae.losses import LossWeights
+    from vae.train import TrainArgs
+
+    v, t, hw = cfg.vae, cfg.trainer, cfg.hardware
+    try:
+        weights = LossWeights(
+            image=_image_weight(v.image_weight, data, "image"),
+            mask=_image_weight(v.mask_weight, data, "mask") if v.predict_mask else 0.0,
+            ssim=v.ssim_weight,
+            spectral=v.spectral_weight,
+            granules=float(v.granule_weight),
+            nucleus=float(v.nucleus_weight),
+            free_bits=float(v.free_bits),
+            classify=float(v.classify_weight),
+            unknown_label=int(unknown_label),
+            expression=v.expression_weight,
+            cross=v.cross_weight,
+            align=v.align_weight,
+            align_mode=align or v.align,
+            temperature=v.align_temperature,
+            late_mask=bool(v.late_mask),
+        )
+    except ValueError as e:
+        raise StageError(f"vae config: {e}") from e
+    return TrainArgs(
+        max_epochs=int(t.max_epochs),
+        batch_size=int(t.batch_size),
+        lr=float(t.lr),
+        weight_decay=float(t.weight_decay),
+        lr_schedule=t.lr_schedule,
+        lr_warmup_epochs=float(t.lr_warmup_epochs),
+        grad_clip=float(t.grad_clip),
+        early_stopping_patience=int(t.early_stopping_patience),
+        max_minutes=t.max_minutes,
+        augment=bool(t.augment),
+        stain_jitter=float(t.stain_jitter),
+        rotate=float(t.rotate),
+        seed=int(cfg.seed),
+        beta=float(v.beta),
+        kl_warmup_epochs=float(v.kl_warmup_epochs),
+        capacity_max=float(v.capacity_max),
+        capacity_epochs=float(v.capacity_epochs),
+        weights=weights,
+        image_likelihood=v.image_likelihood,
+        num_workers=int(hw.num_workers),
+        pin_memory=bool(hw.pin_memory),
+        log_every_steps=int(t.log_every_steps),
+        image_every_epochs=int(t.image_every_epochs),
+        n_images=int(t.n_images),
+    )
+
+
+__all__ = [
+    "build_model_args",
+    "build_train_args",
+    "expression_likelihood",
+    "resolve_align",
+    "unknown_label_code",
+]
