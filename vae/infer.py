@@ -49,7 +49,7 @@ class Decoded:
     has_image: np.ndarray  # (n,) bool
     has_expression: np.ndarray
     rec_image: np.ndarray  # (n, S, S, 3) decoded from the joint mean (RGB of the whole square)
-    rec_mask: np.ndarray | None  # (n, S, S) its decoded cell-mask probability (None: no mask channel)
+    rec_mask: np.ndarray | None  # (n, S, S) its decoded mask probability (None: no mask)
     rec_expression: np.ndarray  # (n, G)
     nb_mu: np.ndarray | None  # (n, G) NB mean of the joint decoding (counts models)
     nb_theta: np.ndarray | None  # (G,)

@@ -288,6 +288,38 @@ def test_dihedral_mean_code_is_pose_free_and_off_by_default():
     np.testing.assert_array_equal(d1.rec_image, d8.rec_image)
 
 
+def test_reconstructions_keep_their_decoded_masks_and_draw_through_them():
+    """encode_dataset(decode=True) keeps the decoded cell masks of the joint and the
+    expression-only decodes, and draws both through them (vae.analysis.traverse.draw_cells)."""
+    from tests.helpers.vae_toy import make_paired, tiny_model
+    from vae.analysis.traverse import CELL_MASK_THRESHOLD
+    from vae.data import from_anndata
+    from vae.infer import encode_dataset
+
+    model = tiny_model().eval()
+    data = from_anndata(make_paired(n=9), image_size=16)
+    dec = encode_dataset(model, data, decode=True).decoded
+    with torch.no_grad():
+        post = model.encode(
+            data.crops.float() / 255 * data.masks.float(),
+            data.x,
+            mask=data.masks.float(),
+            log_library=torch.log(data.library.clamp_min(1.0)),
+        )
+        want = model.decode(post.joint[0]).mask[:, 0].numpy()
+        want_e = model.decode(post.expression[0]).mask[:, 0].numpy()
+    np.testing.assert_allclose(dec.rec_mask, want, atol=1e-5)
+    np.testing.assert_allclose(dec.image_from_expr_mask, want_e, atol=1e-5)
+    for cells, img, m in (
+        (dec.rec_cells(), dec.rec_image, dec.rec_mask),
+        (dec.image_from_expr_cells(), dec.image_from_expr, dec.image_from_expr_mask),
+    ):
+        inside = m > CELL_MASK_THRESHOLD
+        assert inside.any() and (~inside).any()
+        np.testing.assert_array_equal(cells[inside], img[inside])
+        assert (cells[~inside] == 0).all() and (img[~inside] > 0).any()
+
+
 def test_encode_views_is_checked_and_saved():
     with pytest.raises(ValueError, match="encode_views"):
         VAEArgs(n_genes=4, crop_size=16, channels=[8, 16], encode_views=4)
