@@ -14,7 +14,9 @@ and measures on the test split (rows never used for early stopping):
 - raw-pixel PCA baseline: kNN accuracy of the first ``n_latent`` PCs of the masked crops;
 - with simulator truth in ``obs``: best single latent dim vs true t (|Spearman|),
   granule density measured by ``vae.analysis.granules`` on the reconstructions vs the
-  true azurophilic density, decoded lobes vs true lobes (neutrophil lineage);
+  true azurophilic density, decoded lobes vs true lobes (neutrophil lineage); the granule
+  and nucleus layers' own outputs decoded, like the reconstructions, from each cell's
+  single-view code (the crop as given);
 - with ``--traverse EXP/traverse``: the truth-recovery numbers ``stage=traverse`` wrote
   (``traverse_summary.json``: decoded granules / lobes vs truth, path position vs t).
 
@@ -58,7 +60,10 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _figure(path: Path, data, rows: np.ndarray, dec: np.ndarray, obs, n: int = 12) -> None:
-    """Masked input (top) and fused reconstruction (bottom) of ``n`` test cells, by class/t."""
+    """Masked input (top) and fused reconstruction (bottom) of ``n`` test cells, by class/t.
+
+    ``dec`` : (n_rows, S, S, 3) the reconstructions drawn as every figure draws decoded
+    cells (``Decoded.rec_cells``: through the decoded mask)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,7 +181,11 @@ def check(run: Path, paired: Path | None, traverse: Path | None, views: int | No
 
         m = torch.from_numpy(dec.mask).float()[:, None]
         res["ssim_joint"] = float(masked_ssim(chw(dec.image), chw(dec_imgs), m).mean())
-        _figure(run / "image_branch_recon.png", data, rows, dec_imgs, obs[has_i])
+        _figure(run / "image_branch_recon.png", data, rows, dec.rec_cells(), obs[has_i])
+        # a cell decoded to be compared with its own crop or truth comes from the
+        # single-view code of that crop, as the reconstructions above: the reported
+        # latent (``views``, default 8) is pose-free and decodes an average-pose cell
+        z_cells = encode_dataset(model, data, rows=rows, views=1).joint
     else:
         res["ssim_joint"] = float("nan")
 
@@ -208,7 +217,8 @@ def check(run: Path, paired: Path | None, traverse: Path | None, views: int | No
             if getattr(model.args, "granule_head", False):
                 # the count the granule layer decodes (sum of its rate map), before drawing
                 with torch.no_grad():
-                    g = model.decode(torch.from_numpy(z[neut].astype(np.float32))).granule_rate
+                    zc = torch.from_numpy(z_cells[neut].astype(np.float32))
+                    g = model.decode(zc).granule_rate
                 res["granule_layer_count_vs_true_azurophilic_spearman"] = _spearman(
                     g.sum(dim=(1, 2, 3)).numpy() / 100.0, azu
                 )
@@ -220,7 +230,8 @@ def check(run: Path, paired: Path | None, traverse: Path | None, views: int | No
                 # the nucleus layer's own mask (logit > 0) before drawing: lobes counted on
                 # it, and its overlap with the counter's nucleus of the input crop
                 with torch.no_grad():
-                    lg = model.decode(torch.from_numpy(z[neut].astype(np.float32))).nucleus_logits
+                    zc = torch.from_numpy(z_cells[neut].astype(np.float32))
+                    lg = model.decode(zc).nucleus_logits
                 layer = (lg[:, 0] > 0).numpy() & masks
                 inp = [G.cell_nucleus(c, mk) for c, mk in zip(imgs_in(neut), masks)]
                 inter = [float((a & b).sum()) for a, b in zip(layer, inp)]

@@ -765,7 +765,8 @@ class Study:
 
         Returns :class:`vae.analysis.traverse.DecodedArrays` (``images``
         (n, S, S, 3) in [0, 1], ``masks``, ``expression`` (n, G) log1p-normalised
-        in the order of :attr:`gene_names`).
+        in the order of :attr:`gene_names`); ``.cells()`` draws the decoded cells
+        through their decoded masks, as every figure does.
         """
         from vae.analysis.traverse import decode
 

@@ -48,12 +48,27 @@ class Decoded:
     library: np.ndarray  # (n,)
     has_image: np.ndarray  # (n,) bool
     has_expression: np.ndarray
-    rec_image: np.ndarray  # (n, S, S, 3) decoded from the joint mean
+    rec_image: np.ndarray  # (n, S, S, 3) decoded from the joint mean (RGB of the whole square)
+    rec_mask: np.ndarray | None  # (n, S, S) its decoded mask probability (None: no mask)
     rec_expression: np.ndarray  # (n, G)
     nb_mu: np.ndarray | None  # (n, G) NB mean of the joint decoding (counts models)
     nb_theta: np.ndarray | None  # (G,)
     expr_from_image: np.ndarray  # (n, G) decoded from the image-only mean
     image_from_expr: np.ndarray  # (n, S, S, 3) decoded from the expression-only mean
+    image_from_expr_mask: np.ndarray | None  # (n, S, S) its decoded cell-mask probability
+
+    def rec_cells(self) -> np.ndarray:
+        """(n, S, S, 3) the joint reconstructions drawn as figures draw decoded cells
+        (:func:`vae.analysis.traverse.draw_cells`: the decoded mask, nothing outside)."""
+        from vae.analysis.traverse import draw_cells
+
+        return draw_cells(self.rec_image, self.rec_mask)
+
+    def image_from_expr_cells(self) -> np.ndarray:
+        """(n, S, S, 3) the images decoded from expression, drawn the same way."""
+        from vae.analysis.traverse import draw_cells
+
+        return draw_cells(self.image_from_expr, self.image_from_expr_mask)
 
 
 def _chw_to_hwc(t: torch.Tensor) -> np.ndarray:
@@ -177,6 +192,10 @@ def _decode_batch(model: TwoBranchVAE, b, post, di, acc: dict) -> np.ndarray | N
     add("hi", b.has_image.cpu().numpy())
     add("he", b.has_expression.cpu().numpy())
     add("ri", _chw_to_hwc(dj.image))
+    if dj.mask is not None:  # a model without a mask channel decodes none
+        add("rm", dj.mask[:, 0].float().cpu().numpy())
+        dm = de.mask if de is not None else torch.zeros_like(dj.mask)
+        add("iem", dm[:, 0].float().cpu().numpy())
     add("re", dj.expression_log.float().cpu().numpy())
     add("xi", di.expression_log.float().cpu().numpy())
     add("ie", _chw_to_hwc(de.image if de is not None else torch.zeros_like(dj.image)))
@@ -201,11 +220,13 @@ def _decoded(rows: np.ndarray, acc: dict, theta: np.ndarray | None) -> Decoded:
         has_image=cat("hi").astype(bool),
         has_expression=cat("he").astype(bool),
         rec_image=np.clip(cat("ri"), 0, 1),
+        rec_mask=cat("rm"),
         rec_expression=cat("re"),
         nb_mu=mu if theta is not None else None,
         nb_theta=theta,
         expr_from_image=cat("xi"),
         image_from_expr=np.clip(cat("ie"), 0, 1),
+        image_from_expr_mask=cat("iem"),
     )
 
 

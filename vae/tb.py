@@ -48,6 +48,16 @@ def pick_granule_genes(gene_names: list[str], var=None, max_genes: int = 12) -> 
     return (hit or list(range(min(max_genes, len(gene_names)))))[:max_genes]
 
 
+def _cells(dec) -> torch.Tensor:
+    """(B, 3, S, S) decoded cells on CPU as every figure draws them
+    (:func:`vae.analysis.traverse.draw_cells`: the decoded mask, nothing outside)."""
+    from vae.analysis.traverse import draw_cells
+
+    img = dec.image.float().permute(0, 2, 3, 1).cpu().numpy()
+    mask = dec.mask[:, 0].float().cpu().numpy() if dec.mask is not None else None
+    return torch.from_numpy(draw_cells(img, mask)).permute(0, 3, 1, 2)
+
+
 class TBLogger:
     """Thin wrapper around ``SummaryWriter`` with the figures of this model.
 
@@ -92,13 +102,11 @@ class TBLogger:
         joint = model.decode(post.joint[0], render=use_image, use_image=use_image)
         if use_image:
             from_img = model.decode(post.image[0], render=True)
-            m = batch.mask
-            rows = [batch.image, joint.image.float() * m, from_img.image.float() * m]
+            rows = [batch.image.float().cpu(), _cells(joint), _cells(from_img)]
             if post.expression is not None:  # none without genes (pair=image_only)
-                from_expr = model.decode(post.expression[0], render=True)
-                rows.append(from_expr.image.float() * m)
+                rows.append(_cells(model.decode(post.expression[0], render=True)))
             grid = torchvision.utils.make_grid(
-                torch.cat(rows).clamp(0, 1).cpu(),
+                torch.cat(rows).clamp(0, 1),
                 nrow=batch.image.shape[0],
                 padding=2,
                 pad_value=1.0,

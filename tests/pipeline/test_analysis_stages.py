@@ -160,6 +160,57 @@ def test_traverse_without_paired_data_still_reports(tiny_run, tmp_path):
     assert "stage=evaluate has not run" in (out / "report.html").read_text()
 
 
+def test_traverse_decodes_cells_from_their_crop_and_paths_from_the_reported_latent(
+    tiny_run, tmp_path, monkeypatch
+):
+    """The per-cell decodes compared with truth come from each crop's single-view code
+    (encode(views=1)); path centroids use the reported, pose-free latent."""
+    from vae.analysis import traverse as T
+    from vae.analysis.run import Outputs, full_codes, load_run, split_rows
+    from vae.analysis.settings import AnalysisSettings
+    from vae.analysis.study import traverse_study
+    from vae.infer import encode_dataset
+
+    root, paired = tiny_run
+    run = root / "tiny" / "train"
+    rd = load_run(run / "latent.h5ad", run / "model.pt", paired)
+    assert rd.model.args.encode_views == 8  # the trained default: a pose-free latent
+    lat = rd.latent
+    # simulator-like truth, so the truth recovery decodes the held-out cells with an image
+    has_img = rd.data.has_image.numpy()
+    t = lat.obs["t"].to_numpy(float)
+    lat.obs["granule_density"] = np.where(has_img & np.isfinite(t), 1 - t, np.nan)
+    lat.obs["lobes"] = np.where(np.isfinite(t), 1 + np.round(3 * t), np.nan)
+    calls = []
+    real_decode = T.decode
+
+    def recording_decode(model, z, *args, **kw):  # the real decode, its codes recorded
+        out = real_decode(model, z, *args, **kw)
+        calls.append((np.asarray(z, np.float64).copy(), out))
+        return out
+
+    monkeypatch.setattr(T, "decode", recording_decode)
+    a = AnalysisSettings(
+        umap=False, top_k_dims=2, n_steps=5, path_steps=6, path_classes=["myeloblast", "myelocyte"]
+    )
+    summary = traverse_study(rd, a, Outputs(tmp_path), tmp_path / "report.html", None, "t", "s", {})
+    rows = split_rows(lat, "test")
+    ok = rows[np.isfinite(lat.obs["granule_density"].to_numpy(float)[rows])]
+    assert summary["truth_recovery"]["n_cells"] == ok.size >= 3
+    z1 = encode_dataset(rd.model, rd.data, rows=ok, views=1).joint
+    z_reported = full_codes(lat)[ok]
+    assert np.abs(z1 - z_reported).max() > 1e-3  # the two codes differ
+    cell_calls = [c for c in calls if c[0].shape == z1.shape and np.allclose(c[0], z1, atol=1e-5)]
+    assert len(cell_calls) == 1
+    assert not any(c[0].shape == z1.shape and np.allclose(c[0], z_reported) for c in calls)
+    np.testing.assert_allclose(cell_calls[0][1].images, real_decode(rd.model, z1).images, atol=1e-6)
+    # the GP path runs through the class centroids of the reported latent
+    labels = lat.obs["label"].astype(str).to_numpy()
+    cents = T.class_centroids(full_codes(lat), labels, order=a.path_classes)
+    gp = T.gp_path(cents.points, a.path_steps, a.gp_length_scale, a.gp_noise, 0)
+    assert any(c[0].shape == gp.points.shape and np.allclose(c[0], gp.points) for c in calls)
+
+
 def test_bad_anchor_fails_with_the_setting_name(tiny_run, tmp_path):
     root, paired = tiny_run
     code = _run_in_process(

@@ -288,6 +288,38 @@ def test_dihedral_mean_code_is_pose_free_and_off_by_default():
     np.testing.assert_array_equal(d1.rec_image, d8.rec_image)
 
 
+def test_reconstructions_keep_their_decoded_masks_and_draw_through_them():
+    """encode_dataset(decode=True) keeps the decoded cell masks of the joint and the
+    expression-only decodes, and draws both through them (vae.analysis.traverse.draw_cells)."""
+    from tests.helpers.vae_toy import make_paired, tiny_model
+    from vae.analysis.traverse import CELL_MASK_THRESHOLD
+    from vae.data import from_anndata
+    from vae.infer import encode_dataset
+
+    model = tiny_model().eval()
+    data = from_anndata(make_paired(n=9), image_size=16)
+    dec = encode_dataset(model, data, decode=True).decoded
+    with torch.no_grad():
+        post = model.encode(
+            data.crops.float() / 255 * data.masks.float(),
+            data.x,
+            mask=data.masks.float(),
+            log_library=torch.log(data.library.clamp_min(1.0)),
+        )
+        want = model.decode(post.joint[0]).mask[:, 0].numpy()
+        want_e = model.decode(post.expression[0]).mask[:, 0].numpy()
+    np.testing.assert_allclose(dec.rec_mask, want, atol=1e-5)
+    np.testing.assert_allclose(dec.image_from_expr_mask, want_e, atol=1e-5)
+    for cells, img, m in (
+        (dec.rec_cells(), dec.rec_image, dec.rec_mask),
+        (dec.image_from_expr_cells(), dec.image_from_expr, dec.image_from_expr_mask),
+    ):
+        inside = m > CELL_MASK_THRESHOLD
+        assert inside.any() and (~inside).any()
+        np.testing.assert_array_equal(cells[inside], img[inside])
+        assert (cells[~inside] == 0).all() and (img[~inside] > 0).any()
+
+
 def test_encode_views_is_checked_and_saved():
     with pytest.raises(ValueError, match="encode_views"):
         VAEArgs(n_genes=4, crop_size=16, channels=[8, 16], encode_views=4)
@@ -296,3 +328,44 @@ def test_encode_views_is_checked_and_saved():
     model = tiny_model()
     with pytest.raises(ValueError, match="views"):
         model.encode(torch.zeros(2, 3, 16, 16), views=3)
+
+
+def test_tensorboard_grid_draws_decoded_cells_through_their_decoded_mask(tmp_path):
+    """The reconstruction grid's decoded rows are draw_cells of the decodes (the decoded
+    mask, 0 outside), not the decoder's raw square nor the input's mask."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.helpers.vae_toy import make_paired, tiny_model
+    from vae.analysis.traverse import draw_cells
+    from vae.data import from_anndata, raw_batch, to_batch
+    from vae.tb import RECON_TAG, TBLogger
+
+    model = tiny_model().eval()
+    data = from_anndata(make_paired(n=6), image_size=16)
+    batch = to_batch(raw_batch(data, torch.arange(4)), torch.device("cpu"))
+    tb = TBLogger(tmp_path, data.gene_names, [0])
+    tb.epoch_figures(model, batch, 0)
+    tb.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    grid = np.asarray(Image.open(io.BytesIO(acc.Images(RECON_TAG)[0].encoded_image_string)))
+    with torch.no_grad():
+        post = model.encode(
+            batch.image,
+            batch.x,
+            batch.has_image,
+            batch.has_expression,
+            batch.mask,
+            batch.log_library,
+        )
+        joint = model.decode(post.joint[0], render=True)
+    img = joint.image.permute(0, 2, 3, 1).numpy()
+    mask = joint.mask[:, 0].numpy()
+    want = draw_cells(img, mask)
+    got = np.stack([grid[20:36, 2 + 18 * c : 18 + 18 * c, :3] for c in range(4)]) / 255.0
+    np.testing.assert_allclose(got, want, atol=1.5 / 255)
+    outside = mask <= 0.5
+    assert outside.any() and (img[outside] > 0.05).any()  # the raw square has colour there

@@ -232,11 +232,13 @@ def evaluate(
                 g[f"{nm}_pearson"] = gc.pearson
                 g[f"{nm}_spearman"] = gc.spearman
             tables["per_gene"] = g
-        # reconstruction figure: input | joint | from expression, a few rows
+        # reconstruction figure: input | joint | from expression, a few rows; decoded
+        # cells drawn through their decoded mask, as the masked inputs are drawn
         show = np.flatnonzero(hi)[:8]
         if show.size:
+            rec_cells, expr_cells = P.rec_cells(), P.image_from_expr_cells()
             fig = F.image_grid(
-                [np.stack([P.image[i], P.rec_image[i], P.image_from_expr[i]]) for i in show],
+                [np.stack([P.image[i], rec_cells[i], expr_cells[i]]) for i in show],
                 [labels[P.rows[i]] for i in show],
                 ["input (masked)", "joint recon", "from expression"],
                 "held-out reconstructions",

@@ -224,11 +224,23 @@ def tb_scalars(tb, prefix: str, d: dict) -> None:
             tb.add_scalar(f"{prefix}/{k}", float(v), 0)
 
 
-def show(dec) -> np.ndarray:
-    """Decoded images for display: the cell only (decoded mask applied when there is one)."""
-    if dec.masks is None:
-        return dec.images
-    return dec.images * (dec.masks[..., None] > 0.5)
+def cell_codes(rd: RunData, rows: np.ndarray, batch_size: int) -> np.ndarray:
+    """(n, d) fused codes of ``rows`` from each crop as given (one view), for decoding a
+    cell to compare it with its own input or truth.
+
+    The reported latent (``X_vae_full``, ``encode_views`` 8 by default) takes the image
+    expert as the mean over the crop's 8 symmetries: pose-free, so it decodes a cell in
+    an average pose (a nucleus smeared over the orientations, lobes merged). Positions
+    along paths, class centroids and traversal steps use that reported latent; a decoded
+    cell meant to look like its input comes from the single-view code, as the
+    reconstructions of ``stage=evaluate`` do (:func:`vae.infer.encode_dataset`).
+    """
+    from vae.infer import encode_dataset
+
+    if rd.data is None:
+        raise AnalysisError("decoding cells from their crops needs the paired data")
+    lat = encode_dataset(rd.model, rd.data, rd.device, batch_size, rows=rows, views=1)
+    return np.asarray(lat.joint, dtype=np.float64)
 
 
 def measure(images: np.ndarray, masks: np.ndarray | None, params, background: float):

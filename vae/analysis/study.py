@@ -22,6 +22,7 @@ from vae.analysis.run import (
     AnalysisError,
     Outputs,
     RunData,
+    cell_codes,
     clean_json,
     full_codes,
     heatmap_genes,
@@ -30,7 +31,6 @@ from vae.analysis.run import (
     minmax,
     obs_col,
     programs_of,
-    show,
     split_rows,
     tb_scalars,
 )
@@ -43,11 +43,11 @@ log = logging.getLogger(__name__)
 _TRUTH_MEANING = {
     "straight_path_position_vs_true_t_spearman": "cells ordered along the straight path as by true maturation",
     "gp_path_position_vs_true_t_spearman": "cells ordered along the GP path as by true maturation",
-    "decoded_granule_density_vs_true_spearman": "granules counted on decoded images vs the total true density (azurophilic + fine specific granules)",
+    "decoded_granule_density_vs_true_spearman": "granules counted on each cell decoded from its crop as given (single-view code) vs the total true density (azurophilic + fine specific granules)",
     "real_crop_granule_density_vs_true_spearman": "same count on the real crops: the ceiling the decoder can reach",
     "decoded_granule_density_vs_true_azurophilic_spearman": "vs the large azurophilic granules only (the counter cannot resolve the fine specific ones, whose density rises while azurophilic falls: so this sign can differ from the total's)",
     "real_crop_granule_density_vs_true_azurophilic_spearman": "same on the real crops",
-    "decoded_lobes_vs_true_spearman": "nuclear lobes counted on decoded images vs true lobes",
+    "decoded_lobes_vs_true_spearman": "nuclear lobes counted on each cell decoded from its crop as given (single-view code) vs true lobes",
     "real_crop_lobes_vs_true_spearman": "same count on the real crops",
 }
 
@@ -146,7 +146,7 @@ def traverse_study(
     step_lab = [f"{o:+.1f}sd" for o in trs[0].offsets] if trs else []
     for tr in trs:
         fig = F.strip_with_heatmap(
-            show(tr.decoded) if img_ok else None,
+            tr.decoded.cells() if img_ok else None,
             tr.decoded.expression[:, gidx] if expr_ok else None,
             gnames,
             step_lab,
@@ -175,7 +175,7 @@ def traverse_study(
         dim_rows.append(row)
     if trs and img_ok:
         fig = F.image_grid(
-            [show(tr.decoded) for tr in trs],
+            [tr.decoded.cells() for tr in trs],
             [f"z{tr.dim}" for tr in trs],
             step_lab,
             f"top {len(trs)} latent dims by KL, anchor: {anchor_desc}",
@@ -239,7 +239,7 @@ def traverse_study(
             dec = T.decode(rd.model, pth.points, a.batch_size, rd.device)
             path_decoded[kind] = dec
             fig = F.strip_with_heatmap(
-                show(dec) if img_ok else None,
+                dec.cells() if img_ok else None,
                 dec.expression[:, gidx] if expr_ok else None,
                 gnames,
                 [f"{s:.2f}" for s in pth.s],
@@ -327,7 +327,8 @@ def traverse_study(
             real = G.measure_batch(crops, masks, params)
             real.insert(0, "cell", np.asarray(lat.obs_names)[cand])
             zc = Z[cand]
-            # granule program scores of the expression decoded from each cell's code
+            # granule program scores of the expression decoded from each cell's reported
+            # code (the one correlated with the latent dims below; expression has no pose)
             if expr_ok:
                 dec_c = T.decode(rd.model, zc, a.batch_size, rd.device)
                 for p_, v in T.program_scores(dec_c.expression, genes, programs).items():
@@ -394,7 +395,10 @@ def traverse_study(
         dens = dens.astype(float)
         ok = rows[np.isfinite(dens[rows]) & rd.data.has_image.numpy()[rows]]
         if ok.size >= 3:
-            dec = T.decode(rd.model, Z[ok], a.batch_size, rd.device)
+            # each cell decoded to be compared with its truth and its crop: from the
+            # single-view code of its crop, not the pose-free reported latent Z (whose
+            # decoded cell has an orientation-averaged nucleus: run.cell_codes)
+            dec = T.decode(rd.model, cell_codes(rd, ok, a.batch_size), a.batch_size, rd.device)
             fd = measure(dec.images, dec.masks, params, bg)
             truth["decoded_granule_density_vs_true_spearman"] = M.correlation_matrix(
                 fd["granule_density"].to_numpy(float), dens[ok]
@@ -437,7 +441,7 @@ def traverse_study(
                 figs["truth"].append(
                     FigureItem(
                         p,
-                        f"Granule density counted on images decoded from {ok.size} held-out cells' codes vs the simulator's true granule density.",
+                        f"Granule density counted on {ok.size} held-out cells, each decoded from the single-view code of its crop, vs the simulator's true granule density.",
                     )
                 )
             else:  # an all-equal scatter says nothing: say why instead of drawing it
@@ -760,7 +764,7 @@ def _write_study_page(
         crops = rd.data.crops[keep].permute(0, 2, 3, 1).numpy()
     data = StudyPageData(
         s=gp.s,
-        decoded=show(dec),
+        decoded=dec.cells(),
         rows=rows,
         values=values,
         nearest=np.vectorize(remap.get, otypes=[np.int64])(near) if near.size else near,

@@ -24,13 +24,56 @@ import numpy as np
 # ----------------------------------------------------------------------------
 
 
+# a decoded pixel belongs to the cell where the decoded mask probability exceeds this,
+# as for the granule counter's cell mask of decoded images (vae.analysis.run.measure)
+CELL_MASK_THRESHOLD = 0.5
+
+
+def draw_cells(
+    images: np.ndarray, masks: np.ndarray | None, background: float | Sequence[float] = 0.0
+) -> np.ndarray:
+    """Decoded cells as every figure shows cells: the decoded RGB inside the decoded
+    cell mask, ``background`` outside it.
+
+    The one owner of how a decoded cell is drawn (evaluate's reconstructions, the
+    traversal strips, ``study.html``, TensorBoard, ``scripts/image_branch_check.py``,
+    :meth:`DecodedArrays.cells`). The decoder paints colour over the whole square,
+    including a halo where no cell is; the input crops are shown with everything
+    outside their mask at 0 (``vae.data.to_batch`` multiplies a crop by its mask), so
+    the default background 0 draws decoded cells the way their inputs are drawn.
+
+    Parameters
+    ----------
+    images : (n, S, S, 3) decoded RGB in [0, 1] (channel-last)
+    masks : (n, S, S) decoded mask probability (``model.decode(z).mask``), or None for a
+        model without a mask channel (``predict_mask=False``): the images unchanged.
+    background : grey level in [0, 1] or an RGB triple for the pixels outside the cell.
+
+    Returns
+    -------
+    (n, S, S, 3) float in [0, 1]
+    """
+    img = np.clip(np.asarray(images, dtype=np.float32), 0, 1)
+    if masks is None:
+        return img
+    m = np.asarray(masks)
+    if m.shape != img.shape[:-1]:
+        raise ValueError(f"draw_cells: masks {m.shape} do not match images {img.shape}")
+    bg = np.broadcast_to(np.asarray(background, dtype=np.float32), (3,))
+    return np.where((m > CELL_MASK_THRESHOLD)[..., None], img, bg).astype(np.float32)
+
+
 @dataclass
 class DecodedArrays:
     """Decoder outputs as NumPy arrays (channel-last images)."""
 
-    images: np.ndarray  # (n, S, S, 3) float in [0, 1]
+    images: np.ndarray  # (n, S, S, 3) float in [0, 1], the decoder's RGB over the whole square
     masks: np.ndarray | None  # (n, S, S) probability, or None
     expression: np.ndarray  # (n, G) predicted log1p-normalised expression
+
+    def cells(self, background: float | Sequence[float] = 0.0) -> np.ndarray:
+        """(n, S, S, 3) the decoded cells as figures show them (:func:`draw_cells`)."""
+        return draw_cells(self.images, self.masks, background)
 
 
 def decode(model, z: np.ndarray, batch_size: int = 256, device: str = "cpu") -> DecodedArrays:

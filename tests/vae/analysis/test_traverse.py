@@ -213,3 +213,27 @@ def test_tiny_trained_model_decodes_monotonically_along_its_factor(seed, one_thr
     from scipy import stats
 
     assert stats.spearmanr(pos, t).statistic > 0.8
+
+
+def test_draw_cells_keeps_the_decoded_cell_and_fills_the_rest():
+    """Decoded cells are drawn through their decoded mask: RGB inside (p > 0.5), the
+    background outside, whatever the decoder painted there (the greenish halo)."""
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0.2, 0.9, (2, 6, 6, 3)).astype(np.float32)
+    mask = np.zeros((2, 6, 6), np.float32)
+    mask[:, 1:4, 2:5] = 0.9
+    mask[1, 0, 0] = 0.4  # below the threshold: not the cell
+    inside = mask > T.CELL_MASK_THRESHOLD
+    out = T.draw_cells(img, mask)
+    np.testing.assert_array_equal(out[inside], img[inside])
+    assert (out[~inside] == 0).all()  # the fill of the masked input crops
+    white = T.draw_cells(img, mask, background=1.0)
+    assert (white[~inside] == 1).all() and (white[inside] == img[inside]).all()
+    rgb = T.draw_cells(img, mask, background=(1.0, 0.5, 0.0))
+    np.testing.assert_array_equal(rgb[~inside], np.tile([1.0, 0.5, 0.0], ((~inside).sum(), 1)))
+    # no mask channel (predict_mask=False): the decoded square as it is, clipped to [0, 1]
+    np.testing.assert_array_equal(T.draw_cells(img * 2, None), np.clip(img * 2, 0, 1))
+    with pytest.raises(ValueError, match="masks"):
+        T.draw_cells(img, mask[:, :5])
+    dec = T.DecodedArrays(images=img, masks=mask, expression=np.zeros((2, 1)))
+    np.testing.assert_array_equal(dec.cells(), out)
