@@ -136,7 +136,7 @@ def main() -> None:
             )
     res = {
         "paired": str(args.paired),
-        "settings": vars(args) | {"paired": str(args.paired), "out": str(args.out)},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "n_fit": int(fit.size),
         "n_test": int(test.size),
         "majority": float(np.bincount(lab[test]).max() / test.size),
