@@ -74,6 +74,12 @@ def _backbone_is_detector(cfg) -> bool:
 
 
 def _validate(cfg) -> None:
+    from vae.model import IMAGE_ENCODERS
+
+    if cfg.vae.image_encoder not in IMAGE_ENCODERS:
+        raise StageError(
+            f"vae.image_encoder={cfg.vae.image_encoder!r}; valid: {', '.join(IMAGE_ENCODERS)}"
+        )
     weights = cfg.vae.get("image_backbone_weights")
     if weights and cfg.vae.image_encoder != "resnet18":
         raise StageError(

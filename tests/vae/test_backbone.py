@@ -167,6 +167,7 @@ def test_stage_train_starts_the_encoder_from_the_studys_detector(tmp_path, detec
         ),
         ([f"vae.image_backbone_weights={tmp_path / 'nope.pt'}"], "nope.pt: no such file"),
         (["vae.image_backbone_weights=detector"], "segmentation_model"),
+        (["vae.image_encoder=vit"], "vae.image_encoder='vit'; valid: conv, resnet18"),
     ]:
         p = run_pipeline([*common, "experiment=bad", *extra], cwd=ROOT)
         assert p.returncode != 0 and "Traceback" not in p.stderr + p.stdout, p.stderr[-2000:]
