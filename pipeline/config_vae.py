@@ -34,8 +34,9 @@ class VAEConfig:
     # local weights for the resnet18 encoder's trunk (never downloaded): a file path (a
     # segment_train model.pt, or a torchvision resnet18 state dict), or "detector": the
     # study's own detector (paths.inputs.segmentation_model or segment_train's model).
-    # Real chain, supervised: kNN 0.83 (conv) -> 0.91 (resnet18 from the detector), 0.79
-    # from scratch (docs/vae.md, "A pretrained image encoder"); null: random init
+    # Real chain, 60 epochs: image kNN 0.865 / 0.808 (seeds 0 / 1) vs conv 0.838 / 0.815,
+    # 2-3x the time: not the default (docs/vae.md, "A pretrained image encoder"); null:
+    # random init
     image_backbone_weights: str | None = None
     # the image expert of a reported latent (latent.h5ad, evaluate, embed) is the mean
     # over the crop's 8 symmetries (rotations x mirror): a cell on a smear has no
