@@ -339,3 +339,47 @@ def test_segment_stage_uses_refine_scale_setting(tmp_path, monkeypatch, refine):
     else:
         assert det.shapes == [(90, 90)]
         assert "scale a.png: white ruler 123.0 px (1 cells): s0 0.3 used" in log
+
+
+def test_segment_sources_refine_null_scale_sources_only(tmp_path, monkeypatch):
+    """data.segment_sources: a source with scale null is measured and refined per image;
+    one with a fixed scale keeps it (no estimate, no second pass)."""
+    import anndata as ad
+    import torch
+    from PIL import Image
+
+    import pipeline.stages.segment as seg
+    from segmentation.model import build_maskrcnn, save_checkpoint
+    from tests.helpers.run import run_stage_in_process
+
+    torch.manual_seed(0)
+    args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64}
+    save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args)
+    img = _smear(14.0, size=300, white=60.0, white_at=[(90, 90), (200, 190)])
+    for name in ("free", "fixed"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(img).save(tmp_path / name / f"{name}.png")
+    det = _LilacDetector()
+    monkeypatch.setattr(seg, "make_detector", lambda ctx, model: det)
+    _wrong_ruler(monkeypatch, 0.3)
+    out = run_stage_in_process(
+        [
+            f"paths.root={tmp_path / 'out'}",
+            "experiment=rs",
+            f"paths.inputs.segmentation_model={tmp_path / 'det.pt'}",
+            "hardware.torch_threads=1",
+            "segmentation.crop_size=32",
+            "segmentation.min_area=100",
+            "segmentation.estimate_scale=true",
+            "data.segment_sources=["
+            f"{{name: free, kind: smears, path: '{tmp_path / 'free'}'}},"
+            f"{{name: fixed, kind: smears, path: '{tmp_path / 'fixed'}', scale: 0.5}}]",
+        ],
+        "segment",
+    )
+    obs = ad.read_h5ad(out / "cells.h5ad").obs
+    assert sorted(obs.source) == ["fixed", "fixed", "free", "free"]
+    # free: the ruler's 0.3, then the detector's ~40/60; fixed: 0.5 only
+    assert det.shapes[0] == (90, 90)
+    assert det.shapes[1][0] == pytest.approx(300 * 40 / 60, rel=0.08)
+    assert det.shapes[2:] == [(150, 150)]
