@@ -274,7 +274,9 @@ def _estimated(detector, image, path, settings, truth, sc) -> ImageCells:
     from segmentation.autoscale import segment_estimated
 
     r = refine_settings(sc)
-    cells, choice = segment_estimated(detector, image, path.name, settings, sc.cell_px, truth, None, r)
+    cells, choice = segment_estimated(
+        detector, image, path.name, settings, sc.cell_px, truth, None, r
+    )
     log.info("scale %s: %s", path.name, choice.describe())
     return cells
 

@@ -333,8 +333,11 @@ def test_segment_stage_uses_refine_scale_setting(tmp_path, monkeypatch, refine):
         assert det.shapes[0] == (90, 90) and len(det.shapes) == 2
         assert det.shapes[1][0] == pytest.approx(300 * 40 / 60, rel=0.08)
         s1 = det.shapes[1][0] / 300
-        m = re.search(r"scale a.png: white ruler 123.0 px \(1 cells\): s0 0.3, detector s1 (\S+) "
-                      r"\(2 boxes\), used (\S+)", log)
+        m = re.search(
+            r"scale a.png: white ruler 123.0 px \(1 cells\): s0 0.3, detector s1 (\S+) "
+            r"\(2 boxes\), used (\S+)",
+            log,
+        )
         assert m and float(m[1]) == float(m[2]) == pytest.approx(s1, abs=0.005)
     else:
         assert det.shapes == [(90, 90)]

@@ -112,10 +112,10 @@ def segment_smear_folder(
     """
     import anndata as ad
 
+    from segmentation.autoscale import segment_estimated
     from segmentation.cells import SegmentSettings, segment_images
     from segmentation.inference import MaskRCNNDetector
     from segmentation.io import read_rgb
-    from segmentation.autoscale import segment_estimated
     from segmentation.model import load_checkpoint
     from segmentation.table import obs_frame
 
