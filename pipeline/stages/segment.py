@@ -273,10 +273,8 @@ def _run_shard(
 def _estimated(detector, image, path, settings, truth, sc) -> ImageCells:
     from segmentation.autoscale import segment_estimated
 
-    r = refine_settings(sc)
-    cells, choice = segment_estimated(
-        detector, image, path.name, settings, sc.cell_px, truth, None, r
-    )
+    r, px = refine_settings(sc), sc.cell_px
+    cells, choice = segment_estimated(detector, image, path.name, settings, px, truth, None, r)
     log.info("scale %s: %s", path.name, choice.describe())
     return cells
 
