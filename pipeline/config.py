@@ -213,8 +213,9 @@ class SegmentationConfig:
     # measure the scale per image from its white cells, else red cells (segmentation/magnification.py)
     estimate_scale: bool = False
     # with estimate_scale: a detector pass at the estimate, then one at the scale that makes
-    # its confident white boxes cell_px (magnification.refine_scale; no ground truth used)
-    refine_scale: bool = True
+    # its confident white boxes cell_px (magnification.refine_scale; no ground truth used).
+    # Off: on TXL-PBC train it did not raise AP50 (docs/segmentation_infer.md)
+    refine_scale: bool = False
     tile_size: int = 1024  # square tile side, px at input_scale; fed to the net unresized
     tile_overlap: int = 256  # px; keep above the largest cell diameter
     batch_size: int = 4  # tiles per forward pass

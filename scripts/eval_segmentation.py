@@ -281,7 +281,9 @@ def main() -> None:
                 {**r, "scale": r["s0"], "ruler": "white"}
                 for r in prev.get("scale_refined", {}).get("per_image", [])
             ]
-            cached = {r["image"]: r for r in rows}
+            # scales are proportional to cell_px: rescale the earlier run's to this one's
+            k = a.cell_px / float(prev.get("cell_px", 40.0))
+            cached = {r["image"]: {**r, "scale": r["scale"] * k} for r in rows}
         ds, extra = estimated(
             ds, a.cell_px, a.wbc_per_rbc, a.ruler, a.white_box_per_diameter, cached
         )
@@ -289,7 +291,7 @@ def main() -> None:
         ds = with_scale(ds, None if a.scale == "auto" else float(a.scale), a.cell_px)
     ds = ds.renumber()
     if a.scale_only:
-        out = extra
+        out = {**extra, "cell_px": a.cell_px}
     else:
         if not a.checkpoint:
             ap.error("checkpoint is required unless --scale-only")
@@ -311,7 +313,7 @@ def main() -> None:
         r = evaluate(
             model, DetectionDataset(ds.images), torch.device("cpu"), a.threshold, predictions=preds
         )
-        out = {**r.as_dict(), **extra}
+        out = {**r.as_dict(), **extra, "cell_px": a.cell_px}
         if a.by_source:
             out["by_source"] = by_source(model, ds, a.threshold, preds)
     shown = out

@@ -279,7 +279,7 @@ class Study:
         segment_settings: Any = None,
         detector_kwargs: dict | None = None,
         estimate_cell_px: float | None = None,
-        refine_scale: bool = True,
+        refine_scale: bool = False,
     ):
         """Read one input into an AnnData (``(adata, rejects)`` for folders: see below).
 

@@ -374,6 +374,7 @@ def test_segment_sources_refine_null_scale_sources_only(tmp_path, monkeypatch):
             "segmentation.crop_size=32",
             "segmentation.min_area=100",
             "segmentation.estimate_scale=true",
+            "segmentation.refine_scale=true",
             "data.segment_sources=["
             f"{{name: free, kind: smears, path: '{tmp_path / 'free'}'}},"
             f"{{name: fixed, kind: smears, path: '{tmp_path / 'fixed'}', scale: 0.5}}]",
