@@ -387,3 +387,30 @@ def test_segment_sources_refine_null_scale_sources_only(tmp_path, monkeypatch):
     assert det.shapes[0] == (90, 90)
     assert det.shapes[1][0] == pytest.approx(300 * 40 / 60, rel=0.08)
     assert det.shapes[2:] == [(150, 150)]
+
+
+def test_smear_folder_records_the_refined_scale(tmp_path, monkeypatch):
+    """The embed reader (stage=embed, Study.read) with ``refine``: the scale recorded for
+    the image is the detector's, not the (wrong) ruler's."""
+    import torch
+    from PIL import Image
+
+    import segmentation.inference as inf
+    from segmentation.magnification import RefineSettings
+    from segmentation.model import build_maskrcnn, save_checkpoint
+    from vae.inputs.query import segment_smear_folder
+
+    torch.manual_seed(0)
+    args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64}
+    save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args)
+    (tmp_path / "smears").mkdir()
+    img = _smear(14.0, size=300, white=60.0, white_at=[(90, 90), (200, 190)])
+    Image.fromarray(img).save(tmp_path / "smears" / "a.png")
+    monkeypatch.setattr(inf, "MaskRCNNDetector", lambda *a, **k: _LilacDetector())
+    _wrong_ruler(monkeypatch, 0.3)
+    folder, ckpt = tmp_path / "smears", tmp_path / "det.pt"
+    a, _ = segment_smear_folder(folder, ckpt, estimate_cell_px=40.0, refine=RefineSettings())
+    assert a.uns["input_scales"]["smears/a"] == pytest.approx(40.0 / 60.0, rel=0.08)
+    assert a.n_obs == 2
+    a, _ = segment_smear_folder(folder, ckpt, estimate_cell_px=40.0)
+    assert a.uns["input_scales"]["smears/a"] == 0.3
