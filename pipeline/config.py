@@ -212,6 +212,10 @@ class SegmentationConfig:
     # smear sources with no scale (scale null, width not listed), and stage=embed's smears:
     # measure the scale per image from its white cells, else red cells (segmentation/magnification.py)
     estimate_scale: bool = False
+    # with estimate_scale: a detector pass at the estimate, then one at the scale that makes
+    # its confident white boxes cell_px (magnification.refine_scale; no ground truth used).
+    # Off: on TXL-PBC train it did not raise AP50 (docs/segmentation_infer.md)
+    refine_scale: bool = False
     tile_size: int = 1024  # square tile side, px at input_scale; fed to the net unresized
     tile_overlap: int = 256  # px; keep above the largest cell diameter
     batch_size: int = 4  # tiles per forward pass

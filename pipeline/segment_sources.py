@@ -83,20 +83,27 @@ def validate_sources(cfg: Any) -> None:
                 raise StageError(f"{at}.scale{'' if key == 'scale' else '_by_width.' + key}={v}")
 
 
-def _scale(src: Any, default: float, path: Path, estimate_px: float | None = None) -> float:
-    """Scale of one image: the source's, its width's, the estimate (``estimate_px``), the default."""
-    base = default if src.scale is None else float(src.scale)
+def _fixed_scale(src: Any, path: Path) -> float | None:
+    """The source's scale, else its width's (``scale_by_width``); None: neither is set."""
     if src.scale_by_width:
         try:
             with Image.open(path) as im:
                 width = im.size[0]
         except Exception:  # noqa: BLE001 - read_rgb rejects it later, with the reason
-            return base
+            return None if src.scale is None else float(src.scale)
         if str(width) in src.scale_by_width:
             return float(src.scale_by_width[str(width)])
-    if src.scale is not None or estimate_px is None:
-        return base
-    return estimated_scale(path, estimate_px, base)
+    return None if src.scale is None else float(src.scale)
+
+
+def _scale(src: Any, default: float, path: Path, estimate_px: float | None = None) -> float:
+    """Scale of one image: the source's, its width's, the estimate (``estimate_px``), the default."""
+    fixed = _fixed_scale(src, path)
+    if fixed is not None:
+        return fixed
+    if estimate_px is None:
+        return default
+    return estimated_scale(path, estimate_px, default)
 
 
 def estimated_scale(path: Path, cell_px: float, fallback: float) -> float:
@@ -144,10 +151,21 @@ def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
     cap = src.max_images if src.max_images is not None else sc.max_images
     images = images[: None if cap is None else int(cap)]
     by_scale: dict[float, list[tuple[int, Path]]] = {}
+    refined = []  # measured and refined per image by the detector (segmentation.refine_scale)
+    est_px = _estimate_px(ctx.cfg)
     for i, p in enumerate(images):
-        sc_i = _scale(src, settings.input_scale, p, _estimate_px(ctx.cfg))
+        if est_px is not None and sc.refine_scale and _fixed_scale(src, p) is None:
+            refined.append((offset + i, p))
+            continue
+        sc_i = _scale(src, settings.input_scale, p, est_px)
         by_scale.setdefault(sc_i, []).append((offset + i, p))
     parts = []
+    if refined:
+        log.info("segment: %s, %d images at their estimated, refined scale", src.name, len(refined))
+        over = offset + int(sc.n_overlays)
+        parts.append(
+            _run_shard(ctx, refined, settings, None, overlays, model, ckpt, over, src.name, est_px)
+        )
     for scale, items in sorted(by_scale.items()):
         log.info("segment: %s, %d images at scale %.3g", src.name, len(items), scale)
         s = replace(settings, input_scale=scale)

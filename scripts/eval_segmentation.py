@@ -32,29 +32,49 @@ from segmentation.engine import evaluate
 from segmentation.model import load_checkpoint
 
 
-def estimated(ds, cell_px: float, wbc_per_rbc: float | None, ruler: str, white_k: float | None):
-    """Per-image scale from the image; agreement with the ground-truth-box (oracle) scale."""
+def estimated(
+    ds,
+    cell_px: float,
+    wbc_per_rbc: float | None,
+    ruler: str,
+    white_k: float | None,
+    cached: dict | None = None,
+):
+    """Per-image scale from the image; agreement with the ground-truth-box (oracle) scale.
+
+    ``cached``: image name -> ``per_image`` row of an earlier run's JSON (``--s0-from``),
+    whose scale is reused instead of measuring the image again."""
     from dataclasses import replace
 
     import numpy as np
 
     from segmentation.datasets import SmearDataset, auto_scale
     from segmentation.io import read_rgb
-    from segmentation.magnification import WBC_PER_RBC, WHITE_BOX_PER_DIAMETER, estimate_scale
+    from segmentation.magnification import (
+        WBC_PER_RBC,
+        WHITE_BOX_PER_DIAMETER,
+        ScaleEstimate,
+        estimate_scale,
+    )
 
     k = WBC_PER_RBC if wbc_per_rbc is None else wbc_per_rbc
     kw = WHITE_BOX_PER_DIAMETER if white_k is None else white_k
     recs, ratio, failed, per_source, ruler_gt, per_image = [], [], 0, {}, [], []
     used: dict[str, int] = {}
     for rec in ds:
-        est = estimate_scale(
-            read_rgb(rec.path).image,
-            cell_px,
-            k,
-            fallback=1.0,
-            ruler=ruler,
-            white_box_per_diameter=kw,
-        )
+        row = (cached or {}).get(Path(rec.path).name)
+        if row is not None:
+            ok = row["ruler"] != "none"
+            est = ScaleEstimate(float("nan"), 0, float(row["scale"]), ok, row["ruler"])
+        else:
+            est = estimate_scale(
+                read_rgb(rec.path).image,
+                cell_px,
+                k,
+                fallback=1.0,
+                ruler=ruler,
+                white_box_per_diameter=kw,
+            )
         used[est.ruler] = used.get(est.ruler, 0) + 1
         recs.append(replace(rec, scale=est.scale))
         if not est.ok:
@@ -112,18 +132,91 @@ def estimated(ds, cell_px: float, wbc_per_rbc: float | None, ruler: str, white_k
     }
 
 
-def by_source(model, ds, threshold: float) -> dict[str, dict]:
+def refined(model, ds, cell_px: float, settings) -> tuple[object, list, dict]:
+    """Detector-refined scale per image (segmentation.magnification.refine_scale, from
+    each record's estimated scale s0): the dataset at the kept scales, the kept passes'
+    predictions (for :func:`evaluate`) and how close s0, s1 and the kept scale came to
+    the oracle scale (within 15 % overall and per source)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from segmentation.datasets import SmearDataset, auto_scale
+    from segmentation.engine import predict
+    from segmentation.magnification import refine_scale
+
+    recs, preds, per_image, n_passes = [], [], [], {}
+    for rec in ds:
+
+        def detect(s, rec=rec):
+            p = predict(model, DetectionDataset([replace(rec, scale=s)]), torch.device("cpu"))[0]
+            return (s, p), p["boxes"] / s, p["scores"]
+
+        (s, p), r = refine_scale(detect, rec.scale, (rec.height, rec.width), cell_px, settings)
+        recs.append(replace(rec, scale=s))
+        preds.append(p)
+        n_passes[len(r.scales)] = n_passes.get(len(r.scales), 0) + 1
+        if rec.wbcs:
+            per_image.append(
+                {
+                    "image": Path(rec.path).name,
+                    "width": rec.width,
+                    "s0": round(r.s0, 5),
+                    "s1": None if not np.isfinite(r.s1) else round(r.s1, 5),
+                    "n_boxes": r.n_boxes,
+                    "scale": round(r.scale, 5),
+                    "passes": len(r.scales),
+                    "oracle": round(auto_scale(rec, cell_px), 5),
+                }
+            )
+
+    def within(q) -> float:
+        q = np.asarray(q, float)
+        return round(float(np.mean(np.abs(np.nan_to_num(q, nan=9.0) - 1) <= 0.15)), 4)
+
+    def table(key: str) -> dict:
+        q = {}
+        for row in per_image:
+            v = row[key] if row[key] is not None else row["s0"]  # no s1: s0 is kept
+            q.setdefault(f"width_{row['width']}", []).append(v / row["oracle"])
+        allq = [v for vs in q.values() for v in vs]
+        return {
+            "within_15pct_of_oracle": within(allq),
+            "median_ratio_to_oracle": round(float(np.median(allq)), 4),
+            "within_15pct_by_source": {k: within(v) for k, v in sorted(q.items())},
+        }
+
+    out = {
+        "settings": vars(settings),
+        "images_by_passes": n_passes,
+        "images_without_s1": int(sum(r["s1"] is None for r in per_image)),
+        "kept": table("scale"),
+        "s1": table("s1"),
+        "s0": table("s0"),
+        "per_image": per_image,
+    }
+    return SmearDataset(recs), preds, {"scale_refined": out}
+
+
+def by_source(model, ds, threshold: float, preds: list | None = None) -> dict[str, dict]:
     """WBC box/mask AP of each source (``width_W``: image width tells TXL-PBC's four
-    microscopes apart, docs/segmentation_infer.md) scored on its own images."""
+    microscopes apart, docs/segmentation_infer.md) scored on its own images
+    (``preds``: the predictions of ``ds``'s images in order, else the model runs)."""
     from segmentation.datasets import SmearDataset
 
     groups: dict[str, list] = {}
-    for rec in ds:
-        groups.setdefault(f"width_{rec.width}", []).append(rec)
+    for i, rec in enumerate(ds):
+        groups.setdefault(f"width_{rec.width}", []).append(i)
     out = {}
-    for name, recs in sorted(groups.items()):
-        sub = SmearDataset(list(recs))
-        r = evaluate(model, DetectionDataset(sub.images), torch.device("cpu"), threshold)
+    for name, idx in sorted(groups.items()):
+        sub = SmearDataset([ds.images[i] for i in idx])
+        r = evaluate(
+            model,
+            DetectionDataset(sub.images),
+            torch.device("cpu"),
+            threshold,
+            predictions=None if preds is None else [preds[i] for i in idx],
+        )
         d = r.as_dict()
         out[name] = {
             k: d.get(k)
@@ -143,7 +236,22 @@ def main() -> None:
     ap.add_argument("--format", required=True, choices=sorted(READERS))
     ap.add_argument("--path", required=True)
     ap.add_argument("--split", default="val")
-    ap.add_argument("--scale", default="auto")
+    ap.add_argument(
+        "--scale",
+        default="auto",
+        help="auto (ORACLE: ground-truth boxes) | estimate (from the image) | refine "
+        "(estimate, then the detector's own boxes: refine_scale) | a number",
+    )
+    ap.add_argument(
+        "--s0-from",
+        default=None,
+        help="JSON of an earlier --scale estimate/refine run: reuse its per-image estimates",
+    )
+    ap.add_argument("--refine-min-score", type=float, default=None)
+    ap.add_argument("--refine-edge-px", type=float, default=None)
+    ap.add_argument("--refine-tolerance", type=float, default=None)
+    ap.add_argument("--refine-passes", type=int, default=None)
+    ap.add_argument("--refine-choose", default=None, choices=["last", "score"])
     ap.add_argument("--cell-px", type=float, default=40.0)
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--out", default=None)
@@ -165,25 +273,53 @@ def main() -> None:
         from segmentation.datasets import SmearDataset
 
         ds = SmearDataset(list(ds)[:: a.every])
-    if a.scale == "estimate":
-        ds, extra = estimated(ds, a.cell_px, a.wbc_per_rbc, a.ruler, a.white_box_per_diameter)
+    if a.scale in ("estimate", "refine"):
+        cached = None
+        if a.s0_from:
+            prev = json.loads(Path(a.s0_from).read_text())
+            rows = prev.get("scale_estimate", {}).get("per_image") or [
+                {**r, "scale": r["s0"], "ruler": "white"}
+                for r in prev.get("scale_refined", {}).get("per_image", [])
+            ]
+            # scales are proportional to cell_px: rescale the earlier run's to this one's
+            k = a.cell_px / float(prev.get("cell_px", 40.0))
+            cached = {r["image"]: {**r, "scale": r["scale"] * k} for r in rows}
+        ds, extra = estimated(
+            ds, a.cell_px, a.wbc_per_rbc, a.ruler, a.white_box_per_diameter, cached
+        )
     else:
         ds = with_scale(ds, None if a.scale == "auto" else float(a.scale), a.cell_px)
     ds = ds.renumber()
     if a.scale_only:
-        out = extra
+        out = {**extra, "cell_px": a.cell_px}
     else:
         if not a.checkpoint:
             ap.error("checkpoint is required unless --scale-only")
         model, _ = load_checkpoint(a.checkpoint)
-        r = evaluate(model, DetectionDataset(ds.images), torch.device("cpu"), a.threshold)
-        out = {**r.as_dict(), **extra}
+        preds = None
+        if a.scale == "refine":
+            from segmentation.magnification import RefineSettings
+
+            given = {
+                "min_score": a.refine_min_score,
+                "edge_px": a.refine_edge_px,
+                "tolerance": a.refine_tolerance,
+                "max_passes": a.refine_passes,
+                "choose": a.refine_choose,
+            }
+            st = RefineSettings(**{k: v for k, v in given.items() if v is not None})
+            ds, preds, more = refined(model, ds, a.cell_px, st)
+            extra.update(more)
+        r = evaluate(
+            model, DetectionDataset(ds.images), torch.device("cpu"), a.threshold, predictions=preds
+        )
+        out = {**r.as_dict(), **extra, "cell_px": a.cell_px}
         if a.by_source:
-            out["by_source"] = by_source(model, ds, a.threshold)
+            out["by_source"] = by_source(model, ds, a.threshold, preds)
     shown = out
-    if "scale_estimate" in out:  # the per-image list goes to --out only
-        se = {k: v for k, v in out["scale_estimate"].items() if k != "per_image"}
-        shown = {**out, "scale_estimate": se}
+    for key in ("scale_estimate", "scale_refined"):  # the per-image lists go to --out only
+        if key in out:
+            shown = {**shown, key: {k: v for k, v in out[key].items() if k != "per_image"}}
     print(json.dumps(shown, indent=2))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2))

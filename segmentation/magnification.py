@@ -293,3 +293,166 @@ def estimate_scale(
     if not np.isfinite(d) or d <= 0:
         return ScaleEstimate(float("nan"), n, float(fallback), False, "none")
     return ScaleEstimate(d, n, float(cell_px / (wbc_per_rbc * d)), True, "red")
+
+
+# --- detector-refined scale -------------------------------------------------------------
+# The oracle scale is cell_px / (median ground-truth white box side); the detector finds
+# white boxes itself, so a first pass at the image ruler's scale s0 gives a second
+# estimate s1 = cell_px / (median side of its confident boxes), free of the ruler's
+# per-cell-type bias (dense lymphocytes measured large, pale cytoplasm measured small).
+# Defaults chosen on TXL-PBC *train* (every 4th image; docs/segmentation_infer.md,
+# "Detector-refined scale"); no ground truth is used at inference.
+REFINE_MIN_SCORE = 0.8  # detections at least this confident measure the cell size
+REFINE_EDGE_PX = 2.0  # working px: boxes this close to the image edge are cut, not measured
+REFINE_TOLERANCE = 0.1  # |s1 / s - 1| at most this: keep the pass (no re-run)
+REFINE_MAX_PASSES = 2  # detector passes per image, the first at s0 included
+REFINE_CHOOSE = ("last", "score")
+
+
+@dataclass
+class RefineSettings:
+    """Thresholds of :func:`refine_scale` (see the ``REFINE_*`` constants).
+
+    min_score : detections at least this confident are measured
+    edge_px : a box within this many *working* px of the image edge is cut by it
+        and not measured
+    tolerance : a new estimate within this relative distance of the pass's scale
+        ends the refinement (the pass is kept)
+    max_passes : detector passes per image (>= 1; 1 = no refinement)
+    choose : ``last`` keeps the last pass; ``score`` the pass whose confident
+        detections score highest (mean of its top ``top_k`` scores)
+    top_k : scores averaged by ``choose="score"``
+    """
+
+    min_score: float = REFINE_MIN_SCORE
+    edge_px: float = REFINE_EDGE_PX
+    tolerance: float = REFINE_TOLERANCE
+    max_passes: int = REFINE_MAX_PASSES
+    choose: str = "last"
+    top_k: int = 3
+
+
+@dataclass
+class ScaleRefinement:
+    """What :func:`refine_scale` did for one image.
+
+    s0 : the ruler's scale (first pass)
+    s1 : the detector's estimate from the first pass (NaN: no confident, uncut box)
+    n_boxes : boxes s1 rests on
+    scale : the scale whose pass was kept
+    scales : scale of every pass run, in order
+    confidence : per pass, mean of its top ``top_k`` scores (0 without detections)
+    """
+
+    s0: float
+    s1: float
+    n_boxes: int
+    scale: float
+    scales: list[float]
+    confidence: list[float]
+
+
+def detector_scale(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    image_hw: tuple[int, int],
+    scale: float,
+    cell_px: float,
+    min_score: float = REFINE_MIN_SCORE,
+    edge_px: float = REFINE_EDGE_PX,
+) -> tuple[float, int]:
+    """Scale that makes the detector's own white boxes ``cell_px`` px.
+
+    Parameters
+    ----------
+    boxes : (K, 4) float xyxy white-cell boxes in *source* px
+    scores : (K,) detection scores
+    image_hw : (H, W) of the source image
+    scale : working px per source px of the pass that found the boxes (the edge
+        margin ``edge_px`` is in working px)
+    cell_px : wanted white-cell box side in working px
+    min_score : boxes scoring below are not measured
+    edge_px : boxes within this many working px of the image edge are cut by it and
+        not measured
+
+    Returns
+    -------
+    (scale, n) : ``cell_px / median(sqrt(w * h))`` over the measured boxes (the same
+        box side as the ground-truth oracle, ``segmentation.datasets.auto_scale``) and
+        how many boxes it rests on; ``(NaN, 0)`` when none qualifies
+    """
+    b = np.asarray(boxes, float).reshape(-1, 4)
+    s = np.asarray(scores, float).reshape(-1)
+    h, w = image_hw
+    m = float(edge_px) / float(scale)  # margin in source px
+    ok = (
+        (s >= min_score)
+        & (b[:, 0] > m)
+        & (b[:, 1] > m)
+        & (b[:, 2] < w - m)
+        & (b[:, 3] < h - m)
+        & (b[:, 2] > b[:, 0])
+        & (b[:, 3] > b[:, 1])
+    )
+    if not ok.any():
+        return float("nan"), 0
+    side = np.sqrt((b[ok, 2] - b[ok, 0]) * (b[ok, 3] - b[ok, 1]))
+    return float(cell_px / np.median(side)), int(ok.sum())
+
+
+def refine_scale(
+    detect,
+    s0: float,
+    image_hw: tuple[int, int],
+    cell_px: float,
+    settings: RefineSettings | None = None,
+):
+    """Run a detector at the ruler's scale ``s0``, then at its own estimate if that differs.
+
+    Pass 1 runs at ``s0``; :func:`detector_scale` of its boxes gives ``s1``. When ``s1``
+    differs from the pass's scale by more than ``tolerance``, the next pass runs at
+    ``s1`` (and so on, up to ``max_passes``). No confident, uncut box: the pass is
+    kept as it is (an empty field stays at ``s0``).
+
+    Parameters
+    ----------
+    detect : ``fn(scale) -> (result, boxes, scores)``: any detection of the image at
+        ``scale``; ``boxes`` (K, 4) xyxy in *source* px, ``scores`` (K,)
+    s0 : first scale (working px per source px)
+    image_hw : (H, W) of the source image
+    cell_px : wanted white-cell box side in working px
+    settings : thresholds (:class:`RefineSettings`; None: the defaults)
+
+    Returns
+    -------
+    (result, ScaleRefinement) : the kept pass's ``result`` and what was done
+    """
+    st = settings or RefineSettings()
+    if st.choose not in REFINE_CHOOSE:
+        raise ValueError(f"choose={st.choose!r}; valid: {', '.join(REFINE_CHOOSE)}")
+    if st.max_passes < 1:
+        raise ValueError(f"max_passes={st.max_passes}: must be >= 1")
+    s = float(s0)
+    passes = []  # (scale, result, confidence)
+    s1, n1 = float("nan"), 0
+    while True:
+        result, boxes, scores = detect(s)
+        top = np.sort(np.asarray(scores, float).reshape(-1))[::-1][: st.top_k]
+        passes.append((s, result, float(top.mean()) if top.size else 0.0))
+        nxt, n = detector_scale(boxes, scores, image_hw, s, cell_px, st.min_score, st.edge_px)
+        if len(passes) == 1:  # the detector's estimate, reported even without a re-run
+            s1, n1 = nxt, n
+        if len(passes) >= st.max_passes or not np.isfinite(nxt) or abs(nxt / s - 1) <= st.tolerance:
+            break
+        s = nxt
+    k = len(passes) - 1
+    if st.choose == "score":
+        k = int(np.argmax([c for _, _, c in passes]))  # first of equals: the earlier pass
+    return passes[k][1], ScaleRefinement(
+        s0=float(s0),
+        s1=s1,
+        n_boxes=n1,
+        scale=passes[k][0],
+        scales=[p[0] for p in passes],
+        confidence=[p[2] for p in passes],
+    )

@@ -279,6 +279,7 @@ class Study:
         segment_settings: Any = None,
         detector_kwargs: dict | None = None,
         estimate_cell_px: float | None = None,
+        refine_scale: bool = False,
     ):
         """Read one input into an AnnData (``(adata, rejects)`` for folders: see below).
 
@@ -292,6 +293,9 @@ class Study:
         segment_settings, detector_kwargs, estimate_cell_px : for ``smears``
             (:func:`vae.inputs.query.segment_smear_folder`; ``estimate_cell_px``
             measures each image's magnification from its white cells, else red cells)
+        refine_scale : with ``estimate_cell_px``: the detector's own confident white
+            boxes refine each image's estimate (one more detector pass where they
+            disagree; :func:`segmentation.magnification.refine_scale`)
 
         Returns
         -------
@@ -300,6 +304,7 @@ class Study:
         """
         import anndata as ad
 
+        from segmentation.magnification import RefineSettings
         from vae.inputs import query as Q
 
         p = Path(path)
@@ -344,6 +349,7 @@ class Study:
                     self.device,
                     detector_kwargs,
                     estimate_cell_px,
+                    RefineSettings() if refine_scale else None,
                 )
             except RuntimeError as e:
                 raise StudyError(str(e)) from e

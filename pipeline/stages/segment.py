@@ -159,6 +159,13 @@ def detector_kwargs(sc: Any) -> dict[str, Any]:
     }
 
 
+def refine_settings(sc: Any):
+    """``segmentation.refine_scale`` -> the detector-refinement thresholds (None: off)."""
+    from segmentation.magnification import RefineSettings
+
+    return RefineSettings() if sc.refine_scale else None
+
+
 def make_detector(ctx: StageContext, model: torch.nn.Module) -> MaskRCNNDetector:
     """The tile detector of ``cfg.segmentation`` on this rank's device."""
     kw = detector_kwargs(ctx.cfg.segmentation)
@@ -214,9 +221,7 @@ def _run_shard(
                 truths=[it for _, _, _, it in good],
             )
         else:  # magnification per image from its white (else red) cells (segmentation.estimate_scale)
-            results = [
-                _estimated(detector, im, p, settings, it, estimate_px) for _, p, im, it in good
-            ]
+            results = [_estimated(detector, im, p, settings, it, sc) for _, p, im, it in good]
         seconds += time.perf_counter() - t0
         pbar.update(len(good))
         for (index, path, _, it), cells in zip(good, results):
@@ -265,15 +270,13 @@ def _run_shard(
     }
 
 
-def _estimated(detector, image, path, settings, truth, cell_px: float) -> ImageCells:
-    from dataclasses import replace
+def _estimated(detector, image, path, settings, truth, sc) -> ImageCells:
+    from segmentation.autoscale import segment_estimated
 
-    from segmentation.magnification import estimate_scale
-
-    est = estimate_scale(image, cell_px, fallback=settings.input_scale)
-    log.info("scale estimate %s: %s", path.name, est)
-    s = replace(settings, input_scale=est.scale)
-    return segment_images(detector, [image], [path.name], s, truths=[truth])[0]
+    r, px = refine_settings(sc), sc.cell_px
+    cells, choice = segment_estimated(detector, image, path.name, settings, px, truth, None, r)
+    log.info("scale %s: %s", path.name, choice.describe())
+    return cells
 
 
 def _segment_needs(cfg: Any) -> list[str]:
@@ -336,7 +339,7 @@ def segment(ctx: StageContext) -> None:
     if ctx.is_main:
         log.info("input_scale=%.4g from %s", settings.input_scale, scale_from)
     est = float(sc.cell_px) if sc.estimate_scale else None
-    part = _run_shard(ctx, mine, settings, truth, parts / "overlays", model, ckpt, None, est)
+    part = _run_shard(ctx, mine, settings, truth, parts / "overlays", model, ckpt, estimate_px=est)
     if ctx.dist.distributed:
         with open(parts / f"rank{ctx.dist.rank}.pkl", "wb") as f:
             pickle.dump(part, f)

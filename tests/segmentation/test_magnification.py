@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -130,3 +132,285 @@ def test_smear_folder_uses_the_estimate_per_image(tmp_path):
     sa, sb = sc["smears/a"], sc["smears/b"]
     assert sa == pytest.approx(40.0 / (WHITE_BOX_PER_DIAMETER * 30.0), rel=0.15)
     assert sa / sb == pytest.approx(2.0, rel=0.15)
+
+
+# ----------------------------------------------------------------------------
+# detector-refined scale (refine_scale): synthetic detections
+# ----------------------------------------------------------------------------
+
+
+def _box(cx: float, cy: float, side: float) -> list[float]:
+    return [cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2]
+
+
+def test_detector_scale_measures_confident_uncut_boxes_only():
+    from segmentation.magnification import detector_scale
+
+    boxes = np.array(
+        [
+            _box(200, 200, 100),  # measured
+            _box(400, 250, 110),  # measured
+            _box(300, 380, 96),  # measured
+            _box(250, 100, 300),  # low score: a doublet / junk, not measured
+            [0.0, 150.0, 40.0, 250.0],  # cut by the left edge (x0 = 0)
+            [450.0, 440.0, 600.0, 500.0],  # cut by the bottom edge (y1 = H)
+        ]
+    )
+    scores = np.array([0.95, 0.9, 0.85, 0.5, 0.99, 0.99])
+    s, n = detector_scale(boxes, scores, (500, 600), scale=0.4, cell_px=40.0, min_score=0.8)
+    assert n == 3
+    assert s == pytest.approx(40.0 / 100.0)  # the median side of the three measured boxes
+    # the edge margin is in working px: 2 working px at scale 0.01 are 200 source px,
+    # so every box is "at the edge"
+    assert detector_scale(boxes, scores, (500, 600), 0.01, 40.0, 0.8)[1] == 0
+    none = detector_scale(np.zeros((0, 4)), np.zeros(0), (500, 600), 0.4, 40.0)
+    assert np.isnan(none[0]) and none[1] == 0
+
+
+class _FakeDetection:
+    """Finds cells of a fixed side in *source* px whatever the scale, and records the
+    scales it ran at; the score can depend on the scale."""
+
+    def __init__(self, side: float, score=lambda s: 0.95, edge_box: bool = True):
+        self.side, self.score, self.edge_box, self.calls = side, score, edge_box, []
+
+    def __call__(self, s: float):
+        self.calls.append(s)
+        boxes = [_box(150, 150, self.side), _box(400, 300, self.side * 1.05)]
+        if self.edge_box:  # a big cell cut by the image edge: ignored
+            boxes.append([0.0, 0.0, 3 * self.side, 40.0])
+        sc = np.full(len(boxes), self.score(s))
+        return f"pass at {s:.3f}", np.array(boxes), sc
+
+
+def test_refine_scale_reruns_at_the_detectors_scale():
+    from segmentation.magnification import RefineSettings, refine_scale
+
+    det = _FakeDetection(side=80.0)
+    truth = 40.0 / (80.0 * np.sqrt(1.05))  # median of the two sides 80 and 84
+    result, r = refine_scale(det, 0.3, (600, 800), 40.0, RefineSettings(tolerance=0.1))
+    assert r.s0 == 0.3 and r.n_boxes == 2
+    assert r.s1 == pytest.approx(40.0 / 82.0)
+    assert r.scale == pytest.approx(r.s1) and det.calls == [0.3, pytest.approx(r.s1)]
+    assert result == f"pass at {r.s1:.3f}"  # the second pass's result is kept
+    assert abs(r.s1 / truth - 1) < 0.02
+    # within the tolerance: one pass, s0 kept, s1 still reported
+    det = _FakeDetection(side=80.0)
+    _, r = refine_scale(det, 0.47, (600, 800), 40.0, RefineSettings(tolerance=0.1))
+    assert det.calls == [0.47] and r.scale == 0.47 and r.s1 == pytest.approx(40.0 / 82.0)
+    # a third pass only when allowed and the second still disagrees (here it agrees)
+    det = _FakeDetection(side=80.0)
+    _, r = refine_scale(det, 0.2, (600, 800), 40.0, RefineSettings(max_passes=3))
+    assert len(det.calls) == 2
+
+
+def test_refine_scale_keeps_s0_without_confident_boxes_and_can_pick_by_score():
+    from segmentation.magnification import RefineSettings, refine_scale
+
+    # nothing confident (scores 0.5 < min_score): one pass, s0 kept
+    det = _FakeDetection(side=80.0, score=lambda s: 0.5)
+    result, r = refine_scale(det, 0.3, (600, 800), 40.0, RefineSettings(min_score=0.8))
+    assert det.calls == [0.3] and r.scale == 0.3 and np.isnan(r.s1) and r.n_boxes == 0
+    assert result == "pass at 0.300"
+    # only the edge-cut box is there: not measured, s0 kept
+    cut = _FakeDetection(side=80.0)
+    cut_call = cut.__call__
+
+    def only_cut(s):
+        res, b, sc = cut_call(s)
+        return res, b[2:], sc[2:]
+
+    _, r = refine_scale(only_cut, 0.3, (600, 800), 40.0)
+    assert r.scale == 0.3 and np.isnan(r.s1)
+    # choose="score": the second pass scores lower, so the first is kept
+    det = _FakeDetection(side=80.0, score=lambda s: 0.95 if s == 0.3 else 0.85)
+    result, r = refine_scale(det, 0.3, (600, 800), 40.0, RefineSettings(choose="score"))
+    assert len(det.calls) == 2 and r.scale == 0.3 and result == "pass at 0.300"
+    assert r.confidence == [pytest.approx(0.95), pytest.approx(0.85)]
+    with pytest.raises(ValueError, match="choose"):
+        refine_scale(det, 0.3, (600, 800), 40.0, RefineSettings(choose="best"))
+
+
+# ----------------------------------------------------------------------------
+# segment_estimated / stage=segment with segmentation.refine_scale
+# ----------------------------------------------------------------------------
+
+
+class _LilacDetector:
+    """Every connected lilac region (blue > green + 40: a white cell's cytoplasm and
+    nucleus; red cells and plasma are not) of a tile is one WBC (score 0.9); records the
+    tile shapes it saw (the working image size tells the scale)."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def __call__(self, tiles):
+        from scipy import ndimage
+
+        from segmentation.inference import Detections
+
+        out = []
+        for t in tiles:
+            self.shapes.append(t.shape[:2])
+            f = t.astype(np.int32)
+            lab, n = ndimage.label(f[..., 2] - f[..., 1] > 40)
+            out.append(Detections.from_masks([lab == i for i in range(1, n + 1)], [0.9] * n))
+        return out
+
+
+def _wrong_ruler(monkeypatch, scale: float):
+    """The image ruler returns ``scale`` (a ruler fooled by the image)."""
+    import segmentation.autoscale as A
+    from segmentation.magnification import ScaleEstimate
+
+    est = ScaleEstimate(float("nan"), 1, scale, True, "white", 123.0)
+    monkeypatch.setattr(A, "estimate_scale", lambda *a, **k: est)
+
+
+def test_segment_estimated_refines_a_wrong_ruler(monkeypatch):
+    """White cells 60 px wide; the ruler says 0.3 (cells at 18 px): the lilac detector's
+    boxes give s1 = 40 / 60, the image is detected again there and those cells kept."""
+    from segmentation.autoscale import segment_estimated
+    from segmentation.cells import SegmentSettings
+    from segmentation.magnification import RefineSettings
+
+    _wrong_ruler(monkeypatch, 0.3)
+    img = _smear(14.0, size=300, white=60.0, white_at=[(90, 90), (200, 190)])
+    st = SegmentSettings(input_scale=1.0, crop_size=32)
+    det = _LilacDetector()
+    cells, choice = segment_estimated(det, img, "a.png", st, 40.0, refine=RefineSettings())
+    assert choice.estimate.scale == 0.3
+    assert choice.refinement.s1 == pytest.approx(40.0 / 60.0, rel=0.08)
+    assert choice.scale == choice.refinement.s1 and cells.scale == choice.scale
+    assert det.shapes == [(90, 90), (round(300 * choice.scale),) * 2]
+    assert int(cells.table.kept.sum()) == 2
+    s1 = choice.refinement.s1
+    assert choice.describe().endswith(f"s0 0.3, detector s1 {s1:.4g} (2 boxes), used {s1:.4g}")
+    # without refine: one pass at the ruler's scale
+    det = _LilacDetector()
+    cells, choice = segment_estimated(det, img, "a.png", st, 40.0, refine=None)
+    assert det.shapes == [(90, 90)] and choice.scale == 0.3 and choice.refinement is None
+
+
+@pytest.mark.parametrize("refine", [True, False])
+def test_segment_stage_uses_refine_scale_setting(tmp_path, monkeypatch, refine):
+    """stage=segment with segmentation.estimate_scale=true: refine_scale=true runs the
+    detector again at its own scale and logs s0, s1 and the scale used; false keeps s0."""
+    import anndata as ad
+    import torch
+    from PIL import Image
+
+    import pipeline.stages.segment as seg
+    from segmentation.model import build_maskrcnn, save_checkpoint
+    from tests.helpers.run import run_stage_in_process
+
+    torch.manual_seed(0)
+    args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64}
+    save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args)  # only loaded
+    (tmp_path / "smears").mkdir()
+    img = _smear(14.0, size=300, white=60.0, white_at=[(90, 90), (200, 190)])
+    Image.fromarray(img).save(tmp_path / "smears" / "a.png")
+    det = _LilacDetector()
+    monkeypatch.setattr(seg, "make_detector", lambda ctx, model: det)
+    _wrong_ruler(monkeypatch, 0.3)
+    out = run_stage_in_process(
+        [
+            f"paths.root={tmp_path / 'out'}",
+            "experiment=rf",
+            f"paths.inputs.segmentation_model={tmp_path / 'det.pt'}",
+            f"paths.inputs.smears={tmp_path / 'smears'}",
+            "hardware.torch_threads=1",
+            "segmentation.crop_size=32",
+            "segmentation.min_area=100",
+            "segmentation.estimate_scale=true",
+            f"segmentation.refine_scale={str(refine).lower()}",
+        ],
+        "segment",
+    )
+    assert ad.read_h5ad(out / "cells.h5ad").n_obs == 2
+    log = (out / "segment.log").read_text()
+    if refine:
+        assert det.shapes[0] == (90, 90) and len(det.shapes) == 2
+        assert det.shapes[1][0] == pytest.approx(300 * 40 / 60, rel=0.08)
+        s1 = det.shapes[1][0] / 300
+        m = re.search(
+            r"scale a.png: white ruler 123.0 px \(1 cells\): s0 0.3, detector s1 (\S+) "
+            r"\(2 boxes\), used (\S+)",
+            log,
+        )
+        assert m and float(m[1]) == float(m[2]) == pytest.approx(s1, abs=0.005)
+    else:
+        assert det.shapes == [(90, 90)]
+        assert "scale a.png: white ruler 123.0 px (1 cells): s0 0.3 used" in log
+
+
+def test_segment_sources_refine_null_scale_sources_only(tmp_path, monkeypatch):
+    """data.segment_sources: a source with scale null is measured and refined per image;
+    one with a fixed scale keeps it (no estimate, no second pass)."""
+    import anndata as ad
+    import torch
+    from PIL import Image
+
+    import pipeline.stages.segment as seg
+    from segmentation.model import build_maskrcnn, save_checkpoint
+    from tests.helpers.run import run_stage_in_process
+
+    torch.manual_seed(0)
+    args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64}
+    save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args)
+    img = _smear(14.0, size=300, white=60.0, white_at=[(90, 90), (200, 190)])
+    for name in ("free", "fixed"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(img).save(tmp_path / name / f"{name}.png")
+    det = _LilacDetector()
+    monkeypatch.setattr(seg, "make_detector", lambda ctx, model: det)
+    _wrong_ruler(monkeypatch, 0.3)
+    out = run_stage_in_process(
+        [
+            f"paths.root={tmp_path / 'out'}",
+            "experiment=rs",
+            f"paths.inputs.segmentation_model={tmp_path / 'det.pt'}",
+            "hardware.torch_threads=1",
+            "segmentation.crop_size=32",
+            "segmentation.min_area=100",
+            "segmentation.estimate_scale=true",
+            "segmentation.refine_scale=true",
+            "data.segment_sources=["
+            f"{{name: free, kind: smears, path: '{tmp_path / 'free'}'}},"
+            f"{{name: fixed, kind: smears, path: '{tmp_path / 'fixed'}', scale: 0.5}}]",
+        ],
+        "segment",
+    )
+    obs = ad.read_h5ad(out / "cells.h5ad").obs
+    assert sorted(obs.source) == ["fixed", "fixed", "free", "free"]
+    # free: the ruler's 0.3, then the detector's ~40/60; fixed: 0.5 only
+    assert det.shapes[0] == (90, 90)
+    assert det.shapes[1][0] == pytest.approx(300 * 40 / 60, rel=0.08)
+    assert det.shapes[2:] == [(150, 150)]
+
+
+def test_smear_folder_records_the_refined_scale(tmp_path, monkeypatch):
+    """The embed reader (stage=embed, Study.read) with ``refine``: the scale recorded for
+    the image is the detector's, not the (wrong) ruler's."""
+    import torch
+    from PIL import Image
+
+    import segmentation.inference as inf
+    from segmentation.magnification import RefineSettings
+    from segmentation.model import build_maskrcnn, save_checkpoint
+    from vae.inputs.query import segment_smear_folder
+
+    torch.manual_seed(0)
+    args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64}
+    save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args)
+    (tmp_path / "smears").mkdir()
+    img = _smear(14.0, size=300, white=60.0, white_at=[(90, 90), (200, 190)])
+    Image.fromarray(img).save(tmp_path / "smears" / "a.png")
+    monkeypatch.setattr(inf, "MaskRCNNDetector", lambda *a, **k: _LilacDetector())
+    _wrong_ruler(monkeypatch, 0.3)
+    folder, ckpt = tmp_path / "smears", tmp_path / "det.pt"
+    a, _ = segment_smear_folder(folder, ckpt, estimate_cell_px=40.0, refine=RefineSettings())
+    assert a.uns["input_scales"]["smears/a"] == pytest.approx(40.0 / 60.0, rel=0.08)
+    assert a.n_obs == 2
+    a, _ = segment_smear_folder(folder, ckpt, estimate_cell_px=40.0)
+    assert a.uns["input_scales"]["smears/a"] == 0.3

@@ -86,6 +86,7 @@ def segment_smear_folder(
     device: str = "cpu",
     detector_kwargs: dict | None = None,
     estimate_cell_px: float | None = None,
+    refine: Any = None,
 ):
     """Detect and crop the white cells of every smear image -> ``(AnnData, rejects)``.
 
@@ -104,15 +105,17 @@ def segment_smear_folder(
         (:func:`segmentation.magnification.estimate_scale`: its white cells, else its
         red cells; white cells to this many px) instead of ``settings.input_scale``; the scales used are in
         ``uns["input_scales"]`` (image -> scale)
+    refine : with ``estimate_cell_px``: a
+        :class:`segmentation.magnification.RefineSettings` makes the detector's own
+        confident white boxes refine each estimate
+        (:func:`segmentation.autoscale.segment_estimated`); None: the estimate is used
     """
-    from dataclasses import replace
-
     import anndata as ad
 
+    from segmentation.autoscale import segment_estimated
     from segmentation.cells import SegmentSettings, segment_images
     from segmentation.inference import MaskRCNNDetector
     from segmentation.io import read_rgb
-    from segmentation.magnification import estimate_scale
     from segmentation.model import load_checkpoint
     from segmentation.table import obs_frame
 
@@ -128,13 +131,15 @@ def segment_smear_folder(
             rejects.append({"input": str(folder), "item": str(p), "reason": rd.reason})
             continue
         prefix = f"{sample}/{p.stem}"
-        s_img = settings
         if estimate_cell_px is not None:
-            est = estimate_scale(rd.image, estimate_cell_px, fallback=settings.input_scale)
-            log.info("scale estimate %s: %s", p.name, est)
-            s_img = replace(settings, input_scale=est.scale)
-        scales[prefix] = float(s_img.input_scale)
-        cells = segment_images(det, [rd.image], [p.name], s_img, id_prefixes=[prefix])[0]
+            cells, choice = segment_estimated(
+                det, rd.image, p.name, settings, estimate_cell_px, None, prefix, refine
+            )
+            log.info("scale %s: %s", p.name, choice.describe())
+            scales[prefix] = choice.scale
+        else:
+            scales[prefix] = float(settings.input_scale)
+            cells = segment_images(det, [rd.image], [p.name], settings, id_prefixes=[prefix])[0]
         tab = cells.table
         kept = tab[tab["kept"]].copy()
         if not len(kept):
