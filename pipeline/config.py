@@ -211,7 +211,8 @@ class SegmentationConfig:
     input_scale: float = 1.0  # source image resized by this before tiling (cell px as trained)
     # smear sources with no scale (scale null, width not listed), and stage=embed's smears:
     # measure the scale per image from its white cells, else red cells (segmentation/magnification.py)
-    estimate_scale: bool = False
+    # null: as the detector says (the shipped one: on; a segment_train model: off)
+    estimate_scale: bool | None = None
     tile_size: int = 1024  # square tile side, px at input_scale; fed to the net unresized
     tile_overlap: int = 256  # px; keep above the largest cell diameter
     batch_size: int = 4  # tiles per forward pass

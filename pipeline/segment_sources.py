@@ -124,9 +124,11 @@ def estimated_scale(path: Path, cell_px: float, fallback: float) -> float:
     return fallback
 
 
-def _estimate_px(cfg: Any) -> float | None:
+def _estimate_px(cfg: Any, ckpt: dict[str, Any]) -> float | None:
+    from segmentation.shipped import wants_scale_estimate
+
     sc = cfg.segmentation
-    return float(sc.cell_px) if sc.estimate_scale else None
+    return float(sc.cell_px) if wants_scale_estimate(sc.estimate_scale, ckpt) else None
 
 
 def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
@@ -145,7 +147,7 @@ def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
     images = images[: None if cap is None else int(cap)]
     by_scale: dict[float, list[tuple[int, Path]]] = {}
     for i, p in enumerate(images):
-        sc_i = _scale(src, settings.input_scale, p, _estimate_px(ctx.cfg))
+        sc_i = _scale(src, settings.input_scale, p, _estimate_px(ctx.cfg, ckpt))
         by_scale.setdefault(sc_i, []).append((offset + i, p))
     parts = []
     for scale, items in sorted(by_scale.items()):

@@ -243,6 +243,7 @@ def _segment_args(cfg, kind: str) -> dict:
         "segment_settings": settings_from_config(sc),
         "detector_kwargs": detector_kwargs(sc),
         "estimate_cell_px": float(sc.cell_px) if sc.estimate_scale else None,
+        "estimate_scale": sc.estimate_scale,  # null: as the detector says (shipped: on)
     }
 
 

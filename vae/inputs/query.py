@@ -86,6 +86,7 @@ def segment_smear_folder(
     device: str = "cpu",
     detector_kwargs: dict | None = None,
     estimate_cell_px: float | None = None,
+    estimate_scale: bool | None = None,
 ):
     """Detect and crop the white cells of every smear image -> ``(AnnData, rejects)``.
 
@@ -104,6 +105,9 @@ def segment_smear_folder(
         (:func:`segmentation.magnification.estimate_scale`: its white cells, else its
         red cells; white cells to this many px) instead of ``settings.input_scale``; the scales used are in
         ``uns["input_scales"]`` (image -> scale)
+    estimate_scale : when ``estimate_cell_px`` is None: True estimates at the
+        checkpoint's ``cell_px``; None (default) does so for a detector saved with
+        ``estimate_scale`` (the shipped one: :func:`segmentation.shipped.wants_scale_estimate`)
     """
     from dataclasses import replace
 
@@ -114,9 +118,12 @@ def segment_smear_folder(
     from segmentation.io import read_rgb
     from segmentation.magnification import estimate_scale
     from segmentation.model import load_checkpoint
+    from segmentation.shipped import wants_scale_estimate
     from segmentation.table import obs_frame
 
     model, ckpt = load_checkpoint(model_path, map_location=device)
+    if estimate_cell_px is None and wants_scale_estimate(estimate_scale, ckpt):
+        estimate_cell_px = float(ckpt.get("cell_px") or 40.0)
     if settings is None:
         settings = SegmentSettings(input_scale=float(ckpt.get("input_scale") or 1.0))
     det = MaskRCNNDetector(model, device, **(detector_kwargs or {}))
