@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from segmentation.io import atomic_path
+from segmentation.io import atomic_path, load_torch_file
 from segmentation.shipped import PACKED_FORMAT, pack_state, unpack_state
 
 LIMIT_MB = 25.0
@@ -28,12 +28,11 @@ LIMIT_MB = 25.0
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", help="segment_train model.pt (our own file: fully unpickled)")
+    ap.add_argument("checkpoint", help="segment_train model.pt")
     ap.add_argument("out")
     ap.add_argument("--note", default="", help="provenance text stored in the file")
     a = ap.parse_args()
-    # our own training checkpoint (it holds numpy RNG state): trusted, so weights_only=False
-    ck = torch.load(a.checkpoint, map_location="cpu", weights_only=False)
+    ck = load_torch_file(a.checkpoint, "cpu", "checkpoint")
     state = ck["model"]
     packed = pack_state(state)
     out = {
