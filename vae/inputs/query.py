@@ -116,7 +116,7 @@ def segment_smear_folder(
     from segmentation.cells import SegmentSettings, segment_images
     from segmentation.inference import MaskRCNNDetector
     from segmentation.io import read_rgb
-    from segmentation.magnification import estimate_scale
+    from segmentation.magnification import estimate_scale as measure_scale
     from segmentation.model import load_checkpoint
     from segmentation.shipped import wants_scale_estimate
     from segmentation.table import obs_frame
@@ -137,7 +137,7 @@ def segment_smear_folder(
         prefix = f"{sample}/{p.stem}"
         s_img = settings
         if estimate_cell_px is not None:
-            est = estimate_scale(rd.image, estimate_cell_px, fallback=settings.input_scale)
+            est = measure_scale(rd.image, estimate_cell_px, fallback=settings.input_scale)
             log.info("scale estimate %s: %s", p.name, est)
             s_img = replace(settings, input_scale=est.scale)
         scales[prefix] = float(s_img.input_scale)
