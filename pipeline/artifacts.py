@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -123,3 +124,28 @@ def check_fresh(path: Path, manifest: dict[str, Any], name: str) -> None:
             f"{path} is stale: its size changed since stage '{manifest['stage']}' wrote it "
             f"({rec['bytes']} -> {now['bytes']} bytes). Re-run stage={manifest['stage']}."
         )
+
+
+def shipped_default(name: str) -> tuple[Path | None, str]:
+    """The package's own file for artifact ``name`` when no run produced it.
+
+    Only ``segmentation_model`` has one: the shipped real-data detector
+    (segmentation/shipped.py). Returns ``(path or None, message suffix)``; the
+    suffix names a shipped file that should exist but does not.
+    """
+    if name != "segmentation_model":
+        return None, ""
+    from segmentation.shipped import SHIPPED_DETECTOR
+
+    if SHIPPED_DETECTOR.is_file():
+        logging.getLogger(__name__).info(
+            "segmentation_model: no segment_train run, so the detector shipped with the "
+            "package (%s; magnification measured per image); paths.inputs.segmentation_model"
+            "=PATH or stage=segment_train replaces it",
+            SHIPPED_DETECTOR,
+        )
+        return SHIPPED_DETECTOR, ""
+    return None, (
+        f" The shipped detector {SHIPPED_DETECTOR}, used otherwise, is missing "
+        f"(a broken install: reinstall the package)."
+    )

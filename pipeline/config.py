@@ -211,10 +211,10 @@ class SegmentationConfig:
     input_scale: float = 1.0  # source image resized by this before tiling (cell px as trained)
     # smear sources with no scale (scale null, width not listed), and stage=embed's smears:
     # measure the scale per image from its white cells, else red cells (segmentation/magnification.py)
-    estimate_scale: bool = False
-    # with estimate_scale: a detector pass at the estimate, then one at the scale that makes
-    # its confident white boxes cell_px (magnification.refine_scale; no ground truth used).
-    # Off: on TXL-PBC train it did not raise AP50 (docs/segmentation_infer.md)
+    # null: as the detector says (the shipped one: on; a segment_train model: off)
+    estimate_scale: bool | None = None
+    # with estimate_scale: a pass at the estimate, then one at the scale making the detector's
+    # confident white boxes cell_px (no ground truth). Off: no AP50 gain, TXL-PBC train
     refine_scale: bool = False
     tile_size: int = 1024  # square tile side, px at input_scale; fed to the net unresized
     tile_overlap: int = 256  # px; keep above the largest cell diameter

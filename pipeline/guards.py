@@ -107,6 +107,7 @@ def probe_inputs(cfg: DictConfig, name: str, inputs: dict[str, Path]) -> None:
     runs); ``segmentation.pretrained_weights`` too when ``name`` trains the detector.
     """
     from segmentation.io import UnsafeCheckpointError, load_torch_file
+    from segmentation.shipped import is_shipped
 
     checks = [(n, p) for n, p in inputs.items() if n in CHECKPOINT_INPUTS]
     if name == "segment_train" and cfg.segmentation.pretrained_weights:
@@ -117,6 +118,11 @@ def probe_inputs(cfg: DictConfig, name: str, inputs: dict[str, Path]) -> None:
             if n == "pretrained_weights"
             else f"input '{n}' (paths.inputs.{n})"
         )
+        if n == "segmentation_model" and is_shipped(p):
+            setting = (
+                "the shipped detector (used as no segment_train run or "
+                "paths.inputs.segmentation_model is given; reinstall the package if it is damaged)"
+            )
         try:
             ck = load_torch_file(p, "cpu", setting)
         except UnsafeCheckpointError as e:

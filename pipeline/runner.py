@@ -32,6 +32,7 @@ from pipeline.artifacts import (
     atomic_path,
     check_fresh,
     read_manifest,
+    shipped_default,
 )
 from pipeline.names import BadNameError, check_run_name
 
@@ -172,7 +173,8 @@ def stage_dir(cfg: DictConfig, name: str) -> Path:
 
 
 def resolve_input(cfg: DictConfig, name: str) -> Path:
-    """Path of artifact ``name``: an explicit ``paths.inputs.<name>`` or the run dir.
+    """Path of artifact ``name``: an explicit ``paths.inputs.<name>``, the run dir, or the
+    file shipped with the package (``segmentation_model`` only: the real-data detector).
 
     Raises
     ------
@@ -205,10 +207,13 @@ def resolve_input(cfg: DictConfig, name: str) -> Path:
             if man is not None:
                 check_fresh(p, man, name)
             return p
+    shipped, broken = shipped_default(name)
+    if shipped is not None:
+        return shipped
     raise StageInputError(
         f"missing input '{name}': expected {candidates[-1] / rel}, which stage={producer} "
         f"writes. Run `python -m pipeline stage={producer} experiment={cfg.experiment}` "
-        f"first, or set paths.inputs.{name}=PATH."
+        f"first, or set paths.inputs.{name}=PATH.{broken}"
     )
 
 

@@ -131,9 +131,11 @@ def estimated_scale(path: Path, cell_px: float, fallback: float) -> float:
     return fallback
 
 
-def _estimate_px(cfg: Any) -> float | None:
+def _estimate_px(cfg: Any, ckpt: dict[str, Any]) -> float | None:
+    from segmentation.shipped import wants_scale_estimate
+
     sc = cfg.segmentation
-    return float(sc.cell_px) if sc.estimate_scale else None
+    return float(sc.cell_px) if wants_scale_estimate(sc.estimate_scale, ckpt) else None
 
 
 def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
@@ -152,7 +154,7 @@ def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
     images = images[: None if cap is None else int(cap)]
     by_scale: dict[float, list[tuple[int, Path]]] = {}
     refined = []  # measured and refined per image by the detector (segmentation.refine_scale)
-    est_px = _estimate_px(ctx.cfg)
+    est_px = _estimate_px(ctx.cfg, ckpt)
     for i, p in enumerate(images):
         if est_px is not None and sc.refine_scale and _fixed_scale(src, p) is None:
             refined.append((offset + i, p))

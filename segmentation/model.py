@@ -272,7 +272,11 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[MaskRCNN, dict[str, Any]]:
-    """Rebuild a model from :func:`save_checkpoint` output. Returns ``(model, checkpoint)``."""
+    """Rebuild a model from :func:`save_checkpoint` output. Returns ``(model, checkpoint)``.
+
+    Also reads the compact int8 format of the shipped detector
+    (``model_format``, :mod:`segmentation.shipped`), dequantised to fp32.
+    """
     from segmentation.io import UnsafeCheckpointError, load_torch_file
 
     path = Path(path)
@@ -284,5 +288,24 @@ def load_checkpoint(
     args = dict(ckpt["model_args"])
     args.pop("pretrained_weights", None)
     model = build_maskrcnn(**args)
-    model.load_state_dict(ckpt["model"])
+    state = ckpt["model"]
+    fmt = ckpt.get("model_format")
+    if fmt is not None:
+        from segmentation.shipped import PACKED_FORMAT, unpack_state
+
+        if fmt != PACKED_FORMAT:
+            raise UnsafeCheckpointError(
+                f"{path}: weight format {fmt!r} is not known to this version "
+                f"(knows {PACKED_FORMAT!r})"
+            )
+        try:
+            state = unpack_state(state)
+        except ValueError as e:
+            raise UnsafeCheckpointError(f"{path}: damaged weights ({e})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UnsafeCheckpointError(
+            f"{path}: its weights do not fit its model_args ({str(e).splitlines()[0]})"
+        ) from None
     return model, ckpt

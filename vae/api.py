@@ -179,7 +179,8 @@ class Study:
         variant : sweep sub-folder of ``train/``
         model, latent : explicit ``model.pt`` / ``latent.h5ad`` (override ``run_dir``)
         segmentation_model : detector for smear folders; default
-            ``<run_dir>/segment_train/model.pt`` when it exists
+            ``<run_dir>/segment_train/model.pt`` when it exists, else the detector
+            shipped with the package (:mod:`segmentation.shipped`)
         device : torch device for the model
         impute, impute_iterations : how genes a query lacks are filled (module
             docstring): ``model`` (each cell's own reconstruction, iterated) or ``mean``
@@ -225,6 +226,10 @@ class Study:
         seg = Path(segmentation_model) if segmentation_model else None
         if seg is None and root is not None and (root / "segment_train" / "model.pt").exists():
             seg = root / "segment_train" / "model.pt"
+        if seg is None:
+            from segmentation.shipped import SHIPPED_DETECTOR
+
+            seg = SHIPPED_DETECTOR if SHIPPED_DETECTOR.is_file() else None
         config = dict(ck.get("config") or {})
         analysis = config.get("analysis")
         # the path of stage=traverse: its analysis settings when it ran
@@ -280,6 +285,7 @@ class Study:
         detector_kwargs: dict | None = None,
         estimate_cell_px: float | None = None,
         refine_scale: bool = False,
+        estimate_scale: bool | None = None,
     ):
         """Read one input into an AnnData (``(adata, rejects)`` for folders: see below).
 
@@ -296,6 +302,8 @@ class Study:
         refine_scale : with ``estimate_cell_px``: the detector's own confident white
             boxes refine each image's estimate (one more detector pass where they
             disagree; :func:`segmentation.magnification.refine_scale`)
+        estimate_scale : for ``smears`` without ``estimate_cell_px``: None (default)
+            measures the magnification when the detector asks for it (the shipped one)
 
         Returns
         -------
@@ -336,12 +344,12 @@ class Study:
         if kind == "crops":
             a, rej = Q.read_crop_folder(p, self.pair_crop_size, bg)
         elif kind == "smears":
-            if self.segmentation_model is None:
-                raise StudyError(
-                    f"{p}: smears need a detector; the study has no segment_train/model.pt "
-                    f"(give segmentation_model=)"
-                )
+            from segmentation.io import UnsafeCheckpointError
+            from segmentation.shipped import shipped_detector
+
             try:
+                if self.segmentation_model is None:  # no study detector: the shipped one
+                    self.segmentation_model = shipped_detector()
                 a, rej = Q.segment_smear_folder(
                     p,
                     self.segmentation_model,
@@ -350,8 +358,9 @@ class Study:
                     detector_kwargs,
                     estimate_cell_px,
                     RefineSettings() if refine_scale else None,
+                    estimate_scale,
                 )
-            except RuntimeError as e:
+            except (RuntimeError, UnsafeCheckpointError) as e:
                 raise StudyError(str(e)) from e
         else:
             raise StudyError(f"kind={kind!r}; valid: auto, h5ad, expression, crops, smears")

@@ -244,6 +244,7 @@ def _segment_args(cfg, kind: str) -> dict:
         "detector_kwargs": detector_kwargs(sc),
         "estimate_cell_px": float(sc.cell_px) if sc.estimate_scale else None,
         "refine_scale": bool(sc.refine_scale),
+        "estimate_scale": sc.estimate_scale,  # null: as the detector says (shipped: on)
     }
 
 

@@ -397,3 +397,27 @@ def test_missing_genes_are_imputed_from_the_cell(study: Path, tmp_path: Path):
     out = _embed(study, "imp1", f"embed.expression={tmp_path / 'part.h5ad'}", "embed.impute=mean")
     q = ad.read_h5ad(out / "query.h5ad")
     assert np.allclose(q.obsm["X_vae_imputed"], fill_mean, atol=1e-6)
+
+
+BCCD = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "smears" / "bccd"
+
+
+@pytest.mark.skipif(not BCCD.is_dir(), reason="needs ../shared/data (BCCD)")
+def test_study_without_a_detector_segments_smears_with_the_shipped_one(study: Path, tmp_path):
+    """No segment_train/model.pt in the study: smears go through the shipped detector,
+    each image's magnification measured (not the simulator's input_scale)."""
+    import shutil
+
+    from segmentation.shipped import SHIPPED_DETECTOR
+    from vae.api import Study
+
+    s = Study.load(study / "out" / "s")
+    assert s.segmentation_model == SHIPPED_DETECTOR
+    (tmp_path / "smears").mkdir()
+    for name in ("BloodImage_00003.jpg", "BloodImage_00004.jpg"):  # one WBC each
+        shutil.copy(BCCD / "JPEGImages" / name, tmp_path / "smears")
+    a = s.read(tmp_path / "smears", kind="smears")
+    assert sorted(a.obs["image"]) == ["BloodImage_00003.jpg", "BloodImage_00004.jpg"]
+    # BCCD was trained at 0.21 network px per image px; the estimates land near it
+    scales = np.array(list(a.uns["input_scales"].values()))
+    assert len(scales) == 2 and np.all(np.abs(scales / 0.21 - 1) < 0.15)

@@ -87,6 +87,7 @@ def segment_smear_folder(
     detector_kwargs: dict | None = None,
     estimate_cell_px: float | None = None,
     refine: Any = None,
+    estimate_scale: bool | None = None,
 ):
     """Detect and crop the white cells of every smear image -> ``(AnnData, rejects)``.
 
@@ -109,6 +110,9 @@ def segment_smear_folder(
         :class:`segmentation.magnification.RefineSettings` makes the detector's own
         confident white boxes refine each estimate
         (:func:`segmentation.autoscale.segment_estimated`); None: the estimate is used
+    estimate_scale : when ``estimate_cell_px`` is None: True estimates at the
+        checkpoint's ``cell_px``; None (default) does so for a detector saved with
+        ``estimate_scale`` (the shipped one: :func:`segmentation.shipped.wants_scale_estimate`)
     """
     import anndata as ad
 
@@ -117,9 +121,12 @@ def segment_smear_folder(
     from segmentation.inference import MaskRCNNDetector
     from segmentation.io import read_rgb
     from segmentation.model import load_checkpoint
+    from segmentation.shipped import wants_scale_estimate
     from segmentation.table import obs_frame
 
     model, ckpt = load_checkpoint(model_path, map_location=device)
+    if estimate_cell_px is None and wants_scale_estimate(estimate_scale, ckpt):
+        estimate_cell_px = float(ckpt.get("cell_px") or 40.0)
     if settings is None:
         settings = SegmentSettings(input_scale=float(ckpt.get("input_scale") or 1.0))
     det = MaskRCNNDetector(model, device, **(detector_kwargs or {}))
