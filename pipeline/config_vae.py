@@ -33,7 +33,7 @@ class VAEConfig:
     image_encoder: str = "conv"
     # local weights for the resnet18 encoder's trunk (never downloaded): a file path (a
     # segment_train model.pt, or a torchvision resnet18 state dict), or "detector": the
-    # study's own detector (paths.inputs.segmentation_model or segment_train's model).
+    # study's own detector (paths.inputs.segmentation_model, segment_train's, or shipped).
     # Real chain, 60 epochs: image kNN 0.865 / 0.808 (seeds 0 / 1) vs conv 0.838 / 0.815,
     # 2-3x the time: not the default (docs/vae.md, "A pretrained image encoder"); null:
     # random init

@@ -77,7 +77,8 @@ def backbone_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The ResNet-18 trunk weights stored in ``path``.
 
     Accepts a ``segment_train`` checkpoint (``{"model": ..., "model_args": ...}``, trunk
-    under ``backbone.body.``; its ``arch`` must be ``resnet18_fpn``), a torchvision
+    under ``backbone.body.``; its ``arch`` must be ``resnet18_fpn``), the package's
+    shipped detector (its int8 format, :mod:`segmentation.shipped`), a torchvision
     ``resnet18`` state dict (``fc.*`` ignored), or either wrapped as
     ``{"state_dict": ...}``. Loaded with ``weights_only`` (a file cannot run code).
 
@@ -108,10 +109,18 @@ def backbone_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 f"{path}: detector model_args.arch={arch!r}; only a resnet18_fpn detector's "
                 "trunk fits the resnet18 image encoder"
             )
+    packed = isinstance(obj, dict) and obj.get("model_format") is not None
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
+    if packed:  # the detector shipped with the package: int8 per channel, dequantised
+        from segmentation.shipped import unpack_state
+
+        try:
+            obj = unpack_state(obj)
+        except ValueError as e:
+            raise BackboneWeightsError(f"{path}: damaged packed weights ({e})") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise BackboneWeightsError(f"{path}: not a state dict of tensors")
     ref = _trunk_keys()

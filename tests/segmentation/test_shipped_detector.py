@@ -140,7 +140,7 @@ def test_stage_segment_without_a_model_uses_the_shipped_detector(tmp_path):
     log = r.stdout + r.stderr
     assert "detector shipped with the package" in log
     for name in IMAGES:  # the magnification is measured, not the simulator's input_scale
-        assert f"scale estimate {name}" in log
+        assert f"scale {name}: white ruler" in log
     out = tmp_path / "out" / "shipped_test" / "segment"
     a = ad.read_h5ad(out / "cells.h5ad")
     assert sorted(a.obs["image"]) == IMAGES  # one kept cell per image

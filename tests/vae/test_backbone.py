@@ -51,6 +51,16 @@ def test_trunk_loads_from_a_detector_checkpoint(detector_file):
     assert _trunk_equal(enc, body)
 
 
+def test_trunk_loads_from_the_shipped_detector():
+    from segmentation.model import load_checkpoint
+    from segmentation.shipped import shipped_detector
+
+    det, _ = load_checkpoint(shipped_detector())
+    enc = ResNetImageEncoder(32, 6)
+    load_backbone(enc, shipped_detector())
+    assert _trunk_equal(enc, det.backbone.body.state_dict())
+
+
 @pytest.mark.parametrize("wrap", ["plain", "state_dict", "module"])
 def test_trunk_loads_from_a_torchvision_state_dict(tmp_path, wrap):
     torch.manual_seed(5)
@@ -166,7 +176,6 @@ def test_stage_train_starts_the_encoder_from_the_studys_detector(tmp_path, detec
             "needs vae.image_encoder=resnet18",
         ),
         ([f"vae.image_backbone_weights={tmp_path / 'nope.pt'}"], "nope.pt: no such file"),
-        (["vae.image_backbone_weights=detector"], "segmentation_model"),
         (["vae.image_encoder=vit"], "vae.image_encoder='vit'; valid: conv, resnet18"),
     ]:
         p = run_pipeline([*common, "experiment=bad", *extra], cwd=ROOT)
