@@ -131,7 +131,9 @@ def estimated_scale(path: Path, cell_px: float, fallback: float) -> float:
     return fallback
 
 
-def _estimate_px(cfg: Any, ckpt: dict[str, Any]) -> float | None:
+def estimate_px(cfg: Any, ckpt: dict[str, Any]) -> float | None:
+    """White-cell size to measure each image's scale at, or None when it is not measured
+    (``segmentation.estimate_scale``; null: as the checkpoint asks)."""
     from segmentation.shipped import wants_scale_estimate
 
     sc = cfg.segmentation
@@ -154,7 +156,7 @@ def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
     images = images[: None if cap is None else int(cap)]
     by_scale: dict[float, list[tuple[int, Path]]] = {}
     refined = []  # measured and refined per image by the detector (segmentation.refine_scale)
-    est_px = _estimate_px(ctx.cfg, ckpt)
+    est_px = estimate_px(ctx.cfg, ckpt)
     for i, p in enumerate(images):
         if est_px is not None and sc.refine_scale and _fixed_scale(src, p) is None:
             refined.append((offset + i, p))

@@ -332,14 +332,14 @@ def segment(ctx: StageContext) -> None:
         smears,
         ann or "none",
     )
+    from pipeline.segment_sources import estimate_px
     from segmentation.model import load_checkpoint
-    from segmentation.shipped import wants_scale_estimate
 
     model, ckpt = load_checkpoint(ctx.input("segmentation_model"), map_location=ctx.dist.device)
     settings.input_scale, scale_from = resolve_input_scale(ctx.cfg, ckpt)
     if ctx.is_main:
         log.info("input_scale=%.4g from %s", settings.input_scale, scale_from)
-    est = float(sc.cell_px) if wants_scale_estimate(sc.estimate_scale, ckpt) else None
+    est = estimate_px(ctx.cfg, ckpt)
     part = _run_shard(ctx, mine, settings, truth, parts / "overlays", model, ckpt, estimate_px=est)
     if ctx.dist.distributed:
         with open(parts / f"rank{ctx.dist.rank}.pkl", "wb") as f:
