@@ -73,7 +73,7 @@ class ResNetImageEncoder(nn.Module):
         return self.mu(h), self.logvar(h).clamp(-10.0, 8.0)
 
 
-def backbone_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def backbone_state_dict(path: str | Path, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
     """The ResNet-18 trunk weights stored in ``path``.
 
     Accepts a ``segment_train`` checkpoint (``{"model": ..., "model_args": ...}``, trunk
@@ -81,6 +81,9 @@ def backbone_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     shipped detector (its int8 format, :mod:`segmentation.shipped`), a torchvision
     ``resnet18`` state dict (``fc.*`` ignored), or either wrapped as
     ``{"state_dict": ...}``. Loaded with ``weights_only`` (a file cannot run code).
+
+    ``keys``: the trunk's parameter / buffer names when the caller already has a trunk
+    (None: those of a torchvision ``resnet18`` without ``fc``).
 
     Returns
     -------
@@ -123,7 +126,7 @@ def backbone_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise BackboneWeightsError(f"{path}: damaged packed weights ({e})") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise BackboneWeightsError(f"{path}: not a state dict of tensors")
-    ref = _trunk_keys()
+    ref = keys if keys is not None else _trunk_keys()
     for prefix in TRUNK_PREFIXES:
         sd = {k[len(prefix) :]: v for k, v in obj.items() if k.startswith(prefix)}
         sd = {k: v for k, v in sd.items() if k in ref}
@@ -147,8 +150,8 @@ def load_backbone(encoder: ResNetImageEncoder, path: str | Path) -> int:
     The mean / log-variance heads stay as initialised. Shapes are checked first, so a
     mismatching file changes nothing.
     """
-    sd = backbone_state_dict(path)
     own = encoder.trunk.state_dict()
+    sd = backbone_state_dict(path, set(own))
     bad = [k for k, v in sd.items() if own[k].shape != v.shape]
     if bad:
         raise BackboneWeightsError(
