@@ -150,14 +150,7 @@ def combos(raw: dict, tr: np.ndarray, keys: list[str]) -> dict[str, np.ndarray]:
 
 
 SETS = {
-    "six (current)": [
-        "image_reconstruction",
-        "expression_reconstruction",
-        "image_latent",
-        "expression_latent",
-        "image_class_distance",
-        "expression_class_distance",
-    ],
+    "six (current)": list(A.RAW_KEYS),  # what vae.analysis.anomaly scores today
     "four latent": [
         "image_latent",
         "expression_latent",

@@ -142,7 +142,7 @@ def child(args) -> int:
 
     from pipeline.config import register_configs
     from pipeline.hardware import DistInfo
-    from pipeline.stages.train import build_model_args, build_train_args, unknown_label_code
+    from pipeline.train_args import build_model_args, build_train_args, unknown_label_code
     from vae.model import TwoBranchVAE
     from vae.store import paired_streamed
     from vae.train import train

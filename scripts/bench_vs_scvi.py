@@ -96,7 +96,7 @@ def ours(counts, labels, obs_names, var_names, split, seed: int, extra=()) -> di
 
     from pipeline.config import register_configs
     from pipeline.hardware import DistInfo
-    from pipeline.stages.train import build_model_args, build_train_args, unknown_label_code
+    from pipeline.train_args import build_model_args, build_train_args, unknown_label_code
     from vae.data import from_anndata
     from vae.inputs.pairing import make_pairs
     from vae.model import TwoBranchVAE
