@@ -153,6 +153,7 @@ RANGES: dict[str, str] = {
     "analysis.span_sd": POS,
     "analysis.n_steps": ">=2",
     "analysis.path_steps": ">=2",
+    "analysis.path_pose_cells": NONNEG,
     "analysis.gp_length_scale": POS,
     "analysis.gp_noise": POS,
     "analysis.top_genes": COUNT,

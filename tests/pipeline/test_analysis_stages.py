@@ -211,6 +211,77 @@ def test_traverse_decodes_cells_from_their_crop_and_paths_from_the_reported_late
     assert any(c[0].shape == gp.points.shape and np.allclose(c[0], gp.points) for c in calls)
 
 
+def test_path_steps_are_drawn_and_measured_in_the_poses_of_their_nearest_cells(
+    tiny_run, tmp_path, monkeypatch
+):
+    """A path step (pose-free code) is decoded again with the pose offsets (single-view
+    minus reported code) of the held-out cells nearest to it; the path features are the
+    median over those poses; 0 poses turns it off."""
+    from vae.analysis import traverse as T
+    from vae.analysis.run import Outputs, full_codes, load_run, measure, split_rows
+    from vae.analysis.settings import AnalysisSettings
+    from vae.analysis.study import traverse_study
+    from vae.infer import encode_dataset
+
+    root, paired = tiny_run
+    run = root / "tiny" / "train"
+    rd = load_run(run / "latent.h5ad", run / "model.pt", paired)
+    calls = []
+    real_decode = T.decode
+
+    def recording_decode(model, z, *args, **kw):
+        out = real_decode(model, z, *args, **kw)
+        calls.append((np.asarray(z, np.float64).copy(), out))
+        return out
+
+    monkeypatch.setattr(T, "decode", recording_decode)
+    kw = dict(
+        umap=False, top_k_dims=1, n_steps=3, path_steps=5, path_classes=["myeloblast", "myelocyte"]
+    )
+    a = AnalysisSettings(path_pose_cells=3, **kw)
+    summary = traverse_study(rd, a, Outputs(tmp_path), tmp_path / "report.html", None, "t", "s", {})
+    assert summary["path_pose_cells"] == 3
+    Z = full_codes(rd.latent)
+    rows = split_rows(rd.latent, "test")
+    ref = rows[rd.data.has_image.numpy()[rows]]
+    labels = rd.latent.obs["label"].astype(str).to_numpy()
+    gp = T.gp_path(T.class_centroids(Z, labels, order=a.path_classes).points, 5, 0.3, 1e-3, 0)
+    one = encode_dataset(rd.model, rd.data, rows=ref, views=1).joint
+    want = T.posed_codes(gp.points, Z[ref], one, 3).codes.reshape(-1, Z.shape[1])
+    hit = [c for c in calls if c[0].shape == want.shape and np.allclose(c[0], want, atol=1e-4)]
+    assert len(hit) == 1
+    feats = measure(hit[0][1].images, hit[0][1].masks, _params(a), 0.0)
+    med = feats.groupby(np.arange(len(feats)) // 3).median()
+    got = pd.read_csv(tmp_path / "path_features_gp.csv")
+    np.testing.assert_allclose(got["nucleus_fraction"], med["nucleus_fraction"], atol=1e-6)
+    # off: no posed decode, features of the step codes themselves
+    calls.clear()
+    off = traverse_study(
+        rd,
+        AnalysisSettings(path_pose_cells=0, **kw),
+        Outputs(tmp_path / "off"),
+        tmp_path / "off.html",
+        None,
+        "t",
+        "s",
+        {},
+    )
+    assert "path_pose_cells" not in off
+    assert not any(c[0].shape == want.shape for c in calls)
+
+
+def _params(a):
+    from vae.analysis import granules as G
+
+    return G.GranuleParams(
+        radius_px=a.granule_radius_px,
+        threshold=a.granule_threshold,
+        border_px=a.granule_border_px,
+        nucleus_margin_px=a.granule_nucleus_margin_px,
+        neck_ratio=a.lobe_neck_ratio,
+    )
+
+
 def test_bad_anchor_fails_with_the_setting_name(tiny_run, tmp_path):
     root, paired = tiny_run
     code = _run_in_process(

@@ -119,36 +119,45 @@ def scatter_panel(
 
 
 def strip_with_heatmap(
-    images: np.ndarray | None,
+    images: np.ndarray | Sequence[np.ndarray] | None,
     expression: np.ndarray | None,
     gene_names: Sequence[str],
     step_labels: Sequence[str],
     title: str,
+    row_labels: Sequence[str] | None = None,
 ):
-    """A row of decoded images above a heatmap of genes (rows) x steps (columns).
+    """Rows of decoded images above a heatmap of genes (rows) x steps (columns).
 
     Parameters
     ----------
-    images : (n, S, S, 3) float [0, 1], or None (a model trained without images:
-        heatmap only).
+    images : (n, S, S, 3) float [0, 1], a list of such arrays (one image row each,
+        e.g. a path step in its mean pose and in a real cell's pose), or None (a model
+        trained without images: heatmap only).
     expression : (n, g) decoded log1p expression of the genes shown, or None.
+    row_labels : one label per image row (shown left of the row), or None.
     """
     n = len(step_labels)
     has_h = expression is not None and expression.shape[1] > 0
-    has_i = images is not None
+    rows = [] if images is None else ([images] if isinstance(images, np.ndarray) else list(images))
+    has_i = bool(rows)
     if not (has_h or has_i):
         raise ValueError("strip_with_heatmap needs images or expression")
+    if row_labels is not None and len(row_labels) != len(rows):
+        raise ValueError(f"strip_with_heatmap: {len(row_labels)} row labels for {len(rows)} rows")
     h_rows = max(1.0, 0.22 * len(gene_names)) if has_h else 0
-    i_rows = 1.2 if has_i else 0
-    fig = plt.figure(figsize=(max(4, 1.1 * n), i_rows + 0.2 + h_rows + 0.4))
-    ratios = [r for r in (i_rows, h_rows) if r]
+    ratios = [1.2] * len(rows) + ([h_rows] if has_h else [])
+    fig = plt.figure(figsize=(max(4, 1.1 * n), sum(ratios) + 0.6))
     gs = fig.add_gridspec(len(ratios), n, height_ratios=ratios)
-    for i in range(n if has_i else 0):
-        ax = fig.add_subplot(gs[0, i])
-        ax.imshow(np.clip(images[i], 0, 1))
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(step_labels[i], fontsize=7)
+    for r, imgs in enumerate(rows):
+        for i in range(n):
+            ax = fig.add_subplot(gs[r, i])
+            ax.imshow(np.clip(imgs[i], 0, 1))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(step_labels[i], fontsize=7)
+            if i == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[r], fontsize=7)
     if has_h:
         ax = fig.add_subplot(gs[len(ratios) - 1, :])
         im = ax.imshow(expression.T, aspect="auto", cmap="magma")

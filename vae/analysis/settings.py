@@ -44,6 +44,9 @@ class AnalysisSettings:
         default_factory=lambda: list(MATURATION_ORDER)
     )  # maturation order; classes missing from the data are skipped; [] -> sort by maturation
     path_steps: int = 12  # decoded points along each path
+    # poses per path step: each step is also decoded in the poses of the held-out cells
+    # nearest to it (traverse.posed_codes), its features the median over them; 0: off
+    path_pose_cells: int = 8
     gp_length_scale: float = 0.3  # initial RBF length scale (path position units)
     gp_noise: float = 1e-3
     top_genes: int = 20  # genes listed in the report

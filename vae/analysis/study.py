@@ -229,21 +229,43 @@ def traverse_study(
         path_ok = False
     path_info: dict[str, Any] = {}
     path_decoded: dict[str, Any] = {}
+    path_drawn: dict[str, np.ndarray] = {}  # the cell shown at each step (posed when it can)
     if path_ok:
         paths = {
             "straight": T.straight_path(cents.points[0], cents.points[-1], a.path_steps),
             "gp": T.gp_path(cents.points, a.path_steps, a.gp_length_scale, a.gp_noise, seed),
         }
         summary["path_classes"] = cents.names
+        # a step is a pose-free mean code, decoded in an average pose (lobes merge into a
+        # ring): draw and measure it also in the poses of the held-out cells nearest to it
+        pose_ref = _pose_reference(rd, rows, Z, a) if img_ok else None
+        if pose_ref is not None:
+            summary["path_pose_cells"] = int(min(a.path_pose_cells, len(pose_ref[0])))
         for kind, pth in paths.items():
             dec = T.decode(rd.model, pth.points, a.batch_size, rd.device)
             path_decoded[kind] = dec
+            posed = posed_dec = None
+            if pose_ref is not None:
+                posed = T.posed_codes(pth.points, Z[pose_ref[0]], pose_ref[1], a.path_pose_cells)
+                posed_dec = T.decode(rd.model, posed.codes.reshape(-1, d), a.batch_size, rd.device)
+            cells = dec.cells() if img_ok else None
+            rows_img: Any = cells
+            row_names = None
+            if posed_dec is not None:
+                k = posed.codes.shape[1]
+                first = posed_dec.cells()[::k]  # each step in its nearest cell's pose
+                path_drawn[kind] = first
+                rows_img = [cells, first]
+                row_names = ["mean pose", "nearest cell's pose"]
+            elif cells is not None:
+                path_drawn[kind] = cells
             fig = F.strip_with_heatmap(
-                dec.cells() if img_ok else None,
+                rows_img,
                 dec.expression[:, gidx] if expr_ok else None,
                 gnames,
                 [f"{s:.2f}" for s in pth.s],
                 f"{kind} path {cents.names[0]} -> {cents.names[-1]}",
+                row_labels=row_names,
             )
             p = out_files.figure(fig, f"path_{kind}", f"traverse/path_{kind}")
             how = (
@@ -257,12 +279,25 @@ def traverse_study(
                 (True, False): "Decoded cells",
                 (False, True): "Decoded granule-gene expression",
             }[(img_ok, expr_ok)]
-            figs["path"].append(FigureItem(p, f"{what} along {how} (position 0..1)."))
+            posed_note = (
+                " Top row: the step's code, drawn in the average pose of the symmetry-"
+                "averaged latent; second row: the same code in the pose of the held-out "
+                "cell nearest to it (nucleus shape and lobes need a pose; features below "
+                f"are the median over the {posed.codes.shape[1]} nearest cells' poses)."
+                if posed is not None
+                else ""
+            )
+            figs["path"].append(FigureItem(p, f"{what} along {how} (position 0..1).{posed_note}"))
             if expr_ok:
                 rank = T.rank_genes(dec.expression, genes, pth.s, annot)
                 out_files.csv(rank, f"gene_ranking_{kind}")
                 tables[f"gene_ranking_{kind}"] = rank
-            if img_ok:
+            if posed_dec is not None:
+                # features of a step: the median over its k poses (a lobe count needs a pose)
+                k = posed.codes.shape[1]
+                fk = measure(posed_dec.images, posed_dec.masks, params, bg)
+                feats = fk.groupby(np.arange(len(fk)) // k).median().reset_index(drop=True)
+            elif img_ok:
                 feats = measure(dec.images, dec.masks, params, bg)
             else:
                 feats = pd.DataFrame(index=range(len(pth.s)))
@@ -479,6 +514,7 @@ def traverse_study(
             report.with_name("study.html"),
             paths["gp"],
             path_decoded["gp"],
+            path_drawn.get("gp"),
             cents.names,
             labels,
             Z,
@@ -713,12 +749,31 @@ def _eval_sections(evaluation: Path | None) -> list:
     return out + ([uses] if uses is not None else [])
 
 
+def _pose_reference(
+    rd: RunData, rows: np.ndarray, Z: np.ndarray, a: AnalysisSettings
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Cells that lend their pose to path steps: the rows of the analysed split with a
+    crop, and their single-view codes (:func:`vae.analysis.run.cell_codes`).
+
+    None when posing is off (``path_pose_cells`` 0), there is no paired data, or the
+    reported latent is already single-view (``encode_views`` 1: no pose was removed).
+    """
+    views = int(getattr(getattr(rd.model, "args", None), "encode_views", 1) or 1)
+    if a.path_pose_cells <= 0 or rd.data is None or views == 1:
+        return None
+    ref = rows[rd.data.has_image.numpy()[rows]]
+    if ref.size == 0:
+        return None
+    return ref, cell_codes(rd, ref, a.batch_size)
+
+
 def _write_study_page(
     rd: RunData,
     a: AnalysisSettings,
     path: Path,
     gp,
     dec,
+    drawn: np.ndarray | None,
     classes: list[str],
     labels: np.ndarray,
     Z: np.ndarray,
@@ -728,7 +783,8 @@ def _write_study_page(
     subtitle: str,
     seed: int,
 ) -> Path:
-    """``study.html`` (:mod:`vae.analysis.study_page`) for the GP path ``gp`` decoded as ``dec``."""
+    """``study.html`` (:mod:`vae.analysis.study_page`) for the GP path ``gp`` decoded as ``dec``;
+    ``drawn`` (n, S, S, 3): the cell shown at each step (default: ``dec.cells()``)."""
     from vae.analysis import traverse as T
     from vae.analysis.palette import label_colours
     from vae.analysis.run import embedding
@@ -764,7 +820,7 @@ def _write_study_page(
         crops = rd.data.crops[keep].permute(0, 2, 3, 1).numpy()
     data = StudyPageData(
         s=gp.s,
-        decoded=dec.cells(),
+        decoded=drawn if drawn is not None else dec.cells(),
         rows=rows,
         values=values,
         nearest=np.vectorize(remap.get, otypes=[np.int64])(near) if near.size else near,

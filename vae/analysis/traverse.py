@@ -344,6 +344,57 @@ def gp_path(
     return LatentPath("gp", s, np.asarray(pts), knots)
 
 
+@dataclass
+class PosedCodes:
+    """Path steps placed in the poses of real cells (:func:`posed_codes`)."""
+
+    codes: np.ndarray  # (n_steps, k, d) step code + the pose of each of its k nearest cells
+    nearest: np.ndarray  # (n_steps, k) row index into the reference cells, nearest first
+
+
+def posed_codes(
+    points: np.ndarray, reported: np.ndarray, single_view: np.ndarray, k: int
+) -> PosedCodes:
+    """Each path step in the poses of the ``k`` reference cells nearest to it.
+
+    A path step is a mean of pose-free codes (the reported latent averages the
+    image expert over the crop's 8 symmetries), and the decoder draws such a code
+    in an average pose: the nucleus of a band or a segmented neutrophil turns into a
+    ring, the lobes the path is about are gone. A cell's *pose* is the part of its
+    single-view code the symmetry average removes, ``single_view - reported``; adding
+    it to a step decodes the step's cell in that real cell's orientation. The
+    nearest cells (Euclidean, in the reported latent) lend their pose, so a step is
+    drawn in poses that cells of its own kind take.
+
+    Parameters
+    ----------
+    points : (n_steps, d) path codes (pose-free, as the reported latent).
+    reported : (m, d) reported (pose-free) codes of the reference cells.
+    single_view : (m, d) the same cells' codes from their crop as given (one view).
+    k : poses per step, 1 <= k; at most ``m`` are used.
+
+    Returns
+    -------
+    PosedCodes with ``codes`` (n_steps, min(k, m), d).
+    """
+    from scipy.spatial.distance import cdist
+
+    pts = np.asarray(points, dtype=np.float64)
+    rep = np.asarray(reported, dtype=np.float64)
+    one = np.asarray(single_view, dtype=np.float64)
+    if rep.shape != one.shape or rep.ndim != 2 or pts.ndim != 2 or pts.shape[1] != rep.shape[1]:
+        raise ValueError(
+            f"posed_codes: points {pts.shape}, reported {rep.shape} and single_view "
+            f"{one.shape} must be (n, d), (m, d), (m, d)"
+        )
+    if k < 1 or len(rep) == 0:
+        raise ValueError(f"posed_codes: need k >= 1 and reference cells (k={k}, m={len(rep)})")
+    k = min(int(k), len(rep))
+    nearest = np.argsort(cdist(pts, rep), axis=1, kind="stable")[:, :k]  # (n, k)
+    pose = one - rep  # (m, d)
+    return PosedCodes(pts[:, None, :] + pose[nearest], nearest)
+
+
 def project_onto_path(z: np.ndarray, path: LatentPath, n_dense: int = 200) -> np.ndarray:
     """Position in [0, 1] of the nearest point of ``path`` to each code.
 

@@ -53,3 +53,17 @@ def test_report_names_a_missing_figure(tmp_path):
             [Section("s", figures=[FigureItem(tmp_path / "nope.png", "c")])],
         )
     assert not (tmp_path / "r.html").exists()
+
+
+def test_strip_with_two_image_rows_labels_each_row():
+    a, b = np.zeros((3, 8, 8, 3)), np.ones((3, 8, 8, 3))
+    fig = F.strip_with_heatmap(
+        [a, b], np.ones((3, 2)), ["MPO", "LTF"], list("xyz"), "t", ["m", "p"]
+    )
+    # 2 image rows x 3 steps + the heatmap (+ its colour bar)
+    axes = fig.get_axes()
+    assert len(axes) == 2 * 3 + 2
+    assert [ax.get_ylabel() for ax in axes[:6:3]] == ["m", "p"]
+    assert axes[3].get_images()[0].get_array().max() == 1.0  # second row shows b
+    with pytest.raises(ValueError, match="row labels"):
+        F.strip_with_heatmap([a, b], None, [], list("xyz"), "t", ["only one"])

@@ -237,3 +237,28 @@ def test_draw_cells_keeps_the_decoded_cell_and_fills_the_rest():
         T.draw_cells(img, mask[:, :5])
     dec = T.DecodedArrays(images=img, masks=mask, expression=np.zeros((2, 1)))
     np.testing.assert_array_equal(dec.cells(), out)
+
+
+def test_posed_codes_add_the_nearest_cells_pose_to_each_step():
+    # reference cells: pose-free codes on the x axis; their single-view codes add a
+    # pose along y (cell i has pose i)
+    reported = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [10.0, 0.0]])
+    single = reported + np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 2.0], [0.0, 3.0]])
+    points = np.array([[0.9, 0.0], [9.0, 0.0]])
+    posed = T.posed_codes(points, reported, single, k=2)
+    assert posed.codes.shape == (2, 2, 2)
+    # step 0 is nearest cell 1 then 0 (or 2: 1.1 away vs 0.9): 1, 0; step 1: cells 3, 2
+    np.testing.assert_array_equal(posed.nearest, [[1, 0], [3, 2]])
+    np.testing.assert_allclose(posed.codes[0], [[0.9, 1.0], [0.9, 0.0]])
+    np.testing.assert_allclose(posed.codes[1], [[9.0, 3.0], [9.0, 2.0]])
+    # the step's own code is kept: only the pose offset is lent
+    np.testing.assert_allclose(posed.codes[..., 0], [[0.9, 0.9], [9.0, 9.0]])
+    # k larger than the reference: every cell once
+    assert T.posed_codes(points, reported, single, k=10).codes.shape == (2, 4, 2)
+    # single-view == reported (a model encoding one view): the steps unchanged
+    same = T.posed_codes(points, reported, reported, k=3).codes
+    np.testing.assert_allclose(same, np.repeat(points[:, None], 3, axis=1))
+    with pytest.raises(ValueError, match="must be"):
+        T.posed_codes(points, reported, single[:, :1], k=1)
+    with pytest.raises(ValueError, match="k >= 1"):
+        T.posed_codes(points, reported, single, k=0)
