@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vae.inputs.schema import MATURATION_ORDER
 from vae.schedules import DEFAULT_BETA
 
 
@@ -64,6 +65,11 @@ class VAEConfig:
     # label cross-entropy on each expert's shared mean, rows with a known obs['label']
     # (scANVI-style semi-supervision; 0: off, and no classifier head is built)
     classify_weight: float = 200.0
+    # maturation axis: an ordinal head on shared dim 0 orders the rows labelled with a
+    # stage of maturation_classes (0: off; no head is built, nor when fewer than two of
+    # the stages are labels of the data). Costs no ELBO (a rotation of the latent)
+    maturation_weight: float = 0.0
+    maturation_classes: list[str] = field(default_factory=lambda: list(MATURATION_ORDER))
     # expression branch
     hidden: list[int] = field(default_factory=lambda: [128, 64])  # MLP widths
     expression_likelihood: str = "auto"  # auto | nb | zinb | gaussian (auto: nb if counts)

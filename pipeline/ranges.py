@@ -33,6 +33,7 @@ RANGES: dict[str, str] = {
     "vae.nucleus_weight": NONNEG,
     "vae.free_bits": NONNEG,
     "vae.classify_weight": NONNEG,
+    "vae.maturation_weight": NONNEG,
     "vae.hidden": COUNT,
     "vae.dropout": "[0,1)",
     "vae.image_weight": NONNEG,

@@ -57,6 +57,9 @@ def build_model_args(cfg: DictConfig, data, source: str):
             granule_head=float(v.granule_weight) > 0,
             nucleus_head=float(v.nucleus_weight) > 0,
             n_classes=_n_classes(float(v.classify_weight), data.label_names),
+            maturation_ranks=maturation_ranks(
+                float(v.maturation_weight), list(v.maturation_classes), data.label_names
+            ),
         )
     except ValueError as e:
         raise StageError(f"vae config: {e}") from e
@@ -93,6 +96,15 @@ def _n_classes(weight: float, label_names: list[str]) -> int:
     return len(label_names)
 
 
+def maturation_ranks(weight: float, order: list[str], label_names: list[str]) -> list[int]:
+    """Rank of each label code along ``order`` (-1: not a stage), ranks renumbered over
+    the stages present; [] (no head) when off or fewer than two stages are labels."""
+    present = [c for c in order if c in set(label_names)]
+    if weight <= 0 or len(present) < 2:
+        return []
+    return [present.index(n) if n in present else -1 for n in label_names]
+
+
 def unknown_label_code(label_names: list[str]) -> int:
     """Code of the "not known" label in ``label_names`` (-1 when every row is labelled)."""
     from vae.data import UNKNOWN_LABEL
@@ -115,6 +127,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
             nucleus=float(v.nucleus_weight),
             free_bits=float(v.free_bits),
             classify=float(v.classify_weight),
+            maturation=float(v.maturation_weight),
             unknown_label=int(unknown_label),
             expression=v.expression_weight,
             cross=v.cross_weight,

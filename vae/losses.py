@@ -52,6 +52,9 @@ class LossWeights:
     # input's nucleus (the lobe counter's), summed over the cell's pixels; needs a
     # model built with nucleus_head and nucleus masks in the batch
     nucleus: float = 0.0
+    # maturation axis: ordinal NLL of the stage rank from shared dim 0 of each expert's
+    # mean (rows whose label is a stage); needs a model built with maturation_ranks
+    maturation: float = 0.0
 
     def __post_init__(self) -> None:
         if self.align_mode not in ALIGNS:
@@ -73,6 +76,8 @@ class LossTerms:
     nucleus : BCE of the decoded nucleus mask inside the cell (0 when off)
     classify : label cross-entropy of the image and expression experts' shared means
         (rows with a known label; 0 when off)
+    maturation : ordinal NLL of the maturation stage from shared dim 0 of the two
+        experts' means (rows labelled with a stage; 0 when off), nats per row
     expression : expression NLL from the fused posterior
     kl : KL(q(z|x) || N(0, I)) of the fused posterior, nats per cell
     kl_objective : β · |KL - C| (capacity) or β · KL, as added to ``total``
@@ -104,6 +109,7 @@ class LossTerms:
     kl_unimodal: torch.Tensor
     align: torch.Tensor
     kl_per_dim: torch.Tensor
+    maturation: torch.Tensor
 
     def scalars(self) -> dict[str, float]:
         """Every scalar term as a Python float (for logging)."""
@@ -623,6 +629,20 @@ def vae_loss(
         if parts:
             classify = torch.stack(parts).mean()
 
+    maturation = zero
+    mhead = getattr(out, "maturation", None)
+    if w.maturation > 0 and mhead is not None and labels is not None:
+        rank = mhead.rank_of(labels)
+        parts = []
+        for g, has in ((post.image, post.has_image), (post.expression, post.has_expression)):
+            if g is None:
+                continue
+            keep = (has & (rank >= 0)).nonzero().flatten()
+            if keep.numel():
+                parts.append(mhead.nll(g[0][keep, 0], rank[keep]))
+        if parts:
+            maturation = torch.stack(parts).mean()
+
     total = (
         w.image * i_nll
         + w.mask * i_mask
@@ -636,6 +656,7 @@ def vae_loss(
         + beta * w.cross * kl_uni
         + w.align * align
         + w.classify * classify
+        + w.maturation * maturation
     )
     return LossTerms(
         total=total,
@@ -656,4 +677,5 @@ def vae_loss(
         kl_unimodal=kl_uni,
         align=align,
         kl_per_dim=kl_dims.mean(dim=0).detach(),
+        maturation=maturation,
     )

@@ -106,6 +106,10 @@ class VAEArgs:
     nucleus_head: bool = False
     # label classifier on the shared latent (scANVI-style semi-supervision; 0: none)
     n_classes: int = 0
+    # maturation axis: the rank of each label code along the maturation order (-1: not
+    # a stage of it); an ordinal head (:class:`MaturationHead`) reads shared dim 0, so
+    # that one axis orders the stages. Empty: no head (checkpoints before it load as such)
+    maturation_ranks: list[int] = field(default_factory=list)
     # what the image encoder sees: "rgb", or "stain": haematoxylin / eosin / DAB
     # optical densities (Beer-Lambert; :func:`stain_density`). Default "rgb" so
     # checkpoints saved before this field load unchanged.
@@ -161,6 +165,13 @@ class VAEArgs:
                 f"crop_size={self.crop_size} must be a positive multiple of 2**len(channels)"
                 f"={down} (channels={self.channels})"
             )
+        if self.maturation_ranks:
+            ranked = {r for r in self.maturation_ranks if r >= 0}
+            if len(ranked) < 2 or ranked != set(range(len(ranked))):
+                raise ValueError(
+                    f"maturation_ranks={self.maturation_ranks}: the ranks >= 0 must be "
+                    "0, 1, ..., K-1 with K >= 2 (two or more stages)"
+                )
         if self.n_shared < 1 or self.n_private < 0 or self.n_genes < 0:
             raise ValueError(
                 f"need n_shared >= 1, n_private >= 0, n_genes >= 0; got {self.n_shared}, "
@@ -271,6 +282,57 @@ class ForwardOutput:
     from_image: Decoded | None
     from_expression: Decoded | None
     classifier: nn.Module | None = None  # label head on shared means (n_classes > 0)
+    maturation: MaturationHead | None = None  # ordinal head on shared dim 0
+
+
+class MaturationHead(nn.Module):
+    """Ordinal head that makes one latent coordinate the maturation axis.
+
+    Cumulative-logit model with one slope: ``P(rank > k | z) = sigmoid(a * z - c_k)``
+    for the ``K - 1`` ordered cut points ``c_0 < c_1 < ...`` (``a > 0``), scored as
+    ``K - 1`` binary cross-entropies per row (the usual binary decomposition of an
+    ordinal target). The isotropic prior makes every rotation of the latent equally
+    likely, so tying the stage order to one axis costs the ELBO nothing: it picks the
+    rotation in which a user can sweep one dimension from myeloblast to segmented
+    neutrophil.
+
+    Parameters
+    ----------
+    ranks : the rank of each label code (index = code), -1 where the label is not a
+        stage; ranks >= 0 are 0 .. K-1.
+    """
+
+    def __init__(self, ranks: list[int]):
+        super().__init__()
+        k = max(ranks) + 1
+        self.register_buffer("ranks", torch.tensor(list(ranks), dtype=torch.long))
+        self.log_slope = nn.Parameter(torch.zeros(()))
+        # cut points centred on 0, one prior sd apart to start
+        self.first_cut = nn.Parameter(torch.tensor(-(k - 2) / 2.0))
+        self.raw_gaps = nn.Parameter(torch.full((k - 2,), 0.5413))  # softplus -> 1.0
+
+    @property
+    def n_ranks(self) -> int:
+        return int(self.raw_gaps.numel()) + 2
+
+    def cuts(self) -> torch.Tensor:
+        """(K-1,) increasing cut points."""
+        gaps = F.softplus(self.raw_gaps)
+        return torch.cat([self.first_cut[None], self.first_cut + torch.cumsum(gaps, 0)])
+
+    def rank_of(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B,) rank of each label code; -1 for codes that are not stages or unknown."""
+        ok = (labels >= 0) & (labels < self.ranks.numel())
+        return torch.where(ok, self.ranks[labels.clamp(0, self.ranks.numel() - 1)], -1)
+
+    def nll(self, axis: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+        """Mean over rows of the summed binary cross-entropies, nats.
+
+        axis : (B,) the latent coordinate (shared dim 0); rank : (B,) ranks >= 0.
+        """
+        logits = self.log_slope.exp() * axis[:, None] - self.cuts()[None]  # (B, K-1)
+        above = (rank[:, None] > torch.arange(logits.shape[1], device=rank.device)).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, above, reduction="none").sum(1).mean()
 
 
 def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
@@ -663,6 +725,7 @@ class TwoBranchVAE(nn.Module):
         # linear head on the shared means: rows with a known label teach both
         # encoders what separates the classes (vae.losses: classify term)
         self.classifier = nn.Linear(ns, a.n_classes) if a.n_classes > 0 else None
+        self.maturation = MaturationHead(a.maturation_ranks) if a.maturation_ranks else None
         # one learned pixel scale (σ-VAE style); fixed at 1 for plain MSE
         self.image_log_scale = nn.Parameter(
             torch.tensor(-2.0), requires_grad=a.image_likelihood != "mse"
@@ -932,7 +995,12 @@ class TwoBranchVAE(nn.Module):
             # PoE: the fused decode only (no paired row for the unimodal / cross-modal
             # terms); MoE: the image component (the first draw of the full path too)
             return ForwardOutput(
-                post, dec if poe else None, None if poe else dec, None, self.classifier
+                post,
+                dec if poe else None,
+                None if poe else dec,
+                None,
+                self.classifier,
+                self.maturation,
             )
         if not use_image:
             post = self.encode(None, expression, None, has_expression, None, log_library)
@@ -944,7 +1012,12 @@ class TwoBranchVAE(nn.Module):
             # PoE: the fused decode is all there is (no paired row for the unimodal /
             # cross-modal terms); MoE: the expression component
             return ForwardOutput(
-                post, dec if poe else None, None, None if poe else dec, self.classifier
+                post,
+                dec if poe else None,
+                None,
+                None if poe else dec,
+                self.classifier,
+                self.maturation,
             )
         post = self.encode(image, expression, has_image, has_expression, mask, log_library)
         hi, paired = post.has_image, post.has_image & post.has_expression
@@ -954,7 +1027,7 @@ class TwoBranchVAE(nn.Module):
             joint = None
         from_img = self.decode(reparameterize(post.image), hi)
         from_expr = self.decode(reparameterize(post.expression), paired)
-        return ForwardOutput(post, joint, from_img, from_expr, self.classifier)
+        return ForwardOutput(post, joint, from_img, from_expr, self.classifier, self.maturation)
 
 
 NUCLEUS_CHANNELS = 4  # nucleus layer: one mask logit + RGB
