@@ -515,6 +515,7 @@ def traverse_study(
             paths["gp"],
             path_decoded["gp"],
             path_drawn.get("gp"),
+            pose_ref is not None,
             cents.names,
             labels,
             Z,
@@ -774,6 +775,7 @@ def _write_study_page(
     gp,
     dec,
     drawn: np.ndarray | None,
+    posed: bool,
     classes: list[str],
     labels: np.ndarray,
     Z: np.ndarray,
@@ -833,6 +835,12 @@ def _write_study_page(
         axis_name=method,
         path_classes=list(classes),
         info=info,
+        decoded_how=(
+            ", in the pose of the held-out cell nearest to it (the latent is pose-free; "
+            "a nucleus needs a pose to show its shape)"
+            if drawn is not None and posed
+            else ""
+        ),
     )
     return write_study_page(path, data, f"{title}: interactive path", subtitle)
 

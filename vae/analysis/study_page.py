@@ -51,6 +51,7 @@ class StudyPageData:
     ----------
     s : (n,) path position in [0, 1] of each step.
     decoded : (n, S, S, 3) decoded cell at each step, float [0, 1].
+    decoded_how : how those cells were drawn (a clause shown in the page's caption).
     rows : (g,) heatmap row names (programs first, then genes).
     values : (n, g) decoded value of each row at each step (log1p expression / score).
     nearest : (n, k) indices into the cell arrays of the k cells nearest to each step.
@@ -79,6 +80,8 @@ class StudyPageData:
     axis_name: str = "UMAP"
     path_classes: list[str] = field(default_factory=list)
     info: dict[str, np.ndarray] = field(default_factory=dict)
+    # how ``decoded`` was drawn, said after "the cell decoded at that point" (e.g. posed)
+    decoded_how: str = ""
 
 
 def nearest_rows(points: np.ndarray, codes: np.ndarray, candidates: np.ndarray, k: int):
@@ -270,7 +273,7 @@ def write_study_page(path: str | Path, data: StudyPageData, title: str, subtitle
 <link rel="icon" href="data:,"><title>{html.escape(title)}</title><style>{_CSS}</style></head>
 <body><h1>{html.escape(title)}</h1><p class="cap">{html.escape(subtitle)}</p>
 <p class="cap">Drag the slider along the Gaussian-process path through the class centroids
-({html.escape(classes)}). Left: the cell decoded at that point of the latent space; middle: the
+({html.escape(classes)}). Left: the cell decoded at that point of the latent space{html.escape(data.decoded_how)}; middle: the
 decoded gene-program and granule-gene values there (the outlined column of the heatmap); right:
 the real cells whose codes lie nearest to that point. Hover over a point of the scatter to see
 that cell's crop and labels; the ringed points are the nearest cells of the current position.</p>
