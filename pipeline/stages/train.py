@@ -289,6 +289,9 @@ def _write_latent(ctx: StageContext, adata, data, split, lat, margs, result, ano
     out.uns["kl_per_dim"] = np.asarray(result.kl_per_dim, dtype=np.float32)
     out.uns["latent_layout"] = {"n_shared": ns, "n_private": margs.n_private}
     out.uns["best_epoch"] = int(result.best_epoch)
+    if margs.maturation_ranks:  # the ordinal head's axis: shared dim 0, stages in rank order
+        ranked = sorted((r, n) for r, n in zip(margs.maturation_ranks, data.label_names) if r >= 0)
+        out.uns["maturation_axis"] = {"dim": 0, "classes": [n for _, n in ranked]}
     with ctx.atomic("latent") as tmp:
         write_h5ad(out, tmp)
 

@@ -270,6 +270,32 @@ def test_path_steps_are_drawn_and_measured_in_the_poses_of_their_nearest_cells(
     assert not any(c[0].shape == want.shape for c in calls)
 
 
+def test_maturation_axis_is_recorded_swept_first_and_scored_against_truth(tmp_path):
+    """vae.maturation_weight > 0: stage=train names the axis in latent.h5ad, stage=traverse
+    sweeps it first and scores it against the simulator's t."""
+    import anndata as ad
+
+    paired = _paired(tmp_path / "paired.h5ad")
+    extra = [*TINY_TRAIN, "vae.maturation_weight=100", "vae.n_latent=6"]
+    assert _run_in_process(tmp_path, paired, "train", extra) == 0
+    lat = ad.read_h5ad(tmp_path / "tiny" / "train" / "latent.h5ad")
+    axis = lat.uns["maturation_axis"]
+    assert int(axis["dim"]) == 0 and list(axis["classes"]) == ["myeloblast", "myelocyte"]
+    assert (
+        _run_in_process(tmp_path, paired, "traverse", [*FAST_ANALYSIS, "analysis.top_k_dims=2"])
+        == 0
+    )
+    tr = tmp_path / "tiny" / "traverse"
+    assert (tr / "traverse_dim00.png").exists()
+    summary = json.loads((tr / "traverse_summary.json").read_text())
+    assert -1 <= summary["truth_recovery"]["maturation_axis_vs_true_t_spearman"] <= 1
+    assert "This is the maturation axis" in (tr / "report.html").read_text()
+    # off (the default): no axis in the latent table
+    off = tmp_path / "off"
+    assert _run_in_process(off, paired, "train", TINY_TRAIN) == 0
+    assert "maturation_axis" not in ad.read_h5ad(off / "tiny" / "train" / "latent.h5ad").uns
+
+
 def _params(a):
     from vae.analysis import granules as G
 

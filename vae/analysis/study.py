@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 _TRUTH_MEANING = {
     "straight_path_position_vs_true_t_spearman": "cells ordered along the straight path as by true maturation",
     "gp_path_position_vs_true_t_spearman": "cells ordered along the GP path as by true maturation",
+    "maturation_axis_vs_true_t_spearman": "cells ordered along the maturation axis (the latent dim the ordinal head orders the stages on) as by true maturation",
     "decoded_granule_density_vs_true_spearman": "granules counted on each cell decoded from its crop as given (single-view code) vs the total true density (azurophilic + fine specific granules)",
     "real_crop_granule_density_vs_true_spearman": "same count on the real crops: the ceiling the decoder can reach",
     "decoded_granule_density_vs_true_azurophilic_spearman": "vs the large azurophilic granules only (the counter cannot resolve the fine specific ones, whose density rises while azurophilic falls: so this sign can differ from the total's)",
@@ -128,6 +129,12 @@ def traverse_study(
     if kl.size != d:  # KL of the shared block only: private dims come after it
         kl = np.r_[kl, np.zeros(d - kl.size)] if kl.size < d else kl[:d]
     dims = T.top_dims_by_kl(kl, a.top_k_dims)
+    # a model trained with the maturation head (vae.maturation_weight) orders the stages
+    # on one dim: it is swept first, whatever its KL
+    mat_axis = lat.uns.get("maturation_axis")
+    mat_dim = int(mat_axis["dim"]) if mat_axis is not None else None
+    if mat_dim is not None and a.top_k_dims > 0:
+        dims = np.r_[mat_dim, [x for x in dims if x != mat_dim]][: a.top_k_dims].astype(int)
     sd = Z.std(0)
     sd = np.where(sd > 1e-6, sd, 1.0)
     try:
@@ -150,7 +157,9 @@ def traverse_study(
             tr.decoded.expression[:, gidx] if expr_ok else None,
             gnames,
             step_lab,
-            f"z{tr.dim} (KL {kl[tr.dim]:.2f} nats), anchor: {anchor_desc}",
+            f"z{tr.dim} (KL {kl[tr.dim]:.2f} nats)"
+            + (" = maturation axis" if tr.dim == mat_dim else "")
+            + f", anchor: {anchor_desc}",
         )
         p = out_files.figure(fig, f"traverse_dim{tr.dim:02d}", f"traverse/dim{tr.dim:02d}")
         shown = {
@@ -161,7 +170,14 @@ def traverse_study(
         figs["dims"].append(
             FigureItem(
                 p,
-                f"Latent dim z{tr.dim} swept from -{a.span_sd} to +{a.span_sd} sd around the {anchor_desc}: {shown}.",
+                f"Latent dim z{tr.dim} swept from -{a.span_sd} to +{a.span_sd} sd around the {anchor_desc}: {shown}."
+                + (
+                    " This is the maturation axis: the ordinal head trained on it orders "
+                    + " -> ".join(map(str, mat_axis["classes"]))
+                    + " (vae.maturation_weight)."
+                    if tr.dim == mat_dim
+                    else ""
+                ),
             )
         )
         prog = T.program_scores(tr.decoded.expression, genes, programs) if expr_ok else {}
@@ -409,6 +425,10 @@ def traverse_study(
                 pos = T.project_onto_path(Z[ok], pth)
                 truth[f"{kind}_path_position_vs_true_t_spearman"] = M.correlation_matrix(
                     pos, t_true[ok]
+                )[0, 0]
+            if mat_dim is not None:
+                truth["maturation_axis_vs_true_t_spearman"] = M.correlation_matrix(
+                    Z[ok, mat_dim], t_true[ok]
                 )[0, 0]
             pos = T.project_onto_path(Z[ok], paths["gp"])
             fig = F.truth_scatter(
