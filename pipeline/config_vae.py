@@ -68,7 +68,7 @@ class VAEConfig:
     # maturation axis: an ordinal head on shared dim 0 orders the rows labelled with a
     # stage of maturation_classes (0: off; no head is built, nor when fewer than two of
     # the stages are labels of the data). Costs no ELBO (a rotation of the latent)
-    maturation_weight: float = 0.0
+    maturation_weight: float = 100.0
     maturation_classes: list[str] = field(default_factory=lambda: list(MATURATION_ORDER))
     # expression branch
     hidden: list[int] = field(default_factory=lambda: [128, 64])  # MLP widths

@@ -271,7 +271,7 @@ def test_path_steps_are_drawn_and_measured_in_the_poses_of_their_nearest_cells(
 
 
 def test_maturation_axis_is_recorded_swept_first_and_scored_against_truth(tmp_path):
-    """vae.maturation_weight > 0: stage=train names the axis in latent.h5ad, stage=traverse
+    """vae.maturation_weight > 0 (the default): stage=train names the axis in latent.h5ad, stage=traverse
     sweeps it first and scores it against the simulator's t."""
     import anndata as ad
 
@@ -290,9 +290,9 @@ def test_maturation_axis_is_recorded_swept_first_and_scored_against_truth(tmp_pa
     summary = json.loads((tr / "traverse_summary.json").read_text())
     assert -1 <= summary["truth_recovery"]["maturation_axis_vs_true_t_spearman"] <= 1
     assert "This is the maturation axis" in (tr / "report.html").read_text()
-    # off (the default): no axis in the latent table
+    # off: no axis in the latent table
     off = tmp_path / "off"
-    assert _run_in_process(off, paired, "train", TINY_TRAIN) == 0
+    assert _run_in_process(off, paired, "train", [*TINY_TRAIN, "vae.maturation_weight=0"]) == 0
     assert "maturation_axis" not in ad.read_h5ad(off / "tiny" / "train" / "latent.h5ad").uns
 
 
