@@ -160,6 +160,23 @@ def test_traverse_without_paired_data_still_reports(tiny_run, tmp_path):
     assert "stage=evaluate has not run" in (out / "report.html").read_text()
 
 
+def _record_decodes(monkeypatch):
+    """Make ``vae.analysis.traverse.decode`` record (codes, output) of every call; returns
+    the record and the real decode."""
+    from vae.analysis import traverse as T
+
+    calls = []
+    real_decode = T.decode
+
+    def recording_decode(model, z, *args, **kw):  # the real decode, its codes recorded
+        out = real_decode(model, z, *args, **kw)
+        calls.append((np.asarray(z, np.float64).copy(), out))
+        return out
+
+    monkeypatch.setattr(T, "decode", recording_decode)
+    return calls, real_decode
+
+
 def test_traverse_decodes_cells_from_their_crop_and_paths_from_the_reported_latent(
     tiny_run, tmp_path, monkeypatch
 ):
@@ -181,15 +198,7 @@ def test_traverse_decodes_cells_from_their_crop_and_paths_from_the_reported_late
     t = lat.obs["t"].to_numpy(float)
     lat.obs["granule_density"] = np.where(has_img & np.isfinite(t), 1 - t, np.nan)
     lat.obs["lobes"] = np.where(np.isfinite(t), 1 + np.round(3 * t), np.nan)
-    calls = []
-    real_decode = T.decode
-
-    def recording_decode(model, z, *args, **kw):  # the real decode, its codes recorded
-        out = real_decode(model, z, *args, **kw)
-        calls.append((np.asarray(z, np.float64).copy(), out))
-        return out
-
-    monkeypatch.setattr(T, "decode", recording_decode)
+    calls, real_decode = _record_decodes(monkeypatch)
     a = AnalysisSettings(
         umap=False, top_k_dims=2, n_steps=5, path_steps=6, path_classes=["myeloblast", "myelocyte"]
     )
@@ -226,15 +235,7 @@ def test_path_steps_are_drawn_and_measured_in_the_poses_of_their_nearest_cells(
     root, paired = tiny_run
     run = root / "tiny" / "train"
     rd = load_run(run / "latent.h5ad", run / "model.pt", paired)
-    calls = []
-    real_decode = T.decode
-
-    def recording_decode(model, z, *args, **kw):
-        out = real_decode(model, z, *args, **kw)
-        calls.append((np.asarray(z, np.float64).copy(), out))
-        return out
-
-    monkeypatch.setattr(T, "decode", recording_decode)
+    calls, real_decode = _record_decodes(monkeypatch)
     kw = dict(
         umap=False, top_k_dims=1, n_steps=3, path_steps=5, path_classes=["myeloblast", "myelocyte"]
     )
