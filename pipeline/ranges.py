@@ -34,6 +34,7 @@ RANGES: dict[str, str] = {
     "vae.free_bits": NONNEG,
     "vae.classify_weight": NONNEG,
     "vae.maturation_weight": NONNEG,
+    "vae.nucleus_gap_weight": NONNEG,
     "vae.hidden": COUNT,
     "vae.dropout": "[0,1)",
     "vae.image_weight": NONNEG,

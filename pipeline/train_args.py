@@ -125,6 +125,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
             spectral=v.spectral_weight,
             granules=float(v.granule_weight),
             nucleus=float(v.nucleus_weight),
+            nucleus_gap=float(v.nucleus_gap_weight),
             free_bits=float(v.free_bits),
             classify=float(v.classify_weight),
             maturation=float(v.maturation_weight),

@@ -52,6 +52,9 @@ class LossWeights:
     # input's nucleus (the lobe counter's), summed over the cell's pixels; needs a
     # model built with nucleus_head and nucleus masks in the batch
     nucleus: float = 0.0
+    # extra weight of the nucleus term on the gaps between lobes (:func:`nucleus_gaps`):
+    # those pixels count 1 + nucleus_gap; 0: every pixel counts once
+    nucleus_gap: float = 0.0
     # maturation axis: ordinal NLL of the stage rank from shared dim 0 of each expert's
     # mean (rows whose label is a stage); needs a model built with maturation_ranks
     maturation: float = 0.0
@@ -322,7 +325,33 @@ def granule_error(dec: Decoded, centres: torch.Tensor, contrast: torch.Tensor) -
     return nll + od_err
 
 
-def nucleus_bce(dec: Decoded, nucleus: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+NUCLEUS_GAP_RADIUS = 2  # px: gaps up to ~2 x this wide between lobes are emphasised
+
+
+def nucleus_gaps(nucleus: torch.Tensor, radius: int = NUCLEUS_GAP_RADIUS) -> torch.Tensor:
+    """Background pixels a morphological closing of the nucleus would fill, (B, 1, S, S).
+
+    The gaps between the lobes of a segmented nucleus and the notch of a band: the
+    few pixels that tell a lobed nucleus from a ring or a C. A closing (dilation then
+    erosion by a ``2 radius + 1`` square, as max-pools) fills them; the closing minus
+    the nucleus marks them (cf. the border weights of U-Net, Ronneberger et al. 2015,
+    which make touching objects separate).
+
+    nucleus : (B, 1, S, S) {0, 1} -> (B, 1, S, S) {0, 1}
+    """
+    k = 2 * radius + 1
+    dilated = F.max_pool2d(nucleus, k, stride=1, padding=radius)
+    # outside the crop is background: pad with 0 so the erosion does not keep the edge
+    closed = -F.max_pool2d(-F.pad(dilated, (radius,) * 4, value=0.0), k, stride=1)
+    return (closed - nucleus).clamp_min(0)
+
+
+def nucleus_bce(
+    dec: Decoded,
+    nucleus: torch.Tensor,
+    mask: torch.Tensor,
+    pixel_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-row nucleus-layer loss (B,): Bernoulli NLL of the nucleus mask, nats.
 
     Binary cross-entropy of ``dec.nucleus_logits`` against the input's nucleus
@@ -334,8 +363,12 @@ def nucleus_bce(dec: Decoded, nucleus: torch.Tensor, mask: torch.Tensor) -> torc
     dec : Decoded with ``nucleus_logits`` (B, 1, S, S)
     nucleus : (B, 1, S, S) {0, 1} nucleus mask of the input
     mask : (B, 1, S, S) {0, 1} cell mask
+    pixel_weight : (B, 1, S, S) weight of each pixel's term (None: 1), e.g.
+        ``1 + w * nucleus_gaps(nucleus)``
     """
     bce = F.binary_cross_entropy_with_logits(dec.nucleus_logits, nucleus, reduction="none")
+    if pixel_weight is not None:
+        bce = bce * pixel_weight
     return (bce * mask).sum(dim=(1, 2, 3))
 
 
@@ -491,6 +524,10 @@ def vae_loss(
     )
 
     score_nucleus = w.nucleus > 0 and nucleus is not None and image is not None
+    # gaps between lobes weigh more (once per batch: every decode is scored against it)
+    nucleus_weight_map = (
+        1.0 + w.nucleus_gap * nucleus_gaps(nucleus) if score_nucleus and w.nucleus_gap > 0 else None
+    )
 
     def img_terms(dec: Decoded | None, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if dec is None or dec.image is None:
@@ -516,7 +553,7 @@ def vae_loss(
         else:
             g = zero
         if score_nucleus and dec.nucleus_logits is not None:
-            nu = (nucleus_bce(dec, nucleus, mask) * rows).sum()
+            nu = (nucleus_bce(dec, nucleus, mask, nucleus_weight_map) * rows).sum()
         else:
             nu = zero
         return nll / b, m / b, s / b, f / b, g / b, nu / b

@@ -8,7 +8,7 @@ import torch
 
 from tests.helpers.vae_toy import assert_same_loss_terms, image_tensors
 from vae.data import crop_targets, nucleus_masks, raw_batch, to_batch
-from vae.losses import LossWeights, image_nll, nucleus_bce, vae_loss
+from vae.losses import LossWeights, image_nll, nucleus_bce, nucleus_gaps, vae_loss
 from vae.model import (
     NUCLEUS_RENDER_SHARPNESS,
     TwoBranchVAE,
@@ -98,6 +98,48 @@ def test_bce_is_low_for_a_confident_right_mask():
     right = (nuc * 2 - 1) * 6.0
     assert bce(right) < 0.2 < bce(torch.zeros_like(nuc)) < bce(-right)
     assert bce(torch.zeros_like(nuc)) == pytest.approx(s * s * np.log(2), rel=1e-5)
+
+
+def test_gaps_are_the_pixels_between_lobes_only():
+    s = 16
+    two = torch.zeros(1, 1, s, s)
+    two[..., 4:12, 2:6] = 1  # two lobes, 2 px apart
+    two[..., 4:12, 8:12] = 1
+    g = nucleus_gaps(two)
+    expect = torch.zeros_like(two)
+    expect[..., 4:12, 6:8] = 1
+    assert torch.equal(g, expect)
+    disc = torch.zeros(1, 1, s, s)
+    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    disc[0, 0] = (((yy - 7.5) ** 2 + (xx - 7.5) ** 2) <= 25).float()
+    assert float(nucleus_gaps(disc).sum()) <= 4  # a convex nucleus: (almost) nothing
+    edge = torch.zeros(1, 1, s, s)
+    edge[..., :, :3] = 1  # touching the crop's edge: the edge is not a gap
+    assert float(nucleus_gaps(edge).sum()) == 0
+
+
+def test_gap_weight_scales_the_gap_pixels_terms_only():
+    img, mask, nuc, x, hi, he = _batch()
+    m = _model()
+    torch.manual_seed(1)
+    out = m(img, mask, x, hi, he)
+    gaps = nucleus_gaps(nuc)
+    plain = nucleus_bce(out.joint, nuc, mask)
+    w = nucleus_bce(out.joint, nuc, mask, 1.0 + 4.0 * gaps)
+    # the extra is 4 x the BCE summed over the gap pixels inside the cell
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        out.joint.nucleus_logits, nuc, reduction="none"
+    )
+    extra = 4.0 * (bce * gaps * mask).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(w, plain + extra)
+    kw = dict(beta=1.0, n_shared=16, nucleus=nuc)
+    t0 = vae_loss(out, img, mask, x, None, None, weights=LossWeights(nucleus=1.0), **kw)
+    t1 = vae_loss(
+        out, img, mask, x, None, None, weights=LossWeights(nucleus=1.0, nucleus_gap=4.0), **kw
+    )
+    same = [float(getattr(t, k).detach()) for t in (t0, t1) for k in ("image", "kl")]
+    assert same[:2] == same[2:]
+    assert float(t1.nucleus.detach()) >= float(t0.nucleus.detach())
 
 
 def test_weight_zero_is_the_loss_without_the_layer():
