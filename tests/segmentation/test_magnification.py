@@ -477,3 +477,28 @@ def test_smear_folder_refines_by_default_for_a_detector_saved_with_estimate_scal
     assert a.uns["input_scales"]["smears/a"] == pytest.approx(40.0 / 60.0, rel=0.08)
     a, _ = segment_smear_folder(tmp_path / "smears", ckpt, refine=False)
     assert a.uns["input_scales"]["smears/a"] == 0.3
+
+
+def test_refine_probe_keeps_a_pass_only_when_clearly_more_confident():
+    """probe=(0.8, 1.25): two more passes around the kept scale; one replaces it only
+    when its top-k mean score beats it by more than probe_margin; ``measured`` stays
+    the scale before the probe (the image's magnification)."""
+    from segmentation.magnification import RefineSettings, refine_scale
+
+    s_cell = 40.0 / 82.0  # the fake cells' own scale: s1 of every pass
+    # most confident a little below the cells' scale (0.8x): 0.99 there, 0.9 elsewhere
+    det = _FakeDetection(80.0, score=lambda s: 0.99 if abs(s / s_cell - 0.8) < 1e-6 else 0.9)
+    st = RefineSettings(probe=(0.8, 1.25), probe_margin=0.05)
+    result, r = refine_scale(det, 0.3, (600, 800), 40.0, st)
+    assert det.calls == [0.3, pytest.approx(s_cell), pytest.approx(0.8 * s_cell),
+                         pytest.approx(1.25 * s_cell)]  # fmt: skip
+    assert r.measured == pytest.approx(s_cell) and r.scale == pytest.approx(0.8 * s_cell)
+    assert result == f"pass at {0.8 * s_cell:.3f}"
+    # the same gain under the margin: the measured pass is kept
+    det = _FakeDetection(80.0, score=lambda s: 0.93 if abs(s / s_cell - 0.8) < 1e-6 else 0.9)
+    _, r = refine_scale(det, 0.3, (600, 800), 40.0, st)
+    assert len(det.calls) == 4 and r.scale == r.measured == pytest.approx(s_cell)
+    # no probe: as before, and measured == scale
+    det = _FakeDetection(80.0)
+    _, r = refine_scale(det, 0.3, (600, 800), 40.0, RefineSettings())
+    assert len(det.calls) == 2 and r.measured == r.scale
