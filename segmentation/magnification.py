@@ -442,6 +442,8 @@ def refine_scale(
         raise ValueError(f"choose={st.choose!r}; valid: {', '.join(REFINE_CHOOSE)}")
     if st.max_passes < 1:
         raise ValueError(f"max_passes={st.max_passes}: must be >= 1")
+    if any(not float(f) > 0 for f in st.probe):
+        raise ValueError(f"probe={st.probe}: factors must be > 0")
     s = float(s0)
     passes = []  # (scale, result, confidence)
     s1, n1 = float("nan"), 0

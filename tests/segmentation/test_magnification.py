@@ -502,3 +502,5 @@ def test_refine_probe_keeps_a_pass_only_when_clearly_more_confident():
     det = _FakeDetection(80.0)
     _, r = refine_scale(det, 0.3, (600, 800), 40.0, RefineSettings())
     assert len(det.calls) == 2 and r.measured == r.scale
+    with pytest.raises(ValueError, match="probe"):
+        refine_scale(det, 0.3, (600, 800), 40.0, RefineSettings(probe=(0.8, 0.0)))
