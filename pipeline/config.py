@@ -214,8 +214,8 @@ class SegmentationConfig:
     # null: as the detector says (the shipped one: on; a segment_train model: off)
     estimate_scale: bool | None = None
     # with estimate_scale: a pass at the estimate, then one at the scale making the detector's
-    # confident white boxes cell_px (no ground truth). Off: no AP50 gain, TXL-PBC train
-    refine_scale: bool = False
+    # confident white boxes cell_px (no ground truth). null: as the detector says (shipped: on)
+    refine_scale: bool | None = None
     tile_size: int = 1024  # square tile side, px at input_scale; fed to the net unresized
     tile_overlap: int = 256  # px; keep above the largest cell diameter
     batch_size: int = 4  # tiles per forward pass

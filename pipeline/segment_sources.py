@@ -32,6 +32,7 @@ from pipeline.runner import StageContext, StageError, resolve_data_path
 from segmentation.cells import SegmentSettings, contact_sheet, segment_images
 from segmentation.io import list_images, read_rgb, write_h5ad
 from segmentation.progress import bar
+from segmentation.shipped import wants_scale_refinement
 from segmentation.sources import (
     LabelFileError,
     label_for_image,
@@ -157,8 +158,9 @@ def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
     by_scale: dict[float, list[tuple[int, Path]]] = {}
     refined = []  # measured and refined per image by the detector (segmentation.refine_scale)
     est_px = estimate_px(ctx.cfg, ckpt)
+    refine = wants_scale_refinement(sc.refine_scale, ckpt)
     for i, p in enumerate(images):
-        if est_px is not None and sc.refine_scale and _fixed_scale(src, p) is None:
+        if est_px is not None and refine and _fixed_scale(src, p) is None:
             refined.append((offset + i, p))
             continue
         sc_i = _scale(src, settings.input_scale, p, est_px)

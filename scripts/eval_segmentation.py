@@ -165,6 +165,7 @@ def refined(model, ds, cell_px: float, settings) -> tuple[object, list, dict]:
                     "s1": None if not np.isfinite(r.s1) else round(r.s1, 5),
                     "n_boxes": r.n_boxes,
                     "scale": round(r.scale, 5),
+                    "measured": round(r.measured, 5),
                     "passes": len(r.scales),
                     "oracle": round(auto_scale(rec, cell_px), 5),
                 }
@@ -191,6 +192,8 @@ def refined(model, ds, cell_px: float, settings) -> tuple[object, list, dict]:
         "images_by_passes": n_passes,
         "images_without_s1": int(sum(r["s1"] is None for r in per_image)),
         "kept": table("scale"),
+        # the scale before any probe pass (--refine-probe): the measured magnification
+        "measured": table("measured"),
         "s1": table("s1"),
         "s0": table("s0"),
         "per_image": per_image,
@@ -252,6 +255,13 @@ def main() -> None:
     ap.add_argument("--refine-tolerance", type=float, default=None)
     ap.add_argument("--refine-passes", type=int, default=None)
     ap.add_argument("--refine-choose", default=None, choices=["last", "score"])
+    ap.add_argument(
+        "--refine-probe",
+        default=None,
+        help="comma-separated factors: extra passes at the kept scale times each, kept "
+        "when their top-k mean score beats it by --refine-probe-margin (RefineSettings.probe)",
+    )
+    ap.add_argument("--refine-probe-margin", type=float, default=None)
     ap.add_argument("--cell-px", type=float, default=40.0)
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--out", default=None)
@@ -306,6 +316,10 @@ def main() -> None:
                 "tolerance": a.refine_tolerance,
                 "max_passes": a.refine_passes,
                 "choose": a.refine_choose,
+                "probe": None
+                if a.refine_probe is None
+                else tuple(float(f) for f in a.refine_probe.split(",") if f),
+                "probe_margin": a.refine_probe_margin,
             }
             st = RefineSettings(**{k: v for k, v in given.items() if v is not None})
             ds, preds, more = refined(model, ds, a.cell_px, st)

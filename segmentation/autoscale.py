@@ -49,7 +49,10 @@ class ScaleChoice:
         if r is None:
             return f"{ruler}: s0 {e.scale:.4g} used"
         s1 = f"{r.s1:.4g} ({r.n_boxes} boxes)" if np.isfinite(r.s1) else "none (no confident box)"
-        return f"{ruler}: s0 {e.scale:.4g}, detector s1 {s1}, used {r.scale:.4g}"
+        used = f"used {r.scale:.4g}"
+        if r.scale != r.measured:  # a probe pass was more confident (RefineSettings.probe)
+            used += f" (probe; measured {r.measured:.4g})"
+        return f"{ruler}: s0 {e.scale:.4g}, detector s1 {s1}, {used}"
 
 
 def segment_estimated(

@@ -321,7 +321,12 @@ class RefineSettings:
     max_passes : detector passes per image (>= 1; 1 = no refinement)
     choose : ``last`` keeps the last pass; ``score`` the pass whose confident
         detections score highest (mean of its top ``top_k`` scores)
-    top_k : scores averaged by ``choose="score"``
+    top_k : scores averaged by ``choose="score"`` and by the probe
+    probe : factors (e.g. ``(0.8, 1.25)``): after the passes above, one more pass at
+        the kept scale times each factor; a probe pass replaces the kept one when its
+        top-``top_k`` mean score beats it by more than ``probe_margin`` (the detector's
+        confidence as the judge of the scale it sees best; empty: no probe)
+    probe_margin : score margin a probe pass must beat the kept pass by
     """
 
     min_score: float = REFINE_MIN_SCORE
@@ -330,6 +335,8 @@ class RefineSettings:
     max_passes: int = REFINE_MAX_PASSES
     choose: str = "last"
     top_k: int = 3
+    probe: tuple[float, ...] = ()
+    probe_margin: float = 0.05
 
 
 @dataclass
@@ -342,6 +349,8 @@ class ScaleRefinement:
     scale : the scale whose pass was kept
     scales : scale of every pass run, in order
     confidence : per pass, mean of its top ``top_k`` scores (0 without detections)
+    measured : the scale kept before any probe pass (the image's measured
+        magnification: the detector's box size where it was re-run, else ``s0``)
     """
 
     s0: float
@@ -350,6 +359,7 @@ class ScaleRefinement:
     scale: float
     scales: list[float]
     confidence: list[float]
+    measured: float = float("nan")
 
 
 def detector_scale(
@@ -432,6 +442,8 @@ def refine_scale(
         raise ValueError(f"choose={st.choose!r}; valid: {', '.join(REFINE_CHOOSE)}")
     if st.max_passes < 1:
         raise ValueError(f"max_passes={st.max_passes}: must be >= 1")
+    if any(not float(f) > 0 for f in st.probe):
+        raise ValueError(f"probe={st.probe}: factors must be > 0")
     s = float(s0)
     passes = []  # (scale, result, confidence)
     s1, n1 = float("nan"), 0
@@ -448,11 +460,21 @@ def refine_scale(
     k = len(passes) - 1
     if st.choose == "score":
         k = int(np.argmax([c for _, _, c in passes]))  # first of equals: the earlier pass
-    return passes[k][1], ScaleRefinement(
+    measured = passes[k][0]
+    best = k
+    for f in st.probe:
+        s = measured * float(f)
+        result, _, scores = detect(s)
+        top = np.sort(np.asarray(scores, float).reshape(-1))[::-1][: st.top_k]
+        passes.append((s, result, float(top.mean()) if top.size else 0.0))
+        if passes[-1][2] > max(passes[best][2], passes[k][2] + st.probe_margin):
+            best = len(passes) - 1
+    return passes[best][1], ScaleRefinement(
         s0=float(s0),
         s1=s1,
         n_boxes=n1,
-        scale=passes[k][0],
+        scale=passes[best][0],
         scales=[p[0] for p in passes],
         confidence=[p[2] for p in passes],
+        measured=float(measured),
     )

@@ -123,3 +123,23 @@ def wants_scale_estimate(setting: bool | None, ckpt: dict[str, Any]) -> bool:
     if setting is not None:
         return bool(setting)
     return bool(ckpt.get("estimate_scale", False))
+
+
+def wants_scale_refinement(setting: bool | None, ckpt: dict[str, Any]) -> bool:
+    """Whether an estimated scale is refined by the detector's own white boxes
+    (:func:`segmentation.magnification.refine_scale`).
+
+    Parameters
+    ----------
+    setting
+        ``segmentation.refine_scale``: true / false force it; None (default) follows
+        the checkpoint like :func:`wants_scale_estimate`: on for a detector saved with
+        ``estimate_scale`` (the shipped one, trained on TXL-PBC at its ground-truth
+        scale, so its boxes measure the cell size: docs/segmentation_infer.md,
+        "Detector-refined scale"), off for a ``segment_train`` model.
+    ckpt
+        The loaded checkpoint dict.
+    """
+    if setting is not None:
+        return bool(setting)
+    return bool(ckpt.get("refine_scale", ckpt.get("estimate_scale", False)))

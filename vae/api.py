@@ -284,7 +284,7 @@ class Study:
         segment_settings: Any = None,
         detector_kwargs: dict | None = None,
         estimate_cell_px: float | None = None,
-        refine_scale: bool = False,
+        refine_scale: bool | None = None,
         estimate_scale: bool | None = None,
     ):
         """Read one input into an AnnData (``(adata, rejects)`` for folders: see below).
@@ -299,9 +299,11 @@ class Study:
         segment_settings, detector_kwargs, estimate_cell_px : for ``smears``
             (:func:`vae.inputs.query.segment_smear_folder`; ``estimate_cell_px``
             measures each image's magnification from its white cells, else red cells)
-        refine_scale : with ``estimate_cell_px``: the detector's own confident white
+        refine_scale : when the scale is estimated: the detector's own confident white
             boxes refine each image's estimate (one more detector pass where they
-            disagree; :func:`segmentation.magnification.refine_scale`)
+            disagree; :func:`segmentation.magnification.refine_scale`); None (default):
+            as the detector asks (the shipped one: on;
+            :func:`segmentation.shipped.wants_scale_refinement`)
         estimate_scale : for ``smears`` without ``estimate_cell_px``: None (default)
             measures the magnification when the detector asks for it (the shipped one)
 
@@ -357,7 +359,7 @@ class Study:
                     self.device,
                     detector_kwargs,
                     estimate_cell_px,
-                    RefineSettings() if refine_scale else None,
+                    RefineSettings() if refine_scale else refine_scale,  # None: as saved
                     estimate_scale,
                 )
             except (RuntimeError, UnsafeCheckpointError) as e:

@@ -243,7 +243,7 @@ def _segment_args(cfg, kind: str) -> dict:
         "segment_settings": settings_from_config(sc),
         "detector_kwargs": detector_kwargs(sc),
         "estimate_cell_px": float(sc.cell_px) if sc.estimate_scale else None,
-        "refine_scale": bool(sc.refine_scale),
+        "refine_scale": sc.refine_scale,  # null: as the detector says (shipped: on)
         "estimate_scale": sc.estimate_scale,  # null: as the detector says (shipped: on)
     }
 

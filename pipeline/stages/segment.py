@@ -39,6 +39,7 @@ from segmentation.crops import FLAGS, FilterSettings
 from segmentation.inference import MaskRCNNDetector
 from segmentation.io import list_images, read_rgb, write_h5ad
 from segmentation.progress import bar
+from segmentation.shipped import wants_scale_refinement
 from segmentation.table import cells_adata, merge_parts, run_summary
 
 log = logging.getLogger(__name__)
@@ -159,11 +160,11 @@ def detector_kwargs(sc: Any) -> dict[str, Any]:
     }
 
 
-def refine_settings(sc: Any):
-    """``segmentation.refine_scale`` -> the detector-refinement thresholds (None: off)."""
+def refine_settings(sc: Any, ckpt: dict[str, Any]):
+    """``segmentation.refine_scale`` (null: as ``ckpt`` says) -> the thresholds (None: off)."""
     from segmentation.magnification import RefineSettings
 
-    return RefineSettings() if sc.refine_scale else None
+    return RefineSettings() if wants_scale_refinement(sc.refine_scale, ckpt) else None
 
 
 def make_detector(ctx: StageContext, model: torch.nn.Module) -> MaskRCNNDetector:
@@ -221,7 +222,7 @@ def _run_shard(
                 truths=[it for _, _, _, it in good],
             )
         else:  # magnification per image from its white (else red) cells (segmentation.estimate_scale)
-            results = [_estimated(detector, im, p, settings, it, sc) for _, p, im, it in good]
+            results = [_estimated(detector, im, p, settings, it, sc, ckpt) for _, p, im, it in good]
         seconds += time.perf_counter() - t0
         pbar.update(len(good))
         for (index, path, _, it), cells in zip(good, results):
@@ -270,10 +271,10 @@ def _run_shard(
     }
 
 
-def _estimated(detector, image, path, settings, truth, sc) -> ImageCells:
+def _estimated(detector, image, path, settings, truth, sc, ckpt) -> ImageCells:
     from segmentation.autoscale import segment_estimated
 
-    r, px = refine_settings(sc), sc.cell_px
+    r, px = refine_settings(sc, ckpt), sc.cell_px
     cells, choice = segment_estimated(detector, image, path.name, settings, px, truth, None, r)
     log.info("scale %s: %s", path.name, choice.describe())
     return cells

@@ -292,10 +292,11 @@ def test_segment_estimated_refines_a_wrong_ruler(monkeypatch):
     assert det.shapes == [(90, 90)] and choice.scale == 0.3 and choice.refinement is None
 
 
-@pytest.mark.parametrize("refine", [True, False])
+@pytest.mark.parametrize("refine", [True, False, None])
 def test_segment_stage_uses_refine_scale_setting(tmp_path, monkeypatch, refine):
     """stage=segment with segmentation.estimate_scale=true: refine_scale=true runs the
-    detector again at its own scale and logs s0, s1 and the scale used; false keeps s0."""
+    detector again at its own scale and logs s0, s1 and the scale used; false keeps s0;
+    null (the default) refines for a detector saved with estimate_scale (as shipped)."""
     import anndata as ad
     import torch
     from PIL import Image
@@ -306,7 +307,8 @@ def test_segment_stage_uses_refine_scale_setting(tmp_path, monkeypatch, refine):
 
     torch.manual_seed(0)
     args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64}
-    save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args)  # only loaded
+    extra = {"estimate_scale": True} if refine is None else {}
+    save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args, **extra)  # only loaded
     (tmp_path / "smears").mkdir()
     img = _smear(14.0, size=300, white=60.0, white_at=[(90, 90), (200, 190)])
     Image.fromarray(img).save(tmp_path / "smears" / "a.png")
@@ -323,13 +325,13 @@ def test_segment_stage_uses_refine_scale_setting(tmp_path, monkeypatch, refine):
             "segmentation.crop_size=32",
             "segmentation.min_area=100",
             "segmentation.estimate_scale=true",
-            f"segmentation.refine_scale={str(refine).lower()}",
-        ],
+        ]
+        + ([] if refine is None else [f"segmentation.refine_scale={str(refine).lower()}"]),
         "segment",
     )
     assert ad.read_h5ad(out / "cells.h5ad").n_obs == 2
     log = (out / "segment.log").read_text()
-    if refine:
+    if refine is not False:
         assert det.shapes[0] == (90, 90) and len(det.shapes) == 2
         assert det.shapes[1][0] == pytest.approx(300 * 40 / 60, rel=0.08)
         s1 = det.shapes[1][0] / 300
@@ -414,3 +416,91 @@ def test_smear_folder_records_the_refined_scale(tmp_path, monkeypatch):
     assert a.n_obs == 2
     a, _ = segment_smear_folder(folder, ckpt, estimate_cell_px=40.0)
     assert a.uns["input_scales"]["smears/a"] == 0.3
+
+
+def test_estimated_scale_ignores_ground_truth():
+    """The per-image scale (ruler + detector refinement) is measured from the image and
+    the detections only: ground truth given with the image (here, wrongly sized on
+    purpose) changes neither s0, s1 nor the scale used; only the match columns differ."""
+    from segmentation.autoscale import segment_estimated
+    from segmentation.cells import ImageTruth, SegmentSettings
+    from segmentation.magnification import RefineSettings
+
+    img = _smear(14.0, size=300, white=60.0, white_at=[(90, 90), (200, 190)])
+    st = SegmentSettings(input_scale=1.0, crop_size=32)
+    tiny = np.ones((10, 10), bool)  # a 10 px "cell": an oracle would scale up 4x
+    truth = ImageTruth([tiny], np.array([[5, 5]], np.int64), [{"category_id": 1}])
+    runs = []
+    for t in (None, truth):
+        det = _LilacDetector()
+        _, choice = segment_estimated(det, img, "a.png", st, 40.0, t, refine=RefineSettings())
+        runs.append((choice.estimate.scale, choice.refinement.s1, choice.scale, det.shapes))
+    assert runs[0] == runs[1]
+    assert runs[0][2] == pytest.approx(40.0 / 60.0, rel=0.1)  # the drawn 60 px cells
+
+
+def test_refinement_follows_the_detector_unless_set():
+    """segmentation.refine_scale null: on for a detector saved with estimate_scale (the
+    shipped one), off for a segment_train model; true / false always win."""
+    from segmentation.shipped import wants_scale_refinement
+
+    assert wants_scale_refinement(None, {"estimate_scale": True})
+    assert not wants_scale_refinement(None, {})
+    assert not wants_scale_refinement(None, {"estimate_scale": True, "refine_scale": False})
+    assert not wants_scale_refinement(False, {"estimate_scale": True})
+    assert wants_scale_refinement(True, {})
+
+
+def test_smear_folder_refines_by_default_for_a_detector_saved_with_estimate_scale(
+    tmp_path, monkeypatch
+):
+    """The embed reader with no scale arguments and a checkpoint that asks for the
+    estimate (as the shipped one does): measured, then refined by the detector's boxes;
+    ``refine=False`` keeps the ruler's scale."""
+    import torch
+    from PIL import Image
+
+    import segmentation.inference as inf
+    from segmentation.model import build_maskrcnn, save_checkpoint
+    from vae.inputs.query import segment_smear_folder
+
+    torch.manual_seed(0)
+    args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64}
+    ckpt = tmp_path / "det.pt"
+    save_checkpoint(ckpt, build_maskrcnn(**args), args, estimate_scale=True, cell_px=40.0)
+    (tmp_path / "smears").mkdir()
+    img = _smear(14.0, size=300, white=60.0, white_at=[(90, 90), (200, 190)])
+    Image.fromarray(img).save(tmp_path / "smears" / "a.png")
+    monkeypatch.setattr(inf, "MaskRCNNDetector", lambda *a, **k: _LilacDetector())
+    _wrong_ruler(monkeypatch, 0.3)
+    a, _ = segment_smear_folder(tmp_path / "smears", ckpt)
+    assert a.uns["input_scales"]["smears/a"] == pytest.approx(40.0 / 60.0, rel=0.08)
+    a, _ = segment_smear_folder(tmp_path / "smears", ckpt, refine=False)
+    assert a.uns["input_scales"]["smears/a"] == 0.3
+
+
+def test_refine_probe_keeps_a_pass_only_when_clearly_more_confident():
+    """probe=(0.8, 1.25): two more passes around the kept scale; one replaces it only
+    when its top-k mean score beats it by more than probe_margin; ``measured`` stays
+    the scale before the probe (the image's magnification)."""
+    from segmentation.magnification import RefineSettings, refine_scale
+
+    s_cell = 40.0 / 82.0  # the fake cells' own scale: s1 of every pass
+    # most confident a little below the cells' scale (0.8x): 0.99 there, 0.9 elsewhere
+    det = _FakeDetection(80.0, score=lambda s: 0.99 if abs(s / s_cell - 0.8) < 1e-6 else 0.9)
+    st = RefineSettings(probe=(0.8, 1.25), probe_margin=0.05)
+    result, r = refine_scale(det, 0.3, (600, 800), 40.0, st)
+    assert det.calls == [0.3, pytest.approx(s_cell), pytest.approx(0.8 * s_cell),
+                         pytest.approx(1.25 * s_cell)]  # fmt: skip
+    assert r.measured == pytest.approx(s_cell) and r.scale == pytest.approx(0.8 * s_cell)
+    assert result == f"pass at {0.8 * s_cell:.3f}"
+    # the same gain under the margin: the measured pass is kept
+    det = _FakeDetection(80.0, score=lambda s: 0.93 if abs(s / s_cell - 0.8) < 1e-6 else 0.9)
+    _, r = refine_scale(det, 0.3, (600, 800), 40.0, st)
+    assert len(det.calls) == 4 and r.scale == r.measured == pytest.approx(s_cell)
+    # no probe: as before, and measured == scale
+    det = _FakeDetection(80.0)
+    _, r = refine_scale(det, 0.3, (600, 800), 40.0, RefineSettings())
+    assert len(det.calls) == 2 and r.measured == r.scale
+    with pytest.raises(ValueError, match="probe"):
+        refine_scale(det, 0.3, (600, 800), 40.0, RefineSettings(probe=(0.8, 0.0)))

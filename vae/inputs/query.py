@@ -106,10 +106,12 @@ def segment_smear_folder(
         (:func:`segmentation.magnification.estimate_scale`: its white cells, else its
         red cells; white cells to this many px) instead of ``settings.input_scale``; the scales used are in
         ``uns["input_scales"]`` (image -> scale)
-    refine : with ``estimate_cell_px``: a
+    refine : when the scale is estimated: a
         :class:`segmentation.magnification.RefineSettings` makes the detector's own
         confident white boxes refine each estimate
-        (:func:`segmentation.autoscale.segment_estimated`); None: the estimate is used
+        (:func:`segmentation.autoscale.segment_estimated`); False: the estimate is
+        used; None (default): refined with the default thresholds when the detector
+        asks for it (the shipped one: :func:`segmentation.shipped.wants_scale_refinement`)
     estimate_scale : when ``estimate_cell_px`` is None: True estimates at the
         checkpoint's ``cell_px``; None (default) does so for a detector saved with
         ``estimate_scale`` (the shipped one: :func:`segmentation.shipped.wants_scale_estimate`)
@@ -120,13 +122,17 @@ def segment_smear_folder(
     from segmentation.cells import SegmentSettings, segment_images
     from segmentation.inference import MaskRCNNDetector
     from segmentation.io import read_rgb
+    from segmentation.magnification import RefineSettings
     from segmentation.model import load_checkpoint
-    from segmentation.shipped import wants_scale_estimate
+    from segmentation.shipped import wants_scale_estimate, wants_scale_refinement
     from segmentation.table import obs_frame
 
     model, ckpt = load_checkpoint(model_path, map_location=device)
     if estimate_cell_px is None and wants_scale_estimate(estimate_scale, ckpt):
         estimate_cell_px = float(ckpt.get("cell_px") or 40.0)
+    if refine is None and wants_scale_refinement(None, ckpt):
+        refine = RefineSettings()
+    refine = refine or None  # False: the estimate alone
     if settings is None:
         settings = SegmentSettings(input_scale=float(ckpt.get("input_scale") or 1.0))
     det = MaskRCNNDetector(model, device, **(detector_kwargs or {}))
