@@ -118,5 +118,8 @@ class TrainerConfig:
     rotate: float = 0.0
     log_every_steps: int = 10  # TensorBoard scalars
     image_every_epochs: int = 1  # reconstruction grid + expression figure
+    # ...drawn while they take at most this fraction of the run's time (first and last
+    # epoch always; ~0.3 s each, more than a small expression-only epoch); null: no cap
+    figure_budget: float | None = 0.1
     n_images: int = 8  # rows of the reconstruction grid
     projector_max_cells: int = 1000  # embedding projector at the end (0: off)

@@ -149,6 +149,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
         pin_memory=bool(hw.pin_memory),
         log_every_steps=int(t.log_every_steps),
         image_every_epochs=int(t.image_every_epochs),
+        figure_budget=None if t.figure_budget is None else float(t.figure_budget),
         n_images=int(t.n_images),
     )
 

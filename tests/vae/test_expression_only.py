@@ -114,3 +114,22 @@ def test_encode_dataset_of_expression_only_rows_runs_no_cnn():
     full = encode_dataset(model, d, batch_size=8, decode=True)  # carries the empty crops
     np.testing.assert_allclose(lat.joint, full.joint, atol=1e-6)
     np.testing.assert_allclose(lat.expression, full.expression, atol=1e-6)
+
+
+@pytest.mark.parametrize(("budget", "epochs_drawn"), [(0.0, [1, 4]), (None, [1, 2, 3, 4])])
+def test_epoch_figures_stay_within_their_time_budget(tmp_path, budget, epochs_drawn):
+    """figure_budget=0: the first and the last epoch's figures only; None: every epoch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vae.tb import EXPRESSION_TAG, TBLogger
+
+    d = _expression_only(30)
+    split = stratified_split(d.labels.numpy(), 0.2, 0.0, 0)
+    tb = TBLogger(tmp_path / "tb", d.gene_names, [0, 1])
+    args = TrainArgs(max_epochs=4, batch_size=8, kl_warmup_epochs=1, figure_budget=budget)
+    train(tiny_model(12, "poe", 2), d, split, args, CPU, tmp_path, tb=tb)
+    tb.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images(EXPRESSION_TAG)] == epochs_drawn
+    assert [e.step for e in acc.Scalars("val/total")] == [1, 2, 3, 4]  # scalars every epoch
