@@ -70,6 +70,9 @@ class VAEConfig:
     library_covariate: bool = True  # feed log library size to the expression encoder
     late_mask: bool = False  # score observed non-zero entries only (LATE)
     dropout: float = 0.1  # MLP dropout
+    # hidden-layer normalisation of the expression MLPs: layer | batch | auto (batch
+    # when every row has a profile and none an image, else layer; docs/vae.md)
+    expression_norm: str = "auto"
     # fusion of the unimodal posteriors
     fusion: str = "poe"  # poe (product of experts with the prior) | moe (mixture)
     # loss weights: 1 is the ELBO's own weight (image NLL summed over the scored

@@ -27,6 +27,16 @@ def expression_likelihood(cfg_value: str, has_counts: bool, source: str) -> str:
     return cfg_value
 
 
+def expression_norm(cfg_value: str, data) -> str:
+    """Resolve ``vae.expression_norm``: ``auto`` -> ``batch`` when every row of ``data``
+    has a profile and none an image (expression alone: BatchNorm's statistics see no
+    empty row; measured on Paul15, docs/performance.md), else ``layer``."""
+    if cfg_value != "auto":
+        return cfg_value
+    alone = bool(data.has_expression.all()) and not bool(data.has_image.any())
+    return "batch" if alone and data.n_genes > 0 else "layer"
+
+
 def build_model_args(cfg: DictConfig, data, source: str):
     from vae.model import VAEArgs
 
@@ -49,6 +59,7 @@ def build_model_args(cfg: DictConfig, data, source: str):
             fusion=v.fusion,
             norm_total=float(data.norm_total),
             dropout=float(v.dropout),
+            expression_norm=expression_norm(v.expression_norm, data),
             image_arch=v.image_arch,
             texture_noise=bool(v.texture_noise),
             image_input=v.image_input,
@@ -158,6 +169,7 @@ __all__ = [
     "build_model_args",
     "build_train_args",
     "expression_likelihood",
+    "expression_norm",
     "resolve_align",
     "unknown_label_code",
 ]

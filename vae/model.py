@@ -31,6 +31,7 @@ from torch.nn import functional as F
 IMAGE_LIKELIHOODS = ("mse", "gaussian", "laplace")
 EXPRESSION_LIKELIHOODS = ("nb", "zinb", "gaussian")
 FUSIONS = ("poe", "moe")
+EXPRESSION_NORMS = ("layer", "batch")
 IMAGE_ARCHS = ("plain", "residual")
 IMAGE_INPUTS = ("rgb", "stain")
 IMAGE_ENCODERS = ("conv", "resnet18")
@@ -71,6 +72,10 @@ class VAEArgs:
         log-normalised predictions.
     dropout : float
         Dropout in the expression MLPs.
+    expression_norm : str
+        Normalisation of the expression MLPs' hidden layers: ``layer`` (LayerNorm, per
+        cell) or ``batch`` (BatchNorm over the batch, as scvi-tools; statistics over
+        every row the MLP sees, so meant for data where every row has a profile).
     image_arch : str
         ``plain``: one stride-2 conv per scale and transposed convs back (the
         first design; decodes blurred discs). ``residual``: a residual 3x3
@@ -93,6 +98,9 @@ class VAEArgs:
     fusion: str = "poe"
     norm_total: float = 1e4
     dropout: float = 0.1
+    # "layer" | "batch"; default "layer" so checkpoints saved before this field load
+    # unchanged
+    expression_norm: str = "layer"
     # default "plain" so checkpoints saved before this field load unchanged
     image_arch: str = "plain"
     texture_noise: bool = False  # residual decoder: per-pixel noise before the last conv
@@ -148,6 +156,10 @@ class VAEArgs:
         if self.granule_head and self.image_arch != "residual":
             raise ValueError(
                 "granule_head needs image_arch='residual' (set vae.granule_weight=0 for 'plain')"
+            )
+        if self.expression_norm not in EXPRESSION_NORMS:
+            raise ValueError(
+                f"expression_norm={self.expression_norm!r}; valid: {', '.join(EXPRESSION_NORMS)}"
             )
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion={self.fusion!r}; valid: {', '.join(FUSIONS)}")
@@ -273,10 +285,17 @@ class ForwardOutput:
     classifier: nn.Module | None = None  # label head on shared means (n_classes > 0)
 
 
-def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
+def _norm(kind: str, width: int) -> nn.Module:
+    if kind == "batch":
+        # scvi-tools' settings: slow running statistics (momentum 0.01), eps 1e-3
+        return nn.BatchNorm1d(width, eps=1e-3, momentum=0.01)
+    return nn.LayerNorm(width)
+
+
+def _mlp(sizes: list[int], dropout: float, norm: str = "layer") -> nn.Sequential:
     layers: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), nn.LayerNorm(b), nn.SiLU()]
+        layers += [nn.Linear(a, b), _norm(norm, b), nn.SiLU()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
@@ -504,10 +523,18 @@ class ImageDecoder(nn.Module):
 class ExpressionEncoder(nn.Module):
     """Log-normalised expression (B, G) [+ log library (B, 1)] -> Gaussian."""
 
-    def __init__(self, n_genes: int, hidden: list[int], n_out: int, library: bool, dropout: float):
+    def __init__(
+        self,
+        n_genes: int,
+        hidden: list[int],
+        n_out: int,
+        library: bool,
+        dropout: float,
+        norm: str = "layer",
+    ):
         super().__init__()
         self.library = library
-        self.net = _mlp([n_genes + int(library), *hidden], dropout)
+        self.net = _mlp([n_genes + int(library), *hidden], dropout, norm)
         self.mu = nn.Linear(hidden[-1], n_out)
         self.logvar = nn.Linear(hidden[-1], n_out)
 
@@ -531,10 +558,11 @@ class ExpressionDecoder(nn.Module):
         likelihood: str,
         norm_total: float,
         dropout: float,
+        norm: str = "layer",
     ):
         super().__init__()
         self.likelihood = likelihood
-        self.net = _mlp([n_in, *reversed(hidden)], dropout)
+        self.net = _mlp([n_in, *reversed(hidden)], dropout, norm)
         self.out = nn.Linear(hidden[0], n_genes)
         self.register_buffer("log_norm_total", torch.tensor(math.log(norm_total)))
         if likelihood in ("nb", "zinb"):
@@ -649,13 +677,21 @@ class TwoBranchVAE(nn.Module):
         # 0 genes (pair=image_only): no expression branch at all, so no parameter
         # of it is trained, saved or synchronised
         self.expression_encoder = (
-            ExpressionEncoder(a.n_genes, a.hidden, ns + npv, a.library_covariate, a.dropout)
+            ExpressionEncoder(
+                a.n_genes, a.hidden, ns + npv, a.library_covariate, a.dropout, a.expression_norm
+            )
             if a.n_genes > 0
             else None
         )
         self.expression_decoder = (
             ExpressionDecoder(
-                a.n_genes, a.hidden, ns + npv, a.expression_likelihood, a.norm_total, a.dropout
+                a.n_genes,
+                a.hidden,
+                ns + npv,
+                a.expression_likelihood,
+                a.norm_total,
+                a.dropout,
+                a.expression_norm,
             )
             if a.n_genes > 0
             else None

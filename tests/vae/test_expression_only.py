@@ -133,3 +133,42 @@ def test_epoch_figures_stay_within_their_time_budget(tmp_path, budget, epochs_dr
     acc.Reload()
     assert [e.step for e in acc.Images(EXPRESSION_TAG)] == epochs_drawn
     assert [e.step for e in acc.Scalars("val/total")] == [1, 2, 3, 4]  # scalars every epoch
+
+
+def test_expression_norm_auto_is_batch_for_expression_alone_only():
+    from pipeline.train_args import expression_norm
+
+    alone = _expression_only()
+    mixed = from_anndata(make_paired(12, image_only=2, expression_only=4))
+    assert expression_norm("auto", alone) == "batch"
+    assert expression_norm("auto", mixed) == "layer"  # rows without a profile / with images
+    assert expression_norm("layer", alone) == "layer" and expression_norm("batch", mixed) == "batch"
+
+
+def test_batch_norm_expression_model_trains_saves_and_reloads(tmp_path):
+    """expression_norm='batch': BatchNorm in both expression MLPs, its running statistics
+    learned in training and saved with the model (eval mode uses them)."""
+    from dataclasses import replace
+
+    from vae.checkpoint import load_model
+    from vae.model import TwoBranchVAE
+
+    d = _expression_only(30)
+    split = stratified_split(d.labels.numpy(), 0.2, 0.0, 0)
+    torch.manual_seed(0)
+    model = TwoBranchVAE(replace(tiny_model(12, "poe", 2).args, expression_norm="batch"))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(norms) == 2 and not any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
+    args = TrainArgs(max_epochs=2, batch_size=8, kl_warmup_epochs=0, image_every_epochs=0)
+    res = train(model, d, split, args, CPU, tmp_path)
+    assert np.isfinite(res.best_val)
+    assert all(int(m.num_batches_tracked) == res.steps for m in norms)
+    assert not torch.equal(norms[0].running_mean, torch.zeros_like(norms[0].running_mean))
+    loaded, _ = load_model(tmp_path / "last.pt")
+    assert loaded.args.expression_norm == "batch"
+    model.eval()
+    x, lib = d.x[:5], torch.log(d.library[:5])
+    with torch.no_grad():
+        a = model.encode(expression=x, log_library=lib).joint[0]
+        b = loaded.encode(expression=x, log_library=lib).joint[0]
+    assert torch.equal(a, b)
