@@ -73,6 +73,9 @@ class VAEConfig:
     # hidden-layer normalisation of the expression MLPs: layer | batch | auto (batch
     # when every row has a profile and none an image, else layer; docs/vae.md)
     expression_norm: str = "auto"
+    # what the expression encoder reads: lognorm (X) | counts (log1p of the counts) |
+    # auto (counts when every row has a profile with counts and none an image)
+    expression_input: str = "auto"
     # fusion of the unimodal posteriors
     fusion: str = "poe"  # poe (product of experts with the prior) | moe (mixture)
     # loss weights: 1 is the ELBO's own weight (image NLL summed over the scored

@@ -27,14 +27,26 @@ def expression_likelihood(cfg_value: str, has_counts: bool, source: str) -> str:
     return cfg_value
 
 
+def expression_alone(data) -> bool:
+    """Every row of ``data`` has a profile and none an image (``pair=expression_only``)."""
+    return data.n_genes > 0 and bool(data.has_expression.all()) and not bool(data.has_image.any())
+
+
 def expression_norm(cfg_value: str, data) -> str:
-    """Resolve ``vae.expression_norm``: ``auto`` -> ``batch`` when every row of ``data``
-    has a profile and none an image (expression alone: BatchNorm's statistics see no
-    empty row; measured on Paul15, docs/performance.md), else ``layer``."""
+    """Resolve ``vae.expression_norm``: ``auto`` -> ``batch`` for expression alone
+    (BatchNorm's statistics then see no empty row; measured on Paul15,
+    docs/performance.md), else ``layer``."""
     if cfg_value != "auto":
         return cfg_value
-    alone = bool(data.has_expression.all()) and not bool(data.has_image.any())
-    return "batch" if alone and data.n_genes > 0 else "layer"
+    return "batch" if expression_alone(data) else "layer"
+
+
+def expression_input(cfg_value: str, data) -> str:
+    """Resolve ``vae.expression_input``: ``auto`` -> ``counts`` for expression alone with
+    raw counts (measured on Paul15, docs/performance.md), else ``lognorm``."""
+    if cfg_value != "auto":
+        return cfg_value
+    return "counts" if expression_alone(data) and data.counts is not None else "lognorm"
 
 
 def build_model_args(cfg: DictConfig, data, source: str):
@@ -60,6 +72,7 @@ def build_model_args(cfg: DictConfig, data, source: str):
             norm_total=float(data.norm_total),
             dropout=float(v.dropout),
             expression_norm=expression_norm(v.expression_norm, data),
+            expression_input=expression_input(v.expression_input, data),
             image_arch=v.image_arch,
             texture_noise=bool(v.texture_noise),
             image_input=v.image_input,
@@ -168,6 +181,8 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
 __all__ = [
     "build_model_args",
     "build_train_args",
+    "expression_alone",
+    "expression_input",
     "expression_likelihood",
     "expression_norm",
     "resolve_align",

@@ -32,6 +32,7 @@ IMAGE_LIKELIHOODS = ("mse", "gaussian", "laplace")
 EXPRESSION_LIKELIHOODS = ("nb", "zinb", "gaussian")
 FUSIONS = ("poe", "moe")
 EXPRESSION_NORMS = ("layer", "batch")
+EXPRESSION_INPUTS = ("lognorm", "counts")
 IMAGE_ARCHS = ("plain", "residual")
 IMAGE_INPUTS = ("rgb", "stain")
 IMAGE_ENCODERS = ("conv", "resnet18")
@@ -72,6 +73,11 @@ class VAEArgs:
         log-normalised predictions.
     dropout : float
         Dropout in the expression MLPs.
+    expression_input : str
+        What the expression encoder reads: ``lognorm`` (X, log-normalised) or
+        ``counts``: ``log1p`` of the counts, recovered from X and the library size
+        (``expm1(X) * library / sum(expm1(X))``, exact when X is the log of counts
+        scaled per cell), as scvi-tools' encoder reads them.
     expression_norm : str
         Normalisation of the expression MLPs' hidden layers: ``layer`` (LayerNorm, per
         cell) or ``batch`` (BatchNorm over the batch, as scvi-tools; statistics over
@@ -101,6 +107,8 @@ class VAEArgs:
     # "layer" | "batch"; default "layer" so checkpoints saved before this field load
     # unchanged
     expression_norm: str = "layer"
+    # "lognorm" | "counts"; default "lognorm" so older checkpoints load unchanged
+    expression_input: str = "lognorm"
     # default "plain" so checkpoints saved before this field load unchanged
     image_arch: str = "plain"
     texture_noise: bool = False  # residual decoder: per-pixel noise before the last conv
@@ -156,6 +164,10 @@ class VAEArgs:
         if self.granule_head and self.image_arch != "residual":
             raise ValueError(
                 "granule_head needs image_arch='residual' (set vae.granule_weight=0 for 'plain')"
+            )
+        if self.expression_input not in EXPRESSION_INPUTS:
+            raise ValueError(
+                f"expression_input={self.expression_input!r}; valid: {', '.join(EXPRESSION_INPUTS)}"
             )
         if self.expression_norm not in EXPRESSION_NORMS:
             raise ValueError(
@@ -521,7 +533,11 @@ class ImageDecoder(nn.Module):
 
 
 class ExpressionEncoder(nn.Module):
-    """Log-normalised expression (B, G) [+ log library (B, 1)] -> Gaussian."""
+    """Log-normalised expression (B, G) [+ log library (B, 1)] -> Gaussian.
+
+    ``inputs="counts"``: the MLP reads ``log1p`` of the counts recovered from the
+    log-normalised values and the library size (see ``VAEArgs.expression_input``).
+    """
 
     def __init__(
         self,
@@ -531,18 +547,26 @@ class ExpressionEncoder(nn.Module):
         library: bool,
         dropout: float,
         norm: str = "layer",
+        inputs: str = "lognorm",
     ):
         super().__init__()
         self.library = library
+        self.inputs = inputs
         self.net = _mlp([n_genes + int(library), *hidden], dropout, norm)
         self.mu = nn.Linear(hidden[-1], n_out)
         self.logvar = nn.Linear(hidden[-1], n_out)
 
     def forward(self, x: torch.Tensor, log_library: torch.Tensor | None) -> Gaussian:
+        if log_library is None:  # unknown: library 1
+            log_library = torch.zeros(x.shape[0], 1, device=x.device, dtype=x.dtype)
+        log_library = log_library.view(-1, 1).to(x.dtype)
+        if self.inputs == "counts":
+            # X = log1p(c * s) with one scale s per cell: c = expm1(X) * L / sum(expm1(X))
+            e = torch.expm1(x)
+            scale = torch.exp(log_library) / e.sum(dim=1, keepdim=True).clamp_min(1e-12)
+            x = torch.log1p(e * scale)  # a row without a profile stays 0
         if self.library:
-            if log_library is None:
-                log_library = torch.zeros(x.shape[0], 1, device=x.device, dtype=x.dtype)
-            x = torch.cat([x, log_library.view(-1, 1).to(x.dtype)], dim=1)
+            x = torch.cat([x, log_library], dim=1)
         h = self.net(x)
         return self.mu(h), self.logvar(h).clamp(-10.0, 8.0)
 
@@ -678,7 +702,13 @@ class TwoBranchVAE(nn.Module):
         # of it is trained, saved or synchronised
         self.expression_encoder = (
             ExpressionEncoder(
-                a.n_genes, a.hidden, ns + npv, a.library_covariate, a.dropout, a.expression_norm
+                a.n_genes,
+                a.hidden,
+                ns + npv,
+                a.library_covariate,
+                a.dropout,
+                a.expression_norm,
+                a.expression_input,
             )
             if a.n_genes > 0
             else None

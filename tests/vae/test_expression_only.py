@@ -172,3 +172,36 @@ def test_batch_norm_expression_model_trains_saves_and_reloads(tmp_path):
         a = model.encode(expression=x, log_library=lib).joint[0]
         b = loaded.encode(expression=x, log_library=lib).joint[0]
     assert torch.equal(a, b)
+
+
+def test_counts_input_recovers_log1p_counts_from_log_normalised_values():
+    """expression_input='counts': the MLP reads log1p(counts), whatever per-cell scale
+    (normalisation target, genes outside the table) X was made with."""
+    from vae.model import ExpressionEncoder
+
+    g = torch.Generator().manual_seed(0)
+    counts = torch.poisson(torch.rand(6, 9, generator=g) * 8)
+    counts[0] = 0  # a row without a profile
+    lib = counts.sum(1)
+    scale = torch.rand(6, 1, generator=g) * 1e3 + 1.0
+    x = torch.log1p(counts * scale)
+    enc = ExpressionEncoder(9, [5], 2, True, 0.0, inputs="counts")
+    seen = []
+    enc.net[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    enc(x, torch.log(lib.clamp_min(1.0)))
+    assert torch.allclose(seen[0][:, :9], torch.log1p(counts), atol=1e-5)
+    assert torch.equal(seen[0][0], torch.zeros(10))
+    assert torch.allclose(seen[0][:, 9], torch.log(lib.clamp_min(1.0)))
+
+
+def test_expression_input_auto_reads_counts_for_expression_alone_with_counts_only():
+    from pipeline.train_args import expression_input
+
+    alone = _expression_only()
+    assert alone.counts is not None
+    assert expression_input("auto", alone) == "counts"
+    mixed = from_anndata(make_paired(12, image_only=2, expression_only=4))
+    assert expression_input("auto", mixed) == "lognorm"
+    alone.counts = None  # Gaussian likelihood on X: no counts to read
+    assert expression_input("auto", alone) == "lognorm"
+    assert expression_input("lognorm", _expression_only()) == "lognorm"
