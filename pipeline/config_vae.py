@@ -69,7 +69,10 @@ class VAEConfig:
     expression_likelihood: str = "auto"  # auto | nb | zinb | gaussian (auto: nb if counts)
     library_covariate: bool = True  # feed log library size to the expression encoder
     late_mask: bool = False  # score observed non-zero entries only (LATE)
-    dropout: float = 0.1  # MLP dropout
+    # MLP dropout; null (auto): 0 for expression alone (every row a profile, no image:
+    # better held-out likelihood on 5 of 5 Paul15 seeds, ~30 % less time;
+    # docs/performance.md), else 0.1
+    dropout: float | None = None
     # hidden-layer normalisation of the expression MLPs: layer | batch | auto (batch
     # when every row has a profile and none an image, else layer; docs/vae.md)
     expression_norm: str = "auto"

@@ -135,14 +135,17 @@ def test_epoch_figures_stay_within_their_time_budget(tmp_path, budget, epochs_dr
     assert [e.step for e in acc.Scalars("val/total")] == [1, 2, 3, 4]  # scalars every epoch
 
 
-def test_expression_norm_auto_is_batch_for_expression_alone_only():
-    from pipeline.train_args import expression_norm
+def test_expression_norm_and_dropout_auto_for_expression_alone_only():
+    from pipeline.train_args import DEFAULT_DROPOUT, expression_dropout, expression_norm
 
     alone = _expression_only()
     mixed = from_anndata(make_paired(12, image_only=2, expression_only=4))
     assert expression_norm("auto", alone) == "batch"
     assert expression_norm("auto", mixed) == "layer"  # rows without a profile / with images
     assert expression_norm("layer", alone) == "layer" and expression_norm("batch", mixed) == "batch"
+    assert expression_dropout(None, alone) == 0.0
+    assert expression_dropout(None, mixed) == DEFAULT_DROPOUT == 0.1
+    assert expression_dropout(0.2, alone) == 0.2 and expression_dropout(0.0, mixed) == 0.0
 
 
 def test_batch_norm_expression_model_trains_saves_and_reloads(tmp_path):
