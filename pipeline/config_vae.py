@@ -70,7 +70,7 @@ class VAEConfig:
     library_covariate: bool = True  # feed log library size to the expression encoder
     late_mask: bool = False  # score observed non-zero entries only (LATE)
     # MLP dropout; null (auto): 0 for expression alone (every row a profile, no image:
-    # better held-out likelihood on 5 of 5 Paul15 seeds, ~30 % less time;
+    # better held-out likelihood on 5 of 5 Paul15 seeds, a cheaper step;
     # docs/performance.md), else 0.1
     dropout: float | None = None
     # hidden-layer normalisation of the expression MLPs: layer | batch | auto (batch
