@@ -78,7 +78,16 @@ class VAEConfig:
     expression_likelihood: str = "auto"  # auto | nb | zinb | gaussian (auto: nb if counts)
     library_covariate: bool = True  # feed log library size to the expression encoder
     late_mask: bool = False  # score observed non-zero entries only (LATE)
-    dropout: float = 0.1  # MLP dropout
+    # MLP dropout; null (auto): 0 for expression alone (every row a profile, no image:
+    # better held-out likelihood on 5 of 5 Paul15 seeds, a cheaper step;
+    # docs/performance.md), else 0.1
+    dropout: float | None = None
+    # hidden-layer normalisation of the expression MLPs: layer | batch | auto (batch
+    # when every row has a profile and none an image, else layer; docs/vae.md)
+    expression_norm: str = "auto"
+    # what the expression encoder reads: lognorm (X) | counts (log1p of the counts) |
+    # auto (counts when every row has a profile with counts and none an image)
+    expression_input: str = "auto"
     # fusion of the unimodal posteriors
     fusion: str = "poe"  # poe (product of experts with the prior) | moe (mixture)
     # loss weights: 1 is the ELBO's own weight (image NLL summed over the scored
@@ -127,5 +136,8 @@ class TrainerConfig:
     rotate: float = 0.0
     log_every_steps: int = 10  # TensorBoard scalars
     image_every_epochs: int = 1  # reconstruction grid + expression figure
+    # ...drawn while they take at most this fraction of the run's time (first and last
+    # epoch always; ~0.3 s each, more than a small expression-only epoch); null: no cap
+    figure_budget: float | None = 0.1
     n_images: int = 8  # rows of the reconstruction grid
     projector_max_cells: int = 1000  # embedding projector at the end (0: off)

@@ -61,6 +61,7 @@ RANGES: dict[str, str] = {
     "trainer.rotate": NONNEG,
     "trainer.log_every_steps": COUNT,
     "trainer.image_every_epochs": NONNEG,
+    "trainer.figure_budget": PROB,
     "trainer.n_images": NONNEG,
     "trainer.projector_max_cells": NONNEG,
     # --- segmentation: model and training ---

@@ -27,6 +27,39 @@ def expression_likelihood(cfg_value: str, has_counts: bool, source: str) -> str:
     return cfg_value
 
 
+def expression_alone(data) -> bool:
+    """Every row of ``data`` has a profile and none an image (``pair=expression_only``)."""
+    return data.n_genes > 0 and bool(data.has_expression.all()) and not bool(data.has_image.any())
+
+
+DEFAULT_DROPOUT = 0.1  # the expression MLPs' dropout when data hold images too
+
+
+def expression_dropout(cfg_value: float | None, data) -> float:
+    """Resolve ``vae.dropout``: null (auto) -> 0 for expression alone (measured on
+    Paul15, docs/performance.md), else ``DEFAULT_DROPOUT``."""
+    if cfg_value is not None:
+        return float(cfg_value)
+    return 0.0 if expression_alone(data) else DEFAULT_DROPOUT
+
+
+def expression_norm(cfg_value: str, data) -> str:
+    """Resolve ``vae.expression_norm``: ``auto`` -> ``batch`` for expression alone
+    (BatchNorm's statistics then see no empty row; measured on Paul15,
+    docs/performance.md), else ``layer``."""
+    if cfg_value != "auto":
+        return cfg_value
+    return "batch" if expression_alone(data) else "layer"
+
+
+def expression_input(cfg_value: str, data) -> str:
+    """Resolve ``vae.expression_input``: ``auto`` -> ``counts`` for expression alone with
+    raw counts (measured on Paul15, docs/performance.md), else ``lognorm``."""
+    if cfg_value != "auto":
+        return cfg_value
+    return "counts" if expression_alone(data) and data.counts is not None else "lognorm"
+
+
 def build_model_args(cfg: DictConfig, data, source: str):
     from vae.model import VAEArgs
 
@@ -48,7 +81,9 @@ def build_model_args(cfg: DictConfig, data, source: str):
             predict_mask=bool(v.predict_mask),
             fusion=v.fusion,
             norm_total=float(data.norm_total),
-            dropout=float(v.dropout),
+            dropout=expression_dropout(v.dropout, data),
+            expression_norm=expression_norm(v.expression_norm, data),
+            expression_input=expression_input(v.expression_input, data),
             image_arch=v.image_arch,
             texture_noise=bool(v.texture_noise),
             image_input=v.image_input,
@@ -163,6 +198,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
         pin_memory=bool(hw.pin_memory),
         log_every_steps=int(t.log_every_steps),
         image_every_epochs=int(t.image_every_epochs),
+        figure_budget=None if t.figure_budget is None else float(t.figure_budget),
         n_images=int(t.n_images),
     )
 
@@ -170,7 +206,11 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
 __all__ = [
     "build_model_args",
     "build_train_args",
+    "expression_alone",
+    "expression_dropout",
+    "expression_input",
     "expression_likelihood",
+    "expression_norm",
     "resolve_align",
     "unknown_label_code",
 ]

@@ -140,6 +140,80 @@ def kl_normal(g: Gaussian) -> torch.Tensor:
     return 0.5 * (mu**2 + logvar.exp() - 1.0 - logvar)
 
 
+def digamma_positive(y: torch.Tensor) -> torch.Tensor:
+    """ψ(y) for y > 0, elementwise, within ~1e-6 relative of ``torch.digamma``.
+
+    ``ψ(y) = ψ(y + 6) - Σ_{k<6} 1 / (y + k)`` and the asymptotic series of ψ at
+    ``y + 6 >= 6`` (truncation error < 3e-9). About 2.5x faster than
+    ``torch.digamma`` on a CPU, whose loop is not vectorised; the NB likelihood's
+    gradient (:func:`nb_log_prob`) is the one place it is used.
+
+    Parameters
+    ----------
+    y : tensor, every value > 0
+    """
+    s = torch.reciprocal(y)
+    for k in range(1, 6):
+        s = s + torch.reciprocal(y + float(k))
+    z = y + 6.0
+    w = torch.reciprocal(z)
+    w2 = w * w
+    return torch.log(z) - 0.5 * w - w2 * (1.0 / 12 - w2 * (1.0 / 120 - w2 * (1.0 / 252))) - s
+
+
+_NB_EPS = 1e-8
+
+
+def _nb_forward(x, mu, theta):
+    """The NB log-likelihood's value and the intermediates its gradient reuses."""
+    eps = _NB_EPS
+    theta_mu = theta + mu + eps
+    log_theta_mu = torch.log(theta_mu)
+    x_theta = x + theta
+    lp = (
+        theta * (torch.log(theta + eps) - log_theta_mu)
+        + x * (torch.log(mu + eps) - log_theta_mu)
+        + torch.lgamma(x_theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1.0)
+    )
+    return lp, theta_mu, log_theta_mu, x_theta
+
+
+class _NBLogProb(torch.autograd.Function):
+    """:func:`nb_log_prob` with a hand-written backward (same forward ops and values).
+
+    Autograd's backward of the expression above is ~30 elementwise (B, G) ops, the
+    reductions of every broadcast use of θ and ``torch.digamma`` (the slowest op of
+    an expression step); this one is ~20 with :func:`digamma_positive`::
+
+        ∂/∂μ = x / (μ + ε) - (θ + x) / (θ + μ + ε)
+        ∂/∂θ = ψ(x + θ) - ψ(θ) + log(θ + ε) + θ / (θ + ε)
+               - log(θ + μ + ε) - (θ + x) / (θ + μ + ε)
+    """
+
+    @staticmethod
+    def forward(ctx, x, mu, theta):
+        lp, theta_mu, log_theta_mu, x_theta = _nb_forward(x, mu, theta)
+        ctx.save_for_backward(x, mu, theta, theta_mu, log_theta_mu, x_theta)
+        return lp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, mu, theta, theta_mu, log_theta_mu, x_theta = ctx.saved_tensors
+        xr = x_theta / theta_mu  # (θ + x) / (θ + μ + ε)
+        g_mu = None
+        if ctx.needs_input_grad[1]:
+            g_mu = (g * (x / (mu + _NB_EPS) - xr)).sum_to_size(mu.shape)
+        g_theta = None
+        if ctx.needs_input_grad[2]:
+            per = g * (digamma_positive(x_theta) - log_theta_mu - xr)
+            own = torch.log(theta + _NB_EPS) + theta / (theta + _NB_EPS) - torch.digamma(theta)
+            g_theta = per.sum_to_size(theta.shape) + g.sum_to_size(theta.shape) * own
+        return None, g_mu, g_theta
+
+
 def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
     """Negative binomial log-likelihood (mean/inverse-dispersion form), elementwise.
 
@@ -156,15 +230,9 @@ def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, log_theta: torch.Tensor) -> t
     # terms of theta alone are computed on (G,) and broadcast (same values, B x
     # fewer lgamma / log calls: lgamma is the costliest op of an expression step)
     theta = log_theta.exp()
-    eps = 1e-8
-    log_theta_mu = torch.log(theta + mu + eps)
-    return (
-        theta * (torch.log(theta + eps) - log_theta_mu)
-        + x * (torch.log(mu + eps) - log_theta_mu)
-        + torch.lgamma(x + theta)
-        - torch.lgamma(theta)
-        - torch.lgamma(x + 1.0)
-    )
+    if x.requires_grad or not torch.is_grad_enabled():
+        return _nb_forward(x, mu, theta)[0]  # no gradient wanted, or one w.r.t. x
+    return _NBLogProb.apply(x, mu, theta)
 
 
 def zinb_log_prob(
@@ -456,6 +524,21 @@ def class_align(
 # ----------------------------------------------------------------------- the loss
 
 
+def _weighted_sum(zero: torch.Tensor, terms) -> torch.Tensor:
+    """``Σ w · t`` over ``(w, t)`` pairs, left to right, with the same value as the
+    written-out sum: a term that is ``zero`` itself (a part that was not computed) is
+    left out (adding an exact 0 changes nothing) and ``w == 1`` multiplies nothing.
+    An expression-only step otherwise spends ~60 scalar ops on image terms that are 0.
+    ``zero`` when every term is left out."""
+    out = None
+    for wt, t in terms:
+        if t is zero:
+            continue
+        v = t if wt == 1.0 else wt * t
+        out = v if out is None else out + v
+    return zero if out is None else out
+
+
 def vae_loss(
     out: ForwardOutput,
     image: torch.Tensor,
@@ -566,14 +649,8 @@ def vae_loss(
         return (nll * rows).sum() / b
 
     def weighted_img(t: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return (
-            w.image * t[0]
-            + w.mask * t[1]
-            + w.ssim * t[2]
-            + w.spectral * t[3]
-            + w.granules * t[4]
-            + w.nucleus * t[5]
-        )
+        weights = (w.image, w.mask, w.ssim, w.spectral, w.granules, w.nucleus)
+        return _weighted_sum(zero, zip(weights, t))
 
     def kl_of(g: Gaussian | None, rows: torch.Tensor) -> torch.Tensor:
         if g is None:
@@ -591,10 +668,11 @@ def vae_loss(
         ue = expr_term(out.from_expression, paired)
         ci = img_terms(out.from_expression, paired)
         ce = expr_term(out.from_image, paired)
-        kl_uni = kl_of(post.image, paired) + kl_of(post.expression, paired)
-        extra = w.cross * (
-            weighted_img(ui) + w.expression * ue + weighted_img(ci) + w.expression * ce
+        kl_uni = _weighted_sum(
+            zero, [(1.0, kl_of(post.image, paired)), (1.0, kl_of(post.expression, paired))]
         )
+        cross = [(1.0, weighted_img(ui)), (w.expression, ue), (1.0, weighted_img(ci))]
+        extra = _weighted_sum(zero, [(w.cross, _weighted_sum(zero, [*cross, (w.expression, ce)]))])
     else:  # MoE: average of the present components' ELBOs
         n_present = (hi + he).clamp_min(1.0)
         wi, we = hi / n_present, he / n_present
@@ -680,20 +758,23 @@ def vae_loss(
         if parts:
             maturation = torch.stack(parts).mean()
 
-    total = (
-        w.image * i_nll
-        + w.mask * i_mask
-        + w.ssim * i_ssim
-        + w.spectral * i_spec
-        + w.granules * i_gran
-        + w.nucleus * i_nuc
-        + w.expression * e_nll
-        + kl_obj
-        + extra
-        + beta * w.cross * kl_uni
-        + w.align * align
-        + w.classify * classify
-        + w.maturation * maturation
+    total = _weighted_sum(
+        zero,
+        [
+            (w.image, i_nll),
+            (w.mask, i_mask),
+            (w.ssim, i_ssim),
+            (w.spectral, i_spec),
+            (w.granules, i_gran),
+            (w.nucleus, i_nuc),
+            (w.expression, e_nll),
+            (1.0, kl_obj),
+            (1.0, extra),
+            (beta * w.cross, kl_uni),
+            (w.align, align),
+            (w.classify, classify),
+            (w.maturation, maturation),
+        ],
     )
     return LossTerms(
         total=total,

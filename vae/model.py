@@ -31,6 +31,8 @@ from torch.nn import functional as F
 IMAGE_LIKELIHOODS = ("mse", "gaussian", "laplace")
 EXPRESSION_LIKELIHOODS = ("nb", "zinb", "gaussian")
 FUSIONS = ("poe", "moe")
+EXPRESSION_NORMS = ("layer", "batch")
+EXPRESSION_INPUTS = ("lognorm", "counts")
 IMAGE_ARCHS = ("plain", "residual")
 IMAGE_INPUTS = ("rgb", "stain")
 IMAGE_ENCODERS = ("conv", "resnet18")
@@ -71,6 +73,15 @@ class VAEArgs:
         log-normalised predictions.
     dropout : float
         Dropout in the expression MLPs.
+    expression_input : str
+        What the expression encoder reads: ``lognorm`` (X, log-normalised) or
+        ``counts``: ``log1p`` of the counts, recovered from X and the library size
+        (``expm1(X) * library / sum(expm1(X))``, exact when X is the log of counts
+        scaled per cell), as scvi-tools' encoder reads them.
+    expression_norm : str
+        Normalisation of the expression MLPs' hidden layers: ``layer`` (LayerNorm, per
+        cell) or ``batch`` (BatchNorm over the batch, as scvi-tools; statistics over
+        every row the MLP sees, so meant for data where every row has a profile).
     image_arch : str
         ``plain``: one stride-2 conv per scale and transposed convs back (the
         first design; decodes blurred discs). ``residual``: a residual 3x3
@@ -93,6 +104,11 @@ class VAEArgs:
     fusion: str = "poe"
     norm_total: float = 1e4
     dropout: float = 0.1
+    # "layer" | "batch"; default "layer" so checkpoints saved before this field load
+    # unchanged
+    expression_norm: str = "layer"
+    # "lognorm" | "counts"; default "lognorm" so older checkpoints load unchanged
+    expression_input: str = "lognorm"
     # default "plain" so checkpoints saved before this field load unchanged
     image_arch: str = "plain"
     texture_noise: bool = False  # residual decoder: per-pixel noise before the last conv
@@ -152,6 +168,14 @@ class VAEArgs:
         if self.granule_head and self.image_arch != "residual":
             raise ValueError(
                 "granule_head needs image_arch='residual' (set vae.granule_weight=0 for 'plain')"
+            )
+        if self.expression_input not in EXPRESSION_INPUTS:
+            raise ValueError(
+                f"expression_input={self.expression_input!r}; valid: {', '.join(EXPRESSION_INPUTS)}"
+            )
+        if self.expression_norm not in EXPRESSION_NORMS:
+            raise ValueError(
+                f"expression_norm={self.expression_norm!r}; valid: {', '.join(EXPRESSION_NORMS)}"
             )
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion={self.fusion!r}; valid: {', '.join(FUSIONS)}")
@@ -335,10 +359,17 @@ class MaturationHead(nn.Module):
         return F.binary_cross_entropy_with_logits(logits, above, reduction="none").sum(1).mean()
 
 
-def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
+def _norm(kind: str, width: int) -> nn.Module:
+    if kind == "batch":
+        # scvi-tools' settings: slow running statistics (momentum 0.01), eps 1e-3
+        return nn.BatchNorm1d(width, eps=1e-3, momentum=0.01)
+    return nn.LayerNorm(width)
+
+
+def _mlp(sizes: list[int], dropout: float, norm: str = "layer") -> nn.Sequential:
     layers: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), nn.LayerNorm(b), nn.SiLU()]
+        layers += [nn.Linear(a, b), _norm(norm, b), nn.SiLU()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
@@ -564,20 +595,40 @@ class ImageDecoder(nn.Module):
 
 
 class ExpressionEncoder(nn.Module):
-    """Log-normalised expression (B, G) [+ log library (B, 1)] -> Gaussian."""
+    """Log-normalised expression (B, G) [+ log library (B, 1)] -> Gaussian.
 
-    def __init__(self, n_genes: int, hidden: list[int], n_out: int, library: bool, dropout: float):
+    ``inputs="counts"``: the MLP reads ``log1p`` of the counts recovered from the
+    log-normalised values and the library size (see ``VAEArgs.expression_input``).
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        hidden: list[int],
+        n_out: int,
+        library: bool,
+        dropout: float,
+        norm: str = "layer",
+        inputs: str = "lognorm",
+    ):
         super().__init__()
         self.library = library
-        self.net = _mlp([n_genes + int(library), *hidden], dropout)
+        self.inputs = inputs
+        self.net = _mlp([n_genes + int(library), *hidden], dropout, norm)
         self.mu = nn.Linear(hidden[-1], n_out)
         self.logvar = nn.Linear(hidden[-1], n_out)
 
     def forward(self, x: torch.Tensor, log_library: torch.Tensor | None) -> Gaussian:
+        if log_library is None:  # unknown: library 1
+            log_library = torch.zeros(x.shape[0], 1, device=x.device, dtype=x.dtype)
+        log_library = log_library.view(-1, 1).to(x.dtype)
+        if self.inputs == "counts":
+            # X = log1p(c * s) with one scale s per cell: c = expm1(X) * L / sum(expm1(X))
+            e = torch.expm1(x)
+            scale = torch.exp(log_library) / e.sum(dim=1, keepdim=True).clamp_min(1e-12)
+            x = torch.log1p(e * scale)  # a row without a profile stays 0
         if self.library:
-            if log_library is None:
-                log_library = torch.zeros(x.shape[0], 1, device=x.device, dtype=x.dtype)
-            x = torch.cat([x, log_library.view(-1, 1).to(x.dtype)], dim=1)
+            x = torch.cat([x, log_library], dim=1)
         h = self.net(x)
         return self.mu(h), self.logvar(h).clamp(-10.0, 8.0)
 
@@ -593,10 +644,11 @@ class ExpressionDecoder(nn.Module):
         likelihood: str,
         norm_total: float,
         dropout: float,
+        norm: str = "layer",
     ):
         super().__init__()
         self.likelihood = likelihood
-        self.net = _mlp([n_in, *reversed(hidden)], dropout)
+        self.net = _mlp([n_in, *reversed(hidden)], dropout, norm)
         self.out = nn.Linear(hidden[0], n_genes)
         self.register_buffer("log_norm_total", torch.tensor(math.log(norm_total)))
         if likelihood in ("nb", "zinb"):
@@ -711,13 +763,27 @@ class TwoBranchVAE(nn.Module):
         # 0 genes (pair=image_only): no expression branch at all, so no parameter
         # of it is trained, saved or synchronised
         self.expression_encoder = (
-            ExpressionEncoder(a.n_genes, a.hidden, ns + npv, a.library_covariate, a.dropout)
+            ExpressionEncoder(
+                a.n_genes,
+                a.hidden,
+                ns + npv,
+                a.library_covariate,
+                a.dropout,
+                a.expression_norm,
+                a.expression_input,
+            )
             if a.n_genes > 0
             else None
         )
         self.expression_decoder = (
             ExpressionDecoder(
-                a.n_genes, a.hidden, ns + npv, a.expression_likelihood, a.norm_total, a.dropout
+                a.n_genes,
+                a.hidden,
+                ns + npv,
+                a.expression_likelihood,
+                a.norm_total,
+                a.dropout,
+                a.expression_norm,
             )
             if a.n_genes > 0
             else None

@@ -71,6 +71,11 @@ class TrainArgs:
     # TensorBoard
     log_every_steps: int = 10
     image_every_epochs: int = 1
+    # epoch figures (reconstruction grid, expression figure; ~0.3 s of matplotlib even
+    # without images, more than a small data set's epoch) are drawn while they take at
+    # most this fraction of the run's time; the first and the last epoch's always.
+    # None: every image_every_epochs
+    figure_budget: float | None = 0.1
     n_images: int = 8
     # last.pt (and a pending model.pt) at most this often, s, and after the last epoch;
     # 0 = every epoch. An interrupted job loses at most this much training.
@@ -368,6 +373,7 @@ def train(
         leave=True,
     )
     best_ck: dict[str, Any] | None = None  # best epoch's checkpoint not yet on disk
+    fig_s = 0.0  # seconds spent drawing epoch figures (args.figure_budget)
     t_saved = time.time()
     while epoch < args.max_epochs:
         t_ep = time.time()
@@ -504,10 +510,18 @@ def train(
                 tb.scalars("val", val_means, epoch)
                 tb.kl_per_dim(last_kl, epoch)
                 tb.scalars("val", {"active_units": rec["active_units"]}, epoch)
-                if args.image_every_epochs > 0 and (
+                due = args.image_every_epochs > 0 and (
                     epoch % args.image_every_epochs == 0 or epoch == args.max_epochs
-                ):
+                )
+                within = (
+                    args.figure_budget is None
+                    or epoch in (1, args.max_epochs)
+                    or fig_s <= args.figure_budget * (time.time() - t_start)
+                )
+                if due and within:
+                    t_fig = time.time()
                     tb.epoch_figures(core, fig_batch, epoch)
+                    fig_s += time.time() - t_fig
                 tb.flush()
             if improved:  # kept in memory, written with the next last.pt
                 best_ck = _snapshot(payload("best"))

@@ -56,7 +56,7 @@ def test_stage_train_writes_model_latent_and_tensorboard(paired: Path):
 
     from vae.checkpoint import load_model
 
-    _run(paired, "experiment=t", "trainer.max_epochs=3")
+    _run(paired, "experiment=t", "trainer.max_epochs=3", "trainer.figure_budget=null")
     d = paired / "out" / "t" / "train"
     for f in ("model.pt", "last.pt", "latent.h5ad", "split.csv", "train_summary.json"):
         assert (d / f).exists(), f

@@ -114,3 +114,97 @@ def test_encode_dataset_of_expression_only_rows_runs_no_cnn():
     full = encode_dataset(model, d, batch_size=8, decode=True)  # carries the empty crops
     np.testing.assert_allclose(lat.joint, full.joint, atol=1e-6)
     np.testing.assert_allclose(lat.expression, full.expression, atol=1e-6)
+
+
+@pytest.mark.parametrize(("budget", "epochs_drawn"), [(0.0, [1, 4]), (None, [1, 2, 3, 4])])
+def test_epoch_figures_stay_within_their_time_budget(tmp_path, budget, epochs_drawn):
+    """figure_budget=0: the first and the last epoch's figures only; None: every epoch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vae.tb import EXPRESSION_TAG, TBLogger
+
+    d = _expression_only(30)
+    split = stratified_split(d.labels.numpy(), 0.2, 0.0, 0)
+    tb = TBLogger(tmp_path / "tb", d.gene_names, [0, 1])
+    args = TrainArgs(max_epochs=4, batch_size=8, kl_warmup_epochs=1, figure_budget=budget)
+    train(tiny_model(12, "poe", 2), d, split, args, CPU, tmp_path, tb=tb)
+    tb.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images(EXPRESSION_TAG)] == epochs_drawn
+    assert [e.step for e in acc.Scalars("val/total")] == [1, 2, 3, 4]  # scalars every epoch
+
+
+def test_expression_norm_and_dropout_auto_for_expression_alone_only():
+    from pipeline.train_args import DEFAULT_DROPOUT, expression_dropout, expression_norm
+
+    alone = _expression_only()
+    mixed = from_anndata(make_paired(12, image_only=2, expression_only=4))
+    assert expression_norm("auto", alone) == "batch"
+    assert expression_norm("auto", mixed) == "layer"  # rows without a profile / with images
+    assert expression_norm("layer", alone) == "layer" and expression_norm("batch", mixed) == "batch"
+    assert expression_dropout(None, alone) == 0.0
+    assert expression_dropout(None, mixed) == DEFAULT_DROPOUT == 0.1
+    assert expression_dropout(0.2, alone) == 0.2 and expression_dropout(0.0, mixed) == 0.0
+
+
+def test_batch_norm_expression_model_trains_saves_and_reloads(tmp_path):
+    """expression_norm='batch': BatchNorm in both expression MLPs, its running statistics
+    learned in training and saved with the model (eval mode uses them)."""
+    from dataclasses import replace
+
+    from vae.checkpoint import load_model
+    from vae.model import TwoBranchVAE
+
+    d = _expression_only(30)
+    split = stratified_split(d.labels.numpy(), 0.2, 0.0, 0)
+    torch.manual_seed(0)
+    model = TwoBranchVAE(replace(tiny_model(12, "poe", 2).args, expression_norm="batch"))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(norms) == 2 and not any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
+    args = TrainArgs(max_epochs=2, batch_size=8, kl_warmup_epochs=0, image_every_epochs=0)
+    res = train(model, d, split, args, CPU, tmp_path)
+    assert np.isfinite(res.best_val)
+    assert all(int(m.num_batches_tracked) == res.steps for m in norms)
+    assert not torch.equal(norms[0].running_mean, torch.zeros_like(norms[0].running_mean))
+    loaded, _ = load_model(tmp_path / "last.pt")
+    assert loaded.args.expression_norm == "batch"
+    model.eval()
+    x, lib = d.x[:5], torch.log(d.library[:5])
+    with torch.no_grad():
+        a = model.encode(expression=x, log_library=lib).joint[0]
+        b = loaded.encode(expression=x, log_library=lib).joint[0]
+    assert torch.equal(a, b)
+
+
+def test_counts_input_recovers_log1p_counts_from_log_normalised_values():
+    """expression_input='counts': the MLP reads log1p(counts), whatever per-cell scale
+    (normalisation target, genes outside the table) X was made with."""
+    from vae.model import ExpressionEncoder
+
+    g = torch.Generator().manual_seed(0)
+    counts = torch.poisson(torch.rand(6, 9, generator=g) * 8)
+    counts[0] = 0  # a row without a profile
+    lib = counts.sum(1)
+    scale = torch.rand(6, 1, generator=g) * 1e3 + 1.0
+    x = torch.log1p(counts * scale)
+    enc = ExpressionEncoder(9, [5], 2, True, 0.0, inputs="counts")
+    seen = []
+    enc.net[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    enc(x, torch.log(lib.clamp_min(1.0)))
+    assert torch.allclose(seen[0][:, :9], torch.log1p(counts), atol=1e-5)
+    assert torch.equal(seen[0][0], torch.zeros(10))
+    assert torch.allclose(seen[0][:, 9], torch.log(lib.clamp_min(1.0)))
+
+
+def test_expression_input_auto_reads_counts_for_expression_alone_with_counts_only():
+    from pipeline.train_args import expression_input
+
+    alone = _expression_only()
+    assert alone.counts is not None
+    assert expression_input("auto", alone) == "counts"
+    mixed = from_anndata(make_paired(12, image_only=2, expression_only=4))
+    assert expression_input("auto", mixed) == "lognorm"
+    alone.counts = None  # Gaussian likelihood on X: no counts to read
+    assert expression_input("auto", alone) == "lognorm"
+    assert expression_input("lognorm", _expression_only()) == "lognorm"
