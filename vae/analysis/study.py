@@ -245,7 +245,17 @@ def traverse_study(
         path_ok = False
     path_info: dict[str, Any] = {}
     path_decoded: dict[str, Any] = {}
-    path_drawn: dict[str, np.ndarray] = {}  # the cell shown at each step (posed when it can)
+    path_drawn: dict[str, np.ndarray] = {}  # each step in its nearest cell's pose (posed paths)
+    # single-view codes of the split's cells with a crop: encoded once, on first use (the
+    # posed path steps and the per-cell truth decodes below both need them)
+    one_view: dict[str, np.ndarray] = {}
+
+    def single_view_codes(sel: np.ndarray) -> np.ndarray:
+        if not one_view:
+            one_view["rows"] = rows[rd.data.has_image.numpy()[rows]]
+            one_view["z"] = cell_codes(rd, one_view["rows"], a.batch_size)
+        return one_view["z"][np.searchsorted(one_view["rows"], sel)]
+
     if path_ok:
         paths = {
             "straight": T.straight_path(cents.points[0], cents.points[-1], a.path_steps),
@@ -254,15 +264,17 @@ def traverse_study(
         summary["path_classes"] = cents.names
         # a step is a pose-free mean code, decoded in an average pose (lobes merge into a
         # ring): draw and measure it also in the poses of the held-out cells nearest to it
-        pose_ref = _pose_reference(rd, rows, Z, a) if img_ok else None
+        pose_ref = _pose_reference(rd, rows, a) if img_ok else None
         if pose_ref is not None:
-            summary["path_pose_cells"] = int(min(a.path_pose_cells, len(pose_ref[0])))
+            summary["path_pose_cells"] = int(min(a.path_pose_cells, len(pose_ref)))
         for kind, pth in paths.items():
             dec = T.decode(rd.model, pth.points, a.batch_size, rd.device)
             path_decoded[kind] = dec
             posed = posed_dec = None
             if pose_ref is not None:
-                posed = T.posed_codes(pth.points, Z[pose_ref[0]], pose_ref[1], a.path_pose_cells)
+                posed = T.posed_codes(
+                    pth.points, Z[pose_ref], single_view_codes(pose_ref), a.path_pose_cells
+                )
                 posed_dec = T.decode(rd.model, posed.codes.reshape(-1, d), a.batch_size, rd.device)
             cells = dec.cells() if img_ok else None
             rows_img: Any = cells
@@ -273,8 +285,6 @@ def traverse_study(
                 path_drawn[kind] = first
                 rows_img = [cells, first]
                 row_names = ["mean pose", "nearest cell's pose"]
-            elif cells is not None:
-                path_drawn[kind] = cells
             fig = F.strip_with_heatmap(
                 rows_img,
                 dec.expression[:, gidx] if expr_ok else None,
@@ -453,7 +463,7 @@ def traverse_study(
             # each cell decoded to be compared with its truth and its crop: from the
             # single-view code of its crop, not the pose-free reported latent Z (whose
             # decoded cell has an orientation-averaged nucleus: run.cell_codes)
-            dec = T.decode(rd.model, cell_codes(rd, ok, a.batch_size), a.batch_size, rd.device)
+            dec = T.decode(rd.model, single_view_codes(ok), a.batch_size, rd.device)
             fd = measure(dec.images, dec.masks, params, bg)
             truth["decoded_granule_density_vs_true_spearman"] = M.correlation_matrix(
                 fd["granule_density"].to_numpy(float), dens[ok]
@@ -535,7 +545,6 @@ def traverse_study(
             paths["gp"],
             path_decoded["gp"],
             path_drawn.get("gp"),
-            pose_ref is not None,
             cents.names,
             labels,
             Z,
@@ -770,11 +779,9 @@ def _eval_sections(evaluation: Path | None) -> list:
     return out + ([uses] if uses is not None else [])
 
 
-def _pose_reference(
-    rd: RunData, rows: np.ndarray, Z: np.ndarray, a: AnalysisSettings
-) -> tuple[np.ndarray, np.ndarray] | None:
+def _pose_reference(rd: RunData, rows: np.ndarray, a: AnalysisSettings) -> np.ndarray | None:
     """Cells that lend their pose to path steps: the rows of the analysed split with a
-    crop, and their single-view codes (:func:`vae.analysis.run.cell_codes`).
+    crop (their pose needs their single-view codes, :func:`vae.analysis.run.cell_codes`).
 
     None when posing is off (``path_pose_cells`` 0), there is no paired data, or the
     reported latent is already single-view (``encode_views`` 1: no pose was removed).
@@ -785,7 +792,7 @@ def _pose_reference(
     ref = rows[rd.data.has_image.numpy()[rows]]
     if ref.size == 0:
         return None
-    return ref, cell_codes(rd, ref, a.batch_size)
+    return ref
 
 
 def _write_study_page(
@@ -795,7 +802,6 @@ def _write_study_page(
     gp,
     dec,
     drawn: np.ndarray | None,
-    posed: bool,
     classes: list[str],
     labels: np.ndarray,
     Z: np.ndarray,
@@ -806,7 +812,7 @@ def _write_study_page(
     seed: int,
 ) -> Path:
     """``study.html`` (:mod:`vae.analysis.study_page`) for the GP path ``gp`` decoded as ``dec``;
-    ``drawn`` (n, S, S, 3): the cell shown at each step (default: ``dec.cells()``)."""
+    ``drawn`` (n, S, S, 3): each step in its nearest cell's pose (None: ``dec.cells()``)."""
     from vae.analysis import traverse as T
     from vae.analysis.palette import label_colours
     from vae.analysis.run import embedding
@@ -858,7 +864,7 @@ def _write_study_page(
         decoded_how=(
             ", in the pose of the held-out cell nearest to it (the latent is pose-free; "
             "a nucleus needs a pose to show its shape)"
-            if drawn is not None and posed
+            if drawn is not None
             else ""
         ),
     )
