@@ -745,7 +745,7 @@ def vae_loss(
             classify = torch.stack(parts).mean()
 
     maturation = zero
-    mhead = getattr(out, "maturation", None)
+    mhead = out.maturation
     if w.maturation > 0 and mhead is not None and labels is not None:
         rank = mhead.rank_of(labels)
         parts = []
