@@ -292,29 +292,45 @@ def test_segment_estimated_refines_a_wrong_ruler(monkeypatch):
     assert det.shapes == [(90, 90)] and choice.scale == 0.3 and choice.refinement is None
 
 
+def _checkpoint_and_smears(tmp_path, files: dict[str, str], **extra) -> None:
+    """``tmp_path/det.pt``, an untrained detector that is only loaded (the tests replace
+    its predictions), saved with ``extra``; one two-white-cell smear per ``folder: file``."""
+    import torch
+    from PIL import Image
+
+    from segmentation.model import build_maskrcnn, save_checkpoint
+
+    torch.manual_seed(0)
+    args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64}
+    save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args, **extra)
+    img = _smear(14.0, size=300, white=60.0, white_at=[(90, 90), (200, 190)])
+    for folder, name in files.items():
+        (tmp_path / folder).mkdir()
+        Image.fromarray(img).save(tmp_path / folder / name)
+
+
+def _lilac_segment_stage(monkeypatch) -> _LilacDetector:
+    """stage=segment's detector replaced by a recording one, the ruler reading 0.3."""
+    import pipeline.stages.segment as seg
+
+    det = _LilacDetector()
+    monkeypatch.setattr(seg, "make_detector", lambda ctx, model: det)
+    _wrong_ruler(monkeypatch, 0.3)
+    return det
+
+
 @pytest.mark.parametrize("refine", [True, False, None])
 def test_segment_stage_uses_refine_scale_setting(tmp_path, monkeypatch, refine):
     """stage=segment with segmentation.estimate_scale=true: refine_scale=true runs the
     detector again at its own scale and logs s0, s1 and the scale used; false keeps s0;
     null (the default) refines for a detector saved with estimate_scale (as shipped)."""
     import anndata as ad
-    import torch
-    from PIL import Image
 
-    import pipeline.stages.segment as seg
-    from segmentation.model import build_maskrcnn, save_checkpoint
     from tests.helpers.run import run_stage_in_process
 
-    torch.manual_seed(0)
-    args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64}
     extra = {"estimate_scale": True} if refine is None else {}
-    save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args, **extra)  # only loaded
-    (tmp_path / "smears").mkdir()
-    img = _smear(14.0, size=300, white=60.0, white_at=[(90, 90), (200, 190)])
-    Image.fromarray(img).save(tmp_path / "smears" / "a.png")
-    det = _LilacDetector()
-    monkeypatch.setattr(seg, "make_detector", lambda ctx, model: det)
-    _wrong_ruler(monkeypatch, 0.3)
+    _checkpoint_and_smears(tmp_path, {"smears": "a.png"}, **extra)
+    det = _lilac_segment_stage(monkeypatch)
     out = run_stage_in_process(
         [
             f"paths.root={tmp_path / 'out'}",
@@ -350,23 +366,11 @@ def test_segment_sources_refine_null_scale_sources_only(tmp_path, monkeypatch):
     """data.segment_sources: a source with scale null is measured and refined per image;
     one with a fixed scale keeps it (no estimate, no second pass)."""
     import anndata as ad
-    import torch
-    from PIL import Image
 
-    import pipeline.stages.segment as seg
-    from segmentation.model import build_maskrcnn, save_checkpoint
     from tests.helpers.run import run_stage_in_process
 
-    torch.manual_seed(0)
-    args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64}
-    save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args)
-    img = _smear(14.0, size=300, white=60.0, white_at=[(90, 90), (200, 190)])
-    for name in ("free", "fixed"):
-        (tmp_path / name).mkdir()
-        Image.fromarray(img).save(tmp_path / name / f"{name}.png")
-    det = _LilacDetector()
-    monkeypatch.setattr(seg, "make_detector", lambda ctx, model: det)
-    _wrong_ruler(monkeypatch, 0.3)
+    _checkpoint_and_smears(tmp_path, {"free": "free.png", "fixed": "fixed.png"})
+    det = _lilac_segment_stage(monkeypatch)
     out = run_stage_in_process(
         [
             f"paths.root={tmp_path / 'out'}",
@@ -394,20 +398,11 @@ def test_segment_sources_refine_null_scale_sources_only(tmp_path, monkeypatch):
 def test_smear_folder_records_the_refined_scale(tmp_path, monkeypatch):
     """The embed reader (stage=embed, Study.read) with ``refine``: the scale recorded for
     the image is the detector's, not the (wrong) ruler's."""
-    import torch
-    from PIL import Image
-
     import segmentation.inference as inf
     from segmentation.magnification import RefineSettings
-    from segmentation.model import build_maskrcnn, save_checkpoint
     from vae.inputs.query import segment_smear_folder
 
-    torch.manual_seed(0)
-    args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64}
-    save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args)
-    (tmp_path / "smears").mkdir()
-    img = _smear(14.0, size=300, white=60.0, white_at=[(90, 90), (200, 190)])
-    Image.fromarray(img).save(tmp_path / "smears" / "a.png")
+    _checkpoint_and_smears(tmp_path, {"smears": "a.png"})
     monkeypatch.setattr(inf, "MaskRCNNDetector", lambda *a, **k: _LilacDetector())
     _wrong_ruler(monkeypatch, 0.3)
     folder, ckpt = tmp_path / "smears", tmp_path / "det.pt"
@@ -457,20 +452,11 @@ def test_smear_folder_refines_by_default_for_a_detector_saved_with_estimate_scal
     """The embed reader with no scale arguments and a checkpoint that asks for the
     estimate (as the shipped one does): measured, then refined by the detector's boxes;
     ``refine=False`` keeps the ruler's scale."""
-    import torch
-    from PIL import Image
-
     import segmentation.inference as inf
-    from segmentation.model import build_maskrcnn, save_checkpoint
     from vae.inputs.query import segment_smear_folder
 
-    torch.manual_seed(0)
-    args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64}
+    _checkpoint_and_smears(tmp_path, {"smears": "a.png"}, estimate_scale=True, cell_px=40.0)
     ckpt = tmp_path / "det.pt"
-    save_checkpoint(ckpt, build_maskrcnn(**args), args, estimate_scale=True, cell_px=40.0)
-    (tmp_path / "smears").mkdir()
-    img = _smear(14.0, size=300, white=60.0, white_at=[(90, 90), (200, 190)])
-    Image.fromarray(img).save(tmp_path / "smears" / "a.png")
     monkeypatch.setattr(inf, "MaskRCNNDetector", lambda *a, **k: _LilacDetector())
     _wrong_ruler(monkeypatch, 0.3)
     a, _ = segment_smear_folder(tmp_path / "smears", ckpt)
