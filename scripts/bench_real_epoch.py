@@ -42,10 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 MIX = {"expression_only": 2403, "image_only": 245, "paired": 506}
 CLASSES = ["Neutrophils", "Monocytes", "Basophils"]
 # the defaults of 930b363's VAE (the model changed since: residual decoder, granule
-# layer, private dims, beta 1, per-value image weight, label head, stain jitter)
+# and nucleus layers, private dims, beta 1, per-value image weight, label head, stain
+# jitter)
 SAME_MODEL = (
-    "same_model=vae.image_arch=plain,vae.granule_weight=0,vae.n_private=0,vae.beta=8.0,"
-    "vae.image_weight=0.01,vae.mask_weight=0.01,vae.classify_weight=0,trainer.stain_jitter=0"
+    "same_model=vae.image_arch=plain,vae.granule_weight=0,vae.nucleus_weight=0,"
+    "vae.n_private=0,vae.beta=8.0,vae.image_weight=0.01,vae.mask_weight=0.01,"
+    "vae.classify_weight=0,trainer.stain_jitter=0"
 )
 
 

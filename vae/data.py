@@ -56,6 +56,10 @@ class PairedTensors:
     nucleus : (N, 1, S, S) uint8 in {0, 1} or None
         Nucleus mask of each crop (:func:`nucleus_masks`, the lobe counter's
         nucleus); filled by the trainer when the model has a nucleus layer.
+    log_factorial : (N, G) float32 or None
+        ``lgamma(counts + 1)``, the NB likelihood's constant (it needs no gradient
+        and never changes): filled by the trainer for in-memory counts, so a step
+        gathers it instead of computing it (``None``: computed per batch).
 
     For data larger than memory, ``crops``, ``masks``, ``granules`` and ``nucleus``
     may be :class:`vae.store.RowStore` (chunked on disk) and ``x``, ``counts``
@@ -77,6 +81,7 @@ class PairedTensors:
     norm_total: float
     granules: torch.Tensor | None = None
     nucleus: torch.Tensor | None = None
+    log_factorial: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -100,7 +105,8 @@ class Batch:
     counts (B, G) or None; library (B,); log_library (B,); has_image,
     has_expression (B,) bool; labels (B,) int64; index (B,) int64 rows;
     granules (B, 1, S, S) float {0, 1} granule centres, or None; nucleus
-    (B, 1, S, S) float {0, 1} nucleus mask, or None.
+    (B, 1, S, S) float {0, 1} nucleus mask, or None; log_factorial (B, G)
+    ``lgamma(counts + 1)`` when the data set holds it (``PairedTensors.log_factorial``).
     """
 
     image: torch.Tensor | None
@@ -115,6 +121,7 @@ class Batch:
     index: torch.Tensor
     granules: torch.Tensor | None = None
     nucleus: torch.Tensor | None = None
+    log_factorial: torch.Tensor | None = None
 
 
 def _dense(m) -> np.ndarray:
@@ -419,6 +426,8 @@ def raw_batch(d: PairedTensors, idx: torch.Tensor, images: bool = True) -> dict[
             out["nucleus"] = d.nucleus.index_select(0, idx)
     if d.counts is not None:
         out["counts"] = d.counts.index_select(0, idx)
+    if d.log_factorial is not None:
+        out["log_factorial"] = d.log_factorial.index_select(0, idx)
     return out
 
 
@@ -664,6 +673,7 @@ def to_batch(
         mask=mask,
         x=mv(raw["x"]),
         counts=mv(raw["counts"]) if "counts" in raw else None,
+        log_factorial=mv(raw["log_factorial"]) if "log_factorial" in raw else None,
         library=lib,
         log_library=torch.log(lib.clamp_min(1.0)),
         has_image=mv(raw["has_image"]),

@@ -164,8 +164,12 @@ def digamma_positive(y: torch.Tensor) -> torch.Tensor:
 _NB_EPS = 1e-8
 
 
-def _nb_forward(x, mu, theta):
-    """The NB log-likelihood's value and the intermediates its gradient reuses."""
+def _nb_forward(x, mu, theta, log_factorial=None):
+    """The NB log-likelihood's value and the intermediates its gradient reuses.
+
+    ``log_factorial``: ``lgamma(x + 1)`` when the caller has it (a constant of the
+    data: computed once per data set instead of once per step).
+    """
     eps = _NB_EPS
     theta_mu = theta + mu + eps
     log_theta_mu = torch.log(theta_mu)
@@ -175,7 +179,7 @@ def _nb_forward(x, mu, theta):
         + x * (torch.log(mu + eps) - log_theta_mu)
         + torch.lgamma(x_theta)
         - torch.lgamma(theta)
-        - torch.lgamma(x + 1.0)
+        - (torch.lgamma(x + 1.0) if log_factorial is None else log_factorial)
     )
     return lp, theta_mu, log_theta_mu, x_theta
 
@@ -193,8 +197,8 @@ class _NBLogProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, mu, theta):
-        lp, theta_mu, log_theta_mu, x_theta = _nb_forward(x, mu, theta)
+    def forward(ctx, x, mu, theta, log_factorial):
+        lp, theta_mu, log_theta_mu, x_theta = _nb_forward(x, mu, theta, log_factorial)
         ctx.save_for_backward(x, mu, theta, theta_mu, log_theta_mu, x_theta)
         return lp
 
@@ -211,10 +215,15 @@ class _NBLogProb(torch.autograd.Function):
             per = g * (digamma_positive(x_theta) - log_theta_mu - xr)
             own = torch.log(theta + _NB_EPS) + theta / (theta + _NB_EPS) - torch.digamma(theta)
             g_theta = per.sum_to_size(theta.shape) + g.sum_to_size(theta.shape) * own
-        return None, g_mu, g_theta
+        return None, g_mu, g_theta, None
 
 
-def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
+def nb_log_prob(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    log_theta: torch.Tensor,
+    log_factorial: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Negative binomial log-likelihood (mean/inverse-dispersion form), elementwise.
 
     Parameters
@@ -222,6 +231,7 @@ def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, log_theta: torch.Tensor) -> t
     x : (B, G) counts
     mu : (B, G) mean, > 0
     log_theta : (G,) or (B, G) log inverse dispersion
+    log_factorial : (B, G) ``lgamma(x + 1)``, optional (computed here when None)
 
     Returns
     -------
@@ -231,15 +241,19 @@ def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, log_theta: torch.Tensor) -> t
     # fewer lgamma / log calls: lgamma is the costliest op of an expression step)
     theta = log_theta.exp()
     if x.requires_grad or not torch.is_grad_enabled():
-        return _nb_forward(x, mu, theta)[0]  # no gradient wanted, or one w.r.t. x
-    return _NBLogProb.apply(x, mu, theta)
+        return _nb_forward(x, mu, theta, log_factorial)[0]  # no gradient, or one w.r.t. x
+    return _NBLogProb.apply(x, mu, theta, log_factorial)
 
 
 def zinb_log_prob(
-    x: torch.Tensor, mu: torch.Tensor, log_theta: torch.Tensor, pi_logits: torch.Tensor
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    log_theta: torch.Tensor,
+    pi_logits: torch.Tensor,
+    log_factorial: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Zero-inflated NB log-likelihood, elementwise (B, G); ``pi`` = sigmoid(logits)."""
-    nb = nb_log_prob(x, mu, log_theta)
+    nb = nb_log_prob(x, mu, log_theta, log_factorial)
     theta = log_theta.exp().expand_as(mu)
     nb_zero = theta * (torch.log(theta + 1e-8) - torch.log(theta + mu + 1e-8))
     log_pi = F.logsigmoid(pi_logits)
@@ -446,6 +460,7 @@ def expression_nll(
     counts: torch.Tensor | None,
     library: torch.Tensor | None,
     late_mask: bool,
+    log_factorial: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Expression negative log-likelihood summed over genes, (B,).
 
@@ -466,9 +481,11 @@ def expression_nll(
             raise ValueError("NB/ZINB expression likelihood needs counts and library sizes")
         mu = dec.expression_scale * library.view(-1, 1)
         if dec.expression_dropout_logits is not None:
-            lp = zinb_log_prob(counts, mu, dec.expression_log_theta, dec.expression_dropout_logits)
+            lp = zinb_log_prob(
+                counts, mu, dec.expression_log_theta, dec.expression_dropout_logits, log_factorial
+            )
         else:
-            lp = nb_log_prob(counts, mu, dec.expression_log_theta)
+            lp = nb_log_prob(counts, mu, dec.expression_log_theta, log_factorial)
         observed = counts
     if late_mask:
         lp = lp * (observed > 0).to(lp.dtype)
@@ -555,6 +572,7 @@ def vae_loss(
     labels: torch.Tensor | None = None,
     granules: torch.Tensor | None = None,
     nucleus: torch.Tensor | None = None,
+    log_factorial: torch.Tensor | None = None,
 ) -> LossTerms:
     """All loss terms of one batch.
 
@@ -583,6 +601,9 @@ def vae_loss(
     nucleus : (B, 1, S, S) float {0, 1}, optional
         Nucleus masks of the input crops (scored when ``weights.nucleus`` > 0 and
         the model has a nucleus layer).
+    log_factorial : (B, G) float, optional
+        ``lgamma(counts + 1)``, the NB likelihood's constant, when the data hold it
+        (computed per batch otherwise; same value).
 
     Returns
     -------
@@ -645,7 +666,7 @@ def vae_loss(
         # skipped decoder (None) or a model without genes (B, 0): nothing to score
         if dec is None or dec.expression_log is None or dec.expression_log.shape[-1] == 0:
             return zero
-        nll = expression_nll(dec, x_log, counts, library, w.late_mask)
+        nll = expression_nll(dec, x_log, counts, library, w.late_mask, log_factorial)
         return (nll * rows).sum() / b
 
     def weighted_img(t: tuple[torch.Tensor, ...]) -> torch.Tensor:

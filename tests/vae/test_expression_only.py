@@ -208,3 +208,30 @@ def test_expression_input_auto_reads_counts_for_expression_alone_with_counts_onl
     alone.counts = None  # Gaussian likelihood on X: no counts to read
     assert expression_input("auto", alone) == "lognorm"
     assert expression_input("lognorm", _expression_only()) == "lognorm"
+
+
+def test_training_fills_log_factorial_and_a_batch_with_it_scores_the_same(tmp_path):
+    """train() stores lgamma(counts + 1) once for in-memory counts; a batch carrying
+    it scores exactly the loss terms of one that computes it."""
+    d = _expression_only()
+    assert d.log_factorial is None
+    split = stratified_split(d.labels.numpy(), 0.2, 0.0, 0)
+    model = tiny_model(12, "poe", 0)
+    train(model, d, split, TrainArgs(max_epochs=1, batch_size=8), CPU, tmp_path)
+    assert torch.equal(d.log_factorial, torch.lgamma(d.counts + 1.0))
+    idx = torch.arange(d.n)
+    raw = raw_batch(d, idx, images=False)
+    with_lf = to_batch(raw, torch.device("cpu"))
+    raw.pop("log_factorial")
+    without = to_batch(raw, torch.device("cpu"))
+    assert with_lf.log_factorial is not None and without.log_factorial is None
+    model.eval()
+    terms = []
+    for b in (with_lf, without):
+        torch.manual_seed(7)  # the same reparameterisation draws
+        with torch.no_grad():
+            terms.append(
+                forward_loss(model, b, beta=1.0, capacity=0.0, args=TrainArgs(), n_shared=4)
+            )
+    a = assert_same_loss_terms(*terms)
+    assert a["expression"] > 0
