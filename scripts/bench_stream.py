@@ -13,9 +13,10 @@ the pipeline's model and trainer settings (``conf/`` composed with Hydra):
   one of 512 discs with a darker nucleus, colour and texture noise, drawn at
   random; content for a throughput / memory benchmark, not for a model) written once into a chunked
   crop store (:func:`vae.store.write_crop_store`) next to an obs-only
-  ``crops.h5ad``; batches are read from the store. The granule head is switched
-  off (``vae.granule_weight=0``): its centres would be computed once per crop
-  before the first step (a preprocessing pass, not streaming).
+  ``crops.h5ad``; batches are read from the store. The granule head and the
+  nucleus layer are switched off (``vae.granule_weight=0 vae.nucleus_weight=0``):
+  their targets would be computed once per crop before the first step (a
+  preprocessing pass, not streaming).
 
 ``--max-steps N`` trains the crops case on a random subset of ``N x batch``
 rows (spread over the whole store) and extrapolates the epoch from its cells/s;
@@ -160,6 +161,7 @@ def child(args) -> int:
         "trainer.max_minutes=null",
         f"hardware.num_workers={args.workers}",
         "vae.granule_weight=0",
+        "vae.nucleus_weight=0",
         "trainer.augment=true",
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
