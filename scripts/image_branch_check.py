@@ -12,6 +12,9 @@ and measures on the test split (rows never used for early stopping):
 - masked SSIM of the fused reconstructions (decoded from the single-view posterior mean;
   the latents use the model's ``encode_views`` unless ``--views`` says otherwise);
 - raw-pixel PCA baseline: kNN accuracy of the first ``n_latent`` PCs of the masked crops;
+- on real data with a pseudotime (``obs['maturation']``, stage=expression's): the fused
+  latent of the test profiles of the maturation stages (the model's maturation classes,
+  or ``--stages``) against it: best dim, the maturation axis (dim 0) and within each stage;
 - with simulator truth in ``obs``: best single latent dim vs true t (|Spearman|),
   granule density measured by ``vae.analysis.granules`` on the reconstructions vs the
   true azurophilic density, decoded lobes vs true lobes (neutrophil lineage); the granule
@@ -92,7 +95,38 @@ def _figure(path: Path, data, rows: np.ndarray, dec: np.ndarray, obs, n: int = 1
     plt.close(fig)
 
 
-def check(run: Path, paired: Path | None, traverse: Path | None, views: int | None = None) -> dict:
+def _pseudotime_check(
+    res: dict, z: np.ndarray, obs, labels: np.ndarray, stages: list[str], axis: bool
+) -> None:
+    """Real data: the latent against ``obs['maturation']`` (stage=expression's pseudotime
+    of each profile) on the test rows with a profile whose label is one of ``stages``:
+    best single dim |Spearman| and, with the ordinal head (``axis``), its dim 0 (signed:
+    the head orders dim 0 by stage), overall and within each stage. The head is trained
+    on stage ranks only, so the within-stage order is a check it was not fitted to."""
+    t = obs["maturation"].to_numpy(float)
+    sel = np.isin(labels, stages) & np.isfinite(t)
+    res["pseudotime_rows"] = int(sel.sum())
+    if sel.sum() < 3:
+        return
+    rho = [abs(_spearman(z[sel, j], t[sel])) for j in range(z.shape[1])]
+    res["best_dim_vs_pseudotime_spearman"] = float(np.nanmax(rho))
+    if axis:
+        res["maturation_axis_vs_pseudotime_spearman"] = _spearman(z[sel, 0], t[sel])
+    for st in stages:
+        w = sel & (labels == st)
+        if w.sum() >= 3:
+            key = "maturation_axis" if axis else "best_dim"
+            j = 0 if axis else int(np.nanargmax(rho))
+            res[f"{key}_vs_pseudotime_within_{st.replace(' ', '_')}"] = _spearman(z[w, j], t[w])
+
+
+def check(
+    run: Path,
+    paired: Path | None,
+    traverse: Path | None,
+    views: int | None = None,
+    stages: list[str] | None = None,
+) -> dict:
     import anndata as ad
     import pandas as pd
     import torch
@@ -189,6 +223,19 @@ def check(run: Path, paired: Path | None, traverse: Path | None, views: int | No
     else:
         res["ssim_joint"] = float("nan")
 
+    # real data: the maturation axis (or the best dim) against the profiles' pseudotime
+    ranks = list(getattr(model.args, "maturation_ranks", []) or [])
+    own = [n for _, n in sorted((r, n) for r, n in zip(ranks, data.label_names) if r >= 0)]
+    if "t" not in obs and "maturation" in obs and (stages or own):
+        _pseudotime_check(
+            res,
+            lat_all.joint[test][has_e],
+            obs[has_e],
+            y_all[test][has_e],
+            list(stages or own),
+            axis=bool(own) and not stages,
+        )
+
     o = obs[has_i]
     if "t" in o and rows.size:
         t = o["t"].to_numpy(float)
@@ -271,11 +318,18 @@ def main() -> None:
         default=None,
         help="views the image expert averages (default: the model's encode_views)",
     )
+    ap.add_argument(
+        "--stages",
+        nargs="+",
+        default=None,
+        help="real data: labels whose profiles' pseudotime (obs['maturation']) the best "
+        "latent dim is scored against (default: the model's maturation classes, dim 0)",
+    )
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)
-    res = check(args.run, args.paired, args.traverse, args.views)
+    res = check(args.run, args.paired, args.traverse, args.views, args.stages)
     out = args.out or args.run / "image_branch.json"
     out.write_text(json.dumps(res, indent=2, default=float))
     width = max(len(k) for k in res)

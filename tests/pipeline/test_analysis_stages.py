@@ -368,6 +368,43 @@ def test_image_branch_check_script_on_a_finished_run(tiny_run):
     assert (run / "image_branch_recon.png").stat().st_size > 0
 
 
+def test_image_branch_check_scores_the_maturation_axis_against_pseudotime():
+    """Real data: dim 0 against obs['maturation'] over the stages' profiles, overall and
+    within each stage; without the head, the best dim."""
+    import importlib.util
+
+    import pandas as pd
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "image_branch_check.py"
+    spec = importlib.util.spec_from_file_location("image_branch_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    stages = ["MPP", "GMP", "Neu"]
+    labels = np.repeat(stages + ["Mono"], 10)
+    t = np.r_[
+        rng.uniform(0, 0.2, 10),
+        rng.uniform(0.2, 0.4, 10),
+        rng.uniform(0.4, 1, 10),
+        rng.uniform(0, 1, 10),
+    ]
+    z = rng.normal(size=(40, 3))
+    z[:, 2] = t  # the best dim, in order within each stage too
+    z[:, 0] = -t  # dim 0 runs against the pseudotime
+    z[30:, :] = rng.normal(size=(10, 3))  # Mono rows: not a stage, not scored
+    obs = pd.DataFrame({"maturation": t})
+    res: dict = {}
+    mod._pseudotime_check(res, z, obs, labels, stages, axis=True)
+    assert res["pseudotime_rows"] == 30
+    assert res["best_dim_vs_pseudotime_spearman"] == pytest.approx(1.0)
+    assert res["maturation_axis_vs_pseudotime_spearman"] == pytest.approx(-1.0)
+    assert res["maturation_axis_vs_pseudotime_within_GMP"] == pytest.approx(-1.0)
+    res = {}
+    mod._pseudotime_check(res, z, obs, labels, stages, axis=False)
+    assert "maturation_axis_vs_pseudotime_spearman" not in res
+    assert abs(res["best_dim_vs_pseudotime_within_Neu"]) == pytest.approx(1.0)
+
+
 def test_study_page_works_in_a_real_browser(tiny_run, tmp_path):
     """study.html in headless Chromium: loads without console errors; the slider changes the
     decoded image, the gene column and the nearest crops; hovering a cell shows its crop."""
