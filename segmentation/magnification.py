@@ -125,28 +125,33 @@ def _ray_lengths(region: np.ndarray, cy: float, cx: float, n: int = 32) -> np.nd
     return np.asarray(out)
 
 
-def white_cell_sizes(image: np.ndarray, measure_px: int = MEASURE_PX) -> np.ndarray:
-    """Diameters (source px) of the white cells of a smear image, uncalibrated.
+@dataclass
+class WhiteCellRegions:
+    """What :func:`white_cell_sizes` measures on one image (at its measuring size).
 
-    Method: nuclei are the pixels both in the most purple and in the darkest of
-    three Otsu classes (lobes joined by a closing, specks dropped); each nucleus
-    (its convex hull) seeds a watershed of the distance transform of the cell
-    foreground (green channel below Otsu, holes filled) against seeds at the
-    red-cell centres (distance maxima away from the nucleus), so the nucleus
-    grows over its cytoplasm and stops at the touching red cells. The diameter
-    is twice the **median** distance from the nucleus centre to the region's
-    edge over 32 rays: a leak into one touching red cell moves a few rays, not
-    the median. Rays cut by the image edge are left out.
-
-    Parameters
+    Attributes
     ----------
-    image : (H, W, 3) uint8 RGB
-    measure_px : the image is measured at most this many px on its longer side
-
-    Returns
-    -------
-    (n,) float diameters in source px, one per white cell found (may be empty)
+    image : (h, w, 3) uint8, the image at the measuring size
+    factor : measuring size / source size (<= 1)
+    nucleus : (h, w) bool, every nucleus pixel (:func:`_nuclei`)
+    regions : (h, w) int, the watershed: 0 outside the cell foreground, ``2 .. n + 1``
+        the white cells (one per nucleus, in the order of ``centres``), above ``n + 1``
+        the red-cell segments
+    red_seeds : (h, w) int, labelled red-cell seeds (0 elsewhere)
+    centres : (k, cy, cx) per white cell: its region label and nucleus-hull centre
     """
+
+    image: np.ndarray
+    factor: float
+    nucleus: np.ndarray
+    regions: np.ndarray
+    red_seeds: np.ndarray
+    centres: list[tuple[int, float, float]]
+
+
+def white_cell_regions(image: np.ndarray, measure_px: int = MEASURE_PX) -> WhiteCellRegions | None:
+    """The white-cell regions of a smear image (see :func:`white_cell_sizes` for the
+    method); None when the image is not RGB or holds no nucleus."""
     from scipy import ndimage as ndi
     from skimage.filters import gaussian, threshold_otsu
     from skimage.measure import label
@@ -155,7 +160,7 @@ def white_cell_sizes(image: np.ndarray, measure_px: int = MEASURE_PX) -> np.ndar
     from skimage.transform import rescale
 
     if image.ndim != 3 or image.shape[2] < 3:
-        return np.zeros(0)
+        return None
     image = image[..., :3]
     f = min(1.0, measure_px / max(image.shape[:2]))
     if f < 1:
@@ -164,9 +169,9 @@ def white_cell_sizes(image: np.ndarray, measure_px: int = MEASURE_PX) -> np.ndar
             .round()
             .astype(np.uint8)
         )
-    _, nuclei = _nuclei(image)
+    nuc, nuclei = _nuclei(image)
     if not nuclei:
-        return np.zeros(0)
+        return None
     g = gaussian(image.astype(np.float32) / 255, sigma=1.5, channel_axis=-1)[..., 1]
     t = threshold_otsu(g)
     # FOREGROUND_MIX > 0 moves the threshold toward the plasma (pale cytoplasm counts as cell)
@@ -191,11 +196,40 @@ def white_cell_sizes(image: np.ndarray, measure_px: int = MEASURE_PX) -> np.ndar
     pl = label(peaks)
     markers[pl > 0] = pl[pl > 0] + len(nuclei) + 2
     ws = watershed(-dist, markers, mask=fg)
+    return WhiteCellRegions(image, f, nuc, ws, pl, centres)
+
+
+def white_cell_sizes(image: np.ndarray, measure_px: int = MEASURE_PX) -> np.ndarray:
+    """Diameters (source px) of the white cells of a smear image, uncalibrated.
+
+    Method: nuclei are the pixels both in the most purple and in the darkest of
+    three Otsu classes (lobes joined by a closing, specks dropped); each nucleus
+    (its convex hull) seeds a watershed of the distance transform of the cell
+    foreground (green channel below Otsu, holes filled) against seeds at the
+    red-cell centres (distance maxima away from the nucleus), so the nucleus
+    grows over its cytoplasm and stops at the touching red cells
+    (:func:`white_cell_regions`). The diameter is twice the **median** distance
+    from the nucleus centre to the region's edge over 32 rays: a leak into one
+    touching red cell moves a few rays, not the median. Rays cut by the image
+    edge are left out.
+
+    Parameters
+    ----------
+    image : (H, W, 3) uint8 RGB
+    measure_px : the image is measured at most this many px on its longer side
+
+    Returns
+    -------
+    (n,) float diameters in source px, one per white cell found (may be empty)
+    """
+    w = white_cell_regions(image, measure_px)
+    if w is None:
+        return np.zeros(0)
     out = []
-    for k, cy, cx in centres:
-        r = _ray_lengths(ws == k, cy, cx)
+    for k, cy, cx in w.centres:
+        r = _ray_lengths(w.regions == k, cy, cx)
         if r.size >= 4:
-            out.append(2.0 * float(np.median(r)) / f)
+            out.append(2.0 * float(np.median(r)) / w.factor)
     return np.asarray(out, float)
 
 
@@ -410,6 +444,12 @@ def detector_scale(
     return float(cell_px / np.median(side)), int(ok.sum())
 
 
+def _top_mean(scores, k: int) -> float:
+    """A pass's confidence: the mean of its ``k`` highest detection scores (0 without any)."""
+    top = np.sort(np.asarray(scores, float).reshape(-1))[::-1][:k]
+    return float(top.mean()) if top.size else 0.0
+
+
 def refine_scale(
     detect,
     s0: float,
@@ -449,8 +489,7 @@ def refine_scale(
     s1, n1 = float("nan"), 0
     while True:
         result, boxes, scores = detect(s)
-        top = np.sort(np.asarray(scores, float).reshape(-1))[::-1][: st.top_k]
-        passes.append((s, result, float(top.mean()) if top.size else 0.0))
+        passes.append((s, result, _top_mean(scores, st.top_k)))
         nxt, n = detector_scale(boxes, scores, image_hw, s, cell_px, st.min_score, st.edge_px)
         if len(passes) == 1:  # the detector's estimate, reported even without a re-run
             s1, n1 = nxt, n
@@ -465,8 +504,7 @@ def refine_scale(
     for f in st.probe:
         s = measured * float(f)
         result, _, scores = detect(s)
-        top = np.sort(np.asarray(scores, float).reshape(-1))[::-1][: st.top_k]
-        passes.append((s, result, float(top.mean()) if top.size else 0.0))
+        passes.append((s, result, _top_mean(scores, st.top_k)))
         if passes[-1][2] > max(passes[best][2], passes[k][2] + st.probe_margin):
             best = len(passes) - 1
     return passes[best][1], ScaleRefinement(
