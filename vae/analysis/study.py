@@ -246,15 +246,15 @@ def traverse_study(
     path_info: dict[str, Any] = {}
     path_decoded: dict[str, Any] = {}
     path_drawn: dict[str, np.ndarray] = {}  # each step in its nearest cell's pose (posed paths)
-    # single-view codes of the split's cells with a crop: encoded once, on first use (the
-    # posed path steps and the per-cell truth decodes below both need them)
+    # the split's cells with a crop; their single-view codes are encoded once, on first
+    # use (the posed path steps and the per-cell truth decodes below both need them)
+    image_rows = rows[rd.data.has_image.numpy()[rows]] if rd.data is not None else rows[:0]
     one_view: dict[str, np.ndarray] = {}
 
     def single_view_codes(sel: np.ndarray) -> np.ndarray:
         if not one_view:
-            one_view["rows"] = rows[rd.data.has_image.numpy()[rows]]
-            one_view["z"] = cell_codes(rd, one_view["rows"], a.batch_size)
-        return one_view["z"][np.searchsorted(one_view["rows"], sel)]
+            one_view["z"] = cell_codes(rd, image_rows, a.batch_size)
+        return one_view["z"][np.searchsorted(image_rows, sel)]
 
     if path_ok:
         paths = {
@@ -264,7 +264,7 @@ def traverse_study(
         summary["path_classes"] = cents.names
         # a step is a pose-free mean code, decoded in an average pose (lobes merge into a
         # ring): draw and measure it also in the poses of the held-out cells nearest to it
-        pose_ref = _pose_reference(rd, rows, a) if img_ok else None
+        pose_ref = _pose_reference(rd, image_rows, a) if img_ok else None
         if pose_ref is not None:
             summary["path_pose_cells"] = int(min(a.path_pose_cells, len(pose_ref)))
         for kind, pth in paths.items():
@@ -779,20 +779,18 @@ def _eval_sections(evaluation: Path | None) -> list:
     return out + ([uses] if uses is not None else [])
 
 
-def _pose_reference(rd: RunData, rows: np.ndarray, a: AnalysisSettings) -> np.ndarray | None:
-    """Cells that lend their pose to path steps: the rows of the analysed split with a
-    crop (their pose needs their single-view codes, :func:`vae.analysis.run.cell_codes`).
+def _pose_reference(rd: RunData, image_rows: np.ndarray, a: AnalysisSettings) -> np.ndarray | None:
+    """Cells that lend their pose to path steps: ``image_rows``, the rows of the analysed
+    split with a crop (their pose needs their single-view codes,
+    :func:`vae.analysis.run.cell_codes`).
 
-    None when posing is off (``path_pose_cells`` 0), there is no paired data, or the
-    reported latent is already single-view (``encode_views`` 1: no pose was removed).
+    None when posing is off (``path_pose_cells`` 0), there is no paired data or no crop,
+    or the reported latent is already single-view (``encode_views`` 1: no pose was removed).
     """
     views = int(getattr(getattr(rd.model, "args", None), "encode_views", 1) or 1)
-    if a.path_pose_cells <= 0 or rd.data is None or views == 1:
+    if a.path_pose_cells <= 0 or rd.data is None or views == 1 or image_rows.size == 0:
         return None
-    ref = rows[rd.data.has_image.numpy()[rows]]
-    if ref.size == 0:
-        return None
-    return ref
+    return image_rows
 
 
 def _write_study_page(
