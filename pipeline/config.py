@@ -209,9 +209,8 @@ class SegmentationConfig:
     log_every: int = 10  # iterations between DEBUG loss lines (log_level=DEBUG; bars show progress)
     # --- stage=segment: tiled inference (docs/segmentation_infer.md) ---
     input_scale: float = 1.0  # source image resized by this before tiling (cell px as trained)
-    # smear sources with no scale (scale null, width not listed), and stage=embed's smears:
-    # measure the scale per image from its white cells, else red cells (segmentation/magnification.py)
-    # null: as the detector says (the shipped one: on; a segment_train model: off)
+    # sources with no scale, and embed's smears: measure each image's scale from its white (else
+    # red) cells (segmentation/magnification.py); null: as the detector says (shipped: on)
     estimate_scale: bool | None = None
     # with estimate_scale: a pass at the estimate, then one at the scale making the detector's
     # confident white boxes cell_px (no ground truth). null: as the detector says (shipped: on)
@@ -220,6 +219,7 @@ class SegmentationConfig:
     tile_overlap: int = 256  # px; keep above the largest cell diameter
     batch_size: int = 4  # tiles per forward pass
     batch_megapixels: float = 1.1  # and at most this many tile px per pass (peak memory)
+    cpu_bf16: bool | None = None  # backbone in bf16 on a CPU; null: where the CPU has bf16 units
     detect_score_floor: float = 0.05  # detections below are not even listed
     mask_threshold: float = MASK_THRESHOLD  # mask probability -> binary mask
     max_detections_per_tile: int = 100

@@ -18,8 +18,9 @@ Usage::
         [--case name=override,override ...] [--checkpoint model.pt]
 
 A case's overrides are Hydra overrides plus ``channels_last=false`` (the detector
-on NCHW tensors, as before issue 12) and ``bf16=true`` (bf16 autocast on the CPU,
-which ``hardware.precision`` does not offer); e.g. the before/after of docs/performance.md::
+on NCHW tensors, as before issue 12) and ``bf16=true`` (every op under bf16 autocast
+on the CPU; ``segmentation.cpu_bf16`` puts the backbone alone in bf16, the default
+where the CPU has bf16 units); e.g. the before/after of docs/performance.md::
 
     --case before=segmentation.batch_megapixels=1000,channels_last=false --case now=
 
@@ -94,6 +95,8 @@ def child(args: argparse.Namespace) -> int:
     # as an option, its effect on detection quality needs a trained checkpoint
     bf16 = "bf16=true" in overrides
     overrides = [o for o in overrides if o not in ("channels_last=false", "bf16=true")]
+    if bf16:  # every op in bf16, the backbone's setting off (it would nest)
+        overrides.append("segmentation.cpu_bf16=false")
     cfg = compose(["stage=segment", "segmentation=small_cpu", *overrides])
     sc = cfg.segmentation
     settings = settings_from_config(sc)
@@ -132,6 +135,7 @@ def child(args: argparse.Namespace) -> int:
                 "tile_overlap": settings.tile_overlap,
                 "channels_last": det.channels_last,
                 "bf16_autocast": bf16,
+                "bf16_backbone": det.cpu_bf16,
                 "input_scale": settings.input_scale,
             }
         )

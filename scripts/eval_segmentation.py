@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from segmentation.datasets import READERS, DetectionDataset, with_scale
-from segmentation.engine import evaluate
+from segmentation.engine import evaluate, predict
 from segmentation.model import load_checkpoint
 
 
@@ -132,7 +132,7 @@ def estimated(
     }
 
 
-def refined(model, ds, cell_px: float, settings) -> tuple[object, list, dict]:
+def refined(model, ds, cell_px: float, settings, autocast=None) -> tuple[object, list, dict]:
     """Detector-refined scale per image (segmentation.magnification.refine_scale, from
     each record's estimated scale s0): the dataset at the kept scales, the kept passes'
     predictions (for :func:`evaluate`) and how close s0, s1 and the kept scale came to
@@ -149,7 +149,8 @@ def refined(model, ds, cell_px: float, settings) -> tuple[object, list, dict]:
     for rec in ds:
 
         def detect(s, rec=rec):
-            p = predict(model, DetectionDataset([replace(rec, scale=s)]), torch.device("cpu"))[0]
+            one = DetectionDataset([replace(rec, scale=s)])
+            p = predict(model, one, torch.device("cpu"), 1, autocast)[0]
             return (s, p), p["boxes"] / s, p["scores"]
 
         (s, p), r = refine_scale(detect, rec.scale, (rec.height, rec.width), cell_px, settings)
@@ -201,7 +202,9 @@ def refined(model, ds, cell_px: float, settings) -> tuple[object, list, dict]:
     return SmearDataset(recs), preds, {"scale_refined": out}
 
 
-def by_source(model, ds, threshold: float, preds: list | None = None) -> dict[str, dict]:
+def by_source(
+    model, ds, threshold: float, preds: list | None = None, autocast=None
+) -> dict[str, dict]:
     """WBC box/mask AP of each source (``width_W``: image width tells TXL-PBC's four
     microscopes apart, docs/segmentation_infer.md) scored on its own images
     (``preds``: the predictions of ``ds``'s images in order, else the model runs)."""
@@ -219,6 +222,7 @@ def by_source(model, ds, threshold: float, preds: list | None = None) -> dict[st
             torch.device("cpu"),
             threshold,
             predictions=None if preds is None else [preds[i] for i in idx],
+            autocast=autocast,
         )
         d = r.as_dict()
         out[name] = {
@@ -270,8 +274,16 @@ def main() -> None:
         action="store_true",
         help="also score each source (image width: TXL-PBC's microscopes) on its own",
     )
+    ap.add_argument(
+        "--bf16",
+        default="off",
+        choices=["off", "backbone", "all"],
+        help="bf16 on the CPU: the backbone only (segmentation.cpu_bf16) or every op",
+    )
+    ap.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.bf16 == "all" else None
     if a.format in ("voc", "yolo"):
         ds = READERS[a.format](a.path, splits=[a.split])
     elif a.format == "mask_png":
@@ -306,6 +318,10 @@ def main() -> None:
         if not a.checkpoint:
             ap.error("checkpoint is required unless --scale-only")
         model, _ = load_checkpoint(a.checkpoint)
+        if a.bf16 == "backbone":
+            from segmentation.inference import use_bf16_backbone
+
+            use_bf16_backbone(model)
         preds = None
         if a.scale == "refine":
             from segmentation.magnification import RefineSettings
@@ -322,12 +338,16 @@ def main() -> None:
                 "probe_margin": a.refine_probe_margin,
             }
             st = RefineSettings(**{k: v for k, v in given.items() if v is not None})
-            ds, preds, more = refined(model, ds, a.cell_px, st)
+            ds, preds, more = refined(model, ds, a.cell_px, st, autocast)
             extra.update(more)
+        if preds is None:  # once, shared by the overall and the per-source scores
+            preds = predict(
+                model, DetectionDataset(ds.images), torch.device("cpu"), a.batch_size, autocast
+            )
         r = evaluate(
             model, DetectionDataset(ds.images), torch.device("cpu"), a.threshold, predictions=preds
         )
-        out = {**r.as_dict(), **extra, "cell_px": a.cell_px}
+        out = {**r.as_dict(), **extra, "cell_px": a.cell_px, "bf16": a.bf16}
         if a.by_source:
             out["by_source"] = by_source(model, ds, a.threshold, preds)
     shown = out

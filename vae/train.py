@@ -32,6 +32,7 @@ from segmentation.runtime import rng_state as _rng_state
 from segmentation.runtime import set_rng_state as _set_rng_state
 from vae.checkpoint import load_checkpoint, save_checkpoint
 from vae.data import Batch, PairedTensors, epoch_batches, iterate, raw_batch, to_batch
+from vae.flat import FlatParameters
 from vae.losses import LossTerms, LossWeights, vae_loss
 from vae.model import TwoBranchVAE
 from vae.schedules import DEFAULT_BETA, KLSchedule, lr_lambda
@@ -292,8 +293,15 @@ def train(
         data.log_factorial = torch.lgamma(data.counts + 1.0)
     # a list, once: clip_grad_norm_ re-walking the module tree each step costs ~1 ms
     trainable = [p for p in core.parameters() if p.requires_grad]
+    # expression only, one process: every trainable tensor takes part in every step,
+    # so they can share one buffer (one fused update, one norm; vae/flat.py)
+    flat = (
+        FlatParameters(trainable)
+        if not use_image and use_expression and dist.world_size == 1
+        else None
+    )
     opt = torch.optim.AdamW(
-        trainable,
+        [flat.flat] if flat is not None else trainable,
         lr=args.lr,
         weight_decay=args.weight_decay,
         # one fused kernel per tensor: the CPU default loops in Python with a host sync
@@ -329,7 +337,9 @@ def train(
     if resume_from is not None:
         ck = load_checkpoint(resume_from)
         core.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        opt.load_state_dict(
+            flat.flat_state(ck["optimizer"]) if flat is not None else ck["optimizer"]
+        )
         sched.load_state_dict(ck["scheduler"])
         epoch, step = int(ck["epoch"]), int(ck["step"])
         best_val = float(ck.get("best_val", math.inf))
@@ -349,7 +359,9 @@ def train(
         return {
             "model": core.state_dict(),
             "model_args": asdict(core.args),
-            "optimizer": opt.state_dict(),
+            "optimizer": (  # always the per-tensor layout
+                flat.per_tensor_state(opt.state_dict()) if flat is not None else opt.state_dict()
+            ),
             "scheduler": sched.state_dict(),
             "epoch": epoch,
             "step": step,
@@ -438,13 +450,17 @@ def train(
                     f"trainer.lr, keep trainer.grad_clip > 0, or check the input "
                     f"(X must be log-normalised, counts non-negative)."
                 )
-            opt.zero_grad(set_to_none=True)
+            if flat is not None:
+                flat.zero_grad()
+            else:
+                opt.zero_grad(set_to_none=True)
             terms.total.backward()
-            gnorm = (
-                torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip, foreach=True)
-                if args.grad_clip > 0
-                else torch.tensor(0.0)
-            )
+            if args.grad_clip <= 0:
+                gnorm = torch.tensor(0.0)
+            elif flat is not None:
+                gnorm = flat.clip_(args.grad_clip)
+            else:
+                gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip, foreach=True)
             opt.step()
             sched.step()
             step += 1

@@ -6,8 +6,7 @@ from ``annotations.json`` there or ``paths.inputs.annotations``), and writes
 ``cells.h5ad``, ``detections.csv``, ``rejects.csv``, ``summary.json``,
 ``contact_sheet.png`` and ``overlays/`` (see docs/artifacts.md, "segment").
 
-Images are sharded round robin over DDP ranks; each rank writes a part file
-and rank 0 merges them in image order.
+Images are sharded round robin over DDP ranks; rank 0 merges their part files in order.
 """
 
 from __future__ import annotations
@@ -152,11 +151,12 @@ def resolve_input_scale(cfg: Any, ckpt: dict[str, Any]) -> tuple[float, str]:
 
 def detector_kwargs(sc: Any) -> dict[str, Any]:
     """``cfg.segmentation`` -> the :class:`MaskRCNNDetector` settings (one owner)."""
-    return {
+    return {  # cpu_bf16 null: MaskRCNNDetector asks the CPU
         "score_floor": float(sc.detect_score_floor),
         "mask_threshold": float(sc.mask_threshold),
         "max_detections": int(sc.max_detections_per_tile),
         "rpn_post_nms_top_n": int(sc.rpn_post_nms_top_n),
+        "cpu_bf16": sc.cpu_bf16,
     }
 
 
@@ -169,7 +169,7 @@ def refine_settings(sc: Any, ckpt: dict[str, Any]):
 
 def make_detector(ctx: StageContext, model: torch.nn.Module) -> MaskRCNNDetector:
     """The tile detector of ``cfg.segmentation`` on this rank's device."""
-    kw = detector_kwargs(ctx.cfg.segmentation)
+    kw = detector_kwargs(ctx.cfg.segmentation)  # ctx.dist.autocast: bf16 on a GPU
     return MaskRCNNDetector(model, ctx.dist.device, autocast=ctx.dist.autocast, **kw)
 
 

@@ -189,3 +189,30 @@ def test_missing_shipped_detector_is_a_clear_error(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "stage=segment_train" in msg and "paths.inputs.segmentation_model" in msg
     assert f"shipped detector {gone}" in msg and "missing" in msg
+
+
+@pytest.mark.skipif(not BCCD.is_dir(), reason="needs ../shared/data (BCCD)")
+def test_bf16_backbone_finds_the_same_cells_as_fp32():
+    """segmentation.cpu_bf16: the backbone in bf16, the heads in fp32 -> the same white
+    cells, boxes within a few px, scores within 0.05; off leaves the model as it was."""
+    from segmentation.inference import BF16Backbone, MaskRCNNDetector, resize_image
+    from segmentation.io import read_rgb
+
+    img = resize_image(read_rgb(BCCD / "JPEGImages" / IMAGES[0]).image, 0.21)
+    runs = {}
+    for flag in (False, True):
+        model, _ = load_checkpoint(SHIPPED_DETECTOR)
+        det = MaskRCNNDetector(model, "cpu", cpu_bf16=flag)
+        assert isinstance(det.model.backbone, BF16Backbone) is flag and det.cpu_bf16 is flag
+        if flag:
+            feats = det.model.backbone(torch.rand(1, 3, 64, 64))
+            assert all(v.dtype == torch.float32 for v in feats.values())
+        d = det([img])[0]
+        keep = d.scores >= 0.5
+        runs[flag] = (d.boxes[keep], d.scores[keep])
+    (b32, s32), (b16, s16) = runs[False], runs[True]
+    assert len(b32) >= 1 and len(b16) == len(b32)
+    order32, order16 = np.argsort(b32[:, 0]), np.argsort(b16[:, 0])
+    assert np.abs(b32[order32] - b16[order16]).max() < 4.0
+    assert np.abs(s32[order32] - s16[order16]).max() < 0.05
+    assert _iou(b16[order16][0] / 0.21, _voc_wbc_box(IMAGES[0])) > 0.5
