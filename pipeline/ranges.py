@@ -35,7 +35,6 @@ RANGES: dict[str, str] = {
     "vae.classify_weight": NONNEG,
     "vae.maturation_weight": NONNEG,
     "vae.nucleus_gap_weight": NONNEG,
-    "vae.gap_image_weight": NONNEG,
     "vae.hidden": COUNT,
     "vae.dropout": "[0,1)",
     "vae.image_weight": NONNEG,

@@ -161,7 +161,6 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
             granules=float(v.granule_weight),
             nucleus=float(v.nucleus_weight),
             nucleus_gap=float(v.nucleus_gap_weight),
-            gap_image=float(v.gap_image_weight),
             free_bits=float(v.free_bits),
             classify=float(v.classify_weight),
             maturation=float(v.maturation_weight),

@@ -55,11 +55,6 @@ class LossWeights:
     # extra weight of the nucleus term on the gaps between lobes (:func:`nucleus_gaps`):
     # those pixels count 1 + nucleus_gap; 0: every pixel counts once
     nucleus_gap: float = 0.0
-    # extra weight of the image likelihood on the same gaps: 1 + this there. The nucleus
-    # term draws the lobes' outline; this one makes the cytoplasm layer cytoplasm-
-    # coloured in the necks (it is scored nowhere under the nucleus, and a dark neck
-    # joins two drawn lobes)
-    gap_image: float = 0.0
     # maturation axis: ordinal NLL of the stage rank from shared dim 0 of each expert's
     # mean (rows whose label is a stage); needs a model built with maturation_ranks
     maturation: float = 0.0
@@ -268,12 +263,7 @@ def zinb_log_prob(
 
 
 def image_nll(
-    target: torch.Tensor,
-    mean: torch.Tensor,
-    mask: torch.Tensor,
-    log_scale: torch.Tensor,
-    kind: str,
-    pixel_weight: torch.Tensor | None = None,
+    target: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor, log_scale: torch.Tensor, kind: str
 ) -> torch.Tensor:
     """Image negative log-likelihood summed over the pixels inside the mask.
 
@@ -283,9 +273,6 @@ def image_nll(
     mask : (B, 1, S, S) in {0, 1}; pixels where it is 0 contribute exactly 0
     log_scale : () log σ (gaussian) or log b (laplace); ignored for ``mse``
     kind : ``mse`` | ``gaussian`` | ``laplace``
-    pixel_weight : (B, 1, S, S), optional
-        Weight of each pixel's error term (None: 1), e.g. ``1 + w * nucleus_gaps``;
-        the normaliser counts each pixel once whatever its weight.
 
     Returns
     -------
@@ -293,17 +280,13 @@ def image_nll(
     """
     diff = (target - mean) * mask  # background is multiplied out before any op
     n = mask.sum(dim=(1, 2, 3)) * target.shape[1]  # scored values per row
-
-    def total(err: torch.Tensor) -> torch.Tensor:
-        return (err if pixel_weight is None else err * pixel_weight).sum(dim=(1, 2, 3))
-
     if kind == "mse":
-        return 0.5 * total(diff.pow(2))
+        return 0.5 * diff.pow(2).sum(dim=(1, 2, 3))
     if kind == "gaussian":
-        per = 0.5 * total(diff.pow(2)) * torch.exp(-2 * log_scale)
+        per = 0.5 * diff.pow(2).sum(dim=(1, 2, 3)) * torch.exp(-2 * log_scale)
         return per + n * (log_scale + 0.5 * math.log(2 * math.pi))
     if kind == "laplace":
-        per = total(diff.abs()) * torch.exp(-log_scale)
+        per = diff.abs().sum(dim=(1, 2, 3)) * torch.exp(-log_scale)
         return per + n * (log_scale + math.log(2.0))
     raise ValueError(f"image likelihood {kind!r}; valid: mse, gaussian, laplace")
 
@@ -663,13 +646,9 @@ def vae_loss(
 
     score_nucleus = w.nucleus > 0 and nucleus is not None and image is not None
     # gaps between lobes weigh more (once per batch: every decode is scored against it)
-    gaps = (
-        nucleus_gaps(nucleus) if score_nucleus and (w.nucleus_gap > 0 or w.gap_image > 0) else None
-    )
     nucleus_weight_map = (
-        1.0 + w.nucleus_gap * gaps if gaps is not None and w.nucleus_gap > 0 else None
+        1.0 + w.nucleus_gap * nucleus_gaps(nucleus) if score_nucleus and w.nucleus_gap > 0 else None
     )
-    image_weight_map = 1.0 + w.gap_image * gaps if gaps is not None and w.gap_image > 0 else None
 
     def img_terms(dec: Decoded | None, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if dec is None or dec.image is None:
@@ -684,10 +663,7 @@ def vae_loss(
             nucleus_logits=pick(dec.nucleus_logits),
         )
         nll = (
-            image_nll(
-                image, dec.image, mask, dec.image_log_scale, image_likelihood, image_weight_map
-            )
-            * rows
+            image_nll(image, dec.image, mask, dec.image_log_scale, image_likelihood) * rows
         ).sum()
         if dec.mask_logits is not None and w.mask > 0:
             bce = F.binary_cross_entropy_with_logits(dec.mask_logits, mask, reduction="none")

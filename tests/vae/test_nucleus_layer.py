@@ -142,37 +142,6 @@ def test_gap_weight_scales_the_gap_pixels_terms_only():
     assert float(t1.nucleus.detach()) >= float(t0.nucleus.detach())
 
 
-def test_gap_image_weight_scales_the_image_error_on_gap_pixels_only():
-    """vae.gap_image_weight: the image likelihood's gap pixels count 1 + W; the other
-    terms (nucleus, KL) are unchanged, and W = 0 is the unweighted likelihood."""
-    img, mask, nuc, x, hi, he = _batch()
-    m = _model()
-    torch.manual_seed(1)
-    out = m(img, mask, x, hi, he)
-    dec = out.joint
-    gaps = nucleus_gaps(nuc)
-    assert float((gaps * mask).sum()) > 0  # the batch has lobes with gaps inside the cell
-    for kind in ("gaussian", "laplace", "mse"):
-        plain = image_nll(img, dec.image, mask, dec.image_log_scale, kind)
-        same = image_nll(img, dec.image, mask, dec.image_log_scale, kind, torch.ones_like(gaps))
-        torch.testing.assert_close(same, plain)
-        only_gaps = image_nll(img, dec.image, mask * gaps, dec.image_log_scale, kind)
-        n_gap = (mask * gaps).sum(dim=(1, 2, 3)) * 3
-        const = {"gaussian": 0.5 * np.log(2 * np.pi), "laplace": np.log(2.0), "mse": None}[kind]
-        if const is not None:  # the error part of the gap pixels' term (no normaliser)
-            only_gaps = only_gaps - n_gap * (dec.image_log_scale + const)
-        w = image_nll(img, dec.image, mask, dec.image_log_scale, kind, 1.0 + 3.0 * gaps)
-        torch.testing.assert_close(w, plain + 3.0 * only_gaps)
-    kw = dict(beta=1.0, n_shared=16, nucleus=nuc)
-    t0 = vae_loss(out, img, mask, x, None, None, weights=LossWeights(nucleus=1.0), **kw)
-    t1 = vae_loss(
-        out, img, mask, x, None, None, weights=LossWeights(nucleus=1.0, gap_image=3.0), **kw
-    )
-    for k in ("nucleus", "kl", "expression"):
-        assert float(getattr(t0, k).detach()) == float(getattr(t1, k).detach()), k
-    assert float(t1.image.detach()) > float(t0.image.detach())
-
-
 def test_weight_zero_is_the_loss_without_the_layer():
     """vae.nucleus_weight=0 builds no layer: the same terms to 1e-6 with or without targets."""
     m = _model(nucleus_head=False)
