@@ -64,6 +64,9 @@ class VAEConfig:
     # the nucleus term's pixels in the gaps between lobes (what a closing of the input's
     # nucleus fills: vae.losses.nucleus_gaps) count 1 + this; 0: all pixels alike
     nucleus_gap_weight: float = 0.0
+    # the image likelihood composes the colour layers through the input's nucleus mask
+    # (p(x | z, nucleus) p(nucleus | z)) instead of the decoded one (docs/vae.md)
+    nucleus_input_compose: bool = False
     free_bits: float = 0.0  # nats per latent dim that cost no KL (keeps dims active)
     # label cross-entropy on each expert's shared mean, rows with a known obs['label']
     # (scANVI-style semi-supervision; 0: off, and no classifier head is built)

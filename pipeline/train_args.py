@@ -161,6 +161,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
             granules=float(v.granule_weight),
             nucleus=float(v.nucleus_weight),
             nucleus_gap=float(v.nucleus_gap_weight),
+            nucleus_input_compose=bool(v.nucleus_input_compose),
             free_bits=float(v.free_bits),
             classify=float(v.classify_weight),
             maturation=float(v.maturation_weight),

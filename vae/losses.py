@@ -55,6 +55,11 @@ class LossWeights:
     # extra weight of the nucleus term on the gaps between lobes (:func:`nucleus_gaps`):
     # those pixels count 1 + nucleus_gap; 0: every pixel counts once
     nucleus_gap: float = 0.0
+    # the colour layers' image likelihood composes them through the *input's* nucleus
+    # mask (the nucleus term then owns the decoded mask alone): the cytoplasm layer is
+    # scored on the input's cytoplasm only and cannot paint a blurred nucleus where the
+    # decoded mask misses one; False: through the decoded mask (detached), as drawn
+    nucleus_input_compose: bool = False
     # maturation axis: ordinal NLL of the stage rank from shared dim 0 of each expert's
     # mean (rows whose label is a stage); needs a model built with maturation_ranks
     maturation: float = 0.0
@@ -661,7 +666,12 @@ def vae_loss(
             granule_rate=pick(dec.granule_rate),
             granule_od=pick(dec.granule_od),
             nucleus_logits=pick(dec.nucleus_logits),
+            nucleus_colour=pick(dec.nucleus_colour),
+            cytoplasm=pick(dec.cytoplasm),
         )
+        if w.nucleus_input_compose and score_nucleus and dec.cytoplasm is not None:
+            # p(x, n | z) = p(n | z) p(x | z, n): the colours given the observed nucleus
+            dec = replace(dec, image=dec.cytoplasm + nucleus * (dec.nucleus_colour - dec.cytoplasm))
         nll = (
             image_nll(image, dec.image, mask, dec.image_log_scale, image_likelihood) * rows
         ).sum()

@@ -142,6 +142,50 @@ def test_gap_weight_scales_the_gap_pixels_terms_only():
     assert float(t1.nucleus.detach()) >= float(t0.nucleus.detach())
 
 
+def test_input_compose_scores_the_colour_layers_through_the_input_nucleus():
+    """vae.nucleus_input_compose: the image term is the likelihood of the colour layers
+    composed through the input's nucleus mask (each layer scored on its own region);
+    the nucleus, KL and expression terms are unchanged; off is the decoded composition."""
+    img, mask, nuc, x, hi, he = _batch()
+    m = _model()
+    torch.manual_seed(1)
+    out = m(img, mask, x, hi, he)
+    kw = dict(beta=1.0, n_shared=16, nucleus=nuc)
+    off = vae_loss(out, img, mask, x, None, None, weights=LossWeights(nucleus=1.0), **kw)
+    on = vae_loss(
+        out,
+        img,
+        mask,
+        x,
+        None,
+        None,
+        weights=LossWeights(nucleus=1.0, nucleus_input_compose=True),
+        **kw,
+    )
+    for k in ("nucleus", "kl", "expression"):
+        assert float(getattr(on, k).detach()) == float(getattr(off, k).detach()), k
+    rows = hi.float()
+
+    def image_term(dec, composed):
+        nll = image_nll(img, composed, mask, dec.image_log_scale, "gaussian")
+        return float((nll * rows).sum().detach() / img.shape[0])
+
+    dec = out.joint
+    forced = dec.cytoplasm + nuc * (dec.nucleus_colour - dec.cytoplasm)
+    # the joint decode's share of the image term (the other decodes are scored alike)
+    assert image_term(dec, forced) != pytest.approx(image_term(dec, dec.image))
+    # the cytoplasm layer gets no gradient from the input's nucleus pixels, the nucleus
+    # colour none from its cytoplasm, and the decoded mask none from the image term
+    d = m.decode(out.posteriors.joint[0].detach().requires_grad_(False))
+    cyto = d.cytoplasm.detach().requires_grad_(True)
+    colour = d.nucleus_colour.detach().requires_grad_(True)
+    composed = cyto + nuc * (colour - cyto)
+    image_nll(img, composed, mask, torch.tensor(0.0), "gaussian").sum().backward()
+    assert float((cyto.grad * nuc).abs().sum()) == 0.0
+    assert float((colour.grad * (1 - nuc)).abs().sum()) == 0.0
+    assert float(on.image.detach()) != float(off.image.detach())
+
+
 def test_weight_zero_is_the_loss_without_the_layer():
     """vae.nucleus_weight=0 builds no layer: the same terms to 1e-6 with or without targets."""
     m = _model(nucleus_head=False)
