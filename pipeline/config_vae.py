@@ -65,8 +65,11 @@ class VAEConfig:
     # nucleus fills: vae.losses.nucleus_gaps) count 1 + this; 0: all pixels alike
     nucleus_gap_weight: float = 0.0
     # the image likelihood composes the colour layers through the input's nucleus mask
-    # (p(x | z, nucleus) p(nucleus | z)) instead of the decoded one (docs/vae.md)
-    nucleus_input_compose: bool = False
+    # (p(x | z, nucleus) p(nucleus | z)) instead of the decoded one: the cytoplasm layer no
+    # longer paints a blurred nucleus around the decoded one. Demo settings, 3 seeds, 624
+    # unseen cells: drawn lobes vs truth 0.695 / 0.838 / 0.600 vs 0.651 / 0.371 / 0.556
+    # (docs/vae.md, "Colour layers given the input's nucleus")
+    nucleus_input_compose: bool = True
     free_bits: float = 0.0  # nats per latent dim that cost no KL (keeps dims active)
     # label cross-entropy on each expert's shared mean, rows with a known obs['label']
     # (scANVI-style semi-supervision; 0: off, and no classifier head is built)
