@@ -202,12 +202,10 @@ def refined(model, ds, cell_px: float, settings, autocast=None) -> tuple[object,
     return SmearDataset(recs), preds, {"scale_refined": out}
 
 
-def by_source(
-    model, ds, threshold: float, preds: list | None = None, autocast=None
-) -> dict[str, dict]:
+def by_source(model, ds, threshold: float, preds: list) -> dict[str, dict]:
     """WBC box/mask AP of each source (``width_W``: image width tells TXL-PBC's four
     microscopes apart, docs/segmentation_infer.md) scored on its own images
-    (``preds``: the predictions of ``ds``'s images in order, else the model runs)."""
+    (``preds``: the predictions of ``ds``'s images in order)."""
     from segmentation.datasets import SmearDataset
 
     groups: dict[str, list] = {}
@@ -221,8 +219,7 @@ def by_source(
             DetectionDataset(sub.images),
             torch.device("cpu"),
             threshold,
-            predictions=None if preds is None else [preds[i] for i in idx],
-            autocast=autocast,
+            predictions=[preds[i] for i in idx],
         )
         d = r.as_dict()
         out[name] = {

@@ -87,12 +87,9 @@ class FlatParameters:
         state = {}
         if st:
             for i, (p, (off, k)) in enumerate(zip(self.params, self.offsets)):
+                # every state tensor but the shared step count is one value per parameter
                 state[i] = {
-                    key: (
-                        v[off : off + k].view_as(p).clone()
-                        if torch.is_tensor(v) and v.dim() == 1 and v.numel() == self.flat.numel()
-                        else (v.clone() if torch.is_tensor(v) else v)
-                    )
+                    key: v.clone() if key == "step" else v[off : off + k].view_as(p).clone()
                     for key, v in st.items()
                 }
         return {"state": state, "param_groups": [group]}
@@ -122,8 +119,5 @@ class FlatParameters:
             raise ValueError(f"tensors took different numbers of optimizer steps: {steps}")
         st: dict[str, Any] = {}
         for key, v0 in per[0].items():
-            if torch.is_tensor(v0) and v0.shape == self.params[0].shape and key != "step":
-                st[key] = torch.cat([s[key].reshape(-1) for s in per])
-            else:
-                st[key] = v0.clone() if torch.is_tensor(v0) else v0
+            st[key] = v0.clone() if key == "step" else torch.cat([s[key].reshape(-1) for s in per])
         return {"state": {0: st}, "param_groups": [group]}

@@ -666,12 +666,12 @@ def vae_loss(
             granule_rate=pick(dec.granule_rate),
             granule_od=pick(dec.granule_od),
             nucleus_logits=pick(dec.nucleus_logits),
-            nucleus_colour=pick(dec.nucleus_colour),
-            cytoplasm=pick(dec.cytoplasm),
         )
         if w.nucleus_input_compose and score_nucleus and dec.cytoplasm is not None:
             # p(x, n | z) = p(n | z) p(x | z, n): the colours given the observed nucleus
-            dec = replace(dec, image=dec.cytoplasm + nucleus * (dec.nucleus_colour - dec.cytoplasm))
+            # (the two layers are picked here only: no other term reads them)
+            cyto = pick(dec.cytoplasm)
+            dec = replace(dec, image=cyto + nucleus * (pick(dec.nucleus_colour) - cyto))
         nll = (
             image_nll(image, dec.image, mask, dec.image_log_scale, image_likelihood) * rows
         ).sum()
