@@ -44,6 +44,10 @@ class VAEConfig:
     # orientation. 1: the crop as given. Training always sees one augmented view;
     # reconstructions decode the single view (docs/vae.md, "Pose-free codes")
     encode_views: int = 8
+    # the image likelihood scores each cell in its canonical pose (nucleus stain's major
+    # axis on x, mirrored to a positive skew) while the encoder reads the crop as given
+    # (augmented): the code need not carry the pose (docs/vae.md, "Canonical pose")
+    align_pose: bool = False
     image_likelihood: str = "gaussian"  # mse | gaussian | laplace (learned scalar scale)
     predict_mask: bool = True  # decoder also predicts the cell mask (BCE)
     ssim_weight: float = 0.0  # optional (1 - SSIM) term inside the mask

@@ -62,8 +62,10 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.spearmanr(a[ok], b[ok])[0])
 
 
-def _figure(path: Path, data, rows: np.ndarray, dec: np.ndarray, obs, n: int = 12) -> None:
+def _figure(path: Path, inputs, rows: np.ndarray, dec: np.ndarray, obs, n: int = 12) -> None:
     """Masked input (top) and fused reconstruction (bottom) of ``n`` test cells, by class/t.
+
+    ``inputs`` : (n_rows, S, S, 3) the masked crops as the model sees them, in [0, 1]
 
     ``dec`` : (n_rows, S, S, 3) the reconstructions drawn as every figure draws decoded
     cells (``Decoded.rec_cells``: through the decoded mask)."""
@@ -80,9 +82,7 @@ def _figure(path: Path, data, rows: np.ndarray, dec: np.ndarray, obs, n: int = 1
     pick = order[np.linspace(0, order.size - 1, min(n, order.size)).astype(int)]
     fig, ax = plt.subplots(2, pick.size, figsize=(1.3 * pick.size, 3.0), squeeze=False)
     for k, i in enumerate(pick):
-        r = rows[i]
-        img = (data.crops[r].float() / 255 * data.masks[r].float()).permute(1, 2, 0).numpy()
-        ax[0, k].imshow(img)
+        ax[0, k].imshow(inputs[i])
         ax[1, k].imshow(np.clip(dec[i], 0, 1))
         lab = str(obs["label"].iloc[i]) if "label" in obs else ""
         ax[0, k].set_title(lab[:10], fontsize=6)
@@ -215,7 +215,7 @@ def check(
 
         m = torch.from_numpy(dec.mask).float()[:, None]
         res["ssim_joint"] = float(masked_ssim(chw(dec.image), chw(dec_imgs), m).mean())
-        _figure(run / "image_branch_recon.png", data, rows, dec.rec_cells(), obs[has_i])
+        _figure(run / "image_branch_recon.png", dec.image, rows, dec.rec_cells(), obs[has_i])
         # a cell decoded to be compared with its own crop or truth comes from the
         # single-view code of that crop, as the reconstructions above: the reported
         # latent (``views``, default 8) is pose-free and decodes an average-pose cell
@@ -244,8 +244,9 @@ def check(
         res["best_dim_vs_t_spearman"] = float(np.nanmax(rho)) if rho else float("nan")
 
         def imgs_in(sel: np.ndarray) -> np.ndarray:
-            """The masked input crops of the test image rows ``sel``, (n, S, S, 3) uint8."""
-            return (data.crops[rows][sel] * data.masks[rows][sel]).permute(0, 2, 3, 1).numpy()
+            """The masked input crops of the test image rows ``sel`` as the model sees them
+            (in its canonical pose when it aligns), (n, S, S, 3) uint8."""
+            return np.rint(dec.image[sel] * 255).astype(np.uint8)
 
         neut = (
             np.isfinite(t)
@@ -291,8 +292,7 @@ def check(
                         np.array([G.count_lobes(a) for a in layer], float),
                         o["lobes"].to_numpy(float)[neut],
                     )
-            crops = data.crops[rows][neut].permute(0, 2, 3, 1).numpy()
-            fr = G.measure_batch(crops, masks, G.GranuleParams())
+            fr = G.measure_batch(imgs_in(neut), masks, G.GranuleParams())
             res["input_granules_vs_true_azurophilic_spearman"] = _spearman(
                 fr["granule_density"].to_numpy(float), azu
             )

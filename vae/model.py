@@ -136,6 +136,12 @@ class VAEArgs:
     # are encoded alike; training always sees one (augmented) view. Default 1 so
     # checkpoints saved before this field load unchanged.
     encode_views: int = 1
+    # the image likelihood scores each cell in its canonical pose
+    # (:func:`vae.data.align_pose`: the nucleus stain's major axis on x, mirrored to a
+    # positive skew) while the encoder reads the crop as given: the code need not carry
+    # the pose, and the decoder draws one pose instead of averaging the lobes over all
+    # angles. Default False so checkpoints saved before this field load unchanged.
+    align_pose: bool = False
     # image encoder: "conv" (:class:`ImageEncoder`, widths ``channels``) or "resnet18"
     # (:class:`vae.backbone.ResNetImageEncoder`, which can start from a local
     # pretrained trunk, e.g. the study's own detector). Default "conv" so checkpoints

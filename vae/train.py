@@ -157,8 +157,8 @@ def forward_loss(
 
     with autocast() if autocast is not None else contextlib.nullcontext():
         out = model(
-            batch.image,
-            batch.mask,
+            batch.encoder_image,
+            batch.encoder_mask,
             batch.x,
             batch.has_image,
             batch.has_expression,
@@ -357,7 +357,9 @@ def train(
     # fixed validation batch for the figures (first rows of val, else train)
     fig_rows = (val_idx if val_idx.size else train_idx)[: args.n_images]
     fig_batch = to_batch(
-        raw_batch(data, torch.as_tensor(fig_rows, dtype=torch.long), use_image), device
+        raw_batch(data, torch.as_tensor(fig_rows, dtype=torch.long), use_image),
+        device,
+        align=core.args.align_pose,
     )
 
     def payload(kind: str) -> dict[str, Any]:
@@ -444,6 +446,7 @@ def train(
                 non_blocking=args.pin_memory,
                 stain_jitter=args.stain_jitter,
                 rotate=args.rotate,
+                align=core.args.align_pose,
             )
             data_s += time.time() - t_data
             beta = kl_sched.beta_at(step)
@@ -644,8 +647,9 @@ def evaluate_loss(
     keys: list[str] = []
     kl_sum = None
     n = 0
+    align = bool(_unwrap(model).args.align_pose)
     for raw in iterate(data, batches, images=has_images):
-        batch = to_batch(raw, dist.device)
+        batch = to_batch(raw, dist.device, align=align)
         terms = forward_loss(
             model,
             batch,
