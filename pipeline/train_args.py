@@ -89,9 +89,9 @@ def build_model_args(cfg: DictConfig, data, source: str):
             image_input=v.image_input,
             image_encoder=v.image_encoder,
             encode_views=int(v.encode_views),
-            align_pose=bool(v.align_pose),
             granule_head=float(v.granule_weight) > 0,
             nucleus_head=float(v.nucleus_weight) > 0,
+            lobe_head=bool(v.lobe_head) and float(v.nucleus_weight) > 0,
             n_classes=_n_classes(float(v.classify_weight), data.label_names),
             maturation_ranks=maturation_ranks(
                 float(v.maturation_weight), list(v.maturation_classes), data.label_names

@@ -6,7 +6,9 @@ encodes every cell of another simulated paired table (e.g. one that
 ``scripts/bench_anomaly.py`` built with another seed; none of its cells was trained
 on), decodes each from its single-view code as the reconstructions are, and counts
 nucleus lobes (``vae.analysis.granules``) on the drawn cell and on the nucleus layer's
-own mask, against the simulator's true lobe count, over the neutrophil lineage::
+own mask, against the simulator's true lobe count, over the neutrophil lineage; with a
+lobe layer (``vae.lobe_head``) also the head's own count and the same model's cells
+drawn without it (the head reads the code detached, so that is the paired baseline)::
 
     .venv/bin/python scripts/lobes_check.py RUN [RUN ...] --paired outputs/bench_anomaly/paired_100_seed2.h5ad
 
@@ -52,8 +54,22 @@ def check(run: Path, paired: Path) -> dict:
     drawn = G.measure_batch(dec.rec_image * masks[..., None], masks, G.GranuleParams())
     z = encode_dataset(model, data, rows=rows, views=1).joint
     with torch.no_grad():
-        lg = model.decode(torch.from_numpy(z.astype(np.float32))).nucleus_logits
+        out = model.decode(torch.from_numpy(z.astype(np.float32)))
+    lg = out.nucleus_logits
     layer = np.array([G.count_lobes(m) for m in (lg[:, 0] > 0).numpy() & masks])
+    head = None
+    if out.lobe_logits is not None:
+        # the lobe layer's own count, and the same model drawn without it (the head
+        # reads the code detached: same latent, so this is the paired comparison)
+        from vae.lobes import lobe_count
+
+        head = lobe_count(out.lobe_logits).numpy().astype(float)
+        lobe_head, model.lobe_head = model.lobe_head, None
+        try:
+            d0 = encode_dataset(model, data, rows=rows, decode=True).decoded
+        finally:
+            model.lobe_head = lobe_head
+        plain = G.measure_batch(d0.rec_image * masks[..., None], masks, G.GranuleParams())
     crops = (data.crops[rows] * data.masks[rows]).permute(0, 2, 3, 1).numpy()
     inp = G.measure_batch(crops, data.masks[rows][:, 0].numpy().astype(bool), G.GranuleParams())
     true = o["lobes"].to_numpy(float)[rows]
@@ -63,6 +79,13 @@ def check(run: Path, paired: Path) -> dict:
     def rho(x) -> float:
         return round(float(spearmanr(x, true).correlation), 3)
 
+    extra = {}
+    if head is not None:
+        extra = {
+            "head_lobes_vs_true_spearman": rho(head),
+            "drawn_without_lobe_layer_spearman": rho(plain["lobes"].to_numpy(float)),
+            "segmented_mean_head_lobes": round(float(head[seg].mean()), 2),
+        }
     return {
         "run": str(run),
         "paired": str(paired),
@@ -75,6 +98,7 @@ def check(run: Path, paired: Path) -> dict:
         "segmented_mean_drawn_lobes": round(float(d[seg].mean()), 2),
         "segmented_drawn_3plus_share": round(float((d[seg] >= 3).mean()), 3),
         "segmented_layer_mean_lobes": round(float(layer[seg].mean()), 2),
+        **extra,
     }
 
 

@@ -56,6 +56,9 @@ class PairedTensors:
     nucleus : (N, 1, S, S) uint8 in {0, 1} or None
         Nucleus mask of each crop (:func:`nucleus_masks`, the lobe counter's
         nucleus); filled by the trainer when the model has a nucleus layer.
+    lobes : (N,) int64 or None
+        The lobe counter's count of each crop's nucleus (0: none;
+        :func:`vae.lobes.lobe_targets`); filled by the trainer for a lobe layer.
     log_factorial : (N, G) float32 or None
         ``lgamma(counts + 1)``, the NB likelihood's constant (it needs no gradient
         and never changes): filled by the trainer for in-memory counts, so a step
@@ -82,6 +85,7 @@ class PairedTensors:
     granules: torch.Tensor | None = None
     nucleus: torch.Tensor | None = None
     log_factorial: torch.Tensor | None = None
+    lobes: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -107,9 +111,7 @@ class Batch:
     granules (B, 1, S, S) float {0, 1} granule centres, or None; nucleus
     (B, 1, S, S) float {0, 1} nucleus mask, or None; log_factorial (B, G)
     ``lgamma(counts + 1)`` when the data set holds it (``PairedTensors.log_factorial``);
-    enc_image, enc_mask: what the encoder reads when it is not ``image`` / ``mask``
-    (a model that aligns: the likelihood scores the canonical pose, the encoder reads
-    the crop as given), else None.
+    lobes (B,) int64 the input nuclei's lobe counts (0: none), or None.
     """
 
     image: torch.Tensor | None
@@ -125,18 +127,7 @@ class Batch:
     granules: torch.Tensor | None = None
     nucleus: torch.Tensor | None = None
     log_factorial: torch.Tensor | None = None
-    enc_image: torch.Tensor | None = None
-    enc_mask: torch.Tensor | None = None
-
-    @property
-    def encoder_image(self) -> torch.Tensor | None:
-        """What the image encoder reads: ``enc_image`` when the likelihood scores
-        another view (``to_batch(align=True)``: the canonical pose), else ``image``."""
-        return self.image if self.enc_image is None else self.enc_image
-
-    @property
-    def encoder_mask(self) -> torch.Tensor | None:
-        return self.mask if self.enc_mask is None else self.enc_mask
+    lobes: torch.Tensor | None = None
 
 
 def _dense(m) -> np.ndarray:
@@ -439,6 +430,8 @@ def raw_batch(d: PairedTensors, idx: torch.Tensor, images: bool = True) -> dict[
             out["granules"] = d.granules.index_select(0, idx)
         if d.nucleus is not None:  # the crops' nucleus masks, read with them
             out["nucleus"] = d.nucleus.index_select(0, idx)
+        if d.lobes is not None:  # and their lobe counts
+            out["lobes"] = d.lobes.index_select(0, idx)
     if d.counts is not None:
         out["counts"] = d.counts.index_select(0, idx)
     if d.log_factorial is not None:
@@ -591,83 +584,6 @@ def augment_rotate(
     return out, m.to(mask.dtype), pts
 
 
-def canonical_pose(img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sampling matrices that turn each cell into its canonical pose.
-
-    A cell on a smear lies at any angle, so a decoder asked to redraw the crop as
-    given must learn the angle too; averaged over angles, the lobes of a segmented
-    nucleus blur into a ring. The canonical pose is read from the dark (nucleus)
-    stain of the cell: the major axis of its second moments is turned onto the
-    x axis, and the skew (third moment) along each axis is made positive by a
-    mirror, so two copies of a cell at different angles or mirrored come out the
-    same up to resampling. The weight of a pixel is its darkness above the cell's
-    mean darkness (a soft nucleus that needs no segmentation); a row without an
-    image (or a round, unskewed cell) gets the identity.
-
-    Parameters
-    ----------
-    img : (B, 3, S, S) float in [0, 1]
-    mask : (B, 1, S, S) {0, 1}
-
-    Returns
-    -------
-    (B, 2, 3) float: ``F.affine_grid`` matrices (output -> input sampling,
-    normalised coordinates, ``align_corners=False``).
-    """
-    b, _, s, _ = img.shape
-    dt = img.dtype
-    m = mask[:, 0].to(dt)  # (B, S, S)
-    dark = (1 - img.mean(1)) * m
-    area = m.sum((1, 2)).clamp_min(1)
-    w = (dark - (dark.sum((1, 2)) / area).view(-1, 1, 1)).clamp_min(0) * m
-    tot = w.sum((1, 2)).clamp_min(1e-8)
-    c = (torch.arange(s, dtype=dt, device=img.device) * 2 + 1) / s - 1  # pixel centres
-    ys, xs = c.view(1, -1, 1), c.view(1, 1, -1)
-    mx = (w * xs).sum((1, 2)) / tot
-    my = (w * ys).sum((1, 2)) / tot
-    dx, dy = xs - mx.view(-1, 1, 1), ys - my.view(-1, 1, 1)
-    mu20 = (w * dx * dx).sum((1, 2))
-    mu02 = (w * dy * dy).sum((1, 2))
-    mu11 = (w * dx * dy).sum((1, 2))
-    ang = 0.5 * torch.atan2(2 * mu11, mu20 - mu02)  # major axis vs the x axis
-    co, si = torch.cos(ang), torch.sin(ang)
-    co3, si3 = co.view(-1, 1, 1), si.view(-1, 1, 1)
-    major = dx * co3 + dy * si3
-    minor = -dx * si3 + dy * co3
-    sx = torch.where((w * major**3).sum((1, 2)) < 0, -1.0, 1.0).to(dt)
-    sy = torch.where((w * minor**3).sum((1, 2)) < 0, -1.0, 1.0).to(dt)
-    # input = R(ang) @ diag(sx, sy) @ output: an output point on +x samples the major axis
-    zero = torch.zeros_like(co)
-    return torch.stack(
-        [torch.stack([co * sx, -si * sy, zero], 1), torch.stack([si * sx, co * sy, zero], 1)], 1
-    )
-
-
-def align_pose(
-    img: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Each cell turned (and mirrored) into its canonical pose (:func:`canonical_pose`).
-
-    Parameters
-    ----------
-    img : (B, 3, S, S) float, resampled bilinear (zeros where the turn reaches past
-        the crop's corners)
-    mask : (B, 1, S, S) {0, 1}, resampled nearest (stays binary)
-    maps : (B, K, S, S) {0, 1} or None: granule centres / nucleus masks, nearest
-
-    Returns
-    -------
-    img, mask, maps in the canonical pose; same shapes and dtypes.
-    """
-    theta = canonical_pose(img, mask)
-    grid = F.affine_grid(theta, list(img.shape), align_corners=False)
-    out = F.grid_sample(img, grid, mode="bilinear", align_corners=False)
-    m = F.grid_sample(mask.to(img.dtype), grid, mode="nearest", align_corners=False)
-    if maps is not None and maps.shape[1]:
-        maps = F.grid_sample(maps.to(img.dtype), grid, mode="nearest", align_corners=False)
-    return out * m, m.to(mask.dtype), maps
-
-
 def augment_stain(img: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
     """Random stain and colour variation per row: HED jitter, brightness, contrast, saturation.
 
@@ -718,17 +634,13 @@ def to_batch(
     non_blocking: bool = False,
     stain_jitter: float = 0.0,
     rotate: float = 0.0,
-    align: bool = False,
 ) -> Batch:
     """Move a raw batch to ``device``, convert crops to float, optionally augment.
 
     ``augment`` applies the dihedral flips; ``rotate`` > 0 adds a rotation by
     any angle with a zoom of ``1 ± rotate`` (:func:`augment_rotate`); when
     ``stain_jitter`` > 0, the stain/colour jitter of :func:`augment_stain` with
-    that strength. ``align`` (the model's ``VAEArgs.align_pose``) puts the cell in its
-    canonical pose (:func:`align_pose`) in ``image`` / ``mask`` / the maps, what the
-    likelihood scores, and the crop as given (augmented as above) in ``enc_image`` /
-    ``enc_mask``, what the encoder reads. A raw batch
+    that strength. A raw batch
     without crops (``raw_batch(images=False)``) gives ``image`` and ``mask`` None.
     """
 
@@ -741,28 +653,7 @@ def to_batch(
         mask = mv(raw["masks"]).float()
         gran = mv(raw["granules"]).float() if "granules" in raw else None
         nuc = mv(raw["nucleus"]).float() if "nucleus" in raw else None
-        enc_img = enc_mask = None
-        if align:
-            # the likelihood scores the cell in its canonical pose; the encoder reads the
-            # crop as given (flipped, turned and stain-jittered when augmenting), so the
-            # code need not carry the pose and is trained to ignore it
-            if augment:
-                if generator is None:
-                    raise ValueError("augment=True needs a generator")
-                img = augment_stain(img, stain_jitter, generator)
-                enc_img, enc_mask = augment_dihedral(img, mask, generator)
-                if rotate > 0:
-                    enc_img, enc_mask, _ = augment_rotate(enc_img, enc_mask, generator, rotate)
-            else:
-                enc_img, enc_mask = img, mask
-            maps = [m for m in (gran, nuc) if m is not None]
-            img, mask, al = align_pose(img, mask, torch.cat(maps, 1) if maps else None)
-            if gran is not None:
-                gran = al[:, :1]
-            if nuc is not None:
-                nuc = al[:, -1:]
-            enc_img = enc_img * enc_mask
-        elif augment:
+        if augment:
             if generator is None:
                 raise ValueError("augment=True needs a generator")
             # granule centres and the nucleus mask move with the pixels: one stack, so
@@ -799,8 +690,7 @@ def to_batch(
         index=raw["index"],
         granules=gran,
         nucleus=nuc,
-        enc_image=enc_img,
-        enc_mask=enc_mask,
+        lobes=mv(raw["lobes"]) if "lobes" in raw else None,
     )
 
 

@@ -92,19 +92,9 @@ def _encoded_batches(
     try:
         for s in range(0, rows.size, batch_size):
             idx = torch.as_tensor(rows[s : s + batch_size], dtype=torch.long)
-            b = to_batch(
-                raw_batch(data, idx, images),
-                torch.device(device),
-                align=bool(getattr(model.args, "align_pose", False)),
-            )
+            b = to_batch(raw_batch(data, idx, images), torch.device(device))
             post = model.encode(
-                b.encoder_image,
-                b.x,
-                b.has_image,
-                b.has_expression,
-                b.encoder_mask,
-                b.log_library,
-                views=views,
+                b.image, b.x, b.has_image, b.has_expression, b.mask, b.log_library, views=views
             )
             yield b, post
     finally:
@@ -165,12 +155,7 @@ def encode_dataset(
         if decode:
             if views != 1:  # reconstructions from the posterior of the crop as given
                 post = model.encode(
-                    b.encoder_image,
-                    b.x,
-                    b.has_image,
-                    b.has_expression,
-                    b.encoder_mask,
-                    b.log_library,
+                    b.image, b.x, b.has_image, b.has_expression, b.mask, b.log_library
                 )
                 di = model.decode(post.image[0]) if post.image is not None else None
             t = _decode_batch(model, b, post, di, dec)

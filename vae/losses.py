@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch.nn import functional as F
 
+from vae.lobes import lobe_nll
 from vae.model import Decoded, ForwardOutput, Gaussian, Posteriors
 
 ALIGNS = ("none", "clip", "class")
@@ -589,6 +590,7 @@ def vae_loss(
     granules: torch.Tensor | None = None,
     nucleus: torch.Tensor | None = None,
     log_factorial: torch.Tensor | None = None,
+    lobes: torch.Tensor | None = None,
 ) -> LossTerms:
     """All loss terms of one batch.
 
@@ -620,6 +622,9 @@ def vae_loss(
     log_factorial : (B, G) float, optional
         ``lgamma(counts + 1)``, the NB likelihood's constant, when the data hold it
         (computed per batch otherwise; same value).
+    lobes : (B,) int, optional
+        The lobe counter's count of each input crop's nucleus (0: none); with a lobe
+        layer its cross-entropy is part of the nucleus term (:func:`vae.lobes.lobe_nll`).
 
     Returns
     -------
@@ -642,6 +647,7 @@ def vae_loss(
     # three rows in four hold expression only (same sums, a quarter of the work)
     pick = _row_picker(post.has_image if image is not None else None)
     image, mask, granules, nucleus = pick(image), pick(mask), pick(granules), pick(nucleus)
+    lobes = pick(lobes)
     # the input's stain contrast, once per batch: every decode below is scored against it
     contrast = (
         granule_contrast(image, mask)
@@ -666,6 +672,7 @@ def vae_loss(
             granule_rate=pick(dec.granule_rate),
             granule_od=pick(dec.granule_od),
             nucleus_logits=pick(dec.nucleus_logits),
+            lobe_logits=pick(dec.lobe_logits),
         )
         if w.nucleus_input_compose and score_nucleus and dec.cytoplasm is not None:
             # p(x, n | z) = p(n | z) p(x | z, n): the colours given the observed nucleus
@@ -694,6 +701,10 @@ def vae_loss(
             g = zero
         if score_nucleus and dec.nucleus_logits is not None:
             nu = (nucleus_bce(dec, nucleus, mask, nucleus_weight_map) * rows).sum()
+            if lobes is not None and dec.lobe_logits is not None:
+                # the lobe layer's count (its head reads the code detached: this trains it
+                # alone); a few nats per row against the mask's hundreds of pixels
+                nu = nu + (lobe_nll(dec.lobe_logits, lobes) * rows).sum()
         else:
             nu = zero
         return nll / b, m / b, s / b, f / b, g / b, nu / b

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vae.lobes import LobeHead, carve_lobes, flat_cytoplasm, lobe_count
+
 IMAGE_LIKELIHOODS = ("mse", "gaussian", "laplace")
 EXPRESSION_LIKELIHOODS = ("nb", "zinb", "gaussian")
 FUSIONS = ("poe", "moe")
@@ -136,17 +138,15 @@ class VAEArgs:
     # are encoded alike; training always sees one (augmented) view. Default 1 so
     # checkpoints saved before this field load unchanged.
     encode_views: int = 1
-    # the image likelihood scores each cell in its canonical pose
-    # (:func:`vae.data.align_pose`: the nucleus stain's major axis on x, mirrored to a
-    # positive skew) while the encoder reads the crop as given: the code need not carry
-    # the pose, and the decoder draws one pose instead of averaging the lobes over all
-    # angles. Default False so checkpoints saved before this field load unchanged.
-    align_pose: bool = False
     # image encoder: "conv" (:class:`ImageEncoder`, widths ``channels``) or "resnet18"
     # (:class:`vae.backbone.ResNetImageEncoder`, which can start from a local
     # pretrained trunk, e.g. the study's own detector). Default "conv" so checkpoints
     # saved before this field load unchanged.
     image_encoder: str = "conv"
+    # lobe layer (:mod:`vae.lobes`, needs the nucleus layer): a head on the code gives
+    # the nucleus's lobe count, and drawn cells cut the nucleus mask into that many
+    # lobes. Default False so checkpoints saved before this field load unchanged.
+    lobe_head: bool = False
 
     def __post_init__(self) -> None:
         if self.expression_likelihood not in EXPRESSION_LIKELIHOODS:
@@ -175,6 +175,8 @@ class VAEArgs:
             raise ValueError(
                 "granule_head needs image_arch='residual' (set vae.granule_weight=0 for 'plain')"
             )
+        if self.lobe_head and not self.nucleus_head:
+            raise ValueError("lobe_head needs nucleus_head (the lobes cut the nucleus layer)")
         if self.expression_input not in EXPRESSION_INPUTS:
             raise ValueError(
                 f"expression_input={self.expression_input!r}; valid: {', '.join(EXPRESSION_INPUTS)}"
@@ -270,6 +272,8 @@ class Decoded:
     nucleus_colour, cytoplasm : (B, 3, S, S) in [0, 1] or None
         The two colour layers the mean image is composed of (nucleus layer only):
         ``image = cytoplasm + sigmoid(nucleus_logits) * (nucleus_colour - cytoplasm)``.
+    lobe_logits : (B, LOBE_CLASSES) or None
+        Logits of the nucleus lobe count 1..5 (lobe layer only, :mod:`vae.lobes`).
     """
 
     image: torch.Tensor
@@ -287,6 +291,7 @@ class Decoded:
     nucleus_logits: torch.Tensor | None = None
     nucleus_colour: torch.Tensor | None = None
     cytoplasm: torch.Tensor | None = None
+    lobe_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -798,6 +803,7 @@ class TwoBranchVAE(nn.Module):
         # encoders what separates the classes (vae.losses: classify term)
         self.classifier = nn.Linear(ns, a.n_classes) if a.n_classes > 0 else None
         self.maturation = MaturationHead(a.maturation_ranks) if a.maturation_ranks else None
+        self.lobe_head = LobeHead(ns + npv) if a.lobe_head else None
         # one learned pixel scale (σ-VAE style); fixed at 1 for plain MSE
         self.image_log_scale = nn.Parameter(
             torch.tensor(-2.0), requires_grad=a.image_likelihood != "mse"
@@ -993,11 +999,16 @@ class TwoBranchVAE(nn.Module):
                 self.image_decoder, image_rows, zi
             )
         mask = torch.sigmoid(mask_logits) if mask_logits is not None else None
+        lobes = self.lobe_head(zi) if self.lobe_head is not None and use_image else None
         mean = None
         if render and (rate is not None or nuc_logits is not None):
             mean = img
             if nuc_logits is not None:
-                img = compose_nucleus(cyto, nuc_colour, nuc_logits, NUCLEUS_RENDER_SHARPNESS)
+                sharp, drawn, under = NUCLEUS_RENDER_SHARPNESS, nuc_logits, cyto
+                if lobes is not None:  # the nucleus cut into the count the head gives
+                    drawn = carve_lobes(nuc_logits, lobe_count(lobes), sharp)
+                    under = flat_cytoplasm(cyto, torch.sigmoid(sharp * drawn), mask)
+                img = compose_nucleus(under, nuc_colour, drawn, sharp)
             if rate is not None:
                 img = render_granules(img, rate, od, mask, seed)
         if self.expression_decoder is None:
@@ -1017,6 +1028,7 @@ class TwoBranchVAE(nn.Module):
             nucleus_logits=nuc_logits,
             nucleus_colour=nuc_colour,
             cytoplasm=cyto,
+            lobe_logits=lobes,
             **expr,
         )
 

@@ -91,11 +91,11 @@ class TBLogger:
         was = model.training
         model.eval()
         post = model.encode(
-            batch.encoder_image,
+            batch.image,
             batch.x,
             batch.has_image,
             batch.has_expression,
-            batch.encoder_mask,
+            batch.mask,
             batch.log_library,
         )
         use_image = batch.image is not None

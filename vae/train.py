@@ -157,8 +157,8 @@ def forward_loss(
 
     with autocast() if autocast is not None else contextlib.nullcontext():
         out = model(
-            batch.encoder_image,
-            batch.encoder_mask,
+            batch.image,
+            batch.mask,
             batch.x,
             batch.has_image,
             batch.has_expression,
@@ -182,6 +182,7 @@ def forward_loss(
         granules=batch.granules,
         nucleus=batch.nucleus,
         log_factorial=batch.log_factorial,
+        lobes=batch.lobes,
     )
 
 
@@ -282,6 +283,17 @@ def train(
             else "",
             time.time() - t_g,
         )
+    if use_image and getattr(core.args, "lobe_head", False) and data.lobes is None:
+        from vae.lobes import lobe_targets
+
+        t_l = time.time()
+        data.lobes = lobe_targets(data.nucleus, data.has_image)
+        log.info(
+            "lobe counts of %d nuclei: mean %.2f (%.1f s)",
+            int((data.lobes > 0).sum()),
+            float(data.lobes[data.lobes > 0].float().mean()) if (data.lobes > 0).any() else 0.0,
+            time.time() - t_l,
+        )
     # lgamma(counts + 1) is the costliest op of an NB step after the digamma of the
     # gradient, and a constant of the data: once here, gathered per batch after that
     if (
@@ -357,9 +369,7 @@ def train(
     # fixed validation batch for the figures (first rows of val, else train)
     fig_rows = (val_idx if val_idx.size else train_idx)[: args.n_images]
     fig_batch = to_batch(
-        raw_batch(data, torch.as_tensor(fig_rows, dtype=torch.long), use_image),
-        device,
-        align=core.args.align_pose,
+        raw_batch(data, torch.as_tensor(fig_rows, dtype=torch.long), use_image), device
     )
 
     def payload(kind: str) -> dict[str, Any]:
@@ -446,7 +456,6 @@ def train(
                 non_blocking=args.pin_memory,
                 stain_jitter=args.stain_jitter,
                 rotate=args.rotate,
-                align=core.args.align_pose,
             )
             data_s += time.time() - t_data
             beta = kl_sched.beta_at(step)
@@ -647,9 +656,8 @@ def evaluate_loss(
     keys: list[str] = []
     kl_sum = None
     n = 0
-    align = bool(_unwrap(model).args.align_pose)
     for raw in iterate(data, batches, images=has_images):
-        batch = to_batch(raw, dist.device, align=align)
+        batch = to_batch(raw, dist.device)
         terms = forward_loss(
             model,
             batch,

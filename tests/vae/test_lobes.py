@@ -1,0 +1,178 @@
+"""Lobe layer (``vae.lobe_head``): the count head learns from the lobe counter without
+moving the latent, and drawn cells are cut into the count it gives, as the counter
+reads them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers.vae_toy import image_tensors
+from vae.analysis.granules import count_lobes
+from vae.data import raw_batch, to_batch
+from vae.lobes import (
+    LOBE_CLASSES,
+    carve_lobes,
+    flat_cytoplasm,
+    lobe_count,
+    lobe_nll,
+    lobe_targets,
+)
+from vae.model import TwoBranchVAE, VAEArgs
+
+S = 48
+
+
+def _ring(s: int = S, r_in: float = 5.0, r_out: float = 11.0) -> torch.Tensor:
+    """(1, 1, s, s) logits of a ring-shaped nucleus (a segmented nucleus whose lobes the
+    decoder has blurred around the cell): +6 inside, -6 outside."""
+    c = torch.arange(s, dtype=torch.float32) + 0.5 - s / 2
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    r = torch.sqrt(xx**2 + yy**2)
+    return torch.where((r > r_in) & (r < r_out), 6.0, -6.0).view(1, 1, s, s)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_a_ring_cut_into_k_lobes_is_read_as_k_lobes(k):
+    carved = carve_lobes(_ring(), torch.tensor([k]), sharpness=8.0)
+    assert count_lobes((carved[0, 0] > 0).numpy()) == k
+    if k == 1:  # one lobe: nothing cut
+        assert torch.equal(carved, _ring())
+
+
+def test_two_blobs_are_cut_between_them_first():
+    """The first cut goes where the mask holds least: a two-blob nucleus cut in two
+    keeps both blobs whole."""
+    c = torch.arange(S, dtype=torch.float32) + 0.5 - S / 2
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    blobs = ((xx - 7) ** 2 + yy**2 < 25) | ((xx + 7) ** 2 + yy**2 < 25)
+    logits = torch.where(blobs, 6.0, -6.0).view(1, 1, S, S)
+    carved = carve_lobes(logits, torch.tensor([2]), sharpness=8.0)
+    kept = (carved[0, 0] > 0).sum() / (logits[0, 0] > 0).sum()
+    assert float(kept) > 0.97
+    assert count_lobes((carved[0, 0] > 0).numpy()) == 2
+
+
+def test_counts_rows_independently():
+    logits = _ring().repeat(3, 1, 1, 1)
+    carved = carve_lobes(logits, torch.tensor([1, 3, 4]), sharpness=8.0)
+    got = [count_lobes((carved[i, 0] > 0).numpy()) for i in range(3)]
+    assert got == [1, 3, 4]
+
+
+def test_flat_cytoplasm_is_the_far_mean_inside_the_cell():
+    cyto = torch.zeros(1, 3, S, S)
+    cyto[:, 0] = 0.9  # pink far from the nucleus...
+    nuc = torch.zeros(1, 1, S, S)
+    nuc[..., 20:28, 20:28] = 1
+    cyto[:, 2, 17:31, 17:31] = 0.8  # ...a violet halo the decoder painted around it
+    cell = torch.zeros(1, 1, S, S)
+    cell[..., 4:44, 4:44] = 1
+    out = flat_cytoplasm(cyto, nuc, cell, radius=2)
+    far = cell.bool() & ~torch.nn.functional.max_pool2d(nuc, 5, 1, 2).bool()
+    expect = (cyto * far).sum((2, 3)) / far.sum()
+    assert torch.allclose(out[0, :, 0, 0], expect[0])  # one colour everywhere
+    assert float(out[0, 2].max()) < 0.3  # the halo is gone
+    # a cell whose nucleus fills it keeps its layer
+    full = flat_cytoplasm(cyto, torch.ones(1, 1, S, S), cell)
+    assert torch.equal(full, cyto)
+
+
+def test_targets_are_the_counters_counts():
+    ring = (_ring()[0, 0] > 0).numpy()
+    carved = (carve_lobes(_ring(), torch.tensor([3]), 8.0)[0, 0] > 0).numpy()
+    nuc = torch.from_numpy(np.stack([ring, carved, carved])[:, None].astype(np.uint8))
+    t = lobe_targets(nuc, torch.tensor([True, True, False]), block=2)
+    assert t.tolist() == [count_lobes(ring), 3, 0]
+
+
+def test_nll_scores_known_counts_only_and_caps_at_the_last_class():
+    logits = torch.zeros(3, LOBE_CLASSES)
+    logits[1, LOBE_CLASSES - 1] = 5.0
+    nll = lobe_nll(logits, torch.tensor([0, 7, 2]))
+    assert float(nll[0]) == 0.0  # no target
+    assert float(nll[1]) < 0.1  # 7 lobes scored as the top class
+    assert float(nll[2]) == pytest.approx(np.log(LOBE_CLASSES), rel=1e-5)
+
+
+def test_drawn_count_is_the_rounded_expectation():
+    logits = torch.full((2, LOBE_CLASSES), -20.0)
+    logits[0, 1] = logits[0, 3] = 0.0  # half 2 lobes, half 4: draw 3
+    logits[1, 0] = 0.0
+    assert lobe_count(logits).tolist() == [3, 1]
+
+
+def _model(**kw) -> TwoBranchVAE:
+    torch.manual_seed(0)
+    base = dict(
+        n_genes=2,
+        crop_size=16,
+        channels=[8, 8],
+        image_arch="residual",
+        n_private=2,
+        expression_likelihood="gaussian",
+        nucleus_head=True,
+        lobe_head=True,
+    )
+    base.update(kw)
+    return TwoBranchVAE(VAEArgs(**base))
+
+
+def test_the_head_trains_without_moving_the_latent():
+    from vae.losses import LossWeights, vae_loss
+
+    model = _model()
+    g = torch.Generator().manual_seed(1)
+    crops = (torch.rand(4, 3, 16, 16, generator=g) * 255).byte()
+    masks = torch.ones(4, 1, 16, 16, dtype=torch.uint8)
+    nuc = (torch.rand(4, 1, 16, 16, generator=g) > 0.5).byte()
+    d = image_tensors(crops, masks, nucleus=nuc, lobes=torch.tensor([1, 2, 3, 0]))
+    b = to_batch(raw_batch(d, torch.arange(4)), torch.device("cpu"))
+    assert b.lobes.tolist() == [1, 2, 3, 0]
+    out = model(b.image, b.mask, b.x, b.has_image, b.has_expression, b.log_library)
+    w = LossWeights(image=0.0, mask=0.0, granules=0.0, nucleus=1.0)
+    kw = dict(beta=0.0, weights=w, nucleus=b.nucleus)
+    t = vae_loss(out, b.image, b.mask, b.x, None, b.library, **kw, lobes=b.lobes)
+    with_lobes = float(t.nucleus.detach())
+    t0 = vae_loss(out, b.image, b.mask, b.x, None, b.library, **kw)
+    assert with_lobes > float(t0.nucleus.detach())  # the count is scored in the term
+    model.zero_grad()
+    (t.nucleus - t0.nucleus).backward()  # the lobe cross-entropy alone
+    head = [p.grad for p in model.lobe_head.parameters()]
+    assert all(gr is not None and gr.abs().sum() > 0 for gr in head)
+    others = [
+        p.grad
+        for n, p in model.named_parameters()
+        if not n.startswith("lobe_head") and p.grad is not None
+    ]
+    assert all(float(gr.abs().sum()) == 0.0 for gr in others)
+
+
+def test_render_draws_the_heads_count_and_the_plain_decode_is_unchanged():
+    model = _model(crop_size=32, channels=[8, 8]).eval()
+    z = torch.randn(2, model.n_latent)
+    last = model.lobe_head.net[-1]
+
+    def say(k: int) -> None:  # the head gives k lobes for every code
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.fill_(-20.0)
+            last.bias[k - 1] = 0.0
+
+    with torch.no_grad():
+        plain = model.decode(z)
+        say(1)
+        one = model.decode(z, render=True)
+        say(3)
+        three = model.decode(z, render=True)
+    assert plain.lobe_logits is not None and plain.lobe_logits.shape == (2, LOBE_CLASSES)
+    # the layer's own mask is never cut: only the drawing is
+    assert torch.equal(plain.nucleus_logits, three.nucleus_logits)
+    assert not torch.allclose(three.image, one.image)
+    assert torch.equal(lobe_count(three.lobe_logits), torch.tensor([3, 3]))
+
+
+def test_lobe_head_needs_the_nucleus_layer():
+    with pytest.raises(ValueError, match="lobe_head needs nucleus_head"):
+        _model(nucleus_head=False)

@@ -1,0 +1,179 @@
+"""Lobe layer: how many lobes the decoded nucleus has, and drawing them.
+
+A segmented neutrophil's 2-5 lobes lie at angles that differ from cell to cell. A
+pixel (or nucleus-mask) likelihood averages those angles, so the decoder's nucleus is
+a ring or two blobs whatever the cell's true count (measured: segmented neutrophils
+with 3.6 lobes on average are drawn with 1.5-1.9, docs/vae.md, "Lobe layer"), much as
+granules at random positions average into a tint. The count itself is a property of
+the cell that the code does carry (it follows maturation). So, as the granule layer
+does for granules, the decoder also says *how many* lobes (:class:`LobeHead`, a
+categorical over 1..``LOBE_CLASSES`` read from the code, trained on the lobe counter's
+count of each input crop's nucleus without shaping the latent: its input is detached),
+and a drawn cell (``TwoBranchVAE.decode(render=True)``) cuts the nucleus layer's mask
+into that many lobes (:func:`carve_lobes`) over a cytoplasm of one colour
+(:func:`flat_cytoplasm`). The loss never sees the drawing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+LOBE_CLASSES = 5  # counts 1..5; a count above 5 is scored as 5
+LOBE_CUT_HALF_WIDTH = 1.0  # px: half the width of a cut between two drawn lobes
+LOBE_ANGLE_BINS = 36  # angular profile of the nucleus, for where the first cut goes
+
+
+class LobeHead(nn.Module):
+    """Code -> logits of the nucleus lobe count (1..``LOBE_CLASSES``).
+
+    Reads the image part of the code detached: it learns what the code already says
+    about the lobes and never moves the latent (the latent's own measures are those of
+    the model without it).
+    """
+
+    def __init__(self, n_in: int, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, LOBE_CLASSES)
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, n_in) -> (B, LOBE_CLASSES) logits; class k means k + 1 lobes."""
+        return self.net(z.detach())
+
+
+def lobe_targets(nucleus, has_image: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """The lobe counter's count of every crop's nucleus mask, (N,) int64; 0 = none.
+
+    Parameters
+    ----------
+    nucleus : (N, 1, S, S) {0, 1} nucleus masks (:func:`vae.data.nucleus_masks`), a
+        tensor or a row store read by blocks
+    has_image : (N,) bool; rows without an image get 0 (not scored)
+    """
+    from vae.analysis.granules import count_lobes
+
+    n = int(has_image.shape[0])
+    out = np.zeros(n, dtype=np.int64)
+    rows = np.flatnonzero(has_image.numpy())
+    for i in range(0, rows.size, block):
+        sel = rows[i : i + block]
+        masks = nucleus[torch.as_tensor(sel)] if isinstance(nucleus, torch.Tensor) else nucleus[sel]
+        masks = np.asarray(masks)[:, 0].astype(bool)
+        out[sel] = [count_lobes(m) for m in masks]
+    return torch.from_numpy(out)
+
+
+def lobe_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy of the lobe count (B,), nats; 0 where the target is 0."""
+    scored = targets > 0
+    cls = (targets.clamp(1, LOBE_CLASSES) - 1).long()
+    ce = F.cross_entropy(logits.float(), cls, reduction="none")
+    return torch.where(scored, ce, torch.zeros_like(ce))
+
+
+def lobe_count(logits: torch.Tensor) -> torch.Tensor:
+    """(B, LOBE_CLASSES) logits -> (B,) int64 count to draw: the expected count, rounded.
+
+    The expectation rather than the most probable class: most training nuclei have one
+    lobe, so a cell the head splits between 2 and 4 lobes is drawn with 3, not 1.
+    """
+    k = torch.arange(1, LOBE_CLASSES + 1, dtype=logits.dtype, device=logits.device)
+    return (torch.softmax(logits.float(), dim=1) @ k.float()).round().long()
+
+
+def carve_lobes(
+    logits: torch.Tensor,
+    count: torch.Tensor,
+    sharpness: float = 1.0,
+    half_width: float = LOBE_CUT_HALF_WIDTH,
+) -> torch.Tensor:
+    """Cut each nucleus mask into ``count`` lobes by radial cuts from its centre.
+
+    The cuts are ``count`` half-lines from the nucleus's centroid, evenly spaced in
+    angle, the first through the angle where the mask holds least (where the decoder
+    already put a gap, so a two-blob nucleus cut in two is cut between its blobs). A
+    count of 1 leaves the row unchanged.
+
+    Parameters
+    ----------
+    logits : (B, 1, S, S) nucleus-mask logits
+    count : (B,) int lobes to draw
+    sharpness : gain on the logits that the drawing uses (for the centroid weights)
+    half_width : px, half the width of each cut
+
+    Returns
+    -------
+    (B, 1, S, S) logits, lowered by 30 inside the cuts.
+    """
+    b, _, s, _ = logits.shape
+    dt = logits.dtype
+    p = torch.sigmoid(sharpness * logits.detach())[:, 0]  # (B, S, S)
+    c = torch.arange(s, dtype=dt, device=logits.device) + 0.5
+    ys, xs = c.view(1, -1, 1), c.view(1, 1, -1)
+    tot = p.sum((1, 2)).clamp_min(1e-6)
+    cx = ((p * xs).sum((1, 2)) / tot).view(-1, 1, 1)
+    cy = ((p * ys).sum((1, 2)) / tot).view(-1, 1, 1)
+    dx, dy = xs - cx, ys - cy
+    r = torch.sqrt(dx**2 + dy**2)
+    phi = torch.atan2(dy, dx)  # (B, S, S)
+    # angular mass profile, lightly smoothed around the circle; first cut at its minimum
+    bins = ((phi + math.pi) / (2 * math.pi) * LOBE_ANGLE_BINS).long().clamp(0, LOBE_ANGLE_BINS - 1)
+    prof = torch.zeros(b, LOBE_ANGLE_BINS, dtype=dt, device=logits.device)
+    prof.scatter_add_(1, bins.flatten(1), p.flatten(1))
+    prof = (prof + prof.roll(1, 1) + prof.roll(-1, 1)) / 3
+    phi0 = (prof.argmin(1).to(dt) + 0.5) / LOBE_ANGLE_BINS * 2 * math.pi - math.pi  # (B,)
+    k = count.to(logits.device).clamp_min(1)
+    cut = torch.zeros_like(p)
+    for j in range(int(k.max())):
+        ang = phi0 + 2 * math.pi * j / k.to(dt)  # (B,)
+        rel = phi - ang.view(-1, 1, 1)
+        # distance to the half-line from the centroid at angle ang: perpendicular in
+        # front of the centroid, the distance to the centroid behind it
+        dist = torch.where(torch.cos(rel) > 0, (r * torch.sin(rel)).abs(), r)
+        on = (dist < half_width) & (j < k).view(-1, 1, 1) & (k > 1).view(-1, 1, 1)
+        cut = torch.maximum(cut, on.to(dt))
+    return logits - 30.0 * cut[:, None]
+
+
+def flat_cytoplasm(
+    cytoplasm: torch.Tensor,
+    nucleus_prob: torch.Tensor,
+    cell_prob: torch.Tensor | None = None,
+    radius: int = 2,
+) -> torch.Tensor:
+    """The cytoplasm layer drawn as one colour per cell: its mean away from the nucleus.
+
+    Where the nucleus mask is uncertain, the cytoplasm layer learns a blurred nucleus
+    colour (its pixels are scored as nucleus in some crops), and at the cell's rim a
+    paler one; drawn through the cuts between lobes, the first joins the lobes again,
+    and the lobe counter's stain threshold splits the rim from the rest instead of the
+    nucleus from the cytoplasm. Its texture at 64 px is a blur (granules are drawn
+    from the granule layer), so a drawn cell takes the layer's mean over the cell
+    pixels more than ``radius`` px from the nucleus.
+
+    Parameters
+    ----------
+    cytoplasm : (B, 3, S, S) colour layer
+    nucleus_prob : (B, 1, S, S) the drawn nucleus mask, in [0, 1]
+    cell_prob : (B, 1, S, S) the decoded cell mask, in [0, 1], or None (the whole
+        square is cell)
+
+    Returns
+    -------
+    (B, 3, S, S): each cell's colour everywhere (a cell whose nucleus fills it keeps
+    its layer).
+    """
+    k = 2 * radius + 1
+    near = F.max_pool2d((nucleus_prob > 0.5).to(cytoplasm.dtype), k, stride=1, padding=radius)
+    far = 1 - near
+    if cell_prob is not None:
+        far = far * (cell_prob > 0.5).to(cytoplasm.dtype)
+    n_far = far.sum((2, 3), keepdim=True)
+    mean_far = (cytoplasm * far).sum((2, 3), keepdim=True) / n_far.clamp_min(1)
+    return torch.where(n_far > 0, mean_far.expand_as(cytoplasm), cytoplasm)
