@@ -29,7 +29,43 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def check(run: Path, paired: Path) -> dict:
+def _figure(path: Path, obs, inputs, without, with_layer, n_without, n_with) -> None:
+    """Input crops, cells drawn without and with the lobe layer: 6 cells of the
+    lineage before the segmented stage (evenly in t) and 6 segmented neutrophils
+    (evenly in true lobe count); titles: true lobes, counted without -> with."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = obs["t"].to_numpy(float)
+    lobes = obs["lobes"].to_numpy(float)
+    seg = obs["kind"].astype(str).to_numpy() == "segmented_neutrophil"
+    pick = []
+    for sel, key in ((~seg, t), (seg, lobes)):
+        idx = np.flatnonzero(sel)
+        idx = idx[np.argsort(key[idx], kind="stable")]
+        pick += list(idx[np.linspace(0, idx.size - 1, min(6, idx.size)).astype(int)])
+    fig, ax = plt.subplots(3, len(pick), figsize=(1.25 * len(pick), 4.2), squeeze=False)
+    for k, i in enumerate(pick):
+        for r, im in enumerate((inputs[i], without[i], with_layer[i])):
+            ax[r, k].imshow(np.clip(im, 0, 1))
+            ax[r, k].axis("off")
+        kind = str(obs["kind"].iloc[i]).replace("_neutrophil", "").replace("segmented", "seg.")
+        ax[0, k].set_title(f"{kind[:12]}\ntrue {lobes[i]:.0f}", fontsize=6)
+        ax[1, k].set_title(f"{n_without[i]:.0f}", fontsize=6)
+        ax[2, k].set_title(f"{n_with[i]:.0f}", fontsize=6)
+    for r, name in enumerate(("input", "without", "lobe layer")):
+        ax[r, 0].text(
+            -0.1, 0.5, name, transform=ax[r, 0].transAxes, rotation=90, ha="right", fontsize=7
+        )
+    fig.suptitle("unseen simulated cells: lobes counted on each drawn cell", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def check(run: Path, paired: Path, figure: Path | None = None) -> dict:
     import anndata as ad
     import torch
     from scipy.stats import spearmanr
@@ -80,6 +116,16 @@ def check(run: Path, paired: Path) -> dict:
         return round(float(spearmanr(x, true).correlation), 3)
 
     extra = {}
+    if head is not None and figure is not None:
+        _figure(
+            figure,
+            o.iloc[rows],
+            dec.image,
+            d0.rec_image * masks[..., None],
+            dec.rec_image * masks[..., None],
+            plain["lobes"].to_numpy(float),
+            d,
+        )
     if head is not None:
         extra = {
             "head_lobes_vs_true_spearman": rho(head),
@@ -106,10 +152,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--paired", type=Path, required=True)
+    ap.add_argument(
+        "--figure",
+        type=Path,
+        help="PNG of input / drawn without / drawn with the lobe layer (first run, lobe layer only)",
+    )
     args = ap.parse_args()
     keys = None
     for run in args.runs:
-        r = check(run, args.paired)
+        r = check(run, args.paired, args.figure if run == args.runs[0] else None)
         (run / "lobes_check.json").write_text(json.dumps(r, indent=2))
         shown = {k: v for k, v in r.items() if k not in ("run", "paired")}
         if keys is None:
