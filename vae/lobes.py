@@ -10,8 +10,8 @@ does for granules, the decoder also says *how many* lobes (:class:`LobeHead`, a
 categorical over 1..``LOBE_CLASSES`` read from the code, trained on the lobe counter's
 count of each input crop's nucleus without shaping the latent: its input is detached),
 and a drawn cell (``TwoBranchVAE.decode(render=True)``) cuts the nucleus layer's mask
-into that many lobes (:func:`carve_lobes`) over a cytoplasm of one colour
-(:func:`flat_cytoplasm`). The loss never sees the drawing.
+into that many lobes (:func:`carve_lobes`) with cytoplasm in the cuts
+(:func:`fill_cuts`). The loss never sees the drawing.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def carve_lobes(
 
     Returns
     -------
-    (B, 1, S, S) logits, lowered by 30 inside the cuts.
+    logits : (B, 1, S, S), lowered by 30 inside the cuts
+    cut : (B, 1, S, S) {0, 1}, the cut pixels
     """
     b, _, s, _ = logits.shape
     dt = logits.dtype
@@ -138,36 +139,36 @@ def carve_lobes(
         dist = torch.where(torch.cos(rel) > 0, (r * torch.sin(rel)).abs(), r)
         on = (dist < half_width) & (j < k).view(-1, 1, 1) & (k > 1).view(-1, 1, 1)
         cut = torch.maximum(cut, on.to(dt))
-    return logits - 30.0 * cut[:, None]
+    cut = cut[:, None]
+    return logits - 30.0 * cut, cut
 
 
-def flat_cytoplasm(
+def fill_cuts(
     cytoplasm: torch.Tensor,
+    cut: torch.Tensor,
     nucleus_prob: torch.Tensor,
     cell_prob: torch.Tensor | None = None,
     radius: int = 2,
 ) -> torch.Tensor:
-    """The cytoplasm layer drawn as one colour per cell: its mean away from the nucleus.
+    """The cytoplasm layer with the cuts (and 1 px around them) in the cell's cytoplasm colour.
 
     Where the nucleus mask is uncertain, the cytoplasm layer learns a blurred nucleus
-    colour (its pixels are scored as nucleus in some crops), and at the cell's rim a
-    paler one; drawn through the cuts between lobes, the first joins the lobes again,
-    and the lobe counter's stain threshold splits the rim from the rest instead of the
-    nucleus from the cytoplasm. Its texture at 64 px is a blur (granules are drawn
-    from the granule layer), so a drawn cell takes the layer's mean over the cell
-    pixels more than ``radius`` px from the nucleus.
+    colour (its pixels are scored as nucleus in some crops): drawn in a cut between two
+    lobes, that halo would join them again. The cut pixels take the layer's mean over
+    the cell pixels more than ``radius`` px from the nucleus; the rest of the layer is
+    drawn as it is (its shading is part of the reconstruction).
 
     Parameters
     ----------
     cytoplasm : (B, 3, S, S) colour layer
+    cut : (B, 1, S, S) {0, 1} the cuts (:func:`carve_lobes`)
     nucleus_prob : (B, 1, S, S) the drawn nucleus mask, in [0, 1]
     cell_prob : (B, 1, S, S) the decoded cell mask, in [0, 1], or None (the whole
-        square is cell)
+        square is cell): the cytoplasm colour is taken inside the cell only
 
     Returns
     -------
-    (B, 3, S, S): each cell's colour everywhere (a cell whose nucleus fills it keeps
-    its layer).
+    (B, 3, S, S); a row without cuts, or whose nucleus fills the cell, is unchanged.
     """
     k = 2 * radius + 1
     near = F.max_pool2d((nucleus_prob > 0.5).to(cytoplasm.dtype), k, stride=1, padding=radius)
@@ -175,5 +176,6 @@ def flat_cytoplasm(
     if cell_prob is not None:
         far = far * (cell_prob > 0.5).to(cytoplasm.dtype)
     n_far = far.sum((2, 3), keepdim=True)
-    mean_far = (cytoplasm * far).sum((2, 3), keepdim=True) / n_far.clamp_min(1)
-    return torch.where(n_far > 0, mean_far.expand_as(cytoplasm), cytoplasm)
+    colour = (cytoplasm * far).sum((2, 3), keepdim=True) / n_far.clamp_min(1)
+    grown = F.max_pool2d(cut.to(cytoplasm.dtype), 3, stride=1, padding=1) * (n_far > 0)
+    return cytoplasm * (1 - grown) + colour * grown

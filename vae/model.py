@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vae.lobes import LobeHead, carve_lobes, flat_cytoplasm, lobe_count
+from vae.lobes import LobeHead, carve_lobes, fill_cuts, lobe_count
 
 IMAGE_LIKELIHOODS = ("mse", "gaussian", "laplace")
 EXPRESSION_LIKELIHOODS = ("nb", "zinb", "gaussian")
@@ -1006,8 +1006,8 @@ class TwoBranchVAE(nn.Module):
             if nuc_logits is not None:
                 sharp, drawn, under = NUCLEUS_RENDER_SHARPNESS, nuc_logits, cyto
                 if lobes is not None:  # the nucleus cut into the count the head gives
-                    drawn = carve_lobes(nuc_logits, lobe_count(lobes), sharp)
-                    under = flat_cytoplasm(cyto, torch.sigmoid(sharp * drawn), mask)
+                    drawn, cut = carve_lobes(nuc_logits, lobe_count(lobes), sharp)
+                    under = fill_cuts(cyto, cut, torch.sigmoid(sharp * drawn), mask)
                 img = compose_nucleus(under, nuc_colour, drawn, sharp)
             if rate is not None:
                 img = render_granules(img, rate, od, mask, seed)

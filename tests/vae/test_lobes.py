@@ -14,7 +14,7 @@ from vae.data import raw_batch, to_batch
 from vae.lobes import (
     LOBE_CLASSES,
     carve_lobes,
-    flat_cytoplasm,
+    fill_cuts,
     lobe_count,
     lobe_nll,
     lobe_targets,
@@ -35,10 +35,12 @@ def _ring(s: int = S, r_in: float = 5.0, r_out: float = 11.0) -> torch.Tensor:
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
 def test_a_ring_cut_into_k_lobes_is_read_as_k_lobes(k):
-    carved = carve_lobes(_ring(), torch.tensor([k]), sharpness=8.0)
+    carved, cut = carve_lobes(_ring(), torch.tensor([k]), sharpness=8.0)
     assert count_lobes((carved[0, 0] > 0).numpy()) == k
     if k == 1:  # one lobe: nothing cut
-        assert torch.equal(carved, _ring())
+        assert torch.equal(carved, _ring()) and not cut.any()
+    else:  # the logits fall exactly where the cut is
+        assert torch.equal(carved < _ring(), cut.bool())
 
 
 def test_two_blobs_are_cut_between_them_first():
@@ -48,7 +50,7 @@ def test_two_blobs_are_cut_between_them_first():
     yy, xx = torch.meshgrid(c, c, indexing="ij")
     blobs = ((xx - 7) ** 2 + yy**2 < 25) | ((xx + 7) ** 2 + yy**2 < 25)
     logits = torch.where(blobs, 6.0, -6.0).view(1, 1, S, S)
-    carved = carve_lobes(logits, torch.tensor([2]), sharpness=8.0)
+    carved, _ = carve_lobes(logits, torch.tensor([2]), sharpness=8.0)
     kept = (carved[0, 0] > 0).sum() / (logits[0, 0] > 0).sum()
     assert float(kept) > 0.97
     assert count_lobes((carved[0, 0] > 0).numpy()) == 2
@@ -56,32 +58,36 @@ def test_two_blobs_are_cut_between_them_first():
 
 def test_counts_rows_independently():
     logits = _ring().repeat(3, 1, 1, 1)
-    carved = carve_lobes(logits, torch.tensor([1, 3, 4]), sharpness=8.0)
+    carved, _ = carve_lobes(logits, torch.tensor([1, 3, 4]), sharpness=8.0)
     got = [count_lobes((carved[i, 0] > 0).numpy()) for i in range(3)]
     assert got == [1, 3, 4]
 
 
-def test_flat_cytoplasm_is_the_far_mean_inside_the_cell():
+def test_cuts_take_the_far_cytoplasm_colour_and_the_rest_of_the_layer_stays():
     cyto = torch.zeros(1, 3, S, S)
     cyto[:, 0] = 0.9  # pink far from the nucleus...
     nuc = torch.zeros(1, 1, S, S)
-    nuc[..., 20:28, 20:28] = 1
-    cyto[:, 2, 17:31, 17:31] = 0.8  # ...a violet halo the decoder painted around it
+    nuc[..., 18:30, 18:30] = 1
+    cyto[:, 2, 15:33, 15:33] = 0.8  # ...a violet halo the decoder painted around it
     cell = torch.zeros(1, 1, S, S)
     cell[..., 4:44, 4:44] = 1
-    out = flat_cytoplasm(cyto, nuc, cell, radius=2)
-    far = cell.bool() & ~torch.nn.functional.max_pool2d(nuc, 5, 1, 2).bool()
-    expect = (cyto * far).sum((2, 3)) / far.sum()
-    assert torch.allclose(out[0, :, 0, 0], expect[0])  # one colour everywhere
-    assert float(out[0, 2].max()) < 0.3  # the halo is gone
-    # a cell whose nucleus fills it keeps its layer
-    full = flat_cytoplasm(cyto, torch.ones(1, 1, S, S), cell)
-    assert torch.equal(full, cyto)
+    cut = torch.zeros(1, 1, S, S)
+    cut[..., 18:30, 23:25] = 1  # a vertical cut through the nucleus
+    out = fill_cuts(cyto, cut, nuc * (1 - cut), cell, radius=2)
+    grown = torch.nn.functional.max_pool2d(cut, 3, 1, 1).bool()[0, 0]
+    far = (cell.bool() & ~torch.nn.functional.max_pool2d(nuc * (1 - cut), 5, 1, 2).bool())[0, 0]
+    colour = cyto[0][:, far].mean(1)
+    assert torch.allclose(out[0][:, grown], colour[:, None].expand(-1, int(grown.sum())))
+    assert float(out[0, 2][grown].max()) < 0.1  # no halo in the cut
+    assert torch.equal(out[0][:, ~grown], cyto[0][:, ~grown])  # the rest as decoded
+    # no cut, or a nucleus that fills the cell: the layer unchanged
+    assert torch.equal(fill_cuts(cyto, torch.zeros_like(cut), nuc, cell), cyto)
+    assert torch.equal(fill_cuts(cyto, cut, torch.ones(1, 1, S, S), cell), cyto)
 
 
 def test_targets_are_the_counters_counts():
     ring = (_ring()[0, 0] > 0).numpy()
-    carved = (carve_lobes(_ring(), torch.tensor([3]), 8.0)[0, 0] > 0).numpy()
+    carved = (carve_lobes(_ring(), torch.tensor([3]), 8.0)[0][0, 0] > 0).numpy()
     nuc = torch.from_numpy(np.stack([ring, carved, carved])[:, None].astype(np.uint8))
     t = lobe_targets(nuc, torch.tensor([True, True, False]), block=2)
     assert t.tolist() == [count_lobes(ring), 3, 0]
