@@ -216,6 +216,26 @@ def check(
         m = torch.from_numpy(dec.mask).float()[:, None]
         res["ssim_joint"] = float(masked_ssim(chw(dec.image), chw(dec_imgs), m).mean())
         _figure(run / "image_branch_recon.png", dec.image, rows, dec.rec_cells(), obs[has_i])
+        # lobes drawn vs lobes of the input crop, both read by the lobe counter: needs no
+        # truth, so it scores real crops too (with a lobe layer, also without it: the
+        # head reads the code detached, so that is the same model's paired baseline)
+        params = G.GranuleParams()
+        inp_lobes = G.measure_batch(np.rint(dec.image * 255).astype(np.uint8), dec.mask, params)[
+            "lobes"
+        ].to_numpy(float)
+        drawn_lobes = G.measure_batch(dec_imgs, dec.mask, params)["lobes"].to_numpy(float)
+        res["drawn_lobes_vs_input_lobes_spearman"] = _spearman(drawn_lobes, inp_lobes)
+        res["input_multilobed_share"] = float((inp_lobes >= 2).mean())
+        if getattr(model, "lobe_head", None) is not None:
+            head, model.lobe_head = model.lobe_head, None
+            try:
+                d0 = encode_dataset(model, data, rows=rows, decode=True).decoded
+            finally:
+                model.lobe_head = head
+            plain = G.measure_batch(d0.rec_image * d0.mask[..., None], d0.mask, params)
+            res["drawn_lobes_vs_input_lobes_without_lobe_layer_spearman"] = _spearman(
+                plain["lobes"].to_numpy(float), inp_lobes
+            )
         # a cell decoded to be compared with its own crop or truth comes from the
         # single-view code of that crop, as the reconstructions above: the reported
         # latent (``views``, default 8) is pose-free and decodes an average-pose cell
