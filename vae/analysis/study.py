@@ -313,7 +313,16 @@ def traverse_study(
                 if posed is not None
                 else ""
             )
-            figs["path"].append(FigureItem(p, f"{what} along {how} (position 0..1).{posed_note}"))
+            drawn_note = (
+                " Cells are drawn, not pixel means: the nucleus through its sharpened mask,"
+                " cut into the lobe count the lobe layer reads from the code, and granules"
+                " from the granule layer's rate map (docs/vae.md)."
+                if img_ok and getattr(rd.model.args, "lobe_head", False)
+                else ""
+            )
+            figs["path"].append(
+                FigureItem(p, f"{what} along {how} (position 0..1).{posed_note}{drawn_note}")
+            )
             if expr_ok:
                 rank = T.rank_genes(dec.expression, genes, pth.s, annot)
                 out_files.csv(rank, f"gene_ranking_{kind}")
