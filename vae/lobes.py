@@ -3,7 +3,7 @@
 A segmented neutrophil's 2-5 lobes lie at angles that differ from cell to cell. A
 pixel (or nucleus-mask) likelihood averages those angles, so the decoder's nucleus is
 a ring or two blobs whatever the cell's true count (measured: segmented neutrophils
-with 3.6 lobes on average are drawn with 1.5-1.9, docs/vae.md, "Lobe layer"), much as
+with 3.6 lobes on average are drawn with 1.3-1.9, docs/vae.md, "Lobe layer"), much as
 granules at random positions average into a tint. The count itself is a property of
 the cell that the code does carry (it follows maturation). So, as the granule layer
 does for granules, the decoder also says *how many* lobes (:class:`LobeHead`, a
@@ -63,8 +63,8 @@ def lobe_targets(nucleus, has_image: torch.Tensor, block: int = 512) -> torch.Te
     rows = np.flatnonzero(has_image.numpy())
     for i in range(0, rows.size, block):
         sel = rows[i : i + block]
-        masks = nucleus[torch.as_tensor(sel)] if isinstance(nucleus, torch.Tensor) else nucleus[sel]
-        masks = np.asarray(masks)[:, 0].astype(bool)
+        # index_select: what a tensor and a row store on disk (vae.store) both read by
+        masks = np.asarray(nucleus.index_select(0, torch.as_tensor(sel)))[:, 0].astype(bool)
         out[sel] = [count_lobes(m) for m in masks]
     return torch.from_numpy(out)
 
