@@ -220,18 +220,17 @@ def check(
         # truth, so it scores real crops too (with a lobe layer, also without it: the
         # head reads the code detached, so that is the same model's paired baseline)
         params = G.GranuleParams()
-        inp_lobes = G.measure_batch(np.rint(dec.image * 255).astype(np.uint8), dec.mask, params)[
-            "lobes"
-        ].to_numpy(float)
+        # the masked input crops as the model saw them, uint8 as the instruments read them
+        inputs_u8 = np.rint(dec.image * 255).astype(np.uint8)
+        inp_lobes = G.measure_batch(inputs_u8, dec.mask, params)["lobes"].to_numpy(float)
         drawn_lobes = G.measure_batch(dec_imgs, dec.mask, params)["lobes"].to_numpy(float)
         res["drawn_lobes_vs_input_lobes_spearman"] = _spearman(drawn_lobes, inp_lobes)
         res["input_multilobed_share"] = float((inp_lobes >= 2).mean())
         if getattr(model, "lobe_head", None) is not None:
-            head, model.lobe_head = model.lobe_head, None
-            try:
+            from vae.lobes import without_lobe_layer
+
+            with without_lobe_layer(model):
                 d0 = encode_dataset(model, data, rows=rows, decode=True).decoded
-            finally:
-                model.lobe_head = head
             plain = G.measure_batch(d0.rec_image * d0.mask[..., None], d0.mask, params)
             res["drawn_lobes_vs_input_lobes_without_lobe_layer_spearman"] = _spearman(
                 plain["lobes"].to_numpy(float), inp_lobes
@@ -264,9 +263,9 @@ def check(
         res["best_dim_vs_t_spearman"] = float(np.nanmax(rho)) if rho else float("nan")
 
         def imgs_in(sel: np.ndarray) -> np.ndarray:
-            """The masked input crops of the test image rows ``sel`` as the model sees them
-            (in its canonical pose when it aligns), (n, S, S, 3) uint8."""
-            return np.rint(dec.image[sel] * 255).astype(np.uint8)
+            """The masked input crops of the test image rows ``sel`` as the model sees them,
+            (n, S, S, 3) uint8."""
+            return inputs_u8[sel]
 
         neut = (
             np.isfinite(t)

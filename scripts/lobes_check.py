@@ -97,14 +97,11 @@ def check(run: Path, paired: Path, figure: Path | None = None) -> dict:
     if out.lobe_logits is not None:
         # the lobe layer's own count, and the same model drawn without it (the head
         # reads the code detached: same latent, so this is the paired comparison)
-        from vae.lobes import lobe_count
+        from vae.lobes import lobe_count, without_lobe_layer
 
         head = lobe_count(out.lobe_logits).numpy().astype(float)
-        lobe_head, model.lobe_head = model.lobe_head, None
-        try:
+        with without_lobe_layer(model):
             d0 = encode_dataset(model, data, rows=rows, decode=True).decoded
-        finally:
-            model.lobe_head = lobe_head
         plain = G.measure_batch(d0.rec_image * masks[..., None], masks, G.GranuleParams())
     crops = (data.crops[rows] * data.masks[rows]).permute(0, 2, 3, 1).numpy()
     inp = G.measure_batch(crops, data.masks[rows][:, 0].numpy().astype(bool), G.GranuleParams())

@@ -16,6 +16,7 @@ into that many lobes (:func:`carve_lobes`) with cytoplasm in the cuts
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -83,8 +84,23 @@ def lobe_count(logits: torch.Tensor) -> torch.Tensor:
     The expectation rather than the most probable class: most training nuclei have one
     lobe, so a cell the head splits between 2 and 4 lobes is drawn with 3, not 1.
     """
-    k = torch.arange(1, LOBE_CLASSES + 1, dtype=logits.dtype, device=logits.device)
-    return (torch.softmax(logits.float(), dim=1) @ k.float()).round().long()
+    k = torch.arange(1, LOBE_CLASSES + 1, dtype=torch.float32, device=logits.device)
+    return (torch.softmax(logits.float(), dim=1) @ k).round().long()
+
+
+@contextlib.contextmanager
+def without_lobe_layer(model):
+    """Within the block ``model`` draws its cells without the lobe layer.
+
+    The head reads the code detached, so the same model with its head switched off is
+    the paired baseline of what the layer changes in drawn cells (the measurement
+    scripts' "without" columns). The head is put back on exit, also after an error.
+    """
+    head, model.lobe_head = model.lobe_head, None
+    try:
+        yield model
+    finally:
+        model.lobe_head = head
 
 
 def carve_lobes(

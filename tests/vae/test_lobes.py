@@ -18,6 +18,7 @@ from vae.lobes import (
     lobe_count,
     lobe_nll,
     lobe_targets,
+    without_lobe_layer,
 )
 from vae.model import TwoBranchVAE, VAEArgs
 
@@ -177,6 +178,26 @@ def test_render_draws_the_heads_count_and_the_plain_decode_is_unchanged():
     assert torch.equal(plain.nucleus_logits, three.nucleus_logits)
     assert not torch.allclose(three.image, one.image)
     assert torch.equal(lobe_count(three.lobe_logits), torch.tensor([3, 3]))
+
+
+def test_without_lobe_layer_draws_the_uncut_nucleus_and_puts_the_head_back():
+    model = _model(crop_size=32, channels=[8, 8]).eval()
+    z = torch.randn(2, model.n_latent)
+    head = model.lobe_head
+    with torch.no_grad():
+        last = head.net[-1]
+        last.weight.zero_()
+        last.bias.fill_(-20.0)
+        last.bias[2] = 0.0  # 3 lobes for every code
+        cut = model.decode(z, render=True)
+        with without_lobe_layer(model):
+            plain = model.decode(z, render=True)
+        assert model.lobe_head is head
+        with pytest.raises(RuntimeError), without_lobe_layer(model):
+            raise RuntimeError("inside")
+        assert model.lobe_head is head
+    assert plain.lobe_logits is None
+    assert not torch.allclose(plain.image, cut.image)
 
 
 def test_lobe_head_needs_the_nucleus_layer():
