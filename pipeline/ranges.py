@@ -157,6 +157,8 @@ RANGES: dict[str, str] = {
     "analysis.n_steps": ">=2",
     "analysis.path_steps": ">=2",
     "analysis.path_pose_cells": NONNEG,
+    "analysis.image_support_k": COUNT,
+    "analysis.image_support_quantile": "(0,1]",
     "analysis.gp_length_scale": POS,
     "analysis.gp_noise": POS,
     "analysis.top_genes": COUNT,

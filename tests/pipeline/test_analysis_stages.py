@@ -271,6 +271,40 @@ def test_path_steps_are_drawn_and_measured_in_the_poses_of_their_nearest_cells(
     assert not any(c[0].shape == want.shape for c in calls)
 
 
+def test_path_steps_without_crops_nearby_are_faded_and_flagged(tiny_run, tmp_path):
+    """A path class that has no crop (expression only, like progenitors on real data):
+    its end of the path lies away from every training code with a crop, so those steps
+    are flagged in path_features, counted in the summary, and the caption says why."""
+    from vae.analysis import traverse as T
+    from vae.analysis.run import Outputs, full_codes, load_run
+    from vae.analysis.settings import AnalysisSettings
+    from vae.analysis.study import traverse_study
+    from vae.inputs.schema import HAS_IMAGE
+
+    root, paired = tiny_run
+    run = root / "tiny" / "train"
+    rd = load_run(run / "latent.h5ad", run / "model.pt", paired)
+    labels = rd.latent.obs["label"].astype(str).to_numpy()
+    rd.latent.obs[HAS_IMAGE] = labels != "myeloblast"  # myeloblasts: expression only
+    kw = dict(umap=False, top_k_dims=1, n_steps=3, path_steps=5, path_pose_cells=0)
+    a = AnalysisSettings(path_classes=["myeloblast", "myelocyte"], image_support_quantile=0.5, **kw)
+    summary = traverse_study(rd, a, Outputs(tmp_path), tmp_path / "report.html", None, "t", "s", {})
+    feats = pd.read_csv(tmp_path / "path_features_gp.csv")
+    # the library function on the same codes decides the flags
+    Z = full_codes(rd.latent)
+    train = rd.latent.obs["split"].astype(str).to_numpy() == "train"
+    gp = T.gp_path(T.class_centroids(Z, labels, order=a.path_classes).points, 5, 0.3, 1e-3, 0)
+    want = T.image_support(gp.points, Z[train & (labels != "myeloblast")], 5, 0.5)
+    np.testing.assert_allclose(feats["image_support_distance"], want.distance, rtol=1e-6)
+    assert feats["image_supported"].tolist() == want.supported.tolist()
+    # farther from the crops at the myeloblast end than at the myelocyte end
+    assert feats["image_support_distance"].iloc[0] > feats["image_support_distance"].iloc[-1]
+    n_ok = int(want.supported.sum())
+    assert summary["path"]["gp"]["image_supported_steps"] == n_ok
+    html = (tmp_path / "report.html").read_text()
+    assert (f"{5 - n_ok} of 5 steps lie farther" in html) == (n_ok < 5)
+
+
 def test_maturation_axis_is_recorded_swept_first_and_scored_against_truth(tmp_path):
     """vae.maturation_weight > 0 (the default): stage=train names the axis in latent.h5ad, stage=traverse
     sweeps it first and scores it against the simulator's t."""

@@ -47,6 +47,11 @@ class AnalysisSettings:
     # poses per path step: each step is also decoded in the poses of the held-out cells
     # nearest to it (traverse.posed_codes), its features the median over them; 0: off
     path_pose_cells: int = 8
+    # a path step is decoded from data when its code lies within the spread of the training
+    # rows with a crop (traverse.image_support): mean distance to its image_support_k nearest
+    # such codes <= their own at image_support_quantile; others are drawn faded
+    image_support_k: int = 5
+    image_support_quantile: float = 0.99
     gp_length_scale: float = 0.3  # initial RBF length scale (path position units)
     gp_noise: float = 1e-3
     top_genes: int = 20  # genes listed in the report

@@ -246,6 +246,7 @@ def traverse_study(
     path_info: dict[str, Any] = {}
     path_decoded: dict[str, Any] = {}
     path_drawn: dict[str, np.ndarray] = {}  # each step in its nearest cell's pose (posed paths)
+    path_support: dict[str, Any] = {}  # traverse.ImageSupport of each path's steps
     # the split's cells with a crop; their single-view codes are encoded once, on first
     # use (the posed path steps and the per-cell truth decodes below both need them)
     image_rows = rows[rd.data.has_image.numpy()[rows]] if rd.data is not None else rows[:0]
@@ -262,6 +263,9 @@ def traverse_study(
             "gp": T.gp_path(cents.points, a.path_steps, a.gp_length_scale, a.gp_noise, seed),
         }
         summary["path_classes"] = cents.names
+        # where the path leaves the codes of cells with a crop, its cells are the image
+        # decoder's extrapolation (e.g. progenitors that have expression only): drawn faded
+        z_img = Z[_image_reference_rows(lat, rd)] if img_ok else Z[:0]
         # a step is a pose-free mean code, decoded in an average pose (lobes merge into a
         # ring): draw and measure it also in the poses of the held-out cells nearest to it
         pose_ref = _pose_reference(rd, image_rows, a) if img_ok else None
@@ -270,26 +274,31 @@ def traverse_study(
         for kind, pth in paths.items():
             dec = T.decode(rd.model, pth.points, a.batch_size, rd.device)
             path_decoded[kind] = dec
+            support = T.image_support(
+                pth.points, z_img, a.image_support_k, a.image_support_quantile
+            )
+            path_support[kind] = support
             posed = posed_dec = None
             if pose_ref is not None:
                 posed = T.posed_codes(
                     pth.points, Z[pose_ref], single_view_codes(pose_ref), a.path_pose_cells
                 )
                 posed_dec = T.decode(rd.model, posed.codes.reshape(-1, d), a.batch_size, rd.device)
-            cells = dec.cells() if img_ok else None
+            ok_img = support.supported
+            cells = T.fade_unsupported(dec.cells(), ok_img) if img_ok else None
             rows_img: Any = cells
             row_names = None
             if posed_dec is not None:
                 k = posed.codes.shape[1]
                 first = posed_dec.cells()[::k]  # each step in its nearest cell's pose
                 path_drawn[kind] = first
-                rows_img = [cells, first]
+                rows_img = [cells, T.fade_unsupported(first, ok_img)]
                 row_names = ["mean pose", "nearest cell's pose"]
             fig = F.strip_with_heatmap(
                 rows_img,
                 dec.expression[:, gidx] if expr_ok else None,
                 gnames,
-                [f"{s:.2f}" for s in pth.s],
+                [f"{s:.2f}" + ("" if ok or not img_ok else "*") for s, ok in zip(pth.s, ok_img)],
                 f"{kind} path {cents.names[0]} -> {cents.names[-1]}",
                 row_labels=row_names,
             )
@@ -320,8 +329,22 @@ def traverse_study(
                 if img_ok and getattr(rd.model.args, "lobe_head", False)
                 else ""
             )
+            n_out = int((~ok_img).sum())
+            support_note = (
+                f" Faded, position marked *: {n_out} of {len(ok_img)} steps lie farther from "
+                "every training cell with a crop than "
+                f"{100 * a.image_support_quantile:g} % of those cells lie from their own "
+                f"{a.image_support_k} nearest neighbours: no crop was seen there, so the "
+                "decoded cell is the image decoder's extrapolation, not a learned picture "
+                "(the expression is still decoded from data)."
+                if img_ok and n_out
+                else ""
+            )
             figs["path"].append(
-                FigureItem(p, f"{what} along {how} (position 0..1).{posed_note}{drawn_note}")
+                FigureItem(
+                    p,
+                    f"{what} along {how} (position 0..1).{posed_note}{drawn_note}{support_note}",
+                )
             )
             if expr_ok:
                 rank = T.rank_genes(dec.expression, genes, pth.s, annot)
@@ -337,6 +360,9 @@ def traverse_study(
             else:
                 feats = pd.DataFrame(index=range(len(pth.s)))
             feats.insert(0, "s", pth.s)
+            if img_ok:
+                feats.insert(1, "image_support_distance", support.distance)
+                feats.insert(2, "image_supported", support.supported)
             for p_, v in (
                 T.program_scores(dec.expression, genes, programs) if expr_ok else {}
             ).items():
@@ -346,10 +372,12 @@ def traverse_study(
             corr = {
                 c: M.correlation_matrix(pth.s, feats[c].to_numpy(float))[0, 0]
                 for c in feats.columns
-                if c != "s"
+                if c not in ("s", "image_supported")
             }
             path_info[kind] = {
                 "position_vs_feature_spearman": corr,
+                "image_supported_steps": int(support.supported.sum()) if img_ok else None,
+                "image_support_threshold": support.threshold if img_ok else None,
                 "top_genes": rank["gene"].head(a.top_genes).tolist() if expr_ok else [],
             }
             series = {
@@ -554,6 +582,7 @@ def traverse_study(
             paths["gp"],
             path_decoded["gp"],
             path_drawn.get("gp"),
+            path_support["gp"].supported if img_ok else None,
             cents.names,
             labels,
             Z,
@@ -802,6 +831,20 @@ def _pose_reference(rd: RunData, image_rows: np.ndarray, a: AnalysisSettings) ->
     return image_rows
 
 
+def _image_reference_rows(lat, rd: RunData) -> np.ndarray:
+    """Rows whose codes the image decoder was trained on: training rows with a crop
+    (every row with a crop when the table has no split), (m,) int."""
+    obs = lat.obs
+    if HAS_IMAGE in obs:
+        crop = obs[HAS_IMAGE].to_numpy().astype(bool)
+    elif rd.data is not None:
+        crop = rd.data.has_image.numpy().astype(bool)
+    else:
+        crop = np.zeros(lat.n_obs, bool)
+    train = obs["split"].astype(str).to_numpy() == "train" if "split" in obs else True
+    return np.flatnonzero(crop & train)
+
+
 def _write_study_page(
     rd: RunData,
     a: AnalysisSettings,
@@ -809,6 +852,7 @@ def _write_study_page(
     gp,
     dec,
     drawn: np.ndarray | None,
+    supported: np.ndarray | None,
     classes: list[str],
     labels: np.ndarray,
     Z: np.ndarray,
@@ -819,7 +863,8 @@ def _write_study_page(
     seed: int,
 ) -> Path:
     """``study.html`` (:mod:`vae.analysis.study_page`) for the GP path ``gp`` decoded as ``dec``;
-    ``drawn`` (n, S, S, 3): each step in its nearest cell's pose (None: ``dec.cells()``)."""
+    ``drawn`` (n, S, S, 3): each step in its nearest cell's pose (None: ``dec.cells()``);
+    ``supported`` (n,) bool: steps near codes of cells with a crop (the others faded)."""
     from vae.analysis import traverse as T
     from vae.analysis.palette import label_colours
     from vae.analysis.run import embedding
@@ -853,9 +898,12 @@ def _write_study_page(
     crops = None
     if rd.data is not None:
         crops = rd.data.crops[keep].permute(0, 2, 3, 1).numpy()
+    cells_drawn = drawn if drawn is not None else dec.cells()
     data = StudyPageData(
         s=gp.s,
-        decoded=drawn if drawn is not None else dec.cells(),
+        decoded=(
+            T.fade_unsupported(cells_drawn, supported) if supported is not None else cells_drawn
+        ),
         rows=rows,
         values=values,
         nearest=np.vectorize(remap.get, otypes=[np.int64])(near) if near.size else near,
@@ -872,6 +920,12 @@ def _write_study_page(
             ", in the pose of the held-out cell nearest to it (the latent is pose-free; "
             "a nucleus needs a pose to show its shape)"
             if drawn is not None
+            else ""
+        )
+        + (
+            "; faded where no training cell with a crop lies near that point (the image "
+            "there is the decoder's extrapolation)"
+            if supported is not None and not np.all(supported)
             else ""
         ),
     )

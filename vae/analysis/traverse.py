@@ -412,6 +412,70 @@ def project_onto_path(z: np.ndarray, path: LatentPath, n_dense: int = 200) -> np
     return sd[np.argmin(cdist(z, dense), axis=1)]
 
 
+@dataclass
+class ImageSupport:
+    """How near each latent point lies to codes the image decoder was trained on.
+
+    distance : (n,) mean Euclidean distance to the ``k`` nearest reference codes
+    threshold : the ``quantile`` of the reference codes' own distances to their ``k``
+        nearest other reference codes (the spread of the data itself)
+    supported : (n,) bool, ``distance <= threshold``
+    """
+
+    distance: np.ndarray
+    threshold: float
+    supported: np.ndarray
+
+
+def image_support(
+    points: np.ndarray, z_image: np.ndarray, k: int = 5, quantile: float = 0.99
+) -> ImageSupport:
+    """Whether decoded cells at ``points`` are drawn where crops were seen.
+
+    A point of a path through classes that have no crops (e.g. expression-only
+    progenitors on real data) is decoded by extrapolation: the image there is the
+    decoder's guess, not a cell it learned. The point is *supported* when its mean
+    distance to the ``k`` nearest codes of rows with a crop is no larger than what
+    ``quantile`` of those rows have to their own ``k`` nearest neighbours.
+
+    Parameters
+    ----------
+    points : (n, d) latent points (e.g. ``LatentPath.points``)
+    z_image : (m, d) codes of the reference rows that have a crop (training rows)
+    k : neighbours averaged (capped at ``m - 1``)
+    quantile : in (0, 1]; the reference rows' own neighbour distance at this quantile
+        is the threshold
+
+    Returns
+    -------
+    :class:`ImageSupport`; every point unsupported when fewer than 2 reference codes.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    pts = np.asarray(points, dtype=np.float64)
+    ref = np.asarray(z_image, dtype=np.float64)
+    ref = ref[np.isfinite(ref).all(1)] if ref.ndim == 2 else ref.reshape(0, pts.shape[1])
+    if not 0 < quantile <= 1:
+        raise ValueError(f"image_support: quantile must be in (0, 1]; got {quantile}")
+    if ref.shape[0] < 2:
+        return ImageSupport(np.full(len(pts), np.inf), float("nan"), np.zeros(len(pts), bool))
+    kk = max(1, min(int(k), ref.shape[0] - 1))
+    nn = NearestNeighbors(n_neighbors=kk + 1).fit(ref)
+    own = nn.kneighbors(ref)[0][:, 1:].mean(1)  # column 0 is the row itself
+    thr = float(np.quantile(own, quantile))
+    dist = nn.kneighbors(pts, n_neighbors=kk)[0].mean(1) if len(pts) else np.zeros(0)
+    return ImageSupport(dist, thr, dist <= thr)
+
+
+def fade_unsupported(images: np.ndarray, supported: np.ndarray, keep: float = 0.35) -> np.ndarray:
+    """Images of unsupported steps blended towards white (``keep`` of the image left),
+    (n, S, S, 3) float in [0, 1]; supported ones unchanged."""
+    out = np.array(images, dtype=np.float64, copy=True)
+    sel = ~np.asarray(supported, bool)
+    out[sel] = keep * out[sel] + (1.0 - keep)
+    return out
+
+
 # ----------------------------------------------------------------------------
 # genes along a path
 # ----------------------------------------------------------------------------

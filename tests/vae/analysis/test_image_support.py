@@ -1,0 +1,66 @@
+"""Image support of latent points (vae.analysis.traverse.image_support): which decoded
+cells of a path are drawn where crops were seen, and the fading of the others."""
+
+import numpy as np
+import pytest
+
+from vae.analysis.traverse import fade_unsupported, image_support
+
+
+def _cloud(n=200, d=4, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, d))
+
+
+def test_points_inside_the_cloud_are_supported_and_far_ones_not():
+    ref = _cloud()
+    pts = np.vstack([ref[:5] + 0.01, np.full((3, 4), 25.0)])
+    sup = image_support(pts, ref, k=5, quantile=0.99)
+    assert sup.supported.tolist() == [True] * 5 + [False] * 3
+    assert sup.distance.shape == (8,)
+    assert np.all(sup.distance[5:] > 20)
+
+
+def test_threshold_is_the_quantile_of_the_rows_own_neighbour_distances():
+    from sklearn.neighbors import NearestNeighbors
+
+    ref = _cloud(100)
+    own = NearestNeighbors(n_neighbors=4).fit(ref).kneighbors(ref)[0][:, 1:].mean(1)
+    sup = image_support(ref[:2], ref, k=3, quantile=0.5)
+    assert sup.threshold == pytest.approx(np.quantile(own, 0.5))
+    # a point exactly at the threshold distance is supported; just past it is not
+    lo = image_support(np.zeros((1, 4)), ref, k=3, quantile=1.0)
+    assert lo.supported[0] == (lo.distance[0] <= lo.threshold)
+
+
+def test_more_coverage_with_a_higher_quantile():
+    ref = _cloud(300, seed=1)
+    pts = _cloud(50, seed=2) * 1.8  # partly outside the reference cloud
+    n = [image_support(pts, ref, 5, q).supported.sum() for q in (0.5, 0.9, 1.0)]
+    assert n[0] <= n[1] <= n[2]
+    assert n[0] < n[2]
+
+
+def test_no_reference_rows_means_no_support():
+    sup = image_support(np.zeros((3, 2)), np.zeros((1, 2)))
+    assert not sup.supported.any()
+    assert np.isnan(sup.threshold)
+    with pytest.raises(ValueError, match="quantile"):
+        image_support(np.zeros((1, 2)), _cloud(10, 2), quantile=0.0)
+
+
+def test_nan_reference_rows_are_left_out():
+    ref = _cloud(50, 3)
+    with_nan = np.vstack([ref, np.full((5, 3), np.nan)])
+    a = image_support(ref[:4], ref)
+    b = image_support(ref[:4], with_nan)
+    np.testing.assert_allclose(a.distance, b.distance)
+
+
+def test_fade_blends_only_unsupported_images_towards_white():
+    imgs = np.zeros((3, 4, 4, 3))
+    imgs[1] = 0.5
+    out = fade_unsupported(imgs, np.array([True, False, False]), keep=0.25)
+    np.testing.assert_array_equal(out[0], imgs[0])
+    np.testing.assert_allclose(out[1], 0.25 * 0.5 + 0.75)
+    np.testing.assert_allclose(out[2], 0.75)
+    assert imgs[1].max() == 0.5  # the input is not changed
