@@ -303,6 +303,11 @@ def test_path_steps_without_crops_nearby_are_faded_and_flagged(tiny_run, tmp_pat
     assert summary["path"]["gp"]["image_supported_steps"] == n_ok
     html = (tmp_path / "report.html").read_text()
     assert (f"{5 - n_ok} of 5 steps lie farther" in html) == (n_ok < 5)
+    page = (tmp_path / "study.html").read_text()
+    payload = json.loads(
+        re.search(r'id="study-data">(.*?)</script>', page, re.S).group(1).replace("<\\/", "</")
+    )
+    assert payload["supported"] == want.supported.tolist()
 
 
 def test_maturation_axis_is_recorded_swept_first_and_scored_against_truth(tmp_path):

@@ -916,6 +916,7 @@ def _write_study_page(
         axis_name=method,
         path_classes=list(classes),
         info=info,
+        supported=supported,
         decoded_how=(
             ", in the pose of the held-out cell nearest to it (the latent is pose-free; "
             "a nucleus needs a pose to show its shape)"

@@ -64,6 +64,8 @@ class StudyPageData:
     colours : label -> "#rrggbb" (the report's palette).
     axis_name : "UMAP" or "PCA".
     path_classes : the classes the path runs through, earliest first.
+    supported : (n,) bool, steps whose decoded cell lies near codes of training cells
+        with a crop (:func:`vae.analysis.traverse.image_support`), or None (not judged).
     """
 
     s: np.ndarray
@@ -82,6 +84,7 @@ class StudyPageData:
     info: dict[str, np.ndarray] = field(default_factory=dict)
     # how ``decoded`` was drawn, said after "the cell decoded at that point" (e.g. posed)
     decoded_how: str = ""
+    supported: np.ndarray | None = None
 
 
 def nearest_rows(points: np.ndarray, codes: np.ndarray, candidates: np.ndarray, k: int):
@@ -147,6 +150,9 @@ def page_payload(d: StudyPageData, upscale: int = 2) -> dict:
         "colours": dict(d.colours),
         "axis": d.axis_name,
         "path_classes": list(d.path_classes),
+        "supported": (
+            [True] * n if d.supported is None else [bool(x) for x in np.asarray(d.supported)]
+        ),
     }
 
 
@@ -226,7 +232,8 @@ Object.keys(D.colours).forEach(k => { const s = document.createElement('span');
 // ---- the slider
 function update(j){
   j = Number(j); $('decoded').src = D.decoded[j];
-  $('where').textContent = 'position ' + D.s[j].toFixed(2) + ' (step ' + (j + 1) + ' of ' + n + ')';
+  $('where').textContent = 'position ' + D.s[j].toFixed(2) + ' (step ' + (j + 1) + ' of ' + n + ')'
+    + (D.supported[j] ? '' : ': no training cell with a crop lies near this point; the decoded cell is the decoder\u2019s extrapolation');
   colbox.setAttribute('x', lw + j * cw);
   const tb = $('genecol'); tb.innerHTML = '';
   D.rows.forEach((r, i) => { const tr = document.createElement('tr'); const v = D.values[j][i];
