@@ -336,7 +336,7 @@ def traverse_study(
                 f"{100 * a.image_support_quantile:g} % of those cells lie from their own "
                 f"{a.image_support_k} nearest neighbours: no crop was seen there, so the "
                 "decoded cell is the image decoder's extrapolation, not a learned picture "
-                "(the expression is still decoded from data)."
+                "(this judges the image only; the decoded expression is not flagged)."
                 if img_ok and n_out
                 else ""
             )
