@@ -301,6 +301,15 @@ def test_path_steps_without_crops_nearby_are_faded_and_flagged(tiny_run, tmp_pat
     assert feats["image_support_distance"].iloc[0] > feats["image_support_distance"].iloc[-1]
     n_ok = int(want.supported.sum())
     assert summary["path"]["gp"]["image_supported_steps"] == n_ok
+    # the sweeps start at the training cell with a crop nearest the mean of all codes
+    ref = np.flatnonzero(train & (labels != "myeloblast"))
+    cell = rd.latent.obs_names[T.nearest_to_mean(Z, ref)]
+    assert summary["anchor"].startswith(f"cell {cell}, the training cell with a crop")
+    ((dim, n_sweep_ok),) = summary["sweep_image_supported_steps"].items()  # top_k_dims=1
+    sd = np.where(Z.std(0) > 1e-6, Z.std(0), 1.0)
+    anchor = Z[T.nearest_to_mean(Z, ref)]
+    codes = T.sweep_codes(anchor, int(dim), anchor[int(dim)] + np.linspace(-3, 3, 3) * sd[int(dim)])
+    assert n_sweep_ok == T.image_support(codes, Z[ref], 5, 0.5).supported.sum()
     html = (tmp_path / "report.html").read_text()
     assert (f"{5 - n_ok} of 5 steps lie farther" in html) == (n_ok < 5)
     page = (tmp_path / "study.html").read_text()

@@ -137,6 +137,9 @@ def traverse_study(
         dims = np.r_[mat_dim, [x for x in dims if x != mat_dim]][: a.top_k_dims].astype(int)
     sd = Z.std(0)
     sd = np.where(sd > 1e-6, sd, 1.0)
+    # codes the image decoder was trained on: a decoded cell far from all of them is the
+    # decoder's extrapolation (traverse.image_support), drawn faded in every figure
+    z_img = Z[_image_reference_rows(lat, rd)] if img_ok else Z[:0]
     try:
         anchor = T.anchor_point(Z, labels, np.asarray(lat.obs_names), a.anchor_class, a.anchor_cell)
     except ValueError as e:
@@ -148,18 +151,43 @@ def traverse_study(
         if a.anchor_class
         else "mean of all cells"
     )
+    if not (a.anchor_cell or a.anchor_class) and len(z_img):
+        # the mean of all cells lies between the classes, where no cell is (on the demo
+        # farther from every crop's code than 99 % of them lie from their neighbours):
+        # sweep around the training cell with a crop nearest to it instead
+        i = T.nearest_to_mean(Z, _image_reference_rows(lat, rd))
+        anchor = Z[i]
+        anchor_desc = (
+            f"cell {lat.obs_names[i]}, the training cell with a crop nearest the mean of all cells"
+        )
+    summary["anchor"] = anchor_desc
     trs = T.traverse_dims(rd.model, anchor, dims, sd, a.span_sd, a.n_steps, rd.device)
     dim_rows = []
     step_lab = [f"{o:+.1f}sd" for o in trs[0].offsets] if trs else []
+    sweep_ok = {
+        tr.dim: T.image_support(
+            T.sweep_codes(anchor, tr.dim, tr.values),
+            z_img,
+            a.image_support_k,
+            a.image_support_quantile,
+        ).supported
+        for tr in trs
+    }
+    if img_ok:
+        summary["sweep_image_supported_steps"] = {
+            int(dim): int(ok.sum()) for dim, ok in sweep_ok.items()
+        }
+    anchor_title = anchor_desc.split(",")[0]  # figure titles: the cell or the mean
     for tr in trs:
+        ok = sweep_ok[tr.dim]
         fig = F.strip_with_heatmap(
-            tr.decoded.cells() if img_ok else None,
+            T.fade_unsupported(tr.decoded.cells(), ok) if img_ok else None,
             tr.decoded.expression[:, gidx] if expr_ok else None,
             gnames,
-            step_lab,
+            [x + ("" if o or not img_ok else "*") for x, o in zip(step_lab, ok)],
             f"z{tr.dim} (KL {kl[tr.dim]:.2f} nats)"
             + (" = maturation axis" if tr.dim == mat_dim else "")
-            + f", anchor: {anchor_desc}",
+            + f", anchor: {anchor_title}",
         )
         p = out_files.figure(fig, f"traverse_dim{tr.dim:02d}", f"traverse/dim{tr.dim:02d}")
         shown = {
@@ -171,6 +199,13 @@ def traverse_study(
             FigureItem(
                 p,
                 f"Latent dim z{tr.dim} swept from -{a.span_sd} to +{a.span_sd} sd around the {anchor_desc}: {shown}."
+                + (
+                    f" Faded, marked *: {int((~sweep_ok[tr.dim]).sum())} of {len(tr.offsets)} "
+                    "steps lie beyond the training cells with a crop (image support, as "
+                    "for the paths below): the decoder's extrapolation."
+                    if img_ok and not sweep_ok[tr.dim].all()
+                    else ""
+                )
                 + (
                     " This is the maturation axis: the ordinal head trained on it orders "
                     + " -> ".join(map(str, mat_axis["classes"]))
@@ -191,17 +226,17 @@ def traverse_study(
         dim_rows.append(row)
     if trs and img_ok:
         fig = F.image_grid(
-            [tr.decoded.cells() for tr in trs],
+            [T.fade_unsupported(tr.decoded.cells(), sweep_ok[tr.dim]) for tr in trs],
             [f"z{tr.dim}" for tr in trs],
             step_lab,
-            f"top {len(trs)} latent dims by KL, anchor: {anchor_desc}",
+            f"top {len(trs)} latent dims by KL, anchor: {anchor_title}",
         )
         p = out_files.figure(fig, "traverse_grid", "traverse/grid")
         figs["dims"].insert(
             0,
             FigureItem(
                 p,
-                f"Summary: each row sweeps one of the {len(trs)} highest-KL latent dims over -{a.span_sd}..+{a.span_sd} sd (decoded images).",
+                f"Summary: each row sweeps one of the {len(trs)} highest-KL latent dims over -{a.span_sd}..+{a.span_sd} sd around the {anchor_desc} (decoded images; faded: beyond the training cells with a crop).",
             ),
         )
     cols = [c for c in (dim_rows[0] if dim_rows else {}) if c not in ("dim", "kl")]
@@ -263,9 +298,6 @@ def traverse_study(
             "gp": T.gp_path(cents.points, a.path_steps, a.gp_length_scale, a.gp_noise, seed),
         }
         summary["path_classes"] = cents.names
-        # where the path leaves the codes of cells with a crop, its cells are the image
-        # decoder's extrapolation (e.g. progenitors that have expression only): drawn faded
-        z_img = Z[_image_reference_rows(lat, rd)] if img_ok else Z[:0]
         # a step is a pose-free mean code, decoded in an average pose (lobes merge into a
         # ring): draw and measure it also in the poses of the held-out cells nearest to it
         pose_ref = _pose_reference(rd, image_rows, a) if img_ok else None

@@ -163,6 +163,24 @@ def anchor_point(
     return z.mean(0)
 
 
+def nearest_to_mean(z: np.ndarray, candidates: np.ndarray) -> int:
+    """Row index (into ``z``, one of ``candidates``) of the code nearest the mean of all
+    rows of ``z`` (n, d): a real cell to anchor traversals at, where the mean itself may
+    lie between the classes, where no cell is."""
+    z = np.asarray(z, dtype=np.float64)
+    cand = np.asarray(candidates, dtype=np.int64)
+    if cand.size == 0:
+        raise ValueError("nearest_to_mean: no candidate rows")
+    return int(cand[np.argmin(((z[cand] - z.mean(0)) ** 2).sum(1))])
+
+
+def sweep_codes(anchor: np.ndarray, dim: int, values: np.ndarray) -> np.ndarray:
+    """(n, d) codes of a sweep: ``anchor`` with ``dim`` set to each of ``values``."""
+    z = np.repeat(np.asarray(anchor, dtype=np.float64)[None], len(values), 0)
+    z[:, dim] = values
+    return z
+
+
 @dataclass
 class DimTraversal:
     """One latent dimension swept with the others fixed at the anchor."""
@@ -200,8 +218,7 @@ def traverse_dims(
     offsets = np.linspace(-span, span, n_steps)
     out = []
     for dim in dims:
-        z = np.repeat(anchor[None], n_steps, 0)
-        z[:, dim] = anchor[dim] + offsets * sd[dim]
+        z = sweep_codes(anchor, dim, anchor[dim] + offsets * sd[dim])
         out.append(
             DimTraversal(
                 dim=int(dim),

@@ -64,3 +64,16 @@ def test_fade_blends_only_unsupported_images_towards_white():
     np.testing.assert_allclose(out[1], 0.25 * 0.5 + 0.75)
     np.testing.assert_allclose(out[2], 0.75)
     assert imgs[1].max() == 0.5  # the input is not changed
+
+
+def test_nearest_to_mean_picks_a_candidate_cell_and_sweep_codes_move_one_dim():
+    from vae.analysis.traverse import nearest_to_mean, sweep_codes
+
+    z = np.array([[0.0, 0.0], [10.0, 0.0], [4.0, 1.0], [6.0, 3.0]])  # mean (5, 1)
+    assert nearest_to_mean(z, np.arange(4)) == 2
+    assert nearest_to_mean(z, np.array([0, 1, 3])) == 3  # only candidates count
+    with pytest.raises(ValueError, match="no candidate"):
+        nearest_to_mean(z, np.array([], int))
+    s = sweep_codes(z[2], 1, np.array([-1.0, 0.0, 2.0]))
+    np.testing.assert_array_equal(s[:, 0], 4.0)
+    np.testing.assert_array_equal(s[:, 1], [-1.0, 0.0, 2.0])
