@@ -281,7 +281,12 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_imputation")
     ap.add_argument("--epochs", type=int, default=150)
-    ap.add_argument("--minutes", type=float, default=0.75, help="wall cap per model")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="optional wall cap per model (off by default: a capped result depends on load)",
+    )
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--min-nonzero", type=int, default=10)
     ap.add_argument("--sim-cells", type=int, default=2000)
