@@ -793,6 +793,44 @@ class Study:
             raise StudyError(f"decode: z must be (n, {d}) full codes; got {z.shape}")
         return decode(self.model, z, batch_size, self.device)
 
+    def image_support(self, z_full: np.ndarray):
+        """Whether cells decoded from ``z_full`` (n, d) are drawn where crops were seen.
+
+        The test ``stage=traverse`` applies to its paths and sweeps
+        (:func:`vae.analysis.traverse.image_support`, the study's
+        ``analysis.image_support_k`` / ``image_support_quantile``, default 5 / 0.99):
+        a code whose mean distance to its nearest training codes *with a crop* exceeds
+        what those codes have to their own neighbours is decoded by extrapolation
+        (e.g. an expression-only progenitor on a study whose crops are all mature cells).
+
+        Returns
+        -------
+        :class:`vae.analysis.traverse.ImageSupport` (``distance``, ``threshold``,
+        ``supported`` (n,) bool).
+        """
+        from vae.analysis.traverse import image_support
+
+        z = np.asarray(z_full, np.float64)
+        ref = self.reference
+        d = int(self.meta["n_latent"])
+        if z.ndim != 2 or z.shape[1] != d:
+            raise StudyError(f"image_support: z_full must be (n, {d}) full codes; got {z.shape}")
+        zr = np.asarray(ref.obsm.get("X_vae_full", ref.obsm["X_vae"]), np.float64)
+        if zr.shape[1] != d:
+            raise StudyError(f"{self.latent_path}: obsm['X_vae_full'] is missing")
+        crop = (
+            ref.obs[HAS_IMAGE].to_numpy().astype(bool)
+            if HAS_IMAGE in ref.obs
+            else np.zeros(ref.n_obs, bool)
+        )
+        train = ref.obs["split"].astype(str).to_numpy() == "train" if "split" in ref.obs else True
+        return image_support(
+            z,
+            zr[crop & train],
+            int(self.analysis.get("image_support_k") or 5),
+            float(self.analysis.get("image_support_quantile") or 0.99),
+        )
+
     # --------------------------------------------------------------- anomaly
     def anomaly_scores(self, data, latents=None, batch_size: int = 256) -> pd.DataFrame:
         """Atypical-cell scores of prepared rows against the study's training rows.

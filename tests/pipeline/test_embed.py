@@ -264,6 +264,17 @@ def test_api_genes_by_name_path_and_decode(study: Path):
     assert (lab["confidence"] == 1).all()
     dec = st.decode(st.reference.obsm["X_vae_full"][:3])
     assert dec.images.shape == (3, 16, 16, 3) and dec.expression.shape == (3, 12)
+    # image support: the training crops' own codes are inside (at the 0.99 quantile),
+    # a code far from all of them is not
+    ref = st.reference
+    train_crop = (ref.obs["split"].astype(str) == "train").to_numpy() & ref.obs[
+        "has_image"
+    ].to_numpy().astype(bool)
+    zf = np.asarray(ref.obsm["X_vae_full"], float)
+    sup = st.image_support(np.vstack([zf[train_crop], zf[:1] + 100.0]))
+    assert sup.supported[:-1].mean() >= 0.95 and not sup.supported[-1]
+    with pytest.raises(StudyError, match="image_support: z_full"):
+        st.image_support(zf[:, :2])
     with pytest.raises(StudyError, match="obsm\\['crops'\\]"):
         bad = ad.AnnData(obs=pd.DataFrame(index=["a"]))
         bad.obsm["crops"] = np.zeros((1, 16, 12, 3), np.uint8)
