@@ -798,7 +798,7 @@ class Study:
 
         The test ``stage=traverse`` applies to its paths and sweeps
         (:func:`vae.analysis.traverse.image_support`, the study's
-        ``analysis.image_support_k`` / ``image_support_quantile``, default 5 / 0.99):
+        ``analysis.image_support_k`` / ``image_support_quantile``, else their defaults):
         a code whose mean distance to its nearest training codes *with a crop* exceeds
         what those codes have to their own neighbours is decoded by extrapolation
         (e.g. an expression-only progenitor on a study whose crops are all mature cells).
@@ -808,6 +808,8 @@ class Study:
         :class:`vae.analysis.traverse.ImageSupport` (``distance``, ``threshold``,
         ``supported`` (n,) bool).
         """
+        from vae.analysis.run import full_codes, image_reference_rows
+        from vae.analysis.settings import AnalysisSettings
         from vae.analysis.traverse import image_support
 
         z = np.asarray(z_full, np.float64)
@@ -815,20 +817,15 @@ class Study:
         d = int(self.meta["n_latent"])
         if z.ndim != 2 or z.shape[1] != d:
             raise StudyError(f"image_support: z_full must be (n, {d}) full codes; got {z.shape}")
-        zr = np.asarray(ref.obsm.get("X_vae_full", ref.obsm["X_vae"]), np.float64)
+        zr = full_codes(ref)
         if zr.shape[1] != d:
             raise StudyError(f"{self.latent_path}: obsm['X_vae_full'] is missing")
-        crop = (
-            ref.obs[HAS_IMAGE].to_numpy().astype(bool)
-            if HAS_IMAGE in ref.obs
-            else np.zeros(ref.n_obs, bool)
-        )
-        train = ref.obs["split"].astype(str).to_numpy() == "train" if "split" in ref.obs else True
+        dflt = AnalysisSettings()
         return image_support(
             z,
-            zr[crop & train],
-            int(self.analysis.get("image_support_k") or 5),
-            float(self.analysis.get("image_support_quantile") or 0.99),
+            zr[image_reference_rows(ref)],
+            int(self.analysis.get("image_support_k") or dflt.image_support_k),
+            float(self.analysis.get("image_support_quantile") or dflt.image_support_quantile),
         )
 
     # --------------------------------------------------------------- anomaly

@@ -124,6 +124,23 @@ def split_rows(latent, split: str) -> np.ndarray:
     return rows
 
 
+def image_reference_rows(latent, has_image: np.ndarray | None = None) -> np.ndarray:
+    """Rows whose codes the image decoder was trained on, (m,) int: training rows
+    (``obs["split"] == "train"``; every row when there is no split) with a crop
+    (``obs["has_image"]``, else ``has_image`` (N,) bool, else none)."""
+    from vae.inputs.schema import HAS_IMAGE
+
+    obs = latent.obs
+    if HAS_IMAGE in obs:
+        crop = obs[HAS_IMAGE].to_numpy().astype(bool)
+    elif has_image is not None:
+        crop = np.asarray(has_image, bool)
+    else:
+        crop = np.zeros(latent.n_obs, bool)
+    train = obs["split"].astype(str).to_numpy() == "train" if "split" in obs else True
+    return np.flatnonzero(crop & train)
+
+
 def obs_col(latent, key: str) -> np.ndarray | None:
     return latent.obs[key].to_numpy() if key in latent.obs else None
 

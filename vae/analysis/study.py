@@ -26,6 +26,7 @@ from vae.analysis.run import (
     clean_json,
     full_codes,
     heatmap_genes,
+    image_reference_rows,
     labels_of,
     measure,
     minmax,
@@ -139,7 +140,7 @@ def traverse_study(
     sd = np.where(sd > 1e-6, sd, 1.0)
     # codes the image decoder was trained on: a decoded cell far from all of them is the
     # decoder's extrapolation (traverse.image_support), drawn faded in every figure
-    z_img = Z[_image_reference_rows(lat, rd)] if img_ok else Z[:0]
+    z_img = Z[image_reference_rows(lat, _has_crop(rd))] if img_ok else Z[:0]
     try:
         anchor = T.anchor_point(Z, labels, np.asarray(lat.obs_names), a.anchor_class, a.anchor_cell)
     except ValueError as e:
@@ -155,7 +156,7 @@ def traverse_study(
         # the mean of all cells lies between the classes, where no cell is (on the demo
         # farther from every crop's code than 99 % of them lie from their neighbours):
         # sweep around the training cell with a crop nearest to it instead
-        i = T.nearest_to_mean(Z, _image_reference_rows(lat, rd))
+        i = T.nearest_to_mean(Z, image_reference_rows(lat, _has_crop(rd)))
         anchor = Z[i]
         anchor_desc = (
             f"cell {lat.obs_names[i]}, the training cell with a crop nearest the mean of all cells"
@@ -863,18 +864,9 @@ def _pose_reference(rd: RunData, image_rows: np.ndarray, a: AnalysisSettings) ->
     return image_rows
 
 
-def _image_reference_rows(lat, rd: RunData) -> np.ndarray:
-    """Rows whose codes the image decoder was trained on: training rows with a crop
-    (every row with a crop when the table has no split), (m,) int."""
-    obs = lat.obs
-    if HAS_IMAGE in obs:
-        crop = obs[HAS_IMAGE].to_numpy().astype(bool)
-    elif rd.data is not None:
-        crop = rd.data.has_image.numpy().astype(bool)
-    else:
-        crop = np.zeros(lat.n_obs, bool)
-    train = obs["split"].astype(str).to_numpy() == "train" if "split" in obs else True
-    return np.flatnonzero(crop & train)
+def _has_crop(rd: RunData) -> np.ndarray | None:
+    """(N,) bool rows with a crop from the paired data (None without it)."""
+    return rd.data.has_image.numpy().astype(bool) if rd.data is not None else None
 
 
 def _write_study_page(
