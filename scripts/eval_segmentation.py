@@ -202,7 +202,9 @@ def refined(model, ds, cell_px: float, settings, autocast=None) -> tuple[object,
     return SmearDataset(recs), preds, {"scale_refined": out}
 
 
-def by_source(model, ds, threshold: float, preds: list) -> dict[str, dict]:
+def by_source(
+    model, ds, threshold: float, preds: list, ignore_edge_px: float | None = None
+) -> dict[str, dict]:
     """WBC box/mask AP of each source (``width_W``: image width tells TXL-PBC's four
     microscopes apart, docs/segmentation_infer.md) scored on its own images
     (``preds``: the predictions of ``ds``'s images in order)."""
@@ -220,6 +222,7 @@ def by_source(model, ds, threshold: float, preds: list) -> dict[str, dict]:
             torch.device("cpu"),
             threshold,
             predictions=[preds[i] for i in idx],
+            ignore_edge_px=ignore_edge_px,
         )
         d = r.as_dict()
         out[name] = {
@@ -278,6 +281,13 @@ def main() -> None:
         help="bf16 on the CPU: the backbone only (segmentation.cpu_bf16) or every op",
     )
     ap.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
+    ap.add_argument(
+        "--ignore-edge-px",
+        type=float,
+        default=None,
+        help="ground-truth cells cut by the image edge (box within this many px of it) are "
+        "ignore regions: the whole-cell score (default: every box counts)",
+    )
     a = ap.parse_args()
     torch.set_num_threads(1)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.bf16 == "all" else None
@@ -342,11 +352,17 @@ def main() -> None:
                 model, DetectionDataset(ds.images), torch.device("cpu"), a.batch_size, autocast
             )
         r = evaluate(
-            model, DetectionDataset(ds.images), torch.device("cpu"), a.threshold, predictions=preds
+            model,
+            DetectionDataset(ds.images),
+            torch.device("cpu"),
+            a.threshold,
+            predictions=preds,
+            ignore_edge_px=a.ignore_edge_px,
         )
         out = {**r.as_dict(), **extra, "cell_px": a.cell_px, "bf16": a.bf16}
+        out["ignore_edge_px"] = a.ignore_edge_px
         if a.by_source:
-            out["by_source"] = by_source(model, ds, a.threshold, preds)
+            out["by_source"] = by_source(model, ds, a.threshold, preds, a.ignore_edge_px)
     shown = out
     for key in ("scale_estimate", "scale_refined"):  # the per-image lists go to --out only
         if key in out:

@@ -251,3 +251,43 @@ def test_every_arch_builds_with_custom_anchors_and_round_trips(arch, tmp_path):
     assert ck["model_args"]["arch"] == arch
     for k, v in model.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_cells_cut_by_the_image_edge_can_be_ignored():
+    """ignore_edge_px: a ground-truth box at the image edge (a cut cell) is an ignore
+    region: not a miss when not found; a detection on it is not a false positive."""
+    from pathlib import Path
+
+    from segmentation.datasets import ImageRecord, Instance, SmearDataset, to_coco
+    from segmentation.engine import mark_edge_cut
+
+    whole, cut = (30.0, 30.0, 60.0, 60.0), (0.0, 40.0, 12.0, 70.0)
+    rec = ImageRecord(Path("x.png"), 100, 100, instances=[Instance(whole), Instance(cut)])
+    dset = DetectionDataset(SmearDataset([rec]).renumber().images)
+    coco = to_coco(SmearDataset([rec]).renumber(), masks="none")
+    assert mark_edge_cut(coco, 2.0) == 1 and [a["iscrowd"] for a in coco["annotations"]] == [0, 1]
+
+    def pred(*boxes, score=0.9):
+        b = np.array(boxes, np.float32).reshape(-1, 4)
+        return [
+            {
+                "boxes": b,
+                "scores": np.full(len(b), score, np.float32),
+                "masks": np.zeros((len(b), 1, 1), bool),
+            }
+        ]
+
+    only_whole = pred(whole)
+    r = evaluate(None, dset, torch.device("cpu"), 0.5, predictions=only_whole)
+    assert r.recall == 0.5 and r.box_ap50 < 0.6  # the cut cell counts as missed
+    r = evaluate(None, dset, torch.device("cpu"), 0.5, predictions=only_whole, ignore_edge_px=2)
+    assert r.n_gt == 1 and r.recall == 1.0 and r.box_ap50 == pytest.approx(1.0)
+    assert "1 ground-truth boxes within 2 px of the edge ignored" in r.notes
+    # a detection of the cut cell is neither a hit nor a false positive
+    both = pred(whole, (0.0, 42.0, 11.0, 69.0))
+    r = evaluate(None, dset, torch.device("cpu"), 0.5, predictions=both, ignore_edge_px=2)
+    assert r.n_det == 1 and r.precision == 1.0 and r.box_ap50 == pytest.approx(1.0)
+    # a false positive elsewhere still counts
+    fp = pred(whole, (70.0, 70.0, 90.0, 90.0))
+    r = evaluate(None, dset, torch.device("cpu"), 0.5, predictions=fp, ignore_edge_px=2)
+    assert r.precision == 0.5
