@@ -14,7 +14,7 @@ Each seed builds its own data set and trains its own models for exactly
 ``--epochs`` epochs (no wall-time cap unless ``--minutes``: a capped run's result
 depends on machine load), one torch thread. Prints a table (the mean over seeds,
 the epochs each run trained, the load average at its start and end) and writes
-``outputs/bench_anomaly/anomaly_seeds_<seeds>.json`` after every run.
+``outputs/bench_anomaly/anomaly_<kinds>_seeds_<seeds>.json`` after every run.
 ``--rescore`` trains nothing: it recomputes the scores of the finished runs with
 the current code (:func:`vae.analysis.anomaly.rescore_latent`), e.g. after a change
 of the score (``scripts/anomaly_variants.py`` compares variants).
@@ -81,8 +81,9 @@ def main() -> None:
     t0 = time.time()
     results = {}
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "_".join(str(s) for s in args.seeds) + ("_rescored" if args.rescore else "")
-    json_out = args.out / f"anomaly_seeds_{tag}.json"
+    # the kinds are in the name: two benchmarks of the same seeds must not overwrite each other
+    tag = "_".join(args.kinds) + "_seeds_" + "_".join(str(s) for s in args.seeds)
+    json_out = args.out / f"anomaly_{tag}{'_rescored' if args.rescore else ''}.json"
     # kinds outer: with several kinds, the first kind's seeds finish first
     for kind in args.kinds:
         for seed in args.seeds:
