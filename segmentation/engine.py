@@ -264,13 +264,18 @@ def predict(
     return out
 
 
+def _box_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, 4) x (M, 4) xyxy -> (N, M) intersection areas."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    return np.clip(rb - lt, 0, None).prod(-1)
+
+
 def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(N, 4) x (M, 4) xyxy -> (N, M) IoU."""
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)))
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
+    inter = _box_intersection(a, b)
     area_a = (a[:, 2:] - a[:, :2]).prod(-1)
     area_b = (b[:, 2:] - b[:, :2]).prod(-1)
     return inter / (area_a[:, None] + area_b[None] - inter + 1e-9)
@@ -347,22 +352,8 @@ def evaluate(
                     }
                 )
         anns = gt.loadAnns(gt.getAnnIds(imgIds=[rec.image_id]))
-
-        def xyxy(sel: list[dict]) -> np.ndarray:
-            return np.array(
-                [
-                    [
-                        a["bbox"][0],
-                        a["bbox"][1],
-                        a["bbox"][0] + a["bbox"][2],
-                        a["bbox"][1] + a["bbox"][3],
-                    ]
-                    for a in sel
-                ]
-            ).reshape(-1, 4)
-
-        gboxes = xyxy([a for a in anns if not a.get("iscrowd", 0)])
-        cut = xyxy([a for a in anns if a.get("iscrowd", 0)])
+        gboxes = _ann_xyxy([a for a in anns if not a.get("iscrowd", 0)])
+        cut = _ann_xyxy([a for a in anns if a.get("iscrowd", 0)])
         keep = p["scores"] >= score_threshold
         dboxes, dmasks = p["boxes"][keep], p["masks"][keep]
         iou = _box_iou(gboxes, dboxes)
@@ -411,6 +402,16 @@ def evaluate(
     )
 
 
+def _ann_xyxy(anns: list[dict]) -> np.ndarray:
+    """(n, 4) xyxy boxes of COCO annotations (``bbox`` is x, y, w, h)."""
+    return np.array(
+        [
+            [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+            for a in anns
+        ]
+    ).reshape(-1, 4)
+
+
 def mark_edge_cut(coco: dict, edge_px: float) -> int:
     """Mark ground-truth boxes within ``edge_px`` of their image's edge as COCO ignore
     regions (``iscrowd = 1``), in place; returns how many were marked."""
@@ -429,11 +430,8 @@ def _inside_fraction(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
     """(n,) largest share of each box's area that lies inside one of ``regions`` (xyxy)."""
     if len(boxes) == 0 or len(regions) == 0:
         return np.zeros(len(boxes))
-    b, r = boxes[:, None, :], regions[None, :, :]
-    iw = np.clip(np.minimum(b[..., 2], r[..., 2]) - np.maximum(b[..., 0], r[..., 0]), 0, None)
-    ih = np.clip(np.minimum(b[..., 3], r[..., 3]) - np.maximum(b[..., 1], r[..., 1]), 0, None)
-    area = np.clip((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1e-9, None)
-    return (iw * ih).max(axis=1) / area
+    area = np.clip((boxes[:, 2:] - boxes[:, :2]).prod(-1), 1e-9, None)
+    return _box_intersection(boxes, regions).max(axis=1) / area
 
 
 def draw_predictions(

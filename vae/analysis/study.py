@@ -140,7 +140,8 @@ def traverse_study(
     sd = np.where(sd > 1e-6, sd, 1.0)
     # codes the image decoder was trained on: a decoded cell far from all of them is the
     # decoder's extrapolation (traverse.image_support), drawn faded in every figure
-    z_img = Z[image_reference_rows(lat, _has_crop(rd))] if img_ok else Z[:0]
+    img_ref = image_reference_rows(lat, _has_crop(rd)) if img_ok else np.zeros(0, int)
+    z_img = Z[img_ref]
     try:
         anchor = T.anchor_point(Z, labels, np.asarray(lat.obs_names), a.anchor_class, a.anchor_cell)
     except ValueError as e:
@@ -152,11 +153,11 @@ def traverse_study(
         if a.anchor_class
         else "mean of all cells"
     )
-    if not (a.anchor_cell or a.anchor_class) and len(z_img):
+    if not (a.anchor_cell or a.anchor_class) and img_ref.size:
         # the mean of all cells lies between the classes, where no cell is (on the demo
         # farther from every crop's code than 99 % of them lie from their neighbours):
         # sweep around the training cell with a crop nearest to it instead
-        i = T.nearest_to_mean(Z, image_reference_rows(lat, _has_crop(rd)))
+        i = T.nearest_to_mean(Z, img_ref)
         anchor = Z[i]
         anchor_desc = (
             f"cell {lat.obs_names[i]}, the training cell with a crop nearest the mean of all cells"
@@ -185,7 +186,7 @@ def traverse_study(
             T.fade_unsupported(tr.decoded.cells(), ok) if img_ok else None,
             tr.decoded.expression[:, gidx] if expr_ok else None,
             gnames,
-            [x + ("" if o or not img_ok else "*") for x, o in zip(step_lab, ok)],
+            _starred(step_lab, ok, img_ok),
             f"z{tr.dim} (KL {kl[tr.dim]:.2f} nats)"
             + (" = maturation axis" if tr.dim == mat_dim else "")
             + f", anchor: {anchor_title}",
@@ -331,7 +332,7 @@ def traverse_study(
                 rows_img,
                 dec.expression[:, gidx] if expr_ok else None,
                 gnames,
-                [f"{s:.2f}" + ("" if ok or not img_ok else "*") for s, ok in zip(pth.s, ok_img)],
+                _starred([f"{s:.2f}" for s in pth.s], ok_img, img_ok),
                 f"{kind} path {cents.names[0]} -> {cents.names[-1]}",
                 row_labels=row_names,
             )
@@ -862,6 +863,11 @@ def _pose_reference(rd: RunData, image_rows: np.ndarray, a: AnalysisSettings) ->
     if a.path_pose_cells <= 0 or rd.data is None or views == 1 or image_rows.size == 0:
         return None
     return image_rows
+
+
+def _starred(labels: list[str], supported: np.ndarray, img_ok: bool) -> list[str]:
+    """Step labels, with ``*`` on the steps outside the image support (none without images)."""
+    return [x + ("" if ok or not img_ok else "*") for x, ok in zip(labels, supported)]
 
 
 def _has_crop(rd: RunData) -> np.ndarray | None:
