@@ -97,13 +97,18 @@ def _fixed_scale(src: Any, path: Path) -> float | None:
     return None if src.scale is None else float(src.scale)
 
 
-def _scale(src: Any, default: float, path: Path, estimate_px: float | None = None) -> float:
-    """Scale of one image: the source's, its width's, the estimate (``estimate_px``), the default."""
+def _scale(
+    src: Any, default: float, path: Path, estimate_px: float | None = None, pooled=None
+) -> float:
+    """Scale of one image: the source's, its width's, the estimate (``estimate_px``; the
+    ``pooled`` one of its folder and size when given), the default."""
     fixed = _fixed_scale(src, path)
     if fixed is not None:
         return fixed
     if estimate_px is None:
         return default
+    if pooled is not None:
+        return round(pooled.scale, 2)  # images of one magnification share detector batches
     return estimated_scale(path, estimate_px, default)
 
 
@@ -142,7 +147,7 @@ def estimate_px(cfg: Any, ckpt: dict[str, Any]) -> float | None:
 
 
 def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
-    from pipeline.stages.segment import _run_shard
+    from pipeline.stages.segment import _run_shard, pooled_scales
 
     sc = ctx.cfg.segmentation
     images = list_images(folder)
@@ -159,18 +164,22 @@ def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
     refined = []  # measured and refined per image by the detector (segmentation.refine_scale)
     est_px = estimate_px(ctx.cfg, ckpt)
     refine = wants_scale_refinement(sc.refine_scale, ckpt)
+    free = [p for p in images if _fixed_scale(src, p) is None]  # scale not given: estimated
+    pooled = pooled_scales(ctx.cfg, free, est_px, settings.input_scale) or {}
     for i, p in enumerate(images):
         if est_px is not None and refine and _fixed_scale(src, p) is None:
             refined.append((offset + i, p))
             continue
-        sc_i = _scale(src, settings.input_scale, p, est_px)
+        sc_i = _scale(src, settings.input_scale, p, est_px, pooled.get(p))
         by_scale.setdefault(sc_i, []).append((offset + i, p))
     parts = []
     if refined:
         log.info("segment: %s, %d images at their estimated, refined scale", src.name, len(refined))
         over = offset + int(sc.n_overlays)
         parts.append(
-            _run_shard(ctx, refined, settings, None, overlays, model, ckpt, over, src.name, est_px)
+            _run_shard(
+                ctx, refined, settings, None, overlays, model, ckpt, over, src.name, est_px, pooled
+            )
         )
     for scale, items in sorted(by_scale.items()):
         log.info("segment: %s, %d images at scale %.3g", src.name, len(items), scale)

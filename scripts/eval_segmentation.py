@@ -13,6 +13,9 @@ from the image itself (segmentation/magnification.py: `--ruler white` the white 
 by their nuclei, `red` the red-cell diameter, `auto` white else red, as inference does),
 and adds to the JSON how close it came to the oracle scale (`scale_estimate`: within 15 %
 overall and per source = image width, ruler used, and every image's ratio in `per_image`).
+By default the images of one size (TXL-PBC: one microscope) share the median of their
+estimates, as `stage=segment` does (`segmentation.pool_scale`; `--no-pool-scale`: each
+image its own; `within_15pct_of_oracle_image` is the per-image estimate's agreement).
 `--scale-only` skips the detector (no checkpoint needed) and reports only that comparison.
 Calibrating a ruler: run it on the *train* split with its constant set to 1
 (`--white-box-per-diameter 1` or `--wbc-per-rbc 1`); `median_ratio_to_oracle` is the
@@ -39,11 +42,15 @@ def estimated(
     ruler: str,
     white_k: float | None,
     cached: dict | None = None,
+    pool: bool = True,
+    pool_max_images: int | None = None,
 ):
     """Per-image scale from the image; agreement with the ground-truth-box (oracle) scale.
 
     ``cached``: image name -> ``per_image`` row of an earlier run's JSON (``--s0-from``),
-    whose scale is reused instead of measuring the image again."""
+    whose scale is reused instead of measuring the image again. ``pool``: the images of
+    one size share the median of their estimates, as ``segmentation.pool_scale`` does in
+    ``stage=segment`` (``pool_max_images``: None, all of them, as ``stage=segment``)."""
     from dataclasses import replace
 
     import numpy as np
@@ -60,21 +67,43 @@ def estimated(
     k = WBC_PER_RBC if wbc_per_rbc is None else wbc_per_rbc
     kw = WHITE_BOX_PER_DIAMETER if white_k is None else white_k
     recs, ratio, failed, per_source, ruler_gt, per_image = [], [], 0, {}, [], []
+    ratio_own = []
     used: dict[str, int] = {}
+    from segmentation.autoscale import pool_key, pool_sample
+    from segmentation.magnification import pool_scales
+
+    ds = list(ds)
+    own = []  # each image's own estimate
     for rec in ds:
         row = (cached or {}).get(Path(rec.path).name)
         if row is not None:
-            ok = row["ruler"] != "none"
-            est = ScaleEstimate(float("nan"), 0, float(row["scale"]), ok, row["ruler"])
+            r0 = row.get("ruler_image", row["ruler"])  # files before pooling: own scale only
+            s0 = float(row.get("scale_image", row["scale"]))
+            own.append(ScaleEstimate(float("nan"), 0, s0, r0 != "none", r0))
         else:
-            est = estimate_scale(
-                read_rgb(rec.path).image,
-                cell_px,
-                k,
-                fallback=1.0,
-                ruler=ruler,
-                white_box_per_diameter=kw,
+            own.append(
+                estimate_scale(
+                    read_rgb(rec.path).image,
+                    cell_px,
+                    k,
+                    fallback=1.0,
+                    ruler=ruler,
+                    white_box_per_diameter=kw,
+                )
             )
+    chosen = list(own)
+    if pool:
+        groups: dict = {}
+        for i, rec in enumerate(ds):
+            groups.setdefault(pool_key(rec.path, (rec.width, rec.height)), []).append(i)
+        for members in groups.values():
+            members = sorted(members, key=lambda i: Path(ds[i].path).name)
+            picked = pool_sample(len(members), pool_max_images)
+            pooled = pool_scales([own[members[j]] for j in picked])
+            if pooled is not None:
+                for i in members:
+                    chosen[i] = pooled
+    for rec, est, est_own in zip(ds, chosen, own):
         used[est.ruler] = used.get(est.ruler, 0) + 1
         recs.append(replace(rec, scale=est.scale))
         if not est.ok:
@@ -90,9 +119,12 @@ def estimated(
                     "width": rec.width,
                     "ruler": est.ruler,
                     "scale": round(est.scale, 5),
+                    "ruler_image": est_own.ruler,
+                    "scale_image": round(est_own.scale, 5),
                     "oracle": round(oracle, 5),
                 }
             )
+            ratio_own.append(est_own.scale / oracle if est_own.ok else np.nan)
             # the best a red-cell ruler can do: the ground-truth red boxes as the ruler
             rb = [
                 np.sqrt((a.bbox[2] - a.bbox[0]) * (a.bbox[3] - a.bbox[1]))
@@ -116,7 +148,10 @@ def estimated(
             "images": len(recs),
             "failed": failed,
             "images_with_wbc": int(ratio.size),
+            "pooled": pool,
             "within_15pct_of_oracle": within(ratio),
+            # each image's own estimate (the same number as the above without pooling)
+            "within_15pct_of_oracle_image": within(np.asarray(ratio_own, float)),
             "median_ratio_to_oracle": round(float(np.nanmedian(ratio)), 4),
             "within_15pct_by_source": {s: within(np.asarray(v)) for s, v in per_source.items()},
             "median_ratio_by_source": {
@@ -266,6 +301,20 @@ def main() -> None:
         "when their top-k mean score beats it by --refine-probe-margin (RefineSettings.probe)",
     )
     ap.add_argument("--refine-probe-margin", type=float, default=None)
+    ap.add_argument(
+        "--pool-scale",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --scale estimate/refine: images of one size share the median of their "
+        "estimates, as stage=segment does (segmentation.pool_scale); --no-pool-scale: each "
+        "image its own",
+    )
+    ap.add_argument(
+        "--pool-max-images",
+        type=int,
+        default=None,
+        help="pool the estimates of at most this many images per size (default: all)",
+    )
     ap.add_argument("--cell-px", type=float, default=40.0)
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--out", default=None)
@@ -314,7 +363,14 @@ def main() -> None:
             k = a.cell_px / float(prev.get("cell_px", 40.0))
             cached = {r["image"]: {**r, "scale": r["scale"] * k} for r in rows}
         ds, extra = estimated(
-            ds, a.cell_px, a.wbc_per_rbc, a.ruler, a.white_box_per_diameter, cached
+            ds,
+            a.cell_px,
+            a.wbc_per_rbc,
+            a.ruler,
+            a.white_box_per_diameter,
+            cached,
+            a.pool_scale,
+            a.pool_max_images,
         )
     else:
         ds = with_scale(ds, None if a.scale == "auto" else float(a.scale), a.cell_px)

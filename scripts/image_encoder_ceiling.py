@@ -45,6 +45,13 @@ def main() -> None:
     ap.add_argument(
         "--backbone-weights", type=Path, default=None, help="as vae.image_backbone_weights"
     )
+    ap.add_argument(
+        "--pseudo-weight",
+        type=float,
+        default=0.0,
+        help="FixMatch-style term on the crops without a label (0: off)",
+    )
+    ap.add_argument("--pseudo-threshold", type=float, default=0.95)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -75,6 +82,8 @@ def main() -> None:
     rows = d.has_image.numpy().astype(bool) & known
     fit = np.flatnonzero(rows & (split != "test"))
     test = np.flatnonzero(rows & (split == "test"))
+    # crops without a label (train+val side only): FixMatch's unlabelled pool
+    unl = np.flatnonzero(d.has_image.numpy().astype(bool) & ~known & (split != "test"))
     n_classes = len(d.label_names)
 
     from sklearn.decomposition import PCA
@@ -119,6 +128,20 @@ def main() -> None:
                 img, m, _ = augment_rotate(img, m, gen, args.rotate)
             img = augment_stain(img, args.stain_jitter, gen) * m
             loss = F.cross_entropy(head(enc(img, m)[0]), torch.as_tensor(lab[idx.numpy()]))
+            if args.pseudo_weight > 0 and unl.size:
+                # FixMatch (Sohn et al. 2020): the head's confident call on a weak view
+                # (flips only) is the target for a strong view (flips, stain, rotation)
+                u = torch.as_tensor(unl[torch.randint(unl.size, (128,), generator=gen).numpy()])
+                ui, um = d.crops[u].float() / 255, d.masks[u].float()
+                wi, wm = augment_dihedral(ui, um, gen)
+                with torch.no_grad():
+                    p = head(enc(wi * wm, wm)[0]).softmax(1)
+                conf, target = p.max(1)
+                si, sm = augment_dihedral(ui, um, gen)
+                si, sm, _ = augment_rotate(si, sm, gen, max(args.rotate, 0.1))
+                si = augment_stain(si, max(args.stain_jitter, 0.3), gen) * sm
+                lu = F.cross_entropy(head(enc(si, sm)[0]), target, reduction="none")
+                loss = loss + args.pseudo_weight * (lu * (conf >= args.pseudo_threshold)).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -50,8 +50,9 @@ class ScaleEstimate:
         red cells for ``"red"``)
     scale : working px per source px (``fallback`` when nothing was measured)
     ok : whether the image gave an estimate
-    ruler : ``white`` | ``red`` | ``none`` (fallback)
+    ruler : ``white`` | ``red`` | ``none`` (fallback) | ``pooled`` (:func:`pool_scales`)
     white_px : median white-cell diameter in source px (NaN when none was found)
+    n_images : images the estimate rests on (1 unless pooled)
     """
 
     diameter_px: float
@@ -60,6 +61,50 @@ class ScaleEstimate:
     ok: bool
     ruler: str = "red"
     white_px: float = float("nan")
+    n_images: int = 1
+
+
+def pool_scales(estimates: list[ScaleEstimate]) -> ScaleEstimate | None:
+    """One scale for images taken at one magnification: the median of their estimates.
+
+    A cell type moves one image's ruler (dense lymphocytes are measured large, a
+    pale monocyte small, a field of one cell has nothing to average over), but
+    images from one microscope share their magnification, so the median over them
+    is the steadier estimate of the scale the detector wants. On TXL-PBC val (one
+    median per image size, i.e. per microscope) the shipped detector's WBC box AP50
+    went 0.902 -> 0.955 (docs/segmentation_infer.md, "One scale per microscope").
+
+    Parameters
+    ----------
+    estimates : per-image results of :func:`estimate_scale`; those that measured
+        nothing (``ok`` False) are left out
+
+    Returns
+    -------
+    ScaleEstimate with ``ruler="pooled"`` (scale: median working px per source px;
+    ``white_px`` / ``diameter_px``: medians of the images that had that ruler;
+    ``n_cells`` / ``n_images``: totals); the one ``ok`` estimate itself when there is
+    one; None when none is ``ok``.
+    """
+    ok = [e for e in estimates if e.ok]
+    if not ok:
+        return None
+    if len(ok) == 1:  # nothing to pool: the image's own estimate, as it was measured
+        return ok[0]
+
+    def med(v: list[float]) -> float:
+        v = [x for x in v if np.isfinite(x)]
+        return float(np.median(v)) if v else float("nan")
+
+    return ScaleEstimate(
+        diameter_px=med([e.diameter_px for e in ok]),
+        n_cells=int(sum(e.n_cells for e in ok)),
+        scale=float(np.median([e.scale for e in ok])),
+        ok=True,
+        ruler="pooled",
+        white_px=med([e.white_px for e in ok]),
+        n_images=int(sum(e.n_images for e in ok)),
+    )
 
 
 def _nuclei(image: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -286,6 +286,7 @@ class Study:
         estimate_cell_px: float | None = None,
         refine_scale: bool | None = None,
         estimate_scale: bool | None = None,
+        pool_scale: bool = True,
     ):
         """Read one input into an AnnData (``(adata, rejects)`` for folders: see below).
 
@@ -306,6 +307,9 @@ class Study:
             :func:`segmentation.shipped.wants_scale_refinement`)
         estimate_scale : for ``smears`` without ``estimate_cell_px``: None (default)
             measures the magnification when the detector asks for it (the shipped one)
+        pool_scale : when the scale is estimated, the images of one (sub-)folder and
+            one pixel size (one microscope) share the median of their estimates;
+            False: each image is measured on its own
 
         Returns
         -------
@@ -361,6 +365,7 @@ class Study:
                     estimate_cell_px,
                     RefineSettings() if refine_scale else refine_scale,  # None: as saved
                     estimate_scale,
+                    pool_scale,
                 )
             except (RuntimeError, UnsafeCheckpointError) as e:
                 raise StudyError(str(e)) from e

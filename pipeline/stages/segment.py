@@ -184,6 +184,7 @@ def _run_shard(
     overlay_below: int | None = None,
     desc: str = "segment",
     estimate_px: float | None = None,
+    pooled: dict[Path, Any] | None = None,
 ) -> dict[str, Any]:
     sc = ctx.cfg.segmentation
     detector = make_detector(ctx, model)
@@ -222,7 +223,10 @@ def _run_shard(
                 truths=[it for _, _, _, it in good],
             )
         else:  # magnification per image from its white (else red) cells (segmentation.estimate_scale)
-            results = [_estimated(detector, im, p, settings, it, sc, ckpt) for _, p, im, it in good]
+            results = [
+                _estimated(detector, im, p, settings, it, sc, ckpt, (pooled or {}).get(p))
+                for _, p, im, it in good
+            ]
         seconds += time.perf_counter() - t0
         pbar.update(len(good))
         for (index, path, _, it), cells in zip(good, results):
@@ -271,11 +275,25 @@ def _run_shard(
     }
 
 
-def _estimated(detector, image, path, settings, truth, sc, ckpt) -> ImageCells:
+def pooled_scales(
+    cfg: Any, paths: list[Path], estimate_px: float | None, fallback: float
+) -> dict[Path, Any] | None:
+    """Per-image pooled scale estimates (``segmentation.pool_scale``), or None when the scale
+    is not estimated or each image is measured on its own."""
+    if estimate_px is None or not cfg.segmentation.pool_scale or not paths:
+        return None
+    from segmentation.autoscale import pooled_estimates
+
+    return pooled_estimates(paths, estimate_px, fallback)
+
+
+def _estimated(detector, image, path, settings, truth, sc, ckpt, pooled=None) -> ImageCells:
     from segmentation.autoscale import segment_estimated
 
     r, px = refine_settings(sc, ckpt), sc.cell_px
-    cells, choice = segment_estimated(detector, image, path.name, settings, px, truth, None, r)
+    cells, choice = segment_estimated(
+        detector, image, path.name, settings, px, truth, None, r, estimate=pooled
+    )
     log.info("scale %s: %s", path.name, choice.describe())
     return cells
 
@@ -341,7 +359,11 @@ def segment(ctx: StageContext) -> None:
     if ctx.is_main:
         log.info("input_scale=%.4g from %s", settings.input_scale, scale_from)
     est = estimate_px(ctx.cfg, ckpt)
-    part = _run_shard(ctx, mine, settings, truth, parts / "overlays", model, ckpt, estimate_px=est)
+    # every rank pools over all images (the same sample, so the same scales)
+    pooled = pooled_scales(ctx.cfg, images, est, settings.input_scale)
+    part = _run_shard(
+        ctx, mine, settings, truth, parts / "overlays", model, ckpt, estimate_px=est, pooled=pooled
+    )
     if ctx.dist.distributed:
         with open(parts / f"rank{ctx.dist.rank}.pkl", "wb") as f:
             pickle.dump(part, f)

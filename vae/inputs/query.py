@@ -88,6 +88,7 @@ def segment_smear_folder(
     estimate_cell_px: float | None = None,
     refine: Any = None,
     estimate_scale: bool | None = None,
+    pool_scale: bool = True,
 ):
     """Detect and crop the white cells of every smear image -> ``(AnnData, rejects)``.
 
@@ -115,10 +116,13 @@ def segment_smear_folder(
     estimate_scale : when ``estimate_cell_px`` is None: True estimates at the
         checkpoint's ``cell_px``; None (default) does so for a detector saved with
         ``estimate_scale`` (the shipped one: :func:`segmentation.shipped.wants_scale_estimate`)
+    pool_scale : when the scale is estimated: the images of one (sub-)folder and one
+        pixel size share the median of their estimates
+        (:func:`segmentation.autoscale.pooled_estimates`); False: each image its own
     """
     import anndata as ad
 
-    from segmentation.autoscale import segment_estimated
+    from segmentation.autoscale import pooled_estimates, segment_estimated
     from segmentation.cells import SegmentSettings, segment_images
     from segmentation.inference import MaskRCNNDetector
     from segmentation.io import read_rgb
@@ -138,7 +142,12 @@ def segment_smear_folder(
     det = MaskRCNNDetector(model, device, **(detector_kwargs or {}))
     folder = Path(folder)
     frames, crops, masks, rejects, scales = [], [], [], [], {}
-    for sample, p in sample_images(folder):
+    images = sample_images(folder)
+    pooled = {}
+    if estimate_cell_px is not None and pool_scale:
+        fallback = float(settings.input_scale)
+        pooled = pooled_estimates([p for _, p in images], estimate_cell_px, fallback)
+    for sample, p in images:
         rd = read_rgb(p)
         if not rd.ok:
             rejects.append({"input": str(folder), "item": str(p), "reason": rd.reason})
@@ -146,7 +155,15 @@ def segment_smear_folder(
         prefix = f"{sample}/{p.stem}"
         if estimate_cell_px is not None:
             cells, choice = segment_estimated(
-                det, rd.image, p.name, settings, estimate_cell_px, None, prefix, refine
+                det,
+                rd.image,
+                p.name,
+                settings,
+                estimate_cell_px,
+                None,
+                prefix,
+                refine,
+                estimate=pooled.get(p),
             )
             log.info("scale %s: %s", p.name, choice.describe())
             scales[prefix] = choice.scale
