@@ -27,6 +27,7 @@ from segmentation.schema import (
     MAX_AREA_RATIO,
     MIN_CELLS_AREA_RATIO,
     MIN_SOLIDITY,
+    SCALE_SPREAD,
     SCORE_THRESHOLD,
     TOUCH_PX,
 )
@@ -215,9 +216,10 @@ class SegmentationConfig:
     # with estimate_scale: a pass at the estimate, then one at the scale making the detector's
     # confident white boxes cell_px (no ground truth). null: as the detector says (shipped: on)
     refine_scale: bool | None = None
-    # with estimate_scale: the images of one folder and one pixel size (one microscope) share
-    # one scale, the median of their estimates; false: each image its own
-    pool_scale: bool = True
+    # with estimate_scale: each image's estimate is held within this factor of the median
+    # estimate of the images of its folder and pixel size (one microscope); 1: the median
+    # for all; null: each image on its own (docs/segmentation_infer.md)
+    scale_spread: float | None = SCALE_SPREAD
     tile_size: int = 1024  # square tile side, px at input_scale; fed to the net unresized
     tile_overlap: int = 256  # px; keep above the largest cell diameter
     batch_size: int = 4  # tiles per forward pass

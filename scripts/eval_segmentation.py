@@ -13,9 +13,10 @@ from the image itself (segmentation/magnification.py: `--ruler white` the white 
 by their nuclei, `red` the red-cell diameter, `auto` white else red, as inference does),
 and adds to the JSON how close it came to the oracle scale (`scale_estimate`: within 15 %
 overall and per source = image width, ruler used, and every image's ratio in `per_image`).
-By default the images of one size (TXL-PBC: one microscope) share the median of their
-estimates, as `stage=segment` does (`segmentation.pool_scale`; `--no-pool-scale`: each
-image its own; `within_15pct_of_oracle_image` is the per-image estimate's agreement).
+By default each estimate is held within 1.25x of the median estimate of the images of its
+size (TXL-PBC: one microscope), as `stage=segment` does (`segmentation.scale_spread`;
+`--scale-spread 1`: the median for all; `none`: each image its own;
+`within_15pct_of_oracle_image` is the image's own estimate's agreement).
 `--scale-only` skips the detector (no checkpoint needed) and reports only that comparison.
 Calibrating a ruler: run it on the *train* split with its constant set to 1
 (`--white-box-per-diameter 1` or `--wbc-per-rbc 1`); `median_ratio_to_oracle` is the
@@ -33,6 +34,7 @@ import torch
 from segmentation.datasets import READERS, DetectionDataset, with_scale
 from segmentation.engine import evaluate, predict
 from segmentation.model import load_checkpoint
+from segmentation.schema import SCALE_SPREAD
 
 
 def estimated(
@@ -42,15 +44,14 @@ def estimated(
     ruler: str,
     white_k: float | None,
     cached: dict | None = None,
-    pool: bool = True,
-    pool_max_images: int | None = None,
+    spread: float | None = None,
 ):
     """Per-image scale from the image; agreement with the ground-truth-box (oracle) scale.
 
     ``cached``: image name -> ``per_image`` row of an earlier run's JSON (``--s0-from``),
-    whose scale is reused instead of measuring the image again. ``pool``: the images of
-    one size share the median of their estimates, as ``segmentation.pool_scale`` does in
-    ``stage=segment`` (``pool_max_images``: None, all of them, as ``stage=segment``)."""
+    whose scale is reused instead of measuring the image again. ``spread``: each estimate
+    is held within this factor of the median estimate of the images of its size, as
+    ``segmentation.scale_spread`` does in ``stage=segment`` (None: each image its own)."""
     from dataclasses import replace
 
     import numpy as np
@@ -69,8 +70,7 @@ def estimated(
     recs, ratio, failed, per_source, ruler_gt, per_image = [], [], 0, {}, [], []
     ratio_own = []
     used: dict[str, int] = {}
-    from segmentation.autoscale import pool_key, pool_sample
-    from segmentation.magnification import pool_scales
+    from segmentation.autoscale import hold_estimates, pool_key
 
     ds = list(ds)
     own = []  # each image's own estimate
@@ -92,17 +92,9 @@ def estimated(
                 )
             )
     chosen = list(own)
-    if pool:
-        groups: dict = {}
-        for i, rec in enumerate(ds):
-            groups.setdefault(pool_key(rec.path, (rec.width, rec.height)), []).append(i)
-        for members in groups.values():
-            members = sorted(members, key=lambda i: Path(ds[i].path).name)
-            picked = pool_sample(len(members), pool_max_images)
-            pooled = pool_scales([own[members[j]] for j in picked])
-            if pooled is not None:
-                for i in members:
-                    chosen[i] = pooled
+    if spread is not None:
+        keys = [pool_key(rec.path, (rec.width, rec.height)) for rec in ds]
+        chosen = hold_estimates(own, keys, spread)
     for rec, est, est_own in zip(ds, chosen, own):
         used[est.ruler] = used.get(est.ruler, 0) + 1
         recs.append(replace(rec, scale=est.scale))
@@ -148,7 +140,7 @@ def estimated(
             "images": len(recs),
             "failed": failed,
             "images_with_wbc": int(ratio.size),
-            "pooled": pool,
+            "scale_spread": spread,
             "within_15pct_of_oracle": within(ratio),
             # each image's own estimate (the same number as the above without pooling)
             "within_15pct_of_oracle_image": within(np.asarray(ratio_own, float)),
@@ -302,18 +294,11 @@ def main() -> None:
     )
     ap.add_argument("--refine-probe-margin", type=float, default=None)
     ap.add_argument(
-        "--pool-scale",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="with --scale estimate/refine: images of one size share the median of their "
-        "estimates, as stage=segment does (segmentation.pool_scale); --no-pool-scale: each "
-        "image its own",
-    )
-    ap.add_argument(
-        "--pool-max-images",
-        type=int,
-        default=None,
-        help="pool the estimates of at most this many images per size (default: all)",
+        "--scale-spread",
+        default=str(SCALE_SPREAD),
+        help="with --scale estimate/refine: each estimate held within this factor of the "
+        "median estimate of the images of its size, as stage=segment does "
+        "(segmentation.scale_spread); 1: the median for all; none: each image its own",
     )
     ap.add_argument("--cell-px", type=float, default=40.0)
     ap.add_argument("--threshold", type=float, default=0.5)
@@ -369,8 +354,7 @@ def main() -> None:
             a.ruler,
             a.white_box_per_diameter,
             cached,
-            a.pool_scale,
-            a.pool_max_images,
+            None if a.scale_spread.lower() in ("none", "null") else float(a.scale_spread),
         )
     else:
         ds = with_scale(ds, None if a.scale == "auto" else float(a.scale), a.cell_px)

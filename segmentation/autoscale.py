@@ -6,8 +6,8 @@ estimated (``segmentation.estimate_scale``): the ruler of
 :func:`segmentation.magnification.estimate_scale` gives ``s0``; with ``refine``
 the detector's own confident white boxes then correct it
 (:func:`segmentation.magnification.refine_scale`). :func:`pooled_estimates`
-measures the images of one folder and one pixel size (one microscope) together,
-so each gets their median as ``s0``.
+measures the images of one folder and one pixel size (one microscope) together and
+holds each estimate near their median.
 """
 
 from __future__ import annotations
@@ -26,18 +26,13 @@ from segmentation.magnification import (
     ScaleEstimate,
     ScaleRefinement,
     estimate_scale,
+    hold_to_pool,
     pool_scales,
     refine_scale,
 )
+from segmentation.schema import SCALE_SPREAD
 
 log = logging.getLogger(__name__)
-
-# images measured per pooled group: all of them (None). Each image is measured once,
-# as the per-image estimate did, so pooling costs one more read of the file, not more
-# measuring; a cap (e.g. 64, evenly spaced) bounds the time on folders of thousands of
-# fields. On TXL-PBC val: all images 0.955 box AP50, a cap of 64 0.947
-# (docs/segmentation_infer.md, "One scale per microscope").
-POOL_MAX_IMAGES: int | None = None
 
 
 def pool_key(path: str | Path, size: tuple[int, int]) -> tuple[str, int, int]:
@@ -50,70 +45,88 @@ def pool_key(path: str | Path, size: tuple[int, int]) -> tuple[str, int, int]:
     return (str(Path(path).parent), int(size[0]), int(size[1]))
 
 
-def pool_sample(n: int, max_images: int | None = POOL_MAX_IMAGES) -> np.ndarray:
-    """Indices of the images of a group of ``n`` (in name order) that are measured: all,
-    or ``max_images`` evenly spaced."""
-    if max_images is None or n <= max_images:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, max_images).round().astype(int))
+def hold_estimates(
+    estimates: list[ScaleEstimate], keys: Sequence, spread: float = SCALE_SPREAD
+) -> list[ScaleEstimate]:
+    """Each estimate held within ``spread`` of the median of the estimates of its group.
+
+    Parameters
+    ----------
+    estimates : per-image :func:`estimate_scale` results
+    keys : the group of each (:func:`pool_key`), same length
+    spread : :func:`segmentation.magnification.hold_to_pool`'s
+
+    Returns
+    -------
+    list of ScaleEstimate in the same order; an image alone in its group, or in a
+    group where no image measured a cell, keeps its own estimate.
+    """
+    groups: dict = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    out = list(estimates)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        pooled = pool_scales([estimates[i] for i in members])
+        if pooled is None:
+            continue
+        for i in members:
+            out[i] = hold_to_pool(estimates[i], pooled, spread)
+    return out
 
 
 def pooled_estimates(
     paths: Sequence[str | Path],
     cell_px: float,
     fallback: float,
-    max_images: int | None = POOL_MAX_IMAGES,
+    spread: float = SCALE_SPREAD,
 ) -> dict[Path, ScaleEstimate]:
-    """One scale estimate per folder and image size, shared by its images.
+    """Every image's scale estimate, held to the median of its folder and image size.
 
     Parameters
     ----------
     paths : image files
     cell_px : wanted white-cell box side in working px
-    fallback : :func:`estimate_scale`'s ``fallback`` (unused by a pooled result)
-    max_images : None: every image of a group is measured; else at most this many,
-        evenly spaced in name order
+    fallback : :func:`estimate_scale`'s ``fallback`` (an image where nothing is measured)
+    spread : how far an estimate may lie from its group's median (:func:`hold_estimates`)
 
     Returns
     -------
-    path -> the pooled :class:`ScaleEstimate` (``ruler="pooled"``) of its group
-    (:func:`segmentation.magnification.pool_scales`). Images that cannot be read,
-    and groups where no image showed a cell to measure, are absent: each such image
-    is measured on its own (and an unreadable one rejected) where it is segmented.
+    path -> :class:`ScaleEstimate`. Each image is measured once (what the per-image
+    estimate costs anyway), so the images are read one more time, nothing more.
+    Unreadable images are absent (rejected, with the reason, where they are segmented).
     """
     from PIL import Image
 
     from segmentation.io import read_rgb
 
-    groups: dict[tuple[str, int, int], list[Path]] = {}
+    ok_paths, keys, ests = [], [], []
     for p in map(Path, paths):
         try:
             with Image.open(p) as im:
                 size = im.size
         except Exception:  # noqa: BLE001 - read_rgb rejects it later, with the reason
             continue
-        groups.setdefault(pool_key(p, size), []).append(p)
-    out: dict[Path, ScaleEstimate] = {}
-    for key, members in groups.items():
-        members = sorted(members)
-        ests = []
-        for i in pool_sample(len(members), max_images):
-            rd = read_rgb(members[i])
-            if rd.ok:
-                ests.append(estimate_scale(rd.image, cell_px, fallback=fallback))
-        pooled = pool_scales(ests)
-        if pooled is None:
-            log.warning("scale: no cell measured on %d images of %s %dx%d", len(ests), *key)
+        rd = read_rgb(p)
+        if not rd.ok:
             continue
-        log.info(
-            "scale pooled over %d of %d images of %s %dx%d: %.4g",
-            pooled.n_images,
-            len(members),
-            *key,
-            pooled.scale,
-        )
-        out.update({p: pooled for p in members})
-    return out
+        ok_paths.append(p)
+        keys.append(pool_key(p, size))
+        ests.append(estimate_scale(rd.image, cell_px, fallback=fallback))
+    held = hold_estimates(ests, keys, spread)
+    for key in dict.fromkeys(keys):
+        one = next(h for h, k in zip(held, keys) if k == key)
+        if np.isfinite(one.group_scale):
+            n = sum(k == key for k in keys)
+            log.info(
+                "scale: %d images of %s %dx%d, median estimate %.4g; each held within %.3gx",
+                n,
+                *key,
+                one.group_scale,
+                spread,
+            )
+    return dict(zip(ok_paths, held))
 
 
 @dataclass
@@ -134,8 +147,12 @@ class ScaleChoice:
         e, r = self.estimate, self.refinement
         size = e.white_px if e.ruler == "white" else e.diameter_px
         ruler = f"{e.ruler} ruler {size:.1f} px ({e.n_cells} cells)" if e.ok else "no ruler"
-        if e.ruler == "pooled":
-            ruler = f"pooled ruler over {e.n_images} images ({e.n_cells} cells)"
+        if e.ruler == "pooled":  # nothing measured on this image: its microscope's median
+            ruler = "no ruler of its own"
+        if np.isfinite(e.group_scale):  # held to its microscope's median (hold_to_pool)
+            held = e.ruler != "pooled" and e.scale != e.own_scale
+            ruler += f", median of {e.n_images} images {e.group_scale:.4g}"
+            ruler += f", own {e.own_scale:.4g} held" if held else ""
         if r is None:
             return f"{ruler}: s0 {e.scale:.4g} used"
         s1 = f"{r.s1:.4g} ({r.n_boxes} boxes)" if np.isfinite(r.s1) else "none (no confident box)"

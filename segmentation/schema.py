@@ -28,3 +28,8 @@ MIN_SOLIDITY = 0.90  # area / convex-hull area; two cells kept as one have a wai
 # ratio would drop big early cells: this is a safety net, touching/solidity do the work
 MAX_AREA_RATIO = 2.6
 MIN_CELLS_AREA_RATIO = 3  # the area test needs at least this many cells in the image
+
+# an image's estimated scale is held within this factor of the median estimate of the
+# images of its microscope (segmentation.magnification.hold_to_pool; chosen a priori,
+# checked on TXL-PBC train/4, BCCD test and val: docs/segmentation_infer.md)
+SCALE_SPREAD = 1.25

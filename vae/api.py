@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from segmentation.schema import SCALE_SPREAD
 from vae.inputs.schema import ANOMALY_COLUMNS, HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
 from vae.scverse import latent_obsm
 
@@ -286,7 +287,7 @@ class Study:
         estimate_cell_px: float | None = None,
         refine_scale: bool | None = None,
         estimate_scale: bool | None = None,
-        pool_scale: bool = True,
+        scale_spread: float | None = SCALE_SPREAD,
     ):
         """Read one input into an AnnData (``(adata, rejects)`` for folders: see below).
 
@@ -307,9 +308,10 @@ class Study:
             :func:`segmentation.shipped.wants_scale_refinement`)
         estimate_scale : for ``smears`` without ``estimate_cell_px``: None (default)
             measures the magnification when the detector asks for it (the shipped one)
-        pool_scale : when the scale is estimated, the images of one (sub-)folder and
-            one pixel size (one microscope) share the median of their estimates;
-            False: each image is measured on its own
+        scale_spread : when the scale is estimated, each image's estimate is held
+            within this factor of the median estimate of the images of its
+            (sub-)folder and pixel size (one microscope); 1: the median for all;
+            None: each image on its own
 
         Returns
         -------
@@ -365,7 +367,7 @@ class Study:
                     estimate_cell_px,
                     RefineSettings() if refine_scale else refine_scale,  # None: as saved
                     estimate_scale,
-                    pool_scale,
+                    scale_spread,
                 )
             except (RuntimeError, UnsafeCheckpointError) as e:
                 raise StudyError(str(e)) from e

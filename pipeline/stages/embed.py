@@ -245,7 +245,7 @@ def _segment_args(cfg, kind: str) -> dict:
         "estimate_cell_px": float(sc.cell_px) if sc.estimate_scale else None,
         "refine_scale": sc.refine_scale,  # null: as the detector says (shipped: on)
         "estimate_scale": sc.estimate_scale,  # null: as the detector says (shipped: on)
-        "pool_scale": bool(sc.pool_scale),  # one scale per sub-folder and image size
+        "scale_spread": sc.scale_spread,  # held near the median of a sub-folder and size
     }
 
 

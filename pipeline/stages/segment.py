@@ -278,13 +278,15 @@ def _run_shard(
 def pooled_scales(
     cfg: Any, paths: list[Path], estimate_px: float | None, fallback: float
 ) -> dict[Path, Any] | None:
-    """Per-image pooled scale estimates (``segmentation.pool_scale``), or None when the scale
-    is not estimated or each image is measured on its own."""
-    if estimate_px is None or not cfg.segmentation.pool_scale or not paths:
+    """Per-image scale estimates held near their microscope's median
+    (``segmentation.scale_spread``), or None when the scale is not estimated or each image
+    is measured on its own (null spread)."""
+    spread = cfg.segmentation.scale_spread
+    if estimate_px is None or spread is None or not paths:
         return None
     from segmentation.autoscale import pooled_estimates
 
-    return pooled_estimates(paths, estimate_px, fallback)
+    return pooled_estimates(paths, estimate_px, fallback, float(spread))
 
 
 def _estimated(detector, image, path, settings, truth, sc, ckpt, pooled=None) -> ImageCells:
@@ -359,7 +361,7 @@ def segment(ctx: StageContext) -> None:
     if ctx.is_main:
         log.info("input_scale=%.4g from %s", settings.input_scale, scale_from)
     est = estimate_px(ctx.cfg, ckpt)
-    # every rank pools over all images (the same sample, so the same scales)
+    # every rank measures all images (the same medians, so the same scales on every rank)
     pooled = pooled_scales(ctx.cfg, images, est, settings.input_scale)
     part = _run_shard(
         ctx, mine, settings, truth, parts / "overlays", model, ckpt, estimate_px=est, pooled=pooled

@@ -493,37 +493,55 @@ def test_refine_probe_keeps_a_pass_only_when_clearly_more_confident():
 
 
 # ----------------------------------------------------------------------------
-# one scale per microscope (segmentation.pool_scale)
+# one magnification per microscope (segmentation.scale_spread)
 # ----------------------------------------------------------------------------
 
 
+def _est(s, ok=True, ruler="white", white=50.0):
+    from segmentation.magnification import ScaleEstimate
+
+    return ScaleEstimate(float("nan"), 2, s, ok, ruler if ok else "none", white)
+
+
 def test_pool_scales_takes_the_median_of_the_measured_images():
-    from segmentation.magnification import ScaleEstimate, pool_scales
+    from segmentation.magnification import pool_scales
 
-    def est(s, ok=True, ruler="white", white=50.0):
-        return ScaleEstimate(float("nan"), 2, s, ok, ruler if ok else "none", white)
-
-    p = pool_scales([est(0.2), est(0.3, white=40.0), est(0.9, ok=False), est(0.25)])
+    p = pool_scales([_est(0.2), _est(0.3, white=40.0), _est(0.9, ok=False), _est(0.25)])
     assert p.ruler == "pooled" and p.ok
     assert p.scale == pytest.approx(0.25)  # the failed image's fallback is not counted
     assert p.n_images == 3 and p.n_cells == 6 and p.white_px == pytest.approx(50.0)
     assert np.isnan(p.diameter_px)  # no image had the red ruler
-    one = est(0.4)
-    assert pool_scales([one, est(0.7, ok=False)]) is one  # nothing to pool: kept as measured
-    assert pool_scales([est(0.7, ok=False)]) is None and pool_scales([]) is None
+    assert pool_scales([_est(0.7, ok=False)]) is None and pool_scales([]) is None
 
 
-def test_pooled_estimates_share_one_scale_per_folder_and_image_size(tmp_path):
-    """Three 300 px fields of one folder with white cells of 28 / 30 / 36 px get the median
-    of their three estimates; a 400 px field and a sub-folder's field are groups of their
-    own (measured alone); an unreadable file is left out; max_images caps the sample."""
+def test_hold_to_pool_keeps_an_estimate_near_the_median_and_holds_one_far_off():
+    from segmentation.magnification import hold_to_pool, pool_scales
+
+    pooled = pool_scales([_est(0.2), _est(0.4), _est(0.3)])  # median 0.3
+    near = hold_to_pool(_est(0.33), pooled, 1.25)
+    assert near.scale == 0.33 and near.ruler == "white"  # within 1.25x: its own
+    assert near.own_scale == 0.33 and near.group_scale == 0.3 and near.n_images == 3
+    high = hold_to_pool(_est(0.6), pooled, 1.25)
+    assert high.scale == pytest.approx(0.375) and high.own_scale == 0.6
+    assert hold_to_pool(_est(0.1), pooled, 1.25).scale == pytest.approx(0.24)
+    assert hold_to_pool(_est(0.33), pooled, 1.0).scale == pytest.approx(0.3)  # the median
+    blank = hold_to_pool(_est(0.9, ok=False), pooled, 1.25)  # measured nothing
+    assert blank.ok and blank.scale == pytest.approx(0.3) and blank.ruler == "pooled"
+    with pytest.raises(ValueError, match="spread"):
+        hold_to_pool(_est(0.3), pooled, 0.8)
+
+
+def test_pooled_estimates_hold_each_image_near_its_folder_and_size(tmp_path):
+    """Three 300 px fields of one folder (white cells 24 / 30 / 40 px): each estimate is
+    held within the spread of their median; a 400 px field and a sub-folder's field are
+    alone in their group and keep their own estimate; an unreadable file is left out."""
     from PIL import Image
 
     from segmentation.autoscale import pooled_estimates
 
     a = tmp_path / "a"
     (a / "sub").mkdir(parents=True)
-    whites = {"f1.png": 28.0, "f2.png": 30.0, "f3.png": 36.0}
+    whites = {"f1.png": 24.0, "f2.png": 30.0, "f3.png": 40.0}
     for name, w in whites.items():
         Image.fromarray(_smear(w / 2.2, size=300, white=w)).save(a / name)
     Image.fromarray(_smear(20.0, size=400, white=44.0)).save(a / "big.png")
@@ -531,55 +549,61 @@ def test_pooled_estimates_share_one_scale_per_folder_and_image_size(tmp_path):
     (a / "broken.png").write_bytes(b"not an image")
     paths = [*(a / n for n in whites), a / "big.png", a / "sub" / "s.png", a / "broken.png"]
     own = {p: estimate_scale(np.asarray(Image.open(p).convert("RGB")), 40.0) for p in paths[:5]}
-    got = pooled_estimates(paths, 40.0, fallback=1.0)
-    assert set(got) == set(paths[:5])  # the broken file is absent
-    trio = [got[a / n] for n in whites]
-    assert trio[0] is trio[1] is trio[2] and trio[0].ruler == "pooled"
-    assert trio[0].n_images == 3
-    assert trio[0].scale == pytest.approx(np.median([own[a / n].scale for n in whites]))
-    for p in paths[3:5]:  # alone in their group: their own estimate
-        assert got[p].ruler == "white" and got[p].scale == pytest.approx(own[p].scale)
-    capped = pooled_estimates(paths[:3], 40.0, fallback=1.0, max_images=2)
-    assert capped[a / "f1.png"].n_images == 2  # the first and the last in name order
-    assert capped[a / "f1.png"].scale == pytest.approx(
-        np.median([own[a / "f1.png"].scale, own[a / "f3.png"].scale])
-    )
+    trio = [own[a / n].scale for n in whites]
+    med = float(np.median(trio))
+    for spread in (1.25, 1.0):
+        got = pooled_estimates(paths, 40.0, fallback=1.0, spread=spread)
+        assert set(got) == set(paths[:5])  # the broken file is absent
+        for n, s in zip(whites, trio):
+            e = got[a / n]
+            assert e.scale == pytest.approx(np.clip(s, med / spread, med * spread))
+            assert e.group_scale == pytest.approx(med) and e.n_images == 3
+            assert e.own_scale == pytest.approx(s)
+        for p in paths[3:5]:  # alone in their group: their own estimate, untouched
+            assert got[p].scale == pytest.approx(own[p].scale)
+            assert np.isnan(got[p].group_scale)
+    # the drawn cells differ by more than 1.25x, so the spread holds the two ends
+    assert max(trio) / min(trio) > 1.25**2
 
 
-def test_smear_folder_pools_the_scale_of_a_samples_images(tmp_path, monkeypatch):
-    """The embed reader: two same-size fields of one sample share one scale (the median
-    of the two estimates) by default; pool_scale=False measures each on its own."""
+def test_smear_folder_holds_a_samples_scales_near_their_median(tmp_path, monkeypatch):
+    """The embed reader: two same-size fields of one sample whose white cells differ 2x;
+    by default each estimate is held within 1.25x of their median (so they differ by
+    1.25^2), scale_spread=1 gives both the median, None each its own."""
     from PIL import Image
 
     import segmentation.inference as inf
     from vae.inputs.query import segment_smear_folder
 
-    _checkpoint_and_smears(tmp_path, {"smears": "a.png"})
-    Image.fromarray(_smear(16.0, size=300, white=40.0)).save(tmp_path / "smears" / "b.png")
+    _checkpoint_and_smears(tmp_path, {"smears": "a.png"})  # 60 px white cells
+    Image.fromarray(_smear(14.0, size=300, white=30.0)).save(tmp_path / "smears" / "b.png")
     monkeypatch.setattr(inf, "MaskRCNNDetector", lambda *a, **k: _LilacDetector())
     folder, ckpt = tmp_path / "smears", tmp_path / "det.pt"
-    alone, _ = segment_smear_folder(
-        folder, ckpt, estimate_cell_px=40.0, refine=False, pool_scale=False
-    )
-    sa, sb = alone.uns["input_scales"]["smears/a"], alone.uns["input_scales"]["smears/b"]
-    assert sa / sb == pytest.approx(40.0 / 60.0, rel=0.15)  # 60 px vs 40 px white cells
-    pooled, _ = segment_smear_folder(folder, ckpt, estimate_cell_px=40.0, refine=False)
-    sc = pooled.uns["input_scales"]
-    assert sc["smears/a"] == sc["smears/b"] == pytest.approx((sa + sb) / 2)
+
+    def scales(**kw):
+        a, _ = segment_smear_folder(folder, ckpt, estimate_cell_px=40.0, refine=False, **kw)
+        return a.uns["input_scales"]["smears/a"], a.uns["input_scales"]["smears/b"]
+
+    sa, sb = scales(scale_spread=None)
+    assert sb / sa == pytest.approx(2.0, rel=0.15)
+    med = (sa + sb) / 2
+    ha, hb = scales()
+    assert ha == pytest.approx(med / 1.25) and hb == pytest.approx(med * 1.25)
+    assert scales(scale_spread=1.0) == (pytest.approx(med), pytest.approx(med))
 
 
-@pytest.mark.parametrize("pool", [True, False])
-def test_segment_stage_pools_the_scale_of_one_microscope(tmp_path, monkeypatch, pool):
+@pytest.mark.parametrize("spread", ["1.25", "null"])
+def test_segment_stage_holds_the_scale_near_its_microscopes_median(tmp_path, monkeypatch, spread):
     """stage=segment, segmentation.estimate_scale=true: two fields of one size whose white
-    cells differ (60 vs 40 px) run at one scale, the median of their two estimates, and
-    the log says so; segmentation.pool_scale=false runs each at its own."""
+    cells differ 2x run at scales 1.25^2 apart around their median, and the log says so;
+    segmentation.scale_spread=null runs each at its own estimate."""
     from PIL import Image
 
     import pipeline.stages.segment as seg
     from tests.helpers.run import run_stage_in_process
 
     _checkpoint_and_smears(tmp_path, {"smears": "a.png"})
-    Image.fromarray(_smear(16.0, size=300, white=40.0)).save(tmp_path / "smears" / "b.png")
+    Image.fromarray(_smear(14.0, size=300, white=30.0)).save(tmp_path / "smears" / "b.png")
     det = _LilacDetector()
     monkeypatch.setattr(seg, "make_detector", lambda ctx, model: det)
     out = run_stage_in_process(
@@ -593,17 +617,15 @@ def test_segment_stage_pools_the_scale_of_one_microscope(tmp_path, monkeypatch, 
             "segmentation.min_area=50",
             "segmentation.estimate_scale=true",
             "segmentation.refine_scale=false",
-            f"segmentation.pool_scale={str(pool).lower()}",
+            f"segmentation.scale_spread={spread}",
         ],
         "segment",
     )
-    sides = [s[0] for s in det.shapes]
+    ratio = det.shapes[1][0] / det.shapes[0][0]
     log = (out / "segment.log").read_text()
-    if pool:
-        assert sides[0] == sides[1]
-        assert "pooled ruler over 2 images" in log
-        # the median of two estimates is their mean: between 40/60 and 40/40 of 300 px
-        assert 300 * 40 / 60 < sides[0] < 300 * 40 / 40
+    if spread == "null":
+        assert ratio == pytest.approx(2.0, rel=0.15)
+        assert "median of" not in log
     else:
-        assert sides[1] / sides[0] == pytest.approx(60 / 40, rel=0.15)
-        assert "pooled" not in log
+        assert ratio == pytest.approx(1.25**2, rel=0.02)
+        assert re.search(r"scale a.png: white ruler .*median of 2 images .*own \S+ held", log)

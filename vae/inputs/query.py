@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from segmentation.io import IMAGE_SUFFIXES
+from segmentation.schema import SCALE_SPREAD
 
 REJECT_COLUMNS = ["input", "item", "reason"]
 
@@ -88,7 +89,7 @@ def segment_smear_folder(
     estimate_cell_px: float | None = None,
     refine: Any = None,
     estimate_scale: bool | None = None,
-    pool_scale: bool = True,
+    scale_spread: float | None = SCALE_SPREAD,
 ):
     """Detect and crop the white cells of every smear image -> ``(AnnData, rejects)``.
 
@@ -116,9 +117,10 @@ def segment_smear_folder(
     estimate_scale : when ``estimate_cell_px`` is None: True estimates at the
         checkpoint's ``cell_px``; None (default) does so for a detector saved with
         ``estimate_scale`` (the shipped one: :func:`segmentation.shipped.wants_scale_estimate`)
-    pool_scale : when the scale is estimated: the images of one (sub-)folder and one
-        pixel size share the median of their estimates
-        (:func:`segmentation.autoscale.pooled_estimates`); False: each image its own
+    scale_spread : when the scale is estimated: each image's estimate is held within
+        this factor of the median estimate of the images of its (sub-)folder and
+        pixel size (:func:`segmentation.autoscale.pooled_estimates`); None: each
+        image on its own
     """
     import anndata as ad
 
@@ -144,9 +146,10 @@ def segment_smear_folder(
     frames, crops, masks, rejects, scales = [], [], [], [], {}
     images = sample_images(folder)
     pooled = {}
-    if estimate_cell_px is not None and pool_scale:
+    if estimate_cell_px is not None and scale_spread is not None:
         fallback = float(settings.input_scale)
-        pooled = pooled_estimates([p for _, p in images], estimate_cell_px, fallback)
+        paths = [p for _, p in images]
+        pooled = pooled_estimates(paths, estimate_cell_px, fallback, float(scale_spread))
     for sample, p in images:
         rd = read_rgb(p)
         if not rd.ok:
