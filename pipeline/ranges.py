@@ -78,6 +78,7 @@ RANGES: dict[str, str] = {
     "segmentation.rpn_batch_size_per_image": COUNT,
     "segmentation.box_batch_size_per_image": COUNT,
     "segmentation.cell_px": POS,
+    "segmentation.scale_spread": ">=1",
     "segmentation.copy_paste": PROB,
     "segmentation.copy_paste_max": NONNEG,
     "segmentation.max_train_images": COUNT,

@@ -95,6 +95,10 @@ def test_stage_all_resume_skips_the_complete_stages_it_starts_with(tmp_path, toy
             "trainer.val_fraction=0.9 + trainer.test_fraction=0.15 must be < 1",
         ),
         ("expression.max_pct_mito=150", "expression.max_pct_mito=150.0 is out of range"),
+        (
+            "segmentation.scale_spread=0.8",
+            "segmentation.scale_spread=0.8 is out of range: must be >= 1",
+        ),
     ],
 )
 def test_out_of_range_settings_are_refused_by_name(override, named):
