@@ -33,6 +33,26 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _reinhard_by_source(d, source) -> None:
+    """In place: each source's cell pixels moved to the mean / sd (CIELAB) of all cells."""
+    import torch
+    from skimage.color import lab2rgb, rgb2lab
+
+    rows = np.flatnonzero(d.has_image.numpy().astype(bool))
+    crops = d.crops[rows].permute(0, 2, 3, 1).numpy()  # (N, S, S, 3) uint8
+    m = d.masks[rows, 0].numpy().astype(bool)
+    labc = rgb2lab(crops)
+    ref_mu, ref_sd = labc[m].mean(0), labc[m].std(0)
+    for src in np.unique(source[rows]):
+        k = source[rows] == src
+        px = labc[k][m[k]]
+        mu, sd = px.mean(0), px.std(0)
+        labc[k] = (labc[k] - mu) / sd * ref_sd + ref_mu
+    out = (np.clip(lab2rgb(labc), 0, 1) * 255).round().astype(np.uint8)
+    out[~m] = 0
+    d.crops[rows] = torch.as_tensor(out).permute(0, 3, 1, 2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("paired", type=Path)
@@ -52,6 +72,13 @@ def main() -> None:
         help="FixMatch-style term on the crops without a label (0: off)",
     )
     ap.add_argument("--pseudo-threshold", type=float, default=0.95)
+    ap.add_argument(
+        "--normalise",
+        default="none",
+        choices=["none", "source"],
+        help="source: Reinhard colour normalisation of each obs['image_source'] to the "
+        "mean / sd (CIELAB, cell pixels) of all crops",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -76,6 +103,8 @@ def main() -> None:
     adata = ad.read_h5ad(args.paired)
     d = from_anndata(adata, str(args.paired))
     lab = d.labels.numpy()
+    if args.normalise == "source":
+        _reinhard_by_source(d, adata.obs["image_source"].astype(str).to_numpy())
     groups = split_groups(adata.obs, "specimen", args.paired)  # as stage=train splits
     split = stratified_split(lab, 0.15, 0.15, args.seed, groups=groups)
     known = np.asarray(d.label_names)[lab] != UNKNOWN_LABEL  # unlabelled crops: not scored
