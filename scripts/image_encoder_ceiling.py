@@ -79,6 +79,13 @@ def main() -> None:
         help="source: Reinhard colour normalisation of each obs['image_source'] to the "
         "mean / sd (CIELAB, cell pixels) of all crops",
     )
+    ap.add_argument(
+        "--adversarial-source",
+        type=float,
+        default=0.0,
+        help="weight of a source classifier on the code through gradient reversal (DANN; "
+        "0: off): the code is pushed to forget which data set a crop came from",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -131,7 +138,22 @@ def main() -> None:
     else:
         enc = ImageEncoder(d.crop_size, [16, 32, 64, 64], 24, "residual", args.image_input)
     head = torch.nn.Linear(24, n_classes)
-    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], 1e-3, weight_decay=1e-2)
+    src_names, src_code = np.unique(adata.obs["image_source"].astype(str), return_inverse=True)
+    src_head = torch.nn.Sequential(
+        torch.nn.Linear(24, 32), torch.nn.ReLU(), torch.nn.Linear(32, len(src_names))
+    )
+
+    class _Reverse(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return -g
+
+    params = [*enc.parameters(), *head.parameters(), *src_head.parameters()]
+    opt = torch.optim.AdamW(params, 1e-3, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
 
@@ -156,7 +178,22 @@ def main() -> None:
             if args.rotate > 0:
                 img, m, _ = augment_rotate(img, m, gen, args.rotate)
             img = augment_stain(img, args.stain_jitter, gen) * m
-            loss = F.cross_entropy(head(enc(img, m)[0]), torch.as_tensor(lab[idx.numpy()]))
+            mu = enc(img, m)[0]
+            loss = F.cross_entropy(head(mu), torch.as_tensor(lab[idx.numpy()]))
+            if args.adversarial_source > 0:
+                # labelled and unlabelled crops alike: a source head learns the data set,
+                # the reversed gradient makes the encoder hide it
+                u = torch.as_tensor(unl[torch.randint(unl.size, (64,), generator=gen).numpy()])
+                ui, um = d.crops[u].float() / 255, d.masks[u].float()
+                ui, um = augment_dihedral(ui, um, gen)
+                ui = augment_stain(ui, args.stain_jitter, gen) * um
+                z_all = torch.cat([mu, enc(ui, um)[0]])
+                s_all = torch.as_tensor(
+                    np.concatenate([src_code[idx.numpy()], src_code[u.numpy()]])
+                )
+                loss = loss + args.adversarial_source * F.cross_entropy(
+                    src_head(_Reverse.apply(z_all)), s_all
+                )
             if args.pseudo_weight > 0 and unl.size:
                 # FixMatch (Sohn et al. 2020): the head's confident call on a weak view
                 # (flips only) is the target for a strong view (flips, stain, rotation)
