@@ -30,7 +30,7 @@ from segmentation.magnification import (
     pool_scales,
     refine_scale,
 )
-from segmentation.schema import SCALE_SPREAD
+from segmentation.schema import MIXED_QUARTILE_RATIO, SCALE_SPREAD
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,19 @@ def pooled_estimates(
         ests.append(estimate_scale(rd.image, cell_px, fallback=fallback))
     held = hold_estimates(ests, keys, spread)
     for key in dict.fromkeys(keys):
+        own = [e.scale for e, k in zip(ests, keys) if k == key and e.ok]
+        if len(own) >= 8:
+            q25, q75 = np.percentile(own, [25, 75])
+            if q75 / q25 > MIXED_QUARTILE_RATIO:
+                log.warning(
+                    "scale: the estimates of the %d images of %s %dx%d spread %.2fx between "
+                    "their quartiles (one microscope: 1.1-1.4x): the folder may mix "
+                    "magnifications; put each in a folder of its own or set "
+                    "segmentation.scale_spread=null",
+                    len(own),
+                    *key,
+                    q75 / q25,
+                )
         one = next(h for h, k in zip(held, keys) if k == key)
         if np.isfinite(one.group_scale):
             n = sum(k == key for k in keys)

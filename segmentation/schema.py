@@ -33,3 +33,7 @@ MIN_CELLS_AREA_RATIO = 3  # the area test needs at least this many cells in the 
 # images of its microscope (segmentation.magnification.hold_to_pool; chosen a priori,
 # checked on TXL-PBC train/4, BCCD test and val: docs/segmentation_infer.md)
 SCALE_SPREAD = 1.25
+# the quartiles of one microscope's per-image estimates lie 1.14-1.38x apart (TXL-PBC's four
+# microscopes, BCCD test); its four mixed in one group: 1.77x. Above this ratio (and with
+# at least 8 images measured) a group is reported as possibly mixing magnifications.
+MIXED_QUARTILE_RATIO = 1.6

@@ -629,3 +629,25 @@ def test_segment_stage_holds_the_scale_near_its_microscopes_median(tmp_path, mon
     else:
         assert ratio == pytest.approx(1.25**2, rel=0.02)
         assert re.search(r"scale a.png: white ruler .*median of 2 images .*own \S+ held", log)
+
+
+def test_a_folder_mixing_magnifications_is_reported(tmp_path, caplog):
+    """Eight fields of one size at two magnifications (white cells 30 vs 66 px): the
+    quartiles of their estimates lie ~2x apart and the log says the folder may mix
+    magnifications; eight fields of one magnification say nothing."""
+    import logging
+
+    from PIL import Image
+
+    from segmentation.autoscale import pooled_estimates
+
+    for name, whites in (("mixed", [30.0] * 4 + [66.0] * 4), ("one", [30.0, 32.0] * 4)):
+        (tmp_path / name).mkdir()
+        for i, w in enumerate(whites):
+            img = _smear(w / 2.2, size=300, white=w, seed=i)
+            Image.fromarray(img).save(tmp_path / name / f"f{i}.png")
+    with caplog.at_level(logging.WARNING, logger="segmentation.autoscale"):
+        pooled_estimates(sorted((tmp_path / "one").glob("*.png")), 40.0, 1.0)
+        assert "mix" not in caplog.text
+        pooled_estimates(sorted((tmp_path / "mixed").glob("*.png")), 40.0, 1.0)
+    assert "may mix magnifications" in caplog.text and "scale_spread=null" in caplog.text
