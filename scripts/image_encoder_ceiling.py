@@ -11,7 +11,13 @@ VAE as ``knn_image``), next to raw-pixel PCA, and writes JSON.
 
     .venv/bin/python scripts/image_encoder_ceiling.py outputs/real/pair/paired.h5ad \\
         [--rotate 0.1] [--image-input stain] [--epochs 40] [--seed 0] [--out ceiling.json] \\
-        [--encoder resnet18 [--backbone-weights DETECTOR.pt]]
+        [--encoder resnet18 [--backbone-weights DETECTOR.pt]] [--pseudo-weight 1] \\
+        [--normalise source] [--adversarial-source 0.1]
+
+``--pseudo-weight`` adds FixMatch on the crops without a label, ``--normalise source``
+Reinhard colour normalisation per ``obs['image_source']``, ``--adversarial-source`` a
+source classifier through gradient reversal (DANN); none of the three helped (5 seeds,
+docs/vae.md, "Unlabelled crops, stain normalisation, source-blind codes").
 
 ``--encoder resnet18`` trains :class:`vae.backbone.ResNetImageEncoder` (as
 ``vae.image_encoder=resnet18``), from ``--backbone-weights`` when given (as
