@@ -107,21 +107,22 @@ def _scale(
         return fixed
     if estimate_px is None:
         return default
-    if pooled is not None:
-        return round(pooled.scale, 2)  # images of one magnification share detector batches
-    return estimated_scale(path, estimate_px, default)
+    return estimated_scale(path, estimate_px, default, pooled)
 
 
-def estimated_scale(path: Path, cell_px: float, fallback: float) -> float:
+def estimated_scale(path: Path, cell_px: float, fallback: float, estimate=None) -> float:
     """Scale measured from the image's white cells, else red cells (logged; ``fallback`` when
-    neither is found)."""
+    neither is found). ``estimate``: already measured (e.g. held near its folder's median by
+    :func:`segmentation.autoscale.pooled_estimates`), so the image is not read again."""
     from segmentation.io import read_rgb
     from segmentation.magnification import estimate_scale
 
-    rd = read_rgb(path)
-    if not rd.ok:
-        return fallback  # rejected later, with the reason
-    est = estimate_scale(rd.image, cell_px, fallback=fallback)
+    est = estimate
+    if est is None:
+        rd = read_rgb(path)
+        if not rd.ok:
+            return fallback  # rejected later, with the reason
+        est = estimate_scale(rd.image, cell_px, fallback=fallback)
     if est.ok:
         size = est.white_px if est.ruler == "white" else est.diameter_px
         log.info(
@@ -164,10 +165,11 @@ def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
     refined = []  # measured and refined per image by the detector (segmentation.refine_scale)
     est_px = estimate_px(ctx.cfg, ckpt)
     refine = wants_scale_refinement(sc.refine_scale, ckpt)
-    free = [p for p in images if _fixed_scale(src, p) is None]  # scale not given: estimated
+    fixed = {p: _fixed_scale(src, p) for p in images}  # None: scale not given, estimated
+    free = [p for p in images if fixed[p] is None]
     pooled = pooled_scales(ctx.cfg, free, est_px, settings.input_scale) or {}
     for i, p in enumerate(images):
-        if est_px is not None and refine and _fixed_scale(src, p) is None:
+        if est_px is not None and refine and fixed[p] is None:
             refined.append((offset + i, p))
             continue
         sc_i = _scale(src, settings.input_scale, p, est_px, pooled.get(p))

@@ -56,6 +56,7 @@ def estimated(
 
     import numpy as np
 
+    from segmentation.autoscale import hold_estimates, pool_key
     from segmentation.datasets import SmearDataset, auto_scale
     from segmentation.io import read_rgb
     from segmentation.magnification import (
@@ -70,8 +71,6 @@ def estimated(
     recs, ratio, failed, per_source, ruler_gt, per_image = [], [], 0, {}, [], []
     ratio_own = []
     used: dict[str, int] = {}
-    from segmentation.autoscale import hold_estimates, pool_key
-
     ds = list(ds)
     own = []  # each image's own estimate
     for rec in ds:

@@ -97,26 +97,23 @@ def pooled_estimates(
     estimate costs anyway), so the images are read one more time, nothing more.
     Unreadable images are absent (rejected, with the reason, where they are segmented).
     """
-    from PIL import Image
-
     from segmentation.io import read_rgb
 
     ok_paths, keys, ests = [], [], []
     for p in map(Path, paths):
-        try:
-            with Image.open(p) as im:
-                size = im.size
-        except Exception:  # noqa: BLE001 - read_rgb rejects it later, with the reason
-            continue
         rd = read_rgb(p)
         if not rd.ok:
             continue
+        h, w = rd.image.shape[:2]
         ok_paths.append(p)
-        keys.append(pool_key(p, size))
+        keys.append(pool_key(p, (w, h)))
         ests.append(estimate_scale(rd.image, cell_px, fallback=fallback))
     held = hold_estimates(ests, keys, spread)
-    for key in dict.fromkeys(keys):
-        own = [e.scale for e, k in zip(ests, keys) if k == key and e.ok]
+    groups: dict = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    for key, members in groups.items():
+        own = [ests[i].scale for i in members if ests[i].ok]
         if len(own) >= 8:
             q25, q75 = np.percentile(own, [25, 75])
             if q75 / q25 > MIXED_QUARTILE_RATIO:
@@ -129,14 +126,12 @@ def pooled_estimates(
                     *key,
                     q75 / q25,
                 )
-        one = next(h for h, k in zip(held, keys) if k == key)
-        if np.isfinite(one.group_scale):
-            n = sum(k == key for k in keys)
+        if np.isfinite(held[members[0]].group_scale):
             log.info(
                 "scale: %d images of %s %dx%d, median estimate %.4g; each held within %.3gx",
-                n,
+                len(members),
                 *key,
-                one.group_scale,
+                held[members[0]].group_scale,
                 spread,
             )
     return dict(zip(ok_paths, held))
