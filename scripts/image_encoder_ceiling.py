@@ -92,6 +92,21 @@ def main() -> None:
         help="weight of a source classifier on the code through gradient reversal (DANN; "
         "0: off): the code is pushed to forget which data set a crop came from",
     )
+    ap.add_argument(
+        "--contrastive",
+        type=float,
+        default=0.0,
+        help="weight of a SimCLR term (NT-Xent between two augmented views of each crop, "
+        "labelled and unlabelled) on the encoder's mean",
+    )
+    ap.add_argument("--contrastive-temperature", type=float, default=0.2)
+    ap.add_argument(
+        "--supcon",
+        type=float,
+        default=0.0,
+        help="weight of a supervised contrastive term (Khosla et al. 2020): two augmented "
+        "views of each labelled crop of the batch, every crop of the same label a positive",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -158,7 +173,8 @@ def main() -> None:
         def backward(ctx, g):
             return -g
 
-    params = [*enc.parameters(), *head.parameters(), *src_head.parameters()]
+    proj = torch.nn.Sequential(torch.nn.Linear(24, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    params = [*enc.parameters(), *head.parameters(), *src_head.parameters(), *proj.parameters()]
     opt = torch.optim.AdamW(params, 1e-3, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
@@ -214,6 +230,42 @@ def main() -> None:
                 si = augment_stain(si, max(args.stain_jitter, 0.3), gen) * sm
                 lu = F.cross_entropy(head(enc(si, sm)[0]), target, reduction="none")
                 loss = loss + args.pseudo_weight * (lu * (conf >= args.pseudo_threshold)).mean()
+            if args.contrastive > 0:
+                # SimCLR (Chen et al. 2020): two strong views of each crop (labelled and
+                # unlabelled, train side only) should find each other among the batch
+                pool = np.concatenate([fit, unl])
+                u = torch.as_tensor(pool[torch.randint(pool.size, (64,), generator=gen).numpy()])
+                views = []
+                for _ in range(2):
+                    vi, vm = d.crops[u].float() / 255, d.masks[u].float()
+                    vi, vm = augment_dihedral(vi, vm, gen)
+                    vi, vm, _ = augment_rotate(vi, vm, gen, max(args.rotate, 0.1))
+                    vi = augment_stain(vi, max(args.stain_jitter, 0.3), gen) * vm
+                    views.append(F.normalize(proj(enc(vi, vm)[0]), dim=1))
+                zz = torch.cat(views)
+                sim = zz @ zz.T / args.contrastive_temperature
+                sim.fill_diagonal_(float("-inf"))
+                n = u.numel()
+                pos = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+                loss = loss + args.contrastive * F.cross_entropy(sim, pos)
+            if args.supcon > 0:
+                views = []
+                for _ in range(2):
+                    vi, vm = d.crops[idx].float() / 255, d.masks[idx].float()
+                    vi, vm = augment_dihedral(vi, vm, gen)
+                    if args.rotate > 0:
+                        vi, vm, _ = augment_rotate(vi, vm, gen, args.rotate)
+                    vi = augment_stain(vi, args.stain_jitter, gen) * vm
+                    views.append(F.normalize(proj(enc(vi, vm)[0]), dim=1))
+                zz = torch.cat(views)
+                yy = torch.as_tensor(lab[idx.numpy()]).repeat(2)
+                sim = zz @ zz.T / args.contrastive_temperature
+                eye = torch.eye(len(yy), dtype=torch.bool)
+                sim = sim.masked_fill(eye, float("-inf"))
+                logp = sim.log_softmax(1)
+                pos = (yy[:, None] == yy[None, :]) & ~eye
+                lsc = -(logp.masked_fill(~pos, 0).sum(1) / pos.sum(1).clamp_min(1))
+                loss = loss + args.supcon * lsc.mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
