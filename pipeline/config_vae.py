@@ -86,6 +86,11 @@ class VAEConfig:
     # the stages are labels of the data). Costs no ELBO (a rotation of the latent)
     maturation_weight: float = 100.0
     maturation_classes: list[str] = field(default_factory=lambda: list(MATURATION_ORDER))
+    # two views of each crop (SimCLR's NT-Xent between the image encoder's means of the
+    # training view and a second augmented one, rows with an image; unlabelled crops
+    # count as much as labelled ones); 0: off, no second view is made
+    view_contrast_weight: float = 0.0
+    view_temperature: float = 0.2
     # expression branch
     hidden: list[int] = field(default_factory=lambda: [128, 64])  # MLP widths
     expression_likelihood: str = "auto"  # auto | nb | zinb | gaussian (auto: nb if counts)

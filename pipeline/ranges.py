@@ -34,6 +34,8 @@ RANGES: dict[str, str] = {
     "vae.free_bits": NONNEG,
     "vae.classify_weight": NONNEG,
     "vae.maturation_weight": NONNEG,
+    "vae.view_contrast_weight": NONNEG,
+    "vae.view_temperature": POS,
     "vae.nucleus_gap_weight": NONNEG,
     "vae.hidden": COUNT,
     "vae.dropout": "[0,1)",

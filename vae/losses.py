@@ -64,6 +64,11 @@ class LossWeights:
     # maturation axis: ordinal NLL of the stage rank from shared dim 0 of each expert's
     # mean (rows whose label is a stage); needs a model built with maturation_ranks
     maturation: float = 0.0
+    # two views of each crop: NT-Xent (SimCLR) between the image encoder's means of the
+    # training view and a second, independently augmented view (rows with an image);
+    # the trainer makes the second view only when this is > 0
+    view_contrast: float = 0.0
+    view_temperature: float = 0.2
 
     def __post_init__(self) -> None:
         if self.align_mode not in ALIGNS:
@@ -87,6 +92,8 @@ class LossTerms:
         (rows with a known label; 0 when off)
     maturation : ordinal NLL of the maturation stage from shared dim 0 of the two
         experts' means (rows labelled with a stage; 0 when off), nats per row
+    view : NT-Xent between the image encoder's means of two augmented views of each
+        crop (0 when off or without a second view)
     expression : expression NLL from the fused posterior
     kl : KL(q(z|x) || N(0, I)) of the fused posterior, nats per cell
     kl_objective : β · |KL - C| (capacity) or β · KL, as added to ``total``
@@ -119,6 +126,7 @@ class LossTerms:
     align: torch.Tensor
     kl_per_dim: torch.Tensor
     maturation: torch.Tensor
+    view: torch.Tensor
 
     def scalars(self) -> dict[str, float]:
         """Every scalar term as a Python float (for logging)."""
@@ -573,6 +581,31 @@ def _row_picker(rows: torch.Tensor | None):
     return lambda t: None if t is None else t.index_select(0, idx)
 
 
+def view_contrast_loss(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent (SimCLR; Chen et al. 2020) between two views' codes of the same rows.
+
+    Each row's code in one view must pick out its code in the other view among all
+    ``2N - 1`` other codes of the two views (cosine similarity / ``temperature``).
+
+    Parameters
+    ----------
+    a, b : (N, d) codes of the same N items under two augmentations
+    temperature : softmax temperature (> 0)
+
+    Returns
+    -------
+    scalar tensor, nats per code (0 when N < 2: nothing to tell apart)
+    """
+    n = a.shape[0]
+    if n < 2:
+        return a.new_zeros(())
+    z = F.normalize(torch.cat([a, b]), dim=1)
+    sim = (z @ z.T) / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
 def vae_loss(
     out: ForwardOutput,
     image: torch.Tensor,
@@ -591,6 +624,7 @@ def vae_loss(
     nucleus: torch.Tensor | None = None,
     log_factorial: torch.Tensor | None = None,
     lobes: torch.Tensor | None = None,
+    view_codes: torch.Tensor | None = None,
 ) -> LossTerms:
     """All loss terms of one batch.
 
@@ -625,6 +659,10 @@ def vae_loss(
     lobes : (B,) int, optional
         The lobe counter's count of each input crop's nucleus (0: none); with a lobe
         layer its cross-entropy is part of the nucleus term (:func:`vae.lobes.lobe_nll`).
+    view_codes : (N, n_shared + n_private), optional
+        The image encoder's means of a second augmented view of the N rows with an image
+        (in row order); with ``weights.view_contrast`` > 0 they and the batch's own
+        image codes are scored by :func:`view_contrast_loss`.
 
     Returns
     -------
@@ -826,6 +864,13 @@ def vae_loss(
         if parts:
             maturation = torch.stack(parts).mean()
 
+    view = zero
+    if w.view_contrast > 0 and view_codes is not None and post.image is not None:
+        rows = post.has_image.nonzero().flatten()
+        # the image encoder's mean is the first n_shared + n_private dims of its expert
+        a = post.image[0][rows, : view_codes.shape[1]]
+        view = view_contrast_loss(a.float(), view_codes.float(), w.view_temperature)
+
     total = _weighted_sum(
         zero,
         [
@@ -842,6 +887,7 @@ def vae_loss(
             (w.align, align),
             (w.classify, classify),
             (w.maturation, maturation),
+            (w.view_contrast, view),
         ],
     )
     return LossTerms(
@@ -864,4 +910,5 @@ def vae_loss(
         align=align,
         kl_per_dim=kl_dims.mean(dim=0).detach(),
         maturation=maturation,
+        view=view,
     )

@@ -106,6 +106,10 @@ class TrainResult:
     seconds: float
 
 
+# the view-contrast term's second view rotates by any angle with a zoom of 1 ± this
+# (vae.data.augment_rotate), at least: SimCLR's views must differ by more than flips
+VIEW_ROTATE = 0.1
+
 ACTIVE_UNIT_NATS = 0.01  # a latent dim is "active" when its mean KL exceeds this
 
 
@@ -146,14 +150,22 @@ def forward_loss(
     n_shared: int,
     autocast=None,
     use_expression: bool = True,
+    view: Batch | None = None,
 ) -> LossTerms:
     """One forward pass and all loss terms (loss in fp32 even under autocast).
 
     A batch made without images (``batch.image`` None) skips the image branch;
     ``use_expression=False`` (no row of the data set has expression) skips the
-    expression branch.
+    expression branch. ``view``: the same rows augmented once more (the view-contrast
+    term, ``args.weights.view_contrast`` > 0): its crops go through the image encoder only.
     """
     import contextlib
+
+    view_codes = None
+    if view is not None and view.image is not None and batch.image is not None:
+        rows = batch.has_image.bool().nonzero().flatten()
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            view_codes = _unwrap(model).image_encoder(view.image[rows], view.mask[rows])[0]
 
     with autocast() if autocast is not None else contextlib.nullcontext():
         out = model(
@@ -183,6 +195,7 @@ def forward_loss(
         nucleus=batch.nucleus,
         log_factorial=batch.log_factorial,
         lobes=batch.lobes,
+        view_codes=view_codes,
     )
 
 
@@ -457,6 +470,19 @@ def train(
                 stain_jitter=args.stain_jitter,
                 rotate=args.rotate,
             )
+            view = None
+            if args.weights.view_contrast > 0 and use_image:
+                # the second view: the same crops augmented again, plus a small rotation
+                # and zoom, so that the pair differs by more than the flips
+                view = to_batch(
+                    raw,
+                    device,
+                    True,
+                    gen,
+                    non_blocking=args.pin_memory,
+                    stain_jitter=args.stain_jitter,
+                    rotate=max(args.rotate, VIEW_ROTATE),
+                )
             data_s += time.time() - t_data
             beta = kl_sched.beta_at(step)
             cap = kl_sched.capacity_at(step)
@@ -469,6 +495,7 @@ def train(
                 n_shared=n_shared,
                 autocast=dist.autocast,
                 use_expression=use_expression,
+                view=view,
             )
             if not torch.isfinite(terms.total):
                 bad = {k: v for k, v in terms.scalars().items() if not math.isfinite(v)}
