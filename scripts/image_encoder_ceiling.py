@@ -124,6 +124,7 @@ def main() -> None:
         from_anndata,
         stratified_split,
     )
+    from vae.losses import view_contrast_loss
     from vae.model import ImageEncoder
 
     torch.set_num_threads(1)
@@ -190,6 +191,15 @@ def main() -> None:
         enc.train()
         return torch.cat(out).numpy()
 
+    def views(rows: torch.Tensor, rotate: float, stain: float) -> torch.Tensor:
+        """Projected codes of one augmented view of ``rows`` (the contrastive terms)."""
+        vi, vm = d.crops[rows].float() / 255, d.masks[rows].float()
+        vi, vm = augment_dihedral(vi, vm, gen)
+        if rotate > 0:
+            vi, vm, _ = augment_rotate(vi, vm, gen, rotate)
+        vi = augment_stain(vi, stain, gen) * vm
+        return proj(enc(vi, vm)[0])
+
     history = []
     for ep in range(args.epochs):
         perm = fit[np.random.default_rng(args.seed * 1000 + ep).permutation(fit.size)]
@@ -235,29 +245,16 @@ def main() -> None:
                 # unlabelled, train side only) should find each other among the batch
                 pool = np.concatenate([fit, unl])
                 u = torch.as_tensor(pool[torch.randint(pool.size, (64,), generator=gen).numpy()])
-                views = []
-                for _ in range(2):
-                    vi, vm = d.crops[u].float() / 255, d.masks[u].float()
-                    vi, vm = augment_dihedral(vi, vm, gen)
-                    vi, vm, _ = augment_rotate(vi, vm, gen, max(args.rotate, 0.1))
-                    vi = augment_stain(vi, max(args.stain_jitter, 0.3), gen) * vm
-                    views.append(F.normalize(proj(enc(vi, vm)[0]), dim=1))
-                zz = torch.cat(views)
-                sim = zz @ zz.T / args.contrastive_temperature
-                sim.fill_diagonal_(float("-inf"))
-                n = u.numel()
-                pos = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
-                loss = loss + args.contrastive * F.cross_entropy(sim, pos)
+                za, zb = (
+                    views(u, max(args.rotate, 0.1), max(args.stain_jitter, 0.3)) for _ in "ab"
+                )
+                loss = loss + args.contrastive * view_contrast_loss(
+                    za, zb, args.contrastive_temperature
+                )
             if args.supcon > 0:
-                views = []
-                for _ in range(2):
-                    vi, vm = d.crops[idx].float() / 255, d.masks[idx].float()
-                    vi, vm = augment_dihedral(vi, vm, gen)
-                    if args.rotate > 0:
-                        vi, vm, _ = augment_rotate(vi, vm, gen, args.rotate)
-                    vi = augment_stain(vi, args.stain_jitter, gen) * vm
-                    views.append(F.normalize(proj(enc(vi, vm)[0]), dim=1))
-                zz = torch.cat(views)
+                zz = F.normalize(
+                    torch.cat([views(idx, args.rotate, args.stain_jitter) for _ in "ab"]), dim=1
+                )
                 yy = torch.as_tensor(lab[idx.numpy()]).repeat(2)
                 sim = zz @ zz.T / args.contrastive_temperature
                 eye = torch.eye(len(yy), dtype=torch.bool)
