@@ -190,6 +190,8 @@ class SegmentationConfig:
     aug_rot90: bool = True  # random multiples of 90 degrees
     aug_scale: list[float] = field(default_factory=lambda: [0.8, 1.25])  # random rescale
     aug_crop: int = 0  # random square crop side, px (0 = whole image)
+    # up to this fraction cut from each side of half the images (cells cut by the edge)
+    aug_border_crop: float = 0.0
     aug_color: float = 0.2  # brightness/contrast/saturation jitter strength
     aug_stain: float = 0.2  # probability of an H&E-like stain perturbation
     aug_blur: float = 0.1  # probability of a Gaussian blur

@@ -62,7 +62,7 @@ RESUME_SETTINGS: dict[str, list[str]] = {
                 "rpn_pre_nms_top_n_train rpn_post_nms_top_n_train rpn_pre_nms_top_n_test "
                 "rpn_batch_size_per_image box_batch_size_per_image cell_px mask_mode "
                 "pseudo_method copy_paste copy_paste_max max_train_images aug_flips aug_rot90 "
-                "aug_scale aug_crop aug_color aug_stain aug_blur aug_noise epochs "
+                "aug_scale aug_crop aug_border_crop aug_color aug_stain aug_blur aug_noise epochs "
                 "train_batch_size optimizer lr momentum weight_decay warmup_iters schedule "
                 "grad_clip"
             ).split()

@@ -34,6 +34,12 @@ class AugmentOptions:
     crop_size
         Random square crop of this many px (padded when the image is smaller);
         0 = whole image. Speeds up training on large smears.
+    border_crop
+        Up to this fraction of the width / height cut from each side, independently
+        (no resize), on half of the images; 0 = off. Cells at the new edge are cut and
+        keep their (cut) boxes, as annotators box cells cut by a field's edge: without
+        it a detector trained on whole fields rarely sees a cut cell (TXL-PBC train: 8
+        of 358 Raabin boxes) and gives such slivers no box at all.
     color_jitter
         Strength of brightness/contrast/saturation jitter (hue gets a quarter).
     stain_jitter
@@ -48,6 +54,7 @@ class AugmentOptions:
     rot90: bool = True
     scale_range: tuple[float, float] = (0.8, 1.25)
     crop_size: int = 0
+    border_crop: float = 0.0
     color_jitter: float = 0.2
     stain_jitter: float = 0.2
     blur_p: float = 0.2
@@ -111,6 +118,11 @@ def build_train_transform(opt: AugmentOptions) -> Augment:
     if lo != 1.0 or hi != 1.0:
         # RandomScale's limit is relative to 1 and the factor is 1 + U(limit)
         t.append(A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), p=1.0))
+    if opt.border_crop > 0:
+        f = float(opt.border_crop)
+        t.append(
+            A.RandomCropFromBorders(crop_left=f, crop_right=f, crop_top=f, crop_bottom=f, p=0.5)
+        )
     if opt.crop_size:
         c = int(opt.crop_size)
         t += [

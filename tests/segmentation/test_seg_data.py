@@ -224,6 +224,46 @@ def test_augmentation_keeps_boxes_and_masks_aligned(tmp_path):
     np.testing.assert_array_equal(a.boxes, b.boxes)
 
 
+def test_border_crop_cuts_cells_and_keeps_their_cut_boxes():
+    """aug_border_crop: the field shrinks without resizing, a cell at the new edge stays
+    an instance with its cut box (== bbox of its cut mask), as annotators box cut cells."""
+    from segmentation.datasets import Sample
+
+    img = np.full((100, 100, 3), 200, np.uint8)
+    m = np.zeros((2, 100, 100), np.uint8)
+    m[0, 5:45, 5:45] = 1
+    m[1, 55:95, 55:95] = 1
+    s = Sample(
+        image=img,
+        boxes=np.array([[5, 5, 45, 45], [55, 55, 95, 95]], np.float32),
+        masks=m,
+        has_mask=np.array([True, True]),
+    )
+    opt = AugmentOptions(
+        flips=False, rot90=False, scale_range=(1.0, 1.0), border_crop=0.3,
+        color_jitter=0, stain_jitter=0, blur_p=0, noise_p=0,
+    )  # fmt: skip
+    aug = build_train_transform(opt)
+    n_cropped = n_cut = 0
+    for seed in range(40):
+        out = aug(s, seed)
+        h, w = out.image.shape[:2]
+        assert 40 <= h <= 100 and 40 <= w <= 100  # at most 30 % from each side, no resize
+        assert boxes_match_masks(out.boxes, out.masks, out.has_mask)
+        n_cropped += (h, w) != (100, 100)
+        # every kept box lies inside the new field; a cell cut by it has a smaller box
+        assert (out.boxes[:, [0, 1]] >= 0).all() and (out.boxes[:, 2] <= w).all()
+        assert (out.boxes[:, 3] <= h).all()
+        sides = np.minimum(out.boxes[:, 2] - out.boxes[:, 0], out.boxes[:, 3] - out.boxes[:, 1])
+        n_cut += int((sides < 40).sum())
+    assert 10 <= n_cropped <= 30  # on about half of the images
+    assert n_cut > 0  # cut cells are kept, not dropped
+    # off by default: the field is untouched
+    opt0 = AugmentOptions(flips=False, rot90=False, scale_range=(1.0, 1.0), color_jitter=0,
+                          stain_jitter=0, blur_p=0, noise_p=0)  # fmt: skip
+    assert build_train_transform(opt0)(s, 1).image.shape == (100, 100, 3)
+
+
 def test_flip_moves_box_exactly(tmp_path):
     rec, m1, _ = _masked_record(tmp_path)
     s = load_sample(rec, "ignore")
