@@ -27,6 +27,7 @@ from torch.nn import functional as F
 LOBE_CLASSES = 5  # counts 1..5; a count above 5 is scored as 5
 LOBE_CUT_HALF_WIDTH = 1.0  # px: half the width of a cut between two drawn lobes
 LOBE_ANGLE_BINS = 36  # angular profile of the nucleus, for where the first cut goes
+NUCLEUS_MARGIN_PX = 2  # px: cuts reach this far beyond the nucleus mask (its soft edge), no further
 
 
 class LobeHead(nn.Module):
@@ -126,7 +127,8 @@ def carve_lobes(
     Returns
     -------
     logits : (B, 1, S, S), lowered by 30 inside the cuts
-    cut : (B, 1, S, S) {0, 1}, the cut pixels
+    cut : (B, 1, S, S) {0, 1}, the cut pixels: on the half-lines and within
+        ``NUCLEUS_MARGIN_PX`` of the nucleus mask (sigmoid(sharpness * logits) > 0.5)
     """
     b, _, s, _ = logits.shape
     dt = logits.dtype
@@ -155,7 +157,12 @@ def carve_lobes(
         dist = torch.where(torch.cos(rel) > 0, (r * torch.sin(rel)).abs(), r)
         on = (dist < half_width) & (j < k).view(-1, 1, 1) & (k > 1).view(-1, 1, 1)
         cut = torch.maximum(cut, on.to(dt))
-    cut = cut[:, None]
+    # only the nucleus is cut: a cut running on through the cytoplasm would be drawn
+    # there as a pale line across the cell (the cytoplasm is not part of the lobes)
+    inside = F.max_pool2d(
+        (p > 0.5).to(dt)[:, None], 2 * NUCLEUS_MARGIN_PX + 1, 1, NUCLEUS_MARGIN_PX
+    )
+    cut = cut[:, None] * inside
     return logits - 30.0 * cut, cut
 
 

@@ -44,6 +44,25 @@ def test_a_ring_cut_into_k_lobes_is_read_as_k_lobes(k):
         assert torch.equal(carved < _ring(), cut.bool())
 
 
+def test_cuts_stay_in_the_nucleus():
+    """A cut separates lobes; it does not run on through the cytoplasm to the cell's
+    edge (drawn there it was a pale line across the whole cell)."""
+    from vae.lobes import NUCLEUS_MARGIN_PX
+
+    ring = _ring()
+    carved, cut = carve_lobes(ring, torch.tensor([3]), sharpness=8.0)
+    assert count_lobes((carved[0, 0] > 0).numpy()) == 3
+    c = torch.arange(S, dtype=torch.float32) + 0.5 - S / 2
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    r = torch.sqrt(xx**2 + yy**2)
+    on = cut[0, 0].bool()
+    assert on.any()
+    # ring: 5 < r < 11; every cut pixel within the margin of it, none near the cell edge
+    assert float(r[on].max()) < 11 + NUCLEUS_MARGIN_PX + 1
+    assert float(r[on].min()) > 5 - NUCLEUS_MARGIN_PX - 1
+    assert not on[r > 14].any()
+
+
 def test_two_blobs_are_cut_between_them_first():
     """The first cut goes where the mask holds least: a two-blob nucleus cut in two
     keeps both blobs whole."""
