@@ -37,7 +37,8 @@ class AugmentOptions:
     border_crop
         Up to this fraction of the width / height cut from each side, independently
         (no resize), on half of the images; 0 = off. Cells at the new edge are cut and
-        keep their (cut) boxes, as annotators box cells cut by a field's edge: without
+        keep their (cut) boxes (a masked cell while >= ``min_area`` px of it are left, a
+        box-only cell while >= 1/4 of its box is), as annotators box cut cells: without
         it a detector trained on whole fields rarely sees a cut cell (TXL-PBC train: 8
         of 358 Raabin boxes) and gives such slivers no box at all.
     color_jitter
