@@ -258,8 +258,8 @@ def test_border_crop_cuts_cells_and_keeps_their_cut_boxes():
         n_cut += int((sides < 40).sum())
     assert 10 <= n_cropped <= 30  # on about half of the images
     assert n_cut > 0  # cut cells are kept, not dropped
-    # off by default: the field is untouched
-    opt0 = AugmentOptions(flips=False, rot90=False, scale_range=(1.0, 1.0), color_jitter=0,
+    # off by default: the field keeps its size (flips only, so the pipeline is not empty)
+    opt0 = AugmentOptions(rot90=False, scale_range=(1.0, 1.0), color_jitter=0,
                           stain_jitter=0, blur_p=0, noise_p=0)  # fmt: skip
     assert build_train_transform(opt0)(s, 1).image.shape == (100, 100, 3)
 
