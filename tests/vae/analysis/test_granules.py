@@ -149,6 +149,48 @@ def test_count_lobes_on_masks():
     assert G.count_lobes(m) == 2
 
 
+def _touching_lobes(valley: float, clumps: bool = False, size: int = 64):
+    """Cell (r=28) with a nucleus of two overlapping discs (r=8, centres 15 px apart:
+    the outline pinches to ~0.45 of a lobe's half-width, too wide for the outline
+    alone), the stain dimmed by ``valley`` (share of the nuclear density) along the
+    line where they touch; ``clumps``: one round nucleus (r=11) with two dense
+    chromatin clumps and the same dip between them instead. Returns RGB, cell mask."""
+    yy, xx = np.mgrid[:size, :size].astype(float)
+    c = size / 2
+    cell = np.hypot(yy - c, xx - c) < 28
+    od_dark = 2.0 * OD_NUC
+    if clumps:
+        nuc = np.hypot(yy - c, xx - c) < 11
+        dens = 1.0 + 0.4 * sum(np.exp(-((yy - c) ** 2 + (xx - c - d) ** 2) / 8.0) for d in (-5, 5))
+    else:
+        nuc = (np.hypot(yy - c, xx - c + 7.5) < 8) | (np.hypot(yy - c, xx - c - 7.5) < 8)
+        dens = np.ones_like(yy)
+    dens = dens * (1 - valley * np.exp(-((xx - c) ** 2) / 4.0))
+    od = np.where(nuc[..., None], od_dark * dens[..., None], OD_PINK) * cell[..., None]
+    return np.exp(-od), cell
+
+
+def test_touching_lobes_are_cut_along_their_valley():
+    """Two lobes that overlap (a wide neck) read as one on the outline, as two when the
+    stain dips between them; without a dip, or with valleys off, they stay one."""
+    img, cell = _touching_lobes(valley=0.5)
+    assert G.count_lobes(G.segment_nucleus(img, cell, valley_ratio=None)) == 1
+    nuc = G.segment_nucleus(img, cell)
+    assert G.count_lobes(nuc) == 2
+    assert G.measure_cell(img, cell).features.lobes == 2
+    whole = G.segment_nucleus(img, cell, valley_ratio=None)
+    assert nuc.sum() < whole.sum() and not (nuc & ~whole).any()  # a cut, nothing added
+    flat, cell = _touching_lobes(valley=0.0)
+    assert G.measure_cell(flat, cell).features.lobes == 1
+
+
+def test_chromatin_valleys_without_a_pinch_do_not_split():
+    """A round nucleus whose dense clumps leave a dip between them (a lymphocyte's
+    chromatin) is one lobe: the outline does not pinch there."""
+    img, cell = _touching_lobes(valley=0.5, clumps=True)
+    assert G.measure_cell(img, cell).features.lobes == 1
+
+
 def test_nucleus_segmentation_matches_drawn_nucleus():
     img, cell = _cell(0)
     nuc = G.segment_nucleus(img, cell)
