@@ -8,11 +8,17 @@ azurophilic density (``pipeline.simulator.morphology.azurophilic_density(t)``), 
 granule count. With ``--real DIR`` (``cells/segmentation_wbc``) it also measures the
 real crops, cut and resized as ``stage=pair`` does, against the data set's own
 nucleus masks: nucleus IoU, lobes and granules per class (a sanity check: real cells
-have no lobe or granule truth). Writes the numbers as JSON.
+have no lobe or granule truth). With ``--real-paired PAIRED`` (a real
+``paired.h5ad``, e.g. the real chain's) it counts the lobes of every labelled crop and
+prints, per label, the share read as 1, 2 and >= 3 lobes (segmented neutrophils should
+mostly read >= 2, lymphocytes and monocytes 1). ``--valley-ratio none`` switches off the
+cuts between touching lobes (:func:`vae.analysis.granules.cut_lobe_valleys`), the
+counter before 2026-12-01. Writes the numbers as JSON.
 
     .venv/bin/python scripts/vae_targets.py build --n-images 120 --out outputs/exp/paired_sim.h5ad
     .venv/bin/python scripts/granule_check.py outputs/exp/paired_sim.h5ad --n 1000 \\
-        --real ../shared/data/cells/segmentation_wbc --out outputs/exp/granule_check.json
+        --real ../shared/data/cells/segmentation_wbc --out outputs/exp/granule_check.json \
+        --real-paired outputs/real_chain/pair/paired.h5ad [--valley-ratio none]
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ def _rho(x: np.ndarray, y: np.ndarray) -> float:
     return float(stats.spearmanr(x[ok], y[ok])[0])
 
 
-def simulated(paired: Path, n: int, seed: int) -> dict:
+def simulated(paired: Path, n: int, seed: int, params=None) -> dict:
     """Per-kind and neutrophil-lineage agreement of the counters with simulator truth."""
     import anndata as ad
 
@@ -53,12 +59,13 @@ def simulated(paired: Path, n: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     if rows.size > n:
         rows = np.sort(rng.choice(rows, n, replace=False))
-    df = G.measure_batch(a.obsm["crops"][rows], a.obsm["masks"][rows].astype(bool))
+    df = G.measure_batch(a.obsm["crops"][rows], a.obsm["masks"][rows].astype(bool), params)
     obs = a.obs.iloc[rows]
     kind = obs["kind"].astype(str).to_numpy()
     lobes = obs["lobes"].to_numpy(float)
     t = obs["t"].to_numpy(float)
-    whole = ~obs.get("truncated", np.zeros(len(obs), bool)).to_numpy(bool)
+    # stage=pair tables have no truncated column: every cell counts as whole there
+    whole = ~np.asarray(obs["truncated"] if "truncated" in obs else np.zeros(len(obs)), bool)
     azu = np.array([azurophilic_density(x) if np.isfinite(x) else np.nan for x in t])
     ml, md = df["lobes"].to_numpy(float), df["granule_density"].to_numpy(float)
     mc = df["granule_count"].to_numpy(float)
@@ -83,7 +90,7 @@ def simulated(paired: Path, n: int, seed: int) -> dict:
     return res
 
 
-def real(root: Path, crop_size: int) -> dict:
+def real(root: Path, crop_size: int, params=None) -> dict:
     """Counters on segmentation_wbc crops: nucleus IoU with its masks, lobes, granules."""
     import pandas as pd
     from PIL import Image
@@ -108,7 +115,7 @@ def real(root: Path, crop_size: int) -> dict:
             crop, cm = square_crop(img, m > 0, crop_size)
             nuc3 = np.repeat((m == 255).astype(np.uint8)[..., None] * 255, 3, axis=2)
             true_nuc = square_crop(nuc3, m > 0, crop_size)[0][..., 0] > 127
-            me = G.measure_cell(crop, cm)
+            me = G.measure_cell(crop, cm, params)
             iou = (me.nucleus & true_nuc).sum() / max((me.nucleus | true_nuc).sum(), 1)
             rec.append(
                 {
@@ -128,6 +135,39 @@ def real(root: Path, crop_size: int) -> dict:
     return out
 
 
+def real_paired(paired: Path, params=None) -> dict:
+    """Share of labelled real crops read as 1, 2, >= 3 lobes, per label (no truth)."""
+    import anndata as ad
+
+    from vae.analysis import granules as G
+
+    a = ad.read_h5ad(paired, backed="r")
+    obs = a.obs
+    if "image_label" not in obs:
+        sys.exit(f"{paired}: obs['image_label'] missing (not a stage=pair output?)")
+    label = obs["image_label"].astype(str).to_numpy()
+    keep = obs["has_image"].to_numpy(bool) & ~np.isin(label, ["", "nan", "unlabelled"])
+    out: dict = {}
+    for name in sorted(set(label[keep])):
+        rows = np.flatnonzero(keep & (label == name))
+        crops = np.asarray(a.obsm["crops"][rows])
+        masks = np.asarray(a.obsm["masks"][rows]).astype(bool)
+        n = np.array(
+            [
+                G.count_lobes(G.cell_nucleus(c, m, params))
+                for c, m in zip(crops, masks.reshape(crops.shape[:3]))
+            ]
+        )
+        out[name] = {
+            "n": int(n.size),
+            "one": float((n == 1).mean()),
+            "two": float((n == 2).mean()),
+            "three_or_more": float((n >= 3).mean()),
+            "mean": float(n.mean()),
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("paired", type=Path)
@@ -135,19 +175,38 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--real", type=Path, default=None, help="cells/segmentation_wbc folder")
     ap.add_argument("--crop-size", type=int, default=64, help="real crops are resized to this")
+    ap.add_argument("--real-paired", type=Path, default=None, help="a real paired.h5ad")
+    ap.add_argument(
+        "--valley-ratio",
+        default=None,
+        help="GranuleParams.valley_ratio (default: the package's); none: no cuts between "
+        "touching lobes",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
+    from vae.analysis.granules import GranuleParams
+
+    params = GranuleParams()
+    if args.valley_ratio is not None:
+        vr = None if args.valley_ratio.lower() == "none" else float(args.valley_ratio)
+        params = GranuleParams(valley_ratio=vr)
+
     import pandas as pd
 
-    res = {"simulated": simulated(args.paired, args.n, args.seed)}
+    res = {"valley_ratio": params.valley_ratio}
+    res["simulated"] = simulated(args.paired, args.n, args.seed, params)
     sim = {k: v for k, v in res["simulated"].items() if isinstance(v, dict)}
     print(pd.DataFrame(sim).T.to_string(float_format=lambda v: f"{v:.3f}"))
     if args.real is not None:
-        res["real"] = real(args.real, args.crop_size)
+        res["real"] = real(args.real, args.crop_size, params)
         for ds, r in res["real"].items():
             print(f"\n{ds}: {r['n']} crops, nucleus IoU {r['nucleus_iou']:.3f}")
             print(pd.DataFrame(r["per_class"]).T.to_string(float_format=lambda v: f"{v:.2f}"))
+    if args.real_paired is not None:
+        res["real_paired"] = real_paired(args.real_paired, params)
+        print(f"\n{args.real_paired}: lobes per labelled crop (share)")
+        print(pd.DataFrame(res["real_paired"]).T.to_string(float_format=lambda v: f"{v:.2f}"))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2) + "\n")
