@@ -18,7 +18,8 @@ counter before 2026-12-01. Writes the numbers as JSON.
     .venv/bin/python scripts/vae_targets.py build --n-images 120 --out outputs/exp/paired_sim.h5ad
     .venv/bin/python scripts/granule_check.py outputs/exp/paired_sim.h5ad --n 1000 \\
         --real ../shared/data/cells/segmentation_wbc --out outputs/exp/granule_check.json \
-        --real-paired outputs/real_chain/pair/paired.h5ad [--valley-ratio none]
+        --real-paired outputs/real_chain/pair/paired.h5ad [--valley-ratio none] \
+        [--lobe-sheet docs/figures/real_lobe_counter.png]
 """
 
 from __future__ import annotations
@@ -168,6 +169,63 @@ def real_paired(paired: Path, params=None) -> dict:
     return out
 
 
+def lobe_sheet(
+    paired: Path, out: Path, label: str = "neutrophil", n: int = 16, seed: int = 0
+) -> None:
+    """Contact sheet: ``n`` random labelled real crops, their lobes read by the
+    outline-only counter (``valley_ratio=None``) and by the package's counter."""
+    import anndata as ad
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vae.analysis import granules as G
+
+    a = ad.read_h5ad(paired, backed="r")
+    lab = a.obs["image_label"].astype(str).to_numpy()
+    src = a.obs["image_source"].astype(str).to_numpy() if "image_source" in a.obs else lab
+    rows = np.flatnonzero(a.obs["has_image"].to_numpy(bool) & (lab == label))
+    if rows.size == 0:
+        sys.exit(f"{paired}: no crop labelled {label!r}")
+    pick = np.sort(np.random.default_rng(seed).choice(rows, min(n, rows.size), replace=False))
+    counters = (
+        ("outline only", G.GranuleParams(valley_ratio=None)),
+        ("+ valley cuts", G.GranuleParams()),
+    )
+    fig, ax = plt.subplots(3, pick.size, figsize=(1.25 * pick.size, 4.4), squeeze=False)
+    for k, i in enumerate(pick):
+        img = np.asarray(a.obsm["crops"][i])
+        cell = np.asarray(a.obsm["masks"][i]).astype(bool).reshape(img.shape[:2])
+        ax[0, k].imshow(img)
+        ax[0, k].set_title(src[i].replace("segmentation_wbc", "seg_wbc")[:12], fontsize=6)
+        for r, (_, params) in enumerate(counters, 1):
+            nuc = G.cell_nucleus(img, cell, params)
+            ax[r, k].imshow(
+                G.split_lobes(nuc), cmap="tab10", vmin=0, vmax=9, interpolation="nearest"
+            )
+            ax[r, k].set_title(str(G.count_lobes(nuc)), fontsize=7)
+    for x in ax.flat:
+        x.axis("off")
+    for r, (name, _) in enumerate(counters, 1):
+        ax[r, 0].text(
+            -0.1,
+            0.5,
+            name,
+            transform=ax[r, 0].transAxes,
+            rotation=90,
+            ha="right",
+            va="center",
+            fontsize=7,
+        )
+    fig.suptitle(f"{pick.size} random real {label} crops: lobes read by the counter", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=70)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("paired", type=Path)
@@ -176,6 +234,7 @@ def main() -> None:
     ap.add_argument("--real", type=Path, default=None, help="cells/segmentation_wbc folder")
     ap.add_argument("--crop-size", type=int, default=64, help="real crops are resized to this")
     ap.add_argument("--real-paired", type=Path, default=None, help="a real paired.h5ad")
+    ap.add_argument("--lobe-sheet", type=Path, default=None, help="PNG: real neutrophils' lobes")
     ap.add_argument(
         "--valley-ratio",
         default=None,
@@ -207,6 +266,8 @@ def main() -> None:
         res["real_paired"] = real_paired(args.real_paired, params)
         print(f"\n{args.real_paired}: lobes per labelled crop (share)")
         print(pd.DataFrame(res["real_paired"]).T.to_string(float_format=lambda v: f"{v:.2f}"))
+        if args.lobe_sheet is not None:
+            lobe_sheet(args.real_paired, args.lobe_sheet, seed=args.seed)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2) + "\n")
