@@ -107,6 +107,13 @@ def main() -> None:
         help="weight of a supervised contrastive term (Khosla et al. 2020): two augmented "
         "views of each labelled crop of the batch, every crop of the same label a positive",
     )
+    ap.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        help="label smoothing of the supervised cross-entropy (noisy labels: BCCD labels "
+        "whole images, not cells)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -211,7 +218,9 @@ def main() -> None:
                 img, m, _ = augment_rotate(img, m, gen, args.rotate)
             img = augment_stain(img, args.stain_jitter, gen) * m
             mu = enc(img, m)[0]
-            loss = F.cross_entropy(head(mu), torch.as_tensor(lab[idx.numpy()]))
+            loss = F.cross_entropy(
+                head(mu), torch.as_tensor(lab[idx.numpy()]), label_smoothing=args.label_smoothing
+            )
             if args.adversarial_source > 0:
                 # labelled and unlabelled crops alike: a source head learns the data set,
                 # the reversed gradient makes the encoder hide it
