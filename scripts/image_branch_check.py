@@ -239,6 +239,21 @@ def check(
         # single-view code of that crop, as the reconstructions above: the reported
         # latent (``views``, default 8) is pose-free and decodes an average-pose cell
         z_cells = encode_dataset(model, data, rows=rows, views=1).joint
+        if getattr(model, "lobe_head", None) is not None and "image_label" in obs:
+            # what the lobe head draws per labelled kind: its expected count (the drawing
+            # rounds it, vae.lobes.lobe_count) and the share drawn with >= 2 lobes
+            from vae.lobes import lobe_count
+
+            with torch.no_grad():
+                lg = model.decode(torch.from_numpy(z_cells.astype(np.float32))).lobe_logits
+            expect = (torch.softmax(lg.float(), 1) @ torch.arange(1.0, lg.shape[1] + 1)).numpy()
+            drawn = lobe_count(lg).numpy()
+            kinds = obs["image_label"].astype(str).to_numpy()[has_i]
+            for k in sorted(set(kinds) - {"", "nan", UNKNOWN_LABEL}):
+                sel = kinds == k
+                if sel.sum() >= 3:
+                    res[f"lobe_head_expected_{k}"] = float(expect[sel].mean())
+                    res[f"lobe_head_multilobed_share_{k}"] = float((drawn[sel] >= 2).mean())
     else:
         res["ssim_joint"] = float("nan")
 
