@@ -28,6 +28,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+# touching lobes (:func:`cut_lobe_valleys`; docs/vae.md, "Lobes on real crops"): the
+# valley's depth as a share of the lower peak's height above the nucleus edge, the pinch
+# of the outline (neck / half-width: the "narrowest part under half the widest" rule of a
+# segmented nucleus), the smallest part as a share of the nucleus, the peaks' height (OD)
+LOBE_VALLEY_RATIO = 0.2
+LOBE_PINCH_RATIO = 0.5
+LOBE_MIN_FRACTION = 0.1
+LOBE_PEAK_H = 0.02
+
 FEATURES = [
     "granule_count",
     "granule_density",
@@ -60,9 +69,9 @@ class GranuleParams:
     # valley between them falls this share of the way from the lower peak to the nucleus
     # edge level, where the outline pinches (neck <= pinch_ratio x half-width), and each
     # part holds lobe_min_fraction of the nucleus; valley_ratio None: no cuts
-    valley_ratio: float | None = 0.2
-    pinch_ratio: float = 0.5
-    lobe_min_fraction: float = 0.1
+    valley_ratio: float | None = LOBE_VALLEY_RATIO
+    pinch_ratio: float = LOBE_PINCH_RATIO
+    lobe_min_fraction: float = LOBE_MIN_FRACTION
     # lobes: basins of the nucleus distance transform joined by a neck narrower than this
     # share of the smaller basin's half-width count as separate lobes
     neck_ratio: float = 0.3
@@ -189,9 +198,9 @@ def segment_nucleus(
     min_fraction: float = 0.03,
     od_weights: tuple[float, float, float] = NUCLEUS_OD_WEIGHTS,
     granule_radius_px: float = 2.0,
-    valley_ratio: float | None = 0.2,
-    pinch_ratio: float = 0.5,
-    lobe_min_fraction: float = 0.1,
+    valley_ratio: float | None = LOBE_VALLEY_RATIO,
+    pinch_ratio: float = LOBE_PINCH_RATIO,
+    lobe_min_fraction: float = LOBE_MIN_FRACTION,
 ) -> np.ndarray:
     """Nucleus mask: Otsu threshold of :func:`nucleus_stain` inside the cell.
 
@@ -262,10 +271,10 @@ def cut_lobe_valleys(
     stain: np.ndarray,
     nucleus: np.ndarray,
     edge_level: float,
-    valley_ratio: float = 0.2,
-    pinch_ratio: float = 0.5,
-    min_fraction: float = 0.1,
-    peak_h: float = 0.02,
+    valley_ratio: float = LOBE_VALLEY_RATIO,
+    pinch_ratio: float = LOBE_PINCH_RATIO,
+    min_fraction: float = LOBE_MIN_FRACTION,
+    peak_h: float = LOBE_PEAK_H,
 ) -> np.ndarray:
     """The nucleus mask with touching lobes cut apart along the pale valleys between them.
 
