@@ -298,7 +298,9 @@ def main() -> None:
         "knn": history[-1]["knn"],
         "history": history,
     }
-    out = args.out or Path("image_encoder_ceiling.json")
+    # default under outputs/ (git-ignored), not the working directory
+    out = args.out or Path("outputs") / "image_encoder_ceiling.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     print(
         f"supervised encoder: head {res['head']:.3f} | kNN {res['knn']:.3f} | "
