@@ -151,7 +151,7 @@ def test_count_lobes_on_masks():
 
 def _touching_lobes(valley: float, clumps: bool = False, size: int = 64):
     """Cell (r=28) with a nucleus of two overlapping discs (r=8, centres 15 px apart:
-    the outline pinches to ~0.45 of a lobe's half-width, too wide for the outline
+    the outline pinches to ~0.4 of a lobe's half-width after the blur: too wide for the outline
     alone), the stain dimmed by ``valley`` (share of the nuclear density) along the
     line where they touch; ``clumps``: one round nucleus (r=11) with two dense
     chromatin clumps and the same dip between them instead. Returns RGB, cell mask."""
