@@ -141,13 +141,15 @@ def real_paired(paired: Path, params=None) -> dict:
     import anndata as ad
 
     from vae.analysis import granules as G
+    from vae.data import UNKNOWN_LABEL
 
     a = ad.read_h5ad(paired, backed="r")
     obs = a.obs
     if "image_label" not in obs:
         sys.exit(f"{paired}: obs['image_label'] missing (not a stage=pair output?)")
     label = obs["image_label"].astype(str).to_numpy()
-    keep = obs["has_image"].to_numpy(bool) & ~np.isin(label, ["", "nan", "unlabelled"])
+    # unlabelled crops: an empty label (stage=pair), NaN, or the trainer's UNKNOWN_LABEL
+    keep = obs["has_image"].to_numpy(bool) & ~np.isin(label, ["", "nan", UNKNOWN_LABEL])
     out: dict = {}
     for name in sorted(set(label[keep])):
         rows = np.flatnonzero(keep & (label == name))

@@ -242,12 +242,12 @@ def check(
         if getattr(model, "lobe_head", None) is not None and "image_label" in obs:
             # what the lobe head draws per labelled kind: its expected count (the drawing
             # rounds it, vae.lobes.lobe_count) and the share drawn with >= 2 lobes
-            from vae.lobes import lobe_count
+            from vae.lobes import expected_lobes
 
             with torch.no_grad():
                 lg = model.decode(torch.from_numpy(z_cells.astype(np.float32))).lobe_logits
-            expect = (torch.softmax(lg.float(), 1) @ torch.arange(1.0, lg.shape[1] + 1)).numpy()
-            drawn = lobe_count(lg).numpy()
+            expect = expected_lobes(lg).numpy()
+            drawn = np.rint(expect)  # as vae.lobes.lobe_count rounds it
             kinds = obs["image_label"].astype(str).to_numpy()[has_i]
             for k in sorted(set(kinds) - {"", "nan", UNKNOWN_LABEL}):
                 sel = kinds == k

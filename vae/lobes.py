@@ -79,14 +79,19 @@ def lobe_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.where(scored, ce, torch.zeros_like(ce))
 
 
+def expected_lobes(logits: torch.Tensor) -> torch.Tensor:
+    """(B, LOBE_CLASSES) logits -> (B,) float32 expected lobe count under the head."""
+    k = torch.arange(1, LOBE_CLASSES + 1, dtype=torch.float32, device=logits.device)
+    return torch.softmax(logits.float(), dim=1) @ k
+
+
 def lobe_count(logits: torch.Tensor) -> torch.Tensor:
     """(B, LOBE_CLASSES) logits -> (B,) int64 count to draw: the expected count, rounded.
 
     The expectation rather than the most probable class: most training nuclei have one
     lobe, so a cell the head splits between 2 and 4 lobes is drawn with 3, not 1.
     """
-    k = torch.arange(1, LOBE_CLASSES + 1, dtype=torch.float32, device=logits.device)
-    return (torch.softmax(logits.float(), dim=1) @ k).round().long()
+    return expected_lobes(logits).round().long()
 
 
 @contextlib.contextmanager

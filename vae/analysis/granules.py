@@ -247,6 +247,10 @@ def segment_nucleus(
     return cut_lobe_valleys(s, nuc, edge, valley_ratio, pinch_ratio, lobe_min_fraction)
 
 
+# the two 4-neighbour pixel pairings of an image: (left, right) and (top, bottom)
+_NEIGHBOUR_PAIRS = ((np.s_[:, :-1], np.s_[:, 1:]), (np.s_[:-1, :], np.s_[1:, :]))
+
+
 def _border_max(labels: np.ndarray, *fields: np.ndarray) -> list[dict[tuple[int, int], float]]:
     """Per pair of touching labels, the largest ``min(field)`` over their shared border.
 
@@ -255,7 +259,7 @@ def _border_max(labels: np.ndarray, *fields: np.ndarray) -> list[dict[tuple[int,
     distance transform, or the saddle of a stain, between two basins.
     """
     out: list[dict[tuple[int, int], float]] = [{} for _ in fields]
-    for a_sl, b_sl in ((np.s_[:, :-1], np.s_[:, 1:]), (np.s_[:-1, :], np.s_[1:, :])):
+    for a_sl, b_sl in _NEIGHBOUR_PAIRS:
         a, b = labels[a_sl], labels[b_sl]
         sel = (a != b) & (a > 0) & (b > 0)
         lo, hi = np.minimum(a[sel], b[sel]), np.maximum(a[sel], b[sel])
@@ -265,6 +269,14 @@ def _border_max(labels: np.ndarray, *fields: np.ndarray) -> list[dict[tuple[int,
                 if v > d.get(key, -np.inf):
                     d[key] = float(v)
     return out
+
+
+def _find(parent: list[int], i: int) -> int:
+    """Root of ``i`` in the union-find forest ``parent`` (path halving) of a merge tree."""
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
 
 
 def cut_lobe_valleys(
@@ -326,16 +338,9 @@ def cut_lobe_valleys(
     area = np.concatenate([[0.0], np.asarray(ndi.sum(nuc, basins, idx), float)])
     saddle, neck = _border_max(basins, s, dt)
     parent = list(range(n + 1))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
     total = float(nuc.sum())
     for (i, j), v in sorted(saddle.items(), key=lambda kv: -kv[1]):
-        ri, rj = find(i), find(j)
+        ri, rj = _find(parent, i), _find(parent, j)
         if ri == rj:
             continue
         low = min(peak[ri], peak[rj])
@@ -346,9 +351,9 @@ def cut_lobe_valleys(
             parent[rj] = ri
             peak[ri], half[ri] = max(peak[ri], peak[rj]), max(half[ri], half[rj])
             area[ri] += area[rj]
-    lobes = np.array([find(i) for i in range(n + 1)])[basins]
+    lobes = np.array([_find(parent, i) for i in range(n + 1)])[basins]
     cut = np.zeros_like(nuc)
-    for a_sl, b_sl in ((np.s_[:, :-1], np.s_[:, 1:]), (np.s_[:-1, :], np.s_[1:, :])):
+    for a_sl, b_sl in _NEIGHBOUR_PAIRS:
         a, b = lobes[a_sl], lobes[b_sl]
         border = (a != b) & (a > 0) & (b > 0)
         cut[a_sl] |= border
@@ -397,22 +402,15 @@ def split_lobes(
     (necks,) = _border_max(basins, dt)
     parent = list(range(n + 1))
     top = np.concatenate([[0.0], peak])  # widest half-width of each merged set
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
     for (i, j), v in sorted(necks.items(), key=lambda kv: -kv[1]):
-        ri, rj = find(i), find(j)
+        ri, rj = _find(parent, i), _find(parent, j)
         if ri == rj:
             continue
         thin = min(top[ri], top[rj])
         if v >= neck_ratio * thin or thin < min_radius_px:
             parent[rj] = ri
             top[ri] = max(top[ri], top[rj])
-    roots = np.array([find(i) for i in range(n + 1)])
+    roots = np.array([_find(parent, i) for i in range(n + 1)])
     lab = roots[basins]
     lab[~nuc] = 0
     # renumber 1..L
