@@ -12,6 +12,11 @@ and measures on the test split (rows never used for early stopping):
 - masked SSIM of the fused reconstructions (decoded from the single-view posterior mean;
   the latents use the model's ``encode_views`` unless ``--views`` says otherwise);
 - raw-pixel PCA baseline: kNN accuracy of the first ``n_latent`` PCs of the masked crops;
+- morphology kept beyond the labels (``morphology_*``): a ridge from the image code, and
+  from as many raw-pixel PCs, to each feature ``vae.analysis.granules`` measures on the
+  input crop (lobes, nucleus fraction, granule density, cytoplasm hue, saturation, GLCM
+  contrast), fitted on the train+val crops, Spearman on the test crops: all of them and
+  (``_within``) those of the most common label;
 - on real data with a pseudotime (``obs['maturation']``, stage=expression's): the fused
   latent of the test profiles of the maturation stages (the model's maturation classes,
   or ``--stages``) against it: best dim, the maturation axis (dim 0) and within each stage;
@@ -120,6 +125,66 @@ def _pseudotime_check(
             res[f"{key}_vs_pseudotime_within_{st.replace(' ', '_')}"] = _spearman(z[w, j], t[w])
 
 
+# features of vae.analysis.granules.CellFeatures that vary within a cell type (nucleus
+# shape, granularity, cytoplasm colour and texture); cell_area is left out: every crop
+# is cut around its cell, so it measures the framing, not the cell
+MORPHOLOGY_FEATURES = (
+    "lobes",
+    "nucleus_fraction",
+    "granule_density",
+    "cytoplasm_hue",
+    "cytoplasm_saturation",
+    "glcm_contrast",
+)
+
+
+def _morphology(res: dict, data, z: np.ndarray, fit: np.ndarray, test: np.ndarray, y, pix) -> None:
+    """Does the image code keep the measured morphology of held-out crops, beyond labels?
+
+    Ridge from the image code (and, as the baseline, from as many raw-pixel PCs) to each
+    feature the instruments measure on the input crop, fitted on the train+val crops
+    (labelled or not) and scored by Spearman on the test crops: over all test crops and
+    within their most common label (what a strong label head could have erased). Adds
+    ``morphology_{image,pixel_pca}[_within]_<feature>`` and their ``_mean``.
+    """
+    from sklearn.decomposition import PCA
+
+    from vae.analysis import granules as G
+    from vae.analysis.metrics import feature_prediction
+    from vae.data import UNKNOWN_LABEL
+
+    rows = np.concatenate([fit, test])
+    if fit.size <= z.shape[1] or test.size < 10:
+        return
+    crops = data.crops[rows].permute(0, 2, 3, 1).numpy()  # (n, S, S, 3) uint8
+    masks = data.masks[rows, 0].numpy().astype(bool)
+    feats = G.measure_batch(crops * masks[..., None], masks)[list(MORPHOLOGY_FEATURES)]
+    f = feats.to_numpy(float)
+    f_fit, f_test = f[: fit.size], f[fit.size :]
+    pca = PCA(z.shape[1], random_state=0).fit(pix(fit))
+    codes = {
+        "image": (z[fit], z[test]),
+        "pixel_pca": (pca.transform(pix(fit)), pca.transform(pix(test))),
+    }
+    yt = y[test]
+    known = yt[yt != UNKNOWN_LABEL]
+    within = None
+    if known.size:
+        vals, cnt = np.unique(known, return_counts=True)
+        if cnt.max() >= 10:  # feature_prediction's floor of held-out rows
+            within = str(vals[cnt.argmax()])
+            res["morphology_within_label"] = within
+    for name, (zf, zt) in codes.items():
+        subsets = [("", np.ones(test.size, bool))]
+        if within is not None:
+            subsets.append(("_within", yt == within))
+        for tag, sel in subsets:
+            rho = feature_prediction(zf, f_fit, zt[sel], f_test[sel])
+            for feat, r in zip(MORPHOLOGY_FEATURES, rho):
+                res[f"morphology_{name}{tag}_{feat}"] = float(r)
+            res[f"morphology_{name}{tag}_mean"] = float(np.nanmean(rho))
+
+
 def check(
     run: Path,
     paired: Path | None,
@@ -197,6 +262,7 @@ def check(
             res["knn_pixel_pca"] = _knn(
                 pca.transform(pix(rf)), y_all[rf], pca.transform(pix(rt)), y_all[rt]
             )
+        _morphology(res, data, lat_all.image, fit[has_i_all[fit]], test[has_i], y_all, pix)
 
     joint = torch.from_numpy(lat_all.joint[test])
     kl_dim = kl_normal((joint, torch.from_numpy(lat_all.joint_logvar[test]))).mean(0).numpy()

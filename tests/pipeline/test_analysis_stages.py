@@ -413,6 +413,11 @@ def test_image_branch_check_script_on_a_finished_run(tiny_run):
     for k in ("knn_image", "knn_expression", "knn_joint", "knn_pixel_pca"):
         assert 0 <= res[k] <= 1, k
     assert -1 <= res["ssim_joint"] <= 1
+    # morphology kept by the code vs raw-pixel PCs: one score per measured feature
+    for name in ("image", "pixel_pca"):
+        rho = [res[f"morphology_{name}_{f}"] for f in mod.MORPHOLOGY_FEATURES]
+        assert all(np.isnan(r) or -1 <= r <= 1 for r in rho), rho
+        assert np.isfinite(res[f"morphology_{name}_mean"])
     assert (run / "image_branch_recon.png").stat().st_size > 0
 
 

@@ -98,6 +98,26 @@ def test_best_dim_spearman_finds_the_monotone_dim_and_skips_nan():
     assert b.dim == 1 and b.spearman == pytest.approx(-1.0)
 
 
+def test_feature_prediction_reads_features_the_code_holds_and_not_others():
+    rng = np.random.default_rng(1)
+    n = 300
+    shape, colour = rng.normal(size=n), rng.normal(size=n)
+    # the code holds `shape` (scaled, mixed into two dims) and noise; not `colour`
+    z = np.c_[100 * shape + rng.normal(size=n), shape - rng.normal(size=n), rng.normal(size=(n, 3))]
+    feats = np.c_[shape, colour]
+    feats[:7, 0] = np.nan  # unmeasured cells are skipped, not fatal
+    fit, test = slice(0, 200), slice(200, None)
+    rho = M.feature_prediction(z[fit], feats[fit], z[test], feats[test])
+    assert rho.shape == (2,)
+    assert rho[0] > 0.95
+    assert abs(rho[1]) < 0.25
+    # a constant feature, or too few measured cells, has no score
+    flat = M.feature_prediction(z[fit], np.ones(200), z[test], np.ones(100))
+    assert np.isnan(flat).all()
+    with pytest.raises(ValueError, match="do not match"):
+        M.feature_prediction(z[fit], feats[fit], z[test, :2], feats[test])
+
+
 def test_masked_mse_ignores_background_exactly():
     target = np.zeros((2, 4, 4, 3))
     pred = np.zeros((2, 4, 4, 3))
