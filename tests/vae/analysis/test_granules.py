@@ -207,8 +207,11 @@ def test_texture_and_hue():
     b = G.measure_cell(grainy, cell).features
     assert a.glcm_contrast == pytest.approx(0.0)
     assert b.glcm_contrast > 0
-    # pink cytoplasm: hue near red/magenta (> 300 or < 30 degrees)
-    assert a.cytoplasm_hue > 300 or a.cytoplasm_hue < 30
+    # pink cytoplasm: hue near red/magenta, one run of values across red (360)
+    assert 300 < a.cytoplasm_hue < 390
+    orange = img.copy()
+    orange[cell & ~G.segment_nucleus(img, cell)] = (0.95, 0.6, 0.4)
+    assert 370 < G.measure_cell(orange, cell).features.cytoplasm_hue < 400
     blue = img.copy()
     blue[cell & ~G.segment_nucleus(img, cell)] = (0.6, 0.7, 0.95)
     h = G.measure_cell(blue, cell).features.cytoplasm_hue
