@@ -153,9 +153,9 @@ def _morphology(res: dict, data, z: np.ndarray, fit: np.ndarray, test: np.ndarra
     from vae.analysis.metrics import feature_prediction
     from vae.data import UNKNOWN_LABEL
 
-    rows = np.concatenate([fit, test])
-    if fit.size <= z.shape[1] or test.size < 10:
+    if fit.size <= z.shape[1] or test.size < 10:  # too few crops for a ridge / a score
         return
+    rows = np.concatenate([fit, test])
     crops = data.crops[rows].permute(0, 2, 3, 1).numpy()  # (n, S, S, 3) uint8
     masks = data.masks[rows, 0].numpy().astype(bool)
     feats = G.measure_batch(crops * masks[..., None], masks)[list(MORPHOLOGY_FEATURES)]

@@ -114,6 +114,9 @@ def test_feature_prediction_reads_features_the_code_holds_and_not_others():
     # a constant feature, or too few measured cells, has no score
     flat = M.feature_prediction(z[fit], np.ones(200), z[test], np.ones(100))
     assert np.isnan(flat).all()
+    sparse = feats[test].copy()
+    sparse[5:, 0] = np.nan  # 5 measured held-out cells < min_rows
+    assert np.isnan(M.feature_prediction(z[fit], feats[fit], z[test], sparse)[0])
     with pytest.raises(ValueError, match="do not match"):
         M.feature_prediction(z[fit], feats[fit], z[test, :2], feats[test])
 
