@@ -161,10 +161,10 @@ def _morphology(res: dict, data, z: np.ndarray, fit: np.ndarray, test: np.ndarra
     feats = G.measure_batch(crops * masks[..., None], masks)[list(MORPHOLOGY_FEATURES)]
     f = feats.to_numpy(float)
     f_fit, f_test = f[: fit.size], f[fit.size :]
-    pca = PCA(z.shape[1], random_state=0).fit(pix(fit))
+    pca = PCA(z.shape[1], random_state=0)
     codes = {
         "image": (z[fit], z[test]),
-        "pixel_pca": (pca.transform(pix(fit)), pca.transform(pix(test))),
+        "pixel_pca": (pca.fit_transform(pix(fit)), pca.transform(pix(test))),
     }
     yt = y[test]
     known = yt[yt != UNKNOWN_LABEL]
@@ -308,12 +308,12 @@ def check(
         if getattr(model, "lobe_head", None) is not None and "image_label" in obs:
             # what the lobe head draws per labelled kind: its expected count (the drawing
             # rounds it, vae.lobes.lobe_count) and the share drawn with >= 2 lobes
-            from vae.lobes import expected_lobes
+            from vae.lobes import expected_lobes, lobe_count
 
             with torch.no_grad():
                 lg = model.decode(torch.from_numpy(z_cells.astype(np.float32))).lobe_logits
             expect = expected_lobes(lg).numpy()
-            drawn = np.rint(expect)  # as vae.lobes.lobe_count rounds it
+            drawn = lobe_count(lg).numpy()  # the count the drawing cuts
             kinds = obs["image_label"].astype(str).to_numpy()[has_i]
             for k in sorted(set(kinds) - {"", "nan", UNKNOWN_LABEL}):
                 sel = kinds == k
