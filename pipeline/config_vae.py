@@ -24,6 +24,8 @@ class VAEConfig:
     # image branch; crops are resized to image_size when it differs (None: as stored)
     image_size: int | None = None
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])  # one conv per /2
+    # widths of the conv image encoder when they differ from the decoder's (null: channels)
+    encoder_channels: list[int] | None = None
     image_arch: str = "residual"  # residual | plain (the first design: blurred discs)
     texture_noise: bool = False  # residual decoder: learned per-pixel noise (granule texture)
     # what the image encoder sees: rgb | stain (haematoxylin/eosin optical densities,

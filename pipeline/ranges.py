@@ -27,6 +27,7 @@ RANGES: dict[str, str] = {
     "vae.beta": NONNEG,
     "vae.image_size": COUNT,
     "vae.channels": COUNT,
+    "vae.encoder_channels": COUNT,
     "vae.ssim_weight": NONNEG,
     "vae.spectral_weight": NONNEG,
     "vae.granule_weight": NONNEG,

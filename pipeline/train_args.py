@@ -71,6 +71,7 @@ def build_model_args(cfg: DictConfig, data, source: str):
             n_shared=int(v.n_latent),
             n_private=int(v.n_private),
             channels=list(v.channels),
+            encoder_channels=None if v.encoder_channels is None else list(v.encoder_channels),
             hidden=list(v.hidden),
             # no gene (pair=image_only): no expression decoder, the setting is moot
             expression_likelihood=expression_likelihood(

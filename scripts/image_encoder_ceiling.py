@@ -69,6 +69,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="as seed (split and init)")
     ap.add_argument("--encoder", default="conv", help="as vae.image_encoder (conv | resnet18)")
     ap.add_argument(
+        "--channels",
+        default="16,32,64,64",
+        help="conv encoder widths, one per /2 (as vae.encoder_channels)",
+    )
+    ap.add_argument(
         "--backbone-weights", type=Path, default=None, help="as vae.image_backbone_weights"
     )
     ap.add_argument(
@@ -165,7 +170,8 @@ def main() -> None:
         if args.backbone_weights:
             load_backbone(enc, args.backbone_weights)
     else:
-        enc = ImageEncoder(d.crop_size, [16, 32, 64, 64], 24, "residual", args.image_input)
+        channels = [int(c) for c in args.channels.split(",")]
+        enc = ImageEncoder(d.crop_size, channels, 24, "residual", args.image_input)
     head = torch.nn.Linear(24, n_classes)
     src_names, src_code = np.unique(adata.obs["image_source"].astype(str), return_inverse=True)
     src_head = torch.nn.Sequential(

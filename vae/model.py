@@ -58,6 +58,9 @@ class VAEArgs:
         Shared latent dims and private dims per modality.
     channels : list of int
         Conv widths of the image encoder, one stride-2 conv each (decoder mirrors).
+    encoder_channels : list of int or None
+        Widths of the conv image encoder when they differ from the decoder's
+        (``None``: ``channels``); crops must be divisible by ``2 ** len`` of it too.
     hidden : list of int
         MLP widths of the expression encoder (decoder mirrors).
     expression_likelihood : str
@@ -98,6 +101,8 @@ class VAEArgs:
     n_shared: int = 16
     n_private: int = 0
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])
+    # widths of the conv image encoder, one per /2; None: ``channels`` (the decoder's)
+    encoder_channels: list[int] | None = None
     hidden: list[int] = field(default_factory=lambda: [128, 64])
     expression_likelihood: str = "nb"
     image_likelihood: str = "gaussian"
@@ -196,6 +201,14 @@ class VAEArgs:
             raise ValueError(
                 f"crop_size={self.crop_size} must be a positive multiple of 2**len(channels)"
                 f"={down} (channels={self.channels})"
+            )
+        enc = self.encoder_channels
+        if enc is not None and (
+            not enc or self.crop_size % 2 ** len(enc) or self.crop_size < 2 ** len(enc)
+        ):
+            raise ValueError(
+                f"crop_size={self.crop_size} must be a positive multiple of "
+                f"2**len(encoder_channels)={2 ** len(enc)} (encoder_channels={enc})"
             )
         if self.maturation_ranks:
             ranked = {r for r in self.maturation_ranks if r >= 0}
@@ -759,7 +772,11 @@ class TwoBranchVAE(nn.Module):
             self.image_encoder: nn.Module = ResNetImageEncoder(a.crop_size, ns + npv)
         else:
             self.image_encoder = ImageEncoder(
-                a.crop_size, a.channels, ns + npv, a.image_arch, a.image_input
+                a.crop_size,
+                a.encoder_channels or a.channels,
+                ns + npv,
+                a.image_arch,
+                a.image_input,
             )
         self.image_decoder = ImageDecoder(
             a.crop_size,

@@ -34,6 +34,23 @@ def test_unknown_arch_is_refused():
         VAEArgs(n_genes=5, crop_size=64, image_arch="unet")
 
 
+def test_encoder_widths_apart_from_the_decoders():
+    # vae.encoder_channels widens the image encoder alone; the decoder keeps `channels`
+    a = VAEArgs(n_genes=6, crop_size=16, channels=[8, 8], encoder_channels=[16, 32])
+    m = TwoBranchVAE(a)
+    convs = [c for c in m.image_encoder.conv if isinstance(c, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs if c.stride == (2, 2)] == [16, 32]
+    same = TwoBranchVAE(VAEArgs(n_genes=6, crop_size=16, channels=[8, 8]))
+    dec = sum(p.numel() for p in m.image_decoder.parameters())
+    assert dec == sum(p.numel() for p in same.image_decoder.parameters())
+    img, mask = torch.rand(2, 3, 16, 16), torch.ones(2, 1, 16, 16)
+    with torch.no_grad():
+        mu, _ = m.image_encoder(img, mask)
+    assert mu.shape == (2, a.n_shared + a.n_private)
+    with pytest.raises(ValueError, match="encoder_channels"):
+        VAEArgs(n_genes=6, crop_size=16, channels=[8, 8], encoder_channels=[8, 8, 8, 8, 8])
+
+
 def test_old_checkpoint_args_keep_plain_arch():
     # checkpoints written before image_arch existed have no such key, and their
     # state dicts name the plain layers: the plain layout must not move
