@@ -203,6 +203,12 @@ class VAEArgs:
                 f"={down} (channels={self.channels})"
             )
         enc = self.encoder_channels
+        if enc is not None and self.image_encoder != "conv":
+            # the widths are the conv encoder's; silently ignoring them would mislead
+            raise ValueError(
+                f"encoder_channels={enc} is for image_encoder='conv' "
+                f"(got image_encoder={self.image_encoder!r})"
+            )
         if enc is not None and (
             not enc or self.crop_size % 2 ** len(enc) or self.crop_size < 2 ** len(enc)
         ):

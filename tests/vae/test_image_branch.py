@@ -49,6 +49,8 @@ def test_encoder_widths_apart_from_the_decoders():
     assert mu.shape == (2, a.n_shared + a.n_private)
     with pytest.raises(ValueError, match="encoder_channels"):
         VAEArgs(n_genes=6, crop_size=16, channels=[8, 8], encoder_channels=[8, 8, 8, 8, 8])
+    with pytest.raises(ValueError, match="encoder_channels.*conv"):
+        VAEArgs(n_genes=6, crop_size=32, encoder_channels=[8], image_encoder="resnet18")
 
 
 def test_old_checkpoint_args_keep_plain_arch():
