@@ -196,12 +196,6 @@ class VAEArgs:
             raise ValueError(
                 f"encode_views={self.encode_views!r}; valid: {', '.join(map(str, ENCODE_VIEWS))}"
             )
-        down = 2 ** len(self.channels)
-        if not self.channels or self.crop_size % down or self.crop_size < down:
-            raise ValueError(
-                f"crop_size={self.crop_size} must be a positive multiple of 2**len(channels)"
-                f"={down} (channels={self.channels})"
-            )
         enc = self.encoder_channels
         if enc is not None and self.image_encoder != "conv":
             # the widths are the conv encoder's; silently ignoring them would mislead
@@ -209,13 +203,16 @@ class VAEArgs:
                 f"encoder_channels={enc} is for image_encoder='conv' "
                 f"(got image_encoder={self.image_encoder!r})"
             )
-        if enc is not None and (
-            not enc or self.crop_size % 2 ** len(enc) or self.crop_size < 2 ** len(enc)
-        ):
-            raise ValueError(
-                f"crop_size={self.crop_size} must be a positive multiple of "
-                f"2**len(encoder_channels)={2 ** len(enc)} (encoder_channels={enc})"
-            )
+        # one stride-2 conv per width: the crop must halve that many times
+        for name, widths in (("channels", self.channels), ("encoder_channels", enc)):
+            if widths is None:
+                continue
+            down = 2 ** len(widths)
+            if not widths or self.crop_size % down or self.crop_size < down:
+                raise ValueError(
+                    f"crop_size={self.crop_size} must be a positive multiple of "
+                    f"2**len({name})={down} ({name}={widths})"
+                )
         if self.maturation_ranks:
             ranked = {r for r in self.maturation_ranks if r >= 0}
             if len(ranked) < 2 or ranked != set(range(len(ranked))):
