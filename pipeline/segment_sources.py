@@ -35,6 +35,7 @@ from segmentation.progress import bar
 from segmentation.shipped import wants_scale_refinement
 from segmentation.sources import (
     LabelFileError,
+    crop_folder_filters,
     label_for_image,
     list_crop_folder,
     pick_centre_cell,
@@ -200,9 +201,7 @@ def _crop_folder(ctx, src, folder, model, settings, offset):
 
     detector = make_detector(ctx, model)
     files = list_crop_folder(folder, src.max_images)
-    # a crop holds one cell, often touching the border, next to cut neighbours: those
-    # neighbours must not reject it (the crop folder's cell is the one wanted)
-    f = replace(settings.filters, drop_border=False, max_overlap_iou=None, touch_px=None)
+    f = crop_folder_filters(settings.filters)
     tables, crops, masks, rejects = [], [], [], []
     group = max(1, settings.batch_size)
     for g in bar(range(0, len(files), group), desc=src.name, unit="batch", enabled=ctx.is_main):

@@ -124,6 +124,9 @@ class SegmentSettings:
     merge_containment: float = 0.7
     crop_size: int = 128
     crop_margin: float = 0.1
+    # True: a cell smaller than crop_size is enlarged to fill its crop as larger ones are
+    # shrunk (single-cell crop folders of unknown zoom); False: small cells keep their px
+    crop_fill: bool = False
     background_value: int = 0
     match_iou: float = 0.5
     filters: FilterSettings = field(default_factory=FilterSettings)
@@ -300,7 +303,9 @@ def _finish_image(
     kd = det.select(keep)
     km, ko = scale_local_masks(kd.masks, kd.origins, 1.0 / scale, smooth=True)
     src = Detections(kd.boxes / scale, kd.scores, km, ko)
-    crops = extract_crops(image, src, s.crop_size, s.background_value, s.crop_margin)
+    crops = extract_crops(
+        image, src, s.crop_size, s.background_value, s.crop_margin, fill=s.crop_fill
+    )
     table["crop_scale"] = np.nan
     table.loc[keep, "crop_scale"] = crops.scale  # crop px per source px
     # rejected cells worth a look: confident, not a second detection of a kept one

@@ -293,6 +293,7 @@ def extract_crop(
     background_value: int = 0,
     margin: float = 0.1,
     paint: bool = True,
+    fill: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, float, tuple[float, float]]:
     """One square crop centred on a cell.
 
@@ -312,6 +313,10 @@ def extract_crop(
     paint
         Paint outside the mask with ``background_value`` (False: keep the
         neighbourhood, e.g. to show why a cell was rejected).
+    fill
+        A smaller cell is enlarged to the same framing (window = its side plus
+        ``margin``, resized up to S), so every cell fills its crop alike; False keeps
+        a cell that fits at its source px (its size stays visible).
 
     Returns
     -------
@@ -325,7 +330,8 @@ def extract_crop(
     my0, my1 = origin[1] + ys.min(), origin[1] + ys.max() + 1
     cx, cy = (mx0 + mx1) / 2.0, (my0 + my1) / 2.0
     extent = max(mx1 - mx0, my1 - my0)
-    side = max(crop_size, math.ceil(extent * (1.0 + 2.0 * margin)))
+    side = math.ceil(extent * (1.0 + 2.0 * margin))
+    side = max(side, 2) if fill else max(side, crop_size)
     wx0, wy0 = int(math.floor(cx - side / 2.0)), int(math.floor(cy - side / 2.0))
     win = _window_with_pad(image, wx0, wy0, side, background_value)
     # local mask into the window frame
@@ -338,7 +344,8 @@ def extract_crop(
     if side != crop_size:
         # resize the real pixels (neighbours included) so the cell edge never blends
         # with the background value, then cut with the resized mask
-        win = np.asarray(Image.fromarray(win).resize((crop_size, crop_size), Image.Resampling.BOX))
+        up = Image.Resampling.BILINEAR if side < crop_size else Image.Resampling.BOX
+        win = np.asarray(Image.fromarray(win).resize((crop_size, crop_size), up))
         fm = Image.fromarray(wmask.astype(np.float32)).resize(
             (crop_size, crop_size), Image.Resampling.BILINEAR
         )
@@ -356,9 +363,10 @@ def extract_crops(
     background_value: int = 0,
     margin: float = 0.1,
     paint: bool = True,
+    fill: bool = False,
 ) -> Crops:
-    """Crops of every detection in ``det`` (select the kept ones first); ``paint``: see
-    :func:`extract_crop`."""
+    """Crops of every detection in ``det`` (select the kept ones first); ``paint``,
+    ``fill``: see :func:`extract_crop`."""
     n = len(det)
     imgs = np.zeros((n, crop_size, crop_size, 3), np.uint8)
     masks = np.zeros((n, crop_size, crop_size), bool)
@@ -366,7 +374,7 @@ def extract_crops(
     centers = np.zeros((n, 2), np.float32)
     for k in range(n):
         imgs[k], masks[k], scale[k], centers[k] = extract_crop(
-            image, det.masks[k], det.origins[k], crop_size, background_value, margin, paint
+            image, det.masks[k], det.origins[k], crop_size, background_value, margin, paint, fill
         )
     return Crops(imgs, masks, scale, centers)
 

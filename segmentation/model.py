@@ -235,6 +235,7 @@ def build_maskrcnn(
         model = MaskRCNN(
             backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs
         )
+    pin_roi_scales(model)
     if input_scale is not None:
         t = model.transform
         model.transform = ScaleTransform(
@@ -259,6 +260,39 @@ def build_maskrcnn(
             len(res.unexpected_keys),
         )
     return model
+
+
+def pin_roi_scales(model: MaskRCNN, size: int = 256) -> None:
+    """Fix the RoI poolers' feature-map scales once, from a canonical input (in place).
+
+    torchvision's ``MultiScaleRoIAlign`` infers each level's scale from the first
+    batch it pools and keeps it: feature size over the largest *unpadded* image
+    size, rounded to a power of two. A first image much smaller than its padded
+    batch (a 43 px single-cell crop padded to 64: 16 / 43 rounds to 1/2, not 1/4)
+    fixes a wrong scale for the life of the model, and every later image pools its
+    boxes from the wrong place (dozens of spurious detections). The scales depend
+    on the backbone's strides only, so they are set here from a ``size`` px input.
+    """
+    from torchvision.ops.poolers import MultiScaleRoIAlign, _setup_scales
+
+    pools = [getattr(model.roi_heads, k, None) for k in ("box_roi_pool", "mask_roi_pool")]
+    pools = [p for p in pools if isinstance(p, MultiScaleRoIAlign)]
+    if not pools:
+        return
+    bb = model.backbone
+    was_training = bb.training
+    bb.eval()  # no BatchNorm statistics from the dummy input
+    try:
+        dev = next(bb.parameters()).device
+        with torch.no_grad():
+            feats = bb(torch.zeros(1, 3, size, size, device=dev))
+    finally:
+        bb.train(was_training)
+    for pool in pools:
+        x = [v for k, v in feats.items() if k in pool.featmap_names]
+        pool.scales, pool.map_levels = _setup_scales(
+            x, [(size, size)], pool.canonical_scale, pool.canonical_level
+        )
 
 
 def save_checkpoint(

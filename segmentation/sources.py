@@ -18,12 +18,14 @@ arguments only.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from segmentation.cells import ImageCells
+from segmentation.crops import FilterSettings
 from segmentation.io import IMAGE_SUFFIXES
 
 BCCD_IMAGE = "BloodImage_{:05d}.jpg"
@@ -147,6 +149,16 @@ def list_crop_folder(root: str | Path, max_per_class: int | None = None) -> list
     if not out:
         raise FileNotFoundError(f"{root}: no class sub-folder with images (ImageFolder layout)")
     return out
+
+
+def crop_folder_filters(filters: FilterSettings) -> FilterSettings:
+    """The filters of a smear, relaxed for a single-cell crop.
+
+    A crop holds one cell, often touching the crop's border, next to cut
+    neighbours: neither the border nor those neighbours may reject it (the crop's
+    cell is the one wanted; :func:`pick_centre_cell` then keeps it).
+    """
+    return replace(filters, drop_border=False, max_overlap_iou=None, touch_px=None)
 
 
 def pick_centre_cell(cells: ImageCells) -> tuple[int | None, str]:

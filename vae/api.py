@@ -56,6 +56,8 @@ from vae.scverse import latent_obsm
 
 log = logging.getLogger(__name__)
 
+# crop folders: the detector's mask of the centre cell | the whole image is the cell
+CROP_MASKS = ("detector", "whole")
 IMPUTE_METHODS = ("model", "mean")  # missing genes: cell-wise model imputation | reference mean
 UNKNOWN = {"", "nan", "None", "NA"}  # label values that mean "not known"
 # columns this module adds to obs (a user's column of the same name is refused)
@@ -288,6 +290,7 @@ class Study:
         refine_scale: bool | None = None,
         estimate_scale: bool | None = None,
         scale_spread: float | None = SCALE_SPREAD,
+        crop_masks: str = "detector",
     ):
         """Read one input into an AnnData (``(adata, rejects)`` for folders: see below).
 
@@ -298,7 +301,16 @@ class Study:
         kind : ``auto`` (h5ad / expression file by suffix, folders as crops),
             ``h5ad``, ``expression``, ``crops``, ``smears``
         background : pixel value outside the mask (default: the study's ``pair.background_value``)
-        segment_settings, detector_kwargs, estimate_cell_px : for ``smears``
+        crop_masks : for ``crops``: ``detector`` (default) finds the cell of each crop
+            with the study's detector and keeps it with its instance mask, as
+            ``stage=segment`` masks a crop folder (:func:`vae.inputs.query.segment_crop_folder`;
+            a crop with no cell at its centre is a reject row); ``whole`` takes the
+            whole image as the cell (crops already masked, or a study trained on
+            unmasked crops). A study trained on masked crops reads unmasked ones
+            badly: the real chain's test crops, image-only label transfer 0.872
+            masked vs 0.633 whole (docs/embed.md, "Crop folders")
+        segment_settings, detector_kwargs, estimate_cell_px : for ``smears`` and
+            ``crops`` with ``crop_masks="detector"``
             (:func:`vae.inputs.query.segment_smear_folder`; ``estimate_cell_px``
             measures each image's magnification from its white cells, else red cells)
         refine_scale : when the scale is estimated: the detector's own confident white
@@ -349,30 +361,33 @@ class Study:
                 raise StudyError(str(e)) from e
             a.uns["rejects"] = []
             return a
-        if kind == "crops":
+        if kind not in ("crops", "smears"):
+            raise StudyError(f"kind={kind!r}; valid: auto, h5ad, expression, crops, smears")
+        if crop_masks not in CROP_MASKS:
+            raise StudyError(f"crop_masks={crop_masks!r}; valid: {', '.join(CROP_MASKS)}")
+        if kind == "crops" and crop_masks == "whole":
             a, rej = Q.read_crop_folder(p, self.pair_crop_size, bg)
-        elif kind == "smears":
+        else:
             from segmentation.io import UnsafeCheckpointError
             from segmentation.shipped import shipped_detector
 
             try:
                 if self.segmentation_model is None:  # no study detector: the shipped one
                     self.segmentation_model = shipped_detector()
-                a, rej = Q.segment_smear_folder(
+                read = Q.segment_crop_folder if kind == "crops" else Q.segment_smear_folder
+                a, rej = read(
                     p,
                     self.segmentation_model,
-                    segment_settings,
-                    self.device,
-                    detector_kwargs,
-                    estimate_cell_px,
-                    RefineSettings() if refine_scale else refine_scale,  # None: as saved
-                    estimate_scale,
-                    scale_spread,
+                    settings=segment_settings,
+                    device=self.device,
+                    detector_kwargs=detector_kwargs,
+                    estimate_cell_px=estimate_cell_px,
+                    refine=RefineSettings() if refine_scale else refine_scale,  # None: as saved
+                    estimate_scale=estimate_scale,
+                    scale_spread=scale_spread,
                 )
             except (RuntimeError, UnsafeCheckpointError) as e:
                 raise StudyError(str(e)) from e
-        else:
-            raise StudyError(f"kind={kind!r}; valid: auto, h5ad, expression, crops, smears")
         a.uns["rejects"] = rej
         return a
 

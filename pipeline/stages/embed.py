@@ -50,8 +50,12 @@ def _validate(cfg) -> None:
         raise StageError(f"embed.samples_csv={e.samples_csv}: no such file")
     if not 0 <= float(e.max_missing_genes) <= 1:
         raise StageError(f"embed.max_missing_genes={e.max_missing_genes}: must be in [0, 1]")
-    if e.impute not in ("model", "mean"):
-        raise StageError(f"embed.impute={e.impute}: valid: model, mean")
+    from vae.api import CROP_MASKS, IMPUTE_METHODS
+
+    if e.impute not in IMPUTE_METHODS:
+        raise StageError(f"embed.impute={e.impute}: valid: {', '.join(IMPUTE_METHODS)}")
+    if e.crop_masks not in CROP_MASKS:
+        raise StageError(f"embed.crop_masks={e.crop_masks}: valid: {', '.join(CROP_MASKS)}")
     if int(e.impute_iterations) < 1:
         raise StageError(f"embed.impute_iterations={e.impute_iterations}: must be >= 1")
     if e.knn_k is not None and int(e.knn_k) < 1:
@@ -233,8 +237,11 @@ def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> Non
 
 
 def _segment_args(cfg, kind: str) -> dict:
-    """Smears are segmented with the settings of stage=segment (``segmentation.*``)."""
-    if kind != "smears":
+    """``Study.read`` settings: smears and detector-masked crops use stage=segment's."""
+    if kind == "crops":
+        if cfg.embed.crop_masks == "whole":
+            return {"crop_masks": "whole"}
+    elif kind != "smears":
         return {}
     from pipeline.stages.segment import detector_kwargs, settings_from_config
 

@@ -159,7 +159,9 @@ def test_crops_and_expression_with_samples(study: Path):
         var=pd.DataFrame(index=[*genes, "NOT_A_MODEL_GENE"]),
     )
     x.write_h5ad(study / "expr.h5ad")
-    _embed(study, "ce", f"embed.crops={study / 'crops'}", f"embed.expression={study / 'expr.h5ad'}")
+    # toy crops, no detector: the whole image is the cell (the detector mode: below)
+    crops = [f"embed.crops={study / 'crops'}", "embed.crop_masks=whole"]
+    _embed(study, "ce", *crops, f"embed.expression={study / 'expr.h5ad'}")
     d = study / "out" / "ce" / "embed"
     q = ad.read_h5ad(d / "query.h5ad")
     assert q.n_obs == 8 + e.n_obs
@@ -331,6 +333,7 @@ def test_smears_go_through_segment_and_empty_ones_are_rejects(study: Path, tmp_p
         "sm",
         f"embed.smears={tmp_path / 'smears'}",
         f"embed.crops={tmp_path / 'crops'}",
+        "embed.crop_masks=whole",
         f"paths.inputs.segmentation_model={tmp_path / 'det.pt'}",
         "segmentation.score_threshold=1.0",
     )
@@ -432,3 +435,50 @@ def test_study_without_a_detector_segments_smears_with_the_shipped_one(study: Pa
     # BCCD was trained at 0.21 network px per image px; the estimates land near it
     scales = np.array(list(a.uns["input_scales"].values()))
     assert len(scales) == 2 and np.all(np.abs(scales / 0.21 - 1) < 0.15)
+
+
+CROPS = BCCD.parent.parent / "cells" / "bccd_cropped"
+
+
+@pytest.mark.skipif(not CROPS.is_dir(), reason="needs ../shared/data (bccd_cropped)")
+def test_crop_folder_cells_get_the_detectors_mask(study: Path, tmp_path):
+    """embed.crops (default crop_masks=detector): each crop's centre cell with its
+    instance mask, as stage=segment masks a crop folder; a crop without one is a reject
+    row, never the whole square; crop_masks=whole keeps the whole image."""
+    import shutil
+
+    from vae.api import Study, StudyError
+
+    names = ["Neutrophil/BloodImage_00006_1.jpg", "Eosinophil/BloodImage_00041_1.jpg"]
+    for n in names:
+        (tmp_path / "crops" / "pat").mkdir(parents=True, exist_ok=True)
+        shutil.copy(CROPS / n, tmp_path / "crops" / "pat" / Path(n).name)
+    blank = np.full((200, 200, 3), (235, 225, 225), np.uint8)  # no cell at all
+    Image.fromarray(blank).save(tmp_path / "crops" / "pat" / "blank.png")
+    s = Study.load(study / "out" / "s")
+    a = s.read(tmp_path / "crops", kind="crops")
+    assert list(a.obs_names) == ["pat/BloodImage_00006_1.jpg", "pat/BloodImage_00041_1.jpg"]
+    assert (a.obs["sample"] == "pat").all()
+    m = a.obsm["masks"]
+    frac = m.mean(axis=(1, 2))
+    # a cell with its mask: the centre and most of the crop (cells fill their crops), not
+    # the square, and the background outside it is the background value
+    assert np.all((frac > 0.3) & (frac < 0.9)), frac
+    c = m.shape[1] // 2
+    assert m[:, c, c].all()
+    assert (a.obsm["crops"][~m] == 0).all()
+    rej = a.uns["rejects"]
+    assert [Path(r["item"]).name for r in rej] == ["blank.png"]
+    assert rej[0]["reason"].startswith("no mask")
+    w = s.read(tmp_path / "crops", kind="crops", crop_masks="whole")
+    assert w.n_obs == 3 and w.obsm["masks"].all()
+    with pytest.raises(StudyError, match="crop_masks='box'"):
+        s.read(tmp_path / "crops", kind="crops", crop_masks="box")
+    # the stage: the same rows, and a bad setting is refused before anything is written
+    d = _embed(study, "cm", f"embed.crops={tmp_path / 'crops'}")
+    q = ad.read_h5ad(d / "query.h5ad")
+    assert list(q.obs_names) == list(a.obs_names)
+    assert "blank.png" in pd.read_csv(d / "rejects.csv")["item"].iloc[0]
+    with pytest.raises(StageError, match="embed.crop_masks=box"):
+        _embed(study, "cm2", f"embed.crops={tmp_path / 'crops'}", "embed.crop_masks=box")
+    assert not (study / "out" / "cm2" / "embed").exists()

@@ -334,6 +334,55 @@ def test_large_cell_is_resized_and_border_cell_padded():
     assert scale == 1.0 and (crop[~cmask] == 5).all() and cmask.sum() == edge.sum()
 
 
+def test_fill_enlarges_a_small_cell_to_the_framing_of_a_large_one():
+    """fill=True (crop folders): a cell smaller than the crop fills it as a large one does."""
+    h, w = 200, 200
+    image = np.full((h, w, 3), 200, np.uint8)
+    for r in (6, 40):  # 13 px and 81 px cells, crop 32
+        m = disc(h, w, 100, 100, r)
+        det = Detections.from_masks([m], [0.9])
+        crop, cmask, scale, _ = extract_crop(
+            image, det.masks[0], det.origins[0], 32, 5, margin=0.1, fill=True
+        )
+        side = np.ceil((2 * r + 1) * 1.2)
+        assert scale == pytest.approx(32 / side)
+        ys, xs = np.nonzero(cmask)  # the cell spans 1 / 1.2 of the crop, whatever its size
+        assert abs((xs.max() - xs.min() + 1) - 32 / 1.2) <= 1.5
+        assert (crop[~cmask] == 5).all() and (crop[cmask] == 200).all()
+    small = disc(h, w, 100, 100, 6)  # without fill it keeps its source px
+    det = Detections.from_masks([small], [0.9])
+    crop, cmask, scale, _ = extract_crop(image, det.masks[0], det.origins[0], 32, 5)
+    assert scale == 1.0 and cmask.sum() == small.sum()
+
+
+def test_roi_scales_do_not_depend_on_the_first_image():
+    """torchvision infers the RoI poolers' scales from the first batch and keeps them; a
+    first image much smaller than its padded batch (43 px -> 64) used to fix the stride-4
+    level at 1/2, and every later image gave dozens of spurious boxes. They are pinned at
+    build time now, so a detector's answer does not depend on what it saw first."""
+    from segmentation.inference import MaskRCNNDetector
+    from segmentation.model import build_maskrcnn
+
+    def fresh():
+        torch.manual_seed(0)
+        m = build_maskrcnn("resnet18_fpn", min_size=64, max_size=64)
+        return MaskRCNNDetector(m.eval(), "cpu", score_floor=0.0, cpu_bf16=False)
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (43, 43, 3), dtype=np.uint8)
+    cell = rng.integers(0, 256, (47, 47, 3), dtype=np.uint8)
+    first = fresh()
+    pools = (first.model.roi_heads.box_roi_pool, first.model.roi_heads.mask_roi_pool)
+    assert all(p.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32] for p in pools)
+    first([small])
+    after = first([cell])[0]
+    assert all(p.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32] for p in pools)
+    alone = fresh()([cell])[0]
+    assert len(after) == len(alone) > 0
+    assert np.allclose(after.boxes, alone.boxes, atol=1e-3)
+    assert np.allclose(after.scores, alone.scores, atol=1e-5)
+
+
 def test_segment_image_copies_matched_truth():
     h, w = 160, 200
     labels = np.zeros((h, w), np.int32)

@@ -10,6 +10,7 @@ the folder get the folder's own name).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def _is_image(p: Path) -> bool:
 
 
 def read_crop_folder(folder: str | Path, size: int, background: int = 0):
-    """Single-cell crop images (no masks) -> ``(AnnData, rejects)``.
+    """Single-cell crop images, each taken whole as the cell -> ``(AnnData, rejects)``.
 
     Each image is squared (padding marked outside the mask), resized to
     ``size`` px with the pairing's :func:`vae.inputs.pairing.square_crop`, as
@@ -90,6 +91,7 @@ def segment_smear_folder(
     refine: Any = None,
     estimate_scale: bool | None = None,
     scale_spread: float | None = SCALE_SPREAD,
+    centre_cell: bool = False,
 ):
     """Detect and crop the white cells of every smear image -> ``(AnnData, rejects)``.
 
@@ -121,6 +123,11 @@ def segment_smear_folder(
         this factor of the median estimate of the images of its (sub-)folder and
         pixel size (:func:`segmentation.autoscale.pooled_estimates`); None: each
         image on its own
+    centre_cell : the images are single-cell crops (:func:`segment_crop_folder`):
+        filters relaxed for a crop (:func:`segmentation.sources.crop_folder_filters`),
+        one row per image, the kept detection that covers the image centre
+        (:func:`segmentation.sources.pick_centre_cell`), indexed ``sample/file name``
+        as :func:`read_crop_folder` does; an image without one is a reject row
     """
     import anndata as ad
 
@@ -131,6 +138,7 @@ def segment_smear_folder(
     from segmentation.magnification import RefineSettings
     from segmentation.model import load_checkpoint
     from segmentation.shipped import wants_scale_estimate, wants_scale_refinement
+    from segmentation.sources import crop_folder_filters, pick_centre_cell
     from segmentation.table import obs_frame
 
     model, ckpt = load_checkpoint(model_path, map_location=device)
@@ -141,6 +149,8 @@ def segment_smear_folder(
     refine = refine or None  # False: the estimate alone
     if settings is None:
         settings = SegmentSettings(input_scale=float(ckpt.get("input_scale") or 1.0))
+    if centre_cell:  # a crop's cell fills its crop, whatever the zoom it was cut at
+        settings = replace(settings, filters=crop_folder_filters(settings.filters), crop_fill=True)
     det = MaskRCNNDetector(model, device, **(detector_kwargs or {}))
     folder = Path(folder)
     frames, crops, masks, rejects, scales = [], [], [], [], {}
@@ -175,13 +185,26 @@ def segment_smear_folder(
             cells = segment_images(det, [rd.image], [p.name], settings, id_prefixes=[prefix])[0]
         tab = cells.table
         kept = tab[tab["kept"]].copy()
-        if not len(kept):
+        if centre_cell:
+            pos, reason = pick_centre_cell(cells)
+            if pos is None:
+                rejects.append(
+                    {"input": str(folder), "item": str(p), "reason": f"no mask: {reason}"}
+                )
+                continue
+            kept = kept.iloc[[pos]].copy()
+            kept["cell_id"] = f"{sample}/{p.name}"
+            kept["image"] = p.name
+            crops.append(cells.crops.images[pos : pos + 1])
+            masks.append(cells.crops.masks[pos : pos + 1])
+        elif not len(kept):
             rejects.append({"input": str(folder), "item": str(p), "reason": "no cells kept"})
             continue
+        else:
+            crops.append(cells.crops.images)
+            masks.append(cells.crops.masks)
         kept["sample"] = sample
         frames.append(kept)
-        crops.append(cells.crops.images)
-        masks.append(cells.crops.masks)
     s = settings.crop_size
     if frames:
         obs = obs_frame(pd.concat(frames, ignore_index=True))
@@ -192,3 +215,24 @@ def segment_smear_folder(
     a.obsm["masks"] = np.concatenate(masks) if masks else np.zeros((0, s, s), bool)
     a.uns["input_scales"] = scales
     return a, rejects
+
+
+def segment_crop_folder(folder: str | Path, model_path: str | Path, **kwargs):
+    """Masks for single-cell crops from the detector -> ``(AnnData, rejects)``.
+
+    What ``stage=segment`` does for a ``crop_folder`` source, for new crops: the
+    detector runs on each crop image (its magnification estimated as for smears
+    when the detector asks for it), and the kept detection that covers the image
+    centre becomes the cell, with its instance mask, cut and resized like every
+    other cell (``settings.crop_size``). A model trained on masked crops must not
+    see the background and the neighbouring cells of the whole image. A crop
+    where no detection covers the centre is a reject row (``no mask: ...``), never
+    scored as the whole square.
+
+    Parameters
+    ----------
+    folder : crop images, or sub-folders of them (one per sample)
+    model_path : detector checkpoint (``segment_train/model.pt`` or the shipped one)
+    **kwargs : the settings of :func:`segment_smear_folder`
+    """
+    return segment_smear_folder(folder, model_path, centre_cell=True, **kwargs)
