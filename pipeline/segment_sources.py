@@ -7,8 +7,9 @@ source's class list where that is unambiguous
 (:func:`segmentation.sources.label_for_image`), else enter unlabelled. Each
 ``kind=crop_folder`` source (ImageFolder of single-cell crops without masks) is
 run crop by crop; the kept detection covering the crop centre gives the mask
-(:func:`segmentation.sources.pick_centre_cell`), the folder the label; a crop
-without one is a ``rejects.csv`` row. All cells go into one ``cells.h5ad``
+(:func:`segmentation.sources.pick_centre_cell`), the folder the label, and the
+cell fills its crop whatever the zoom the crop was cut at (``crop_fill``, as
+``stage=embed`` reads crop folders); a crop without one is a ``rejects.csv`` row. All cells go into one ``cells.h5ad``
 (``obs``: ``source``, ``label``, ``label_status``, ``mode``).
 
 Runs on rank 0 only (other DDP ranks return at once).
@@ -216,7 +217,7 @@ def _crop_folder(ctx, src, folder, model, settings, offset):
                 continue
             good.append((i, rel, cls, rd.image, _scale(src, settings.input_scale, path)))
         for i, rel, cls, img, scale in good:  # scales may differ: one call per crop
-            s = replace(settings, input_scale=scale, filters=f)
+            s = replace(settings, input_scale=scale, filters=f, crop_fill=True)
             cells = segment_images(detector, [img], [rel], s, id_prefixes=[f"{src.name}/{rel}"])[0]
             pos, reason = pick_centre_cell(cells)
             if pos is None:
