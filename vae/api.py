@@ -56,6 +56,8 @@ from vae.scverse import latent_obsm
 
 log = logging.getLogger(__name__)
 
+# label transfer: which reference cells and codes a query is read against
+LABEL_MODALITIES = ("joint", "image", "expression")
 # crop folders: the detector's mask of the centre cell | the whole image is the cell
 CROP_MASKS = ("detector", "whole")
 IMPUTE_METHODS = ("model", "mean")  # missing genes: cell-wise model imputation | reference mean
@@ -695,39 +697,68 @@ class Study:
         return table[modality]
 
     # ------------------------------------------------------- label transfer
-    def transfer_labels(self, z: np.ndarray, k: int | None = None) -> pd.DataFrame:
+    def transfer_labels(
+        self, z: np.ndarray, k: int | None = None, modality: str = "joint"
+    ) -> pd.DataFrame:
         """kNN label transfer from the reference latent.
 
         Parameters
         ----------
-        z : (n, n_shared) query latent means (``obsm["X_vae"]``)
+        z : query codes: (n, n_shared) fused means (``obsm["X_vae"]``) for
+            ``modality="joint"``; (n, n_shared + n_private) codes of one expert
+            (:func:`vae.analysis.anomaly.latent_modalities` of the query) for
+            ``image`` / ``expression``
         k : neighbours (default ``analysis.knn_k`` of the study, 15)
+        modality : which reference cells and codes ``z`` is read against.
+            ``joint``: ``X_vae`` of every labelled reference cell. ``image``: the
+            image code (``X_vae_image`` + ``X_vae_private_image``) of the labelled
+            reference cells that have a crop: a cell seen only as an image takes
+            its label from cells whose image was seen, not from expression
+            profiles that share its latent neighbourhood (in a study paired by
+            label, e.g. the real chain, those carry classes no crop has, such as
+            megakaryocytes). ``expression``: likewise with the expression code.
 
         Returns
         -------
-        DataFrame with ``label`` (majority of the k nearest labelled
-        reference cells in ``X_vae``, Euclidean) and ``confidence`` (fraction of
-        those k that carry it, in [0, 1]).
+        DataFrame with ``label`` (majority of the k nearest such reference cells,
+        Euclidean) and ``confidence`` (fraction of those k that carry it, in [0, 1]).
         """
         from sklearn.neighbors import KNeighborsClassifier
+
+        from vae.analysis.anomaly import latent_modalities
 
         ref = self.reference
         if self.label_key not in ref.obs:
             raise StudyError(
                 f"{self.latent_path}: obs[{self.label_key!r}] is missing (analysis.label_key)"
             )
+        if modality not in LABEL_MODALITIES:
+            raise StudyError(f"modality={modality!r}; valid: {', '.join(LABEL_MODALITIES)}")
         lab = ref.obs[self.label_key].astype(str).to_numpy()
         known = ~np.isin(lab, list(UNKNOWN))
+        if modality == "joint":
+            codes = np.asarray(ref.obsm["X_vae"], np.float64)
+        else:
+            npv = int(self.meta["n_private"])
+            codes = latent_modalities(ref, self.n_shared, npv)[modality]
+            flag = HAS_IMAGE if modality == "image" else HAS_EXPRESSION
+            if flag in ref.obs:
+                known &= ref.obs[flag].to_numpy().astype(bool)
+        known &= np.isfinite(codes).all(1)
         if not known.any():
-            raise StudyError(f"{self.latent_path}: no reference cell has a known label")
+            raise StudyError(
+                f"{self.latent_path}: no reference cell has a known label"
+                + ("" if modality == "joint" else f" and a {modality} code")
+            )
         z = np.asarray(z, np.float64)
-        if z.ndim != 2 or z.shape[1] != self.n_shared:
-            raise StudyError(f"transfer_labels: z must be (n, {self.n_shared}); got {z.shape}")
+        if z.ndim != 2 or z.shape[1] != codes.shape[1]:
+            raise StudyError(
+                f"transfer_labels: z must be (n, {codes.shape[1]}) for modality={modality!r}; "
+                f"got {z.shape}"
+            )
         k = int(k or self.analysis.get("knn_k") or 15)
         k = max(1, min(k, int(known.sum())))
-        clf = KNeighborsClassifier(n_neighbors=k).fit(
-            np.asarray(ref.obsm["X_vae"], np.float64)[known], lab[known]
-        )
+        clf = KNeighborsClassifier(n_neighbors=k).fit(codes[known], lab[known])
         if len(z) == 0:
             return pd.DataFrame({"label": pd.Series([], dtype=str), "confidence": []})
         proba = clf.predict_proba(z)
@@ -893,7 +924,9 @@ class Study:
         -------
         AnnData with the input's obs columns untouched plus ``vae_modality``
         (image / expression / both), ``vae_label`` + ``vae_label_confidence``
-        (:meth:`transfer_labels`), ``vae_maturation`` + ``vae_stage``
+        (:meth:`transfer_labels`: a cell with both modalities on the fused code,
+        an image-only cell on its image code against the reference cells with a
+        crop, an expression-only one likewise), ``vae_maturation`` + ``vae_stage``
         (:meth:`maturation_position`; NaN / "" when the study has no path), the
         atypical-cell scores of :meth:`anomaly_scores` (``anomaly_*``); ``obsm``: ``X_vae``, ``X_vae_image``, ``X_vae_expression``,
         ``X_vae_full``, ``X_vae_logvar`` (+ private blocks), ``crops``/``masks``
@@ -921,9 +954,22 @@ class Study:
         for col, v in self.anomaly_scores(data, lat).items():
             out.obs[col] = v.to_numpy(dtype=np.float32)  # float32 as in latent.h5ad
         out = out[keep].copy()
-        lab = self.transfer_labels(out.obsm["X_vae"])
-        out.obs["vae_label"] = lab["label"].to_numpy().astype(str)
-        out.obs["vae_label_confidence"] = lab["confidence"].to_numpy()
+        # each cell is read against reference cells with the modalities it has
+        from vae.analysis.anomaly import latent_modalities
+
+        codes = latent_modalities(out, ns, npv)
+        label = np.full(out.n_obs, "", dtype=object)
+        conf = np.full(out.n_obs, np.nan)
+        mod = out.obs["vae_modality"].to_numpy()
+        for m, lm in (("both", "joint"), ("image", "image"), ("expression", "expression")):
+            rows = np.flatnonzero(mod == m)
+            if rows.size:
+                z = out.obsm["X_vae"][rows] if lm == "joint" else codes[lm][rows]
+                lab = self.transfer_labels(z, modality=lm)
+                label[rows] = lab["label"].to_numpy().astype(str)
+                conf[rows] = lab["confidence"].to_numpy()
+        out.obs["vae_label"] = label.astype(str)
+        out.obs["vae_label_confidence"] = conf
         try:
             mp = self.maturation_position(out.obsm["X_vae_full"])
             out.obs["vae_maturation"] = mp["position"].to_numpy()

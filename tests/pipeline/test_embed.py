@@ -283,6 +283,47 @@ def test_api_genes_by_name_path_and_decode(study: Path):
         st.get_latent(bad)
 
 
+def test_each_cell_is_labelled_from_reference_cells_with_its_modalities(study: Path):
+    """An image-only cell takes its label from reference cells with a crop (image codes),
+    never from a class that only expression profiles carry; both-modality cells read
+    the fused code as before."""
+    from vae.analysis.anomaly import latent_modalities
+    from vae.api import Study, StudyError
+
+    st = Study.load(study / "out" / "s")
+    ref = st.reference
+    img = ref.obs["has_image"].to_numpy().astype(bool)
+    expr_only = ref.obs["has_expression"].to_numpy().astype(bool) & ~img
+    assert img.any() and expr_only.any()
+    lab = ref.obs[st.label_key].astype(str).to_numpy().copy()
+    lab[expr_only] = "profile_only"  # a class no crop of the study has
+    ref.obs[st.label_key] = lab
+    npv = int(st.meta["n_private"])
+    codes = latent_modalities(ref, st.n_shared, npv)
+    # every reference cell read by its image code, k = all crops: never profile_only
+    every = st.transfer_labels(codes["image"][img], k=int(img.sum()), modality="image")
+    assert "profile_only" not in set(every["label"])
+    # k=1 on the reference's own crops gives their own labels back
+    own = st.transfer_labels(codes["image"][img], k=1, modality="image")
+    assert (own["label"].to_numpy() == lab[img]).all()
+    # the fused reading does carry it (the profiles' own codes, k=1)
+    joint = st.transfer_labels(ref.obsm["X_vae"][expr_only], k=1)
+    assert (joint["label"] == "profile_only").all()
+    # Study.embed: image-only rows go the image way
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    q = paired[paired.obs["has_image"].to_numpy()].copy()
+    q.X = np.zeros_like(q.X)
+    q.layers["counts"] = np.zeros_like(q.layers["counts"])
+    q.obs["has_expression"] = False
+    out = st.embed(q)
+    assert (out.obs["vae_modality"] == "image").all()
+    assert "profile_only" not in set(out.obs["vae_label"])
+    with pytest.raises(StudyError, match="modality='pixels'"):
+        st.transfer_labels(codes["image"][:2], modality="pixels")
+    with pytest.raises(StudyError, match="must be"):
+        st.transfer_labels(codes["image"][:2, :1], modality="image")
+
+
 def test_sample_profile_definitions():
     from vae.analysis.samples import sample_profile
 
