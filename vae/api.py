@@ -676,7 +676,11 @@ class Study:
 
         Parameters
         ----------
-        data : AnnData, ``.h5ad`` / expression file, or a folder (see :meth:`read`)
+        data : AnnData, ``.h5ad`` / expression file, or a folder (see :meth:`read`).
+            A folder gives one row per cell found, in :meth:`read`'s order: for crops,
+            the images where the detector found a centre cell (the others are
+            ``uns["rejects"]`` of ``read``); to keep the names, ``read`` first and
+            pass the AnnData
         kind : how to read a path (:meth:`read`)
         modality : ``joint`` (every modality a row has), ``image`` or
             ``expression`` (that modality only; NaN rows where it is absent),
