@@ -28,6 +28,9 @@ LOBE_CLASSES = 5  # counts 1..5; a count above 5 is scored as 5
 LOBE_CUT_HALF_WIDTH = 1.0  # px: half the width of a cut between two drawn lobes
 LOBE_ANGLE_BINS = 36  # angular profile of the nucleus, for where the first cut goes
 NUCLEUS_MARGIN_PX = 2  # px: cuts reach this far beyond the nucleus mask (its soft edge), no further
+# px: next to a cut, each lobe is opened with a disc of this radius, so lobes end in
+# rounded ends with a notch between them instead of a straight slit through a disc
+LOBE_ROUND_PX = 2
 
 
 class LobeHead(nn.Module):
@@ -114,6 +117,7 @@ def carve_lobes(
     count: torch.Tensor,
     sharpness: float = 1.0,
     half_width: float = LOBE_CUT_HALF_WIDTH,
+    round_px: int | None = None,
 ) -> torch.Tensor:
     """Cut each nucleus mask into ``count`` lobes by radial cuts from its centre.
 
@@ -128,6 +132,10 @@ def carve_lobes(
     count : (B,) int lobes to draw
     sharpness : gain on the logits that the drawing uses (for the centroid weights)
     half_width : px, half the width of each cut
+    round_px : px; within ``round_px + 2`` px of a cut, nucleus pixels that a
+        morphological opening with a disc of this radius removes are cut too: the
+        corners each straight cut leaves are rounded off (0: straight cuts only;
+        None: ``LOBE_ROUND_PX``)
 
     Returns
     -------
@@ -168,7 +176,29 @@ def carve_lobes(
         (p > 0.5).to(dt)[:, None], 2 * NUCLEUS_MARGIN_PX + 1, 1, NUCLEUS_MARGIN_PX
     )
     cut = cut[:, None] * inside
+    round_px = LOBE_ROUND_PX if round_px is None else int(round_px)
+    if round_px > 0:
+        nuc = (p > 0.5).to(dt)[:, None] * (1 - cut)
+        reach = round_px + 2
+        near = F.max_pool2d(cut, 2 * reach + 1, 1, reach)
+        cut = torch.maximum(cut, nuc * (1 - _open_disc(nuc, round_px)) * near)
     return logits - 30.0 * cut, cut
+
+
+def _open_disc(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Morphological opening of (B, 1, S, S) {0, 1} masks with a disc of ``radius`` px.
+
+    Erosion then dilation by convolution with the disc (outside the square counts as
+    inside for the erosion, so a nucleus touching the edge is not eaten from there).
+    """
+    r = int(radius)
+    c = torch.arange(-r, r + 1, dtype=mask.dtype, device=mask.device)
+    disc = ((c.view(-1, 1) ** 2 + c.view(1, -1) ** 2) <= r * r + 0.5).to(mask.dtype)
+    w = disc.view(1, 1, 2 * r + 1, 2 * r + 1)
+    full = float(disc.sum())
+    padded = F.pad(mask, (r, r, r, r), value=1.0)
+    eroded = (F.conv2d(padded, w) >= full - 0.5).to(mask.dtype)
+    return (F.conv2d(eroded, w, padding=r) > 0.5).to(mask.dtype)
 
 
 def fill_cuts(

@@ -76,6 +76,27 @@ def test_two_blobs_are_cut_between_them_first():
     assert count_lobes((carved[0, 0] > 0).numpy()) == 2
 
 
+def test_cut_corners_are_rounded_next_to_the_cut_only():
+    """round_px > 0: the corners a straight cut leaves in a disc nucleus are cut off too
+    (the lobes end round, a notch between them), only next to the cut; the count and
+    the rest of the outline stay."""
+    from scipy import ndimage as ndi
+
+    disc = _ring(r_in=-1.0, r_out=12.0)  # a filled disc
+    _, straight = carve_lobes(disc, torch.tensor([2]), sharpness=8.0, round_px=0)
+    carved, rounded = carve_lobes(disc, torch.tensor([2]), sharpness=8.0, round_px=2)
+    a, b = straight[0, 0].bool().numpy(), rounded[0, 0].bool().numpy()
+    assert (b >= a).all()
+    extra = b & ~a
+    assert extra.sum() >= 4  # the corners at both ends of the cut
+    assert ndi.distance_transform_edt(~a)[extra].max() <= 4.0 + 1e-6
+    assert count_lobes((carved[0, 0] > 0).numpy()) == 2
+    # the notch: the cut is wider where it leaves the disc than at the centre
+    nucleus = (disc[0, 0] > 0).numpy()
+    rim = nucleus & ~ndi.binary_erosion(nucleus, iterations=3)
+    assert b[rim].sum() > a[rim].sum()
+
+
 def test_counts_rows_independently():
     logits = _ring().repeat(3, 1, 1, 1)
     carved, _ = carve_lobes(logits, torch.tensor([1, 3, 4]), sharpness=8.0)
