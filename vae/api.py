@@ -309,8 +309,9 @@ class Study:
             a crop with no cell at its centre is a reject row); ``whole`` takes the
             whole image as the cell (crops already masked, or a study trained on
             unmasked crops). A study trained on masked crops reads unmasked ones
-            badly: the real chain's test crops, image-only label transfer 0.872
-            masked vs 0.633 whole (docs/embed.md, "Crop folders")
+            badly: on the real chain's test crops label transfer 0.851 masked by
+            the detector vs 0.604 whole, five seeds (docs/embed.md, "Crop folders:
+            what the mask buys")
         segment_settings, detector_kwargs, estimate_cell_px : for ``smears`` and
             ``crops`` with ``crop_masks="detector"``
             (:func:`vae.inputs.query.segment_smear_folder`; ``estimate_cell_px``
@@ -709,9 +710,11 @@ class Study:
         Parameters
         ----------
         z : query codes: (n, n_shared) fused means (``obsm["X_vae"]``) for
-            ``modality="joint"``; (n, n_shared + n_private) codes of one expert
-            (:func:`vae.analysis.anomaly.latent_modalities` of the query) for
-            ``image`` / ``expression``
+            ``modality="joint"``; for ``image`` / ``expression`` the codes of that
+            expert, (n, n_shared + n_private) (:func:`vae.analysis.anomaly.latent_modalities`
+            of the query) or its shared dims only, (n, n_shared)
+            (``get_latent(..., modality=...)``, ``obsm["X_vae_image"]``), read
+            against the same dims of the reference
         k : neighbours (default ``analysis.knn_k`` of the study, 15)
         modality : which reference cells and codes ``z`` is read against.
             ``joint``: ``X_vae`` of every labelled reference cell. ``image``: the
@@ -755,11 +758,13 @@ class Study:
                 + ("" if modality == "joint" else f" and a {modality} code")
             )
         z = np.asarray(z, np.float64)
-        if z.ndim != 2 or z.shape[1] != codes.shape[1]:
+        widths = sorted({codes.shape[1], self.n_shared})
+        if z.ndim != 2 or z.shape[1] not in widths:
             raise StudyError(
-                f"transfer_labels: z must be (n, {codes.shape[1]}) for modality={modality!r}; "
-                f"got {z.shape}"
+                f"transfer_labels: z must be (n, {' or '.join(map(str, widths))}) for "
+                f"modality={modality!r}; got {z.shape}"
             )
+        codes = codes[:, : z.shape[1]]  # an expert's shared dims: the reference's too
         k = int(k or self.analysis.get("knn_k") or 15)
         k = max(1, min(k, int(known.sum())))
         clf = KNeighborsClassifier(n_neighbors=k).fit(codes[known], lab[known])

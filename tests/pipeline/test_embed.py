@@ -322,6 +322,9 @@ def test_each_cell_is_labelled_from_reference_cells_with_its_modalities(study: P
         st.transfer_labels(codes["image"][:2], modality="pixels")
     with pytest.raises(StudyError, match="must be"):
         st.transfer_labels(codes["image"][:2, :1], modality="image")
+    # an expert's shared dims alone (get_latent(..., modality="image")) read the same dims
+    shared = st.transfer_labels(codes["image"][img, : st.n_shared], k=1, modality="image")
+    assert (shared["label"].to_numpy() == lab[img]).mean() > 0.9
 
 
 def test_sample_profile_definitions():
