@@ -514,8 +514,15 @@ def test_crop_folder_cells_get_the_detectors_mask(study: Path, tmp_path):
     rej = a.uns["rejects"]
     assert [Path(r["item"]).name for r in rej] == ["blank.png"]
     assert rej[0]["reason"].startswith("no mask")
+    assert (a.obs["mask_source"] == "detector").all()
     w = s.read(tmp_path / "crops", kind="crops", crop_masks="whole")
     assert w.n_obs == 3 and w.obsm["masks"].all()
+    # a crop already cut out on the background (exported from cells.h5ad) keeps its mask
+    (tmp_path / "cut").mkdir()
+    Image.fromarray(a.obsm["crops"][0]).save(tmp_path / "cut" / "exported.png")
+    cut = s.read(tmp_path / "cut", kind="crops")
+    assert list(cut.obs["mask_source"]) == ["premasked"] and not cut.uns["rejects"]
+    assert abs(cut.obsm["masks"][0].mean() - a.obsm["masks"][0].mean()) < 0.05
     with pytest.raises(StudyError, match="crop_masks='box'"):
         s.read(tmp_path / "crops", kind="crops", crop_masks="box")
     # the stage: the same rows, and a bad setting is refused before anything is written

@@ -127,18 +127,22 @@ def segment_smear_folder(
         filters relaxed for a crop (:func:`segmentation.sources.crop_folder_filters`),
         one row per image, the kept detection that covers the image centre
         (:func:`segmentation.sources.pick_centre_cell`), indexed ``sample/file name``
-        as :func:`read_crop_folder` does; an image without one is a reject row
+        as :func:`read_crop_folder` does; an image without one is a reject row. A crop
+        already cut out on the background value
+        (:func:`segmentation.sources.premasked_cell`) keeps its own mask;
+        ``obs["mask_source"]`` says which (``detector`` / ``premasked``)
     """
     import anndata as ad
 
     from segmentation.autoscale import pooled_estimates, segment_estimated
     from segmentation.cells import SegmentSettings, segment_images
+    from segmentation.crops import extract_crop
     from segmentation.inference import MaskRCNNDetector
     from segmentation.io import read_rgb
     from segmentation.magnification import RefineSettings
     from segmentation.model import load_checkpoint
     from segmentation.shipped import wants_scale_estimate, wants_scale_refinement
-    from segmentation.sources import crop_folder_filters, pick_centre_cell
+    from segmentation.sources import crop_folder_filters, pick_centre_cell, premasked_cell
     from segmentation.table import obs_frame
 
     model, ckpt = load_checkpoint(model_path, map_location=device)
@@ -166,6 +170,33 @@ def segment_smear_folder(
             rejects.append({"input": str(folder), "item": str(p), "reason": rd.reason})
             continue
         prefix = f"{sample}/{p.stem}"
+        pre = premasked_cell(rd.image, settings.background_value) if centre_cell else None
+        if pre is not None:  # already cut out: its own mask, framed as the detector's cells
+            c, m, cs, _ = extract_crop(
+                rd.image,
+                pre,
+                (0, 0),
+                settings.crop_size,
+                settings.background_value,
+                settings.crop_margin,
+                fill=True,
+            )
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "cell_id": [f"{sample}/{p.name}"],
+                        "image": [p.name],
+                        "area": [int(pre.sum())],
+                        "crop_scale": [cs],
+                        "mask_source": ["premasked"],
+                        "kept": [True],
+                        "sample": [sample],
+                    }
+                )
+            )
+            crops.append(c[None])
+            masks.append(m[None])
+            continue
         if estimate_cell_px is not None:
             cells, choice = segment_estimated(
                 det,
@@ -195,6 +226,7 @@ def segment_smear_folder(
             kept = kept.iloc[[pos]].copy()
             kept["cell_id"] = f"{sample}/{p.name}"
             kept["image"] = p.name
+            kept["mask_source"] = "detector"
             crops.append(cells.crops.images[pos : pos + 1])
             masks.append(cells.crops.masks[pos : pos + 1])
         elif not len(kept):
