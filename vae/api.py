@@ -462,6 +462,13 @@ class Study:
                     f"{source}: obsm['masks'] must be (N, S, S) = {crops.shape[:3]}; got {masks.shape}"
                 )
         else:
+            log.warning(
+                "%s: no obsm['masks']: each crop is taken whole as the cell (red cells and "
+                "background included), which a study trained on masked cells reads badly "
+                "(docs/embed.md, 'Crop folders: what the mask buys'); a folder of crop images "
+                "read with kind='crops' gets the detector's masks",
+                source,
+            )
             masks = np.ones(crops.shape[:3], bool)
         side = crops.shape[1]
         if side < 8:
