@@ -9,8 +9,9 @@ source's class list where that is unambiguous
 run crop by crop; the kept detection covering the crop centre gives the mask
 (:func:`segmentation.sources.pick_centre_cell`), the folder the label, and the
 cell fills its crop whatever the zoom the crop was cut at (``crop_fill``, as
-``stage=embed`` reads crop folders); a crop without one is a ``rejects.csv`` row. All cells go into one ``cells.h5ad``
-(``obs``: ``source``, ``label``, ``label_status``, ``mode``).
+``stage=embed`` reads crop folders); a crop without one is a ``rejects.csv`` row.
+All cells go into one ``cells.h5ad`` (``obs``: ``source``, ``label``,
+``label_status``, ``mode``).
 
 Runs on rank 0 only (other DDP ranks return at once).
 """
