@@ -123,6 +123,7 @@ def _read_mapping(cfg) -> pd.DataFrame | None:
 def run_embed(ctx: StageContext) -> None:
 
     from vae.analysis.samples import sample_profile, write_samples_html
+    from vae.api import StudyError
     from vae.data import PairedDataError
 
     cfg = ctx.cfg
@@ -162,7 +163,11 @@ def run_embed(ctx: StageContext) -> None:
         raise StageError("stage=embed: no cell in any input (see the warnings above)")
     out = _concat(parts) if len(parts) > 1 else parts[0]
     out.uns["genes"] = json.dumps(genes)
-    prof = sample_profile(out.obs, "vae_sample", int(cfg.embed.histogram_bins))
+    try:  # the histogram is of the cells on the path's lineage
+        path_classes = list(study.maturation_path()[0].names)
+    except StudyError:
+        path_classes = None  # no path: maturation is NaN anyway
+    prof = sample_profile(out.obs, "vae_sample", int(cfg.embed.histogram_bins), path_classes)
     crops = out.obsm["crops"] if "crops" in out.obsm else None
     with ctx.atomic("rejects.csv") as tmp:
         pd.DataFrame(rejects, columns=REJECT_COLUMNS).to_csv(tmp, index=False)

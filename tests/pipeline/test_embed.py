@@ -353,6 +353,15 @@ def test_sample_profile_definitions():
     assert np.isnan(prof.loc["b", "left_shift_index"])
     assert prof.loc["a", "hist_09"] == pytest.approx(2 / 8)
     assert prof.loc["a", "n_segmented_neutrophil"] == 2 and prof.loc["b", "n_cells"] == 1
+    # with the path's classes, the lymphocytes are left out of the position's histogram
+    path = ["myeloblast", "promyelocyte", "myelocyte", "metamyelocyte", "band"]
+    path += ["segmented_neutrophil"]
+    on = sample_profile(obs, bins=10, path_classes=path).set_index("sample")
+    assert on.loc["a", "n_on_path"] == 7 and on.loc["b", "n_on_path"] == 0
+    assert on.loc["a", "hist_09"] == pytest.approx(2 / 7)
+    assert on.loc["a", "hist_05"] == pytest.approx(1 / 7)  # the metamyelocyte, not the lymphocyte
+    assert on.loc["a", "maturation_median"] == pytest.approx(0.55)
+    assert np.isnan(on.loc["b", "maturation_median"])
 
 
 def test_smears_go_through_segment_and_empty_ones_are_rejects(study: Path, tmp_path: Path):

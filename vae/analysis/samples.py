@@ -14,7 +14,9 @@ with their transferred label (``vae_label``) and maturation position (``vae_matu
   other names);
 * ``maturation_mean`` / ``maturation_median`` of the path position, and its
   histogram ``hist_00 .. hist_<B-1>``: fraction of the sample's cells in each of
-  B equal bins of [0, 1].
+  B equal bins of [0, 1]. With the study's path classes given, only the cells
+  called one of them (``n_on_path``): a lymphocyte projected onto the granulocyte
+  path lands near its start and would read as an immature cell.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ LEFT_SHIFTED = ("myeloblast", "promyelocyte", "myelocyte", "metamyelocyte", "ban
 
 
 def sample_profile(
-    obs: pd.DataFrame, sample_key: str = "vae_sample", bins: int = 10
+    obs: pd.DataFrame,
+    sample_key: str = "vae_sample",
+    bins: int = 10,
+    path_classes: list[str] | None = None,
 ) -> pd.DataFrame:
     """One row per sample: counts, fractions, IG fraction, left-shift index, histogram.
 
@@ -41,8 +46,12 @@ def sample_profile(
     ----------
     obs : query obs with ``sample_key``, ``vae_label`` and ``vae_maturation``
     bins : histogram bins over the path position [0, 1]
+    path_classes : the classes the study's maturation path runs through
+        (:meth:`vae.api.Study.maturation_path`); when given, the position's mean,
+        median and histogram are over the cells called one of them (``n_on_path``)
     """
     labels = sorted(set(obs["vae_label"].astype(str)))
+    on_path = None if path_classes is None else {str(c) for c in path_classes}
     rows = []
     for sample, g in obs.groupby(sample_key, sort=True, observed=True):
         lab = g["vae_label"].astype(str).str.lower()
@@ -59,6 +68,9 @@ def sample_profile(
             float(lab.isin(LEFT_SHIFTED).sum() / lineage) if lineage else np.nan
         )
         pos = pd.to_numeric(g["vae_maturation"], errors="coerce").to_numpy(float)
+        if on_path is not None:
+            pos = pos[g["vae_label"].astype(str).isin(on_path).to_numpy()]
+            row["n_on_path"] = int(pos.size)
         pos = pos[np.isfinite(pos)]
         row["maturation_mean"] = float(pos.mean()) if pos.size else np.nan
         row["maturation_median"] = float(np.median(pos)) if pos.size else np.nan
@@ -110,6 +122,8 @@ def write_samples_html(
     """
     hist_cols = [c for c in profile.columns if c.startswith("hist_")]
     main = ["sample", "n_cells", "ig_fraction", "left_shift_index", "maturation_median"]
+    if "n_on_path" in profile:
+        main.insert(4, "n_on_path")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
@@ -120,7 +134,8 @@ def write_samples_html(
         "<p>Definitions: immature granulocyte fraction = (promyelocyte + myelocyte + "
         "metamyelocyte) / all cells; left-shift index = non-segmented neutrophil-lineage "
         "cells / all neutrophil-lineage cells; histogram of the position along the study's "
-        "maturation path (0 = earliest class, 1 = latest). See docs/embed.md.</p>",
+        "maturation path (0 = earliest class, 1 = latest) of the cells called one of the "
+        "path's classes (n_on_path). See docs/embed.md.</p>",
         "<h2>Samples</h2><table><tr>",
         "".join(f"<th>{html.escape(c)}</th>" for c in [*main, "maturation histogram"]),
         "</tr>",
