@@ -309,7 +309,7 @@ class Study:
             a crop with no cell at its centre is a reject row); ``whole`` takes the
             whole image as the cell (crops already masked, or a study trained on
             unmasked crops). A study trained on masked crops reads unmasked ones
-            badly: on the real chain's test crops label transfer 0.851 masked by
+            badly: on the real chain's test crops label transfer 0.849 masked by
             the detector vs 0.604 whole, five seeds (docs/embed.md, "Crop folders:
             what the mask buys")
         segment_settings, detector_kwargs, estimate_cell_px : for ``smears`` and

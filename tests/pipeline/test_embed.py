@@ -542,3 +542,27 @@ def test_crop_folder_cells_get_the_detectors_mask(study: Path, tmp_path):
     with pytest.raises(StageError, match="embed.crop_masks=box"):
         _embed(study, "cm2", f"embed.crops={tmp_path / 'crops'}", "embed.crop_masks=box")
     assert not (study / "out" / "cm2" / "embed").exists()
+
+
+@pytest.mark.skipif(not CROPS.is_dir(), reason="needs ../shared/data (bccd_cropped)")
+def test_a_crop_whose_ruler_fails_is_read_again_at_its_folders_median_scale(tmp_path):
+    """BloodImage_00079_1: its own scale estimate reads a lobe as a cell (~1.3 instead of
+    ~0.25), so the detector sees the cell 5x too large and cuts it into pieces, none
+    over the centre; a second pass at the folder's median estimate finds it whole."""
+    import shutil
+
+    from segmentation.magnification import estimate_scale
+    from segmentation.shipped import shipped_detector
+    from vae.inputs.query import segment_crop_folder
+
+    names = ["BloodImage_00006_1.jpg", "BloodImage_00007_1.jpg", "BloodImage_00079_1.jpg"]
+    (tmp_path / "n").mkdir()
+    for n in names:
+        shutil.copy(CROPS / "Neutrophil" / n, tmp_path / "n" / n)
+    img = np.asarray(Image.open(tmp_path / "n" / names[2]).convert("RGB"))
+    assert estimate_scale(img, 40.0, fallback=0.21).scale > 0.8  # the ruler fails
+    a, rej = segment_crop_folder(tmp_path, shipped_detector())
+    assert rej == [] and a.n_obs == 3
+    scales = a.uns["input_scales"]
+    assert 0.15 < scales[f"n/{Path(names[2]).stem}"] < 0.4  # read at the folder's median
+    assert a.obsm["masks"][2].mean() > 0.3  # the whole cell, not a lobe

@@ -127,7 +127,9 @@ def segment_smear_folder(
         filters relaxed for a crop (:func:`segmentation.sources.crop_folder_filters`),
         one row per image, the kept detection that covers the image centre
         (:func:`segmentation.sources.pick_centre_cell`), indexed ``sample/file name``
-        as :func:`read_crop_folder` does; an image without one is a reject row. A crop
+        as :func:`read_crop_folder` does; where the crop's own scale gives none, one
+        more pass at the median estimate of its folder (crops of every size), and an
+        image without one then is a reject row. A crop
         already cut out on the background value
         (:func:`segmentation.sources.premasked_cell`) keeps its own mask;
         ``obs["mask_source"]`` says which (``detector`` / ``premasked``)
@@ -164,6 +166,10 @@ def segment_smear_folder(
         fallback = float(settings.input_scale)
         paths = [p for _, p in images]
         pooled = pooled_estimates(paths, estimate_cell_px, fallback, float(scale_spread))
+    # crops: the median estimate of each folder, whatever the crops' sizes, for a second
+    # try where the crop's own scale gives no cell at the centre (the ruler can read a
+    # lobe as a cell, and a cell seen 4x too large comes apart into pieces)
+    folder_scale = _folder_medians(pooled) if centre_cell else {}
     for sample, p in images:
         rd = read_rgb(p)
         if not rd.ok:
@@ -218,6 +224,22 @@ def segment_smear_folder(
         kept = tab[tab["kept"]].copy()
         if centre_cell:
             pos, reason = pick_centre_cell(cells)
+            retry = folder_scale.get(p.parent)
+            if pos is None and retry is not None and abs(retry / scales[prefix] - 1) > 0.1:
+                again = replace(settings, input_scale=retry)
+                second = segment_images(det, [rd.image], [p.name], again, id_prefixes=[prefix])[0]
+                pos2, _ = pick_centre_cell(second)
+                if pos2 is not None:
+                    log.info(
+                        "scale %s: no cell at the centre at %.3g, found at the folder's "
+                        "median %.3g",
+                        p.name,
+                        scales[prefix],
+                        retry,
+                    )
+                    cells, pos, scales[prefix] = second, pos2, retry
+                    tab = cells.table
+                    kept = tab[tab["kept"]].copy()
             if pos is None:
                 rejects.append(
                     {"input": str(folder), "item": str(p), "reason": f"no mask: {reason}"}
@@ -247,6 +269,16 @@ def segment_smear_folder(
     a.obsm["masks"] = np.concatenate(masks) if masks else np.zeros((0, s, s), bool)
     a.uns["input_scales"] = scales
     return a, rejects
+
+
+def _folder_medians(estimates: dict) -> dict[Path, float]:
+    """Folder -> median of its images' own scale estimates (measured ones only)."""
+    per: dict[Path, list[float]] = {}
+    for path, e in estimates.items():
+        if e.ok:
+            own = e.own_scale if np.isfinite(e.own_scale) else e.scale
+            per.setdefault(Path(path).parent, []).append(float(own))
+    return {k: float(np.median(v)) for k, v in per.items() if v}
 
 
 def segment_crop_folder(folder: str | Path, model_path: str | Path, **kwargs):
