@@ -128,8 +128,9 @@ def segment_smear_folder(
         one row per image, the kept detection that covers the image centre
         (:func:`segmentation.sources.pick_centre_cell`), indexed ``sample/file name``
         as :func:`read_crop_folder` does; where the crop's own scale gives none, one
-        more pass at the median estimate of its folder (crops of every size), and an
-        image without one then is a reject row. A crop
+        more pass at the median estimate of its folder (crops of every size; when
+        the scale is estimated and ``scale_spread`` is set), and an image without one
+        then is a reject row. A crop
         already cut out on the background value
         (:func:`segmentation.sources.premasked_cell`) keeps its own mask;
         ``obs["mask_source"]`` says which (``detector`` / ``premasked``)
