@@ -161,44 +161,6 @@ def crop_folder_filters(filters: FilterSettings) -> FilterSettings:
     return replace(filters, drop_border=False, max_overlap_iou=None, touch_px=None)
 
 
-def premasked_cell(
-    image: np.ndarray, background: int = 0, tol: int = 10, min_fraction: float = 0.05
-) -> np.ndarray | None:
-    """The cell of a crop that was already cut out on a uniform background, else None.
-
-    A crop whose whole one-pixel border lies within ``tol`` of ``background`` in every
-    channel was masked before (e.g. crops exported from ``cells.h5ad``): the detector,
-    trained on smears, often finds nothing on such a square, and its cell is already
-    marked. The cell is then the pixels farther than ``tol`` from the background,
-    holes filled, the largest connected part.
-
-    Parameters
-    ----------
-    image : (H, W, 3) uint8 RGB
-    background : the background value (0..255) of every channel
-    tol : grey levels a pixel may differ from ``background`` and still be background
-        (JPEG noise)
-    min_fraction : the cell must cover at least this share of the image
-
-    Returns
-    -------
-    (H, W) bool cell mask, or None (not a masked crop: the detector reads it).
-    """
-    from scipy import ndimage as ndi
-
-    diff = np.abs(np.asarray(image, np.int16) - int(background)).max(axis=-1)
-    border = np.concatenate([diff[0], diff[-1], diff[:, 0], diff[:, -1]])
-    if border.max() > tol:
-        return None
-    cell = ndi.binary_fill_holes(diff > tol)
-    lab, n = ndi.label(cell)
-    if n == 0:
-        return None
-    sizes = ndi.sum(cell, lab, range(1, n + 1))
-    cell = lab == (int(np.argmax(sizes)) + 1)
-    return cell if cell.mean() >= min_fraction else None
-
-
 def pick_centre_cell(cells: ImageCells) -> tuple[int | None, str]:
     """The kept detection of a single-cell crop that covers the crop centre.
 

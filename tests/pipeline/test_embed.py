@@ -493,6 +493,31 @@ def test_study_without_a_detector_segments_smears_with_the_shipped_one(study: Pa
 CROPS = BCCD.parent.parent / "cells" / "bccd_cropped"
 
 
+def test_premasked_cell_reads_a_crop_cut_out_on_the_background_only():
+    from vae.inputs.query import premasked_cell
+
+    h = w = 64
+    yy, xx = np.mgrid[:h, :w]
+
+    def disc(cy, cx, r):
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+    img = np.zeros((h, w, 3), np.uint8)
+    cell = disc(32, 30, 20)
+    img[cell] = (180, 120, 200)
+    img[disc(32, 30, 6)] = (3, 2, 4)  # a dark nucleus inside: a hole, filled
+    img[2, 2] = (6, 6, 6)  # JPEG-like noise on the background
+    m = premasked_cell(img)
+    assert m is not None and np.array_equal(m, cell)
+    assert premasked_cell(img, background=255) is None  # another background
+    smear = img.copy()
+    smear[:, 0] = (220, 200, 210)  # a crop of a smear: its border is not background
+    assert premasked_cell(smear) is None
+    speck = np.zeros((h, w, 3), np.uint8)
+    speck[30:33, 30:33] = 200  # a speck, not a cell
+    assert premasked_cell(speck) is None
+
+
 @pytest.mark.skipif(not CROPS.is_dir(), reason="needs ../shared/data (bccd_cropped)")
 def test_crop_folder_cells_get_the_detectors_mask(study: Path, tmp_path):
     """embed.crops (default crop_masks=detector): each crop's centre cell with its

@@ -355,26 +355,6 @@ def test_fill_enlarges_a_small_cell_to_the_framing_of_a_large_one():
     assert scale == 1.0 and cmask.sum() == small.sum()
 
 
-def test_premasked_cell_reads_a_crop_cut_out_on_the_background_only():
-    from segmentation.sources import premasked_cell
-
-    h = w = 64
-    img = np.zeros((h, w, 3), np.uint8)
-    cell = disc(h, w, 32, 30, 20)
-    img[cell] = (180, 120, 200)
-    img[disc(h, w, 32, 30, 6)] = (3, 2, 4)  # a dark nucleus inside: a hole, filled
-    img[2, 2] = (6, 6, 6)  # JPEG-like noise on the background
-    m = premasked_cell(img)
-    assert m is not None and np.array_equal(m, cell)
-    assert premasked_cell(img, background=255) is None  # another background
-    smear = img.copy()
-    smear[:, 0] = (220, 200, 210)  # a crop of a smear: its border is not background
-    assert premasked_cell(smear) is None
-    speck = np.zeros((h, w, 3), np.uint8)
-    speck[30:33, 30:33] = 200  # a speck, not a cell
-    assert premasked_cell(speck) is None
-
-
 def test_roi_scales_do_not_depend_on_the_first_image():
     """torchvision infers the RoI poolers' scales from the first batch and keeps them; a
     first image much smaller than its padded batch (43 px -> 64) used to fix the stride-4

@@ -132,7 +132,7 @@ def segment_smear_folder(
         the scale is estimated and ``scale_spread`` is set), and an image without one
         then is a reject row. A crop
         already cut out on the background value
-        (:func:`segmentation.sources.premasked_cell`) keeps its own mask;
+        (:func:`premasked_cell`) keeps its own mask;
         ``obs["mask_source"]`` says which (``detector`` / ``premasked``)
     """
     import anndata as ad
@@ -145,7 +145,7 @@ def segment_smear_folder(
     from segmentation.magnification import RefineSettings
     from segmentation.model import load_checkpoint
     from segmentation.shipped import wants_scale_estimate, wants_scale_refinement
-    from segmentation.sources import crop_folder_filters, pick_centre_cell, premasked_cell
+    from segmentation.sources import crop_folder_filters, pick_centre_cell
     from segmentation.table import obs_frame
 
     model, ckpt = load_checkpoint(model_path, map_location=device)
@@ -270,6 +270,40 @@ def segment_smear_folder(
     a.obsm["masks"] = np.concatenate(masks) if masks else np.zeros((0, s, s), bool)
     a.uns["input_scales"] = scales
     return a, rejects
+
+
+def premasked_cell(
+    image: np.ndarray, background: int = 0, tol: int = 10, min_fraction: float = 0.05
+) -> np.ndarray | None:
+    """The cell of a crop that was already cut out on a uniform background, else None.
+
+    A crop whose whole one-pixel border lies within ``tol`` of ``background`` in every
+    channel was masked before (e.g. crops exported from ``cells.h5ad``): the detector,
+    trained on smears, often finds nothing on such a square, and its cell is already
+    marked. Its mask is then read as the analyses read masked crops
+    (:func:`vae.analysis.granules.mask_from_background`: pixels farther than ``tol``
+    from the background, opened, the largest part, holes filled).
+
+    Parameters
+    ----------
+    image : (H, W, 3) uint8 RGB
+    background : the background value (0..255) of every channel
+    tol : grey levels a pixel may differ from ``background`` and still be background
+        (JPEG noise)
+    min_fraction : the cell must cover at least this share of the image
+
+    Returns
+    -------
+    (H, W) bool cell mask, or None (not a masked crop: the detector reads it).
+    """
+    from vae.analysis.granules import mask_from_background
+
+    diff = np.abs(np.asarray(image, np.int16) - int(background)).max(axis=-1)
+    border = np.concatenate([diff[0], diff[-1], diff[:, 0], diff[:, -1]])
+    if border.max() > tol:
+        return None
+    cell = mask_from_background(image, background / 255.0, tol=tol / 255.0)
+    return cell if cell.mean() >= min_fraction else None
 
 
 def _folder_medians(estimates: dict) -> dict[Path, float]:
