@@ -154,6 +154,9 @@ class TrainerConfig:
     # any-angle rotation + zoom 1 ± rotate when augment (0: dihedral flips only);
     # a cell has no orientation (docs/vae.md, "Image branch")
     rotate: float = 0.0
+    # >0: validation, model.pt and the epoch figures use a moving average of the weights
+    # over about this many epochs (docs/vae.md, "Averaged weights"); 0: off
+    ema_epochs: float = 0.0
     log_every_steps: int = 10  # TensorBoard scalars
     image_every_epochs: int = 1  # reconstruction grid + expression figure
     # ...drawn while they take at most this fraction of the run's time (first and last

@@ -62,6 +62,7 @@ RANGES: dict[str, str] = {
     "trainer.test_fraction": "[0,1)",
     "trainer.stain_jitter": NONNEG,
     "trainer.rotate": NONNEG,
+    "trainer.ema_epochs": NONNEG,
     "trainer.log_every_steps": COUNT,
     "trainer.image_every_epochs": NONNEG,
     "trainer.figure_budget": PROB,

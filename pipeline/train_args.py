@@ -192,6 +192,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
         augment=bool(t.augment),
         stain_jitter=float(t.stain_jitter),
         rotate=float(t.rotate),
+        ema_epochs=float(t.ema_epochs),
         seed=int(cfg.seed),
         beta=float(v.beta),
         kl_warmup_epochs=float(v.kl_warmup_epochs),

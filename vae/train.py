@@ -16,6 +16,7 @@ rank trains on its shard of each epoch, rank 0 writes files and TensorBoard.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -57,6 +58,10 @@ class TrainArgs:
     augment: bool = True
     stain_jitter: float = 0.0  # strength of the stain/colour jitter (vae.data.augment_stain)
     rotate: float = 0.0  # >0: any-angle rotation + zoom 1 ± rotate (vae.data.augment_rotate)
+    # >0: validation, model.pt and the epoch figures use an exponential moving average of
+    # the weights over about this many epochs (decay 1 - 1 / (ema_epochs x steps per
+    # epoch)); training steps the raw weights. 0: off
+    ema_epochs: float = 0.0
     seed: int = 0
     # KL schedule
     beta: float = DEFAULT_BETA
@@ -111,6 +116,33 @@ class TrainResult:
 VIEW_ROTATE = 0.1
 
 ACTIVE_UNIT_NATS = 0.01  # a latent dim is "active" when its mean KL exceeds this
+
+
+def ema_decay(ema_epochs: float, steps_per_epoch: int) -> float:
+    """Per-step decay of a moving average over about ``ema_epochs`` epochs (0: off)."""
+    if ema_epochs <= 0:
+        return 0.0
+    return 1.0 - 1.0 / max(1.0, ema_epochs * steps_per_epoch)
+
+
+@contextlib.contextmanager
+def averaged_weights(model: torch.nn.Module, ema: torch.optim.swa_utils.AveragedModel | None):
+    """Within the block ``model`` holds the moving average's weights (in place: views such
+    as :class:`vae.flat.FlatParameters` stay valid); its own come back on exit, also after
+    an error. ``ema`` None: nothing changes."""
+    if ema is None:
+        yield model
+        return
+    own = [t.detach().clone() for t in model.state_dict().values()]
+    with torch.no_grad():
+        for t, a in zip(model.state_dict().values(), ema.module.state_dict().values()):
+            t.copy_(a)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for t, o in zip(model.state_dict().values(), own):
+                t.copy_(o)
 
 
 def active_units(kl_per_dim, threshold: float = ACTIVE_UNIT_NATS) -> int:
@@ -356,8 +388,20 @@ def train(
         capacity_steps=round(args.capacity_epochs * steps_per_epoch),
     )
 
+    # moving average of the weights (args.ema_epochs): what validation, model.pt and the
+    # figures read; the optimizer steps the raw weights
+    decay = ema_decay(args.ema_epochs, steps_per_epoch)
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            core, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True
+        )
+        if decay > 0
+        else None
+    )
+
     epoch, step = 0, 0
     best_val, best_epoch, bad_epochs = math.inf, 0, 0
+    best_raw_val, best_raw_epoch = math.inf, 0  # the raw weights' own best (ema only)
     history: list[dict[str, Any]] = []
     if resume_from is not None:
         ck = load_checkpoint(resume_from)
@@ -371,10 +415,19 @@ def train(
             flat.flat_state(ck["optimizer"]) if flat is not None else ck["optimizer"]
         )
         sched.load_state_dict(ck["scheduler"])
+        if ema is not None:
+            if "ema" not in ck:
+                raise ValueError(
+                    f"{resume_from}: trained without trainer.ema_epochs (no moving average "
+                    f"in the checkpoint); resume with the same trainer settings"
+                )
+            ema.load_state_dict(ck["ema"])
         epoch, step = int(ck["epoch"]), int(ck["step"])
         best_val = float(ck.get("best_val", math.inf))
         best_epoch = int(ck.get("best_epoch", 0))
         bad_epochs = int(ck.get("bad_epochs", 0))
+        best_raw_val = float(ck.get("best_raw_val", math.inf))
+        best_raw_epoch = int(ck.get("best_raw_epoch", 0))
         history = list(ck.get("history", []))
         _set_rng_state(ck["rng"], gen)
         log.info("resumed from %s at epoch %d, step %d", resume_from, epoch, step)
@@ -396,6 +449,7 @@ def train(
                     else opt.state_dict()
                 ),
                 "scheduler": sched.state_dict(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
             }
             if kind == "last"
             else {}
@@ -410,6 +464,11 @@ def train(
             "best_val": best_val,
             "best_epoch": best_epoch,
             "bad_epochs": bad_epochs,
+            **(
+                {"best_raw_val": best_raw_val, "best_raw_epoch": best_raw_epoch}
+                if ema is not None
+                else {}
+            ),
             "history": history,
             "train_args": asdict(args),
             "config": config,
@@ -436,6 +495,7 @@ def train(
         leave=True,
     )
     best_ck: dict[str, Any] | None = None  # best epoch's checkpoint not yet on disk
+    best_raw_ck: dict[str, Any] | None = None  # same, raw weights (with the average only)
     fig_s = 0.0  # seconds spent drawing epoch figures (args.figure_budget)
     t_saved = time.time()
     while epoch < args.max_epochs:
@@ -518,6 +578,8 @@ def train(
                 gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip, foreach=True)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(core)
             step += 1
             bsz = int(batch.x.shape[0])
             n_rows += bsz
@@ -541,11 +603,30 @@ def train(
         )
 
         # validation at the final β / C so epochs stay comparable during warm-up
-        val_means, last_kl = evaluate_loss(
-            wrapped, data, val_idx if val_idx.size else train_idx, args, dist, kl_sched, n_shared
-        )
-        monitor = val_means["total"]
+        val_rows = val_idx if val_idx.size else train_idx
         eligible = kl_sched.done_at(step)
+        raw_val = None
+        if ema is not None:
+            # the raw weights too, so every run with the average holds its own control
+            # (model_raw.pt = the best raw epoch). They are scored first, with the RNG
+            # state a run without the average scores them with (the loss samples z), and
+            # the average's pass below puts the state back: the training steps, the raw
+            # scores and model_raw.pt are those of the same run without the average
+            raw_val = evaluate_loss(wrapped, data, val_rows, args, dist, kl_sched, n_shared)[0][
+                "total"
+            ]
+            if is_main and eligible and raw_val < best_raw_val:
+                best_raw_val, best_raw_epoch = raw_val, epoch
+                best_raw_ck = _snapshot(payload("best"))
+                best_raw_ck.update(best_val=raw_val, best_epoch=epoch)
+                best_raw_ck["meta"]["checkpoint"] = "best_raw"
+        devs = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devs) if ema is not None else contextlib.nullcontext():
+            with averaged_weights(core, ema):
+                val_means, last_kl = evaluate_loss(
+                    wrapped, data, val_rows, args, dist, kl_sched, n_shared
+                )
+        monitor = val_means["total"]
         improved = eligible and monitor < best_val
         if improved:
             best_val, best_epoch, bad_epochs = monitor, epoch, 0
@@ -563,6 +644,7 @@ def train(
             "train": train_means,
             "val": val_means,
             "active_units": active_units(last_kl),
+            **({"val_raw": raw_val} if raw_val is not None else {}),
         }
         history.append(rec)
         ebar.update(1)
@@ -601,11 +683,13 @@ def train(
                 )
                 if due and within:
                     t_fig = time.time()
-                    tb.epoch_figures(core, fig_batch, epoch)
+                    with averaged_weights(core, ema):
+                        tb.epoch_figures(core, fig_batch, epoch)
                     fig_s += time.time() - t_fig
                 tb.flush()
             if improved:  # kept in memory, written with the next last.pt
-                best_ck = _snapshot(payload("best"))
+                with averaged_weights(core, ema):
+                    best_ck = _snapshot(payload("best"))
         stop = None
         if args.early_stopping_patience > 0 and bad_epochs >= args.early_stopping_patience:
             stop = "early_stopping"
@@ -627,6 +711,9 @@ def train(
             if best_ck is not None:
                 save_checkpoint(out_dir / "model.pt", best_ck)
                 best_ck = None
+            if best_raw_ck is not None:
+                save_checkpoint(out_dir / "model_raw.pt", best_raw_ck)
+                best_raw_ck = None
             save_checkpoint(out_dir / "last.pt", payload("last"))
             t_saved = time.time()
         if stop is not None:
@@ -638,7 +725,10 @@ def train(
         # the KL schedule never finished: keep the last weights as "best"
         log.warning("KL schedule did not finish within the run; model.pt = last epoch")
         best_epoch, best_val = epoch, history[-1]["val"]["total"] if history else math.nan
-        save_checkpoint(out_dir / "model.pt", payload("best"))
+        with averaged_weights(core, ema):
+            save_checkpoint(out_dir / "model.pt", payload("best"))
+        if ema is not None:
+            save_checkpoint(out_dir / "model_raw.pt", payload("best"))
     return TrainResult(
         best_epoch=best_epoch,
         best_val=float(best_val),

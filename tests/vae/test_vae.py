@@ -442,3 +442,73 @@ def test_train_split_by_names_a_missing_column():
     assert split_groups(obs, None, "p.h5ad") is None
     with pytest.raises(StageError, match="trainer.split_by='patient'"):
         split_groups(obs, "patient", "p.h5ad")
+
+
+def test_averaged_weights_reach_model_pt_and_leave_training_alone(tmp_path):
+    """trainer.ema_epochs: validation and model.pt read a moving average of the weights;
+    the optimizer's own weights follow the same path as without it, and a resume restores
+    the average with them."""
+    from vae.train import ema_decay
+
+    assert ema_decay(0, 10) == 0.0 and ema_decay(2, 10) == pytest.approx(0.95)
+    a = make_paired(24, image_only=4, expression_only=4)
+    d = from_anndata(a)
+    split = stratified_split(d.labels.numpy(), 0.2, 0.0, 0)
+
+    def fresh():
+        torch.manual_seed(0)
+        return TwoBranchVAE(small_args(dropout=0.1))
+
+    plain, avg = fresh(), fresh()
+    r_plain = train(plain, d, split, _train_args(), CPU, tmp_path / "plain")
+    r_avg = train(avg, d, split, _train_args(ema_epochs=2), CPU, tmp_path / "avg")
+    # the raw weights trained exactly as without the average
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, avg.state_dict()[k]), k
+    assert [h["train"]["total"] for h in r_plain.history] == [
+        h["train"]["total"] for h in r_avg.history
+    ]
+    # the raw weights' best epoch is kept as model_raw.pt: the run without the average
+    raw = load_torch_file(tmp_path / "avg" / "model_raw.pt")
+    ref = load_torch_file(tmp_path / "plain" / "model.pt")
+    assert raw["best_epoch"] == ref["best_epoch"] and raw["best_val"] == ref["best_val"]
+    for k, v in ref["model"].items():
+        assert torch.equal(v, raw["model"][k]), k
+    assert [h["val_raw"] for h in r_avg.history] == [h["val"]["total"] for h in r_plain.history]
+    # validation scored other (averaged) weights, and model.pt holds them
+    assert r_plain.history[-1]["val"]["total"] != r_avg.history[-1]["val"]["total"]
+    best = load_torch_file(tmp_path / "avg" / "model.pt")["model"]
+    last = load_torch_file(tmp_path / "avg" / "last.pt")
+    assert "ema" in last
+    differs = [
+        k for k, v in best.items() if v.is_floating_point() and not torch.equal(v, last["model"][k])
+    ]
+    assert differs
+    # resume: the average comes back with the weights, bit for bit
+    part = fresh()
+    train(part, d, split, _train_args(ema_epochs=2, stop_after_epochs=2), CPU, tmp_path / "res")
+    resumed = fresh()
+    r_res = train(
+        resumed,
+        d,
+        split,
+        _train_args(ema_epochs=2),
+        CPU,
+        tmp_path / "res",
+        resume_from=tmp_path / "res" / "last.pt",
+    )
+    assert [h["val"]["total"] for h in r_res.history] == [h["val"]["total"] for h in r_avg.history]
+    ema_res = load_torch_file(tmp_path / "res" / "last.pt")["ema"]
+    for k, v in last["ema"].items():
+        assert torch.equal(v, ema_res[k]), k
+    # a checkpoint trained without the average cannot resume with it
+    with pytest.raises(ValueError, match="ema_epochs"):
+        train(
+            fresh(),
+            d,
+            split,
+            _train_args(ema_epochs=2),
+            CPU,
+            tmp_path / "plain",
+            resume_from=tmp_path / "plain" / "last.pt",
+        )
