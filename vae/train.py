@@ -668,11 +668,15 @@ def train(
                 rec["seconds"],
                 " *" if improved else "",
             )
+            if raw_val is not None:
+                log.info("epoch %d: raw weights val %.4g", epoch, raw_val)
             if tb is not None:
                 tb.scalars("epoch_train", train_means, epoch)
                 tb.scalars("val", val_means, epoch)
                 tb.kl_per_dim(last_kl, epoch)
                 tb.scalars("val", {"active_units": rec["active_units"]}, epoch)
+                if raw_val is not None:  # the raw weights beside the average's
+                    tb.scalars("val_raw", {"total": raw_val}, epoch)
                 due = args.image_every_epochs > 0 and (
                     epoch % args.image_every_epochs == 0 or epoch == args.max_epochs
                 )
