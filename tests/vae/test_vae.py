@@ -354,24 +354,30 @@ def _train_args(**kw):
     return TrainArgs(**base)
 
 
+def _toy_run_data():
+    """A small paired table with image-only and expression-only rows, and its split."""
+    d = from_anndata(make_paired(24, image_only=4, expression_only=4))
+    return d, stratified_split(d.labels.numpy(), 0.2, 0.0, 0)
+
+
+def _fresh_model():
+    """The same small model every call (dropout on, so the RNG state matters)."""
+    torch.manual_seed(0)
+    return TwoBranchVAE(small_args(dropout=0.1))
+
+
 def test_resume_after_interruption_is_bit_exact(tmp_path):
-    a = make_paired(24, image_only=4, expression_only=4)
-    d = from_anndata(a)
-    split = stratified_split(d.labels.numpy(), 0.2, 0.0, 0)
+    d, split = _toy_run_data()
 
-    def fresh():
-        torch.manual_seed(0)
-        return TwoBranchVAE(small_args(dropout=0.1))
-
-    straight = fresh()
+    straight = _fresh_model()
     r_full = train(straight, d, split, _train_args(), CPU, tmp_path / "full")
-    part = fresh()
+    part = _fresh_model()
     r_part = train(part, d, split, _train_args(stop_after_epochs=2), CPU, tmp_path / "resumed")
     assert r_part.stopped == "interrupted" and r_part.epochs == 2
     ck = load_torch_file(tmp_path / "resumed" / "last.pt")
     assert ck["epoch"] == 2 and ck["step"] == r_part.steps > 0
     torch.manual_seed(123)  # a different RNG state must not matter: it is restored
-    resumed = fresh()
+    resumed = _fresh_model()
     r_res = train(
         resumed,
         d,
@@ -451,15 +457,9 @@ def test_averaged_weights_reach_model_pt_and_leave_training_alone(tmp_path):
     from vae.train import ema_decay
 
     assert ema_decay(0, 10) == 0.0 and ema_decay(2, 10) == pytest.approx(0.95)
-    a = make_paired(24, image_only=4, expression_only=4)
-    d = from_anndata(a)
-    split = stratified_split(d.labels.numpy(), 0.2, 0.0, 0)
+    d, split = _toy_run_data()
 
-    def fresh():
-        torch.manual_seed(0)
-        return TwoBranchVAE(small_args(dropout=0.1))
-
-    plain, avg = fresh(), fresh()
+    plain, avg = _fresh_model(), _fresh_model()
     r_plain = train(plain, d, split, _train_args(), CPU, tmp_path / "plain")
     r_avg = train(avg, d, split, _train_args(ema_epochs=2), CPU, tmp_path / "avg")
     # the raw weights trained exactly as without the average
@@ -490,9 +490,9 @@ def test_averaged_weights_reach_model_pt_and_leave_training_alone(tmp_path):
     for k, v in best.items():
         assert torch.equal(v, averaged[k]), k
     # resume: the average comes back with the weights, bit for bit
-    part = fresh()
+    part = _fresh_model()
     train(part, d, split, _train_args(ema_epochs=2, stop_after_epochs=2), CPU, tmp_path / "res")
-    resumed = fresh()
+    resumed = _fresh_model()
     r_res = train(
         resumed,
         d,
@@ -509,7 +509,7 @@ def test_averaged_weights_reach_model_pt_and_leave_training_alone(tmp_path):
     # a checkpoint trained without the average cannot resume with it
     with pytest.raises(ValueError, match="ema_epochs"):
         train(
-            fresh(),
+            _fresh_model(),
             d,
             split,
             _train_args(ema_epochs=2),
