@@ -51,6 +51,7 @@ RESUME_SETTINGS: dict[str, list[str]] = {
         "trainer.augment",
         "trainer.stain_jitter",
         "trainer.rotate",
+        "trainer.ema_epochs",
         "seed",
     ],
     "segment_train": [

@@ -415,12 +415,15 @@ def train(
             flat.flat_state(ck["optimizer"]) if flat is not None else ck["optimizer"]
         )
         sched.load_state_dict(ck["scheduler"])
+        if (ema is not None) != ("ema" in ck):
+            # the average is part of the run's state: dropping or adding it half-way
+            # would give a model.pt that neither setting describes
+            was = "with" if "ema" in ck else "without"
+            raise ValueError(
+                f"{resume_from}: trained {was} trainer.ema_epochs (a moving average of the "
+                f"weights); resume with the same trainer settings"
+            )
         if ema is not None:
-            if "ema" not in ck:
-                raise ValueError(
-                    f"{resume_from}: trained without trainer.ema_epochs (no moving average "
-                    f"in the checkpoint); resume with the same trainer settings"
-                )
             ema.load_state_dict(ck["ema"])
         epoch, step = int(ck["epoch"]), int(ck["step"])
         best_val = float(ck.get("best_val", math.inf))

@@ -506,8 +506,18 @@ def test_averaged_weights_reach_model_pt_and_leave_training_alone(tmp_path):
     ema_res = load_torch_file(tmp_path / "res" / "last.pt")["ema"]
     for k, v in last["ema"].items():
         assert torch.equal(v, ema_res[k]), k
-    # a checkpoint trained without the average cannot resume with it
-    with pytest.raises(ValueError, match="ema_epochs"):
+    # a checkpoint trained with the average cannot resume without it, nor the reverse
+    with pytest.raises(ValueError, match="trained with trainer.ema_epochs"):
+        train(
+            _fresh_model(),
+            d,
+            split,
+            _train_args(),
+            CPU,
+            tmp_path / "res",
+            resume_from=tmp_path / "res" / "last.pt",
+        )
+    with pytest.raises(ValueError, match="trained without trainer.ema_epochs"):
         train(
             _fresh_model(),
             d,
