@@ -74,6 +74,15 @@ RESUME_SETTINGS: dict[str, list[str]] = {
     ],
 }
 
+# a resume setting added after runs were started: the value that does what the code did
+# before the setting existed. A run whose recorded config lacks the key resumes when the
+# new value is this one (the checkpoint was trained exactly so); any other value, or a
+# missing key not listed here, is refused as a change.
+LEGACY_VALUES: dict[str, Any] = {
+    "trainer.rotate": 0.0,  # 2026-11: before it, flips only
+    "trainer.ema_epochs": 0.0,  # 2026-12-02: before it, no weight average
+}
+
 # inputs that are checkpoints / AnnData files (probed before the stage starts)
 CHECKPOINT_INPUTS = {"segmentation_model": "segmentation model", "model": "vae model"}
 H5AD_INPUTS = {"cells", "expression", "paired", "latent", "expression_raw"}
@@ -166,6 +175,15 @@ def _select(resolved: dict[str, Any], key: str) -> Any:
     return node
 
 
+def _recorded(resolved: dict[str, Any], key: str) -> bool:
+    node: Any = resolved
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def _flat(key: str, v: Any) -> dict[str, Any]:
     if isinstance(v, dict):
         out: dict[str, Any] = {}
@@ -208,11 +226,17 @@ def check_resume(cfg: DictConfig, name: str, man: dict[str, Any] | None, inputs:
         return
     now = OmegaConf.to_container(cfg, resolve=True)
     old_s, new_s = resume_settings(man["config"], name), resume_settings(now, name)
-    changed = [
-        f"{k}: {old_s.get(k)!r} -> {new_s.get(k)!r}"
-        for k in sorted(set(old_s) | set(new_s))
-        if old_s.get(k) != new_s.get(k)
-    ]
+    changed = []
+    for k in sorted(set(old_s) | set(new_s)):
+        if old_s.get(k) == new_s.get(k):
+            continue
+        if not _recorded(man["config"], k):
+            # the run was started by a version without this setting
+            if k in LEGACY_VALUES and new_s.get(k) == LEGACY_VALUES[k]:
+                continue
+            changed.append(f"{k}: not recorded (the run predates it) -> {new_s.get(k)!r}")
+        else:
+            changed.append(f"{k}: {old_s.get(k)!r} -> {new_s.get(k)!r}")
     for n, p in inputs.items():
         rec = man.get("inputs", {}).get(n)
         if rec is not None and Path(p).exists() and describe(p)["bytes"] != rec["bytes"]:

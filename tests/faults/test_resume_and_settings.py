@@ -66,6 +66,29 @@ def test_resume_with_changed_loss_setting_is_refused_by_name(tmp_path, toy, caps
     assert man["resume_hash"] == guards.settings_hash(man["config"], "train")
 
 
+def test_resume_of_a_run_that_predates_a_setting(tmp_path, toy, capsys):
+    """A run recorded before ``trainer.ema_epochs`` existed resumes when the setting
+    has the value that does what the old code did (no average), and is refused by
+    name, as unrecorded, with any other value or an unrecorded model setting."""
+    toy("train", writes("m"))
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "train")) == 0
+    path = root / "t" / "train" / "manifest.json"
+    man = json.loads(path.read_text())
+    del man["config"]["trainer"]["ema_epochs"], man["config"]["vae"]["beta"]
+    path.write_text(json.dumps(man))
+    code = runner.main(cfg_for(root, "train", "trainer.ema_epochs=5", "resume=true"))
+    err = capsys.readouterr().err
+    assert code == 2 and _status(root / "t" / "train") == "complete"
+    assert "trainer.ema_epochs: not recorded (the run predates it) -> 5.0" in err
+    # a model setting has no legacy value: refused even at its default
+    assert "vae.beta: not recorded (the run predates it)" in err
+    man["config"]["vae"]["beta"] = compose_config(["stage=train"]).vae.beta
+    path.write_text(json.dumps(man))
+    assert runner.main(cfg_for(root, "train", "trainer.max_epochs=3", "resume=true")) == 0
+    assert guards.LEGACY_VALUES["trainer.ema_epochs"] == 0.0
+
+
 def test_stage_all_resume_skips_the_complete_stages_it_starts_with(tmp_path, toy):
     for name in runner.ORDER:
         toy(name, writes(name))
