@@ -204,14 +204,14 @@ class SegmentationConfig:
     lr: float = 0.02  # peak LR (after warm-up), per train_batch_size images
     momentum: float = 0.9  # SGD only
     weight_decay: float = 1e-4
-    warmup_iters: int = 50
+    warmup_iters: int = 30
     schedule: str = "cosine"  # cosine | step | constant (per iteration, after warm-up)
     grad_clip: float = 10.0  # max gradient norm; 0 = off
     eval_every: int = 1  # epochs between validation runs (the last epoch always)
     tb_images: int = 4  # validation images with drawn predictions in TensorBoard
     log_every: int = 10  # iterations between DEBUG loss lines (log_level=DEBUG; bars show progress)
     # --- stage=segment: tiled inference (docs/segmentation_infer.md) ---
-    input_scale: float = 1.0  # source image resized by this before tiling (cell px as trained)
+    input_scale: float = 0.6  # source image resized by this before tiling (cell px as trained)
     # sources with no scale, and embed's smears: measure each image's scale from its white (else
     # red) cells (segmentation/magnification.py); null: as the detector says (shipped: on)
     estimate_scale: bool | None = None
@@ -282,7 +282,7 @@ class ExpressionConfig:
     values: str = "auto"
     # QC filters (0 / null = off); cells first, then genes
     min_genes: int = 0  # min detected genes per cell
-    min_counts: int = 0  # min total counts per cell
+    min_counts: int = 1  # min total counts per cell
     max_pct_mito: float | None = None  # max % counts in mitochondrial genes
     mito_prefix: str = "MT-"  # case-insensitive symbol prefix of mitochondrial genes
     min_cells: int = 0  # min cells expressing a gene

@@ -132,7 +132,7 @@ class VAEConfig:
 class TrainerConfig:
     """Optimisation of the beta-VAE (stage=train)."""
 
-    max_epochs: int = 30
+    max_epochs: int = 60
     max_minutes: float | None = None  # stop (as a finished run) after this wall time
     batch_size: int = 64
     lr: float = 1e-3
@@ -140,7 +140,7 @@ class TrainerConfig:
     lr_schedule: str = "cosine"  # cosine | constant (both after lr_warmup_epochs)
     lr_warmup_epochs: float = 1.0
     grad_clip: float = 10.0  # max grad norm (0: off)
-    early_stopping_patience: int = 10  # epochs without val improvement (0: off)
+    early_stopping_patience: int = 15  # epochs without val improvement (0: off)
     val_fraction: float = 0.15  # split stratified by obs["label"], seeded by `seed`
     test_fraction: float = 0.15  # never used for early stopping or tuning
     # obs column whose rows stay in one split (null: split by row); stage=pair writes

@@ -32,7 +32,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "segment": (
         "tiled detection -> filtered, background-free cell crops",
         "segment_train/model.pt + simulate/smears, paths.inputs.smears=DIR or data.segment_sources",
-        "cells.h5ad, detections.csv, rejects.csv, contact_sheet.png, overlays/",
+        "cells.h5ad, detections.csv, rejects.csv, rejects.png, contact_sheet.png, overlays/",
     ),
     "expression": (
         "scanpy QC, normalisation, HVGs, PCA/UMAP, gene-program scores",
