@@ -79,6 +79,11 @@ class VAEConfig:
     # settings, 5 seeds, 623 unseen cells: drawn lobes vs truth 0.84 vs 0.50 without
     # (docs/vae.md, "Lobe layer"); false: off
     lobe_head: bool = True
+    # the lobe head's targets: the counter's second cut rule (a valley this deep, as a
+    # share of the stain's depth, where the outline narrows to 0.9 x the half-width)
+    # also cuts touching lobes. null: off (simulated bands would split); +preset=real:
+    # 0.3 (pale BCCD nuclei; docs/vae.md, "Lobe targets on real crops")
+    lobe_deep_valley: float | None = None
     free_bits: float = 0.0  # nats per latent dim that cost no KL (keeps dims active)
     # label cross-entropy on each expert's shared mean, rows with a known obs['label']
     # (scANVI-style semi-supervision; 0: off, and no classifier head is built)

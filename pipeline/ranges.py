@@ -38,6 +38,7 @@ RANGES: dict[str, str] = {
     "vae.view_contrast_weight": NONNEG,
     "vae.view_temperature": POS,
     "vae.nucleus_gap_weight": NONNEG,
+    "vae.lobe_deep_valley": "(0,1]",
     "vae.hidden": COUNT,
     "vae.dropout": "[0,1)",
     "vae.image_weight": NONNEG,

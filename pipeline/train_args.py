@@ -93,6 +93,7 @@ def build_model_args(cfg: DictConfig, data, source: str):
             granule_head=float(v.granule_weight) > 0,
             nucleus_head=float(v.nucleus_weight) > 0,
             lobe_head=bool(v.lobe_head) and float(v.nucleus_weight) > 0,
+            lobe_deep_valley=None if v.lobe_deep_valley is None else float(v.lobe_deep_valley),
             n_classes=_n_classes(float(v.classify_weight), data.label_names),
             maturation_ranks=maturation_ranks(
                 float(v.maturation_weight), list(v.maturation_classes), data.label_names

@@ -52,7 +52,15 @@ class LobeHead(nn.Module):
         return self.net(z.detach())
 
 
-def lobe_targets(nucleus, has_image: torch.Tensor, block: int = 512) -> torch.Tensor:
+def lobe_targets(
+    nucleus,
+    has_image: torch.Tensor,
+    block: int = 512,
+    *,
+    crops=None,
+    masks=None,
+    deep_valley_ratio: float | None = None,
+) -> torch.Tensor:
     """The lobe counter's count of every crop's nucleus mask, (N,) int64; 0 = none.
 
     Parameters
@@ -60,17 +68,34 @@ def lobe_targets(nucleus, has_image: torch.Tensor, block: int = 512) -> torch.Te
     nucleus : (N, 1, S, S) {0, 1} nucleus masks (:func:`vae.data.nucleus_masks`), a
         tensor or a row store read by blocks
     has_image : (N,) bool; rows without an image get 0 (not scored)
+    crops, masks, deep_valley_ratio : with ``deep_valley_ratio`` set, the nuclei are
+        segmented again from ``crops`` (N, 3, S, S) uint8 and ``masks`` (N, 1, S, S)
+        with the counter's second cut rule on (``GranuleParams.lobe_deep_valley_ratio``:
+        pale touching lobes of real smears), and ``nucleus`` is not read. Only the
+        counts change: the nucleus layer keeps training on ``nucleus``.
     """
-    from vae.analysis.granules import count_lobes
+    from vae.analysis.granules import GranuleParams, cell_nucleus, count_lobes
 
+    if deep_valley_ratio is not None and (crops is None or masks is None):
+        raise ValueError("lobe_targets: deep_valley_ratio needs the crops and their masks")
+    params = GranuleParams(lobe_deep_valley_ratio=deep_valley_ratio)
     n = int(has_image.shape[0])
     out = np.zeros(n, dtype=np.int64)
     rows = np.flatnonzero(has_image.numpy())
     for i in range(0, rows.size, block):
-        sel = rows[i : i + block]
+        sel = torch.as_tensor(rows[i : i + block])
         # index_select: what a tensor and a row store on disk (vae.store) both read by
-        masks = np.asarray(nucleus.index_select(0, torch.as_tensor(sel)))[:, 0].astype(bool)
-        out[sel] = [count_lobes(m) for m in masks]
+        if deep_valley_ratio is None:
+            nuc = np.asarray(nucleus.index_select(0, sel))[:, 0].astype(bool)
+        else:
+            img = np.asarray(crops.index_select(0, sel)).transpose(0, 2, 3, 1)
+            cell = np.asarray(masks.index_select(0, sel))[:, 0].astype(bool)
+            # a cell under 16 px has no nucleus target (vae.data.crop_targets)
+            nuc = [
+                cell_nucleus(im, m, params) if m.sum() >= 16 else np.zeros_like(m)
+                for im, m in zip(img, cell)
+            ]
+        out[sel.numpy()] = [count_lobes(m) for m in nuc]
     return torch.from_numpy(out)
 
 

@@ -152,6 +152,10 @@ class VAEArgs:
     # the nucleus's lobe count, and drawn cells cut the nucleus mask into that many
     # lobes. Default False so checkpoints saved before this field load unchanged.
     lobe_head: bool = False
+    # the lobe counter's second cut rule for the head's targets (None: off; real smears'
+    # pale touching lobes, :func:`vae.analysis.granules.cut_lobe_valleys`). Training
+    # targets only: the model and the latent are the same either way.
+    lobe_deep_valley: float | None = None
 
     def __post_init__(self) -> None:
         if self.expression_likelihood not in EXPRESSION_LIKELIHOODS:
@@ -182,6 +186,8 @@ class VAEArgs:
             )
         if self.lobe_head and not self.nucleus_head:
             raise ValueError("lobe_head needs nucleus_head (the lobes cut the nucleus layer)")
+        if self.lobe_deep_valley is not None and not 0 < self.lobe_deep_valley <= 1:
+            raise ValueError(f"lobe_deep_valley must be in (0, 1]; got {self.lobe_deep_valley}")
         if self.expression_input not in EXPRESSION_INPUTS:
             raise ValueError(
                 f"expression_input={self.expression_input!r}; valid: {', '.join(EXPRESSION_INPUTS)}"

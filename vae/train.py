@@ -332,7 +332,13 @@ def train(
         from vae.lobes import lobe_targets
 
         t_l = time.time()
-        data.lobes = lobe_targets(data.nucleus, data.has_image)
+        data.lobes = lobe_targets(
+            data.nucleus,
+            data.has_image,
+            crops=data.crops,
+            masks=data.masks,
+            deep_valley_ratio=getattr(core.args, "lobe_deep_valley", None),
+        )
         log.info(
             "lobe counts of %d nuclei: mean %.2f (%.1f s)",
             int((data.lobes > 0).sum()),

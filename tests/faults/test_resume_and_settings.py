@@ -106,6 +106,7 @@ def test_stage_all_resume_skips_the_complete_stages_it_starts_with(tmp_path, toy
     "override,named",
     [
         ("vae.beta=-4", "vae.beta=-4.0 is out of range: must be >= 0"),
+        ("vae.lobe_deep_valley=1.5", "vae.lobe_deep_valley=1.5 is out of range"),
         (
             "segmentation.aug_stain=1.5",
             "segmentation.aug_stain=1.5 is out of range: must be in [0,1]",

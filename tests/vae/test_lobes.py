@@ -134,6 +134,27 @@ def test_targets_are_the_counters_counts():
     assert t.tolist() == [count_lobes(ring), 3, 0]
 
 
+def test_targets_with_the_second_rule_recount_from_the_crops():
+    """``deep_valley_ratio`` segments the nuclei again from the crops with the counter's
+    second cut rule (lobes touching through a wide bridge count as two); the nucleus
+    masks given are then not read, rows without an image stay 0, and the rule without
+    the crops is refused."""
+    from tests.vae.analysis.test_granules import _touching_lobes
+    from vae.data import nucleus_masks
+
+    img, cell = _touching_lobes(valley=0.5, half_gap=6.0)
+    crop = torch.from_numpy(np.round(img * 255).astype(np.uint8)).permute(2, 0, 1)
+    crops = torch.stack([crop, crop, crop])
+    masks = torch.from_numpy(np.stack([cell] * 3)[:, None].astype(np.uint8))
+    has = torch.tensor([True, True, False])
+    nuc = nucleus_masks(crops, masks, has)
+    assert lobe_targets(nuc, has).tolist() == [1, 1, 0]
+    deep = lobe_targets(None, has, block=2, crops=crops, masks=masks, deep_valley_ratio=0.3)
+    assert deep.tolist() == [2, 2, 0]
+    with pytest.raises(ValueError, match="needs the crops"):
+        lobe_targets(nuc, has, deep_valley_ratio=0.3)
+
+
 def test_nll_scores_known_counts_only_and_caps_at_the_last_class():
     logits = torch.zeros(3, LOBE_CLASSES)
     logits[1, LOBE_CLASSES - 1] = 5.0

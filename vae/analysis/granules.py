@@ -36,6 +36,9 @@ LOBE_VALLEY_RATIO = 0.2
 LOBE_PINCH_RATIO = 0.5
 LOBE_MIN_FRACTION = 0.1
 LOBE_PEAK_H = 0.02
+# a second cut rule for pale, touching lobes (off unless asked for: it splits the
+# simulator's bands): a valley at least this deep where the outline narrows this much
+LOBE_DEEP_PINCH_RATIO = 0.9
 
 # degrees where the cytoplasm hue circle is cut open: yellow-green, a colour no stained
 # cytoplasm takes (2 % of the real chain's crops lie in 60-150 degrees)
@@ -76,6 +79,10 @@ class GranuleParams:
     valley_ratio: float | None = LOBE_VALLEY_RATIO
     pinch_ratio: float = LOBE_PINCH_RATIO
     lobe_min_fraction: float = LOBE_MIN_FRACTION
+    # a second rule (None: off): a valley this deep where the outline narrows to
+    # lobe_deep_pinch_ratio x half-width also cuts (pale touching lobes of real smears)
+    lobe_deep_valley_ratio: float | None = None
+    lobe_deep_pinch_ratio: float = LOBE_DEEP_PINCH_RATIO
     # lobes: basins of the nucleus distance transform joined by a neck narrower than this
     # share of the smaller basin's half-width count as separate lobes
     neck_ratio: float = 0.3
@@ -205,6 +212,8 @@ def segment_nucleus(
     valley_ratio: float | None = LOBE_VALLEY_RATIO,
     pinch_ratio: float = LOBE_PINCH_RATIO,
     lobe_min_fraction: float = LOBE_MIN_FRACTION,
+    deep_valley_ratio: float | None = None,
+    deep_pinch_ratio: float = LOBE_DEEP_PINCH_RATIO,
 ) -> np.ndarray:
     """Nucleus mask: Otsu threshold of :func:`nucleus_stain` inside the cell.
 
@@ -216,8 +225,9 @@ def segment_nucleus(
         a quarter of the largest part) are dropped (noise, granule clusters).
     od_weights : (3,) optical-density weights of the nucleus stain.
     granule_radius_px : granules narrower than this disc are opened away first.
-    valley_ratio, pinch_ratio, lobe_min_fraction : touching lobes are cut apart
-        (:func:`cut_lobe_valleys`); ``valley_ratio`` None leaves the mask whole.
+    valley_ratio, pinch_ratio, lobe_min_fraction, deep_valley_ratio, deep_pinch_ratio :
+        touching lobes are cut apart (:func:`cut_lobe_valleys`); ``valley_ratio`` None
+        leaves the mask whole.
 
     Returns
     -------
@@ -248,7 +258,16 @@ def segment_nucleus(
     nuc = ndi.binary_fill_holes(nuc) & cell
     if valley_ratio is None:
         return nuc
-    return cut_lobe_valleys(s, nuc, edge, valley_ratio, pinch_ratio, lobe_min_fraction)
+    return cut_lobe_valleys(
+        s,
+        nuc,
+        edge,
+        valley_ratio,
+        pinch_ratio,
+        lobe_min_fraction,
+        deep_valley_ratio=deep_valley_ratio,
+        deep_pinch_ratio=deep_pinch_ratio,
+    )
 
 
 # the two 4-neighbour pixel pairings of an image: (left, right) and (top, bottom)
@@ -291,6 +310,8 @@ def cut_lobe_valleys(
     pinch_ratio: float = LOBE_PINCH_RATIO,
     min_fraction: float = LOBE_MIN_FRACTION,
     peak_h: float = LOBE_PEAK_H,
+    deep_valley_ratio: float | None = None,
+    deep_pinch_ratio: float = LOBE_DEEP_PINCH_RATIO,
 ) -> np.ndarray:
     """The nucleus mask with touching lobes cut apart along the pale valleys between them.
 
@@ -307,6 +328,12 @@ def cut_lobe_valleys(
       their border is <= ``pinch_ratio`` x the smaller basin's half-width (chromatin
       clumps inside a round lymphocyte nucleus dip too, but the outline does not pinch);
     * **size**: each holds >= ``min_fraction`` of the nucleus area.
+
+    With ``deep_valley_ratio`` set, a second rule replaces the first two where it holds:
+    a valley of at least ``deep_valley_ratio`` of the depth where the outline narrows
+    to <= ``deep_pinch_ratio`` x the half-width. Pale real nuclei (BCCD) touch through
+    wide bridges that only this rule cuts; it also cuts a band's bends, so the
+    simulator's lobe counts leave it off (docs/vae.md, "Lobe targets on real crops").
 
     Both sides of a kept border leave the mask (a cut 2 px wide, no diagonal contact),
     so :func:`split_lobes` finds the parts as separate lobes.
@@ -348,10 +375,12 @@ def cut_lobe_valleys(
         if ri == rj:
             continue
         low = min(peak[ri], peak[rj])
-        valley = low - v >= valley_ratio * max(low - edge_level, 1e-6)
-        pinch = neck[(i, j)] <= pinch_ratio * min(half[ri], half[rj])
+        depth, thin = max(low - edge_level, 1e-6), min(half[ri], half[rj])
+        split = low - v >= valley_ratio * depth and neck[(i, j)] <= pinch_ratio * thin
+        if deep_valley_ratio is not None and not split:
+            split = low - v >= deep_valley_ratio * depth and neck[(i, j)] <= deep_pinch_ratio * thin
         big = min(area[ri], area[rj]) >= min_fraction * total
-        if not (valley and pinch and big):
+        if not (split and big):
             parent[rj] = ri
             peak[ri], half[ri] = max(peak[ri], peak[rj]), max(half[ri], half[rj])
             area[ri] += area[rj]
@@ -629,6 +658,8 @@ def cell_nucleus(
         valley_ratio=p.valley_ratio,
         pinch_ratio=p.pinch_ratio,
         lobe_min_fraction=p.lobe_min_fraction,
+        deep_valley_ratio=p.lobe_deep_valley_ratio,
+        deep_pinch_ratio=p.lobe_deep_pinch_ratio,
     )
 
 

@@ -149,7 +149,7 @@ def test_count_lobes_on_masks():
     assert G.count_lobes(m) == 2
 
 
-def _touching_lobes(valley: float, clumps: bool = False, size: int = 64):
+def _touching_lobes(valley: float, clumps: bool = False, size: int = 64, half_gap: float = 7.5):
     """Cell (r=28) with a nucleus of two overlapping discs (r=8, centres 15 px apart:
     the outline pinches to ~0.4 of a lobe's half-width after the blur: too wide for the outline
     alone), the stain dimmed by ``valley`` (share of the nuclear density) along the
@@ -163,7 +163,7 @@ def _touching_lobes(valley: float, clumps: bool = False, size: int = 64):
         nuc = np.hypot(yy - c, xx - c) < 11
         dens = 1.0 + 0.4 * sum(np.exp(-((yy - c) ** 2 + (xx - c - d) ** 2) / 8.0) for d in (-5, 5))
     else:
-        nuc = (np.hypot(yy - c, xx - c + 7.5) < 8) | (np.hypot(yy - c, xx - c - 7.5) < 8)
+        nuc = (np.hypot(yy - c, xx - c + half_gap) < 8) | (np.hypot(yy - c, xx - c - half_gap) < 8)
         dens = np.ones_like(yy)
     dens = dens * (1 - valley * np.exp(-((xx - c) ** 2) / 4.0))
     od = np.where(nuc[..., None], od_dark * dens[..., None], OD_PINK) * cell[..., None]
@@ -182,6 +182,26 @@ def test_touching_lobes_are_cut_along_their_valley():
     assert nuc.sum() < whole.sum() and not (nuc & ~whole).any()  # a cut, nothing added
     flat, cell = _touching_lobes(valley=0.0)
     assert G.measure_cell(flat, cell).features.lobes == 1
+
+
+def test_second_rule_cuts_lobes_touching_through_a_wide_bridge():
+    """Lobes that overlap more (centres 12 px apart: the outline narrows only to ~0.7 of
+    a lobe's half-width, a pale real nucleus's bridge) are one lobe for the first rule
+    and two for the second (a valley >= 0.3 of the depth where the outline narrows to
+    <= 0.9); without a dip they stay one, and a round nucleus with chromatin clumps (no
+    narrowing at all) stays one under both rules."""
+    deep = G.GranuleParams(lobe_deep_valley_ratio=0.3)
+    img, cell = _touching_lobes(valley=0.5, half_gap=6.0)
+    assert G.measure_cell(img, cell).features.lobes == 1
+    assert G.measure_cell(img, cell, deep).features.lobes == 2
+    assert G.count_lobes(G.cell_nucleus(img, cell, deep)) == 2
+    flat, cell = _touching_lobes(valley=0.0, half_gap=6.0)
+    assert G.measure_cell(flat, cell, deep).features.lobes == 1
+    clumps, cell = _touching_lobes(valley=0.5, clumps=True)
+    assert G.measure_cell(clumps, cell, deep).features.lobes == 1
+    # the first rule's cuts are kept: the 15 px pair is two lobes either way
+    img, cell = _touching_lobes(valley=0.5)
+    assert G.measure_cell(img, cell, deep).features.lobes == 2
 
 
 def test_chromatin_valleys_without_a_pinch_do_not_split():
