@@ -191,6 +191,7 @@ def check(
     traverse: Path | None,
     views: int | None = None,
     stages: list[str] | None = None,
+    lobe_deep_valley: str = "model",
 ) -> dict:
     import anndata as ad
     import pandas as pd
@@ -285,7 +286,17 @@ def check(
         # lobes drawn vs lobes of the input crop, both read by the lobe counter: needs no
         # truth, so it scores real crops too (with a lobe layer, also without it: the
         # head reads the code detached, so that is the same model's paired baseline)
-        params = G.GranuleParams()
+        # the counter's second cut rule as the lobe head was trained with (vae.lobe_deep_valley)
+        # unless told otherwise, so input and drawn lobes are read as the head learned them
+        deep = (
+            getattr(model.args, "lobe_deep_valley", None)
+            if lobe_deep_valley == "model"
+            else None
+            if lobe_deep_valley == "none"
+            else float(lobe_deep_valley)
+        )
+        res["lobe_deep_valley"] = deep
+        params = G.GranuleParams(lobe_deep_valley_ratio=deep)
         # the masked input crops as the model saw them, uint8 as the instruments read them
         inputs_u8 = np.rint(dec.image * 255).astype(np.uint8)
         inp_lobes = G.measure_batch(inputs_u8, dec.mask, params)["lobes"].to_numpy(float)
@@ -425,11 +436,19 @@ def main() -> None:
         help="real data: labels whose profiles' pseudotime (obs['maturation']) the best "
         "latent dim is scored against (default: the model's maturation classes, dim 0)",
     )
+    ap.add_argument(
+        "--lobe-deep-valley",
+        default="model",
+        help="the lobe counter's second cut rule for the drawn-vs-input lobes: 'model' (the "
+        "rule the lobe head trained with, vae.lobe_deep_valley), 'none', or a ratio",
+    )
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)
-    res = check(args.run, args.paired, args.traverse, args.views, args.stages)
+    res = check(
+        args.run, args.paired, args.traverse, args.views, args.stages, args.lobe_deep_valley
+    )
     out = args.out or args.run / "image_branch.json"
     out.write_text(json.dumps(res, indent=2, default=float))
     width = max(len(k) for k in res)

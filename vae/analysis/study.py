@@ -112,6 +112,8 @@ def traverse_study(
         border_px=a.granule_border_px,
         nucleus_margin_px=a.granule_nucleus_margin_px,
         neck_ratio=a.lobe_neck_ratio,
+        # lobes read with the cut rules the model's lobe head learned its counts by
+        lobe_deep_valley_ratio=getattr(rd.model.args, "lobe_deep_valley", None),
     )
     bg = background
     tb = out_files.tb
