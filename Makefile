@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 EXP    ?= demo
 
-.PHONY: demo test test-all lint tensorboard bench clean venv
+.PHONY: demo test test-all lint tensorboard clean venv
 
 venv: $(STAMP)
 

@@ -172,10 +172,16 @@ def real_paired(paired: Path, params=None) -> dict:
 
 
 def lobe_sheet(
-    paired: Path, out: Path, label: str = "neutrophil", n: int = 16, seed: int = 0
+    paired: Path,
+    out: Path,
+    label: str = "neutrophil",
+    n: int = 16,
+    seed: int = 0,
+    deep_valley: float | None = None,
 ) -> None:
     """Contact sheet: ``n`` random labelled real crops, their lobes read by the
-    outline-only counter (``valley_ratio=None``) and by the package's counter."""
+    outline-only counter (``valley_ratio=None``), by the package's counter and, with
+    ``deep_valley``, by the counter with its second cut rule."""
     import anndata as ad
     import matplotlib
 
@@ -195,7 +201,14 @@ def lobe_sheet(
         ("outline only", G.GranuleParams(valley_ratio=None)),
         ("+ valley cuts", G.GranuleParams()),
     )
-    fig, ax = plt.subplots(3, pick.size, figsize=(1.25 * pick.size, 4.4), squeeze=False)
+    if deep_valley is not None:
+        counters += (
+            (f"+ 2nd rule {deep_valley:g}", G.GranuleParams(lobe_deep_valley_ratio=deep_valley)),
+        )
+    rows_n = 1 + len(counters)
+    fig, ax = plt.subplots(
+        rows_n, pick.size, figsize=(1.25 * pick.size, 1.47 * rows_n), squeeze=False
+    )
     for k, i in enumerate(pick):
         img = np.asarray(a.obsm["crops"][i])
         cell = np.asarray(a.obsm["masks"][i]).astype(bool).reshape(img.shape[:2])
@@ -243,6 +256,12 @@ def main() -> None:
         help="GranuleParams.valley_ratio (default: the package's); none: no cuts between "
         "touching lobes",
     )
+    ap.add_argument(
+        "--deep-valley",
+        type=float,
+        default=None,
+        help="GranuleParams.lobe_deep_valley_ratio: the counter's second cut rule (default off)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -252,10 +271,14 @@ def main() -> None:
     if args.valley_ratio is not None:
         vr = None if args.valley_ratio.lower() == "none" else float(args.valley_ratio)
         params = GranuleParams(valley_ratio=vr)
+    if args.deep_valley is not None:
+        params = GranuleParams(
+            valley_ratio=params.valley_ratio, lobe_deep_valley_ratio=args.deep_valley
+        )
 
     import pandas as pd
 
-    res = {"valley_ratio": params.valley_ratio}
+    res = {"valley_ratio": params.valley_ratio, "deep_valley": params.lobe_deep_valley_ratio}
     res["simulated"] = simulated(args.paired, args.n, args.seed, params)
     sim = {k: v for k, v in res["simulated"].items() if isinstance(v, dict)}
     print(pd.DataFrame(sim).T.to_string(float_format=lambda v: f"{v:.3f}"))
@@ -269,7 +292,9 @@ def main() -> None:
         print(f"\n{args.real_paired}: lobes per labelled crop (share)")
         print(pd.DataFrame(res["real_paired"]).T.to_string(float_format=lambda v: f"{v:.2f}"))
         if args.lobe_sheet is not None:
-            lobe_sheet(args.real_paired, args.lobe_sheet, seed=args.seed)
+            lobe_sheet(
+                args.real_paired, args.lobe_sheet, seed=args.seed, deep_valley=args.deep_valley
+            )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2) + "\n")
