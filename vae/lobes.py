@@ -37,8 +37,9 @@ class LobeHead(nn.Module):
     """Code -> logits of the nucleus lobe count (1..``LOBE_CLASSES``).
 
     Reads the image part of the code detached: it learns what the code already says
-    about the lobes and never moves the latent (the latent's own measures are those of
-    the model without it).
+    about the lobes, and its loss sends no gradient into the latent (its gradient only
+    enters the trainer's global gradient-norm clip, so other targets perturb a run as a
+    different seed would: docs/vae.md, "Lobe targets on real crops").
     """
 
     def __init__(self, n_in: int, hidden: int = 64):

@@ -154,7 +154,7 @@ class VAEArgs:
     lobe_head: bool = False
     # the lobe counter's second cut rule for the head's targets (None: off; real smears'
     # pale touching lobes, :func:`vae.analysis.granules.cut_lobe_valleys`). Training
-    # targets only: the model and the latent are the same either way.
+    # targets only: the architecture is the same either way.
     lobe_deep_valley: float | None = None
 
     def __post_init__(self) -> None:
