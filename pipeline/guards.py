@@ -167,22 +167,21 @@ def _probe_h5ad(n: str, p: Path) -> None:
         raise StageError(f"input '{n}' = {p}: an HDF5 file but not AnnData (no 'obs' group)")
 
 
-def _select(resolved: dict[str, Any], key: str) -> Any:
+_ABSENT = object()
+
+
+def _select(resolved: dict[str, Any], key: str, absent: Any = None) -> Any:
+    """The value at dotted ``key``, or ``absent`` where the config has no such key."""
     node: Any = resolved
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            return None
+            return absent
         node = node[part]
     return node
 
 
 def _recorded(resolved: dict[str, Any], key: str) -> bool:
-    node: Any = resolved
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+    return _select(resolved, key, _ABSENT) is not _ABSENT
 
 
 def _flat(key: str, v: Any) -> dict[str, Any]:
