@@ -75,7 +75,8 @@ def lobe_targets(
         pale touching lobes of real smears), and ``nucleus`` is not read. Only the
         counts change: the nucleus layer keeps training on ``nucleus``.
     """
-    from vae.analysis.granules import GranuleParams, cell_nucleus, count_lobes
+    from vae.analysis.granules import GranuleParams, count_lobes
+    from vae.data import nucleus_masks
 
     if deep_valley_ratio is not None and (crops is None or masks is None):
         raise ValueError("lobe_targets: deep_valley_ratio needs the crops and their masks")
@@ -87,15 +88,13 @@ def lobe_targets(
         sel = torch.as_tensor(rows[i : i + block])
         # index_select: what a tensor and a row store on disk (vae.store) both read by
         if deep_valley_ratio is None:
-            nuc = np.asarray(nucleus.index_select(0, sel))[:, 0].astype(bool)
-        else:
-            img = np.asarray(crops.index_select(0, sel)).transpose(0, 2, 3, 1)
-            cell = np.asarray(masks.index_select(0, sel))[:, 0].astype(bool)
-            # a cell under 16 px has no nucleus target (vae.data.crop_targets)
-            nuc = [
-                cell_nucleus(im, m, params) if m.sum() >= 16 else np.zeros_like(m)
-                for im, m in zip(img, cell)
-            ]
+            block_nuc = nucleus.index_select(0, sel)
+        else:  # the nucleus layer's own segmentation, with the second rule on
+            on = torch.ones(sel.numel(), dtype=torch.bool)
+            block_nuc = nucleus_masks(
+                crops.index_select(0, sel), masks.index_select(0, sel), on, params
+            )
+        nuc = np.asarray(block_nuc)[:, 0].astype(bool)
         out[sel.numpy()] = [count_lobes(m) for m in nuc]
     return torch.from_numpy(out)
 
