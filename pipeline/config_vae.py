@@ -98,6 +98,11 @@ class VAEConfig:
     # count as much as labelled ones); 0: off, no second view is made
     view_contrast_weight: float = 0.0
     view_temperature: float = 0.2
+    # the cell's size (obs['cell_diameter'] of stage=segment's crops, which fill their
+    # square whatever the cell's size): the image expert reads it beside the pixels and a
+    # head on the image code predicts it back, with this weight (nats per squared
+    # standardised log diameter / 2). 0: off, no size input or head (docs/vae.md)
+    size_weight: float = 0.0
     # expression branch
     hidden: list[int] = field(default_factory=lambda: [128, 64])  # MLP widths
     expression_likelihood: str = "auto"  # auto | nb | zinb | gaussian (auto: nb if counts)

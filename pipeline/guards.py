@@ -82,6 +82,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "trainer.rotate": 0.0,  # 2026-11: before it, flips only
     "trainer.ema_epochs": 0.0,  # 2026-12-02: before it, no weight average
     "vae.lobe_deep_valley": None,  # 2026-12-02: before it, the lobe head's counts used one rule
+    "vae.size_weight": 0.0,  # 2026-12-02: before it, no size input or head
 }
 
 # inputs that are checkpoints / AnnData files (probed before the stage starts)

@@ -36,6 +36,7 @@ RANGES: dict[str, str] = {
     "vae.classify_weight": NONNEG,
     "vae.maturation_weight": NONNEG,
     "vae.view_contrast_weight": NONNEG,
+    "vae.size_weight": NONNEG,
     "vae.view_temperature": POS,
     "vae.nucleus_gap_weight": NONNEG,
     "vae.lobe_deep_valley": "(0,1]",

@@ -8,6 +8,7 @@ so a benchmark trains exactly what ``stage=train`` would.
 
 from __future__ import annotations
 
+import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.runner import StageError
@@ -98,6 +99,7 @@ def build_model_args(cfg: DictConfig, data, source: str):
             maturation_ranks=maturation_ranks(
                 float(v.maturation_weight), list(v.maturation_classes), data.label_names
             ),
+            **size_args(float(v.size_weight), data, source),
         )
     except ValueError as e:
         raise StageError(f"vae config: {e}") from e
@@ -132,6 +134,29 @@ def _n_classes(weight: float, label_names: list[str]) -> int:
     if weight <= 0 or not [n for n in label_names if n != UNKNOWN_LABEL]:
         return 0
     return len(label_names)
+
+
+def size_args(weight: float, data, source: str) -> dict:
+    """``vae.size_weight`` -> the model's size fields: off ({}) at 0, else the size head
+    and the standardisation of log diameter over the rows whose size is known."""
+    if weight <= 0:
+        return {}
+    from vae.inputs.schema import CELL_DIAMETER
+
+    d = None if data.diameter is None else data.diameter.numpy()
+    d = np.array([]) if d is None else d[np.isfinite(d)]
+    if d.size < 2:
+        raise StageError(
+            f"vae.size_weight={weight:g} needs the cells' sizes: {source} has "
+            f"{'no' if data.diameter is None else 'too few'} obs['{CELL_DIAMETER}'] values "
+            "(crops cut by stage=segment carry them; set vae.size_weight=0 otherwise)"
+        )
+    logd = np.log(d.astype(np.float64))
+    return {
+        "size_head": True,
+        "size_log_mean": float(logd.mean()),
+        "size_log_sd": float(max(logd.std(), 1e-3)),
+    }
 
 
 def maturation_ranks(weight: float, order: list[str], label_names: list[str]) -> list[int]:
@@ -169,6 +194,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
             classify=float(v.classify_weight),
             maturation=float(v.maturation_weight),
             view_contrast=float(v.view_contrast_weight),
+            size=float(v.size_weight),
             view_temperature=float(v.view_temperature),
             unknown_label=int(unknown_label),
             expression=v.expression_weight,

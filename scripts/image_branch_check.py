@@ -264,6 +264,32 @@ def check(
                 pca.transform(pix(rf)), y_all[rf], pca.transform(pix(rt)), y_all[rt]
             )
         _morphology(res, data, lat_all.image, fit[has_i_all[fit]], test[has_i], y_all, pix)
+        if data.diameter is not None:
+            # the test crops whose size the table knows (stage=segment's) and the others
+            known = np.isfinite(data.diameter.numpy())[test]
+            zi = lat_all.image
+            for tag, sel in (("size_known", known), ("size_unknown", ~known)):
+                t_rows = lab & has_i & sel
+                res[f"n_test_image_labelled_{tag}"] = int(t_rows.sum())
+                res[f"knn_image_{tag}"] = (
+                    _knn(
+                        zi[fit][labf & has_i_all[fit]],
+                        yf[labf & has_i_all[fit]],
+                        zi[test][t_rows],
+                        y[t_rows],
+                    )
+                    if t_rows.any()
+                    else float("nan")
+                )
+    if data.diameter is not None and getattr(model.args, "size_head", False):
+        # the size head on the image code of each test crop vs the crop's own size
+        dia = data.diameter.numpy()
+        rows = test[has_i & np.isfinite(dia[test])]
+        with torch.no_grad():
+            dec = model.decode(torch.from_numpy(lat_all.image[rows]).float(), use_expression=False)
+            got = model.diameter_px(dec.size).numpy()
+        res["decoded_size_vs_input_spearman"] = _spearman(got, dia[rows])
+        res["decoded_size_rows"] = int(rows.size)
 
     joint = torch.from_numpy(lat_all.joint[test])
     kl_dim = kl_normal((joint, torch.from_numpy(lat_all.joint_logvar[test]))).mean(0).numpy()

@@ -32,7 +32,10 @@ from segmentation.crops import (
 )
 from segmentation.inference import Detections, Detector, detect_images, resize_image
 from segmentation.io import decode_coco_mask
-from segmentation.schema import TRUTH_FIELDS  # copied from a matched COCO annotation
+from segmentation.schema import (  # TRUTH_FIELDS: from a matched COCO annotation
+    CELL_DIAMETER,
+    TRUTH_FIELDS,
+)
 
 
 @dataclass
@@ -275,6 +278,11 @@ def _finish_image(
             "y1": det.boxes[:, 3] / scale,
             "score": det.scores,
             "area": np.round(filt.area / (scale * scale)).astype(np.int64),
+            # the cell's size on the detector's working frame (source px x input_scale,
+            # where scales are set so white cells of every microscope look alike): the
+            # crops fill their square whatever the cell's size, so this is the only
+            # record of it (equivalent diameter, sqrt(4 area / pi))
+            CELL_DIAMETER: np.sqrt(4.0 * filt.area.astype(np.float64) / np.pi),
             "n_pieces": filt.n_pieces,
             "max_overlap_iou": filt.max_overlap_iou,
             "tile_fragment": det.cut,

@@ -13,6 +13,9 @@ from __future__ import annotations
 TRUTH_TEXT_FIELDS = ("kind", "lineage")
 TRUTH_NUMERIC_FIELDS = ("t", "granule_density", "lobes", "diameter")
 TRUTH_FIELDS = TRUTH_TEXT_FIELDS + TRUTH_NUMERIC_FIELDS
+# cells.h5ad / paired.h5ad obs: the cell's equivalent diameter on the detector's working
+# frame (source px x input_scale), measured from its mask; NaN where unknown
+CELL_DIAMETER = "cell_diameter"
 
 SCORE_THRESHOLD = 0.5  # keep detections with score >= this
 MASK_THRESHOLD = 0.5  # mask probability -> binary mask

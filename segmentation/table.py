@@ -15,7 +15,7 @@ import pandas as pd
 
 from segmentation.cells import SegmentSettings
 from segmentation.crops import FLAGS
-from segmentation.schema import TRUTH_NUMERIC_FIELDS, TRUTH_TEXT_FIELDS
+from segmentation.schema import CELL_DIAMETER, TRUTH_NUMERIC_FIELDS, TRUTH_TEXT_FIELDS
 
 
 def merge_parts(
@@ -178,6 +178,7 @@ def empty_table(with_truth: bool) -> pd.DataFrame:
     for c in ("x0", "y0", "x1", "y1", "score"):
         cols[c] = pd.Series([], dtype=np.float32)
     cols["area"] = pd.Series([], dtype=np.int64)
+    cols[CELL_DIAMETER] = pd.Series([], dtype=np.float64)
     cols["n_pieces"] = pd.Series([], dtype=np.int64)
     cols["max_overlap_iou"] = pd.Series([], dtype=np.float64)
     cols["tile_fragment"] = pd.Series([], dtype=bool)

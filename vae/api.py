@@ -51,7 +51,13 @@ import numpy as np
 import pandas as pd
 
 from segmentation.schema import SCALE_SPREAD
-from vae.inputs.schema import ANOMALY_COLUMNS, HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
+from vae.inputs.schema import (
+    ANOMALY_COLUMNS,
+    CELL_DIAMETER,
+    HAS_COUNTS,
+    HAS_EXPRESSION,
+    HAS_IMAGE,
+)
 from vae.scverse import latent_obsm
 
 log = logging.getLogger(__name__)
@@ -435,6 +441,10 @@ class Study:
         a.obs[HAS_EXPRESSION] = has_expr
         a.obsm["crops"] = crops
         a.obsm["masks"] = masks
+        if CELL_DIAMETER in adata.obs:  # the cells' sizes (stage=segment), for a size head
+            a.obs[CELL_DIAMETER] = pd.to_numeric(
+                adata.obs[CELL_DIAMETER], errors="coerce"
+            ).to_numpy(dtype=np.float32)
         if counts is not None:
             a.layers["counts"] = counts
         a.uns[HAS_COUNTS] = counts is not None
@@ -851,8 +861,10 @@ class Study:
 
         Returns :class:`vae.analysis.traverse.DecodedArrays` (``images``
         (n, S, S, 3) in [0, 1], ``masks``, ``expression`` (n, G) log1p-normalised
-        in the order of :attr:`gene_names`); ``.cells()`` draws the decoded cells
-        through their decoded masks, as every figure does.
+        in the order of :attr:`gene_names`; ``diameter`` (n,) px of the detector's
+        working frame for a model trained with ``vae.size_weight``, else None);
+        ``.cells()`` draws the decoded cells through their decoded masks, as every
+        figure does.
         """
         from vae.analysis.traverse import decode
 

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from vae.inputs.schema import HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
+from vae.inputs.schema import CELL_DIAMETER, HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
 
 SPLITS = ("train", "val", "test")
 
@@ -63,6 +63,11 @@ class PairedTensors:
         ``lgamma(counts + 1)``, the NB likelihood's constant (it needs no gradient
         and never changes): filled by the trainer for in-memory counts, so a step
         gathers it instead of computing it (``None``: computed per batch).
+    diameter : (N,) float32 or None
+        The cell's equivalent diameter on the detector's working frame, px
+        (``obs['cell_diameter']`` of ``stage=segment`` crops; NaN where unknown:
+        no crop, or a source that does not say); None when the table has no such
+        column. The crops' framing hides it (every cell fills its crop).
 
     For data larger than memory, ``crops``, ``masks``, ``granules`` and ``nucleus``
     may be :class:`vae.store.RowStore` (chunked on disk) and ``x``, ``counts``
@@ -86,6 +91,7 @@ class PairedTensors:
     nucleus: torch.Tensor | None = None
     log_factorial: torch.Tensor | None = None
     lobes: torch.Tensor | None = None
+    diameter: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -111,7 +117,8 @@ class Batch:
     granules (B, 1, S, S) float {0, 1} granule centres, or None; nucleus
     (B, 1, S, S) float {0, 1} nucleus mask, or None; log_factorial (B, G)
     ``lgamma(counts + 1)`` when the data set holds it (``PairedTensors.log_factorial``);
-    lobes (B,) int64 the input nuclei's lobe counts (0: none), or None.
+    lobes (B,) int64 the input nuclei's lobe counts (0: none), or None;
+    diameter (B,) float32 the cells' diameters (NaN: unknown), or None.
     """
 
     image: torch.Tensor | None
@@ -128,6 +135,7 @@ class Batch:
     nucleus: torch.Tensor | None = None
     log_factorial: torch.Tensor | None = None
     lobes: torch.Tensor | None = None
+    diameter: torch.Tensor | None = None
 
 
 def _dense(m) -> np.ndarray:
@@ -170,7 +178,18 @@ def _tensors(
         obs_names=[str(s) for s in adata.obs_names],
         gene_names=[str(s) for s in adata.var_names],
         norm_total=norm_total,
+        diameter=_diameters(adata.obs, has_image),
     )
+
+
+def _diameters(obs: pd.DataFrame, has_image: np.ndarray) -> torch.Tensor | None:
+    """(N,) float32 ``obs['cell_diameter']`` (NaN where unknown or without a crop), or
+    None when the table has no such column or no finite positive value."""
+    if CELL_DIAMETER not in obs:
+        return None
+    d = pd.to_numeric(obs[CELL_DIAMETER], errors="coerce").to_numpy(dtype=np.float64)
+    d = np.where(has_image & np.isfinite(d) & (d > 0), d, np.nan).astype(np.float32)
+    return torch.from_numpy(d) if np.isfinite(d).any() else None
 
 
 def _modality_flags(adata, source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -432,6 +451,8 @@ def raw_batch(d: PairedTensors, idx: torch.Tensor, images: bool = True) -> dict[
             out["nucleus"] = d.nucleus.index_select(0, idx)
         if d.lobes is not None:  # and their lobe counts
             out["lobes"] = d.lobes.index_select(0, idx)
+        if d.diameter is not None:  # and the cells' sizes, which the crops' framing hides
+            out["diameter"] = d.diameter.index_select(0, idx)
     if d.counts is not None:
         out["counts"] = d.counts.index_select(0, idx)
     if d.log_factorial is not None:
@@ -691,6 +712,7 @@ def to_batch(
         granules=gran,
         nucleus=nuc,
         lobes=mv(raw["lobes"]) if "lobes" in raw else None,
+        diameter=mv(raw["diameter"]) if "diameter" in raw else None,
     )
 
 

@@ -94,7 +94,14 @@ def _encoded_batches(
             idx = torch.as_tensor(rows[s : s + batch_size], dtype=torch.long)
             b = to_batch(raw_batch(data, idx, images), torch.device(device))
             post = model.encode(
-                b.image, b.x, b.has_image, b.has_expression, b.mask, b.log_library, views=views
+                b.image,
+                b.x,
+                b.has_image,
+                b.has_expression,
+                b.mask,
+                b.log_library,
+                views=views,
+                diameter=b.diameter,
             )
             yield b, post
     finally:
@@ -155,7 +162,13 @@ def encode_dataset(
         if decode:
             if views != 1:  # reconstructions from the posterior of the crop as given
                 post = model.encode(
-                    b.image, b.x, b.has_image, b.has_expression, b.mask, b.log_library
+                    b.image,
+                    b.x,
+                    b.has_image,
+                    b.has_expression,
+                    b.mask,
+                    b.log_library,
+                    diameter=b.diameter,
                 )
                 di = model.decode(post.image[0]) if post.image is not None else None
             t = _decode_batch(model, b, post, di, dec)

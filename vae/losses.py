@@ -69,6 +69,10 @@ class LossWeights:
     # the trainer makes the second view only when this is > 0
     view_contrast: float = 0.0
     view_temperature: float = 0.2
+    # the cell's size: squared error / 2 of the size head's standardised log diameter
+    # against the input cell's (rows whose size is known), per decode as the image terms;
+    # needs a model built with size_head
+    size: float = 0.0
 
     def __post_init__(self) -> None:
         if self.align_mode not in ALIGNS:
@@ -94,6 +98,8 @@ class LossTerms:
         experts' means (rows labelled with a stage; 0 when off), nats per row
     view : NT-Xent between the image encoder's means of two augmented views of each
         crop (0 when off or without a second view)
+    size : squared error / 2 of the decoded standardised log diameter of the cell, from
+        the fused posterior (rows with a known size; 0 when off)
     expression : expression NLL from the fused posterior
     kl : KL(q(z|x) || N(0, I)) of the fused posterior, nats per cell
     kl_objective : β · |KL - C| (capacity) or β · KL, as added to ``total``
@@ -127,6 +133,7 @@ class LossTerms:
     kl_per_dim: torch.Tensor
     maturation: torch.Tensor
     view: torch.Tensor
+    size: torch.Tensor
 
     def scalars(self) -> dict[str, float]:
         """Every scalar term as a Python float (for logging)."""
@@ -625,6 +632,7 @@ def vae_loss(
     log_factorial: torch.Tensor | None = None,
     lobes: torch.Tensor | None = None,
     view_codes: torch.Tensor | None = None,
+    size_target: torch.Tensor | None = None,
 ) -> LossTerms:
     """All loss terms of one batch.
 
@@ -663,6 +671,10 @@ def vae_loss(
         The image encoder's means of a second augmented view of the N rows with an image
         (in row order); with ``weights.view_contrast`` > 0 they and the batch's own
         image codes are scored by :func:`view_contrast_loss`.
+    size_target : (B,) float, optional
+        Each input cell's standardised log diameter, NaN where unknown
+        (:meth:`vae.model.TwoBranchVAE.size_target`); scored against the size head's
+        output when ``weights.size`` > 0.
 
     Returns
     -------
@@ -686,6 +698,9 @@ def vae_loss(
     pick = _row_picker(post.has_image if image is not None else None)
     image, mask, granules, nucleus = pick(image), pick(mask), pick(granules), pick(nucleus)
     lobes = pick(lobes)
+    score_size = w.size > 0 and size_target is not None and image is not None
+    size_target = pick(size_target) if score_size else None
+    size_known = torch.isfinite(size_target) if score_size else None
     # the input's stain contrast, once per batch: every decode below is scored against it
     contrast = (
         granule_contrast(image, mask)
@@ -701,7 +716,7 @@ def vae_loss(
 
     def img_terms(dec: Decoded | None, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if dec is None or dec.image is None:
-            return zero, zero, zero, zero, zero, zero
+            return zero, zero, zero, zero, zero, zero, zero
         rows = pick(rows)
         dec = replace(
             dec,
@@ -711,6 +726,7 @@ def vae_loss(
             granule_od=pick(dec.granule_od),
             nucleus_logits=pick(dec.nucleus_logits),
             lobe_logits=pick(dec.lobe_logits),
+            size=pick(dec.size),
         )
         if w.nucleus_input_compose and score_nucleus and dec.cytoplasm is not None:
             # p(x, n | z) = p(n | z) p(x | z, n): the colours given the observed nucleus
@@ -745,7 +761,12 @@ def vae_loss(
                 nu = nu + (lobe_nll(dec.lobe_logits, lobes) * rows).sum()
         else:
             nu = zero
-        return nll / b, m / b, s / b, f / b, g / b, nu / b
+        if score_size and dec.size is not None:
+            err = torch.where(size_known, dec.size - size_target, torch.zeros_like(dec.size))
+            sz = (0.5 * err.pow(2) * rows).sum()
+        else:
+            sz = zero
+        return nll / b, m / b, s / b, f / b, g / b, nu / b, sz / b
 
     def expr_term(dec: Decoded | None, rows: torch.Tensor) -> torch.Tensor:
         # skipped decoder (None) or a model without genes (B, 0): nothing to score
@@ -755,7 +776,7 @@ def vae_loss(
         return (nll * rows).sum() / b
 
     def weighted_img(t: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        weights = (w.image, w.mask, w.ssim, w.spectral, w.granules, w.nucleus)
+        weights = (w.image, w.mask, w.ssim, w.spectral, w.granules, w.nucleus, w.size)
         return _weighted_sum(zero, zip(weights, t))
 
     def kl_of(g: Gaussian | None, rows: torch.Tensor) -> torch.Tensor:
@@ -764,7 +785,7 @@ def vae_loss(
         return (kl_normal(g).sum(dim=1) * rows).sum() / b
 
     if out.joint is not None:  # PoE: ELBO of the fused posterior on every row
-        i_nll, i_mask, i_ssim, i_spec, i_gran, i_nuc = img_terms(out.joint, hi)
+        i_nll, i_mask, i_ssim, i_spec, i_gran, i_nuc, i_size = img_terms(out.joint, hi)
         e_nll = expr_term(out.joint, he)
         kl_dims = kl_normal(post.joint)
         kl = kl_dims.sum(dim=1).mean()
@@ -790,6 +811,7 @@ def vae_loss(
         i_spec = ii[3] + ie[3]
         i_gran = ii[4] + ie[4]
         i_nuc = ii[5] + ie[5]
+        i_size = ii[6] + ie[6]
         e_nll = expr_term(out.from_expression, we) + expr_term(out.from_image, he * wi)
         kl_dims = sum(
             kl_normal(g) * wg.view(-1, 1)
@@ -797,7 +819,7 @@ def vae_loss(
             if g is not None
         )
         kl = kl_dims.sum(dim=1).mean()
-        ui = ci = (zero, zero, zero, zero, zero, zero)
+        ui = ci = (zero, zero, zero, zero, zero, zero, zero)
         ue = ce = zero
         # cross-modal terms are part of the MoE ELBO above; report them alone too
         with torch.no_grad():
@@ -880,6 +902,7 @@ def vae_loss(
             (w.spectral, i_spec),
             (w.granules, i_gran),
             (w.nucleus, i_nuc),
+            (w.size, i_size),
             (w.expression, e_nll),
             (1.0, kl_obj),
             (1.0, extra),
@@ -911,4 +934,5 @@ def vae_loss(
         kl_per_dim=kl_dims.mean(dim=0).detach(),
         maturation=maturation,
         view=view,
+        size=i_size,
     )

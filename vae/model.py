@@ -39,6 +39,7 @@ IMAGE_ARCHS = ("plain", "residual")
 IMAGE_INPUTS = ("rgb", "stain")
 IMAGE_ENCODERS = ("conv", "resnet18")
 ENCODE_VIEWS = (1, 8)  # one view, or the 8 symmetries of the square
+SIZE_FEATURES = 2  # the size input of the image expert: standardised log diameter, known flag
 
 Gaussian = tuple[torch.Tensor, torch.Tensor]  # (mu, logvar), each (B, d)
 
@@ -156,6 +157,17 @@ class VAEArgs:
     # pale touching lobes, :func:`vae.analysis.granules.cut_lobe_valleys`). Training
     # targets only: the architecture is the same either way.
     lobe_deep_valley: float | None = None
+    # the cell's size: every crop is framed so that its cell fills it, so the size a
+    # haematologist reads first (a lymphocyte is small, a monocyte large; granulocytes
+    # shrink as they mature) is lost in the pixels. With ``size_head`` the image expert
+    # also reads the cell's diameter on the detector's working frame (``obs
+    # ['cell_diameter']``; log, standardised by ``size_log_mean`` / ``size_log_sd`` of the
+    # training data, plus a known / unknown flag) and a head on the image part of the
+    # code predicts it back (:class:`SizeHead`). Default False so checkpoints saved before
+    # these fields load unchanged.
+    size_head: bool = False
+    size_log_mean: float = 0.0
+    size_log_sd: float = 1.0
 
     def __post_init__(self) -> None:
         if self.expression_likelihood not in EXPRESSION_LIKELIHOODS:
@@ -186,6 +198,13 @@ class VAEArgs:
             )
         if self.lobe_head and not self.nucleus_head:
             raise ValueError("lobe_head needs nucleus_head (the lobes cut the nucleus layer)")
+        if self.size_head and self.image_encoder != "conv":
+            raise ValueError(f"size_head needs image_encoder='conv' (got {self.image_encoder!r})")
+        if not (self.size_log_sd > 0 and math.isfinite(self.size_log_mean)):
+            raise ValueError(
+                f"size_log_sd must be > 0 and size_log_mean finite; got "
+                f"{self.size_log_sd}, {self.size_log_mean}"
+            )
         if self.lobe_deep_valley is not None and not 0 < self.lobe_deep_valley <= 1:
             raise ValueError(f"lobe_deep_valley must be in (0, 1]; got {self.lobe_deep_valley}")
         if self.expression_input not in EXPRESSION_INPUTS:
@@ -296,6 +315,9 @@ class Decoded:
         ``image = cytoplasm + sigmoid(nucleus_logits) * (nucleus_colour - cytoplasm)``.
     lobe_logits : (B, LOBE_CLASSES) or None
         Logits of the nucleus lobe count 1..5 (lobe layer only, :mod:`vae.lobes`).
+    size : (B,) or None
+        The cell's log diameter, standardised as the model's input
+        (:meth:`TwoBranchVAE.diameter_px` turns it into working-frame px; size head only).
     """
 
     image: torch.Tensor
@@ -314,6 +336,7 @@ class Decoded:
     nucleus_colour: torch.Tensor | None = None
     cytoplasm: torch.Tensor | None = None
     lobe_logits: torch.Tensor | None = None
+    size: torch.Tensor | None = None
 
 
 @dataclass
@@ -505,9 +528,11 @@ class ImageEncoder(nn.Module):
         n_out: int,
         arch: str = "plain",
         image_input: str = "rgb",
+        n_extra: int = 0,
     ):
         super().__init__()
         self.stain = StainDensity() if image_input == "stain" else None
+        self.n_extra = n_extra
         layers: list[nn.Module] = []
         c_in = 4
         for k, c in enumerate(channels):
@@ -518,16 +543,39 @@ class ImageEncoder(nn.Module):
             c_in = c
         self.conv = nn.Sequential(*layers)
         side = crop_size // 2 ** len(channels)
-        flat = channels[-1] * side * side
+        flat = channels[-1] * side * side + n_extra
         self.mu = nn.Linear(flat, n_out)
         self.logvar = nn.Linear(flat, n_out)
 
-    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> Gaussian:
+    def forward(
+        self, image: torch.Tensor, mask: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> Gaussian:
+        """``extra``: (B, n_extra) per-cell scalars beside the pixels (the cell's size,
+        :meth:`TwoBranchVAE.size_features`), joined to the conv features."""
         if self.stain is not None:
             image = self.stain(image)
         x = torch.cat([image * mask, mask], dim=1)  # (B, 4, S, S)
         h = self.conv(x).flatten(1)  # (B, C, s, s) -> (B, C*s*s)
+        if self.n_extra:
+            if extra is None or extra.shape != (h.shape[0], self.n_extra):
+                raise ValueError(f"ImageEncoder needs extra (B, {self.n_extra}); got {extra}")
+            h = torch.cat([h, extra.to(h.dtype)], 1)
         return self.mu(h), self.logvar(h).clamp(-10.0, 8.0)
+
+
+class SizeHead(nn.Module):
+    """Image part of the code -> the cell's standardised log diameter, (B,).
+
+    Reads the code *not* detached: its error trains the encoder to keep the size in the
+    latent, so traversals and the expression decode can say how large a cell is.
+    """
+
+    def __init__(self, n_in: int, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).squeeze(1)
 
 
 class ImageDecoder(nn.Module):
@@ -786,6 +834,7 @@ class TwoBranchVAE(nn.Module):
                 ns + npv,
                 a.image_arch,
                 a.image_input,
+                n_extra=SIZE_FEATURES if a.size_head else 0,
             )
         self.image_decoder = ImageDecoder(
             a.crop_size,
@@ -830,6 +879,7 @@ class TwoBranchVAE(nn.Module):
         self.classifier = nn.Linear(ns, a.n_classes) if a.n_classes > 0 else None
         self.maturation = MaturationHead(a.maturation_ranks) if a.maturation_ranks else None
         self.lobe_head = LobeHead(ns + npv) if a.lobe_head else None
+        self.size_head = SizeHead(ns + npv) if a.size_head else None
         # one learned pixel scale (σ-VAE style); fixed at 1 for plain MSE
         self.image_log_scale = nn.Parameter(
             torch.tensor(-2.0), requires_grad=a.image_likelihood != "mse"
@@ -870,6 +920,39 @@ class TwoBranchVAE(nn.Module):
             return z
         return torch.cat([z[:, : a.n_shared], z[:, a.n_shared + a.n_private :]], 1)
 
+    # -------------------------------------------------------------------- size
+    def size_target(self, diameter: torch.Tensor | None, b: int, device) -> torch.Tensor:
+        """(B,) standardised log diameter, NaN where unknown (``diameter`` None: all).
+
+        ``diameter``: (B,) px on the detector's working frame, NaN / <= 0 unknown.
+        """
+        if diameter is None:
+            return torch.full((b,), float("nan"), device=device)
+        d = diameter.to(device=device, dtype=torch.float32)
+        ok = torch.isfinite(d) & (d > 0)
+        z = (torch.log(d.clamp_min(1e-6)) - self.args.size_log_mean) / self.args.size_log_sd
+        return torch.where(ok, z, torch.full_like(z, float("nan")))
+
+    def size_features(self, diameter: torch.Tensor | None, b: int, device) -> torch.Tensor:
+        """(B, 2) what the image expert reads of the size: [standardised log diameter,
+        1] where known, [0, 0] where not (the code then says what the pixels say)."""
+        z = self.size_target(diameter, b, device)
+        known = torch.isfinite(z)
+        return torch.stack([torch.where(known, z, torch.zeros_like(z)), known.float()], 1)
+
+    def diameter_px(self, size: torch.Tensor) -> torch.Tensor:
+        """Decoded size (:attr:`Decoded.size`) -> diameter, px of the working frame."""
+        return torch.exp(self.args.size_log_mean + self.args.size_log_sd * size)
+
+    def image_means(
+        self, image: torch.Tensor, mask: torch.Tensor, diameter: torch.Tensor | None = None
+    ) -> Gaussian:
+        """The image expert of every row (one view), (B, n_shared + n_private) each."""
+        if self.size_head is None:
+            return self.image_encoder(image, mask)
+        extra = self.size_features(diameter, image.shape[0], image.device)
+        return self.image_encoder(image, mask, extra)
+
     # --------------------------------------------------------------- inference
     def encode(
         self,
@@ -880,6 +963,7 @@ class TwoBranchVAE(nn.Module):
         mask: torch.Tensor | None = None,
         log_library: torch.Tensor | None = None,
         views: int = 1,
+        diameter: torch.Tensor | None = None,
     ) -> Posteriors:
         """Posteriors of the modalities given, fused over those present per row.
 
@@ -898,6 +982,9 @@ class TwoBranchVAE(nn.Module):
             1: the image expert of the crop as given (training). 8: its mean over
             the 8 symmetries of the square (:func:`dihedral_mean`), a pose-free
             code for reported latents (``args.encode_views``).
+        diameter : (B,) float, optional
+            The cells' diameters on the detector's working frame, px (NaN: unknown);
+            read by a model with a size head only. Default: unknown.
 
         Returns
         -------
@@ -931,12 +1018,20 @@ class TwoBranchVAE(nn.Module):
                 mask = mask.unsqueeze(1)  # (B, S, S) -> (B, 1, S, S)
             # the CNN runs on the rows that hold an image only; the others get
             # N(0, 1) placeholders that no loss term and no fusion reads
-            enc = self.image_encoder
+            if views not in ENCODE_VIEWS:
+                raise ValueError(f"views={views}; valid: {ENCODE_VIEWS}")
+            tensors = [image, mask.to(image.dtype)]
+            if self.size_head is None:
+                enc = self.image_encoder
+            else:  # the size joins the pixels: rows and views carry it alike
+
+                def enc(x, m, e):
+                    return self.image_encoder(x, m, e)
+
+                tensors.append(self.size_features(diameter, b, dev).to(image.dtype))
             if views != 1:
-                if views not in ENCODE_VIEWS:
-                    raise ValueError(f"views={views}; valid: {ENCODE_VIEWS}")
-                enc = functools.partial(dihedral_mean, self.image_encoder)
-            mu, lv = _rows_only(enc, has_image, image, mask.to(image.dtype))
+                enc = functools.partial(dihedral_mean, enc)
+            mu, lv = _rows_only(enc, has_image, *tensors)
             sh = (mu[:, : self.args.n_shared], lv[:, : self.args.n_shared])
             pv = (mu[:, self.args.n_shared :], lv[:, self.args.n_shared :])
             post_img = self._full(sh, pv, "image")
@@ -1026,6 +1121,7 @@ class TwoBranchVAE(nn.Module):
             )
         mask = torch.sigmoid(mask_logits) if mask_logits is not None else None
         lobes = self.lobe_head(zi) if self.lobe_head is not None and use_image else None
+        size = self.size_head(zi) if self.size_head is not None and use_image else None
         mean = None
         if render and (rate is not None or nuc_logits is not None):
             mean = img
@@ -1055,6 +1151,7 @@ class TwoBranchVAE(nn.Module):
             nucleus_colour=nuc_colour,
             cytoplasm=cyto,
             lobe_logits=lobes,
+            size=size,
             **expr,
         )
 
@@ -1069,6 +1166,7 @@ class TwoBranchVAE(nn.Module):
         log_library: torch.Tensor | None = None,
         use_image: bool = True,
         use_expression: bool = True,
+        diameter: torch.Tensor | None = None,
     ) -> ForwardOutput:
         """Encode, sample and decode everything the training loss needs.
 
@@ -1092,13 +1190,14 @@ class TwoBranchVAE(nn.Module):
         expression : (B, G) log-normalised (zeros where absent)
         has_image, has_expression : (B,) bool
         log_library : (B,) optional
+        diameter : (B,) optional, the cells' diameters (see :meth:`encode`)
         """
         if self.expression_encoder is None:
             use_expression = False
         if not use_expression and not use_image:
             raise ValueError("forward needs the image or the expression branch")
         if not use_expression:
-            post = self.encode(image, None, has_image, None, mask, None)
+            post = self.encode(image, None, has_image, None, mask, None, diameter=diameter)
             poe = self.args.fusion == "poe"
             z = reparameterize(post.joint if poe else post.image)
             dec = self.decode(z, post.has_image, use_expression=False)
@@ -1129,7 +1228,9 @@ class TwoBranchVAE(nn.Module):
                 self.classifier,
                 self.maturation,
             )
-        post = self.encode(image, expression, has_image, has_expression, mask, log_library)
+        post = self.encode(
+            image, expression, has_image, has_expression, mask, log_library, diameter=diameter
+        )
         hi, paired = post.has_image, post.has_image & post.has_expression
         if self.args.fusion == "poe":
             joint = self.decode(reparameterize(post.joint), hi)
@@ -1298,7 +1399,7 @@ def render_granules(
 
 
 def dihedral_mean(
-    encoder: nn.Module, image: torch.Tensor, mask: torch.Tensor
+    encoder: nn.Module, image: torch.Tensor, mask: torch.Tensor, *extra: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder's Gaussian averaged over the 8 symmetries of the square.
 
@@ -1309,9 +1410,10 @@ def dihedral_mean(
 
     Parameters
     ----------
-    encoder : callable (image, mask) -> (mu, logvar), each (B, d)
+    encoder : callable (image, mask, *extra) -> (mu, logvar), each (B, d)
     image : (B, C, S, S)
     mask : (B, 1, S, S)
+    extra : per-row inputs that have no pose (e.g. (B, 2) size features), passed as given
 
     Returns
     -------
@@ -1322,7 +1424,7 @@ def dihedral_mean(
     for k in range(4):
         x, m = torch.rot90(image, k, (2, 3)), torch.rot90(mask, k, (2, 3))
         for flip in (False, True):
-            mu, lv = encoder(x.flip(3), m.flip(3)) if flip else encoder(x, m)
+            mu, lv = encoder(x.flip(3), m.flip(3), *extra) if flip else encoder(x, m, *extra)
             mus.append(mu)
             lvs.append(lv)
     return torch.stack(mus).mean(0), torch.stack(lvs).mean(0)

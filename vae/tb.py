@@ -97,6 +97,7 @@ class TBLogger:
             batch.has_expression,
             batch.mask,
             batch.log_library,
+            diameter=batch.diameter,
         )
         use_image = batch.image is not None
         joint = model.decode(post.joint[0], render=use_image, use_image=use_image)

@@ -197,7 +197,8 @@ def forward_loss(
     if view is not None and view.image is not None and batch.image is not None:
         rows = batch.has_image.bool().nonzero().flatten()
         with autocast() if autocast is not None else contextlib.nullcontext():
-            view_codes = _unwrap(model).image_encoder(view.image[rows], view.mask[rows])[0]
+            dia = view.diameter[rows] if view.diameter is not None else None
+            view_codes = _unwrap(model).image_means(view.image[rows], view.mask[rows], dia)[0]
 
     with autocast() if autocast is not None else contextlib.nullcontext():
         out = model(
@@ -209,7 +210,11 @@ def forward_loss(
             batch.log_library,
             use_image=batch.image is not None,
             use_expression=use_expression,
+            diameter=batch.diameter,
         )
+    size_target = None
+    if args.weights.size > 0 and batch.image is not None:
+        size_target = _unwrap(model).size_target(batch.diameter, batch.x.shape[0], batch.x.device)
     return vae_loss(
         out,
         batch.image,
@@ -228,6 +233,7 @@ def forward_loss(
         log_factorial=batch.log_factorial,
         lobes=batch.lobes,
         view_codes=view_codes,
+        size_target=size_target,
     )
 
 

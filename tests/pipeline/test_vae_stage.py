@@ -107,6 +107,42 @@ def test_stage_train_resume_continues_from_saved_step(paired: Path):
     assert (d / "split.csv").read_text() == split_before
 
 
+def test_stage_train_with_the_cells_sizes(paired: Path):
+    from vae.checkpoint import load_model
+    from vae.inputs.schema import CELL_DIAMETER
+
+    # crops not cut by stage=segment carry no size: a clear error, nothing written
+    p = run_pipeline(
+        [
+            "stage=train",
+            f"paths.root={paired / 'out'}",
+            f"paths.inputs.paired={paired / 'paired.h5ad'}",
+            "experiment=nosize",
+            "vae.size_weight=100",
+            *TINY,
+        ]
+    )
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert f"obs['{CELL_DIAMETER}']" in p.stderr and "vae.size_weight" in p.stderr
+    assert not (paired / "out" / "nosize" / "train" / "model.pt").exists()
+    a = ad.read_h5ad(paired / "paired.h5ad")
+    rng = np.random.default_rng(0)
+    d = rng.uniform(25, 50, a.n_obs).astype(np.float32)
+    d[~a.obs["has_image"].to_numpy()] = np.nan
+    a.obs[CELL_DIAMETER] = d
+    a.write_h5ad(paired / "paired.h5ad")
+    _run(paired, "experiment=size", "trainer.max_epochs=2", "vae.size_weight=100")
+    out = paired / "out" / "size" / "train"
+    model, _ = load_model(out / "model.pt")
+    logd = np.log(d[np.isfinite(d)])
+    assert model.args.size_head
+    assert model.args.size_log_mean == pytest.approx(logd.mean(), rel=1e-5)
+    assert model.args.size_log_sd == pytest.approx(logd.std(), rel=1e-5)
+    # the size term is trained and logged (0 would mean no size reached the loss)
+    last = load_torch_file(out / "last.pt")["history"][-1]
+    assert np.isfinite(last["train"]["size"]) and last["train"]["size"] > 0
+
+
 @pytest.mark.slow
 def test_multirun_beta_sweep_puts_each_job_in_a_variant_folder(paired: Path):
     import os

@@ -434,6 +434,8 @@ def test_input_scale_reports_source_pixels():
     assert row.x0 == pytest.approx(80, abs=2) and row.x1 == pytest.approx(121, abs=2)
     # the crop is cut from the source image at full resolution
     assert row.crop_scale == 1.0
+    # the cell's size on the working frame (radius 20 source px at scale 0.5: ~20 px across)
+    assert row.cell_diameter == pytest.approx(20.0, rel=0.1)
     assert abs(int(cells.crops.masks[0].sum()) - m.sum()) / m.sum() < 0.1
 
 

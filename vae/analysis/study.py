@@ -399,6 +399,8 @@ def traverse_study(
             if img_ok:
                 feats.insert(1, "image_support_distance", support.distance)
                 feats.insert(2, "image_supported", support.supported)
+            if dec.diameter is not None:  # the size head's, px of the working frame
+                feats["cell_diameter"] = dec.diameter
             for p_, v in (
                 T.program_scores(dec.expression, genes, programs) if expr_ok else {}
             ).items():
@@ -422,6 +424,7 @@ def traverse_study(
                     "granule_density",
                     "lobes",
                     "nucleus_fraction",
+                    "cell_diameter",
                     *[k for k in feats if k.startswith("program:")],
                 ]
                 if c in feats

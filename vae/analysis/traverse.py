@@ -70,6 +70,10 @@ class DecodedArrays:
     images: np.ndarray  # (n, S, S, 3) float in [0, 1], the decoder's RGB over the whole square
     masks: np.ndarray | None  # (n, S, S) probability, or None
     expression: np.ndarray  # (n, G) predicted log1p-normalised expression
+    # (n,) the decoded cell's diameter, px of the detector's working frame (a model with a
+    # size head, ``vae.size_weight``), else None: the images fill their square whatever
+    # the size, so this is the only place the decoded size shows
+    diameter: np.ndarray | None = None
 
     def cells(self, background: float | Sequence[float] = 0.0) -> np.ndarray:
         """(n, S, S, 3) the decoded cells as figures show them (:func:`draw_cells`)."""
@@ -89,7 +93,7 @@ def decode(model, z: np.ndarray, batch_size: int = 256, device: str = "cpu") -> 
     z = np.asarray(z, dtype=np.float32)
     if z.ndim != 2:
         raise ValueError(f"decode: z must be (n, d), got {z.shape}")
-    imgs, masks, exprs = [], [], []
+    imgs, masks, exprs, sizes = [], [], [], []
     # a model with a granule or nucleus layer draws the decoded cells: granules (one
     # noise field for every code, so granules stay in place along a path) and a sharp
     # nucleus
@@ -105,10 +109,13 @@ def decode(model, z: np.ndarray, batch_size: int = 256, device: str = "cpu") -> 
             if dec.mask is not None:
                 masks.append(dec.mask.float()[:, 0].cpu().numpy())
             exprs.append(dec.expression_log.float().cpu().numpy())
+            if getattr(dec, "size", None) is not None:
+                sizes.append(model.diameter_px(dec.size).float().cpu().numpy())
     return DecodedArrays(
         images=np.clip(np.concatenate(imgs), 0, 1),
         masks=np.concatenate(masks) if masks else None,
         expression=np.concatenate(exprs),
+        diameter=np.concatenate(sizes) if sizes else None,
     )
 
 

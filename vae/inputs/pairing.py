@@ -35,6 +35,7 @@ import scipy.sparse as sp
 
 from segmentation.io import decode_coco_mask
 from vae.inputs.schema import (  # noqa: F401 - TRUTH_COLUMNS: columns copied into paired obs
+    CELL_DIAMETER,
     HAS_COUNTS,
     HAS_EXPRESSION,
     HAS_IMAGE,
@@ -245,6 +246,10 @@ def read_cells_h5ad(path: str | Path, size: int, background: int = 0) -> CropSet
             obs[c] = src[c].to_numpy()
     if "t" in src:
         obs["maturation"] = pd.to_numeric(src["t"], errors="coerce").to_numpy(dtype=np.float32)
+    if CELL_DIAMETER in src:  # the cell's size, lost in the crop's framing (stage=segment)
+        obs[CELL_DIAMETER] = pd.to_numeric(src[CELL_DIAMETER], errors="coerce").to_numpy(
+            dtype=np.float32
+        )
     return CropSet(crops=crops, masks=masks, obs=obs)
 
 
@@ -748,6 +753,12 @@ def _assemble(
     fill = ~np.isfinite(mat) & has_expr
     mat[fill] = e_mat[ei[fill]]
     obs["maturation"] = mat.astype(np.float32)
+    # the crop's cell diameter on the detector's working frame (NaN: no crop, or a
+    # source that does not say, e.g. crops read without stage=segment)
+    diam = np.full(n, np.nan, np.float32)
+    if CELL_DIAMETER in cobs:
+        diam[has_img] = cobs[CELL_DIAMETER].to_numpy(dtype=np.float32)[ci[has_img]]
+    obs[CELL_DIAMETER] = diam
     # program scores of the row's profile (NaN without expression)
     for col in [c for c in eobs.columns if str(c).startswith("score_")]:
         v = np.full(n, np.nan, np.float32)

@@ -7,7 +7,7 @@ the stages count them, the analyses colour by them.
 
 from __future__ import annotations
 
-from segmentation.schema import TRUTH_FIELDS
+from segmentation.schema import CELL_DIAMETER, TRUTH_FIELDS  # noqa: F401 - re-exported
 
 # paired.h5ad obs: which modality a row has, and whether its crop has a true mask
 HAS_IMAGE = "has_image"

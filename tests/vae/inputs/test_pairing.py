@@ -27,6 +27,7 @@ from vae.inputs.pairing import (
     resolve_label_map,
     square_crop,
 )
+from vae.inputs.schema import CELL_DIAMETER
 
 SHARED = ROOT / "../shared/data"
 S = 8
@@ -367,6 +368,24 @@ def test_cells_h5ad_reader_resizes_and_blanks_background(tmp_path):
     assert (cs.crops[~cs.masks] == 3).all() and (cs.crops[cs.masks] == 100).all()
     assert list(cs.obs.label) == ["myeloblast", "band", "lymphocyte"]
     np.testing.assert_allclose(cs.obs.maturation, [0.0, 0.8, np.nan])
+
+
+def test_cell_diameter_goes_from_cells_h5ad_into_the_paired_rows(tmp_path):
+    _cells_h5ad(tmp_path / "cells.h5ad")
+    a = ad.read_h5ad(tmp_path / "cells.h5ad")
+    a.obs[CELL_DIAMETER] = [30.0, 41.5, np.nan]
+    a.write_h5ad(tmp_path / "sized.h5ad")
+    cs = read_cells_h5ad(tmp_path / "sized.h5ad", 24)
+    np.testing.assert_allclose(cs.obs[CELL_DIAMETER], [30.0, 41.5, np.nan])
+    e = _expr()
+    res = make_pairs(cs, e, "unpaired")
+    obs = res.adata.obs
+    img = obs.has_image.to_numpy()
+    by_ref = dict(zip(obs.image_ref[img], obs[CELL_DIAMETER][img]))
+    assert by_ref["cell0"] == 30.0 and by_ref["cell1"] == 41.5 and np.isnan(by_ref["cell2"])
+    assert obs[CELL_DIAMETER][~img].isna().all()  # a profile has no size
+    # crops read without stage=segment (no such column): every size is unknown
+    assert make_pairs(_crops(), e, "same_cell").adata.obs[CELL_DIAMETER].isna().all()
 
 
 def test_cells_h5ad_without_cells_is_a_clear_error(tmp_path):
