@@ -30,7 +30,7 @@ from segmentation.magnification import (
     pool_scales,
     refine_scale,
 )
-from segmentation.schema import MIXED_QUARTILE_RATIO, SCALE_SPREAD
+from segmentation.schema import CELL_DIAMETER, MIXED_QUARTILE_RATIO, SCALE_SPREAD
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,28 @@ def segment_estimated(
 
     if refine is None:
         cells = detect(est.scale)[0]
+        _size_by_ruler(cells, est, float(est.scale), own_ruler=est.ruler == "red")
         return cells, ScaleChoice(est, None, float(est.scale))
     cells, r = refine_scale(detect, est.scale, image.shape[:2], cell_px, refine)
+    _size_by_ruler(cells, est, float(r.scale), own_ruler=False)
     return cells, ScaleChoice(est, r, float(r.scale))
+
+
+def _size_by_ruler(cells: ImageCells, est: ScaleEstimate, used: float, own_ruler: bool) -> None:
+    """The cells' diameters on a frame that does not depend on this image's white cells.
+
+    A scale measured on the image's own white cells (the white ruler, the detector's
+    boxes) makes them ~``cell_px`` whatever their true size, so the diameter a model
+    reads would echo the ruler. With its microscope's median scale
+    (``est.group_scale``, :func:`hold_estimates`) each cell is measured against the
+    typical white cell of all that microscope's images, as a fixed per-source scale
+    does; an image measured by its red cells alone (``own_ruler``) keeps its scale;
+    otherwise (one image, a fallback guess) the size is unknown (NaN).
+    """
+    if CELL_DIAMETER not in cells.table:
+        return
+    g = float(est.group_scale)
+    if np.isfinite(g) and g > 0:
+        cells.table[CELL_DIAMETER] = cells.table[CELL_DIAMETER] * (g / used)
+    elif not own_ruler:
+        cells.table[CELL_DIAMETER] = np.nan

@@ -558,7 +558,10 @@ class ImageEncoder(nn.Module):
         h = self.conv(x).flatten(1)  # (B, C, s, s) -> (B, C*s*s)
         if self.n_extra:
             if extra is None or extra.shape != (h.shape[0], self.n_extra):
-                raise ValueError(f"ImageEncoder needs extra (B, {self.n_extra}); got {extra}")
+                got = None if extra is None else tuple(extra.shape)
+                raise ValueError(
+                    f"ImageEncoder needs extra ({h.shape[0]}, {self.n_extra}); got {got}"
+                )
             h = torch.cat([h, extra.to(h.dtype)], 1)
         return self.mu(h), self.logvar(h).clamp(-10.0, 8.0)
 

@@ -651,3 +651,31 @@ def test_a_folder_mixing_magnifications_is_reported(tmp_path, caplog):
         assert "mix" not in caplog.text
         pooled_estimates(sorted((tmp_path / "mixed").glob("*.png")), 40.0, 1.0)
     assert "may mix magnifications" in caplog.text and "scale_spread=null" in caplog.text
+
+
+def test_cell_sizes_never_echo_a_ruler_made_of_the_white_cells():
+    """A scale set from the image's own white cells makes them all ~cell_px: the
+    diameter is then read at the microscope's median scale, or is unknown."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from segmentation.autoscale import _size_by_ruler
+    from segmentation.magnification import ScaleEstimate
+    from segmentation.schema import CELL_DIAMETER
+
+    def cells() -> SimpleNamespace:  # diameters measured at the scale used (0.5)
+        return SimpleNamespace(table=pd.DataFrame({CELL_DIAMETER: [40.0, 30.0]}))
+
+    white = ScaleEstimate(float("nan"), 2, 0.5, True, "white", 80.0)
+    c = cells()
+    _size_by_ruler(c, white, 0.5, own_ruler=False)
+    assert c.table[CELL_DIAMETER].isna().all()  # one image, its own white cells: unknown
+    held = ScaleEstimate(float("nan"), 2, 0.5, True, "white", 80.0, 9, 0.4, 0.6)
+    c = cells()
+    _size_by_ruler(c, held, 0.5, own_ruler=False)  # at the microscope's median, 0.4
+    np.testing.assert_allclose(c.table[CELL_DIAMETER], [32.0, 24.0])
+    red = ScaleEstimate(7.0, 30, 0.5, True, "red")
+    c = cells()
+    _size_by_ruler(c, red, 0.5, own_ruler=True)  # the red cells are a ruler of their own
+    np.testing.assert_allclose(c.table[CELL_DIAMETER], [40.0, 30.0])
