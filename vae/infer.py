@@ -93,20 +93,25 @@ def _encoded_batches(
         for s in range(0, rows.size, batch_size):
             idx = torch.as_tensor(rows[s : s + batch_size], dtype=torch.long)
             b = to_batch(raw_batch(data, idx, images), torch.device(device))
-            post = model.encode(
-                b.image,
-                b.x,
-                b.has_image,
-                b.has_expression,
-                b.mask,
-                b.log_library,
-                views=views,
-                diameter=b.diameter,
-            )
-            yield b, post
+            yield b, encode_batch(model, b, views)
     finally:
         if was_training:
             model.train()
+
+
+def encode_batch(model: TwoBranchVAE, b: Batch, views: int = 1) -> Posteriors:
+    """The posteriors of one :class:`vae.data.Batch`: every modality it holds, the
+    cells' sizes included (read by a model with a size head)."""
+    return model.encode(
+        b.image,
+        b.x,
+        b.has_image,
+        b.has_expression,
+        b.mask,
+        b.log_library,
+        views=views,
+        diameter=b.diameter,
+    )
 
 
 @torch.no_grad()
@@ -161,15 +166,7 @@ def encode_dataset(
         out["x"].append(torch.where(nan_i, nan, x_img).cpu().numpy())
         if decode:
             if views != 1:  # reconstructions from the posterior of the crop as given
-                post = model.encode(
-                    b.image,
-                    b.x,
-                    b.has_image,
-                    b.has_expression,
-                    b.mask,
-                    b.log_library,
-                    diameter=b.diameter,
-                )
+                post = encode_batch(model, b)
                 di = model.decode(post.image[0]) if post.image is not None else None
             t = _decode_batch(model, b, post, di, dec)
             theta = t if t is not None else theta
