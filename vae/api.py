@@ -57,6 +57,7 @@ from vae.inputs.schema import (
     HAS_COUNTS,
     HAS_EXPRESSION,
     HAS_IMAGE,
+    cell_diameters,
 )
 from vae.scverse import latent_obsm
 
@@ -441,10 +442,9 @@ class Study:
         a.obs[HAS_EXPRESSION] = has_expr
         a.obsm["crops"] = crops
         a.obsm["masks"] = masks
-        if CELL_DIAMETER in adata.obs:  # the cells' sizes (stage=segment), for a size head
-            a.obs[CELL_DIAMETER] = pd.to_numeric(
-                adata.obs[CELL_DIAMETER], errors="coerce"
-            ).to_numpy(dtype=np.float32)
+        diameter = cell_diameters(adata.obs)  # the cells' sizes (stage=segment), a size head's
+        if diameter is not None:
+            a.obs[CELL_DIAMETER] = diameter
         if counts is not None:
             a.layers["counts"] = counts
         a.uns[HAS_COUNTS] = counts is not None

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from vae.inputs.schema import CELL_DIAMETER, HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
+from vae.inputs.schema import HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE, cell_diameters
 
 SPLITS = ("train", "val", "test")
 
@@ -185,10 +185,10 @@ def _tensors(
 def _diameters(obs: pd.DataFrame, has_image: np.ndarray) -> torch.Tensor | None:
     """(N,) float32 ``obs['cell_diameter']`` (NaN where unknown or without a crop), or
     None when the table has no such column or no finite positive value."""
-    if CELL_DIAMETER not in obs:
+    d = cell_diameters(obs)
+    if d is None:
         return None
-    d = pd.to_numeric(obs[CELL_DIAMETER], errors="coerce").to_numpy(dtype=np.float64)
-    d = np.where(has_image & np.isfinite(d) & (d > 0), d, np.nan).astype(np.float32)
+    d = np.where(has_image, d, np.nan).astype(np.float32)
     return torch.from_numpy(d) if np.isfinite(d).any() else None
 
 

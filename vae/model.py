@@ -951,10 +951,18 @@ class TwoBranchVAE(nn.Module):
         self, image: torch.Tensor, mask: torch.Tensor, diameter: torch.Tensor | None = None
     ) -> Gaussian:
         """The image expert of every row (one view), (B, n_shared + n_private) each."""
-        if self.size_head is None:
-            return self.image_encoder(image, mask)
-        extra = self.size_features(diameter, image.shape[0], image.device)
-        return self.image_encoder(image, mask, extra)
+        return self.image_encoder(*self._image_inputs(image, mask, diameter))
+
+    def _image_inputs(
+        self, image: torch.Tensor, mask: torch.Tensor, diameter: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """What the image expert reads: the crop, its mask and, for a model with a size
+        head, the size features (rows and views carry them alike)."""
+        tensors = [image, mask.to(image.dtype)]
+        if self.size_head is not None:
+            feats = self.size_features(diameter, image.shape[0], image.device)
+            tensors.append(feats.to(image.dtype))
+        return tensors
 
     # --------------------------------------------------------------- inference
     def encode(
@@ -1023,15 +1031,8 @@ class TwoBranchVAE(nn.Module):
             # N(0, 1) placeholders that no loss term and no fusion reads
             if views not in ENCODE_VIEWS:
                 raise ValueError(f"views={views}; valid: {ENCODE_VIEWS}")
-            tensors = [image, mask.to(image.dtype)]
-            if self.size_head is None:
-                enc = self.image_encoder
-            else:  # the size joins the pixels: rows and views carry it alike
-
-                def enc(x, m, e):
-                    return self.image_encoder(x, m, e)
-
-                tensors.append(self.size_features(diameter, b, dev).to(image.dtype))
+            tensors = self._image_inputs(image, mask, diameter)
+            enc = self.image_encoder
             if views != 1:
                 enc = functools.partial(dihedral_mean, enc)
             mu, lv = _rows_only(enc, has_image, *tensors)

@@ -41,6 +41,7 @@ from vae.inputs.schema import (  # noqa: F401 - TRUTH_COLUMNS: columns copied in
     HAS_IMAGE,
     HAS_MASK,
     TRUTH_COLUMNS,
+    cell_diameters,
 )
 
 log = logging.getLogger(__name__)
@@ -246,10 +247,9 @@ def read_cells_h5ad(path: str | Path, size: int, background: int = 0) -> CropSet
             obs[c] = src[c].to_numpy()
     if "t" in src:
         obs["maturation"] = pd.to_numeric(src["t"], errors="coerce").to_numpy(dtype=np.float32)
-    if CELL_DIAMETER in src:  # the cell's size, lost in the crop's framing (stage=segment)
-        obs[CELL_DIAMETER] = pd.to_numeric(src[CELL_DIAMETER], errors="coerce").to_numpy(
-            dtype=np.float32
-        )
+    diameter = cell_diameters(src)  # the cell's size, lost in the crop's framing (stage=segment)
+    if diameter is not None:
+        obs[CELL_DIAMETER] = diameter
     return CropSet(crops=crops, masks=masks, obs=obs)
 
 

@@ -7,6 +7,9 @@ the stages count them, the analyses colour by them.
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
+
 from segmentation.schema import CELL_DIAMETER, TRUTH_FIELDS  # noqa: F401 - re-exported
 
 # paired.h5ad obs: which modality a row has, and whether its crop has a true mask
@@ -15,6 +18,27 @@ HAS_EXPRESSION = "has_expression"
 HAS_MASK = "has_mask"
 # expression.h5ad / paired.h5ad uns: layers["counts"] holds raw counts
 HAS_COUNTS = "has_counts"
+
+
+def cell_diameters(frame: pd.DataFrame) -> np.ndarray | None:
+    """The cells' sizes, read the one way every reader of ``obs['cell_diameter']`` uses.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        ``cells.h5ad`` / ``paired.h5ad`` obs, or a query table.
+
+    Returns
+    -------
+    ndarray of float32, shape (N,), or None
+        Diameter in working px (``stage=segment``); NaN where the value is missing,
+        not a number or not positive. None when the column is absent.
+    """
+    if CELL_DIAMETER not in frame:
+        return None
+    d = pd.to_numeric(frame[CELL_DIAMETER], errors="coerce").to_numpy(dtype=np.float64)
+    return np.where(np.isfinite(d) & (d > 0), d, np.nan).astype(np.float32)
+
 
 # simulator ground truth carried from crops / expression obs into paired obs
 TRUTH_COLUMNS = TRUTH_FIELDS
