@@ -12,6 +12,7 @@ from PIL import Image
 
 from pipeline.runner import StageError
 from tests.helpers.run import run_pipeline, run_stage_in_process
+from tests.helpers.seg_synth import LIGHT_HEADS
 from tests.helpers.vae_toy import make_paired
 
 TINY = [
@@ -371,7 +372,7 @@ def test_smears_go_through_segment_and_empty_ones_are_rejects(study: Path, tmp_p
     from segmentation.model import build_maskrcnn, save_checkpoint
 
     torch.manual_seed(0)
-    args = {"arch": "resnet18_fpn", "min_size": 128, "max_size": 128}
+    args = {"arch": "resnet18_fpn", "min_size": 128, "max_size": 128, **LIGHT_HEADS}
     save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args)
     for sample in ("s1", "s2"):
         (tmp_path / "smears" / sample).mkdir(parents=True)

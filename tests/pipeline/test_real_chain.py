@@ -27,6 +27,7 @@ from segmentation.sources import (
     read_bccd_labels,
 )
 from tests.helpers.run import ROOT, compose_config, run_stage_in_process
+from tests.helpers.seg_synth import LIGHT_HEADS
 
 SHARED = ROOT / "../shared/data"
 
@@ -64,7 +65,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     from segmentation.model import build_maskrcnn, save_checkpoint
 
     torch.manual_seed(0)
-    args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64}
+    args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64, **LIGHT_HEADS}
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     save_checkpoint(path, build_maskrcnn(**args), args)
     return path

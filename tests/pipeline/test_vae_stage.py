@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from segmentation.io import load_torch_file
-from tests.helpers.run import ROOT, run_pipeline
+from tests.helpers.run import ROOT, run_pipeline, run_stage_in_process
 from tests.helpers.vae_toy import make_paired
 
 TINY = [
@@ -43,6 +43,15 @@ def _run(tmp: Path, *args: str) -> subprocess.CompletedProcess:
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
+
+
+def _run_here(tmp: Path, *args: str) -> Path:
+    """stage=train in this process (no interpreter start-up: the CLI path is the test
+    above), -> the stage folder."""
+    return run_stage_in_process(
+        [f"paths.root={tmp / 'out'}", f"paths.inputs.paired={tmp / 'paired.h5ad'}", *TINY, *args],
+        "train",
+    )
 
 
 @pytest.fixture
@@ -93,14 +102,13 @@ def test_stage_train_writes_model_latent_and_tensorboard(paired: Path):
 
 
 def test_stage_train_resume_continues_from_saved_step(paired: Path):
-    _run(paired, "experiment=r", "trainer.max_epochs=2")
-    d = paired / "out" / "r" / "train"
+    d = _run_here(paired, "experiment=r", "trainer.max_epochs=2")
     ck = load_torch_file(d / "last.pt")
     step2 = ck["step"]
     assert ck["epoch"] == 2 and step2 > 0
     split_before = (d / "split.csv").read_text()
-    p = _run(paired, "experiment=r", "trainer.max_epochs=3", "resume=true")
-    assert "resumed from" in p.stderr + p.stdout or "resumed from" in (d / "train.log").read_text()
+    assert _run_here(paired, "experiment=r", "trainer.max_epochs=3", "resume=true") == d
+    assert "resumed from" in (d / "train.log").read_text()
     ck = load_torch_file(d / "last.pt")
     assert ck["epoch"] == 3 and ck["step"] == step2 + step2 // 2
     assert [h["epoch"] for h in ck["history"]] == [1, 2, 3]
@@ -108,22 +116,14 @@ def test_stage_train_resume_continues_from_saved_step(paired: Path):
 
 
 def test_stage_train_with_the_cells_sizes(paired: Path):
+    from pipeline.runner import StageError
     from vae.checkpoint import load_model
     from vae.inputs.schema import CELL_DIAMETER
 
     # crops not cut by stage=segment carry no size: a clear error, nothing written
-    p = run_pipeline(
-        [
-            "stage=train",
-            f"paths.root={paired / 'out'}",
-            f"paths.inputs.paired={paired / 'paired.h5ad'}",
-            "experiment=nosize",
-            "vae.size_weight=100",
-            *TINY,
-        ]
-    )
-    assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert f"obs['{CELL_DIAMETER}']" in p.stderr and "vae.size_weight" in p.stderr
+    with pytest.raises(StageError) as err:
+        _run_here(paired, "experiment=nosize", "vae.size_weight=100")
+    assert f"obs['{CELL_DIAMETER}']" in str(err.value) and "vae.size_weight" in str(err.value)
     assert not (paired / "out" / "nosize" / "train" / "model.pt").exists()
     a = ad.read_h5ad(paired / "paired.h5ad")
     rng = np.random.default_rng(0)
@@ -131,8 +131,7 @@ def test_stage_train_with_the_cells_sizes(paired: Path):
     d[~a.obs["has_image"].to_numpy()] = np.nan
     a.obs[CELL_DIAMETER] = d
     a.write_h5ad(paired / "paired.h5ad")
-    _run(paired, "experiment=size", "trainer.max_epochs=2", "vae.size_weight=100")
-    out = paired / "out" / "size" / "train"
+    out = _run_here(paired, "experiment=size", "trainer.max_epochs=2", "vae.size_weight=100")
     model, _ = load_model(out / "model.pt")
     logd = np.log(d[np.isfinite(d)])
     assert model.args.size_head

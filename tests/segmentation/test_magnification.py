@@ -13,6 +13,7 @@ from segmentation.magnification import (
     red_cell_diameter,
     white_cell_sizes,
 )
+from tests.helpers.seg_synth import LIGHT_HEADS
 
 
 def _smear(
@@ -119,11 +120,12 @@ def test_smear_folder_uses_the_estimate_per_image(tmp_path):
     from vae.inputs.query import segment_smear_folder
 
     torch.manual_seed(0)
-    args = {"arch": "resnet18_fpn", "min_size": 128, "max_size": 128}
+    args = {"arch": "resnet18_fpn", "min_size": 128, "max_size": 128, **LIGHT_HEADS}
     save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args)
     (tmp_path / "smears").mkdir()
-    Image.fromarray(_smear(12.0, size=300, white=30.0)).save(tmp_path / "smears" / "a.png")
-    Image.fromarray(_smear(24.0, size=600, white=60.0)).save(tmp_path / "smears" / "b.png")
+    # small fields (the detector's passes dominate the time): 160 px and 320 px at 2x
+    Image.fromarray(_smear(12.0, size=160, white=30.0)).save(tmp_path / "smears" / "a.png")
+    Image.fromarray(_smear(24.0, size=320, white=60.0)).save(tmp_path / "smears" / "b.png")
     fixed, _ = segment_smear_folder(tmp_path / "smears", tmp_path / "det.pt")
     assert set(fixed.uns["input_scales"].values()) == {1.0}  # the checkpoint's scale
     a, _ = segment_smear_folder(tmp_path / "smears", tmp_path / "det.pt", estimate_cell_px=40.0)
@@ -301,7 +303,7 @@ def _checkpoint_and_smears(tmp_path, files: dict[str, str], **extra) -> None:
     from segmentation.model import build_maskrcnn, save_checkpoint
 
     torch.manual_seed(0)
-    args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64}
+    args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64, **LIGHT_HEADS}
     save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args, **extra)
     img = _smear(14.0, size=300, white=60.0, white_at=[(90, 90), (200, 190)])
     for folder, name in files.items():

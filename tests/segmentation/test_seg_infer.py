@@ -25,7 +25,8 @@ from segmentation.inference import (
     tile_grid,
 )
 from segmentation.io import read_rgb
-from tests.helpers.run import run_pipeline
+from tests.helpers.run import run_pipeline, run_stage_in_process
+from tests.helpers.seg_synth import LIGHT_HEADS
 
 
 def disc(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
@@ -512,7 +513,7 @@ def untrained_ckpt(tmp_path_factory) -> Path:
     from segmentation.model import build_maskrcnn, save_checkpoint
 
     torch.manual_seed(0)
-    args = {"arch": "resnet18_fpn", "min_size": 128, "max_size": 128}
+    args = {"arch": "resnet18_fpn", "min_size": 128, "max_size": 128, **LIGHT_HEADS}
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     save_checkpoint(path, build_maskrcnn(**args), args)
     return path
@@ -561,7 +562,8 @@ def _smear_folder(d: Path) -> Path:
     return d
 
 
-def _run_segment(tmp_path: Path, ckpt: Path, smears: Path, *extra: str):
+def _run_segment(tmp_path: Path, ckpt: Path, smears: Path, *extra: str, here: bool = False):
+    """stage=segment by the CLI, or ``here``: in this process (no interpreter start-up)."""
     cmd = [
         "stage=segment",
         "experiment=seginf_test",
@@ -575,6 +577,8 @@ def _run_segment(tmp_path: Path, ckpt: Path, smears: Path, *extra: str):
         "segmentation.min_area=20",
         *extra,
     ]
+    if here:
+        return run_stage_in_process(cmd[1:], "segment")
     r = run_pipeline(cmd)
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp_path / "out" / "seginf_test" / "segment"
@@ -630,7 +634,9 @@ def test_stage_segment_subprocess_untrained(tmp_path, untrained_ckpt):
 def test_stage_segment_zero_cells_is_valid(tmp_path, untrained_ckpt):
     smears = _smear_folder(tmp_path / "smears")
     # 1.0: the top of the valid range [0, 1]; an untrained model scores far below it
-    out = _run_segment(tmp_path, untrained_ckpt, smears, "segmentation.score_threshold=1.0")
+    out = _run_segment(
+        tmp_path, untrained_ckpt, smears, "segmentation.score_threshold=1.0", here=True
+    )
     a, det = _check_outputs(out)
     assert a.n_obs == 0 and a.uns["filter_counts"]["low_score"] == len(det)
     import pandas as pd
