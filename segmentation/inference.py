@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
 from segmentation.schema import MASK_THRESHOLD
+
+# torchvision (~5 s to import: it loads torch._dynamo) is imported where a detector runs,
+# so stages and settings errors that only need this module's helpers start without it
 
 # ----------------------------------------------------------------------------
 # containers
@@ -296,7 +297,9 @@ def merge_tiles(
         return det
     # 2. NMS with whole (uncut) detections ranked above fragments
     rank = torch.as_tensor(det.scores + (~det.cut) * 2.0, dtype=torch.float32)
-    keep = torchvision.ops.nms(torch.as_tensor(det.boxes), rank, merge_iou).numpy()
+    from torchvision.ops import nms
+
+    keep = nms(torch.as_tensor(det.boxes), rank, merge_iou).numpy()
     det, tile_of = det.select(keep), tile_of[keep]
     # 3. fragments inside something better
     areas = det.areas()
@@ -407,6 +410,8 @@ def paste_local_masks(
     """
     if probs.shape[0] == 0:
         return [], np.zeros((0, 2), np.int64)
+    from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
     padded, scale = expand_masks(probs[:, None], padding=1)  # (K, 1, M+2, M+2)
     eboxes = expand_boxes(boxes, scale).to(torch.int64).tolist()
     masks, origins = [], []

@@ -30,10 +30,7 @@ from segmentation.datasets import (
     read_coco,
     with_scale,
 )
-from segmentation.pseudomask import PseudoMasker
 from segmentation.runtime import seed_everything
-from segmentation.train import FitArgs, FitError, fit
-from segmentation.transforms import AugmentOptions, build_train_transform
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +192,12 @@ def _validate(cfg: DictConfig) -> None:
 )
 def segment_train(ctx: StageContext) -> None:
     cfg, dist = ctx.cfg, ctx.dist
+    # the recipe's imports (torchvision, albumentations: ~5 s) wait until the stage runs,
+    # so every other stage and every settings error starts without them
+    from segmentation.pseudomask import PseudoMasker
+    from segmentation.train import FitArgs, FitError, fit
+    from segmentation.transforms import AugmentOptions, build_train_transform
+
     sc = cfg.segmentation
     t_start = time.time()
     seed = int(cfg.seed)

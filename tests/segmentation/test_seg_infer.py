@@ -366,7 +366,7 @@ def test_roi_scales_do_not_depend_on_the_first_image():
 
     def fresh():
         torch.manual_seed(0)
-        m = build_maskrcnn("resnet18_fpn", min_size=64, max_size=64)
+        m = build_maskrcnn("resnet18_fpn", min_size=64, max_size=64, **LIGHT_HEADS)
         return MaskRCNNDetector(m.eval(), "cpu", score_floor=0.0, cpu_bf16=False)
 
     rng = np.random.default_rng(0)
