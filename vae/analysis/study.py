@@ -418,8 +418,10 @@ def traverse_study(
                 "image_support_threshold": support.threshold if img_ok else None,
                 "top_genes": rank["gene"].head(a.top_genes).tolist() if expr_ok else [],
             }
+            # each line min-max scaled to share one axis; its legend gives the real
+            # range, so a 5 % change does not read as a full rise
             series = {
-                c: minmax(feats[c].to_numpy(float))
+                _span_label(c, feats[c].to_numpy(float)): minmax(feats[c].to_numpy(float))
                 for c in [
                     "granule_density",
                     "lobes",
@@ -432,7 +434,11 @@ def traverse_study(
             if not series:  # no image features and no program gene in the model: no figure
                 continue
             fig = F.line_plot(
-                pth.s, series, "path position", "min-max scaled", f"features along the {kind} path"
+                pth.s,
+                series,
+                "path position",
+                "each scaled to its range (legend)",
+                f"features along the {kind} path",
             )
             p = out_files.figure(fig, f"path_features_{kind}", f"traverse/path_features_{kind}")
             figs["path"].append(
@@ -1057,3 +1063,13 @@ def _azurophilic_truth(
         return None
     t = lat.obs["t"].to_numpy().astype(float)[rows]
     return np.array([azurophilic_density(x) if np.isfinite(x) else np.nan for x in t])
+
+
+def _span_label(name: str, v: np.ndarray) -> str:
+    """Legend label of a min-max scaled path feature: its name and its range, e.g.
+    ``cell_diameter 37.2-38.9 px``."""
+    v = np.asarray(v, dtype=float)
+    if not np.isfinite(v).any():
+        return name
+    unit = " px" if name == "cell_diameter" else ""
+    return f"{name} {np.nanmin(v):.3g}-{np.nanmax(v):.3g}{unit}"

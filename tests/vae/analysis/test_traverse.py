@@ -262,3 +262,17 @@ def test_posed_codes_add_the_nearest_cells_pose_to_each_step():
         T.posed_codes(points, reported, single[:, :1], k=1)
     with pytest.raises(ValueError, match="k >= 1"):
         T.posed_codes(points, reported, single, k=0)
+
+
+def test_path_feature_legend_gives_each_lines_real_range():
+    """The features figure scales every line to [0, 1]; the legend keeps the range, so a
+    37.2 -> 38.9 px diameter does not read as a full rise."""
+    import numpy as np
+
+    from vae.analysis.study import _span_label
+
+    assert _span_label("cell_diameter", np.array([37.21, 38.0, 38.94])) == (
+        "cell_diameter 37.2-38.9 px"
+    )
+    assert _span_label("lobes", np.array([np.nan, 1.0, 3.0])) == "lobes 1-3"
+    assert _span_label("lobes", np.array([np.nan, np.nan])) == "lobes"
