@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from vae.data import Batch
+from vae.infer import encode_batch
 from vae.model import TwoBranchVAE
 
 RECON_TAG = "reconstruction/val"
@@ -90,15 +91,7 @@ class TBLogger:
 
         was = model.training
         model.eval()
-        post = model.encode(
-            batch.image,
-            batch.x,
-            batch.has_image,
-            batch.has_expression,
-            batch.mask,
-            batch.log_library,
-            diameter=batch.diameter,
-        )
+        post = encode_batch(model, batch)
         use_image = batch.image is not None
         joint = model.decode(post.joint[0], render=use_image, use_image=use_image)
         if use_image:
