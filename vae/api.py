@@ -58,6 +58,7 @@ from vae.inputs.schema import (
     HAS_EXPRESSION,
     HAS_IMAGE,
     cell_diameters,
+    known_labels,
 )
 from vae.scverse import latent_obsm
 
@@ -68,7 +69,6 @@ LABEL_MODALITIES = ("joint", "image", "expression")
 # crop folders: the detector's mask of the centre cell | the whole image is the cell
 CROP_MASKS = ("detector", "whole")
 IMPUTE_METHODS = ("model", "mean")  # missing genes: cell-wise model imputation | reference mean
-UNKNOWN = {"", "nan", "None", "NA"}  # label values that mean "not known"
 # columns this module adds to obs (a user's column of the same name is refused)
 OBS_COLUMNS = (
     "vae_modality",
@@ -759,7 +759,7 @@ class Study:
         if modality not in LABEL_MODALITIES:
             raise StudyError(f"modality={modality!r}; valid: {', '.join(LABEL_MODALITIES)}")
         lab = ref.obs[self.label_key].astype(str).to_numpy()
-        known = ~np.isin(lab, list(UNKNOWN))
+        known = known_labels(lab)
         if modality == "joint":
             codes = np.asarray(ref.obsm["X_vae"], np.float64)
         else:

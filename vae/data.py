@@ -20,12 +20,16 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from vae.inputs.schema import HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE, cell_diameters
+from vae.inputs.schema import (
+    HAS_COUNTS,
+    HAS_EXPRESSION,
+    HAS_IMAGE,
+    UNKNOWN_LABEL,
+    cell_diameters,
+    known_labels,
+)
 
 SPLITS = ("train", "val", "test")
-
-
-UNKNOWN_LABEL = "NA"  # label of rows whose class is not known
 
 
 class PairedDataError(ValueError):
@@ -277,9 +281,7 @@ def _label_codes(obs: pd.DataFrame, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted label names and each row's code; NaN / None / "" / "nan" -> ``"NA"``."""
     if "label" in obs:
         lab = obs["label"].astype(object).to_numpy()
-        # NaN / None / "" / "nan" (a NaN that went through astype(str)) mean not known
-        unknown = pd.isna(lab) | np.isin(lab.astype(str), ["", "nan", "None", UNKNOWN_LABEL])
-        lab = np.where(unknown, UNKNOWN_LABEL, lab.astype(str))
+        lab = np.where(known_labels(lab), lab.astype(str), UNKNOWN_LABEL)
     else:
         lab = np.full(n, UNKNOWN_LABEL)
     return np.unique(lab, return_inverse=True)

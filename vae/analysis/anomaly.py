@@ -38,14 +38,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from vae.inputs.schema import ANOMALY_COLUMNS, ANOMALY_SCORE
+from vae.inputs.schema import ANOMALY_COLUMNS, ANOMALY_SCORE, known_labels
 
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 15
 MODALITIES = ("image", "expression")
 MIN_CLASS_ROWS = 3  # a labelled class with fewer reference rows defines no Gaussian
-UNKNOWN_LABELS = ("", "nan", "None", "NA")  # labels that name no class (vae.data)
 RAW_KEYS = tuple(
     f"{m}_{s}" for s in ("reconstruction", "latent", "class_distance") for m in MODALITIES
 )
@@ -90,7 +89,7 @@ def class_distance(
     Parameters
     ----------
     z : (n, d) latent means to score; z_ref : (m, d) reference (training) means
-    labels_ref : (m,) class of each reference row; unknown labels (``UNKNOWN_LABELS``)
+    labels_ref : (m,) class of each reference row; unknown labels (``vae.inputs.schema.UNKNOWN_LABELS``)
         and classes with fewer than ``min_class`` rows define no Gaussian but count
         in the background one
     min_class : rows a class needs
@@ -112,7 +111,7 @@ def class_distance(
         return np.zeros(0)
     bg = LedoitWolf().fit(z_ref)
     d0 = _sq_mahalanobis(z, bg.location_[None], bg.precision_)[:, 0]
-    names, counts = np.unique(lab[~np.isin(lab, UNKNOWN_LABELS)], return_counts=True)
+    names, counts = np.unique(lab[known_labels(lab)], return_counts=True)
     classes = names[counts >= min_class]
     if classes.size < 2:
         return d0

@@ -29,6 +29,7 @@ from vae.analysis.run import (
 )
 from vae.analysis.settings import AnalysisSettings
 from vae.infer import encode_dataset
+from vae.inputs.schema import known_labels
 
 log = logging.getLogger(__name__)
 
@@ -96,25 +97,61 @@ def evaluate(
     steps = Steps("evaluate", 6)  # one per section below (terminal only)
 
     steps("latent structure")
-    # ---- latent structure
-    struct = []
+    # ---- latent structure: scored on the rows whose class is known (unlabelled rows,
+    # e.g. the real chain's image-only detections, would otherwise vote as a class)
+    known = known_labels(labels)
+    struct, per_class, by_source, confusions = [], [], [], {}
+    sources = obs_col(lat, a.source_key)
     for name, key in LATENTS.items():
         if key not in lat.obsm:
             continue
         z = np.asarray(lat.obsm[key], dtype=np.float64)
-        ok = rows[np.isfinite(z[rows]).all(1)]
+        coded = rows[np.isfinite(z[rows]).all(1)]
+        ok = coded[known[coded]]
         if ok.size < 3:
             continue
-        row = {"latent": name, "n": int(ok.size)}
-        if ref is not None:
-            rok = ref[np.isfinite(z[ref]).all(1)]
-            row["knn_accuracy"] = (
-                M.knn_accuracy(z[ok], labels[ok], a.knn_k, z[rok], labels[rok])
-                if rok.size
-                else np.nan
-            )
+        row = {"latent": name, "n": int(ok.size), "n_unlabelled": int(coded.size - ok.size)}
+        rok = ref[np.isfinite(z[ref]).all(1) & known[ref]] if ref is not None else None
+        if rok is not None and not rok.size:
+            pred = None
+        elif rok is not None:
+            pred = M.knn_predict(z[ok], labels[ok], a.knn_k, z[rok], labels[rok])
         else:
-            row["knn_accuracy"] = M.knn_accuracy(z[ok], labels[ok], a.knn_k)
+            pred = M.knn_predict(z[ok], labels[ok], a.knn_k)
+        if pred is None:
+            row.update(knn_accuracy=np.nan, knn_balanced_accuracy=np.nan)
+        else:
+            lt = M.label_transfer(labels[ok], pred)
+            row.update(knn_accuracy=lt.accuracy, knn_balanced_accuracy=lt.balanced_accuracy)
+            confusions[name] = (lt.classes, lt.confusion)
+            for i, c in enumerate(lt.classes):
+                if not lt.support[i]:
+                    continue
+                off = lt.confusion[i].copy()
+                off[i] = 0
+                per_class.append(
+                    {
+                        "latent": name,
+                        "label": c,
+                        "n": int(lt.support[i]),
+                        "recall": lt.recall[i],
+                        "precision": lt.precision[i],
+                        "most_often_taken_for": lt.classes[int(off.argmax())] if off.any() else "",
+                        "n_taken_for_it": int(off.max()),
+                    }
+                )
+            if name == "image" and sources is not None:
+                src = np.asarray(sources, dtype=object)[ok].astype(str)
+                for v in sorted(set(src) - {"", "nan", "None"}):
+                    sel = src == v
+                    by_source.append(
+                        {
+                            "latent": name,
+                            a.source_key: v,
+                            "n": int(sel.sum()),
+                            "knn_accuracy": float(np.mean(pred[sel] == labels[ok][sel])),
+                        }
+                    )
         row["silhouette"] = M.silhouette(z[ok], labels[ok])
         if len(set(labels[ok])) >= 2:
             agree = M.leiden_agreement(z[ok], labels[ok], a.n_neighbors, a.leiden_resolution, seed)
@@ -125,6 +162,23 @@ def evaluate(
         out["latent_structure"] = {
             r["latent"]: {k: v for k, v in r.items() if k != "latent"} for r in struct
         }
+    if per_class:
+        tables["label_transfer"] = pd.DataFrame(per_class)
+    if len(by_source) >= 2:
+        tables["label_transfer_by_source"] = pd.DataFrame(by_source)
+        out["label_transfer_by_source"] = {
+            r[a.source_key]: {"n": r["n"], "knn_accuracy": r["knn_accuracy"]} for r in by_source
+        }
+    for name, (classes, conf) in confusions.items():
+        cm = pd.DataFrame(conf, index=pd.Index(classes, name="true"), columns=classes)
+        tables[f"confusion_{name}"] = cm.reset_index()
+    if confusions:
+        fig = F.confusion_panels(
+            confusions,
+            f"kNN({a.knn_k}) label transfer on the {a.split} rows with a known label "
+            "(reference: train rows); colour: share of the true class",
+        )
+        out_files.figure(fig, "label_transfer", "evaluate/label_transfer")
 
     # ---- active units: dims whose mean KL to the prior (fused posterior) > 0.01 nats
     if "X_vae_full" in lat.obsm and "X_vae_logvar" in lat.obsm and rows.size:

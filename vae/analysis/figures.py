@@ -218,6 +218,52 @@ def heatmap(
     return fig
 
 
+def confusion_panels(panels: dict[str, tuple[Sequence[str], np.ndarray]], title: str):
+    """Confusion matrices side by side, one panel per latent.
+
+    Parameters
+    ----------
+    panels : name -> (classes, (C, C) int counts, row = true class, column = predicted)
+    title : figure title
+
+    Each cell shows its count; the colour is the share of the true class (row) that
+    was predicted as the column's class, so a pale diagonal cell is a class the code
+    does not separate whatever its size.
+    """
+    n = max(len(panels), 1)
+    c_max = max((len(c) for c, _ in panels.values()), default=2)
+    side = 0.45 * c_max + 1.6
+    fig, axes = plt.subplots(1, n, figsize=(side * n, side + 0.4), squeeze=False)
+    for ax, (name, (classes, conf)) in zip(axes[0], panels.items()):
+        m = np.asarray(conf, dtype=float)
+        share = m / np.maximum(m.sum(1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(classes)))
+        ax.set_xticklabels([str(c)[:14] for c in classes], rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(classes)))
+        ax.set_yticklabels([str(c)[:14] for c in classes], fontsize=7)
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                if m[i, j]:
+                    dark = share[i, j] > 0.6
+                    ax.text(
+                        j,
+                        i,
+                        f"{int(m[i, j])}",
+                        ha="center",
+                        va="center",
+                        fontsize=6.5,
+                        color="white" if dark else "black",
+                    )
+        right = np.trace(m) / max(m.sum(), 1)
+        ax.set_title(f"{name} (accuracy {right:.2f}, n={int(m.sum())})", fontsize=8)
+        ax.set_xlabel("predicted (kNN)", fontsize=7)
+        ax.set_ylabel("true", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def line_plot(x: np.ndarray, series: dict[str, np.ndarray], xlabel: str, ylabel: str, title: str):
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for name, y in series.items():

@@ -6,7 +6,8 @@ them to the run's artifacts.
 
 Groups
 ------
-- latent structure: :func:`knn_accuracy`, :func:`silhouette`, :func:`leiden_agreement`
+- latent structure: :func:`knn_predict`, :func:`knn_accuracy`, :func:`label_transfer`,
+  :func:`silhouette`, :func:`leiden_agreement`
 - matching of paired rows: :func:`retrieval`
 - disentanglement against known factors: :func:`mig`, :func:`dci`,
   :func:`best_dim_spearman`
@@ -50,19 +51,19 @@ def _labels(y: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------
 
 
-def knn_accuracy(
+def knn_predict(
     z: np.ndarray,
     labels: np.ndarray,
     k: int = 15,
     z_ref: np.ndarray | None = None,
     labels_ref: np.ndarray | None = None,
-) -> float:
-    """Accuracy of a k-nearest-neighbour vote of cell labels in latent space.
+) -> np.ndarray:
+    """Majority vote of each cell's k nearest labelled neighbours in latent space.
 
     Parameters
     ----------
     z : (n, d) latent codes of the cells to classify.
-    labels : (n,) their labels.
+    labels : (n,) their labels (used only for leave-one-out, when ``z_ref`` is None).
     k : neighbours that vote (clipped to the reference size).
     z_ref, labels_ref : (m, d), (m,) labelled reference cells (e.g. the training
         split). When omitted, each cell is classified by the *other* cells of
@@ -70,7 +71,7 @@ def knn_accuracy(
 
     Returns
     -------
-    float in [0, 1]: share of cells whose majority-vote label is right.
+    (n,) str: the predicted label of each cell.
     """
     from sklearn.neighbors import KNeighborsClassifier
 
@@ -79,7 +80,7 @@ def knn_accuracy(
     _check_rows("labels", labels, len(z))
     if z_ref is None:
         if len(z) < 2:
-            raise ValueError("knn_accuracy: leave-one-out needs at least 2 cells")
+            raise ValueError("knn_predict: leave-one-out needs at least 2 cells")
         kk = min(k, len(z) - 1)
         clf = KNeighborsClassifier(n_neighbors=kk + 1).fit(z, labels)
         idx = clf.kneighbors(z, return_distance=False)
@@ -89,12 +90,83 @@ def knn_accuracy(
             row = [j for j in row if j != i][:kk]
             vals, counts = np.unique(labels[row], return_counts=True)
             preds.append(vals[np.argmax(counts)])
-        return float(np.mean(np.asarray(preds) == labels))
+        return np.asarray(preds, dtype=str)
     z_ref = _check_2d("z_ref", z_ref)
     labels_ref = np.asarray(labels_ref).astype(str)
     _check_rows("labels_ref", labels_ref, len(z_ref))
     clf = KNeighborsClassifier(n_neighbors=min(k, len(z_ref))).fit(z_ref, labels_ref)
-    return float(np.mean(clf.predict(z) == labels))
+    return np.asarray(clf.predict(z)).astype(str)
+
+
+def knn_accuracy(
+    z: np.ndarray,
+    labels: np.ndarray,
+    k: int = 15,
+    z_ref: np.ndarray | None = None,
+    labels_ref: np.ndarray | None = None,
+) -> float:
+    """Accuracy of a k-nearest-neighbour vote of cell labels in latent space.
+
+    Parameters are those of :func:`knn_predict`.
+
+    Returns
+    -------
+    float in [0, 1]: share of cells whose majority-vote label is right.
+    """
+    pred = knn_predict(z, labels, k, z_ref, labels_ref)
+    return float(np.mean(pred == np.asarray(labels).astype(str)))
+
+
+@dataclass
+class LabelTransfer:
+    """How well predicted labels match the true ones, class by class."""
+
+    accuracy: float  # share of cells whose predicted label is right
+    balanced_accuracy: float  # mean recall over the true classes (chance: 1 / classes)
+    classes: list[str]  # sorted union of true and predicted labels
+    confusion: np.ndarray  # (C, C) int: row = true class, column = predicted class
+    recall: np.ndarray  # (C,) right / cells of the class (NaN: no cell of it)
+    precision: np.ndarray  # (C,) right / cells predicted as it (NaN: none predicted)
+    support: np.ndarray  # (C,) int cells of each true class
+
+
+def label_transfer(true: np.ndarray, pred: np.ndarray) -> LabelTransfer:
+    """Per-class recall, precision and the confusion matrix of predicted labels.
+
+    Parameters
+    ----------
+    true : (n,) the cells' labels.
+    pred : (n,) the predicted labels (e.g. :func:`knn_predict`).
+
+    Returns
+    -------
+    LabelTransfer; ``balanced_accuracy`` averages the recall of the classes that
+    have cells in ``true`` (a class only predicted adds a column, no recall).
+    """
+    t = np.asarray(true).astype(str)
+    p = np.asarray(pred).astype(str)
+    _check_rows("pred", p, len(t))
+    if not len(t):
+        raise ValueError("label_transfer: no cells")
+    classes = sorted(set(t) | set(p))
+    ix = {c: i for i, c in enumerate(classes)}
+    conf = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(conf, ([ix[v] for v in t], [ix[v] for v in p]), 1)
+    support = conf.sum(1)
+    predicted = conf.sum(0)
+    right = np.diag(conf).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(support > 0, right / support, np.nan)
+        precision = np.where(predicted > 0, right / predicted, np.nan)
+    return LabelTransfer(
+        accuracy=float(right.sum() / len(t)),
+        balanced_accuracy=float(np.nanmean(recall[support > 0])),
+        classes=classes,
+        confusion=conf,
+        recall=recall,
+        precision=precision,
+        support=support,
+    )
 
 
 def silhouette(z: np.ndarray, labels: np.ndarray) -> float:

@@ -21,6 +21,9 @@ class AnalysisSettings:
     batch_size: int = 128  # encode/decode batch
     # latent structure
     knn_k: int = 15  # kNN vote (reference: the train split)
+    # obs column naming where each row's image came from (stage=pair's image_source): the
+    # image code's label transfer is also scored per source (absent column: skipped)
+    source_key: str = "image_source"
     n_neighbors: int = 15  # kNN graph for Leiden and UMAP
     leiden_resolution: float = 1.0
     umap: bool = True  # UMAP figures (off: PCA, faster)

@@ -816,13 +816,17 @@ def _eval_sections(evaluation: Path | None) -> list:
     metrics = json.loads(evaluation.read_text())
     tables, figs = [], []
     captions = {
-        "latent_structure": "kNN accuracy (reference: train split), silhouette and Leiden ARI/NMI of each latent on the held-out split.",
+        "latent_structure": "kNN accuracy and balanced accuracy (mean recall over classes; reference: the train rows with a known label), silhouette and Leiden ARI/NMI of each latent on the held-out rows whose label is known (n; n_unlabelled: rows with a code but no label, left out).",
+        "label_transfer": "Class by class: recall, precision and the class each one is most often taken for (kNN on each latent).",
+        "label_transfer_by_source": "The image code's kNN accuracy per image source (a source the code reads badly shows here).",
         "reconstruction": "Held-out reconstruction: masked image MSE/SSIM; expression per-gene r; cross-modal prediction.",
         "retrieval": "Finding each cell's own expression profile from its image latent (Recall@k, FOSCTTM: 0 perfect, 0.5 random).",
         "disentanglement": "Against simulator truth: MIG gap, DCI informativeness and the best single dim's Spearman per factor.",
     }
     missing = {
         "latent_structure": "fewer than two labels among these rows, so no Leiden comparison",
+        "label_transfer": "no cell of this class was predicted, or none was taken for another",
+        "label_transfer_by_source": "not defined",
         "reconstruction": "this measure does not apply to this row's modality",
         "retrieval": "not defined for these rows",
         "disentanglement": "the factor is categorical (no Spearman) or has no informative dim",
@@ -842,6 +846,7 @@ def _eval_sections(evaluation: Path | None) -> list:
         "umap_image.png": "Embedding of the image-only latent, coloured by label.",
         "umap_expression.png": "Embedding of the expression-only latent, coloured by label.",
         "reconstructions.png": "Held-out cells: masked input, joint reconstruction, and the image decoded from expression alone.",
+        "label_transfer.png": "Confusion of the kNN label transfer on each latent (held-out rows with a known label): counts, coloured by the share of the true class.",
     }
     for fn, cap in fcaps.items():
         if (ev_dir / fn).exists():

@@ -40,6 +40,29 @@ def cell_diameters(frame: pd.DataFrame) -> np.ndarray | None:
     return np.where(np.isfinite(d) & (d > 0), d, np.nan).astype(np.float32)
 
 
+# obs["label"]: the cell class of a row; rows whose class is not known hold one of these
+# (NaN read through ``astype(str)`` is "nan"); vae.data codes them all as UNKNOWN_LABEL
+UNKNOWN_LABEL = "NA"
+UNKNOWN_LABELS = ("", "nan", "None", UNKNOWN_LABEL)
+
+
+def known_labels(labels) -> np.ndarray:
+    """Which rows name a class.
+
+    Parameters
+    ----------
+    labels : array-like, shape (N,)
+        ``obs['label']`` values (strings, categoricals, NaN / None allowed).
+
+    Returns
+    -------
+    ndarray of bool, shape (N,)
+        False where the value is missing or one of :data:`UNKNOWN_LABELS`.
+    """
+    lab = np.asarray(labels, dtype=object)
+    return ~(pd.isna(lab) | np.isin(lab.astype(str), UNKNOWN_LABELS))
+
+
 # simulator ground truth carried from crops / expression obs into paired obs
 TRUTH_COLUMNS = TRUTH_FIELDS
 
