@@ -195,3 +195,38 @@ def test_mig_and_dci_leave_out_unknown_factor_rows():
     d = M.dci(z, {"t": t_part}, n_estimators=10)
     assert d.informativeness["t"] > 0.9
     assert list(M.known_rows(np.array(["a", "nan", None], dtype=object))) == [True, False, False]
+
+
+def test_label_transfer_counts_per_class():
+    from vae.analysis.metrics import label_transfer
+
+    true = np.array(["a", "a", "a", "b", "b", "c"])
+    pred = np.array(["a", "a", "b", "b", "a", "b"])
+    lt = label_transfer(true, pred)
+    assert lt.classes == ["a", "b", "c"]
+    np.testing.assert_array_equal(lt.confusion, [[2, 1, 0], [1, 1, 0], [0, 1, 0]])
+    np.testing.assert_allclose(lt.recall, [2 / 3, 1 / 2, 0.0])
+    np.testing.assert_allclose(lt.precision[:2], [2 / 3, 1 / 3])
+    assert np.isnan(lt.precision[2])  # "c" is never predicted
+    assert lt.accuracy == pytest.approx(3 / 6)
+    assert lt.balanced_accuracy == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+
+
+def test_knn_predict_matches_accuracy():
+    from vae.analysis.metrics import knn_accuracy, knn_predict
+
+    rng = np.random.default_rng(0)
+    z_ref = np.concatenate([rng.normal(0, 0.1, (20, 2)), rng.normal(3, 0.1, (20, 2))])
+    y_ref = np.array(["x"] * 20 + ["y"] * 20)
+    z = np.array([[0.0, 0.0], [3.0, 3.0], [2.9, 3.1]])
+    y = np.array(["x", "y", "x"])
+    pred = knn_predict(z, y, 5, z_ref, y_ref)
+    np.testing.assert_array_equal(pred, ["x", "y", "y"])
+    assert knn_accuracy(z, y, 5, z_ref, y_ref) == pytest.approx(2 / 3)
+
+
+def test_known_labels_one_rule():
+    from vae.inputs.schema import known_labels
+
+    got = known_labels(np.array(["a", "", "nan", "None", "NA", None, np.nan, "b"], dtype=object))
+    np.testing.assert_array_equal(got, [True, False, False, False, False, False, False, True])
