@@ -111,13 +111,13 @@ def evaluate(
         if ok.size < 3:
             continue
         row = {"latent": name, "n": int(ok.size), "n_unlabelled": int(coded.size - ok.size)}
-        rok = ref[np.isfinite(z[ref]).all(1) & known[ref]] if ref is not None else None
-        if rok is not None and not rok.size:
-            pred = None
-        elif rok is not None:
-            pred = M.knn_predict(z[ok], labels[ok], a.knn_k, z[rok], labels[rok])
-        else:
+        if ref is None:  # leave-one-out among the evaluated rows
             pred = M.knn_predict(z[ok], labels[ok], a.knn_k)
+        else:
+            rok = ref[np.isfinite(z[ref]).all(1) & known[ref]]
+            pred = (
+                M.knn_predict(z[ok], labels[ok], a.knn_k, z[rok], labels[rok]) if rok.size else None
+            )
         if pred is None:
             row.update(knn_accuracy=np.nan, knn_balanced_accuracy=np.nan)
         else:
