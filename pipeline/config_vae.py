@@ -88,6 +88,12 @@ class VAEConfig:
     # label cross-entropy on each expert's shared mean, rows with a known obs['label']
     # (scANVI-style semi-supervision; 0: off, and no classifier head is built)
     classify_weight: float = 200.0
+    # class balance of that cross-entropy, per expert: each class weighs
+    # (its training rows' share)^-classify_balance, from the train split's labelled rows
+    # with a crop (image expert) or a profile (expression expert). 0: every row counts
+    # once (the majority class dominates); 0.5: inverse square root; 1: every class
+    # counts as much as any other (docs/vae.md, "Class balance of the label head")
+    classify_balance: float = 0.0
     # maturation axis: an ordinal head on shared dim 0 orders the rows labelled with a
     # stage of maturation_classes (0: off; no head is built, nor when fewer than two of
     # the stages are labels of the data). Costs no ELBO (a rotation of the latent)

@@ -34,6 +34,7 @@ RANGES: dict[str, str] = {
     "vae.nucleus_weight": NONNEG,
     "vae.free_bits": NONNEG,
     "vae.classify_weight": NONNEG,
+    "vae.classify_balance": PROB,
     "vae.maturation_weight": NONNEG,
     "vae.view_contrast_weight": NONNEG,
     "vae.size_weight": NONNEG,

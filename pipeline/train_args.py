@@ -175,6 +175,23 @@ def unknown_label_code(label_names: list[str]) -> int:
     return label_names.index(UNKNOWN_LABEL) if UNKNOWN_LABEL in label_names else -1
 
 
+def classify_class_weights(
+    balance: float, classify: float, data, train_rows: np.ndarray, unknown_label: int
+) -> tuple[tuple[float, ...], ...]:
+    """``vae.classify_balance`` -> the label head's class weights per expert (image,
+    expression), from the training rows' labels; () when off (every row counts once)."""
+    from vae.losses import class_balance_weights
+
+    if balance <= 0 or classify <= 0:
+        return ()
+    labels = np.asarray(data.labels)
+    k = len(data.label_names)
+    return tuple(
+        class_balance_weights(labels, train_rows & np.asarray(has), k, balance, unknown_label)
+        for has in (data.has_image, data.has_expression)
+    )
+
+
 def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: int = -1, data=None):
     from vae.losses import LossWeights
     from vae.train import TrainArgs
@@ -239,6 +256,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
 __all__ = [
     "build_model_args",
     "build_train_args",
+    "classify_class_weights",
     "expression_alone",
     "expression_dropout",
     "expression_input",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -45,6 +46,9 @@ class LossWeights:
     # a known label only); needs a model built with n_classes > 0
     classify: float = 0.0
     unknown_label: int = -1  # label code that means "not known" (never scored)
+    # per-class weights of that cross-entropy, one tuple per expert (image, expression),
+    # indexed by label code (:func:`class_balance_weights`); (): every row counts once
+    classify_class_weights: tuple[tuple[float, ...], ...] = ()
     # granule head: Poisson point-process NLL of the granule centres found on the
     # input under the decoded rate map, plus the granules' optical density there;
     # needs a model built with granule_head and centres in the batch
@@ -562,6 +566,40 @@ def class_align(
 # ----------------------------------------------------------------------- the loss
 
 
+def class_balance_weights(
+    labels: np.ndarray, rows: np.ndarray, n_classes: int, power: float, unknown: int = -1
+) -> tuple[float, ...]:
+    """Per-class weights of the label head's cross-entropy for one expert.
+
+    Class ``c`` weighs ``(share_c)^-power``, ``share_c`` being its fraction of the
+    labelled ``rows``; the weights are rescaled so that the rows' mean weight is 1
+    (the term keeps its scale). Classes absent from ``rows`` weigh 1 (a validation
+    batch may hold only such rows; a weight of 0 would make its mean 0 / 0).
+
+    Parameters
+    ----------
+    labels : (N,) int label codes
+    rows : (N,) bool, the rows this expert scores (e.g. train split & has an image)
+    n_classes : number of label codes
+    power : 0 (every row counts once) to 1 (every class counts as much as any other)
+    unknown : the code of "not known" (never scored)
+
+    Returns
+    -------
+    tuple of n_classes floats
+    """
+    labels = np.asarray(labels)
+    keep = np.asarray(rows, bool) & (labels != unknown) & (labels >= 0)
+    n = np.bincount(labels[keep], minlength=n_classes).astype(np.float64)[:n_classes]
+    if n.sum() == 0:
+        return tuple([1.0] * n_classes)
+    share = n / n.sum()
+    wt = np.ones(n_classes)
+    wt[n > 0] = share[n > 0] ** -float(power)
+    wt[n > 0] /= (wt[n > 0] * share[n > 0]).sum()  # mean weight over the rows = 1
+    return tuple(float(x) for x in wt)
+
+
 def _weighted_sum(zero: torch.Tensor, terms) -> torch.Tensor:
     """``Σ w · t`` over ``(w, t)`` pairs, left to right, with the same value as the
     written-out sum: a term that is ``zero`` itself (a part that was not computed) is
@@ -863,12 +901,20 @@ def vae_loss(
     head = out.classifier
     if w.classify > 0 and head is not None and known is not None:
         parts = []
-        for g, has in ((post.image, post.has_image), (post.expression, post.has_expression)):
+        experts = ((post.image, post.has_image), (post.expression, post.has_expression))
+        for e, (g, has) in enumerate(experts):
             if g is None:
                 continue
             keep = (known & has).nonzero().flatten()
             if keep.numel():
-                parts.append(F.cross_entropy(head(g[0][keep, :ns]), labels[keep]))
+                cw = (
+                    ref.new_tensor(w.classify_class_weights[e])
+                    if w.classify_class_weights
+                    else None
+                )
+                # with class weights: the batch's weighted mean (torch divides by the
+                # summed weights of the rows' classes), so the term's scale stays ~1 row
+                parts.append(F.cross_entropy(head(g[0][keep, :ns]), labels[keep], weight=cw))
         if parts:
             classify = torch.stack(parts).mean()
 

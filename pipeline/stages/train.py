@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from pipeline.streaming import load_streamed, streams
 from pipeline.train_args import (
     build_model_args,
     build_train_args,
+    classify_class_weights,
     resolve_align,
     unknown_label_code,
 )
@@ -174,6 +175,22 @@ def run_train(ctx: StageContext) -> None:
                 pd.DataFrame({"split": split}, index=pd.Index(data.obs_names, name="obs")).to_csv(
                     tmp
                 )
+    class_w = classify_class_weights(
+        float(cfg.vae.classify_balance),
+        targs.weights.classify,
+        data,
+        split == "train",
+        targs.weights.unknown_label,
+    )
+    if class_w:
+        targs = replace(targs, weights=replace(targs.weights, classify_class_weights=class_w))
+        for name, wts in zip(("image", "expression"), class_w):
+            log.info(
+                "label head class weights, %s expert (vae.classify_balance=%g): %s",
+                name,
+                cfg.vae.classify_balance,
+                ", ".join(f"{n} {x:.2f}" for n, x in zip(data.label_names, wts) if x != 1.0),
+            )
     torch.manual_seed(int(cfg.seed))
     model = TwoBranchVAE(margs)
     if not resume:  # a resumed run continues from its own weights

@@ -579,3 +579,33 @@ def test_gene_programs_have_one_definition():
     assert programs == dict(cfg.expression.programs) and "monocyte" in programs
     with pytest.raises(ConfigCompositionException, match="programs"):
         compose_config(["stage=evaluate", "analysis.programs={x: [MPO]}"])
+
+
+def test_evaluate_scores_labelled_rows_only(tmp_path):
+    """Unlabelled image-only rows (the real chain's detections without a class) are left
+    out of the label metrics, never a class of their own (counted in n_unlabelled)."""
+    a = make_paired(n=60, size=16, n_genes=12, image_only=24, expression_only=4)
+    unl = np.zeros(a.n_obs, bool)
+    unl[60:80] = True  # 20 of the 24 image-only rows carry no label
+    label = a.obs["label"].astype(str).to_numpy().copy()
+    label[unl] = ""
+    a.obs["label"] = label
+    paired = tmp_path / "paired.h5ad"
+    a.write_h5ad(paired)
+    extra = ["trainer.test_fraction=0.4"]
+    assert _run_in_process(tmp_path, paired, "train", TINY_TRAIN + extra) == 0
+    assert _run_in_process(tmp_path, paired, "evaluate", FAST_ANALYSIS + extra) == 0
+    split = pd.read_csv(tmp_path / "tiny" / "train" / "split.csv", index_col=0)["split"]
+    test = (split.reindex(a.obs_names) == "test").to_numpy()
+    has_img = a.obs["has_image"].to_numpy(bool)
+    assert (test & unl).sum() > 0  # the case this test is about
+    ev = tmp_path / "tiny" / "evaluate"
+    ls = pd.read_csv(ev / "latent_structure.csv").set_index("latent")
+    assert ls.loc["image", "n"] == (test & has_img & ~unl).sum()
+    assert ls.loc["image", "n_unlabelled"] == (test & has_img & unl).sum()
+    assert ls.loc["expression", "n_unlabelled"] == 0
+    classes = set(label[~unl])
+    lt = pd.read_csv(ev / "label_transfer.csv", keep_default_na=False)
+    assert set(lt["label"]) <= classes
+    cm = pd.read_csv(ev / "confusion_image.csv", keep_default_na=False)
+    assert set(cm["true"]) <= classes and set(cm.columns[1:]) <= classes

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vae.data import augment_stain
-from vae.losses import LossWeights, kl_normal, spectral_l1, vae_loss
+from vae.losses import LossWeights, class_balance_weights, kl_normal, spectral_l1, vae_loss
 from vae.model import TwoBranchVAE, VAEArgs
 from vae.train import active_units
 
@@ -259,6 +259,59 @@ def test_unknown_label_is_not_a_class_for_alignment_or_the_head():
     known = torch.tensor([0, 1, 0, 1])
     t = vae_loss(out, img, mask, x, None, None, beta=1.0, weights=w, labels=known)
     assert float(t.align) > 0 and float(t.classify) > 0
+
+
+def test_class_balance_weights_even_out_classes_and_keep_the_mean_row_at_one():
+    labels = np.array([0] * 8 + [1] * 2 + [2] * 5 + [3] * 3)  # 3 = unknown
+    rows = np.ones(len(labels), bool)
+    rows[10:15] = False  # class 2 is not among this expert's rows
+    off = class_balance_weights(labels, rows, 4, 0.0, unknown=3)
+    assert off == (1.0, 1.0, 1.0, 1.0)
+    full = class_balance_weights(labels, rows, 4, 1.0, unknown=3)
+    # 8 vs 2 rows: each class's rows weigh the same in total, mean row weight 1
+    assert full[0] * 8 == pytest.approx(full[1] * 2)
+    assert (full[0] * 8 + full[1] * 2) / 10 == pytest.approx(1.0)
+    assert full[2] == 1.0 and full[3] == 1.0  # absent / unknown: never 0 (no 0 / 0 batch)
+    half = class_balance_weights(labels, rows, 4, 0.5, unknown=3)
+    assert half[1] / half[0] == pytest.approx(2.0)  # sqrt(8 / 2)
+    assert class_balance_weights(labels, np.zeros(len(labels), bool), 4, 1.0) == (1.0,) * 4
+
+
+@torch.no_grad()  # only values are checked
+def test_class_weights_move_the_label_head_term_toward_the_rare_class():
+    """A rare class the head gets wrong costs more once classes are balanced."""
+    torch.manual_seed(0)
+    m = TwoBranchVAE(
+        VAEArgs(
+            n_genes=5, crop_size=16, channels=[8, 8], expression_likelihood="gaussian", n_classes=2
+        )
+    )
+    b = 6
+    img, mask, x = torch.rand(b, 3, 16, 16), torch.ones(b, 1, 16, 16), torch.rand(b, 5)
+    hi = torch.ones(b, dtype=torch.bool)
+    labels = torch.tensor([0, 0, 0, 0, 0, 1])
+    out = m(img, mask, x, hi, ~hi)
+    head = out.classifier
+    with torch.no_grad():  # the head calls every row class 0
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([3.0, -3.0]))
+    plain = vae_loss(
+        out, img, mask, x, None, None, beta=1.0, labels=labels, weights=LossWeights(classify=1.0)
+    )
+    cw = class_balance_weights(labels.numpy(), np.ones(b, bool), 2, 1.0)
+    bal = vae_loss(
+        out,
+        img,
+        mask,
+        x,
+        None,
+        None,
+        beta=1.0,
+        labels=labels,
+        weights=LossWeights(classify=1.0, classify_class_weights=(cw, cw)),
+    )
+    # plain: 5 easy rows + 1 wrong; balanced: the wrong row is half the term
+    assert float(bal.classify) > 2 * float(plain.classify)
 
 
 def test_rotation_moves_image_mask_and_granule_centres_together():
