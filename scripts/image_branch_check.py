@@ -47,15 +47,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _knn(z_fit: np.ndarray, y_fit: np.ndarray, z: np.ndarray, y: np.ndarray, k: int = 15) -> float:
-    """kNN(k) fitted on the train+val rows, accuracy on the test rows (NaN rows dropped)."""
-    from sklearn.neighbors import KNeighborsClassifier
+    """kNN(k) fitted on the train+val rows, accuracy on the test rows (NaN rows dropped).
+
+    The vote is ``stage=evaluate``'s (:func:`vae.analysis.metrics.knn_accuracy`); only
+    the reference differs: evaluate's is the train split alone."""
+    from vae.analysis.metrics import knn_accuracy
 
     a, b = np.isfinite(z_fit).all(1), np.isfinite(z).all(1)
     if a.sum() < 2 or b.sum() < 1:
         return float("nan")
-    clf = KNeighborsClassifier(n_neighbors=int(min(k, a.sum())))
-    clf.fit(z_fit[a], y_fit[a])
-    return float((clf.predict(z[b]) == y[b]).mean())
+    return knn_accuracy(z[b], y[b], k, z_fit[a], y_fit[a])
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
