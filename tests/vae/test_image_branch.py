@@ -238,17 +238,26 @@ def test_batch_without_images_keeps_every_parameter_in_the_graph():
     assert all(p.grad is not None for p in m.image_encoder.parameters())
 
 
-@torch.no_grad()  # only values are checked
-def test_unknown_label_is_not_a_class_for_alignment_or_the_head():
-    """Rows labelled NA are neither aligned with each other nor scored by the label head."""
+def _head_toy(n_classes: int, b: int):
+    """A seeded 16 px model with a label head, and b random crops / masks / profiles."""
     torch.manual_seed(0)
     m = TwoBranchVAE(
         VAEArgs(
-            n_genes=5, crop_size=16, channels=[8, 8], expression_likelihood="gaussian", n_classes=3
+            n_genes=5,
+            crop_size=16,
+            channels=[8, 8],
+            expression_likelihood="gaussian",
+            n_classes=n_classes,
         )
     )
+    return m, torch.rand(b, 3, 16, 16), torch.ones(b, 1, 16, 16), torch.rand(b, 5)
+
+
+@torch.no_grad()  # only values are checked
+def test_unknown_label_is_not_a_class_for_alignment_or_the_head():
+    """Rows labelled NA are neither aligned with each other nor scored by the label head."""
     b = 4
-    img, mask, x = torch.rand(b, 3, 16, 16), torch.ones(b, 1, 16, 16), torch.rand(b, 5)
+    m, img, mask, x = _head_toy(3, b)
     hi = torch.tensor([1, 1, 0, 0], dtype=torch.bool)
     he = ~hi
     na = torch.full((b,), 2)  # every row unknown (code 2 = NA)
@@ -280,38 +289,24 @@ def test_class_balance_weights_even_out_classes_and_keep_the_mean_row_at_one():
 @torch.no_grad()  # only values are checked
 def test_class_weights_move_the_label_head_term_toward_the_rare_class():
     """A rare class the head gets wrong costs more once classes are balanced."""
-    torch.manual_seed(0)
-    m = TwoBranchVAE(
-        VAEArgs(
-            n_genes=5, crop_size=16, channels=[8, 8], expression_likelihood="gaussian", n_classes=2
-        )
-    )
     b = 6
-    img, mask, x = torch.rand(b, 3, 16, 16), torch.ones(b, 1, 16, 16), torch.rand(b, 5)
+    m, img, mask, x = _head_toy(2, b)
     hi = torch.ones(b, dtype=torch.bool)
     labels = torch.tensor([0, 0, 0, 0, 0, 1])
     out = m(img, mask, x, hi, ~hi)
-    head = out.classifier
-    with torch.no_grad():  # the head calls every row class 0
-        head.weight.zero_()
-        head.bias.copy_(torch.tensor([3.0, -3.0]))
-    plain = vae_loss(
-        out, img, mask, x, None, None, beta=1.0, labels=labels, weights=LossWeights(classify=1.0)
-    )
+    out.classifier.weight.zero_()  # the head calls every row class 0
+    out.classifier.bias.copy_(torch.tensor([3.0, -3.0]))
+
+    def head_term(w: LossWeights) -> float:
+        return float(
+            vae_loss(out, img, mask, x, None, None, beta=1.0, labels=labels, weights=w).classify
+        )
+
     cw = class_balance_weights(labels.numpy(), np.ones(b, bool), 2, 1.0)
-    bal = vae_loss(
-        out,
-        img,
-        mask,
-        x,
-        None,
-        None,
-        beta=1.0,
-        labels=labels,
-        weights=LossWeights(classify=1.0, classify_class_weights=(cw, cw)),
-    )
+    plain = head_term(LossWeights(classify=1.0))
+    bal = head_term(LossWeights(classify=1.0, classify_class_weights=(cw, cw)))
     # plain: 5 easy rows + 1 wrong; balanced: the wrong row is half the term
-    assert float(bal.classify) > 2 * float(plain.classify)
+    assert bal > 2 * plain
 
 
 def test_rotation_moves_image_mask_and_granule_centres_together():
