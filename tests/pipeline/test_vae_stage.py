@@ -142,6 +142,23 @@ def test_stage_train_with_the_cells_sizes(paired: Path):
     assert np.isfinite(last["train"]["size"]) and last["train"]["size"] > 0
 
 
+def test_stage_train_balances_the_label_head_from_the_train_split(paired: Path):
+    from vae.losses import class_balance_weights
+
+    out = _run_here(paired, "experiment=bal", "trainer.max_epochs=1", "vae.classify_balance=1.0")
+    w = load_torch_file(out / "last.pt")["train_args"]["weights"]["classify_class_weights"]
+    a = ad.read_h5ad(paired / "paired.h5ad")
+    split = np.loadtxt(out / "split.csv", dtype=str, delimiter=",", skiprows=1)[:, 1]
+    names = sorted(set(a.obs["label"]))  # the label codes: sorted names
+    codes = np.array([names.index(x) for x in a.obs["label"]])
+    train = split == "train"
+    for e, col in enumerate(("has_image", "has_expression")):
+        want = class_balance_weights(codes, train & a.obs[col].to_numpy(), len(names), 1.0)
+        assert w[e] == pytest.approx(want)
+    log = (out / "train.log").read_text()
+    assert "label head class weights, image expert (vae.classify_balance=1)" in log
+
+
 @pytest.mark.slow
 def test_multirun_beta_sweep_puts_each_job_in_a_variant_folder(paired: Path):
     import os
