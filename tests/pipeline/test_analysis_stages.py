@@ -590,6 +590,11 @@ def test_evaluate_scores_labelled_rows_only(tmp_path):
     label = a.obs["label"].astype(str).to_numpy().copy()
     label[unl] = ""
     a.obs["label"] = label
+    # two image sources and some crops of no known source (left out of the per-source table)
+    source = np.where(np.arange(a.n_obs) % 2 == 0, "smear_a", "smear_b").astype(object)
+    source[np.arange(a.n_obs) % 5 == 0] = ""
+    source[~a.obs["has_image"].to_numpy(bool)] = ""
+    a.obs["image_source"] = source
     paired = tmp_path / "paired.h5ad"
     a.write_h5ad(paired)
     extra = ["trainer.test_fraction=0.4"]
@@ -609,3 +614,8 @@ def test_evaluate_scores_labelled_rows_only(tmp_path):
     assert set(lt["label"]) <= classes
     cm = pd.read_csv(ev / "confusion_image.csv", keep_default_na=False)
     assert set(cm["true"]) <= classes and set(cm.columns[1:]) <= classes
+    by_src = pd.read_csv(ev / "label_transfer_by_source.csv", keep_default_na=False)
+    assert list(by_src["image_source"]) == ["smear_a", "smear_b"]
+    scored = test & has_img & ~unl
+    for _, r in by_src.iterrows():
+        assert r["n"] == (scored & (source == r["image_source"])).sum()

@@ -141,8 +141,10 @@ def evaluate(
                     }
                 )
             if name == "image" and sources is not None:
-                src = np.asarray(sources, dtype=object)[ok].astype(str)
-                for v in sorted(set(src) - {"", "nan", "None"}):
+                src_obj = np.asarray(sources, dtype=object)[ok]
+                src = src_obj.astype(str)
+                # a missing source reads like a missing label (the schema's one list)
+                for v in sorted(set(src[known_labels(src_obj)])):
                     sel = src == v
                     by_source.append(
                         {
