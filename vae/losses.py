@@ -907,14 +907,12 @@ def vae_loss(
                 continue
             keep = (known & has).nonzero().flatten()
             if keep.numel():
-                cw = (
-                    ref.new_tensor(w.classify_class_weights[e])
-                    if w.classify_class_weights
-                    else None
-                )
+                logits = head(g[0][keep, :ns])
+                cw = w.classify_class_weights
                 # with class weights: the batch's weighted mean (torch divides by the
                 # summed weights of the rows' classes), so the term's scale stays ~1 row
-                parts.append(F.cross_entropy(head(g[0][keep, :ns]), labels[keep], weight=cw))
+                cw = logits.new_tensor(cw[e]) if cw else None
+                parts.append(F.cross_entropy(logits, labels[keep], weight=cw))
         if parts:
             classify = torch.stack(parts).mean()
 
