@@ -8,11 +8,15 @@ so a benchmark trains exactly what ``stage=train`` would.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.runner import StageError
 from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE
+
+log = logging.getLogger(__name__)
 
 
 def expression_likelihood(cfg_value: str, has_counts: bool, source: str) -> str:
@@ -179,17 +183,27 @@ def classify_class_weights(
     balance: float, classify: float, data, train_rows: np.ndarray, unknown_label: int
 ) -> tuple[tuple[float, ...], ...]:
     """``vae.classify_balance`` -> the label head's class weights per expert (image,
-    expression), from the training rows' labels; () when off (every row counts once)."""
+    expression), from the training rows' labels, each logged for the classes that have
+    train rows; () when off (every row counts once)."""
     from vae.losses import class_balance_weights
 
     if balance <= 0 or classify <= 0:
         return ()
     labels = np.asarray(data.labels)
     k = len(data.label_names)
-    return tuple(
-        class_balance_weights(labels, train_rows & np.asarray(has), k, balance, unknown_label)
-        for has in (data.has_image, data.has_expression)
-    )
+    out = []
+    for name, has in (("image", data.has_image), ("expression", data.has_expression)):
+        rows = train_rows & np.asarray(has)
+        wts = class_balance_weights(labels, rows, k, balance, unknown_label)
+        seen = sorted(set(labels[rows].tolist()) - {unknown_label})
+        log.info(
+            "label head class weights, %s expert (vae.classify_balance=%g): %s",
+            name,
+            balance,
+            ", ".join(f"{data.label_names[c]} {wts[c]:.2f}" for c in seen),
+        )
+        out.append(wts)
+    return tuple(out)
 
 
 def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: int = -1, data=None):

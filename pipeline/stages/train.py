@@ -184,18 +184,6 @@ def run_train(ctx: StageContext) -> None:
     )
     if class_w:
         targs = replace(targs, weights=replace(targs.weights, classify_class_weights=class_w))
-        codes = np.asarray(data.labels)
-        for name, wts, has in zip(
-            ("image", "expression"), class_w, (data.has_image, data.has_expression)
-        ):
-            seen = set(codes[(split == "train") & np.asarray(has)].tolist())
-            seen.discard(targs.weights.unknown_label)
-            log.info(
-                "label head class weights, %s expert (vae.classify_balance=%g): %s",
-                name,
-                cfg.vae.classify_balance,
-                ", ".join(f"{data.label_names[c]} {wts[c]:.2f}" for c in sorted(seen)),
-            )
     torch.manual_seed(int(cfg.seed))
     model = TwoBranchVAE(margs)
     if not resume:  # a resumed run continues from its own weights
