@@ -589,6 +589,10 @@ def test_evaluate_scores_labelled_rows_only(tmp_path):
     unl[60:80] = True  # 20 of the 24 image-only rows carry no label
     label = a.obs["label"].astype(str).to_numpy().copy()
     label[unl] = ""
+    # a few crops carry another class's label: the disagreement list must find them
+    names = sorted(set(label[~unl]))
+    flip = np.flatnonzero(a.obs["has_image"].to_numpy(bool) & ~unl)[::6]
+    label[flip] = [names[(names.index(v) + 1) % len(names)] for v in label[flip]]
     a.obs["label"] = label
     # two image sources and some crops of no known source (left out of the per-source table)
     source = np.where(np.arange(a.n_obs) % 2 == 0, "smear_a", "smear_b").astype(object)
@@ -619,3 +623,19 @@ def test_evaluate_scores_labelled_rows_only(tmp_path):
     scored = test & has_img & ~unl
     for _, r in by_src.iterrows():
         assert r["n"] == (scored & (source == r["image_source"])).sum()
+    # every scored crop whose call is not its label is listed once (the confusion's
+    # off-diagonal), surest call first, with its source, and drawn when there are any
+    dis = pd.read_csv(ev / "label_disagreements.csv", keep_default_na=False)
+    m = cm.set_index("true")
+    off = sum(int(m.loc[t, c]) for t in m.index for c in m.columns if t != c)
+    assert len(dis) == off and off > 0
+    assert (dis["label"] != dis["image_call"]).all()
+    assert dis["row"].is_unique and set(dis["row"]) <= set(a.obs_names[scored])
+    assert list(dis["vote_share"]) == sorted(dis["vote_share"], reverse=True)
+    assert ((dis["vote_share"] > 0) & (dis["vote_share"] >= dis["label_share"])).all()
+    src_of = dict(zip(a.obs_names, source))
+    assert [src_of[r] for r in dis["row"]] == list(dis["image_source"])
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["label_disagreements"]["n"] == off
+    assert metrics["label_disagreements"]["n_scored"] == scored.sum()
+    assert (ev / "label_disagreements.png").exists() == (off > 0)

@@ -55,6 +55,76 @@ def _gene_row(what: str, n: int, gc, gidx: list[int]) -> dict:
     return row
 
 
+# how many (label -> call) pairs, and crops of each, the disagreement figure shows
+DISAGREEMENT_PAIRS = 6
+DISAGREEMENT_CROPS = 10
+# obs columns copied into label_disagreements.csv where the latent table has them,
+# so a reader can find each crop's file (the analysis settings add the source key)
+DISAGREEMENT_OBS = ("image_ref", "specimen")
+
+
+def _disagreements(lat, a: AnalysisSettings, z, labels, pred, rows, vote_ref) -> pd.DataFrame:
+    """The scored rows whose kNN call on the image code is not their label.
+
+    One row each, the surest calls first: ``vote_share`` (the call's share of the k
+    neighbours) and ``label_share`` (the label's share; 0: no neighbour carries the
+    label, the first place to look for a wrong label) and where the crop came from.
+    """
+    from vae.analysis import metrics as M
+
+    share = M.knn_vote_share(z, labels, pred, a.knn_k, *vote_ref)
+    own = M.knn_vote_share(z, labels, labels, a.knn_k, *vote_ref)
+    wrong = np.flatnonzero(pred != labels)
+    df = pd.DataFrame(
+        {
+            "latent_row": rows[wrong],
+            "row": np.asarray(lat.obs_names)[rows[wrong]],
+            "label": labels[wrong],
+            "image_call": pred[wrong],
+            "vote_share": share[wrong],
+            "label_share": own[wrong],
+        }
+    )
+    for col in (a.source_key, *DISAGREEMENT_OBS):
+        if col in lat.obs:
+            df[col] = lat.obs[col].astype(str).to_numpy()[rows[wrong]]
+    return df.sort_values(
+        ["vote_share", "row"], ascending=[False, True], kind="stable"
+    ).reset_index(drop=True)
+
+
+def _disagreement_figure(disagree: pd.DataFrame, P, k: int, split: str):
+    """Masked input crops of the disagreements, one row per (label -> call) pair, the
+    commonest pairs first, each row's surest calls first; None when no crop is at hand."""
+    from vae.analysis import figures as F
+
+    pos = {int(r): i for i, r in enumerate(P.rows)}
+    pairs = disagree.groupby(["label", "image_call"], sort=False).size()
+    pairs = pairs.sort_values(ascending=False, kind="stable").head(DISAGREEMENT_PAIRS)
+    rows, names, captions = [], [], []
+    for (lab, call), n in pairs.items():
+        sel = disagree[(disagree["label"] == lab) & (disagree["image_call"] == call)]
+        sel = sel[sel["latent_row"].isin(pos)].head(DISAGREEMENT_CROPS)
+        if sel.empty:
+            continue
+        rows.append(np.stack([P.image[pos[int(r)]] for r in sel["latent_row"]]))
+        names.append(f"{lab}\n-> {call} ({n})")
+        captions.append(
+            [f"{s:.2f} / {o:.2f}" for s, o in zip(sel["vote_share"], sel["label_share"])]
+        )
+    if not rows:
+        return None
+    return F.image_grid(
+        rows,
+        names,
+        [""] * max(len(r) for r in rows),
+        f"{split} crops whose image-code kNN({k}) call is not their label\n"
+        "row: label -> call (count); under each crop: share of the neighbours voting "
+        "the call / the label",
+        captions=captions,
+    )
+
+
 def evaluate(
     rd: RunData,
     a: AnalysisSettings,
@@ -101,6 +171,7 @@ def evaluate(
     # e.g. the real chain's image-only detections, would otherwise vote as a class)
     known = known_labels(labels)
     struct, per_class, by_source, confusions = [], [], [], {}
+    disagree: pd.DataFrame | None = None
     sources = obs_col(lat, a.source_key)
     for name, key in LATENTS.items():
         if key not in lat.obsm:
@@ -112,12 +183,12 @@ def evaluate(
             continue
         row = {"latent": name, "n": int(ok.size), "n_unlabelled": int(coded.size - ok.size)}
         if ref is None:  # leave-one-out among the evaluated rows
+            vote_ref: tuple = (None, None)
             pred = M.knn_predict(z[ok], labels[ok], a.knn_k)
         else:
             rok = ref[np.isfinite(z[ref]).all(1) & known[ref]]
-            pred = (
-                M.knn_predict(z[ok], labels[ok], a.knn_k, z[rok], labels[rok]) if rok.size else None
-            )
+            vote_ref = (z[rok], labels[rok])
+            pred = M.knn_predict(z[ok], labels[ok], a.knn_k, *vote_ref) if rok.size else None
         if pred is None:
             row.update(knn_accuracy=np.nan, knn_balanced_accuracy=np.nan)
         else:
@@ -140,6 +211,15 @@ def evaluate(
                         "n_taken_for_it": int(off.max()),
                     }
                 )
+            if name == "image":
+                disagree = _disagreements(lat, a, z[ok], labels[ok], pred, ok, vote_ref)
+                tables["label_disagreements"] = disagree.drop(columns="latent_row")
+                out["label_disagreements"] = {
+                    "latent": name,
+                    "n": int(len(disagree)),
+                    "n_scored": int(ok.size),
+                    "n_no_neighbour_shares_label": int((disagree["label_share"] == 0).sum()),
+                }
             if name == "image" and sources is not None:
                 src_obj = np.asarray(sources, dtype=object)[ok]
                 src = src_obj.astype(str)
@@ -300,6 +380,10 @@ def evaluate(
                 "held-out reconstructions",
             )
             out_files.figure(fig, "reconstructions", "evaluate/reconstructions")
+        if disagree is not None and len(disagree):
+            fig = _disagreement_figure(disagree, P, a.knn_k, a.split)
+            if fig is not None:
+                out_files.figure(fig, "label_disagreements", "evaluate/label_disagreements")
 
     # ---- what expression autoencoders are used for: imputation, denoising, atypical cells
     if rd.data is not None:

@@ -170,8 +170,15 @@ def strip_with_heatmap(
     return fig
 
 
-def image_grid(rows: list[np.ndarray], row_labels: Sequence[str], col_labels: Sequence[str], title):
-    """Grid of images: one row per entry of ``rows`` ((n, S, S, 3) each)."""
+def image_grid(
+    rows: list[np.ndarray],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title,
+    captions: Sequence[Sequence[str]] | None = None,
+):
+    """Grid of images: one row per entry of ``rows`` ((n, S, S, 3) each); ``captions``
+    (one list per row) writes a line under each image."""
     nr, nc = len(rows), max(len(r) for r in rows)
     fig, axes = plt.subplots(nr, nc, figsize=(0.9 * nc + 0.8, 0.9 * nr + 0.6), squeeze=False)
     for r, imgs in enumerate(rows):
@@ -181,6 +188,8 @@ def image_grid(rows: list[np.ndarray], row_labels: Sequence[str], col_labels: Se
             ax.set_yticks([])
             if c < len(imgs):
                 ax.imshow(np.clip(imgs[c], 0, 1))
+                if captions is not None and c < len(captions[r]):
+                    ax.set_xlabel(captions[r][c], fontsize=6)
             if c == 0:
                 ax.set_ylabel(row_labels[r], fontsize=7)
             if r == 0:

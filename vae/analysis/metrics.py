@@ -98,6 +98,55 @@ def knn_predict(
     return np.asarray(clf.predict(z)).astype(str)
 
 
+def knn_vote_share(
+    z: np.ndarray,
+    labels: np.ndarray,
+    call: np.ndarray,
+    k: int = 15,
+    z_ref: np.ndarray | None = None,
+    labels_ref: np.ndarray | None = None,
+) -> np.ndarray:
+    """Share of each cell's k nearest labelled neighbours that carry ``call``.
+
+    The neighbours are those :func:`knn_predict` votes with (same arguments), so for
+    its own calls this is the winning vote's share: how sure the latent is.
+
+    Parameters
+    ----------
+    z, labels, k, z_ref, labels_ref : as in :func:`knn_predict`.
+    call : (n,) str, the label whose share is wanted for each cell (e.g. the
+        :func:`knn_predict` call, or the cell's own label).
+
+    Returns
+    -------
+    (n,) float in [0, 1].
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    z = _check_2d("z", z)
+    labels = np.asarray(labels).astype(str)
+    call = np.asarray(call).astype(str)
+    _check_rows("labels", labels, len(z))
+    _check_rows("call", call, len(z))
+    if z_ref is None:
+        if len(z) < 2:
+            raise ValueError("knn_vote_share: leave-one-out needs at least 2 cells")
+        kk = min(k, len(z) - 1)
+        idx = NearestNeighbors(n_neighbors=kk + 1).fit(z).kneighbors(z, return_distance=False)
+        votes = [labels[[j for j in row if j != i][:kk]] for i, row in enumerate(idx)]
+    else:
+        z_ref = _check_2d("z_ref", z_ref)
+        labels_ref = np.asarray(labels_ref).astype(str)
+        _check_rows("labels_ref", labels_ref, len(z_ref))
+        idx = (
+            NearestNeighbors(n_neighbors=min(k, len(z_ref)))
+            .fit(z_ref)
+            .kneighbors(z, return_distance=False)
+        )
+        votes = [labels_ref[row] for row in idx]
+    return np.asarray([float(np.mean(v == c)) for v, c in zip(votes, call)], dtype=np.float64)
+
+
 def knn_accuracy(
     z: np.ndarray,
     labels: np.ndarray,

@@ -26,6 +26,24 @@ def test_knn_accuracy_swapped_reference_labels_is_zero():
     assert M.knn_accuracy(z, y, k=3, z_ref=z, labels_ref=wrong) == 0.0
 
 
+def test_knn_vote_share_counts_the_neighbours_of_the_vote():
+    # 1-D points: the 4 nearest reference cells of 0.0 are 0.1, -0.2, 0.3 (a) and 0.35 (b)
+    z_ref = np.array([[0.1], [-0.2], [0.3], [0.35], [5.0], [6.0]])
+    y_ref = np.array(["a", "a", "a", "b", "b", "b"])
+    z = np.array([[0.0], [5.5]])
+    call = M.knn_predict(z, np.array(["b", "b"]), 4, z_ref, y_ref)
+    assert list(call) == ["a", "b"]
+    share = M.knn_vote_share(z, np.array(["b", "b"]), call, 4, z_ref, y_ref)
+    assert np.allclose(share, [0.75, 0.75])  # 5.5: 5.0, 6.0 (b), 0.35 (b), 0.3 (a)
+    own = M.knn_vote_share(z, np.array(["b", "b"]), np.array(["b", "b"]), 4, z_ref, y_ref)
+    assert np.allclose(own, [0.25, 0.75])
+    # leave-one-out: a cell is never its own neighbour
+    z2, y2 = _separated(n_per=5)
+    loo = M.knn_vote_share(z2, y2, y2, 4)
+    assert np.allclose(loo, 1.0)
+    assert np.allclose(M.knn_vote_share(z2, y2, np.full(len(y2), "zz"), 4), 0.0)
+
+
 def test_silhouette_and_leiden_on_separated_clusters():
     z, y = _separated()
     assert M.silhouette(z, y) > 0.95
