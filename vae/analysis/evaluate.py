@@ -122,6 +122,7 @@ def _disagreement_figure(disagree: pd.DataFrame, P, k: int, split: str):
         "row: label -> call (count); under each crop: share of the neighbours voting "
         "the call / the label",
         captions=captions,
+        row_labels_across=True,
     )
 
 

@@ -176,11 +176,15 @@ def image_grid(
     col_labels: Sequence[str],
     title,
     captions: Sequence[Sequence[str]] | None = None,
+    row_labels_across: bool = False,
 ):
     """Grid of images: one row per entry of ``rows`` ((n, S, S, 3) each); ``captions``
-    (one list per row) writes a line under each image."""
+    (one list per row) writes a line under each image; ``row_labels_across`` writes the
+    row labels horizontally left of the row (long labels) instead of up the first image.
+    A row shorter than the longest leaves its last cells empty."""
     nr, nc = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(nr, nc, figsize=(0.9 * nc + 0.8, 0.9 * nr + 0.6), squeeze=False)
+    left = 1.4 if row_labels_across else 0.0
+    fig, axes = plt.subplots(nr, nc, figsize=(0.9 * nc + 0.8 + left, 0.9 * nr + 0.6), squeeze=False)
     for r, imgs in enumerate(rows):
         for c in range(nc):
             ax = axes[r, c]
@@ -190,7 +194,11 @@ def image_grid(
                 ax.imshow(np.clip(imgs[c], 0, 1))
                 if captions is not None and c < len(captions[r]):
                     ax.set_xlabel(captions[r][c], fontsize=6)
-            if c == 0:
+            elif c > 0:
+                ax.axis("off")
+            if c == 0 and row_labels_across:
+                ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
+            elif c == 0:
                 ax.set_ylabel(row_labels[r], fontsize=7)
             if r == 0:
                 ax.set_title(col_labels[c], fontsize=7)
