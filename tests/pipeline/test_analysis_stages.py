@@ -639,3 +639,17 @@ def test_evaluate_scores_labelled_rows_only(tmp_path):
     assert metrics["label_disagreements"]["n"] == off
     assert metrics["label_disagreements"]["n_scored"] == scored.sum()
     assert (ev / "label_disagreements.png").exists() == (off > 0)
+    # the labelled train crops that cast those wrong votes: each carries a wrong call
+    # as its label, and together they cast every vote the wrong calls won with
+    sus = pd.read_csv(ev / "label_suspects.csv", keep_default_na=False)
+    train = (split.reindex(a.obs_names) == "train").to_numpy()
+    n_ref = (train & has_img & ~unl).sum()
+    assert sus["row"].is_unique and set(sus["row"]) <= set(a.obs_names[train & has_img & ~unl])
+    assert set(sus["label"]) <= set(dis["image_call"])
+    k = min(15, n_ref)  # analysis.knn_k, clipped to the reference
+    assert sus["n_misled"].sum() == round((dis["vote_share"] * k).sum())
+    assert (sus["n_misled"] >= 1).all() and sus["own_label_share"].between(0, 1).all()
+    assert list(sus["n_misled"]) == sorted(sus["n_misled"], reverse=True)
+    assert metrics["label_suspects"]["n"] == len(sus)
+    assert metrics["label_suspects"]["n_reference"] == n_ref
+    assert (ev / "label_suspects.png").exists()

@@ -93,6 +93,88 @@ def _disagreements(lat, a: AnalysisSettings, z, labels, pred, rows, vote_ref) ->
     ).reset_index(drop=True)
 
 
+def _label_suspects(
+    lat, a: AnalysisSettings, z, labels, disagree: pd.DataFrame, ref_rows: np.ndarray, loo: bool
+) -> pd.DataFrame:
+    """The labelled reference rows that voted for the wrong calls of ``disagree``.
+
+    One row per reference row that is among the k neighbours of at least one wrong
+    call and carries that call as its label: ``n_misled`` such calls, and
+    ``own_label_share``, the share of its own k nearest reference rows (itself left
+    out) that carry its label; many misled calls and a low share: check that label
+    first. Most-misleading first. ``latent_row`` indexes ``lat``; ``ref_rows``
+    (sorted) are the rows the votes came from, the scored rows themselves when
+    ``loo`` (leave-one-out, no train split).
+    """
+    from vae.analysis import metrics as M
+
+    cols = ["latent_row", "row", "label", "n_misled", "own_label_share"]
+    zr, yr = z[ref_rows], labels[ref_rows]
+    if disagree.empty or ref_rows.size < 2:
+        return pd.DataFrame(columns=cols)
+    wrong, call = disagree["latent_row"].to_numpy(), disagree["image_call"].to_numpy()
+    if loo:  # the scored rows voted for each other, each leaving itself out
+        pos = np.searchsorted(ref_rows, wrong)
+        calls = yr.astype(object)
+        calls[pos] = call
+        voters_all = M.knn_call_voters(zr, yr, calls.astype(str), a.knn_k)
+        voters = [voters_all[i] for i in pos]
+    else:
+        voters = M.knn_call_voters(z[wrong], labels[wrong], call, a.knn_k, zr, yr)
+    n_misled = np.bincount(np.concatenate(voters), minlength=ref_rows.size)
+    hit = np.flatnonzero(n_misled)
+    own = M.knn_vote_share(zr, yr, yr, a.knn_k)[hit]  # leave-one-out in the reference
+    lr = ref_rows[hit]
+    df = pd.DataFrame(
+        {
+            "latent_row": lr,
+            "row": np.asarray(lat.obs_names)[lr],
+            "label": labels[lr],
+            "n_misled": n_misled[hit],
+            "own_label_share": own,
+        }
+    )
+    for col in (a.source_key, *DISAGREEMENT_OBS):
+        if col in lat.obs:
+            df[col] = lat.obs[col].astype(str).to_numpy()[lr]
+    return df.sort_values(
+        ["n_misled", "own_label_share", "row"], ascending=[False, True, True], kind="stable"
+    ).reset_index(drop=True)
+
+
+def _suspect_figure(suspects: pd.DataFrame, data, k: int):
+    """Masked crops of the reference rows that misled the most wrong calls, one row
+    per label they carry, the most misleading first; None when no crop is at hand."""
+    import torch
+
+    from vae.analysis import figures as F
+
+    has = data.has_image.numpy().astype(bool)
+    sel = suspects[has[suspects["latent_row"].to_numpy()]]
+    order = sel.groupby("label", sort=False)["n_misled"].sum().sort_values(ascending=False)
+    rows, names, captions = [], [], []
+    for lab in order.index[:DISAGREEMENT_PAIRS]:
+        top = sel[sel["label"] == lab].head(DISAGREEMENT_CROPS)
+        idx = torch.as_tensor(top["latent_row"].to_numpy(), dtype=torch.long)
+        crops = data.crops.index_select(0, idx).float() / 255.0
+        crops = crops * data.masks.index_select(0, idx).float()
+        rows.append(crops.permute(0, 2, 3, 1).numpy())
+        names.append(f"labelled\n{lab} ({len(sel[sel['label'] == lab])})")
+        captions.append([f"{n} / {o:.2f}" for n, o in zip(top["n_misled"], top["own_label_share"])])
+    if not rows:
+        return None
+    return F.image_grid(
+        rows,
+        names,
+        [""] * max(len(r) for r in rows),
+        f"labelled reference crops that voted for wrong kNN({k}) calls on the image code\n"
+        "row: their label (count); under each crop: wrong calls it voted for / share of "
+        "its own neighbours carrying its label",
+        captions=captions,
+        row_labels_across=True,
+    )
+
+
 def _disagreement_figure(disagree: pd.DataFrame, P, k: int, split: str):
     """Masked input crops of the disagreements, one row per (label -> call) pair, the
     commonest pairs first, each row's surest calls first; None when no crop is at hand."""
@@ -173,6 +255,7 @@ def evaluate(
     known = known_labels(labels)
     struct, per_class, by_source, confusions = [], [], [], {}
     disagree: pd.DataFrame | None = None
+    suspects: pd.DataFrame | None = None
     sources = obs_col(lat, a.source_key)
     for name, key in LATENTS.items():
         if key not in lat.obsm:
@@ -185,6 +268,7 @@ def evaluate(
         row = {"latent": name, "n": int(ok.size), "n_unlabelled": int(coded.size - ok.size)}
         if ref is None:  # leave-one-out among the evaluated rows
             vote_ref: tuple = (None, None)
+            rok = ok  # the rows the votes come from
             pred = M.knn_predict(z[ok], labels[ok], a.knn_k)
         else:
             rok = ref[np.isfinite(z[ref]).all(1) & known[ref]]
@@ -220,6 +304,14 @@ def evaluate(
                     "n": int(len(disagree)),
                     "n_scored": int(ok.size),
                     "n_no_neighbour_shares_label": int((disagree["label_share"] == 0).sum()),
+                }
+                suspects = _label_suspects(lat, a, z, labels, disagree, rok, ref is None)
+                tables["label_suspects"] = suspects.drop(columns="latent_row")
+                out["label_suspects"] = {
+                    "latent": name,
+                    "n": int(len(suspects)),
+                    "n_reference": int(rok.size),
+                    "n_misled_most": int(suspects["n_misled"].max()) if len(suspects) else 0,
                 }
             if name == "image" and sources is not None:
                 src_obj = np.asarray(sources, dtype=object)[ok]
@@ -385,6 +477,10 @@ def evaluate(
             fig = _disagreement_figure(disagree, P, a.knn_k, a.split)
             if fig is not None:
                 out_files.figure(fig, "label_disagreements", "evaluate/label_disagreements")
+        if suspects is not None and len(suspects):
+            fig = _suspect_figure(suspects, rd.data, a.knn_k)
+            if fig is not None:
+                out_files.figure(fig, "label_suspects", "evaluate/label_suspects")
 
     # ---- what expression autoencoders are used for: imputation, denoising, atypical cells
     if rd.data is not None:

@@ -6,7 +6,8 @@ them to the run's artifacts.
 
 Groups
 ------
-- latent structure: :func:`knn_predict`, :func:`knn_accuracy`, :func:`label_transfer`,
+- latent structure: :func:`knn_predict`, :func:`knn_accuracy`, :func:`knn_vote_share`,
+  :func:`knn_call_voters`, :func:`label_transfer`,
   :func:`silhouette`, :func:`leiden_agreement`
 - matching of paired rows: :func:`retrieval`
 - disentanglement against known factors: :func:`mig`, :func:`dci`,
@@ -98,6 +99,37 @@ def knn_predict(
     return np.asarray(clf.predict(z)).astype(str)
 
 
+def _neighbours(
+    z: np.ndarray,
+    labels: np.ndarray,
+    k: int,
+    z_ref: np.ndarray | None,
+    labels_ref: np.ndarray | None,
+    what: str,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The k nearest labelled neighbours :func:`knn_predict` votes with.
+
+    Returns each cell's neighbour indices (into ``z_ref``, or into ``z`` for
+    leave-one-out, the cell itself left out) and the labels they index.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    z = _check_2d("z", z)
+    labels = np.asarray(labels).astype(str)
+    _check_rows("labels", labels, len(z))
+    if z_ref is None:
+        if len(z) < 2:
+            raise ValueError(f"{what}: leave-one-out needs at least 2 cells")
+        kk = min(k, len(z) - 1)
+        idx = NearestNeighbors(n_neighbors=kk + 1).fit(z).kneighbors(z, return_distance=False)
+        return [np.asarray([j for j in row if j != i][:kk]) for i, row in enumerate(idx)], labels
+    z_ref = _check_2d("z_ref", z_ref)
+    labels_ref = np.asarray(labels_ref).astype(str)
+    _check_rows("labels_ref", labels_ref, len(z_ref))
+    nn = NearestNeighbors(n_neighbors=min(k, len(z_ref))).fit(z_ref)
+    return list(nn.kneighbors(z, return_distance=False)), labels_ref
+
+
 def knn_vote_share(
     z: np.ndarray,
     labels: np.ndarray,
@@ -121,30 +153,39 @@ def knn_vote_share(
     -------
     (n,) float in [0, 1].
     """
-    from sklearn.neighbors import NearestNeighbors
-
-    z = _check_2d("z", z)
-    labels = np.asarray(labels).astype(str)
     call = np.asarray(call).astype(str)
-    _check_rows("labels", labels, len(z))
-    _check_rows("call", call, len(z))
-    if z_ref is None:
-        if len(z) < 2:
-            raise ValueError("knn_vote_share: leave-one-out needs at least 2 cells")
-        kk = min(k, len(z) - 1)
-        idx = NearestNeighbors(n_neighbors=kk + 1).fit(z).kneighbors(z, return_distance=False)
-        votes = [labels[[j for j in row if j != i][:kk]] for i, row in enumerate(idx)]
-    else:
-        z_ref = _check_2d("z_ref", z_ref)
-        labels_ref = np.asarray(labels_ref).astype(str)
-        _check_rows("labels_ref", labels_ref, len(z_ref))
-        idx = (
-            NearestNeighbors(n_neighbors=min(k, len(z_ref)))
-            .fit(z_ref)
-            .kneighbors(z, return_distance=False)
-        )
-        votes = [labels_ref[row] for row in idx]
-    return np.asarray([float(np.mean(v == c)) for v, c in zip(votes, call)], dtype=np.float64)
+    _check_rows("call", call, len(np.asarray(z)))
+    idx, ref = _neighbours(z, labels, k, z_ref, labels_ref, "knn_vote_share")
+    return np.asarray([float(np.mean(ref[i] == c)) for i, c in zip(idx, call)], dtype=np.float64)
+
+
+def knn_call_voters(
+    z: np.ndarray,
+    labels: np.ndarray,
+    call: np.ndarray,
+    k: int = 15,
+    z_ref: np.ndarray | None = None,
+    labels_ref: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Which of each cell's k nearest labelled neighbours carry ``call``.
+
+    Where a call is wrong, these are the labelled cells that made it: the first
+    labels to re-check (one mislabelled reference cell can mislead many).
+
+    Parameters
+    ----------
+    z, labels, k, z_ref, labels_ref : as in :func:`knn_predict`.
+    call : (n,) str, as in :func:`knn_vote_share`.
+
+    Returns
+    -------
+    n int arrays: indices into ``z_ref`` (into ``z`` for leave-one-out) of the
+    neighbours labelled ``call[i]``, nearest first.
+    """
+    call = np.asarray(call).astype(str)
+    _check_rows("call", call, len(np.asarray(z)))
+    idx, ref = _neighbours(z, labels, k, z_ref, labels_ref, "knn_call_voters")
+    return [np.asarray(i[ref[i] == c], dtype=np.int64) for i, c in zip(idx, call)]
 
 
 def knn_accuracy(

@@ -848,6 +848,7 @@ def _eval_sections(evaluation: Path | None) -> list:
         "reconstructions.png": "Held-out cells: masked input, joint reconstruction, and the image decoded from expression alone.",
         "label_transfer.png": "Confusion of the kNN label transfer on each latent (held-out rows with a known label): counts, coloured by the share of the true class.",
         "label_disagreements.png": "Held-out crops whose kNN call on the image code is not their label, by label -> call pair (label_disagreements.csv lists them all, with each crop's file): judge by eye whether the code or the label is wrong. Under each crop: the share of its neighbours voting the call / its label.",
+        "label_suspects.png": "The labelled training crops that voted for those wrong calls, by their label, the most misleading first (label_suspects.csv lists them all, with each crop's file): one mislabelled crop can mislead many held-out cells, so re-check these labels first. Under each crop: the wrong calls it voted for / the share of its own neighbours carrying its label.",
     }
     for fn, cap in fcaps.items():
         if (ev_dir / fn).exists():

@@ -44,6 +44,24 @@ def test_knn_vote_share_counts_the_neighbours_of_the_vote():
     assert np.allclose(M.knn_vote_share(z2, y2, np.full(len(y2), "zz"), 4), 0.0)
 
 
+def test_knn_call_voters_are_the_neighbours_carrying_the_call():
+    z_ref = np.array([[0.1], [-0.2], [0.3], [0.35], [5.0], [6.0]])
+    y_ref = np.array(["a", "a", "a", "b", "b", "b"])
+    z = np.array([[0.0], [5.5]])
+    calls = np.array(["a", "b"])
+    v = M.knn_call_voters(z, np.array(["b", "b"]), calls, 4, z_ref, y_ref)
+    assert list(v[0]) == [0, 1, 2]  # nearest first; 0.35 (b) does not vote "a"
+    assert sorted(v[1]) == [3, 4, 5]
+    # as many voters as the vote share says
+    share = M.knn_vote_share(z, np.array(["b", "b"]), calls, 4, z_ref, y_ref)
+    assert [len(x) for x in v] == list(share * 4)
+    # leave-one-out: a cell never votes for itself
+    z2, y2 = _separated(n_per=5)
+    loo = M.knn_call_voters(z2, y2, y2, 4)
+    assert all(i not in row and len(row) == 4 for i, row in enumerate(loo))
+    assert all((y2[row] == y2[i]).all() for i, row in enumerate(loo))
+
+
 def test_silhouette_and_leiden_on_separated_clusters():
     z, y = _separated()
     assert M.silhouette(z, y) > 0.95
