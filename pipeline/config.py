@@ -336,6 +336,10 @@ class PairConfig:
     label_maturation: dict[str, float] = field(default_factory=dict)
     seed: int | None = None  # null: top-level seed
     min_class_size: int = 1  # by_label: smaller classes -> unlabelled (rejects.csv); 1 = off
+    # a reviewed label list (CSV: image_ref or specimen, label; e.g. evaluate's
+    # label_suspects.csv with its label column edited): replaces the crops' labels
+    # before pairing; null = the sources' labels
+    label_corrections: str | None = None
 
 
 def _analysis_schema() -> type:

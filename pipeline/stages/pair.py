@@ -94,6 +94,12 @@ def _validate(cfg: DictConfig) -> None:
             "pair.mode=image_only needs at least one pair.crop_sources entry (crops are "
             "all it pairs); for expression alone use pair=expression_only"
         )
+    if cfg.pair.label_corrections:
+        if not len(cfg.pair.crop_sources):
+            raise StageError(
+                "pair.label_corrections corrects crop labels, but pair.crop_sources is empty"
+            )
+        resolve_data_path(cfg, cfg.pair.label_corrections, "pair.label_corrections")
     if int(cfg.pair.min_class_size) < 1:
         raise StageError(f"pair.min_class_size={cfg.pair.min_class_size}: must be >= 1")
 
@@ -127,6 +133,22 @@ def drop_small_classes(crops, min_size: int):
     return crops, rejects, {str(c).lower() for c in small.index}
 
 
+def _keep_present(label_map: dict, crops) -> dict:
+    """``label_map`` without the classes no crop carries any more (all relabelled by
+    ``pair.label_corrections``); a key that never named a crop class still fails in
+    :func:`vae.inputs.pairing.resolve_label_map`."""
+    from vae.inputs.schema import LABEL_ORIGINAL
+
+    before = {str(c).lower() for c in crops.obs[LABEL_ORIGINAL]}
+    after = {str(c).lower() for c in crops.obs["label"]}
+    gone = before - after
+    for k in [k for k in label_map if k.lower() in gone]:
+        log.warning(
+            "pair: no crop is labelled %r after the corrections; label_map entry dropped", k
+        )
+    return {k: v for k, v in label_map.items() if k.lower() not in gone}
+
+
 @stage("pair", needs=_pair_needs, produces=["paired"], validate=_validate)
 def run_pair(ctx: StageContext) -> None:
     import anndata as ad
@@ -141,10 +163,20 @@ def run_pair(ctx: StageContext) -> None:
     expr = None if image_only else ad.read_h5ad(ctx.input("expression"))
     rejects: list[dict] = []
     label_map = OmegaConf.to_container(p.label_map)
+    corrected: dict | None = None
     try:
         crops = load_crops(ctx)
+        if crops is not None and p.label_corrections:
+            path = resolve_data_path(cfg, p.label_corrections, "pair.label_corrections")
+            key, table = pr.read_label_corrections(path)
+            crops, rej, counts = pr.apply_label_corrections(crops, key, table, label_map, str(path))
+            rejects += rej
+            corrected = {"file": str(path), "key": key, **counts}
+            log.info("pair: label corrections from %s (by %s): %s", path, key, counts)
+            label_map = _keep_present(label_map, crops)
         if crops is not None and p.mode == "by_label":
-            crops, rejects, cleared = drop_small_classes(crops, int(p.min_class_size))
+            crops, small, cleared = drop_small_classes(crops, int(p.min_class_size))
+            rejects += small
             label_map = {k: v for k, v in label_map.items() if k.lower() not in cleared}
         res = pr.make_pairs(
             crops,
@@ -171,6 +203,8 @@ def run_pair(ctx: StageContext) -> None:
         "crop_sources": json.dumps(OmegaConf.to_container(p.crop_sources)),
         "notes": json.dumps(res.notes),
     }
+    if corrected is not None:
+        out.uns["pair"]["label_corrections"] = json.dumps(corrected)
     for k in ("programs", "label_key", "maturation_source") if expr is not None else ():
         if k in expr.uns:
             out.uns[f"expression_{k}"] = expr.uns[k]
@@ -184,6 +218,8 @@ def run_pair(ctx: StageContext) -> None:
         "crop_size": int(out.uns["crop_size"]),
         HAS_COUNTS: bool(out.uns[HAS_COUNTS]),
     }
+    if corrected is not None:
+        counts["label_corrections"] = corrected
     log.info("pair (%s): %s", p.mode, counts)
     if (hi & he).sum() == 0 and p.mode not in ("unpaired", "image_only"):
         log.warning("pair.mode=%s produced no paired row; check labels / label_map", p.mode)

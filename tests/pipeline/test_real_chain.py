@@ -362,3 +362,62 @@ def test_segment_crop_folder_nothing_segmentable(tmp_path, tiny_ckpt, fake_detec
     rej = pd.read_csv(out / "rejects.csv")
     assert len(rej) == 3 and set(rej.field) == {"mask"} and set(rej.reason) == {"no detection"}
     assert list(rej.image) == [f"Basophil/b{k}.png" for k in range(3)]
+
+
+def test_pair_label_corrections(tmp_path):
+    """A reviewed label list replaces the crops' labels before pairing; unknown crops are
+    reported in rejects.csv, a label that is no class stops the stage before writing."""
+    from pipeline.runner import StageError
+    from tests.vae.inputs.test_pairing import _expr
+    from vae.inputs.schema import LABEL_ORIGINAL
+
+    _expr().write_h5ad(tmp_path / "expression.h5ad")
+    n, s = 4, 16
+    masks = np.zeros((n, s, s), bool)
+    masks[:, 4:12, 4:12] = True
+    crops = np.repeat(np.where(masks[..., None], 120, 0), 3, axis=-1).astype(np.uint8)
+    obs = pd.DataFrame(
+        {"label": ["neutrophil", "neutrophil", "monocyte", ""], "source": "det"},
+        index=[f"c{i}" for i in range(n)],
+    )
+    ad.AnnData(obs=obs, obsm={"crops": crops, "masks": masks}).write_h5ad(tmp_path / "cells.h5ad")
+    fix = tmp_path / "fix.csv"
+    fix.write_text("image_ref,label\nc0,Monocytes\nc3,neutrophil\nzz,monocyte\n")
+    common = [
+        f"paths.root={tmp_path / 'out'}",
+        "pair.mode=by_label",
+        f"paths.inputs.expression={tmp_path / 'expression.h5ad'}",
+        f"paths.inputs.cells={tmp_path / 'cells.h5ad'}",
+        "pair.crop_sources=[{kind: cells}]",
+        "pair.crop_size=16",
+        "+pair.label_map={neutrophil: Neutrophils, monocyte: Monocytes}",
+        f"pair.label_corrections={fix}",
+    ]
+    d = run_stage_in_process([*common, "experiment=ok"], "pair")
+    p = ad.read_h5ad(d / "paired.h5ad")
+    img = p.obs[p.obs.has_image.astype(bool)].set_index("image_ref")
+    assert img["label"].to_dict() == {
+        "c0": "Monocytes",
+        "c1": "Neutrophils",
+        "c2": "Monocytes",
+        "c3": "Neutrophils",
+    }
+    assert img[LABEL_ORIGINAL].to_dict() == dict(zip(obs.index, obs["label"]))
+    assert img.has_expression.astype(bool).all()  # c3 now has a class, so a partner
+    counts = json.loads((d / "pair_counts.json").read_text())["label_corrections"]
+    assert counts["crops_relabelled"] == 2 and counts["not_found"] == 1
+    assert counts["file"] == str(fix) and counts["key"] == "image_ref"
+    assert "label_corrections" in p.uns["pair"]
+    rej = pd.read_csv(d / "rejects.csv")
+    assert list(rej.image) == ["zz"] and list(rej.action) == ["correction_skipped"]
+
+    # a label that is no class: named with file and line, nothing half-written
+    fix.write_text("image_ref,label\nc0,promyelocyte\n")
+    with pytest.raises(StageError, match=r"fix.csv.*\[label\] line 2: label 'promyelocyte'"):
+        run_stage_in_process([*common, "experiment=bad"], "pair")
+    assert not list((tmp_path / "out" / "bad" / "pair").glob("*paired*"))
+    # a missing file is refused before the stage starts
+    with pytest.raises(StageError, match=r"pair.label_corrections=.*none.csv"):
+        run_stage_in_process(
+            [*common, "experiment=none", f"pair.label_corrections={tmp_path / 'none.csv'}"], "pair"
+        )

@@ -40,6 +40,7 @@ from vae.inputs.schema import (  # noqa: F401 - TRUTH_COLUMNS: columns copied in
     HAS_EXPRESSION,
     HAS_IMAGE,
     HAS_MASK,
+    LABEL_ORIGINAL,
     TRUTH_COLUMNS,
     cell_diameters,
 )
@@ -432,6 +433,168 @@ def read_coco_crops(
 # ----------------------------------------------------------------------------
 
 
+# key columns of a label-corrections table: one crop (its id, as ``image_ref`` in
+# paired.h5ad, latent.h5ad and evaluate's label_suspects.csv) or every crop of one
+# specimen image (``specimen``: a BCCD smear cell and the curated crop cut from it)
+CORRECTION_KEYS = ("image_ref", "specimen")
+
+
+def read_label_corrections(path: str | Path) -> tuple[str, pd.DataFrame]:
+    """Read a reviewed label list: a key column and ``label``.
+
+    Parameters
+    ----------
+    path : CSV with a header. Exactly one key column, ``image_ref`` or ``specimen``
+        (see ``CORRECTION_KEYS``), and ``label``: the corrected class, spelled as a
+        crop class or as its ``pair.label_map`` target; empty: the crop keeps no
+        class (an unlabelled image-only row). Other columns are ignored, so
+        evaluate's ``label_suspects.csv`` with an edited ``label`` column works.
+
+    Returns
+    -------
+    (key, table): the key column's name and a two-column frame (key, label) of
+    stripped strings, one row per line of the file.
+
+    Raises
+    ------
+    PairingError
+        Unreadable file, missing or ambiguous columns, an empty key, or a key
+        listed twice (the message names the file, the line and the column).
+    """
+    src = str(path)
+    field = "pair.label_corrections"
+    try:
+        tab = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise PairingError("file not found", field=field, source=src) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise PairingError(f"not a readable CSV ({e})", field=field, source=src) from None
+    if "label" not in tab.columns:
+        raise PairingError(
+            f"no 'label' column (the corrected class; empty: no class); columns: "
+            f"{list(tab.columns)}",
+            field="label",
+            source=src,
+        )
+    keys = [k for k in CORRECTION_KEYS if k in tab.columns]
+    if len(keys) != 1:
+        raise PairingError(
+            "needs exactly one key column: image_ref (one crop) or specimen (every crop "
+            f"of one specimen image); columns: {list(tab.columns)}",
+            field="columns",
+            source=src,
+        )
+    key = keys[0]
+    tab = pd.DataFrame({key: tab[key].str.strip(), "label": tab["label"].str.strip()})
+    empty = np.flatnonzero(tab[key].to_numpy() == "")
+    if empty.size:
+        raise PairingError(f"line {empty[0] + 2}: empty {key}", field=key, source=src)
+    dup = tab[key].duplicated(keep=False).to_numpy()
+    if dup.any():
+        v = tab[key].iloc[int(np.flatnonzero(dup)[0])]
+        lines = [int(j) + 2 for j in np.flatnonzero(tab[key].to_numpy() == v)]
+        raise PairingError(f"{key} {v!r} is listed on lines {lines}", field=key, source=src)
+    return key, tab
+
+
+def apply_label_corrections(
+    crops: CropSet,
+    key: str,
+    table: pd.DataFrame,
+    label_map: dict[str, str] | None = None,
+    source: str = "",
+) -> tuple[CropSet, list[dict], dict[str, int]]:
+    """Set the crops' labels from a reviewed list (:func:`read_label_corrections`).
+
+    A researcher who has looked at evaluate's ``label_suspects`` / ``label_disagreements``
+    writes the labels she trusts; they replace the source's labels before pairing, so
+    the pairs, the split and the label head all follow them.
+
+    Parameters
+    ----------
+    crops : the crops, ``obs['label']`` as read from their sources.
+    key, table : as returned by :func:`read_label_corrections`.
+    label_map : ``pair.label_map`` (crop class -> expression label): a corrected label
+        may be spelled as its target (e.g. ``Neutrophils`` for ``neutrophil``).
+    source : the file, for messages.
+
+    Returns
+    -------
+    crops : a copy, ``obs['label']`` corrected, ``obs[LABEL_ORIGINAL]`` the label before.
+    rejects : one row (``image``, ``field``, ``action``, ``reason``) per key that matches
+        no crop; those lines are skipped.
+    counts : ``lines``, ``crops_relabelled`` (another class), ``crops_unlabelled``
+        (class removed), ``crops_confirmed`` (same class), ``not_found`` (lines).
+
+    Raises
+    ------
+    PairingError
+        ``field='label'`` when a corrected label is neither a crop class nor a
+        ``label_map`` target (the message names the line and the valid labels).
+    """
+    lab = crops.obs["label"].astype(str).to_numpy()
+    classes = sorted({c for c in lab if c})
+    single = {}  # crop class (as the crops spell it) -> its one label_map target
+    for k, v in (label_map or {}).items():
+        ck = _ci_lookup(classes, k)
+        if ck is not None and LABEL_UNION not in str(v):
+            single[ck] = str(v)
+    targets = sorted(set(single.values()))
+    new = lab.astype(object).copy()
+    ids = (
+        crops.obs.index.astype(str).to_numpy()
+        if key == "image_ref"
+        else crops.obs.get("specimen", pd.Series("", index=crops.obs.index))
+        .fillna("")
+        .astype(str)
+        .to_numpy()
+    )
+    rejects: list[dict] = []
+    counts = dict(lines=len(table), crops_relabelled=0, crops_unlabelled=0, crops_confirmed=0)
+    counts["not_found"] = 0
+    for j, (k, want) in enumerate(zip(table[key], table["label"])):
+        line = j + 2
+        if want == "":
+            cls = ""
+        else:
+            cls = _ci_lookup(classes, want)
+            if cls is None:
+                t = _ci_lookup(targets, want)
+                back = [c for c, v in single.items() if v == t] if t is not None else []
+                cls = back[0] if len(back) == 1 else None
+            if cls is None:
+                raise PairingError(
+                    f"line {line}: label {want!r} is neither a crop class {classes} nor a "
+                    f"pair.label_map target {targets} (empty: no class)",
+                    field="label",
+                    source=source,
+                )
+        hit = np.flatnonzero(ids == k)
+        if not hit.size:
+            counts["not_found"] += 1
+            rejects.append(
+                {
+                    "image": k,
+                    "field": "pair.label_corrections",
+                    "action": "correction_skipped",
+                    "reason": f"{source} line {line}: {key} {k!r} is not among the crops",
+                }
+            )
+            continue
+        for i in hit:
+            which = (
+                "crops_confirmed"
+                if lab[i] == cls
+                else ("crops_unlabelled" if cls == "" else "crops_relabelled")
+            )
+            counts[which] += 1
+            new[i] = cls
+    obs = crops.obs.copy()
+    obs[LABEL_ORIGINAL] = lab
+    obs["label"] = new.astype(str)
+    return CropSet(crops=crops.crops, masks=crops.masks, obs=obs), rejects, counts
+
+
 @dataclass
 class PairResult:
     """Output of :func:`make_pairs`.
@@ -737,6 +900,9 @@ def _assemble(
         else np.full(max(len(cobs), 1), "", dtype=object)
     )
     obs["specimen"] = np.where(has_img, spec[np.maximum(ci, 0)] if len(cobs) else "", "")
+    if LABEL_ORIGINAL in cobs:  # the label before pair.label_corrections
+        orig = cobs[LABEL_ORIGINAL].astype(str).to_numpy()
+        obs[LABEL_ORIGINAL] = np.where(has_img, orig[np.maximum(ci, 0)] if len(cobs) else "", "")
     # maturation: the crop's when known, else the profile's
     c_mat = (
         cobs["maturation"].to_numpy(dtype=float)

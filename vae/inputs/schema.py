@@ -16,6 +16,8 @@ from segmentation.schema import CELL_DIAMETER, TRUTH_FIELDS  # noqa: F401 - re-e
 HAS_IMAGE = "has_image"
 HAS_EXPRESSION = "has_expression"
 HAS_MASK = "has_mask"
+# a crop's label before pair.label_corrections (obs of paired.h5ad; absent without them)
+LABEL_ORIGINAL = "image_label_original"
 # expression.h5ad / paired.h5ad uns: layers["counts"] holds raw counts
 HAS_COUNTS = "has_counts"
 

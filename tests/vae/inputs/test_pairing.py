@@ -19,15 +19,17 @@ from tests.helpers.run import ROOT, run_pipeline, run_stage_in_process
 from vae.inputs.pairing import (
     CropSet,
     PairingError,
+    apply_label_corrections,
     make_pairs,
     read_cells_h5ad,
     read_coco_crops,
     read_image_folder,
+    read_label_corrections,
     read_segmentation_wbc,
     resolve_label_map,
     square_crop,
 )
-from vae.inputs.schema import CELL_DIAMETER
+from vae.inputs.schema import CELL_DIAMETER, LABEL_ORIGINAL
 
 SHARED = ROOT / "../shared/data"
 S = 8
@@ -581,3 +583,66 @@ def test_pair_stage_on_simulator_output(tmp_path):
     np.testing.assert_allclose(obs.maturation.to_numpy(float), t, rtol=1e-5, equal_nan=True)
     kinds = truth.set_index("cell_id").loc[obs.expression_ref.astype(str), "kind"]
     assert list(obs.label.astype(str)) == list(kinds)
+
+
+def _corrections(path: Path, text: str) -> tuple[str, pd.DataFrame]:
+    path.write_text(text)
+    return read_label_corrections(path)
+
+
+def test_label_corrections_relabel_unlabel_confirm_and_skip(tmp_path):
+    c = _crops()
+    lm = {"neutrophil": "Neutrophils", "Monocyte": "monocytes"}
+    key, tab = _corrections(
+        tmp_path / "fix.csv",
+        # extra columns (e.g. label_suspects.csv's) are ignored; a target spelling works
+        "row,image_ref,label,n_misled\n"
+        "a,img0,,3\n"  # no class: an unlabelled image-only row
+        "b,img1,Monocytes,2\n"  # spelled as the label_map target of monocyte
+        "c,img2,MONOCYTE,1\n"  # the same class, any case: confirmed
+        "d,gone,eosinophil,1\n",  # no such crop: skipped, reported
+    )
+    assert key == "image_ref" and len(tab) == 4
+    fixed, rejects, counts = apply_label_corrections(c, key, tab, lm, "fix.csv")
+    assert list(fixed.obs["label"]) == ["", "monocyte", "monocyte", "eosinophil", "band"]
+    assert list(fixed.obs[LABEL_ORIGINAL]) == list(c.obs["label"])
+    assert list(c.obs["label"])[:2] == ["neutrophil", "neutrophil"]  # the input is not changed
+    assert counts == dict(
+        lines=4, crops_relabelled=1, crops_unlabelled=1, crops_confirmed=1, not_found=1
+    )
+    assert [r["image"] for r in rejects] == ["gone"]
+    assert rejects[0]["action"] == "correction_skipped" and "line 5" in rejects[0]["reason"]
+    # the pairs follow the corrected labels; the paired table keeps the label before
+    # (no neutrophil is left: stage=pair drops such label_map entries, as here)
+    obs = make_pairs(fixed, _expr(), "by_label", label_map={"Monocyte": "monocytes"}).adata.obs
+    img = obs[obs.has_image].set_index("image_ref")
+    assert img.loc["img1", "label"] == "Monocytes" and img.loc["img1", "image_label"] == "monocyte"
+    assert img.loc["img1", LABEL_ORIGINAL] == "neutrophil"
+    assert img.loc["img0", "label"] == "" and not img.loc["img0", "has_expression"]
+    assert set(obs.loc[~obs.has_image, LABEL_ORIGINAL]) <= {""}
+
+
+def test_label_corrections_by_specimen_and_bad_tables(tmp_path):
+    c = _crops()
+    c.obs["specimen"] = ["s1", "s1", "s2", "", ""]
+    key, tab = _corrections(tmp_path / "s.csv", "specimen,label\ns1,eosinophil\n")
+    fixed, rejects, counts = apply_label_corrections(c, key, tab)
+    assert list(fixed.obs["label"])[:3] == ["eosinophil", "eosinophil", "monocyte"]
+    assert counts["crops_relabelled"] == 2 and not rejects
+    bad = {
+        "label,x\n,1\n": r"\[columns\].*image_ref",
+        "image_ref,specimen,label\na,b,c\n": r"\[columns\]",
+        "image_ref,lab\na,b\n": r"\[label\]",
+        "image_ref,label\nimg0,band\n ,band\n": r"\[image_ref\] line 3: empty",
+        "image_ref,label\nimg0,band\nimg1,band\nimg0,monocyte\n": r"img0.*lines \[2, 4\]",
+        "": r"not a readable CSV",
+    }
+    for i, (text, msg) in enumerate(bad.items()):
+        with pytest.raises(PairingError, match=msg) as e:
+            _corrections(tmp_path / f"b{i}.csv", text)
+        assert f"b{i}.csv" in str(e.value)  # the message names the file
+    with pytest.raises(PairingError, match=r"file not found"):
+        read_label_corrections(tmp_path / "none.csv")
+    key, tab = _corrections(tmp_path / "u.csv", "image_ref,label\nimg0,promyelocyte\n")
+    with pytest.raises(PairingError, match=r"\[label\] line 2: label 'promyelocyte'.*'band'"):
+        apply_label_corrections(c, key, tab, source=str(tmp_path / "u.csv"))
