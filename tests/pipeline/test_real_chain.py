@@ -308,8 +308,9 @@ def test_segment_sources_labels_masks_and_rejects(tmp_path, tiny_ckpt, fake_dete
     assert pd.read_csv(d / "rejects.csv").empty
 
 
-def test_pair_class_of_one_and_bad_cells_file(tmp_path):
-    from pipeline.runner import StageError
+def _four_cells(tmp_path: Path):
+    """expression.h5ad (the pairing tests' six profiles) and a cells.h5ad of four 16 px
+    crops c0-c3: neutrophil, neutrophil, monocyte, unlabelled."""
     from tests.vae.inputs.test_pairing import _expr
 
     _expr().write_h5ad(tmp_path / "expression.h5ad")
@@ -322,6 +323,13 @@ def test_pair_class_of_one_and_bad_cells_file(tmp_path):
         index=[f"c{i}" for i in range(n)],
     )
     ad.AnnData(obs=obs, obsm={"crops": crops, "masks": masks}).write_h5ad(tmp_path / "cells.h5ad")
+    return obs, crops
+
+
+def test_pair_class_of_one_and_bad_cells_file(tmp_path):
+    from pipeline.runner import StageError
+
+    obs, crops = _four_cells(tmp_path)
     common = [
         f"paths.root={tmp_path / 'out'}",
         "pair.mode=by_label",
@@ -368,19 +376,9 @@ def test_pair_label_corrections(tmp_path):
     """A reviewed label list replaces the crops' labels before pairing; unknown crops are
     reported in rejects.csv, a label that is no class stops the stage before writing."""
     from pipeline.runner import StageError
-    from tests.vae.inputs.test_pairing import _expr
     from vae.inputs.schema import LABEL_ORIGINAL
 
-    _expr().write_h5ad(tmp_path / "expression.h5ad")
-    n, s = 4, 16
-    masks = np.zeros((n, s, s), bool)
-    masks[:, 4:12, 4:12] = True
-    crops = np.repeat(np.where(masks[..., None], 120, 0), 3, axis=-1).astype(np.uint8)
-    obs = pd.DataFrame(
-        {"label": ["neutrophil", "neutrophil", "monocyte", ""], "source": "det"},
-        index=[f"c{i}" for i in range(n)],
-    )
-    ad.AnnData(obs=obs, obsm={"crops": crops, "masks": masks}).write_h5ad(tmp_path / "cells.h5ad")
+    obs, _ = _four_cells(tmp_path)
     fix = tmp_path / "fix.csv"
     fix.write_text("image_ref,label\nc0,Monocytes\nc3,neutrophil\nzz,monocyte\n")
     common = [

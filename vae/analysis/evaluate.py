@@ -147,8 +147,6 @@ def _suspect_figure(suspects: pd.DataFrame, data, k: int):
     per label they carry, the most misleading first; None when no crop is at hand."""
     import torch
 
-    from vae.analysis import figures as F
-
     has = data.has_image.numpy().astype(bool)
     sel = suspects[has[suspects["latent_row"].to_numpy()]]
     order = sel.groupby("label", sort=False)["n_misled"].sum().sort_values(ascending=False)
@@ -161,15 +159,27 @@ def _suspect_figure(suspects: pd.DataFrame, data, k: int):
         rows.append(crops.permute(0, 2, 3, 1).numpy())
         names.append(f"labelled\n{lab} ({len(sel[sel['label'] == lab])})")
         captions.append([f"{n} / {o:.2f}" for n, o in zip(top["n_misled"], top["own_label_share"])])
+    return _crop_rows(
+        rows,
+        names,
+        captions,
+        f"labelled reference crops that voted for wrong kNN({k}) calls on the image code\n"
+        "row: their label (count); under each crop: wrong calls it voted for / share of "
+        "its own neighbours carrying its label",
+    )
+
+
+def _crop_rows(rows: list, names: list[str], captions: list[list[str]], title: str):
+    """One figure row of captioned crops per name (rows of unequal length); None if empty."""
+    from vae.analysis import figures as F
+
     if not rows:
         return None
     return F.image_grid(
         rows,
         names,
         [""] * max(len(r) for r in rows),
-        f"labelled reference crops that voted for wrong kNN({k}) calls on the image code\n"
-        "row: their label (count); under each crop: wrong calls it voted for / share of "
-        "its own neighbours carrying its label",
+        title,
         captions=captions,
         row_labels_across=True,
     )
@@ -178,8 +188,6 @@ def _suspect_figure(suspects: pd.DataFrame, data, k: int):
 def _disagreement_figure(disagree: pd.DataFrame, P, k: int, split: str):
     """Masked input crops of the disagreements, one row per (label -> call) pair, the
     commonest pairs first, each row's surest calls first; None when no crop is at hand."""
-    from vae.analysis import figures as F
-
     pos = {int(r): i for i, r in enumerate(P.rows)}
     pairs = disagree.groupby(["label", "image_call"], sort=False).size()
     pairs = pairs.sort_values(ascending=False, kind="stable").head(DISAGREEMENT_PAIRS)
@@ -194,17 +202,13 @@ def _disagreement_figure(disagree: pd.DataFrame, P, k: int, split: str):
         captions.append(
             [f"{s:.2f} / {o:.2f}" for s, o in zip(sel["vote_share"], sel["label_share"])]
         )
-    if not rows:
-        return None
-    return F.image_grid(
+    return _crop_rows(
         rows,
         names,
-        [""] * max(len(r) for r in rows),
+        captions,
         f"{split} crops whose image-code kNN({k}) call is not their label\n"
         "row: label -> call (count); under each crop: share of the neighbours voting "
         "the call / the label",
-        captions=captions,
-        row_labels_across=True,
     )
 
 
