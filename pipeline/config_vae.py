@@ -165,6 +165,12 @@ class TrainerConfig:
     # labels (obs["label"]) kept out of training: their rows all go to the test split
     # (held-out-kind anomaly detection, scripts/bench_anomaly.py)
     exclude_labels: list[str] = field(default_factory=list)
+    # a finished train run (its folder or latent.h5ad) whose split to reuse: each crop
+    # keeps its split there (matched by image_ref), each profile without a crop its
+    # profile's (expression_ref); rows it does not know are split as usual among
+    # themselves. For comparing settings on the same test cells when the paired table
+    # changes (e.g. pair.label_corrections). null: the seeded stratified split
+    split_from: str | None = None
     augment: bool = True  # random flips / rot90 of crops and masks, per batch
     stain_jitter: float = 0.0  # HED stain + colour jitter strength when augment (0: off)
     # any-angle rotation + zoom 1 ± rotate when augment (0: dihedral flips only);

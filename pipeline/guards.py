@@ -48,6 +48,7 @@ RESUME_SETTINGS: dict[str, list[str]] = {
         "trainer.val_fraction",
         "trainer.test_fraction",
         "trainer.split_by",
+        "trainer.split_from",
         "trainer.augment",
         "trainer.stain_jitter",
         "trainer.rotate",

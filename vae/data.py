@@ -417,6 +417,45 @@ def stratified_split(
     return out_unit[unit].astype(str)
 
 
+def match_split(obs: pd.DataFrame, ref: pd.DataFrame) -> np.ndarray:
+    """Each row's split in another run over the same crops and profiles.
+
+    A row with a crop takes the split of that crop in ``ref`` (``image_ref``); a row
+    without one takes the split of its profile (``expression_ref``, the first ``ref``
+    row that holds it). So a paired table rebuilt with other labels or other draws
+    keeps its test cells.
+
+    Parameters
+    ----------
+    obs : (N rows) obs of the paired table: ``has_image``, ``image_ref``, ``expression_ref``.
+    ref : obs of the other run's ``latent.h5ad``: the same columns and ``split``.
+
+    Returns
+    -------
+    (N,) object array of ``"train"`` | ``"val"`` | ``"test"``, ``""`` where ``ref`` knows
+    neither the crop nor the profile.
+
+    Raises
+    ------
+    KeyError
+        A column is missing.
+    """
+    rs = ref["split"].astype(str).to_numpy()
+    r_img = ref[HAS_IMAGE].to_numpy(bool)
+    by_crop = dict(zip(ref["image_ref"].astype(str).to_numpy()[r_img], rs[r_img]))
+    by_profile: dict[str, str] = {}
+    for e, s in zip(ref["expression_ref"].astype(str).to_numpy(), rs):
+        if e and e not in by_profile:
+            by_profile[e] = s
+    has = obs[HAS_IMAGE].to_numpy(bool)
+    crop = obs["image_ref"].astype(str).to_numpy()
+    prof = obs["expression_ref"].astype(str).to_numpy()
+    return np.array(
+        [by_crop.get(c, "") if h else by_profile.get(e, "") for h, c, e in zip(has, crop, prof)],
+        dtype=object,
+    )
+
+
 class _Rows(torch.utils.data.Dataset):
     """Dataset whose items are whole batches (index arrays) of raw tensors."""
 

@@ -89,6 +89,45 @@ def _validate(cfg) -> None:
         )
     if weights and not _backbone_is_detector(cfg) and not Path(str(weights)).is_file():
         raise StageError(f"vae.image_backbone_weights={weights}: no such file")
+    if cfg.trainer.get("split_from"):
+        _split_source(cfg.trainer.split_from)
+
+
+def _split_source(setting: str) -> Path:
+    """The latent.h5ad that ``trainer.split_from`` names (a train run folder or the file)."""
+    p = Path(str(setting))
+    p = p / "latent.h5ad" if p.is_dir() else p
+    if not p.is_file():
+        raise StageError(
+            f"trainer.split_from={setting}: no latent.h5ad there (give a finished "
+            "stage=train folder or its latent.h5ad)"
+        )
+    return p
+
+
+def _reused_split(setting: str, obs, fresh) -> np.ndarray:
+    """``trainer.split_from``: each row's split in that run; rows it does not know get
+    ``fresh(rows)`` (the usual seeded split among themselves)."""
+    import anndata as ad
+
+    from vae.data import match_split
+
+    path = _split_source(setting)
+    ref = ad.read_h5ad(path, backed="r").obs
+    try:
+        split = match_split(obs, ref)
+    except KeyError as e:
+        raise StageError(f"trainer.split_from={setting}: {path} has no obs column {e}") from None
+    new = np.flatnonzero(split == "")
+    if new.size:
+        split[new] = fresh(new)
+    log.info(
+        "split: %d rows keep their split from %s, %d rows new to it (split among themselves)",
+        split.size - new.size,
+        path,
+        new.size,
+    )
+    return split.astype(str)
 
 
 def init_backbone(ctx: StageContext, model) -> None:
@@ -162,13 +201,21 @@ def run_train(ctx: StageContext) -> None:
             raise StageError(f"{split_csv}: rows differ from {src}; cannot resume")
         split = saved["split"].to_numpy().astype(str)
     else:
-        split = stratified_split(
-            np.asarray(data.labels),
-            float(cfg.trainer.val_fraction),
-            float(cfg.trainer.test_fraction),
-            int(cfg.seed),
-            groups=split_groups(adata.obs, cfg.trainer.split_by, src),
-        )
+        groups = split_groups(adata.obs, cfg.trainer.split_by, src)
+
+        def fresh(rows: np.ndarray) -> np.ndarray:
+            return stratified_split(
+                np.asarray(data.labels)[rows],
+                float(cfg.trainer.val_fraction),
+                float(cfg.trainer.test_fraction),
+                int(cfg.seed),
+                groups=None if groups is None else np.asarray(groups, dtype=object)[rows],
+            )
+
+        if cfg.trainer.get("split_from"):
+            split = _reused_split(cfg.trainer.split_from, adata.obs, fresh)
+        else:
+            split = fresh(np.arange(data.n))
         split = exclude_labels(split, data, list(cfg.trainer.exclude_labels))
         if dist.is_main:
             with ctx.atomic("split.csv") as tmp:

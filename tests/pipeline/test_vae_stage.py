@@ -220,3 +220,48 @@ def test_stage_train_ddp_two_cpu_processes(paired: Path):
     per_rank = math.ceil(n_train / 2)  # each rank sees half of every epoch
     assert ck["epoch"] == 2 and ck["step"] == 2 * math.ceil(per_rank / 16)
     assert ad.read_h5ad(d / "latent.h5ad").obsm["X_vae"].shape == (60, 4)
+
+
+def test_stage_train_reuses_another_runs_split(paired: Path):
+    """trainer.split_from: a rebuilt paired table (rows reordered, labels changed, a new
+    crop) keeps each crop's and profile's split from the earlier run."""
+    from pipeline.runner import StageError
+
+    a = ad.read_h5ad(paired / "paired.h5ad")
+    # what stage=pair writes: each row's crop and profile ids ("" where none)
+    a.obs["image_ref"] = np.where(a.obs["has_image"], [f"crop{i}" for i in range(a.n_obs)], "")
+    a.obs["expression_ref"] = np.where(
+        a.obs["has_expression"], [f"cell{i}" for i in range(a.n_obs)], ""
+    )
+    a.write_h5ad(paired / "paired.h5ad")
+    first = _run_here(paired, "experiment=a", "trainer.max_epochs=1")
+    b = a[np.random.default_rng(0).permutation(a.n_obs)].copy()
+    b.obs_names = [f"x{i}" for i in range(b.n_obs)]  # rows renamed, as a new pairing does
+    b.obs["label"] = b.obs["label"].astype(str).to_numpy()[::-1]  # other labels
+    extra = b[b.obs["has_image"].to_numpy(bool)][:1].copy()
+    extra.obs_names = ["new"]
+    extra.obs["image_ref"] = "a_new_crop"
+    b = ad.concat([b, extra], merge="same", uns_merge="same")
+    (paired / "b").mkdir()
+    b.write_h5ad(paired / "b" / "paired.h5ad")
+    out = _run_here(
+        paired / "b",
+        "experiment=b",
+        "trainer.max_epochs=1",
+        "seed=5",
+        f"trainer.split_from={first}",
+    )
+    old = ad.read_h5ad(first / "latent.h5ad").obs
+    new = ad.read_h5ad(out / "latent.h5ad").obs
+    img = new["has_image"].to_numpy(bool) & (new["image_ref"] != "a_new_crop").to_numpy()
+    oi = old["has_image"].to_numpy(bool)
+    by_crop = dict(zip(old["image_ref"][oi], old["split"][oi].astype(str)))
+    by_prof = dict(zip(old["expression_ref"][~oi], old["split"][~oi].astype(str)))
+    assert [by_crop[c] for c in new["image_ref"][img]] == list(new["split"][img].astype(str))
+    prof = ~new["has_image"].to_numpy(bool)
+    assert [by_prof[e] for e in new["expression_ref"][prof]] == list(new["split"][prof].astype(str))
+    assert new.loc[new["image_ref"] == "a_new_crop", "split"].iloc[0] in {"train", "val", "test"}
+    log = (out / "train.log").read_text()
+    assert "60 rows keep their split from" in log and "1 rows new to it" in log
+    with pytest.raises(StageError, match=r"trainer.split_from=.*no latent.h5ad"):
+        _run_here(paired / "b", "experiment=c", f"trainer.split_from={paired / 'nowhere'}")
