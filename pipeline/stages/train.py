@@ -105,26 +105,37 @@ def _split_source(setting: str) -> Path:
     return p
 
 
-def _reused_split(setting: str, obs, fresh) -> np.ndarray:
-    """``trainer.split_from``: each row's split in that run; rows it does not know get
-    ``fresh(rows)`` (the usual seeded split among themselves)."""
+def _reused_split(setting: str, obs, groups, fresh) -> np.ndarray:
+    """``trainer.split_from``: each row's split in that run. A row it does not know
+    joins its group's split where another row of the group is known (a specimen stays
+    in one split); the rest get ``fresh(rows)`` (the usual seeded split among them)."""
     import anndata as ad
 
     from vae.data import match_split
 
     path = _split_source(setting)
-    ref = ad.read_h5ad(path, backed="r").obs
+    ref_table = ad.read_h5ad(path, backed="r")
+    ref = ref_table.obs.copy()
+    ref_table.file.close()
     try:
         split = match_split(obs, ref)
     except KeyError as e:
         raise StageError(f"trainer.split_from={setting}: {path} has no obs column {e}") from None
+    unknown = np.flatnonzero(split == "")
+    if unknown.size and groups is not None:
+        known = {g: s for g, s in zip(groups, split) if g and s}
+        for i in unknown:
+            split[i] = known.get(groups[i], "")
     new = np.flatnonzero(split == "")
     if new.size:
         split[new] = fresh(new)
     log.info(
-        "split: %d rows keep their split from %s, %d rows new to it (split among themselves)",
-        split.size - new.size,
+        "split: %d rows keep their split from %s, %d rows new to it (%d join their "
+        "specimen's split, %d split among themselves)",
+        split.size - unknown.size,
         path,
+        unknown.size,
+        unknown.size - new.size,
         new.size,
     )
     return split.astype(str)
@@ -213,7 +224,7 @@ def run_train(ctx: StageContext) -> None:
             )
 
         if cfg.trainer.get("split_from"):
-            split = _reused_split(cfg.trainer.split_from, adata.obs, fresh)
+            split = _reused_split(cfg.trainer.split_from, adata.obs, groups, fresh)
         else:
             split = fresh(np.arange(data.n))
         split = exclude_labels(split, data, list(cfg.trainer.exclude_labels))

@@ -238,9 +238,12 @@ def test_stage_train_reuses_another_runs_split(paired: Path):
     b = a[np.random.default_rng(0).permutation(a.n_obs)].copy()
     b.obs_names = [f"x{i}" for i in range(b.n_obs)]  # rows renamed, as a new pairing does
     b.obs["label"] = b.obs["label"].astype(str).to_numpy()[::-1]  # other labels
-    extra = b[b.obs["has_image"].to_numpy(bool)][:1].copy()
-    extra.obs_names = ["new"]
-    extra.obs["image_ref"] = "a_new_crop"
+    b.obs["specimen"] = ""
+    img_rows = b.obs_names[b.obs["has_image"].to_numpy(bool)]
+    b.obs.loc[img_rows[1], "specimen"] = "slide7"
+    extra = b[img_rows[:2]].copy()
+    extra.obs_names = ["new", "new_of_slide7"]
+    extra.obs["image_ref"] = ["a_new_crop", "a_crop_of_slide7"]
     b = ad.concat([b, extra], merge="same", uns_merge="same")
     (paired / "b").mkdir()
     b.write_h5ad(paired / "b" / "paired.h5ad")
@@ -253,7 +256,7 @@ def test_stage_train_reuses_another_runs_split(paired: Path):
     )
     old = ad.read_h5ad(first / "latent.h5ad").obs
     new = ad.read_h5ad(out / "latent.h5ad").obs
-    img = new["has_image"].to_numpy(bool) & (new["image_ref"] != "a_new_crop").to_numpy()
+    img = new["has_image"].to_numpy(bool) & ~new["image_ref"].str.startswith("a_").to_numpy()
     oi = old["has_image"].to_numpy(bool)
     by_crop = dict(zip(old["image_ref"][oi], old["split"][oi].astype(str)))
     by_prof = dict(zip(old["expression_ref"][~oi], old["split"][~oi].astype(str)))
@@ -261,7 +264,11 @@ def test_stage_train_reuses_another_runs_split(paired: Path):
     prof = ~new["has_image"].to_numpy(bool)
     assert [by_prof[e] for e in new["expression_ref"][prof]] == list(new["split"][prof].astype(str))
     assert new.loc[new["image_ref"] == "a_new_crop", "split"].iloc[0] in {"train", "val", "test"}
+    # a new crop of a known specimen joins that specimen's split
+    split_of = dict(zip(new["image_ref"], new["split"].astype(str)))
+    slide7 = b.obs.loc[img_rows[1], "image_ref"]
+    assert split_of["a_crop_of_slide7"] == split_of[slide7]
     log = (out / "train.log").read_text()
-    assert "60 rows keep their split from" in log and "1 rows new to it" in log
+    assert "60 rows keep their split from" in log and "2 rows new to it" in log
     with pytest.raises(StageError, match=r"trainer.split_from=.*no latent.h5ad"):
         _run_here(paired / "b", "experiment=c", f"trainer.split_from={paired / 'nowhere'}")
