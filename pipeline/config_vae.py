@@ -166,10 +166,11 @@ class TrainerConfig:
     # (held-out-kind anomaly detection, scripts/bench_anomaly.py)
     exclude_labels: list[str] = field(default_factory=list)
     # a finished train run (its folder or latent.h5ad) whose split to reuse: each crop
-    # keeps its split there (matched by image_ref), each profile without a crop its
+    # keeps its split there (matched by image_ref), each row without a crop its
     # profile's (expression_ref); a row it does not know joins its specimen's split, or
-    # is split as usual among the other new rows. For comparing settings on the same test cells when the paired table
-    # changes (e.g. pair.label_corrections). null: the seeded stratified split
+    # is split as usual among the other new rows. For comparing settings on the same
+    # test cells when the paired table changes (e.g. pair.label_corrections).
+    # null: the seeded stratified split
     split_from: str | None = None
     augment: bool = True  # random flips / rot90 of crops and masks, per batch
     stain_jitter: float = 0.0  # HED stain + colour jitter strength when augment (0: off)
