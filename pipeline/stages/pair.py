@@ -108,9 +108,8 @@ def drop_small_classes(crops, min_size: int):
     """Clear the label of classes with fewer than ``min_size`` crops.
 
     Their crops stay as unlabelled image-only rows (a class of one cannot be
-    split into train / validation / test). Returns the crops, one reject row
-    per affected crop (``image``, ``field``, ``action``, ``reason``) and the
-    cleared classes (lower case).
+    split into train / validation / test). Returns the crops and one reject row
+    per affected crop (``image``, ``field``, ``action``, ``reason``).
     """
     lab = crops.obs["label"].astype(str)
     sizes = lab[lab != ""].value_counts()
@@ -130,22 +129,17 @@ def drop_small_classes(crops, min_size: int):
         log.warning("pair: class %r has only %d crop(s); its label is cleared", cls, n)
     if len(small):
         crops.obs.loc[lab.isin(small.index), "label"] = ""
-    return crops, rejects, {str(c).lower() for c in small.index}
+    return crops, rejects
 
 
-def _keep_present(label_map: dict, crops) -> dict:
-    """``label_map`` without the classes no crop carries any more (all relabelled by
-    ``pair.label_corrections``); a key that never named a crop class still fails in
+def _keep_present(label_map: dict, loaded: set[str], crops) -> dict:
+    """``label_map`` without the classes the crops carried when read (``loaded``, lower
+    case) but no crop carries any more (``pair.label_corrections``, ``pair.min_class_size``);
+    a key that never named a crop class still fails in
     :func:`vae.inputs.pairing.resolve_label_map`."""
-    from vae.inputs.schema import LABEL_ORIGINAL
-
-    before = {str(c).lower() for c in crops.obs[LABEL_ORIGINAL]}
-    after = {str(c).lower() for c in crops.obs["label"]}
-    gone = before - after
+    gone = loaded - {str(c).lower() for c in crops.obs["label"]}
     for k in [k for k in label_map if k.lower() in gone]:
-        log.warning(
-            "pair: no crop is labelled %r after the corrections; label_map entry dropped", k
-        )
+        log.warning("pair: no crop is labelled %r any more; label_map entry dropped", k)
     return {k: v for k, v in label_map.items() if k.lower() not in gone}
 
 
@@ -166,6 +160,7 @@ def run_pair(ctx: StageContext) -> None:
     corrected: dict | None = None
     try:
         crops = load_crops(ctx)
+        loaded = set() if crops is None else {str(c).lower() for c in crops.obs["label"]}
         if crops is not None and p.label_corrections:
             path = resolve_data_path(cfg, p.label_corrections, "pair.label_corrections")
             key, table = pr.read_label_corrections(path)
@@ -173,11 +168,11 @@ def run_pair(ctx: StageContext) -> None:
             rejects += rej
             corrected = {"file": str(path), "key": key, **counts}
             log.info("pair: label corrections from %s (by %s): %s", path, key, counts)
-            label_map = _keep_present(label_map, crops)
         if crops is not None and p.mode == "by_label":
-            crops, small, cleared = drop_small_classes(crops, int(p.min_class_size))
+            crops, small = drop_small_classes(crops, int(p.min_class_size))
             rejects += small
-            label_map = {k: v for k, v in label_map.items() if k.lower() not in cleared}
+        if crops is not None:
+            label_map = _keep_present(label_map, loaded, crops)
         res = pr.make_pairs(
             crops,
             expr,

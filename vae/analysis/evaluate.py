@@ -147,6 +147,8 @@ def _suspect_figure(suspects: pd.DataFrame, data, k: int):
     per label they carry, the most misleading first; None when no crop is at hand."""
     import torch
 
+    from vae.data import raw_batch, to_batch
+
     has = data.has_image.numpy().astype(bool)
     sel = suspects[has[suspects["latent_row"].to_numpy()]]
     order = sel.groupby("label", sort=False)["n_misled"].sum().sort_values(ascending=False)
@@ -154,9 +156,8 @@ def _suspect_figure(suspects: pd.DataFrame, data, k: int):
     for lab in order.index[:DISAGREEMENT_PAIRS]:
         top = sel[sel["label"] == lab].head(DISAGREEMENT_CROPS)
         idx = torch.as_tensor(top["latent_row"].to_numpy(), dtype=torch.long)
-        crops = data.crops.index_select(0, idx).float() / 255.0
-        crops = crops * data.masks.index_select(0, idx).float()
-        rows.append(crops.permute(0, 2, 3, 1).numpy())
+        b = to_batch(raw_batch(data, idx), torch.device("cpu"))  # masked, in [0, 1]
+        rows.append(b.image.permute(0, 2, 3, 1).numpy())
         names.append(f"labelled\n{lab} ({len(sel[sel['label'] == lab])})")
         captions.append([f"{n} / {o:.2f}" for n, o in zip(top["n_misled"], top["own_label_share"])])
     return _crop_rows(

@@ -550,8 +550,9 @@ def apply_label_corrections(
         .to_numpy()
     )
     rejects: list[dict] = []
-    counts = dict(lines=len(table), crops_relabelled=0, crops_unlabelled=0, crops_confirmed=0)
-    counts["not_found"] = 0
+    counts = dict(
+        lines=len(table), crops_relabelled=0, crops_unlabelled=0, crops_confirmed=0, not_found=0
+    )
     for j, (k, want) in enumerate(zip(table[key], table["label"])):
         line = j + 2
         if want == "":
