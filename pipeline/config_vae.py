@@ -94,6 +94,10 @@ class VAEConfig:
     # once (the majority class dominates); 0.5: inverse square root; 1: every class
     # counts as much as any other (docs/vae.md, "Class balance of the label head")
     classify_balance: float = 0.0
+    # noise-robust label head: generalised cross-entropy (1 - p_y^q) / q instead of the
+    # cross-entropy (0: off); a crop whose label the head finds implausible (BCCD labels
+    # images, not cells) pulls the code less (docs/vae.md, "Labels the head may doubt")
+    classify_noise_q: float = 0.0
     # maturation axis: an ordinal head on shared dim 0 orders the rows labelled with a
     # stage of maturation_classes (0: off; no head is built, nor when fewer than two of
     # the stages are labels of the data). Costs no ELBO (a rotation of the latent)

@@ -85,6 +85,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "vae.lobe_deep_valley": None,  # 2026-12-02: before it, the lobe head's counts used one rule
     "vae.size_weight": 0.0,  # 2026-12-02: before it, no size input or head
     "vae.classify_balance": 0.0,  # 2026-12-02: before it, every labelled row counted once
+    "vae.classify_noise_q": 0.0,  # 2026-12-03: before it, the label head used cross-entropy
 }
 
 # inputs that are checkpoints / AnnData files (probed before the stage starts)

@@ -35,6 +35,7 @@ RANGES: dict[str, str] = {
     "vae.free_bits": NONNEG,
     "vae.classify_weight": NONNEG,
     "vae.classify_balance": PROB,
+    "vae.classify_noise_q": PROB,
     "vae.maturation_weight": NONNEG,
     "vae.view_contrast_weight": NONNEG,
     "vae.size_weight": NONNEG,

@@ -223,6 +223,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
             nucleus_input_compose=bool(v.nucleus_input_compose),
             free_bits=float(v.free_bits),
             classify=float(v.classify_weight),
+            classify_noise_q=float(v.classify_noise_q),
             maturation=float(v.maturation_weight),
             view_contrast=float(v.view_contrast_weight),
             size=float(v.size_weight),

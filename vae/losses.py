@@ -49,6 +49,10 @@ class LossWeights:
     # per-class weights of that cross-entropy, one tuple per expert (image, expression),
     # indexed by label code (:func:`class_balance_weights`); (): every row counts once
     classify_class_weights: tuple[tuple[float, ...], ...] = ()
+    # noise-robust label loss: generalised cross-entropy (1 - p_y^q) / q (Zhang & Sabuncu
+    # 2018), whose gradient is the cross-entropy's times p_y^q, so a row the head finds
+    # implausible under its label (a mislabelled crop) pulls the code less; 0: cross-entropy
+    classify_noise_q: float = 0.0
     # granule head: Poisson point-process NLL of the granule centres found on the
     # input under the decoded rate map, plus the granules' optical density there;
     # needs a model built with granule_head and centres in the batch
@@ -81,6 +85,8 @@ class LossWeights:
     def __post_init__(self) -> None:
         if self.align_mode not in ALIGNS:
             raise ValueError(f"align={self.align_mode!r}; valid: {', '.join(ALIGNS)}")
+        if not 0.0 <= self.classify_noise_q <= 1.0:
+            raise ValueError(f"classify_noise_q must be in [0, 1]; got {self.classify_noise_q}")
 
 
 @dataclass
@@ -526,6 +532,38 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
+def label_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    noise_q: float = 0.0,
+) -> torch.Tensor:
+    """Label loss of the classifier head: cross-entropy or generalised cross-entropy.
+
+    Parameters
+    ----------
+    logits : (N, C)
+    target : (N,) int64 class codes
+    weight : (C,) per-class weights, or None; the result is the weighted mean over rows
+        (divided by the summed weights of the rows' classes, as ``F.cross_entropy``)
+    noise_q : 0: cross-entropy; in (0, 1]: generalised cross-entropy ``(1 - p_y^q) / q``
+        (q -> 0 is cross-entropy, q = 1 the mean absolute error of the probabilities),
+        robust to wrong labels: its gradient is the cross-entropy's times ``p_y^q``
+
+    Returns
+    -------
+    () nats-like loss per row
+    """
+    if noise_q <= 0:
+        return F.cross_entropy(logits, target, weight=weight)
+    log_p = F.log_softmax(logits, dim=1).gather(1, target[:, None])[:, 0]
+    per_row = (1.0 - torch.exp(noise_q * log_p)) / noise_q
+    if weight is None:
+        return per_row.mean()
+    w = weight[target]
+    return (per_row * w).sum() / w.sum().clamp_min(1e-12)
+
+
 def class_align(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -912,7 +950,7 @@ def vae_loss(
                 # with class weights: the batch's weighted mean (torch divides by the
                 # summed weights of the rows' classes), so the term's scale stays ~1 row
                 cw = logits.new_tensor(cw[e]) if cw else None
-                parts.append(F.cross_entropy(logits, labels[keep], weight=cw))
+                parts.append(label_loss(logits, labels[keep], cw, w.classify_noise_q))
         if parts:
             classify = torch.stack(parts).mean()
 

@@ -143,10 +143,19 @@ def test_stage_train_with_the_cells_sizes(paired: Path):
 
 
 def test_stage_train_balances_the_label_head_from_the_train_split(paired: Path):
+    """Also: vae.classify_noise_q reaches the loss weights of the checkpoint."""
     from vae.losses import class_balance_weights
 
-    out = _run_here(paired, "experiment=bal", "trainer.max_epochs=1", "vae.classify_balance=1.0")
-    w = load_torch_file(out / "last.pt")["train_args"]["weights"]["classify_class_weights"]
+    out = _run_here(
+        paired,
+        "experiment=bal",
+        "trainer.max_epochs=1",
+        "vae.classify_balance=1.0",
+        "vae.classify_noise_q=0.7",
+    )
+    weights = load_torch_file(out / "last.pt")["train_args"]["weights"]
+    assert weights["classify_noise_q"] == pytest.approx(0.7)  # the head's loss: GCE
+    w = weights["classify_class_weights"]
     a = ad.read_h5ad(paired / "paired.h5ad")
     split = np.loadtxt(out / "split.csv", dtype=str, delimiter=",", skiprows=1)[:, 1]
     names = sorted(set(a.obs["label"]))  # the label codes: sorted names

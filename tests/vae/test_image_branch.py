@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from vae.data import augment_stain
-from vae.losses import LossWeights, class_balance_weights, kl_normal, spectral_l1, vae_loss
+from vae.losses import (
+    LossWeights,
+    class_balance_weights,
+    kl_normal,
+    label_loss,
+    spectral_l1,
+    vae_loss,
+)
 from vae.model import TwoBranchVAE, VAEArgs
 from vae.train import active_units
 
@@ -307,6 +314,36 @@ def test_class_weights_move_the_label_head_term_toward_the_rare_class():
     bal = head_term(LossWeights(classify=1.0, classify_class_weights=(cw, cw)))
     # plain: 5 easy rows + 1 wrong; balanced: the wrong row is half the term
     assert bal > 2 * plain
+
+
+def test_generalised_cross_entropy_spares_rows_the_head_doubts():
+    """GCE: q -> 0 is the cross-entropy, q = 1 the mean absolute error of p_y; per class
+    weights give the weighted mean; a row with a wrong-looking label gets less gradient."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 4, generator=g)
+    target = torch.randint(0, 4, (9,), generator=g)
+    w = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    assert float(label_loss(logits, target)) == pytest.approx(
+        float(F.cross_entropy(logits, target))
+    )
+    assert float(label_loss(logits, target, w, 1e-5)) == pytest.approx(
+        float(F.cross_entropy(logits, target, weight=w)), rel=1e-3
+    )
+    p_y = F.softmax(logits, 1).gather(1, target[:, None])[:, 0]
+    assert float(label_loss(logits, target, None, 1.0)) == pytest.approx(float((1 - p_y).mean()))
+    # two rows: one the head agrees with (p_y ~ 0.95), one it finds implausible (p_y ~ 0.01)
+    lg = torch.tensor([[3.0, 0.0, 0.0], [-2.5, 2.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 0])
+
+    def grad_ratio(q: float) -> float:
+        (gr,) = torch.autograd.grad(label_loss(lg, y, None, q), lg)
+        return float(gr[1].norm() / gr[0].norm())
+
+    assert grad_ratio(0.7) < 0.1 * grad_ratio(0.0)
+    with pytest.raises(ValueError, match="classify_noise_q"):
+        LossWeights(classify_noise_q=1.5)
 
 
 def test_rotation_moves_image_mask_and_granule_centres_together():
