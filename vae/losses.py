@@ -552,7 +552,7 @@ def label_loss(
 
     Returns
     -------
-    () nats-like loss per row
+    () mean loss per row (nats for the cross-entropy; in [0, 1 / q] for GCE)
     """
     if noise_q <= 0:
         return F.cross_entropy(logits, target, weight=weight)
