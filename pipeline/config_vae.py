@@ -98,6 +98,10 @@ class VAEConfig:
     # cross-entropy (0: off); a crop whose label the head finds implausible (BCCD labels
     # images, not cells) pulls the code less (docs/vae.md, "Labels the head may doubt")
     classify_noise_q: float = 0.0
+    # the view-contrast term's two views share each crop's stain jitter and differ in
+    # pose only, so the term teaches pose, not colour, invariance (eosinophil granules
+    # are a colour); false: each view draws its own jitter (docs/vae.md, "Two views")
+    view_same_stain: bool = False
     # maturation axis: an ordinal head on shared dim 0 orders the rows labelled with a
     # stage of maturation_classes (0: off; no head is built, nor when fewer than two of
     # the stages are labels of the data). Costs no ELBO (a rotation of the latent)

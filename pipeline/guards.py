@@ -86,6 +86,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "vae.size_weight": 0.0,  # 2026-12-02: before it, no size input or head
     "vae.classify_balance": 0.0,  # 2026-12-02: before it, every labelled row counted once
     "vae.classify_noise_q": 0.0,  # 2026-12-03: before it, the label head used cross-entropy
+    "vae.view_same_stain": False,  # 2026-12-03: before it, each view drew its own stain jitter
 }
 
 # inputs that are checkpoints / AnnData files (probed before the stage starts)

@@ -250,6 +250,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
         max_minutes=t.max_minutes,
         augment=bool(t.augment),
         stain_jitter=float(t.stain_jitter),
+        view_same_stain=bool(v.view_same_stain),
         rotate=float(t.rotate),
         ema_epochs=float(t.ema_epochs),
         seed=int(cfg.seed),

@@ -696,13 +696,16 @@ def to_batch(
     non_blocking: bool = False,
     stain_jitter: float = 0.0,
     rotate: float = 0.0,
+    stain_generator: torch.Generator | None = None,
 ) -> Batch:
     """Move a raw batch to ``device``, convert crops to float, optionally augment.
 
     ``augment`` applies the dihedral flips; ``rotate`` > 0 adds a rotation by
     any angle with a zoom of ``1 ± rotate`` (:func:`augment_rotate`); when
     ``stain_jitter`` > 0, the stain/colour jitter of :func:`augment_stain` with
-    that strength. A raw batch
+    that strength, drawn from ``stain_generator`` when given (two calls whose stain
+    generators are seeded alike give each row the same colours), else from
+    ``generator``. A raw batch
     without crops (``raw_batch(images=False)``) gives ``image`` and ``mask`` None.
     """
 
@@ -733,7 +736,7 @@ def to_batch(
                 gran, k = maps[:, :1], 1
             if nuc is not None:
                 nuc = maps[:, k : k + 1]
-            img = augment_stain(img, stain_jitter, generator)
+            img = augment_stain(img, stain_jitter, stain_generator or generator)
         img = img * mask  # background excluded before it reaches anything
         if nuc is not None:
             nuc = nuc * mask  # the nucleus lies inside the cell

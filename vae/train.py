@@ -58,6 +58,9 @@ class TrainArgs:
     augment: bool = True
     stain_jitter: float = 0.0  # strength of the stain/colour jitter (vae.data.augment_stain)
     rotate: float = 0.0  # >0: any-angle rotation + zoom 1 ± rotate (vae.data.augment_rotate)
+    # the view-contrast term's two views share each row's stain jitter (they differ in
+    # pose only), so the term does not teach the code to ignore colour; False: drawn apart
+    view_same_stain: bool = False
     # >0: validation, model.pt and the epoch figures use an exponential moving average of
     # the weights over about this many epochs (decay 1 - 1 / (ema_epochs x steps per
     # epoch)); training steps the raw weights. 0: off
@@ -536,6 +539,13 @@ def train(
             unit="batch",
             enabled=is_main,
         ):
+            same_stain = (
+                args.view_same_stain and args.weights.view_contrast > 0 and args.stain_jitter > 0
+            )
+            first_stain = None
+            if same_stain and use_image:  # one seed per step: both views draw these colours
+                stain_seed = int(torch.randint(2**62, (1,), generator=gen))
+                first_stain = torch.Generator().manual_seed(stain_seed)
             batch = to_batch(
                 raw,
                 device,
@@ -544,9 +554,12 @@ def train(
                 non_blocking=args.pin_memory,
                 stain_jitter=args.stain_jitter,
                 rotate=args.rotate,
+                stain_generator=first_stain,
             )
             view = None
             if args.weights.view_contrast > 0 and use_image:
+                # the first view's colours again: its stain draws replayed
+                view_stain = torch.Generator().manual_seed(stain_seed) if same_stain else None
                 # the second view: the same crops augmented again, plus a small rotation
                 # and zoom, so that the pair differs by more than the flips
                 view = to_batch(
@@ -557,6 +570,7 @@ def train(
                     non_blocking=args.pin_memory,
                     stain_jitter=args.stain_jitter,
                     rotate=max(args.rotate, VIEW_ROTATE),
+                    stain_generator=view_stain,
                 )
             data_s += time.time() - t_data
             beta = kl_sched.beta_at(step)

@@ -86,3 +86,44 @@ def test_training_with_two_views_lowers_the_term(tmp_path):
     assert view[-1] < view[0]  # the encoder learns to recognise a crop in another pose
     # validation scores one view only: the term is 0 there
     assert r.history[-1]["val"]["view"] == 0.0
+
+
+def test_views_with_one_stain_seed_share_their_colours_not_their_pose():
+    """vae.view_same_stain: the second view replays the first view's stain draws."""
+    adata = make_paired(24, image_only=4, expression_only=0, seed=5)
+    raw = raw_batch(from_anndata(adata), torch.arange(12))
+    g = torch.Generator().manual_seed(0)
+
+    def view(stain_seed: int | None, rotate: float):
+        sg = None if stain_seed is None else torch.Generator().manual_seed(stain_seed)
+        b = to_batch(
+            raw, torch.device("cpu"), True, g, stain_jitter=0.3, rotate=rotate, stain_generator=sg
+        )
+        m = b.mask.sum((2, 3)).clamp_min(1)
+        return b.image.sum((2, 3)) / m  # (B, 3) mean colour inside the cell
+
+    # flips only (a rotation's zoom moves the cell's rim and the image mean that the
+    # contrast step uses): other poses, the same colour transform per row
+    a, b, c = view(7, 0.0), view(7, 0.0), view(None, 0.0)
+    assert torch.allclose(a, b, atol=1e-5)
+    # drawn apart: the colours differ by the jitter
+    assert (a - c).abs().max() > 0.05
+
+
+def test_training_with_views_of_one_stain(tmp_path):
+    adata = make_paired(32, image_only=6, expression_only=4, seed=2)
+    d = from_anndata(adata)
+    split = stratified_split(d.labels.numpy(), 0.2, 0.0, 0)
+    torch.manual_seed(0)
+    args = TrainArgs(
+        max_epochs=2,
+        batch_size=16,
+        kl_warmup_epochs=1,
+        image_every_epochs=0,
+        seed=3,
+        stain_jitter=0.2,
+        view_same_stain=True,
+        weights=LossWeights(view_contrast=50.0),
+    )
+    r = train(TwoBranchVAE(_args()), d, split, args, CPU, tmp_path)
+    assert all(np.isfinite(h["train"]["view"]) and h["train"]["view"] > 0 for h in r.history)
