@@ -240,6 +240,11 @@ def forward_loss(
     )
 
 
+def _seeded(seed: int | None) -> torch.Generator | None:
+    """A CPU generator seeded with ``seed``; None for None (draw from the trainer's)."""
+    return None if seed is None else torch.Generator().manual_seed(seed)
+
+
 def train(
     model: TwoBranchVAE,
     data: PairedTensors,
@@ -516,6 +521,13 @@ def train(
     best_raw_ck: dict[str, Any] | None = None  # same, raw weights (with the average only)
     fig_s = 0.0  # seconds spent drawing epoch figures (args.figure_budget)
     t_saved = time.time()
+    # vae.view_same_stain: the two views of a step replay one stain seed (pose-only pairs)
+    same_stain = (
+        args.view_same_stain
+        and args.weights.view_contrast > 0
+        and args.stain_jitter > 0
+        and use_image
+    )
     while epoch < args.max_epochs:
         t_ep = time.time()
         wrapped.train()
@@ -539,13 +551,7 @@ def train(
             unit="batch",
             enabled=is_main,
         ):
-            same_stain = (
-                args.view_same_stain and args.weights.view_contrast > 0 and args.stain_jitter > 0
-            )
-            first_stain = None
-            if same_stain and use_image:  # one seed per step: both views draw these colours
-                stain_seed = int(torch.randint(2**62, (1,), generator=gen))
-                first_stain = torch.Generator().manual_seed(stain_seed)
+            stain_seed = int(torch.randint(2**62, (1,), generator=gen)) if same_stain else None
             batch = to_batch(
                 raw,
                 device,
@@ -554,12 +560,10 @@ def train(
                 non_blocking=args.pin_memory,
                 stain_jitter=args.stain_jitter,
                 rotate=args.rotate,
-                stain_generator=first_stain,
+                stain_generator=_seeded(stain_seed),
             )
             view = None
             if args.weights.view_contrast > 0 and use_image:
-                # the first view's colours again: its stain draws replayed
-                view_stain = torch.Generator().manual_seed(stain_seed) if same_stain else None
                 # the second view: the same crops augmented again, plus a small rotation
                 # and zoom, so that the pair differs by more than the flips
                 view = to_batch(
@@ -570,7 +574,7 @@ def train(
                     non_blocking=args.pin_memory,
                     stain_jitter=args.stain_jitter,
                     rotate=max(args.rotate, VIEW_ROTATE),
-                    stain_generator=view_stain,
+                    stain_generator=_seeded(stain_seed),  # the first view's colours again
                 )
             data_s += time.time() - t_data
             beta = kl_sched.beta_at(step)
