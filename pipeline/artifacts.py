@@ -149,3 +149,25 @@ def shipped_default(name: str) -> tuple[Path | None, str]:
         f" The shipped detector {SHIPPED_DETECTOR}, used otherwise, is missing "
         f"(a broken install: reinstall the package)."
     )
+
+
+# ``segmentation.pretrained_weights`` value that names the shipped detector, so a
+# preset can start from it without a machine-specific path
+SHIPPED_WEIGHTS = "shipped"
+
+
+def pretrained_weights_path(value: str | None) -> Path | None:
+    """File behind ``segmentation.pretrained_weights``: ``shipped`` -> the package's detector.
+
+    Parameters
+    ----------
+    value
+        The setting: ``None`` (train from scratch), ``"shipped"`` or a local path.
+    """
+    if not value:
+        return None
+    if value == SHIPPED_WEIGHTS:
+        from segmentation.shipped import SHIPPED_DETECTOR
+
+        return SHIPPED_DETECTOR
+    return Path(value)

@@ -161,7 +161,8 @@ class SegmentationConfig:
     """Mask R-CNN model, its training and the crop extraction of stage=segment."""
 
     arch: str = "resnet18_fpn"  # resnet18_fpn | mobilenet_v3_fpn | resnet50_fpn_v2
-    pretrained_weights: str | None = None  # local file only; no downloads
+    # local file only, no downloads; "shipped" = the package's real-smear detector
+    pretrained_weights: str | None = None
     trainable_backbone_layers: int = 5
     min_size: int = 512
     max_size: int = 512

@@ -25,7 +25,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.artifacts import StageInputError, describe, read_manifest
+from pipeline.artifacts import (
+    StageInputError,
+    describe,
+    pretrained_weights_path,
+    read_manifest,
+)
 from pipeline.runner import StageError, run_dir, stage_dir
 
 log = logging.getLogger(__name__)
@@ -126,8 +131,9 @@ def probe_inputs(cfg: DictConfig, name: str, inputs: dict[str, Path]) -> None:
     from segmentation.shipped import is_shipped
 
     checks = [(n, p) for n, p in inputs.items() if n in CHECKPOINT_INPUTS]
-    if name == "segment_train" and cfg.segmentation.pretrained_weights:
-        checks.append(("pretrained_weights", Path(cfg.segmentation.pretrained_weights)))
+    start = pretrained_weights_path(cfg.segmentation.pretrained_weights)
+    if name == "segment_train" and start is not None:
+        checks.append(("pretrained_weights", start))
     for n, p in checks:
         setting = (
             "segmentation.pretrained_weights"

@@ -250,9 +250,21 @@ def build_maskrcnn(
                 f"segmentation.pretrained_weights={pretrained_weights}: no such file"
             )
         # weights_only: a shared weights file must not be able to run code
-        state = load_torch_file(p, "cpu", "segmentation.pretrained_weights")
-        state = state.get("model", state) if isinstance(state, dict) else state
-        res = model.load_state_dict(state, strict=False)
+        ckpt = load_torch_file(p, "cpu", "segmentation.pretrained_weights")
+        state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
+        if isinstance(ckpt, dict) and ckpt.get("model_format") is not None:
+            # the shipped detector's compact int8 file (segmentation.shipped)
+            state = _unpacked(ckpt["model_format"], state, p)
+        try:
+            res = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:
+            # e.g. the shipped detector's 128-channel FPN under another fpn_channels
+            raise ValueError(
+                f"segmentation.pretrained_weights={pretrained_weights}: its weights do not "
+                f"fit this model ({str(e).splitlines()[0]}; for the shipped detector keep "
+                f"the default segmentation settings: arch, fpn_channels, box_representation, "
+                f"mask_head_layers)"
+            ) from None
         log.info(
             "loaded %s: %d missing, %d unexpected keys",
             p,
@@ -303,6 +315,27 @@ def save_checkpoint(
     torch.save({"model": state, "model_args": dict(model_args), **extra}, path)
 
 
+def _unpacked(fmt: Any, state: Any, path: Path) -> dict[str, torch.Tensor]:
+    """fp32 state dict of a compact checkpoint (``model_format``, :mod:`segmentation.shipped`).
+
+    Raises
+    ------
+    segmentation.io.UnsafeCheckpointError
+        Unknown format or damaged weights, naming ``path``.
+    """
+    from segmentation.io import UnsafeCheckpointError
+    from segmentation.shipped import PACKED_FORMAT, unpack_state
+
+    if fmt != PACKED_FORMAT:
+        raise UnsafeCheckpointError(
+            f"{path}: weight format {fmt!r} is not known to this version (knows {PACKED_FORMAT!r})"
+        )
+    try:
+        return unpack_state(state)
+    except ValueError as e:
+        raise UnsafeCheckpointError(f"{path}: damaged weights ({e})") from None
+
+
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[MaskRCNN, dict[str, Any]]:
@@ -325,17 +358,7 @@ def load_checkpoint(
     state = ckpt["model"]
     fmt = ckpt.get("model_format")
     if fmt is not None:
-        from segmentation.shipped import PACKED_FORMAT, unpack_state
-
-        if fmt != PACKED_FORMAT:
-            raise UnsafeCheckpointError(
-                f"{path}: weight format {fmt!r} is not known to this version "
-                f"(knows {PACKED_FORMAT!r})"
-            )
-        try:
-            state = unpack_state(state)
-        except ValueError as e:
-            raise UnsafeCheckpointError(f"{path}: damaged weights ({e})") from None
+        state = _unpacked(fmt, state, path)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

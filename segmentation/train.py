@@ -138,7 +138,10 @@ def fit(
         num_workers=int(args.num_workers),
         pin_memory=bool(args.pin_memory),
     )
-    model = build_maskrcnn(**model_args, pretrained_weights=pretrained_weights)
+    try:
+        model = build_maskrcnn(**model_args, pretrained_weights=pretrained_weights)
+    except (FileNotFoundError, ValueError) as e:  # a starting point that does not fit
+        raise FitError(str(e)) from None
     model = dist.wrap(model)
     core = model.module if hasattr(model, "module") else model
     params = [p for p in model.parameters() if p.requires_grad]

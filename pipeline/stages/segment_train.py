@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.artifacts import write_json
+from pipeline.artifacts import pretrained_weights_path, write_json
 from pipeline.runner import StageContext, StageError, stage
 from segmentation.datasets import (
     READERS,
@@ -263,7 +263,7 @@ def segment_train(ctx: StageContext) -> None:
             dist,
             checkpoint=ctx.output("segmentation_model"),
             tb_dir=ctx.dir / "tb",
-            pretrained_weights=sc.pretrained_weights,
+            pretrained_weights=pretrained_weights_path(sc.pretrained_weights),
             checkpoint_extra={
                 "config": OmegaConf.to_container(cfg, resolve=True),
                 "input_scale": float(sc.input_scale) if cfg.data.name == "synthetic" else None,

@@ -291,3 +291,33 @@ def test_cells_cut_by_the_image_edge_can_be_ignored():
     fp = pred(whole, (70.0, 70.0, 90.0, 90.0))
     r = evaluate(None, dset, torch.device("cpu"), 0.5, predictions=fp, ignore_edge_px=2)
     assert r.precision == 0.5
+
+
+def test_segment_train_can_start_from_the_shipped_detector(tmp_path):
+    """segmentation.pretrained_weights=shipped: the compact int8 file is unpacked and every
+    weight loads, so training starts from it (the demo fine-tunes it on simulated smears);
+    a model shape it does not fit is a clear error, not a traceback."""
+    from pipeline.artifacts import pretrained_weights_path
+    from segmentation.shipped import SHIPPED_DETECTOR
+
+    assert pretrained_weights_path("shipped") == SHIPPED_DETECTOR
+    assert pretrained_weights_path(None) is None
+    assert pretrained_weights_path("/x/y.pt") == __import__("pathlib").Path("/x/y.pt")
+    smears = tmp_path / "smears"
+    make_coco_smears(smears, n_images=3, size=96, cells=2, radius=10, val=1)
+    common = [*TINY_TRAIN, f"paths.root={tmp_path / 'out'}", f"paths.inputs.smears={smears}"]
+    common.append("segmentation.pretrained_weights=shipped")
+    p = _run([*common, "experiment=ft", "segmentation.lr=0.001"], REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"loaded {SHIPPED_DETECTOR}: 0 missing, 0 unexpected keys" in p.stdout + p.stderr
+    shipped, _ = load_checkpoint(SHIPPED_DETECTOR)
+    tuned, _ = load_checkpoint(tmp_path / "out" / "ft" / "segment_train" / "model.pt")
+    fresh = build_maskrcnn(**SMALL)
+    key = "backbone.body.layer2.0.conv1.weight"  # a conv deep in the backbone
+    w_ship, w_tuned = shipped.state_dict()[key], tuned.state_dict()[key]
+    assert (w_tuned - w_ship).norm() < 0.1 * (fresh.state_dict()[key] - w_ship).norm()
+
+    p = _run([*common, "experiment=bad", "segmentation.fpn_channels=64"], REPO)
+    assert p.returncode != 0
+    assert "segmentation.pretrained_weights=" in p.stderr and "do not fit" in p.stderr
+    assert "Traceback" not in p.stderr
