@@ -301,6 +301,15 @@ def test_path_steps_without_crops_nearby_are_faded_and_flagged(tiny_run, tmp_pat
     assert feats["image_support_distance"].iloc[0] > feats["image_support_distance"].iloc[-1]
     n_ok = int(want.supported.sum())
     assert summary["path"]["gp"]["image_supported_steps"] == n_ok
+    # what the drawn steps are learned from: the myeloblast end has no crop of its own,
+    # so it is named after its nearest crops (never "myeloblast"), and so is every step
+    near = T.neighbour_labels(
+        gp.points, Z[ref_rows := train & (labels != "myeloblast")], labels[ref_rows], 5
+    )
+    assert feats["image_neighbour_label"].tolist() == near.label.tolist()
+    np.testing.assert_allclose(feats["image_neighbour_share"], near.share)
+    assert "myeloblast" not in set(feats["image_neighbour_label"])
+    assert summary["path"]["gp"]["image_neighbour_labels"] == near.label.tolist()
     # the sweeps start at the training cell with a crop nearest the mean of all codes
     ref = np.flatnonzero(train & (labels != "myeloblast"))
     cell = rd.latent.obs_names[T.nearest_to_mean(Z, ref)]
@@ -312,6 +321,7 @@ def test_path_steps_without_crops_nearby_are_faded_and_flagged(tiny_run, tmp_pat
     assert n_sweep_ok == T.image_support(codes, Z[ref], 5, 0.5).supported.sum()
     html = (tmp_path / "report.html").read_text()
     assert (f"{5 - n_ok} of 5 steps lie farther" in html) == (n_ok < 5)
+    assert "the commonest label among the 5 training crops nearest its code" in html
     page = (tmp_path / "study.html").read_text()
     payload = json.loads(
         re.search(r'id="study-data">(.*?)</script>', page, re.S).group(1).replace("<\\/", "</")

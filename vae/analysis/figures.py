@@ -125,6 +125,7 @@ def strip_with_heatmap(
     step_labels: Sequence[str],
     title: str,
     row_labels: Sequence[str] | None = None,
+    step_notes: Sequence[str] | None = None,
 ):
     """Rows of decoded images above a heatmap of genes (rows) x steps (columns).
 
@@ -135,8 +136,12 @@ def strip_with_heatmap(
         trained without images: heatmap only).
     expression : (n, g) decoded log1p expression of the genes shown, or None.
     row_labels : one label per image row (shown left of the row), or None.
+    step_notes : one short note per step, shown under the last image row (e.g. what
+        the training crops nearest the step are), or None.
     """
     n = len(step_labels)
+    if step_notes is not None and len(step_notes) != n:
+        raise ValueError(f"strip_with_heatmap: {len(step_notes)} notes for {n} steps")
     has_h = expression is not None and expression.shape[1] > 0
     rows = [] if images is None else ([images] if isinstance(images, np.ndarray) else list(images))
     has_i = bool(rows)
@@ -158,6 +163,8 @@ def strip_with_heatmap(
                 ax.set_title(step_labels[i], fontsize=7)
             if i == 0 and row_labels is not None:
                 ax.set_ylabel(row_labels[r], fontsize=7)
+            if r == len(rows) - 1 and step_notes is not None:
+                ax.set_xlabel(step_notes[i], fontsize=6)
     if has_h:
         ax = fig.add_subplot(gs[len(ratios) - 1, :])
         im = ax.imshow(expression.T, aspect="auto", cmap="magma")

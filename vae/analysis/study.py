@@ -144,6 +144,7 @@ def traverse_study(
     # decoder's extrapolation (traverse.image_support), drawn faded in every figure
     img_ref = image_reference_rows(lat, _has_crop(rd)) if img_ok else np.zeros(0, int)
     z_img = Z[img_ref]
+    lab_img = labels[img_ref]  # what each of those crops is ("" unlabelled)
     try:
         anchor = T.anchor_point(Z, labels, np.asarray(lat.obs_names), a.anchor_class, a.anchor_cell)
     except ValueError as e:
@@ -314,6 +315,14 @@ def traverse_study(
                 pth.points, z_img, a.image_support_k, a.image_support_quantile
             )
             path_support[kind] = support
+            # which crops each step's picture is learned from (a class without crops,
+            # e.g. real progenitors, is drawn as its nearest crops' class)
+            near = T.neighbour_labels(pth.points, z_img, lab_img, a.image_support_k)
+            notes = (
+                [f"{x[:13] or '-'}\n{sh:.1f}" for x, sh in zip(near.label, near.share)]
+                if img_ok
+                else None
+            )
             posed = posed_dec = None
             if pose_ref is not None:
                 posed = T.posed_codes(
@@ -337,6 +346,7 @@ def traverse_study(
                 _starred([f"{s:.2f}" for s in pth.s], ok_img, img_ok),
                 f"{kind} path {cents.names[0]} -> {cents.names[-1]}",
                 row_labels=row_names,
+                step_notes=notes,
             )
             p = out_files.figure(fig, f"path_{kind}", f"traverse/path_{kind}")
             how = (
@@ -365,6 +375,14 @@ def traverse_study(
                 if img_ok and getattr(rd.model.args, "lobe_head", False)
                 else ""
             )
+            near_note = (
+                f" Under each step: the commonest label among the {a.image_support_k} "
+                "training crops nearest its code, and its share; the drawn cell is learned "
+                "from crops like these, so a class that has no crops is drawn as its "
+                "neighbours' class."
+                if img_ok
+                else ""
+            )
             n_out = int((~ok_img).sum())
             support_note = (
                 f" Faded, position marked *: {n_out} of {len(ok_img)} steps lie farther from "
@@ -379,7 +397,8 @@ def traverse_study(
             figs["path"].append(
                 FigureItem(
                     p,
-                    f"{what} along {how} (position 0..1).{posed_note}{drawn_note}{support_note}",
+                    f"{what} along {how} (position 0..1).{posed_note}{drawn_note}"
+                    f"{near_note}{support_note}",
                 )
             )
             if expr_ok:
@@ -399,6 +418,8 @@ def traverse_study(
             if img_ok:
                 feats.insert(1, "image_support_distance", support.distance)
                 feats.insert(2, "image_supported", support.supported)
+                feats.insert(3, "image_neighbour_label", near.label)
+                feats.insert(4, "image_neighbour_share", near.share)
             if dec.diameter is not None:  # the size head's, px of the working frame
                 feats["cell_diameter"] = dec.diameter
             for p_, v in (
@@ -410,12 +431,16 @@ def traverse_study(
             corr = {
                 c: M.correlation_matrix(pth.s, feats[c].to_numpy(float))[0, 0]
                 for c in feats.columns
-                if c not in ("s", "image_supported")
+                if c not in ("s", "image_supported", "image_neighbour_label")
             }
             path_info[kind] = {
                 "position_vs_feature_spearman": corr,
                 "image_supported_steps": int(support.supported.sum()) if img_ok else None,
                 "image_support_threshold": support.threshold if img_ok else None,
+                "image_neighbour_labels": [str(x) for x in near.label] if img_ok else None,
+                "image_neighbour_shares": [round(float(x), 3) for x in near.share]
+                if img_ok
+                else None,
                 "top_genes": rank["gene"].head(a.top_genes).tolist() if expr_ok else [],
             }
             # each line min-max scaled to share one axis; its legend gives the real

@@ -491,6 +491,70 @@ def image_support(
     return ImageSupport(dist, thr, dist <= thr)
 
 
+@dataclass
+class NeighbourLabels:
+    """What the training crops nearest each latent point are.
+
+    label : (n,) str, the commonest label among the ``k`` nearest labelled crops
+        (ties: the nearer crop's label); "" when no reference crop is labelled
+    share : (n,) float in [0, 1], that label's share of the ``k``
+    """
+
+    label: np.ndarray
+    share: np.ndarray
+
+
+# labels that mean "no label" (obs values written as str: a missing one reads "nan")
+NO_LABEL = ("", "nan", "None", "unlabelled", "unknown")
+
+
+def neighbour_labels(
+    points: np.ndarray, z_image: np.ndarray, labels: np.ndarray, k: int = 5
+) -> NeighbourLabels:
+    """The labels of the training crops a decoded step is drawn from.
+
+    A path step's picture is learned from the crops around it. On real data the
+    path may start at a class with no crops (expression-only progenitors): its
+    drawn cell is then whatever crops lie nearest, e.g. neutrophils, and this says
+    which. Distances (:func:`image_support`) cannot tell, because the shared code
+    places each class centroid among the crops.
+
+    Parameters
+    ----------
+    points : (n, d) latent points
+    z_image : (m, d) codes of the reference crops (training rows with a crop)
+    labels : (m,) their labels; values in :data:`NO_LABEL` are left out
+    k : neighbours voted (capped at the number of labelled crops)
+
+    Returns
+    -------
+    :class:`NeighbourLabels`
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    pts = np.asarray(points, dtype=np.float64)
+    ref = np.asarray(z_image, dtype=np.float64)
+    lab = np.asarray(labels).astype(str)
+    if ref.shape[0] != lab.shape[0]:
+        raise ValueError(f"neighbour_labels: {ref.shape[0]} codes but {lab.shape[0]} labels")
+    keep = ~np.isin(lab, NO_LABEL)
+    if ref.ndim == 2 and ref.shape[0]:
+        keep &= np.isfinite(ref).all(1)
+    ref, lab = ref[keep], lab[keep]
+    n = len(pts)
+    if not len(ref) or not n:
+        return NeighbourLabels(np.full(n, "", dtype=object), np.zeros(n))
+    kk = max(1, min(int(k), len(ref)))
+    idx = NearestNeighbors(n_neighbors=kk).fit(ref).kneighbors(pts)[1]  # nearest first
+    out_lab = np.empty(n, dtype=object)
+    out_share = np.zeros(n)
+    for i, row in enumerate(lab[idx]):
+        names, first, counts = np.unique(row, return_index=True, return_counts=True)
+        best = max(range(len(names)), key=lambda j: (counts[j], -first[j]))
+        out_lab[i], out_share[i] = names[best], counts[best] / kk
+    return NeighbourLabels(out_lab, out_share)
+
+
 def fade_unsupported(images: np.ndarray, supported: np.ndarray, keep: float = 0.35) -> np.ndarray:
     """Images of unsupported steps blended towards white (``keep`` of the image left),
     (n, S, S, 3) float in [0, 1]; supported ones unchanged."""

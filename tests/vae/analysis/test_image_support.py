@@ -4,7 +4,7 @@ cells of a path are drawn where crops were seen, and the fading of the others.""
 import numpy as np
 import pytest
 
-from vae.analysis.traverse import fade_unsupported, image_support
+from vae.analysis.traverse import fade_unsupported, image_support, neighbour_labels
 
 
 def _cloud(n=200, d=4, seed=0):
@@ -77,3 +77,32 @@ def test_nearest_to_mean_picks_a_candidate_cell_and_sweep_codes_move_one_dim():
     s = sweep_codes(z[2], 1, np.array([-1.0, 0.0, 2.0]))
     np.testing.assert_array_equal(s[:, 0], 4.0)
     np.testing.assert_array_equal(s[:, 1], [-1.0, 0.0, 2.0])
+
+
+def test_neighbour_labels_name_the_crops_a_step_is_drawn_from():
+    """Two labelled clusters and unlabelled crops: a point is named after the labelled
+    crops around it, with their share; unlabelled crops never vote; a point between the
+    clusters gets a split share; ties go to the nearer crop's label."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 0.1, size=(20, 2))
+    b = rng.normal(0, 0.1, size=(20, 2)) + [5, 0]
+    unl = rng.normal(0, 0.1, size=(30, 2)) + [5, 0]  # unlabelled crops on top of b
+    ref = np.vstack([a, b, unl])
+    lab = np.array(["eos"] * 20 + ["neut"] * 20 + [""] * 15 + ["nan"] * 15)
+    got = neighbour_labels(np.array([[0, 0], [5, 0], [2.5, 0]]), ref, lab, k=40)
+    assert got.label[:2].tolist() == ["eos", "neut"]
+    assert got.share[:2].tolist() == [0.5, 0.5]  # 40 neighbours: 20 of one class + 20 of the other
+    near = neighbour_labels(np.array([[0, 0], [5, 0]]), ref, lab, k=5)
+    assert near.label.tolist() == ["eos", "neut"] and near.share.tolist() == [1.0, 1.0]
+    # a tie (1 : 1) goes to the label of the nearest crop
+    tie = neighbour_labels(
+        np.array([[0.9, 0]]), np.array([[1.0, 0], [0, 0]]), np.array(["x", "y"]), 2
+    )
+    assert tie.label[0] == "x" and tie.share[0] == 0.5
+
+
+def test_neighbour_labels_without_labelled_crops_are_empty():
+    got = neighbour_labels(np.zeros((3, 2)), _cloud(10, 2), np.array([""] * 10))
+    assert got.label.tolist() == ["", "", ""] and not got.share.any()
+    with pytest.raises(ValueError, match="10 codes but 9 labels"):
+        neighbour_labels(np.zeros((1, 2)), _cloud(10, 2), np.array(["a"] * 9))
