@@ -258,10 +258,13 @@ def build_maskrcnn(
         try:
             res = model.load_state_dict(state, strict=False)
         except RuntimeError as e:
-            # e.g. the shipped detector's 128-channel FPN under another fpn_channels
+            # e.g. the shipped detector's 128-channel FPN under another fpn_channels;
+            # torch's message: a header line, then one line per mismatched weight
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            first = lines[1] if len(lines) > 1 else lines[0] if lines else "shape mismatch"
             raise ValueError(
                 f"segmentation.pretrained_weights={pretrained_weights}: its weights do not "
-                f"fit this model ({str(e).splitlines()[0]}; for the shipped detector keep "
+                f"fit this model ({first}; for the shipped detector keep "
                 f"the default segmentation settings: arch, fpn_channels, box_representation, "
                 f"mask_head_layers)"
             ) from None
@@ -271,6 +274,15 @@ def build_maskrcnn(
             len(res.missing_keys),
             len(res.unexpected_keys),
         )
+        if len(res.missing_keys) > len(model.state_dict()) // 2:
+            # names that do not match load nothing: most likely another arch's file
+            log.warning(
+                "segmentation.pretrained_weights=%s: %d of the model's %d weights are not in "
+                "the file, so most of the model starts from scratch (another arch?)",
+                pretrained_weights,
+                len(res.missing_keys),
+                len(model.state_dict()),
+            )
     return model
 
 

@@ -124,7 +124,8 @@ def fit(
     segmentation.runtime.NonFiniteLossError
         The loss became NaN/inf.
     FitError
-        ``args.resume`` with a checkpoint that cannot be resumed.
+        ``args.resume`` with a checkpoint that cannot be resumed, or
+        ``pretrained_weights`` missing or not fitting the model.
     """
     t_start = time.time()
     sampler = torch.utils.data.DistributedSampler(

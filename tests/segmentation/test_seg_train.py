@@ -321,3 +321,14 @@ def test_segment_train_can_start_from_the_shipped_detector(tmp_path):
     assert p.returncode != 0
     assert "segmentation.pretrained_weights=" in p.stderr and "do not fit" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_a_start_whose_names_do_not_match_is_warned_about(tmp_path, caplog):
+    """A file of another model loads nothing under strict=False: say so, not just count."""
+    import logging
+
+    path = tmp_path / "other.pt"
+    torch.save({"model": {"head.weight": torch.zeros(2, 2)}}, path)
+    with caplog.at_level(logging.WARNING, logger="segmentation.model"):
+        build_maskrcnn(**SMALL, pretrained_weights=str(path))
+    assert "are not in the file, so most of the model starts from scratch" in caplog.text
