@@ -158,8 +158,40 @@ def model_args_from(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+# model_args that set weight shapes: a start trained with other values cannot load
+_SHAPE_ARGS = ("arch", "num_classes", "fpn_channels", "box_representation", "mask_head_layers")
+
+
+def _check_start_fits(cfg: DictConfig) -> None:
+    """``segmentation.pretrained_weights``, when one of our checkpoints, has this run's
+    weight shapes (so ``stage=all`` stops before its first stage, not at this one)."""
+    sc = cfg.segmentation
+    start = pretrained_weights_path(sc.pretrained_weights)
+    if start is None or not start.is_file():
+        return  # none, or missing: probe_inputs names it
+    from segmentation.io import UnsafeCheckpointError, load_torch_file
+
+    try:
+        ck = load_torch_file(start, "cpu", "segmentation.pretrained_weights")
+    except UnsafeCheckpointError as e:
+        raise StageError(str(e)) from None
+    have = ck.get("model_args") if isinstance(ck, dict) else None
+    if not isinstance(have, dict):
+        return  # a plain state dict (e.g. torchvision's): checked as it loads
+    want = model_args_from(cfg)
+    diff = [k for k in _SHAPE_ARGS if k in have and have[k] != want[k]]
+    if diff:
+        raise StageError(
+            f"segmentation.pretrained_weights={sc.pretrained_weights} ({start}) was trained with "
+            + ", ".join(f"{k}={have[k]}" for k in diff)
+            + "; this run has "
+            + ", ".join(f"segmentation.{k}={want[k]}" for k in diff)
+            + ": set those to match, or train from scratch (segmentation.pretrained_weights=null)"
+        )
+
+
 def _validate(cfg: DictConfig) -> None:
-    """Choices and the real smear folders exist (before any folder is made)."""
+    """Choices, the real smear folders and the starting weights (before any folder is made)."""
     sc = cfg.segmentation
     for k, valid in (
         ("mask_mode", ("ignore", "pseudo", "box")),
@@ -181,6 +213,7 @@ def _validate(cfg: DictConfig) -> None:
                     f"data.smear_sources[{i}].path={src.path} -> {_resolve(cfg, src.path)}: "
                     f"not found (set paths.shared_data=... or an absolute path)"
                 )
+    _check_start_fits(cfg)
 
 
 @stage(

@@ -317,10 +317,18 @@ def test_segment_train_can_start_from_the_shipped_detector(tmp_path):
     w_ship, w_tuned = shipped.state_dict()[key], tuned.state_dict()[key]
     assert (w_tuned - w_ship).norm() < 0.1 * (fresh.state_dict()[key] - w_ship).norm()
 
-    p = _run([*common, "experiment=bad", "segmentation.fpn_channels=64"], REPO)
+    # a start of other weight shapes: stopped before stage=all's first stage runs
+    p = _run([*common, "stage=all", "experiment=bad", "segmentation.fpn_channels=64"], REPO)
     assert p.returncode != 0
-    assert "segmentation.pretrained_weights=" in p.stderr and "do not fit" in p.stderr
+    assert "segmentation.pretrained_weights=shipped" in p.stderr
+    assert "was trained with fpn_channels=128" in p.stderr
+    assert "segmentation.fpn_channels=64" in p.stderr and "nothing was run" in p.stderr
     assert "Traceback" not in p.stderr
+    assert not list((tmp_path / "out" / "bad").glob("*/manifest.json"))  # no stage ran
+    assert not (tmp_path / "out" / "bad" / "simulate").exists()
+    # the library says the same when asked directly
+    with pytest.raises(ValueError, match="do not fit this model .*size mismatch"):
+        build_maskrcnn(**{**SMALL, "fpn_channels": 64}, pretrained_weights=str(SHIPPED_DETECTOR))
 
 
 def test_a_start_whose_names_do_not_match_is_warned_about(tmp_path, caplog):
