@@ -8,7 +8,10 @@ on), decodes each from its single-view code as the reconstructions are, and coun
 nucleus lobes (``vae.analysis.granules``) on the drawn cell and on the nucleus layer's
 own mask, against the simulator's true lobe count, over the neutrophil lineage; with a
 lobe layer (``vae.lobe_head``) also the head's own count and the same model's cells
-drawn without it (the head reads the code detached, so that is the paired baseline)::
+drawn without it (the head reads the code detached, so that is the paired baseline).
+Granule density counted on the same drawn cells (and on the input crops) is scored
+against the simulator's azurophilic density at each cell's ``t``, as
+``image_branch_check.py`` scores the test split::
 
     .venv/bin/python scripts/lobes_check.py RUN [RUN ...] --paired outputs/bench_anomaly/paired_100_seed2.h5ad
 
@@ -109,8 +112,15 @@ def check(run: Path, paired: Path, figure: Path | None = None) -> dict:
     seg = o["kind"].astype(str).to_numpy()[rows] == "segmented_neutrophil"
     d = drawn["lobes"].to_numpy(float)
 
-    def rho(x) -> float:
-        return round(float(spearmanr(x, true).correlation), 3)
+    def rho(x, ref=true) -> float:
+        return round(float(spearmanr(x, ref).correlation), 3)
+
+    # granules: the measure of image_branch_check.py (granule density counted on the
+    # drawn cell vs the simulator's azurophilic density at the cell's t), on these cells
+    from pipeline.simulator.morphology import azurophilic_density
+
+    t = o["t"].to_numpy(float)[rows]
+    azu = np.array([azurophilic_density(v) for v in t])
 
     extra = {}
     if head is not None and figure is not None:
@@ -141,6 +151,12 @@ def check(run: Path, paired: Path, figure: Path | None = None) -> dict:
         "segmented_mean_drawn_lobes": round(float(d[seg].mean()), 2),
         "segmented_drawn_3plus_share": round(float((d[seg] >= 3).mean()), 3),
         "segmented_layer_mean_lobes": round(float(layer[seg].mean()), 2),
+        "drawn_granules_vs_true_azurophilic_spearman": rho(
+            drawn["granule_density"].to_numpy(float), azu
+        ),
+        "input_granules_vs_true_azurophilic_spearman": rho(
+            inp["granule_density"].to_numpy(float), azu
+        ),
         **extra,
     }
 
