@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -463,4 +464,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from segmentation.datasets import AnnotationError
+    from segmentation.io import UnsafeCheckpointError
+
+    try:
+        main()
+    except (AnnotationError, UnsafeCheckpointError, FileNotFoundError) as e:
+        # bad input (a folder given for --format coco's JSON, a damaged checkpoint):
+        # one line, no traceback
+        sys.exit(f"eval_segmentation.py: {e}")
