@@ -327,6 +327,9 @@ def test_path_steps_without_crops_nearby_are_faded_and_flagged(tiny_run, tmp_pat
         re.search(r'id="study-data">(.*?)</script>', page, re.S).group(1).replace("<\\/", "</")
     )
     assert payload["supported"] == want.supported.tolist()
+    # the page's step line names the crops each step is drawn from
+    assert [x.split(" (")[0] for x in payload["drawn_from"]] == near.label.tolist()
+    assert payload["drawn_from"][-1].endswith(f"({near.share[-1]:.0%} of the 5)")
 
 
 def test_maturation_axis_is_recorded_swept_first_and_scored_against_truth(tmp_path):

@@ -287,6 +287,7 @@ def traverse_study(
     path_decoded: dict[str, Any] = {}
     path_drawn: dict[str, np.ndarray] = {}  # each step in its nearest cell's pose (posed paths)
     path_support: dict[str, Any] = {}  # traverse.ImageSupport of each path's steps
+    path_near: dict[str, Any] = {}  # traverse.NeighbourLabels of each path's steps
     # the split's cells with a crop; their single-view codes are encoded once, on first
     # use (the posed path steps and the per-cell truth decodes below both need them)
     image_rows = rows[rd.data.has_image.numpy()[rows]] if rd.data is not None else rows[:0]
@@ -318,6 +319,7 @@ def traverse_study(
             # which crops each step's picture is learned from (a class without crops,
             # e.g. real progenitors, is drawn as its nearest crops' class)
             near = T.neighbour_labels(pth.points, z_img, lab_img, a.image_support_k)
+            path_near[kind] = near
             notes = (
                 [f"{x[:13] or '-'}\n{sh:.1f}" for x, sh in zip(near.label, near.share)]
                 if img_ok
@@ -653,6 +655,7 @@ def traverse_study(
             path_decoded["gp"],
             path_drawn.get("gp"),
             path_support["gp"].supported if img_ok else None,
+            path_near["gp"] if img_ok else None,
             cents.names,
             labels,
             Z,
@@ -926,6 +929,7 @@ def _write_study_page(
     dec,
     drawn: np.ndarray | None,
     supported: np.ndarray | None,
+    step_labels,
     classes: list[str],
     labels: np.ndarray,
     Z: np.ndarray,
@@ -937,7 +941,8 @@ def _write_study_page(
 ) -> Path:
     """``study.html`` (:mod:`vae.analysis.study_page`) for the GP path ``gp`` decoded as ``dec``;
     ``drawn`` (n, S, S, 3): each step in its nearest cell's pose (None: ``dec.cells()``);
-    ``supported`` (n,) bool: steps near codes of cells with a crop (the others faded)."""
+    ``supported`` (n,) bool: steps near codes of cells with a crop (the others faded);
+    ``step_labels``: :class:`vae.analysis.traverse.NeighbourLabels` of the steps, or None."""
     from vae.analysis import traverse as T
     from vae.analysis.palette import label_colours
     from vae.analysis.run import embedding
@@ -990,6 +995,14 @@ def _write_study_page(
         path_classes=list(classes),
         info=info,
         supported=supported,
+        drawn_from=(
+            [
+                f"{x} ({sh:.0%} of the {a.image_support_k})" if x else ""
+                for x, sh in zip(step_labels.label, step_labels.share)
+            ]
+            if step_labels is not None
+            else None
+        ),
         decoded_how=(
             ", in the pose of the held-out cell nearest to it (the latent is pose-free; "
             "a nucleus needs a pose to show its shape)"

@@ -66,6 +66,9 @@ class StudyPageData:
     path_classes : the classes the path runs through, earliest first.
     supported : (n,) bool, steps whose decoded cell lies near codes of training cells
         with a crop (:func:`vae.analysis.traverse.image_support`), or None (not judged).
+    drawn_from : (n,) what the training crops nearest each step are, e.g.
+        "Neutrophils (80% of the 5)" (:func:`vae.analysis.traverse.neighbour_labels`),
+        or None.
     """
 
     s: np.ndarray
@@ -85,6 +88,7 @@ class StudyPageData:
     # how ``decoded`` was drawn, said after "the cell decoded at that point" (e.g. posed)
     decoded_how: str = ""
     supported: np.ndarray | None = None
+    drawn_from: list[str] | None = None
 
 
 def nearest_rows(points: np.ndarray, codes: np.ndarray, candidates: np.ndarray, k: int):
@@ -153,6 +157,7 @@ def page_payload(d: StudyPageData, upscale: int = 2) -> dict:
         "supported": (
             [True] * n if d.supported is None else [bool(x) for x in np.asarray(d.supported)]
         ),
+        "drawn_from": [""] * n if d.drawn_from is None else [str(x) for x in d.drawn_from],
     }
 
 
@@ -233,7 +238,8 @@ Object.keys(D.colours).forEach(k => { const s = document.createElement('span');
 function update(j){
   j = Number(j); $('decoded').src = D.decoded[j];
   $('where').textContent = 'position ' + D.s[j].toFixed(2) + ' (step ' + (j + 1) + ' of ' + n + ')'
-    + (D.supported[j] ? '' : ': no training cell with a crop lies near this point; the decoded cell is the decoder\u2019s extrapolation');
+    + (D.supported[j] ? '' : ': no training cell with a crop lies near this point; the decoded cell is the decoder\u2019s extrapolation')
+    + (D.drawn_from[j] ? '; drawn from training crops like: ' + D.drawn_from[j] : '');
   colbox.setAttribute('x', lw + j * cw);
   const tb = $('genecol'); tb.innerHTML = '';
   D.rows.forEach((r, i) => { const tr = document.createElement('tr'); const v = D.values[j][i];
