@@ -504,10 +504,6 @@ class NeighbourLabels:
     share: np.ndarray
 
 
-# labels that mean "no label" (obs values written as str: a missing one reads "nan")
-NO_LABEL = ("", "nan", "None", "unlabelled", "unknown")
-
-
 def neighbour_labels(
     points: np.ndarray, z_image: np.ndarray, labels: np.ndarray, k: int = 5
 ) -> NeighbourLabels:
@@ -523,7 +519,8 @@ def neighbour_labels(
     ----------
     points : (n, d) latent points
     z_image : (m, d) codes of the reference crops (training rows with a crop)
-    labels : (m,) their labels; values in :data:`NO_LABEL` are left out
+    labels : (m,) their labels; rows without a class
+        (:data:`vae.inputs.schema.UNKNOWN_LABELS`) are left out
     k : neighbours voted (capped at the number of labelled crops)
 
     Returns
@@ -532,12 +529,14 @@ def neighbour_labels(
     """
     from sklearn.neighbors import NearestNeighbors
 
+    from vae.inputs.schema import known_labels
+
     pts = np.asarray(points, dtype=np.float64)
     ref = np.asarray(z_image, dtype=np.float64)
     lab = np.asarray(labels).astype(str)
     if ref.shape[0] != lab.shape[0]:
         raise ValueError(f"neighbour_labels: {ref.shape[0]} codes but {lab.shape[0]} labels")
-    keep = ~np.isin(lab, NO_LABEL)
+    keep = np.asarray(known_labels(lab), bool)
     if ref.ndim == 2 and ref.shape[0]:
         keep &= np.isfinite(ref).all(1)
     ref, lab = ref[keep], lab[keep]
