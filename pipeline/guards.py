@@ -25,12 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.artifacts import (
-    StageInputError,
-    describe,
-    pretrained_weights_path,
-    read_manifest,
-)
+from pipeline.artifacts import StageInputError, describe, read_manifest
 from pipeline.runner import StageError, run_dir, stage_dir
 
 log = logging.getLogger(__name__)
@@ -121,25 +116,19 @@ def check_start(cfg: DictConfig) -> None:
         raise StageError(str(e)) from None
 
 
-def probe_inputs(cfg: DictConfig, name: str, inputs: dict[str, Path]) -> None:
+def probe_inputs(inputs: dict[str, Path]) -> None:
     """Open every checkpoint and AnnData input once; a bad file is a StageError.
 
     Checkpoints are loaded with ``weights_only=True`` (no code from the file
-    runs); ``segmentation.pretrained_weights`` too when ``name`` trains the detector.
+    runs). ``segmentation.pretrained_weights`` is opened by segment_train's own
+    settings check, which also compares its weight shapes with the run's.
     """
     from segmentation.io import UnsafeCheckpointError, load_torch_file
     from segmentation.shipped import is_shipped
 
     checks = [(n, p) for n, p in inputs.items() if n in CHECKPOINT_INPUTS]
-    start = pretrained_weights_path(cfg.segmentation.pretrained_weights)
-    if name == "segment_train" and start is not None:
-        checks.append(("pretrained_weights", start))
     for n, p in checks:
-        setting = (
-            "segmentation.pretrained_weights"
-            if n == "pretrained_weights"
-            else f"input '{n}' (paths.inputs.{n})"
-        )
+        setting = f"input '{n}' (paths.inputs.{n})"
         if n == "segmentation_model" and is_shipped(p):
             setting = (
                 "the shipped detector (used as no segment_train run or "
@@ -149,9 +138,7 @@ def probe_inputs(cfg: DictConfig, name: str, inputs: dict[str, Path]) -> None:
             ck = load_torch_file(p, "cpu", setting)
         except UnsafeCheckpointError as e:
             raise StageError(str(e)) from None
-        if n != "pretrained_weights" and not (
-            isinstance(ck, dict) and "model" in ck and "model_args" in ck
-        ):
+        if not (isinstance(ck, dict) and "model" in ck and "model_args" in ck):
             raise StageError(
                 f"{setting}={p}: not a {CHECKPOINT_INPUTS[n]} checkpoint of this pipeline "
                 f"(it needs the keys 'model' and 'model_args')"

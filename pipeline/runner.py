@@ -312,7 +312,7 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
             inputs[n] = resolve_input(cfg, n)
         except StageInputError:
             pass
-    guards.probe_inputs(cfg, name, inputs)
+    guards.probe_inputs(inputs)
     # one run per stage folder at a time, from the existence check to the manifest
     check_writable(Path(cfg.paths.root), "paths.root")
     with stage_lock(run_dir(cfg), name, cfg.variant, cfg.experiment):

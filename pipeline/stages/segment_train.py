@@ -163,12 +163,13 @@ _SHAPE_ARGS = ("arch", "num_classes", "fpn_channels", "box_representation", "mas
 
 
 def _check_start_fits(cfg: DictConfig) -> None:
-    """``segmentation.pretrained_weights``, when one of our checkpoints, has this run's
-    weight shapes (so ``stage=all`` stops before its first stage, not at this one)."""
+    """``segmentation.pretrained_weights`` loads safely (``weights_only``; a missing or
+    foreign file is named) and, when one of our checkpoints, has this run's weight
+    shapes: so ``stage=all`` stops before its first stage, not at this one."""
     sc = cfg.segmentation
     start = pretrained_weights_path(sc.pretrained_weights)
-    if start is None or not start.is_file():
-        return  # none, or missing: probe_inputs names it
+    if start is None:
+        return
     from segmentation.io import UnsafeCheckpointError, load_torch_file
 
     try:
