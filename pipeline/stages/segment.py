@@ -38,7 +38,7 @@ from segmentation.crops import FLAGS, FilterSettings
 from segmentation.inference import MaskRCNNDetector
 from segmentation.io import list_images, read_rgb, write_h5ad
 from segmentation.progress import bar
-from segmentation.shipped import wants_scale_refinement
+from segmentation.shipped import wants_scale_estimate, wants_scale_refinement
 from segmentation.table import cells_adata, merge_parts, run_summary
 
 log = logging.getLogger(__name__)
@@ -120,18 +120,31 @@ def _image_list(ctx: StageContext, smears: Path, truth: CocoTruth | None) -> lis
     return images
 
 
+def configured_scale(cfg: Any) -> float | None:
+    """The fixed scale of a real data config with a single smear source (``data=bccd``:
+    the scale its images were trained at), else None."""
+    sources = list(cfg.data.smear_sources or [])
+    if cfg.data.name != "synthetic" and len(sources) == 1 and sources[0].get("scale") is not None:
+        return float(sources[0]["scale"])
+    return None
+
+
 def resolve_input_scale(cfg: Any, ckpt: dict[str, Any]) -> tuple[float, str]:
     """Working scale (network px per source px) and where it came from.
 
     A real data config with a single smear source of fixed scale (``data=bccd``)
     gives the scale its images were trained at; otherwise
     ``segmentation.input_scale`` is used (the simulator's training scale; set it
-    to match other images' magnification).
+    to match other images' magnification). Where each image's scale is measured
+    (:func:`smear_estimate_px`) this is only the fallback for an image with no cell
+    to measure.
     """
-    sources = list(cfg.data.smear_sources or [])
-    if cfg.data.name != "synthetic" and len(sources) == 1 and sources[0].get("scale") is not None:
-        return float(sources[0]["scale"]), f"data.smear_sources[0].scale ({cfg.data.name})"
-    if cfg.data.name != "synthetic":
+    fixed = configured_scale(cfg)
+    if fixed is not None:
+        return fixed, f"data.smear_sources[0].scale ({cfg.data.name})"
+    if cfg.data.name != "synthetic" and not wants_scale_estimate(
+        cfg.segmentation.estimate_scale, ckpt
+    ):
         log.warning(
             "data=%s has no single fixed smear scale; using segmentation.input_scale=%s "
             "(network px per image px): set it so white cells are ~segmentation.cell_px px",
@@ -147,6 +160,21 @@ def resolve_input_scale(cfg: Any, ckpt: dict[str, Any]) -> tuple[float, str]:
             trained,
         )
     return float(cfg.segmentation.input_scale), "segmentation.input_scale"
+
+
+def smear_estimate_px(cfg: Any, ckpt: dict[str, Any]) -> float | None:
+    """White-cell size each smear's scale is measured at, or None (a fixed scale).
+
+    ``segmentation.estimate_scale`` true / false decides; null follows the checkpoint
+    (:func:`segmentation.shipped.wants_scale_estimate`: the shipped detector and a
+    ``segment_train`` model of real smears ask for it), except that a data config's
+    fixed scale (:func:`configured_scale`) is a known magnification and wins.
+    """
+    from pipeline.segment_sources import estimate_px
+
+    if cfg.segmentation.estimate_scale is None and configured_scale(cfg) is not None:
+        return None
+    return estimate_px(cfg, ckpt)
 
 
 def detector_kwargs(sc: Any) -> dict[str, Any]:
@@ -353,14 +381,15 @@ def segment(ctx: StageContext) -> None:
         smears,
         ann or "none",
     )
-    from pipeline.segment_sources import estimate_px
     from segmentation.model import load_checkpoint
 
     model, ckpt = load_checkpoint(ctx.input("segmentation_model"), map_location=ctx.dist.device)
     settings.input_scale, scale_from = resolve_input_scale(ctx.cfg, ckpt)
     if ctx.is_main:
         log.info("input_scale=%.4g from %s", settings.input_scale, scale_from)
-    est = estimate_px(ctx.cfg, ckpt)
+    est = smear_estimate_px(ctx.cfg, ckpt)
+    if ctx.is_main and est is not None:
+        log.info("magnification measured per image (segmentation.estimate_scale)")
     # every rank measures all images (the same medians, so the same scales on every rank)
     pooled = pooled_scales(ctx.cfg, images, est, settings.input_scale)
     part = _run_shard(

@@ -134,6 +134,27 @@ def load_sets(
     return train, val, test, donors
 
 
+def scale_record(cfg: DictConfig) -> dict[str, Any]:
+    """What the checkpoint says about the magnification its smears are to be read at.
+
+    Simulated smears share one scale (``input_scale``). Real smears were brought to
+    ``cell_px`` source by source (a fixed scale, or their boxes), so a new smear's
+    magnification is unknown: ``estimate_scale`` makes stage=segment / embed measure
+    it unless told otherwise (``segmentation.estimate_scale``, a data config's fixed
+    scale); the detector's second pass stays off for such a model (``refine_scale``;
+    docs/segmentation_infer.md, "Detector-refined scale").
+    """
+    sc = cfg.segmentation
+    if cfg.data.name == "synthetic":
+        return {"input_scale": float(sc.input_scale), "cell_px": float(sc.cell_px)}
+    return {
+        "input_scale": None,
+        "cell_px": float(sc.cell_px),
+        "estimate_scale": True,
+        "refine_scale": False,
+    }
+
+
 def model_args_from(cfg: DictConfig) -> dict[str, Any]:
     sc = cfg.segmentation
     return {
@@ -300,8 +321,7 @@ def segment_train(ctx: StageContext) -> None:
             pretrained_weights=pretrained_weights_path(sc.pretrained_weights),
             checkpoint_extra={
                 "config": OmegaConf.to_container(cfg, resolve=True),
-                "input_scale": float(sc.input_scale) if cfg.data.name == "synthetic" else None,
-                "cell_px": float(sc.cell_px),
+                **scale_record(cfg),
             },
         )
     except FitError as e:

@@ -681,3 +681,38 @@ def test_cell_sizes_never_echo_a_ruler_made_of_the_white_cells():
     c = cells()
     _size_by_ruler(c, red, 0.5, own_ruler=True)  # the red cells are a ruler of their own
     np.testing.assert_allclose(c.table[CELL_DIAMETER], [40.0, 30.0])
+
+
+def test_a_detector_trained_on_real_smears_measures_new_smears(tmp_path, monkeypatch, compose):
+    """A segment_train model of real smears is saved asking for the estimate (its smears
+    were brought to cell_px source by source), so stage=segment on a folder of new smears
+    measures each image (here the ruler's 0.3: 300 px -> 90 px) instead of running at the
+    simulator's 0.6; a data config's fixed scale (data=bccd: 0.21) is a known
+    magnification and wins; the simulator's model keeps its one scale."""
+    from pipeline.stages.segment_train import scale_record
+    from tests.helpers.run import run_stage_in_process
+
+    real = scale_record(compose(["stage=segment_train", "data=bccd"]))
+    assert real["estimate_scale"] is True and real["refine_scale"] is False
+    assert real["input_scale"] is None
+    sim = scale_record(compose(["stage=segment_train"]))
+    assert sim["input_scale"] == 0.6 and "estimate_scale" not in sim
+    _checkpoint_and_smears(tmp_path, {"smears": "a.png"}, **real)
+    common = [
+        f"paths.root={tmp_path / 'out'}",
+        f"paths.inputs.segmentation_model={tmp_path / 'det.pt'}",
+        f"paths.inputs.smears={tmp_path / 'smears'}",
+        "hardware.torch_threads=1",
+        "segmentation.crop_size=32",
+        "segmentation.min_area=100",
+    ]
+    det = _lilac_segment_stage(monkeypatch)
+    out = run_stage_in_process([*common, "experiment=m"], "segment")
+    assert det.shapes == [(90, 90)]  # measured, one pass (refine off for this model)
+    assert "magnification measured per image" in (out / "segment.log").read_text()
+    det = _lilac_segment_stage(monkeypatch)
+    run_stage_in_process([*common, "experiment=f", "data=bccd"], "segment")
+    assert det.shapes == [(63, 63)]  # data=bccd's 0.21
+    det = _lilac_segment_stage(monkeypatch)
+    run_stage_in_process([*common, "experiment=o", "segmentation.estimate_scale=false"], "segment")
+    assert det.shapes == [(180, 180)]  # told not to: segmentation.input_scale 0.6
