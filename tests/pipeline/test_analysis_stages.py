@@ -332,6 +332,46 @@ def test_path_steps_without_crops_nearby_are_faded_and_flagged(tiny_run, tmp_pat
     assert payload["drawn_from"][-1].endswith(f"({near.share[-1]:.0%} of the 5)")
 
 
+def test_path_steps_show_and_measure_the_real_crops_nearest_them(tiny_run, tmp_path):
+    """Under the drawn cells, each path step shows the real crop whose code lies nearest
+    it; path_features has the median features of the 5 nearest crops (measured as the
+    instruments measure any crop), their trend along the path is in the summary, and the
+    caption says what the row is."""
+    from vae.analysis import granules as G
+    from vae.analysis import traverse as T
+    from vae.analysis.run import Outputs, full_codes, load_run
+    from vae.analysis.settings import AnalysisSettings
+    from vae.analysis.study import NEAREST_CROP_FEATURES, traverse_study
+    from vae.analysis.study_page import nearest_rows
+
+    root, paired = tiny_run
+    run = root / "tiny" / "train"
+    rd = load_run(run / "latent.h5ad", run / "model.pt", paired)
+    kw = dict(umap=False, top_k_dims=1, n_steps=3, path_steps=5, path_pose_cells=0)
+    a = AnalysisSettings(path_classes=["myeloblast", "myelocyte"], **kw)
+    summary = traverse_study(rd, a, Outputs(tmp_path), tmp_path / "report.html", None, "t", "s", {})
+    feats = pd.read_csv(tmp_path / "path_features_gp.csv")
+    Z = full_codes(rd.latent)
+    labels = rd.latent.obs["label"].astype(str).to_numpy()
+    gp = T.gp_path(T.class_centroids(Z, labels, order=a.path_classes).points, 5, 0.3, 1e-3, 0)
+    cand = np.flatnonzero(rd.data.has_image.numpy())
+    near = nearest_rows(gp.points, Z, cand, 5)
+    assert near.shape == (5, 5)
+    crops = rd.data.crops[near.ravel()].permute(0, 2, 3, 1).numpy()
+    masks = rd.data.masks[near.ravel(), 0].numpy().astype(bool)
+    f = G.measure_batch(crops * masks[..., None], masks, _params(a))
+    med = f.groupby(np.arange(len(f)) // 5).median()
+    for c in NEAREST_CROP_FEATURES:
+        np.testing.assert_allclose(feats[f"nearest_crops_{c}"], med[c], atol=1e-9, err_msg=c)
+    trend = summary["path"]["gp"]["position_vs_feature_spearman"]
+    assert {f"nearest_crops_{c}" for c in NEAREST_CROP_FEATURES} <= set(trend)
+    # the myeloblast end's crops are myeloblasts' neighbours, the other end myelocytes'
+    first = labels[near[0, 0]], labels[near[-1, 0]]
+    assert first == ("myeloblast", "myelocyte"), first
+    html = (tmp_path / "report.html").read_text()
+    assert "Bottom row: the real crop whose code lies nearest the step" in html
+
+
 def test_maturation_axis_is_recorded_swept_first_and_scored_against_truth(tmp_path):
     """vae.maturation_weight > 0 (the default): stage=train names the axis in latent.h5ad, stage=traverse
     sweeps it first and scores it against the simulator's t."""

@@ -341,6 +341,15 @@ def traverse_study(
                 path_drawn[kind] = first
                 rows_img = [cells, T.fade_unsupported(first, ok_img)]
                 row_names = ["mean pose", "nearest cell's pose"]
+            # the real cells at each step: the crops whose codes lie nearest it, shown
+            # under the drawn cells and measured like them (a decoder blurs what they show)
+            crops_near = (
+                _nearest_crops(rd, pth.points, Z, a.image_support_k, params) if img_ok else None
+            )
+            if crops_near is not None:
+                rows_img = [*(rows_img if isinstance(rows_img, list) else [rows_img])]
+                rows_img.append(crops_near.first)
+                row_names = [*(row_names or ["decoded"]), "nearest real crop"]
             fig = F.strip_with_heatmap(
                 rows_img,
                 dec.expression[:, gidx] if expr_ok else None,
@@ -385,6 +394,13 @@ def traverse_study(
                 if img_ok
                 else ""
             )
+            crops_note = (
+                f" Bottom row: the real crop whose code lies nearest the step (any split; "
+                f"path_features_{kind}.csv: nearest_crops_* = the median feature of the "
+                f"{crops_near.k} nearest, measured as the drawn cells are)."
+                if crops_near is not None
+                else ""
+            )
             n_out = int((~ok_img).sum())
             support_note = (
                 f" Faded, position marked *: {n_out} of {len(ok_img)} steps lie farther from "
@@ -400,7 +416,7 @@ def traverse_study(
                 FigureItem(
                     p,
                     f"{what} along {how} (position 0..1).{posed_note}{drawn_note}"
-                    f"{near_note}{support_note}",
+                    f"{near_note}{crops_note}{support_note}",
                 )
             )
             if expr_ok:
@@ -424,6 +440,9 @@ def traverse_study(
                 feats.insert(4, "image_neighbour_share", near.share)
             if dec.diameter is not None:  # the size head's, px of the working frame
                 feats["cell_diameter"] = dec.diameter
+            if crops_near is not None:
+                for c in NEAREST_CROP_FEATURES:
+                    feats[f"nearest_crops_{c}"] = crops_near.features[c].to_numpy(float)
             for p_, v in (
                 T.program_scores(dec.expression, genes, programs) if expr_ok else {}
             ).items():
@@ -454,6 +473,8 @@ def traverse_study(
                     "lobes",
                     "nucleus_fraction",
                     "cell_diameter",
+                    "nearest_crops_lobes",
+                    "nearest_crops_nucleus_fraction",
                     *[k for k in feats if k.startswith("program:")],
                 ]
                 if c in feats
@@ -895,6 +916,43 @@ def _eval_sections(evaluation: Path | None) -> list:
     uses = report_section(ev_dir)  # imputation, denoising, atypical cells (issue 15)
     out = [Section("Evaluation (held-out cells)", text=text, tables=tables, figures=figs)]
     return out + ([uses] if uses is not None else [])
+
+
+# features of the real crops nearest each path step, as path_features_*.csv columns
+NEAREST_CROP_FEATURES = ("lobes", "nucleus_fraction", "granule_density", "cytoplasm_hue")
+
+
+class _NearestCrops:
+    """The real crops nearest each path step: ``first`` (n, S, S, 3) float [0, 1], the
+    nearest one's masked crop; ``features`` (n rows): the median of the ``k`` nearest
+    crops' measured features (:func:`vae.analysis.granules.measure_batch`)."""
+
+    def __init__(self, first: np.ndarray, features: pd.DataFrame, k: int):
+        self.first, self.features, self.k = first, features, k
+
+
+def _nearest_crops(
+    rd: RunData, points: np.ndarray, Z: np.ndarray, k: int, params
+) -> _NearestCrops | None:
+    """The real crops whose codes (``Z``, the reported latent) lie nearest ``points``, or
+    None without crops. Candidates are every cell with a crop, as on ``study.html``."""
+    from vae.analysis import granules as G
+    from vae.analysis.study_page import nearest_rows
+
+    if rd.data is None or k < 1:
+        return None
+    cand = np.flatnonzero(rd.data.has_image.numpy().astype(bool))
+    near = nearest_rows(points, Z, cand, k)  # (n, k), nearest first
+    if near.size == 0:
+        return None
+    kk = near.shape[1]
+    flat = near.ravel()
+    crops = rd.data.crops[flat].permute(0, 2, 3, 1).numpy()  # (n k, S, S, 3) uint8
+    masks = rd.data.masks[flat, 0].numpy().astype(bool)
+    feats = G.measure_batch(crops * masks[..., None], masks, params)
+    med = feats.groupby(np.arange(len(feats)) // kk).median().reset_index(drop=True)
+    first = crops[::kk].astype(np.float64) / 255.0 * masks[::kk][..., None]
+    return _NearestCrops(first, med, kk)
 
 
 def _pose_reference(rd: RunData, image_rows: np.ndarray, a: AnalysisSettings) -> np.ndarray | None:
