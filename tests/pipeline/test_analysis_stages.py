@@ -365,6 +365,9 @@ def test_path_steps_show_and_measure_the_real_crops_nearest_them(tiny_run, tmp_p
         np.testing.assert_allclose(feats[f"nearest_crops_{c}"], med[c], atol=1e-9, err_msg=c)
     trend = summary["path"]["gp"]["position_vs_feature_spearman"]
     assert {f"nearest_crops_{c}" for c in NEAREST_CROP_FEATURES} <= set(trend)
+    # the bottom row's cell of each step, named so it can be looked up
+    assert feats["nearest_crop_cell"].tolist() == list(rd.latent.obs_names[near[:, 0]])
+    assert feats["nearest_crop_label"].tolist() == labels[near[:, 0]].tolist()
     # the myeloblast end's crops are myeloblasts' neighbours, the other end myelocytes'
     first = labels[near[0, 0]], labels[near[-1, 0]]
     assert first == ("myeloblast", "myelocyte"), first

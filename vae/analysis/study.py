@@ -441,6 +441,9 @@ def traverse_study(
             if dec.diameter is not None:  # the size head's, px of the working frame
                 feats["cell_diameter"] = dec.diameter
             if crops_near is not None:
+                # which cell the bottom row shows, to look it up in latent.h5ad
+                feats["nearest_crop_cell"] = np.asarray(lat.obs_names)[crops_near.rows]
+                feats["nearest_crop_label"] = labels[crops_near.rows]
                 for c in NEAREST_CROP_FEATURES:
                     feats[f"nearest_crops_{c}"] = crops_near.features[c].to_numpy(float)
             for p_, v in (
@@ -452,7 +455,14 @@ def traverse_study(
             corr = {
                 c: M.correlation_matrix(pth.s, feats[c].to_numpy(float))[0, 0]
                 for c in feats.columns
-                if c not in ("s", "image_supported", "image_neighbour_label")
+                if c
+                not in (
+                    "s",
+                    "image_supported",
+                    "image_neighbour_label",
+                    "nearest_crop_cell",
+                    "nearest_crop_label",
+                )
             }
             path_info[kind] = {
                 "position_vs_feature_spearman": corr,
@@ -924,11 +934,12 @@ NEAREST_CROP_FEATURES = ("lobes", "nucleus_fraction", "granule_density", "cytopl
 
 class _NearestCrops:
     """The real crops nearest each path step: ``first`` (n, S, S, 3) float [0, 1], the
-    nearest one's masked crop; ``features`` (n rows): the median of the ``k`` nearest
-    crops' measured features (:func:`vae.analysis.granules.measure_batch`)."""
+    nearest one's masked crop; ``rows`` (n,) its row in the latent; ``features`` (n rows):
+    the median of the ``k`` nearest crops' measured features
+    (:func:`vae.analysis.granules.measure_batch`)."""
 
-    def __init__(self, first: np.ndarray, features: pd.DataFrame, k: int):
-        self.first, self.features, self.k = first, features, k
+    def __init__(self, first: np.ndarray, rows: np.ndarray, features: pd.DataFrame, k: int):
+        self.first, self.rows, self.features, self.k = first, rows, features, k
 
 
 def _nearest_crops(
@@ -952,7 +963,7 @@ def _nearest_crops(
     feats = G.measure_batch(crops * masks[..., None], masks, params)
     med = feats.groupby(np.arange(len(feats)) // kk).median().reset_index(drop=True)
     first = crops[::kk].astype(np.float64) / 255.0 * masks[::kk][..., None]
-    return _NearestCrops(first, med, kk)
+    return _NearestCrops(first, near[:, 0], med, kk)
 
 
 def _pose_reference(rd: RunData, image_rows: np.ndarray, a: AnalysisSettings) -> np.ndarray | None:
