@@ -342,15 +342,19 @@ def test_a_start_whose_names_do_not_match_is_warned_about(tmp_path, caplog):
     assert "are not in the file, so most of the model starts from scratch" in caplog.text
 
 
-def test_the_demo_preset_starts_from_a_detector_that_fits_it(compose):
-    """+preset=demo fine-tunes the shipped detector: the settings check passes on it
-    (loads the file, compares weight shapes), and fails once a shape setting differs."""
+@pytest.mark.parametrize("preset", ["demo", "real"])
+def test_the_presets_start_from_a_detector_that_fits_them(compose, preset):
+    """+preset=demo and +preset=real fine-tune the shipped detector: the settings check
+    passes on it (loads the file, compares weight shapes), and fails once a shape
+    setting differs."""
     from pipeline.runner import StageError
     from pipeline.stages.segment_train import _validate
 
-    cfg = compose(["+preset=demo", "stage=segment_train"])
+    cfg = compose([f"+preset={preset}", "stage=segment_train"])
     assert cfg.segmentation.pretrained_weights == "shipped"
     _validate(cfg)
-    bad = compose(["+preset=demo", "stage=segment_train", "segmentation.box_representation=256"])
+    bad = compose(
+        [f"+preset={preset}", "stage=segment_train", "segmentation.box_representation=256"]
+    )
     with pytest.raises(StageError, match="box_representation=512; this run has"):
         _validate(bad)
