@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -452,17 +453,12 @@ def traverse_study(
                 feats[f"program:{p_}"] = v
             out_files.csv(feats, f"path_features_{kind}")
             tables[f"path_features_{kind}"] = feats
+            # every numeric column but the position itself (labels, cell ids and the
+            # boolean support flag are not features)
             corr = {
                 c: M.correlation_matrix(pth.s, feats[c].to_numpy(float))[0, 0]
-                for c in feats.columns
-                if c
-                not in (
-                    "s",
-                    "image_supported",
-                    "image_neighbour_label",
-                    "nearest_crop_cell",
-                    "nearest_crop_label",
-                )
+                for c in feats.select_dtypes("number").columns
+                if c != "s"
             }
             path_info[kind] = {
                 "position_vs_feature_spearman": corr,
@@ -932,14 +928,17 @@ def _eval_sections(evaluation: Path | None) -> list:
 NEAREST_CROP_FEATURES = ("lobes", "nucleus_fraction", "granule_density", "cytoplasm_hue")
 
 
+@dataclass
 class _NearestCrops:
     """The real crops nearest each path step: ``first`` (n, S, S, 3) float [0, 1], the
     nearest one's masked crop; ``rows`` (n,) its row in the latent; ``features`` (n rows):
     the median of the ``k`` nearest crops' measured features
     (:func:`vae.analysis.granules.measure_batch`)."""
 
-    def __init__(self, first: np.ndarray, rows: np.ndarray, features: pd.DataFrame, k: int):
-        self.first, self.rows, self.features, self.k = first, rows, features, k
+    first: np.ndarray
+    rows: np.ndarray
+    features: pd.DataFrame
+    k: int
 
 
 def _nearest_crops(
@@ -950,7 +949,7 @@ def _nearest_crops(
     from vae.analysis import granules as G
     from vae.analysis.study_page import nearest_rows
 
-    if rd.data is None or k < 1:
+    if rd.data is None:
         return None
     cand = np.flatnonzero(rd.data.has_image.numpy().astype(bool))
     near = nearest_rows(points, Z, cand, k)  # (n, k), nearest first
