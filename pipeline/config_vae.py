@@ -56,6 +56,11 @@ class VAEConfig:
     # decoded granule density vs true azurophilic density 0.72 (none without it), same
     # kNN/SSIM as without (docs/vae.md, "Granule layer"); 0: off
     granule_weight: float = 10.0
+    # texture layer (> 0 builds it; residual decoder only): per pixel, how strong the
+    # stain's fine grain is (granules, chromatin) and its colour, learned as a Gaussian
+    # likelihood of the input's detail finer than 1.5 px without shaping the latent;
+    # decoded cells are drawn with that grain (docs/vae.md, "Texture layer"); 0: off
+    texture_weight: float = 0.0
     # nucleus layer (> 0 builds it): nucleus-mask logits scored by a Bernoulli likelihood
     # against the lobe counter's nucleus of each input crop; the decoded image paints a
     # nucleus colour layer through that mask over the cytoplasm, drawn sharp in decoded

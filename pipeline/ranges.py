@@ -31,6 +31,7 @@ RANGES: dict[str, str] = {
     "vae.ssim_weight": NONNEG,
     "vae.spectral_weight": NONNEG,
     "vae.granule_weight": NONNEG,
+    "vae.texture_weight": NONNEG,
     "vae.nucleus_weight": NONNEG,
     "vae.free_bits": NONNEG,
     "vae.classify_weight": NONNEG,

@@ -329,6 +329,25 @@ def check(
         inp_lobes = G.measure_batch(inputs_u8, dec.mask, params)["lobes"].to_numpy(float)
         drawn_lobes = G.measure_batch(dec_imgs, dec.mask, params)["lobes"].to_numpy(float)
         res["drawn_lobes_vs_input_lobes_spearman"] = _spearman(drawn_lobes, inp_lobes)
+        # how granular the drawn cell looks vs its input: the stain's fine detail on the
+        # cytoplasm and the nucleus (what the texture layer learns; a smooth drawing ~0)
+        g_in = G.stain_grain(inputs_u8, dec.mask, params)
+        g_out = G.stain_grain(dec_imgs, dec.mask, params)
+        kinds_g = obs["image_label"].astype(str).to_numpy()[has_i] if "image_label" in obs else None
+        for j, part in enumerate(("cytoplasm", "nucleus")):
+            ok = np.isfinite(g_in[:, j]) & np.isfinite(g_out[:, j])
+            res[f"drawn_grain_vs_input_{part}_spearman"] = _spearman(g_out[ok, j], g_in[ok, j])
+            res[f"drawn_grain_over_input_{part}_median"] = float(
+                np.median(g_out[ok, j] / np.maximum(g_in[ok, j], 1e-6))
+            )
+            if kinds_g is not None:
+                for k in sorted(set(kinds_g[ok]) - {"", "nan", UNKNOWN_LABEL}):
+                    sel = ok & (kinds_g == k)
+                    if sel.sum() >= 3:
+                        res[f"grain_{part}_{k}_input_drawn"] = [
+                            round(float(np.median(g_in[sel, j])), 4),
+                            round(float(np.median(g_out[sel, j])), 4),
+                        ]
         res["input_multilobed_share"] = float((inp_lobes >= 2).mean())
         if getattr(model, "lobe_head", None) is not None:
             from vae.lobes import without_lobe_layer

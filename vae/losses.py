@@ -57,6 +57,9 @@ class LossWeights:
     # input under the decoded rate map, plus the granules' optical density there;
     # needs a model built with granule_head and centres in the batch
     granules: float = 0.0
+    # texture layer: Gaussian NLL of the input's fine stain detail under the decoded
+    # texture maps (:func:`texture_nll`); needs a model built with texture_head
+    texture: float = 0.0
     # nucleus layer: Bernoulli NLL (BCE) of the decoded nucleus mask against the
     # input's nucleus (the lobe counter's), summed over the cell's pixels; needs a
     # model built with nucleus_head and nucleus masks in the batch
@@ -101,6 +104,7 @@ class LossTerms:
     ssim : 1 - SSIM inside the mask (0 when its weight is 0)
     spectral : L1 between masked log-amplitude spectra (0 when its weight is 0)
     granules : granule point-process NLL + granule optical-density error (0 when off)
+    texture : Gaussian NLL of the input's fine stain detail, nats per scored pixel (0 when off)
     nucleus : BCE of the decoded nucleus mask inside the cell (0 when off)
     classify : label cross-entropy of the image and expression experts' shared means
         (rows with a known label; 0 when off)
@@ -144,6 +148,7 @@ class LossTerms:
     maturation: torch.Tensor
     view: torch.Tensor
     size: torch.Tensor
+    texture: torch.Tensor
 
     def scalars(self) -> dict[str, float]:
         """Every scalar term as a Python float (for logging)."""
@@ -398,6 +403,24 @@ def spectral_l1(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.T
 GRANULE_OD_SIGMA = 2.0  # px: local background a granule's optical density is taken against
 
 
+def masked_blur(t: torch.Tensor, mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian average of ``t`` over the cell's pixels only (normalised convolution).
+
+    t : (B, C, S, S); mask : (B, 1, S, S) in {0, 1} -> (B, C, S, S). Background pixels
+    (outside ``mask``) do not count, so the black around a cell is not averaged in.
+    """
+    r = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-r, r + 1, device=t.device, dtype=t.dtype)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+
+    def blur(u: torch.Tensor) -> torch.Tensor:
+        n = u.shape[1]
+        u = F.conv2d(u, k.view(1, 1, 1, -1).expand(n, 1, 1, -1), padding=(0, r), groups=n)
+        return F.conv2d(u, k.view(1, 1, -1, 1).expand(n, 1, -1, 1), padding=(r, 0), groups=n)
+
+    return blur(t * mask) / blur(mask).clamp_min(1e-6).expand(-1, t.shape[1], -1, -1)
+
+
 def granule_contrast(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Optical density of each pixel above its masked neighbourhood (B, 3, S, S).
 
@@ -406,19 +429,72 @@ def granule_contrast(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     background outside the mask does not count as stain.
     """
     od = -torch.log(image.clamp_min(1.0 / 255.0)) * mask
-    sigma = GRANULE_OD_SIGMA
-    r = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-r, r + 1, device=image.device, dtype=image.dtype)
-    k = torch.exp(-(x**2) / (2 * sigma**2))
-    c = image.shape[1]
+    return (od - masked_blur(od, mask, GRANULE_OD_SIGMA)).clamp_min(0.0) * mask
 
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        n = t.shape[1]
-        t = F.conv2d(t, k.view(1, 1, 1, -1).expand(n, 1, 1, -1), padding=(0, r), groups=n)
-        return F.conv2d(t, k.view(1, 1, -1, 1).expand(n, 1, -1, 1), padding=(r, 0), groups=n)
 
-    local = blur(od) / blur(mask).clamp_min(1e-6).expand(-1, c, -1, -1)
-    return (od - local).clamp_min(0.0) * mask
+# texture layer: the detail is what the optical density holds finer than a Gaussian of
+# this width (px at 64 px crops: a granule is 1-3 px, a lobe 8-15 px)
+TEXTURE_SIGMA = 1.5
+TEXTURE_RIM_PX = 2  # the cell's outermost rim is not scored (the outline, not texture)
+
+
+def texture_detail(
+    image: torch.Tensor, mask: torch.Tensor, nucleus: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fine detail of the stain, (B, 3, S, S): optical density minus its local mean.
+
+    ``OD - masked_blur(OD, TEXTURE_SIGMA)`` inside the cell, 0 outside: granules,
+    chromatin clumps and stain grain, signed; what a pixel likelihood of the mean
+    image averages away because its positions are random. Given the nucleus
+    (B, 1, S, S) in {0, 1}, the local mean of a nucleus pixel is taken over the nucleus
+    and that of a cytoplasm pixel over the cytoplasm, so the nucleus outline (an edge
+    the mean image draws) does not leak into the detail on either side.
+    """
+    od = -torch.log(image.clamp_min(1.0 / 255.0)) * mask
+    if nucleus is None:
+        return (od - masked_blur(od, mask, TEXTURE_SIGMA)) * mask
+    nuc = nucleus * mask
+    cyto = mask - nuc
+    local = masked_blur(od, nuc, TEXTURE_SIGMA) * nuc + masked_blur(od, cyto, TEXTURE_SIGMA) * cyto
+    return (od - local) * mask
+
+
+def texture_region(mask: torch.Tensor, nucleus: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixels whose detail is texture, (B, 1, S, S) in {0, 1}.
+
+    The cell minus its outer rim (``TEXTURE_RIM_PX``) and, given the input's nucleus,
+    minus the 1 px on either side of the nucleus outline: an outline is an edge the
+    decoded mean draws, not texture.
+    """
+    r = TEXTURE_RIM_PX
+    inner = -F.max_pool2d(-F.pad(mask, (r,) * 4, value=0.0), 2 * r + 1, stride=1)
+    if nucleus is None:
+        return inner
+    grown = F.max_pool2d(nucleus, 3, stride=1, padding=1)
+    shrunk = -F.max_pool2d(-nucleus, 3, stride=1, padding=1)
+    return inner * (1.0 - (grown - shrunk).clamp(0, 1))
+
+
+def texture_nll(dec: Decoded, detail: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Per-row texture-layer loss (B,): Gaussian NLL of the detail, nats per pixel.
+
+    At each pixel the detail ``r`` (3 optical densities) is scored as zero-mean
+    Gaussian with covariance ``a^2 c c^T + d^2 I``: grain of amplitude ``a`` along one
+    colour ``c`` (a granule or a chromatin clump absorbs some colours more than
+    others) plus a small isotropic part ``d``; ``a``, ``c``, ``d`` are the decoded
+    texture maps. Averaged over ``region`` (:func:`texture_region`), so the term is a
+    few nats per row whatever the cell's size.
+    """
+    a2 = dec.texture_amp.pow(2)  # (B, 1, S, S)
+    # rows a decode skipped hold zeros (weighted 0 by the caller): keep them finite; the
+    # layer's own floor is >= exp(-7), so the clamp never moves a decoded value
+    d2 = dec.texture_floor.pow(2).clamp_min(1e-8)
+    proj = (detail * dec.texture_dir).sum(1, keepdim=True)
+    quad = (detail.pow(2).sum(1, keepdim=True) - a2 / (a2 + d2) * proj.pow(2)) / d2
+    logdet = 2.0 * torch.log(d2) + torch.log(a2 + d2)
+    nll = 0.5 * (quad + logdet + 3.0 * math.log(2 * math.pi))
+    n = region.sum(dim=(1, 2, 3)).clamp_min(1.0)
+    return (nll * region).sum(dim=(1, 2, 3)) / n
 
 
 def granule_error(dec: Decoded, centres: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
@@ -785,6 +861,12 @@ def vae_loss(
     )
 
     score_nucleus = w.nucleus > 0 and nucleus is not None and image is not None
+    # the input's fine detail and where it is texture, once per batch
+    if w.texture > 0 and image is not None:
+        detail = texture_detail(image, mask, nucleus)
+        region = texture_region(mask, nucleus)
+    else:
+        detail = region = None
     # gaps between lobes weigh more (once per batch: every decode is scored against it)
     nucleus_weight_map = (
         1.0 + w.nucleus_gap * nucleus_gaps(nucleus) if score_nucleus and w.nucleus_gap > 0 else None
@@ -792,7 +874,7 @@ def vae_loss(
 
     def img_terms(dec: Decoded | None, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if dec is None or dec.image is None:
-            return zero, zero, zero, zero, zero, zero, zero
+            return zero, zero, zero, zero, zero, zero, zero, zero
         rows = pick(rows)
         dec = replace(
             dec,
@@ -803,6 +885,9 @@ def vae_loss(
             nucleus_logits=pick(dec.nucleus_logits),
             lobe_logits=pick(dec.lobe_logits),
             size=pick(dec.size),
+            texture_amp=pick(dec.texture_amp),
+            texture_floor=pick(dec.texture_floor),
+            texture_dir=pick(dec.texture_dir),
         )
         if w.nucleus_input_compose and score_nucleus and dec.cytoplasm is not None:
             # p(x, n | z) = p(n | z) p(x | z, n): the colours given the observed nucleus
@@ -842,7 +927,11 @@ def vae_loss(
             sz = (0.5 * err.pow(2) * rows).sum()
         else:
             sz = zero
-        return nll / b, m / b, s / b, f / b, g / b, nu / b, sz / b
+        if detail is not None and dec.texture_amp is not None:
+            tx = (texture_nll(dec, detail, region) * rows).sum()
+        else:
+            tx = zero
+        return nll / b, m / b, s / b, f / b, g / b, nu / b, sz / b, tx / b
 
     def expr_term(dec: Decoded | None, rows: torch.Tensor) -> torch.Tensor:
         # skipped decoder (None) or a model without genes (B, 0): nothing to score
@@ -852,7 +941,7 @@ def vae_loss(
         return (nll * rows).sum() / b
 
     def weighted_img(t: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        weights = (w.image, w.mask, w.ssim, w.spectral, w.granules, w.nucleus, w.size)
+        weights = (w.image, w.mask, w.ssim, w.spectral, w.granules, w.nucleus, w.size, w.texture)
         return _weighted_sum(zero, zip(weights, t))
 
     def kl_of(g: Gaussian | None, rows: torch.Tensor) -> torch.Tensor:
@@ -861,7 +950,7 @@ def vae_loss(
         return (kl_normal(g).sum(dim=1) * rows).sum() / b
 
     if out.joint is not None:  # PoE: ELBO of the fused posterior on every row
-        i_nll, i_mask, i_ssim, i_spec, i_gran, i_nuc, i_size = img_terms(out.joint, hi)
+        i_nll, i_mask, i_ssim, i_spec, i_gran, i_nuc, i_size, i_tex = img_terms(out.joint, hi)
         e_nll = expr_term(out.joint, he)
         kl_dims = kl_normal(post.joint)
         kl = kl_dims.sum(dim=1).mean()
@@ -888,6 +977,7 @@ def vae_loss(
         i_gran = ii[4] + ie[4]
         i_nuc = ii[5] + ie[5]
         i_size = ii[6] + ie[6]
+        i_tex = ii[7] + ie[7]
         e_nll = expr_term(out.from_expression, we) + expr_term(out.from_image, he * wi)
         kl_dims = sum(
             kl_normal(g) * wg.view(-1, 1)
@@ -895,7 +985,7 @@ def vae_loss(
             if g is not None
         )
         kl = kl_dims.sum(dim=1).mean()
-        ui = ci = (zero, zero, zero, zero, zero, zero, zero)
+        ui = ci = (zero,) * 8
         ue = ce = zero
         # cross-modal terms are part of the MoE ELBO above; report them alone too
         with torch.no_grad():
@@ -985,6 +1075,7 @@ def vae_loss(
             (w.granules, i_gran),
             (w.nucleus, i_nuc),
             (w.size, i_size),
+            (w.texture, i_tex),
             (w.expression, e_nll),
             (1.0, kl_obj),
             (1.0, extra),
@@ -1017,4 +1108,5 @@ def vae_loss(
         maturation=maturation,
         view=view,
         size=i_size,
+        texture=i_tex,
     )

@@ -123,6 +123,11 @@ class VAEArgs:
     # granule layer: the decoder also predicts a granule-rate map and the granules'
     # colour; decoded images render granules from them (:func:`render_granules`)
     granule_head: bool = False
+    # texture layer: the decoder also predicts, per pixel, how strong the stain's fine
+    # grain is and its colour (granules, chromatin); decoded images draw that grain from
+    # a fixed noise field (:func:`render_texture`). Default False so checkpoints saved
+    # before this field load unchanged.
+    texture_head: bool = False
     # nucleus layer: the decoder also outputs nucleus-mask logits (trained as a
     # Bernoulli against the lobe counter's nucleus of the input) and a nucleus colour
     # layer; the image is the cytoplasm layer with the nucleus layer painted through
@@ -191,6 +196,10 @@ class VAEArgs:
             raise ValueError(
                 f"image_encoder='resnet18' needs crop_size a multiple of 32 (got "
                 f"{self.crop_size}) and image_input='rgb' (got {self.image_input!r})"
+            )
+        if self.texture_head and self.image_arch != "residual":
+            raise ValueError(
+                "texture_head needs image_arch='residual' (set vae.texture_weight=0 for 'plain')"
             )
         if self.granule_head and self.image_arch != "residual":
             raise ValueError(
@@ -313,6 +322,11 @@ class Decoded:
     nucleus_colour, cytoplasm : (B, 3, S, S) in [0, 1] or None
         The two colour layers the mean image is composed of (nucleus layer only):
         ``image = cytoplasm + sigmoid(nucleus_logits) * (nucleus_colour - cytoplasm)``.
+    texture_amp, texture_floor : (B, 1, S, S) > 0 or None
+        Standard deviation (optical density) of the stain's fine detail along
+        ``texture_dir`` and in every channel (texture layer only, :func:`vae.losses.texture_nll`).
+    texture_dir : (B, 3, S, S) or None
+        Unit colour direction (optical density per RGB channel) of that detail.
     lobe_logits : (B, LOBE_CLASSES) or None
         Logits of the nucleus lobe count 1..5 (lobe layer only, :mod:`vae.lobes`).
     size : (B,) or None
@@ -337,6 +351,9 @@ class Decoded:
     cytoplasm: torch.Tensor | None = None
     lobe_logits: torch.Tensor | None = None
     size: torch.Tensor | None = None
+    texture_amp: torch.Tensor | None = None
+    texture_floor: torch.Tensor | None = None
+    texture_dir: torch.Tensor | None = None
 
 
 @dataclass
@@ -594,6 +611,7 @@ class ImageDecoder(nn.Module):
         texture_noise: bool = False,
         granule_head: bool = False,
         nucleus_head: bool = False,
+        texture_head: bool = False,
     ):
         super().__init__()
         self.side = crop_size // 2 ** len(channels)
@@ -603,6 +621,7 @@ class ImageDecoder(nn.Module):
         self.predict_mask = predict_mask
         self.granule_head = granule_head
         self.nucleus_head = nucleus_head
+        self.texture_head = texture_head
         # output channels: RGB (the cytoplasm layer with a nucleus layer) [+ cell-mask
         # logit] [+ nucleus logit + nucleus RGB]; new channels go last, so a model
         # without the nucleus layer is the same network as before it existed
@@ -610,8 +629,8 @@ class ImageDecoder(nn.Module):
         if nucleus_head:
             n_out += NUCLEUS_CHANNELS
         layers: list[nn.Module] = []
-        if arch == "plain" and granule_head:
-            raise ValueError("granule_head needs image_arch='residual'")
+        if arch == "plain" and (granule_head or texture_head):
+            raise ValueError("granule_head and texture_head need image_arch='residual'")
         if arch == "plain":
             for a, b in zip(rev[:-1], rev[1:]):
                 layers += [nn.ConvTranspose2d(a, b, 4, stride=2, padding=1)]
@@ -648,13 +667,28 @@ class ImageDecoder(nn.Module):
                 # a 3x3 conv on the trunk (spatial log-rate)
                 self.granule_mlp = nn.Sequential(nn.Linear(n_in, 64), nn.SiLU(), nn.Linear(64, 4))
                 self.granule_conv = nn.Conv2d(c_top, 1, 3, padding=1)
+            if texture_head:
+                # the texture layer, like the granule layer, reads the code and the
+                # trunk detached (it describes the grain the mean image cannot hold; its
+                # loss does not shape the latent): a per-cell offset from the code, and
+                # a small conv on the full-resolution features for where (nucleus vs
+                # cytoplasm, rim vs centre). Channels: log grain sd, log floor sd, colour
+                self.texture_mlp = nn.Sequential(
+                    nn.Linear(n_in, 32), nn.SiLU(), nn.Linear(32, TEXTURE_CHANNELS)
+                )
+                self.texture_conv = nn.Sequential(
+                    nn.Conv2d(c_top, 16, 3, padding=1),
+                    nn.SiLU(),
+                    nn.Conv2d(16, TEXTURE_CHANNELS, 1),
+                )
         self.deconv = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """(B, n_in) -> image (B, 3, S, S), mask logits (B, 1, S, S) or None, the
         granule rate (B, 1, S, S, per 100 px^2) and optical density (B, 3, S, S) or
-        None, and the nucleus logits (B, 1, S, S), nucleus colour and cytoplasm
-        (B, 3, S, S) or None."""
+        None, the nucleus logits (B, 1, S, S), nucleus colour and cytoplasm
+        (B, 3, S, S) or None, and the texture amplitude, floor (B, 1, S, S) and
+        colour direction (B, 3, S, S) or None."""
         h = F.silu(self.fc(z)).view(-1, self.c0, self.side, self.side)  # (B, C*s*s) -> (B, C, s, s)
         top = self.deconv[:-1](h)  # features before the output layer
         out = self.deconv[-1](top)  # (B, 3 [+1 mask] [+4 nucleus], S, S)
@@ -668,14 +702,20 @@ class ImageDecoder(nn.Module):
             colour = torch.sigmoid(out[:, k + 1 : k + NUCLEUS_CHANNELS])
             nuc = (logits, colour, img)
             img = compose_nucleus(img, colour, logits)
+        tex: tuple[torch.Tensor | None, ...] = (None, None, None)
+        if self.texture_head:
+            t = self.texture_conv(top.detach()) + self.texture_mlp(z.detach())[:, :, None, None]
+            amp = torch.exp(t[:, :1].clamp(-7.0, 1.0))  # sd of the grain, optical density
+            floor = torch.exp(t[:, 1:2].clamp(-7.0, 1.0))
+            tex = (amp, floor, F.normalize(t[:, 2:5], dim=1, eps=1e-6))
         if not self.granule_head:
-            return img, mask_logits, None, None, *nuc
+            return img, mask_logits, None, None, *nuc, *tex
         g = self.granule_mlp(z.detach())  # (B, 4): log density offset, granule optical density
         where = self.granule_conv(top.detach())  # (B, 1, S, S) from full-resolution features
         log_rate = (g[:, :1, None, None] + where).clamp(-12.0, 6.0)
         rate = torch.exp(log_rate)  # (B, 1, S, S) centres per 100 px^2
         od = F.softplus(g[:, 1:4, None, None]).expand(-1, -1, *img.shape[-2:])
-        return img, mask_logits, rate, od, *nuc
+        return img, mask_logits, rate, od, *nuc, *tex
 
 
 class ExpressionEncoder(nn.Module):
@@ -848,6 +888,7 @@ class TwoBranchVAE(nn.Module):
             a.texture_noise,
             a.granule_head,
             a.nucleus_head,
+            a.texture_head,
         )
         # 0 genes (pair=image_only): no expression branch at all, so no parameter
         # of it is trained, saved or synchronised
@@ -1115,19 +1156,20 @@ class TwoBranchVAE(nn.Module):
         """
         zi = self.image_part(z)
         rate = od = nuc_logits = nuc_colour = cyto = None
+        tex: tuple[torch.Tensor | None, ...] = (None, None, None)
         if not use_image:
             img = mask_logits = None
         elif image_rows is None:
-            img, mask_logits, rate, od, nuc_logits, nuc_colour, cyto = self.image_decoder(zi)
+            img, mask_logits, rate, od, nuc_logits, nuc_colour, cyto, *tex = self.image_decoder(zi)
         else:
-            img, mask_logits, rate, od, nuc_logits, nuc_colour, cyto = _rows_only(
+            img, mask_logits, rate, od, nuc_logits, nuc_colour, cyto, *tex = _rows_only(
                 self.image_decoder, image_rows, zi
             )
         mask = torch.sigmoid(mask_logits) if mask_logits is not None else None
         lobes = self.lobe_head(zi) if self.lobe_head is not None and use_image else None
         size = self.size_head(zi) if self.size_head is not None and use_image else None
         mean = None
-        if render and (rate is not None or nuc_logits is not None):
+        if render and (rate is not None or nuc_logits is not None or tex[0] is not None):
             mean = img
             if nuc_logits is not None:
                 sharp, drawn, under = NUCLEUS_RENDER_SHARPNESS, nuc_logits, cyto
@@ -1135,6 +1177,8 @@ class TwoBranchVAE(nn.Module):
                     drawn, cut = carve_lobes(nuc_logits, lobe_count(lobes), sharp)
                     under = fill_cuts(cyto, cut, torch.sigmoid(sharp * drawn), mask)
                 img = compose_nucleus(under, nuc_colour, drawn, sharp)
+            if tex[0] is not None:
+                img = render_texture(img, *tex, mask, seed)
             if rate is not None:
                 img = render_granules(img, rate, od, mask, seed)
         if self.expression_decoder is None:
@@ -1156,6 +1200,9 @@ class TwoBranchVAE(nn.Module):
             cytoplasm=cyto,
             lobe_logits=lobes,
             size=size,
+            texture_amp=tex[0],
+            texture_floor=tex[1],
+            texture_dir=tex[2],
             **expr,
         )
 
@@ -1281,6 +1328,71 @@ def compose_nucleus(
     """
     m = torch.sigmoid(sharpness * logits.detach())
     return cytoplasm + m * (nucleus - cytoplasm)
+
+
+TEXTURE_CHANNELS = 5  # texture layer: log grain sd, log floor sd, grain colour (3)
+TEXTURE_GRAIN_SIGMA = 0.8  # px: the drawn grain's blobs (a granule at 64 px is 1-3 px)
+
+
+@functools.lru_cache(maxsize=8)
+def texture_field(side: int, seed: int = 0) -> torch.Tensor:
+    """Fixed noise the texture layer's grain is drawn from, (4, side, side).
+
+    Seeded white noise blurred to grain size (``TEXTURE_GRAIN_SIGMA``), minus its
+    local mean at the scale the loss measures detail (:func:`vae.losses.texture_detail`),
+    scaled to unit variance: field 0 is the grain along one colour, fields 1-3 the
+    per-channel floor. One field per seed serves every code, so along a latent path the
+    grain strengthens and fades in place.
+    """
+    from scipy import ndimage as ndi
+
+    from vae.losses import TEXTURE_SIGMA
+
+    rng = np.random.default_rng(int(seed) + 7919)
+    out = []
+    for _ in range(4):
+        n = ndi.gaussian_filter(rng.standard_normal((side, side)), TEXTURE_GRAIN_SIGMA, mode="wrap")
+        n = n - ndi.gaussian_filter(n, TEXTURE_SIGMA, mode="wrap")
+        out.append(n / n.std())
+    return torch.from_numpy(np.stack(out).astype(np.float32))
+
+
+def render_texture(
+    image: torch.Tensor,
+    amp: torch.Tensor,
+    floor: torch.Tensor,
+    direction: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Draw the stain's fine grain on decoded images.
+
+    The optical density gains ``amp * direction * n0 + floor * n123`` (the noise of
+    :func:`texture_field`), so the drawn detail has the standard deviation and colour
+    the texture layer decoded, as its loss measures it on the input; Beer-Lambert:
+    ``image * exp(-added OD)``. With ``mask``, only inside the cell minus its outer rim
+    (where the loss scores).
+
+    Parameters
+    ----------
+    image : (B, 3, S, S) in [0, 1]
+    amp, floor : (B, 1, S, S) > 0
+    direction : (B, 3, S, S) unit vectors
+    mask : (B, 1, S, S) cell probability, optional
+    seed : int
+
+    Returns
+    -------
+    (B, 3, S, S) in [0, 1]
+    """
+    from vae.losses import texture_region
+
+    s = image.shape[-1]
+    n = texture_field(s, int(seed)).to(image.device, image.dtype)
+    od = amp * direction * n[0] + floor * n[1:4]
+    if mask is not None:
+        od = od * texture_region((mask > 0.5).to(image.dtype))
+    return (image * torch.exp(-od)).clamp(0.0, 1.0)
 
 
 GRANULE_DOT_SIGMA = 0.8  # px: a rendered granule is a Gaussian dot of this width

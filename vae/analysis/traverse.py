@@ -94,11 +94,11 @@ def decode(model, z: np.ndarray, batch_size: int = 256, device: str = "cpu") -> 
     if z.ndim != 2:
         raise ValueError(f"decode: z must be (n, d), got {z.shape}")
     imgs, masks, exprs, sizes = [], [], [], []
-    # a model with a granule or nucleus layer draws the decoded cells: granules (one
-    # noise field for every code, so granules stay in place along a path) and a sharp
-    # nucleus
+    # a model with a granule, texture or nucleus layer draws the decoded cells: granules
+    # and grain (one noise field for every code, so they stay in place along a path) and
+    # a sharp nucleus
     args = getattr(model, "args", None)
-    drawn = getattr(args, "granule_head", False) or getattr(args, "nucleus_head", False)
+    drawn = any(getattr(args, k, False) for k in ("granule_head", "nucleus_head", "texture_head"))
     kw = {"render": True} if drawn else {}
     model.eval()
     with torch.inference_mode():

@@ -255,3 +255,19 @@ def test_bad_shapes_fail_loudly():
         G.measure_cell(np.zeros((10, 10)), np.ones((10, 10), bool))
     with pytest.raises(ValueError, match="cell_mask shape"):
         G.measure_cell(np.zeros((10, 10, 3)), np.ones((9, 10), bool))
+
+
+def test_stain_grain_reads_granular_cytoplasm_and_not_outlines():
+    smooth, cell = _od_cell([])
+    # many faint granules packed over the cytoplasm ring (not on the nucleus)
+    rng = np.random.default_rng(0)
+    ang, rad = rng.uniform(0, 2 * np.pi, 120), rng.uniform(15, 25, 120)
+    grainy, _ = _od_cell([(32 + r * np.sin(a), 32 + r * np.cos(a)) for a, r in zip(ang, rad)])
+    g = G.stain_grain(np.stack([smooth, grainy]), np.stack([cell, cell]))
+    assert g.shape == (2, 2)
+    # a smooth cell with a sharp nucleus: neither its outline nor the nucleus edge is grain
+    assert g[0, 0] < 0.01 and g[0, 1] < 0.02
+    assert g[1, 0] > 10 * max(g[0, 0], 1e-3)
+    # uint8 input reads as float within quantisation
+    g8 = G.stain_grain(np.rint(grainy * 255).astype(np.uint8)[None], cell[None])
+    assert abs(g8[0, 0] - g[1, 0]) < 0.02

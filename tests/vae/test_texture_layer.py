@@ -1,0 +1,208 @@
+"""Texture layer of the image decoder: detail, likelihood, training isolation, rendering."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from vae.losses import (
+    LossWeights,
+    texture_detail,
+    texture_nll,
+    texture_region,
+    vae_loss,
+)
+from vae.model import TwoBranchVAE, VAEArgs, render_texture, texture_field
+
+
+def _args(**kw) -> VAEArgs:
+    base = dict(n_genes=6, crop_size=16, channels=[8, 8], image_arch="residual", texture_head=True)
+    base.update(kw)
+    return VAEArgs(**base)
+
+
+def _grainy(s: int, amp: float, colour=(0.3, 0.9, 0.3), seed: int = 0) -> torch.Tensor:
+    """A pale even cell whose optical density carries grain of sd ``amp`` along ``colour``."""
+    g = torch.Generator().manual_seed(seed)
+    n = torch.randn(1, 1, s, s, generator=g)
+    c = F.normalize(torch.tensor(colour), dim=0).view(1, 3, 1, 1)
+    od = 0.3 + amp * n * c
+    return torch.exp(-od).clamp(0, 1)
+
+
+def test_detail_is_zero_on_an_even_cell_and_ignores_the_background():
+    s = 24
+    mask = torch.zeros(1, 1, s, s)
+    mask[..., 4:20, 4:20] = 1
+    flat = torch.full((1, 3, s, s), 0.7) * mask  # black background
+    d = texture_detail(flat, mask)
+    assert float(d.abs().max()) < 1e-5
+    reg = texture_region(mask)
+    # the 2 px rim is not scored
+    assert float(reg.sum()) == 12 * 12 and float(reg[..., 5, 10]) == 0
+
+
+def test_detail_of_a_sharp_nucleus_is_zero_given_the_nucleus():
+    s = 32
+    mask = torch.ones(1, 1, s, s)
+    nuc = torch.zeros(1, 1, s, s)
+    nuc[..., 10:22, 10:22] = 1
+    img = torch.where(nuc.bool(), 0.3, 0.85).expand(1, 3, s, s)  # two flat parts, a step
+    assert float(texture_detail(img, mask).abs().max()) > 0.2  # the edge, read as detail
+    assert float(texture_detail(img, mask, nuc).abs().max()) < 1e-5
+
+
+def test_region_leaves_out_the_nucleus_outline():
+    s = 24
+    mask = torch.ones(1, 1, s, s)
+    nuc = torch.zeros(1, 1, s, s)
+    nuc[..., 8:16, 8:16] = 1
+    reg = texture_region(mask, nuc)
+    assert float(reg[0, 0, 7, 12]) == 0 and float(reg[0, 0, 8, 12]) == 0  # the outline
+    assert float(reg[0, 0, 12, 12]) == 1 and float(reg[0, 0, 4, 12]) == 1  # inside / outside
+
+
+def test_likelihood_is_lowest_at_the_true_grain_and_colour():
+    s = 64
+    colour = (0.3, 0.9, 0.3)
+    img = _grainy(s, 0.1, colour)
+    mask = torch.ones(1, 1, s, s)
+    d, reg = texture_detail(img, mask), texture_region(mask)
+    sd = float(d[:, :, 4:-4, 4:-4].pow(2).sum(1).mean().sqrt())  # the detail's own sd
+
+    def nll(amp: float, col=colour) -> float:
+        c = F.normalize(torch.tensor(col, dtype=torch.float32), dim=0).view(1, 3, 1, 1)
+        dec = SimpleNamespace(
+            texture_amp=torch.full((1, 1, s, s), amp),
+            texture_floor=torch.full((1, 1, s, s), 0.005),
+            texture_dir=c.expand(1, 3, s, s),
+        )
+        return float(texture_nll(dec, d, reg)[0])
+
+    assert nll(sd) < nll(sd / 2) and nll(sd) < nll(sd * 2)
+    assert nll(sd) < nll(sd, (0.9, 0.3, 0.3))  # the wrong colour costs
+
+
+def test_texture_loss_trains_the_layer_and_leaves_the_latent_alone():
+    torch.manual_seed(0)
+    m = TwoBranchVAE(_args())
+    b = 4
+    img, mask = torch.rand(b, 3, 16, 16), torch.ones(b, 1, 16, 16)
+    x, has = torch.rand(b, 6) * 3, torch.ones(b, dtype=torch.bool)
+    out = m(img, mask, x, has, has)
+    assert out.joint.texture_amp.shape == (b, 1, 16, 16)
+    assert out.joint.texture_dir.shape == (b, 3, 16, 16)
+    norms = out.joint.texture_dir.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4)
+
+    def loss(weight: float, **kw):
+        w = LossWeights(texture=weight, **kw)
+        return vae_loss(out, img, mask, x, x.round(), x.sum(1), beta=1.0, weights=w)
+
+    on, off = loss(1.0), loss(0.0)
+    assert float(off.texture) == 0.0 and float(on.texture.detach()) != 0.0
+    assert torch.isfinite(on.total)
+    only = loss(1.0, image=0, mask=0, expression=0, cross=0, granules=0, nucleus=0)
+    only.texture.backward()
+    dec_ = m.image_decoder
+    assert all(p.grad.abs().sum() > 0 for p in dec_.texture_conv.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in dec_.texture_mlp.parameters())
+    # it reads the code and the trunk detached: no gradient reaches them
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.image_encoder.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in dec_.deconv.parameters())
+
+
+def test_fitted_layer_tells_grainy_cells_from_smooth_ones():
+    # two kinds of cell, their codes apart; a few steps on the texture term alone must
+    # decode a stronger grain for the grainy kind
+    torch.manual_seed(0)
+    m = TwoBranchVAE(_args(crop_size=32))
+    s, b = 32, 8
+    grainy = torch.cat([_grainy(s, 0.15, seed=i) for i in range(b // 2)])
+    smooth = torch.cat([_grainy(s, 0.01, seed=i) for i in range(b // 2)])
+    img, mask = torch.cat([grainy, smooth]), torch.ones(b, 1, s, s)
+    z = torch.zeros(b, m.n_latent)
+    z[: b // 2, 0], z[b // 2 :, 0] = 2.0, -2.0
+    d, reg = texture_detail(img, mask), texture_region(mask)
+    dec_ = m.image_decoder
+    params = [*dec_.texture_conv.parameters(), *dec_.texture_mlp.parameters()]
+    opt = torch.optim.Adam(params, lr=0.03)
+    for _ in range(150):
+        opt.zero_grad()
+        out = m.decode(z)
+        texture_nll(out, d, reg).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        amp = m.decode(z).texture_amp[:, 0, 8:-8, 8:-8].mean(dim=(1, 2))
+    assert float(amp[: b // 2].min()) > 4 * float(amp[b // 2 :].max())
+
+
+def test_field_is_seeded_unit_variance_and_fine_grained():
+    f = texture_field(64, 0)
+    assert f.shape == (4, 64, 64) and torch.equal(f, texture_field(64, 0))
+    assert not torch.equal(f, texture_field(64, 1))
+    assert np.allclose(f.std(dim=(1, 2)).numpy(), 1.0, atol=1e-3)
+    # grain, not a gradient: neighbours 4 px apart are nearly uncorrelated
+    a, b = f[0, :, :-4].flatten(), f[0, :, 4:].flatten()
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.2
+
+
+def test_render_draws_the_decoded_grain_inside_the_cell():
+    s = 64
+    img = torch.full((1, 3, s, s), 0.8)
+    mask = torch.zeros(1, 1, s, s)
+    mask[..., 8:56, 8:56] = 1
+    c = F.normalize(torch.tensor([0.3, 0.9, 0.3]), dim=0).view(1, 3, 1, 1).expand(1, 3, s, s)
+
+    def drawn(amp: float) -> torch.Tensor:
+        return render_texture(
+            img, torch.full((1, 1, s, s), amp), torch.full((1, 1, s, s), 1e-4), c, mask, seed=2
+        )
+
+    weak, strong = drawn(0.02), drawn(0.12)
+    assert torch.equal(strong[..., :10, :], img[..., :10, :])  # background and rim untouched
+    inner = (slice(None), slice(None), slice(12, 52), slice(12, 52))
+    od = -torch.log(strong)
+    # the drawn detail, measured as the loss measures it, has the sd the layer decoded
+    d = texture_detail(strong, mask)[inner]
+    along = (d * c[inner]).sum(1)
+    assert float(along.std()) == pytest.approx(0.12, rel=0.25)
+    assert float((-torch.log(weak)).std()) < float(od[inner].std())
+    # the same field: the grain sits in the same place at both strengths
+    a = (-torch.log(weak))[inner][0, 1].flatten()
+    b = od[inner][0, 1].flatten()
+    assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.95
+
+
+def test_decode_render_draws_texture_and_keeps_the_mean():
+    # no decoded mask: the untrained mask would hide the cell
+    m = TwoBranchVAE(_args(crop_size=32, predict_mask=False)).eval()
+    z = torch.randn(3, m.n_latent)
+    with torch.no_grad():
+        plain = m.decode(z)
+        shown = m.decode(z, render=True)
+    assert torch.equal(shown.image_mean, plain.image)
+    assert not torch.equal(shown.image, plain.image)
+
+
+def test_texture_layer_needs_the_residual_decoder():
+    with pytest.raises(ValueError, match="residual"):
+        TwoBranchVAE(_args(image_arch="plain"))
+
+
+def test_rows_a_decode_skipped_stay_finite():
+    # _rows_only scatters zeros into the rows it did not decode; the caller weights them 0
+    s = 16
+    mask = torch.ones(2, 1, s, s)
+    img = _grainy(s, 0.1).expand(2, -1, -1, -1)
+    dec = SimpleNamespace(
+        texture_amp=torch.zeros(2, 1, s, s),
+        texture_floor=torch.zeros(2, 1, s, s),
+        texture_dir=torch.zeros(2, 3, s, s),
+    )
+    out = texture_nll(dec, texture_detail(img, mask), texture_region(mask))
+    assert torch.isfinite(out).all() and torch.isfinite(out * 0).all()
