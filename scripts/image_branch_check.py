@@ -364,6 +364,13 @@ def check(
         # single-view code of that crop, as the reconstructions above: the reported
         # latent (``views``, default 8) is pose-free and decodes an average-pose cell
         z_cells = encode_dataset(model, data, rows=rows, views=1).joint
+        # SSIM of the mean image (what the pixel likelihood fits) beside the drawn cell's
+        # above: grain and granules drawn at random positions lower the drawn cell's SSIM
+        with torch.no_grad():
+            dm = model.decode(torch.from_numpy(z_cells.astype(np.float32)), use_expression=False)
+        res["ssim_joint_mean_image"] = float(
+            masked_ssim(chw(dec.image), dm.image.float() * m, m).mean()
+        )
         if getattr(model, "lobe_head", None) is not None and "image_label" in obs:
             # what the lobe head draws per labelled kind: its expected count (the drawing
             # rounds it, vae.lobes.lobe_count) and the share drawn with >= 2 lobes

@@ -672,15 +672,19 @@ class ImageDecoder(nn.Module):
                 # trunk detached (it describes the grain the mean image cannot hold; its
                 # loss does not shape the latent): a per-cell offset from the code, and
                 # a small conv on the full-resolution features for where (nucleus vs
-                # cytoplasm, rim vs centre). Channels: log grain sd, log floor sd, colour
-                self.texture_mlp = nn.Sequential(
-                    nn.Linear(n_in, 32), nn.SiLU(), nn.Linear(32, TEXTURE_CHANNELS)
-                )
-                self.texture_conv = nn.Sequential(
-                    nn.Conv2d(c_top, 16, 3, padding=1),
-                    nn.SiLU(),
-                    nn.Conv2d(16, TEXTURE_CHANNELS, 1),
-                )
+                # cytoplasm, rim vs centre). Channels: log grain sd, log floor sd, colour.
+                # Initialised on a fork of the random stream, so every other parameter of
+                # the model starts as it would without the layer: a run with it and one
+                # without, same seed, differ by the layer alone (a paired comparison)
+                with torch.random.fork_rng(devices=[]):
+                    self.texture_mlp = nn.Sequential(
+                        nn.Linear(n_in, 32), nn.SiLU(), nn.Linear(32, TEXTURE_CHANNELS)
+                    )
+                    self.texture_conv = nn.Sequential(
+                        nn.Conv2d(c_top, 16, 3, padding=1),
+                        nn.SiLU(),
+                        nn.Conv2d(16, TEXTURE_CHANNELS, 1),
+                    )
         self.deconv = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -707,7 +711,9 @@ class ImageDecoder(nn.Module):
             t = self.texture_conv(top.detach()) + self.texture_mlp(z.detach())[:, :, None, None]
             amp = torch.exp(t[:, :1].clamp(-7.0, 1.0))  # sd of the grain, optical density
             floor = torch.exp(t[:, 1:2].clamp(-7.0, 1.0))
-            tex = (amp, floor, F.normalize(t[:, 2:5], dim=1, eps=1e-6))
+            # stain absorbs: the grain's colour has no negative optical density (a free
+            # sign drew light, colour-fringed dots on 40 % of real cells' pixels)
+            tex = (amp, floor, F.normalize(F.softplus(t[:, 2:5]), dim=1, eps=1e-6))
         if not self.granule_head:
             return img, mask_logits, None, None, *nuc, *tex
         g = self.granule_mlp(z.detach())  # (B, 4): log density offset, granule optical density
@@ -1178,7 +1184,7 @@ class TwoBranchVAE(nn.Module):
                     under = fill_cuts(cyto, cut, torch.sigmoid(sharp * drawn), mask)
                 img = compose_nucleus(under, nuc_colour, drawn, sharp)
             if tex[0] is not None:
-                img = render_texture(img, *tex, mask, seed)
+                img = render_texture(img, tex[0], tex[2], mask, seed)
             if rate is not None:
                 img = render_granules(img, rate, od, mask, seed)
         if self.expression_decoder is None:
@@ -1336,47 +1342,47 @@ TEXTURE_GRAIN_SIGMA = 0.8  # px: the drawn grain's blobs (a granule at 64 px is 
 
 @functools.lru_cache(maxsize=8)
 def texture_field(side: int, seed: int = 0) -> torch.Tensor:
-    """Fixed noise the texture layer's grain is drawn from, (4, side, side).
+    """Fixed grain the texture layer draws from, (side, side), mean 0, variance 1.
 
-    Seeded white noise blurred to grain size (``TEXTURE_GRAIN_SIGMA``), minus its
-    local mean at the scale the loss measures detail (:func:`vae.losses.texture_detail`),
-    scaled to unit variance: field 0 is the grain along one colour, fields 1-3 the
-    per-channel floor. One field per seed serves every code, so along a latent path the
-    grain strengthens and fades in place.
+    Seeded white noise blurred to grain size (``TEXTURE_GRAIN_SIGMA``), minus its local
+    mean at the scale the loss measures detail (:func:`vae.losses.texture_detail`); then
+    its positive part, re-centred and scaled to unit variance: dense spots on an even,
+    slightly lighter ground, as granules sit on cytoplasm (the symmetric noise drew as many
+    light spots as dark ones, which read as a colour-fringed mottle, not as granules:
+    docs/vae.md, "Texture layer"). One field per seed serves every code, so along a
+    latent path the grain strengthens and fades in place.
     """
     from scipy import ndimage as ndi
 
     from vae.losses import TEXTURE_SIGMA
 
     rng = np.random.default_rng(int(seed) + 7919)
-    out = []
-    for _ in range(4):
-        n = ndi.gaussian_filter(rng.standard_normal((side, side)), TEXTURE_GRAIN_SIGMA, mode="wrap")
-        n = n - ndi.gaussian_filter(n, TEXTURE_SIGMA, mode="wrap")
-        out.append(n / n.std())
-    return torch.from_numpy(np.stack(out).astype(np.float32))
+    n = ndi.gaussian_filter(rng.standard_normal((side, side)), TEXTURE_GRAIN_SIGMA, mode="wrap")
+    n = np.maximum(n - ndi.gaussian_filter(n, TEXTURE_SIGMA, mode="wrap"), 0.0)
+    n = (n - n.mean()) / n.std()
+    return torch.from_numpy(n.astype(np.float32))
 
 
 def render_texture(
     image: torch.Tensor,
     amp: torch.Tensor,
-    floor: torch.Tensor,
     direction: torch.Tensor,
     mask: torch.Tensor | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
     """Draw the stain's fine grain on decoded images.
 
-    The optical density gains ``amp * direction * n0 + floor * n123`` (the noise of
+    The optical density gains ``amp * direction * n`` (``n`` the grain of
     :func:`texture_field`), so the drawn detail has the standard deviation and colour
     the texture layer decoded, as its loss measures it on the input; Beer-Lambert:
-    ``image * exp(-added OD)``. With ``mask``, only inside the cell minus its outer rim
-    (where the loss scores).
+    ``image * exp(-added OD)``. The layer's isotropic floor (sensor and compression
+    noise of the inputs) is scored but not drawn. With ``mask``, only inside the cell
+    minus its outer rim (where the loss scores).
 
     Parameters
     ----------
     image : (B, 3, S, S) in [0, 1]
-    amp, floor : (B, 1, S, S) > 0
+    amp : (B, 1, S, S) > 0
     direction : (B, 3, S, S) unit vectors
     mask : (B, 1, S, S) cell probability, optional
     seed : int
@@ -1389,7 +1395,7 @@ def render_texture(
 
     s = image.shape[-1]
     n = texture_field(s, int(seed)).to(image.device, image.dtype)
-    od = amp * direction * n[0] + floor * n[1:4]
+    od = amp * direction * n
     if mask is not None:
         od = od * texture_region((mask > 0.5).to(image.dtype))
     return (image * torch.exp(-od)).clamp(0.0, 1.0)

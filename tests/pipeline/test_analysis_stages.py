@@ -468,7 +468,13 @@ def test_image_branch_check_script_on_a_finished_run(tiny_run):
     assert res["n_test"] > 0 and 0 <= res["active_units"] <= res["n_latent"]
     for k in ("knn_image", "knn_expression", "knn_joint", "knn_pixel_pca"):
         assert 0 <= res[k] <= 1, k
-    assert -1 <= res["ssim_joint"] <= 1
+    assert -1 <= res["ssim_joint"] <= 1 and -1 <= res["ssim_joint_mean_image"] <= 1
+    # how granular the drawn cells are vs their inputs, on both parts of the cell
+    for part in ("cytoplasm", "nucleus"):
+        rho = res[f"drawn_grain_vs_input_{part}_spearman"]
+        assert np.isnan(rho) or -1 <= rho <= 1
+        ratio = res[f"drawn_grain_over_input_{part}_median"]
+        assert np.isnan(ratio) or ratio >= 0
     # morphology kept by the code vs raw-pixel PCs: one score per measured feature
     for name in ("image", "pixel_pca"):
         rho = [res[f"morphology_{name}_{f}"] for f in mod.MORPHOLOGY_FEATURES]
