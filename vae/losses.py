@@ -428,8 +428,8 @@ def granule_contrast(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     average over cell pixels only (normalised convolution), so the black
     background outside the mask does not count as stain.
     """
-    od = -torch.log(image.clamp_min(1.0 / 255.0)) * mask
-    return (od - masked_blur(od, mask, GRANULE_OD_SIGMA)).clamp_min(0.0) * mask
+    od = -torch.log(image.clamp_min(1.0 / 255.0))
+    return (od * mask - masked_blur(od, mask, GRANULE_OD_SIGMA)).clamp_min(0.0) * mask
 
 
 # texture layer: the detail is what the optical density holds finer than a Gaussian of
