@@ -459,6 +459,16 @@ def texture_detail(
     return (od - local) * mask
 
 
+def erode_square(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary erosion by a ``2 radius + 1`` square as a max-pool, (B, 1, S, S).
+
+    Outside the crop counts as background, so a shape touching the edge is eroded
+    from there too.
+    """
+    k = 2 * radius + 1
+    return -F.max_pool2d(-F.pad(mask, (radius,) * 4, value=0.0), k, stride=1)
+
+
 def texture_region(mask: torch.Tensor, nucleus: torch.Tensor | None = None) -> torch.Tensor:
     """Pixels whose detail is texture, (B, 1, S, S) in {0, 1}.
 
@@ -466,8 +476,7 @@ def texture_region(mask: torch.Tensor, nucleus: torch.Tensor | None = None) -> t
     minus the 1 px on either side of the nucleus outline: an outline is an edge the
     decoded mean draws, not texture.
     """
-    r = TEXTURE_RIM_PX
-    inner = -F.max_pool2d(-F.pad(mask, (r,) * 4, value=0.0), 2 * r + 1, stride=1)
+    inner = erode_square(mask, TEXTURE_RIM_PX)
     if nucleus is None:
         return inner
     grown = F.max_pool2d(nucleus, 3, stride=1, padding=1)
@@ -528,10 +537,9 @@ def nucleus_gaps(nucleus: torch.Tensor, radius: int = NUCLEUS_GAP_RADIUS) -> tor
 
     nucleus : (B, 1, S, S) {0, 1} -> (B, 1, S, S) {0, 1}
     """
-    k = 2 * radius + 1
-    dilated = F.max_pool2d(nucleus, k, stride=1, padding=radius)
-    # outside the crop is background: pad with 0 so the erosion does not keep the edge
-    closed = -F.max_pool2d(-F.pad(dilated, (radius,) * 4, value=0.0), k, stride=1)
+    dilated = F.max_pool2d(nucleus, 2 * radius + 1, stride=1, padding=radius)
+    # outside the crop is background, so the erosion does not keep the edge
+    closed = erode_square(dilated, radius)
     return (closed - nucleus).clamp_min(0)
 
 

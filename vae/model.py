@@ -197,14 +197,12 @@ class VAEArgs:
                 f"image_encoder='resnet18' needs crop_size a multiple of 32 (got "
                 f"{self.crop_size}) and image_input='rgb' (got {self.image_input!r})"
             )
-        if self.texture_head and self.image_arch != "residual":
-            raise ValueError(
-                "texture_head needs image_arch='residual' (set vae.texture_weight=0 for 'plain')"
-            )
-        if self.granule_head and self.image_arch != "residual":
-            raise ValueError(
-                "granule_head needs image_arch='residual' (set vae.granule_weight=0 for 'plain')"
-            )
+        # the granule and texture layers read the residual decoder's full-resolution trunk
+        for head, knob in (("granule_head", "granule_weight"), ("texture_head", "texture_weight")):
+            if getattr(self, head) and self.image_arch != "residual":
+                raise ValueError(
+                    f"{head} needs image_arch='residual' (set vae.{knob}=0 for 'plain')"
+                )
         if self.lobe_head and not self.nucleus_head:
             raise ValueError("lobe_head needs nucleus_head (the lobes cut the nucleus layer)")
         if self.size_head and self.image_encoder != "conv":
