@@ -161,11 +161,25 @@ def report_backups(run_dir: Path) -> None:
             stage, variant = (name, "") if p.parent == run_dir else (p.parent.name, name)
             if stage_lock(run_dir, stage, variant, run_dir.name).held_elsewhere():
                 continue  # a running overwrite=true owns it
-            if p.is_dir():
+            if not p.is_dir():
+                continue
+            current = p.with_name(name)
+            here = _status(current) if current.is_dir() and any(current.iterdir()) else None
+            if _status(p) == "complete" and here != "complete":
                 log.warning(
                     "%s: backup of a complete result left by an interrupted overwrite=true "
                     "run; the next run of that stage restores it",
                     p,
+                )
+            else:
+                # what recover_backups does with it: nothing to restore, so say what it is
+                log.warning(
+                    "%s: an earlier result (status: %s) left by an interrupted run; %s holds "
+                    "the current one (status: %s). Delete the old folder when it is not needed.",
+                    p,
+                    _status(p),
+                    current,
+                    here or "empty",
                 )
 
 

@@ -185,3 +185,22 @@ def test_hydra_run_dir_never_leaves_paths_root():
     assert _run_name_resolver("../../x") == "_rejected_name"
     assert _run_name_resolver("/abs") == "_rejected_name"
     assert _run_name_resolver("study/b4") == "study/b4"
+
+
+def test_backup_of_a_failed_run_is_not_called_complete(tmp_path, toy, caplog):
+    """A failed attempt moved aside by an overwrite=true run that was then killed after
+    finishing: the warning gives its status and says the current result stays."""
+    toy("evaluate", writes("good"))
+    toy("traverse", writes("report"))
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "evaluate")) == 0
+    d = root / "t" / "evaluate"
+    backup = d.with_name(".evaluate.old-def456")
+    backup.mkdir()
+    (backup / "manifest.json").write_text(json.dumps({"stage": "evaluate", "status": "failed"}))
+    with caplog.at_level("WARNING"):
+        assert runner.main(cfg_for(root, "traverse")) == 0
+    line = next(r.getMessage() for r in caplog.records if str(backup) in r.getMessage())
+    assert "status: failed" in line and "status: complete" in line
+    assert "restores it" not in line
+    assert (d / "metrics.json").read_text() == "good" and backup.exists()
