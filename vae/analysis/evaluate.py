@@ -34,6 +34,32 @@ from vae.inputs.schema import known_labels
 log = logging.getLogger(__name__)
 
 
+def rows_per_label(
+    labels: np.ndarray, candidates: np.ndarray, per_label: int, max_rows: int
+) -> np.ndarray:
+    """Up to ``per_label`` of ``candidates`` for each known label, then unlabelled ones.
+
+    Parameters
+    ----------
+    labels : (n,) str, the label of every row (``"nan"``, ``"None"`` or ``""``: unknown)
+    candidates : (k,) int, the rows that may be shown, in the order to take them
+    per_label, max_rows : int
+
+    Returns
+    -------
+    (m,) int, m <= max_rows: the chosen rows grouped by label (labels sorted), the
+    unlabelled rows last; the first candidates of each label, so the pick is stable.
+    """
+    cand = np.asarray(candidates, dtype=int)
+    lab = np.asarray(labels).astype(str)[cand]
+    known = known_labels(lab)
+    out: list[int] = []
+    for k in sorted(set(lab[known])):
+        out += list(cand[lab == k][:per_label])
+    out += list(cand[~known][: max(0, max_rows - len(out))])
+    return np.asarray(out[:max_rows], dtype=int)
+
+
 def _image_row(what: str, decoded: np.ndarray, P, rows: np.ndarray) -> dict:
     """One reconstruction-table row: masked MSE / SSIM of ``decoded`` vs the input crops."""
     from vae.analysis import metrics as M
@@ -466,16 +492,31 @@ def evaluate(
                 g[f"{nm}_pearson"] = gc.pearson
                 g[f"{nm}_spearman"] = gc.spearman
             tables["per_gene"] = g
-        # reconstruction figure: input | joint | from expression, a few rows; decoded
-        # cells drawn through their decoded mask, as the masked inputs are drawn
-        show = np.flatnonzero(hi)[:8]
+        # reconstruction figure: input | joint | from expression, two crops of each label
+        # (a reader compares the kinds of cell, not eight neutrophils); decoded cells
+        # drawn through their decoded mask, as the masked inputs are drawn, large
+        # enough that the drawn grain and granules show
+        show = rows_per_label(labels[P.rows], np.flatnonzero(hi), per_label=2, max_rows=12)
         if show.size:
             rec_cells, expr_cells = P.rec_cells(), P.image_from_expr_cells()
+            # a crop without a profile has nothing to decode from expression: left
+            # black and said so, not the decode of an empty expression posterior
             fig = F.image_grid(
-                [np.stack([P.image[i], rec_cells[i], expr_cells[i]]) for i in show],
+                [
+                    np.stack(
+                        [
+                            P.image[i],
+                            rec_cells[i],
+                            expr_cells[i] if he[i] else np.zeros_like(expr_cells[i]),
+                        ]
+                    )
+                    for i in show
+                ],
                 [labels[P.rows[i]] for i in show],
                 ["input (masked)", "joint recon", "from expression"],
                 "held-out reconstructions",
+                captions=[["", "", "" if he[i] else "no expression profile"] for i in show],
+                cell_inches=1.5,
             )
             out_files.figure(fig, "reconstructions", "evaluate/reconstructions")
         if disagree is not None and len(disagree):

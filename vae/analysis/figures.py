@@ -184,14 +184,17 @@ def image_grid(
     title,
     captions: Sequence[Sequence[str]] | None = None,
     row_labels_across: bool = False,
+    cell_inches: float = 0.9,
 ):
     """Grid of images: one row per entry of ``rows`` ((n, S, S, 3) each); ``captions``
     (one list per row) writes a line under each image; ``row_labels_across`` writes the
-    row labels horizontally left of the row (long labels) instead of up the first image.
-    A row shorter than the longest leaves its last cells empty."""
+    row labels horizontally left of the row (long labels) instead of up the first image;
+    ``cell_inches`` is each image's size (inches). A row shorter than the longest leaves
+    its last cells empty."""
     nr, nc = len(rows), max(len(r) for r in rows)
     left = 1.4 if row_labels_across else 0.0
-    fig, axes = plt.subplots(nr, nc, figsize=(0.9 * nc + 0.8 + left, 0.9 * nr + 0.6), squeeze=False)
+    w = cell_inches
+    fig, axes = plt.subplots(nr, nc, figsize=(w * nc + 0.8 + left, w * nr + 0.6), squeeze=False)
     for r, imgs in enumerate(rows):
         for c in range(nc):
             ax = axes[r, c]
@@ -209,7 +212,10 @@ def image_grid(
                 ax.set_ylabel(row_labels[r], fontsize=7)
             if r == 0:
                 ax.set_title(col_labels[c], fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    # title and column titles a fixed distance above the grid, whatever its height
+    h = fig.get_figheight()
+    fig.suptitle(title, fontsize=9, y=1 - 0.12 / h)
+    fig.subplots_adjust(top=1 - 0.6 / h)
     return fig
 
 
