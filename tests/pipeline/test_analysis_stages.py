@@ -483,6 +483,31 @@ def test_image_branch_check_script_on_a_finished_run(tiny_run):
     assert (run / "image_branch_recon.png").stat().st_size > 0
 
 
+def test_reviewed_labels_check_scores_runs_on_the_same_crops(tiny_run, tmp_path):
+    """scripts/reviewed_labels_check.py: reviewed crops leave the 'unreviewed' set only;
+    the votes come from the run's own train labels, the score from --paired's labels."""
+    import importlib.util
+
+    import anndata as ad
+
+    root, paired = tiny_run
+    path = Path(__file__).resolve().parents[2] / "scripts" / "reviewed_labels_check.py"
+    spec = importlib.util.spec_from_file_location("reviewed_labels_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = root / "tiny" / "train"
+    lat = ad.read_h5ad(run / "latent.h5ad")
+    test = lat.obs[(lat.obs["split"] == "test") & lat.obs["has_image"].astype(bool)]
+    named = test.index.astype(str).to_numpy()[:3]  # cell ids
+    csv = tmp_path / "reviewed.csv"
+    pd.DataFrame({"image_ref": named, "label": ""}).to_csv(csv, index=False)
+    res = mod.compare([run], paired, csv)[str(run)]
+    assert res["all"]["n"] == int(test["label"].notna().sum()) > 3
+    assert res["unreviewed"]["n"] == res["all"]["n"] - 3
+    for part in res.values():
+        assert 0 <= part["knn_accuracy"] <= 1 and 0 <= part["knn_balanced_accuracy"] <= 1
+
+
 def test_image_branch_check_scores_the_maturation_axis_against_pseudotime():
     """Real data: dim 0 against obs['maturation'] over the stages' profiles, overall and
     within each stage; without the head, the best dim."""
