@@ -39,6 +39,9 @@ def rows_per_label(
 ) -> np.ndarray:
     """Up to ``per_label`` of ``candidates`` for each known label, then unlabelled ones.
 
+    When the labels are too many for ``per_label`` each within ``max_rows``, one of each
+    (every label shown, up to ``max_rows`` labels).
+
     Parameters
     ----------
     labels : (n,) str, the label of every row (``"nan"``, ``"None"`` or ``""``: unknown)
@@ -47,14 +50,20 @@ def rows_per_label(
 
     Returns
     -------
-    (m,) int, m <= max_rows: the chosen rows grouped by label (labels sorted), the
-    unlabelled rows last; the first candidates of each label, so the pick is stable.
+    (m,) int, m <= max_rows: the chosen rows grouped by label in display order
+    (:func:`vae.analysis.palette.label_order`: maturation order first), the unlabelled
+    rows last; the first candidates of each label, so the pick is stable.
     """
+    from vae.analysis.palette import label_order
+
     cand = np.asarray(candidates, dtype=int)
     lab = np.asarray(labels).astype(str)[cand]
     known = known_labels(lab)
+    kinds = label_order(set(lab[known]))
+    if len(kinds) * per_label > max_rows:
+        per_label = 1
     out: list[int] = []
-    for k in sorted(set(lab[known])):
+    for k in kinds:
         out += list(cand[lab == k][:per_label])
     out += list(cand[~known][: max(0, max_rows - len(out))])
     return np.asarray(out[:max_rows], dtype=int)

@@ -15,10 +15,40 @@ def test_reconstructions_show_every_label_not_the_first_eight_crops():
     assert list(got[:2]) == [8, 11] and list(got[4:6]) == [0, 1]
 
 
+def test_reconstruction_rows_follow_maturation_and_show_every_label():
+    """The simulator's nine kinds: one crop of each, the lineage in maturation order."""
+    kinds = [
+        "segmented_neutrophil",
+        "band",
+        "monocyte",
+        "myeloblast",
+        "lymphocyte",
+        "metamyelocyte",
+        "eosinophil",
+        "promyelocyte",
+        "myelocyte",
+    ]
+    labels = np.array(kinds * 3)
+    got = rows_per_label(labels, np.arange(labels.size), per_label=2, max_rows=12)
+    assert list(labels[got]) == [
+        "myeloblast",
+        "promyelocyte",
+        "myelocyte",
+        "metamyelocyte",
+        "band",
+        "segmented_neutrophil",
+        "lymphocyte",
+        "monocyte",
+        "eosinophil",
+    ]
+
+
 def test_reconstruction_rows_respect_the_cap_and_the_candidates():
     labels = np.array([f"k{i % 10}" for i in range(40)])
-    cand = np.arange(0, 40, 2)  # only even rows hold an image
+    cand = np.arange(0, 40, 2)  # only even rows hold an image: five labels
     got = rows_per_label(labels, cand, per_label=2, max_rows=6)
-    assert got.size == 6 and np.all(got % 2 == 0)
-    assert len(set(labels[got])) == 3  # two of each of the first three labels
+    # two of each would need 10 rows: one of each of the five instead
+    assert got.size == 5 and np.all(got % 2 == 0) and len(set(labels[got])) == 5
+    got = rows_per_label(labels, cand, per_label=2, max_rows=3)
+    assert got.size == 3
     assert rows_per_label(labels, np.array([], int), 2, 12).size == 0
