@@ -521,7 +521,7 @@ def evaluate(
                     )
                     for i in show
                 ],
-                [labels[P.rows[i]] for i in show],
+                [labels[P.rows[i]] if known[P.rows[i]] else "(unlabelled)" for i in show],
                 ["input (masked)", "joint recon", "from expression"],
                 "held-out reconstructions",
                 captions=[["", "", "" if he[i] else "no expression profile"] for i in show],
