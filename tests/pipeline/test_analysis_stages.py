@@ -44,6 +44,17 @@ def _run_in_process(root: Path, paired: Path, stage: str, extra: list[str]) -> i
     return runner.main(cfg)
 
 
+def _script(name: str):
+    """Import ``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("analysis")
@@ -456,13 +467,8 @@ def test_evaluate_missing_inputs_names_the_stage(tmp_path):
 
 def test_image_branch_check_script_on_a_finished_run(tiny_run):
     """scripts/image_branch_check.py: the table's numbers exist, are in range, files written."""
-    import importlib.util
-
     root, paired = tiny_run
-    path = Path(__file__).resolve().parents[2] / "scripts" / "image_branch_check.py"
-    spec = importlib.util.spec_from_file_location("image_branch_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("image_branch_check")
     run = root / "tiny" / "train"
     res = mod.check(run, paired, root / "tiny" / "traverse")
     assert res["n_test"] > 0 and 0 <= res["active_units"] <= res["n_latent"]
@@ -486,15 +492,10 @@ def test_image_branch_check_script_on_a_finished_run(tiny_run):
 def test_reviewed_labels_check_scores_runs_on_the_same_crops(tiny_run, tmp_path):
     """scripts/reviewed_labels_check.py: reviewed crops leave the 'unreviewed' set only;
     the votes come from the run's own train labels, the score from --paired's labels."""
-    import importlib.util
-
     import anndata as ad
 
     root, paired = tiny_run
-    path = Path(__file__).resolve().parents[2] / "scripts" / "reviewed_labels_check.py"
-    spec = importlib.util.spec_from_file_location("reviewed_labels_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("reviewed_labels_check")
     run = root / "tiny" / "train"
     lat = ad.read_h5ad(run / "latent.h5ad")
     test = lat.obs[(lat.obs["split"] == "test") & lat.obs["has_image"].astype(bool)]
@@ -511,14 +512,9 @@ def test_reviewed_labels_check_scores_runs_on_the_same_crops(tiny_run, tmp_path)
 def test_image_branch_check_scores_the_maturation_axis_against_pseudotime():
     """Real data: dim 0 against obs['maturation'] over the stages' profiles, overall and
     within each stage; without the head, the best dim."""
-    import importlib.util
-
     import pandas as pd
 
-    path = Path(__file__).resolve().parents[2] / "scripts" / "image_branch_check.py"
-    spec = importlib.util.spec_from_file_location("image_branch_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("image_branch_check")
     rng = np.random.default_rng(0)
     stages = ["MPP", "GMP", "Neu"]
     labels = np.repeat(stages + ["Mono"], 10)

@@ -3,6 +3,7 @@
 import numpy as np
 
 from vae.analysis.evaluate import rows_per_label
+from vae.inputs.schema import MATURATION_ORDER
 
 
 def test_reconstructions_show_every_label_not_the_first_eight_crops():
@@ -17,30 +18,11 @@ def test_reconstructions_show_every_label_not_the_first_eight_crops():
 
 def test_reconstruction_rows_follow_maturation_and_show_every_label():
     """The simulator's nine kinds: one crop of each, the lineage in maturation order."""
-    kinds = [
-        "segmented_neutrophil",
-        "band",
-        "monocyte",
-        "myeloblast",
-        "lymphocyte",
-        "metamyelocyte",
-        "eosinophil",
-        "promyelocyte",
-        "myelocyte",
-    ]
+    others = ["monocyte", "lymphocyte", "eosinophil"]
+    kinds = [*MATURATION_ORDER[::-1], *others]  # given latest first, others last
     labels = np.array(kinds * 3)
     got = rows_per_label(labels, np.arange(labels.size), per_label=2, max_rows=12)
-    assert list(labels[got]) == [
-        "myeloblast",
-        "promyelocyte",
-        "myelocyte",
-        "metamyelocyte",
-        "band",
-        "segmented_neutrophil",
-        "lymphocyte",
-        "monocyte",
-        "eosinophil",
-    ]
+    assert list(labels[got]) == [*MATURATION_ORDER, "lymphocyte", "monocyte", "eosinophil"]
 
 
 def test_reconstruction_rows_respect_the_cap_and_the_candidates():
