@@ -47,6 +47,11 @@ def _status(d: Path) -> str:
     return man.get("status", "unknown") if man else "unknown (no manifest)"
 
 
+def _folder_status(d: Path) -> str | None:
+    """The run status of folder ``d``; None when it is missing or empty."""
+    return _status(d) if d.is_dir() and any(d.iterdir()) else None
+
+
 def backups_of(d: Path) -> list[Path]:
     """Backups ``.<name>.old-*`` of folder ``d``, newest first."""
     if not d.parent.is_dir():
@@ -65,7 +70,7 @@ def recover_backups(d: Path, stage: str) -> None:
     olds = backups_of(d)
     if not olds:
         return
-    here = _status(d) if d.exists() and any(d.iterdir()) else None
+    here = _folder_status(d)
     if here != "complete":
         good = next((o for o in olds if _status(o) == "complete"), None)
         if good is not None:
@@ -164,8 +169,8 @@ def report_backups(run_dir: Path) -> None:
             if not p.is_dir():
                 continue
             current = p.with_name(name)
-            here = _status(current) if current.is_dir() and any(current.iterdir()) else None
-            if _status(p) == "complete" and here != "complete":
+            here, was = _folder_status(current), _status(p)
+            if was == "complete" and here != "complete":  # what recover_backups restores
                 log.warning(
                     "%s: backup of a complete result left by an interrupted overwrite=true "
                     "run; the next run of that stage restores it",
@@ -177,7 +182,7 @@ def report_backups(run_dir: Path) -> None:
                     "%s: an earlier result (status: %s) left by an interrupted run; %s holds "
                     "the current one (status: %s). Delete the old folder when it is not needed.",
                     p,
-                    _status(p),
+                    was,
                     current,
                     here or "empty",
                 )

@@ -376,8 +376,7 @@ def check(
             # rounds it, vae.lobes.lobe_count) and the share drawn with >= 2 lobes
             from vae.lobes import expected_lobes, lobe_count
 
-            with torch.no_grad():
-                lg = model.decode(torch.from_numpy(z_cells.astype(np.float32))).lobe_logits
+            lg = dm.lobe_logits  # the same codes' decode as the mean image's above
             expect = expected_lobes(lg).numpy()
             drawn = lobe_count(lg).numpy()  # the count the drawing cuts
             kinds = obs["image_label"].astype(str).to_numpy()[has_i]
