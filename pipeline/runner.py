@@ -322,7 +322,7 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
 def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, Path]) -> Path:
     from pipeline import hardware
     from pipeline.guards import log_traceback, settings_hash
-    from pipeline.stagedir import add_log_file, prepare_stage_dir
+    from pipeline.stagedir import add_log_file, prepare_stage_dir, restore_backup
 
     d, backup = prepare_stage_dir(cfg, name, inputs)
     handler = add_log_file(d / f"{name}.log", cfg.log_level)
@@ -352,9 +352,7 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
         log_traceback(handler, name)  # to <stage>.log only; the console gets one line
         manifest.finish("failed")
         if backup is not None:
-            failed = d.with_name(f"{d.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
-            d.rename(failed)
-            backup.rename(d)
+            failed = restore_backup(d, backup)
             log.error(
                 "stage=%s failed; previous outputs restored, this attempt kept in %s", name, failed
             )
@@ -391,6 +389,18 @@ def main(cfg: DictConfig) -> int:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # the stage's folder is already marked failed and any previous result put
+        # back (_run_locked); the user pressed Ctrl-C, so no traceback
+        msg = (
+            f"interrupted during stage={name}: a stage folder it had started is marked "
+            f"failed and a previous complete result, if any, was put back. Re-run with "
+            f"overwrite=true, or "
+            f"resume=true for the stages that continue ({', '.join(sorted(guards.RESUMABLE))})."
+        )
+        log.error("%s", msg)
+        print(f"error: {msg}", file=sys.stderr)
+        return 130
     except Exception as e:
         if str(cfg.log_level).upper() == "DEBUG":
             raise

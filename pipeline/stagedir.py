@@ -22,7 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import read_manifest
+from pipeline.artifacts import MANIFEST, read_manifest
 from pipeline.guards import RESUMABLE, check_resume
 from pipeline.runner import StageError, stage_dir
 
@@ -47,9 +47,44 @@ def _status(d: Path) -> str:
     return man.get("status", "unknown") if man else "unknown (no manifest)"
 
 
+def variant_runs(d: Path) -> list[Path]:
+    """Runs of other variants nested in stage folder ``d`` (``d/<variant>[/<sub>]``).
+
+    ``outputs/<experiment>/<stage>/`` holds the run without a variant *and* the folders
+    of ``variant=NAME`` runs; those are separate runs, never part of the first one's
+    result. A child folder is one when it (or a folder in it) has a manifest: a stage
+    writes its manifest at its folder's top only.
+    """
+    if not d.is_dir():
+        return []
+    out = []
+    for c in sorted(d.iterdir()):
+        if not c.is_dir() or c.name.startswith("."):
+            continue
+        if (c / MANIFEST).exists() or any(
+            (g / MANIFEST).exists() for g in c.iterdir() if g.is_dir()
+        ):
+            out.append(c)
+    return out
+
+
+def own_entries(d: Path) -> list[Path]:
+    """What folder ``d`` holds of its own run: everything but :func:`variant_runs`."""
+    if not d.is_dir():
+        return []
+    subs = set(variant_runs(d))
+    return [c for c in d.iterdir() if c not in subs]
+
+
+def move_variant_runs(src: Path, dst: Path) -> None:
+    """Move the variant runs nested in ``src`` into ``dst`` (same names)."""
+    for c in variant_runs(src):
+        c.rename(dst / c.name)
+
+
 def _folder_status(d: Path) -> str | None:
-    """The run status of folder ``d``; None when it is missing or empty."""
-    return _status(d) if d.is_dir() and any(d.iterdir()) else None
+    """The run status of folder ``d``; None when it holds nothing of its own run."""
+    return _status(d) if own_entries(d) else None
 
 
 def backups_of(d: Path) -> list[Path]:
@@ -75,9 +110,15 @@ def recover_backups(d: Path, stage: str) -> None:
         good = next((o for o in olds if _status(o) == "complete"), None)
         if good is not None:
             if d.exists():
-                kept = d.with_name(f"{d.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
-                d.rename(kept)
-                log.warning("stage=%s: the interrupted attempt in %s is kept in %s", stage, d, kept)
+                move_variant_runs(d, good)  # other variants' runs stay where they are
+                if any(d.iterdir()):
+                    kept = d.with_name(f"{d.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+                    d.rename(kept)
+                    log.warning(
+                        "stage=%s: the interrupted attempt in %s is kept in %s", stage, d, kept
+                    )
+                else:
+                    d.rmdir()
             good.rename(d)
             log.warning(
                 "stage=%s: restored the previous complete result from %s (left by an "
@@ -107,11 +148,14 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
     d = stage_dir(cfg, name)
     recover_backups(d, name)
     backup = None
-    if d.exists() and any(d.iterdir()):
+    if own_entries(d):
         status = _status(d)
         if cfg.overwrite:
+            _check_variants_idle(cfg, name, d)
             backup = d.with_name(f".{d.name}.old-{uuid.uuid4().hex[:6]}")
             d.rename(backup)
+            d.mkdir()
+            move_variant_runs(backup, d)  # variant=NAME runs are not this run's result
         elif cfg.resume:
             if name not in RESUMABLE:
                 if status == "complete":
@@ -133,7 +177,13 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
                     # continue from a copy: if the continuation fails, the complete
                     # result comes back untouched
                     backup = d.with_name(f".{d.name}.old-{uuid.uuid4().hex[:6]}")
-                    shutil.copytree(d, backup, symlinks=True)
+                    subs = {c.name for c in variant_runs(d)}
+                    shutil.copytree(
+                        d,
+                        backup,
+                        symlinks=True,
+                        ignore=lambda at, names: [n for n in names if Path(at) == d and n in subs],
+                    )
                     log.info(
                         "resume=true: stage=%s in %s is complete; continuing it from %s "
                         "(the complete result is kept in %s until this run succeeds)",
@@ -152,6 +202,33 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
             )
     d.mkdir(parents=True, exist_ok=True)
     return d, backup
+
+
+def _check_variants_idle(cfg: DictConfig, name: str, d: Path) -> None:
+    """Refuse to move folder ``d`` while a variant run nested in it is running."""
+    from pipeline.locks import stage_lock
+    from pipeline.runner import run_dir
+
+    for c in variant_runs(d):
+        variant = f"{cfg.variant}/{c.name}" if cfg.variant else c.name
+        if stage_lock(run_dir(cfg), name, variant, cfg.experiment).held_elsewhere():
+            raise StageError(
+                f"overwrite=true: {c} is a run of stage={name} variant={variant} that is "
+                f"running now; wait for it to finish (its folder lies inside {d})."
+            )
+
+
+def restore_backup(d: Path, backup: Path) -> Path:
+    """Put the previous result ``backup`` back in ``d`` after a failed run.
+
+    The failed attempt is kept as ``<name>.failed-<time>`` (returned); the variant runs
+    nested in ``d`` stay in ``d``.
+    """
+    move_variant_runs(d, backup)
+    failed = d.with_name(f"{d.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
+    d.rename(failed)
+    backup.rename(d)
+    return failed
 
 
 def report_backups(run_dir: Path) -> None:

@@ -154,6 +154,55 @@ def test_failed_overwrite_restores_previous_outputs(tmp_path, monkeypatch):
     assert json.loads((d / "manifest.json").read_text())["status"] == "complete"
 
 
+def test_variant_runs_survive_the_plain_runs_overwrite(tmp_path, monkeypatch):
+    """variant=NAME runs live inside the plain run's folder: never its result."""
+
+    def bad(ctx):
+        raise RuntimeError("boom")
+
+    _register_toy(monkeypatch, _writes("v1"))
+    v = runner.run_stage(_cfg(tmp_path, "evaluate", "variant=v1"), "evaluate")
+    # a folder holding only variant runs holds no run of its own: no refusal
+    _register_toy(monkeypatch, _writes("plain"))
+    d = runner.run_stage(_cfg(tmp_path, "evaluate"), "evaluate")
+    assert v.parent == d and (d / "metrics.json").read_text() == "plain"
+    # a successful overwrite replaces the plain result and keeps the variant's
+    _register_toy(monkeypatch, _writes("plain2"))
+    runner.run_stage(_cfg(tmp_path, "evaluate", "overwrite=true"), "evaluate")
+    assert (d / "metrics.json").read_text() == "plain2"
+    assert (v / "metrics.json").read_text() == "v1"
+    assert json.loads((v / "manifest.json").read_text())["status"] == "complete"
+    # a failed overwrite puts the plain result back and the variant stays too
+    _register_toy(monkeypatch, bad)
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.run_stage(_cfg(tmp_path, "evaluate", "overwrite=true"), "evaluate")
+    assert (d / "metrics.json").read_text() == "plain2"
+    assert (v / "metrics.json").read_text() == "v1"
+    failed = list(d.parent.glob("evaluate.failed-*"))
+    assert len(failed) == 1 and not (failed[0] / "v1").exists()
+    assert not list(d.parent.glob(".evaluate.old-*"))
+
+
+def test_killed_overwrite_restore_keeps_variant_runs(tmp_path, monkeypatch):
+    from pipeline.stagedir import recover_backups
+
+    _register_toy(monkeypatch, _writes("v1"))
+    v = runner.run_stage(_cfg(tmp_path, "evaluate", "variant=v1"), "evaluate")
+    _register_toy(monkeypatch, _writes("plain"))
+    d = runner.run_stage(_cfg(tmp_path, "evaluate"), "evaluate")
+    # what a killed overwrite=true leaves: the backup beside, a half-made folder
+    backup = d.with_name(".evaluate.old-abc123")
+    d.rename(backup)
+    d.mkdir()
+    (backup / "v1").rename(v)
+    (d / "partial.txt").write_text("x")
+    recover_backups(d, "evaluate")
+    assert (d / "metrics.json").read_text() == "plain"
+    assert (v / "metrics.json").read_text() == "v1"
+    kept = list(d.parent.glob("evaluate.interrupted-*"))
+    assert len(kept) == 1 and (kept[0] / "partial.txt").exists() and not (kept[0] / "v1").exists()
+
+
 def test_unfinished_producer_is_refused(tmp_path, monkeypatch):
     def bad(ctx):
         (ctx.dir / "metrics.json").write_text("partial")
