@@ -168,6 +168,40 @@ class Study:
                 f"{latent_path}: obsm['X_vae'] has {reference.obsm['X_vae'].shape[1]} dims but "
                 f"{model_path} has n_shared={ns}: the latent comes from another study"
             )
+        self._check_same_study()
+
+    def _check_same_study(self) -> None:
+        """Refuse a reference latent written for another model.
+
+        ``stage=train`` records the digest of its ``model.pt`` in ``latent.h5ad``
+        (``uns["model_digest"]``); latents written before that are checked by their
+        labels, which must all be classes the model was trained with.
+        """
+        from vae.checkpoint import checkpoint_digest
+
+        ref, mp, lp = self.reference, self.model_path, self.latent_path
+        want = ref.uns.get("model_digest")
+        if want is not None and mp.is_file():
+            got = checkpoint_digest(mp)
+            if str(want) != got:
+                raise StudyError(
+                    f"{lp}: uns['model_digest'] is {want}, but {mp} has digest {got}: the "
+                    f"latent was written for another model (another study, or the model was "
+                    f"retrained since). Give the model and latent.h5ad of one stage=train run."
+                )
+            return
+        known = self.meta.get("label_names")
+        key = str(self.analysis.get("label_key", "label"))
+        if not known or key not in ref.obs:
+            return
+        seen = set(ref.obs[key].astype(str)) - {"", "nan", "NA", "None"}
+        foreign = sorted(seen - {str(k) for k in known})
+        if foreign:
+            raise StudyError(
+                f"{lp}: obs[{key!r}] holds labels {', '.join(map(repr, foreign[:5]))} that "
+                f"{mp} was not trained with (its labels: {', '.join(map(str, known))}): the "
+                f"latent comes from another study"
+            )
 
     # ------------------------------------------------------------------ load
     @classmethod

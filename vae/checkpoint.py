@@ -14,6 +14,7 @@ Use :func:`load_model` for inference.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -40,6 +41,20 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """A short fingerprint of a checkpoint file's bytes (sha256, 16 hex digits).
+
+    ``stage=train`` stores the digest of ``model.pt`` in ``latent.h5ad``
+    (``uns["model_digest"]``), so a study's model and its reference latent are known to
+    belong together (:class:`vae.api.Study` refuses a pair that does not).
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

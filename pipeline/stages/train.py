@@ -342,6 +342,7 @@ def _projector(tb, latent: np.ndarray, data, max_cells: int, step: int) -> None:
 def _write_latent(ctx: StageContext, adata, data, split, lat, margs, result, anomaly) -> None:
     import anndata as ad
 
+    from vae.checkpoint import checkpoint_digest
     from vae.scverse import ROW_KEY, cell_obs_names, latent_obsm
 
     ns = margs.n_shared
@@ -357,6 +358,8 @@ def _write_latent(ctx: StageContext, adata, data, split, lat, margs, result, ano
     out.uns["kl_per_dim"] = np.asarray(result.kl_per_dim, dtype=np.float32)
     out.uns["latent_layout"] = {"n_shared": ns, "n_private": margs.n_private}
     out.uns["best_epoch"] = int(result.best_epoch)
+    # which model.pt these latents come from: stage=embed / vae.api.Study check it
+    out.uns["model_digest"] = checkpoint_digest(ctx.output("model"))
     if margs.maturation_ranks:  # the ordinal head's axis: shared dim 0, stages in rank order
         ranked = sorted((r, n) for r, n in zip(margs.maturation_ranks, data.label_names) if r >= 0)
         out.uns["maturation_axis"] = {"dim": 0, "classes": [n for _, n in ranked]}

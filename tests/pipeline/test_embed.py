@@ -8,6 +8,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.runner import StageError
@@ -241,6 +242,29 @@ def test_bad_inputs_fail_clearly_and_write_nothing(study: Path, tmp_path: Path):
             f"paths.inputs.model={study / 'out/s/train/model.pt'}",
             f"paths.inputs.latent={tmp_path / 'other.h5ad'}",
         )
+
+
+def test_a_latent_of_another_model_is_refused(study: Path, tmp_path: Path):
+    """Same layout, other model: stage=train's digest (or, before it, the labels) tells."""
+    from vae.api import Study, StudyError
+    from vae.checkpoint import checkpoint_digest
+
+    train = study / "out/s/train"
+    ref = ad.read_h5ad(train / "latent.h5ad")
+    assert ref.uns["model_digest"] == checkpoint_digest(train / "model.pt")
+    Study.load(model=train / "model.pt", latent=train / "latent.h5ad")  # its own: fine
+    other = tmp_path / "other.pt"
+    ck = torch.load(train / "model.pt", weights_only=False)
+    ck["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ck["model"].items()}
+    torch.save(ck, other)
+    with pytest.raises(StudyError, match="model_digest.*another model"):
+        Study.load(model=other, latent=train / "latent.h5ad")
+    # a latent written before the digest: its labels must be the model's classes
+    del ref.uns["model_digest"]
+    ref.obs["label"] = "myelocyte_of_another_study"
+    ref.write_h5ad(tmp_path / "old.h5ad")
+    with pytest.raises(StudyError, match="another study"):
+        Study.load(model=train / "model.pt", latent=tmp_path / "old.h5ad")
 
 
 def test_api_genes_by_name_path_and_decode(study: Path):
