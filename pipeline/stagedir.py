@@ -4,6 +4,10 @@ Called by the runner while it holds the stage's lock (pipeline/locks.py):
 
 - a finished folder is never silently replaced: ``overwrite=true`` moves it to
   ``.<stage>.old-<id>`` (restored if the new run fails, deleted when it succeeds);
+- a *failed* run of a stage that keeps no checkpoint is moved aside to
+  ``<stage>.failed-<time>`` and the stage runs afresh (nothing to continue, no result
+  to protect); a failed ``train`` / ``segment_train`` run waits for ``resume=true``
+  or ``overwrite=true``;
 - ``resume=true`` continues an unfinished run in place; on a *complete* run of a
   stage that has checkpoints it continues from a copy kept as the backup, so a
   failing continuation never demotes the complete result; a stage without
@@ -76,6 +80,16 @@ def own_entries(d: Path) -> list[Path]:
     return [c for c in d.iterdir() if c not in subs]
 
 
+def aside_name(d: Path, tag: str) -> Path:
+    """A free name ``<name>.<tag>-<time>[-k]`` beside ``d`` for an attempt kept aside."""
+    base = f"{d.name}.{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, k = d.with_name(base), 1
+    while out.exists():
+        k += 1
+        out = d.with_name(f"{base}-{k}")
+    return out
+
+
 def move_variant_runs(src: Path, dst: Path) -> None:
     """Move the variant runs nested in ``src`` into ``dst`` (same names)."""
     for c in variant_runs(src):
@@ -112,7 +126,7 @@ def recover_backups(d: Path, stage: str) -> None:
             if d.exists():
                 move_variant_runs(d, good)  # other variants' runs stay where they are
                 if any(d.iterdir()):
-                    kept = d.with_name(f"{d.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+                    kept = aside_name(d, "interrupted")
                     d.rename(kept)
                     log.warning(
                         "stage=%s: the interrupted attempt in %s is kept in %s", stage, d, kept
@@ -192,6 +206,15 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
                         RESUMABLE[name],
                         backup,
                     )
+        elif status == "failed" and name not in RESUMABLE:
+            # a failed run is no result, and this stage could not continue it: keep the
+            # attempt (its log says why it failed) and start afresh
+            failed = aside_name(d, "failed")
+            _check_variants_idle(cfg, name, d)
+            d.rename(failed)
+            d.mkdir()
+            move_variant_runs(failed, d)
+            log.warning("stage=%s: the failed earlier attempt in %s is kept in %s", name, d, failed)
         else:
             if status == "running":
                 status = "running when it was interrupted: no process holds its lock now"
@@ -225,7 +248,7 @@ def restore_backup(d: Path, backup: Path) -> Path:
     nested in ``d`` stay in ``d``.
     """
     move_variant_runs(d, backup)
-    failed = d.with_name(f"{d.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
+    failed = aside_name(d, "failed")
     d.rename(failed)
     backup.rename(d)
     return failed

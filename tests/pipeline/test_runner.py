@@ -203,6 +203,28 @@ def test_killed_overwrite_restore_keeps_variant_runs(tmp_path, monkeypatch):
     assert len(kept) == 1 and (kept[0] / "partial.txt").exists() and not (kept[0] / "v1").exists()
 
 
+def test_a_failed_run_is_kept_aside_and_run_again(tmp_path, monkeypatch):
+    """A stage without checkpoints has nothing to continue: a failed run does not block."""
+
+    def bad(ctx):
+        (ctx.dir / "half.txt").write_text("x")
+        raise RuntimeError("boom")
+
+    _register_toy(monkeypatch, bad)
+    cfg = _cfg(tmp_path, "evaluate")
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.run_stage(cfg, "evaluate")
+    _register_toy(monkeypatch, _writes("good"))
+    d = runner.run_stage(cfg, "evaluate")  # no overwrite=true needed
+    assert (d / "metrics.json").read_text() == "good" and not (d / "half.txt").exists()
+    kept = list(d.parent.glob("evaluate.failed-*"))
+    assert len(kept) == 1 and (kept[0] / "half.txt").exists()
+    assert json.loads((kept[0] / "manifest.json").read_text())["status"] == "failed"
+    # a complete run is still never replaced without overwrite=true
+    with pytest.raises(runner.StageError, match="overwrite=true"):
+        runner.run_stage(cfg, "evaluate")
+
+
 def test_unfinished_producer_is_refused(tmp_path, monkeypatch):
     def bad(ctx):
         (ctx.dir / "metrics.json").write_text("partial")
