@@ -89,20 +89,33 @@ def _to_uint8(a: np.ndarray, converted: list[str]) -> np.ndarray:
     return np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _decode(path: Path) -> np.ndarray:
-    """Decode with imageio (keeps 16-bit RGB), falling back to Pillow."""
+def _decode(path: Path, converted: list[str]) -> np.ndarray:
+    """Decode with imageio (keeps 16-bit RGB), falling back to Pillow.
+
+    Four channels are RGBA except in a CMYK file (print-ready JPEG / TIFF exports):
+    Pillow converts those to RGB, noted in ``converted``.
+    """
+    from PIL import Image
+
     try:
         import imageio.v3 as iio
 
-        return np.asarray(iio.imread(path))
+        a = np.asarray(iio.imread(path))
     except Exception:  # noqa: BLE001 - try the other decoder before giving up
-        from PIL import Image
-
         with Image.open(path) as im:
             im.load()
+            if im.mode == "CMYK":
+                converted.append("cmyk->rgb")
+                return np.asarray(im.convert("RGB"))
             if im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             return np.asarray(im)
+    if a.ndim == 3 and a.shape[-1] == 4 and a.dtype == np.uint8:
+        with Image.open(path) as im:
+            if im.mode == "CMYK":
+                converted.append("cmyk->rgb")
+                return np.asarray(im.convert("RGB"))
+    return a
 
 
 def read_rgb(
@@ -130,7 +143,7 @@ def read_rgb(
     path = Path(path)
     converted: list[str] = []
     try:
-        a = _decode(path)
+        a = _decode(path, converted)
     except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
         msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         return ImageRead(path, None, [], f"unreadable: {msg}")

@@ -14,7 +14,7 @@ Examples
 >>> z = study.get_latent("new_crops/", kind="crops")            # (n, n_shared)
 >>> q = study.embed(study.read("new_cells.h5ad"))               # AnnData, all results
 >>> q.obs[["vae_label", "vae_label_confidence", "vae_maturation", "vae_stage"]]
->>> calls = study.transfer_labels(q.obsm["X_vae"])              # label, confidence
+>>> calls = study.transfer_labels(q.obsm["X_vae_image"], modality="image")  # crops
 >>> pos = study.maturation_position(q.obsm["X_vae_full"])       # position, stage
 >>> dec = study.decode(q.obsm["X_vae_full"][:4])                # images, expression
 
@@ -779,7 +779,8 @@ class Study:
         Returns
         -------
         DataFrame with ``label`` (majority of the k nearest such reference cells,
-        Euclidean) and ``confidence`` (fraction of those k that carry it, in [0, 1]).
+        Euclidean) and ``confidence`` (fraction of those k that carry it, in [0, 1]);
+        a row of ``z`` with a NaN (no such modality) gets ``""`` and NaN.
         """
         from sklearn.neighbors import KNeighborsClassifier
 
@@ -821,9 +822,16 @@ class Study:
         clf = KNeighborsClassifier(n_neighbors=k).fit(codes[known], lab[known])
         if len(z) == 0:
             return pd.DataFrame({"label": pd.Series([], dtype=str), "confidence": []})
-        proba = clf.predict_proba(z)
-        best = proba.argmax(1)
-        return pd.DataFrame({"label": clf.classes_[best], "confidence": proba.max(1)})
+        # a row without this modality (NaN code, e.g. X_vae_expression of an image-only
+        # cell) gets no label: "" and confidence NaN
+        ok = np.isfinite(z).all(1)
+        label = np.full(len(z), "", dtype=object)
+        conf = np.full(len(z), np.nan)
+        if ok.any():
+            proba = clf.predict_proba(z[ok])
+            label[ok] = clf.classes_[proba.argmax(1)]
+            conf[ok] = proba.max(1)
+        return pd.DataFrame({"label": label.astype(str), "confidence": conf})
 
     # ------------------------------------------------------ maturation path
     def maturation_path(self):

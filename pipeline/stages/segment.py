@@ -15,6 +15,7 @@ import logging
 import pickle
 import shutil
 import time
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from segmentation.cells import (
 )
 from segmentation.crops import FLAGS, FilterSettings
 from segmentation.inference import MaskRCNNDetector
-from segmentation.io import list_images, read_rgb, write_h5ad
+from segmentation.io import IMAGE_SUFFIXES, list_images, read_rgb, write_h5ad
 from segmentation.progress import bar
 from segmentation.shipped import wants_scale_estimate, wants_scale_refinement
 from segmentation.table import cells_adata, merge_parts, run_summary
@@ -105,9 +106,34 @@ def _annotations_path(ctx: StageContext, smears: Path) -> Path | None:
     return p if p.is_file() else None
 
 
+def overlay_name(path: Path) -> str:
+    """``overlays/`` file of image ``path``: ``<stem>.png``, or ``<stem>_<ext>.png`` when
+    another image of its folder has the same stem (``cell.jpg`` and ``cell.png``)."""
+    twins = [
+        q
+        for q in path.parent.glob(f"{glob_escape(path.stem)}.*")
+        if q.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    return f"{path.stem}_{path.suffix[1:].lower()}.png" if len(twins) > 1 else f"{path.stem}.png"
+
+
 def _image_list(ctx: StageContext, smears: Path, truth: CocoTruth | None) -> list[Path]:
     sc = ctx.cfg.segmentation
     images = list_images(smears)
+    nested = sorted(
+        d.name
+        for d in smears.iterdir()
+        if d.is_dir() and not d.name.startswith(".") and any(list_images(d))
+    )
+    if nested:
+        # stage=segment reads one folder; stage=embed reads sub-folders as samples
+        log.warning(
+            "%s: images in sub-folders are not read (%s%s); give each folder as "
+            "paths.inputs.smears, or use stage=embed, which reads sub-folders as samples",
+            smears,
+            ", ".join(nested[:5]),
+            f" and {len(nested) - 5} more" if len(nested) > 5 else "",
+        )
     if sc.split is not None:
         if truth is None:
             raise StageError(
@@ -263,6 +289,8 @@ def _run_shard(
                 n_truth += cells.n_truth or 0
             tab = cells.table
             tab.insert(1, "image_index", index)
+            if "input_scale" not in tab:  # working px per source px this image was read at
+                tab.insert(3, "input_scale", float(settings.input_scale))
             tables.append(tab)
             crops.append(cells.crops.images)
             masks.append(cells.crops.masks)
@@ -284,7 +312,7 @@ def _run_shard(
                 )
             if index < overlay_below:
                 ov = draw_overlay(cells, min(float(sc.score_threshold), 0.99))
-                ov.save(overlay_dir / f"{path.stem}.png")
+                ov.save(overlay_dir / overlay_name(path))
     pbar.close()
     s = int(sc.crop_size)
     return {
@@ -325,6 +353,7 @@ def _estimated(detector, image, path, settings, truth, sc, ckpt, pooled=None) ->
         detector, image, path.name, settings, px, truth, None, r, estimate=pooled
     )
     log.info("scale %s: %s", path.name, choice.describe())
+    cells.table.insert(2, "input_scale", float(choice.scale))
     return cells
 
 
@@ -365,7 +394,8 @@ def segment(ctx: StageContext) -> None:
     truth = load_coco_truth(ann) if ann is not None else None
     images = _image_list(ctx, smears, truth)
     if not images:
-        raise StageError(f"no images (*.png, *.jpg, *.bmp, *.tif) found in {smears}")
+        kinds = ", ".join(f"*{x}" for x in sorted(IMAGE_SUFFIXES))
+        raise StageError(f"no images ({kinds}) found in {smears} (sub-folders are not read)")
     parts = ctx.dir / PARTS
     if ctx.is_main:
         shutil.rmtree(parts, ignore_errors=True)
@@ -385,11 +415,15 @@ def segment(ctx: StageContext) -> None:
 
     model, ckpt = load_checkpoint(ctx.input("segmentation_model"), map_location=ctx.dist.device)
     settings.input_scale, scale_from = resolve_input_scale(ctx.cfg, ckpt)
-    if ctx.is_main:
-        log.info("input_scale=%.4g from %s", settings.input_scale, scale_from)
     est = smear_estimate_px(ctx.cfg, ckpt)
-    if ctx.is_main and est is not None:
-        log.info("magnification measured per image (segmentation.estimate_scale)")
+    if ctx.is_main and est is None:
+        log.info("input_scale=%.4g from %s", settings.input_scale, scale_from)
+    elif ctx.is_main:  # the configured scale is only the fallback of an image with no cell
+        log.info(
+            "magnification measured per image (segmentation.estimate_scale; an image where "
+            "nothing is measured takes its folder's median, else input_scale=%.4g)",
+            settings.input_scale,
+        )
     # every rank measures all images (the same medians, so the same scales on every rank)
     pooled = pooled_scales(ctx.cfg, images, est, settings.input_scale)
     part = _run_shard(
@@ -407,7 +441,7 @@ def segment(ctx: StageContext) -> None:
                 all_parts.append(pickle.load(f))
     else:
         all_parts = [part]
-    _write_outputs(ctx, all_parts, settings, smears, ann, len(images))
+    _write_outputs(ctx, all_parts, settings, smears, ann, len(images), est is not None)
     shutil.rmtree(parts, ignore_errors=True)
 
 
@@ -418,12 +452,15 @@ def _write_outputs(
     smears: Path,
     ann: Path | None,
     n_listed: int,
+    estimated: bool = False,
 ) -> None:
     sc = ctx.cfg.segmentation
     table, kept, crops, masks = merge_parts(parts, settings.crop_size, ann is not None)
     rejects, counts, summary = run_summary(parts, table, kept, n_listed, smears, ann)
     summary.update(world_size=ctx.dist.world_size, device=str(ctx.dist.device))
     adata = cells_adata(kept, crops, masks, settings, counts, str(smears))
+    if estimated:  # no one scale: each cell's image's is obs["input_scale"]
+        adata.uns["input_scale"] = "per image: obs['input_scale']"
     with ctx.atomic("cells") as tmp:
         write_h5ad(adata, tmp)
     with ctx.atomic("detections.csv") as tmp:

@@ -494,6 +494,18 @@ def test_read_rgb_converts_or_rejects_with_reasons(tmp_path):
         assert not r.ok and "convert_images=false" in r.reason, name
 
 
+def test_read_rgb_cmyk_jpeg_is_converted_not_taken_as_rgba(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgb = np.clip(rng.normal([200, 120, 180], 20, (40, 50, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "c.jpg", quality=95)
+    r = read_rgb(tmp_path / "c.jpg")
+    assert r.ok and r.converted == ["cmyk->rgb"] and r.image.shape == (40, 50, 3)
+    # the colours survive (JPEG loss only), where reading C, M, Y as R, G, B did not
+    assert np.abs(r.image.astype(int).mean((0, 1)) - rgb.mean((0, 1))).max() < 8
+
+
 def test_read_rgb_16bit_rgb_tiff(tmp_path):
     tifffile = pytest.importorskip("tifffile")
     a = (np.arange(20 * 30 * 3).reshape(20, 30, 3) * 30).astype(np.uint16)
@@ -619,6 +631,18 @@ def _check_outputs(out: Path, crop: int = 32):
     return a, det
 
 
+def test_overlay_names_of_images_that_share_a_stem(tmp_path):
+    from pipeline.stages.segment import overlay_name
+
+    for name in ("cell.jpg", "cell.PNG", "other.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "notes.png").write_bytes(b"x")
+    assert overlay_name(tmp_path / "cell.jpg") == "cell_jpg.png"
+    assert overlay_name(tmp_path / "cell.PNG") == "cell_png.png"
+    assert overlay_name(tmp_path / "other.png") == "other.png"
+    assert overlay_name(tmp_path / "notes.png") == "notes.png"  # a .txt is no image
+
+
 def test_stage_segment_subprocess_untrained(tmp_path, untrained_ckpt):
     smears = _smear_folder(tmp_path / "smears")
     # score 0: the untrained net's detections pass, so the crop path runs end to end
@@ -626,6 +650,9 @@ def test_stage_segment_subprocess_untrained(tmp_path, untrained_ckpt):
     a, det = _check_outputs(out)
     assert len(det) > 0 and {"truth_cell_id", "kind", "match_iou"} <= set(det.columns)
     assert {"image", "x0", "y0", "x1", "y1", "score", "area", "at_border"} <= set(a.obs.columns)
+    # each cell says the scale its image was read at (here the one configured scale)
+    assert np.allclose(a.obs["input_scale"], float(a.uns["input_scale"]))
+    assert np.allclose(det["input_scale"], float(a.uns["input_scale"]))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["truth"]["n_truth"] == 2
     assert summary["filter_counts"]["images_read"] == 3  # corrupt one skipped
