@@ -251,6 +251,16 @@ class Study:
         lp = Path(latent) if latent else (train / "latent.h5ad" if train else None)
         if mp is None or lp is None:
             raise StudyError("Study.load: give run_dir, or both model= and latent=")
+        if not model and not mp.exists() and train is not None and train.is_dir():
+            runs = sorted(str(m.parent.relative_to(train)) for m in train.glob("*/model.pt"))
+            if runs:  # a sweep: the runs are train/<variant>/
+                shown = ", ".join(runs[:12]) + (
+                    f" and {len(runs) - 12} more" if len(runs) > 12 else ""
+                )
+                raise StudyError(
+                    f"{mp}: no such file; {train} holds the runs of variants {shown}: choose "
+                    f"one (Study.load(..., variant=NAME); on the command line variant=NAME)"
+                )
         for what, p in (("model", mp), ("latent", lp)):
             if not p.exists():
                 raise StudyError(f"{p}: no such file (the study's {what}; run stage=train first)")
@@ -453,6 +463,14 @@ class Study:
         from vae.data import PairedDataError, from_anndata
 
         n = adata.n_obs
+        if n == 0:  # an empty folder, nothing readable, or no cell found
+            rej = adata.uns.get("rejects")
+            rows = rej.to_dict("records") if isinstance(rej, pd.DataFrame) else list(rej or [])
+            why = f"; {len(rows)} rejected, e.g. {rows[0]}" if rows else ""
+            raise StudyError(
+                f"{source}: no cells to embed (an empty folder, no readable image, or no "
+                f"cell found){why}"
+            )
         s = self.pair_crop_size
         has_img = np.zeros(n, bool)
         crops = np.zeros((n, s, s, 3), np.uint8)
@@ -739,7 +757,7 @@ class Study:
             ``full`` (all d dims of the joint mean, private blocks included)
         """
         adata = self._as_adata(data, kind)
-        prepared, _ = self.prepare(adata)
+        prepared, _ = self.prepare(adata, str(data) if isinstance(data, str | Path) else "query")
         lat = self.encode(prepared)
         ns = self.n_shared
         table = {
@@ -997,7 +1015,8 @@ class Study:
         (:meth:`transfer_labels`: a cell with both modalities on the fused code,
         an image-only cell on its image code against the reference cells with a
         crop, an expression-only one likewise), ``vae_maturation`` + ``vae_stage``
-        (:meth:`maturation_position`; NaN / "" when the study has no path), the
+        (:meth:`maturation_position`; NaN / "" when the study has no path; stage ""
+        for a cell called a class off the path), the
         atypical-cell scores of :meth:`anomaly_scores` (``anomaly_*``); ``obsm``: ``X_vae``, ``X_vae_image``, ``X_vae_expression``,
         ``X_vae_full``, ``X_vae_logvar`` (+ private blocks), ``crops``/``masks``
         at the model's size when there are images; ``uns["genes"]``: the
@@ -1043,7 +1062,12 @@ class Study:
         try:
             mp = self.maturation_position(out.obsm["X_vae_full"])
             out.obs["vae_maturation"] = mp["position"].to_numpy()
-            out.obs["vae_stage"] = mp["stage"].to_numpy().astype(str)
+            stage = mp["stage"].to_numpy().astype(object)
+            # a cell called a class off the path (a lymphocyte on the granulocyte path)
+            # has a projection but no stage: its nearest knot would name a false one
+            on_path = {str(c) for c in self.maturation_path()[0].names}
+            stage[~np.isin(label.astype(str), list(on_path))] = ""
+            out.obs["vae_stage"] = stage.astype(str)
         except StudyError as e:
             log.warning("no maturation position: %s", e)
             out.obs["vae_maturation"] = np.nan

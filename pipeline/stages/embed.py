@@ -60,6 +60,7 @@ def _validate(cfg) -> None:
         raise StageError(f"embed.impute_iterations={e.impute_iterations}: must be >= 1")
     if e.knn_k is not None and int(e.knn_k) < 1:
         raise StageError(f"embed.knn_k={e.knn_k}: must be >= 1")
+    _read_mapping(cfg)  # a broken samples CSV fails before any folder is made
 
 
 def load_study(ctx: StageContext):
@@ -108,7 +109,13 @@ def _samples(adata, kind: str, path: Path, cfg, mapping: pd.DataFrame | None) ->
 def _read_mapping(cfg) -> pd.DataFrame | None:
     if not cfg.embed.samples_csv:
         return None
-    m = pd.read_csv(cfg.embed.samples_csv, dtype=str)
+    try:
+        m = pd.read_csv(cfg.embed.samples_csv, dtype=str)
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # pandas' ParserError is a ValueError
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise StageError(
+            f"embed.samples_csv={cfg.embed.samples_csv}: not a readable CSV ({msg})"
+        ) from e
     if "sample" not in m or not ({"cell_id", "image"} & set(m.columns)):
         raise StageError(
             f"embed.samples_csv={cfg.embed.samples_csv}: needs a 'sample' column and a "
@@ -160,14 +167,23 @@ def run_embed(ctx: StageContext) -> None:
         except PairedDataError as e:
             raise StageError(f"{setting}: {e}") from e
     if not parts:
-        raise StageError("stage=embed: no cell in any input (see the warnings above)")
+        with ctx.atomic("rejects.csv") as tmp:  # what was skipped, kept with the failed run
+            pd.DataFrame(rejects, columns=REJECT_COLUMNS).to_csv(tmp, index=False)
+        shown = "; ".join(f"{r.get('item')}: {r.get('reason')}" for r in rejects[:3])
+        raise StageError(
+            f"stage=embed: no cell in any input ({len(rejects)} reject row(s), e.g. {shown}; "
+            f"all in this run's rejects.csv)"
+        )
     out = _concat(parts) if len(parts) > 1 else parts[0]
     out.uns["genes"] = json.dumps(genes)
     try:  # the histogram is of the cells on the path's lineage
         path_classes = list(study.maturation_path()[0].names)
     except StudyError:
         path_classes = None  # no path: maturation is NaN anyway
-    prof = sample_profile(out.obs, "vae_sample", int(cfg.embed.histogram_bins), path_classes)
+    ref_labels = sorted(set(study.reference.obs[study.label_key].astype(str)))
+    prof = sample_profile(
+        out.obs, "vae_sample", int(cfg.embed.histogram_bins), path_classes, ref_labels
+    )
     crops = out.obsm["crops"] if "crops" in out.obsm else None
     with ctx.atomic("rejects.csv") as tmp:
         pd.DataFrame(rejects, columns=REJECT_COLUMNS).to_csv(tmp, index=False)
@@ -201,20 +217,35 @@ def run_embed(ctx: StageContext) -> None:
     log.info("embed: %d cells, %d samples, %d rejects", out.n_obs, len(prof), len(rejects))
 
 
+MAX_LOGGED_REJECTS = 20  # skipped files named in the log, one line each; all in rejects.csv
+
+
 def _embed_one(study, cfg, path, kind, setting, block, rejects):
     """One input (or one block of a streamed h5ad) through ``Study.embed``; None: no cells."""
     from vae.api import StudyError
 
     try:
         adata = study.read(path, kind, **_segment_args(cfg, kind)) if block is None else block
-        rejects += adata.uns.pop("rejects", [])
+        read_rejects = list(adata.uns.pop("rejects", []))
+        for r in read_rejects[:MAX_LOGGED_REJECTS]:  # each skipped file, by name
+            log.warning("%s: skipped %s: %s", setting, r.get("item", "?"), r.get("reason", ""))
+        if len(read_rejects) > MAX_LOGGED_REJECTS:
+            log.warning(
+                "%s: %d more skipped (rejects.csv)", setting, len(read_rejects) - MAX_LOGGED_REJECTS
+            )
+        rejects += read_rejects
         if adata.n_obs == 0:
-            rejects.append({"input": setting, "item": str(path), "reason": "no cells"})
-            log.warning("%s: no cells", setting)
+            why = f"{len(read_rejects)} file(s) skipped" if read_rejects else "no cell found"
+            rejects.append({"input": setting, "item": str(path), "reason": f"no cells ({why})"})
+            log.warning("%s: no cells (%s)", setting, why)
             return None
         return study.embed(adata, setting, int(cfg.embed.batch_size))
     except StudyError as e:
-        raise StageError(f"{setting}: {e}") from e
+        msg = str(e)
+        for prefix in (f"{setting}: ", f"{path}: "):  # the error may already name them
+            if msg.startswith(prefix):
+                msg = msg[len(prefix) :]
+        raise StageError(f"{setting}: {msg}") from e
 
 
 def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> None:

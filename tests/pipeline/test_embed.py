@@ -101,7 +101,11 @@ def test_round_trip_reproduces_latent(study: Path):
     assert (q.obs["vae_label"].astype(str) == paired.obs["label"].to_numpy()).mean() > 0.5
     assert q.obs["vae_label_confidence"].between(0, 1).all()
     assert q.obs["vae_maturation"].between(0, 1).all()
-    assert set(q.obs["vae_stage"]) <= {"myeloblast", "myelocyte"}
+    # a stage only for cells called one of the path's classes
+    on_path = {"myeloblast", "myelocyte"}
+    called = q.obs["vae_label"].astype(str).isin(on_path).to_numpy()
+    stage = q.obs["vae_stage"].astype(str).to_numpy()
+    assert set(stage[called]) <= on_path and (stage[~called] == "").all()
     d = study / "out" / "rt" / "embed"
     assert pd.read_csv(d / "rejects.csv").empty
     prof = pd.read_csv(d / "samples.csv").set_index("sample")
@@ -242,6 +246,40 @@ def test_bad_inputs_fail_clearly_and_write_nothing(study: Path, tmp_path: Path):
             f"paths.inputs.model={study / 'out/s/train/model.pt'}",
             f"paths.inputs.latent={tmp_path / 'other.h5ad'}",
         )
+
+
+def test_unreadable_inputs_are_named_and_the_api_says_no_cells(study: Path, tmp_path: Path):
+    from vae.api import Study, StudyError
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_text("not an image")
+    (bad / "b.jpg").write_bytes(b"\xff\xd8\xff")  # a truncated JPEG
+    with pytest.raises(StageError, match=r"no cell in any input.*a\.png"):
+        _embed(study, "allbad", f"embed.crops={bad}")
+    rej = pd.read_csv(study / "out" / "allbad" / "embed" / "rejects.csv")
+    assert {"a.png", "b.jpg"} <= {Path(str(i)).name for i in rej["item"]}
+    st = Study.load(study / "out" / "s")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (empty, bad):
+        with pytest.raises(StudyError, match="no cells to embed"):
+            st.get_latent(folder, kind="crops")
+    # codes of a modality a cell lacks (NaN rows) get no label, not an sklearn error
+    lab = st.transfer_labels(np.full((2, st.n_shared), np.nan))
+    assert list(lab["label"]) == ["", ""] and lab["confidence"].isna().all()
+
+
+def test_a_sweep_study_without_a_variant_names_its_variants(study: Path, tmp_path: Path):
+    import shutil
+
+    from vae.api import Study, StudyError
+
+    root = tmp_path / "sweep"
+    shutil.copytree(study / "out" / "s" / "train", root / "train" / "beta4")
+    with pytest.raises(StudyError, match="variants beta4.*variant=NAME"):
+        Study.load(root)
+    assert Study.load(root, variant="beta4").n_shared > 0
 
 
 def test_a_latent_of_another_model_is_refused(study: Path, tmp_path: Path):
@@ -387,6 +425,14 @@ def test_sample_profile_definitions():
     assert on.loc["a", "hist_05"] == pytest.approx(1 / 7)  # the metamyelocyte, not the lymphocyte
     assert on.loc["a", "maturation_median"] == pytest.approx(0.55)
     assert np.isnan(on.loc["b", "maturation_median"])
+    # a study that cannot call an IG (labelled by kind) reads NaN, not a normal 0
+    kinds = ["Neutrophils", "lymphocyte", "Monocytes"]
+    obs_k = obs.assign(vae_label=["Neutrophils"] * 8 + ["lymphocyte"])
+    by_kind = sample_profile(obs_k, bins=10, study_labels=kinds).set_index("sample")
+    assert by_kind["ig_fraction"].isna().all()
+    assert sample_profile(obs, bins=10, study_labels=path).set_index("sample").loc[
+        "a", "ig_fraction"
+    ] == pytest.approx(3 / 8)
 
 
 def test_smears_go_through_segment_and_empty_ones_are_rejects(study: Path, tmp_path: Path):

@@ -7,6 +7,7 @@ with their transferred label (``vae_label``) and maturation position (``vae_matu
   fraction of the sample (``frac_<label>``);
 * immature granulocyte fraction ``ig_fraction`` = (promyelocyte + myelocyte +
   metamyelocyte) / all cells of the sample (as the IG% of a haematology analyser);
+  NaN when the study's labels hold none of those classes (it cannot call an IG);
 * left-shift index ``left_shift_index`` = (myeloblast + promyelocyte + myelocyte +
   metamyelocyte + band) / all neutrophil-lineage cells (those six classes with
   segmented neutrophils): the share of the lineage that is not yet segmented;
@@ -39,6 +40,7 @@ def sample_profile(
     sample_key: str = "vae_sample",
     bins: int = 10,
     path_classes: list[str] | None = None,
+    study_labels: list[str] | None = None,
 ) -> pd.DataFrame:
     """One row per sample: counts, fractions, IG fraction, left-shift index, histogram.
 
@@ -49,8 +51,15 @@ def sample_profile(
     path_classes : the classes the study's maturation path runs through
         (:meth:`vae.api.Study.maturation_path`); when given, the position's mean,
         median and histogram are over the cells called one of them (``n_on_path``)
+    study_labels : every label the study can call (its reference's); when none of them
+        is an immature granulocyte class, ``ig_fraction`` is NaN, not 0: such a study
+        cannot call an IG, and 0 would read as a measured normal value (a study
+        labelled by kind, e.g. the real chain's "Neutrophils")
     """
     labels = sorted(set(obs["vae_label"].astype(str)))
+    can_call_ig = study_labels is None or bool(
+        {str(c).lower() for c in study_labels} & set(IMMATURE_GRANULOCYTES)
+    )
     on_path = None if path_classes is None else {str(c) for c in path_classes}
     rows = []
     for sample, g in obs.groupby(sample_key, sort=True, observed=True):
@@ -61,7 +70,8 @@ def sample_profile(
             k = int((g["vae_label"].astype(str) == c).sum())
             row[f"n_{c}"] = k
             row[f"frac_{c}"] = k / n if n else np.nan
-        row["ig_fraction"] = float(lab.isin(IMMATURE_GRANULOCYTES).sum() / n) if n else np.nan
+        ig = lab.isin(IMMATURE_GRANULOCYTES).sum()
+        row["ig_fraction"] = float(ig / n) if n and can_call_ig else np.nan
         lineage = int(lab.isin(MATURATION_ORDER).sum())
         row["n_neutrophil_lineage"] = lineage
         row["left_shift_index"] = (
@@ -135,7 +145,10 @@ def write_samples_html(
         "metamyelocyte) / all cells; left-shift index = non-segmented neutrophil-lineage "
         "cells / all neutrophil-lineage cells; histogram of the position along the study's "
         "maturation path (0 = earliest class, 1 = latest) of the cells called one of the "
-        "path's classes (n_on_path). See docs/embed.md.</p>",
+        "path's classes (n_on_path). NaN: not measurable here (the IG fraction when the "
+        "study's labels hold no promyelocyte, myelocyte or metamyelocyte class; the "
+        "left-shift index when no cell is called a neutrophil-lineage stage). See "
+        "docs/embed.md.</p>",
         "<h2>Samples</h2><table><tr>",
         "".join(f"<th>{html.escape(c)}</th>" for c in [*main, "maturation histogram"]),
         "</tr>",
