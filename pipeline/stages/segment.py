@@ -391,7 +391,13 @@ def segment(ctx: StageContext) -> None:
     if smears.is_file():
         raise StageError(f"smears input {smears} is a file; give the folder of images")
     ann = _annotations_path(ctx, smears)
-    truth = load_coco_truth(ann) if ann is not None else None
+    try:
+        truth = load_coco_truth(ann) if ann is not None else None
+    except ValueError as e:  # the optional ground truth beside the images: a user's file
+        raise StageError(
+            f"{e}. It is read as the images' ground truth (COCO instances JSON); fix it, "
+            f"or move it out of the folder"
+        ) from e
     images = _image_list(ctx, smears, truth)
     if not images:
         kinds = ", ".join(f"*{x}" for x in sorted(IMAGE_SUFFIXES))

@@ -658,6 +658,15 @@ def test_stage_segment_subprocess_untrained(tmp_path, untrained_ckpt):
     assert summary["filter_counts"]["images_read"] == 3  # corrupt one skipped
 
 
+def test_stage_segment_broken_truth_file_is_a_user_error(tmp_path, untrained_ckpt):
+    from pipeline.runner import StageError
+
+    smears = _smear_folder(tmp_path / "smears")
+    (smears / "annotations.json").write_text("{not json")
+    with pytest.raises(StageError, match="annotations.json: not readable JSON.*move it out"):
+        _run_segment(tmp_path, untrained_ckpt, smears, here=True)
+
+
 def test_stage_segment_zero_cells_is_valid(tmp_path, untrained_ckpt):
     smears = _smear_folder(tmp_path / "smears")
     # 1.0: the top of the valid range [0, 1]; an untrained model scores far below it
