@@ -197,12 +197,56 @@ RELATIONS: list[tuple[str, str, str]] = [
 
 
 class SettingRangeError(ValueError):
-    """A numeric setting is outside its valid range."""
+    """A numeric setting is outside its valid range (or a named choice is not one)."""
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Settings that name one of a fixed set of options, and the options.
+
+    The options come from the modules that own them (the same tuples their own checks
+    use), so a typo (``vae.fusion=foo``) fails when the run starts, not when the stage
+    that reads it has made its folder (``stage=all`` would first run every stage before).
+    """
+    from vae.inputs.schema import (
+        INPUT_FORMATS,
+        MATURATION_MODES,
+        ORIENTATIONS,
+        PAIR_MODES,
+        VALUE_KINDS,
+    )
+    from vae.losses import ALIGNS
+    from vae.model import (
+        EXPRESSION_INPUTS,
+        EXPRESSION_LIKELIHOODS,
+        EXPRESSION_NORMS,
+        FUSIONS,
+        IMAGE_ARCHS,
+        IMAGE_ENCODERS,
+        IMAGE_INPUTS,
+        IMAGE_LIKELIHOODS,
+    )
+
+    return {
+        "vae.fusion": FUSIONS,
+        "vae.image_likelihood": IMAGE_LIKELIHOODS,
+        "vae.expression_likelihood": ("auto", *EXPRESSION_LIKELIHOODS),
+        "vae.image_arch": IMAGE_ARCHS,
+        "vae.image_input": IMAGE_INPUTS,
+        "vae.image_encoder": IMAGE_ENCODERS,
+        "vae.expression_input": ("auto", *EXPRESSION_INPUTS),
+        "vae.expression_norm": ("auto", *EXPRESSION_NORMS),
+        "vae.align": ("auto", *ALIGNS),
+        "pair.mode": PAIR_MODES,
+        "expression.input_format": INPUT_FORMATS,
+        "expression.orientation": ORIENTATIONS,
+        "expression.values": VALUE_KINDS,
+        "expression.maturation": MATURATION_MODES,
+    }
 
 
 def in_range(x: float, spec: str) -> bool:
     """Whether number ``x`` satisfies range ``spec`` (see :data:`RANGES`)."""
-    if isinstance(x, float) and math.isnan(x):
+    if isinstance(x, float) and not math.isfinite(x):  # nan, inf: no setting means them
         return False
     if spec.startswith(">="):
         return x >= float(spec[2:])
@@ -246,6 +290,10 @@ def check_ranges(cfg: DictConfig) -> None:
             if not in_range(x, spec):
                 bad.append(f"{key}={v} is out of range: must be {_describe(spec)}")
                 break
+    for key, valid in choices().items():
+        v = OmegaConf.select(cfg, key, default=None)
+        if v is not None and str(v) not in valid:
+            bad.append(f"{key}={v!r} is not an option: valid: {', '.join(valid)}")
     for a, rel, b in RELATIONS:
         va, vb = OmegaConf.select(cfg, a, default=None), OmegaConf.select(cfg, b, default=None)
         if va is None or vb is None:

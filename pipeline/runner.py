@@ -395,8 +395,8 @@ def main(cfg: DictConfig) -> int:
         msg = (
             f"interrupted during stage={name}: a stage folder it had started is marked "
             f"failed and a previous complete result, if any, was put back. Re-run with "
-            f"overwrite=true, or "
-            f"resume=true for the stages that continue ({', '.join(sorted(guards.RESUMABLE))})."
+            f"overwrite=true, or resume=true for the stages that continue from a checkpoint "
+            f"({', '.join(sorted(guards.RESUMABLE))}; from scratch if none was written yet)."
         )
         log.error("%s", msg)
         print(f"error: {msg}", file=sys.stderr)

@@ -218,10 +218,11 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
         else:
             if status == "running":
                 status = "running when it was interrupted: no process holds its lock now"
+            resume = "resume=true to continue it, " if name in RESUMABLE else ""
             raise StageError(
                 f"{d} already holds a run of stage={name} (status: {status}). "
                 f"Refusing to overwrite it: pass overwrite=true to replace it, "
-                f"resume=true to continue it, or choose another experiment=NAME."
+                f"{resume}or choose another experiment=NAME."
             )
     d.mkdir(parents=True, exist_ok=True)
     return d, backup

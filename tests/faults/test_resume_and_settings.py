@@ -123,6 +123,12 @@ def test_stage_all_resume_skips_the_complete_stages_it_starts_with(tmp_path, toy
             "segmentation.scale_spread=0.8",
             "segmentation.scale_spread=0.8 is out of range: must be >= 1",
         ),
+        ("vae.beta=inf", "vae.beta=inf is out of range"),
+        # named options: refused at start, not by the stage that reads them
+        ("vae.fusion=foo", "vae.fusion='foo' is not an option: valid: poe, moe"),
+        ("pair.mode=nope", "pair.mode='nope' is not an option"),
+        ("expression.orientation=rows", "expression.orientation='rows' is not an option"),
+        ("vae.image_input=hed", "vae.image_input='hed' is not an option: valid: rgb, stain"),
     ],
 )
 def test_out_of_range_settings_are_refused_by_name(override, named):

@@ -27,15 +27,18 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from vae.inputs.schema import GRANULE_PROGRAMS, HAS_COUNTS
+from vae.inputs.schema import (  # noqa: F401 - the options, re-exported
+    GRANULE_PROGRAMS,
+    HAS_COUNTS,
+    INPUT_FORMATS,
+    MATURATION_MODES,
+    ORIENTATIONS,
+    VALUE_KINDS,
+)
 
 log = logging.getLogger(__name__)
 
 BUILTIN_PBMC68K = "scanpy:pbmc68k_reduced"
-INPUT_FORMATS = ("auto", "h5ad", "10x_h5", "10x_mtx", "csv", "tsv", "loom")
-ORIENTATIONS = ("auto", "cells_by_genes", "genes_by_cells")
-VALUE_KINDS = ("auto", "counts", "lognorm")
-MATURATION_MODES = ("auto", "column", "dpt", "none")
 # obs columns searched, in order, when no label / maturation column is configured
 LABEL_CANDIDATES = ("kind", "celltype", "cell_type", "bulk_labels", "paul_cluster", "louvain")
 MATURATION_CANDIDATES = ("t", "maturation", "pseudotime", "dpt_pseudotime")

@@ -41,13 +41,13 @@ from vae.inputs.schema import (  # noqa: F401 - TRUTH_COLUMNS: columns copied in
     HAS_IMAGE,
     HAS_MASK,
     LABEL_ORIGINAL,
+    PAIR_MODES,
     TRUTH_COLUMNS,
     cell_diameters,
 )
 
 log = logging.getLogger(__name__)
 
-PAIR_MODES = ("same_cell", "by_label", "by_maturation", "unpaired", "image_only")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 # segmentation_WBC label CSVs: class codes of the data set's authors
 SEGMENTATION_WBC_CLASSES = {

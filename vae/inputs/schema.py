@@ -109,3 +109,12 @@ ANOMALY_COLUMNS: dict[str, str] = {
     "expression_class_distance": "anomaly_expression_class_distance",
     "combined": ANOMALY_SCORE,
 }
+
+
+# --- the named options of the expression and pair stages (checked at start by
+# pipeline/ranges.py, and by the readers themselves) --------------------------
+INPUT_FORMATS = ("auto", "h5ad", "10x_h5", "10x_mtx", "csv", "tsv", "loom")
+ORIENTATIONS = ("auto", "cells_by_genes", "genes_by_cells")
+VALUE_KINDS = ("auto", "counts", "lognorm")
+MATURATION_MODES = ("auto", "column", "dpt", "none")
+PAIR_MODES = ("same_cell", "by_label", "by_maturation", "unpaired", "image_only")
