@@ -90,9 +90,10 @@ HELP_FLAGS = ("--help", "-h", "--hydra-help")
 
 
 def main() -> None:
+    from pipeline.config import unknown_addition
     from pipeline.names import check_argv
 
-    bad = check_argv(sys.argv[1:])
+    bad = check_argv(sys.argv[1:]) or unknown_addition(sys.argv[1:])
     if bad:  # before Hydra creates <paths.root>/<experiment>/.hydra
         print(f"error: {bad}", file=sys.stderr)
         sys.exit(2)
@@ -105,7 +106,19 @@ def main() -> None:
         # next to the other overrides: argparse takes them as one block of positionals
         at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), None)
         sys.argv.insert(1 + (len(args) if at is None else at), "stage=all")
-    app()
+    if not any(a in HELP_FLAGS for a in args):
+        app()
+        return
+    # Hydra reports a bad override of a run in one message, but its --help path lets the
+    # exception through: say it the same way
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        app()
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -397,6 +397,46 @@ def _run_name_resolver(value: Any, setting: str = "experiment") -> str:
         return "_rejected_name"
 
 
+def unknown_addition(argv: list[str]) -> str | None:
+    """The message for a ``+section.key=value`` that adds a key no setting has, else None.
+
+    Hydra refuses ``vae.betta=4`` and suggests ``+vae.betta=4``, which it then accepts
+    and nothing reads: a typo would run silently with the default. Adding to a settings
+    section (a dataclass of this module) is refused; adding to a free mapping
+    (``+expression.programs.NAME=[...]``, ``+pair.label_map.X=Y``) and ``+preset=`` stay.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    root = None
+    for arg in argv:
+        if not arg.startswith("+") or arg.startswith("++") or "=" not in arg:
+            continue
+        key = arg[1:].split("=", 1)[0]
+        if "." not in key:
+            continue  # +preset=NAME: a config group
+        if root is None:
+            root = OmegaConf.structured(Config)
+        parts = key.split(".")
+        node = root
+        for part in parts[:-1]:
+            if not isinstance(node, DictConfig) or part not in node:
+                node = None
+                break
+            node = node[part]
+        if isinstance(node, DictConfig) and parts[-1] not in node:
+            if dataclasses.is_dataclass(OmegaConf.get_type(node)):
+                import difflib
+
+                section = ".".join(parts[:-1])
+                near = difflib.get_close_matches(parts[-1], [str(k) for k in node], n=3)
+                hint = f"did you mean {', '.join(f'{section}.{k}' for k in near)}? " if near else ""
+                return (
+                    f"{arg}: {section} has no setting {parts[-1]!r}; {hint}('+' adds a key "
+                    f"that no stage reads; the settings are in pipeline/config*.py)"
+                )
+    return None
+
+
 def register_configs() -> None:
     """Register the schema with Hydra's ConfigStore (idempotent).
 

@@ -86,6 +86,22 @@ def test_cli_typo_fails_with_hydra_message(tmp_path):
     r = _run(["stage=simulate", "vae.betta=4", f"paths.root={tmp_path}"])
     assert r.returncode != 0
     assert "betta" in r.stderr
+    # Hydra's own hint, "+vae.betta=4", would run with the default beta: refused too,
+    # before anything is written
+    r = _run(["stage=simulate", "+vae.betta=4", f"paths.root={tmp_path}"])
+    assert r.returncode == 2 and "did you mean vae.beta?" in r.stderr
+    assert "Traceback" not in r.stderr and not any(tmp_path.iterdir())
+    # the same typo while asking for --help: one message, no traceback
+    r = _run(["vae.betta=4", "--help"])
+    assert r.returncode == 2 and "vae.betta" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_adding_to_a_free_mapping_is_allowed():
+    from pipeline.config import unknown_addition
+
+    assert unknown_addition(["+expression.programs.mine=[Mpo]", "+preset=demo"]) is None
+    assert unknown_addition(["+pair.label_map.Blast=myeloblast"]) is None
+    assert "paths.inputs.smears" in unknown_addition(["+paths.inputs.smear=DIR"])
 
 
 # --- run directory and runner -------------------------------------------------
