@@ -371,6 +371,8 @@ def main(cfg: DictConfig) -> int:
     from pipeline import guards
 
     load_stages()
+    # anndata logs "storing 'x' as categorical" at INFO for every string column written
+    logging.getLogger("anndata").setLevel(logging.WARNING)
     name = cfg.stage.name
     try:
         names = guards.start_run(cfg, stages_for(cfg))

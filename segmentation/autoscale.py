@@ -155,6 +155,8 @@ class ScaleChoice:
         e, r = self.estimate, self.refinement
         size = e.white_px if e.ruler == "white" else e.diameter_px
         ruler = f"{e.ruler} ruler {size:.1f} px ({e.n_cells} cells)" if e.ok else "no ruler"
+        if e.ok and e.ruler == "red" and np.isfinite(e.white_px):
+            ruler += f" (white ruler {e.white_px:.1f} px: smaller than a red cell, not used)"
         if e.ruler == "pooled":  # nothing measured on this image: its microscope's median
             ruler = "no ruler of its own"
         if np.isfinite(e.group_scale):  # held to its microscope's median (hold_to_pool)

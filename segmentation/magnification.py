@@ -35,6 +35,12 @@ MEASURE_PX = 320
 # a nucleus pixel is at least this much more purple ((R + B) / 2 - G, 0-255 units) than
 # the median of the other cell pixels (red cells: ~15-35 on TXL-PBC, nuclei: ~50-90)
 NUCLEUS_MARGIN = 20.0
+# a white cell is larger than a red cell (~10-20 um vs ~7.5 um): a white ruler below this
+# many red-cell diameters measured pieces (a basophil's dark granules taken as small
+# nuclei: 24-36 px for a 137 px cell on TXL-PBC val), so ruler="auto" reads the red cells
+# instead. On TXL-PBC train (every 4th image) the white / red ratio's 1 % quantile is
+# 1.34: the bound flags none of them (docs/segmentation_infer.md, "Automatic magnification")
+MIN_WHITE_PER_RED = 1.0
 # cell foreground threshold: Otsu of the green channel (0) ... the plasma's median (1).
 # 0.5: pale cytoplasm (Raabin fields) counts as cell; on TXL-PBC train (every 4th image)
 # within 15 % of the oracle 0.77 at 0, 0.83 at 0.5 (docs/segmentation_infer.md)
@@ -50,7 +56,9 @@ class ScaleEstimate:
         red cells for ``"red"``)
     scale : working px per source px (``fallback`` when nothing was measured)
     ok : whether the image gave an estimate
-    ruler : ``white`` | ``red`` | ``none`` (fallback) | ``pooled`` (:func:`pool_scales`)
+    ruler : ``white`` | ``red`` | ``none`` (fallback) | ``pooled`` (:func:`pool_scales`);
+        ``red`` with a finite ``white_px``: the white ruler was implausible (smaller than
+        ``MIN_WHITE_PER_RED`` red cells) and the red cells were read instead
     white_px : median white-cell diameter in source px (NaN when none was found)
     n_images : images the estimate rests on (1 unless pooled)
     group_scale : the median estimate of the image's microscope when the scale was
@@ -395,18 +403,26 @@ def estimate_scale(
     """
     if ruler not in RULERS:
         raise ValueError(f"ruler={ruler!r}; valid: {', '.join(RULERS)}")
+    wpx = float("nan")
     if ruler in ("auto", "white"):
         w = white_cell_sizes(image)
         if w.size:
             wpx = float(np.median(w))
             s = cell_px / (white_box_per_diameter * wpx)
-            return ScaleEstimate(float("nan"), int(w.size), float(s), True, "white", wpx)
+            white = ScaleEstimate(float("nan"), int(w.size), float(s), True, "white", wpx)
+            if ruler == "white":
+                return white
+            d, n = red_cell_diameter(image)
+            if not (np.isfinite(d) and wpx < MIN_WHITE_PER_RED * d):
+                return white
+            # smaller than a red cell: not a white cell's size; the red cells are the ruler
+            return ScaleEstimate(d, n, float(cell_px / (wbc_per_rbc * d)), True, "red", wpx)
         if ruler == "white":
             return ScaleEstimate(float("nan"), 0, float(fallback), False, "none")
     d, n = red_cell_diameter(image)
     if not np.isfinite(d) or d <= 0:
         return ScaleEstimate(float("nan"), n, float(fallback), False, "none")
-    return ScaleEstimate(d, n, float(cell_px / (wbc_per_rbc * d)), True, "red")
+    return ScaleEstimate(d, n, float(cell_px / (wbc_per_rbc * d)), True, "red", wpx)
 
 
 # --- detector-refined scale -------------------------------------------------------------

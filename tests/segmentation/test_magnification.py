@@ -110,6 +110,22 @@ def test_auto_ruler_uses_white_cells_then_red_cells():
         estimate_scale(no_white, 40.0, ruler="blue")
 
 
+def test_a_white_ruler_smaller_than_a_red_cell_gives_way_to_the_red_cells():
+    """A basophil's granules read as small nuclei measured it 4x too small (TXL-PBC val):
+    a white cell is never smaller than a red cell, so the red cells are the ruler then."""
+    from segmentation.autoscale import ScaleChoice
+
+    img = _smear(30.0, size=500, white=16.0)  # "white cell" half a red cell wide
+    est = estimate_scale(img, cell_px=40.0)
+    assert est.ok and est.ruler == "red" and est.white_px < est.diameter_px
+    assert est.diameter_px == pytest.approx(30.0, rel=0.1)
+    assert "smaller than a red cell" in ScaleChoice(est, None, est.scale).describe()
+    # asked for the white ruler by name, it is used as measured
+    assert estimate_scale(img, cell_px=40.0, ruler="white").ruler == "white"
+    # a plausible white cell (larger than the red cells) keeps the white ruler
+    assert estimate_scale(_smear(20.0, size=500, white=50.0), cell_px=40.0).ruler == "white"
+
+
 def test_smear_folder_uses_the_estimate_per_image(tmp_path):
     """The embed reader measures each smear: the white-cell ruler's scale is the one
     recorded for the image, and twice the magnification gives half the scale."""

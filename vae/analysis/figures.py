@@ -295,13 +295,18 @@ def confusion_panels(panels: dict[str, tuple[Sequence[str], np.ndarray]], title:
 
 
 def line_plot(x: np.ndarray, series: dict[str, np.ndarray], xlabel: str, ylabel: str, title: str):
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    # the legend sits right of the axes: with many lines over the whole range, any
+    # place inside hides some of them
+    wide = len(series) > 4
+    fig, ax = plt.subplots(figsize=(7.6 if wide else 5, 3.2))
     for name, y in series.items():
         ax.plot(x, y, marker="o", ms=3, label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    if series:  # an empty plot has nothing to label
+    if series and wide:
+        ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    elif series:  # an empty plot has nothing to label
         ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     return fig
