@@ -547,6 +547,19 @@ class Study:
         has = masks.reshape(n, -1).any(1)
         return crops, masks, has
 
+    def gene_columns(self, var_names) -> np.ndarray:
+        """(n_model_genes,) column of each model gene in ``var_names``, -1 when missing.
+
+        Genes are matched by name: exactly, else ignoring case; order is irrelevant and
+        extra genes are ignored.
+        """
+        names = [str(v) for v in var_names]
+        pos = {g: i for i, g in enumerate(names)}
+        low: dict[str, int] = {}
+        for i, g in enumerate(names):
+            low.setdefault(g.lower(), i)
+        return np.array([pos.get(g, low.get(g.lower(), -1)) for g in self.gene_names], int)
+
     def _expression(self, adata, source: str):
         names = pd.Index([str(v) for v in adata.var_names])
         if names.duplicated().any():
@@ -554,11 +567,7 @@ class Study:
                 f"{source}: var_names holds duplicated genes {list(names[names.duplicated()][:5])}"
             )
         genes = self.gene_names
-        pos = {g: i for i, g in enumerate(names)}
-        low: dict[str, int] = {}
-        for i, g in enumerate(names):
-            low.setdefault(g.lower(), i)
-        idx = np.array([pos.get(g, low.get(g.lower(), -1)) for g in genes])
+        idx = self.gene_columns(names)
         ok = idx >= 0
         if not ok.any():
             raise StudyError(
@@ -611,6 +620,19 @@ class Study:
                 source,
             )
         if not ok.all():
+            # said here too, not only by stage=embed (which refuses above
+            # embed.max_missing_genes): a cell's code leans on the genes it has
+            missing = [genes[i] for i in np.flatnonzero(~ok)]
+            log.warning(
+                "%s: %d of the model's %d genes missing (%.0f %%), filled by impute=%s: %s%s",
+                source,
+                len(missing),
+                len(genes),
+                100.0 * len(missing) / len(genes),
+                self.impute,
+                ", ".join(missing[:10]),
+                " ..." if len(missing) > 10 else "",
+            )
             mean_log, prop = self.reference_expression()
             x[:, ~ok] = mean_log[~ok]
             if counts is not None:

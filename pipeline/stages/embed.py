@@ -234,6 +234,19 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects):
                 "%s: %d more skipped (rejects.csv)", setting, len(read_rejects) - MAX_LOGGED_REJECTS
             )
         rejects += read_rejects
+        if adata.n_vars:  # too few of the model's genes: refused before the imputation runs
+            n_miss = int((study.gene_columns(adata.var_names) < 0).sum())
+            n_model = len(study.gene_names)
+            if (
+                n_miss
+                and n_miss < n_model
+                and n_miss > float(cfg.embed.max_missing_genes) * n_model
+            ):
+                raise StageError(
+                    f"{setting}: var_names match only {n_model - n_miss} of the model's "
+                    f"{n_model} genes; more than embed.max_missing_genes="
+                    f"{cfg.embed.max_missing_genes} of them are missing"
+                )
         if adata.n_obs == 0:
             why = f"{len(read_rejects)} file(s) skipped" if read_rejects else "no cell found"
             rejects.append({"input": setting, "item": str(path), "reason": f"no cells ({why})"})
@@ -257,10 +270,6 @@ def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> Non
             f"{setting}: var_names match only {rep['matched']} of the model's "
             f"{rep['n_model_genes']} genes (missing e.g. {rep['missing'][:5]}); more than "
             f"embed.max_missing_genes={cfg.embed.max_missing_genes} of them are missing"
-        )
-    if rep and rep["missing"]:
-        log.warning(
-            "%s: %d model genes missing: %s", setting, len(rep["missing"]), rep["missing"][:10]
         )
     for cid in q.uns.get("dropped", []):
         rejects.append({"input": setting, "item": cid, "reason": "neither image nor expression"})
