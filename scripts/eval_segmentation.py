@@ -80,7 +80,9 @@ def estimated(
         if row is not None:
             r0 = row.get("ruler_image", row["ruler"])  # files before pooling: own scale only
             s0 = float(row.get("scale_image", row["scale"]))
-            own.append(ScaleEstimate(float("nan"), 0, s0, r0 != "none", r0))
+            wpx = row.get("white_px_image")  # files before 2026-12-03: not recorded
+            wpx = float("nan") if wpx is None else float(wpx)
+            own.append(ScaleEstimate(float("nan"), 0, s0, r0 != "none", r0, wpx))
         else:
             own.append(
                 estimate_scale(
@@ -114,6 +116,9 @@ def estimated(
                     "scale": round(est.scale, 5),
                     "ruler_image": est_own.ruler,
                     "scale_image": round(est_own.scale, 5),
+                    "white_px_image": None
+                    if not np.isfinite(est_own.white_px)
+                    else round(est_own.white_px, 2),
                     "oracle": round(oracle, 5),
                 }
             )

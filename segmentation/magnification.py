@@ -76,6 +76,11 @@ class ScaleEstimate:
     group_scale: float = float("nan")
     own_scale: float = float("nan")
 
+    @property
+    def white_implausible(self) -> bool:
+        """The white ruler measured less than a red cell, so the red cells were read."""
+        return self.ruler == "red" and bool(np.isfinite(self.white_px))
+
 
 def pool_scales(estimates: list[ScaleEstimate]) -> ScaleEstimate | None:
     """The median of the estimates of images taken at one magnification.
@@ -121,7 +126,9 @@ def hold_to_pool(est: ScaleEstimate, pooled: ScaleEstimate, spread: float) -> Sc
     estimate further off is more likely a ruler failure (pale cytoplasm cut short, a
     bilobed nucleus measured as two cells, a field with one odd cell) and is held at
     that bound. ``spread=1`` gives every image the median. An image that measured
-    nothing takes the median. (docs/segmentation_infer.md, "One magnification per
+    nothing takes the median, and so does one whose white ruler was implausible
+    (:attr:`ScaleEstimate.white_implausible`: its red-cell estimate counts in the median,
+    which in a folder of one microscope rests on the other images too). (docs/segmentation_infer.md, "One magnification per
     microscope": TXL-PBC val box AP50 0.955 with spread 1.25 and with 1, 0.902
     without; scale within 15 % of the oracle 0.899 / 0.826 / 0.868.)
 
@@ -140,9 +147,11 @@ def hold_to_pool(est: ScaleEstimate, pooled: ScaleEstimate, spread: float) -> Sc
     if not spread >= 1:
         raise ValueError(f"spread={spread}: must be >= 1")
     m = pooled.scale
-    if est.ok:
+    if est.ok and not est.white_implausible:
         s = float(np.clip(est.scale, m / spread, m * spread))
         base = est
+    elif est.ok:  # its white cells were mismeasured: the field's red cells, at most
+        s, base = m, est  # its microscope's median, which rests on the whole folder
     else:
         s, base = m, pooled
     return replace(

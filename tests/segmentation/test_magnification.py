@@ -545,6 +545,13 @@ def test_hold_to_pool_keeps_an_estimate_near_the_median_and_holds_one_far_off():
     assert hold_to_pool(_est(0.33), pooled, 1.0).scale == pytest.approx(0.3)  # the median
     blank = hold_to_pool(_est(0.9, ok=False), pooled, 1.25)  # measured nothing
     assert blank.ok and blank.scale == pytest.approx(0.3) and blank.ruler == "pooled"
+    # white cells mismeasured (smaller than a red cell), red cells read: the median
+    from segmentation.magnification import ScaleEstimate
+
+    odd = ScaleEstimate(70.0, 12, 0.33, True, "red", white_px=30.0)
+    assert odd.white_implausible and not _est(0.33).white_implausible
+    held = hold_to_pool(odd, pooled, 1.25)
+    assert held.scale == pytest.approx(0.3) and held.own_scale == 0.33 and held.ruler == "red"
     with pytest.raises(ValueError, match="spread"):
         hold_to_pool(_est(0.3), pooled, 0.8)
 
