@@ -135,6 +135,16 @@ def _writes(text: str):
     return body
 
 
+def _fails(name: str, text: str, message: str):
+    """A toy stage body that writes ``text`` to ``name`` in its folder, then fails."""
+
+    def body(ctx):
+        (ctx.dir / name).write_text(text)
+        raise RuntimeError(message)
+
+    return body
+
+
 def _register_toy(monkeypatch, body):
     spec = runner.StageSpec(name="evaluate", fn=body, produces=["evaluation"])
     monkeypatch.setitem(runner.REGISTRY, "evaluate", spec)
@@ -221,12 +231,7 @@ def test_killed_overwrite_restore_keeps_variant_runs(tmp_path, monkeypatch):
 
 def test_a_failed_run_is_kept_aside_and_run_again(tmp_path, monkeypatch):
     """A stage without checkpoints has nothing to continue: a failed run does not block."""
-
-    def bad(ctx):
-        (ctx.dir / "half.txt").write_text("x")
-        raise RuntimeError("boom")
-
-    _register_toy(monkeypatch, bad)
+    _register_toy(monkeypatch, _fails("half.txt", "x", "boom"))
     cfg = _cfg(tmp_path, "evaluate")
     with pytest.raises(RuntimeError, match="boom"):
         runner.run_stage(cfg, "evaluate")
@@ -242,11 +247,7 @@ def test_a_failed_run_is_kept_aside_and_run_again(tmp_path, monkeypatch):
 
 
 def test_unfinished_producer_is_refused(tmp_path, monkeypatch):
-    def bad(ctx):
-        (ctx.dir / "metrics.json").write_text("partial")
-        raise RuntimeError("crash")
-
-    _register_toy(monkeypatch, bad)
+    _register_toy(monkeypatch, _fails("metrics.json", "partial", "crash"))
     cfg = _cfg(tmp_path, "evaluate")
     with pytest.raises(RuntimeError):
         runner.run_stage(cfg, "evaluate")
