@@ -198,6 +198,7 @@ def run_embed(ctx: StageContext) -> None:
             int(cfg.embed.examples_per_call),
             title=f"Per-sample maturation profile ({cfg.experiment})",
             seed=int(cfg.seed),
+            notes=_page_notes(study, path_classes),
         )
     write_json(
         ctx.output("summary.json"),
@@ -215,6 +216,31 @@ def run_embed(ctx: StageContext) -> None:
     with ctx.atomic("query") as tmp:
         out.write_h5ad(tmp)
     log.info("embed: %d cells, %d samples, %d rejects", out.n_obs, len(prof), len(rejects))
+
+
+def _page_notes(study, path_classes: list[str] | None) -> list[str]:
+    """What samples.html says about the study it read the cells with."""
+    from vae.inputs.schema import HAS_IMAGE
+
+    notes = [f"Study: model {study.model_path}, reference latent {study.latent_path}."]
+    if not path_classes:
+        return notes
+    notes.append(
+        f"Maturation path of this study: {' -> '.join(path_classes)} (position 0 = "
+        f"{path_classes[0]}, 1 = {path_classes[-1]})."
+    )
+    ref = study.reference.obs
+    if HAS_IMAGE in ref and study.label_key in ref:
+        with_crop = set(ref[study.label_key].astype(str)[ref[HAS_IMAGE].astype(bool)])
+        missing = [c for c in path_classes if c not in with_crop]
+        if missing:
+            notes.append(
+                f"The study has no crop labelled {', '.join(missing)}: a cell seen only as "
+                "an image is placed on that part of the path by a projection of its image "
+                "code, not because it looks like such a cell, so positions and stages "
+                "there are not evidence of immature cells."
+            )
+    return notes
 
 
 MAX_LOGGED_REJECTS = 20  # skipped files named in the log, one line each; all in rejects.csv

@@ -46,9 +46,10 @@ def run_traverse(ctx: StageContext) -> None:
             report=ctx.output("report"),
             evaluation=evaluation,
             crop_rejects=rejects,
-            title=f"WBC beta-VAE study: {cfg.experiment}",
-            subtitle=f"run folder {ctx.run_dir}; model epoch {rd.meta.get('epoch')}; "
-            f"written {time.strftime('%Y-%m-%d %H:%M')}",
+            title=f"WBC beta-VAE study: {cfg.experiment}"
+            + (f" / {cfg.variant}" if cfg.variant else ""),
+            subtitle=f"run folder {ctx.run_dir}; model {ctx.input('model')} (epoch "
+            f"{rd.meta.get('epoch')}); written {time.strftime('%Y-%m-%d %H:%M')}",
             resolved_config=OmegaConf.to_container(cfg, resolve=True),
             background=float(cfg.pair.background_value) / 255.0 if "pair" in cfg else 0.0,
             azurophilic_density=azurophilic_density,

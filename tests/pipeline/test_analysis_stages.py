@@ -332,7 +332,12 @@ def test_path_steps_without_crops_nearby_are_faded_and_flagged(tiny_run, tmp_pat
     assert n_sweep_ok == T.image_support(codes, Z[ref], 5, 0.5).supported.sum()
     html = (tmp_path / "report.html").read_text()
     assert (f"{5 - n_ok} of 5 steps lie farther" in html) == (n_ok < 5)
-    assert "the commonest label among the 5 training crops nearest its code" in html
+    assert "the commonest label among the 5 labelled training crops nearest its code" in html
+    # the class without crops is named, on the path and at the top of the report
+    assert summary["path"]["gp"]["classes_without_crops"] == ["myeloblast"]
+    assert "What these data cannot show" in html
+    assert "No crop in the training data is labelled myeloblast" in html
+    assert summary["data_limits"] and "myeloblast" in summary["data_limits"][-1]
     page = (tmp_path / "study.html").read_text()
     payload = json.loads(
         re.search(r'id="study-data">(.*?)</script>', page, re.S).group(1).replace("<\\/", "</")

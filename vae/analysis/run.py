@@ -56,7 +56,9 @@ class RunData:
     data: Any | None  # vae.data.PairedTensors aligned with latent rows, or None
     gene_names: list[str]
     device: Any
-    gene_program: dict[str, str]  # gene -> program from paired var["program"] (may be empty)
+    gene_program: dict[
+        str, str
+    ]  # gene -> program: paired var["program"] or uns["expression_programs"]
 
 
 def load_run(
@@ -101,9 +103,14 @@ def load_run(
     genes = list(meta.get("gene_names") or (data.gene_names if data is not None else []))
     gene_program: dict[str, str] = {}
     if data is not None:
-        var = ad.read_h5ad(paired_path, backed="r").var
+        paired = ad.read_h5ad(paired_path, backed="r")
+        var = paired.var
         if "program" in var:
             gene_program = dict(zip(var.index.astype(str), var["program"].astype(str)))
+        else:  # stage=pair keeps the programs in uns (expression.programs, matched genes)
+            for prog, members in (paired.uns.get("expression_programs") or {}).items():
+                for g in members:
+                    gene_program.setdefault(str(g), str(prog))
     return RunData(latent, model, meta, data, genes, device, gene_program)
 
 

@@ -119,6 +119,7 @@ def write_samples_html(
     per_call: int = 8,
     title: str = "Per-sample maturation profile",
     seed: int = 0,
+    notes: list[str] | None = None,
 ) -> None:
     """A self-contained HTML page: the profile table, histograms, example crops per call.
 
@@ -129,6 +130,7 @@ def write_samples_html(
     crops : (n, S, S, 3) uint8 crops of the query rows, or None (no images)
     per_call : example crops per transferred label (the most confident ones first
         among a seeded sample of rows with an image)
+    notes : sentences shown under the title (the study read, its path, its limits)
     """
     hist_cols = [c for c in profile.columns if c.startswith("hist_")]
     main = ["sample", "n_cells", "ig_fraction", "left_shift_index", "maturation_median"]
@@ -141,6 +143,7 @@ def write_samples_html(
         "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}"
         "img{margin:1px;image-rendering:pixelated}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
+        *(f"<p><b>{html.escape(n)}</b></p>" for n in (notes or [])),
         "<p>Definitions: immature granulocyte fraction = (promyelocyte + myelocyte + "
         "metamyelocyte) / all cells; left-shift index = non-segmented neutrophil-lineage "
         "cells / all neutrophil-lineage cells; histogram of the position along the study's "

@@ -37,7 +37,7 @@ from vae.analysis.run import (
     tb_scalars,
 )
 from vae.analysis.settings import AnalysisSettings
-from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE
+from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE, UNKNOWN_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +326,9 @@ def traverse_study(
                 if img_ok
                 else None
             )
+            # classes of the path that no training crop carries: their steps are drawn
+            # from other classes' crops (real data: no imaged progenitor)
+            no_crops = [c for c in cents.names if img_ok and not (lab_img == c).any()]
             posed = posed_dec = None
             if pose_ref is not None:
                 posed = T.posed_codes(
@@ -351,6 +354,15 @@ def traverse_study(
                 rows_img = [*(rows_img if isinstance(rows_img, list) else [rows_img])]
                 rows_img.append(crops_near.first)
                 row_names = [*(row_names or ["decoded"]), "nearest real crop"]
+                # under the crop row: the vote that the drawing follows, then the label of
+                # the crop shown (often none: an unlabelled cell)
+                own = [
+                    str(x) if str(x) not in UNKNOWN_LABELS else "" for x in labels[crops_near.rows]
+                ]
+                notes = [
+                    f"{x[:11] or '-'} {sh:.1f}\ncrop: {o[:10] or 'unlabelled'}"
+                    for x, sh, o in zip(near.label, near.share, own)
+                ]
             fig = F.strip_with_heatmap(
                 rows_img,
                 dec.expression[:, gidx] if expr_ok else None,
@@ -368,9 +380,15 @@ def traverse_study(
                 + " -> ".join(cents.names)
             )
             what = {
-                (True, True): "Decoded cells and granule-gene expression",
+                (
+                    True,
+                    True,
+                ): "Decoded cells and marker-gene expression (granule, lineage and cycle programs)",
                 (True, False): "Decoded cells",
-                (False, True): "Decoded granule-gene expression",
+                (
+                    False,
+                    True,
+                ): "Decoded marker-gene expression (granule, lineage and cycle programs)",
             }[(img_ok, expr_ok)]
             posed_note = (
                 " Top row: the step's code, drawn in the average pose of the symmetry-"
@@ -388,13 +406,25 @@ def traverse_study(
                 else ""
             )
             near_note = (
-                f" Under each step: the commonest label among the {a.image_support_k} "
-                "training crops nearest its code, and its share; the drawn cell is learned "
-                "from crops like these, so a class that has no crops is drawn as its "
-                "neighbours' class."
+                f" Under each step: the commonest label among the "
+                f"{a.image_support_k} labelled training crops nearest its code, and its "
+                "share; the drawn cell is learned from crops like these, so a class that "
+                "has no crops is drawn as its neighbours' class"
+                + (
+                    "; then ('crop:') the label of the crop in the bottom row."
+                    if crops_near is not None
+                    else "."
+                )
                 if img_ok
                 else ""
             )
+            if no_crops:
+                near_note += (
+                    f" No training crop is labelled {', '.join(no_crops)}: the cells drawn "
+                    "where the path runs through those classes are pictures of the crops "
+                    "nearest them, not of such cells (their place on the path comes from "
+                    "their expression profiles alone)."
+                )
             crops_note = (
                 f" Bottom row: the real crop whose code lies nearest the step (any split; "
                 f"path_features_{kind}.csv: nearest_crops_* = the median feature of the "
@@ -461,6 +491,7 @@ def traverse_study(
                 if c != "s"
             }
             path_info[kind] = {
+                "classes_without_crops": no_crops,
                 "position_vs_feature_spearman": corr,
                 "image_supported_steps": int(support.supported.sum()) if img_ok else None,
                 "image_support_threshold": support.threshold if img_ok else None,
@@ -671,6 +702,9 @@ def traverse_study(
     if tb is not None:
         tb_scalars(tb, "traverse/truth", truth)
 
+    # ---- what the data behind this study cannot show, said once on both pages
+    limits = _data_limits(lat, path_info.get("gp", {}).get("classes_without_crops") or [])
+    summary["data_limits"] = limits
     # ---- interactive page next to the report
     study_page = None
     if path_ok:
@@ -689,7 +723,7 @@ def traverse_study(
             programs,
             gidx,
             title,
-            subtitle,
+            " ".join([subtitle, *limits]),
             seed,
         )
         summary["study_page"] = study_page.name
@@ -698,7 +732,8 @@ def traverse_study(
     # ---- report
     key = _key_findings(tables, truth, cents.names if path_ok else [], a.top_genes)
     summary["key_findings"] = key
-    sections = [Section("Key findings", text="\n\n".join(key))] if key else []
+    sections = [Section("What these data cannot show", text="\n\n".join(limits))] if limits else []
+    sections += [Section("Key findings", text="\n\n".join(key))] if key else []
     sections += _eval_sections(evaluation)
     text = f"Top {len(trs)} latent dimensions by KL swept around the {anchor_desc}. " + (
         "Features are measured with scikit-image on the decoded crops (vae/analysis/granules.py)."
@@ -792,6 +827,32 @@ def traverse_study(
     return clean_json(summary)
 
 
+def _data_limits(lat, classes_without_crops: list[str]) -> list[str]:
+    """Sentences on what the study's data cannot show (empty for data without such gaps).
+
+    ``lat`` : latent.h5ad (its ``pair_mode`` column says how images met expression);
+    ``classes_without_crops`` : path classes no training crop carries.
+    """
+    out = []
+    modes = set(lat.obs["pair_mode"].astype(str)) if "pair_mode" in lat.obs else set()
+    if modes & {"by_label", "by_maturation"}:
+        out.append(
+            "Images and expression profiles were paired by "
+            + ("label" if "by_label" in modes else "maturation")
+            + ", not measured on the same cells: a crop's expression side is a profile of "
+            "its class, so what ties a picture to a gene program here is the class, not "
+            "the cell."
+        )
+    if classes_without_crops:
+        out.append(
+            f"No crop in the training data is labelled {', '.join(classes_without_crops)}: "
+            "where the maturation path runs through those classes, the drawn cells are the "
+            "image decoder's pictures of the nearest crops of other classes (the labels "
+            "under each step say which), not images of such cells."
+        )
+    return out
+
+
 def trained_modalities(lat) -> tuple[bool, bool]:
     """(image, expression): whether any row of the run's table holds that modality.
 
@@ -866,7 +927,14 @@ def _eval_sections(evaluation: Path | None) -> list:
     from vae.analysis.report import FigureItem, Section, TableItem, fmt_number
 
     if evaluation is None:
-        return [Section("Evaluation", text="stage=evaluate has not run for this experiment.")]
+        return [
+            Section(
+                "Evaluation",
+                text="stage=evaluate had not run for this run when this report was written; "
+                "run stage=evaluate, then stage=traverse again (overwrite=true), to add "
+                "its accuracy tables and figures here.",
+            )
+        ]
     ev_dir = evaluation.parent
     metrics = json.loads(evaluation.read_text())
     tables, figs = [], []
@@ -897,10 +965,10 @@ def _eval_sections(evaluation: Path | None) -> list:
         tables.append(TableItem(name.replace("_", " "), df, cap, missing=missing[name]))
     fcaps = {
         "umap_labels.png": "Embedding of the shared latent, coloured by label, split and maturation.",
-        "umap_programs.png": "Same embedding coloured by observed granule program scores.",
+        "umap_programs.png": "Same embedding coloured by observed gene program scores (granule, lineage and cycle programs).",
         "umap_image.png": "Embedding of the image-only latent, coloured by label.",
         "umap_expression.png": "Embedding of the expression-only latent, coloured by label.",
-        "reconstructions.png": "Held-out cells: masked input, joint reconstruction, and the image decoded from expression alone.",
+        "reconstructions.png": "Held-out cells: masked input, joint reconstruction, and the image decoded from the row's expression profile alone (in a study paired by label, a profile of the crop's class, not of this cell; black: the crop has no profile). Drawn cells: the nucleus is cut into the lobe count the lobe layer reads, and the cuts are painted in the cytoplasm's colour (pale lines through a large nucleus).",
         "label_transfer.png": "Confusion of the kNN label transfer on each latent (held-out rows with a known label): counts, coloured by the share of the true class.",
         "label_disagreements.png": "Held-out crops whose kNN call on the image code is not their label, by label -> call pair (label_disagreements.csv lists them all, with each crop's file): judge by eye whether the code or the label is wrong. Under each crop: the share of its neighbours voting the call / its label.",
         "label_suspects.png": "The labelled training crops that voted for those wrong calls, by their label, the most misleading first (label_suspects.csv lists them all, with each crop's file): one mislabelled crop can mislead many held-out cells, so re-check these labels first. Under each crop: the wrong calls it voted for / the share of its own neighbours carrying its label.",

@@ -125,10 +125,16 @@ def anomaly_summary(
             i for i in np.argsort(-np.where(ok, s, -np.inf)) if ok[i] and decoded.has_image[i]
         ][:n_top]
         if with_img:
+            from vae.inputs.schema import UNKNOWN_LABELS
+
+            def named(x) -> str:
+                return "(unlabelled)" if str(x) in UNKNOWN_LABELS else str(x)
+
             fig = top_cells_figure(
                 decoded.image[with_img],
-                [f"{labels[rows][i]}\n{s[i]:.1f}" for i in with_img],
-                "most atypical held-out cells (combined anomaly score)",
+                [f"{named(labels[rows][i])}\n{s[i]:.1f}" for i in with_img],
+                "most atypical held-out cells with a crop (combined anomaly score; "
+                "anomaly_top.csv ranks every cell, expression-only ones too)",
             )
             out_files.figure(fig, ANOMALY_PNG, "evaluate/anomaly_top")
     return {
