@@ -360,7 +360,7 @@ def traverse_study(
                     str(x) if str(x) not in UNKNOWN_LABELS else "" for x in labels[crops_near.rows]
                 ]
                 notes = [
-                    f"{x[:11] or '-'} {sh:.1f}\ncrop: {o[:10] or 'unlabelled'}"
+                    f"{x[:11] or '-'} {sh:.1f}\ncrop: {o[:11] or 'unlabelled'}"
                     for x, sh, o in zip(near.label, near.share, own)
                 ]
             fig = F.strip_with_heatmap(
