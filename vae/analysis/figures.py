@@ -263,15 +263,18 @@ def confusion_panels(panels: dict[str, tuple[Sequence[str], np.ndarray]], title:
     n = max(len(panels), 1)
     c_max = max((len(c) for c, _ in panels.values()), default=2)
     side = 0.45 * c_max + 1.6
-    fig, axes = plt.subplots(1, n, figsize=(side * n, side + 0.4), squeeze=False)
+    # constrained layout: it places the shared colour bar, which tight_layout cannot
+    fig, axes = plt.subplots(
+        1, n, figsize=(side * n + 0.8, side + 0.4), squeeze=False, layout="constrained"
+    )
     for ax, (name, (classes, conf)) in zip(axes[0], panels.items()):
         m = np.asarray(conf, dtype=float)
         share = m / np.maximum(m.sum(1, keepdims=True), 1)
-        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
         ax.set_xticks(range(len(classes)))
-        ax.set_xticklabels([str(c)[:14] for c in classes], rotation=45, ha="right", fontsize=7)
+        ax.set_xticklabels([str(c)[:24] for c in classes], rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(classes)))
-        ax.set_yticklabels([str(c)[:14] for c in classes], fontsize=7)
+        ax.set_yticklabels([str(c)[:24] for c in classes], fontsize=7)
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
                 if m[i, j]:
@@ -289,8 +292,11 @@ def confusion_panels(panels: dict[str, tuple[Sequence[str], np.ndarray]], title:
         ax.set_title(f"{name} (accuracy {right:.2f}, n={int(m.sum())})", fontsize=8)
         ax.set_xlabel("predicted (kNN)", fontsize=7)
         ax.set_ylabel("true", fontsize=7)
+    cb = fig.colorbar(im, ax=list(axes[0]), shrink=0.6) if panels else None
+    if cb is not None:
+        cb.set_label("share of the true class", fontsize=7)
+        cb.ax.tick_params(labelsize=6)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     return fig
 
 
