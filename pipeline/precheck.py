@@ -23,6 +23,7 @@ def precheck(cfg: DictConfig, names: list[str]) -> None:
     naming the stage and the missing input or bad setting; writes nothing.
     """
     from pipeline.guards import RESUMABLE
+    from pipeline.stagedir import folder_status, own_entries
 
     load_stages()
     produced: set[str] = set()
@@ -37,11 +38,16 @@ def precheck(cfg: DictConfig, names: list[str]) -> None:
                     continue
                 resolve_input(cfg, n)
             d = stage_dir(cfg, name)
-            if d.exists() and any(d.iterdir()) and not (cfg.overwrite or cfg.resume):
-                raise StageError(
-                    f"{d} already holds a run of stage={name}; pass overwrite=true, "
-                    f"resume=true or another experiment=NAME"
-                )
+            # the runner's rule (pipeline/stagedir.py): other variants' runs nested in
+            # the folder are not its run, and a failed run of a stage without
+            # checkpoints is moved aside, not refused
+            if own_entries(d) and not (cfg.overwrite or cfg.resume):
+                status = folder_status(d)
+                if not (status == "failed" and name not in RESUMABLE):
+                    raise StageError(
+                        f"{d} already holds a run of stage={name} (status: {status}); pass "
+                        f"overwrite=true, resume=true or another experiment=NAME"
+                    )
             man = read_manifest(d) if d.exists() else None
             if cfg.resume and not cfg.overwrite and name not in RESUMABLE and man:
                 if man.get("status") == "complete":

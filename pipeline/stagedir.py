@@ -96,7 +96,7 @@ def move_variant_runs(src: Path, dst: Path) -> None:
         c.rename(dst / c.name)
 
 
-def _folder_status(d: Path) -> str | None:
+def folder_status(d: Path) -> str | None:
     """The run status of folder ``d``; None when it holds nothing of its own run."""
     return _status(d) if own_entries(d) else None
 
@@ -119,7 +119,7 @@ def recover_backups(d: Path, stage: str) -> None:
     olds = backups_of(d)
     if not olds:
         return
-    here = _folder_status(d)
+    here = folder_status(d)
     if here != "complete":
         good = next((o for o in olds if _status(o) == "complete"), None)
         if good is not None:
@@ -270,7 +270,7 @@ def report_backups(run_dir: Path) -> None:
             if not p.is_dir():
                 continue
             current = p.with_name(name)
-            here, was = _folder_status(current), _status(p)
+            here, was = folder_status(current), _status(p)
             if was == "complete" and here != "complete":  # what recover_backups restores
                 log.warning(
                     "%s: backup of a complete result left by an interrupted overwrite=true "

@@ -246,6 +246,22 @@ def test_a_failed_run_is_kept_aside_and_run_again(tmp_path, monkeypatch):
         runner.run_stage(cfg, "evaluate")
 
 
+def test_precheck_follows_the_runners_rule_for_existing_folders(tmp_path):
+    """stage=all's up-front check: other variants' runs and a failed run do not block."""
+    from pipeline.precheck import precheck
+
+    cfg = _cfg(tmp_path, "all")
+    d = tmp_path / "t" / "simulate"
+    (d / "v1").mkdir(parents=True)
+    write_json(d / "v1" / "manifest.json", {"stage": "simulate", "status": "complete"})
+    precheck(cfg, ["simulate"])  # only a variant's run: nothing of its own
+    write_json(d / "manifest.json", {"stage": "simulate", "status": "failed"})
+    precheck(cfg, ["simulate"])  # a failed run is moved aside when the stage runs
+    write_json(d / "manifest.json", {"stage": "simulate", "status": "complete"})
+    with pytest.raises(runner.StageError, match="status: complete"):
+        precheck(cfg, ["simulate"])
+
+
 def test_unfinished_producer_is_refused(tmp_path, monkeypatch):
     _register_toy(monkeypatch, _fails("metrics.json", "partial", "crash"))
     cfg = _cfg(tmp_path, "evaluate")
