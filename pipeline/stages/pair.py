@@ -32,8 +32,11 @@ def _pair_needs(cfg: DictConfig) -> list[str]:
     return list(dict.fromkeys(needs))
 
 
-def load_crops(ctx: StageContext):
-    """Read and concatenate every ``pair.crop_sources`` entry (or None if empty)."""
+def load_crops(ctx: StageContext, rejects: list | None = None):
+    """Read and concatenate every ``pair.crop_sources`` entry (or None if empty).
+
+    ``rejects``: collects a row per unreadable crop image of a folder source, which is
+    skipped (one bad file in a thousand does not stop the stage)."""
     from vae.inputs import pairing as pr
 
     cfg = ctx.cfg
@@ -57,9 +60,9 @@ def load_crops(ctx: StageContext):
                 raise StageError(f"{setting}.path is required for kind={s.kind}")
             path = resolve_data_path(cfg, s.path, f"{setting}.path")
             if s.kind == "image_folder":
-                cs = pr.read_image_folder(path, size, bg, s.max_per_class)
+                cs = pr.read_image_folder(path, size, bg, s.max_per_class, rejects=rejects)
             else:
-                cs = pr.read_segmentation_wbc(path, size, bg, s.max_per_class)
+                cs = pr.read_segmentation_wbc(path, size, bg, s.max_per_class, rejects=rejects)
         else:
             raise StageError(
                 f"{setting}.kind={s.kind!r}; valid: cells, coco, image_folder, segmentation_wbc"
@@ -159,7 +162,7 @@ def run_pair(ctx: StageContext) -> None:
     label_map = OmegaConf.to_container(p.label_map)
     corrected: dict | None = None
     try:
-        crops = load_crops(ctx)
+        crops = load_crops(ctx, rejects)
         loaded = set() if crops is None else {str(c).lower() for c in crops.obs["label"]}
         if crops is not None and p.label_corrections:
             path = resolve_data_path(cfg, p.label_corrections, "pair.label_corrections")

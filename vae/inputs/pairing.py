@@ -254,14 +254,32 @@ def read_cells_h5ad(path: str | Path, size: int, background: int = 0) -> CropSet
     return CropSet(crops=crops, masks=masks, obs=obs)
 
 
+def _skip(rejects: list | None, path: Path, field: str, err: PairingError | str) -> None:
+    """Record an unusable file in ``rejects`` (a reject row), or raise when not collecting."""
+    if rejects is None:
+        raise (
+            err
+            if isinstance(err, PairingError)
+            else PairingError(err, field=field, source=str(path))
+        )
+    reason = err.args[0] if isinstance(err, PairingError) else str(err)
+    log.warning("%s: %s; skipped", path, reason)
+    rejects.append({"image": str(path), "field": field, "action": "skipped", "reason": reason})
+
+
 def read_image_folder(
-    root: str | Path, size: int, background: int = 0, max_per_class: int | None = None
+    root: str | Path,
+    size: int,
+    background: int = 0,
+    max_per_class: int | None = None,
+    rejects: list | None = None,
 ) -> CropSet:
     """ImageFolder of labelled crops (``root/<Class>/*.jpg``); class names lower-cased.
 
     These crops have no cell mask: ``masks`` are True over the whole image (False
     only on the padding that makes a non-square image square) and
-    ``obs[HAS_MASK]`` is False.
+    ``obs[HAS_MASK]`` is False. ``rejects``: a list to collect one row per unreadable
+    image, which is then skipped (None: such an image is an error).
     """
     root = Path(root)
     if not root.is_dir():
@@ -277,7 +295,11 @@ def read_image_folder(
         if max_per_class is not None:
             files = files[:max_per_class]
         for f in files:
-            img = _load_rgb(f)
+            try:
+                img = _load_rgb(f)
+            except PairingError as e:
+                _skip(rejects, f, "image", e)
+                continue
             c, m = square_crop(img, np.ones(img.shape[:2], bool), size, background)
             crops.append(c)
             masks.append(m)
@@ -297,12 +319,15 @@ def read_segmentation_wbc(
     background: int = 0,
     max_per_class: int | None = None,
     subsets: tuple[str, ...] = ("dataset1", "dataset2"),
+    rejects: list | None = None,
 ) -> CropSet:
     """segmentation_WBC: ``<subset>/NNN.bmp`` + ``NNN.png`` mask, ``<subset>_labels.csv``.
 
     Mask coding 0 background, 128 cytoplasm, 255 nucleus; cell = mask > 0.
     Labels CSV: first column image id (int), second the class code 1-5
-    (:data:`SEGMENTATION_WBC_CLASSES`).
+    (:data:`SEGMENTATION_WBC_CLASSES`). ``rejects``: a list to collect one row per
+    label row whose image or mask is missing or unreadable, which is then skipped
+    (None: a missing pair is logged and skipped, an unreadable one is an error).
     """
     root = Path(root)
     crops, masks, rows = [], [], []
@@ -331,12 +356,30 @@ def read_segmentation_wbc(
             mask_path = root / sub / f"{stem}.png"
             if not img_path.exists() or not mask_path.exists():
                 log.warning("%s: image or mask of id %s missing; skipped", csv, img_id)
+                if rejects is not None:
+                    gone = img_path if not img_path.exists() else mask_path
+                    rejects.append(
+                        {
+                            "image": str(gone),
+                            "field": "image" if gone == img_path else "mask",
+                            "action": "skipped",
+                            "reason": f"no such file (id {img_id} of {csv.name})",
+                        }
+                    )
                 continue
-            img = _load_rgb(img_path)
-            from PIL import Image
+            try:
+                img = _load_rgb(img_path)
+            except PairingError as e:
+                _skip(rejects, img_path, "image", e)
+                continue
+            from PIL import Image, UnidentifiedImageError
 
-            with Image.open(mask_path) as im:
-                m = np.asarray(im.convert("L")) > 0
+            try:
+                with Image.open(mask_path) as im:
+                    m = np.asarray(im.convert("L")) > 0
+            except (OSError, UnidentifiedImageError) as e:
+                _skip(rejects, mask_path, "mask", f"unreadable mask ({e})")
+                continue
             if m.shape != img.shape[:2]:
                 raise PairingError(
                     f"mask {m.shape} vs image {img.shape[:2]}", field="mask", source=str(mask_path)

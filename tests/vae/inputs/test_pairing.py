@@ -315,6 +315,14 @@ def test_image_folder_reader(tmp_path):
     assert len(read_image_folder(root, 12, max_per_class=2)) == 3
     with pytest.raises(PairingError):
         read_image_folder(tmp_path / "nope", 12)
+    # one unreadable image: skipped and listed when the caller collects rejects
+    (root / "Monocyte" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    rejects: list = []
+    cs = read_image_folder(root, 12, rejects=rejects)
+    assert len(cs) == 4 and len(rejects) == 1
+    assert rejects[0]["image"].endswith("broken.jpg") and rejects[0]["action"] == "skipped"
+    with pytest.raises(PairingError, match="unreadable"):
+        read_image_folder(root, 12)  # not collecting: an error, as before
 
 
 def test_segmentation_wbc_reader(tmp_path):
@@ -334,6 +342,14 @@ def test_segmentation_wbc_reader(tmp_path):
     assert list(cs.obs.index) == [f"segmentation_wbc/dataset1/{i:03d}" for i in (1, 2, 3)]
     assert cs.obs.has_mask.all() and cs.crops.shape == (3, 16, 16, 3)
     assert (cs.crops[~cs.masks] == 5).all() and cs.masks[:, 8, 8].all() and not cs.masks.all()
+    # an unreadable image and a missing mask: skipped, each a reject row
+    (root / "dataset1" / "002.bmp").write_text("junk")
+    (root / "dataset1" / "003.png").unlink()
+    rejects: list = []
+    cs = read_segmentation_wbc(root, 16, subsets=("dataset1",), rejects=rejects)
+    assert list(cs.obs.index) == ["segmentation_wbc/dataset1/001"]
+    assert sorted(Path(r["image"]).name for r in rejects) == ["002.bmp", "003.png"]
+    assert {r["field"] for r in rejects} == {"image", "mask"}
     (root / "dataset1_labels.csv").write_text("image ID,class label\n1,9\n")
     with pytest.raises(PairingError) as e:
         read_segmentation_wbc(root, 16, subsets=("dataset1",))
