@@ -64,8 +64,14 @@ def validate_sources(cfg: Any) -> None:
         if src.name in names:
             raise StageError(f"{at}.name={src.name!r} is used twice")
         names.add(src.name)
-        if not resolve_data_path(cfg, src.path, f"{at}.path").is_dir():
+        folder = resolve_data_path(cfg, src.path, f"{at}.path")
+        if not folder.is_dir():
             raise StageError(f"{at}.path={src.path}: not a folder")
+        if src.kind == "crop_folder":  # its layout, checked before any source is read
+            try:
+                list_crop_folder(folder, 1)
+            except FileNotFoundError as e:
+                raise StageError(f"{at}.path={src.path}: {e}") from e
         if src.labels:
             if src.kind != "smears" or src.labels_format == "none":
                 raise StageError(

@@ -199,6 +199,13 @@ def test_precheck_counts_earlier_outputs_and_names_bad_source(tmp_path, tiny_ckp
     bad = compose_config([*base, "data.segment_sources.2.path=/nonexistent/crops"])
     with pytest.raises(StageError, match=r"stage=segment cannot run.*segment_sources\[2\].path"):
         precheck(bad, ["segment", "pair"])
+    # a crop folder without class sub-folders: named before any source is read
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.jpg").write_bytes(b"x")
+    bad = compose_config([*base, f"data.segment_sources.2.path={flat}"])
+    with pytest.raises(StageError, match=r"segment_sources\[2\].path.*no class sub-folder"):
+        precheck(bad, ["segment", "pair"])
     assert not (tmp_path / "out").exists()
 
 
