@@ -176,7 +176,10 @@ def test_stage_train_starts_the_encoder_from_the_studys_detector(tmp_path, detec
             "needs vae.image_encoder=resnet18",
         ),
         ([f"vae.image_backbone_weights={tmp_path / 'nope.pt'}"], "nope.pt: no such file"),
-        (["vae.image_encoder=vit"], "vae.image_encoder='vit'; valid: conv, resnet18"),
+        (
+            ["vae.image_encoder=vit"],
+            "vae.image_encoder='vit' is not an option: valid: conv, resnet18",
+        ),
     ]:
         with pytest.raises(StageError) as err:
             run_stage_in_process([*common, *TINY, "experiment=bad", *extra], "train")
