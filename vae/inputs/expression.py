@@ -102,6 +102,27 @@ def detect_format(path: str | Path) -> str:
 _BARCODE = re.compile(r"[ACGTN]{8,}(-\d+)?")
 
 
+def table_separator(path: Path, default: str) -> str:
+    """The column separator of a text table: the commonest of tab, comma and semicolon in
+    its first line (spreadsheets export ``;`` where the decimal mark is a comma, and a
+    tab-separated file is often named ``.csv``); ``default`` when none occurs."""
+    import gzip
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rt", errors="replace") as f:
+            first = f.readline()
+    except OSError:
+        return default
+    counts = {c: first.count(c) for c in ("\t", ",", ";")}
+    best = max(counts, key=counts.get)
+    if counts[best] == 0:
+        return default
+    if best != default:
+        log.info("%s: columns separated by %r (read from its first line)", path, best)
+    return best
+
+
 def detect_orientation(
     rows: Iterable[str], columns: Iterable[str], known_genes: Iterable[str]
 ) -> tuple[str, str]:
@@ -225,7 +246,7 @@ def read_expression(
                 ) from e
             adata = ad.read_loom(p, sparse=True)
         else:
-            sep = "," if fmt == "csv" else "\t"
+            sep = table_separator(p, "," if fmt == "csv" else "\t")
             df = pd.read_csv(p, sep=sep, index_col=0)
             if orientation == "auto":
                 genes = known_genes

@@ -288,6 +288,13 @@ def test_csv_tsv_orientation_and_10x_mtx(tmp_path):
     with pytest.raises(ExpressionInputError) as e:
         read_expression(tmp_path / "cells.csv", orientation="sideways")
     assert e.value.field == "expression.orientation"
+    # a spreadsheet's ";" export, and a tab-separated file named .csv: read the same
+    df.to_csv(tmp_path / "semicolon.csv", sep=";")
+    df.to_csv(tmp_path / "tabs.csv", sep="\t")
+    for name in ("semicolon.csv", "tabs.csv"):
+        r = read_expression(tmp_path / name)
+        assert list(r.var_names) == GENES and list(r.obs_names) == list(a.obs_names), name
+        np.testing.assert_array_equal(r.X, a.X)
     # 10x v3 matrix-market folder: genes x cells matrix + features + barcodes
     d = tmp_path / "mtx"
     d.mkdir()
