@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -79,7 +80,29 @@ def _validate(cfg: DictConfig) -> None:
         )
     if explicit and explicit != BUILTIN_PBMC68K:
         setting = "expression.input_file" if cfg.expression.input_file else "data.expression_file"
-        resolve_data_path(cfg, explicit, setting)
+        path = Path(resolve_data_path(cfg, explicit, setting))
+        if path.suffix == ".h5ad" and path.is_file():
+            _check_h5ad_input(path, setting, cfg.expression.label_key)
+
+
+def _check_h5ad_input(path: Path, setting: str, label_key: str | None) -> None:
+    """An .h5ad input opens and holds the label column asked for: a cheap look (obs only,
+    backed) so that stage=all's precheck fails before the stages before this one run."""
+    import anndata as ad
+
+    try:
+        a = ad.read_h5ad(path, backed="r")
+    except Exception as e:  # noqa: BLE001 - any reader error: not a usable file
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise StageError(f"{setting}={path}: not a readable .h5ad file ({msg})") from e
+    try:
+        if label_key and label_key not in a.obs:
+            raise StageError(
+                f"expression.label_key={label_key}: {path} has no obs column {label_key!r} "
+                f"(its columns: {', '.join(map(str, a.obs.columns[:12]))})"
+            )
+    finally:
+        a.file.close()
 
 
 @stage("expression", needs=_expression_needs, produces=["expression"], validate=_validate)

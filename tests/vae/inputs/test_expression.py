@@ -319,6 +319,27 @@ _compose = compose_config
 _run_in_process = run_stage_in_process
 
 
+def test_precheck_opens_an_h5ad_input_and_finds_its_label_column(tmp_path):
+    """stage=all fails at the start, not after the stages before expression ran."""
+    from pipeline.precheck import precheck
+    from pipeline.runner import StageError
+
+    _toy().write_h5ad(tmp_path / "ok.h5ad")
+    (tmp_path / "bad.h5ad").write_text("not hdf5")
+    base = [f"paths.root={tmp_path / 'out'}", "experiment=x", "data=real", "stage=all"]
+    ok = _compose([*base, f"expression.input_file={tmp_path / 'ok.h5ad'}"])
+    precheck(ok, ["expression"])
+    bad = _compose([*base, f"expression.input_file={tmp_path / 'bad.h5ad'}"])
+    with pytest.raises(StageError, match="bad.h5ad: not a readable .h5ad file"):
+        precheck(bad, ["expression"])
+    key = _compose(
+        [*base, f"expression.input_file={tmp_path / 'ok.h5ad'}", "expression.label_key=nope"]
+    )
+    with pytest.raises(StageError, match="expression.label_key=nope.*no obs column 'nope'"):
+        precheck(key, ["expression"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_stage_on_simulator_output(tmp_path):
     common = [f"paths.root={tmp_path}", "experiment=sim"]
     _run_in_process([*common, "data.simulator.n_images=3"], "simulate")  # fast, in-process
