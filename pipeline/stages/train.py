@@ -91,6 +91,17 @@ def _validate(cfg) -> None:
         raise StageError(f"vae.image_backbone_weights={weights}: no such file")
     if cfg.trainer.get("split_from"):
         _split_source(cfg.trainer.split_from)
+    # the crop side the image branch will see: vae.image_size, else the crops stage=pair
+    # makes in this run (an explicit paired.h5ad is checked when it is read)
+    setting, side = ("vae.image_size", cfg.vae.image_size)
+    if side is None and not cfg.paths.inputs.get("paired"):
+        setting, side = ("pair.crop_size", cfg.pair.crop_size)
+    k = 2 ** len(cfg.vae.channels)
+    if side is not None and int(side) % k:
+        raise StageError(
+            f"{setting}={side}: the image branch halves the crop {len(cfg.vae.channels)} times "
+            f"(vae.channels), so it needs a multiple of {k}"
+        )
 
 
 def _split_source(setting: str) -> Path:

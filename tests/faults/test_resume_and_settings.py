@@ -137,6 +137,18 @@ def test_out_of_range_settings_are_refused_by_name(override, named):
     assert named in str(e.value)
 
 
+def test_a_crop_size_the_image_branch_cannot_halve_is_refused_at_start():
+    from pipeline.precheck import precheck
+    from pipeline.runner import StageError
+
+    cfg = compose_config(["stage=all", "+preset=demo", "pair.crop_size=40"])
+    with pytest.raises(StageError, match=r"pair.crop_size=40: .*multiple of 16"):
+        precheck(cfg, ["train"])
+    cfg = compose_config(["stage=train", "vae.image_size=50"])
+    with pytest.raises(StageError, match=r"vae.image_size=50"):
+        precheck(cfg, ["train"])
+
+
 def test_negative_beta_fails_before_any_folder(tmp_path, toy, capsys):
     toy("train", writes("m"))
     root = tmp_path / "out"
