@@ -80,7 +80,11 @@ def scatter(
         for c in label_order(sv):
             sel = sv == c
             ax.scatter(emb[sel, 0], emb[sel, 1], s=6, color=pal[c], label=c)
-        ax.legend(fontsize=6, markerscale=2, loc="best", frameon=False)
+        # beside the axes: inside, a long label list covers the points (a whole class
+        # on the real chain's UMAP)
+        ax.legend(
+            fontsize=6, markerscale=2, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0)
+        )
     else:
         v = values.astype(float)
         ok = np.isfinite(v)

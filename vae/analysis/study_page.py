@@ -239,7 +239,7 @@ function update(j){
   j = Number(j); $('decoded').src = D.decoded[j];
   $('where').textContent = 'position ' + D.s[j].toFixed(2) + ' (step ' + (j + 1) + ' of ' + n + ')'
     + (D.supported[j] ? '' : ': no training cell with a crop lies near this point; the decoded cell is the decoder\u2019s extrapolation')
-    + (D.drawn_from[j] ? '; drawn from training crops like: ' + D.drawn_from[j] : '');
+    + (D.drawn_from[j] ? '; drawn from labelled training crops like: ' + D.drawn_from[j] : '');
   colbox.setAttribute('x', lw + j * cw);
   const tb = $('genecol'); tb.innerHTML = '';
   D.rows.forEach((r, i) => { const tr = document.createElement('tr'); const v = D.values[j][i];
@@ -251,7 +251,7 @@ function update(j){
   dots.forEach(d => d.classList.remove('near'));
   D.nearest[j].forEach(k => { const c = D.cells[k]; dots[k].classList.add('near');
     const f = document.createElement('figure');
-    f.innerHTML = (c.crop ? '<img alt="crop" src="' + c.crop + '"/>' : '') + '<figcaption>' + esc(c.label) + '</figcaption>';
+    f.innerHTML = (c.crop ? '<img alt="crop" src="' + c.crop + '"/>' : '') + '<figcaption>' + (c.label ? esc(c.label) : '(unlabelled)') + '</figcaption>';
     nb.appendChild(f); });
   if (pathXY[j]) { here.setAttribute('cx', pathXY[j][0]); here.setAttribute('cy', pathXY[j][1]); }
 }
@@ -294,7 +294,7 @@ that cell's crop and labels; the ringed points are the nearest cells of the curr
 <div id="where" class="cap"></div></div>
 <div class="row">
 <div class="panel"><div class="cap">decoded cell</div><img id="decoded" alt="decoded cell"/></div>
-<div class="panel"><div class="cap">decoded values at this position</div>
+<div class="panel"><div class="cap">decoded values at this position<br>(bar: where the value lies in its own row's range along the path, not its level)</div>
 <table><tbody id="genecol"></tbody></table></div>
 <div class="panel"><div class="cap">nearest real cells</div><div id="nearest"></div></div>
 </div>
