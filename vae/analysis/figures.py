@@ -233,10 +233,12 @@ def heatmap(
     cmap: str = "RdBu_r",
     annotate: bool = True,
 ):
-    """Annotated heatmap (e.g. correlations in [-1, 1])."""
+    """Annotated heatmap (e.g. correlations in [-1, 1]); a NaN cell (not defined) is grey,
+    so it does not read as the white of 0."""
     m = np.asarray(matrix, dtype=float)
     fig, ax = plt.subplots(figsize=(0.7 * len(col_labels) + 2.2, 0.32 * len(row_labels) + 1.4))
-    im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    cm = plt.get_cmap(cmap).with_extremes(bad="#bbbbbb")
+    im = ax.imshow(np.ma.masked_invalid(m), cmap=cm, vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(col_labels)))
     ax.set_xticklabels(col_labels, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(row_labels)))

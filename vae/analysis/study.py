@@ -575,10 +575,12 @@ def traverse_study(
                 )[:, 0]
             tables["real_feature_correlation"] = corr_df
             out_files.csv(real, "real_crop_features")
+            # one row per latent dim (d + 1 rows, a dozen features across): the page is
+            # taller than wide, and a row per feature made a strip too wide to read
             fig = F.heatmap(
-                corr_df.drop(columns="feature").to_numpy(float),
-                fcols,
+                corr_df.drop(columns="feature").to_numpy(float).T,
                 list(corr_df.columns[1:]),
+                fcols,
                 f"Spearman: features of {len(cand)} real {a.split} crops vs latent dims",
             )
             p = out_files.figure(fig, "real_feature_heatmap", "traverse/real_feature_heatmap")
