@@ -31,7 +31,7 @@ from PIL import Image
 from pipeline.artifacts import write_json
 from pipeline.config_sources import LABEL_FORMATS, SEGMENT_SOURCE_KINDS
 from pipeline.runner import StageContext, StageError, resolve_data_path
-from segmentation.cells import SegmentSettings, contact_sheet, segment_images
+from segmentation.cells import SegmentSettings, contact_sheet, reject_sheet, segment_images
 from segmentation.io import list_images, read_rgb, write_h5ad
 from segmentation.progress import bar
 from segmentation.shipped import wants_scale_refinement
@@ -255,6 +255,9 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
     shutil.rmtree(overlays, ignore_errors=True)
     overlays.mkdir(parents=True)
     kept_frames, crop_arrays, mask_arrays, tables, rejects = [], [], [], [], []
+    # the smear sources' detector parts and tables: their rejected cells for rejects.png
+    reject_parts: list[dict] = []
+    reject_tables: list[pd.DataFrame] = []
     per_source: dict[str, dict[str, Any]] = {}
     offset = 0
     for k, src in enumerate(cfg.data.segment_sources):
@@ -264,6 +267,8 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
                 ctx, src, folder, model, ckpt, settings, offset, overlays
             )
             table, kept, crops, masks = merge_parts(parts, settings.crop_size, False)
+            reject_parts += parts
+            reject_tables.append(table)
             n_per_image = kept.groupby("image").size().to_dict()
             status = {
                 im: label_for_image(nk, None if labels is None else labels.get(im))
@@ -299,7 +304,11 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
                 kept.image, src.specimen_group or src.name, src.specimen_pattern
             )
             kept_frames.append(kept)
-            tables.append(table.assign(source=src.name))
+            if table is not kept:  # smears: every detection, with the kept cells' labels
+                cols = ["cell_id", "label", "label_status", "specimen"]
+                table = table.merge(kept[cols], on="cell_id", how="left")
+                table[cols[1:]] = table[cols[1:]].fillna("")
+            tables.append(table.assign(source=src.name, mode=src.kind))
         crop_arrays.append(crops)
         mask_arrays.append(masks)
         rejects += [{"source": src.name, **r} for r in rej]
@@ -308,6 +317,11 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
         log.info("segment: %s (%s): %s", src.name, src.kind, counts)
         offset += n
     _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects, per_source)
+    with ctx.atomic("rejects.png") as tmp:  # a few rejected smear cells, each with why
+        table = pd.concat(reject_tables, ignore_index=True) if reject_tables else empty_table(False)
+        reject_sheet(reject_parts, table, int(ctx.cfg.segmentation.n_reject_examples)).save(
+            tmp, format="PNG"
+        )
     shutil.rmtree(overlays, ignore_errors=True)
 
 

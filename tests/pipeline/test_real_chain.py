@@ -289,6 +289,13 @@ def test_segment_sources_labels_masks_and_rejects(tmp_path, tiny_ckpt, fake_dete
     assert summary["cells"] == 5 and summary["labelled"] == 2 and summary["rejects"] == 4
     assert summary["per_source"]["cropped"] == {"crops": 4, "masked": 1, "no_mask": 2, "rejects": 3}
     assert (out / "contact_sheet.png").is_file() and (out / "overlays").is_dir()
+    assert (out / "rejects.png").is_file()  # as stage=segment writes for a folder of smears
+    # every detection row of a smear carries what its kept cell got in cells.h5ad
+    det = pd.read_csv(out / "detections.csv").fillna("")
+    smear_kept = det[(det.source == "bccd") & det.kept.astype(bool)].set_index("cell_id")
+    in_h5ad = obs[obs.source == "bccd"]
+    assert list(smear_kept.loc[in_h5ad.index, "label_status"]) == list(in_h5ad.label_status)
+    assert set(det[det.source == "bccd"]["mode"]) == {"smears"}
 
     # pair: labelled detected cells paired by label, the rest image-only
     from tests.vae.inputs.test_pairing import _expr
