@@ -32,6 +32,7 @@ from pipeline.artifacts import write_json
 from pipeline.config_sources import LABEL_FORMATS, SEGMENT_SOURCE_KINDS
 from pipeline.runner import StageContext, StageError, resolve_data_path
 from segmentation.cells import SegmentSettings, contact_sheet, reject_sheet, segment_images
+from segmentation.crops import FLAGS
 from segmentation.io import list_images, read_rgb, write_h5ad
 from segmentation.progress import bar
 from segmentation.shipped import wants_scale_refinement
@@ -344,7 +345,14 @@ def _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects
         "rejects": len(rejects),
     }
     counts = {**totals, "per_source": per_source}
-    adata = cells_adata(kept, crops, masks, settings, totals, "data.segment_sources")
+    # what each filter dropped over all sources, as stage=segment counts it for a folder
+    det = pd.concat(tables, ignore_index=True)
+    filters = {"detections": len(det)}
+    for f in FLAGS:
+        if f in det:
+            filters[f] = int(det[f].astype("boolean").fillna(False).sum())
+    filters["kept"] = len(kept)
+    adata = cells_adata(kept, crops, masks, settings, filters, "data.segment_sources")
     adata.uns["per_source"] = {k: {a: int(b) for a, b in v.items()} for k, v in per_source.items()}
     with ctx.atomic("cells") as tmp:
         write_h5ad(adata, tmp)
@@ -359,6 +367,6 @@ def _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects
         shutil.copytree(ctx.dir / ".overlays", tmp)
     write_json(
         ctx.output("summary.json"),
-        {"counts": counts, "filter_counts": totals, "device": str(ctx.dist.device)},
+        {"counts": counts, "filter_counts": filters, "device": str(ctx.dist.device)},
     )
     log.info("segment: %s", counts)

@@ -285,6 +285,9 @@ def test_segment_sources_labels_masks_and_rejects(tmp_path, tiny_ckpt, fake_dete
         ("cropped", "Eosinophil/e1_offcentre.png", "mask", "no_mask"),
         ("cropped", "Eosinophil/e2_corrupt.png", "image", "skipped"),
     }
+    filters = json.loads((out / "summary.json").read_text())["filter_counts"]
+    assert filters["kept"] == 5 and {"low_score", "at_border", "touching"} <= set(filters)
+    assert filters["detections"] == len(pd.read_csv(out / "detections.csv"))
     summary = json.loads((out / "summary.json").read_text())["counts"]
     assert summary["cells"] == 5 and summary["labelled"] == 2 and summary["rejects"] == 4
     assert summary["per_source"]["cropped"] == {"crops": 4, "masked": 1, "no_mask": 2, "rejects": 3}

@@ -341,17 +341,36 @@ def read_segmentation_wbc(
             raise PairingError(
                 "expected columns: image id, class", field="columns", source=str(csv)
             )
-        for img_id, code in zip(lab.iloc[:, 0], lab.iloc[:, 1]):
-            if int(code) not in SEGMENTATION_WBC_CLASSES:
+        id_col, class_col = str(lab.columns[0]), str(lab.columns[1])
+        seen: dict[int, int] = {}
+        for row, (img_id, code) in enumerate(zip(lab.iloc[:, 0], lab.iloc[:, 1]), start=2):
+            # row: the file's line (line 1 is the header)
+            try:
+                code_i, id_i = int(code), int(img_id)
+            except (TypeError, ValueError):
                 raise PairingError(
-                    f"class code {code} of image {img_id} not in 1-5",
-                    field="class",
+                    f"line {row}: {id_col!r} / {class_col!r} must be integers, got "
+                    f"{img_id!r} / {code!r}",
+                    field=class_col,
+                    source=str(csv),
+                ) from None
+            if code_i not in SEGMENTATION_WBC_CLASSES:
+                raise PairingError(
+                    f"line {row}: {class_col!r} {code} of image {img_id} not in 1-5",
+                    field=class_col,
                     source=str(csv),
                 )
-            label = SEGMENTATION_WBC_CLASSES[int(code)]
+            if id_i in seen:
+                raise PairingError(
+                    f"line {row}: image {img_id} is listed again (first on line {seen[id_i]})",
+                    field=id_col,
+                    source=str(csv),
+                )
+            seen[id_i] = row
+            label = SEGMENTATION_WBC_CLASSES[code_i]
             if max_per_class is not None and per_class.get(label, 0) >= max_per_class:
                 continue
-            stem = f"{int(img_id):03d}"
+            stem = f"{id_i:03d}"
             img_path = root / sub / f"{stem}.bmp"
             mask_path = root / sub / f"{stem}.png"
             if not img_path.exists() or not mask_path.exists():

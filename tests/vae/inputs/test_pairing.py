@@ -353,7 +353,11 @@ def test_segmentation_wbc_reader(tmp_path):
     (root / "dataset1_labels.csv").write_text("image ID,class label\n1,9\n")
     with pytest.raises(PairingError) as e:
         read_segmentation_wbc(root, 16, subsets=("dataset1",))
-    assert e.value.field == "class"
+    assert e.value.field == "class label" and "line 2" in str(e.value)
+    # an id listed twice: the line of each, not a duplicate-index error later
+    (root / "dataset1_labels.csv").write_text("image ID,class label\n1,2\n1,1\n")
+    with pytest.raises(PairingError, match="line 3: image 1 is listed again .first on line 2"):
+        read_segmentation_wbc(root, 16, subsets=("dataset1",))
 
 
 def _cells_h5ad(path: Path, size: int = 12) -> None:
