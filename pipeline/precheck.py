@@ -23,7 +23,7 @@ def precheck(cfg: DictConfig, names: list[str]) -> None:
     naming the stage and the missing input or bad setting; writes nothing.
     """
     from pipeline.guards import RESUMABLE
-    from pipeline.stagedir import folder_status, own_entries
+    from pipeline.stagedir import folder_status, rerun_without_asking
 
     load_stages()
     produced: set[str] = set()
@@ -41,13 +41,16 @@ def precheck(cfg: DictConfig, names: list[str]) -> None:
             # the runner's rule (pipeline/stagedir.py): other variants' runs nested in
             # the folder are not its run, and a failed run of a stage without
             # checkpoints is moved aside, not refused
-            if own_entries(d) and not (cfg.overwrite or cfg.resume):
-                status = folder_status(d)
-                if not (status == "failed" and name not in RESUMABLE):
-                    raise StageError(
-                        f"{d} already holds a run of stage={name} (status: {status}); pass "
-                        f"overwrite=true, resume=true or another experiment=NAME"
-                    )
+            status = folder_status(d)
+            if (
+                status is not None
+                and not (cfg.overwrite or cfg.resume)
+                and not rerun_without_asking(name, status)
+            ):
+                raise StageError(
+                    f"{d} already holds a run of stage={name} (status: {status}); pass "
+                    f"overwrite=true, resume=true or another experiment=NAME"
+                )
             man = read_manifest(d) if d.exists() else None
             if cfg.resume and not cfg.overwrite and name not in RESUMABLE and man:
                 if man.get("status") == "complete":

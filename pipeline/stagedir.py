@@ -165,11 +165,7 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
     if own_entries(d):
         status = _status(d)
         if cfg.overwrite:
-            _check_variants_idle(cfg, name, d)
-            backup = d.with_name(f".{d.name}.old-{uuid.uuid4().hex[:6]}")
-            d.rename(backup)
-            d.mkdir()
-            move_variant_runs(backup, d)  # variant=NAME runs are not this run's result
+            backup = _set_aside(cfg, name, d, d.with_name(f".{d.name}.old-{uuid.uuid4().hex[:6]}"))
         elif cfg.resume:
             if name not in RESUMABLE:
                 if status == "complete":
@@ -206,14 +202,9 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
                         RESUMABLE[name],
                         backup,
                     )
-        elif status == "failed" and name not in RESUMABLE:
-            # a failed run is no result, and this stage could not continue it: keep the
-            # attempt (its log says why it failed) and start afresh
-            failed = aside_name(d, "failed")
-            _check_variants_idle(cfg, name, d)
-            d.rename(failed)
-            d.mkdir()
-            move_variant_runs(failed, d)
+        elif rerun_without_asking(name, status):
+            # keep the attempt (its log says why it failed) and start afresh
+            failed = _set_aside(cfg, name, d, aside_name(d, "failed"))
             log.warning("stage=%s: the failed earlier attempt in %s is kept in %s", name, d, failed)
         else:
             if status == "running":
@@ -228,8 +219,16 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
     return d, backup
 
 
-def _check_variants_idle(cfg: DictConfig, name: str, d: Path) -> None:
-    """Refuse to move folder ``d`` while a variant run nested in it is running."""
+def rerun_without_asking(name: str, status: str | None) -> bool:
+    """Whether a folder holding a run of ``status`` is set aside and run again without
+    ``overwrite=true``: a failed run is no result, and a stage without checkpoints could
+    not continue it (the runner and ``stage=all``'s precheck follow this one rule)."""
+    return status == "failed" and name not in RESUMABLE
+
+
+def _set_aside(cfg: DictConfig, name: str, d: Path, to: Path) -> Path:
+    """Move stage folder ``d``'s own run to ``to`` and leave ``d`` holding only the
+    variant runs nested in it; refused while one of those runs. Returns ``to``."""
     from pipeline.locks import stage_lock
     from pipeline.runner import run_dir
 
@@ -237,9 +236,13 @@ def _check_variants_idle(cfg: DictConfig, name: str, d: Path) -> None:
         variant = f"{cfg.variant}/{c.name}" if cfg.variant else c.name
         if stage_lock(run_dir(cfg), name, variant, cfg.experiment).held_elsewhere():
             raise StageError(
-                f"overwrite=true: {c} is a run of stage={name} variant={variant} that is "
-                f"running now; wait for it to finish (its folder lies inside {d})."
+                f"{d} cannot be moved aside: {c} is a run of stage={name} variant={variant} "
+                f"that is running now (its folder lies inside {d}); wait for it to finish."
             )
+    d.rename(to)
+    d.mkdir()
+    move_variant_runs(to, d)  # variant=NAME runs are not this run's result
+    return to
 
 
 def restore_backup(d: Path, backup: Path) -> Path:
