@@ -102,20 +102,20 @@ def _decode(path: Path, converted: list[str]) -> np.ndarray:
 
         a = np.asarray(iio.imread(path))
     except Exception:  # noqa: BLE001 - try the other decoder before giving up
-        with Image.open(path) as im:
-            im.load()
-            if im.mode == "CMYK":
-                converted.append("cmyk->rgb")
-                return np.asarray(im.convert("RGB"))
-            if im.mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            return np.asarray(im)
-    if a.ndim == 3 and a.shape[-1] == 4 and a.dtype == np.uint8:
-        with Image.open(path) as im:
-            if im.mode == "CMYK":
-                converted.append("cmyk->rgb")
-                return np.asarray(im.convert("RGB"))
-    return a
+        a = None
+    if a is not None and not (a.ndim == 3 and a.shape[-1] == 4 and a.dtype == np.uint8):
+        return a
+    # Pillow: the fallback, and the judge of what four 8-bit channels mean
+    with Image.open(path) as im:
+        if im.mode == "CMYK":
+            converted.append("cmyk->rgb")
+            return np.asarray(im.convert("RGB"))
+        if a is not None:  # RGBA, as imageio read it
+            return a
+        im.load()
+        if im.mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        return np.asarray(im)
 
 
 def read_rgb(

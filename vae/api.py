@@ -191,11 +191,11 @@ class Study:
                 )
             return
         known = self.meta.get("label_names")
-        key = str(self.analysis.get("label_key", "label"))
+        key = self.label_key
         if not known or key not in ref.obs:
             return
-        seen = set(ref.obs[key].astype(str)) - {"", "nan", "NA", "None"}
-        foreign = sorted(seen - {str(k) for k in known})
+        lab = ref.obs[key].astype(str).to_numpy()
+        foreign = sorted(set(lab[known_labels(lab)]) - {str(k) for k in known})
         if foreign:
             raise StudyError(
                 f"{lp}: obs[{key!r}] holds labels {', '.join(map(repr, foreign[:5]))} that "

@@ -261,17 +261,15 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects):
             )
         rejects += read_rejects
         if adata.n_vars:  # too few of the model's genes: refused before the imputation runs
-            n_miss = int((study.gene_columns(adata.var_names) < 0).sum())
-            n_model = len(study.gene_names)
-            if (
-                n_miss
-                and n_miss < n_model
-                and n_miss > float(cfg.embed.max_missing_genes) * n_model
-            ):
+            cols = study.gene_columns(adata.var_names)
+            missing = [g for g, c in zip(study.gene_names, cols) if c < 0]
+            n_model = len(cols)
+            # none at all: Study names the model's and the input's genes itself
+            if len(missing) < n_model and len(missing) > cfg.embed.max_missing_genes * n_model:
                 raise StageError(
-                    f"{setting}: var_names match only {n_model - n_miss} of the model's "
-                    f"{n_model} genes; more than embed.max_missing_genes="
-                    f"{cfg.embed.max_missing_genes} of them are missing"
+                    f"{setting}: var_names match only {n_model - len(missing)} of the model's "
+                    f"{n_model} genes (missing e.g. {missing[:5]}); more than "
+                    f"embed.max_missing_genes={cfg.embed.max_missing_genes} of them are missing"
                 )
         if adata.n_obs == 0:
             why = f"{len(read_rejects)} file(s) skipped" if read_rejects else "no cell found"
@@ -288,15 +286,9 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects):
 
 
 def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> None:
-    """Check the gene match of an embedded input, label its rows and keep it in ``parts``."""
-    rep = q.uns.get("genes", "{}")
-    genes[setting] = rep = json.loads(rep)
-    if rep and len(rep["missing"]) > float(cfg.embed.max_missing_genes) * rep["n_model_genes"]:
-        raise StageError(
-            f"{setting}: var_names match only {rep['matched']} of the model's "
-            f"{rep['n_model_genes']} genes (missing e.g. {rep['missing'][:5]}); more than "
-            f"embed.max_missing_genes={cfg.embed.max_missing_genes} of them are missing"
-        )
+    """Record the gene match of an embedded input (checked in :func:`_embed_one`), label
+    its rows and keep it in ``parts``."""
+    genes[setting] = json.loads(q.uns.get("genes", "{}"))
     for cid in q.uns.get("dropped", []):
         rejects.append({"input": setting, "item": cid, "reason": "neither image nor expression"})
     q.obs["vae_input"] = kind

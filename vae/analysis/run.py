@@ -56,9 +56,8 @@ class RunData:
     data: Any | None  # vae.data.PairedTensors aligned with latent rows, or None
     gene_names: list[str]
     device: Any
-    gene_program: dict[
-        str, str
-    ]  # gene -> program: paired var["program"] or uns["expression_programs"]
+    # gene -> program: paired var["program"] or uns["expression_programs"]
+    gene_program: dict[str, str]
 
 
 def load_run(

@@ -254,17 +254,22 @@ def read_cells_h5ad(path: str | Path, size: int, background: int = 0) -> CropSet
     return CropSet(crops=crops, masks=masks, obs=obs)
 
 
+def _record_skip(rejects: list | None, path: Path, field: str, reason: str) -> None:
+    """Log a skipped file and, when the caller collects them, add its reject row."""
+    log.warning("%s: %s; skipped", path, reason)
+    if rejects is not None:
+        rejects.append({"image": str(path), "field": field, "action": "skipped", "reason": reason})
+
+
 def _skip(rejects: list | None, path: Path, field: str, err: PairingError | str) -> None:
-    """Record an unusable file in ``rejects`` (a reject row), or raise when not collecting."""
+    """An unusable file: a reject row when the caller collects them, else the error."""
     if rejects is None:
         raise (
             err
             if isinstance(err, PairingError)
             else PairingError(err, field=field, source=str(path))
         )
-    reason = err.args[0] if isinstance(err, PairingError) else str(err)
-    log.warning("%s: %s; skipped", path, reason)
-    rejects.append({"image": str(path), "field": field, "action": "skipped", "reason": reason})
+    _record_skip(rejects, path, field, err.args[0] if isinstance(err, PairingError) else err)
 
 
 def read_image_folder(
@@ -374,17 +379,9 @@ def read_segmentation_wbc(
             img_path = root / sub / f"{stem}.bmp"
             mask_path = root / sub / f"{stem}.png"
             if not img_path.exists() or not mask_path.exists():
-                log.warning("%s: image or mask of id %s missing; skipped", csv, img_id)
-                if rejects is not None:
-                    gone = img_path if not img_path.exists() else mask_path
-                    rejects.append(
-                        {
-                            "image": str(gone),
-                            "field": "image" if gone == img_path else "mask",
-                            "action": "skipped",
-                            "reason": f"no such file (id {img_id} of {csv.name})",
-                        }
-                    )
+                gone = img_path if not img_path.exists() else mask_path
+                field = "image" if gone == img_path else "mask"
+                _record_skip(rejects, gone, field, f"no such file (id {img_id} of {csv.name})")
                 continue
             try:
                 img = _load_rgb(img_path)
