@@ -152,13 +152,15 @@ def probe_inputs(inputs: dict[str, Path]) -> None:
 def _probe_h5ad(n: str, p: Path) -> None:
     import h5py
 
+    from segmentation.io import error_line
+
     try:
         with h5py.File(p, "r") as f:
             keys = set(f.keys())
     except OSError as e:
         raise StageError(
             f"input '{n}' = {p}: not a readable .h5ad file (truncated, or not HDF5): "
-            f"{str(e).splitlines()[0]}. Re-run the stage that writes it, or set "
+            f"{error_line(e)}. Re-run the stage that writes it, or set "
             f"paths.inputs.{n}=PATH."
         ) from None
     if "obs" not in keys:

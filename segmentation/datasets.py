@@ -491,10 +491,40 @@ def read_mask_pngs(
 READERS = {"coco": read_coco, "voc": read_voc, "yolo": read_yolo, "mask_png": read_mask_pngs}
 
 
-def auto_scale(rec: ImageRecord, cell_px: float) -> float:
-    """Scale that makes the median white-cell box side ``cell_px`` (1.0 without WBCs)."""
-    sides = [np.sqrt((a.bbox[2] - a.bbox[0]) * (a.bbox[3] - a.bbox[1])) for a in rec.wbcs]
-    return float(cell_px / np.median(sides)) if sides else 1.0
+# source px: a ground-truth box this close to the image edge is cut by it (its side is the
+# visible part, not the cell's size); the detector's own ruler drops such boxes too
+# (segmentation.magnification.REFINE_EDGE_PX)
+CUT_EDGE_PX = 2.0
+
+
+def auto_scale(rec: ImageRecord, cell_px: float, edge_px: float | None = CUT_EDGE_PX) -> float:
+    """Scale that makes the median white-cell box side ``cell_px`` (the oracle scale).
+
+    Parameters
+    ----------
+    rec : the image's record; its white-cell boxes are in source px
+    cell_px : wanted white-cell box side in working px
+    edge_px : boxes within this many source px of the image edge are cut by it and not
+        measured, unless every box is; ``None`` measures every box (the oracle of the
+        evaluations before 2026-12-04, which a cell cut to a sliver pulled down)
+
+    Returns
+    -------
+    float : working px per source px; 1.0 for an image without white cells
+    """
+    boxes = [a.bbox for a in rec.wbcs]
+    if not boxes:
+        return 1.0
+    b = np.asarray(boxes, float).reshape(-1, 4)
+    side = np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
+    if edge_px is not None:
+        m = float(edge_px)
+        whole = (
+            (b[:, 0] > m) & (b[:, 1] > m) & (b[:, 2] < rec.width - m) & (b[:, 3] < rec.height - m)
+        )
+        if whole.any():
+            side = side[whole]
+    return float(cell_px / np.median(side))
 
 
 def to_coco(

@@ -32,6 +32,13 @@ import numpy as np
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """First line of an exception's message, at most ``limit`` characters; its type
+    name when it has no message (a reader's error inside a one-line user message)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 @dataclass
 class ImageRead:
     """Result of :func:`read_rgb`.
@@ -145,8 +152,7 @@ def read_rgb(
     try:
         a = _decode(path, converted)
     except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        return ImageRead(path, None, [], f"unreadable: {msg}")
+        return ImageRead(path, None, [], f"unreadable: {error_line(e, 160)}")
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if a.ndim == 2:
@@ -355,8 +361,7 @@ def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu", what: st
         ) from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
         raise UnsafeCheckpointError(
-            f"{what}={path}: not a readable torch checkpoint "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            f"{what}={path}: not a readable torch checkpoint ({type(e).__name__}: {error_line(e)})"
         ) from None
 
 

@@ -356,7 +356,7 @@ def load_checkpoint(
     Also reads the compact int8 format of the shipped detector
     (``model_format``, :mod:`segmentation.shipped`), dequantised to fp32.
     """
-    from segmentation.io import UnsafeCheckpointError, load_torch_file
+    from segmentation.io import UnsafeCheckpointError, error_line, load_torch_file
 
     path = Path(path)
     ckpt = load_torch_file(path, map_location, "segmentation model")
@@ -375,6 +375,6 @@ def load_checkpoint(
         model.load_state_dict(state)
     except RuntimeError as e:
         raise UnsafeCheckpointError(
-            f"{path}: its weights do not fit its model_args ({str(e).splitlines()[0]})"
+            f"{path}: its weights do not fit its model_args ({error_line(e)})"
         ) from None
     return model, ckpt

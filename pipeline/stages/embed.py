@@ -20,6 +20,7 @@ import pandas as pd
 from pipeline.artifacts import write_json
 from pipeline.runner import StageContext, StageError, resolve_data_path, stage
 from pipeline.streaming import h5ad_blocks, streams
+from segmentation.io import error_line
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,8 @@ def _read_mapping(cfg) -> pd.DataFrame | None:
     try:
         m = pd.read_csv(cfg.embed.samples_csv, dtype=str)
     except (OSError, ValueError, UnicodeDecodeError) as e:  # pandas' ParserError is a ValueError
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise StageError(
-            f"embed.samples_csv={cfg.embed.samples_csv}: not a readable CSV ({msg})"
+            f"embed.samples_csv={cfg.embed.samples_csv}: not a readable CSV ({error_line(e)})"
         ) from e
     if "sample" not in m or not ({"cell_id", "image"} & set(m.columns)):
         raise StageError(

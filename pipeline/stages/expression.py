@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.runner import StageContext, StageError, resolve_data_path, stage
-from segmentation.io import write_h5ad
+from segmentation.io import error_line, write_h5ad
 from vae.inputs.schema import HAS_COUNTS
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,7 @@ def _check_h5ad_input(path: Path, setting: str, label_key: str | None) -> None:
     try:
         a = ad.read_h5ad(path, backed="r")
     except Exception as e:  # noqa: BLE001 - any reader error: not a usable file
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise StageError(f"{setting}={path}: not a readable .h5ad file ({msg})") from e
+        raise StageError(f"{setting}={path}: not a readable .h5ad file ({error_line(e)})") from e
     try:
         if label_key and label_key not in a.obs:
             raise StageError(

@@ -17,6 +17,7 @@ from segmentation.datasets import (
     ImageRecord,
     Instance,
     SmearDataset,
+    auto_scale,
     encode_mask,
     load_sample,
     mask_bbox,
@@ -351,3 +352,17 @@ def test_copy_paste_adds_masked_cells_without_overlap(tmp_path):
                 continue
             overlap = min(b[2], o[2]) > max(b[0], o[0]) and min(b[3], o[3]) > max(b[1], o[1])
             assert not overlap or np.array_equal(o, b)
+
+
+def test_oracle_scale_leaves_out_boxes_cut_by_the_edge(tmp_path):
+    """A sliver of a cell cut by the image edge does not measure the cell size: the
+    oracle scale comes from the whole cells (every box only when all are cut)."""
+    whole = Instance(bbox=(40.0, 40.0, 80.0, 80.0))  # 40 px cell inside the field
+    sliver = Instance(bbox=(0.0, 10.0, 10.0, 30.0))  # cut by the left edge
+    rec = ImageRecord(path=tmp_path / "a.png", width=200, height=100, instances=[whole, sliver])
+    assert auto_scale(rec, 40.0) == pytest.approx(1.0)
+    # the every-box oracle (edge_px=None) takes the median of both: 40 / mean(40, 14.1)
+    assert auto_scale(rec, 40.0, edge_px=None) == pytest.approx(40 / ((40 + np.sqrt(200)) / 2))
+    cut_only = ImageRecord(path=tmp_path / "b.png", width=200, height=100, instances=[sliver])
+    assert auto_scale(cut_only, 40.0) == pytest.approx(40 / np.sqrt(200))
+    assert auto_scale(ImageRecord(path=tmp_path / "c.png", width=9, height=9), 40.0) == 1.0

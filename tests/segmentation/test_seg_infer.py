@@ -24,7 +24,7 @@ from segmentation.inference import (
     paste_local_masks,
     tile_grid,
 )
-from segmentation.io import read_rgb
+from segmentation.io import error_line, read_rgb
 from tests.helpers.run import run_pipeline, run_stage_in_process
 from tests.helpers.seg_synth import LIGHT_HEADS
 
@@ -834,3 +834,12 @@ def test_detect_images_shares_batches_and_matches_one_by_one():
     calls.clear()
     detect_images(bright_cells, images[1:2], 128, 40, batch_size=4, batch_megapixels=0.001)
     assert [len(c) for c in calls] == [1] * 6  # a tile above the budget still goes, alone
+
+
+def test_error_line_is_one_line_and_never_fails():
+    """A reader's error goes into a one-line user message: its first line, cut to the
+    limit, or its type where it has no text (an empty message crashed the old slicing)."""
+    assert error_line(ValueError("bad header\nTraceback detail")) == "bad header"
+    assert error_line(RuntimeError("x" * 500), limit=10) == "x" * 10
+    assert error_line(RuntimeError()) == "RuntimeError"
+    assert error_line(OSError("  \n")) == "OSError"
