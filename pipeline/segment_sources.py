@@ -79,7 +79,7 @@ def validate_sources(cfg: Any) -> None:
                     f"{at}.labels is for kind=smears with labels_format=bccd_kaggle "
                     f"(got kind={src.kind}, labels_format={src.labels_format})"
                 )
-            resolve_data_path(cfg, src.labels, f"{at}.labels")
+            _check_labels(src, folder, resolve_data_path(cfg, src.labels, f"{at}.labels"), at)
         if src.specimen_pattern:
             import re
 
@@ -92,6 +92,22 @@ def validate_sources(cfg: Any) -> None:
         for key, v in [("scale", src.scale), *src.scale_by_width.items()]:
             if v is not None and float(v) <= 0:
                 raise StageError(f"{at}.scale{'' if key == 'scale' else '_by_width.' + key}={v}")
+
+
+def _check_labels(src: Any, folder: Path, path: Path, at: str) -> None:
+    """The label file parses and names at least one image of the folder: read when the
+    run starts (a small CSV), so that ``stage=all`` fails before ``segment_train``."""
+    images = {p.name for p in list_images(folder)}
+    try:
+        labels, rejects = read_bccd_labels(path, images)
+    except LabelFileError as e:
+        raise StageError(f"{at}.labels: {e}") from e
+    if images and not labels and rejects:
+        raise StageError(
+            f"{at}.labels={src.labels}: none of its {len(rejects)} line(s) names an image of "
+            f"{at}.path={src.path} (first: {rejects[0]['reason']}); is it the label file of "
+            f"another folder?"
+        )
 
 
 def _fixed_scale(src: Any, path: Path) -> float | None:

@@ -206,6 +206,15 @@ def test_precheck_counts_earlier_outputs_and_names_bad_source(tmp_path, tiny_ckp
     bad = compose_config([*base, f"data.segment_sources.2.path={flat}"])
     with pytest.raises(StageError, match=r"segment_sources\[2\].path.*no class sub-folder"):
         precheck(bad, ["segment", "pair"])
+    # a BCCD class list without its columns, or one of another folder: named at start
+    (tmp_path / "nocols.csv").write_text("a,b\n1,2\n")
+    bad = compose_config([*base, f"data.segment_sources.0.labels={tmp_path / 'nocols.csv'}"])
+    with pytest.raises(StageError, match=r"segment_sources\[0\].labels.*no column 'Image'"):
+        precheck(bad, ["segment", "pair"])
+    (tmp_path / "other.csv").write_text(",Image,Category\n,40,NEUTROPHIL\n,41,MONOCYTE\n")
+    bad = compose_config([*base, f"data.segment_sources.0.labels={tmp_path / 'other.csv'}"])
+    with pytest.raises(StageError, match=r"none of its 2 line\(s\) names an image"):
+        precheck(bad, ["segment", "pair"])
     assert not (tmp_path / "out").exists()
 
 
