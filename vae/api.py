@@ -195,7 +195,7 @@ class Study:
         if not known or key not in ref.obs:
             return
         lab = ref.obs[key].astype(str).to_numpy()
-        foreign = sorted(set(lab[known_labels(lab)]) - {str(k) for k in known})
+        foreign = sorted({str(x) for x in lab[known_labels(lab)]} - {str(k) for k in known})
         if foreign:
             raise StudyError(
                 f"{lp}: obs[{key!r}] holds labels {', '.join(map(repr, foreign[:5]))} that "

@@ -105,6 +105,11 @@ def run_evaluate(ctx: StageContext) -> None:
     finally:
         if tb is not None:
             tb.close()
+    from vae.checkpoint import checkpoint_digest
+
+    # which model these numbers are of: stage=traverse leaves them out of its report
+    # when model.pt has been trained again since (pipeline/stages/traverse.py)
+    metrics["model_digest"] = checkpoint_digest(ctx.input("model"))
     write_json(ctx.output("evaluation"), metrics)
     # train's latent.h5ad + obsm["X_umap"] (the embedding of umap_labels.png): the file to
     # open in scanpy (sc.pl.umap works as is); train's own copy stays as recorded

@@ -12,13 +12,67 @@ maps the config onto it (see docs/analysis.md).
 
 from __future__ import annotations
 
+import json
+import logging
 import time
+from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
-from pipeline.artifacts import write_json
+from pipeline.artifacts import read_manifest, write_json
 from pipeline.runner import StageContext, StageError, stage
 from pipeline.stages.evaluate import analysis_settings, load_run_data, tensorboard
+
+log = logging.getLogger(__name__)
+
+# sections of the settings that made the model: the report shows the train run's own
+MODEL_SECTIONS = ("vae", "trainer", "pair", "expression")
+
+
+def evaluation_of_other_model(evaluation: Path, model: Path) -> str | None:
+    """Why ``evaluation`` (evaluate's ``metrics.json``) is not of ``model``, or None.
+
+    ``stage=evaluate`` records the digest of the model it scored; a model trained again
+    since (``resume=true``, ``overwrite=true``) has another. Files written before the
+    digest was recorded are taken as they are.
+    """
+    from vae.checkpoint import checkpoint_digest
+
+    try:
+        want = json.loads(Path(evaluation).read_text()).get("model_digest")
+    except (OSError, ValueError):
+        return None  # the report's evaluation section names an unreadable file itself
+    if want is None:
+        return None
+    got = checkpoint_digest(model)
+    if str(want) == got:
+        return None
+    return (
+        f"{evaluation} scores another model (digest {want}; {model} is now {got}: trained "
+        f"again since stage=evaluate ran)"
+    )
+
+
+def model_settings(resolved: dict[str, Any], model: Path) -> tuple[dict[str, Any], list[str]]:
+    """``resolved`` with the sections that made the model taken from its train run.
+
+    A traverse run's own ``vae.beta`` (say) is not the model's when it was trained with an
+    override this run did not repeat. Returns the settings to show and one line per
+    setting that differs (``vae.beta: this run 1.0, the model 4.0``).
+    """
+    man = read_manifest(model.parent) if (model.parent / "manifest.json").exists() else None
+    trained = (man or {}).get("config") or {}
+    shown, differ = dict(resolved), []
+    for sec in MODEL_SECTIONS:
+        if not isinstance(trained.get(sec), dict):
+            continue
+        mine = resolved.get(sec) or {}
+        for k, v in trained[sec].items():
+            if k in mine and mine[k] != v:
+                differ.append(f"{sec}.{k}: this run {mine[k]!r}, the model {v!r}")
+        shown[sec] = trained[sec]
+    return shown, differ
 
 
 @stage(
@@ -36,6 +90,22 @@ def run_traverse(ctx: StageContext) -> None:
     settings = analysis_settings(ctx)
     rd = load_run_data(ctx)
     evaluation = ctx.input("evaluation") if ctx.has_input("evaluation") else None
+    stale = evaluation_of_other_model(evaluation, ctx.input("model")) if evaluation else None
+    if stale:
+        log.warning(
+            "%s: its tables are left out of the report; run stage=evaluate overwrite=true, "
+            "then stage=traverse again",
+            stale,
+        )
+    resolved, differ = model_settings(
+        OmegaConf.to_container(cfg, resolve=True), Path(ctx.input("model"))
+    )
+    if differ:
+        log.warning(
+            "the model was trained with other settings than this run's; the report shows "
+            "the model's: %s",
+            "; ".join(differ[:8]),
+        )
     rejects = ctx.input("crop_rejects") if ctx.has_input("crop_rejects") else None
     tb = tensorboard(ctx)
     try:
@@ -45,12 +115,13 @@ def run_traverse(ctx: StageContext) -> None:
             Outputs(ctx.dir, tb),
             report=ctx.output("report"),
             evaluation=evaluation,
+            evaluation_stale=stale,
             crop_rejects=rejects,
             title=f"WBC beta-VAE study: {cfg.experiment}"
             + (f" / {cfg.variant}" if cfg.variant else ""),
             subtitle=f"run folder {ctx.run_dir}; model {ctx.input('model')} (epoch "
             f"{rd.meta.get('epoch')}); written {time.strftime('%Y-%m-%d %H:%M')}",
-            resolved_config=OmegaConf.to_container(cfg, resolve=True),
+            resolved_config=resolved,
             background=float(cfg.pair.background_value) / 255.0 if "pair" in cfg else 0.0,
             azurophilic_density=azurophilic_density,
             seed=int(cfg.seed),

@@ -440,6 +440,50 @@ def test_bad_anchor_fails_with_the_setting_name(tiny_run, tmp_path):
     assert code == 2
 
 
+def test_report_leaves_out_another_models_evaluation_and_shows_the_models_settings(
+    tiny_run, tmp_path, caplog
+):
+    """A model trained again after stage=evaluate: the report does not show the old
+    numbers as this model's; settings a traverse run did not repeat (vae.beta) are shown
+    as the model was trained; a path class that no cell carries is named, not dropped."""
+    import shutil
+
+    from pipeline import runner
+
+    root, paired = tiny_run
+    run = root / "tiny"
+    if not (run / "evaluate" / "metrics.json").exists():
+        assert _run_in_process(root, paired, "evaluate", FAST_ANALYSIS) == 0
+    ev = tmp_path / "evaluate"
+    shutil.copytree(run / "evaluate", ev)
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert len(metrics["model_digest"]) == 16  # evaluate records the model it scored
+    metrics["model_digest"] = "0" * 16  # as if model.pt had been trained again since
+    (ev / "metrics.json").write_text(json.dumps(metrics))
+    cfg = compose_config(
+        [
+            "stage=traverse",
+            f"paths.root={tmp_path}",
+            "experiment=x",
+            f"paths.inputs.latent={run / 'train' / 'latent.h5ad'}",
+            f"paths.inputs.model={run / 'train' / 'model.pt'}",
+            f"+paths.inputs.evaluation={ev / 'metrics.json'}",
+            "vae.beta=7.5",  # not the model's
+            *FAST_ANALYSIS,
+            "analysis.path_classes=[myeloblast,myelocyte,lymphocyt]",
+        ]
+    )
+    assert runner.main(cfg) == 0
+    html = (tmp_path / "x" / "traverse" / "report.html").read_text()
+    assert "Not shown:" in html and "scores another model" in html
+    assert "kNN accuracy and balanced accuracy" not in html  # none of the old tables
+    trained = json.loads((run / "train" / "manifest.json").read_text())["config"]["vae"]["beta"]
+    assert f'"beta": {json.dumps(trained)}' in html and '"beta": 7.5' not in html
+    assert "vae.beta: this run 7.5" in caplog.text
+    assert "lymphocyt," in html and "left out of the path" in html
+    assert "lymphocyt: did you mean lymphocyte?" in caplog.text
+
+
 def _sub(root: Path, paired: Path, stage: str, extra: list[str]) -> subprocess.CompletedProcess:
     return run_pipeline(
         [

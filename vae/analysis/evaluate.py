@@ -579,7 +579,7 @@ def evaluate(
         fig = F.scatter_panel(
             emb,
             scores,
-            f"{method} coloured by granule program scores (observed)",
+            f"{method} coloured by gene program scores (observed)",
             axis_name=method,
         )
         out_files.figure(fig, "umap_programs", "evaluate/umap_programs")

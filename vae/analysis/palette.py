@@ -107,3 +107,47 @@ def label_colours(labels: Iterable[object]) -> dict[str, str]:
             unknown += 1
         out[lab] = c
     return out
+
+
+# the abbreviations haematologists use for the granulocyte precursors, for labels under
+# figure columns too narrow for the name ("promyelocyt" was cut mid-word)
+ABBREVIATIONS: dict[str, str] = {
+    "myeloblast": "MB",
+    "promyelocyte": "PMY",
+    "myelocyte": "MY",
+    "metamyelocyte": "MMY",
+    "segmented_neutrophil": "SEG",
+}
+
+
+def short_label(label: object, width: int = 11) -> str:
+    """``label`` in at most ``width`` characters, readable: as it is when it fits, else
+    its abbreviation (:data:`ABBREVIATIONS`), else its leading whole words, else cut
+    with a full stop ("Multipotent progenitors" -> "Multipotent")."""
+    text = str(label).strip()
+    if len(text) <= width:
+        return text
+    k = normalise(text)
+    if k in ABBREVIATIONS:
+        return ABBREVIATIONS[k]
+    if k.endswith("s") and k[:-1] in ABBREVIATIONS:
+        return ABBREVIATIONS[k[:-1]]
+    words = text.replace("_", " ").split()
+    kept = ""
+    for w in words:
+        nxt = f"{kept} {w}".strip()
+        if len(nxt) > width:
+            break
+        kept = nxt
+    return kept or text[: width - 1] + "."
+
+
+def abbreviation_note(labels: Iterable[object], width: int = 11) -> str:
+    """ "PMY promyelocyte, SEG segmented neutrophil" for the labels :func:`short_label`
+    abbreviates ("" when none is)."""
+    seen = {}
+    for lab in labels:
+        short = short_label(lab, width)
+        if short != str(lab).strip() and short in ABBREVIATIONS.values():
+            seen[short] = str(lab).strip().replace("_", " ")
+    return ", ".join(f"{k} {v}" for k, v in seen.items())

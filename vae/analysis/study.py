@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from segmentation.progress import Steps
+from vae.analysis.palette import abbreviation_note, short_label
 from vae.analysis.run import (
     AnalysisError,
     Outputs,
@@ -37,7 +38,7 @@ from vae.analysis.run import (
     tb_scalars,
 )
 from vae.analysis.settings import AnalysisSettings
-from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE, UNKNOWN_LABELS
+from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE, MATURATION_ORDER, UNKNOWN_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,13 @@ def traverse_study(
     azurophilic_density: Callable[[float], float] | None = None,
     seed: int = 0,
     crop_rejects: Path | None = None,
+    evaluation_stale: str | None = None,
 ) -> dict[str, Any]:
     """Traversals, paths, granule features and truth recovery of ``rd``, then ``report``.
 
     Figures and CSVs go to ``out_files``; ``evaluation`` (stage=evaluate's
-    ``metrics.json``, its tables beside it) adds the evaluation section;
+    ``metrics.json``, its tables beside it) adds the evaluation section, unless
+    ``evaluation_stale`` says why its numbers are not of this model (then only that);
     ``azurophilic_density(t)`` is the simulator's truth of the large-granule
     density (None for real data); ``crop_rejects`` (stage=segment's ``rejects.png``,
     ``rejects.csv`` beside it) adds examples of the cells the crop filters dropped. Returns the summary for ``traverse_summary.json``.
@@ -272,6 +275,27 @@ def traverse_study(
     # ---- path from the earliest to the latest class
     mat = obs_col(lat, a.maturation_key)
     order = list(a.path_classes) if a.path_classes else None
+    missing = [] if order is None else [c for c in order if c not in set(labels)]
+    if missing:  # a typo drops a step of the path: say which, and what is there
+        import difflib
+
+        present = sorted({str(x) for x in labels if str(x)})
+        hints = {c: difflib.get_close_matches(c, present, n=1, cutoff=0.5) for c in missing}
+        # the default list names every stage of granulopoiesis, and data without one of
+        # them is normal: only a list the user gave, or a near miss, is worth a warning
+        if order == list(MATURATION_ORDER) and not any(hints.values()):
+            missing = []
+    if missing:
+        log.warning(
+            "analysis.path_classes: %s not among the labels (%s); the path leaves %s out. "
+            "Labels present: %s",
+            ", ".join(missing),
+            "; ".join(f"{c}: did you mean {h[0]}?" for c, h in hints.items() if h)
+            or "no close label",
+            "it" if len(missing) == 1 else "them",
+            ", ".join(present[:20]),
+        )
+        summary["path_classes_missing"] = missing
     if order is not None and sum(c in set(labels) for c in order) < 2:
         log.warning(
             "analysis.path_classes: fewer than 2 present in labels; ordering by %s",
@@ -322,10 +346,11 @@ def traverse_study(
             near = T.neighbour_labels(pth.points, z_img, lab_img, a.image_support_k)
             path_near[kind] = near
             notes = (
-                [f"{x[:13] or '-'}\n{sh:.1f}" for x, sh in zip(near.label, near.share)]
+                [f"{short_label(x, 13) or '-'}\n{sh:.1f}" for x, sh in zip(near.label, near.share)]
                 if img_ok
                 else None
             )
+            abbrev = abbreviation_note(near.label, 13) if img_ok else ""
             # classes of the path that no training crop carries: their steps are drawn
             # from other classes' crops (real data: no imaged progenitor)
             no_crops = [c for c in cents.names if img_ok and not (lab_img == c).any()]
@@ -360,9 +385,10 @@ def traverse_study(
                     str(x) if str(x) not in UNKNOWN_LABELS else "" for x in labels[crops_near.rows]
                 ]
                 notes = [
-                    f"{x[:11] or '-'} {sh:.1f}\ncrop: {o[:11] or 'unlabelled'}"
+                    f"{short_label(x) or '-'} {sh:.1f}\ncrop: {short_label(o) or 'unlabelled'}"
                     for x, sh, o in zip(near.label, near.share, own)
                 ]
+                abbrev = abbreviation_note([*near.label, *own])
             fig = F.strip_with_heatmap(
                 rows_img,
                 dec.expression[:, gidx] if expr_ok else None,
@@ -379,16 +405,19 @@ def traverse_study(
                 else "a Gaussian-process path through the class centroids "
                 + " -> ".join(cents.names)
             )
+            prog_names = (
+                "genes of the programs " + ", ".join(programs) if programs else "marker genes"
+            )
             what = {
                 (
                     True,
                     True,
-                ): "Decoded cells and marker-gene expression (granule, lineage and cycle programs)",
+                ): f"Decoded cells and marker-gene expression ({prog_names})",
                 (True, False): "Decoded cells",
                 (
                     False,
                     True,
-                ): "Decoded marker-gene expression (granule, lineage and cycle programs)",
+                ): f"Decoded marker-gene expression ({prog_names})",
             }[(img_ok, expr_ok)]
             posed_note = (
                 " Top row: the step's code, drawn in the average pose of the symmetry-"
@@ -415,6 +444,7 @@ def traverse_study(
                     if crops_near is not None
                     else "."
                 )
+                + (f" ({abbrev}.)" if abbrev else "")
                 if img_ok
                 else ""
             )
@@ -659,15 +689,28 @@ def traverse_study(
                 truth["real_crop_lobes_vs_true_spearman"] = M.correlation_matrix(
                     fr["lobes"].to_numpy(float), lob
                 )[0, 0]
-            rho = truth["decoded_granule_density_vs_true_spearman"]
             fdv = fd["granule_density"].to_numpy(float)
-            if np.isfinite(rho) and np.ptp(fdv) > 0:
+            # drawn against the granules the counter can see: the large azurophilic ones
+            # (the total adds the fine specific granules, which rise while the azurophilic
+            # fall, so its correlation is near 0 even when the decoder follows the truth)
+            fin = np.isfinite(azu) if azu is not None else np.zeros(ok.size, bool)
+            if fin.sum() >= 3:
+                key, xs, ys = "decoded_granule_density_vs_true_azurophilic_spearman", azu, fdv
+                xs, ys = xs[fin], ys[fin]
+                xlab = "true azurophilic granule density (0-1, relative to its peak)"
+                what = (
+                    f"the simulator's true density of large azurophilic granules ({fin.sum()} "
+                    f"neutrophil-lineage cells; the counter cannot resolve the fine specific "
+                    f"granules, whose density rises while the azurophilic fall: vs the total "
+                    f"density rho = {fmt_number(truth['decoded_granule_density_vs_true_spearman'])})"
+                )
+            else:
+                key, xs, ys = "decoded_granule_density_vs_true_spearman", dens[ok], fdv
+                xlab, what = "true granule density", "the simulator's true granule density"
+            rho = truth[key]
+            if np.isfinite(rho) and np.ptp(ys) > 0:
                 fig = F.truth_scatter(
-                    dens[ok],
-                    fdv,
-                    "true granule density",
-                    "granules / 100 px^2 (decoded)",
-                    f"rho={rho:.2f}",
+                    xs, ys, xlab, "granules / 100 px^2 (decoded)", f"rho={rho:.2f}"
                 )
                 p = out_files.figure(
                     fig, "truth_granules_decoded", "traverse/truth_granules_decoded"
@@ -675,7 +718,7 @@ def traverse_study(
                 figs["truth"].append(
                     FigureItem(
                         p,
-                        f"Granule density counted on {ok.size} held-out cells, each decoded from the single-view code of its crop, vs the simulator's true granule density.",
+                        f"Granule density counted on held-out cells, each decoded from the single-view code of its crop, vs {what}.",
                     )
                 )
             else:  # an all-equal scatter says nothing: say why instead of drawing it
@@ -736,7 +779,7 @@ def traverse_study(
     summary["key_findings"] = key
     sections = [Section("What these data cannot show", text="\n\n".join(limits))] if limits else []
     sections += [Section("Key findings", text="\n\n".join(key))] if key else []
-    sections += _eval_sections(evaluation)
+    sections += _eval_sections(evaluation, evaluation_stale)
     text = f"Top {len(trs)} latent dimensions by KL swept around the {anchor_desc}. " + (
         "Features are measured with scikit-image on the decoded crops (vae/analysis/granules.py)."
         if img_ok
@@ -765,7 +808,13 @@ def traverse_study(
             Section(
                 "Path from the earliest to the latest class",
                 text=f"Classes in maturation order: {' -> '.join(cents.names)} "
-                f"(rows per class: {', '.join(map(str, cents.counts))}).",
+                f"(rows per class: {', '.join(map(str, cents.counts))})."
+                + (
+                    f" analysis.path_classes also named {', '.join(missing)}, which no cell "
+                    f"is labelled: left out of the path (a typo?)."
+                    if missing
+                    else ""
+                ),
                 tables=ranks,
                 figures=figs["path"],
             )
@@ -911,10 +960,18 @@ def _key_findings(tables: dict, truth: dict, path_classes: list[str], top: int) 
             f"(fold change x monotonic trend): {', '.join(up) or 'none'}; falling: "
             f"{', '.join(down) or 'none'}."
         )
+    # the total granule density mixes the fine specific granules, which the counter cannot
+    # see: where the azurophilic truth exists, that is the finding (truth_recovery.csv has both)
+    skip = {"n_cells"}
+    for nm in ("decoded", "real_crop"):
+        if f"{nm}_granule_density_vs_true_azurophilic_spearman" in truth:
+            skip.add(f"{nm}_granule_density_vs_true_spearman")
     for k, v in truth.items():
-        if k != "n_cells" and v is not None and np.isfinite(v):
+        if k in skip:
+            continue
+        if v is not None and np.isfinite(v):
             out.append(f"Truth recovery: {k.replace('_', ' ')} = {v:.3f}.")
-        elif k != "n_cells":
+        else:
             out.append(
                 f"Truth recovery: {k.replace('_', ' ')} undefined (the measured feature is "
                 f"constant, e.g. no granules detected on the decoded images)."
@@ -922,12 +979,21 @@ def _key_findings(tables: dict, truth: dict, path_classes: list[str], top: int) 
     return out
 
 
-def _eval_sections(evaluation: Path | None) -> list:
-    """Report sections from stage=evaluate's outputs, when it ran."""
+def _eval_sections(evaluation: Path | None, stale: str | None = None) -> list:
+    """Report sections from stage=evaluate's outputs, when it ran (``stale``: why they are
+    not of this model; the section says so instead of showing another model's numbers)."""
     import json
 
     from vae.analysis.report import FigureItem, Section, TableItem, fmt_number
 
+    if stale:
+        return [
+            Section(
+                "Evaluation",
+                text=f"Not shown: {stale}. Run stage=evaluate overwrite=true, then "
+                "stage=traverse overwrite=true, to add this model's accuracy tables here.",
+            )
+        ]
     if evaluation is None:
         return [
             Section(
@@ -967,7 +1033,7 @@ def _eval_sections(evaluation: Path | None) -> list:
         tables.append(TableItem(name.replace("_", " "), df, cap, missing=missing[name]))
     fcaps = {
         "umap_labels.png": "Embedding of the shared latent, coloured by label, split and maturation.",
-        "umap_programs.png": "Same embedding coloured by observed gene program scores (granule, lineage and cycle programs).",
+        "umap_programs.png": "Same embedding coloured by the observed score of each gene program (expression.programs: the granule programs and the maturation markers by default).",
         "umap_image.png": "Embedding of the image-only latent, coloured by label.",
         "umap_expression.png": "Embedding of the expression-only latent, coloured by label.",
         "reconstructions.png": "Held-out cells: masked input, joint reconstruction, and the image decoded from the row's expression profile alone (in a study paired by label, a profile of the crop's class, not of this cell; black: the crop has no profile). Drawn cells: the nucleus is cut into the lobe count the lobe layer reads, and the cuts are painted in the cytoplasm's colour (pale lines through a large nucleus).",

@@ -164,7 +164,7 @@ def anchor_point(
         sel = lab == str(anchor_class)
         if not sel.any():
             raise ValueError(
-                f"anchor_class={anchor_class!r} not among labels: {sorted(set(lab))[:20]}"
+                f"anchor_class={anchor_class!r} not among labels: {sorted({str(x) for x in lab})[:20]}"
             )
         return z[sel].mean(0)
     return z.mean(0)
@@ -274,7 +274,7 @@ def class_centroids(
     mat = (
         np.full(len(z), np.nan) if maturation is None else np.asarray(maturation, dtype=np.float64)
     )
-    present = set(lab)
+    present = {str(x) for x in lab}  # plain str: numpy 2 prints np.str_('...') in messages
     if order is not None:
         names = [c for c in order if c in present]
     else:

@@ -1051,19 +1051,25 @@ def summarize(adata: ad.AnnData) -> pd.DataFrame:
 
 
 def contact_sheet(adata: ad.AnnData, path: str | Path, per_label: int = 8, seed: int = 0) -> None:
-    """PNG grid: up to ``per_label`` crops of each image label, mask outline in yellow."""
-    from PIL import Image
+    """PNG grid: up to ``per_label`` crops of each image label, one row per label (named
+    on its left with its count, in maturation order), mask outline in yellow."""
+    from PIL import Image, ImageDraw
+
+    from vae.analysis.palette import label_order
 
     hi = adata.obs[HAS_IMAGE].to_numpy(bool)
     if not hi.any():
         return
     labels = adata.obs["image_label"].astype(str).to_numpy()
     rng = np.random.default_rng(seed)
-    classes = sorted(set(labels[hi]))
+    classes = label_order(labels[hi])
     s = adata.obsm["crops"].shape[1]
-    sheet = np.full((len(classes) * s, per_label * s, 3), 255, np.uint8)
+    margin = 130  # px of row names: about 20 characters of PIL's default font
+    sheet = np.full((len(classes) * s, margin + per_label * s, 3), 255, np.uint8)
+    names = []
     for r, c in enumerate(classes):
         idx = np.flatnonzero(hi & (labels == c))
+        names.append(f"{c or '(unlabelled)'}"[:20] + f"\n{len(idx)} crops")
         idx = rng.choice(idx, size=min(per_label, len(idx)), replace=False)
         for k, i in enumerate(sorted(idx)):
             tile = adata.obsm["crops"][i].copy()
@@ -1072,8 +1078,12 @@ def contact_sheet(adata: ad.AnnData, path: str | Path, per_label: int = 8, seed:
                 np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1)
             )
             tile[edge] = (255, 220, 0)
-            sheet[r * s : (r + 1) * s, k * s : (k + 1) * s] = tile
-    Image.fromarray(sheet).save(path, format="PNG")
+            sheet[r * s : (r + 1) * s, margin + k * s : margin + (k + 1) * s] = tile
+    img = Image.fromarray(sheet)
+    draw = ImageDraw.Draw(img)
+    for r, name in enumerate(names):
+        draw.multiline_text((4, r * s + max(2, s // 2 - 12)), name, fill=(0, 0, 0))
+    img.save(path, format="PNG")
     log.info(
         "contact sheet rows (top to bottom): %s",
         ", ".join(c or "(unlabelled)" for c in classes),

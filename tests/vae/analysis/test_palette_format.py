@@ -107,3 +107,20 @@ def test_tables_drop_empty_columns_and_explain_missing_cells(tmp_path):
     assert cells == ["joint", "64", "0.812", "-1.23", "image", "10", "0.400", "n/a"]
     assert "n/a: no count model for this row" in html
     assert 'class="tw"' in html  # the table scrolls inside its box, not the page
+
+
+def test_short_labels_stay_readable_under_narrow_figure_columns():
+    """Names that do not fit are abbreviated as haematologists do, or kept to whole
+    words, never cut mid-word ("promyelocyt" in the path figure before)."""
+    from vae.analysis.palette import abbreviation_note, short_label
+
+    assert short_label("myelocyte") == "myelocyte"  # fits: unchanged
+    assert short_label("promyelocyte") == "PMY"
+    assert short_label("segmented_neutrophil") == "SEG"
+    assert short_label("Metamyelocytes") == "MMY"
+    assert short_label("Multipotent progenitors") == "Multipotent"
+    assert short_label("Erythroblastic") == "Erythrobla."
+    assert short_label("") == ""
+    note = abbreviation_note(["promyelocyte", "band", "segmented_neutrophil", "promyelocyte"])
+    assert note == "PMY promyelocyte, SEG segmented neutrophil"
+    assert abbreviation_note(["band", "myelocyte"]) == ""
