@@ -54,6 +54,27 @@ def evaluation_of_other_model(evaluation: Path, model: Path) -> str | None:
     )
 
 
+def training_note(model: Path, max_epochs: int | None = None) -> str:
+    """ "; training stopped at its time limit after epoch 22 (of 80 asked): ..." when the
+    train run beside ``model`` did not end by its own criteria ("" otherwise): every number
+    of the report is of that model, and a user comparing with the README should know."""
+    try:
+        summ = json.loads((Path(model).parent / "train_summary.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    why = {
+        "time_limit": "at its time limit (trainer.max_minutes)",
+        "interrupted": "when it was interrupted",
+    }.get(summ.get("stopped"))
+    if why is None:
+        return ""
+    of = f" of {max_epochs} asked" if max_epochs else ""
+    return (
+        f"; training stopped {why} after {summ.get('epochs')} epochs{of}: the numbers below "
+        f"are of that unfinished model (resume=true continues it)"
+    )
+
+
 def model_settings(resolved: dict[str, Any], model: Path) -> tuple[dict[str, Any], list[str]]:
     """``resolved`` with the sections that made the model taken from its train run.
 
@@ -107,6 +128,8 @@ def run_traverse(ctx: StageContext) -> None:
             "; ".join(differ[:8]),
         )
     rejects = ctx.input("crop_rejects") if ctx.has_input("crop_rejects") else None
+    trained_epochs = ((resolved.get("trainer") or {}).get("max_epochs")) or None
+    note = training_note(Path(ctx.input("model")), trained_epochs)
     tb = tensorboard(ctx)
     try:
         summary = traverse_study(
@@ -120,7 +143,7 @@ def run_traverse(ctx: StageContext) -> None:
             title=f"WBC beta-VAE study: {cfg.experiment}"
             + (f" / {cfg.variant}" if cfg.variant else ""),
             subtitle=f"run folder {ctx.run_dir}; model {ctx.input('model')} (epoch "
-            f"{rd.meta.get('epoch')}); written {time.strftime('%Y-%m-%d %H:%M')}",
+            f"{rd.meta.get('epoch')}){note}; written {time.strftime('%Y-%m-%d %H:%M')}",
             resolved_config=resolved,
             background=float(cfg.pair.background_value) / 255.0 if "pair" in cfg else 0.0,
             azurophilic_density=azurophilic_density,

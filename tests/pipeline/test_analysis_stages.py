@@ -788,3 +788,18 @@ def test_evaluate_scores_labelled_rows_only(tmp_path):
     assert metrics["label_suspects"]["n"] == len(sus)
     assert metrics["label_suspects"]["n_reference"] == n_ref
     assert (ev / "label_suspects.png").exists()
+
+
+def test_report_says_when_training_stopped_at_its_time_limit(tmp_path):
+    """The demo's 2-minute cap leaves a model of 22 epochs on a busy machine: the
+    report's header says so (a user compares its numbers with the README's)."""
+    from pipeline.stages.traverse import training_note
+
+    model = tmp_path / "model.pt"
+    assert training_note(model, 80) == ""  # no summary: nothing to say
+    summ = tmp_path / "train_summary.json"
+    summ.write_text(json.dumps({"epochs": 22, "stopped": "time_limit"}))
+    note = training_note(model, 80)
+    assert "time limit" in note and "22 epochs of 80 asked" in note
+    summ.write_text(json.dumps({"epochs": 80, "stopped": "max_epochs"}))
+    assert training_note(model, 80) == ""
