@@ -60,6 +60,7 @@ class InputsConfig:
     paired: str | None = None  # paired.h5ad from stage=pair
     model: str | None = None  # beta-VAE checkpoint
     latent: str | None = None  # latent.h5ad
+    evaluation: str | None = None  # metrics.json of stage=evaluate (tables beside it)
 
 
 @dataclass
@@ -289,7 +290,8 @@ class ExpressionConfig:
     min_cells: int = 0  # min cells expressing a gene
     target_sum: float = 1e4  # normalize_total target per cell
     n_top_genes: int | None = 2000  # highly variable genes (null: flag all genes)
-    hvg_flavor: str = "seurat"  # seurat | cell_ranger (log data) | seurat_v3 (counts)
+    # seurat | cell_ranger (log data) | seurat_v3 | seurat_v3_paper (counts; need scikit-misc)
+    hvg_flavor: str = "seurat"
     subset_hvg: bool = False  # keep only HVGs + genes of interest in the output
     genes_of_interest: list[str] = field(default_factory=list)  # kept even if not HVG
     programs: dict[str, list[str]] = field(default_factory=granule_programs)

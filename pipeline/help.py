@@ -57,7 +57,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "traverse": (
         "latent traversals, maturation paths, gene programs, the HTML report",
         "train/latent.h5ad, train/model.pt, pair/paired.h5ad, evaluate/metrics.json",
-        "traversal PNGs, gene rankings, report.html",
+        "traversal PNGs, gene rankings, report.html, study.html (interactive path)",
     ),
 }
 

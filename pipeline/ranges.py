@@ -207,6 +207,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     use), so a typo (``vae.fusion=foo``) fails when the run starts, not when the stage
     that reads it has made its folder (``stage=all`` would first run every stage before).
     """
+    from vae.inputs.expression import HVG_FLAVORS
     from vae.inputs.schema import (
         INPUT_FORMATS,
         MATURATION_MODES,
@@ -241,6 +242,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "expression.orientation": ORIENTATIONS,
         "expression.values": VALUE_KINDS,
         "expression.maturation": MATURATION_MODES,
+        "expression.hvg_flavor": HVG_FLAVORS,
     }
 
 

@@ -407,6 +407,7 @@ def main(cfg: DictConfig) -> int:
         if str(cfg.log_level).upper() == "DEBUG":
             raise
         return guards.report_crash(cfg, name, e)
-    out = run_dir(cfg)
+    # one stage: its own folder (a variant run sits below the stage folder)
+    out = stage_dir(cfg, names[0]) if len(names) == 1 else run_dir(cfg)
     print(f"done: stage={cfg.stage.name} -> {out}")
     return 0

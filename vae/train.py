@@ -333,13 +333,17 @@ def train(
         data.granules = gran if need_g else data.granules
         data.nucleus = nuc if need_n else data.nucleus
         in_memory = isinstance(data.crops, torch.Tensor)  # a store is not summed here
+        parts = []
+        if need_g and in_memory:
+            parts.append(f"{int(gran.sum())} granule centres")
+        if need_n and in_memory:
+            parts.append(
+                f"nucleus {float(nuc.sum()) / max(float(data.masks.sum()), 1):.1%} of cell area"
+            )
         log.info(
-            "crop targets of %d crops: %s%s(%.1f s)",
+            "crop targets of %d crops: %s (%.1f s)",
             int(data.has_image.sum()),
-            f"{int(gran.sum())} granule centres " if need_g and in_memory else "",
-            f"nucleus {float(nuc.sum()) / max(float(data.masks.sum()), 1):.1%} of cell area "
-            if need_n and in_memory
-            else "",
+            "; ".join(parts) or "computed",
             time.time() - t_g,
         )
     if use_image and getattr(core.args, "lobe_head", False) and data.lobes is None:

@@ -68,9 +68,23 @@ def preprocess_params(cfg: DictConfig):
 
 
 def _validate(cfg: DictConfig) -> None:
-    """An expression input is configured and its file exists (before any folder is made)."""
-    from vae.inputs.expression import BUILTIN_PBMC68K
+    """An expression input is configured and its file exists, and the optional code the
+    settings need is installed (before any folder is made)."""
+    from vae.inputs.expression import (
+        BUILTIN_PBMC68K,
+        HVG_FLAVORS_ON_COUNTS,
+        ExpressionInputError,
+        require_skmisc,
+    )
 
+    e = cfg.expression
+    # the flavor's name is checked with the other options (pipeline.ranges); its optional
+    # package here, not 20 s into preprocessing
+    if e.n_top_genes is not None and e.hvg_flavor in HVG_FLAVORS_ON_COUNTS:
+        try:
+            require_skmisc(e.hvg_flavor, field="expression.hvg_flavor")
+        except ExpressionInputError as err:
+            raise StageError(str(err)) from None
     explicit = _explicit_expression_file(cfg)
     if not explicit and cfg.data.name != "synthetic" and not cfg.paths.inputs.get("expression_raw"):
         raise StageError(
@@ -82,12 +96,16 @@ def _validate(cfg: DictConfig) -> None:
         setting = "expression.input_file" if cfg.expression.input_file else "data.expression_file"
         path = Path(resolve_data_path(cfg, explicit, setting))
         if path.suffix == ".h5ad" and path.is_file():
-            _check_h5ad_input(path, setting, cfg.expression.label_key)
+            keys = {"expression.label_key": e.label_key}
+            if e.maturation in ("auto", "column"):  # dpt and none read no column
+                keys["expression.maturation_key"] = e.maturation_key
+            _check_h5ad_input(path, setting, keys)
 
 
-def _check_h5ad_input(path: Path, setting: str, label_key: str | None) -> None:
-    """An .h5ad input opens and holds the label column asked for: a cheap look (obs only,
-    backed) so that stage=all's precheck fails before the stages before this one run."""
+def _check_h5ad_input(path: Path, setting: str, keys: dict[str, str | None]) -> None:
+    """An .h5ad input opens and holds the obs columns asked for (``keys``: setting ->
+    column, None = not set): a cheap look (obs only, backed) so that stage=all's precheck
+    fails before the stages before this one run."""
     import anndata as ad
 
     try:
@@ -95,11 +113,12 @@ def _check_h5ad_input(path: Path, setting: str, label_key: str | None) -> None:
     except Exception as e:  # noqa: BLE001 - any reader error: not a usable file
         raise StageError(f"{setting}={path}: not a readable .h5ad file ({error_line(e)})") from e
     try:
-        if label_key and label_key not in a.obs:
-            raise StageError(
-                f"expression.label_key={label_key}: {path} has no obs column {label_key!r} "
-                f"(its columns: {', '.join(map(str, a.obs.columns[:12]))})"
-            )
+        for name, key in keys.items():
+            if key and key not in a.obs:
+                raise StageError(
+                    f"{name}={key}: {path} has no obs column {key!r} "
+                    f"(its columns: {', '.join(map(str, a.obs.columns[:12]))})"
+                )
     finally:
         a.file.close()
 

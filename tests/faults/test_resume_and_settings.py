@@ -4,6 +4,7 @@ settings by name; numeric ranges; user errors are one line, not a traceback."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,11 @@ def test_stage_all_resume_skips_the_complete_stages_it_starts_with(tmp_path, toy
         ("pair.mode=nope", "pair.mode='nope' is not an option"),
         ("expression.orientation=rows", "expression.orientation='rows' is not an option"),
         ("vae.image_input=hed", "vae.image_input='hed' is not an option: valid: rgb, stain"),
+        (
+            "expression.hvg_flavor=foo",
+            "expression.hvg_flavor='foo' is not an option: valid: seurat, cell_ranger, "
+            "seurat_v3, seurat_v3_paper",
+        ),
     ],
 )
 def test_out_of_range_settings_are_refused_by_name(override, named):
@@ -147,6 +153,24 @@ def test_a_crop_size_the_image_branch_cannot_halve_is_refused_at_start():
     cfg = compose_config(["stage=train", "vae.image_size=50"])
     with pytest.raises(StageError, match=r"vae.image_size=50"):
         precheck(cfg, ["train"])
+
+
+def test_seurat_v3_without_scikit_misc_fails_before_any_folder(tmp_path, monkeypatch, capsys):
+    """The real stage's start check: scanpy would only fail after QC and normalisation."""
+    monkeypatch.setitem(sys.modules, "skmisc", None)  # scikit-misc not installed
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "expression", "expression.hvg_flavor=seurat_v3")) == 2
+    err = capsys.readouterr().err
+    assert "[expression.hvg_flavor] hvg_flavor=seurat_v3 needs the optional package" in err
+    assert "pip install scikit-misc" in err and "Traceback" not in err
+    assert not (root / "t").exists()
+    # without HVG selection the flavor is never used: nothing to refuse
+    cfg = cfg_for(
+        root, "expression", "expression.hvg_flavor=seurat_v3", "expression.n_top_genes=null"
+    )
+    from pipeline.precheck import precheck
+
+    precheck(cfg, ["simulate", "expression"])
 
 
 def test_negative_beta_fails_before_any_folder(tmp_path, toy, capsys):

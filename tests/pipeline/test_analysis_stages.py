@@ -80,6 +80,10 @@ def _check_outputs(run: Path) -> None:
     for t in metrics["tables"]:
         assert (ev / t).exists()
     assert (ev / "umap_labels.png").exists()
+    from vae.analysis.palette import label_order
+
+    conf = pd.read_csv(ev / "confusion_joint.csv")  # classes in maturation order
+    assert list(conf["true"]) == label_order(conf["true"]) == list(conf.columns[1:])
     assert list((ev / "tb").glob("events.out.tfevents.*"))
     # issue 15: imputation (LATE protocol) and atypical-cell scores
     imp = pd.read_csv(ev / "imputation.csv")
@@ -467,7 +471,7 @@ def test_report_leaves_out_another_models_evaluation_and_shows_the_models_settin
             "experiment=x",
             f"paths.inputs.latent={run / 'train' / 'latent.h5ad'}",
             f"paths.inputs.model={run / 'train' / 'model.pt'}",
-            f"+paths.inputs.evaluation={ev / 'metrics.json'}",
+            f"paths.inputs.evaluation={ev / 'metrics.json'}",
             "vae.beta=7.5",  # not the model's
             *FAST_ANALYSIS,
             "analysis.path_classes=[myeloblast,myelocyte,lymphocyt]",

@@ -28,3 +28,20 @@ def test_config_file_composes(group, name):
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     if group == "stage":
         assert cfg.stage.name == name
+
+
+def test_every_stage_input_can_be_given_by_path():
+    """paths.inputs has a setting for every artifact a stage reads (needed or optional):
+    `paths.inputs.evaluation=` was refused by Hydra and `+paths.inputs.evaluation=` by
+    the typo check, so traverse could not be pointed at another evaluate run."""
+    import dataclasses
+
+    from pipeline.config import InputsConfig
+    from pipeline.runner import REGISTRY, load_stages
+
+    load_stages()
+    cfg = compose_config(["stage=all"])
+    read = set()
+    for spec in REGISTRY.values():
+        read |= set(spec.needs_for(cfg)) | set(spec.optional_for(cfg))
+    assert read <= {f.name for f in dataclasses.fields(InputsConfig)}

@@ -384,7 +384,14 @@ def evaluate(
         out["label_transfer_by_source"] = {
             r[a.source_key]: {"n": r["n"], "knn_accuracy": r["knn_accuracy"]} for r in by_source
         }
-    for name, (classes, conf) in confusions.items():
+    from vae.analysis.palette import label_order
+
+    for name, (classes, conf) in list(confusions.items()):
+        # rows and columns in maturation order, as every other figure lists the classes
+        order = [list(classes).index(c) for c in label_order(classes)]
+        classes = [classes[i] for i in order]
+        conf = np.asarray(conf)[np.ix_(order, order)]
+        confusions[name] = (classes, conf)
         cm = pd.DataFrame(conf, index=pd.Index(classes, name="true"), columns=classes)
         tables[f"confusion_{name}"] = cm.reset_index()
     if confusions:

@@ -40,7 +40,8 @@ class AnalysisSettings:
     top_k_dims: int = 6  # dims with the largest KL that are swept
     span_sd: float = 3.0  # sweep anchor +- span_sd x sd of the latent means
     n_steps: int = 9  # images per sweep
-    anchor_class: str | None = None  # anchor = mean of this class (None: mean of all rows)
+    # anchor = mean of this class (None: the training cell with a crop nearest the mean)
+    anchor_class: str | None = None
     anchor_cell: str | None = None  # anchor = this cell id (overrides anchor_class)
     # path from the earliest to the latest class
     path_classes: list[str] = field(

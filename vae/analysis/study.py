@@ -239,13 +239,15 @@ def traverse_study(
             [f"z{tr.dim}" for tr in trs],
             step_lab,
             f"top {len(trs)} latent dims by KL, anchor: {anchor_title}",
+            # the per-dim figures' mark, so a faded tile reads as extrapolation, not a cell
+            captions=[["" if ok else "* beyond data" for ok in sweep_ok[tr.dim]] for tr in trs],
         )
         p = out_files.figure(fig, "traverse_grid", "traverse/grid")
         figs["dims"].insert(
             0,
             FigureItem(
                 p,
-                f"Summary: each row sweeps one of the {len(trs)} highest-KL latent dims over -{a.span_sd}..+{a.span_sd} sd around the {anchor_desc} (decoded images; faded: beyond the training cells with a crop).",
+                f"Summary: each row sweeps one of the {len(trs)} highest-KL latent dims over -{a.span_sd}..+{a.span_sd} sd around the {anchor_desc} (decoded images; faded and marked *: beyond the training cells with a crop, the decoder's extrapolation; analysis.span_sd sets the range).",
             ),
         )
     cols = [c for c in (dim_rows[0] if dim_rows else {}) if c not in ("dim", "kl")]

@@ -39,9 +39,28 @@ from vae.inputs.schema import (  # noqa: F401 - the options, re-exported
 log = logging.getLogger(__name__)
 
 BUILTIN_PBMC68K = "scanpy:pbmc68k_reduced"
-# obs columns searched, in order, when no label / maturation column is configured
-LABEL_CANDIDATES = ("kind", "celltype", "cell_type", "bulk_labels", "paul_cluster", "louvain")
+# obs columns searched, in order, when no label / maturation column is configured;
+# "label" first: a column the user named so is meant as the labels
+LABEL_CANDIDATES = (
+    "label",
+    "kind",
+    "celltype",
+    "cell_type",
+    "bulk_labels",
+    "paul_cluster",
+    "louvain",
+)
 MATURATION_CANDIDATES = ("t", "maturation", "pseudotime", "dpt_pseudotime")
+# sc.pp.highly_variable_genes flavors; the seurat_v3 ones rank raw counts with
+# scikit-misc's loess (module skmisc, an optional scanpy dependency)
+HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper")
+HVG_FLAVORS_ON_COUNTS = ("seurat_v3", "seurat_v3_paper")
+# fewest cells each step runs on (measured with scanpy 1.11): PCA needs 2 (one
+# component); UMAP's spectral start asks for 3 eigenvectors of the kNN graph, so 4;
+# diffusion pseudotime needs diffmap with more than 2 components (n_cells - 2), so 5
+MIN_CELLS_PCA = 2
+MIN_CELLS_UMAP = 4
+MIN_CELLS_DPT = 5
 
 
 class ExpressionInputError(ValueError):
@@ -292,6 +311,45 @@ def _values(m) -> np.ndarray:
     return m.data if sp.issparse(m) else np.asarray(m)
 
 
+def _is_counts(m) -> bool:
+    """Whether a matrix holds raw counts: numeric, finite, non-negative integers."""
+    v = _values(m)
+    if not np.issubdtype(v.dtype, np.number) or v.size == 0:
+        return False
+    return bool(np.all(np.isfinite(v)) and (v >= 0).all() and np.all(v == np.round(v)))
+
+
+def counts_elsewhere(adata: ad.AnnData) -> dict[str, str]:
+    """Integer-valued matrices besides ``X`` and ``layers["counts"]``: where raw counts are.
+
+    Returns
+    -------
+    dict
+        Place (``".raw.X"``, ``"layers['raw_counts']"``) -> the line that stores it as
+        ``layers["counts"]``, the one place :func:`validate_matrix` reads counts from.
+    """
+    found: dict[str, str] = {}
+    if adata.raw is not None and adata.raw.n_obs == adata.n_obs and _is_counts(adata.raw.X):
+        # .raw often keeps more genes than X: take X's genes from it
+        found[".raw.X"] = 'adata.layers["counts"] = adata.raw[:, adata.var_names].X'
+    for name, m in adata.layers.items():
+        if name != "counts" and _is_counts(m):
+            found[f"layers[{name!r}]"] = f'adata.layers["counts"] = adata.layers[{name!r}]'
+    return found
+
+
+def _counts_hint(adata: ad.AnnData) -> str:
+    found = counts_elsewhere(adata)
+    if not found:
+        return ""
+    where = " and ".join(found)
+    return (
+        f". Raw integer counts were found in {where}: to use them (NB likelihood, QC on "
+        f"counts) store them as layers['counts'] before the run, e.g. "
+        f"`{next(iter(found.values()))}`"
+    )
+
+
 def validate_matrix(adata: ad.AnnData, *, values: str = "auto", source: str = "") -> bool:
     """Check an input matrix; return whether it holds raw counts.
 
@@ -353,18 +411,32 @@ def validate_matrix(adata: ad.AnnData, *, values: str = "auto", source: str = ""
     if values == "counts" and not integer:
         raise ExpressionInputError(
             f"{int((v != np.round(v)).sum())} non-integer values, but expression.values="
-            "counts requires raw counts (set values=lognorm for log-normalised input)",
+            "counts requires raw counts (set values=lognorm for log-normalised input)"
+            + _counts_hint(adata),
             field=key,
             source=source,
         )
     if values == "lognorm" or declared == "lognorm":
+        if values == "lognorm" and integer:
+            # log1p of a normalised profile is never all integers: these are counts that
+            # would be treated as log values (no normalisation, Gaussian likelihood)
+            log.warning(
+                "%s: expression.values=lognorm, but every value of %s is a non-negative "
+                "integer: these look like raw counts. Set expression.values=counts (or auto) "
+                "if they are",
+                source,
+                key,
+            )
+        hint = _counts_hint(adata)
+        if hint:
+            log.warning("%s: expression.values=lognorm: counts not used%s", source, hint)
         return False
     if not integer:
         # never guess: counts and log-normalised values train different likelihoods
         raise ExpressionInputError(
             f"{int((v != np.round(v)).sum())} non-integer values, so these are not raw "
             "counts. Set expression.values=lognorm if they are log-normalised (no counts, "
-            "Gaussian likelihood downstream), or give raw integer counts",
+            "Gaussian likelihood downstream), or give raw integer counts" + _counts_hint(adata),
             field="expression.values",
             source=source,
         )
@@ -515,6 +587,71 @@ def _qc_metrics(counts, var_names, mito_prefix: str) -> tuple[pd.DataFrame, np.n
     return df, mito
 
 
+def make_gene_names_unique(adata: ad.AnnData, source: str = "") -> ad.AnnData:
+    """Suffix repeated gene symbols ``-1``, ``-2``, ... like scanpy's ``var_names_make_unique``.
+
+    10x ``features.tsv`` often names two Ensembl genes by one symbol. The first
+    occurrence keeps the name, so a program gene matches it.
+
+    Returns
+    -------
+    AnnData
+        ``adata`` itself when the names are unique, else a renamed copy (logged).
+    """
+    names = adata.var_names
+    dup = names[names.duplicated()].unique()
+    if not len(dup):
+        return adata
+    adata = adata.copy()
+    adata.var_names_make_unique()
+    log.warning(
+        "%s: %d gene names occur more than once (%d extra columns), e.g. %s; made unique "
+        "like scanpy's var_names_make_unique (the repeats are NAME-1, NAME-2, ...; program "
+        "genes match the first)",
+        source,
+        len(dup),
+        int(names.duplicated().sum()),
+        list(dup[:5]),
+    )
+    return adata
+
+
+def _check_settings(adata: ad.AnnData, p: PreprocessParams, src: str) -> None:
+    """Settings that name input columns or optional code: checked before any work, so the
+    message lists the input's own obs columns (not those preprocessing adds)."""
+    cols = list(adata.obs.columns)
+    keys = [("expression.label_key", p.label_key)]
+    if p.maturation in ("auto", "column"):
+        keys.append(("expression.maturation_key", p.maturation_key))
+    for name, key in keys:
+        if key is not None and key not in adata.obs:
+            raise ExpressionInputError(
+                f"no obs column {key!r}; available: {cols}", field=name, source=src
+            )
+    if p.hvg_flavor not in HVG_FLAVORS:
+        raise ExpressionInputError(
+            f"unknown flavor {p.hvg_flavor!r}; valid: {', '.join(HVG_FLAVORS)}",
+            field="expression.hvg_flavor",
+            source=src,
+        )
+    if p.n_top_genes is not None and p.hvg_flavor in HVG_FLAVORS_ON_COUNTS:
+        require_skmisc(p.hvg_flavor, field="expression.hvg_flavor", source=src)
+
+
+def require_skmisc(flavor: str, *, field: str, source: str = "") -> None:
+    """Raise :class:`ExpressionInputError` when ``flavor`` needs scikit-misc and it is absent."""
+    try:
+        import skmisc  # noqa: F401
+    except ImportError:
+        raise ExpressionInputError(
+            f"hvg_flavor={flavor} needs the optional package scikit-misc (module skmisc; "
+            "pip install scikit-misc), which is not installed; use hvg_flavor=seurat or "
+            "cell_ranger, or n_top_genes=null (every gene highly variable)",
+            field=field,
+            source=source,
+        ) from None
+
+
 def preprocess(
     adata: ad.AnnData, params: PreprocessParams, *, source: str = ""
 ) -> PreprocessResult:
@@ -522,7 +659,8 @@ def preprocess(
 
     Steps, in order (each off when its threshold is 0/None):
 
-    1. validate (:func:`validate_matrix`);
+    1. repeated gene symbols made unique (:func:`make_gene_names_unique`, a warning);
+       validate (:func:`validate_matrix`);
     2. cell filters on the raw counts: ``min_genes``, ``min_counts``, ``max_pct_mito``
        (only when some gene starts with ``mito_prefix``); then gene filter ``min_cells``;
     3. ``layers["counts"]`` = kept counts, unchanged (same dtype and values);
@@ -531,20 +669,26 @@ def preprocess(
     5. highly variable genes (``n_top_genes``; genes of interest and program genes
        are flagged ``gene_of_interest`` and kept when ``subset_hvg``);
     6. program scores with ``sc.tl.score_genes`` into ``obs["score_<program>"]``;
-    7. PCA (on scaled values if ``scale``), neighbours, optional UMAP;
-    8. ``obs["label"]`` and ``obs["maturation"]`` (column or diffusion pseudotime).
+    7. PCA (on scaled values if ``scale``), neighbours, optional UMAP (skipped with a
+       warning below :data:`MIN_CELLS_UMAP` cells);
+    8. ``obs["label"]`` (missing values -> ``""``, unlabelled) and ``obs["maturation"]``
+       (column, min-max rescaled to [0, 1] when outside it, or diffusion pseudotime).
 
     Raises
     ------
     ExpressionInputError
         Bad input (see :func:`validate_matrix`), nothing left after filtering
         (``field`` names the filter), no program gene matched when
-        ``require_program_match``, unknown ``label_key``/``maturation_key``/``root_label``.
+        ``require_program_match``, unknown ``label_key``/``maturation_key``/``root_label``
+        or ``hvg_flavor`` (or a seurat_v3 flavor without scikit-misc), fewer cells than
+        PCA (:data:`MIN_CELLS_PCA`) or diffusion pseudotime (:data:`MIN_CELLS_DPT`) need.
     """
     import scanpy as sc
 
     p = params
     src = source or str(adata.uns.get("source", ""))
+    _check_settings(adata, p, src)
+    adata = make_gene_names_unique(adata, src)
     has_counts = validate_matrix(adata, values=p.values, source=src)
     adata = adata.copy()
     if sp.issparse(adata.X):
@@ -585,6 +729,13 @@ def preprocess(
             f"min_counts={p.min_counts}: -{qc.dropped_min_counts}, max_pct_mito="
             f"{p.max_pct_mito}: -{qc.dropped_mito} of {qc.n_cells_in}); loosen the filters",
             field="expression.min_genes/min_counts/max_pct_mito",
+            source=src,
+        )
+    if keep.sum() < MIN_CELLS_PCA:
+        raise ExpressionInputError(
+            f"{int(keep.sum())} cells left after QC (of {qc.n_cells_in} in the input); PCA "
+            f"and every step after it need at least {MIN_CELLS_PCA} cells",
+            field="X" if qc.n_cells_in < MIN_CELLS_PCA else "expression.min_genes/min_counts",
             source=src,
         )
     adata = adata[keep].copy()
@@ -675,10 +826,11 @@ def preprocess(
     if p.n_top_genes is None or p.n_top_genes >= adata.n_vars:
         adata.var["highly_variable"] = True
     else:
-        kw = {"layer": "counts"} if p.hvg_flavor == "seurat_v3" else {}
-        if p.hvg_flavor == "seurat_v3" and not has_counts:
+        on_counts = p.hvg_flavor in HVG_FLAVORS_ON_COUNTS
+        kw = {"layer": "counts"} if on_counts else {}
+        if on_counts and not has_counts:
             raise ExpressionInputError(
-                "hvg_flavor=seurat_v3 needs counts; this input has none",
+                f"hvg_flavor={p.hvg_flavor} needs counts; this input has none",
                 field="expression.hvg_flavor",
                 source=src,
             )
@@ -714,7 +866,14 @@ def preprocess(
     # sc.pl.pca_loadings work on expression.h5ad); emb has adata's genes in order
     adata.varm["PCs"] = np.asarray(emb.varm["PCs"], dtype=np.float32)
     adata.uns["pca"] = dict(emb.uns["pca"])
-    if p.umap:
+    if p.umap and adata.n_obs < MIN_CELLS_UMAP:
+        log.warning(
+            "%s: %d cells: UMAP needs at least %d; skipped (umap.png shows the PCA)",
+            src,
+            adata.n_obs,
+            MIN_CELLS_UMAP,
+        )
+    elif p.umap:
         _neighbors(adata, p)
         sc.tl.umap(adata, random_state=p.seed)
 
@@ -748,6 +907,30 @@ def _neighbors(adata: ad.AnnData, p: PreprocessParams) -> None:
         )
 
 
+def label_strings(values) -> tuple[np.ndarray, int]:
+    """Labels as text: missing values ``""`` (unlabelled), integral numbers without ``.0``.
+
+    ``astype(str)`` would make NaN the class ``"nan"`` and the codes of a numeric column
+    with gaps (read as float) ``"2.0"``.
+
+    Returns
+    -------
+    (labels, n_missing)
+        Object array of str, and how many values were missing (NaN / None).
+    """
+    out = np.empty(len(values), dtype=object)
+    n_missing = 0
+    for i, v in enumerate(np.asarray(values, dtype=object)):
+        if pd.api.types.is_scalar(v) and pd.isna(v):  # NaN, None, pd.NA
+            out[i] = ""
+            n_missing += 1
+        elif isinstance(v, float | np.floating) and float(v).is_integer():
+            out[i] = str(int(v))
+        else:
+            out[i] = str(v)
+    return out, n_missing
+
+
 def _assign_label(adata: ad.AnnData, p: PreprocessParams, src: str) -> None:
     import scanpy as sc
 
@@ -769,7 +952,17 @@ def _assign_label(adata: ad.AnnData, p: PreprocessParams, src: str) -> None:
         adata.obs["label"] = "cluster_" + adata.obs["leiden"].astype(str)
         log.info("%s: no label column; labels are leiden clusters", src)
     else:
-        adata.obs["label"] = adata.obs[key].astype(str).to_numpy()
+        labels, n_missing = label_strings(adata.obs[key])
+        if n_missing:
+            log.warning(
+                "%s: %d of %d cells have no label in obs column %r: they stay unlabelled "
+                '(label "")',
+                src,
+                n_missing,
+                adata.n_obs,
+                key,
+            )
+        adata.obs["label"] = labels
     adata.uns["label_key"] = key
 
 
@@ -795,9 +988,23 @@ def _assign_maturation(adata: ad.AnnData, p: PreprocessParams, src: str) -> None
             )
         key = key or found
         if key is not None:
-            adata.obs["maturation"] = pd.to_numeric(adata.obs[key], errors="coerce").astype(
-                np.float32
-            )
+            t = pd.to_numeric(adata.obs[key], errors="coerce").to_numpy(dtype=np.float64)
+            ok = np.isfinite(t)
+            lo, hi = (float(t[ok].min()), float(t[ok].max())) if ok.any() else (0.0, 1.0)
+            if lo < 0 or hi > 1:
+                # pairing bins maturation on [0, 1] (pair=by_maturation): a pseudotime of
+                # 0-30 would fill the last bin only
+                log.warning(
+                    "%s: maturation column %r spans [%g, %g], not [0, 1]: rescaled min-max "
+                    "to [0, 1]",
+                    src,
+                    key,
+                    lo,
+                    hi,
+                )
+                t = (t - lo) / (hi - lo) if hi > lo else np.where(ok, 0.0, np.nan)
+            t[~ok] = np.nan
+            adata.obs["maturation"] = t.astype(np.float32)
             source = f"column:{key}"
         elif p.maturation == "column":
             raise ExpressionInputError(
@@ -823,6 +1030,13 @@ def _assign_maturation(adata: ad.AnnData, p: PreprocessParams, src: str) -> None
                 raise ExpressionInputError(
                     f"root label {p.root_label!r} not among labels {sorted(labels.unique())[:20]}",
                     field="expression.root_label",
+                    source=src,
+                )
+            if adata.n_obs < MIN_CELLS_DPT:
+                raise ExpressionInputError(
+                    f"{adata.n_obs} cells: diffusion pseudotime needs at least "
+                    f"{MIN_CELLS_DPT}; give a maturation column or set maturation=none",
+                    field="expression.maturation",
                     source=src,
                 )
             n_comps = max(2, min(15, adata.n_obs - 2))
@@ -891,6 +1105,8 @@ def plot_embedding(adata: ad.AnnData, path: str | Path, *, max_panels: int = 8) 
 
     basis = "X_umap" if "X_umap" in adata.obsm else "X_pca"
     xy = np.asarray(adata.obsm[basis])[:, :2]
+    if xy.shape[1] < 2:  # one principal component (2 cells or 2 genes): a line
+        xy = np.column_stack([xy, np.zeros(len(xy))])
     cols = ["label", "maturation"] + [c for c in adata.obs.columns if c.startswith("score_")]
     cols = cols[:max_panels]
     n = len(cols)
@@ -901,18 +1117,26 @@ def plot_embedding(adata: ad.AnnData, path: str | Path, *, max_panels: int = 8) 
         ax.axis("off")
     for ax, col in zip(axes.ravel(), cols):
         if col == "label":
-            cats = pd.Categorical(adata.obs[col].astype(str))
-            cmap = plt.get_cmap("tab20")
-            for i, c in enumerate(cats.categories):
-                sel = cats == c
-                ax.scatter(*xy[sel].T, s=4, color=cmap(i % 20), label=f"{c} ({sel.sum()})")
-            ax.legend(fontsize=6, markerscale=2, loc="best")
+            from vae.analysis.palette import label_colours
+
+            # the colours and order every later figure uses (maturation order first)
+            lab = adata.obs[col].astype(str).to_numpy()
+            for c, colour in label_colours(lab).items():
+                sel = lab == c
+                ax.scatter(
+                    *xy[sel].T, s=4, color=colour, label=f"{c or 'unlabelled'} ({sel.sum()})"
+                )
+            # beside the axes: inside, a long legend covers the cells it names
+            ax.legend(fontsize=6, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1))
         else:
             v = adata.obs[col].to_numpy(dtype=float)
             ok = np.isfinite(v)
             ax.scatter(*xy[~ok].T, s=3, color="lightgrey")
-            sca = ax.scatter(*xy[ok].T, s=4, c=v[ok], cmap="viridis")
-            fig.colorbar(sca, ax=ax, shrink=0.8)
+            if ok.any():
+                sca = ax.scatter(*xy[ok].T, s=4, c=v[ok], cmap="viridis")
+                fig.colorbar(sca, ax=ax, shrink=0.8)
+            else:  # an empty 0-1 colour bar would suggest values
+                ax.text(0.5, 0.5, "no values", ha="center", transform=ax.transAxes, fontsize=8)
         ax.set_title(col, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import sys
 
 import anndata as ad
 import numpy as np
@@ -19,9 +20,13 @@ import scipy.sparse as sp
 
 from tests.helpers.run import ROOT, compose_config, run_pipeline, run_stage_in_process
 from vae.inputs.expression import (
+    MIN_CELLS_DPT,
+    MIN_CELLS_PCA,
+    MIN_CELLS_UMAP,
     ExpressionInputError,
     PreprocessParams,
     match_genes,
+    plot_embedding,
     preprocess,
     read_expression,
     validate_matrix,
@@ -137,6 +142,47 @@ def test_non_integer_input_needs_values_lognorm_and_gets_no_fake_counts():
     np.testing.assert_allclose(out.X, np.log1p(_toy().X))
 
 
+def test_lognorm_on_integer_counts_warns_and_names_the_settings(caplog):
+    with caplog.at_level(logging.WARNING):
+        out = preprocess(_toy(), _params(values="lognorm"), source="toy.h5ad").adata
+    assert out.uns["has_counts"] is False  # obeyed: a warning, not an error
+    assert "toy.h5ad: expression.values=lognorm, but every value of X" in caplog.text
+    assert "look like raw counts" in caplog.text and "expression.values=counts" in caplog.text
+    caplog.clear()
+    a = _toy()
+    a.X = np.log1p(a.X)
+    with caplog.at_level(logging.WARNING):
+        preprocess(a, _params(values="lognorm"))
+    assert "look like raw counts" not in caplog.text
+
+
+def test_counts_in_raw_or_another_layer_are_named_when_x_is_lognormalised():
+    a = _toy()
+    a.raw = a.copy()  # integer counts in .raw, log values in X
+    a.X = np.log1p(a.X)
+    with pytest.raises(ExpressionInputError) as e:
+        preprocess(a, _params())
+    msg = str(e.value)
+    assert e.value.field == "expression.values" and "values=lognorm" in msg
+    assert "Raw integer counts were found in .raw.X" in msg
+    assert 'adata.layers["counts"] = adata.raw[:, adata.var_names].X' in msg
+    # the hint works: with the counts stored where they are read, the input has counts
+    a.layers["counts"] = a.raw[:, a.var_names].X
+    out = preprocess(a, _params()).adata
+    assert out.uns["has_counts"] is True
+    np.testing.assert_array_equal(out.layers["counts"], _toy().X)
+    b = _toy()
+    b.layers["raw_counts"] = b.X.copy()
+    b.X = np.log1p(b.X)
+    with pytest.raises(ExpressionInputError, match=r"found in layers\['raw_counts'\]"):
+        preprocess(b, _params(values="counts"))
+    c = _toy()
+    c.X = np.log1p(c.X)  # no counts anywhere: no hint
+    with pytest.raises(ExpressionInputError) as e:
+        preprocess(c, _params())
+    assert "found in" not in str(e.value)
+
+
 def test_pbmc68k_reduced_has_no_counts():
     a = read_expression("scanpy:pbmc68k_reduced")
     assert a.shape == (700, 765)
@@ -189,6 +235,37 @@ def test_no_program_gene_at_all_is_an_error_or_a_warning(caplog):
     assert res.missing["genes_of_interest"] == ["NOPE3"]
 
 
+def test_duplicate_gene_names_are_made_unique_and_programs_match_the_first(caplog):
+    a = _toy()
+    a.var_names = ["MPO", "ELANE", "MT-CO1", "MPO", "G5", "ELANE", "ELANE", "G8"]
+    with caplog.at_level(logging.WARNING):
+        res = preprocess(a, _params(), source="features.tsv")
+    out = res.adata
+    assert list(out.var_names) == [
+        *("MPO", "ELANE", "MT-CO1", "MPO-1", "G5", "ELANE-1", "ELANE-2", "G8")
+    ]
+    assert "features.tsv: 2 gene names occur more than once (3 extra columns)" in caplog.text
+    assert "['MPO', 'ELANE']" in caplog.text
+    assert res.programs["primary"] == ["MPO", "ELANE"]
+    # the first occurrence is the column named MPO
+    np.testing.assert_array_equal(out[:, "MPO"].layers["counts"].ravel(), _toy().X[:, 0])
+    np.testing.assert_array_equal(out[:, "MPO-1"].layers["counts"].ravel(), _toy().X[:, 3])
+    assert list(a.var_names).count("MPO") == 2  # the caller's object is not renamed
+
+
+def test_hvg_flavor_is_checked_before_any_work(monkeypatch):
+    with pytest.raises(ExpressionInputError) as e:
+        preprocess(_toy(), _params(hvg_flavor="foo", n_top_genes=4))
+    assert e.value.field == "expression.hvg_flavor"
+    assert "valid: seurat, cell_ranger, seurat_v3, seurat_v3_paper" in str(e.value)
+    monkeypatch.setitem(sys.modules, "skmisc", None)  # scikit-misc not installed
+    with pytest.raises(ExpressionInputError) as e:
+        preprocess(_toy(), _params(hvg_flavor="seurat_v3", n_top_genes=4))
+    assert e.value.field == "expression.hvg_flavor" and "pip install scikit-misc" in str(e.value)
+    # no HVG selection (n_top_genes=null): the flavor is never used, nothing to install
+    assert preprocess(_toy(), _params(hvg_flavor="seurat_v3")).adata.n_obs == 8
+
+
 def test_genes_of_interest_kept_when_not_highly_variable():
     rng = np.random.default_rng(0)
     X = rng.poisson(3.0, (40, 30)).astype(np.float32)
@@ -221,10 +298,72 @@ def test_label_and_maturation_columns_from_data():
     assert list(out.obs["label"]) == list(a.obs["celltype"])
 
 
+def test_missing_labels_are_unlabelled_and_integral_codes_have_no_decimal(caplog):
+    a = _toy()
+    a.obs["celltype"] = np.array(["A", None, "A", np.nan, "B", "B", "B", "B"], dtype=object)
+    a.obs["cluster"] = [2.0, 4.0, np.nan, 2.0, 4.0, 2.5, 4.0, 2.0]  # codes with a gap
+    with caplog.at_level(logging.WARNING):
+        out = preprocess(a, _params(label_key="celltype"), source="toy.h5ad").adata
+    assert list(out.obs["label"]) == ["A", "", "A", "", "B", "B", "B", "B"]
+    assert "toy.h5ad: 2 of 8 cells have no label in obs column 'celltype'" in caplog.text
+    out = preprocess(a, _params(label_key="cluster")).adata
+    assert list(out.obs["label"]) == ["2", "4", "", "2", "4", "2.5", "4", "2"]
+
+
+def test_a_column_named_label_is_the_label_column():
+    a = _toy()
+    a.obs["label"] = ["x", "y"] * 4  # before celltype and every other known name
+    out = preprocess(a, _params()).adata
+    assert list(out.obs["label"]) == ["x", "y"] * 4 and out.uns["label_key"] == "label"
+
+
+def test_maturation_column_outside_0_1_is_rescaled(caplog):
+    a = _toy()
+    a.obs["pseudotime"] = [0.0, 30.0, np.nan, 15.0, 7.5, 3.0, 30.0, 6.0]
+    with caplog.at_level(logging.WARNING):
+        out = preprocess(a, _params(maturation="auto")).adata
+    np.testing.assert_allclose(
+        out.obs["maturation"], [0, 1, np.nan, 0.5, 0.25, 0.1, 1, 0.2], rtol=1e-6
+    )
+    assert "maturation column 'pseudotime' spans [0, 30], not [0, 1]: rescaled" in caplog.text
+    a.obs["pseudotime"] = np.linspace(0, 1, 8)  # already in [0, 1]: untouched, no warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        out = preprocess(a, _params(maturation="auto")).adata
+    np.testing.assert_allclose(out.obs["maturation"], np.linspace(0, 1, 8), rtol=1e-6)
+    assert "rescaled" not in caplog.text
+
+
+def test_tiny_inputs_skip_umap_or_fail_naming_the_minimum(caplog, tmp_path):
+    a = _toy()[3:6].copy()  # 3 cells: PCA yes, UMAP no
+    assert MIN_CELLS_PCA <= a.n_obs < MIN_CELLS_UMAP
+    with caplog.at_level(logging.WARNING):
+        out = preprocess(a, _params(umap=True)).adata
+    assert "3 cells: UMAP needs at least 4; skipped" in caplog.text
+    assert "X_umap" not in out.obsm and out.obsm["X_pca"].shape == (3, 2)
+    plot_embedding(out, tmp_path / "umap.png")  # falls back to the PCA
+    with pytest.raises(ExpressionInputError) as e:
+        preprocess(_toy()[3:4].copy(), _params())
+    assert "1 cells left after QC (of 1 in the input)" in str(e.value)
+    assert "at least 2 cells" in str(e.value) and e.value.field == "X"
+    two = preprocess(_toy()[3:5].copy(), _params()).adata  # one component: a line
+    plot_embedding(two, tmp_path / "two.png")
+    few = _toy()[3 : 3 + MIN_CELLS_DPT - 1].copy()
+    with pytest.raises(ExpressionInputError) as e:
+        preprocess(few, _params(label_key="celltype", maturation="dpt", root_label="A"))
+    assert e.value.field == "expression.maturation"
+    assert f"4 cells: diffusion pseudotime needs at least {MIN_CELLS_DPT}" in str(e.value)
+
+
 def test_unknown_label_key_and_root_label_are_errors():
     with pytest.raises(ExpressionInputError) as e:
         preprocess(_toy(), _params(label_key="nope"))
     assert e.value.field == "expression.label_key"
+    # found before preprocessing, listing the input's own columns
+    with pytest.raises(ExpressionInputError) as e:
+        preprocess(_toy(), _params(maturation="auto", maturation_key="ptime"))
+    assert e.value.field == "expression.maturation_key"
+    assert "available: ['celltype']" in str(e.value)
     with pytest.raises(ExpressionInputError) as e:
         preprocess(_toy(), _params(label_key="celltype", maturation="dpt", root_label="Z"))
     assert e.value.field == "expression.root_label"
@@ -248,7 +387,6 @@ def test_unknown_label_key_and_root_label_are_errors():
             "obs_names",
             "duplicate cell",
         ),
-        (lambda a: setattr(a, "var_names", ["MPO"] * 2 + GENES[2:]), "var_names", "duplicate gene"),
     ],
 )
 def test_bad_input_raises_naming_the_field(mutate, field, text):
@@ -337,6 +475,26 @@ def test_precheck_opens_an_h5ad_input_and_finds_its_label_column(tmp_path):
     )
     with pytest.raises(StageError, match="expression.label_key=nope.*no obs column 'nope'"):
         precheck(key, ["expression"])
+    mk = _compose(
+        [*base, f"expression.input_file={tmp_path / 'ok.h5ad'}", "expression.maturation_key=pt"]
+    )
+    with pytest.raises(
+        StageError,
+        match=r"expression.maturation_key=pt: .*no obs column 'pt' \(its columns: celltype\)",
+    ):
+        precheck(mk, ["expression"])
+    # maturation=dpt reads no column: the key is not looked for
+    precheck(
+        _compose(
+            [
+                *base,
+                "expression=paul15",
+                f"expression.input_file={tmp_path / 'ok.h5ad'}",
+                "expression.maturation_key=pt",
+            ]
+        ),
+        ["expression"],
+    )
     assert not (tmp_path / "out").exists()
 
 
