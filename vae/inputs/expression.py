@@ -204,8 +204,10 @@ def read_expression(
     fmt
         One of :data:`INPUT_FORMATS`.
     orientation
-        CSV/TSV only: ``cells_by_genes`` (rows are cells), ``genes_by_cells``, or
-        ``auto``: decided by :func:`detect_orientation` and logged.
+        ``cells_by_genes`` (rows are cells), ``genes_by_cells`` (transposed on reading),
+        or ``auto``: for CSV/TSV decided by :func:`detect_orientation` and logged; an
+        AnnData-like file is taken as cells x genes, and refused when its rows are plainly
+        genes (program symbols on the rows only).
     known_genes
         Symbols for ``auto`` (default: the granule programs).
 
@@ -298,7 +300,38 @@ def read_expression(
         raise ExpressionInputError(
             f"could not read as {fmt}: {type(e).__name__}: {e}", field="path", source=src
         ) from e
+    if fmt not in ("csv", "tsv"):
+        adata = _orient_anndata(adata, orientation, known_genes, src)
     adata.uns["source"] = src
+    return adata
+
+
+def _orient_anndata(
+    adata: ad.AnnData, orientation: str, known_genes: Iterable[str] | None, src: str
+) -> ad.AnnData:
+    """An AnnData read as given is cells x genes; ``genes_by_cells`` transposes it, and
+    ``auto`` refuses one whose rows are plainly the genes (program symbols on the rows, none
+    on the columns): it would run with the genes taken as cells."""
+    if orientation == "genes_by_cells":
+        log.info("%s: transposed (expression.orientation=genes_by_cells)", src)
+        return adata.T.copy()
+    if orientation == "cells_by_genes":
+        return adata
+    genes = known_genes
+    if genes is None:
+        genes = [g for gs in GRANULE_PROGRAMS.values() for g in gs]
+    try:
+        orient, why = detect_orientation(adata.obs_names, adata.var_names, genes)
+    except ExpressionInputError:
+        return adata  # no evidence either way: as AnnData stores it
+    if orient == "genes_by_cells":
+        raise ExpressionInputError(
+            f"its rows (obs) look like genes and its columns (var) like cells ({why}); "
+            "an AnnData is cells x genes: set expression.orientation=genes_by_cells to "
+            "transpose it, or cells_by_genes to take it as it is",
+            field="expression.orientation",
+            source=src,
+        )
     return adata
 
 

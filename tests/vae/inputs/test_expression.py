@@ -614,3 +614,19 @@ def test_10x_h5_reader(tmp_path):
     r = read_expression(tmp_path / "f.h5")
     assert list(r.var_names) == GENES and list(r.obs_names) == list(a.obs_names)
     np.testing.assert_array_equal(r.X.toarray(), a.X)
+
+
+def test_an_anndata_with_genes_as_rows_is_refused_or_transposed_on_request(tmp_path):
+    """A transposed .h5ad ran with its genes taken as cells (expression.orientation was
+    for tables only): auto refuses it, genes_by_cells transposes it."""
+    rng = np.random.default_rng(0)
+    genes = ["MPO", "ELANE", "LTF", "CAMP", "FCGR3B", "G6", "G7", "G8"]
+    cells = [f"cell{i}" for i in range(12)]
+    x = rng.poisson(3, (len(genes), len(cells))).astype(np.float32)  # genes x cells
+    p = tmp_path / "t.h5ad"
+    ad.AnnData(X=x, obs=pd.DataFrame(index=genes), var=pd.DataFrame(index=cells)).write_h5ad(p)
+    with pytest.raises(ExpressionInputError, match="rows \\(obs\\) look like genes"):
+        read_expression(p)
+    a = read_expression(p, orientation="genes_by_cells")
+    assert list(a.obs_names) == cells and list(a.var_names) == genes
+    assert read_expression(p, orientation="cells_by_genes").shape == (len(genes), len(cells))
