@@ -134,7 +134,13 @@ class SmearSourceConfig:
     # load-time resize (network px per source px); null = auto per image: the
     # median WBC box side becomes segmentation.cell_px (needs boxes: training/eval only)
     scale: float | None = None
-    val_fraction: float = 0.2  # mask_png: deterministic held-out share per folder
+    # mask_png: deterministic held-out share per folder; coco: the same, when no image of
+    # the file has a `split` field (a CVAT / Label Studio export)
+    val_fraction: float = 0.2
+    # class names of the annotations that are white cells, beside the built-in aliases
+    # (wbc, leukocyte ...): a lab's per-type classes, e.g. [neutrophil, lymphocyte]
+    wbc_classes: list[str] = field(default_factory=list)
+    image_root: str | None = None  # coco: folder of the images (default: the JSON's folder)
     repeat: int = 1  # times each training image is listed per epoch (oversampling)
     copy_paste_donor: bool = False  # its masked cells may be pasted onto other images
 
@@ -407,7 +413,7 @@ def unknown_addition(argv: list[str]) -> str | None:
     section (a dataclass of this module) is refused; adding to a free mapping
     (``+expression.programs.NAME=[...]``, ``+pair.label_map.X=Y``) and ``+preset=`` stay.
     """
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
     root = None
     for arg in argv:
@@ -421,6 +427,11 @@ def unknown_addition(argv: list[str]) -> str | None:
         parts = key.split(".")
         node = root
         for part in parts[:-1]:
+            if isinstance(node, ListConfig) and part.isdigit():
+                # an entry of a list of settings (data.smear_sources.0): its schema
+                kind = node._metadata.element_type
+                node = OmegaConf.structured(kind) if dataclasses.is_dataclass(kind) else None
+                continue
             if not isinstance(node, DictConfig) or part not in node:
                 node = None
                 break

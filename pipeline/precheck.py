@@ -45,7 +45,7 @@ def precheck(cfg: DictConfig, names: list[str]) -> None:
             if (
                 status is not None
                 and not (cfg.overwrite or cfg.resume)
-                and not rerun_without_asking(name, status)
+                and not rerun_without_asking(name, status, d)
             ):
                 raise StageError(
                     f"{d} already holds a run of stage={name} (status: {status}); pass "

@@ -202,7 +202,7 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
                         RESUMABLE[name],
                         backup,
                     )
-        elif rerun_without_asking(name, status):
+        elif rerun_without_asking(name, status, d):
             # keep the attempt (its log says why it failed) and start afresh
             failed = _set_aside(cfg, name, d, aside_name(d, "failed"))
             log.warning("stage=%s: the failed earlier attempt in %s is kept in %s", name, d, failed)
@@ -219,11 +219,16 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
     return d, backup
 
 
-def rerun_without_asking(name: str, status: str | None) -> bool:
+def rerun_without_asking(name: str, status: str | None, folder: Path | None = None) -> bool:
     """Whether a folder holding a run of ``status`` is set aside and run again without
-    ``overwrite=true``: a failed run is no result, and a stage without checkpoints could
-    not continue it (the runner and ``stage=all``'s precheck follow this one rule)."""
-    return status == "failed" and name not in RESUMABLE
+    ``overwrite=true``: a failed run is no result, and a stage without checkpoints, or one
+    that failed before writing its first (``folder`` lacks it), could not continue it (the
+    runner and ``stage=all``'s precheck follow this one rule)."""
+    if status != "failed":
+        return False
+    if name not in RESUMABLE:
+        return True
+    return folder is not None and not (Path(folder) / RESUMABLE[name]).exists()
 
 
 def _set_aside(cfg: DictConfig, name: str, d: Path, to: Path) -> Path:

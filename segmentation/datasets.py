@@ -209,6 +209,18 @@ def _valid(b: Sequence[float]) -> bool:
     return b[2] - b[0] >= 1 and b[3] - b[1] >= 1
 
 
+def _report_dropped(path: Path, dropped: list[str]) -> None:
+    """One warning per annotation file for boxes left out (outside the image, or under
+    1 px once clipped to it): silently, 15 boxes became 12."""
+    if dropped:
+        log.warning(
+            "%s: %d box(es) outside the image or under 1 px after clipping, left out: %s",
+            path,
+            len(dropped),
+            "; ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""),
+        )
+
+
 # ----------------------------------------------------------------------------
 # readers
 # ----------------------------------------------------------------------------
@@ -228,6 +240,8 @@ def read_coco(
     image_root: str | Path | None = None,
     source: str = "coco",
     default_split: str = "train",
+    val_fraction: float = 0.0,
+    seed: int = 0,
 ) -> SmearDataset:
     """Read a COCO instances JSON.
 
@@ -239,6 +253,10 @@ def read_coco(
         Folder holding ``file_name`` of each image; default: the JSON's folder.
     default_split
         Split of images without a ``split`` field.
+    val_fraction, seed
+        When no image has a ``split`` field (COCO has none; exports from annotation
+        tools do not add one), this deterministic share of the images (by ``seed``) is
+        split ``val``, the rest ``default_split``; 0: none.
 
     Notes
     -----
@@ -255,9 +273,13 @@ def read_coco(
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise AnnotationError(f"{json_path}: missing top-level field '{key}'")
-    cats = {c["id"]: canonical_category(c["name"]) for c in data["categories"]}
+    cats = {}
+    for j, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            raise AnnotationError(f"{json_path}: categories[{j}] needs the fields 'id' and 'name'")
+        cats[c["id"]] = canonical_category(c["name"])
     records: dict[int, ImageRecord] = {}
-    for im in data["images"]:
+    for j, im in enumerate(data["images"]):
         try:
             rec = ImageRecord(
                 path=root / im["file_name"],
@@ -268,25 +290,61 @@ def read_coco(
                 image_id=int(im["id"]),
             )
         except KeyError as e:
-            raise AnnotationError(f"{json_path}: image {im} lacks field {e}") from e
+            raise AnnotationError(f"{json_path}: images[{j}] lacks field {e}") from e
+        except (TypeError, ValueError) as e:
+            raise AnnotationError(f"{json_path}: images[{j}]: id, width, height: {e}") from e
+        if rec.image_id in records:
+            raise AnnotationError(f"{json_path}: images[{j}]: id {rec.image_id} is used twice")
         records[rec.image_id] = rec
+    if val_fraction > 0 and not any("split" in im for im in data["images"]):
+        order = np.random.default_rng(seed).permutation(len(records))
+        held = {list(records)[k] for k in order[: int(round(val_fraction * len(records)))]}
+        for k in held:
+            records[k].split = "val"
+        log.info(
+            "%s: no image has a 'split' field: %d of %d held out as val (val_fraction=%g)",
+            json_path,
+            len(held),
+            len(records),
+            val_fraction,
+        )
     std = {"id", "image_id", "category_id", "bbox", "area", "segmentation", "iscrowd"}
+    dropped = []
     for i, a in enumerate(data["annotations"]):
         where = f"{json_path}: annotations[{i}]"
+        for key in ("image_id", "category_id", "bbox"):
+            if key not in a:
+                raise AnnotationError(f"{where}: missing field '{key}'")
         try:
             rec = records[int(a["image_id"])]
+        except (KeyError, TypeError, ValueError):
+            raise AnnotationError(
+                f"{where}: image_id {a['image_id']!r} is not the id of any image"
+            ) from None
+        if a["category_id"] not in cats:
+            raise AnnotationError(
+                f"{where}: category_id {a['category_id']!r} is not the id of any category "
+                f"(ids: {sorted(cats, key=str)})"
+            )
+        cat = cats[a["category_id"]]
+        try:
             x, y, w, h = (float(v) for v in a["bbox"])
-            cat = cats[a["category_id"]]
-        except KeyError as e:
-            raise AnnotationError(f"{where}: missing or unknown field {e}") from e
+        except (TypeError, ValueError):
+            raise AnnotationError(
+                f"{where}: bbox {a['bbox']!r} is not [x, y, width, height]"
+            ) from None
+        if not all(np.isfinite((x, y, w, h))):
+            raise AnnotationError(f"{where}: bbox {a['bbox']!r} holds a non-finite number")
         if a.get("iscrowd", 0):
             continue
         rle = _coco_segmentation(a.get("segmentation"), rec.height, rec.width, where)
         box = _clip_box((x, y, x + w, y + h), rec.width, rec.height)
         if not _valid(box):
+            dropped.append(f"annotations[{i}] bbox {a['bbox']}")
             continue
         extra = {k: v for k, v in a.items() if k not in std}
         rec.instances.append(Instance(bbox=box, category=cat, mask=rle, extra=extra))
+    _report_dropped(json_path, dropped)
     return SmearDataset(list(records.values()))
 
 
@@ -366,6 +424,7 @@ def read_yolo(
     without a label file has no objects.
     """
     root = Path(root)
+    dropped: list[str] = []
     cf = Path(classes_file) if classes_file else root / "labels" / "classes.txt"
     if not cf.exists():
         raise AnnotationError(f"{cf}: classes file missing (one class name per line)")
@@ -384,28 +443,51 @@ def read_yolo(
                     if not line.strip():
                         continue
                     parts = line.split()
+                    where = f"{lab}: line {k + 1} {line.strip()!r}"
                     try:
                         c = int(parts[0])
-                        cx, cy, bw, bh = (float(v) for v in parts[1:5])
+                        vals = [float(v) for v in parts[1:]]
+                        if c < 0:
+                            raise IndexError(f"class {c} < 0")
                         name = names[c]
+                        if len(vals) < 4:
+                            raise ValueError("fewer than 4 coordinates")
                     except (ValueError, IndexError) as e:
                         raise AnnotationError(
-                            f"{lab}: line {k + 1} {line!r} is not 'cls cx cy w h' with cls < "
-                            f"{len(names)} ({e})"
+                            f"{where} is not 'cls cx cy w h' with 0 <= cls < {len(names)} ({e})"
                         ) from e
-                    box = _clip_box(
-                        (
+                    if not np.isfinite(vals).all():
+                        raise AnnotationError(f"{where}: a coordinate is not a number")
+                    if max(vals) > 1.5 or min(vals) < -0.5:
+                        raise AnnotationError(
+                            f"{where}: YOLO coordinates are fractions of the image size "
+                            f"(0-1); these look like pixels"
+                        )
+                    if len(vals) == 4:
+                        cx, cy, bw, bh = vals
+                        b = (
                             (cx - bw / 2) * w,
                             (cy - bh / 2) * h,
                             (cx + bw / 2) * w,
                             (cy + bh / 2) * h,
-                        ),
-                        w,
-                        h,
-                    )
+                        )
+                    elif len(vals) % 2 == 0 and len(vals) >= 6:
+                        # YOLO-seg: a polygon x1 y1 x2 y2 ...; its box (the outline is
+                        # not used as a mask here)
+                        xs, ys = np.asarray(vals[0::2]) * w, np.asarray(vals[1::2]) * h
+                        b = (xs.min(), ys.min(), xs.max(), ys.max())
+                    else:
+                        raise AnnotationError(
+                            f"{where}: {len(vals)} coordinates; expected 4 (a box) or an even "
+                            f"number >= 6 (a YOLO-seg polygon)"
+                        )
+                    box = _clip_box(b, w, h)
                     if _valid(box):
                         rec.instances.append(Instance(bbox=box, category=name))
+                    else:
+                        dropped.append(f"{lab.name} line {k + 1}")
             out.append(rec)
+    _report_dropped(root / "labels", dropped)
     return SmearDataset(out)
 
 
@@ -749,7 +831,16 @@ def collate(batch: list) -> tuple[list, list]:
 
 
 def with_scale(ds: SmearDataset, scale: float | None, cell_px: float) -> SmearDataset:
-    """Copy of ``ds`` whose records carry load-time ``scale`` (``None``: per image, auto)."""
-    return SmearDataset(
-        [replace(r, scale=auto_scale(r, cell_px) if scale is None else float(scale)) for r in ds]
-    )
+    """Copy of ``ds`` whose records carry load-time ``scale``.
+
+    ``None``: per image from its white-cell boxes (:func:`auto_scale`); an image without
+    any takes the median scale of those with some (one folder, one microscope), not 1.0
+    (a 5x magnified field of red cells in the training set).
+    """
+    if scale is not None:
+        return SmearDataset([replace(r, scale=float(scale)) for r in ds])
+    recs = list(ds)
+    auto = [auto_scale(r, cell_px) if r.wbcs else None for r in recs]
+    known = [s for s in auto if s is not None]
+    fill = float(np.median(known)) if known else 1.0
+    return SmearDataset([replace(r, scale=fill if s is None else s) for r, s in zip(recs, auto)])

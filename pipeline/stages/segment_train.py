@@ -89,7 +89,28 @@ def load_sets(
                     path, val_fraction=src.val_fraction, seed=cfg.seed, source=name
                 )
             else:
-                ds = READERS["coco"](path, source=name)
+                root = _resolve(cfg, src.image_root) if src.get("image_root") else None
+                ds = READERS["coco"](
+                    path,
+                    image_root=root,
+                    source=name,
+                    val_fraction=float(src.val_fraction) if src.val_splits else 0.0,
+                    seed=int(cfg.seed),
+                )
+            gone = [r.path for r in ds if not Path(r.path).is_file()]
+            if gone:  # found before training, not when the first epoch reaches them
+                raise StageError(
+                    f"data.smear_sources[{i}]: {len(gone)} of {len(ds)} images named by "
+                    f"{path} are not there, e.g. {gone[0]}"
+                    + (
+                        " (COCO file_name is read under data.smear_sources[N].image_root, "
+                        "else the JSON's folder)"
+                        if src.format == "coco"
+                        else ""
+                    )
+                )
+            if src.get("wbc_classes"):
+                ds = as_white_cells(ds, list(src.wbc_classes))
             ds = with_scale(ds, src.scale, sc.cell_px)
             sources.append(
                 (
@@ -131,7 +152,36 @@ def load_sets(
     train.renumber()
     if len(train) == 0:
         raise StageError("no training images: check data.smear_sources[*].train_splits")
+    if not any(a.category == "wbc" for r in train for a in r.instances):
+        seen = {k: v for k, v in train.counts().items() if k not in ("images", "wbc_with_mask")}
+        raise StageError(
+            f"no white-cell box among the {len(train)} training images (classes found: "
+            f"{', '.join(f'{k} {v}' for k, v in seen.items()) or 'none'}): the detector "
+            f"would learn to find nothing. Name the white-cell classes of your annotations "
+            f"with data.smear_sources[N].wbc_classes=[...] (e.g. [neutrophil, lymphocyte]), "
+            f"or call them wbc / leukocyte in the file"
+        )
     return train, val, test, donors
+
+
+def as_white_cells(ds: SmearDataset, classes: list[str]) -> SmearDataset:
+    """``ds`` with the instances of ``classes`` (case-insensitive) relabelled ``wbc``: a
+    lab annotates cell types, the detector learns one white-cell class."""
+    from dataclasses import replace
+
+    want = {str(c).strip().lower() for c in classes}
+    return SmearDataset(
+        [
+            replace(
+                r,
+                instances=[
+                    replace(a, category="wbc") if a.category.lower() in want else a
+                    for a in r.instances
+                ],
+            )
+            for r in ds
+        ]
+    )
 
 
 def scale_record(cfg: DictConfig) -> dict[str, Any]:

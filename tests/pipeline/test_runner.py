@@ -102,6 +102,10 @@ def test_adding_to_a_free_mapping_is_allowed():
     assert unknown_addition(["+expression.programs.mine=[Mpo]", "+preset=demo"]) is None
     assert unknown_addition(["+pair.label_map.Blast=myeloblast"]) is None
     assert "paths.inputs.smears" in unknown_addition(["+paths.inputs.smear=DIR"])
+    # an entry of a list of settings is checked against its schema too
+    msg = unknown_addition(["+data.smear_sources.0.scal=0.3"])
+    assert "did you mean data.smear_sources.0.scale" in msg
+    assert unknown_addition(["+data.smear_sources.0.wbc_classes=[neutrophil]"]) is None
 
 
 # --- run directory and runner -------------------------------------------------
@@ -260,6 +264,17 @@ def test_precheck_follows_the_runners_rule_for_existing_folders(tmp_path):
     write_json(d / "manifest.json", {"stage": "simulate", "status": "complete"})
     with pytest.raises(runner.StageError, match="status: complete"):
         precheck(cfg, ["simulate"])
+
+
+def test_a_stage_that_failed_before_its_first_checkpoint_runs_again():
+    """segment_train that stopped on a user error before writing model.pt has nothing to
+    resume: it is run afresh, as a stage without checkpoints is (it was refused, and
+    resume=true then refused the corrected setting)."""
+    from pipeline.stagedir import rerun_without_asking
+
+    assert rerun_without_asking("evaluate", "failed")
+    assert not rerun_without_asking("evaluate", "complete")
+    assert not rerun_without_asking("segment_train", "failed")  # folder unknown: ask
 
 
 def test_unfinished_producer_is_refused(tmp_path, monkeypatch):
@@ -448,3 +463,13 @@ def test_threads_are_applied_and_logged_once(monkeypatch, caplog):
         assert len(lines) == 1 and "load 50.00" in lines[0]
     finally:
         torch.set_num_threads(before)
+
+
+def test_failed_resumable_stage_without_checkpoint_is_rerun(tmp_path):
+    from pipeline.stagedir import rerun_without_asking
+
+    d = tmp_path / "segment_train"
+    d.mkdir()
+    assert rerun_without_asking("segment_train", "failed", d)  # no model.pt yet
+    (d / "model.pt").write_bytes(b"x")
+    assert not rerun_without_asking("segment_train", "failed", d)  # resume=true can go on

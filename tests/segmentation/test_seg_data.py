@@ -366,3 +366,82 @@ def test_oracle_scale_leaves_out_boxes_cut_by_the_edge(tmp_path):
     cut_only = ImageRecord(path=tmp_path / "b.png", width=200, height=100, instances=[sliver])
     assert auto_scale(cut_only, 40.0) == pytest.approx(40 / np.sqrt(200))
     assert auto_scale(ImageRecord(path=tmp_path / "c.png", width=9, height=9), 40.0) == 1.0
+
+
+def _coco(tmp_path, annotations, images=None, categories=None):
+    data = {
+        "images": images
+        or [{"id": i, "file_name": f"{i}.png", "width": 40, "height": 30} for i in range(5)],
+        "categories": categories or [{"id": 1, "name": "neutrophil"}],
+        "annotations": annotations,
+    }
+    p = tmp_path / "ann.json"
+    p.write_text(json.dumps(data))
+    return p
+
+
+def test_read_coco_names_the_bad_field(tmp_path, caplog):
+    """A lab's own COCO export: each malformed field is named (was a bare ValueError /
+    KeyError naming neither file nor field); boxes left out are reported."""
+    ok = {"id": 1, "image_id": 0, "category_id": 1, "bbox": [5, 5, 10, 10]}
+    cases = [
+        ({**ok, "bbox": [1, 2, 3]}, r"annotations\[0\]: bbox \[1, 2, 3\] is not \[x, y, width"),
+        ({**ok, "bbox": None}, r"bbox None is not"),
+        ({**ok, "image_id": 99}, r"image_id 99 is not the id of any image"),
+        ({**ok, "category_id": 9}, r"category_id 9 is not the id of any category"),
+        ({k: v for k, v in ok.items() if k != "bbox"}, r"missing field 'bbox'"),
+    ]
+    for ann, pattern in cases:
+        with pytest.raises(AnnotationError, match=pattern):
+            read_coco(_coco(tmp_path, [ann]))
+    with pytest.raises(AnnotationError, match=r"categories\[0\] needs the fields"):
+        read_coco(_coco(tmp_path, [ok], categories=[{"id": 1}]))
+    twice = [{"id": 0, "file_name": "a.png", "width": 9, "height": 9}] * 2
+    with pytest.raises(AnnotationError, match=r"images\[1\]: id 0 is used twice"):
+        read_coco(_coco(tmp_path, [ok], images=twice))
+    outside = {**ok, "id": 2, "bbox": [100, 100, 5, 5]}
+    with caplog.at_level("WARNING"):
+        ds = read_coco(_coco(tmp_path, [ok, outside]))
+    assert sum(len(r.instances) for r in ds) == 1
+    assert "1 box(es) outside the image" in caplog.text and "annotations[1]" in caplog.text
+
+
+def test_read_coco_without_split_fields_holds_out_val(tmp_path):
+    """An export without per-image splits: val_fraction of the images become val (the
+    run had no validation at all before)."""
+    p = _coco(tmp_path, [])
+    assert {r.split for r in read_coco(p)} == {"train"}
+    ds = read_coco(p, val_fraction=0.4, seed=0)
+    assert sorted(r.split for r in ds) == ["train"] * 3 + ["val"] * 2
+    assert [r.split for r in read_coco(p, val_fraction=0.4, seed=0)] == [r.split for r in ds]
+
+
+def test_read_yolo_refuses_pixels_nan_and_negative_classes_and_reads_polygons(tmp_path):
+    root = tmp_path / "yolo"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    (root / "labels" / "classes.txt").write_text("WBC\nPlatelet\n")
+    _img(root / "images" / "train" / "x.jpg", 100, 50)
+    lab = root / "labels" / "train" / "x.txt"
+    for line, pattern in [
+        ("0 50 25 20 20", "look like pixels"),
+        ("0 nan 0.5 0.1 0.1", "not a number"),
+        ("-1 0.5 0.5 0.1 0.1", "0 <= cls < 2"),
+        ("0 0.1 0.1 0.2 0.2 0.3", "expected 4"),
+    ]:
+        lab.write_text(line + "\n")
+        with pytest.raises(AnnotationError, match=pattern):
+            read_yolo(root, splits=["train"])
+    lab.write_text("0 0.1 0.2 0.5 0.2 0.3 0.8\n")  # YOLO-seg polygon: its box
+    (inst,) = read_yolo(root, splits=["train"]).images[0].instances
+    np.testing.assert_allclose(inst.bbox, (10.0, 10.0, 50.0, 40.0))
+
+
+def test_per_image_scale_of_an_image_without_white_cells_is_its_folders_median(tmp_path):
+    recs = [
+        ImageRecord(path=tmp_path / f"{i}.png", width=200, height=200, instances=[Instance(b)])
+        for i, b in enumerate([(10, 10, 90, 90), (10, 10, 110, 110), (10, 10, 130, 130)])
+    ]
+    recs.append(ImageRecord(path=tmp_path / "empty.png", width=200, height=200))
+    ds = with_scale(SmearDataset(recs), None, 40.0)
+    assert [round(r.scale, 3) for r in ds] == [0.5, 0.4, round(40 / 120, 3), 0.4]

@@ -358,3 +358,44 @@ def test_the_presets_start_from_a_detector_that_fits_them(compose, preset):
     )
     with pytest.raises(StageError, match="box_representation=512; this run has"):
         _validate(bad)
+
+
+def test_training_on_cell_type_classes_needs_wbc_classes(tmp_path):
+    """A lab's COCO file names cell types: without data.smear_sources[N].wbc_classes the
+    run stops naming the classes it found (it trained a detector of nothing, rc 0);
+    with them those classes are the white cells."""
+    from PIL import Image
+
+    from pipeline.runner import StageError
+    from pipeline.stages.segment_train import load_sets
+    from tests.helpers.run import compose_config
+
+    for i in range(4):
+        Image.new("RGB", (40, 30), (230, 200, 200)).save(tmp_path / f"{i}.png")
+    data = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": 40, "height": 30} for i in range(4)],
+        "categories": [{"id": 1, "name": "Neutrophil"}, {"id": 2, "name": "lymphocyte"}],
+        "annotations": [
+            {"id": i, "image_id": i, "category_id": 1 + i % 2, "bbox": [5, 5, 12, 12]}
+            for i in range(4)
+        ],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    src = f"{{format: coco, path: '{tmp_path / 'ann.json'}', name: lab, scale: 1.0"
+    base = ["stage=segment_train", "data=bccd", f"paths.root={tmp_path / 'out'}"]
+    cfg = compose_config([*base, f"data.smear_sources=[{src}}}]"])
+    with pytest.raises(
+        StageError,
+        match=r"no white-cell box among the 3 training images.*neutrophil 1, lymphocyte 2",
+    ):
+        load_sets(cfg, None)
+    cfg = compose_config(
+        [*base, f"data.smear_sources=[{src}, wbc_classes: [neutrophil, LYMPHOCYTE]}}]"]
+    )
+    train, val, _, _ = load_sets(cfg, None)
+    (tmp_path / "3.png").unlink()  # an image the file names is missing: found at start
+    with pytest.raises(StageError, match=r"1 of 4 images named by .*ann.json are not there"):
+        load_sets(cfg, None)
+    # no 'split' field in the file: val_fraction (0.2) of the 4 images held out
+    assert len(train) == 3 and len(val["lab"]) == 1
+    assert {a.category for r in train for a in r.instances} == {"wbc"}
