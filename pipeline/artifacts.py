@@ -166,7 +166,7 @@ def pretrained_weights_path(value: str | None) -> Path | None:
     """
     if not value:
         return None
-    if value == SHIPPED_WEIGHTS:
+    if str(value).strip().lower() == SHIPPED_WEIGHTS and not Path(value).exists():
         from segmentation.shipped import SHIPPED_DETECTOR
 
         return SHIPPED_DETECTOR

@@ -393,6 +393,11 @@ def main() -> None:
         ds = READERS["mask_png"](a.path).split(a.split)
     else:
         ds = READERS["coco"](a.path).split(a.split)
+    if not len(ds):  # scoring nothing printed AP 0.0 as if measured
+        raise FileNotFoundError(
+            f"{a.path}: no image of split {a.split!r} (a COCO file without per-image 'split' "
+            f"fields has only 'train'; --split train scores them all)"
+        )
     extra = {}
     if a.every > 1:
         from segmentation.datasets import SmearDataset

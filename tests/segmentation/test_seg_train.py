@@ -301,6 +301,7 @@ def test_segment_train_can_start_from_the_shipped_detector(tmp_path):
     from segmentation.shipped import SHIPPED_DETECTOR
 
     assert pretrained_weights_path("shipped") == SHIPPED_DETECTOR
+    assert pretrained_weights_path("Shipped") == SHIPPED_DETECTOR  # the case a user types
     assert pretrained_weights_path(None) is None
     assert pretrained_weights_path("/x/y.pt") == __import__("pathlib").Path("/x/y.pt")
     smears = tmp_path / "smears"
