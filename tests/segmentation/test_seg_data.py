@@ -73,13 +73,19 @@ def test_read_voc_missing_split_file_names_it(tmp_path):
         read_voc(root, splits=["val"])
 
 
-def test_read_yolo_exact_boxes(tmp_path):
+def _yolo_folder(tmp_path, classes: str, w: int, h: int):
+    """A YOLO folder with one train image x.jpg (w x h); returns (root, its label file)."""
     root = tmp_path / "yolo"
     (root / "images" / "train").mkdir(parents=True)
     (root / "labels" / "train").mkdir(parents=True)
-    (root / "labels" / "classes.txt").write_text("WBC\nRBC\nPlatelet\n")
-    _img(root / "images" / "train" / "x.jpg", 100, 50)
-    (root / "labels" / "train" / "x.txt").write_text("0 0.5 0.5 0.2 0.4\n2 0.1 0.1 0.1 0.2\n")
+    (root / "labels" / "classes.txt").write_text(classes)
+    _img(root / "images" / "train" / "x.jpg", w, h)
+    return root, root / "labels" / "train" / "x.txt"
+
+
+def test_read_yolo_exact_boxes(tmp_path):
+    root, lab = _yolo_folder(tmp_path, "WBC\nRBC\nPlatelet\n", 100, 50)
+    lab.write_text("0 0.5 0.5 0.2 0.4\n2 0.1 0.1 0.1 0.2\n")
     ds = read_yolo(root, splits=["train"])
     rec = ds.images[0]
     assert [a.category for a in rec.instances] == ["wbc", "platelet"]
@@ -88,12 +94,8 @@ def test_read_yolo_exact_boxes(tmp_path):
 
 
 def test_read_yolo_bad_line_names_file_and_line(tmp_path):
-    root = tmp_path / "yolo"
-    (root / "images" / "train").mkdir(parents=True)
-    (root / "labels" / "train").mkdir(parents=True)
-    (root / "labels" / "classes.txt").write_text("WBC\n")
-    _img(root / "images" / "train" / "x.jpg", 10, 10)
-    (root / "labels" / "train" / "x.txt").write_text("0 0.5 0.5 0.2 0.4\n5 0.5 0.5 0.1 0.1\n")
+    root, lab = _yolo_folder(tmp_path, "WBC\n", 10, 10)
+    lab.write_text("0 0.5 0.5 0.2 0.4\n5 0.5 0.5 0.1 0.1\n")
     with pytest.raises(AnnotationError, match=r"x.txt: line 2"):
         read_yolo(root, splits=["train"])
 
@@ -417,12 +419,7 @@ def test_read_coco_without_split_fields_holds_out_val(tmp_path):
 
 
 def test_read_yolo_refuses_pixels_nan_and_negative_classes_and_reads_polygons(tmp_path):
-    root = tmp_path / "yolo"
-    (root / "images" / "train").mkdir(parents=True)
-    (root / "labels" / "train").mkdir(parents=True)
-    (root / "labels" / "classes.txt").write_text("WBC\nPlatelet\n")
-    _img(root / "images" / "train" / "x.jpg", 100, 50)
-    lab = root / "labels" / "train" / "x.txt"
+    root, lab = _yolo_folder(tmp_path, "WBC\nPlatelet\n", 100, 50)
     for line, pattern in [
         ("0 50 25 20 20", "look like pixels"),
         ("0 nan 0.5 0.1 0.1", "not a number"),
