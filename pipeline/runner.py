@@ -366,6 +366,19 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
     return d
 
 
+def _log_off_console(msg: str) -> None:
+    """An ERROR record for the log files (and any other handler), not the console: the
+    user reads the one ``error:`` line printed beside it (it was shown twice)."""
+    rec = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (msg,), None)
+    consoles = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
+    for h in logging.getLogger().handlers:
+        console = (
+            not isinstance(h, logging.FileHandler) and id(getattr(h, "stream", None)) in consoles
+        )
+        if not console and rec.levelno >= h.level:
+            h.handle(rec)
+
+
 def main(cfg: DictConfig) -> int:
     """Entry point after Hydra composed ``cfg``. Returns a process exit code."""
     from pipeline import guards
@@ -388,7 +401,7 @@ def main(cfg: DictConfig) -> int:
                     log.info("stage %d/%d: %s", k, len(names), name)
                 run_stage(cfg, name)
     except guards.USER_ERRORS as e:
-        log.error("%s", e)
+        _log_off_console(f"{e}")
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -400,7 +413,7 @@ def main(cfg: DictConfig) -> int:
             f"overwrite=true, or resume=true for the stages that continue from a checkpoint "
             f"({', '.join(sorted(guards.RESUMABLE))}; from scratch if none was written yet)."
         )
-        log.error("%s", msg)
+        _log_off_console(msg)
         print(f"error: {msg}", file=sys.stderr)
         return 130
     except Exception as e:

@@ -286,7 +286,11 @@ def fit(
         epochs=int(args.epochs),
         epochs_done=(history[-1]["epoch"] + 1) if history else 0,
         train_images=len(train_ds),
-        seconds=round(time.time() - t_start, 1),
+        seconds=round(time.time() - t_start, 1),  # this process (a resume: its part only)
+        # every epoch's training time, across resumes (history keeps the earlier ones)
+        train_seconds_all_epochs=round(
+            sum(float(h.get("train", {}).get("seconds", 0.0)) for h in history), 1
+        ),
         history=history,
         score_threshold=float(args.score_threshold),
     )

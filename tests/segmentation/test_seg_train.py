@@ -205,6 +205,12 @@ def test_resume_continues_exactly(tmp_path):
     b = load_torch_file(root / "part" / "segment_train" / "model.pt")["model"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+    # the resumed run's training time counts the epoch before the resume too
+    m = json.loads((root / "part" / "segment_train" / "metrics.json").read_text())
+    assert len(m["history"]) == 2
+    assert m["train_seconds_all_epochs"] == round(
+        sum(h["train"]["seconds"] for h in m["history"]), 1
+    )
 
 
 @pytest.mark.slow
