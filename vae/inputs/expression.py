@@ -302,7 +302,41 @@ def read_expression(
         ) from e
     if fmt not in ("csv", "tsv"):
         adata = _orient_anndata(adata, orientation, known_genes, src)
+        adata = symbols_as_names(adata, src)
     adata.uns["source"] = src
+    return adata
+
+
+# var columns that hold gene symbols in common AnnData exports (CELLxGENE: feature_name)
+SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "feature_name", "gene_name", "symbol")
+
+
+def symbols_as_names(adata: ad.AnnData, src: str = "") -> ad.AnnData:
+    """Gene symbols as ``var_names`` when the names are Ensembl ids and a symbol column
+    exists (:data:`SYMBOL_COLUMNS`); the ids are kept in ``var["gene_ids"]``.
+
+    Programs and genes of interest are symbols: with Ensembl ids as names none matched
+    and the run stopped on ``expression.programs``.
+    """
+    names = adata.var_names.astype(str)
+    if not len(names) or np.mean([n.upper().startswith("ENS") for n in names]) < 0.5:
+        return adata
+    col = next((c for c in SYMBOL_COLUMNS if c in adata.var), None)
+    if col is None:
+        return adata
+    sym = adata.var[col].astype(str).to_numpy()
+    ok = (sym != "") & (sym != "nan")
+    adata = adata.copy()
+    adata.var["gene_ids"] = names.to_numpy()
+    adata.var_names = np.where(ok, sym, names.to_numpy())
+    log.info(
+        "%s: var_names are Ensembl ids: gene symbols taken from var[%r] (%d of %d; the ids "
+        "are in var['gene_ids'])",
+        src,
+        col,
+        int(ok.sum()),
+        len(names),
+    )
     return adata
 
 

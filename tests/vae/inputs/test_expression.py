@@ -630,3 +630,22 @@ def test_an_anndata_with_genes_as_rows_is_refused_or_transposed_on_request(tmp_p
     a = read_expression(p, orientation="genes_by_cells")
     assert list(a.obs_names) == cells and list(a.var_names) == genes
     assert read_expression(p, orientation="cells_by_genes").shape == (len(genes), len(cells))
+
+
+def test_ensembl_ids_with_a_symbol_column_are_read_as_symbols(tmp_path):
+    """A CELLxGENE-style .h5ad names genes by Ensembl id and keeps the symbols in a var
+    column: the symbols become the names, so the granule programs match."""
+    genes = ["MPO", "ELANE", "LTF", "CAMP"]
+    ids = [f"ENSG0000000000{i}" for i in range(len(genes))]
+    x = np.random.default_rng(0).poisson(2, (6, len(genes))).astype(np.float32)
+    p = tmp_path / "e.h5ad"
+    ad.AnnData(
+        X=x,
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(6)]),
+        var=pd.DataFrame({"feature_name": genes}, index=ids),
+    ).write_h5ad(p)
+    a = read_expression(p)
+    assert list(a.var_names) == genes and list(a.var["gene_ids"]) == ids
+    q = tmp_path / "plain.h5ad"  # symbols already: untouched
+    ad.AnnData(X=x, var=pd.DataFrame({"feature_name": ids}, index=genes)).write_h5ad(q)
+    assert list(read_expression(q).var_names) == genes
