@@ -288,6 +288,9 @@ class ExpressionConfig:
     orientation: str = "auto"
     # what X holds: auto | counts | lognorm (auto: integers -> counts, else an error)
     values: str = "auto"
+    # .h5ad whose X is log-normalised: the layer holding its raw counts (".raw" for
+    # adata.raw.X), used as layers["counts"] (NB likelihood, QC on counts); null: none
+    counts_layer: str | None = None
     # QC filters (0 / null = off); cells first, then genes
     min_genes: int = 0  # min detected genes per cell
     min_counts: int = 1  # min total counts per cell

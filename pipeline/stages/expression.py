@@ -41,6 +41,7 @@ def preprocess_params(cfg: DictConfig):
     e = cfg.expression
     return PreprocessParams(
         values=e["values"],  # e.values is the DictConfig method
+        counts_layer=e.counts_layer,
         min_genes=e.min_genes,
         min_counts=e.min_counts,
         max_pct_mito=e.max_pct_mito,

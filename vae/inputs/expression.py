@@ -405,15 +405,40 @@ def counts_elsewhere(adata: ad.AnnData) -> dict[str, str]:
     return found
 
 
+def counts_from(adata: ad.AnnData, layer: str, src: str = "") -> ad.AnnData:
+    """A copy of ``adata`` whose ``layers["counts"]`` is ``layer`` (``".raw"``: ``.raw.X``
+    restricted to ``X``'s genes), where :func:`validate_matrix` reads counts."""
+    if layer == ".raw":
+        if adata.raw is None:
+            raise ExpressionInputError(
+                "the file has no .raw", field="expression.counts_layer", source=src
+            )
+        m = adata.raw[:, adata.var_names].X
+    elif layer in adata.layers:
+        m = adata.layers[layer]
+    else:
+        raise ExpressionInputError(
+            f"no layer {layer!r}; layers: {list(adata.layers) or 'none'}"
+            + ("; .raw" if adata.raw is not None else ""),
+            field="expression.counts_layer",
+            source=src,
+        )
+    adata = adata.copy()
+    adata.layers["counts"] = m.copy()
+    log.info("%s: counts from %s (expression.counts_layer)", src, layer)
+    return adata
+
+
 def _counts_hint(adata: ad.AnnData) -> str:
     found = counts_elsewhere(adata)
     if not found:
         return ""
     where = " and ".join(found)
+    first = next(iter(found))
+    name = ".raw" if first == ".raw.X" else first[len("layers['") : -len("']")]
     return (
         f". Raw integer counts were found in {where}: to use them (NB likelihood, QC on "
-        f"counts) store them as layers['counts'] before the run, e.g. "
-        f"`{next(iter(found.values()))}`"
+        f"counts) set expression.counts_layer={name}"
     )
 
 
@@ -567,6 +592,7 @@ class PreprocessParams:
     """Settings of :func:`preprocess`; see ``ExpressionConfig`` for each meaning."""
 
     values: str = "auto"
+    counts_layer: str | None = None
     min_genes: int = 0
     min_counts: int = 0
     max_pct_mito: float | None = None
@@ -755,6 +781,8 @@ def preprocess(
     p = params
     src = source or str(adata.uns.get("source", ""))
     _check_settings(adata, p, src)
+    if p.counts_layer:
+        adata = counts_from(adata, p.counts_layer, src)
     adata = make_gene_names_unique(adata, src)
     has_counts = validate_matrix(adata, values=p.values, source=src)
     adata = adata.copy()

@@ -165,17 +165,22 @@ def test_counts_in_raw_or_another_layer_are_named_when_x_is_lognormalised():
     msg = str(e.value)
     assert e.value.field == "expression.values" and "values=lognorm" in msg
     assert "Raw integer counts were found in .raw.X" in msg
-    assert 'adata.layers["counts"] = adata.raw[:, adata.var_names].X' in msg
-    # the hint works: with the counts stored where they are read, the input has counts
-    a.layers["counts"] = a.raw[:, a.var_names].X
-    out = preprocess(a, _params()).adata
+    assert "set expression.counts_layer=.raw" in msg
+    # the hint works: with the counts taken from where they are, the input has counts
+    out = preprocess(a, _params(counts_layer=".raw")).adata
     assert out.uns["has_counts"] is True
     np.testing.assert_array_equal(out.layers["counts"], _toy().X)
     b = _toy()
     b.layers["raw_counts"] = b.X.copy()
     b.X = np.log1p(b.X)
-    with pytest.raises(ExpressionInputError, match=r"found in layers\['raw_counts'\]"):
+    with pytest.raises(
+        ExpressionInputError, match=r"found in layers\['raw_counts'\].*counts_layer=raw_counts"
+    ):
         preprocess(b, _params(values="counts"))
+    out = preprocess(b, _params(counts_layer="raw_counts")).adata
+    np.testing.assert_array_equal(out.layers["counts"], _toy().X)
+    with pytest.raises(ExpressionInputError, match=r"no layer 'nope'; layers: \['raw_counts'\]"):
+        preprocess(b, _params(counts_layer="nope"))
     c = _toy()
     c.X = np.log1p(c.X)  # no counts anywhere: no hint
     with pytest.raises(ExpressionInputError) as e:
