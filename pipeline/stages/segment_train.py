@@ -154,12 +154,14 @@ def load_sets(
         raise StageError("no training images: check data.smear_sources[*].train_splits")
     if not any(a.category == "wbc" for r in train for a in r.instances):
         seen = {k: v for k, v in train.counts().items() if k not in ("images", "wbc_with_mask")}
+        cells = [k for k in seen if k not in ("rbc", "platelet")]  # candidates
         raise StageError(
             f"no white-cell box among the {len(train)} training images (classes found: "
             f"{', '.join(f'{k} {v}' for k, v in seen.items()) or 'none'}): the detector "
             f"would learn to find nothing. Name the white-cell classes of your annotations "
-            f"with data.smear_sources[N].wbc_classes=[...] (e.g. [neutrophil, lymphocyte]), "
-            f"or call them wbc / leukocyte in the file"
+            f"with data.smear_sources[N].wbc_classes="
+            f"[{','.join(cells) if cells else 'neutrophil,lymphocyte'}], or call them wbc / "
+            f"leukocyte in the file"
         )
     return train, val, test, donors
 
