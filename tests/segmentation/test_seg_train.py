@@ -393,7 +393,8 @@ def test_training_on_cell_type_classes_needs_wbc_classes(tmp_path):
     cfg = compose_config([*base, f"data.smear_sources=[{src}}}]"])
     with pytest.raises(
         StageError,
-        match=r"no white-cell box among the 3 training images.*neutrophil 1, lymphocyte 2",
+        match=r"no white-cell box among the 3 training images.*neutrophil 1, lymphocyte 2.*"
+        r"wbc_classes=\[neutrophil,lymphocyte\]",
     ):
         load_sets(cfg, None)
     cfg = compose_config(
