@@ -513,7 +513,7 @@ def read_mask_pngs(
     folders = sorted({p.parent for p in root.rglob("*.png")})
     if not folders:
         raise AnnotationError(f"{root}: no mask PNGs found")
-    out = []
+    out, empty, n_pairs = [], [], 0
     for folder in folders:
         labels: dict[int, str] = {}
         lab_csv = folder.parent / f"{folder.name}_labels.csv"
@@ -531,6 +531,7 @@ def read_mask_pngs(
             ]
             if imgs:
                 pairs.append((imgs[0], m))
+        n_pairs += len(pairs)
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(pairs))
         n_val = int(round(val_fraction * len(pairs)))
@@ -548,6 +549,7 @@ def read_mask_pngs(
             fg = m >= foreground_min
             cc = cc_label(fg, connectivity=1)
             if cc.max() == 0:
+                empty.append(mpath.name)
                 continue
             sizes = np.bincount(cc.ravel())
             sizes[0] = 0
@@ -567,6 +569,20 @@ def read_mask_pngs(
                 instances=[Instance(bbox=box, category="wbc", mask=encode_mask(fg), extra=extra)],
             )
             out.append(rec)
+    if not n_pairs:  # PNGs but no image beside any: the images are PNGs themselves
+        raise AnnotationError(
+            f"{root}: PNGs found but no image with a mask beside it (<stem>.jpg / .bmp / "
+            f".tif next to <stem>.png): the images of this format cannot be PNGs, since "
+            f"<stem>.png is the mask"
+        )
+    if empty:
+        log.warning(
+            "%s: %d mask(s) without any cell pixel (>= %d), their images left out: %s",
+            root,
+            len(empty),
+            foreground_min,
+            ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""),
+        )
     return SmearDataset(out)
 
 

@@ -442,3 +442,22 @@ def test_per_image_scale_of_an_image_without_white_cells_is_its_folders_median(t
     recs.append(ImageRecord(path=tmp_path / "empty.png", width=200, height=200))
     ds = with_scale(SmearDataset(recs), None, 40.0)
     assert [round(r.scale, 3) for r in ds] == [0.5, 0.4, round(40 / 120, 3), 0.4]
+
+
+def test_read_mask_png_names_png_images_and_empty_masks(tmp_path, caplog):
+    """PNG images beside PNG masks cannot pair (both are <stem>.png): said so, not 'no
+    training images' later; an all-zero mask's image is left out with a warning."""
+    d = tmp_path / "a"
+    d.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / "001.png")
+    with pytest.raises(AnnotationError, match="cannot be PNGs"):
+        read_mask_pngs(tmp_path)
+    _img(d / "001.bmp", 8, 8)
+    m = np.zeros((8, 8), np.uint8)
+    m[2:5, 2:5] = 255
+    _img(d / "002.bmp", 8, 8)
+    Image.fromarray(m).save(d / "002.png")
+    with caplog.at_level("WARNING"):
+        ds = read_mask_pngs(tmp_path, val_fraction=0.0)
+    assert [r.path.name for r in ds] == ["002.bmp"]
+    assert "1 mask(s) without any cell pixel" in caplog.text and "001.png" in caplog.text
