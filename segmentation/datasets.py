@@ -42,6 +42,7 @@ from segmentation.io import (  # noqa: F401 - encode_mask, load_rgb: used by cal
     encode_mask,
     load_rgb,
 )
+from segmentation.magnification import whole_boxes
 
 log = logging.getLogger(__name__)
 
@@ -616,10 +617,7 @@ def auto_scale(rec: ImageRecord, cell_px: float, edge_px: float | None = CUT_EDG
     b = np.asarray(boxes, float).reshape(-1, 4)
     side = np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
     if edge_px is not None:
-        m = float(edge_px)
-        whole = (
-            (b[:, 0] > m) & (b[:, 1] > m) & (b[:, 2] < rec.width - m) & (b[:, 3] < rec.height - m)
-        )
+        whole = whole_boxes(b, rec.width, rec.height, edge_px)
         if whole.any():
             side = side[whole]
     return float(cell_px / np.median(side))

@@ -25,6 +25,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segmentation.datasets import DetectionDataset, encode_mask, to_coco
+from segmentation.magnification import whole_boxes
 from segmentation.progress import bar
 from segmentation.runtime import NonFiniteLossError
 from segmentation.schema import SCORE_THRESHOLD
@@ -420,7 +421,7 @@ def mark_edge_cut(coco: dict, edge_px: float) -> int:
     for a in coco["annotations"]:
         w, h = size[a["image_id"]]
         x, y, bw, bh = a["bbox"]
-        if x <= edge_px or y <= edge_px or x + bw >= w - edge_px or y + bh >= h - edge_px:
+        if not whole_boxes(np.array([x, y, x + bw, y + bh]), w, h, edge_px)[0]:
             a["iscrowd"] = 1
             n += 1
     return n

@@ -501,6 +501,23 @@ class ScaleRefinement:
     measured: float = float("nan")
 
 
+def whole_boxes(boxes: np.ndarray, width: float, height: float, margin: float) -> np.ndarray:
+    """(K,) bool: the boxes that stay more than ``margin`` px inside every image edge.
+
+    A box closer to an edge is cut by it: its side is the visible part, not the cell's
+    size. The one rule of the detector's ruler (:func:`detector_scale`), the oracle scale
+    (``segmentation.datasets.auto_scale``) and the evaluation's ignore regions
+    (``segmentation.engine.mark_edge_cut``).
+
+    Parameters
+    ----------
+    boxes : (K, 4) xyxy, in the same px as ``width``, ``height`` and ``margin``
+    """
+    b = np.asarray(boxes, float).reshape(-1, 4)
+    m = float(margin)
+    return (b[:, 0] > m) & (b[:, 1] > m) & (b[:, 2] < width - m) & (b[:, 3] < height - m)
+
+
 def detector_scale(
     boxes: np.ndarray,
     scores: np.ndarray,
@@ -534,15 +551,7 @@ def detector_scale(
     s = np.asarray(scores, float).reshape(-1)
     h, w = image_hw
     m = float(edge_px) / float(scale)  # margin in source px
-    ok = (
-        (s >= min_score)
-        & (b[:, 0] > m)
-        & (b[:, 1] > m)
-        & (b[:, 2] < w - m)
-        & (b[:, 3] < h - m)
-        & (b[:, 2] > b[:, 0])
-        & (b[:, 3] > b[:, 1])
-    )
+    ok = (s >= min_score) & whole_boxes(b, w, h, m) & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
     if not ok.any():
         return float("nan"), 0
     side = np.sqrt((b[ok, 2] - b[ok, 0]) * (b[ok, 3] - b[ok, 1]))
