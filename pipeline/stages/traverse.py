@@ -82,8 +82,7 @@ def model_settings(resolved: dict[str, Any], model: Path) -> tuple[dict[str, Any
     override this run did not repeat. Returns the settings to show and one line per
     setting that differs (``vae.beta: this run 1.0, the model 4.0``).
     """
-    man = read_manifest(model.parent) if (model.parent / "manifest.json").exists() else None
-    trained = (man or {}).get("config") or {}
+    trained = (read_manifest(model.parent) or {}).get("config") or {}
     shown, differ = dict(resolved), []
     for sec in MODEL_SECTIONS:
         if not isinstance(trained.get(sec), dict):

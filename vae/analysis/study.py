@@ -277,11 +277,12 @@ def traverse_study(
     # ---- path from the earliest to the latest class
     mat = obs_col(lat, a.maturation_key)
     order = list(a.path_classes) if a.path_classes else None
-    missing = [] if order is None else [c for c in order if c not in set(labels)]
+    have = {str(x) for x in labels}
+    missing = [] if order is None else [c for c in order if c not in have]
     if missing:  # a typo drops a step of the path: say which, and what is there
         import difflib
 
-        present = sorted({str(x) for x in labels if str(x)})
+        present = sorted(x for x in have if x)
         hints = {c: difflib.get_close_matches(c, present, n=1, cutoff=0.5) for c in missing}
         # the default list names every stage of granulopoiesis, and data without one of
         # them is normal: only a list the user gave, or a near miss, is worth a warning
@@ -298,7 +299,7 @@ def traverse_study(
             ", ".join(present[:20]),
         )
         summary["path_classes_missing"] = missing
-    if order is not None and sum(c in set(labels) for c in order) < 2:
+    if order is not None and sum(c in have for c in order) < 2:
         log.warning(
             "analysis.path_classes: fewer than 2 present in labels; ordering by %s",
             a.maturation_key,

@@ -386,22 +386,13 @@ def _is_counts(m) -> bool:
     return bool(np.all(np.isfinite(v)) and (v >= 0).all() and np.all(v == np.round(v)))
 
 
-def counts_elsewhere(adata: ad.AnnData) -> dict[str, str]:
-    """Integer-valued matrices besides ``X`` and ``layers["counts"]``: where raw counts are.
-
-    Returns
-    -------
-    dict
-        Place (``".raw.X"``, ``"layers['raw_counts']"``) -> the line that stores it as
-        ``layers["counts"]``, the one place :func:`validate_matrix` reads counts from.
-    """
-    found: dict[str, str] = {}
+def counts_elsewhere(adata: ad.AnnData) -> list[str]:
+    """Integer-valued matrices besides ``X`` and ``layers["counts"]``: where raw counts are,
+    as ``expression.counts_layer`` names them (``".raw"``, a layer's name)."""
+    found = []
     if adata.raw is not None and adata.raw.n_obs == adata.n_obs and _is_counts(adata.raw.X):
-        # .raw often keeps more genes than X: take X's genes from it
-        found[".raw.X"] = 'adata.layers["counts"] = adata.raw[:, adata.var_names].X'
-    for name, m in adata.layers.items():
-        if name != "counts" and _is_counts(m):
-            found[f"layers[{name!r}]"] = f'adata.layers["counts"] = adata.layers[{name!r}]'
+        found.append(".raw")
+    found += [n for n, m in adata.layers.items() if n != "counts" and _is_counts(m)]
     return found
 
 
@@ -433,12 +424,10 @@ def _counts_hint(adata: ad.AnnData) -> str:
     found = counts_elsewhere(adata)
     if not found:
         return ""
-    where = " and ".join(found)
-    first = next(iter(found))
-    name = ".raw" if first == ".raw.X" else first[len("layers['") : -len("']")]
+    where = " and ".join(".raw.X" if n == ".raw" else f"layers[{n!r}]" for n in found)
     return (
         f". Raw integer counts were found in {where}: to use them (NB likelihood, QC on "
-        f"counts) set expression.counts_layer={name}"
+        f"counts) set expression.counts_layer={found[0]}"
     )
 
 
