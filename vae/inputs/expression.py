@@ -302,7 +302,7 @@ def read_expression(
         ) from e
     if fmt not in ("csv", "tsv"):
         adata = _orient_anndata(adata, orientation, known_genes, src)
-        adata = symbols_as_names(adata, src)
+        symbols_as_names(adata, src)
     adata.uns["source"] = src
     return adata
 
@@ -311,22 +311,21 @@ def read_expression(
 SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "feature_name", "gene_name", "symbol")
 
 
-def symbols_as_names(adata: ad.AnnData, src: str = "") -> ad.AnnData:
-    """Gene symbols as ``var_names`` when the names are Ensembl ids and a symbol column
-    exists (:data:`SYMBOL_COLUMNS`); the ids are kept in ``var["gene_ids"]``.
+def symbols_as_names(adata: ad.AnnData, src: str = "") -> None:
+    """Gene symbols as ``var_names`` (in place) when the names are Ensembl ids and a symbol
+    column exists (:data:`SYMBOL_COLUMNS`); the ids are kept in ``var["gene_ids"]``.
 
     Programs and genes of interest are symbols: with Ensembl ids as names none matched
     and the run stopped on ``expression.programs``.
     """
     names = adata.var_names.astype(str)
     if not len(names) or np.mean([n.upper().startswith("ENS") for n in names]) < 0.5:
-        return adata
+        return
     col = next((c for c in SYMBOL_COLUMNS if c in adata.var), None)
     if col is None:
-        return adata
+        return
     sym = adata.var[col].astype(str).to_numpy()
     ok = (sym != "") & (sym != "nan")
-    adata = adata.copy()
     adata.var["gene_ids"] = names.to_numpy()
     adata.var_names = np.where(ok, sym, names.to_numpy())
     log.info(
@@ -337,7 +336,6 @@ def symbols_as_names(adata: ad.AnnData, src: str = "") -> ad.AnnData:
         int(ok.sum()),
         len(names),
     )
-    return adata
 
 
 def _orient_anndata(
@@ -396,8 +394,8 @@ def counts_elsewhere(adata: ad.AnnData) -> list[str]:
     return found
 
 
-def counts_from(adata: ad.AnnData, layer: str, src: str = "") -> ad.AnnData:
-    """A copy of ``adata`` whose ``layers["counts"]`` is ``layer`` (``".raw"``: ``.raw.X``
+def counts_from(adata: ad.AnnData, layer: str, src: str = "") -> None:
+    """Set ``adata.layers["counts"]`` (in place) to ``layer`` (``".raw"``: ``.raw.X``
     restricted to ``X``'s genes), where :func:`validate_matrix` reads counts."""
     if layer == ".raw":
         if adata.raw is None:
@@ -414,10 +412,8 @@ def counts_from(adata: ad.AnnData, layer: str, src: str = "") -> ad.AnnData:
             field="expression.counts_layer",
             source=src,
         )
-    adata = adata.copy()
     adata.layers["counts"] = m.copy()
     log.info("%s: counts from %s (expression.counts_layer)", src, layer)
-    return adata
 
 
 def _counts_hint(adata: ad.AnnData) -> str:
@@ -669,22 +665,17 @@ def _qc_metrics(counts, var_names, mito_prefix: str) -> tuple[pd.DataFrame, np.n
     return df, mito
 
 
-def make_gene_names_unique(adata: ad.AnnData, source: str = "") -> ad.AnnData:
-    """Suffix repeated gene symbols ``-1``, ``-2``, ... like scanpy's ``var_names_make_unique``.
+def make_gene_names_unique(adata: ad.AnnData, source: str = "") -> None:
+    """Suffix repeated gene symbols ``-1``, ``-2``, ... like scanpy's ``var_names_make_unique``
+    (in place, logged).
 
     10x ``features.tsv`` often names two Ensembl genes by one symbol. The first
     occurrence keeps the name, so a program gene matches it.
-
-    Returns
-    -------
-    AnnData
-        ``adata`` itself when the names are unique, else a renamed copy (logged).
     """
     names = adata.var_names
     dup = names[names.duplicated()].unique()
     if not len(dup):
-        return adata
-    adata = adata.copy()
+        return
     adata.var_names_make_unique()
     log.warning(
         "%s: %d gene names occur more than once (%d extra columns), e.g. %s; made unique "
@@ -695,7 +686,6 @@ def make_gene_names_unique(adata: ad.AnnData, source: str = "") -> ad.AnnData:
         int(names.duplicated().sum()),
         list(dup[:5]),
     )
-    return adata
 
 
 def _check_settings(adata: ad.AnnData, p: PreprocessParams, src: str) -> None:
@@ -770,11 +760,11 @@ def preprocess(
     p = params
     src = source or str(adata.uns.get("source", ""))
     _check_settings(adata, p, src)
+    adata = adata.copy()  # one copy: the caller's object stays as given
     if p.counts_layer:
-        adata = counts_from(adata, p.counts_layer, src)
-    adata = make_gene_names_unique(adata, src)
+        counts_from(adata, p.counts_layer, src)
+    make_gene_names_unique(adata, src)
     has_counts = validate_matrix(adata, values=p.values, source=src)
-    adata = adata.copy()
     if sp.issparse(adata.X):
         adata.X = adata.X.tocsr()
     if has_counts and "counts" not in adata.layers:
