@@ -319,11 +319,17 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
         return _run_locked(cfg, name, spec, inputs)
 
 
+# stage folders this process has started to write (see _drop_hydra_dir)
+_FOLDERS_STARTED = 0
+
+
 def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, Path]) -> Path:
     from pipeline import hardware
     from pipeline.guards import log_traceback, settings_hash
     from pipeline.stagedir import add_log_file, prepare_stage_dir, restore_backup
 
+    global _FOLDERS_STARTED
+    _FOLDERS_STARTED += 1
     d, backup = prepare_stage_dir(cfg, name, inputs)
     handler = add_log_file(d / f"{name}.log", cfg.log_level)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -379,6 +385,37 @@ def _log_off_console(msg: str) -> None:
             h.handle(rec)
 
 
+def _drop_hydra_dir(cfg: DictConfig) -> None:
+    """Remove the folder Hydra made for this run when a user error stopped it before
+    any stage folder was touched: a mistyped setting should leave no
+    ``<experiment>/.hydra/<stage>-<time>`` behind (nor an experiment folder that holds
+    nothing else). Once a stage has started, its log there is kept."""
+    if _FOLDERS_STARTED:
+        return
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        out = Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # not started by Hydra (a test calling main directly)
+        return
+    root = Path(str(cfg.paths.root)).resolve()
+    if out.name == ".hydra" or ".hydra" not in out.parts or root not in out.resolve().parents:
+        return
+    root_log = logging.getLogger()
+    for h in list(root_log.handlers):  # Hydra's job log file lives in that folder
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == out:
+            root_log.removeHandler(h)
+            h.close()
+    shutil.rmtree(out, ignore_errors=True)
+    for parent in out.resolve().parents:  # .hydra, then the experiment folder, if empty
+        if parent == root or root not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+
+
 def main(cfg: DictConfig) -> int:
     """Entry point after Hydra composed ``cfg``. Returns a process exit code."""
     from pipeline import guards
@@ -403,6 +440,7 @@ def main(cfg: DictConfig) -> int:
     except guards.USER_ERRORS as e:
         _log_off_console(f"{e}")
         print(f"error: {e}", file=sys.stderr)
+        _drop_hydra_dir(cfg)
         return 2
     except KeyboardInterrupt:
         # the stage's folder is already marked failed and any previous result put

@@ -172,6 +172,22 @@ def test_backup_of_a_running_overwrite_is_not_reported(tmp_path, toy, caplog):
     assert str(backup) not in caplog.text
 
 
+def test_settings_error_leaves_no_hydra_folder(tmp_path):
+    """A mistyped setting stops the run before any stage: Hydra's run folder (and an
+    experiment folder holding nothing else) is removed; a sibling experiment is not."""
+    root = tmp_path / "out"
+    (root / "kept" / "expression").mkdir(parents=True)
+    p = run_pipeline(["stage=train", f"paths.root={root}", "experiment=typo", "vae.beta=-3"])
+    assert p.returncode == 2
+    assert "vae.beta=-3.0 is out of range" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert sorted(x.name for x in root.iterdir()) == ["kept"]
+    # an experiment that holds a stage keeps it; only the new .hydra run folder goes
+    p = run_pipeline(["stage=train", f"paths.root={root}", "experiment=kept", "vae.beta=-3"])
+    assert p.returncode == 2
+    assert sorted(x.name for x in (root / "kept").iterdir()) == ["expression"]
+
+
 def test_hydra_run_dir_never_leaves_paths_root():
     """A bad name that reaches Hydra (not from argv) puts .hydra/ under paths.root."""
     from omegaconf import OmegaConf
