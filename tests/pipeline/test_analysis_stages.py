@@ -335,8 +335,23 @@ def test_path_steps_without_crops_nearby_are_faded_and_flagged(tiny_run, tmp_pat
     ((dim, n_sweep_ok),) = summary["sweep_image_supported_steps"].items()  # top_k_dims=1
     sd = np.where(Z.std(0) > 1e-6, Z.std(0), 1.0)
     anchor = Z[T.nearest_to_mean(Z, ref)]
+    # swept over the stretch that stays among the crops' codes (sweep_in_support): every
+    # step supported; the whole +-span_sd without it, as the library decides
+    lo, hi = T.supported_range(anchor, int(dim), sd, Z[ref], 3.0, 5, 0.5)
+    assert summary["sweep_range_sd"][int(dim)] == [round(lo, 2), round(hi, 2)]
+    assert n_sweep_ok == 3
+    off = AnalysisSettings(
+        path_classes=a.path_classes, image_support_quantile=0.5, sweep_in_support=False, **kw
+    )
+    summary = traverse_study(
+        rd, off, Outputs(tmp_path / "off"), tmp_path / "off.html", None, "t", "s", {}
+    )
+    assert "sweep_range_sd" not in summary
     codes = T.sweep_codes(anchor, int(dim), anchor[int(dim)] + np.linspace(-3, 3, 3) * sd[int(dim)])
-    assert n_sweep_ok == T.image_support(codes, Z[ref], 5, 0.5).supported.sum()
+    assert (
+        summary["sweep_image_supported_steps"][dim]
+        == T.image_support(codes, Z[ref], 5, 0.5).supported.sum()
+    )
     html = (tmp_path / "report.html").read_text()
     assert (f"{5 - n_ok} of 5 steps lie farther" in html) == (n_ok < 5)
     assert "the commonest label among the 5 labelled training crops nearest its code" in html

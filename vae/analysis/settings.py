@@ -38,7 +38,10 @@ class AnalysisSettings:
     programs: dict[str, list[str]] = field(default_factory=granule_programs)
     # per-dimension traversals
     top_k_dims: int = 6  # dims with the largest KL that are swept
-    span_sd: float = 3.0  # sweep anchor +- span_sd x sd of the latent means
+    span_sd: float = 3.0  # sweep anchor +- span_sd x sd of the latent means (at most)
+    # each dim swept only over the stretch around the anchor whose codes stay among the
+    # training crops' codes (image_support below): a one-dim move soon leaves them
+    sweep_in_support: bool = True
     n_steps: int = 9  # images per sweep
     # anchor = mean of this class (None: the training cell with a crop nearest the mean)
     anchor_class: str | None = None

@@ -170,9 +170,31 @@ def traverse_study(
             f"cell {lat.obs_names[i]}, the training cell with a crop nearest the mean of all cells"
         )
     summary["anchor"] = anchor_desc
-    trs = T.traverse_dims(rd.model, anchor, dims, sd, a.span_sd, a.n_steps, rd.device)
+    # each dim swept over the stretch around the anchor that stays among the crops' codes
+    # (analysis.sweep_in_support), at most +-span_sd: a sweep of the full span mostly
+    # draws the decoder's extrapolation (5-6 of 9 steps on the demo)
+    ranges: dict[int, tuple[float, float]] = {}
+    if a.sweep_in_support and img_ok:
+        for dim in dims:
+            r = T.supported_range(
+                anchor, int(dim), sd, z_img, a.span_sd, a.image_support_k, a.image_support_quantile
+            )
+            if r is not None and r[1] - r[0] > 0:
+                ranges[int(dim)] = r
+        summary["sweep_range_sd"] = {
+            int(k): [round(v[0], 2), round(v[1], 2)] for k, v in ranges.items()
+        }
+    trs = T.traverse_dims(rd.model, anchor, dims, sd, a.span_sd, a.n_steps, rd.device, ranges)
     dim_rows = []
-    step_lab = [f"{o:+.1f}sd" for o in trs[0].offsets] if trs else []
+
+    def step_lab(tr) -> list[str]:
+        return [f"{o:+.1f}sd" for o in tr.offsets]
+
+    def swept(tr) -> str:
+        lo, hi = tr.offsets[0], tr.offsets[-1]
+        inside = " (the stretch that stays among the crops' codes)" if int(tr.dim) in ranges else ""
+        return f"{lo:+.1f} to {hi:+.1f} sd{inside}"
+
     sweep_ok = {
         tr.dim: T.image_support(
             T.sweep_codes(anchor, tr.dim, tr.values),
@@ -193,7 +215,7 @@ def traverse_study(
             T.fade_unsupported(tr.decoded.cells(), ok) if img_ok else None,
             tr.decoded.expression[:, gidx] if expr_ok else None,
             gnames,
-            _starred(step_lab, ok, img_ok),
+            _starred(step_lab(tr), ok, img_ok),
             f"z{tr.dim} (KL {kl[tr.dim]:.2f} nats)"
             + (" = maturation axis" if tr.dim == mat_dim else "")
             + f", anchor: {anchor_title}",
@@ -207,7 +229,7 @@ def traverse_study(
         figs["dims"].append(
             FigureItem(
                 p,
-                f"Latent dim z{tr.dim} swept from -{a.span_sd} to +{a.span_sd} sd around the {anchor_desc}: {shown}."
+                f"Latent dim z{tr.dim} swept {swept(tr)} around the {anchor_desc}: {shown}."
                 + (
                     f" Faded, marked *: {int((~sweep_ok[tr.dim]).sum())} of {len(tr.offsets)} "
                     "steps lie beyond the training cells with a crop (image support, as "
@@ -237,17 +259,33 @@ def traverse_study(
         fig = F.image_grid(
             [T.fade_unsupported(tr.decoded.cells(), sweep_ok[tr.dim]) for tr in trs],
             [f"z{tr.dim}" for tr in trs],
-            step_lab,
+            [f"step {i + 1}" for i in range(a.n_steps)],
             f"top {len(trs)} latent dims by KL, anchor: {anchor_title}",
-            # the per-dim figures' mark, so a faded tile reads as extrapolation, not a cell
-            captions=[["" if ok else "* beyond data" for ok in sweep_ok[tr.dim]] for tr in trs],
+            # each row its own offsets; the per-dim figures' mark, so a faded tile reads
+            # as extrapolation, not a cell
+            captions=[
+                [
+                    x + ("" if ok else " * beyond data")
+                    for x, ok in zip(step_lab(tr), sweep_ok[tr.dim])
+                ]
+                for tr in trs
+            ],
         )
         p = out_files.figure(fig, "traverse_grid", "traverse/grid")
         figs["dims"].insert(
             0,
             FigureItem(
                 p,
-                f"Summary: each row sweeps one of the {len(trs)} highest-KL latent dims over -{a.span_sd}..+{a.span_sd} sd around the {anchor_desc} (decoded images; faded and marked *: beyond the training cells with a crop, the decoder's extrapolation; analysis.span_sd sets the range).",
+                f"Summary: each row sweeps one of the {len(trs)} highest-KL latent dims around the {anchor_desc}, "
+                + (
+                    "over the stretch (at most "
+                    f"+-{a.span_sd} sd, analysis.span_sd) where the code stays among the training "
+                    "cells with a crop (analysis.sweep_in_support); the offset in sd is under each image"
+                    if ranges
+                    else f"over -{a.span_sd}..+{a.span_sd} sd (analysis.span_sd)"
+                )
+                + " (decoded images; faded and marked *: beyond the training cells with a crop, "
+                "the decoder's extrapolation).",
             ),
         )
     cols = [c for c in (dim_rows[0] if dim_rows else {}) if c not in ("dim", "kl")]

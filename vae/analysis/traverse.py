@@ -198,6 +198,53 @@ class DimTraversal:
     decoded: DecodedArrays  # n_steps decodings
 
 
+def supported_range(
+    anchor: np.ndarray,
+    dim: int,
+    sd: np.ndarray,
+    z_image: np.ndarray,
+    span: float = 3.0,
+    k: int = 5,
+    quantile: float = 0.99,
+    n_grid: int = 121,
+) -> tuple[float, float] | None:
+    """The stretch of a one-dimension sweep that stays among the crops' codes.
+
+    Moving one latent dim with the others held at the anchor soon leaves the codes any
+    crop has (on the demo 5-6 of 9 steps of a +-3 sd sweep did): the decoder then draws
+    its extrapolation. This walks ``n_grid`` offsets over ``[-span, span]`` sd and keeps
+    the unbroken run of :func:`image_support`-ed ones around the anchor.
+
+    Parameters
+    ----------
+    anchor : (d,) code the other dims stay at
+    dim : the swept dimension
+    sd : (d,) scale of each dimension (sd units of the offsets)
+    z_image : (m, d) codes of the reference rows with a crop
+    span : largest offset tried either way, sd units
+    k, quantile : as :func:`image_support`
+    n_grid : offsets tried (odd, so 0 is one of them)
+
+    Returns
+    -------
+    (lo, hi) offsets in sd units, lo <= 0 <= hi, or None when the anchor itself is
+    not supported (no stretch to keep).
+    """
+    grid = np.linspace(-span, span, int(n_grid) | 1)
+    mid = len(grid) // 2
+    z = sweep_codes(anchor, dim, np.asarray(anchor, np.float64)[dim] + grid * sd[dim])
+    ok = image_support(z, z_image, k, quantile).supported
+    if not ok[mid]:
+        return None
+    lo = mid
+    while lo > 0 and ok[lo - 1]:
+        lo -= 1
+    hi = mid
+    while hi < len(grid) - 1 and ok[hi + 1]:
+        hi += 1
+    return float(grid[lo]), float(grid[hi])
+
+
 def traverse_dims(
     model,
     anchor: np.ndarray,
@@ -206,6 +253,7 @@ def traverse_dims(
     span: float = 3.0,
     n_steps: int = 9,
     device: str = "cpu",
+    ranges: dict[int, tuple[float, float]] | None = None,
 ) -> list[DimTraversal]:
     """Sweep each of ``dims`` over ``anchor[dim] + linspace(-span, span) * sd[dim]``.
 
@@ -217,14 +265,17 @@ def traverse_dims(
     sd : (d,) scale of each dimension (e.g. the spread of the latent means).
     span : half-range in sd units.
     n_steps : points per sweep (odd keeps the anchor itself in the middle).
+    ranges : dim -> (lo, hi) offsets in sd units that replace ``-span, span`` for that
+        dim (e.g. :func:`supported_range`); dims not in it use ``span``.
     """
     anchor = np.asarray(anchor, dtype=np.float64)
     sd = np.asarray(sd, dtype=np.float64)
     if anchor.shape != sd.shape:
         raise ValueError(f"anchor {anchor.shape} and sd {sd.shape} differ")
-    offsets = np.linspace(-span, span, n_steps)
     out = []
     for dim in dims:
+        lo, hi = (ranges or {}).get(int(dim), (-span, span))
+        offsets = np.linspace(lo, hi, n_steps)
         z = sweep_codes(anchor, dim, anchor[dim] + offsets * sd[dim])
         out.append(
             DimTraversal(

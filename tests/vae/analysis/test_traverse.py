@@ -60,6 +60,27 @@ def test_anchor_choices():
         T.anchor_point(z, lab, ids, anchor_class="x")
 
 
+def test_supported_range_keeps_the_stretch_among_the_crops():
+    """Crops' codes fill dim 0 over [-1, 2] on a line (dim 1 = 0): a sweep of dim 0 from
+    the anchor 0 stays supported from -1 to 2 (sd 1), not beyond, and the ranges passed
+    to traverse_dims replace the +-span of those dims only."""
+    ref = np.c_[np.linspace(-1, 2, 301), np.zeros(301)]
+    lo, hi = T.supported_range(np.zeros(2), 0, np.ones(2), ref, span=3.0, n_grid=121)
+    assert -1.1 <= lo <= -0.9 and 1.9 <= hi <= 2.1
+    # dim 1 leaves the line at once: only a sliver around the anchor
+    lo1, hi1 = T.supported_range(np.zeros(2), 1, np.ones(2), ref, span=3.0, n_grid=121)
+    assert -0.2 < lo1 <= 0 <= hi1 < 0.2
+    # an anchor off the data has no stretch at all
+    assert T.supported_range(np.array([0.0, 5.0]), 0, np.ones(2), ref) is None
+    model = LinearStandIn(d=2)
+    trs = T.traverse_dims(
+        model, np.zeros(2), [0, 1], np.ones(2), span=3, n_steps=5, ranges={0: (lo, hi)}
+    )
+    np.testing.assert_allclose(trs[0].offsets, np.linspace(lo, hi, 5))
+    np.testing.assert_allclose(trs[1].offsets, np.linspace(-3, 3, 5))
+    assert T.image_support(T.sweep_codes(np.zeros(2), 0, trs[0].values), ref).supported.all()
+
+
 def test_dim_traversal_shapes_and_monotonic_decoding():
     model = LinearStandIn()
     tr = T.traverse_dims(model, np.zeros(4), [0, 2], sd=np.full(4, 2.0), span=3, n_steps=7)
