@@ -347,6 +347,7 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
         else:
             ctx.dist = hardware.single_process(cfg.hardware)
             spec.fn(ctx)
+        _record_inputs(manifest, ctx)
         for n in spec.produces:
             p = ctx.output(n)
             if not p.exists():
@@ -356,6 +357,7 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
         manifest.finish("complete")
     except BaseException:
         log_traceback(handler, name)  # to <stage>.log only; the console gets one line
+        _record_inputs(manifest, ctx)
         manifest.finish("failed")
         if backup is not None:
             failed = restore_backup(d, backup)
@@ -370,6 +372,13 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
         shutil.rmtree(backup, ignore_errors=True)
     log.info("stage=%s done in %.1f s", name, time.time() - t0)
     return d
+
+
+def _record_inputs(manifest: Manifest, ctx: StageContext) -> None:
+    """Add to the manifest the inputs the stage resolved or named while it ran."""
+    for n, p in ctx.inputs.items():
+        if n not in manifest.data["inputs"] and Path(p).exists():
+            manifest.add_input(n, Path(p))
 
 
 def _log_off_console(msg: str) -> None:

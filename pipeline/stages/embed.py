@@ -36,6 +36,22 @@ def _needs(cfg) -> list[str]:
     return [] if cfg.embed.study else ["model", "latent"]
 
 
+def _uses_detector(cfg) -> bool:
+    """Smear folders, and crop folders whose masks come from the detector."""
+    return bool(cfg.embed.smears) or (bool(cfg.embed.crops) and cfg.embed.crop_masks != "whole")
+
+
+def _optional(cfg) -> list[str]:
+    """The detector is an input only where a detector is used; with ``embed.study`` it is
+    the study's (``Study.load``), so this experiment's own artifacts are not looked up
+    (that lookup logged the shipped detector while the study's was used)."""
+    if not _uses_detector(cfg):
+        return []
+    if cfg.embed.study and not cfg.paths.inputs.get("segmentation_model"):
+        return []
+    return ["segmentation_model"]
+
+
 def _validate(cfg) -> None:
     e = cfg.embed
     if not _inputs(cfg):
@@ -124,9 +140,7 @@ def _read_mapping(cfg) -> pd.DataFrame | None:
     return m
 
 
-@stage(
-    "embed", needs=_needs, optional=["segmentation_model"], produces=["query"], validate=_validate
-)
+@stage("embed", needs=_needs, optional=_optional, produces=["query"], validate=_validate)
 def run_embed(ctx: StageContext) -> None:
 
     from vae.analysis.samples import sample_profile, write_samples_html
@@ -145,6 +159,10 @@ def run_embed(ctx: StageContext) -> None:
         len(study.gene_names),
         study.crop_size,
     )
+    # the manifest names what was used: the study's model and latent, and its detector
+    ctx.inputs["model"], ctx.inputs["latent"] = Path(study.model_path), Path(study.latent_path)
+    if _uses_detector(cfg):
+        _report_detector(ctx, study)
     parts, rejects, genes = [], [], {}
     for kind, p in _inputs(cfg):
         path = resolve_data_path(cfg, p, f"embed.{kind}")
@@ -273,6 +291,11 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects):
                 )
         if adata.n_obs == 0:
             why = f"{len(read_rejects)} file(s) skipped" if read_rejects else "no cell found"
+            if kind in ("smears", "crops") and block is None and path.is_dir():
+                from segmentation.io import IMAGE_SUFFIXES
+
+                if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.rglob("*")):
+                    why = "no image file in the folder or its sub-folders"
             rejects.append({"input": setting, "item": str(path), "reason": f"no cells ({why})"})
             log.warning("%s: no cells (%s)", setting, why)
             return None
@@ -297,6 +320,57 @@ def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> Non
         q.uns.pop(k, None)
     parts.append(q)
     log.info("%s: %d cells embedded", setting, q.n_obs)
+
+
+def _report_detector(ctx: StageContext, study) -> None:
+    """Log the detector the smears / crop masks go through and why, record it as an input,
+    and warn when it was trained on simulated smears only (a demo study's detector on
+    real smears keeps fragments and misses cells: use the shipped one there)."""
+    from segmentation.shipped import SHIPPED_DETECTOR
+
+    cfg = ctx.cfg
+    seg = study.segmentation_model
+    if seg is None or Path(seg) == SHIPPED_DETECTOR:
+        seg = SHIPPED_DETECTOR
+        why = "the detector shipped with the package (no segment_train run in the study)"
+    elif cfg.paths.inputs.get("segmentation_model"):
+        why = "paths.inputs.segmentation_model"
+    else:
+        why = "the study's segment_train model"
+    log.info("detector: %s (%s)", seg, why)
+    if Path(seg).is_file():
+        ctx.inputs["segmentation_model"] = Path(seg)
+    if Path(seg) == SHIPPED_DETECTOR:
+        return
+    data = _detector_data(Path(seg))
+    if data == "synthetic":
+        log.warning(
+            "detector %s was trained on simulated smears only (data=synthetic), at a fixed "
+            "scale: on real smears it keeps fragments and misses cells. For real smears "
+            "pass paths.inputs.segmentation_model=%s (the detector shipped with the "
+            "package, which measures each smear's magnification)",
+            seg,
+            SHIPPED_DETECTOR,
+        )
+
+
+def _detector_data(path: Path) -> str | None:
+    """``data.name`` a segment_train model was trained on: from its stage manifest, else
+    from the checkpoint's saved config; None when neither says."""
+    from pipeline.artifacts import read_manifest
+
+    man = read_manifest(path.parent) if path.name == "model.pt" else None
+    if man and man.get("stage") == "segment_train":
+        return (man.get("config", {}).get("data") or {}).get("name")
+    try:
+        from segmentation.io import load_torch_file
+
+        ck = load_torch_file(path)
+    except Exception:  # noqa: BLE001 - the study loads it and names a broken file itself
+        return None
+    return (
+        ((ck.get("config") or {}).get("data") or {}).get("name") if isinstance(ck, dict) else None
+    )
 
 
 def _segment_args(cfg, kind: str) -> dict:

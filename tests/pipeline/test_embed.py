@@ -467,6 +467,77 @@ def test_smears_go_through_segment_and_empty_ones_are_rejects(study: Path, tmp_p
     assert ad.read_h5ad(d / "query.h5ad").n_obs == 2
 
 
+def test_the_log_and_manifest_name_the_study_detector_actually_used(
+    study: Path, tmp_path: Path, caplog
+):
+    """embed.study with its own segment_train model: the log names that detector (not the
+    shipped one), warns that a simulator-trained detector is used on smears, and the
+    manifest records the study's model, latent and detector. Expression only: no
+    detector at all."""
+    import json
+    import shutil
+
+    from segmentation.model import build_maskrcnn, save_checkpoint
+    from segmentation.shipped import SHIPPED_DETECTOR
+
+    sd = study / "out" / "sd"
+    if not sd.exists():
+        shutil.copytree(study / "out" / "s" / "train", sd / "train")
+        torch.manual_seed(0)
+        args = {"arch": "resnet18_fpn", "min_size": 128, "max_size": 128, **LIGHT_HEADS}
+        (sd / "segment_train").mkdir()
+        save_checkpoint(sd / "segment_train" / "model.pt", build_maskrcnn(**args), args)
+        man = {
+            "stage": "segment_train",
+            "status": "complete",
+            "config": {"data": {"name": "synthetic"}},
+        }
+        (sd / "segment_train" / "manifest.json").write_text(json.dumps(man))
+    (tmp_path / "smears").mkdir()
+    img = np.full((96, 128, 3), (230, 200, 200), np.uint8)
+    Image.fromarray(img).save(tmp_path / "smears" / "a.png")
+    Image.fromarray(img).save(tmp_path / "smears" / "b.png")
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    paired.write_h5ad(tmp_path / "expr.h5ad")
+    det = sd / "segment_train" / "model.pt"
+    with caplog.at_level("INFO"), pytest.raises(StageError, match="no cell in any input"):
+        run_stage_in_process(
+            [
+                f"paths.root={tmp_path / 'out'}",
+                "experiment=det",
+                f"embed.study={sd}",
+                f"embed.smears={tmp_path / 'smears'}",
+                "segmentation.score_threshold=1.0",  # the untrained detector keeps nothing
+                "hardware.torch_threads=1",
+            ],
+            "embed",
+        )
+    assert f"detector: {det} (the study's segment_train model)" in caplog.text
+    assert "trained on simulated smears only" in caplog.text
+    assert str(SHIPPED_DETECTOR) in caplog.text  # the warning's advice
+    assert "no segment_train run, so the detector shipped" not in caplog.text
+    inputs = json.loads((tmp_path / "out" / "det" / "embed" / "manifest.json").read_text())[
+        "inputs"
+    ]
+    assert Path(inputs["segmentation_model"]["path"]) == det
+    assert Path(inputs["model"]["path"]) == sd / "train" / "model.pt"
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        d = run_stage_in_process(
+            [
+                f"paths.root={tmp_path / 'out'}",
+                "experiment=expr",
+                f"embed.study={sd}",
+                f"embed.expression={tmp_path / 'expr.h5ad'}",
+                "hardware.torch_threads=1",
+            ],
+            "embed",
+        )
+    inputs = json.loads((d / "manifest.json").read_text())["inputs"]
+    assert set(inputs) == {"model", "latent"}
+    assert "detector" not in caplog.text
+
+
 def test_missing_genes_are_imputed_from_the_cell(study: Path, tmp_path: Path):
     """impute=model: each cell's own reconstruction (not one constant), written out;
     impute=mean: the reference mean for every cell; both report which was used."""
