@@ -232,8 +232,6 @@ def fill_cuts(
     nucleus_prob: torch.Tensor,
     cell_prob: torch.Tensor | None = None,
     radius: int = 2,
-    ring_px: int = 0,
-    rim_px: int = 0,
 ) -> torch.Tensor:
     """The cytoplasm layer with the cuts (and 1 px around them) in the cell's cytoplasm colour.
 
@@ -250,10 +248,6 @@ def fill_cuts(
     nucleus_prob : (B, 1, S, S) the drawn nucleus mask, in [0, 1]
     cell_prob : (B, 1, S, S) the decoded cell mask, in [0, 1], or None (the whole
         square is cell): the cytoplasm colour is taken inside the cell only
-    ring_px : > 0: only the cytoplasm within ``radius + ring_px`` px of the nucleus
-        counts (the cytoplasm next to the lobes; a row with no such pixel uses all)
-    rim_px : > 0: the cell's outer ``rim_px`` px do not count (on real crops the
-        decoded rim is paler than the cytoplasm around the nucleus)
 
     Returns
     -------
@@ -263,18 +257,7 @@ def fill_cuts(
     near = F.max_pool2d((nucleus_prob > 0.5).to(cytoplasm.dtype), k, stride=1, padding=radius)
     far = 1 - near
     if cell_prob is not None:
-        cell = (cell_prob > 0.5).to(cytoplasm.dtype)
-        if rim_px > 0:  # erode the cell by rim_px (outside the square counts as cell)
-            outside = F.pad(1 - cell, (rim_px,) * 4, value=0.0)
-            cell = cell * (1 - F.max_pool2d(outside, 2 * rim_px + 1, stride=1))
-        far = far * cell
-    if ring_px > 0:
-        kr = 2 * (radius + ring_px) + 1
-        reach = F.max_pool2d(
-            (nucleus_prob > 0.5).to(cytoplasm.dtype), kr, stride=1, padding=radius + ring_px
-        )
-        ring = far * reach
-        far = torch.where(ring.sum((2, 3), keepdim=True) > 0, ring, far)
+        far = far * (cell_prob > 0.5).to(cytoplasm.dtype)
     n_far = far.sum((2, 3), keepdim=True)
     colour = (cytoplasm * far).sum((2, 3), keepdim=True) / n_far.clamp_min(1)
     grown = F.max_pool2d(cut.to(cytoplasm.dtype), 3, stride=1, padding=1) * (n_far > 0)
