@@ -317,6 +317,9 @@ class ExpressionConfig:
     umap: bool = True  # UMAP for the report figure
     plots: bool = True  # qc.png and umap.png
     seed: int | None = None  # null: top-level seed
+    # what this data set cannot tell (its origin, what its labels are): carried through
+    # pair into the traverse report's "What these data cannot show"
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.runner import StageContext, StageError, resolve_data_path, stage
@@ -154,6 +155,8 @@ def run_expression(ctx: StageContext) -> None:
     except ex.ExpressionInputError as e:
         raise StageError(str(e)) from e
     out = res.adata
+    if cfg.expression.notes:
+        out.uns["data_notes"] = np.array([str(n) for n in cfg.expression.notes], dtype=str)
     ex.sanitize_for_h5ad(out)
     log.info(
         "expression: %d -> %d cells, %d -> %d genes (%d HVG, %d of interest), counts=%s, "

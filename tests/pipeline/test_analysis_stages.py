@@ -304,6 +304,7 @@ def test_path_steps_without_crops_nearby_are_faded_and_flagged(tiny_run, tmp_pat
     rd = load_run(run / "latent.h5ad", run / "model.pt", paired)
     labels = rd.latent.obs["label"].astype(str).to_numpy()
     rd.latent.obs[HAS_IMAGE] = labels != "myeloblast"  # myeloblasts: expression only
+    rd.data_notes = ["NOTE: these profiles are mouse bone marrow."]  # expression.notes
     kw = dict(umap=False, top_k_dims=1, n_steps=3, path_steps=5, path_pose_cells=0)
     a = AnalysisSettings(path_classes=["myeloblast", "myelocyte"], image_support_quantile=0.5, **kw)
     summary = traverse_study(rd, a, Outputs(tmp_path), tmp_path / "report.html", None, "t", "s", {})
@@ -358,8 +359,10 @@ def test_path_steps_without_crops_nearby_are_faded_and_flagged(tiny_run, tmp_pat
     # the class without crops is named, on the path and at the top of the report
     assert summary["path"]["gp"]["classes_without_crops"] == ["myeloblast"]
     assert "What these data cannot show" in html
+    assert "NOTE: these profiles are mouse bone marrow." in html
     assert "No crop in the training data is labelled myeloblast" in html
-    assert summary["data_limits"] and "myeloblast" in summary["data_limits"][-1]
+    assert "myeloblast" in summary["data_limits"][-2]  # the data's own notes come last
+    assert summary["data_limits"][-1] == "NOTE: these profiles are mouse bone marrow."
     page = (tmp_path / "study.html").read_text()
     payload = json.loads(
         re.search(r'id="study-data">(.*?)</script>', page, re.S).group(1).replace("<\\/", "</")

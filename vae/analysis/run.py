@@ -6,7 +6,7 @@ and ``pipeline/stages/traverse.py`` wire it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,8 @@ class RunData:
     device: Any
     # gene -> program: paired var["program"] or uns["expression_programs"]
     gene_program: dict[str, str]
+    # what the expression data cannot tell (expression.notes, via paired uns)
+    data_notes: list[str] = field(default_factory=list)
 
 
 def load_run(
@@ -101,8 +103,10 @@ def load_run(
             )
     genes = list(meta.get("gene_names") or (data.gene_names if data is not None else []))
     gene_program: dict[str, str] = {}
+    notes: list[str] = []
     if data is not None:
         paired = ad.read_h5ad(paired_path, backed="r")
+        notes = [str(n) for n in np.atleast_1d(paired.uns.get("expression_data_notes", []))]
         var = paired.var
         if "program" in var:
             gene_program = dict(zip(var.index.astype(str), var["program"].astype(str)))
@@ -110,7 +114,7 @@ def load_run(
             for prog, members in (paired.uns.get("expression_programs") or {}).items():
                 for g in members:
                     gene_program.setdefault(str(g), str(prog))
-    return RunData(latent, model, meta, data, genes, device, gene_program)
+    return RunData(latent, model, meta, data, genes, device, gene_program, notes)
 
 
 def full_codes(latent) -> np.ndarray:

@@ -446,8 +446,12 @@ def traverse_study(
                 else "a Gaussian-process path through the class centroids "
                 + " -> ".join(cents.names)
             )
+            # only the programs with genes in the model: the heatmap has no others
+            shown_programs = [k for k, gl in programs.items() if T.match_genes(genes, gl)]
             prog_names = (
-                "genes of the programs " + ", ".join(programs) if programs else "marker genes"
+                "genes of the programs " + ", ".join(shown_programs)
+                if shown_programs
+                else "marker genes"
             )
             what = {
                 (
@@ -789,7 +793,9 @@ def traverse_study(
         tb_scalars(tb, "traverse/truth", truth)
 
     # ---- what the data behind this study cannot show, said once on both pages
-    limits = _data_limits(lat, path_info.get("gp", {}).get("classes_without_crops") or [])
+    limits = _data_limits(
+        lat, path_info.get("gp", {}).get("classes_without_crops") or [], rd.data_notes
+    )
     summary["data_limits"] = limits
     # ---- interactive page next to the report
     study_page = None
@@ -919,11 +925,12 @@ def traverse_study(
     return clean_json(summary)
 
 
-def _data_limits(lat, classes_without_crops: list[str]) -> list[str]:
+def _data_limits(lat, classes_without_crops: list[str], notes: list[str] = ()) -> list[str]:
     """Sentences on what the study's data cannot show (empty for data without such gaps).
 
     ``lat`` : latent.h5ad (its ``pair_mode`` column says how images met expression);
-    ``classes_without_crops`` : path classes no training crop carries.
+    ``classes_without_crops`` : path classes no training crop carries; ``notes`` : the
+    expression data set's own (``expression.notes``), appended as they are.
     """
     out = []
     modes = set(lat.obs["pair_mode"].astype(str)) if "pair_mode" in lat.obs else set()
@@ -942,6 +949,7 @@ def _data_limits(lat, classes_without_crops: list[str]) -> list[str]:
             "image decoder's pictures of the nearest crops of other classes (the labels "
             "under each step say which), not images of such cells."
         )
+    out += [str(n) for n in notes]
     return out
 
 
@@ -1074,7 +1082,7 @@ def _eval_sections(evaluation: Path | None, stale: str | None = None) -> list:
         tables.append(TableItem(name.replace("_", " "), df, cap, missing=missing[name]))
     fcaps = {
         "umap_labels.png": "Embedding of the shared latent, coloured by label, split and maturation.",
-        "umap_programs.png": "Same embedding coloured by the observed score of each gene program (expression.programs: the granule programs and the maturation markers by default).",
+        "umap_programs.png": "Same embedding coloured by the observed score of each gene program (expression.programs: the granule programs and the maturation markers by default; a program with none of its genes in the data has no panel).",
         "umap_image.png": "Embedding of the image-only latent, coloured by label.",
         "umap_expression.png": "Embedding of the expression-only latent, coloured by label.",
         "reconstructions.png": "Held-out cells: masked input, joint reconstruction, and the image decoded from the row's expression profile alone (in a study paired by label, a profile of the crop's class, not of this cell; black: the crop has no profile). Drawn cells: the nucleus is cut into the lobe count the lobe layer reads, and the cuts are painted in the cytoplasm's colour (pale lines through a large nucleus).",

@@ -599,6 +599,15 @@ def test_stage_on_paul15(tmp_path):
     # diffusion pseudotime from the MPP root: progenitors earliest
     assert med["Multipotent progenitors"] < med["GMP"] < med["Neutrophils"]
     assert med["Multipotent progenitors"] == med.min()
+    # the data set's own caveats (conf/expression/paul15.yaml notes) travel with it, and
+    # what they say about the labels holds on this file: "Multipotent progenitors" carry
+    # erythroid genes, "Neutrophils" the azurophil-granule ones
+    notes = list(out.uns["data_notes"])
+    assert len(notes) == 2 and "cluster 7" in notes[0] and "MEP" in notes[0]
+    x = pd.DataFrame(out.X.toarray() if sp.issparse(out.X) else out.X, columns=out.var_names)
+    mean = x.groupby(out.obs["label"].astype(str).to_numpy()).mean()
+    assert mean.loc["Multipotent progenitors", "Car1"] > 2 * mean.loc["GMP", "Car1"]
+    assert mean.loc["Neutrophils", "Elane"] > 3 * mean.loc["GMP", "Elane"]
 
 
 def test_10x_h5_reader(tmp_path):

@@ -490,6 +490,7 @@ def test_real_crops_by_label_against_paul15_labels(tmp_path):
     """The real-data config: bccd_cropped + segmentation_wbc x Paul15-style labels."""
     e = _expr()
     e.obs["label"] = ["Neutrophils", "Neutrophils", "Monocytes", "Basophils", "GMP", "GMP"]
+    e.uns["data_notes"] = np.array(["mouse bone marrow", "no late genes"])
     e.write_h5ad(tmp_path / "expression.h5ad")
     r = _run(
         [
@@ -520,6 +521,8 @@ def test_real_crops_by_label_against_paul15_labels(tmp_path):
     assert set(obs[obs.has_image & ~obs.has_expression].image_label) == {"eosinophil", "lymphocyte"}
     assert set(obs[~obs.has_image].expression_label) <= {"GMP", "Neutrophils"}
     assert a.obsm["crops"].shape[1:] == (64, 64, 3)
+    # the expression data's caveats go on to the reports (expression.notes)
+    assert list(a.uns["expression_data_notes"]) == ["mouse bone marrow", "no late genes"]
     seg = obs.image_source == "segmentation_wbc"
     assert (a.obsm["crops"][seg.to_numpy()][~a.obsm["masks"][seg.to_numpy()]] == 0).all()
 
