@@ -209,6 +209,24 @@ def traverse_study(
             int(dim): int(ok.sum()) for dim, ok in sweep_ok.items()
         }
     anchor_title = anchor_desc.split(",")[0]  # figure titles: the cell or the mean
+    # which decoder reads each dim: shared (both), image-private, expression-private
+    margs = getattr(rd.model, "args", None)
+    n_sh, n_pr = int(getattr(margs, "n_shared", d) or d), int(getattr(margs, "n_private", 0) or 0)
+
+    def dim_name(k: int) -> str:
+        k = int(k)
+        if n_pr and n_sh <= k < n_sh + n_pr:
+            return f"z{k} (image only)"
+        if n_pr and k >= n_sh + n_pr:
+            return f"z{k} (expression only)"
+        return f"z{k}"
+
+    forced = mat_dim is not None and len(trs) > 0 and int(trs[0].dim) == mat_dim
+    dims_title = (
+        f"maturation axis z{mat_dim} and the top {len(trs) - 1} other dims by KL"
+        if forced
+        else f"top {len(trs)} latent dims by KL"
+    )
     for tr in trs:
         ok = sweep_ok[tr.dim]
         fig = F.strip_with_heatmap(
@@ -216,7 +234,7 @@ def traverse_study(
             tr.decoded.expression[:, gidx] if expr_ok else None,
             gnames,
             _starred(step_lab(tr), ok, img_ok),
-            f"z{tr.dim} (KL {kl[tr.dim]:.2f} nats)"
+            f"{dim_name(tr.dim)} (KL {kl[tr.dim]:.2f} nats)"
             + (" = maturation axis" if tr.dim == mat_dim else "")
             + f", anchor: {anchor_title}",
         )
@@ -258,9 +276,9 @@ def traverse_study(
     if trs and img_ok:
         fig = F.image_grid(
             [T.fade_unsupported(tr.decoded.cells(), sweep_ok[tr.dim]) for tr in trs],
-            [f"z{tr.dim}" for tr in trs],
+            [dim_name(tr.dim) for tr in trs],
             [f"step {i + 1}" for i in range(a.n_steps)],
-            f"top {len(trs)} latent dims by KL, anchor: {anchor_title}",
+            f"{dims_title}, anchor: {anchor_title}",
             # each row its own offsets; the per-dim figures' mark, so a faded tile reads
             # as extrapolation, not a cell
             captions=[
@@ -276,7 +294,9 @@ def traverse_study(
             0,
             FigureItem(
                 p,
-                f"Summary: each row sweeps one of the {len(trs)} highest-KL latent dims around the {anchor_desc}, "
+                f"Summary: each row sweeps one of the {len(trs)} dims ({dims_title}; KL per dim of "
+                "the training cells, latent.h5ad uns['kl_per_dim']; '(image only)' / '(expression "
+                f"only)': a private dim that one decoder reads) around the {anchor_desc}, "
                 + (
                     "over the stretch (at most "
                     f"+-{a.span_sd} sd, analysis.span_sd) where the code stays among the training "
@@ -826,7 +846,9 @@ def traverse_study(
     summary["key_findings"] = key
     sections = [Section("What these data cannot show", text="\n\n".join(limits))] if limits else []
     sections += [Section("Key findings", text="\n\n".join(key))] if key else []
-    sections += _eval_sections(evaluation, evaluation_stale)
+    modes = set(lat.obs["pair_mode"].astype(str)) if "pair_mode" in lat.obs else set()
+    by = next((m for m in ("by_label", "by_maturation") if m in modes), None)
+    sections += _eval_sections(evaluation, evaluation_stale, by)
     text = f"Top {len(trs)} latent dimensions by KL swept around the {anchor_desc}. " + (
         "Features are measured with scikit-image on the decoded crops (vae/analysis/granules.py)."
         if img_ok
@@ -999,7 +1021,14 @@ def _key_findings(tables: dict, truth: dict, path_classes: list[str], top: int) 
             extra = ""
             if "gp_path_position" in df.columns and np.isfinite(df.loc[feat, "gp_path_position"]):
                 extra = f"; with GP path position rho {df.loc[feat, 'gp_path_position']:+.2f}"
-            out.append(f"Latent dims most correlated with {feat} of held-out cells: {dims}{extra}.")
+            # a program score here is decoded from the crop's own code (most real crops
+            # have no measured profile); the granule density is measured on the crop
+            what = (
+                f"{feat} decoded from the codes of held-out crops"
+                if feat.startswith("program:")
+                else f"{feat} measured on held-out crops"
+            )
+            out.append(f"Latent dims most correlated with {what}: {dims}{extra}.")
     if "gene_ranking_gp" in tables and path_classes:
         g = tables["gene_ranking_gp"]
         up = g[g["log2fc"] > 0].head(min(top, 8))["gene"].tolist()
@@ -1028,9 +1057,13 @@ def _key_findings(tables: dict, truth: dict, path_classes: list[str], top: int) 
     return out
 
 
-def _eval_sections(evaluation: Path | None, stale: str | None = None) -> list:
+def _eval_sections(
+    evaluation: Path | None, stale: str | None = None, paired_by: str | None = None
+) -> list:
     """Report sections from stage=evaluate's outputs, when it ran (``stale``: why they are
-    not of this model; the section says so instead of showing another model's numbers)."""
+    not of this model; the section says so instead of showing another model's numbers;
+    ``paired_by``: ``by_label`` / ``by_maturation`` when images met profiles that way, so
+    retrieval of "the cell's own profile" is at chance by construction)."""
     import json
 
     from vae.analysis.report import FigureItem, Section, TableItem, fmt_number
@@ -1063,6 +1096,13 @@ def _eval_sections(evaluation: Path | None, stale: str | None = None) -> list:
         "retrieval": "Finding each cell's own expression profile from its image latent (Recall@k, FOSCTTM: 0 perfect, 0.5 random).",
         "disentanglement": "Against simulator truth: MIG gap, DCI informativeness and the best single dim's Spearman per factor.",
     }
+    if paired_by:
+        what = "label" if paired_by == "by_label" else "maturation"
+        captions["retrieval"] += (
+            f" Here images and profiles were paired by {what}: a crop's profile is a random "
+            f"one of its class, not its own, so these numbers are at chance by construction "
+            "(Recall@k about k / n, FOSCTTM about 0.5) and say nothing about the model."
+        )
     missing = {
         "latent_structure": "fewer than two labels among these rows, so no Leiden comparison",
         "label_transfer": "no cell of this class was predicted, or none was taken for another",
