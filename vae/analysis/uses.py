@@ -106,12 +106,26 @@ def anomaly_summary(
         return {}
     order = np.argsort(-np.where(ok, s, -np.inf))[: min(n_top, int(ok.sum()))]
     names = np.asarray(lat.obs_names)[rows]
+    from vae.inputs.schema import UNKNOWN_LABELS
+
+    def named(x) -> str:  # one name for a row without a label, in the CSVs and figure
+        return "(unlabelled)" if str(x) in UNKNOWN_LABELS else str(x)
+
+    lab = np.array([named(x) for x in labels[rows]], dtype=object)
+    has_crop = decoded.has_image if decoded is not None else np.zeros(len(rows), bool)
     top = pd.DataFrame(
-        {"cell": names[order], "label": labels[rows][order], ANOMALY_SCORE: s[order]}
+        {
+            "cell": names[order],
+            "label": lab[order],
+            "has_crop": np.asarray(has_crop, bool)[order] if decoded is not None else None,
+            ANOMALY_SCORE: s[order],
+        }
     )
+    if decoded is None:
+        top = top.drop(columns="has_crop")
     out_files.csv(top, ANOMALY_CSV)
     by = (
-        pd.DataFrame({"label": labels[rows][ok], "score": s[ok]})
+        pd.DataFrame({"label": lab[ok], "score": s[ok]})
         .groupby("label")["score"]
         .agg(["count", "median", "mean"])
         .reset_index()
@@ -125,16 +139,11 @@ def anomaly_summary(
             i for i in np.argsort(-np.where(ok, s, -np.inf)) if ok[i] and decoded.has_image[i]
         ][:n_top]
         if with_img:
-            from vae.inputs.schema import UNKNOWN_LABELS
-
-            def named(x) -> str:
-                return "(unlabelled)" if str(x) in UNKNOWN_LABELS else str(x)
-
             fig = top_cells_figure(
                 decoded.image[with_img],
-                [f"{named(labels[rows][i])}\n{s[i]:.1f}" for i in with_img],
+                [f"{lab[i]}\n{s[i]:.1f}" for i in with_img],
                 "most atypical held-out cells with a crop (combined anomaly score; "
-                "anomaly_top.csv ranks every cell, expression-only ones too)",
+                "anomaly_top.csv lists the top cells of every kind, expression-only ones too)",
             )
             out_files.figure(fig, ANOMALY_PNG, "evaluate/anomaly_top")
     return {
@@ -156,9 +165,10 @@ def report_section(ev_dir: Path):
         "non-zero entries skipped (n_skipped).",
         DENOISING_CSV: "Denoising: per-gene Pearson r with the simulator's noise-free expression, "
         "decoded vs the observed counts, per gene programme.",
-        ANOMALY_CSV: "Most atypical held-out cells: combined anomaly score (robust z of "
-        "reconstruction cost, latent kNN distance and class distance per modality vs the "
-        "training cells).",
+        ANOMALY_CSV: "Most atypical held-out cells of every kind (has_crop: False for an "
+        "expression-only row, whose score is on its profile): combined anomaly score (robust "
+        "z of reconstruction cost, latent kNN distance and class distance per modality vs "
+        "the training cells).",
         ANOMALY_BY_LABEL_CSV: "Anomaly score per label on the held-out split.",
     }
     for name, cap in caps.items():
@@ -167,7 +177,8 @@ def report_section(ev_dir: Path):
             tables.append(TableItem(name.replace("_", " "), pd.read_csv(f), cap))
     fcaps = {
         LATE_PNG: "Predicted vs true log values: observed entries grey, hidden (imputed) entries red.",
-        ANOMALY_PNG: "Crops of the most atypical held-out cells, with label and score.",
+        ANOMALY_PNG: "Crops of the most atypical held-out cells that have a crop, with label "
+        "and score (the table above also ranks expression-only rows, which have no crop to show).",
     }
     for name, cap in fcaps.items():
         f = Path(ev_dir) / f"{name}.png"
