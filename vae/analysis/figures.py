@@ -77,9 +77,13 @@ def scatter(
         missing = [c for c in set(sv) if c not in pal]
         if missing:  # a label outside the given mapping: colour it, never fail a figure
             pal.update({k: v for k, v in label_colours(missing).items() if k not in pal})
+        from vae.inputs.schema import UNKNOWN_LABELS
+
         for c in label_order(sv):
             sel = sv == c
-            ax.scatter(emb[sel, 0], emb[sel, 1], s=6, color=pal[c], label=c)
+            # an empty label would drop the class from the legend: name it
+            name = "(unlabelled)" if c in UNKNOWN_LABELS else c
+            ax.scatter(emb[sel, 0], emb[sel, 1], s=6, color=pal[c], label=name)
         # beside the axes: inside, a long label list covers the points (a whole class
         # on the real chain's UMAP)
         ax.legend(
@@ -90,7 +94,7 @@ def scatter(
         ok = np.isfinite(v)
         ax.scatter(emb[~ok, 0], emb[~ok, 1], s=4, color="lightgrey")
         sc = ax.scatter(emb[ok, 0], emb[ok, 1], s=6, c=v[ok], cmap="viridis")
-        fig.colorbar(sc, ax=ax, shrink=0.8)
+        fig.colorbar(sc, ax=ax, shrink=0.8, label=title)
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
