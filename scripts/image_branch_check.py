@@ -241,13 +241,21 @@ def check(
         res["n_test_image_labelled"] = int(cnt.sum())
         res["majority_image_rows"] = float(cnt.max() / cnt.sum()) if cnt.size else float("nan")
         ns = model.args.n_shared
+        # as stage=evaluate: a test row whose expression profile is also a train/val
+        # row's (pairing by label reuses profiles) is left out where expression is read
+        fresh = np.ones(test.size, bool)
+        if "expression_ref" in adata.obs:
+            eref = adata.obs["expression_ref"].astype(str).to_numpy()
+            seen = set(eref[fit][has_e_all[fit]]) - {"", "nan", "None"}
+            fresh = ~(has_e & np.isin(eref[test], list(seen)))
+        res["n_test_profile_in_training"] = int((~fresh).sum())
         for name, zz, hf, ht in (
             ("image", lat_all.image, has_i_all[fit], has_i),
             ("image_shared", lat_all.image[:, :ns], has_i_all[fit], has_i),
-            ("expression", lat_all.expression, has_e_all[fit], has_e),
-            ("joint", lat_all.joint, np.ones(fit.size, bool), np.ones(test.size, bool)),
+            ("expression", lat_all.expression, has_e_all[fit], has_e & fresh),
+            ("joint", lat_all.joint, np.ones(fit.size, bool), fresh),
             # the fused code of the cells that have a crop (image + expression where paired)
-            ("joint_image_rows", lat_all.joint, np.ones(fit.size, bool), has_i),
+            ("joint_image_rows", lat_all.joint, np.ones(fit.size, bool), has_i & fresh),
         ):
             res[f"knn_{name}"] = _knn(
                 zz[fit][labf & hf], yf[labf & hf], zz[test][lab & ht], y[lab & ht]

@@ -248,6 +248,22 @@ def _disagreement_figure(disagree: pd.DataFrame, P, k: int, split: str):
     )
 
 
+def seen_profiles(lat, rows: np.ndarray) -> np.ndarray:
+    """(N,) bool: rows of ``rows`` whose expression profile (``obs["expression_ref"]``)
+    is also the profile of a row outside ``rows`` (train / val), as pairing by label
+    does when a class has fewer profiles than crops. All False without the column."""
+    out = np.zeros(lat.n_obs, bool)
+    if "expression_ref" not in lat.obs or "has_expression" not in lat.obs:
+        return out
+    ref = lat.obs["expression_ref"].astype(str).to_numpy()
+    has = lat.obs["has_expression"].to_numpy().astype(bool) & ~np.isin(ref, ["", "nan", "None"])
+    inside = np.zeros(lat.n_obs, bool)
+    inside[rows] = True
+    elsewhere = set(ref[has & ~inside])
+    out[rows] = has[rows] & np.isin(ref[rows], list(elsewhere))
+    return out
+
+
 def evaluate(
     rd: RunData,
     a: AnalysisSettings,
@@ -297,15 +313,28 @@ def evaluate(
     disagree: pd.DataFrame | None = None
     suspects: pd.DataFrame | None = None
     sources = obs_col(lat, a.source_key)
+    # pairing by label reuses a profile for several crops: a held-out row whose profile
+    # also sits in a training row has that row's expression code, a free vote. Such rows
+    # are left out of the scores of the latents that read expression (joint, expression)
+    seen = seen_profiles(lat, rows) if ref is not None else np.zeros(lat.n_obs, bool)
     for name, key in LATENTS.items():
         if key not in lat.obsm:
             continue
         z = np.asarray(lat.obsm[key], dtype=np.float64)
         coded = rows[np.isfinite(z[rows]).all(1)]
         ok = coded[known[coded]]
+        n_seen = 0
+        if name != "image":
+            n_seen = int(seen[ok].sum())
+            ok = ok[~seen[ok]]
         if ok.size < 3:
             continue
-        row = {"latent": name, "n": int(ok.size), "n_unlabelled": int(coded.size - ok.size)}
+        row = {
+            "latent": name,
+            "n": int(ok.size),
+            "n_unlabelled": int(coded.size - ok.size - n_seen),
+            "n_profile_in_training": n_seen,
+        }
         if ref is None:  # leave-one-out among the evaluated rows
             vote_ref: tuple = (None, None)
             rok = ok  # the rows the votes come from

@@ -1089,7 +1089,7 @@ def _eval_sections(
     metrics = json.loads(evaluation.read_text())
     tables, figs = [], []
     captions = {
-        "latent_structure": "kNN accuracy and balanced accuracy (mean recall over classes; reference: the train rows with a known label), silhouette and Leiden ARI/NMI of each latent on the held-out rows whose label is known (n; n_unlabelled: rows with a code but no label, left out).",
+        "latent_structure": "kNN accuracy and balanced accuracy (mean recall over classes; reference: the train rows with a known label), silhouette and Leiden ARI/NMI of each latent on the held-out rows whose label is known (n; n_unlabelled: rows with a code but no label, left out; n_profile_in_training: held-out rows left out of the joint and expression scores because their expression profile is also a training or validation row's, as pairing by label reuses profiles: the same code would be a free vote).",
         "label_transfer": "Class by class: recall, precision and the class each one is most often taken for (kNN on each latent).",
         "label_transfer_by_source": "The image code's kNN accuracy per image source (a source the code reads badly shows here).",
         "reconstruction": "Held-out reconstruction: masked image MSE/SSIM; expression per-gene r; cross-modal prediction.",

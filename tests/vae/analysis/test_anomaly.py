@@ -176,3 +176,27 @@ def test_rescore_latent_reproduces_the_scores_of_the_training_rows_reference():
         A.knn_distance(z["image"][tr], z["image"][tr], 5, self_in_ref=np.ones(60, bool)),
         atol=1e-5,
     )
+
+
+def test_held_out_rows_with_a_training_profile_are_found():
+    """Pairing by label reuses profiles: a test row whose profile is also a train/val
+    row's is flagged (stage=evaluate leaves it out of the joint / expression scores);
+    image-only rows, rows without a profile and profiles seen only in test are not."""
+    import anndata as ad
+    import pandas as pd
+
+    from vae.analysis.evaluate import seen_profiles
+
+    obs = pd.DataFrame(
+        {
+            "expression_ref": ["p1", "p2", "p1", "p3", "", "p2", "p4", "p4"],
+            "has_expression": [True, True, True, True, False, True, True, True],
+            "split": ["train", "val", "test", "test", "test", "test", "test", "test"],
+        },
+        index=[f"r{i}" for i in range(8)],
+    )
+    lat = ad.AnnData(obs=obs)
+    rows = np.flatnonzero(obs["split"].to_numpy() == "test")
+    got = seen_profiles(lat, rows)
+    assert got.tolist() == [False, False, True, False, False, True, False, False]
+    assert not seen_profiles(ad.AnnData(obs=obs[["split"]]), rows).any()  # no column
