@@ -383,6 +383,18 @@ def _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects
         shutil.copytree(ctx.dir / ".overlays", tmp)
     write_json(
         ctx.output("summary.json"),
-        {"counts": counts, "filter_counts": filters, "device": str(ctx.dist.device)},
+        {
+            "counts": counts,
+            "filter_counts": filters,
+            # the two count different things: say which (a report review took them for
+            # the same base)
+            "about": {
+                "counts.rejects": "rows of rejects.csv: rejected detections, images with no "
+                "kept cell and label rows without an image (its action column says which)",
+                "filter_counts": "every detection the detector returned, low-score ones "
+                "included; one detection can carry several flags",
+            },
+            "device": str(ctx.dist.device),
+        },
     )
     log.info("segment: %s", counts)
