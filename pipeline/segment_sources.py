@@ -378,7 +378,12 @@ def _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects
         pd.DataFrame(rejects, columns=REJECT_COLUMNS).to_csv(tmp, index=False)
     labels = [f"{lab or '?'} {sc_:.2f}" for lab, sc_ in zip(kept.label, kept.score.astype(float))]
     with ctx.atomic("contact_sheet.png") as tmp:
-        contact_sheet(crops, labels, int(sc.contact_sheet_max)).save(tmp, format="PNG")
+        contact_sheet(
+            crops,
+            labels,
+            int(sc.contact_sheet_max),
+            caption="kept cells: label from the source's label list (? = none) and detection score",
+        ).save(tmp, format="PNG")
     with ctx.atomic("overlays") as tmp:
         shutil.copytree(ctx.dir / ".overlays", tmp)
     write_json(

@@ -414,18 +414,28 @@ def draw_overlay(cells: ImageCells, min_score: float) -> Image.Image:
 
 
 def contact_sheet(
-    crops: np.ndarray, labels: Sequence[str] | None = None, max_n: int = 64, pad: int = 2
+    crops: np.ndarray,
+    labels: Sequence[str] | None = None,
+    max_n: int = 64,
+    pad: int = 2,
+    caption: str | None = None,
 ) -> Image.Image:
-    """Grid of up to ``max_n`` crops (evenly sampled), optional text label on each."""
+    """Grid of up to ``max_n`` crops (evenly sampled), optional text label on each;
+    ``caption``: one line above the grid saying what the labels are."""
     n = len(crops)
     s = crops.shape[1] if n else 32
     idx = np.linspace(0, n - 1, min(n, max_n)).round().astype(int) if n else np.zeros(0, int)
     cols = max(1, math.ceil(math.sqrt(len(idx))))
     rows = max(1, math.ceil(len(idx) / cols))
-    sheet = Image.new("RGB", (cols * (s + pad) + pad, rows * (s + pad) + pad), (255, 255, 255))
+    top = 14 if caption else 0  # px of the caption line
+    sheet = Image.new(
+        "RGB", (cols * (s + pad) + pad, rows * (s + pad) + pad + top), (255, 255, 255)
+    )
     draw = ImageDraw.Draw(sheet)
+    if caption:
+        draw.text((pad + 2, 2), caption, fill=(0, 0, 0))
     for i, k in enumerate(idx):
-        x, y = pad + (i % cols) * (s + pad), pad + (i // cols) * (s + pad)
+        x, y = pad + (i % cols) * (s + pad), top + pad + (i // cols) * (s + pad)
         sheet.paste(Image.fromarray(crops[k]), (x, y))
         if labels is not None:
             draw.text((x + 2, y + 1), str(labels[k])[:18], fill=(255, 255, 0))

@@ -481,7 +481,10 @@ def _write_outputs(
             else [f"{v:.2f}" for v in kept["score"]]
         )
     with ctx.atomic("contact_sheet.png") as tmp:
-        contact_sheet(crops, labels, int(sc.contact_sheet_max)).save(tmp, format="PNG")
+        what = "simulated kind (else the detection score)" if "kind" in kept else "detection score"
+        contact_sheet(crops, labels, int(sc.contact_sheet_max), caption=f"kept cells: {what}").save(
+            tmp, format="PNG"
+        )
     with ctx.atomic("rejects.png") as tmp:  # a few rejected cells, each with why
         reject_sheet(parts, table, int(sc.n_reject_examples)).save(tmp, format="PNG")
     with ctx.atomic("overlays") as tmp:
