@@ -243,11 +243,9 @@ def check(
         ns = model.args.n_shared
         # as stage=evaluate: a test row whose expression profile is also a train/val
         # row's (pairing by label reuses profiles) is left out where expression is read
-        fresh = np.ones(test.size, bool)
-        if "expression_ref" in adata.obs:
-            eref = adata.obs["expression_ref"].astype(str).to_numpy()
-            seen = set(eref[fit][has_e_all[fit]]) - {"", "nan", "None"}
-            fresh = ~(has_e & np.isin(eref[test], list(seen)))
+        from vae.analysis.evaluate import seen_profiles
+
+        fresh = ~seen_profiles(adata, test)[test]
         res["n_test_profile_in_training"] = int((~fresh).sum())
         for name, zz, hf, ht in (
             ("image", lat_all.image, has_i_all[fit], has_i),

@@ -77,13 +77,12 @@ def scatter(
         missing = [c for c in set(sv) if c not in pal]
         if missing:  # a label outside the given mapping: colour it, never fail a figure
             pal.update({k: v for k, v in label_colours(missing).items() if k not in pal})
-        from vae.inputs.schema import UNKNOWN_LABELS
+        from vae.analysis.palette import display_label
 
         for c in label_order(sv):
             sel = sv == c
             # an empty label would drop the class from the legend: name it
-            name = "(unlabelled)" if c in UNKNOWN_LABELS else c
-            ax.scatter(emb[sel, 0], emb[sel, 1], s=6, color=pal[c], label=name)
+            ax.scatter(emb[sel, 0], emb[sel, 1], s=6, color=pal[c], label=display_label(c))
         # beside the axes: inside, a long label list covers the points (a whole class
         # on the real chain's UMAP)
         ax.legend(

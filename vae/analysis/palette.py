@@ -120,6 +120,15 @@ ABBREVIATIONS: dict[str, str] = {
 }
 
 
+def display_label(label: object) -> str:
+    """``label`` as figures and tables show it: a row without a label
+    (:data:`vae.inputs.schema.UNKNOWN_LABELS`) reads "(unlabelled)", not an empty name
+    that a legend would drop."""
+    from vae.inputs.schema import UNKNOWN_LABELS
+
+    return "(unlabelled)" if str(label) in UNKNOWN_LABELS else str(label)
+
+
 def short_label(label: object, width: int = 11) -> str:
     """``label`` in at most ``width`` characters, readable: as it is when it fits, else
     its abbreviation (:data:`ABBREVIATIONS`), else its leading whole words, else cut

@@ -846,9 +846,7 @@ def traverse_study(
     summary["key_findings"] = key
     sections = [Section("What these data cannot show", text="\n\n".join(limits))] if limits else []
     sections += [Section("Key findings", text="\n\n".join(key))] if key else []
-    modes = set(lat.obs["pair_mode"].astype(str)) if "pair_mode" in lat.obs else set()
-    by = next((m for m in ("by_label", "by_maturation") if m in modes), None)
-    sections += _eval_sections(evaluation, evaluation_stale, by)
+    sections += _eval_sections(evaluation, evaluation_stale, _paired_by(lat))
     text = f"Top {len(trs)} latent dimensions by KL swept around the {anchor_desc}. " + (
         "Features are measured with scikit-image on the decoded crops (vae/analysis/granules.py)."
         if img_ok
@@ -947,6 +945,13 @@ def traverse_study(
     return clean_json(summary)
 
 
+def _paired_by(lat) -> str | None:
+    """``by_label`` / ``by_maturation`` when some rows of latent.h5ad met their profile
+    that way (``obs["pair_mode"]``; by label first), else None."""
+    modes = set(lat.obs["pair_mode"].astype(str)) if "pair_mode" in lat.obs else set()
+    return next((m for m in ("by_label", "by_maturation") if m in modes), None)
+
+
 def _data_limits(lat, classes_without_crops: list[str], notes: list[str] = ()) -> list[str]:
     """Sentences on what the study's data cannot show (empty for data without such gaps).
 
@@ -955,11 +960,11 @@ def _data_limits(lat, classes_without_crops: list[str], notes: list[str] = ()) -
     expression data set's own (``expression.notes``), appended as they are.
     """
     out = []
-    modes = set(lat.obs["pair_mode"].astype(str)) if "pair_mode" in lat.obs else set()
-    if modes & {"by_label", "by_maturation"}:
+    by = _paired_by(lat)
+    if by:
         out.append(
             "Images and expression profiles were paired by "
-            + ("label" if "by_label" in modes else "maturation")
+            + ("label" if by == "by_label" else "maturation")
             + ", not measured on the same cells: a crop's expression side is a profile of "
             "its class, so what ties a picture to a gene program here is the class, not "
             "the cell."

@@ -106,23 +106,14 @@ def anomaly_summary(
         return {}
     order = np.argsort(-np.where(ok, s, -np.inf))[: min(n_top, int(ok.sum()))]
     names = np.asarray(lat.obs_names)[rows]
-    from vae.inputs.schema import UNKNOWN_LABELS
+    from vae.analysis.palette import display_label
 
-    def named(x) -> str:  # one name for a row without a label, in the CSVs and figure
-        return "(unlabelled)" if str(x) in UNKNOWN_LABELS else str(x)
-
-    lab = np.array([named(x) for x in labels[rows]], dtype=object)
-    has_crop = decoded.has_image if decoded is not None else np.zeros(len(rows), bool)
-    top = pd.DataFrame(
-        {
-            "cell": names[order],
-            "label": lab[order],
-            "has_crop": np.asarray(has_crop, bool)[order] if decoded is not None else None,
-            ANOMALY_SCORE: s[order],
-        }
-    )
-    if decoded is None:
-        top = top.drop(columns="has_crop")
+    # one name for a row without a label, in the CSVs and the figure
+    lab = np.array([display_label(x) for x in labels[rows]], dtype=object)
+    cols = {"cell": names[order], "label": lab[order]}
+    if decoded is not None:
+        cols["has_crop"] = np.asarray(decoded.has_image, bool)[order]
+    top = pd.DataFrame({**cols, ANOMALY_SCORE: s[order]})
     out_files.csv(top, ANOMALY_CSV)
     by = (
         pd.DataFrame({"label": lab[ok], "score": s[ok]})
