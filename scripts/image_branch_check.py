@@ -332,9 +332,22 @@ def check(
         params = G.GranuleParams(lobe_deep_valley_ratio=deep)
         # the masked input crops as the model saw them, uint8 as the instruments read them
         inputs_u8 = np.rint(dec.image * 255).astype(np.uint8)
-        inp_lobes = G.measure_batch(inputs_u8, dec.mask, params)["lobes"].to_numpy(float)
-        drawn_lobes = G.measure_batch(dec_imgs, dec.mask, params)["lobes"].to_numpy(float)
+        meas_in = G.measure_batch(inputs_u8, dec.mask, params)
+        meas_out = G.measure_batch(dec_imgs, dec.mask, params)
+        inp_lobes = meas_in["lobes"].to_numpy(float)
+        drawn_lobes = meas_out["lobes"].to_numpy(float)
         res["drawn_lobes_vs_input_lobes_spearman"] = _spearman(drawn_lobes, inp_lobes)
+        # the drawn cytoplasm's colour vs the input's, cell by cell (eosinophil orange,
+        # basophil violet...): hue is circular, so it is read as its offset from the
+        # inputs' circular mean, which no cell here crosses (pink-violet stains)
+        for col in ("cytoplasm_hue", "cytoplasm_saturation"):
+            a, b = meas_in[col].to_numpy(float), meas_out[col].to_numpy(float)
+            if col == "cytoplasm_hue":
+                ok = np.isfinite(a)
+                ref = np.degrees(np.angle(np.exp(1j * np.radians(a[ok])).mean())) if ok.any() else 0
+                a, b = ((x - ref + 180) % 360 - 180 for x in (a, b))
+            ok = np.isfinite(a) & np.isfinite(b)
+            res[f"drawn_{col}_vs_input_spearman"] = _spearman(b[ok], a[ok])
         # how granular the drawn cell looks vs its input: the stain's fine detail on the
         # cytoplasm and the nucleus (what the texture layer learns; a smooth drawing ~0)
         g_in = G.stain_grain(inputs_u8, dec.mask, params)
