@@ -371,6 +371,17 @@ def test_path_steps_without_crops_nearby_are_faded_and_flagged(tiny_run, tmp_pat
     # the page's step line names the crops each step is drawn from
     assert [x.split(" (")[0] for x in payload["drawn_from"]] == near.label.tolist()
     assert payload["drawn_from"][-1].endswith(f"({near.share[-1]:.0%} of the 5)")
+    # the real cells shown at each step have crops, but the path on the scatter starts
+    # among the myeloblasts (expression only here) and ends among the myelocytes
+    cells = payload["cells"]
+    assert all("crop" in cells[j] for r in payload["nearest"] for j in r)
+    xy = np.array([[c["x"], c["y"]] for c in cells])
+    lab = np.array([c["label"] for c in cells])
+    path = np.asarray(payload["path_xy"])
+    assert path.shape == (5, 2)
+    for end, mine, other in ((0, "myeloblast", "myelocyte"), (-1, "myelocyte", "myeloblast")):
+        d = np.linalg.norm(xy - path[end], axis=1)
+        assert np.median(d[lab == mine]) < np.median(d[lab == other])
 
 
 def test_path_steps_show_and_measure_the_real_crops_nearest_them(tiny_run, tmp_path):

@@ -1244,7 +1244,13 @@ def _write_study_page(
     from vae.analysis import traverse as T
     from vae.analysis.palette import label_colours
     from vae.analysis.run import embedding
-    from vae.analysis.study_page import StudyPageData, nearest_rows, sample_rows, write_study_page
+    from vae.analysis.study_page import (
+        StudyPageData,
+        nearest_rows,
+        path_on_scatter,
+        sample_rows,
+        write_study_page,
+    )
 
     lat = rd.latent
     n = lat.n_obs
@@ -1283,6 +1289,7 @@ def _write_study_page(
         rows=rows,
         values=values,
         nearest=np.vectorize(remap.get, otypes=[np.int64])(near) if near.size else near,
+        path_xy=path_on_scatter(gp.s, gp.knots_s, emb, labels, classes),
         emb=emb[keep],
         labels=labels[keep],
         cell_ids=np.asarray(lat.obs_names)[keep],

@@ -6,7 +6,8 @@ at that position (and where it sits in the whole heatmap) and the real crops who
 codes lie nearest to that point of the path. A latent scatter (the UMAP/PCA of
 the shared latent) shows every cell in the label colours of the report
 (:mod:`vae.analysis.palette`); hovering a point shows that cell's crop and labels,
-and the nearest cells of the current path position are ringed.
+and the nearest cells of the current path position are ringed; the path is drawn between
+the median positions of its classes (:func:`path_on_scatter`).
 
 Everything is inline: data as JSON in the page, images as base64 PNG, plain
 JavaScript and SVG; no server, no network, no library.
@@ -69,6 +70,8 @@ class StudyPageData:
     drawn_from : (n,) what the training crops nearest each step are, e.g.
         "Neutrophils (80% of the 5)" (:func:`vae.analysis.traverse.neighbour_labels`),
         or None.
+    path_xy : (n, 2) where each step is drawn on the scatter (:func:`path_on_scatter`),
+        or None: at the mean position of its ``nearest`` cells.
     """
 
     s: np.ndarray
@@ -89,6 +92,7 @@ class StudyPageData:
     decoded_how: str = ""
     supported: np.ndarray | None = None
     drawn_from: list[str] | None = None
+    path_xy: np.ndarray | None = None
 
 
 def nearest_rows(points: np.ndarray, codes: np.ndarray, candidates: np.ndarray, k: int):
@@ -110,6 +114,51 @@ def nearest_rows(points: np.ndarray, codes: np.ndarray, candidates: np.ndarray, 
     return cand[np.argsort(d, axis=1, kind="stable")[:, :k]]
 
 
+def path_on_scatter(
+    s: np.ndarray,
+    knots_s: np.ndarray,
+    emb: np.ndarray,
+    labels: np.ndarray,
+    classes: Sequence[str],
+) -> np.ndarray | None:
+    """(n, 2) scatter positions of the path steps: between the median positions of the
+    classes the path runs through, linear in path position.
+
+    The path runs through the class centroids in latent space, but a 2-D embedding has no
+    place for a point between cells, and the cells nearest a step are a poor stand-in: in
+    many dimensions a class whose codes spread widely (crops: stain, pose) has its mean
+    far from every one of its cells, so a compact class nearby (expression profiles) holds
+    the step's nearest cells, and the crops nearest a step through a class without crops
+    lie in another class. So the path is drawn as the line through the classes' medians.
+
+    Parameters
+    ----------
+    s : (n,) path position of each step in [0, 1].
+    knots_s : (K,) path position of each class centroid (earliest class first).
+    emb : (m, 2) scatter coordinates of the cells.
+    labels : (m,) label of each cell.
+    classes : (K,) the classes of the knots, in path order.
+
+    Returns
+    -------
+    (n, 2) float, or None when a class has no cell on the scatter or the knots do not
+    match the classes.
+    """
+    knots = np.asarray(knots_s, dtype=np.float64)
+    lab = np.asarray(labels).astype(str)
+    if len(knots) != len(classes) or len(knots) < 2:
+        return None
+    med = []
+    for c in classes:
+        sel = lab == str(c)
+        if not sel.any():
+            return None
+        med.append(np.median(np.asarray(emb, dtype=np.float64)[sel], axis=0))
+    med = np.stack(med)
+    s = np.asarray(s, dtype=np.float64)
+    return np.column_stack([np.interp(s, knots, med[:, j]) for j in range(2)])
+
+
 def _json_value(v):
     if isinstance(v, float | np.floating):
         return round(float(v), 4) if np.isfinite(v) else None
@@ -126,6 +175,8 @@ def page_payload(d: StudyPageData, upscale: int = 2) -> dict:
             f"study page: {n} path steps but decoded {d.decoded.shape}, values "
             f"{d.values.shape} for {len(d.rows)} rows, nearest {np.shape(d.nearest)}"
         )
+    if d.path_xy is not None and np.shape(d.path_xy) != (n, 2):
+        raise ValueError(f"study page: {n} path steps but path_xy {np.shape(d.path_xy)}")
     if d.emb.shape != (m, 2) or len(d.cell_ids) != m or len(d.has_crop) != m:
         raise ValueError(f"study page: emb {d.emb.shape}, ids, has_crop must have {m} rows")
     vals = np.asarray(d.values, float)
@@ -150,6 +201,11 @@ def page_payload(d: StudyPageData, upscale: int = 2) -> dict:
         "values": [[_json_value(v) for v in r] for r in vals],
         "scaled": [[round(float(v), 4) for v in r] for r in (vals - lo) / span],
         "nearest": [[int(j) for j in r] for r in np.asarray(d.nearest)],
+        "path_xy": (
+            None
+            if d.path_xy is None
+            else [[round(float(v), 4) for v in p] for p in np.asarray(d.path_xy)]
+        ),
         "cells": cells,
         "colours": dict(d.colours),
         "axis": d.axis_name,
@@ -216,8 +272,10 @@ const ay = el('text', {x: 12, y: H / 2, 'font-size': 11, transform: 'rotate(-90 
 ay.textContent = D.axis + ' 2'; sc.appendChild(ay);
 const dots = D.cells.map((c, i) => { const d = el('circle', {cx: X(c.x), cy: Y(c.y), r: 3.2,
   fill: D.colours[c.label] || '#888', 'data-i': i}); sc.appendChild(d); return d; });
-// the path drawn through the mean position of each step's nearest cells
-const pathXY = D.nearest.map(nb => nb.length ? [nb.reduce((a, j) => a + X(D.cells[j].x), 0) / nb.length,
+// the path: between the medians of the classes it runs through (path_on_scatter), else
+// through the mean position of each step's nearest cells
+const pathXY = D.path_xy ? D.path_xy.map(p => [X(p[0]), Y(p[1])])
+  : D.nearest.map(nb => nb.length ? [nb.reduce((a, j) => a + X(D.cells[j].x), 0) / nb.length,
   nb.reduce((a, j) => a + Y(D.cells[j].y), 0) / nb.length] : null).filter(p => p);
 if (pathXY.length > 1) sc.appendChild(el('polyline', {points: pathXY.map(p => p.join(',')).join(' '),
   fill: 'none', stroke: '#000', 'stroke-width': 1.5, 'stroke-dasharray': '4 3'}));
@@ -289,7 +347,8 @@ def write_study_page(path: str | Path, data: StudyPageData, title: str, subtitle
 ({html.escape(classes)}). Left: the cell decoded at that point of the latent space{html.escape(data.decoded_how)}; middle: the
 decoded gene-program and granule-gene values there (the outlined column of the heatmap); right:
 the real cells whose codes lie nearest to that point. Hover over a point of the scatter to see
-that cell's crop and labels; the ringed points are the nearest cells of the current position.</p>
+that cell's crop and labels; the ringed points are those real cells; the dashed line is the path,
+drawn between the median positions of its classes, and the red circle the current position on it.</p>
 <div class="panel"><input type="range" id="pos" min="0" step="1" aria-label="path position"/>
 <div id="where" class="cap"></div></div>
 <div class="row">

@@ -297,3 +297,23 @@ def test_path_feature_legend_gives_each_lines_real_range():
     )
     assert _span_label("lobes", np.array([np.nan, 1.0, 3.0])) == "lobes 1-3"
     assert _span_label("lobes", np.array([np.nan, np.nan])) == "lobes"
+
+
+def test_path_on_scatter_runs_between_class_medians():
+    """The study page draws the path between the classes' median scatter positions,
+    linear in path position; a class absent from the scatter gives no line."""
+    import numpy as np
+
+    from vae.analysis.study_page import path_on_scatter
+
+    emb = np.array([[0.0, 0.0], [0.0, 2.0], [10.0, 0.0], [10.0, 4.0], [50.0, 50.0]])
+    labels = np.array(["a", "a", "b", "b", "c"])
+    xy = path_on_scatter(np.array([0.0, 0.5, 1.0]), np.array([0.0, 1.0]), emb, labels, ["a", "b"])
+    np.testing.assert_allclose(xy, [[0, 1], [5, 1.5], [10, 2]])
+    # three knots: piecewise linear through the middle class
+    xy3 = path_on_scatter(
+        np.array([0.25, 0.5, 0.75]), np.array([0.0, 0.5, 1.0]), emb, labels, ["a", "b", "c"]
+    )
+    np.testing.assert_allclose(xy3, [[5, 1.5], [10, 2], [30, 26]])
+    assert path_on_scatter(np.array([0.0]), np.array([0.0, 1.0]), emb, labels, ["a", "x"]) is None
+    assert path_on_scatter(np.array([0.0]), np.array([0.0]), emb, labels, ["a", "b"]) is None
