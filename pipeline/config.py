@@ -248,6 +248,10 @@ class SegmentationConfig:
     crop_size: int = 128  # output crop side S, px
     crop_margin: float = 0.1  # context around a large cell, fraction of its size, per side
     background_value: int = 0  # 0..255, every channel outside the cell mask
+    # peel background off each crop's mask edge, at most this many working px deep (the
+    # detector's masks are one working px coarse = several source px; docs/segmentation_infer.md
+    # "Masks that end at the cell"); 0 = off
+    trim_rim: float = 1.0
     score_threshold: float = SCORE_THRESHOLD  # keep score >= this
     min_area: int = 200  # mask px (source frame); smaller are dropped
     max_area: int | None = None  # mask px; None = no upper limit

@@ -125,6 +125,7 @@ RANGES: dict[str, str] = {
     "segmentation.max_images": COUNT,
     "segmentation.crop_size": COUNT,
     "segmentation.crop_margin": NONNEG,
+    "segmentation.trim_rim": NONNEG,
     "segmentation.background_value": "[0,255]",
     "segmentation.score_threshold": PROB,
     "segmentation.min_area": NONNEG,

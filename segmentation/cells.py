@@ -26,9 +26,11 @@ from segmentation.crops import (
     Crops,
     FilterResult,
     FilterSettings,
+    background_od,
     extract_crops,
     filter_detections,
     match_truth,
+    trim_rim,
 )
 from segmentation.inference import Detections, Detector, detect_images, resize_image
 from segmentation.io import decode_coco_mask
@@ -131,6 +133,10 @@ class SegmentSettings:
     # shrunk (single-cell crop folders of unknown zoom); False: small cells keep their px
     crop_fill: bool = False
     background_value: int = 0
+    # peel background off each kept mask's edge, at most trim_rim working px deep
+    # (trim_rim / input_scale source px): the detector's masks are a working px coarse,
+    # which is several source px (crops.trim_rim); 0 = off
+    trim_rim: float = 0.0
     match_iou: float = 0.5
     filters: FilterSettings = field(default_factory=FilterSettings)
     reject_examples_per_image: int = 2  # crops of rejected cells kept for rejects.png
@@ -310,6 +316,10 @@ def _finish_image(
     # crops come from the source image (full resolution), masks mapped back to it
     kd = det.select(keep)
     km, ko = scale_local_masks(kd.masks, kd.origins, 1.0 / scale, smooth=True)
+    if s.trim_rim > 0 and len(km):
+        bg = background_od(image)
+        depth = math.ceil(s.trim_rim / scale)
+        km = [trim_rim(image, m, o, bg, depth) for m, o in zip(km, ko)]
     src = Detections(kd.boxes / scale, kd.scores, km, ko)
     crops = extract_crops(
         image, src, s.crop_size, s.background_value, s.crop_margin, fill=s.crop_fill

@@ -419,3 +419,82 @@ def match_truth(
             out.truth_index[idx[r]] = c
             out.iou[idx[r]] = iou[r, c]
     return out
+
+
+def background_od(image: np.ndarray, quantile: float = 0.1) -> float:
+    """Optical density of a smear's background (glass and plasma): the median summed
+    optical density of the image's palest ``quantile`` of pixels.
+
+    Parameters
+    ----------
+    image : (H, W, 3) uint8
+
+    Returns
+    -------
+    float, sum over RGB of ``-log(I / 255)`` (0 = white).
+    """
+    od = _od_sum(image).ravel()
+    k = max(1, int(round(quantile * od.size)))
+    return float(np.median(np.partition(od, k - 1)[:k]))
+
+
+def _od_sum(pixels: np.ndarray) -> np.ndarray:
+    """Summed optical density over RGB of uint8 pixels (..., 3)."""
+    return -np.log(np.maximum(pixels.astype(np.float32), 1.0) / 255.0).sum(-1)
+
+
+def trim_rim(
+    image: np.ndarray,
+    mask: np.ndarray,
+    origin: Sequence[int],
+    bg_od: float,
+    max_px: int,
+    max_loss: float = 0.3,
+) -> np.ndarray:
+    """Peel background off the edge of a cell mask, at most ``max_px`` pixels deep.
+
+    A mask predicted at the detector's working scale and enlarged to the source image is
+    a few source pixels too coarse; where it overshoots, the crop carries a rim of pale
+    background that the image branch would score as cell. The edge is peeled one pixel
+    layer at a time: a pixel on the mask's edge goes when its optical density is nearer
+    the background's than the cell's own just inside the peelable band (the median of the
+    mask pixels ``max_px`` to ``2 * max_px`` from the edge), so pale cytoplasm stays where
+    the cell around it is pale too.
+
+    Parameters
+    ----------
+    image : (H, W, 3) uint8 source image.
+    mask : (h, w) bool local mask whose top-left lies at ``origin = (x, y)`` in ``image``.
+    bg_od : the background's summed optical density (:func:`background_od`).
+    max_px : layers to peel at most (0: the mask is returned as it is).
+    max_loss : a cell that would lose more than this share of its area keeps its mask
+        (a cell as pale as the background, or a tiny one).
+
+    Returns
+    -------
+    (h, w) bool mask, never larger than ``mask``.
+    """
+    from scipy import ndimage as ndi
+
+    m = np.asarray(mask, bool)
+    if max_px <= 0 or not m.any():
+        return m
+    x, y = int(origin[0]), int(origin[1])
+    h, w = m.shape
+    win = _window_with_pad(image, x, y, max(h, w), 255)[:h, :w]
+    od = _od_sum(win)
+    depth = ndi.distance_transform_edt(m)
+    band = (depth > max_px) & (depth <= 2 * max_px)
+    if band.sum() < 10:
+        return m
+    cut = 0.5 * (bg_od + float(np.median(od[band])))
+    out = m.copy()
+    for _ in range(int(max_px)):
+        edge = out & ~ndi.binary_erosion(out, border_value=0)
+        peel = edge & (od < cut)
+        if not peel.any():
+            break
+        out &= ~peel
+    if out.sum() < (1.0 - max_loss) * m.sum():
+        return m
+    return out

@@ -73,6 +73,7 @@ def settings_from_config(sc: Any) -> SegmentSettings:
         crop_size=int(sc.crop_size),
         crop_margin=float(sc.crop_margin),
         background_value=int(sc.background_value),
+        trim_rim=float(sc.trim_rim),
         match_iou=float(sc.match_iou),
         filters=FilterSettings(
             score_threshold=float(sc.score_threshold),

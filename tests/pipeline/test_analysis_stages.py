@@ -370,7 +370,11 @@ def test_path_steps_without_crops_nearby_are_faded_and_flagged(tiny_run, tmp_pat
     assert payload["supported"] == want.supported.tolist()
     # the page's step line names the crops each step is drawn from
     assert [x.split(" (")[0] for x in payload["drawn_from"]] == near.label.tolist()
-    assert payload["drawn_from"][-1].endswith(f"({near.share[-1]:.0%} of the 5)")
+    last = payload["drawn_from"][-1]
+    assert last.startswith(f"{near.label[-1]} ({near.share[-1]:.0%} of the 5")
+    # every vote is shown: the other labels among the 5 with their counts
+    assert (near.share[-1] == 1.0) == ("the others" not in last)
+    assert near.votes[-1].startswith(f"{near.label[-1]} {round(near.share[-1] * 5)}")
     # the real cells shown at each step have crops, but the path on the scatter starts
     # among the myeloblasts (expression only here) and ends among the myelocytes
     cells = payload["cells"]
@@ -446,7 +450,12 @@ def test_maturation_axis_is_recorded_swept_first_and_scored_against_truth(tmp_pa
     assert (tr / "traverse_dim00.png").exists()
     summary = json.loads((tr / "traverse_summary.json").read_text())
     assert -1 <= summary["truth_recovery"]["maturation_axis_vs_true_t_spearman"] <= 1
-    assert "This is the maturation axis" in (tr / "report.html").read_text()
+    html = (tr / "report.html").read_text()
+    assert "This is the maturation axis" in html
+    # the caption gives each ordered class's mean on the axis, as the latent holds them
+    z0 = np.asarray(lat.obsm["X_vae_full"])[:, 0]
+    lab = lat.obs["label"].astype(str).to_numpy()
+    assert f"myelocyte {z0[lab == 'myelocyte'].mean():+.2f}" in html
     # off: no axis in the latent table
     off = tmp_path / "off"
     assert _run_in_process(off, paired, "train", [*TINY_TRAIN, "vae.maturation_weight=0"]) == 0

@@ -843,3 +843,40 @@ def test_error_line_is_one_line_and_never_fails():
     assert error_line(RuntimeError("x" * 500), limit=10) == "x" * 10
     assert error_line(RuntimeError()) == "RuntimeError"
     assert error_line(OSError("  \n")) == "OSError"
+
+
+def _disc(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def test_trim_rim_peels_background_not_cell():
+    """A mask 3 px too large around a cell on a pale smear is peeled back to the cell;
+    a pale cytoplasm ring (as dense as half-way to the cell) stays; a cell as pale as
+    the background keeps its mask (max_loss); the mask never grows."""
+    from segmentation.crops import background_od, trim_rim
+
+    h = w = 80
+    img = np.full((h, w, 3), 235, np.uint8)  # glass / plasma
+    cell = _disc(h, w, 40, 40, 18)
+    img[cell] = (150, 110, 170)  # cytoplasm
+    img[_disc(h, w, 40, 40, 10)] = (70, 40, 120)  # nucleus
+    too_big = _disc(h, w, 40, 40, 21)
+    bg = background_od(img)
+    assert abs(bg - 3 * np.log(255 / 235)) < 1e-3
+    ys, xs = np.nonzero(too_big)
+    o = (xs.min(), ys.min())
+    local = too_big[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    out = trim_rim(img, local, o, bg, max_px=4)
+    full = np.zeros((h, w), bool)
+    full[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = out
+    assert (full & ~too_big).sum() == 0  # never grows
+    assert (full ^ cell).sum() <= 0.02 * cell.sum()  # back to the cell
+    # off, or a mask already at the cell: unchanged
+    assert np.array_equal(trim_rim(img, local, o, bg, max_px=0), local)
+    cl = cell[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    assert np.array_equal(trim_rim(img, cl, o, bg, max_px=4), cl)
+    # a cell as pale as the glass: peeling would take most of it, so it keeps its mask
+    pale = np.full((h, w, 3), 235, np.uint8)
+    pale[_disc(h, w, 40, 40, 6)] = (90, 60, 140)
+    assert np.array_equal(trim_rim(pale, local, o, background_od(pale), max_px=4), local)

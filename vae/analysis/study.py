@@ -258,7 +258,8 @@ def traverse_study(
                 + (
                     " This is the maturation axis: the ordinal head trained on it orders "
                     + " -> ".join(map(str, mat_axis["classes"]))
-                    + " (vae.maturation_weight)."
+                    + " (vae.maturation_weight)"
+                    + _axis_means(Z[:, tr.dim], lat.obs, a.label_key, mat_axis["classes"], tr.dim)
                     if tr.dim == mat_dim
                     else ""
                 ),
@@ -1219,6 +1220,26 @@ def _has_crop(rd: RunData) -> np.ndarray | None:
     return rd.data.has_image.numpy().astype(bool) if rd.data is not None else None
 
 
+def _axis_means(z: np.ndarray, obs, label_key: str, classes, dim: int) -> str:
+    """Caption tail for the maturation axis sweep: each ordered class's mean on the axis.
+
+    The head orders the classes' codes along the dim; a sweep changes that dim alone
+    around one cell, so what it decodes is the dim's effect with every other dim held,
+    which need not follow the classes (z : (n,) the dim's values)."""
+    if label_key not in obs:
+        return "."
+    lab = obs[label_key].astype(str).to_numpy()
+    means = [
+        f"{c} {float(np.mean(z[lab == str(c)])):+.2f}" for c in classes if (lab == str(c)).any()
+    ]
+    if not means:
+        return "."
+    return (
+        f": mean z{dim} per class {', '.join(means)}. The sweep changes z{dim} alone around one "
+        "cell, every other dim held, so what it decodes need not follow the classes."
+    )
+
+
 def _write_study_page(
     rd: RunData,
     a: AnalysisSettings,
@@ -1274,9 +1295,26 @@ def _write_study_page(
         else np.zeros((len(gp.s), 0))
     )
     info = {}
+    obs = lat.obs
+    # a crop paired by label carries another cell's profile: its id is the profile's, and
+    # its maturation (pseudotime) that profile's, not the crop's; say which is which
+    by_label = (
+        obs["pair_mode"].astype(str).to_numpy() == "by_label"
+        if "pair_mode" in obs
+        else np.zeros(n, bool)
+    )
+    if "image_ref" in obs and has_crop.any():
+        ref = obs["image_ref"].astype(str).to_numpy()
+        info["crop"] = np.where(has_crop & (ref != np.asarray(obs.index)), ref, None)[keep]
     for key in (a.maturation_key, "split", "kind", "t", "granule_density", "lobes"):
-        if key in lat.obs and key not in info and key != a.label_key:
-            info[key] = lat.obs[key].to_numpy()[keep]
+        if key in obs and key not in info and key != a.label_key:
+            v = obs[key].to_numpy()
+            if key == a.maturation_key and by_label.any():
+                v = v.astype(np.float64)
+                info[key] = np.where(by_label, np.nan, v)[keep]
+                info[f"{key} of the paired profile"] = np.where(by_label, v, np.nan)[keep]
+            else:
+                info[key] = v[keep]
     crops = None
     if rd.data is not None:
         crops = rd.data.crops[keep].permute(0, 2, 3, 1).numpy()
@@ -1302,8 +1340,19 @@ def _write_study_page(
         supported=supported,
         drawn_from=(
             [
-                f"{x} ({sh:.0%} of the {a.image_support_k})" if x else ""
-                for x, sh in zip(step_labels.label, step_labels.share)
+                (
+                    f"{x} ({sh:.0%} of the {a.image_support_k}"
+                    + (f"; the others: {v.split(', ', 1)[1]})" if ", " in v else ")")
+                )
+                if x
+                else ""
+                for x, sh, v in zip(
+                    step_labels.label,
+                    step_labels.share,
+                    step_labels.votes
+                    if step_labels.votes is not None
+                    else [""] * len(step_labels.label),
+                )
             ]
             if step_labels is not None
             else None

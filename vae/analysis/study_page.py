@@ -160,6 +160,8 @@ def path_on_scatter(
 
 
 def _json_value(v):
+    if v is None:
+        return None
     if isinstance(v, float | np.floating):
         return round(float(v), 4) if np.isfinite(v) else None
     if isinstance(v, np.integer):
@@ -229,7 +231,8 @@ h1{font-size:1.4em;margin:.2em 0} .cap{font-size:.85em;color:#555}
 #genecol td{padding:1px 6px;font-size:.8em} #genecol td.v{text-align:right;font-family:monospace}
 .bar{display:inline-block;height:9px;background:#7a5195}
 #scatter circle[data-i]{stroke:none} #scatter circle.near{stroke:#000;stroke-width:2}
-#hover{min-height:120px;font-size:.8em;width:220px} #legend span{margin-right:.8em;font-size:.8em}
+#hover{min-height:120px;font-size:.8em;width:220px} #legend{max-width:560px}
+#legend span{margin-right:.8em;font-size:.8em;white-space:nowrap;display:inline-block}
 """
 
 _JS = r"""
@@ -283,7 +286,7 @@ const here = el('circle', {id: 'here', r: 7, fill: 'none', stroke: '#d00', 'stro
 function showCell(i){ const c = D.cells[i]; const h = $('hover');
   let s = (c.crop ? '<img alt="crop" src="' + c.crop + '"/>' : '<p>(no image: expression-only cell)</p>') +
     '<div><b>' + esc(c.label || '(no label)') + '</b><br/>' + esc(c.id);
-  for (const k in c.info) s += '<br/>' + esc(k) + ': ' + esc(fmt(c.info[k]));
+  for (const k in c.info) if (c.info[k] !== null) s += '<br/>' + esc(k) + ': ' + esc(fmt(c.info[k]));
   h.innerHTML = s + '</div>'; h.setAttribute('data-cell', c.id); }
 function esc(t){ return String(t).replace(/[&<>"]/g, ch => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[ch])); }
 dots.forEach((d, i) => d.addEventListener('mouseenter', () => showCell(i)));
@@ -308,6 +311,7 @@ function update(j){
   const nb = $('nearest'); nb.innerHTML = '';
   dots.forEach(d => d.classList.remove('near'));
   D.nearest[j].forEach(k => { const c = D.cells[k]; dots[k].classList.add('near');
+    sc.insertBefore(dots[k], here);  // ringed cells on top of the others, under the marker
     const f = document.createElement('figure');
     f.innerHTML = (c.crop ? '<img alt="crop" src="' + c.crop + '"/>' : '') + '<figcaption>' + (c.label ? esc(c.label) : '(unlabelled)') + '</figcaption>';
     nb.appendChild(f); });
@@ -347,13 +351,14 @@ def write_study_page(path: str | Path, data: StudyPageData, title: str, subtitle
 ({html.escape(classes)}). Left: the cell decoded at that point of the latent space{html.escape(data.decoded_how)}; middle: the
 decoded gene-program and granule-gene values there (the outlined column of the heatmap); right:
 the real cells whose codes lie nearest to that point. Hover over a point of the scatter to see
-that cell's crop and labels; the ringed points are those real cells; the dashed line is the path,
-drawn between the median positions of its classes, and the red circle the current position on it.</p>
+that cell's crop and labels; the ringed points are those real cells. The dashed line is a schematic
+of the path, drawn between the median positions of its classes (the path runs in the latent space,
+where a 2-D map has no place for points between cells), and the red circle the current position on it.</p>
 <div class="panel"><input type="range" id="pos" min="0" step="1" aria-label="path position"/>
 <div id="where" class="cap"></div></div>
 <div class="row">
 <div class="panel"><div class="cap">decoded cell</div><img id="decoded" alt="decoded cell"/></div>
-<div class="panel"><div class="cap">decoded values at this position<br>(bar: where the value lies in its own row's range along the path, not its level)</div>
+<div class="panel"><div class="cap">decoded values at this position: log1p of the decoded mean<br>expression (a gene seen in few cells reads higher than the mean<br>of its log values); bar: where the value lies in its own row's<br>range along the path, not its level</div>
 <table><tbody id="genecol"></tbody></table></div>
 <div class="panel"><div class="cap">nearest real cells</div><div id="nearest"></div></div>
 </div>

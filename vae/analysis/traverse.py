@@ -549,10 +549,13 @@ class NeighbourLabels:
     label : (n,) str, the commonest label among the ``k`` nearest labelled crops
         (ties: the nearer crop's label); "" when no reference crop is labelled
     share : (n,) float in [0, 1], that label's share of the ``k``
+    votes : (n,) str, every label among the ``k`` with its count, commonest first
+        (e.g. "Neutrophils 2, eosinophil 1, Basophils 1, lymphocyte 1"); "" as ``label``
     """
 
     label: np.ndarray
     share: np.ndarray
+    votes: np.ndarray | None = None
 
 
 def neighbour_labels(
@@ -593,16 +596,21 @@ def neighbour_labels(
     ref, lab = ref[keep], lab[keep]
     n = len(pts)
     if not len(ref) or not n:
-        return NeighbourLabels(np.full(n, "", dtype=object), np.zeros(n))
+        return NeighbourLabels(
+            np.full(n, "", dtype=object), np.zeros(n), np.full(n, "", dtype=object)
+        )
     kk = max(1, min(int(k), len(ref)))
     idx = NearestNeighbors(n_neighbors=kk).fit(ref).kneighbors(pts)[1]  # nearest first
     out_lab = np.empty(n, dtype=object)
     out_share = np.zeros(n)
+    out_votes = np.empty(n, dtype=object)
     for i, row in enumerate(lab[idx]):
         names, first, counts = np.unique(row, return_index=True, return_counts=True)
-        best = max(range(len(names)), key=lambda j: (counts[j], -first[j]))
+        order = sorted(range(len(names)), key=lambda j: (-counts[j], first[j]))
+        best = order[0]
         out_lab[i], out_share[i] = names[best], counts[best] / kk
-    return NeighbourLabels(out_lab, out_share)
+        out_votes[i] = ", ".join(f"{names[j]} {counts[j]}" for j in order)
+    return NeighbourLabels(out_lab, out_share, out_votes)
 
 
 def fade_unsupported(images: np.ndarray, supported: np.ndarray, keep: float = 0.35) -> np.ndarray:
