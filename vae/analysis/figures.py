@@ -179,7 +179,7 @@ def strip_with_heatmap(
         ax.set_yticklabels(gene_names, fontsize=7)
         ax.set_xticks(range(n))
         ax.set_xticklabels(step_labels, fontsize=7)
-        fig.colorbar(im, ax=ax, shrink=0.9, label="log1p expr")
+        fig.colorbar(im, ax=ax, shrink=0.9, label="log1p(decoded mean expr)")
     fig.suptitle(title, fontsize=9)
     return fig
 
