@@ -608,6 +608,10 @@ def test_stage_on_paul15(tmp_path):
     mean = x.groupby(out.obs["label"].astype(str).to_numpy()).mean()
     assert mean.loc["Multipotent progenitors", "Car1"] > 2 * mean.loc["GMP", "Car1"]
     assert mean.loc["Neutrophils", "Elane"] > 3 * mean.loc["GMP", "Elane"]
+    # ... and that the monocyte program's Ly6c2 / Cst3 are not monocyte-specific here
+    assert "Ly6c2" in notes[1]
+    for g in ("Ly6c2", "Cst3"):
+        assert mean.loc["Neutrophils", g] > 0.85 * mean.loc["Monocytes", g]
 
 
 def test_10x_h5_reader(tmp_path):
