@@ -230,7 +230,8 @@ h1{font-size:1.4em;margin:.2em 0} .cap{font-size:.85em;color:#555}
 #nearest figure{display:inline-block;margin:2px;text-align:center;font-size:.7em}
 #genecol td{padding:1px 6px;font-size:.8em} #genecol td.v{text-align:right;font-family:monospace}
 .bar{display:inline-block;height:9px;background:#7a5195}
-#scatter circle[data-i]{stroke:none} #scatter circle.near{stroke:#000;stroke-width:2}
+#scatter circle[data-i]{stroke:none} #scatter circle.crop{stroke:#444;stroke-width:.7}
+#scatter circle.near{stroke:#000;stroke-width:2}
 #hover{min-height:120px;font-size:.8em;width:220px} #legend{max-width:560px}
 #legend span{margin-right:.8em;font-size:.8em;white-space:nowrap;display:inline-block}
 """
@@ -274,7 +275,8 @@ const ax = el('text', {x: W / 2, y: H - 6, 'text-anchor': 'middle', 'font-size':
 const ay = el('text', {x: 12, y: H / 2, 'font-size': 11, transform: 'rotate(-90 12 ' + H / 2 + ')', 'text-anchor': 'middle'});
 ay.textContent = D.axis + ' 2'; sc.appendChild(ay);
 const dots = D.cells.map((c, i) => { const d = el('circle', {cx: X(c.x), cy: Y(c.y), r: 3.2,
-  fill: D.colours[c.label] || '#888', 'data-i': i}); sc.appendChild(d); return d; });
+  fill: D.colours[c.label] || '#888', 'data-i': i}); if (c.crop) d.classList.add('crop');
+  sc.appendChild(d); return d; });
 // the path: between the medians of the classes it runs through (path_on_scatter), else
 // through the mean position of each step's nearest cells
 const pathXY = D.path_xy ? D.path_xy.map(p => [X(p[0]), Y(p[1])])
@@ -294,6 +296,9 @@ const legend = $('legend');
 Object.keys(D.colours).forEach(k => { const s = document.createElement('span');
   s.innerHTML = '<svg width="10" height="10"><circle cx="5" cy="5" r="5" fill="' + D.colours[k] + '"/></svg> ' + esc(k || '(no label)');
   legend.appendChild(s); });
+if (D.cells.some(c => c.crop)) { const s = document.createElement('span');
+  s.innerHTML = '<svg width="10" height="10"><circle cx="5" cy="5" r="4" fill="#fff" stroke="#444"/></svg> outlined: has a crop';
+  legend.appendChild(s); }
 
 // ---- the slider
 function update(j){
