@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 LABEL_MODALITIES = ("joint", "image", "expression")
 # crop folders: the detector's mask of the centre cell | the whole image is the cell
 CROP_MASKS = ("detector", "whole")
+# largest value a log1p-normalised matrix can hold and still be one: log1p(1e6) = 13.8
+# (counts per million, one gene holding the whole cell); above it, values are not logged
+LOGNORM_MAX = 14.0
 IMPUTE_METHODS = ("model", "mean")  # missing genes: cell-wise model imputation | reference mean
 # columns this module adds to obs (a user's column of the same name is refused)
 OBS_COLUMNS = (
@@ -592,6 +595,22 @@ class Study:
         elif _is_counts(values_of(adata.X)):
             raw, total, logx, values = sub(adata.X), rowsum(adata.X), None, "counts"
         else:
+            # not counts, so taken as log1p-normalised: refuse what cannot be (stage=expression
+            # refuses the same; a scaled or CPM matrix would embed as silent garbage)
+            vals = values_of(adata.X)
+            neg = int((vals < 0).sum())
+            if neg:
+                raise StudyError(
+                    f"{source}: X holds {neg} negative values (scaled or centred?): give raw "
+                    "counts (layers['counts'] or X) or log1p-normalised values"
+                )
+            top = float(np.nanmax(vals)) if vals.size else 0.0
+            if top > LOGNORM_MAX:
+                raise StudyError(
+                    f"{source}: X is neither integer counts nor log1p-normalised values "
+                    f"(largest {top:.4g}; normalised but not logged, e.g. CPM / TPM?): give raw "
+                    "counts (layers['counts'] or X) or log1p-normalised values"
+                )
             raw, logx, values = None, sub(adata.X).astype(np.float32), "lognorm"
             total = np.expm1(logx).sum(1)
         checked = "layers['counts']" if "counts" in adata.layers else "X"
@@ -1050,11 +1069,24 @@ class Study:
         clash = [c for c in OBS_COLUMNS if c in adata.obs]
         if clash:
             raise StudyError(f"{source}: obs already has column(s) {clash}; rename them")
+        dup = adata.obs_names.duplicated()
+        if dup.any():  # results are keyed by cell id: two cells of one id cannot be told apart
+            raise StudyError(
+                f"{source}: obs_names holds duplicated cell ids "
+                f"{list(dict.fromkeys(adata.obs_names[dup].astype(str)))[:5]}"
+            )
         data, report = self.prepare(adata, source)
         hi, he = data.has_image.numpy(), data.has_expression.numpy()
         keep = hi | he
         dropped = [str(s) for s in adata.obs_names[~keep]]
         lat = self.encode(data, batch_size)
+        bad = ~np.isfinite(lat.joint).all(1)
+        if bad.any():  # never written as a result: a NaN code has no label and no position
+            raise StudyError(
+                f"{source}: {int(bad.sum())} cells encode to non-finite codes (e.g. "
+                f"{list(adata.obs_names[bad][:3])}): their values are out of the range the "
+                "model was trained on"
+            )
         ns, npv = self.n_shared, int(self.meta["n_private"])
         obs = adata.obs.copy()
         obs["vae_modality"] = np.where(hi & he, "both", np.where(hi, "image", "expression"))

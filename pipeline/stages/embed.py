@@ -104,23 +104,42 @@ def load_study(ctx: StageContext):
         raise StageError(str(e)) from e
 
 
-def _samples(adata, kind: str, path: Path, cfg, mapping: pd.DataFrame | None) -> np.ndarray:
-    """Sample of each row: reader's sub-folder, the obs column, the samples CSV, or the input."""
+def _samples(
+    adata, kind: str, path: Path, cfg, mapping: pd.DataFrame | None, setting: str
+) -> tuple[np.ndarray, int]:
+    """Sample of each row and how many rows the samples CSV named: the obs column
+    ``embed.sample_key``, else the reader's sub-folder (image folders), else the input's
+    name; the samples CSV overrides where it names a cell (or its image)."""
+    from pipeline.config_embed import EmbedConfig
+    from vae.inputs.query import FOLDER_SAMPLE
+
     key = cfg.embed.sample_key
     if key in adata.obs:
-        return adata.obs[key].astype(str).to_numpy()
-    out = np.full(adata.n_obs, path.stem if path.is_file() else path.name, dtype=object)
+        out = adata.obs[key].astype(str).to_numpy().astype(object)
+    elif kind in ("smears", "crops") and FOLDER_SAMPLE in adata.obs:
+        out = adata.obs[FOLDER_SAMPLE].astype(str).to_numpy().astype(object)
+    elif key != EmbedConfig.sample_key and kind in ("h5ad", "expression"):
+        # a column the user named that is not there would pool every cell into one sample
+        raise StageError(
+            f"embed.sample_key={key}: {setting} has no obs column {key!r} "
+            f"(columns: {list(adata.obs.columns)[:20]})"
+        )
+    else:
+        out = np.full(adata.n_obs, path.stem if path.is_file() else path.name, dtype=object)
+    named = np.zeros(adata.n_obs, bool)
     if mapping is not None:
         if "cell_id" in mapping:
             m = mapping.set_index("cell_id")["sample"]
             ids = adata.obs["cell_id"] if "cell_id" in adata.obs else adata.obs_names.to_series()
             hit = ids.astype(str).map(m).to_numpy()
+            named |= pd.notna(hit)
             out = np.where(pd.notna(hit), hit, out)
         if "image" in mapping and "image" in adata.obs:
             m = mapping.drop_duplicates("image").set_index("image")["sample"]
             hit = adata.obs["image"].astype(str).map(m).to_numpy()
+            named |= pd.notna(hit)
             out = np.where(pd.notna(hit), hit, out)
-    return out.astype(str)
+    return out.astype(str), int(named.sum())
 
 
 def _read_mapping(cfg) -> pd.DataFrame | None:
@@ -192,6 +211,17 @@ def run_embed(ctx: StageContext) -> None:
             f"stage=embed: no cell in any input ({len(rejects)} reject row(s), e.g. {shown}; "
             f"all in this run's rejects.csv)"
         )
+    if mapping is not None and not sum(int(q.uns.get("samples_csv_named", 0)) for q in parts):
+        # ids that match no cell (another barcode format?) would pool every patient
+        with ctx.atomic("rejects.csv") as tmp:
+            pd.DataFrame(rejects, columns=REJECT_COLUMNS).to_csv(tmp, index=False)
+        ids = [str(x) for x in parts[0].obs_names[:3]]
+        raise StageError(
+            f"embed.samples_csv={cfg.embed.samples_csv}: names none of the {sum(q.n_obs for q in parts)} "
+            f"cells embedded (its cell_id / image values vs the cells' ids, e.g. {ids})"
+        )
+    for q in parts:
+        q.uns.pop("samples_csv_named", None)
     out = _concat(parts) if len(parts) > 1 else parts[0]
     out.uns["genes"] = json.dumps(genes)
     try:  # the histogram is of the cells on the path's lineage
@@ -315,7 +345,10 @@ def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> Non
     for cid in q.uns.get("dropped", []):
         rejects.append({"input": setting, "item": cid, "reason": "neither image nor expression"})
     q.obs["vae_input"] = kind
-    q.obs["vae_sample"] = _samples(q, kind, path, cfg, mapping)
+    q.obs["vae_sample"], named = _samples(q, kind, path, cfg, mapping, setting)
+    if mapping is not None:
+        log.info("%s: embed.samples_csv names %d of its %d cells", setting, named, q.n_obs)
+        q.uns["samples_csv_named"] = named
     for k in ("genes", "dropped", "rejects"):
         q.uns.pop(k, None)
     parts.append(q)

@@ -248,6 +248,47 @@ def test_bad_inputs_fail_clearly_and_write_nothing(study: Path, tmp_path: Path):
         )
 
 
+def test_expression_that_is_neither_counts_nor_lognorm_and_unmatched_samples_are_refused(
+    study: Path, tmp_path: Path
+):
+    """Values that are not counts and cannot be log1p-normalised (negative: scaled;
+    above log1p(1e6): CPM / TPM), duplicated cell ids, a sample column or samples CSV that
+    names no cell: exit 2 naming the field, never a query of NaN codes or one pooled
+    sample."""
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    counts = np.asarray(paired.layers["counts"][:20], np.float32)
+    var = pd.DataFrame(index=paired.var_names)
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(20)])
+    neg = np.log1p(counts)
+    neg[0, 0] = -3.0
+    cpm = counts / counts.sum(1, keepdims=True) * 1e6
+    cases = {
+        "neg": (ad.AnnData(X=neg, obs=obs, var=var), "negative values"),
+        "cpm": (ad.AnnData(X=cpm, obs=obs, var=var), "neither integer counts nor log1p"),
+        "dup": (
+            ad.AnnData(X=counts, obs=pd.DataFrame(index=["c0"] * 20), var=var),
+            "duplicated cell ids",
+        ),
+    }
+    for name, (a, msg) in cases.items():
+        a.write_h5ad(tmp_path / f"{name}.h5ad")
+        with pytest.raises(StageError, match=msg):
+            _embed(study, f"bad_{name}", f"embed.expression={tmp_path / f'{name}.h5ad'}")
+        assert not (study / "out" / f"bad_{name}" / "embed" / "query.h5ad").exists()
+    good = tmp_path / "good.h5ad"
+    ad.AnnData(X=counts, obs=obs, var=var).write_h5ad(good)
+    with pytest.raises(StageError, match="embed.sample_key=patient.*no obs column"):
+        _embed(study, "bad_key", f"embed.expression={good}", "embed.sample_key=patient")
+    pd.DataFrame({"cell_id": ["x1", "x2"], "sample": ["p1", "p2"]}).to_csv(
+        tmp_path / "s.csv", index=False
+    )
+    with pytest.raises(StageError, match="names none of the 20 cells"):
+        _embed(
+            study, "bad_csv", f"embed.expression={good}", f"embed.samples_csv={tmp_path / 's.csv'}"
+        )
+    assert not (study / "out" / "bad_csv" / "embed" / "query.h5ad").exists()
+
+
 def test_unreadable_inputs_are_named_and_the_api_says_no_cells(study: Path, tmp_path: Path):
     from vae.api import Study, StudyError
 

@@ -16,6 +16,7 @@ False and the VAE must use a Gaussian likelihood on ``X``.
 
 from __future__ import annotations
 
+import csv
 import logging
 import re
 from collections.abc import Iterable
@@ -269,6 +270,12 @@ def read_expression(
         else:
             sep = table_separator(p, "," if fmt == "csv" else "\t")
             df = pd.read_csv(p, sep=sep, index_col=0)
+            # pandas renames a repeated header ("Actb", "Actb.1"), which would hide the
+            # repeat from every check after this reader: keep the names as written
+            with open(p, newline="", encoding="utf-8", errors="replace") as fh:
+                header = next(csv.reader(fh, delimiter=sep), [])[1:]
+            if len(header) == df.shape[1] and len(set(header)) < len(header):
+                df.columns = pd.Index(header)
             if orientation == "auto":
                 genes = known_genes
                 if genes is None:
@@ -282,7 +289,9 @@ def read_expression(
                 log.info("%s: read as %s (expression.orientation=auto: %s)", src, orientation, why)
             if orientation == "genes_by_cells":
                 df = df.T
-            non_numeric = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+            non_numeric = [
+                c for c, t in zip(df.columns, df.dtypes) if not pd.api.types.is_numeric_dtype(t)
+            ]
             if non_numeric:
                 raise ExpressionInputError(
                     f"non-numeric columns {non_numeric[:5]} (is expression.orientation right?)",

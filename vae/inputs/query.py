@@ -25,6 +25,10 @@ REJECT_COLUMNS = ["input", "item", "reason"]
 log = logging.getLogger(__name__)
 
 
+# obs column the folder readers name each image's sample in (its sub-folder)
+FOLDER_SAMPLE = "sample"
+
+
 def sample_images(folder: str | Path) -> list[tuple[str, Path]]:
     """(sample, image path) for images in ``folder`` and in its direct sub-folders.
 

@@ -438,6 +438,12 @@ def test_csv_tsv_orientation_and_10x_mtx(tmp_path):
         r = read_expression(tmp_path / name)
         assert list(r.var_names) == GENES and list(r.obs_names) == list(a.obs_names), name
         np.testing.assert_array_equal(r.X, a.X)
+    # a repeated gene header stays repeated (pandas would rename it "G2.1"), so the
+    # checks after the reader see it: stage=expression makes it unique with a warning,
+    # stage=embed refuses it
+    dup = df.rename(columns={GENES[1]: GENES[0]})
+    dup.to_csv(tmp_path / "dup.csv")
+    assert list(read_expression(tmp_path / "dup.csv").var_names)[:2] == [GENES[0], GENES[0]]
     # 10x v3 matrix-market folder: genes x cells matrix + features + barcodes
     d = tmp_path / "mtx"
     d.mkdir()
