@@ -166,10 +166,43 @@ def size_args(weight: float, data, source: str) -> dict:
 
 def maturation_ranks(weight: float, order: list[str], label_names: list[str]) -> list[int]:
     """Rank of each label code along ``order`` (-1: not a stage), ranks renumbered over
-    the stages present; [] (no head) when off or fewer than two stages are labels."""
-    present = [c for c in order if c in set(label_names)]
-    if weight <= 0 or len(present) < 2:
+    the stages present; [] (no head) when off or fewer than two stages are labels.
+
+    A stage absent from the labels is dropped (a preset's stages on data that lacks some),
+    but one that looks like a typo of a label ("Neutrophil" for "Neutrophils") is an error:
+    dropping it would silently train another axis, or none."""
+    import difflib
+
+    if weight <= 0:
         return []
+    labels = set(label_names)
+    for c in order:
+        if c not in labels:
+            lower = {str(x).lower(): str(x) for x in sorted(labels)}  # case is no difference
+            near = [
+                lower[m]
+                for m in difflib.get_close_matches(str(c).lower(), list(lower), n=1, cutoff=0.9)
+            ]
+            if near:
+                raise StageError(
+                    f"vae.maturation_classes: {c!r} is not a label of the paired data; did "
+                    f"you mean {near[0]!r}? (labels: {', '.join(sorted(labels))})"
+                )
+    present = [c for c in order if c in labels]
+    if len(present) < 2:
+        log.warning(
+            "vae.maturation_classes: %d of %s among the labels, so no maturation head (labels: %s)",
+            len(present),
+            list(order),
+            ", ".join(sorted(labels)[:20]),
+        )
+        return []
+    if len(present) < len(order):
+        log.info(
+            "vae.maturation_classes: %s not among the labels; the axis orders %s",
+            [c for c in order if c not in labels],
+            present,
+        )
     return [present.index(n) if n in present else -1 for n in label_names]
 
 

@@ -512,7 +512,7 @@ def test_report_leaves_out_another_models_evaluation_and_shows_the_models_settin
             f"paths.inputs.evaluation={ev / 'metrics.json'}",
             "vae.beta=7.5",  # not the model's
             *FAST_ANALYSIS,
-            "analysis.path_classes=[myeloblast,myelocyte,lymphocyt]",
+            "analysis.path_classes=[myeloblast,myelocyte,erythroblast]",
         ]
     )
     assert runner.main(cfg) == 0
@@ -522,8 +522,21 @@ def test_report_leaves_out_another_models_evaluation_and_shows_the_models_settin
     trained = json.loads((run / "train" / "manifest.json").read_text())["config"]["vae"]["beta"]
     assert f'"beta": {json.dumps(trained)}' in html and '"beta": 7.5' not in html
     assert "vae.beta: this run 7.5" in caplog.text
-    assert "lymphocyt," in html and "left out of the path" in html
-    assert "lymphocyt: did you mean lymphocyte?" in caplog.text
+    assert "erythroblast," in html and "left out of the path" in html
+    # a near miss of a label is a typo: refused before any work, naming the label
+    cfg = compose_config(
+        [
+            "stage=traverse",
+            f"paths.root={tmp_path / 'typo'}",
+            "experiment=x",
+            f"paths.inputs.latent={run / 'train' / 'latent.h5ad'}",
+            f"paths.inputs.model={run / 'train' / 'model.pt'}",
+            *FAST_ANALYSIS,
+            "analysis.path_classes=[myeloblast,myelocyte,lymphocyt]",
+        ]
+    )
+    assert runner.main(cfg) == 2
+    assert "'lymphocyt' is not a label; did you mean 'lymphocyte'?" in caplog.text
 
 
 def _sub(root: Path, paired: Path, stage: str, extra: list[str]) -> subprocess.CompletedProcess:

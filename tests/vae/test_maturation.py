@@ -94,3 +94,15 @@ def test_training_the_head_puts_the_stage_order_on_dim_0_of_both_experts():
     out = m(b.image, b.mask, b.x, b.has_image, b.has_expression, b.log_library)
     none = vae_loss(out, b.image, b.mask, b.x, b.counts, b.library, beta=1.0, weights=w)
     assert float(none.maturation) == 0.0
+
+
+def test_a_maturation_class_that_looks_like_a_typo_is_refused():
+    """A stage missing from the labels is dropped (a preset on data lacking some stages),
+    but a near-miss of a label is a typo that would silently train another axis."""
+    from pipeline.runner import StageError
+
+    names = ["GMP", "Multipotent progenitors", "Neutrophils"]
+    with pytest.raises(StageError, match="did you mean 'Neutrophils'"):
+        maturation_ranks(100.0, ["Multipotent progenitors", "GMP", "Neutrophil"], names)
+    # a stage the data do not hold, unlike any label: dropped, the others ordered
+    assert maturation_ranks(100.0, ["GMP", "Neutrophils", "Metamyelocyte"], names) == [0, -1, 1]

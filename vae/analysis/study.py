@@ -107,6 +107,7 @@ def traverse_study(
             g for g in gl if g.upper() not in {x.upper() for x in rd.gene_program}
         )
     labels = labels_of(lat, a.label_key)
+    _check_path_classes(a.path_classes, labels)
     Z = full_codes(lat)  # (N, d)
     d = Z.shape[1]
     rows = split_rows(lat, a.split)
@@ -1218,6 +1219,30 @@ def _starred(labels: list[str], supported: np.ndarray, img_ok: bool) -> list[str
 def _has_crop(rd: RunData) -> np.ndarray | None:
     """(N,) bool rows with a crop from the paired data (None without it)."""
     return rd.data.has_image.numpy().astype(bool) if rd.data is not None else None
+
+
+def _check_path_classes(path_classes, labels: np.ndarray) -> None:
+    """A path class that is a near miss of a label ("neutrophil" for "Neutrophils") is a
+    typo: refused before any work, since the path would silently lose that step (or fall
+    back to ordering every class by pseudotime). A class unlike every label is left to
+    the path's own warning: a preset's classes on data without them."""
+    import difflib
+
+    if not path_classes:
+        return
+    have = sorted({str(x) for x in labels} - {""})
+    for c in path_classes:
+        if str(c) not in have:
+            lower = {str(x).lower(): str(x) for x in have}  # case is no difference
+            near = [
+                lower[m]
+                for m in difflib.get_close_matches(str(c).lower(), list(lower), n=1, cutoff=0.9)
+            ]
+            if near:
+                raise AnalysisError(
+                    f"analysis.path_classes: {c!r} is not a label; did you mean {near[0]!r}? "
+                    f"(labels: {', '.join(have[:20])})"
+                )
 
 
 def _axis_means(z: np.ndarray, obs, label_key: str, classes, dim: int) -> str:
