@@ -293,6 +293,11 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
             }
             kept["label"] = [status[im][0] for im in kept.image]
             kept["label_status"] = [status[im][1] for im in kept.image]
+            if n and not sum(p["n_images"] for p in parts):
+                raise StageError(
+                    f"data.segment_sources[{k}] ({src.name}): none of the {n} images in "
+                    f"{folder} could be read"
+                )
             counts = {
                 "images": n,
                 "images_read": int(sum(p["n_images"] for p in parts)),

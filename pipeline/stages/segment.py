@@ -464,6 +464,14 @@ def _write_outputs(
     sc = ctx.cfg.segmentation
     table, kept, crops, masks = merge_parts(parts, settings.crop_size, ann is not None)
     rejects, counts, summary = run_summary(parts, table, kept, n_listed, smears, ann)
+    if n_listed and not counts["images_read"]:
+        # no image could be read: an empty cells.h5ad would only fail later, at stage=pair
+        with ctx.atomic("rejects.csv") as tmp:  # why, kept with the failed run
+            rejects.to_csv(tmp, index=False)
+        raise StageError(
+            f"{smears}: none of its {n_listed} images could be read (each one's reason: "
+            "this run's rejects.csv)"
+        )
     summary.update(world_size=ctx.dist.world_size, device=str(ctx.dist.device))
     adata = cells_adata(kept, crops, masks, settings, counts, str(smears))
     if estimated:  # no one scale: each cell's image's is obs["input_scale"]

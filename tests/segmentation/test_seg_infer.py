@@ -880,3 +880,22 @@ def test_trim_rim_peels_background_not_cell():
     pale = np.full((h, w, 3), 235, np.uint8)
     pale[_disc(h, w, 40, 40, 6)] = (90, 60, 140)
     assert np.array_equal(trim_rim(pale, local, o, background_od(pale), max_px=4), local)
+
+
+def test_stage_segment_with_no_readable_image_fails_naming_the_folder(tmp_path, untrained_ckpt):
+    """Every image unreadable: an error naming the folder, the reasons in rejects.csv, no
+    empty cells.h5ad to fail later at stage=pair."""
+    import pandas as pd
+
+    from pipeline.runner import StageError
+
+    d = tmp_path / "allbad"
+    d.mkdir()
+    (d / "a.png").write_bytes(b"not a png")
+    (d / "b.jpg").write_text("nor a jpeg")
+    with pytest.raises(StageError, match=r"none of its 2 images could be read"):
+        _run_segment(tmp_path, untrained_ckpt, d, here=True)
+    out = tmp_path / "out" / "seginf_test" / "segment"
+    assert not (out / "cells.h5ad").exists()
+    rej = pd.read_csv(out / "rejects.csv")
+    assert set(rej.image) == {"a.png", "b.jpg"}
