@@ -343,7 +343,13 @@ def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> Non
     its rows and keep it in ``parts``."""
     genes[setting] = json.loads(q.uns.get("genes", "{}"))
     for cid in q.uns.get("dropped", []):
-        rejects.append({"input": setting, "item": cid, "reason": "neither image nor expression"})
+        rejects.append(
+            {
+                "input": setting,
+                "item": cid,
+                "reason": "no image and no expression (a profile of zero counts is none)",
+            }
+        )
     q.obs["vae_input"] = kind
     q.obs["vae_sample"], named = _samples(q, kind, path, cfg, mapping, setting)
     if mapping is not None:
