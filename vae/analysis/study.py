@@ -529,6 +529,10 @@ def traverse_study(
                 if crops_near is not None
                 else ""
             )
+            near_source = None
+            if crops_near is not None and "image_source" in lat.obs:
+                near_source = lat.obs["image_source"].astype(str).to_numpy()[crops_near.rows]
+                crops_note += _source_note(pth.s, near_source)
             n_out = int((~ok_img).sum())
             support_note = (
                 f" Faded, position marked *: {n_out} of {len(ok_img)} steps lie farther from "
@@ -572,6 +576,8 @@ def traverse_study(
                 # which cell the bottom row shows, to look it up in latent.h5ad
                 feats["nearest_crop_cell"] = np.asarray(lat.obs_names)[crops_near.rows]
                 feats["nearest_crop_label"] = labels[crops_near.rows]
+                if near_source is not None:
+                    feats["nearest_crop_source"] = near_source
                 for c in NEAREST_CROP_FEATURES:
                     feats[f"nearest_crops_{c}"] = crops_near.features[c].to_numpy(float)
             for p_, v in (
@@ -1219,6 +1225,29 @@ def _starred(labels: list[str], supported: np.ndarray, img_ok: bool) -> list[str
 def _has_crop(rd: RunData) -> np.ndarray | None:
     """(N,) bool rows with a crop from the paired data (None without it)."""
     return rd.data.has_image.numpy().astype(bool) if rd.data is not None else None
+
+
+def _source_note(s: np.ndarray, sources: np.ndarray) -> str:
+    """Caption sentence when the crops nearest a path's steps come from more than one
+    image source (s : (n,) positions; sources : (n,) the nearest crop's source): each
+    source has its own stain and microscope, so what changes along the drawn cells is
+    partly the source."""
+    runs: list[tuple[str, float, float]] = []
+    for x, src in zip(s, sources):
+        if runs and runs[-1][0] == src:
+            runs[-1] = (src, runs[-1][1], float(x))
+        else:
+            runs.append((str(src), float(x), float(x)))
+    if len({r[0] for r in runs}) < 2:
+        return ""
+    where = "; ".join(
+        f"{src} at {a:.2f}-{b:.2f}" if a != b else f"{src} at {a:.2f}" for src, a, b in runs
+    )
+    return (
+        f" The crops nearest the steps come from more than one image source ({where}): "
+        "each source has its own stain and microscope, so part of what changes along the "
+        "drawn cells is the source, not maturation."
+    )
 
 
 def _check_path_classes(path_classes, labels: np.ndarray) -> None:

@@ -317,3 +317,16 @@ def test_path_on_scatter_runs_between_class_medians():
     np.testing.assert_allclose(xy3, [[5, 1.5], [10, 2], [30, 26]])
     assert path_on_scatter(np.array([0.0]), np.array([0.0, 1.0]), emb, labels, ["a", "x"]) is None
     assert path_on_scatter(np.array([0.0]), np.array([0.0]), emb, labels, ["a", "b"]) is None
+
+
+def test_path_caption_says_when_the_nearest_crops_change_source():
+    """A path whose nearest crops run from one image source to another is partly a change
+    of stain and microscope: the caption says where each source lies; one source: nothing."""
+    import numpy as np
+
+    from vae.analysis.study import _source_note
+
+    s = np.linspace(0, 1, 5)
+    note = _source_note(s, np.array(["txl", "txl", "bccd", "bccd", "bccd"]))
+    assert "txl at 0.00-0.25; bccd at 0.50-1.00" in note and "not maturation" in note
+    assert _source_note(s, np.array(["bccd"] * 5)) == ""
