@@ -169,6 +169,17 @@ def run_embed(ctx: StageContext) -> None:
     cfg = ctx.cfg
     study = load_study(ctx)
     if cfg.embed.knn_k is not None:
+        from vae.inputs.schema import known_labels
+
+        obs = study.reference.obs
+        key = study.label_key
+        n_known = int(np.sum(known_labels(obs[key].astype(str).to_numpy()))) if key in obs else 0
+        if int(cfg.embed.knn_k) > n_known:
+            # more neighbours than labelled cells: every call would be the commonest label
+            raise StageError(
+                f"embed.knn_k={cfg.embed.knn_k} is more than the study's {n_known} reference "
+                "cells with a label"
+            )
         study.analysis["knn_k"] = int(cfg.embed.knn_k)
     mapping = _read_mapping(cfg)
     log.info(

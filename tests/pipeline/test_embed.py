@@ -277,6 +277,8 @@ def test_expression_that_is_neither_counts_nor_lognorm_and_unmatched_samples_are
         assert not (study / "out" / f"bad_{name}" / "embed" / "query.h5ad").exists()
     good = tmp_path / "good.h5ad"
     ad.AnnData(X=counts, obs=obs, var=var).write_h5ad(good)
+    with pytest.raises(StageError, match="embed.knn_k=100000 is more than"):
+        _embed(study, "bad_k", f"embed.expression={good}", "embed.knn_k=100000")
     with pytest.raises(StageError, match="embed.sample_key=patient.*no obs column"):
         _embed(study, "bad_key", f"embed.expression={good}", "embed.sample_key=patient")
     pd.DataFrame({"cell_id": ["x1", "x2"], "sample": ["p1", "p2"]}).to_csv(
