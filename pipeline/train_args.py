@@ -14,7 +14,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.runner import StageError
-from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE
+from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE, label_typos
 
 log = logging.getLogger(__name__)
 
@@ -171,23 +171,14 @@ def maturation_ranks(weight: float, order: list[str], label_names: list[str]) ->
     A stage absent from the labels is dropped (a preset's stages on data that lacks some),
     but one that looks like a typo of a label ("Neutrophil" for "Neutrophils") is an error:
     dropping it would silently train another axis, or none."""
-    import difflib
-
     if weight <= 0:
         return []
     labels = set(label_names)
-    for c in order:
-        if c not in labels:
-            lower = {str(x).lower(): str(x) for x in sorted(labels)}  # case is no difference
-            near = [
-                lower[m]
-                for m in difflib.get_close_matches(str(c).lower(), list(lower), n=1, cutoff=0.9)
-            ]
-            if near:
-                raise StageError(
-                    f"vae.maturation_classes: {c!r} is not a label of the paired data; did "
-                    f"you mean {near[0]!r}? (labels: {', '.join(sorted(labels))})"
-                )
+    for c, near in label_typos(order, labels).items():
+        raise StageError(
+            f"vae.maturation_classes: {c!r} is not a label of the paired data; did "
+            f"you mean {near!r}? (labels: {', '.join(sorted(labels))})"
+        )
     present = [c for c in order if c in labels]
     if len(present) < 2:
         log.warning(

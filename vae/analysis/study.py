@@ -1255,23 +1255,16 @@ def _check_path_classes(path_classes, labels: np.ndarray) -> None:
     typo: refused before any work, since the path would silently lose that step (or fall
     back to ordering every class by pseudotime). A class unlike every label is left to
     the path's own warning: a preset's classes on data without them."""
-    import difflib
+    from vae.inputs.schema import label_typos
 
     if not path_classes:
         return
     have = sorted({str(x) for x in labels} - {""})
-    for c in path_classes:
-        if str(c) not in have:
-            lower = {str(x).lower(): str(x) for x in have}  # case is no difference
-            near = [
-                lower[m]
-                for m in difflib.get_close_matches(str(c).lower(), list(lower), n=1, cutoff=0.9)
-            ]
-            if near:
-                raise AnalysisError(
-                    f"analysis.path_classes: {c!r} is not a label; did you mean {near[0]!r}? "
-                    f"(labels: {', '.join(have[:20])})"
-                )
+    for c, near in label_typos(path_classes, have).items():
+        raise AnalysisError(
+            f"analysis.path_classes: {c!r} is not a label; did you mean {near!r}? "
+            f"(labels: {', '.join(have[:20])})"
+        )
 
 
 def _axis_means(z: np.ndarray, obs, label_key: str, classes, dim: int) -> str:

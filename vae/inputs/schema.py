@@ -48,6 +48,31 @@ UNKNOWN_LABEL = "NA"
 UNKNOWN_LABELS = ("", "nan", "None", UNKNOWN_LABEL)
 
 
+def label_typos(names, labels, cutoff: float = 0.9) -> dict[str, str]:
+    """Names that are not labels but a near miss of one: name -> the label it misses.
+
+    A typo ("Neutrophil", "neutrophil" for "Neutrophils") in a setting that names classes
+    would silently drop that class, where a name unlike every label is a class the data
+    simply lack. Case is no difference; near = difflib ratio >= ``cutoff``.
+
+    Parameters
+    ----------
+    names : the class names a setting gives
+    labels : the labels the data hold
+    """
+    import difflib
+
+    have = {str(x) for x in labels}
+    lower = {x.lower(): x for x in sorted(have)}
+    out = {}
+    for c in map(str, names):
+        if c not in have:
+            near = difflib.get_close_matches(c.lower(), list(lower), n=1, cutoff=cutoff)
+            if near:
+                out[c] = lower[near[0]]
+    return out
+
+
 def known_labels(labels) -> np.ndarray:
     """Which rows name a class.
 
