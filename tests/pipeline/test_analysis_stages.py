@@ -128,6 +128,28 @@ def test_evaluate_and_traverse_in_process(tiny_run):
     assert man["status"] == "complete" and "evaluation" in man["inputs"]
 
 
+def test_evaluate_refuses_more_neighbours_than_labelled_cells(tiny_run, tmp_path, caplog):
+    """analysis.knn_k above the labelled cells would call every cell the commonest
+    label: refused by name, not scored."""
+    root, paired = tiny_run
+    run = root / "tiny" / "train"
+    from pipeline import runner
+
+    cfg = compose_config(
+        [
+            "stage=evaluate",
+            f"paths.root={tmp_path}",
+            "experiment=k",
+            f"paths.inputs.latent={run / 'latent.h5ad'}",
+            f"paths.inputs.model={run / 'model.pt'}",
+            *FAST_ANALYSIS,
+            "analysis.knn_k=100000",
+        ]
+    )
+    assert runner.main(cfg) == 2
+    assert "analysis.knn_k=100000 is more than the" in caplog.text
+
+
 def test_latent_holds_anomaly_scores_and_exclude_labels_moves_rows_to_test(tiny_run):
     import anndata as ad
     import numpy as np

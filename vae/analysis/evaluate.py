@@ -14,6 +14,7 @@ from segmentation.progress import Steps
 from vae.analysis.palette import label_colours
 from vae.analysis.run import (
     LATENTS,
+    AnalysisError,
     Outputs,
     RunData,
     clean_json,
@@ -294,6 +295,12 @@ def evaluate(
     if a.split == "all" or ref.size == 0:
         ref = None
     labels = labels_of(lat, a.label_key)
+    n_known = int(np.sum(known_labels(labels)))
+    if n_known and a.knn_k > n_known:
+        # more neighbours than labelled cells: every call would be the commonest label
+        raise AnalysisError(
+            f"analysis.knn_k={a.knn_k} is more than the {n_known} cells with a label"
+        )
     programs = programs_of(a.programs, rd.gene_names)
     gidx = heatmap_genes(programs, rd.gene_names, rd.meta)
     out: dict[str, Any] = {
