@@ -44,6 +44,24 @@ def _run_in_process(root: Path, paired: Path, stage: str, extra: list[str]) -> i
     return runner.main(cfg)
 
 
+def _on_run(stage: str, root: Path, train: Path, *extra: str) -> int:
+    """``stage`` on a finished ``stage=train`` folder's latent and model, in process."""
+    from pipeline import runner
+
+    cfg = compose_config(
+        [
+            f"stage={stage}",
+            f"paths.root={root}",
+            "experiment=x",
+            f"paths.inputs.latent={train / 'latent.h5ad'}",
+            f"paths.inputs.model={train / 'model.pt'}",
+            *FAST_ANALYSIS,
+            *extra,
+        ]
+    )
+    return runner.main(cfg)
+
+
 def _script(name: str):
     """Import ``scripts/<name>.py`` as a module (the scripts are not a package)."""
     import importlib.util
@@ -133,20 +151,7 @@ def test_evaluate_refuses_more_neighbours_than_labelled_cells(tiny_run, tmp_path
     label: refused by name, not scored."""
     root, paired = tiny_run
     run = root / "tiny" / "train"
-    from pipeline import runner
-
-    cfg = compose_config(
-        [
-            "stage=evaluate",
-            f"paths.root={tmp_path}",
-            "experiment=k",
-            f"paths.inputs.latent={run / 'latent.h5ad'}",
-            f"paths.inputs.model={run / 'model.pt'}",
-            *FAST_ANALYSIS,
-            "analysis.knn_k=100000",
-        ]
-    )
-    assert runner.main(cfg) == 2
+    assert _on_run("evaluate", tmp_path, run, "analysis.knn_k=100000") == 2
     assert "analysis.knn_k=100000 is more than the" in caplog.text
 
 
@@ -546,18 +551,8 @@ def test_report_leaves_out_another_models_evaluation_and_shows_the_models_settin
     assert "vae.beta: this run 7.5" in caplog.text
     assert "erythroblast," in html and "left out of the path" in html
     # a near miss of a label is a typo: refused before any work, naming the label
-    cfg = compose_config(
-        [
-            "stage=traverse",
-            f"paths.root={tmp_path / 'typo'}",
-            "experiment=x",
-            f"paths.inputs.latent={run / 'train' / 'latent.h5ad'}",
-            f"paths.inputs.model={run / 'train' / 'model.pt'}",
-            *FAST_ANALYSIS,
-            "analysis.path_classes=[myeloblast,myelocyte,lymphocyt]",
-        ]
-    )
-    assert runner.main(cfg) == 2
+    typo = "analysis.path_classes=[myeloblast,myelocyte,lymphocyt]"
+    assert _on_run("traverse", tmp_path / "typo", run / "train", typo) == 2
     assert "'lymphocyt' is not a label; did you mean 'lymphocyte'?" in caplog.text
 
 
