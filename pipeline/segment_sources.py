@@ -293,14 +293,15 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
             }
             kept["label"] = [status[im][0] for im in kept.image]
             kept["label_status"] = [status[im][1] for im in kept.image]
-            if n and not sum(p["n_images"] for p in parts):
+            n_read = int(sum(p["n_images"] for p in parts))
+            if n and not n_read:
                 raise StageError(
                     f"data.segment_sources[{k}] ({src.name}): none of the {n} images in "
                     f"{folder} could be read"
                 )
             counts = {
                 "images": n,
-                "images_read": int(sum(p["n_images"] for p in parts)),
+                "images_read": n_read,
                 "detections": len(table),
                 "kept": len(kept),
                 **{

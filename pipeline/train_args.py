@@ -174,7 +174,9 @@ def maturation_ranks(weight: float, order: list[str], label_names: list[str]) ->
     if weight <= 0:
         return []
     labels = set(label_names)
-    for c, near in label_typos(order, labels).items():
+    typos = label_typos(order, labels)
+    if typos:
+        c, near = next(iter(typos.items()))
         raise StageError(
             f"vae.maturation_classes: {c!r} is not a label of the paired data; did "
             f"you mean {near!r}? (labels: {', '.join(sorted(labels))})"

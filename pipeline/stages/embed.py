@@ -194,6 +194,7 @@ def run_embed(ctx: StageContext) -> None:
     if _uses_detector(cfg):
         _report_detector(ctx, study)
     parts, rejects, genes = [], [], {}
+    named_by_csv = 0  # cells embed.samples_csv names, over every input
     for kind, p in _inputs(cfg):
         path = resolve_data_path(cfg, p, f"embed.{kind}")
         setting = f"embed.{kind}={p}"
@@ -211,7 +212,9 @@ def run_embed(ctx: StageContext) -> None:
                 if stream:  # crops stay in the input file (same obs_names), not in memory
                     q.obsm.pop("crops", None)
                     q.obsm.pop("masks", None)
-                _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts)
+                named_by_csv += _collect(
+                    q, cfg, kind, path, setting, mapping, genes, rejects, parts
+                )
         except PairedDataError as e:
             raise StageError(f"{setting}: {e}") from e
     if not parts:
@@ -222,7 +225,7 @@ def run_embed(ctx: StageContext) -> None:
             f"stage=embed: no cell in any input ({len(rejects)} reject row(s), e.g. {shown}; "
             f"all in this run's rejects.csv)"
         )
-    if mapping is not None and not sum(int(q.uns.get("samples_csv_named", 0)) for q in parts):
+    if mapping is not None and not named_by_csv:
         # ids that match no cell (another barcode format?) would pool every patient
         with ctx.atomic("rejects.csv") as tmp:
             pd.DataFrame(rejects, columns=REJECT_COLUMNS).to_csv(tmp, index=False)
@@ -231,8 +234,6 @@ def run_embed(ctx: StageContext) -> None:
             f"embed.samples_csv={cfg.embed.samples_csv}: names none of the {sum(q.n_obs for q in parts)} "
             f"cells embedded (its cell_id / image values vs the cells' ids, e.g. {ids})"
         )
-    for q in parts:
-        q.uns.pop("samples_csv_named", None)
     out = _concat(parts) if len(parts) > 1 else parts[0]
     out.uns["genes"] = json.dumps(genes)
     try:  # the histogram is of the cells on the path's lineage
@@ -349,9 +350,10 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects):
         raise StageError(f"{setting}: {msg}") from e
 
 
-def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> None:
+def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> int:
     """Record the gene match of an embedded input (checked in :func:`_embed_one`), label
-    its rows and keep it in ``parts``."""
+    its rows and keep it in ``parts``; returns how many of its cells the samples CSV
+    names (0 without one)."""
     genes[setting] = json.loads(q.uns.get("genes", "{}"))
     for cid in q.uns.get("dropped", []):
         rejects.append(
@@ -365,11 +367,11 @@ def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> Non
     q.obs["vae_sample"], named = _samples(q, kind, path, cfg, mapping, setting)
     if mapping is not None:
         log.info("%s: embed.samples_csv names %d of its %d cells", setting, named, q.n_obs)
-        q.uns["samples_csv_named"] = named
     for k in ("genes", "dropped", "rejects"):
         q.uns.pop(k, None)
     parts.append(q)
     log.info("%s: %d cells embedded", setting, q.n_obs)
+    return named
 
 
 def _report_detector(ctx: StageContext, study) -> None:

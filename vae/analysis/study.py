@@ -339,22 +339,23 @@ def traverse_study(
     order = list(a.path_classes) if a.path_classes else None
     have = {str(x) for x in labels}
     missing = [] if order is None else [c for c in order if c not in have]
-    if missing:  # a typo drops a step of the path: say which, and what is there
-        import difflib
+    if missing:  # a class the data lack drops a step of the path: say which, and what is there
+        from vae.inputs.schema import label_typos
 
         present = sorted(x for x in have if x)
-        hints = {c: difflib.get_close_matches(c, present, n=1, cutoff=0.5) for c in missing}
+        # near misses (>= 0.9) were refused at the start (_check_path_classes): these hints
+        # are the looser ones
+        hints = label_typos(missing, present, cutoff=0.5)
         # the default list names every stage of granulopoiesis, and data without one of
         # them is normal: only a list the user gave, or a near miss, is worth a warning
-        if order == list(MATURATION_ORDER) and not any(hints.values()):
+        if order == list(MATURATION_ORDER) and not hints:
             missing = []
     if missing:
         log.warning(
             "analysis.path_classes: %s not among the labels (%s); the path leaves %s out. "
             "Labels present: %s",
             ", ".join(missing),
-            "; ".join(f"{c}: did you mean {h[0]}?" for c, h in hints.items() if h)
-            or "no close label",
+            "; ".join(f"{c}: did you mean {h}?" for c, h in hints.items()) or "no close label",
             "it" if len(missing) == 1 else "them",
             ", ".join(present[:20]),
         )
@@ -1260,7 +1261,9 @@ def _check_path_classes(path_classes, labels: np.ndarray) -> None:
     if not path_classes:
         return
     have = sorted({str(x) for x in labels} - {""})
-    for c, near in label_typos(path_classes, have).items():
+    typos = label_typos(path_classes, have)
+    if typos:
+        c, near = next(iter(typos.items()))
         raise AnalysisError(
             f"analysis.path_classes: {c!r} is not a label; did you mean {near!r}? "
             f"(labels: {', '.join(have[:20])})"
