@@ -81,7 +81,7 @@ class VAEConfig:
     # lobe layer (needs the nucleus layer): a head on the code (detached: the latent is
     # the same) gives the nucleus's lobe count, trained on the lobe counter's count of
     # each input crop; drawn cells cut the nucleus mask into that many lobes. Demo
-    # settings, 5 seeds, 623 unseen cells: drawn lobes vs truth 0.84 vs 0.50 without
+    # settings, 5 seeds, 623 unseen cells: drawn lobes vs truth 0.85 vs 0.51 without
     # (docs/vae.md, "Lobe layer"); false: off
     lobe_head: bool = True
     # the lobe head's targets: the counter's second cut rule (a valley this deep, as a

@@ -1,9 +1,11 @@
 """Training throughput of the β-VAE on this CPU: cells/s and the share of step time spent on data.
 
 Random paired data (N cells, 240 genes, disk masks) in the in-memory layout of
-``vae.data``; the model is the default config's (conf/vae/default.yaml) unless
-``--channels`` says otherwise. For each crop size it times ``--steps`` training
-steps (after ``--warmup``) and splits each step into
+``vae.data``; the model is the library's plain ``VAEArgs`` default (the first design's
+plain image branch, no granule / nucleus / lobe heads, β 4; *not* the pipeline's
+conf/vae/default.yaml, whose heads make a step slower and so the data share smaller),
+with ``--channels`` widths when given. For each crop size it times ``--steps``
+training steps (after ``--warmup``) and splits each step into
 
 * data: index the uint8 tensors, convert to float, flip/rot90 augmentation,
 * compute: forward, all loss terms, backward, clipping, AdamW step.

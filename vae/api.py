@@ -348,7 +348,7 @@ class Study:
         scale_spread: float | None = SCALE_SPREAD,
         crop_masks: str = "detector",
     ):
-        """Read one input into an AnnData (``(adata, rejects)`` for folders: see below).
+        """Read one input into an AnnData (a folder's unreadable items in ``uns["rejects"]``).
 
         Parameters
         ----------
