@@ -899,3 +899,27 @@ def test_stage_segment_with_no_readable_image_fails_naming_the_folder(tmp_path, 
     assert not (out / "cells.h5ad").exists()
     rej = pd.read_csv(out / "rejects.csv")
     assert set(rej.image) == {"a.png", "b.jpg"}
+
+
+def test_whole_cell_check_scores_a_nucleus_box_as_partial():
+    """scripts/whole_cell_check.py: a kept box over the cell's nucleus half overlaps its
+    cell (IoU 0.5 hit, not 0.75) and counts as partial; a whole box does not; a kept box on
+    no cell lowers precision; a missed cell lowers recall."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "whole_cell_check.py"
+    spec = importlib.util.spec_from_file_location("whole_cell_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    truth = np.array([[0, 0, 100, 100], [200, 200, 300, 300]], float)
+    nucleus = np.array([[10, 10, 80, 80]], float)  # 49 % of the first cell's box
+    r = mod.score_image(nucleus, truth)
+    assert r["hit50"] == [False, False] and r["cover"] == [pytest.approx(0.49)]
+    whole = np.array([[2, 0, 100, 98], [200, 200, 300, 300], [400, 400, 450, 450]], float)
+    w = mod.score_image(whole, truth)
+    assert w["hit50"] == [True, True] and w["hit75"] == [True, True]
+    s = mod.summary([r, w], seconds=2.0)
+    assert s["recall50"] == 0.5 and s["truth_cells"] == 4 and s["kept_cells"] == 4
+    assert s["partial"] == pytest.approx(1 / 3)  # 3 truth cells overlapped, 1 cut down
+    assert s["precision50"] == 0.5  # the nucleus box and the empty-field box miss
+    assert s["s_per_image"] == 1.0
