@@ -220,7 +220,13 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 
 
 class ImageReadError(ValueError):
-    """An image file cannot be read; the message names the file and the reason."""
+    """An image file cannot be read; the message names the file and the reason
+    (``reason`` alone, for a row that names the file itself)."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: not a readable image ({reason})")
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
@@ -233,7 +239,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
     """
     r = read_rgb(path, convert=True, min_side=1)
     if r.image is None:
-        raise ImageReadError(f"{path}: not a readable image ({r.reason})")
+        raise ImageReadError(path, r.reason)
     return r.image
 
 

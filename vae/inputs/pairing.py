@@ -65,6 +65,7 @@ class PairingError(ValueError):
     def __init__(self, message: str, *, field: str, source: str = ""):
         self.field = field
         self.source = source
+        self.message = message  # without the source and field (a reject row has its own)
         where = f"{source}: " if source else ""
         super().__init__(f"{where}[{field}] {message}")
 
@@ -192,7 +193,7 @@ def _load_rgb(path: Path) -> np.ndarray:
     try:
         return load_rgb(path)
     except ImageReadError as e:
-        raise PairingError(f"unreadable image: {e}", field="image", source=str(path)) from e
+        raise PairingError(f"unreadable image ({e.reason})", field="image", source=str(path)) from e
 
 
 # ----------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def _skip(rejects: list | None, path: Path, field: str, err: PairingError | str)
             if isinstance(err, PairingError)
             else PairingError(err, field=field, source=str(path))
         )
-    _record_skip(rejects, path, field, err.args[0] if isinstance(err, PairingError) else err)
+    _record_skip(rejects, path, field, err.message if isinstance(err, PairingError) else err)
 
 
 def read_image_folder(
