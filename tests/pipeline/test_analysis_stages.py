@@ -479,10 +479,20 @@ def test_maturation_axis_is_recorded_swept_first_and_scored_against_truth(tmp_pa
     assert -1 <= summary["truth_recovery"]["maturation_axis_vs_true_t_spearman"] <= 1
     html = (tr / "report.html").read_text()
     assert "This is the maturation axis" in html
-    # the caption gives each ordered class's mean on the axis, as the latent holds them
+    # the caption gives each ordered class's mean on the axis in the sweep's unit (sd from
+    # the anchor), in the order the latent holds them
+    import re
+
     z0 = np.asarray(lat.obsm["X_vae_full"])[:, 0]
     lab = lat.obs["label"].astype(str).to_numpy()
-    assert f"myelocyte {z0[lab == 'myelocyte'].mean():+.2f}" in html
+    m = re.search(
+        r"in sd from the anchor as the sweep.{1,6}s steps: myeloblast ([+-][0-9]+[.][0-9]), "
+        r"myelocyte ([+-][0-9]+[.][0-9])",
+        html,
+    )
+    assert m, "the axis caption lists the classes' means"
+    raw = z0[lab == "myelocyte"].mean() - z0[lab == "myeloblast"].mean()
+    assert np.sign(float(m[2]) - float(m[1])) == np.sign(round(raw, 1)) or abs(raw) < 0.05
     # off: no axis in the latent table
     off = tmp_path / "off"
     assert _run_in_process(off, paired, "train", [*TINY_TRAIN, "vae.maturation_weight=0"]) == 0

@@ -486,13 +486,16 @@ def evaluate(
                     "factor": f,
                     "n_known": int(M.known_rows(v).sum()),
                     "mig_gap": mg.per_factor.get(f, np.nan),
-                    "mig_best_dim": mg.best_dim.get(f, -1),
+                    # None (an empty cell, "n/a" in the report): no such dim, not dim -1
+                    "mig_best_dim": mg.best_dim.get(f),
                     "dci_informativeness": dc.informativeness.get(f, np.nan),
                     "best_dim_spearman": bd.spearman if bd else np.nan,
-                    "best_dim": bd.dim if bd else -1,
+                    "best_dim": bd.dim if bd else None,
                 }
             )
-        tables["disentanglement"] = pd.DataFrame(drows)
+        tables["disentanglement"] = pd.DataFrame(drows).astype(
+            {"mig_best_dim": "Int64", "best_dim": "Int64"}
+        )
         out["disentanglement"] = {
             "mig": mg.mig,
             "dci_disentanglement": dc.disentanglement,
@@ -607,6 +610,16 @@ def evaluate(
     mat = obs_col(lat, a.maturation_key)
     if mat is not None:
         cols["maturation"] = mat.astype(float)
+    if rd.data is not None and len(rd.data.has_image) == lat.n_obs:
+        # which rows have a crop: a class split into islands by kind shows here
+        hi = rd.data.has_image.numpy().astype(bool)
+        he = rd.data.has_expression.numpy().astype(bool)
+        cols["modality"] = np.where(
+            hi & he, "crop + profile", np.where(hi, "crop only", "profile only")
+        )
+        mix = M.modality_mixing(np.asarray(lat.obsm["X_vae"]), hi, labels, k=a.knn_k)
+        if mix is not None:
+            out["modality_mixing"] = mix
     # one label -> colour mapping of all rows for every panel (a subset keeps its colours)
     colours = label_colours(labels)
     fig = F.scatter_panel(

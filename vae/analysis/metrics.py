@@ -8,7 +8,7 @@ Groups
 ------
 - latent structure: :func:`knn_predict`, :func:`knn_accuracy`, :func:`knn_vote_share`,
   :func:`knn_call_voters`, :func:`label_transfer`,
-  :func:`silhouette`, :func:`leiden_agreement`
+  :func:`silhouette`, :func:`leiden_agreement`, :func:`modality_mixing`
 - matching of paired rows: :func:`retrieval`
 - disentanglement against known factors: :func:`mig`, :func:`dci`,
   :func:`best_dim_spearman`
@@ -804,3 +804,67 @@ def nb_log_likelihood(counts: np.ndarray, mu: np.ndarray, theta: np.ndarray | fl
 def to_dict(obj) -> dict:
     """A metric dataclass as a JSON-friendly dict (arrays dropped)."""
     return {k: v for k, v in asdict(obj).items() if not isinstance(v, np.ndarray)}
+
+
+def modality_mixing(
+    z: np.ndarray,
+    has_image: np.ndarray,
+    labels: np.ndarray,
+    k: int = 15,
+    min_per_group: int = 5,
+) -> dict | None:
+    """Do cells with a crop and profile-only cells of one class share one region of the latent?
+
+    Within each class that has at least ``min_per_group`` cells of both kinds, each cell's
+    ``k`` nearest cells *of its class* are found; the share of them that are of its own
+    kind (crop or profile only) is compared with the share expected if the kind did not
+    matter (the other cells of its kind over the other cells of its class). A shared latent
+    whose kinds sit in separate islands scores near 1 against a lower expectation: one
+    class drawn as two groups on a UMAP, by the pairing, not by biology.
+
+    Parameters
+    ----------
+    z : (n, d) codes
+    has_image : (n,) bool, the row has a crop
+    labels : (n,) class labels; ``""`` / ``"nan"`` rows are left out
+    k : neighbours per cell (fewer in a smaller class)
+    min_per_group : cells of each kind a class needs to be scored
+
+    Returns
+    -------
+    dict with ``same_kind_share`` (mean over the scored cells), ``if_mixed`` (its
+    expectation), ``separation`` = (share - if_mixed) / (1 - if_mixed) (0: mixed as
+    chance has it, 1: islands by kind), ``n_cells``, ``classes`` (the classes scored);
+    None when no class qualifies.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    z = np.asarray(z, np.float64)
+    img = np.asarray(has_image, bool)
+    lab = np.asarray(labels).astype(str)
+    obs, exp, classes = [], [], []
+    for c in np.unique(lab[~np.isin(lab, ["", "nan", "None"])]):
+        rows = np.flatnonzero(lab == c)
+        n_img = int(img[rows].sum())
+        if min(n_img, len(rows) - n_img) < min_per_group:
+            continue
+        kk = min(k, len(rows) - 1)
+        nn = NearestNeighbors(n_neighbors=kk + 1).fit(z[rows])
+        idx = nn.kneighbors(z[rows], return_distance=False)[:, 1:]  # self first: dropped
+        mine = img[rows]
+        obs.append((mine[idx] == mine[:, None]).mean(1))
+        same = np.where(mine, n_img, len(rows) - n_img) - 1
+        exp.append(same / (len(rows) - 1))
+        classes.append(str(c))
+    if not classes:
+        return None
+    o, e = np.concatenate(obs), np.concatenate(exp)
+    so, se = float(o.mean()), float(e.mean())
+    return {
+        "same_kind_share": so,
+        "if_mixed": se,
+        # 0: the kinds mixed as chance has it, 1: every neighbour of one's own kind
+        "separation": (so - se) / (1.0 - se) if se < 1 else float("nan"),
+        "n_cells": int(len(o)),
+        "classes": classes,
+    }

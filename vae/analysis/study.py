@@ -260,7 +260,15 @@ def traverse_study(
                     " This is the maturation axis: the ordinal head trained on it orders "
                     + " -> ".join(map(str, mat_axis["classes"]))
                     + " (vae.maturation_weight)"
-                    + _axis_means(Z[:, tr.dim], lat.obs, a.label_key, mat_axis["classes"], tr.dim)
+                    + _axis_means(
+                        Z[:, tr.dim],
+                        lat.obs,
+                        a.label_key,
+                        mat_axis["classes"],
+                        tr.dim,
+                        float(anchor[tr.dim]),
+                        float(sd[tr.dim]),
+                    )
                     if tr.dim == mat_dim
                     else ""
                 ),
@@ -1108,7 +1116,7 @@ def _eval_sections(
         "label_transfer_by_source": "The image code's kNN accuracy per image source (a source the code reads badly shows here).",
         "reconstruction": "Held-out reconstruction: masked image MSE/SSIM; expression per-gene r; cross-modal prediction.",
         "retrieval": "Finding each cell's own expression profile from its image latent (Recall@k, FOSCTTM: 0 perfect, 0.5 random).",
-        "disentanglement": "Against simulator truth: MIG gap, DCI informativeness and the best single dim's Spearman per factor.",
+        "disentanglement": "Against simulator truth: MIG gap (mig_best_dim: the dim with the most mutual information with the factor) and DCI informativeness per factor, and the single dim whose values rank with the factor best (best_dim, best_dim_spearman): the two dims can differ, as a dim can share information with a factor without ranking it.",
     }
     if paired_by:
         what = "label" if paired_by == "by_label" else "maturation"
@@ -1135,7 +1143,7 @@ def _eval_sections(
             continue
         tables.append(TableItem(name.replace("_", " "), df, cap, missing=missing[name]))
     fcaps = {
-        "umap_labels.png": "Embedding of the shared latent, coloured by label, split and maturation.",
+        "umap_labels.png": "Embedding of the shared latent, coloured by label, split, maturation (the simulator's true t, grey where unknown) and modality (whether a row has a crop, a profile or both). One class drawn as two islands that differ in modality is the pairing's doing, not two populations (modality mixing in the text above).",
         "umap_programs.png": "Same embedding coloured by the observed score of each gene program (expression.programs: the granule programs and the maturation markers by default; a program with none of its genes in the data has no panel).",
         "umap_image.png": "Embedding of the image-only latent, coloured by label.",
         "umap_expression.png": "Embedding of the expression-only latent, coloured by label.",
@@ -1153,8 +1161,20 @@ def _eval_sections(
         text += (
             f" MIG {fmt_number(dis.get('mig'))}, DCI disentanglement "
             f"{fmt_number(dis.get('dci_disentanglement'))}, completeness "
-            f"{fmt_number(dis.get('dci_completeness'))} (0 = no single latent dim per factor, "
-            "1 = one dim each)."
+            f"{fmt_number(dis.get('dci_completeness'))} (DCI: 0 = no single latent dim per "
+            "factor, 1 = one dim each; MIG: the gap in mutual information between a factor's "
+            "best and second-best dim, 0 to 1)."
+        )
+    mix = metrics.get("modality_mixing")
+    if mix:
+        text += (
+            f" Modality mixing: within a class, {fmt_number(mix['same_kind_share'])} of a "
+            "cell's nearest cells of that class share its kind (crop or profile only) against "
+            f"{fmt_number(mix['if_mixed'])} if the kind did not matter, a separation of "
+            f"{fmt_number(mix.get('separation'))} (0: mixed, 1: one island per kind; "
+            f"{mix['n_cells']} cells of {', '.join(mix['classes'])}). Near 1, the shared "
+            "latent holds each class twice, once per kind, and a cell's neighbours of the "
+            "other kind are the far ones."
         )
     from vae.analysis.uses import report_section
 
@@ -1270,23 +1290,33 @@ def _check_path_classes(path_classes, labels: np.ndarray) -> None:
         )
 
 
-def _axis_means(z: np.ndarray, obs, label_key: str, classes, dim: int) -> str:
-    """Caption tail for the maturation axis sweep: each ordered class's mean on the axis.
+def _axis_means(
+    z: np.ndarray, obs, label_key: str, classes, dim: int, anchor: float, sd: float
+) -> str:
+    """Caption tail for the maturation axis sweep: each ordered class's mean on the axis,
+    in the sweep's own unit (sd of the dim from the anchor), so the two can be compared.
 
     The head orders the classes' codes along the dim; a sweep changes that dim alone
     around one cell, so what it decodes is the dim's effect with every other dim held,
-    which need not follow the classes (z : (n,) the dim's values)."""
+    which need not follow the classes (z : (n,) the dim's values; anchor, sd : the
+    sweep's centre and step unit on this dim)."""
     if label_key not in obs:
         return "."
     lab = obs[label_key].astype(str).to_numpy()
+    unit = sd if sd > 0 else 1.0
     means = [
-        f"{c} {float(np.mean(z[lab == str(c)])):+.2f}" for c in classes if (lab == str(c)).any()
+        f"{c} {(float(np.mean(z[lab == str(c)])) - anchor) / unit:+.1f}"
+        for c in classes
+        if (lab == str(c)).any()
     ]
     if not means:
         return "."
     return (
-        f": mean z{dim} per class {', '.join(means)}. The sweep changes z{dim} alone around one "
-        "cell, every other dim held, so what it decodes need not follow the classes."
+        f": each class's mean z{dim}, in sd from the anchor as the sweep's steps: "
+        f"{', '.join(means)}. Where the sweep covers less than that span it stays where "
+        "training crops lie; the path figures below run between the classes. The sweep "
+        f"changes z{dim} alone around one cell, every other dim held, so what it decodes "
+        "need not follow the classes."
     )
 
 
@@ -1450,7 +1480,10 @@ def _rejects_section(sheet: Path):
                         }
                     ),
                     f"{len(rej)} confident detections were not kept (a cell can fail several "
-                    "filters); one row each in segment/rejects.csv.",
+                    "filters, so the rows add up to more); one row each in "
+                    "segment/rejects.csv. segment/summary.json's filter_counts are larger: "
+                    "they flag every detection listed, low-scoring ones and second "
+                    "detections of a kept cell included.",
                 )
             )
     return Section(

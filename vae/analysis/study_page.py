@@ -305,7 +305,8 @@ function update(j){
   j = Number(j); $('decoded').src = D.decoded[j];
   $('where').textContent = 'position ' + D.s[j].toFixed(2) + ' (step ' + (j + 1) + ' of ' + n + ')'
     + (D.supported[j] ? '' : ': no training cell with a crop lies near this point; the decoded cell is the decoder\u2019s extrapolation')
-    + (D.drawn_from[j] ? '; drawn from labelled training crops like: ' + D.drawn_from[j] : '');
+    + (D.drawn_from[j] ? (D.supported[j] ? '; drawn from labelled training crops like: '
+        : '; the nearest labelled training crops, all far from it: ') + D.drawn_from[j] : '');
   colbox.setAttribute('x', lw + j * cw);
   const tb = $('genecol'); tb.innerHTML = '';
   D.rows.forEach((r, i) => { const tr = document.createElement('tr'); const v = D.values[j][i];

@@ -266,3 +266,29 @@ def test_known_labels_one_rule():
 
     got = known_labels(np.array(["a", "", "nan", "None", "NA", None, np.nan, "b"], dtype=object))
     np.testing.assert_array_equal(got, [True, False, False, False, False, False, False, True])
+
+
+def test_modality_mixing_tells_islands_by_kind_from_a_mixed_class():
+    """Crop and profile-only cells of a class in two islands: each cell's class
+    neighbours are all of its kind (share 1 against ~0.5 if mixed); drawn from one cloud:
+    near the expectation. Classes with too few of one kind are not scored."""
+    from vae.analysis.metrics import modality_mixing
+
+    rng = np.random.default_rng(0)
+    n = 40
+    img = np.r_[np.ones(n, bool), np.zeros(n, bool)]
+    labels = np.array(["neu"] * (2 * n))
+    apart = np.r_[rng.normal(0, 0.1, (n, 2)), rng.normal(5, 0.1, (n, 2))]
+    r = modality_mixing(apart, img, labels, k=10)
+    assert r["same_kind_share"] == 1.0 and r["classes"] == ["neu"] and r["n_cells"] == 2 * n
+    assert r["if_mixed"] == pytest.approx((n - 1) / (2 * n - 1))
+    assert r["separation"] == 1.0
+    mixed = rng.normal(0, 1, (2 * n, 2))
+    m = modality_mixing(mixed, img, labels, k=10)
+    assert abs(m["same_kind_share"] - m["if_mixed"]) < 0.15 and abs(m["separation"]) < 0.3
+    # a second class with 3 crops only: left out; no class with both kinds: None
+    lab2 = np.r_[labels, ["eos"] * 8]
+    img2 = np.r_[img, [True] * 3 + [False] * 5]
+    z2 = np.r_[apart, rng.normal(9, 0.1, (8, 2))]
+    assert modality_mixing(z2, img2, lab2, k=10)["classes"] == ["neu"]
+    assert modality_mixing(apart, np.ones(2 * n, bool), labels) is None
