@@ -119,6 +119,9 @@ def _check_outputs(run: Path) -> None:
     assert len(path) == 6 and "granule_density" in path
     truth = pd.read_csv(tr / "truth_recovery.csv")
     assert "gp_path_position_vs_true_t_spearman" in set(truth["measure"])
+    # every measure says how many cells it rests on (the path reads every code, the
+    # image measures only the cells with a crop)
+    assert truth["n"].notna().all() and (truth["n"] >= 3).all()
     # the report embeds every figure of both stages
     html = (tr / "report.html").read_text()
     embedded = set(re.findall(r'data-file="([^"]+)"', html))
