@@ -337,7 +337,10 @@ def traverse_study(
                     "and program scores of the decoded expression.",
                     (True, False): "granule/nucleus features measured on the decoded images.",
                     (False, True): "program scores of the decoded expression.",
-                }[(img_ok, expr_ok)],
+                }[(img_ok, expr_ok)]
+                + " Grey: the feature is the same at every step (n/a in the table). The "
+                "decoder is deterministic, so any steady change, however small, reads +-1: "
+                "how large it is shows in the dim's figure above.",
             )
         )
 
@@ -901,13 +904,17 @@ def traverse_study(
                 TableItem(
                     "Genes ranked along the GP path",
                     tables["gene_ranking_gp"].head(a.top_genes),
-                    "log2fc: end vs start; spearman: monotonic trend with path position; "
-                    "score = |spearman| x |log2fc|. Full table: gene_ranking_gp.csv",
+                    "start / end / range: log1p of the decoded mean expression (normalised "
+                    "counts) at the path's first and last step, and its max - min along it; "
+                    "log2fc: log2 of (end + 1) / (start + 1) on the normalised scale; "
+                    "spearman: monotonic trend with path position; peak_s: the position "
+                    "(0-1) where the gene is highest; score = |spearman| x |log2fc|. Full "
+                    "table: gene_ranking_gp.csv",
                 ),
                 TableItem(
                     "Genes ranked along the straight path",
                     tables["gene_ranking_straight"].head(a.top_genes),
-                    "Full table: gene_ranking_straight.csv",
+                    "Columns as above. Full table: gene_ranking_straight.csv",
                 ),
             ]
         sections.append(
