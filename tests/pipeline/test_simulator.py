@@ -177,7 +177,11 @@ def test_nucleus_lobes_are_separate_components(t):
 
 def test_lobe_count_bins():
     assert lobes_of(0.0) == lobes_of(0.83) == 1
-    assert [lobes_of(t) for t in (0.84, 0.87, 0.9, 0.94, 0.97, 1.0)] == [2, 2, 3, 4, 5, 5]
+    assert [lobes_of(t) for t in (0.84, 0.87, 0.9, 0.94, 0.97, 0.999, 1.0)] == [2, 2, 3, 3, 4, 5, 5]
+    # a normal (Arneth-like) count over the segmented stage: 3 lobes commonest, 5 rare
+    ts = np.linspace(STAGE_EDGES[-2], 1.0, 6001)
+    share = {k: np.mean([lobes_of(t) == k for t in ts]) for k in (2, 3, 4, 5)}
+    assert share[3] > share[2] > share[4] > share[5] and share[5] < 0.05
     assert [stage_of(float(e) + 1e-9) for e in STAGE_EDGES[:-1]] == list(LINEAGE_KINDS)
     assert stage_of(1.0) == "segmented_neutrophil"
 
