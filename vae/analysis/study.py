@@ -1174,7 +1174,7 @@ def _eval_sections(
             continue
         tables.append(TableItem(name.replace("_", " "), df, cap, missing=missing[name]))
     fcaps = {
-        "umap_labels.png": "Embedding of the shared latent, coloured by label, split, maturation (the simulator's true t, grey where unknown) and modality (whether a row has a crop, a profile or both). One class drawn as two islands that differ in modality is the pairing's doing, not two populations (modality mixing in the text above).",
+        "umap_labels.png": "Embedding of the shared latent, coloured by label, split, maturation (obs[analysis.maturation_key]: the simulator's true t in the demo; grey where unknown) and modality (whether a row has a crop, a profile or both). One class drawn as two islands that differ in modality is the pairing's doing, not two populations (modality mixing in the text above).",
         "umap_programs.png": "Same embedding coloured by the observed score of each gene program (expression.programs: the granule programs and the maturation markers by default; a program with none of its genes in the data has no panel).",
         "umap_image.png": "Embedding of the image-only latent, coloured by label.",
         "umap_expression.png": "Embedding of the expression-only latent, coloured by label.",
