@@ -473,6 +473,10 @@ def _write_outputs(
             "this run's rejects.csv)"
         )
     summary.update(world_size=ctx.dist.world_size, device=str(ctx.dist.device))
+    # the scale this run used (model_args.input_scale is the network's own, always 1.0)
+    summary["input_scale"] = (
+        "per image: detections.csv input_scale" if estimated else settings.input_scale
+    )
     adata = cells_adata(kept, crops, masks, settings, counts, str(smears))
     if estimated:  # no one scale: each cell's image's is obs["input_scale"]
         adata.uns["input_scale"] = "per image: obs['input_scale']"

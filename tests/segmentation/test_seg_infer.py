@@ -628,6 +628,10 @@ def _check_outputs(out: Path, crop: int = 32):
         "sim_0001.png",
     ]
     assert not (out / ".segment_parts").exists()
+    # the run's scale, beside the network's own (model_args.input_scale, always 1)
+    summary = json.loads((out / "summary.json").read_text())
+    scale = summary["input_scale"]
+    assert scale == a.uns["input_scale"] or str(scale).startswith("per image")
     return a, det
 
 

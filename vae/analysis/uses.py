@@ -134,7 +134,7 @@ def anomaly_summary(
                 decoded.image[with_img],
                 [f"{lab[i]}\n{s[i]:.1f}" for i in with_img],
                 "most atypical held-out cells with a crop (combined anomaly score; "
-                "anomaly_top.csv lists the top cells of every kind, expression-only ones too)",
+                "anomaly_top.csv lists the top cells overall, expression-only ones too)",
             )
             out_files.figure(fig, ANOMALY_PNG, "evaluate/anomaly_top")
     return {
@@ -156,7 +156,8 @@ def report_section(ev_dir: Path):
         "non-zero entries skipped (n_skipped).",
         DENOISING_CSV: "Denoising: per-gene Pearson r with the simulator's noise-free expression, "
         "decoded vs the observed counts, per gene programme.",
-        ANOMALY_CSV: "Most atypical held-out cells of every kind (has_crop: False for an "
+        ANOMALY_CSV: "The 8 most atypical held-out cells overall, whatever their label or "
+        "modality (has_crop: False for an "
         "expression-only row, whose score is on its profile): combined anomaly score (robust "
         "z of reconstruction cost, latent kNN distance and class distance per modality vs "
         "the training cells).",

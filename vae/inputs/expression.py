@@ -1170,7 +1170,12 @@ def plot_qc(qc_frame: pd.DataFrame, params: PreprocessParams, path: str | Path) 
             ax.axvline(thr, color="k", ls="--", lw=1, label=f"{name}={thr}")
         if col == "pct_mito" and not np.any(v > 0):
             ax.set_title(f"no counts in genes starting with {params.mito_prefix!r}", fontsize=8)
-        ax.set_xlabel(col)
+        unit = {
+            "total_counts": "total_counts (counts per cell)",
+            "n_genes": "n_genes (genes with a count)",
+            "pct_mito": f"pct_mito (% of counts in {params.mito_prefix}* genes)",
+        }
+        ax.set_xlabel(unit[col])
         ax.set_ylabel("cells")
         ax.legend(fontsize=7)
     fig.suptitle("expression QC (before filtering)")
