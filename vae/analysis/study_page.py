@@ -354,9 +354,10 @@ def write_study_page(path: str | Path, data: StudyPageData, title: str, subtitle
 <link rel="icon" href="data:,"><title>{html.escape(title)}</title><style>{_CSS}</style></head>
 <body><h1>{html.escape(title)}</h1><p class="cap">{html.escape(subtitle)}</p>
 <p class="cap">Drag the slider along the Gaussian-process path through the class centroids
-({html.escape(classes)}). Left: the cell decoded at that point of the latent space{html.escape(data.decoded_how)}; middle: the
-decoded gene-program and granule-gene values there (the outlined column of the heatmap); right:
-the real cells whose codes lie nearest to that point. Hover over a point of the scatter to see
+({html.escape(classes)}). The panels below show, for that point: the cell decoded at that point
+of the latent space{html.escape(data.decoded_how)}; the decoded gene-program and granule-gene values
+there (the outlined column of the heatmap); the real cells whose codes lie nearest to that point
+(the panels wrap to the window's width). Hover over a point of the scatter to see
 that cell's crop and labels; the ringed points are those real cells. The dashed line is a schematic
 of the path, drawn between the median positions of its classes (the path runs in the latent space,
 where a 2-D map has no place for points between cells), and the red circle the current position on it.</p>
