@@ -148,9 +148,13 @@ class VAEConfig:
     expression_weight: float = 1.0
     cross_weight: float = 1.0  # unimodal/cross-modal reconstruction on paired rows
     # auto: clip when every paired row is a same_cell pair, else class | none | clip | class
-    align: str = "auto"  # clip: InfoNCE on paired rows; class: per-label centroids
+    align: str = "auto"  # clip: InfoNCE on paired rows; class: class-level InfoNCE (directions)
     align_weight: float = 20.0
     align_temperature: float = 0.1
+    # squared distance per dim between each class's image- and expression-expert means
+    # (labelled rows; the class InfoNCE above compares directions only); 0: off
+    # (docs/vae.md, "Class centroids of the two experts")
+    align_centroid_weight: float = 0.0
     # KL schedule (owned by the trainer)
     kl_warmup_epochs: float = 5.0  # linear beta warm-up from 0 (0: none)
     capacity_max: float = 0.0  # Burgess capacity C in nats (0: off)

@@ -260,6 +260,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
             expression=v.expression_weight,
             cross=v.cross_weight,
             align=v.align_weight,
+            align_centroid=float(v.align_centroid_weight),
             align_mode=align or v.align,
             temperature=v.align_temperature,
             late_mask=bool(v.late_mask),

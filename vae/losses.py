@@ -35,6 +35,11 @@ class LossWeights:
     align: float = 0.0
     align_mode: str = "none"  # none | clip | class
     temperature: float = 0.1
+    # squared distance per dim between each class's image-expert and expression-expert
+    # mean in the batch (shared dims; labelled rows, classes in both): the class InfoNCE
+    # compares directions only, and left the two experts' clouds of one class far apart
+    # in the latent (docs/analysis.md, "modality_mixing"); 0: off
+    align_centroid: float = 0.0
     late_mask: bool = False  # expression: score observed non-zero entries only
     # masked log-amplitude spectrum L1 (phase-free: rewards granule texture of the
     # right density and size wherever the granules sit; a pixel likelihood blurs it)
@@ -124,6 +129,8 @@ class LossTerms:
     kl_unimodal : KL of the unimodal posteriors on paired rows
     align : alignment loss (0 when off): InfoNCE on paired rows (clip) or
         class-level InfoNCE (class)
+    align_centroid : per-dim squared distance between the experts' class means
+        (:func:`class_centroid_gap`; 0 when off)
     kl_per_dim : (d,) KL of the fused posterior per latent dim (not in total)
     """
 
@@ -144,6 +151,7 @@ class LossTerms:
     expression_from_image: torch.Tensor
     kl_unimodal: torch.Tensor
     align: torch.Tensor
+    align_centroid: torch.Tensor
     kl_per_dim: torch.Tensor
     maturation: torch.Tensor
     view: torch.Tensor
@@ -685,6 +693,32 @@ def class_align(
     return 0.5 * (side(logits, pos) + side(logits.t(), pos.t()))
 
 
+def class_centroid_gap(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    labels: torch.Tensor,
+    mask_a: torch.Tensor,
+    mask_b: torch.Tensor,
+) -> torch.Tensor:
+    """Mean over the classes present on both sides of the squared Euclidean distance,
+    per dim, between the class's mean of ``a`` (rows ``mask_a``) and of ``b``.
+
+    a, b : (B, d) the image and expression experts' means; labels : (B,) codes.
+    Returns () (0 when no class has rows on both sides).
+    """
+    la, lb = labels[mask_a], labels[mask_b]
+    if la.numel() == 0 or lb.numel() == 0:
+        return a.new_zeros(())
+    gaps = []
+    for c in torch.unique(la):
+        if not (lb == c).any():
+            continue
+        ma = a[mask_a][la == c].mean(0)
+        mb = b[mask_b][lb == c].mean(0)
+        gaps.append(((ma - mb) ** 2).mean())
+    return torch.stack(gaps).mean() if gaps else a.new_zeros(())
+
+
 # ----------------------------------------------------------------------- the loss
 
 
@@ -1017,6 +1051,20 @@ def vae_loss(
     known = labels != w.unknown_label if labels is not None else None
 
     align = zero
+    align_centroid = zero
+    if (
+        w.align_centroid > 0
+        and known is not None
+        and post.image is not None
+        and post.expression is not None
+    ):
+        align_centroid = class_centroid_gap(
+            post.image[0][:, :ns],
+            post.expression[0][:, :ns],
+            labels,
+            post.has_image & known,
+            post.has_expression & known,
+        )
     if (
         w.align > 0
         and w.align_mode != "none"
@@ -1089,6 +1137,7 @@ def vae_loss(
             (1.0, extra),
             (beta * w.cross, kl_uni),
             (w.align, align),
+            (w.align_centroid, align_centroid),
             (w.classify, classify),
             (w.maturation, maturation),
             (w.view_contrast, view),
@@ -1112,6 +1161,7 @@ def vae_loss(
         expression_from_image=ce,
         kl_unimodal=kl_uni,
         align=align,
+        align_centroid=align_centroid,
         kl_per_dim=kl_dims.mean(dim=0).detach(),
         maturation=maturation,
         view=view,

@@ -143,7 +143,8 @@ def test_stage_train_with_the_cells_sizes(paired: Path):
 
 
 def test_stage_train_balances_the_label_head_from_the_train_split(paired: Path):
-    """Also: vae.classify_noise_q reaches the loss weights of the checkpoint."""
+    """Also: vae.classify_noise_q and vae.align_centroid_weight reach the loss weights of
+    the checkpoint, and the centroid term is logged."""
     from vae.losses import class_balance_weights
 
     out = _run_here(
@@ -152,9 +153,13 @@ def test_stage_train_balances_the_label_head_from_the_train_split(paired: Path):
         "trainer.max_epochs=1",
         "vae.classify_balance=1.0",
         "vae.classify_noise_q=0.7",
+        "vae.align_centroid_weight=5",
     )
-    weights = load_torch_file(out / "last.pt")["train_args"]["weights"]
+    ck = load_torch_file(out / "last.pt")
+    weights = ck["train_args"]["weights"]
     assert weights["classify_noise_q"] == pytest.approx(0.7)  # the head's loss: GCE
+    assert weights["align_centroid"] == pytest.approx(5.0)
+    assert np.isfinite(ck["history"][-1]["train"]["align_centroid"])
     w = weights["classify_class_weights"]
     a = ad.read_h5ad(paired / "paired.h5ad")
     split = np.loadtxt(out / "split.csv", dtype=str, delimiter=",", skiprows=1)[:, 1]

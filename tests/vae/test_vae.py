@@ -410,6 +410,31 @@ def test_class_alignment_prefers_matching_classes_and_is_not_met_by_collapse():
     assert math.isclose(float(flat), math.log(2), rel_tol=1e-6)
 
 
+def test_class_centroid_gap_sees_a_shift_the_class_infonce_does_not():
+    """Each class's image cloud shifted and scaled away from its expression cloud: the
+    cosine InfoNCE barely changes (the directions still match) while the centroid gap
+    is the per-dim squared shift; classes on one side only are not scored."""
+    from vae.losses import class_align, class_centroid_gap
+
+    labels = torch.tensor([0, 1, 0, 1, 2])
+    img = torch.tensor([True, True, False, False, True])
+    expr = torch.tensor([False, False, True, True, False])
+    e = torch.eye(2)
+    same = torch.stack([e[0], e[1], e[0], e[1], e[0]])
+    far = same.clone()
+    far[img] = far[img] * 3.0  # the image experts' means further out on the same rays
+    assert float(class_centroid_gap(same, same, labels, img, expr)) == 0.0
+    gap = float(class_centroid_gap(far, same, labels, img, expr))
+    assert math.isclose(gap, (2.0**2 + 0.0) / 2, rel_tol=1e-6)  # 2 units on one dim of two
+    assert math.isclose(
+        float(class_align(far, same, labels, img, expr, 0.1)),
+        float(class_align(same, same, labels, img, expr, 0.1)),
+        rel_tol=1e-6,
+    )
+    none = torch.tensor([False] * 5)
+    assert float(class_centroid_gap(far, same, labels, img, none)) == 0.0
+
+
 def test_split_keeps_a_specimen_in_one_split():
     from segmentation.table import specimen_ids
 
