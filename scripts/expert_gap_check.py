@@ -31,9 +31,11 @@ def expert_gaps(z, zi, ze, has_image, has_expression, labels) -> list[dict]:
 
     z, zi, ze : (n, d) fused, image-expert and expression-expert means (shared dims)
     """
+    from vae.inputs.schema import known_labels
+
     out = []
     lab = np.asarray(labels).astype(str)
-    for c in sorted(set(lab) - {"", "nan", "None"}):
+    for c in sorted(set(lab[known_labels(labels)])):
         crop = (lab == c) & has_image
         prof = (lab == c) & has_expression
         only = (lab == c) & has_expression & ~has_image

@@ -34,15 +34,14 @@ import numpy as np
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, 4) x (M, 4) xyxy -> (N, M) IoU and (N, M) share of each ``b`` box covered."""
+    """(N, 4) x (M, 4) xyxy -> (N, M) IoU and (N, M) share of each ``b`` box covered
+    (the evaluation's own box geometry, ``segmentation.engine``)."""
+    from segmentation.engine import _box_intersection, _box_iou
+
     if not len(a) or not len(b):
         return np.zeros((len(a), len(b))), np.zeros((len(a), len(b)))
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
     area_b = (b[:, 2:] - b[:, :2]).prod(-1)
-    return inter / (area_a[:, None] + area_b[None] - inter), inter / area_b[None]
+    return _box_iou(a, b), _box_intersection(a, b) / area_b[None]
 
 
 def score_image(kept: np.ndarray, truth: np.ndarray) -> dict[str, list]:

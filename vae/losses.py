@@ -709,12 +709,13 @@ def class_centroid_gap(
     la, lb = labels[mask_a], labels[mask_b]
     if la.numel() == 0 or lb.numel() == 0:
         return a.new_zeros(())
+    ra, rb = a[mask_a], b[mask_b]
     gaps = []
     for c in torch.unique(la):
         if not (lb == c).any():
             continue
-        ma = a[mask_a][la == c].mean(0)
-        mb = b[mask_b][lb == c].mean(0)
+        ma = ra[la == c].mean(0)
+        mb = rb[lb == c].mean(0)
         gaps.append(((ma - mb) ** 2).mean())
     return torch.stack(gaps).mean() if gaps else a.new_zeros(())
 
@@ -1052,26 +1053,14 @@ def vae_loss(
 
     align = zero
     align_centroid = zero
-    if (
-        w.align_centroid > 0
-        and known is not None
-        and post.image is not None
-        and post.expression is not None
-    ):
-        align_centroid = class_centroid_gap(
-            post.image[0][:, :ns],
-            post.expression[0][:, :ns],
-            labels,
-            post.has_image & known,
-            post.has_expression & known,
-        )
-    if (
-        w.align > 0
-        and w.align_mode != "none"
-        and post.image is not None
-        and post.expression is not None
-    ):
+    both = post.image is not None and post.expression is not None
+    if both:  # the two experts' shared means, which both alignment terms compare
         mi, me = post.image[0][:, :ns], post.expression[0][:, :ns]
+    if both and w.align_centroid > 0 and known is not None:
+        align_centroid = class_centroid_gap(
+            mi, me, labels, post.has_image & known, post.has_expression & known
+        )
+    if both and w.align > 0 and w.align_mode != "none":
         if w.align_mode == "clip":
             keep = (paired > 0).nonzero().flatten()
             if keep.numel() > 1:

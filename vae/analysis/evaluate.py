@@ -596,8 +596,9 @@ def evaluate(
 
     steps("UMAPs")
     # ---- UMAPs of all rows (the embedding needs more cells than the test split)
+    z_all = np.asarray(lat.obsm["X_vae"], dtype=np.float64)
     emb, method = embedding(
-        z=np.asarray(lat.obsm["X_vae"], dtype=np.float64),
+        z=z_all,
         n_neighbors=a.n_neighbors,
         use_umap=a.umap,
         seed=seed,
@@ -617,7 +618,7 @@ def evaluate(
         cols["modality"] = np.where(
             hi & he, "crop + profile", np.where(hi, "crop only", "profile only")
         )
-        mix = M.modality_mixing(np.asarray(lat.obsm["X_vae"]), hi, labels, k=a.knn_k)
+        mix = M.modality_mixing(z_all, hi, labels, k=a.knn_k)
         if mix is not None:
             out["modality_mixing"] = mix
     # one label -> colour mapping of all rows for every panel (a subset keeps its colours)

@@ -826,7 +826,8 @@ def modality_mixing(
     ----------
     z : (n, d) codes
     has_image : (n,) bool, the row has a crop
-    labels : (n,) class labels; ``""`` / ``"nan"`` rows are left out
+    labels : (n,) class labels; unknown ones (:func:`vae.inputs.schema.known_labels`)
+        are left out
     k : neighbours per cell (fewer in a smaller class)
     min_per_group : cells of each kind a class needs to be scored
 
@@ -839,11 +840,13 @@ def modality_mixing(
     """
     from sklearn.neighbors import NearestNeighbors
 
+    from vae.inputs.schema import known_labels
+
     z = np.asarray(z, np.float64)
     img = np.asarray(has_image, bool)
     lab = np.asarray(labels).astype(str)
     obs, exp, classes = [], [], []
-    for c in np.unique(lab[~np.isin(lab, ["", "nan", "None"])]):
+    for c in np.unique(lab[known_labels(labels)]):
         rows = np.flatnonzero(lab == c)
         n_img = int(img[rows].sum())
         if min(n_img, len(rows) - n_img) < min_per_group:
