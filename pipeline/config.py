@@ -25,11 +25,13 @@ from segmentation.schema import (
     BORDER_MARGIN,
     MASK_THRESHOLD,
     MAX_AREA_RATIO,
+    MIN_CELL_AREA,
     MIN_CELLS_AREA_RATIO,
     MIN_SOLIDITY,
     SCALE_SPREAD,
     SCORE_THRESHOLD,
     TOUCH_PX,
+    TRIM_RIM,
 )
 from vae.analysis.settings import AnalysisSettings
 from vae.inputs.schema import granule_programs
@@ -251,9 +253,9 @@ class SegmentationConfig:
     # peel background off each crop's mask edge, at most this many working px deep (the
     # detector's masks are one working px coarse = several source px; docs/segmentation_infer.md
     # "Masks that end at the cell"); 0 = off
-    trim_rim: float = 1.0
+    trim_rim: float = TRIM_RIM
     score_threshold: float = SCORE_THRESHOLD  # keep score >= this
-    min_area: int = 200  # mask px (source frame); smaller are dropped
+    min_area: int = MIN_CELL_AREA  # mask px (source frame); smaller are dropped
     max_area: int | None = None  # mask px; None = no upper limit
     drop_border: bool = True  # drop cells whose mask touches the image border
     border_margin: int = BORDER_MARGIN  # px from the border that counts as touching

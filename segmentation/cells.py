@@ -36,6 +36,8 @@ from segmentation.inference import Detections, Detector, detect_images, resize_i
 from segmentation.io import decode_coco_mask
 from segmentation.schema import (  # TRUTH_FIELDS: from a matched COCO annotation
     CELL_DIAMETER,
+    MIN_CELL_AREA,
+    TRIM_RIM,
     TRUTH_FIELDS,
 )
 
@@ -136,9 +138,10 @@ class SegmentSettings:
     # peel background off each kept mask's edge, at most trim_rim working px deep
     # (trim_rim / input_scale source px): the detector's masks are a working px coarse,
     # which is several source px (crops.trim_rim); 0 = off
-    trim_rim: float = 0.0
+    trim_rim: float = TRIM_RIM
     match_iou: float = 0.5
-    filters: FilterSettings = field(default_factory=FilterSettings)
+    # source px for min_area / max_area (scaled to the working frame per image)
+    filters: FilterSettings = field(default_factory=lambda: FilterSettings(min_area=MIN_CELL_AREA))
     reject_examples_per_image: int = 2  # crops of rejected cells kept for rejects.png
 
 

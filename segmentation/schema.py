@@ -36,6 +36,13 @@ MIN_CELLS_AREA_RATIO = 3  # the area test needs at least this many cells in the 
 # images of its microscope (segmentation.magnification.hold_to_pool; chosen a priori,
 # checked on TXL-PBC train/4, BCCD test and val: docs/segmentation_infer.md)
 SCALE_SPREAD = 1.25
+# stage=segment's crop defaults, owned here so that the library (SegmentSettings, what
+# vae.api.Study.read uses when given no settings) and the config (cfg.segmentation) cut
+# the same cells: background peeled off each mask's edge, working px (docs/
+# segmentation_infer.md, "Masks that end at the cell"), and the smallest mask kept, px of
+# the source image
+TRIM_RIM = 1.0
+MIN_CELL_AREA = 200
 # the quartiles of one microscope's per-image estimates lie 1.14-1.38x apart (TXL-PBC's four
 # microscopes, BCCD test); its four mixed in one group: 1.77x. Above this ratio (and with
 # at least 8 images measured) a group is reported as possibly mixing magnifications.

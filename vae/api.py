@@ -15,7 +15,7 @@ Examples
 >>> q = study.embed(study.read("new_cells.h5ad"))               # AnnData, all results
 >>> q.obs[["vae_label", "vae_label_confidence", "vae_maturation", "vae_stage"]]
 >>> calls = study.transfer_labels(q.obsm["X_vae_image"], modality="image")  # crops
->>> pos = study.maturation_position(q.obsm["X_vae_full"])       # position, stage
+>>> pos = study.maturation_position(q.obsm["X_vae_full"], q.obs["vae_label"])  # position, stage
 >>> dec = study.decode(q.obsm["X_vae_full"][:4])                # images, expression
 
 How inputs are matched to the model (docs/embed.md):
@@ -422,6 +422,11 @@ class Study:
             raise StudyError(f"kind={kind!r}; valid: auto, h5ad, expression, crops, smears")
         if crop_masks not in CROP_MASKS:
             raise StudyError(f"crop_masks={crop_masks!r}; valid: {', '.join(CROP_MASKS)}")
+        if not p.is_dir():
+            raise StudyError(
+                f"{p}: kind={kind!r} reads a folder of images (sub-folders = samples); this "
+                "is a file: give the folder that holds it"
+            )
         if kind == "crops" and crop_masks == "whole":
             a, rej = Q.read_crop_folder(p, self.pair_crop_size, bg)
         else:
@@ -929,18 +934,25 @@ class Study:
             self._path = (cents, path)
         return self._path
 
-    def maturation_position(self, z_full: np.ndarray) -> pd.DataFrame:
+    def maturation_position(self, z_full: np.ndarray, labels=None) -> pd.DataFrame:
         """Position of each code along the maturation path and the stage it falls in.
+
+        Every code has a projection onto the path, a lymphocyte's too; its nearest
+        knot would name a false stage. Give the cells' calls (``labels``, e.g.
+        ``obs["vae_label"]``) and a cell called a class off the path gets no stage
+        (``""``), as :meth:`embed` does.
 
         Parameters
         ----------
         z_full : (n, d) full latent means (``obsm["X_vae_full"]``)
+        labels : (n,) the cells' labels or calls, or None (every cell staged)
 
         Returns
         -------
         DataFrame with ``position`` in [0, 1] (nearest point of the GP path,
         :func:`vae.analysis.traverse.project_onto_path`; 0 = first path class)
-        and ``stage``: the path class whose centroid position is nearest.
+        and ``stage``: the path class whose centroid position is nearest ("" for a
+        cell whose label is not a path class).
         """
         from vae.analysis import traverse as T
 
@@ -954,6 +966,13 @@ class Study:
             return pd.DataFrame({"position": [], "stage": pd.Series([], dtype=str)})
         pos = T.project_onto_path(z, path)
         stage = np.asarray(cents.names)[np.abs(pos[:, None] - path.knots_s[None]).argmin(1)]
+        if labels is not None:
+            labels = np.asarray(labels).astype(str)
+            if labels.shape != (len(z),):
+                raise StudyError(
+                    f"maturation_position: labels must be ({len(z)},); got {labels.shape}"
+                )
+            stage = np.where(np.isin(labels, [str(c) for c in cents.names]), stage, "")
         return pd.DataFrame({"position": pos, "stage": stage})
 
     # ---------------------------------------------------------------- decode
@@ -974,6 +993,26 @@ class Study:
         if z.ndim != 2 or z.shape[1] != d:
             raise StudyError(f"decode: z must be (n, {d}) full codes; got {z.shape}")
         return decode(self.model, z, batch_size, self.device)
+
+    def seen_images(self, names) -> np.ndarray:
+        """(n,) bool: whether each image file name is one the study's reference holds a
+        crop of (matched by stem: ``x.jpg`` vs the reference's ``image_ref``, detection
+        suffix ``_d000`` and folders dropped). A cell so marked is not new to the model,
+        which trained on it (e.g. TXL-PBC val smears, which ``+preset=real`` segments
+        into the study). Stems shorter than 6 characters (``001``) are never matched:
+        too many data sets reuse them."""
+        import re
+
+        ref = self.reference.obs
+        if "image_ref" not in ref:
+            return np.zeros(len(names), bool)
+
+        def stem(x: str) -> str:
+            base = re.sub(r"\.[A-Za-z0-9]{2,5}$", "", str(x).replace("\\", "/").rsplit("/", 1)[-1])
+            return re.sub(r"_d\d+$", "", base)
+
+        known = {stem(x) for x in ref["image_ref"].astype(str) if x}
+        return np.array([len(stem(n)) >= 6 and stem(n) in known for n in names], bool)
 
     def image_support(self, z_full: np.ndarray):
         """Whether cells decoded from ``z_full`` (n, d) are drawn where crops were seen.
@@ -1114,14 +1153,11 @@ class Study:
         out.obs["vae_label"] = label.astype(str)
         out.obs["vae_label_confidence"] = conf
         try:
-            mp = self.maturation_position(out.obsm["X_vae_full"])
-            out.obs["vae_maturation"] = mp["position"].to_numpy()
-            stage = mp["stage"].to_numpy().astype(object)
             # a cell called a class off the path (a lymphocyte on the granulocyte path)
             # has a projection but no stage: its nearest knot would name a false one
-            on_path = {str(c) for c in self.maturation_path()[0].names}
-            stage[~np.isin(label.astype(str), list(on_path))] = ""
-            out.obs["vae_stage"] = stage.astype(str)
+            mp = self.maturation_position(out.obsm["X_vae_full"], label)
+            out.obs["vae_maturation"] = mp["position"].to_numpy()
+            out.obs["vae_stage"] = mp["stage"].to_numpy().astype(str)
         except StudyError as e:
             log.warning("no maturation position: %s", e)
             out.obs["vae_maturation"] = np.nan

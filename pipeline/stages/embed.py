@@ -193,6 +193,7 @@ def run_embed(ctx: StageContext) -> None:
     ctx.inputs["model"], ctx.inputs["latent"] = Path(study.model_path), Path(study.latent_path)
     if _uses_detector(cfg):
         _report_detector(ctx, study)
+        _warn_cut_unlike_study(cfg, study)
     parts, rejects, genes = [], [], {}
     named_by_csv = 0  # cells embed.samples_csv names, over every input
     for kind, p in _inputs(cfg):
@@ -236,6 +237,7 @@ def run_embed(ctx: StageContext) -> None:
         )
     out = _concat(parts) if len(parts) > 1 else parts[0]
     out.uns["genes"] = json.dumps(genes)
+    seen = _seen_by_study(study, out)
     try:  # the histogram is of the cells on the path's lineage
         path_classes = list(study.maturation_path()[0].names)
     except StudyError:
@@ -270,12 +272,31 @@ def run_embed(ctx: StageContext) -> None:
             "by_label": out.obs["vae_label"].value_counts().to_dict(),
             "samples": int(len(prof)),
             "rejects": len(rejects),
+            "cells_from_images_the_study_trained_on": seen,
             "genes": genes,
         },
     )
     with ctx.atomic("query") as tmp:
         out.write_h5ad(tmp)
     log.info("embed: %d cells, %d samples, %d rejects", out.n_obs, len(prof), len(rejects))
+
+
+def _seen_by_study(study, out) -> int:
+    """Cells whose image file the study's reference holds a crop of (warned: they are not
+    new patients; a review embedded TXL-PBC val smears, which +preset=real trains on)."""
+    if "image" not in out.obs:
+        return 0
+    names = out.obs["image"].astype(str).to_numpy()
+    seen = study.seen_images(names)
+    if seen.any():
+        log.warning(
+            "%d of the %d embedded cells come from images the study trained on (file names "
+            "in its latent.h5ad image_ref, e.g. %s): their calls are not those of new cells",
+            int(seen.sum()),
+            out.n_obs,
+            names[seen][0],
+        )
+    return int(seen.sum())
 
 
 def _page_notes(study, path_classes: list[str] | None) -> list[str]:
@@ -423,6 +444,41 @@ def _detector_data(path: Path) -> str | None:
     return (
         ((ck.get("config") or {}).get("data") or {}).get("name") if isinstance(ck, dict) else None
     )
+
+
+def _study_segmentation(study) -> dict | None:
+    """``cfg.segmentation`` of the study's own ``stage=segment`` run (from its manifest,
+    ``<study>/segment`` beside ``train``), or None (no such run: crops from elsewhere)."""
+    from pipeline.artifacts import read_manifest
+
+    for d in list(Path(study.model_path).parents)[:3]:  # train/, train/<variant>/
+        man = read_manifest(d / "segment")
+        if man and man.get("stage") == "segment":
+            return dict((man.get("config") or {}).get("segmentation") or {})
+    return None
+
+
+def _warn_cut_unlike_study(cfg, study) -> None:
+    """Warn when new cells are cut with another rim trim than the study's own cells (a
+    study segmented before ``segmentation.trim_rim`` existed had none): the image code
+    then reads mask edges the reference never had. (On the real chain's own TXL-PBC val
+    smears, re-embedded, the codes lie a median 1.5 / 1.25 from the cells' reference
+    codes with / without the trim: the estimated scale, not the study's fixed one,
+    moves them more.)"""
+    rec = _study_segmentation(study)
+    if rec is None:
+        return
+    was = float(rec.get("trim_rim") or 0.0)  # absent: the run predates the rim trim
+    now = float(cfg.segmentation.trim_rim)
+    if was != now:
+        log.warning(
+            "segmentation.trim_rim=%g, but the study's own cells were cut with %g (its "
+            "segment/manifest.json): new cells are masked unlike the reference's; add "
+            "segmentation.trim_rim=%g to cut them alike",
+            now,
+            was,
+            was,
+        )
 
 
 def _segment_args(cfg, kind: str) -> dict:

@@ -45,3 +45,20 @@ def test_every_stage_input_can_be_given_by_path():
     for spec in REGISTRY.values():
         read |= set(spec.needs_for(cfg)) | set(spec.optional_for(cfg))
     assert read <= {f.name for f in dataclasses.fields(InputsConfig)}
+
+
+def test_library_cuts_cells_as_the_config_does():
+    """vae.api.Study.read without settings (the library's SegmentSettings) and stage=embed
+    (cfg.segmentation) cut the same cells: a review found the rim trim (1 vs 0 working
+    px) and min_area (200 vs 0) differing, so the API and the stage disagreed on a smear."""
+    import dataclasses
+
+    from pipeline.config import SegmentationConfig
+    from pipeline.stages.segment import settings_from_config
+    from segmentation.cells import SegmentSettings
+
+    cfg = settings_from_config(OmegaConf.structured(SegmentationConfig))
+    lib = SegmentSettings()
+    assert dataclasses.asdict(cfg.filters) == dataclasses.asdict(lib.filters)
+    for f in ("trim_rim", "crop_size", "crop_margin", "background_value", "merge_iou"):
+        assert getattr(cfg, f) == getattr(lib, f), f

@@ -367,6 +367,13 @@ def test_api_genes_by_name_path_and_decode(study: Path):
     cents, path = st.maturation_path()
     mp = st.maturation_position(cents.points)
     assert list(mp["stage"]) == cents.names
+    # given the cells' calls, a cell called a class off the path has a position, no stage
+    off = ["not_on_path"] + list(cents.names[1:])
+    mp_l = st.maturation_position(cents.points, off)
+    assert mp_l["stage"].iloc[0] == "" and list(mp_l["stage"].iloc[1:]) == cents.names[1:]
+    assert np.array_equal(mp_l["position"].to_numpy(), mp["position"].to_numpy())
+    with pytest.raises(StudyError, match="labels must be"):
+        st.maturation_position(cents.points, off[:1])
     assert np.abs(mp["position"].to_numpy() - path.knots_s).max() <= 1 / 199 + 1e-9
     lab = st.transfer_labels(st.reference.obsm["X_vae"][:5], k=1)
     assert (lab["confidence"] == 1).all()
@@ -776,3 +783,51 @@ def test_a_crop_whose_ruler_fails_is_read_again_at_its_folders_median_scale(tmp_
     scales = a.uns["input_scales"]
     assert 0.15 < scales[f"n/{Path(names[2]).stem}"] < 0.4  # read at the folder's median
     assert a.obsm["masks"][2].mean() > 0.3  # the whole cell, not a lobe
+
+
+def test_nested_sample_folders_keep_their_patients_and_a_file_is_named(tmp_path, study: Path):
+    """patientB/slide1/*.png is sample patientB (was dropped silently); two slides' files
+    of one name stay two cells; a file given as a folder is a StudyError naming it."""
+    from vae.api import Study, StudyError
+    from vae.inputs.query import sample_images
+
+    root = tmp_path / "crops"
+    for rel in ("patientA/a.png", "patientB/slide1/x.png", "patientB/slide2/x.png", "top.png"):
+        f = root / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((20, 20, 3), 128, np.uint8)).save(f)
+    (root / "patientB" / ".hidden").mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "patientB" / ".hidden" / "h.png")
+    got = [(s, p.relative_to(root).as_posix()) for s, p in sample_images(root)]
+    assert got == [
+        ("crops", "top.png"),
+        ("patientA", "patientA/a.png"),
+        ("patientB", "patientB/slide1/x.png"),
+        ("patientB", "patientB/slide2/x.png"),
+    ]
+    st = Study.load(study / "out" / "s")
+    a = st.read(root, kind="crops", crop_masks="whole")
+    assert sorted(a.obs_names) == [
+        "crops/top.png",
+        "patientA/a.png",
+        "patientB/slide1/x.png",
+        "patientB/slide2/x.png",
+    ]
+    assert sorted(a.obs["sample"]) == ["crops", "patientA", "patientB", "patientB"]
+    with pytest.raises(StudyError, match=r"a.png: kind='smears' reads a folder"):
+        st.read(root / "patientA" / "a.png", kind="smears")
+
+
+def test_images_the_study_trained_on_are_recognised_by_file_name(study: Path):
+    """A query image whose stem the reference's image_ref holds (detection suffix and
+    folders dropped) is flagged: embed warns that such cells are not new patients."""
+    from vae.api import Study
+
+    st = Study.load(study / "out" / "s")
+    ref = st.reference
+    ref.obs["image_ref"] = ""
+    ref.obs.iloc[0, ref.obs.columns.get_loc("image_ref")] = "smear_0001_d002"
+    ref.obs.iloc[1, ref.obs.columns.get_loc("image_ref")] = "cells/Basophil/Blood_42_1.jpg"
+    ref.obs.iloc[2, ref.obs.columns.get_loc("image_ref")] = "set/001"
+    got = st.seen_images(["smear_0001.jpg", "Blood_42_1.png", "001.png", "other_9.jpg"])
+    assert got.tolist() == [True, True, False, False]  # "001": too short to trust

@@ -133,6 +133,7 @@ def strip_with_heatmap(
     title: str,
     row_labels: Sequence[str] | None = None,
     step_notes: Sequence[str] | None = None,
+    x_title: str | None = None,
 ):
     """Rows of decoded images above a heatmap of genes (rows) x steps (columns).
 
@@ -145,6 +146,7 @@ def strip_with_heatmap(
     row_labels : one label per image row (shown left of the row), or None.
     step_notes : one short note per step, shown under the last image row (e.g. what
         the training crops nearest the step are), or None.
+    x_title : the heatmap's x-axis title (what the steps are), or None.
     """
     n = len(step_labels)
     if step_notes is not None and len(step_notes) != n:
@@ -179,6 +181,8 @@ def strip_with_heatmap(
         ax.set_yticklabels(gene_names, fontsize=7)
         ax.set_xticks(range(n))
         ax.set_xticklabels(step_labels, fontsize=7)
+        if x_title:
+            ax.set_xlabel(x_title, fontsize=8)
         fig.colorbar(im, ax=ax, shrink=0.9, label="log1p(decoded mean expr)")
     fig.suptitle(title, fontsize=9)
     return fig
@@ -250,8 +254,21 @@ def heatmap(
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
                 if np.isfinite(m[i, j]):
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=5.5)
+                    # white on the dark ends of the colour map, black elsewhere
+                    r, g, b, _ = cm(im.norm(m[i, j]))
+                    dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                    ax.text(
+                        j,
+                        i,
+                        f"{m[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6.5,
+                        color="white" if dark else "black",
+                    )
     fig.colorbar(im, ax=ax, shrink=0.8)
+    if annotate and np.isnan(m).any():
+        ax.set_xlabel("grey: not defined (a constant feature or too few cells)", fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig

@@ -150,8 +150,10 @@ def write_samples_html(
         "maturation path (0 = earliest class, 1 = latest) of the cells called one of the "
         "path's classes (n_on_path). NaN: not measurable here (the IG fraction when the "
         "study's labels hold no promyelocyte, myelocyte or metamyelocyte class; the "
-        "left-shift index when no cell is called a neutrophil-lineage stage). See "
-        "docs/embed.md.</p>",
+        "left-shift index when no cell is called one of the six stage names myeloblast, "
+        "promyelocyte, myelocyte, metamyelocyte, band, segmented neutrophil: a study "
+        "labelled by cell kind, e.g. with Paul15's 'Neutrophils', names no stage, so its "
+        "left-shift index is NaN whatever it calls). See docs/embed.md.</p>",
         "<h2>Samples</h2><table><tr>",
         "".join(f"<th>{html.escape(c)}</th>" for c in [*main, "maturation histogram"]),
         "</tr>",

@@ -43,6 +43,15 @@ from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE, MATURATION_ORDER, UNKNO
 log = logging.getLogger(__name__)
 
 # one line per truth-recovery row, so rows that look contradictory read as intended
+# figure titles of the two paths ("gp" alone reads as granulocyte precursor to a haematologist)
+PATH_TITLES = {"straight": "straight path", "gp": "Gaussian-process path"}
+
+
+def _votes(share: float, k: int) -> str:
+    """A neighbour vote as a count of ``k``: share 0.4 of 5 -> ``"2/5"``."""
+    return f"{int(round(float(share) * k))}/{k}"
+
+
 _TRUTH_MEANING = {
     "straight_path_position_vs_true_t_spearman": "cells ordered along the straight path as by true maturation",
     "gp_path_position_vs_true_t_spearman": "cells ordered along the GP path as by true maturation",
@@ -193,7 +202,14 @@ def traverse_study(
 
     def swept(tr) -> str:
         lo, hi = tr.offsets[0], tr.offsets[-1]
-        inside = " (the stretch that stays among the crops' codes)" if int(tr.dim) in ranges else ""
+        # said only where the support test shortened the sweep (on the real preset it
+        # accepts the full span of every dim: docs/analysis.md, "Image support")
+        cut = lo > -a.span_sd + 1e-6 or hi < a.span_sd - 1e-6
+        inside = (
+            " (the stretch that stays among the crops' codes)"
+            if int(tr.dim) in ranges and cut
+            else ""
+        )
         return f"{lo:+.1f} to {hi:+.1f} sd{inside}"
 
     sweep_ok = {
@@ -421,7 +437,10 @@ def traverse_study(
             near = T.neighbour_labels(pth.points, z_img, lab_img, a.image_support_k)
             path_near[kind] = near
             notes = (
-                [f"{short_label(x, 13) or '-'}\n{sh:.1f}" for x, sh in zip(near.label, near.share)]
+                [
+                    f"{short_label(x, 13) or '-'}\n{_votes(sh, a.image_support_k)}"
+                    for x, sh in zip(near.label, near.share)
+                ]
                 if img_ok
                 else None
             )
@@ -459,8 +478,10 @@ def traverse_study(
                 own = [
                     str(x) if str(x) not in UNKNOWN_LABELS else "" for x in labels[crops_near.rows]
                 ]
+                # the vote as a count ("2/5"), not a share a reader takes for a probability
                 notes = [
-                    f"{short_label(x) or '-'} {sh:.1f}\ncrop: {short_label(o) or 'unlabelled'}"
+                    f"{short_label(x) or '-'} {_votes(sh, a.image_support_k)}"
+                    f"\ncrop: {short_label(o) or 'unlabelled'}"
                     for x, sh, o in zip(near.label, near.share, own)
                 ]
                 abbrev = abbreviation_note([*near.label, *own])
@@ -469,9 +490,10 @@ def traverse_study(
                 dec.expression[:, gidx] if expr_ok else None,
                 gnames,
                 _starred([f"{s:.2f}" for s in pth.s], ok_img, img_ok),
-                f"{kind} path {cents.names[0]} -> {cents.names[-1]}",
+                f"{PATH_TITLES[kind]} {cents.names[0]} -> {cents.names[-1]}",
                 row_labels=row_names,
                 step_notes=notes,
+                x_title=f"position along the path ({cents.names[0]} = 0, {cents.names[-1]} = 1)",
             )
             p = out_files.figure(fig, f"path_{kind}", f"traverse/path_{kind}")
             how = (
@@ -515,8 +537,8 @@ def traverse_study(
             )
             near_note = (
                 f" Under each step: the commonest label among the "
-                f"{a.image_support_k} labelled training crops nearest its code, and its "
-                "share; the drawn cell is learned from crops like these, so a class that "
+                f"{a.image_support_k} labelled training crops nearest its code, and how "
+                f"many of the {a.image_support_k} carry it; the drawn cell is learned from crops like these, so a class that "
                 "has no crops is drawn as its neighbours' class"
                 + (
                     "; then ('crop:') the label of the crop in the bottom row."
@@ -530,9 +552,10 @@ def traverse_study(
             if no_crops:
                 near_note += (
                     f" No training crop is labelled {', '.join(no_crops)}: the cells drawn "
-                    "where the path runs through those classes are pictures of the crops "
-                    "nearest them, not of such cells (their place on the path comes from "
-                    "their expression profiles alone)."
+                    "where the path runs through those classes are the decoder's "
+                    "extrapolation from crops of other classes, not pictures of such cells, "
+                    "and need not look like the crop in the bottom row (their place on the "
+                    "path comes from their expression profiles alone)."
                 )
             crops_note = (
                 f" Bottom row: the real crop whose code lies nearest the step (any split; "
@@ -877,8 +900,9 @@ def traverse_study(
             programs,
             gidx,
             title,
-            " ".join([subtitle, *limits]),
+            subtitle,
             seed,
+            limits,
         )
         summary["study_page"] = study_page.name
 
@@ -955,7 +979,10 @@ def traverse_study(
             text=(
                 "Which latent directions carry granule formation: correlations of granule count/density, "
                 "GLCM contrast, cytoplasm hue, lobe count and nucleus share with each latent dim and with the "
-                "path position."
+                "path position. The granule counter counts dark dots of granule size inside the cell: "
+                "on 64 px crops of blood cells it reads granule-like texture (chromatin and stain "
+                'grain count too, docs/vae.md "Measuring instruments"), and blood cells have '
+                "finished forming their granules in the marrow."
             ),
             tables=gt,
             figures=figs["granules"],
@@ -1021,11 +1048,40 @@ def _data_limits(lat, classes_without_crops: list[str], notes: list[str] = ()) -
         out.append(
             f"No crop in the training data is labelled {', '.join(classes_without_crops)}: "
             "where the maturation path runs through those classes, the drawn cells are the "
-            "image decoder's pictures of the nearest crops of other classes (the labels "
-            "under each step say which), not images of such cells."
+            "image decoder's extrapolation from the nearest crops of other classes (the "
+            "labels under each step say which), not images of such cells. Positions between "
+            "the path's classes are interpolations between their centroids, not observed "
+            "intermediate stages."
+        )
+    twice = _specimens_in_two_sources(lat.obs)
+    if twice:
+        n, names = twice
+        out.append(
+            f"{n} specimens (source images) enter through more than one image source "
+            f"({', '.join(names)}): the same physical cell is then a row of each, counted "
+            "twice in every table and figure of held-out cells (the specimen split keeps "
+            "both copies on the same side of train / test)."
         )
     out += [str(n) for n in notes]
     return out
+
+
+def _specimens_in_two_sources(obs: pd.DataFrame) -> tuple[int, list[str]] | None:
+    """(number of specimens with crops from >= 2 image sources, those sources), or None.
+
+    A specimen is one source image (``obs['specimen']``); the real preset's BCCD smears
+    and the curated ``bccd_cropped`` crops cut from them share specimens, so one cell
+    enters twice."""
+    if not {"specimen", "image_source", HAS_IMAGE} <= set(obs.columns):
+        return None
+    o = obs.loc[obs[HAS_IMAGE].to_numpy(bool), ["specimen", "image_source"]].astype(str)
+    o = o[(o.specimen != "") & (o.image_source != "")]
+    per = o.groupby("specimen").image_source.nunique()
+    shared = per.index[per > 1]
+    if not len(shared):
+        return None
+    names = sorted(o.image_source[o.specimen.isin(shared)].unique())
+    return int(len(shared)), names
 
 
 def trained_modalities(lat) -> tuple[bool, bool]:
@@ -1174,11 +1230,11 @@ def _eval_sections(
             continue
         tables.append(TableItem(name.replace("_", " "), df, cap, missing=missing[name]))
     fcaps = {
-        "umap_labels.png": "Embedding of the shared latent, coloured by label, split, maturation (obs[analysis.maturation_key]: the simulator's true t in the demo; grey where unknown) and modality (whether a row has a crop, a profile or both). One class drawn as two islands that differ in modality is the pairing's doing, not two populations (modality mixing in the text above).",
+        "umap_labels.png": "Embedding of the shared latent, coloured by label, split, maturation (obs[analysis.maturation_key]: the simulator's true t in the demo; on expression data without one, the profiles' diffusion pseudotime from the expression stage's root, which spans every branch and which a crop paired by label takes from its profile; grey where unknown) and modality (whether a row has a crop, a profile or both). One class drawn as two islands that differ in modality is the pairing's doing, not two populations (modality mixing in the text above).",
         "umap_programs.png": "Same embedding coloured by the observed score of each gene program (expression.programs: the granule programs and the maturation markers by default; a program with none of its genes in the data has no panel).",
         "umap_image.png": "Embedding of the image-only latent, coloured by label.",
         "umap_expression.png": "Embedding of the expression-only latent, coloured by label.",
-        "reconstructions.png": "Held-out cells: masked input, joint reconstruction, and the image decoded from the row's expression profile alone (in a study paired by label, a profile of the crop's class, not of this cell; black: the crop has no profile). Drawn cells: the nucleus is cut into the lobe count the lobe layer reads, and the cuts are painted in the cytoplasm's colour (pale lines through a large nucleus).",
+        "reconstructions.png": "Held-out cells: masked input, joint reconstruction, and the image decoded from the row's expression profile alone (in a study paired by label, a profile of the crop's class, not of this cell; black: the crop has no profile). Drawn cells: the nucleus is cut into the lobe count the lobe layer reads, and the cuts are painted in the decoded cytoplasm's colour (on pale cells near-white lines through the nucleus: a drawing convention, not a crush artefact). In a study paired by label every profile of a class decodes to much the same cell, so the last column shows what the class's crops have in common, not this cell.",
         "label_transfer.png": "Confusion of the kNN label transfer on each latent (held-out rows with a known label): counts, coloured by the share of the true class.",
         "label_disagreements.png": "Held-out crops whose kNN call on the image code is not their label, by label -> call pair (label_disagreements.csv lists them all, with each crop's file): judge by eye whether the code or the label is wrong. Under each crop: the share of its neighbours voting the call / its label.",
         "label_suspects.png": "The labelled training crops that voted for those wrong calls, by their label, the most misleading first (label_suspects.csv lists them all, with each crop's file): one mislabelled crop can mislead many held-out cells, so re-check these labels first. Under each crop: the wrong calls it voted for / the share of its own neighbours carrying its label.",
@@ -1368,11 +1424,13 @@ def _write_study_page(
     title: str,
     subtitle: str,
     seed: int,
+    notes: list[str] = (),
 ) -> Path:
     """``study.html`` (:mod:`vae.analysis.study_page`) for the GP path ``gp`` decoded as ``dec``;
     ``drawn`` (n, S, S, 3): each step in its nearest cell's pose (None: ``dec.cells()``);
     ``supported`` (n,) bool: steps near codes of cells with a crop (the others faded);
-    ``step_labels``: :class:`vae.analysis.traverse.NeighbourLabels` of the steps, or None."""
+    ``step_labels``: :class:`vae.analysis.traverse.NeighbourLabels` of the steps, or None;
+    ``notes``: what the data cannot show, one paragraph each under the subtitle."""
     from vae.analysis import traverse as T
     from vae.analysis.palette import label_colours
     from vae.analysis.run import embedding
@@ -1481,7 +1539,7 @@ def _write_study_page(
             else ""
         ),
     )
-    return write_study_page(path, data, f"{title}: interactive path", subtitle)
+    return write_study_page(path, data, f"{title}: interactive path", subtitle, notes)
 
 
 def _rejects_section(sheet: Path):

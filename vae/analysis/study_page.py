@@ -331,7 +331,13 @@ document.body.setAttribute('data-ready', '1');
 """
 
 
-def write_study_page(path: str | Path, data: StudyPageData, title: str, subtitle: str = "") -> Path:
+def write_study_page(
+    path: str | Path,
+    data: StudyPageData,
+    title: str,
+    subtitle: str = "",
+    notes: Sequence[str] = (),
+) -> Path:
     """Write the self-contained ``study.html`` (atomically).
 
     Parameters
@@ -339,6 +345,7 @@ def write_study_page(path: str | Path, data: StudyPageData, title: str, subtitle
     path : output file (next to ``report.html``).
     data : what the page shows.
     title, subtitle : heading and a line under it.
+    notes : paragraphs under the subtitle (what the data cannot show).
 
     Returns
     -------
@@ -353,6 +360,7 @@ def write_study_page(path: str | Path, data: StudyPageData, title: str, subtitle
     body = f"""<!DOCTYPE html><html><head><meta charset="utf-8">
 <link rel="icon" href="data:,"><title>{html.escape(title)}</title><style>{_CSS}</style></head>
 <body><h1>{html.escape(title)}</h1><p class="cap">{html.escape(subtitle)}</p>
+{"".join(f'<p class="cap">{html.escape(str(n))}</p>' for n in notes)}
 <p class="cap">Drag the slider along the Gaussian-process path through the class centroids
 ({html.escape(classes)}). The panels below show, for that point: the cell decoded at that point
 of the latent space{html.escape(data.decoded_how)}; the decoded gene-program and granule-gene values

@@ -170,7 +170,10 @@ def report_section(ev_dir: Path):
     fcaps = {
         LATE_PNG: "Predicted vs true log values: observed entries grey, hidden (imputed) entries red.",
         ANOMALY_PNG: "Crops of the most atypical held-out cells that have a crop, with label "
-        "and score (the table above also ranks expression-only rows, which have no crop to show).",
+        "and score (the table above also ranks expression-only rows, which have no crop to show). "
+        "Atypical to the model: a stain, scale or mask it rarely saw (a jagged or cut mask, a "
+        "cell filling its tile) ranks as high as unusual morphology; look before reading "
+        "atypia into it.",
     }
     for name, cap in fcaps.items():
         f = Path(ev_dir) / f"{name}.png"

@@ -30,18 +30,36 @@ FOLDER_SAMPLE = "sample"
 
 
 def sample_images(folder: str | Path) -> list[tuple[str, Path]]:
-    """(sample, image path) for images in ``folder`` and in its direct sub-folders.
+    """(sample, image path) for images in ``folder`` and below it.
 
     Images directly inside ``folder`` belong to the sample named after the
-    folder; each sub-folder is one sample named after the sub-folder.
+    folder; each sub-folder is one sample named after the sub-folder, with the
+    images at any depth below it (``patientB/slide1/*.jpg`` is sample
+    ``patientB``: a per-patient, per-slide layout keeps its patients). Hidden
+    files and folders are skipped.
     """
     folder = Path(folder)
+    if folder.is_file():
+        raise NotADirectoryError(f"{folder}: a file; give the folder that holds the images")
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     out = [(folder.name, p) for p in sorted(folder.iterdir()) if _is_image(p)]
     for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        out += [(sub.name, p) for p in sorted(sub.iterdir()) if _is_image(p)]
+        below = (
+            p
+            for p in sorted(sub.rglob("*"))
+            if not any(part.startswith(".") for part in p.relative_to(sub).parts)
+        )
+        out += [(sub.name, p) for p in below if _is_image(p)]
     return out
+
+
+def image_id(folder: Path, sample: str, p: Path) -> str:
+    """A crop's cell id: ``sample/name``, with the sub-folders below the sample's
+    (``patientB/slide1/x.jpg``) so two slides' files of one name stay apart."""
+    base = folder / sample if (folder / sample).is_dir() and folder / sample != folder else None
+    rel = p.relative_to(base).as_posix() if base is not None and base in p.parents else p.name
+    return f"{sample}/{rel}"
 
 
 def _is_image(p: Path) -> bool:
@@ -76,7 +94,7 @@ def read_crop_folder(folder: str | Path, size: int, background: int = 0):
         c, m = square_crop(rd.image, np.ones(rd.image.shape[:2], bool), size, background)
         crops.append(c)
         masks.append(m)
-        rows.append({"cell_id": f"{sample}/{p.name}", "image": p.name, "sample": sample})
+        rows.append({"cell_id": image_id(folder, sample, p), "image": p.name, "sample": sample})
     obs = pd.DataFrame(rows, columns=["cell_id", "image", "sample"]).set_index("cell_id")
     obs.index.name = None
     a = ad.AnnData(obs=obs)
@@ -195,7 +213,7 @@ def segment_smear_folder(
             frames.append(
                 pd.DataFrame(
                     {
-                        "cell_id": [f"{sample}/{p.name}"],
+                        "cell_id": [image_id(folder, sample, p)],
                         "image": [p.name],
                         "area": [int(pre.sum())],
                         "crop_scale": [cs],
@@ -251,7 +269,7 @@ def segment_smear_folder(
                 )
                 continue
             kept = kept.iloc[[pos]].copy()
-            kept["cell_id"] = f"{sample}/{p.name}"
+            kept["cell_id"] = image_id(folder, sample, p)
             kept["image"] = p.name
             kept["mask_source"] = "detector"
             crops.append(cells.crops.images[pos : pos + 1])
