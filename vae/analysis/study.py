@@ -196,6 +196,7 @@ def traverse_study(
         }
     trs = T.traverse_dims(rd.model, anchor, dims, sd, a.span_sd, a.n_steps, rd.device, ranges)
     dim_rows = []
+    dim_items: dict[int, FigureItem] = {}  # each swept dim's figure (its caption grows below)
 
     def step_lab(tr) -> list[str]:
         return [f"{o:+.1f}sd" for o in tr.offsets]
@@ -261,9 +262,9 @@ def traverse_study(
             (True, False): "decoded images",
             (False, True): "decoded granule-gene expression (heatmap)",
         }[(img_ok, expr_ok)]
-        figs["dims"].append(
-            FigureItem(
-                p,
+        dim_items[int(tr.dim)] = FigureItem(
+            p,
+            (
                 f"Latent dim z{tr.dim} swept {swept(tr)} around the {anchor_desc}: {shown}."
                 + (
                     f" Faded, marked *: {int((~sweep_ok[tr.dim]).sum())} of {len(tr.offsets)} "
@@ -287,9 +288,10 @@ def traverse_study(
                     )
                     if tr.dim == mat_dim
                     else ""
-                ),
-            )
+                )
+            ),
         )
+        figs["dims"].append(dim_items[int(tr.dim)])
         prog = T.program_scores(tr.decoded.expression, genes, programs) if expr_ok else {}
         row = {"dim": tr.dim, "kl": kl[tr.dim]}
         if img_ok:
@@ -712,6 +714,11 @@ def traverse_study(
                     real[fcols].to_numpy(float), pos
                 )[:, 0]
             tables["real_feature_correlation"] = corr_df
+            # a sweep is local (one anchor cell); say where it runs against the crops
+            for row in dim_rows:
+                item = dim_items.get(int(row["dim"]))
+                if item is not None:
+                    item.caption += _sweep_vs_crops_note(row, corr_df, int(row["dim"]))
             out_files.csv(real, "real_crop_features")
             # one row per latent dim (d + 1 rows, a dozen features across): the page is
             # taller than wide, and a row per feature made a strip too wide to read
@@ -1634,6 +1641,40 @@ def _azurophilic_truth(
         return None
     t = lat.obs["t"].to_numpy().astype(float)[rows]
     return np.array([azurophilic_density(x) if np.isfinite(x) else np.nan for x in t])
+
+
+def _sweep_vs_crops_note(row: dict, crops: pd.DataFrame, dim: int, strong: float = 0.5) -> str:
+    """Caption tail for a dim's sweep: the features whose Spearman with the sweep's
+    offset and with the dim across held-out crops (``crops``: real_feature_correlation,
+    one row per feature, a column per dim) are both >= ``strong`` in size and of
+    opposite sign ("" when none). A sweep moves one cell's code; across cells the dim
+    can go with the feature the other way (a review read 'maturation axis' over a sweep
+    whose primary program fell while it rose across the crops)."""
+    col = f"z{dim}"
+    if col not in crops:
+        return ""
+    across = dict(zip(crops["feature"], crops[col]))
+    clash = []
+    for f, r_sweep in row.items():
+        r_crops = across.get(f)
+        if f in ("dim", "kl") or r_crops is None:
+            continue
+        r_sweep, r_crops = float(r_sweep), float(r_crops)
+        if (
+            np.isfinite(r_sweep)
+            and np.isfinite(r_crops)
+            and min(abs(r_sweep), abs(r_crops)) >= strong
+            and np.sign(r_sweep) != np.sign(r_crops)
+        ):
+            clash.append(f"{f} ({r_sweep:+.2f} along the sweep, {r_crops:+.2f} across crops)")
+    if not clash:
+        return ""
+    return (
+        f" Along this sweep and across the held-out crops z{dim} goes opposite ways with "
+        + ", ".join(clash)
+        + ": the sweep shows what the decoder does near the anchor cell, not what the dim "
+        "means across cells (real_feature_correlation.csv)."
+    )
 
 
 def _span_label(name: str, v: np.ndarray) -> str:

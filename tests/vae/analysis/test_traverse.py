@@ -330,3 +330,23 @@ def test_path_caption_says_when_the_nearest_crops_change_source():
     note = _source_note(s, np.array(["txl", "txl", "bccd", "bccd", "bccd"]))
     assert "txl at 0.00-0.25; bccd at 0.50-1.00" in note and "not maturation" in note
     assert _source_note(s, np.array(["bccd"] * 5)) == ""
+
+
+def test_a_sweep_that_runs_against_the_crops_says_so():
+    """The caption names features whose sweep and across-crop correlations are both
+    strong and of opposite sign, and nothing else."""
+    import pandas as pd
+
+    from vae.analysis.study import _sweep_vs_crops_note
+
+    crops = pd.DataFrame(
+        {
+            "feature": ["program:primary", "lobes", "granule_count"],
+            "z0": [0.87, -0.6, 0.9],
+        }
+    )
+    row = {"dim": 0, "kl": 2.5, "program:primary": -0.98, "lobes": -0.7, "granule_count": 0.2}
+    note = _sweep_vs_crops_note(row, crops, 0)
+    assert "program:primary (-0.98 along the sweep, +0.87 across crops)" in note
+    assert "lobes" not in note and "granule_count" not in note
+    assert _sweep_vs_crops_note({"dim": 1, "lobes": -0.9}, crops, 1) == ""
