@@ -340,7 +340,8 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects):
             log.warning(
                 "%s: %d more skipped (rejects.csv)", setting, len(read_rejects) - MAX_LOGGED_REJECTS
             )
-        rejects += read_rejects
+        # every row names its input as the setting that gave it (embed.crops=DIR)
+        rejects += [{**r, "input": setting} for r in read_rejects]
         if adata.n_vars:  # too few of the model's genes: refused before the imputation runs
             cols = study.gene_columns(adata.var_names)
             missing = [g for g, c in zip(study.gene_names, cols) if c < 0]

@@ -187,6 +187,8 @@ def test_crops_and_expression_with_samples(study: Path):
     assert np.isfinite(q.obs[ANOMALY_SCORE]).all()
     rej = pd.read_csv(d / "rejects.csv")
     assert rej["item"].str.endswith("broken.png").sum() == 1
+    # every row names its input as the setting (an image's row and a folder's alike)
+    assert rej["input"].str.startswith("embed.").all(), rej["input"].tolist()
     import json
 
     genes = json.loads((d / "summary.json").read_text())["genes"]
