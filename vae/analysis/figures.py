@@ -230,6 +230,11 @@ def image_grid(
     return fig
 
 
+def _cell_text(ax, x: int, y: int, text: str, dark: bool) -> None:
+    """A heatmap cell's number, white on a dark cell and black on a light one."""
+    ax.text(x, y, text, ha="center", va="center", fontsize=6.5, color="white" if dark else "black")
+
+
 def heatmap(
     matrix: np.ndarray,
     row_labels: Sequence[str],
@@ -256,16 +261,7 @@ def heatmap(
                 if np.isfinite(m[i, j]):
                     # white on the dark ends of the colour map, black elsewhere
                     r, g, b, _ = cm(im.norm(m[i, j]))
-                    dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-                    ax.text(
-                        j,
-                        i,
-                        f"{m[i, j]:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=6.5,
-                        color="white" if dark else "black",
-                    )
+                    _cell_text(ax, j, i, f"{m[i, j]:.2f}", 0.299 * r + 0.587 * g + 0.114 * b < 0.5)
     fig.colorbar(im, ax=ax, shrink=0.8)
     if annotate and np.isnan(m).any():
         ax.set_xlabel("grey: not defined (a constant feature or too few cells)", fontsize=7)
@@ -304,16 +300,7 @@ def confusion_panels(panels: dict[str, tuple[Sequence[str], np.ndarray]], title:
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
                 if m[i, j]:
-                    dark = share[i, j] > 0.6
-                    ax.text(
-                        j,
-                        i,
-                        f"{int(m[i, j])}",
-                        ha="center",
-                        va="center",
-                        fontsize=6.5,
-                        color="white" if dark else "black",
-                    )
+                    _cell_text(ax, j, i, f"{int(m[i, j])}", share[i, j] > 0.6)
         right = np.trace(m) / max(m.sum(), 1)
         ax.set_title(f"{name} (accuracy {right:.2f}, n={int(m.sum())})", fontsize=8)
         ax.set_xlabel("predicted (kNN)", fontsize=7)
