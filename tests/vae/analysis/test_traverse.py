@@ -350,3 +350,16 @@ def test_a_sweep_that_runs_against_the_crops_says_so():
     assert "program:primary (-0.98 along the sweep, +0.87 across crops)" in note
     assert "lobes" not in note and "granule_count" not in note
     assert _sweep_vs_crops_note({"dim": 1, "lobes": -0.9}, crops, 1) == ""
+
+
+def test_path_classes_say_which_rest_on_profiles_alone():
+    import numpy as np
+    import pandas as pd
+
+    from vae.analysis.study import _class_makeup
+
+    obs = pd.DataFrame({"has_image": [False, False, True, True, False]})
+    labels = np.array(["GMP", "GMP", "Neu", "Neu", "Neu"])
+    got = _class_makeup(["GMP", "Neu"], [2, 3], labels, obs)
+    assert got == "GMP 2 (0 with a crop), Neu 3 (2 with a crop)"
+    assert _class_makeup(["GMP"], [2], labels, obs.drop(columns="has_image")) == "GMP 2"
