@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,6 @@ from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE, MATURATION_ORDER, UNKNO
 
 log = logging.getLogger(__name__)
 
-# one line per truth-recovery row, so rows that look contradictory read as intended
 # figure titles of the two paths ("gp" alone reads as granulocyte precursor to a haematologist)
 PATH_TITLES = {"straight": "straight path", "gp": "Gaussian-process path"}
 
@@ -52,6 +51,7 @@ def _votes(share: float, k: int) -> str:
     return f"{int(round(float(share) * k))}/{k}"
 
 
+# one line per truth-recovery row, so rows that look contradictory read as intended
 _TRUTH_MEANING = {
     "straight_path_position_vs_true_t_spearman": "cells ordered along the straight path as by true maturation",
     "gp_path_position_vs_true_t_spearman": "cells ordered along the GP path as by true maturation",
@@ -1432,7 +1432,7 @@ def _write_study_page(
     title: str,
     subtitle: str,
     seed: int,
-    notes: list[str] = (),
+    notes: Sequence[str] = (),
 ) -> Path:
     """``study.html`` (:mod:`vae.analysis.study_page`) for the GP path ``gp`` decoded as ``dec``;
     ``drawn`` (n, S, S, 3): each step in its nearest cell's pose (None: ``dec.cells()``);

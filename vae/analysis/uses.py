@@ -156,7 +156,8 @@ def report_section(ev_dir: Path):
         "non-zero entries skipped (n_skipped).",
         DENOISING_CSV: "Denoising: per-gene Pearson r with the simulator's noise-free expression, "
         "decoded vs the observed counts, per gene programme.",
-        ANOMALY_CSV: "The 8 most atypical held-out cells overall, whatever their label or "
+        # "The <rows of the table> most atypical...": the count is the table's own
+        ANOMALY_CSV: "most atypical held-out cells overall, whatever their label or "
         "modality (has_crop: False for an "
         "expression-only row, whose score is on its profile): combined anomaly score (robust "
         "z of reconstruction cost, latent kNN distance and class distance per modality vs "
@@ -166,7 +167,10 @@ def report_section(ev_dir: Path):
     for name, cap in caps.items():
         f = Path(ev_dir) / f"{name}.csv"
         if f.exists():
-            tables.append(TableItem(name.replace("_", " "), pd.read_csv(f), cap))
+            df = pd.read_csv(f)
+            if name == ANOMALY_CSV:
+                cap = f"The {len(df)} {cap}"
+            tables.append(TableItem(name.replace("_", " "), df, cap))
     fcaps = {
         LATE_PNG: "Predicted vs true log values: observed entries grey, hidden (imputed) entries red.",
         ANOMALY_PNG: "Crops of the most atypical held-out cells that have a crop, with label "
