@@ -8,6 +8,8 @@ and measures on the test split (rows never used for early stopping):
   fused latents: fitted on the train+val rows, scored on the test rows (``joint``: every
   labelled test row, most of them expression-only on real data; ``joint_image_rows``:
   the test rows with a crop); with the majority-class rate of the labelled test image rows;
+  ``_per_cell``: the same with each specimen counted once (``obs['specimen']``: a BCCD
+  smear cell and the curated crop cut from it are one cell, two rows);
 - active units: latent dims whose mean KL of the fused posterior exceeds 0.01 nats;
 - masked SSIM of the fused reconstructions (decoded from the single-view posterior mean;
   the latents use the model's ``encode_views`` unless ``--views`` says otherwise);
@@ -46,17 +48,28 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _knn(z_fit: np.ndarray, y_fit: np.ndarray, z: np.ndarray, y: np.ndarray, k: int = 15) -> float:
+def _knn(
+    z_fit: np.ndarray,
+    y_fit: np.ndarray,
+    z: np.ndarray,
+    y: np.ndarray,
+    k: int = 15,
+    specimens: np.ndarray | None = None,
+) -> float:
     """kNN(k) fitted on the train+val rows, accuracy on the test rows (NaN rows dropped).
 
-    The vote is ``stage=evaluate``'s (:func:`vae.analysis.metrics.knn_accuracy`); only
-    the reference differs: evaluate's is the train split alone."""
-    from vae.analysis.metrics import knn_accuracy
+    The vote is ``stage=evaluate``'s (:func:`vae.analysis.metrics.knn_predict`); only
+    the reference differs: evaluate's is the train split alone. With ``specimens``
+    ((n,) ids of the test rows) each specimen counts once
+    (:func:`vae.analysis.metrics.per_cell_weights`)."""
+    from vae.analysis.metrics import knn_predict, per_cell_weights, weighted_accuracy
 
     a, b = np.isfinite(z_fit).all(1), np.isfinite(z).all(1)
     if a.sum() < 2 or b.sum() < 1:
         return float("nan")
-    return knn_accuracy(z[b], y[b], k, z_fit[a], y_fit[a])
+    pred = knn_predict(z[b], y[b], k, z_fit[a], y_fit[a])
+    w = per_cell_weights(specimens[b]) if specimens is not None else np.ones(int(b.sum()))
+    return weighted_accuracy(y[b], pred, w)
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -247,6 +260,17 @@ def check(
 
         fresh = ~seen_profiles(adata, test)[test]
         res["n_test_profile_in_training"] = int((~fresh).sum())
+        spec = (
+            adata.obs["specimen"].astype(object).to_numpy()[test]
+            if "specimen" in adata.obs
+            else None
+        )
+        if spec is not None:
+            from vae.analysis.metrics import per_cell_weights
+
+            res["n_test_image_labelled_cells"] = round(
+                float(per_cell_weights(spec[lab & has_i]).sum()), 1
+            )
         for name, zz, hf, ht in (
             ("image", lat_all.image, has_i_all[fit], has_i),
             ("image_shared", lat_all.image[:, :ns], has_i_all[fit], has_i),
@@ -258,6 +282,16 @@ def check(
             res[f"knn_{name}"] = _knn(
                 zz[fit][labf & hf], yf[labf & hf], zz[test][lab & ht], y[lab & ht]
             )
+            if spec is not None:
+                # one cell through two image sources (a BCCD smear cell and its curated
+                # crop) counted once, not once per copy
+                res[f"knn_{name}_per_cell"] = _knn(
+                    zz[fit][labf & hf],
+                    yf[labf & hf],
+                    zz[test][lab & ht],
+                    y[lab & ht],
+                    specimens=spec[lab & ht],
+                )
         from sklearn.decomposition import PCA
 
         def pix(rows: np.ndarray) -> np.ndarray:
@@ -530,7 +564,13 @@ def main() -> None:
             continue
         print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     print(
-        f"image-only kNN {res.get('knn_image', float('nan')):.2f} | joint kNN "
+        f"image-only kNN {res.get('knn_image', float('nan')):.2f}"
+        + (
+            f" ({res['knn_image_per_cell']:.2f} each cell once)"
+            if "knn_image_per_cell" in res
+            else ""
+        )
+        + f" | joint kNN "
         f"{res.get('knn_joint', float('nan')):.2f} | active units {res['active_units']}/"
         f"{res['n_latent']} | SSIM {res['ssim_joint']:.2f}"
     )

@@ -819,6 +819,13 @@ def test_evaluate_scores_labelled_rows_only(tmp_path):
     source[np.arange(a.n_obs) % 5 == 0] = ""
     source[~a.obs["has_image"].to_numpy(bool)] = ""
     a.obs["image_source"] = source
+    # consecutive image rows in pairs share a specimen (one cell through two sources);
+    # the rest are their own specimen ("")
+    specimen = np.full(a.n_obs, "", dtype=object)
+    img_rows = np.flatnonzero(a.obs["has_image"].to_numpy(bool))
+    for j, r in enumerate(img_rows[:40]):
+        specimen[r] = f"spec{j // 2}"
+    a.obs["specimen"] = specimen
     paired = tmp_path / "paired.h5ad"
     a.write_h5ad(paired)
     extra = ["trainer.test_fraction=0.4"]
@@ -833,6 +840,24 @@ def test_evaluate_scores_labelled_rows_only(tmp_path):
     assert ls.loc["image", "n"] == (test & has_img & ~unl).sum()
     assert ls.loc["image", "n_unlabelled"] == (test & has_img & unl).sum()
     assert ls.loc["expression", "n_unlabelled"] == 0
+    # each specimen counted once: n_cells and the weighted accuracy, recomputed here
+    import anndata as ad
+
+    from vae.analysis.metrics import knn_predict
+
+    lat = ad.read_h5ad(tmp_path / "tiny" / "train" / "latent.h5ad")
+    z = np.asarray(lat.obsm["X_vae_image"], np.float64)
+    scored = np.flatnonzero(test & has_img & ~unl)
+    ref = np.flatnonzero((split.reindex(a.obs_names) == "train").to_numpy() & has_img & ~unl)
+    pred = knn_predict(z[scored], label[scored], 15, z[ref], label[ref])
+    spec = specimen[scored]
+    hit = pred == label[scored]
+    per_spec = {s: hit[spec == s].mean() for s in set(spec) if s}
+    n_own = int((spec == "").sum())
+    want = (hit[spec == ""].sum() + sum(per_spec.values())) / (n_own + len(per_spec))
+    assert len(per_spec) < (spec != "").sum()  # some specimen is scored twice
+    assert ls.loc["image", "n_cells"] == pytest.approx(n_own + len(per_spec))
+    assert ls.loc["image", "knn_accuracy_per_cell"] == pytest.approx(want)
     classes = set(label[~unl])
     lt = pd.read_csv(ev / "label_transfer.csv", keep_default_na=False)
     assert set(lt["label"]) <= classes

@@ -320,6 +320,9 @@ def evaluate(
     disagree: pd.DataFrame | None = None
     suspects: pd.DataFrame | None = None
     sources = obs_col(lat, a.source_key)
+    # one cell can enter through two image sources (a BCCD smear cell and the curated
+    # crop cut from it share obs["specimen"]): the per-cell accuracy counts it once
+    specimens = obs_col(lat, "specimen")
     # pairing by label reuses a profile for several crops: a held-out row whose profile
     # also sits in a training row has that row's expression code, a free vote. Such rows
     # are left out of the scores of the latents that read expression (joint, expression)
@@ -355,6 +358,12 @@ def evaluate(
         else:
             lt = M.label_transfer(labels[ok], pred)
             row.update(knn_accuracy=lt.accuracy, knn_balanced_accuracy=lt.balanced_accuracy)
+            if specimens is not None:
+                w = M.per_cell_weights(specimens[ok])
+                row.update(
+                    n_cells=round(float(w.sum()), 1),
+                    knn_accuracy_per_cell=M.weighted_accuracy(labels[ok], pred, w),
+                )
             confusions[name] = (lt.classes, lt.confusion)
             for i, c in enumerate(lt.classes):
                 if not lt.support[i]:

@@ -207,6 +207,56 @@ def knn_accuracy(
     return float(np.mean(pred == np.asarray(labels).astype(str)))
 
 
+def per_cell_weights(specimens: np.ndarray) -> np.ndarray:
+    """Weights that count each specimen once: 1 / (rows of the row's specimen).
+
+    One cell can enter a table through two image sources (a BCCD smear cell and
+    the curated crop cut from it share ``obs['specimen']``); an accuracy that
+    weights its rows by these counts every such cell once, whatever the number of
+    copies, instead of once per copy.
+
+    Parameters
+    ----------
+    specimens : (n,) specimen id of each scored row; an empty string, None or NaN
+        marks a row that is its own specimen (weight 1).
+
+    Returns
+    -------
+    (n,) float64 in (0, 1]; the weights of one specimen's rows sum to 1, so
+    ``weights.sum()`` is the number of distinct cells.
+    """
+    s = np.asarray(specimens, dtype=object)
+    own = np.array([v is None or (isinstance(v, float) and np.isnan(v)) or str(v) == "" for v in s])
+    w = np.ones(len(s), np.float64)
+    if (~own).any():
+        ids = s[~own].astype(str)
+        _, inv, cnt = np.unique(ids, return_inverse=True, return_counts=True)
+        w[~own] = 1.0 / cnt[inv]
+    return w
+
+
+def weighted_accuracy(true: np.ndarray, pred: np.ndarray, weights: np.ndarray) -> float:
+    """Share of right calls, each row counted with its weight (e.g. :func:`per_cell_weights`).
+
+    Parameters
+    ----------
+    true, pred : (n,) labels.
+    weights : (n,) non-negative row weights.
+
+    Returns
+    -------
+    float in [0, 1]; NaN when the weights sum to 0.
+    """
+    w = np.asarray(weights, np.float64)
+    _check_rows("pred", pred, len(true))
+    _check_rows("weights", w, len(true))
+    total = w.sum()
+    if total <= 0:
+        return float("nan")
+    hit = np.asarray(true).astype(str) == np.asarray(pred).astype(str)
+    return float((w * hit).sum() / total)
+
+
 @dataclass
 class LabelTransfer:
     """How well predicted labels match the true ones, class by class."""

@@ -1067,8 +1067,9 @@ def _data_limits(lat, classes_without_crops: list[str], notes: list[str] = ()) -
         out.append(
             f"{n} specimens (source images) enter through more than one image source "
             f"({', '.join(names)}): the same physical cell is then a row of each, counted "
-            "twice in every table and figure of held-out cells (the specimen split keeps "
-            "both copies on the same side of train / test)."
+            "twice in the tables and figures of held-out cells (the specimen split keeps "
+            "both copies on the same side of train / test); stage=evaluate's "
+            "knn_accuracy_per_cell (latent_structure.csv) counts each such cell once."
         )
     out += [str(n) for n in notes]
     return out
@@ -1206,7 +1207,7 @@ def _eval_sections(
     metrics = json.loads(evaluation.read_text())
     tables, figs = [], []
     captions = {
-        "latent_structure": "kNN accuracy and balanced accuracy (mean recall over classes; reference: the train rows with a known label), silhouette and Leiden ARI/NMI of each latent on the held-out rows whose label is known (n; n_unlabelled: rows with a code but no label, left out; n_profile_in_training: held-out rows left out of the joint and expression scores because their expression profile is also a training or validation row's, as pairing by label reuses profiles: the same code would be a free vote).",
+        "latent_structure": "kNN accuracy and balanced accuracy (mean recall over classes; reference: the train rows with a known label), silhouette and Leiden ARI/NMI of each latent on the held-out rows whose label is known (n; n_unlabelled: rows with a code but no label, left out; n_profile_in_training: held-out rows left out of the joint and expression scores because their expression profile is also a training or validation row's, as pairing by label reuses profiles: the same code would be a free vote; n_cells and knn_accuracy_per_cell: each specimen counted once, where a cell enters through two image sources).",
         "label_transfer": "Class by class: recall, precision and the class each one is most often taken for (kNN on each latent).",
         "label_transfer_by_source": "The image code's kNN accuracy per image source (a source the code reads badly shows here).",
         "reconstruction": "Held-out reconstruction: masked image MSE/SSIM; expression per-gene r; cross-modal prediction.",

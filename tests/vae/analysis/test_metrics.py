@@ -292,3 +292,23 @@ def test_modality_mixing_tells_islands_by_kind_from_a_mixed_class():
     z2 = np.r_[apart, rng.normal(9, 0.1, (8, 2))]
     assert modality_mixing(z2, img2, lab2, k=10)["classes"] == ["neu"]
     assert modality_mixing(apart, np.ones(2 * n, bool), labels) is None
+
+
+def test_per_cell_weights_count_each_specimen_once():
+    spec = np.array(["a", "a", "", None, "b", "a", np.nan], dtype=object)
+    w = M.per_cell_weights(spec)
+    np.testing.assert_allclose(w, [1 / 3, 1 / 3, 1, 1, 1, 1 / 3, 1])
+    assert w.sum() == pytest.approx(5)  # a, b and three rows of their own
+
+
+def test_weighted_accuracy_counts_a_duplicated_cell_once():
+    # one cell scored three times (all wrong) and two cells once (right): per row 2/5,
+    # per cell 2/3
+    true = np.array(["x", "x", "x", "y", "z"])
+    pred = np.array(["y", "y", "y", "y", "z"])
+    spec = np.array(["s1", "s1", "s1", "s2", ""], dtype=object)
+    assert M.weighted_accuracy(true, pred, np.ones(5)) == pytest.approx(0.4)
+    assert M.weighted_accuracy(true, pred, M.per_cell_weights(spec)) == pytest.approx(2 / 3)
+    assert np.isnan(M.weighted_accuracy(true, pred, np.zeros(5)))
+    with pytest.raises(ValueError, match="weights"):
+        M.weighted_accuracy(true, pred, np.ones(4))
