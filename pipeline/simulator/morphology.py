@@ -9,14 +9,17 @@ that sets the scale), so maturation can be read back from the pixels:
 =====================  ==========================================================
 property               along t (myeloblast -> segmented neutrophil)
 =====================  ==========================================================
-diameter               shrinks linearly, 1.5x -> 1.0x ``mature_diameter``
+diameter               1.3x (myeloblast) -> 1.5x (promyelocyte, the largest cell
+                       of the series) -> 1.0x ``mature_diameter`` (segmented)
 nucleus area fraction  0.72 -> 0.36 of the cell area
 nucleus shape          round -> oval/eccentric -> kidney -> band (horseshoe)
                        -> 2..5 separate lobes (more lobes for larger t;
                        2 / 3 / 4 / 5 in 35 / 43 / 19 / 3 % of the stage)
 chromatin              pale, fine, with nucleoli -> dark, clumped
 cytoplasm              basophilic blue -> pale pink/lilac
-azurophilic granules   large, dark purple; Gaussian peak at the promyelocyte
+azurophilic granules   large, dark purple; none in the myeloblast but its last
+                       tenth, a steep rise to a peak at the promyelocyte, then
+                       a slower fall (diluted by the myelocyte's divisions)
 specific granules      fine, lilac; sigmoid rise from the myelocyte on
 =====================  ==========================================================
 
@@ -41,8 +44,13 @@ KIND_GROUPS = ("neutrophil_lineage",) + OTHER_KINDS
 # t bin edges of the six lineage stages (equal width)
 STAGE_EDGES = np.linspace(0.0, 1.0, len(LINEAGE_KINDS) + 1)
 
-# largest cell relative to mature_diameter (myeloblast 1.5x, +5% size jitter)
-MAX_DIAMETER_FACTOR = 1.5 * 1.05
+# cell diameter / mature_diameter at knots of t: myeloblasts ~15 um, promyelocytes ~18 um
+# (the largest cells of the series), myelocytes ~15.5, metamyelocytes ~13.5, bands and
+# segmented neutrophils ~12 um (the values are at the stage centres 1/12, 3/12, ...)
+DIAMETER_KNOTS = (0.0, 1 / 12, 3 / 12, 5 / 12, 7 / 12, 9 / 12, 11 / 12, 1.0)
+DIAMETER_FACTORS = (1.28, 1.3, 1.5, 1.3, 1.14, 1.06, 1.01, 1.0)
+# largest cell relative to mature_diameter (the promyelocyte, +5% size jitter)
+MAX_DIAMETER_FACTOR = max(DIAMETER_FACTORS) * 1.05
 
 
 def stage_of(t: float) -> str:
@@ -89,8 +97,14 @@ def _lerp(a: tuple[float, ...], b: tuple[float, ...], f: float) -> tuple[float, 
 
 
 def azurophilic_density(t: float) -> float:
-    """Relative density (0..1) of large azurophilic granules: peak at the promyelocyte."""
-    return float(math.exp(-(((t - 0.25) / 0.11) ** 2)))
+    """Relative density (0..1) of large azurophilic granules: peak at the promyelocyte.
+
+    A Gaussian of two widths: a steep rise (sd 0.05) leaves myeloblasts nearly
+    agranular (at most 0.06 at the stage's end: a type II blast's few granules),
+    a slower fall (sd 0.11) thins them through the myelocyte.
+    """
+    sd = 0.05 if t < 0.25 else 0.11
+    return float(math.exp(-(((t - 0.25) / sd) ** 2)))
 
 
 def specific_density(t: float) -> float:
@@ -157,7 +171,7 @@ def morphology(kind: str, t: float | None, mature_diameter: float) -> Morphology
             kind=kind,
             lineage=lineage,
             t=float(t),
-            diameter=D * (1.5 - 0.5 * t),
+            diameter=D * _interp(t, DIAMETER_KNOTS, DIAMETER_FACTORS),
             nucleus_fraction=0.72 - 0.36 * t,
             lobes=lobes,
             span_deg=_interp(t, (0.0, 0.35, 0.55, 0.70, 5 / 6, 1.0), (0, 10, 120, 220, 235, 235)),

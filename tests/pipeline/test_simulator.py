@@ -194,20 +194,29 @@ def test_lobe_count_bins():
 def test_morphology_moves_monotonically_with_t():
     ts = np.linspace(0.01, 0.99, 25)
     ms = [morphology(stage_of(t), t, 60.0) for t in ts]
-    assert all(np.diff([m.diameter for m in ms]) < 0)  # cell shrinks
+    # the promyelocyte is the largest cell of the series; from it on the cell shrinks
+    dia = np.array([m.diameter for m in ms])
+    assert stage_of(ts[int(np.argmax(dia))]) == "promyelocyte"
+    after = ts >= ts[int(np.argmax(dia))]
+    assert all(np.diff(dia[after]) < 0)
+    blasts = [m.diameter for m in ms if m.kind == "myeloblast"]
+    assert max(blasts) < max(dia) and min(blasts) > dia[-1]
     assert all(np.diff([m.nucleus_fraction for m in ms]) < 0)  # nucleus shrinks
     assert all(np.diff([rgb_to_od(m.nucleus_rgb).sum() for m in ms]) > 0)  # chromatin darkens
     red_blue = [m.cytoplasm_rgb[0] / m.cytoplasm_rgb[2] for m in ms]
     assert all(np.diff(red_blue) >= 0) and red_blue[-1] > red_blue[0]  # blue -> pink
     az = [m.azurophilic for m in ms]
     assert stage_of(ts[int(np.argmax(az))]) == "promyelocyte"
+    # myeloblasts nearly agranular: a type II blast's few granules at most
+    assert max(m.azurophilic for m in ms if m.kind == "myeloblast") < 0.1 * max(az)
     assert all(np.diff([m.specific for m in ms]) > 0)
     assert ms[0].specific < 0.01 and ms[-1].specific > 0.99
     assert max(m.specific for m in ms if m.kind == "myeloblast") < 0.01
 
 
 def test_rendered_cells_encode_t():
-    """Measured from pixels: nucleus darker and cell smaller for larger t."""
+    """Measured from pixels: nucleus darker and, from the promyelocyte on, cell smaller
+    for larger t."""
     ts = np.linspace(0.02, 0.98, 15)
     nuc_od, area = [], []
     for i, t in enumerate(ts):
@@ -217,7 +226,10 @@ def test_rendered_cells_encode_t():
         area.append(int(patch.mask.sum()))
     # azurophilic granules over the nucleus darken promyelocytes: not strictly monotone
     assert spearmanr(ts, nuc_od).statistic > 0.85
-    assert spearmanr(ts, area).statistic < -0.95
+    area = np.array(area)
+    late = ts >= 0.25
+    assert spearmanr(ts[late], area[late]).statistic < -0.95
+    assert area[ts < 1 / 6].max() < area[(ts > 1 / 6) & (ts < 2 / 6)].max()
 
 
 def test_bad_morphology_arguments():
