@@ -43,7 +43,7 @@ class SmearParams:
         Red-cell area / field area (overlaps counted twice), 0..1.
     mature_diameter
         Diameter of a segmented neutrophil; red cells are 0.56x this, a
-        myeloblast 1.5x.
+        promyelocyte (the largest white cell drawn) 1.5x.
     kind_weights
         Relative frequency of ``neutrophil_lineage``, ``lymphocyte``,
         ``monocyte``, ``eosinophil``. Lineage cells get t ~ U(0, 1).
