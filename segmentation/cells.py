@@ -27,6 +27,7 @@ from segmentation.crops import (
     FilterResult,
     FilterSettings,
     background_od,
+    edge_weights,
     extract_crops,
     filter_detections,
     match_truth,
@@ -36,6 +37,7 @@ from segmentation.inference import Detections, Detector, detect_images, resize_i
 from segmentation.io import decode_coco_mask
 from segmentation.schema import (  # TRUTH_FIELDS: from a matched COCO annotation
     CELL_DIAMETER,
+    EDGE_WEIGHT,
     MIN_CELL_AREA,
     TRIM_RIM,
     TRUTH_FIELDS,
@@ -299,6 +301,11 @@ def _finish_image(
             "area_ratio": filt.area_ratio,
             **{k: filt.flags[k] for k in FLAGS},
             "kept": filt.kept,
+            # how many cells like it a kept cell stands for once cells cut by the image
+            # edge are dropped (large cells are dropped more often): samples' shares
+            EDGE_WEIGHT: edge_weights(det.boxes, h, w, fw.border_margin)
+            if fw.drop_border
+            else np.ones(len(det)),
         }
     )
     n_truth = None

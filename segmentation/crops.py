@@ -23,6 +23,7 @@ from skimage.measure import label
 from segmentation.inference import Detections, local_overlap, mask_iou_matrix
 from segmentation.schema import (
     BORDER_MARGIN,
+    EDGE_WEIGHT_MAX,
     MAX_AREA_RATIO,
     MIN_CELLS_AREA_RATIO,
     MIN_SOLIDITY,
@@ -251,6 +252,46 @@ def filter_detections(
             kept &= ~flags[name]
     kept &= area > 0  # an empty mask is never a cell
     return FilterResult(flags, kept, area, n_pieces, max_iou, solid, ratio)
+
+
+def edge_weights(
+    boxes: np.ndarray,
+    height: int,
+    width: int,
+    margin: float = BORDER_MARGIN,
+    cap: float = EDGE_WEIGHT_MAX,
+) -> np.ndarray:
+    """Miles-Lantuejoul edge correction of cells kept only when clear of the image edge.
+
+    Dropping every cell that touches the edge (``at_border``) drops large cells more
+    often than small ones: a cell ``w`` x ``h`` px is kept only where its box fits in
+    ``(width - 2 margin - w) x (height - 2 margin - h)`` of the field's positions, so a
+    count of kept cells under-represents monocytes and promyelocytes against
+    lymphocytes. Weighting each kept cell by the inverse of its chance to be kept,
+    ``width * height / ((width - 2 margin - w) (height - 2 margin - h))``, makes a
+    class's weighted share estimate its share of all cells in the fields (for cells
+    placed at random; a photo centred on its cell is kept more often, but the weights'
+    ratios, which are what a share depends on, still follow cell size).
+
+    Parameters
+    ----------
+    boxes : (n, 4) float, x0 y0 x1 y1 in the frame ``height`` x ``width`` (px) is in.
+    height, width : the image's size in that frame (px).
+    margin : px from the edge that counts as touching it (``FilterSettings.border_margin``).
+    cap : the largest weight: a cell nearly as large as the field has almost no room to
+        be kept, and its weight would dominate a sample's shares.
+
+    Returns
+    -------
+    (n,) float64 in [1, cap].
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    room_x = width - 2.0 * margin - (b[:, 2] - b[:, 0])
+    room_y = height - 2.0 * margin - (b[:, 3] - b[:, 1])
+    room = np.clip(room_x, 0.0, None) * np.clip(room_y, 0.0, None)
+    with np.errstate(divide="ignore"):
+        w = np.where(room > 0, float(width) * float(height) / np.where(room > 0, room, 1.0), cap)
+    return np.clip(w, 1.0, cap)
 
 
 @dataclass

@@ -16,6 +16,11 @@ TRUTH_FIELDS = TRUTH_TEXT_FIELDS + TRUTH_NUMERIC_FIELDS
 # cells.h5ad / paired.h5ad obs: the cell's equivalent diameter on the detector's working
 # frame (source px x input_scale), measured from its mask; NaN where unknown
 CELL_DIAMETER = "cell_diameter"
+# cells.h5ad obs: the cell's edge-correction weight (segmentation.crops.edge_weights): how
+# many cells like it one kept cell stands for once cells cut by the image edge are dropped;
+# 1 where no edge filter ran (crop folders); capped at EDGE_WEIGHT_MAX
+EDGE_WEIGHT = "edge_weight"
+EDGE_WEIGHT_MAX = 10.0
 
 SCORE_THRESHOLD = 0.5  # keep detections with score >= this
 MASK_THRESHOLD = 0.5  # mask probability -> binary mask

@@ -15,7 +15,12 @@ import pandas as pd
 
 from segmentation.cells import SegmentSettings
 from segmentation.crops import FLAGS
-from segmentation.schema import CELL_DIAMETER, TRUTH_NUMERIC_FIELDS, TRUTH_TEXT_FIELDS
+from segmentation.schema import (
+    CELL_DIAMETER,
+    EDGE_WEIGHT,
+    TRUTH_NUMERIC_FIELDS,
+    TRUTH_TEXT_FIELDS,
+)
 
 
 def merge_parts(
@@ -185,6 +190,7 @@ def empty_table(with_truth: bool) -> pd.DataFrame:
     for f in FLAGS:
         cols[f] = pd.Series([], dtype=bool)
     cols["kept"] = pd.Series([], dtype=bool)
+    cols[EDGE_WEIGHT] = pd.Series([], dtype=np.float64)
     if with_truth:
         cols["truth_cell_id"] = pd.Series([], dtype=str)
         for c in TRUTH_TEXT_FIELDS:

@@ -485,6 +485,33 @@ def test_sample_profile_definitions():
     assert sample_profile(obs, bins=10, study_labels=path).set_index("sample").loc[
         "a", "ig_fraction"
     ] == pytest.approx(3 / 8)
+    # no edge weights (crop folders, expression): no edge-corrected columns
+    assert not [c for c in prof.columns if c.endswith("_edge_corrected")]
+
+
+def test_sample_profile_edge_corrected_shares():
+    """A large cell kept only half as often as a small one counts twice: the corrected
+    shares are the weighted ones, the raw counts stay as they were."""
+    from vae.analysis.samples import sample_profile
+
+    obs = pd.DataFrame(
+        {
+            "vae_sample": ["a"] * 4,
+            "vae_label": ["promyelocyte", "segmented_neutrophil", "segmented_neutrophil", "x"],
+            "vae_maturation": [0.2, 0.9, 0.9, np.nan],
+            # the lymphocyte-like "x" came from a crop folder: no weight, counts 1
+            "edge_weight": [3.0, 1.5, 1.5, np.nan],
+        }
+    )
+    prof = sample_profile(obs, bins=10).set_index("sample")
+    assert prof.loc["a", "frac_promyelocyte"] == pytest.approx(1 / 4)
+    assert prof.loc["a", "frac_promyelocyte_edge_corrected"] == pytest.approx(3 / 7)
+    assert prof.loc["a", "frac_x_edge_corrected"] == pytest.approx(1 / 7)
+    assert prof.loc["a", "ig_fraction_edge_corrected"] == pytest.approx(3 / 7)
+    assert prof.loc["a", "left_shift_index"] == pytest.approx(1 / 3)
+    assert prof.loc["a", "left_shift_index_edge_corrected"] == pytest.approx(3 / 6)
+    fr = [c for c in prof.columns if c.startswith("frac_") and c.endswith("_edge_corrected")]
+    assert prof.loc["a", fr].sum() == pytest.approx(1.0)
 
 
 def test_smears_go_through_segment_and_empty_ones_are_rejects(study: Path, tmp_path: Path):

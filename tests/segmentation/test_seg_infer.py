@@ -16,7 +16,13 @@ from PIL import Image
 from skimage.measure import label, regionprops
 
 from segmentation.cells import ImageTruth, SegmentSettings, segment_image
-from segmentation.crops import FilterSettings, count_pieces, extract_crop, filter_detections
+from segmentation.crops import (
+    FilterSettings,
+    count_pieces,
+    edge_weights,
+    extract_crop,
+    filter_detections,
+)
 from segmentation.inference import (
     Detections,
     detect_image,
@@ -184,6 +190,32 @@ def _filter_scene():
     big[60:100, 70:110] = True
     add(big, 0.9, "too_large")
     return Detections.from_masks(masks, scores), names, h, w
+
+
+def test_edge_weights_geometry():
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 40, 20], [0, 0, 97, 97]], float)
+    w = edge_weights(boxes, 100, 100, margin=2, cap=10.0)
+    assert w[0] == pytest.approx(100 * 100 / (86 * 86))
+    assert w[1] == pytest.approx(100 * 100 / (56 * 76))
+    assert w[2] == 10.0  # no room left to be kept whole: capped, not infinite
+    assert edge_weights(boxes[:1], 100, 100, margin=0)[0] == pytest.approx(1e4 / 8100)
+
+
+def test_edge_weights_undo_the_size_bias_of_the_border_filter():
+    """Cells placed at random: the border filter keeps fewer large cells; weighting the
+    kept ones by edge_weights gives back each size's share of all cells."""
+    rng = np.random.default_rng(0)
+    H, W, m, n = 120, 160, 2, 40000
+    big = rng.random(n) < 0.3
+    side = np.where(big, 60.0, 20.0)
+    cx, cy = rng.uniform(0, W, n), rng.uniform(0, H, n)
+    boxes = np.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], 1)
+    kept = (boxes[:, 0] >= m) & (boxes[:, 1] >= m) & (boxes[:, 2] <= W - m) & (boxes[:, 3] <= H - m)
+    raw = big[kept].mean()
+    w = edge_weights(boxes[kept], H, W, margin=m)
+    corrected = (w * big[kept]).sum() / w.sum()
+    assert raw < 0.2  # the filter keeps 1 in 4 large cells, 2 in 3 small ones
+    assert corrected == pytest.approx(big.mean(), abs=0.015)
 
 
 def res_enabled(flag: str) -> bool:
@@ -654,6 +686,10 @@ def test_stage_segment_subprocess_untrained(tmp_path, untrained_ckpt):
     a, det = _check_outputs(out)
     assert len(det) > 0 and {"truth_cell_id", "kind", "match_iou"} <= set(det.columns)
     assert {"image", "x0", "y0", "x1", "y1", "score", "area", "at_border"} <= set(a.obs.columns)
+    # each kept cell carries its edge weight (>= 1, capped at 10), every detection too
+    ew = a.obs["edge_weight"].to_numpy(float)
+    assert np.isfinite(ew).all() and (ew >= 1).all() and (ew <= 10).all()
+    assert np.isfinite(det["edge_weight"].to_numpy(float)).all()
     # each cell says the scale its image was read at (here the one configured scale)
     assert np.allclose(a.obs["input_scale"], float(a.uns["input_scale"]))
     assert np.allclose(det["input_scale"], float(a.uns["input_scale"]))
