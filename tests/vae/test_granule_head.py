@@ -119,6 +119,12 @@ def test_render_keeps_granules_inside_the_mask():
     mask = torch.zeros(1, 1, s, s)
     out = render_granules(img, torch.full((1, 1, s, s), 50.0), colour, mask, seed=0)
     assert torch.equal(out, img)
+    # half the square in the mask: centres there only (a dot reaches 2 px beyond its
+    # centre, so the pixels farther than that from the mask are untouched)
+    mask[..., :8] = 1
+    out = render_granules(img, torch.full((1, 1, s, s), 50.0), colour, mask, seed=0)
+    assert torch.equal(out[..., 10:], img[..., 10:])
+    assert (out[..., :8] < img[..., :8]).any()
 
 
 def test_decode_render_keeps_the_mean():
@@ -156,6 +162,10 @@ def test_centres_move_with_the_pixels_under_augmentation():
     g = torch.Generator().manual_seed(1)
     b = to_batch(raw_batch(d, torch.arange(n)), torch.device("cpu"), True, g)
     assert torch.equal(b.granules[:, 0] > 0.5, b.image[:, 0] > 0.5)
+    # the augmentation moved some crops (else the test would prove nothing), each still
+    # with its one centre
+    assert not torch.equal(b.image[:, 0] > 0.5, crops[:, 0] > 127)
+    assert torch.equal(b.granules.sum((1, 2, 3)), torch.ones(n))
 
 
 def test_centres_found_on_a_speckled_cell():

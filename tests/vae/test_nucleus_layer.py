@@ -224,7 +224,7 @@ def test_sharp_rendering_keeps_the_neck_the_mean_blurs():
     lobes |= (np.abs(yy - 24) <= 0) & (xx > 15) & (xx < 33)  # a 1 px filament
     # soft logits as a decoder under uncertainty gives them: a blurred signed distance
     sd = ndi.distance_transform_edt(~lobes) - ndi.distance_transform_edt(lobes)
-    logits = torch.from_numpy(ndi.gaussian_filter(-sd / 2.0, 2.5)).float()[None, None]
+    logits = torch.from_numpy(ndi.gaussian_filter(-sd / 2.0, 3.5)).float()[None, None]
     cyto = torch.tensor([0.85, 0.75, 0.85]).view(1, 3, 1, 1).expand(1, 3, s, s)
     nucl = torch.tensor([0.35, 0.2, 0.55]).view(1, 3, 1, 1).expand(1, 3, s, s)
 
@@ -233,6 +233,7 @@ def test_sharp_rendering_keeps_the_neck_the_mean_blurs():
         return G.measure_cell(img * cell[..., None], cell).features.lobes
 
     assert count(NUCLEUS_RENDER_SHARPNESS) == 2
+    assert count(1.0) == 1  # the mean image (sharpness 1) joins them: what the layer fixes
 
 
 _paired = image_tensors  # image-only rows (tests/helpers/vae_toy.py)

@@ -322,7 +322,11 @@ def test_split_is_seeded_stratified_and_batches_cover_train():
     r0 = epoch_batches(idx, 7, shuffle=True, seed=0, epoch=1, rank=0, world_size=2)
     r1 = epoch_batches(idx, 7, shuffle=True, seed=0, epoch=1, rank=1, world_size=2)
     assert len(r0) == len(r1)
-    assert set(np.concatenate(r0).tolist()) | set(np.concatenate(r1).tolist()) == set(idx.tolist())
+    c0, c1 = np.concatenate(r0), np.concatenate(r1)
+    assert set(c0.tolist()) | set(c1.tolist()) == set(idx.tolist())
+    # two ranks share the rows, not copy them: disjoint halves (36 rows, no padding)
+    assert not set(c0.tolist()) & set(c1.tolist())
+    assert len(c0) == len(c1) == idx.size // 2
 
 
 def test_bad_input_names_file_and_field():

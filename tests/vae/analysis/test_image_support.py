@@ -28,8 +28,9 @@ def test_threshold_is_the_quantile_of_the_rows_own_neighbour_distances():
     sup = image_support(ref[:2], ref, k=3, quantile=0.5)
     assert sup.threshold == pytest.approx(np.quantile(own, 0.5))
     # a point exactly at the threshold distance is supported; just past it is not
-    lo = image_support(np.zeros((1, 4)), ref, k=3, quantile=1.0)
-    assert lo.supported[0] == (lo.distance[0] <= lo.threshold)
+    line = np.arange(4.0)[:, None]  # each row's nearest other row is 1 away: threshold 1
+    s = image_support(np.array([[4.0], [4.01]]), line, k=1, quantile=1.0)
+    assert s.threshold == 1.0 and s.supported.tolist() == [True, False]
 
 
 def test_more_coverage_with_a_higher_quantile():

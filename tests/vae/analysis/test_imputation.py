@@ -102,6 +102,12 @@ def test_model_imputation_goes_through_encode_dataset():
     assert torch.allclose(masked.library, torch.from_numpy(cm.sum(1)))
     p = I.model_imputation(m, masked)
     assert p.shape == (6, 12) and np.isfinite(p).all()
+    # the model's decoding of the masked cells, not the masked input handed back
+    from vae.infer import encode_dataset
+
+    want = encode_dataset(m, masked, decode=True).decoded.rec_expression
+    np.testing.assert_allclose(p, want, atol=1e-6)
+    assert h.hidden.any() and not np.allclose(p[h.hidden], xm[h.hidden])
     fig = I.late_figure({"model": p}, d.x.numpy()[rows], h)
     assert len(fig.axes) == 1
 
