@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -489,7 +490,7 @@ def test_sample_profile_definitions():
     assert not [c for c in prof.columns if c.endswith("_edge_corrected")]
 
 
-def test_sample_profile_edge_corrected_shares():
+def test_sample_profile_edge_corrected_shares(tmp_path):
     """A large cell kept only half as often as a small one counts twice: the corrected
     shares are the weighted ones, the raw counts stay as they were."""
     from vae.analysis.samples import sample_profile
@@ -512,6 +513,17 @@ def test_sample_profile_edge_corrected_shares():
     assert prof.loc["a", "left_shift_index_edge_corrected"] == pytest.approx(3 / 6)
     fr = [c for c in prof.columns if c.startswith("frac_") and c.endswith("_edge_corrected")]
     assert prof.loc["a", fr].sum() == pytest.approx(1.0)
+    # the page's differential: a row per call in maturation order, n / % / edge-corrected %
+    from vae.analysis.samples import write_samples_html
+
+    page = tmp_path / "samples.html"
+    write_samples_html(page, prof.reset_index(), obs, None)
+    text = page.read_text()
+    diff = text.split("<h2>Differential count</h2>")[1].split("</table>")[0]
+    rows = re.findall(r"<tr><th>([^<]+)</th>((?:<td>[^<]*</td>)+)</tr>", diff)
+    assert [r[0] for r in rows] == ["promyelocyte", "segmented_neutrophil", "x"]
+    assert re.findall(r"<td>([^<]*)</td>", rows[0][1]) == ["1", "25.0", "42.9"]
+    assert "<td>nan</td>" not in text  # NaN spelled as the definitions spell it
 
 
 def test_smears_go_through_segment_and_empty_ones_are_rejects(study: Path, tmp_path: Path):

@@ -123,6 +123,37 @@ def _share(w: np.ndarray, num: np.ndarray, den: np.ndarray) -> float:
     return float(w[num & den].sum() / total) if total > 0 else np.nan
 
 
+def _differential_html(profile: pd.DataFrame) -> str:
+    """The differential count as a haematologist reads it: one row per call, per sample
+    the cells, their percentage and (with edge weights) the edge-corrected percentage."""
+    from vae.analysis.palette import label_order
+
+    labels = [c[2:] for c in profile.columns if c.startswith("n_") and f"frac_{c[2:]}" in profile]
+    labels = label_order(labels)  # maturation order, as the study's figures list them
+    edge = any(f"frac_{c}_edge_corrected" in profile for c in labels)
+    cols = ["n", "%", "% edge-corrected"] if edge else ["n", "%"]
+    head = "".join(
+        f"<th colspan='{len(cols)}'>{html.escape(str(r['sample']))} "
+        f"({int(r['n_cells'])} cells)</th>"
+        for _, r in profile.iterrows()
+    )
+    sub = "".join(f"<th>{c}</th>" for _ in range(len(profile)) for c in cols)
+    rows = []
+    for c in labels:
+        cells = []
+        for _, r in profile.iterrows():
+            cells.append(f"<td>{int(r[f'n_{c}'])}</td><td>{100 * r[f'frac_{c}']:.1f}</td>")
+            if edge:
+                v = r.get(f"frac_{c}_edge_corrected", np.nan)
+                cells.append(f"<td>{100 * v:.1f}</td>" if np.isfinite(v) else "<td>n/a</td>")
+        rows.append(f"<tr><th>{html.escape(c)}</th>{''.join(cells)}</tr>")
+    return (
+        f"<table><tr><th rowspan='2'>call</th>{head}</tr><tr>{sub}</tr>{''.join(rows)}</table>"
+        "<p>Every column is in samples.csv (n_&lt;call&gt;, frac_&lt;call&gt;, "
+        "frac_&lt;call&gt;_edge_corrected).</p>"
+    )
+
+
 def _png(a: np.ndarray) -> str:
     from PIL import Image
 
@@ -200,13 +231,14 @@ def write_samples_html(
         cells = []
         for c in main:
             v = r[c]
-            cells.append(
-                f"<td>{v:.3f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
-            )
+            if isinstance(v, float):  # NaN as the definitions above spell it
+                cells.append("<td>NaN</td>" if np.isnan(v) else f"<td>{v:.3f}</td>")
+            else:
+                cells.append(f"<td>{html.escape(str(v))}</td>")
         cells.append(f"<td>{_hist_svg(r[hist_cols].to_numpy(float))}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
     parts.append("</table><h2>Differential count</h2>")
-    parts.append(profile.drop(columns=hist_cols).to_html(index=False, float_format="%.3f"))
+    parts.append(_differential_html(profile))
     parts.append("<h2>Example crops per call</h2>")
     has = "vae_modality" in obs and crops is not None
     if not has:
