@@ -32,8 +32,10 @@ BORDER_MARGIN = 2  # px: a mask this close to the image edge is cut by it
 TOUCH_PX = 2  # px: a mask this close to another cell's mask touches it (cut by a neighbour)
 MIN_SOLIDITY = 0.90  # area / convex-hull area; two cells kept as one have a waist
 # area over the median of the image's cells; a doublet is ~2x one cell, but single
-# myeloblasts are ~2.5x lymphocytes (simulator medians 6678 vs 2614 px), so a lower
-# ratio would drop big early cells: this is a safety net, touching/solidity do the work
+# early cells are ~2.5-3x lymphocytes (simulator medians: myeloblasts 6678 vs 2614 px
+# before 2026-12-04; promyelocytes 6522 vs 2020 px since the promyelocyte is the
+# largest), so a lower ratio would drop big early cells: this is a safety net,
+# touching/solidity do the work
 MAX_AREA_RATIO = 2.6
 MIN_CELLS_AREA_RATIO = 3  # the area test needs at least this many cells in the image
 
