@@ -19,8 +19,9 @@ variation distance to the truth; the JSON holds the same.
         [--smears ../shared/data/smears/bccd/JPEGImages] [--out edge_bias.json]
 
 A ``detections.csv`` written before ``edge_weight`` existed is weighted here from its
-boxes, the images' sizes (read from ``--smears``) and ``input_scale``, with the default
-border margin.
+predicted boxes (an approximation of the mask extents stage=segment now reads), the
+images' sizes (read from ``--smears``) and ``input_scale``, with the default border
+margin (the run's own ``segmentation.border_margin`` is not read back).
 """
 
 from __future__ import annotations

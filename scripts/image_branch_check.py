@@ -55,12 +55,13 @@ def _knn(
     y: np.ndarray,
     k: int = 15,
     specimens: np.ndarray | None = None,
+    sources: np.ndarray | None = None,
 ) -> float:
     """kNN(k) fitted on the train+val rows, accuracy on the test rows (NaN rows dropped).
 
     The vote is ``stage=evaluate``'s (:func:`vae.analysis.metrics.knn_predict`); only
     the reference differs: evaluate's is the train split alone. With ``specimens``
-    ((n,) ids of the test rows) each specimen counts once
+    ((n,) ids of the test rows, and their image ``sources``) each cell counts once
     (:func:`vae.analysis.metrics.per_cell_weights`)."""
     from vae.analysis.metrics import knn_predict, per_cell_weights, weighted_accuracy
 
@@ -68,7 +69,11 @@ def _knn(
     if a.sum() < 2 or b.sum() < 1:
         return float("nan")
     pred = knn_predict(z[b], y[b], k, z_fit[a], y_fit[a])
-    w = per_cell_weights(specimens[b]) if specimens is not None else np.ones(int(b.sum()))
+    w = (
+        per_cell_weights(specimens[b], None if sources is None else sources[b])
+        if specimens is not None
+        else np.ones(int(b.sum()))
+    )
     return weighted_accuracy(y[b], pred, w)
 
 
@@ -265,11 +270,17 @@ def check(
             if "specimen" in adata.obs
             else None
         )
+        srcs = (
+            adata.obs["image_source"].astype(object).to_numpy()[test]
+            if "image_source" in adata.obs
+            else None
+        )
         if spec is not None:
             from vae.analysis.metrics import per_cell_weights
 
+            sel = lab & has_i
             res["n_test_image_labelled_cells"] = round(
-                float(per_cell_weights(spec[lab & has_i]).sum()), 1
+                float(per_cell_weights(spec[sel], None if srcs is None else srcs[sel]).sum()), 1
             )
         for name, zz, hf, ht in (
             ("image", lat_all.image, has_i_all[fit], has_i),
@@ -291,6 +302,7 @@ def check(
                     zz[test][lab & ht],
                     y[lab & ht],
                     specimens=spec[lab & ht],
+                    sources=None if srcs is None else srcs[lab & ht],
                 )
         from sklearn.decomposition import PCA
 

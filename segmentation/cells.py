@@ -303,7 +303,7 @@ def _finish_image(
             "kept": filt.kept,
             # how many cells like it a kept cell stands for once cells cut by the image
             # edge are dropped (large cells are dropped more often): samples' shares
-            EDGE_WEIGHT: edge_weights(det.boxes, h, w, fw.border_margin)
+            EDGE_WEIGHT: edge_weights(filt.extent, h, w, fw.border_margin)
             if fw.drop_border
             else np.ones(len(det)),
         }

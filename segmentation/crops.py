@@ -96,6 +96,9 @@ class FilterResult:
     max_overlap_iou: np.ndarray  # highest mask IoU with another scored, non-duplicate one
     solidity: np.ndarray  # mask area / convex hull area (1 for a convex cell)
     area_ratio: np.ndarray  # area / median area of the image's scored, non-duplicate cells
+    # (N, 4) int: the mask's pixel extent x_min, y_min, x_max, y_max (inclusive) in the
+    # image frame, what the border test reads; -1 for an empty mask
+    extent: np.ndarray | None = None
 
 
 def count_pieces(mask: np.ndarray, min_piece_area: int = 1) -> int:
@@ -197,15 +200,17 @@ def filter_detections(
     if len(idx):
         max_iou[idx] = iou.max(axis=1)
     at_border = np.zeros(n, bool)
+    extent = np.full((n, 4), -1, np.int64)
     for k, (m, (ox, oy)) in enumerate(zip(det.masks, det.origins)):
         if not m.any():
             continue
         ys, xs = np.nonzero(m)
+        extent[k] = (ox + xs.min(), oy + ys.min(), ox + xs.max(), oy + ys.max())
         at_border[k] = (
-            ox + xs.min() <= s.border_margin - 1
-            or oy + ys.min() <= s.border_margin - 1
-            or ox + xs.max() >= width - s.border_margin
-            or oy + ys.max() >= height - s.border_margin
+            extent[k, 0] <= s.border_margin - 1
+            or extent[k, 1] <= s.border_margin - 1
+            or extent[k, 2] >= width - s.border_margin
+            or extent[k, 3] >= height - s.border_margin
         )
     solid = np.array([solidity(m) for m in det.masks], np.float64)
     ratio = np.full(n, np.nan)
@@ -251,11 +256,11 @@ def filter_detections(
         if on:
             kept &= ~flags[name]
     kept &= area > 0  # an empty mask is never a cell
-    return FilterResult(flags, kept, area, n_pieces, max_iou, solid, ratio)
+    return FilterResult(flags, kept, area, n_pieces, max_iou, solid, ratio, extent)
 
 
 def edge_weights(
-    boxes: np.ndarray,
+    extents: np.ndarray,
     height: int,
     width: int,
     margin: float = BORDER_MARGIN,
@@ -264,18 +269,22 @@ def edge_weights(
     """Miles-Lantuejoul edge correction of cells kept only when clear of the image edge.
 
     Dropping every cell that touches the edge (``at_border``) drops large cells more
-    often than small ones: a cell ``w`` x ``h`` px is kept only where its box fits in
-    ``(width - 2 margin - w) x (height - 2 margin - h)`` of the field's positions, so a
-    count of kept cells under-represents monocytes and promyelocytes against
-    lymphocytes. Weighting each kept cell by the inverse of its chance to be kept,
-    ``width * height / ((width - 2 margin - w) (height - 2 margin - h))``, makes a
-    class's weighted share estimate its share of all cells in the fields (for cells
-    placed at random; a photo centred on its cell is kept more often, but the weights'
-    ratios, which are what a share depends on, still follow cell size).
+    often than small ones: a mask spanning pixels ``x_min .. x_max`` is kept only
+    where ``margin <= x_min`` and ``x_max <= width - 1 - margin``, at
+    ``width - 2 margin - (x_max - x_min)`` of the field's ``width`` column positions (and
+    likewise in y), so a count of kept cells under-represents monocytes and
+    promyelocytes against lymphocytes. Weighting each kept cell by the inverse of its
+    chance to be kept, ``width * height / ((width - 2 margin - dx) (height - 2 margin -
+    dy))`` with ``dx = x_max - x_min``, ``dy = y_max - y_min``, makes a class's weighted
+    share estimate its share of all cells in the fields (for cells placed at random; a
+    photo centred on its cell is kept more often, but the weights' ratios, which are
+    what a share depends on, still follow cell size).
 
     Parameters
     ----------
-    boxes : (n, 4) float, x0 y0 x1 y1 in the frame ``height`` x ``width`` (px) is in.
+    extents : (n, 4) the masks' pixel extents x_min, y_min, x_max, y_max (inclusive;
+        :attr:`FilterResult.extent`, what the border test reads) in the frame
+        ``height`` x ``width`` (px) is in; continuous boxes work alike.
     height, width : the image's size in that frame (px).
     margin : px from the edge that counts as touching it (``FilterSettings.border_margin``).
     cap : the largest weight: a cell nearly as large as the field has almost no room to
@@ -285,7 +294,7 @@ def edge_weights(
     -------
     (n,) float64 in [1, cap].
     """
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(extents, dtype=np.float64).reshape(-1, 4)
     room_x = width - 2.0 * margin - (b[:, 2] - b[:, 0])
     room_y = height - 2.0 * margin - (b[:, 3] - b[:, 1])
     room = np.clip(room_x, 0.0, None) * np.clip(room_y, 0.0, None)

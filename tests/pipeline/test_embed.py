@@ -505,12 +505,14 @@ def test_sample_profile_edge_corrected_shares(tmp_path):
         }
     )
     prof = sample_profile(obs, bins=10).set_index("sample")
+    # the three smear cells' weights rescaled to a mean of 1 (3/2, 3/4, 3/4): they share
+    # 3/4 of the sample as counted, redistributed by size; the crop cell keeps its 1/4
     assert prof.loc["a", "frac_promyelocyte"] == pytest.approx(1 / 4)
-    assert prof.loc["a", "frac_promyelocyte_edge_corrected"] == pytest.approx(3 / 7)
-    assert prof.loc["a", "frac_x_edge_corrected"] == pytest.approx(1 / 7)
-    assert prof.loc["a", "ig_fraction_edge_corrected"] == pytest.approx(3 / 7)
+    assert prof.loc["a", "frac_promyelocyte_edge_corrected"] == pytest.approx(1.5 / 4)
+    assert prof.loc["a", "frac_x_edge_corrected"] == pytest.approx(1 / 4)
+    assert prof.loc["a", "ig_fraction_edge_corrected"] == pytest.approx(1.5 / 4)
     assert prof.loc["a", "left_shift_index"] == pytest.approx(1 / 3)
-    assert prof.loc["a", "left_shift_index_edge_corrected"] == pytest.approx(3 / 6)
+    assert prof.loc["a", "left_shift_index_edge_corrected"] == pytest.approx(1.5 / 3)
     fr = [c for c in prof.columns if c.startswith("frac_") and c.endswith("_edge_corrected")]
     assert prof.loc["a", fr].sum() == pytest.approx(1.0)
     # the page's differential: a row per call in maturation order, n / % / edge-corrected %
@@ -522,7 +524,7 @@ def test_sample_profile_edge_corrected_shares(tmp_path):
     diff = text.split("<h2>Differential count</h2>")[1].split("</table>")[0]
     rows = re.findall(r"<tr><th>([^<]+)</th>((?:<td>[^<]*</td>)+)</tr>", diff)
     assert [r[0] for r in rows] == ["promyelocyte", "segmented_neutrophil", "x"]
-    assert re.findall(r"<td>([^<]*)</td>", rows[0][1]) == ["1", "25.0", "42.9"]
+    assert re.findall(r"<td>([^<]*)</td>", rows[0][1]) == ["1", "25.0", "37.5"]
     assert "<td>nan</td>" not in text  # NaN spelled as the definitions spell it
 
 

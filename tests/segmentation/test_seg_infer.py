@@ -208,6 +208,24 @@ def test_edge_weights_geometry():
     assert edge_weights(boxes[:1], 100, 100, margin=0)[0] == pytest.approx(1e4 / 8100)
 
 
+def test_edge_weight_is_the_inverse_share_of_positions_the_border_test_keeps():
+    """The weight reads the same mask extent as the border test, pixel for pixel: a disc
+    placed at every pixel of the image is kept at h * w / weight of the positions."""
+    h, w = 24, 30
+    for r in (3, 6):
+        kept, ext = 0, None
+        for cy in range(h):
+            for cx in range(w):
+                det = Detections.from_masks([disc(h, w, cy, cx, r)], np.array([0.9]))
+                f = filter_detections(det, h, w, FilterSettings())
+                if not f.flags["at_border"][0]:
+                    kept, ext = kept + 1, f.extent[0]
+        assert kept > 0
+        assert edge_weights(ext[None], h, w, FilterSettings().border_margin)[0] == pytest.approx(
+            h * w / kept
+        )
+
+
 def test_edge_weights_undo_the_size_bias_of_the_border_filter():
     """Cells placed at random: the border filter keeps fewer large cells; weighting the
     kept ones by edge_weights gives back each size's share of all cells."""

@@ -358,8 +358,9 @@ def evaluate(
         else:
             lt = M.label_transfer(labels[ok], pred)
             row.update(knn_accuracy=lt.accuracy, knn_balanced_accuracy=lt.balanced_accuracy)
-            if specimens is not None:
-                w = M.per_cell_weights(specimens[ok])
+            if specimens is not None and ref is not None:
+                # (leave-one-out would let a cell's copy vote for it: no per-cell score)
+                w = M.per_cell_weights(specimens[ok], None if sources is None else sources[ok])
                 row.update(
                     n_cells=round(float(w.sum()), 1),
                     knn_accuracy_per_cell=M.weighted_accuracy(labels[ok], pred, w),

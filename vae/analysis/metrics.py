@@ -207,31 +207,45 @@ def knn_accuracy(
     return float(np.mean(pred == np.asarray(labels).astype(str)))
 
 
-def per_cell_weights(specimens: np.ndarray) -> np.ndarray:
-    """Weights that count each specimen once: 1 / (rows of the row's specimen).
+def per_cell_weights(specimens: np.ndarray, sources: np.ndarray | None = None) -> np.ndarray:
+    """Weights that count each cell once when it enters through several image sources.
 
-    One cell can enter a table through two image sources (a BCCD smear cell and
-    the curated crop cut from it share ``obs['specimen']``); an accuracy that
-    weights its rows by these counts every such cell once, whatever the number of
-    copies, instead of once per copy.
+    A specimen is one source image (``obs['specimen']``): a BCCD smear photo and the
+    curated crops cut from it share one. Its rows through one source are different
+    cells; a second source shows the same cells again. So a specimen holds as many
+    cells as its largest source has rows, and each of its rows weighs
+    ``cells / rows``: an accuracy weighted by these counts each cell once, whatever
+    the number of copies.
 
     Parameters
     ----------
-    specimens : (n,) specimen id of each scored row; an empty string, None or NaN
-        marks a row that is its own specimen (weight 1).
+    specimens : (n,) specimen id of each scored row; missing (None, NaN, pandas NA,
+        "", "nan", "None") marks a row that is its own specimen (weight 1).
+    sources : (n,) image source of each row, or None (then every row of a specimen is a
+        copy of one cell).
 
     Returns
     -------
-    (n,) float64 in (0, 1]; the weights of one specimen's rows sum to 1, so
-    ``weights.sum()`` is the number of distinct cells.
+    (n,) float64 in (0, 1]; ``weights.sum()`` is the number of distinct cells.
     """
-    s = np.asarray(specimens, dtype=object)
-    own = np.array([v is None or (isinstance(v, float) and np.isnan(v)) or str(v) == "" for v in s])
+    import pandas as pd
+
+    s = pd.Series(np.asarray(specimens, dtype=object))
+    own = s.isna().to_numpy() | s.astype(str).isin(["", "nan", "None", "<NA>"]).to_numpy()
     w = np.ones(len(s), np.float64)
     if (~own).any():
-        ids = s[~own].astype(str)
-        _, inv, cnt = np.unique(ids, return_inverse=True, return_counts=True)
-        w[~own] = 1.0 / cnt[inv]
+        spec = s[~own].astype(str).to_numpy()
+        src = (
+            np.arange(len(spec)).astype(str)  # each row a source of its own: all copies
+            if sources is None
+            else pd.Series(np.asarray(sources, dtype=object))[~own].astype(str).to_numpy()
+        )
+        t = pd.DataFrame({"spec": spec, "src": src})
+        rows = t.groupby("spec")["src"].transform("size").to_numpy()
+        cells = (
+            t.groupby(["spec", "src"])["src"].transform("size").groupby(t["spec"]).transform("max")
+        ).to_numpy()
+        w[~own] = cells / rows
     return w
 
 

@@ -25,8 +25,9 @@ with their transferred label (``vae_label``) and maturation position (``vae_matu
   Dropping the cells cut by the image edge drops large cells (monocytes,
   promyelocytes, myelocytes) more often than small ones (lymphocytes); on BCCD's
   labelled one-cell photos it kept 55 % of the monocytes but 85 % of the lymphocytes
-  (docs/embed.md, "Cells cut by the image edge"). Cells without a weight (crop folders,
-  expression-only rows) count 1.
+  (docs/embed.md, "Cells cut by the image edge"). The weights are rescaled to a mean of
+  1 over a sample's weighted cells, so they move shares among the smear cells only; cells
+  without a weight (crop folders, expression-only rows) count 1.
 """
 
 from __future__ import annotations
@@ -112,9 +113,21 @@ def sample_profile(
 
 
 def _weights(g: pd.DataFrame) -> np.ndarray:
-    """(n,) edge weights of a sample's cells; 1 where a cell has none (crop folders)."""
+    """(n,) edge weights of a sample's cells, rescaled to a mean of 1 over the cells that
+    have one; 1 for the others (crop folders, expression).
+
+    The rescaling lets the weights move shares only among the smear cells: their raw
+    weights say how many cells each stands for in a field of randomly placed cells
+    (2-3 on BCCD), but photos centred on their cell keep more of them than that, so
+    mixed with unweighted crop-folder cells the raw weights would inflate the smear
+    cells' total share.
+    """
     w = pd.to_numeric(g[EDGE_WEIGHT], errors="coerce").to_numpy(float)
-    return np.where(np.isfinite(w) & (w > 0), w, 1.0)
+    has = np.isfinite(w) & (w > 0)
+    out = np.ones(len(w))
+    if has.any():
+        out[has] = w[has] / w[has].mean()
+    return out
 
 
 def _share(w: np.ndarray, num: np.ndarray, den: np.ndarray) -> float:

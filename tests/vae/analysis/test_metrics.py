@@ -295,10 +295,25 @@ def test_modality_mixing_tells_islands_by_kind_from_a_mixed_class():
 
 
 def test_per_cell_weights_count_each_specimen_once():
+    import pandas as pd
+
     spec = np.array(["a", "a", "", None, "b", "a", np.nan], dtype=object)
     w = M.per_cell_weights(spec)
     np.testing.assert_allclose(w, [1 / 3, 1 / 3, 1, 1, 1, 1 / 3, 1])
     assert w.sum() == pytest.approx(5)  # a, b and three rows of their own
+    # every spelling of a missing id is a row of its own, never one pooled specimen
+    miss = np.array([pd.NA, pd.NA, np.float32("nan"), "nan", "None", None], dtype=object)
+    np.testing.assert_allclose(M.per_cell_weights(miss), np.ones(6))
+
+
+def test_per_cell_weights_keep_the_cells_of_one_photo_apart():
+    """Two cells on one smear photo plus the curated crop of one of them: two cells, not
+    one (rows of one source are different cells; a second source repeats them)."""
+    spec = np.array(["p1", "p1", "p1", "p2", "p2"], dtype=object)
+    src = np.array(["smear", "smear", "crop", "smear", "crop"], dtype=object)
+    w = M.per_cell_weights(spec, src)
+    np.testing.assert_allclose(w, [2 / 3, 2 / 3, 2 / 3, 1 / 2, 1 / 2])
+    assert w.sum() == pytest.approx(3)
 
 
 def test_weighted_accuracy_counts_a_duplicated_cell_once():
