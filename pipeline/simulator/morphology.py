@@ -10,7 +10,8 @@ that sets the scale), so maturation can be read back from the pixels:
 property               along t (myeloblast -> segmented neutrophil)
 =====================  ==========================================================
 diameter               1.3x (myeloblast) -> 1.5x (promyelocyte, the largest cell
-                       of the series) -> 1.0x ``mature_diameter`` (segmented)
+                       of the series) -> 1.29x (myelocyte) -> 1.0x
+                       ``mature_diameter`` (segmented)
 nucleus area fraction  0.72 -> 0.36 of the cell area
 nucleus shape          round -> oval/eccentric -> kidney -> band (horseshoe)
                        -> 2..5 separate lobes (more lobes for larger t;
@@ -44,11 +45,22 @@ KIND_GROUPS = ("neutrophil_lineage",) + OTHER_KINDS
 # t bin edges of the six lineage stages (equal width)
 STAGE_EDGES = np.linspace(0.0, 1.0, len(LINEAGE_KINDS) + 1)
 
-# cell diameter / mature_diameter at knots of t: myeloblasts ~15 um, promyelocytes ~18 um
-# (the largest cells of the series), myelocytes ~15.5, metamyelocytes ~13.5, bands and
-# segmented neutrophils ~12 um (the values are at the stage centres 1/12, 3/12, ...)
+# cell diameter / mature_diameter at knots of t: myeloblasts ~15.5 um, promyelocytes ~18
+# um (the largest cells of the series), then shrinking to ~12 um segmented neutrophils
+# (values at the stage centres 1/12, 3/12, ...). From the myelocyte on they are the
+# earlier linear 1.5 - 0.5 t: a band drawn 5 % smaller has a horseshoe thin enough for
+# the lobe counter to cut in two at 64 px (tests/vae/test_nucleus_layer.py)
 DIAMETER_KNOTS = (0.0, 1 / 12, 3 / 12, 5 / 12, 7 / 12, 9 / 12, 11 / 12, 1.0)
-DIAMETER_FACTORS = (1.28, 1.3, 1.5, 1.3, 1.14, 1.06, 1.01, 1.0)
+DIAMETER_FACTORS = (
+    1.28,
+    1.3,
+    1.5,
+    1.5 - 2.5 / 12,
+    1.5 - 3.5 / 12,
+    1.5 - 4.5 / 12,
+    1.5 - 5.5 / 12,
+    1.0,
+)
 # largest cell relative to mature_diameter (the promyelocyte, +5% size jitter)
 MAX_DIAMETER_FACTOR = max(DIAMETER_FACTORS) * 1.05
 
