@@ -662,6 +662,19 @@ def test_reviewed_labels_check_scores_runs_on_the_same_crops(tiny_run, tmp_path)
     assert res["unreviewed"]["n"] == res["all"]["n"] - 3
     for part in res.values():
         assert 0 <= part["knn_accuracy"] <= 1 and 0 <= part["knn_balanced_accuracy"] <= 1
+    # scored against --paired's labels: with every labelled test crop renamed there to a
+    # class no training crop has, no vote can be right (the run's own labels would score
+    # as before)
+    assert res["all"]["knn_accuracy"] > 0
+    a = ad.read_h5ad(paired)
+    ids = test["row"].astype(str) if "row" in test else test.index.astype(str)
+    ids = ids[test["label"].notna().to_numpy()]
+    a.obs["label"] = a.obs["label"].astype(str)
+    a.obs.loc[ids, "label"] = "zzz"
+    renamed = tmp_path / "renamed.h5ad"
+    a.write_h5ad(renamed)
+    again = mod.compare([run], renamed, csv)[str(run)]
+    assert again["all"]["n"] == res["all"]["n"] and again["all"]["knn_accuracy"] == 0.0
 
 
 def test_image_branch_check_scores_the_maturation_axis_against_pseudotime():
