@@ -26,7 +26,11 @@ def _files(root: Path) -> set[Path]:
 def test_bad_names_are_refused(value):
     with pytest.raises(BadNameError, match="not allowed"):
         check_run_name(value, "experiment")
-    assert check_argv([f"experiment={value}"]) is not None
+    msg = check_argv([f"experiment={value}"])
+    assert msg is not None and "experiment" in msg and "not allowed" in msg
+    # a plain name on the same command line is not blamed; the bad one is found after it
+    assert check_argv(["stage=train", "variant=ok", f"experiment={value}"]) == msg
+    assert check_argv(["stage=train", "experiment=fine"]) is None
 
 
 @pytest.mark.parametrize("value", ["demo", "study1/beta4", "vae.beta=4,trainer.lr=0.1", "0"])

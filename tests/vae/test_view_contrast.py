@@ -93,6 +93,9 @@ def test_training_with_two_views_lowers_the_term(tmp_path, same_stain):
 def test_views_with_one_stain_seed_share_their_colours_not_their_pose():
     """vae.view_same_stain: the second view replays the first view's stain draws."""
     adata = make_paired(24, image_only=4, expression_only=0, seed=5)
+    # a dark mark off the centre, inside each disc cell: a flip now shows (the toy cells
+    # are centred uniform discs, the same in every pose)
+    adata.obsm["crops"][:, 7:9, 10:12, :] = 20
     raw = raw_batch(from_anndata(adata), torch.arange(12))
     g = torch.Generator().manual_seed(0)
 
@@ -100,11 +103,13 @@ def test_views_with_one_stain_seed_share_their_colours_not_their_pose():
         sg = None if stain_seed is None else torch.Generator().manual_seed(stain_seed)
         b = to_batch(raw, torch.device("cpu"), True, g, stain_jitter=0.3, stain_generator=sg)
         m = b.mask.sum((2, 3)).clamp_min(1)
-        return b.image.sum((2, 3)) / m  # (B, 3) mean colour inside the cell
+        return b.image.sum((2, 3)) / m, b.image  # (B, 3) mean colour inside the cell
 
     # flips only (a rotation's zoom moves the cell's rim and the image mean that the
     # contrast step uses): other poses, the same colour transform per row
-    a, b, c = view(7), view(7), view(None)
+    (a, ia), (b, ib), (c, _) = view(7), view(7), view(None)
     assert torch.allclose(a, b, atol=1e-5)
+    # ... and not the same pose: the mark sits elsewhere in some rows
+    assert not torch.allclose(ia, ib, atol=1e-3)
     # drawn apart: the colours differ by the jitter
     assert (a - c).abs().max() > 0.05
