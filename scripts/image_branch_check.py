@@ -48,33 +48,47 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _knn(
-    z_fit: np.ndarray,
-    y_fit: np.ndarray,
-    z: np.ndarray,
-    y: np.ndarray,
-    k: int = 15,
-    specimens: np.ndarray | None = None,
-    sources: np.ndarray | None = None,
-) -> float:
-    """kNN(k) fitted on the train+val rows, accuracy on the test rows (NaN rows dropped).
+def _knn_calls(
+    z_fit: np.ndarray, y_fit: np.ndarray, z: np.ndarray, y: np.ndarray, k: int = 15
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """kNN(k) calls of the test rows, voted by the train+val rows (NaN rows dropped):
+    (the test rows with a finite code, their calls), or None when too few rows.
 
     The vote is ``stage=evaluate``'s (:func:`vae.analysis.metrics.knn_predict`); only
-    the reference differs: evaluate's is the train split alone. With ``specimens``
-    ((n,) ids of the test rows, and their image ``sources``) each cell counts once
-    (:func:`vae.analysis.metrics.per_cell_weights`)."""
-    from vae.analysis.metrics import knn_predict, per_cell_weights, weighted_accuracy
+    the reference differs: evaluate's is the train split alone."""
+    from vae.analysis.metrics import knn_predict
 
     a, b = np.isfinite(z_fit).all(1), np.isfinite(z).all(1)
     if a.sum() < 2 or b.sum() < 1:
+        return None
+    return b, knn_predict(z[b], y[b], k, z_fit[a], y_fit[a])
+
+
+def _scored(
+    y: np.ndarray,
+    calls: tuple[np.ndarray, np.ndarray] | None,
+    specimens: np.ndarray | None = None,
+    sources: np.ndarray | None = None,
+) -> float:
+    """Accuracy of :func:`_knn_calls`' calls; with ``specimens`` ((n,) ids of the test
+    rows, and their image ``sources``) each cell counts once
+    (:func:`vae.analysis.metrics.per_cell_weights`)."""
+    from vae.analysis.metrics import per_cell_weights, weighted_accuracy
+
+    if calls is None:
         return float("nan")
-    pred = knn_predict(z[b], y[b], k, z_fit[a], y_fit[a])
+    b, pred = calls
     w = (
         per_cell_weights(specimens[b], None if sources is None else sources[b])
         if specimens is not None
         else np.ones(int(b.sum()))
     )
     return weighted_accuracy(y[b], pred, w)
+
+
+def _knn(z_fit: np.ndarray, y_fit: np.ndarray, z: np.ndarray, y: np.ndarray, k: int = 15) -> float:
+    """kNN(k) accuracy of the test rows (:func:`_knn_calls`, :func:`_scored`)."""
+    return _scored(y, _knn_calls(z_fit, y_fit, z, y, k))
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -290,17 +304,14 @@ def check(
             # the fused code of the cells that have a crop (image + expression where paired)
             ("joint_image_rows", lat_all.joint, np.ones(fit.size, bool), has_i & fresh),
         ):
-            res[f"knn_{name}"] = _knn(
-                zz[fit][labf & hf], yf[labf & hf], zz[test][lab & ht], y[lab & ht]
-            )
+            calls = _knn_calls(zz[fit][labf & hf], yf[labf & hf], zz[test][lab & ht], y[lab & ht])
+            res[f"knn_{name}"] = _scored(y[lab & ht], calls)
             if spec is not None:
                 # one cell through two image sources (a BCCD smear cell and its curated
-                # crop) counted once, not once per copy
-                res[f"knn_{name}_per_cell"] = _knn(
-                    zz[fit][labf & hf],
-                    yf[labf & hf],
-                    zz[test][lab & ht],
+                # crop) counted once, not once per copy: the same calls, weighted
+                res[f"knn_{name}_per_cell"] = _scored(
                     y[lab & ht],
+                    calls,
                     specimens=spec[lab & ht],
                     sources=None if srcs is None else srcs[lab & ht],
                 )
