@@ -508,9 +508,13 @@ def check(
                 with torch.no_grad():
                     zc = torch.from_numpy(z_cells[neut].astype(np.float32))
                     g = model.decode(zc).granule_rate
+                layer_count = g.sum(dim=(1, 2, 3)).numpy() / 100.0
                 res["granule_layer_count_vs_true_azurophilic_spearman"] = _spearman(
-                    g.sum(dim=(1, 2, 3)).numpy() / 100.0, azu
+                    layer_count, azu
                 )
+                drawn_n = _drawn_granule_density(o[neut])
+                if drawn_n is not None:
+                    res["granule_layer_count_vs_drawn_spearman"] = _spearman(layer_count, drawn_n)
             if "lobes" in o:
                 res["decoded_lobes_vs_true_spearman"] = _spearman(
                     fd["lobes"].to_numpy(float), o["lobes"].to_numpy(float)[neut]
@@ -537,6 +541,18 @@ def check(
             res["input_granules_vs_true_azurophilic_spearman"] = _spearman(
                 fr["granule_density"].to_numpy(float), azu
             )
+            drawn = _drawn_granule_density(o[neut])
+            if drawn is not None:
+                # the granules the simulator actually drew (a Poisson draw around the true
+                # density): the ceiling any image measure can reach against the truth, and
+                # the decoder's fidelity to the cell it was given
+                res["drawn_granules_vs_true_azurophilic_spearman"] = _spearman(drawn, azu)
+                res["input_granules_vs_drawn_spearman"] = _spearman(
+                    fr["granule_density"].to_numpy(float), drawn
+                )
+                res["decoded_granules_vs_drawn_spearman"] = _spearman(
+                    fd["granule_density"].to_numpy(float), drawn
+                )
     summary = traverse / "traverse_summary.json" if traverse is not None else None
     if summary is not None and summary.exists():
         truth = json.loads(summary.read_text()).get("truth_recovery") or {}
@@ -544,6 +560,24 @@ def check(
             if isinstance(v, (int, float)):
                 res[f"traverse_{k}"] = float(v)
     return res
+
+
+def _drawn_granule_density(obs) -> np.ndarray | None:
+    """Azurophilic granules the simulator drew per 100 px^2 of the drawn cell, (n,).
+
+    ``obs`` (pandas.DataFrame): ``azurophilic_granules`` is the drawn count over the
+    whole cell and ``diameter`` its drawn diameter (px); None where the run's data
+    predate the count or any row lacks it.
+    """
+    import pandas as pd
+
+    if "azurophilic_granules" not in obs or "diameter" not in obs:
+        return None
+    n = pd.to_numeric(obs["azurophilic_granules"], errors="coerce").to_numpy(float)
+    d = pd.to_numeric(obs["diameter"], errors="coerce").to_numpy(float)
+    if n.size == 0 or not (np.isfinite(n).all() and np.isfinite(d).all() and (d > 0).all()):
+        return None
+    return 100.0 * n / (np.pi / 4.0 * d**2)
 
 
 def main() -> None:

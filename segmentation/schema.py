@@ -11,7 +11,7 @@ from __future__ import annotations
 
 # ground truth of a simulated (or annotated) white cell, in annotation / obs columns
 TRUTH_TEXT_FIELDS = ("kind", "lineage")
-TRUTH_NUMERIC_FIELDS = ("t", "granule_density", "lobes", "diameter")
+TRUTH_NUMERIC_FIELDS = ("t", "granule_density", "azurophilic_granules", "lobes", "diameter")
 TRUTH_FIELDS = TRUTH_TEXT_FIELDS + TRUTH_NUMERIC_FIELDS
 # cells.h5ad / paired.h5ad obs: the cell's equivalent diameter on the detector's working
 # frame (source px x input_scale), measured from its mask; NaN where unknown

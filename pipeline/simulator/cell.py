@@ -41,6 +41,9 @@ class CellPatch:
     mask: np.ndarray
     nucleus: np.ndarray
     half: int
+    # large dark azurophilic granules actually drawn (a Poisson draw around the density's
+    # expectation): what a perfect granule counter would read off the image
+    azurophilic_granules: int = 0
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -207,20 +210,22 @@ def draw_cell(m: Morphology, diameter: float, rng: np.random.Generator) -> CellP
     area_c = float(cyto_only.sum())
     grains = np.zeros((size, size, 3))
 
-    def scatter(where: np.ndarray, count: float, sigma: float, rgb, strength: float) -> None:
+    def scatter(where: np.ndarray, count: float, sigma: float, rgb, strength: float) -> int:
+        """Draw Poisson(``count``) granules on ``where``; return how many were drawn."""
         n = rng.poisson(count) if count > 0 else 0
         iy, ix = np.nonzero(where)
         if n == 0 or iy.size == 0:
-            return
+            return 0
         pick = rng.integers(0, iy.size, size=n)
         img = np.zeros((size, size))
         np.add.at(img, (iy[pick], ix[pick]), rng.uniform(0.7, 1.3, size=n))
         # unit peak per granule: Gaussian of sd sigma integrates to 2 pi sigma^2
         img = ndimage.gaussian_filter(img, sigma) * (2 * math.pi * sigma**2)
         grains[...] += np.minimum(img, 1.6)[..., None] * (strength * rgb_to_od(rgb))
+        return int(n)
 
     # large dark azurophilic granules (over the whole cell, nucleus included)
-    scatter(mask, m.azurophilic * 0.05 * float(mask.sum()), 1.0, (95, 25, 105), 0.9)
+    n_azu = scatter(mask, m.azurophilic * 0.05 * float(mask.sum()), 1.0, (95, 25, 105), 0.9)
     # fine lilac specific granules (cytoplasm only)
     scatter(cyto_only, m.specific * 0.22 * area_c, 0.6, (185, 130, 185), 0.55)
     # eosinophil: coarse orange-red granules packing the cytoplasm
@@ -233,7 +238,9 @@ def draw_cell(m: Morphology, diameter: float, rng: np.random.Generator) -> CellP
         for p in rng.integers(0, iy.size, size=n_vac):
             inside = np.hypot(yy - ax[iy[p]], xx - ax[ix[p]]) < rc * rng.uniform(0.05, 0.09)
             od = np.where((inside & cyto_only)[..., None], od * 0.35, od)
-    return CellPatch(alpha=alpha, od=od, mask=mask, nucleus=nucleus, half=half)
+    return CellPatch(
+        alpha=alpha, od=od, mask=mask, nucleus=nucleus, half=half, azurophilic_granules=n_azu
+    )
 
 
 # ----------------------------------------------------------------------------

@@ -222,6 +222,7 @@ def simulate_image(
                 "t": None if math.isnan(m.t) else round(m.t, 6),
                 "granule_density": round(c.granule_density, 6),
                 "azurophilic_density": round(m.azurophilic, 6),
+                "azurophilic_granules": int(c.azurophilic_granules),
                 "specific_density": round(m.specific, 6),
                 "eosinophilic_density": round(m.eosinophilic, 6),
                 "lobes": int(m.lobes),

@@ -99,6 +99,8 @@ class RenderedCell:
     nucleus_mask: np.ndarray
     truncated: bool  # part of the cell lies outside the image
     granule_density: float  # ground truth (see Morphology.granule_density)
+    # azurophilic granules drawn on the whole cell (before clipping / covering)
+    azurophilic_granules: int = 0
 
     @property
     def kind(self) -> str:
@@ -294,6 +296,7 @@ def render_smear(p: SmearParams, rng: np.random.Generator) -> Smear:
                 nucleus_mask=nuc,
                 truncated=truncated,
                 granule_density=m.granule_density,
+                azurophilic_granules=patch.azurophilic_granules,
             )
         )
     cells = [c for c in cells if c.mask.any()]

@@ -29,6 +29,7 @@ TRUTH_COLUMNS = [
     "t",
     "granule_density",
     "azurophilic_density",
+    "azurophilic_granules",
     "specific_density",
     "eosinophilic_density",
     "lobes",
@@ -64,6 +65,8 @@ def truth_table(
                 "t": np.nan if a["t"] is None else a["t"],
                 "granule_density": a["granule_density"],
                 "azurophilic_density": a["azurophilic_density"],
+                # older simulate outputs lack the drawn count
+                "azurophilic_granules": a.get("azurophilic_granules", np.nan),
                 "specific_density": a["specific_density"],
                 "eosinophilic_density": a["eosinophilic_density"],
                 "lobes": a["lobes"],

@@ -7,6 +7,7 @@ import importlib
 import json
 import math
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +233,31 @@ def test_rendered_cells_encode_t():
     assert area[ts < 1 / 6].max() < area[(ts > 1 / 6) & (ts < 2 / 6)].max()
 
 
+def test_drawn_azurophilic_granules_follow_the_density():
+    """The drawn count is a Poisson draw of mean 0.05 x density x cell area: its mean over
+    promyelocytes matches that within 4 standard errors, no granule on a mature cell,
+    and the dark dots it counts are on the image (a cell drawn without them is lighter)."""
+    counts, expect = [], []
+    for i in range(40):
+        t = 0.2 + 0.1 * (i % 5) / 5  # promyelocytes around the density's peak
+        m = morphology(stage_of(t), t, 60.0)
+        patch = draw_cell(m, m.diameter, np.random.default_rng(i))
+        counts.append(patch.azurophilic_granules)
+        expect.append(m.azurophilic * 0.05 * patch.mask.sum())
+    counts, expect = np.array(counts), np.array(expect)
+    assert counts.dtype.kind == "i" and counts.min() > 0
+    se = np.sqrt(expect.sum())  # Poisson: variance = mean
+    assert abs(counts.sum() - expect.sum()) < 4 * se
+    seg = morphology("segmented_neutrophil", 0.95, 60.0)
+    assert seg.azurophilic < 1e-6
+    assert draw_cell(seg, seg.diameter, np.random.default_rng(0)).azurophilic_granules == 0
+    m = morphology("promyelocyte", 0.25, 60.0)
+    with_g = draw_cell(m, m.diameter, np.random.default_rng(3))
+    without = draw_cell(replace(m, azurophilic=0.0), m.diameter, np.random.default_rng(3))
+    assert with_g.azurophilic_granules > 10 and without.azurophilic_granules == 0
+    assert with_g.od[with_g.mask].sum() > without.od[without.mask].sum()
+
+
 def test_bad_morphology_arguments():
     with pytest.raises(ValueError, match="is a myeloblast"):
         morphology("band", 0.05, 60.0)
@@ -401,9 +427,14 @@ def test_stage_simulate_writes_valid_artifacts(tmp_path):
     assert np.array_equal(adata.X, adata.layers["counts"])
     assert np.array_equal(adata.X, np.round(adata.X)) and adata.X.dtype == np.float32
     assert {*TRUTH_FIELDS, "image", "split"} <= set(adata.obs)
+    # the drawn granule count travels with each cell: annotation, expression obs, table
+    drawn = {a["cell_id"]: a["azurophilic_granules"] for a in anns}
+    assert all(isinstance(v, int) and v >= 0 for v in drawn.values())
+    assert adata.obs["azurophilic_granules"].to_dict() == drawn
     assert "program" in adata.var
     table = pd.read_csv(d / "cells_truth.csv")
     assert list(table["cell_id"]) == [a["cell_id"] for a in anns]
+    assert list(table["azurophilic_granules"]) == list(drawn.values())
     man = json.loads((d / "manifest.json").read_text())
     assert man["status"] == "complete"
     assert set(man["outputs"]) == {"smears", "expression_raw"}
