@@ -53,8 +53,9 @@ class VAEConfig:
     # granule layer (> 0 builds it; residual decoder only): how many granules, where and
     # how dark, learned from the granules found on the input crops without shaping the
     # latent; decoded cells are drawn with granules from it. Measured on the simulator:
-    # decoded granule density vs true azurophilic density 0.72 (none without it), same
-    # kNN/SSIM as without (docs/vae.md, "Granule layer"); 0: off
+    # decoded granule density vs true azurophilic density 0.72 at its introduction (none
+    # without it), same kNN/SSIM as without; 0.738 in `make demo` on the corrected
+    # simulator of 2026-12-04 (docs/vae.md, "Granule layer"); 0: off
     granule_weight: float = 10.0
     # texture layer (> 0 builds it; residual decoder only): per pixel, how strong the
     # stain's fine grain is (granules, chromatin) and its colour, learned as a Gaussian

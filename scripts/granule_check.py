@@ -49,7 +49,7 @@ def simulated(paired: Path, n: int, seed: int, params=None) -> dict:
     """Per-kind and neutrophil-lineage agreement of the counters with simulator truth."""
     import anndata as ad
 
-    from pipeline.simulator.morphology import azurophilic_density
+    from pipeline.simulator.morphology import azurophilic_density, drawn_granule_density
     from vae.analysis import granules as G
 
     a = ad.read_h5ad(paired)
@@ -70,15 +70,26 @@ def simulated(paired: Path, n: int, seed: int, params=None) -> dict:
     azu = np.array([azurophilic_density(x) if np.isfinite(x) else np.nan for x in t])
     ml, md = df["lobes"].to_numpy(float), df["granule_density"].to_numpy(float)
     mc = df["granule_count"].to_numpy(float)
+    # the granules the simulator drew (data simulated before 2026-12-05 lack the column)
+    drawn = (
+        drawn_granule_density(obs["azurophilic_granules"], obs["diameter"])
+        if {"azurophilic_granules", "diameter"} <= set(obs)
+        else None
+    )
 
     def row(sel: np.ndarray) -> dict:
-        return {
+        out = {
             "n": int(sel.sum()),
             "lobe_accuracy": float((ml[sel] == lobes[sel]).mean()),
             "lobes_spearman": _rho(ml[sel], lobes[sel]),
             "granule_density_vs_azurophilic_spearman": _rho(md[sel], azu[sel]),
             "granule_count_mean": float(mc[sel].mean()),
         }
+        if drawn is not None:
+            # a perfect counter's agreement (the ceiling), and the counter's with the drawn
+            out["drawn_granules_vs_azurophilic_spearman"] = _rho(drawn[sel], azu[sel])
+            out["granule_density_vs_drawn_spearman"] = _rho(md[sel], drawn[sel])
+        return out
 
     neut = np.isfinite(t)
     res = {

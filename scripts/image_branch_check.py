@@ -563,21 +563,20 @@ def check(
 
 
 def _drawn_granule_density(obs) -> np.ndarray | None:
-    """Azurophilic granules the simulator drew per 100 px^2 of the drawn cell, (n,).
+    """Drawn azurophilic granules per 100 px^2 of each row's cell (simulator truth), (n,);
+    None where the run's data predate the drawn count or a row lacks it.
 
-    ``obs`` (pandas.DataFrame): ``azurophilic_granules`` is the drawn count over the
-    whole cell and ``diameter`` its drawn diameter (px); None where the run's data
-    predate the count or any row lacks it.
+    ``obs`` (pandas.DataFrame) with ``azurophilic_granules`` and ``diameter``.
     """
-    import pandas as pd
+    from pipeline.simulator.morphology import drawn_granule_density
 
     if "azurophilic_granules" not in obs or "diameter" not in obs:
         return None
-    n = pd.to_numeric(obs["azurophilic_granules"], errors="coerce").to_numpy(float)
-    d = pd.to_numeric(obs["diameter"], errors="coerce").to_numpy(float)
+    n = obs["azurophilic_granules"].to_numpy(float)
+    d = obs["diameter"].to_numpy(float)
     if n.size == 0 or not (np.isfinite(n).all() and np.isfinite(d).all() and (d > 0).all()):
         return None
-    return 100.0 * n / (np.pi / 4.0 * d**2)
+    return drawn_granule_density(n, d)
 
 
 def main() -> None:

@@ -55,6 +55,7 @@ def build(n_images: int, crop_size: int, seed: int, out: Path, target_sum: float
                     "lineage": a["lineage"],
                     "t": np.nan if a["t"] is None else float(a["t"]),
                     "granule_density": float(a["granule_density"]),
+                    "azurophilic_granules": int(a["azurophilic_granules"]),
                     "lobes": int(a["lobes"]),
                     "diameter": float(a["diameter"]),
                     "truncated": bool(a.get("truncated", False)),
