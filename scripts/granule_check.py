@@ -70,7 +70,7 @@ def simulated(paired: Path, n: int, seed: int, params=None) -> dict:
     azu = np.array([azurophilic_density(x) if np.isfinite(x) else np.nan for x in t])
     ml, md = df["lobes"].to_numpy(float), df["granule_density"].to_numpy(float)
     mc = df["granule_count"].to_numpy(float)
-    # the granules the simulator drew (data simulated before 2026-12-05 lack the column)
+    # the granules the simulator drew (data simulated before the column, 2026-12-04, lack it)
     drawn = (
         drawn_granule_density(obs["azurophilic_granules"], obs["diameter"])
         if {"azurophilic_granules", "diameter"} <= set(obs)
