@@ -157,6 +157,10 @@ RANGES: dict[str, str] = {
     "pair.label_maturation": PROB,
     "pair.seed": NONNEG,
     "pair.min_class_size": COUNT,
+    # --- embed ---
+    "embed.batch_size": COUNT,
+    "embed.examples_per_call": NONNEG,
+    "embed.histogram_bins": COUNT,
     # data.simulator.*: checked by its owner, SimulatorParams.validate (stage=simulate)
     # --- analysis ---
     "analysis.batch_size": COUNT,

@@ -69,6 +69,15 @@ def build_model_args(cfg: DictConfig, data, source: str):
     from vae.model import VAEArgs
 
     v = cfg.vae
+    k = 2 ** len(v.channels)
+    if data.crop_size and int(data.crop_size) % k:
+        # the crops were cut by stage=pair at a size no image branch of these channels takes
+        raise StageError(
+            f"{source}: crops of {data.crop_size} px (pair.crop_size when it was paired): "
+            f"the image branch halves the crop {len(v.channels)} times (vae.channels), so it "
+            f"needs a multiple of {k}; pair again with e.g. pair.crop_size="
+            f"{max(k, round(int(data.crop_size) / k) * k)}"
+        )
     try:
         return VAEArgs(
             n_genes=data.n_genes,

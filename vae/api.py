@@ -125,6 +125,24 @@ def _is_counts(m: np.ndarray) -> bool:
     return bool(m.size == 0 or ((m >= 0).all() and np.allclose(m, np.round(m))))
 
 
+def _check_lognorm(vals: np.ndarray, source: str) -> None:
+    """Refuse an X taken as log1p-normalised that cannot be (stage=expression refuses the
+    same; a scaled or CPM matrix would embed as silent garbage). ``vals``: X's values."""
+    neg = int((vals < 0).sum())
+    if neg:
+        raise StudyError(
+            f"{source}: X holds {neg} negative values (scaled or centred?): give raw "
+            "counts (layers['counts'] or X) or log1p-normalised values"
+        )
+    top = float(np.nanmax(vals)) if vals.size else 0.0
+    if top > LOGNORM_MAX:
+        raise StudyError(
+            f"{source}: X is neither integer counts nor log1p-normalised values "
+            f"(largest {top:.4g}; normalised but not logged, e.g. CPM / TPM?): give raw "
+            "counts (layers['counts'] or X) or log1p-normalised values"
+        )
+
+
 class Study:
     """A trained study: model, reference latent and (optionally) the detector.
 
@@ -180,18 +198,15 @@ class Study:
         (``uns["model_digest"]``); latents written before that are checked by their
         labels, which must all be classes the model was trained with.
         """
-        from vae.checkpoint import checkpoint_digest
+        from vae.checkpoint import CheckpointError, check_model_digest
 
         ref, mp, lp = self.reference, self.model_path, self.latent_path
         want = ref.uns.get("model_digest")
         if want is not None and mp.is_file():
-            got = checkpoint_digest(mp)
-            if str(want) != got:
-                raise StudyError(
-                    f"{lp}: uns['model_digest'] is {want}, but {mp} has digest {got}: the "
-                    f"latent was written for another model (another study, or the model was "
-                    f"retrained since). Give the model and latent.h5ad of one stage=train run."
-                )
+            try:
+                check_model_digest(want, mp, lp)
+            except CheckpointError as e:
+                raise StudyError(str(e)) from None
             return
         known = self.meta.get("label_names")
         key = self.label_key
@@ -595,27 +610,28 @@ class Study:
 
         if "counts" in adata.layers:
             full = adata.layers["counts"]
+            cv = values_of(full)
+            if not (np.isfinite(cv).all() and (cv >= 0).all()):
+                raise StudyError(f"{source}: layers['counts'] holds negative or non-finite counts")
+            if not _is_counts(cv):
+                # stage=expression refuses the same: normalised values under the counts' name
+                raise StudyError(
+                    f"{source}: layers['counts'] holds non-integer values (normalised or "
+                    "corrected?): give raw integer counts there, or drop the layer"
+                )
             raw, total, values = sub(full), rowsum(full), "counts"
-            logx = sub(adata.X).astype(np.float32)  # the pipeline's log-normalised X
+            xv = values_of(adata.X)
+            if xv.size and _is_counts(xv) and float(xv.max()) > 0:
+                # X holds counts too (e.g. the simulator's expression_raw.h5ad), not the
+                # pipeline's log-normalised values: normalised below, as stage=expression does
+                logx = None
+            else:
+                _check_lognorm(xv, source)
+                logx = sub(adata.X).astype(np.float32)  # the pipeline's log-normalised X
         elif _is_counts(values_of(adata.X)):
             raw, total, logx, values = sub(adata.X), rowsum(adata.X), None, "counts"
         else:
-            # not counts, so taken as log1p-normalised: refuse what cannot be (stage=expression
-            # refuses the same; a scaled or CPM matrix would embed as silent garbage)
-            vals = values_of(adata.X)
-            neg = int((vals < 0).sum())
-            if neg:
-                raise StudyError(
-                    f"{source}: X holds {neg} negative values (scaled or centred?): give raw "
-                    "counts (layers['counts'] or X) or log1p-normalised values"
-                )
-            top = float(np.nanmax(vals)) if vals.size else 0.0
-            if top > LOGNORM_MAX:
-                raise StudyError(
-                    f"{source}: X is neither integer counts nor log1p-normalised values "
-                    f"(largest {top:.4g}; normalised but not logged, e.g. CPM / TPM?): give raw "
-                    "counts (layers['counts'] or X) or log1p-normalised values"
-                )
+            _check_lognorm(values_of(adata.X), source)
             raw, logx, values = None, sub(adata.X).astype(np.float32), "lognorm"
             total = np.expm1(logx).sum(1)
         checked = "layers['counts']" if "counts" in adata.layers else "X"

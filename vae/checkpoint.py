@@ -57,6 +57,26 @@ def checkpoint_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
+def check_model_digest(
+    recorded: object, model_path: str | os.PathLike, latent_path: str | os.PathLike
+) -> None:
+    """Refuse a latent.h5ad written for another model than ``model_path``.
+
+    ``recorded``: the latent's ``uns["model_digest"]`` (None for latents written before
+    the digest: nothing to compare, no error). Raises :class:`CheckpointError` naming
+    both files when the digests differ.
+    """
+    if recorded is None or not Path(model_path).is_file():
+        return
+    got = checkpoint_digest(model_path)
+    if str(recorded) != got:
+        raise CheckpointError(
+            f"{latent_path}: uns['model_digest'] is {recorded}, but {model_path} has digest "
+            f"{got}: the latent was written for another model (another study, or the model "
+            f"was retrained since). Give the model and latent.h5ad of one stage=train run."
+        )
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.exists():
@@ -92,8 +112,16 @@ def load_model(
         ``has_counts``, ``expression_likelihood``, ``epoch``, ``step``.
     """
     ck = load_checkpoint(path)
-    model = TwoBranchVAE(VAEArgs(**ck["model_args"]))
-    model.load_state_dict(ck["model"])
+    try:
+        model = TwoBranchVAE(VAEArgs(**ck["model_args"]))
+        model.load_state_dict(ck["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        # a detector's file, or another program's, can carry the same two keys
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a usable vae checkpoint (its model_args / weights do not build "
+            f"this package's VAE: {first})"
+        ) from None
     model.to(device).eval()
     meta = dict(ck.get("meta", {}))
     meta.setdefault("n_latent", model.args.n_latent)

@@ -156,7 +156,22 @@ def _read_mapping(cfg) -> pd.DataFrame | None:
             f"embed.samples_csv={cfg.embed.samples_csv}: needs a 'sample' column and a "
             f"'cell_id' or 'image' column; has {list(m.columns)}"
         )
-    return m
+    for key in ("cell_id", "image"):
+        if key not in m:
+            continue
+        # one id given two samples: which patient the cell belongs to is unknown
+        rows = m.dropna(subset=[key]).drop_duplicates([key, "sample"])
+        clash = rows[rows[key].duplicated(keep=False)]
+        if len(clash):
+            first = clash[key].iloc[0]
+            samples = sorted(clash.loc[clash[key] == first, "sample"].astype(str))
+            raise StageError(
+                f"embed.samples_csv={cfg.embed.samples_csv}: {key} {first!r} is given "
+                f"{len(samples)} samples ({', '.join(samples)}); "
+                f"{clash[key].nunique()} {key} value(s) are given more than one"
+            )
+    # a row repeated with the same sample names one cell once
+    return m.drop_duplicates()
 
 
 @stage("embed", needs=_needs, optional=_optional, produces=["query"], validate=_validate)
@@ -342,6 +357,8 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects):
             )
         # every row names its input as the setting that gave it (embed.crops=DIR)
         rejects += [{**r, "input": setting} for r in read_rejects]
+        if kind == "expression" and adata.n_vars == 0:
+            raise StageError(f"{setting}: var_names: no genes (an expression input with 0 columns)")
         if adata.n_vars:  # too few of the model's genes: refused before the imputation runs
             cols = study.gene_columns(adata.var_names)
             missing = [g for g, c in zip(study.gene_names, cols) if c < 0]
@@ -382,9 +399,13 @@ def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> int
             {
                 "input": setting,
                 "item": cid,
-                "reason": "no image and no expression (a profile of zero counts is none)",
+                "reason": "no usable image (none, or an empty mask) and no expression (a "
+                "profile of zero counts is none)",
             }
         )
+    if q.n_obs == 0:  # every cell dropped: the rows above say why; no empty part kept
+        log.warning("%s: no cell left to embed (rejects.csv)", setting)
+        return 0
     q.obs["vae_input"] = kind
     q.obs["vae_sample"], named = _samples(q, kind, path, cfg, mapping, setting)
     if mapping is not None:

@@ -45,7 +45,7 @@ def load_crops(ctx: StageContext, rejects: list | None = None):
     for k, s in enumerate(cfg.pair.crop_sources):
         setting = f"pair.crop_sources[{k}]"
         if s.kind == "cells":
-            cs = pr.read_cells_h5ad(ctx.input("cells"), size, bg)
+            cs = pr.read_cells_h5ad(ctx.input("cells"), size, bg, rejects=rejects)
             if s.max_per_class is not None:
                 cs = _cap(cs, s.max_per_class)
         elif s.kind == "coco":
@@ -84,6 +84,14 @@ CROP_KINDS = ("cells", "coco", "image_folder", "segmentation_wbc")
 
 def _validate(cfg: DictConfig) -> None:
     """Crop source kinds and paths, before any folder is made."""
+    k = 2 ** len(cfg.vae.channels)
+    if int(cfg.pair.crop_size) % k:
+        # stage=train would refuse these crops only after pairing had been paid for
+        raise StageError(
+            f"pair.crop_size={cfg.pair.crop_size}: the VAE's image branch halves the crop "
+            f"{len(cfg.vae.channels)} times (vae.channels), so it needs a multiple of {k} "
+            f"(e.g. {max(k, round(int(cfg.pair.crop_size) / k) * k)})"
+        )
     for k, s in enumerate(cfg.pair.crop_sources):
         setting = f"pair.crop_sources[{k}]"
         if s.kind not in CROP_KINDS:

@@ -113,6 +113,9 @@ def test_stage_all_resume_skips_the_complete_stages_it_starts_with(tmp_path, toy
             "segmentation.aug_stain=1.5 is out of range: must be in [0,1]",
         ),
         ("trainer.batch_size=0", "trainer.batch_size=0 is out of range: must be >= 1"),
+        ("embed.batch_size=0", "embed.batch_size=0 is out of range: must be >= 1"),
+        ("embed.histogram_bins=0", "embed.histogram_bins=0 is out of range: must be >= 1"),
+        ("embed.examples_per_call=-1", "embed.examples_per_call=-1 is out of range"),
         ("vae.channels=[16,0]", "vae.channels=[16, 0] is out of range"),
         ("segmentation.tile_overlap=2048", "segmentation.tile_overlap=2048 must be <"),
         (
@@ -153,6 +156,25 @@ def test_a_crop_size_the_image_branch_cannot_halve_is_refused_at_start():
     cfg = compose_config(["stage=train", "vae.image_size=50"])
     with pytest.raises(StageError, match=r"vae.image_size=50"):
         precheck(cfg, ["train"])
+    # stage=pair alone refuses the size too, naming its own setting
+    cfg = compose_config(["stage=pair", "pair.crop_size=63"])
+    with pytest.raises(StageError, match=r"pair.crop_size=63: .*multiple of 16 \(e.g. 64\)"):
+        precheck(cfg, ["pair"])
+
+
+def test_training_on_crops_of_a_size_the_image_branch_cannot_halve_names_the_file(tmp_path):
+    """A paired.h5ad cut at 20 px (e.g. by an older pair run): stage=train names the file
+    and the setting that made it, not the model's internal crop_size."""
+    from pipeline.runner import StageError
+    from pipeline.train_args import build_model_args
+    from tests.helpers.vae_toy import make_paired
+    from vae.data import load_paired
+
+    make_paired(n=24, size=20, n_genes=6).write_h5ad(tmp_path / "p.h5ad")
+    data = load_paired(tmp_path / "p.h5ad")
+    cfg = compose_config(["stage=train", "vae.channels=[8,16,32]"])
+    with pytest.raises(StageError, match=r"p.h5ad: crops of 20 px \(pair.crop_size.*multiple of 8"):
+        build_model_args(cfg, data, str(tmp_path / "p.h5ad"))
 
 
 def test_seurat_v3_without_scikit_misc_fails_before_any_folder(tmp_path, monkeypatch, capsys):

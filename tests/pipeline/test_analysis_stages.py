@@ -528,6 +528,44 @@ def test_bad_anchor_fails_with_the_setting_name(tiny_run, tmp_path, caplog):
     assert "anchor_class='nope' not among labels" in caplog.text
 
 
+def test_analysis_refuses_a_model_that_is_not_the_latents(tiny_run, tmp_path, caplog):
+    """A detector's checkpoint given as the VAE, or a latent.h5ad written for another
+    model (its recorded digest differs): exit 2 naming the file, no stage output."""
+    import anndata as ad
+
+    from segmentation.shipped import SHIPPED_DETECTOR
+
+    root, _ = tiny_run
+    train = root / "tiny" / "train"
+    for stage in ("evaluate", "traverse"):
+        cfg_model = f"paths.inputs.model={SHIPPED_DETECTOR}"
+        assert _on_run(stage, tmp_path / f"det_{stage}", train, cfg_model) == 2
+        assert f"{SHIPPED_DETECTOR}: not a usable vae checkpoint" in caplog.text
+        assert not (tmp_path / f"det_{stage}" / "x" / stage / "metrics.json").exists()
+    lat = ad.read_h5ad(train / "latent.h5ad")
+    assert len(lat.uns["model_digest"]) == 16
+    lat.uns["model_digest"] = "0" * 16  # as if written for another model
+    other = tmp_path / "other"
+    other.mkdir()
+    lat.write_h5ad(other / "latent.h5ad")
+    caplog.clear()
+    from pipeline import runner
+
+    cfg = compose_config(
+        [
+            "stage=evaluate",
+            f"paths.root={tmp_path / 'mix'}",
+            "experiment=x",
+            f"paths.inputs.latent={other / 'latent.h5ad'}",
+            f"paths.inputs.model={train / 'model.pt'}",
+            *FAST_ANALYSIS,
+        ]
+    )
+    assert runner.main(cfg) == 2
+    assert "the latent was written for another model" in caplog.text
+    assert not (tmp_path / "mix" / "x" / "evaluate" / "metrics.json").exists()
+
+
 def test_report_leaves_out_another_models_evaluation_and_shows_the_models_settings(
     tiny_run, tmp_path, caplog
 ):

@@ -292,6 +292,53 @@ def test_expression_that_is_neither_counts_nor_lognorm_and_unmatched_samples_are
             study, "bad_csv", f"embed.expression={good}", f"embed.samples_csv={tmp_path / 's.csv'}"
         )
     assert not (study / "out" / "bad_csv" / "embed" / "query.h5ad").exists()
+    # one cell given two samples is refused by name; a row repeated with one sample is not
+    pd.DataFrame({"cell_id": ["c1", "c1", "c2"], "sample": ["p1", "p2", "p1"]}).to_csv(
+        tmp_path / "dup.csv", index=False
+    )
+    with pytest.raises(StageError, match="cell_id 'c1' is given 2 samples \\(p1, p2\\)"):
+        _embed(
+            study,
+            "dup_csv",
+            f"embed.expression={good}",
+            f"embed.samples_csv={tmp_path / 'dup.csv'}",
+        )
+    pd.DataFrame({"cell_id": ["c1", "c1", "c2"], "sample": ["p1", "p1", "p2"]}).to_csv(
+        tmp_path / "rep.csv", index=False
+    )
+    q = ad.read_h5ad(
+        _embed(
+            study,
+            "rep_csv",
+            f"embed.expression={good}",
+            f"embed.samples_csv={tmp_path / 'rep.csv'}",
+        )
+        / "query.h5ad"
+    )
+    assert q.obs.loc[["c1", "c2"], "vae_sample"].tolist() == ["p1", "p2"]
+
+
+def test_inputs_whose_every_cell_is_dropped_fail_instead_of_an_empty_query(
+    study: Path, tmp_path: Path
+):
+    """Profiles of zero counts only, or an expression file of 0 genes: exit 2 naming why
+    (the dropped cells listed in rejects.csv), never a 'done' run with an empty query."""
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    var = pd.DataFrame(index=paired.var_names)
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(8)])
+    ad.AnnData(X=np.zeros((8, paired.n_vars), np.float32), obs=obs, var=var).write_h5ad(
+        tmp_path / "zeros.h5ad"
+    )
+    with pytest.raises(StageError, match="no cell in any input"):
+        _embed(study, "all_zero", f"embed.expression={tmp_path / 'zeros.h5ad'}")
+    d = study / "out" / "all_zero" / "embed"
+    assert not (d / "query.h5ad").exists()
+    rej = pd.read_csv(d / "rejects.csv")
+    assert sorted(rej["item"]) == sorted(obs.index) and rej["reason"].str.contains("zero").all()
+    ad.AnnData(X=np.zeros((8, 0), np.float32), obs=obs).write_h5ad(tmp_path / "nogenes.h5ad")
+    with pytest.raises(StageError, match="var_names: no genes"):
+        _embed(study, "no_genes", f"embed.expression={tmp_path / 'nogenes.h5ad'}")
+    assert not (study / "out" / "no_genes" / "embed" / "query.h5ad").exists()
 
 
 def test_unreadable_inputs_are_named_and_the_api_says_no_cells(study: Path, tmp_path: Path):
@@ -366,6 +413,16 @@ def test_api_genes_by_name_path_and_decode(study: Path):
 
     sparse = ad.AnnData(X=sp.csr_matrix(e.layers["counts"]), var=e.var)
     assert np.abs(st.get_latent(sparse, modality="expression") - z).max() < 1e-4
+    # counts in X and in layers['counts'] (the simulator's expression_raw.h5ad layout): X is
+    # normalised like the training data, not read as if it were log1p values already
+    both = ad.AnnData(X=e.layers["counts"].copy(), var=e.var)
+    both.layers["counts"] = e.layers["counts"].copy()
+    assert np.abs(st.get_latent(both, modality="expression") - z).max() < 1e-4
+    # a counts layer of non-integer values (normalised under the counts' name) is refused
+    frac = ad.AnnData(X=e.X.copy(), var=e.var)
+    frac.layers["counts"] = np.asarray(e.layers["counts"], np.float32) + 0.5
+    with pytest.raises(StudyError, match=r"layers\['counts'\] holds non-integer values"):
+        st.get_latent(frac, modality="expression")
     # the path: each class centroid projects onto its own knot and is called that class
     cents, path = st.maturation_path()
     mp = st.maturation_position(cents.points)

@@ -71,7 +71,7 @@ def load_run(
     """
     import anndata as ad
 
-    from vae.checkpoint import CheckpointError, load_model
+    from vae.checkpoint import CheckpointError, check_model_digest, load_model
 
     latent = ad.read_h5ad(lat_path)
     for key in ("X_vae",):
@@ -81,6 +81,8 @@ def load_run(
             )
     try:
         model, meta = load_model(model_path, device)
+        # a model and a latent of two studies would analyse one's codes with the other
+        check_model_digest(latent.uns.get("model_digest"), model_path, lat_path)
     except CheckpointError as e:
         raise AnalysisError(str(e)) from e
     data = None

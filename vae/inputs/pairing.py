@@ -201,8 +201,14 @@ def _load_rgb(path: Path) -> np.ndarray:
 # ----------------------------------------------------------------------------
 
 
-def read_cells_h5ad(path: str | Path, size: int, background: int = 0) -> CropSet:
-    """Crops of ``stage=segment`` (``cells.h5ad``), resized to ``size`` if needed."""
+def read_cells_h5ad(
+    path: str | Path, size: int, background: int = 0, rejects: list | None = None
+) -> CropSet:
+    """Crops of ``stage=segment`` (``cells.h5ad``), resized to ``size`` if needed.
+
+    A cell whose mask is empty would train as an all-background crop: it is skipped
+    (a reject row in ``rejects`` when given, else a warning); none left is an error.
+    """
     path = Path(path)
     a = ad.read_h5ad(path)
     for key in ("crops", "masks"):
@@ -223,6 +229,17 @@ def read_cells_h5ad(path: str | Path, size: int, background: int = 0) -> CropSet
             field="obs",
             source=str(path),
         )
+    empty = ~masks.reshape(len(masks), -1).any(axis=1)
+    if empty.any():
+        for cid in a.obs_names[empty].astype(str):
+            _record_skip(rejects, Path(f"{path}[{cid}]"), "obsm['masks']", "empty mask (no cell)")
+        if empty.all():
+            raise PairingError(
+                f"every one of its {len(masks)} masks is empty (no cell to crop)",
+                field="obsm['masks']",
+                source=str(path),
+            )
+        a, crops, masks = a[~empty], crops[~empty], masks[~empty]
     if crops.shape[1] != size or crops.shape[2] != size:
         # keep the segment stage's framing: resize the whole crop, not the mask box
         resized = [resize_crop(c, m, size, background) for c, m in zip(crops, masks)]

@@ -418,6 +418,29 @@ def test_cells_h5ad_without_cells_is_a_clear_error(tmp_path):
         read_cells_h5ad(tmp_path / "empty.h5ad", 24)
 
 
+def test_cells_with_an_empty_mask_are_skipped_as_rejects_not_trained_as_black(tmp_path):
+    """A cell whose mask is empty would pair as an all-background crop: it is left out
+    with a reject row naming the cell and the field; all empty is an error."""
+    _cells_h5ad(tmp_path / "cells.h5ad")
+    a = ad.read_h5ad(tmp_path / "cells.h5ad")
+    masks = np.asarray(a.obsm["masks"]).copy()
+    masks[1] = False
+    a.obsm["masks"] = masks
+    a.write_h5ad(tmp_path / "hole.h5ad")
+    rejects: list = []
+    cs = read_cells_h5ad(tmp_path / "hole.h5ad", 24, rejects=rejects)
+    assert list(cs.obs.index) == ["cell0", "cell2"]
+    assert cs.masks.reshape(2, -1).any(axis=1).all()
+    assert [(r["field"], r["reason"]) for r in rejects] == [
+        ("obsm['masks']", "empty mask (no cell)")
+    ]
+    assert rejects[0]["image"].endswith("hole.h5ad[cell1]")
+    a.obsm["masks"] = np.zeros_like(masks)
+    a.write_h5ad(tmp_path / "none.h5ad")
+    with pytest.raises(PairingError, match=r"every one of its 3 masks is empty"):
+        read_cells_h5ad(tmp_path / "none.h5ad", 24, rejects=[])
+
+
 # --- the stage -------------------------------------------------------------------
 
 
