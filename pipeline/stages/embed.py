@@ -63,6 +63,14 @@ def _validate(cfg) -> None:
         resolve_data_path(cfg, p, f"embed.{k}")
     if e.study and not Path(e.study).is_dir():
         raise StageError(f"embed.study={e.study}: no such folder (outputs/<experiment> of a study)")
+    for key in ("model", "latent"):
+        given = cfg.paths.inputs.get(key)
+        if e.study and given:
+            # the study's own model and latent are used: a second one would be ignored
+            raise StageError(
+                f"paths.inputs.{key}={given} and embed.study={e.study}: give one (the study "
+                f"brings its own train/{'model.pt' if key == 'model' else 'latent.h5ad'})"
+            )
     if e.samples_csv and not Path(e.samples_csv).is_file():
         raise StageError(f"embed.samples_csv={e.samples_csv}: no such file")
     if not 0 <= float(e.max_missing_genes) <= 1:

@@ -234,6 +234,15 @@ def test_bad_inputs_fail_clearly_and_write_nothing(study: Path, tmp_path: Path):
             f"paths.inputs.latent={study / 'out/s/train/latent.h5ad'}",
         )
     assert not (study / "out" / "bad3" / "embed" / "query.h5ad").exists()
+    # a model given beside embed.study would be ignored (the study's is used): refused
+    with pytest.raises(StageError, match=r"paths.inputs.model=.*broken.pt and embed.study="):
+        _embed(
+            study,
+            "bad3b",
+            f"embed.h5ad={study / 'paired.h5ad'}",
+            f"paths.inputs.model={tmp_path / 'broken.pt'}",
+        )
+    assert not (study / "out" / "bad3b").exists()
     with pytest.raises(StageError, match="at least one input"):
         _embed(study, "bad4")
     # a latent from another study (other latent width) is refused by name

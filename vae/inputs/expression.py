@@ -270,6 +270,10 @@ def read_expression(
         else:
             sep = table_separator(p, "," if fmt == "csv" else "\t")
             df = pd.read_csv(p, sep=sep, index_col=0)
+            if df.shape[0] == 0:
+                # a header with no row: pandas types its columns as text, which would be
+                # reported as non-numeric; the real problem is that there is no data
+                raise ExpressionInputError("no data rows (a header only)", field="rows", source=src)
             # pandas renames a repeated header ("Actb", "Actb.1"), which would hide the
             # repeat from every check after this reader: keep the names as written
             with open(p, newline="", encoding="utf-8", errors="replace") as fh:

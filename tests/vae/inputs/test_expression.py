@@ -431,6 +431,11 @@ def test_csv_tsv_orientation_and_10x_mtx(tmp_path):
     with pytest.raises(ExpressionInputError) as e:
         read_expression(tmp_path / "cells.csv", orientation="sideways")
     assert e.value.field == "expression.orientation"
+    # a header and no cell: said as such, not as text columns
+    df.iloc[:0].to_csv(tmp_path / "header_only.csv")
+    with pytest.raises(ExpressionInputError, match="no data rows") as e:
+        read_expression(tmp_path / "header_only.csv")
+    assert e.value.field == "rows" and "header_only.csv" in str(e.value)
     # a spreadsheet's ";" export, and a tab-separated file named .csv: read the same
     df.to_csv(tmp_path / "semicolon.csv", sep=";")
     df.to_csv(tmp_path / "tabs.csv", sep="\t")
