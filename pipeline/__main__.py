@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -70,10 +72,31 @@ def sweep_variant(task_overrides: list[str], argv: list[str]) -> str:
     return name
 
 
+# Hydra prints its own errors (several lines, "Set the environment variable
+# HYDRA_FULL_ERROR=1 ...", exit 1) unless this is set; main() sets it so that a bad
+# override or an uncreatable run folder reaches it, and app() puts the user's value back
+_FULL_ERROR = "HYDRA_FULL_ERROR"
+_USER_FULL_ERROR = os.environ.get(_FULL_ERROR)
+# set once Hydra calls app(): an error before that is Hydra's (config, run folder)
+_TASK_STARTED = False
+
+
+def _restore_full_error() -> None:
+    if _USER_FULL_ERROR is None:
+        os.environ.pop(_FULL_ERROR, None)
+    else:
+        os.environ[_FULL_ERROR] = _USER_FULL_ERROR
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def app(cfg: DictConfig) -> int:
     from pipeline import runner
 
+    global _TASK_STARTED
+    _TASK_STARTED = True
+    # from here on the stage's own errors are reported by runner.main (and, with
+    # log_level=DEBUG, by Hydra as before): the processes a stage starts inherit nothing
+    _restore_full_error()
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN and not cfg.variant:
         # each job of a sweep (-m vae.beta=1,4,16) gets its own sub-folder
@@ -87,6 +110,131 @@ def app(cfg: DictConfig) -> int:
 
 
 HELP_FLAGS = ("--help", "-h", "--hydra-help")
+
+
+def _options_line(lines: list[str]) -> list[str]:
+    """Hydra's "Available options ...:" block (one option a line) as one line, the
+    options apart by spaces as Hydra lists them (scripts split them on whitespace)."""
+    out: list[str] = []
+    listing = False
+    for line in lines:
+        if listing and " " not in line:
+            out[-1] += f" {line}"
+            continue
+        listing = line.endswith(":") and "options" in line.lower()
+        out.append(line)
+    return out
+
+
+def config_error_line(e: BaseException) -> str:
+    """One line for an error Hydra or OmegaConf raised while composing the config.
+
+    Names the override and its bad value (``vae.beta=abc: Value 'abc' of type 'str'
+    could not be converted to Float``), the missing or unknown ``stage=`` with the valid
+    choices, or a setting that does not exist with the nearest names.
+
+    >>> from hydra.errors import ConfigCompositionException
+    >>> config_error_line(ConfigCompositionException("You must specify 'stage', e.g, "
+    ...     "stage=<OPTION>\\nAvailable options:\\n\\tall\\n\\tembed"))
+    "You must specify 'stage', e.g, stage=<OPTION>; Available options: all embed"
+    """
+    from pipeline.config import unknown_addition
+
+    text = str(e)
+    cause = e.__cause__
+    m = re.match(r"Error merging override (\S+)", text)
+    if m and cause is not None:
+        # OmegaConf's message: the reason first, then full_key / object_type lines
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        return f"{m.group(1)}: {reason}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    override = getattr(e, "override", None)  # OverrideParseException: the text not parsed
+    if override and lines and not lines[0].startswith(str(override)):
+        lines[0] = f"{override}: {lines[0]}"
+    # Hydra's hint for a key no setting has ("To append to your config use +k=v") leads
+    # to a refusal (pipeline.config.unknown_addition): name the nearest settings instead
+    hint = next((ln for ln in lines if ln.startswith("To append to your config use +")), None)
+    if hint is not None:
+        added = hint.split(" use ", 1)[1]
+        near = re.search(r"did you mean [^?]+\?", unknown_addition([added]) or "")
+        lines = [f"{added[1:]}: no such setting"] + ([near.group(0)] if near else [])
+    # "In 'config': Could not find 'stage/nope'": an option of a config group that
+    # has no file in conf/<group>/
+    missing = (
+        re.match(r"In '[^']*': Could not find '([\w.]+)/([^']+)'$", lines[0]) if lines else None
+    )
+    if missing:
+        lines[0] = f"{missing.group(1)}={missing.group(2)}: {lines[0].split(': ', 1)[1]}"
+    # Hydra's "Config search path:" block tells where it looked, not what to change
+    if "Config search path:" in lines:
+        lines = lines[: lines.index("Config search path:")]
+    lines = _options_line(lines)
+    out = "; ".join(ln.rstrip(".") if k < len(lines) - 1 else ln for k, ln in enumerate(lines))
+    return out or type(e).__name__
+
+
+def _run_root(e: OSError) -> str:
+    """``paths.root`` of the run Hydra was starting when ``e`` stopped it (else '').
+
+    Hydra has dropped its config by the time the error arrives; the frame that made
+    the folder still holds it (``run_job``'s ``config``, a launcher's ``self.config``).
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    tb = e.__traceback__
+    while tb is not None:
+        loc = tb.tb_frame.f_locals
+        for cfg in (loc.get("config"), getattr(loc.get("self"), "config", None)):
+            if isinstance(cfg, DictConfig):
+                root = OmegaConf.select(cfg, "paths.root", default=None)
+                if root is not None:
+                    return str(root)
+        tb = tb.tb_next
+    return ""
+
+
+def run_folder_error_line(e: OSError) -> str:
+    """One line for a run folder Hydra could not create (``paths.root`` is a file, a
+    folder that cannot hold one, or not writable), naming ``paths.root``."""
+    where = Path(e.filename) if e.filename else None
+    reason = e.strerror or str(e)
+    if where is not None:
+        # the first part of the path that exists and is not a folder is the usual cause
+        for p in [where, *where.parents]:
+            if p.exists():
+                if not p.is_dir():
+                    reason = f"{p} is a file, not a folder"
+                break
+        reason = f"cannot create {where}: {reason}"
+    root = _run_root(e)
+    setting = f"paths.root={root}" if root else "paths.root"
+    return f"{setting}: the run folder cannot be made there ({reason}); set paths.root to a writable folder"
+
+
+def _run_app() -> None:
+    """``app()`` with Hydra's own errors as one ``error:`` line and exit code 2."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if _USER_FULL_ERROR == "1":  # the user asked for Hydra's full traceback
+        app()
+        return
+    os.environ[_FULL_ERROR] = "1"
+    try:
+        app()
+    except (HydraException, OmegaConfBaseException) as e:
+        # before OSError: hydra.errors.MissingConfigException is an OSError too
+        if _TASK_STARTED:  # not composing: a stage's own error (runner.main reports those)
+            raise
+        print(f"error: {config_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if _TASK_STARTED:  # the stage's own (runner.main reports those; DEBUG re-raises)
+            raise
+        print(f"error: {run_folder_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        _restore_full_error()
 
 
 def main() -> None:
@@ -106,19 +254,9 @@ def main() -> None:
         # next to the other overrides: argparse takes them as one block of positionals
         at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), None)
         sys.argv.insert(1 + (len(args) if at is None else at), "stage=all")
-    if not any(a in HELP_FLAGS for a in args):
-        app()
-        return
-    # Hydra reports a bad override of a run in one message, but its --help path lets the
-    # exception through: say it the same way
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        app()
-    except (HydraException, OmegaConfBaseException) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # Hydra reports a bad override in several lines with exit code 1 (and lets the
+    # exception through on its --help path): one line and exit code 2 instead
+    _run_app()
 
 
 if __name__ == "__main__":

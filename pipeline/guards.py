@@ -92,6 +92,8 @@ LEGACY_VALUES: dict[str, Any] = {
 # inputs that are checkpoints / AnnData files (probed before the stage starts)
 CHECKPOINT_INPUTS = {"segmentation_model": "segmentation model", "model": "vae model"}
 H5AD_INPUTS = {"cells", "expression", "paired", "latent", "expression_raw"}
+# of those, the ones a folder can be: a 10x matrix folder (expression.input_format=10x_mtx)
+FOLDER_INPUTS = {"expression_raw"}
 
 
 def check_start(cfg: DictConfig) -> None:
@@ -120,7 +122,10 @@ def probe_inputs(inputs: dict[str, Path]) -> None:
     """Open every checkpoint and AnnData input once; a bad file is a StageError.
 
     Checkpoints are loaded with ``weights_only=True`` (no code from the file
-    runs). ``segmentation.pretrained_weights`` is opened by segment_train's own
+    runs); a segmentation model must also name a detector architecture in its
+    ``model_args``. An AnnData input that is a folder is refused (only
+    ``expression_raw`` may be one: a 10x matrix folder).
+    ``segmentation.pretrained_weights`` is opened by segment_train's own
     settings check, which also compares its weight shapes with the run's.
     """
     from segmentation.io import UnsafeCheckpointError, load_torch_file
@@ -143,9 +148,28 @@ def probe_inputs(inputs: dict[str, Path]) -> None:
                 f"{setting}={p}: not a {CHECKPOINT_INPUTS[n]} checkpoint of this pipeline "
                 f"(it needs the keys 'model' and 'model_args')"
             )
+        if n == "segmentation_model":
+            # a VAE's model.pt has both keys too: found here, not once the stage's
+            # folder exists and the weights fail to fit (the stage imports this anyway)
+            from segmentation.model import detector_checkpoint_problem
+
+            why = detector_checkpoint_problem(ck)
+            if why is not None:
+                raise StageError(
+                    f"{setting}={p}: not a {CHECKPOINT_INPUTS[n]} checkpoint of this "
+                    f"pipeline: {why}"
+                )
         del ck
     for n, p in inputs.items():
-        if n in H5AD_INPUTS and p.is_file() and p.suffix == ".h5ad":
+        if n not in H5AD_INPUTS:
+            continue
+        if p.is_dir() and (n not in FOLDER_INPUTS or p.suffix == ".h5ad"):
+            # h5py and anndata report a folder as a garbled IsADirectoryError, and only
+            # once the stage folder exists
+            raise StageError(
+                f"input '{n}' (paths.inputs.{n})={p}: is a directory, expected an .h5ad file"
+            )
+        if p.is_file() and p.suffix == ".h5ad":
             _probe_h5ad(n, p)
 
 
@@ -253,11 +277,20 @@ def check_resume(cfg: DictConfig, name: str, man: dict[str, Any] | None, inputs:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from segmentation.io import UnsafeCheckpointError
+    from segmentation.datasets import AnnotationError  # a user's annotation file or image
+    from segmentation.io import ImageReadError, UnsafeCheckpointError
     from vae.checkpoint import CheckpointError
     from vae.store import StoreError  # a damaged crop store, also while training
 
-    return (StageError, StageInputError, UnsafeCheckpointError, CheckpointError, StoreError)
+    return (
+        StageError,
+        StageInputError,
+        UnsafeCheckpointError,
+        CheckpointError,
+        StoreError,
+        AnnotationError,
+        ImageReadError,
+    )
 
 
 USER_ERRORS = _user_errors()

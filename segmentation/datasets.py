@@ -41,6 +41,7 @@ from segmentation.io import (  # noqa: F401 - encode_mask, load_rgb: used by cal
     coco_rle,
     encode_mask,
     load_rgb,
+    read_rgb,
 )
 from segmentation.magnification import whole_boxes
 
@@ -75,6 +76,40 @@ def canonical_category(name: str) -> str:
 
 class AnnotationError(ValueError):
     """An annotation file is malformed; the message names the file and field."""
+
+
+@dataclass
+class Skip:
+    """A file left out of a data set instead of stopping the run, and why.
+
+    Attributes
+    ----------
+    path
+        The image, or the annotation file that could not be used.
+    reason
+        Why (without the path).
+    field
+        ``image`` (the picture cannot be read or does not match its annotation) or
+        ``annotation`` (the annotation file is malformed).
+    """
+
+    path: Path
+    reason: str
+    field: str = "image"
+
+
+def _left_out(skipped: list[Skip] | None, path: Path, err: AnnotationError, field: str) -> None:
+    """Record ``err`` for ``path`` in ``skipped``; with no list to record into, raise it
+    (the readers' behaviour when called on their own: the first bad file stops them)."""
+    if skipped is None:
+        raise err
+    reason = str(err)
+    for prefix in (f"{path}: ", f"{path} "):  # the messages start with the path
+        if reason.startswith(prefix):
+            reason = reason[len(prefix) :]
+            break
+    log.warning("skipped %s: %s", path, reason)
+    skipped.append(Skip(Path(path), reason, field))
 
 
 @dataclass
@@ -353,6 +388,7 @@ def read_voc(
     root: str | Path,
     splits: Sequence[str] = ("train", "val", "test"),
     source: str = "voc",
+    skipped: list[Skip] | None = None,
 ) -> SmearDataset:
     """Read a Pascal VOC folder (``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/``).
 
@@ -360,6 +396,14 @@ def read_voc(
     ImageSets every XML is read as ``train``. VOC pixel coordinates are
     1-based inclusive; they are kept as ``(xmin, ymin, xmax, ymax)`` like
     torchvision's VOC loaders (the 1 px shift is below annotation noise).
+
+    Parameters
+    ----------
+    skipped
+        When given, an XML that cannot be used (malformed, its image missing, a bad
+        box) is left out and recorded here as a :class:`Skip`; else it raises
+        :class:`AnnotationError`. A missing ``Annotations/`` folder or split file
+        always raises.
     """
     root = Path(root)
     ann_dir = root / "Annotations"
@@ -379,37 +423,48 @@ def read_voc(
     for stem, split in ids:
         xml = ann_dir / f"{stem}.xml"
         try:
-            tree = ET.parse(xml).getroot()
-        except (OSError, ET.ParseError) as e:
-            raise AnnotationError(f"{xml}: not a readable VOC XML ({e})") from e
-        fname = tree.findtext("filename") or f"{stem}.jpg"
-        img = root / "JPEGImages" / fname
-        if not img.exists():
-            alt = [p for p in (root / "JPEGImages").glob(f"{stem}.*")]
-            if not alt:
-                raise AnnotationError(f"{xml}: image {img} not found")
-            img = alt[0]
-        size = tree.find("size")
-        if size is not None and size.findtext("width"):
-            w, h = int(float(size.findtext("width"))), int(float(size.findtext("height")))
-        else:
-            w, h = _image_size(img)
-        rec = ImageRecord(path=img, width=w, height=h, split=split, source=source)
-        for j, obj in enumerate(tree.findall("object")):
-            bb = obj.find("bndbox")
-            try:
-                box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
-            except (AttributeError, TypeError, ValueError) as e:
-                raise AnnotationError(f"{xml}: object[{j}] has a bad 'bndbox' ({e})") from e
-            box = _clip_box(box, w, h)
-            if not _valid(box):
-                continue
-            extra = {"truncated": obj.findtext("truncated") == "1"}
-            rec.instances.append(
-                Instance(bbox=box, category=canonical_category(obj.findtext("name")), extra=extra)
-            )
-        out.append(rec)
+            out.append(_read_voc_xml(root, xml, stem, split, source))
+        except AnnotationError as e:
+            _left_out(skipped, xml, e, "annotation")
     return SmearDataset(out)
+
+
+def _read_voc_xml(root: Path, xml: Path, stem: str, split: str, source: str) -> ImageRecord:
+    """One VOC annotation file as a record; :class:`AnnotationError` names what is wrong."""
+    try:
+        tree = ET.parse(xml).getroot()
+    except (OSError, ET.ParseError) as e:
+        raise AnnotationError(f"{xml}: not a readable VOC XML ({e})") from e
+    fname = tree.findtext("filename") or f"{stem}.jpg"
+    img = root / "JPEGImages" / fname
+    if not img.exists():
+        alt = [p for p in (root / "JPEGImages").glob(f"{stem}.*")]
+        if not alt:
+            raise AnnotationError(f"{xml}: image {img} not found")
+        img = alt[0]
+    size = tree.find("size")
+    if size is not None and size.findtext("width"):
+        try:
+            w, h = int(float(size.findtext("width"))), int(float(size.findtext("height")))
+        except (TypeError, ValueError) as e:
+            raise AnnotationError(f"{xml}: 'size' is not a width and height ({e})") from e
+    else:
+        w, h = _image_size(img)
+    rec = ImageRecord(path=img, width=w, height=h, split=split, source=source)
+    for j, obj in enumerate(tree.findall("object")):
+        bb = obj.find("bndbox")
+        try:
+            box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+        except (AttributeError, TypeError, ValueError) as e:
+            raise AnnotationError(f"{xml}: object[{j}] has a bad 'bndbox' ({e})") from e
+        box = _clip_box(box, w, h)
+        if not _valid(box):
+            continue
+        extra = {"truncated": obj.findtext("truncated") == "1"}
+        rec.instances.append(
+            Instance(bbox=box, category=canonical_category(obj.findtext("name")), extra=extra)
+        )
+    return rec
 
 
 def read_yolo(
@@ -417,12 +472,20 @@ def read_yolo(
     splits: Sequence[str] = ("train", "val"),
     source: str = "yolo",
     classes_file: str | Path | None = None,
+    skipped: list[Skip] | None = None,
 ) -> SmearDataset:
     """Read a YOLO folder: ``images/<split>/*``, ``labels/<split>/<stem>.txt``.
 
     Each label line is ``cls cx cy w h`` normalised to [0, 1]; class names come
     from ``labels/classes.txt`` (or ``classes_file``), one per line. An image
     without a label file has no objects.
+
+    Parameters
+    ----------
+    skipped
+        When given, an image that cannot be opened or whose label file has a bad line
+        is left out and recorded here as a :class:`Skip`; else it raises
+        :class:`AnnotationError`.
     """
     root = Path(root)
     dropped: list[str] = []
@@ -436,60 +499,73 @@ def read_yolo(
         if not img_dir.is_dir():
             raise AnnotationError(f"{img_dir}: split folder missing (splits={list(splits)})")
         for img in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS):
-            w, h = _image_size(img)
-            rec = ImageRecord(path=img, width=w, height=h, split=split, source=source)
             lab = root / "labels" / split / f"{img.stem}.txt"
-            if lab.exists():
-                for k, line in enumerate(lab.read_text().split("\n")):
-                    if not line.strip():
-                        continue
-                    parts = line.split()
-                    where = f"{lab}: line {k + 1} {line.strip()!r}"
-                    try:
-                        c = int(parts[0])
-                        vals = [float(v) for v in parts[1:]]
-                        if c < 0:
-                            raise IndexError(f"class {c} < 0")
-                        name = names[c]
-                        if len(vals) < 4:
-                            raise ValueError("fewer than 4 coordinates")
-                    except (ValueError, IndexError) as e:
-                        raise AnnotationError(
-                            f"{where} is not 'cls cx cy w h' with 0 <= cls < {len(names)} ({e})"
-                        ) from e
-                    if not np.isfinite(vals).all():
-                        raise AnnotationError(f"{where}: a coordinate is not a number")
-                    if max(vals) > 1.5 or min(vals) < -0.5:
-                        raise AnnotationError(
-                            f"{where}: YOLO coordinates are fractions of the image size "
-                            f"(0-1); these look like pixels"
-                        )
-                    if len(vals) == 4:
-                        cx, cy, bw, bh = vals
-                        b = (
-                            (cx - bw / 2) * w,
-                            (cy - bh / 2) * h,
-                            (cx + bw / 2) * w,
-                            (cy + bh / 2) * h,
-                        )
-                    elif len(vals) % 2 == 0 and len(vals) >= 6:
-                        # YOLO-seg: a polygon x1 y1 x2 y2 ...; its box (the outline is
-                        # not used as a mask here)
-                        xs, ys = np.asarray(vals[0::2]) * w, np.asarray(vals[1::2]) * h
-                        b = (xs.min(), ys.min(), xs.max(), ys.max())
-                    else:
-                        raise AnnotationError(
-                            f"{where}: {len(vals)} coordinates; expected 4 (a box) or an even "
-                            f"number >= 6 (a YOLO-seg polygon)"
-                        )
-                    box = _clip_box(b, w, h)
-                    if _valid(box):
-                        rec.instances.append(Instance(bbox=box, category=name))
-                    else:
-                        dropped.append(f"{lab.name} line {k + 1}")
-            out.append(rec)
+            try:
+                out.append(_read_yolo_image(img, lab, split, source, names, dropped))
+            except AnnotationError as e:
+                bad_label = str(e).startswith(str(lab))
+                _left_out(
+                    skipped, lab if bad_label else img, e, "annotation" if bad_label else "image"
+                )
     _report_dropped(root / "labels", dropped)
     return SmearDataset(out)
+
+
+def _read_yolo_image(
+    img: Path, lab: Path, split: str, source: str, names: list[str], dropped: list[str]
+) -> ImageRecord:
+    """One YOLO image and its label file as a record (boxes left out go to ``dropped``)."""
+    w, h = _image_size(img)
+    rec = ImageRecord(path=img, width=w, height=h, split=split, source=source)
+    if lab.exists():
+        for k, line in enumerate(lab.read_text().split("\n")):
+            if not line.strip():
+                continue
+            parts = line.split()
+            where = f"{lab}: line {k + 1} {line.strip()!r}"
+            try:
+                c = int(parts[0])
+                vals = [float(v) for v in parts[1:]]
+                if c < 0:
+                    raise IndexError(f"class {c} < 0")
+                name = names[c]
+                if len(vals) < 4:
+                    raise ValueError("fewer than 4 coordinates")
+            except (ValueError, IndexError) as e:
+                raise AnnotationError(
+                    f"{where} is not 'cls cx cy w h' with 0 <= cls < {len(names)} ({e})"
+                ) from e
+            if not np.isfinite(vals).all():
+                raise AnnotationError(f"{where}: a coordinate is not a number")
+            if max(vals) > 1.5 or min(vals) < -0.5:
+                raise AnnotationError(
+                    f"{where}: YOLO coordinates are fractions of the image size "
+                    f"(0-1); these look like pixels"
+                )
+            if len(vals) == 4:
+                cx, cy, bw, bh = vals
+                b = (
+                    (cx - bw / 2) * w,
+                    (cy - bh / 2) * h,
+                    (cx + bw / 2) * w,
+                    (cy + bh / 2) * h,
+                )
+            elif len(vals) % 2 == 0 and len(vals) >= 6:
+                # YOLO-seg: a polygon x1 y1 x2 y2 ...; its box (the outline is
+                # not used as a mask here)
+                xs, ys = np.asarray(vals[0::2]) * w, np.asarray(vals[1::2]) * h
+                b = (xs.min(), ys.min(), xs.max(), ys.max())
+            else:
+                raise AnnotationError(
+                    f"{where}: {len(vals)} coordinates; expected 4 (a box) or an even "
+                    f"number >= 6 (a YOLO-seg polygon)"
+                )
+            box = _clip_box(b, w, h)
+            if _valid(box):
+                rec.instances.append(Instance(bbox=box, category=name))
+            else:
+                dropped.append(f"{lab.name} line {k + 1}")
+    return rec
 
 
 def read_mask_pngs(
@@ -498,6 +574,7 @@ def read_mask_pngs(
     seed: int = 0,
     source: str = "mask_png",
     foreground_min: int = 1,
+    skipped: list[Skip] | None = None,
 ) -> SmearDataset:
     """Read single-cell images with per-image mask PNGs (``<stem>.<ext>`` + ``<stem>.png``).
 
@@ -507,6 +584,13 @@ def read_mask_pngs(
     A ``<folder>_labels.csv`` next to a folder (``image ID,class label``) adds
     ``extra["label"]``. A deterministic ``val_fraction`` of the images per
     folder gets split ``val``, the rest ``train``.
+
+    Parameters
+    ----------
+    skipped
+        When given, a pair whose mask or image cannot be read, or whose sizes differ,
+        is left out and recorded here as a :class:`Skip`; else it raises
+        :class:`AnnotationError`.
     """
     from skimage.measure import label as cc_label
 
@@ -539,14 +623,13 @@ def read_mask_pngs(
         val_idx = set(order[:n_val].tolist())
         for i, (img, mpath) in enumerate(pairs):
             try:
-                m = np.asarray(Image.open(mpath))
-            except Exception as e:  # noqa: BLE001
-                raise AnnotationError(f"{mpath}: not a readable mask PNG ({e})") from e
-            if m.ndim == 3:
-                m = m[..., 0]
-            w, h = _image_size(img)
-            if m.shape != (h, w):
-                raise AnnotationError(f"{mpath}: mask size {m.shape} != image size {(h, w)}")
+                m, w, h = _read_mask_pair(img, mpath)
+            except AnnotationError as e:
+                bad_mask = str(e).startswith(str(mpath))
+                _left_out(
+                    skipped, mpath if bad_mask else img, e, "annotation" if bad_mask else "image"
+                )
+                continue
             fg = m >= foreground_min
             cc = cc_label(fg, connectivity=1)
             if cc.max() == 0:
@@ -585,6 +668,20 @@ def read_mask_pngs(
             ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""),
         )
     return SmearDataset(out)
+
+
+def _read_mask_pair(img: Path, mpath: Path) -> tuple[np.ndarray, int, int]:
+    """The (H, W) mask of ``mpath`` and the size of ``img``; they must match."""
+    try:
+        m = np.asarray(Image.open(mpath))
+    except Exception as e:  # noqa: BLE001
+        raise AnnotationError(f"{mpath}: not a readable mask PNG ({e})") from e
+    if m.ndim == 3:
+        m = m[..., 0]
+    w, h = _image_size(img)
+    if m.shape != (h, w):
+        raise AnnotationError(f"{mpath}: mask size {m.shape} != image size {(h, w)}")
+    return m, w, h
 
 
 READERS = {"coco": read_coco, "voc": read_voc, "yolo": read_yolo, "mask_png": read_mask_pngs}
@@ -761,6 +858,53 @@ def load_sample(
     return Sample(img, boxes, masks, has)
 
 
+def image_problem(rec: ImageRecord) -> str | None:
+    """Why ``rec``'s image cannot be trained on, or None: a cheap look before training.
+
+    A JPEG is decoded at 1/8 scale (Pillow's ``draft``: ~0.3 ms for a 640x480 smear
+    against ~3 ms in full, so ~0.5 s for 1500 images), which still reads every byte,
+    so a truncated file is found. A file Pillow cannot open goes to the training
+    reader (:func:`segmentation.io.read_rgb`, which also reads e.g. 16-bit TIFFs)
+    before it is refused. The image must have its annotation's size, and so must the
+    white cells' masks (what :func:`load_sample` would stop at mid-epoch).
+    """
+    try:
+        with Image.open(rec.path) as im:
+            w, h = im.size
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+            im.load()
+    except Exception:  # noqa: BLE001 - the training reader has the last word
+        rd = read_rgb(rec.path, convert=True, min_side=1)
+        if not rd.ok:
+            return f"not a readable image ({rd.reason})"
+        h, w = rd.image.shape[:2]
+    if (w, h) != (rec.width, rec.height):
+        return f"image is {w}x{h} but its annotation says {rec.width}x{rec.height}"
+    for j, a in enumerate(rec.wbcs):
+        size = a.mask.get("size") if isinstance(a.mask, dict) else None
+        if a.mask is not None and (size is None or [int(v) for v in size] != [h, w]):
+            return f"white cell {j}: mask size {size} does not match the image ({h}, {w})"
+    return None
+
+
+def drop_unreadable(ds: SmearDataset, skipped: list[Skip]) -> SmearDataset:
+    """``ds`` without the records whose image fails :func:`image_problem`.
+
+    Each one left out is logged as a warning and recorded in ``skipped``: one bad file
+    among a thousand is reported, not the end of a training run an epoch in.
+    """
+    keep = []
+    for r in ds:
+        why = image_problem(r)
+        if why is None:
+            keep.append(r)
+        else:
+            log.warning("skipped %s: %s", r.path, why)
+            skipped.append(Skip(Path(r.path), why, "image"))
+    return SmearDataset(keep)
+
+
 class DetectionDataset(torch.utils.data.Dataset):
     """torchvision detection pairs from :class:`ImageRecord` objects.
 
@@ -782,6 +926,12 @@ class DetectionDataset(torch.utils.data.Dataset):
         derived from (seed, e, i), so runs and resumed runs are reproducible.
     cache
         Keep loaded samples in memory (small sets only).
+    skip_unreadable
+        An image that fails to load (:class:`AnnotationError`) is logged, recorded in
+        ``skipped`` and replaced by the next loadable one, so training goes on; off, the
+        error stops the run. Meant for training sets that :func:`drop_unreadable` has
+        already checked: this catches what that cheap look misses. With DataLoader
+        workers the record stays in the worker (the warning reaches the log).
     """
 
     def __init__(
@@ -793,8 +943,12 @@ class DetectionDataset(torch.utils.data.Dataset):
         seed: int = 0,
         cache: bool = False,
         post: Callable[[Sample, int], Sample] | None = None,
+        skip_unreadable: bool = False,
     ):
         self.records = list(records)
+        self.skip_unreadable = skip_unreadable
+        self.skipped: list[Skip] = []
+        self._bad: set[int] = set()
         self.transform = transform
         self.mask_mode = mask_mode
         self.pseudo = pseudo
@@ -818,14 +972,40 @@ class DetectionDataset(torch.utils.data.Dataset):
             self._cache[i] = s
         return s
 
+    def _loadable(self, i: int) -> tuple[int, Sample]:
+        """Sample ``i``, or with ``skip_unreadable`` the first loadable one after it."""
+        if not self.skip_unreadable:
+            return i, self.sample(i)
+        n = len(self.records)
+        for k in range(n):
+            j = (i + k) % n
+            if j in self._bad:
+                continue
+            try:
+                return j, self.sample(j)
+            except AnnotationError as e:
+                path = self.records[j].path
+                self._bad.add(j)
+                reason = str(e).removeprefix(f"{path}: ")
+                log.warning(
+                    "skipped %s: %s (another training image is used in its place)", path, reason
+                )
+                self.skipped.append(Skip(Path(path), reason, "image"))
+        raise AnnotationError(
+            f"no trainable image left: all {n} training images failed to load (first: "
+            f"{self.skipped[0].path}: {self.skipped[0].reason})"
+            if self.skipped
+            else "no trainable image left: the training set is empty"
+        )
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        s = self.sample(i)
+        j, s = self._loadable(i)
         item_seed = int((self.seed * 1_000_003 + self.epoch * 10_007 + i) % (2**31))
         if self.post is not None:
             s = self.post(s, item_seed)
         if self.transform is not None:
             s = self.transform(s, item_seed)
-        return to_tensors(s, self.records[i].image_id)
+        return to_tensors(s, self.records[j].image_id)
 
 
 def to_tensors(s: Sample, image_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -348,6 +348,59 @@ def _unpacked(fmt: Any, state: Any, path: Path) -> dict[str, torch.Tensor]:
         raise UnsafeCheckpointError(f"{path}: damaged weights ({e})") from None
 
 
+def _detector_arg_names() -> set[str]:
+    """Names :func:`build_maskrcnn` takes, its own and those it passes to torchvision."""
+    import inspect
+
+    from torchvision.models.detection import FasterRCNN
+
+    names: set[str] = set()
+    for fn in (build_maskrcnn, MaskRCNN.__init__, FasterRCNN.__init__):
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self":
+                names.add(p.name)
+    return names
+
+
+def detector_checkpoint_problem(ckpt: Any) -> str | None:
+    """Why a loaded checkpoint is not a detector of this pipeline; None when it is one.
+
+    Cheap (no model is built): stage=segment and embed call it before their folder is
+    made, so another kind of torch file (a VAE's ``model.pt``, which has ``model`` and
+    ``model_args`` too) is refused by name, not when its weights fail to fit.
+
+    Parameters
+    ----------
+    ckpt
+        What :func:`segmentation.io.load_torch_file` returned.
+
+    Returns
+    -------
+    str or None
+        The reason, to follow ``PATH: not a segmentation model checkpoint``.
+    """
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        return "it needs the keys 'model' and 'model_args'"
+    args = ckpt["model_args"]
+    if not isinstance(args, dict):
+        return f"its 'model_args' is a {type(args).__name__}, not a mapping"
+    unknown = sorted(str(k) for k in args if k not in _detector_arg_names())
+    if unknown:
+        # a VAE checkpoint (stage=train) is the likely mix-up: both sit in a model.pt
+        kind = " (a VAE model: it is read through paths.inputs.model)" if "n_genes" in args else ""
+        more = " ..." if len(unknown) > 6 else ""
+        return f"its model_args hold {', '.join(unknown[:6])}{more}, which no detector takes{kind}"
+    arch = args.get("arch", "resnet18_fpn")
+    if arch not in ARCHS:
+        return f"its model_args name arch={arch!r}; detectors: {', '.join(ARCHS)}"
+    state = ckpt["model"]
+    if ckpt.get("model_format") is None and not (
+        isinstance(state, dict) and any(str(k).startswith("roi_heads.") for k in state)
+    ):
+        return "its weights are not a Mask R-CNN's (no 'roi_heads.' entries)"
+    return None
+
+
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[MaskRCNN, dict[str, Any]]:
@@ -360,10 +413,9 @@ def load_checkpoint(
 
     path = Path(path)
     ckpt = load_torch_file(path, map_location, "segmentation model")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise UnsafeCheckpointError(
-            f"{path}: not a segmentation checkpoint (needs keys 'model', 'model_args')"
-        )
+    why = detector_checkpoint_problem(ckpt)
+    if why is not None:
+        raise UnsafeCheckpointError(f"{path}: not a segmentation model checkpoint: {why}")
     args = dict(ckpt["model_args"])
     args.pop("pretrained_weights", None)
     model = build_maskrcnn(**args)

@@ -9,7 +9,9 @@ and drawn predictions to ``tb/``, and writes ``metrics.json`` (pycocotools
 box/mask AP, recall at ``segmentation.score_threshold``, mean mask IoU) per
 validation / test source. Runs under DDP through ``ctx.dist``; only rank 0
 writes. The training recipe is :func:`segmentation.train.fit`; this file maps
-the config onto it.
+the config onto it. An unreadable image or a malformed annotation file is left
+out with a warning and listed in ``rejects.csv`` (counted in ``metrics.json`` as
+``skipped_files``); only a set with no trainable image left stops the stage.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from pipeline.runner import StageContext, StageError, stage
 from segmentation.datasets import (
     READERS,
     DetectionDataset,
+    Skip,
     SmearDataset,
+    drop_unreadable,
     read_coco,
     with_scale,
 )
@@ -44,20 +48,63 @@ def _resolve(cfg: DictConfig, path: str) -> Path:
     return p if p.is_absolute() else Path(cfg.paths.shared_data) / p
 
 
+# rejects.csv of stage=segment_train: the files left out of training and why (the
+# columns of stage=segment's rejects.csv, pipeline/segment_sources.py)
+REJECT_COLUMNS = ["source", "image", "field", "action", "reason"]
+
+
+def _reject_rows(source: str, skips: list[Skip]) -> list[dict[str, str]]:
+    return [
+        {
+            "source": source,
+            "image": str(k.path),
+            "field": k.field,
+            "action": "skipped",
+            "reason": k.reason,
+        }
+        for k in skips
+    ]
+
+
+def write_rejects(path: Path, rows: list[dict[str, str]]) -> None:
+    """``rows`` as a CSV with :data:`REJECT_COLUMNS` (a header only when there are none)."""
+    import csv
+
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=REJECT_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
 def load_sets(
-    cfg: DictConfig, smears: Path | None
+    cfg: DictConfig, smears: Path | None, rejects: list[dict[str, str]] | None = None
 ) -> tuple[SmearDataset, dict[str, SmearDataset], dict[str, SmearDataset], list[int]]:
     """Training records and, per source name, validation and test records.
 
     Returns ``(train, val, test, donors)``; ``donors`` indexes training records
     whose masked cells may be copy-pasted.
+
+    An image that cannot be read or does not match its annotation, and an annotation
+    file that is malformed or names a missing image (VOC, YOLO, mask PNGs), is left
+    out with a warning and added to ``rejects`` (rows of :data:`REJECT_COLUMNS`), so
+    one bad file does not stop training mid-epoch. Images a COCO file names that are
+    not there stop the run (most often a wrong ``image_root``).
+
+    Raises
+    ------
+    StageError
+        No training image is left, or none has a white-cell box.
     """
     sc = cfg.segmentation
+    rejects = [] if rejects is None else rejects
     train, val, test = SmearDataset(), {}, {}
     donors: list[int] = []
     if cfg.data.name == "synthetic":
         ann = cfg.paths.inputs.get("annotations") or (Path(smears) / "annotations.json")
         ds = read_coco(ann, image_root=smears, source="synthetic")
+        skips: list[Skip] = []
+        ds = drop_unreadable(ds, skips)
+        rejects += _reject_rows("synthetic", skips)
         ds = with_scale(ds, float(sc.input_scale), sc.cell_px)
         sources = [("synthetic", ds, ["train"], ["val"], [], 1, False)]
     else:
@@ -80,13 +127,14 @@ def load_sets(
                 )
             name = src.name or path.name
             splits = [*src.train_splits, *src.val_splits, *src.test_splits]
+            skips = []
             if src.format == "voc":
-                ds = READERS["voc"](path, splits=splits, source=name)
+                ds = READERS["voc"](path, splits=splits, source=name, skipped=skips)
             elif src.format == "yolo":
-                ds = READERS["yolo"](path, splits=splits, source=name)
+                ds = READERS["yolo"](path, splits=splits, source=name, skipped=skips)
             elif src.format == "mask_png":
                 ds = READERS["mask_png"](
-                    path, val_fraction=src.val_fraction, seed=cfg.seed, source=name
+                    path, val_fraction=src.val_fraction, seed=cfg.seed, source=name, skipped=skips
                 )
             else:
                 root = _resolve(cfg, src.image_root) if src.get("image_root") else None
@@ -109,6 +157,9 @@ def load_sets(
                         else ""
                     )
                 )
+            # one unreadable image among many: left out now, not an error mid-epoch
+            ds = drop_unreadable(ds, skips)
+            rejects += _reject_rows(name, skips)
             if src.get("wbc_classes"):
                 ds = as_white_cells(ds, list(src.wbc_classes))
             ds = with_scale(ds, src.scale, sc.cell_px)
@@ -150,6 +201,13 @@ def load_sets(
             ds.counts(),
         )
     train.renumber()
+    if len(train) == 0 and rejects:
+        first = rejects[0]
+        raise StageError(
+            f"no trainable image left: {len(rejects)} file(s) were skipped as unreadable or "
+            f"malformed and no training image remains (first: {first['image']}: "
+            f"{first['reason']}); fix or replace them"
+        )
     if len(train) == 0:
         raise StageError("no training images: check data.smear_sources[*].train_splits")
     if not any(a.category == "wbc" for r in train for a in r.instances):
@@ -311,7 +369,18 @@ def segment_train(ctx: StageContext) -> None:
     seed_everything(seed + dist.rank)
 
     smears = ctx.input("smears") if cfg.data.name == "synthetic" else None
-    train, val, test, donors = load_sets(cfg, smears)
+    rejects: list[dict[str, str]] = []
+    train, val, test, donors = load_sets(cfg, smears, rejects)
+    if rejects:
+        log.warning(
+            "segment_train: %d file(s) left out of training as unreadable or malformed; "
+            "listed in %s",
+            len(rejects),
+            ctx.output("rejects.csv"),
+        )
+    if ctx.is_main:  # written now, so a run that fails later still says what was left out
+        with ctx.atomic("rejects.csv") as tmp:
+            write_rejects(tmp, rejects)
     pseudo = PseudoMasker(sc.pseudo_method)
     aug = build_train_transform(
         AugmentOptions(
@@ -336,7 +405,14 @@ def segment_train(ctx: StageContext) -> None:
             [train.images[i] for i in donors], p=float(sc.copy_paste), max_cells=sc.copy_paste_max
         )
     train_ds = DetectionDataset(
-        train.images, aug, sc.mask_mode, pseudo, seed=seed, cache=sc.cache_images, post=post
+        train.images,
+        aug,
+        sc.mask_mode,
+        pseudo,
+        seed=seed,
+        cache=sc.cache_images,
+        post=post,
+        skip_unreadable=True,
     )
     args = FitArgs(
         epochs=int(sc.epochs),
@@ -380,6 +456,13 @@ def segment_train(ctx: StageContext) -> None:
         raise StageError(str(e)) from e
     if final is None:  # not rank 0
         return
+    if train_ds.skipped:  # images that failed only when training read them (this process)
+        source = {str(r.path): r.source for r in train.images}
+        for k in train_ds.skipped:
+            rejects += _reject_rows(source.get(str(k.path), ""), [k])
+        with ctx.atomic("rejects.csv") as tmp:
+            write_rejects(tmp, rejects)
+    final["skipped_files"] = len(rejects)  # listed in rejects.csv
     final["seconds"] = round(time.time() - t_start, 1)
     final["pseudo_masks"] = {"watershed": pseudo.stats.watershed, "ellipse": pseudo.stats.ellipse}
     write_json(ctx.output("metrics.json"), final)

@@ -1,0 +1,135 @@
+"""Bad input on the command line: one ``error:`` line, exit code 2, no traceback.
+
+- a wrong-typed override, an unknown or missing ``stage=`` (Hydra printed several
+  lines and "Set the environment variable HYDRA_FULL_ERROR=1", exit 1);
+- a ``paths.root`` where no folder can be made (a traceback from Hydra's run folder);
+- an ``.h5ad`` input that is a folder (a garbled IsADirectoryError once the stage
+  folder existed);
+- a torch file of the wrong kind as the segmentation model (refused only after the
+  stage folder and its ``.segment_parts/`` existed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers.run import run_pipeline
+
+
+def _one_error(r) -> str:
+    """The single ``error:`` line of a refused run (and no traceback anywhere)."""
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-3000:]
+    assert "Traceback" not in out and "HYDRA_FULL_ERROR" not in out
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1, r.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "args,names",
+    [
+        (["stage=train", "vae.beta=abc"], ["vae.beta=abc", "Float"]),
+        (["stage=train", "trainer.batch_size=1.5"], ["trainer.batch_size=1.5", "Integer"]),
+        (["stage=train", "overwrite=maybe"], ["overwrite=maybe", "bool"]),
+        (["stage=nope"], ["stage=nope", "Could not find", "segment_train", "traverse"]),
+        ([], ["stage", "segment_train", "traverse"]),
+        (["stage=simulate", "vae.betta=4"], ["vae.betta=4", "did you mean vae.beta?"]),
+        (["stage=train", "vae.beta=[1,"], ["vae.beta=[1,", "no viable alternative"]),
+    ],
+)
+def test_bad_override_is_one_line_and_exit_2(tmp_path, args, names):
+    root = tmp_path / "out"
+    r = run_pipeline([*args, f"paths.root={root}"], timeout=120)
+    err = _one_error(r)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for n in names:
+        assert n in err, err
+    assert not root.exists()  # composed before any folder is made
+
+
+def test_bad_override_with_help_is_one_line_too():
+    r = run_pipeline(["vae.beta=abc", "--help"], timeout=120)
+    assert "vae.beta=abc" in _one_error(r)
+
+
+@pytest.mark.parametrize("kind", ["file", "proc"])
+def test_paths_root_where_no_folder_can_be_made(tmp_path, kind):
+    if kind == "file":
+        root = tmp_path / "a_file"
+        root.write_text("x")
+    else:
+        root = Path("/proc/nope")
+    r = run_pipeline(["stage=simulate", f"paths.root={root}"], timeout=120)
+    err = _one_error(r)
+    assert f"paths.root={root}" in err
+    if kind == "file":
+        assert f"{root} is a file, not a folder" in err
+    else:
+        assert "No such file or directory" in err
+
+
+def test_h5ad_input_that_is_a_folder_is_refused_before_any_folder(tmp_path):
+    folder = tmp_path / "not_a_file"
+    folder.mkdir()
+    root = tmp_path / "out"
+    r = run_pipeline(
+        ["stage=train", f"paths.inputs.paired={folder}", f"paths.root={root}", "experiment=t"],
+        timeout=120,
+    )
+    err = _one_error(r)
+    assert "paths.inputs.paired" in err and str(folder) in err
+    assert "is a directory, expected an .h5ad file" in err
+    assert not (root / "t" / "train").exists()
+
+
+def test_expression_raw_may_still_be_a_folder(tmp_path):
+    from pipeline.guards import probe_inputs
+
+    probe_inputs({"expression_raw": tmp_path})  # a 10x matrix folder: read by its stage
+
+
+def _vae_checkpoint(path: Path) -> Path:
+    """What stage=train writes as model.pt: VAE weights and VAEArgs as model_args."""
+    from dataclasses import asdict
+
+    from vae.model import TwoBranchVAE, VAEArgs
+
+    args = VAEArgs(n_genes=10, crop_size=32)
+    torch.save({"model": TwoBranchVAE(args).state_dict(), "model_args": asdict(args)}, path)
+    return path
+
+
+def test_vae_model_as_segmentation_model_is_refused_before_any_folder(tmp_path):
+    model = _vae_checkpoint(tmp_path / "model.pt")
+    smears = tmp_path / "smears"
+    smears.mkdir()
+    root = tmp_path / "out"
+    r = run_pipeline(
+        [
+            "stage=segment",
+            f"paths.inputs.segmentation_model={model}",
+            f"paths.inputs.smears={smears}",
+            f"paths.root={root}",
+            "experiment=t",
+            "hardware.torch_threads=1",
+        ],
+        timeout=120,
+    )
+    err = _one_error(r)
+    assert f"paths.inputs.segmentation_model)={model}" in err
+    assert "not a segmentation model checkpoint" in err and "VAE" in err
+    assert not (root / "t" / "segment").exists()
+    assert not list(root.rglob(".segment_parts"))
+
+
+def test_the_shipped_detector_passes_the_detector_check():
+    from segmentation.io import load_torch_file
+    from segmentation.model import detector_checkpoint_problem
+    from segmentation.shipped import SHIPPED_DETECTOR
+
+    assert detector_checkpoint_problem(load_torch_file(SHIPPED_DETECTOR, "cpu", "x")) is None
