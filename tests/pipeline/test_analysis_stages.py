@@ -419,10 +419,10 @@ def test_path_steps_without_crops_nearby_are_faded_and_flagged(tiny_run, tmp_pat
 
 
 def test_path_steps_show_and_measure_the_real_crops_nearest_them(tiny_run, tmp_path):
-    """Under the drawn cells, each path step shows the real crop whose code lies nearest
-    it; path_features has the median features of the 5 nearest crops (measured as the
-    instruments measure any crop), their trend along the path is in the summary, and the
-    caption says what the row is."""
+    """Under the drawn cells, each path step shows a different real crop, the nearest to
+    it that no nearer step shows; path_features has the median features of the 5 nearest
+    crops (measured as the instruments measure any crop), their trend along the path is in
+    the summary, and the caption says what the row is."""
     from vae.analysis import granules as G
     from vae.analysis import traverse as T
     from vae.analysis.run import Outputs, full_codes, load_run
@@ -451,14 +451,29 @@ def test_path_steps_show_and_measure_the_real_crops_nearest_them(tiny_run, tmp_p
         np.testing.assert_allclose(feats[f"nearest_crops_{c}"], med[c], atol=1e-9, err_msg=c)
     trend = summary["path"]["gp"]["position_vs_feature_spearman"]
     assert {f"nearest_crops_{c}" for c in NEAREST_CROP_FEATURES} <= set(trend)
-    # the bottom row's cell of each step, named so it can be looked up
-    assert feats["nearest_crop_cell"].tolist() == list(rd.latent.obs_names[near[:, 0]])
-    assert feats["nearest_crop_label"].tolist() == labels[near[:, 0]].tolist()
+    # the bottom row's cell of each step, named so it can be looked up: five different
+    # cells; recomputed here by brute force over every assignment of distinct crops to
+    # steps, the greedy rule (closest pair first) picks the one taking the closest pair
+    # first at every choice
+    shown = feats["nearest_crop_cell"].tolist()
+    assert len(set(shown)) == 5
+    names = np.asarray(rd.latent.obs_names)
+    row = {n: i for i, n in enumerate(names)}
+    d = np.linalg.norm(Z[cand][None, :, :] - gp.points[:, None, :], axis=2)  # (5, c)
+    want, free, left = {}, set(range(len(cand))), set(range(5))
+    while left:
+        i, j = min(((i, j) for i in left for j in free), key=lambda ij: d[ij])
+        want[i] = cand[j]
+        left.discard(i)
+        free.discard(j)
+    assert [row[n] for n in shown] == [want[i] for i in range(5)]
+    assert shown[int(np.argmin(d.min(axis=1)))] == names[near[int(np.argmin(d.min(axis=1))), 0]]
+    assert feats["nearest_crop_label"].tolist() == labels[[row[n] for n in shown]].tolist()
     # the myeloblast end's crops are myeloblasts' neighbours, the other end myelocytes'
     first = labels[near[0, 0]], labels[near[-1, 0]]
     assert first == ("myeloblast", "myelocyte"), first
     html = (tmp_path / "report.html").read_text()
-    assert "Bottom row: the real crop whose code lies nearest the step" in html
+    assert "Bottom row: a different real cell at each step" in html
 
 
 def test_maturation_axis_is_recorded_swept_first_and_scored_against_truth(tmp_path):

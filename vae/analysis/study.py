@@ -560,9 +560,10 @@ def traverse_study(
                     "path comes from their expression profiles alone)."
                 )
             crops_note = (
-                f" Bottom row: the real crop whose code lies nearest the step (any split; "
-                f"path_features_{kind}.csv: nearest_crops_* = the median feature of the "
-                f"{crops_near.k} nearest, measured as the drawn cells are)."
+                f" Bottom row: a different real cell at each step, the crop whose code lies "
+                f"nearest the step among those no nearer step shows (any split; "
+                f"path_features_{kind}.csv: nearest_crop_cell; nearest_crops_* = the median "
+                f"feature of the {crops_near.k} nearest, measured as the drawn cells are)."
                 if crops_near is not None
                 else ""
             )
@@ -1286,9 +1287,10 @@ NEAREST_CROP_FEATURES = ("lobes", "nucleus_fraction", "granule_density", "cytopl
 @dataclass
 class _NearestCrops:
     """The real crops nearest each path step: ``first`` (n, S, S, 3) float [0, 1], the
-    nearest one's masked crop; ``rows`` (n,) its row in the latent; ``features`` (n rows):
-    the median of the ``k`` nearest crops' measured features
-    (:func:`vae.analysis.granules.measure_batch`)."""
+    masked crop shown at the step (its nearest crop not shown at a nearer step,
+    :func:`vae.analysis.study_page.distinct_nearest`); ``rows`` (n,) that crop's row in
+    the latent; ``features`` (n rows): the median of the ``k`` nearest crops' measured
+    features (:func:`vae.analysis.granules.measure_batch`), repeats allowed."""
 
     first: np.ndarray
     rows: np.ndarray
@@ -1302,7 +1304,7 @@ def _nearest_crops(
     """The real crops whose codes (``Z``, the reported latent) lie nearest ``points``, or
     None without crops. Candidates are every cell with a crop, as on ``study.html``."""
     from vae.analysis import granules as G
-    from vae.analysis.study_page import nearest_rows
+    from vae.analysis.study_page import distinct_nearest, nearest_rows
 
     if rd.data is None:
         return None
@@ -1316,8 +1318,12 @@ def _nearest_crops(
     masks = rd.data.masks[flat, 0].numpy().astype(bool)
     feats = G.measure_batch(crops * masks[..., None], masks, params)
     med = feats.groupby(np.arange(len(feats)) // kk).median().reset_index(drop=True)
-    first = crops[::kk].astype(np.float64) / 255.0 * masks[::kk][..., None]
-    return _NearestCrops(first, near[:, 0], med, kk)
+    # the strip shows a different cell at each step: the single nearest crop was the
+    # same neutrophil for 9 of the real chain's 12 GP steps (2026-12-04)
+    shown = distinct_nearest(points, Z, cand)
+    sc = rd.data.crops[shown].permute(0, 2, 3, 1).numpy().astype(np.float64) / 255.0
+    sm = rd.data.masks[shown, 0].numpy().astype(bool)
+    return _NearestCrops(sc * sm[..., None], shown, med, kk)
 
 
 def _pose_reference(rd: RunData, image_rows: np.ndarray, a: AnalysisSettings) -> np.ndarray | None:

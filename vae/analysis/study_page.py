@@ -114,6 +114,40 @@ def nearest_rows(points: np.ndarray, codes: np.ndarray, candidates: np.ndarray, 
     return cand[np.argsort(d, axis=1, kind="stable")[:, :k]]
 
 
+def distinct_nearest(points: np.ndarray, codes: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """(n,) one candidate row per point, none shown twice, nearest first.
+
+    The (point, candidate) pairs are taken in order of distance; a point gets the
+    nearest candidate that no nearer pair took. A strip of path steps then shows as
+    many real cells as steps (the single nearest crop is often the same cell for half
+    the path). Each point only needs its ``n`` nearest candidates: at most ``n - 1``
+    are taken by the others. Fewer candidates than points: each point's nearest,
+    repeats allowed.
+
+    Parameters
+    ----------
+    points : (n, d) path points.
+    codes : (m, d) cell codes.
+    candidates : (c,) row indices allowed (e.g. cells with a crop), c >= 1.
+    """
+    from scipy.spatial.distance import cdist
+
+    cand = np.asarray(candidates, dtype=np.int64)
+    d = cdist(np.asarray(points, float), np.asarray(codes, float)[cand])
+    n = len(d)
+    if cand.size < n:
+        return cand[d.argmin(axis=1)]
+    top = np.argsort(d, axis=1, kind="stable")[:, :n]
+    order = sorted((d[i, j], i, int(j)) for i in range(n) for j in top[i])
+    out = np.full(n, -1, np.int64)
+    used: set[int] = set()
+    for _, i, j in order:
+        if out[i] < 0 and j not in used:
+            out[i] = j
+            used.add(j)
+    return cand[out]
+
+
 def path_on_scatter(
     s: np.ndarray,
     knots_s: np.ndarray,
