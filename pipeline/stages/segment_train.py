@@ -53,6 +53,11 @@ def _resolve(cfg: DictConfig, path: str) -> Path:
 REJECT_COLUMNS = ["source", "image", "field", "action", "reason"]
 
 
+# images an annotation file names that are missing: up to this share of its images are
+# skipped and reported (a file deleted from a large set); more mean a wrong folder
+MISSING_IMAGES_SKIPPED = 0.05
+
+
 def _reject_rows(source: str, skips: list[Skip]) -> list[dict[str, str]]:
     return [
         {
@@ -88,7 +93,9 @@ def load_sets(
     file that is malformed or names a missing image (VOC, YOLO, mask PNGs), is left
     out with a warning and added to ``rejects`` (rows of :data:`REJECT_COLUMNS`), so
     one bad file does not stop training mid-epoch. Images a COCO file names that are
-    not there stop the run (most often a wrong ``image_root``).
+    not there are left out the same way when they are at most
+    :data:`MISSING_IMAGES_SKIPPED` of the file's images; more stop the run (most often a
+    wrong ``image_root``).
 
     Raises
     ------
@@ -146,6 +153,14 @@ def load_sets(
                     seed=int(cfg.seed),
                 )
             gone = [r.path for r in ds if not Path(r.path).is_file()]
+            if gone and len(gone) <= MISSING_IMAGES_SKIPPED * len(ds):
+                # a few files gone from a large set: left out and reported, as an
+                # unreadable one is; many gone is a wrong folder (refused below)
+                for g in gone:
+                    log.warning("skipped %s: named by %s but not there", g, path)
+                skips += [Skip(Path(g), f"named by {path} but not there", "image") for g in gone]
+                ds = SmearDataset([r for r in ds if Path(r.path).is_file()])
+                gone = []
             if gone:  # found before training, not when the first epoch reaches them
                 raise StageError(
                     f"data.smear_sources[{i}]: {len(gone)} of {len(ds)} images named by "

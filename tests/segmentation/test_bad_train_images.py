@@ -191,3 +191,45 @@ def test_a_bad_annotation_is_a_user_error_not_a_crash():
 
     assert issubclass(AnnotationError, USER_ERRORS)
     assert issubclass(ImageReadError, USER_ERRORS)
+
+
+def test_a_few_images_missing_from_a_coco_file_are_skipped_many_refused(tmp_path):
+    """A COCO file naming 40 images, 2 of them deleted (5 %): left out with a reject row
+    each and training data built from the other 38; 3 of 40 gone (a wrong folder, more
+    likely): the run stops naming the count and an example."""
+    from pipeline.runner import StageError
+    from pipeline.stages.segment_train import MISSING_IMAGES_SKIPPED, load_sets
+    from tests.helpers.run import compose_config
+
+    n = 40
+    for i in range(n):
+        Image.new("RGB", (40, 30), (230, 200, 200)).save(tmp_path / f"{i}.png")
+    data = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": 40, "height": 30} for i in range(n)],
+        "categories": [{"id": 1, "name": "wbc"}],
+        "annotations": [
+            {"id": i, "image_id": i, "category_id": 1, "bbox": [5, 5, 12, 12]} for i in range(n)
+        ],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    src = f"{{format: coco, path: '{tmp_path / 'ann.json'}', name: lab, scale: 1.0}}"
+    cfg = compose_config(
+        [
+            "stage=segment_train",
+            "data=bccd",
+            f"paths.root={tmp_path / 'out'}",
+            f"data.smear_sources=[{src}]",
+        ]
+    )
+    assert int(MISSING_IMAGES_SKIPPED * n) == 2
+    (tmp_path / "3.png").unlink()
+    (tmp_path / "7.png").unlink()
+    rejects: list = []
+    train, val, _, _ = load_sets(cfg, None, rejects)
+    kept = {Path(r.path).name for r in train} | {Path(r.path).name for v in val.values() for r in v}
+    assert len(kept) == n - 2 and not kept & {"3.png", "7.png"}
+    assert sorted(Path(r["image"]).name for r in rejects) == ["3.png", "7.png"]
+    assert all("not there" in r["reason"] and r["source"] == "lab" for r in rejects)
+    (tmp_path / "11.png").unlink()
+    with pytest.raises(StageError, match=r"3 of 40 images named by .*ann.json are not there"):
+        load_sets(cfg, None, [])
