@@ -135,7 +135,7 @@ def help_text(root=None) -> str:
         "  Not part of stage=all:",
         f"     {'embed':<{w}}apply a finished study to new smears, crops, cells.h5ad or expression",
         f"     {'':<{w}}reads:  embed.study (a finished experiment) + embed.smears/crops/h5ad/expression",
-        f"     {'':<{w}}writes: embed/query.h5ad, samples.csv, samples.html, rejects.csv (docs/embed.md)",
+        f"     {'':<{w}}writes: embed/query.h5ad, samples.csv, samples.html, summary.json, rejects.csv (docs/embed.md)",
     ]
     lines += ["", "== Presets (+preset=NAME) =="]
     lines += [f"  +preset={n:<8}{d}" for n, d in _presets()]

@@ -265,6 +265,13 @@ class Study:
             train = root if (root / "model.pt").exists() else root / "train"
             if variant:
                 train = train / variant
+            if train == root:
+                # given the train[/<variant>] folder: the study's detector and traverse
+                # settings live beside train/, in the experiment folder
+                if root.name == "train":
+                    root = root.parent
+                elif root.parent.name == "train":
+                    root, variant = root.parent.parent, variant or root.name
         mp = Path(model) if model else (train / "model.pt" if train else None)
         lp = Path(latent) if latent else (train / "latent.h5ad" if train else None)
         if mp is None or lp is None:

@@ -138,6 +138,7 @@ def add_latent(
     >>> adata = sc.read_h5ad("my_cells.h5ad")  # doctest: +SKIP
     >>> add_latent(adata, "outputs/demo/train/latent.h5ad")  # doctest: +SKIP
     812
+    >>> adata = adata[np.isfinite(adata.obsm["X_vae"]).all(1)].copy()  # doctest: +SKIP
     >>> sc.pp.neighbors(adata, use_rep="X_vae"); sc.tl.umap(adata)  # doctest: +SKIP
     """
     import anndata as ad

@@ -384,6 +384,26 @@ def test_a_sweep_study_without_a_variant_names_its_variants(study: Path, tmp_pat
     assert Study.load(root, variant="beta4").n_shared > 0
 
 
+def test_a_study_loaded_from_its_train_folder_keeps_its_detector(study: Path, tmp_path: Path):
+    """Study.load(<experiment>/train) and Study.load(<experiment>/train/<variant>) use the
+    experiment's segment_train detector, as Study.load(<experiment>) does (they used the
+    shipped one, silently)."""
+    import shutil
+
+    from segmentation.shipped import SHIPPED_DETECTOR
+    from vae.api import Study
+
+    exp = tmp_path / "exp"
+    shutil.copytree(study / "out" / "s" / "train", exp / "train")
+    shutil.copytree(study / "out" / "s" / "train", exp / "train" / "v1")
+    (exp / "segment_train").mkdir()
+    own = exp / "segment_train" / "model.pt"
+    shutil.copy(SHIPPED_DETECTOR, own)
+    assert Path(Study.load(exp).segmentation_model) == own
+    assert Path(Study.load(exp / "train").segmentation_model) == own
+    assert Path(Study.load(exp / "train" / "v1").segmentation_model) == own
+
+
 def test_a_latent_of_another_model_is_refused(study: Path, tmp_path: Path):
     """Same layout, other model: stage=train's digest (or, before it, the labels) tells."""
     from vae.api import Study, StudyError
