@@ -159,7 +159,6 @@ class DataConfig:
     # real smear sets for stage=segment_train (conf/data/{bccd,txl_pbc,...}.yaml);
     # data=synthetic reads the simulator's smears instead
     smear_sources: list[SmearSourceConfig] = field(default_factory=list)
-    crop_sources: list[dict[str, Any]] = field(default_factory=list)
     # real images for stage=segment (pipeline/config_sources.py); [] -> `smears` input
     segment_sources: list[SegmentSourceConfig] = field(default_factory=list)
     expression_file: str | None = None
@@ -173,6 +172,9 @@ class SegmentationConfig:
     # local file only, no downloads; "shipped" = the package's real-smear detector
     pretrained_weights: str | None = None
     trainable_backbone_layers: int = 5
+    # torchvision's own resize bounds: inactive here (the model is built at scale 1.0 and
+    # the images are scaled by input_scale / the estimated magnification instead); kept
+    # so that older runs' recorded settings still compose and resume
     min_size: int = 512
     max_size: int = 512
     # --- stage=segment_train: model shape (docs/segmentation_train.md) ---

@@ -22,7 +22,7 @@ class EmbedConfig:
     expression: str | None = None  # expression file (h5ad, 10x, CSV/TSV): genes matched by name
     sample_key: str = "sample"  # obs column of h5ad/expression inputs naming the sample
     samples_csv: str | None = None  # CSV: (cell_id | image) -> sample, for inputs without one
-    knn_k: int | None = None  # label-transfer neighbours; null -> analysis.knn_k
+    knn_k: int | None = None  # label-transfer neighbours; null -> the study's analysis.knn_k
     # refuse an expression input missing more than this fraction of the model's genes
     max_missing_genes: float = 0.5
     # missing genes: model = imputed from each cell's observed genes (iterated

@@ -49,6 +49,8 @@ RESUME_SETTINGS: dict[str, list[str]] = {
         "trainer.test_fraction",
         "trainer.split_by",
         "trainer.split_from",
+        # the held-out kinds move their rows to the test split: a resume keeps split.csv
+        "trainer.exclude_labels",
         "trainer.augment",
         "trainer.stain_jitter",
         "trainer.rotate",

@@ -298,12 +298,31 @@ def report_backups(run_dir: Path) -> None:
 
 
 def add_log_file(path: Path, level: str) -> logging.Handler:
-    """Append the stage's log to ``path`` (root logger, at ``level`` or finer)."""
+    """Append the stage's log to ``path`` (root logger) and show ``level`` on the terminal.
+
+    The file is the run's record: it keeps INFO and above whatever ``level`` (DEBUG
+    too with ``log_level=DEBUG``); ``level`` sets what the terminal's handlers (those
+    writing to stdout / stderr) show, so ``log_level=WARNING`` quiets the terminal only.
+    """
+    import sys
+
+    want = logging.getLevelName(str(level).upper())
+    file_level = min(logging.INFO, want) if isinstance(want, int) else logging.INFO
     h = logging.FileHandler(path, mode="a")
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    h.setLevel(level)
+    h.setLevel(file_level)
     root = logging.getLogger()
     root.addHandler(h)
-    if root.level > logging.getLevelName(level):
-        root.setLevel(level)
+    if root.level > file_level:
+        root.setLevel(file_level)
+    if isinstance(want, int):
+        for other in root.handlers:
+            stream = getattr(other, "stream", None)
+            if other is not h and stream in (
+                sys.stdout,
+                sys.stderr,
+                sys.__stdout__,
+                sys.__stderr__,
+            ):
+                other.setLevel(want)
     return h

@@ -369,6 +369,7 @@ class Study:
         estimate_scale: bool | None = None,
         scale_spread: float | None = SCALE_SPREAD,
         crop_masks: str = "detector",
+        cell_px: float | None = None,
     ):
         """Read one input into an AnnData (a folder's unreadable items in ``uns["rejects"]``).
 
@@ -403,6 +404,8 @@ class Study:
             within this factor of the median estimate of the images of its
             (sub-)folder and pixel size (one microscope); 1: the median for all;
             None: each image on its own
+        cell_px : the white-cell size (px) a detector-requested estimate measures at;
+            None: the detector checkpoint's
 
         Returns
         -------
@@ -469,6 +472,7 @@ class Study:
                     refine=RefineSettings() if refine_scale else refine_scale,  # None: as saved
                     estimate_scale=estimate_scale,
                     scale_spread=scale_spread,
+                    cell_px=cell_px,
                 )
             except (RuntimeError, UnsafeCheckpointError) as e:
                 raise StudyError(str(e)) from e

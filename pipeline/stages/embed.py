@@ -95,6 +95,8 @@ def load_study(ctx: StageContext):
     cfg = ctx.cfg
     seg = cfg.paths.inputs.get("segmentation_model")
     imp = {"impute": cfg.embed.impute, "impute_iterations": int(cfg.embed.impute_iterations)}
+    # hardware.*: the model (and the detector of smear folders) on this run's device
+    imp["device"] = str(ctx.dist.device) if ctx.dist is not None else "cpu"
     try:
         if cfg.embed.study:
             return Study.load(cfg.embed.study, variant=cfg.variant, segmentation_model=seg, **imp)
@@ -525,6 +527,8 @@ def _segment_args(cfg, kind: str) -> dict:
         "segment_settings": settings_from_config(sc),
         "detector_kwargs": detector_kwargs(sc),
         "estimate_cell_px": float(sc.cell_px) if sc.estimate_scale else None,
+        # null: estimated where the detector asks for it, at this size as stage=segment does
+        "cell_px": float(sc.cell_px),
         "refine_scale": sc.refine_scale,  # null: as the detector says (shipped: on)
         "estimate_scale": sc.estimate_scale,  # null: as the detector says (shipped: on)
         "scale_spread": sc.scale_spread,  # held near the median of a sub-folder and size

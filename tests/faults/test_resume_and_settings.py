@@ -65,6 +65,12 @@ def test_resume_with_changed_loss_setting_is_refused_by_name(tmp_path, toy, caps
     )
     man = json.loads((root / "t" / "train" / "manifest.json").read_text())
     assert man["resume_hash"] == guards.settings_hash(man["config"], "train")
+    # a held-out kind changes the split, which a resume keeps: refused by name
+    code = runner.main(
+        cfg_for(root, "train", "vae.beta=4", "trainer.exclude_labels=[eosinophil]", "resume=true")
+    )
+    assert code == 2
+    assert "trainer.exclude_labels: [] -> ['eosinophil']" in capsys.readouterr().err
 
 
 def test_resume_of_a_run_that_predates_a_setting(tmp_path, toy, capsys):

@@ -133,3 +133,23 @@ def test_the_shipped_detector_passes_the_detector_check():
     from segmentation.shipped import SHIPPED_DETECTOR
 
     assert detector_checkpoint_problem(load_torch_file(SHIPPED_DETECTOR, "cpu", "x")) is None
+
+
+def test_log_level_warning_quiets_the_terminal_not_the_stage_log(tmp_path):
+    """log_level=WARNING: no INFO line on the terminal, while <stage>.log keeps the
+    run's INFO record (it was empty, and the terminal showed INFO regardless)."""
+    r = run_pipeline(
+        [
+            "stage=simulate",
+            "experiment=q",
+            f"paths.root={tmp_path}",
+            "data.simulator.n_images=2",
+            "data.simulator.image_size=[160,176]",
+            "data.simulator.wbc_diameter_px=40",
+            "log_level=WARNING",
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[INFO]" not in r.stdout + r.stderr
+    log = (tmp_path / "q" / "simulate" / "simulate.log").read_text()
+    assert " INFO " in log and "simulating 2 images" in log
