@@ -225,7 +225,8 @@ def _crop_folder(ctx, src, folder, model, settings, offset):
     from pipeline.stages.segment import make_detector
 
     detector = make_detector(ctx, model)
-    files = list_crop_folder(folder, src.max_images)
+    cap = src.max_images if src.max_images is not None else ctx.cfg.segmentation.max_images
+    files = list_crop_folder(folder, cap)
     f = crop_folder_filters(settings.filters)
     tables, crops, masks, rejects = [], [], [], []
     group = max(1, settings.batch_size)
@@ -233,7 +234,7 @@ def _crop_folder(ctx, src, folder, model, settings, offset):
         good = []
         for i, (path, cls) in enumerate(files[g : g + group], start=offset + g):
             rel = f"{path.parent.name}/{path.name}"
-            rd = read_rgb(path, convert=True)
+            rd = read_rgb(path, convert=bool(ctx.cfg.segmentation.convert_images))
             if not rd.ok:
                 rejects.append(
                     {"image": rel, "field": "image", "action": "skipped", "reason": rd.reason}

@@ -89,6 +89,11 @@ def _validate(cfg) -> None:
         )
     if weights and not _backbone_is_detector(cfg) and not Path(str(weights)).is_file():
         raise StageError(f"vae.image_backbone_weights={weights}: no such file")
+    if cfg.vae.texture_noise and cfg.vae.image_arch != "residual":
+        # the noise enters the residual decoder's last conv; the plain decoder has none
+        raise StageError(
+            f"vae.texture_noise=true needs vae.image_arch=residual (got {cfg.vae.image_arch!r})"
+        )
     if cfg.trainer.get("split_from"):
         _split_source(cfg.trainer.split_from)
     # the crop side the image branch will see: vae.image_size, else the crops stage=pair

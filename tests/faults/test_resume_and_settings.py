@@ -168,6 +168,22 @@ def test_a_crop_size_the_image_branch_cannot_halve_is_refused_at_start():
         precheck(cfg, ["pair"])
 
 
+def test_texture_noise_on_the_plain_decoder_is_refused_at_start():
+    """vae.texture_noise feeds the residual decoder's last conv: with the plain decoder it
+    did nothing, silently (the granule and texture layers already refused it)."""
+    from pipeline.precheck import precheck
+    from pipeline.runner import StageError
+
+    cfg = compose_config(
+        ["stage=train", "vae.texture_noise=true", "vae.image_arch=plain", "vae.granule_weight=0"]
+    )
+    with pytest.raises(StageError, match=r"vae.texture_noise=true needs vae.image_arch=residual"):
+        precheck(cfg, ["train"])
+    from pipeline.stages.train import _validate
+
+    _validate(compose_config(["stage=train", "vae.texture_noise=true"]))  # residual: fine
+
+
 def test_training_on_crops_of_a_size_the_image_branch_cannot_halve_names_the_file(tmp_path):
     """A paired.h5ad cut at 20 px (e.g. by an older pair run): stage=train names the file
     and the setting that made it, not the model's internal crop_size."""

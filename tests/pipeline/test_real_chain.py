@@ -396,6 +396,11 @@ def test_segment_crop_folder_nothing_segmentable(tmp_path, tiny_ckpt, fake_detec
     rej = pd.read_csv(out / "rejects.csv")
     assert len(rej) == 3 and set(rej.field) == {"mask"} and set(rej.reason) == {"no detection"}
     assert list(rej.image) == [f"Basophil/b{k}.png" for k in range(3)]
+    # segmentation.max_images caps a crop folder too (per class), as it caps smear folders
+    out = run_stage_in_process(
+        [*overrides, "segmentation.max_images=2", "experiment=capped"], "segment"
+    )
+    assert list(pd.read_csv(out / "rejects.csv").image) == ["Basophil/b0.png", "Basophil/b1.png"]
 
 
 def test_pair_label_corrections(tmp_path):
