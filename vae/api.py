@@ -259,7 +259,8 @@ class Study:
         from vae.checkpoint import CheckpointError, load_checkpoint
         from vae.model import TwoBranchVAE, VAEArgs
 
-        root = Path(run_dir) if run_dir is not None else None
+        # absolute: a relative "." or ".." has no name to recognise a train folder by
+        root = Path(run_dir).absolute() if run_dir is not None else None
         train = None
         if root is not None:
             train = root if (root / "model.pt").exists() else root / "train"
@@ -637,8 +638,14 @@ class Study:
                 # pipeline's log-normalised values: normalised below, as stage=expression does
                 logx = None
             else:
-                _check_lognorm(xv, source)
-                logx = sub(adata.X).astype(np.float32)  # the pipeline's log-normalised X
+                try:
+                    _check_lognorm(xv, source)
+                    logx = sub(adata.X).astype(np.float32)  # the pipeline's log-normalised X
+                except StudyError as e:
+                    # scaled / CPM X beside raw counts (scanpy's usual layout): the counts
+                    # are the data, normalised below as the training data were
+                    log.warning("%s; normalising layers['counts'] instead", e)
+                    logx = None
         elif _is_counts(values_of(adata.X)):
             raw, total, logx, values = sub(adata.X), rowsum(adata.X), None, "counts"
         else:

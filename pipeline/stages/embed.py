@@ -139,13 +139,20 @@ def _samples(
     named = np.zeros(adata.n_obs, bool)
     if mapping is not None:
         if "cell_id" in mapping:
-            m = mapping.set_index("cell_id")["sample"]
+            # rows naming an image only have no cell_id; a repeat (other columns aside)
+            # names the same sample (_read_mapping refused clashes)
+            ids_m = mapping.dropna(subset=["cell_id"]).drop_duplicates("cell_id")
+            m = ids_m.set_index("cell_id")["sample"]
             ids = adata.obs["cell_id"] if "cell_id" in adata.obs else adata.obs_names.to_series()
             hit = ids.astype(str).map(m).to_numpy()
             named |= pd.notna(hit)
             out = np.where(pd.notna(hit), hit, out)
         if "image" in mapping and "image" in adata.obs:
-            m = mapping.drop_duplicates("image").set_index("image")["sample"]
+            m = (
+                mapping.dropna(subset=["image"])
+                .drop_duplicates("image")
+                .set_index("image")["sample"]
+            )
             hit = adata.obs["image"].astype(str).map(m).to_numpy()
             named |= pd.notna(hit)
             out = np.where(pd.notna(hit), hit, out)
@@ -526,9 +533,9 @@ def _segment_args(cfg, kind: str) -> dict:
     return {
         "segment_settings": settings_from_config(sc),
         "detector_kwargs": detector_kwargs(sc),
+        # null: estimated where the study's detector asks for it, at the cell size it was
+        # trained at (its checkpoint's cell_px), not this run's default
         "estimate_cell_px": float(sc.cell_px) if sc.estimate_scale else None,
-        # null: estimated where the detector asks for it, at this size as stage=segment does
-        "cell_px": float(sc.cell_px),
         "refine_scale": sc.refine_scale,  # null: as the detector says (shipped: on)
         "estimate_scale": sc.estimate_scale,  # null: as the detector says (shipped: on)
         "scale_spread": sc.scale_spread,  # held near the median of a sub-folder and size

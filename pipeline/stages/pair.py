@@ -85,7 +85,8 @@ CROP_KINDS = ("cells", "coco", "image_folder", "segmentation_wbc")
 def _validate(cfg: DictConfig) -> None:
     """Crop source kinds and paths, before any folder is made."""
     k = 2 ** len(cfg.vae.channels)
-    if int(cfg.pair.crop_size) % k:
+    # with vae.image_size the crops are resized when read: stage=train checks that size
+    if cfg.vae.image_size is None and int(cfg.pair.crop_size) % k:
         # stage=train would refuse these crops only after pairing had been paid for
         raise StageError(
             f"pair.crop_size={cfg.pair.crop_size}: the VAE's image branch halves the crop "

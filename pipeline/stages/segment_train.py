@@ -218,10 +218,12 @@ def load_sets(
     train.renumber()
     if len(train) == 0 and rejects:
         first = rejects[0]
+        # the skips need not be the cause (a train split named wrong leaves none too)
         raise StageError(
             f"no trainable image left: {len(rejects)} file(s) were skipped as unreadable or "
             f"malformed and no training image remains (first: {first['image']}: "
-            f"{first['reason']}); fix or replace them"
+            f"{first['reason']}); fix or replace them, or, if they were not training "
+            f"images, check data.smear_sources[*].train_splits"
         )
     if len(train) == 0:
         raise StageError("no training images: check data.smear_sources[*].train_splits")

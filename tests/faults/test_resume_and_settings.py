@@ -166,6 +166,10 @@ def test_a_crop_size_the_image_branch_cannot_halve_is_refused_at_start():
     cfg = compose_config(["stage=pair", "pair.crop_size=63"])
     with pytest.raises(StageError, match=r"pair.crop_size=63: .*multiple of 16 \(e.g. 64\)"):
         precheck(cfg, ["pair"])
+    # crops resized when read (vae.image_size): stage=train checks that size, pair passes
+    from pipeline.stages.pair import _validate as pair_validate
+
+    pair_validate(compose_config(["stage=pair", "vae=large", "pair.crop_size=80"]))
 
 
 def test_texture_noise_on_the_plain_decoder_is_refused_at_start():

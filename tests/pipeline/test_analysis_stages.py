@@ -552,11 +552,12 @@ def test_analysis_refuses_a_model_that_is_not_the_latents(tiny_run, tmp_path, ca
 
     root, _ = tiny_run
     train = root / "tiny" / "train"
-    for stage in ("evaluate", "traverse"):
+    for stage, product in (("evaluate", "metrics.json"), ("traverse", "report.html")):
+        caplog.clear()
         cfg_model = f"paths.inputs.model={SHIPPED_DETECTOR}"
         assert _on_run(stage, tmp_path / f"det_{stage}", train, cfg_model) == 2
         assert f"{SHIPPED_DETECTOR}: not a usable vae checkpoint" in caplog.text
-        assert not (tmp_path / f"det_{stage}" / "x" / stage / "metrics.json").exists()
+        assert not (tmp_path / f"det_{stage}" / "x" / stage / product).exists()
     lat = ad.read_h5ad(train / "latent.h5ad")
     assert len(lat.uns["model_digest"]) == 16
     lat.uns["model_digest"] = "0" * 16  # as if written for another model

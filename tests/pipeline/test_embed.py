@@ -325,6 +325,25 @@ def test_expression_that_is_neither_counts_nor_lognorm_and_unmatched_samples_are
         / "query.h5ad"
     )
     assert q.obs.loc[["c1", "c2"], "vae_sample"].tolist() == ["p1", "p2"]
+    # a repeat that differs in another column, and rows naming an image only
+    pd.DataFrame(
+        {
+            "cell_id": ["c1", "c1", None],
+            "image": [None, None, "x.png"],
+            "sample": ["p1", "p1", "p3"],
+            "note": ["a", "b", ""],
+        }
+    ).to_csv(tmp_path / "mixed.csv", index=False)
+    q = ad.read_h5ad(
+        _embed(
+            study,
+            "mixed_csv",
+            f"embed.expression={good}",
+            f"embed.samples_csv={tmp_path / 'mixed.csv'}",
+        )
+        / "query.h5ad"
+    )
+    assert q.obs.loc["c1", "vae_sample"] == "p1"
 
 
 def test_inputs_whose_every_cell_is_dropped_fail_instead_of_an_empty_query(
@@ -402,6 +421,14 @@ def test_a_study_loaded_from_its_train_folder_keeps_its_detector(study: Path, tm
     assert Path(Study.load(exp).segmentation_model) == own
     assert Path(Study.load(exp / "train").segmentation_model) == own
     assert Path(Study.load(exp / "train" / "v1").segmentation_model) == own
+    import os
+
+    here = os.getcwd()
+    try:  # a relative "." names no folder by itself
+        os.chdir(exp / "train")
+        assert Path(Study.load(".").segmentation_model) == own
+    finally:
+        os.chdir(here)
 
 
 def test_a_latent_of_another_model_is_refused(study: Path, tmp_path: Path):
@@ -452,6 +479,10 @@ def test_api_genes_by_name_path_and_decode(study: Path):
     frac.layers["counts"] = np.asarray(e.layers["counts"], np.float32) + 0.5
     with pytest.raises(StudyError, match=r"layers\['counts'\] holds non-integer values"):
         st.get_latent(frac, modality="expression")
+    # raw counts in the layer beside a scaled X (scanpy's usual layout): the counts are used
+    scaled = ad.AnnData(X=(e.X - e.X.mean(0)) / (e.X.std(0) + 1e-6), var=e.var)
+    scaled.layers["counts"] = e.layers["counts"].copy()
+    assert np.abs(st.get_latent(scaled, modality="expression") - z).max() < 1e-4
     # the path: each class centroid projects onto its own knot and is called that class
     cents, path = st.maturation_path()
     mp = st.maturation_position(cents.points)
