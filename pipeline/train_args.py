@@ -65,18 +65,30 @@ def expression_input(cfg_value: str, data) -> str:
     return "counts" if expression_alone(data) and data.counts is not None else "lognorm"
 
 
+def crop_side_problem(side: int, channels) -> str | None:
+    """Why the image branch built from ``channels`` (``vae.channels``) cannot take crops of
+    ``side`` px, or None: it halves the crop once per entry, so the side must be a
+    multiple of ``2 ** len(channels)``. stage=pair, stage=train's start check and the model
+    build all ask here, each naming the setting or file the side came from."""
+    k = 2 ** len(channels)
+    if int(side) % k == 0:
+        return None
+    return (
+        f"the image branch halves the crop {len(channels)} times (vae.channels), so it "
+        f"needs a multiple of {k} (e.g. {max(k, round(int(side) / k) * k)})"
+    )
+
+
 def build_model_args(cfg: DictConfig, data, source: str):
     from vae.model import VAEArgs
 
     v = cfg.vae
-    k = 2 ** len(v.channels)
-    if data.crop_size and int(data.crop_size) % k:
-        # the crops were cut by stage=pair at a size no image branch of these channels takes
+    # the crops were cut by stage=pair at a size no image branch of these channels takes
+    why = crop_side_problem(data.crop_size, v.channels) if data.crop_size else None
+    if why:
         raise StageError(
             f"{source}: crops of {data.crop_size} px (pair.crop_size when it was paired): "
-            f"the image branch halves the crop {len(v.channels)} times (vae.channels), so it "
-            f"needs a multiple of {k}; pair again with e.g. pair.crop_size="
-            f"{max(k, round(int(data.crop_size) / k) * k)}"
+            f"{why}; pair again at such a size"
         )
     try:
         return VAEArgs(

@@ -500,6 +500,9 @@ def check(
             masks = dec.mask[neut]
             fd = G.measure_batch(imgs, masks, G.GranuleParams())
             azu = np.array([azurophilic_density(v) for v in t[neut]])
+            # the granules the simulator actually drew (a Poisson draw around the true
+            # density): the ceiling any image measure can reach against the truth
+            drawn = _drawn_granule_density(o[neut])
             res["decoded_granules_vs_true_azurophilic_spearman"] = _spearman(
                 fd["granule_density"].to_numpy(float), azu
             )
@@ -512,9 +515,8 @@ def check(
                 res["granule_layer_count_vs_true_azurophilic_spearman"] = _spearman(
                     layer_count, azu
                 )
-                drawn_n = _drawn_granule_density(o[neut])
-                if drawn_n is not None:
-                    res["granule_layer_count_vs_drawn_spearman"] = _spearman(layer_count, drawn_n)
+                if drawn is not None:
+                    res["granule_layer_count_vs_drawn_spearman"] = _spearman(layer_count, drawn)
             if "lobes" in o:
                 res["decoded_lobes_vs_true_spearman"] = _spearman(
                     fd["lobes"].to_numpy(float), o["lobes"].to_numpy(float)[neut]
@@ -541,11 +543,8 @@ def check(
             res["input_granules_vs_true_azurophilic_spearman"] = _spearman(
                 fr["granule_density"].to_numpy(float), azu
             )
-            drawn = _drawn_granule_density(o[neut])
             if drawn is not None:
-                # the granules the simulator actually drew (a Poisson draw around the true
-                # density): the ceiling any image measure can reach against the truth, and
-                # the decoder's fidelity to the cell it was given
+                # the ceiling, and the decoder's fidelity to the cell it was given
                 res["drawn_granules_vs_true_azurophilic_spearman"] = _spearman(drawn, azu)
                 res["input_granules_vs_drawn_spearman"] = _spearman(
                     fr["granule_density"].to_numpy(float), drawn

@@ -98,6 +98,16 @@ class Skip:
     field: str = "image"
 
 
+def record_skip(
+    skipped: list[Skip], path: str | Path, reason: str, field: str = "image", note: str = ""
+) -> None:
+    """Log ``path`` as skipped (``reason``, plus ``note`` in the log only) and add its
+    :class:`Skip` to ``skipped``: every reader and check that leaves a file out does so
+    here, so the log line and the reject row always agree."""
+    log.warning("skipped %s: %s%s", path, reason, note)
+    skipped.append(Skip(Path(path), reason, field))
+
+
 def _left_out(skipped: list[Skip] | None, path: Path, err: AnnotationError, field: str) -> None:
     """Record ``err`` for ``path`` in ``skipped``; with no list to record into, raise it
     (the readers' behaviour when called on their own: the first bad file stops them)."""
@@ -108,8 +118,7 @@ def _left_out(skipped: list[Skip] | None, path: Path, err: AnnotationError, fiel
         if reason.startswith(prefix):
             reason = reason[len(prefix) :]
             break
-    log.warning("skipped %s: %s", path, reason)
-    skipped.append(Skip(Path(path), reason, field))
+    record_skip(skipped, path, reason, field)
 
 
 @dataclass
@@ -900,8 +909,7 @@ def drop_unreadable(ds: SmearDataset, skipped: list[Skip]) -> SmearDataset:
         if why is None:
             keep.append(r)
         else:
-            log.warning("skipped %s: %s", r.path, why)
-            skipped.append(Skip(Path(r.path), why, "image"))
+            record_skip(skipped, r.path, why)
     return SmearDataset(keep)
 
 
@@ -986,11 +994,12 @@ class DetectionDataset(torch.utils.data.Dataset):
             except AnnotationError as e:
                 path = self.records[j].path
                 self._bad.add(j)
-                reason = str(e).removeprefix(f"{path}: ")
-                log.warning(
-                    "skipped %s: %s (another training image is used in its place)", path, reason
+                record_skip(
+                    self.skipped,
+                    path,
+                    str(e).removeprefix(f"{path}: "),
+                    note=" (another training image is used in its place)",
                 )
-                self.skipped.append(Skip(Path(path), reason, "image"))
         raise AnnotationError(
             f"no trainable image left: all {n} training images failed to load (first: "
             f"{self.skipped[0].path}: {self.skipped[0].reason})"

@@ -125,22 +125,23 @@ def _is_counts(m: np.ndarray) -> bool:
     return bool(m.size == 0 or ((m >= 0).all() and np.allclose(m, np.round(m))))
 
 
-def _check_lognorm(vals: np.ndarray, source: str) -> None:
-    """Refuse an X taken as log1p-normalised that cannot be (stage=expression refuses the
-    same; a scaled or CPM matrix would embed as silent garbage). ``vals``: X's values."""
+def _lognorm_problem(vals: np.ndarray) -> str | None:
+    """Why X's values ``vals`` cannot be log1p-normalised, or None (stage=expression
+    refuses the same; a scaled or CPM matrix would embed as silent garbage)."""
     neg = int((vals < 0).sum())
     if neg:
-        raise StudyError(
-            f"{source}: X holds {neg} negative values (scaled or centred?): give raw "
+        return (
+            f"X holds {neg} negative values (scaled or centred?): give raw "
             "counts (layers['counts'] or X) or log1p-normalised values"
         )
     top = float(np.nanmax(vals)) if vals.size else 0.0
     if top > LOGNORM_MAX:
-        raise StudyError(
-            f"{source}: X is neither integer counts nor log1p-normalised values "
+        return (
+            f"X is neither integer counts nor log1p-normalised values "
             f"(largest {top:.4g}; normalised but not logged, e.g. CPM / TPM?): give raw "
             "counts (layers['counts'] or X) or log1p-normalised values"
         )
+    return None
 
 
 class Study:
@@ -370,7 +371,6 @@ class Study:
         estimate_scale: bool | None = None,
         scale_spread: float | None = SCALE_SPREAD,
         crop_masks: str = "detector",
-        cell_px: float | None = None,
     ):
         """Read one input into an AnnData (a folder's unreadable items in ``uns["rejects"]``).
 
@@ -405,8 +405,6 @@ class Study:
             within this factor of the median estimate of the images of its
             (sub-)folder and pixel size (one microscope); 1: the median for all;
             None: each image on its own
-        cell_px : the white-cell size (px) a detector-requested estimate measures at;
-            None: the detector checkpoint's
 
         Returns
         -------
@@ -473,7 +471,6 @@ class Study:
                     refine=RefineSettings() if refine_scale else refine_scale,  # None: as saved
                     estimate_scale=estimate_scale,
                     scale_spread=scale_spread,
-                    cell_px=cell_px,
                 )
             except (RuntimeError, UnsafeCheckpointError) as e:
                 raise StudyError(str(e)) from e
@@ -637,19 +634,19 @@ class Study:
                 # X holds counts too (e.g. the simulator's expression_raw.h5ad), not the
                 # pipeline's log-normalised values: normalised below, as stage=expression does
                 logx = None
+            elif why := _lognorm_problem(xv):
+                # scaled / CPM X beside raw counts (scanpy's usual layout): the counts are
+                # the data, normalised below as the training data were
+                log.warning("%s: %s; normalising layers['counts'] instead", source, why)
+                logx = None
             else:
-                try:
-                    _check_lognorm(xv, source)
-                    logx = sub(adata.X).astype(np.float32)  # the pipeline's log-normalised X
-                except StudyError as e:
-                    # scaled / CPM X beside raw counts (scanpy's usual layout): the counts
-                    # are the data, normalised below as the training data were
-                    log.warning("%s; normalising layers['counts'] instead", e)
-                    logx = None
+                logx = sub(adata.X).astype(np.float32)  # the pipeline's log-normalised X
         elif _is_counts(values_of(adata.X)):
             raw, total, logx, values = sub(adata.X), rowsum(adata.X), None, "counts"
         else:
-            _check_lognorm(values_of(adata.X), source)
+            why = _lognorm_problem(values_of(adata.X))
+            if why:
+                raise StudyError(f"{source}: {why}")
             raw, logx, values = None, sub(adata.X).astype(np.float32), "lognorm"
             total = np.expm1(logx).sum(1)
         checked = "layers['counts']" if "counts" in adata.layers else "X"

@@ -187,8 +187,7 @@ def _read_mapping(cfg) -> pd.DataFrame | None:
                 f"{len(samples)} samples ({', '.join(samples)}); "
                 f"{clash[key].nunique()} {key} value(s) are given more than one"
             )
-    # a row repeated with the same sample names one cell once
-    return m.drop_duplicates()
+    return m  # repeats with one sample: _samples keeps each id once
 
 
 @stage("embed", needs=_needs, optional=_optional, produces=["query"], validate=_validate)

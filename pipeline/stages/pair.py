@@ -84,15 +84,13 @@ CROP_KINDS = ("cells", "coco", "image_folder", "segmentation_wbc")
 
 def _validate(cfg: DictConfig) -> None:
     """Crop source kinds and paths, before any folder is made."""
-    k = 2 ** len(cfg.vae.channels)
-    # with vae.image_size the crops are resized when read: stage=train checks that size
-    if cfg.vae.image_size is None and int(cfg.pair.crop_size) % k:
-        # stage=train would refuse these crops only after pairing had been paid for
-        raise StageError(
-            f"pair.crop_size={cfg.pair.crop_size}: the VAE's image branch halves the crop "
-            f"{len(cfg.vae.channels)} times (vae.channels), so it needs a multiple of {k} "
-            f"(e.g. {max(k, round(int(cfg.pair.crop_size) / k) * k)})"
-        )
+    from pipeline.train_args import crop_side_problem
+
+    # stage=train would refuse these crops only after pairing had been paid for; with
+    # vae.image_size the crops are resized when read, and stage=train checks that size
+    why = crop_side_problem(cfg.pair.crop_size, cfg.vae.channels)
+    if cfg.vae.image_size is None and why:
+        raise StageError(f"pair.crop_size={cfg.pair.crop_size}: {why}")
     for k, s in enumerate(cfg.pair.crop_sources):
         setting = f"pair.crop_sources[{k}]"
         if s.kind not in CROP_KINDS:

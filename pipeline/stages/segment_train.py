@@ -32,6 +32,7 @@ from segmentation.datasets import (
     SmearDataset,
     drop_unreadable,
     read_coco,
+    record_skip,
     with_scale,
 )
 from segmentation.runtime import seed_everything
@@ -157,9 +158,9 @@ def load_sets(
                 # a few files gone from a large set: left out and reported, as an
                 # unreadable one is; many gone is a wrong folder (refused below)
                 for g in gone:
-                    log.warning("skipped %s: named by %s but not there", g, path)
-                skips += [Skip(Path(g), f"named by {path} but not there", "image") for g in gone]
-                ds = SmearDataset([r for r in ds if Path(r.path).is_file()])
+                    record_skip(skips, g, f"named by {path} but not there")
+                missing = set(gone)
+                ds = SmearDataset([r for r in ds if r.path not in missing])
                 gone = []
             if gone:  # found before training, not when the first epoch reaches them
                 raise StageError(

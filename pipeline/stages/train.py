@@ -24,6 +24,7 @@ from pipeline.train_args import (
     build_model_args,
     build_train_args,
     classify_class_weights,
+    crop_side_problem,
     resolve_align,
     unknown_label_code,
 )
@@ -101,12 +102,9 @@ def _validate(cfg) -> None:
     setting, side = ("vae.image_size", cfg.vae.image_size)
     if side is None and not cfg.paths.inputs.get("paired"):
         setting, side = ("pair.crop_size", cfg.pair.crop_size)
-    k = 2 ** len(cfg.vae.channels)
-    if side is not None and int(side) % k:
-        raise StageError(
-            f"{setting}={side}: the image branch halves the crop {len(cfg.vae.channels)} times "
-            f"(vae.channels), so it needs a multiple of {k}"
-        )
+    why = crop_side_problem(side, cfg.vae.channels) if side is not None else None
+    if why:
+        raise StageError(f"{setting}={side}: {why}")
 
 
 def _split_source(setting: str) -> Path:

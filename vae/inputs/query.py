@@ -114,7 +114,6 @@ def segment_smear_folder(
     estimate_scale: bool | None = None,
     scale_spread: float | None = SCALE_SPREAD,
     centre_cell: bool = False,
-    cell_px: float | None = None,
 ):
     """Detect and crop the white cells of every smear image -> ``(AnnData, rejects)``.
 
@@ -139,12 +138,9 @@ def segment_smear_folder(
         (:func:`segmentation.autoscale.segment_estimated`); False: the estimate is
         used; None (default): refined with the default thresholds when the detector
         asks for it (the shipped one: :func:`segmentation.shipped.wants_scale_refinement`)
-    estimate_scale : when ``estimate_cell_px`` is None: True estimates at ``cell_px``;
-        None (default) does so for a detector saved with ``estimate_scale`` (the shipped
-        one: :func:`segmentation.shipped.wants_scale_estimate`)
-    cell_px : the white-cell size (px) that scale uses; None: the checkpoint's
-        ``cell_px`` (``stage=embed`` passes ``segmentation.cell_px``, as ``stage=segment``
-        uses it)
+    estimate_scale : when ``estimate_cell_px`` is None: True estimates at the
+        checkpoint's ``cell_px``; None (default) does so for a detector saved with
+        ``estimate_scale`` (the shipped one: :func:`segmentation.shipped.wants_scale_estimate`)
     scale_spread : when the scale is estimated: each image's estimate is held within
         this factor of the median estimate of the images of its (sub-)folder and
         pixel size (:func:`segmentation.autoscale.pooled_estimates`); None: each
@@ -176,7 +172,7 @@ def segment_smear_folder(
 
     model, ckpt = load_checkpoint(model_path, map_location=device)
     if estimate_cell_px is None and wants_scale_estimate(estimate_scale, ckpt):
-        estimate_cell_px = float(cell_px or ckpt.get("cell_px") or 40.0)
+        estimate_cell_px = float(ckpt.get("cell_px") or 40.0)
     if refine is None and wants_scale_refinement(None, ckpt):
         refine = RefineSettings()
     refine = refine or None  # False: the estimate alone
