@@ -110,10 +110,17 @@ def _decode(path: Path, converted: list[str]) -> np.ndarray:
         a = np.asarray(iio.imread(path))
     except Exception:  # noqa: BLE001 - try the other decoder before giving up
         a = None
+    if a is not None and (a.ndim == 4 or (a.ndim == 3 and a.shape[-1] > 4)):
+        # not (H, W[, C]): a multi-page stack (pages, H, W[, C]) or channels stored as
+        # planes (C, H, W); Pillow reads the first page, channels interleaved
+        a = None
     if a is not None and not (a.ndim == 3 and a.shape[-1] == 4 and a.dtype == np.uint8):
         return a
     # Pillow: the fallback, and the judge of what four 8-bit channels mean
     with Image.open(path) as im:
+        pages = int(getattr(im, "n_frames", 1) or 1)
+        if pages > 1:  # a stack: the first page is the image, and the user is told
+            converted.append(f"first page of {pages}")
         if im.mode == "CMYK":
             converted.append("cmyk->rgb")
             return np.asarray(im.convert("RGB"))

@@ -572,6 +572,27 @@ def test_read_rgb_16bit_rgb_tiff(tmp_path):
     assert np.array_equal(r.image, np.round(a / 65535 * 255).astype(np.uint8))
 
 
+def test_read_rgb_planar_and_multi_page_tiffs(tmp_path):
+    """Channels stored as planes, and a stack of pages: read (the first page, said so),
+    not refused as an 'unsupported array shape' (image_problem passed them, so training
+    would have stopped at them mid-epoch)."""
+    tifffile = pytest.importorskip("tifffile")
+    from segmentation.datasets import ImageRecord, image_problem
+
+    rgb = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
+    tifffile.imwrite(
+        tmp_path / "planar.tif", rgb.transpose(2, 0, 1), planarconfig="separate", photometric="rgb"
+    )
+    tifffile.imwrite(tmp_path / "pages.tif", np.stack([rgb, 255 - rgb]), photometric="rgb")
+    r = read_rgb(tmp_path / "planar.tif")
+    assert r.ok and r.converted == [] and np.array_equal(r.image, rgb)
+    r = read_rgb(tmp_path / "pages.tif")
+    assert r.ok and r.converted == ["first page of 2"] and np.array_equal(r.image, rgb)
+    for name in ("planar.tif", "pages.tif"):
+        rec = ImageRecord(path=tmp_path / name, width=50, height=40)
+        assert image_problem(rec) is None
+
+
 # ----------------------------------------------------------------------------
 # the stage, end to end (untrained checkpoint: plumbing, not accuracy)
 # ----------------------------------------------------------------------------
