@@ -185,7 +185,9 @@ class SegmentationConfig:
     mask_head_layers: int = 2  # resnet18_fpn only: mask-head convs (torchvision 4)
     rpn_pre_nms_top_n_train: int = 600  # torchvision: 2000; fewer = faster on CPU
     rpn_post_nms_top_n_train: int = 300  # torchvision: 2000
-    rpn_pre_nms_top_n_test: int = 300  # torchvision: 1000
+    # torchvision: 1000; stored in the model: stage=segment keeps the model's value (raised to
+    # rpn_post_nms_top_n when lower), whatever this run says
+    rpn_pre_nms_top_n_test: int = 300
     rpn_batch_size_per_image: int = 128  # anchors sampled per image for the RPN loss
     box_batch_size_per_image: int = 128  # RoIs sampled per image for the box/mask heads
     # --- stage=segment_train: data ---
