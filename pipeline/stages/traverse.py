@@ -95,6 +95,14 @@ def model_settings(resolved: dict[str, Any], model: Path) -> tuple[dict[str, Any
     return shown, differ
 
 
+def _background(rd, cfg) -> float:
+    """Pixel value (0-1) outside the decoded cells' masks: the paired data's own (stage=pair
+    records it), else this run's ``pair.background_value``."""
+    if rd.background_value is not None:
+        return float(rd.background_value) / 255.0
+    return float(cfg.pair.background_value) / 255.0 if "pair" in cfg else 0.0
+
+
 @stage(
     "traverse",
     needs=["latent", "model"],
@@ -144,7 +152,7 @@ def run_traverse(ctx: StageContext) -> None:
             subtitle=f"run folder {ctx.run_dir}; model {ctx.input('model')} (epoch "
             f"{rd.meta.get('epoch')}){note}; written {time.strftime('%Y-%m-%d %H:%M')}",
             resolved_config=resolved,
-            background=float(cfg.pair.background_value) / 255.0 if "pair" in cfg else 0.0,
+            background=_background(rd, cfg),
             azurophilic_density=azurophilic_density,
             seed=int(cfg.seed),
         )

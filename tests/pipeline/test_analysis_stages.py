@@ -1010,3 +1010,26 @@ def test_report_says_when_training_stopped_at_its_time_limit(tmp_path):
     assert "time limit" in note and "22 epochs of 80 asked" in note
     summ.write_text(json.dumps({"epochs": 80, "stopped": "max_epochs"}))
     assert training_note(model, 80) == ""
+
+
+def test_traverse_measures_on_the_paired_datas_background_not_this_runs(tiny_run, tmp_path):
+    """The decoded cells are measured against the background the crops were made with
+    (paired uns, which stage=pair records), whatever this run's pair.background_value."""
+    import anndata as ad
+    from omegaconf import OmegaConf
+
+    from pipeline.stages.traverse import _background
+    from vae.analysis.run import load_run
+
+    root, paired = tiny_run
+    run = root / "tiny" / "train"
+    a = ad.read_h5ad(paired)
+    a.uns["background_value"] = 51
+    a.write_h5ad(tmp_path / "p.h5ad")
+    cfg = OmegaConf.create({"pair": {"background_value": 0}})
+    rd = load_run(run / "latent.h5ad", run / "model.pt", tmp_path / "p.h5ad")
+    assert rd.background_value == 51 and _background(rd, cfg) == 51 / 255.0
+    del a.uns["background_value"]  # older paired data: this run's setting
+    a.write_h5ad(tmp_path / "p.h5ad")
+    rd = load_run(run / "latent.h5ad", run / "model.pt", tmp_path / "p.h5ad")
+    assert rd.background_value is None and _background(rd, cfg) == 0.0

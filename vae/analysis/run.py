@@ -60,6 +60,9 @@ class RunData:
     gene_program: dict[str, str]
     # what the expression data cannot tell (expression.notes, via paired uns)
     data_notes: list[str] = field(default_factory=list)
+    # pixel value outside the cell masks of the paired crops (stage=pair records it in
+    # uns["background_value"]), or None: not known from the data
+    background_value: int | None = None
 
 
 def load_run(
@@ -106,9 +109,12 @@ def load_run(
     genes = list(meta.get("gene_names") or (data.gene_names if data is not None else []))
     gene_program: dict[str, str] = {}
     notes: list[str] = []
+    background = None
     if data is not None:
         paired = ad.read_h5ad(paired_path, backed="r")
         notes = [str(n) for n in np.atleast_1d(paired.uns.get("expression_data_notes", []))]
+        if "background_value" in paired.uns:
+            background = int(paired.uns["background_value"])
         var = paired.var
         if "program" in var:
             gene_program = dict(zip(var.index.astype(str), var["program"].astype(str)))
@@ -116,7 +122,7 @@ def load_run(
             for prog, members in (paired.uns.get("expression_programs") or {}).items():
                 for g in members:
                     gene_program.setdefault(str(g), str(prog))
-    return RunData(latent, model, meta, data, genes, device, gene_program, notes)
+    return RunData(latent, model, meta, data, genes, device, gene_program, notes, background)
 
 
 def full_codes(latent) -> np.ndarray:
