@@ -161,7 +161,6 @@ def segment_smear_folder(
 
     from segmentation.autoscale import pooled_estimates, segment_estimated
     from segmentation.cells import SegmentSettings, segment_images
-    from segmentation.crops import extract_crop
     from segmentation.inference import MaskRCNNDetector
     from segmentation.io import read_rgb
     from segmentation.magnification import RefineSettings
@@ -200,16 +199,8 @@ def segment_smear_folder(
             continue
         prefix = f"{sample}/{p.stem}"
         pre = premasked_cell(rd.image, settings.background_value) if centre_cell else None
-        if pre is not None:  # already cut out: its own mask, framed as the detector's cells
-            c, m, cs, _ = extract_crop(
-                rd.image,
-                pre,
-                (0, 0),
-                settings.crop_size,
-                settings.background_value,
-                settings.crop_margin,
-                fill=True,
-            )
+        if pre is not None:  # already cut out: its own mask and its own framing
+            c, m, cs = frame_premasked(rd.image, pre, settings.crop_size, settings.background_value)
             frames.append(
                 pd.DataFrame(
                     {
@@ -326,6 +317,45 @@ def premasked_cell(
         return None
     cell = mask_from_background(image, background / 255.0, tol=tol / 255.0)
     return cell if cell.mean() >= min_fraction else None
+
+
+def frame_premasked(
+    image: np.ndarray, cell: np.ndarray, crop_size: int, background: int = 0
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """A crop already cut out (:func:`premasked_cell`), framed as it was cut.
+
+    Such a crop is most often an export of a study's own crops (``cells.h5ad``,
+    ``paired.h5ad``), whose framing is the study's: on a smear a cell smaller than the
+    crop keeps its source px (its size is part of what the latent reads). Enlarging it
+    to fill the crop, as a crop read by the detector is, made the demo study call 57
+    of 60 exported cells promyelocytes (its largest cells). The whole image is
+    centred on a square of the background value and resized to ``crop_size`` as
+    ``stage=pair`` resizes crops (:func:`vae.inputs.pairing.resize_crop`), nothing else.
+
+    Parameters
+    ----------
+    image : (H, W, 3) uint8
+    cell : (H, W) bool, the crop's cell
+    crop_size : output side S, px
+    background : value of every channel outside the cell
+
+    Returns
+    -------
+    crop (S, S, 3) uint8, mask (S, S) bool, scale (crop px per image px)
+    """
+    from vae.inputs.pairing import resize_crop
+
+    h, w = cell.shape
+    side = max(h, w)
+    y0, x0 = (side - h) // 2, (side - w) // 2
+    img = np.full((side, side, 3), background, np.uint8)
+    img[y0 : y0 + h, x0 : x0 + w] = image[..., :3]
+    m = np.zeros((side, side), bool)
+    m[y0 : y0 + h, x0 : x0 + w] = cell
+    img[~m] = background
+    if side != crop_size:  # as stage=pair resizes a crop (the same rim blending)
+        img, m = resize_crop(img, m, crop_size, background)
+    return img, m, float(crop_size / side)
 
 
 def _folder_medians(estimates: dict) -> dict[Path, float]:
