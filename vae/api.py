@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,13 +173,10 @@ class Study:
         self.segmentation_model = segmentation_model
         self.analysis = dict(analysis or config.get("analysis") or {})
         self.device = device
-        if impute not in IMPUTE_METHODS:
-            raise StudyError(f"impute={impute!r}; valid: {', '.join(IMPUTE_METHODS)}")
-        if int(impute_iterations) < 1:
-            raise StudyError(f"impute_iterations={impute_iterations}: must be >= 1")
-        # how missing genes are filled (module docstring); settable after load
-        self.impute, self.impute_iterations = impute, int(impute_iterations)
+        # how missing genes are filled (module docstring); settable after load, checked
+        self.impute, self.impute_iterations = impute, impute_iterations
         self._path = None
+        self._path_key = None
         self._ref_expr = None
         self._anomaly_ref = None
         if "X_vae" not in reference.obsm:
@@ -191,6 +188,28 @@ class Study:
                 f"{model_path} has n_shared={ns}: the latent comes from another study"
             )
         self._check_same_study()
+
+    @property
+    def impute(self) -> str:
+        """How genes a query lacks are filled: ``model`` or ``mean`` (module docstring)."""
+        return self._impute_method
+
+    @impute.setter
+    def impute(self, value: str) -> None:
+        if value not in IMPUTE_METHODS:
+            raise StudyError(f"impute={value!r}; valid: {', '.join(IMPUTE_METHODS)}")
+        self._impute_method = value
+
+    @property
+    def impute_iterations(self) -> int:
+        """Rounds of ``impute="model"`` (>= 1)."""
+        return self._impute_rounds
+
+    @impute_iterations.setter
+    def impute_iterations(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise StudyError(f"impute_iterations={value!r}: must be an integer >= 1")
+        self._impute_rounds = int(value)
 
     def _check_same_study(self) -> None:
         """Refuse a reference latent written for another model.
@@ -263,8 +282,10 @@ class Study:
         # absolute: a relative "." or ".." has no name to recognise a train folder by
         root = Path(run_dir).absolute() if run_dir is not None else None
         train = None
+        if root is not None and root.is_file():  # the model file itself: its train folder
+            model, root = model or root, root.parent
         if root is not None:
-            train = root if (root / "model.pt").exists() else root / "train"
+            train = root if (root / "model.pt").exists() or model else root / "train"
             if variant:
                 train = train / variant
             if train == root:
@@ -641,6 +662,8 @@ class Study:
                 logx = None
             else:
                 logx = sub(adata.X).astype(np.float32)  # the pipeline's log-normalised X
+        elif (nonfinite := int((~np.isfinite(values_of(adata.X))).sum())) > 0:
+            raise StudyError(f"{source}: X holds {nonfinite} NaN or infinite values")
         elif _is_counts(values_of(adata.X)):
             raw, total, logx, values = sub(adata.X), rowsum(adata.X), None, "counts"
         else:
@@ -912,8 +935,18 @@ class Study:
                 f"modality={modality!r}; got {z.shape}"
             )
         codes = codes[:, : z.shape[1]]  # an expert's shared dims: the reference's too
+        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
+            raise StudyError(f"transfer_labels: k={k!r}; must be an integer >= 1")
         k = int(k or self.analysis.get("knn_k") or 15)
-        k = max(1, min(k, int(known.sum())))
+        if k > int(known.sum()):
+            log.warning(
+                "transfer_labels: k=%d but the reference has %d labelled cells%s: k=%d",
+                k,
+                int(known.sum()),
+                "" if modality == "joint" else f" with a {modality} code",
+                int(known.sum()),
+            )
+            k = int(known.sum())
         clf = KNeighborsClassifier(n_neighbors=k).fit(codes[known], lab[known])
         if len(z) == 0:
             return pd.DataFrame({"label": pd.Series([], dtype=str), "confidence": []})
@@ -939,8 +972,22 @@ class Study:
         """
         from vae.analysis import traverse as T
 
-        if self._path is None:
-            a = self.analysis
+        a = self.analysis
+        # the settings the path is built from: changing one (e.g. analysis["path_classes"]
+        # after a first call) builds it again
+        key = repr(
+            [
+                self.label_key,
+                a.get("maturation_key"),
+                a.get("path_classes"),
+                a.get("path_steps"),
+                a.get("gp_length_scale"),
+                a.get("gp_noise"),
+                self.config.get("seed"),
+            ]
+        )
+        if self._path is None or self._path_key != key:
+            self._path_key = key
             ref = self.reference
             if self.label_key not in ref.obs:
                 raise StudyError(f"{self.latent_path}: obs[{self.label_key!r}] is missing")
@@ -995,8 +1042,13 @@ class Study:
             )
         if len(z) == 0:
             return pd.DataFrame({"position": [], "stage": pd.Series([], dtype=str)})
-        pos = T.project_onto_path(z, path)
-        stage = np.asarray(cents.names)[np.abs(pos[:, None] - path.knots_s[None]).argmin(1)]
+        ok = np.isfinite(z).all(1)  # a row without a code (NaN) gets no position, no stage
+        pos = np.full(len(z), np.nan)
+        stage = np.full(len(z), "", dtype=object)
+        if ok.any():
+            pos[ok] = T.project_onto_path(z[ok], path)
+            knot = np.abs(pos[ok, None] - path.knots_s[None]).argmin(1)
+            stage[ok] = np.asarray(cents.names, dtype=object)[knot]
         if labels is not None:
             labels = np.asarray(labels).astype(str)
             if labels.shape != (len(z),):
@@ -1004,11 +1056,15 @@ class Study:
                     f"maturation_position: labels must be ({len(z)},); got {labels.shape}"
                 )
             stage = np.where(np.isin(labels, [str(c) for c in cents.names]), stage, "")
-        return pd.DataFrame({"position": pos, "stage": stage})
+        return pd.DataFrame({"position": pos, "stage": stage.astype(str)})
 
     # ---------------------------------------------------------------- decode
-    def decode(self, z: np.ndarray, batch_size: int = 256):
+    def decode(self, z: np.ndarray, batch_size: int = 256, render: bool = True):
         """Decode full latent codes (n, d): images, masks and log-expression.
+
+        ``render`` (default True): a model with a granule, texture or nucleus layer draws
+        the cells as every figure does (granules, grain, a sharp nucleus cut into its
+        lobes; :meth:`vae.model.TwoBranchVAE.decode`); False: the decoder's mean image.
 
         Returns :class:`vae.analysis.traverse.DecodedArrays` (``images``
         (n, S, S, 3) in [0, 1], ``masks``, ``expression`` (n, G) log1p-normalised
@@ -1023,7 +1079,14 @@ class Study:
         d = int(self.meta["n_latent"])
         if z.ndim != 2 or z.shape[1] != d:
             raise StudyError(f"decode: z must be (n, {d}) full codes; got {z.shape}")
-        return decode(self.model, z, batch_size, self.device)
+        bad = np.flatnonzero(~np.isfinite(z).all(1))
+        if bad.size:  # NaN in, NaN images out, which .cells() would draw black
+            raise StudyError(
+                f"decode: {bad.size} of {len(z)} codes hold NaN or inf (rows "
+                f"{', '.join(map(str, bad[:5]))}{' ...' if bad.size > 5 else ''}): e.g. a "
+                f"cell without that modality; select the rows with a code first"
+            )
+        return decode(self.model, z, batch_size, self.device, render=render)
 
     def seen_images(self, names) -> np.ndarray:
         """(n,) bool: whether each image file name is one the study's reference holds a
@@ -1073,12 +1136,22 @@ class Study:
         if zr.shape[1] != d:
             raise StudyError(f"{self.latent_path}: obsm['X_vae_full'] is missing")
         dflt = AnalysisSettings()
-        return image_support(
-            z,
-            zr[image_reference_rows(ref)],
+        # a row without a code (NaN) is not supported; its distance is NaN
+        ok = np.isfinite(z).all(1)
+        zi = zr[image_reference_rows(ref)]
+        sup = image_support(
+            z[ok] if ok.any() else zi[:1],
+            zi,
             int(self.analysis.get("image_support_k") or dflt.image_support_k),
             float(self.analysis.get("image_support_quantile") or dflt.image_support_quantile),
         )
+        if ok.all():
+            return sup
+        dist = np.full(len(z), np.nan)
+        supported = np.zeros(len(z), bool)
+        if ok.any():
+            dist[ok], supported[ok] = sup.distance, sup.supported
+        return replace(sup, distance=dist, supported=supported)
 
     # --------------------------------------------------------------- anomaly
     def anomaly_scores(self, data, latents=None, batch_size: int = 256) -> pd.DataFrame:
@@ -1149,6 +1222,15 @@ class Study:
         hi, he = data.has_image.numpy(), data.has_expression.numpy()
         keep = hi | he
         dropped = [str(s) for s in adata.obs_names[~keep]]
+        if dropped:  # listed in uns["dropped"]; said here, or 41 of 60 cells go unnoticed
+            log.warning(
+                "%s: %d of %d cells dropped: neither a usable crop nor a profile with "
+                "counts in the model's genes (e.g. %s); listed in uns['dropped']",
+                source,
+                len(dropped),
+                adata.n_obs,
+                ", ".join(dropped[:3]),
+            )
         lat = self.encode(data, batch_size)
         bad = ~np.isfinite(lat.joint).all(1)
         if bad.any():  # never written as a result: a NaN code has no label and no position

@@ -516,6 +516,66 @@ def test_api_genes_by_name_path_and_decode(study: Path):
         st.get_latent(bad)
 
 
+def test_api_audit_nan_codes_settings_and_calls(study: Path, caplog):
+    """What an API audit found (2026-12-05): NaN codes, settings changed after load, k,
+    call order, an empty decode, the model file as the study, NaN counts."""
+    import logging
+
+    from vae.analysis.samples import sample_profile
+    from vae.api import Study, StudyError
+
+    st = Study.load(study / "out" / "s")
+    zf = np.asarray(st.reference.obsm["X_vae_full"], float)
+    nan = np.vstack([zf[:1], np.full((1, zf.shape[1]), np.nan)])
+    # a NaN code (no such modality) has no position and no stage, was 0.0 / the first class
+    mp = st.maturation_position(nan)
+    assert np.isfinite(mp["position"].iloc[0]) and np.isnan(mp["position"].iloc[1])
+    assert mp["stage"].iloc[1] == "" and mp["stage"].iloc[0] != ""
+    sup = st.image_support(nan)  # was sklearn's "Input X contains NaN"
+    assert np.isnan(sup.distance[1]) and not sup.supported[1]
+    with pytest.raises(StudyError, match="hold NaN"):  # was NaN images, drawn black
+        st.decode(nan)
+    empty = st.decode(zf[:0])  # was numpy's "need at least one array to concatenate"
+    assert empty.images.shape == (0, 16, 16, 3) and empty.expression.shape == (0, 12)
+    raw = st.decode(zf[:2], render=False)
+    assert raw.images.shape == (2, 16, 16, 3)
+    # settings set after load are checked (were accepted and ignored)
+    with pytest.raises(StudyError, match="impute='knn'"):
+        st.impute = "knn"
+    with pytest.raises(StudyError, match="impute_iterations=0"):
+        st.impute_iterations = 0
+    st.impute, st.impute_iterations = "mean", 2
+    assert (st.impute, st.impute_iterations) == ("mean", 2)
+    # k: 0 is refused (was 15), more than the labelled cells is said
+    with pytest.raises(StudyError, match="k=0"):
+        st.transfer_labels(st.reference.obsm["X_vae"][:2], k=0)
+    with caplog.at_level(logging.WARNING, logger="vae.api"):
+        st.transfer_labels(st.reference.obsm["X_vae"][:2], k=100000)
+    assert "k=100000 but the reference has" in caplog.text
+    # the path follows analysis settings changed after a first call (was cached)
+    cents, _ = st.maturation_path()
+    first = st.maturation_position(zf[:5])
+    st.analysis["path_classes"] = list(reversed(cents.names))
+    assert st.maturation_path()[0].names == list(reversed(cents.names))
+    again = st.maturation_position(zf[:5])
+    assert np.allclose(again["position"], 1 - first["position"], atol=0.05)
+    # the model file itself as the study (was ".../model.pt/train/model.pt: no such file")
+    by_file = Study.load(study / "out" / "s" / "train" / "model.pt")
+    assert by_file.model_path == st.model_path
+    # NaN among counts: said as such (was "neither integer counts nor log1p values")
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    e = paired[paired.obs["has_expression"].to_numpy()].copy()
+    x = np.asarray(e.layers["counts"], np.float64)
+    x[0, 0] = np.nan
+    with pytest.raises(StudyError, match="X holds 1 NaN or infinite values"):
+        st.get_latent(ad.AnnData(X=x, var=e.var), modality="expression")
+    # the per-sample profile reads Study.read's "sample" column (was KeyError 'vae_sample')
+    obs = pd.DataFrame(
+        {"sample": ["a", "a", "b"], "vae_label": ["x", "y", "x"], "vae_maturation": [0.1, 0.5, 0.9]}
+    )
+    assert list(sample_profile(obs)["sample"]) == ["a", "b"]
+
+
 def test_each_cell_is_labelled_from_reference_cells_with_its_modalities(study: Path):
     """An image-only cell takes its label from reference cells with a crop (image codes),
     never from a class that only expression profiles carry; both-modality cells read

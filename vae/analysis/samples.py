@@ -48,7 +48,7 @@ LEFT_SHIFTED = ("myeloblast", "promyelocyte", "myelocyte", "metamyelocyte", "ban
 
 def sample_profile(
     obs: pd.DataFrame,
-    sample_key: str = "vae_sample",
+    sample_key: str | None = None,
     bins: int = 10,
     path_classes: list[str] | None = None,
     study_labels: list[str] | None = None,
@@ -58,6 +58,8 @@ def sample_profile(
     Parameters
     ----------
     obs : query obs with ``sample_key``, ``vae_label`` and ``vae_maturation``
+    sample_key : the sample column; None: ``vae_sample`` (``stage=embed``'s) when obs has
+        it, else ``sample`` (``Study.read``'s)
     bins : histogram bins over the path position [0, 1]
     path_classes : the classes the study's maturation path runs through
         (:meth:`vae.api.Study.maturation_path`); when given, the position's mean,
@@ -67,6 +69,12 @@ def sample_profile(
         cannot call an IG, and 0 would read as a measured normal value (a study
         labelled by kind, e.g. the real chain's "Neutrophils")
     """
+    if sample_key is None:
+        sample_key = next((k for k in ("vae_sample", "sample") if k in obs), None)
+        if sample_key is None:
+            raise KeyError("sample_profile: obs has neither 'vae_sample' nor 'sample'")
+    elif sample_key not in obs:
+        raise KeyError(f"sample_profile: obs has no column {sample_key!r}")
     labels = sorted(set(obs["vae_label"].astype(str)))
     can_call_ig = study_labels is None or bool(
         {str(c).lower() for c in study_labels} & set(IMMATURE_GRANULOCYTES)

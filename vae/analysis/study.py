@@ -644,8 +644,8 @@ def traverse_study(
             }
             # each line min-max scaled to share one axis; its legend gives the real
             # range, so a 5 % change does not read as a full rise
-            series = {
-                _span_label(c, feats[c].to_numpy(float)): minmax(feats[c].to_numpy(float))
+            shown = [
+                c
                 for c in [
                     "granule_density",
                     "lobes",
@@ -656,8 +656,16 @@ def traverse_study(
                     *[k for k in feats if k.startswith("program:")],
                 ]
                 if c in feats
+            ]
+            # a feature constant along the path is a flat line hiding others: named in
+            # the caption instead
+            flat = [c for c in shown if np.ptp(np.nan_to_num(feats[c].to_numpy(float))) == 0]
+            series = {
+                _span_label(c, feats[c].to_numpy(float)): minmax(feats[c].to_numpy(float))
+                for c in shown
+                if c not in flat
             }
-            if not series:  # no image features and no program gene in the model: no figure
+            if not series and not flat:  # no image features and no program gene: no figure
                 continue
             fig = F.line_plot(
                 pth.s,
@@ -665,6 +673,7 @@ def traverse_study(
                 "path position",
                 "each scaled to its range (legend)",
                 f"features along the {kind} path",
+                shade=None if not img_ok else ~np.asarray(support.supported, bool),
             )
             p = out_files.figure(fig, f"path_features_{kind}", f"traverse/path_features_{kind}")
             figs["path"].append(
@@ -677,7 +686,27 @@ def traverse_study(
                         "the decoded images",
                         (False, True): "Decoded program scores",
                     }[(img_ok, expr_ok)]
-                    + f", along the {kind} path (each scaled to 0..1).",
+                    + (
+                        "; nearest_crops_*: the median of the real crops nearest each step "
+                        "(measured on crops, not on decoded cells)"
+                        if any(c.startswith("nearest_crops_") for c in shown)
+                        else ""
+                    )
+                    + f", along the {kind} path (each scaled to 0..1)"
+                    + (
+                        f"; grey: the {int((~support.supported).sum())} steps decoded far "
+                        "from every training crop (extrapolation, drawn faded in the path "
+                        "figure)"
+                        if img_ok and not support.supported.all()
+                        else ""
+                    )
+                    + (
+                        "; constant along the path, not drawn: "
+                        + ", ".join(f"{c} ({fmt_number(float(feats[c].iloc[0]))})" for c in flat)
+                        if flat
+                        else ""
+                    )
+                    + ".",
                 )
             )
         summary["path"] = path_info
@@ -742,6 +771,7 @@ def traverse_study(
     truth: dict[str, Any] = {}
     truth_n: dict[str, int] = {}  # the cells each measure rests on (they differ)
     truth_notes: list[str] = []  # sentences for figures left out
+    truth_caveats: dict[str, str] = {}  # truth key -> what the key finding must say with it
     t_true = obs_col(lat, "t")
     if path_ok and t_true is not None:
         t_true = t_true.astype(float)
@@ -836,6 +866,10 @@ def traverse_study(
             rho = truth[key]
             zeros = float(np.mean(ys == 0)) if ys.size else 0.0
             if np.isfinite(rho) and np.ptp(ys) > 0 and zeros >= 0.5:
+                truth_caveats[key] = (
+                    f"no granule counted on {int(np.sum(ys == 0))} of the {ys.size} decoded "
+                    "cells: the rank rests on that many ties"
+                )
                 truth_notes.append(
                     f"The granule counter found no granule on {int(np.sum(ys == 0))} of the "
                     f"{ys.size} decoded cells of the granule comparison: its Spearman "
@@ -916,7 +950,7 @@ def traverse_study(
 
     steps("report")
     # ---- report
-    key = _key_findings(tables, truth, cents.names if path_ok else [], a.top_genes)
+    key = _key_findings(tables, truth, cents.names if path_ok else [], a.top_genes, truth_caveats)
     summary["key_findings"] = key
     sections = [Section("What these data cannot show", text="\n\n".join(limits))] if limits else []
     sections += [Section("Key findings", text="\n\n".join(key))] if key else []
@@ -1123,7 +1157,13 @@ def _skipped_sentence(img_ok: bool, expr_ok: bool) -> str:
     return ""
 
 
-def _key_findings(tables: dict, truth: dict, path_classes: list[str], top: int) -> list[str]:
+def _key_findings(
+    tables: dict,
+    truth: dict,
+    path_classes: list[str],
+    top: int,
+    caveats: dict[str, str] | None = None,
+) -> list[str]:
     """One-line findings for the top of the report (from the tables just computed)."""
     out = []
     if "real_feature_correlation" in tables:
@@ -1167,7 +1207,10 @@ def _key_findings(tables: dict, truth: dict, path_classes: list[str], top: int) 
         if k in skip:
             continue
         if v is not None and np.isfinite(v):
-            out.append(f"Truth recovery: {k.replace('_', ' ')} = {v:.3f}.")
+            why = (caveats or {}).get(k)
+            out.append(
+                f"Truth recovery: {k.replace('_', ' ')} = {v:.3f}" + (f" ({why})." if why else ".")
+            )
         else:
             out.append(
                 f"Truth recovery: {k.replace('_', ' ')} undefined (the measured feature is "
@@ -1493,6 +1536,10 @@ def _write_study_page(
     for key in (a.maturation_key, "split", "kind", "t", "granule_density", "lobes"):
         if key in obs and key not in info and key != a.label_key:
             v = obs[key].to_numpy()
+            if key == "t" and a.maturation_key in info and a.maturation_key in obs:
+                m = obs[a.maturation_key].to_numpy()
+                if m.dtype.kind == "f" and np.array_equal(m, v, equal_nan=True):
+                    continue  # the simulator's maturation is t: shown once
             if key == a.maturation_key and by_label.any():
                 v = v.astype(np.float64)
                 info[key] = np.where(by_label, np.nan, v)[keep]

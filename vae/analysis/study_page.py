@@ -284,7 +284,8 @@ function ramp(t){ if (t === null || isNaN(t)) return '#ddd';
   const f = t - i, a = RAMP[i], b = RAMP[i + 1];
   return 'rgb(' + a.map((v, j) => Math.round(v + f * (b[j] - v))).join(',') + ')'; }
 function fmt(v){ if (v === null || v === undefined) return 'n/a';
-  if (typeof v !== 'number') return String(v); return Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3); }
+  if (typeof v !== 'number') return String(v); if (Number.isInteger(v)) return String(v);
+  return Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3); }
 
 // ---- heatmap (rows x steps) with the current column outlined
 const n = D.s.length, g = D.rows.length, cw = 14, ch = 14, lw = 150;

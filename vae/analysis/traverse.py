@@ -80,26 +80,38 @@ class DecodedArrays:
         return draw_cells(self.images, self.masks, background)
 
 
-def decode(model, z: np.ndarray, batch_size: int = 256, device: str = "cpu") -> DecodedArrays:
+def decode(
+    model, z: np.ndarray, batch_size: int = 256, device: str = "cpu", render: bool = True
+) -> DecodedArrays:
     """Decode latent codes in batches under ``torch.inference_mode``.
 
     Parameters
     ----------
     model : module with ``decode(z) -> obj(image, mask, expression_log)``.
-    z : (n, d) latent codes.
+    z : (n, d) latent codes; (0, d) gives empty arrays.
+    render : a model with a granule, texture or nucleus layer draws the cells (as
+        every figure does); False: the decoder's mean image.
     """
     import torch
 
     z = np.asarray(z, dtype=np.float32)
     if z.ndim != 2:
         raise ValueError(f"decode: z must be (n, d), got {z.shape}")
+    if len(z) == 0:  # empty in, empty out: the shapes of one decoded code
+        one = decode(model, np.zeros((1, z.shape[1]), np.float32), batch_size, device, render)
+        return DecodedArrays(
+            images=one.images[:0],
+            masks=None if one.masks is None else one.masks[:0],
+            expression=one.expression[:0],
+            diameter=None if one.diameter is None else one.diameter[:0],
+        )
     imgs, masks, exprs, sizes = [], [], [], []
     # a model with a granule, texture or nucleus layer draws the decoded cells: granules
     # and grain (one noise field for every code, so they stay in place along a path) and
     # a sharp nucleus
     args = getattr(model, "args", None)
     drawn = any(getattr(args, k, False) for k in ("granule_head", "nucleus_head", "texture_head"))
-    kw = {"render": True} if drawn else {}
+    kw = {"render": True} if drawn and render else {}
     model.eval()
     with torch.inference_mode():
         for i in range(0, len(z), batch_size):
