@@ -31,7 +31,7 @@ from PIL import Image
 from pipeline.artifacts import write_json
 from pipeline.config_sources import LABEL_FORMATS, SEGMENT_SOURCE_KINDS
 from pipeline.runner import StageContext, StageError, resolve_data_path
-from segmentation.cells import SegmentSettings, contact_sheet, reject_sheet, segment_images
+from segmentation.cells import SegmentSettings, contact_sheet, reject_sheet
 from segmentation.crops import FLAGS
 from segmentation.io import list_images, read_rgb, write_h5ad
 from segmentation.progress import bar
@@ -41,7 +41,6 @@ from segmentation.sources import (
     crop_folder_filters,
     label_for_image,
     list_crop_folder,
-    pick_centre_cell,
     read_bccd_labels,
 )
 from segmentation.table import cells_adata, empty_table, merge_parts, specimen_ids
@@ -221,39 +220,72 @@ def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
     return parts, labels, rejects, len(images)
 
 
-def _crop_folder(ctx, src, folder, model, settings, offset):
-    from pipeline.stages.segment import make_detector
+def _crop_folder(ctx, src, folder, model, ckpt, settings, offset):
+    from pipeline.stages.segment import make_detector, pooled_scales, refine_settings
+    from segmentation.autoscale import folder_medians
+    from segmentation.sources import centre_cell
 
+    sc = ctx.cfg.segmentation
     detector = make_detector(ctx, model)
-    cap = src.max_images if src.max_images is not None else ctx.cfg.segmentation.max_images
+    cap = src.max_images if src.max_images is not None else sc.max_images
     files = list_crop_folder(folder, cap)
     f = crop_folder_filters(settings.filters)
+    # a crop without a fixed scale is measured as stage=embed measures crops: its own
+    # estimate held near its folder's, and one more pass at the folder's median where the
+    # crop's own scale finds no cell at the centre
+    free = [p for p, _ in files if _fixed_scale(src, p) is None]
+    est_px = estimate_px(ctx.cfg, ckpt) if free else None
+    refine = refine_settings(sc, ckpt) if est_px is not None else None
+    pooled = pooled_scales(ctx.cfg, free, est_px, float(settings.input_scale)) or {}
+    medians = folder_medians(pooled)
+    if est_px is not None:
+        log.info("segment: %s, %d crops at their estimated scale", src.name, len(free))
     tables, crops, masks, rejects = [], [], [], []
     group = max(1, settings.batch_size)
     for g in bar(range(0, len(files), group), desc=src.name, unit="batch", enabled=ctx.is_main):
         good = []
         for i, (path, cls) in enumerate(files[g : g + group], start=offset + g):
             rel = f"{path.parent.name}/{path.name}"
-            rd = read_rgb(path, convert=bool(ctx.cfg.segmentation.convert_images))
+            rd = read_rgb(path, convert=bool(sc.convert_images))
             if not rd.ok:
                 rejects.append(
                     {"image": rel, "field": "image", "action": "skipped", "reason": rd.reason}
                 )
                 continue
-            good.append((i, rel, cls, rd.image, _scale(src, settings.input_scale, path)))
-        for i, rel, cls, img, scale in good:  # scales may differ: one call per crop
-            s = replace(settings, input_scale=scale, filters=f, crop_fill=True)
-            cells = segment_images(detector, [img], [rel], s, id_prefixes=[f"{src.name}/{rel}"])[0]
-            pos, reason = pick_centre_cell(cells)
-            if pos is None:
+            good.append((i, path, rel, cls, rd.image))
+        for i, path, rel, cls, img in good:  # scales may differ: one call per crop
+            fixed = _fixed_scale(src, path)
+            s = replace(
+                settings,
+                input_scale=float(settings.input_scale if fixed is None else fixed),
+                filters=f,
+                crop_fill=True,
+            )
+            measured = est_px is not None and fixed is None
+            cc = centre_cell(
+                detector,
+                img,
+                rel,
+                s,
+                f"{src.name}/{rel}",
+                est_px if measured else None,
+                refine if measured else None,
+                pooled.get(path) if measured else None,
+                medians.get(path.parent) if measured else None,
+            )
+            if measured:
+                log.info("scale %s: %s", rel, cc.how)
+            if cc.pos is None:
                 rejects.append(
-                    {"image": rel, "field": "mask", "action": "no_mask", "reason": reason}
+                    {"image": rel, "field": "mask", "action": "no_mask", "reason": cc.reason}
                 )
                 continue
+            cells, pos = cc.cells, cc.pos
             row = cells.table[cells.table.kept].iloc[[pos]].copy()
             row.insert(1, "image_index", i)
             row["cell_id"] = f"{src.name}/{rel}"
             row["label"], row["label_status"] = cls, "labelled"
+            row["input_scale"] = cc.scale  # the working scale the cell was found at
             tables.append(row)
             crops.append(cells.crops.images[pos])
             masks.append(cells.crops.masks[pos])
@@ -311,7 +343,9 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
                 },
             }
         else:
-            tabs, crops, masks, rej, n = _crop_folder(ctx, src, folder, model, settings, offset)
+            tabs, crops, masks, rej, n = _crop_folder(
+                ctx, src, folder, model, ckpt, settings, offset
+            )
             kept = pd.concat(tabs, ignore_index=True) if tabs else pd.DataFrame()
             table = kept
             s = settings.crop_size

@@ -76,6 +76,18 @@ def hold_estimates(
     return out
 
 
+def folder_medians(estimates: dict) -> dict[Path, float]:
+    """Folder -> median of its images' own scale estimates (measured ones only), from
+    :func:`pooled_estimates`' result: the scale of a second pass for a crop whose own
+    scale finds no cell at its centre (:func:`segmentation.sources.centre_cell`)."""
+    per: dict[Path, list[float]] = {}
+    for path, e in estimates.items():
+        if e.ok:
+            own = e.own_scale if np.isfinite(e.own_scale) else e.scale
+            per.setdefault(Path(path).parent, []).append(float(own))
+    return {k: float(np.median(v)) for k, v in per.items() if v}
+
+
 def pooled_estimates(
     paths: Sequence[str | Path],
     cell_px: float,

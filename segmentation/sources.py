@@ -18,7 +18,7 @@ arguments only.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +194,68 @@ def pick_centre_cell(cells: ImageCells) -> tuple[int | None, str]:
     if best is None:
         return None, f"none of the {len(kept)} kept detections covers the crop centre"
     return best, ""
+
+
+@dataclass
+class CentreCell:
+    """:func:`centre_cell` of one crop: the pass kept and the centre cell found in it."""
+
+    cells: ImageCells  # the segment pass the cell comes from
+    pos: int | None  # its position among the kept detections; None: none found
+    reason: str  # why none was found ("" when found)
+    scale: float  # the working scale of that pass
+    how: str  # how the scale was chosen (logged)
+
+
+def centre_cell(
+    detector,
+    image: np.ndarray,
+    name: str,
+    settings,
+    id_prefix: str,
+    cell_px: float | None = None,
+    refine=None,
+    estimate=None,
+    retry_scale: float | None = None,
+) -> CentreCell:
+    """The white cell at the centre of a single-cell crop, as ``stage=segment`` and
+    ``stage=embed`` read crop folders.
+
+    The crop is segmented at ``settings.input_scale``, or, with ``cell_px``, at the
+    scale measured from the crop itself (:func:`segmentation.autoscale.segment_estimated`
+    with ``refine`` and ``estimate``); :func:`pick_centre_cell` picks the cell. Where
+    none covers the centre and ``retry_scale`` (e.g. the median estimate of the crop's
+    folder: the ruler can read a lobe as a cell, and a cell seen 4x too large comes
+    apart) differs from the scale used by more than 10 %, one more pass runs there.
+
+    Parameters
+    ----------
+    detector : a :class:`segmentation.inference.MaskRCNNDetector`
+    image : (H, W, 3) uint8 RGB crop
+    name, id_prefix : the crop's name and cell id prefix in the tables
+    settings : :class:`segmentation.cells.SegmentSettings` (filters for a crop, e.g.
+        :func:`crop_folder_filters`, and the framing already set)
+    """
+    from segmentation.autoscale import segment_estimated
+    from segmentation.cells import segment_images
+
+    if cell_px is not None:
+        cells, choice = segment_estimated(
+            detector, image, name, settings, cell_px, None, id_prefix, refine, estimate=estimate
+        )
+        scale, how = float(choice.scale), choice.describe()
+    else:
+        scale, how = float(settings.input_scale), "the given scale"
+        cells = segment_images(detector, [image], [name], settings, id_prefixes=[id_prefix])[0]
+    pos, reason = pick_centre_cell(cells)
+    if pos is None and retry_scale is not None and abs(retry_scale / scale - 1) > 0.1:
+        again = replace(settings, input_scale=float(retry_scale))
+        second = segment_images(detector, [image], [name], again, id_prefixes=[id_prefix])[0]
+        pos2, _ = pick_centre_cell(second)
+        if pos2 is not None:
+            how = (
+                f"no cell at the centre at {scale:.3g}, found at the folder's median "
+                f"{retry_scale:.3g}"
+            )
+            return CentreCell(second, pos2, "", float(retry_scale), how)
+    return CentreCell(cells, pos, reason, scale, how)

@@ -450,3 +450,36 @@ def test_pair_label_corrections(tmp_path):
         run_stage_in_process(
             [*common, "experiment=none", f"pair.label_corrections={tmp_path / 'none.csv'}"], "pair"
         )
+
+
+SHARED_CROPS = (
+    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cells" / "bccd_cropped"
+)
+
+
+@pytest.mark.skipif(not SHARED_CROPS.is_dir(), reason="needs ../shared/data (bccd_cropped)")
+def test_segment_crop_folder_without_a_scale_is_measured(tmp_path):
+    """A crop_folder source with no scale is measured crop by crop, as stage=embed reads
+    crop folders (it ran at segmentation.input_scale before, config audit 2026-12-05),
+    with the shipped detector."""
+    import shutil
+
+    names = ["Neutrophil/BloodImage_00006_1.jpg", "Eosinophil/BloodImage_00041_1.jpg"]
+    for n in names:
+        (tmp_path / "crops" / Path(n).parent).mkdir(parents=True, exist_ok=True)
+        shutil.copy(SHARED_CROPS / n, tmp_path / "crops" / n)
+    out = run_stage_in_process(
+        [
+            f"paths.root={tmp_path / 'out'}",
+            "experiment=measured",
+            "hardware.torch_threads=1",
+            f"data.segment_sources=[{{name: c, kind: crop_folder, path: '{tmp_path / 'crops'}'}}]",
+        ],
+        "segment",
+    )
+    cells = ad.read_h5ad(out / "cells.h5ad")
+    assert cells.n_obs == 2, pd.read_csv(out / "rejects.csv")
+    # measured (0.29 and 0.23 on 2026-12-05: a crop shows few red cells to measure by),
+    # not segmentation.input_scale (0.6, the simulator's)
+    scales = cells.obs["input_scale"].to_numpy(float)
+    assert np.all((scales > 0.21 / 1.5) & (scales < 0.21 * 1.5)), scales

@@ -159,14 +159,15 @@ def segment_smear_folder(
     """
     import anndata as ad
 
-    from segmentation.autoscale import pooled_estimates, segment_estimated
+    from segmentation.autoscale import folder_medians, pooled_estimates, segment_estimated
     from segmentation.cells import SegmentSettings, segment_images
     from segmentation.inference import MaskRCNNDetector
     from segmentation.io import read_rgb
     from segmentation.magnification import RefineSettings
     from segmentation.model import load_checkpoint
     from segmentation.shipped import wants_scale_estimate, wants_scale_refinement
-    from segmentation.sources import crop_folder_filters, pick_centre_cell
+    from segmentation.sources import centre_cell as centre_cell_of
+    from segmentation.sources import crop_folder_filters
     from segmentation.table import obs_frame
 
     model, ckpt = load_checkpoint(model_path, map_location=device)
@@ -191,7 +192,7 @@ def segment_smear_folder(
     # crops: the median estimate of each folder, whatever the crops' sizes, for a second
     # try where the crop's own scale gives no cell at the centre (the ruler can read a
     # lobe as a cell, and a cell seen 4x too large comes apart into pieces)
-    folder_scale = _folder_medians(pooled) if centre_cell else {}
+    folder_scale = folder_medians(pooled) if centre_cell else {}
     for sample, p in images:
         rd = read_rgb(p)
         if not rd.ok:
@@ -217,7 +218,27 @@ def segment_smear_folder(
             crops.append(c[None])
             masks.append(m[None])
             continue
-        if estimate_cell_px is not None:
+        if centre_cell:
+            cc = centre_cell_of(
+                det,
+                rd.image,
+                p.name,
+                settings,
+                prefix,
+                estimate_cell_px,
+                refine,
+                pooled.get(p),
+                folder_scale.get(p.parent),
+            )
+            log.info("scale %s: %s", p.name, cc.how)
+            cells, pos, scales[prefix] = cc.cells, cc.pos, cc.scale
+            kept = cells.table[cells.table["kept"]]
+            if pos is None:
+                rejects.append(
+                    {"input": str(folder), "item": str(p), "reason": f"no mask: {cc.reason}"}
+                )
+                continue
+        elif estimate_cell_px is not None:
             cells, choice = segment_estimated(
                 det,
                 rd.image,
@@ -234,41 +255,19 @@ def segment_smear_folder(
         else:
             scales[prefix] = float(settings.input_scale)
             cells = segment_images(det, [rd.image], [p.name], settings, id_prefixes=[prefix])[0]
-        tab = cells.table
-        kept = tab[tab["kept"]].copy()
         if centre_cell:
-            pos, reason = pick_centre_cell(cells)
-            retry = folder_scale.get(p.parent)
-            if pos is None and retry is not None and abs(retry / scales[prefix] - 1) > 0.1:
-                again = replace(settings, input_scale=retry)
-                second = segment_images(det, [rd.image], [p.name], again, id_prefixes=[prefix])[0]
-                pos2, _ = pick_centre_cell(second)
-                if pos2 is not None:
-                    log.info(
-                        "scale %s: no cell at the centre at %.3g, found at the folder's "
-                        "median %.3g",
-                        p.name,
-                        scales[prefix],
-                        retry,
-                    )
-                    cells, pos, scales[prefix] = second, pos2, retry
-                    tab = cells.table
-                    kept = tab[tab["kept"]].copy()
-            if pos is None:
-                rejects.append(
-                    {"input": str(folder), "item": str(p), "reason": f"no mask: {reason}"}
-                )
-                continue
             kept = kept.iloc[[pos]].copy()
             kept["cell_id"] = image_id(folder, sample, p)
             kept["image"] = p.name
             kept["mask_source"] = "detector"
             crops.append(cells.crops.images[pos : pos + 1])
             masks.append(cells.crops.masks[pos : pos + 1])
-        elif not len(kept):
-            rejects.append({"input": str(folder), "item": str(p), "reason": "no cells kept"})
-            continue
         else:
+            tab = cells.table
+            kept = tab[tab["kept"]].copy()
+            if not len(kept):
+                rejects.append({"input": str(folder), "item": str(p), "reason": "no cells kept"})
+                continue
             crops.append(cells.crops.images)
             masks.append(cells.crops.masks)
         kept["sample"] = sample
@@ -356,16 +355,6 @@ def frame_premasked(
     if side != crop_size:  # as stage=pair resizes a crop (the same rim blending)
         img, m = resize_crop(img, m, crop_size, background)
     return img, m, float(crop_size / side)
-
-
-def _folder_medians(estimates: dict) -> dict[Path, float]:
-    """Folder -> median of its images' own scale estimates (measured ones only)."""
-    per: dict[Path, list[float]] = {}
-    for path, e in estimates.items():
-        if e.ok:
-            own = e.own_scale if np.isfinite(e.own_scale) else e.scale
-            per.setdefault(Path(path).parent, []).append(float(own))
-    return {k: float(np.median(v)) for k, v in per.items() if v}
 
 
 def segment_crop_folder(folder: str | Path, model_path: str | Path, **kwargs):
