@@ -282,10 +282,11 @@ class Study:
         # absolute: a relative "." or ".." has no name to recognise a train folder by
         root = Path(run_dir).absolute() if run_dir is not None else None
         train = None
-        if root is not None and root.is_file():  # the model file itself: its train folder
+        given_file = root is not None and root.is_file()
+        if given_file:  # the model file itself: its folder is the train folder
             model, root = model or root, root.parent
         if root is not None:
-            train = root if (root / "model.pt").exists() or model else root / "train"
+            train = root if (root / "model.pt").exists() or given_file else root / "train"
             if variant:
                 train = train / variant
             if train == root:
