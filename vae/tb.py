@@ -8,7 +8,8 @@ Tags written (all by rank 0 only):
 * ``reconstruction/val``: image grid, rows = input | reconstruction (fused) |
   reconstruction from the image alone | cross-modal (image decoded from expression)
 * ``expression/granule_genes``: observed vs reconstructed (fused and from image)
-* ``latent/mu_NN``: histograms of the fused posterior means
+* ``reconstruction/val/rows``: text, once: what the grid's rows and columns are
+* ``latent/mu_NN``: histograms of the fused posterior means of the figure batch's cells
 * projector: fused latent of (up to) N cells with crop thumbnails and labels
 """
 
@@ -75,6 +76,7 @@ class TBLogger:
         self.writer = SummaryWriter(str(log_dir))
         self.gene_names = gene_names
         self.granule_genes = granule_genes
+        self._legend_written = False
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         for k, v in values.items():
@@ -106,6 +108,19 @@ class TBLogger:
                 pad_value=1.0,
             )
             self.writer.add_image(RECON_TAG, grid, epoch)
+            if not self._legend_written:  # the image card has no room for row titles
+                names = ["input (masked crop)", "fused reconstruction", "from the image alone"]
+                if len(rows) > 3:
+                    names.append("from expression alone (cross-modal)")
+                self.writer.add_text(
+                    f"{RECON_TAG}/rows",
+                    "Rows, top to bottom: "
+                    + " | ".join(names)
+                    + f". Columns: the same {batch.image.shape[0]} validation cells every "
+                    "epoch; decoded cells drawn as every figure draws them.",
+                    epoch,
+                )
+                self._legend_written = True
         else:  # no image in the data: no reconstruction grid, no image -> expression
             from_img = joint
         # no expression figure without genes (pair=image_only)

@@ -508,3 +508,29 @@ def test_tensorboard_grid_draws_decoded_cells_through_their_decoded_mask(tmp_pat
     np.testing.assert_allclose(got, want, atol=1.5 / 255)
     outside = mask <= 0.5
     assert outside.any() and (img[outside] > 0.05).any()  # the raw square has colour there
+    # the grid's rows are named once in the text tab (the image card has no titles)
+    acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    acc.Reload()
+    legend = acc.Tensors(f"{RECON_TAG}/rows/text_summary")
+    assert len(legend) == 1
+    text = legend[0].tensor_proto.string_val[0].decode()
+    assert text.startswith("Rows, top to bottom: input (masked crop) | fused reconstruction")
+
+
+def test_markdown_table_for_the_text_tab():
+    """Evaluate's tables in TensorBoard: a pipe table (no optional tabulate needed), rows
+    capped with a note naming the CSV."""
+    import pandas as pd
+
+    from vae.analysis.run import markdown_table
+
+    df = pd.DataFrame({"latent": ["joint", "a|b"], "knn accuracy": [0.83456789, np.nan]})
+    md = markdown_table(df, "latent_structure")
+    assert md.splitlines()[:4] == [
+        "| latent | knn accuracy |",
+        "|---|---|",
+        "| joint | 0.8346 |",
+        "| a\\|b |  |",
+    ]
+    long = markdown_table(pd.DataFrame({"x": range(60)}), "per_gene", max_rows=50)
+    assert long.count("\n| ") == 50 and long.endswith("50 of 60 rows; all in per_gene.csv")

@@ -19,9 +19,9 @@ from vae.analysis.run import (
     RunData,
     clean_json,
     embedding,
-    has_tabulate,
     heatmap_genes,
     labels_of,
+    markdown_table,
     obs_col,
     observed_program_scores,
     programs_of,
@@ -677,14 +677,9 @@ def evaluate(
         for sect, vals in out.items():
             if isinstance(vals, dict):
                 tb_scalars(tb, f"evaluate/{sect}", vals)
-        for name, df in tables.items():
-            tb.add_text(
-                f"evaluate/{name}",
-                df.head(50).to_markdown(index=False)
-                if has_tabulate()
-                else df.head(50).to_string(index=False),
-                0,
-            )
+        # every table written, the imputation / denoising / anomaly ones too
+        for name, df in out_files.tables.items():
+            tb.add_text(f"evaluate/{name}", markdown_table(df, name), 0)
         tb.close()
     log.info(
         "evaluate: %d %s rows, tables %s, %.1fs", rows.size, a.split, out["tables"], out["seconds"]

@@ -26,6 +26,7 @@ class Outputs:
     def __init__(self, folder: Path, tb: Any = None):
         self.folder = Path(folder)
         self.tb = tb  # a torch SummaryWriter or None
+        self.tables: dict[str, pd.DataFrame] = {}  # every CSV written, by name (for TB text)
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -43,6 +44,7 @@ class Outputs:
 
         with atomic_path(self.path(f"{name}.csv")) as tmp:
             df.to_csv(tmp, index=False)
+        self.tables[name] = df
         return self.path(f"{name}.csv")
 
 
@@ -243,12 +245,30 @@ def minmax(v: np.ndarray) -> np.ndarray:
     return (v - np.nanmin(v)) / r if r > 0 else np.zeros_like(v)
 
 
-def has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def markdown_table(df: pd.DataFrame, name: str, max_rows: int = 50) -> str:
+    """``df`` as a Markdown pipe table (what TensorBoard's text tab renders as a table).
+
+    Numbers to 4 significant digits; at most ``max_rows`` rows, with a line saying how
+    many were left out and where the whole table is (``name``.csv). Written here, not
+    with ``DataFrame.to_markdown``, which needs the optional ``tabulate`` (without it
+    the plain-text fallback rendered as a garbled paragraph).
+    """
+
+    def cell(v) -> str:
+        if isinstance(v, (float, np.floating)):
+            return "" if not np.isfinite(v) else f"{float(v):.4g}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    cols = [str(c) for c in df.columns]
+    lines = [
+        "| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for row in df.head(max_rows).itertuples(index=False):
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    if len(df) > max_rows:
+        lines.append(f"\n{max_rows} of {len(df)} rows; all in {name}.csv")
+    return "\n".join(lines)
 
 
 def tb_scalars(tb, prefix: str, d: dict) -> None:
