@@ -272,10 +272,13 @@ def markdown_table(df: pd.DataFrame, name: str, max_rows: int = 50) -> str:
 
 
 def tb_scalars(tb, prefix: str, d: dict) -> None:
+    """The float metrics of ``d`` (nested dicts as tag paths) as TensorBoard scalars at
+    step 0. Integers (counts, dim indices) are left to metrics.json: a one-point chart of
+    a cell count or a dim number reads as a measurement."""
     for k, v in d.items():
         if isinstance(v, dict):
             tb_scalars(tb, f"{prefix}/{k}", v)
-        elif isinstance(v, int | float | np.floating | np.integer) and np.isfinite(v):
+        elif isinstance(v, float | np.floating) and np.isfinite(v):
             tb.add_scalar(f"{prefix}/{k}", float(v), 0)
 
 
