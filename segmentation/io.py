@@ -96,6 +96,17 @@ def _to_uint8(a: np.ndarray, converted: list[str]) -> np.ndarray:
     return np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def _page_count(path: Path) -> int:
+    """Pages (frames) of an image file by its header; 1 when Pillow cannot tell."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return int(getattr(im, "n_frames", 1) or 1)
+    except Exception:  # noqa: BLE001 - unknown: a single image
+        return 1
+
+
 def _decode(path: Path, converted: list[str]) -> np.ndarray:
     """Decode with imageio (keeps 16-bit RGB), falling back to Pillow.
 
@@ -110,16 +121,26 @@ def _decode(path: Path, converted: list[str]) -> np.ndarray:
         a = np.asarray(iio.imread(path))
     except Exception:  # noqa: BLE001 - try the other decoder before giving up
         a = None
-    if a is not None and (a.ndim == 4 or (a.ndim == 3 and a.shape[-1] > 4)):
-        # not (H, W[, C]): a multi-page stack (pages, H, W[, C]) or channels stored as
-        # planes (C, H, W); Pillow reads the first page, channels interleaved
-        a = None
+    if a is not None and a.ndim == 4:  # a stack of pages (pages, H, W, C): the first
+        converted.append(f"first page of {a.shape[0]}")
+        a = a[0]
+    elif a is not None and a.ndim == 3 and a.shape[-1] > 4:
+        # not (H, W, C): a stack of grey pages (pages, H, W) or channels stored as planes
+        # (C, H, W); the file's page count tells which. Read here, not by Pillow, which
+        # returns a 16-bit planar RGB file as wrong 8-bit pixels without a word
+        pages = _page_count(path)
+        if pages > 1 and pages == a.shape[0]:
+            converted.append(f"first page of {pages}")
+            a = a[0]
+        elif a.shape[0] in (3, 4):
+            a = np.ascontiguousarray(np.moveaxis(a, 0, -1))
     if a is not None and not (a.ndim == 3 and a.shape[-1] == 4 and a.dtype == np.uint8):
         return a
     # Pillow: the fallback, and the judge of what four 8-bit channels mean
     with Image.open(path) as im:
         pages = int(getattr(im, "n_frames", 1) or 1)
-        if pages > 1:  # a stack: the first page is the image, and the user is told
+        said = any(c.startswith("first page") for c in converted)
+        if pages > 1 and not said:  # a stack: the first page is the image, said so
             converted.append(f"first page of {pages}")
         if im.mode == "CMYK":
             converted.append("cmyk->rgb")

@@ -121,6 +121,17 @@ def _dense(m) -> np.ndarray:
     return np.asarray(m.toarray() if hasattr(m, "toarray") else m)
 
 
+def _whole_number(v) -> bool:
+    """A whole number (5, 5.0, "5"), not a bool."""
+    if isinstance(v, bool):
+        return False
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return False
+    return bool(np.isfinite(f) and f.is_integer())
+
+
 def _is_counts(m: np.ndarray) -> bool:
     return bool(m.size == 0 or ((m >= 0).all() and np.allclose(m, np.round(m))))
 
@@ -207,9 +218,9 @@ class Study:
 
     @impute_iterations.setter
     def impute_iterations(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not _whole_number(value) or int(float(value)) < 1:
             raise StudyError(f"impute_iterations={value!r}: must be an integer >= 1")
-        self._impute_rounds = int(value)
+        self._impute_rounds = int(float(value))
 
     def _check_same_study(self) -> None:
         """Refuse a reference latent written for another model.
@@ -284,6 +295,11 @@ class Study:
         train = None
         given_file = root is not None and root.is_file()
         if given_file:  # the model file itself: its folder is the train folder
+            if variant:
+                raise StudyError(
+                    f"Study.load({run_dir}, variant={variant!r}): give the study folder with "
+                    "variant=, or the variant's model.pt alone"
+                )
             model, root = model or root, root.parent
         if root is not None:
             train = root if (root / "model.pt").exists() or given_file else root / "train"
@@ -663,8 +679,10 @@ class Study:
                 logx = None
             else:
                 logx = sub(adata.X).astype(np.float32)  # the pipeline's log-normalised X
-        elif (nonfinite := int((~np.isfinite(values_of(adata.X))).sum())) > 0:
-            raise StudyError(f"{source}: X holds {nonfinite} NaN or infinite values")
+        elif (nonfinite := int((~np.isfinite(sub(adata.X))).sum())) > 0:
+            raise StudyError(
+                f"{source}: X holds {nonfinite} NaN or infinite values in the model's genes"
+            )
         elif _is_counts(values_of(adata.X)):
             raw, total, logx, values = sub(adata.X), rowsum(adata.X), None, "counts"
         else:
@@ -936,9 +954,9 @@ class Study:
                 f"modality={modality!r}; got {z.shape}"
             )
         codes = codes[:, : z.shape[1]]  # an expert's shared dims: the reference's too
-        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
+        if k is not None and (not _whole_number(k) or int(float(k)) < 1):
             raise StudyError(f"transfer_labels: k={k!r}; must be an integer >= 1")
-        k = int(k or self.analysis.get("knn_k") or 15)
+        k = int(float(k)) if k is not None else int(self.analysis.get("knn_k") or 15)
         if k > int(known.sum()):
             log.warning(
                 "transfer_labels: k=%d but the reference has %d labelled cells%s: k=%d",
@@ -988,7 +1006,6 @@ class Study:
             ]
         )
         if self._path is None or self._path_key != key:
-            self._path_key = key
             ref = self.reference
             if self.label_key not in ref.obs:
                 raise StudyError(f"{self.latent_path}: obs[{self.label_key!r}] is missing")
@@ -1010,7 +1027,7 @@ class Study:
                 float(a.get("gp_noise", 1e-3)),
                 int(self.config.get("seed", 0)),
             )
-            self._path = (cents, path)
+            self._path, self._path_key = (cents, path), key  # only a path that was built
         return self._path
 
     def maturation_position(self, z_full: np.ndarray, labels=None) -> pd.DataFrame:
@@ -1146,7 +1163,7 @@ class Study:
             int(self.analysis.get("image_support_k") or dflt.image_support_k),
             float(self.analysis.get("image_support_quantile") or dflt.image_support_quantile),
         )
-        if ok.all():
+        if ok.all() and len(z):
             return sup
         dist = np.full(len(z), np.nan)
         supported = np.zeros(len(z), bool)

@@ -226,20 +226,28 @@ def _open_disc(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return (F.conv2d(eroded, w, padding=r) > 0.5).to(mask.dtype)
 
 
+FILL_SIGMA_PX = 3.0  # px: the cut takes the cytoplasm colour around it, Gaussian-weighted
+
+
 def fill_cuts(
     cytoplasm: torch.Tensor,
     cut: torch.Tensor,
     nucleus_prob: torch.Tensor,
     cell_prob: torch.Tensor | None = None,
     radius: int = 2,
+    sigma: float = FILL_SIGMA_PX,
 ) -> torch.Tensor:
-    """The cytoplasm layer with the cuts (and 1 px around them) in the cell's cytoplasm colour.
+    """The cytoplasm layer with the cuts (and 1 px around them) in the cytoplasm's colour there.
 
     Where the nucleus mask is uncertain, the cytoplasm layer learns a blurred nucleus
     colour (its pixels are scored as nucleus in some crops): drawn in a cut between two
-    lobes, that halo would join them again. The cut pixels take the layer's mean over
-    the cell pixels more than ``radius`` px from the nucleus; the rest of the layer is
-    drawn as it is (its shading is part of the reconstruction).
+    lobes, that halo would join them again. A cut pixel takes the mean of the layer over
+    the cell pixels more than ``radius`` px from the nucleus, weighted by a Gaussian of
+    ``sigma`` px around it (a normalised convolution: the cytoplasm just beyond the halo
+    where the cut meets it; the cell-wide mean where none lies within ~3 sigma). The
+    cell-wide mean alone (before 2026-12-05) drew cuts on real cells as pale grey cracks:
+    real cytoplasm is pinker beside the nucleus than at the cell's rim. The rest of the
+    layer is drawn as it is (its shading is part of the reconstruction).
 
     Parameters
     ----------
@@ -248,6 +256,8 @@ def fill_cuts(
     nucleus_prob : (B, 1, S, S) the drawn nucleus mask, in [0, 1]
     cell_prob : (B, 1, S, S) the decoded cell mask, in [0, 1], or None (the whole
         square is cell): the cytoplasm colour is taken inside the cell only
+    radius : px around the nucleus left out of the colour (its halo)
+    sigma : px, width of the neighbourhood the colour is taken from; 0: the cell-wide mean
 
     Returns
     -------
@@ -260,5 +270,19 @@ def fill_cuts(
         far = far * (cell_prob > 0.5).to(cytoplasm.dtype)
     n_far = far.sum((2, 3), keepdim=True)
     colour = (cytoplasm * far).sum((2, 3), keepdim=True) / n_far.clamp_min(1)
+    if sigma > 0:
+        num, den = _gaussian_blur(cytoplasm * far, sigma), _gaussian_blur(far, sigma)
+        colour = torch.where(den > 1e-3, num / den.clamp_min(1e-6), colour)
     grown = F.max_pool2d(cut.to(cytoplasm.dtype), 3, stride=1, padding=1) * (n_far > 0)
     return cytoplasm * (1 - grown) + colour * grown
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, C, S, S) blurred by a separable Gaussian of ``sigma`` px (zero outside)."""
+    r = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(t**2) / (2 * sigma * sigma))
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, r), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(r, 0), groups=c)

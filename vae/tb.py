@@ -116,8 +116,9 @@ class TBLogger:
                     f"{RECON_TAG}/rows",
                     "Rows, top to bottom: "
                     + " | ".join(names)
-                    + f". Columns: the same {batch.image.shape[0]} validation cells every "
-                    "epoch; decoded cells drawn as every figure draws them.",
+                    + f". Columns: the same {batch.image.shape[0]} cells every epoch (the "
+                    "validation split's when there is one); decoded cells drawn as every "
+                    "figure draws them.",
                     epoch,
                 )
                 self._legend_written = True

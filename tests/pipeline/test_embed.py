@@ -559,9 +559,21 @@ def test_api_audit_nan_codes_settings_and_calls(study: Path, caplog):
     assert st.maturation_path()[0].names == list(reversed(cents.names))
     again = st.maturation_position(zf[:5])
     assert np.allclose(again["position"], 1 - first["position"], atol=0.05)
+    # a rebuild that fails is not replaced by the path built before (review)
+    st.analysis["label_key"] = "nonexistent"
+    for _ in range(2):
+        with pytest.raises(StudyError, match="nonexistent"):
+            st.maturation_path()
+    del st.analysis["label_key"]
+    assert st.image_support(zf[:0]).supported.shape == (0,)
+    st.impute_iterations = "3"  # whole numbers as the pipeline's config may give them
+    assert st.impute_iterations == 3
+    assert len(st.transfer_labels(st.reference.obsm["X_vae"][:2], k=3.0)) == 2
     # the model file itself as the study (was ".../model.pt/train/model.pt: no such file")
     by_file = Study.load(study / "out" / "s" / "train" / "model.pt")
     assert by_file.model_path == st.model_path
+    with pytest.raises(StudyError, match="variant"):
+        Study.load(study / "out" / "s" / "train" / "model.pt", variant="v1")
     # NaN among counts: said as such (was "neither integer counts nor log1p values")
     paired = ad.read_h5ad(study / "paired.h5ad")
     e = paired[paired.obs["has_expression"].to_numpy()].copy()

@@ -591,6 +591,25 @@ def test_read_rgb_planar_and_multi_page_tiffs(tmp_path):
     for name in ("planar.tif", "pages.tif"):
         rec = ImageRecord(path=tmp_path / name, width=50, height=40)
         assert image_problem(rec) is None
+    # 16-bit planes: their pixels, converted and said so (Pillow read them as wrong
+    # 8-bit pixels without a word); with convert_images=false refused as 16-bit
+    wide = rgb.astype(np.uint16) * 257
+    tifffile.imwrite(
+        tmp_path / "p16.tif", wide.transpose(2, 0, 1), planarconfig="separate", photometric="rgb"
+    )
+    tifffile.imwrite(tmp_path / "pages16.tif", np.stack([wide, wide]), photometric="rgb")
+    r = read_rgb(tmp_path / "p16.tif")
+    assert r.ok and r.converted == ["16bit->8bit"] and np.array_equal(r.image, rgb)
+    r = read_rgb(tmp_path / "pages16.tif")
+    assert r.ok and r.converted == ["first page of 2", "16bit->8bit"]
+    assert np.array_equal(r.image, rgb)
+    assert not read_rgb(tmp_path / "p16.tif", convert=False).ok
+    # a stack of grey pages: the first page, as grey
+    grey = np.stack([rgb[..., 0], rgb[..., 1], rgb[..., 2]])
+    tifffile.imwrite(tmp_path / "grey.tif", grey, photometric="minisblack")
+    r = read_rgb(tmp_path / "grey.tif")
+    assert r.ok and r.converted == ["first page of 3", "grayscale->rgb"]
+    assert np.array_equal(r.image[..., 1], rgb[..., 0])
 
 
 # ----------------------------------------------------------------------------

@@ -689,7 +689,7 @@ def traverse_study(
                     + (
                         "; nearest_crops_*: the median of the real crops nearest each step "
                         "(measured on crops, not on decoded cells)"
-                        if any(c.startswith("nearest_crops_") for c in shown)
+                        if any(c.startswith("nearest_crops_") and c not in flat for c in shown)
                         else ""
                     )
                     + f", along the {kind} path (each scaled to 0..1)"
@@ -1538,7 +1538,8 @@ def _write_study_page(
             v = obs[key].to_numpy()
             if key == "t" and a.maturation_key in info and a.maturation_key in obs:
                 m = obs[a.maturation_key].to_numpy()
-                if m.dtype.kind == "f" and np.array_equal(m, v, equal_nan=True):
+                same = m.dtype.kind == "f" and v.dtype.kind == "f" and m.shape == v.shape
+                if same and np.array_equal(m, v, equal_nan=True):
                     continue  # the simulator's maturation is t: shown once
             if key == a.maturation_key and by_label.any():
                 v = v.astype(np.float64)
