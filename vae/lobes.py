@@ -271,7 +271,12 @@ def fill_cuts(
     n_far = far.sum((2, 3), keepdim=True)
     colour = (cytoplasm * far).sum((2, 3), keepdim=True) / n_far.clamp_min(1)
     if sigma > 0:
-        num, den = _gaussian_blur(cytoplasm * far, sigma), _gaussian_blur(far, sigma)
+        # the local colour skips twice the halo: a halo colour in the cut joins the lobes
+        # again under the granule counter's smoothing
+        r2 = 2 * radius
+        beyond = 1 - F.max_pool2d((nucleus_prob > 0.5).to(cytoplasm.dtype), 2 * r2 + 1, 1, r2)
+        beyond = beyond * (far > 0).to(cytoplasm.dtype)
+        num, den = _gaussian_blur(cytoplasm * beyond, sigma), _gaussian_blur(beyond, sigma)
         colour = torch.where(den > 1e-3, num / den.clamp_min(1e-6), colour)
     grown = F.max_pool2d(cut.to(cytoplasm.dtype), 3, stride=1, padding=1) * (n_far > 0)
     return cytoplasm * (1 - grown) + colour * grown

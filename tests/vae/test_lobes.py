@@ -104,7 +104,7 @@ def test_counts_rows_independently():
     assert got == [1, 3, 4]
 
 
-def test_cuts_take_the_far_cytoplasm_colour_and_the_rest_of_the_layer_stays():
+def test_cuts_take_the_cytoplasm_colour_around_them_and_the_rest_of_the_layer_stays():
     cyto = torch.zeros(1, 3, S, S)
     cyto[:, 0] = 0.9  # pink far from the nucleus...
     nuc = torch.zeros(1, 1, S, S)
@@ -116,9 +116,19 @@ def test_cuts_take_the_far_cytoplasm_colour_and_the_rest_of_the_layer_stays():
     cut[..., 18:30, 23:25] = 1  # a vertical cut through the nucleus
     out = fill_cuts(cyto, cut, nuc * (1 - cut), cell, radius=2)
     grown = torch.nn.functional.max_pool2d(cut, 3, 1, 1).bool()[0, 0]
+    # the cut takes the pink cytoplasm around it (beyond twice the 2 px halo margin),
+    # none of the halo (a halo colour in the cut would join the lobes again)
+    # (deep inside a large nucleus, with no such cytoplasm within ~3 sigma: the cell-wide
+    # mean, whose blue is the 1 px of halo beyond the margin, 0.04)
+    got = out[0][:, grown]
+    assert torch.allclose(got[:2], torch.tensor([0.9, 0.0])[:, None].expand_as(got[:2]))
+    assert float(got[2].max()) < 0.05 and float((got[2] == 0).float().mean()) > 0.5
+    # sigma=0: the cell-wide mean of the cytoplasm beyond the 2 px margin (the drawing
+    # before 2026-12-05)
     far = (cell.bool() & ~torch.nn.functional.max_pool2d(nuc * (1 - cut), 5, 1, 2).bool())[0, 0]
     colour = cyto[0][:, far].mean(1)
-    assert torch.allclose(out[0][:, grown], colour[:, None].expand(-1, int(grown.sum())))
+    flat = fill_cuts(cyto, cut, nuc * (1 - cut), cell, radius=2, sigma=0)
+    assert torch.allclose(flat[0][:, grown], colour[:, None].expand(-1, int(grown.sum())))
     assert float(out[0, 2][grown].max()) < 0.1  # no halo in the cut
     assert torch.equal(out[0][:, ~grown], cyto[0][:, ~grown])  # the rest as decoded
     # no cut, or a nucleus that fills the cell: the layer unchanged
