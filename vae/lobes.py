@@ -276,8 +276,11 @@ def fill_cuts(
         r2 = 2 * radius
         beyond = 1 - F.max_pool2d((nucleus_prob > 0.5).to(cytoplasm.dtype), 2 * r2 + 1, 1, r2)
         beyond = beyond * (far > 0).to(cytoplasm.dtype)
-        num, den = _gaussian_blur(cytoplasm * beyond, sigma), _gaussian_blur(beyond, sigma)
-        colour = torch.where(den > 1e-3, num / den.clamp_min(1e-6), colour)
+        # deep inside a large nucleus nothing lies within reach of sigma: a wider
+        # neighbourhood there (the cell-wide mean takes in the pale rim)
+        for sd in (3 * sigma, sigma):
+            num, den = _gaussian_blur(cytoplasm * beyond, sd), _gaussian_blur(beyond, sd)
+            colour = torch.where(den > 1e-3, num / den.clamp_min(1e-6), colour)
     grown = F.max_pool2d(cut.to(cytoplasm.dtype), 3, stride=1, padding=1) * (n_far > 0)
     return cytoplasm * (1 - grown) + colour * grown
 
