@@ -532,5 +532,10 @@ def test_markdown_table_for_the_text_tab():
         "| joint | 0.8346 |",
         "| a\\|b |  |",
     ]
+    from vae.analysis.run import tb_name
+
+    # metric names as tag parts: no spaces, brackets or arrows (TB audit)
+    assert tb_name("image (joint)") == "image_joint"
+    assert tb_name("image -> expression") == "image_to_expression"
     long = markdown_table(pd.DataFrame({"x": range(60)}), "per_gene", max_rows=50)
     assert long.count("\n| ") == 50 and long.endswith("50 of 60 rows; all in per_gene.csv")

@@ -277,9 +277,20 @@ def tb_scalars(tb, prefix: str, d: dict) -> None:
     a cell count or a dim number reads as a measurement."""
     for k, v in d.items():
         if isinstance(v, dict):
-            tb_scalars(tb, f"{prefix}/{k}", v)
+            tb_scalars(tb, f"{prefix}/{tb_name(k)}", v)
         elif isinstance(v, float | np.floating) and np.isfinite(v):
-            tb.add_scalar(f"{prefix}/{k}", float(v), 0)
+            tb.add_scalar(f"{prefix}/{tb_name(k)}", float(v), 0)
+
+
+def tb_name(key) -> str:
+    """A table row or metric name as one TensorBoard tag part: ``image (joint)`` ->
+    ``image_joint``, ``image -> expression`` -> ``image_to_expression`` (spaces, brackets
+    and arrows make tags that are awkward to filter in TensorBoard's search box)."""
+    import re
+
+    s = str(key).replace("->", " to ")
+    s = re.sub(r"[^0-9A-Za-z_.+-]+", "_", s).strip("_")
+    return s or "_"
 
 
 def cell_codes(rd: RunData, rows: np.ndarray, batch_size: int) -> np.ndarray:
