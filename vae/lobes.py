@@ -294,3 +294,31 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     c = x.shape[1]
     x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, r), groups=c)
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(r, 0), groups=c)
+
+
+def nucleus_holes(
+    nucleus_prob: torch.Tensor, cell_prob: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Pixels the drawn nucleus encloses: (B, 1, S, S) {0, 1}.
+
+    A ring-shaped nucleus (a band, or the pose-averaged nucleus of a traversal) holds
+    cytoplasm in its hole; the pixels not reached from the crop's border without crossing
+    the nucleus (mask > 0.5; 8-connected steps, so a diagonal gap lets the outside in)
+    and inside the cell (``cell_prob`` > 0.5, when given).
+    """
+    nuc = (nucleus_prob > 0.5).to(nucleus_prob.dtype)
+    free = 1 - nuc
+    reach = torch.zeros_like(free)
+    reach[..., 0, :] = free[..., 0, :]
+    reach[..., -1, :] = free[..., -1, :]
+    reach[..., :, 0] = free[..., :, 0]
+    reach[..., :, -1] = free[..., :, -1]
+    for _ in range(nuc.shape[-1] * nuc.shape[-2]):  # flood fill; stops when nothing grows
+        grown = F.max_pool2d(reach, 3, stride=1, padding=1) * free
+        if torch.equal(grown, reach):
+            break
+        reach = grown
+    holes = free * (1 - reach)
+    if cell_prob is not None:
+        holes = holes * (cell_prob > 0.5).to(holes.dtype)
+    return holes

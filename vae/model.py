@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vae.lobes import LobeHead, carve_lobes, fill_cuts, lobe_count
+from vae.lobes import LobeHead, carve_lobes, fill_cuts, lobe_count, nucleus_holes
 
 IMAGE_LIKELIHOODS = ("mse", "gaussian", "laplace")
 EXPRESSION_LIKELIHOODS = ("nb", "zinb", "gaussian")
@@ -1176,10 +1176,15 @@ class TwoBranchVAE(nn.Module):
         if render and (rate is not None or nuc_logits is not None or tex[0] is not None):
             mean = img
             if nuc_logits is not None:
-                sharp, drawn, under = NUCLEUS_RENDER_SHARPNESS, nuc_logits, cyto
+                sharp, drawn = NUCLEUS_RENDER_SHARPNESS, nuc_logits
+                # what shows through the nucleus: the cytoplasm layer there was never a
+                # target (nucleus pixels in the inputs), so a ring's hole and the lobe
+                # cuts take the cytoplasm colour around them (a ring drew a white dot)
+                holes = nucleus_holes(torch.sigmoid(sharp * nuc_logits), mask)
                 if lobes is not None:  # the nucleus cut into the count the head gives
                     drawn, cut = carve_lobes(nuc_logits, lobe_count(lobes), sharp)
-                    under = fill_cuts(cyto, cut, torch.sigmoid(sharp * drawn), mask)
+                    holes = torch.maximum(holes, cut)
+                under = fill_cuts(cyto, holes, torch.sigmoid(sharp * drawn), mask)
                 img = compose_nucleus(under, nuc_colour, drawn, sharp)
             if tex[0] is not None:
                 img = render_texture(img, tex[0], tex[2], mask, seed)

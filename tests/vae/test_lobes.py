@@ -274,3 +274,20 @@ def test_without_lobe_layer_draws_the_uncut_nucleus_and_puts_the_head_back():
 def test_lobe_head_needs_the_nucleus_layer():
     with pytest.raises(ValueError, match="lobe_head needs nucleus_head"):
         _model(nucleus_head=False)
+
+
+def test_nucleus_holes_are_what_a_ring_encloses():
+    """A ring's hole is cytoplasm to draw (a traversal's ring nucleus drew a white dot
+    there); a C-shaped nucleus encloses nothing; outside the cell nothing is a hole."""
+    from vae.lobes import nucleus_holes
+
+    yy, xx = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
+    r = torch.sqrt((yy - 24.0) ** 2 + (xx - 24.0) ** 2)
+    ring = ((r >= 6) & (r <= 11)).float()[None, None]
+    cell = (r <= 18).float()[None, None]
+    h = nucleus_holes(ring, cell)
+    assert torch.equal(h[0, 0].bool(), (r < 6))
+    c_shape = ring.clone()
+    c_shape[..., 22:27, 30:40] = 0  # a gap: the inside reaches the outside
+    assert nucleus_holes(c_shape, cell).sum() == 0
+    assert nucleus_holes(ring, torch.zeros_like(cell)).sum() == 0
