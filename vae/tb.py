@@ -10,6 +10,7 @@ Tags written (all by rank 0 only):
 * ``expression/granule_genes``: observed vs reconstructed (fused and from image)
 * ``reconstruction/val/rows``: text, once: what the grid's rows and columns are
 * ``latent/mu_NN``: histograms of the fused posterior means of the figure batch's cells
+* ``latent/dims``: text, once: which dims (``NN``) are shared and which private
 * projector: fused latent of (up to) N cells with crop thumbnails and labels
 """
 
@@ -81,6 +82,18 @@ class TBLogger:
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         for k, v in values.items():
             self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def dims_legend(self, n_shared: int, n_private: int) -> None:
+        """Say once which of the ``NN`` of ``kl_dim/NN`` and ``latent/mu_NN`` are what (the
+        full code is the shared dims, then each modality's private ones)."""
+        last = n_shared + 2 * n_private - 1
+        text = f"kl_dim/NN and latent/mu_NN: dims 00-{n_shared - 1:02d} shared (fused)"
+        if n_private:
+            text += (
+                f", {n_shared:02d}-{n_shared + n_private - 1:02d} private to the image, "
+                f"{n_shared + n_private:02d}-{last:02d} private to the expression"
+            )
+        self.writer.add_text("latent/dims", text + ".", 0)
 
     def kl_per_dim(self, kl: np.ndarray, step: int) -> None:
         for i, v in enumerate(np.asarray(kl).ravel()):

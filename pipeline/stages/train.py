@@ -285,6 +285,8 @@ def run_train(ctx: StageContext) -> None:
         "source": str(src),
     }
     tb = TBLogger(ctx.output("tb"), data.gene_names, granule[:12]) if dist.is_main else None
+    if tb is not None:
+        tb.dims_legend(int(model.args.n_shared), int(model.args.n_private))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     try:
         result = train(

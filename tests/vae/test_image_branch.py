@@ -486,6 +486,7 @@ def test_tensorboard_grid_draws_decoded_cells_through_their_decoded_mask(tmp_pat
     data = from_anndata(make_paired(n=6), image_size=16)
     batch = to_batch(raw_batch(data, torch.arange(4)), torch.device("cpu"))
     tb = TBLogger(tmp_path, data.gene_names, [0])
+    tb.dims_legend(16, 8)
     tb.epoch_figures(model, batch, 0)
     tb.close()
     acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
@@ -515,6 +516,11 @@ def test_tensorboard_grid_draws_decoded_cells_through_their_decoded_mask(tmp_pat
     assert len(legend) == 1
     text = legend[0].tensor_proto.string_val[0].decode()
     assert text.startswith("Rows, top to bottom: input (masked crop) | fused reconstruction")
+    dims = acc.Tensors("latent/dims/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert dims == (
+        "kl_dim/NN and latent/mu_NN: dims 00-15 shared (fused), 16-23 private to the "
+        "image, 24-31 private to the expression."
+    )
 
 
 def test_markdown_table_for_the_text_tab():
