@@ -242,9 +242,11 @@ def fill_cuts(
     Where the nucleus mask is uncertain, the cytoplasm layer learns a blurred nucleus
     colour (its pixels are scored as nucleus in some crops): drawn in a cut between two
     lobes, that halo would join them again. A cut pixel takes the mean of the layer over
-    the cell pixels more than ``radius`` px from the nucleus, weighted by a Gaussian of
-    ``sigma`` px around it (a normalised convolution: the cytoplasm just beyond the halo
-    where the cut meets it; the cell-wide mean where none lies within ~3 sigma). The
+    the cell pixels more than ``2 radius`` px from the nucleus (and not to be filled),
+    weighted by a Gaussian of ``sigma`` px around it (a normalised convolution: the
+    cytoplasm just beyond the halo where the cut meets it); where none lies within ~3
+    sigma (deep in a large nucleus, a wide ring's hole), a Gaussian of ``3 sigma``; the
+    mean over the cell beyond ``radius`` px where none lies within ~9 sigma either. The
     cell-wide mean alone (before 2026-12-05) drew cuts on real cells as pale grey cracks:
     real cytoplasm is pinker beside the nucleus than at the cell's rim. The rest of the
     layer is drawn as it is (its shading is part of the reconstruction).
@@ -252,7 +254,8 @@ def fill_cuts(
     Parameters
     ----------
     cytoplasm : (B, 3, S, S) colour layer
-    cut : (B, 1, S, S) {0, 1} the cuts (:func:`carve_lobes`)
+    cut : (B, 1, S, S) {0, 1} the pixels to fill: the cuts (:func:`carve_lobes`) and the
+        holes of a ring-shaped nucleus (:func:`nucleus_holes`)
     nucleus_prob : (B, 1, S, S) the drawn nucleus mask, in [0, 1]
     cell_prob : (B, 1, S, S) the decoded cell mask, in [0, 1], or None (the whole
         square is cell): the cytoplasm colour is taken inside the cell only
@@ -265,7 +268,10 @@ def fill_cuts(
     """
     k = 2 * radius + 1
     near = F.max_pool2d((nucleus_prob > 0.5).to(cytoplasm.dtype), k, stride=1, padding=radius)
-    far = 1 - near
+    grown = F.max_pool2d(cut.to(cytoplasm.dtype), 3, stride=1, padding=1)
+    # the pixels to fill are never a source of their colour (a ring's hole lies beyond
+    # the margin too, and its untrained colour would fill itself)
+    far = (1 - near) * (1 - grown)
     if cell_prob is not None:
         far = far * (cell_prob > 0.5).to(cytoplasm.dtype)
     n_far = far.sum((2, 3), keepdim=True)
@@ -281,7 +287,7 @@ def fill_cuts(
         for sd in (3 * sigma, sigma):
             num, den = _gaussian_blur(cytoplasm * beyond, sd), _gaussian_blur(beyond, sd)
             colour = torch.where(den > 1e-3, num / den.clamp_min(1e-6), colour)
-    grown = F.max_pool2d(cut.to(cytoplasm.dtype), 3, stride=1, padding=1) * (n_far > 0)
+    grown = grown * (n_far > 0)
     return cytoplasm * (1 - grown) + colour * grown
 
 
@@ -302,23 +308,19 @@ def nucleus_holes(
     """Pixels the drawn nucleus encloses: (B, 1, S, S) {0, 1}.
 
     A ring-shaped nucleus (a band, or the pose-averaged nucleus of a traversal) holds
-    cytoplasm in its hole; the pixels not reached from the crop's border without crossing
-    the nucleus (mask > 0.5; 8-connected steps, so a diagonal gap lets the outside in)
-    and inside the cell (``cell_prob`` > 0.5, when given).
+    cytoplasm in its hole: the pixels not reached from the crop's border without crossing
+    the nucleus (mask > 0.5; 8-connected steps, so a diagonal gap lets the outside in;
+    ``scipy.ndimage.binary_fill_holes`` per row, ~0.1 ms a 64 px crop) and inside the cell
+    (``cell_prob`` > 0.5, when given).
     """
-    nuc = (nucleus_prob > 0.5).to(nucleus_prob.dtype)
-    free = 1 - nuc
-    reach = torch.zeros_like(free)
-    reach[..., 0, :] = free[..., 0, :]
-    reach[..., -1, :] = free[..., -1, :]
-    reach[..., :, 0] = free[..., :, 0]
-    reach[..., :, -1] = free[..., :, -1]
-    for _ in range(nuc.shape[-1] * nuc.shape[-2]):  # flood fill; stops when nothing grows
-        grown = F.max_pool2d(reach, 3, stride=1, padding=1) * free
-        if torch.equal(grown, reach):
-            break
-        reach = grown
-    holes = free * (1 - reach)
+    from scipy import ndimage as ndi
+
+    nuc = (nucleus_prob > 0.5)[:, 0].detach().cpu().numpy()
+    eight = np.ones((3, 3), bool)
+    holes = np.zeros_like(nuc)
+    for i, m in enumerate(nuc):
+        holes[i] = ndi.binary_fill_holes(m, structure=eight) & ~m
+    out = torch.from_numpy(holes[:, None]).to(nucleus_prob.device, nucleus_prob.dtype)
     if cell_prob is not None:
-        holes = holes * (cell_prob > 0.5).to(holes.dtype)
-    return holes
+        out = out * (cell_prob > 0.5).to(out.dtype)
+    return out

@@ -538,10 +538,13 @@ def test_markdown_table_for_the_text_tab():
         "| joint | 0.8346 |",
         "| a\\|b |  |",
     ]
-    from vae.analysis.run import tb_name
+    from vae.analysis.run import tb_names
 
-    # metric names as tag parts: no spaces, brackets or arrows (TB audit)
-    assert tb_name("image (joint)") == "image_joint"
-    assert tb_name("image -> expression") == "image_to_expression"
+    # metric names as tag parts: no spaces, brackets or arrows (TB audit), never two
+    # metrics in one tag (review)
+    got = tb_names(["image (joint)", "image -> expression", "γδ T cells", "(unlabelled)"])
+    assert list(got.values()) == ["image_joint", "image_to_expression", "γδ_T_cells", "unlabelled"]
+    got = tb_names(["Neutrophil (band)", "Neutrophil band", "(x)", "x"])
+    assert list(got.values()) == ["Neutrophil_band", "Neutrophil_band_2", "x", "x_2"]
     long = markdown_table(pd.DataFrame({"x": range(60)}), "per_gene", max_rows=50)
     assert long.count("\n| ") == 50 and long.endswith("50 of 60 rows; all in per_gene.csv")

@@ -291,3 +291,36 @@ def test_nucleus_holes_are_what_a_ring_encloses():
     c_shape[..., 22:27, 30:40] = 0  # a gap: the inside reaches the outside
     assert nucleus_holes(c_shape, cell).sum() == 0
     assert nucleus_holes(ring, torch.zeros_like(cell)).sum() == 0
+    assert nucleus_holes(ring[:0], cell[:0]).shape == (0, 1, S, S)
+    # filled with the cytoplasm outside the ring, not with the hole's own (untrained)
+    # colour, which lies beyond the margin too (review: a 12 px hole stayed white)
+    cyto = torch.zeros(1, 3, S, S)
+    cyto[:, 0], cyto[:, 1], cyto[:, 2] = 0.9, 0.5, 0.6
+    cyto[..., r < 6] = 1.0
+    out = fill_cuts(cyto, h, ring, cell)
+    pink = torch.tensor([0.9, 0.5, 0.6])[:, None]
+    assert torch.allclose(out[0][:, (r < 6)], pink.expand(-1, int((r < 6).sum())), atol=1e-4)
+    grown = torch.nn.functional.max_pool2d(h, 3, 1, 1).bool().expand(1, 3, S, S)
+    assert torch.equal(out[~grown], cyto[~grown])  # the rest as decoded
+
+
+def test_a_cut_deep_in_a_large_nucleus_takes_the_nearest_cytoplasm_not_the_rim():
+    """Beyond the 3 px neighbourhood, the 9 px one: the cell-wide mean takes in a pale rim
+    (the real GP path's GMP end drew a pale line), the wider neighbourhood does not."""
+    cyto = torch.zeros(1, 3, S, S)
+    cyto[:, 0] = 0.8  # cytoplasm
+    cell = torch.zeros(1, 1, S, S)
+    cell[..., 2:46, 2:46] = 1
+    cyto[:, 2] = 0.0
+    rim = cell.clone()
+    rim[..., 5:43, 5:43] = 0
+    cyto[:, 2][rim[:, 0].bool()] = 1.0  # a pale (blue-white) rim 3 px wide
+    nuc = torch.zeros(1, 1, S, S)
+    nuc[..., 16:32, 16:32] = 1  # a 16 px nucleus; the rim lies 11+ px beyond it
+    cut = torch.zeros(1, 1, S, S)
+    cut[..., 23:25, 23:25] = 1  # at its centre: 8+ px from any cytoplasm
+    out = fill_cuts(cyto, cut, nuc * (1 - cut), cell)
+    grown = torch.nn.functional.max_pool2d(cut, 3, 1, 1).bool()[0, 0]
+    flat = fill_cuts(cyto, cut, nuc * (1 - cut), cell, sigma=0)
+    assert float(flat[0, 2][grown].mean()) > 0.2  # the cell-wide mean: the rim's blue in it
+    assert float(out[0, 2][grown].max()) < 0.5 * float(flat[0, 2][grown].mean())

@@ -275,22 +275,33 @@ def tb_scalars(tb, prefix: str, d: dict) -> None:
     """The float metrics of ``d`` (nested dicts as tag paths) as TensorBoard scalars at
     step 0. Integers (counts, dim indices) are left to metrics.json: a one-point chart of
     a cell count or a dim number reads as a measurement."""
+    names = tb_names(list(d))
     for k, v in d.items():
         if isinstance(v, dict):
-            tb_scalars(tb, f"{prefix}/{tb_name(k)}", v)
+            tb_scalars(tb, f"{prefix}/{names[k]}", v)
         elif isinstance(v, float | np.floating) and np.isfinite(v):
-            tb.add_scalar(f"{prefix}/{tb_name(k)}", float(v), 0)
+            tb.add_scalar(f"{prefix}/{names[k]}", float(v), 0)
 
 
-def tb_name(key) -> str:
-    """A table row or metric name as one TensorBoard tag part: ``image (joint)`` ->
+def tb_names(keys: list) -> dict:
+    """Each key of one dict as one TensorBoard tag part: ``image (joint)`` ->
     ``image_joint``, ``image -> expression`` -> ``image_to_expression`` (spaces, brackets
-    and arrows make tags that are awkward to filter in TensorBoard's search box)."""
+    and arrows make tags awkward to filter in TensorBoard's search box); letters of any
+    script kept (``γδ T cells`` -> ``γδ_T_cells``); two keys that would meet get
+    ``_2``, ``_3`` ... in key order, so no tag holds two metrics."""
     import re
 
-    s = str(key).replace("->", " to ")
-    s = re.sub(r"[^0-9A-Za-z_.+-]+", "_", s).strip("_")
-    return s or "_"
+    out: dict = {}
+    used: set[str] = set()
+    for key in keys:
+        base = re.sub(r"[^\w.+-]+", "_", str(key).replace("->", " to ")).strip("_") or "_"
+        name, n = base, 1
+        while name in used:
+            n += 1
+            name = f"{base}_{n}"
+        used.add(name)
+        out[key] = name
+    return out
 
 
 def cell_codes(rd: RunData, rows: np.ndarray, batch_size: int) -> np.ndarray:
