@@ -233,7 +233,8 @@ def _crop_folder(ctx, src, folder, model, ckpt, settings, offset):
     # a crop without a fixed scale is measured as stage=embed measures crops: its own
     # estimate held near its folder's, and one more pass at the folder's median where the
     # crop's own scale finds no cell at the centre
-    free = [p for p, _ in files if _fixed_scale(src, p) is None]
+    fixed = {p: _fixed_scale(src, p) for p, _ in files}  # None: scale not given, estimated
+    free = [p for p, _ in files if fixed[p] is None]
     est_px = estimate_px(ctx.cfg, ckpt) if free else None
     refine = refine_settings(sc, ckpt) if est_px is not None else None
     pooled = pooled_scales(ctx.cfg, free, est_px, float(settings.input_scale)) or {}
@@ -254,14 +255,14 @@ def _crop_folder(ctx, src, folder, model, ckpt, settings, offset):
                 continue
             good.append((i, path, rel, cls, rd.image))
         for i, path, rel, cls, img in good:  # scales may differ: one call per crop
-            fixed = _fixed_scale(src, path)
+            given = fixed[path]
             s = replace(
                 settings,
-                input_scale=float(settings.input_scale if fixed is None else fixed),
+                input_scale=float(settings.input_scale if given is None else given),
                 filters=f,
                 crop_fill=True,
             )
-            measured = est_px is not None and fixed is None
+            measured = est_px is not None and given is None
             cc = centre_cell(
                 detector,
                 img,

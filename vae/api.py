@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -679,21 +679,23 @@ class Study:
                 logx = None
             else:
                 logx = sub(adata.X).astype(np.float32)  # the pipeline's log-normalised X
-        elif (nonfinite := int((~np.isfinite(sub(adata.X))).sum())) > 0:
-            raise StudyError(
-                f"{source}: X holds {nonfinite} NaN or infinite values in the model's genes"
-            )
-        elif _is_counts(values_of(adata.X)):
-            raw, total, logx, values = sub(adata.X), rowsum(adata.X), None, "counts"
         else:
-            why = _lognorm_problem(values_of(adata.X))
-            if why:
-                raise StudyError(f"{source}: {why}")
-            raw, logx, values = None, sub(adata.X).astype(np.float32), "lognorm"
-            total = np.expm1(logx).sum(1)
-        checked = "layers['counts']" if "counts" in adata.layers else "X"
-        if raw is not None and (not np.isfinite(raw).all() or (raw < 0).any()):
-            raise StudyError(f"{source}: {checked} holds negative or non-finite counts")
+            xs = sub(adata.X)  # the model's genes, dense: read once
+            if (nonfinite := int((~np.isfinite(xs)).sum())) > 0:
+                # said first: NaN fails the counts test and would read as "not log1p"
+                raise StudyError(
+                    f"{source}: X holds {nonfinite} NaN or infinite values in the model's genes"
+                )
+            if _is_counts(values_of(adata.X)):
+                raw, total, logx, values = xs, rowsum(adata.X), None, "counts"
+            else:
+                why = _lognorm_problem(values_of(adata.X))
+                if why:
+                    raise StudyError(f"{source}: {why}")
+                raw, logx, values = None, xs.astype(np.float32), "lognorm"
+                total = np.expm1(logx).sum(1)
+        # the counts were checked finite and >= 0 above (layer: all of it; X: the model's
+        # genes and the counts test); a log-normalised X beside a counts layer was not
         if logx is not None and not np.isfinite(logx).all():
             raise StudyError(f"{source}: X holds non-finite values")
         has_expr = total > 0
@@ -1154,22 +1156,12 @@ class Study:
         if zr.shape[1] != d:
             raise StudyError(f"{self.latent_path}: obsm['X_vae_full'] is missing")
         dflt = AnalysisSettings()
-        # a row without a code (NaN) is not supported; its distance is NaN
-        ok = np.isfinite(z).all(1)
-        zi = zr[image_reference_rows(ref)]
-        sup = image_support(
-            z[ok] if ok.any() else zi[:1],
-            zi,
+        return image_support(  # a row without a code (NaN): not supported, distance NaN
+            z,
+            zr[image_reference_rows(ref)],
             int(self.analysis.get("image_support_k") or dflt.image_support_k),
             float(self.analysis.get("image_support_quantile") or dflt.image_support_quantile),
         )
-        if ok.all() and len(z):
-            return sup
-        dist = np.full(len(z), np.nan)
-        supported = np.zeros(len(z), bool)
-        if ok.any():
-            dist[ok], supported[ok] = sup.distance, sup.supported
-        return replace(sup, distance=dist, supported=supported)
 
     # --------------------------------------------------------------- anomaly
     def anomaly_scores(self, data, latents=None, batch_size: int = 256) -> pd.DataFrame:

@@ -266,8 +266,16 @@ def fill_cuts(
     -------
     (B, 3, S, S); a row without cuts, or whose nucleus fills the cell, is unchanged.
     """
-    k = 2 * radius + 1
-    near = F.max_pool2d((nucleus_prob > 0.5).to(cytoplasm.dtype), k, stride=1, padding=radius)
+    rows = cut.flatten(1).amax(1) > 0
+    if not bool(rows.any()):  # nothing to fill (most cells: one lobe, no ring)
+        return cytoplasm
+    if not bool(rows.all()):  # the blurs below only on the rows with something to fill
+        out = cytoplasm.clone()
+        sub = None if cell_prob is None else cell_prob[rows]
+        out[rows] = fill_cuts(cytoplasm[rows], cut[rows], nucleus_prob[rows], sub, radius, sigma)
+        return out
+    nuc = (nucleus_prob > 0.5).to(cytoplasm.dtype)
+    near = F.max_pool2d(nuc, 2 * radius + 1, stride=1, padding=radius)
     grown = F.max_pool2d(cut.to(cytoplasm.dtype), 3, stride=1, padding=1)
     # the pixels to fill are never a source of their colour (a ring's hole lies beyond
     # the margin too, and its untrained colour would fill itself)
@@ -280,7 +288,7 @@ def fill_cuts(
         # the local colour skips twice the halo: a halo colour in the cut joins the lobes
         # again under the granule counter's smoothing
         r2 = 2 * radius
-        beyond = 1 - F.max_pool2d((nucleus_prob > 0.5).to(cytoplasm.dtype), 2 * r2 + 1, 1, r2)
+        beyond = 1 - F.max_pool2d(nuc, 2 * r2 + 1, 1, r2)
         beyond = beyond * (far > 0).to(cytoplasm.dtype)
         # deep inside a large nucleus nothing lies within reach of sigma: a wider
         # neighbourhood there (the cell-wide mean takes in the pale rim)

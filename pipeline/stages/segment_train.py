@@ -25,6 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import pretrained_weights_path, write_json
 from pipeline.runner import StageContext, StageError, stage
+
+# rejects.csv of stage=segment_train (the files left out of training and why) has the
+# columns of stage=segment's
+from pipeline.segment_sources import REJECT_COLUMNS
 from segmentation.datasets import (
     READERS,
     DetectionDataset,
@@ -47,11 +51,6 @@ def _needs(cfg: DictConfig) -> list[str]:
 def _resolve(cfg: DictConfig, path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else Path(cfg.paths.shared_data) / p
-
-
-# rejects.csv of stage=segment_train: the files left out of training and why (the
-# columns of stage=segment's rejects.csv, pipeline/segment_sources.py)
-REJECT_COLUMNS = ["source", "image", "field", "action", "reason"]
 
 
 # images an annotation file names that are missing: up to this share of its images are

@@ -866,12 +866,13 @@ def traverse_study(
             rho = truth[key]
             zeros = float(np.mean(ys == 0)) if ys.size else 0.0
             if np.isfinite(rho) and np.ptp(ys) > 0 and zeros >= 0.5:
+                n0 = int(np.sum(ys == 0))
                 truth_caveats[key] = (
-                    f"no granule counted on {int(np.sum(ys == 0))} of the {ys.size} decoded "
+                    f"no granule counted on {n0} of the {ys.size} decoded "
                     "cells: the rank rests on that many ties"
                 )
                 truth_notes.append(
-                    f"The granule counter found no granule on {int(np.sum(ys == 0))} of the "
+                    f"The granule counter found no granule on {n0} of the "
                     f"{ys.size} decoded cells of the granule comparison: its Spearman "
                     f"({fmt_number(rho)}) rests on that many ties and says little."
                 )

@@ -535,7 +535,8 @@ def image_support(
 
     Returns
     -------
-    :class:`ImageSupport`; every point unsupported when fewer than 2 reference codes.
+    :class:`ImageSupport`; every point unsupported when fewer than 2 reference codes; a
+    point with a NaN coordinate unsupported, its distance NaN.
     """
     from sklearn.neighbors import NearestNeighbors
 
@@ -550,8 +551,12 @@ def image_support(
     nn = NearestNeighbors(n_neighbors=kk + 1).fit(ref)
     own = nn.kneighbors(ref)[0][:, 1:].mean(1)  # column 0 is the row itself
     thr = float(np.quantile(own, quantile))
-    dist = nn.kneighbors(pts, n_neighbors=kk)[0].mean(1) if len(pts) else np.zeros(0)
-    return ImageSupport(dist, thr, dist <= thr)
+    # a point without a code (NaN: e.g. a cell lacking that modality) is not supported
+    ok = np.isfinite(pts).all(1) if len(pts) else np.zeros(0, bool)
+    dist = np.full(len(pts), np.nan)
+    if ok.any():
+        dist[ok] = nn.kneighbors(pts[ok], n_neighbors=kk)[0].mean(1)
+    return ImageSupport(dist, thr, ok & (np.nan_to_num(dist, nan=np.inf) <= thr))
 
 
 @dataclass

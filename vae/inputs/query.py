@@ -231,40 +231,38 @@ def segment_smear_folder(
                 folder_scale.get(p.parent),
             )
             log.info("scale %s: %s", p.name, cc.how)
-            cells, pos, scales[prefix] = cc.cells, cc.pos, cc.scale
-            kept = cells.table[cells.table["kept"]]
-            if pos is None:
+            scales[prefix] = cc.scale
+            if cc.pos is None:
                 rejects.append(
                     {"input": str(folder), "item": str(p), "reason": f"no mask: {cc.reason}"}
                 )
                 continue
-        elif estimate_cell_px is not None:
-            cells, choice = segment_estimated(
-                det,
-                rd.image,
-                p.name,
-                settings,
-                estimate_cell_px,
-                None,
-                prefix,
-                refine,
-                estimate=pooled.get(p),
-            )
-            log.info("scale %s: %s", p.name, choice.describe())
-            scales[prefix] = choice.scale
-        else:
-            scales[prefix] = float(settings.input_scale)
-            cells = segment_images(det, [rd.image], [p.name], settings, id_prefixes=[prefix])[0]
-        if centre_cell:
-            kept = kept.iloc[[pos]].copy()
+            cells, pos = cc.cells, cc.pos
+            kept = cells.table[cells.table["kept"]].iloc[[pos]].copy()
             kept["cell_id"] = image_id(folder, sample, p)
             kept["image"] = p.name
             kept["mask_source"] = "detector"
             crops.append(cells.crops.images[pos : pos + 1])
             masks.append(cells.crops.masks[pos : pos + 1])
         else:
-            tab = cells.table
-            kept = tab[tab["kept"]].copy()
+            if estimate_cell_px is not None:
+                cells, choice = segment_estimated(
+                    det,
+                    rd.image,
+                    p.name,
+                    settings,
+                    estimate_cell_px,
+                    None,
+                    prefix,
+                    refine,
+                    estimate=pooled.get(p),
+                )
+                log.info("scale %s: %s", p.name, choice.describe())
+                scales[prefix] = choice.scale
+            else:
+                scales[prefix] = float(settings.input_scale)
+                cells = segment_images(det, [rd.image], [p.name], settings, id_prefixes=[prefix])[0]
+            kept = cells.table[cells.table["kept"]].copy()
             if not len(kept):
                 rejects.append({"input": str(folder), "item": str(p), "reason": "no cells kept"})
                 continue

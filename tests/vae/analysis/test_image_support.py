@@ -107,3 +107,16 @@ def test_neighbour_labels_without_labelled_crops_are_empty():
     assert got.label.tolist() == ["", "", ""] and not got.share.any()
     with pytest.raises(ValueError, match="10 codes but 9 labels"):
         neighbour_labels(np.zeros((1, 2)), _cloud(10, 2), np.array(["a"] * 9))
+
+
+def test_a_point_without_a_code_is_not_supported():
+    """A NaN point (a cell lacking the modality) gets distance NaN, unsupported; the
+    others as without it (no sklearn 'Input X contains NaN')."""
+    ref = _cloud()
+    pts = np.vstack([ref[:2], np.full((1, ref.shape[1]), np.nan)])
+    sup = image_support(pts, ref)
+    clean = image_support(ref[:2], ref)
+    assert np.isnan(sup.distance[2]) and not sup.supported[2]
+    assert np.array_equal(sup.distance[:2], clean.distance)
+    assert np.array_equal(sup.supported[:2], clean.supported)
+    assert image_support(pts[:0], ref).supported.shape == (0,)
