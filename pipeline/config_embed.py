@@ -29,6 +29,11 @@ class EmbedConfig:
     # encode -> decode, impute_iterations passes); mean = the reference mean
     impute: str = "model"
     impute_iterations: int = 5
+    # vae_call "unclassified" (counted in no call of samples.csv): a cell whose label
+    # confidence (share of the k neighbours that agree) is below min_confidence, or whose
+    # anomaly_score is above this quantile of the study's own held-out cells' (null: off)
+    min_confidence: float = 0.5
+    atypical_quantile: float | None = 0.99
     batch_size: int = 256  # encoding batch
     examples_per_call: int = 8  # example crops per transferred label in samples.html
     histogram_bins: int = 10  # maturation-position histogram per sample (samples.csv)

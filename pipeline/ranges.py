@@ -161,6 +161,8 @@ RANGES: dict[str, str] = {
     "embed.batch_size": COUNT,
     "embed.examples_per_call": NONNEG,
     "embed.histogram_bins": COUNT,
+    "embed.min_confidence": PROB,
+    "embed.atypical_quantile": "(0,1]",
     # data.simulator.*: checked by its owner, SimulatorParams.validate (stage=simulate)
     # --- analysis ---
     "analysis.batch_size": COUNT,

@@ -194,7 +194,7 @@ def fit(
             for k, v in terms.items():
                 writer.add_scalar(f"train/{k}", v, step)
             writer.add_scalar("train/loss", sum(terms.values()), step)
-            writer.add_scalar("train/lr", lr, step)
+            writer.add_scalar("schedule/lr", lr, step)
 
         return f
 

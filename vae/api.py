@@ -13,7 +13,7 @@ Examples
 >>> study = Study.load("outputs/demo")                          # doctest: +SKIP
 >>> z = study.get_latent("new_crops/", kind="crops")            # (n, n_shared)
 >>> q = study.embed(study.read("new_cells.h5ad"))               # AnnData, all results
->>> q.obs[["vae_label", "vae_label_confidence", "vae_maturation", "vae_stage"]]
+>>> q.obs[["vae_label", "vae_label_confidence", "vae_call", "vae_maturation", "vae_stage"]]
 >>> calls = study.transfer_labels(q.obsm["X_vae_image"], modality="image")  # crops
 >>> pos = study.maturation_position(q.obsm["X_vae_full"], q.obs["vae_label"])  # position, stage
 >>> dec = study.decode(q.obsm["X_vae_full"][:4])                # images, expression
@@ -80,7 +80,10 @@ OBS_COLUMNS = (
     "vae_maturation",
     "vae_stage",
     *ANOMALY_COLUMNS.values(),
+    "vae_atypical",
+    "vae_call",
 )
+UNCLASSIFIED = "unclassified"  # vae_call of a doubtful or atypical cell
 
 
 class StudyError(ValueError):
@@ -132,6 +135,17 @@ def _whole_number(v) -> bool:
     return bool(np.isfinite(f) and f.is_integer())
 
 
+def _number_in(v, lo: float, hi: float) -> float | None:
+    """``v`` as a float when it is a number in [lo, hi] (not a bool), else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) and lo <= f <= hi else None
+
+
 def _is_counts(m: np.ndarray) -> bool:
     return bool(m.size == 0 or ((m >= 0).all() and np.allclose(m, np.round(m))))
 
@@ -178,6 +192,8 @@ class Study:
         device: str = "cpu",
         impute: str = "model",
         impute_iterations: int = 5,
+        min_confidence: float = 0.5,
+        atypical_quantile: float | None = 0.99,
     ):
         self.model, self.meta, self.reference, self.config = model, meta, reference, config
         self.model_path, self.latent_path = Path(model_path), Path(latent_path)
@@ -186,6 +202,8 @@ class Study:
         self.device = device
         # how missing genes are filled (module docstring); settable after load, checked
         self.impute, self.impute_iterations = impute, impute_iterations
+        # which cells embed's vae_call leaves unclassified (settable after load, checked)
+        self.min_confidence, self.atypical_quantile = min_confidence, atypical_quantile
         self._path = None
         self._path_key = None
         self._ref_expr = None
@@ -221,6 +239,59 @@ class Study:
         if not _whole_number(value) or int(float(value)) < 1:
             raise StudyError(f"impute_iterations={value!r}: must be an integer >= 1")
         self._impute_rounds = int(float(value))
+
+    @property
+    def min_confidence(self) -> float:
+        """Label confidence (share of the k neighbours that agree) below which
+        :meth:`embed`'s ``vae_call`` is ``unclassified``; 0 keeps every call."""
+        return self._min_confidence
+
+    @min_confidence.setter
+    def min_confidence(self, value: float) -> None:
+        v = _number_in(value, 0.0, 1.0)
+        if v is None:
+            raise StudyError(f"min_confidence={value!r}: must be a number in [0, 1]")
+        self._min_confidence = v
+
+    @property
+    def atypical_quantile(self) -> float | None:
+        """Quantile of the study's own held-out cells' ``anomaly_score`` above which a
+        query cell is atypical (``vae_atypical``, ``vae_call`` unclassified); None: no
+        cell is (:func:`vae.analysis.anomaly.held_out_thresholds`)."""
+        return self._atypical_q
+
+    @atypical_quantile.setter
+    def atypical_quantile(self, value: float | None) -> None:
+        if value is not None:
+            v = _number_in(value, 0.0, 1.0)
+            if v is None or v == 0.0:
+                raise StudyError(f"atypical_quantile={value!r}: must be in (0, 1] or None")
+            value = v
+        self._atypical_q = value
+        self._atypical_thr = None
+
+    def atypical_thresholds(self) -> dict[str, float]:
+        """``image`` / ``expression`` / ``both`` -> the ``anomaly_score`` above which a
+        query cell with those modalities is atypical (NaN: none is; every value NaN
+        when :attr:`atypical_quantile` is None)."""
+        if self._atypical_q is None:
+            return {m: float("nan") for m in ("image", "expression", "both")}
+        if self._atypical_thr is None:
+            from vae.analysis import anomaly as A
+
+            self._atypical_thr = A.held_out_thresholds(
+                self.reference, self._anomaly_reference(), self._atypical_q
+            )
+        return self._atypical_thr
+
+    def _anomaly_reference(self):
+        if self._anomaly_ref is None:
+            from vae.analysis import anomaly as A
+
+            self._anomaly_ref = A.reference_from_latent(
+                self.reference, self.n_shared, int(self.meta["n_private"])
+            )
+        return self._anomaly_ref
 
     def _check_same_study(self) -> None:
         """Refuse a reference latent written for another model.
@@ -265,6 +336,8 @@ class Study:
         device: str = "cpu",
         impute: str = "model",
         impute_iterations: int = 5,
+        min_confidence: float = 0.5,
+        atypical_quantile: float | None = 0.99,
     ) -> Study:
         """Load a finished study.
 
@@ -279,6 +352,8 @@ class Study:
         device : torch device for the model
         impute, impute_iterations : how genes a query lacks are filled (module
             docstring): ``model`` (each cell's own reconstruction, iterated) or ``mean``
+        min_confidence, atypical_quantile : which cells :meth:`embed` leaves
+            ``unclassified`` in ``vae_call`` (the properties of the same names)
 
         Raises
         ------
@@ -371,6 +446,8 @@ class Study:
             device=device,
             impute=impute,
             impute_iterations=impute_iterations,
+            min_confidence=min_confidence,
+            atypical_quantile=atypical_quantile,
         )
 
     # ------------------------------------------------------------ properties
@@ -1187,8 +1264,7 @@ class Study:
         from vae.infer import reconstruction_nll
 
         ns, npv = self.n_shared, int(self.meta["n_private"])
-        if self._anomaly_ref is None:
-            self._anomaly_ref = A.reference_from_latent(self.reference, ns, npv)
+        ref = self._anomaly_reference()
         lat = latents if latents is not None else self.encode(data, batch_size)
         rec = reconstruction_nll(self.model, data, self.device, batch_size)
         z = {
@@ -1196,7 +1272,7 @@ class Study:
             "expression": A.modality_latent(lat.expression, ns, npv, "expression"),
         }
         recs = {"image": rec.image, "expression": rec.expression}
-        return A.score_rows(recs, z, self._anomaly_ref)
+        return A.score_rows(recs, z, ref)
 
     # ----------------------------------------------------------------- embed
     def embed(self, adata, source: str = "query", batch_size: int = 256):
@@ -1211,7 +1287,11 @@ class Study:
         crop, an expression-only one likewise), ``vae_maturation`` + ``vae_stage``
         (:meth:`maturation_position`; NaN / "" when the study has no path; stage ""
         for a cell called a class off the path), the
-        atypical-cell scores of :meth:`anomaly_scores` (``anomaly_*``); ``obsm``: ``X_vae``, ``X_vae_image``, ``X_vae_expression``,
+        atypical-cell scores of :meth:`anomaly_scores` (``anomaly_*``),
+        ``vae_atypical`` (``anomaly_score`` above :meth:`atypical_thresholds` for the
+        modalities the cell has) and ``vae_call`` (``vae_label``, or ``unclassified``
+        for an atypical cell or one whose label confidence is below
+        :attr:`min_confidence`: what a differential count should count); ``obsm``: ``X_vae``, ``X_vae_image``, ``X_vae_expression``,
         ``X_vae_full``, ``X_vae_logvar`` (+ private blocks), ``crops``/``masks``
         at the model's size when there are images; ``uns["genes"]``: the
         :class:`GeneReport`. Rows with neither modality are dropped (listed in
@@ -1275,6 +1355,17 @@ class Study:
                 conf[rows] = lab["confidence"].to_numpy()
         out.obs["vae_label"] = label.astype(str)
         out.obs["vae_label_confidence"] = conf
+        # the call a differential counts: a cell whose neighbours disagree, or that is
+        # less like the study's cells than its own held-out cells (a doublet, debris,
+        # a kind it never saw), is left unclassified, as a counter flags it
+        thr = self.atypical_thresholds()
+        limit = np.array([thr[m] for m in mod], dtype=np.float64)
+        score = out.obs[ANOMALY_COLUMNS["combined"]].to_numpy(np.float64)
+        with np.errstate(invalid="ignore"):
+            atypical = np.isfinite(limit) & (score > limit)
+        out.obs["vae_atypical"] = atypical
+        doubt = atypical | ~(conf >= self._min_confidence)
+        out.obs["vae_call"] = np.where(doubt, UNCLASSIFIED, label.astype(str)).astype(str)
         try:
             # a cell called a class off the path (a lymphocyte on the granulocyte path)
             # has a projection but no stage: its nearest knot would name a false one
@@ -1297,4 +1388,4 @@ class Study:
         return out
 
 
-__all__ = ["Study", "StudyError", "GeneReport"]
+__all__ = ["Study", "StudyError", "GeneReport", "UNCLASSIFIED"]

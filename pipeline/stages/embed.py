@@ -94,7 +94,12 @@ def load_study(ctx: StageContext):
 
     cfg = ctx.cfg
     seg = cfg.paths.inputs.get("segmentation_model")
-    imp = {"impute": cfg.embed.impute, "impute_iterations": int(cfg.embed.impute_iterations)}
+    imp = {
+        "impute": cfg.embed.impute,
+        "impute_iterations": int(cfg.embed.impute_iterations),
+        "min_confidence": float(cfg.embed.min_confidence),
+        "atypical_quantile": cfg.embed.atypical_quantile,
+    }
     # hardware.*: the model (and the detector of smear folders) on this run's device
     imp["device"] = str(ctx.dist.device) if ctx.dist is not None else "cpu"
     try:
@@ -301,6 +306,16 @@ def run_embed(ctx: StageContext) -> None:
             "by_input": out.obs["vae_input"].value_counts().to_dict(),
             "by_modality": out.obs["vae_modality"].value_counts().to_dict(),
             "by_label": out.obs["vae_label"].value_counts().to_dict(),
+            "by_call": out.obs["vae_call"].value_counts().to_dict(),
+            "unclassified": {
+                "atypical": int(out.obs["vae_atypical"].sum()),
+                "low_confidence": int(
+                    (out.obs["vae_label_confidence"] < study.min_confidence).sum()
+                ),
+                "min_confidence": study.min_confidence,
+                "atypical_quantile": study.atypical_quantile,
+                "atypical_thresholds": study.atypical_thresholds(),
+            },
             "samples": int(len(prof)),
             "rejects": len(rejects),
             "cells_from_images_the_study_trained_on": seen,
@@ -313,16 +328,19 @@ def run_embed(ctx: StageContext) -> None:
 
 
 def _seen_by_study(study, out) -> int:
-    """Cells whose image file the study's reference holds a crop of (warned: they are not
-    new patients; a review embedded TXL-PBC val smears, which +preset=real trains on)."""
+    """Cells whose image file is named like one the study's reference holds a crop of
+    (warned: if they are those images they are not new patients; a review embedded
+    TXL-PBC val smears, which +preset=real trains on). Names only: new smears that reuse
+    a name (a simulator's sim_0000.png) are counted too, and the warning says so."""
     if "image" not in out.obs:
         return 0
     names = out.obs["image"].astype(str).to_numpy()
     seen = study.seen_images(names)
     if seen.any():
         log.warning(
-            "%d of the %d embedded cells come from images the study trained on (file names "
-            "in its latent.h5ad image_ref, e.g. %s): their calls are not those of new cells",
+            "%d of the %d embedded cells come from image files named like images the study "
+            "trained on (its latent.h5ad image_ref, e.g. %s; matched by file name only): if "
+            "they are those images, their calls are not those of new cells",
             int(seen.sum()),
             out.n_obs,
             names[seen][0],

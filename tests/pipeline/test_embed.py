@@ -632,6 +632,61 @@ def test_each_cell_is_labelled_from_reference_cells_with_its_modalities(study: P
     assert (shared["label"].to_numpy() == lab[img]).mean() > 0.9
 
 
+def test_doubtful_and_atypical_cells_are_left_unclassified(study: Path, tmp_path: Path):
+    """vae_call: the label, or unclassified for a cell whose neighbours disagree or that
+    scores above the study's own held-out cells on its modalities (an audit's doublet was
+    called a promyelocyte with confidence 1.0 and counted as an IG); the profile counts
+    the calls, unclassified included."""
+    from vae.analysis.anomaly import held_out_thresholds, reference_from_latent
+    from vae.analysis.samples import sample_profile, write_samples_html
+    from vae.api import UNCLASSIFIED, Study, StudyError
+
+    st = Study.load(study / "out" / "s")
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    q = st.embed(paired.copy())
+    thr = st.atypical_thresholds()
+    assert set(thr) == {"image", "expression", "both"} and all(np.isfinite(list(thr.values())))
+    # the threshold is the held-out rows' own quantile: at q = 1 none of them is above it
+    ref = st.reference
+    held = ref.obs["split"].astype(str).to_numpy() != "train"
+    both = held & ref.obs["has_image"].to_numpy(bool) & ref.obs["has_expression"].to_numpy(bool)
+    top = held_out_thresholds(
+        ref, reference_from_latent(ref, st.n_shared, int(st.meta["n_private"])), 1.0
+    )["both"]
+    assert top == pytest.approx(np.nanmax(ref.obs["anomaly_score"].to_numpy(float)[both]))
+    conf = q.obs["vae_label_confidence"].to_numpy(float)
+    atyp = q.obs["vae_atypical"].to_numpy(bool)
+    expect = np.where(atyp | (conf < 0.5), UNCLASSIFIED, q.obs["vae_label"].astype(str))
+    assert (q.obs["vae_call"].to_numpy() == expect).all()
+    limit = q.obs["vae_modality"].map(thr).to_numpy(float)
+    assert (atyp == (q.obs["anomaly_score"].to_numpy(float) > limit)).all()
+    # a strict study leaves more cells out; switched off, none is atypical
+    st.atypical_quantile = 0.05
+    strict = st.embed(paired.copy())
+    assert strict.obs["vae_atypical"].sum() > atyp.sum()
+    st.atypical_quantile, st.min_confidence = None, 0.0
+    loose = st.embed(paired.copy())
+    assert not loose.obs["vae_atypical"].any()
+    assert (loose.obs["vae_call"] == loose.obs["vae_label"]).all()
+    for bad in ("atypical_quantile", "min_confidence"):
+        with pytest.raises(StudyError, match=bad):
+            setattr(st, bad, 1.5)
+    # the profile counts the calls: an unclassified cell is in n_cells and in no call
+    strict.obs["vae_sample"] = "p"
+    prof = sample_profile(strict.obs).set_index("sample")
+    n_unc = int((strict.obs["vae_call"] == UNCLASSIFIED).sum())
+    assert prof.loc["p", "n_unclassified"] == n_unc > 0
+    calls = [c for c in prof.columns if c.startswith("n_") and f"frac_{c[2:]}" in prof]
+    assert prof.loc["p", calls].sum() == prof.loc["p", "n_cells"]
+    page = tmp_path / "samples.html"
+    write_samples_html(page, prof.reset_index(), strict.obs, strict.obsm["crops"])
+    text = page.read_text()
+    heads = re.findall(r"<h3>([^(<]+) \(", text)
+    assert heads[-1] == UNCLASSIFIED  # examples in maturation order, unclassified last
+    diff = text.split("<h2>Differential count</h2>")[1].split("</table>")[0]
+    assert re.findall(r"<tr><th>([^<]+)</th>", diff)[-1] == UNCLASSIFIED
+
+
 def test_sample_profile_definitions():
     from vae.analysis.samples import sample_profile
 
@@ -654,8 +709,19 @@ def test_sample_profile_definitions():
     )
     prof = sample_profile(obs, bins=10).set_index("sample")
     assert prof.loc["a", "ig_fraction"] == pytest.approx(3 / 8)
-    assert prof.loc["a", "left_shift_index"] == pytest.approx(5 / 7)
-    assert np.isnan(prof.loc["b", "left_shift_index"])
+    # the I:T ratio: (PMY + MY + MMY + band) / (those + segmented); the blast is in neither
+    assert prof.loc["a", "left_shift_index"] == pytest.approx(4 / 6)
+    assert prof.loc["a", "n_neutrophils"] == 6 and prof.loc["a", "n_neutrophil_lineage"] == 7
+    assert prof.loc["a", "blast_fraction"] == pytest.approx(1 / 8)
+    assert np.isnan(prof.loc["b", "left_shift_index"])  # no neutrophil
+    assert prof.loc["b", "blast_fraction"] == 0.0
+    # stage names read loosely: another spelling of the same calls gives the same ratios
+    spelt = ["MB", "PMY", "Myelocytes", "Metamyelocytes", "Band", "Segmented neutrophil"]
+    spelt += ["neutrophil", "lymphocyte"]
+    alias = sample_profile(obs.assign(vae_label=[*spelt, "lymphocyte"]), bins=10)
+    alias = alias.set_index("sample")
+    for col in ("blast_fraction", "ig_fraction", "left_shift_index"):
+        assert alias.loc["a", col] == pytest.approx(prof.loc["a", col]), col
     assert prof.loc["a", "hist_09"] == pytest.approx(2 / 8)
     assert prof.loc["a", "n_segmented_neutrophil"] == 2 and prof.loc["b", "n_cells"] == 1
     # with the path's classes, the lymphocytes are left out of the position's histogram
@@ -671,7 +737,8 @@ def test_sample_profile_definitions():
     kinds = ["Neutrophils", "lymphocyte", "Monocytes"]
     obs_k = obs.assign(vae_label=["Neutrophils"] * 8 + ["lymphocyte"])
     by_kind = sample_profile(obs_k, bins=10, study_labels=kinds).set_index("sample")
-    assert by_kind["ig_fraction"].isna().all()
+    for col in ("ig_fraction", "left_shift_index", "blast_fraction"):
+        assert by_kind[col].isna().all(), col  # "Neutrophils" names no immature stage
     assert sample_profile(obs, bins=10, study_labels=path).set_index("sample").loc[
         "a", "ig_fraction"
     ] == pytest.approx(3 / 8)

@@ -342,6 +342,52 @@ def reference_from_latent(
     return ref
 
 
+def held_out_thresholds(latent, ref: Reference, quantile: float) -> dict[str, float]:
+    """The combined score a study's own held-out cells stay under, per modality set.
+
+    A query cell's ``anomaly_score`` is the mean of the z-scores of the modalities it
+    has, so an image-only cell averages three z-scores and a paired cell six: the
+    spread differs, and one threshold for both would flag image-only cells more
+    often. Here each set gets its own: the ``quantile`` of the score that the
+    held-out rows (``obs["split"] != "train"``; every row when there is no split, or
+    no held-out row) that have the set's modalities reach on those modalities alone.
+
+    Parameters
+    ----------
+    latent : a study's ``latent.h5ad`` (raw score columns of ``ANOMALY_COLUMNS``)
+    ref : its :class:`Reference` (:func:`reference_from_latent`): the z-score scales
+    quantile : in (0, 1], e.g. 0.99: one held-out cell in a hundred scores above
+
+    Returns
+    -------
+    ``"image"``, ``"expression"``, ``"both"`` -> threshold (NaN when no held-out row
+    has the set, or the latent holds no score columns).
+    """
+    obs = latent.obs
+    rows = ~_train_rows(latent)
+    if not rows.any():
+        rows = np.ones(latent.n_obs, bool)
+    out = {}
+    for name, mods in (
+        ("image", ("image",)),
+        ("expression", ("expression",)),
+        ("both", MODALITIES),
+    ):
+        keys = [k for k in RAW_KEYS if k.split("_", 1)[0] in mods]
+        cols = [ANOMALY_COLUMNS[k] for k in keys]
+        if not all(c in obs for c in cols):
+            out[name] = float("nan")
+            continue
+        raw = {k: obs[c].to_numpy(dtype=np.float64)[rows] for k, c in zip(keys, cols)}
+        has = np.ones(int(rows.sum()), bool)
+        for m in mods:  # a row counts for the set when it has every modality of it
+            has &= np.isfinite(raw[f"{m}_reconstruction"])
+        score = combine(raw, ref.raw)[ANOMALY_SCORE].to_numpy()[has]
+        score = score[np.isfinite(score)]
+        out[name] = float(np.quantile(score, quantile)) if score.size else float("nan")
+    return out
+
+
 def rescore_latent(
     latent, n_shared: int, n_private: int, k: int = DEFAULT_K, label_key: str = "label"
 ) -> pd.DataFrame:

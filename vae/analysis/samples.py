@@ -1,27 +1,37 @@
 """Per-sample maturation profile of an embedded query (``embed/samples.csv`` and ``samples.html``).
 
-Definitions (docs/embed.md, "Per-sample profile"), over the cells of one sample
-with their transferred label (``vae_label``) and maturation position (``vae_maturation``):
+Definitions (docs/embed.md, "Per-sample profile"), over the cells of one sample with
+their call (``vae_call``: the transferred label, or ``unclassified`` for a doubtful or
+atypical cell, :meth:`vae.api.Study.embed`; ``vae_label`` where obs has no call) and
+maturation position (``vae_maturation``). Stage names are read by
+:func:`vae.inputs.schema.stage_name` ("Segmented neutrophils", "PMY" and "band" all
+count). Every fraction's denominator is the sample's cells (``n_cells``, unclassified
+ones included, as a manual differential counts its unidentified cells) unless said:
 
-* differential count: cells per transferred label (``n_<label>``) and its
-  fraction of the sample (``frac_<label>``);
+* differential count: cells per call (``n_<call>``, ``n_unclassified``) and its
+  fraction of the sample (``frac_<call>``);
+* blast fraction ``blast_fraction`` = myeloblasts / all cells;
 * immature granulocyte fraction ``ig_fraction`` = (promyelocyte + myelocyte +
-  metamyelocyte) / all cells of the sample (as the IG% of a haematology analyser);
-  NaN when the study's labels hold none of those classes (it cannot call an IG);
-* left-shift index ``left_shift_index`` = (myeloblast + promyelocyte + myelocyte +
-  metamyelocyte + band) / all neutrophil-lineage cells (those six classes with
-  segmented neutrophils): the share of the lineage that is not yet segmented;
-  NaN when the sample has no neutrophil-lineage cell (e.g. a study labelled with
-  other names);
-* ``maturation_mean`` / ``maturation_median`` of the path position, and its
-  histogram ``hist_00 .. hist_<B-1>``: fraction of the sample's cells in each of
-  B equal bins of [0, 1]. With the study's path classes given, only the cells
-  called one of them (``n_on_path``): a lymphocyte projected onto the granulocyte
-  path lands near its start and would read as an immature cell.
+  metamyelocyte) / all cells (as the IG% of a haematology analyser: bands and blasts
+  are not IG);
+* left-shift index ``left_shift_index``: the immature-to-total neutrophil (I:T) ratio,
+  (promyelocyte + myelocyte + metamyelocyte + band) / (those + segmented neutrophils)
+  (``n_neutrophils``). Blasts are in neither: a blast count is reported on its own
+  (``blast_fraction``), never read as a reactive left shift;
+* each of the three is NaN, not 0, when the study's labels cannot call what it counts
+  (no myeloblast class; no immature granulocyte class; no promyelocyte ... band class):
+  0 would read as a measured normal value. The I:T ratio is NaN too for a sample with no
+  neutrophil;
+* ``maturation_mean`` / ``maturation_median`` of the path position, and its histogram
+  ``hist_00 .. hist_<B-1>``: fraction of the on-path cells in each of B equal bins of
+  [0, 1]. With the study's path classes given, only the cells called one of them
+  (``n_on_path``): a lymphocyte projected onto the granulocyte path lands near its start
+  and would read as an immature cell. A cell beyond the first or last class centre
+  projects onto the path's end (0 or 1);
 * where the cells come from smears with the edge filter (``obs["edge_weight"]``,
-  stage=segment's), ``frac_<label>_edge_corrected``, ``ig_fraction_edge_corrected`` and
-  ``left_shift_index_edge_corrected``: the same shares with each cell weighted by the
-  inverse of its chance to escape the edge filter (:func:`segmentation.crops.edge_weights`).
+  stage=segment's), ``frac_<call>_edge_corrected`` and the three ratios'
+  ``*_edge_corrected``: the same shares with each cell weighted by the inverse of its
+  chance to escape the edge filter (:func:`segmentation.crops.edge_weights`).
   Dropping the cells cut by the image edge drops large cells (monocytes,
   promyelocytes, myelocytes) more often than small ones (lymphocytes); on BCCD's
   labelled one-cell photos it kept 55 % of the monocytes but 85 % of the lymphocytes
@@ -40,10 +50,25 @@ import numpy as np
 import pandas as pd
 
 from segmentation.schema import EDGE_WEIGHT
-from vae.inputs.schema import MATURATION_ORDER
+from vae.inputs.schema import ANOMALY_SCORE, stage_name
 
+BLASTS = ("myeloblast",)
 IMMATURE_GRANULOCYTES = ("promyelocyte", "myelocyte", "metamyelocyte")
-LEFT_SHIFTED = ("myeloblast", "promyelocyte", "myelocyte", "metamyelocyte", "band")
+IMMATURE_NEUTROPHILS = (*IMMATURE_GRANULOCYTES, "band")  # the I of the I:T ratio
+NEUTROPHILS = (*IMMATURE_NEUTROPHILS, "segmented_neutrophil")  # its T
+UNCLASSIFIED = "unclassified"  # vae.api's vae_call of a doubtful or atypical cell
+# (column, stages it counts, what a study must be able to call for it to be measurable)
+RATIOS = (
+    ("blast_fraction", BLASTS, BLASTS),
+    ("ig_fraction", IMMATURE_GRANULOCYTES, IMMATURE_GRANULOCYTES),
+    ("left_shift_index", IMMATURE_NEUTROPHILS, IMMATURE_NEUTROPHILS),
+)
+
+
+def call_column(obs: pd.DataFrame) -> str:
+    """The column a profile counts: ``vae_call`` (stage=embed's) when obs has it, else
+    ``vae_label`` (an obs from before the call existed, or a hand-made one)."""
+    return "vae_call" if "vae_call" in obs else "vae_label"
 
 
 def sample_profile(
@@ -53,21 +78,21 @@ def sample_profile(
     path_classes: list[str] | None = None,
     study_labels: list[str] | None = None,
 ) -> pd.DataFrame:
-    """One row per sample: counts, fractions, IG fraction, left-shift index, histogram.
+    """One row per sample: counts, fractions, blast / IG fractions, I:T ratio, histogram.
 
     Parameters
     ----------
-    obs : query obs with ``sample_key``, ``vae_label`` and ``vae_maturation``
+    obs : query obs with ``sample_key``, ``vae_call`` (or ``vae_label``) and
+        ``vae_maturation``
     sample_key : the sample column; None: ``vae_sample`` (``stage=embed``'s) when obs has
         it, else ``sample`` (``Study.read``'s)
     bins : histogram bins over the path position [0, 1]
     path_classes : the classes the study's maturation path runs through
         (:meth:`vae.api.Study.maturation_path`); when given, the position's mean,
         median and histogram are over the cells called one of them (``n_on_path``)
-    study_labels : every label the study can call (its reference's); when none of them
-        is an immature granulocyte class, ``ig_fraction`` is NaN, not 0: such a study
-        cannot call an IG, and 0 would read as a measured normal value (a study
-        labelled by kind, e.g. the real chain's "Neutrophils")
+    study_labels : every label the study can call (its reference's); a ratio whose
+        stages none of them names is NaN (module docstring). None: every ratio is
+        taken as callable
     """
     if sample_key is None:
         sample_key = next((k for k in ("vae_sample", "sample") if k in obs), None)
@@ -75,40 +100,41 @@ def sample_profile(
             raise KeyError("sample_profile: obs has neither 'vae_sample' nor 'sample'")
     elif sample_key not in obs:
         raise KeyError(f"sample_profile: obs has no column {sample_key!r}")
-    labels = sorted(set(obs["vae_label"].astype(str)))
-    can_call_ig = study_labels is None or bool(
-        {str(c).lower() for c in study_labels} & set(IMMATURE_GRANULOCYTES)
+    col = call_column(obs)
+    labels = sorted(set(obs[col].astype(str)) | ({UNCLASSIFIED} if col == "vae_call" else set()))
+    callable_stages = (
+        None if study_labels is None else {stage_name(c) for c in study_labels} - {None}
     )
     on_path = None if path_classes is None else {str(c) for c in path_classes}
     weighted = EDGE_WEIGHT in obs
     rows = []
     for sample, g in obs.groupby(sample_key, sort=True, observed=True):
-        lab = g["vae_label"].astype(str).str.lower()
+        calls = g[col].astype(str)
+        stage = calls.map(stage_name).to_numpy()
         n = len(g)
+        every = np.ones(n, bool)
         row: dict = {"sample": sample, "n_cells": n}
         w = _weights(g) if weighted else None
         for c in labels:
-            hit = (g["vae_label"].astype(str) == c).to_numpy()
+            hit = (calls == c).to_numpy()
             k = int(hit.sum())
             row[f"n_{c}"] = k
             row[f"frac_{c}"] = k / n if n else np.nan
             if w is not None:
-                row[f"frac_{c}_edge_corrected"] = _share(w, hit, np.ones(n, bool))
-        ig = lab.isin(IMMATURE_GRANULOCYTES).to_numpy()
-        row["ig_fraction"] = float(ig.sum() / n) if n and can_call_ig else np.nan
-        lin = lab.isin(MATURATION_ORDER).to_numpy()
-        lineage = int(lin.sum())
-        row["n_neutrophil_lineage"] = lineage
-        left = lab.isin(LEFT_SHIFTED).to_numpy()
-        row["left_shift_index"] = float(left.sum() / lineage) if lineage else np.nan
-        if w is not None:
-            row["ig_fraction_edge_corrected"] = (
-                _share(w, ig, np.ones(n, bool)) if can_call_ig else np.nan
-            )
-            row["left_shift_index_edge_corrected"] = _share(w, left, lin)
+                row[f"frac_{c}_edge_corrected"] = _share(w, hit, every)
+        row["n_neutrophil_lineage"] = int(np.isin(stage, (*BLASTS, *NEUTROPHILS)).sum())
+        neut = np.isin(stage, NEUTROPHILS)
+        row["n_neutrophils"] = int(neut.sum())
+        for name, counted, needs in RATIOS:
+            num = np.isin(stage, counted)
+            den = neut if name == "left_shift_index" else every
+            ok = callable_stages is None or bool(callable_stages & set(needs))
+            row[name] = float(num.sum() / den.sum()) if ok and den.any() else np.nan
+            if w is not None:
+                row[f"{name}_edge_corrected"] = _share(w, num, den) if ok else np.nan
         pos = pd.to_numeric(g["vae_maturation"], errors="coerce").to_numpy(float)
         if on_path is not None:
-            pos = pos[g["vae_label"].astype(str).isin(on_path).to_numpy()]
+            pos = pos[calls.isin(on_path).to_numpy()]
             row["n_on_path"] = int(pos.size)
         pos = pos[np.isfinite(pos)]
         row["maturation_mean"] = float(pos.mean()) if pos.size else np.nan
@@ -151,6 +177,8 @@ def _differential_html(profile: pd.DataFrame) -> str:
 
     labels = [c[2:] for c in profile.columns if c.startswith("n_") and f"frac_{c[2:]}" in profile]
     labels = label_order(labels)  # maturation order, as the study's figures list them
+    if UNCLASSIFIED in labels:  # after every call, as a counter lists its flagged cells
+        labels = [c for c in labels if c != UNCLASSIFIED] + [UNCLASSIFIED]
     edge = any(f"frac_{c}_edge_corrected" in profile for c in labels)
     cols = ["n", "%", "% edge-corrected"] if edge else ["n", "%"]
     head = "".join(
@@ -184,6 +212,9 @@ def _png(a: np.ndarray) -> str:
 
 
 def _hist_svg(h: np.ndarray, width: int = 160, height: int = 40) -> str:
+    """A small bar chart of one sample's position histogram: x = the path position
+    0 (earliest class) .. 1 (latest), bar height = fraction of the on-path cells, the
+    tallest bar's share written at the top left."""
     h = np.nan_to_num(np.asarray(h, float))
     top = max(h.max(), 1e-9)
     w = width / max(len(h), 1)
@@ -192,7 +223,17 @@ def _hist_svg(h: np.ndarray, width: int = 160, height: int = 40) -> str:
         f'height="{v / top * height:.1f}" fill="#5b6bbf"/>'
         for i, v in enumerate(h)
     )
-    return f'<svg width="{width}" height="{height}" style="background:#eee">{bars}</svg>'
+    text = 'font-size="9" fill="#333"'
+    axis = (
+        f'<text x="1" y="9" {text}>{100 * h.max():.0f} %</text>'
+        f'<text x="0" y="{height + 10}" {text}>0</text>'
+        f'<text x="{width / 2}" y="{height + 10}" {text} text-anchor="middle">position</text>'
+        f'<text x="{width}" y="{height + 10}" {text} text-anchor="end">1</text>'
+    )
+    return (
+        f'<svg width="{width}" height="{height + 12}"><rect width="{width}" '
+        f'height="{height}" fill="#eee"/>{bars}{axis}</svg>'
+    )
 
 
 def write_samples_html(
@@ -210,19 +251,25 @@ def write_samples_html(
     Parameters
     ----------
     path : output file (written as given; the caller makes it atomic)
-    obs : query obs aligned with ``crops`` (``vae_label``, ``vae_label_confidence``)
+    obs : query obs aligned with ``crops`` (``vae_call`` or ``vae_label``, ``vae_label``,
+        ``vae_label_confidence``, ``anomaly_score`` when there)
     crops : (n, S, S, 3) uint8 crops of the query rows, or None (no images)
-    per_call : example crops per transferred label (the most confident ones first
-        among a seeded sample of rows with an image)
+    per_call : example crops per call, in maturation order (the most confident ones
+        first among a seeded sample of rows with an image; the unclassified: the most
+        atypical first)
     notes : sentences shown under the title (the study read, its path, its limits)
     """
+    from vae.analysis.palette import label_order
+
     hist_cols = [c for c in profile.columns if c.startswith("hist_")]
-    main = ["sample", "n_cells", "ig_fraction", "left_shift_index", "maturation_median"]
-    if "n_on_path" in profile:
-        main.insert(4, "n_on_path")
-    for c in ("left_shift_index_edge_corrected", "ig_fraction_edge_corrected"):
-        if c in profile:  # beside its uncorrected column
-            main.insert(main.index(c.removesuffix("_edge_corrected")) + 1, c)
+    main = ["sample", "n_cells"]
+    if f"n_{UNCLASSIFIED}" in profile:
+        main.append(f"n_{UNCLASSIFIED}")
+    for name, _, _ in RATIOS:
+        main.append(name)
+        if f"{name}_edge_corrected" in profile:  # beside its uncorrected column
+            main.append(f"{name}_edge_corrected")
+    main += [c for c in ("n_on_path", "maturation_median") if c in profile]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
@@ -231,19 +278,25 @@ def write_samples_html(
         "img{margin:1px;image-rendering:pixelated}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         *(f"<p><b>{html.escape(n)}</b></p>" for n in (notes or [])),
-        "<p>Definitions: immature granulocyte fraction = (promyelocyte + myelocyte + "
-        "metamyelocyte) / all cells; left-shift index = non-segmented neutrophil-lineage "
-        "cells / all neutrophil-lineage cells; histogram of the position along the study's "
-        "maturation path (0 = earliest class, 1 = latest) of the cells called one of the "
-        "path's classes (n_on_path). NaN: not measurable here (the IG fraction when the "
-        "study's labels hold no promyelocyte, myelocyte or metamyelocyte class; the "
-        "left-shift index when no cell is called one of the six stage names myeloblast, "
-        "promyelocyte, myelocyte, metamyelocyte, band, segmented neutrophil: a study "
-        "labelled by cell kind, e.g. with Paul15's 'Neutrophils', names no stage, so its "
-        "left-shift index is NaN whatever it calls). Edge-corrected columns: each cell "
-        "weighted by the inverse of its chance to escape the filter that drops cells cut "
-        "by the image edge, which drops large cells (monocytes, promyelocytes) more often "
-        "than small ones (lymphocytes). See docs/embed.md.</p>",
+        "<p>Definitions (every fraction over all the sample's cells, n_cells): "
+        "unclassified = cells the study does not call: fewer than half of their nearest "
+        "reference cells agree on a label, or they are less like the study's cells than "
+        "99 % of its own held-out cells (a doublet, debris, a kind it never saw; "
+        "embed.min_confidence, embed.atypical_quantile); they count in n_cells and in no "
+        "call. blast fraction = myeloblasts / all cells; immature granulocyte fraction = "
+        "(promyelocyte + myelocyte + metamyelocyte) / all cells, as an analyser's IG% (bands "
+        "and blasts are not IG); left-shift index = the immature-to-total neutrophil (I:T) "
+        "ratio, (promyelocyte + myelocyte + metamyelocyte + band) / (those + segmented "
+        "neutrophils): blasts are in neither part, they are reported on their own. NaN: not "
+        "measurable here: the study's labels name none of the stages a column counts (a "
+        "study labelled by cell kind, e.g. with Paul15's 'Neutrophils', names no immature "
+        "stage), or the sample has no neutrophil (I:T). Histogram: the position along the "
+        "study's maturation path (0 = the earliest class's centre, 1 = the latest's; cells "
+        "beyond either centre sit at the end) of the cells called one of the path's "
+        "classes (n_on_path). Edge-corrected columns: each cell weighted by the inverse of "
+        "its chance to escape the filter that drops cells cut by the image edge, which "
+        "drops large cells (monocytes, promyelocytes) more often than small ones "
+        "(lymphocytes). See docs/embed.md.</p>",
         "<h2>Samples</h2><table><tr>",
         "".join(f"<th>{html.escape(c)}</th>" for c in [*main, "maturation histogram"]),
         "</tr>",
@@ -267,19 +320,30 @@ def write_samples_html(
     else:
         rng = np.random.default_rng(seed)
         img_rows = obs["vae_modality"].astype(str).isin(["image", "both"]).to_numpy()
+        call = obs[call_column(obs)].astype(str).to_numpy()
         lab = obs["vae_label"].astype(str).to_numpy()
         conf = obs["vae_label_confidence"].to_numpy(float)
-        for c in sorted(set(lab[img_rows])):
-            idx = np.flatnonzero(img_rows & (lab == c))
+        odd = (
+            pd.to_numeric(obs[ANOMALY_SCORE], errors="coerce").to_numpy(float)
+            if ANOMALY_SCORE in obs
+            else np.full(len(obs), np.nan)
+        )
+        order = label_order(set(call[img_rows]))
+        order = [c for c in order if c != UNCLASSIFIED] + [c for c in order if c == UNCLASSIFIED]
+        for c in order:
+            idx = np.flatnonzero(img_rows & (call == c))
             idx = rng.permutation(idx)[: 4 * per_call]
-            idx = idx[np.argsort(-conf[idx], kind="stable")][:per_call]
+            # a call's examples: its most confident cells; the unclassified: the most atypical
+            rank = -np.nan_to_num(odd[idx], nan=-np.inf) if c == UNCLASSIFIED else -conf[idx]
+            idx = idx[np.argsort(rank, kind="stable")][:per_call]
             imgs = "".join(
                 f'<img src="{_png(crops[i])}" width="64" title="{html.escape(str(obs.index[i]))} '
-                f'confidence {conf[i]:.2f}">'
+                f"{html.escape(lab[i])}, confidence {conf[i]:.2f}, "
+                f'atypical score {odd[i]:.2f}">'
                 for i in idx
             )
             parts.append(
-                f"<h3>{html.escape(c)} ({int((img_rows & (lab == c)).sum())} cells)</h3>{imgs}"
+                f"<h3>{html.escape(c)} ({int((img_rows & (call == c)).sum())} cells)</h3>{imgs}"
             )
     parts.append("</body></html>")
     with open(path, "w") as f:

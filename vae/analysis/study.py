@@ -1749,9 +1749,10 @@ def _sweep_vs_crops_note(row: dict, crops: pd.DataFrame, dim: int, strong: float
 
 def _span_label(name: str, v: np.ndarray) -> str:
     """Legend label of a min-max scaled path feature: its name and its range, e.g.
-    ``cell_diameter 37.2-38.9 px``."""
+    ``cell_diameter 37.2-38.9 px``, ``granule_density 0-1.2 per 100 px²``."""
     v = np.asarray(v, dtype=float)
     if not np.isfinite(v).any():
         return name
-    unit = " px" if name == "cell_diameter" else ""
+    units = {"cell_diameter": " px", "granule_density": " per 100 px²"}  # granules.py's units
+    unit = units.get(name, "")
     return f"{name} {np.nanmin(v):.3g}-{np.nanmax(v):.3g}{unit}"

@@ -104,6 +104,46 @@ MATURATION_ORDER = (
     "segmented_neutrophil",
 )
 
+# other names of the lineage's stages (lower case, "_" for spaces and dashes): the
+# abbreviations of haematology (PMY, MY, MMY; the Munich AML set's MYB, PMO, MYO, MMZ,
+# NGB, NGS; PBC's BNE, SNE) and a mature "neutrophil", which a study labelled by stage
+# names its segmented neutrophils by (the figures colour it so too)
+STAGE_ALIASES: dict[str, str] = {
+    "mb": "myeloblast",
+    "myb": "myeloblast",
+    "pmy": "promyelocyte",
+    "pmo": "promyelocyte",
+    "my": "myelocyte",
+    "myo": "myelocyte",
+    "mmy": "metamyelocyte",
+    "mmz": "metamyelocyte",
+    "band_neutrophil": "band",
+    "band_cell": "band",
+    "bne": "band",
+    "ngb": "band",
+    "segmented": "segmented_neutrophil",
+    "seg": "segmented_neutrophil",
+    "sne": "segmented_neutrophil",
+    "ngs": "segmented_neutrophil",
+    "neutrophil": "segmented_neutrophil",
+}
+
+
+def stage_name(label: object) -> str | None:
+    """The :data:`MATURATION_ORDER` stage a label names, or None.
+
+    Case, spaces, dashes and a plural ``s`` do not matter ("Segmented neutrophils",
+    "band-neutrophil"), nor the aliases of :data:`STAGE_ALIASES` ("PMY", "NGS").
+    """
+    k = str(label).strip().lower().replace(" ", "_").replace("-", "_")
+    for key in (k, k[:-1] if k.endswith("s") else None):
+        if key in MATURATION_ORDER:
+            return key
+        if key in STAGE_ALIASES:
+            return STAGE_ALIASES[key]
+    return None
+
+
 # granule gene programs (human symbols; matched case-insensitively, so mouse
 # Mpo/Elane map too): expression.programs and analysis.programs default to these,
 # and obs["score_<program>"] of expression.h5ad is keyed by them

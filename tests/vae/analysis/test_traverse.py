@@ -305,6 +305,9 @@ def test_path_feature_legend_gives_each_lines_real_range():
         "cell_diameter 37.2-38.9 px"
     )
     assert _span_label("lobes", np.array([np.nan, 1.0, 3.0])) == "lobes 1-3"
+    assert _span_label("granule_density", np.array([0.0, 1.2])) == (
+        "granule_density 0-1.2 per 100 px²"
+    )
     assert _span_label("lobes", np.array([np.nan, np.nan])) == "lobes"
 
 
