@@ -79,7 +79,9 @@ class HardwareConfig:
     ``kind``: ``cpu`` | ``gpu`` | ``multi_gpu``. ``devices`` lists CUDA
     ordinals; one process is started per listed device (DDP) unless the run
     was already launched by ``torchrun``. On CPU, ``num_processes > 1`` runs
-    DDP with the gloo backend (used by the tests).
+    DDP with the gloo backend (used by the tests); ``devices`` must stay empty there.
+    ``backend``: null (nccl on GPU, gloo on CPU), ``gloo``, ``nccl`` (CUDA only) or
+    ``mpi`` (a PyTorch build with MPI). ``master_port``: 0 picks a free port.
     """
 
     kind: str = "cpu"
@@ -89,9 +91,11 @@ class HardwareConfig:
     backend: str | None = None  # None -> nccl on GPU, gloo on CPU
     fallback_to_cpu: bool = False  # if a GPU is requested but none exists
     master_addr: str = "127.0.0.1"
-    master_port: int = 29531
+    # 0: a free port picked by the pipeline's launcher for each run (two DDP runs on one
+    # machine no longer collide); a fixed port only where another host must know it
+    master_port: int = 0
     num_workers: int = 0  # DataLoader workers
-    pin_memory: bool = False
+    pin_memory: bool = False  # pinned host memory for the copy to the GPU; no-op on CPU
     # paired tables whose crops + dense expression would exceed this many GiB in memory
     # are streamed (stage=train, stage=embed): crops from a chunked store on disk, X and
     # counts kept sparse, one batch in memory at a time; 0: always; null: never

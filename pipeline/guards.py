@@ -279,6 +279,7 @@ def check_resume(cfg: DictConfig, name: str, man: dict[str, Any] | None, inputs:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.hardware import HardwareError  # a hardware.* setting (a taken port...)
     from segmentation.datasets import AnnotationError  # a user's annotation file or image
     from segmentation.io import ImageReadError, UnsafeCheckpointError
     from vae.checkpoint import CheckpointError
@@ -287,6 +288,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (
         StageError,
         StageInputError,
+        HardwareError,
         UnsafeCheckpointError,
         CheckpointError,
         StoreError,
@@ -303,7 +305,10 @@ def start_run(cfg: DictConfig, names: list[str]) -> list[str]:
 
     Settings (:func:`check_start`) first; then a warning for every backup an
     interrupted run left in the experiment. With ``resume=true``, ``stage=all``
-    skips the complete stages it starts with (it continues where it stopped).
+    skips the complete stages it starts with whose inputs are still those they were
+    made from (it continues where it stopped); the first stage that is unfinished, or
+    whose inputs changed since (an interrupted ``overwrite=true`` run re-made them),
+    and every stage after it run (:func:`stage_plan`).
     """
     check_start(cfg)
     from pipeline.stagedir import report_backups
@@ -313,8 +318,19 @@ def start_run(cfg: DictConfig, names: list[str]) -> list[str]:
         return names
     head = 0
     while head < len(names):
-        man = read_manifest(stage_dir(cfg, names[head]))
+        d = stage_dir(cfg, names[head])
+        man = read_manifest(d)
         if not man or man.get("status") != "complete":
+            break
+        changed = changed_inputs(man)
+        if changed:
+            log.warning(
+                "resume=true: stage=%s in %s is complete but was made from inputs that "
+                "changed since (%s): it and every later stage run again",
+                names[head],
+                d,
+                "; ".join(changed),
+            )
             break
         log.info("resume=true: stage=%s is complete; skipped", names[head])
         head += 1
@@ -323,21 +339,78 @@ def start_run(cfg: DictConfig, names: list[str]) -> list[str]:
     return names[head:]
 
 
+def changed_inputs(man: dict[str, Any]) -> list[str]:
+    """The recorded inputs of a stage's manifest that are gone or changed size since
+    (``name (path): old -> new bytes``); sizes only, as :func:`check_fresh` compares:
+    a copied experiment keeps its sizes but not its times."""
+    out = []
+    for n, rec in (man.get("inputs") or {}).items():
+        p = Path(str(rec.get("path", "")))
+        if not p.exists():
+            out.append(f"{n} ({p}): gone")
+        elif describe(p)["bytes"] != rec.get("bytes"):
+            out.append(f"{n} ({p}): {rec.get('bytes')} -> {describe(p)['bytes']} bytes")
+    return out
+
+
+def stage_plan(cfg: DictConfig, names: list[str]) -> list[tuple[str, DictConfig]]:
+    """Each stage of a run with the config it runs under.
+
+    Only ``stage=all resume=true`` changes anything: the first stage it runs
+    (:func:`start_run` skipped the current ones) is resumed when it is unfinished and
+    run again when it is complete (its inputs changed), and every later stage runs
+    again (``overwrite=true``, the old result kept until the new one succeeds): its
+    inputs are being re-made, so what it holds is not a result to continue.
+    """
+    if not (cfg.resume and not cfg.overwrite and len(names) > 1):
+        return [(n, cfg) for n in names]
+    again = cfg.copy()
+    again.overwrite, again.resume = True, False
+    plan = []
+    for k, n in enumerate(names):
+        man = read_manifest(stage_dir(cfg, n)) if k == 0 else None
+        first_resumes = k == 0 and not (man and man.get("status") == "complete")
+        plan.append((n, cfg if first_resumes else again))
+    return plan
+
+
+def crash_log(cfg: DictConfig, name: str) -> Path | None:
+    """The ``<stage>.log`` holding the traceback of the run that just failed.
+
+    Usually ``<stage folder>/<stage>.log``. After ``overwrite=true`` (or ``resume=true``
+    on a complete run) the failed attempt was moved to ``<folder>.failed-<time>`` and
+    the previous result put back, whose own log tells nothing of this failure: the log
+    written last of the folder and its failed attempts is this run's.
+    """
+    try:
+        d = stage_dir(cfg, name)
+    except StageError:
+        return None
+    logs = [d / f"{name}.log"]
+    if d.parent.is_dir():
+        logs += [f / f"{name}.log" for f in d.parent.glob(f"{d.name}.failed-*") if f.is_dir()]
+    found = []
+    for p in logs:
+        try:
+            found.append((p.stat().st_mtime, p))
+        except OSError:
+            continue  # no log there (a folder set aside before its first line)
+    return max(found)[1] if found else None
+
+
 def report_crash(cfg: DictConfig, name: str, e: BaseException) -> int:
     """One line on the console for an unexpected error (exit code 1).
 
-    The traceback is in ``<stage>.log`` (written by the runner); ``log_level=DEBUG``
-    prints it on the console instead.
+    The traceback is in ``<stage>.log`` (written by the runner; :func:`crash_log` finds
+    it, also in a failed attempt's folder); ``log_level=DEBUG`` prints it on the
+    console instead.
     """
     text = str(e).strip().splitlines()
     # a DDP worker's error arrives with the worker's traceback inside the message
     last = text[-1] if text else ""
-    try:
-        where = stage_dir(cfg, name) / f"{name}.log"
-    except StageError:
-        where = None
+    where = crash_log(cfg, name)
     hint = "log_level=DEBUG prints the traceback"
-    if where is not None and where.exists():
+    if where is not None:
         hint = f"traceback in {where}; {hint} here"
     msg = f"stage={name} failed: {type(e).__name__}: {last} ({hint})"
     log.error("%s", msg)

@@ -14,6 +14,7 @@ Only rank 0 writes artifacts and TensorBoard events (``DistInfo.is_main``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -91,6 +92,20 @@ class DistInfo:
         return DDP(model, device_ids=ids)
 
 
+BACKENDS = ("gloo", "nccl", "mpi")
+
+# messages already logged by this process: plan() runs several times per run (the
+# start checks, every stage, every rank), and one fallback warning is enough
+_SAID: set[str] = set()
+
+
+def _warn_once(msg: str, *args: Any) -> None:
+    text = msg % args
+    if text not in _SAID:
+        _SAID.add(text)
+        log.warning("%s", text)
+
+
 def _validate(hw: Any) -> None:
     if hw.kind not in KINDS:
         raise HardwareError(f"hardware.kind={hw.kind!r}; valid: {', '.join(KINDS)}")
@@ -98,6 +113,46 @@ def _validate(hw: Any) -> None:
         raise HardwareError(f"hardware.precision={hw.precision!r}; valid: {', '.join(PRECISIONS)}")
     if hw.num_processes < 1:
         raise HardwareError(f"hardware.num_processes={hw.num_processes} must be >= 1")
+    if hw.kind == "cpu" and list(hw.devices):
+        # plan() never reads the list on CPU: the user would get one CPU process and
+        # think the run used the GPUs they named
+        raise HardwareError(
+            f"hardware.devices={list(hw.devices)} lists CUDA devices, but "
+            f"hardware.kind=cpu runs on the CPU and uses none of them. Use hardware=gpu "
+            f"(one device) or hardware=multi_gpu (one process per device), or drop "
+            f"hardware.devices (hardware.num_processes=N runs N CPU processes)"
+        )
+    backend = hw.backend or None
+    if backend is not None and backend not in BACKENDS:
+        raise HardwareError(
+            f"hardware.backend={backend!r}; valid: {', '.join(BACKENDS)}, or null "
+            f"(nccl on GPU, gloo on CPU)"
+        )
+    if backend == "mpi" and not torch_dist.is_mpi_available():
+        # found only once the ranks are spawned otherwise
+        raise HardwareError(
+            "hardware.backend='mpi': this PyTorch build has no MPI support; use gloo or "
+            "nccl, or null (nccl on GPU, gloo on CPU)"
+        )
+
+
+def _check_backend(hw: Any, device_type: str) -> None:
+    """NCCL needs CUDA devices: refused here rather than after the ranks are spawned."""
+    if (hw.backend or None) == "nccl" and device_type != "cuda":
+        raise HardwareError(
+            f"hardware.backend=nccl needs CUDA devices, but this run is on the CPU "
+            f"(hardware.kind={hw.kind}); use hardware.backend=gloo, or null (picks gloo "
+            f"on CPU)"
+        )
+
+
+def _asked_for(hw: Any, devices: list[int]) -> str:
+    """What the user asked for, in words (an empty list means every visible GPU)."""
+    if devices:
+        return f"GPU(s) {devices}"
+    if hw.kind == "multi_gpu":
+        return "every visible GPU (hardware.devices=[] on hardware.kind=multi_gpu)"
+    return "a GPU"
 
 
 def plan(hw: Any) -> tuple[str, list[int], int]:
@@ -111,23 +166,29 @@ def plan(hw: Any) -> tuple[str, list[int], int]:
     Raises
     ------
     HardwareError
-        A GPU was requested and none is usable (unless ``fallback_to_cpu``).
+        A setting is invalid (named), devices are listed on ``hardware.kind=cpu``, a
+        GPU was requested and none is usable (unless ``fallback_to_cpu``), or the
+        backend does not fit the device.
     """
     _validate(hw)
     if hw.kind == "cpu":
+        _check_backend(hw, "cpu")
         return "cpu", [], int(hw.num_processes)
     n_avail = torch.cuda.device_count() if torch.cuda.is_available() else 0
     devices = list(hw.devices) or ([0] if hw.kind == "gpu" else list(range(n_avail)))
     missing = [d for d in devices if d >= n_avail or d < 0]
     if n_avail == 0 or missing or not devices:
+        asked = _asked_for(hw, missing or devices)
         msg = (
-            f"hardware.kind={hw.kind} hardware.devices={list(hw.devices)} asks for GPU(s) "
-            f"{missing or devices}, but this machine has {n_avail} usable CUDA device(s)"
+            f"hardware.kind={hw.kind} hardware.devices={list(hw.devices)} asks for "
+            f"{asked}, but this machine has {n_avail} usable CUDA device(s)"
         )
         if hw.fallback_to_cpu:
-            log.warning("%s; falling back to CPU (hardware.fallback_to_cpu=true)", msg)
+            _warn_once("%s; falling back to CPU (hardware.fallback_to_cpu=true)", msg)
+            _check_backend(hw, "cpu")
             return "cpu", [], 1
         raise HardwareError(msg + ". Use hardware=cpu, or hardware.fallback_to_cpu=true.")
+    _check_backend(hw, "cuda")
     return "cuda", devices, len(devices)
 
 
@@ -238,8 +299,35 @@ def single_process(hw: Any) -> DistInfo:
     return DistInfo(0, 1, 0, device, hw.precision, None)
 
 
+def _port_in_use(e: BaseException) -> bool:
+    text = str(e)
+    return "EADDRINUSE" in text or "ddress already in use" in text
+
+
+def port_in_use_error(port: Any, setting: Any = None) -> HardwareError:
+    """The error for a taken rendezvous ``port``; ``setting``: ``hardware.master_port``
+    when it differs from ``port`` (0: the launcher picked ``port``)."""
+    if setting is not None and str(setting) == "0":
+        return HardwareError(
+            f"hardware.master_port=0: the free port {port} the launcher picked was taken "
+            f"by another program before the ranks started; run again, or set "
+            f"hardware.master_port to a free port"
+        )
+    return HardwareError(
+        f"hardware.master_port={port}: the port is already in use (another DDP run on "
+        f"this machine, or another program holds it). Use hardware.master_port=0 (the "
+        f"default: the launcher picks a free port) or another free port."
+    )
+
+
 def init_process(rank: int, world_size: int, hw: Any, local_rank: int | None = None) -> DistInfo:
-    """Join the process group as ``rank`` and return this process's DistInfo."""
+    """Join the process group as ``rank`` and return this process's DistInfo.
+
+    Raises
+    ------
+    HardwareError
+        The rendezvous port (``hardware.master_port``) is taken.
+    """
     dtype, ids, _ = plan(hw)
     local_rank = rank if local_rank is None else local_rank
     if dtype == "cuda":
@@ -250,8 +338,22 @@ def init_process(rank: int, world_size: int, hw: Any, local_rank: int | None = N
     backend = hw.backend or ("nccl" if dtype == "cuda" else "gloo")
     if world_size > 1 and not torch_dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", str(hw.master_addr))
-        os.environ.setdefault("MASTER_PORT", str(hw.master_port))
-        torch_dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        if "MASTER_PORT" not in os.environ:
+            # 0 asks for a free port; only a launcher can pick one that every rank knows
+            port = int(hw.master_port)
+            if port == 0:
+                raise HardwareError(
+                    "hardware.master_port=0 (pick a free port) needs the pipeline's own "
+                    "launcher or torchrun to set MASTER_PORT for every rank; set "
+                    "hardware.master_port=PORT or export MASTER_PORT"
+                )
+            os.environ["MASTER_PORT"] = str(port)
+        try:
+            torch_dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        except RuntimeError as e:  # DistNetworkError: the store's port is taken
+            if _port_in_use(e):
+                raise port_in_use_error(os.environ["MASTER_PORT"], hw.master_port) from e
+            raise
     set_threads(hw, world_size)
     return DistInfo(
         rank, world_size, local_rank, device, hw.precision, backend if world_size > 1 else None
@@ -264,12 +366,151 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawned(rank: int, fn: Callable, ctx: Any, hw: Any, world_size: int, done: Any = None) -> None:
-    ctx.dist = init_process(rank, world_size, hw)
-    if not ctx.dist.is_main:
+def _check_port(addr: str, port: int) -> None:
+    """Refuse a fixed ``hardware.master_port`` that another process listens on now,
+    before any rank starts (rank 0 would fail with a bare EADDRINUSE, and the other
+    ranks might knock on the other run's door)."""
+    with socket.socket() as s:
+        # as the rendezvous store binds: a port left in TIME_WAIT by an earlier run is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((addr, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise port_in_use_error(port) from None
+            # another reason (an address not on this machine...): init_process_group says
+
+
+# ----------------------------------------------------------------------------
+# logging of spawned ranks
+# ----------------------------------------------------------------------------
+#
+# A rank started by mp.spawn is a fresh interpreter: Hydra's job logging and the
+# stage's <stage>.log handler (pipeline.stagedir.add_log_file) exist in the parent
+# only, so the ranks' records went to Python's last-resort handler (WARNING and up,
+# message only, stderr) and never to the log file. The parent describes its root
+# handlers (console streams and files, levels, formats) and every rank rebuilds them.
+
+
+@dataclass
+class _HandlerSpec:
+    kind: str  # "stdout" | "stderr" | "file"
+    level: int
+    fmt: str | None
+    datefmt: str | None
+    path: str | None = None
+
+
+@dataclass
+class LogSetup:
+    """The parent's root logging, picklable for :func:`_spawned`."""
+
+    root_level: int
+    handlers: list[_HandlerSpec]
+    levels: dict[str, int]  # loggers with their own level (``anndata``: WARNING)
+
+
+def _stream_kind(h: logging.Handler) -> str | None:
+    import sys
+
+    stream = getattr(h, "stream", None)
+    if stream is None:
+        return None
+    if stream in (sys.stdout, sys.__stdout__):
+        return "stdout"
+    if stream in (sys.stderr, sys.__stderr__):
+        return "stderr"
+    return None
+
+
+def log_setup() -> LogSetup:
+    """Describe this process's root handlers (files and console streams)."""
+    specs = []
+    for h in logging.getLogger().handlers:
+        fmt = h.formatter
+        f, d = (fmt._fmt, fmt.datefmt) if fmt is not None else (None, None)
+        if isinstance(h, logging.FileHandler):
+            specs.append(_HandlerSpec("file", h.level, f, d, h.baseFilename))
+            continue
+        kind = _stream_kind(h)  # a console handler (also tqdm's, while bars show)
+        if kind is not None:
+            specs.append(_HandlerSpec(kind, h.level, f, d))
+    levels = {
+        name: lg.level
+        for name, lg in logging.Logger.manager.loggerDict.items()
+        if isinstance(lg, logging.Logger) and lg.level != logging.NOTSET
+    }
+    return LogSetup(logging.getLogger().level, specs, levels)
+
+
+class _RankFormatter(logging.Formatter):
+    """The parent's format with ``[rank N]`` before the message (ranks other than 0)."""
+
+    def __init__(self, fmt: str | None, datefmt: str | None, rank: int):
+        super().__init__(fmt, datefmt)
+        self.rank = rank
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        plain = record.message
+        record.message = f"[rank {self.rank}] {plain}"
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = plain
+
+
+def apply_log_setup(setup: LogSetup, rank: int) -> list[logging.Handler]:
+    """Rebuild the parent's logging in spawned rank ``rank``; returns the new handlers.
+
+    Rank 0 logs as the parent does (console and ``<stage>.log``); the other ranks only
+    their warnings and errors, prefixed ``[rank N]``, to the same places (their INFO
+    lines repeat rank 0's).
+    """
+    import sys
+
+    root = logging.getLogger()
+    for h in list(root.handlers):  # none in a fresh spawn; a forked one has copies
+        root.removeHandler(h)
+    made: list[logging.Handler] = []
+    for spec in setup.handlers:
+        if spec.kind == "file":
+            h: logging.Handler = logging.FileHandler(spec.path, mode="a")  # type: ignore[arg-type]
+        else:
+            h = logging.StreamHandler(sys.stdout if spec.kind == "stdout" else sys.stderr)
+        h.setLevel(spec.level if rank == 0 else max(spec.level, logging.WARNING))
+        if rank == 0:
+            h.setFormatter(logging.Formatter(spec.fmt, spec.datefmt))
+        else:
+            h.setFormatter(_RankFormatter(spec.fmt, spec.datefmt, rank))
+        root.addHandler(h)
+        made.append(h)
+    root.setLevel(setup.root_level if rank == 0 else max(setup.root_level, logging.WARNING))
+    for name, level in setup.levels.items():
+        logging.getLogger(name).setLevel(level)
+    logging.captureWarnings(True)  # warnings.warn in a rank: through the same handlers
+    return made
+
+
+def _spawned(
+    rank: int,
+    fn: Callable,
+    ctx: Any,
+    hw: Any,
+    world_size: int,
+    done: Any = None,
+    logs: LogSetup | None = None,
+) -> None:
+    if logs is not None:
+        apply_log_setup(logs, rank)
+    elif rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
+    ctx.dist = init_process(rank, world_size, hw)
     try:
-        fn(ctx)
+        from segmentation.progress import redirect_logging
+
+        # rank 0's log lines above its progress bars, as in the parent
+        with redirect_logging() if ctx.dist.is_main else contextlib.nullcontext():
+            fn(ctx)
         # tear gloo down together: a rank destroying its group while the other still
         # talks aborted rank 0 at exit now and then ("terminate called without an
         # active exception"). Not on the error path, where the other rank may never come
@@ -280,6 +521,18 @@ def _spawned(rank: int, fn: Callable, ctx: Any, hw: Any, world_size: int, done: 
     finally:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+        for h in logging.getLogger().handlers:
+            h.flush()
+
+
+def _child_error(e: BaseException) -> HardwareError | None:
+    """The HardwareError a spawned rank raised (it reaches the parent as text)."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    tag = "HardwareError: "
+    if tag in last:
+        return HardwareError(last.split(tag, 1)[1])
+    return None
 
 
 def launch(fn: Callable[[Any], None], ctx: Any, hw: Any) -> None:
@@ -287,6 +540,12 @@ def launch(fn: Callable[[Any], None], ctx: Any, hw: Any) -> None:
 
     Under torchrun this process is one rank already; otherwise one process per
     device is spawned with ``torch.multiprocessing`` and this call waits for all.
+    The spawned ranks log as this process does (:func:`apply_log_setup`).
+
+    Raises
+    ------
+    HardwareError
+        ``hardware.master_port`` is taken, or a rank raised one.
     """
     if launched_by_torchrun():
         ctx.dist = init_process(
@@ -299,19 +558,36 @@ def launch(fn: Callable[[Any], None], ctx: Any, hw: Any) -> None:
         ctx.dist.barrier()
         fn(ctx)
         return
-    _, _, world = plan(hw)
+    dtype, _, world = plan(hw)
     if world == 1:
         ctx.dist = single_process(hw)
         fn(ctx)
         return
     import torch.multiprocessing as mp
 
+    # 0 (the default): a free port, so that two runs on one machine do not collide
+    port = free_port() if int(hw.master_port) == 0 else int(hw.master_port)
+    if int(hw.master_port) != 0:
+        _check_port(str(hw.master_addr), port)
     os.environ["MASTER_ADDR"] = str(hw.master_addr)
-    os.environ["MASTER_PORT"] = str(free_port() if hw.master_port == 0 else hw.master_port)
-    log.info("spawning %d processes (%s)", world, "gloo/cpu" if hw.kind == "cpu" else "nccl/gpu")
+    os.environ["MASTER_PORT"] = str(port)
+    log.info(
+        "spawning %d processes (%s/%s, port %d)",
+        world,
+        hw.backend or ("nccl" if dtype == "cuda" else "gloo"),
+        "gpu" if dtype == "cuda" else "cpu",
+        port,
+    )
     done = mp.get_context("spawn").Array("b", world)  # per rank: fn and the barrier passed
+    for h in logging.getLogger().handlers:
+        h.flush()  # the ranks append to the same files
     try:
-        mp.spawn(_spawned, args=(fn, ctx, hw, world, done), nprocs=world, join=True)
+        mp.spawn(_spawned, args=(fn, ctx, hw, world, done, log_setup()), nprocs=world, join=True)
+    except mp.ProcessRaisedException as e:
+        why = _child_error(e)
+        if why is not None:
+            raise why from None  # a user's setting: one line, no rank traceback
+        raise
     except mp.ProcessExitedException as e:
         # gloo's teardown (destroy_process_group) still aborts a rank now and then
         # ("terminate called without an active exception", SIGABRT) after every rank

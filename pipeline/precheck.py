@@ -15,19 +15,26 @@ from pipeline.runner import (
 )
 
 
-def precheck(cfg: DictConfig, names: list[str]) -> None:
+def precheck(
+    cfg: DictConfig, names: list[str], plan: list[tuple[str, DictConfig]] | None = None
+) -> None:
     """Check every stage's settings and inputs before the first one starts.
 
     An input counts as available when an earlier stage of ``names`` produces it
-    (unless ``paths.inputs.<name>`` points elsewhere). Raises :class:`StageError`
-    naming the stage and the missing input or bad setting; writes nothing.
+    (unless ``paths.inputs.<name>`` points elsewhere). ``plan``: each stage's own
+    config (:func:`pipeline.guards.stage_plan`; default ``cfg`` for all). Raises
+    :class:`StageError` naming the stage and the missing input or bad setting; writes
+    nothing.
     """
     from pipeline.guards import RESUMABLE
     from pipeline.stagedir import folder_status, rerun_without_asking
 
     load_stages()
     produced: set[str] = set()
+    own = dict(plan or [])
+    top = cfg
     for name in names:
+        cfg = own.get(name, top)
         spec = REGISTRY[name]
         try:
             if spec.validate is not None:
@@ -60,7 +67,7 @@ def precheck(cfg: DictConfig, names: list[str]) -> None:
                     )
         except (StageError, StageInputError) as e:
             raise StageError(
-                f"stage={cfg.stage.name}: stage={name} cannot run: {e} "
+                f"stage={top.stage.name}: stage={name} cannot run: {e} "
                 f"(checked before any stage started; nothing was run)"
             ) from e
         produced |= {a for a, (producer, _) in ARTIFACTS.items() if producer == name}

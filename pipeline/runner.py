@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,9 +241,14 @@ class StageContext:
         return self.inputs[name]
 
     def has_input(self, name: str) -> bool:
+        """Whether optional input ``name`` can be read. One that exists but cannot be
+        used (its stage did not finish, or it changed since) is said in the log: it
+        was taken for "not run" without a word (an audit's killed evaluate)."""
         try:
             self.input(name)
-        except StageInputError:
+        except StageInputError as e:
+            if not str(e).startswith("missing input"):
+                log.warning("optional input '%s' is not used: %s", name, e)
             return False
         return True
 
@@ -287,7 +292,7 @@ def stages_for(cfg: DictConfig) -> list[str]:
 def run_stage(cfg: DictConfig, name: str) -> Path:
     """Run one stage: check inputs, prepare its folder, call it, write the manifest."""
     from pipeline import guards, hardware
-    from pipeline.locks import stage_lock
+    from pipeline.locks import producer_lock, stage_lock
     from pipeline.stagedir import check_writable
 
     if name not in REGISTRY:
@@ -313,10 +318,32 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
         except StageInputError:
             pass
     guards.probe_inputs(inputs)
-    # one run per stage folder at a time, from the existence check to the manifest
+    # one run per stage folder at a time, from the existence check to the manifest;
+    # the folders it reads are not rewritten meanwhile (shared locks, pipeline/locks.py)
     check_writable(Path(cfg.paths.root), "paths.root")
-    with stage_lock(run_dir(cfg), name, cfg.variant, cfg.experiment):
+    own = stage_lock(run_dir(cfg), name, cfg.variant, cfg.experiment)
+    with ExitStack() as held:
+        seen = {own.path}
+        for n, p in inputs.items():
+            lock = producer_lock(p)
+            if lock is not None and lock.path not in seen:
+                seen.add(lock.path)
+                held.enter_context(_Held(lock.acquire_shared(f"input '{n}' ({p})")))
+        held.enter_context(own)
         return _run_locked(cfg, name, spec, inputs)
+
+
+class _Held:
+    """Releases an already acquired :class:`pipeline.locks.StageLock` on exit."""
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        return self.lock
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
 
 
 # stage folders this process has started to write (see _drop_hydra_dir)
@@ -330,8 +357,18 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
 
     global _FOLDERS_STARTED
     _FOLDERS_STARTED += 1
-    d, backup = prepare_stage_dir(cfg, name, inputs)
+    # what preparing the folder says (a backup restored, an attempt set aside) belongs
+    # in the stage's log too, which can only be opened once the folder is ready
+    early = _Records()
+    logging.getLogger().addHandler(early)
+    try:
+        d, backup = prepare_stage_dir(cfg, name, inputs)
+    finally:
+        logging.getLogger().removeHandler(early)
     handler = add_log_file(d / f"{name}.log", cfg.log_level)
+    for rec in early.records:
+        if rec.levelno >= handler.level:
+            handler.handle(rec)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     manifest = Manifest(d, name, resolved)
     manifest.data["resume_hash"] = settings_hash(resolved, name)
@@ -372,6 +409,17 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
         shutil.rmtree(backup, ignore_errors=True)
     log.info("stage=%s done in %.1f s", name, time.time() - t0)
     return d
+
+
+class _Records(logging.Handler):
+    """Keeps the records it is given (replayed into a log file opened later)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def _record_inputs(manifest: Manifest, ctx: StageContext) -> None:
@@ -435,17 +483,18 @@ def main(cfg: DictConfig) -> int:
     name = cfg.stage.name
     try:
         names = guards.start_run(cfg, stages_for(cfg))
+        plan = guards.stage_plan(cfg, names)
         if len(names) > 1 and os.environ.get("RANK", "0") in ("", "0"):
             from pipeline.precheck import precheck
 
-            precheck(cfg, names)  # rank 0 of torchrun or a plain run
+            precheck(cfg, names, plan)  # rank 0 of torchrun or a plain run
         from segmentation.progress import redirect_logging
 
         with redirect_logging():  # log lines above the progress bars, not through them
-            for k, name in enumerate(names, 1):
+            for k, (name, stage_cfg) in enumerate(plan, 1):
                 if len(names) > 1:
                     log.info("stage %d/%d: %s", k, len(names), name)
-                run_stage(cfg, name)
+                run_stage(stage_cfg, name)
     except guards.USER_ERRORS as e:
         _log_off_console(f"{e}")
         print(f"error: {e}", file=sys.stderr)
@@ -469,5 +518,6 @@ def main(cfg: DictConfig) -> int:
         return guards.report_crash(cfg, name, e)
     # one stage: its own folder (a variant run sits below the stage folder)
     out = stage_dir(cfg, names[0]) if len(names) == 1 else run_dir(cfg)
-    print(f"done: stage={cfg.stage.name} -> {out}")
+    if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun rank 0 writes, and says so
+        print(f"done: stage={cfg.stage.name} -> {out}")
     return 0

@@ -160,12 +160,25 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
     succeeds, restored if it fails.
     """
     d = stage_dir(cfg, name)
-    recover_backups(d, name)
-    backup = None
+    backup = _attempt_to_continue(cfg, name, d)
+    if backup is None:
+        recover_backups(d, name)
     if own_entries(d):
         status = _status(d)
         if cfg.overwrite:
             backup = _set_aside(cfg, name, d, d.with_name(f".{d.name}.old-{uuid.uuid4().hex[:6]}"))
+        elif cfg.resume and backup is not None:
+            check_resume(cfg, name, read_manifest(d), inputs)
+            log.warning(
+                "resume=true: stage=%s continues the attempt an interrupted overwrite=true "
+                "run left in %s (status: %s) from its %s; the complete result it replaces "
+                "stays in %s until this run succeeds",
+                name,
+                d,
+                status,
+                RESUMABLE[name],
+                backup,
+            )
         elif cfg.resume:
             if name not in RESUMABLE:
                 if status == "complete":
@@ -174,12 +187,17 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
                         f"keeps no checkpoint to continue from. Pass overwrite=true to run "
                         f"it again, or choose another experiment=NAME."
                     )
+                # nothing of it can be continued: set aside (its log says how far it
+                # got), so the new run starts in a clean folder, not among the dead
+                # attempt's half-written temporary files
+                kept = _set_aside(cfg, name, d, aside_name(d, "interrupted"))
                 log.warning(
                     "resume=true: stage=%s keeps no checkpoint; the unfinished run in %s "
-                    "(status: %s) is run again from the start",
+                    "(status: %s) is run again from the start (the attempt is kept in %s)",
                     name,
                     d,
                     status,
+                    kept,
                 )
             else:
                 check_resume(cfg, name, read_manifest(d), inputs)
@@ -217,6 +235,25 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
             )
     d.mkdir(parents=True, exist_ok=True)
     return d, backup
+
+
+def _attempt_to_continue(cfg: DictConfig, name: str, d: Path) -> Path | None:
+    """With ``resume=true``, the complete backup to keep aside while the interrupted
+    attempt in ``d`` is continued, or None.
+
+    A killed ``overwrite=true`` run leaves its attempt in ``d`` (status running or
+    failed) and the previous complete result as a backup beside it. Without
+    ``resume=true`` the backup is put back (:func:`recover_backups`); with it, a stage
+    that continues from a checkpoint continues the attempt when it wrote one: putting
+    the old result back would continue the old model (or refuse a setting the attempt
+    changed), not the run the user interrupted. The backup keeps its place as the
+    result restored if this run fails, deleted once it succeeds.
+    """
+    if not cfg.resume or cfg.overwrite or name not in RESUMABLE:
+        return None
+    if folder_status(d) not in ("running", "failed") or not (d / RESUMABLE[name]).exists():
+        return None
+    return next((o for o in backups_of(d) if _status(o) == "complete"), None)
 
 
 def rerun_without_asking(name: str, status: str | None, folder: Path | None = None) -> bool:

@@ -467,10 +467,25 @@ def contact_sheet(
 def reject_sheet(parts: Sequence[dict[str, Any]], table: pd.DataFrame, n_max: int) -> Image.Image:
     """Contact sheet of up to ``n_max`` rejected cells, each labelled with its first failed
     filter ("+" when it failed more); ``parts`` hold ``reject_crops`` and ``reject_ids``
-    (see ``ImageCells``), ``table`` the detection table with their rows."""
-    ids = [i for p in parts for i in p["reject_ids"]][:n_max]
-    imgs = [p["reject_crops"] for p in parts if len(p["reject_crops"])]
-    crops = np.concatenate(imgs)[: len(ids)] if imgs else np.zeros((0, 32, 32, 3), np.uint8)
+    (see ``ImageCells``), ``table`` the detection table with their rows.
+
+    The cells come in the images' order (``table.image_index``), whatever part (DDP
+    rank) found them: each rank keeps the examples of its first images, so taking the
+    parts one after the other showed rank 0's cells only and the sheet changed with
+    ``hardware.num_processes``. Merged and ordered, the first ``n_max`` are those of a
+    one-process run (each rank keeps every example among the first ``n_max`` overall).
+    """
+    pairs = []  # (cell_id, crop) in each part's own order
+    for p in parts:
+        ids, crops_p = list(p["reject_ids"]), p["reject_crops"]
+        pairs += list(zip(ids, crops_p[: len(ids)]))
+    where: dict[str, int] = {}
+    if len(table) and "image_index" in table:
+        where = dict(zip(table["cell_id"].astype(str), table["image_index"].astype(int)))
+    # stable: a cell unknown to the table keeps its place after the known ones
+    pairs = sorted(pairs, key=lambda ic: where.get(str(ic[0]), 10**9))[:n_max]
+    ids = [i for i, _ in pairs]
+    crops = np.stack([c for _, c in pairs]) if pairs else np.zeros((0, 32, 32, 3), np.uint8)
     labels = None
     if ids:
         why = table.set_index("cell_id")

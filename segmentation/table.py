@@ -70,7 +70,7 @@ def run_summary(
     ``ann``: the input folder and annotations path (None without truth).
     """
     rejects = pd.DataFrame(
-        [r for p in parts for r in p["rejects"]],
+        ordered_rejects(parts, table),
         columns=["image", "action", "reason", "cell_id", "detail"],
     )
     counts = {"images": n_listed, "images_read": int(sum(p["n_images"] for p in parts))}
@@ -91,6 +91,40 @@ def run_summary(
     if ann is not None and "truth_cell_id" in table:
         summary["truth"] = truth_summary(table, kept, int(sum(p["n_truth"] for p in parts)))
     return rejects, counts, summary
+
+
+def image_order(parts: list[dict[str, Any]], table: pd.DataFrame) -> dict[str, tuple[int, str]]:
+    """Sort key per image name: its place in the run's image list.
+
+    The detection ``table`` gives the index of every image with a detection; an image
+    without one (unreadable, or nothing found) sorts by name among them, which is the
+    listing's own order (``list_images`` sorts a folder by name).
+    """
+    known: dict[str, int] = {}
+    if len(table) and "image_index" in table:
+        known = dict(zip(table["image"].astype(str), table["image_index"].astype(int)))
+    names = {str(r["image"]) for p in parts for r in p["rejects"]} | set(known)
+    # the names in listing order; an unknown one goes before the next known index
+    out: dict[str, tuple[int, str]] = {}
+    nxt = None
+    for name in sorted(names, reverse=True):
+        if name in known:
+            nxt = known[name]
+        out[name] = (known.get(name, nxt if nxt is not None else 10**9), name)
+    return out
+
+
+def ordered_rejects(parts: list[dict[str, Any]], table: pd.DataFrame) -> list[dict[str, Any]]:
+    """The parts' ``rejects`` rows in the images' global order.
+
+    Each rank lists its own images' rows; concatenated rank by rank they came out
+    grouped by rank, so ``rejects.csv`` changed with ``hardware.num_processes``. Sorted
+    by image (stable: an image's rows keep their order), every layout gives the rows of
+    a one-process run.
+    """
+    order = image_order(parts, table)
+    rows = [r for p in parts for r in p["rejects"]]
+    return sorted(rows, key=lambda r: order[str(r["image"])])
 
 
 def truth_summary(table: pd.DataFrame, kept: pd.DataFrame, n_truth: int) -> dict[str, Any]:

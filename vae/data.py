@@ -10,6 +10,7 @@ DataLoader (useful on GPU hosts; on a 2-core CPU 0 is fastest).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -795,30 +796,79 @@ def epoch_batches(
     return out
 
 
+# whether the "pin_memory on CPU" note was logged (once per process, not per epoch)
+_PIN_NOTED = False
+
+
+def _pin_for(pin_memory: bool, device: torch.device | str | None) -> bool:
+    """Whether to pin batches: only for a CUDA run.
+
+    Pinned (page-locked) memory speeds the copy to a GPU and is no use on the CPU,
+    where ``Tensor.pin_memory()`` needs the NVIDIA driver and fails without one.
+    ``device`` None: the run is on CUDA when this process has put work on a GPU
+    (``torch.cuda.is_initialized``: the model is moved there before the first batch).
+    """
+    global _PIN_NOTED
+    if not pin_memory:
+        return False
+    if device is not None:
+        cuda = torch.device(device).type == "cuda"
+    else:
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if not cuda and not _PIN_NOTED:
+        _PIN_NOTED = True
+        logging.getLogger(__name__).info(
+            "hardware.pin_memory=true: not used, this run is on the CPU (pinned memory "
+            "only speeds copies to a GPU)"
+        )
+    return cuda
+
+
 def iterate(
     data: PairedTensors,
     batches: list[np.ndarray],
     num_workers: int = 0,
     pin_memory: bool = False,
     images: bool = True,
+    *,
+    device: torch.device | str | None = None,
+    seed: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield raw batches in order, prefetched by workers when ``num_workers > 0``.
 
     ``images=False``: without crops and masks (see :func:`raw_batch`).
+
+    Parameters
+    ----------
+    pin_memory
+        ``hardware.pin_memory``: pin the batches, on a CUDA run only
+        (:func:`_pin_for`; ``device`` is the run's device, None: detected).
+    seed
+        Seeds the DataLoader's own generator (None: ``torch.initial_seed()``, the
+        run's seed once ``seed_everything`` ran). Without one, starting the loader's
+        iterator draws its workers' base seed from the global torch RNG, which shifted
+        every later random draw (dropout, the reparameterisation noise): training with
+        ``hardware.num_workers > 0`` gave other results than with 0 for the same seed.
+        The batches hold no randomness of their own (the rows and their order come
+        from ``batches``), so the workers need no ``worker_init_fn``.
     """
+    pin = _pin_for(pin_memory, device)
     if num_workers <= 0:
         for b in batches:
             r = raw_batch(data, torch.as_tensor(b, dtype=torch.long), images)
-            if pin_memory:
+            if pin:
                 r = {k: v.pin_memory() for k, v in r.items()}
             yield r
         return
+    gen = torch.Generator()
+    gen.manual_seed(torch.initial_seed() if seed is None else int(seed))
     loader = torch.utils.data.DataLoader(
         _Rows(data, images),
         batch_size=None,
         sampler=[b.tolist() for b in batches],
         num_workers=num_workers,
-        pin_memory=pin_memory,
+        pin_memory=pin,
         persistent_workers=False,
+        generator=gen,
     )
     yield from loader

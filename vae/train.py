@@ -434,6 +434,32 @@ def train(
                 f"{resume_from}: a best-model checkpoint (no optimizer state); a resume "
                 f"reads last.pt"
             )
+        kept = int(ck.get("schedule_total_steps", total_steps))
+        if kept != total_steps:
+            # a resume may raise trainer.max_epochs to train on, but a cosine rebuilt over
+            # the new length would jump back up (x12 in an audit): the run keeps the
+            # schedule it was trained under, and the extra steps run at its final rate
+            log.info(
+                "resume: the learning-rate schedule keeps its original %d steps (now %d "
+                "with trainer.max_epochs=%d): steps past it run at its final rate",
+                kept,
+                total_steps,
+                args.max_epochs,
+            )
+            total_steps = kept
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt,
+                lr_lambda(
+                    round(args.lr_warmup_epochs * steps_per_epoch), total_steps, args.lr_schedule
+                ),
+            )
+        elif "schedule_total_steps" not in ck and args.lr_schedule != "constant":
+            log.warning(
+                "resume: %s predates the recorded schedule length: the cosine is rebuilt "
+                "over trainer.max_epochs=%d (a changed max_epochs moves the learning rate)",
+                resume_from,
+                args.max_epochs,
+            )
         core.load_state_dict(ck["model"])
         opt.load_state_dict(
             flat.flat_state(ck["optimizer"]) if flat is not None else ck["optimizer"]
@@ -476,6 +502,7 @@ def train(
                     else opt.state_dict()
                 ),
                 "scheduler": sched.state_dict(),
+                "schedule_total_steps": total_steps,  # the length a resume keeps
                 **({"ema": ema.state_dict()} if ema is not None else {}),
             }
             if kind == "last"
@@ -549,7 +576,15 @@ def train(
         data_s = 0.0
         t_data = time.time()
         for raw in bar(
-            iterate(data, batches, args.num_workers, args.pin_memory, use_image),
+            iterate(
+                data,
+                batches,
+                args.num_workers,
+                args.pin_memory,
+                use_image,
+                device=device,
+                seed=args.seed,
+            ),
             desc=f"epoch {epoch + 1}/{args.max_epochs}",
             total=len(batches),
             unit="batch",

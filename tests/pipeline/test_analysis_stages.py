@@ -203,7 +203,7 @@ def test_traverse_without_paired_data_still_reports(tiny_run, tmp_path):
     assert (out / "report.html").exists() and (out / "gene_ranking_gp.csv").exists()
     assert not (out / "real_crop_features.csv").exists()
     assert (
-        "stage=evaluate had not run for this run when this report was written"
+        "no finished stage=evaluate of this run was found when this report was written"
         in (out / "report.html").read_text()
     )
 

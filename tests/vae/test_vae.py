@@ -397,6 +397,31 @@ def test_resume_after_interruption_is_bit_exact(tmp_path):
         assert torch.equal(v, resumed.state_dict()[k]), k
 
 
+def test_resume_with_more_epochs_keeps_the_learning_rate_schedule(tmp_path):
+    """A resume that raises max_epochs rebuilt the cosine over the new length: the rate
+    jumped back up (x12 in an audit). The run keeps its schedule; past it, the final rate."""
+    d, split = _toy_run_data()
+    part = _fresh_model()
+    train(part, d, split, _train_args(stop_after_epochs=2), CPU, tmp_path / "r")
+    ck = load_torch_file(tmp_path / "r" / "last.pt")
+    assert ck["schedule_total_steps"] == ck["step"] * 2  # 4 epochs planned, 2 run
+    before = ck["history"][-1]["lr"]
+    r = train(
+        _fresh_model(),
+        d,
+        split,
+        _train_args(max_epochs=6),
+        CPU,
+        tmp_path / "r",
+        resume_from=tmp_path / "r" / "last.pt",
+    )
+    lrs = [h["lr"] for h in r.history]
+    assert r.epochs == 6 and all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:])), lrs
+    assert lrs[2] <= before
+    base = _train_args().lr
+    assert lrs[-1] == pytest.approx(0.05 * base) and lrs[-2] == pytest.approx(0.05 * base)
+
+
 def test_class_alignment_prefers_matching_classes_and_is_not_met_by_collapse():
     from vae.losses import class_align
 

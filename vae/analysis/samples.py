@@ -278,27 +278,34 @@ def write_samples_html(
         "img{margin:1px;image-rendering:pixelated}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         *(f"<p><b>{html.escape(n)}</b></p>" for n in (notes or [])),
-        "<p>Definitions (every fraction over all the sample's cells, n_cells): "
-        "unclassified = cells the study does not call: fewer than half of their nearest "
-        "reference cells agree on a label, or they are less like the study's cells than "
-        "99 % of its own held-out cells (a doublet, debris, a kind it never saw; "
-        "embed.min_confidence, embed.atypical_quantile); they count in n_cells and in no "
-        "call. blast fraction = myeloblasts / all cells; immature granulocyte fraction = "
-        "(promyelocyte + myelocyte + metamyelocyte) / all cells, as an analyser's IG% (bands "
-        "and blasts are not IG); left-shift index = the immature-to-total neutrophil (I:T) "
-        "ratio, (promyelocyte + myelocyte + metamyelocyte + band) / (those + segmented "
-        "neutrophils): blasts are in neither part, they are reported on their own. NaN: not "
-        "measurable here: the study's labels name none of the stages a column counts (a "
-        "study labelled by cell kind, e.g. with Paul15's 'Neutrophils', names no immature "
-        "stage), or the sample has no neutrophil (I:T). Histogram: the position along the "
-        "study's maturation path (0 = the earliest class's centre, 1 = the latest's; cells "
-        "beyond either centre sit at the end) of the cells called one of the path's "
-        "classes (n_on_path). Edge-corrected columns: each cell weighted by the inverse of "
-        "its chance to escape the filter that drops cells cut by the image edge, which "
-        "drops large cells (monocytes, promyelocytes) more often than small ones "
-        "(lymphocytes). See docs/embed.md.</p>",
+        "<p>Definitions (every fraction is over all the sample's cells, n_cells):</p><ul>"
+        "<li><b>unclassified</b>: cells the study does not call: fewer than half of their "
+        "nearest reference cells agree on a label, or they are less like the study's cells "
+        "than 99 % of its own held-out cells (a doublet, debris, a kind it never saw; "
+        "embed.min_confidence, embed.atypical_quantile). They count in n_cells and in no "
+        "call.</li>"
+        "<li><b>blast fraction</b> = myeloblasts / all cells.</li>"
+        "<li><b>immature granulocyte fraction</b> = (promyelocyte + myelocyte + "
+        "metamyelocyte) / all cells, as an analyser's IG% (bands and blasts are not IG).</li>"
+        "<li><b>left-shift index</b> = the immature-to-total neutrophil (I:T) ratio, "
+        "(promyelocyte + myelocyte + metamyelocyte + band) / (those + segmented "
+        "neutrophils); blasts are in neither part, they are reported on their own.</li>"
+        "<li><b>NaN</b>: not measurable here: the study's labels name none of the stages a "
+        "column counts (a study labelled by cell kind, e.g. with Paul15's 'Neutrophils', "
+        "names no immature stage), or the sample has no neutrophil (I:T).</li>"
+        "<li><b>histogram</b>: the position along the study's maturation path (0 = the "
+        "earliest class's centre, 1 = the latest's; cells beyond either centre sit at the "
+        "end) of the cells called one of the path's classes (n_on_path).</li>"
+        "<li><b>edge-corrected</b>: each cell weighted by the inverse of its chance to "
+        "escape the filter that drops cells cut by the image edge, which drops large cells "
+        "(monocytes, promyelocytes) more often than small ones (lymphocytes).</li>"
+        "</ul><p>See docs/embed.md.</p>",
         "<h2>Samples</h2><table><tr>",
-        "".join(f"<th>{html.escape(c)}</th>" for c in [*main, "maturation histogram"]),
+        # headers wrap at the underscores of samples.csv's names: the page fits its width
+        "".join(
+            f"<th>{html.escape(c).replace('_', '_<wbr>')}</th>"
+            for c in [*main, "maturation histogram"]
+        ),
         "</tr>",
     ]
     for _, r in profile.iterrows():

@@ -1243,9 +1243,10 @@ def _eval_sections(
         return [
             Section(
                 "Evaluation",
-                text="stage=evaluate had not run for this run when this report was written; "
-                "run stage=evaluate, then stage=traverse again (overwrite=true), to add "
-                "its accuracy tables and figures here.",
+                text="no finished stage=evaluate of this run was found when this report "
+                "was written (not run, or its last run did not finish: traverse.log says "
+                "which); run stage=evaluate, then stage=traverse again (overwrite=true), to "
+                "add its accuracy tables and figures here.",
             )
         ]
     ev_dir = evaluation.parent

@@ -1,0 +1,219 @@
+"""What an interrupt / re-run audit found (2026-12-05): stage=all resume=true after an
+interrupted overwrite, continuing an interrupted overwrite, stages reading folders that
+are being rewritten, the dead attempt of a stage without checkpoints."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipeline import guards, runner
+from pipeline.locks import StageBusyError, producer_lock, stage_lock
+from tests.faults.conftest import cfg_for, writes
+
+CHAIN = ["simulate", "evaluate", "traverse"]  # smears -> metrics.json -> report.html
+NEEDS = {"simulate": [], "evaluate": ["smears"], "traverse": ["evaluation"]}
+
+
+def _status(d: Path) -> str:
+    return json.loads((d / "manifest.json").read_text())["status"]
+
+
+def _chain(monkeypatch, text: dict[str, str], seen: dict | None = None) -> None:
+    """Toy stages of CHAIN: each writes its first artifact (``text[name]``) and, when
+    ``seen`` is given, records what it read of its input."""
+    runner.load_stages()
+
+    def body_for(name):
+        def body(ctx):
+            if seen is not None and NEEDS[name]:
+                seen[name] = ctx.input(NEEDS[name][0]).read_text()
+            art = [a for a, (prod, _) in runner.ARTIFACTS.items() if prod == name][0]
+            with ctx.atomic(art) as tmp:
+                tmp.write_text(text[name])
+
+        return body
+
+    for name in CHAIN:
+        produces = [a for a, (prod, _) in runner.ARTIFACTS.items() if prod == name][:1]
+        spec = runner.StageSpec(name=name, fn=body_for(name), needs=NEEDS[name], produces=produces)
+        monkeypatch.setitem(runner.REGISTRY, name, spec)
+    real = runner.stages_for
+    monkeypatch.setattr(
+        runner, "stages_for", lambda cfg: list(CHAIN) if cfg.stage.name == "all" else real(cfg)
+    )
+
+
+def test_stage_all_resume_reruns_the_stages_whose_inputs_changed(tmp_path, monkeypatch):
+    """An interrupted ``stage=all overwrite=true`` re-made simulate's smears and stopped:
+    resume=true called the old later stages complete ("nothing to resume")."""
+    seen: dict[str, str] = {}
+    _chain(monkeypatch, {"simulate": "smears v1", "evaluate": "m", "traverse": "r"}, seen)
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "all")) == 0
+    # the interrupted overwrite: simulate re-made (another size), nothing after it
+    _chain(monkeypatch, {"simulate": "smears v2, longer", "evaluate": "m", "traverse": "r"}, seen)
+    assert runner.main(cfg_for(root, "simulate", "overwrite=true")) == 0
+    cfg = cfg_for(root, "all", "resume=true")
+    names = guards.start_run(cfg, CHAIN)
+    assert names == ["evaluate", "traverse"]
+    plan = guards.stage_plan(cfg, names)
+    assert [(c.overwrite, c.resume) for _, c in plan] == [(True, False), (True, False)]
+    assert runner.main(cfg) == 0  # was refused: traverse "holds a complete run"
+    assert seen["evaluate"] == "smears v2, longer"
+    man = json.loads((root / "t" / "evaluate" / "manifest.json").read_text())
+    assert not guards.changed_inputs(man)
+    # everything current now: nothing to run
+    assert guards.start_run(cfg_for(root, "all", "resume=true"), CHAIN) == []
+
+
+def test_stage_all_resume_continues_the_first_unfinished_stage(tmp_path, monkeypatch):
+    _chain(monkeypatch, {"simulate": "s", "evaluate": "m", "traverse": "r"})
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "all")) == 0
+    man_path = root / "t" / "evaluate" / "manifest.json"
+    man = json.loads(man_path.read_text())
+    man["status"] = "running"  # killed
+    man_path.write_text(json.dumps(man))
+    cfg = cfg_for(root, "all", "resume=true")
+    names = guards.start_run(cfg, CHAIN)
+    plan = guards.stage_plan(cfg, names)
+    assert [n for n, _ in plan] == ["evaluate", "traverse"]
+    assert plan[0][1] is cfg and plan[1][1].overwrite
+
+
+def _kill_an_overwrite(d: Path, attempt: str) -> Path:
+    """What SIGKILL leaves of ``train overwrite=true``: the complete result as a backup,
+    the attempt (status running, its last.pt) in the folder."""
+    backup = d.with_name(f".{d.name}.old-{uuid.uuid4().hex[:6]}")
+    d.rename(backup)
+    d.mkdir()
+    man = json.loads((backup / "manifest.json").read_text())
+    man["status"] = "running"
+    (d / "manifest.json").write_text(json.dumps(man))
+    (d / "last.pt").write_text(attempt)
+    return backup
+
+
+def test_resume_continues_an_interrupted_overwrite_not_the_old_result(tmp_path, toy):
+    """resume=true after a killed ``overwrite=true`` put the old complete result back
+    and continued (or refused) that, not the attempt the user interrupted."""
+    root = tmp_path / "out"
+    d = root / "t" / "train"
+
+    def first(ctx):
+        (ctx.dir / "last.pt").write_text("old run")
+        (ctx.dir / "model.pt").write_text("old model")
+
+    toy("train", first)
+    assert runner.main(cfg_for(root, "train")) == 0
+    backup = _kill_an_overwrite(d, "attempt at epoch 11")
+    read = {}
+
+    def cont(ctx):
+        read["last"] = (ctx.dir / "last.pt").read_text()
+        (ctx.dir / "model.pt").write_text("continued model")
+
+    toy("train", cont)
+    assert runner.main(cfg_for(root, "train", "resume=true")) == 0
+    assert read["last"] == "attempt at epoch 11"
+    assert _status(d) == "complete" and (d / "model.pt").read_text() == "continued model"
+    assert not backup.exists()  # the continuation succeeded: the old result goes
+    # the same, failing: the old complete result comes back
+    backup = _kill_an_overwrite(d, "attempt 2")
+
+    def crash(ctx):
+        raise RuntimeError("continuation crashed")
+
+    toy("train", crash)
+    assert runner.main(cfg_for(root, "train", "resume=true")) == 1
+    assert _status(d) == "complete" and (d / "model.pt").read_text() == "continued model"
+    assert not backup.exists() and len(list(d.parent.glob("train.failed-*"))) == 1
+
+
+def test_resume_of_a_killed_stage_without_checkpoints_starts_in_a_clean_folder(
+    tmp_path, toy, capsys
+):
+    root = tmp_path / "out"
+    d = root / "t" / "expression"
+
+    def killed(ctx):
+        (ctx.dir / ".expression.tmp-d4abbc5a").write_text("half-written")
+        raise KeyboardInterrupt
+
+    toy("expression", killed)
+    assert runner.main(cfg_for(root, "expression")) == 130
+    man = json.loads((d / "manifest.json").read_text())
+    man["status"] = "running"  # as SIGKILL leaves it (Ctrl-C marks it failed)
+    (d / "manifest.json").write_text(json.dumps(man))
+
+    toy("expression", writes("ok"))
+    assert runner.main(cfg_for(root, "expression", "resume=true")) == 0
+    assert not list(d.glob(".*.tmp-*"))  # the dead attempt's temporary files are gone
+    kept = list(d.parent.glob("expression.interrupted-*"))
+    assert len(kept) == 1 and (kept[0] / ".expression.tmp-d4abbc5a").exists()
+    # what preparing the folder said is in the stage's log too (it was console only)
+    assert "keeps no checkpoint" in (d / "expression.log").read_text()
+
+
+def test_a_folder_being_read_is_not_rewritten_and_one_being_written_is_not_read(
+    tmp_path, monkeypatch, capsys
+):
+    _chain(monkeypatch, {"simulate": "s", "evaluate": "m", "traverse": "r"})
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "all")) == 0
+    run = root / "t"
+    smears = run / "simulate" / "smears"
+    lock = producer_lock(smears)
+    assert lock is not None and lock.path == stage_lock(run, "simulate", "", "t").path
+    # a running stage=segment (here: this test) reads the smears
+    reader = producer_lock(smears).acquire_shared("input 'smears'")
+    try:
+        assert runner.main(cfg_for(root, "simulate", "overwrite=true")) == 2
+        assert "a running stage is reading its outputs" in capsys.readouterr().err
+        assert _status(run / "simulate") == "complete"
+    finally:
+        reader.release()
+    # a running stage=simulate (this test) rewrites them: evaluate refuses to read
+    writer = stage_lock(run, "simulate", "", "t").acquire()
+    try:
+        assert runner.main(cfg_for(root, "evaluate", "overwrite=true")) == 2
+        err = capsys.readouterr().err
+        assert "input 'smears'" in err and "is being written" in err
+    finally:
+        writer.release()
+    assert runner.main(cfg_for(root, "evaluate", "overwrite=true")) == 0
+    with pytest.raises(StageBusyError):  # two readers share; a writer is refused
+        a = producer_lock(smears).acquire_shared("x")
+        b = producer_lock(smears).acquire_shared("y")
+        try:
+            stage_lock(run, "simulate", "", "t").acquire()
+        finally:
+            a.release()
+            b.release()
+
+
+def test_an_unfinished_optional_input_is_said_not_taken_for_not_run(tmp_path, monkeypatch, caplog):
+    """traverse read a killed evaluate's metrics as "evaluate had not run", silently."""
+    import logging
+
+    _chain(monkeypatch, {"simulate": "s", "evaluate": "m", "traverse": "r"})
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "all")) == 0
+    man_path = root / "t" / "evaluate" / "manifest.json"
+    man = json.loads(man_path.read_text())
+    man["status"] = "running"
+    man_path.write_text(json.dumps(man))
+    ctx = runner.StageContext(
+        cfg=cfg_for(root, "traverse"), name="traverse", dir=tmp_path, inputs={}
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert not ctx.has_input("evaluation")
+        assert not ctx.has_input("cells")  # missing: nothing to say
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and "optional input 'evaluation' is not used" in said[0]
+    assert "unfinished run of stage=evaluate" in said[0]
