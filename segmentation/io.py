@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# the image types every reader lists (case-insensitive); WebP (browser and phone exports)
+# is decoded by Pillow like the others, and was skipped without a word when not listed
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def error_line(e: BaseException, limit: int = 200) -> str:
@@ -66,11 +68,17 @@ class ImageRead:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside ``folder`` (sorted by name)."""
+    """Image files directly inside ``folder`` (sorted by name); hidden files (names
+    starting with ``.``: editor and OS leftovers such as ``._x.jpg``) are skipped, as
+    every other folder reader skips them."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder of images")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
 
 
 def _to_uint8(a: np.ndarray, converted: list[str]) -> np.ndarray:
@@ -105,6 +113,39 @@ def _page_count(path: Path) -> int:
             return int(getattr(im, "n_frames", 1) or 1)
     except Exception:  # noqa: BLE001 - unknown: a single image
         return 1
+
+
+# EXIF orientation (tag 274) -> the array operation that shows the image upright, as
+# PIL.ImageOps.exif_transpose does (its FLIP/ROTATE/TRANSPOSE methods, done on the array
+# so a 16-bit image keeps its depth)
+EXIF_ORIENTATION = 0x0112
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # rotated 180
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: np.swapaxes(a, 0, 1),  # transposed
+    6: lambda a: np.rot90(a, -1),  # stored rotated 90 counter-clockwise
+    7: lambda a: np.swapaxes(a[::-1, ::-1], 0, 1),  # transversed
+    8: lambda a: np.rot90(a, 1),  # stored rotated 90 clockwise
+}
+
+
+def _exif_upright(path: Path, a: np.ndarray, converted: list[str]) -> np.ndarray:
+    """``a`` turned as the file's EXIF orientation says (a phone or camera JPEG stores
+    its pixels in the sensor's frame and the turn in a tag: read without it, a cell is
+    seen on its side); unchanged without the tag, or when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            o = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # noqa: BLE001 - no readable tag: as stored
+        return a
+    turn = _UPRIGHT.get(o)
+    if turn is None or a.ndim < 2:
+        return a
+    converted.append(f"exif orientation {o}")
+    return np.ascontiguousarray(turn(a))
 
 
 def _decode(path: Path, converted: list[str]) -> np.ndarray:
@@ -181,6 +222,7 @@ def read_rgb(
         a = _decode(path, converted)
     except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
         return ImageRead(path, None, [], f"unreadable: {error_line(e, 160)}")
+    a = _exif_upright(path, a, converted)
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if a.ndim == 2:

@@ -132,7 +132,8 @@ def label_for_image(n_cells: int, classes: list[str] | None) -> tuple[str, str]:
 
 
 def list_crop_folder(root: str | Path, max_per_class: int | None = None) -> list[tuple[Path, str]]:
-    """``(file, class)`` of an ImageFolder (``root/<Class>/*.jpg``), class lower-cased.
+    """``(file, class)`` of an ImageFolder (``root/<Class>/*.jpg``), class lower-cased;
+    hidden folders and files (names starting with ``.``) are skipped.
 
     Raises
     ------
@@ -143,8 +144,13 @@ def list_crop_folder(root: str | Path, max_per_class: int | None = None) -> list
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder")
     out = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    # hidden names (Jupyter's .ipynb_checkpoints, macOS ._x.jpg) are no class and no crop
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(
+            f
+            for f in d.iterdir()
+            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+        )
         out += [(f, d.name.lower()) for f in files[:max_per_class]]
     if not out:
         raise FileNotFoundError(f"{root}: no class sub-folder with images (ImageFolder layout)")

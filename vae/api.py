@@ -97,6 +97,8 @@ class GeneReport:
     n_model : genes of the model; matched : found in the query (by name);
     missing : model genes absent from the query (filled as described in the
     module docstring); n_extra : query genes the model does not know (ignored);
+    repeated : gene names the query holds more than once (made unique ``NAME-1``, ...
+    as stage=expression does; a model gene takes the first occurrence);
     values : ``counts`` or ``lognorm`` (what the query's expression held).
     """
 
@@ -104,6 +106,8 @@ class GeneReport:
     matched: int
     missing: list[str] = field(default_factory=list)
     n_extra: int = 0
+    # names the query repeats (made unique NAME-1, ...; a model gene takes the first)
+    repeated: list[str] = field(default_factory=list)
     values: str = "counts"
     impute: str = "model"  # how the missing genes were filled: model | mean
     # (n, len(missing)) log1p-normalised values given to the missing genes (None: none missing)
@@ -115,6 +119,7 @@ class GeneReport:
             "matched": self.matched,
             "missing": self.missing,
             "n_extra_ignored": self.n_extra,
+            "repeated_genes": self.repeated,
             "values": self.values,
             "impute": self.impute if self.missing else None,
         }
@@ -486,6 +491,8 @@ class Study:
         estimate_scale: bool | None = None,
         scale_spread: float | None = SCALE_SPREAD,
         crop_masks: str = "detector",
+        orientation: str = "auto",
+        counts_layer: str | None = None,
     ):
         """Read one input into an AnnData (a folder's unreadable items in ``uns["rejects"]``).
 
@@ -493,8 +500,19 @@ class Study:
         ----------
         path : ``.h5ad`` (cells.h5ad, paired.h5ad, expression), expression
             file (10x, CSV/TSV...), a folder of crops or of smears
-        kind : ``auto`` (h5ad / expression file by suffix, folders as crops),
-            ``h5ad``, ``expression``, ``crops``, ``smears``
+        kind : ``auto`` (h5ad / expression file by suffix, a 10x matrix folder or Cell
+            Ranger output folder as expression, other folders as crops), ``h5ad``,
+            ``expression``, ``crops``, ``smears``
+        orientation : for ``expression``: ``auto`` (default) tells which axis holds the
+            genes from the model's gene names (a table or AnnData with them on the rows
+            is transposed / refused as :func:`vae.inputs.expression.read_expression`
+            says), ``cells_by_genes`` or ``genes_by_cells`` to say it
+            (``expression.orientation`` of stage=embed)
+        counts_layer : for ``expression``: where the raw counts are when not in ``X``
+            or ``layers["counts"]``: a layer's name, or ``".raw"``
+            (``expression.counts_layer`` of stage=embed, as for stage=expression).
+            Without it, integer counts in ``.raw`` holding every gene of ``X`` are used
+            (scanpy's usual layout: log-normalised ``X``, counts in ``.raw.X``)
         background : pixel value outside the mask (default: the study's ``pair.background_value``)
         crop_masks : for ``crops``: ``detector`` (default) finds the cell of each crop
             with the study's detector and keeps it with its instance mask, as
@@ -535,7 +553,12 @@ class Study:
         if not p.exists():
             raise StudyError(f"{p}: no such file or folder")
         if kind == "auto":
-            kind = "crops" if p.is_dir() else ("h5ad" if p.suffix == ".h5ad" else "expression")
+            from vae.inputs.expression import is_10x_folder
+
+            if p.is_dir():  # a 10x folder read as crops gave 0 cells and no reject
+                kind = "expression" if is_10x_folder(p) else "crops"
+            else:
+                kind = "h5ad" if p.suffix == ".h5ad" else "expression"
         bg = int(
             (self.config.get("pair") or {}).get("background_value", 0)
             if background is None
@@ -549,12 +572,20 @@ class Study:
             a.uns["rejects"] = []
             return a
         if kind == "expression":
-            from vae.inputs.expression import ExpressionInputError, read_expression
+            from vae.inputs.expression import ExpressionInputError, counts_from, read_expression
 
             try:
-                a = read_expression(p)
+                # the axes told by the model's own genes: the granule programs' few genes
+                # (the default) may be absent from a query that holds every model gene
+                a = read_expression(p, orientation=orientation, known_genes=self.gene_names)
+                if counts_layer:
+                    counts_from(a, counts_layer, str(p))
             except ExpressionInputError as e:
-                raise StudyError(str(e)) from e
+                hint = {
+                    "expression.orientation": " (Study.read: orientation=...)",
+                    "expression.counts_layer": " (Study.read: counts_layer=...)",
+                }.get(e.field, "")
+                raise StudyError(str(e) + hint) from e
             a.uns["rejects"] = []
             return a
         if kind not in ("crops", "smears"):
@@ -708,11 +739,22 @@ class Study:
         return np.array([pos.get(g, low.get(g.lower(), -1)) for g in self.gene_names], int)
 
     def _expression(self, adata, source: str):
+        import anndata as ad
+
+        from vae.inputs.expression import make_gene_names_unique
+
+        if "counts" not in adata.layers:
+            adata = self._raw_counts(adata, source)
         names = pd.Index([str(v) for v in adata.var_names])
+        repeated: list[str] = []
         if names.duplicated().any():
-            raise StudyError(
-                f"{source}: var_names holds duplicated genes {list(names[names.duplicated()][:5])}"
-            )
+            # 10x features.tsv names two Ensembl ids by one symbol: repaired as
+            # stage=expression repairs them (same function, same warning), so a model
+            # gene matches its first occurrence, as in training; on the names only
+            repeated = [str(g) for g in names[names.duplicated()].unique()]
+            only = ad.AnnData(var=pd.DataFrame(index=names))
+            make_gene_names_unique(only, source)
+            names = pd.Index([str(v) for v in only.var_names])
         genes = self.gene_names
         idx = self.gene_columns(names)
         ok = idx >= 0
@@ -790,10 +832,21 @@ class Study:
             counts = np.zeros((n, g), np.float32)
             counts[:, ok] = raw
         elif want_counts:
+            from vae.inputs.expression import counts_elsewhere
+
+            found = [k for k in counts_elsewhere(adata) if k != ".raw"]
+            hint = (
+                f"; layers[{found[0]!r}] holds integer values: if these are the raw counts, "
+                f"set expression.counts_layer={found[0]} (Study.read: counts_layer=...)"
+                if found
+                else "; give raw counts in layers['counts'] (or set expression.counts_layer "
+                "to the layer, or .raw, that holds them)"
+            )
             log.warning(
                 "%s: no raw counts; the model was trained on counts, its library covariate "
-                "is taken from expm1(X)",
+                "is taken from expm1(X)%s",
                 source,
+                hint,
             )
         if not ok.all():
             # said here too, not only by stage=embed (which refuses above
@@ -828,11 +881,42 @@ class Study:
             matched=int(ok.sum()),
             missing=[genes[i] for i in np.flatnonzero(~ok)],
             n_extra=int(len(names) - ok.sum()),
+            repeated=repeated,
             values=values,
             impute=self.impute,
             imputed=x[:, ~ok].copy() if not ok.all() else None,
         )
         return x, counts, has_expr, rep
+
+    def _raw_counts(self, adata, source: str):
+        """``adata`` with its ``.raw`` counts as ``X`` where ``X`` is not counts and
+        ``.raw.X`` is (scanpy's usual layout: log-normalised ``X``, counts in ``.raw``),
+        and ``.raw`` holds every gene of ``X``; else ``adata`` as given.
+
+        The counts are the data the model was trained on (its library covariate, the
+        normalisation over all genes): reading ``X`` alone embedded such a file as
+        log values with the library taken from expm1(X), shifting its latent.
+        """
+        import anndata as ad
+
+        raw = adata.raw
+        if raw is None or raw.n_obs != adata.n_obs or adata.n_vars == 0:
+            return adata
+        if not pd.Index(adata.var_names).isin(raw.var_names).all():
+            return adata  # not the same genes: not known to be the counts of X
+        xv = np.asarray(adata.X.data if hasattr(adata.X, "tocsr") else adata.X)
+        if xv.size and _is_counts(xv):
+            return adata  # X holds the counts itself
+        rv = np.asarray(raw.X.data if hasattr(raw.X, "tocsr") else raw.X)
+        if not (rv.size and np.isfinite(rv).all() and (rv >= 0).all() and _is_counts(rv)):
+            return adata
+        log.info(
+            "%s: raw counts from .raw.X (%d genes; X holds no counts), normalised as "
+            "stage=expression normalises counts",
+            source,
+            raw.n_vars,
+        )
+        return ad.AnnData(X=raw.X, obs=adata.obs, var=pd.DataFrame(index=raw.var_names))
 
     def _impute(
         self,

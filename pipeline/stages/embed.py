@@ -381,7 +381,14 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects):
     from vae.api import StudyError
 
     try:
-        adata = study.read(path, kind, **_segment_args(cfg, kind)) if block is None else block
+        # an expression file is read with stage=expression's settings of its layout
+        # (expression.orientation, expression.counts_layer), as its errors name them
+        how = (
+            {"orientation": cfg.expression.orientation, "counts_layer": cfg.expression.counts_layer}
+            if kind == "expression"
+            else _segment_args(cfg, kind)
+        )
+        adata = study.read(path, kind, **how) if block is None else block
         read_rejects = list(adata.uns.pop("rejects", []))
         for r in read_rejects[:MAX_LOGGED_REJECTS]:  # each skipped file, by name
             log.warning("%s: skipped %s: %s", setting, r.get("item", "?"), r.get("reason", ""))
@@ -407,9 +414,9 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects):
         if adata.n_obs == 0:
             why = f"{len(read_rejects)} file(s) skipped" if read_rejects else "no cell found"
             if kind in ("smears", "crops") and block is None and path.is_dir():
-                from segmentation.io import IMAGE_SUFFIXES
+                from vae.inputs.query import sample_images
 
-                if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.rglob("*")):
+                if not sample_images(path):  # the reader's own walk (linked folders too)
                     why = "no image file in the folder or its sub-folders"
             rejects.append({"input": setting, "item": str(path), "reason": f"no cells ({why})"})
             log.warning("%s: no cells (%s)", setting, why)

@@ -126,11 +126,8 @@ def table_separator(path: Path, default: str) -> str:
     """The column separator of a text table: the commonest of tab, comma and semicolon in
     its first line (spreadsheets export ``;`` where the decimal mark is a comma, and a
     tab-separated file is often named ``.csv``); ``default`` when none occurs."""
-    import gzip
-
-    opener = gzip.open if str(path).endswith(".gz") else open
     try:
-        with opener(path, "rt", errors="replace") as f:
+        with _text_open(path) as f:
             first = f.readline()
     except OSError:
         return default
@@ -141,6 +138,134 @@ def table_separator(path: Path, default: str) -> str:
     if best != default:
         log.info("%s: columns separated by %r (read from its first line)", path, best)
     return best
+
+
+def _text_open(path: str | Path):
+    """A text table opened for reading, gunzipped when its name ends ``.gz``."""
+    import gzip
+
+    if str(path).endswith(".gz"):
+        return gzip.open(path, "rt", newline="", encoding="utf-8", errors="replace")
+    return open(path, newline="", encoding="utf-8", errors="replace")
+
+
+# a 10x matrix-market folder: <prefix>matrix.mtx[.gz], <prefix>features.tsv[.gz] (Cell
+# Ranger v3+; v2: genes.tsv) and <prefix>barcodes.tsv[.gz]; GEO prefixes each file with
+# its sample (GSM123_matrix.mtx.gz)
+_MTX = re.compile(r"(?P<prefix>.*?)matrix\.mtx(\.gz)?")
+TENX_FOLDERS = ("filtered_feature_bc_matrix", "raw_feature_bc_matrix")
+TENX_FILES = "matrix.mtx[.gz], features.tsv[.gz] (v2: genes.tsv) and barcodes.tsv[.gz]"
+
+
+def is_10x_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding a 10x matrix (:func:`read_10x_folder`), or a
+    Cell Ranger ``outs/`` folder (whose matrix sits in a sub-folder)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    names = [f.name for f in p.iterdir()]
+    return any(_MTX.fullmatch(n) for n in names) or _cellranger_matrix(p) is not None
+
+
+def _cellranger_matrix(folder: Path) -> Path | None:
+    """The matrix a Cell Ranger run folder (``outs/`` or the folder above it) holds:
+    ``filtered_feature_bc_matrix/`` (else ``raw_...``, else an ``.h5`` of them), or None."""
+    for base in (folder, folder / "outs"):
+        for name in TENX_FOLDERS:
+            for cand in (base / name, base / f"{name}.h5"):
+                if cand.exists():
+                    return cand
+    return None
+
+
+def _tenx_file(folder: Path, prefix: str, stems: tuple[str, ...]) -> Path | None:
+    for stem in stems:
+        for suffix in (".gz", ""):
+            f = folder / f"{prefix}{stem}.tsv{suffix}"
+            if f.is_file():
+                return f
+    return None
+
+
+def read_10x_folder(folder: str | Path) -> ad.AnnData:
+    """A 10x matrix-market folder -> AnnData (cells x genes, gene symbols as ``var_names``
+    as written: repeats are repaired later, as every input's are).
+
+    Reads what ``scanpy.read_10x_mtx(var_names="gene_symbols", make_unique=False)``
+    reads, and also an uncompressed v3 folder (``matrix.mtx``, ``features.tsv``) and
+    files named with one common prefix (GEO: ``GSM123_matrix.mtx.gz``), which scanpy
+    refuses. ``var["gene_ids"]`` holds the first column of the features; with a
+    ``feature_types`` column only ``Gene Expression`` rows are kept (scanpy's gex_only).
+
+    Raises
+    ------
+    ExpressionInputError
+        No matrix, several, or a missing features / barcodes file; the message names
+        the file names expected (and, for a Cell Ranger ``outs/`` folder, the sub-folder
+        to give).
+    """
+    import scipy.io
+
+    folder = Path(folder)
+    src = str(folder)
+    names = sorted(f.name for f in folder.iterdir())
+    found = [m for m in (_MTX.fullmatch(n) for n in names) if m]
+    if not found:
+        where = _cellranger_matrix(folder)
+        hint = (
+            f"; this looks like a Cell Ranger output folder: give {where}"
+            if where is not None
+            else f" (found {names[:8]}{' ...' if len(names) > 8 else ''})"
+        )
+        raise ExpressionInputError(
+            f"no 10x matrix in this folder: expected {TENX_FILES}, optionally all with one "
+            f"prefix (GEO: GSM123_matrix.mtx.gz){hint}",
+            field="expression.input_file",
+            source=src,
+        )
+    if len(found) > 1:
+        raise ExpressionInputError(
+            f"{len(found)} matrices in one folder ({', '.join(m.group(0) for m in found)}): "
+            "give a folder holding one sample's matrix, features and barcodes",
+            field="expression.input_file",
+            source=src,
+        )
+    prefix = found[0].group("prefix")
+    features = _tenx_file(folder, prefix, ("features", "genes"))
+    barcodes = _tenx_file(folder, prefix, ("barcodes",))
+    for what, f in (
+        ("features.tsv[.gz] (or genes.tsv)", features),
+        ("barcodes.tsv[.gz]", barcodes),
+    ):
+        if f is None:
+            raise ExpressionInputError(
+                f"{found[0].group(0)} but no {prefix}{what}: a 10x folder holds {TENX_FILES}",
+                field="expression.input_file",
+                source=src,
+            )
+    m = scipy.io.mmread(str(folder / found[0].group(0)))
+    x = sp.csr_matrix(m.T, dtype=np.float32)  # genes x cells on file; as scanpy reads it
+    genes = pd.read_csv(features, header=None, sep="\t", dtype=str)
+    bc = pd.read_csv(barcodes, header=None, sep="\t", dtype=str)
+    if genes.shape[0] != x.shape[1] or bc.shape[0] != x.shape[0]:
+        raise ExpressionInputError(
+            f"matrix is {x.shape[1]} genes x {x.shape[0]} cells, but {features.name} lists "
+            f"{genes.shape[0]} and {barcodes.name} {bc.shape[0]}",
+            field="expression.input_file",
+            source=src,
+        )
+    symbols = genes[1] if genes.shape[1] > 1 else genes[0]
+    var = pd.DataFrame({"gene_ids": genes[0].to_numpy()}, index=pd.Index(symbols.to_numpy()))
+    if genes.shape[1] > 2:
+        var["feature_types"] = genes[2].to_numpy()
+    adata = ad.AnnData(X=x, obs=pd.DataFrame(index=pd.Index(bc[0].to_numpy())), var=var)
+    if "feature_types" in var:
+        gex = (var["feature_types"] == "Gene Expression").to_numpy()
+        if gex.any() and not gex.all():
+            adata = adata[:, gex].copy()
+    if prefix:
+        log.info("%s: 10x files named with the prefix %r", src, prefix)
+    return adata
 
 
 def detect_orientation(
@@ -200,8 +325,11 @@ def read_expression(
     ----------
     path
         ``.h5ad``; 10x ``.h5`` or matrix-market folder (``matrix.mtx[.gz]``,
-        ``features/genes.tsv``, ``barcodes.tsv``); ``.csv``/``.tsv`` with a header
-        row and an index column; ``.loom``; or ``"scanpy:pbmc68k_reduced"``.
+        ``features.tsv[.gz]`` or ``genes.tsv``, ``barcodes.tsv[.gz]``, optionally with
+        one prefix such as GEO's ``GSM123_``: :func:`read_10x_folder`); ``.csv``/``.tsv``
+        (``.gz`` too) with a header row and an index column; ``.loom``; or
+        ``"scanpy:pbmc68k_reduced"``. Repeated gene names are kept as written (also in a
+        gzipped table) for :func:`make_gene_names_unique` to repair with a warning.
     fmt
         One of :data:`INPUT_FORMATS`.
     orientation
@@ -255,7 +383,7 @@ def read_expression(
         elif fmt == "10x_h5":
             adata = sc.read_10x_h5(p)
         elif fmt == "10x_mtx":
-            adata = sc.read_10x_mtx(p, var_names="gene_symbols", make_unique=False)
+            adata = read_10x_folder(p)
         elif fmt == "loom":
             try:
                 import loompy  # noqa: F401
@@ -276,7 +404,9 @@ def read_expression(
                 raise ExpressionInputError("no data rows (a header only)", field="rows", source=src)
             # pandas renames a repeated header ("Actb", "Actb.1"), which would hide the
             # repeat from every check after this reader: keep the names as written
-            with open(p, newline="", encoding="utf-8", errors="replace") as fh:
+            # (gzip-aware: plain open() read no header of a .csv.gz, so its repeats were
+            # left as pandas' "Actb.1" and never reported)
+            with _text_open(p) as fh:
                 header = next(csv.reader(fh, delimiter=sep), [])[1:]
             if len(header) == df.shape[1] and len(set(header)) < len(header):
                 df.columns = pd.Index(header)

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from segmentation.io import decode_coco_mask
+from segmentation.io import IMAGE_SUFFIXES, decode_coco_mask
 from vae.inputs.schema import (  # noqa: F401 - TRUTH_COLUMNS: columns copied into paired obs
     CELL_DIAMETER,
     HAS_COUNTS,
@@ -48,7 +48,10 @@ from vae.inputs.schema import (  # noqa: F401 - TRUTH_COLUMNS: columns copied in
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_EXTS = IMAGE_SUFFIXES  # the image types every folder reader lists
+# smallest crop side read from a crop folder, px: what stage=segment's reader takes
+# (segmentation.io.read_rgb min_side); a 4 px thumbnail holds no cell to learn from
+MIN_CROP_SIDE = 8
 # segmentation_WBC label CSVs: class codes of the data set's authors
 SEGMENTATION_WBC_CLASSES = {
     1: "neutrophil",
@@ -302,19 +305,23 @@ def read_image_folder(
     These crops have no cell mask: ``masks`` are True over the whole image (False
     only on the padding that makes a non-square image square) and
     ``obs[HAS_MASK]`` is False. ``rejects``: a list to collect one row per unreadable
-    image, which is then skipped (None: such an image is an error).
+    image or one smaller than :data:`MIN_CROP_SIDE` px, which is then skipped (None:
+    such an image is an error). Hidden folders and files (names starting with ``.``,
+    e.g. Jupyter's ``.ipynb_checkpoints``) are neither classes nor crops.
     """
     root = Path(root)
     if not root.is_dir():
         raise PairingError("no such folder", field="path", source=str(root))
-    classes = sorted(d for d in root.iterdir() if d.is_dir())
+    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise PairingError(
             "no class sub-folders (ImageFolder layout)", field="path", source=str(root)
         )
     crops, masks, rows = [], [], []
     for d in classes:
-        files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+        files = sorted(
+            f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTS and not f.name.startswith(".")
+        )
         if max_per_class is not None:
             files = files[:max_per_class]
         for f in files:
@@ -322,6 +329,13 @@ def read_image_folder(
                 img = _load_rgb(f)
             except PairingError as e:
                 _skip(rejects, f, "image", e)
+                continue
+            if min(img.shape[:2]) < MIN_CROP_SIDE:
+                why = (
+                    f"too small: {img.shape[1]}x{img.shape[0]} px (a crop needs >= "
+                    f"{MIN_CROP_SIDE} px a side, as stage=segment reads images)"
+                )
+                _skip(rejects, f, "image", why)
                 continue
             c, m = square_crop(img, np.ones(img.shape[:2], bool), size, background)
             crops.append(c)

@@ -10,6 +10,7 @@ the folder get the folder's own name).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,9 @@ def sample_images(folder: str | Path) -> list[tuple[str, Path]]:
     folder; each sub-folder is one sample named after the sub-folder, with the
     images at any depth below it (``patientB/slide1/*.jpg`` is sample
     ``patientB``: a per-patient, per-slide layout keeps its patients). Hidden
-    files and folders are skipped.
+    files and folders (names starting with ``.``) are skipped at every depth.
+    Folders given as symbolic links are followed (a slide folder linked from
+    elsewhere is read), each real folder once (a link back up is not a loop).
     """
     folder = Path(folder)
     if folder.is_file():
@@ -44,14 +47,47 @@ def sample_images(folder: str | Path) -> list[tuple[str, Path]]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     out = [(folder.name, p) for p in sorted(folder.iterdir()) if _is_image(p)]
-    for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        below = (
-            p
-            for p in sorted(sub.rglob("*"))
-            if not any(part.startswith(".") for part in p.relative_to(sub).parts)
-        )
-        out += [(sub.name, p) for p in below if _is_image(p)]
+    subs = sorted(d for d in folder.iterdir() if d.is_dir() and not _hidden(d))
+    seen = {os.path.realpath(folder)}
+    for sub in subs:
+        out += [(sub.name, p) for p in _images_below(sub, seen)]
     return out
+
+
+def _hidden(p: Path) -> bool:
+    return p.name.startswith(".")
+
+
+def _images_below(top: Path, seen: set[str]) -> list[Path]:
+    """Image files at any depth below ``top``, sorted by path; hidden names skipped.
+
+    ``Path.rglob`` does not follow a linked folder (Python 3.11), which dropped a
+    linked slide folder without a word; ``os.walk(followlinks=True)`` does, and
+    ``seen`` (real paths already walked) keeps a link to a parent from looping and a
+    folder linked twice from being read twice.
+    """
+    real = os.path.realpath(top)
+    if real in seen:
+        log.warning("%s: skipped, a link to a folder already read (%s)", top, real)
+        return []
+    seen.add(real)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            r = os.path.realpath(os.path.join(dirpath, d))
+            if r in seen:
+                log.warning(
+                    "%s: skipped, a link to a folder already read (%s)", Path(dirpath) / d, r
+                )
+                continue
+            seen.add(r)
+            keep.append(d)
+        dirnames[:] = keep
+        found += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
+    return sorted(p for p in found if _is_image(p))
 
 
 def image_id(folder: Path, sample: str, p: Path) -> str:
@@ -62,8 +98,30 @@ def image_id(folder: Path, sample: str, p: Path) -> str:
     return f"{sample}/{rel}"
 
 
+def cell_prefix(folder: Path, sample: str, p: Path, twins: set[tuple[Path, str]]) -> str:
+    """Cell id prefix of a smear image's detections (``<prefix>_d000``, ...).
+
+    :func:`image_id` without the extension: ``sample/stem`` for an image of the sample's
+    own folder, with the sub-folders below it (``patientA/slide1/img``) so two slides'
+    files of one name keep apart; an image whose folder holds another image of the same
+    stem (``cell.jpg`` and ``cell.png``, as in ``(p.parent, p.stem)`` of ``twins``) adds
+    its extension (``sample/cell_jpg``), as stage=segment names its overlays.
+    """
+    cid = image_id(folder, sample, p)
+    stem = cid[: len(cid) - len(p.suffix)] if p.suffix else cid
+    return f"{stem}_{p.suffix[1:].lower()}" if (p.parent, p.stem) in twins else stem
+
+
+def stem_twins(paths) -> set[tuple[Path, str]]:
+    """``(folder, stem)`` shared by more than one of ``paths`` (``cell.jpg``, ``cell.png``)."""
+    seen: dict[tuple[Path, str], int] = {}
+    for p in paths:
+        seen[(p.parent, p.stem)] = seen.get((p.parent, p.stem), 0) + 1
+    return {k for k, n in seen.items() if n > 1}
+
+
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    return p.is_file() and not _hidden(p) and p.suffix.lower() in IMAGE_SUFFIXES
 
 
 def read_crop_folder(folder: str | Path, size: int, background: int = 0):
@@ -193,12 +251,15 @@ def segment_smear_folder(
     # try where the crop's own scale gives no cell at the centre (the ruler can read a
     # lobe as a cell, and a cell seen 4x too large comes apart into pieces)
     folder_scale = folder_medians(pooled) if centre_cell else {}
+    twins = stem_twins(p for _, p in images)
     for sample, p in images:
         rd = read_rgb(p)
         if not rd.ok:
             rejects.append({"input": str(folder), "item": str(p), "reason": rd.reason})
             continue
-        prefix = f"{sample}/{p.stem}"
+        # with the sub-folders and, for cell.jpg beside cell.png, the extension: ids of
+        # two slides' img.jpg (or of the two twins) were one, refused as duplicated ids
+        prefix = cell_prefix(folder, sample, p, twins)
         pre = premasked_cell(rd.image, settings.background_value) if centre_cell else None
         if pre is not None:  # already cut out: its own mask and its own framing
             c, m, cs = frame_premasked(rd.image, pre, settings.crop_size, settings.background_value)

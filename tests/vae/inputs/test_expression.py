@@ -444,8 +444,8 @@ def test_csv_tsv_orientation_and_10x_mtx(tmp_path):
         assert list(r.var_names) == GENES and list(r.obs_names) == list(a.obs_names), name
         np.testing.assert_array_equal(r.X, a.X)
     # a repeated gene header stays repeated (pandas would rename it "G2.1"), so the
-    # checks after the reader see it: stage=expression makes it unique with a warning,
-    # stage=embed refuses it
+    # checks after the reader see it: stage=expression and stage=embed make it unique
+    # with a warning (a model gene takes its first occurrence)
     dup = df.rename(columns={GENES[1]: GENES[0]})
     dup.to_csv(tmp_path / "dup.csv")
     assert list(read_expression(tmp_path / "dup.csv").var_names)[:2] == [GENES[0], GENES[0]]
