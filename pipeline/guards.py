@@ -362,7 +362,8 @@ def stage_plan(cfg: DictConfig, names: list[str]) -> list[tuple[str, DictConfig]
     again (``overwrite=true``, the old result kept until the new one succeeds): its
     inputs are being re-made, so what it holds is not a result to continue.
     """
-    if not (cfg.resume and not cfg.overwrite and len(names) > 1):
+    # stage=all, not the length of the list: start_run may have left one stage of it
+    if not (cfg.resume and not cfg.overwrite and cfg.stage.name == "all"):
         return [(n, cfg) for n in names]
     again = cfg.copy()
     again.overwrite, again.resume = True, False

@@ -55,9 +55,9 @@ class StageLock:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise StageBusyError(
-                f"{self.label} is running (pid {pid}), or a running stage is reading its "
-                f"outputs; wait for it to finish, or use another experiment=NAME "
-                f"(lock: {self.path})"
+                f"{self.label} is running, or a running stage is reading its outputs "
+                f"(the last run to write it was pid {pid}); wait for it to finish, or use "
+                f"another experiment=NAME (lock: {self.path})"
             ) from None
         # the pid is written only while holding the lock, so a reader sees the holder's
         os.ftruncate(fd, 0)
@@ -123,7 +123,8 @@ def producer_lock(path: Path) -> StageLock | None:
     The folder is the nearest one above ``path`` (or ``path`` itself) that holds a
     ``manifest.json`` naming its stage; the experiment is the folder above that stage's
     folder, and must hold the ``.locks`` folder runs make. Works for another
-    experiment's files too (``paths.inputs.*``, ``embed.study``).
+    experiment's files too (``paths.inputs.*``); ``stage=embed``'s study and data
+    folders (``embed.*``) are not stage inputs and are not locked.
     """
     from pipeline.artifacts import MANIFEST, read_manifest
 

@@ -167,7 +167,7 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
         status = _status(d)
         if cfg.overwrite:
             backup = _set_aside(cfg, name, d, d.with_name(f".{d.name}.old-{uuid.uuid4().hex[:6]}"))
-        elif cfg.resume and backup is not None:
+        elif cfg.resume and backup is not None and name in RESUMABLE:
             check_resume(cfg, name, read_manifest(d), inputs)
             log.warning(
                 "resume=true: stage=%s continues the attempt an interrupted overwrite=true "
@@ -239,7 +239,8 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
 
 def _attempt_to_continue(cfg: DictConfig, name: str, d: Path) -> Path | None:
     """With ``resume=true``, the complete backup to keep aside while the interrupted
-    attempt in ``d`` is continued, or None.
+    attempt in ``d`` is continued (or, for a stage without checkpoints, set aside and
+    run again), or None.
 
     A killed ``overwrite=true`` run leaves its attempt in ``d`` (status running or
     failed) and the previous complete result as a backup beside it. Without
@@ -249,10 +250,11 @@ def _attempt_to_continue(cfg: DictConfig, name: str, d: Path) -> Path | None:
     changed), not the run the user interrupted. The backup keeps its place as the
     result restored if this run fails, deleted once it succeeds.
     """
-    if not cfg.resume or cfg.overwrite or name not in RESUMABLE:
+    if not cfg.resume or cfg.overwrite or folder_status(d) not in ("running", "failed"):
         return None
-    if folder_status(d) not in ("running", "failed") or not (d / RESUMABLE[name]).exists():
-        return None
+    if name in RESUMABLE and not (d / RESUMABLE[name]).exists():
+        return None  # nothing to continue: the old result comes back (recover_backups)
+    # a stage without checkpoints runs again (the attempt set aside), the backup kept
     return next((o for o in backups_of(d) if _status(o) == "complete"), None)
 
 

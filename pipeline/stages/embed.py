@@ -297,6 +297,8 @@ def run_embed(ctx: StageContext) -> None:
             title=f"Per-sample maturation profile ({cfg.experiment})",
             seed=int(cfg.seed),
             notes=_page_notes(study, path_classes),
+            min_confidence=study.min_confidence,
+            atypical_quantile=study.atypical_quantile,
         )
     write_json(
         ctx.output("summary.json"),
@@ -314,7 +316,11 @@ def run_embed(ctx: StageContext) -> None:
                 ),
                 "min_confidence": study.min_confidence,
                 "atypical_quantile": study.atypical_quantile,
-                "atypical_thresholds": study.atypical_thresholds(),
+                # NaN (no threshold) as null: summary.json stays strict JSON
+                "atypical_thresholds": {
+                    k: (v if np.isfinite(v) else None)
+                    for k, v in study.atypical_thresholds().items()
+                },
             },
             "samples": int(len(prof)),
             "rejects": len(rejects),

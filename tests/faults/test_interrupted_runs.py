@@ -217,3 +217,40 @@ def test_an_unfinished_optional_input_is_said_not_taken_for_not_run(tmp_path, mo
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(said) == 1 and "optional input 'evaluation' is not used" in said[0]
     assert "unfinished run of stage=evaluate" in said[0]
+
+
+def test_resume_after_a_killed_overwrite_of_a_stage_without_checkpoints(tmp_path, monkeypatch):
+    """A review: the old result was put back and then refused as "complete, no
+    checkpoint"; and stage=all resume=true refused when only its last stage was stale."""
+    _chain(monkeypatch, {"simulate": "s", "evaluate": "m", "traverse": "r"})
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "all")) == 0
+    backup = _kill_an_overwrite(root / "t" / "evaluate", "half")
+    assert runner.main(cfg_for(root, "all", "resume=true")) == 0
+    assert _status(root / "t" / "evaluate") == "complete" and not backup.exists()
+    assert len(list((root / "t").glob("evaluate.interrupted-*"))) == 1
+    # only the last stage stale
+    _chain(monkeypatch, {"simulate": "s", "evaluate": "metrics, longer", "traverse": "r"})
+    assert runner.main(cfg_for(root, "evaluate", "overwrite=true")) == 0
+    cfg = cfg_for(root, "all", "resume=true")
+    assert guards.start_run(cfg, CHAIN) == ["traverse"]
+    assert runner.main(cfg) == 0
+    man = json.loads((root / "t" / "traverse" / "manifest.json").read_text())
+    assert not guards.changed_inputs(man)
+
+
+def test_a_call_named_neutrophils_keeps_its_count():
+    import pandas as pd
+
+    from vae.analysis.samples import sample_profile
+
+    obs = pd.DataFrame(
+        {
+            "vae_sample": "a",
+            "vae_call": ["band", "band", "neutrophils", "neutrophils", "neutrophils", "x"],
+            "vae_maturation": 0.5,
+        }
+    )
+    prof = sample_profile(obs).set_index("sample")
+    assert prof.loc["a", "n_neutrophils"] == 3 and prof.loc["a", "it_denominator"] == 5
+    assert prof.loc["a", "left_shift_index"] == pytest.approx(2 / 5)

@@ -646,6 +646,7 @@ def test_doubtful_and_atypical_cells_are_left_unclassified(study: Path, tmp_path
     q = st.embed(paired.copy())
     thr = st.atypical_thresholds()
     assert set(thr) == {"image", "expression", "both"} and all(np.isfinite(list(thr.values())))
+    assert len(set(thr.values())) == 3  # each modality set its own (one for all: a review)
     # the threshold is the held-out rows' own quantile: at q = 1 none of them is above it
     ref = st.reference
     held = ref.obs["split"].astype(str).to_numpy() != "train"
@@ -711,7 +712,7 @@ def test_sample_profile_definitions():
     assert prof.loc["a", "ig_fraction"] == pytest.approx(3 / 8)
     # the I:T ratio: (PMY + MY + MMY + band) / (those + segmented); the blast is in neither
     assert prof.loc["a", "left_shift_index"] == pytest.approx(4 / 6)
-    assert prof.loc["a", "n_neutrophils"] == 6 and prof.loc["a", "n_neutrophil_lineage"] == 7
+    assert prof.loc["a", "it_denominator"] == 6 and prof.loc["a", "n_neutrophil_lineage"] == 7
     assert prof.loc["a", "blast_fraction"] == pytest.approx(1 / 8)
     assert np.isnan(prof.loc["b", "left_shift_index"])  # no neutrophil
     assert prof.loc["b", "blast_fraction"] == 0.0

@@ -16,7 +16,7 @@ ones included, as a manual differential counts its unidentified cells) unless sa
   are not IG);
 * left-shift index ``left_shift_index``: the immature-to-total neutrophil (I:T) ratio,
   (promyelocyte + myelocyte + metamyelocyte + band) / (those + segmented neutrophils)
-  (``n_neutrophils``). Blasts are in neither: a blast count is reported on its own
+  (``it_denominator``). Blasts are in neither: a blast count is reported on its own
   (``blast_fraction``), never read as a reactive left shift;
 * each of the three is NaN, not 0, when the study's labels cannot call what it counts
   (no myeloblast class; no immature granulocyte class; no promyelocyte ... band class):
@@ -124,7 +124,7 @@ def sample_profile(
                 row[f"frac_{c}_edge_corrected"] = _share(w, hit, every)
         row["n_neutrophil_lineage"] = int(np.isin(stage, (*BLASTS, *NEUTROPHILS)).sum())
         neut = np.isin(stage, NEUTROPHILS)
-        row["n_neutrophils"] = int(neut.sum())
+        row["it_denominator"] = int(neut.sum())
         for name, counted, needs in RATIOS:
             num = np.isin(stage, counted)
             den = neut if name == "left_shift_index" else every
@@ -211,6 +211,23 @@ def _png(a: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _unclassified_rule(min_confidence: float, atypical_quantile: float | None) -> str:
+    """The page's words for the ``vae_call`` settings used."""
+    parts = []
+    if min_confidence > 0:
+        parts.append(
+            f"fewer than {100 * min_confidence:.0f} % of their nearest reference cells agree "
+            "on a label (embed.min_confidence)"
+        )
+    if atypical_quantile is not None:
+        parts.append(
+            f"they are less like the study's cells than {100 * atypical_quantile:.3g} % of "
+            "its own held-out cells (a doublet, debris, a kind it never saw; "
+            "embed.atypical_quantile)"
+        )
+    return (" or ".join(parts) + ".") if parts else "none (both flags switched off)."
+
+
 def _hist_svg(h: np.ndarray, width: int = 160, height: int = 40) -> str:
     """A small bar chart of one sample's position histogram: x = the path position
     0 (earliest class) .. 1 (latest), bar height = fraction of the on-path cells, the
@@ -245,6 +262,8 @@ def write_samples_html(
     title: str = "Per-sample maturation profile",
     seed: int = 0,
     notes: list[str] | None = None,
+    min_confidence: float = 0.5,
+    atypical_quantile: float | None = 0.99,
 ) -> None:
     """A self-contained HTML page: the profile table, histograms, example crops per call.
 
@@ -258,6 +277,8 @@ def write_samples_html(
         first among a seeded sample of rows with an image; the unclassified: the most
         atypical first)
     notes : sentences shown under the title (the study read, its path, its limits)
+    min_confidence, atypical_quantile : the settings ``vae_call`` was made with (the
+        page's definition of unclassified says them)
     """
     from vae.analysis.palette import label_order
 
@@ -278,12 +299,10 @@ def write_samples_html(
         "img{margin:1px;image-rendering:pixelated}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         *(f"<p><b>{html.escape(n)}</b></p>" for n in (notes or [])),
-        "<p>Definitions (every fraction is over all the sample's cells, n_cells):</p><ul>"
-        "<li><b>unclassified</b>: cells the study does not call: fewer than half of their "
-        "nearest reference cells agree on a label, or they are less like the study's cells "
-        "than 99 % of its own held-out cells (a doublet, debris, a kind it never saw; "
-        "embed.min_confidence, embed.atypical_quantile). They count in n_cells and in no "
-        "call.</li>"
+        "<p>Definitions (every fraction but the left-shift index is over all the sample's "
+        "cells, n_cells):</p><ul>"
+        f"<li><b>unclassified</b>: cells the study does not call: {_unclassified_rule(min_confidence, atypical_quantile)} "
+        "They count in n_cells and in no call.</li>"
         "<li><b>blast fraction</b> = myeloblasts / all cells.</li>"
         "<li><b>immature granulocyte fraction</b> = (promyelocyte + myelocyte + "
         "metamyelocyte) / all cells, as an analyser's IG% (bands and blasts are not IG).</li>"
