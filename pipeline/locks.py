@@ -47,40 +47,45 @@ class StageLock:
         self._fd: int | None = None
 
     def acquire(self) -> StageLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StageBusyError(
-                f"{self.label} is running, or a running stage is reading its outputs "
-                f"(the last run to write it was pid {pid}); wait for it to finish, or use "
+        fd = self._take(
+            fcntl.LOCK_EX,
+            # only a writer records its pid: if that run has ended, a reader holds it
+            lambda pid: (
+                f"{self.label} is running (pid {pid}), or, if that process has ended, a "
+                f"running stage is reading its outputs; wait for it to finish, or use "
                 f"another experiment=NAME (lock: {self.path})"
-            ) from None
+            ),
+        )
         # the pid is written only while holding the lock, so a reader sees the holder's
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
         return self
 
     def acquire_shared(self, what: str) -> StageLock:
         """Take the lock shared (readers only exclude writers); ``what`` names the
         input in the message when the folder is being written now."""
+        self._take(
+            fcntl.LOCK_SH,
+            lambda pid: (
+                f"{what} is being written: {self.label} is running (pid {pid}); "
+                f"wait for it to finish (lock: {self.path})"
+            ),
+        )
+        return self
+
+    def _take(self, mode: int, message) -> int:
+        """flock the file in ``mode`` without waiting; StageBusyError(message(pid))
+        when another holder keeps it. Returns the held descriptor."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise StageBusyError(
-                f"{what} is being written: {self.label} is running (pid {pid}); wait "
-                f"for it to finish (lock: {self.path})"
-            ) from None
+            raise StageBusyError(message(pid)) from None
         self._fd = fd
-        return self
+        return fd
 
     def release(self) -> None:
         if self._fd is not None:

@@ -8,6 +8,18 @@ import pandas as pd
 
 KINDS = ["myeloblast", "myelocyte", "lymphocyte"]
 
+# stage=train settings of a tiny model that trains in seconds (two epochs)
+TINY_TRAIN = [
+    "vae.channels=[8,16]",
+    "vae.hidden=[16]",
+    "vae.n_latent=4",
+    "vae.n_private=1",
+    "trainer.batch_size=16",
+    "trainer.max_minutes=null",
+    "trainer.max_epochs=2",
+    "hardware.torch_threads=1",
+]
+
 
 def make_paired(
     n: int = 24,

@@ -15,18 +15,9 @@ from PIL import Image
 from pipeline.runner import StageError
 from tests.helpers.run import run_pipeline, run_stage_in_process
 from tests.helpers.seg_synth import LIGHT_HEADS
-from tests.helpers.vae_toy import make_paired
+from tests.helpers.vae_toy import TINY_TRAIN, make_paired
 
-TINY = [
-    "vae.channels=[8,16]",
-    "vae.hidden=[16]",
-    "vae.n_latent=4",
-    "vae.n_private=1",
-    "trainer.batch_size=16",
-    "trainer.max_minutes=null",
-    "trainer.max_epochs=2",
-    "hardware.torch_threads=1",
-]
+TINY = TINY_TRAIN
 
 
 @pytest.fixture(scope="module")

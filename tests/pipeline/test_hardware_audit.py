@@ -21,7 +21,7 @@ import torch
 
 from pipeline import guards, hardware
 from tests.helpers.run import compose_config, run_stage_in_process
-from tests.helpers.vae_toy import make_paired
+from tests.helpers.vae_toy import TINY_TRAIN, make_paired
 
 
 def _hw(*overrides: str):
@@ -257,16 +257,10 @@ def test_segment_two_ranks_rejects_match_one(tmp_path, untrained_ckpt):
 
 
 TINY = [
-    "vae.channels=[8,16]",
-    "vae.hidden=[16]",
-    "vae.n_latent=4",
-    "vae.n_private=1",
-    "trainer.batch_size=16",
-    "trainer.max_minutes=null",
+    *TINY_TRAIN,
     "trainer.max_epochs=1",
     "trainer.figure_budget=0",
     "trainer.projector_max_cells=0",
-    "hardware.torch_threads=1",
 ]
 
 
