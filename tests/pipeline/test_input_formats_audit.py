@@ -34,6 +34,9 @@ def _png(path: Path, side: int = 20, value: int = 128) -> Path:
 def _fake_detector(monkeypatch, seen: list[str]) -> None:
     """segment_smear_folder without a detector: each image gives one kept cell whose id is
     the prefix the reader asked for (the ids are what is tested, not the detection)."""
+    # imported first: autoscale binds segment_images at import, and an import made
+    # while the fake is in place would keep the fake for every later test
+    import segmentation.autoscale  # noqa: F401
     import segmentation.cells
     import segmentation.inference
     import segmentation.model
