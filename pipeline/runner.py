@@ -328,22 +328,9 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
             lock = producer_lock(p)
             if lock is not None and lock.path not in seen:
                 seen.add(lock.path)
-                held.enter_context(_Held(lock.acquire_shared(f"input '{n}' ({p})")))
+                held.callback(lock.acquire_shared(f"input '{n}' ({p})").release)
         held.enter_context(own)
         return _run_locked(cfg, name, spec, inputs)
-
-
-class _Held:
-    """Releases an already acquired :class:`pipeline.locks.StageLock` on exit."""
-
-    def __init__(self, lock):
-        self.lock = lock
-
-    def __enter__(self):
-        return self.lock
-
-    def __exit__(self, *exc: object) -> None:
-        self.lock.release()
 
 
 # stage folders this process has started to write (see _drop_hydra_dir)

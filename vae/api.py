@@ -129,19 +129,8 @@ def _dense(m) -> np.ndarray:
     return np.asarray(m.toarray() if hasattr(m, "toarray") else m)
 
 
-def _whole_number(v) -> bool:
-    """A whole number (5, 5.0, "5"), not a bool."""
-    if isinstance(v, bool):
-        return False
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return False
-    return bool(np.isfinite(f) and f.is_integer())
-
-
-def _number_in(v, lo: float, hi: float) -> float | None:
-    """``v`` as a float when it is a number in [lo, hi] (not a bool), else None."""
+def _number_in(v, lo: float = -np.inf, hi: float = np.inf) -> float | None:
+    """``v`` as a finite float when it is a number in [lo, hi] (not a bool), else None."""
     if isinstance(v, bool):
         return None
     try:
@@ -149,6 +138,12 @@ def _number_in(v, lo: float, hi: float) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if np.isfinite(f) and lo <= f <= hi else None
+
+
+def _whole_number(v) -> bool:
+    """A whole number (5, 5.0, "5"), not a bool."""
+    f = _number_in(v)
+    return f is not None and f.is_integer()
 
 
 def _is_counts(m: np.ndarray) -> bool:
@@ -907,8 +902,9 @@ class Study:
         xv = np.asarray(adata.X.data if hasattr(adata.X, "tocsr") else adata.X)
         if xv.size and _is_counts(xv):
             return adata  # X holds the counts itself
-        rv = np.asarray(raw.X.data if hasattr(raw.X, "tocsr") else raw.X)
-        if not (rv.size and np.isfinite(rv).all() and (rv >= 0).all() and _is_counts(rv)):
+        from vae.inputs.expression import counts_elsewhere
+
+        if ".raw" not in counts_elsewhere(adata):  # stage=expression's test of .raw
             return adata
         log.info(
             "%s: raw counts from .raw.X (%d genes; X holds no counts), normalised as "

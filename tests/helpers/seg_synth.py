@@ -15,6 +15,19 @@ from pycocotools import mask as mask_utils
 LIGHT_HEADS = {"fpn_channels": 32, "box_representation": 64, "mask_head_layers": 1}
 
 
+def untrained_checkpoint(path: Path, side: int = 128) -> Path:
+    """Save an untrained light ``resnet18_fpn`` Mask R-CNN (seed 0) working at ``side``
+    px to ``path``: a detector checkpoint for behaviour tests."""
+    import torch
+
+    from segmentation.model import build_maskrcnn, save_checkpoint
+
+    torch.manual_seed(0)
+    args = {"arch": "resnet18_fpn", "min_size": side, "max_size": side, **LIGHT_HEADS}
+    save_checkpoint(path, build_maskrcnn(**args), args)
+    return path
+
+
 def disk(h: int, w: int, cx: float, cy: float, r: float) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
     return (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2

@@ -222,14 +222,9 @@ def test_rejects_and_sheet_do_not_depend_on_the_ranks():
 
 @pytest.fixture(scope="module")
 def untrained_ckpt(tmp_path_factory) -> Path:
-    from segmentation.model import build_maskrcnn, save_checkpoint
-    from tests.helpers.seg_synth import LIGHT_HEADS
+    from tests.helpers.seg_synth import untrained_checkpoint
 
-    torch.manual_seed(0)
-    args = {"arch": "resnet18_fpn", "min_size": 128, "max_size": 128, **LIGHT_HEADS}
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, build_maskrcnn(**args), args)
-    return path
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt")
 
 
 @pytest.mark.slow

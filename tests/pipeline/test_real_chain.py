@@ -14,7 +14,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from segmentation.cells import SegmentSettings, segment_image
@@ -27,7 +26,7 @@ from segmentation.sources import (
     read_bccd_labels,
 )
 from tests.helpers.run import ROOT, compose_config, run_stage_in_process
-from tests.helpers.seg_synth import LIGHT_HEADS
+from tests.helpers.seg_synth import untrained_checkpoint
 
 SHARED = ROOT / "../shared/data"
 
@@ -62,13 +61,7 @@ def _save(path: Path, img: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    from segmentation.model import build_maskrcnn, save_checkpoint
-
-    torch.manual_seed(0)
-    args = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 64, **LIGHT_HEADS}
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, build_maskrcnn(**args), args)
-    return path
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", side=64)
 
 
 def _data(root: Path) -> Path:

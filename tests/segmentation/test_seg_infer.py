@@ -32,7 +32,7 @@ from segmentation.inference import (
 )
 from segmentation.io import error_line, read_rgb
 from tests.helpers.run import run_pipeline, run_stage_in_process
-from tests.helpers.seg_synth import LIGHT_HEADS
+from tests.helpers.seg_synth import LIGHT_HEADS, untrained_checkpoint
 
 
 def disc(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
@@ -619,13 +619,7 @@ def test_read_rgb_planar_and_multi_page_tiffs(tmp_path):
 
 @pytest.fixture(scope="module")
 def untrained_ckpt(tmp_path_factory) -> Path:
-    from segmentation.model import build_maskrcnn, save_checkpoint
-
-    torch.manual_seed(0)
-    args = {"arch": "resnet18_fpn", "min_size": 128, "max_size": 128, **LIGHT_HEADS}
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, build_maskrcnn(**args), args)
-    return path
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt")
 
 
 def _smear_folder(d: Path) -> Path:
