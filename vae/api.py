@@ -883,6 +883,34 @@ class Study:
         )
         return x, counts, has_expr, rep
 
+    def expression_var_names(self, adata) -> pd.Index:
+        """Gene names :meth:`embed` reads from ``adata``: ``.raw``'s where ``X`` holds no
+        counts and ``.raw.X`` does (see :meth:`_raw_counts`), else ``X``'s.
+
+        What a check of the model's genes against an input must count: a scanpy file
+        with a few highly variable genes in ``X`` and every gene in ``.raw`` is embedded
+        from ``.raw``.
+        """
+        if "counts" not in adata.layers and self._counts_in_raw(adata):
+            return pd.Index([str(v) for v in adata.raw.var_names])
+        return pd.Index([str(v) for v in adata.var_names])
+
+    @staticmethod
+    def _counts_in_raw(adata) -> bool:
+        """Whether ``.raw.X`` holds the counts of ``X``: ``X`` is not counts, ``.raw.X``
+        is (stage=expression's test), and ``.raw`` has every gene of ``X`` and its cells."""
+        raw = adata.raw
+        if raw is None or raw.n_obs != adata.n_obs or adata.n_vars == 0:
+            return False
+        if not pd.Index(adata.var_names).isin(raw.var_names).all():
+            return False  # not the same genes: not known to be the counts of X
+        xv = np.asarray(adata.X.data if hasattr(adata.X, "tocsr") else adata.X)
+        if xv.size and _is_counts(xv):
+            return False  # X holds the counts itself
+        from vae.inputs.expression import counts_elsewhere
+
+        return ".raw" in counts_elsewhere(adata)  # stage=expression's test of .raw
+
     def _raw_counts(self, adata, source: str):
         """``adata`` with its ``.raw`` counts as ``X`` where ``X`` is not counts and
         ``.raw.X`` is (scanpy's usual layout: log-normalised ``X``, counts in ``.raw``),
@@ -894,18 +922,9 @@ class Study:
         """
         import anndata as ad
 
+        if not self._counts_in_raw(adata):
+            return adata
         raw = adata.raw
-        if raw is None or raw.n_obs != adata.n_obs or adata.n_vars == 0:
-            return adata
-        if not pd.Index(adata.var_names).isin(raw.var_names).all():
-            return adata  # not the same genes: not known to be the counts of X
-        xv = np.asarray(adata.X.data if hasattr(adata.X, "tocsr") else adata.X)
-        if xv.size and _is_counts(xv):
-            return adata  # X holds the counts itself
-        from vae.inputs.expression import counts_elsewhere
-
-        if ".raw" not in counts_elsewhere(adata):  # stage=expression's test of .raw
-            return adata
         log.info(
             "%s: raw counts from .raw.X (%d genes; X holds no counts), normalised as "
             "stage=expression normalises counts",

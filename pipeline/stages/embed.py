@@ -407,7 +407,9 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects):
         if kind == "expression" and adata.n_vars == 0:
             raise StageError(f"{setting}: var_names: no genes (an expression input with 0 columns)")
         if adata.n_vars:  # too few of the model's genes: refused before the imputation runs
-            cols = study.gene_columns(adata.var_names)
+            # the genes the study reads: .raw's when the counts are there (scanpy files
+            # keep a few variable genes in X and every gene in .raw)
+            cols = study.gene_columns(study.expression_var_names(adata))
             missing = [g for g, c in zip(study.gene_names, cols) if c < 0]
             n_model = len(cols)
             # none at all: Study names the model's and the input's genes itself

@@ -189,6 +189,30 @@ def test_counts_in_raw_are_used_and_another_layer_is_named(study, tmp_path, capl
     assert rep.values == "counts"
 
 
+def test_max_missing_genes_counts_the_genes_read_from_raw(study, tmp_path):  # noqa: F811
+    """A scanpy file with 3 of the model's 12 genes in X (log values) and every gene's
+    counts in .raw is embedded from .raw: embed.max_missing_genes counted X's genes and
+    refused it (9 of 12 missing); the same X without .raw is still refused."""
+    df = _counts_frame(study)
+    counts = ad.AnnData(X=df.to_numpy(np.float32))
+    counts.obs_names, counts.var_names = list(df.index), list(df.columns)
+    few = df.iloc[:, :3]
+    logx = np.log1p(few.to_numpy() / df.to_numpy().sum(1, keepdims=True) * 1e4)
+    scan = ad.AnnData(X=logx.astype(np.float32), obs=counts.obs.copy())
+    scan.var_names = list(few.columns)
+    plain = scan.copy()
+    scan.raw = counts
+    scan.write_h5ad(tmp_path / "hvg.h5ad")
+    plain.write_h5ad(tmp_path / "plain.h5ad")
+    d = _embed(study, "hvg_raw", f"embed.expression={tmp_path / 'hvg.h5ad'}")
+    q = ad.read_h5ad(d / "query.h5ad")
+    assert q.n_obs == 10
+    rep = next(iter(json.loads((d / "summary.json").read_text())["genes"].values()))
+    assert rep["missing"] == []  # every model gene read from .raw
+    with pytest.raises(StageError, match=r"embed\.max_missing_genes"):
+        _embed(study, "hvg_plain", f"embed.expression={tmp_path / 'plain.h5ad'}")
+
+
 def test_study_read_auto_takes_a_10x_folder_as_expression(study, tmp_path):  # noqa: F811
     """Study.read(<10x folder>) with kind='auto' read it as crops: 0 cells, no reject."""
     from vae.api import Study
