@@ -281,7 +281,8 @@ def _set_aside(cfg: DictConfig, name: str, d: Path, to: Path) -> Path:
         if stage_lock(run_dir(cfg), name, variant, cfg.experiment).held_elsewhere():
             raise StageError(
                 f"{d} cannot be moved aside: {c} is a run of stage={name} variant={variant} "
-                f"that is running now (its folder lies inside {d}); wait for it to finish."
+                f"that is running now, or that a running stage is reading (its folder lies "
+                f"inside {d} and would move with it); wait for it to finish."
             )
     d.rename(to)
     d.mkdir()

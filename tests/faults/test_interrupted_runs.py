@@ -254,3 +254,42 @@ def test_a_call_named_neutrophils_keeps_its_count():
     prof = sample_profile(obs).set_index("sample")
     assert prof.loc["a", "n_neutrophils"] == 3 and prof.loc["a", "it_denominator"] == 5
     assert prof.loc["a", "left_shift_index"] == pytest.approx(2 / 5)
+
+
+def test_variant_folders_have_their_own_locks(tmp_path, monkeypatch, capsys):
+    """A variant run (``variant=v1``) writes ``<stage>/v1``: its readers and writers lock
+    that folder, not the stage's default one, so two variants run side by side while a
+    rewrite of one variant is refused while a stage reads it."""
+    _chain(monkeypatch, {"simulate": "s", "evaluate": "m", "traverse": "r"})
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "simulate")) == 0
+    assert runner.main(cfg_for(root, "simulate", "variant=v1")) == 0
+    run = root / "t"
+    base = producer_lock(run / "simulate" / "smears")
+    v1 = producer_lock(run / "simulate" / "v1" / "smears")
+    assert base.path == stage_lock(run, "simulate", "", "t").path
+    assert v1.path == stage_lock(run, "simulate", "v1", "t").path != base.path
+    writer = stage_lock(run, "simulate", "v1", "t").acquire()
+    try:
+        # evaluate variant=v1 reads simulate/v1 (being rewritten): refused, naming it
+        assert runner.main(cfg_for(root, "evaluate", "variant=v1")) == 2
+        err = capsys.readouterr().err
+        assert "input 'smears'" in err and "is being written" in err
+        # the default variant's evaluate reads simulate/smears: not held, it runs
+        assert runner.main(cfg_for(root, "evaluate")) == 0
+    finally:
+        writer.release()
+    reader = v1.acquire_shared("input 'smears'")
+    try:  # a reader of v1 blocks a rewrite of v1, and one of the default folder, which
+        # holds simulate/v1 and would move it aside under the reader
+        assert runner.main(cfg_for(root, "simulate", "variant=v1", "overwrite=true")) == 2
+        assert "a running stage is reading its outputs" in capsys.readouterr().err
+        assert runner.main(cfg_for(root, "simulate", "overwrite=true")) == 2
+        assert "that a running stage is reading" in capsys.readouterr().err
+        assert (run / "simulate" / "v1" / "smears").read_text() == "s"
+    finally:
+        reader.release()
+    assert runner.main(cfg_for(root, "simulate", "overwrite=true")) == 0
+    assert (run / "simulate" / "v1" / "smears").read_text() == "s"  # kept in place
+    assert runner.main(cfg_for(root, "evaluate", "variant=v1")) == 0
+    assert (run / "evaluate" / "v1" / "manifest.json").is_file()
