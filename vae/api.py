@@ -574,7 +574,7 @@ class Study:
                 # (the default) may be absent from a query that holds every model gene
                 a = read_expression(p, orientation=orientation, known_genes=self.gene_names)
                 if counts_layer:
-                    counts_from(a, counts_layer, str(p))
+                    a = counts_from(a, counts_layer, str(p))
             except ExpressionInputError as e:
                 hint = {
                     "expression.orientation": " (Study.read: orientation=...)",

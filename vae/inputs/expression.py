@@ -537,26 +537,47 @@ def counts_elsewhere(adata: ad.AnnData) -> list[str]:
     return found
 
 
-def counts_from(adata: ad.AnnData, layer: str, src: str = "") -> None:
-    """Set ``adata.layers["counts"]`` (in place) to ``layer`` (``".raw"``: ``.raw.X``
-    restricted to ``X``'s genes), where :func:`validate_matrix` reads counts."""
+def counts_from(adata: ad.AnnData, layer: str, src: str = "") -> ad.AnnData:
+    """``adata`` with ``layers["counts"]`` set to ``layer``, where :func:`validate_matrix`
+    reads counts: a layer's name (set in place, ``adata`` returned), or ``".raw"``: a new
+    AnnData of ``.raw``'s genes (every one, as scanpy keeps them there before a
+    gene subset) with ``.raw.X`` as ``X`` and counts, and ``adata``'s cells.
+
+    Every gene of ``.raw``, not only ``X``'s: a cell's library is the sum of all its
+    counts, as ``stage=embed`` (``Study``) reads the same file; ``X`` restricted to a few
+    variable genes gave the training data another library than the embedded one.
+    """
     if layer == ".raw":
-        if adata.raw is None:
+        raw = adata.raw
+        if raw is None:
             raise ExpressionInputError(
                 "the file has no .raw", field="expression.counts_layer", source=src
             )
-        m = adata.raw[:, adata.var_names].X
-    elif layer in adata.layers:
-        m = adata.layers[layer]
-    else:
+        if raw.n_obs != adata.n_obs:
+            raise ExpressionInputError(
+                f".raw has {raw.n_obs} cells, X {adata.n_obs}",
+                field="expression.counts_layer",
+                source=src,
+            )
+        out = ad.AnnData(X=raw.X.copy(), obs=adata.obs.copy(), var=raw.var.copy(), uns=adata.uns)
+        out.layers["counts"] = raw.X.copy()
+        log.info(
+            "%s: counts from .raw (expression.counts_layer; %d genes, X had %d)",
+            src,
+            raw.n_vars,
+            adata.n_vars,
+        )
+        return out
+    if layer not in adata.layers:
         raise ExpressionInputError(
             f"no layer {layer!r}; layers: {list(adata.layers) or 'none'}"
             + ("; .raw" if adata.raw is not None else ""),
             field="expression.counts_layer",
             source=src,
         )
-    adata.layers["counts"] = m.copy()
+    adata.layers["counts"] = adata.layers[layer].copy()
     log.info("%s: counts from %s (expression.counts_layer)", src, layer)
+    return adata
 
 
 def _counts_hint(adata: ad.AnnData) -> str:
@@ -905,7 +926,7 @@ def preprocess(
     _check_settings(adata, p, src)
     adata = adata.copy()  # one copy: the caller's object stays as given
     if p.counts_layer:
-        counts_from(adata, p.counts_layer, src)
+        adata = counts_from(adata, p.counts_layer, src)
     make_gene_names_unique(adata, src)
     has_counts = validate_matrix(adata, values=p.values, source=src)
     if sp.issparse(adata.X):

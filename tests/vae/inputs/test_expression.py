@@ -170,6 +170,14 @@ def test_counts_in_raw_or_another_layer_are_named_when_x_is_lognormalised():
     out = preprocess(a, _params(counts_layer=".raw")).adata
     assert out.uns["has_counts"] is True
     np.testing.assert_array_equal(out.layers["counts"], _toy().X)
+    # X subset to a few genes (scanpy after a gene selection), every gene in .raw: all of
+    # .raw's genes are read, so each cell's library is that of the full counts, as
+    # stage=embed reads the same file (only X's genes gave another library)
+    full = preprocess(_toy(), _params()).adata
+    sub = a[:, a.var_names[:3]].copy()
+    out = preprocess(sub, _params(counts_layer=".raw")).adata
+    assert list(out.var_names) == list(full.var_names)
+    np.testing.assert_allclose(np.asarray(out.X), np.asarray(full.X), rtol=1e-6)
     b = _toy()
     b.layers["raw_counts"] = b.X.copy()
     b.X = np.log1p(b.X)
