@@ -106,6 +106,18 @@ def _warn_once(msg: str, *args: Any) -> None:
         log.warning("%s", text)
 
 
+def warnings_said() -> list[str]:
+    """The warnings :func:`_warn_once` has logged in this process, sorted: each stage's
+    log gets them too (the first came from the start checks, before any stage log was
+    open, and later stages of ``stage=all`` would otherwise not say they ran on CPU)."""
+    return sorted(_SAID)
+
+
+def forget_warnings() -> None:
+    """Start a run's warnings afresh (several runs in one process, e.g. a notebook)."""
+    _SAID.clear()
+
+
 def _validate(hw: Any) -> None:
     if hw.kind not in KINDS:
         raise HardwareError(f"hardware.kind={hw.kind!r}; valid: {', '.join(KINDS)}")

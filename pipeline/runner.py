@@ -356,6 +356,13 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
     for rec in early.records:
         if rec.levelno >= handler.level:
             handler.handle(rec)
+    for text in hardware.warnings_said():  # e.g. the CPU fallback, said once per process
+        if logging.WARNING >= handler.level and not any(
+            r.getMessage() == text for r in early.records
+        ):
+            handler.handle(
+                logging.LogRecord(hardware.log.name, logging.WARNING, "", 0, text, None, None)
+            )
     resolved = OmegaConf.to_container(cfg, resolve=True)
     manifest = Manifest(d, name, resolved)
     manifest.data["resume_hash"] = settings_hash(resolved, name)
@@ -462,9 +469,10 @@ def _drop_hydra_dir(cfg: DictConfig) -> None:
 
 def main(cfg: DictConfig) -> int:
     """Entry point after Hydra composed ``cfg``. Returns a process exit code."""
-    from pipeline import guards
+    from pipeline import guards, hardware
 
     load_stages()
+    hardware.forget_warnings()  # a run's stage logs replay its own warnings only
     # anndata logs "storing 'x' as categorical" at INFO for every string column written
     logging.getLogger("anndata").setLevel(logging.WARNING)
     name = cfg.stage.name

@@ -272,6 +272,10 @@ def test_gpu_without_cuda_fails_before_the_stage_folder(tmp_path, toy, capsys):
     assert (
         runner.main(cfg_for(root, "evaluate", "hardware=gpu", "hardware.fallback_to_cpu=true")) == 0
     )
+    # the fallback was said by the start checks, before the stage's log was open: the
+    # stage's log says it too, once
+    text = (root / "t" / "evaluate" / "evaluate.log").read_text()
+    assert text.count("falling back to CPU") == 1
 
 
 def test_truncated_paired_h5ad_is_one_message(tmp_path, capsys):
