@@ -28,10 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 # the image types every reader lists (case-insensitive); WebP (browser and phone exports)
 # is decoded by Pillow like the others, and was skipped without a word when not listed
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+# The largest image read whole, in megapixels (1000 MP: a 3 GB RGB array). Pillow's own
+# guard (it refuses over 179 MP as a "decompression bomb", a web-service concern) made a
+# whole-slide smear scan "unreadable"; it is lifted for the user's own files, and this
+# size, read from the file's header before decoding, is the limit instead, named as such.
+MAX_IMAGE_MEGAPIXELS = 1000
+Image.MAX_IMAGE_PIXELS = None  # for every reader in the process (all import this module)
 
 
 def error_line(e: BaseException, limit: int = 200) -> str:
@@ -106,8 +114,6 @@ def _to_uint8(a: np.ndarray, converted: list[str]) -> np.ndarray:
 
 def _page_count(path: Path) -> int:
     """Pages (frames) of an image file by its header; 1 when Pillow cannot tell."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             return int(getattr(im, "n_frames", 1) or 1)
@@ -134,8 +140,6 @@ def _exif_upright(path: Path, a: np.ndarray, converted: list[str]) -> np.ndarray
     """``a`` turned as the file's EXIF orientation says (a phone or camera JPEG stores
     its pixels in the sensor's frame and the turn in a tag: read without it, a cell is
     seen on its side); unchanged without the tag, or when it cannot be read."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             o = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
@@ -148,14 +152,29 @@ def _exif_upright(path: Path, a: np.ndarray, converted: list[str]) -> np.ndarray
     return np.ascontiguousarray(turn(a))
 
 
+def _too_large(path: Path, limit_mp: float = MAX_IMAGE_MEGAPIXELS) -> str:
+    """Why ``path`` is not read whole (its header's size is over ``limit_mp``
+    megapixels), or "" (also when Pillow cannot read the header: the decoders judge it)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - not Pillow's format, or broken: _decode says
+        return ""
+    if w * h <= limit_mp * 1e6:
+        return ""
+    return (
+        f"too large to read whole: {w}x{h} px ({w * h / 1e6:.0f} MP > "
+        f"{limit_mp:.0f} MP); split it into tiles (e.g. vips dzsave, or any slide "
+        f"viewer's export) and give the folder of tiles"
+    )
+
+
 def _decode(path: Path, converted: list[str]) -> np.ndarray:
     """Decode with imageio (keeps 16-bit RGB), falling back to Pillow.
 
     Four channels are RGBA except in a CMYK file (print-ready JPEG / TIFF exports):
     Pillow converts those to RGB, noted in ``converted``.
     """
-    from PIL import Image
-
     try:
         import imageio.v3 as iio
 
@@ -218,6 +237,9 @@ def read_rgb(
     """
     path = Path(path)
     converted: list[str] = []
+    big = _too_large(path, MAX_IMAGE_MEGAPIXELS)
+    if big:
+        return ImageRead(path, None, [], big)
     try:
         a = _decode(path, converted)
     except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"

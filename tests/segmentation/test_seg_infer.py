@@ -563,6 +563,21 @@ def test_read_rgb_cmyk_jpeg_is_converted_not_taken_as_rgba(tmp_path):
     assert np.abs(r.image.astype(int).mean((0, 1)) - rgb.mean((0, 1))).max() < 8
 
 
+def test_read_rgb_reads_past_pillows_bomb_guard_and_names_its_own_size_limit(tmp_path, monkeypatch):
+    """A whole-slide scan over Pillow's 179 MP "decompression bomb" guard was rejected as
+    "unreadable"; the size limit is now the project's own, read from the header and named."""
+    from PIL import Image
+
+    from segmentation import io
+
+    Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(tmp_path / "slide.png")
+    assert Image.MAX_IMAGE_PIXELS is None  # lifted on import, for every reader
+    monkeypatch.setattr(io, "MAX_IMAGE_MEGAPIXELS", 0.001)  # 1000 px
+    r = read_rgb(tmp_path / "slide.png")
+    assert not r.ok and r.reason.startswith("too large to read whole: 40x30 px"), r.reason
+    assert "tiles" in r.reason
+
+
 def test_read_rgb_16bit_rgb_tiff(tmp_path):
     tifffile = pytest.importorskip("tifffile")
     a = (np.arange(20 * 30 * 3).reshape(20, 30, 3) * 30).astype(np.uint16)
