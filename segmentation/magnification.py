@@ -41,6 +41,15 @@ NUCLEUS_MARGIN = 20.0
 # instead. On TXL-PBC train (every 4th image) the white / red ratio's 1 % quantile is
 # 1.34: the bound flags none of them (docs/segmentation_infer.md, "Automatic magnification")
 MIN_WHITE_PER_RED = 1.0
+# The rulers were tuned on single fields of view (every shared smear image is at most
+# 640 px on its longer side). An image longer than RULER_WHOLE_PX on a side (a whole-slide
+# scan, stitched fields) is measured on RULER_WINDOW_PX squares instead, at most
+# RULER_MAX_WINDOWS of them spread evenly over it, and their measurements pooled: a
+# 14000 px scan measured whole shrank its white cells to 2-3 px on the 320 px copy, and
+# the red-cell watershed at full size held 22.8 GB (~100 bytes per pixel, 196 MP).
+RULER_WHOLE_PX = 1024
+RULER_WINDOW_PX = 768
+RULER_MAX_WINDOWS = 48
 # cell foreground threshold: Otsu of the green channel (0) ... the plasma's median (1).
 # 0.5: pale cytoplasm (Raabin fields) counts as cell; on TXL-PBC train (every 4th image)
 # within 15 % of the oracle 0.77 at 0, 0.83 at 0.5 (docs/segmentation_infer.md)
@@ -384,6 +393,63 @@ def red_cell_diameter(
 RULERS = ("auto", "white", "red")
 
 
+def ruler_windows(
+    image: np.ndarray,
+    whole_px: int = RULER_WHOLE_PX,
+    window_px: int = RULER_WINDOW_PX,
+    max_windows: int = RULER_MAX_WINDOWS,
+) -> list[np.ndarray]:
+    """The views of ``image`` the rulers measure: the image itself when neither side is
+    longer than ``whole_px``, else up to ``max_windows`` non-overlapping
+    ``window_px`` squares (views, no copies) spread evenly over a grid of them.
+
+    Parameters
+    ----------
+    image : (H, W, 3) uint8 RGB
+    whole_px : longest side measured whole (px)
+    window_px : side of a window (px)
+    max_windows : most windows measured
+
+    Returns
+    -------
+    list of (h, w, 3) arrays, in row-major grid order
+    """
+    h, w = image.shape[:2]
+    if max(h, w) <= whole_px:
+        return [image]
+    ny, nx = max(1, h // window_px), max(1, w // window_px)
+    cells = [(i, j) for i in range(ny) for j in range(nx)]
+    if len(cells) > max_windows:  # evenly spread over the grid, first and last kept
+        idx = np.unique(np.round(np.linspace(0, len(cells) - 1, max_windows)).astype(int))
+        cells = [cells[k] for k in idx]
+    # the grid centred on the image (the margins of a scan are often off the smear)
+    y0, x0 = (h - ny * window_px) // 2, (w - nx * window_px) // 2
+    return [
+        image[
+            max(0, y0 + i * window_px) : y0 + (i + 1) * window_px,
+            max(0, x0 + j * window_px) : x0 + (j + 1) * window_px,
+        ]
+        for i, j in cells
+    ]
+
+
+def _red_pooled(views: list[np.ndarray]) -> tuple[float, int]:
+    """:func:`red_cell_diameter` over ``views``: the median of the views' medians,
+    weighted by their cell counts (NaN when no view measured any), and the cells."""
+    got = [red_cell_diameter(v) for v in views]
+    if len(got) == 1:
+        return got[0]
+    d = np.array([g[0] for g in got], float)
+    n = np.array([g[1] for g in got], float)
+    ok = np.isfinite(d) & (n > 0)
+    if not ok.any():
+        return float("nan"), int(n.sum())
+    order = np.argsort(d[ok])
+    cum = np.cumsum(n[ok][order])
+    mid = int(np.searchsorted(cum, cum[-1] / 2.0))
+    return float(d[ok][order][mid]), int(n[ok].sum())
+
+
 def estimate_scale(
     image: np.ndarray,
     cell_px: float,
@@ -409,26 +475,33 @@ def estimate_scale(
     Returns
     -------
     ScaleEstimate
+
+    Notes
+    -----
+    An image longer than :data:`RULER_WHOLE_PX` on a side is measured on windows
+    (:func:`ruler_windows`): the white cells of all windows together, the red-cell
+    diameter as the count-weighted median of the windows'.
     """
     if ruler not in RULERS:
         raise ValueError(f"ruler={ruler!r}; valid: {', '.join(RULERS)}")
+    views = ruler_windows(image, RULER_WHOLE_PX, RULER_WINDOW_PX, RULER_MAX_WINDOWS)
     wpx = float("nan")
     if ruler in ("auto", "white"):
-        w = white_cell_sizes(image)
+        w = np.concatenate([white_cell_sizes(v) for v in views])
         if w.size:
             wpx = float(np.median(w))
             s = cell_px / (white_box_per_diameter * wpx)
             white = ScaleEstimate(float("nan"), int(w.size), float(s), True, "white", wpx)
             if ruler == "white":
                 return white
-            d, n = red_cell_diameter(image)
+            d, n = _red_pooled(views)
             if not (np.isfinite(d) and wpx < MIN_WHITE_PER_RED * d):
                 return white
             # smaller than a red cell: not a white cell's size; the red cells are the ruler
             return ScaleEstimate(d, n, float(cell_px / (wbc_per_rbc * d)), True, "red", wpx)
         if ruler == "white":
             return ScaleEstimate(float("nan"), 0, float(fallback), False, "none")
-    d, n = red_cell_diameter(image)
+    d, n = _red_pooled(views)
     if not np.isfinite(d) or d <= 0:
         return ScaleEstimate(float("nan"), n, float(fallback), False, "none")
     return ScaleEstimate(d, n, float(cell_px / (wbc_per_rbc * d)), True, "red", wpx)

@@ -7,10 +7,12 @@ import re
 import numpy as np
 import pytest
 
+from segmentation import magnification
 from segmentation.magnification import (
     WHITE_BOX_PER_DIAMETER,
     estimate_scale,
     red_cell_diameter,
+    ruler_windows,
     white_cell_sizes,
 )
 from tests.helpers.seg_synth import LIGHT_HEADS
@@ -79,6 +81,29 @@ def test_white_cell_sizes_recover_the_whole_cell_not_the_nucleus(white: float):
     sizes = white_cell_sizes(img)
     assert sizes.size == 1
     assert sizes[0] == pytest.approx(white, rel=0.12)
+
+
+def test_a_whole_slide_is_measured_on_windows_like_one_field(monkeypatch):
+    """A 2560x1920 scan of twelve fields: measured whole, its white cells shrank to ~8 px
+    on the 320 px copy (and the red-cell watershed held ~100 bytes per pixel: 22.8 GB
+    at 196 MP); on field-sized windows it reads as one field does."""
+    fields = [_smear(24.0, size=640, seed=k, white=60.0) for k in range(12)]
+    slide = np.concatenate([np.concatenate(fields[r * 4 : r * 4 + 4], 1) for r in range(3)], 0)
+    one = estimate_scale(fields[0], cell_px=40.0)
+    views = ruler_windows(slide)
+    assert len(views) == 6 and all(v.base is not None for v in views)  # 3 x 2, no copies
+    assert all(v.shape[:2] == (768, 768) for v in views)
+    big = estimate_scale(slide, cell_px=40.0)
+    assert one.ok and big.ok and big.ruler == one.ruler == "white"
+    assert big.white_px == pytest.approx(60.0, rel=0.12) and big.n_cells >= 4
+    assert big.scale == pytest.approx(one.scale, rel=0.1)
+    red = estimate_scale(slide, cell_px=40.0, ruler="red")
+    assert red.diameter_px == pytest.approx(24.0, rel=0.1) and red.n_cells > 100
+    # at most RULER_MAX_WINDOWS windows, spread over the grid; a field alone is measured whole
+    monkeypatch.setattr(magnification, "RULER_MAX_WINDOWS", 5)
+    assert len(ruler_windows(slide, max_windows=5)) == 5
+    assert estimate_scale(slide, cell_px=40.0).ok
+    assert len(ruler_windows(fields[0])) == 1 and ruler_windows(fields[0])[0] is fields[0]
 
 
 def test_white_cells_measured_at_full_resolution_size_and_each_one_counted():
