@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -151,6 +152,19 @@ def config_error_line(e: BaseException) -> str:
     override = getattr(e, "override", None)  # OverrideParseException: the text not parsed
     if override and lines and not lines[0].startswith(str(override)):
         lines[0] = f"{override}: {lines[0]}"
+    ambiguous = re.match(r"Ambiguous value for argument '(.*)'$", lines[0]) if lines else None
+    if override or ambiguous:
+        # a path with a space, bracket, accent, = , # & ' ~ ... is no plain override
+        # value: Hydra's lexer message and its link to old docs did not say to quote it
+        given = str(override) if override else ambiguous.group(1)
+        lines = [
+            ln
+            for ln in lines
+            if not ln.startswith("See https://hydra.cc")
+            and not (re.match(r"\d+\. ", ln) and "multirun" not in ln)
+        ]
+        lines = [re.sub(r"^\d+\. ", "", ln) for ln in lines]
+        lines.append(quoting_hint(given))
     # Hydra's hint for a key no setting has ("To append to your config use +k=v") leads
     # to a refusal (pipeline.config.unknown_addition): name the nearest settings instead
     hint = next((ln for ln in lines if ln.startswith("To append to your config use +")), None)
@@ -171,6 +185,37 @@ def config_error_line(e: BaseException) -> str:
     lines = _options_line(lines)
     out = "; ".join(ln.rstrip(".") if k < len(lines) - 1 else ln for k, ln in enumerate(lines))
     return out or type(e).__name__
+
+
+def quoting_hint(override: str) -> str:
+    """How to give ``override``'s value as one string (a path with spaces, brackets or
+    accents): quoted for Hydra, inside the shell's quotes.
+
+    >>> print(quoting_hint("paths.root=/data/Patient 1 (Müller)/out"))
+    a path or text with spaces, brackets, accents or = , # & ~ must be quoted: "paths.root='/data/Patient 1 (Müller)/out'"
+    """
+    key, sep, value = override.partition("=")
+    if not sep:
+        key, value = override, "..."
+    # quoted already (or half), but something else was wrong with it
+    value = value.strip().strip("'\"")
+    if "'" in value:  # Hydra's double quotes, escaped for the shell's
+        quoted = f'"{key}=\\"{value}\\""'
+    else:
+        quoted = f"\"{key}='{value}'\""
+    return f"a path or text with spaces, brackets, accents or = , # & ~ must be quoted: {quoted}"
+
+
+def _exists(p: Path) -> bool | None:
+    """Whether ``p`` exists; None when that cannot be told (a folder above it that may
+    not be entered, a name too long): Path.exists raises those in Python 3.11."""
+    try:
+        os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except (OSError, ValueError):
+        return None
+    return True
 
 
 def _run_root(e: OSError) -> str:
@@ -198,10 +243,16 @@ def run_folder_error_line(e: OSError) -> str:
     folder that cannot hold one, or not writable), naming ``paths.root``."""
     where = Path(e.filename) if e.filename else None
     reason = e.strerror or str(e)
+    if e.errno == errno.ENAMETOOLONG and where is not None:
+        longest = max(where.parts, key=len)
+        reason = f"{reason}: a folder name of {len(longest)} characters, where most file systems take 255"
     if where is not None:
         # the first part of the path that exists and is not a folder is the usual cause
         for p in [where, *where.parents]:
-            if p.exists():
+            here = _exists(p)
+            if here is None:
+                continue  # cannot tell (no permission above it): look further up
+            if here:
                 if not p.is_dir():
                     reason = f"{p} is a file, not a folder"
                 break
@@ -237,10 +288,40 @@ def _run_app() -> None:
         _restore_full_error()
 
 
+def expand_home(args: list[str]) -> list[str]:
+    """``args`` with a leading ``~`` of a path setting's value expanded (quoted or not).
+
+    Hydra makes the run's ``.hydra`` folder under ``paths.root`` before the pipeline
+    sees the config: ``"paths.root='~/outs'"`` made a folder named ``~`` in the working
+    directory; unquoted, ``~`` stopped Hydra's parser. The runner expands the settings
+    given otherwise (a preset, the Python API).
+
+    >>> expand_home(["paths.root=~/outs"]) == [f"paths.root='{Path.home()}/outs'"]
+    True
+    """
+    from pipeline.runner import _PATH_SETTINGS
+
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        bare = key.lstrip("+")
+        if sep and (bare.startswith("paths.") or bare in _PATH_SETTINGS):
+            plain = value
+            if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
+                plain = value[1:-1]
+            home = os.path.expanduser(plain) if plain.startswith("~") else plain
+            # a sweep (a,b or choice(...)) or a home holding a quote: left to Hydra
+            if home != plain and "'" not in home and not _top_level_comma(plain):
+                arg = f"{key}='{home}'"
+        out.append(arg)
+    return out
+
+
 def main() -> None:
     from pipeline.config import unknown_addition
     from pipeline.names import check_argv
 
+    sys.argv[1:] = expand_home(sys.argv[1:])
     bad = check_argv(sys.argv[1:]) or unknown_addition(sys.argv[1:])
     if bad:  # before Hydra creates <paths.root>/<experiment>/.hydra
         print(f"error: {bad}", file=sys.stderr)

@@ -77,6 +77,7 @@ class Manifest:
 
     def __init__(self, stage_dir: Path, stage: str, resolved_config: dict[str, Any]):
         self.path = Path(stage_dir) / MANIFEST
+        self.experiment = experiment_dir(resolved_config)
         self.data: dict[str, Any] = {
             "stage": stage,
             "status": "running",
@@ -89,7 +90,14 @@ class Manifest:
         }
 
     def add_input(self, name: str, path: Path) -> None:
-        self.data["inputs"][name] = describe(path)
+        """Record input ``name``: its :func:`describe` entry, and, for one inside this
+        run's experiment folder, also its place there (``in_experiment``), so a moved or
+        copied experiment compares its own files (:func:`recorded_input_path`)."""
+        rec = describe(path)
+        inside = in_experiment(path, self.experiment)
+        if inside is not None:
+            rec["in_experiment"] = inside
+        self.data["inputs"][name] = rec
 
     def add_output(self, name: str, path: Path) -> None:
         self.data["outputs"][name] = describe(path)
@@ -101,6 +109,66 @@ class Manifest:
         self.data["status"] = status
         self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.save()
+
+
+def experiment_dir(resolved: dict[str, Any] | None) -> Path | None:
+    """``<paths.root>/<experiment>`` of a resolved config (a manifest's ``config``), or
+    None where it does not say."""
+    if not isinstance(resolved, dict):
+        return None
+    root = (resolved.get("paths") or {}).get("root")
+    exp = resolved.get("experiment")
+    if root in (None, "") or exp in (None, ""):
+        return None
+    return Path(str(root)) / str(exp)
+
+
+def in_experiment(path: str | os.PathLike, experiment: str | os.PathLike | None) -> str | None:
+    """``path`` relative to the ``experiment`` folder (POSIX, e.g. ``simulate/smears``),
+    or None when it lies outside it (or ``experiment`` is None).
+
+    Both are made absolute against the current folder (a relative ``paths.root`` is
+    cwd-relative); links are not resolved, so an input given through a link to
+    elsewhere stays outside.
+    """
+    if experiment is None:
+        return None
+    try:
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(experiment))
+    except ValueError:  # Windows: another drive
+        return None
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+        return None
+    return Path(rel).as_posix()
+
+
+def recorded_input_path(
+    rec: dict[str, Any], man: dict[str, Any], experiment: str | os.PathLike | None = None
+) -> Path:
+    """Where an input recorded in manifest ``man`` is now.
+
+    Parameters
+    ----------
+    rec : the input's entry of ``man["inputs"]``
+    man : the manifest (its ``config`` says the experiment folder it was written in)
+    experiment : the experiment folder the manifest is read in now (None: where it was
+        written)
+
+    Returns
+    -------
+    Path
+        An input inside the experiment, in ``experiment`` (a moved or copied
+        experiment reads its own files, not the original's); one outside, its recorded
+        absolute path. A manifest written before ``in_experiment`` was recorded (path
+        only) is placed by its own config's experiment folder.
+    """
+    path = Path(str(rec.get("path", "")))
+    if experiment is None:
+        return path
+    rel = rec.get("in_experiment")
+    if rel is None:  # an older manifest: inside the folder it was written in?
+        rel = in_experiment(path, experiment_dir(man.get("config")))
+    return Path(experiment) / rel if rel is not None else path
 
 
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.artifacts import StageInputError, describe, read_manifest
+from pipeline.artifacts import StageInputError, describe, read_manifest, recorded_input_path
 from pipeline.runner import StageError, run_dir, stage_dir
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ def start_run(cfg: DictConfig, names: list[str]) -> list[str]:
         man = read_manifest(d)
         if not man or man.get("status") != "complete":
             break
-        changed = changed_inputs(man)
+        changed = changed_inputs(man, run_dir(cfg))  # this folder's files, moved or copied
         if changed:
             log.warning(
                 "resume=true: stage=%s in %s is complete but was made from inputs that "
@@ -339,13 +339,22 @@ def start_run(cfg: DictConfig, names: list[str]) -> list[str]:
     return names[head:]
 
 
-def changed_inputs(man: dict[str, Any]) -> list[str]:
+def changed_inputs(man: dict[str, Any], experiment: Path | None = None) -> list[str]:
     """The recorded inputs of a stage's manifest that are gone or changed size since
     (``name (path): old -> new bytes``); sizes only, as :func:`check_fresh` compares:
-    a copied experiment keeps its sizes but not its times."""
+    a copied experiment keeps its sizes but not its times.
+
+    Parameters
+    ----------
+    man : the stage's manifest
+    experiment : the experiment folder it is read in (``run_dir(cfg)``). An input inside
+        the experiment is looked for there, not where the manifest was written: a
+        moved experiment found its inputs "gone", a copy compared the original's files
+        (:func:`pipeline.artifacts.recorded_input_path`). None: the recorded paths.
+    """
     out = []
     for n, rec in (man.get("inputs") or {}).items():
-        p = Path(str(rec.get("path", "")))
+        p = recorded_input_path(rec, man, experiment)
         if not p.exists():
             out.append(f"{n} ({p}): gone")
         elif describe(p)["bytes"] != rec.get("bytes"):

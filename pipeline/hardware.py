@@ -486,7 +486,9 @@ def apply_log_setup(setup: LogSetup, rank: int) -> list[logging.Handler]:
     made: list[logging.Handler] = []
     for spec in setup.handlers:
         if spec.kind == "file":
-            h: logging.Handler = logging.FileHandler(spec.path, mode="a")  # type: ignore[arg-type]
+            h: logging.Handler = logging.FileHandler(
+                spec.path, mode="a", encoding="utf-8", errors="backslashreplace"
+            )  # type: ignore[arg-type]
         else:
             h = logging.StreamHandler(sys.stdout if spec.kind == "stdout" else sys.stderr)
         h.setLevel(spec.level if rank == 0 else max(spec.level, logging.WARNING))

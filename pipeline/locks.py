@@ -18,11 +18,18 @@ inputs under it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
 from pathlib import Path
 
 from pipeline.runner import StageError
+
+log = logging.getLogger(__name__)
+
+# why a lock file cannot be made or written: a read-only mount, no permission
+_NO_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class StageBusyError(StageError):
@@ -47,15 +54,35 @@ class StageLock:
         self._fd: int | None = None
 
     def acquire(self) -> StageLock:
-        fd = self._take(
-            fcntl.LOCK_EX,
-            # only a writer records its pid: if that run has ended, a reader holds it
-            lambda pid: (
-                f"{self.label} is running (pid {pid}), or, if that process has ended, a "
-                f"running stage is reading its outputs; wait for it to finish, or use "
-                f"another experiment=NAME (lock: {self.path})"
-            ),
-        )
+        """Take the lock exclusively (the stage writes its folder).
+
+        Raises
+        ------
+        StageBusyError
+            Another process holds it.
+        StageError
+            The lock file cannot be made or opened for writing (a read-only folder,
+            or a lock file of a colleague's run that the group may not write).
+        """
+        try:
+            fd = self._take(
+                fcntl.LOCK_EX,
+                # only a writer records its pid: if that run has ended, a reader holds it
+                lambda pid: (
+                    f"{self.label} is running (pid {pid}), or, if that process has ended, a "
+                    f"running stage is reading its outputs; wait for it to finish, or use "
+                    f"another experiment=NAME (lock: {self.path})"
+                ),
+            )
+        except OSError as e:
+            if e.errno not in _NO_WRITE:
+                raise
+            raise StageError(
+                f"{self.label}: cannot write its lock file {self.path} "
+                f"({e.strerror or e}); the experiment folder must be writable by "
+                f"whoever runs its stages (a group-shared one: chmod -R g+w it), or "
+                f"use another paths.root / experiment=NAME"
+            ) from None
         # the pid is written only while holding the lock, so a reader sees the holder's
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -64,20 +91,48 @@ class StageLock:
     def acquire_shared(self, what: str) -> StageLock:
         """Take the lock shared (readers only exclude writers); ``what`` names the
         input in the message when the folder is being written now."""
-        self._take(
-            fcntl.LOCK_SH,
-            lambda pid: (
-                f"{what} is being written: {self.label} is running (pid {pid}); "
-                f"wait for it to finish (lock: {self.path})"
-            ),
-        )
+        try:
+            self._take(
+                fcntl.LOCK_SH,
+                lambda pid: (
+                    f"{what} is being written: {self.label} is running (pid {pid}); "
+                    f"wait for it to finish (lock: {self.path})"
+                ),
+            )
+        except OSError as e:
+            if e.errno not in _NO_WRITE:
+                raise
+            # no lock file and none can be made: a study on a read-only mount, or a
+            # colleague's that this user cannot write, is read without one (no run of
+            # this user can rewrite it meanwhile)
+            log.warning(
+                "%s is read without a lock: %s cannot be made (%s) in the read-only folder %s",
+                what,
+                self.path,
+                e.strerror or e,
+                self.path.parent.parent,
+            )
         return self
 
     def _take(self, mode: int, message) -> int:
         """flock the file in ``mode`` without waiting; StageBusyError(message(pid))
-        when another holder keeps it. Returns the held descriptor."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        when another holder keeps it. Returns the held descriptor.
+
+        A shared lock is taken on a read-only descriptor when the file exists (flock
+        needs no write access): a colleague's lock file, or one on a read-only
+        mount, can be read-locked by anyone who can read it. A new file is made
+        ``0o666`` less the umask, so a group-shared experiment stays usable by
+        the group (it was ``0o644`` whatever the umask).
+        """
+        fd = None
+        if mode == fcntl.LOCK_SH:
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                pass
+        if fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -97,7 +152,9 @@ class StageLock:
         """True when another process holds the lock now (this one does not take it)."""
         if not self.path.exists():
             return False
-        fd = os.open(self.path, os.O_RDWR)
+        # read-only: flock needs no write access, and a colleague's lock file may
+        # not be writable by this user
+        fd = os.open(self.path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -12,6 +12,7 @@ folder ``outputs/<experiment>/<stage>[/<variant>]/``.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -135,13 +136,61 @@ def load_stages() -> None:
         importlib.import_module(mod)
 
 
+def setting_path(value: Any) -> Path:
+    """The path a setting names, ``~`` expanded (``paths.root='~/outs'`` made a folder
+    named ``~`` in the working directory); a relative one stays relative to it."""
+    return Path(str(value)).expanduser()
+
+
+# path settings whose ``~`` expand_user_paths expands: every stage reads them from the
+# config, so expanding them once there covers each place that makes a Path of them
+_PATH_SETTINGS = (
+    "paths.root",
+    "paths.shared_data",
+    "data.expression_file",
+    "expression.input_file",
+    "segmentation.pretrained_weights",
+    "pair.label_corrections",
+    "embed.study",
+    "embed.smears",
+    "embed.crops",
+    "embed.h5ad",
+    "embed.expression",
+    "embed.samples_csv",
+)
+
+
+def path_settings(cfg: DictConfig) -> list[str]:
+    """The dotted keys of ``cfg``'s settings that name a file or folder."""
+    keys = list(_PATH_SETTINGS)
+    inputs = OmegaConf.select(cfg, "paths.inputs", default=None)
+    if inputs is not None:
+        keys += [f"paths.inputs.{k}" for k in inputs]
+    for group, fields in (
+        ("data.smear_sources", ("path", "image_root")),
+        ("pair.crop_sources", ("path",)),
+    ):
+        for k in range(len(OmegaConf.select(cfg, group, default=None) or [])):
+            keys += [f"{group}.{k}.{f}" for f in fields]
+    return keys
+
+
+def expand_user_paths(cfg: DictConfig) -> None:
+    """Expand a leading ``~`` of the path settings in place (``paths.*``, ``embed.*``,
+    the data files and ``paths.inputs.*``), so that every stage sees the home folder."""
+    for key in path_settings(cfg):
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, str) and value.startswith("~"):
+            OmegaConf.update(cfg, key, str(setting_path(value)), force_add=False)
+
+
 def resolve_data_path(cfg: DictConfig, p: str, setting: str) -> Path:
     """A path as given when it exists, else relative to ``paths.shared_data``."""
-    path = Path(p)
+    path = setting_path(p)
     if path.exists():
         return path
     if not path.is_absolute():
-        alt = Path(cfg.paths.shared_data) / path
+        alt = setting_path(cfg.paths.shared_data) / path
         if alt.exists():
             return alt
     raise StageError(
@@ -158,7 +207,7 @@ def resolve_data_path(cfg: DictConfig, p: str, setting: str) -> Path:
 def run_dir(cfg: DictConfig) -> Path:
     """``<paths.root>/<experiment>``; a name that would leave ``paths.root`` is refused."""
     try:
-        return Path(cfg.paths.root) / check_run_name(cfg.experiment, "experiment")
+        return setting_path(cfg.paths.root) / check_run_name(cfg.experiment, "experiment")
     except BadNameError as e:
         raise StageError(str(e)) from None
 
@@ -185,7 +234,7 @@ def resolve_input(cfg: DictConfig, name: str) -> Path:
     """
     explicit = cfg.paths.inputs.get(name) if name in cfg.paths.inputs else None
     if explicit:
-        p = Path(explicit)
+        p = setting_path(explicit)
         if not p.exists():
             raise StageInputError(f"paths.inputs.{name}={explicit}: no such file or folder")
         return p
@@ -320,7 +369,7 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
     guards.probe_inputs(inputs)
     # one run per stage folder at a time, from the existence check to the manifest;
     # the folders it reads are not rewritten meanwhile (shared locks, pipeline/locks.py)
-    check_writable(Path(cfg.paths.root), "paths.root")
+    check_writable(setting_path(cfg.paths.root), "paths.root")
     own = stage_lock(run_dir(cfg), name, cfg.variant, cfg.experiment)
     with ExitStack() as held:
         seen = {own.path}
@@ -352,27 +401,32 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
         d, backup = prepare_stage_dir(cfg, name, inputs)
     finally:
         logging.getLogger().removeHandler(early)
-    handler = add_log_file(d / f"{name}.log", cfg.log_level)
-    for rec in early.records:
-        if rec.levelno >= handler.level:
-            handler.handle(rec)
-    for text in hardware.warnings_said():  # e.g. the CPU fallback, said once per process
-        if logging.WARNING >= handler.level and not any(
-            r.getMessage() == text for r in early.records
-        ):
-            handler.handle(
-                logging.LogRecord(hardware.log.name, logging.WARNING, "", 0, text, None, None)
-            )
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    manifest = Manifest(d, name, resolved)
-    manifest.data["resume_hash"] = settings_hash(resolved, name)
-    for n, p in inputs.items():
-        manifest.add_input(n, p)
-    manifest.save()
-    ctx = StageContext(cfg=cfg, name=name, dir=d, inputs=dict(inputs))
+    handler: logging.Handler | None = None
+    manifest: Manifest | None = None
+    ctx: StageContext | None = None
     t0 = time.time()
-    log.info("stage=%s -> %s", name, d)
+    # from here on the previous result (``backup``) is hidden: whatever fails, even
+    # opening the log or writing the first manifest on a full disk, must put it back
     try:
+        handler = add_log_file(d / f"{name}.log", cfg.log_level)
+        for rec in early.records:
+            if rec.levelno >= handler.level:
+                handler.handle(rec)
+        for text in hardware.warnings_said():  # e.g. the CPU fallback, said once per process
+            if logging.WARNING >= handler.level and not any(
+                r.getMessage() == text for r in early.records
+            ):
+                handler.handle(
+                    logging.LogRecord(hardware.log.name, logging.WARNING, "", 0, text, None, None)
+                )
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        manifest = Manifest(d, name, resolved)
+        manifest.data["resume_hash"] = settings_hash(resolved, name)
+        for n, p in inputs.items():
+            manifest.add_input(n, p)
+        manifest.save()
+        ctx = StageContext(cfg=cfg, name=name, dir=d, inputs=dict(inputs))
+        log.info("stage=%s -> %s", name, d)
         if spec.distributed:
             hardware.launch(spec.fn, ctx, cfg.hardware)
         else:
@@ -386,19 +440,33 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
             manifest.add_output(n, p)
         manifest.data["seconds"] = round(time.time() - t0, 2)
         manifest.finish("complete")
-    except BaseException:
-        log_traceback(handler, name)  # to <stage>.log only; the console gets one line
-        _record_inputs(manifest, ctx)
-        manifest.finish("failed")
+    except BaseException as exc:
+        if handler is not None:
+            log_traceback(handler, name)  # to <stage>.log only; the console gets one line
+        _fail(manifest, ctx, name, exc)
         if backup is not None:
-            failed = restore_backup(d, backup)
-            log.error(
-                "stage=%s failed; previous outputs restored, this attempt kept in %s", name, failed
-            )
+            try:
+                failed = restore_backup(d, backup)
+            except OSError as e:
+                log.error(
+                    "stage=%s failed, and its previous result could not be put back (%s): "
+                    "it is in %s; move it to %s by hand",
+                    name,
+                    e,
+                    backup,
+                    d,
+                )
+            else:
+                log.error(
+                    "stage=%s failed; previous outputs restored, this attempt kept in %s",
+                    name,
+                    failed,
+                )
         raise
     finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
     log.info("stage=%s done in %.1f s", name, time.time() - t0)
@@ -414,6 +482,28 @@ class _Records(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+
+
+def _fail(
+    manifest: Manifest | None, ctx: StageContext | None, name: str, exc: BaseException
+) -> None:
+    """Mark the manifest failed after ``exc``, if one was written; a manifest that cannot
+    be written (the disk that stopped the stage is full) is logged, not raised: it hid
+    the stage's own error and stopped the previous result from being put back."""
+    if manifest is None:
+        return
+    try:
+        if ctx is not None:
+            _record_inputs(manifest, ctx)
+        manifest.finish("failed")
+    except OSError as e:
+        log.error(
+            "stage=%s: its manifest %s could not be marked failed (%s) after: %s",
+            name,
+            manifest.path,
+            e,
+            exc,
+        )
 
 
 def _record_inputs(manifest: Manifest, ctx: StageContext) -> None:
@@ -449,7 +539,7 @@ def _drop_hydra_dir(cfg: DictConfig) -> None:
         out = Path(HydraConfig.get().runtime.output_dir)
     except Exception:  # not started by Hydra (a test calling main directly)
         return
-    root = Path(str(cfg.paths.root)).resolve()
+    root = setting_path(cfg.paths.root).resolve()
     if out.name == ".hydra" or ".hydra" not in out.parts or root not in out.resolve().parents:
         return
     root_log = logging.getLogger()
@@ -467,6 +557,42 @@ def _drop_hydra_dir(cfg: DictConfig) -> None:
             break
 
 
+def _os_error_line(cfg: DictConfig, e: OSError) -> str:
+    """``e`` as ``<path> (<setting>=<value>): <reason>``: the setting named where the path
+    is, or lies inside, the value of one."""
+    where = str(e.filename) if e.filename else ""
+    reason = e.strerror or str(e)
+    if not where:
+        return reason
+    setting = ""
+    for key in path_settings(cfg):
+        value = OmegaConf.select(cfg, key, default=None)
+        if not isinstance(value, str) or not value:
+            continue
+        given = setting_path(value).absolute()
+        at = Path(where).absolute()
+        if at == given or given in at.parents:
+            setting = f" ({key}={value})"
+            break
+    return f"{where}{setting}: {reason}"
+
+
+def _with_path(cfg: DictConfig, name: str, e: Exception) -> Exception:
+    """A full disk (or quota) error that names no file, named after the stage folder
+    it was writing in: the console line said "[Errno 28] No space left on
+    device" and no more."""
+    if not isinstance(e, OSError) or e.filename or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return e
+    try:
+        where = stage_dir(cfg, name)
+    except StageError:
+        return e
+    # OSError(errno, ...) is the subclass of that errno, as the original was
+    named = OSError(e.errno, f"{e.strerror or e} (writing in the stage folder)", str(where))
+    named.__traceback__ = e.__traceback__
+    return named
+
+
 def main(cfg: DictConfig) -> int:
     """Entry point after Hydra composed ``cfg``. Returns a process exit code."""
     from pipeline import guards, hardware
@@ -476,6 +602,8 @@ def main(cfg: DictConfig) -> int:
     # anndata logs "storing 'x' as categorical" at INFO for every string column written
     logging.getLogger("anndata").setLevel(logging.WARNING)
     name = cfg.stage.name
+    expand_user_paths(cfg)
+    started = _FOLDERS_STARTED
     try:
         names = guards.start_run(cfg, stages_for(cfg))
         plan = guards.stage_plan(cfg, names)
@@ -510,7 +638,15 @@ def main(cfg: DictConfig) -> int:
     except Exception as e:
         if str(cfg.log_level).upper() == "DEBUG":
             raise
-        return guards.report_crash(cfg, name, e)
+        if isinstance(e, PermissionError) and _FOLDERS_STARTED == started:
+            # an input or study this user may not read, found before any stage folder
+            # was made: the command names it (exit 2), nothing ran, nothing is left behind
+            msg = f"stage={name}: {_os_error_line(cfg, e)}"
+            _log_off_console(msg)
+            print(f"error: {msg}", file=sys.stderr)
+            _drop_hydra_dir(cfg)
+            return 2
+        return guards.report_crash(cfg, name, _with_path(cfg, name, e))
     # one stage: its own folder (a variant run sits below the stage folder)
     out = stage_dir(cfg, names[0]) if len(names) == 1 else run_dir(cfg)
     if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun rank 0 writes, and says so

@@ -43,7 +43,13 @@ from segmentation.sources import (
     list_crop_folder,
     read_bccd_labels,
 )
-from segmentation.table import cells_adata, empty_table, merge_parts, specimen_ids
+from segmentation.table import (
+    cells_adata,
+    empty_table,
+    merge_parts,
+    recorded_name,
+    specimen_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +252,9 @@ def _crop_folder(ctx, src, folder, model, ckpt, settings, offset):
     for g in bar(range(0, len(files), group), desc=src.name, unit="batch", enabled=ctx.is_main):
         good = []
         for i, (path, cls) in enumerate(files[g : g + group], start=offset + g):
-            rel = f"{path.parent.name}/{path.name}"
+            # the name every table records (non-UTF-8 bytes escaped, as stage=segment's
+            # smears): the crop is read from the file's own path
+            rel = recorded_name(f"{path.parent.name}/{path.name}")
             rd = read_rgb(path, convert=bool(sc.convert_images))
             if not rd.ok:
                 rejects.append(

@@ -348,7 +348,7 @@ def add_log_file(path: Path, level: str) -> logging.Handler:
 
     want = logging.getLevelName(str(level).upper())
     file_level = min(logging.INFO, want) if isinstance(want, int) else logging.INFO
-    h = logging.FileHandler(path, mode="a")
+    h = logging.FileHandler(path, mode="a", encoding="utf-8", errors="backslashreplace")
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     h.setLevel(file_level)
     root = logging.getLogger()

@@ -178,7 +178,14 @@ def _decode(path: Path, converted: list[str]) -> np.ndarray:
     try:
         import imageio.v3 as iio
 
-        a = np.asarray(iio.imread(path))
+        try:
+            str(path).encode("utf-8")
+            src: Any = path
+        except UnicodeEncodeError:
+            # a name of non-UTF-8 bytes (Latin-1 from a Windows share): imageio's OpenCV
+            # plugin crashed the process (segfault) on such a path; it gets the bytes
+            src = path.read_bytes()
+        a = np.asarray(iio.imread(src, extension=path.suffix.lower() or None))
     except Exception:  # noqa: BLE001 - try the other decoder before giving up
         a = None
     if a is not None and a.ndim == 4:  # a stack of pages (pages, H, W, C): the first

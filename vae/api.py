@@ -365,45 +365,55 @@ class Study:
         from vae.checkpoint import CheckpointError, load_checkpoint
         from vae.model import TwoBranchVAE, VAEArgs
 
-        # absolute: a relative "." or ".." has no name to recognise a train folder by
-        root = Path(run_dir).absolute() if run_dir is not None else None
-        train = None
-        given_file = root is not None and root.is_file()
-        if given_file:  # the model file itself: its folder is the train folder
-            if variant:
-                raise StudyError(
-                    f"Study.load({run_dir}, variant={variant!r}): give the study folder with "
-                    "variant=, or the variant's model.pt alone"
-                )
-            model, root = model or root, root.parent
-        if root is not None:
-            train = root if (root / "model.pt").exists() or given_file else root / "train"
-            if variant:
-                train = train / variant
-            if train == root:
-                # given the train[/<variant>] folder: the study's detector and traverse
-                # settings live beside train/, in the experiment folder
-                if root.name == "train":
-                    root = root.parent
-                elif root.parent.name == "train":
-                    root, variant = root.parent.parent, variant or root.name
-        mp = Path(model) if model else (train / "model.pt" if train else None)
-        lp = Path(latent) if latent else (train / "latent.h5ad" if train else None)
-        if mp is None or lp is None:
-            raise StudyError("Study.load: give run_dir, or both model= and latent=")
-        if not model and not mp.exists() and train is not None and train.is_dir():
-            runs = sorted(str(m.parent.relative_to(train)) for m in train.glob("*/model.pt"))
-            if runs:  # a sweep: the runs are train/<variant>/
-                shown = ", ".join(runs[:12]) + (
-                    f" and {len(runs) - 12} more" if len(runs) > 12 else ""
-                )
-                raise StudyError(
-                    f"{mp}: no such file; {train} holds the runs of variants {shown}: choose "
-                    f"one (Study.load(..., variant=NAME); on the command line variant=NAME)"
-                )
-        for what, p in (("model", mp), ("latent", lp)):
-            if not p.exists():
-                raise StudyError(f"{p}: no such file (the study's {what}; run stage=train first)")
+        # a study that is not this user's may be unreadable to them: say which path, not
+        # a PermissionError traceback from deep in the search for its files
+        try:
+            # absolute: a relative "." or ".." has no name to recognise a train folder by
+            root = Path(run_dir).expanduser().absolute() if run_dir is not None else None
+            train = None
+            given_file = root is not None and root.is_file()
+            if given_file:  # the model file itself: its folder is the train folder
+                if variant:
+                    raise StudyError(
+                        f"Study.load({run_dir}, variant={variant!r}): give the study folder with "
+                        "variant=, or the variant's model.pt alone"
+                    )
+                model, root = model or root, root.parent
+            if root is not None:
+                train = root if (root / "model.pt").exists() or given_file else root / "train"
+                if variant:
+                    train = train / variant
+                if train == root:
+                    # given the train[/<variant>] folder: the study's detector and traverse
+                    # settings live beside train/, in the experiment folder
+                    if root.name == "train":
+                        root = root.parent
+                    elif root.parent.name == "train":
+                        root, variant = root.parent.parent, variant or root.name
+            mp = Path(model).expanduser() if model else (train / "model.pt" if train else None)
+            lp = Path(latent).expanduser() if latent else (train / "latent.h5ad" if train else None)
+            if mp is None or lp is None:
+                raise StudyError("Study.load: give run_dir, or both model= and latent=")
+            if not model and not mp.exists() and train is not None and train.is_dir():
+                runs = sorted(str(m.parent.relative_to(train)) for m in train.glob("*/model.pt"))
+                if runs:  # a sweep: the runs are train/<variant>/
+                    shown = ", ".join(runs[:12]) + (
+                        f" and {len(runs) - 12} more" if len(runs) > 12 else ""
+                    )
+                    raise StudyError(
+                        f"{mp}: no such file; {train} holds the runs of variants {shown}: choose "
+                        f"one (Study.load(..., variant=NAME); on the command line variant=NAME)"
+                    )
+            for what, p in (("model", mp), ("latent", lp)):
+                if not p.exists():
+                    raise StudyError(
+                        f"{p}: no such file (the study's {what}; run stage=train first)"
+                    )
+        except PermissionError as e:
+            raise StudyError(
+                f"{e.filename or run_dir}: permission denied (reading the study "
+                f"{run_dir if run_dir is not None else model}); ask its owner for read access"
+            ) from None
         try:
             ck = load_checkpoint(mp)
             net = TwoBranchVAE(VAEArgs(**ck["model_args"]))
@@ -419,7 +429,7 @@ class Study:
             ref = ad.read_h5ad(lp)
         except Exception as e:  # noqa: BLE001 - name the broken file
             raise StudyError(f"{lp}: cannot read latent ({e})") from e
-        seg = Path(segmentation_model) if segmentation_model else None
+        seg = Path(segmentation_model).expanduser() if segmentation_model else None
         if seg is None and root is not None and (root / "segment_train" / "model.pt").exists():
             seg = root / "segment_train" / "model.pt"
         if seg is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,20 @@ def load_study(ctx: StageContext):
         raise StageError(str(e)) from e
 
 
+def _nfc(values) -> np.ndarray:
+    """Strings in Unicode NFC, other values (NaN) as they are.
+
+    One name has two spellings: macOS writes file names decomposed (NFD: ``u`` +
+    combining diaeresis), a spreadsheet composed (NFC: ``ü``). They look alike and
+    compare unequal, so ``embed.samples_csv`` named none of the cells of
+    ``Müller_1.png``; every side of a match is compared in NFC.
+    """
+    return np.array(
+        [unicodedata.normalize("NFC", v) if isinstance(v, str) else v for v in values],
+        dtype=object,
+    )
+
+
 def _samples(
     adata, kind: str, path: Path, cfg, mapping: pd.DataFrame | None, setting: str
 ) -> tuple[np.ndarray, int]:
@@ -149,7 +164,7 @@ def _samples(
             ids_m = mapping.dropna(subset=["cell_id"]).drop_duplicates("cell_id")
             m = ids_m.set_index("cell_id")["sample"]
             ids = adata.obs["cell_id"] if "cell_id" in adata.obs else adata.obs_names.to_series()
-            hit = ids.astype(str).map(m).to_numpy()
+            hit = pd.Series(_nfc(ids.astype(str))).map(m).to_numpy()  # the CSV's are NFC
             named |= pd.notna(hit)
             out = np.where(pd.notna(hit), hit, out)
         if "image" in mapping and "image" in adata.obs:
@@ -158,10 +173,11 @@ def _samples(
                 .drop_duplicates("image")
                 .set_index("image")["sample"]
             )
-            hit = adata.obs["image"].astype(str).map(m).to_numpy()
+            hit = pd.Series(_nfc(adata.obs["image"].astype(str))).map(m).to_numpy()
             named |= pd.notna(hit)
             out = np.where(pd.notna(hit), hit, out)
-    return out.astype(str), int(named.sum())
+    # a sample named by a folder (NFD on macOS) and by the CSV (NFC) is one sample
+    return _nfc(out.astype(str)).astype(str), int(named.sum())
 
 
 def _read_mapping(cfg) -> pd.DataFrame | None:
@@ -178,6 +194,9 @@ def _read_mapping(cfg) -> pd.DataFrame | None:
             f"embed.samples_csv={cfg.embed.samples_csv}: needs a 'sample' column and a "
             f"'cell_id' or 'image' column; has {list(m.columns)}"
         )
+    for key in ("cell_id", "image", "sample"):
+        if key in m:  # compared with the cells' names in NFC (_nfc); clashes too
+            m[key] = _nfc(m[key])
     for key in ("cell_id", "image"):
         if key not in m:
             continue

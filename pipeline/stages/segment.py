@@ -40,7 +40,13 @@ from segmentation.inference import MaskRCNNDetector
 from segmentation.io import IMAGE_SUFFIXES, list_images, read_rgb, write_h5ad
 from segmentation.progress import bar
 from segmentation.shipped import wants_scale_estimate, wants_scale_refinement
-from segmentation.table import cells_adata, merge_parts, run_summary
+from segmentation.table import (
+    cells_adata,
+    merge_parts,
+    recorded_name,
+    run_summary,
+    undecodable_warning,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +128,7 @@ def _image_list(ctx: StageContext, smears: Path, truth: CocoTruth | None) -> lis
     sc = ctx.cfg.segmentation
     images = list_images(smears)
     nested = sorted(
-        d.name
+        recorded_name(d.name)  # logged: a name that is not UTF-8 would break the log line
         for d in smears.iterdir()
         if d.is_dir() and not d.name.startswith(".") and any(list_images(d))
     )
@@ -254,14 +260,20 @@ def _run_shard(
     for g in range(0, len(items), group):
         good = []  # (index, path, image, truth)
         for index, path in items[g : g + group]:
+            # the name every row records (cells.h5ad, detections.csv, rejects.csv): valid
+            # UTF-8 even where the file's own name is not; the file is read by its own
+            name = recorded_name(path.name)
+            odd = undecodable_warning(path)
+            if odd:  # each rank warns of its own images: once per file
+                log.warning("%s", odd)
             rd = read_rgb(path, convert=bool(sc.convert_images))
             if not rd.ok:
-                log.warning("skipping %s: %s", path.name, rd.reason)
-                rejects.append({"image": path.name, "action": "skipped", "reason": rd.reason})
+                log.warning("skipping %s: %s", name, rd.reason)
+                rejects.append({"image": name, "action": "skipped", "reason": rd.reason})
                 continue
             if rd.converted:
                 rejects.append(
-                    {"image": path.name, "action": "converted", "reason": ",".join(rd.converted)}
+                    {"image": name, "action": "converted", "reason": ",".join(rd.converted)}
                 )
             it = truth.for_image(path.name) if truth is not None else None
             good.append((index, path, rd.image, it))
@@ -273,7 +285,7 @@ def _run_shard(
             results: list[ImageCells] = segment_images(
                 detector,
                 [im for _, _, im, _ in good],
-                [p.name for _, p, _, _ in good],
+                [recorded_name(p.name) for _, p, _, _ in good],
                 settings,
                 truths=[it for _, _, _, it in good],
             )
@@ -301,12 +313,16 @@ def _run_shard(
                 rej_ids += cells.reject_ids
             if not len(tab):
                 rejects.append(
-                    {"image": path.name, "action": "no_cells", "reason": "no detections"}
+                    {
+                        "image": recorded_name(path.name),
+                        "action": "no_cells",
+                        "reason": "no detections",
+                    }
                 )
             elif not tab.kept.any():
                 rejects.append(
                     {
-                        "image": path.name,
+                        "image": recorded_name(path.name),
                         "action": "no_cells",
                         "reason": "no detection passed filters",
                     }
@@ -350,10 +366,11 @@ def _estimated(detector, image, path, settings, truth, sc, ckpt, pooled=None) ->
     from segmentation.autoscale import segment_estimated
 
     r, px = refine_settings(sc, ckpt), sc.cell_px
+    name = recorded_name(path.name)  # the image's name in its rows (valid UTF-8)
     cells, choice = segment_estimated(
-        detector, image, path.name, settings, px, truth, None, r, estimate=pooled
+        detector, image, name, settings, px, truth, None, r, estimate=pooled
     )
-    log.info("scale %s: %s", path.name, choice.describe())
+    log.info("scale %s: %s", name, choice.describe())
     cells.table.insert(2, "input_scale", float(choice.scale))
     return cells
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,15 @@ def _background(rd, cfg) -> float:
     return float(cfg.pair.background_value) / 255.0 if "pair" in cfg else 0.0
 
 
+def next_steps(report: Path, run_dir: Path) -> str:
+    """What stage=traverse prints at the end: the report, and the TensorBoard command.
+
+    The folder is shell-quoted: the command is copied into a shell, and a run folder
+    with a space (``paths.root="my runs"``) split into two arguments.
+    """
+    return f"report: {report}\ntensorboard --logdir {shlex.quote(str(run_dir))}"
+
+
 @stage(
     "traverse",
     needs=["latent", "model"],
@@ -161,4 +171,4 @@ def run_traverse(ctx: StageContext) -> None:
     finally:
         tb.close()
     write_json(ctx.output("traverse_summary.json"), summary)
-    print(f"report: {ctx.output('report')}\ntensorboard --logdir {ctx.run_dir}")
+    print(next_steps(ctx.output("report"), ctx.run_dir))

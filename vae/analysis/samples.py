@@ -372,5 +372,8 @@ def write_samples_html(
                 f"<h3>{html.escape(c)} ({int((img_rows & (call == c)).sum())} cells)</h3>{imgs}"
             )
     parts.append("</body></html>")
-    with open(path, "w") as f:
+    # UTF-8 as the page declares (not the locale's); a name that is no text (a file
+    # name's surrogates, from an API caller's obs) is escaped, not a failure after the
+    # whole embedding ran
+    with open(path, "w", encoding="utf-8", errors="backslashreplace") as f:
         f.write("\n".join(parts))

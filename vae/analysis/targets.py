@@ -174,7 +174,14 @@ def targets_for_run(
     model, meta = load_model(train_dir / "model.pt")
     if paired is None:
         man = json.loads((train_dir / "manifest.json").read_text())
-        paired = man["inputs"]["paired"]["path"]
+        rec = man["inputs"]["paired"]
+        paired = rec["path"]
+        # inside the experiment: where it is now (a moved or copied experiment reads its
+        # own file; the manifest records the path within it as well)
+        rel = rec.get("in_experiment")
+        here = [b / rel for b in train_dir.resolve().parents if rel and (b / rel).is_file()]
+        if here:
+            paired = here[0]
     adata = ad.read_h5ad(paired)
     data = from_anndata(adata, str(paired), model.args.crop_size)
     split = pd.read_csv(train_dir / "split.csv", index_col=0)["split"].to_numpy().astype(str)

@@ -20,6 +20,7 @@ import pandas as pd
 
 from segmentation.io import IMAGE_SUFFIXES
 from segmentation.schema import SCALE_SPREAD
+from segmentation.table import recorded_name, undecodable_warning
 
 REJECT_COLUMNS = ["input", "item", "reason"]
 
@@ -92,10 +93,20 @@ def _images_below(top: Path, seen: set[str]) -> list[Path]:
 
 def image_id(folder: Path, sample: str, p: Path) -> str:
     """A crop's cell id: ``sample/name``, with the sub-folders below the sample's
-    (``patientB/slide1/x.jpg``) so two slides' files of one name stay apart."""
+    (``patientB/slide1/x.jpg``) so two slides' files of one name stay apart; a name that
+    is not valid UTF-8 as :func:`segmentation.table.recorded_name` writes it."""
     base = folder / sample if (folder / sample).is_dir() and folder / sample != folder else None
     rel = p.relative_to(base).as_posix() if base is not None and base in p.parents else p.name
-    return f"{sample}/{rel}"
+    return recorded_name(f"{sample}/{rel}")
+
+
+def _note_undecodable(p: Path) -> None:
+    """Warn (once per read) of an image whose name, or a folder name below the input,
+    is not valid UTF-8: it is read, and recorded as
+    :func:`segmentation.table.recorded_name` writes it."""
+    odd = undecodable_warning(p)
+    if odd:
+        log.warning("%s", odd)
 
 
 def cell_prefix(folder: Path, sample: str, p: Path, twins: set[tuple[Path, str]]) -> str:
@@ -108,7 +119,8 @@ def cell_prefix(folder: Path, sample: str, p: Path, twins: set[tuple[Path, str]]
     its extension (``sample/cell_jpg``), as stage=segment names its overlays.
     """
     cid = image_id(folder, sample, p)
-    stem = cid[: len(cid) - len(p.suffix)] if p.suffix else cid
+    suffix = recorded_name(p.suffix)  # the id's own spelling of it
+    stem = cid[: len(cid) - len(suffix)] if suffix else cid
     return f"{stem}_{p.suffix[1:].lower()}" if (p.parent, p.stem) in twins else stem
 
 
@@ -145,14 +157,21 @@ def read_crop_folder(folder: str | Path, size: int, background: int = 0):
     folder = Path(folder)
     crops, masks, rows, rejects = [], [], [], []
     for sample, p in sample_images(folder):
+        _note_undecodable(p)
         rd = read_rgb(p)
         if not rd.ok:
-            rejects.append({"input": str(folder), "item": str(p), "reason": rd.reason})
+            rejects.append({"input": str(folder), "item": recorded_name(p), "reason": rd.reason})
             continue
         c, m = square_crop(rd.image, np.ones(rd.image.shape[:2], bool), size, background)
         crops.append(c)
         masks.append(m)
-        rows.append({"cell_id": image_id(folder, sample, p), "image": p.name, "sample": sample})
+        rows.append(
+            {
+                "cell_id": image_id(folder, sample, p),
+                "image": recorded_name(p.name),
+                "sample": recorded_name(sample),
+            }
+        )
     obs = pd.DataFrame(rows, columns=["cell_id", "image", "sample"]).set_index("cell_id")
     obs.index.name = None
     a = ad.AnnData(obs=obs)
@@ -253,9 +272,12 @@ def segment_smear_folder(
     folder_scale = folder_medians(pooled) if centre_cell else {}
     twins = stem_twins(p for _, p in images)
     for sample, p in images:
+        # every string of this image in obs, uns and rejects: valid UTF-8 (recorded_name)
+        _note_undecodable(p)
+        name, item = recorded_name(p.name), recorded_name(p)
         rd = read_rgb(p)
         if not rd.ok:
-            rejects.append({"input": str(folder), "item": str(p), "reason": rd.reason})
+            rejects.append({"input": str(folder), "item": item, "reason": rd.reason})
             continue
         # with the sub-folders and, for cell.jpg beside cell.png, the extension: ids of
         # two slides' img.jpg (or of the two twins) were one, refused as duplicated ids
@@ -267,12 +289,12 @@ def segment_smear_folder(
                 pd.DataFrame(
                     {
                         "cell_id": [image_id(folder, sample, p)],
-                        "image": [p.name],
+                        "image": [name],
                         "area": [int(pre.sum())],
                         "crop_scale": [cs],
                         "mask_source": ["premasked"],
                         "kept": [True],
-                        "sample": [sample],
+                        "sample": [recorded_name(sample)],
                     }
                 )
             )
@@ -283,7 +305,7 @@ def segment_smear_folder(
             cc = centre_cell_of(
                 det,
                 rd.image,
-                p.name,
+                name,
                 settings,
                 prefix,
                 estimate_cell_px,
@@ -291,17 +313,17 @@ def segment_smear_folder(
                 pooled.get(p),
                 folder_scale.get(p.parent),
             )
-            log.info("scale %s: %s", p.name, cc.how)
+            log.info("scale %s: %s", name, cc.how)
             scales[prefix] = cc.scale
             if cc.pos is None:
                 rejects.append(
-                    {"input": str(folder), "item": str(p), "reason": f"no mask: {cc.reason}"}
+                    {"input": str(folder), "item": item, "reason": f"no mask: {cc.reason}"}
                 )
                 continue
             cells, pos = cc.cells, cc.pos
             kept = cells.table[cells.table["kept"]].iloc[[pos]].copy()
             kept["cell_id"] = image_id(folder, sample, p)
-            kept["image"] = p.name
+            kept["image"] = name
             kept["mask_source"] = "detector"
             crops.append(cells.crops.images[pos : pos + 1])
             masks.append(cells.crops.masks[pos : pos + 1])
@@ -310,7 +332,7 @@ def segment_smear_folder(
                 cells, choice = segment_estimated(
                     det,
                     rd.image,
-                    p.name,
+                    name,
                     settings,
                     estimate_cell_px,
                     None,
@@ -318,18 +340,18 @@ def segment_smear_folder(
                     refine,
                     estimate=pooled.get(p),
                 )
-                log.info("scale %s: %s", p.name, choice.describe())
+                log.info("scale %s: %s", name, choice.describe())
                 scales[prefix] = choice.scale
             else:
                 scales[prefix] = float(settings.input_scale)
-                cells = segment_images(det, [rd.image], [p.name], settings, id_prefixes=[prefix])[0]
+                cells = segment_images(det, [rd.image], [name], settings, id_prefixes=[prefix])[0]
             kept = cells.table[cells.table["kept"]].copy()
             if not len(kept):
-                rejects.append({"input": str(folder), "item": str(p), "reason": "no cells kept"})
+                rejects.append({"input": str(folder), "item": item, "reason": "no cells kept"})
                 continue
             crops.append(cells.crops.images)
             masks.append(cells.crops.masks)
-        kept["sample"] = sample
+        kept["sample"] = recorded_name(sample)
         frames.append(kept)
     s = settings.crop_size
     if frames:
