@@ -23,6 +23,7 @@ MANIFEST = "manifest.json"
 
 # one atomic writer for every package (libraries cannot import pipeline)
 from segmentation.io import atomic_path  # noqa: E402
+from segmentation.provenance import code_record  # noqa: E402
 
 __all__ = ["atomic_path"]
 
@@ -73,7 +74,8 @@ def config_hash(resolved: dict[str, Any]) -> str:
 
 
 class Manifest:
-    """Record of one stage run: inputs, outputs, config, status and timing."""
+    """Record of one stage run: inputs, outputs, config, status, timing, and the code
+    and torch threads that ran it."""
 
     def __init__(self, stage_dir: Path, stage: str, resolved_config: dict[str, Any]):
         self.path = Path(stage_dir) / MANIFEST
@@ -87,6 +89,12 @@ class Manifest:
             "inputs": {},
             "outputs": {},
             "config": resolved_config,
+            # which code ran the stage (git asked once per process), so two results
+            # that differ can be told apart by the code that made them
+            "code": code_record(),
+            # intra-op threads the stage ran with, set by the runner once its process
+            # layout is decided (None until then, or when it failed before)
+            "torch_threads": None,
         }
 
     def add_input(self, name: str, path: Path) -> None:

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import StageInputError, describe, read_manifest, recorded_input_path
@@ -78,18 +79,139 @@ RESUME_SETTINGS: dict[str, list[str]] = {
 }
 
 # a resume setting added after runs were started: the value that does what the code did
-# before the setting existed. A run whose recorded config lacks the key resumes when the
-# new value is this one (the checkpoint was trained exactly so); any other value, or a
-# missing key not listed here, is refused as a change.
+# before the setting existed (the commit that added it, and its date). A run whose
+# recorded config lacks the key resumes when the new value is this one (the checkpoint was
+# trained exactly so); any other value, or a missing key not listed here, is refused as a
+# change, naming the override that restores this value.
 LEGACY_VALUES: dict[str, Any] = {
+    # 2026-11-29 (fd3f5a2): before them, the plain image arch, no spectral term, no free
+    # bits, no stain jitter
+    "vae.image_arch": "plain",
+    "vae.texture_noise": False,  # 2026-11-29 (5192a37): no per-pixel noise
+    "vae.spectral_weight": 0.0,
+    "vae.free_bits": 0.0,
+    "trainer.stain_jitter": 0.0,
+    "vae.classify_weight": 0.0,  # 2026-11-29 (141e075): no label head
     "trainer.rotate": 0.0,  # 2026-11: before it, flips only
+    "vae.granule_weight": 0.0,  # 2026-11-30 (ccd542e): no granule layer
+    "trainer.split_by": None,  # 2026-11-30 (8da4b2e): split by row
+    "trainer.exclude_labels": [],  # 2026-11-30 (4e34d74): every label trained on
+    "vae.encode_views": 1,  # 2026-11-30 (afc372b): the crop encoded as given
+    "vae.nucleus_weight": 0.0,  # 2026-11-30 (b05d910): no nucleus layer
+    "vae.image_input": "rgb",  # 2026-11-30 (1d55406): the encoder read RGB
+    "vae.image_encoder": "conv",  # 2026-11-30 (9f6e06e): the conv encoder
+    "vae.image_backbone_weights": None,
+    "vae.maturation_weight": 0.0,  # 2026-11-30 (ef45047): no maturation head
+    "vae.expression_norm": "layer",  # 2026-11-30 (f34eb24): LayerNorm in the MLPs
+    "vae.expression_input": "lognorm",  # 2026-11-30 (63bb48a): X, log-normalised
+    "vae.nucleus_gap_weight": 0.0,  # 2026-11-30 (b60695e): every nucleus pixel alike
+    "vae.nucleus_input_compose": False,  # 2026-11-30 (68c1d53): the decoded nucleus
+    "vae.lobe_head": False,  # 2026-11-30 (b6b3fd0): no lobe head
+    "vae.encoder_channels": None,  # 2026-12-01 (5ec7388): the decoder's widths
+    "vae.view_contrast_weight": 0.0,  # 2026-12-01 (1b7fa2a): one view
     "trainer.ema_epochs": 0.0,  # 2026-12-02: before it, no weight average
     "vae.lobe_deep_valley": None,  # 2026-12-02: before it, the lobe head's counts used one rule
     "vae.size_weight": 0.0,  # 2026-12-02: before it, no size input or head
     "vae.classify_balance": 0.0,  # 2026-12-02: before it, every labelled row counted once
     "vae.classify_noise_q": 0.0,  # 2026-12-03: before it, the label head used cross-entropy
     "vae.view_same_stain": False,  # 2026-12-03: before it, each view drew its own stain jitter
+    "vae.texture_weight": 0.0,  # 2026-12-03 (74dfe10): no texture layer
+    "trainer.split_from": None,  # 2026-12-03 (70e29f4): the seeded split
+    "vae.align_centroid_weight": 0.0,  # 2026-12-04 (4b452a7): no centroid term
 }
+
+# settings added with a feature that read nothing while the feature is off: a run that
+# predates them resumes with any value when the feature's switch has its legacy value
+# (the maturation head's classes, the view-contrast temperature)
+LEGACY_MOOT: dict[str, str] = {
+    "vae.maturation_classes": "vae.maturation_weight",
+    "vae.view_temperature": "vae.view_contrast_weight",
+}
+
+
+def data_layout(obs, n_genes: int, has_counts: bool) -> Any:
+    """What the auto settings of stage=train are resolved from (:func:`resolved_setting`):
+    a stand-in for its ``PairedTensors`` built from a table's obs (``has_image``,
+    ``has_expression``), its gene count and whether it holds counts."""
+    from types import SimpleNamespace
+
+    from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE
+
+    n = len(obs)
+
+    def flag(col: str) -> np.ndarray:
+        return obs[col].to_numpy().astype(bool) if col in obs else np.zeros(n, bool)
+
+    return SimpleNamespace(
+        n_genes=int(n_genes),
+        has_image=flag(HAS_IMAGE),
+        has_expression=flag(HAS_EXPRESSION),
+        counts=True if has_counts else None,
+        obs_columns=set(obs.columns),
+    )
+
+
+def _data_layout(inputs: dict) -> Any:
+    """:func:`data_layout` of this run's paired input (no crop is read), or None."""
+    p = inputs.get("paired")
+    if p is None or not Path(p).is_file():
+        return None
+    try:
+        import anndata as ad
+
+        from vae.inputs.schema import HAS_COUNTS
+
+        a = ad.read_h5ad(p, backed="r")
+        try:
+            counts = "counts" in a.layers and bool(a.uns.get(HAS_COUNTS, True))
+            return data_layout(a.obs, a.n_vars, counts)
+        finally:
+            a.file.close()
+    except Exception:  # noqa: BLE001 - unreadable: the stage names the fault itself
+        return None
+
+
+def resolved_setting(key: str, value: Any, data: Any) -> Any:
+    """The value a setting with an automatic choice (``null`` / ``auto``) takes on
+    ``data`` (:func:`_data_layout`, or the run's ``PairedTensors``), as
+    ``pipeline.train_args`` resolves it; other settings and ``data=None``: ``value``.
+
+    A run recorded ``vae.dropout=0.1`` before the setting became ``null`` (auto, 0.1 where
+    the data hold images): compared as set, an unchanged model read as a change.
+    """
+    if data is None:
+        return value
+    from pipeline import train_args as T
+
+    if key == "vae.dropout":
+        return T.expression_dropout(value, data)
+    if key == "vae.expression_norm":
+        return T.expression_norm(value, data)
+    if key == "vae.expression_input":
+        return T.expression_input(value, data)
+    if key == "trainer.split_by" and value == "specimen":
+        # the default column: a table without it is split by row (train.split_groups)
+        cols = getattr(data, "obs_columns", None)
+        return value if cols is None or value in cols else None
+    return value
+
+
+def override(key: str, value: Any) -> str:
+    """``key=value`` as typed on the command line (Hydra's grammar)."""
+
+    def text(v: Any) -> str:
+        if v is None:
+            return "null"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list | tuple):
+            return "[" + ",".join(text(x) for x in v) + "]"
+        if isinstance(v, str) and (not v or any(c in v for c in " ,[]{}()=:'\"\\")):
+            return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        return str(v)
+
+    return f"{key}={text(value)}"
+
 
 # inputs that are checkpoints / AnnData files (probed before the stage starts)
 CHECKPOINT_INPUTS = {"segmentation_model": "segmentation model", "model": "vae model"}
@@ -153,8 +275,12 @@ def probe_inputs(inputs: dict[str, Path]) -> None:
         if n == "segmentation_model":
             # a VAE's model.pt has both keys too: found here, not once the stage's
             # folder exists and the weights fail to fit (the stage imports this anyway)
-            from segmentation.model import detector_checkpoint_problem
+            from segmentation.io import detector_newer_problem
+            from segmentation.model import _detector_arg_names, detector_checkpoint_problem
 
+            newer = detector_newer_problem(ck, _detector_arg_names())
+            if newer is not None:  # not "not a detector": a newer version's one
+                raise StageError(f"{setting}={p}: {newer}")
             why = detector_checkpoint_problem(ck)
             if why is not None:
                 raise StageError(
@@ -252,29 +378,60 @@ def check_resume(cfg: DictConfig, name: str, man: dict[str, Any] | None, inputs:
         return
     now = OmegaConf.to_container(cfg, resolve=True)
     old_s, new_s = resume_settings(man["config"], name), resume_settings(now, name)
-    changed = []
+    data = _data_layout(inputs) if name == "train" else None
+    changed, fixes = [], []
+    unfixed = 0  # changes no override given here undoes
     for k in sorted(set(old_s) | set(new_s)):
-        if old_s.get(k) == new_s.get(k):
+        old_v = resolved_setting(k, old_s.get(k), data)
+        new_v = resolved_setting(k, new_s.get(k), data)
+        if old_v == new_v:
             continue
         if not _recorded(man["config"], k):
             # the run was started by a version without this setting
-            if k in LEGACY_VALUES and new_s.get(k) == LEGACY_VALUES[k]:
-                continue
-            changed.append(f"{k}: not recorded (the run predates it) -> {new_s.get(k)!r}")
+            if k in LEGACY_MOOT:
+                switch = LEGACY_MOOT[k]
+                if resolved_setting(switch, new_s.get(switch), data) == LEGACY_VALUES[switch]:
+                    continue  # its feature is off, as it was: the value reads nothing
+                changed.append(f"{k}: not recorded (the run predates it) -> {new_s.get(k)!r}")
+                continue  # restoring the switch (listed) restores it
+            if k in LEGACY_VALUES:
+                if new_v == LEGACY_VALUES[k]:
+                    continue
+                changed.append(f"{k}: not recorded (the run predates it) -> {new_s.get(k)!r}")
+                fixes.append(override(k, LEGACY_VALUES[k]))
+            else:
+                changed.append(
+                    f"{k}: not recorded (the run predates it) -> {new_s.get(k)!r} (no value "
+                    f"is known to reproduce the run)"
+                )
+                unfixed += 1
+        elif not _recorded(now, k):
+            changed.append(f"{k}: {old_s.get(k)!r} -> (no longer a setting)")
+            unfixed += 1
         else:
             changed.append(f"{k}: {old_s.get(k)!r} -> {new_s.get(k)!r}")
+            fixes.append(override(k, old_s.get(k)))
     for n, p in inputs.items():
         rec = man.get("inputs", {}).get(n)
         if rec is not None and Path(p).exists() and describe(p)["bytes"] != rec["bytes"]:
             changed.append(
                 f"input '{n}' ({p}) changed size: {rec['bytes']} -> {describe(p)['bytes']} bytes"
             )
+            unfixed += 1
     if changed:
+        how = (
+            f" To continue it, pass {' '.join(fixes)}"
+            + (" (and restore the rest above)" if unfixed else "")
+            + "; or pass overwrite=true to start again."
+            if fixes
+            else " Restore them, or pass overwrite=true to start again."
+        )
         raise StageError(
             f"resume=true: stage={name} cannot continue the run in {stage_dir(cfg, name)}: "
             f"settings that shape the model, the loss or the data changed since it started: "
             + "; ".join(changed)
-            + ". Restore them, or pass overwrite=true to start again."
+            + "."
+            + how
         )
 
 

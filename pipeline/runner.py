@@ -432,6 +432,7 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
         else:
             ctx.dist = hardware.single_process(cfg.hardware)
             spec.fn(ctx)
+        manifest.data["torch_threads"] = _threads_used(cfg, ctx)
         _record_inputs(manifest, ctx)
         for n in spec.produces:
             p = ctx.output(n)
@@ -443,6 +444,8 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
     except BaseException as exc:
         if handler is not None:
             log_traceback(handler, name)  # to <stage>.log only; the console gets one line
+        if manifest is not None and ctx is not None and ctx.dist is not None:
+            manifest.data["torch_threads"] = _threads_used(cfg, ctx)
         _fail(manifest, ctx, name, exc)
         if backup is not None:
             try:
@@ -504,6 +507,27 @@ def _fail(
             e,
             exc,
         )
+
+
+def _threads_used(cfg: DictConfig, ctx: StageContext) -> int | None:
+    """Intra-op torch threads the stage ran with (the manifest's ``torch_threads``).
+
+    ``hardware.torch_threads`` is often null (decided from the free cores), so the
+    config alone does not say it.
+    """
+    import torch
+
+    from pipeline import hardware
+
+    if ctx.dist is not None:  # this process ran it (one process, or a torchrun rank)
+        return torch.get_num_threads()
+    # spawned DDP ranks: they decide by the same rule, which under DDP reads only the
+    # setting (hardware.pick_threads)
+    try:
+        world = hardware.plan(cfg.hardware)[2]
+    except Exception:  # noqa: BLE001 - a record, never a reason to fail the stage
+        return None
+    return hardware.pick_threads(cfg.hardware.torch_threads or None, world)[0]
 
 
 def _record_inputs(manifest: Manifest, ctx: StageContext) -> None:

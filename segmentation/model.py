@@ -409,10 +409,19 @@ def load_checkpoint(
     Also reads the compact int8 format of the shipped detector
     (``model_format``, :mod:`segmentation.shipped`), dequantised to fp32.
     """
-    from segmentation.io import UnsafeCheckpointError, error_line, load_torch_file
+    from segmentation.io import (
+        UnsafeCheckpointError,
+        detector_newer_problem,
+        error_line,
+        load_torch_file,
+    )
 
     path = Path(path)
     ckpt = load_torch_file(path, map_location, "segmentation model")
+    # a newer version's detector is not "not a detector" (its new model_args keys)
+    newer = detector_newer_problem(ckpt, _detector_arg_names())
+    if newer is not None:
+        raise UnsafeCheckpointError(f"{path}: {newer}")
     why = detector_checkpoint_problem(ckpt)
     if why is not None:
         raise UnsafeCheckpointError(f"{path}: not a segmentation model checkpoint: {why}")

@@ -33,9 +33,10 @@ from segmentation.engine import (
     train_one_epoch,
     warmup_schedule,
 )
-from segmentation.io import atomic_path, load_torch_file
+from segmentation.io import DETECTOR_FORMAT_VERSION, atomic_path, load_torch_file
 from segmentation.model import build_maskrcnn, save_checkpoint
 from segmentation.progress import bar
+from segmentation.provenance import code_record
 from segmentation.runtime import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -262,6 +263,8 @@ def fit(
                     rng=rng_state(),
                     history=history,
                     **(checkpoint_extra or {}),
+                    format_version=DETECTOR_FORMAT_VERSION,
+                    code=code_record(),  # which code trained it (cached: git is asked once)
                 )
             writer.flush()
         ebar.update(1)

@@ -84,6 +84,9 @@ OBS_COLUMNS = (
     "vae_call",
 )
 UNCLASSIFIED = "unclassified"  # vae_call of a doubtful or atypical cell
+# a latent.h5ad older than its anomaly columns is scored from its paired data in memory
+# (Study._scored_reference) up to this size; a larger one leaves atypical flagging off
+RESCORE_MAX_GIB = 8.0
 
 
 class StudyError(ValueError):
@@ -208,6 +211,12 @@ class Study:
         self._path_key = None
         self._ref_expr = None
         self._anomaly_ref = None
+        self._scored_ref = None  # the reference with its anomaly columns (_scored_reference)
+        self._atypical_why: str | None = None
+        # where the paired.h5ad the study was trained on may be (load() adds the study's
+        # own pair/paired.h5ad): a latent that predates the anomaly scores is scored from it
+        src = meta.get("source")
+        self._paired_candidates: list[Path] = [Path(src)] if src else []
         if "X_vae" not in reference.obsm:
             raise StudyError(f"{latent_path}: obsm['X_vae'] is missing (not a latent.h5ad?)")
         ns = int(meta["n_shared"])
@@ -273,25 +282,144 @@ class Study:
     def atypical_thresholds(self) -> dict[str, float]:
         """``image`` / ``expression`` / ``both`` -> the ``anomaly_score`` above which a
         query cell with those modalities is atypical (NaN: none is; every value NaN
-        when :attr:`atypical_quantile` is None)."""
+        when :attr:`atypical_quantile` is None, or when the study's held-out scores
+        cannot be had: :attr:`atypical_off` says why)."""
         if self._atypical_q is None:
             return {m: float("nan") for m in ("image", "expression", "both")}
         if self._atypical_thr is None:
             from vae.analysis import anomaly as A
 
             self._atypical_thr = A.held_out_thresholds(
-                self.reference, self._anomaly_reference(), self._atypical_q
+                self._scored_reference(), self._anomaly_reference(), self._atypical_q
             )
         return self._atypical_thr
+
+    @property
+    def atypical_off(self) -> str | None:
+        """Why no cell can be flagged atypical although :attr:`atypical_quantile` is set
+        (the study's latent.h5ad predates the anomaly scores and they could not be
+        computed from its paired data), else None."""
+        if self._atypical_q is None:
+            return None
+        self._scored_reference()
+        return self._atypical_why
 
     def _anomaly_reference(self):
         if self._anomaly_ref is None:
             from vae.analysis import anomaly as A
 
             self._anomaly_ref = A.reference_from_latent(
-                self.reference, self.n_shared, int(self.meta["n_private"])
+                self._scored_reference(), self.n_shared, int(self.meta["n_private"])
             )
         return self._anomaly_ref
+
+    def _scored_reference(self):
+        """The reference latent with the anomaly columns ``stage=train`` writes.
+
+        A ``latent.h5ad`` written before 2026-11-30 has none: without the held-out
+        rows' scores there is no threshold and no reconstruction scale, and atypical
+        flagging was silently off. Those columns depend on the model and the training
+        rows only, so they are computed here as ``stage=train`` computes them
+        (:func:`vae.analysis.anomaly.anomaly_scores`), from the paired.h5ad the study
+        was trained on, once it is shown to be that file (same rows, and the model
+        encodes them to the codes the latent holds). Where that is not possible the
+        latent is used as it is, :attr:`atypical_off` says why and a warning names
+        what to do.
+        """
+        if self._scored_ref is not None:
+            return self._scored_ref
+        from vae.analysis.anomaly import RAW_KEYS
+        from vae.inputs.schema import ANOMALY_COLUMNS
+
+        self._scored_ref = self.reference
+        missing = [
+            ANOMALY_COLUMNS[k] for k in RAW_KEYS if ANOMALY_COLUMNS[k] not in self.reference.obs
+        ]
+        if not missing:
+            return self._scored_ref
+        frame, why = self._rescore_reference()
+        if frame is not None:
+            ref = self.reference.copy()
+            for col in frame.columns:
+                ref.obs[col] = frame[col].to_numpy(dtype=np.float32)  # as stage=train writes
+            self._scored_ref = ref
+            return ref
+        self._atypical_why = (
+            f"the study's latent {self.latent_path} predates the atypical-cell scores "
+            f"(no {missing[0]}) and {why}"
+        )
+        if self._atypical_q is not None:
+            log.warning(
+                "atypical flagging off: %s; no cell is flagged atypical (vae_atypical). Make "
+                "the paired.h5ad the study was trained on readable at %s, or train the study "
+                "again (stage=train overwrite=true) to write the scores",
+                self._atypical_why,
+                " or ".join(str(p) for p in self._paired_candidates) or "its recorded path",
+            )
+        return self._scored_ref
+
+    def _rescore_reference(self) -> tuple[pd.DataFrame | None, str]:
+        """The reference rows' anomaly scores from the study's paired data, or
+        ``(None, why not)``."""
+        from vae.analysis import anomaly as A
+        from vae.data import PairedDataError, load_paired
+        from vae.scverse import ROW_KEY
+        from vae.store import dense_bytes
+
+        ref = self.reference
+        rows = [str(s) for s in (ref.obs[ROW_KEY] if ROW_KEY in ref.obs else ref.obs_names)]
+        why = "no paired.h5ad it was trained on is known (meta 'source')"
+        for p in self._paired_candidates:
+            if not p.is_file():
+                why = f"its paired data {p} is gone"
+                continue
+            try:
+                gib = dense_bytes(p, self.crop_size) / 2**30
+                if gib > RESCORE_MAX_GIB:
+                    why = (
+                        f"its paired data {p} needs {gib:.1f} GiB in memory (more than "
+                        f"{RESCORE_MAX_GIB:g} GiB) to be scored here"
+                    )
+                    continue
+                data = load_paired(p, image_size=self.crop_size)
+            except (OSError, PairedDataError, KeyError, ValueError) as e:
+                why = f"its paired data {p} is unreadable ({e})"
+                continue
+            if list(data.obs_names) != rows:
+                why = f"{p} holds other rows than the latent ({data.n} vs {ref.n_obs})"
+                continue
+            log.info(
+                "%s predates the atypical-cell scores: computing them for its %d cells from "
+                "%s, as stage=train does (once)",
+                self.latent_path,
+                data.n,
+                p,
+            )
+            lat = self.encode(data)
+            stored = (
+                np.asarray(ref.obsm["X_vae_full"], np.float64) if "X_vae_full" in ref.obsm else None
+            )
+            if stored is None or stored.shape != lat.joint.shape:
+                why = f"{self.latent_path} has no full codes (obsm['X_vae_full']) to check {p} by"
+                continue
+            # the same file and model give the same codes; another file with the same
+            # row names (paired again since) would give a reference the study never had
+            gap = float(np.nanmax(np.abs(lat.joint - stored))) if stored.size else 0.0
+            if not gap <= 1e-3 * max(1.0, float(np.nanmax(np.abs(stored)))):
+                why = (
+                    f"the model does not encode the rows of {p} to the codes the latent "
+                    f"holds (largest difference {gap:.3g}): not the data it was trained on"
+                )
+                continue
+            train = (
+                ref.obs["split"].astype(str).to_numpy() == "train"
+                if "split" in ref.obs
+                else np.ones(ref.n_obs, bool)
+            )
+            frame = A.anomaly_scores(self.model, data, train, self.device, latents=lat)
+            frame.index = ref.obs_names
+            return frame, ""
+        return None, why
 
     def _check_same_study(self) -> None:
         """Refuse a reference latent written for another model.
@@ -444,7 +572,7 @@ class Study:
             if man.exists():
                 analysis = json.loads(man.read_text()).get("config", {}).get("analysis", analysis)
                 break
-        return cls(
+        study = cls(
             net,
             meta,
             ref,
@@ -459,6 +587,11 @@ class Study:
             min_confidence=min_confidence,
             atypical_quantile=atypical_quantile,
         )
+        if root is not None:  # a copied or moved study: its own paired data first
+            own = root / "pair" / "paired.h5ad"
+            if own not in study._paired_candidates:
+                study._paired_candidates.insert(0, own)
+        return study
 
     # ------------------------------------------------------------ properties
     @property

@@ -8,12 +8,15 @@ A checkpoint is a ``torch.save`` dict::
                  norm_total, has_counts, ... (what downstream stages need)
     optimizer, scheduler, epoch (completed), step, rng, best_val, best_epoch,
     bad_epochs, history, train_args, config (resolved Hydra config)
+    format_version  FORMAT_VERSION of the code that wrote it (absent: format 0)
+    code         segmentation.provenance.code_record() of the code that wrote it
 
 Use :func:`load_model` for inference.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import uuid
@@ -23,7 +26,16 @@ from typing import Any
 import torch
 
 from segmentation.io import UnsafeCheckpointError, load_torch_file
+from segmentation.provenance import newer_checkpoint_problem
 from vae.model import TwoBranchVAE, VAEArgs
+
+# Layout of the payload above, written as ``format_version`` (checkpoints without it are
+# format 0 and load as before). Bump it when a checkpoint written by this code can no
+# longer be read correctly by older code (a key renamed or given another meaning, a new
+# key older code must not ignore): older code then refuses it as "written by a newer
+# version" instead of failing on it or misreading it. Adding a VAEArgs field needs no
+# bump: load_model names model_args keys it does not know.
+FORMAT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
@@ -78,6 +90,16 @@ def check_model_digest(
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """The payload of a VAE checkpoint (safely unpickled), checked to be one this code reads.
+
+    Raises
+    ------
+    CheckpointError
+        Missing, unreadable or unsafe file; not a VAE checkpoint; or written by a newer
+        version (``format_version`` above :data:`FORMAT_VERSION`, or ``model_args`` keys
+        this VAEArgs does not know): the message names the file, both versions and the
+        keys.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
@@ -91,7 +113,31 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     for key in ("model", "model_args"):
         if key not in ck:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}' (not a vae checkpoint?)")
+    why = newer_checkpoint_problem(ck, FORMAT_VERSION, _unknown_args(ck["model_args"]))
+    if why is not None:
+        raise CheckpointError(f"{path}: {why}")
     return ck
+
+
+def _unknown_args(model_args: Any) -> list[str]:
+    """Keys of a VAE's ``model_args`` that this code's VAEArgs does not take.
+
+    Only for a VAE's model_args (every field without a default is there, as
+    ``asdict`` writes them): another program's file, a detector's, is not "newer", and
+    load_model says it does not build this package's VAE.
+    """
+    if not isinstance(model_args, dict):
+        return []
+    fields = dataclasses.fields(VAEArgs)
+    required = {
+        f.name
+        for f in fields
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    if not required <= set(model_args):
+        return []
+    known = {f.name for f in fields}
+    return sorted(str(k) for k in model_args if k not in known)
 
 
 def load_model(

@@ -28,9 +28,11 @@ import numpy as np
 import torch
 
 from segmentation.progress import bar
+from segmentation.provenance import code_record
 from segmentation.runtime import NonFiniteLossError, seed_everything
 from segmentation.runtime import rng_state as _rng_state
 from segmentation.runtime import set_rng_state as _set_rng_state
+from vae.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
 from vae.checkpoint import load_checkpoint, save_checkpoint
 from vae.data import Batch, PairedTensors, epoch_batches, iterate, raw_batch, to_batch
 from vae.flat import FlatParameters
@@ -509,6 +511,8 @@ def train(
             else {}
         )
         return {
+            "format_version": CHECKPOINT_FORMAT,
+            "code": code_record(),  # which code trained it (cached: git is asked once)
             "model": core.state_dict(),
             "model_args": asdict(core.args),
             **resume,

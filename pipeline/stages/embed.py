@@ -14,6 +14,7 @@ import json
 import logging
 import unicodedata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -318,6 +319,7 @@ def run_embed(ctx: StageContext) -> None:
             notes=_page_notes(study, path_classes),
             min_confidence=study.min_confidence,
             atypical_quantile=study.atypical_quantile,
+            atypical_off=study.atypical_off,
         )
     write_json(
         ctx.output("summary.json"),
@@ -335,6 +337,15 @@ def run_embed(ctx: StageContext) -> None:
                 ),
                 "min_confidence": study.min_confidence,
                 "atypical_quantile": study.atypical_quantile,
+                # "off: <why>" where the study cannot flag any cell (an old latent.h5ad
+                # without its held-out scores), so a 0 above is not read as "none seen"
+                "atypical_flagging": (
+                    "off: embed.atypical_quantile=null"
+                    if study.atypical_quantile is None
+                    else f"off: {study.atypical_off}"
+                    if study.atypical_off
+                    else "on"
+                ),
                 # NaN (no threshold) as null: summary.json stays strict JSON
                 "atypical_thresholds": {
                     k: (v if np.isfinite(v) else None)
@@ -548,27 +559,200 @@ def _study_segmentation(study) -> dict | None:
     return None
 
 
+# segmentation.* settings that change which cells of a smear are kept or how they are
+# cut and framed (settings_from_config, detector_kwargs, the scale): new cells read with
+# other values than the study's own stage=segment are not cut like its reference cells
+CUT_SETTINGS = (
+    # the scale the smear is read at
+    "input_scale",
+    "estimate_scale",
+    "refine_scale",
+    "scale_spread",
+    "cell_px",
+    # detection and the tiles' merge
+    "tile_size",
+    "tile_overlap",
+    "detect_score_floor",
+    "mask_threshold",
+    "max_detections_per_tile",
+    "rpn_post_nms_top_n",
+    "merge_iou",
+    "merge_containment",
+    # the crop
+    "crop_size",
+    "crop_margin",
+    "background_value",
+    "trim_rim",
+    # the filters
+    "score_threshold",
+    "min_area",
+    "max_area",
+    "drop_border",
+    "border_margin",
+    "max_overlap_iou",
+    "duplicate_containment",
+    "drop_multi_piece",
+    "min_piece_area",
+    "drop_tile_cut",
+    "touch_px",
+    "min_solidity",
+    "max_area_ratio",
+    "min_cells_area_ratio",
+)
+
+# a cut setting added after studies were segmented: the value that does what the code
+# did before it existed (the filters of 2026-11-30, 835515b, were new; the rim trim of
+# 2026-12-04, 5799a34; the measured scale of 2026-11-30, 16cef77)
+CUT_LEGACY: dict[str, Any] = {
+    "trim_rim": 0.0,
+    "drop_tile_cut": False,
+    "touch_px": None,
+    "min_solidity": None,
+    "max_area_ratio": None,
+    "estimate_scale": False,
+    "refine_scale": False,  # 2026-11-30 (965a1d6): the estimate alone
+    "scale_spread": None,  # 2026-12-01 (c19c46e): each image on its own
+}
+
+# settings read only while another is on: setting -> (switch, the switch's "off" test)
+CUT_MOOT: dict[str, tuple[str, Any]] = {
+    "border_margin": ("drop_border", lambda v: not v),
+    "min_piece_area": ("drop_multi_piece", lambda v: not v),
+    "min_cells_area_ratio": ("max_area_ratio", lambda v: v is None),
+}
+
+
+def _detector_ckpt(path) -> dict:
+    """The checkpoint dict of a detector (its scale flags), {} when unreadable."""
+    try:
+        from segmentation.io import load_torch_file
+
+        ck = load_torch_file(path)
+    except Exception:  # noqa: BLE001 - the study loads it and names a broken file itself
+        return {}
+    return ck if isinstance(ck, dict) else {}
+
+
+def _study_detector(study) -> Path | None:
+    """The detector the study's own stage=segment ran with (its manifest's input; in a
+    copied study, the copy's own), or None when it is gone."""
+    from pipeline.artifacts import read_manifest, recorded_input_path
+
+    for d in list(Path(study.model_path).parents)[:3]:
+        man = read_manifest(d / "segment")
+        if man and man.get("stage") == "segment":
+            rec = (man.get("inputs") or {}).get("segmentation_model")
+            if not isinstance(rec, dict):
+                return None
+            p = recorded_input_path(rec, man, d)
+            return p if p.is_file() else None
+    return None
+
+
+def cut_differences(now: dict, rec: dict, now_ckpt: dict, rec_ckpt: dict) -> list[tuple]:
+    """The cut settings (:data:`CUT_SETTINGS`) of this run that differ from a study's.
+
+    Parameters
+    ----------
+    now : this run's ``segmentation`` settings; rec : the study's segment run's
+    now_ckpt, rec_ckpt : the checkpoints of the detectors each reads smears with: a
+        ``null`` scale flag follows its detector
+        (:func:`segmentation.shipped.wants_scale_estimate`)
+
+    Returns
+    -------
+    ``(key, study value, this run's value, recorded)`` for each difference, in
+    :data:`CUT_SETTINGS` order; ``recorded`` False: the study's run predates the setting
+    (its value is the one in :data:`CUT_LEGACY`, or None when unknown).
+    """
+    from segmentation.shipped import wants_scale_estimate, wants_scale_refinement
+
+    def value(side: dict, key: str, ckpt: dict):
+        v = side.get(key, CUT_LEGACY.get(key))
+        if key == "estimate_scale":
+            return wants_scale_estimate(v, ckpt)
+        if key == "refine_scale":
+            return wants_scale_refinement(v, ckpt)
+        return v
+
+    est_now = value(now, "estimate_scale", now_ckpt)
+    est_rec = value(rec, "estimate_scale", rec_ckpt)
+    out = []
+    for key in CUT_SETTINGS:
+        if key in ("refine_scale", "scale_spread") and not (est_now or est_rec):
+            continue  # read only when the scale is measured
+        if key == "cell_px" and not now.get("estimate_scale"):
+            continue  # embed measures at the detector's own cell_px unless told to measure
+        if key == "input_scale" and est_now and est_rec:
+            continue  # a fallback only, where both measure the scale
+        if key in CUT_MOOT:
+            switch, off = CUT_MOOT[key]
+            if off(value(now, switch, now_ckpt)) and off(value(rec, switch, rec_ckpt)):
+                continue
+        recorded = key in rec
+        if (
+            not recorded
+            and key in CUT_MOOT
+            and CUT_MOOT[key][1](value(rec, *CUT_MOOT[key][:1], rec_ckpt))
+        ):
+            continue  # the study had no such filter: its switch's line says so
+        if not recorded and key not in CUT_LEGACY:
+            out.append((key, None, value(now, key, now_ckpt), False))  # what it was: unknown
+            continue
+        a, b = value(rec, key, rec_ckpt), value(now, key, now_ckpt)
+        if a != b and not (_number(a) and _number(b) and float(a) == float(b)):
+            out.append((key, a, b, recorded))
+    return out
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def _warn_cut_unlike_study(cfg, study) -> None:
-    """Warn when new cells are cut with another rim trim than the study's own cells (a
-    study segmented before ``segmentation.trim_rim`` existed had none): the image code
-    then reads mask edges the reference never had. (On the real chain's own TXL-PBC val
-    smears, re-embedded, the codes lie a median 1.5 / 1.25 from the cells' reference
-    codes with / without the trim: the estimated scale, not the study's fixed one,
-    moves them more.)"""
+    """Warn once when new cells are segmented with other cut settings than the study's
+    own cells (:data:`CUT_SETTINGS`), naming each difference and the overrides that cut
+    them alike. An audit embedded 4 smears with an old study: filters it never applied
+    (``drop_tile_cut``, ``touch_px``, ``min_solidity``, ``max_area_ratio``) and
+    ``border_margin`` 2 instead of 1 kept 15 cells where its own run kept 18, and the
+    image code then reads mask edges the reference never had (the rim trim: on the real
+    chain's own TXL-PBC val smears, re-embedded, the codes lie a median 1.5 / 1.25 from
+    the cells' reference codes with / without it)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.guards import override
+
     rec = _study_segmentation(study)
     if rec is None:
         return
-    was = float(rec.get("trim_rim") or 0.0)  # absent: the run predates the rim trim
-    now = float(cfg.segmentation.trim_rim)
-    if was != now:
-        log.warning(
-            "segmentation.trim_rim=%g, but the study's own cells were cut with %g (its "
-            "segment/manifest.json): new cells are masked unlike the reference's; add "
-            "segmentation.trim_rim=%g to cut them alike",
-            now,
-            was,
-            was,
-        )
+    now = OmegaConf.to_container(cfg.segmentation, resolve=True)
+    now_det = study.segmentation_model
+    rec_det = _study_detector(study)
+    now_ckpt = _detector_ckpt(now_det) if now_det else {}
+    rec_ckpt = now_ckpt if rec_det is None or rec_det == now_det else _detector_ckpt(rec_det)
+    diffs = cut_differences(now, rec, now_ckpt, rec_ckpt)
+    if not diffs:
+        return
+    lines, fixes = [], []
+    for key, was, mine, recorded in diffs:
+        if recorded:
+            lines.append(f"{key}: study {was!r}, this run {mine!r}")
+        elif key in CUT_LEGACY:
+            lines.append(
+                f"{key}: not in the study (predates it, cut as {was!r}): this run {mine!r}"
+            )
+        else:
+            lines.append(f"{key}: not in the study (predates it): this run {mine!r}")
+            continue
+        # a null scale flag was resolved by the detector: the override says it outright
+        fixes.append(override(f"segmentation.{key}", was))
+    log.warning(
+        "new cells are segmented unlike the study's own cells (its segment/manifest.json), "
+        "so other cells are kept or cut otherwise than its reference: %s. To cut them "
+        "alike, add %s",
+        "; ".join(lines),
+        " ".join(fixes) if fixes else "(no override known: the study's run predates these)",
+    )
 
 
 def _segment_args(cfg, kind: str) -> dict:

@@ -76,13 +76,20 @@ def training_note(model: Path, max_epochs: int | None = None) -> str:
     )
 
 
-def model_settings(resolved: dict[str, Any], model: Path) -> tuple[dict[str, Any], list[str]]:
+def model_settings(
+    resolved: dict[str, Any], model: Path, data: Any = None
+) -> tuple[dict[str, Any], list[str]]:
     """``resolved`` with the sections that made the model taken from its train run.
 
     A traverse run's own ``vae.beta`` (say) is not the model's when it was trained with an
     override this run did not repeat. Returns the settings to show and one line per
-    setting that differs (``vae.beta: this run 1.0, the model 4.0``).
+    setting that differs (``vae.beta: this run 1.0, the model 4.0``). ``data``: what the
+    automatic settings resolve on (:func:`pipeline.guards.data_layout`): a model trained
+    with ``vae.dropout=0.1`` and this run's ``null`` (auto: 0.1 where the data hold
+    images) are the same, not a difference to warn of.
     """
+    from pipeline.guards import resolved_setting
+
     trained = (read_manifest(model.parent) or {}).get("config") or {}
     shown, differ = dict(resolved), []
     for sec in MODEL_SECTIONS:
@@ -90,10 +97,20 @@ def model_settings(resolved: dict[str, Any], model: Path) -> tuple[dict[str, Any
             continue
         mine = resolved.get(sec) or {}
         for k, v in trained[sec].items():
-            if k in mine and mine[k] != v:
-                differ.append(f"{sec}.{k}: this run {mine[k]!r}, the model {v!r}")
+            key = f"{sec}.{k}"
+            if k in mine and resolved_setting(key, mine[k], data) != resolved_setting(key, v, data):
+                differ.append(f"{key}: this run {mine[k]!r}, the model {v!r}")
         shown[sec] = trained[sec]
     return shown, differ
+
+
+def _layout(rd) -> Any:
+    """The run's data as the automatic settings read it: the latent's rows (the paired
+    rows the model was trained on) with their modality flags."""
+    from pipeline.guards import data_layout
+
+    has_counts = bool(rd.meta.get("has_counts", rd.data is not None and rd.data.counts is not None))
+    return data_layout(rd.latent.obs, len(rd.gene_names), has_counts)
 
 
 def _background(rd, cfg) -> float:
@@ -136,7 +153,7 @@ def run_traverse(ctx: StageContext) -> None:
             stale,
         )
     resolved, differ = model_settings(
-        OmegaConf.to_container(cfg, resolve=True), Path(ctx.input("model"))
+        OmegaConf.to_container(cfg, resolve=True), Path(ctx.input("model")), _layout(rd)
     )
     if differ:
         log.warning(

@@ -211,21 +211,30 @@ def _png(a: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _unclassified_rule(min_confidence: float, atypical_quantile: float | None) -> str:
-    """The page's words for the ``vae_call`` settings used."""
+def _unclassified_rule(
+    min_confidence: float, atypical_quantile: float | None, atypical_off: str | None = None
+) -> str:
+    """The page's words for the ``vae_call`` settings used (``atypical_off``: why no cell
+    could be flagged atypical although the quantile is set)."""
     parts = []
     if min_confidence > 0:
         parts.append(
             f"fewer than {100 * min_confidence:.0f} % of their nearest reference cells agree "
             "on a label (embed.min_confidence)"
         )
-    if atypical_quantile is not None:
+    if atypical_quantile is not None and not atypical_off:
         parts.append(
             f"they are less like the study's cells than {100 * atypical_quantile:.3g} % of "
             "its own held-out cells (a doublet, debris, a kind it never saw; "
             "embed.atypical_quantile)"
         )
-    return (" or ".join(parts) + ".") if parts else "none (both flags switched off)."
+    rule = (" or ".join(parts) + ".") if parts else "none (both flags switched off)."
+    if atypical_quantile is not None and atypical_off:
+        # said, not left out: a reader would take every cell for one the study knows
+        rule += (
+            f" Atypical flagging off: {html.escape(atypical_off)}; no cell is left out as atypical."
+        )
+    return rule
 
 
 def _hist_svg(h: np.ndarray, width: int = 160, height: int = 40) -> str:
@@ -264,6 +273,7 @@ def write_samples_html(
     notes: list[str] | None = None,
     min_confidence: float = 0.5,
     atypical_quantile: float | None = 0.99,
+    atypical_off: str | None = None,
 ) -> None:
     """A self-contained HTML page: the profile table, histograms, example crops per call.
 
@@ -279,6 +289,9 @@ def write_samples_html(
     notes : sentences shown under the title (the study read, its path, its limits)
     min_confidence, atypical_quantile : the settings ``vae_call`` was made with (the
         page's definition of unclassified says them)
+    atypical_off : why no cell could be flagged atypical although ``atypical_quantile``
+        is set (:attr:`vae.api.Study.atypical_off`); the page says so instead of the
+        held-out rule
     """
     from vae.analysis.palette import label_order
 
@@ -301,7 +314,7 @@ def write_samples_html(
         *(f"<p><b>{html.escape(n)}</b></p>" for n in (notes or [])),
         "<p>Definitions (every fraction but the left-shift index is over all the sample's "
         "cells, n_cells):</p><ul>"
-        f"<li><b>unclassified</b>: cells the study does not call: {_unclassified_rule(min_confidence, atypical_quantile)} "
+        f"<li><b>unclassified</b>: cells the study does not call: {_unclassified_rule(min_confidence, atypical_quantile, atypical_off)} "
         "They count in n_cells and in no call.</li>"
         "<li><b>blast fraction</b> = myeloblasts / all cells.</li>"
         "<li><b>immature granulocyte fraction</b> = (promyelocyte + myelocyte + "

@@ -1,0 +1,156 @@
+"""Which code made an output: the record stored in manifests and checkpoints.
+
+The lowest layer of the project (no imports from ``pipeline``, ``segmentation`` or
+``vae``), so both libraries and the pipeline can stamp what they write with it.
+A study read months later, or by another version, then says which code made it:
+the same old model gives other numbers under newer code, and without this record
+nothing told the two apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DISTRIBUTION", "code_label", "code_record", "newer_checkpoint_problem"]
+
+# the installed distribution's name (pyproject.toml, [project] name)
+DISTRIBUTION = "wbc-pipeline"
+
+# libraries whose version changes results (numerics, file formats); read from the
+# installed metadata, so none of them is imported here
+LIBRARIES = ("torch", "torchvision", "numpy", "anndata", "scanpy")
+
+# git answers in milliseconds; a hung network file system must not hold up a stage
+GIT_TIMEOUT_S = 3.0
+
+# the folder that holds the ``segmentation``, ``vae`` and ``pipeline`` packages
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    """Output of ``git -C SOURCE_ROOT ARGS`` (stripped), or None when git is missing,
+    slow, or fails (not a checkout, a colleague's checkout git refuses, ...)."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(SOURCE_ROOT), *args],
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT_S,
+            # read-only: `git status` must not take index.lock in a checkout another
+            # process (an editor, a second run) is using
+            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git_state() -> tuple[str | None, bool | None]:
+    """(revision, uncommitted changes) of the checkout the packages were imported
+    from; (None, None) when they were not imported from one."""
+    top = _git("rev-parse", "--show-toplevel")
+    # an installed copy inside some other repository (a venv in a checkout) is not
+    # that repository's code
+    if top is None or Path(top).resolve() != SOURCE_ROOT:
+        return None, None
+    rev = _git("rev-parse", "HEAD")
+    if rev is None:  # a checkout without commits
+        return None, None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return rev, (None if status is None else bool(status))
+
+
+@functools.lru_cache(maxsize=1)
+def _record() -> dict[str, Any]:
+    rev, dirty = _git_state()
+    return {
+        "package": DISTRIBUTION,
+        "version": _version(DISTRIBUTION) or "unknown",
+        "git_revision": rev,
+        "git_dirty": dirty,
+        "python": platform.python_version(),
+        "libraries": {name: _version(name) for name in LIBRARIES},
+    }
+
+
+def code_record() -> dict[str, Any]:
+    """Which code this process runs, as plain data (JSON- and ``weights_only``-safe).
+
+    Computed once per process (git is asked once); each call returns a fresh copy, so
+    a caller may extend it.
+
+    Returns
+    -------
+    dict
+        ``package`` (distribution name), ``version`` (installed version, or
+        ``"unknown"``), ``git_revision`` (full hash of the checkout the packages were
+        imported from; None for an installed copy or when git is unavailable),
+        ``git_dirty`` (tracked files changed since that revision; None when unknown),
+        ``python``, and ``libraries``: the installed version of each of
+        :data:`LIBRARIES` (None where not installed).
+    """
+    return copy.deepcopy(_record())
+
+
+def code_label(record: Any) -> str:
+    """One-line name of a :func:`code_record`, e.g. ``0.2.0, git 1a2b3c4d5e6f
+    (uncommitted changes)``; ``code not recorded`` for a missing or foreign record."""
+    if not isinstance(record, dict):
+        return "code not recorded"
+    text = str(record.get("version", "unknown"))
+    rev = record.get("git_revision")
+    if rev:
+        text += f", git {str(rev)[:12]}"
+        if record.get("git_dirty"):
+            text += " (uncommitted changes)"
+    return text
+
+
+def newer_checkpoint_problem(
+    ckpt: dict[str, Any], own_format: int, unknown_args: list[str] | tuple[str, ...] = ()
+) -> str | None:
+    """Why a checkpoint needs a newer version of this package to be read; None if not.
+
+    Parameters
+    ----------
+    ckpt
+        The loaded checkpoint payload; ``format_version`` missing means format 0 (written
+        before formats were numbered).
+    own_format
+        The format this code writes and reads for that kind of checkpoint.
+    unknown_args
+        ``model_args`` keys this code's architecture does not take (a newer version
+        added them).
+
+    Returns
+    -------
+    str or None
+        The reason, to follow ``PATH: ``.
+    """
+    fmt = ckpt.get("format_version", 0)
+    newer = isinstance(fmt, int) and fmt > own_format
+    if not newer and not unknown_args:
+        return None
+    here = code_record()
+    why = (
+        f"written by a newer version of {DISTRIBUTION} (format {fmt}, "
+        f"{code_label(ckpt.get('code'))}; this is format {own_format}, {code_label(here)})"
+    )
+    if unknown_args:
+        why += f": its model_args hold {', '.join(unknown_args)}, which this version does not know"
+    return why + ". Upgrade the package to read it."
