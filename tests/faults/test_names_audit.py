@@ -24,9 +24,9 @@ from PIL import Image
 from pipeline import guards, runner
 from tests.faults.conftest import cfg_for
 from tests.faults.test_interrupted_runs import CHAIN, _chain
-from tests.helpers.run import run_pipeline, run_stage_in_process
+from tests.helpers.run import run_stage_in_process
 from tests.helpers.seg_synth import untrained_checkpoint
-from tests.helpers.vae_toy import TINY_TRAIN, make_paired
+from tests.helpers.vae_toy import train_toy_study
 
 LATIN1 = b"Patient_M\xfcller_1.png"  # "Müller" in Latin-1: not UTF-8
 # its name as every table writes it (segmentation.table.recorded_name)
@@ -130,19 +130,7 @@ def test_segment_reads_a_latin1_named_smear_and_records_a_valid_name(
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
     """A trained tiny study: <root>/out/s/train/{model.pt,latent.h5ad}."""
-    tmp = tmp_path_factory.mktemp("study")
-    make_paired(48, image_only=6, expression_only=6).write_h5ad(tmp / "paired.h5ad")
-    p = run_pipeline(
-        [
-            "stage=train",
-            f"paths.root={tmp / 'out'}",
-            "experiment=s",
-            f"paths.inputs.paired={tmp / 'paired.h5ad'}",
-            *TINY_TRAIN,
-        ]
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    return tmp
+    return train_toy_study(tmp_path_factory.mktemp("study"))
 
 
 def _embed(study: Path, exp: str, *args: str) -> Path:

@@ -37,7 +37,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.helpers.run import compose_config, run_pipeline, run_stage_in_process
-from tests.helpers.vae_toy import TINY_TRAIN, make_paired
+from tests.helpers.vae_toy import TINY_TRAIN, train_toy_study
 
 # the toy study is trained as a run of 2026-11-30 was: without the heads added since
 OLD_HEADS = ["vae.lobe_head=false", "vae.maturation_weight=0"]
@@ -46,20 +46,7 @@ OLD_HEADS = ["vae.lobe_head=false", "vae.maturation_weight=0"]
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
     """<tmp>/paired.h5ad and a trained toy study in <tmp>/out/s."""
-    tmp = tmp_path_factory.mktemp("old_studies")
-    make_paired(48, image_only=6, expression_only=6).write_h5ad(tmp / "paired.h5ad")
-    p = run_pipeline(
-        [
-            "stage=train",
-            f"paths.root={tmp / 'out'}",
-            "experiment=s",
-            f"paths.inputs.paired={tmp / 'paired.h5ad'}",
-            *TINY_TRAIN,
-            *OLD_HEADS,
-        ]
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    return tmp
+    return train_toy_study(tmp_path_factory.mktemp("old_studies"), *OLD_HEADS)
 
 
 def _old_copy(study: Path, name: str) -> Path:

@@ -155,3 +155,27 @@ def image_tensors(crops, masks, **kw):
         norm_total=1.0,
         **kw,
     )
+
+
+def train_toy_study(tmp, *extra: str):
+    """Train the tiny study the embed and old-study tests use: ``<tmp>/paired.h5ad``
+    (48 cells, 6 image-only, 6 expression-only) and ``<tmp>/out/s/train``; ``extra``
+    are more overrides. Returns ``tmp``."""
+    from pathlib import Path
+
+    from tests.helpers.run import run_pipeline
+
+    tmp = Path(tmp)
+    make_paired(48, image_only=6, expression_only=6).write_h5ad(tmp / "paired.h5ad")
+    p = run_pipeline(
+        [
+            "stage=train",
+            f"paths.root={tmp / 'out'}",
+            "experiment=s",
+            f"paths.inputs.paired={tmp / 'paired.h5ad'}",
+            *TINY_TRAIN,
+            *extra,
+        ]
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return tmp

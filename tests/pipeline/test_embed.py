@@ -15,7 +15,7 @@ from PIL import Image
 from pipeline.runner import StageError
 from tests.helpers.run import run_pipeline, run_stage_in_process
 from tests.helpers.seg_synth import LIGHT_HEADS
-from tests.helpers.vae_toy import TINY_TRAIN, make_paired
+from tests.helpers.vae_toy import TINY_TRAIN, train_toy_study
 
 TINY = TINY_TRAIN
 
@@ -23,19 +23,7 @@ TINY = TINY_TRAIN
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
     """outputs root of a trained tiny study: <root>/s/train/{model.pt,latent.h5ad}."""
-    tmp = tmp_path_factory.mktemp("study")
-    make_paired(48, image_only=6, expression_only=6).write_h5ad(tmp / "paired.h5ad")
-    p = run_pipeline(
-        [
-            "stage=train",
-            f"paths.root={tmp / 'out'}",
-            "experiment=s",
-            f"paths.inputs.paired={tmp / 'paired.h5ad'}",
-            *TINY,
-        ]
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    return tmp
+    return train_toy_study(tmp_path_factory.mktemp("study"))
 
 
 def _args(study: Path, exp: str, *args: str) -> list[str]:
