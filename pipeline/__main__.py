@@ -164,7 +164,8 @@ def config_error_line(e: BaseException) -> str:
             and not (re.match(r"\d+\. ", ln) and "multirun" not in ln)
         ]
         lines = [re.sub(r"^\d+\. ", "", ln) for ln in lines]
-        lines.append(quoting_hint(given))
+        if needs_quotes(given):
+            lines.append(quoting_hint(given))
     # Hydra's hint for a key no setting has ("To append to your config use +k=v") leads
     # to a refusal (pipeline.config.unknown_addition): name the nearest settings instead
     hint = next((ln for ln in lines if ln.startswith("To append to your config use +")), None)
@@ -185,6 +186,20 @@ def config_error_line(e: BaseException) -> str:
     lines = _options_line(lines)
     out = "; ".join(ln.rstrip(".") if k < len(lines) - 1 else ln for k, ln in enumerate(lines))
     return out or type(e).__name__
+
+
+def needs_quotes(override: str) -> bool:
+    """Whether ``override``'s value reads as a path or text that Hydra needs quoted (a
+    space, an accent, brackets, ``= , # & '``, or a ``~`` not at its start), not as a
+    list, a mapping or an interpolation with a typo (``[a,b``, ``${oc.env:X``), which
+    quoting would turn into a string (found on review: every parse error said "quote it")."""
+    _, sep, value = override.partition("=")
+    value = value.strip() if sep else ""
+    if not value or value[0] in "[{" or value.startswith("${"):
+        return False
+    if "," in value and "~" in value[1:] and " " not in value:
+        return False  # a list of home paths (~/x,~/y): a sweep, not one path
+    return bool(re.search(r"[\s()=,#&'\[\]{}]|[^\x00-\x7f]", value) or "~" in value[1:])
 
 
 def quoting_hint(override: str) -> str:

@@ -152,12 +152,20 @@ class StageLock:
         """True when another process holds the lock now (this one does not take it)."""
         if not self.path.exists():
             return False
-        # read-only: flock needs no write access, and a colleague's lock file may
-        # not be writable by this user
-        fd = os.open(self.path, os.O_RDONLY)
+        # read-write where allowed (NFS emulates flock with byte-range locks, and an
+        # exclusive one needs a descriptor open for writing), else read-only: a
+        # colleague's lock file may not be writable by this user
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError as e:
+            if e.errno not in _NO_WRITE:
+                raise
+            fd = os.open(self.path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            return True
+        except OSError:  # cannot be told (EBADF on such a file system): taken as held
             return True
         finally:
             os.close(fd)  # closing drops a lock taken just now

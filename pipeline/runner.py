@@ -179,7 +179,9 @@ def expand_user_paths(cfg: DictConfig) -> None:
     """Expand a leading ``~`` of the path settings in place (``paths.*``, ``embed.*``,
     the data files and ``paths.inputs.*``), so that every stage sees the home folder."""
     for key in path_settings(cfg):
-        value = OmegaConf.select(cfg, key, default=None)
+        # an interpolation that fails is reported by the stage that reads it (one line),
+        # not here as a traceback
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
         if isinstance(value, str) and value.startswith("~"):
             OmegaConf.update(cfg, key, str(setting_path(value)), force_add=False)
 

@@ -43,12 +43,16 @@ NUCLEUS_MARGIN = 20.0
 MIN_WHITE_PER_RED = 1.0
 # The rulers were tuned on single fields of view (every shared smear image is at most
 # 640 px on its longer side). An image longer than RULER_WHOLE_PX on a side (a whole-slide
-# scan, stitched fields) is measured on RULER_WINDOW_PX squares instead, at most
-# RULER_MAX_WINDOWS of them spread evenly over it, and their measurements pooled: a
-# 14000 px scan measured whole shrank its white cells to 2-3 px on the 320 px copy, and
-# the red-cell watershed at full size held 22.8 GB (~100 bytes per pixel, 196 MP).
-RULER_WHOLE_PX = 1024
+# scan, stitched fields; a camera frame up to 2048 px is measured whole, as before) is
+# measured on RULER_WINDOW_PX squares that cover it, overlapping by at least
+# RULER_OVERLAP_PX (so a white cell cut by one window's inner edge is whole in the next,
+# and the cut copy is left out), at most RULER_MAX_WINDOWS of them spread evenly, their
+# measurements pooled. Measured whole, a 14000 px scan shrank its white cells to 2-3 px on
+# the 320 px copy, and the red-cell watershed at full size held 22.8 GB (~100 bytes per
+# pixel, 196 MP); 2048 px whole is ~0.4 GB.
+RULER_WHOLE_PX = 2048
 RULER_WINDOW_PX = 768
+RULER_OVERLAP_PX = 192
 RULER_MAX_WINDOWS = 48
 # cell foreground threshold: Otsu of the green channel (0) ... the plasma's median (1).
 # 0.5: pale cytoplasm (Raabin fields) counts as cell; on TXL-PBC train (every 4th image)
@@ -393,15 +397,35 @@ def red_cell_diameter(
 RULERS = ("auto", "white", "red")
 
 
+@dataclass
+class RulerWindow:
+    """A view of the image the rulers measure, and which of its edges lie inside the
+    image (``top, left, bottom, right``): a cell cut there is whole in a neighbour."""
+
+    view: np.ndarray
+    inner: tuple[bool, bool, bool, bool] = (False, False, False, False)
+
+
+def _starts(length: int, window: int, overlap: int) -> list[int]:
+    """Window starts covering ``length``: evenly spaced, neighbours overlapping by at
+    least ``overlap``, the last flush with the end."""
+    if length <= window:
+        return [0]
+    n = int(np.ceil((length - overlap) / (window - overlap)))
+    return [round(k * (length - window) / (n - 1)) for k in range(n)]
+
+
 def ruler_windows(
     image: np.ndarray,
     whole_px: int = RULER_WHOLE_PX,
     window_px: int = RULER_WINDOW_PX,
     max_windows: int = RULER_MAX_WINDOWS,
-) -> list[np.ndarray]:
+    overlap_px: int = RULER_OVERLAP_PX,
+) -> list[RulerWindow]:
     """The views of ``image`` the rulers measure: the image itself when neither side is
-    longer than ``whole_px``, else up to ``max_windows`` non-overlapping
-    ``window_px`` squares (views, no copies) spread evenly over a grid of them.
+    longer than ``whole_px``, else ``window_px`` squares (views, no copies) covering it,
+    neighbours overlapping by at least ``overlap_px``, at most ``max_windows`` of them
+    spread evenly over the grid (row-major order).
 
     Parameters
     ----------
@@ -409,34 +433,62 @@ def ruler_windows(
     whole_px : longest side measured whole (px)
     window_px : side of a window (px)
     max_windows : most windows measured
+    overlap_px : least overlap of neighbouring windows (px)
 
     Returns
     -------
-    list of (h, w, 3) arrays, in row-major grid order
+    list of :class:`RulerWindow`
     """
     h, w = image.shape[:2]
     if max(h, w) <= whole_px:
-        return [image]
-    ny, nx = max(1, h // window_px), max(1, w // window_px)
-    cells = [(i, j) for i in range(ny) for j in range(nx)]
+        return [RulerWindow(image)]
+    ys, xs = _starts(h, window_px, overlap_px), _starts(w, window_px, overlap_px)
+    cells = [(y, x) for y in ys for x in xs]
     if len(cells) > max_windows:  # evenly spread over the grid, first and last kept
         idx = np.unique(np.round(np.linspace(0, len(cells) - 1, max_windows)).astype(int))
         cells = [cells[k] for k in idx]
-    # the grid centred on the image (the margins of a scan are often off the smear)
-    y0, x0 = (h - ny * window_px) // 2, (w - nx * window_px) // 2
-    return [
-        image[
-            max(0, y0 + i * window_px) : y0 + (i + 1) * window_px,
-            max(0, x0 + j * window_px) : x0 + (j + 1) * window_px,
-        ]
-        for i, j in cells
-    ]
+    out = []
+    for y, x in cells:
+        y1, x1 = min(h, y + window_px), min(w, x + window_px)
+        out.append(RulerWindow(image[y:y1, x:x1], (y > 0, x > 0, y1 < h, x1 < w)))
+    return out
 
 
-def _red_pooled(views: list[np.ndarray]) -> tuple[float, int]:
-    """:func:`red_cell_diameter` over ``views``: the median of the views' medians,
-    weighted by their cell counts (NaN when no view measured any), and the cells."""
-    got = [red_cell_diameter(v) for v in views]
+def _white_pooled(windows: list[RulerWindow]) -> np.ndarray:
+    """:func:`white_cell_sizes` over ``windows``: every window's white cells, less those
+    whose centre lies within their own radius of an inner window edge (cut there,
+    measured small; whole in the neighbouring window)."""
+    if len(windows) == 1 and not any(windows[0].inner):
+        return white_cell_sizes(windows[0].view)
+    out: list[float] = []
+    for win in windows:
+        regions = white_cell_regions(win.view)
+        if regions is None:
+            continue
+        hh, ww = win.view.shape[:2]
+        top, left, bottom, right = win.inner
+        for k, cy, cx in regions.centres:
+            r = _ray_lengths(regions.regions == k, cy, cx)
+            if r.size < 4:
+                continue
+            d = 2.0 * float(np.median(r)) / regions.factor
+            y, x, rad = cy / regions.factor, cx / regions.factor, d / 2.0
+            cut = (
+                (top and y < rad)
+                or (left and x < rad)
+                or (bottom and y > hh - rad)
+                or (right and x > ww - rad)
+            )
+            if not cut:
+                out.append(d)
+    return np.asarray(out, float)
+
+
+def _red_pooled(windows: list[RulerWindow]) -> tuple[float, int]:
+    """:func:`red_cell_diameter` over ``windows`` (cells cut by any window edge are left
+    out by it): the median of the windows' medians, weighted by their cell counts (NaN
+    when no window measured any), and the cells."""
+    got = [red_cell_diameter(w.view) for w in windows]
     if len(got) == 1:
         return got[0]
     d = np.array([g[0] for g in got], float)
@@ -479,15 +531,18 @@ def estimate_scale(
     Notes
     -----
     An image longer than :data:`RULER_WHOLE_PX` on a side is measured on windows
-    (:func:`ruler_windows`): the white cells of all windows together, the red-cell
+    (:func:`ruler_windows`): the white cells of all windows together (less those cut by
+    an inner window edge), the red-cell
     diameter as the count-weighted median of the windows'.
     """
     if ruler not in RULERS:
         raise ValueError(f"ruler={ruler!r}; valid: {', '.join(RULERS)}")
-    views = ruler_windows(image, RULER_WHOLE_PX, RULER_WINDOW_PX, RULER_MAX_WINDOWS)
+    views = ruler_windows(
+        image, RULER_WHOLE_PX, RULER_WINDOW_PX, RULER_MAX_WINDOWS, RULER_OVERLAP_PX
+    )
     wpx = float("nan")
     if ruler in ("auto", "white"):
-        w = np.concatenate([white_cell_sizes(v) for v in views])
+        w = _white_pooled(views)
         if w.size:
             wpx = float(np.median(w))
             s = cell_px / (white_box_per_diameter * wpx)

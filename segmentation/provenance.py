@@ -147,10 +147,19 @@ def newer_checkpoint_problem(
     if not newer and not unknown_args:
         return None
     here = code_record()
-    why = (
-        f"written by a newer version of {DISTRIBUTION} (format {fmt}, "
-        f"{code_label(ckpt.get('code'))}; this is format {own_format}, {code_label(here)})"
+    made = f"format {fmt}, {code_label(ckpt.get('code'))}; this is format {own_format}, "
+    made += code_label(here)
+    if newer:
+        why = f"written by a newer version of {DISTRIBUTION} ({made})"
+        if unknown_args:
+            why += (
+                f": its model_args hold {', '.join(unknown_args)}, which this version does not know"
+            )
+        return why + ". Upgrade the package to read it."
+    # not a newer format: settings this code does not take, from a version that had them
+    # for a while (e.g. align_pose, 2026-11-30) or a newer one that did not renumber
+    return (
+        f"its model_args hold {', '.join(unknown_args)}, which this version of "
+        f"{DISTRIBUTION} does not take ({made}): it was written by another version, "
+        f"older or newer; read it with that version, or train the study again"
     )
-    if unknown_args:
-        why += f": its model_args hold {', '.join(unknown_args)}, which this version does not know"
-    return why + ". Upgrade the package to read it."

@@ -924,6 +924,10 @@ class Study:
                     "corrected?): give raw integer counts there, or drop the layer"
                 )
             raw, total, values = sub(full), rowsum(full), "counts"
+            from vae.inputs.expression import RAW_LIBRARY
+
+            if RAW_LIBRARY in adata.obs:  # counts_layer=.raw: the library over all of .raw
+                total = adata.obs[RAW_LIBRARY].to_numpy(np.float64)
             xv = values_of(adata.X)
             if xv.size and _is_counts(xv) and float(xv.max()) > 0:
                 # X holds counts too (e.g. the simulator's expression_raw.h5ad), not the

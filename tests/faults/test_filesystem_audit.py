@@ -167,6 +167,38 @@ def test_a_comma_in_a_path_says_how_to_quote_it():
     assert "--multirun" in line and line.endswith("must be quoted: \"paths.root='/d/a,b'\"")
 
 
+@pytest.mark.parametrize("override", ["trainer.exclude_labels=[a,b", "vae.beta=${oc.env:X"])
+def test_a_list_or_interpolation_typo_is_not_told_to_quote(override):
+    """Found on review: every parse error ended "must be quoted", and quoting a list
+    typo (``[a,b``) makes it a string; the hint is for values that read as paths."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from pipeline.__main__ import needs_quotes
+
+    with pytest.raises(OverrideParseException) as e:
+        OverridesParser.create().parse_overrides([override])
+    line = config_error_line(e.value)
+    assert "must be quoted" not in line and "\n" not in line
+    assert needs_quotes("paths.root=/data/Patient 1 (M\u00fcller)")
+    assert not needs_quotes("paths.root=~/x,~/y") and not needs_quotes("a=[1,2")
+
+
+def test_a_failing_interpolation_in_a_path_setting_is_one_line(tmp_path):
+    """Found on review: expanding ``~`` resolved every path setting first, so an
+    interpolation that fails escaped as a Hydra traceback."""
+    p = run_pipeline(
+        [
+            "stage=expression",
+            f"paths.root={tmp_path}",
+            "experiment=x",
+            "data.expression_file=${oc.env:NO_SUCH_VARIABLE_41}",
+        ]
+    )
+    assert p.returncode in (1, 2) and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "NO_SUCH_VARIABLE_41" in p.stderr
+
+
 def test_home_is_expanded_in_path_settings(tmp_path, toy, monkeypatch):
     """``paths.root='~/outs'`` made a folder named ``~`` in the working directory."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -211,6 +211,14 @@ def test_max_missing_genes_counts_the_genes_read_from_raw(study, tmp_path):  # n
     assert rep["missing"] == []  # every model gene read from .raw
     with pytest.raises(StageError, match=r"embed\.max_missing_genes"):
         _embed(study, "hvg_plain", f"embed.expression={tmp_path / 'plain.h5ad'}")
+    # counts_layer=.raw keeps X's 3 genes, normalised by the same library (all of .raw)
+    from vae.api import Study
+
+    st = Study.load(study / "out" / "s")
+    auto, _ = st.prepare(st.read(tmp_path / "hvg.h5ad", "expression"), "auto")
+    given, _ = st.prepare(st.read(tmp_path / "hvg.h5ad", "expression", counts_layer=".raw"), "r")
+    cols = [st.gene_names.index(g) for g in few.columns]
+    np.testing.assert_allclose(given.x.numpy()[:, cols], auto.x.numpy()[:, cols], rtol=1e-5)
 
 
 def test_study_read_auto_takes_a_10x_folder_as_expression(study, tmp_path):  # noqa: F811

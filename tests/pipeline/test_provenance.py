@@ -118,22 +118,31 @@ def test_a_newer_format_is_refused_as_newer_not_as_corrupt(trained: Path, tmp_pa
 
 
 @pytest.mark.parametrize("with_format", [True, False])
-def test_unknown_model_args_are_named_as_a_newer_version(trained, tmp_path, with_format):
-    """A newer VAEArgs field (the Nov-30 code reading a Dec-4 study's encoder_channels);
-    also from before format_version was written."""
+def test_unknown_model_args_are_named_not_called_corrupt(trained, tmp_path, with_format):
+    """A VAEArgs field this code lacks (the Nov-30 code reading a Dec-4 study's
+    encoder_channels; or align_pose, which existed for a while on 2026-11-30): named,
+    and called newer only when the format number says so (found on review: an old
+    study's align_pose was called "written by a newer version")."""
     ck = load_torch_file(trained / "model.pt")
     ck["model_args"]["future_head"] = True
     ck["model_args"]["a_wider_head"] = 3
     if not with_format:
         del ck["format_version"], ck["code"]
     save_checkpoint(tmp_path / "extra.pt", ck)
-    with pytest.raises(CheckpointError, match="written by a newer version") as e:
+    with pytest.raises(CheckpointError) as e:
         load_model(tmp_path / "extra.pt")
+    msg = str(e.value)
+    assert "model_args hold a_wider_head, future_head, which this version of" in msg
+    assert "written by another version, older or newer" in msg and "newer version" not in msg
+    if not with_format:
+        assert "(format 0, code not recorded; this is format 1" in msg
+    ck["format_version"] = FORMAT_VERSION + 1  # a newer format: newer, and the keys named
+    save_checkpoint(tmp_path / "extra2.pt", ck)
+    with pytest.raises(CheckpointError, match="written by a newer version") as e:
+        load_model(tmp_path / "extra2.pt")
     assert "model_args hold a_wider_head, future_head, which this version does not know" in (
         str(e.value)
     )
-    if not with_format:
-        assert "(format 0, code not recorded; this is format 1" in str(e.value)
 
 
 def test_an_old_checkpoint_without_format_loads_as_before(trained: Path, tmp_path: Path):
@@ -168,6 +177,7 @@ def test_detector_newer_format_or_args_are_named(trained: Path):
     ck["format_version"] = DETECTOR_FORMAT_VERSION
     ck["model_args"] = dict(ck["model_args"], future_neck=1)
     assert "model_args hold future_neck" in detector_newer_problem(ck, known)
+    assert "another version, older or newer" in detector_newer_problem(ck, known)
     # a VAE's model.pt given as the detector is another mix-up, said elsewhere
     assert detector_newer_problem(load_torch_file(trained / "model.pt"), known) is None
 

@@ -537,15 +537,20 @@ def counts_elsewhere(adata: ad.AnnData) -> list[str]:
     return found
 
 
-def counts_from(adata: ad.AnnData, layer: str, src: str = "") -> ad.AnnData:
-    """``adata`` with ``layers["counts"]`` set to ``layer``, where :func:`validate_matrix`
-    reads counts: a layer's name (set in place, ``adata`` returned), or ``".raw"``: a new
-    AnnData of ``.raw``'s genes (every one, as scanpy keeps them there before a
-    gene subset) with ``.raw.X`` as ``X`` and counts, and ``adata``'s cells.
+# obs column :func:`counts_from` sets for ``counts_layer=".raw"``: each cell's total
+# counts over every gene of ``.raw``, the library :func:`preprocess` normalises by
+RAW_LIBRARY = "raw_total_counts"
 
-    Every gene of ``.raw``, not only ``X``'s: a cell's library is the sum of all its
-    counts, as ``stage=embed`` (``Study``) reads the same file; ``X`` restricted to a few
-    variable genes gave the training data another library than the embedded one.
+
+def counts_from(adata: ad.AnnData, layer: str, src: str = "") -> ad.AnnData:
+    """``adata`` with ``layers["counts"]`` set (in place) to ``layer``, where
+    :func:`validate_matrix` reads counts; ``".raw"``: ``.raw.X`` restricted to ``X``'s
+    genes, and ``obs[RAW_LIBRARY]`` each cell's total over *every* gene of ``.raw``.
+
+    ``X``'s genes stay the features (the user's own selection, QC on them as before);
+    the library is the sum of all the cell's counts, as ``stage=embed`` (``Study``)
+    normalises the same file: normalised by the sum of a few variable genes, training
+    saw other values than embedding did.
     """
     if layer == ".raw":
         raw = adata.raw
@@ -559,15 +564,16 @@ def counts_from(adata: ad.AnnData, layer: str, src: str = "") -> ad.AnnData:
                 field="expression.counts_layer",
                 source=src,
             )
-        out = ad.AnnData(X=raw.X.copy(), obs=adata.obs.copy(), var=raw.var.copy(), uns=adata.uns)
-        out.layers["counts"] = raw.X.copy()
+        adata.layers["counts"] = raw[:, adata.var_names].X.copy()
+        adata.obs[RAW_LIBRARY] = np.asarray(raw.X.sum(1), np.float64).ravel()
         log.info(
-            "%s: counts from .raw (expression.counts_layer; %d genes, X had %d)",
+            "%s: counts from .raw (expression.counts_layer): X's %d genes, each cell "
+            "normalised by its total over all %d genes of .raw",
             src,
-            raw.n_vars,
             adata.n_vars,
+            raw.n_vars,
         )
-        return out
+        return adata
     if layer not in adata.layers:
         raise ExpressionInputError(
             f"no layer {layer!r}; layers: {list(adata.layers) or 'none'}"
@@ -1003,7 +1009,13 @@ def preprocess(
         adata.obs[col] = qc_df.loc[adata.obs_names, col].to_numpy()
 
     # -- normalise ----------------------------------------------------------
-    if has_counts:
+    if has_counts and RAW_LIBRARY in adata.obs:
+        # counts_layer=.raw: each cell by its total over every gene of .raw (its library)
+        x = adata.layers["counts"]
+        x = x.toarray() if sp.issparse(x) else np.asarray(x)
+        lib = adata.obs[RAW_LIBRARY].to_numpy(np.float64)[:, None]
+        adata.X = np.log1p(x / lib * p.target_sum).astype(np.float32)
+    elif has_counts:
         x = adata.layers["counts"].astype(np.float32)
         tmp = ad.AnnData(X=x)
         sc.pp.normalize_total(tmp, target_sum=p.target_sum)
