@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -28,6 +29,8 @@ import torch
 from segmentation.io import UnsafeCheckpointError, load_torch_file
 from segmentation.provenance import newer_checkpoint_problem
 from vae.model import TwoBranchVAE, VAEArgs
+
+log = logging.getLogger(__name__)
 
 # Layout of the payload above, written as ``format_version`` (checkpoints without it are
 # format 0 and load as before). Bump it when a checkpoint written by this code can no
@@ -113,10 +116,28 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     for key in ("model", "model_args"):
         if key not in ck:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}' (not a vae checkpoint?)")
+    _drop_removed_args(ck["model_args"], path)
     why = newer_checkpoint_problem(ck, FORMAT_VERSION, _unknown_args(ck["model_args"]))
     if why is not None:
         raise CheckpointError(f"{path}: {why}")
     return ck
+
+
+# VAEArgs fields removed since, with the value under which they changed nothing: a
+# study trained with that value builds the same network without the field, so it loads
+# (vae.align_pose, 2026-11-30 fbf213f .. b6b3fd0: measured worse and reverted); any
+# other value is named by load_checkpoint as another version's setting
+REMOVED_ARGS: dict[str, Any] = {"align_pose": False}
+
+
+def _drop_removed_args(model_args: Any, path: Path) -> None:
+    """Drop (in place) the :data:`REMOVED_ARGS` fields that hold their no-effect value."""
+    if not isinstance(model_args, dict):
+        return
+    for key, off in REMOVED_ARGS.items():
+        if key in model_args and model_args[key] == off:
+            del model_args[key]
+            log.info("%s: model_args.%s=%r, a setting since removed, had no effect", path, key, off)
 
 
 def _unknown_args(model_args: Any) -> list[str]:

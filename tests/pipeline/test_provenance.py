@@ -145,6 +145,23 @@ def test_unknown_model_args_are_named_not_called_corrupt(trained, tmp_path, with
     )
 
 
+def test_a_removed_setting_at_its_no_effect_value_loads(trained: Path, tmp_path: Path):
+    """A study of 2026-11-30 trained while vae.align_pose existed (off) builds the same
+    network: it loads; align_pose=True is named as another version's setting."""
+    ck = load_torch_file(trained / "model.pt")
+    del ck["format_version"], ck["code"]
+    ck["model_args"]["align_pose"] = False
+    save_checkpoint(tmp_path / "pose_off.pt", ck)
+    model, _ = load_model(tmp_path / "pose_off.pt")
+    ref, _ = load_model(trained / "model.pt")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    ck["model_args"]["align_pose"] = True
+    save_checkpoint(tmp_path / "pose_on.pt", ck)
+    with pytest.raises(CheckpointError, match="model_args hold align_pose"):
+        load_model(tmp_path / "pose_on.pt")
+
+
 def test_an_old_checkpoint_without_format_loads_as_before(trained: Path, tmp_path: Path):
     ck = load_torch_file(trained / "model.pt")
     del ck["format_version"], ck["code"]
