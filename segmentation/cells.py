@@ -403,14 +403,30 @@ def reject_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------
 
 
-def draw_overlay(cells: ImageCells, min_score: float) -> Image.Image:
-    """Source image with mask outlines and boxes: green kept, red dropped (score >= min_score)."""
-    img = cells.image.copy()
+# overlays of larger images are drawn on a copy this many px on its longer side: the
+# 196 MP slide of docs/performance.md gave a 303 MB full-size PNG that viewers (and
+# Pillow's own guard) refuse; at 4096 px its white cells are still ~30 px across
+OVERLAY_MAX_SIDE = 4096
+
+
+def draw_overlay(
+    cells: ImageCells, min_score: float, max_side: int | None = OVERLAY_MAX_SIDE
+) -> Image.Image:
+    """Source image with mask outlines and boxes: green kept, red dropped (score >=
+    ``min_score``); an image longer than ``max_side`` px is drawn on a copy scaled to
+    that side (None: full size)."""
+    h0, w0 = cells.image.shape[:2]
+    f = 1.0 if max_side is None else min(1.0, float(max_side) / max(h0, w0))
+    if f < 1.0:
+        small = (max(1, round(w0 * f)), max(1, round(h0 * f)))
+        img = np.asarray(Image.fromarray(cells.image).resize(small, Image.Resampling.BOX)).copy()
+    else:
+        img = cells.image.copy()
     det, table = cells.detections, cells.table
     h, w = img.shape[:2]
     shown = [k for k in range(len(det)) if det.scores[k] >= min_score]
     masks, origins = scale_local_masks(
-        [det.masks[k] for k in shown], det.origins[shown], 1.0 / cells.scale
+        [det.masks[k] for k in shown], det.origins[shown], f / cells.scale
     )
     for k, m, o in zip(shown, masks, origins):
         if not m.any():
@@ -426,9 +442,9 @@ def draw_overlay(cells: ImageCells, min_score: float) -> Image.Image:
     for k in shown:
         kept = bool(table.kept.iloc[k])
         color = (0, 200, 0) if kept else (230, 0, 0)
-        x0, y0, x1, y1 = (det.boxes[k] / cells.scale).tolist()
+        x0, y0, x1, y1 = (det.boxes[k] * f / cells.scale).tolist()
         draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=1)
-        why = "" if kept else ",".join(f[:6] for f in FLAGS if table[f].iloc[k])
+        why = "" if kept else ",".join(fl[:6] for fl in FLAGS if table[fl].iloc[k])
         draw.text((x0 + 2, y0 + 1), f"{det.scores[k]:.2f} {why}".strip(), fill=color)
     return pil
 
