@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -457,6 +458,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 USER_ERRORS = _user_errors()
 
 
+# when this process's run started (start_run): crash_log names no log older than it
+_RUN_STARTED = 0.0
+
+
 def start_run(cfg: DictConfig, names: list[str]) -> list[str]:
     """Checks made once before the first stage: returns the stages to run.
 
@@ -467,6 +472,8 @@ def start_run(cfg: DictConfig, names: list[str]) -> list[str]:
     whose inputs changed since (an interrupted ``overwrite=true`` run re-made them),
     and every stage after it run (:func:`stage_plan`).
     """
+    global _RUN_STARTED
+    _RUN_STARTED = time.time()
     check_start(cfg)
     from pipeline.stagedir import report_backups
 
@@ -562,6 +569,9 @@ def crash_log(cfg: DictConfig, name: str) -> Path | None:
             found.append((p.stat().st_mtime, p))
         except OSError:
             continue  # no log there (a folder set aside before its first line)
+    # a log not written since this run started is an earlier run's (a crash before this
+    # run wrote a line, e.g. a colleague's finished folder): no traceback of this one
+    found = [(t, p) for t, p in found if t >= _RUN_STARTED - 1.0]
     return max(found)[1] if found else None
 
 

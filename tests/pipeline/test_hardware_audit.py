@@ -287,7 +287,7 @@ def test_num_workers_do_not_change_training(tmp_path, paired):
 # --- 7: the crash message after overwrite=true points at the failed attempt ------------
 
 
-def test_crash_message_names_the_failed_attempts_log(tmp_path, capsys):
+def test_crash_message_names_the_failed_attempts_log(tmp_path, capsys, monkeypatch):
     cfg = compose_config(["stage=train", f"paths.root={tmp_path}", "experiment=x"])
     d = tmp_path / "x" / "train"
     d.mkdir(parents=True)
@@ -304,6 +304,12 @@ def test_crash_message_names_the_failed_attempts_log(tmp_path, capsys):
     (d / "train.log").write_text("this run\n")
     guards.report_crash(cfg, "train", ValueError("boom"))
     assert f"traceback in {d / 'train.log'}" in capsys.readouterr().err
+    # a crash before this run wrote a line: no earlier run's log is named (the file-system
+    # audit: a colleague's finished log was pointed to as holding the traceback)
+    monkeypatch.setattr(guards, "_RUN_STARTED", time.time() + 3600)
+    guards.report_crash(cfg, "train", ValueError("boom"))
+    err = capsys.readouterr().err
+    assert "traceback in" not in err and "log_level=DEBUG prints the traceback" in err
 
 
 # --- 8-10: backend, fallback warning, multi_gpu message -------------------------------
