@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -307,6 +308,11 @@ def _probe_h5ad(n: str, p: Path) -> None:
 
     from segmentation.io import error_line
 
+    if not os.access(p, os.R_OK):  # h5py says "unable to open file" for both
+        raise StageError(
+            f"input '{n}' = {p}: permission denied (this user may not read it); ask its "
+            f"owner to make it readable (chmod g+r), or set paths.inputs.{n}=PATH"
+        )
     try:
         with h5py.File(p, "r") as f:
             keys = set(f.keys())

@@ -316,3 +316,21 @@ def test_an_unreadable_study_is_a_user_error(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert f"{study} (embed.study={study}): Permission denied" in err
+
+
+def test_an_h5ad_input_this_user_may_not_read_says_so(tmp_path, monkeypatch):
+    """A colleague's paired.h5ad without read permission was "not a readable .h5ad file
+    (truncated, or not HDF5)" (h5py says "unable to open file" for both)."""
+    from pipeline import guards
+    from pipeline.runner import StageError
+    from tests.helpers.vae_toy import make_paired
+
+    p = tmp_path / "paired.h5ad"
+    make_paired(8).write_h5ad(p)
+    guards.probe_inputs({"paired": p})  # readable: no error
+    real = guards.os.access
+    monkeypatch.setattr(
+        guards.os, "access", lambda q, mode: False if Path(q) == p else real(q, mode)
+    )
+    with pytest.raises(StageError, match=r"permission denied .*paths\.inputs\.paired=PATH"):
+        guards.probe_inputs({"paired": p})
