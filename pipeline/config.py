@@ -470,6 +470,15 @@ def unknown_addition(argv: list[str]) -> str | None:
     return None
 
 
+def _home_resolver(value: Any) -> str:
+    """``${home:${paths.root}}`` in ``hydra.run.dir``: a leading ``~`` expanded, as the
+    runner expands the path settings; a ``~`` reaching ``paths.root`` other than on the
+    command line (a preset, an interpolation) put Hydra's folder under ``<cwd>/~``."""
+    from pathlib import Path
+
+    return str(Path(str(value)).expanduser())
+
+
 def register_configs() -> None:
     """Register the schema with Hydra's ConfigStore (idempotent).
 
@@ -482,4 +491,6 @@ def register_configs() -> None:
 
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", _run_name_resolver)
+    if not OmegaConf.has_resolver("home"):
+        OmegaConf.register_new_resolver("home", _home_resolver)
     ConfigStore.instance().store(name="base_config", node=Config)

@@ -334,3 +334,30 @@ def test_an_h5ad_input_this_user_may_not_read_says_so(tmp_path, monkeypatch):
     )
     with pytest.raises(StageError, match=r"permission denied .*paths\.inputs\.paired=PATH"):
         guards.probe_inputs({"paired": p})
+
+
+def test_home_in_paths_root_from_an_interpolation_keeps_hydras_folder_there(tmp_path):
+    """A ``~`` reaching paths.root other than typed on the command line (a preset, an
+    interpolation: ``paths.root=${oc.env:ROOT}``) put Hydra's ``.hydra`` folder under
+    ``<cwd>/~`` while the runner wrote the stages under the home folder."""
+    import os
+
+    from tests.helpers.run import ROOT
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "ROOT_41": "~/outs"}
+    p = run_pipeline(
+        [
+            "stage=simulate",
+            "paths.root=${oc.env:ROOT_41}",
+            "experiment=h",
+            "data.simulator.n_images=2",
+            "hardware.torch_threads=1",
+        ],
+        env=env,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (home / "outs" / "h" / "simulate" / "manifest.json").is_file()
+    assert (home / "outs" / "h" / ".hydra").is_dir()
+    assert not (ROOT / "~").exists()  # the working directory (run_pipeline's cwd)
