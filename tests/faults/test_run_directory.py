@@ -199,8 +199,11 @@ def test_hydra_run_dir_never_leaves_paths_root():
     from tests.helpers.run import CONF
 
     run_dir = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"))["hydra"]["run"]["dir"]
-    assert run_dir.startswith("${paths.root}/${run_name:${experiment}}/")
-    from pipeline.config import _run_name_resolver
+    # paths.root with its ~ expanded (the home resolver changes nothing else)
+    assert run_dir.startswith("${home:${paths.root}}/${run_name:${experiment}}/")
+    from pipeline.config import _home_resolver, _run_name_resolver
+
+    assert _home_resolver("/data/out") == "/data/out" and _home_resolver("rel/o") == "rel/o"
 
     assert _run_name_resolver("../../x") == "_rejected_name"
     assert _run_name_resolver("/abs") == "_rejected_name"
