@@ -332,15 +332,23 @@ def white_cell_sizes(image: np.ndarray, measure_px: int = MEASURE_PX) -> np.ndar
     -------
     (n,) float diameters in source px, one per white cell found (may be empty)
     """
+    return np.asarray([d for d, _, _ in _white_cells(image, measure_px)], float)
+
+
+def _white_cells(
+    image: np.ndarray, measure_px: int = MEASURE_PX
+) -> list[tuple[float, float, float]]:
+    """(diameter, centre y, centre x) in source px of each white cell
+    :func:`white_cell_sizes` measures (its method); empty when none is found."""
     w = white_cell_regions(image, measure_px)
     if w is None:
-        return np.zeros(0)
+        return []
     out = []
     for k, cy, cx in w.centres:
         r = _ray_lengths(w.regions == k, cy, cx)
         if r.size >= 4:
-            out.append(2.0 * float(np.median(r)) / w.factor)
-    return np.asarray(out, float)
+            out.append((2.0 * float(np.median(r)) / w.factor, cy / w.factor, cx / w.factor))
+    return out
 
 
 def red_cell_diameter(
@@ -462,17 +470,10 @@ def _white_pooled(windows: list[RulerWindow]) -> np.ndarray:
         return white_cell_sizes(windows[0].view)
     out: list[float] = []
     for win in windows:
-        regions = white_cell_regions(win.view)
-        if regions is None:
-            continue
         hh, ww = win.view.shape[:2]
         top, left, bottom, right = win.inner
-        for k, cy, cx in regions.centres:
-            r = _ray_lengths(regions.regions == k, cy, cx)
-            if r.size < 4:
-                continue
-            d = 2.0 * float(np.median(r)) / regions.factor
-            y, x, rad = cy / regions.factor, cx / regions.factor, d / 2.0
+        for d, y, x in _white_cells(win.view):
+            rad = d / 2.0
             cut = (
                 (top and y < rad)
                 or (left and x < rad)
