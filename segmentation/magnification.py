@@ -466,8 +466,6 @@ def _white_pooled(windows: list[RulerWindow]) -> np.ndarray:
     """:func:`white_cell_sizes` over ``windows``: every window's white cells, less those
     whose centre lies within their own radius of an inner window edge (cut there,
     measured small; whole in the neighbouring window)."""
-    if len(windows) == 1 and not any(windows[0].inner):
-        return white_cell_sizes(windows[0].view)
     out: list[float] = []
     for win in windows:
         hh, ww = win.view.shape[:2]
