@@ -277,10 +277,9 @@ def probe_inputs(inputs: dict[str, Path]) -> None:
         if n == "segmentation_model":
             # a VAE's model.pt has both keys too: found here, not once the stage's
             # folder exists and the weights fail to fit (the stage imports this anyway)
-            from segmentation.io import detector_newer_problem
-            from segmentation.model import _detector_arg_names, detector_checkpoint_problem
+            from segmentation.model import detector_checkpoint_problem, detector_newer_problem
 
-            newer = detector_newer_problem(ck, _detector_arg_names())
+            newer = detector_newer_problem(ck)
             if newer is not None:  # not "not a detector": a newer version's one
                 raise StageError(f"{setting}={p}: {newer}")
             why = detector_checkpoint_problem(ck)

@@ -427,37 +427,6 @@ def _numpy_safe_globals() -> list[Any]:
 DETECTOR_FORMAT_VERSION = 1
 
 
-def detector_newer_problem(ckpt: Any, known_args: set[str]) -> str | None:
-    """Why a detector checkpoint needs a newer version of this package; None if not.
-
-    Parameters
-    ----------
-    ckpt
-        What :func:`load_torch_file` returned for a detector.
-    known_args
-        The ``model_args`` names this code's detector builder takes.
-
-    Returns
-    -------
-    str or None
-        The reason (format above :data:`DETECTOR_FORMAT_VERSION`, or model_args keys
-        this code does not know, named), to follow ``PATH: ``.
-    """
-    from segmentation.provenance import newer_checkpoint_problem
-
-    if not isinstance(ckpt, dict):
-        return None
-    args = ckpt.get("model_args")
-    # only a detector's own keys count as "newer": a VAE's model.pt given as the
-    # detector is another mix-up, said by segmentation.model.detector_checkpoint_problem
-    unknown = (
-        sorted(str(k) for k in args if k not in known_args)
-        if isinstance(args, dict) and "arch" in args and "n_genes" not in args
-        else []
-    )
-    return newer_checkpoint_problem(ckpt, DETECTOR_FORMAT_VERSION, unknown)
-
-
 def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint"):
     """Load a ``torch.save`` file safely (``weights_only=True``).
 

@@ -362,6 +362,37 @@ def _detector_arg_names() -> set[str]:
     return names
 
 
+def detector_newer_problem(ckpt: Any) -> str | None:
+    """Why a detector checkpoint needs a newer version of this package; None if not.
+
+    Parameters
+    ----------
+    ckpt
+        What :func:`segmentation.io.load_torch_file` returned for a detector.
+
+    Returns
+    -------
+    str or None
+        The reason (format above :data:`segmentation.io.DETECTOR_FORMAT_VERSION`, or
+        ``model_args`` keys this code's builder does not take, named), to follow
+        ``PATH: ``.
+    """
+    from segmentation.io import DETECTOR_FORMAT_VERSION
+    from segmentation.provenance import newer_checkpoint_problem
+
+    if not isinstance(ckpt, dict):
+        return None
+    args = ckpt.get("model_args")
+    # only a detector's own keys count as "newer": a VAE's model.pt given as the
+    # detector is another mix-up, said by detector_checkpoint_problem
+    unknown = (
+        sorted(str(k) for k in args if k not in _detector_arg_names())
+        if isinstance(args, dict) and "arch" in args and "n_genes" not in args
+        else []
+    )
+    return newer_checkpoint_problem(ckpt, DETECTOR_FORMAT_VERSION, unknown)
+
+
 def detector_checkpoint_problem(ckpt: Any) -> str | None:
     """Why a loaded checkpoint is not a detector of this pipeline; None when it is one.
 
@@ -409,17 +440,12 @@ def load_checkpoint(
     Also reads the compact int8 format of the shipped detector
     (``model_format``, :mod:`segmentation.shipped`), dequantised to fp32.
     """
-    from segmentation.io import (
-        UnsafeCheckpointError,
-        detector_newer_problem,
-        error_line,
-        load_torch_file,
-    )
+    from segmentation.io import UnsafeCheckpointError, error_line, load_torch_file
 
     path = Path(path)
     ckpt = load_torch_file(path, map_location, "segmentation model")
     # a newer version's detector is not "not a detector" (its new model_args keys)
-    newer = detector_newer_problem(ckpt, _detector_arg_names())
+    newer = detector_newer_problem(ckpt)
     if newer is not None:
         raise UnsafeCheckpointError(f"{path}: {newer}")
     why = detector_checkpoint_problem(ckpt)

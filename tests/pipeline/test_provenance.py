@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from segmentation import provenance
-from segmentation.io import DETECTOR_FORMAT_VERSION, detector_newer_problem, load_torch_file
+from segmentation.io import DETECTOR_FORMAT_VERSION, load_torch_file
+from segmentation.model import detector_newer_problem
 from segmentation.provenance import code_record
 from tests.helpers.run import ROOT, run_stage_in_process
 from tests.helpers.vae_toy import make_paired
@@ -182,21 +183,19 @@ def test_a_detector_given_as_the_vae_is_still_not_a_vae(tmp_path: Path):
 
 
 def test_detector_newer_format_or_args_are_named(trained: Path):
-    from segmentation.model import _detector_arg_names
     from segmentation.shipped import SHIPPED_DETECTOR
 
-    known = _detector_arg_names()
     ck = load_torch_file(SHIPPED_DETECTOR)
-    assert detector_newer_problem(ck, known) is None  # format 0: reads as before
+    assert detector_newer_problem(ck) is None  # format 0: reads as before
     ck["format_version"] = DETECTOR_FORMAT_VERSION + 1
-    why = detector_newer_problem(ck, known)
+    why = detector_newer_problem(ck)
     assert why.startswith("written by a newer version of wbc-pipeline (format 2, code not")
     ck["format_version"] = DETECTOR_FORMAT_VERSION
     ck["model_args"] = dict(ck["model_args"], future_neck=1)
-    assert "model_args hold future_neck" in detector_newer_problem(ck, known)
-    assert "another version, older or newer" in detector_newer_problem(ck, known)
+    assert "model_args hold future_neck" in detector_newer_problem(ck)
+    assert "another version, older or newer" in detector_newer_problem(ck)
     # a VAE's model.pt given as the detector is another mix-up, said elsewhere
-    assert detector_newer_problem(load_torch_file(trained / "model.pt"), known) is None
+    assert detector_newer_problem(load_torch_file(trained / "model.pt")) is None
 
 
 def test_detector_checkpoint_records_format_and_code(tmp_path: Path):
