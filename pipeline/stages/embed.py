@@ -536,27 +536,26 @@ def _detector_data(path: Path) -> str | None:
     man = read_manifest(path.parent) if path.name == "model.pt" else None
     if man and man.get("stage") == "segment_train":
         return (man.get("config", {}).get("data") or {}).get("name")
-    try:
-        from segmentation.io import load_torch_file
-
-        ck = load_torch_file(path)
-    except Exception:  # noqa: BLE001 - the study loads it and names a broken file itself
-        return None
-    return (
-        ((ck.get("config") or {}).get("data") or {}).get("name") if isinstance(ck, dict) else None
-    )
+    return ((_detector_ckpt(path).get("config") or {}).get("data") or {}).get("name")
 
 
-def _study_segmentation(study) -> dict | None:
-    """``cfg.segmentation`` of the study's own ``stage=segment`` run (from its manifest,
-    ``<study>/segment`` beside ``train``), or None (no such run: crops from elsewhere)."""
+def _study_segment_run(study) -> tuple[dict, Path] | None:
+    """The manifest of the study's own ``stage=segment`` run (``<study>/segment`` beside
+    ``train``) and the study folder holding it, or None (no such run: crops from
+    elsewhere)."""
     from pipeline.artifacts import read_manifest
 
     for d in list(Path(study.model_path).parents)[:3]:  # train/, train/<variant>/
         man = read_manifest(d / "segment")
         if man and man.get("stage") == "segment":
-            return dict((man.get("config") or {}).get("segmentation") or {})
+            return man, d
     return None
+
+
+def _study_segmentation(study) -> dict | None:
+    """``cfg.segmentation`` of the study's own ``stage=segment`` run, or None."""
+    run = _study_segment_run(study)
+    return None if run is None else dict((run[0].get("config") or {}).get("segmentation") or {})
 
 
 # segmentation.* settings that change which cells of a smear are kept or how they are
@@ -636,17 +635,17 @@ def _detector_ckpt(path) -> dict:
 def _study_detector(study) -> Path | None:
     """The detector the study's own stage=segment ran with (its manifest's input; in a
     copied study, the copy's own), or None when it is gone."""
-    from pipeline.artifacts import read_manifest, recorded_input_path
+    from pipeline.artifacts import recorded_input_path
 
-    for d in list(Path(study.model_path).parents)[:3]:
-        man = read_manifest(d / "segment")
-        if man and man.get("stage") == "segment":
-            rec = (man.get("inputs") or {}).get("segmentation_model")
-            if not isinstance(rec, dict):
-                return None
-            p = recorded_input_path(rec, man, d)
-            return p if p.is_file() else None
-    return None
+    run = _study_segment_run(study)
+    if run is None:
+        return None
+    man, d = run
+    rec = (man.get("inputs") or {}).get("segmentation_model")
+    if not isinstance(rec, dict):
+        return None
+    p = recorded_input_path(rec, man, d)
+    return p if p.is_file() else None
 
 
 def cut_differences(now: dict, rec: dict, now_ckpt: dict, rec_ckpt: dict) -> list[tuple]:
