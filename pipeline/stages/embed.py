@@ -22,7 +22,7 @@ import pandas as pd
 from pipeline.artifacts import write_json
 from pipeline.runner import StageContext, StageError, resolve_data_path, stage
 from pipeline.streaming import h5ad_blocks, streams
-from segmentation.io import error_line
+from segmentation.io import check_h5ad_fits, error_line
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +359,7 @@ def run_embed(ctx: StageContext) -> None:
         },
     )
     with ctx.atomic("query") as tmp:
+        check_h5ad_fits(out, tmp)  # the user's obs columns stay as given: not write_h5ad
         out.write_h5ad(tmp)
     log.info("embed: %d cells, %d samples, %d rejects", out.n_obs, len(prof), len(rejects))
 
