@@ -161,9 +161,10 @@ def _data_layout(inputs: dict) -> Any:
     try:
         import anndata as ad
 
+        from segmentation.io import blank_as_read
         from vae.inputs.schema import HAS_COUNTS
 
-        a = ad.read_h5ad(p, backed="r")
+        a = blank_as_read(ad.read_h5ad(p, backed="r"))
         try:
             counts = "counts" in a.layers and bool(a.uns.get(HAS_COUNTS, True))
             return data_layout(a.obs, a.n_vars, counts)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,10 @@ from segmentation.table import (
 
 log = logging.getLogger(__name__)
 
-REJECT_COLUMNS = ["source", "image", "field", "action", "reason"]
+# cell_id / detail: filled for a rejected smear cell (segmentation.cells.reject_rows), as
+# in a folder run's rejects.csv; they were dropped here, so the real chain's rejected cells
+# could not be joined to detections.csv
+REJECT_COLUMNS = ["source", "image", "field", "action", "reason", "cell_id", "detail"]
 
 
 def validate_sources(cfg: Any) -> None:
@@ -178,7 +182,7 @@ def estimate_px(cfg: Any, ckpt: dict[str, Any]) -> float | None:
     return float(sc.cell_px) if wants_scale_estimate(sc.estimate_scale, ckpt) else None
 
 
-def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
+def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays, mask_dir):
     from pipeline.stages.segment import _run_shard, pooled_scales
 
     sc = ctx.cfg.segmentation
@@ -211,14 +215,26 @@ def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays):
         over = offset + int(sc.n_overlays)
         parts.append(
             _run_shard(
-                ctx, refined, settings, None, overlays, model, ckpt, over, src.name, est_px, pooled
+                ctx,
+                refined,
+                settings,
+                None,
+                overlays,
+                model,
+                ckpt,
+                over,
+                src.name,
+                est_px,
+                pooled,
+                mask_dir=mask_dir,
             )
         )
     for scale, items in sorted(by_scale.items()):
         log.info("segment: %s, %d images at scale %.3g", src.name, len(items), scale)
         s = replace(settings, input_scale=scale)
+        over = offset + int(sc.n_overlays)
         part = _run_shard(
-            ctx, items, s, None, overlays, model, ckpt, offset + int(sc.n_overlays), src.name
+            ctx, items, s, None, overlays, model, ckpt, over, src.name, mask_dir=mask_dir
         )
         parts.append(part)
     for p in parts:
@@ -310,20 +326,24 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
     cfg, sc = ctx.cfg, ctx.cfg.segmentation
     settings.input_scale = float(sc.input_scale)
     model, ckpt = load_checkpoint(ctx.input("segmentation_model"), map_location=ctx.dist.device)
-    overlays = ctx.dir / ".overlays"
-    shutil.rmtree(overlays, ignore_errors=True)
-    overlays.mkdir(parents=True)
+    overlays, mask_root = ctx.dir / ".overlays", ctx.dir / ".masks"
+    for d in (overlays, mask_root):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
     kept_frames, crop_arrays, mask_arrays, tables, rejects = [], [], [], [], []
     # the smear sources' detector parts and tables: their rejected cells for rejects.png
     reject_parts: list[dict] = []
     reject_tables: list[pd.DataFrame] = []
     per_source: dict[str, dict[str, Any]] = {}
     offset = 0
+    started = time.perf_counter()
     for k, src in enumerate(cfg.data.segment_sources):
         folder = resolve_data_path(cfg, src.path, f"data.segment_sources[{k}].path")
         if src.kind == "smears":
+            # one folder per source: two sources may hold images of the same name
+            (mask_root / src.name).mkdir()
             parts, labels, rej, n = _smears(
-                ctx, src, folder, model, ckpt, settings, offset, overlays
+                ctx, src, folder, model, ckpt, settings, offset, overlays, mask_root / src.name
             )
             table, kept, crops, masks = merge_parts(parts, settings.crop_size, False)
             reject_parts += parts
@@ -383,16 +403,22 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
         per_source[src.name] = counts
         log.info("segment: %s (%s): %s", src.name, src.kind, counts)
         offset += n
-    _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects, per_source)
+    seconds = time.perf_counter() - started
+    _write(
+        ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects, per_source, seconds
+    )
     with ctx.atomic("rejects.png") as tmp:  # a few rejected smear cells, each with why
         table = pd.concat(reject_tables, ignore_index=True) if reject_tables else empty_table(False)
         reject_sheet(reject_parts, table, int(ctx.cfg.segmentation.n_reject_examples)).save(
             tmp, format="PNG"
         )
-    shutil.rmtree(overlays, ignore_errors=True)
+    for d in (overlays, mask_root):
+        shutil.rmtree(d, ignore_errors=True)
 
 
-def _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects, per_source):
+def _write(
+    ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects, per_source, seconds
+):
     sc = ctx.cfg.segmentation
     if kept_frames:
         kept = pd.concat(kept_frames, ignore_index=True)
@@ -413,12 +439,20 @@ def _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects
     counts = {**totals, "per_source": per_source}
     # what each filter dropped over all sources, as stage=segment counts it for a folder
     det = pd.concat(tables, ignore_index=True)
-    filters = {"detections": len(det)}
+    # as a folder run counts them (docs/artifacts.md): the smear sources' images; the
+    # crop folders' crops are counted per source (per_source: crops, masked, no_mask)
+    images = sum(v.get("images", 0) for v in per_source.values())
+    images_read = sum(v.get("images_read", 0) for v in per_source.values())
+    crops_seen = sum(v.get("crops", 0) for v in per_source.values())
+    filters = {"images": images, "images_read": images_read, "detections": len(det)}
     for f in FLAGS:
         if f in det:
             filters[f] = int(det[f].astype("boolean").fillna(False).sum())
     filters["kept"] = len(kept)
     adata = cells_adata(kept, crops, masks, settings, filters, "data.segment_sources")
+    # each source has its own scale (set, or estimated per image): uns said the default
+    # (0.6) that no image of the real chain was read at
+    adata.uns["input_scale"] = "per image: obs['input_scale']"
     adata.uns["per_source"] = {k: {a: int(b) for a, b in v.items()} for k, v in per_source.items()}
     with ctx.atomic("cells") as tmp:
         write_h5ad(adata, tmp)
@@ -436,6 +470,8 @@ def _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects
         ).save(tmp, format="PNG")
     with ctx.atomic("overlays") as tmp:
         shutil.copytree(ctx.dir / ".overlays", tmp)
+    with ctx.atomic("masks") as tmp:
+        shutil.copytree(ctx.dir / ".masks", tmp)
     write_json(
         ctx.output("summary.json"),
         {
@@ -450,6 +486,10 @@ def _write(ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects
                 "included; one detection can carry several flags",
             },
             "device": str(ctx.dist.device),
+            # detector time over every source (reading, inference, cropping); the rate
+            # counts every image it ran on: smears read and crops of crop folders
+            "seconds_inference": round(seconds, 2),
+            "images_per_second": round((images_read + crops_seen) / max(seconds, 1e-9), 3),
         },
     )
     log.info("segment: %s", counts)

@@ -317,12 +317,51 @@ class Crops:
         (N,) crop px per image px (1.0 unless the cell was larger than the crop).
     centers
         (N, 2) float ``(x, y)`` crop centre in image px.
+    windows
+        (N, 3) int ``(x0, y0, side)``: the square of the image, in image px, that each
+        crop shows (resized to S); x0, y0 of its top-left pixel's corner, 0-based, and
+        may lie outside the image (padded with the background). A crop pixel (i, j) covers
+        image px ``x0 + (j + 0.5) * side / S - 0.5`` (centre). See :func:`crop_window`.
     """
 
     images: np.ndarray
     masks: np.ndarray
     scale: np.ndarray
     centers: np.ndarray
+    windows: np.ndarray | None = None
+
+
+def label_image(
+    shape: tuple[int, int], masks: Sequence[np.ndarray], origins: np.ndarray
+) -> np.ndarray:
+    """One image's instance masks as a label image (ImageJ, napari, QuPath read it).
+
+    Parameters
+    ----------
+    shape
+        (H, W) of the image, px.
+    masks
+        Local (h, w) bool masks, in image px.
+    origins
+        (N, 2) int ``(x, y)`` image px of each mask's top-left pixel.
+
+    Returns
+    -------
+    np.ndarray
+        (H, W) uint16 (uint32 above 65534 cells): 0 background, ``k + 1`` where mask
+        ``k`` is; a pixel two masks share keeps the first one's label.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    out = np.zeros((h, w), np.uint16 if len(masks) < 65535 else np.uint32)
+    for k, (m, (x, y)) in enumerate(zip(masks, np.asarray(origins).reshape(-1, 2))):
+        x0, y0 = max(int(x), 0), max(int(y), 0)
+        x1, y1 = min(int(x) + m.shape[1], w), min(int(y) + m.shape[0], h)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        part = m[y0 - int(y) : y1 - int(y), x0 - int(x) : x1 - int(x)]
+        region = out[y0:y1, x0:x1]
+        region[part & (region == 0)] = k + 1
+    return out
 
 
 def _window_with_pad(image: np.ndarray, x0: int, y0: int, side: int, fill: int) -> np.ndarray:
@@ -333,6 +372,12 @@ def _window_with_pad(image: np.ndarray, x0: int, y0: int, side: int, fill: int) 
     if ax1 > ax0 and ay1 > ay0:
         out[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0] = image[ay0:ay1, ax0:ax1]
     return out
+
+
+def crop_window(cx: float, cy: float, side: int) -> tuple[int, int]:
+    """Top-left corner (x0, y0), image px, of the ``side`` px square a crop centred on
+    ``(cx, cy)`` shows (:func:`extract_crop`'s rule, the one owner of it)."""
+    return int(math.floor(cx - side / 2.0)), int(math.floor(cy - side / 2.0))
 
 
 def extract_crop(
@@ -382,7 +427,7 @@ def extract_crop(
     extent = max(mx1 - mx0, my1 - my0)
     side = math.ceil(extent * (1.0 + 2.0 * margin))
     side = max(side, 2) if fill else max(side, crop_size)
-    wx0, wy0 = int(math.floor(cx - side / 2.0)), int(math.floor(cy - side / 2.0))
+    wx0, wy0 = crop_window(cx, cy, side)
     win = _window_with_pad(image, wx0, wy0, side, background_value)
     # local mask into the window frame
     wmask = np.zeros((side, side), bool)
@@ -426,7 +471,14 @@ def extract_crops(
         imgs[k], masks[k], scale[k], centers[k] = extract_crop(
             image, det.masks[k], det.origins[k], crop_size, background_value, margin, paint, fill
         )
-    return Crops(imgs, masks, scale, centers)
+    # the window each crop shows: its side from the scale (crop_size / side, exact for
+    # any side below 10^6 px in float32), its corner by extract_crop's own rule
+    sides = np.rint(crop_size / scale.astype(np.float64)).astype(np.int64)
+    windows = np.array(
+        [(*crop_window(cx, cy, int(sd)), int(sd)) for (cx, cy), sd in zip(centers, sides)],
+        np.int64,
+    ).reshape(-1, 3)
+    return Crops(imgs, masks, scale, centers, windows)
 
 
 @dataclass

@@ -351,6 +351,14 @@ def load_rgb(path: str | Path) -> np.ndarray:
     return r.image
 
 
+def write_label_image(path: str | os.PathLike, labels: np.ndarray) -> None:
+    """A label image as a zlib-compressed TIFF (ImageJ / Fiji, napari, QuPath and
+    scikit-image read it as one plane of cell labels: 0 background, k >= 1 a cell)."""
+    import tifffile
+
+    tifffile.imwrite(path, labels, compression="zlib")
+
+
 # ----------------------------------------------------------------------------
 # COCO masks
 # ----------------------------------------------------------------------------
@@ -521,6 +529,98 @@ def categorical_strings(adata: Any) -> list[str]:
     return done
 
 
+def _string_categorical(col: Any) -> bool:
+    """Whether ``col`` is a categorical of strings (not of numbers or booleans)."""
+    import pandas as pd
+    from pandas.api.types import infer_dtype
+
+    return isinstance(col.dtype, pd.CategoricalDtype) and infer_dtype(col.cat.categories) in (
+        "string",
+        "empty",
+    )
+
+
+def blank_as_missing(df: Any, columns: Any = None) -> Any:
+    """A copy of ``df`` whose categorical string columns hold NaN where they held ``""``.
+
+    What a written ``.h5ad`` holds for "no value": scanpy greys NaN as NA and
+    ``isna()`` finds it, whereas a ``""`` category is drawn in a palette colour with a
+    blank legend entry and is a factor level ``""`` in R. :func:`blank_as_read` turns
+    them back at read time, so code that compares with ``""`` reads the same values.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        An ``obs`` or ``var``; not changed.
+    columns : iterable of str, optional
+        Only these columns (the pipeline's own, where ``df`` also holds a user's);
+        None: every categorical string column. Object columns of strings among them
+        become categoricals first.
+
+    Returns
+    -------
+    pandas.DataFrame
+
+    >>> import pandas as pd
+    >>> df = pd.DataFrame({"label": pd.Categorical(["", "band", "band"])})
+    >>> blank_as_missing(df)["label"].isna().tolist(), df["label"].isna().tolist()
+    ([True, False, False], [False, False, False])
+    """
+    import pandas as pd
+    from pandas.api.types import infer_dtype
+
+    out = df.copy()
+    names = list(out.columns) if columns is None else [c for c in columns if c in out]
+    for key in names:
+        col = out[key]
+        if columns is not None and infer_dtype(col) == "string":
+            col = pd.Series(pd.Categorical(col), index=out.index)
+            col = col.cat.reorder_categories(sorted(col.cat.categories))
+        if _string_categorical(col) and "" in col.cat.categories:
+            # set_categories keeps their order (remove_categories sorts them)
+            out[key] = col.cat.set_categories([c for c in col.cat.categories if c != ""])
+        elif col is not out[key]:
+            out[key] = col
+    return out
+
+
+def blank_as_read(adata: Any) -> Any:
+    """Turn NaN back into ``""`` in the categorical string columns of ``obs``/``var``,
+    in place: every reader of an ``.h5ad`` the pipeline wrote calls this.
+
+    :func:`write_h5ad` writes a missing string as NaN (:func:`blank_as_missing`); the
+    pipeline's code reads "no value" as ``""`` (``== ""``, ``astype(str)``, which would
+    make NaN the string ``"nan"``). Files written before NaN (with a ``""`` category)
+    are unchanged by it. ``""`` sorts first among the categories, as it did in them.
+
+    Parameters
+    ----------
+    adata : AnnData (in memory or backed) or pandas.DataFrame
+
+    Returns
+    -------
+    The same ``adata``.
+
+    >>> import pandas as pd
+    >>> df = pd.DataFrame({"label": pd.Categorical([None, "band", "band"])})
+    >>> blank_as_read(df)["label"].tolist(), list(df["label"].cat.categories)
+    (['', 'band', 'band'], ['', 'band'])
+    """
+    import pandas as pd
+
+    frames = [adata] if isinstance(adata, pd.DataFrame) else [adata.obs, adata.var]
+    for df in frames:
+        for key in df.columns:
+            col = df[key]
+            if not _string_categorical(col) or not col.isna().any():
+                continue
+            if "" not in col.cat.categories:
+                col = col.cat.add_categories([""])
+            col = col.fillna("")
+            df[key] = col.cat.reorder_categories(sorted(col.cat.categories))
+    return adata
+
+
 # What an .h5ad write needs beyond its arrays (groups, attributes, uns, the obs/var
 # index strings' overhead), and the share of each array's bytes compressed to estimate a
 # gzip write's ratio (zlib level 4 = h5py's gzip default, on up to 4 MiB of rows per array)
@@ -615,7 +715,14 @@ def check_h5ad_fits(adata: Any, path: str | os.PathLike, compression: str | None
 
 def write_h5ad(adata: Any, path: str | os.PathLike, **kw: Any) -> None:
     """``adata.write_h5ad(path, **kw)`` after :func:`categorical_strings` (no conversion
-    noise) and :func:`check_h5ad_fits`."""
+    noise) and :func:`check_h5ad_fits`; a ``""`` in a categorical string column is
+    written as NaN (:func:`blank_as_missing`; readers call :func:`blank_as_read`)."""
     categorical_strings(adata)
     check_h5ad_fits(adata, path, kw.get("compression"))
-    adata.write_h5ad(path, **kw)
+    obs, var = adata.obs, adata.var
+    # swapped in for the write only: callers go on using adata, whose "" they compare with
+    adata.obs, adata.var = blank_as_missing(obs), blank_as_missing(var)
+    try:
+        adata.write_h5ad(path, **kw)
+    finally:
+        adata.obs, adata.var = obs, var

@@ -283,4 +283,7 @@ def empty_table(with_truth: bool) -> pd.DataFrame:
         for c in (*TRUTH_NUMERIC_FIELDS, "match_iou"):
             cols[c] = pd.Series([], dtype=np.float64)
     cols["crop_scale"] = pd.Series([], dtype=np.float64)
+    for c in ("crop_x0", "crop_y0", "crop_side"):
+        cols[c] = pd.Series([], dtype=np.float64)
+    cols["mask_label"] = pd.Series([], dtype=np.int64)
     return pd.DataFrame(cols)

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from segmentation.io import blank_as_read
 from segmentation.schema import SCALE_SPREAD
 from vae.inputs.schema import (
     ANOMALY_COLUMNS,
@@ -554,7 +555,7 @@ class Study:
             meta.setdefault(k, getattr(net.args, k))
         meta.setdefault("gene_names", [f"gene{i}" for i in range(net.args.n_genes)])
         try:
-            ref = ad.read_h5ad(lp)
+            ref = blank_as_read(ad.read_h5ad(lp))
         except Exception as e:  # noqa: BLE001 - name the broken file
             raise StudyError(f"{lp}: cannot read latent ({e})") from e
         seg = Path(segmentation_model).expanduser() if segmentation_model else None
@@ -615,6 +616,19 @@ class Study:
     @property
     def label_key(self) -> str:
         return str(self.analysis.get("label_key", "label"))
+
+    @property
+    def labels(self) -> list[str]:
+        """Every class the study can call: the reference's labels (``label_key``) other
+        than missing / unknown ones, in the order of its categories (sorted where the
+        column is not categorical). The categories of a query's ``vae_label`` and
+        ``vae_call``, so a label has one colour in the study's plots and the query's."""
+        if self.label_key not in self.reference.obs:
+            return []
+        col = self.reference.obs[self.label_key]
+        names = col.cat.categories if hasattr(col, "cat") else sorted(set(col.astype(str)))
+        names = np.asarray([str(c) for c in names], dtype=object)
+        return [str(c) for c in names[known_labels(names)]]
 
     # ---------------------------------------------------------------- inputs
     def read(
@@ -1599,7 +1613,11 @@ class Study:
                 lab = self.transfer_labels(z, modality=lm)
                 label[rows] = lab["label"].to_numpy().astype(str)
                 conf[rows] = lab["confidence"].to_numpy()
-        out.obs["vae_label"] = label.astype(str)
+        # the study's classes as categories whichever were called: one colour per label
+        # in the study's UMAP and the query's ("" where no code: NaN when written);
+        # vae_label's and vae_call's alike, so the two compare (pandas refuses otherwise)
+        classes = [*self.labels, UNCLASSIFIED]
+        out.obs["vae_label"] = label_categorical(label.astype(str), classes)
         out.obs["vae_label_confidence"] = conf
         # the call a differential counts: a cell whose neighbours disagree, or that is
         # less like the study's cells than its own held-out cells (a doublet, debris,
@@ -1611,7 +1629,8 @@ class Study:
             atypical = np.isfinite(limit) & (score > limit)
         out.obs["vae_atypical"] = atypical
         doubt = atypical | ~(conf >= self._min_confidence)
-        out.obs["vae_call"] = np.where(doubt, UNCLASSIFIED, label.astype(str)).astype(str)
+        call = np.where(doubt, UNCLASSIFIED, label.astype(str)).astype(str)
+        out.obs["vae_call"] = label_categorical(call, classes)
         try:
             # a cell called a class off the path (a lymphocyte on the granulocyte path)
             # has a projection but no stage: its nearest knot would name a false one
@@ -1631,7 +1650,17 @@ class Study:
             out.uns["imputed_genes"] = list(report.missing)
         out.uns["dropped"] = dropped
         out.uns["study"] = {"model": str(self.model_path), "latent": str(self.latent_path)}
+        digest = self.reference.uns.get("model_digest")
+        if digest is not None:  # ties a moved query to its model (paths alone do not)
+            out.uns["study"]["model_digest"] = str(digest)
         return out
 
 
-__all__ = ["Study", "StudyError", "GeneReport", "UNCLASSIFIED"]
+def label_categorical(values: np.ndarray, categories: list[str]) -> pd.Categorical:
+    """``values`` as a categorical over ``categories`` in their order; a value outside
+    them (``""``: no code; a label absent from an old reference) is added after them."""
+    extra = sorted(set(values.tolist()) - set(categories))
+    return pd.Categorical(values, categories=[*categories, *extra])
+
+
+__all__ = ["Study", "StudyError", "GeneReport", "UNCLASSIFIED", "label_categorical"]

@@ -353,7 +353,9 @@ def load_paired(path: str | Path, image_size: int | None = None) -> PairedTensor
     path = Path(path)
     if not path.exists():
         raise PairedDataError(f"{path}: no such file")
-    return from_anndata(ad.read_h5ad(path), str(path), image_size)
+    from segmentation.io import blank_as_read
+
+    return from_anndata(blank_as_read(ad.read_h5ad(path)), str(path), image_size)
 
 
 def stratified_split(

@@ -144,7 +144,9 @@ def add_latent(
     import anndata as ad
 
     if isinstance(latent, str | Path):
-        latent = ad.read_h5ad(latent)
+        from segmentation.io import blank_as_read
+
+        latent = blank_as_read(ad.read_h5ad(latent))
     if key not in latent.obsm:
         raise KeyError(f"latent has no obsm[{key!r}]; it has {sorted(latent.obsm)}")
     z = np.asarray(latent.obsm[key], dtype=np.float64)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from segmentation.io import blank_as_read
 from vae.data import PairedDataError, PairedTensors, check_crop_arrays
 from vae.inputs.schema import HAS_IMAGE
 
@@ -480,7 +481,8 @@ def paired_streamed(
     from vae.data import from_anndata
 
     h5ad, store = Path(h5ad), Path(store)
-    adata = read_table(h5ad)
+    # paired.h5ad's missing strings read as "" (the query blocks of h5ad_blocks stay as given)
+    adata = blank_as_read(read_table(h5ad))
     with h5py.File(h5ad, "r") as f:
         has_obsm_crops = "obsm/crops" in f
         stored_size = int(f["obsm/crops"].shape[1]) if has_obsm_crops else None

@@ -27,7 +27,15 @@ from segmentation.io import check_h5ad_fits, error_line
 log = logging.getLogger(__name__)
 
 INPUT_KINDS = ("smears", "crops", "h5ad", "expression")
-REJECT_COLUMNS = ["input", "item", "reason"]
+# the string columns embed adds to a query's obs ("" written as NaN; the user's stay)
+QUERY_STRING_COLUMNS = (
+    "vae_input",
+    "vae_sample",
+    "vae_modality",
+    "vae_label",
+    "vae_call",
+    "vae_stage",
+)
 
 
 def _inputs(cfg) -> list[tuple[str, str]]:
@@ -221,6 +229,7 @@ def run_embed(ctx: StageContext) -> None:
     from vae.analysis.samples import sample_profile, write_samples_html
     from vae.api import StudyError
     from vae.data import PairedDataError
+    from vae.inputs.query import REJECT_COLUMNS
 
     cfg = ctx.cfg
     study = load_study(ctx)
@@ -298,9 +307,8 @@ def run_embed(ctx: StageContext) -> None:
         path_classes = list(study.maturation_path()[0].names)
     except StudyError:
         path_classes = None  # no path: maturation is NaN anyway
-    ref_labels = sorted(set(study.reference.obs[study.label_key].astype(str)))
     prof = sample_profile(
-        out.obs, "vae_sample", int(cfg.embed.histogram_bins), path_classes, ref_labels
+        out.obs, "vae_sample", int(cfg.embed.histogram_bins), path_classes, study.labels
     )
     crops = out.obsm["crops"] if "crops" in out.obsm else None
     with ctx.atomic("rejects.csv") as tmp:
@@ -328,8 +336,9 @@ def run_embed(ctx: StageContext) -> None:
             "cells": int(out.n_obs),
             "by_input": out.obs["vae_input"].value_counts().to_dict(),
             "by_modality": out.obs["vae_modality"].value_counts().to_dict(),
-            "by_label": out.obs["vae_label"].value_counts().to_dict(),
-            "by_call": out.obs["vae_call"].value_counts().to_dict(),
+            # the labels called (categories the study has but none was called: not listed)
+            "by_label": out.obs["vae_label"].astype(str).value_counts().to_dict(),
+            "by_call": out.obs["vae_call"].astype(str).value_counts().to_dict(),
             "unclassified": {
                 "atypical": int(out.obs["vae_atypical"].sum()),
                 "low_confidence": int(
@@ -358,10 +367,26 @@ def run_embed(ctx: StageContext) -> None:
             "genes": genes,
         },
     )
+    _query_obs_for_writing(out, study.labels)
     with ctx.atomic("query") as tmp:
         check_h5ad_fits(out, tmp)  # the user's obs columns stay as given: not write_h5ad
         out.write_h5ad(tmp)
     log.info("embed: %d cells, %d samples, %d rejects", out.n_obs, len(prof), len(rejects))
+
+
+def _query_obs_for_writing(out, classes: list[str]) -> None:
+    """The pipeline's ``vae_*`` string columns of ``out.obs`` as written, in place:
+    ``vae_label`` / ``vae_call`` categoricals over the study's classes in its order, then
+    ``unclassified`` (the colours of the study's plots, whichever classes were called; a
+    concat of several inputs loses them), and ``""`` (no value) as NaN, which scanpy
+    greys as NA. The user's own obs columns stay as given."""
+    from segmentation.io import blank_as_missing
+    from vae.api import UNCLASSIFIED, label_categorical
+
+    obs = out.obs
+    for col in ("vae_label", "vae_call"):
+        obs[col] = label_categorical(obs[col].astype(str).to_numpy(), [*classes, UNCLASSIFIED])
+    out.obs = blank_as_missing(obs, [c for c in obs.columns if c in QUERY_STRING_COLUMNS])
 
 
 def _seen_by_study(study, out) -> int:

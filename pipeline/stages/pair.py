@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import write_json
 from pipeline.runner import StageContext, StageError, resolve_data_path, stage
-from segmentation.io import write_h5ad
+from segmentation.io import blank_as_read, write_h5ad
 from vae.inputs.schema import HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def run_pair(ctx: StageContext) -> None:
     if not 0 <= p.background_value <= 255:
         raise StageError(f"pair.background_value={p.background_value}: must be in 0..255")
     image_only = p.mode == "image_only"
-    expr = None if image_only else ad.read_h5ad(ctx.input("expression"))
+    expr = None if image_only else blank_as_read(ad.read_h5ad(ctx.input("expression")))
     rejects: list[dict] = []
     label_map = OmegaConf.to_container(p.label_map)
     corrected: dict | None = None

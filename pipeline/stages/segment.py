@@ -37,7 +37,13 @@ from segmentation.cells import (
 )
 from segmentation.crops import FLAGS, FilterSettings
 from segmentation.inference import MaskRCNNDetector
-from segmentation.io import IMAGE_SUFFIXES, list_images, read_rgb, write_h5ad
+from segmentation.io import (
+    IMAGE_SUFFIXES,
+    list_images,
+    read_rgb,
+    write_h5ad,
+    write_label_image,
+)
 from segmentation.progress import bar
 from segmentation.shipped import wants_scale_estimate, wants_scale_refinement
 from segmentation.table import (
@@ -122,6 +128,11 @@ def overlay_name(path: Path) -> str:
         if q.suffix.lower() in IMAGE_SUFFIXES
     ]
     return f"{path.stem}_{path.suffix[1:].lower()}.png" if len(twins) > 1 else f"{path.stem}.png"
+
+
+def mask_name(path: Path) -> str:
+    """``masks/`` file of image ``path``: its overlay's name as a TIFF."""
+    return overlay_name(path)[: -len(".png")] + ".tif"
 
 
 def _image_list(ctx: StageContext, smears: Path, truth: CocoTruth | None) -> list[Path]:
@@ -246,6 +257,7 @@ def _run_shard(
     desc: str = "segment",
     estimate_px: float | None = None,
     pooled: dict[Path, Any] | None = None,
+    mask_dir: Path | None = None,
 ) -> dict[str, Any]:
     sc = ctx.cfg.segmentation
     detector = make_detector(ctx, model)
@@ -330,6 +342,8 @@ def _run_shard(
             if index < overlay_below:
                 ov = draw_overlay(cells, min(float(sc.score_threshold), 0.99))
                 ov.save(overlay_dir / overlay_name(path))
+            if mask_dir is not None:  # every image read, also those with no cell
+                write_label_image(mask_dir / mask_name(path), cells.label_image())
     pbar.close()
     s = int(sc.crop_size)
     return {
@@ -424,6 +438,7 @@ def segment(ctx: StageContext) -> None:
     if ctx.is_main:
         shutil.rmtree(parts, ignore_errors=True)
         (parts / "overlays").mkdir(parents=True)
+        (parts / "masks").mkdir(parents=True)
     ctx.dist.barrier()
     torch.manual_seed(int(ctx.cfg.seed))
     mine = ctx.dist.shard(list(enumerate(images)))
@@ -451,7 +466,16 @@ def segment(ctx: StageContext) -> None:
     # every rank measures all images (the same medians, so the same scales on every rank)
     pooled = pooled_scales(ctx.cfg, images, est, settings.input_scale)
     part = _run_shard(
-        ctx, mine, settings, truth, parts / "overlays", model, ckpt, estimate_px=est, pooled=pooled
+        ctx,
+        mine,
+        settings,
+        truth,
+        parts / "overlays",
+        model,
+        ckpt,
+        estimate_px=est,
+        pooled=pooled,
+        mask_dir=parts / "masks",
     )
     if ctx.dist.distributed:
         with open(parts / f"rank{ctx.dist.rank}.pkl", "wb") as f:
@@ -519,6 +543,8 @@ def _write_outputs(
         reject_sheet(parts, table, int(sc.n_reject_examples)).save(tmp, format="PNG")
     with ctx.atomic("overlays") as tmp:
         shutil.copytree(ctx.dir / PARTS / "overlays", tmp)
+    with ctx.atomic("masks") as tmp:
+        shutil.copytree(ctx.dir / PARTS / "masks", tmp)
     write_json(ctx.output("summary.json"), summary)
     log.info(
         "segment: %d images, %d detections, %d cells kept; filters %s",

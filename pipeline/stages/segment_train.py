@@ -76,7 +76,9 @@ def write_rejects(path: Path, rows: list[dict[str, str]]) -> None:
     import csv
 
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=REJECT_COLUMNS)
+        # "\n": the csv module's default "\r\n" made this the one CSV of the study with
+        # Windows line ends
+        w = csv.DictWriter(f, fieldnames=REJECT_COLUMNS, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
 

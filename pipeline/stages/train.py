@@ -28,7 +28,7 @@ from pipeline.train_args import (
     resolve_align,
     unknown_label_code,
 )
-from segmentation.io import write_h5ad
+from segmentation.io import blank_as_read, write_h5ad
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def _reused_split(setting: str, obs, groups, fresh) -> np.ndarray:
 
     path = _split_source(setting)
     ref_table = ad.read_h5ad(path, backed="r")
-    ref = ref_table.obs.copy()
+    ref = blank_as_read(ref_table.obs.copy())
     ref_table.file.close()
     try:
         split = match_split(obs, ref)
@@ -195,7 +195,7 @@ def run_train(ctx: StageContext) -> None:
         if streams(cfg, src):
             data, adata = load_streamed(ctx, src)
         else:
-            adata = ad.read_h5ad(src)
+            adata = blank_as_read(ad.read_h5ad(src))
             data = from_anndata(adata, str(src), cfg.vae.image_size)
     except PairedDataError as e:
         raise StageError(str(e)) from e

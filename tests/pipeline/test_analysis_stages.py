@@ -972,11 +972,11 @@ def test_evaluate_scores_labelled_rows_only(tmp_path):
     off = sum(int(m.loc[t, c]) for t in m.index for c in m.columns if t != c)
     assert len(dis) == off and off > 0
     assert (dis["label"] != dis["image_call"]).all()
-    assert dis["row"].is_unique and set(dis["row"]) <= set(a.obs_names[scored])
+    assert dis["cell"].is_unique and set(dis["cell"]) <= set(a.obs_names[scored])
     assert list(dis["vote_share"]) == sorted(dis["vote_share"], reverse=True)
     assert ((dis["vote_share"] > 0) & (dis["vote_share"] >= dis["label_share"])).all()
     src_of = dict(zip(a.obs_names, source))
-    assert [src_of[r] for r in dis["row"]] == list(dis["image_source"])
+    assert [src_of[r] for r in dis["cell"]] == list(dis["image_source"])
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["label_disagreements"]["n"] == off
     assert metrics["label_disagreements"]["n_scored"] == scored.sum()
@@ -986,7 +986,7 @@ def test_evaluate_scores_labelled_rows_only(tmp_path):
     sus = pd.read_csv(ev / "label_suspects.csv", keep_default_na=False)
     train = (split.reindex(a.obs_names) == "train").to_numpy()
     n_ref = (train & has_img & ~unl).sum()
-    assert sus["row"].is_unique and set(sus["row"]) <= set(a.obs_names[train & has_img & ~unl])
+    assert sus["cell"].is_unique and set(sus["cell"]) <= set(a.obs_names[train & has_img & ~unl])
     assert set(sus["label"]) <= set(dis["image_call"])
     k = min(15, n_ref)  # analysis.knn_k, clipped to the reference
     assert sus["n_misled"].sum() == round((dis["vote_share"] * k).sum())

@@ -19,6 +19,7 @@ from PIL import Image
 from segmentation.cells import SegmentSettings, segment_image
 from segmentation.crops import FilterSettings
 from segmentation.inference import Detections
+from segmentation.io import blank_as_read
 from segmentation.sources import (
     LabelFileError,
     label_for_image,
@@ -268,6 +269,9 @@ def test_segment_sources_labels_masks_and_rejects(tmp_path, tiny_ckpt, fake_dete
     a = ad.read_h5ad(out / "cells.h5ad")
     obs = a.obs
     assert list(obs.source) == ["bccd", "bccd", "bccd", "txl", "cropped"]
+    # no label: NaN on disk (scanpy's NA), "" as the pipeline reads it
+    assert obs.label.isna().tolist() == [False, True, True, True, False]
+    obs = blank_as_read(a).obs
     assert list(obs.label) == ["neutrophil", "", "", "", "neutrophil"]
     assert list(obs.label_status) == ["labelled", *["mixed_classes"] * 2, "unlabelled"] + [
         "labelled"
@@ -295,6 +299,22 @@ def test_segment_sources_labels_masks_and_rejects(tmp_path, tiny_ckpt, fake_dete
     assert summary["per_source"]["cropped"] == {"crops": 4, "masked": 1, "no_mask": 2, "rejects": 3}
     assert (out / "contact_sheet.png").is_file() and (out / "overlays").is_dir()
     assert (out / "rejects.png").is_file()  # as stage=segment writes for a folder of smears
+    # a rejected smear cell's id and the flags in words, as for a folder of smears (the
+    # two columns were dropped here: the real chain's 329 rejected cells had no cell_id)
+    assert {"cell_id", "detail"} <= set(rej.columns)
+    # label images of the smear sources' images, one folder per source; crop folders none
+    from skimage import io as skio
+
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["bccd", "txl"]
+    for src, g in obs[obs["mode"] == "smears"].groupby("source", observed=True):
+        for image, cells in g.groupby("image", observed=True):
+            lab = skio.imread(out / "masks" / src / (Path(image).stem + ".tif"))
+            assert sorted(set(np.unique(lab)) - {0}) == sorted(cells.mask_label)
+    # the sources' scales differ: cells.h5ad says so instead of the default 0.6
+    assert a.uns["input_scale"] == "per image: obs['input_scale']"
+    full = json.loads((out / "summary.json").read_text())
+    assert full["filter_counts"]["images"] >= full["filter_counts"]["images_read"] > 0
+    assert full["seconds_inference"] > 0 and full["images_per_second"] > 0
     # every detection row of a smear carries what its kept cell got in cells.h5ad
     det = pd.read_csv(out / "detections.csv").fillna("")
     smear_kept = det[(det.source == "bccd") & det.kept.astype(bool)].set_index("cell_id")
@@ -317,7 +337,8 @@ def test_segment_sources_labels_masks_and_rejects(tmp_path, tiny_ckpt, fake_dete
         "+pair.label_map={neutrophil: Neutrophils}",
     ]
     d = run_stage_in_process(common, "pair")
-    p = ad.read_h5ad(d / "paired.h5ad")
+    # as the pipeline reads it: a missing string (NaN on disk) is ""
+    p = blank_as_read(ad.read_h5ad(d / "paired.h5ad"))
     img = p.obs[p.obs.has_image.astype(bool)]
     both = img[img.has_expression.astype(bool)]
     assert len(img) == 5 and len(both) == 2
@@ -416,7 +437,7 @@ def test_pair_label_corrections(tmp_path):
         f"pair.label_corrections={fix}",
     ]
     d = run_stage_in_process([*common, "experiment=ok"], "pair")
-    p = ad.read_h5ad(d / "paired.h5ad")
+    p = blank_as_read(ad.read_h5ad(d / "paired.h5ad"))  # no label: "" as the pipeline reads
     img = p.obs[p.obs.has_image.astype(bool)].set_index("image_ref")
     assert img["label"].to_dict() == {
         "c0": "Monocytes",

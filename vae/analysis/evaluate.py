@@ -114,7 +114,7 @@ def _disagreements(lat, a: AnalysisSettings, z, labels, pred, rows, vote_ref) ->
     df = pd.DataFrame(
         {
             "latent_row": rows[wrong],
-            "row": np.asarray(lat.obs_names)[rows[wrong]],
+            "cell": np.asarray(lat.obs_names)[rows[wrong]],
             "label": labels[wrong],
             "image_call": pred[wrong],
             "vote_share": share[wrong],
@@ -125,7 +125,7 @@ def _disagreements(lat, a: AnalysisSettings, z, labels, pred, rows, vote_ref) ->
         if col in lat.obs:
             df[col] = lat.obs[col].astype(str).to_numpy()[rows[wrong]]
     return df.sort_values(
-        ["vote_share", "row"], ascending=[False, True], kind="stable"
+        ["vote_share", "cell"], ascending=[False, True], kind="stable"
     ).reset_index(drop=True)
 
 
@@ -144,7 +144,7 @@ def _label_suspects(
     """
     from vae.analysis import metrics as M
 
-    cols = ["latent_row", "row", "label", "n_misled", "own_label_share"]
+    cols = ["latent_row", "cell", "label", "n_misled", "own_label_share"]
     zr, yr = z[ref_rows], labels[ref_rows]
     if disagree.empty or ref_rows.size < 2:
         return pd.DataFrame(columns=cols)
@@ -164,7 +164,7 @@ def _label_suspects(
     df = pd.DataFrame(
         {
             "latent_row": lr,
-            "row": np.asarray(lat.obs_names)[lr],
+            "cell": np.asarray(lat.obs_names)[lr],
             "label": labels[lr],
             "n_misled": n_misled[hit],
             "own_label_share": own,
@@ -174,7 +174,7 @@ def _label_suspects(
         if col in lat.obs:
             df[col] = lat.obs[col].astype(str).to_numpy()[lr]
     return df.sort_values(
-        ["n_misled", "own_label_share", "row"], ascending=[False, True, True], kind="stable"
+        ["n_misled", "own_label_share", "cell"], ascending=[False, True, True], kind="stable"
     ).reset_index(drop=True)
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from segmentation.io import blank_as_read
+
 LATENTS = {"joint": "X_vae", "image": "X_vae_image", "expression": "X_vae_expression"}
 
 
@@ -78,7 +80,7 @@ def load_run(
 
     from vae.checkpoint import CheckpointError, check_model_digest, load_model
 
-    latent = ad.read_h5ad(lat_path)
+    latent = blank_as_read(ad.read_h5ad(lat_path))
     for key in ("X_vae",):
         if key not in latent.obsm:
             raise AnalysisError(
@@ -113,7 +115,7 @@ def load_run(
     notes: list[str] = []
     background = None
     if data is not None:
-        paired = ad.read_h5ad(paired_path, backed="r")
+        paired = blank_as_read(ad.read_h5ad(paired_path, backed="r"))
         notes = [str(n) for n in np.atleast_1d(paired.uns.get("expression_data_notes", []))]
         if "background_value" in paired.uns:
             background = int(paired.uns["background_value"])

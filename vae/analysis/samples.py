@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 
 from segmentation.schema import EDGE_WEIGHT
-from vae.inputs.schema import ANOMALY_SCORE, stage_name
+from vae.inputs.schema import ANOMALY_SCORE, known_labels, stage_name
 
 BLASTS = ("myeloblast",)
 IMMATURE_GRANULOCYTES = ("promyelocyte", "myelocyte", "metamyelocyte")
@@ -91,8 +91,10 @@ def sample_profile(
         (:meth:`vae.api.Study.maturation_path`); when given, the position's mean,
         median and histogram are over the cells called one of them (``n_on_path``)
     study_labels : every label the study can call (its reference's); a ratio whose
-        stages none of them names is NaN (module docstring). None: every ratio is
-        taken as callable
+        stages none of them names is NaN (module docstring), and each has its
+        ``n_``/``frac_`` columns (zeros where none was called), so samples tables of
+        two queries of one study have the same columns. None: every ratio is taken as
+        callable, and the columns are of the labels called
     """
     if sample_key is None:
         sample_key = next((k for k in ("vae_sample", "sample") if k in obs), None)
@@ -101,7 +103,13 @@ def sample_profile(
     elif sample_key not in obs:
         raise KeyError(f"sample_profile: obs has no column {sample_key!r}")
     col = call_column(obs)
-    labels = sorted(set(obs[col].astype(str)) | ({UNCLASSIFIED} if col == "vae_call" else set()))
+    # a query.h5ad read back holds NaN where no label was called: counted as ""
+    obs = obs.assign(**{col: obs[col].astype(object).where(obs[col].notna(), "").astype(str)})
+    every_label = set(obs[col])
+    if study_labels is not None:
+        names = np.asarray([str(c) for c in study_labels], dtype=object)
+        every_label |= set(names[known_labels(names)].tolist())
+    labels = sorted(every_label | ({UNCLASSIFIED} if col == "vae_call" else set()))
     callable_stages = (
         None if study_labels is None else {stage_name(c) for c in study_labels} - {None}
     )

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from segmentation.io import blank_as_read
+
 TARGETS = {
     "t_best_dim_abs_spearman": 0.9,
     "granule_expression_from_image_mean_pearson": 0.7,
@@ -182,7 +184,7 @@ def targets_for_run(
         here = [b / rel for b in train_dir.resolve().parents if rel and (b / rel).is_file()]
         if here:
             paired = here[0]
-    adata = ad.read_h5ad(paired)
+    adata = blank_as_read(ad.read_h5ad(paired))
     data = from_anndata(adata, str(paired), model.args.crop_size)
     split = pd.read_csv(train_dir / "split.csv", index_col=0)["split"].to_numpy().astype(str)
     names = meta.get("granule_genes") or []

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from segmentation.io import IMAGE_SUFFIXES, decode_coco_mask
+from segmentation.io import IMAGE_SUFFIXES, blank_as_read, decode_coco_mask
 from vae.inputs.schema import (  # noqa: F401 - TRUTH_COLUMNS: columns copied into paired obs
     CELL_DIAMETER,
     HAS_COUNTS,
@@ -213,7 +213,7 @@ def read_cells_h5ad(
     (a reject row in ``rejects`` when given, else a warning); none left is an error.
     """
     path = Path(path)
-    a = ad.read_h5ad(path)
+    a = blank_as_read(ad.read_h5ad(path))
     for key in ("crops", "masks"):
         if key not in a.obsm:
             raise PairingError(f"no obsm['{key}']", field=f"obsm['{key}']", source=str(path))

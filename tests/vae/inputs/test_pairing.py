@@ -642,7 +642,7 @@ def test_label_corrections_relabel_unlabel_confirm_and_skip(tmp_path):
     key, tab = _corrections(
         tmp_path / "fix.csv",
         # extra columns (e.g. label_suspects.csv's) are ignored; a target spelling works
-        "row,image_ref,label,n_misled\n"
+        "cell,image_ref,label,n_misled\n"
         "a,img0,,3\n"  # no class: an unlabelled image-only row
         "b,img1,Monocytes,2\n"  # spelled as the label_map target of monocyte
         "c,img2,MONOCYTE,1\n"  # the same class, any case: confirmed
