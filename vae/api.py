@@ -150,8 +150,29 @@ def _whole_number(v) -> bool:
     return f is not None and f.is_integer()
 
 
+# values checked at a time by _is_counts: np.allclose makes several float temporaries of
+# its input (+0.64 GiB for 43 M values; a 30k-gene 10x matrix holds ~600 M)
+COUNT_CHECK_VALUES = 1 << 22
+
+
+def _file_stamp(path) -> tuple[int, int] | None:
+    """(size, mtime in ns) of a file, None when there is none (or no path)."""
+    try:
+        st = Path(path).stat() if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_size, st.st_mtime_ns)
+
+
 def _is_counts(m: np.ndarray) -> bool:
-    return bool(m.size == 0 or ((m >= 0).all() and np.allclose(m, np.round(m))))
+    """Whether every value of ``m`` is a non-negative whole number (checked by chunks of
+    :data:`COUNT_CHECK_VALUES`, the same answer as on the whole array)."""
+    flat = np.asarray(m).reshape(-1)
+    for s in range(0, flat.size, COUNT_CHECK_VALUES):
+        c = flat[s : s + COUNT_CHECK_VALUES]
+        if not ((c >= 0).all() and np.allclose(c, np.round(c))):
+            return False
+    return True
 
 
 def _lognorm_problem(vals: np.ndarray) -> str | None:
@@ -202,6 +223,10 @@ class Study:
         self.model, self.meta, self.reference, self.config = model, meta, reference, config
         self.model_path, self.latent_path = Path(model_path), Path(latent_path)
         self.segmentation_model = segmentation_model
+        # the detector is loaded when images are first read: its file as it was now, so a
+        # detector retrained meanwhile is not used silently beside this model (a notebook's
+        # Study read 22 cells where it read 19, through the new detector; concurrency audit)
+        self._detector_stamp = _file_stamp(segmentation_model)
         self.analysis = dict(analysis or config.get("analysis") or {})
         self.device = device
         # how missing genes are filled (module docstring); settable after load, checked
@@ -758,6 +783,8 @@ class Study:
             try:
                 if self.segmentation_model is None:  # no study detector: the shipped one
                     self.segmentation_model = shipped_detector()
+                    self._detector_stamp = _file_stamp(self.segmentation_model)
+                self._check_detector_unchanged()
                 read = Q.segment_crop_folder if kind == "crops" else Q.segment_smear_folder
                 a, rej = read(
                     p,
@@ -774,6 +801,24 @@ class Study:
                 raise StudyError(str(e)) from e
         a.uns["rejects"] = rej
         return a
+
+    def _check_detector_unchanged(self) -> None:
+        """Raise when the detector file is gone or changed since the study was loaded."""
+        seg, was = self.segmentation_model, self._detector_stamp
+        if seg is None or was is None:
+            return
+        now = _file_stamp(seg)
+        if now == was:
+            return
+        what = (
+            "is gone (being rewritten by stage=segment_train?)"
+            if now is None
+            else "changed since this study was loaded (retrained or replaced)"
+        )
+        raise StudyError(
+            f"segmentation model={seg}: {what}; load the study again (Study.load) to read "
+            f"images with the detector it has now"
+        )
 
     def _as_adata(self, data, kind: str):
         return self.read(data, kind) if isinstance(data, str | Path) else data
@@ -801,10 +846,8 @@ class Study:
                 f"{source}: no cells to embed (an empty folder, no readable image, or no "
                 f"cell found){why}"
             )
-        s = self.pair_crop_size
         has_img = np.zeros(n, bool)
-        crops = np.zeros((n, s, s, 3), np.uint8)
-        masks = np.zeros((n, s, s), bool)
+        crops = masks = None  # no image: no crop tensors at all (ZeroRows below)
         if "crops" in adata.obsm:
             crops, masks, has_img = self._images(adata, source)
         report = None
@@ -822,8 +865,9 @@ class Study:
         a.var_names = self.gene_names
         a.obs[HAS_IMAGE] = has_img
         a.obs[HAS_EXPRESSION] = has_expr
-        a.obsm["crops"] = crops
-        a.obsm["masks"] = masks
+        if has_img.any():
+            a.obsm["crops"] = crops
+            a.obsm["masks"] = masks
         diameter = cell_diameters(adata.obs)  # the cells' sizes (stage=segment), a size head's
         if diameter is not None:
             a.obs[CELL_DIAMETER] = diameter
@@ -831,7 +875,15 @@ class Study:
             a.layers["counts"] = counts
         a.uns[HAS_COUNTS] = counts is not None
         try:
-            data = from_anndata(a, source, image_size=self.crop_size)
+            if has_img.any():
+                data = from_anndata(a, source, image_size=self.crop_size)
+            else:
+                # expression alone: zero crops held for every row took 37 KB a cell
+                # (7 GiB for 200k cells); ZeroRows are read as zeros, hold nothing
+                from vae.store import ZeroRows
+
+                s = self.crop_size
+                data = from_anndata(a, source, crops=ZeroRows(n, 3, s), masks=ZeroRows(n, 1, s))
         except PairedDataError as e:
             raise StudyError(str(e)) from e
         return data, report

@@ -114,7 +114,9 @@ def load_study(ctx: StageContext):
     imp["device"] = str(ctx.dist.device) if ctx.dist is not None else "cpu"
     try:
         if cfg.embed.study:
-            return Study.load(cfg.embed.study, variant=cfg.variant, segmentation_model=seg, **imp)
+            return Study.load(
+                cfg.embed.study, variant=_study_variant(cfg), segmentation_model=seg, **imp
+            )
         if not seg and ctx.has_input("segmentation_model"):
             seg = ctx.input("segmentation_model")
         return Study.load(
@@ -127,6 +129,29 @@ def load_study(ctx: StageContext):
         )
     except StudyError as e:
         raise StageError(str(e)) from e
+
+
+def _study_variant(cfg) -> str:
+    """The train variant of ``embed.study`` to read: ``variant`` when the study has that
+    train run, else its main one. ``variant=NAME`` names this embed's own folder (the
+    documented way to run a second embed beside the first), and was taken as the
+    study's: ``<study>/train/NAME/model.pt: no such file`` (concurrency audit). A
+    study's sweep run is given as ``embed.study=<study>/train/<variant>``."""
+    variant = str(cfg.variant or "")
+    if not variant:
+        return ""
+    study = Path(str(cfg.embed.study)).expanduser()
+    if (study / "train" / variant / "model.pt").exists():
+        return variant
+    log.info(
+        "embed.study=%s has no train/%s: its main train run is read (variant=%s names "
+        "this embed's folder; a sweep run of the study: embed.study=%s/train/<variant>)",
+        cfg.embed.study,
+        variant,
+        variant,
+        cfg.embed.study,
+    )
+    return ""
 
 
 def _nfc(values) -> np.ndarray:
@@ -260,6 +285,8 @@ def run_embed(ctx: StageContext) -> None:
         _report_detector(ctx, study)
         _warn_cut_unlike_study(cfg, study)
     parts, rejects, genes = [], [], {}
+    # per part: (input file, its rows) where its crops stayed in a streamed input, else None
+    crop_files: list[tuple[Path, np.ndarray] | None] = []
     named_by_csv = 0  # cells embed.samples_csv names, over every input
     for kind, p in _inputs(cfg):
         path = resolve_data_path(cfg, p, f"embed.{kind}")
@@ -270,6 +297,7 @@ def run_embed(ctx: StageContext) -> None:
                 "so it cannot embed expression profiles; embed smears or crops instead"
             )
         stream = kind == "h5ad" and streams(cfg, path)
+        names = _h5ad_obs_names(path) if stream else None
         try:
             for block in h5ad_blocks(path) if stream else [None]:
                 q = _embed_one(study, cfg, path, kind, setting, block, rejects)
@@ -278,9 +306,12 @@ def run_embed(ctx: StageContext) -> None:
                 if stream:  # crops stay in the input file (same obs_names), not in memory
                     q.obsm.pop("crops", None)
                     q.obsm.pop("masks", None)
+                before = len(parts)
                 named_by_csv += _collect(
                     q, cfg, kind, path, setting, mapping, genes, rejects, parts
                 )
+                if len(parts) > before:  # the page's example crops are read from there
+                    crop_files.append((path, names.get_indexer(q.obs_names)) if stream else None)
         except PairedDataError as e:
             raise StageError(f"{setting}: {e}") from e
     if not parts:
@@ -300,6 +331,7 @@ def run_embed(ctx: StageContext) -> None:
             f"embed.samples_csv={cfg.embed.samples_csv}: names none of the {sum(q.n_obs for q in parts)} "
             f"cells embedded (its cell_id / image values vs the cells' ids, e.g. {ids})"
         )
+    sizes = [q.n_obs for q in parts]
     out = _concat(parts) if len(parts) > 1 else parts[0]
     out.uns["genes"] = json.dumps(genes)
     seen = _seen_by_study(study, out)
@@ -311,6 +343,8 @@ def run_embed(ctx: StageContext) -> None:
         out.obs, "vae_sample", int(cfg.embed.histogram_bins), path_classes, study.labels
     )
     crops = out.obsm["crops"] if "crops" in out.obsm else None
+    if any(crop_files):  # a streamed input's crops: read for the examples from its file
+        crops = _CropLookup(crops, sizes, crop_files)
     with ctx.atomic("rejects.csv") as tmp:
         pd.DataFrame(rejects, columns=REJECT_COLUMNS).to_csv(tmp, index=False)
     with ctx.atomic("samples.csv") as tmp:
@@ -369,8 +403,10 @@ def run_embed(ctx: StageContext) -> None:
     )
     _query_obs_for_writing(out, study.labels)
     with ctx.atomic("query") as tmp:
-        check_h5ad_fits(out, tmp)  # the user's obs columns stay as given: not write_h5ad
-        out.write_h5ad(tmp)
+        # gzip: rows of an input without images hold zero crops, which took 1.6 GB for
+        # 100k expression cells beside 1000 crops uncompressed (scale audit)
+        check_h5ad_fits(out, tmp, "gzip")  # the user's obs columns stay as given
+        out.write_h5ad(tmp, compression="gzip")
     log.info("embed: %d cells, %d samples, %d rejects", out.n_obs, len(prof), len(rejects))
 
 
@@ -800,6 +836,37 @@ def _segment_args(cfg, kind: str) -> dict:
         "estimate_scale": sc.estimate_scale,  # null: as the detector says (shipped: on)
         "scale_spread": sc.scale_spread,  # held near the median of a sub-folder and size
     }
+
+
+def _h5ad_obs_names(path: Path) -> pd.Index:
+    """The obs names of an ``.h5ad``, read alone (its obs table; no matrix, no crops)."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        return pd.Index(read_elem(f["obs"]).index.astype(str))
+
+
+class _CropLookup:
+    """Crops of the query's rows by index, for the page's examples: rows of a streamed
+    ``.h5ad`` input read one by one from that file (its crops never sat in memory, and
+    ``query.h5ad`` holds zeros for them: the page showed them black, or said "no
+    images" when that input was the only one), the others from ``obsm['crops']``."""
+
+    def __init__(self, crops, sizes: list[int], files: list):
+        self.crops = crops
+        self.starts = np.cumsum([0, *sizes])
+        self.files = files
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        import h5py
+
+        k = int(np.searchsorted(self.starts, i, side="right") - 1)
+        if self.files[k] is None:
+            return np.asarray(self.crops[i])
+        path, rows = self.files[k]
+        with h5py.File(path, "r") as f:
+            return np.asarray(f["obsm/crops"][int(rows[i - self.starts[k]])])
 
 
 def _concat(parts):

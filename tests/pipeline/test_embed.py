@@ -118,6 +118,33 @@ def test_streamed_h5ad_embeds_by_blocks_with_the_in_memory_result(study: Path, m
             assert np.allclose(x, y, atol=1e-5, equal_nan=True), c
         else:
             assert (x.astype(str) == y.astype(str)).all(), c
+    # the page's example crops are read from the input file: they said "No images among
+    # the inputs" (or were black beside another input) when streamed (scale audit)
+    imgs = [
+        re.findall(
+            r'<img src="([^"]+)"', (study / "out" / e / "embed" / "samples.html").read_text()
+        )
+        for e in ("qm", "qs")
+    ]
+    assert imgs[0] and imgs[1] == imgs[0]
+
+
+def test_expression_alone_holds_no_crops(study: Path):
+    """Zero crops held for every row of an expression input took 37 KB a cell (7 GiB
+    for 200k cells, scale audit): it now holds none, with the same latent."""
+    from vae.api import Study
+    from vae.store import ZeroRows
+
+    st = Study.load(study / "out" / "s")
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    expr = paired[paired.obs["has_expression"].to_numpy(bool)].copy()
+    with_crops = st.get_latent(expr, modality="expression")
+    for k in ("crops", "masks"):
+        del expr.obsm[k]
+    del expr.obs["has_image"]
+    data, _ = st.prepare(expr)
+    assert isinstance(data.crops, ZeroRows) and isinstance(data.masks, ZeroRows)
+    np.testing.assert_array_equal(st.get_latent(expr, modality="expression"), with_crops)
 
 
 def _write_crops(folder: Path, paired: ad.AnnData, rows: dict[str, list[int]], size: int) -> None:
@@ -667,6 +694,36 @@ def test_doubtful_and_atypical_cells_are_left_unclassified(study: Path, tmp_path
     assert re.findall(r"<tr><th>([^<]+)</th>", diff)[-1] == UNCLASSIFIED
 
 
+def test_differential_count_of_many_samples_has_a_row_per_sample(tmp_path):
+    """301 samples as columns made the differential ~25,000 px wide, the call names out
+    of view (scale audit); above DIFFERENTIAL_SAMPLE_COLUMNS each sample is a row."""
+    from vae.analysis.samples import (
+        DIFFERENTIAL_SAMPLE_COLUMNS,
+        sample_profile,
+        write_samples_html,
+    )
+
+    def differential(n_samples: int) -> str:
+        obs = pd.DataFrame(
+            {
+                "vae_sample": [f"patient {k}" for k in range(n_samples) for _ in range(3)],
+                "vae_label": ["band", "myelocyte", "lymphocyte"] * n_samples,
+                "vae_maturation": [0.7, 0.3, np.nan] * n_samples,
+            }
+        )
+        page = tmp_path / f"s{n_samples}.html"
+        write_samples_html(page, sample_profile(obs, bins=4), obs, None)
+        return page.read_text().split("<h2>Differential count</h2>")[1].split("</table>")[0]
+
+    few = differential(DIFFERENTIAL_SAMPLE_COLUMNS)
+    assert re.findall(r"<tr><th>([^<]+)</th>", few)[-3:] == ["myelocyte", "band", "lymphocyte"]
+    many = differential(DIFFERENTIAL_SAMPLE_COLUMNS + 1)
+    rows = re.findall(r"<tr><th style='[^']*'>([^<]+)</th><td>(\d+)</td>", many)
+    assert [r[0] for r in rows] == [f"patient {k}" for k in range(DIFFERENTIAL_SAMPLE_COLUMNS + 1)]
+    assert all(r[1] == "3" for r in rows)  # cells per sample
+    assert "<td>1 (33.3 %)</td>" in many and "position:sticky" in many
+
+
 def test_sample_profile_definitions():
     from vae.analysis.samples import sample_profile
 
@@ -1131,3 +1188,46 @@ def test_images_the_study_trained_on_are_recognised_by_file_name(study: Path):
     ref.obs.iloc[2, ref.obs.columns.get_loc("image_ref")] = "set/001"
     got = st.seen_images(["smear_0001.jpg", "Blood_42_1.png", "001.png", "other_9.jpg"])
     assert got.tolist() == [True, True, False, False]  # "001": too short to trust
+
+
+def test_the_counts_check_reads_by_chunks_with_the_whole_arrays_answer(monkeypatch):
+    """np.allclose over a whole matrix took +0.64 GiB for 43 M values (scale audit)."""
+    import vae.api as api
+
+    monkeypatch.setattr(api, "COUNT_CHECK_VALUES", 7)
+    m = np.arange(60, dtype=np.float32).reshape(6, 10)
+    assert api._is_counts(m) and api._is_counts(np.zeros((0, 3)))
+    for bad in (0.5, -1.0):
+        m2 = m.copy()
+        m2[-1, -1] = bad  # in the last chunk
+        assert not api._is_counts(m2)
+
+
+def test_a_second_embed_beside_the_first_with_a_variant_of_its_own(study: Path):
+    """docs/embed.md's variant=NAME for a second embed was read as the study's train
+    variant: ``<study>/train/p1/model.pt: no such file`` (concurrency audit)."""
+    inp = f"embed.h5ad={study / 'paired.h5ad'}"
+    d = _embed(study, "two", inp, "variant=p1")
+    assert d == study / "out" / "two" / "embed" / "p1" and (d / "query.h5ad").is_file()
+
+
+def test_a_detector_retrained_after_load_is_not_used_silently(study: Path, tmp_path):
+    """A notebook's Study read new smears through a detector retrained meanwhile (22
+    cells where it read 19) beside its old model (concurrency audit)."""
+    import os
+
+    from vae.api import Study, StudyError
+
+    det = tmp_path / "model.pt"
+    det.write_bytes(b"a detector")
+    st = Study.load(study / "out" / "s", segmentation_model=det)
+    smears = tmp_path / "smears"
+    smears.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(smears / "a.png")
+    det.write_bytes(b"another detector")
+    os.utime(det, ns=(1, 1))
+    with pytest.raises(StudyError, match="changed since this study was loaded"):
+        st.read(smears, "smears")
+    det.unlink()
+    with pytest.raises(StudyError, match="is gone"):
+        st.read(smears, "smears")

@@ -57,6 +57,9 @@ IMMATURE_GRANULOCYTES = ("promyelocyte", "myelocyte", "metamyelocyte")
 IMMATURE_NEUTROPHILS = (*IMMATURE_GRANULOCYTES, "band")  # the I of the I:T ratio
 NEUTROPHILS = (*IMMATURE_NEUTROPHILS, "segmented_neutrophil")  # its T
 UNCLASSIFIED = "unclassified"  # vae.api's vae_call of a doubtful or atypical cell
+# samples shown as columns of the differential count, as on a lab report; more are shown
+# one row each (301 samples as columns made a table ~25,000 px wide, the calls out of view)
+DIFFERENTIAL_SAMPLE_COLUMNS = 6
 # (column, stages it counts, what a study must be able to call for it to be measurable)
 RATIOS = (
     ("blast_fraction", BLASTS, BLASTS),
@@ -188,6 +191,8 @@ def _differential_html(profile: pd.DataFrame) -> str:
     if UNCLASSIFIED in labels:  # after every call, as a counter lists its flagged cells
         labels = [c for c in labels if c != UNCLASSIFIED] + [UNCLASSIFIED]
     edge = any(f"frac_{c}_edge_corrected" in profile for c in labels)
+    if len(profile) > DIFFERENTIAL_SAMPLE_COLUMNS:
+        return _differential_rows_html(profile, labels, edge)
     cols = ["n", "%", "% edge-corrected"] if edge else ["n", "%"]
     head = "".join(
         f"<th colspan='{len(cols)}'>{html.escape(str(r['sample']))} "
@@ -208,6 +213,35 @@ def _differential_html(profile: pd.DataFrame) -> str:
         f"<table><tr><th rowspan='2'>call</th>{head}</tr><tr>{sub}</tr>{''.join(rows)}</table>"
         "<p>Every column is in samples.csv (n_&lt;call&gt;, frac_&lt;call&gt;, "
         "frac_&lt;call&gt;_edge_corrected).</p>"
+    )
+
+
+def _differential_rows_html(profile: pd.DataFrame, labels: list[str], edge: bool) -> str:
+    """The differential count with one row per sample (more samples than
+    :data:`DIFFERENTIAL_SAMPLE_COLUMNS`): calls across, each cell "n (x.x %)" and, with
+    edge weights, the edge-corrected percentage under it; the sample column stays in
+    view while the table scrolls sideways."""
+    sticky = "position:sticky;left:0;background:#fff"
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in labels)
+    rows = []
+    for _, r in profile.iterrows():
+        cells = []
+        for c in labels:
+            text = f"{int(r[f'n_{c}'])} ({100 * r[f'frac_{c}']:.1f} %)"
+            if edge:
+                v = r.get(f"frac_{c}_edge_corrected", np.nan)
+                text += f"<br><small>{100 * v:.1f} % e.c.</small>" if np.isfinite(v) else ""
+            cells.append(f"<td>{text}</td>")
+        rows.append(
+            f"<tr><th style='{sticky}'>{html.escape(str(r['sample']))}</th>"
+            f"<td>{int(r['n_cells'])}</td>{''.join(cells)}</tr>"
+        )
+    note = " e.c.: edge-corrected (frac_&lt;call&gt;_edge_corrected)." if edge else ""
+    return (
+        f"<div style='overflow-x:auto'><table><tr><th style='{sticky}'>sample</th>"
+        f"<th>cells</th>{head}</tr>{''.join(rows)}</table></div>"
+        f"<p>One row per sample ({len(profile)} samples); every column is in samples.csv "
+        f"(n_&lt;call&gt;, frac_&lt;call&gt;).{note}</p>"
     )
 
 
