@@ -1,24 +1,50 @@
 """``python -m pipeline stage=NAME [key=value ...]``: the Hydra entry point."""
 
+# ruff: noqa: E402 - the SIGINT handler is set before the slow imports below
+
 from __future__ import annotations
+
+import os
+import signal
+import sys
+
+# the words of a Ctrl-C before any stage started (the runner says the same later)
+INTERRUPTED = "interrupted before any stage started: nothing was written"
+
+
+def _interrupted_early(signum, frame) -> None:
+    """SIGINT while this module's imports run (Hydra, OmegaConf: about a second): one
+    line and exit 130 instead of a KeyboardInterrupt traceback of an import.
+
+    Exits at once: nothing exists yet to clean up (Hydra makes its run folder later,
+    in main), and a SystemExit raised here was swallowed by an import that catches
+    everything (a test saw the message, then the run went on).
+    """
+    print(f"error: {INTERRUPTED}", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__":  # `python -m pipeline`, not a test importing this module
+    signal.signal(signal.SIGINT, _interrupted_early)
 
 import errno
 import hashlib
-import os
 import re
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import help as pipeline_help
 from pipeline.config import register_configs
 
 register_configs()
 pipeline_help.register()
+if not OmegaConf.has_resolver("pid"):
+    # ``${pid:}`` in conf/config.yaml's run folders: one folder per process
+    OmegaConf.register_new_resolver("pid", os.getpid)
 
 # settings that never name a sweep job's folder (where, how and on what it runs)
 _NOT_IN_VARIANT = (
@@ -288,6 +314,10 @@ def _run_app() -> None:
     os.environ[_FULL_ERROR] = "1"
     try:
         app()
+    except KeyboardInterrupt:
+        # a Ctrl-C while Hydra composes the config (the runner reports the later ones)
+        print(f"error: {INTERRUPTED if not _TASK_STARTED else 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
     except (HydraException, OmegaConfBaseException) as e:
         # before OSError: hydra.errors.MissingConfigException is an OSError too
         if _TASK_STARTED:  # not composing: a stage's own error (runner.main reports those)
@@ -336,6 +366,9 @@ def main() -> None:
     from pipeline.config import unknown_addition
     from pipeline.names import check_argv
 
+    # from here a Ctrl-C is a KeyboardInterrupt again: the runner marks a started
+    # stage's folder failed and puts a previous result back, then says so in one line
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.argv[1:] = expand_home(sys.argv[1:])
     bad = check_argv(sys.argv[1:]) or unknown_addition(sys.argv[1:])
     if bad:  # before Hydra creates <paths.root>/<experiment>/.hydra

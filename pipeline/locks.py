@@ -5,7 +5,7 @@ Two runs of the same stage of one experiment would otherwise interleave: with
 ``overwrite=true`` both move the old folder aside and the survivor mixes files of
 both runs. The lock is ``fcntl.flock`` on ``<experiment>/.locks/<stage>[__<variant>].lock``;
 the kernel drops it when the process ends, however it ends (a killed run never
-leaves a stale lock). The file holds the exclusive holder's pid for the message.
+leaves a stale lock).
 
 A running stage also holds a *shared* lock on the folder of every input another stage
 of an experiment wrote (:func:`producer_lock`): a stage cannot start to rewrite a
@@ -14,14 +14,29 @@ it an audit's ``stage=simulate overwrite=true`` replaced the smears a running
 ``stage=segment`` was reading (76 of 120 images "unreadable", the run marked
 complete), and a second ``stage=all`` of the same experiment rewrote the first one's
 inputs under it.
+
+Every holder, reader or writer, leaves a record beside the lock
+(``.locks/<stage>[__<variant>].holders/<host>-<pid>-<id>.json``: host, pid, what it
+runs, since when, whether it reads or writes the folder), removed on release; a refusal
+names the live holders only. The lock file itself held the writer's pid alone, never
+cleared: a concurrency audit's refusal named a process that had ended (its last
+writer, while a reader held the lock), no host, and in a copied study a pid of another
+session. A holder that cannot write its record (a read-only or colleague's study) reads
+without one: nothing of this user's can rewrite such a folder.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from pipeline.runner import StageError
@@ -31,9 +46,39 @@ log = logging.getLogger(__name__)
 # why a lock file cannot be made or written: a read-only mount, no permission
 _NO_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
+HOST = socket.gethostname()
+
+# locks this process holds for a whole multi-stage run (:func:`hold_for_run`): its
+# stages take no second lock on those folders, since two descriptors of one process
+# exclude each other under flock (stage=all would refuse itself)
+_RUN_HELD: dict[Path, StageLock] = {}
+
 
 class StageBusyError(StageError):
     """Another process holds the lock of this stage folder."""
+
+
+def _alive(host: str, pid: int) -> bool:
+    """Whether process ``pid`` runs; one on another host cannot be told: taken as alive."""
+    if host != HOST:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def describe(holder: dict) -> str:
+    """``pid N on host H, since T`` of a holder record (a fallback one has no time)."""
+    if holder.get("pid") is None:
+        return "a process that left no record"
+    where = f"pid {holder['pid']} on host {holder['host']}"
+    if holder.get("host") != HOST:
+        where += " (another host: not checked)"
+    return where + (f", since {holder['since']}" if holder.get("since") else "")
 
 
 class StageLock:
@@ -52,9 +97,17 @@ class StageLock:
         self.path = Path(path)
         self.label = label
         self._fd: int | None = None
+        self._record: Path | None = None
+        self._exclusive = False
 
-    def acquire(self) -> StageLock:
-        """Take the lock exclusively (the stage writes its folder).
+    @property
+    def holders_dir(self) -> Path:
+        """The folder of the holders' records (``<stage>.holders`` beside ``<stage>.lock``)."""
+        return self.path.with_suffix(".holders")
+
+    def acquire(self, by: str = "") -> StageLock:
+        """Take the lock exclusively (the stage writes its folder); ``by`` names the
+        run in the holder's record when it is not this stage alone (``stage=all``).
 
         Raises
         ------
@@ -67,11 +120,9 @@ class StageLock:
         try:
             fd = self._take(
                 fcntl.LOCK_EX,
-                # only a writer records its pid: if that run has ended, a reader holds it
-                lambda pid: (
-                    f"{self.label} is running (pid {pid}), or, if that process has ended, a "
-                    f"running stage is reading its outputs; wait for it to finish, or use "
-                    f"another experiment=NAME (lock: {self.path})"
+                lambda: (
+                    f"{self._who()}; wait for it to finish, or use another "
+                    f"experiment=NAME (lock: {self.path})"
                 ),
             )
         except OSError as e:
@@ -83,20 +134,26 @@ class StageLock:
                 f"whoever runs its stages (a group-shared one: chmod -R g+w it), or "
                 f"use another paths.root / experiment=NAME"
             ) from None
-        # the pid is written only while holding the lock, so a reader sees the holder's
+        # sole holder: every record left is of a process that ended without releasing
+        # (killed); the pid in the lock file is for holders that write no record (an
+        # older version of the pipeline reads it), cleared on release
+        self._clear_stale(everyone=True)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {HOST}\n".encode(), 0)
+        self._exclusive = True
+        self._write_record("writes", by or self.label)
         return self
 
-    def acquire_shared(self, what: str) -> StageLock:
+    def acquire_shared(self, what: str, by: str = "") -> StageLock:
         """Take the lock shared (readers only exclude writers); ``what`` names the
-        input in the message when the folder is being written now."""
+        input in the message when the folder is being written now, ``by`` the reading
+        run in this holder's record (``stage=X of experiment Y``)."""
         try:
             self._take(
                 fcntl.LOCK_SH,
-                lambda pid: (
-                    f"{what} is being written: {self.label} is running (pid {pid}); "
-                    f"wait for it to finish (lock: {self.path})"
+                lambda: (
+                    f"{what} is being written: {self._who()}; wait for it to finish "
+                    f"(lock: {self.path})"
                 ),
             )
         except OSError as e:
@@ -112,11 +169,14 @@ class StageLock:
                 e.strerror or e,
                 self.path.parent.parent,
             )
+            return self
+        self._clear_stale(everyone=False)
+        self._write_record("reads", by or "a run")
         return self
 
     def _take(self, mode: int, message) -> int:
-        """flock the file in ``mode`` without waiting; StageBusyError(message(pid))
-        when another holder keeps it. Returns the held descriptor.
+        """flock the file in ``mode`` without waiting; StageBusyError(message()) when
+        another holder keeps it. Returns the held descriptor.
 
         A shared lock is taken on a read-only descriptor when the file exists (flock
         needs no write access): a colleague's lock file, or one on a read-only
@@ -136,21 +196,141 @@ class StageLock:
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise StageBusyError(message(pid)) from None
+            raise StageBusyError(message()) from None
         self._fd = fd
         return fd
+
+    # -- holder records ---------------------------------------------------------
+
+    def _write_record(self, mode: str, by: str) -> None:
+        """Leave this holder's record; best effort (a folder this user may not write
+        holds none: the lock works without it, only the message names less)."""
+        rec = {
+            "host": HOST,
+            "pid": os.getpid(),
+            "mode": mode,
+            "by": by,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        path = self.holders_dir / f"{HOST}-{os.getpid()}-{uuid.uuid4().hex[:6]}.json"
+        try:
+            self.holders_dir.mkdir(exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rec))
+            tmp.rename(path)  # a reader never sees half a record
+        except OSError as e:
+            if e.errno not in _NO_WRITE:
+                raise
+            return
+        self._record = path
+
+    def _records(self) -> list[tuple[Path, dict]]:
+        out = []
+        try:
+            files = sorted(self.holders_dir.glob("*.json"))
+        except OSError:
+            return out
+        for f in files:
+            try:
+                rec = json.loads(f.read_text())
+                int(rec["pid"]), str(rec["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # removed meanwhile, or not a record
+            out.append((f, rec))
+        return out
+
+    def _clear_stale(self, everyone: bool) -> None:
+        """Remove the records of holders that have ended (``everyone``: all others,
+        since this process holds the lock exclusively); best effort."""
+        for f, rec in self._records():
+            if everyone or not _alive(rec["host"], int(rec["pid"])):
+                try:
+                    f.unlink()
+                except OSError:
+                    pass
+
+    def holders(self) -> list[dict]:
+        """The live holders' records (``host``, ``pid``, ``mode``: reads/writes, ``by``,
+        ``since``); when none is found, the pid the lock file holds if that process
+        runs (a holder of a version that wrote no record)."""
+        live = [rec for _, rec in self._records() if _alive(rec["host"], int(rec["pid"]))]
+        if live:
+            return live
+        try:
+            words = self.path.read_text(errors="replace").split()
+        except OSError:
+            words = []
+        if words and words[0].isdigit():
+            host = words[1] if len(words) > 1 else HOST
+            if _alive(host, int(words[0])):
+                return [{"host": host, "pid": int(words[0]), "mode": "writes", "by": self.label}]
+        return []
+
+    def _who(self) -> str:
+        """Who holds the lock: the writer, or the runs reading the folder."""
+        found = self.holders()
+        writers = [h for h in found if h.get("mode") == "writes"]
+        readers = [h for h in found if h.get("mode") != "writes"]
+        if writers:
+            w = writers[0]
+            # "is running (pid N)" first: scripts and tests match it
+            who = f"{self.label} is running (pid {w['pid']}) on host {w['host']}"
+            who += f", since {w['since']}" if w.get("since") else ""
+            who += ", writing its folder"
+            if w.get("by") and w["by"] != self.label:  # held up front by stage=all
+                who += f" as part of {w['by']}"
+        elif readers:
+            who = f"{self.label} cannot be written now: a running stage is reading its outputs: "
+            who += "; ".join(f"{h.get('by') or 'a run'} ({describe(h)})" for h in readers)
+        else:
+            who = (
+                f"{self.label} is in use by another process that left no record (a run of "
+                f"an older version, or one that could not write {self.holders_dir})"
+            )
+        return who
+
+    def writer_elsewhere(self) -> dict | None:
+        """The record of the process writing this folder now, else None (free, or only
+        read). Takes no lock that outlives the call."""
+        if self.path in _RUN_HELD or not self.path.exists():
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            writers = [h for h in self.holders() if h.get("mode") == "writes"]
+            return writers[0] if writers else {"host": HOST, "pid": None, "by": self.label}
+        except OSError:
+            return None
+        finally:
+            os.close(fd)  # closing drops a lock taken just now
+        return None
 
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
+            rec, self._record = self._record, None
+            if rec is not None:
+                try:
+                    rec.unlink()
+                except OSError:
+                    pass
+            if self._exclusive:
+                self._exclusive = False
+                try:
+                    os.ftruncate(fd, 0)  # the pid of a run that had ended misled the message
+                except OSError:
+                    pass
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     def held_elsewhere(self) -> bool:
         """True when another process holds the lock now (this one does not take it)."""
-        if not self.path.exists():
+        if self.path in _RUN_HELD or not self.path.exists():
             return False
         # read-write where allowed (NFS emulates flock with byte-range locks, and an
         # exclusive one needs a descriptor open for writing), else read-only: a
@@ -176,6 +356,56 @@ class StageLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def held_for_run(path: Path) -> bool:
+    """Whether this process holds lock ``path`` for its whole run (:func:`hold_for_run`)."""
+    return Path(path) in _RUN_HELD
+
+
+@contextmanager
+def hold_for_run(
+    writes: list[StageLock], reads: list[tuple[StageLock, str]], by: str, context: str
+) -> Iterator[None]:
+    """Hold the locks of every folder a multi-stage run writes (exclusive) and reads
+    from outside it (shared) until the block ends, or refuse before any is kept.
+
+    ``stage=all overwrite=true`` took each stage's lock only when it reached it: an
+    audit's run rewrote simulate, segment_train, segment and expression, then met
+    a running ``stage=train`` at pair and stopped, the experiment left mixed.
+
+    Raises
+    ------
+    StageBusyError
+        One or more folders are in use; the message names every holder, prefixed by
+        ``context``.
+    """
+    busy: list[str] = []
+    with ExitStack() as stack:
+        mine = {lock.path for lock in writes}
+        for lock in writes:
+            if lock.path in _RUN_HELD:
+                continue
+            try:
+                stack.callback(lock.acquire(by).release)
+            except StageBusyError as e:
+                busy.append(str(e))
+                continue
+            _RUN_HELD[lock.path] = lock
+            stack.callback(_RUN_HELD.pop, lock.path, None)
+        for lock, what in reads:
+            if lock.path in mine or lock.path in _RUN_HELD:
+                continue
+            try:
+                stack.callback(lock.acquire_shared(what, by).release)
+            except StageBusyError as e:
+                busy.append(str(e))
+                continue
+            _RUN_HELD[lock.path] = lock
+            stack.callback(_RUN_HELD.pop, lock.path, None)
+        if busy:
+            raise StageBusyError(f"{context}: " + " | ".join(busy))
+        yield
 
 
 def stage_lock(run_dir: Path, stage: str, variant: str, experiment: str) -> StageLock:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 from pipeline.artifacts import StageInputError, read_manifest
@@ -17,7 +19,7 @@ from pipeline.runner import (
 
 def precheck(
     cfg: DictConfig, names: list[str], plan: list[tuple[str, DictConfig]] | None = None
-) -> None:
+) -> list[tuple[str, Path]]:
     """Check every stage's settings and inputs before the first one starts.
 
     An input counts as available when an earlier stage of ``names`` produces it
@@ -25,12 +27,19 @@ def precheck(
     config (:func:`pipeline.guards.stage_plan`; default ``cfg`` for all). Raises
     :class:`StageError` naming the stage and the missing input or bad setting; writes
     nothing.
+
+    Returns
+    -------
+    list of (str, Path)
+        The inputs read from outside the run (name, path): the runner holds their
+        folders' shared locks for the whole run (pipeline/locks.py ``hold_for_run``).
     """
     from pipeline.guards import RESUMABLE
     from pipeline.stagedir import folder_status, rerun_without_asking
 
     load_stages()
     produced: set[str] = set()
+    reads: list[tuple[str, Path]] = []
     own = dict(plan or [])
     top = cfg
     for name in names:
@@ -43,7 +52,7 @@ def precheck(
                 explicit = cfg.paths.inputs.get(n) if n in cfg.paths.inputs else None
                 if n in produced and not explicit:
                     continue
-                resolve_input(cfg, n)
+                reads.append((n, resolve_input(cfg, n)))
             d = stage_dir(cfg, name)
             # the runner's rule (pipeline/stagedir.py): other variants' runs nested in
             # the folder are not its run, and a failed run of a stage without
@@ -71,3 +80,4 @@ def precheck(
                 f"(checked before any stage started; nothing was run)"
             ) from e
         produced |= {a for a, (producer, _) in ARTIFACTS.items() if producer == name}
+    return reads

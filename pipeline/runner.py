@@ -250,6 +250,9 @@ def resolve_input(cfg: DictConfig, name: str) -> Path:
         if p.exists():
             man = read_manifest(d)
             if man is not None and man.get("status") != "complete":
+                busy = _being_written(cfg, producer, d, name, p)
+                if busy:
+                    raise StageInputError(busy)
                 raise StageInputError(
                     f"{p} comes from an unfinished run of stage={producer} "
                     f"(status: {man.get('status')}). Re-run `python -m pipeline "
@@ -258,6 +261,10 @@ def resolve_input(cfg: DictConfig, name: str) -> Path:
             if man is not None:
                 check_fresh(p, man, name)
             return p
+    for d in candidates:  # moved aside by a running overwrite=true, or not made yet
+        busy = _being_written(cfg, producer, d, name, d / rel)
+        if busy:
+            raise StageInputError(busy)
     shipped, broken = shipped_default(name)
     if shipped is not None:
         return shipped
@@ -265,6 +272,29 @@ def resolve_input(cfg: DictConfig, name: str) -> Path:
         f"missing input '{name}': expected {candidates[-1] / rel}, which stage={producer} "
         f"writes. Run `python -m pipeline stage={producer} experiment={cfg.experiment}` "
         f"first, or set paths.inputs.{name}=PATH.{broken}"
+    )
+
+
+def _being_written(cfg: DictConfig, producer: str, d: Path, name: str, p: Path) -> str:
+    """The message for input ``name`` (``p`` in stage folder ``d``) when another process
+    writes that folder now, else ''.
+
+    An input missing or unfinished because its stage runs now (``overwrite=true`` moves
+    the folder aside; ``resume=true`` marks it running) was reported as "missing input
+    ... Run stage=train first" or "Re-run ... overwrite=true": advice that starts a
+    second writer (found by a concurrency audit).
+    """
+    from pipeline.locks import describe, stage_lock
+
+    top = run_dir(cfg) / producer
+    variant = "/".join(d.relative_to(top).parts) if d != top else ""
+    lock = stage_lock(run_dir(cfg), producer, variant, cfg.experiment)
+    holder = lock.writer_elsewhere()
+    if holder is None:
+        return ""
+    return (
+        f"input '{name}' ({p}) is not ready: {lock.label} is running now "
+        f"({describe(holder)}); wait for it to finish, or set paths.inputs.{name}=PATH"
     )
 
 
@@ -343,7 +373,7 @@ def stages_for(cfg: DictConfig) -> list[str]:
 def run_stage(cfg: DictConfig, name: str) -> Path:
     """Run one stage: check inputs, prepare its folder, call it, write the manifest."""
     from pipeline import guards, hardware
-    from pipeline.locks import producer_lock, stage_lock
+    from pipeline.locks import held_for_run, producer_lock, stage_lock
     from pipeline.stagedir import check_writable
 
     if name not in REGISTRY:
@@ -377,10 +407,12 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
         seen = {own.path}
         for n, p in inputs.items():
             lock = producer_lock(p)
-            if lock is not None and lock.path not in seen:
+            # a folder this run locked up front (stage=all: main) is not locked twice
+            if lock is not None and lock.path not in seen and not held_for_run(lock.path):
                 seen.add(lock.path)
-                held.callback(lock.acquire_shared(f"input '{n}' ({p})").release)
-        held.enter_context(own)
+                held.callback(lock.acquire_shared(f"input '{n}' ({p})", own.label).release)
+        if not held_for_run(own.path):
+            held.enter_context(own)
         return _run_locked(cfg, name, spec, inputs)
 
 
@@ -568,6 +600,12 @@ def _drop_hydra_dir(cfg: DictConfig) -> None:
     root = setting_path(cfg.paths.root).resolve()
     if out.name == ".hydra" or ".hydra" not in out.parts or root not in out.resolve().parents:
         return
+    # only a folder named after this process (conf/config.yaml: ``-<pid>``): named to
+    # the second, a refused run removed the folder of a run started in the same second
+    tag = f"-{os.getpid()}"
+    below = out.parts[out.parts.index(".hydra") + 1 :]
+    if not any(part.endswith(tag) for part in below):
+        return
     root_log = logging.getLogger()
     for h in list(root_log.handlers):  # Hydra's job log file lives in that folder
         if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == out:
@@ -619,37 +657,78 @@ def _with_path(cfg: DictConfig, name: str, e: Exception) -> Exception:
     return named
 
 
+def _interrupted_early(cfg: DictConfig, name: str) -> int:
+    """Ctrl-C before any stage folder was touched: one line, Hydra's run folder
+    removed, exit code 130."""
+    msg = f"interrupted before stage={name} started: nothing was written"
+    _log_off_console(msg)
+    print(f"error: {msg}", file=sys.stderr)
+    _drop_hydra_dir(cfg)
+    return 130
+
+
 def main(cfg: DictConfig) -> int:
     """Entry point after Hydra composed ``cfg``. Returns a process exit code."""
-    from pipeline import guards, hardware
+    name = cfg.stage.name
+    started = _FOLDERS_STARTED
+    try:
+        # the first seconds (torch, the stage modules): a Ctrl-C while they were
+        # imported printed a 29-frame KeyboardInterrupt traceback
+        from pipeline import guards, hardware
+        from pipeline.locks import hold_for_run, producer_lock, stage_lock
+        from pipeline.stagedir import check_writable
 
-    load_stages()
+        load_stages()
+    except KeyboardInterrupt:
+        return _interrupted_early(cfg, name)
     hardware.forget_warnings()  # a run's stage logs replay its own warnings only
     # anndata logs "storing 'x' as categorical" at INFO for every string column written
     logging.getLogger("anndata").setLevel(logging.WARNING)
-    name = cfg.stage.name
     expand_user_paths(cfg)
-    started = _FOLDERS_STARTED
     try:
         names = guards.start_run(cfg, stages_for(cfg))
         plan = guards.stage_plan(cfg, names)
-        if len(names) > 1 and os.environ.get("RANK", "0") in ("", "0"):
-            from pipeline.precheck import precheck
+        with ExitStack() as run_locks:
+            if len(names) > 1 and os.environ.get("RANK", "0") in ("", "0"):
+                from pipeline.precheck import precheck
 
-            precheck(cfg, names, plan)  # rank 0 of torchrun or a plain run
-        from segmentation.progress import redirect_logging
+                # rank 0 of torchrun or a plain run
+                reads = precheck(cfg, names, plan)
+                # every folder the chain writes, and reads from outside it, before the
+                # first stage: it met a running stage halfway and left the study mixed
+                stage_cfgs = dict(plan)
+                writes = [
+                    stage_lock(run_dir(c), s, c.variant, c.experiment)
+                    for s, c in ((s, stage_cfgs.get(s, cfg)) for s in names)
+                ]
+                by = f"stage={cfg.stage.name} of experiment {cfg.experiment}"
+                found = [(producer_lock(p), f"input '{n}' ({p})") for n, p in reads]
+                shared = [(lk, what) for lk, what in found if lk is not None]
+                check_writable(setting_path(cfg.paths.root), "paths.root")
+                run_locks.enter_context(
+                    hold_for_run(
+                        writes,
+                        shared,
+                        by,
+                        f"stage={cfg.stage.name}: cannot start (checked before any stage "
+                        f"started; nothing was run)",
+                    )
+                )
+            from segmentation.progress import redirect_logging
 
-        with redirect_logging():  # log lines above the progress bars, not through them
-            for k, (name, stage_cfg) in enumerate(plan, 1):
-                if len(names) > 1:
-                    log.info("stage %d/%d: %s", k, len(names), name)
-                run_stage(stage_cfg, name)
+            with redirect_logging():  # log lines above the progress bars, not through them
+                for k, (name, stage_cfg) in enumerate(plan, 1):
+                    if len(names) > 1:
+                        log.info("stage %d/%d: %s", k, len(names), name)
+                    run_stage(stage_cfg, name)
     except guards.USER_ERRORS as e:
         _log_off_console(f"{e}")
         print(f"error: {e}", file=sys.stderr)
         _drop_hydra_dir(cfg)
         return 2
     except KeyboardInterrupt:
+        if _FOLDERS_STARTED == started:
+            return _interrupted_early(cfg, name)
         # the stage's folder is already marked failed and any previous result put
         # back (_run_locked); the user pressed Ctrl-C, so no traceback
         msg = (
