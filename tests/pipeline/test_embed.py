@@ -1093,7 +1093,12 @@ def test_crop_folder_cells_get_the_detectors_mask(study: Path, tmp_path):
     assert np.all((frac > 0.3) & (frac < 0.9)), frac
     c = m.shape[1] // 2
     assert m[:, c, c].all()
-    assert (a.obsm["crops"][~m] == 0).all()
+    # crops are read at the model's side (area-resized beside a nearest-resized mask, as
+    # prepare() resizes them): outside the mask only the 1 px rim the resize blends
+    from scipy.ndimage import binary_dilation
+
+    rim = np.stack([binary_dilation(k, structure=np.ones((3, 3), bool)) for k in m])
+    assert (a.obsm["crops"][~rim] == 0).all()
     rej = a.uns["rejects"]
     assert [Path(r["item"]).name for r in rej] == ["blank.png"]
     assert rej[0]["reason"].startswith("no mask")
@@ -1105,7 +1110,8 @@ def test_crop_folder_cells_get_the_detectors_mask(study: Path, tmp_path):
     Image.fromarray(a.obsm["crops"][0]).save(tmp_path / "cut" / "exported.png")
     cut = s.read(tmp_path / "cut", kind="crops")
     assert list(cut.obs["mask_source"]) == ["premasked"] and not cut.uns["rejects"]
-    assert abs(cut.obsm["masks"][0].mean() - a.obsm["masks"][0].mean()) < 0.05
+    # (within the resize's 1 px rim, which a 16 px crop makes 7 % of its area)
+    assert abs(cut.obsm["masks"][0].mean() - a.obsm["masks"][0].mean()) < 0.1
     with pytest.raises(StudyError, match="crop_masks='box'"):
         s.read(tmp_path / "crops", kind="crops", crop_masks="box")
     # the stage: the same rows, and a bad setting is refused before anything is written

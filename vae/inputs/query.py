@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,140 @@ log = logging.getLogger(__name__)
 
 # obs column the folder readers name each image's sample in (its sub-folder)
 FOLDER_SAMPLE = "sample"
+
+# images between two progress lines of a folder read (a terminal also gets a bar): a
+# 20k-crop folder read ~4 min without a line (docs/performance.md, "Embedding large inputs")
+PROGRESS_EVERY = 1000
+
+
+@dataclass(frozen=True)
+class ModelCrops:
+    """The crop side a study's model reads: a folder's crops resized to it as they are read.
+
+    ``Study.prepare`` resizes crops of any other side to ``pair_size`` as ``stage=pair``
+    does (:func:`vae.inputs.pairing.resize_crop`), then ``vae.data.from_anndata`` to
+    ``size`` (area); calling this on each crop as it is read does the same, so the
+    latents are identical, and a folder is held at the model's 64 px (16 KB a crop with
+    its mask) instead of the detector's 128 px crops (64 KB): 20k crops peaked at
+    3.85 GiB (docs/performance.md, "Embedding large inputs").
+
+    Parameters
+    ----------
+    pair_size : ``Study.pair_crop_size``, px
+    size : ``Study.crop_size`` (the model's), px
+    background : ``pair.background_value`` of the study (0..255)
+    """
+
+    pair_size: int
+    size: int
+    background: int = 0
+
+    def __call__(self, crops: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, S, S, 3) uint8 crops, (N, S, S) bool masks -> the same at ``size``."""
+        import torch
+
+        from vae.data import _resize  # the area resize from_anndata applies: one owner
+        from vae.inputs.pairing import resize_crop
+
+        masks = np.asarray(masks).astype(bool)
+        side = crops.shape[1]
+        if side not in (self.pair_size, self.size):  # as Study.prepare (_images)
+            out = [resize_crop(c, m, self.pair_size, self.background) for c, m in zip(crops, masks)]
+            crops = np.stack([o[0] for o in out])
+            masks = np.stack([o[1] for o in out])
+        if crops.shape[1] != self.size:  # as vae.data.from_anndata(image_size=size)
+            tc = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).contiguous()
+            tm = torch.from_numpy(masks.astype(np.uint8)).unsqueeze(1).contiguous()
+            tc, tm = _resize(tc, tm, self.size)
+            crops = tc.permute(0, 2, 3, 1).numpy()
+            masks = tm[:, 0].numpy().astype(bool)
+        return crops, masks
+
+
+def _as_cut(crops: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Crops kept at the side they were cut at (no :class:`ModelCrops`)."""
+    return crops, np.asarray(masks).astype(bool)
+
+
+class _CropRows:
+    """Crops and masks of a folder read, written into one array pair as they come.
+
+    A list of per-image arrays joined by ``np.concatenate`` held every crop twice at
+    the end (20k crops: 3.85 GiB peak). The arrays grow and are trimmed in place
+    (``ndarray.resize``: a realloc, no second copy where the allocator can extend or
+    shrink the block); no view of them is handed out before :meth:`arrays`. A crop
+    folder writes each image's row at the image's own slot (:meth:`put`: the crops the
+    detector reads come after the others) and :meth:`arrays` closes the gaps in place.
+    """
+
+    def __init__(self, side: int, capacity: int = 0):
+        self.crops = np.zeros((capacity, side, side, 3), np.uint8)
+        self.masks = np.zeros((capacity, side, side), bool)
+        self.n = 0  # rows written
+        self.slots: list[int] = []  # slots of put() rows
+
+    def add(self, crops: np.ndarray, masks: np.ndarray) -> None:
+        """Rows after the last one (smears: any number of cells an image)."""
+        k = len(crops)
+        if self.n + k > len(self.crops):
+            cap = max(2 * len(self.crops), self.n + k, 64)
+            self.crops.resize((cap, *self.crops.shape[1:]), refcheck=False)
+            self.masks.resize((cap, *self.masks.shape[1:]), refcheck=False)
+        self.crops[self.n : self.n + k] = crops
+        self.masks[self.n : self.n + k] = masks
+        self.n += k
+
+    def put(self, slot: int, crops: np.ndarray, masks: np.ndarray) -> None:
+        """One row at ``slot`` (< capacity): the row of image ``slot`` of a crop folder."""
+        self.crops[slot], self.masks[slot] = crops[0], masks[0]
+        self.slots.append(slot)
+        self.n += 1
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows written, in slot order, (n, S, S, 3) uint8 and (n, S, S) bool."""
+        for j, slot in enumerate(sorted(self.slots)):  # j <= slot: nothing unread is overwritten
+            if j != slot:
+                self.crops[j], self.masks[j] = self.crops[slot], self.masks[slot]
+        self.crops.resize((self.n, *self.crops.shape[1:]), refcheck=False)
+        self.masks.resize((self.n, *self.masks.shape[1:]), refcheck=False)
+        return self.crops, self.masks
+
+
+class _Progress:
+    """Progress of a folder read: a bar on a terminal (:func:`segmentation.progress.bar`)
+    and a log line every ``PROGRESS_EVERY`` images (logs and pipes get no bar)."""
+
+    def __init__(self, folder: str, total: int):
+        from segmentation.progress import bar
+
+        self.folder, self.total, self.i = folder, total, 0
+        self.bar = bar(desc="read images", total=total, unit="img")
+        self.t0 = time.perf_counter()
+
+    def step(self, cells: int) -> None:
+        """Call before each image; ``cells``: rows kept so far."""
+        if self.i:
+            self.bar.update(1)
+            if self.i % PROGRESS_EVERY == 0:
+                self._line(cells)
+        self.i += 1
+
+    def done(self, cells: int) -> None:
+        if self.i:
+            self.bar.update(1)
+        self.bar.close()
+        if self.total >= PROGRESS_EVERY:
+            self._line(cells)
+
+    def _line(self, cells: int) -> None:
+        log.info(
+            "%s: %d of %d images read, %d cells (%.0f s)",
+            self.folder,
+            self.i,
+            self.total,
+            cells,
+            time.perf_counter() - self.t0,
+        )
 
 
 def sample_images(folder: str | Path) -> list[tuple[str, Path]]:
@@ -136,7 +271,9 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and not _hidden(p) and p.suffix.lower() in IMAGE_SUFFIXES
 
 
-def read_crop_folder(folder: str | Path, size: int, background: int = 0):
+def read_crop_folder(
+    folder: str | Path, size: int, background: int = 0, model_crops: ModelCrops | None = None
+):
     """Single-cell crop images, each taken whole as the cell -> ``(AnnData, rejects)``.
 
     Each image is squared (padding marked outside the mask), resized to
@@ -148,6 +285,8 @@ def read_crop_folder(folder: str | Path, size: int, background: int = 0):
     folder : images, or sub-folders of images (one per sample)
     size : crop side S of the output, px
     background : value of padding pixels (0..255)
+    model_crops : each crop then resized to the study model's side as it is read
+        (:class:`ModelCrops`: the same latents, held at the model's side)
     """
     import anndata as ad
 
@@ -155,16 +294,20 @@ def read_crop_folder(folder: str | Path, size: int, background: int = 0):
     from vae.inputs.pairing import square_crop
 
     folder = Path(folder)
-    crops, masks, rows, rejects = [], [], [], []
-    for sample, p in sample_images(folder):
+    rows, rejects = [], []
+    images = sample_images(folder)
+    out = _CropRows(model_crops.size if model_crops is not None else size, len(images))
+    keep = model_crops if model_crops is not None else _as_cut
+    progress = _Progress(str(folder), len(images))
+    for sample, p in images:
+        progress.step(out.n)
         _note_undecodable(p)
         rd = read_rgb(p)
         if not rd.ok:
             rejects.append({"input": str(folder), "item": recorded_name(p), "reason": rd.reason})
             continue
         c, m = square_crop(rd.image, np.ones(rd.image.shape[:2], bool), size, background)
-        crops.append(c)
-        masks.append(m)
+        out.add(*keep(c[None], m[None]))
         rows.append(
             {
                 "cell_id": image_id(folder, sample, p),
@@ -174,9 +317,9 @@ def read_crop_folder(folder: str | Path, size: int, background: int = 0):
         )
     obs = pd.DataFrame(rows, columns=["cell_id", "image", "sample"]).set_index("cell_id")
     obs.index.name = None
+    progress.done(out.n)
     a = ad.AnnData(obs=obs)
-    a.obsm["crops"] = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
-    a.obsm["masks"] = np.stack(masks) if masks else np.zeros((0, size, size), bool)
+    a.obsm["crops"], a.obsm["masks"] = out.arrays()
     return a, rejects
 
 
@@ -191,6 +334,7 @@ def segment_smear_folder(
     estimate_scale: bool | None = None,
     scale_spread: float | None = SCALE_SPREAD,
     centre_cell: bool = False,
+    model_crops: ModelCrops | None = None,
 ):
     """Detect and crop the white cells of every smear image -> ``(AnnData, rejects)``.
 
@@ -232,7 +376,13 @@ def segment_smear_folder(
         then is a reject row. A crop
         already cut out on the background value
         (:func:`premasked_cell`) keeps its own mask;
-        ``obs["mask_source"]`` says which (``detector`` / ``premasked``)
+        ``obs["mask_source"]`` says which (``detector`` / ``premasked``); only the
+        crops the detector reads are measured and pooled for their scale (a crop cut
+        out keeps its framing: measuring it cost a quarter of a 20k-crop read and
+        warned of mixed magnifications that no crop used)
+    model_crops : crops and masks resized to the study model's side as each image is
+        read (:class:`ModelCrops`; the same latents, a quarter of the memory at 128 ->
+        64 px); None: ``settings.crop_size``
     """
     import anndata as ad
 
@@ -259,52 +409,55 @@ def segment_smear_folder(
         settings = replace(settings, filters=crop_folder_filters(settings.filters), crop_fill=True)
     det = MaskRCNNDetector(model, device, **(detector_kwargs or {}))
     folder = Path(folder)
-    frames, crops, masks, rejects, scales = [], [], [], [], {}
+    # (image index, ...): a crop folder's detector crops are read after its other crops,
+    # and every row goes back to its image's place
+    frames: list[tuple[int, pd.DataFrame]] = []
+    rejects: list[tuple[int, dict]] = []
+    scales: dict[str, float] = {}
     images = sample_images(folder)
-    pooled = {}
-    if estimate_cell_px is not None and scale_spread is not None:
-        fallback = float(settings.input_scale)
-        paths = [p for _, p in images]
-        pooled = pooled_estimates(paths, estimate_cell_px, fallback, float(scale_spread))
-    # crops: the median estimate of each folder, whatever the crops' sizes, for a second
-    # try where the crop's own scale gives no cell at the centre (the ruler can read a
-    # lobe as a cell, and a cell seen 4x too large comes apart into pieces)
-    folder_scale = folder_medians(pooled) if centre_cell else {}
+    bg = settings.background_value
+    pool = estimate_cell_px is not None and scale_spread is not None
+    fallback = float(settings.input_scale)
+    pooled: dict = {}
+    folder_scale: dict = {}
+    if pool and not centre_cell:
+        pooled = pooled_estimates(
+            [p for _, p in images], estimate_cell_px, fallback, float(scale_spread)
+        )
     twins = stem_twins(p for _, p in images)
-    for sample, p in images:
-        # every string of this image in obs, uns and rejects: valid UTF-8 (recorded_name)
-        _note_undecodable(p)
-        name, item = recorded_name(p.name), recorded_name(p)
-        rd = read_rgb(p)
-        if not rd.ok:
-            rejects.append({"input": str(folder), "item": item, "reason": rd.reason})
-            continue
+    side = model_crops.size if model_crops is not None else settings.crop_size
+    # a crop folder gives at most one row per image: rows written in place, no second copy
+    rows = _CropRows(side, len(images) if centre_cell else 0)
+    keep = model_crops if model_crops is not None else _as_cut
+
+    def cut_out(i: int, sample: str, p: Path, image: np.ndarray, name: str) -> bool:
+        """A crop already cut out: its own mask and its own framing (True), else False."""
+        pre = premasked_cell(image, bg)
+        if pre is None:
+            return False
+        c, m, cs = frame_premasked(image, pre, settings.crop_size, bg)
+        row = {
+            "cell_id": [image_id(folder, sample, p)],
+            "image": [name],
+            "area": [int(pre.sum())],
+            "crop_scale": [cs],
+            "mask_source": ["premasked"],
+            "kept": [True],
+            "sample": [recorded_name(sample)],
+        }
+        frames.append((i, pd.DataFrame(row)))
+        rows.put(i, *keep(c[None], m[None]))
+        return True
+
+    def detect(i: int, sample: str, p: Path, image: np.ndarray, name: str, item: str) -> None:
+        """The detector's cells of one image (a crop: the one at its centre)."""
         # with the sub-folders and, for cell.jpg beside cell.png, the extension: ids of
         # two slides' img.jpg (or of the two twins) were one, refused as duplicated ids
         prefix = cell_prefix(folder, sample, p, twins)
-        pre = premasked_cell(rd.image, settings.background_value) if centre_cell else None
-        if pre is not None:  # already cut out: its own mask and its own framing
-            c, m, cs = frame_premasked(rd.image, pre, settings.crop_size, settings.background_value)
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "cell_id": [image_id(folder, sample, p)],
-                        "image": [name],
-                        "area": [int(pre.sum())],
-                        "crop_scale": [cs],
-                        "mask_source": ["premasked"],
-                        "kept": [True],
-                        "sample": [recorded_name(sample)],
-                    }
-                )
-            )
-            crops.append(c[None])
-            masks.append(m[None])
-            continue
         if centre_cell:
             cc = centre_cell_of(
                 det,
-                rd.image,
+                image,
                 name,
                 settings,
                 prefix,
@@ -316,22 +469,20 @@ def segment_smear_folder(
             log.info("scale %s: %s", name, cc.how)
             scales[prefix] = cc.scale
             if cc.pos is None:
-                rejects.append(
-                    {"input": str(folder), "item": item, "reason": f"no mask: {cc.reason}"}
-                )
-                continue
+                reason = f"no mask: {cc.reason}"
+                rejects.append((i, {"input": str(folder), "item": item, "reason": reason}))
+                return
             cells, pos = cc.cells, cc.pos
             kept = cells.table[cells.table["kept"]].iloc[[pos]].copy()
             kept["cell_id"] = image_id(folder, sample, p)
             kept["image"] = name
             kept["mask_source"] = "detector"
-            crops.append(cells.crops.images[pos : pos + 1])
-            masks.append(cells.crops.masks[pos : pos + 1])
+            rows.put(i, *keep(cells.crops.images[pos : pos + 1], cells.crops.masks[pos : pos + 1]))
         else:
             if estimate_cell_px is not None:
                 cells, choice = segment_estimated(
                     det,
-                    rd.image,
+                    image,
                     name,
                     settings,
                     estimate_cell_px,
@@ -344,23 +495,65 @@ def segment_smear_folder(
                 scales[prefix] = choice.scale
             else:
                 scales[prefix] = float(settings.input_scale)
-                cells = segment_images(det, [rd.image], [name], settings, id_prefixes=[prefix])[0]
+                cells = segment_images(det, [image], [name], settings, id_prefixes=[prefix])[0]
             kept = cells.table[cells.table["kept"]].copy()
             if not len(kept):
-                rejects.append({"input": str(folder), "item": item, "reason": "no cells kept"})
-                continue
-            crops.append(cells.crops.images)
-            masks.append(cells.crops.masks)
+                reason = "no cells kept"
+                rejects.append((i, {"input": str(folder), "item": item, "reason": reason}))
+                return
+            rows.add(*keep(cells.crops.images, cells.crops.masks))
         kept["sample"] = recorded_name(sample)
-        frames.append(kept)
-    s = settings.crop_size
+        frames.append((i, kept))
+
+    later = []  # crops the detector reads once their folder's magnification is measured
+    progress = _Progress(str(folder), len(images))
+    for i, (sample, p) in enumerate(images):
+        progress.step(rows.n)
+        # every string of this image in obs, uns and rejects: valid UTF-8 (recorded_name)
+        _note_undecodable(p)
+        name, item = recorded_name(p.name), recorded_name(p)
+        rd = read_rgb(p)
+        if not rd.ok:
+            rejects.append((i, {"input": str(folder), "item": item, "reason": rd.reason}))
+            continue
+        if centre_cell and cut_out(i, sample, p, rd.image, name):
+            continue
+        if centre_cell and pool:  # measured with the others of its folder first
+            later.append((i, sample, p))
+            continue
+        detect(i, sample, p, rd.image, name, item)
+    progress.done(rows.n)
+    if later:
+        # only the crops the detector reads are measured and pooled: a crop already cut
+        # out uses no scale (measuring every crop cost 79 s of a 313 s 20k-crop read and
+        # warned of mixed magnifications from crops that used none); read once more
+        # (not held: a folder's images would fill the memory)
+        log.info("%s: measuring the magnification of %d crops", folder, len(later))
+        pooled = pooled_estimates(
+            [p for _, _, p in later], estimate_cell_px, fallback, float(scale_spread)
+        )
+        # the median estimate of each folder, whatever the crops' sizes, for a second try
+        # where the crop's own scale gives no cell at the centre (the ruler can read a
+        # lobe as a cell, and a cell seen 4x too large comes apart into pieces)
+        folder_scale = folder_medians(pooled)
+        progress = _Progress(f"{folder} (detector)", len(later))
+        for i, sample, p in later:
+            progress.step(rows.n)
+            name, item = recorded_name(p.name), recorded_name(p)
+            rd = read_rgb(p)
+            if not rd.ok:  # read a moment ago: changed since
+                rejects.append((i, {"input": str(folder), "item": item, "reason": rd.reason}))
+                continue
+            detect(i, sample, p, rd.image, name, item)
+        progress.done(rows.n)
+    frames.sort(key=lambda f: f[0])
+    rejects = [r for _, r in sorted(rejects, key=lambda r: r[0])]
     if frames:
-        obs = obs_frame(pd.concat(frames, ignore_index=True))
+        obs = obs_frame(pd.concat([f for _, f in frames], ignore_index=True))
     else:
         obs = pd.DataFrame(index=pd.Index([], dtype=str), columns=["image", "sample"])
     a = ad.AnnData(obs=obs)
-    a.obsm["crops"] = np.concatenate(crops) if crops else np.zeros((0, s, s, 3), np.uint8)
-    a.obsm["masks"] = np.concatenate(masks) if masks else np.zeros((0, s, s), bool)
+    a.obsm["crops"], a.obsm["masks"] = rows.arrays()
     a.uns["input_scales"] = scales
     return a, rejects
 
