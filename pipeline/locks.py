@@ -429,6 +429,17 @@ def producer_lock(path: Path) -> StageLock | None:
     from pipeline.artifacts import MANIFEST, read_manifest
 
     p = Path(path).resolve()
+    if not p.exists() and not p.suffix:
+        # a stage folder that is not there now (moved aside by a run rewriting it, or
+        # never made): its lock by name, where its experiment has one, so a reader is
+        # told of the writer instead of the folder missing (a manifest above it would be
+        # another run's: train/ above a variant's train/p9)
+        from pipeline.runner import EXTRA_STAGES, ORDER
+
+        for top in [p, *p.parents]:
+            if top.name in ORDER + EXTRA_STAGES and (top.parent / ".locks").is_dir():
+                variant = "/".join(p.relative_to(top).parts)
+                return stage_lock(top.parent, top.name, variant, top.parent.name)
     for d in [p, *p.parents]:
         if not (d / MANIFEST).is_file():
             continue

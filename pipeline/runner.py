@@ -92,6 +92,9 @@ class StageSpec:
     distributed: bool = False  # run once per DDP rank through pipeline.hardware
     # checks the settings before any folder is created; raises StageError
     validate: Callable[[DictConfig], None] | None = None
+    # folders the stage reads that are not artifacts of its experiment (stage=embed's
+    # embed.study): {what: path}, read-locked for the whole stage as inputs are
+    reads: Callable[[DictConfig], dict[str, Path]] | None = None
 
     def needs_for(self, cfg: DictConfig) -> list[str]:
         return list(self.needs(cfg) if callable(self.needs) else self.needs)
@@ -111,6 +114,7 @@ def stage(
     produces: list[str] = (),
     distributed: bool = False,
     validate: Callable[[DictConfig], None] | None = None,
+    reads: Callable[[DictConfig], dict[str, Path]] | None = None,
 ) -> Callable[[Callable[[StageContext], None]], Callable[[StageContext], None]]:
     """Register ``fn`` as the implementation of stage ``name``."""
     if name not in ORDER + EXTRA_STAGES:
@@ -125,6 +129,7 @@ def stage(
             produces=list(produces),
             distributed=distributed,
             validate=validate,
+            reads=reads,
         )
         return fn
 
@@ -405,12 +410,13 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
     own = stage_lock(run_dir(cfg), name, cfg.variant, cfg.experiment)
     with ExitStack() as held:
         seen = {own.path}
-        for n, p in inputs.items():
+        extra = {f"{w} ({p})": p for w, p in (spec.reads(cfg) if spec.reads else {}).items()}
+        for n, p in [*((f"input '{k}' ({v})", v) for k, v in inputs.items()), *extra.items()]:
             lock = producer_lock(p)
             # a folder this run locked up front (stage=all: main) is not locked twice
             if lock is not None and lock.path not in seen and not held_for_run(lock.path):
                 seen.add(lock.path)
-                held.callback(lock.acquire_shared(f"input '{n}' ({p})", own.label).release)
+                held.callback(lock.acquire_shared(n, own.label).release)
         if not held_for_run(own.path):
             held.enter_context(own)
         return _run_locked(cfg, name, spec, inputs)

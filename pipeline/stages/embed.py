@@ -131,7 +131,7 @@ def load_study(ctx: StageContext):
         raise StageError(str(e)) from e
 
 
-def _study_variant(cfg) -> str:
+def _study_variant(cfg, say: bool = True) -> str:
     """The train variant of ``embed.study`` to read: ``variant`` when the study has that
     train run, else its main one. ``variant=NAME`` names this embed's own folder (the
     documented way to run a second embed beside the first), and was taken as the
@@ -143,14 +143,15 @@ def _study_variant(cfg) -> str:
     study = Path(str(cfg.embed.study)).expanduser()
     if (study / "train" / variant / "model.pt").exists():
         return variant
-    log.info(
-        "embed.study=%s has no train/%s: its main train run is read (variant=%s names "
-        "this embed's folder; a sweep run of the study: embed.study=%s/train/<variant>)",
-        cfg.embed.study,
-        variant,
-        variant,
-        cfg.embed.study,
-    )
+    if say:
+        log.info(
+            "embed.study=%s has no train/%s: its main train run is read (variant=%s names "
+            "this embed's folder; a sweep run of the study: embed.study=%s/train/<variant>)",
+            cfg.embed.study,
+            variant,
+            variant,
+            cfg.embed.study,
+        )
     return ""
 
 
@@ -248,7 +249,32 @@ def _read_mapping(cfg) -> pd.DataFrame | None:
     return m  # repeats with one sample: _samples keeps each id once
 
 
-@stage("embed", needs=_needs, optional=_optional, produces=["query"], validate=_validate)
+def _study_reads(cfg) -> dict[str, Path]:
+    """The folders of ``embed.study`` this run reads (train run, detector), read-locked
+    for the whole stage: unlocked, a study retrained meanwhile gave a query of the old
+    model whose manifest named the new one (concurrency audit)."""
+    if not cfg.embed.study:
+        return {}
+    root = Path(str(cfg.embed.study)).expanduser().absolute()
+    if root.is_file():  # the model file itself
+        return {"embed.study's train run": root.parent}
+    if (root / "model.pt").exists():  # a train[/<variant>] folder
+        return {"embed.study's train run": root}
+    variant = _study_variant(cfg, say=False)  # said when the study is loaded
+    out = {"embed.study's train run": root / "train" / variant if variant else root / "train"}
+    if not cfg.paths.inputs.get("segmentation_model") and (root / "segment_train").is_dir():
+        out["embed.study's detector"] = root / "segment_train"
+    return out
+
+
+@stage(
+    "embed",
+    needs=_needs,
+    optional=_optional,
+    produces=["query"],
+    validate=_validate,
+    reads=_study_reads,
+)
 def run_embed(ctx: StageContext) -> None:
 
     from vae.analysis.samples import sample_profile, write_samples_html

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import pipeline.stages.embed
 from pipeline.runner import StageError
 from tests.helpers.run import run_pipeline, run_stage_in_process
 from tests.helpers.seg_synth import LIGHT_HEADS
@@ -1122,6 +1123,14 @@ def test_crop_folder_cells_get_the_detectors_mask(study: Path, tmp_path):
     with pytest.raises(StageError, match="embed.crop_masks=box"):
         _embed(study, "cm2", f"embed.crops={tmp_path / 'crops'}", "embed.crop_masks=box")
     assert not (study / "out" / "cm2" / "embed").exists()
+    # a folder mixing a cut-out crop with crops the detector reads: the stage wrote
+    # nothing ("Can't implicitly convert non-string objects to strings": the premasked
+    # row's detector flags were NaN beside True/False; scale audit)
+    shutil.copy(tmp_path / "cut" / "exported.png", tmp_path / "crops" / "pat" / "exported.png")
+    d = _embed(study, "mix", f"embed.crops={tmp_path / 'crops'}")
+    q = ad.read_h5ad(d / "query.h5ad")
+    assert sorted(q.obs["mask_source"]) == ["detector", "detector", "premasked"]
+    assert q.obs["low_score"].dtype == bool and not q.obs["low_score"].any()
 
 
 @pytest.mark.skipif(not CROPS.is_dir(), reason="needs ../shared/data (bccd_cropped)")
@@ -1237,3 +1246,36 @@ def test_a_detector_retrained_after_load_is_not_used_silently(study: Path, tmp_p
     det.unlink()
     with pytest.raises(StudyError, match="is gone"):
         st.read(smears, "smears")
+
+
+def test_embed_study_is_read_locked_for_the_whole_stage(study: Path):
+    """embed.study took no lock: a study retrained meanwhile gave a query of the old
+    model whose manifest named the new one (concurrency audit). While the study's train
+    folder is being written, embed is refused at once; while embed reads it, the study's
+    train is (its lock is held shared)."""
+    from pipeline.locks import stage_lock
+
+    inp = f"embed.h5ad={study / 'paired.h5ad'}"
+    with stage_lock(study / "out" / "s", "train", "", "s"):
+        with pytest.raises(StageError, match="embed.study's train run .* is being written"):
+            _embed(study, "locked", inp)
+    assert not (study / "out" / "locked" / "embed").exists()
+    # a train folder moved aside by the run rewriting it is still found by its lock
+    from pipeline.locks import producer_lock
+
+    gone = producer_lock(study / "out" / "s" / "train" / "p9")
+    assert (
+        gone is not None and gone.path == stage_lock(study / "out" / "s", "train", "p9", "s").path
+    )
+    seen = {}
+
+    def during(ctx, real=pipeline.stages.embed.load_study):
+        lock = stage_lock(study / "out" / "s", "train", "", "s")
+        seen["held"] = lock.held_elsewhere()
+        return real(ctx)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(pipeline.stages.embed, "load_study", during):
+        _embed(study, "reading", inp)
+    assert seen["held"]

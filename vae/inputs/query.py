@@ -549,13 +549,30 @@ def segment_smear_folder(
     frames.sort(key=lambda f: f[0])
     rejects = [r for _, r in sorted(rejects, key=lambda r: r[0])]
     if frames:
-        obs = obs_frame(pd.concat([f for _, f in frames], ignore_index=True))
+        obs = obs_frame(_filled(pd.concat([f for _, f in frames], ignore_index=True)))
     else:
         obs = pd.DataFrame(index=pd.Index([], dtype=str), columns=["image", "sample"])
     a = ad.AnnData(obs=obs)
     a.obsm["crops"], a.obsm["masks"] = rows.arrays()
     a.uns["input_scales"] = scales
     return a, rejects
+
+
+def _filled(table: pd.DataFrame) -> pd.DataFrame:
+    """Columns only some rows have, filled so the table can be written: premasked crops
+    have no detector flags (``low_score``, ``too_small``...) and the detector's rows no
+    ``mask_source`` text; concatenated, those columns held True/False beside NaN, which
+    h5py refused ("Can't implicitly convert non-string objects to strings") when a folder
+    mixed both kinds (scale audit). Flags of a row without them: False; text: ""."""
+    for col in table.columns:
+        if table[col].dtype != object or not table[col].isna().any():
+            continue
+        known = table[col].dropna()
+        if known.map(lambda v: isinstance(v, bool | np.bool_)).all():
+            table[col] = table[col].astype("boolean").fillna(False).astype(bool)
+        elif known.map(lambda v: isinstance(v, str)).all():
+            table[col] = table[col].fillna("")
+    return table
 
 
 def premasked_cell(
