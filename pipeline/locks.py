@@ -94,7 +94,11 @@ class StageLock:
     """
 
     def __init__(self, path: Path, label: str):
-        self.path = Path(path)
+        # one spelling of each lock file: stage=all records the locks it holds by path
+        # and looks its inputs up through producer_lock (resolved); a relative or
+        # symlinked paths.root (the default "outputs") made the two differ, and the run
+        # refused its own input at stage 2 (review of the concurrency fixes)
+        self.path = Path(path).absolute().resolve()
         self.label = label
         self._fd: int | None = None
         self._record: Path | None = None
@@ -360,7 +364,7 @@ class StageLock:
 
 def held_for_run(path: Path) -> bool:
     """Whether this process holds lock ``path`` for its whole run (:func:`hold_for_run`)."""
-    return Path(path) in _RUN_HELD
+    return Path(path).absolute().resolve() in _RUN_HELD
 
 
 @contextmanager
@@ -429,17 +433,17 @@ def producer_lock(path: Path) -> StageLock | None:
     from pipeline.artifacts import MANIFEST, read_manifest
 
     p = Path(path).resolve()
-    if not p.exists() and not p.suffix:
-        # a stage folder that is not there now (moved aside by a run rewriting it, or
-        # never made): its lock by name, where its experiment has one, so a reader is
-        # told of the writer instead of the folder missing (a manifest above it would be
-        # another run's: train/ above a variant's train/p9)
+    if not p.exists():
+        # in a stage folder that is not there now (moved aside by a run rewriting it, or
+        # never made): its lock by the folder's name, where its experiment has locks, so
+        # a reader is told of the writer instead of the folder missing
         from pipeline.runner import EXTRA_STAGES, ORDER
 
         for top in [p, *p.parents]:
+            if top.exists():
+                break  # an existing folder above: its manifest says whose it is
             if top.name in ORDER + EXTRA_STAGES and (top.parent / ".locks").is_dir():
-                variant = "/".join(p.relative_to(top).parts)
-                return stage_lock(top.parent, top.name, variant, top.parent.name)
+                return stage_lock(top.parent, top.name, "", top.parent.name)
     for d in [p, *p.parents]:
         if not (d / MANIFEST).is_file():
             continue

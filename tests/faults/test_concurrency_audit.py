@@ -334,3 +334,23 @@ def test_ctrl_c_at_start_is_one_line(tmp_path, after):
     assert "Traceback" not in err
     (line,) = err.strip().splitlines()
     assert line.startswith("error: interrupted") and "nothing was written" in line
+
+
+def test_a_relative_or_symlinked_root_finds_the_locks_stage_all_holds(tmp_path, monkeypatch):
+    """stage=all with paths.root=outputs (the default, relative) refused its own input at
+    stage 2: it held out/t/.locks/simulate.lock by its relative name and looked the input
+    up by the resolved one (review)."""
+    from pipeline.artifacts import MANIFEST
+    from pipeline.locks import held_for_run, hold_for_run, producer_lock
+
+    real = tmp_path / "real"
+    (real / "t" / ".locks").mkdir(parents=True)
+    (real / "t" / "simulate").mkdir()
+    (real / "t" / "simulate" / MANIFEST).write_text(json.dumps({"stage": "simulate"}))
+    (tmp_path / "link").symlink_to(real)
+    monkeypatch.chdir(tmp_path)
+    for root in (Path("real"), Path("link")):
+        writes = [stage_lock(root / "t", "simulate", "", "t")]
+        with hold_for_run(writes, [], "stage=all of experiment t", "stage=all"):
+            lock = producer_lock(root / "t" / "simulate" / "smears")
+            assert lock is not None and held_for_run(lock.path), root
