@@ -48,13 +48,19 @@ def expression_dropout(cfg_value: float | None, data) -> float:
     return 0.0 if expression_alone(data) else DEFAULT_DROPOUT
 
 
+# ``vae.expression_norm=auto`` picks BatchNorm only with at least this many rows: with
+# fewer the training split can hold one row, and BatchNorm then fails on its first
+# step ("Expected more than 1 value per channel when training"; an audit with 1 row)
+BATCHNORM_MIN_ROWS = 8
+
+
 def expression_norm(cfg_value: str, data) -> str:
     """Resolve ``vae.expression_norm``: ``auto`` -> ``batch`` for expression alone
     (BatchNorm's statistics then see no empty row; measured on Paul15,
-    docs/performance.md), else ``layer``."""
+    docs/performance.md) with at least ``BATCHNORM_MIN_ROWS`` rows, else ``layer``."""
     if cfg_value != "auto":
         return cfg_value
-    return "batch" if expression_alone(data) else "layer"
+    return "batch" if expression_alone(data) and data.n >= BATCHNORM_MIN_ROWS else "layer"
 
 
 def expression_input(cfg_value: str, data) -> str:

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EpochStats:
-    """Mean loss terms of one epoch (``loss`` is their sum), last LR, iterations, seconds."""
+    """Mean loss terms of one epoch (``loss`` is their sum), last LR, iterations, seconds;
+    ``first_loss``: the epoch's first iteration's loss (the run's divergence reference)."""
 
     epoch: int
     losses: dict[str, float]
@@ -43,6 +44,17 @@ class EpochStats:
     lr: float
     iterations: int
     seconds: float
+    first_loss: float = math.nan
+
+
+# divergence stop: an iteration's loss above this many times the run's first loss stops
+# the run like a NaN. An audit ran segmentation.lr=1000 to "done": losses 1e19-1e24,
+# val AP 0 and a model.pt with weights of 1.7e8, since no loss was NaN. Normal runs
+# start near 16 (demo) and fall.
+DIVERGE_FACTOR = 1e3
+# the reference loss's magnitude is taken as at least this: Mask R-CNN's summed terms
+# near 0 would make any loss look diverged
+DIVERGE_FLOOR = 1.0
 
 
 def warmup_schedule(
@@ -93,6 +105,7 @@ def train_one_epoch(
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     n_epochs: int | None = None,
     progress: bool = True,
+    reference: float | None = None,
 ) -> EpochStats:
     """One training pass.
 
@@ -119,15 +132,20 @@ def train_one_epoch(
     progress
         Show a progress bar (rate, ETA, loss) on a terminal (rank 0 only);
         see :mod:`segmentation.progress`.
+    reference
+        The run's first loss (divergence reference; ``EpochStats.first_loss`` of its
+        first epoch); None: this epoch's first iteration's.
 
     Raises
     ------
     NonFiniteLossError
-        As soon as the total loss is NaN or inf (weights are not updated).
+        As soon as the total loss is NaN or inf, or above ``DIVERGE_FACTOR`` times the
+        reference in magnitude (weights are not updated).
     """
     model.train()
     sums: dict[str, float] = {}
     n = 0
+    first = math.nan
     t0 = time.time()
     lr = optimizer.param_groups[0]["lr"]
     of = f"/{n_epochs}" if n_epochs else ""
@@ -143,11 +161,23 @@ def train_one_epoch(
             loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
         terms = {k: float(v.detach()) for k, v in loss_dict.items()}
-        if not math.isfinite(float(loss.detach())):
+        value = float(loss.detach())
+        if not math.isfinite(value):
             raise NonFiniteLossError(
                 f"non-finite training loss at epoch {epoch}, iteration {it} "
                 f"(lr={lr:.3g}): {terms}. Lower segmentation.lr, raise "
                 f"segmentation.warmup_iters or keep segmentation.grad_clip on."
+            )
+        if it == 0:
+            first = value
+            reference = value if reference is None or not math.isfinite(reference) else reference
+        limit = DIVERGE_FACTOR * max(abs(reference), DIVERGE_FLOOR)
+        if abs(value) > limit:
+            raise NonFiniteLossError(
+                f"diverged training loss at epoch {epoch}, iteration {it} (lr={lr:.3g}): "
+                f"{value:.3g} > {DIVERGE_FACTOR:.0e} x the first loss {reference:.4g} "
+                f"({terms}). Lower segmentation.lr, raise segmentation.warmup_iters or "
+                f"keep segmentation.grad_clip on."
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -190,6 +220,7 @@ def train_one_epoch(
         lr=lr,
         iterations=n,
         seconds=time.time() - t0,
+        first_loss=first if n else math.nan,
     )
 
 

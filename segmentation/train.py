@@ -212,6 +212,11 @@ def fit(
         enabled=dist.is_main,
         leave=True,
     )
+    # the divergence reference: the run's first loss (kept in the history for a resume)
+    loss_ref = None
+    if history:
+        h0 = history[0].get("train", {})
+        loss_ref = h0.get("first_loss", h0.get("loss"))
     for epoch in range(start_epoch, end_epoch):
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
@@ -229,7 +234,10 @@ def fit(
             reduce=dist.all_reduce_mean if dist.distributed else None,
             n_epochs=int(args.epochs),
             progress=dist.is_main,
+            reference=loss_ref,
         )
+        if loss_ref is None:
+            loss_ref = stats.first_loss
         entry: dict[str, Any] = {"epoch": epoch, "train": asdict(stats)}
         if dist.is_main:
             for k, v in stats.losses.items():
@@ -278,6 +286,15 @@ def fit(
         if name not in last:  # e.g. resumed after the last epoch
             last[name] = evaluate(core, ds, dist.device, args.score_threshold)
         final["val"][name] = last[name].as_dict()
+        if last[name].recall == 0:
+            # an audit's runaway run (segmentation.lr=1000) finished "done" with recall
+            # 0 and nothing said: a detector that finds no cell is no result
+            log.warning(
+                "val %s: recall 0 at the last evaluation: the detector finds no annotated "
+                "cell (too few epochs, segmentation.lr too high, or a diverged run); "
+                "check the loss curve before using model.pt",
+                name,
+            )
     for name, ds in test_sets.items():
         r = evaluate(core, ds, dist.device, args.score_threshold)
         final["test"][name] = r.as_dict()

@@ -255,6 +255,10 @@ def from_anndata(
         raise PairedDataError(f"{source}: X holds non-finite values")
     has_counts = "counts" in adata.layers and bool(adata.uns.get(HAS_COUNTS, True))
     counts = _dense(adata.layers["counts"]).astype(np.float32) if has_counts else None
+    # NaN passed the "< 0" test (audit: a NaN training row stopped at epoch 1 with
+    # "Lower trainer.lr"; NaN only in test rows finished silently)
+    if counts is not None and not np.isfinite(counts).all():
+        raise PairedDataError(f"{source}: layers['counts'] holds non-finite values")
     if counts is not None and (counts < 0).any():
         raise PairedDataError(f"{source}: layers['counts'] holds negative values")
     if counts is not None:
@@ -314,6 +318,8 @@ def _from_parts(adata, source: str, crops, masks, sparse: bool) -> PairedTensors
         raise PairedDataError(f"{source}: X holds non-finite values")
     has_counts = "counts" in adata.layers and bool(adata.uns.get(HAS_COUNTS, True))
     counts = csr(adata.layers["counts"]) if has_counts else None
+    if counts is not None and not np.isfinite(counts.data).all():
+        raise PairedDataError(f"{source}: layers['counts'] holds non-finite values")
     if counts is not None and (counts.data < 0).any():
         raise PairedDataError(f"{source}: layers['counts'] holds negative values")
     # expm1(0) = 0: the same pattern; the structure is shared, only the values copied

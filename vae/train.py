@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,91 @@ class TrainResult:
 VIEW_ROTATE = 0.1
 
 ACTIVE_UNIT_NATS = 0.01  # a latent dim is "active" when its mean KL exceeds this
+
+# divergence stop: a step's loss (or an epoch's validation loss) above this many times
+# the run's first-step loss, in magnitude, stops the run like a NaN. An audit ran
+# trainer.lr=10 to "complete" with train losses 1e15-6e17 (normal runs: about -1900)
+# and every check passing, since none was NaN. The first step's loss (data and initial
+# weights only) is the reference; a normal demo run stays within a few times it.
+DIVERGE_FACTOR = 1e3
+# the reference's magnitude is taken as at least this (nats): a first loss near 0
+# (image and expression NLLs of opposite sign) would make any loss look diverged
+DIVERGE_FLOOR = 1e3
+# the fused posterior's KL above this (nats per cell) is divergence whatever the total:
+# during the β warm-up the KL is weighted little, and the lr=10 audit run reached
+# KL 6e13 at epoch 1 (normal runs: tens to hundreds of nats)
+DIVERGE_KL_NATS = 1e6
+
+
+# degenerate-input warning: at load, when more than this share of the training rows
+# with an image has an empty mask or a constant (blank) crop, or of those with
+# expression an all-zero profile. An audit trained all-empty masks and all-zero
+# crops to the same losses without a word (the image terms have nothing to learn)
+DEGENERATE_SHARE = 0.5
+# rows read for that check (evenly spaced; crops on disk are read by rows)
+DEGENERATE_SAMPLE = 1024
+
+
+def degenerate_inputs(data: PairedTensors, rows: np.ndarray) -> list[str]:
+    """What most of ``rows`` hold nothing of: a line per modality, for a warning.
+
+    Parameters
+    ----------
+    data : PairedTensors (in memory or on disk: read through ``index_select``)
+    rows : (K,) row indices (the training rows)
+
+    Returns
+    -------
+    One message per degenerate input (empty masks, blank crops, zero profiles); [].
+    """
+    out = []
+
+    def sample(flags) -> torch.Tensor:
+        r = rows[np.asarray(flags)[rows]]
+        if r.size > DEGENERATE_SAMPLE:
+            r = r[np.linspace(0, r.size - 1, DEGENERATE_SAMPLE).astype(int)]
+        return torch.as_tensor(r, dtype=torch.long)
+
+    img = sample(data.has_image.numpy() if torch.is_tensor(data.has_image) else data.has_image)
+    if img.numel():
+        m = data.masks.index_select(0, img).reshape(img.numel(), -1)
+        c = data.crops.index_select(0, img).reshape(img.numel(), -1)
+        empty = float((m.amax(1) == 0).float().mean())
+        blank = float((c.amax(1) == c.amin(1)).float().mean())
+        if empty > DEGENERATE_SHARE:
+            out.append(f"{empty:.0%} of the training crops have an empty mask")
+        if blank > DEGENERATE_SHARE:
+            out.append(f"{blank:.0%} of the training crops are blank (one value)")
+    hx = data.has_expression
+    ex = sample(hx.numpy() if torch.is_tensor(hx) else hx)
+    if ex.numel() and data.n_genes:
+        x = data.x.index_select(0, ex)
+        zero = float((x.abs().sum(1) == 0).float().mean())
+        if zero > DEGENERATE_SHARE:
+            out.append(f"{zero:.0%} of the training profiles are all zero (library 0)")
+    return out
+
+
+def diverged(loss: float, kl: float, ref: float | None) -> str | None:
+    """Why ``loss`` / ``kl`` count as diverged against the reference loss ``ref``.
+
+    Parameters
+    ----------
+    loss : a step's (or an epoch's validation) total loss
+    kl : its fused-posterior KL, nats per cell
+    ref : the run's first-step loss; None: only the KL rule applies
+
+    Returns
+    -------
+    A reason (for the error message), or None when neither rule holds.
+    """
+    if kl > DIVERGE_KL_NATS:
+        return f"KL {kl:.3g} nats > {DIVERGE_KL_NATS:.0e}"
+    if ref is not None:
+        limit = DIVERGE_FACTOR * max(abs(ref), DIVERGE_FLOOR)
+        if abs(loss) > limit:
+            return f"|loss| {abs(loss):.3g} > {DIVERGE_FACTOR:.0e} x first-step loss {ref:.4g}"
+    return None
 
 
 def ema_decay(ema_epochs: float, steps_per_epoch: int) -> float:
@@ -281,7 +367,8 @@ def train(
     Raises
     ------
     NonFiniteLossError
-        On a NaN/inf loss, naming epoch, step and the terms.
+        On a NaN/inf loss, naming epoch, step and the terms; also on a diverged finite
+        loss (:func:`diverged`), before the diverged weights are kept as model.pt.
     """
     t_start = time.time()
     out_dir = Path(out_dir)
@@ -291,8 +378,16 @@ def train(
     val_idx = np.flatnonzero(split == "val")
     if train_idx.size == 0:
         raise ValueError("no training rows in the split")
+    if train_idx.size < 2 and getattr(model.args, "expression_norm", "") == "batch":
+        # BatchNorm cannot train on a batch of one row (a raw torch ValueError otherwise)
+        raise ValueError(
+            "one training row: vae.expression_norm=batch needs at least 2; set "
+            "vae.expression_norm=layer or add rows"
+        )
     if val_idx.size == 0:
         log.warning("no validation rows: early stopping and model.pt selection use train loss")
+    for msg in degenerate_inputs(data, train_idx):
+        log.warning("%s: the model has little to learn there; check the input", msg)
 
     seed_everything(args.seed + dist.rank)
     gen = torch.Generator().manual_seed(args.seed * 7919 + dist.rank)
@@ -429,6 +524,8 @@ def train(
     best_val, best_epoch, bad_epochs = math.inf, 0, 0
     best_raw_val, best_raw_epoch = math.inf, 0  # the raw weights' own best (ema only)
     history: list[dict[str, Any]] = []
+    loss_ref: float | None = None  # the run's first-step loss (divergence reference)
+    skipped = 0  # optimizer steps skipped for a non-finite gradient norm, in total
     if resume_from is not None:
         ck = load_checkpoint(resume_from)
         if "optimizer" not in ck:
@@ -484,6 +581,10 @@ def train(
         best_raw_val = float(ck.get("best_raw_val", math.inf))
         best_raw_epoch = int(ck.get("best_raw_epoch", 0))
         history = list(ck.get("history", []))
+        loss_ref = ck.get("loss_ref")
+        if loss_ref is None and history:  # last.pt written before the reference was kept
+            loss_ref = history[0]["train"].get("total")
+        skipped = int(ck.get("skipped_steps", 0))
         _set_rng_state(ck["rng"], gen)
         log.info("resumed from %s at epoch %d, step %d", resume_from, epoch, step)
 
@@ -528,6 +629,8 @@ def train(
                 else {}
             ),
             "history": history,
+            "loss_ref": loss_ref,
+            "skipped_steps": skipped,
             "train_args": asdict(args),
             "config": config,
             "meta": dict(
@@ -633,7 +736,27 @@ def train(
                 use_expression=use_expression,
                 view=view,
             )
-            if not torch.isfinite(terms.total):
+            if flat is not None:
+                flat.zero_grad()
+            else:
+                opt.zero_grad(set_to_none=True)
+            terms.total.backward()
+            if args.grad_clip <= 0:
+                gnorm = torch.zeros((), device=terms.total.device)
+            elif flat is not None:
+                gnorm = flat.clip_(args.grad_clip)
+            else:
+                gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip, foreach=True)
+            # loss, KL and gradient norm in one host sync (as many as the NaN check alone
+            # took); nothing has been stepped yet, so a stop here keeps the weights
+            tot, kl_now, gn = (
+                torch.stack(
+                    [t.detach().float().reshape(()) for t in (terms.total, terms.kl, gnorm)]
+                )
+                .cpu()
+                .tolist()
+            )
+            if not math.isfinite(tot):
                 bad = {k: v for k, v in terms.scalars().items() if not math.isfinite(v)}
                 raise NonFiniteLossError(
                     f"non-finite loss at epoch {epoch + 1}, step {step}: non-finite terms "
@@ -641,19 +764,33 @@ def train(
                     f"trainer.lr, keep trainer.grad_clip > 0, or check the input "
                     f"(X must be log-normalised, counts non-negative)."
                 )
-            if flat is not None:
-                flat.zero_grad()
+            if loss_ref is None:
+                loss_ref = tot
+            why = diverged(tot, kl_now, loss_ref)
+            if why is not None:
+                raise NonFiniteLossError(
+                    f"diverged loss at epoch {epoch + 1}, step {step}: {why} (beta={beta:.3g}, "
+                    f"lr={sched.get_last_lr()[0]:.3g}). Lower trainer.lr, keep "
+                    f"trainer.grad_clip > 0, or check the input (X must be log-normalised)."
+                )
+            if math.isfinite(gn):
+                opt.step()
             else:
-                opt.zero_grad(set_to_none=True)
-            terms.total.backward()
-            if args.grad_clip <= 0:
-                gnorm = torch.tensor(0.0)
-            elif flat is not None:
-                gnorm = flat.clip_(args.grad_clip)
-            else:
-                gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip, foreach=True)
-            opt.step()
-            sched.step()
+                # a finite loss can still give an inf/NaN gradient (an overflow in the
+                # backward pass); clipping scales by NaN, so a step would write NaN
+                # into every weight: the batch is dropped instead, and counted
+                skipped += 1
+                log.warning(
+                    "epoch %d, step %d: gradient norm %s; optimizer step skipped (%d so far)",
+                    epoch + 1,
+                    step,
+                    gn,
+                    skipped,
+                )
+            with warnings.catch_warnings():
+                # a skipped first step: torch's "scheduler before optimizer" notice is moot
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+                sched.step()
             if ema is not None:
                 ema.update_parameters(core)
             step += 1
@@ -703,6 +840,13 @@ def train(
                     wrapped, data, val_rows, args, dist, kl_sched, n_shared
                 )
         monitor = val_means["total"]
+        why = diverged(monitor, val_means.get("kl", 0.0), loss_ref)
+        if why is not None:  # raised before this epoch's weights can become model.pt
+            raise NonFiniteLossError(
+                f"diverged validation loss at epoch {epoch}: {why} "
+                f"(lr={sched.get_last_lr()[0]:.3g}). Lower trainer.lr, keep "
+                f"trainer.grad_clip > 0, or check the input (X must be log-normalised)."
+            )
         improved = eligible and monitor < best_val
         if improved:
             best_val, best_epoch, bad_epochs = monitor, epoch, 0
@@ -720,6 +864,7 @@ def train(
             "train": train_means,
             "val": val_means,
             "active_units": active_units(last_kl),
+            "skipped_steps": skipped,
             **({"val_raw": raw_val} if raw_val is not None else {}),
         }
         history.append(rec)

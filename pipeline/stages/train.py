@@ -49,6 +49,46 @@ def split_groups(obs, column: str | None, src) -> np.ndarray | None:
     return obs[column].astype(str).replace({"nan": "", "None": ""}).to_numpy(dtype=object)
 
 
+def warn_empty_test(
+    split: np.ndarray, groups: np.ndarray | None, test_fraction: float, split_by: str | None
+) -> bool:
+    """Warn when the split has no test rows although ``test_fraction`` > 0.
+
+    An audit put all 554 rows of the demo in one specimen: the split came out
+    554/0/0 and only "no validation rows" was said, so the run evaluated nothing.
+    A label gets a val / test unit only when it has at least 3 units (groups, or rows
+    when ungrouped), so few groups leave test empty.
+
+    Parameters
+    ----------
+    split : (N,) ``train`` | ``val`` | ``test``
+    groups : (N,) the ``trainer.split_by`` groups ("" = a row of its own), or None
+    test_fraction : trainer.test_fraction
+    split_by : trainer.split_by (for the message)
+
+    Returns
+    -------
+    True when the warning was given.
+    """
+    if test_fraction <= 0 or (split == "test").any() or split.size == 0:
+        return False
+    if groups is None:
+        where = f"{split.size} rows split by row"
+    else:
+        g = np.asarray(groups, dtype=object)
+        n_units = len({x for x in g if x not in (None, "")}) + int(sum(x in (None, "") for x in g))
+        where = f"{n_units} group(s) of trainer.split_by={split_by!r}"
+    log.warning(
+        "the test split is empty although trainer.test_fraction=%s: %s, and a label gets "
+        "a val/test share only with >= 3 groups. Add specimens, or set "
+        "trainer.split_by=null to split by row (cells of one specimen then sit in "
+        "train and test)",
+        test_fraction,
+        where,
+    )
+    return True
+
+
 def exclude_labels(split: np.ndarray, data, labels: list[str]) -> np.ndarray:
     """Move every row whose label is in ``labels`` to the test split (never trained on)."""
     if not labels:
@@ -242,6 +282,7 @@ def run_train(ctx: StageContext) -> None:
         else:
             split = fresh(np.arange(data.n))
         split = exclude_labels(split, data, list(cfg.trainer.exclude_labels))
+        warn_empty_test(split, groups, float(cfg.trainer.test_fraction), cfg.trainer.split_by)
         if dist.is_main:
             with ctx.atomic("split.csv") as tmp:
                 pd.DataFrame({"split": split}, index=pd.Index(data.obs_names, name="obs")).to_csv(
