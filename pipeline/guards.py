@@ -145,6 +145,7 @@ def data_layout(obs, n_genes: int, has_counts: bool) -> Any:
         return obs[col].to_numpy().astype(bool) if col in obs else np.zeros(n, bool)
 
     return SimpleNamespace(
+        n=n,  # rows (PairedTensors.n): vae.expression_norm=auto depends on it
         n_genes=int(n_genes),
         has_image=flag(HAS_IMAGE),
         has_expression=flag(HAS_EXPRESSION),
