@@ -103,6 +103,23 @@ def metrics_text(s: dict[str, Any]) -> str:
     return ", ".join(f"{nm} {s[k]:.3f}" for k, nm in names.items() if s.get(k) is not None)
 
 
+def warn_if_blind(name: str, recall: float) -> bool:
+    """Warn when validation set ``name`` ends with recall 0; returns whether it did.
+
+    An audit's runaway run (``segmentation.lr=1000``) finished "done" with recall 0 and
+    nothing said: a detector that finds no annotated cell is no result.
+    """
+    if recall != 0:
+        return False
+    log.warning(
+        "val %s: recall 0 at the last evaluation: the detector finds no annotated cell "
+        "(too few epochs, segmentation.lr too high, or a diverged run); check the loss "
+        "curve before using model.pt",
+        name,
+    )
+    return True
+
+
 def fit(
     model_args: dict[str, Any],
     train_ds: DetectionDataset,
@@ -286,15 +303,7 @@ def fit(
         if name not in last:  # e.g. resumed after the last epoch
             last[name] = evaluate(core, ds, dist.device, args.score_threshold)
         final["val"][name] = last[name].as_dict()
-        if last[name].recall == 0:
-            # an audit's runaway run (segmentation.lr=1000) finished "done" with recall
-            # 0 and nothing said: a detector that finds no cell is no result
-            log.warning(
-                "val %s: recall 0 at the last evaluation: the detector finds no annotated "
-                "cell (too few epochs, segmentation.lr too high, or a diverged run); "
-                "check the loss curve before using model.pt",
-                name,
-            )
+        warn_if_blind(name, last[name].recall)
     for name, ds in test_sets.items():
         r = evaluate(core, ds, dist.device, args.score_threshold)
         final["test"][name] = r.as_dict()

@@ -191,3 +191,13 @@ def test_non_finite_gradient_norm_skips_the_step(tmp_path, monkeypatch):
     res = train(_model(), d, np.array(["train"] * 16), _args(max_epochs=1), CPU, tmp_path)
     assert res.history[-1]["skipped_steps"] == 1
     assert res.steps == 2  # the schedule still counts the dropped batch
+
+
+def test_a_detector_that_finds_no_cell_is_warned(caplog):
+    """segmentation.lr=1000 ended "done" with val recall 0 and nothing said (audit)."""
+    from segmentation.train import warn_if_blind
+
+    with caplog.at_level(logging.WARNING):
+        assert warn_if_blind("bccd", 0.0)
+        assert not warn_if_blind("txl", 0.42)
+    assert "val bccd: recall 0" in caplog.text and "txl" not in caplog.text
