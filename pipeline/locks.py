@@ -37,6 +37,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 
 from pipeline.runner import StageError
@@ -385,23 +386,20 @@ def hold_for_run(
         ``context``.
     """
     busy: list[str] = []
+    mine = {lock.path for lock in writes}
+    # (lock, how it is taken): a folder the run writes is not also read-locked
+    takes = [(lock, partial(lock.acquire, by)) for lock in writes]
+    takes += [
+        (lock, partial(lock.acquire_shared, what, by))
+        for lock, what in reads
+        if lock.path not in mine
+    ]
     with ExitStack() as stack:
-        mine = {lock.path for lock in writes}
-        for lock in writes:
+        for lock, take in takes:
             if lock.path in _RUN_HELD:
                 continue
             try:
-                stack.callback(lock.acquire(by).release)
-            except StageBusyError as e:
-                busy.append(str(e))
-                continue
-            _RUN_HELD[lock.path] = lock
-            stack.callback(_RUN_HELD.pop, lock.path, None)
-        for lock, what in reads:
-            if lock.path in mine or lock.path in _RUN_HELD:
-                continue
-            try:
-                stack.callback(lock.acquire_shared(what, by).release)
+                stack.callback(take().release)
             except StageBusyError as e:
                 busy.append(str(e))
                 continue

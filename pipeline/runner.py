@@ -410,8 +410,10 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
     own = stage_lock(run_dir(cfg), name, cfg.variant, cfg.experiment)
     with ExitStack() as held:
         seen = {own.path}
-        extra = {f"{w} ({p})": p for w, p in (spec.reads(cfg) if spec.reads else {}).items()}
-        for n, p in [*((f"input '{k}' ({v})", v) for k, v in inputs.items()), *extra.items()]:
+        # (how the message names it, path): the inputs, then the stage's other reads
+        reads = [(f"input '{k}' ({v})", v) for k, v in inputs.items()]
+        reads += [(f"{w} ({v})", v) for w, v in (spec.reads(cfg) if spec.reads else {}).items()]
+        for n, p in reads:
             lock = producer_lock(p)
             # a folder this run locked up front (stage=all: main) is not locked twice
             if lock is not None and lock.path not in seen and not held_for_run(lock.path):

@@ -130,11 +130,6 @@ def overlay_name(path: Path) -> str:
     return f"{path.stem}_{path.suffix[1:].lower()}.png" if len(twins) > 1 else f"{path.stem}.png"
 
 
-def mask_name(path: Path) -> str:
-    """``masks/`` file of image ``path``: its overlay's name as a TIFF."""
-    return overlay_name(path)[: -len(".png")] + ".tif"
-
-
 def _image_list(ctx: StageContext, smears: Path, truth: CocoTruth | None) -> list[Path]:
     sc = ctx.cfg.segmentation
     images = list_images(smears)
@@ -339,11 +334,13 @@ def _run_shard(
                         "reason": "no detection passed filters",
                     }
                 )
+            shown = overlay_name(path)  # the masks/ TIFF is named as the overlay
             if index < overlay_below:
                 ov = draw_overlay(cells, min(float(sc.score_threshold), 0.99))
-                ov.save(overlay_dir / overlay_name(path))
+                ov.save(overlay_dir / shown)
             if mask_dir is not None:  # every image read, also those with no cell
-                write_label_image(mask_dir / mask_name(path), cells.label_image())
+                tif = Path(shown).with_suffix(".tif").name
+                write_label_image(mask_dir / tif, cells.label_image())
     pbar.close()
     s = int(sc.crop_size)
     return {
