@@ -628,8 +628,9 @@ H5AD_OVERHEAD_BYTES = 1 << 20
 H5AD_SAMPLE_BYTES = 4 << 20
 
 
-def _array_bytes(a: Any, compression: str | None) -> float:
-    """Bytes ``a`` (dense or scipy sparse) takes in an .h5ad, estimated."""
+def array_bytes(a: Any, compression: str | None) -> float:
+    """Bytes ``a`` (dense or scipy sparse) takes in an .h5ad, estimated (see
+    :func:`h5ad_bytes`)."""
     import zlib
 
     from scipy import sparse
@@ -674,7 +675,7 @@ def h5ad_bytes(adata: Any, compression: str | None = None) -> float:
     total = float(H5AD_OVERHEAD_BYTES)
     for a in arrays:
         with contextlib.suppress(Exception):  # an exotic type (dask, awkward): not counted
-            total += _array_bytes(a, compression)
+            total += array_bytes(a, compression)
     for df in (adata.obs, adata.var):
         total += float(df.memory_usage(deep=True).sum())
     return total
@@ -696,8 +697,14 @@ def free_space_problem(path: str | os.PathLike, need_bytes: float) -> str:
     )
 
 
-def check_h5ad_fits(adata: Any, path: str | os.PathLike, compression: str | None = None) -> None:
-    """Raise before writing when an ``.h5ad`` of ``adata`` will not fit beside ``path``.
+def check_h5ad_fits(
+    adata: Any,
+    path: str | os.PathLike,
+    compression: str | None = None,
+    extra_bytes: float = 0.0,
+) -> None:
+    """Raise before writing when an ``.h5ad`` of ``adata`` (plus ``extra_bytes``, e.g.
+    arrays :func:`add_obsm_rows` adds after the write) will not fit beside ``path``.
 
     Raises
     ------
@@ -708,9 +715,66 @@ def check_h5ad_fits(adata: Any, path: str | os.PathLike, compression: str | None
     """
     import errno
 
-    problem = free_space_problem(path, h5ad_bytes(adata, compression))
+    problem = free_space_problem(path, h5ad_bytes(adata, compression) + extra_bytes)
     if problem:
         raise OSError(errno.ENOSPC, problem, str(final_name(path)))
+
+
+# Rows per HDF5 chunk of an obsm array added by add_obsm_rows: rows no block fills are
+# chunks never written (zeros on reading, no disk space); 16 crops of 64 px are 196 KB,
+# within h5py's advice of chunks under 1 MiB
+OBSM_CHUNK_ROWS = 16
+
+
+def add_obsm_rows(
+    path: str | os.PathLike,
+    key: str,
+    n_rows: int,
+    blocks: list[tuple[int, Any]],
+    compression: str | None = "gzip",
+) -> None:
+    """Add ``obsm[key]`` to a written ``.h5ad``, filled block by block.
+
+    An array of mostly zero rows (the crops of a query whose expression-only rows have
+    none) is never held whole: 100k expression cells beside 1000 crops held 1.6 GB of
+    zeros in memory to write them.
+
+    Parameters
+    ----------
+    path
+        An ``.h5ad`` without ``obsm[key]`` (e.g. the temporary of :func:`atomic_path`).
+    key
+        The ``obsm`` name.
+    n_rows
+        Rows of the file (its ``n_obs``).
+    blocks
+        ``(first_row, array)`` pairs, arrays of shape (k, ...) sharing trailing shape and
+        dtype; rows no block covers read back as zeros (unwritten chunks take no space).
+        At least one block.
+    compression
+        As in ``AnnData.write_h5ad``.
+    """
+    import h5py
+
+    first = np.asarray(blocks[0][1])
+    shape = (int(n_rows), *first.shape[1:])
+    chunks = (max(1, min(OBSM_CHUNK_ROWS, int(n_rows))), *first.shape[1:])
+    with h5py.File(path, "a") as f:
+        group = f.require_group("obsm")
+        ds = group.create_dataset(
+            key, shape=shape, dtype=first.dtype, chunks=chunks, compression=compression
+        )
+        # what anndata's own writer sets on a dense array, so read_h5ad reads it
+        ds.attrs["encoding-type"] = "array"
+        ds.attrs["encoding-version"] = "0.2.0"
+        for start, a in blocks:
+            a = np.asarray(a)
+            if a.shape[1:] != shape[1:] or a.dtype != first.dtype:
+                raise ValueError(
+                    f"obsm[{key!r}]: a block of shape {a.shape} {a.dtype} beside "
+                    f"{first.shape} {first.dtype}"
+                )
+            ds[start : start + len(a)] = a
 
 
 def write_h5ad(adata: Any, path: str | os.PathLike, **kw: Any) -> None:

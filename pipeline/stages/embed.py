@@ -22,7 +22,7 @@ import pandas as pd
 from pipeline.artifacts import write_json
 from pipeline.runner import StageContext, StageError, resolve_data_path, stage
 from pipeline.streaming import h5ad_blocks, streams
-from segmentation.io import check_h5ad_fits, error_line
+from segmentation.io import add_obsm_rows, array_bytes, check_h5ad_fits, error_line
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +358,10 @@ def run_embed(ctx: StageContext) -> None:
             f"cells embedded (its cell_id / image values vs the cells' ids, e.g. {ids})"
         )
     sizes = [q.n_obs for q in parts]
+    # crops and masks leave the parts before the concat and are written after the table,
+    # input by input (add_obsm_rows): an input without images is never padded with zero
+    # crops in memory (100k expression cells beside 1000 crops held 1.6 GB of zeros)
+    images = {k: [q.obsm.pop(k, None) for q in parts] for k in ("crops", "masks")}
     out = _concat(parts) if len(parts) > 1 else parts[0]
     out.uns["genes"] = json.dumps(genes)
     seen = _seen_by_study(study, out)
@@ -368,9 +372,9 @@ def run_embed(ctx: StageContext) -> None:
     prof = sample_profile(
         out.obs, "vae_sample", int(cfg.embed.histogram_bins), path_classes, study.labels
     )
-    crops = out.obsm["crops"] if "crops" in out.obsm else None
-    if any(crop_files):  # a streamed input's crops: read for the examples from its file
-        crops = _CropLookup(crops, sizes, crop_files)
+    crops = None  # the page's example crops (None: "No images among the inputs")
+    if any(c is not None for c in images["crops"]) or any(crop_files):
+        crops = _CropLookup(images["crops"], sizes, crop_files)
     with ctx.atomic("rejects.csv") as tmp:
         pd.DataFrame(rejects, columns=REJECT_COLUMNS).to_csv(tmp, index=False)
     with ctx.atomic("samples.csv") as tmp:
@@ -428,11 +432,21 @@ def run_embed(ctx: StageContext) -> None:
         },
     )
     _query_obs_for_writing(out, study.labels)
+    starts = np.cumsum([0, *sizes])
+    blocks = {
+        k: [(int(b), a) for b, a in zip(starts, arrays) if a is not None]
+        for k, arrays in images.items()
+    }
     with ctx.atomic("query") as tmp:
-        # gzip: rows of an input without images hold zero crops, which took 1.6 GB for
-        # 100k expression cells beside 1000 crops uncompressed (scale audit)
-        check_h5ad_fits(out, tmp, "gzip")  # the user's obs columns stay as given
+        # gzip: rows of an input without images read as zero crops, which took 1.6 GB for
+        # 100k expression cells beside 1000 crops uncompressed (scale audit); now they
+        # are chunks never written (add_obsm_rows) and take no space at all
+        extra = sum(array_bytes(a, "gzip") for b in blocks.values() for _, a in b)
+        check_h5ad_fits(out, tmp, "gzip", extra)  # the user's obs columns stay as given
         out.write_h5ad(tmp, compression="gzip")
+        for key, b in blocks.items():
+            if b:
+                add_obsm_rows(tmp, key, out.n_obs, b, compression="gzip")
     log.info("embed: %d cells, %d samples, %d rejects", out.n_obs, len(prof), len(rejects))
 
 
@@ -875,36 +889,33 @@ def _h5ad_obs_names(path: Path) -> pd.Index:
 
 class _CropLookup:
     """Crops of the query's rows by index, for the page's examples: rows of a streamed
-    ``.h5ad`` input read one by one from that file (its crops never sat in memory, and
-    ``query.h5ad`` holds zeros for them: the page showed them black, or said "no
-    images" when that input was the only one), the others from ``obsm['crops']``."""
+    ``.h5ad`` input read one by one from that file (its crops never sat in memory and
+    ``query.h5ad`` holds none for them: the page showed them black, or said "no images"
+    when that input was the only one), the others from their input's crops."""
 
-    def __init__(self, crops, sizes: list[int], files: list):
-        self.crops = crops
+    def __init__(self, crops: list, sizes: list[int], files: list):
+        self.crops = crops  # per input: (n, S, S, 3) uint8, or None (no image)
         self.starts = np.cumsum([0, *sizes])
-        self.files = files
+        self.files = files  # per input: (its .h5ad, its rows there) when streamed, or None
 
     def __getitem__(self, i: int) -> np.ndarray:
         import h5py
 
         k = int(np.searchsorted(self.starts, i, side="right") - 1)
-        if self.files[k] is None:
-            return np.asarray(self.crops[i])
-        path, rows = self.files[k]
-        with h5py.File(path, "r") as f:
-            return np.asarray(f["obsm/crops"][int(rows[i - self.starts[k]])])
+        j = int(i - self.starts[k])
+        if self.files[k] is not None:
+            path, rows = self.files[k]
+            with h5py.File(path, "r") as f:
+                return np.asarray(f["obsm/crops"][int(rows[j])])
+        if self.crops[k] is None:
+            raise LookupError(f"query row {i} has no crop (its input had no images)")
+        return np.asarray(self.crops[k][j])
 
 
 def _concat(parts):
-    """Rows of several inputs; crops of image-less inputs are zero, obs columns an outer union."""
+    """Rows of several inputs (their crops already taken out), obs columns an outer union."""
     import anndata as ad
 
-    s = next((p.obsm["crops"].shape[1] for p in parts if "crops" in p.obsm), None)
-    if s is not None:
-        for p in parts:
-            if "crops" not in p.obsm:
-                p.obsm["crops"] = np.zeros((p.n_obs, s, s, 3), np.uint8)
-                p.obsm["masks"] = np.zeros((p.n_obs, s, s), bool)
     # imputed genes: one column per gene missing from any input, NaN where not imputed
     genes = sorted({g for p in parts for g in p.uns.get("imputed_genes", [])})
     if genes:

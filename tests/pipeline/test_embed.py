@@ -180,6 +180,20 @@ def test_crops_and_expression_with_samples(study: Path):
     q = ad.read_h5ad(d / "query.h5ad")
     assert q.n_obs == 8 + e.n_obs
     assert q.obsm["crops"].shape[1:] == (16, 16, 3)
+    # expression rows read as zero crops and hidden masks, but were never written: their
+    # HDF5 chunks are not allocated (they were padded in memory: 1.6 GB for 100k cells)
+    expr_rows = (q.obs["vae_input"] == "expression").to_numpy()
+    assert not q.obsm["crops"][expr_rows].any() and not q.obsm["masks"][expr_rows].any()
+    assert q.obsm["crops"][~expr_rows].reshape(8, -1).any(axis=1).all()
+    assert q.obsm["masks"].dtype == bool and q.obsm["masks"][~expr_rows].all()
+    import h5py
+
+    from segmentation.io import OBSM_CHUNK_ROWS
+
+    with h5py.File(d / "query.h5ad", "r") as f:
+        assert e.n_obs > 2 * OBSM_CHUNK_ROWS  # else every chunk holds a crop row anyway
+        for key in ("crops", "masks"):
+            assert f["obsm"][key].id.get_num_chunks() == 1, key  # rows 0-7: one chunk
     assert set(q.obs["vae_sample"]) == {"pat1", "pat2", "pat3"}
     assert (q.obs.loc[q.obs["vae_input"] == "expression", "donor_note"] == "keep me").all()
     # each input is scored on the modality it has: crops on the image scores only
