@@ -194,6 +194,67 @@ def _lognorm_problem(vals: np.ndarray) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class StudyFiles:
+    """Where a finished study's files are (:func:`study_files`); nothing is checked to
+    exist. ``root``: the experiment folder (``segment_train/``, ``traverse/``, ``pair/``
+    beside ``train/``), None when only ``model``/``latent`` were given; ``train``: the
+    train run's folder; ``variant``: the sweep run read ("" the main one)."""
+
+    root: Path | None
+    train: Path | None
+    model: Path
+    latent: Path
+    variant: str = ""
+
+
+def study_files(
+    run_dir: str | Path | None = None,
+    *,
+    variant: str = "",
+    model: str | Path | None = None,
+    latent: str | Path | None = None,
+) -> StudyFiles:
+    """The files :meth:`Study.load` reads, from what it was given.
+
+    ``run_dir`` may be the experiment folder, its ``train[/<variant>]`` folder or the
+    ``model.pt`` itself; the one owner of this resolution (``stage=embed`` read-locks the
+    same folders it names).
+
+    Raises
+    ------
+    StudyError
+        ``variant`` with a model file, or neither ``run_dir`` nor ``model`` + ``latent``.
+    """
+    # absolute: a relative "." or ".." has no name to recognise a train folder by
+    root = Path(run_dir).expanduser().absolute() if run_dir is not None else None
+    train = None
+    given_file = root is not None and root.is_file()
+    if given_file:  # the model file itself: its folder is the train folder
+        if variant:
+            raise StudyError(
+                f"Study.load({run_dir}, variant={variant!r}): give the study folder with "
+                "variant=, or the variant's model.pt alone"
+            )
+        model, root = model or root, root.parent
+    if root is not None:
+        train = root if (root / "model.pt").exists() or given_file else root / "train"
+        if variant:
+            train = train / variant
+        if train == root:
+            # given the train[/<variant>] folder: the study's detector and traverse
+            # settings live beside train/, in the experiment folder
+            if root.name == "train":
+                root = root.parent
+            elif root.parent.name == "train":
+                root, variant = root.parent.parent, variant or root.name
+    mp = Path(model).expanduser() if model else (train / "model.pt" if train else None)
+    lp = Path(latent).expanduser() if latent else (train / "latent.h5ad" if train else None)
+    if mp is None or lp is None:
+        raise StudyError("Study.load: give run_dir, or both model= and latent=")
+    return StudyFiles(root, train, mp, lp, variant)
+
+
 class Study:
     """A trained study: model, reference latent and (optionally) the detector.
 
@@ -522,32 +583,9 @@ class Study:
         # a study that is not this user's may be unreadable to them: say which path, not
         # a PermissionError traceback from deep in the search for its files
         try:
-            # absolute: a relative "." or ".." has no name to recognise a train folder by
-            root = Path(run_dir).expanduser().absolute() if run_dir is not None else None
-            train = None
-            given_file = root is not None and root.is_file()
-            if given_file:  # the model file itself: its folder is the train folder
-                if variant:
-                    raise StudyError(
-                        f"Study.load({run_dir}, variant={variant!r}): give the study folder with "
-                        "variant=, or the variant's model.pt alone"
-                    )
-                model, root = model or root, root.parent
-            if root is not None:
-                train = root if (root / "model.pt").exists() or given_file else root / "train"
-                if variant:
-                    train = train / variant
-                if train == root:
-                    # given the train[/<variant>] folder: the study's detector and traverse
-                    # settings live beside train/, in the experiment folder
-                    if root.name == "train":
-                        root = root.parent
-                    elif root.parent.name == "train":
-                        root, variant = root.parent.parent, variant or root.name
-            mp = Path(model).expanduser() if model else (train / "model.pt" if train else None)
-            lp = Path(latent).expanduser() if latent else (train / "latent.h5ad" if train else None)
-            if mp is None or lp is None:
-                raise StudyError("Study.load: give run_dir, or both model= and latent=")
+            files = study_files(run_dir, variant=variant, model=model, latent=latent)
+            root, train, variant = files.root, files.train, files.variant
+            mp, lp = files.model, files.latent
             if not model and not mp.exists() and train is not None and train.is_dir():
                 runs = sorted(str(m.parent.relative_to(train)) for m in train.glob("*/model.pt"))
                 if runs:  # a sweep: the runs are train/<variant>/

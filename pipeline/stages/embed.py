@@ -253,17 +253,18 @@ def _study_reads(cfg) -> dict[str, Path]:
     """The folders of ``embed.study`` this run reads (train run, detector), read-locked
     for the whole stage: unlocked, a study retrained meanwhile gave a query of the old
     model whose manifest named the new one (concurrency audit)."""
+    from vae.api import StudyError, study_files
+
     if not cfg.embed.study:
         return {}
-    root = Path(str(cfg.embed.study)).expanduser().absolute()
-    if root.is_file():  # the model file itself
-        return {"embed.study's train run": root.parent}
-    if (root / "model.pt").exists():  # a train[/<variant>] folder
-        return {"embed.study's train run": root}
-    variant = _study_variant(cfg, say=False)  # said when the study is loaded
-    out = {"embed.study's train run": root / "train" / variant if variant else root / "train"}
-    if not cfg.paths.inputs.get("segmentation_model") and (root / "segment_train").is_dir():
-        out["embed.study's detector"] = root / "segment_train"
+    try:  # the variant is said when the study is loaded
+        files = study_files(cfg.embed.study, variant=_study_variant(cfg, say=False))
+    except StudyError:
+        return {}  # refused by Study.load, with its message, before anything is read
+    out = {"embed.study's train run": files.train}
+    seg = files.root / "segment_train" if files.root is not None else None
+    if not cfg.paths.inputs.get("segmentation_model") and seg is not None and seg.is_dir():
+        out["embed.study's detector"] = seg
     return out
 
 

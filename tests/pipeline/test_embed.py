@@ -1293,3 +1293,48 @@ def test_embed_study_is_read_locked_for_the_whole_stage(study: Path):
     with unittest.mock.patch.object(pipeline.stages.embed, "load_study", during):
         _embed(study, "reading", inp)
     assert seen["held"]
+
+
+def test_the_study_folders_embed_locks_are_those_study_load_reads(tmp_path: Path):
+    """One owner of a study's file layout (vae.api.study_files): embed's read-locks
+    repeated Study.load's resolution, and a study given by its train folder locked no
+    detector though Study.load read the one beside train/."""
+    from omegaconf import OmegaConf
+
+    from pipeline.stages.embed import _study_reads
+    from vae.api import StudyError, study_files
+
+    exp = tmp_path / "exp"
+    for d in ("train", "train/wide", "segment_train"):
+        (exp / d).mkdir(parents=True)
+    for d in ("train", "train/wide", "segment_train"):
+        (exp / d / "model.pt").write_bytes(b"")
+
+    def cfg(study, variant=""):
+        return OmegaConf.create(
+            {"embed": {"study": str(study)}, "variant": variant, "paths": {"inputs": {}}}
+        )
+
+    cases = {  # given -> (train run, experiment folder, variant read)
+        str(exp): (exp / "train", exp, ""),
+        str(exp / "train"): (exp / "train", exp, ""),
+        str(exp / "train" / "wide"): (exp / "train" / "wide", exp, "wide"),
+        str(exp / "train" / "model.pt"): (exp / "train", exp, ""),
+    }
+    for given, (train, root, variant) in cases.items():
+        f = study_files(given)
+        assert (f.train, f.root, f.variant, f.model) == (train, root, variant, train / "model.pt")
+        reads = _study_reads(cfg(given))
+        assert reads == {
+            "embed.study's train run": train,
+            "embed.study's detector": exp / "segment_train",
+        }, given
+    # variant= names the study's sweep run only when it has one (else this embed's folder)
+    assert _study_reads(cfg(exp, "wide"))["embed.study's train run"] == exp / "train" / "wide"
+    assert _study_reads(cfg(exp, "mine"))["embed.study's train run"] == exp / "train"
+    with pytest.raises(StudyError, match="variant"):
+        study_files(exp / "train" / "model.pt", variant="wide")
+    assert _study_reads(cfg(exp / "train" / "model.pt", "wide")) == {
+        "embed.study's train run": exp / "train",  # no train/wide beside the model file
+        "embed.study's detector": exp / "segment_train",
+    }
