@@ -380,14 +380,27 @@ def _finish_image(
 
 
 def _outlined(c: Crops) -> np.ndarray:
-    """Crops with everything dimmed outside the mask and the mask edge in yellow."""
+    """Crops with everything dimmed outside the mask and the mask edge drawn 2 px in
+    yellow between two 1 px black rings (:data:`SHEET_EDGE`): the edge shows on the
+    pale cytoplasm inside as on the dimmed window outside."""
     out = c.images.copy()
     for k in range(len(out)):
-        m = c.masks[k]
-        edge = find_boundaries(m, mode="inner")
+        m = c.masks[k].astype(bool)
+        inner = m & ~_erode(m, 1)
+        ring2 = _erode(m, 1) & ~_erode(m, 2)
+        ring3 = _erode(m, 2) & ~_erode(m, 3)
+        outer = find_boundaries(m, mode="outer") & ~m
         out[k][~m] = out[k][~m] // 3 + 40
-        out[k][edge] = (255, 230, 0)
+        out[k][outer | ring3] = HALO
+        out[k][inner | ring2] = SHEET_EDGE
     return out
+
+
+def _erode(m: np.ndarray, n: int) -> np.ndarray:
+    """``m`` eroded ``n`` times (cross element; outside the array counts as background)."""
+    from scipy import ndimage as ndi
+
+    return ndi.binary_erosion(m, iterations=n, border_value=0) if n > 0 else m
 
 
 def reject_reason(row) -> str:
@@ -430,13 +443,114 @@ def reject_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
 # Pillow's own guard) refuse; at 4096 px its white cells are still ~30 px across
 OVERLAY_MAX_SIDE = 4096
 
+# Colours of the quick-look pictures, told apart under every colour-vision deficiency
+# (Okabe-Ito; CIEDE2000 >= 50 between KEPT and DROPPED under simulated deutan, protan
+# and tritan vision, tests/segmentation/test_overlay_access.py) and by line style too
+# (kept solid, dropped dashed), each line on a dark halo so it shows on pale background
+# and on pink red cells alike.
+KEPT = (86, 180, 233)  # sky blue #56B4E9
+DROPPED = (213, 94, 0)  # vermilion #D55E00
+HALO = (0, 0, 0)
+LABEL_BOX = (20, 20, 20)  # text boxes: white text on near-black, ~18:1
+LABEL_TEXT = (255, 255, 255)
+SHEET_EDGE = (255, 230, 0)  # rejects.png mask edge, between black rings
+
+
+def _font(size: int):
+    """Pillow's built-in scalable font at ``size`` px (its bitmap font without FreeType)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=max(6, int(size)))
+    except (TypeError, OSError, ImportError):  # pragma: no cover - Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def overlay_scale(h: int, w: int) -> tuple[int, int, int]:
+    """(line width, halo width, font px) of an overlay ``h`` x ``w`` px: 2 / 1 / 13 on a
+    640 px field, growing with the image so a 4096 px slide copy still reads when a viewer
+    fits it to the screen."""
+    side = max(h, w)
+    lw = max(2, round(side / 1000))
+    return lw, max(1, lw // 2), int(np.clip(round(side / 48), 13, 40))
+
+
+def _polyline_dashes(pts: np.ndarray, on: float, off: float) -> list[np.ndarray]:
+    """Pieces of the polyline ``pts`` (k, 2) drawn as a dash pattern ``on`` / ``off`` px."""
+    if len(pts) < 2:
+        return [pts]
+    seg = np.diff(pts, axis=0)
+    d = np.r_[0.0, np.cumsum(np.hypot(seg[:, 0], seg[:, 1]))]
+    period, out, t = on + off, [], 0.0
+    while t < d[-1]:
+        t1 = min(t + on, d[-1])
+        inside = (d > t) & (d < t1)
+        a = np.array([np.interp(t, d, pts[:, 0]), np.interp(t, d, pts[:, 1])])
+        b = np.array([np.interp(t1, d, pts[:, 0]), np.interp(t1, d, pts[:, 1])])
+        out.append(np.vstack([a, pts[inside], b]))
+        t += period
+    return out
+
+
+def _draw_lines(draw, lines, lw: int, dashed: bool) -> None:
+    """Polylines (each (k, 2) x, y) ``lw`` px wide into the mask ``draw`` draws on;
+    ``dashed``: dashes 3 ``lw`` + 2 long, gaps 2 ``lw`` + 2."""
+    pieces = []
+    for pts in lines:
+        pieces += _polyline_dashes(pts, 3.0 * lw + 2, 2.0 * lw + 2) if dashed else [pts]
+    for p in pieces:
+        if len(p) >= 2:
+            draw.line([tuple(map(float, q)) for q in p], fill=255, width=lw, joint="curve")
+
+
+def _box_lines(x0: float, y0: float, x1: float, y1: float) -> list[np.ndarray]:
+    return [np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], float)]
+
+
+def _mask_lines(m: np.ndarray, origin) -> list[np.ndarray]:
+    """Outline(s) of the mask ``m`` as (k, 2) x, y polylines in image px."""
+    from skimage.measure import find_contours
+
+    lines = []
+    for c in find_contours(np.pad(m, 1).astype(np.float32), 0.5):
+        lines.append(np.column_stack([c[:, 1] - 1 + origin[0], c[:, 0] - 1 + origin[1]]))
+    return lines
+
+
+def overlay_label(kept: bool, score: float, flags: Sequence[str]) -> str:
+    """The text of one detection on an overlay: "0.97 kept" or "0.62 drop: duplicate,
+    multi_piece" (flag names whole; past two, "+N")."""
+    if kept:
+        return f"{score:.2f} kept"
+    why = list(flags)
+    more = f" +{len(why) - 2}" if len(why) > 2 else ""
+    return f"{score:.2f} drop: {', '.join(why[:2]) or 'filtered'}{more}"
+
+
+def _text_box(draw, xy, text: str, font, limits) -> None:
+    """``text`` in white on a filled near-black box, its top left at ``xy``, moved inside
+    ``limits`` (w, h) where it would stick out."""
+    x0, t, r, b = draw.textbbox((0, 0), text, font=font)
+    pad = max(2, (b - t) // 5)
+    bw, bh = r - x0 + 2 * pad, b - t + 2 * pad
+    x = float(np.clip(xy[0], 0, max(0, limits[0] - bw)))
+    y = float(np.clip(xy[1], 0, max(0, limits[1] - bh)))
+    draw.rectangle([x, y, x + bw - 1, y + bh - 1], fill=LABEL_BOX)
+    draw.text((x + pad - x0, y + pad - t), text, fill=LABEL_TEXT, font=font)
+
 
 def draw_overlay(
-    cells: ImageCells, min_score: float, max_side: int | None = OVERLAY_MAX_SIDE
+    cells: ImageCells,
+    min_score: float,
+    max_side: int | None = OVERLAY_MAX_SIDE,
+    labels: bool = True,
 ) -> Image.Image:
-    """Source image with mask outlines and boxes: green kept, red dropped (score >=
-    ``min_score``); an image longer than ``max_side`` px is drawn on a copy scaled to
-    that side (None: full size)."""
+    """Source image with mask outlines and boxes (score >= ``min_score``): kept cells
+    solid sky blue, dropped ones dashed vermilion, every line on a dark halo; over each
+    box a white-on-black label, "0.97 kept" or "0.62 drop: <filters>". Line width and
+    text grow with the image (:func:`overlay_scale`). An image longer than ``max_side``
+    px is drawn on a copy scaled to that side (None: full size); ``labels=False``: the
+    lines only."""
     h0, w0 = cells.image.shape[:2]
     f = 1.0 if max_side is None else min(1.0, float(max_side) / max(h0, w0))
     if f < 1.0:
@@ -446,28 +560,44 @@ def draw_overlay(
         img = cells.image.copy()
     det, table = cells.detections, cells.table
     h, w = img.shape[:2]
+    lw, halo, size = overlay_scale(h, w)
+    font = _font(size)
     shown = [k for k in range(len(det)) if det.scores[k] >= min_score]
     masks, origins = scale_local_masks(
         [det.masks[k] for k in shown], det.origins[shown], f / cells.scale
     )
-    for k, m, o in zip(shown, masks, origins):
-        if not m.any():
-            continue
-        edge = find_boundaries(np.pad(m, 1), mode="inner")[1:-1, 1:-1]
-        ys, xs = np.nonzero(edge)
-        ys, xs = ys + o[1], xs + o[0]
-        ok = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
-        color = (0, 255, 0) if table.kept.iloc[k] else (255, 0, 0)
-        img[ys[ok], xs[ok]] = color
+    # each class's lines into its own mask, then painted: halo (the lines grown by
+    # ``halo`` px, so no line pixel touches the image), dropped, kept on top
+    layers = {True: Image.new("L", (w, h), 0), False: Image.new("L", (w, h), 0)}
+    pens = {k: ImageDraw.Draw(v) for k, v in layers.items()}
+    order = sorted(range(len(shown)), key=lambda i: bool(table.kept.iloc[shown[i]]))
+    for i in order:
+        k, m, o = shown[i], masks[i], origins[i]
+        kept = bool(table.kept.iloc[k])
+        x0, y0, x1, y1 = (det.boxes[k] * f / cells.scale).tolist()
+        box = _box_lines(x0, y0, max(x0, x1 - 1), max(y0, y1 - 1))
+        _draw_lines(pens[kept], box, max(1, lw // 2), dashed=not kept)
+        if m.any():
+            _draw_lines(pens[kept], _mask_lines(m, o), lw, dashed=not kept)
+    on = {k: np.asarray(v) > 0 for k, v in layers.items()}
+    if on[True].any() or on[False].any():
+        from scipy import ndimage as ndi
+
+        grown = ndi.binary_dilation(on[True] | on[False], np.ones((3, 3), bool), halo)
+        img[grown] = HALO
+        img[on[False]] = DROPPED
+        img[on[True]] = KEPT
     pil = Image.fromarray(img)
     draw = ImageDraw.Draw(pil)
-    for k in shown:
+    for i in order if labels else ():
+        k = shown[i]
         kept = bool(table.kept.iloc[k])
-        color = (0, 200, 0) if kept else (230, 0, 0)
-        x0, y0, x1, y1 = (det.boxes[k] * f / cells.scale).tolist()
-        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=1)
-        why = "" if kept else ",".join(fl[:6] for fl in FLAGS if table[fl].iloc[k])
-        draw.text((x0 + 2, y0 + 1), f"{det.scores[k]:.2f} {why}".strip(), fill=color)
+        x0, y0 = (det.boxes[k][:2] * f / cells.scale).tolist()
+        flags = [fl for fl in FLAGS if bool(table[fl].iloc[k])]
+        text = overlay_label(kept, float(det.scores[k]), flags)
+        _, t, _, b = draw.textbbox((0, 0), text, font=font)
+        above = y0 - (b - t) - 2 * max(2, (b - t) // 5)  # over the box where it fits
+        _text_box(draw, (x0, above if above >= 0 else y0), text, font, (w, h))
     return pil
 
 
@@ -478,28 +608,46 @@ def contact_sheet(
     pad: int = 2,
     caption: str | None = None,
 ) -> Image.Image:
-    """Grid of up to ``max_n`` crops (evenly sampled), optional text label on each;
-    ``caption``: one line above the grid saying what the labels are."""
+    """Grid of up to ``max_n`` crops (evenly sampled), optional text label under each
+    (black on the white sheet); ``caption``: one line above the grid saying what the
+    labels are."""
     n = len(crops)
     s = crops.shape[1] if n else 32
     idx = np.linspace(0, n - 1, min(n, max_n)).round().astype(int) if n else np.zeros(0, int)
     cols = max(1, math.ceil(math.sqrt(len(idx))))
     rows = max(1, math.ceil(len(idx) / cols))
-    top = 14 if caption else 0  # px of the caption line
+    font = _font(int(np.clip(s // 10, 10, 16)))
+    cap_font = _font(int(np.clip(s // 9, 12, 18)))
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line = draw.textbbox((0, 0), "Ag", font=font)[3] + 3  # px of one label line
+    strip = line if labels is not None else 0
+    top = draw.textbbox((0, 0), "Ag", font=cap_font)[3] + 6 if caption else 0
     sheet = Image.new(
-        "RGB", (cols * (s + pad) + pad, rows * (s + pad) + pad + top), (255, 255, 255)
+        "RGB",
+        (cols * (s + pad) + pad, rows * (s + strip + pad) + pad + top),
+        (255, 255, 255),
     )
     draw = ImageDraw.Draw(sheet)
     if caption:
-        draw.text((pad + 2, 2), caption, fill=(0, 0, 0))
+        draw.text((pad + 2, 3), caption, fill=(0, 0, 0), font=cap_font)
     for i, k in enumerate(idx):
-        x, y = pad + (i % cols) * (s + pad), top + pad + (i // cols) * (s + pad)
+        x, y = pad + (i % cols) * (s + pad), top + pad + (i // cols) * (s + strip + pad)
         sheet.paste(Image.fromarray(crops[k]), (x, y))
         if labels is not None:
-            draw.text((x + 2, y + 1), str(labels[k])[:18], fill=(255, 255, 0))
+            text = _fit(draw, str(labels[k]), font, s - 2)
+            draw.text((x + 1, y + s + 1), text, fill=(0, 0, 0), font=font)
     if not n:
-        draw.text((4, 4), "no cells", fill=(0, 0, 0))
+        draw.text((4, 4 + top), "no cells", fill=(0, 0, 0), font=cap_font)
     return sheet
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    """``text``, cut at the end with "..." where it is wider than ``width`` px."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "\u2026", font=font) > width:
+        text = text[:-1]
+    return text + "\u2026"
 
 
 def reject_sheet(parts: Sequence[dict[str, Any]], table: pd.DataFrame, n_max: int) -> Image.Image:

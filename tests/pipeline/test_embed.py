@@ -736,7 +736,8 @@ def test_differential_count_of_many_samples_has_a_row_per_sample(tmp_path):
     rows = re.findall(r"<tr><th style='[^']*'>([^<]+)</th><td>(\d+)</td>", many)
     assert [r[0] for r in rows] == [f"patient {k}" for k in range(DIFFERENTIAL_SAMPLE_COLUMNS + 1)]
     assert all(r[1] == "3" for r in rows)  # cells per sample
-    assert "<td>1 (33.3 %)</td>" in many and "position:sticky" in many
+    # the share with its counting interval (1 of 3 cells: 0.8-90.6 %)
+    assert "<td>1 (33.3 % <small>(0.8-90.6)</small>)</td>" in many and "position:sticky" in many
 
 
 def test_sample_profile_definitions():
@@ -798,6 +799,46 @@ def test_sample_profile_definitions():
     assert not [c for c in prof.columns if c.endswith("_edge_corrected")]
 
 
+def test_every_share_of_a_sample_profile_has_its_counting_interval(tmp_path):
+    """A share of few cells is uncertain (1 blast in 20 cells: 0.1-24.9 %), which a
+    haematologist reads from Rümke's table; samples.csv gave the share alone. Each share
+    now has its exact binomial interval, in the CSV and on the page."""
+    from scipy import stats
+
+    from vae.analysis.samples import proportion_ci, sample_profile, write_samples_html
+
+    lab = ["myeloblast"] * 1 + ["promyelocyte"] * 2 + ["band"] * 3 + ["segmented_neutrophil"] * 14
+    obs = pd.DataFrame(
+        {
+            "vae_sample": ["a"] * 20 + ["b"] * 100,
+            "vae_label": lab + ["myeloblast"] * 5 + ["lymphocyte"] * 95,
+            "vae_maturation": 0.5,
+            "vae_label_confidence": 0.9,
+        }
+    )
+    prof = sample_profile(obs, bins=4).set_index("sample")
+    for sample, col, k, n in [
+        ("a", "blast_fraction", 1, 20),
+        ("a", "ig_fraction", 2, 20),
+        ("a", "left_shift_index", 5, 19),  # (PMY + band) of the 19 neutrophils
+        ("b", "blast_fraction", 5, 100),
+        ("b", "frac_lymphocyte", 95, 100),
+        ("a", "frac_lymphocyte", 0, 20),
+    ]:
+        want = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+        got = prof.loc[sample, [f"{col}_ci_low", f"{col}_ci_high"]].to_numpy(float)
+        np.testing.assert_allclose(got, [want.low, want.high], atol=1e-9, err_msg=col)
+        assert got[0] <= prof.loc[sample, col] <= got[1]
+    # Rümke's table: 5 of 100 -> 2-11 %
+    assert [round(100 * v) for v in proportion_ci(5, 100)] == [2, 11]
+    assert np.isnan(prof.loc["b", "left_shift_index_ci_low"])  # no neutrophil: NaN as the share
+    page = tmp_path / "s.html"
+    write_samples_html(page, prof.reset_index(), obs, None, 2, title="t", seed=0)
+    text = page.read_text()
+    assert "0.050 <small>(0.001-0.249)</small>" in text  # a's blast fraction
+    assert "5.0 <small>(1.6-11.3)</small>" in text  # b's myeloblasts in the differential
+
+
 def test_sample_profile_edge_corrected_shares(tmp_path):
     """A large cell kept only half as often as a small one counts twice: the corrected
     shares are the weighted ones, the raw counts stay as they were."""
@@ -830,9 +871,14 @@ def test_sample_profile_edge_corrected_shares(tmp_path):
     write_samples_html(page, prof.reset_index(), obs, None)
     text = page.read_text()
     diff = text.split("<h2>Differential count</h2>")[1].split("</table>")[0]
-    rows = re.findall(r"<tr><th>([^<]+)</th>((?:<td>[^<]*</td>)+)</tr>", diff)
+    rows = re.findall(r"<tr><th>([^<]+)</th>((?:<td>.*?</td>)+)</tr>", diff)
     assert [r[0] for r in rows] == ["promyelocyte", "segmented_neutrophil", "x"]
-    assert re.findall(r"<td>([^<]*)</td>", rows[0][1]) == ["1", "25.0", "37.5"]
+    # n, % with its counting interval (1 of 4: 0.6-80.6 %), edge-corrected %
+    assert re.findall(r"<td>(.*?)</td>", rows[0][1]) == [
+        "1",
+        "25.0 <small>(0.6-80.6)</small>",
+        "37.5",
+    ]
     assert "<td>nan</td>" not in text  # NaN spelled as the definitions spell it
 
 

@@ -40,6 +40,18 @@ def save(fig, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
+CAPTION_PT = 8  # text under images: >= 8 pt, wrapped to the image's width
+
+
+def _wrap(text: str, inches: float, pt: float = CAPTION_PT) -> str:
+    """``text`` broken into lines that fit ``inches`` at ``pt`` (about 0.55 em a
+    character), at spaces only."""
+    import textwrap
+
+    width = max(6, int(inches * 72 / (0.55 * pt)))
+    return textwrap.fill(str(text), width=width, break_long_words=False)
+
+
 def scatter(
     emb: np.ndarray,
     values: np.ndarray,
@@ -48,6 +60,7 @@ def scatter(
     ax=None,
     colours: dict[str, str] | None = None,
     axis_name: str = "",
+    markers: dict[str, str] | None = None,
 ):
     """2-D embedding coloured by a label (categorical) or a number (colour bar).
 
@@ -58,10 +71,18 @@ def scatter(
     colours : label -> colour for a categorical colouring; default
         :func:`vae.analysis.palette.label_colours` of ``values``. Pass the mapping of
         the full label set when several panels show subsets, so a label keeps its
-        colour everywhere.
+        colour everywhere. A column none of whose values is in the mapping (the split,
+        the modality) is not a cell label: it gets
+        :func:`vae.analysis.palette.group_styles`.
     axis_name : "UMAP" or "PCA": axes are labelled "<axis_name> 1" / "<axis_name> 2".
+    markers : label -> marker, the companion of ``colours``; default
+        :func:`vae.analysis.palette.label_markers` of the mapping's labels (the same
+        rank of unknown labels as :func:`vae.analysis.palette.label_colours`).
+
+    Each class has a colour *and* a marker shape, and every point a thin dark edge, so
+    classes stay apart for colour-blind readers and pale colours stay visible.
     """
-    from vae.analysis.palette import label_colours, label_order
+    from vae.analysis import palette as P
 
     values = np.asarray(values)
     if categorical is None:
@@ -73,27 +94,44 @@ def scatter(
         fig = ax.figure
     if categorical:
         sv = values.astype(str)
-        pal = dict(colours) if colours is not None else label_colours(sv)
-        missing = [c for c in set(sv) if c not in pal]
-        if missing:  # a label outside the given mapping: colour it, never fail a figure
-            pal.update({k: v for k, v in label_colours(missing).items() if k not in pal})
-        from vae.analysis.palette import display_label
-
-        for c in label_order(sv):
+        if colours is not None and not set(sv) & set(colours):
+            # not the labels the mapping is for (split, modality): a small safe palette
+            pal, mk = P.group_styles(sv)
+            order = sorted(pal)
+        else:
+            pal = dict(colours) if colours is not None else P.label_colours(sv)
+            mk = dict(markers) if markers is not None else P.label_markers(list(pal))
+            missing = [c for c in set(sv) if c not in pal]
+            if missing:  # a label outside the given mapping: style it, never fail a figure
+                pal.update({k: v for k, v in P.label_colours(missing).items() if k not in pal})
+            missing = [c for c in set(sv) if c not in mk]
+            if missing:
+                mk.update({k: v for k, v in P.label_markers(missing).items() if k not in mk})
+            order = P.label_order(sv)
+        for c in order:
             sel = sv == c
             # an empty label would drop the class from the legend: name it
-            ax.scatter(emb[sel, 0], emb[sel, 1], s=6, color=pal[c], label=display_label(c))
+            ax.scatter(
+                emb[sel, 0], emb[sel, 1], label=P.display_label(c), **P.point_style(pal[c], mk[c])
+            )
         # beside the axes: inside, a long label list covers the points (a whole class
         # on the real chain's UMAP)
         ax.legend(
-            fontsize=6, markerscale=2, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0)
+            fontsize=8,
+            markerscale=2,
+            frameon=False,
+            loc="upper left",
+            bbox_to_anchor=(1.0, 1.0),
+            handletextpad=0.3,
         )
     else:
         v = values.astype(float)
         ok = np.isfinite(v)
         ax.scatter(emb[~ok, 0], emb[~ok, 1], s=4, color="lightgrey")
         sc = ax.scatter(emb[ok, 0], emb[ok, 1], s=6, c=v[ok], cmap="viridis")
-        fig.colorbar(sc, ax=ax, shrink=0.8, label=title)
+        cb = fig.colorbar(sc, ax=ax, shrink=0.8)
+        cb.set_label(title, fontsize=8)
+        cb.ax.tick_params(labelsize=8)
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -160,8 +198,14 @@ def strip_with_heatmap(
         raise ValueError(f"strip_with_heatmap: {len(row_labels)} row labels for {len(rows)} rows")
     h_rows = max(1.0, 0.22 * len(gene_names)) if has_h else 0
     ratios = [1.2] * len(rows) + ([h_rows] if has_h else [])
-    fig = plt.figure(figsize=(max(4, 1.1 * n), sum(ratios) + 0.6))
-    gs = fig.add_gridspec(len(ratios), n, height_ratios=ratios)
+    col_in = max(4, 1.1 * n) / n
+    notes = [_wrap(t, col_in * 0.95) for t in step_notes] if step_notes is not None else None
+    n_lines = max((t.count("\n") + 1 for t in notes), default=0) if notes else 0
+    note_in = 0.16 * n_lines  # room under the last image row for the wrapped notes
+    fig = plt.figure(figsize=(max(4, 1.1 * n), sum(ratios) + 0.6 + note_in))
+    gs = fig.add_gridspec(
+        len(ratios), n, height_ratios=ratios, hspace=0.2 + note_in / 1.2 if note_in else None
+    )
     for r, imgs in enumerate(rows):
         for i in range(n):
             ax = fig.add_subplot(gs[r, i])
@@ -172,8 +216,8 @@ def strip_with_heatmap(
                 ax.set_title(step_labels[i], fontsize=7)
             if i == 0 and row_labels is not None:
                 ax.set_ylabel(row_labels[r], fontsize=7)
-            if r == len(rows) - 1 and step_notes is not None:
-                ax.set_xlabel(step_notes[i], fontsize=6)
+            if r == len(rows) - 1 and notes is not None:
+                ax.set_xlabel(notes[i], fontsize=CAPTION_PT)
     if has_h:
         ax = fig.add_subplot(gs[len(ratios) - 1, :])
         im = ax.imshow(expression.T, aspect="auto", cmap="magma")
@@ -205,7 +249,12 @@ def image_grid(
     nr, nc = len(rows), max(len(r) for r in rows)
     left = 1.4 if row_labels_across else 0.0
     w = cell_inches
-    fig, axes = plt.subplots(nr, nc, figsize=(w * nc + 0.8 + left, w * nr + 0.6), squeeze=False)
+    caps = [[_wrap(c, w * 1.05) for c in row] for row in captions] if captions is not None else None
+    n_lines = max((c.count("\n") + 1 for row in caps or [] for c in row if c), default=0)
+    cap_in = 0.16 * n_lines  # room under each row for its wrapped captions
+    fig, axes = plt.subplots(
+        nr, nc, figsize=(w * nc + 0.8 + left, (w + cap_in) * nr + 0.6), squeeze=False
+    )
     for r, imgs in enumerate(rows):
         for c in range(nc):
             ax = axes[r, c]
@@ -213,20 +262,20 @@ def image_grid(
             ax.set_yticks([])
             if c < len(imgs):
                 ax.imshow(np.clip(imgs[c], 0, 1))
-                if captions is not None and c < len(captions[r]):
-                    ax.set_xlabel(captions[r][c], fontsize=6)
+                if caps is not None and c < len(caps[r]):
+                    ax.set_xlabel(caps[r][c], fontsize=CAPTION_PT)
             elif c > 0:
                 ax.axis("off")
             if c == 0 and row_labels_across:
-                ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
+                ax.set_ylabel(row_labels[r], fontsize=8, rotation=0, ha="right", va="center")
             elif c == 0:
-                ax.set_ylabel(row_labels[r], fontsize=7)
+                ax.set_ylabel(row_labels[r], fontsize=8)
             if r == 0:
-                ax.set_title(col_labels[c], fontsize=7)
+                ax.set_title(col_labels[c], fontsize=8)
     # title and column titles a fixed distance above the grid, whatever its height
     h = fig.get_figheight()
     fig.suptitle(title, fontsize=9, y=1 - 0.12 / h)
-    fig.subplots_adjust(top=1 - 0.6 / h)
+    fig.subplots_adjust(top=1 - 0.6 / h, hspace=(0.2 * w + cap_in) / w if cap_in else None)
     return fig
 
 
@@ -244,9 +293,12 @@ def heatmap(
     vmax: float = 1.0,
     cmap: str = "RdBu_r",
     annotate: bool = True,
+    value_name: str | None = None,
 ):
     """Annotated heatmap (e.g. correlations in [-1, 1]); a NaN cell (not defined) is grey,
-    so it does not read as the white of 0."""
+    so it does not read as the white of 0. ``value_name`` labels the colour bar; default
+    "Spearman ρ" for a title naming Spearman, "correlation" for a -1..1 scale, else
+    "value"."""
     m = np.asarray(matrix, dtype=float)
     fig, ax = plt.subplots(figsize=(0.7 * len(col_labels) + 2.2, 0.32 * len(row_labels) + 1.4))
     cm = plt.get_cmap(cmap).with_extremes(bad="#bbbbbb")
@@ -268,7 +320,17 @@ def heatmap(
                         f"{m[i, j] + 0.0:.2f}".replace("-0.00", "0.00"),
                         0.299 * r + 0.587 * g + 0.114 * b < 0.5,
                     )
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    if value_name is None:
+        value_name = (
+            "Spearman ρ"
+            if "spearman" in title.lower()
+            else "correlation"
+            if (vmin, vmax) == (-1.0, 1.0)
+            else "value"
+        )
+    cb = fig.colorbar(im, ax=ax, shrink=0.8)
+    cb.set_label(value_name, fontsize=8)
+    cb.ax.tick_params(labelsize=8)
     if annotate and np.isnan(m).any():
         ax.set_xlabel("grey: not defined (a constant feature or too few cells)", fontsize=7)
     ax.set_title(title, fontsize=9)
@@ -315,8 +377,8 @@ def confusion_panels(panels: dict[str, tuple[Sequence[str], np.ndarray]], title:
         ax.set_ylabel("true", fontsize=7)
     cb = fig.colorbar(im, ax=list(axes[0]), shrink=0.6) if panels else None
     if cb is not None:
-        cb.set_label("share of the true class", fontsize=7)
-        cb.ax.tick_params(labelsize=6)
+        cb.set_label("share of the true class", fontsize=8)
+        cb.ax.tick_params(labelsize=8)
     fig.suptitle(title, fontsize=9)
     return fig
 
@@ -330,7 +392,11 @@ def line_plot(
     shade: np.ndarray | None = None,
 ):
     """Lines over ``x``; ``shade`` (len(x),) bool greys the span around each marked x
-    (e.g. path steps decoded by extrapolation)."""
+    (e.g. path steps decoded by extrapolation). Each line has its own colour, line style
+    and marker (:func:`vae.analysis.palette.series_styles`), so lines stay apart without
+    colour vision."""
+    from vae.analysis.palette import series_styles
+
     # the legend sits right of the axes: with many lines over the whole range, any
     # place inside hides some of them
     wide = len(series) > 4
@@ -339,15 +405,22 @@ def line_plot(
         half = float(np.min(np.diff(np.sort(np.asarray(x, float))))) / 2
         for xi in np.asarray(x, float)[np.asarray(shade, bool)]:
             ax.axvspan(xi - half, xi + half, color="0.88", lw=0, zorder=0)
-    for name, y in series.items():
-        ax.plot(x, y, marker="o", ms=3, label=name)
+    for (name, y), style in zip(series.items(), series_styles(len(series))):
+        ax.plot(x, y, ms=4, lw=1.3, label=name, **style)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
+    # long handles: the dash pattern of each line shows in the legend
     if series and wide:
-        ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ax.legend(
+            fontsize=8,
+            frameon=False,
+            loc="center left",
+            bbox_to_anchor=(1.01, 0.5),
+            handlelength=3.2,
+        )
     elif series:  # an empty plot has nothing to label
-        ax.legend(fontsize=7, frameon=False)
+        ax.legend(fontsize=8, frameon=False, handlelength=3.2)
     fig.tight_layout()
     return fig
 

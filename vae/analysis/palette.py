@@ -1,13 +1,20 @@
-"""One colour per label, shared by every figure and by the study page.
+"""One colour and one marker per label, shared by every figure and by the study page.
 
 The neutrophil lineage (:data:`vae.inputs.schema.MATURATION_ORDER`) gets a sequential
-ramp from dark purple (myeloblast) to yellow (segmented neutrophil), so maturation
-reads left to right in every legend; the other white cells get fixed, clearly
-different colours; "unlabelled"-like labels are light grey. A label this module does
-not know gets a colour from :data:`EXTRA` by its rank in the sorted set of unknown
-labels, so callers that colour several panels pass the *full* label set once
-(:func:`label_colours`) and reuse the mapping, and a label keeps its colour in every
-panel even when a panel shows only some of the labels.
+ramp from black (myeloblast) through purple, red and orange to pale yellow (segmented
+neutrophil), so maturation reads left to right in every legend; each step differs from
+the next by lightness as well as hue, so the ramp stays readable under deuteranopia,
+protanopia and tritanopia (CIEDE2000 >= 17 between any two steps after a Machado 2009
+simulation). The lineage is drawn as circles; the other white cells get their own
+colour *and* marker shape, since colour alone cannot keep ten classes apart for every
+reader; "unlabelled"-like labels are small light-grey dots. A label this module does
+not know gets a colour from :data:`EXTRA` (Okabe-Ito / Paul Tol, no grey) and a marker
+from :data:`EXTRA_MARKERS` by its rank in the sorted set of unknown labels, so callers
+that draw several panels pass the *full* label set once (:func:`label_colours`,
+:func:`label_markers`) and reuse the mappings, and a label keeps its style in every
+panel even when a panel shows only some of the labels. Groupings that are not cell
+labels (the data split, the modality of a row) use :func:`group_styles`; lines use
+:func:`series_styles`.
 """
 
 from __future__ import annotations
@@ -16,37 +23,63 @@ from collections.abc import Iterable
 
 from vae.inputs.schema import MATURATION_ORDER
 
-# sampled from matplotlib's "plasma" at 0.0, 0.2, ..., 0.9: ordered, colour-blind safe
+# dark to light along maturation, inferno-like, tuned so that every two steps stay
+# apart under the three colour-vision deficiencies (see the module docstring)
 LINEAGE: dict[str, str] = dict(
     zip(
         MATURATION_ORDER,
-        ("#0d0887", "#5c01a6", "#9c179e", "#cc4778", "#ed7953", "#f0c82a"),
+        ("#000000", "#2d00a5", "#782d4b", "#c31e0f", "#e18700", "#e1e196"),
     )
 )
+# cold hues, away from the warm lineage ramp (Paul Tol vibrant/muted, Okabe-Ito sky)
 OTHERS: dict[str, str] = {
-    "lymphocyte": "#1b9e77",  # green
-    "monocyte": "#377eb8",  # blue
-    "eosinophil": "#a65628",  # brown
-    "basophil": "#4d4d4d",  # dark grey
+    "lymphocyte": "#009988",  # teal
+    "monocyte": "#56b4e9",  # sky blue
+    "eosinophil": "#ee3377",  # magenta
+    "basophil": "#aa4499",  # purple
     "neutrophil": LINEAGE["segmented_neutrophil"],  # real data names the mature cell so
 }
 MISSING = "#c8c8c8"  # unlabelled / unknown / empty
 MISSING_NAMES = frozenset({"", "nan", "none", "unlabelled", "unlabeled", "unknown", "na"})
-# for labels named nowhere above (real data, splits ...), in sorted-label order
+# for labels named nowhere above (real data ...), in sorted-label order; Okabe-Ito and
+# Paul Tol colours picked in turn as far from the named ones as possible under each
+# colour-vision deficiency; no grey (that is "unlabelled")
 EXTRA = (
-    "#e41a1c",
-    "#4daf4a",
-    "#ff7f00",
-    "#66c2a5",
-    "#8da0cb",
-    "#e78ac3",
-    "#a6d854",
-    "#b3b3b3",
-    "#1f78b4",
-    "#b15928",
-    "#6a3d9a",
-    "#fb9a99",
+    "#e69f00",  # orange
+    "#117733",  # green
+    "#332288",  # indigo
+    "#882255",  # wine
+    "#0077bb",  # blue
+    "#cc79a7",  # reddish purple
+    "#cc3311",  # red
+    "#f0e442",  # yellow
+    "#999933",  # olive
+    "#88ccee",  # cyan
 )
+# marker shapes: one shape for the lineage (told apart by its ramp), one per other white
+# cell, and a cycle for the rest whose length (9) is prime to len(EXTRA) (10), so the
+# first 90 unknown labels each get a distinct colour + marker pair
+LINEAGE_MARKER = "o"
+OTHER_MARKERS: dict[str, str] = {
+    "lymphocyte": "s",
+    "monocyte": "D",
+    "eosinophil": "^",
+    "basophil": "v",
+    "neutrophil": LINEAGE_MARKER,
+}
+MISSING_MARKER = "."
+EXTRA_MARKERS = ("P", "X", "p", "h", "<", ">", "*", "d", "H")
+# a thin dark edge on every point: the pale end of the ramp (and yellow) stays visible
+# on white
+EDGE_COLOUR = "#222222"
+EDGE_WIDTH = 0.3
+# groupings that are not cell labels (split, modality): Okabe-Ito, apart for every reader
+GROUP_COLOURS = ("#0072b2", "#e69f00", "#009e73", "#d55e00", "#56b4e9", "#cc79a7", "#000000")
+GROUP_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+# lines (one series each): Okabe-Ito colours, with a line style and a marker per series
+SERIES_COLOURS = ("#0072b2", "#e69f00", "#009e73", "#d55e00", "#cc79a7", "#56b4e9", "#000000")
+SERIES_LINESTYLES = ("-", "--", ":", "-.")
+SERIES_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h")
 
 
 def normalise(label: object) -> str:
@@ -107,6 +140,73 @@ def label_colours(labels: Iterable[object]) -> dict[str, str]:
             unknown += 1
         out[lab] = c
     return out
+
+
+def known_marker(label: object) -> str | None:
+    """The fixed marker of a label this module names (None for any other label)."""
+    k = normalise(label)
+    if k in MISSING_NAMES:
+        return MISSING_MARKER
+    if k in LINEAGE:
+        return LINEAGE_MARKER
+    if k in OTHER_MARKERS:
+        return OTHER_MARKERS[k]
+    if k.endswith("s") and k[:-1] in OTHER_MARKERS:
+        return OTHER_MARKERS[k[:-1]]
+    return None
+
+
+def label_markers(labels: Iterable[object]) -> dict[str, str]:
+    """Label -> matplotlib marker for every distinct label of ``labels``: the companion
+    of :func:`label_colours` (same keys, same order, same rank of unknown labels), so
+    ``(label_colours(x)[k], label_markers(x)[k])`` is the style of label ``k``."""
+    out: dict[str, str] = {}
+    unknown = 0
+    for lab in label_order(labels):
+        m = known_marker(lab)
+        if m is None:
+            m = EXTRA_MARKERS[unknown % len(EXTRA_MARKERS)]
+            unknown += 1
+        out[lab] = m
+    return out
+
+
+def group_styles(values: Iterable[object]) -> tuple[dict[str, str], dict[str, str]]:
+    """(colours, markers) for the distinct values of a grouping that is not a cell label
+    (split, modality), in sorted order: Okabe-Ito blue, orange, bluish green ... and a
+    distinct marker each."""
+    uniq = sorted({str(v) for v in values})
+    colours = {v: GROUP_COLOURS[i % len(GROUP_COLOURS)] for i, v in enumerate(uniq)}
+    markers = {v: GROUP_MARKERS[i % len(GROUP_MARKERS)] for i, v in enumerate(uniq)}
+    return colours, markers
+
+
+def point_style(colour: str, marker: str, size: float = 10.0) -> dict:
+    """Matplotlib ``scatter`` keywords of one class: its colour and marker, a thin dark
+    edge, and an unlabelled class (:data:`MISSING_MARKER`) smaller and without edge, so
+    it stays in the background."""
+    if marker == MISSING_MARKER:
+        return {"s": size * 1.5, "color": colour, "marker": MISSING_MARKER, "linewidths": 0}
+    return {
+        "s": size,
+        "color": colour,
+        "marker": marker,
+        "edgecolors": EDGE_COLOUR,
+        "linewidths": EDGE_WIDTH,
+    }
+
+
+def series_styles(n: int) -> list[dict[str, str]]:
+    """Matplotlib ``plot`` keywords (color, linestyle, marker) for ``n`` lines: no two of
+    the first 252 share all three, and neighbours differ in all three."""
+    return [
+        {
+            "color": SERIES_COLOURS[i % len(SERIES_COLOURS)],
+            "linestyle": SERIES_LINESTYLES[i % len(SERIES_LINESTYLES)],
+            "marker": SERIES_MARKERS[i % len(SERIES_MARKERS)],
+        }
+        for i in range(n)
+    ]
 
 
 # the abbreviations haematologists use for the granulocyte precursors, for labels under

@@ -96,7 +96,31 @@ figcaption{font-size:.85em;color:#444;max-width:900px}
 pre{background:#f7f7f7;padding:.6em;font-size:.78em;overflow-x:auto}
 .caption{font-size:.85em;color:#555}
 nav a{margin-right:1em}
+tbody th{background:#fafafa;font-weight:normal;text-align:left;white-space:normal;max-width:30em}
+.sr{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap}
 """
+
+
+def short_alt(caption: str, name: str, max_len: int = 90) -> str:
+    """A figure's alt text: the first clause of its caption (to the first ":", ";", "("
+    or sentence end; a caption of one sentence: to its first comma), at most ``max_len``
+    characters cut at a word; the caption itself is the figcaption beside it, so a screen
+    reader does not read it twice. A caption that cannot be shortened gives "figure
+    <name>, described below".
+
+    >>> short_alt("Held-out cells: masked input, joint reconstruction.", "recon.png")
+    'Held-out cells'
+    """
+    import re
+
+    head = re.split(r"[:;(]|\.\s|\.$", caption.strip(), maxsplit=1)[0].strip(" ,.")
+    if len(head) > max_len:
+        head = head[:max_len].rsplit(" ", 1)[0] + "\u2026"
+    if head == caption.strip().rstrip(".") and ", " in head:  # one clause: its first part
+        head = head.split(", ", 1)[0]
+    if not head or head == caption.strip().rstrip("."):
+        return f"figure {Path(name).stem.replace('_', ' ')}, described below"
+    return head
 
 
 def _img_tag(path: Path, caption: str) -> str:
@@ -104,7 +128,7 @@ def _img_tag(path: Path, caption: str) -> str:
     if not path.exists():
         raise FileNotFoundError(f"report: figure {path} does not exist")
     b64 = base64.b64encode(path.read_bytes()).decode("ascii")
-    alt = html.escape(caption, quote=True)
+    alt = html.escape(short_alt(caption, path.name), quote=True)
     return (
         f'<figure data-file="{html.escape(path.name)}"><img alt="{alt}" '
         f'src="data:image/png;base64,{b64}"/><figcaption>{html.escape(caption)}'
@@ -156,18 +180,25 @@ def _table_html(t: TableItem) -> str:
         return html.escape(str(c)).replace("_", "_<wbr>")
 
     text_cols = [not _is_number_col(df[c]) for c in df.columns]
+    # a first column of names (or of ids: n, dim) labels its row: a row header
+    row_head = bool(len(df.columns)) and (text_cols[0] or df.columns[0] in id_num)
     rows = []
     for rec in df.itertuples(index=False):
         cells = []
-        for v, is_text in zip(rec, text_cols):
+        for j, (v, is_text) in enumerate(zip(rec, text_cols)):
             txt = "n/a" if (v is None or (isinstance(v, float) and pd.isna(v))) else fmt_number(v)
+            if j == 0 and row_head:
+                cells.append(f'<th scope="row">{html.escape(txt)}</th>')
+                continue
             cls = ' class="t"' if is_text else ""  # text wraps and is left-aligned
             cells.append(f"<td{cls}>{html.escape(txt)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     body = (
-        '<div class="tw"><table><thead><tr>'
+        '<div class="tw"><table>'
+        # the title names the table for a screen reader; it is shown as the heading above
+        + f'<caption class="sr">{html.escape(t.title)}</caption><thead><tr>'
         + "".join(
-            ("<th class='t'>" if t else "<th>") + f"{head(c)}</th>"
+            ("<th scope='col' class='t'>" if t else "<th scope='col'>") + f"{head(c)}</th>"
             for c, t in zip(df.columns, text_cols)
         )
         + "</tr></thead><tbody>"
@@ -203,7 +234,7 @@ def write_report(
     The path written. Raises FileNotFoundError naming a missing figure.
     """
     parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]

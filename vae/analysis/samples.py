@@ -22,6 +22,12 @@ ones included, as a manual differential counts its unidentified cells) unless sa
   (no myeloblast class; no immature granulocyte class; no promyelocyte ... band class):
   0 would read as a measured normal value. The I:T ratio is NaN too for a sample with no
   neutrophil;
+* every count share (``frac_<call>`` and the three ratios) has its 95 % confidence
+  interval, ``<column>_ci_low`` / ``<column>_ci_high``: the exact (Clopper-Pearson)
+  binomial interval of k cells of the denominator, the intervals of Rümke's table that
+  a manual differential is read with (5 blasts in 100 cells: 1.6 - 11.3 %). It is the
+  sampling error of counting that many cells only, not the error of the calls; NaN
+  where the share is. The edge-corrected shares have none (their cells are weighted);
 * ``maturation_mean`` / ``maturation_median`` of the path position, and its histogram
   ``hist_00 .. hist_<B-1>``: fraction of the on-path cells in each of B equal bins of
   [0, 1]. With the study's path classes given, only the cells called one of them
@@ -60,6 +66,9 @@ UNCLASSIFIED = "unclassified"  # vae.api's vae_call of a doubtful or atypical ce
 # samples shown as columns of the differential count, as on a lab report; more are shown
 # one row each (301 samples as columns made a table ~25,000 px wide, the calls out of view)
 DIFFERENTIAL_SAMPLE_COLUMNS = 6
+# confidence level of the count intervals (<column>_ci_low / _ci_high): 95 %, as Rümke's
+# table that haematology reads a manual differential with
+CI_LEVEL = 0.95
 # (column, stages it counts, what a study must be able to call for it to be measurable)
 RATIOS = (
     ("blast_fraction", BLASTS, BLASTS),
@@ -131,6 +140,7 @@ def sample_profile(
             k = int(hit.sum())
             row[f"n_{c}"] = k
             row[f"frac_{c}"] = k / n if n else np.nan
+            row[f"frac_{c}_ci_low"], row[f"frac_{c}_ci_high"] = proportion_ci(k, n)
             if w is not None:
                 row[f"frac_{c}_edge_corrected"] = _share(w, hit, every)
         row["n_neutrophil_lineage"] = int(np.isin(stage, (*BLASTS, *NEUTROPHILS)).sum())
@@ -141,6 +151,8 @@ def sample_profile(
             den = neut if name == "left_shift_index" else every
             ok = callable_stages is None or bool(callable_stages & set(needs))
             row[name] = float(num.sum() / den.sum()) if ok and den.any() else np.nan
+            k, m = int((num & den).sum()), int(den.sum()) if ok else 0
+            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = proportion_ci(k, m)
             if w is not None:
                 row[f"{name}_edge_corrected"] = _share(w, num, den) if ok else np.nan
         pos = pd.to_numeric(g["vae_maturation"], errors="coerce").to_numpy(float)
@@ -155,6 +167,36 @@ def sample_profile(
             row[f"hist_{b:02d}"] = v / pos.size if pos.size else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def proportion_ci(k: int, n: int, level: float = CI_LEVEL) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) binomial confidence interval of a share of ``k`` in ``n``.
+
+    The interval Rümke's table gives for a manual differential count: the sampling error
+    of counting ``n`` cells, at least ``level`` coverage for any true share.
+
+    Parameters
+    ----------
+    k, n : cells counted with the feature, cells counted (0 <= k <= n)
+    level : coverage, e.g. 0.95
+
+    Returns
+    -------
+    (low, high) as fractions in [0, 1]; (NaN, NaN) for n == 0.
+
+    >>> [round(v, 4) for v in proportion_ci(5, 100)]
+    [0.0164, 0.1128]
+    >>> proportion_ci(0, 20)[0], round(proportion_ci(0, 20)[1], 4)
+    (0.0, 0.1684)
+    """
+    from scipy import stats
+
+    if n <= 0:
+        return np.nan, np.nan
+    a = (1.0 - level) / 2.0
+    low = 0.0 if k <= 0 else float(stats.beta.ppf(a, k, n - k + 1))
+    high = 1.0 if k >= n else float(stats.beta.ppf(1.0 - a, k + 1, n - k))
+    return low, high
 
 
 def _weights(g: pd.DataFrame) -> np.ndarray:
@@ -204,15 +246,17 @@ def _differential_html(profile: pd.DataFrame) -> str:
     for c in labels:
         cells = []
         for _, r in profile.iterrows():
-            cells.append(f"<td>{int(r[f'n_{c}'])}</td><td>{100 * r[f'frac_{c}']:.1f}</td>")
+            ci = _ci_text(r, f"frac_{c}", 100.0, 1)
+            cells.append(f"<td>{int(r[f'n_{c}'])}</td><td>{100 * r[f'frac_{c}']:.1f}{ci}</td>")
             if edge:
                 v = r.get(f"frac_{c}_edge_corrected", np.nan)
                 cells.append(f"<td>{100 * v:.1f}</td>" if np.isfinite(v) else "<td>n/a</td>")
         rows.append(f"<tr><th>{html.escape(c)}</th>{''.join(cells)}</tr>")
     return (
         f"<table><tr><th rowspan='2'>call</th>{head}</tr><tr>{sub}</tr>{''.join(rows)}</table>"
-        "<p>Every column is in samples.csv (n_&lt;call&gt;, frac_&lt;call&gt;, "
-        "frac_&lt;call&gt;_edge_corrected).</p>"
+        f"<p>% (low-high): the share and its {100 * CI_LEVEL:.0f} % confidence interval. "
+        "Every column is in samples.csv (n_&lt;call&gt;, frac_&lt;call&gt;, "
+        "frac_&lt;call&gt;_ci_low / _ci_high, frac_&lt;call&gt;_edge_corrected).</p>"
     )
 
 
@@ -227,7 +271,8 @@ def _differential_rows_html(profile: pd.DataFrame, labels: list[str], edge: bool
     for _, r in profile.iterrows():
         cells = []
         for c in labels:
-            text = f"{int(r[f'n_{c}'])} ({100 * r[f'frac_{c}']:.1f} %)"
+            ci = _ci_text(r, f"frac_{c}", 100.0, 1)
+            text = f"{int(r[f'n_{c}'])} ({100 * r[f'frac_{c}']:.1f} %{ci})"
             if edge:
                 v = r.get(f"frac_{c}_edge_corrected", np.nan)
                 text += f"<br><small>{100 * v:.1f} % e.c.</small>" if np.isfinite(v) else ""
@@ -240,9 +285,19 @@ def _differential_rows_html(profile: pd.DataFrame, labels: list[str], edge: bool
     return (
         f"<div style='overflow-x:auto'><table><tr><th style='{sticky}'>sample</th>"
         f"<th>cells</th>{head}</tr>{''.join(rows)}</table></div>"
-        f"<p>One row per sample ({len(profile)} samples); every column is in samples.csv "
-        f"(n_&lt;call&gt;, frac_&lt;call&gt;).{note}</p>"
+        f"<p>One row per sample ({len(profile)} samples); % (low-high): the share and "
+        f"its {100 * CI_LEVEL:.0f} % confidence interval; every column is in samples.csv "
+        f"(n_&lt;call&gt;, frac_&lt;call&gt;, frac_&lt;call&gt;_ci_low / _ci_high).{note}</p>"
     )
+
+
+def _ci_text(row: pd.Series, column: str, scale: float, digits: int) -> str:
+    """`` <small>(low-high)</small>`` of ``column``'s confidence interval in a profile row
+    (values times ``scale``), or "" where it has none (NaN, or no such columns)."""
+    lo, hi = row.get(f"{column}_ci_low", np.nan), row.get(f"{column}_ci_high", np.nan)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return ""
+    return f" <small>({scale * lo:.{digits}f}-{scale * hi:.{digits}f})</small>"
 
 
 def _png(a: np.ndarray) -> str:
@@ -282,25 +337,35 @@ def _unclassified_rule(
 def _hist_svg(h: np.ndarray, width: int = 160, height: int = 40) -> str:
     """A small bar chart of one sample's position histogram: x = the path position
     0 (earliest class) .. 1 (latest), bar height = fraction of the on-path cells, the
-    tallest bar's share written at the top left."""
+    tallest bar's share written above the plot (on the bars it was dark on blue, ~3:1),
+    and said in words as the chart's aria-label."""
     h = np.nan_to_num(np.asarray(h, float))
     top = max(h.max(), 1e-9)
     w = width / max(len(h), 1)
+    y0 = 11  # px of the share line above the plot
     bars = "".join(
-        f'<rect x="{i * w:.1f}" y="{height - v / top * height:.1f}" width="{w - 1:.1f}" '
+        f'<rect x="{i * w:.1f}" y="{y0 + height - v / top * height:.1f}" width="{w - 1:.1f}" '
         f'height="{v / top * height:.1f}" fill="#5b6bbf"/>'
         for i, v in enumerate(h)
     )
     text = 'font-size="9" fill="#333"'
     axis = (
-        f'<text x="1" y="9" {text}>{100 * h.max():.0f} %</text>'
-        f'<text x="0" y="{height + 10}" {text}>0</text>'
-        f'<text x="{width / 2}" y="{height + 10}" {text} text-anchor="middle">position</text>'
-        f'<text x="{width}" y="{height + 10}" {text} text-anchor="end">1</text>'
+        f'<text x="1" y="9" {text}>tallest bar {100 * h.max():.0f} %</text>'
+        f'<text x="0" y="{y0 + height + 10}" {text}>0</text>'
+        f'<text x="{width / 2}" y="{y0 + height + 10}" {text} text-anchor="middle">position</text>'
+        f'<text x="{width}" y="{y0 + height + 10}" {text} text-anchor="end">1</text>'
+    )
+    peak = int(np.argmax(h)) if len(h) else 0
+    at = (peak + 0.5) / max(len(h), 1)
+    label = (
+        f"maturation histogram, {len(h)} bins over path position 0 to 1: tallest bar "
+        f"{100 * h.max():.0f} % of the on-path cells, at position {at:.2f}"
+        if len(h) and h.max() > 0
+        else "maturation histogram: no cell on the path"
     )
     return (
-        f'<svg width="{width}" height="{height + 12}"><rect width="{width}" '
-        f'height="{height}" fill="#eee"/>{bars}{axis}</svg>'
+        f'<svg width="{width}" height="{y0 + height + 12}" role="img" aria-label="{label}">'
+        f'<rect y="{y0}" width="{width}" height="{height}" fill="#eee"/>{bars}{axis}</svg>'
     )
 
 
@@ -347,7 +412,7 @@ def write_samples_html(
             main.append(f"{name}_edge_corrected")
     main += [c for c in ("n_on_path", "maturation_median") if c in profile]
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}"
@@ -370,6 +435,10 @@ def write_samples_html(
         "<li><b>histogram</b>: the position along the study's maturation path (0 = the "
         "earliest class's centre, 1 = the latest's; cells beyond either centre sit at the "
         "end) of the cells called one of the path's classes (n_on_path).</li>"
+        f"<li><b>(low-high)</b>: the {100 * CI_LEVEL:.0f} % confidence interval of a "
+        "share from the number of cells counted (exact binomial, as Rümke's table for a "
+        "manual differential): 5 blasts in 100 cells is 1.6-11.3 %, in 20 cells 1 blast "
+        "is 0.1-24.9 %. It does not include errors of the calls themselves.</li>"
         "<li><b>edge-corrected</b>: each cell weighted by the inverse of its chance to "
         "escape the filter that drops cells cut by the image edge, which drops large cells "
         "(monocytes, promyelocytes) more often than small ones (lymphocytes).</li>"
@@ -387,7 +456,8 @@ def write_samples_html(
         for c in main:
             v = r[c]
             if isinstance(v, float):  # NaN as the definitions above spell it
-                cells.append("<td>NaN</td>" if np.isnan(v) else f"<td>{v:.3f}</td>")
+                ci = _ci_text(r, c, 1.0, 3)
+                cells.append("<td>NaN</td>" if np.isnan(v) else f"<td>{v:.3f}{ci}</td>")
             else:
                 cells.append(f"<td>{html.escape(str(v))}</td>")
         cells.append(f"<td>{_hist_svg(r[hist_cols].to_numpy(float))}</td>")
@@ -417,8 +487,12 @@ def write_samples_html(
             # a call's examples: its most confident cells; the unclassified: the most atypical
             rank = -np.nan_to_num(odd[idx], nan=-np.inf) if c == UNCLASSIFIED else -conf[idx]
             idx = idx[np.argsort(rank, kind="stable")][:per_call]
+            # alt: what a screen reader says for the crop (title: the tooltip, with the id)
             imgs = "".join(
-                f'<img src="{_png(crops[i])}" width="64" title="{html.escape(str(obs.index[i]))} '
+                f'<img src="{_png(crops[i])}" width="64" '
+                f'alt="{html.escape(lab[i])}, confidence {conf[i]:.2f}'
+                f'{"" if lab[i] == c else ", called " + html.escape(c)}" '
+                f'title="{html.escape(str(obs.index[i]))} '
                 f"{html.escape(lab[i])}, confidence {conf[i]:.2f}, "
                 f'atypical score {odd[i]:.2f}">'
                 for i in idx

@@ -5,9 +5,12 @@ position the page shows the decoded cell, the column of the gene-program heatmap
 at that position (and where it sits in the whole heatmap) and the real crops whose
 codes lie nearest to that point of the path. A latent scatter (the UMAP/PCA of
 the shared latent) shows every cell in the label colours of the report
-(:mod:`vae.analysis.palette`); hovering a point shows that cell's crop and labels,
-and the nearest cells of the current path position are ringed; the path is drawn between
-the median positions of its classes (:func:`path_on_scatter`).
+(:mod:`vae.analysis.palette`); hovering, clicking or focusing (Tab) a point shows that
+cell's crop and labels, and the nearest cells of the current path position are ringed;
+the path is drawn between the median positions of its classes (:func:`path_on_scatter`),
+its current position a black ring on a white halo (seen on every label colour, under
+every colour-vision deficiency). Without JavaScript the page says so and points to
+``report.html``.
 
 Everything is inline: data as JSON in the page, images as base64 PNG, plain
 JavaScript and SVG; no server, no network, no library.
@@ -266,6 +269,9 @@ h1{font-size:1.4em;margin:.2em 0} .cap{font-size:.85em;color:#555}
 .bar{display:inline-block;height:9px;background:#7a5195}
 #scatter circle[data-i]{stroke:none} #scatter circle.crop{stroke:#444;stroke-width:.7}
 #scatter circle.near{stroke:#000;stroke-width:2}
+#scatter circle[data-i]:focus{outline:none;stroke:#000;stroke-width:2.5}
+#scatter circle[data-i]:focus-visible{stroke:#000;stroke-width:3}
+.nojs{border:2px solid #000;padding:.6em;background:#fff8d0}
 #hover{min-height:120px;font-size:.8em;width:220px} #legend{max-width:560px}
 #legend span{margin-right:.8em;font-size:.8em;white-space:nowrap;display:inline-block}
 """
@@ -283,6 +289,8 @@ function ramp(t){ if (t === null || isNaN(t)) return '#ddd';
   t = Math.max(0, Math.min(1, t)) * (RAMP.length - 1); const i = Math.min(Math.floor(t), RAMP.length - 2);
   const f = t - i, a = RAMP[i], b = RAMP[i + 1];
   return 'rgb(' + a.map((v, j) => Math.round(v + f * (b[j] - v))).join(',') + ')'; }
+function esc(t){ return String(t).replace(/[&<>"]/g, ch => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[ch])); }
+function cellName(c){ return (c.label || 'unlabelled') + ' cell ' + c.id; }
 function fmt(v){ if (v === null || v === undefined) return 'n/a';
   if (typeof v !== 'number') return String(v); if (Number.isInteger(v)) return String(v);
   return Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3); }
@@ -290,6 +298,10 @@ function fmt(v){ if (v === null || v === undefined) return 'n/a';
 // ---- heatmap (rows x steps) with the current column outlined
 const n = D.s.length, g = D.rows.length, cw = 14, ch = 14, lw = 150;
 const heat = $('heat'); heat.setAttribute('width', lw + n * cw + 4); heat.setAttribute('height', g * ch + 18);
+heat.setAttribute('role', 'img');
+heat.setAttribute('aria-label', 'heatmap of ' + g + ' decoded values (rows) at ' + n +
+  ' path positions (columns), each row scaled 0 to 1; the outlined column is the current position; ' +
+  'the table above lists its values');
 D.rows.forEach((r, i) => { const t = el('text', {x: lw - 4, y: i * ch + 11, 'text-anchor': 'end', 'font-size': 10});
   t.textContent = r; heat.appendChild(t);
   for (let j = 0; j < n; j++) heat.appendChild(el('rect', {x: lw + j * cw, y: i * ch, width: cw, height: ch,
@@ -302,6 +314,9 @@ heat.appendChild(sl);
 // ---- scatter
 const W = 560, H = 460, P = 30, sc = $('scatter');
 sc.setAttribute('viewBox', '0 0 ' + W + ' ' + H); sc.setAttribute('width', W); sc.setAttribute('height', H);
+sc.setAttribute('role', 'group');
+sc.setAttribute('aria-label', D.axis + ' of the shared latent: ' + D.cells.length +
+  ' cells coloured by label; Tab to a cell or click it for its crop and labels');
 const xs = D.cells.map(c => c.x), ys = D.cells.map(c => c.y);
 const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
 const X = (x) => P + (x - x0) / ((x1 - x0) || 1) * (W - 2 * P);
@@ -310,7 +325,9 @@ const ax = el('text', {x: W / 2, y: H - 6, 'text-anchor': 'middle', 'font-size':
 const ay = el('text', {x: 12, y: H / 2, 'font-size': 11, transform: 'rotate(-90 12 ' + H / 2 + ')', 'text-anchor': 'middle'});
 ay.textContent = D.axis + ' 2'; sc.appendChild(ay);
 const dots = D.cells.map((c, i) => { const d = el('circle', {cx: X(c.x), cy: Y(c.y), r: 3.2,
-  fill: D.colours[c.label] || '#888', 'data-i': i}); if (c.crop) d.classList.add('crop');
+  fill: D.colours[c.label] || '#888', 'data-i': i, tabindex: 0, role: 'button',
+  'aria-label': cellName(c)}); if (c.crop) d.classList.add('crop');
+  const t = el('title', {}); t.textContent = cellName(c); d.appendChild(t);
   sc.appendChild(d); return d; });
 // the path: between the medians of the classes it runs through (path_on_scatter), else
 // through the mean position of each step's nearest cells
@@ -319,25 +336,31 @@ const pathXY = D.path_xy ? D.path_xy.map(p => [X(p[0]), Y(p[1])])
   nb.reduce((a, j) => a + Y(D.cells[j].y), 0) / nb.length] : null).filter(p => p);
 if (pathXY.length > 1) sc.appendChild(el('polyline', {points: pathXY.map(p => p.join(',')).join(' '),
   fill: 'none', stroke: '#000', 'stroke-width': 1.5, 'stroke-dasharray': '4 3'}));
-const here = el('circle', {id: 'here', r: 7, fill: 'none', stroke: '#d00', 'stroke-width': 3}); sc.appendChild(here);
+// the current position: a black ring on a white halo, seen on every label colour
+const halo = el('circle', {id: 'here-halo', r: 7, fill: 'none', stroke: '#fff', 'stroke-width': 6,
+  'pointer-events': 'none'}); sc.appendChild(halo);
+const here = el('circle', {id: 'here', r: 7, fill: 'none', stroke: '#000', 'stroke-width': 2.5,
+  'pointer-events': 'none'}); sc.appendChild(here);
 function showCell(i){ const c = D.cells[i]; const h = $('hover');
-  let s = (c.crop ? '<img alt="crop" src="' + c.crop + '"/>' : '<p>(no image: expression-only cell)</p>') +
+  let s = (c.crop ? '<img alt="' + esc('crop of ' + cellName(c)) + '" src="' + c.crop + '"/>' : '<p>(no image: expression-only cell)</p>') +
     '<div><b>' + esc(c.label || '(no label)') + '</b><br/>' + esc(c.id);
   for (const k in c.info) if (c.info[k] !== null) s += '<br/>' + esc(k) + ': ' + esc(fmt(c.info[k]));
   h.innerHTML = s + '</div>'; h.setAttribute('data-cell', c.id); }
-function esc(t){ return String(t).replace(/[&<>"]/g, ch => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[ch])); }
-dots.forEach((d, i) => d.addEventListener('mouseenter', () => showCell(i)));
+dots.forEach((d, i) => { d.addEventListener('mouseenter', () => showCell(i));
+  d.addEventListener('focus', () => showCell(i)); d.addEventListener('click', () => showCell(i));
+  d.addEventListener('keydown', (e) => { if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); showCell(i); } }); });
 const legend = $('legend');
 Object.keys(D.colours).forEach(k => { const s = document.createElement('span');
-  s.innerHTML = '<svg width="10" height="10"><circle cx="5" cy="5" r="5" fill="' + D.colours[k] + '"/></svg> ' + esc(k || '(no label)');
+  s.innerHTML = '<svg width="10" height="10" aria-hidden="true"><circle cx="5" cy="5" r="5" fill="' + D.colours[k] + '"/></svg> ' + esc(k || '(no label)');
   legend.appendChild(s); });
 if (D.cells.some(c => c.crop)) { const s = document.createElement('span');
-  s.innerHTML = '<svg width="10" height="10"><circle cx="5" cy="5" r="4" fill="#fff" stroke="#444"/></svg> outlined: has a crop';
+  s.innerHTML = '<svg width="10" height="10" aria-hidden="true"><circle cx="5" cy="5" r="4" fill="#fff" stroke="#444"/></svg> outlined: has a crop';
   legend.appendChild(s); }
 
 // ---- the slider
 function update(j){
   j = Number(j); $('decoded').src = D.decoded[j];
+  $('decoded').alt = 'cell decoded at path position ' + D.s[j].toFixed(2);
   $('where').textContent = 'position ' + D.s[j].toFixed(2) + ' (step ' + (j + 1) + ' of ' + n + ')'
     + (D.supported[j] ? '' : ': no training cell with a crop lies near this point; the decoded cell is the decoder\u2019s extrapolation')
     + (D.drawn_from[j] ? (D.supported[j] ? '; drawn from labelled training crops like: '
@@ -352,11 +375,11 @@ function update(j){
   const nb = $('nearest'); nb.innerHTML = '';
   dots.forEach(d => d.classList.remove('near'));
   D.nearest[j].forEach(k => { const c = D.cells[k]; dots[k].classList.add('near');
-    sc.insertBefore(dots[k], here);  // ringed cells on top of the others, under the marker
+    sc.insertBefore(dots[k], halo);  // ringed cells on top of the others, under the marker
     const f = document.createElement('figure');
-    f.innerHTML = (c.crop ? '<img alt="crop" src="' + c.crop + '"/>' : '') + '<figcaption>' + (c.label ? esc(c.label) : '(unlabelled)') + '</figcaption>';
+    f.innerHTML = (c.crop ? '<img alt="' + esc('crop of ' + cellName(c)) + '" src="' + c.crop + '"/>' : '') + '<figcaption>' + (c.label ? esc(c.label) : '(unlabelled)') + '</figcaption>';
     nb.appendChild(f); });
-  if (pathXY[j]) { here.setAttribute('cx', pathXY[j][0]); here.setAttribute('cy', pathXY[j][1]); }
+  if (pathXY[j]) { for (const r of [halo, here]) { r.setAttribute('cx', pathXY[j][0]); r.setAttribute('cy', pathXY[j][1]); } }
 }
 const pos = $('pos'); pos.max = n - 1; pos.value = 0;
 pos.addEventListener('input', () => update(pos.value));
@@ -392,20 +415,24 @@ def write_study_page(
     # "</" would end the script element early; JSON allows the escaped form
     payload = payload.replace("</", "<\\/")
     classes = " \u2192 ".join(data.path_classes) if data.path_classes else "the path"
-    body = f"""<!DOCTYPE html><html><head><meta charset="utf-8">
+    body = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
 <link rel="icon" href="data:,"><title>{html.escape(title)}</title><style>{_CSS}</style></head>
 <body><h1>{html.escape(title)}</h1><p class="cap">{html.escape(subtitle)}</p>
+<noscript><p class="nojs">This page draws everything with JavaScript, which is off in
+this browser: switch it on to walk the path, or open <a href="report.html">report.html</a>
+next to this file, which has the same figures as static images.</p></noscript>
 {"".join(f'<p class="cap">{html.escape(str(n))}</p>' for n in notes)}
 <p class="cap">Drag the slider along the Gaussian-process path through the class centroids
 ({html.escape(classes)}). The panels below show, for that point: the cell decoded at that point
 of the latent space{html.escape(data.decoded_how)}; the decoded gene-program and granule-gene values
 there (the outlined column of the heatmap); the real cells whose codes lie nearest to that point
-(the panels wrap to the window's width). Hover over a point of the scatter to see
-that cell's crop and labels; the ringed points are those real cells. The dashed line is a schematic
-of the path, drawn between the median positions of its classes (the path runs in the latent space,
-where a 2-D map has no place for points between cells), and the red circle the current position on it.</p>
+(the panels wrap to the window's width). Hover over, click or tap a point of the scatter (or
+reach it with the Tab key) to see that cell's crop and labels; the ringed points are those real
+cells. The dashed line is a schematic of the path, drawn between the median positions of its
+classes (the path runs in the latent space, where a 2-D map has no place for points between
+cells), and the black ring with a white edge the current position on it.</p>
 <div class="panel"><input type="range" id="pos" min="0" step="1" aria-label="path position"/>
-<div id="where" class="cap"></div></div>
+<div id="where" class="cap" aria-live="polite"></div></div>
 <div class="row">
 <div class="panel"><div class="cap">decoded cell</div><img id="decoded" alt="decoded cell"/></div>
 <div class="panel"><div class="cap">decoded values at this position: log1p of the decoded mean<br>expression (a gene seen in few cells reads higher than the mean<br>of its log values); bar: where the value lies in its own row's<br>range along the path, not its level</div>
@@ -414,13 +441,16 @@ where a 2-D map has no place for points between cells), and the red circle the c
 </div>
 <div class="row">
 <div class="panel"><div class="cap">heatmap along the path (each row scaled 0..1)</div>
-<svg id="heat" xmlns="http://www.w3.org/2000/svg"></svg></div>
+<svg id="heat" xmlns="http://www.w3.org/2000/svg" role="img"
+aria-label="heatmap of the decoded values along the path"></svg></div>
 </div>
 <div class="row">
 <div class="panel"><div class="cap">{html.escape(data.axis_name)} of the shared latent
-({len(data.labels)} cells)</div><svg id="scatter" xmlns="http://www.w3.org/2000/svg"></svg>
+({len(data.labels)} cells)</div><svg id="scatter" xmlns="http://www.w3.org/2000/svg" role="group"
+aria-label="{html.escape(data.axis_name)} of the shared latent, coloured by label"></svg>
 <div id="legend"></div></div>
-<div class="panel" id="hover"><span class="cap">hover over a cell</span></div>
+<div class="panel" id="hover" aria-live="polite"><span class="cap">hover over, click or Tab to
+a cell</span></div>
 </div>
 <script type="application/json" id="study-data">{payload}</script>
 <script>{_JS}</script></body></html>

@@ -1387,37 +1387,51 @@ def plot_embedding(adata: ad.AnnData, path: str | Path, *, max_panels: int = 8) 
     n = len(cols)
     ncol = min(4, n)
     nrow = int(np.ceil(n / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3.6 * nrow), squeeze=False)
+    # constrained layout: it makes room for the label legend beside its panel, where
+    # tight_layout squeezed every panel of that column
+    fig, axes = plt.subplots(
+        nrow, ncol, figsize=(4 * ncol + 1.5, 3.6 * nrow), squeeze=False, layout="constrained"
+    )
     for ax in axes.ravel()[n:]:
         ax.axis("off")
+    axis = "UMAP" if basis == "X_umap" else "PC"
     for ax, col in zip(axes.ravel(), cols):
         if col == "label":
-            from vae.analysis.palette import label_colours
+            from vae.analysis.palette import label_colours, label_markers, point_style
 
-            # the colours and order every later figure uses (maturation order first)
+            # the colours, markers and order every later figure uses (maturation first)
             lab = adata.obs[col].astype(str).to_numpy()
+            markers = label_markers(lab)
             for c, colour in label_colours(lab).items():
                 sel = lab == c
                 ax.scatter(
-                    *xy[sel].T, s=4, color=colour, label=f"{c or 'unlabelled'} ({sel.sum()})"
+                    *xy[sel].T,
+                    label=f"{c or 'unlabelled'} ({sel.sum()})",
+                    **point_style(colour, markers[c], size=8),
                 )
             # beside the axes: inside, a long legend covers the cells it names
-            ax.legend(fontsize=6, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1))
+            ax.legend(fontsize=8, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1))
         else:
             v = adata.obs[col].to_numpy(dtype=float)
             ok = np.isfinite(v)
             ax.scatter(*xy[~ok].T, s=3, color="lightgrey")
             if ok.any():
                 sca = ax.scatter(*xy[ok].T, s=4, c=v[ok], cmap="viridis")
-                fig.colorbar(sca, ax=ax, shrink=0.8)
+                cb = fig.colorbar(sca, ax=ax, shrink=0.8)
+                # say what the colour is: a program score or the maturation
+                name = f"{col[6:]} program score" if col.startswith("score_") else col
+                cb.set_label(name, fontsize=8)
+                cb.ax.tick_params(labelsize=8)
             else:  # an empty 0-1 colour bar would suggest values
                 ax.text(0.5, 0.5, "no values", ha="center", transform=ax.transAxes, fontsize=8)
         ax.set_title(col, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
+        ax.set_xlabel(f"{axis} 1", fontsize=8)
+        ax.set_ylabel(f"{axis} 2", fontsize=8)
     fig.suptitle(f"{basis[2:].upper()} of {adata.n_obs} cells")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, format="png")
+    # 110 dpi as the other figures: 8 pt legend text is 12 px
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 

@@ -103,7 +103,8 @@ def test_tables_drop_empty_columns_and_explain_missing_cells(tmp_path):
     assert "all_empty" not in table  # empty in every row: left out, and said so
     assert "left out, empty in every row: all_empty" in html
     assert "nothing" not in table and "left out, no value: nothing" in html
-    cells = re.findall(r"<td[^>]*>([^<]*)</td>", table)
+    # body cells, each row's name a row header (<th scope="row">)
+    cells = re.findall(r'<(?:td|th scope="row")[^>]*>([^<]*)</t[dh]>', table)
     assert cells == ["joint", "64", "0.812", "-1.23", "image", "10", "0.400", "n/a"]
     assert "n/a: no count model for this row" in html
     assert 'class="tw"' in html  # the table scrolls inside its box, not the page
