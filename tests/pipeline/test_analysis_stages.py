@@ -826,8 +826,14 @@ def test_study_page_works_in_a_real_browser(tiny_run, tmp_path):
         assert col1 != col0 and len(col1) == len(col0)  # another heatmap column
         assert x1 != x0  # the outlined column moved
         assert near1 != near0  # other nearest crops (myeloblast end vs myelocyte end)
-        dots = d.find_elements("css selector", "#scatter circle[data-i]")
+        dots = d.find_elements("css selector", "#scatter [data-i]")
         assert len(dots) == 80  # every cell of the tiny run
+        # each label drawn with its palette marker, as in the report's figures (circles
+        # for the neutrophil lineage, a square for lymphocytes ...): not by colour alone
+        shapes = {e.tag_name for e in dots}
+        assert len(shapes) > 1 and shapes <= {"circle", "rect", "polygon"}, shapes
+        legend = d.find_elements("css selector", "#legend svg > *")
+        assert {e.tag_name for e in legend} == shapes | {"circle"}
         ActionChains(d).move_to_element(dots[0]).perform()
         hover = d.find_element("id", "hover")
         assert hover.get_attribute("data-cell")

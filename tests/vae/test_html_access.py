@@ -66,6 +66,7 @@ def _study(tmp_path, n=4, m=12):
         crops=rng.integers(0, 255, (m, 8, 8, 3), dtype=np.uint8),
         has_crop=np.ones(m, bool),
         colours=P.label_colours(labels),
+        markers=P.label_markers(labels),
         path_classes=["GMP", "Neutrophils"],
     )
     return write_study_page(tmp_path / "study.html", d, "t", "sub").read_text()
@@ -161,3 +162,21 @@ def test_samples_page_crops_have_alt_and_the_page_a_lang(tmp_path):
     # the histograms say what they show in words
     svgs = re.findall(r"<svg\b[^>]*>", text)
     assert svgs and all('role="img"' in s and "aria-label=" in s for s in svgs)
+
+
+def test_study_page_draws_each_label_with_its_palette_marker(tmp_path):
+    """The study page drew every class as a circle told apart by colour alone, while the
+    report's figures give each class a marker too (accessibility audit)."""
+    import json
+
+    text = _study(tmp_path)
+    data = json.loads(
+        re.search(
+            r'<script type="application/json" id="study-data">(.*?)</script>', text, re.S
+        ).group(1)
+    )
+    labels = ["GMP", "Neutrophils", ""]
+    assert data["markers"] == P.label_markers(labels)
+    assert len(set(data["markers"].values())) == 3  # three labels, three shapes
+    for m in ("'s'", "'D'", "'^'", "'P'", "'X'"):  # every marker the palette uses has a shape
+        assert f"case {m}" in text

@@ -1492,7 +1492,7 @@ def _write_study_page(
     ``step_labels``: :class:`vae.analysis.traverse.NeighbourLabels` of the steps, or None;
     ``notes``: what the data cannot show, one paragraph each under the subtitle."""
     from vae.analysis import traverse as T
-    from vae.analysis.palette import label_colours
+    from vae.analysis.palette import label_colours, label_markers
     from vae.analysis.run import embedding
     from vae.analysis.study_page import (
         StudyPageData,
@@ -1568,6 +1568,7 @@ def _write_study_page(
         crops=crops,
         has_crop=has_crop[keep],
         colours=label_colours(labels),
+        markers=label_markers(labels),
         axis_name=method,
         path_classes=list(classes),
         info=info,

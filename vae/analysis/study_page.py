@@ -66,6 +66,9 @@ class StudyPageData:
         which rows have one (expression-only cells have none).
     info : column name -> (m,) extra per-cell values shown on hover.
     colours : label -> "#rrggbb" (the report's palette).
+    markers : label -> matplotlib marker of the report's palette
+        (:func:`vae.analysis.palette.label_markers`), drawn as the same SVG shape; None:
+        circles. Colour alone cannot tell 9-11 classes apart for every reader.
     axis_name : "UMAP" or "PCA".
     path_classes : the classes the path runs through, earliest first.
     supported : (n,) bool, steps whose decoded cell lies near codes of training cells
@@ -96,6 +99,7 @@ class StudyPageData:
     supported: np.ndarray | None = None
     drawn_from: list[str] | None = None
     path_xy: np.ndarray | None = None
+    markers: dict[str, str] | None = None
 
 
 def nearest_rows(points: np.ndarray, codes: np.ndarray, candidates: np.ndarray, k: int):
@@ -247,6 +251,7 @@ def page_payload(d: StudyPageData, upscale: int = 2) -> dict:
         ),
         "cells": cells,
         "colours": dict(d.colours),
+        "markers": dict(d.markers or {}),
         "axis": d.axis_name,
         "path_classes": list(d.path_classes),
         "supported": (
@@ -267,10 +272,10 @@ h1{font-size:1.4em;margin:.2em 0} .cap{font-size:.85em;color:#555}
 #nearest figure{display:inline-block;margin:2px;text-align:center;font-size:.7em}
 #genecol td{padding:1px 6px;font-size:.8em} #genecol td.v{text-align:right;font-family:monospace}
 .bar{display:inline-block;height:9px;background:#7a5195}
-#scatter circle[data-i]{stroke:none} #scatter circle.crop{stroke:#444;stroke-width:.7}
-#scatter circle.near{stroke:#000;stroke-width:2}
-#scatter circle[data-i]:focus{outline:none;stroke:#000;stroke-width:2.5}
-#scatter circle[data-i]:focus-visible{stroke:#000;stroke-width:3}
+#scatter [data-i]{stroke:none} #scatter .crop{stroke:#444;stroke-width:.7}
+#scatter .near{stroke:#000;stroke-width:2}
+#scatter [data-i]:focus{outline:none;stroke:#000;stroke-width:2.5}
+#scatter [data-i]:focus-visible{stroke:#000;stroke-width:3}
 .nojs{border:2px solid #000;padding:.6em;background:#fff8d0}
 #hover{min-height:120px;font-size:.8em;width:220px} #legend{max-width:560px}
 #legend span{margin-right:.8em;font-size:.8em;white-space:nowrap;display:inline-block}
@@ -324,9 +329,35 @@ const Y = (y) => H - P - (y - y0) / ((y1 - y0) || 1) * (H - 2 * P);
 const ax = el('text', {x: W / 2, y: H - 6, 'text-anchor': 'middle', 'font-size': 11}); ax.textContent = D.axis + ' 1'; sc.appendChild(ax);
 const ay = el('text', {x: 12, y: H / 2, 'font-size': 11, transform: 'rotate(-90 12 ' + H / 2 + ')', 'text-anchor': 'middle'});
 ay.textContent = D.axis + ' 2'; sc.appendChild(ay);
-const dots = D.cells.map((c, i) => { const d = el('circle', {cx: X(c.x), cy: Y(c.y), r: 3.2,
-  fill: D.colours[c.label] || '#888', 'data-i': i, tabindex: 0, role: 'button',
-  'aria-label': cellName(c)}); if (c.crop) d.classList.add('crop');
+// a label's marker of the report's palette (matplotlib's name) as an SVG shape at (x, y)
+function ring(n, x, y, r, turn, inner){ const p = [];
+  for (let k = 0; k < n * (inner ? 2 : 1); k++) { const a = turn + Math.PI * k / (inner ? n : n / 2);
+    const q = inner && k % 2 ? r * inner : r;
+    p.push((x + q * Math.sin(a)).toFixed(1) + ',' + (y - q * Math.cos(a)).toFixed(1)); }
+  return el('polygon', {points: p.join(' ')}); }
+function cross(x, y, r, turn){ const w = r * 0.38, c = Math.cos(turn), s = Math.sin(turn);
+  const q = [[-w,-r],[w,-r],[w,-w],[r,-w],[r,w],[w,w],[w,r],[-w,r],[-w,w],[-r,w],[-r,-w],[-w,-w]];
+  return el('polygon', {points: q.map(([a, b]) => (x + a * c - b * s).toFixed(1) + ',' + (y + a * s + b * c).toFixed(1)).join(' ')}); }
+function mark(m, x, y, r){
+  switch (m) {
+    case 's': return el('rect', {x: x - 0.85 * r, y: y - 0.85 * r, width: 1.7 * r, height: 1.7 * r});
+    case 'D': case 'd': return ring(4, x, y, 1.2 * r, 0);
+    case '^': return ring(3, x, y, 1.25 * r, 0);
+    case 'v': return ring(3, x, y, 1.25 * r, Math.PI);
+    case '<': return ring(3, x, y, 1.25 * r, -Math.PI / 2);
+    case '>': return ring(3, x, y, 1.25 * r, Math.PI / 2);
+    case 'p': return ring(5, x, y, 1.1 * r, 0);
+    case 'h': case 'H': return ring(6, x, y, 1.1 * r, m === 'H' ? Math.PI / 6 : 0);
+    case '*': return ring(5, x, y, 1.4 * r, 0, 0.45);
+    case 'P': return cross(x, y, 1.15 * r, 0);
+    case 'X': return cross(x, y, 1.15 * r, Math.PI / 4);
+    case '.': return el('circle', {cx: x, cy: y, r: 0.6 * r});
+    default: return el('circle', {cx: x, cy: y, r: r});
+  } }
+const dots = D.cells.map((c, i) => { const d = mark(D.markers[c.label], X(c.x), Y(c.y), 3.2);
+  for (const [k, v] of Object.entries({fill: D.colours[c.label] || '#888', 'data-i': i, tabindex: 0,
+    role: 'button', 'aria-label': cellName(c)})) d.setAttribute(k, v);
+  if (c.crop) d.classList.add('crop');
   const t = el('title', {}); t.textContent = cellName(c); d.appendChild(t);
   sc.appendChild(d); return d; });
 // the path: between the medians of the classes it runs through (path_on_scatter), else
@@ -351,7 +382,9 @@ dots.forEach((d, i) => { d.addEventListener('mouseenter', () => showCell(i));
   d.addEventListener('keydown', (e) => { if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); showCell(i); } }); });
 const legend = $('legend');
 Object.keys(D.colours).forEach(k => { const s = document.createElement('span');
-  s.innerHTML = '<svg width="10" height="10" aria-hidden="true"><circle cx="5" cy="5" r="5" fill="' + D.colours[k] + '"/></svg> ' + esc(k || '(no label)');
+  const sw = el('svg', {width: 12, height: 12, 'aria-hidden': 'true'}), m = mark(D.markers[k], 6, 6, 4.4);
+  m.setAttribute('fill', D.colours[k]); m.setAttribute('stroke', '#222'); m.setAttribute('stroke-width', 0.5);
+  sw.appendChild(m); s.appendChild(sw); s.appendChild(document.createTextNode(' ' + (k || '(no label)')));
   legend.appendChild(s); });
 if (D.cells.some(c => c.crop)) { const s = document.createElement('span');
   s.innerHTML = '<svg width="10" height="10" aria-hidden="true"><circle cx="5" cy="5" r="4" fill="#fff" stroke="#444"/></svg> outlined: has a crop';
