@@ -68,9 +68,28 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def config_hash(resolved: dict[str, Any]) -> str:
-    """Short stable hash of a resolved config (dict)."""
+    """Short stable hash of a resolved config (dict), without ``paths.root``: where the
+    outputs go changes no result, so one study run in two folders has one hash (the
+    inputs, ``paths.inputs.*``, stay in it)."""
+    paths = resolved.get("paths") if isinstance(resolved, dict) else None
+    if isinstance(paths, dict) and "root" in paths:
+        resolved = {**resolved, "paths": {k: v for k, v in paths.items() if k != "root"}}
     blob = json.dumps(resolved, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def command_overrides() -> list[str] | None:
+    """The Hydra overrides this run was given on the command line (e.g.
+    ``["stage=train", "experiment=demo", "vae.beta=4"]``), or None outside a Hydra run
+    (a stage called from Python). ``python -m pipeline <overrides>`` reruns it."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return None
+        return [str(o) for o in HydraConfig.get().overrides.task]
+    except Exception:  # noqa: BLE001 - a record, never a reason to fail a stage
+        return None
 
 
 class Manifest:
@@ -89,6 +108,9 @@ class Manifest:
             "inputs": {},
             "outputs": {},
             "config": resolved_config,
+            # the command line's overrides: `python -m pipeline <overrides>` reruns it
+            # (docs/artifacts.md "Rerunning a stage from its manifest")
+            "overrides": command_overrides(),
             # which code ran the stage (git asked once per process), so two results
             # that differ can be told apart by the code that made them
             "code": code_record(),
@@ -216,8 +238,10 @@ def shipped_default(name: str) -> tuple[Path | None, str]:
     if SHIPPED_DETECTOR.is_file():
         logging.getLogger(__name__).info(
             "segmentation_model: no segment_train run, so the detector shipped with the "
-            "package (%s; magnification measured per image); paths.inputs.segmentation_model"
-            "=PATH or stage=segment_train replaces it",
+            "package (%s; by default it measures each image's magnification, with "
+            "segmentation.estimate_scale=false one fixed input_scale: the segment log's "
+            "'input_scale=' or 'magnification measured' line says which); paths.inputs.segmentation_model=PATH or "
+            "stage=segment_train replaces it",
             SHIPPED_DETECTOR,
         )
         return SHIPPED_DETECTOR, ""

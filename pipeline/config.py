@@ -106,7 +106,8 @@ class HardwareConfig:
 
 def _simulator_schema() -> type:
     """``data.simulator``: the fields and defaults of :class:`SimulatorParams` (their one
-    owner, documented there), with tuples as lists (OmegaConf has no tuples)."""
+    owner, documented there), with tuples as lists (OmegaConf has no tuples); ``seed``
+    is null by default = the top-level ``seed``, like ``expression.seed`` / ``pair.seed``."""
     types = {"int": int, "float": float, "str": str, "bool": bool}
     fields = []
     for f in dataclasses.fields(SimulatorParams):
@@ -117,6 +118,8 @@ def _simulator_schema() -> type:
             fields.append(
                 (f.name, dict[str, float], field(default_factory=lambda v=default: dict(v)))
             )
+        elif f.name == "seed":  # null: the top-level seed (pipeline/stages/simulate.py)
+            fields.append((f.name, int | None, None))
         else:
             fields.append((f.name, types[str(f.type)], default))
     cls = dataclasses.make_dataclass("SimulatorConfig", fields)

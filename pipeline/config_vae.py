@@ -168,7 +168,10 @@ class TrainerConfig:
 
     max_epochs: int = 60
     max_minutes: float | None = None  # stop (as a finished run) after this wall time
-    batch_size: int = 64
+    # end this run after N epochs on the schedule of max_epochs (as an interruption);
+    # resume=true goes on from last.pt, as segmentation.stop_after_epochs does
+    stop_after_epochs: int | None = None
+    batch_size: int = 64  # rows per step per process (2 processes: 2x rows per step)
     lr: float = 1e-3
     weight_decay: float = 1e-4  # AdamW
     lr_schedule: str = "cosine"  # cosine | constant (both after lr_warmup_epochs)

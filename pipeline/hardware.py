@@ -77,6 +77,15 @@ class DistInfo:
             t /= self.world_size
         return t
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` on a single process.
+        A collective: every rank must call it at the same point."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(out, obj)
+        return out
+
     def shard(self, items: Sequence[Any]) -> list[Any]:
         """This rank's share of ``items`` (round robin; stable order)."""
         return list(items[self.rank :: self.world_size])

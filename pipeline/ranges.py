@@ -56,6 +56,7 @@ RANGES: dict[str, str] = {
     "vae.capacity_epochs": POS,
     # --- trainer ---
     "trainer.max_epochs": COUNT,
+    "trainer.stop_after_epochs": COUNT,
     "trainer.max_minutes": POS,
     "trainer.batch_size": COUNT,
     "trainer.lr": POS,

@@ -312,6 +312,9 @@ class StageContext:
     dir: Path
     inputs: dict[str, Path]
     dist: Any = None  # pipeline.hardware.DistInfo, set by the runner
+    # what the stage states in its manifest.json beside the config (e.g. stage=simulate's
+    # ``simulator_seed``: the seed it used when data.simulator.seed is null)
+    record: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -475,6 +478,7 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
             ctx.dist = hardware.single_process(cfg.hardware)
             spec.fn(ctx)
         manifest.data["torch_threads"] = _threads_used(cfg, ctx)
+        manifest.data.update(ctx.record)
         _record_inputs(manifest, ctx)
         for n in spec.produces:
             p = ctx.output(n)

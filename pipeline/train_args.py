@@ -296,6 +296,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
         raise StageError(f"vae config: {e}") from e
     return TrainArgs(
         max_epochs=int(t.max_epochs),
+        stop_after_epochs=None if t.stop_after_epochs is None else int(t.stop_after_epochs),
         batch_size=int(t.batch_size),
         lr=float(t.lr),
         weight_decay=float(t.weight_decay),

@@ -447,7 +447,8 @@ def _read_voc_xml(root: Path, xml: Path, stem: str, split: str, source: str) -> 
     fname = tree.findtext("filename") or f"{stem}.jpg"
     img = root / "JPEGImages" / fname
     if not img.exists():
-        alt = [p for p in (root / "JPEGImages").glob(f"{stem}.*")]
+        # sorted: glob order is the file system's, so another machine took another file
+        alt = sorted((root / "JPEGImages").glob(f"{stem}.*"))
         if not alt:
             raise AnnotationError(f"{xml}: image {img} not found")
         img = alt[0]
@@ -618,11 +619,11 @@ def read_mask_pngs(
                         labels[int(row[0])] = row[1].strip()
         pairs = []
         for m in sorted(folder.glob("*.png")):
-            imgs = [
+            imgs = sorted(  # glob order is the file system's: the first in name order
                 p
                 for p in folder.glob(f"{m.stem}.*")
                 if p.suffix.lower() in IMAGE_EXTS and p.suffix.lower() != ".png"
-            ]
+            )
             if imgs:
                 pairs.append((imgs[0], m))
         n_pairs += len(pairs)

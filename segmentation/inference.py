@@ -16,7 +16,9 @@ tests pass a fake one that returns known masks.
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -24,7 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segmentation.io import PROGRESS_MEGAPIXELS
 from segmentation.schema import MASK_THRESHOLD
+
+log = logging.getLogger(__name__)
 
 # torchvision (~5 s to import: it loads torch._dynamo) is imported where a detector runs,
 # so stages and settings errors that only need this module's helpers start without it
@@ -593,15 +598,54 @@ class ImageDetections:
     scale: float  # working px per source px
 
 
-def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
-    """(H, W, 3) uint8 resized by ``scale`` (antialiased); unchanged when scale == 1."""
+# source pixels resized at a time by :func:`resize_image` (16 MP: a 48 MB strip)
+RESIZE_STRIP_PX = 1 << 24
+
+
+def resize_image(image: np.ndarray, scale: float, strip_px: int = RESIZE_STRIP_PX) -> np.ndarray:
+    """(H, W, 3) uint8 resized by ``scale`` (antialiased); unchanged when scale == 1.
+
+    An image over ``strip_px`` pixels is resized in horizontal strips of about that many
+    source pixels, each with the filter's reach of rows above and below (Pillow's box
+    argument places the strip in the whole image's sampling grid), into one output
+    array: Pillow copied the whole image into its own buffer (a 400 MP slide: 1.9 GB
+    more, the stage's peak). The result is Pillow's whole-image resize, up to 1 grey
+    level where a filter weight rounds the other way (tests/segmentation/
+    test_whole_slide_audit.py).
+    """
     if scale == 1.0:
         return image
     from PIL import Image
 
     h, w = image.shape[:2]
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    bilinear = Image.Resampling.BILINEAR
+    if h * w <= strip_px:
+        return np.asarray(Image.fromarray(image).resize(size, bilinear))
+    t0 = time.perf_counter()
+    ow, oh = size
+    fy = h / oh  # source rows per output row, as Pillow samples them
+    reach = max(1.0, fy) + 2.0  # bilinear support (1 px, widened when reducing) + rounding
+    rows = max(1, int(strip_px / w / fy))  # output rows per strip
+    out = np.empty((oh, ow, *image.shape[2:]), image.dtype)
+    for o0 in range(0, oh, rows):
+        o1 = min(oh, o0 + rows)
+        s0 = max(0, math.floor(o0 * fy - reach))
+        s1 = min(h, math.ceil(o1 * fy + reach))
+        strip = Image.fromarray(np.ascontiguousarray(image[s0:s1]))
+        box = (0.0, o0 * fy - s0, float(w), o1 * fy - s0)
+        out[o0:o1] = np.asarray(strip.resize((ow, o1 - o0), bilinear, box=box))
+    if h * w > PROGRESS_MEGAPIXELS * 1e6:
+        log.info(
+            "resized %dx%d -> %dx%d px (scale %.4g) in %.1f s",
+            w,
+            h,
+            ow,
+            oh,
+            scale,
+            time.perf_counter() - t0,
+        )
+    return out
 
 
 def detect_images(
@@ -634,6 +678,15 @@ def detect_images(
         g = tile_grid(im.shape[0], im.shape[1], tile_size, overlap)
         grids.append(g)
         jobs.extend((i, t) for t in g)
+    # a large image (over PROGRESS_MEGAPIXELS at working scale) logs its tiles at about
+    # every 10 %: a slide's detection takes minutes, and the log was silent through them
+    big = {
+        i: (len(g), max(1, math.ceil(len(g) / 10)))
+        for i, (im, g) in enumerate(zip(images, grids))
+        if im.shape[0] * im.shape[1] > PROGRESS_MEGAPIXELS * 1e6
+    }
+    done = dict.fromkeys(big, 0)
+    t0 = time.perf_counter()
     results: list[Detections] = []
     for chunk in _passes(jobs, max(1, batch_size), batch_megapixels):
         crops = [np.ascontiguousarray(images[i][t.y0 : t.y1, t.x0 : t.x1]) for i, t in chunk]
@@ -641,6 +694,22 @@ def detect_images(
         if len(out) != len(crops):
             raise RuntimeError(f"detector returned {len(out)} results for {len(crops)} tiles")
         results.extend(out)
+        for i, _ in chunk:
+            if i not in big:
+                continue
+            done[i] += 1
+            n, every = big[i]
+            if done[i] % every == 0 or done[i] == n:
+                h, w = images[i].shape[:2]
+                log.info(
+                    "detect: image %d (%dx%d px): tile %d of %d (%.0f s)",
+                    i + 1,
+                    w,
+                    h,
+                    done[i],
+                    n,
+                    time.perf_counter() - t0,
+                )
     merged, pos = [], 0
     for im, g in zip(images, grids):
         per_tile = results[pos : pos + len(g)]

@@ -18,9 +18,11 @@ conversion made), so the caller can list it in a rejects table and go on.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
+import time
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -31,9 +33,28 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+log = logging.getLogger(__name__)
+
+# whole-slide scanner files that are TIFFs inside (Aperio .svs, Hamamatsu .ndpi, Leica .scn,
+# Ventana .bif): read as TIFFs, the full-resolution level of the largest series
+# (:func:`_tiff_layout`); they were skipped without a word by the suffix check
+TIFF_SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif")
+TIFF_SUFFIXES = (".tif", ".tiff", *TIFF_SLIDE_SUFFIXES)
 # the image types every reader lists (case-insensitive); WebP (browser and phone exports)
 # is decoded by Pillow like the others, and was skipped without a word when not listed
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", *TIFF_SLIDE_SUFFIXES)
+# whole-slide formats that are not TIFFs (3DHistech .mrxs, Zeiss .czi, Olympus .vsi, Philips
+# .isyntax, Hamamatsu .vms/.vmu): not read, but named in the log and in a "no images" error
+# with the way to read them (:data:`SLIDE_EXPORT`), never skipped silently
+OTHER_SLIDE_SUFFIXES = (".mrxs", ".czi", ".vsi", ".isyntax", ".vms", ".vmu")
+SLIDE_EXPORT = (
+    "export each slide to a TIFF and give the folder of TIFFs: QuPath (File > Export images > "
+    "OME-TIFF), Bio-Formats (bfconvert SLIDE slide.ome.tif), or OpenSlide's formats (.mrxs) "
+    "with vips (vips tiffsave SLIDE slide.tif --tile --pyramid --bigtiff --compression deflate)"
+)
+# images over this size (megapixels) log each step of their reading and detection at INFO
+# (a 400 MP slide otherwise left the log silent for minutes)
+PROGRESS_MEGAPIXELS = 20.0
 
 # The largest image read whole, in megapixels (1000 MP: a 3 GB RGB array). Pillow's own
 # guard (it refuses over 179 MP as a "decompression bomb", a web-service concern) made a
@@ -83,10 +104,33 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder of images")
+    slides = skipped_slides(folder)
+    if slides:  # named, never dropped without a word
+        log.warning("%s: %s", folder, slide_skip_message(slides))
     return sorted(
         p
         for p in folder.iterdir()
         if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def is_other_slide(p: Path) -> bool:
+    """A whole-slide file of a format that is not a TIFF (:data:`OTHER_SLIDE_SUFFIXES`)."""
+    return p.suffix.lower() in OTHER_SLIDE_SUFFIXES and not p.name.startswith(".")
+
+
+def skipped_slides(folder: str | Path) -> list[Path]:
+    """Whole-slide files directly inside ``folder`` that are not read (not TIFFs), sorted."""
+    return sorted(p for p in Path(folder).iterdir() if is_other_slide(p))
+
+
+def slide_skip_message(slides: list[Path], limit: int = 8) -> str:
+    """One line naming the whole-slide files not read, and how to read them."""
+    names = ", ".join(p.name for p in slides[:limit])
+    more = f" and {len(slides) - limit} more" if len(slides) > limit else ""
+    return (
+        f"{len(slides)} whole-slide file(s) not read ({names}{more}): the format is not a "
+        f"TIFF; {SLIDE_EXPORT}"
     )
 
 
@@ -153,29 +197,151 @@ def _exif_upright(path: Path, a: np.ndarray, converted: list[str]) -> np.ndarray
     return np.ascontiguousarray(turn(a))
 
 
-def _too_large(path: Path, limit_mp: float = MAX_IMAGE_MEGAPIXELS) -> str:
-    """Why ``path`` is not read whole (its header's size is over ``limit_mp``
-    megapixels), or "" (also when Pillow cannot read the header: the decoders judge it)."""
+@dataclass
+class TiffLayout:
+    """Which part of a TIFF is the image: level 0 (full resolution) of series ``index``,
+    the series with the most pixels (a slide scanner's file also holds a label, a macro
+    photo and a thumbnail, in any order: Ventana writes the 400x400 label first)."""
+
+    index: int
+    n_series: int
+    width: int
+    height: int
+    levels: int
+    compression: int
+    others: list[str]  # the other series, "WxH" each
+
+    def note(self) -> str:
+        """The ``converted`` note of a file with several series: which one was read."""
+        lv = f", level 0 of {self.levels}" if self.levels > 1 else ""
+        return (
+            f"tiff series {self.index + 1} of {self.n_series} ({self.width}x{self.height} px"
+            f"{lv}; the largest; not read: {', '.join(self.others)})"
+        )
+
+
+def _tiff_layout(path: Path) -> TiffLayout | None:
+    """The series of a TIFF read as the image (:class:`TiffLayout`), or None when the file
+    is not a TIFF tifffile can parse (the decoders then judge it)."""
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except Exception:  # noqa: BLE001 - not Pillow's format, or broken: _decode says
-        return ""
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            sizes = []
+            for s in tf.series:
+                lv = s.levels[0]
+                ax, shp = lv.axes, lv.shape
+                h = int(shp[ax.index("Y")]) if "Y" in ax else 0
+                w = int(shp[ax.index("X")]) if "X" in ax else 0
+                sizes.append((w, h, len(s.levels), int(lv.keyframe.compression)))
+    except Exception:  # noqa: BLE001 - not a TIFF, or a broken one
+        return None
+    if not sizes:
+        return None
+    k = max(range(len(sizes)), key=lambda i: (sizes[i][0] * sizes[i][1], -i))
+    w, h, levels, comp = sizes[k]
+    others = [f"{a}x{b}" for i, (a, b, _, _) in enumerate(sizes) if i != k]
+    return TiffLayout(k, len(sizes), w, h, levels, comp, others)
+
+
+def _too_large(
+    path: Path, limit_mp: float = MAX_IMAGE_MEGAPIXELS, layout: TiffLayout | None = None
+) -> str:
+    """Why ``path`` is not read whole (its header's size is over ``limit_mp``
+    megapixels), or "" (also when the header cannot be read: the decoders judge it).
+    A TIFF's size is that of the series read (``layout``), not of its first page."""
+    if layout is not None:
+        w, h = layout.width, layout.height
+    else:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except Exception:  # noqa: BLE001 - not Pillow's format, or broken: _decode says
+            return ""
     if w * h <= limit_mp * 1e6:
         return ""
     return (
-        f"too large to read whole: {w}x{h} px ({w * h / 1e6:.0f} MP > "
-        f"{limit_mp:.0f} MP); split it into tiles (e.g. vips dzsave, or any slide "
-        f"viewer's export) and give the folder of tiles"
+        f"too large to read whole: {w}x{h} px ({w * h / 1e6:.0f} MP > {limit_mp:.0f} MP); "
+        f"cut it into tiles that overlap by at least 2 cell diameters (a cell cut by a tile's "
+        f"edge is dropped as at_border), e.g. vips dzsave SLIDE tiles --depth one "
+        f"--tile-size 4096 --overlap 256 --suffix .png, and give the folder of tiles; a cell "
+        f"in an overlap is found in both tiles, so de-duplicate by position or it counts "
+        f"twice (docs/segmentation_infer.md, 'Whole slides')"
     )
 
 
-def _decode(path: Path, converted: list[str]) -> np.ndarray:
+# TIFF compressions a reader may lack a codec for (imagecodecs decodes them all)
+_TIFF_CODECS = {
+    5: "LZW",
+    6: "old-style JPEG",
+    7: "JPEG",
+    33003: "Aperio JPEG 2000 (YCbCr)",
+    33004: "Aperio JPEG 2000",
+    33005: "Aperio JPEG 2000 (RGB)",
+    34712: "JPEG 2000",
+    34887: "LERC",
+    34925: "LZMA",
+    34933: "PNG",
+    34934: "JPEG XR",
+    50000: "Zstandard",
+    50001: "WebP",
+    50002: "JPEG XL",
+}
+
+
+def _tiff_codec_reason(path: Path, layout: TiffLayout | None, error: str) -> str:
+    """A TIFF's "unreadable" reason naming its compression and the fix, or "" when the
+    compression is one every reader decodes (none, deflate, PackBits)."""
+    if layout is None or layout.compression in (1, 8, 32773, 32946):
+        return ""
+    import importlib.util
+
+    code = layout.compression
+    name = _TIFF_CODECS.get(code, "unknown to tifffile")
+    if code not in _TIFF_CODECS:
+        fix = "no reader here has its codec:"
+    elif importlib.util.find_spec("imagecodecs") is None:
+        fix = "install imagecodecs (pip install imagecodecs), which decodes it, or"
+    else:
+        fix = "imagecodecs is installed but could not decode it (a damaged file?):"
+    return (
+        f"unreadable: TIFF compression {code} ({name}) not decoded ({error}); {fix} export "
+        f"the image as an uncompressed or deflate TIFF (QuPath, bfconvert, vips tiffsave)"
+    )
+
+
+def _read_tiff(path: Path, layout: TiffLayout, converted: list[str]) -> np.ndarray:
+    """Level 0 of the TIFF series ``layout`` names, as (H, W[, C]); a stack's first page
+    (noted), channels stored as planes interleaved."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        s = tf.series[layout.index].levels[0]
+        ax = s.axes
+        a = s.asarray()
+    if layout.n_series > 1:
+        converted.append(layout.note())
+        log.info("%s: %s", path.name, layout.note())
+    if a.ndim == 3 and not ax.endswith("S") and "C" in ax and a.shape[ax.index("C")] in (3, 4):
+        a = np.moveaxis(a, ax.index("C"), -1)
+        ax = ax.replace("C", "") + "S"
+    while a.ndim > (3 if ax.endswith("S") else 2):
+        converted.append(f"first page of {a.shape[0]}")
+        a, ax = a[0], ax[1:]
+    return np.ascontiguousarray(a)
+
+
+def _decode(path: Path, converted: list[str], layout: TiffLayout | None = None) -> np.ndarray:
     """Decode with imageio (keeps 16-bit RGB), falling back to Pillow.
 
     Four channels are RGBA except in a CMYK file (print-ready JPEG / TIFF exports):
-    Pillow converts those to RGB, noted in ``converted``.
+    Pillow converts those to RGB, noted in ``converted``. A TIFF of several series (a
+    scanner's slide with its label, macro and thumbnail) or a scanner's own suffix is read
+    by tifffile, the largest series (``layout``): imageio read the first page, which in a
+    Ventana file is the label.
     """
+    if layout is not None and (layout.n_series > 1 or path.suffix.lower() in TIFF_SLIDE_SUFFIXES):
+        return _read_tiff(path, layout, converted)
     try:
         import imageio.v3 as iio
 
@@ -245,13 +411,27 @@ def read_rgb(
     """
     path = Path(path)
     converted: list[str] = []
-    big = _too_large(path, MAX_IMAGE_MEGAPIXELS)
+    if is_other_slide(path):
+        return ImageRead(path, None, [], f"a whole-slide format that is not a TIFF; {SLIDE_EXPORT}")
+    layout = _tiff_layout(path) if path.suffix.lower() in TIFF_SUFFIXES else None
+    big = _too_large(path, MAX_IMAGE_MEGAPIXELS, layout)
     if big:
         return ImageRead(path, None, [], big)
+    t0 = time.perf_counter()
     try:
-        a = _decode(path, converted)
+        a = _decode(path, converted, layout)
     except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
-        return ImageRead(path, None, [], f"unreadable: {error_line(e, 160)}")
+        why = _tiff_codec_reason(path, layout, error_line(e, 120))
+        return ImageRead(path, None, [], why or f"unreadable: {error_line(e, 160)}")
+    if a.ndim >= 2 and a.shape[0] * a.shape[1] > PROGRESS_MEGAPIXELS * 1e6:  # said
+        log.info(
+            "read %s: %dx%d px (%.0f MP) in %.1f s",
+            path.name,
+            a.shape[1],
+            a.shape[0],
+            a.shape[0] * a.shape[1] / 1e6,
+            time.perf_counter() - t0,
+        )
     a = _exif_upright(path, a, converted)
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -25,7 +26,27 @@ DISTRIBUTION = "wbc-pipeline"
 
 # libraries whose version changes results (numerics, file formats); read from the
 # installed metadata, so none of them is imported here
-LIBRARIES = ("torch", "torchvision", "numpy", "anndata", "scanpy")
+# (distribution names, as pip knows them; one not installed is recorded as None)
+LIBRARIES = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "anndata",
+    "scanpy",
+    "albumentations",
+    "scikit-learn",
+    "umap-learn",
+    "leidenalg",
+    "scipy",
+    "scikit-image",
+    "Pillow",
+    "opencv-python",
+    "opencv-python-headless",
+)
+
+# at most this many changed/untracked .py file names in a record (a checkout with
+# thousands of stray files must not bloat every manifest)
+MAX_CHANGED_FILES = 50
 
 # git answers in milliseconds; a hung network file system must not hold up a stage
 GIT_TIMEOUT_S = 3.0
@@ -60,29 +81,72 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _git_state() -> tuple[str | None, bool | None]:
-    """(revision, uncommitted changes) of the checkout the packages were imported
-    from; (None, None) when they were not imported from one."""
+def _git_bytes(*args: str) -> bytes | None:
+    """Raw stdout of ``git -C SOURCE_ROOT ARGS``, or None (as :func:`_git`)."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(SOURCE_ROOT), *args],
+            capture_output=True,
+            timeout=GIT_TIMEOUT_S,
+            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _git_state() -> dict[str, Any]:
+    """Revision, uncommitted changes and what they are, of the checkout the packages
+    were imported from: ``git_revision``, ``git_dirty``, and where git answers,
+    ``git_diff_sha256`` (sha256 of ``git diff HEAD``: tracked changes, so two runs of
+    one revision with other edits differ here) and ``git_changed_py`` (the modified or
+    untracked ``.py`` files, sorted, at most :data:`MAX_CHANGED_FILES`, then
+    ``"... N more"``). Revision and dirty are None when they were not imported from
+    a checkout; the other two are then absent."""
+    none: dict[str, Any] = {"git_revision": None, "git_dirty": None}
     top = _git("rev-parse", "--show-toplevel")
     # an installed copy inside some other repository (a venv in a checkout) is not
     # that repository's code
     if top is None or Path(top).resolve() != SOURCE_ROOT:
-        return None, None
+        return none
     rev = _git("rev-parse", "HEAD")
     if rev is None:  # a checkout without commits
-        return None, None
+        return none
     status = _git("status", "--porcelain", "--untracked-files=no")
-    return rev, (None if status is None else bool(status))
+    out: dict[str, Any] = {
+        "git_revision": rev,
+        "git_dirty": None if status is None else bool(status),
+    }
+    diff = _git_bytes("diff", "HEAD", "--no-ext-diff", "--no-color")
+    if diff is not None:
+        out["git_diff_sha256"] = hashlib.sha256(diff).hexdigest()
+    names = _git_bytes("status", "--porcelain", "-z", "--untracked-files=all", "--", "*.py")
+    if names is not None:
+        # -z entries: "XY path"; a rename adds its old path as the next entry
+        entries = names.decode("utf-8", "replace").split("\0")
+        changed, skip = [], False
+        for e in entries:
+            if skip:
+                skip = False
+                continue
+            if len(e) > 3:
+                changed.append(e[3:])
+                skip = e[0] in "RC"
+        changed = sorted(set(changed))
+        extra = len(changed) - MAX_CHANGED_FILES
+        out["git_changed_py"] = changed[:MAX_CHANGED_FILES] + (
+            [f"... {extra} more"] if extra > 0 else []
+        )
+    return out
 
 
 @functools.lru_cache(maxsize=1)
 def _record() -> dict[str, Any]:
-    rev, dirty = _git_state()
     return {
         "package": DISTRIBUTION,
         "version": _version(DISTRIBUTION) or "unknown",
-        "git_revision": rev,
-        "git_dirty": dirty,
+        **_git_state(),
         "python": platform.python_version(),
         "libraries": {name: _version(name) for name in LIBRARIES},
     }
@@ -101,8 +165,10 @@ def code_record() -> dict[str, Any]:
         ``"unknown"``), ``git_revision`` (full hash of the checkout the packages were
         imported from; None for an installed copy or when git is unavailable),
         ``git_dirty`` (tracked files changed since that revision; None when unknown),
-        ``python``, and ``libraries``: the installed version of each of
-        :data:`LIBRARIES` (None where not installed).
+        where git answers ``git_diff_sha256`` (sha256 of ``git diff HEAD``) and
+        ``git_changed_py`` (modified/untracked ``.py`` files, at most
+        :data:`MAX_CHANGED_FILES`), ``python``, and ``libraries``: the installed version
+        of each of :data:`LIBRARIES` (None where not installed).
     """
     return copy.deepcopy(_record())
 

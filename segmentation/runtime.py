@@ -47,6 +47,31 @@ def set_rng_state(st: dict[str, Any], gen: torch.Generator | None = None) -> Non
         gen.set_state(st["augment"])
 
 
+def restore_rank_rng(ck: dict[str, Any], rank: int, world_size: int, gen=None) -> str:
+    """Restore this rank's RNG state from a training checkpoint; returns a warning ("" if
+    none).
+
+    ``ck["rng_ranks"]`` holds every rank's state (written by a multi-process run); a
+    rank restores its own. Each rank draws its own noise and augmentation streams (seeded
+    ``seed + rank``): restoring rank 0's state on every rank, as before, gave a resumed
+    2-process run the same streams on both ranks (final weights 3.3e-3 from an
+    uninterrupted run's; DDP audit). A checkpoint of another number of processes, or one
+    without ``rng_ranks``, restores ``ck["rng"]`` (rank 0's) and says the streams differ.
+    """
+    ranks = ck.get("rng_ranks")
+    if ranks is not None and len(ranks) == world_size:
+        set_rng_state(ranks[rank], gen)
+        return ""
+    set_rng_state(ck["rng"], gen)
+    saved = len(ranks) if ranks is not None else 1
+    if saved == world_size:
+        return ""
+    return (
+        f"resumed with {world_size} process(es) a run written by {saved}: every rank "
+        "continues rank 0's random streams, so the result is not that of an uninterrupted run"
+    )
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch, numpy's global RNG and python's ``random``."""
     torch.manual_seed(seed)

@@ -37,7 +37,7 @@ from segmentation.io import DETECTOR_FORMAT_VERSION, atomic_path, load_torch_fil
 from segmentation.model import build_maskrcnn, save_checkpoint
 from segmentation.progress import bar
 from segmentation.provenance import code_record
-from segmentation.runtime import rng_state, set_rng_state
+from segmentation.runtime import restore_rank_rng, rng_state
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,9 @@ def fit(
         core.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"])
+        warn = restore_rank_rng(ck, dist.rank, dist.world_size)
+        if warn and dist.is_main:
+            log.warning("%s: %s", checkpoint, warn)
         start_epoch = int(ck["epoch"]) + 1
         history = list(ck.get("history", []))
         log.info("resumed from %s at epoch %d", checkpoint, start_epoch)
@@ -256,6 +258,9 @@ def fit(
         if loss_ref is None:
             loss_ref = stats.first_loss
         entry: dict[str, Any] = {"epoch": epoch, "train": asdict(stats)}
+        # every rank's own random streams, each restored by its rank on a resume (a
+        # collective: every rank, every epoch)
+        rank_rngs = dist.all_gather_object(rng_state()) if dist.distributed else None
         if dist.is_main:
             for k, v in stats.losses.items():
                 writer.add_scalar(f"epoch/{k}", v, epoch)
@@ -286,6 +291,7 @@ def fit(
                     scheduler=sched.state_dict(),
                     epoch=epoch,
                     rng=rng_state(),
+                    **({"rng_ranks": rank_rngs} if rank_rngs is not None else {}),
                     history=history,
                     **(checkpoint_extra or {}),
                     format_version=DETECTOR_FORMAT_VERSION,

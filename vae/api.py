@@ -255,6 +255,23 @@ def study_files(
     return StudyFiles(root, train, mp, lp, variant)
 
 
+def _source_candidates(src: Any, model_path: Path) -> list[Path]:
+    """Where the paired.h5ad of checkpoint ``meta["source"]`` may be: an absolute path
+    (checkpoints written before it was made relative) as it is; one relative to the
+    experiment folder (``pair/paired.h5ad``) under the folder that holds the model's
+    ``train[/<variant>]`` folder; none when that folder is unknown."""
+    if not src:
+        return []
+    p = Path(str(src))
+    if p.is_absolute():
+        return [p]
+    model_path = Path(model_path).absolute()
+    for up in (model_path.parent, model_path.parent.parent):
+        if up.name == "train":
+            return [up.parent / p]
+    return []
+
+
 class Study:
     """A trained study: model, reference latent and (optionally) the detector.
 
@@ -302,8 +319,9 @@ class Study:
         self._atypical_why: str | None = None
         # where the paired.h5ad the study was trained on may be (load() adds the study's
         # own pair/paired.h5ad): a latent that predates the anomaly scores is scored from it
-        src = meta.get("source")
-        self._paired_candidates: list[Path] = [Path(src)] if src else []
+        self._paired_candidates: list[Path] = _source_candidates(
+            meta.get("source"), self.model_path
+        )
         if "X_vae" not in reference.obsm:
             raise StudyError(f"{latent_path}: obsm['X_vae'] is missing (not a latent.h5ad?)")
         ns = int(meta["n_shared"])

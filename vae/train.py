@@ -30,9 +30,8 @@ import torch
 
 from segmentation.progress import bar
 from segmentation.provenance import code_record
-from segmentation.runtime import NonFiniteLossError, seed_everything
+from segmentation.runtime import NonFiniteLossError, restore_rank_rng, seed_everything
 from segmentation.runtime import rng_state as _rng_state
-from segmentation.runtime import set_rng_state as _set_rng_state
 from vae.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
 from vae.checkpoint import load_checkpoint, save_checkpoint
 from vae.data import Batch, PairedTensors, epoch_batches, iterate, raw_batch, to_batch
@@ -526,6 +525,7 @@ def train(
     history: list[dict[str, Any]] = []
     loss_ref: float | None = None  # the run's first-step loss (divergence reference)
     skipped = 0  # optimizer steps skipped for a non-finite gradient norm, in total
+    rank_rngs = None  # every rank's RNG state at the last epoch end (several processes)
     if resume_from is not None:
         ck = load_checkpoint(resume_from)
         if "optimizer" not in ck:
@@ -585,7 +585,9 @@ def train(
         if loss_ref is None and history:  # last.pt written before the reference was kept
             loss_ref = history[0]["train"].get("total")
         skipped = int(ck.get("skipped_steps", 0))
-        _set_rng_state(ck["rng"], gen)
+        warn = restore_rank_rng(ck, dist.rank, dist.world_size, gen)
+        if warn and is_main:
+            log.warning("%s: %s", resume_from, warn)
         log.info("resumed from %s at epoch %d, step %d", resume_from, epoch, step)
 
     # fixed validation batch for the figures (first rows of val, else train)
@@ -620,6 +622,8 @@ def train(
             "epoch": epoch,
             "step": step,
             "rng": _rng_state(gen),
+            # every rank's own streams (several processes), each restored by its rank
+            **({"rng_ranks": rank_rngs} if kind == "last" and rank_rngs is not None else {}),
             "best_val": best_val,
             "best_epoch": best_epoch,
             "bad_epochs": bad_epochs,
@@ -628,7 +632,9 @@ def train(
                 if ema is not None
                 else {}
             ),
-            "history": history,
+            # model.pt / model_raw.pt: without the wall-clock seconds, so two identical
+            # runs write identical files (one model_digest); last.pt keeps them
+            "history": history if kind == "last" else _untimed(history),
             "loss_ref": loss_ref,
             "skipped_steps": skipped,
             "train_args": asdict(args),
@@ -740,7 +746,14 @@ def train(
                 flat.zero_grad()
             else:
                 opt.zero_grad(set_to_none=True)
-            terms.total.backward()
+            loss = terms.total
+            if dist.world_size > 1:
+                # every parameter in every rank's graph: a head whose rows one rank's
+                # batch lacked (a last batch of 3 rows without a maturation label) gave
+                # no gradient there, the ranks' all-reduces stopped matching and the run
+                # hung for good (DDP audit); 0 * p leaves every gradient as it was
+                loss = loss + 0.0 * torch.stack([p.sum() for p in trainable]).sum()
+            loss.backward()
             if args.grad_clip <= 0:
                 gnorm = torch.zeros((), device=terms.total.device)
             elif flat is not None:
@@ -924,14 +937,18 @@ def train(
                 # every rank must stop after the same epoch, or DDP hangs
                 flag = torch.tensor([float(over)], device=device)
                 over = float(dist.all_reduce_sum(flag)[0]) > 0
-            if over:
+            if over and epoch < args.max_epochs:  # the cap cut the run short
                 stop = "time_limit"
                 log.info("trainer.max_minutes=%s reached after epoch %d", args.max_minutes, epoch)
+            elif epoch >= args.max_epochs:  # ran every epoch: "max_epochs", even if the
+                pass  # cap was also reached after the last one (was labelled time_limit)
             elif args.stop_after_epochs is not None and epoch >= args.stop_after_epochs:
                 stop = "interrupted"
         # checkpoints at most every checkpoint_every_s and after the last epoch: a
         # short epoch would otherwise spend more time in torch.save than in training
         final = stop is not None or epoch >= args.max_epochs
+        if dist.world_size > 1:  # a collective: every rank, every epoch, before the save
+            rank_rngs = dist.all_gather_object(_rng_state(gen))
         if is_main and (final or time.time() - t_saved >= args.checkpoint_every_s):
             if best_ck is not None:
                 save_checkpoint(out_dir / "model.pt", best_ck)
@@ -964,6 +981,15 @@ def train(
         kl_per_dim=[float(v) for v in last_kl],
         seconds=round(time.time() - t_start, 2),
     )
+
+
+# per-epoch wall-clock entries of the history (vary run to run on one machine)
+TIMING_KEYS = ("seconds", "data_seconds", "train_seconds")
+
+
+def _untimed(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``history`` without :data:`TIMING_KEYS` (what model.pt stores)."""
+    return [{k: v for k, v in rec.items() if k not in TIMING_KEYS} for rec in history]
 
 
 @torch.no_grad()

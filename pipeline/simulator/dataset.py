@@ -68,7 +68,9 @@ class SimulatorParams:
     nb_dispersion: float = 5.0  # NB inverse dispersion (larger = less noise)
     dropout: float = 0.1  # extra zero-inflation probability
     val_fraction: float = 0.2  # share of images in split "val"
-    seed: int = 0  # image k uses default_rng([seed, k]): independent of n_images
+    # image k uses default_rng([seed, k]): independent of n_images. The config's
+    # data.simulator.seed is null by default = the top-level seed (stage=simulate)
+    seed: int = 0
 
     @classmethod
     def from_mapping(cls, d: dict[str, Any]) -> SimulatorParams:
@@ -145,6 +147,8 @@ class SimulatorParams:
         need(self.nb_dispersion > 0, "nb_dispersion", "must be > 0")
         need(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         need(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
+        # the config's null is resolved to the top-level seed before this (stage=simulate)
+        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an integer >= 0")
 
 
 def _fmt(v: Any) -> Any:

@@ -41,6 +41,8 @@ from segmentation.io import (
     IMAGE_SUFFIXES,
     list_images,
     read_rgb,
+    skipped_slides,
+    slide_skip_message,
     write_h5ad,
     write_label_image,
 )
@@ -430,7 +432,9 @@ def segment(ctx: StageContext) -> None:
     images = _image_list(ctx, smears, truth)
     if not images:
         kinds = ", ".join(f"*{x}" for x in sorted(IMAGE_SUFFIXES))
-        raise StageError(f"no images ({kinds}) found in {smears} (sub-folders are not read)")
+        slides = skipped_slides(smears)  # named, with the way to read them
+        also = f"; {slide_skip_message(slides)}" if slides else ""
+        raise StageError(f"no images ({kinds}) found in {smears} (sub-folders are not read){also}")
     parts = ctx.dir / PARTS
     if ctx.is_main:
         shutil.rmtree(parts, ignore_errors=True)

@@ -473,11 +473,21 @@ def segment_train(ctx: StageContext) -> None:
         )
     except FitError as e:
         raise StageError(str(e)) from e
+    # images that failed only when training read them: each process read its own shard,
+    # so every rank's are gathered (rank 1's never reached rejects.csv; DDP audit). A
+    # collective: every rank calls it, rank 0 once its evaluation is done
+    skipped = list(train_ds.skipped)
+    if dist is not None and dist.distributed:
+        seen: dict[str, object] = {}
+        for part in dist.all_gather_object(skipped):
+            for k in part:
+                seen.setdefault(str(k.path), k)
+        skipped = list(seen.values())
     if final is None:  # not rank 0
         return
-    if train_ds.skipped:  # images that failed only when training read them (this process)
+    if skipped:
         source = {str(r.path): r.source for r in train.images}
-        for k in train_ds.skipped:
+        for k in skipped:
             rejects += _reject_rows(source.get(str(k.path), ""), [k])
         with ctx.atomic("rejects.csv") as tmp:
             write_rejects(tmp, rejects)

@@ -16,8 +16,17 @@ from pipeline.simulator import SimulatorParams, SimulatorSettingError, write_dat
 log = logging.getLogger(__name__)
 
 
+def simulator_seed(cfg: DictConfig) -> int:
+    """The seed stage=simulate draws with: ``data.simulator.seed``, or when it is null
+    (the default) the top-level ``seed``. Every reader of the simulator's seed (e.g.
+    stage=evaluate's noise-free truth) asks here."""
+    seed = cfg.data.simulator.get("seed")
+    return int(cfg.get("seed") or 0) if seed is None else int(seed)
+
+
 def simulator_params(cfg: DictConfig) -> SimulatorParams:
-    """Typed, validated simulator settings from ``cfg.data.simulator``.
+    """Typed, validated simulator settings from ``cfg.data.simulator``; its ``seed``
+    null (the default) takes the top-level ``seed``.
 
     Raises
     ------
@@ -25,6 +34,7 @@ def simulator_params(cfg: DictConfig) -> SimulatorParams:
         Naming the bad setting, e.g. ``data.simulator.n_images=-1 must be >= 0``.
     """
     raw = OmegaConf.to_container(cfg.data.simulator, resolve=True)
+    raw["seed"] = simulator_seed(cfg)  # null (the default): the top-level seed
     try:
         params = SimulatorParams.from_mapping(raw)
         params.validate()
@@ -38,14 +48,16 @@ def simulate(ctx: StageContext) -> None:
     from segmentation.progress import bar
 
     params = simulator_params(ctx.cfg)
+    ctx.record["simulator_seed"] = params.seed  # the seed used (null in config: top-level)
     if not ctx.is_main:
         return
     log.info(
-        "simulating %d images of %dx%d px (seed %d)",
+        "simulating %d images of %dx%d px (seed %d%s)",
         params.n_images,
         params.image_size[1],
         params.image_size[0],
         params.seed,
+        "" if ctx.cfg.data.simulator.get("seed") is not None else ", the top-level seed",
     )
     with (
         ctx.atomic("smears") as smears,

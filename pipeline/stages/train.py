@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from pipeline.artifacts import write_json
+from pipeline.artifacts import in_experiment, write_json
 from pipeline.runner import StageContext, StageError, stage
 from pipeline.streaming import load_streamed, streams
 from pipeline.train_args import (
@@ -323,12 +323,15 @@ def run_train(ctx: StageContext) -> None:
         "has_counts": data.counts is not None,
         "expression_likelihood": margs.expression_likelihood,
         "fusion": margs.fusion,
-        "source": str(src),
+        # relative to the experiment folder when inside it (pair/paired.h5ad), so one
+        # study trained in two folders writes one model.pt (model_digest); an outside
+        # file keeps its absolute path. Readers: vae.api.Study (old absolute ones too)
+        "source": checkpoint_source(src, ctx.run_dir),
     }
     tb = TBLogger(ctx.output("tb"), data.gene_names, granule[:12]) if dist.is_main else None
     if tb is not None:
         tb.dims_legend(int(model.args.n_shared), int(model.args.n_private))
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = checkpoint_config(OmegaConf.to_container(cfg, resolve=True))
     try:
         result = train(
             model,
@@ -380,6 +383,23 @@ def run_train(ctx: StageContext) -> None:
         result.best_val,
         result.seconds,
     )
+
+
+def checkpoint_source(src: str | Path, experiment: str | Path) -> str:
+    """``meta["source"]`` of model.pt: ``src`` relative to the ``experiment`` folder
+    (POSIX, e.g. ``pair/paired.h5ad``) when inside it, else its absolute path."""
+    rel = in_experiment(src, experiment)
+    return rel if rel is not None else str(Path(src).absolute())
+
+
+def checkpoint_config(resolved: dict) -> dict:
+    """The resolved config model.pt stores: without ``paths.root`` (where outputs went
+    changes no weight, and kept the digests of two identical runs apart); the run's
+    manifest.json keeps the whole config."""
+    paths = resolved.get("paths")
+    if isinstance(paths, dict) and "root" in paths:
+        resolved = {**resolved, "paths": {k: v for k, v in paths.items() if k != "root"}}
+    return resolved
 
 
 def _projector(tb, latent: np.ndarray, data, max_cells: int, step: int) -> None:

@@ -488,6 +488,8 @@ def test_config_schema_and_library_defaults_agree():
     from pipeline.config import SimulatorConfig
 
     raw = OmegaConf.to_container(OmegaConf.structured(SimulatorConfig))
-    assert SimulatorParams.from_mapping(raw) == SimulatorParams()
+    # seed: null in the config = the top-level seed (default 0), the library's default
+    assert raw["seed"] is None
+    assert SimulatorParams.from_mapping({**raw, "seed": 0}) == SimulatorParams()
     with pytest.raises(SimulatorSettingError, match="is not a simulator setting"):
         SimulatorParams.from_mapping({**raw, "n_imagez": 3})

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from segmentation.io import IMAGE_SUFFIXES
+from segmentation.io import IMAGE_SUFFIXES, is_other_slide, slide_skip_message
 from segmentation.schema import SCALE_SPREAD
 from segmentation.table import recorded_name, undecodable_warning
 
@@ -268,6 +268,12 @@ def stem_twins(paths) -> set[tuple[Path, str]]:
 
 
 def _is_image(p: Path) -> bool:
+    """An image file the readers take (scanner TIFFs such as .svs/.ndpi included); a
+    whole-slide file of another format is named in the log with the way to read it,
+    never dropped without a word."""
+    if is_other_slide(p) and p.is_file():
+        log.warning("%s: %s", p.parent, slide_skip_message([p]))
+        return False
     return p.is_file() and not _hidden(p) and p.suffix.lower() in IMAGE_SUFFIXES
 
 
