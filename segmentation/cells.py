@@ -442,6 +442,11 @@ def reject_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
 # 196 MP slide of docs/performance.md gave a 303 MB full-size PNG that viewers (and
 # Pillow's own guard) refuse; at 4096 px its white cells are still ~30 px across
 OVERLAY_MAX_SIDE = 4096
+# overlay labels only where cells are drawn at least this wide (px): below it a label
+# covers its neighbours (a 400 MP slide at 4096 px: cells ~20 px); the lines stay, and
+# detections.csv / cells.h5ad hold every score and filter
+OVERLAY_LABEL_MIN_CELL_PX = 24
+OVERLAY_MIN_FONT_PX = 10
 
 # Colours of the quick-look pictures, told apart under every colour-vision deficiency
 # (Okabe-Ito; CIEDE2000 >= 50 between KEPT and DROPPED under simulated deutan, protan
@@ -554,15 +559,27 @@ def draw_overlay(
     h0, w0 = cells.image.shape[:2]
     f = 1.0 if max_side is None else min(1.0, float(max_side) / max(h0, w0))
     if f < 1.0:
-        small = (max(1, round(w0 * f)), max(1, round(h0 * f)))
-        img = np.asarray(Image.fromarray(cells.image).resize(small, Image.Resampling.BOX)).copy()
+        # in strips (resize_image): Image.fromarray of a whole 400 MP slide copied it,
+        # 1.15 GB of the stage's peak (whole-slide audit)
+        img = resize_image(cells.image, f, resample="box")
+        if img is cells.image or not img.flags.writeable:  # drawn on in place below
+            img = img.copy()
     else:
         img = cells.image.copy()
     det, table = cells.detections, cells.table
     h, w = img.shape[:2]
     lw, halo, size = overlay_scale(h, w)
-    font = _font(size)
     shown = [k for k in range(len(det)) if det.scores[k] >= min_score]
+    # a slide drawn at 4096 px shows its cells ~20 px wide: 40 px labels and 4 px lines
+    # (the image-size rule) covered them all; lines and text follow the cells' drawn size
+    if shown:
+        b = det.boxes[shown] * f / cells.scale
+        cell_px = float(np.median(np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])))
+        lw = min(lw, max(1, round(cell_px / 12)))
+        halo = min(halo, max(1, lw // 2))
+        size = min(size, max(OVERLAY_MIN_FONT_PX, round(cell_px / 2)))
+        labels = labels and cell_px >= OVERLAY_LABEL_MIN_CELL_PX
+    font = _font(size)
     masks, origins = scale_local_masks(
         [det.masks[k] for k in shown], det.origins[shown], f / cells.scale
     )

@@ -602,8 +602,13 @@ class ImageDetections:
 RESIZE_STRIP_PX = 1 << 24
 
 
-def resize_image(image: np.ndarray, scale: float, strip_px: int = RESIZE_STRIP_PX) -> np.ndarray:
+def resize_image(
+    image: np.ndarray, scale: float, strip_px: int = RESIZE_STRIP_PX, resample: str = "bilinear"
+) -> np.ndarray:
     """(H, W, 3) uint8 resized by ``scale`` (antialiased); unchanged when scale == 1.
+
+    ``resample``: Pillow's filter by name, ``"bilinear"`` (what the detector reads) or
+    ``"box"`` (the overlays' reduction).
 
     An image over ``strip_px`` pixels is resized in horizontal strips of about that many
     source pixels, each with the filter's reach of rows above and below (Pillow's box
@@ -619,9 +624,9 @@ def resize_image(image: np.ndarray, scale: float, strip_px: int = RESIZE_STRIP_P
 
     h, w = image.shape[:2]
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    bilinear = Image.Resampling.BILINEAR
+    flt = Image.Resampling[resample.upper()]
     if h * w <= strip_px:
-        return np.asarray(Image.fromarray(image).resize(size, bilinear))
+        return np.asarray(Image.fromarray(image).resize(size, flt))
     t0 = time.perf_counter()
     ow, oh = size
     fy = h / oh  # source rows per output row, as Pillow samples them
@@ -634,7 +639,7 @@ def resize_image(image: np.ndarray, scale: float, strip_px: int = RESIZE_STRIP_P
         s1 = min(h, math.ceil(o1 * fy + reach))
         strip = Image.fromarray(np.ascontiguousarray(image[s0:s1]))
         box = (0.0, o0 * fy - s0, float(w), o1 * fy - s0)
-        out[o0:o1] = np.asarray(strip.resize((ow, o1 - o0), bilinear, box=box))
+        out[o0:o1] = np.asarray(strip.resize((ow, o1 - o0), flt, box=box))
     if h * w > PROGRESS_MEGAPIXELS * 1e6:
         log.info(
             "resized %dx%d -> %dx%d px (scale %.4g) in %.1f s",

@@ -195,3 +195,26 @@ def test_reject_crops_have_a_two_px_yellow_edge_between_black_rings():
     assert yellow[8:10].all() and yellow[22:24].all()  # 2 px
     assert black[7] and black[10] and black[21] and black[24]  # the rings
     assert _contrast((255, 230, 0), HALO) >= 4.5
+
+
+def test_a_slides_overlay_keeps_its_small_cells_visible():
+    """A large image drawn at max_side px shows its cells a few px wide: the image-size
+    rule gave 40 px labels and 4 px lines that covered every cell (a 400 MP slide at
+    4096 px, whole-slide audit). Lines follow the drawn cell size; labels only where a
+    cell is drawn at least OVERLAY_LABEL_MIN_CELL_PX wide."""
+    from segmentation.cells import OVERLAY_LABEL_MIN_CELL_PX
+
+    cells = _cells()  # cells 60 px across on a 320 px image
+    big = draw_overlay(cells, 0.5, max_side=None)
+    small = np.asarray(draw_overlay(cells, 0.5, max_side=80))  # the cell ~15 px wide
+    assert 60 * 80 / 320 < OVERLAY_LABEL_MIN_CELL_PX
+    lines_only = np.asarray(draw_overlay(cells, 0.5, max_side=80, labels=False))
+    assert np.array_equal(small, lines_only)  # no label drawn
+    # the lines: 1-2 px, not the image rule's; most of the cell's inside is not covered
+    kept = (small == KEPT).all(-1)
+    assert 0 < kept.sum() < 0.5 * np.pi * (7.5**2)
+    assert big.size == (320, 200)
+    labelled = np.asarray(big)
+    assert not np.array_equal(
+        labelled, np.asarray(draw_overlay(cells, 0.5, max_side=None, labels=False))
+    )
