@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -590,16 +591,30 @@ def report_crash(cfg: DictConfig, name: str, e: BaseException) -> int:
     console instead.
     """
     text = str(e).strip().splitlines()
-    # a DDP worker's error arrives with the worker's traceback inside the message
-    last = text[-1] if text else ""
+    # a DDP worker's error arrives with the worker's traceback inside the message: its
+    # own "SomeError: what" line says what went wrong, not the message's last line (a
+    # DDP reducer error ended on advice about TORCH_DISTRIBUTED_DEBUG)
+    kind, last = type(e).__name__, text[-1] if text else ""
+    for line in reversed(text):
+        m = _RAISED_LINE.match(line.strip())
+        if m and m.group(1).rsplit(".", 1)[-1] != kind:
+            kind, last = m.group(1).rsplit(".", 1)[-1], m.group(2)
+            break
     where = crash_log(cfg, name)
     hint = "log_level=DEBUG prints the traceback"
     if where is not None:
         hint = f"traceback in {where}; {hint} here"
-    msg = f"stage={name} failed: {type(e).__name__}: {last} ({hint})"
+    # under torchrun every rank reports: the others say which they are
+    rank = os.environ.get("RANK", "0")
+    who = f"[rank {rank}] " if rank not in ("", "0") else ""
+    msg = f"{who}stage={name} failed: {kind}: {last} ({hint})"
     log.error("%s", msg)
     print(f"error: {msg}", file=sys.stderr)
     return 1
+
+
+# "package.module.SomeError: what went wrong", the last line of a traceback
+_RAISED_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)): (.+)$")
 
 
 def log_traceback(handler: logging.Handler, name: str) -> None:

@@ -47,3 +47,34 @@ def test_all_gather_object_on_one_process_is_the_object():
 
     d = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     assert d.all_gather_object({"a": 1}) == [{"a": 1}]
+
+
+def test_a_workers_error_is_reported_by_its_own_line_and_other_ranks_say_theirs(
+    tmp_path, capsys, monkeypatch
+):
+    """A 2-process run's error arrives as the spawner's exception holding the worker's
+    traceback; the console line showed its last line, e.g. DDP's advice "In addition,
+    you can set the environment variable TORCH_DISTRIBUTED_DEBUG ...", not the error.
+    Under torchrun every rank printed the same line unmarked."""
+    from pipeline import guards
+    from tests.helpers.run import compose_config
+
+    cfg = compose_config(["stage=train", f"paths.root={tmp_path}", "experiment=x"])
+    worker = (
+        "\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call "
+        'last):\n  File "x.py", line 1, in f\nRuntimeError: Expected to have finished '
+        "reduction in the prior iteration before starting a new one.\nIn addition, you can "
+        "set the environment variable TORCH_DISTRIBUTED_DEBUG to either INFO or DETAIL"
+    )
+
+    class ProcessRaisedException(Exception):
+        pass
+
+    monkeypatch.delenv("RANK", raising=False)
+    guards.report_crash(cfg, "train", ProcessRaisedException(worker))
+    err = capsys.readouterr().err
+    assert "failed: RuntimeError: Expected to have finished reduction" in err
+    assert "TORCH_DISTRIBUTED_DEBUG" not in err and "[rank" not in err
+    monkeypatch.setenv("RANK", "1")
+    guards.report_crash(cfg, "train", ValueError("boom"))
+    assert "error: [rank 1] stage=train failed: ValueError: boom" in capsys.readouterr().err
