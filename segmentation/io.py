@@ -318,16 +318,25 @@ def _read_tiff(path: Path, layout: TiffLayout, converted: list[str]) -> np.ndarr
     with tifffile.TiffFile(path) as tf:
         s = tf.series[layout.index].levels[0]
         ax = s.axes
+        cmyk = s.keyframe.photometric == tifffile.PHOTOMETRIC.SEPARATED
         a = s.asarray()
     if layout.n_series > 1:
         converted.append(layout.note())
         log.info("%s: %s", path.name, layout.note())
-    if a.ndim == 3 and not ax.endswith("S") and "C" in ax and a.shape[ax.index("C")] in (3, 4):
-        a = np.moveaxis(a, ax.index("C"), -1)
-        ax = ax.replace("C", "") + "S"
+    # channels stored as planes: tifffile calls them S (samples, "SYX": a planar RGB
+    # file, which was read as its red plane in grey) or C; they go last
+    for name in ("S", "C"):
+        if not ax.endswith(name) and name in ax and a.shape[ax.index(name)] in (3, 4):
+            a = np.moveaxis(a, ax.index(name), -1)
+            ax = ax.replace(name, "") + "S"
+            break
     while a.ndim > (3 if ax.endswith("S") else 2):
         converted.append(f"first page of {a.shape[0]}")
         a, ax = a[0], ax[1:]
+    if cmyk and a.ndim == 3 and a.shape[-1] == 4 and a.dtype == np.uint8:
+        # ink, not RGBA: Pillow converts it as it does a CMYK file it reads itself
+        converted.append("cmyk->rgb")
+        a = np.asarray(Image.fromarray(np.ascontiguousarray(a), mode="CMYK").convert("RGB"))
     return np.ascontiguousarray(a)
 
 

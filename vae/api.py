@@ -259,17 +259,21 @@ def _source_candidates(src: Any, model_path: Path) -> list[Path]:
     """Where the paired.h5ad of checkpoint ``meta["source"]`` may be: an absolute path
     (checkpoints written before it was made relative) as it is; one relative to the
     experiment folder (``pair/paired.h5ad``) under the folder that holds the model's
-    ``train[/<variant>]`` folder; none when that folder is unknown."""
+    ``train[/<variant>]`` folder; and, relative, also as it is (checkpoints before
+    2026-12-05 stored the path as given, relative to the working folder of the run,
+    e.g. ``outputs/demo/pair/paired.h5ad``: review)."""
     if not src:
         return []
     p = Path(str(src))
     if p.is_absolute():
         return [p]
+    out = []
     model_path = Path(model_path).absolute()
     for up in (model_path.parent, model_path.parent.parent):
         if up.name == "train":
-            return [up.parent / p]
-    return []
+            out.append(up.parent / p)
+            break
+    return [*out, p]
 
 
 class Study:

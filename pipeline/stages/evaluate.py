@@ -57,9 +57,9 @@ def simulator_truth(ctx: StageContext, rd):
         return None
     if "kind" not in obs or "t" not in obs:
         return None
-    from pipeline.stages.simulate import simulator_seed
+    from pipeline.stages.simulate import simulated_seed
 
-    panel = make_gene_panel(int(sim.n_genes), simulator_seed(ctx.cfg))
+    panel = make_gene_panel(int(sim.n_genes), simulated_seed(ctx.run_dir, ctx.cfg))
     pos = {str(g): j for j, g in enumerate(panel.genes)}
     cols = [pos.get(g) for g in rd.gene_names]
     if any(c is None for c in cols):

@@ -6,7 +6,9 @@ Reads ``data.simulator``; writes ``smears/`` (PNG + COCO ``annotations.json``),
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,6 +24,24 @@ def simulator_seed(cfg: DictConfig) -> int:
     stage=evaluate's noise-free truth) asks here."""
     seed = cfg.data.simulator.get("seed")
     return int(cfg.get("seed") or 0) if seed is None else int(seed)
+
+
+def simulated_seed(run_dir: Path, cfg: DictConfig) -> int:
+    """The seed the experiment's data were simulated with: its ``simulate/manifest.json``
+    says (``simulator_seed``; a manifest from before 2026-12-05: its config's
+    ``data.simulator.seed``, which then was always the seed used), else
+    :func:`simulator_seed` of ``cfg``. A later stage run with another top-level ``seed``
+    (a training seed) must not rebuild another seed's gene panel (review: stage=evaluate
+    seed=S on data simulated at 0 built the seed-S panel, its profiles 0.74 alike)."""
+    man = Path(run_dir) / "simulate" / "manifest.json"
+    try:
+        data = json.loads(man.read_text())
+    except (OSError, ValueError):
+        return simulator_seed(cfg)
+    if data.get("simulator_seed") is not None:
+        return int(data["simulator_seed"])
+    old = ((data.get("config") or {}).get("data") or {}).get("simulator") or {}
+    return int(old["seed"]) if old.get("seed") is not None else simulator_seed(cfg)
 
 
 def simulator_params(cfg: DictConfig) -> SimulatorParams:

@@ -69,6 +69,10 @@ def training_note(model: Path, max_epochs: int | None = None) -> str:
     }.get(summ.get("stopped"))
     if why is None:
         return ""
+    done = summ.get("epochs")
+    if summ.get("stopped") == "time_limit" and max_epochs and done is not None:
+        if int(done) >= int(max_epochs):  # a summary written before 2026-12-05 called a
+            return ""  # run that finished its epochs and then met the cap "time_limit"
     of = f" of {max_epochs} asked" if max_epochs else ""
     return (
         f"; training stopped {why} after {summ.get('epochs')} epochs{of}: the numbers below "

@@ -1016,6 +1016,9 @@ def test_report_says_when_training_stopped_at_its_time_limit(tmp_path):
     assert "time limit" in note and "22 epochs of 80 asked" in note
     summ.write_text(json.dumps({"epochs": 80, "stopped": "max_epochs"}))
     assert training_note(model, 80) == ""
+    # a summary from before 2026-12-05: every epoch run, then the cap met, said time_limit
+    summ.write_text(json.dumps({"epochs": 80, "stopped": "time_limit"}))
+    assert training_note(model, 80) == ""
 
 
 def test_traverse_measures_on_the_paired_datas_background_not_this_runs(tiny_run, tmp_path):

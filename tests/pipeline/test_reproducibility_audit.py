@@ -199,11 +199,15 @@ def test_study_finds_the_paired_data_of_relative_and_old_absolute_sources(tmp_pa
 
     exp = tmp_path / "demo"
     rel = "pair/paired.h5ad"
-    assert _source_candidates(rel, exp / "train" / "model.pt") == [exp / rel]
-    assert _source_candidates(rel, exp / "train" / "v1" / "model.pt") == [exp / rel]
+    # relative: to the experiment folder, else as given (before 2026-12-05 a relative
+    # path was stored as given, relative to the run's working folder: review)
+    assert _source_candidates(rel, exp / "train" / "model.pt") == [exp / rel, Path(rel)]
+    assert _source_candidates(rel, exp / "train" / "v1" / "model.pt") == [exp / rel, Path(rel)]
     old = str(tmp_path / "old" / "pair" / "paired.h5ad")  # written before: absolute
     assert _source_candidates(old, exp / "train" / "model.pt") == [Path(old)]
-    assert _source_candidates(rel, tmp_path / "loose" / "model.pt") == []
+    cwd_rel = "outputs/demo/pair/paired.h5ad"
+    assert _source_candidates(cwd_rel, exp / "train" / "model.pt")[-1] == Path(cwd_rel)
+    assert _source_candidates(rel, tmp_path / "loose" / "model.pt") == [Path(rel)]
     assert _source_candidates(None, exp / "train" / "model.pt") == []
 
 
@@ -304,3 +308,23 @@ def test_mask_png_image_sharing_a_stem_is_the_first_by_name(tmp_path, reversed_g
         _img(d / f"001.{ext}")
     ds = read_mask_pngs(tmp_path, val_fraction=0.0)
     assert Path(ds.images[0].path).name == "001.bmp"
+
+
+def test_evaluate_rebuilds_the_panel_of_the_seed_the_data_were_simulated_with(tmp_path):
+    """stage=evaluate took the simulator's seed from its own config: `seed=S` (a
+    training seed) on data simulated at seed 0 built the seed-S gene panel (review)."""
+    import json
+
+    from pipeline.stages.simulate import simulated_seed
+    from tests.helpers.run import compose_config
+
+    cfg = compose_config(["stage=evaluate", f"paths.root={tmp_path}", "experiment=x", "seed=3"])
+    run = tmp_path / "x"
+    assert simulated_seed(run, cfg) == 3  # no simulate run: the config's answer
+    (run / "simulate").mkdir(parents=True)
+    man = run / "simulate" / "manifest.json"
+    man.write_text(json.dumps({"simulator_seed": 0, "config": {}}))
+    assert simulated_seed(run, cfg) == 0
+    # a manifest from before simulator_seed was recorded: its data.simulator.seed
+    man.write_text(json.dumps({"config": {"data": {"simulator": {"seed": 7}}}}))
+    assert simulated_seed(run, cfg) == 7

@@ -225,3 +225,26 @@ def test_shipped_detector_line_says_how_the_scale_is_chosen(caplog):
     if path is None:
         pytest.skip("no shipped detector in this install")
     assert "estimate_scale=false" in caplog.text and "input_scale" in caplog.text
+
+
+def test_planar_and_cmyk_tiffs_of_several_series_keep_their_colours(tmp_path):
+    """tifffile names planes of samples S ("SYX"): a planar RGB TIFF with a thumbnail was
+    read as its red plane in grey, and a CMYK one named .svs as RGBA (review)."""
+    import tifffile
+
+    from segmentation.io import read_rgb
+
+    rgb = _slide(64, 48)
+    planar = tmp_path / "planar_thumb.tif"
+    with tifffile.TiffWriter(planar) as tw:
+        tw.write(np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+        tw.write(rgb[::4, ::4], photometric="rgb")
+    r = read_rgb(planar)
+    assert r.image is not None and np.array_equal(r.image, rgb), r.converted
+    assert "grayscale->rgb" not in r.converted and r.converted[0].startswith("tiff series 1 of 2")
+    cmyk = tmp_path / "ink.svs"
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "ink.tif")
+    (tmp_path / "ink.tif").rename(cmyk)
+    r = read_rgb(cmyk)
+    want = np.asarray(Image.open(cmyk).convert("RGB"))
+    assert r.image is not None and np.array_equal(r.image, want) and "cmyk->rgb" in r.converted
