@@ -27,54 +27,7 @@ from segmentation.cells import (
 )
 from segmentation.crops import FilterSettings
 from segmentation.inference import Detections
-
-# Machado, Oliveira & Fernandes 2009, severity 1, on linear sRGB
-MACHADO = {
-    "deutan": [
-        [0.367322, 0.860646, -0.227968],
-        [0.280085, 0.672501, 0.047413],
-        [-0.011820, 0.042940, 0.968881],
-    ],
-    "protan": [
-        [0.152286, 1.052583, -0.204868],
-        [0.114503, 0.786281, 0.099216],
-        [-0.003882, -0.048116, 1.051998],
-    ],
-    "tritan": [
-        [1.255528, -0.076749, -0.178779],
-        [-0.078411, 0.930809, 0.147602],
-        [0.004733, 0.691367, 0.303900],
-    ],
-}
-
-
-def _lin(c):
-    c = np.asarray(c, float) / 255
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-
-
-def _simulate(rgb, kind):
-    lin = np.clip(_lin(rgb) @ np.asarray(MACHADO[kind]).T, 0, 1)
-    return np.where(lin <= 0.0031308, lin * 12.92, 1.055 * lin ** (1 / 2.4) - 0.055)
-
-
-def _delta_e(a, b, kind=None):
-    from skimage.color import deltaE_ciede2000, rgb2lab
-
-    a01 = np.asarray(a, float) / 255 if kind is None else _simulate(a, kind)
-    b01 = np.asarray(b, float) / 255 if kind is None else _simulate(b, kind)
-    return float(deltaE_ciede2000(rgb2lab(a01[None, None]), rgb2lab(b01[None, None]))[0, 0])
-
-
-def _contrast(a, b):
-    """WCAG 2 contrast ratio of two sRGB colours (0-255)."""
-
-    def lum(c):
-        return float(_lin(c) @ [0.2126, 0.7152, 0.0722])
-
-    hi, lo = sorted((lum(a), lum(b)), reverse=True)
-    return (hi + 0.05) / (lo + 0.05)
-
+from tests.helpers.colour import contrast, delta_e
 
 PALE = (230, 224, 232)  # smear background
 PINK = (216, 168, 176)  # red cell
@@ -85,19 +38,19 @@ NUCLEUS = (60, 42, 128)  # dark purple
 def test_kept_and_dropped_colours_differ_under_every_deficiency(kind):
     """CIEDE2000 between kept and dropped >= 20 in normal and simulated CVD vision
     (green/red before: ~6 under deutan); and each line colour stands off its dark halo."""
-    assert _delta_e(KEPT, DROPPED, kind) >= 20
+    assert delta_e(KEPT, DROPPED, kind) >= 20
     for c in (KEPT, DROPPED):
-        assert _delta_e(c, HALO, kind) >= 30
+        assert delta_e(c, HALO, kind) >= 30
 
 
-def test_line_and_text_contrast():
+def test_line_and_textcontrast():
     """Lines: the halo stands off pale background, the colour off dark nuclei; text
     >= 4.5:1 over its box (green text on pale background was ~1.4:1)."""
     for c in (KEPT, DROPPED):
-        assert _contrast(c, HALO) >= 4.5
-        assert _contrast(c, NUCLEUS) >= 2.5  # a bright line on a dark nucleus
-    assert _contrast(HALO, PALE) >= 10 and _contrast(HALO, PINK) >= 7
-    assert _contrast(LABEL_TEXT, LABEL_BOX) >= 4.5
+        assert contrast(c, HALO) >= 4.5
+        assert contrast(c, NUCLEUS) >= 2.5  # a bright line on a dark nucleus
+    assert contrast(HALO, PALE) >= 10 and contrast(HALO, PINK) >= 7
+    assert contrast(LABEL_TEXT, LABEL_BOX) >= 4.5
 
 
 def test_drop_reasons_are_whole_words():
@@ -176,7 +129,7 @@ def test_contact_sheet_labels_are_black_under_each_crop():
     assert (sheet == (235, 200, 210)).all(-1).sum() == 4 * 64 * 64
     dark = (sheet.max(-1) < 80).sum()
     assert dark > 50
-    assert _contrast((0, 0, 0), (255, 255, 255)) >= 4.5
+    assert contrast((0, 0, 0), (255, 255, 255)) >= 4.5
     assert isinstance(contact_sheet(crops[:0]), Image.Image)
 
 
@@ -194,7 +147,7 @@ def test_reject_crops_have_a_two_px_yellow_edge_between_black_rings():
     black = (row == HALO).all(-1)
     assert yellow[8:10].all() and yellow[22:24].all()  # 2 px
     assert black[7] and black[10] and black[21] and black[24]  # the rings
-    assert _contrast((255, 230, 0), HALO) >= 4.5
+    assert contrast((255, 230, 0), HALO) >= 4.5
 
 
 def test_a_slides_overlay_keeps_its_small_cells_visible():

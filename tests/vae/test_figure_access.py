@@ -13,36 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.colors import to_hex, to_rgb
-from skimage.color import deltaE_ciede2000, rgb2lab
 
+from tests.helpers.colour import VISIONS, delta_e
 from vae.analysis import figures as F
 from vae.analysis import palette as P
 from vae.inputs.schema import MATURATION_ORDER
 
-MACHADO = {
-    "deutan": np.array(
-        [
-            [0.367322, 0.860646, -0.227968],
-            [0.280085, 0.672501, 0.047413],
-            [-0.01182, 0.04294, 0.968881],
-        ]
-    ),
-    "protan": np.array(
-        [
-            [0.152286, 1.052583, -0.204868],
-            [0.114503, 0.786281, 0.099216],
-            [-0.003882, -0.048116, 1.051998],
-        ]
-    ),
-    "tritan": np.array(
-        [
-            [1.255528, -0.076749, -0.178779],
-            [-0.078411, 0.930809, 0.147602],
-            [0.004733, 0.691367, 0.3039],
-        ]
-    ),
-}
-VISION = ("normal", *MACHADO)
 MIN_DE = 12.0  # CIEDE2000: well above "just noticeable" for small points
 # the label sets of the demo chain and of the real chain (real_e2e)
 DEMO_LABELS = [*MATURATION_ORDER, "lymphocyte", "monocyte", "eosinophil", "basophil", "unlabelled"]
@@ -60,19 +36,6 @@ REAL_LABELS = [
 ]
 
 
-def _lab(colour: str, vision: str) -> np.ndarray:
-    rgb = np.asarray(to_rgb(colour), float)
-    if vision != "normal":
-        lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-        lin = np.clip(MACHADO[vision] @ lin, 0, 1)
-        rgb = np.where(lin <= 0.0031308, lin * 12.92, 1.055 * lin ** (1 / 2.4) - 0.055)
-    return rgb2lab(rgb[None, None])[0, 0]
-
-
-def delta_e(a: str, b: str, vision: str) -> float:
-    return float(deltaE_ciede2000(_lab(a, vision), _lab(b, vision)))
-
-
 def _too_close(colours: dict, markers: dict) -> list:
     """Pairs of classes with the same marker whose colours are < MIN_DE apart under some
     vision."""
@@ -80,7 +43,7 @@ def _too_close(colours: dict, markers: dict) -> list:
     for a, b in itertools.combinations(colours, 2):
         if markers[a] != markers[b]:
             continue
-        for v in VISION:
+        for v in VISIONS:
             d = delta_e(colours[a], colours[b], v)
             if d < MIN_DE:
                 bad.append((a, b, v, round(d, 1)))
@@ -157,7 +120,7 @@ def test_split_and_modality_panels_use_a_safe_palette_and_markers():
         faces = [f for f, _, _ in drawn.values()]
         assert len({p for _, p, _ in drawn.values()}) == 3  # three marker shapes
         for a, b in itertools.combinations(faces, 2):
-            for v in VISION:
+            for v in VISIONS:
                 assert delta_e(a, b, v) >= MIN_DE, (a, b, v)
         assert min(t.get_fontsize() for t in ax.get_legend().get_texts()) >= 8
 

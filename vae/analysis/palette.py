@@ -19,7 +19,7 @@ labels (the data split, the modality of a row) use :func:`group_styles`; lines u
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from vae.inputs.schema import MATURATION_ORDER
 
@@ -131,14 +131,22 @@ def label_colours(labels: Iterable[object]) -> dict[str, str]:
     -------
     dict from ``str(label)`` to ``"#rrggbb"``, in :func:`label_order`.
     """
+    return _by_label(labels, known_colour, EXTRA)
+
+
+def _by_label(
+    labels: Iterable[object], known: Callable[[str], str | None], extra: Sequence[str]
+) -> dict[str, str]:
+    """Label -> ``known(label)``, or for a label it does not name the next of ``extra``
+    by the label's rank among the unknown ones, over the labels in :func:`label_order`."""
     out: dict[str, str] = {}
     unknown = 0
     for lab in label_order(labels):
-        c = known_colour(lab)
-        if c is None:
-            c = EXTRA[unknown % len(EXTRA)]
+        v = known(lab)
+        if v is None:
+            v = extra[unknown % len(extra)]
             unknown += 1
-        out[lab] = c
+        out[lab] = v
     return out
 
 
@@ -160,15 +168,7 @@ def label_markers(labels: Iterable[object]) -> dict[str, str]:
     """Label -> matplotlib marker for every distinct label of ``labels``: the companion
     of :func:`label_colours` (same keys, same order, same rank of unknown labels), so
     ``(label_colours(x)[k], label_markers(x)[k])`` is the style of label ``k``."""
-    out: dict[str, str] = {}
-    unknown = 0
-    for lab in label_order(labels):
-        m = known_marker(lab)
-        if m is None:
-            m = EXTRA_MARKERS[unknown % len(EXTRA_MARKERS)]
-            unknown += 1
-        out[lab] = m
-    return out
+    return _by_label(labels, known_marker, EXTRA_MARKERS)
 
 
 def group_styles(values: Iterable[object]) -> tuple[dict[str, str], dict[str, str]]:
