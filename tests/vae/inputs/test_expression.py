@@ -632,7 +632,8 @@ def test_stage_on_paul15(tmp_path):
     # what they say about the labels holds on this file: "Multipotent progenitors" carry
     # erythroid genes, "Neutrophils" the azurophil-granule ones
     notes = list(out.uns["data_notes"])
-    assert len(notes) == 2 and "cluster 7" in notes[0] and "MEP" in notes[0]
+    assert len(notes) == 3 and "cluster 7" in notes[0] and "MEP" in notes[0]
+    assert "progenitor" in notes[2]  # every label a marrow progenitor cluster
     x = pd.DataFrame(out.X.toarray() if sp.issparse(out.X) else out.X, columns=out.var_names)
     mean = x.groupby(out.obs["label"].astype(str).to_numpy()).mean()
     assert mean.loc["Multipotent progenitors", "Car1"] > 2 * mean.loc["GMP", "Car1"]
