@@ -402,6 +402,30 @@ def _validate(cfg: Any) -> None:
         validate_sources(cfg)
 
 
+# characters of a contact-sheet label under a crop: a longer class name is written as the
+# haematologists' abbreviation ("segmented_neutrophil" was cut to "segmented_neutrop...")
+SHEET_LABEL_CHARS = 16
+
+
+def sheet_labels(kept: Any) -> tuple[list[str] | None, str]:
+    """Labels under the kept cells' crops and the caption's key to the abbreviations used
+    ("" when none). ``kept``: their rows of the detections table. A label is the
+    simulated kind, else the detection score; a kind longer than
+    :data:`SHEET_LABEL_CHARS` is its abbreviation (SEG)."""
+    from vae.analysis.palette import abbreviation_note, short_label
+
+    if not len(kept):
+        return None, ""
+    if "kind" not in kept:
+        return [f"{v:.2f}" for v in kept["score"]], ""
+    kinds = [str(k) if isinstance(k, str) else "" for k in kept["kind"]]
+    labels = [
+        short_label(k, SHEET_LABEL_CHARS) if k else f"{sc_:.2f}"
+        for k, sc_ in zip(kinds, kept["score"])
+    ]
+    return labels, abbreviation_note([k for k in kinds if k], SHEET_LABEL_CHARS)
+
+
 @stage(
     "segment",
     needs=_segment_needs,
@@ -528,15 +552,10 @@ def _write_outputs(
         table.to_csv(tmp, index=False)
     with ctx.atomic("rejects.csv") as tmp:
         rejects.to_csv(tmp, index=False)
-    labels = None
-    if len(kept):
-        labels = (
-            [k or f"{sc_:.2f}" for k, sc_ in zip(kept["kind"], kept["score"])]
-            if "kind" in kept
-            else [f"{v:.2f}" for v in kept["score"]]
-        )
+    labels, note = sheet_labels(kept)
     with ctx.atomic("contact_sheet.png") as tmp:
         what = "simulated kind (else the detection score)" if "kind" in kept else "detection score"
+        what += f"; {note}" if note else ""
         contact_sheet(crops, labels, int(sc.contact_sheet_max), caption=f"kept cells: {what}").save(
             tmp, format="PNG"
         )

@@ -171,3 +171,20 @@ def test_a_slides_overlay_keeps_its_small_cells_visible():
     assert not np.array_equal(
         labelled, np.asarray(draw_overlay(cells, 0.5, max_side=None, labels=False))
     )
+
+
+def test_contact_sheet_labels_use_the_abbreviation_a_long_class_name_has():
+    """The demo's sheet cut its most common class to "segmented_neutrop...": a name too long
+    for its crop is the haematologists' abbreviation, spelled out in the caption."""
+    import pandas as pd
+
+    from pipeline.stages.segment import SHEET_LABEL_CHARS, sheet_labels
+
+    kept = pd.DataFrame(
+        {"kind": ["segmented_neutrophil", "metamyelocyte", None], "score": [0.9, 0.8, 0.7]}
+    )
+    labels, note = sheet_labels(kept)
+    assert labels == ["SEG", "metamyelocyte", "0.70"]
+    assert note == "SEG segmented neutrophil"
+    assert all(len(x) <= SHEET_LABEL_CHARS for x in labels)
+    assert sheet_labels(kept.drop(columns="kind")) == (["0.90", "0.80", "0.70"], "")
