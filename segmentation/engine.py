@@ -27,7 +27,7 @@ from pycocotools.cocoeval import COCOeval
 from segmentation.datasets import DetectionDataset, encode_mask, to_coco
 from segmentation.magnification import whole_boxes
 from segmentation.progress import bar
-from segmentation.runtime import NonFiniteLossError
+from segmentation.runtime import NonFiniteLossError, beyond_reference
 from segmentation.schema import SCORE_THRESHOLD
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,7 @@ def train_one_epoch(
         if it == 0:
             first = value
             reference = value if reference is None or not math.isfinite(reference) else reference
-        limit = DIVERGE_FACTOR * max(abs(reference), DIVERGE_FLOOR)
-        if abs(value) > limit:
+        if beyond_reference(value, reference, DIVERGE_FACTOR, DIVERGE_FLOOR):
             raise NonFiniteLossError(
                 f"diverged training loss at epoch {epoch}, iteration {it} (lr={lr:.3g}): "
                 f"{value:.3g} > {DIVERGE_FACTOR:.0e} x the first loss {reference:.4g} "

@@ -62,14 +62,13 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _git(*args: str) -> str | None:
-    """Output of ``git -C SOURCE_ROOT ARGS`` (stripped), or None when git is missing,
-    slow, or fails (not a checkout, a colleague's checkout git refuses, ...)."""
+def _git_bytes(*args: str) -> bytes | None:
+    """Raw stdout of ``git -C SOURCE_ROOT ARGS``, or None when git is missing, slow, or
+    fails (not a checkout, a colleague's checkout git refuses, ...)."""
     try:
         out = subprocess.run(
             ["git", "-C", str(SOURCE_ROOT), *args],
             capture_output=True,
-            text=True,
             timeout=GIT_TIMEOUT_S,
             # read-only: `git status` must not take index.lock in a checkout another
             # process (an editor, a second run) is using
@@ -78,22 +77,13 @@ def _git(*args: str) -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def _git_bytes(*args: str) -> bytes | None:
-    """Raw stdout of ``git -C SOURCE_ROOT ARGS``, or None (as :func:`_git`)."""
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(SOURCE_ROOT), *args],
-            capture_output=True,
-            timeout=GIT_TIMEOUT_S,
-            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
     return out.stdout if out.returncode == 0 else None
+
+
+def _git(*args: str) -> str | None:
+    """:func:`_git_bytes` as stripped text."""
+    out = _git_bytes(*args)
+    return None if out is None else out.decode("utf-8", "replace").strip()
 
 
 def _git_state() -> dict[str, Any]:

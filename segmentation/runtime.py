@@ -23,6 +23,14 @@ class NonFiniteLossError(RuntimeError):
     """
 
 
+def beyond_reference(value: float, reference: float, factor: float, floor: float) -> bool:
+    """The divergence rule of both trainings (detector, VAE): ``|value|`` is more than
+    ``factor`` times the reference loss's magnitude, taken as at least ``floor`` (a
+    reference near 0 would make any loss look diverged). Each training owns its
+    constants (``segmentation.engine`` / ``vae.train`` ``DIVERGE_FACTOR``, ``_FLOOR``)."""
+    return abs(value) > factor * max(abs(reference), floor)
+
+
 def rng_state(gen: torch.Generator | None = None) -> dict[str, Any]:
     """Every RNG a training loop draws from (torch, CUDA, numpy, python, ``gen``)."""
     st = {

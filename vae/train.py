@@ -30,7 +30,12 @@ import torch
 
 from segmentation.progress import bar
 from segmentation.provenance import code_record
-from segmentation.runtime import NonFiniteLossError, restore_rank_rng, seed_everything
+from segmentation.runtime import (
+    NonFiniteLossError,
+    beyond_reference,
+    restore_rank_rng,
+    seed_everything,
+)
 from segmentation.runtime import rng_state as _rng_state
 from vae.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
 from vae.checkpoint import load_checkpoint, save_checkpoint
@@ -202,8 +207,7 @@ def diverged(loss: float, kl: float, ref: float | None) -> str | None:
     if kl > DIVERGE_KL_NATS:
         return f"KL {kl:.3g} nats > {DIVERGE_KL_NATS:.0e}"
     if ref is not None:
-        limit = DIVERGE_FACTOR * max(abs(ref), DIVERGE_FLOOR)
-        if abs(loss) > limit:
+        if beyond_reference(loss, ref, DIVERGE_FACTOR, DIVERGE_FLOOR):
             return f"|loss| {abs(loss):.3g} > {DIVERGE_FACTOR:.0e} x first-step loss {ref:.4g}"
     return None
 
