@@ -32,6 +32,34 @@ class StageInputError(RuntimeError):
     """An input artifact is missing, unfinished or stale."""
 
 
+# what Excel / LibreOffice read as the start of a formula in a CSV cell (OWASP, "CSV
+# injection"); a tab or carriage return first is one too
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(df):
+    """A copy of the DataFrame ``df`` to write as a CSV a lab opens in a spreadsheet: a
+    text cell starting with ``= + - @`` (tab, CR) that is not a number gets a leading
+    ``'``, so a sample folder named ``=HYPERLINK(...)`` or ``+EDTA`` is shown as written
+    instead of run as a formula (or shown as ``#NAME?``). Number columns, and text that
+    reads as a number (``-3``), are kept."""
+
+    def safe(v):
+        if not (isinstance(v, str) and v.startswith(FORMULA_START)):
+            return v
+        try:
+            float(v)
+            return v
+        except ValueError:
+            return "'" + v
+
+    out = df.copy()
+    for c in out.columns:
+        if out[c].dtype.kind not in "biufcmM":  # text, object or category columns
+            out[c] = out[c].astype(object).map(safe)
+    return out
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
     path = Path(path)

@@ -257,6 +257,11 @@ class SegmentationConfig:
     max_images: int | None = None  # first N images only (smoke runs)
     split: str | None = None  # only COCO images of this split (train|val); None = all
     convert_images: bool = True  # grayscale/RGBA/16-bit -> RGB uint8 (else skip them)
+    # a TIFF over this many megapixels (a whole slide) is read and segmented window by window
+    # (memory follows the window), each cell counted once (docs/segmentation_infer.md)
+    slide_megapixels: float = 256.0
+    slide_window: int = 8192  # window side, source px
+    slide_overlap: int = 512  # source px two windows share: at least 2 cell diameters
     # --- stage=segment: crops and filters (each flag is counted in uns["filter_counts"]) ---
     crop_size: int = 128  # output crop side S, px
     crop_margin: float = 0.1  # context around a large cell, fraction of its size, per side

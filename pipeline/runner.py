@@ -427,6 +427,18 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
         return _run_locked(cfg, name, spec, inputs)
 
 
+@contextmanager
+def plain_figure_text() -> Iterator[None]:
+    """A stage's figures show every name as written: matplotlib read a class or sample
+    name holding two ``$`` as TeX math (``mono$\\frac{$cyte`` made stage=evaluate fail with
+    ParseSyntaxException; ``$x$`` was drawn as maths). Only the stage's own figures:
+    an API user's plots keep matplotlib's default."""
+    import matplotlib
+
+    with matplotlib.rc_context({"text.parse_math": False}):
+        yield
+
+
 # stage folders this process has started to write (see _drop_hydra_dir)
 _FOLDERS_STARTED = 0
 
@@ -472,11 +484,12 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
         manifest.save()
         ctx = StageContext(cfg=cfg, name=name, dir=d, inputs=dict(inputs))
         log.info("stage=%s -> %s", name, d)
-        if spec.distributed:
-            hardware.launch(spec.fn, ctx, cfg.hardware)
-        else:
-            ctx.dist = hardware.single_process(cfg.hardware)
-            spec.fn(ctx)
+        with plain_figure_text():
+            if spec.distributed:
+                hardware.launch(spec.fn, ctx, cfg.hardware)
+            else:
+                ctx.dist = hardware.single_process(cfg.hardware)
+                spec.fn(ctx)
         manifest.data["torch_threads"] = _threads_used(cfg, ctx)
         manifest.data.update(ctx.record)
         _record_inputs(manifest, ctx)

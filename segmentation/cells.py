@@ -146,6 +146,11 @@ class SegmentSettings:
     # source px for min_area / max_area (scaled to the working frame per image)
     filters: FilterSettings = field(default_factory=lambda: FilterSettings(min_area=MIN_CELL_AREA))
     reject_examples_per_image: int = 2  # crops of rejected cells kept for rejects.png
+    # a TIFF over slide_megapixels is read and segmented in windows of slide_window source
+    # px that overlap by slide_overlap (segmentation.slides: each cell once)
+    slide_megapixels: float = 256.0
+    slide_window: int = 8192
+    slide_overlap: int = 512
 
 
 @dataclass

@@ -244,6 +244,16 @@ def _tiff_layout(path: Path) -> TiffLayout | None:
     return TiffLayout(k, len(sizes), w, h, levels, comp, others)
 
 
+def tiff_size(path: str | Path) -> tuple[int, int] | None:
+    """(height, width) px of the image a TIFF is read as (level 0 of its largest series,
+    :func:`_tiff_layout`), from its header; None for a file that is not a TIFF."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return None
+    layout = _tiff_layout(path)
+    return None if layout is None else (layout.height, layout.width)
+
+
 def _too_large(
     path: Path, limit_mp: float = MAX_IMAGE_MEGAPIXELS, layout: TiffLayout | None = None
 ) -> str:
@@ -260,13 +270,16 @@ def _too_large(
             return ""
     if w * h <= limit_mp * 1e6:
         return ""
+    if layout is not None:  # read window by window unless slide_megapixels was raised
+        fix = "set segmentation.slide_megapixels below its size to read it window by window"
+    else:
+        fix = (
+            "save it as a tiled TIFF, which is read window by window, each cell once (vips "
+            "tiffsave SLIDE slide.tif --tile --bigtiff --compression deflate)"
+        )
     return (
         f"too large to read whole: {w}x{h} px ({w * h / 1e6:.0f} MP > {limit_mp:.0f} MP); "
-        f"cut it into tiles that overlap by at least 2 cell diameters (a cell cut by a tile's "
-        f"edge is dropped as at_border), e.g. vips dzsave SLIDE tiles --depth one "
-        f"--tile-size 4096 --overlap 256 --suffix .png, and give the folder of tiles; a cell "
-        f"in an overlap is found in both tiles, so de-duplicate by position or it counts "
-        f"twice (docs/segmentation_infer.md, 'Whole slides')"
+        f"{fix} (docs/segmentation_infer.md, 'Whole slides')"
     )
 
 
@@ -323,6 +336,12 @@ def _read_tiff(path: Path, layout: TiffLayout, converted: list[str]) -> np.ndarr
     if layout.n_series > 1:
         converted.append(layout.note())
         log.info("%s: %s", path.name, layout.note())
+    return _channels_last(a, ax, cmyk, converted)
+
+
+def _channels_last(a: np.ndarray, ax: str, cmyk: bool, converted: list[str]) -> np.ndarray:
+    """A TIFF series' array with tifffile's axes ``ax`` as (H, W[, C]): channels last, a
+    stack's first page (noted), CMYK ink converted to RGB (noted)."""
     # channels stored as planes: tifffile calls them S (samples, "SYX": a planar RGB
     # file, which was read as its red plane in grey) or C; they go last
     for name in ("S", "C"):
@@ -338,6 +357,95 @@ def _read_tiff(path: Path, layout: TiffLayout, converted: list[str]) -> np.ndarr
         converted.append("cmyk->rgb")
         a = np.asarray(Image.fromarray(np.ascontiguousarray(a), mode="CMYK").convert("RGB"))
     return np.ascontiguousarray(a)
+
+
+class SlideReader:
+    """Regions of a TIFF read one at a time, never the whole image: a whole slide.
+
+    tifffile's zarr view of level 0 of the largest series (:func:`_tiff_layout`) decodes
+    only the tiles or strips a region touches, so memory follows the region, not the
+    slide (a scanner's slide of several gigapixels was refused as too large to read
+    whole). Each region gets :func:`read_rgb`'s conversions.
+
+    Examples
+    --------
+    >>> with SlideReader("slide.svs") as r:            # doctest: +SKIP
+    ...     rd = r.read(0, 0, 4096, 4096)              # x0, y0, x1, y1 in slide px
+    ...     rd.image.shape
+    (4096, 4096, 3)
+    """
+
+    def __init__(self, path: str | Path, layout: TiffLayout | None = None):
+        import tifffile
+        import zarr
+
+        self.path = Path(path)
+        self.layout = layout if layout is not None else _tiff_layout(self.path)
+        if self.layout is None:
+            raise ImageReadError(self.path, "not a TIFF tifffile can read region by region")
+        self._tf = tifffile.TiffFile(self.path)
+        self._store = None
+        try:
+            lv = self._tf.series[self.layout.index].levels[0]
+            self.axes: str = lv.axes
+            self._cmyk = lv.keyframe.photometric == tifffile.PHOTOMETRIC.SEPARATED
+            # the series' own level 0 (a pyramid's levels[0].aszarr() is a group of all)
+            self._store = self._tf.series[self.layout.index].aszarr(level=0)
+            self._z = zarr.open(self._store, mode="r")
+        except Exception:
+            self.close()
+            raise
+
+    @property
+    def height(self) -> int:
+        return self.layout.height
+
+    @property
+    def width(self) -> int:
+        return self.layout.width
+
+    def read(
+        self, x0: int, y0: int, x1: int, y1: int, convert: bool = True, background: int = 255
+    ) -> ImageRead:
+        """Slide px ``[y0, y1) x [x0, x1)`` as (y1 - y0, x1 - x0, 3) uint8 RGB, or the
+        reason it cannot be read (a damaged tile: this region only, never a raise)."""
+        converted: list[str] = []
+        index: list[Any] = []
+        kept = ""
+        for k, name in enumerate(self.axes):
+            n = int(self._z.shape[k])
+            if name in "YX":
+                index.append(slice(y0, y1) if name == "Y" else slice(x0, x1))
+            elif name == "S" or (name == "C" and n in (2, 3, 4)):
+                index.append(slice(None))
+            else:  # a stack's other pages (Z, T, ...) are not read: its first, noted
+                index.append(0)
+                if n > 1:
+                    converted.append(f"first page of {n}")
+                continue
+            kept += name
+        try:
+            a = np.asarray(self._z[tuple(index)])
+        except Exception as e:  # noqa: BLE001 - a damaged tile or a codec: this region
+            where = f"region x {x0}-{x1}, y {y0}-{y1}"
+            why = _tiff_codec_reason(self.path, self.layout, error_line(e, 120))
+            return ImageRead(
+                self.path, None, [], f"{where}: {why or 'unreadable: ' + error_line(e, 160)}"
+            )
+        a = _channels_last(a, kept, self._cmyk, converted)
+        return _as_rgb(self.path, a, converted, convert, 1, background)
+
+    def close(self) -> None:
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                self._store.close()
+        self._tf.close()
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _decode(path: Path, converted: list[str], layout: TiffLayout | None = None) -> np.ndarray:
@@ -442,6 +550,19 @@ def read_rgb(
             time.perf_counter() - t0,
         )
     a = _exif_upright(path, a, converted)
+    return _as_rgb(path, a, converted, convert, min_side, background)
+
+
+def _as_rgb(
+    path: Path,
+    a: np.ndarray,
+    converted: list[str],
+    convert: bool = True,
+    min_side: int = 8,
+    background: int = 255,
+) -> ImageRead:
+    """A decoded (H, W[, C]) array as RGB uint8 (:func:`read_rgb`'s conversions, each
+    named in ``converted``), or the reason it cannot be used."""
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if a.ndim == 2:

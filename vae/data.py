@@ -804,6 +804,36 @@ def epoch_batches(
     return out
 
 
+def eval_batches(
+    indices: np.ndarray,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[tuple[np.ndarray, int]]:
+    """This rank's evaluation batches, each as ``(rows, counted)``: only the first
+    ``counted`` rows of ``rows`` count, so over all ranks every row of ``indices``
+    counts exactly once.
+
+    The shards are :func:`epoch_batches`' (unshuffled): padded by repeating rows so every
+    rank runs the same number of forward passes (a DDP forward may be a collective). The
+    repeats sit at the end of a rank's shard, so they are the tail of its last batch; a
+    rank whose whole shard is repeats (fewer rows than ranks) gets one batch with
+    ``counted`` 0, to run and weigh zero. Counting the repeats made a 2-process
+    validation loss the mean with some rows twice (docs/reliability.md).
+    """
+    idx = np.asarray(indices)
+    if idx.size == 0:
+        return []
+    # positions into idx, padded to a multiple of world_size: those >= idx.size repeat
+    # the first rows, as epoch_batches pads
+    pos = np.arange(math.ceil(idx.size / world_size) * world_size)
+    out = epoch_batches(
+        pos, batch_size, shuffle=False, seed=0, epoch=0, rank=rank, world_size=world_size
+    )
+    return [(idx[b % idx.size], int((b < idx.size).sum())) for b in out]
+
+
 # whether the "pin_memory on CPU" note was logged (once per process, not per epoch)
 _PIN_NOTED = False
 

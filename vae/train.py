@@ -39,7 +39,15 @@ from segmentation.runtime import (
 from segmentation.runtime import rng_state as _rng_state
 from vae.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
 from vae.checkpoint import load_checkpoint, save_checkpoint
-from vae.data import Batch, PairedTensors, epoch_batches, iterate, raw_batch, to_batch
+from vae.data import (
+    Batch,
+    PairedTensors,
+    epoch_batches,
+    eval_batches,
+    iterate,
+    raw_batch,
+    to_batch,
+)
 from vae.flat import FlatParameters
 from vae.losses import LossTerms, LossWeights, vae_loss
 from vae.model import TwoBranchVAE
@@ -1015,20 +1023,22 @@ def evaluate_loss(
     # rows without a crop cost little memory: large batches save the per-batch
     # overhead (no in-batch term without images, so the means are unchanged)
     has_images = bool(data.has_image.any())
-    batches = epoch_batches(
+    # each row counts once over the ranks: the shards' padding repeats are cut off the
+    # batches they end, and a rank with nothing but a repeat runs it at weight 0 (every
+    # rank runs the same number of forward passes and joins the all-reduce below)
+    shards = eval_batches(
         rows,
         max(args.batch_size, 128 if has_images else 2048),
-        shuffle=False,
-        seed=0,
-        epoch=0,
         rank=dist.rank,
         world_size=dist.world_size,
     )
+    batches = [b[:k] if k else b for b, k in shards]
+    counts = [k > 0 for _, k in shards]
     sums: torch.Tensor | None = None
     keys: list[str] = []
     kl_sum = None
     n = 0
-    for raw in iterate(data, batches, images=has_images):
+    for raw, counted in zip(iterate(data, batches, images=has_images), counts, strict=True):
         batch = to_batch(raw, dist.device)
         terms = forward_loss(
             model,
@@ -1041,12 +1051,13 @@ def evaluate_loss(
             use_expression=bool(data.has_expression.any()),
         )
         keys = LossTerms.names()
-        bsz = batch.x.shape[0]
-        v = torch.cat(
-            [terms.vector().double().cpu() * bsz, torch.tensor([bsz], dtype=torch.float64)]
-        )
+        bsz = batch.x.shape[0] if counted else 0
+        vec, kl_dims = terms.vector().double().cpu(), terms.kl_per_dim.double().cpu()
+        if not counted:  # zeros, not 0 x the terms: a non-finite repeat adds nothing
+            vec, kl_dims = torch.zeros_like(vec), torch.zeros_like(kl_dims)
+        v = torch.cat([vec * bsz, torch.tensor([bsz], dtype=torch.float64)])
         sums = v if sums is None else sums + v
-        k = terms.kl_per_dim.double().cpu() * bsz
+        k = kl_dims * bsz
         kl_sum = k if kl_sum is None else kl_sum + k
         n += bsz
     if was:

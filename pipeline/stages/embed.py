@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.artifacts import write_json
+from pipeline.artifacts import spreadsheet_safe, write_json
 from pipeline.runner import StageContext, StageError, resolve_data_path, stage
 from pipeline.streaming import h5ad_blocks, streams
 from segmentation.io import add_obsm_rows, array_bytes, check_h5ad_fits, error_line
@@ -343,7 +343,7 @@ def run_embed(ctx: StageContext) -> None:
             raise StageError(f"{setting}: {e}") from e
     if not parts:
         with ctx.atomic("rejects.csv") as tmp:  # what was skipped, kept with the failed run
-            pd.DataFrame(rejects, columns=REJECT_COLUMNS).to_csv(tmp, index=False)
+            spreadsheet_safe(pd.DataFrame(rejects, columns=REJECT_COLUMNS)).to_csv(tmp, index=False)
         shown = "; ".join(f"{r.get('item')}: {r.get('reason')}" for r in rejects[:3])
         raise StageError(
             f"stage=embed: no cell in any input ({len(rejects)} reject row(s), e.g. {shown}; "
@@ -352,7 +352,7 @@ def run_embed(ctx: StageContext) -> None:
     if mapping is not None and not named_by_csv:
         # ids that match no cell (another barcode format?) would pool every patient
         with ctx.atomic("rejects.csv") as tmp:
-            pd.DataFrame(rejects, columns=REJECT_COLUMNS).to_csv(tmp, index=False)
+            spreadsheet_safe(pd.DataFrame(rejects, columns=REJECT_COLUMNS)).to_csv(tmp, index=False)
         ids = [str(x) for x in parts[0].obs_names[:3]]
         raise StageError(
             f"embed.samples_csv={cfg.embed.samples_csv}: names none of the {sum(q.n_obs for q in parts)} "
@@ -377,9 +377,9 @@ def run_embed(ctx: StageContext) -> None:
     if any(c is not None for c in images["crops"]) or any(crop_files):
         crops = _CropLookup(images["crops"], sizes, crop_files)
     with ctx.atomic("rejects.csv") as tmp:
-        pd.DataFrame(rejects, columns=REJECT_COLUMNS).to_csv(tmp, index=False)
+        spreadsheet_safe(pd.DataFrame(rejects, columns=REJECT_COLUMNS)).to_csv(tmp, index=False)
     with ctx.atomic("samples.csv") as tmp:
-        prof.to_csv(tmp, index=False)
+        spreadsheet_safe(prof).to_csv(tmp, index=False)
     with ctx.atomic("samples.html") as tmp:
         write_samples_html(
             tmp,

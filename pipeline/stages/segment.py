@@ -39,6 +39,8 @@ from segmentation.crops import FLAGS, FilterSettings
 from segmentation.inference import MaskRCNNDetector
 from segmentation.io import (
     IMAGE_SUFFIXES,
+    SlideReader,
+    error_line,
     list_images,
     read_rgb,
     skipped_slides,
@@ -48,6 +50,15 @@ from segmentation.io import (
 )
 from segmentation.progress import bar
 from segmentation.shipped import wants_scale_estimate, wants_scale_refinement
+from segmentation.slides import (
+    is_slide,
+    own_cells,
+    slide_units,
+    unit_groups,
+    window_cells,
+    window_file,
+    window_prefix,
+)
 from segmentation.table import (
     cells_adata,
     merge_parts,
@@ -76,8 +87,18 @@ def settings_from_config(sc: Any) -> SegmentSettings:
             f"segmentation.tile_overlap={sc.tile_overlap} must be >= 0 and < "
             f"segmentation.tile_size={sc.tile_size}"
         )
+    if float(sc.slide_megapixels) <= 0:
+        raise StageError(f"segmentation.slide_megapixels={sc.slide_megapixels}: must be > 0")
+    if not 0 <= int(sc.slide_overlap) < int(sc.slide_window):
+        raise StageError(
+            f"segmentation.slide_overlap={sc.slide_overlap} must be >= 0 and < "
+            f"segmentation.slide_window={sc.slide_window}"
+        )
     return SegmentSettings(
         input_scale=float(sc.input_scale),
+        slide_megapixels=float(sc.slide_megapixels),
+        slide_window=int(sc.slide_window),
+        slide_overlap=int(sc.slide_overlap),
         tile_size=int(sc.tile_size),
         tile_overlap=int(sc.tile_overlap),
         batch_size=int(sc.batch_size),
@@ -129,7 +150,30 @@ def overlay_name(path: Path) -> str:
         for q in path.parent.glob(f"{glob_escape(path.stem)}.*")
         if q.suffix.lower() in IMAGE_SUFFIXES
     ]
-    return f"{path.stem}_{path.suffix[1:].lower()}.png" if len(twins) > 1 else f"{path.stem}.png"
+    stem = f"{path.stem}_{path.suffix[1:].lower()}" if len(twins) > 1 else path.stem
+    return f"{short_stem(stem)}.png"
+
+
+# bytes of a file name on most file systems (ext4, APFS, NTFS: 255), less room for what
+# follows the stem: a slide window's "_x123456_y123456" and the suffix
+NAME_BYTES = 255
+NAME_TAIL_BYTES = 32
+
+
+def short_stem(stem: str) -> str:
+    """``stem`` as an output file's stem that fits ``NAME_BYTES`` with room for a suffix:
+    unchanged when short; else cut, with a hash of the whole name (``~1a2b3c4d``) that
+    keeps two long names apart (a 250-character image name made the stage fail with
+    "File name too long" writing its overlay)."""
+    limit = NAME_BYTES - NAME_TAIL_BYTES
+    raw = stem.encode("utf-8", "surrogateescape")
+    if len(raw) <= limit:
+        return stem
+    import hashlib
+
+    tag = "~" + hashlib.sha1(raw).hexdigest()[:8]
+    cut = raw[: limit - len(tag)].decode("utf-8", "ignore")  # no half character
+    return cut + tag
 
 
 def _image_list(ctx: StageContext, smears: Path, truth: CocoTruth | None) -> list[Path]:
@@ -262,51 +306,127 @@ def _run_shard(
     tables, crops, masks, rejects = [], [], [], []
     rej_crops, rej_ids = [], []  # examples of rejected cells for rejects.png
     n_truth, n_images, seconds = 0, 0, 0.0
+    slide_overlays: set[Path] = set()  # slides whose overlay is drawn
+    slide_kept: dict[Path, int] = {}  # cells kept per slide
     # images are read batch_size at a time so that the tiles of small images share
-    # detector batches (a large slide spreads over several batches by itself)
-    group = max(1, settings.batch_size)
-    pbar = bar(desc=desc, total=len(items), unit="img", enabled=ctx.is_main)
-    for g in range(0, len(items), group):
-        good = []  # (index, path, image, truth)
-        for index, path in items[g : g + group]:
+    # detector batches (a large slide spreads over several batches by itself); a whole
+    # slide (segmentation.slide_megapixels) is read and segmented window by window
+    units = slide_units(
+        items, settings.slide_megapixels, settings.slide_window, settings.slide_overlap
+    )
+    slide_hw: dict[Path, tuple[int, int]] = {}
+    slide_scale: dict[Path, float | None] = {}  # one magnification per slide, once measured
+    reader: SlideReader | None = None
+    bad_slides: set[Path] = set()
+    pbar = bar(desc=desc, total=len(units), unit="img", enabled=ctx.is_main)
+    for chunk in unit_groups(units, max(1, settings.batch_size)):
+        good = []  # (index, path, image, truth, window)
+        for index, path, win in chunk:
             # the name every row records (cells.h5ad, detections.csv, rejects.csv): valid
             # UTF-8 even where the file's own name is not; the file is read by its own
             name = recorded_name(path.name)
-            odd = undecodable_warning(path)
+            first = win is None or win.k == 0
+            odd = undecodable_warning(path) if first else ""
             if odd:  # each rank warns of its own images: once per file
                 log.warning("%s", odd)
-            rd = read_rgb(path, convert=bool(sc.convert_images))
+            if win is None:
+                rd = read_rgb(path, convert=bool(sc.convert_images))
+            else:
+                if path in bad_slides:
+                    continue
+                if reader is None or reader.path != path:
+                    if reader is not None:
+                        reader.close()
+                        reader = None
+                    try:
+                        reader = SlideReader(path)
+                    except Exception as e:  # noqa: BLE001 - a damaged file: this slide only
+                        why = f"unreadable slide: {error_line(e, 160)}"
+                        log.warning("skipping %s: %s", name, why)
+                        rejects.append({"image": name, "action": "skipped", "reason": why})
+                        bad_slides.add(path)
+                        continue
+                    slide_hw[path] = (reader.height, reader.width)
+                    if first:
+                        log.info(
+                            "%s: %dx%d px, read and segmented in %d windows of %d px",
+                            name,
+                            reader.width,
+                            reader.height,
+                            win.n,
+                            settings.slide_window,
+                        )
+                rd = reader.read(win.x0, win.y0, win.x1, win.y1, bool(sc.convert_images))
             if not rd.ok:
-                log.warning("skipping %s: %s", name, rd.reason)
-                rejects.append({"image": name, "action": "skipped", "reason": rd.reason})
+                why = rd.reason if win is None else f"window {win.name}: {rd.reason}"
+                log.warning("skipping %s: %s", name, why)
+                rejects.append({"image": name, "action": "skipped", "reason": why})
                 continue
-            if rd.converted:
+            if rd.converted and first:
                 rejects.append(
                     {"image": name, "action": "converted", "reason": ",".join(rd.converted)}
                 )
-            it = truth.for_image(path.name) if truth is not None else None
-            good.append((index, path, rd.image, it))
-        pbar.update(len(items[g : g + group]) - len(good))  # unreadable ones
+            # ground truth is matched on whole images only (its masks are in image px)
+            it = truth.for_image(path.name) if truth is not None and win is None else None
+            good.append((index, path, rd.image, it, win))
+        pbar.update(len(chunk) - len(good))  # unreadable ones
         if not good:
             continue
         t0 = time.perf_counter()
         if estimate_px is None:
             results: list[ImageCells] = segment_images(
                 detector,
-                [im for _, _, im, _ in good],
-                [recorded_name(p.name) for _, p, _, _ in good],
+                [im for _, _, im, _, _ in good],
+                [recorded_name(p.name) for _, p, _, _, _ in good],
                 settings,
-                truths=[it for _, _, _, it in good],
+                truths=[it for _, _, _, it, _ in good],
+                id_prefixes=[window_prefix(p, w) for _, p, _, _, w in good],
             )
         else:  # magnification per image from its white (else red) cells (segmentation.estimate_scale)
-            results = [
-                _estimated(detector, im, p, settings, it, sc, ckpt, (pooled or {}).get(p))
-                for _, p, im, it in good
-            ]
+            results = []
+            for _, p, im, it, w in good:
+                if w is None:
+                    cells = _estimated(
+                        detector, im, p, settings, it, sc, ckpt, (pooled or {}).get(p)
+                    )[0]
+                else:  # one magnification per slide, from its first window with cells
+
+                    def measure(im=im, p=p, w=w):
+                        return _estimated(
+                            detector, im, p, settings, None, sc, ckpt, None, window_prefix(p, w)
+                        )
+
+                    cells, slide_scale[p] = window_cells(
+                        detector,
+                        im,
+                        recorded_name(p.name),
+                        window_prefix(p, w),
+                        settings,
+                        slide_scale.get(p),
+                        measure,
+                    )
+                results.append(cells)
         seconds += time.perf_counter() - t0
         pbar.update(len(good))
-        for (index, path, _, it), cells in zip(good, results):
-            n_images += 1
+        for (index, path, _, it, win), cells in zip(good, results):
+            shown = overlay_name(path)  # the masks/ TIFF is named as the overlay
+            if win is not None:
+                if (
+                    index < overlay_below
+                    and path not in slide_overlays
+                    and cells.table["kept"].any()
+                ):
+                    # a slide's overlay: its first window that holds a cell (each window's
+                    # cost 3-5 s, a third of the window's time on the 400 MP slide)
+                    slide_overlays.add(path)
+                    ov = draw_overlay(cells, min(float(sc.score_threshold), 0.99))
+                    ov.save(overlay_dir / window_file(shown, win, ".png"))
+                h, w = slide_hw[path]
+                cells = own_cells(cells, win, h, w, settings.filters.border_margin)
+            if win is None or path not in slide_kept:  # a slide counts once, as an image
+                n_images += 1
+                if win is not None:
+                    slide_kept[path] = 0
             if it is not None:
                 n_truth += cells.n_truth or 0
             tab = cells.table
@@ -320,6 +440,12 @@ def _run_shard(
             if cells.reject_crops is not None and len(rej_ids) < int(sc.n_reject_examples):
                 rej_crops.append(cells.reject_crops)
                 rej_ids += cells.reject_ids
+            if win is not None:  # a slide's windows: one no_cells row per slide, at the end
+                slide_kept[path] += int(tab["kept"].sum())
+                if len(cells.crops.images) and mask_dir is not None:
+                    tif = window_file(shown, win, ".tif")
+                    write_label_image(mask_dir / tif, cells.label_image())
+                continue
             if not len(tab):
                 rejects.append(
                     {
@@ -336,7 +462,6 @@ def _run_shard(
                         "reason": "no detection passed filters",
                     }
                 )
-            shown = overlay_name(path)  # the masks/ TIFF is named as the overlay
             if index < overlay_below:
                 ov = draw_overlay(cells, min(float(sc.score_threshold), 0.99))
                 ov.save(overlay_dir / shown)
@@ -344,6 +469,17 @@ def _run_shard(
                 tif = Path(shown).with_suffix(".tif").name
                 write_label_image(mask_dir / tif, cells.label_image())
     pbar.close()
+    if reader is not None:
+        reader.close()
+    for path, n in slide_kept.items():
+        if not n:
+            rejects.append(
+                {
+                    "image": recorded_name(path.name),
+                    "action": "no_cells",
+                    "reason": "no detection passed filters in any window of the slide",
+                }
+            )
     s = int(sc.crop_size)
     return {
         "tables": tables,
@@ -375,17 +511,19 @@ def pooled_scales(
     return pooled_estimates(paths, estimate_px, fallback, float(spread))
 
 
-def _estimated(detector, image, path, settings, truth, sc, ckpt, pooled=None) -> ImageCells:
+def _estimated(
+    detector, image, path, settings, truth, sc, ckpt, pooled=None, id_prefix=None
+) -> ImageCells:
     from segmentation.autoscale import segment_estimated
 
     r, px = refine_settings(sc, ckpt), sc.cell_px
     name = recorded_name(path.name)  # the image's name in its rows (valid UTF-8)
     cells, choice = segment_estimated(
-        detector, image, name, settings, px, truth, None, r, estimate=pooled
+        detector, image, name, settings, px, truth, id_prefix, r, estimate=pooled
     )
-    log.info("scale %s: %s", name, choice.describe())
+    log.info("scale %s: %s", id_prefix or name, choice.describe())
     cells.table.insert(2, "input_scale", float(choice.scale))
-    return cells
+    return cells, choice
 
 
 def _segment_needs(cfg: Any) -> list[str]:
@@ -489,7 +627,9 @@ def segment(ctx: StageContext) -> None:
             settings.input_scale,
         )
     # every rank measures all images (the same medians, so the same scales on every rank)
-    pooled = pooled_scales(ctx.cfg, images, est, settings.input_scale)
+    # (a whole slide's windows are measured one by one as they are read, never the slide)
+    whole = [p for p in images if not is_slide(p, settings.slide_megapixels)]
+    pooled = pooled_scales(ctx.cfg, whole, est, settings.input_scale)
     part = _run_shard(
         ctx,
         mine,

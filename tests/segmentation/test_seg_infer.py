@@ -601,7 +601,7 @@ def test_read_rgb_reads_past_pillows_bomb_guard_and_names_its_own_size_limit(tmp
     monkeypatch.setattr(io, "MAX_IMAGE_MEGAPIXELS", 0.001)  # 1000 px
     r = read_rgb(tmp_path / "slide.png")
     assert not r.ok and r.reason.startswith("too large to read whole: 40x30 px"), r.reason
-    assert "tiles" in r.reason
+    assert "tiled TIFF, which is read window by window" in r.reason
 
 
 def test_read_rgb_16bit_rgb_tiff(tmp_path):
@@ -1169,3 +1169,26 @@ def test_the_docs_mask_recipe_runs(tmp_path, untrained_ckpt, monkeypatch):
     exec(compile(code, "docs/segmentation_infer.md", "exec"), ns)
     cell, placed = ns["cell"], ns["placed"]
     assert cell.any() and (cell & placed).sum() / (cell | placed).sum() > 0.9
+
+
+def test_long_image_names_get_output_names_that_fit(tmp_path, untrained_ckpt, monkeypatch):
+    """Two 250-character images of one stem (.png and .tif): the overlay name was 258
+    bytes and the stage failed with "File name too long"; now each output name is cut
+    with a hash of the whole name, and the two stay apart."""
+    import pipeline.stages.segment as seg
+
+    monkeypatch.setattr(seg, "make_detector", lambda ctx, model: _Blobs())
+    smears = tmp_path / "smears"
+    smears.mkdir()
+    img = np.full((96, 128, 3), (230, 200, 200), np.uint8)
+    img[disc(96, 128, 48, 60, 14)] = (120, 60, 160)
+    stem = "x" * 250
+    Image.fromarray(img).save(smears / f"{stem}.png")
+    Image.fromarray(img).save(smears / f"{stem}.tif")
+    out = _run_segment(tmp_path, untrained_ckpt, smears, here=True)
+    overlays = sorted(p.name for p in (out / "overlays").iterdir())
+    masks = sorted(p.name for p in (out / "masks").iterdir())
+    assert len(overlays) == 2 and len(set(overlays)) == 2 and len(masks) == 2
+    for name in overlays + masks:
+        assert len(name.encode()) <= 255 and name.startswith("x" * 200) and "~" in name
+    assert seg.short_stem("cell") == "cell"

@@ -29,17 +29,19 @@ def _ventana_like(path, slide: np.ndarray) -> None:
         t.write(slide, tile=(32, 32), compression="zlib", photometric="rgb")
 
 
-def test_too_large_advice_asks_for_overlapping_tiles_and_warns_of_double_counts(
-    tmp_path, monkeypatch
-):
-    """Tiles without overlap cut cells (dropped as at_border): the advice names the
-    overlap, a command with it, and that a cell in an overlap is found twice."""
+def test_too_large_advice_points_to_reading_window_by_window(tmp_path, monkeypatch):
+    """A slide too large to read whole: a TIFF is read window by window unless
+    slide_megapixels was raised above it (the advice says so); another format is to be
+    saved as a tiled TIFF. The old advice (tile it yourself, de-duplicate the overlaps)
+    left the double counts to the user."""
     tifffile.imwrite(tmp_path / "s.tif", _slide(), photometric="rgb")
+    Image.fromarray(_slide()).save(tmp_path / "s.png")
     monkeypatch.setattr(io, "MAX_IMAGE_MEGAPIXELS", 0.001)
     r = read_rgb(tmp_path / "s.tif")
     assert not r.ok and r.reason.startswith("too large to read whole: 160x120 px"), r.reason
-    assert "overlap by at least 2 cell diameters" in r.reason
-    assert "--overlap" in r.reason and "twice" in r.reason and "de-duplicate" in r.reason
+    assert "set segmentation.slide_megapixels below its size" in r.reason
+    r = read_rgb(tmp_path / "s.png")
+    assert not r.ok and "save it as a tiled TIFF, which is read window by window" in r.reason
 
 
 def test_too_large_is_judged_on_the_slide_not_on_a_label_page(tmp_path, monkeypatch):

@@ -6,6 +6,8 @@ and ``pipeline/stages/traverse.py`` wire it).
 
 from __future__ import annotations
 
+import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,14 +258,21 @@ def markdown_table(df: pd.DataFrame, name: str, max_rows: int = 50) -> str:
     the plain-text fallback rendered as a garbled paragraph).
     """
 
+    def text(v) -> str:
+        # a class or sample name is shown as written: HTML in it (TensorBoard's sanitiser
+        # kept an "<img src=...>" as an image fetching that address) and Markdown's link,
+        # emphasis and code marks ("[x](http://...)" became a link) escaped
+        t = html.escape(str(v), quote=False).replace("\n", " ")
+        return re.sub(r"([\\`*_\[\]|])", r"\\\1", t)
+
     def cell(v) -> str:
         if isinstance(v, (float, np.floating)):
             return "" if not np.isfinite(v) else f"{float(v):.4g}"
-        return str(v).replace("|", "\\|").replace("\n", " ")
+        return text(v)
 
     cols = [str(c) for c in df.columns]
     lines = [
-        "| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |",
+        "| " + " | ".join(text(c) for c in cols) + " |",
         "|" + "---|" * len(cols),
     ]
     for row in df.head(max_rows).itertuples(index=False):

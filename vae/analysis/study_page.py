@@ -444,9 +444,7 @@ def write_study_page(
     """
     from segmentation.io import atomic_path
 
-    payload = json.dumps(page_payload(data), separators=(",", ":"))
-    # "</" would end the script element early; JSON allows the escaped form
-    payload = payload.replace("</", "<\\/")
+    payload = script_json(page_payload(data))
     classes = " \u2192 ".join(data.path_classes) if data.path_classes else "the path"
     body = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
 <link rel="icon" href="data:,"><title>{html.escape(title)}</title><style>{_CSS}</style></head>
@@ -493,6 +491,18 @@ a cell</span></div>
     with atomic_path(path) as tmp:
         Path(tmp).write_text(body, encoding="utf-8")
     return path
+
+
+def script_json(obj) -> str:
+    """``obj`` as JSON to put inside a ``<script>`` element: ``<``, ``>`` and ``&`` as
+    ``\\u003c`` ... (JSON.parse reads them back), so no string of the data (a class,
+    sample or file name) can end the element (``</script>``) or switch the parser into
+    the state ``<!--<script>`` starts, where the page's own ``</script>`` no longer
+    closes it and the page drew nothing; U+2028 / U+2029 as escapes too."""
+    text = json.dumps(obj, separators=(",", ":"))
+    for ch in "<>&\u2028\u2029":
+        text = text.replace(ch, f"\\u{ord(ch):04x}")
+    return text
 
 
 def sample_rows(n: int, max_n: int, seed: int, keep: Sequence[int] = ()) -> np.ndarray:

@@ -395,10 +395,11 @@ def segment_smear_folder(
     from segmentation.autoscale import folder_medians, pooled_estimates, segment_estimated
     from segmentation.cells import SegmentSettings, segment_images
     from segmentation.inference import MaskRCNNDetector
-    from segmentation.io import read_rgb
+    from segmentation.io import SlideReader, error_line, read_rgb
     from segmentation.magnification import RefineSettings
     from segmentation.model import load_checkpoint
     from segmentation.shipped import wants_scale_estimate, wants_scale_refinement
+    from segmentation.slides import is_slide, own_cells, slide_windows, window_cells
     from segmentation.sources import centre_cell as centre_cell_of
     from segmentation.sources import crop_folder_filters
     from segmentation.table import obs_frame
@@ -426,10 +427,9 @@ def segment_smear_folder(
     fallback = float(settings.input_scale)
     pooled: dict = {}
     folder_scale: dict = {}
-    if pool and not centre_cell:
-        pooled = pooled_estimates(
-            [p for _, p in images], estimate_cell_px, fallback, float(scale_spread)
-        )
+    if pool and not centre_cell:  # (a whole slide is measured window by window, as read)
+        whole = [p for _, p in images if not is_slide(p, settings.slide_megapixels)]
+        pooled = pooled_estimates(whole, estimate_cell_px, fallback, float(scale_spread))
     twins = stem_twins(p for _, p in images)
     side = model_crops.size if model_crops is not None else settings.crop_size
     # a crop folder gives at most one row per image: rows written in place, no second copy
@@ -485,23 +485,7 @@ def segment_smear_folder(
             kept["mask_source"] = "detector"
             rows.put(i, *keep(cells.crops.images[pos : pos + 1], cells.crops.masks[pos : pos + 1]))
         else:
-            if estimate_cell_px is not None:
-                cells, choice = segment_estimated(
-                    det,
-                    image,
-                    name,
-                    settings,
-                    estimate_cell_px,
-                    None,
-                    prefix,
-                    refine,
-                    estimate=pooled.get(p),
-                )
-                log.info("scale %s: %s", name, choice.describe())
-                scales[prefix] = choice.scale
-            else:
-                scales[prefix] = float(settings.input_scale)
-                cells = segment_images(det, [image], [name], settings, id_prefixes=[prefix])[0]
+            cells = smear_cells(image, name, prefix, pooled.get(p))
             kept = cells.table[cells.table["kept"]].copy()
             if not len(kept):
                 reason = "no cells kept"
@@ -511,6 +495,71 @@ def segment_smear_folder(
         kept["sample"] = recorded_name(sample)
         frames.append((i, kept))
 
+    def smear_cells(image: np.ndarray, name: str, prefix: str, estimate: Any = None):
+        """One smear image's cells at its scale (noted in scales)."""
+        if estimate_cell_px is None:
+            scales[prefix] = float(settings.input_scale)
+            return segment_images(det, [image], [name], settings, id_prefixes=[prefix])[0]
+        return measured(image, name, prefix, estimate)[0]
+
+    def measured(image: np.ndarray, name: str, prefix: str, estimate: Any = None):
+        """(cells, ScaleChoice) at the scale measured on the image (noted in scales)."""
+        cells, choice = segment_estimated(
+            det, image, name, settings, estimate_cell_px, None, prefix, refine, estimate=estimate
+        )
+        log.info("scale %s: %s", prefix, choice.describe())
+        scales[prefix] = choice.scale
+        return cells, choice
+
+    def detect_slide(i: int, sample: str, p: Path, name: str, item: str) -> None:
+        """A whole slide's cells, window by window (segmentation.slides: each cell once;
+        one magnification per slide, measured on its first window with cells;
+        ``uns["input_scales"]`` per window)."""
+        prefix = cell_prefix(folder, sample, p, twins)
+        try:
+            reader = SlideReader(p)
+        except Exception as e:  # noqa: BLE001 - a damaged file: this slide only
+            reason = f"unreadable slide: {error_line(e, 160)}"
+            rejects.append((i, {"input": str(folder), "item": item, "reason": reason}))
+            return
+        n_kept = 0
+        held = None  # the slide's scale, once a window measured it
+        with reader:
+            h, w = reader.height, reader.width
+            wins = slide_windows(h, w, settings.slide_window, settings.slide_overlap)
+            log.info("%s: %dx%d px, read in %d windows", item, w, h, len(wins))
+            for win in wins:
+                rd = reader.read(win.x0, win.y0, win.x1, win.y1)
+                if not rd.ok:
+                    reason = f"window {win.name}: {rd.reason}"
+                    rejects.append((i, {"input": str(folder), "item": item, "reason": reason}))
+                    continue
+                wp = f"{prefix}_{win.name}"
+                if estimate_cell_px is None:
+                    cells = smear_cells(rd.image, name, wp)
+                else:
+                    cells, held = window_cells(
+                        det,
+                        rd.image,
+                        name,
+                        wp,
+                        settings,
+                        held,
+                        lambda im=rd.image, wp=wp: measured(im, name, wp),
+                    )
+                    scales[wp] = float(cells.scale)
+                    cells.table.drop(columns="input_scale", inplace=True)  # uns["input_scales"]
+                cells = own_cells(cells, win, h, w, settings.filters.border_margin)
+                kept = cells.table[cells.table["kept"]].copy()
+                if len(kept):
+                    rows.add(*keep(cells.crops.images, cells.crops.masks))
+                    kept["sample"] = recorded_name(sample)
+                    frames.append((i, kept))
+                    n_kept += len(kept)
+        if not n_kept:
+            reason = "no cells kept in any window of the slide"
+            rejects.append((i, {"input": str(folder), "item": item, "reason": reason}))
+
     later = []  # crops the detector reads once their folder's magnification is measured
     progress = _Progress(str(folder), len(images))
     for i, (sample, p) in enumerate(images):
@@ -518,6 +567,9 @@ def segment_smear_folder(
         # every string of this image in obs, uns and rejects: valid UTF-8 (recorded_name)
         _note_undecodable(p)
         name, item = recorded_name(p.name), recorded_name(p)
+        if not centre_cell and is_slide(p, settings.slide_megapixels):
+            detect_slide(i, sample, p, name, item)
+            continue
         rd = read_rgb(p)
         if not rd.ok:
             rejects.append((i, {"input": str(folder), "item": item, "reason": rd.reason}))
