@@ -530,9 +530,11 @@ def _spawned(
     ctx.dist = init_process(rank, world_size, hw)
     try:
         from segmentation.progress import redirect_logging
+        from vae.analysis.figures import plain_text
 
-        # rank 0's log lines above its progress bars, as in the parent
-        with redirect_logging() if ctx.dist.is_main else contextlib.nullcontext():
+        # rank 0's log lines above its progress bars, as in the parent; a spawned rank
+        # starts with matplotlib's defaults: names with '$' drawn as written, as there
+        with redirect_logging() if ctx.dist.is_main else contextlib.nullcontext(), plain_text():
             fn(ctx)
         # tear gloo down together: a rank destroying its group while the other still
         # talks aborted rank 0 at exit now and then ("terminate called without an

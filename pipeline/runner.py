@@ -427,18 +427,6 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
         return _run_locked(cfg, name, spec, inputs)
 
 
-@contextmanager
-def plain_figure_text() -> Iterator[None]:
-    """A stage's figures show every name as written: matplotlib read a class or sample
-    name holding two ``$`` as TeX math (``mono$\\frac{$cyte`` made stage=evaluate fail with
-    ParseSyntaxException; ``$x$`` was drawn as maths). Only the stage's own figures:
-    an API user's plots keep matplotlib's default."""
-    import matplotlib
-
-    with matplotlib.rc_context({"text.parse_math": False}):
-        yield
-
-
 # stage folders this process has started to write (see _drop_hydra_dir)
 _FOLDERS_STARTED = 0
 
@@ -484,7 +472,9 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
         manifest.save()
         ctx = StageContext(cfg=cfg, name=name, dir=d, inputs=dict(inputs))
         log.info("stage=%s -> %s", name, d)
-        with plain_figure_text():
+        from vae.analysis.figures import plain_text
+
+        with plain_text():  # names with '$' drawn as written (each DDP rank: hardware)
             if spec.distributed:
                 hardware.launch(spec.fn, ctx, cfg.hardware)
             else:

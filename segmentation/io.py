@@ -385,6 +385,7 @@ class SlideReader:
             raise ImageReadError(self.path, "not a TIFF tifffile can read region by region")
         self._tf = tifffile.TiffFile(self.path)
         self._store = None
+        self._top: float | None = None  # a 16-bit slide's range (_to_8bit)
         try:
             lv = self._tf.series[self.layout.index].levels[0]
             self.axes: str = lv.axes
@@ -424,6 +425,8 @@ class SlideReader:
                     converted.append(f"first page of {n}")
                 continue
             kept += name
+        if self.layout.n_series > 1:  # which series is the slide, as read_rgb notes it
+            converted.append(self.layout.note())
         try:
             a = np.asarray(self._z[tuple(index)])
         except Exception as e:  # noqa: BLE001 - a damaged tile or a codec: this region
@@ -433,7 +436,25 @@ class SlideReader:
                 self.path, None, [], f"{where}: {why or 'unreadable: ' + error_line(e, 160)}"
             )
         a = _channels_last(a, kept, self._cmyk, converted)
+        if a.dtype in (np.uint16, np.int16, np.int32) and convert:
+            a = self._to_8bit(a, converted)
         return _as_rgb(self.path, a, converted, convert, 1, background)
+
+    def _to_8bit(self, a: np.ndarray, converted: list[str]) -> np.ndarray:
+        """A 16-bit region as 8-bit on the slide's one range: ``_to_uint8`` scales an
+        image by its own maximum when it is 12-bit (<= 4095), which window by window gave
+        one slide other grey levels in each window (review: 128 read whole, 255 in a
+        window). The range is set once, from the slide's smallest pyramid level when
+        there is one, else from the first region read: 65535, or 4095 for 12-bit data."""
+        if self._top is None:
+            sample = a
+            if self.layout.levels > 1:
+                with contextlib.suppress(Exception):  # a damaged level: the region then
+                    lv = self._tf.series[self.layout.index].levels[-1]
+                    sample = lv.asarray()
+            self._top = 65535.0 if int(np.max(sample, initial=0)) > 4095 else 4095.0
+        converted.append("16bit->8bit")
+        return np.clip(a.astype(np.float64) / self._top * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
     def close(self) -> None:
         if self._store is not None:

@@ -95,7 +95,12 @@ def slide_windows(height: int, width: int, side: int, overlap: int) -> list[Wind
 
 
 def own_cells(
-    cells: ImageCells, win: Window, height: int, width: int, border_margin: float
+    cells: ImageCells,
+    win: Window,
+    height: int,
+    width: int,
+    border_margin: float,
+    seen: list[np.ndarray] | None = None,
 ) -> ImageCells:
     """One window's cells as the slide's: only those it owns, in slide px.
 
@@ -107,6 +112,14 @@ def own_cells(
     height, width : the slide's size, px
     border_margin : ``FilterSettings.border_margin`` (working px): the edge weights are
         recomputed for the slide, whose edges are the only ones a kept cell can touch
+    seen : the slide's kept boxes so far (slide px, one array per window, appended to),
+        shared by its windows in the order they are read. A cell is found by each window
+        that holds it with a box some px apart (another context, another working-px
+        grid), so its box centre can fall on either side of a cut in either window: it
+        was kept twice, or by neither. With ``seen`` a kept row is also the window's when
+        its centre lies within half the core's margin beyond the core (there it is still
+        whole for a cell narrower than half the overlap), unless its box matches one
+        kept before (IoU >= :data:`SAME_CELL_IOU`). None: the core alone decides.
 
     Returns
     -------
@@ -122,6 +135,15 @@ def own_cells(
     cy = (t["y0"].to_numpy(float) + t["y1"].to_numpy(float)) / 2 + win.y0
     own = (cx >= win.cx0) & (cx < win.cx1) & (cy >= win.cy0) & (cy < win.cy1)
     kept = t["kept"].to_numpy(bool)
+    if seen is not None:
+        boxes = t[["x0", "y0", "x1", "y1"]].to_numpy(float) + [win.x0, win.y0] * 2
+        gx0 = win.cx0 - (win.cx0 - win.x0) // 2
+        gy0 = win.cy0 - (win.cy0 - win.y0) // 2
+        gx1 = win.cx1 + (win.x1 - win.cx1) // 2
+        gy1 = win.cy1 + (win.y1 - win.cy1) // 2
+        near = kept & (cx >= gx0) & (cx < gx1) & (cy >= gy0) & (cy < gy1)
+        own = (own | near) & ~(near & _seen_before(boxes, seen, win))
+        seen.append(boxes[own & kept])
     crop_keep = own[kept]  # the crops are the kept rows, in order
     t = t[own].copy()
     for c in ("x0", "x1", "crop_x0"):
@@ -163,6 +185,31 @@ def own_cells(
         reject_crops=rej_crops,
         reject_ids=[cells.reject_ids[i] for i in rej],
     )
+
+
+# box IoU from which two windows' kept detections are one cell: the tiles' merge within
+# a window (segmentation.merge_iou, 0.5); kept cells of one window overlap far less (the
+# overlapping / duplicate filters)
+SAME_CELL_IOU = 0.5
+
+
+def _seen_before(boxes: np.ndarray, seen: list[np.ndarray], win: Window) -> np.ndarray:
+    """Whether each box (slide px) matches a box kept by an earlier window."""
+    if not len(boxes) or not seen:
+        return np.zeros(len(boxes), bool)
+    old = np.concatenate(seen).reshape(-1, 4)
+    old = old[(old[:, 2] > win.x0) & (old[:, 0] < win.x1)]
+    old = old[(old[:, 3] > win.y0) & (old[:, 1] < win.y1)]
+    if not len(old):
+        return np.zeros(len(boxes), bool)
+    a, b = boxes[:, None], old[None]
+    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = iw * ih
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    iou = inter / np.maximum(area_a + area_b - inter, 1e-9)
+    return (iou >= SAME_CELL_IOU).any(axis=1)
 
 
 def _extents(cells: ImageCells, rows: np.ndarray) -> np.ndarray:
@@ -238,6 +285,12 @@ def window_file(name: str, win: Window, suffix: str) -> str:
     return f"{Path(name).stem}_{win.name}{suffix}"
 
 
+# cells a window's ruler must rest on to set its slide's one scale (review: a first window
+# with 3 white cells gave 0.198 where the slide read whole gave 0.181 from 18); a window
+# with fewer is read at its own estimate and the next one is measured
+SLIDE_RULER_CELLS = 10
+
+
 def window_cells(
     detector: Any,
     image: np.ndarray,
@@ -252,7 +305,8 @@ def window_cells(
     ``scale``: the slide's scale once a window measured it; then the window is read at it
     (one detector pass). None: ``measure()`` (:func:`segmentation.autoscale.
     segment_estimated` of the window, returning ``(cells, ScaleChoice)``) reads it, and
-    its scale becomes the slide's when the window showed cells to measure. Measuring
+    its scale becomes the slide's when its ruler rests on at least
+    :data:`SLIDE_RULER_CELLS` cells. Measuring
     every window cost two passes each and gave one slide scales 8 % apart (0.273-0.305
     on the 400 MP test slide).
 
@@ -266,7 +320,7 @@ def window_cells(
         )[0]
     else:
         cells, choice = measure()
-        if choice.estimate.ok:
+        if choice.estimate.ok and choice.estimate.n_cells >= SLIDE_RULER_CELLS:
             scale = float(choice.scale)
     if "input_scale" not in cells.table:
         cells.table.insert(2, "input_scale", float(cells.scale))

@@ -307,7 +307,9 @@ def _run_shard(
     rej_crops, rej_ids = [], []  # examples of rejected cells for rejects.png
     n_truth, n_images, seconds = 0, 0, 0.0
     slide_overlays: set[Path] = set()  # slides whose overlay is drawn
+    slide_noted: set[Path] = set()  # slides whose conversions are in rejects
     slide_kept: dict[Path, int] = {}  # cells kept per slide
+    slide_seen: dict[Path, list] = {}  # per slide: its windows' kept boxes (each cell once)
     # images are read batch_size at a time so that the tiles of small images share
     # detector batches (a large slide spreads over several batches by itself); a whole
     # slide (segmentation.slide_megapixels) is read and segmented window by window
@@ -362,7 +364,8 @@ def _run_shard(
                 log.warning("skipping %s: %s", name, why)
                 rejects.append({"image": name, "action": "skipped", "reason": why})
                 continue
-            if rd.converted and first:
+            if rd.converted and (win is None or path not in slide_noted):
+                slide_noted.add(path)  # a slide's conversions: once, its first window read
                 rejects.append(
                     {"image": name, "action": "converted", "reason": ",".join(rd.converted)}
                 )
@@ -422,7 +425,8 @@ def _run_shard(
                     ov = draw_overlay(cells, min(float(sc.score_threshold), 0.99))
                     ov.save(overlay_dir / window_file(shown, win, ".png"))
                 h, w = slide_hw[path]
-                cells = own_cells(cells, win, h, w, settings.filters.border_margin)
+                seen = slide_seen.setdefault(path, [])  # kept boxes of its windows so far
+                cells = own_cells(cells, win, h, w, settings.filters.border_margin, seen)
             if win is None or path not in slide_kept:  # a slide counts once, as an image
                 n_images += 1
                 if win is not None:

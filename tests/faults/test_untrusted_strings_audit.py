@@ -123,17 +123,17 @@ def test_embed_csvs_keep_formulas_as_text_and_numbers_as_numbers(tmp_path):
 
 def test_stage_figures_draw_a_name_with_dollars_as_written(tmp_path):
     """A class named ``mono$\\frac{$cyte`` made stage=evaluate fail (matplotlib read it as
-    TeX math); every stage now runs with math text off (pipeline.runner.plain_figure_text),
+    TeX math); every stage now runs with math text off (figures.plain_text, in the runner
+    and in each DDP rank),
     and an API user's own figures keep matplotlib's default."""
     import matplotlib
     import numpy as np
 
-    from pipeline.runner import plain_figure_text
     from vae.analysis import figures
 
     name = "mono$\\frac{$cyte"
     panels = {"test": ([name, "lymph"], np.array([[3, 1], [0, 4]]))}
-    with plain_figure_text():
+    with figures.plain_text():
         fig = figures.confusion_panels(panels, "confusion")
         figures.save(fig, tmp_path / "c.png")
         assert matplotlib.rcParams["text.parse_math"] is False

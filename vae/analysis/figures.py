@@ -7,7 +7,8 @@ for TensorBoard.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +16,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+
+@contextmanager
+def plain_text() -> Iterator[None]:
+    """Figures made inside show every name as written: matplotlib reads a class or
+    sample name holding two ``$`` as TeX math (``mono$\\frac{$cyte`` made stage=evaluate
+    fail with ParseSyntaxException; ``$x$`` was drawn as maths). Every stage runs in it
+    (``pipeline.runner``, and each DDP rank); an API user's own plots keep matplotlib's
+    default."""
+    with matplotlib.rc_context({"text.parse_math": False}):
+        yield
 
 
 def to_image(fig) -> np.ndarray:

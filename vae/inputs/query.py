@@ -524,6 +524,7 @@ def segment_smear_folder(
             return
         n_kept = 0
         held = None  # the slide's scale, once a window measured it
+        seen: list = []  # kept boxes of the windows read so far (each cell once)
         with reader:
             h, w = reader.height, reader.width
             wins = slide_windows(h, w, settings.slide_window, settings.slide_overlap)
@@ -549,7 +550,7 @@ def segment_smear_folder(
                     )
                     scales[wp] = float(cells.scale)
                     cells.table.drop(columns="input_scale", inplace=True)  # uns["input_scales"]
-                cells = own_cells(cells, win, h, w, settings.filters.border_margin)
+                cells = own_cells(cells, win, h, w, settings.filters.border_margin, seen)
                 kept = cells.table[cells.table["kept"]].copy()
                 if len(kept):
                     rows.add(*keep(cells.crops.images, cells.crops.masks))
