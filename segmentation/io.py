@@ -397,6 +397,22 @@ class SlideReader:
             self.close()
             raise
 
+    def storage_note(self, window: int) -> str:
+        """A warning when the slide is stored in pieces far larger than a ``window`` px
+        square (one strip for the whole image: review, a 243 MB file decoded whole for
+        each window), else "": each window then decodes those pieces whole."""
+        ax = self.axes
+        chunk = self._z.chunks
+        px = int(chunk[ax.index("Y")]) * int(chunk[ax.index("X")])
+        if px <= 4 * window * window:
+            return ""
+        return (
+            f"{self.path.name} is stored in pieces of {px / 1e6:.1f} MP (strips, not tiles): "
+            f"each {window} px window decodes them whole, so memory and time follow the "
+            f"pieces; save it tiled (vips tiffsave SLIDE slide.tif --tile --bigtiff "
+            f"--compression deflate)"
+        )
+
     @property
     def height(self) -> int:
         return self.layout.height

@@ -349,6 +349,9 @@ def _run_shard(
                         bad_slides.add(path)
                         continue
                     slide_hw[path] = (reader.height, reader.width)
+                    note = reader.storage_note(settings.slide_window)
+                    if note and first:
+                        log.warning("%s", note)
                     if first:
                         log.info(
                             "%s: %dx%d px, read and segmented in %d windows of %d px",

@@ -346,3 +346,16 @@ def test_a_16_bit_slide_has_one_grey_scale_over_its_windows(tmp_path):
     assert left.image[0, 0, 0] == right.image[0, 0, 0] == round(1000 / 4095 * 255)
     assert right.image[0, 0, 2] == round(4000 / 4095 * 255)
     assert "16bit->8bit" in left.converted
+
+
+def test_a_slide_in_one_strip_is_named_as_slow_to_read(tmp_path):
+    """A slide stored as one strip is decoded whole for every window (review: a 243 MB
+    file); the reader says so with the fix, and a tiled one says nothing."""
+    rgb = np.zeros((600, 800, 3), np.uint8)
+    strip = _write(tmp_path / "strip.tif", rgb, rowsperstrip=600, photometric="rgb")
+    tiled = _write(tmp_path / "tiled.tif", rgb, tile=(128, 128), photometric="rgb")
+    with SlideReader(strip) as r:
+        note = r.storage_note(100)
+    assert "stored in pieces of 0.5 MP (strips, not tiles)" in note and "--tile" in note
+    with SlideReader(tiled) as r:
+        assert r.storage_note(100) == ""

@@ -527,6 +527,9 @@ def segment_smear_folder(
         seen: list = []  # kept boxes of the windows read so far (each cell once)
         with reader:
             h, w = reader.height, reader.width
+            note = reader.storage_note(settings.slide_window)
+            if note:
+                log.warning("%s", note)
             wins = slide_windows(h, w, settings.slide_window, settings.slide_overlap)
             log.info("%s: %dx%d px, read in %d windows", item, w, h, len(wins))
             for win in wins:
