@@ -63,7 +63,9 @@ STAGES: dict[str, tuple[str, str, str]] = {
 
 # (setting, what it does); the current value is read from the composed config
 KNOBS: list[tuple[str, str]] = [
-    ("experiment", "run folder: outputs/<experiment>/"),
+    ("experiment", "run folder: <paths.root>/<experiment>/"),
+    # the audit's new user could not tell from --help how to send outputs elsewhere
+    ("paths.root", "where run folders go (relative: to the current folder)"),
     ("overwrite", "replace a finished stage folder"),
     ("resume", "continue an interrupted training stage"),
     ("hardware", "cpu | gpu | multi_gpu (group)"),

@@ -275,9 +275,24 @@ def resolve_input(cfg: DictConfig, name: str) -> Path:
         return shipped
     raise StageInputError(
         f"missing input '{name}': expected {candidates[-1] / rel}, which stage={producer} "
-        f"writes. Run `python -m pipeline stage={producer} experiment={cfg.experiment}` "
+        f"writes. Run `python -m pipeline {rerun_args(cfg, producer)}` "
         f"first, or set paths.inputs.{name}=PATH.{broken}"
     )
+
+
+def rerun_args(cfg: DictConfig, stage_name: str) -> str:
+    """``stage=... experiment=...`` plus the run's own ``paths.root`` and ``variant`` when
+    they are not the defaults: the suggested command writes where this run reads (the
+    terminal audit: with paths.root=/data/runs the advice wrote into ./outputs)."""
+    from pipeline.config import PathsConfig
+
+    args = [f"stage={stage_name}", f"experiment={cfg.experiment}"]
+    root = cfg.paths.get("root")
+    if root is not None and str(root) != PathsConfig.root:
+        args.append(f"paths.root={root}")
+    if cfg.get("variant"):
+        args.append(f"variant={cfg.variant}")
+    return " ".join(args)
 
 
 def _being_written(cfg: DictConfig, producer: str, d: Path, name: str, p: Path) -> str:

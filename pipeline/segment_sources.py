@@ -264,6 +264,7 @@ def _crop_folder(ctx, src, folder, model, ckpt, settings, offset):
     if est_px is not None:
         log.info("segment: %s, %d crops at their estimated scale", src.name, len(free))
     tables, crops, masks, rejects = [], [], [], []
+    measured_scales: list[float] = []
     group = max(1, settings.batch_size)
     for g in bar(range(0, len(files), group), desc=src.name, unit="batch", enabled=ctx.is_main):
         good = []
@@ -299,7 +300,11 @@ def _crop_folder(ctx, src, folder, model, ckpt, settings, offset):
                 medians.get(path.parent) if measured else None,
             )
             if measured:
-                log.info("scale %s: %s", rel, cc.how)
+                # DEBUG: one line per crop flooded the terminal (thousands under
+                # +preset=real; terminal audit, docs/reliability.md); the summary below
+                # says it once, each crop's scale is in cells.h5ad (obs input_scale)
+                log.debug("scale %s: %s", rel, cc.how)
+                measured_scales.append(float(cc.scale))
             if cc.pos is None:
                 rejects.append(
                     {"image": rel, "field": "mask", "action": "no_mask", "reason": cc.reason}
@@ -314,6 +319,16 @@ def _crop_folder(ctx, src, folder, model, ckpt, settings, offset):
             tables.append(row)
             crops.append(cells.crops.images[pos])
             masks.append(cells.crops.masks[pos])
+    if measured_scales:
+        log.info(
+            "segment: %s, scale measured on %d crops: median %.3g (%.3g-%.3g); each crop's in "
+            "cells.h5ad obs input_scale (log_level=DEBUG logs how each was chosen)",
+            src.name,
+            len(measured_scales),
+            float(np.median(measured_scales)),
+            min(measured_scales),
+            max(measured_scales),
+        )
     return tables, crops, masks, rejects, len(files)
 
 

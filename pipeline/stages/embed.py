@@ -512,7 +512,40 @@ def _page_notes(study, path_classes: list[str] | None) -> list[str]:
     return notes
 
 
-MAX_LOGGED_REJECTS = 20  # skipped files named in the log, one line each; all in rejects.csv
+MAX_LOGGED_REJECTS = 20  # reasons logged, one line each; every skipped file is in rejects.csv
+NAMES_PER_REASON = 3  # files a grouped line names as examples
+
+
+def log_read_rejects(setting: str, read_rejects: list[dict]) -> None:
+    """One WARNING line per distinct reason, not per file.
+
+    The terminal audit (docs/reliability.md) found ``embed.smears=DIR`` logging one
+    ``skipped FILE: no cells kept`` line per smear (up to 20): a folder of smears where
+    the detector keeps nothing filled the screen with the same sentence. Files that share
+    a reason are now counted in one line naming a few of them; a reason of one file keeps
+    the old wording. rejects.csv still lists every file.
+    """
+    groups: dict[str, list[str]] = {}
+    for r in read_rejects:
+        groups.setdefault(str(r.get("reason", "")), []).append(str(r.get("item", "?")))
+    for k, (reason, items) in enumerate(groups.items()):
+        if k == MAX_LOGGED_REJECTS:
+            rest = sum(len(v) for v in list(groups.values())[k:])
+            log.warning("%s: %d more skipped (rejects.csv)", setting, rest)
+            break
+        if len(items) == 1:
+            log.warning("%s: skipped %s: %s", setting, items[0], reason)
+            continue
+        names = ", ".join(Path(i).name for i in items[:NAMES_PER_REASON])
+        more = ", ..." if len(items) > NAMES_PER_REASON else ""
+        log.warning(
+            "%s: %d files skipped: %s (%s%s; each in rejects.csv)",
+            setting,
+            len(items),
+            reason,
+            names,
+            more,
+        )
 
 
 def _embed_one(study, cfg, path, kind, setting, block, rejects):
@@ -529,12 +562,7 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects):
         )
         adata = study.read(path, kind, **how) if block is None else block
         read_rejects = list(adata.uns.pop("rejects", []))
-        for r in read_rejects[:MAX_LOGGED_REJECTS]:  # each skipped file, by name
-            log.warning("%s: skipped %s: %s", setting, r.get("item", "?"), r.get("reason", ""))
-        if len(read_rejects) > MAX_LOGGED_REJECTS:
-            log.warning(
-                "%s: %d more skipped (rejects.csv)", setting, len(read_rejects) - MAX_LOGGED_REJECTS
-            )
+        log_read_rejects(setting, read_rejects)
         # every row names its input as the setting that gave it (embed.crops=DIR)
         rejects += [{**r, "input": setting} for r in read_rejects]
         if kind == "expression" and adata.n_vars == 0:

@@ -612,14 +612,9 @@ def segment(ctx: StageContext) -> None:
     ctx.dist.barrier()
     torch.manual_seed(int(ctx.cfg.seed))
     mine = ctx.dist.shard(list(enumerate(images)))
-    log.info(
-        "rank %d: %d of %d images from %s (truth: %s)",
-        ctx.dist.rank,
-        len(mine),
-        len(images),
-        smears,
-        ann or "none",
-    )
+    # "rank 0: 5 of 5 images" in a one-process run was noise (terminal audit)
+    who = f"rank {ctx.dist.rank}: {len(mine)} of " if ctx.dist.distributed else ""
+    log.info("%s%d images from %s (truth: %s)", who, len(images), smears, ann or "none")
     from segmentation.model import load_checkpoint
 
     model, ckpt = load_checkpoint(ctx.input("segmentation_model"), map_location=ctx.dist.device)
@@ -714,9 +709,10 @@ def _write_outputs(
         shutil.copytree(ctx.dir / PARTS / "masks", tmp)
     write_json(ctx.output("summary.json"), summary)
     log.info(
-        "segment: %d images, %d detections, %d cells kept; filters %s",
+        "segment: %d images, %d detections, %d cells kept; dropped: %s",
         counts["images_read"],
         counts["detections"],
         counts["kept"],
-        {k: counts[k] for k in FLAGS},
+        # the filters that dropped any, not a dict of 11 mostly zeros (terminal audit)
+        ", ".join(f"{k} {counts[k]}" for k in FLAGS if counts[k]) or "none",
     )

@@ -499,3 +499,16 @@ def test_failed_resumable_stage_without_checkpoint_is_rerun(tmp_path):
     assert rerun_without_asking("segment_train", "failed", d)  # no model.pt yet
     (d / "model.pt").write_bytes(b"x")
     assert not rerun_without_asking("segment_train", "failed", d)  # resume=true can go on
+
+
+def test_missing_input_advice_writes_where_the_run_reads(tmp_path):
+    """The advice for a missing input names the run's own paths.root and variant: with
+    paths.root=DIR it said `stage=pair experiment=e3`, which writes into ./outputs."""
+    cfg = compose_config(["stage=train", "experiment=e3", f"paths.root={tmp_path}", "variant=b8"])
+    with pytest.raises(StageInputError) as e:
+        runner.resolve_input(cfg, "paired")
+    assert f"`python -m pipeline stage=pair experiment=e3 paths.root={tmp_path} variant=b8`" in str(
+        e.value
+    )
+    plain = compose_config(["stage=train", "experiment=e3"])
+    assert runner.rerun_args(plain, "pair") == "stage=pair experiment=e3"

@@ -681,7 +681,32 @@ def evaluate(
         for name, df in out_files.tables.items():
             tb.add_text(f"evaluate/{name}", markdown_table(df, name), 0)
         tb.close()
-    log.info(
-        "evaluate: %d %s rows, tables %s, %.1fs", rows.size, a.split, out["tables"], out["seconds"]
-    )
+    log.info("%s", summary_line(out, rows.size, a.split))
     return clean_json(out)
+
+
+def summary_line(out: dict, n_rows: int, split: str) -> str:
+    """The stage's last log line: the headline numbers of ``metrics.json``, not its file names.
+
+    The terminal audit (docs/reliability.md) found the old line listed the twelve CSV
+    names and no number, so a researcher had to open ``metrics.json`` to see how the run
+    went. Absent sections (no labels, no pairs) are left out.
+    """
+    parts = [f"evaluate: {n_rows} {split} rows"]
+    ls = out.get("latent_structure") or {}
+    acc = [
+        f"{name} {ls[name]['knn_accuracy']:.3f}"
+        for name in ("joint", "image", "expression")
+        if isinstance(ls.get(name), dict) and ls[name].get("knn_accuracy") is not None
+    ]
+    if acc:
+        parts.append("kNN label accuracy " + ", ".join(acc))
+    r = out.get("retrieval") or {}
+    if r.get("recall_at_10") is not None:
+        parts.append(f"image->expression recall@10 {r['recall_at_10']:.3f} (n {r.get('n', '?')})")
+    au = out.get("active_units") or {}
+    if au.get("n_latent"):
+        parts.append(f"active dims {au['n_active']}/{au['n_latent']}")
+    n_tables = len(out.get("tables", []))
+    parts.append(f"metrics.json + {n_tables} tables, {out.get('seconds', 0):.1f}s")
+    return "; ".join(parts)

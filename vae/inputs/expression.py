@@ -1059,16 +1059,15 @@ def preprocess(
     goi = match_genes(adata.var_names, list(p.genes_of_interest))
     if goi.missing:
         missing["genes_of_interest"] = goi.missing
-    for name, genes in missing.items():
-        log.warning(
-            "%s: %d of the genes of %s not found: %s",
-            src,
-            len(genes),
-            "expression.genes_of_interest"
-            if name == "genes_of_interest"
-            else f"expression.programs.{name}",
-            ", ".join(genes),
-        )
+    if missing:
+        # one line for every list (it was one per program, each repeating the file path:
+        # four lines for Paul15, whose config expects them); stage=expression records
+        # them as missing_genes in qc.json and uns
+        lists = []
+        for name, genes in missing.items():
+            key = "genes_of_interest" if name == "genes_of_interest" else f"programs.{name}"
+            lists.append(f"expression.{key} {len(genes)} ({', '.join(genes)})")
+        log.warning("%s: genes not found (missing_genes): %s", src, "; ".join(lists))
     n_matched = sum(len(g) for g in programs.values())
     if p.programs and n_matched == 0:
         msg = (

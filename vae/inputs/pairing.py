@@ -1116,7 +1116,9 @@ def contact_sheet(adata: ad.AnnData, path: str | Path, per_label: int = 8, seed:
     for r, name in enumerate(names):
         draw.multiline_text((4, r * s + max(2, s // 2 - 12)), name, fill=(0, 0, 0))
     img.save(path, format="PNG")
-    log.info(
+    # DEBUG: the sheet names each row on its left already; at INFO this line repeated
+    # them on the terminal of every pair run (terminal audit, docs/reliability.md)
+    log.debug(
         "contact sheet rows (top to bottom): %s",
         ", ".join(c or "(unlabelled)" for c in classes),
     )
