@@ -265,11 +265,11 @@ def shipped_default(name: str) -> tuple[Path | None, str]:
 
     if SHIPPED_DETECTOR.is_file():
         logging.getLogger(__name__).info(
+            # short: it is the first line of "your own smears" (how the scale is chosen
+            # is the stage's own 'input_scale=' / 'magnification measured' line)
             "segmentation_model: no segment_train run, so the detector shipped with the "
-            "package (%s; by default it measures each image's magnification, with "
-            "segmentation.estimate_scale=false one fixed input_scale: the segment log's "
-            "'input_scale=' or 'magnification measured' line says which); paths.inputs.segmentation_model=PATH or "
-            "stage=segment_train replaces it",
+            "package: %s (paths.inputs.segmentation_model=PATH or stage=segment_train "
+            "replaces it)",
             SHIPPED_DETECTOR,
         )
         return SHIPPED_DETECTOR, ""

@@ -747,6 +747,14 @@ def main(cfg: DictConfig) -> int:
             from segmentation.progress import redirect_logging
 
             with redirect_logging():  # log lines above the progress bars, not through them
+                if len(names) > 1:  # the chain and where it goes, before its first stage
+                    log.info(
+                        "stage=%s: %d stages (%s) -> %s",
+                        cfg.stage.name,
+                        len(names),
+                        ", ".join(names),
+                        run_dir(cfg),
+                    )
                 for k, (name, stage_cfg) in enumerate(plan, 1):
                     if len(names) > 1:
                         log.info("stage %d/%d: %s", k, len(names), name)

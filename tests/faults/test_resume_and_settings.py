@@ -306,3 +306,20 @@ def test_unexpected_error_is_one_line_and_the_traceback_is_in_the_log(tmp_path, 
     # log_level=DEBUG: the traceback is raised to the console
     with pytest.raises(ZeroDivisionError):
         runner.main(cfg_for(root, "evaluate", "log_level=DEBUG", "overwrite=true"))
+
+
+def test_stage_all_says_its_stages_and_folder_first(tmp_path, toy, caplog):
+    """A chain opened with `stage 1/8: simulate` (terminal audit): no list of what runs,
+    nor where it goes; now one line before the first stage."""
+    import logging
+
+    for name in runner.ORDER:
+        toy(name, writes(name))
+    root = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="pipeline.runner"):
+        assert runner.main(cfg_for(root, "all")) == 0
+    first = [r.getMessage() for r in caplog.records if r.name == "pipeline.runner"][0]
+    assert (
+        first
+        == f"stage=all: {len(runner.ORDER)} stages ({', '.join(runner.ORDER)}) -> {root / 't'}"
+    )

@@ -218,15 +218,19 @@ def test_large_image_logs_progress_of_read_resize_and_tiles(tmp_path, monkeypatc
     assert 5 <= len(lines) <= 12  # about every 10 %
 
 
-def test_shipped_detector_line_says_how_the_scale_is_chosen(caplog):
-    """It said 'magnification measured per image' also with estimate_scale=false."""
+def test_shipped_detector_line_is_short_and_claims_no_scale(caplog):
+    """It said 'magnification measured per image' also with estimate_scale=false; then a
+    400-character line opened every "your own smears" run (terminal audit). It names the
+    file and how to replace it; the stage's own line says how the scale is chosen."""
     from pipeline.artifacts import shipped_default
 
     with caplog.at_level(logging.INFO, logger="pipeline.artifacts"):
         path, _ = shipped_default("segmentation_model")
     if path is None:
         pytest.skip("no shipped detector in this install")
-    assert "estimate_scale=false" in caplog.text and "input_scale" in caplog.text
+    line = caplog.records[-1].getMessage()
+    assert str(path) in line and "paths.inputs.segmentation_model=PATH" in line
+    assert "magnification" not in line and len(line) < 180 + len(str(path))  # was 400
 
 
 def test_planar_and_cmyk_tiffs_of_several_series_keep_their_colours(tmp_path):
