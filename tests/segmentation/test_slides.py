@@ -359,3 +359,20 @@ def test_a_slide_in_one_strip_is_named_as_slow_to_read(tmp_path):
     assert "stored in pieces of 0.5 MP (strips, not tiles)" in note and "--tile" in note
     with SlideReader(tiled) as r:
         assert r.storage_note(100) == ""
+
+
+def test_a_slide_in_the_smear_folder_itself_is_a_sample_of_its_own(tmp_path, monkeypatch):
+    """A folder of one slide per patient pooled every patient into the folder's one
+    sample; a slide directly in it is now its own sample (its stem), as a sub-folder of
+    fields is; a field beside it stays the folder's, and a sub-folder's slide its folder's."""
+    from PIL import Image
+
+    from vae.inputs.query import sample_images
+
+    root = tmp_path / "smears"
+    _disc_slide(root / "patient7.tif")
+    _disc_slide(root / "p1" / "deep.tif")
+    Image.fromarray(np.full((64, 64, 3), 220, np.uint8)).save(root / "field.png")
+    got = {p.name: s for s, p in sample_images(root, 0.1)}
+    assert got == {"patient7.tif": "patient7", "field.png": "smears", "deep.tif": "p1"}
+    assert {p.name: s for s, p in sample_images(root)}["patient7.tif"] == "smears"  # crops

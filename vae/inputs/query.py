@@ -166,7 +166,9 @@ class _Progress:
         )
 
 
-def sample_images(folder: str | Path) -> list[tuple[str, Path]]:
+def sample_images(
+    folder: str | Path, slide_megapixels: float | None = None
+) -> list[tuple[str, Path]]:
     """(sample, image path) for images in ``folder`` and below it.
 
     Images directly inside ``folder`` belong to the sample named after the
@@ -176,18 +178,37 @@ def sample_images(folder: str | Path) -> list[tuple[str, Path]]:
     files and folders (names starting with ``.``) are skipped at every depth.
     Folders given as symbolic links are followed (a slide folder linked from
     elsewhere is read), each real folder once (a link back up is not a loop).
+
+    ``slide_megapixels``: a whole slide (a TIFF over this size, read window by window:
+    :func:`segmentation.slides.is_slide`) directly inside ``folder`` is a sample of its
+    own, named by its stem: a slide is a whole smear, as a sub-folder of fields is, and
+    a folder of one slide per patient pooled every patient into one sample. None: no
+    file is a slide (crop folders).
     """
     folder = Path(folder)
     if folder.is_file():
         raise NotADirectoryError(f"{folder}: a file; give the folder that holds the images")
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
-    out = [(folder.name, p) for p in sorted(folder.iterdir()) if _is_image(p)]
+    out = []
+    for p in sorted(folder.iterdir()):
+        if not _is_image(p):
+            continue
+        own = slide_megapixels is not None and _is_slide(p, slide_megapixels)
+        if own:
+            log.info("%s: a whole slide, sample %r of its own", p.name, recorded_name(p.stem))
+        out.append((p.stem if own else folder.name, p))
     subs = sorted(d for d in folder.iterdir() if d.is_dir() and not _hidden(d))
     seen = {os.path.realpath(folder)}
     for sub in subs:
         out += [(sub.name, p) for p in _images_below(sub, seen)]
     return out
+
+
+def _is_slide(p: Path, megapixels: float) -> bool:
+    from segmentation.slides import is_slide
+
+    return is_slide(p, megapixels)
 
 
 def _hidden(p: Path) -> bool:
@@ -421,7 +442,8 @@ def segment_smear_folder(
     frames: list[tuple[int, pd.DataFrame]] = []
     rejects: list[tuple[int, dict]] = []
     scales: dict[str, float] = {}
-    images = sample_images(folder)
+    # a whole slide of the folder itself: a sample of its own (not in a crop folder)
+    images = sample_images(folder, None if centre_cell else settings.slide_megapixels)
     bg = settings.background_value
     pool = estimate_cell_px is not None and scale_spread is not None
     fallback = float(settings.input_scale)
