@@ -792,7 +792,10 @@ def epoch_batches(
     if world_size > 1:
         per = math.ceil(idx.size / world_size)
         if idx.size and per * world_size > idx.size:
-            idx = np.concatenate([idx, idx[: per * world_size - idx.size]])
+            # rows repeated cyclically: idx[:k] could not fill the shards with fewer rows
+            # than half the ranks (1 row, 3 ranks: one rank got no batch and DDP waited
+            # for it for good); the same padding as before wherever it could
+            idx = np.resize(idx, per * world_size)
         idx = idx[rank::world_size]
     out = [idx[i : i + batch_size] for i in range(0, idx.size, batch_size)]
     if drop_last and len(out) > 1 and out[-1].size < batch_size:

@@ -120,3 +120,20 @@ def test_two_processes_score_validation_as_one_does(tmp_path: Path, monkeypatch)
         4,
     )[0]["total"]
     assert abs(twice - _val_loss(one_proc, 13)["total"]) > 10.0
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_training_shards_give_every_rank_batches_whatever_the_rows(world: int):
+    """With fewer training rows than half the ranks, padding by the first rows could not
+    fill the shards (1 row, 3 ranks: a rank without a batch, so DDP waited for it for
+    good); each rank now gets as many batches as the others, and every row is used."""
+    for n in [1, 2, 3, 5, 9]:
+        for bs in [1, 2, 4]:
+            rows = np.arange(n)
+            shards = [
+                epoch_batches(rows, bs, shuffle=True, seed=1, epoch=2, rank=r, world_size=world)
+                for r in range(world)
+            ]
+            assert len({len(s) for s in shards}) == 1 and len(shards[0]) >= 1, (n, bs)
+            used = {int(i) for s in shards for b in s for i in b}
+            assert used == set(range(n)), (n, bs)
