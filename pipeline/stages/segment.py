@@ -354,12 +354,13 @@ def _run_shard(
                         log.warning("%s", note)
                     if first:
                         log.info(
-                            "%s: %dx%d px, read and segmented in %d windows of %d px",
+                            "%s: %dx%d px, read and segmented in %d windows of %dx%d px",
                             name,
                             reader.width,
                             reader.height,
                             win.n,
-                            settings.slide_window,
+                            win.x1 - win.x0,  # fitted to the slide: at most slide_window
+                            win.y1 - win.y0,
                         )
                 rd = reader.read(win.x0, win.y0, win.x1, win.y1, bool(sc.convert_images))
             if not rd.ok:

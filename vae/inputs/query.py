@@ -553,7 +553,8 @@ def segment_smear_folder(
             if note:
                 log.warning("%s", note)
             wins = slide_windows(h, w, settings.slide_window, settings.slide_overlap)
-            log.info("%s: %dx%d px, read in %d windows", item, w, h, len(wins))
+            side = f"{wins[0].x1 - wins[0].x0}x{wins[0].y1 - wins[0].y0}"
+            log.info("%s: %dx%d px, read in %d windows of %s px", item, w, h, len(wins), side)
             for win in wins:
                 rd = reader.read(win.x0, win.y0, win.x1, win.y1)
                 if not rd.ok:
