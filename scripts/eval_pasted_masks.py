@@ -22,7 +22,7 @@ import torch
 
 from segmentation.copy_paste import CopyPaste
 from segmentation.datasets import load_sample, read_mask_pngs, read_voc, to_tensors, with_scale
-from segmentation.engine import _box_iou
+from segmentation.engine import box_iou
 from segmentation.model import load_checkpoint
 
 
@@ -66,7 +66,7 @@ def main() -> None:
                     if not has:
                         continue
                     g = m == 1
-                    iou_b = _box_iou(np.asarray(b)[None], boxes)
+                    iou_b = box_iou(np.asarray(b)[None], boxes)
                     hits += int(iou_b.size > 0 and iou_b.max() >= 0.5)
                     best = max([(g & d).sum() / max(1, (g | d).sum()) for d in masks], default=0.0)
                     ious.append(float(best))

@@ -295,18 +295,18 @@ def predict(
     return out
 
 
-def _box_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def box_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(N, 4) x (M, 4) xyxy -> (N, M) intersection areas."""
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
     return np.clip(rb - lt, 0, None).prod(-1)
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(N, 4) x (M, 4) xyxy -> (N, M) IoU."""
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)))
-    inter = _box_intersection(a, b)
+    inter = box_intersection(a, b)
     area_a = (a[:, 2:] - a[:, :2]).prod(-1)
     area_b = (b[:, 2:] - b[:, :2]).prod(-1)
     return inter / (area_a[:, None] + area_b[None] - inter + 1e-9)
@@ -387,11 +387,11 @@ def evaluate(
         cut = _ann_xyxy([a for a in anns if a.get("iscrowd", 0)])
         keep = p["scores"] >= score_threshold
         dboxes, dmasks = p["boxes"][keep], p["masks"][keep]
-        iou = _box_iou(gboxes, dboxes)
+        iou = box_iou(gboxes, dboxes)
         if len(cut) and len(dboxes):  # a detection of an ignored (cut) cell counts neither way
             hit = iou.max(axis=0) >= 0.5 if iou.size else np.zeros(len(dboxes), bool)
             dboxes = dboxes[hit | (_inside_fraction(dboxes, cut) < 0.5)]
-            iou = _box_iou(gboxes, dboxes)
+            iou = box_iou(gboxes, dboxes)
         n_gt += len(gboxes)
         n_det_thr += len(dboxes)
         if iou.size:
@@ -462,7 +462,7 @@ def _inside_fraction(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
     if len(boxes) == 0 or len(regions) == 0:
         return np.zeros(len(boxes))
     area = np.clip((boxes[:, 2:] - boxes[:, :2]).prod(-1), 1e-9, None)
-    return _box_intersection(boxes, regions).max(axis=1) / area
+    return box_intersection(boxes, regions).max(axis=1) / area
 
 
 def draw_predictions(

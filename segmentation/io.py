@@ -134,8 +134,11 @@ def slide_skip_message(slides: list[Path], limit: int = 8) -> str:
     )
 
 
-def _to_uint8(a: np.ndarray, converted: list[str]) -> np.ndarray:
-    """Rescale any integer/float array to uint8 (16-bit: divide by 257; float: [0, 1])."""
+def _to_uint8(a: np.ndarray, converted: list[str], top: float | None = None) -> np.ndarray:
+    """Rescale any integer/float array to uint8 (16-bit: divide by 257; float: [0, 1]).
+
+    ``top``: the 16-bit value that becomes 255, fixed by the caller (a slide's one range
+    over all its windows, :class:`SlideReader`); None: from the array itself."""
     if a.dtype == np.uint8:
         return a
     if a.dtype == np.bool_:
@@ -143,10 +146,12 @@ def _to_uint8(a: np.ndarray, converted: list[str]) -> np.ndarray:
         return a.astype(np.uint8) * 255
     if np.issubdtype(a.dtype, np.integer):
         info = np.iinfo(a.dtype)
-        if a.dtype in (np.uint16, np.int32, np.int16) and int(a.max(initial=0)) > 255:
+        wide = a.dtype in (np.uint16, np.int32, np.int16)
+        if wide and (top is not None or int(a.max(initial=0)) > 255):
             converted.append("16bit->8bit")
             # full-range 16-bit: 65535 -> 255; keep the relative stain intensities
-            top = 65535.0 if info.max >= 65535 and int(a.max()) > 4095 else float(a.max())
+            if top is None:
+                top = 65535.0 if info.max >= 65535 and int(a.max()) > 4095 else float(a.max())
             return np.clip(a.astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         converted.append(f"{a.dtype}->8bit")
         return np.clip(a, 0, 255).astype(np.uint8)
@@ -469,8 +474,7 @@ class SlideReader:
                     lv = self._tf.series[self.layout.index].levels[-1]
                     sample = lv.asarray()
             self._top = 65535.0 if int(np.max(sample, initial=0)) > 4095 else 4095.0
-        converted.append("16bit->8bit")
-        return np.clip(a.astype(np.float64) / self._top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return _to_uint8(a, converted, self._top)
 
     def close(self) -> None:
         if self._store is not None:

@@ -202,14 +202,9 @@ def _seen_before(boxes: np.ndarray, seen: list[np.ndarray], win: Window) -> np.n
     old = old[(old[:, 3] > win.y0) & (old[:, 1] < win.y1)]
     if not len(old):
         return np.zeros(len(boxes), bool)
-    a, b = boxes[:, None], old[None]
-    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = iw * ih
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    iou = inter / np.maximum(area_a + area_b - inter, 1e-9)
-    return (iou >= SAME_CELL_IOU).any(axis=1)
+    from segmentation.engine import box_iou
+
+    return (box_iou(boxes, old) >= SAME_CELL_IOU).any(axis=1)
 
 
 def _extents(cells: ImageCells, rows: np.ndarray) -> np.ndarray:
@@ -235,25 +230,28 @@ def slide_units(
     """The images of ``items`` (index, path), each TIFF over ``megapixels`` (level 0 of
     the series read) expanded into its windows (:func:`slide_windows`, ``side`` and
     ``overlap`` px); every other image stays whole (window None)."""
-    from segmentation.io import tiff_size
-
     out: list[Unit] = []
     for index, path in items:
-        hw = tiff_size(path)
-        if hw is None or hw[0] * hw[1] <= megapixels * 1e6:
+        hw = slide_size(path, megapixels)
+        if hw is None:
             out.append((index, path, None))
         else:
             out.extend((index, path, w) for w in slide_windows(hw[0], hw[1], side, overlap))
     return out
 
 
-def is_slide(path: Path, megapixels: float) -> bool:
-    """Whether :func:`slide_units` reads ``path`` window by window (a TIFF over
-    ``megapixels``), never whole."""
+def slide_size(path: Path, megapixels: float) -> tuple[int, int] | None:
+    """(height, width) px of ``path`` when it is read window by window (a TIFF over
+    ``megapixels``, level 0 of the series read), else None: it is read whole."""
     from segmentation.io import tiff_size
 
     hw = tiff_size(path)
-    return hw is not None and hw[0] * hw[1] > megapixels * 1e6
+    return hw if hw is not None and hw[0] * hw[1] > megapixels * 1e6 else None
+
+
+def is_slide(path: Path, megapixels: float) -> bool:
+    """Whether :func:`slide_units` reads ``path`` window by window, never whole."""
+    return slide_size(path, megapixels) is not None
 
 
 def unit_groups(units: Sequence[Unit], size: int) -> Iterator[list[Unit]]:

@@ -185,6 +185,8 @@ def sample_images(
     a folder of one slide per patient pooled every patient into one sample. None: no
     file is a slide (crop folders).
     """
+    from segmentation.slides import is_slide  # (cells and the detector: not at import)
+
     folder = Path(folder)
     if folder.is_file():
         raise NotADirectoryError(f"{folder}: a file; give the folder that holds the images")
@@ -194,7 +196,7 @@ def sample_images(
     for p in sorted(folder.iterdir()):
         if not _is_image(p):
             continue
-        own = slide_megapixels is not None and _is_slide(p, slide_megapixels)
+        own = slide_megapixels is not None and is_slide(p, slide_megapixels)
         if own:
             log.info("%s: a whole slide, sample %r of its own", p.name, recorded_name(p.stem))
         out.append((p.stem if own else folder.name, p))
@@ -203,12 +205,6 @@ def sample_images(
     for sub in subs:
         out += [(sub.name, p) for p in _images_below(sub, seen)]
     return out
-
-
-def _is_slide(p: Path, megapixels: float) -> bool:
-    from segmentation.slides import is_slide
-
-    return is_slide(p, megapixels)
 
 
 def _hidden(p: Path) -> bool:
@@ -449,8 +445,12 @@ def segment_smear_folder(
     fallback = float(settings.input_scale)
     pooled: dict = {}
     folder_scale: dict = {}
+    # read window by window, each header read once (a crop folder holds no slide)
+    slides = (
+        set() if centre_cell else {p for _, p in images if is_slide(p, settings.slide_megapixels)}
+    )
     if pool and not centre_cell:  # (a whole slide is measured window by window, as read)
-        whole = [p for _, p in images if not is_slide(p, settings.slide_megapixels)]
+        whole = [p for _, p in images if p not in slides]
         pooled = pooled_estimates(whole, estimate_cell_px, fallback, float(scale_spread))
     twins = stem_twins(p for _, p in images)
     side = model_crops.size if model_crops is not None else settings.crop_size
@@ -594,7 +594,7 @@ def segment_smear_folder(
         # every string of this image in obs, uns and rejects: valid UTF-8 (recorded_name)
         _note_undecodable(p)
         name, item = recorded_name(p.name), recorded_name(p)
-        if not centre_cell and is_slide(p, settings.slide_megapixels):
+        if p in slides:
             detect_slide(i, sample, p, name, item)
             continue
         rd = read_rgb(p)
