@@ -15,6 +15,7 @@ import logging
 import pickle
 import shutil
 import time
+from dataclasses import dataclass, field
 from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
@@ -286,6 +287,24 @@ def make_detector(ctx: StageContext, model: torch.nn.Module) -> MaskRCNNDetector
     return MaskRCNNDetector(model, ctx.dist.device, autocast=ctx.dist.autocast, **kw)
 
 
+@dataclass
+class _Slide:
+    """One slide read window by window in this process: a slide never spans ranks
+    (images are sharded whole) and its windows come one after another."""
+
+    reader: SlideReader | None  # None: the file could not be opened (said once)
+    counted: bool = False  # counted as one image read, at its first window read
+    kept: int = 0  # cells kept over its windows (none at the end: one no_cells row)
+    seen: list = field(default_factory=list)  # its windows' kept boxes (own_cells)
+    scale: float | None = None  # its one magnification, once a window measured it
+    noted: bool = False  # its conversions are in the rejects
+    overlay: bool = False  # its overlay is drawn
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+
 def _run_shard(
     ctx: StageContext,
     items: list[tuple[int, Path]],
@@ -306,20 +325,14 @@ def _run_shard(
     tables, crops, masks, rejects = [], [], [], []
     rej_crops, rej_ids = [], []  # examples of rejected cells for rejects.png
     n_truth, n_images, seconds = 0, 0, 0.0
-    slide_overlays: set[Path] = set()  # slides whose overlay is drawn
-    slide_noted: set[Path] = set()  # slides whose conversions are in rejects
-    slide_kept: dict[Path, int] = {}  # cells kept per slide
-    slide_seen: dict[Path, list] = {}  # per slide: its windows' kept boxes (each cell once)
+    slides: dict[Path, _Slide] = {}  # the slides read window by window so far
+    current: _Slide | None = None  # the one whose windows are being read (reader open)
     # images are read batch_size at a time so that the tiles of small images share
     # detector batches (a large slide spreads over several batches by itself); a whole
     # slide (segmentation.slide_megapixels) is read and segmented window by window
     units = slide_units(
         items, settings.slide_megapixels, settings.slide_window, settings.slide_overlap
     )
-    slide_hw: dict[Path, tuple[int, int]] = {}
-    slide_scale: dict[Path, float | None] = {}  # one magnification per slide, once measured
-    reader: SlideReader | None = None
-    bad_slides: set[Path] = set()
     pbar = bar(desc=desc, total=len(units), unit="img", enabled=ctx.is_main)
     for chunk in unit_groups(units, max(1, settings.batch_size)):
         good = []  # (index, path, image, truth, window)
@@ -334,42 +347,42 @@ def _run_shard(
             if win is None:
                 rd = read_rgb(path, convert=bool(sc.convert_images))
             else:
-                if path in bad_slides:
-                    continue
-                if reader is None or reader.path != path:
-                    if reader is not None:
-                        reader.close()
-                        reader = None
+                if path not in slides:  # its first window: the reader of the last slide closes
+                    if current is not None:
+                        current.close()
                     try:
-                        reader = SlideReader(path)
+                        current = slides[path] = _Slide(SlideReader(path))
                     except Exception as e:  # noqa: BLE001 - a damaged file: this slide only
                         why = f"unreadable slide: {error_line(e, 160)}"
                         log.warning("skipping %s: %s", name, why)
                         rejects.append({"image": name, "action": "skipped", "reason": why})
-                        bad_slides.add(path)
+                        current = slides[path] = _Slide(None)
                         continue
-                    slide_hw[path] = (reader.height, reader.width)
+                    reader = current.reader
                     note = reader.storage_note(settings.slide_window)
-                    if note and first:
+                    if note:
                         log.warning("%s", note)
-                    if first:
-                        log.info(
-                            "%s: %dx%d px, read and segmented in %d windows of %dx%d px",
-                            name,
-                            reader.width,
-                            reader.height,
-                            win.n,
-                            win.x1 - win.x0,  # fitted to the slide: at most slide_window
-                            win.y1 - win.y0,
-                        )
+                    log.info(
+                        "%s: %dx%d px, read and segmented in %d windows of %dx%d px",
+                        name,
+                        reader.width,
+                        reader.height,
+                        win.n,
+                        win.x1 - win.x0,  # fitted to the slide: at most slide_window
+                        win.y1 - win.y0,
+                    )
+                reader = slides[path].reader
+                if reader is None:  # the slide could not be opened (said once)
+                    continue
                 rd = reader.read(win.x0, win.y0, win.x1, win.y1, bool(sc.convert_images))
             if not rd.ok:
                 why = rd.reason if win is None else f"window {win.name}: {rd.reason}"
                 log.warning("skipping %s: %s", name, why)
                 rejects.append({"image": name, "action": "skipped", "reason": why})
                 continue
-            if rd.converted and (win is None or path not in slide_noted):
-                slide_noted.add(path)  # a slide's conversions: once, its first window read
+            if rd.converted and (win is None or not slides[path].noted):
+                if win is not None:  # a slide's conversions: once, its first window read
+                    slides[path].noted = True
                 rejects.append(
                     {"image": name, "action": "converted", "reason": ",".join(rd.converted)}
                 )
@@ -403,13 +416,13 @@ def _run_shard(
                             detector, im, p, settings, None, sc, ckpt, None, window_prefix(p, w)
                         )
 
-                    cells, slide_scale[p] = window_cells(
+                    cells, slides[p].scale = window_cells(
                         detector,
                         im,
                         recorded_name(p.name),
                         window_prefix(p, w),
                         settings,
-                        slide_scale.get(p),
+                        slides[p].scale,
                         measure,
                     )
                 results.append(cells)
@@ -417,24 +430,20 @@ def _run_shard(
         pbar.update(len(good))
         for (index, path, _, it, win), cells in zip(good, results):
             shown = overlay_name(path)  # the masks/ TIFF is named as the overlay
-            if win is not None:
-                if (
-                    index < overlay_below
-                    and path not in slide_overlays
-                    and cells.table["kept"].any()
-                ):
+            st = slides.get(path) if win is not None else None
+            if st is not None:
+                if index < overlay_below and not st.overlay and cells.table["kept"].any():
                     # a slide's overlay: its first window that holds a cell (each window's
                     # cost 3-5 s, a third of the window's time on the 400 MP slide)
-                    slide_overlays.add(path)
+                    st.overlay = True
                     ov = draw_overlay(cells, min(float(sc.score_threshold), 0.99))
                     ov.save(overlay_dir / window_file(shown, win, ".png"))
-                h, w = slide_hw[path]
-                seen = slide_seen.setdefault(path, [])  # kept boxes of its windows so far
-                cells = own_cells(cells, win, h, w, settings.filters.border_margin, seen)
-            if win is None or path not in slide_kept:  # a slide counts once, as an image
+                h, w = st.reader.height, st.reader.width
+                cells = own_cells(cells, win, h, w, settings.filters.border_margin, st.seen)
+            if st is None or not st.counted:  # a slide counts once, as an image
                 n_images += 1
-                if win is not None:
-                    slide_kept[path] = 0
+                if st is not None:
+                    st.counted = True
             if it is not None:
                 n_truth += cells.n_truth or 0
             tab = cells.table
@@ -448,8 +457,8 @@ def _run_shard(
             if cells.reject_crops is not None and len(rej_ids) < int(sc.n_reject_examples):
                 rej_crops.append(cells.reject_crops)
                 rej_ids += cells.reject_ids
-            if win is not None:  # a slide's windows: one no_cells row per slide, at the end
-                slide_kept[path] += int(tab["kept"].sum())
+            if st is not None:  # a slide's windows: one no_cells row per slide, at the end
+                st.kept += int(tab["kept"].sum())
                 if len(cells.crops.images) and mask_dir is not None:
                     tif = window_file(shown, win, ".tif")
                     write_label_image(mask_dir / tif, cells.label_image())
@@ -477,10 +486,10 @@ def _run_shard(
                 tif = Path(shown).with_suffix(".tif").name
                 write_label_image(mask_dir / tif, cells.label_image())
     pbar.close()
-    if reader is not None:
-        reader.close()
-    for path, n in slide_kept.items():
-        if not n:
+    if current is not None:
+        current.close()
+    for path, st in slides.items():
+        if st.counted and not st.kept:
             rejects.append(
                 {
                     "image": recorded_name(path.name),
@@ -521,7 +530,7 @@ def pooled_scales(
 
 def _estimated(
     detector, image, path, settings, truth, sc, ckpt, pooled=None, id_prefix=None
-) -> ImageCells:
+) -> tuple[ImageCells, Any]:
     from segmentation.autoscale import segment_estimated
 
     r, px = refine_settings(sc, ckpt), sc.cell_px
