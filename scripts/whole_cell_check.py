@@ -36,12 +36,13 @@ import numpy as np
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(N, 4) x (M, 4) xyxy -> (N, M) IoU and (N, M) share of each ``b`` box covered
     (the evaluation's own box geometry, ``segmentation.engine``)."""
-    from segmentation.engine import box_intersection, box_iou
+    from segmentation.engine import box_intersection
+    from segmentation.engine import box_iou as iou_of
 
     if not len(a) or not len(b):
         return np.zeros((len(a), len(b))), np.zeros((len(a), len(b)))
     area_b = (b[:, 2:] - b[:, :2]).prod(-1)
-    return box_iou(a, b), box_intersection(a, b) / area_b[None]
+    return iou_of(a, b), box_intersection(a, b) / area_b[None]
 
 
 def score_image(kept: np.ndarray, truth: np.ndarray) -> dict[str, list]:
