@@ -186,15 +186,39 @@ _UPRIGHT = {
 }
 
 
-def _exif_upright(path: Path, a: np.ndarray, converted: list[str]) -> np.ndarray:
+def _stored_region(
+    o: int, height: int, width: int, x0: int, y0: int, x1: int, y1: int
+) -> tuple[int, int, int, int]:
+    """The stored pixels (x0, y0, x1, y1) that orientation ``o`` (:data:`_UPRIGHT`) turns
+    into the upright region ``[y0, y1) x [x0, x1)`` of an image stored ``height`` x
+    ``width`` px: the stored region, turned the same way, is that upright region."""
+    h, w = height, width
+    return {
+        2: (w - x1, y0, w - x0, y1),
+        3: (w - x1, h - y1, w - x0, h - y0),
+        4: (x0, h - y1, x1, h - y0),
+        5: (y0, x0, y1, x1),
+        6: (y0, h - x1, y1, h - x0),
+        7: (w - y1, h - x1, w - y0, h - x0),
+        8: (w - y1, x0, w - y0, x1),
+    }.get(o, (x0, y0, x1, y1))
+
+
+def _exif_upright(
+    path: Path, a: np.ndarray, converted: list[str], orientation: int | None = None
+) -> np.ndarray:
     """``a`` turned as the file's EXIF orientation says (a phone or camera JPEG stores
     its pixels in the sensor's frame and the turn in a tag: read without it, a cell is
-    seen on its side); unchanged without the tag, or when it cannot be read."""
-    try:
-        with Image.open(path) as im:
-            o = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
-    except Exception:  # noqa: BLE001 - no readable tag: as stored
-        return a
+    seen on its side); unchanged without the tag, or when it cannot be read.
+    ``orientation``: the tag as already read (a TIFF's, from the series read:
+    :class:`TiffLayout`), so a slide read whole and window by window turn alike."""
+    o = orientation
+    if o is None:
+        try:
+            with Image.open(path) as im:
+                o = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+        except Exception:  # noqa: BLE001 - no readable tag: as stored
+            return a
     turn = _UPRIGHT.get(o)
     if turn is None or a.ndim < 2:
         return a
@@ -210,11 +234,12 @@ class TiffLayout:
 
     index: int
     n_series: int
-    width: int
+    width: int  # upright, as the image is read (``orientation`` applied)
     height: int
     levels: int
     compression: int
     others: list[str]  # the other series, "WxH" each
+    orientation: int = 1  # its level 0's TIFF orientation tag (274; 1: as stored)
 
     def note(self) -> str:
         """The ``converted`` note of a file with several series: which one was read."""
@@ -238,15 +263,19 @@ def _tiff_layout(path: Path) -> TiffLayout | None:
                 ax, shp = lv.axes, lv.shape
                 h = int(shp[ax.index("Y")]) if "Y" in ax else 0
                 w = int(shp[ax.index("X")]) if "X" in ax else 0
-                sizes.append((w, h, len(s.levels), int(lv.keyframe.compression)))
+                tag = lv.keyframe.tags.get(EXIF_ORIENTATION)
+                o = int(tag.value) if tag is not None else 1
+                if o in (5, 6, 7, 8):  # stored on its side: upright, width and height swap
+                    w, h = h, w
+                sizes.append((w, h, len(s.levels), int(lv.keyframe.compression), o))
     except Exception:  # noqa: BLE001 - not a TIFF, or a broken one
         return None
     if not sizes:
         return None
     k = max(range(len(sizes)), key=lambda i: (sizes[i][0] * sizes[i][1], -i))
-    w, h, levels, comp = sizes[k]
-    others = [f"{a}x{b}" for i, (a, b, _, _) in enumerate(sizes) if i != k]
-    return TiffLayout(k, len(sizes), w, h, levels, comp, others)
+    w, h, levels, comp, o = sizes[k]
+    others = [f"{a}x{b}" for i, (a, b, *_) in enumerate(sizes) if i != k]
+    return TiffLayout(k, len(sizes), w, h, levels, comp, others, o if o in _UPRIGHT else 1)
 
 
 def tiff_size(path: str | Path) -> tuple[int, int] | None:
@@ -430,14 +459,22 @@ class SlideReader:
         self, x0: int, y0: int, x1: int, y1: int, convert: bool = True, background: int = 255
     ) -> ImageRead:
         """Slide px ``[y0, y1) x [x0, x1)`` as (y1 - y0, x1 - x0, 3) uint8 RGB, or the
-        reason it cannot be read (a damaged tile: this region only, never a raise)."""
+        reason it cannot be read (a damaged tile: this region only, never a raise).
+        Slide px are upright, as :func:`read_rgb` turns the whole image (the TIFF's
+        orientation tag): the stored region is read and turned."""
         converted: list[str] = []
         index: list[Any] = []
         kept = ""
-        for k, name in enumerate(self.axes):
+        o = self.layout.orientation
+        ax = self.axes
+        sx0, sy0, sx1, sy1 = _stored_region(
+            o, int(self._z.shape[ax.index("Y")]), int(self._z.shape[ax.index("X")]),
+            x0, y0, x1, y1,
+        )  # fmt: skip
+        for k, name in enumerate(ax):
             n = int(self._z.shape[k])
             if name in "YX":
-                index.append(slice(y0, y1) if name == "Y" else slice(x0, x1))
+                index.append(slice(sy0, sy1) if name == "Y" else slice(sx0, sx1))
             elif name == "S" or (name == "C" and n in (2, 3, 4)):
                 index.append(slice(None))
             else:  # a stack's other pages (Z, T, ...) are not read: its first, noted
@@ -457,6 +494,9 @@ class SlideReader:
                 self.path, None, [], f"{where}: {why or 'unreadable: ' + error_line(e, 160)}"
             )
         a = _channels_last(a, kept, self._cmyk, converted)
+        if o in _UPRIGHT:
+            a = np.ascontiguousarray(_UPRIGHT[o](a))
+            converted.append(f"exif orientation {o}")
         if a.dtype in (np.uint16, np.int16, np.int32) and convert:
             a = self._to_8bit(a, converted)
         return _as_rgb(self.path, a, converted, convert, 1, background)
@@ -590,7 +630,7 @@ def read_rgb(
             a.shape[0] * a.shape[1] / 1e6,
             time.perf_counter() - t0,
         )
-    a = _exif_upright(path, a, converted)
+    a = _exif_upright(path, a, converted, None if layout is None else layout.orientation)
     return _as_rgb(path, a, converted, convert, min_side, background)
 
 

@@ -102,6 +102,33 @@ def test_slide_reader_regions_equal_the_image_read_whole(tmp_path, kind):
             assert "first page of 2" in rd.converted
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_turned_slide_reads_upright_in_windows_as_whole(tmp_path, orientation):
+    """A TIFF whose orientation tag says its pixels are stored turned (5-8: on its side)
+    is read upright window by window, as read_rgb turns it read whole; before, windows
+    read the stored frame: a slide on its side was planned, cut and segmented sideways,
+    its boxes in another frame than a smaller copy of it read whole."""
+    import tifffile
+
+    from segmentation.io import read_rgb
+
+    rng = np.random.default_rng(2)
+    stored = rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)
+    p = tmp_path / "turned.tif"
+    tag = [(274, 3, 1, orientation, True)]
+    tifffile.imwrite(p, stored, tile=(64, 64), bigtiff=True, extratags=tag)
+    whole = read_rgb(p).image
+    upright = (200, 300) if orientation >= 5 else (300, 200)
+    assert whole.shape[:2] == upright and tiff_size(p) == upright
+    with SlideReader(p) as r:
+        assert (r.height, r.width) == upright
+        h, w = upright
+        for x0, y0, x1, y1 in [(0, 0, w, h), (10, 20, 110, 77), (w - 33, h - 41, w, h)]:
+            rd = r.read(x0, y0, x1, y1)
+            assert rd.ok, rd.reason
+            np.testing.assert_array_equal(rd.image, whole[y0:y1, x0:x1])
+
+
 def test_a_damaged_tile_rejects_its_region_only(tmp_path):
     """A slide whose last tiles are cut off: the regions over them say why; the others
     read; nothing raises."""
