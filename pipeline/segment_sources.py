@@ -334,6 +334,7 @@ def _crop_folder(ctx, src, folder, model, ckpt, settings, offset):
 
 def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
     """Run the detector on every ``data.segment_sources`` entry; write the segment outputs."""
+    from pipeline.stages.segment import overlay_name
     from segmentation.model import load_checkpoint
 
     if not ctx.is_main:
@@ -350,6 +351,7 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
     reject_parts: list[dict] = []
     reject_tables: list[pd.DataFrame] = []
     per_source: dict[str, dict[str, Any]] = {}
+    qupath_names: dict[tuple[str, str], str] = {}  # (source, image) -> qupath/ file
     offset = 0
     started = time.perf_counter()
     for k, src in enumerate(cfg.data.segment_sources):
@@ -361,6 +363,10 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
                 ctx, src, folder, model, ckpt, settings, offset, overlays, mask_root / src.name
             )
             table, kept, crops, masks = merge_parts(parts, settings.crop_size, False)
+            # each image's QuPath objects beside its label TIFF: <source>/<overlay stem>
+            for p in list_images(folder):
+                shown = overlay_name(p)[: -len(".png")]
+                qupath_names[(src.name, recorded_name(p.name))] = f"{src.name}/{shown}"
             reject_parts += parts
             reject_tables.append(table)
             n_per_image = kept.groupby("image").size().to_dict()
@@ -420,7 +426,16 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
         offset += n
     seconds = time.perf_counter() - started
     _write(
-        ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects, per_source, seconds
+        ctx,
+        settings,
+        kept_frames,
+        crop_arrays,
+        mask_arrays,
+        tables,
+        rejects,
+        per_source,
+        seconds,
+        qupath_names,
     )
     with ctx.atomic("rejects.png") as tmp:  # a few rejected smear cells, each with why
         table = pd.concat(reject_tables, ignore_index=True) if reject_tables else empty_table(False)
@@ -432,7 +447,16 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
 
 
 def _write(
-    ctx, settings, kept_frames, crop_arrays, mask_arrays, tables, rejects, per_source, seconds
+    ctx,
+    settings,
+    kept_frames,
+    crop_arrays,
+    mask_arrays,
+    tables,
+    rejects,
+    per_source,
+    seconds,
+    qupath_names=None,
 ):
     sc = ctx.cfg.segmentation
     if kept_frames:
@@ -487,6 +511,13 @@ def _write(
         shutil.copytree(ctx.dir / ".overlays", tmp)
     with ctx.atomic("masks") as tmp:
         shutil.copytree(ctx.dir / ".masks", tmp)
+    if qupath_names is not None:  # the smear sources' cells (a crop folder has no slide)
+        from pipeline.stages.segment import write_qupath
+
+        on_smears = (adata.obs["mode"] == "smears").to_numpy()
+        sub = adata[on_smears]
+        names = [qupath_names[(s_, im)] for s_, im in zip(sub.obs["source"], sub.obs["image"])]
+        log.info("%s", write_qupath(ctx, sub.obs, sub.obsm["masks"], names, classification="label"))
     write_json(
         ctx.output("summary.json"),
         {

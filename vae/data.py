@@ -343,12 +343,18 @@ def _from_parts(adata, source: str, crops, masks, sparse: bool) -> PairedTensors
 
 
 def _resize(crops: torch.Tensor, masks: torch.Tensor, size: int, chunk: int = 512):
+    """(N, 3, S, S) uint8 crops and (N, 1, S, S) masks at ``size`` (area average).
+
+    A mask pixel is the cell where at least half its area is: the mask stays on the
+    resized crop. Torch's ``nearest`` sampled each output pixel's top-left source pixel,
+    which moved a downsized mask (1 - 1/f) / 2 px right and down of its crop (0.44 px at
+    8x; a cell's outline put back on its smear from a 16 px mask missed by 3.5 source px)."""
     out_c, out_m = [], []
     for i in range(0, crops.shape[0], chunk):
         c = crops[i : i + chunk].float()
         out_c.append(F.interpolate(c, size=(size, size), mode="area").round().clamp(0, 255).byte())
         m = masks[i : i + chunk].float()
-        out_m.append(F.interpolate(m, size=(size, size), mode="nearest").byte())
+        out_m.append((F.interpolate(m, size=(size, size), mode="area") >= 0.5).byte())
     return torch.cat(out_c), torch.cat(out_m)
 
 

@@ -432,8 +432,9 @@ def run_embed(ctx: StageContext) -> None:
             "genes": genes,
         },
     )
-    _query_obs_for_writing(out, study.labels)
     starts = np.cumsum([0, *sizes])
+    _write_qupath(ctx, out.obs, images["masks"], starts, study.labels)
+    _query_obs_for_writing(out, study.labels)
     blocks = {
         k: [(int(b), a) for b, a in zip(starts, arrays) if a is not None]
         for k, arrays in images.items()
@@ -449,6 +450,68 @@ def run_embed(ctx: StageContext) -> None:
             if b:
                 add_obsm_rows(tmp, key, out.n_obs, b, compression="gzip")
     log.info("embed: %d cells, %d samples, %d rejects", out.n_obs, len(prof), len(rejects))
+
+
+# what each cell carries into QuPath's measurement table (query.h5ad's columns)
+QUPATH_MEASUREMENTS = (
+    "vae_label_confidence",
+    "vae_maturation",
+    "anomaly_score",
+    "score",
+    "area",
+    "cell_diameter",
+)
+
+
+def qupath_file_names(obs: pd.DataFrame) -> list[str]:
+    """Each smear cell's ``qupath/`` file: ``<sample>/<image stem>`` (``<stem>_<ext>``
+    where two images of a sample share a stem), so a slide's objects are found beside
+    the patient they belong to and imported into the image of that name."""
+    from pipeline.stages.segment import short_stem
+
+    def safe(text: str) -> str:
+        return short_stem(str(text).replace("/", "_").replace("\\", "_")) or "_"
+
+    pairs = list(zip(obs["vae_sample"].astype(str), obs["image"].astype(str)))
+    stems: dict[tuple[str, str], set[str]] = {}
+    for sample, image in set(pairs):
+        stems.setdefault((sample, Path(image).stem), set()).add(image)
+    names = {}
+    for sample, image in set(pairs):
+        p = Path(image)
+        twin = len(stems[(sample, p.stem)]) > 1
+        stem = f"{p.stem}_{p.suffix[1:].lower()}" if twin else p.stem
+        names[(sample, image)] = f"{safe(sample)}/{safe(stem)}"
+    return [names[k] for k in pairs]
+
+
+def _write_qupath(ctx: StageContext, obs, masks: list, starts, classes: list[str]) -> None:
+    """``qupath/``: the smear cells' outlines with their calls, for review on the slide
+    in QuPath (segment's ``write_qupath``); crops and expression rows have no slide."""
+    from pipeline.stages.segment import write_qupath
+    from vae.api import UNCLASSIFIED
+
+    on_smears = [
+        k
+        for k, m in enumerate(masks)
+        if m is not None and (obs["vae_input"].iloc[starts[k] : starts[k + 1]] == "smears").all()
+    ]
+    if not on_smears:
+        return
+    sub = obs.iloc[np.concatenate([np.arange(starts[k], starts[k + 1]) for k in on_smears])]
+    if not all(c in sub for c in ("crop_x0", "crop_y0", "crop_side", "image")):
+        return  # no crop geometry (the detector of this run always records it)
+    m = np.concatenate([masks[k] for k in on_smears])
+    said = write_qupath(
+        ctx,
+        sub,
+        m,
+        qupath_file_names(sub),
+        classification="vae_call",
+        measurements=QUPATH_MEASUREMENTS,
+        classes=[*classes, UNCLASSIFIED],
+    )
+    log.info("%s", said)
 
 
 def _query_obs_for_writing(out, classes: list[str]) -> None:

@@ -666,8 +666,51 @@ def segment(ctx: StageContext) -> None:
                 all_parts.append(pickle.load(f))
     else:
         all_parts = [part]
-    _write_outputs(ctx, all_parts, settings, smears, ann, len(images), est is not None)
+    # each image's objects for QuPath, named as its overlay and label TIFF
+    names = [overlay_name(p)[: -len(".png")] for p in images]
+    _write_outputs(ctx, all_parts, settings, smears, ann, len(images), est is not None, names)
     shutil.rmtree(parts, ignore_errors=True)
+
+
+# the numbers each cell carries into QuPath's measurement table (cells.h5ad's columns)
+QUPATH_MEASUREMENTS = ("score", "area", "cell_diameter", "edge_weight", "input_scale")
+
+
+def write_qupath(
+    ctx: StageContext,
+    obs: Any,
+    masks: np.ndarray,
+    file_names: list[str],
+    classification: str | None = None,
+    measurements: tuple[str, ...] = QUPATH_MEASUREMENTS,
+    classes: list[str] | None = None,
+) -> str:
+    """``qupath/<image>.geojson``: each cell's outline and numbers on its image
+    (segmentation.qupath), for review in QuPath; no cell, no file. ``classification``:
+    the column named as each cell's class, coloured as in the study's figures
+    (``classes``: every class, so each keeps its colour; default: those present).
+    Returns the line the stage logs."""
+    from segmentation.qupath import write_image_files
+
+    colours = None
+    if classification is not None and classification in obs:
+        from vae.analysis.palette import label_colours
+
+        colours = label_colours(classes or obs[classification].astype(str))
+    with ctx.atomic("qupath") as tmp:
+        tmp.mkdir()
+        n, skipped = write_image_files(
+            tmp,
+            obs,
+            masks,
+            file_names,
+            classification=classification,
+            colours=colours,
+            measurements=measurements,
+        )
+    without = f" ({skipped} cells without an outline left out)" if skipped else ""
+    files = "file" if n == 1 else "files"
+    return f"qupath/: {n} GeoJSON {files} of cell outlines, one per image{without}"
 
 
 def _write_outputs(
@@ -678,6 +721,7 @@ def _write_outputs(
     ann: Path | None,
     n_listed: int,
     estimated: bool = False,
+    file_names: list[str] | None = None,
 ) -> None:
     sc = ctx.cfg.segmentation
     table, kept, crops, masks = merge_parts(parts, settings.crop_size, ann is not None)
@@ -717,6 +761,9 @@ def _write_outputs(
         shutil.copytree(ctx.dir / PARTS / "overlays", tmp)
     with ctx.atomic("masks") as tmp:
         shutil.copytree(ctx.dir / PARTS / "masks", tmp)
+    if file_names is not None:
+        names = [file_names[int(i)] for i in adata.obs["image_index"]]
+        log.info("%s", write_qupath(ctx, adata.obs, adata.obsm["masks"], names))
     write_json(ctx.output("summary.json"), summary)
     log.info(
         "segment: %d images, %d detections, %d cells kept; dropped: %s",

@@ -1384,3 +1384,54 @@ def test_the_study_folders_embed_locks_are_those_study_load_reads(tmp_path: Path
         "embed.study's train run": exp / "train",  # no train/wide beside the model file
         "embed.study's detector": exp / "segment_train",
     }
+
+
+def test_smear_cells_go_to_qupath_with_their_calls(study: Path, tmp_path: Path, monkeypatch):
+    """qupath/<sample>/<image>.geojson: each smear cell's outline on its image with the
+    call, its colour and the maturation position; crops (no slide) get no file."""
+    import json
+
+    import segmentation.inference
+    from segmentation.model import build_maskrcnn, save_checkpoint
+    from tests.segmentation.test_seg_infer import _Blobs, disc
+
+    monkeypatch.setattr(segmentation.inference, "MaskRCNNDetector", lambda *a, **k: _Blobs())
+    args = {"arch": "resnet18_fpn", "min_size": 128, "max_size": 128, **LIGHT_HEADS}
+    save_checkpoint(tmp_path / "det.pt", build_maskrcnn(**args), args)
+    for sample, n in (("s1", 1), ("s2", 2)):
+        (tmp_path / "smears" / sample).mkdir(parents=True)
+        img = np.full((160, 200, 3), (230, 200, 200), np.uint8)
+        for k in range(n):
+            img[disc(160, 200, 50 + 60 * k, 70 + 60 * k, 14)] = (120, 60, 160)
+        Image.fromarray(img).save(tmp_path / "smears" / sample / "field.png")
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    _write_crops(tmp_path / "crops", paired, {"pat1": [0, 1]}, 16)
+    d = _embed(
+        study,
+        "qp",
+        f"embed.smears={tmp_path / 'smears'}",
+        f"embed.crops={tmp_path / 'crops'}",
+        "embed.crop_masks=whole",
+        f"paths.inputs.segmentation_model={tmp_path / 'det.pt'}",
+        "segmentation.estimate_scale=false",
+        "segmentation.input_scale=1.0",
+        "segmentation.border_margin=2",
+    )
+    q = ad.read_h5ad(d / "query.h5ad")
+    smear = q.obs[q.obs["vae_input"] == "smears"]
+    assert len(smear) == 3
+    files = sorted(p.relative_to(d / "qupath").as_posix() for p in (d / "qupath").rglob("*"))
+    assert files == ["s1", "s1/field.geojson", "s2", "s2/field.geojson"]
+    feats = json.loads((d / "qupath" / "s2" / "field.geojson").read_text())["features"]
+    assert len(feats) == 2
+    for f in feats:
+        row = smear.loc[f["properties"]["name"]]
+        assert f["properties"]["classification"]["name"] == str(row["vae_call"])
+        assert len(f["properties"]["classification"]["color"]) == 3
+        got = f["properties"]["measurements"]["vae_maturation"]
+        assert got == pytest.approx(float(row["vae_maturation"]))
+        ring = np.array(f["geometry"]["coordinates"][0])
+        # on its disc, in image px (the 16 px model mask of a 128 px crop: 8 px a pixel;
+        # torch's nearest resize had moved it 3.5 px right and down: 5 px off)
+        cx, cy = ring[:, 0].mean(), ring[:, 1].mean()
+        assert min(np.hypot(cx - (70 + 60 * k), cy - (50 + 60 * k)) for k in range(2)) < 3

@@ -548,3 +548,27 @@ def test_markdown_table_for_the_text_tab():
     assert list(got.values()) == ["Neutrophil_band", "Neutrophil_band_2", "x", "x_2"]
     long = markdown_table(pd.DataFrame({"x": range(60)}), "per_gene", max_rows=50)
     assert long.count("\n| ") == 50 and long.endswith("50 of 60 rows; all in per_gene.csv")
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8])
+def test_a_downsized_mask_stays_on_its_crop(factor):
+    """vae.data._resize (vae.image_size below the stored crops, stage=embed's model size):
+    the mask's centre stays where the area-resized crop puts the cell; torch's nearest
+    had moved it (1 - 1/f) / 2 px right and down (factor 8: 3.5 source px)."""
+    import torch
+
+    from vae.data import _resize
+
+    s = 128
+    shifts = []
+    for a in range(20, 60):
+        m = torch.zeros(1, 1, s, s, dtype=torch.uint8)
+        m[..., a : a + 37, :] = 1
+        crop = (m.repeat(1, 3, 1, 1) * 200).byte()
+        c, r = _resize(crop, m, s // factor)
+        rows = r[0, 0].float().sum(1)
+        centre = ((rows * torch.arange(s // factor)).sum() / rows.sum() + 0.5) * factor
+        shifts.append(float(centre) - (a + 18.5))
+        grey = c[0, 0].float().mean(1)  # the crop's own cell, drawn where the mask is
+        assert ((grey >= 100) == (rows > 0)).all()
+    assert abs(np.mean(shifts)) < 0.1 and max(map(abs, shifts)) <= factor / 2
