@@ -68,7 +68,10 @@ class InputsConfig:
 @dataclass
 class PathsConfig:
     root: str = "outputs"  # experiments live in <root>/<experiment>/
-    shared_data: str = "../shared/data"  # public data sets (see README)
+    # public data sets (see README); relative to the working directory, so an installed
+    # copy run elsewhere takes $WBC_SHARED_DATA (packaging audit: +preset=real from
+    # another folder found no data)
+    shared_data: str = "${oc.env:WBC_SHARED_DATA,../shared/data}"
     inputs: InputsConfig = field(default_factory=InputsConfig)
 
 

@@ -62,3 +62,14 @@ def test_library_cuts_cells_as_the_config_does():
     assert dataclasses.asdict(cfg.filters) == dataclasses.asdict(lib.filters)
     for f in ("trim_rim", "crop_size", "crop_margin", "background_value", "merge_iou"):
         assert getattr(cfg, f) == getattr(lib, f), f
+
+
+def test_shared_data_follows_the_environment(monkeypatch, tmp_path):
+    """paths.shared_data: $WBC_SHARED_DATA where set (an installed copy run from another
+    folder), else ../shared/data; an override still wins."""
+    monkeypatch.delenv("WBC_SHARED_DATA", raising=False)
+    assert compose_config(["stage=simulate"]).paths.shared_data == "../shared/data"
+    monkeypatch.setenv("WBC_SHARED_DATA", str(tmp_path))
+    assert compose_config(["stage=simulate"]).paths.shared_data == str(tmp_path)
+    cfg = compose_config(["stage=simulate", "paths.shared_data=/elsewhere"])
+    assert cfg.paths.shared_data == "/elsewhere"
