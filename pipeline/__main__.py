@@ -24,7 +24,8 @@ def _interrupted_early(signum, frame) -> None:
     os._exit(130)
 
 
-if __name__ == "__main__":  # `python -m pipeline`, not a test importing this module
+# `python -m pipeline` or the `wbc-pipeline` command, not a test importing this module
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "wbc-pipeline":
     signal.signal(signal.SIGINT, _interrupted_early)
 
 import errno
@@ -43,7 +44,7 @@ from pipeline.config import register_configs
 register_configs()
 pipeline_help.register()
 if not OmegaConf.has_resolver("pid"):
-    # ``${pid:}`` in conf/config.yaml's run folders: one folder per process
+    # ``${pid:}`` in pipeline/conf/config.yaml's run folders: one folder per process
     OmegaConf.register_new_resolver("pid", os.getpid)
 
 # settings that never name a sweep job's folder (where, how and on what it runs)
@@ -115,7 +116,7 @@ def _restore_full_error() -> None:
         os.environ[_FULL_ERROR] = _USER_FULL_ERROR
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def app(cfg: DictConfig) -> int:
     from pipeline import runner
 
@@ -200,7 +201,7 @@ def config_error_line(e: BaseException) -> str:
         near = re.search(r"did you mean [^?]+\?", unknown_addition([added]) or "")
         lines = [f"{added[1:]}: no such setting"] + ([near.group(0)] if near else [])
     # "In 'config': Could not find 'stage/nope'": an option of a config group that
-    # has no file in conf/<group>/
+    # has no file in pipeline/conf/<group>/
     missing = (
         re.match(r"In '[^']*': Could not find '([\w.]+)/([^']+)'$", lines[0]) if lines else None
     )

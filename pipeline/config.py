@@ -2,7 +2,7 @@
 
 Every config group has a dataclass here, so a typo such as ``vae.betta=4`` or a
 wrong type fails when Hydra composes the config, before any work starts. The
-YAML files in ``conf/`` only choose values; the schema lives here.
+YAML files in ``pipeline/conf/`` only choose values; the schema lives here.
 
 Only the ``pipeline`` package reads these objects. Library code in
 ``segmentation/`` and ``vae/`` takes plain typed arguments.
@@ -39,7 +39,7 @@ from vae.inputs.schema import granule_programs
 
 @dataclass
 class StageConfig:
-    """Which stage runs. ``stage=NAME`` picks ``conf/stage/NAME.yaml``."""
+    """Which stage runs. ``stage=NAME`` picks ``pipeline/conf/stage/NAME.yaml``."""
 
     name: str = MISSING
 
@@ -166,7 +166,7 @@ class DataConfig:
 
     name: str = "synthetic"
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
-    # real smear sets for stage=segment_train (conf/data/{bccd,txl_pbc,...}.yaml);
+    # real smear sets for stage=segment_train (pipeline/conf/data/{bccd,txl_pbc,...}.yaml);
     # data=synthetic reads the simulator's smears instead
     smear_sources: list[SmearSourceConfig] = field(default_factory=list)
     # real images for stage=segment (pipeline/config_sources.py); [] -> `smears` input
@@ -493,7 +493,7 @@ def _home_resolver(value: Any) -> str:
 def register_configs() -> None:
     """Register the schema with Hydra's ConfigStore (idempotent).
 
-    Only the top-level ``base_config`` is stored: it is first in ``conf/config.yaml``'s
+    Only the top-level ``base_config`` is stored: it is first in ``pipeline/conf/config.yaml``'s
     defaults, so every group file merged after it is checked against :class:`Config`
     (a typo or wrong type fails at compose). No per-group schema entries are stored,
     so none shows up among a group's choices (``stage=``, ``vae=`` ...).

@@ -1,9 +1,9 @@
 """``python -m pipeline --help``: the stages, what each reads and writes, presets, main knobs.
 
-Hydra prints ``hydra.help.template`` (set in ``conf/config.yaml`` to the
+Hydra prints ``hydra.help.template`` (set in ``pipeline/conf/config.yaml`` to the
 ``${pipeline_help:}`` resolver registered here). The text is built when it is
 printed: stage order from :data:`pipeline.runner.ORDER`, presets from the first
-``# help:`` comment line of each ``conf/preset/*.yaml``, and the current value of every main
+``# help:`` comment line of each ``pipeline/conf/preset/*.yaml``, and the current value of every main
 setting from the composed config, so ``--help`` after overrides shows them
 (``python -m pipeline vae.beta=8 --help``). Hydra's own ``$APP_CONFIG_GROUPS``
 placeholder is kept at the end: it lists every group's options.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parent / "conf"
 
 # stage -> (what it does, reads, writes inside outputs/<experiment>/<stage>/)
 STAGES: dict[str, tuple[str, str, str]] = {

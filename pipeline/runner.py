@@ -630,7 +630,7 @@ def _drop_hydra_dir(cfg: DictConfig) -> None:
     root = setting_path(cfg.paths.root).resolve()
     if out.name == ".hydra" or ".hydra" not in out.parts or root not in out.resolve().parents:
         return
-    # only a folder named after this process (conf/config.yaml: ``-<pid>``): named to
+    # only a folder named after this process (pipeline/conf/config.yaml: ``-<pid>``): named to
     # the second, a refused run removed the folder of a run started in the same second
     tag = f"-{os.getpid()}"
     below = out.parts[out.parts.index(".hydra") + 1 :]

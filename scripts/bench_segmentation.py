@@ -56,7 +56,7 @@ def compose(overrides: list[str]):
     from pipeline.config import register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "pipeline" / "conf"), version_base=None):
         return h_compose(config_name="config", overrides=overrides)
 
 

@@ -3,7 +3,7 @@
 Two cases, each trained in its own child process (peak RSS = the child's
 ``ru_maxrss`` from ``os.wait4``), through the same loader as ``stage=train``
 above ``hardware.stream_above_gib`` (:func:`vae.store.paired_streamed`) and
-the pipeline's model and trainer settings (``conf/`` composed with Hydra):
+the pipeline's model and trainer settings (``pipeline/conf/`` composed with Hydra):
 
 - ``expression``: simulated expression-only cells (negative-binomial counts of
   ``--genes`` genes, 5 cell types, ~17 % non-zero), written once as a sparse
@@ -164,7 +164,7 @@ def child(args) -> int:
         "vae.nucleus_weight=0",
         "trainer.augment=true",
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "pipeline" / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=over)
     margs = build_model_args(cfg, data, str(args.h5ad))
     targs = build_train_args(cfg, "class", unknown_label_code(data.label_names), data)

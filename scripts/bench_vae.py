@@ -3,7 +3,7 @@
 Random paired data (N cells, 240 genes, disk masks) in the in-memory layout of
 ``vae.data``; the model is the library's plain ``VAEArgs`` default (the first design's
 plain image branch, no granule / nucleus / lobe heads, β 4; *not* the pipeline's
-conf/vae/default.yaml, whose heads make a step slower and so the data share smaller),
+pipeline/conf/vae/default.yaml, whose heads make a step slower and so the data share smaller),
 with ``--channels`` widths when given. For each crop size it times ``--steps``
 training steps (after ``--warmup``) and splits each step into
 

@@ -8,7 +8,7 @@ Both models see the same data and the same split and are timed the same way:
   80 % training;
 * settings of issue 12: 1 torch thread, 30 epochs, batch 128, 10 latent dims, two
   hidden layers of 128, negative binomial likelihood; everything else at each
-  tool's defaults (ours: ``conf/`` defaults composed with Hydra as
+  tool's defaults (ours: ``pipeline/conf/`` defaults composed with Hydra as
   ``python -m pipeline stage=train`` would, and the pipeline's own table
   builder and trainer, validation and checkpoints every epoch included; scvi-tools:
   ``SCVI(gene_likelihood="nb")`` and ``train()``);
@@ -131,7 +131,7 @@ def ours(counts, labels, obs_names, var_names, split, seed: int, extra=()) -> di
         f"seed={seed}",
         *extra,
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "pipeline" / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     margs = build_model_args(cfg, data, "paul15")
     targs = build_train_args(cfg, "class", unknown_label_code(data.label_names), data)

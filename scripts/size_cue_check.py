@@ -34,8 +34,8 @@ from vae.infer import encode_dataset
 root = Path(__file__).resolve().parents[1]
 shared = root.parent / "shared" / "data"  # paths.shared_data
 cells = ad.read_h5ad(root / "outputs/real_chain/segment/cells.h5ad", backed="r").obs
-# source scales of the real preset (conf/preset/real.yaml)
-cfg = yaml.safe_load(open(root / "conf/preset/real.yaml"))
+# source scales of the real preset (pipeline/conf/preset/real.yaml)
+cfg = yaml.safe_load(open(root / "pipeline/conf/preset/real.yaml"))
 scales = {}
 for s in cfg["data"]["segment_sources"]:
     scales[s["name"]] = (

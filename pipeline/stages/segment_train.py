@@ -120,7 +120,7 @@ def load_sets(
         if not cfg.data.smear_sources:
             raise StageError(
                 f"data={cfg.data.name} lists no smear_sources; use data=synthetic or a "
-                f"config from conf/data/ (bccd, txl_pbc, segmentation_wbc, real)"
+                f"config from pipeline/conf/data/ (bccd, txl_pbc, segmentation_wbc, real)"
             )
         sources = []
         for i, src in enumerate(cfg.data.smear_sources):

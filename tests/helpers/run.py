@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "conf"
+CONF = ROOT / "pipeline" / "conf"
 
 # evaluate / traverse in seconds on a tiny run (the tests check behaviour, not quality)
 FAST_ANALYSIS = [

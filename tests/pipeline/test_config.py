@@ -1,4 +1,4 @@
-"""Every YAML file under conf/ composes with the structured schema (pipeline/config.py)."""
+"""Every YAML file under pipeline/conf/ composes with the structured schema (pipeline/config.py)."""
 
 from __future__ import annotations
 

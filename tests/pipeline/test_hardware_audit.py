@@ -71,7 +71,7 @@ def test_devices_on_cpu_kind_are_refused(devices):
     msg = str(e.value)
     assert "hardware.devices=" in msg and "hardware.kind=cpu" in msg
     assert "hardware=gpu" in msg and "hardware=multi_gpu" in msg
-    # the default config (conf/hardware/cpu.yaml: devices []) still plans
+    # the default config (pipeline/conf/hardware/cpu.yaml: devices []) still plans
     assert list(_hw().devices) == []
     assert hardware.plan(_hw()) == ("cpu", [], 1)
 

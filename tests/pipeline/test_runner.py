@@ -27,7 +27,7 @@ _run = run_pipeline
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    return sorted(p.stem for p in (ROOT / "pipeline" / "conf" / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", ALL_STAGES)
@@ -53,7 +53,7 @@ def test_every_stage_config_composes(name):
 )
 def test_every_group_option_composes(group):
     opts = _options(group)
-    assert opts, f"conf/{group} has no options"
+    assert opts, f"pipeline/conf/{group} has no options"
     for opt in opts:
         cfg = _compose(["stage=simulate", f"{group}={opt}"])
         OmegaConf.to_container(cfg, resolve=True)

@@ -628,7 +628,7 @@ def test_stage_on_paul15(tmp_path):
     # diffusion pseudotime from the MPP root: progenitors earliest
     assert med["Multipotent progenitors"] < med["GMP"] < med["Neutrophils"]
     assert med["Multipotent progenitors"] == med.min()
-    # the data set's own caveats (conf/expression/paul15.yaml notes) travel with it, and
+    # the data set's own caveats (pipeline/conf/expression/paul15.yaml notes) travel with it, and
     # what they say about the labels holds on this file: "Multipotent progenitors" carry
     # erythroid genes, "Neutrophils" the azurophil-granule ones
     notes = list(out.uns["data_notes"])
