@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline.artifacts import write_json
+from pipeline.artifacts import spreadsheet_safe, write_json
 from pipeline.config_sources import LABEL_FORMATS, SEGMENT_SOURCE_KINDS
 from pipeline.runner import StageContext, StageError, resolve_data_path
 from segmentation.cells import SegmentSettings, contact_sheet, reject_sheet
@@ -498,7 +498,7 @@ def _write(
     with ctx.atomic("detections.csv") as tmp:
         pd.concat(tables, ignore_index=True).to_csv(tmp, index=False)
     with ctx.atomic("rejects.csv") as tmp:
-        pd.DataFrame(rejects, columns=REJECT_COLUMNS).to_csv(tmp, index=False)
+        spreadsheet_safe(pd.DataFrame(rejects, columns=REJECT_COLUMNS)).to_csv(tmp, index=False)
     labels = [f"{lab or '?'} {sc_:.2f}" for lab, sc_ in zip(kept.label, kept.score.astype(float))]
     with ctx.atomic("contact_sheet.png") as tmp:
         contact_sheet(

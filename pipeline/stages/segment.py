@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.artifacts import write_json
+from pipeline.artifacts import spreadsheet_safe, write_json
 from pipeline.runner import StageContext, StageError, stage
 from segmentation.cells import (
     CocoTruth,
@@ -729,7 +729,7 @@ def _write_outputs(
     if n_listed and not counts["images_read"]:
         # no image could be read: an empty cells.h5ad would only fail later, at stage=pair
         with ctx.atomic("rejects.csv") as tmp:  # why, kept with the failed run
-            rejects.to_csv(tmp, index=False)
+            spreadsheet_safe(rejects).to_csv(tmp, index=False)
         raise StageError(
             f"{smears}: none of its {n_listed} images could be read (each one's reason: "
             "this run's rejects.csv)"
@@ -746,8 +746,8 @@ def _write_outputs(
         write_h5ad(adata, tmp)
     with ctx.atomic("detections.csv") as tmp:
         table.to_csv(tmp, index=False)
-    with ctx.atomic("rejects.csv") as tmp:
-        rejects.to_csv(tmp, index=False)
+    with ctx.atomic("rejects.csv") as tmp:  # read by people: names quoted (not detections.csv)
+        spreadsheet_safe(rejects).to_csv(tmp, index=False)
     labels, note = sheet_labels(kept)
     with ctx.atomic("contact_sheet.png") as tmp:
         what = "simulated kind (else the detection score)" if "kind" in kept else "detection score"

@@ -147,3 +147,23 @@ def test_stage_figures_draw_a_name_with_dollars_as_written(tmp_path):
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def test_segment_rejects_csv_keeps_a_formula_name_as_text(tmp_path, monkeypatch):
+    """stage=segment's rejects.csv (read by people, like embed's) quotes an image named
+    ``=HYPERLINK(...)``; detections.csv, the machine table beside cells.h5ad, keeps names
+    as the files have them."""
+    import pipeline.stages.segment as seg
+    from tests.helpers.seg_synth import untrained_checkpoint
+    from tests.segmentation.test_seg_infer import _Blobs, _run_segment, _smear_folder
+
+    monkeypatch.setattr(seg, "make_detector", lambda ctx, model: _Blobs())
+    smears = _smear_folder(tmp_path / "smears")
+    (smears / "=HYPERLINK(1).png").write_bytes(b"not a png")
+    ckpt = untrained_checkpoint(tmp_path / "model.pt")
+    out = _run_segment(tmp_path, ckpt, smears, here=True)
+    rej = pd.read_csv(out / "rejects.csv")
+    assert "'=HYPERLINK(1).png" in set(rej["image"])
+    assert not rej["image"].astype(str).str.startswith(("=", "+", "@")).any()
+    det = pd.read_csv(out / "detections.csv")
+    assert set(det["image"]) <= {"sim_0000.png", "sim_0001.png", "zz_gray.png"}
