@@ -389,7 +389,7 @@ def run_embed(ctx: StageContext) -> None:
             int(cfg.embed.examples_per_call),
             title=f"Per-sample maturation profile ({cfg.experiment})",
             seed=int(cfg.seed),
-            notes=_page_notes(study, path_classes),
+            notes=_page_notes(study, path_classes, bool((out.obs["vae_input"] == "smears").any())),
             min_confidence=study.min_confidence,
             atypical_quantile=study.atypical_quantile,
             atypical_off=study.atypical_off,
@@ -550,11 +550,18 @@ def _seen_by_study(study, out) -> int:
     return int(seen.sum())
 
 
-def _page_notes(study, path_classes: list[str] | None) -> list[str]:
-    """What samples.html says about the study it read the cells with."""
+def _page_notes(study, path_classes: list[str] | None, smears: bool = False) -> list[str]:
+    """What samples.html says about the study it read the cells with (``smears``: cells
+    of smears were embedded, so qupath/ holds them on their images)."""
     from vae.inputs.schema import HAS_IMAGE
 
     notes = [f"Study: model {study.model_path}, reference latent {study.latent_path}."]
+    if smears:
+        notes.append(
+            "Each smear's cells with their calls, confidence and maturation position, on "
+            "the image: qupath/<sample>/<image>.geojson beside this page (QuPath: open the "
+            "image, then File > Import objects from file)."
+        )
     if not path_classes:
         return notes
     notes.append(
