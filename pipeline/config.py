@@ -137,8 +137,9 @@ SimulatorConfig = _simulator_schema()
 class SmearSourceConfig:
     """One annotated smear set read by stage=segment_train (segmentation/datasets.py)."""
 
-    format: str = MISSING  # coco | voc | yolo | mask_png
-    path: str = MISSING  # folder (voc/yolo/mask_png) or COCO JSON; relative -> paths.shared_data
+    format: str = MISSING  # coco | voc | yolo | mask_png | geojson (QuPath objects per image)
+    # folder (voc/yolo/mask_png/geojson) or COCO JSON; relative -> paths.shared_data
+    path: str = MISSING
     name: str = ""  # short name in logs and metrics (default: the folder name)
     train_splits: list[str] = field(default_factory=lambda: ["train"])
     val_splits: list[str] = field(default_factory=lambda: ["val"])
@@ -146,7 +147,7 @@ class SmearSourceConfig:
     # load-time resize (network px per source px); null = auto per image: the
     # median WBC box side becomes segmentation.cell_px (needs boxes: training/eval only)
     scale: float | None = None
-    # mask_png: deterministic held-out share per folder; coco: the same, when no image of
+    # mask_png, geojson: deterministic held-out share per folder; coco: the same, when no image of
     # the file has a `split` field (a CVAT / Label Studio export)
     val_fraction: float = 0.2
     # class names of the annotations that are white cells, beside the built-in aliases

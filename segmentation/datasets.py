@@ -694,7 +694,142 @@ def _read_mask_pair(img: Path, mpath: Path) -> tuple[np.ndarray, int, int]:
     return m, w, h
 
 
-READERS = {"coco": read_coco, "voc": read_voc, "yolo": read_yolo, "mask_png": read_mask_pngs}
+def read_geojson(
+    root: str | Path,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    source: str = "geojson",
+    skipped: list[Skip] | None = None,
+) -> SmearDataset:
+    """Read images with QuPath / GeoJSON objects beside them (``<stem>.<ext>`` +
+    ``<stem>.geojson``), e.g. cells drawn or corrected in QuPath and exported per image
+    (File > Export objects as GeoJSON), or a ``qupath/`` folder of ``stage=segment``
+    reviewed there.
+
+    Searches ``root`` and its sub-folders. Each ``Polygon`` / ``MultiPolygon`` feature
+    is one instance: its mask is the pixels whose centres it encloses, less its holes
+    (coordinates are pixel edges of the image, as QuPath writes them); its category is
+    ``properties.classification.name`` (``canonical_category``; ``wbc`` without a class),
+    kept in ``extra["label"]``. Points, lines and features without a geometry are left
+    out and counted. A deterministic ``val_fraction`` of the images per folder gets
+    split ``val``, the rest ``train``; an image without a ``.geojson`` is not read (it has
+    no annotation, not "no cell").
+
+    Parameters
+    ----------
+    skipped
+        When given, an image or a ``.geojson`` that cannot be read is left out and
+        recorded here as a :class:`Skip`; else it raises :class:`AnnotationError`.
+    """
+    root = Path(root)
+    files = sorted(root.rglob("*.geojson"))
+    if not files:
+        raise AnnotationError(f"{root}: no .geojson files (one per image, <stem>.geojson)")
+    by_folder: dict[Path, list[tuple[Path, Path]]] = {}
+    no_image = []
+    for g in files:
+        imgs = sorted(p for p in g.parent.glob(f"{g.stem}.*") if p.suffix.lower() in IMAGE_EXTS)
+        if imgs:
+            by_folder.setdefault(g.parent, []).append((imgs[0], g))
+        else:
+            no_image.append(g.name)
+    if no_image and not by_folder:
+        raise AnnotationError(
+            f"{root}: {len(no_image)} .geojson file(s) but no image beside any "
+            f"(<stem>.jpg / .png / .tif next to <stem>.geojson), e.g. {no_image[0]}"
+        )
+    if no_image:
+        log.warning(
+            "%s: %d .geojson file(s) without an image of the same stem beside them, not read: %s",
+            root,
+            len(no_image),
+            ", ".join(no_image[:5]) + (" ..." if len(no_image) > 5 else ""),
+        )
+    out: list[ImageRecord] = []
+    dropped: list[str] = []
+    for _folder, pairs in sorted(by_folder.items()):
+        order = np.random.default_rng(seed).permutation(len(pairs))
+        val_idx = set(order[: int(round(val_fraction * len(pairs)))].tolist())
+        for i, (img, g) in enumerate(pairs):
+            try:
+                w, h = _image_size(img)
+                instances = _geojson_instances(g, w, h, dropped)
+            except AnnotationError as e:
+                bad = str(e).startswith(str(g))
+                _left_out(skipped, g if bad else img, e, "annotation" if bad else "image")
+                continue
+            split = "val" if i in val_idx else "train"
+            out.append(ImageRecord(img, w, h, split, source, instances))
+    if dropped:
+        log.warning(
+            "%s: %d object(s) left out (not a polygon, or under one pixel): %s",
+            root,
+            len(dropped),
+            "; ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""),
+        )
+    return SmearDataset(out)
+
+
+def _geojson_instances(path: Path, w: int, h: int, dropped: list[str]) -> list[Instance]:
+    """The polygons of one GeoJSON file as instances of a ``w`` x ``h`` image."""
+    from skimage.draw import polygon as fill
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AnnotationError(f"{path}: not readable GeoJSON ({e})") from e
+    # QuPath writes a FeatureCollection, or (older exports) a bare list of features
+    feats = doc.get("features") if isinstance(doc, dict) else doc
+    if isinstance(doc, dict) and doc.get("type") == "Feature":
+        feats = [doc]
+    if not isinstance(feats, list):
+        raise AnnotationError(
+            f"{path}: field 'features': expected a FeatureCollection or a list of features"
+        )
+    out = []
+    for k, f in enumerate(feats):
+        geom = f.get("geometry") if isinstance(f, dict) else None
+        kind = geom.get("type") if isinstance(geom, dict) else None
+        if kind not in ("Polygon", "MultiPolygon"):
+            dropped.append(f"{path.name} feature {k} ({kind or 'no geometry'})")
+            continue
+        polys = geom.get("coordinates") or []
+        polys = [polys] if kind == "Polygon" else polys
+        mask = np.zeros((h, w), bool)
+        try:
+            for rings in polys:
+                for j, ring in enumerate(rings):
+                    xy = np.asarray(ring, dtype=np.float64).reshape(-1, 2)
+                    if not np.isfinite(xy).all():
+                        raise ValueError("a coordinate is not a number")
+                    rr, cc = fill(xy[:, 1] - 0.5, xy[:, 0] - 0.5, (h, w))
+                    mask[rr, cc] = j == 0  # the first ring is the outline, the rest holes
+        except (TypeError, ValueError) as e:
+            raise AnnotationError(
+                f"{path}: feature {k}, field 'geometry.coordinates': not [[x, y], ...] rings ({e})"
+            ) from e
+        box = mask_bbox(mask)
+        if box is None:
+            dropped.append(f"{path.name} feature {k} (under one pixel, or outside the image)")
+            continue
+        props = f.get("properties") if isinstance(f.get("properties"), dict) else {}
+        cls = props.get("classification")
+        name = cls.get("name") if isinstance(cls, dict) else cls
+        extra = {"label": str(name)} if name else {}
+        if props.get("name"):
+            extra["name"] = str(props["name"])
+        category = canonical_category(name) if name else "wbc"
+        out.append(Instance(bbox=box, category=category, mask=encode_mask(mask), extra=extra))
+    return out
+
+
+READERS = {
+    "coco": read_coco,
+    "voc": read_voc,
+    "yolo": read_yolo,
+    "mask_png": read_mask_pngs,
+    "geojson": read_geojson,
+}
 
 
 # source px: a ground-truth box this close to the image edge is cut by it (its side is the

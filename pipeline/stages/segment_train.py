@@ -141,8 +141,8 @@ def load_sets(
                 ds = READERS["voc"](path, splits=splits, source=name, skipped=skips)
             elif src.format == "yolo":
                 ds = READERS["yolo"](path, splits=splits, source=name, skipped=skips)
-            elif src.format == "mask_png":
-                ds = READERS["mask_png"](
+            elif src.format in ("mask_png", "geojson"):  # one held-out share per folder
+                ds = READERS[src.format](
                     path, val_fraction=src.val_fraction, seed=cfg.seed, source=name, skipped=skips
                 )
             else:

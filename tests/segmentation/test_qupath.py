@@ -140,3 +140,89 @@ def test_embed_names_each_images_file_by_its_sample():
         }
     )
     assert qupath_file_names(obs) == ["p1/x_png", "p1/x_jpg", "p1/y", "p2/x", "a_b/z"]
+
+
+def test_outlines_reviewed_in_qupath_train_the_detector(tmp_path, monkeypatch):
+    """The way back: stage=segment's qupath/ files beside their smears are read as
+    training data (data.smear_sources format geojson), each cell's mask the cell of the
+    label TIFF (IoU > 0.9); load_sets holds a folder's val share out."""
+    from PIL import Image
+    from skimage import io as skio
+
+    import pipeline.stages.segment as seg
+    from pipeline.stages.segment_train import load_sets
+    from segmentation.datasets import read_geojson
+    from tests.helpers.run import compose_config
+    from tests.helpers.seg_synth import untrained_checkpoint
+    from tests.segmentation.test_seg_infer import _Blobs, _run_segment
+
+    monkeypatch.setattr(seg, "make_detector", lambda ctx, model: _Blobs())
+    smears = tmp_path / "smears"
+    smears.mkdir()
+    for k in range(5):
+        img = np.full((120, 160, 3), (230, 205, 205), np.uint8)
+        for cy, cx in ((40, 40 + 10 * k), (80, 110)):
+            img[disk((cy, cx), 14, shape=img.shape[:2])] = (110, 60, 150)
+        Image.fromarray(img).save(smears / f"s{k}.png")
+    ckpt = untrained_checkpoint(tmp_path / "model.pt")
+    out = _run_segment(tmp_path, ckpt, smears, "segmentation.border_margin=2", here=True)
+    review = tmp_path / "review"
+    review.mkdir()
+    for g in (out / "qupath").glob("*.geojson"):  # as a reviewer keeps them, by the images
+        (review / g.name).write_bytes(g.read_bytes())
+        (review / f"{g.stem}.png").write_bytes((smears / f"{g.stem}.png").read_bytes())
+    ds = read_geojson(review, val_fraction=0.2)
+    assert len(ds) == 5 and sum(r.split == "val" for r in ds) == 1
+    for r in ds:
+        labels = skio.imread(out / "masks" / f"{r.path.stem}.tif")
+        assert len(r.instances) == 2 and {a.category for a in r.instances} == {"wbc"}
+        for a in r.instances:
+            m = a.decode_mask(r.height, r.width)
+            assert _iou(m, labels == np.bincount(labels[m]).argmax()) > 0.9
+    src = f"{{format: geojson, path: '{review}', name: reviewed, scale: 1.0}}"
+    cfg = compose_config(
+        ["stage=segment_train", "data=bccd", f"paths.root={tmp_path / 'o'}"]
+        + [f"data.smear_sources=[{src}]"]
+    )
+    train, val, _, _ = load_sets(cfg, None)
+    assert len(train) == 4 and len(val["reviewed"]) == 1
+
+
+def test_geojson_annotations_classes_holes_and_bad_files(tmp_path, caplog):
+    """Classes become categories (aliases: 'Leukocyte' -> wbc), a hole is left out of
+    its mask, points and lines are counted and left out, a broken file is a Skip naming
+    the file and field, a .geojson without its image is said."""
+    from PIL import Image
+
+    from segmentation.datasets import AnnotationError, Skip, read_geojson
+
+    Image.new("RGB", (60, 50), (230, 200, 200)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (60, 50), (230, 200, 200)).save(tmp_path / "b.jpg")
+    square = [[10, 10], [40, 10], [40, 40], [10, 40], [10, 10]]
+    hole = [[20, 20], [30, 20], [30, 30], [20, 30], [20, 20]]
+    feats = [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square, hole]},
+         "properties": {"classification": {"name": "Leukocyte"}}},
+        {"type": "Feature", "geometry": {"type": "MultiPolygon",
+         "coordinates": [[[[45, 5], [55, 5], [55, 15], [45, 15], [45, 5]]]]},
+         "properties": {"classification": {"name": "Myelocyte"}, "name": "c2"}},
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]}},
+    ]  # fmt: skip
+    (tmp_path / "a.geojson").write_text(json.dumps(feats))  # a bare list (older QuPath)
+    (tmp_path / "b.geojson").write_text('{"type": "FeatureCollection", "features": [')
+    (tmp_path / "orphan.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    skipped: list[Skip] = []
+    with caplog.at_level("WARNING"):
+        ds = read_geojson(tmp_path, val_fraction=0.0, skipped=skipped)
+    (rec,) = ds.images
+    cell, myelo = rec.instances
+    assert cell.category == "wbc" and cell.extra["label"] == "Leukocyte"
+    m = cell.decode_mask(50, 60)
+    assert m[15, 15] and not m[25, 25] and m.sum() == 30 * 30 - 10 * 10
+    assert cell.bbox == (10.0, 10.0, 40.0, 40.0)
+    assert myelo.category == "myelocyte" and myelo.extra["name"] == "c2"
+    assert "feature 2 (Point)" in caplog.text and "orphan.geojson" in caplog.text
+    assert [(s.path.name, s.field) for s in skipped] == [("b.geojson", "annotation")]
+    assert "not readable GeoJSON" in skipped[0].reason
+    with pytest.raises(AnnotationError, match="no .geojson files"):
+        read_geojson(tmp_path / "empty_folder")
