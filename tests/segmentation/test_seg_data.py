@@ -461,3 +461,36 @@ def test_read_mask_png_names_png_images_and_empty_masks(tmp_path, caplog):
         ds = read_mask_pngs(tmp_path, val_fraction=0.0)
     assert [r.path.name for r in ds] == ["002.bmp"]
     assert "1 mask(s) without any cell pixel" in caplog.text and "001.png" in caplog.text
+
+
+def test_coco_rle_reads_every_segmentation_form_alike():
+    """segmentation.io.coco_rle / decode_coco_mask: polygons, uncompressed RLE (CVAT's
+    iscrowd export) and compressed RLE (str or bytes counts) give one mask; anything
+    else is a TypeError naming its type."""
+    from pycocotools import mask as mask_utils
+
+    from segmentation.io import coco_rle, decode_coco_mask
+
+    h, w = 12, 10
+    m = np.zeros((h, w), bool)
+    m[2:7, 3:9] = True
+    col = m.ravel(order="F")  # COCO counts run down the columns
+    runs, cur, n = [], False, 0
+    for v in col:
+        if v != cur:
+            runs.append(n)
+            cur, n = v, 0
+        n += 1
+    runs.append(n)
+    uncompressed = {"size": [h, w], "counts": runs}
+    compressed = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+    polygon = [[3.0, 2.0, 9.0, 2.0, 9.0, 7.0, 3.0, 7.0]]
+    for seg in (uncompressed, compressed, {**compressed, "counts": compressed["counts"].decode()}):
+        rle = coco_rle(seg, h, w)
+        assert isinstance(rle["counts"], str) and rle["size"] == [h, w]
+        np.testing.assert_array_equal(decode_coco_mask(seg, h, w), m)
+    poly = decode_coco_mask(polygon, h, w)
+    assert (poly & m).sum() / (poly | m).sum() > 0.6  # pycocotools rasterises the edges
+    assert coco_rle([], h, w) is None and not decode_coco_mask(None, h, w).any()
+    with pytest.raises(TypeError, match="unsupported type str"):
+        coco_rle("RLE", h, w)
