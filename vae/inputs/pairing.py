@@ -35,6 +35,7 @@ import scipy.sparse as sp
 
 from segmentation.io import IMAGE_SUFFIXES, blank_as_read, decode_coco_mask
 from vae.inputs.schema import (  # noqa: F401 - TRUTH_COLUMNS: columns copied into paired obs
+    ANOMALY_COLUMNS,
     CELL_DIAMETER,
     HAS_COUNTS,
     HAS_EXPRESSION,
@@ -757,8 +758,65 @@ def resolve_label_map(
     return out
 
 
-def _dense(m) -> np.ndarray:
-    return (m.toarray() if sp.issparse(m) else np.asarray(m)).astype(np.float32)
+# a dense expression input is paired into a dense table up to this many values (rows x
+# genes, float32: 128 MiB); past it the table is CSR built a block of rows at a time, so
+# pairing never holds another all-rows x all-genes dense copy (audit: 20k cells x 19,899
+# genes peaked at 9.7 GiB from three dense copies of X and three of counts)
+DENSE_MAX_VALUES = 1 << 25
+# values per block when a large dense input is turned into CSR rows
+_BLOCK_VALUES = 1 << 24
+
+
+def expression_rows(
+    m: np.ndarray | sp.spmatrix | sp.sparray, ei: np.ndarray
+) -> np.ndarray | sp.csr_matrix:
+    """The paired table's expression rows: row ``k`` is input row ``ei[k]``, zeros where ``ei[k] < 0``.
+
+    Parameters
+    ----------
+    m
+        (n_profiles, G) expression matrix (``X`` or a layer), dense or sparse.
+    ei
+        (n,) int input row of each output row; -1: the output row has no profile.
+
+    Returns
+    -------
+    numpy.ndarray or scipy.sparse.csr_matrix
+        (n, G) float32. CSR when ``m`` is sparse, or dense with more than
+        :data:`DENSE_MAX_VALUES` output values; else dense (the values are the same
+        either way, and every reader of ``paired.h5ad`` takes both).
+    """
+    ei = np.asarray(ei, dtype=np.int64)
+    n, g = len(ei), int(m.shape[1])
+    has = ei >= 0
+    src = ei[has]
+    if sp.issparse(m):
+        # CSR row selection copies only the chosen rows' non-zeros
+        sub = sp.csr_matrix(m, dtype=np.float32)[src]
+        return _spread_rows(sub, has, g)
+    m = np.asarray(m)
+    if n * g <= DENSE_MAX_VALUES:
+        out = np.zeros((n, g), np.float32)
+        out[has] = m[src]
+        return out
+    step = max(1, _BLOCK_VALUES // max(g, 1))
+    blocks = [
+        sp.csr_matrix(np.asarray(m[src[s : s + step]], dtype=np.float32))
+        for s in range(0, len(src), step)
+    ]
+    sub = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, g), dtype=np.float32)
+    return _spread_rows(sub, has, g)
+
+
+def _spread_rows(sub: sp.csr_matrix, has: np.ndarray, g: int) -> sp.csr_matrix:
+    """(len(has), G) CSR: the rows of ``sub`` in order at ``has``, empty rows elsewhere.
+
+    Only ``indptr`` is rebuilt; ``data`` and ``indices`` are shared with ``sub``.
+    """
+    per_row = np.zeros(len(has), np.int64)
+    per_row[has] = np.diff(sub.indptr)
+    indptr = np.concatenate([[0], np.cumsum(per_row)])
+    return sp.csr_matrix((sub.data, sub.indices, indptr), shape=(len(has), g))
 
 
 def make_pairs(
@@ -941,17 +999,12 @@ def _assemble(
     ci = np.array([p[0] for p in pairs], dtype=int)
     ei = np.array([p[1] for p in pairs], dtype=int)
     has_img, has_expr = ci >= 0, ei >= 0
-    g = expression.n_vars
-    x_src = _dense(expression.X)
-    X = np.zeros((n, g), np.float32)
-    X[has_expr] = x_src[ei[has_expr]]
+    # sparse where the input is (or is large): no dense all-rows x all-genes copy
+    X = expression_rows(expression.X, ei)
     layers = {}
     has_counts = bool(expression.uns.get(HAS_COUNTS, "counts" in expression.layers))
     if has_counts and "counts" in expression.layers:
-        c_src = _dense(expression.layers["counts"])
-        counts = np.zeros((n, g), np.float32)
-        counts[has_expr] = c_src[ei[has_expr]]
-        layers["counts"] = counts
+        layers["counts"] = expression_rows(expression.layers["counts"], ei)
     s = crops.crops.shape[1] if crops is not None else crop_size
     crop_arr = np.zeros((n, s, s, 3), np.uint8)
     mask_arr = np.zeros((n, s, s), bool)
@@ -1048,6 +1101,7 @@ def _assemble(
         "specimen",
     ):
         obs[c] = obs[c].astype(str)
+    _carry_expression_obs(obs, eobs, ei)
     var = pd.DataFrame(index=expression.var_names.astype(str))
     for c in ("highly_variable", "gene_of_interest"):
         if c in expression.var:
@@ -1059,6 +1113,89 @@ def _assemble(
     out.uns["crop_size"] = int(s)
     out.uns["background_value"] = int(background)
     return out
+
+
+# expression obs columns the paired obs already holds in its own form: label
+# (expression_label), program scores and truth columns (same names)
+_CARRIED_ELSEWHERE = ("label",)
+# names downstream stages add to a copy of paired obs (latent.h5ad: stage=train); a user
+# column of one of these names would be overwritten there, so it is prefixed too
+_RESERVED_DOWNSTREAM = ("split", "row", *ANOMALY_COLUMNS.values())
+
+
+def _carry_expression_obs(obs: pd.DataFrame, eobs: pd.DataFrame, ei: np.ndarray) -> None:
+    """Add the expression input's own obs columns (donor, sample, QC, ...) to ``obs``, in place.
+
+    Parameters
+    ----------
+    obs
+        (n, ...) the paired obs built so far (the pipeline's own columns).
+    eobs
+        (n_profiles, ...) the expression table's obs.
+    ei
+        (n,) int profile row of each paired row; -1: no profile.
+
+    Notes
+    -----
+    Columns already carried in the pipeline's form (``label`` as ``expression_label``,
+    ``score_*``, the truth columns) are skipped. A name the paired obs (or latent.h5ad)
+    uses itself gets the prefix ``expression_`` (again, until unique), e.g. the profile's
+    ``maturation`` becomes ``expression_maturation``. Dtypes are kept: rows without a
+    profile are NaN (float, numeric categories), ``""`` (strings, string categories), or
+    ``<NA>`` (int and bool become pandas' nullable Int / boolean only when such rows exist).
+    """
+    skip = {*_CARRIED_ELSEWHERE, *TRUTH_COLUMNS}
+    taken = {*map(str, obs.columns), *_RESERVED_DOWNSTREAM}
+    for col in eobs.columns:
+        name = str(col)
+        if name in skip or name.startswith("score_"):
+            continue
+        out = name
+        while out in taken:
+            out = f"expression_{out}"
+        taken.add(out)
+        obs[out] = _take_rows(eobs[col], ei)
+
+
+def _take_rows(col: pd.Series, ei: np.ndarray):
+    """``col``'s values at rows ``ei`` (-1: missing, see :func:`_carry_expression_obs`).
+
+    Returns an (n,) array of ``col``'s dtype (int / bool: nullable when a row is missing).
+    """
+    has = ei >= 0
+    at = np.maximum(ei, 0)
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cats = col.cat.categories
+        codes = col.cat.codes.to_numpy()[at]
+        # string categories: "" as in paired obs (blank_as_read's reading of a NaN)
+        if not has.all() and pd.api.types.is_string_dtype(cats):
+            if "" not in cats:
+                cats = cats.append(pd.Index([""]))
+            codes = np.where(has, codes, cats.get_loc(""))
+        else:
+            codes = np.where(has, codes, -1)  # -1: NaN
+        return pd.Categorical.from_codes(codes, categories=cats, ordered=col.cat.ordered)
+    if isinstance(col.dtype, np.dtype):
+        v = col.to_numpy()[at]
+        if has.all():
+            return v
+        kind = col.dtype.kind
+        if kind == "f":
+            v[~has] = np.nan
+            return v
+        if kind in "iu":
+            return pd.arrays.IntegerArray(v, ~has)
+        if kind == "b":
+            return pd.arrays.BooleanArray(v, ~has)
+        if kind in "OUS":
+            v = v.astype(object)
+            v[~has] = ""
+            return v
+    # pandas extension dtypes (nullable Int / boolean / string, datetimes): their own NA
+    taken = col.array.take(np.where(has, ei, -1), allow_fill=True)
+    if isinstance(col.dtype, pd.StringDtype):
+        taken[~has] = ""
+    return taken
 
 
 def _typed(vals: pd.Series) -> np.ndarray:
