@@ -369,14 +369,15 @@ def leiden_agreement(
     import scanpy as sc
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+    from vae.inputs.neighbors import knn_graph
+
     z = _check_2d("z", z)
     y = _labels(labels)
     _check_rows("labels", y, len(z))
     a = ad.AnnData(np.zeros((len(z), 1), dtype=np.float32))
     a.obsm["X_lat"] = z.astype(np.float32)
-    sc.pp.neighbors(
-        a, n_neighbors=max(2, min(n_neighbors, len(z) - 1)), use_rep="X_lat", random_state=seed
-    )
+    # not sc.pp.neighbors itself: it stopped at >= 8192 rows (vae.inputs.neighbors)
+    knn_graph(a, n_neighbors=n_neighbors, use_rep="X_lat", random_state=seed)
     sc.tl.leiden(
         a,
         resolution=resolution,

@@ -207,6 +207,8 @@ def embedding(z: np.ndarray, n_neighbors: int, use_umap: bool, seed: int) -> tup
     import anndata as ad
     import scanpy as sc
 
+    from vae.inputs.neighbors import knn_graph
+
     if len(z) < 5 or not use_umap:
         from sklearn.decomposition import PCA
 
@@ -217,9 +219,8 @@ def embedding(z: np.ndarray, n_neighbors: int, use_umap: bool, seed: int) -> tup
         return e, "PCA"
     a = ad.AnnData(np.zeros((len(z), 1), np.float32))
     a.obsm["X_lat"] = z.astype(np.float32)
-    sc.pp.neighbors(
-        a, n_neighbors=max(2, min(n_neighbors, len(z) - 1)), use_rep="X_lat", random_state=seed
-    )
+    # not sc.pp.neighbors itself: it stopped at >= 8192 rows (vae.inputs.neighbors)
+    knn_graph(a, n_neighbors=n_neighbors, use_rep="X_lat", random_state=seed)
     sc.tl.umap(a, random_state=seed)
     return np.asarray(a.obsm["X_umap"]), "UMAP"
 

@@ -63,6 +63,13 @@ HVG_FLAVORS_ON_COUNTS = ("seurat_v3", "seurat_v3_paper")
 MIN_CELLS_PCA = 2
 MIN_CELLS_UMAP = 4
 MIN_CELLS_DPT = 5
+# a sparse input whose dense X (cells x genes x 4 bytes) would be larger stays sparse
+# (CSR) through normalisation, HVG selection, scores, PCA and into expression.h5ad: 20k x
+# 20k genes made dense took 6.5 GiB and a 1.9 GB file, 100k cells more than 17 GiB. Up to
+# this size X is dense as it always was (e.g. 10k cells x 13k genes, Paul15 2660 x 240)
+DENSE_X_MAX_BYTES = 512 * 2**20
+# rows per block where a whole-matrix temporary (e.g. counts > 0) would copy every entry
+ROW_BLOCK = 8192
 
 
 class ExpressionInputError(ValueError):
@@ -791,6 +798,8 @@ class PreprocessParams:
     n_neighbors: int = 15
     umap: bool = True
     seed: int = 0
+    # not a setting of ExpressionConfig: tests lower it to run the sparse path on small data
+    dense_max_bytes: int = DENSE_X_MAX_BYTES
 
 
 @dataclass
@@ -840,7 +849,14 @@ def _qc_metrics(counts, var_names, mito_prefix: str) -> tuple[pd.DataFrame, np.n
     if sp.issparse(counts):
         counts = counts.tocsr()
         total = np.asarray(counts.sum(1)).ravel()
-        n_genes = np.asarray((counts > 0).sum(1)).ravel()
+        # by row blocks: counts > 0 of the whole matrix copies its index array (0.8 GB at
+        # 100k cells x 20k genes, 10 % non-zero)
+        n_genes = np.concatenate(
+            [
+                np.asarray((counts[s : s + ROW_BLOCK] > 0).sum(1)).ravel()
+                for s in range(0, counts.shape[0], ROW_BLOCK)
+            ]
+        )
         mito_counts = np.asarray(counts[:, mito].sum(1)).ravel() if mito.any() else 0 * total
     else:
         counts = np.asarray(counts)
@@ -853,6 +869,32 @@ def _qc_metrics(counts, var_names, mito_prefix: str) -> tuple[pd.DataFrame, np.n
         {"total_counts": total.astype(float), "n_genes": n_genes.astype(int), "pct_mito": pct}
     )
     return df, mito
+
+
+def _cells_per_gene(m) -> np.ndarray:
+    """Number of cells with a positive value in each gene (column) of ``m`` (n, g).
+
+    Returns
+    -------
+    (g,) int64. A sparse ``m`` is read by row blocks (``m > 0`` of all of it would copy
+    its index array).
+    """
+    if not sp.issparse(m):
+        return np.asarray((np.asarray(m) > 0).sum(0)).ravel()
+    m = m.tocsr()
+    out = np.zeros(m.shape[1], np.int64)
+    for s in range(0, m.shape[0], ROW_BLOCK):
+        b = m[s : s + ROW_BLOCK]
+        out += np.bincount(b.indices[b.data > 0], minlength=m.shape[1])
+    return out
+
+
+def _release(adata: ad.AnnData) -> None:
+    """Drop ``adata``'s matrices (``X``, layers), in place: a consumed input whose subset
+    was copied (:func:`preprocess` with ``copy=False``) no longer holds a second copy."""
+    adata.X = None
+    for k in list(adata.layers):
+        del adata.layers[k]
 
 
 def make_gene_names_unique(adata: ad.AnnData, source: str = "") -> None:
@@ -915,7 +957,7 @@ def require_skmisc(flavor: str, *, field: str, source: str = "") -> None:
 
 
 def preprocess(
-    adata: ad.AnnData, params: PreprocessParams, *, source: str = ""
+    adata: ad.AnnData, params: PreprocessParams, *, source: str = "", copy: bool = True
 ) -> PreprocessResult:
     """QC-filter, normalise, log1p, flag HVGs, score programs, label and order cells.
 
@@ -936,6 +978,24 @@ def preprocess(
     8. ``obs["label"]`` (missing values -> ``""``, unlabelled) and ``obs["maturation"]``
        (column, min-max rescaled to [0, 1] when outside it, or diffusion pseudotime).
 
+    ``X`` is dense unless the input is sparse and its dense form (n_cells x n_genes x 4
+    bytes) would exceed ``params.dense_max_bytes``: then it stays CSR (same values) from
+    the counts to the output, and PCA runs on it without densifying (implicit centring,
+    the same components); with ``scale`` only the HVG and genes-of-interest columns are
+    made dense and scaled for the PCA (``varm["PCs"]`` is 0 for the other genes).
+
+    Parameters
+    ----------
+    adata
+        Cells x genes input (see :func:`validate_matrix`).
+    params
+        Settings.
+    source
+        Named in messages (default ``uns["source"]``).
+    copy
+        False: ``adata`` is consumed (changed in place, its matrices dropped once a subset
+        is copied), so a large input is not held twice; ``stage=expression`` passes False.
+
     Raises
     ------
     ExpressionInputError
@@ -950,16 +1010,34 @@ def preprocess(
     p = params
     src = source or str(adata.uns.get("source", ""))
     _check_settings(adata, p, src)
-    adata = adata.copy()  # one copy: the caller's object stays as given
+    if copy:
+        adata = adata.copy()  # one copy: the caller's object stays as given
     if p.counts_layer:
         adata = counts_from(adata, p.counts_layer, src)
     make_gene_names_unique(adata, src)
     has_counts = validate_matrix(adata, values=p.values, source=src)
     if sp.issparse(adata.X):
         adata.X = adata.X.tocsr()
-    if has_counts and "counts" not in adata.layers:
-        adata.layers["counts"] = adata.X.copy()
+    if has_counts:
+        if "counts" not in adata.layers:
+            # the same matrix, not a copy: X is replaced by the normalised values below and
+            # nothing changes either in place
+            adata.layers["counts"] = adata.X
+        # X is computed from the counts after QC; dropped now, a subset copies one matrix
+        adata.X = None
     base = adata.layers["counts"] if has_counts else adata.X
+    # dense X (and PCA input) as always, unless a sparse input would be too large dense
+    dense_x = not sp.issparse(base) or adata.n_obs * adata.n_vars * 4 <= p.dense_max_bytes
+    if not dense_x:
+        log.info(
+            "%s: %d x %d sparse (%.1f %% non-zero): X stays sparse (CSR); dense it would be "
+            "%.1f GiB",
+            src,
+            adata.n_obs,
+            adata.n_vars,
+            100.0 * base.nnz / max(1, adata.n_obs * adata.n_vars),
+            adata.n_obs * adata.n_vars * 4 / 2**30,
+        )
 
     # -- QC -----------------------------------------------------------------
     qc_df, mito = _qc_metrics(base, adata.var_names, p.mito_prefix)
@@ -1002,10 +1080,13 @@ def preprocess(
             field="X" if qc.n_cells_in < MIN_CELLS_PCA else "expression.min_genes/min_counts",
             source=src,
         )
-    adata = adata[keep].copy()
+    if not keep.all():  # no copy when every cell stays
+        sub = adata[keep].copy()
+        _release(adata)  # our copy, or the consumed input (copy=False)
+        adata = sub
     base = adata.layers["counts"] if has_counts else adata.X
     if p.min_cells > 0:
-        n_cells = np.asarray((base > 0).sum(0)).ravel()
+        n_cells = _cells_per_gene(base)
         gkeep = n_cells >= p.min_cells
         qc.dropped_genes_min_cells = int((~gkeep).sum())
         if not gkeep.any():
@@ -1014,7 +1095,10 @@ def preprocess(
                 field="expression.min_cells",
                 source=src,
             )
-        adata = adata[:, gkeep].copy()
+        if not gkeep.all():
+            sub = adata[:, gkeep].copy()
+            _release(adata)
+            adata = sub
     qc.n_cells_out, qc.n_genes_out = adata.n_obs, adata.n_vars
     if has_counts:
         totals = np.asarray(adata.layers["counts"].sum(1)).ravel()
@@ -1032,20 +1116,30 @@ def preprocess(
     if has_counts and RAW_LIBRARY in adata.obs:
         # counts_layer=.raw: each cell by its total over every gene of .raw (its library)
         x = adata.layers["counts"]
-        x = x.toarray() if sp.issparse(x) else np.asarray(x)
         lib = adata.obs[RAW_LIBRARY].to_numpy(np.float64)[:, None]
-        adata.X = np.log1p(x / lib * p.target_sum).astype(np.float32)
+        if dense_x:
+            x = x.toarray() if sp.issparse(x) else np.asarray(x)
+            adata.X = np.log1p(x / lib * p.target_sum).astype(np.float32)
+        else:  # the same operations on the stored values (log1p(0) = 0)
+            x = sp.csr_matrix(x, dtype=np.float64, copy=True)
+            x.data = x.data / np.repeat(lib[:, 0], np.diff(x.indptr)) * p.target_sum
+            np.log1p(x.data, out=x.data)
+            adata.X = x.astype(np.float32)
     elif has_counts:
-        x = adata.layers["counts"].astype(np.float32)
+        x = adata.layers["counts"].astype(np.float32)  # a copy: counts stay as given
         tmp = ad.AnnData(X=x)
         sc.pp.normalize_total(tmp, target_sum=p.target_sum)
         sc.pp.log1p(tmp)
         adata.X = tmp.X
+        del tmp, x
     else:
         adata.X = adata.X.astype(np.float32)
-    adata.X = (adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)).astype(
-        np.float32
-    )
+    if dense_x:
+        adata.X = (adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)).astype(
+            np.float32
+        )
+    else:
+        adata.X = sp.csr_matrix(adata.X, dtype=np.float32, copy=False)
     adata.uns["log1p"] = {"base": None}
 
     # -- genes of interest and programs ------------------------------------
@@ -1125,16 +1219,7 @@ def preprocess(
         adata = adata[:, adata.var["highly_variable"] | adata.var["gene_of_interest"]].copy()
 
     # -- embedding ----------------------------------------------------------
-    n_pcs = max(1, min(p.n_pcs, adata.n_obs - 1, adata.n_vars - 1))
-    emb = ad.AnnData(X=adata.X.copy(), obs=pd.DataFrame(index=adata.obs_names))
-    if p.scale:
-        sc.pp.scale(emb, max_value=10)
-    sc.pp.pca(emb, n_comps=n_pcs, random_state=p.seed)
-    adata.obsm["X_pca"] = emb.obsm["X_pca"].astype(np.float32)
-    # loadings and explained variance where scanpy keeps them (sc.pl.pca_variance_ratio,
-    # sc.pl.pca_loadings work on expression.h5ad); emb has adata's genes in order
-    adata.varm["PCs"] = np.asarray(emb.varm["PCs"], dtype=np.float32)
-    adata.uns["pca"] = dict(emb.uns["pca"])
+    _pca(adata, p, dense_x, src)
     if p.umap and adata.n_obs < MIN_CELLS_UMAP:
         log.warning(
             "%s: %d cells: UMAP needs at least %d; skipped (umap.png shows the PCA)",
@@ -1160,20 +1245,59 @@ def preprocess(
     return PreprocessResult(adata=adata, qc=qc, programs=programs, missing=missing, qc_frame=qc_df)
 
 
+def _pca(adata: ad.AnnData, p: PreprocessParams, dense_x: bool, src: str) -> None:
+    """``obsm["X_pca"]`` (n, n_pcs), ``varm["PCs"]`` (n_genes, n_pcs), ``uns["pca"]``.
+
+    Dense ``X``: PCA of all genes (scaled first if ``p.scale``), as always. Sparse ``X``
+    (``dense_x`` False): the same PCA on the CSR matrix, centred implicitly by scanpy /
+    scikit-learn (no dense copy); with ``p.scale`` the HVG and genes-of-interest columns
+    are made dense and scaled (scaling every gene would make all of ``X`` dense).
+    """
+    import scanpy as sc
+
+    n_pcs = max(1, min(p.n_pcs, adata.n_obs - 1, adata.n_vars - 1))
+    obs = pd.DataFrame(index=adata.obs_names)
+    cols = None  # genes in the PCA: all
+    if dense_x:
+        emb = ad.AnnData(X=adata.X.copy(), obs=obs)
+    elif not p.scale:
+        emb = ad.AnnData(X=adata.X, obs=obs)  # sc.pp.pca leaves its input unchanged
+    else:
+        cols = (adata.var["highly_variable"] | adata.var["gene_of_interest"]).to_numpy()
+        block = adata.X[:, cols].toarray()
+        log.info(
+            "%s: scale=true on sparse X: PCA of the %d HVG and genes of interest (%.2f GiB dense)",
+            src,
+            int(cols.sum()),
+            block.nbytes / 2**30,
+        )
+        emb = ad.AnnData(X=block, obs=obs)
+        n_pcs = max(1, min(n_pcs, int(cols.sum()) - 1))
+    if p.scale:
+        sc.pp.scale(emb, max_value=10)
+    sc.pp.pca(emb, n_comps=n_pcs, random_state=p.seed)
+    adata.obsm["X_pca"] = emb.obsm["X_pca"].astype(np.float32)
+    # loadings and explained variance where scanpy keeps them (sc.pl.pca_variance_ratio,
+    # sc.pl.pca_loadings work on expression.h5ad); emb has adata's genes in order
+    pcs = np.asarray(emb.varm["PCs"], dtype=np.float32)
+    if cols is not None:  # genes left out of the PCA load 0, as sc.pp.pca's mask_var
+        full = np.zeros((adata.n_vars, pcs.shape[1]), np.float32)
+        full[cols] = pcs
+        pcs = full
+    adata.varm["PCs"] = pcs
+    adata.uns["pca"] = dict(emb.uns["pca"])
+
+
 def _neighbors(adata: ad.AnnData, p: PreprocessParams) -> None:
     """kNN graph on X_pca, built only when UMAP, DPT or clustering needs it.
 
     (The first call in a process JIT-compiles numba code: about 10 s.)
     """
-    import scanpy as sc
+    from vae.inputs.neighbors import knn_graph
 
     if "neighbors" not in adata.uns:
-        sc.pp.neighbors(
-            adata,
-            n_neighbors=max(2, min(p.n_neighbors, adata.n_obs - 1)),
-            use_rep="X_pca",
-            random_state=p.seed,
-        )
+        # scanpy's own call stopped at >= 8192 cells (csr_array.getnnz): vae.inputs.neighbors
+        knn_graph(adata, n_neighbors=p.n_neighbors, use_rep="X_pca", random_state=p.seed)
 
 
 def label_strings(values) -> tuple[np.ndarray, int]:
