@@ -8,9 +8,19 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 
-from segmentation.runtime import restore_rank_rng, rng_state
+from segmentation.runtime import restore_rank_rng, rng_state, set_rng_state
+
+
+@pytest.fixture(autouse=True)
+def _global_rng_restored():
+    """The tests seed and restore the global torch / numpy / python streams (what a
+    checkpoint saves): put them back as they were, for the tests that run after."""
+    saved = rng_state()
+    yield
+    set_rng_state(saved)
 
 
 def _state(seed: int) -> dict:

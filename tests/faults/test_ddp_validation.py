@@ -83,7 +83,7 @@ def _body(ctx) -> None:
             (Path(ctx.dir) / f"two_{n}.json").write_text(json.dumps(out))
 
 
-def test_two_processes_score_validation_as_one_does(tmp_path: Path, monkeypatch):
+def test_two_processes_score_validation_as_one_does(tmp_path: Path, monkeypatch, spawn_tmp):
     """13 rows (odd: rank 1's shard ends with a repeat of row 0) and 1 row (rank 1's
     whole shard is the repeat): the 2-rank loss terms are the 1-process ones."""
     import vae.model as vm

@@ -21,6 +21,7 @@ TINY = [
     "trainer.max_epochs=2",
     "trainer.image_every_epochs=0",
     "trainer.projector_max_cells=0",
+    "hardware.torch_threads=1",  # as cfg_for sets it: said here too, where the run is
 ]
 
 

@@ -260,9 +260,10 @@ def test_every_shipped_config_is_in_range():
 # --- user errors: one line, no traceback, before any folder ----------------------
 
 
-def test_gpu_without_cuda_fails_before_the_stage_folder(tmp_path, toy, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+def test_gpu_without_cuda_fails_before_the_stage_folder(tmp_path, toy, capsys, monkeypatch):
+    # no CUDA device, also on a machine that has one (this process only: in process)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     toy("evaluate", writes("x"))
     root = tmp_path / "out"
     assert runner.main(cfg_for(root, "evaluate", "hardware=gpu")) == 2

@@ -22,7 +22,6 @@ from vae.data import PairedDataError, from_anndata, stratified_split
 from vae.model import TwoBranchVAE, VAEArgs
 from vae.train import NonFiniteLossError, TrainArgs, train
 
-torch.set_num_threads(1)
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 

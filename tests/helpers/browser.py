@@ -7,9 +7,11 @@ chromium-driver`` and ``pip install -e '.[dev]'``).
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -35,13 +37,28 @@ def require_browser() -> tuple[str, str]:
 
 
 @contextmanager
-def headless_chromium(width: int = 1400, height: int = 1800) -> Iterator:
-    """A Selenium Chrome driver on headless Chromium with the browser log enabled."""
+def headless_chromium(tmp: Path, width: int = 1400, height: int = 1800) -> Iterator:
+    """A Selenium Chrome driver on headless Chromium with the browser log enabled.
+
+    Everything the browser writes stays under ``tmp`` (a folder of pytest's temporary
+    tree): its profile (``--user-data-dir``) and its scratch files (``TMPDIR`` of the
+    driver, which the browser inherits); without them it left
+    ``/tmp/org.chromium.Chromium.*`` behind. ``tmp`` must be a short path
+    (``tmp_path_factory.mktemp("chromium")``, not a long test's ``tmp_path``): Chromium
+    puts a Unix socket at ``$TMPDIR/org.chromium.Chromium.XXXXXX/SingletonSocket``, and a
+    socket path over 107 bytes makes the browser exit at start.
+    """
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
     browser, driver = require_browser()
+    profile, scratch = Path(tmp) / "profile", Path(tmp) / "t"
+    socket = scratch / "org.chromium.Chromium.XXXXXX" / "SingletonSocket"
+    if len(os.fsencode(socket)) > 107:
+        raise ValueError(f"{tmp}: too long for Chromium's socket ({socket}); pass a shorter one")
+    profile.mkdir(parents=True, exist_ok=True)
+    scratch.mkdir(parents=True, exist_ok=True)
     opts = Options()
     opts.binary_location = browser
     for arg in (
@@ -50,10 +67,12 @@ def headless_chromium(width: int = 1400, height: int = 1800) -> Iterator:
         "--disable-gpu",
         "--disable-dev-shm-usage",
         f"--window-size={width},{height}",
+        f"--user-data-dir={profile}",
     ):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=Service(driver), options=opts)
+    env = {**os.environ, "TMPDIR": str(scratch), "TMP": str(scratch), "TEMP": str(scratch)}
+    drv = webdriver.Chrome(service=Service(driver, env=env), options=opts)
     try:
         yield drv
     finally:

@@ -6,19 +6,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from tests.helpers.run import tiny_train
+
 KINDS = ["myeloblast", "myelocyte", "lymphocyte"]
 
-# stage=train settings of a tiny model that trains in seconds (two epochs)
-TINY_TRAIN = [
-    "vae.channels=[8,16]",
-    "vae.hidden=[16]",
-    "vae.n_latent=4",
-    "vae.n_private=1",
-    "trainer.batch_size=16",
-    "trainer.max_minutes=null",
-    "trainer.max_epochs=2",
-    "hardware.torch_threads=1",
-]
+# stage=train settings of the toy study (tests.helpers.run.TINY_MODEL, one private dim)
+TINY_TRAIN = tiny_train(1)
 
 
 def make_paired(

@@ -88,9 +88,29 @@ def test_h5ad_input_that_is_a_folder_is_refused_before_any_folder(tmp_path):
 
 
 def test_expression_raw_may_still_be_a_folder(tmp_path):
-    from pipeline.guards import probe_inputs
+    import anndata as ad
+    import numpy as np
 
-    probe_inputs({"expression_raw": tmp_path})  # a 10x matrix folder: read by its stage
+    from pipeline.guards import probe_inputs
+    from pipeline.runner import StageError
+
+    mtx = tmp_path / "filtered_feature_bc_matrix"
+    mtx.mkdir()
+    # a 10x matrix folder: read by its stage, not refused here
+    assert probe_inputs({"expression_raw": mtx}) is None
+    # ... and the folder does not stop the check of a file input in the same call
+    good = tmp_path / "paired.h5ad"
+    ad.AnnData(np.zeros((3, 2), np.float32)).write_h5ad(good)
+    assert probe_inputs({"expression_raw": mtx, "paired": good}) is None
+    bad = tmp_path / "broken.h5ad"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(StageError, match=r"input 'paired' = .*broken\.h5ad: not a readable"):
+        probe_inputs({"expression_raw": mtx, "paired": bad})
+    # a folder named like an .h5ad file is still refused, even as expression_raw
+    named = tmp_path / "raw.h5ad"
+    named.mkdir()
+    with pytest.raises(StageError, match="is a directory, expected an .h5ad file"):
+        probe_inputs({"expression_raw": named})
 
 
 def _vae_checkpoint(path: Path) -> Path:

@@ -14,7 +14,7 @@ from PIL import Image
 
 import pipeline.stages.embed
 from pipeline.runner import StageError
-from tests.helpers.run import run_pipeline, run_stage_in_process
+from tests.helpers.run import needs_shared, run_pipeline, run_stage_in_process
 from tests.helpers.seg_synth import LIGHT_HEADS
 from tests.helpers.vae_toy import TINY_TRAIN, train_toy_study
 
@@ -424,7 +424,9 @@ def test_a_sweep_study_without_a_variant_names_its_variants(study: Path, tmp_pat
     assert Study.load(root, variant="beta4").n_shared > 0
 
 
-def test_a_study_loaded_from_its_train_folder_keeps_its_detector(study: Path, tmp_path: Path):
+def test_a_study_loaded_from_its_train_folder_keeps_its_detector(
+    study: Path, tmp_path: Path, monkeypatch
+):
     """Study.load(<experiment>/train) and Study.load(<experiment>/train/<variant>) use the
     experiment's segment_train detector, as Study.load(<experiment>) does (they used the
     shipped one, silently)."""
@@ -442,14 +444,8 @@ def test_a_study_loaded_from_its_train_folder_keeps_its_detector(study: Path, tm
     assert Path(Study.load(exp).segmentation_model) == own
     assert Path(Study.load(exp / "train").segmentation_model) == own
     assert Path(Study.load(exp / "train" / "v1").segmentation_model) == own
-    import os
-
-    here = os.getcwd()
-    try:  # a relative "." names no folder by itself
-        os.chdir(exp / "train")
-        assert Path(Study.load(".").segmentation_model) == own
-    finally:
-        os.chdir(here)
+    monkeypatch.chdir(exp / "train")  # a relative "." names no folder by itself
+    assert Path(Study.load(".").segmentation_model) == own
 
 
 def test_a_latent_of_another_model_is_refused(study: Path, tmp_path: Path):
@@ -1058,7 +1054,7 @@ def test_missing_genes_are_imputed_from_the_cell(study: Path, tmp_path: Path):
 BCCD = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "smears" / "bccd"
 
 
-@pytest.mark.skipif(not BCCD.is_dir(), reason="needs ../shared/data (BCCD)")
+@needs_shared(BCCD, "BCCD smears")
 def test_study_without_a_detector_segments_smears_with_the_shipped_one(study: Path, tmp_path):
     """No segment_train/model.pt in the study: smears go through the shipped detector,
     each image's magnification measured (not the simulator's input_scale)."""
@@ -1128,7 +1124,7 @@ def test_a_premasked_crop_keeps_its_framing():
     assert np.abs(c[inner].astype(int) - (180, 120, 200)).max() <= 1
 
 
-@pytest.mark.skipif(not CROPS.is_dir(), reason="needs ../shared/data (bccd_cropped)")
+@needs_shared(CROPS, "bccd_cropped")
 def test_crop_folder_cells_get_the_detectors_mask(study: Path, tmp_path):
     """embed.crops (default crop_masks=detector): each crop's centre cell with its
     instance mask, as stage=segment masks a crop folder; a crop without one is a reject
@@ -1193,7 +1189,7 @@ def test_crop_folder_cells_get_the_detectors_mask(study: Path, tmp_path):
     assert q.obs["low_score"].dtype == bool and not q.obs["low_score"].any()
 
 
-@pytest.mark.skipif(not CROPS.is_dir(), reason="needs ../shared/data (bccd_cropped)")
+@needs_shared(CROPS, "bccd_cropped")
 def test_a_crop_whose_ruler_fails_is_read_again_at_its_folders_median_scale(tmp_path):
     """BloodImage_00079_1: its own scale estimate reads a lobe as a cell (~1.3 instead of
     ~0.25), so the detector sees the cell 5x too large and cuts it into pieces, none

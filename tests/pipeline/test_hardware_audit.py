@@ -89,7 +89,7 @@ def _log_body(ctx):
     warnings.warn(f"py warning from rank {ctx.dist.rank}", UserWarning, stacklevel=1)
 
 
-def test_spawned_ranks_log_like_the_parent(tmp_path, capfd):
+def test_spawned_ranks_log_like_the_parent(tmp_path, capfd, spawn_tmp):
     from pipeline.stagedir import add_log_file
 
     root = logging.getLogger()
@@ -134,7 +134,7 @@ def busy_port():
     s.close()
 
 
-def test_a_taken_master_port_names_the_setting(tmp_path, busy_port):
+def test_a_taken_master_port_names_the_setting(tmp_path, busy_port, spawn_tmp):
     hw = _hw("hardware.num_processes=2", f"hardware.master_port={busy_port}")
     with pytest.raises(hardware.HardwareError, match=f"hardware.master_port={busy_port}"):
         hardware.launch(_log_body, SimpleNamespace(dir=tmp_path, dist=None), hw)

@@ -26,7 +26,7 @@ from segmentation.sources import (
     pick_centre_cell,
     read_bccd_labels,
 )
-from tests.helpers.run import ROOT, compose_config, run_stage_in_process
+from tests.helpers.run import ROOT, compose_config, needs_shared, run_stage_in_process
 from tests.helpers.seg_synth import untrained_checkpoint
 
 SHARED = ROOT / "../shared/data"
@@ -232,7 +232,7 @@ def test_precheck_real_preset_without_shared_data(tmp_path):
         precheck(cfg, runner.stages_for(cfg))
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="shared data absent")
+@needs_shared(SHARED, "the real preset's data")
 def test_precheck_real_preset_missing_expression_file(tmp_path):
     from pipeline import runner
 
@@ -471,7 +471,7 @@ SHARED_CROPS = (
 )
 
 
-@pytest.mark.skipif(not SHARED_CROPS.is_dir(), reason="needs ../shared/data (bccd_cropped)")
+@needs_shared(SHARED_CROPS, "bccd_cropped")
 def test_segment_crop_folder_without_a_scale_is_measured(tmp_path):
     """A crop_folder source with no scale is measured crop by crop, as stage=embed reads
     crop folders (it ran at segmentation.input_scale before, config audit 2026-12-05),

@@ -19,8 +19,6 @@ from segmentation import provenance
 from segmentation.provenance import code_record
 from tests.helpers.run import ROOT, compose_config, run_pipeline
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture
 def fresh_record():

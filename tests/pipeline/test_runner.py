@@ -281,8 +281,10 @@ def test_a_stage_that_failed_before_its_first_checkpoint_runs_again():
 def test_unfinished_producer_is_refused(tmp_path, monkeypatch):
     _register_toy(monkeypatch, _fails("metrics.json", "partial", "crash"))
     cfg = _cfg(tmp_path, "evaluate")
-    with pytest.raises(RuntimeError):
+    # the body's own error ("crash"), not a StageError (a RuntimeError too) of the runner
+    with pytest.raises(RuntimeError, match="^crash$") as e:
         runner.run_stage(cfg, "evaluate")
+    assert type(e.value) is RuntimeError
     with pytest.raises(StageInputError, match="unfinished"):
         runner.resolve_input(cfg, "evaluation")
 
@@ -395,7 +397,7 @@ def _abort_now_on_rank1(ctx):
         os.abort()
 
 
-def test_an_abort_after_every_rank_finished_is_not_a_failure(tmp_path, caplog):
+def test_an_abort_after_every_rank_finished_is_not_a_failure(tmp_path, caplog, spawn_tmp):
     """gloo's destroy_process_group aborts a rank now and then after the work is done
     (seen in CI: "terminate called without an active exception"); that is logged, not a
     failed stage. An abort during the work still fails."""
@@ -406,7 +408,7 @@ def test_an_abort_after_every_rank_finished_is_not_a_failure(tmp_path, caplog):
         hardware.launch(_abort_now_on_rank1, SimpleNamespace(dir=tmp_path, dist=None), hw)
 
 
-def test_ddp_two_cpu_processes_gloo(tmp_path):
+def test_ddp_two_cpu_processes_gloo(tmp_path, spawn_tmp):
     hw = _compose(["stage=train", "hardware.num_processes=2", "hardware.master_port=0"]).hardware
     ctx = SimpleNamespace(dir=tmp_path, dist=None)
     hardware.launch(_ddp_body, ctx, hw)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -381,7 +382,7 @@ def test_bad_settings_name_the_setting(override, message):
         simulator_params(cfg)
     assert str(e.value).startswith("data.simulator.")
     assert message in str(e.value)
-    with pytest.raises(SimulatorSettingError):
+    with pytest.raises(SimulatorSettingError, match=re.escape(message)):
         SimulatorParams.from_mapping({**SMALL, **override}).validate()
 
 

@@ -129,7 +129,26 @@ def test_contact_sheet_labels_are_black_under_each_crop():
     assert (sheet == (235, 200, 210)).all(-1).sum() == 4 * 64 * 64
     dark = (sheet.max(-1) < 80).sum()
     assert dark > 50
-    assert contrast((0, 0, 0), (255, 255, 255)) >= 4.5
+    # measured on the sheet itself: under each pasted crop, the strip down to the next
+    # crop (or the sheet's edge) holds the label; its darkest pixel (the text) against
+    # the strip's commonest colour (its background) reads >= 4.5:1
+    from scipy import ndimage as ndi
+
+    pink, n = ndi.label((sheet == (235, 200, 210)).all(-1))
+    assert n == 4
+    boxes = ndi.find_objects(pink)
+    tops = sorted({b[0].start for b in boxes})
+    for rows, cols in boxes:
+        below = [t for t in tops if t > rows.stop]
+        strip = sheet[rows.stop : (below[0] if below else sheet.shape[0]), cols]
+        px = strip.reshape(-1, 3)
+        colours, counts = np.unique(px, axis=0, return_counts=True)
+        background = tuple(int(v) for v in colours[counts.argmax()])
+        lum = px.astype(float) @ [0.2126, 0.7152, 0.0722]
+        darkest = tuple(int(v) for v in px[lum.argmin()])
+        assert background == (255, 255, 255), background  # the white sheet, not the cell
+        assert contrast(darkest, background) >= 4.5, (darkest, background)
+        assert (strip.max(-1) < 80).sum() > 10  # text, not a stray dark pixel
     assert isinstance(contact_sheet(crops[:0]), Image.Image)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 from skimage.measure import label, regionprops
@@ -605,7 +606,6 @@ def test_read_rgb_reads_past_pillows_bomb_guard_and_names_its_own_size_limit(tmp
 
 
 def test_read_rgb_16bit_rgb_tiff(tmp_path):
-    tifffile = pytest.importorskip("tifffile")
     a = (np.arange(20 * 30 * 3).reshape(20, 30, 3) * 30).astype(np.uint16)
     tifffile.imwrite(tmp_path / "a.tif", a)
     r = read_rgb(tmp_path / "a.tif")
@@ -617,7 +617,6 @@ def test_read_rgb_planar_and_multi_page_tiffs(tmp_path):
     """Channels stored as planes, and a stack of pages: read (the first page, said so),
     not refused as an 'unsupported array shape' (image_problem passed them, so training
     would have stopped at them mid-epoch)."""
-    tifffile = pytest.importorskip("tifffile")
     from segmentation.datasets import ImageRecord, image_problem
 
     rgb = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)

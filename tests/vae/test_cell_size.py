@@ -14,7 +14,6 @@ from vae.losses import LossWeights, vae_loss
 from vae.model import TwoBranchVAE, VAEArgs
 from vae.train import TrainArgs, train
 
-torch.set_num_threads(1)
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 

@@ -12,7 +12,6 @@ from vae.data import from_anndata, raw_batch, stratified_split, to_batch
 from vae.losses import LossWeights, vae_loss
 from vae.train import TrainArgs, forward_loss, train
 
-torch.set_num_threads(1)
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 

@@ -13,7 +13,6 @@ from vae.data import from_anndata, stratified_split
 from vae.flat import FlatParameters
 from vae.train import TrainArgs, train
 
-torch.set_num_threads(1)
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 

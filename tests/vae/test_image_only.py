@@ -14,7 +14,6 @@ from vae.losses import LossWeights, per_value_weight, vae_loss
 from vae.model import VAEArgs
 from vae.train import TrainArgs, forward_loss, train
 
-torch.set_num_threads(1)
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 EXPRESSION_TERMS = ("expression", "expression_unimodal", "expression_from_image")
 

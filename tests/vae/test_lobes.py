@@ -229,7 +229,7 @@ def test_the_head_trains_without_moving_the_latent():
 
 def test_render_draws_the_heads_count_and_the_plain_decode_is_unchanged():
     model = _model(crop_size=32, channels=[8, 8]).eval()
-    z = torch.randn(2, model.n_latent)
+    z = torch.randn(2, model.n_latent, generator=torch.Generator().manual_seed(0))
     last = model.lobe_head.net[-1]
 
     def say(k: int) -> None:  # the head gives k lobes for every code
@@ -253,7 +253,7 @@ def test_render_draws_the_heads_count_and_the_plain_decode_is_unchanged():
 
 def test_without_lobe_layer_draws_the_uncut_nucleus_and_puts_the_head_back():
     model = _model(crop_size=32, channels=[8, 8]).eval()
-    z = torch.randn(2, model.n_latent)
+    z = torch.randn(2, model.n_latent, generator=torch.Generator().manual_seed(0))
     head = model.lobe_head
     with torch.no_grad():
         last = head.net[-1]

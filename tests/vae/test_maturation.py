@@ -13,8 +13,6 @@ from vae.data import from_anndata, raw_batch, to_batch
 from vae.losses import LossWeights, vae_loss
 from vae.model import MaturationHead, TwoBranchVAE, VAEArgs
 
-torch.set_num_threads(1)
-
 
 def test_head_ranks_cut_points_and_likelihood():
     head = MaturationHead([2, -1, 0, 1])  # label code -> rank; code 1 is not a stage

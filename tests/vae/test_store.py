@@ -34,7 +34,6 @@ from vae.store import (
 )
 from vae.train import TrainArgs, forward_loss, train
 
-torch.set_num_threads(1)
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 

@@ -34,7 +34,6 @@ from vae.model import TwoBranchVAE, VAEArgs, poe
 from vae.schedules import KLSchedule
 from vae.train import TrainArgs, train
 
-torch.set_num_threads(1)
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 

@@ -10,8 +10,6 @@ from tests.helpers.vae_toy import make_paired
 from vae.analysis import anomaly as A
 from vae.inputs.schema import ANOMALY_COLUMNS, ANOMALY_SCORE
 
-torch.set_num_threads(1)
-
 
 def test_knn_distance_leaves_a_rows_own_entry_out():
     ref = np.array([[0.0], [1.0], [3.0]])

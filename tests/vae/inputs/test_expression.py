@@ -18,7 +18,13 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from tests.helpers.run import ROOT, compose_config, run_pipeline, run_stage_in_process
+from tests.helpers.run import (
+    ROOT,
+    compose_config,
+    needs_shared,
+    run_pipeline,
+    run_stage_in_process,
+)
 from vae.inputs.expression import (
     MIN_CELLS_DPT,
     MIN_CELLS_PCA,
@@ -577,7 +583,7 @@ def test_stage_bad_input_writes_nothing(tmp_path):
     assert json.loads((d / "manifest.json").read_text())["status"] == "failed"
 
 
-@pytest.mark.skipif(not PAUL15.exists(), reason="shared Paul15 data not present")
+@needs_shared(PAUL15, "Paul15")
 def test_paul15_in_process():
     a = read_expression(PAUL15)
     res = preprocess(
@@ -604,7 +610,7 @@ def test_paul15_in_process():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not PAUL15.exists(), reason="shared Paul15 data not present")
+@needs_shared(PAUL15, "Paul15")
 def test_stage_on_paul15(tmp_path):
     r = _run(
         [

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.helpers.run import ROOT, run_pipeline, run_stage_in_process
+from tests.helpers.run import ROOT, needs_shared, run_pipeline, run_stage_in_process
 from vae.inputs.pairing import (
     CropSet,
     PairingError,
@@ -239,7 +239,7 @@ def test_by_maturation_bins():
     assert refs["img1"] in hi and refs["img4"] in hi
     assert _flags(res) == (4, 1, 6 - len(set(refs.values())))
     _check_consistent(res, c, e)
-    with pytest.raises(PairingError):
+    with pytest.raises(PairingError, match=r"\[pair\.n_bins\] must be >= 1"):
         make_pairs(c, e, "by_maturation", n_bins=0)
 
 
@@ -313,7 +313,7 @@ def test_image_folder_reader(tmp_path):
     assert list(cs.obs.label) == ["monocyte", "neutrophil", "neutrophil", "neutrophil"]
     assert not cs.obs.has_mask.any()
     assert len(read_image_folder(root, 12, max_per_class=2)) == 3
-    with pytest.raises(PairingError):
+    with pytest.raises(PairingError, match=r"nope: \[path\] no such folder"):
         read_image_folder(tmp_path / "nope", 12)
     # one unreadable image: skipped and listed when the caller collects rejects
     (root / "Monocyte" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
@@ -508,7 +508,7 @@ def test_pair_stage_bad_label_map_writes_nothing(tmp_path):
     assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "pair.log"]
 
 
-@pytest.mark.skipif(not (SHARED / "cells/bccd_cropped").exists(), reason="shared data absent")
+@needs_shared(SHARED / "cells/bccd_cropped", "bccd_cropped")
 def test_real_crops_by_label_against_paul15_labels(tmp_path):
     """The real-data config: bccd_cropped + segmentation_wbc x Paul15-style labels."""
     e = _expr()
