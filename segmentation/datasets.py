@@ -254,6 +254,11 @@ def _valid(b: Sequence[float]) -> bool:
     return b[2] - b[0] >= 1 and b[3] - b[1] >= 1
 
 
+def _few(names: Sequence[str], sep: str = ", ", k: int = 5) -> str:
+    """The first ``k`` of ``names`` for a log line, then ``...`` when there are more."""
+    return sep.join(names[:k]) + (" ..." if len(names) > k else "")
+
+
 def _report_dropped(path: Path, dropped: list[str]) -> None:
     """One warning per annotation file for boxes left out (outside the image, or under
     1 px once clipped to it): silently, 15 boxes became 12."""
@@ -262,7 +267,7 @@ def _report_dropped(path: Path, dropped: list[str]) -> None:
             "%s: %d box(es) outside the image or under 1 px after clipping, left out: %s",
             path,
             len(dropped),
-            "; ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""),
+            _few(dropped, "; "),
         )
 
 
@@ -675,7 +680,7 @@ def read_mask_pngs(
             root,
             len(empty),
             foreground_min,
-            ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""),
+            _few(empty, ", "),
         )
     return SmearDataset(out)
 
@@ -743,7 +748,7 @@ def read_geojson(
             "%s: %d .geojson file(s) without an image of the same stem beside them, not read: %s",
             root,
             len(no_image),
-            ", ".join(no_image[:5]) + (" ..." if len(no_image) > 5 else ""),
+            _few(no_image, ", "),
         )
     out: list[ImageRecord] = []
     dropped: list[str] = []
@@ -765,7 +770,7 @@ def read_geojson(
             "%s: %d object(s) left out (not a polygon, or under one pixel): %s",
             root,
             len(dropped),
-            "; ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""),
+            _few(dropped, "; "),
         )
     return SmearDataset(out)
 
