@@ -25,7 +25,8 @@ def _interrupted_early(signum, frame) -> None:
 
 
 # `python -m pipeline` or the `wbc-pipeline` command, not a test importing this module
-if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "wbc-pipeline":
+# (the stem: on Windows the command is wbc-pipeline.exe)
+if __name__ == "__main__" or os.path.splitext(os.path.basename(sys.argv[0]))[0] == "wbc-pipeline":
     signal.signal(signal.SIGINT, _interrupted_early)
 
 import errno

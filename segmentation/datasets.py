@@ -733,9 +733,9 @@ def read_geojson(
     by_folder: dict[Path, list[tuple[Path, Path]]] = {}
     no_image = []
     for g in files:
-        imgs = sorted(p for p in g.parent.glob(f"{g.stem}.*") if p.suffix.lower() in IMAGE_EXTS)
-        if imgs:
-            by_folder.setdefault(g.parent, []).append((imgs[0], g))
+        img = _geojson_image(g)
+        if img is not None:
+            by_folder.setdefault(g.parent, []).append((img, g))
         else:
             no_image.append(g.name)
     if no_image and not by_folder:
@@ -775,6 +775,26 @@ def read_geojson(
     return SmearDataset(out)
 
 
+def _geojson_image(g: Path) -> Path | None:
+    """The image ``<stem>.geojson`` describes: ``<stem>.<ext>`` beside it (the first by
+    name), or for ``<stem>_<ext>.geojson`` (stage=segment's name for one of two images
+    sharing a stem) ``<stem>.<ext>``; None when there is none."""
+    from glob import escape
+
+    imgs = sorted(
+        p
+        for p in g.parent.glob(f"{escape(g.stem)}.*")
+        if p.stem == g.stem and p.suffix.lower() in IMAGE_EXTS
+    )
+    if imgs:
+        return imgs[0]
+    base, _, ext = g.stem.rpartition("_")
+    if base and f".{ext.lower()}" in IMAGE_EXTS:
+        twins = [p for p in g.parent.glob(f"{escape(base)}.*") if p.suffix[1:].lower() == ext]
+        return twins[0] if len(twins) == 1 else None
+    return None
+
+
 def _geojson_instances(path: Path, w: int, h: int, dropped: list[str]) -> list[Instance]:
     """The polygons of one GeoJSON file as instances of a ``w`` x ``h`` image."""
     from skimage.draw import polygon as fill
@@ -804,12 +824,13 @@ def _geojson_instances(path: Path, w: int, h: int, dropped: list[str]) -> list[I
         try:
             for rings in polys:
                 for j, ring in enumerate(rings):
-                    xy = np.asarray(ring, dtype=np.float64).reshape(-1, 2)
+                    # [x, y] or [x, y, z] positions (GeoJSON allows an altitude)
+                    xy = np.asarray(ring, dtype=np.float64)[:, :2]
                     if not np.isfinite(xy).all():
                         raise ValueError("a coordinate is not a number")
                     rr, cc = fill(xy[:, 1] - 0.5, xy[:, 0] - 0.5, (h, w))
                     mask[rr, cc] = j == 0  # the first ring is the outline, the rest holes
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, IndexError) as e:
             raise AnnotationError(
                 f"{path}: feature {k}, field 'geometry.coordinates': not [[x, y], ...] rings ({e})"
             ) from e

@@ -225,7 +225,7 @@ def from_anndata(
     source : str
         Name used in error messages.
     image_size : int, optional
-        Resize crops (area) and masks (nearest) to this side, px.
+        Resize crops (area) and masks (area >= 0.5: on their crops) to this side, px.
     crops, masks : vae.store.RowStore, optional
         Crops (N, 3, S, S) and masks (N, 1, S, S) kept on disk (data larger than
         memory); ``obsm`` is then not read and ``image_size`` must be None (the

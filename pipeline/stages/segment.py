@@ -52,6 +52,7 @@ from segmentation.io import (
 from segmentation.progress import bar
 from segmentation.shipped import wants_scale_estimate, wants_scale_refinement
 from segmentation.slides import (
+    Window,
     is_slide,
     own_cells,
     slide_units,
@@ -153,6 +154,18 @@ def overlay_name(path: Path) -> str:
     ]
     stem = f"{path.stem}_{path.suffix[1:].lower()}" if len(twins) > 1 else path.stem
     return f"{short_stem(stem)}.png"
+
+
+def cell_prefix(path: Path, win: Window | None) -> str | None:
+    """Cell-id prefix of an image's cells: a window's ``<stem>_x<X>_y<Y>``; a twin's
+    ``<stem>_<ext>`` (``cell.jpg`` beside ``cell.png``), as its overlay is named; else
+    None (the stem). Twins' ids were one, renamed ``i00000_...`` in the table only after
+    the rejected examples were taken under the old ids: the run stopped with a KeyError
+    drawing rejects.png (review)."""
+    if win is not None:
+        return window_prefix(path, win)
+    shown = overlay_name(path)[: -len(".png")]
+    return recorded_name(shown) if shown != short_stem(path.stem) else None
 
 
 # bytes of a file name on most file systems (ext4, APFS, NTFS: 255), less room for what
@@ -400,14 +413,22 @@ def _run_shard(
                 [recorded_name(p.name) for _, p, _, _, _ in good],
                 settings,
                 truths=[it for _, _, _, it, _ in good],
-                id_prefixes=[window_prefix(p, w) for _, p, _, _, w in good],
+                id_prefixes=[cell_prefix(p, w) for _, p, _, _, w in good],
             )
         else:  # magnification per image from its white (else red) cells (segmentation.estimate_scale)
             results = []
             for _, p, im, it, w in good:
                 if w is None:
                     cells = _estimated(
-                        detector, im, p, settings, it, sc, ckpt, (pooled or {}).get(p)
+                        detector,
+                        im,
+                        p,
+                        settings,
+                        it,
+                        sc,
+                        ckpt,
+                        (pooled or {}).get(p),
+                        cell_prefix(p, None),
                     )[0]
                 else:  # one magnification per slide, from its first window with cells
 

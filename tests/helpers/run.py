@@ -14,7 +14,8 @@ CONF = ROOT / "pipeline" / "conf"
 
 # the real data next to the checkout (not in git): tests that read it skip without it,
 # except where WBC_REQUIRE_SHARED=1 (.ci/run sets it): there its absence is a failure
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# as paths.shared_data resolves it: $WBC_SHARED_DATA, else ../shared/data
+SHARED_DATA = Path(os.environ.get("WBC_SHARED_DATA") or ROOT.parent / "shared" / "data")
 REQUIRE_SHARED = "WBC_REQUIRE_SHARED"
 
 

@@ -26,10 +26,10 @@ from segmentation.sources import (
     pick_centre_cell,
     read_bccd_labels,
 )
-from tests.helpers.run import ROOT, compose_config, needs_shared, run_stage_in_process
+from tests.helpers.run import SHARED_DATA, compose_config, needs_shared, run_stage_in_process
 from tests.helpers.seg_synth import untrained_checkpoint
 
-SHARED = ROOT / "../shared/data"
+SHARED = SHARED_DATA
 
 BG, CELL = (235, 215, 215), (110, 50, 150)
 
@@ -163,6 +163,7 @@ def test_pick_centre_cell():
 # ----------------------------------------------------------------------------
 
 
+@needs_shared(SHARED / "smears" / "bccd", "BCCD: data=bccd's segment_train source is checked first")
 def test_stage_all_precheck_fails_before_anything_runs(tmp_path, capsys):
     from pipeline import runner
 
@@ -176,6 +177,7 @@ def test_stage_all_precheck_fails_before_anything_runs(tmp_path, capsys):
     )
 
 
+@needs_shared(SHARED / "expression", "Paul15: expression=paul15")
 def test_precheck_counts_earlier_outputs_and_names_bad_source(tmp_path, tiny_ckpt):
     from pipeline.precheck import precheck
     from pipeline.runner import StageError

@@ -198,6 +198,11 @@ def test_geojson_annotations_classes_holes_and_bad_files(tmp_path, caplog):
 
     Image.new("RGB", (60, 50), (230, 200, 200)).save(tmp_path / "a.jpg")
     Image.new("RGB", (60, 50), (230, 200, 200)).save(tmp_path / "b.jpg")
+    Image.new("RGB", (60, 50), (230, 200, 200)).save(tmp_path / "c [1].jpg")  # glob chars
+    Image.new("RGB", (60, 50), (230, 200, 200)).save(tmp_path / "a.v2.jpg")  # not a's
+    square3d = [[x, y, 7.0] for x, y in [[5, 5], [25, 5], [25, 25], [5, 25], [5, 5]]]
+    doc3d = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square3d]}}
+    (tmp_path / "c [1].geojson").write_text(json.dumps(doc3d))  # one Feature, x y z
     square = [[10, 10], [40, 10], [40, 40], [10, 40], [10, 10]]
     hole = [[20, 20], [30, 20], [30, 30], [20, 30], [20, 20]]
     feats = [
@@ -214,7 +219,10 @@ def test_geojson_annotations_classes_holes_and_bad_files(tmp_path, caplog):
     skipped: list[Skip] = []
     with caplog.at_level("WARNING"):
         ds = read_geojson(tmp_path, val_fraction=0.0, skipped=skipped)
-    (rec,) = ds.images
+    rec, rec3d = sorted(ds.images, key=lambda r: r.path.name)
+    assert rec.path.name == "a.jpg" and rec3d.path.name == "c [1].jpg"
+    (square,) = rec3d.instances
+    assert square.bbox == (5.0, 5.0, 25.0, 25.0) and square.decode_mask(50, 60).sum() == 400
     cell, myelo = rec.instances
     assert cell.category == "wbc" and cell.extra["label"] == "Leukocyte"
     m = cell.decode_mask(50, 60)
@@ -226,3 +234,36 @@ def test_geojson_annotations_classes_holes_and_bad_files(tmp_path, caplog):
     assert "not readable GeoJSON" in skipped[0].reason
     with pytest.raises(AnnotationError, match="no .geojson files"):
         read_geojson(tmp_path / "empty_folder")
+
+
+def test_twin_images_with_rejected_cells_have_their_own_ids_and_files(tmp_path, monkeypatch):
+    """cell.png beside cell.jpg, each with a cell the filters drop: the run stopped with a
+    KeyError drawing rejects.png (the twins' ids were one); now ids, label TIFFs and
+    QuPath files are <stem>_<ext>, and the geojson reader finds each one's image."""
+    import anndata as ad
+    from PIL import Image
+
+    import pipeline.stages.segment as seg
+    from segmentation.datasets import read_geojson
+    from tests.helpers.seg_synth import untrained_checkpoint
+    from tests.segmentation.test_seg_infer import _Blobs, _run_segment
+
+    monkeypatch.setattr(seg, "make_detector", lambda ctx, model: _Blobs())
+    smears = tmp_path / "smears"
+    smears.mkdir()
+    for ext, cx in (("png", 60), ("jpg", 90)):
+        img = np.full((120, 160, 3), (230, 205, 205), np.uint8)
+        img[disk((60, cx), 14, shape=img.shape[:2])] = (110, 60, 150)
+        img[disk((3, 3), 8, shape=img.shape[:2])] = (110, 60, 150)  # cut by the edge: dropped
+        Image.fromarray(img).save(smears / f"cell.{ext}", quality=95)
+    ckpt = untrained_checkpoint(tmp_path / "model.pt")
+    out = _run_segment(tmp_path, ckpt, smears, "segmentation.border_margin=2", here=True)
+    a = ad.read_h5ad(out / "cells.h5ad")
+    assert {n.rsplit("_d", 1)[0] for n in a.obs_names} == {"cell_jpg", "cell_png"}
+    names = sorted(p.name for p in (out / "qupath").iterdir())
+    assert names == ["cell_jpg.geojson", "cell_png.geojson"]
+    assert (out / "rejects.png").is_file()
+    for g in (out / "qupath").iterdir():  # reviewed beside the images, as named
+        (smears / g.name).write_bytes(g.read_bytes())
+    ds = read_geojson(smears, val_fraction=0.0)
+    assert sorted(r.path.name for r in ds) == ["cell.jpg", "cell.png"]

@@ -13,7 +13,7 @@ from segmentation.engine import NonFiniteLossError, evaluate, train_one_epoch, w
 from segmentation.io import load_torch_file
 from segmentation.model import _maskrcnn_loss_with_unknown, build_maskrcnn, load_checkpoint
 from tests.helpers.run import ROOT as REPO
-from tests.helpers.run import run_pipeline
+from tests.helpers.run import SHARED_DATA, needs_shared, run_pipeline
 from tests.helpers.seg_synth import make_coco_smears
 
 SMALL = {
@@ -349,7 +349,10 @@ def test_a_start_whose_names_do_not_match_is_warned_about(tmp_path, caplog):
     assert "are not in the file, so most of the model starts from scratch" in caplog.text
 
 
-@pytest.mark.parametrize("preset", ["demo", "real"])
+@pytest.mark.parametrize(
+    "preset",
+    ["demo", pytest.param("real", marks=needs_shared(SHARED_DATA, "the real preset's sources"))],
+)
 def test_the_presets_start_from_a_detector_that_fits_them(compose, preset):
     """+preset=demo and +preset=real fine-tune the shipped detector: the settings check
     passes on it (loads the file, compares weight shapes), and fails once a shape
