@@ -14,7 +14,7 @@ from PIL import Image
 
 import pipeline.stages.embed
 from pipeline.runner import StageError
-from tests.helpers.run import needs_shared, run_pipeline, run_stage_in_process
+from tests.helpers.run import SHARED_DATA, needs_shared, run_pipeline, run_stage_in_process
 from tests.helpers.seg_synth import LIGHT_HEADS
 from tests.helpers.vae_toy import TINY_TRAIN, train_toy_study
 
@@ -1051,7 +1051,7 @@ def test_missing_genes_are_imputed_from_the_cell(study: Path, tmp_path: Path):
     assert np.allclose(q.obsm["X_vae_imputed"], fill_mean, atol=1e-6)
 
 
-BCCD = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "smears" / "bccd"
+BCCD = SHARED_DATA / "smears" / "bccd"
 
 
 @needs_shared(BCCD, "BCCD smears")

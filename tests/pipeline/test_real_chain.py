@@ -468,9 +468,7 @@ def test_pair_label_corrections(tmp_path):
         )
 
 
-SHARED_CROPS = (
-    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cells" / "bccd_cropped"
-)
+SHARED_CROPS = SHARED_DATA / "cells" / "bccd_cropped"
 
 
 @needs_shared(SHARED_CROPS, "bccd_cropped")

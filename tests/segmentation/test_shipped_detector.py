@@ -20,9 +20,9 @@ from segmentation.shipped import (
     unpack_state,
     wants_scale_estimate,
 )
-from tests.helpers.run import ROOT, needs_shared, run_pipeline, run_stage_in_process
+from tests.helpers.run import ROOT, SHARED_DATA, needs_shared, run_pipeline, run_stage_in_process
 
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = SHARED_DATA
 BCCD = SHARED / "smears" / "bccd"
 
 

@@ -19,7 +19,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from tests.helpers.run import (
-    ROOT,
+    SHARED_DATA,
     compose_config,
     needs_shared,
     run_pipeline,
@@ -38,7 +38,7 @@ from vae.inputs.expression import (
     validate_matrix,
 )
 
-PAUL15 = ROOT / "../shared/data/expression/paul15_tradeseq_2660x240.h5ad"
+PAUL15 = SHARED_DATA / "expression" / "paul15_tradeseq_2660x240.h5ad"
 
 GENES = ["MPO", "ELANE", "MT-CO1", "LTF", "G5", "G6", "G7", "G8"]
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.helpers.run import ROOT, needs_shared, run_pipeline, run_stage_in_process
+from tests.helpers.run import SHARED_DATA, needs_shared, run_pipeline, run_stage_in_process
 from vae.inputs.pairing import (
     CropSet,
     PairingError,
@@ -31,7 +31,7 @@ from vae.inputs.pairing import (
 )
 from vae.inputs.schema import CELL_DIAMETER, LABEL_ORIGINAL
 
-SHARED = ROOT / "../shared/data"
+SHARED = SHARED_DATA
 S = 8
 
 
