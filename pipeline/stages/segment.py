@@ -11,12 +11,13 @@ Images are sharded round robin over DDP ranks; rank 0 merges their part files in
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -144,15 +145,28 @@ def _annotations_path(ctx: StageContext, smears: Path) -> Path | None:
     return p if p.is_file() else None
 
 
+@functools.lru_cache(maxsize=64)
+def _twin_stems(folder: str, mtime_ns: int) -> frozenset[str]:
+    """Stems two or more images of ``folder`` share (``mtime_ns``: the folder's, so a
+    folder changed since is listed again)."""
+    stems = Counter(p.stem for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return frozenset(s for s, n in stems.items() if n > 1)
+
+
 def overlay_name(path: Path) -> str:
     """``overlays/`` file of image ``path``: ``<stem>.png``, or ``<stem>_<ext>.png`` when
-    another image of its folder has the same stem (``cell.jpg`` and ``cell.png``)."""
-    twins = [
-        q
-        for q in path.parent.glob(f"{glob_escape(path.stem)}.*")
-        if q.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    stem = f"{path.stem}_{path.suffix[1:].lower()}" if len(twins) > 1 else path.stem
+    another image of its folder has the same stem (``cell.jpg`` and ``cell.png``).
+
+    The folder is listed once, not once per image: a glob per image read the whole
+    folder each time, 10 ms an image in a folder of 20k (206 s per pass, and the stage
+    names each image three times)."""
+    folder = path.parent
+    try:
+        mtime = folder.stat().st_mtime_ns
+    except OSError:  # not listable: no twin known
+        return f"{short_stem(path.stem)}.png"
+    twin = path.stem in _twin_stems(str(folder), mtime)
+    stem = f"{path.stem}_{path.suffix[1:].lower()}" if twin else path.stem
     return f"{short_stem(stem)}.png"
 
 

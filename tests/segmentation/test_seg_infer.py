@@ -843,6 +843,15 @@ def test_overlay_names_of_images_that_share_a_stem(tmp_path):
     assert overlay_name(tmp_path / "cell.PNG") == "cell_png.png"
     assert overlay_name(tmp_path / "other.png") == "other.png"
     assert overlay_name(tmp_path / "notes.png") == "notes.png"  # a .txt is no image
+    (tmp_path / "other.v2.png").write_bytes(b"x")  # another stem, not a twin of other.png
+    assert overlay_name(tmp_path / "other.png") == "other.png"
+    # the folder is listed once per change: a twin added later is seen
+    import os
+
+    (tmp_path / "other.jpg").write_bytes(b"x")
+    st = (tmp_path).stat()
+    os.utime(tmp_path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse clocks
+    assert overlay_name(tmp_path / "other.png") == "other_png.png"
 
 
 def test_stage_segment_subprocess_untrained(tmp_path, untrained_ckpt):
