@@ -327,3 +327,33 @@ def test_weighted_accuracy_counts_a_duplicated_cell_once():
     assert np.isnan(M.weighted_accuracy(true, pred, np.zeros(5)))
     with pytest.raises(ValueError, match="weights"):
         M.weighted_accuracy(true, pred, np.ones(4))
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 7, None])
+def test_retrieval_in_blocks_equals_the_whole_distance_matrix(monkeypatch, rows_per_block):
+    """retrieval holds a block of query rows at a time (50k pairs took 20 GB as one
+    matrix): recall and FOSCTTM, ties included, equal those of the whole matrix."""
+    from scipy.spatial.distance import cdist
+
+    import vae.analysis.metrics as m
+
+    rng = np.random.default_rng(0)
+    n = 57
+    q = rng.normal(size=(n, 4))
+    t = q + rng.normal(scale=0.7, size=(n, 4))
+    q[:6], t[:6] = np.round(q[:6]), np.round(t[:6])  # equal distances: ties
+    d = cdist(q, t)
+    true = np.diag(d)
+    rank = (d < true[:, None]).sum(1)
+    closer_t = (d < true[None, :]).sum(0) / (n - 1)
+    want = (
+        np.mean(rank < 1),
+        np.mean(rank < 5),
+        np.mean(rank < 10),
+        (np.mean(rank / (n - 1)) + closer_t.mean()) / 2,
+    )
+    if rows_per_block is not None:
+        monkeypatch.setattr(m, "RETRIEVAL_BLOCK_VALUES", rows_per_block * n)
+    r = m.retrieval(q, t)
+    assert (r.recall_at_1, r.recall_at_5, r.recall_at_10) == want[:3]
+    assert r.foscttm == pytest.approx(want[3], abs=1e-15) and r.n == n
