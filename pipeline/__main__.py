@@ -310,6 +310,11 @@ def _run_app() -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    # from here a Ctrl-C is a KeyboardInterrupt again: the runner marks a started
+    # stage's folder failed and puts a previous result back, then says so in one line.
+    # Set here, next to the try that reports it: set at the top of main(), a Ctrl-C
+    # while main imported the runner (expand_home) ended in a traceback (CI, 0.5 s)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if _USER_FULL_ERROR == "1":  # the user asked for Hydra's full traceback
         app()
         return
@@ -368,9 +373,6 @@ def main() -> None:
     from pipeline.config import unknown_addition
     from pipeline.names import check_argv
 
-    # from here a Ctrl-C is a KeyboardInterrupt again: the runner marks a started
-    # stage's folder failed and puts a previous result back, then says so in one line
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.argv[1:] = expand_home(sys.argv[1:])
     bad = check_argv(sys.argv[1:]) or unknown_addition(sys.argv[1:])
     if bad:  # before Hydra creates <paths.root>/<experiment>/.hydra
