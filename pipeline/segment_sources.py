@@ -334,7 +334,7 @@ def _crop_folder(ctx, src, folder, model, ckpt, settings, offset):
 
 def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
     """Run the detector on every ``data.segment_sources`` entry; write the segment outputs."""
-    from pipeline.stages.segment import overlay_name
+    from pipeline.stages.segment import output_stem
     from segmentation.model import load_checkpoint
 
     if not ctx.is_main:
@@ -365,8 +365,7 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
             table, kept, crops, masks = merge_parts(parts, settings.crop_size, False)
             # each image's QuPath objects beside its label TIFF: <source>/<overlay stem>
             for p in list_images(folder):
-                shown = overlay_name(p)[: -len(".png")]
-                qupath_names[(src.name, recorded_name(p.name))] = f"{src.name}/{shown}"
+                qupath_names[(src.name, recorded_name(p.name))] = f"{src.name}/{output_stem(p)}"
             reject_parts += parts
             reject_tables.append(table)
             n_per_image = kept.groupby("image").size().to_dict()

@@ -254,6 +254,14 @@ def _valid(b: Sequence[float]) -> bool:
     return b[2] - b[0] >= 1 and b[3] - b[1] >= 1
 
 
+def held_out(n: int, val_fraction: float, seed: int) -> set[int]:
+    """Indices of the ``round(val_fraction * n)`` of ``n`` items held out as ``val``: the
+    first of a permutation drawn with ``seed`` (the same for every reader: a COCO file
+    without split fields, each folder of mask PNGs or GeoJSON files)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return set(order[: int(round(val_fraction * n))].tolist())
+
+
 def _few(names: Sequence[str], sep: str = ", ", k: int = 5) -> str:
     """The first ``k`` of ``names`` for a log line, then ``...`` when there are more."""
     return sep.join(names[:k]) + (" ..." if len(names) > k else "")
@@ -347,8 +355,8 @@ def read_coco(
             raise AnnotationError(f"{json_path}: images[{j}]: id {rec.image_id} is used twice")
         records[rec.image_id] = rec
     if val_fraction > 0 and not any("split" in im for im in data["images"]):
-        order = np.random.default_rng(seed).permutation(len(records))
-        held = {list(records)[k] for k in order[: int(round(val_fraction * len(records)))]}
+        ids = list(records)
+        held = {ids[k] for k in held_out(len(records), val_fraction, seed)}
         for k in held:
             records[k].split = "val"
         log.info(
@@ -632,10 +640,7 @@ def read_mask_pngs(
             if imgs:
                 pairs.append((imgs[0], m))
         n_pairs += len(pairs)
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(pairs))
-        n_val = int(round(val_fraction * len(pairs)))
-        val_idx = set(order[:n_val].tolist())
+        val_idx = held_out(len(pairs), val_fraction, seed)
         for i, (img, mpath) in enumerate(pairs):
             try:
                 m, w, h = _read_mask_pair(img, mpath)
@@ -753,8 +758,7 @@ def read_geojson(
     out: list[ImageRecord] = []
     dropped: list[str] = []
     for _folder, pairs in sorted(by_folder.items()):
-        order = np.random.default_rng(seed).permutation(len(pairs))
-        val_idx = set(order[: int(round(val_fraction * len(pairs)))].tolist())
+        val_idx = held_out(len(pairs), val_fraction, seed)
         for i, (img, g) in enumerate(pairs):
             try:
                 w, h = _image_size(img)

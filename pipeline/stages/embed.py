@@ -499,8 +499,6 @@ def _write_qupath(ctx: StageContext, obs, masks: list, starts, classes: list[str
     if not on_smears:
         return
     sub = obs.iloc[np.concatenate([np.arange(starts[k], starts[k + 1]) for k in on_smears])]
-    if not all(c in sub for c in ("crop_x0", "crop_y0", "crop_side", "image")):
-        return  # no crop geometry (the detector of this run always records it)
     m = np.concatenate([masks[k] for k in on_smears])
     said = write_qupath(
         ctx,

@@ -153,9 +153,10 @@ def _twin_stems(folder: str, mtime_ns: int) -> frozenset[str]:
     return frozenset(s for s, n in stems.items() if n > 1)
 
 
-def overlay_name(path: Path) -> str:
-    """``overlays/`` file of image ``path``: ``<stem>.png``, or ``<stem>_<ext>.png`` when
-    another image of its folder has the same stem (``cell.jpg`` and ``cell.png``).
+def output_stem(path: Path) -> str:
+    """The stem of image ``path``'s own outputs (overlay, label TIFF, QuPath file):
+    ``<stem>``, or ``<stem>_<ext>`` when another image of its folder has the same stem
+    (``cell.jpg`` and ``cell.png``), cut to fit a file name (:func:`short_stem`).
 
     The folder is listed once, not once per image: a glob per image read the whole
     folder each time, 10 ms an image in a folder of 20k (206 s per pass, and the stage
@@ -164,10 +165,14 @@ def overlay_name(path: Path) -> str:
     try:
         mtime = folder.stat().st_mtime_ns
     except OSError:  # not listable: no twin known
-        return f"{short_stem(path.stem)}.png"
+        return short_stem(path.stem)
     twin = path.stem in _twin_stems(str(folder), mtime)
-    stem = f"{path.stem}_{path.suffix[1:].lower()}" if twin else path.stem
-    return f"{short_stem(stem)}.png"
+    return short_stem(f"{path.stem}_{path.suffix[1:].lower()}" if twin else path.stem)
+
+
+def overlay_name(path: Path) -> str:
+    """``overlays/`` file of image ``path``: ``<output_stem>.png``."""
+    return f"{output_stem(path)}.png"
 
 
 def cell_prefix(path: Path, win: Window | None) -> str | None:
@@ -178,7 +183,7 @@ def cell_prefix(path: Path, win: Window | None) -> str | None:
     drawing rejects.png (review)."""
     if win is not None:
         return window_prefix(path, win)
-    shown = overlay_name(path)[: -len(".png")]
+    shown = output_stem(path)
     return recorded_name(shown) if shown != short_stem(path.stem) else None
 
 
@@ -702,7 +707,7 @@ def segment(ctx: StageContext) -> None:
     else:
         all_parts = [part]
     # each image's objects for QuPath, named as its overlay and label TIFF
-    names = [overlay_name(p)[: -len(".png")] for p in images]
+    names = [output_stem(p) for p in images]
     _write_outputs(ctx, all_parts, settings, smears, ann, len(images), est is not None, names)
     shutil.rmtree(parts, ignore_errors=True)
 
