@@ -190,8 +190,8 @@ def write_image_files(
     if len(names) != len(obs):
         raise ValueError(f"{len(obs)} cells but {len(names)} file names")
     n_files = n_skipped = 0
-    for name in pd.unique(names):
-        rows = np.flatnonzero(names == name)
+    # each image's rows in one pass (a comparison of every row per image was n x images)
+    for name, rows in pd.Series(names).groupby(names, sort=False).indices.items():
         feats, skipped = cell_features(
             obs.iloc[rows], masks[rows], classification, colours, measurements
         )
