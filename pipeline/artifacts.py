@@ -21,43 +21,20 @@ from typing import Any
 MANIFEST = "manifest.json"
 
 
-# one atomic writer for every package (libraries cannot import pipeline)
-from segmentation.io import atomic_path  # noqa: E402
+# one atomic writer and one CSV quoting for every package (libraries cannot import
+# pipeline: vae/analysis writes evaluate's CSVs)
+from segmentation.io import (  # noqa: E402
+    FORMULA_START,
+    atomic_path,
+    spreadsheet_safe,
+)
 from segmentation.provenance import code_record  # noqa: E402
 
-__all__ = ["atomic_path"]
+__all__ = ["FORMULA_START", "atomic_path", "spreadsheet_safe"]
 
 
 class StageInputError(RuntimeError):
     """An input artifact is missing, unfinished or stale."""
-
-
-# what Excel / LibreOffice read as the start of a formula in a CSV cell (OWASP, "CSV
-# injection"); a tab or carriage return first is one too
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def spreadsheet_safe(df):
-    """A copy of the DataFrame ``df`` to write as a CSV a lab opens in a spreadsheet: a
-    text cell starting with ``= + - @`` (tab, CR) that is not a number gets a leading
-    ``'``, so a sample folder named ``=HYPERLINK(...)`` or ``+EDTA`` is shown as written
-    instead of run as a formula (or shown as ``#NAME?``). Number columns, and text that
-    reads as a number (``-3``), are kept."""
-
-    def safe(v):
-        if not (isinstance(v, str) and v.startswith(FORMULA_START)):
-            return v
-        try:
-            float(v)
-            return v
-        except ValueError:
-            return "'" + v
-
-    out = df.copy()
-    for c in out.columns:
-        if out[c].dtype.kind not in "biufcmM":  # text, object or category columns
-            out[c] = out[c].astype(object).map(safe)
-    return out
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -495,7 +495,7 @@ def _write(
     with ctx.atomic("cells") as tmp:
         write_h5ad(adata, tmp)
     with ctx.atomic("detections.csv") as tmp:
-        pd.concat(tables, ignore_index=True).to_csv(tmp, index=False)
+        spreadsheet_safe(pd.concat(tables, ignore_index=True)).to_csv(tmp, index=False)
     with ctx.atomic("rejects.csv") as tmp:
         spreadsheet_safe(pd.DataFrame(rejects, columns=REJECT_COLUMNS)).to_csv(tmp, index=False)
     labels = [f"{lab or '?'} {sc_:.2f}" for lab, sc_ in zip(kept.label, kept.score.astype(float))]

@@ -718,6 +718,52 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
                 tmp.unlink(missing_ok=True)
 
 
+# what Excel / LibreOffice read as the start of a formula in a CSV cell (OWASP, "CSV
+# injection"); a tab or carriage return first is one too
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _needs_quote(v: str) -> bool:
+    # a formula start that is not a number; or text that already reads as quoted
+    # ("'=x"), so that quoting stays reversible (spreadsheet_unquote gives "'=x" back)
+    if v.startswith("'"):
+        return _needs_quote(v[1:])
+    if not v.startswith(FORMULA_START):
+        return False
+    try:
+        float(v)
+        return False
+    except ValueError:
+        return True
+
+
+def spreadsheet_safe(df):
+    """A copy of the DataFrame ``df`` to write as a CSV a lab opens in a spreadsheet: a
+    text cell starting with ``= + - @`` (tab, CR) that is not a number gets a leading
+    ``'``, so a sample folder named ``=HYPERLINK(...)`` or ``+EDTA`` is shown as written
+    instead of run as a formula (or shown as ``#NAME?``). Number columns, and text that
+    reads as a number (``-3``), are kept. :func:`spreadsheet_unquote` reverses it (a
+    name that itself starts ``'=`` gets one more ``'``, so nothing is lost)."""
+
+    def safe(v):
+        return "'" + v if isinstance(v, str) and _needs_quote(v) else v
+
+    out = df.copy()
+    for c in out.columns:
+        if out[c].dtype.kind not in "biufcmM":  # text, object or category columns
+            out[c] = out[c].astype(object).map(safe)
+    return out
+
+
+def spreadsheet_unquote(v):
+    """A cell of a :func:`spreadsheet_safe` CSV as it was before quoting (anything else
+    as given): what a reader that matches names (a reviewed ``label_suspects.csv``)
+    applies, so a crop named ``=x.png`` is still found."""
+    if isinstance(v, str) and v.startswith("'") and _needs_quote(v[1:]):
+        return v[1:]
+    return v
+
+
 class ImageReadError(ValueError):
     """An image file cannot be read; the message names the file and the reason
     (``reason`` alone, for a row that names the file itself)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.artifacts import write_json
+from pipeline.artifacts import spreadsheet_safe, write_json
 from pipeline.runner import StageContext, StageError, resolve_data_path, stage
 from segmentation.io import blank_as_read, write_h5ad
 from vae.inputs.schema import HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
@@ -232,12 +232,14 @@ def run_pair(ctx: StageContext) -> None:
         log.warning("pair.mode=%s produced no paired row; check labels / label_map", p.mode)
     if ctx.is_main:
         with ctx.atomic("pair_summary.csv") as tmp:
-            res.summary.to_csv(tmp, index=False)
+            # labels and file names come from the user's folders and CSVs: quoted as
+            # text, so a spreadsheet runs no "=..." label as a formula
+            spreadsheet_safe(res.summary).to_csv(tmp, index=False)
         write_json(ctx.output("pair_counts.json"), counts)
         with ctx.atomic("rejects.csv") as tmp:
-            pd.DataFrame(rejects, columns=["image", "field", "action", "reason"]).to_csv(
-                tmp, index=False
-            )
+            spreadsheet_safe(
+                pd.DataFrame(rejects, columns=["image", "field", "action", "reason"])
+            ).to_csv(tmp, index=False)
         if hi.any():
             with ctx.atomic("crops.png") as tmp:
                 pr.contact_sheet(out, tmp, seed=cfg.seed)

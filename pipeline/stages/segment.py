@@ -784,9 +784,10 @@ def _write_outputs(
         adata.uns["input_scale"] = "per image: obs['input_scale']"
     with ctx.atomic("cells") as tmp:
         write_h5ad(adata, tmp)
+    # both opened in spreadsheets: an image named "=HYPERLINK(...).png" is quoted as text
     with ctx.atomic("detections.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    with ctx.atomic("rejects.csv") as tmp:  # read by people: names quoted (not detections.csv)
+        spreadsheet_safe(table).to_csv(tmp, index=False)
+    with ctx.atomic("rejects.csv") as tmp:
         spreadsheet_safe(rejects).to_csv(tmp, index=False)
     labels, note = sheet_labels(kept)
     with ctx.atomic("contact_sheet.png") as tmp:

@@ -151,8 +151,7 @@ def test_stage_figures_draw_a_name_with_dollars_as_written(tmp_path):
 
 def test_segment_rejects_csv_keeps_a_formula_name_as_text(tmp_path, monkeypatch):
     """stage=segment's rejects.csv (read by people, like embed's) quotes an image named
-    ``=HYPERLINK(...)``; detections.csv, the machine table beside cells.h5ad, keeps names
-    as the files have them."""
+    ``=HYPERLINK(...)`` (unreadable here, so it has no detections.csv row)."""
     import pipeline.stages.segment as seg
     from tests.helpers.seg_synth import untrained_checkpoint
     from tests.segmentation.test_seg_infer import _Blobs, _run_segment, _smear_folder
@@ -167,3 +166,175 @@ def test_segment_rejects_csv_keeps_a_formula_name_as_text(tmp_path, monkeypatch)
     assert not rej["image"].astype(str).str.startswith(("=", "+", "@")).any()
     det = pd.read_csv(out / "detections.csv")
     assert set(det["image"]) <= {"sim_0000.png", "sim_0001.png", "zz_gray.png"}
+
+
+# names a user controls (files, class folders, labels, crop ids) that a spreadsheet would
+# run: each must come out of every CSV below as text ("'" first) or as a plain number
+HOSTILE = ["=cmd|' /C calc'!A0", "@SUM(1)", "+1", "-2+3"]
+
+
+def _file_stem(name: str) -> str:
+    # a file or folder name cannot hold "/"; the same text with "\" still starts "="
+    return name.replace("/", "\\")
+
+
+def _disc_image(path, h: int = 96, w: int = 128):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = np.full((h, w, 3), (230, 205, 205), np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    img[(yy - h // 2) ** 2 + (xx - w // 2) ** 2 <= 14**2] = (110, 50, 150)
+    Image.fromarray(img).save(path)
+
+
+def _segment_folder(tmp_path, monkeypatch):
+    """stage=segment on a smear folder whose images carry the hostile names."""
+    import pipeline.stages.segment as seg
+    from tests.helpers.seg_synth import untrained_checkpoint
+    from tests.segmentation.test_seg_infer import _Blobs, _run_segment
+
+    monkeypatch.setattr(seg, "make_detector", lambda ctx, model: _Blobs())
+    for h in HOSTILE:
+        _disc_image(tmp_path / "smears" / f"{_file_stem(h)}.png")
+    ckpt = untrained_checkpoint(tmp_path / "model.pt")
+    out = _run_segment(tmp_path, ckpt, tmp_path / "smears", here=True)
+    names = {f"{_file_stem(h)}.png" for h in HOSTILE}
+    return {out / "detections.csv": {"image": names}}
+
+
+def _segment_sources(tmp_path, monkeypatch):
+    """stage=segment with data.segment_sources: hostile smear names and class folders."""
+    import pipeline.stages.segment as seg
+    from tests.helpers.run import run_stage_in_process
+    from tests.helpers.seg_synth import untrained_checkpoint
+    from tests.segmentation.test_seg_infer import _Blobs
+
+    monkeypatch.setattr(seg, "make_detector", lambda ctx, model: _Blobs())
+    for h in HOSTILE:
+        _disc_image(tmp_path / "smears" / f"{_file_stem(h)}.png")
+        _disc_image(tmp_path / "crops" / _file_stem(h) / "c.png", 64, 64)
+    ckpt = untrained_checkpoint(tmp_path / "model.pt", side=64)
+    out = run_stage_in_process(
+        [
+            f"paths.root={tmp_path / 'out'}",
+            "experiment=ss",
+            f"paths.inputs.segmentation_model={ckpt}",
+            "hardware.torch_threads=1",
+            "segmentation.crop_size=32",
+            "segmentation.min_area=100",
+            "data.segment_sources=["
+            f"{{name: s, kind: smears, path: '{tmp_path / 'smears'}', scale: 1.0}},"
+            f"{{name: c, kind: crop_folder, path: '{tmp_path / 'crops'}', scale: 1.0}}]",
+        ],
+        "segment",
+    )
+    smears = {f"{_file_stem(h)}.png" for h in HOSTILE}
+    crops = {f"{_file_stem(h)}/c.png" for h in HOSTILE}
+    return {out / "detections.csv": {"image": smears | crops}}
+
+
+def _pair(tmp_path, monkeypatch):
+    """stage=pair (image_only) on cells labelled with the hostile names, and a reviewed
+    label list naming crops that do not exist (each one a rejects.csv row)."""
+    import anndata as ad
+
+    from tests.helpers.run import run_stage_in_process
+
+    n = len(HOSTILE)
+    masks = np.zeros((n, 12, 12), bool)
+    masks[:, 2:10, 2:10] = True
+    a = ad.AnnData(obs=pd.DataFrame({"kind": HOSTILE}, index=[f"cell{i}" for i in range(n)]))
+    a.obsm["crops"] = np.full((n, 12, 12, 3), 100, np.uint8)
+    a.obsm["masks"] = masks
+    a.uns["crop_size"] = 12
+    a.write_h5ad(tmp_path / "cells.h5ad")
+    fix = tmp_path / "fix.csv"
+    pd.DataFrame({"image_ref": HOSTILE, "label": ""}).to_csv(fix, index=False)
+    run_stage_in_process(
+        [
+            f"paths.root={tmp_path}",
+            "experiment=p",
+            f"paths.inputs.cells={tmp_path / 'cells.h5ad'}",
+            "pair.mode=image_only",
+            "pair.crop_size=16",
+            f"pair.label_corrections={fix}",
+        ],
+        "pair",
+    )
+    d = tmp_path / "p" / "pair"
+    return {
+        d / "pair_summary.csv": {"label": {h.lower() for h in HOSTILE}},
+        d / "rejects.csv": {"image": set(HOSTILE)},
+    }
+
+
+def _evaluate(tmp_path, monkeypatch):
+    """vae.analysis.run.Outputs.csv, the one writer of every stage=evaluate (and
+    stage=traverse) CSV, given a label_suspects-like table."""
+    from vae.analysis.run import Outputs
+
+    df = pd.DataFrame(
+        {
+            "image_ref": HOSTILE,
+            "label": pd.Categorical(HOSTILE),
+            "gene": HOSTILE,
+            "n_misled": [-1, 2, 3, 4],
+            "share": [-0.5, 0.1, 0.2, np.nan],
+        }
+    )
+    path = Outputs(tmp_path).csv(df, "label_suspects")
+    return {path: {c: set(HOSTILE) for c in ("image_ref", "label", "gene")}}
+
+
+@pytest.mark.parametrize("writer", [_segment_folder, _segment_sources, _pair, _evaluate])
+def test_newly_quoted_csvs_keep_hostile_names_inert(writer, tmp_path, monkeypatch):
+    """detections.csv (both stage=segment paths), stage=pair's pair_summary.csv and
+    rejects.csv, and stage=evaluate's CSVs wrote a file, class or label named
+    ``=cmd|' /C calc'!A0`` as is: a spreadsheet ran it. Now each text cell that starts a
+    formula is written with a leading ``'`` (``+1`` stays the number it reads as), the
+    file still reads back with pandas and spreadsheet_unquote gives the name back."""
+    from segmentation.io import FORMULA_START, spreadsheet_unquote
+
+    def inert(v: str) -> bool:
+        try:
+            float(v)
+            return True  # a number: nothing to run
+        except ValueError:
+            return not v.startswith(FORMULA_START)
+
+    files = writer(tmp_path, monkeypatch)
+    for path, columns in files.items():
+        back = pd.read_csv(path, dtype=str, keep_default_na=False)
+        text = back.to_numpy().ravel().tolist() + list(back.columns)
+        assert all(inert(v) for v in text), path
+        for col, names in columns.items():
+            got = set(back[col])
+            assert {"'=", "'@", "'-"} <= {v[:2] for v in got}, (path, col, got)
+            # "+1" alone reads as a number and is kept; "+1.png" is text, quoted
+            assert ("+1" in got) == ("+1" in names)
+            restored = {spreadsheet_unquote(v) for v in got}
+            if path.name == "pair_summary.csv":  # the folder readers lower-case classes
+                restored = {v.lower() for v in restored}
+            assert names <= restored, (path, col, restored)
+    if writer is _evaluate:
+        (path,) = files
+        back = pd.read_csv(path)  # numbers are still numbers
+        assert back["n_misled"].dtype.kind == "i" and back["share"].tolist()[0] == -0.5
+        assert list(back.columns) == ["image_ref", "label", "gene", "n_misled", "share"]
+        # a reviewed label_suspects.csv finds the crops by their own names (stage=pair)
+        from vae.inputs.pairing import read_label_corrections
+
+        _, tab = read_label_corrections(path)
+        assert tab["image_ref"].tolist() == HOSTILE
+
+
+def test_spreadsheet_quoting_is_reversible():
+    """A name that already starts ``'=`` gets one more ``'``, so spreadsheet_unquote
+    gives every name back as it was, and leaves unquoted text alone."""
+    from segmentation.io import spreadsheet_safe, spreadsheet_unquote
+
+    names = ["=x", "'=x", "''=x", "'x", "'", "-3", "'-3", "+1", "plain", "-ctrl", ""]
+    out = spreadsheet_safe(pd.DataFrame({"n": names}))["n"].tolist()
+    assert out == ["'=x", "''=x", "'''=x", "'x", "'", "-3", "'-3", "+1", "plain", "'-ctrl", ""]
+    assert [spreadsheet_unquote(v) for v in out] == names

@@ -44,10 +44,11 @@ class Outputs:
         return F.save(fig, self.path(f"{name}.png"))
 
     def csv(self, df: pd.DataFrame, name: str) -> Path:
-        from segmentation.io import atomic_path
+        from segmentation.io import atomic_path, spreadsheet_safe
 
         with atomic_path(self.path(f"{name}.csv")) as tmp:
-            df.to_csv(tmp, index=False)
+            # crop files, labels and gene names are the user's: "=..." quoted as text
+            spreadsheet_safe(df).to_csv(tmp, index=False)
         self.tables[name] = df
         return self.path(f"{name}.csv")
 

@@ -33,7 +33,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from segmentation.io import IMAGE_SUFFIXES, blank_as_read, decode_coco_mask
+from segmentation.io import (
+    IMAGE_SUFFIXES,
+    blank_as_read,
+    decode_coco_mask,
+    spreadsheet_unquote,
+)
 from vae.inputs.schema import (  # noqa: F401 - TRUTH_COLUMNS: columns copied into paired obs
     ANOMALY_COLUMNS,
     CELL_DIAMETER,
@@ -577,7 +582,11 @@ def read_label_corrections(path: str | Path) -> tuple[str, pd.DataFrame]:
             source=src,
         )
     key = keys[0]
-    tab = pd.DataFrame({key: tab[key].str.strip(), "label": tab["label"].str.strip()})
+    # label_suspects.csv writes a crop named "=x.png" as "'=x.png" (spreadsheet_safe): the
+    # key is matched as the crop is named
+    tab = pd.DataFrame(
+        {c: tab[c].str.strip().map(spreadsheet_unquote) for c in (key, "label")}
+    )
     empty = np.flatnonzero(tab[key].to_numpy() == "")
     if empty.size:
         raise PairingError(f"line {empty[0] + 2}: empty {key}", field=key, source=src)
