@@ -186,7 +186,7 @@ def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays, mask_dir)
     from pipeline.stages.segment import _run_shard, pooled_scales
 
     sc = ctx.cfg.segmentation
-    images = list_images(folder)
+    images = listed = list_images(folder)
     labels, rejects = None, []
     if src.labels:
         path = resolve_data_path(ctx.cfg, src.labels, f"{src.name}.labels")
@@ -239,7 +239,9 @@ def _smears(ctx, src, folder, model, ckpt, settings, offset, overlays, mask_dir)
         parts.append(part)
     for p in parts:
         rejects += [{"field": "image", **r} for r in p["rejects"]]
-    return parts, labels, rejects, len(images)
+    # the folder's listing goes back too: the caller names each image's QuPath file from
+    # it instead of listing the folder again (a second slide warning, a second pass)
+    return parts, labels, rejects, len(images), listed
 
 
 def _crop_folder(ctx, src, folder, model, ckpt, settings, offset):
@@ -359,12 +361,12 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
         if src.kind == "smears":
             # one folder per source: two sources may hold images of the same name
             (mask_root / src.name).mkdir()
-            parts, labels, rej, n = _smears(
+            parts, labels, rej, n, listed = _smears(
                 ctx, src, folder, model, ckpt, settings, offset, overlays, mask_root / src.name
             )
             table, kept, crops, masks = merge_parts(parts, settings.crop_size, False)
             # each image's QuPath objects beside its label TIFF: <source>/<overlay stem>
-            for p in list_images(folder):
+            for p in listed:
                 qupath_names[(src.name, recorded_name(p.name))] = f"{src.name}/{output_stem(p)}"
             reject_parts += parts
             reject_tables.append(table)
@@ -427,14 +429,14 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
     _write(
         ctx,
         settings,
-        kept_frames,
-        crop_arrays,
-        mask_arrays,
-        tables,
-        rejects,
-        per_source,
-        seconds,
-        qupath_names,
+        kept_frames=kept_frames,
+        crop_arrays=crop_arrays,
+        mask_arrays=mask_arrays,
+        tables=tables,
+        rejects=rejects,
+        per_source=per_source,
+        seconds=seconds,
+        qupath_names=qupath_names,
     )
     with ctx.atomic("rejects.png") as tmp:  # a few rejected smear cells, each with why
         table = pd.concat(reject_tables, ignore_index=True) if reject_tables else empty_table(False)
@@ -448,6 +450,7 @@ def segment_sources(ctx: StageContext, settings: SegmentSettings) -> None:
 def _write(
     ctx,
     settings,
+    *,  # keywords only: seven lists and dicts in a row, a swap would pass unnoticed
     kept_frames,
     crop_arrays,
     mask_arrays,

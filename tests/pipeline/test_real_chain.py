@@ -368,6 +368,43 @@ def _four_cells(tmp_path: Path):
     return obs, crops
 
 
+def test_segment_sources_lists_each_smear_folder_once(
+    tmp_path, tiny_ckpt, fake_detector, monkeypatch
+):
+    """A smear source's folder was listed twice per run (for its images, then again for
+    their QuPath file names), warning twice about any slide it skips; now once. _write's
+    outputs are keyword-only, so two of its seven tables cannot be swapped unnoticed."""
+    import inspect
+    from collections import Counter
+
+    import pipeline.segment_sources as ss
+    import pipeline.stages.segment as seg
+    from segmentation.io import list_images
+
+    root = tmp_path / "data"
+    _save(root / "txl/a.jpg", _image(100, 100, [(50, 50)]))
+    _save(root / "txl/b.jpg", _image(100, 100, [(40, 40)]))
+    listed: Counter = Counter()
+
+    def counting(folder):
+        listed[Path(folder)] += 1
+        return list_images(folder)
+
+    monkeypatch.setattr(ss, "list_images", counting)
+    monkeypatch.setattr(seg, "list_images", counting)
+    overrides = _segment_overrides(tmp_path, tiny_ckpt, root)
+    overrides[-1] = f"data.segment_sources=[{{name: txl, kind: smears, path: '{root / 'txl'}'}}]"
+    out = run_stage_in_process(overrides, "segment")
+    assert listed == {root / "txl": 1}
+    assert sorted(p.name for p in (out / "qupath" / "txl").iterdir()) == [
+        "a.geojson",
+        "b.geojson",
+    ]
+    params = list(inspect.signature(ss._write).parameters.values())
+    assert [p.name for p in params[:2]] == ["ctx", "settings"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[2:])
+
+
 def test_pair_class_of_one_and_bad_cells_file(tmp_path):
     from pipeline.runner import StageError
 
