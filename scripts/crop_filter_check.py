@@ -93,6 +93,8 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print(__doc__)
         return 2
+    from segmentation.io import spreadsheet_unquote
+
     truth, touching = truth_tables(Path(argv[0]))
     print(
         f"true cells: {len(truth)}, truncated {int(truth['truncated'].sum())}, "
@@ -101,6 +103,11 @@ def main(argv: list[str]) -> int:
     for arg in argv[1:]:
         name, _, path = arg.partition("=")
         det = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        # stage=segment quotes a name starting = + - @ for spreadsheets ("'=x.png"):
+        # matched to the annotations' file names and cell ids as they are written there
+        for c in ("image", "truth_cell_id"):
+            if c in det:
+                det[c] = det[c].map(spreadsheet_unquote)
         print(name, check(det, truth, touching))
     return 0
 

@@ -59,6 +59,8 @@ def _weights(b: pd.DataFrame, smears: Path) -> np.ndarray:
 
 
 def check(segment: Path, labels: Path, source: str, smears: Path) -> dict:
+    from segmentation.io import spreadsheet_unquote
+
     k = pd.read_csv(labels)
     k = k[k["Category"].notna() & ~k["Category"].astype(str).str.contains(",")]
     cls = pd.Series(
@@ -66,6 +68,10 @@ def check(segment: Path, labels: Path, source: str, smears: Path) -> dict:
         index=[f"BloodImage_{int(i):05d}.jpg" for i in k["Image"]],
     )
     d = pd.read_csv(segment / "detections.csv")
+    # stage=segment quotes a name starting = + - @ for spreadsheets ("'=x.jpg"): matched
+    # to the labels and the smear files as the files are named
+    for c in ("source", "image"):
+        d[c] = d[c].map(spreadsheet_unquote)
     b = d[(d["source"] == source) & ~d["low_score"] & ~d["duplicate"]].copy()
     one = b.groupby("image").size()
     b = b[b["image"].isin(one[one == 1].index)]

@@ -36,13 +36,16 @@ def compare(
     import anndata as ad
     import pandas as pd
 
+    from segmentation.io import spreadsheet_unquote
     from vae.analysis import metrics as M
     from vae.inputs.schema import known_labels
 
     truth_obs = ad.read_h5ad(paired, backed="r").obs
     corr = pd.read_csv(corrections, dtype=str)
     key = "specimen" if "specimen" in corr.columns else "image_ref"
-    reviewed = set(corr[key].dropna().astype(str))
+    # an edited label_suspects.csv quotes a crop named "=x.png" as "'=x.png" (evaluate's
+    # spreadsheet_safe): read back as pair.label_corrections reads it (stripped, unquoted)
+    reviewed = set(corr[key].dropna().astype(str).str.strip().map(spreadsheet_unquote))
     results: dict[str, dict] = {}
     for run in runs:
         lat = ad.read_h5ad(run / "latent.h5ad", backed="r")

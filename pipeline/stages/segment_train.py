@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.artifacts import pretrained_weights_path, write_json
+from pipeline.artifacts import pretrained_weights_path, spreadsheet_safe, write_json
 from pipeline.runner import StageContext, StageError, stage
 
 # rejects.csv of stage=segment_train (the files left out of training and why) has the
@@ -72,15 +73,16 @@ def _reject_rows(source: str, skips: list[Skip]) -> list[dict[str, str]]:
 
 
 def write_rejects(path: Path, rows: list[dict[str, str]]) -> None:
-    """``rows`` as a CSV with :data:`REJECT_COLUMNS` (a header only when there are none)."""
-    import csv
+    """``rows`` as a CSV with :data:`REJECT_COLUMNS` (a header only when there are none).
 
-    with path.open("w", newline="") as f:
-        # "\n": the csv module's default "\r\n" made this the one CSV of the study with
-        # Windows line ends
-        w = csv.DictWriter(f, fieldnames=REJECT_COLUMNS, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+    Quoted for spreadsheets as every other ``rejects.csv`` is
+    (:func:`segmentation.io.spreadsheet_safe`): a smear folder named ``=HYPERLINK(...)``
+    (the source's default name, and the start of each image path under a relative
+    ``paths.shared_data``) opens as its name, not as a formula."""
+    table = pd.DataFrame(rows, columns=REJECT_COLUMNS, dtype=object)
+    # "\n": the csv module's "\r\n" made this the one CSV of the study with Windows line
+    # ends (pandas' default is the OS's)
+    spreadsheet_safe(table).to_csv(path, index=False, lineterminator="\n")
 
 
 def load_sets(

@@ -287,13 +287,41 @@ def _evaluate(tmp_path, monkeypatch):
     return {path: {c: set(HOSTILE) for c in ("image_ref", "label", "gene")}}
 
 
-@pytest.mark.parametrize("writer", [_segment_folder, _segment_sources, _pair, _evaluate])
+def _segment_train(tmp_path, monkeypatch):
+    """stage=segment_train (test_bad_train_images' one-epoch detector) on VOC folders
+    named with the hostile names, each with one truncated JPEG (a rejects.csv row). The
+    folder name is the source's default name, and under a relative paths.shared_data
+    the start of each image path."""
+    from pipeline import runner
+    from pipeline.config import SmearSourceConfig
+    from tests.helpers.run import compose_config
+    from tests.segmentation.test_bad_train_images import TINY, _truncate, make_voc
+
+    monkeypatch.chdir(tmp_path)
+    stems = [_file_stem(h) for h in HOSTILE]
+    for s in stems:
+        _truncate(make_voc(tmp_path / s, 2) / "JPEGImages" / "s1.jpg")
+    cfg = compose_config([*TINY, f"paths.root={tmp_path / 'out'}", "paths.shared_data=."])
+    # set here, not as an override: Hydra's grammar would need the names escaped
+    cfg.data.smear_sources = [
+        SmearSourceConfig(format="voc", path=s, val_splits=[], scale=1.0) for s in stems
+    ]
+    runner.load_stages()
+    out = runner.run_stage(cfg, "segment_train")
+    images = {f"{s}/JPEGImages/s1.jpg" for s in stems}
+    return {out / "rejects.csv": {"source": set(stems), "image": images}}
+
+
+@pytest.mark.parametrize(
+    "writer", [_segment_folder, _segment_sources, _pair, _evaluate, _segment_train]
+)
 def test_newly_quoted_csvs_keep_hostile_names_inert(writer, tmp_path, monkeypatch):
     """detections.csv (both stage=segment paths), stage=pair's pair_summary.csv and
-    rejects.csv, and stage=evaluate's CSVs wrote a file, class or label named
-    ``=cmd|' /C calc'!A0`` as is: a spreadsheet ran it. Now each text cell that starts a
-    formula is written with a leading ``'`` (``+1`` stays the number it reads as), the
-    file still reads back with pandas and spreadsheet_unquote gives the name back."""
+    rejects.csv, stage=evaluate's CSVs and stage=segment_train's rejects.csv wrote a
+    file, folder, class or label named ``=cmd|' /C calc'!A0`` as is: a spreadsheet ran
+    it. Now each text cell that starts a formula is written with a leading ``'`` (``+1``
+    stays the number it reads as), the file still reads back with pandas and
+    spreadsheet_unquote gives the name back."""
     from segmentation.io import FORMULA_START, spreadsheet_unquote
 
     def inert(v: str) -> bool:
