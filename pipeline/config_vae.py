@@ -127,6 +127,11 @@ class VAEConfig:
     hidden: list[int] = field(default_factory=lambda: [128, 64])  # MLP widths
     expression_likelihood: str = "auto"  # auto | nb | zinb | gaussian (auto: nb if counts)
     library_covariate: bool = True  # feed log library size to the expression encoder
+    # obs column naming each profile's batch (sequencing run, patient, site): the
+    # expression decoder reads it as a one-hot, so the latent need not carry the batch
+    # (scvi-tools' batch_key; the encoders never read it, so query cells of any batch
+    # embed). null: no covariate (docs/vae.md, "Expression batches")
+    batch_key: str | None = None
     late_mask: bool = False  # score observed non-zero entries only (LATE)
     # MLP dropout; null (auto): 0 for expression alone (every row a profile, no image:
     # better held-out likelihood on 5 of 5 Paul15 seeds, a cheaper step;

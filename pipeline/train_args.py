@@ -132,6 +132,9 @@ def build_model_args(cfg: DictConfig, data, source: str):
                 float(v.maturation_weight), list(v.maturation_classes), data.label_names
             ),
             **size_args(float(v.size_weight), data, source),
+            # filled by stage=train's use_batches from vae.batch_key (two or more batches)
+            batch_key=str(v.batch_key) if data.batch_names else None,
+            batch_names=list(data.batch_names),
         )
     except ValueError as e:
         raise StageError(f"vae config: {e}") from e

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,12 @@ class PairedTensors:
         (``obs['cell_diameter']`` of ``stage=segment`` crops; NaN where unknown:
         no crop, or a source that does not say); None when the table has no such
         column. The crops' framing hides it (every cell fills its crop).
+    batch : (N,) int64 or None
+        Expression batch code of each row into ``batch_names`` (-1: unknown, or a row
+        without a profile); filled by :func:`assign_batches` for a model with a batch
+        covariate (``VAEArgs.batch_key``), None otherwise.
+    batch_names : list of str
+        The batches' names in code order (empty without ``batch``).
 
     For data larger than memory, ``crops``, ``masks``, ``granules`` and ``nucleus``
     may be :class:`vae.store.RowStore` (chunked on disk) and ``x``, ``counts``
@@ -97,6 +103,8 @@ class PairedTensors:
     log_factorial: torch.Tensor | None = None
     lobes: torch.Tensor | None = None
     diameter: torch.Tensor | None = None
+    batch: torch.Tensor | None = None
+    batch_names: list[str] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -123,7 +131,8 @@ class Batch:
     (B, 1, S, S) float {0, 1} nucleus mask, or None; log_factorial (B, G)
     ``lgamma(counts + 1)`` when the data set holds it (``PairedTensors.log_factorial``);
     lobes (B,) int64 the input nuclei's lobe counts (0: none), or None;
-    diameter (B,) float32 the cells' diameters (NaN: unknown), or None.
+    diameter (B,) float32 the cells' diameters (NaN: unknown), or None;
+    batch (B,) int64 expression batch codes (-1: unknown), or None.
     """
 
     image: torch.Tensor | None
@@ -141,6 +150,7 @@ class Batch:
     log_factorial: torch.Tensor | None = None
     lobes: torch.Tensor | None = None
     diameter: torch.Tensor | None = None
+    batch: torch.Tensor | None = None
 
 
 def _dense(m) -> np.ndarray:
@@ -280,6 +290,79 @@ def from_anndata(
     return _tensors(
         adata, t_crops, t_masks, x_t, c_t, library, has_image, has_expr, names, codes, norm_total
     )
+
+
+def batch_values(obs: pd.DataFrame, key: str, source: str) -> np.ndarray:
+    """(N,) object: each row's expression batch from ``obs[key]`` as text, None where
+    unknown (NaN / None / "" / "nan", as for labels).
+
+    Raises
+    ------
+    PairedDataError
+        When ``obs`` has no column ``key``, naming ``source`` and the columns it has.
+    """
+    if key not in obs:
+        cols = ", ".join(map(str, obs.columns)) or "none"
+        raise PairedDataError(
+            f"{source}: obs['{key}'] (vae.batch_key) is missing; its columns: {cols}"
+        )
+    v = obs[key].astype(object).to_numpy()
+    return np.where(known_labels(v), v.astype(str), None)
+
+
+def assign_batches(
+    data: PairedTensors,
+    obs: pd.DataFrame,
+    key: str,
+    source: str,
+    names: list[str] | None = None,
+) -> list[str]:
+    """Fill ``data.batch`` / ``data.batch_names`` from ``obs[key]``.
+
+    Parameters
+    ----------
+    data : PairedTensors
+        The table's tensors (rows in ``obs`` order); changed in place.
+    obs : pandas.DataFrame
+        The paired table's obs.
+    key : str
+        The batch column (``vae.batch_key``).
+    source : str
+        File name for messages.
+    names : list of str, optional
+        The batches a trained model knows (``VAEArgs.batch_names``): rows of any other
+        batch get -1 (unknown: decoded as the average batch). None: the sorted batches
+        of the rows with a profile (training).
+
+    Returns
+    -------
+    list of str
+        The batch names in code order (``data.batch_names``).
+
+    Raises
+    ------
+    PairedDataError
+        The column is missing, or (training) a row with a profile has no batch.
+    """
+    values = batch_values(obs, key, source)
+    has_expr = data.has_expression.cpu().numpy().astype(bool)
+    if names is None:
+        missing = has_expr & np.array([v is None for v in values], dtype=bool)
+        if missing.any():
+            first = str(np.asarray(data.obs_names, dtype=object)[missing][0])
+            raise PairedDataError(
+                f"{source}: obs['{key}'] (vae.batch_key) is empty for {int(missing.sum())} "
+                f"rows with a profile (first: {first!r}); give every profile its batch"
+            )
+        names = sorted({str(v) for v in values[has_expr]})
+    lookup = {n: i for i, n in enumerate(names)}
+    codes = np.array(
+        [lookup.get(v, -1) if (e and v is not None) else -1 for v, e in zip(values, has_expr)],
+        dtype=np.int64,
+    )
+    data.batch = torch.from_numpy(codes)
+    data.batch_names = list(names)
+    return data.batch_names
 
 
 def _label_codes(obs: pd.DataFrame, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -509,6 +592,8 @@ def raw_batch(d: PairedTensors, idx: torch.Tensor, images: bool = True) -> dict[
             out["lobes"] = d.lobes.index_select(0, idx)
         if d.diameter is not None:  # and the cells' sizes, which the crops' framing hides
             out["diameter"] = d.diameter.index_select(0, idx)
+    if d.batch is not None:  # the profiles' batches, for the expression decoder
+        out["batch"] = d.batch.index_select(0, idx)
     if d.counts is not None:
         out["counts"] = d.counts.index_select(0, idx)
     if d.log_factorial is not None:
@@ -772,6 +857,7 @@ def to_batch(
         nucleus=nuc,
         lobes=mv(raw["lobes"]) if "lobes" in raw else None,
         diameter=mv(raw["diameter"]) if "diameter" in raw else None,
+        batch=mv(raw["batch"]) if "batch" in raw else None,
     )
 
 

@@ -173,6 +173,15 @@ class VAEArgs:
     size_head: bool = False
     size_log_mean: float = 0.0
     size_log_sd: float = 1.0
+    # expression batches (scvi-tools' ``batch_key``): profiles measured in several runs,
+    # patients or sites differ by run as well as by cell state. The expression decoder
+    # reads the batch as a one-hot beside the code, so the code need not carry it; the
+    # encoders never read it, so a new sample's cells are encoded without one (a batch
+    # the study never saw included). ``batch_key`` names the obs column of the paired
+    # table, ``batch_names`` its values in code order. Empty: no covariate (checkpoints
+    # saved before these fields load as such).
+    batch_key: str | None = None
+    batch_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.expression_likelihood not in EXPRESSION_LIKELIHOODS:
@@ -252,6 +261,15 @@ class VAEArgs:
                     f"maturation_ranks={self.maturation_ranks}: the ranks >= 0 must be "
                     "0, 1, ..., K-1 with K >= 2 (two or more stages)"
                 )
+        if self.batch_names:
+            if not self.batch_key:
+                raise ValueError("batch_names needs batch_key (the obs column they come from)")
+            if len(set(self.batch_names)) != len(self.batch_names) or len(self.batch_names) < 2:
+                raise ValueError(
+                    f"batch_names must be two or more distinct names; got {self.batch_names}"
+                )
+            if self.n_genes == 0:
+                raise ValueError("batch_names: a model without genes has no expression decoder")
         if self.n_shared < 1 or self.n_private < 0 or self.n_genes < 0:
             raise ValueError(
                 f"need n_shared >= 1, n_private >= 0, n_genes >= 0; got {self.n_shared}, "
@@ -266,6 +284,11 @@ class VAEArgs:
     @property
     def has_counts(self) -> bool:
         return self.expression_likelihood in ("nb", "zinb")
+
+    @property
+    def n_batches(self) -> int:
+        """Number of expression batches the decoder is conditioned on (0: none)."""
+        return len(self.batch_names)
 
 
 @dataclass
@@ -761,8 +784,40 @@ class ExpressionEncoder(nn.Module):
         return self.mu(h), self.logvar(h).clamp(-10.0, 8.0)
 
 
+def batch_onehot(codes: torch.Tensor | None, n_batches: int, n_rows: int, like: torch.Tensor):
+    """One-hot of expression batch codes, (B, K); a row of ``1 / K`` where unknown.
+
+    Parameters
+    ----------
+    codes : (B,) int64 or None
+        Batch code of each row, ``-1`` (or None for every row): unknown, e.g. a
+        decoded traversal step, or a query cell from a batch the study never saw.
+    n_batches : int
+        K, the number of batches the decoder knows.
+    n_rows : int
+        B, used when ``codes`` is None.
+    like : torch.Tensor
+        Gives device and dtype.
+
+    Returns
+    -------
+    torch.Tensor (B, K)
+        An unknown row gets the average of the batches: the decoder's input at the
+        mean of its one-hots, so what it draws is no particular batch's.
+    """
+    if codes is None:
+        return torch.full(
+            (n_rows, n_batches), 1.0 / n_batches, device=like.device, dtype=like.dtype
+        )
+    codes = codes.to(like.device).long().view(-1)
+    known = (codes >= 0) & (codes < n_batches)
+    out = F.one_hot(codes.clamp(0, n_batches - 1), n_batches).to(like.dtype)
+    return torch.where(known.view(-1, 1), out, torch.full_like(out, 1.0 / n_batches))
+
+
 class ExpressionDecoder(nn.Module):
-    """z -> parameters of NB / ZINB over counts, or Gaussian over log-normalised X."""
+    """z [+ batch one-hot] -> parameters of NB / ZINB over counts, or Gaussian over
+    log-normalised X."""
 
     def __init__(
         self,
@@ -773,10 +828,14 @@ class ExpressionDecoder(nn.Module):
         norm_total: float,
         dropout: float,
         norm: str = "layer",
+        n_batches: int = 0,
     ):
         super().__init__()
         self.likelihood = likelihood
-        self.net = _mlp([n_in, *reversed(hidden)], dropout, norm)
+        self.n_batches = n_batches
+        # the batch enters the first layer only (scvi-tools injects it into every layer;
+        # one layer is enough for a per-gene shift of each batch and keeps old widths)
+        self.net = _mlp([n_in + n_batches, *reversed(hidden)], dropout, norm)
         self.out = nn.Linear(hidden[0], n_genes)
         self.register_buffer("log_norm_total", torch.tensor(math.log(norm_total)))
         if likelihood in ("nb", "zinb"):
@@ -786,7 +845,11 @@ class ExpressionDecoder(nn.Module):
         if likelihood == "gaussian":
             self.log_sd = nn.Parameter(torch.full((n_genes,), math.log(0.5)))
 
-    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def forward(
+        self, z: torch.Tensor, batch: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        if self.n_batches:
+            z = torch.cat([z, batch_onehot(batch, self.n_batches, z.shape[0], z)], dim=1)
         h = self.net(z)
         raw = self.out(h)  # (B, G)
         if self.likelihood == "gaussian":
@@ -918,6 +981,7 @@ class TwoBranchVAE(nn.Module):
                 a.norm_total,
                 a.dropout,
                 a.expression_norm,
+                a.n_batches,
             )
             if a.n_genes > 0
             else None
@@ -1128,6 +1192,7 @@ class TwoBranchVAE(nn.Module):
         seed: int = 0,
         use_image: bool = True,
         use_expression: bool = True,
+        batch: torch.Tensor | None = None,
     ) -> Decoded:
         """Decode latent codes.
 
@@ -1150,6 +1215,10 @@ class TwoBranchVAE(nn.Module):
         use_expression : bool
             False skips the expression decoder (``expression_log`` None). A model
             without genes always returns an empty (B, 0) ``expression_log``.
+        batch : (B,) int64, optional
+            Expression batch code of each row (``args.batch_names``; -1 unknown) for a
+            model with a batch covariate; default (None): every row the average of the
+            batches. Ignored by a model without one.
 
         Returns
         -------
@@ -1195,7 +1264,7 @@ class TwoBranchVAE(nn.Module):
         elif not use_expression:
             expr = {"expression_log": None}
         else:
-            expr = self.expression_decoder(self.expression_part(z))
+            expr = self.expression_decoder(self.expression_part(z), batch)
         return Decoded(
             image=img,
             mask=mask,
@@ -1227,6 +1296,7 @@ class TwoBranchVAE(nn.Module):
         use_image: bool = True,
         use_expression: bool = True,
         diameter: torch.Tensor | None = None,
+        batch: torch.Tensor | None = None,
     ) -> ForwardOutput:
         """Encode, sample and decode everything the training loss needs.
 
@@ -1251,6 +1321,7 @@ class TwoBranchVAE(nn.Module):
         has_image, has_expression : (B,) bool
         log_library : (B,) optional
         diameter : (B,) optional, the cells' diameters (see :meth:`encode`)
+        batch : (B,) int64 optional, expression batch codes (see :meth:`decode`)
         """
         if self.expression_encoder is None:
             use_expression = False
@@ -1277,7 +1348,7 @@ class TwoBranchVAE(nn.Module):
             if not poe:  # the draw the image component would take: same stream after it
                 torch.randn_like(post.joint[0])
             z = reparameterize(post.joint if poe else post.expression)
-            dec = self.decode(z, use_image=False)
+            dec = self.decode(z, use_image=False, batch=batch)
             # PoE: the fused decode is all there is (no paired row for the unimodal /
             # cross-modal terms); MoE: the expression component
             return ForwardOutput(
@@ -1293,11 +1364,11 @@ class TwoBranchVAE(nn.Module):
         )
         hi, paired = post.has_image, post.has_image & post.has_expression
         if self.args.fusion == "poe":
-            joint = self.decode(reparameterize(post.joint), hi)
+            joint = self.decode(reparameterize(post.joint), hi, batch=batch)
         else:
             joint = None
-        from_img = self.decode(reparameterize(post.image), hi)
-        from_expr = self.decode(reparameterize(post.expression), paired)
+        from_img = self.decode(reparameterize(post.image), hi, batch=batch)
+        from_expr = self.decode(reparameterize(post.expression), paired, batch=batch)
         return ForwardOutput(post, joint, from_img, from_expr, self.classifier, self.maturation)
 
 

@@ -313,6 +313,7 @@ def forward_loss(
             use_image=batch.image is not None,
             use_expression=use_expression,
             diameter=batch.diameter,
+            batch=batch.batch,
         )
     size_target = None
     if args.weights.size > 0 and batch.image is not None:

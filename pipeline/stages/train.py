@@ -106,6 +106,28 @@ def exclude_labels(split: np.ndarray, data, labels: list[str]) -> np.ndarray:
     return out
 
 
+def use_batches(data, obs, key: str, source: str) -> None:
+    """Give ``data`` its expression batches from ``obs[key]`` (``vae.batch_key``); one
+    batch only: a warning and no covariate (nothing to condition on)."""
+    from vae.data import PairedDataError, assign_batches
+
+    try:
+        names = assign_batches(data, obs, key, source)
+    except PairedDataError as e:
+        raise StageError(str(e)) from e
+    codes = data.batch.numpy()
+    if len(names) < 2:
+        log.warning(
+            "vae.batch_key=%s: %s; no batch covariate",
+            key,
+            f"every profile is in batch {names[0]!r}" if names else "no row has a profile",
+        )
+        data.batch, data.batch_names = None, []
+        return
+    sizes = ", ".join(f"{n} {int((codes == i).sum())}" for i, n in enumerate(names))
+    log.info("expression batches (vae.batch_key=%s), profiles each: %s", key, sizes)
+
+
 def _needs(cfg) -> list[str]:
     # vae.image_backbone_weights=detector: the study's detector must exist before train
     return ["paired", "segmentation_model"] if _backbone_is_detector(cfg) else ["paired"]
@@ -243,6 +265,8 @@ def run_train(ctx: StageContext) -> None:
         raise StageError(
             f"trainer.lr_schedule={cfg.trainer.lr_schedule!r}; valid: cosine, constant"
         )
+    if cfg.vae.get("batch_key"):
+        use_batches(data, adata.obs, str(cfg.vae.batch_key), str(src))
     margs = build_model_args(cfg, data, str(src))
     align = resolve_align(cfg.vae.align, adata.obs)
     targs = build_train_args(cfg, align, unknown_label_code(data.label_names), data)

@@ -99,6 +99,31 @@ DISAGREEMENT_CROPS = 10
 DISAGREEMENT_OBS = ("image_ref", "specimen")
 
 
+def _batch_mixing(lat, a, rd, rows: np.ndarray, labels: np.ndarray) -> dict | None:
+    """:func:`metrics.batch_mixing` of the expression and joint codes of the evaluated
+    rows, by ``analysis.batch_key`` (else the model's ``vae.batch_key``); None without
+    a batch column, or with no class holding two batches."""
+    from vae.analysis import metrics as M
+
+    key = a.batch_key or getattr(rd.model.args, "batch_key", None)
+    if not key:
+        return None
+    batches = obs_col(lat, key)
+    if batches is None:
+        log.warning("batch mixing not scored: latent.h5ad has no obs[%r] (analysis.batch_key)", key)
+        return None
+    out: dict = {"batch_key": str(key)}
+    for name in ("expression", "joint"):
+        if LATENTS[name] not in lat.obsm:
+            continue
+        z = np.asarray(lat.obsm[LATENTS[name]], dtype=np.float64)
+        sel = rows[np.isfinite(z[rows]).all(1)]
+        m = M.batch_mixing(z[sel], batches[sel], labels[sel], k=a.knn_k)
+        if m is not None:
+            out[name] = m
+    return out if len(out) > 1 else None
+
+
 def _disagreements(lat, a: AnalysisSettings, z, labels, pred, rows, vote_ref) -> pd.DataFrame:
     """The scored rows whose kNN call on the image code is not their label.
 
@@ -423,6 +448,16 @@ def evaluate(
         out["latent_structure"] = {
             r["latent"]: {k: v for k, v in r.items() if k != "latent"} for r in struct
         }
+    mixing = _batch_mixing(lat, a, rd, rows, labels)
+    if mixing is not None:
+        out["batch_mixing"] = mixing
+        tables["batch_mixing"] = pd.DataFrame(
+            [
+                {"latent": k, **{c: v for c, v in m.items() if c != "classes"}}
+                for k, m in mixing.items()
+                if isinstance(m, dict)
+            ]
+        )
     if per_class:
         tables["label_transfer"] = pd.DataFrame(per_class)
     if len(by_source) >= 2:
@@ -631,6 +666,9 @@ def evaluate(
         mix = M.modality_mixing(z_all, hi, labels, k=a.knn_k)
         if mix is not None:
             out["modality_mixing"] = mix
+    bkey = a.batch_key or getattr(rd.model.args, "batch_key", None)
+    if bkey and obs_col(lat, bkey) is not None:  # a class split by batch shows here
+        cols["batch"] = lat.obs[bkey].astype(str).to_numpy()
     # one label -> colour mapping of all rows for every panel (a subset keeps its colours)
     colours = label_colours(labels)
     fig = F.scatter_panel(

@@ -8,7 +8,8 @@ Groups
 ------
 - latent structure: :func:`knn_predict`, :func:`knn_accuracy`, :func:`knn_vote_share`,
   :func:`knn_call_voters`, :func:`label_transfer`,
-  :func:`silhouette`, :func:`leiden_agreement`, :func:`modality_mixing`
+  :func:`silhouette`, :func:`leiden_agreement`, :func:`modality_mixing`,
+  :func:`batch_mixing`
 - matching of paired rows: :func:`retrieval`
 - disentanglement against known factors: :func:`mig`, :func:`dci`,
   :func:`best_dim_spearman`
@@ -883,6 +884,80 @@ def nb_log_likelihood(counts: np.ndarray, mu: np.ndarray, theta: np.ndarray | fl
 def to_dict(obj) -> dict:
     """A metric dataclass as a JSON-friendly dict (arrays dropped)."""
     return {k: v for k, v in asdict(obj).items() if not isinstance(v, np.ndarray)}
+
+
+def batch_mixing(
+    z: np.ndarray,
+    batches: np.ndarray,
+    labels: np.ndarray,
+    k: int = 15,
+    min_per_batch: int = 5,
+) -> dict | None:
+    """Do cells of one class from different batches share one region of the latent?
+
+    Within each class holding at least ``min_per_batch`` cells of two or more batches
+    (batches with fewer are left out of that class), each cell's ``k`` nearest cells *of
+    its class* are found; the share of them from its own batch is compared with the
+    share expected if the batch did not matter (the other cells of its batch over the
+    other cells of its class). Scoring within a class keeps a difference in the
+    batches' make-up (one patient with more blasts) from reading as a batch effect, as
+    a plain kNN batch classifier would. The class-wise form of kBET / LISI's question.
+
+    Parameters
+    ----------
+    z : (n, d) codes
+    batches : (n,) batch names; unknown ones (:func:`vae.inputs.schema.known_labels`)
+        are left out
+    labels : (n,) class labels; unknown ones are left out
+    k : neighbours per cell (fewer in a smaller class)
+    min_per_batch : cells a batch needs within a class to be scored there
+
+    Returns
+    -------
+    dict with ``same_batch_share`` (mean over the scored cells), ``if_mixed`` (its
+    expectation), ``separation`` = (share - if_mixed) / (1 - if_mixed) (0: mixed as
+    chance has it, 1: every neighbour from one's own batch), ``n_cells``, ``n_batches``,
+    ``classes`` (the classes scored); None when no class qualifies.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    from vae.inputs.schema import known_labels
+
+    z = np.asarray(z, np.float64)
+    bat = np.asarray(batches, dtype=object)
+    lab = np.asarray(labels, dtype=object)
+    keep = known_labels(bat) & known_labels(lab) & np.isfinite(z).all(1)
+    bat, lab = bat.astype(str), lab.astype(str)
+    obs, exp, classes, seen = [], [], [], set()
+    for c in np.unique(lab[keep]):
+        rows = np.flatnonzero(keep & (lab == c))
+        names, sizes = np.unique(bat[rows], return_counts=True)
+        big = set(names[sizes >= min_per_batch])
+        rows = rows[np.isin(bat[rows], list(big))]
+        if len(big) < 2:
+            continue
+        kk = min(k, len(rows) - 1)
+        nn = NearestNeighbors(n_neighbors=kk + 1).fit(z[rows])
+        idx = nn.kneighbors(z[rows], return_distance=False)[:, 1:]  # self first: dropped
+        mine = bat[rows]
+        obs.append((mine[idx] == mine[:, None]).mean(1))
+        _, inv, cnt = np.unique(mine, return_inverse=True, return_counts=True)
+        exp.append((cnt[inv] - 1) / (len(rows) - 1))
+        classes.append(str(c))
+        seen |= big
+    if not classes:
+        return None
+    o, e = np.concatenate(obs), np.concatenate(exp)
+    so, se = float(o.mean()), float(e.mean())
+    return {
+        "same_batch_share": so,
+        "if_mixed": se,
+        # 0: the batches mixed as chance has it, 1: every neighbour of one's own batch
+        "separation": (so - se) / (1.0 - se) if se < 1 else float("nan"),
+        "n_cells": int(len(o)),
+        "n_batches": len(seen),
+        "classes": classes,
+    }
 
 
 def modality_mixing(

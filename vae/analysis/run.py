@@ -119,6 +119,19 @@ def load_run(
     background = None
     if data is not None:
         paired = blank_as_read(ad.read_h5ad(paired_path, backed="r"))
+        if model.args.batch_names:  # each profile decoded in its own batch
+            from vae.data import PairedDataError, assign_batches
+
+            try:
+                assign_batches(
+                    data,
+                    paired.obs,
+                    str(model.args.batch_key),
+                    str(paired_path),
+                    list(model.args.batch_names),
+                )
+            except PairedDataError as e:
+                raise AnalysisError(str(e)) from e
         notes = [str(n) for n in np.atleast_1d(paired.uns.get("expression_data_notes", []))]
         if "background_value" in paired.uns:
             background = int(paired.uns["background_value"])

@@ -24,6 +24,11 @@ class AnalysisSettings:
     # obs column naming where each row's image came from (stage=pair's image_source): the
     # image code's label transfer is also scored per source (absent column: skipped)
     source_key: str = "image_source"
+    # obs column naming each profile's batch (run, patient, site): how well the batches
+    # mix within a class is scored (metrics.batch_mixing; null: the model's vae.batch_key,
+    # none without one). Set it on a model trained without the covariate to see whether
+    # its latent sorts cells by batch (docs/vae.md, "Expression batches")
+    batch_key: str | None = None
     n_neighbors: int = 15  # kNN graph for Leiden and UMAP
     leiden_resolution: float = 1.0
     umap: bool = True  # UMAP figures (off: PCA, faster)

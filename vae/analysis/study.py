@@ -1318,6 +1318,17 @@ def _eval_sections(
             "latent holds each class twice, once per kind, and a cell's neighbours of the "
             "other kind are the far ones."
         )
+    bmix = metrics.get("batch_mixing") or {}
+    for name in ("expression", "joint"):
+        m = bmix.get(name)
+        if m:
+            text += (
+                f" Batch mixing ({name} code, obs['{bmix.get('batch_key')}']): within a class, "
+                f"{fmt_number(m['same_batch_share'])} of a cell's nearest cells of that class "
+                f"come from its own batch against {fmt_number(m['if_mixed'])} if the batch did "
+                f"not matter, a separation of {fmt_number(m.get('separation'))} (0: mixed, 1: "
+                f"one island per batch; {m['n_cells']} cells, {m['n_batches']} batches)."
+            )
     from vae.analysis.uses import report_section
 
     uses = report_section(ev_dir)  # imputation, denoising, atypical cells (issue 15)

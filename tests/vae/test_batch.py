@@ -1,0 +1,196 @@
+"""Expression batches (``vae.batch_key``): the decoder reads the batch, the encoders do
+not, evaluate scores how well the batches mix within a class."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.runner import StageError
+from tests.helpers.run import TINY_TRAIN
+from tests.helpers.vae_toy import make_paired
+from vae.analysis.metrics import batch_mixing
+from vae.data import PairedDataError, assign_batches, from_anndata, raw_batch, to_batch
+from vae.model import TwoBranchVAE, VAEArgs, batch_onehot
+
+
+def _model(batch_names=("A", "B"), n_genes: int = 12) -> TwoBranchVAE:
+    torch.manual_seed(0)
+    return TwoBranchVAE(
+        VAEArgs(
+            n_genes=n_genes,
+            crop_size=16,
+            n_shared=4,
+            n_private=2,
+            channels=[8, 16],
+            hidden=[16],
+            dropout=0.0,
+            batch_key="batch" if batch_names else None,
+            batch_names=list(batch_names),
+        )
+    )
+
+
+def test_batch_onehot_known_rows_one_hot_unknown_rows_the_average():
+    like = torch.zeros(1)
+    got = batch_onehot(torch.tensor([0, 1, -1, 5]), 2, 4, like)
+    assert torch.equal(got, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.5, 0.5]]))
+    assert torch.equal(batch_onehot(None, 4, 3, like), torch.full((3, 4), 0.25))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"batch_names": ["A", "B"]}, "needs batch_key"),
+        ({"batch_key": "b", "batch_names": ["A", "A"]}, "distinct"),
+        ({"batch_key": "b", "batch_names": ["A"]}, "two or more"),
+        ({"batch_key": "b", "batch_names": ["A", "B"], "n_genes": 0}, "without genes"),
+    ],
+)
+def test_vae_args_refuse_batch_settings_that_cannot_work(kw, match):
+    with pytest.raises(ValueError, match=match):
+        VAEArgs(**{"n_genes": 5, "crop_size": 16, "channels": [8, 16], **kw})
+
+
+def test_the_decoder_reads_the_batch_the_image_and_the_encoders_do_not():
+    model = _model().eval()
+    d = from_anndata(make_paired(8, seed=1))
+    b = to_batch(raw_batch(d, torch.arange(d.n)), torch.device("cpu"))
+    post = model.encode(b.image, b.x, b.has_image, b.has_expression, b.mask, b.log_library)
+    z = post.joint[0]
+    n = z.shape[0]
+    with torch.no_grad():
+        d0 = model.decode(z, batch=torch.zeros(n, dtype=torch.long))
+        d1 = model.decode(z, batch=torch.ones(n, dtype=torch.long))
+        avg = model.decode(z)
+        unknown = model.decode(z, batch=torch.full((n,), -1))
+    assert not torch.allclose(d0.expression_log, d1.expression_log)
+    assert torch.allclose(avg.expression_log, unknown.expression_log)
+    assert torch.equal(d0.image, d1.image)  # the image decoder never sees the batch
+    # the decoder's first layer holds one input column per batch beside the code
+    first = model.expression_decoder.net[0]
+    assert first.in_features == model.args.n_shared + model.args.n_private + 2
+
+
+def test_a_model_without_batches_ignores_the_argument():
+    model = _model(batch_names=()).eval()
+    z = torch.randn(3, model.n_latent)
+    with torch.no_grad():
+        a = model.decode(z, batch=torch.tensor([0, 1, 0]))
+        b = model.decode(z)
+    assert torch.equal(a.expression_log, b.expression_log)
+
+
+def _paired_with_batches(n: int = 12) -> ad.AnnData:
+    a = make_paired(n, image_only=3, expression_only=4)
+    a.obs["batch"] = np.where(np.arange(a.n_obs) % 2, "run2", "run1")
+    return a
+
+
+def test_assign_batches_codes_the_profiles_and_leaves_image_rows_unknown():
+    a = _paired_with_batches()
+    d = from_anndata(a)
+    names = assign_batches(d, a.obs, "batch", "paired.h5ad")
+    assert names == ["run1", "run2"] == d.batch_names
+    he = a.obs["has_expression"].to_numpy()
+    want = np.where(he, np.arange(a.n_obs) % 2, -1)
+    assert d.batch.tolist() == want.tolist()
+    # a trained model's names: a batch it never saw is unknown (-1), not a new code
+    a.obs.loc[a.obs_names[0], "batch"] = "run9"
+    assign_batches(d, a.obs, "batch", "paired.h5ad", names=["run1", "run2"])
+    assert d.batch[0].item() == -1
+    # the batches travel with the rows into training batches
+    raw = raw_batch(d, torch.tensor([1, 0]))
+    assert to_batch(raw, torch.device("cpu")).batch.tolist() == [d.batch[1].item(), -1]
+
+
+def test_assign_batches_names_the_file_and_the_column():
+    a = _paired_with_batches()
+    d = from_anndata(a)
+    with pytest.raises(PairedDataError, match=r"paired.h5ad: obs\['donor'\] \(vae.batch_key\)"):
+        assign_batches(d, a.obs, "donor", "paired.h5ad")
+    a.obs.loc[a.obs_names[0], "batch"] = np.nan  # a profile without its batch
+    with pytest.raises(PairedDataError, match="empty for 1 rows with a profile"):
+        assign_batches(d, a.obs, "batch", "paired.h5ad")
+
+
+def test_batch_mixing_tells_batch_islands_from_mixed_batches():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["a", "b"], 100)
+    batches = np.tile(np.repeat(["x", "y"], 50), 2)
+    centre = np.where(labels == "a", 0.0, 10.0)[:, None]
+    mixed = centre + rng.normal(size=(200, 3))
+    islands = mixed + np.where(batches == "x", 0.0, 5.0)[:, None]
+    m, s = batch_mixing(mixed, batches, labels), batch_mixing(islands, batches, labels)
+    assert abs(m["separation"]) < 0.1 and s["separation"] > 0.9
+    assert m["n_batches"] == 2 and m["classes"] == ["a", "b"] and m["n_cells"] == 200
+    # a batch holding more of one class is not a batch effect: scored within classes
+    keep = ~((labels == "a") & (batches == "y") & (np.arange(200) % 50 > 10))
+    skew = batch_mixing(mixed[keep], batches[keep], labels[keep])
+    assert abs(skew["separation"]) < 0.15
+    # unknown batches are left out; a class with one batch is not scored
+    b2 = batches.astype(object)
+    b2[labels == "b"] = None
+    one = batch_mixing(mixed, b2, labels)
+    assert one["classes"] == ["a"] and one["n_cells"] == 100
+    assert batch_mixing(mixed, np.full(200, "x"), labels) is None
+
+
+def _expression_h5ad(path: Path) -> Path:
+    """An expression.h5ad (as stage=expression writes it) whose second batch carries twice
+    the counts of half the genes."""
+    a = make_paired(0, expression_only=60)
+    batch = np.where((np.arange(60) // 3) % 3 == 0, "B", "A")  # every kind in both
+    counts = np.asarray(a.layers["counts"], dtype=np.float32).copy()
+    counts[batch == "B", ::2] *= 2
+    x = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32)
+    obs = a.obs[["label", "maturation", "t", "kind"]].copy()
+    obs["batch"] = batch
+    out = ad.AnnData(X=x, obs=obs, var=a.var)
+    out.layers["counts"] = counts
+    out.uns["has_counts"] = True
+    out.write_h5ad(path)
+    return path
+
+
+def test_train_with_batch_key_saves_the_batches_and_evaluate_scores_their_mixing(
+    tmp_path, run_in_process
+):
+    from vae.checkpoint import load_model
+
+    expr = _expression_h5ad(tmp_path / "expression.h5ad")
+    common = [f"paths.root={tmp_path / 'out'}", "experiment=b", *TINY_TRAIN]
+    run_in_process(["pair=expression_only", f"paths.inputs.expression={expr}", *common], "pair")
+    run = tmp_path / "out" / "b"
+    run_in_process([*common, "vae.batch_key=batch"], "train")
+    model, _ = load_model(run / "train" / "model.pt", "cpu")
+    assert model.args.batch_key == "batch" and model.args.batch_names == ["A", "B"]
+    assert model.expression_decoder.n_batches == 2
+    run_in_process([*common, "analysis.split=all"], "evaluate")  # 5 cells a batch per class
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+    mix = metrics["batch_mixing"]
+    assert mix["batch_key"] == "batch" and set(mix) == {"batch_key", "expression", "joint"}
+    for latent in ("expression", "joint"):
+        assert mix[latent]["n_batches"] == 2 and -1 <= mix[latent]["separation"] <= 1
+    table = pd.read_csv(run / "evaluate" / "batch_mixing.csv")
+    assert table["latent"].tolist() == ["expression", "joint"]
+    run_in_process(common, "traverse")  # decodes the path in the average batch
+    html = (run / "traverse" / "report.html").read_text()
+    assert "Batch mixing (expression code, obs[&#x27;batch&#x27;])" in html  # escaped
+
+
+def test_a_batch_key_the_table_lacks_stops_train_naming_file_and_column(tmp_path, run_in_process):
+    expr = _expression_h5ad(tmp_path / "expression.h5ad")
+    common = [f"paths.root={tmp_path / 'out'}", "experiment=b", *TINY_TRAIN]
+    run_in_process(["pair=expression_only", f"paths.inputs.expression={expr}", *common], "pair")
+    with pytest.raises(
+        StageError, match=r"paired.h5ad: obs\['donor'\] \(vae.batch_key\) is missing"
+    ):
+        run_in_process([*common, "vae.batch_key=donor"], "train")
+    assert not (tmp_path / "out" / "b" / "train" / "model.pt").exists()
