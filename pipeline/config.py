@@ -338,6 +338,11 @@ class ExpressionConfig:
     maturation_key: str | None = None  # obs column (null: t / pseudotime / dpt_pseudotime)
     root_label: str | None = None  # label whose extremal cell roots diffusion pseudotime
     scale: bool = False  # scale genes before PCA only (X stays log-normalised)
+    # obs column naming each cell's batch (sequencing run, patient, site): HVGs are chosen
+    # within batches and the PCA (neighbours, UMAP, diffusion pseudotime) reads the HVGs
+    # ComBat-corrected per batch; X stays as measured. vae.batch_key follows it
+    # (docs/expression_pairing.md, "Batches"). null: one batch
+    batch_key: str | None = None
     n_pcs: int = 30
     n_neighbors: int = 15
     umap: bool = True  # UMAP for the report figure

@@ -130,8 +130,9 @@ class VAEConfig:
     # obs column naming each profile's batch (sequencing run, patient, site): the
     # expression decoder reads it as a one-hot, so the latent need not carry the batch
     # (scvi-tools' batch_key; the encoders never read it, so query cells of any batch
-    # embed). null: no covariate (docs/vae.md, "Expression batches")
-    batch_key: str | None = None
+    # embed). Default: expression.batch_key; null: no covariate (docs/vae.md,
+    # "Expression batches")
+    batch_key: str | None = "${expression.batch_key}"
     late_mask: bool = False  # score observed non-zero entries only (LATE)
     # MLP dropout; null (auto): 0 for expression alone (every row a profile, no image:
     # better held-out likelihood on 5 of 5 Paul15 seeds, a cheaper step;

@@ -16,8 +16,13 @@ expression=paul15 expression.input_file=...``, ``stage=pair pair=expression_only
 
 * ``clean``: no batch effect, no covariate;
 * ``effect``: batch effect, no covariate (the latent may sort cells by batch);
-* ``effect+batch_key``: batch effect, ``vae.batch_key=batch`` (the expression decoder
-  reads the batch).
+* ``effect+batch_key``: batch effect, ``expression.batch_key=batch`` on every stage
+  (HVGs per batch and a ComBat-corrected PCA in ``stage=expression``; ``vae.batch_key``
+  follows it: the expression decoder reads the batch).
+
+For ``stage=expression`` it also reports, per data set, the diffusion pseudotime's
+agreement with the clean data set's (cell by cell, Spearman) and the batch separation of
+the PCA the pseudotime and UMAP are built on.
 
 Reported per arm and seed, on the test split, for the expression and the joint code:
 label kNN accuracy (``latent_structure``: reference the training split, both batches),
@@ -53,6 +58,8 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PAUL15 = "expression/paul15_tradeseq_2660x240.h5ad"
 ARMS = ("clean", "effect", "effect+batch_key")
+# the data set (stage=expression + pair) each arm trains on, and that stage's settings
+DATA = {"clean": "clean", "effect": "effect", "effect+batch_key": "effect_batch_key"}
 
 
 def make_inputs(shared: Path, work: Path, args) -> dict[str, Path]:
@@ -102,6 +109,38 @@ def cross_batch_knn(run_dir: Path, k: int = 15) -> dict[str, float]:
     return out
 
 
+BATCH_KEY = {"clean": [], "effect": [], "effect_batch_key": ["expression.batch_key=batch"]}
+
+
+def expression_scores(root: Path) -> dict[str, dict[str, float]]:
+    """stage=expression of each data set: its diffusion pseudotime (``obs["maturation"]``)
+    against the clean data set's, cell by cell (Spearman), and the batch separation of its
+    PCA (:func:`batch_mixing` by label), which the neighbours, UMAP and pseudotime read."""
+    import anndata as ad
+    from scipy.stats import spearmanr
+
+    from vae.analysis.metrics import batch_mixing
+
+    def read(name: str):
+        return ad.read_h5ad(root / name / "expression" / "expression.h5ad")
+
+    ref = read("clean").obs["maturation"]
+    out = {}
+    for name in DATA.values():
+        a = read(name)
+        cells = ref.index.intersection(a.obs_names)
+        mix = batch_mixing(
+            a.obsm["X_pca"], a.obs["batch"].to_numpy(), a.obs["label"].astype(str).to_numpy()
+        )
+        out[name] = {
+            "maturation_vs_clean_spearman": float(
+                spearmanr(a.obs.loc[cells, "maturation"], ref.loc[cells]).correlation
+            ),
+            "pca_separation": mix["separation"],
+        }
+    return out
+
+
 def run(cmd: list[str], log: Path) -> None:
     with open(log, "w") as f:
         r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
@@ -142,14 +181,13 @@ def main() -> None:
 
     work = args.work
     root = work / "out"
-    if args.reuse and all(
-        (root / n / "pair" / "paired.h5ad").exists() for n in ("clean", "effect")
-    ):
+    if args.reuse and all((root / n / "pair" / "paired.h5ad").exists() for n in DATA.values()):
         inputs = {}  # the data sets of the last run (same settings: the caller's word)
     else:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         inputs = make_inputs(args.shared, work, args)
+        inputs["effect_batch_key"] = inputs["effect"]
     for name, path in inputs.items():  # expression and pairing once per data set
         run(
             pipeline(
@@ -160,15 +198,19 @@ def main() -> None:
                 f"expression.input_file={path}",
                 "expression.umap=false",
                 "expression.plots=false",
+                *BATCH_KEY[name],
             ),
             work / f"{name}_expression.log",
         )
         run(pipeline("pair", root, name, "pair=expression_only"), work / f"{name}_pair.log")
+    expression = expression_scores(root)
+    for name, row in expression.items():
+        print(json.dumps({"data": name, **row}), flush=True)
 
     rows = []
     for arm in ARMS:
-        data = "clean" if arm == "clean" else "effect"
-        extra = ["vae.batch_key=batch"] if arm.endswith("batch_key") else []
+        data = DATA[arm]
+        extra = BATCH_KEY[data]  # vae.batch_key follows expression.batch_key
         for seed in args.seeds:
             exp = f"{arm.replace('+', '_')}_s{seed}"
             t0 = time.time()
@@ -211,6 +253,11 @@ def main() -> None:
         }
         summary[arm] = {c: {"mean": m, "sd": s} for c, (m, s) in stats.items()}
         print(f"{arm:<18} " + " ".join(f"{m:>14.3f} ± {s:<5.3f}" for m, s in stats.values()))
+    print(f"\n{'stage=expression of':<18} {'maturation vs clean':>22} {'PCA separation':>22}")
+    for name, row in expression.items():
+        print(
+            f"{name:<18} {row['maturation_vs_clean_spearman']:>22.3f} {row['pca_separation']:>22.3f}"
+        )
     load = os.getloadavg()
     print(
         f"\nseeds {args.seeds}; load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
@@ -223,6 +270,7 @@ def main() -> None:
                         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                     },
                     "runs": rows,
+                    "expression_stage": expression,
                     "summary": summary,
                     "load_average": load,
                 },

@@ -66,6 +66,7 @@ def preprocess_params(cfg: DictConfig):
         n_neighbors=e.n_neighbors,
         umap=e.umap,
         seed=cfg.seed if e.seed is None else e.seed,
+        batch_key=e.batch_key,
     )
 
 

@@ -194,3 +194,77 @@ def test_a_batch_key_the_table_lacks_stops_train_naming_file_and_column(tmp_path
     ):
         run_in_process([*common, "vae.batch_key=donor"], "train")
     assert not (tmp_path / "out" / "b" / "train" / "model.pt").exists()
+
+
+# --- stage=expression: expression.batch_key ----------------------------------
+
+
+def _two_batches(n: int = 120, seed: int = 0) -> ad.AnnData:
+    """Counts of two cell types in two batches; batch B multiplies every gene by its own
+    factor (a run effect), so an uncorrected PCA splits the batches."""
+    rng = np.random.default_rng(seed)
+    kind = np.repeat(["T1", "T2"], n // 2)
+    batch = np.tile(["A", "B"], n // 2)
+    g = 30
+    base = np.where(kind[:, None] == "T1", np.linspace(1, 20, g), np.linspace(20, 1, g))
+    factor = np.exp(rng.normal(0, 1.0, g))
+    mean = base * np.where(batch[:, None] == "B", factor, 1.0) * 5
+    counts = rng.poisson(mean).astype(np.float32)
+    obs = pd.DataFrame({"celltype": kind, "batch": batch}, index=[f"c{i}" for i in range(n)])
+    return ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(g)]))
+
+
+def _expr_params(**kw):
+    from vae.inputs.expression import PreprocessParams
+
+    base = dict(programs={}, require_program_match=False, umap=False, maturation="none")
+    base.update(kw)
+    base.setdefault("n_top_genes", 20)
+    return PreprocessParams(**base)
+
+
+def test_expression_batch_key_corrects_the_pca_and_leaves_x_as_measured():
+    from vae.inputs.expression import preprocess
+
+    a = _two_batches()
+    plain = preprocess(a, _expr_params(n_pcs=5)).adata
+    fixed = preprocess(a, _expr_params(n_pcs=5, batch_key="batch")).adata
+    assert np.array_equal(np.asarray(plain.X), np.asarray(fixed.X))  # X is not corrected
+    kinds, batches = fixed.obs["celltype"].to_numpy(), fixed.obs["batch"].to_numpy()
+    before = batch_mixing(plain.obsm["X_pca"], batches, kinds)["separation"]
+    after = batch_mixing(fixed.obsm["X_pca"], batches, kinds)["separation"]
+    assert before > 0.5 and after < before / 2
+    rec = fixed.uns["batch_correction"]
+    assert rec["method"] == "combat" and rec["batch_key"] == "batch"
+    assert rec["batches"] == {"A": 60, "B": 60} and rec["n_genes"] == 20
+    # the PCA read the HVGs only: the other genes load 0
+    off = ~fixed.var["highly_variable"].to_numpy()
+    assert off.any() and not np.asarray(fixed.varm["PCs"])[off].any()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda a: a.obs.drop(columns="batch", inplace=True), "no obs column 'batch'"),
+        (lambda a: a.obs.__setitem__("batch", ["A"] * 119 + [None]), "empty for 1 cells"),
+        (lambda a: a.obs.__setitem__("batch", ["A"] * 119 + ["C"]), "batch 'C' has one cell"),
+    ],
+)
+def test_expression_batch_key_errors_name_the_setting(change, match):
+    from vae.inputs.expression import ExpressionInputError, preprocess
+
+    a = _two_batches()
+    change(a)
+    with pytest.raises(ExpressionInputError, match=match) as e:
+        preprocess(a, _expr_params(batch_key="batch"), source="mine.h5ad")
+    assert e.value.field == "expression.batch_key" and "mine.h5ad" in str(e.value)
+
+
+def test_vae_batch_key_follows_expression_batch_key_unless_set():
+    from tests.helpers.run import compose_config
+
+    one = ["stage=all", "expression.batch_key=donor"]  # one command: every stage alike
+    assert compose_config(one).vae.batch_key == "donor"
+    assert compose_config(["stage=train"]).vae.batch_key is None
+    both = compose_config(["stage=train", "expression.batch_key=donor", "vae.batch_key=null"])
+    assert both.vae.batch_key is None and both.expression.batch_key == "donor"

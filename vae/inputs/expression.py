@@ -798,6 +798,7 @@ class PreprocessParams:
     n_neighbors: int = 15
     umap: bool = True
     seed: int = 0
+    batch_key: str | None = None
     # not a setting of ExpressionConfig: tests lower it to run the sparse path on small data
     dense_max_bytes: int = DENSE_X_MAX_BYTES
 
@@ -924,7 +925,7 @@ def _check_settings(adata: ad.AnnData, p: PreprocessParams, src: str) -> None:
     """Settings that name input columns or optional code: checked before any work, so the
     message lists the input's own obs columns (not those preprocessing adds)."""
     cols = list(adata.obs.columns)
-    keys = [("expression.label_key", p.label_key)]
+    keys = [("expression.label_key", p.label_key), ("expression.batch_key", p.batch_key)]
     if p.maturation in ("auto", "column"):
         keys.append(("expression.maturation_key", p.maturation_key))
     for name, key in keys:
@@ -973,8 +974,9 @@ def preprocess(
     5. highly variable genes (``n_top_genes``; genes of interest and program genes
        are flagged ``gene_of_interest`` and kept when ``subset_hvg``);
     6. program scores with ``sc.tl.score_genes`` into ``obs["score_<program>"]``;
-    7. PCA (on scaled values if ``scale``), neighbours, optional UMAP (skipped with a
-       warning below :data:`MIN_CELLS_UMAP` cells);
+    7. PCA (on scaled values if ``scale``; with ``batch_key`` on the HVG and genes of
+       interest, ComBat-corrected per batch: :func:`_pca`), neighbours, optional UMAP
+       (skipped with a warning below :data:`MIN_CELLS_UMAP` cells);
     8. ``obs["label"]`` (missing values -> ``""``, unlabelled) and ``obs["maturation"]``
        (column, min-max rescaled to [0, 1] when outside it, or diffusion pseudotime).
 
@@ -1197,6 +1199,9 @@ def preprocess(
                 field="expression.hvg_flavor",
                 source=src,
             )
+        if p.batch_key:  # genes variable within batches, not genes that differ between them
+            _batch_labels(adata, p.batch_key, src)
+            kw["batch_key"] = p.batch_key
         sc.pp.highly_variable_genes(adata, n_top_genes=p.n_top_genes, flavor=p.hvg_flavor, **kw)
     adata.var["highly_variable"] = adata.var["highly_variable"].astype(bool)
 
@@ -1258,7 +1263,11 @@ def _pca(adata: ad.AnnData, p: PreprocessParams, dense_x: bool, src: str) -> Non
     n_pcs = max(1, min(p.n_pcs, adata.n_obs - 1, adata.n_vars - 1))
     obs = pd.DataFrame(index=adata.obs_names)
     cols = None  # genes in the PCA: all
-    if dense_x:
+    if p.batch_key:
+        cols = (adata.var["highly_variable"] | adata.var["gene_of_interest"]).to_numpy()
+        emb = _combat_block(adata, cols, p.batch_key, src)
+        n_pcs = max(1, min(n_pcs, int(cols.sum()) - 1))
+    elif dense_x:
         emb = ad.AnnData(X=adata.X.copy(), obs=obs)
     elif not p.scale:
         emb = ad.AnnData(X=adata.X, obs=obs)  # sc.pp.pca leaves its input unchanged
@@ -1286,6 +1295,95 @@ def _pca(adata: ad.AnnData, p: PreprocessParams, dense_x: bool, src: str) -> Non
         pcs = full
     adata.varm["PCs"] = pcs
     adata.uns["pca"] = dict(emb.uns["pca"])
+
+
+def _batch_labels(adata: ad.AnnData, key: str, src: str) -> np.ndarray:
+    """(n,) str: each cell's batch from ``obs[key]`` (``expression.batch_key``).
+
+    Raises
+    ------
+    ExpressionInputError
+        A cell without a batch, or a batch of one cell (ComBat estimates a variance per
+        batch; scanpy's per-batch HVG ranks genes within each), naming
+        ``expression.batch_key`` and ``src``.
+    """
+    from vae.inputs.schema import known_labels
+
+    values = adata.obs[key].astype(object).to_numpy()
+    known = known_labels(values)
+    if not known.all():
+        first = str(adata.obs_names[~known][0])
+        raise ExpressionInputError(
+            f"obs[{key!r}] is empty for {int((~known).sum())} cells (first: {first!r}); "
+            "give every cell its batch",
+            field="expression.batch_key",
+            source=src,
+        )
+    batches = values.astype(str)
+    names, sizes = np.unique(batches, return_counts=True)
+    if (sizes < 2).any():
+        raise ExpressionInputError(
+            f"obs[{key!r}]: batch {str(names[sizes < 2][0])!r} has one cell; ComBat needs two or "
+            "more per batch (merge it into another or drop it)",
+            field="expression.batch_key",
+            source=src,
+        )
+    return batches
+
+
+def _combat_block(adata: ad.AnnData, cols: np.ndarray, key: str, src: str) -> ad.AnnData:
+    """The HVG and genes-of-interest columns of ``X`` (dense, float64), ComBat-corrected
+    per batch of ``obs[key]`` (``sc.pp.combat``), for the PCA alone.
+
+    Why: a run, patient or site shifts genes its own way, and a PCA of uncorrected values
+    puts the batches apart, so the neighbour graph, the UMAP and the diffusion pseudotime
+    that orders the cells follow the batch. ``X`` itself stays as measured (the VAE reads
+    the batch through ``vae.batch_key`` instead). ComBat needs dense values: only these
+    columns are made dense, as for ``scale`` on sparse ``X``. Records
+    ``uns["batch_correction"]``.
+
+    Raises
+    ------
+    ExpressionInputError
+        See :func:`_batch_labels`.
+    """
+    import scanpy as sc
+
+    batches = _batch_labels(adata, key, src)
+    names, sizes = np.unique(batches, return_counts=True)
+    x = adata.X[:, cols]
+    block = np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+    emb = ad.AnnData(X=block, obs=pd.DataFrame({"batch": batches}, index=adata.obs_names))
+    if len(names) > 1:
+        # a gene constant within a batch has no variance there: scanpy's ComBat leaves it
+        # NaN, which PCA cannot take; such genes keep their measured values
+        before = emb.X.copy()
+        sc.pp.combat(emb, key="batch")
+        bad = ~np.isfinite(emb.X).all(0)
+        if bad.any():
+            emb.X[:, bad] = before[:, bad]
+            log.warning(
+                "%s: ComBat left %d of %d genes uncorrected (constant within a batch)",
+                src,
+                int(bad.sum()),
+                bad.size,
+            )
+    log.info(
+        "%s: PCA of %d HVG and genes of interest, ComBat-corrected over %d batches of obs[%r] (%s)",
+        src,
+        int(cols.sum()),
+        len(names),
+        key,
+        ", ".join(f"{n} {c}" for n, c in zip(names, sizes)),
+    )
+    adata.uns["batch_correction"] = {
+        "batch_key": str(key),
+        "method": "combat",
+        "used_for": "X_pca (neighbours, UMAP, diffusion pseudotime); X is uncorrected",
+        "n_genes": int(cols.sum()),
+        "batches": {str(n): int(c) for n, c in zip(names, sizes)},
+    }
+    return emb
 
 
 def _neighbors(adata: ad.AnnData, p: PreprocessParams) -> None:
