@@ -175,16 +175,16 @@ def _is_counts(m: np.ndarray) -> bool:
     return True
 
 
-def _lognorm_problem(vals: np.ndarray) -> str | None:
-    """Why X's values ``vals`` cannot be log1p-normalised, or None (stage=expression
-    refuses the same; a scaled or CPM matrix would embed as silent garbage)."""
-    neg = int((vals < 0).sum())
+def _lognorm_problem(neg: int, top: float) -> str | None:
+    """Why X's values cannot be log1p-normalised, or None (stage=expression refuses the
+    same; a scaled or CPM matrix would embed as silent garbage): ``neg`` negative values,
+    ``top`` the largest (NaN: none but NaN; 0 for no value), of the whole matrix
+    (:class:`vae.inputs.expression.ValueStats`)."""
     if neg:
         return (
             f"X holds {neg} negative values (scaled or centred?): give raw "
             "counts (layers['counts'] or X) or log1p-normalised values"
         )
-    top = float(np.nanmax(vals)) if vals.size else 0.0
     if top > LOGNORM_MAX:
         return (
             f"X is neither integer counts nor log1p-normalised values "
@@ -192,6 +192,62 @@ def _lognorm_problem(vals: np.ndarray) -> str | None:
             "counts (layers['counts'] or X) or log1p-normalised values"
         )
     return None
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now (Linux ``MemAvailable``), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _reader_error(e) -> StudyError:
+    """An expression reader's error, naming the :meth:`Study.read` argument of its field."""
+    hint = {
+        "expression.orientation": " (Study.read: orientation=...)",
+        "expression.counts_layer": " (Study.read: counts_layer=...)",
+    }.get(e.field, "")
+    return StudyError(str(e) + hint)
+
+
+def _nonfinite_in(facts, key: str, cols: np.ndarray) -> int:
+    """NaN / infinite values of matrix ``key`` in the model's columns ``cols`` (each as
+    often as ``cols`` names it), from ``facts`` (:meth:`Study._expression_plan`); the
+    columns are read only where the whole matrix holds any (a file's column scan
+    took 20 s of a 300k-cell embed)."""
+    return facts.stats(key, cols).nonfinite if facts.stats(key).nonfinite else 0
+
+
+@dataclass(frozen=True)
+class _ExpressionPlan:
+    """How :meth:`Study._expression` reads a query's expression, decided on the whole
+    input (:meth:`Study._expression_plan`) and applied to its rows, a block at a time
+    where the file is read so.
+
+    from_raw : the counts are ``.raw.X`` (X holds none); names : the genes read (unique);
+    repeated : names the input repeats; ok : (G,) model genes found; cols : their columns;
+    layer : ``layers["counts"]`` holds the counts; x_log : (with ``layer``) X's
+    log-normalised values used as given; x_counts : (without) X holds counts;
+    values : ``counts`` or ``lognorm``; want_counts : the model reads counts;
+    raw_library : each cell's library is ``obs[RAW_LIBRARY]`` (``counts_layer=.raw``).
+    """
+
+    from_raw: bool
+    names: pd.Index
+    repeated: list[str]
+    ok: np.ndarray
+    cols: np.ndarray
+    layer: bool
+    x_log: bool
+    x_counts: bool
+    values: str
+    want_counts: bool
+    raw_library: bool
 
 
 @dataclass(frozen=True)
@@ -811,6 +867,7 @@ class Study:
         if kind == "expression":
             from vae.inputs.expression import ExpressionInputError, counts_from, read_expression
 
+            self._check_whole_read_fits(p)
             try:
                 # the axes told by the model's own genes: the granule programs' few genes
                 # (the default) may be absent from a query that holds every model gene
@@ -818,11 +875,7 @@ class Study:
                 if counts_layer:
                     a = counts_from(a, counts_layer, str(p))
             except ExpressionInputError as e:
-                hint = {
-                    "expression.orientation": " (Study.read: orientation=...)",
-                    "expression.counts_layer": " (Study.read: counts_layer=...)",
-                }.get(e.field, "")
-                raise StudyError(str(e) + hint) from e
+                raise _reader_error(e) from e
             a.uns["rejects"] = []
             return a
         if kind not in ("crops", "smears"):
@@ -866,6 +919,80 @@ class Study:
         a.uns["rejects"] = rej
         return a
 
+    def _check_whole_read_fits(self, path: Path) -> None:
+        """Refuse an expression file read whole (:meth:`read`) that cannot fit in the
+        memory available, with what to do: an OOM kill says nothing. The least it takes:
+        its matrices as stored (:func:`vae.inputs.expression.whole_read_size`; ``.h5ad``
+        and 10x ``.h5``, not estimated for other formats) and the model's genes of every
+        cell made dense (float64 values, float32 ``x`` and counts: 16 bytes a value)."""
+        from vae.inputs.expression import whole_read_size
+
+        size, avail = whole_read_size(path), _available_memory()
+        if size is None or avail is None:
+            return
+        stored, cells = size
+        need = stored + cells * len(self.gene_names) * 16
+        if need <= avail:
+            return
+        raise StudyError(
+            f"{path}: read whole it takes at least {need / 2**30:.1f} GiB ({cells} cells; "
+            f"its matrices {stored / 2**30:.1f} GiB as stored), more than the "
+            f"{avail / 2**30:.1f} GiB available. An .h5ad whose X, layers and .raw are "
+            "stored as CSR (or dense), cells x genes, is read and embedded a block of rows "
+            "at a time: write it so (anndata: adata.X = scipy.sparse.csr_matrix(adata.X); "
+            "adata.write_h5ad(...); docs/embed.md, 'Large expression files')"
+        )
+
+    def read_blocks(
+        self,
+        path: str | Path,
+        orientation: str = "auto",
+        counts_layer: str | None = None,
+        rows: int | None = None,
+    ):
+        """An ``.h5ad`` expression file as blocks of rows, for :meth:`embed` a block at a
+        time (``embed(block, source, whole=blocks)``), or None where the file is read
+        whole by :meth:`read` instead (another format; see
+        :func:`vae.inputs.expression.row_blocks_unsupported`).
+
+        Only ``obs`` and ``var`` are held whole: a block holds its rows of ``X``, of every
+        layer and of ``.raw`` (all genes), the reading :meth:`read` with
+        ``kind="expression"`` gives of them. Peak memory goes with the block, not the
+        file (docs/embed.md, "Large expression files").
+
+        Parameters
+        ----------
+        path : the expression file
+        orientation, counts_layer : as :meth:`read`
+        rows : cells a block (default
+            :data:`vae.inputs.expression.EMBED_BLOCK_ROWS`)
+
+        Returns
+        -------
+        :class:`vae.inputs.expression.H5adRowBlocks` (iterable of AnnData blocks;
+        ``n_obs``, ``obs``, ``var``) or None.
+        """
+        from vae.inputs.expression import (
+            ExpressionInputError,
+            H5adRowBlocks,
+            row_blocks_unsupported,
+        )
+
+        why = row_blocks_unsupported(path, orientation)
+        if why is not None:
+            log.debug("%s: read whole (%s)", path, why)
+            return None
+        try:
+            return H5adRowBlocks(
+                path,
+                orientation=orientation,
+                known_genes=self.gene_names,
+                counts_layer=counts_layer,
+                rows=rows,
+            )
+        except ExpressionInputError as e:
+            raise _reader_error(e) from e
+
     def _check_detector_unchanged(self) -> None:
         """Raise when the detector file is gone or changed since the study was loaded."""
         seg, was = self.segmentation_model, self._detector_stamp
@@ -888,14 +1015,15 @@ class Study:
         return self.read(data, kind) if isinstance(data, str | Path) else data
 
     # -------------------------------------------------------- preparation
-    def prepare(self, adata, source: str = "query"):
+    def prepare(self, adata, source: str = "query", whole=None):
         """A query AnnData -> the model's input tensors and the gene report.
 
         ``adata`` may hold images (``obsm["crops"]`` (N, S, S, 3) uint8 and
         optionally ``obsm["masks"]``), expression (``X`` and/or
         ``layers["counts"]`` with gene names in ``var_names``), or both; the
         optional ``obs["has_image"]`` / ``obs["has_expression"]`` say which
-        rows hold which. Returns ``(PairedTensors, GeneReport | None)``.
+        rows hold which. ``whole``: the file ``adata`` is a block of rows of (see
+        :meth:`embed`). Returns ``(PairedTensors, GeneReport | None)``.
         """
         import anndata as ad
 
@@ -920,7 +1048,7 @@ class Study:
         counts = None
         has_expr = np.zeros(n, bool)
         if adata.n_vars > 0:
-            x, counts, has_expr, report = self._expression(adata, source)
+            x, counts, has_expr, report = self._expression(adata, source, whole)
         if HAS_IMAGE in adata.obs:
             has_img &= adata.obs[HAS_IMAGE].to_numpy().astype(bool)
         if HAS_EXPRESSION in adata.obs:
@@ -1006,14 +1134,50 @@ class Study:
             low.setdefault(g.lower(), i)
         return np.array([pos.get(g, low.get(g.lower(), -1)) for g in self.gene_names], int)
 
-    def _expression(self, adata, source: str):
+    def _expression(self, adata, source: str, whole=None):
+        """(n, G) log1p-normalised ``x``, (n, G) ``counts`` or None, (n,) ``has_expr`` and
+        the :class:`GeneReport` of ``adata``'s expression.
+
+        ``whole``: the file ``adata`` is a block of rows of
+        (:class:`vae.inputs.expression.H5adRowBlocks`); what is decided over the whole
+        matrix (counts or log-normalised values, which matrix holds the counts, the
+        errors and warnings) is then decided once, on the whole file, as for the file read
+        in memory (:meth:`_expression_plan`), and only the rows are computed here.
+        """
+        if whole is None:
+            from vae.inputs.expression import InMemoryFacts
+
+            plan = self._expression_plan(adata, source, InMemoryFacts(adata))
+        else:
+            plan = whole.plans.get(source)
+            if plan is None:  # the first block: the file's plan (and its log lines) once
+                plan = whole.plans[source] = self._expression_plan(adata, source, whole)
+        return self._expression_rows(adata, plan)
+
+    def _expression_plan(self, adata, source: str, facts) -> _ExpressionPlan:
+        """How :meth:`_expression` reads a query: its genes, which matrix holds the counts
+        and whether values are counts or log-normalised, from ``adata``'s names and layers
+        and ``facts.stats(key, cols)`` (:class:`vae.inputs.expression.ValueStats` of a
+        whole matrix: ``X``, ``.raw``, a layer); raises what the values refuse."""
         import anndata as ad
 
-        from vae.inputs.expression import make_gene_names_unique
+        from vae.inputs.expression import RAW_LIBRARY, make_gene_names_unique
 
-        if "counts" not in adata.layers:
-            adata = self._raw_counts(adata, source)
-        names = pd.Index([str(v) for v in adata.var_names])
+        layer = "counts" in adata.layers
+        from_raw = not layer and self._counts_in_raw(adata, facts)
+        if from_raw:
+            # the counts are the data the model was trained on (its library covariate,
+            # the normalisation over all genes): reading X alone embedded such a file as
+            # log values with the library taken from expm1(X), shifting its latent
+            log.info(
+                "%s: raw counts from .raw.X (%d genes; X holds no counts), normalised as "
+                "stage=expression normalises counts",
+                source,
+                adata.raw.n_vars,
+            )
+            names = pd.Index([str(v) for v in adata.raw.var_names])
+        else:
+            names = pd.Index([str(v) for v in adata.var_names])
         repeated: list[str] = []
         if names.duplicated().any():
             # 10x features.tsv names two Ensembl ids by one symbol: repaired as
@@ -1032,81 +1196,57 @@ class Study:
                 f"(model: {genes[:5]}...; input: {list(names[:5])}...)"
             )
         cols = idx[ok]  # only the matched columns are made dense (a query may hold 30k genes)
-
-        def sub(m) -> np.ndarray:
-            return _dense(m[:, cols]).astype(np.float64)
-
-        def rowsum(m) -> np.ndarray:
-            return np.asarray(m.sum(1), dtype=np.float64).ravel()
-
-        def values_of(m) -> np.ndarray:
-            return np.asarray(m.data if hasattr(m, "tocsr") else m)
-
-        if "counts" in adata.layers:
-            full = adata.layers["counts"]
-            cv = values_of(full)
-            if not (np.isfinite(cv).all() and (cv >= 0).all()):
+        xkey = ".raw" if from_raw else "X"
+        x_log = x_counts = False
+        if layer:
+            cv = facts.stats("counts")
+            if cv.nonfinite or cv.negative:
                 raise StudyError(f"{source}: layers['counts'] holds negative or non-finite counts")
-            if not _is_counts(cv):
+            if not cv.whole:
                 # stage=expression refuses the same: normalised values under the counts' name
                 raise StudyError(
                     f"{source}: layers['counts'] holds non-integer values (normalised or "
                     "corrected?): give raw integer counts there, or drop the layer"
                 )
-            raw, total, values = sub(full), rowsum(full), "counts"
-            from vae.inputs.expression import RAW_LIBRARY
-
-            if RAW_LIBRARY in adata.obs:  # counts_layer=.raw: the library over all of .raw
-                total = adata.obs[RAW_LIBRARY].to_numpy(np.float64)
-            xv = values_of(adata.X)
-            if xv.size and _is_counts(xv) and float(xv.max()) > 0:
+            values = "counts"
+            xv = facts.stats("X")
+            if xv.size and xv.whole and xv.top > 0:
                 # X holds counts too (e.g. the simulator's expression_raw.h5ad), not the
                 # pipeline's log-normalised values: normalised below, as stage=expression does
-                logx = None
-            elif why := _lognorm_problem(xv):
+                pass
+            elif why := _lognorm_problem(xv.negative, xv.top if xv.size else 0.0):
                 # scaled / CPM X beside raw counts (scanpy's usual layout): the counts are
                 # the data, normalised below as the training data were
                 log.warning("%s: %s; normalising layers['counts'] instead", source, why)
-                logx = None
             else:
-                logx = sub(adata.X).astype(np.float32)  # the pipeline's log-normalised X
+                x_log = True  # the pipeline's log-normalised X, used as given
+                # the counts were checked finite and >= 0 above; a log-normalised X was not
+                if _nonfinite_in(facts, "X", cols):
+                    raise StudyError(f"{source}: X holds non-finite values")
         else:
-            xs = sub(adata.X)  # the model's genes, dense: read once
-            if (nonfinite := int((~np.isfinite(xs)).sum())) > 0:
+            nonfinite = _nonfinite_in(facts, xkey, cols)
+            if nonfinite > 0:
                 # said first: NaN fails the counts test and would read as "not log1p"
                 raise StudyError(
                     f"{source}: X holds {nonfinite} NaN or infinite values in the model's genes"
                 )
-            if _is_counts(values_of(adata.X)):
-                raw, total, logx, values = xs, rowsum(adata.X), None, "counts"
+            xv = facts.stats(xkey)
+            if xv.whole:
+                values, x_counts = "counts", True
             else:
-                why = _lognorm_problem(values_of(adata.X))
+                why = _lognorm_problem(xv.negative, xv.top if xv.size else 0.0)
                 if why:
                     raise StudyError(f"{source}: {why}")
-                raw, logx, values = None, xs.astype(np.float32), "lognorm"
-                total = np.expm1(logx).sum(1)
-        # the counts were checked finite and >= 0 above (layer: all of it; X: the model's
-        # genes and the counts test); a log-normalised X beside a counts layer was not
-        if logx is not None and not np.isfinite(logx).all():
-            raise StudyError(f"{source}: X holds non-finite values")
-        has_expr = total > 0
-        target = float((self.config.get("expression") or {}).get("target_sum") or 1e4)
-        normalised_here = logx is None
-        if logx is None:
-            # as stage=expression: normalize_total over all genes of the input, then log1p
-            logx = np.log1p(raw / np.maximum(total, 1e-12)[:, None] * target).astype(np.float32)
-        n, g = adata.n_obs, len(genes)
-        x = np.zeros((n, g), np.float32)
-        x[:, ok] = logx
+                values = "lognorm"
         want_counts = bool(self.meta.get("has_counts", self.model.args.has_counts))
-        counts = None
-        if raw is not None and want_counts:
-            counts = np.zeros((n, g), np.float32)
-            counts[:, ok] = raw
-        elif want_counts:
-            from vae.inputs.expression import counts_elsewhere
-
-            found = [k for k in counts_elsewhere(adata) if k != ".raw"]
+        if want_counts and not (layer or x_counts):
+            # integer layers besides X and layers['counts'] (counts_elsewhere; .raw read
+            # above when it holds X's counts; none once X is taken from .raw)
+            found = (
+                []
+                if from_raw
+                else [k for k in adata.layers if k != "counts" and facts.stats(k).counts]
+            )
             hint = (
                 f"; layers[{found[0]!r}] holds integer values: if these are the raw counts, "
                 f"set expression.counts_layer={found[0]} (Study.read: counts_layer=...)"
@@ -1134,6 +1274,66 @@ class Study:
                 ", ".join(missing[:10]),
                 " ..." if len(missing) > 10 else "",
             )
+        return _ExpressionPlan(
+            from_raw=from_raw,
+            names=names,
+            repeated=repeated,
+            ok=ok,
+            cols=cols,
+            layer=layer,
+            x_log=x_log,
+            x_counts=x_counts,
+            values=values,
+            want_counts=want_counts,
+            raw_library=layer and RAW_LIBRARY in adata.obs,
+        )
+
+    def _expression_rows(self, adata, plan: _ExpressionPlan):
+        """:meth:`_expression` of ``adata``'s rows as ``plan`` reads them (row by row:
+        a block of a file gives its rows of the whole file's result)."""
+        import anndata as ad
+
+        from vae.inputs.expression import RAW_LIBRARY
+
+        if plan.from_raw:
+            raw = adata.raw
+            adata = ad.AnnData(X=raw.X, obs=adata.obs, var=pd.DataFrame(index=raw.var_names))
+        cols, ok = plan.cols, plan.ok
+
+        def sub(m) -> np.ndarray:
+            return _dense(m[:, cols]).astype(np.float64)
+
+        def rowsum(m) -> np.ndarray:
+            return np.asarray(m.sum(1), dtype=np.float64).ravel()
+
+        if plan.layer:
+            full = adata.layers["counts"]
+            raw, total = sub(full), rowsum(full)
+            if plan.raw_library:  # counts_layer=.raw: the library over all of .raw
+                total = adata.obs[RAW_LIBRARY].to_numpy(np.float64)
+            logx = sub(adata.X).astype(np.float32) if plan.x_log else None
+        else:
+            xs = sub(adata.X)  # the model's genes, dense: read once
+            if plan.x_counts:
+                raw, total, logx = xs, rowsum(adata.X), None
+            else:
+                raw, logx = None, xs.astype(np.float32)
+                total = np.expm1(logx).sum(1)
+        has_expr = total > 0
+        target = float((self.config.get("expression") or {}).get("target_sum") or 1e4)
+        normalised_here = logx is None
+        if logx is None:
+            # as stage=expression: normalize_total over all genes of the input, then log1p
+            logx = np.log1p(raw / np.maximum(total, 1e-12)[:, None] * target).astype(np.float32)
+        genes = self.gene_names
+        n, g = adata.n_obs, len(genes)
+        x = np.zeros((n, g), np.float32)
+        x[:, ok] = logx
+        counts = None
+        if raw is not None and plan.want_counts:
+            counts = np.zeros((n, g), np.float32)
+            counts[:, ok] = raw
+        if not ok.all():
             mean_log, prop = self.reference_expression()
             x[:, ~ok] = mean_log[~ok]
             if counts is not None:
@@ -1152,63 +1352,50 @@ class Study:
             n_model=g,
             matched=int(ok.sum()),
             missing=[genes[i] for i in np.flatnonzero(~ok)],
-            n_extra=int(len(names) - ok.sum()),
-            repeated=repeated,
-            values=values,
+            n_extra=int(len(plan.names) - ok.sum()),
+            repeated=plan.repeated,
+            values=plan.values,
             impute=self.impute,
             imputed=x[:, ~ok].copy() if not ok.all() else None,
         )
         return x, counts, has_expr, rep
 
-    def expression_var_names(self, adata) -> pd.Index:
+    def expression_var_names(self, adata, whole=None) -> pd.Index:
         """Gene names :meth:`embed` reads from ``adata``: ``.raw``'s where ``X`` holds no
-        counts and ``.raw.X`` does (see :meth:`_raw_counts`), else ``X``'s.
+        counts and ``.raw.X`` does (see :meth:`_counts_in_raw`), else ``X``'s.
 
         What a check of the model's genes against an input must count: a scanpy file
         with a few highly variable genes in ``X`` and every gene in ``.raw`` is embedded
-        from ``.raw``.
+        from ``.raw``. ``whole``: the file ``adata`` is a block of (as :meth:`embed`).
         """
-        if "counts" not in adata.layers and self._counts_in_raw(adata):
+        from vae.inputs.expression import InMemoryFacts
+
+        facts = whole if whole is not None else InMemoryFacts(adata)
+        if "counts" not in adata.layers and self._counts_in_raw(adata, facts):
             return pd.Index([str(v) for v in adata.raw.var_names])
         return pd.Index([str(v) for v in adata.var_names])
 
     @staticmethod
-    def _counts_in_raw(adata) -> bool:
+    def _counts_in_raw(adata, facts=None) -> bool:
         """Whether ``.raw.X`` holds the counts of ``X``: ``X`` is not counts, ``.raw.X``
-        is (stage=expression's test), and ``.raw`` has every gene of ``X`` and its cells."""
+        is (stage=expression's test), and ``.raw`` has every gene of ``X`` and its cells.
+
+        The counts are the data the model was trained on (scanpy's usual layout:
+        log-normalised ``X``, counts in ``.raw.X``). ``facts``: the whole matrices'
+        :class:`vae.inputs.expression.ValueStats` (default: ``adata``'s own).
+        """
+        from vae.inputs.expression import InMemoryFacts
+
         raw = adata.raw
         if raw is None or raw.n_obs != adata.n_obs or adata.n_vars == 0:
             return False
         if not pd.Index(adata.var_names).isin(raw.var_names).all():
             return False  # not the same genes: not known to be the counts of X
-        xv = np.asarray(adata.X.data if hasattr(adata.X, "tocsr") else adata.X)
-        if xv.size and _is_counts(xv):
+        facts = facts if facts is not None else InMemoryFacts(adata)
+        xv = facts.stats("X")
+        if xv.size and xv.whole:
             return False  # X holds the counts itself
-        from vae.inputs.expression import counts_elsewhere
-
-        return ".raw" in counts_elsewhere(adata)  # stage=expression's test of .raw
-
-    def _raw_counts(self, adata, source: str):
-        """``adata`` with its ``.raw`` counts as ``X`` where ``X`` is not counts and
-        ``.raw.X`` is (scanpy's usual layout: log-normalised ``X``, counts in ``.raw``),
-        and ``.raw`` holds every gene of ``X``; else ``adata`` as given.
-
-        The counts are the data the model was trained on (its library covariate, the
-        normalisation over all genes): reading ``X`` alone embedded such a file as
-        log values with the library taken from expm1(X), shifting its latent.
-        """
-        import anndata as ad
-
-        if not self._counts_in_raw(adata):
-            return adata
-        raw = adata.raw
-        log.info(
-            "%s: raw counts from .raw.X (%d genes; X holds no counts), normalised as "
-            "stage=expression normalises counts",
-            source,
-            raw.n_vars,
-        )
-        return ad.AnnData(X=raw.X, obs=adata.obs, var=pd.DataFrame(index=raw.var_names))
+        return facts.stats(".raw").counts  # stage=expression's test of .raw (counts_elsewhere)
 
     def _impute(
         self,
@@ -1651,8 +1838,15 @@ class Study:
         return A.score_rows(recs, z, ref)
 
     # ----------------------------------------------------------------- embed
-    def embed(self, adata, source: str = "query", batch_size: int = 256):
+    def embed(self, adata, source: str = "query", batch_size: int = 256, whole=None):
         """Everything at once: a copy of ``adata``'s obs with the study's readings.
+
+        ``whole``: ``adata`` is a block of rows of this file
+        (:class:`vae.inputs.expression.H5adRowBlocks`, :meth:`read_blocks`): what is
+        decided over the whole input (counts or log-normalised values, which matrix
+        holds the counts, its errors and warnings, unique cell ids) is decided on the
+        whole file, once, so the blocks' results, stacked, are the whole file's. Every
+        other reading is of the cell alone.
 
         Returns
         -------
@@ -1678,13 +1872,17 @@ class Study:
         clash = [c for c in OBS_COLUMNS if c in adata.obs]
         if clash:
             raise StudyError(f"{source}: obs already has column(s) {clash}; rename them")
-        dup = adata.obs_names.duplicated()
-        if dup.any():  # results are keyed by cell id: two cells of one id cannot be told apart
-            raise StudyError(
-                f"{source}: obs_names holds duplicated cell ids "
-                f"{list(dict.fromkeys(adata.obs_names[dup].astype(str)))[:5]}"
-            )
-        data, report = self.prepare(adata, source)
+        ids = adata.obs_names if whole is None else whole.obs_names
+        if whole is None or ("ids", source) not in whole.plans:
+            dup = ids.duplicated()
+            if dup.any():  # results are keyed by cell id: two cells of one id cannot be told apart
+                raise StudyError(
+                    f"{source}: obs_names holds duplicated cell ids "
+                    f"{list(dict.fromkeys(ids[dup].astype(str)))[:5]}"
+                )
+            if whole is not None:  # checked once for the file, not once a block
+                whole.plans["ids", source] = True
+        data, report = self.prepare(adata, source, whole)
         hi, he = data.has_image.numpy(), data.has_expression.numpy()
         keep = hi | he
         dropped = [str(s) for s in adata.obs_names[~keep]]

@@ -325,9 +325,13 @@ def run_embed(ctx: StageContext) -> None:
             )
         stream = kind == "h5ad" and streams(cfg, path)
         names = _h5ad_obs_names(path) if stream else None
+        # an .h5ad expression file: a block of rows at a time whatever its size (only the
+        # study's genes of a block are made dense), None: read whole (CSV, 10x...)
+        whole = _expression_blocks(study, cfg, path, setting) if kind == "expression" else None
         try:
-            for block in h5ad_blocks(path) if stream else [None]:
-                q = _embed_one(study, cfg, path, kind, setting, block, rejects)
+            blocks = h5ad_blocks(path) if stream else whole if whole is not None else [None]
+            for block in blocks:
+                q = _embed_one(study, cfg, path, kind, setting, block, rejects, whole)
                 if q is None:
                     continue
                 if stream:  # crops stay in the input file (same obs_names), not in memory
@@ -616,8 +620,39 @@ def log_read_rejects(setting: str, read_rejects: list[dict]) -> None:
         )
 
 
-def _embed_one(study, cfg, path, kind, setting, block, rejects):
-    """One input (or one block of a streamed h5ad) through ``Study.embed``; None: no cells."""
+def _study_error(e, setting: str, path) -> StageError:
+    """A :class:`vae.api.StudyError` as the stage's error, naming the setting once."""
+    msg = str(e)
+    for prefix in (f"{setting}: ", f"{path}: "):  # the error may already name them
+        if msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    return StageError(f"{setting}: {msg}")
+
+
+def _expression_blocks(study, cfg, path, setting):
+    """``embed.expression`` as blocks of rows (:meth:`vae.api.Study.read_blocks`), or
+    None where the file is read whole (not an ``.h5ad``, CSC, transposed...).
+
+    Read whole, a 300k cells x 20k genes ``.h5ad`` took 7.55 GiB and a 1M-cell atlas
+    did not fit (docs/embed.md, "Large expression files")."""
+    from vae.api import StudyError
+
+    try:
+        blocks = study.read_blocks(
+            path,
+            orientation=cfg.expression.orientation,
+            counts_layer=cfg.expression.counts_layer,
+        )
+    except StudyError as e:
+        raise _study_error(e, setting, path) from e
+    if blocks is not None and blocks.n_obs > blocks.rows:
+        log.info("%s: %d cells, read and embedded %d at a time", setting, blocks.n_obs, blocks.rows)
+    return blocks
+
+
+def _embed_one(study, cfg, path, kind, setting, block, rejects, whole=None):
+    """One input (or one block of a streamed h5ad; ``whole``: the expression file
+    ``block`` is a block of) through ``Study.embed``; None: no cells."""
     from vae.api import StudyError
 
     try:
@@ -638,7 +673,7 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects):
         if adata.n_vars:  # too few of the model's genes: refused before the imputation runs
             # the genes the study reads: .raw's when the counts are there (scanpy files
             # keep a few variable genes in X and every gene in .raw)
-            cols = study.gene_columns(study.expression_var_names(adata))
+            cols = study.gene_columns(study.expression_var_names(adata, whole))
             missing = [g for g, c in zip(study.gene_names, cols) if c < 0]
             n_model = len(cols)
             # none at all: Study names the model's and the input's genes itself
@@ -658,13 +693,9 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects):
             rejects.append({"input": setting, "item": str(path), "reason": f"no cells ({why})"})
             log.warning("%s: no cells (%s)", setting, why)
             return None
-        return study.embed(adata, setting, int(cfg.embed.batch_size))
+        return study.embed(adata, setting, int(cfg.embed.batch_size), whole=whole)
     except StudyError as e:
-        msg = str(e)
-        for prefix in (f"{setting}: ", f"{path}: "):  # the error may already name them
-            if msg.startswith(prefix):
-                msg = msg[len(prefix) :]
-        raise StageError(f"{setting}: {msg}") from e
+        raise _study_error(e, setting, path) from e
 
 
 def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> int:

@@ -1662,3 +1662,349 @@ def sanitize_for_h5ad(adata: ad.AnnData) -> None:
         for c in df.columns:
             if df[c].dtype == object:
                 df[c] = df[c].astype(str)
+
+
+# ----------------------------------------------------------------------------
+# stage=embed: an .h5ad read a block of rows at a time
+# ----------------------------------------------------------------------------
+
+# rows of an expression file read and embedded at a time by stage=embed: ~100 MB of CSR
+# at 1.5k stored counts a cell, and the model's genes dense (8192 x 2000 x 8 B = 131 MB);
+# a multiple of the encoder's batches (256) and the imputation's (512)
+EMBED_BLOCK_ROWS = 8192
+# stored values a whole-matrix test reads at a time (its temporaries: ~8 bytes a value)
+STATS_VALUES = 1 << 22
+
+
+@dataclass
+class ValueStats:
+    """What the whole-matrix tests of ``vae.api.Study`` read of one matrix's stored values
+    (``.data`` of a sparse matrix, every value of a dense one), gathered a chunk at a time.
+
+    A file embedded a block of rows at a time must take each decision (counts or
+    log-normalised, which errors apply) as the whole file would: a block's own answer
+    can differ from the file's (e.g. a block whose stored values happen to be whole).
+
+    size : values seen; negative : values < 0; nonfinite : NaN or infinite values;
+    top : their largest non-NaN value (NaN when there is none);
+    whole : every value passes ``vae.api._is_counts`` (>= 0 and close to a whole number);
+    exact : every value is finite, >= 0 and a whole number (this module's ``_is_counts``,
+    before its dtype and size tests: :attr:`counts`); numeric : a numeric dtype.
+    """
+
+    size: int = 0
+    negative: int = 0
+    nonfinite: int = 0
+    top: float = float("nan")
+    whole: bool = True
+    exact: bool = True
+    numeric: bool = True
+
+    def add(self, values) -> ValueStats:
+        """Take in (k,) more stored values (any shape: flattened), in place; returns self."""
+        from vae.api import _is_counts as close_to_counts
+
+        v = np.asarray(values).reshape(-1)
+        self.numeric &= bool(np.issubdtype(v.dtype, np.number))
+        for s in range(0, v.size, STATS_VALUES):
+            c = v[s : s + STATS_VALUES]
+            self.size += int(c.size)
+            self.negative += int((c < 0).sum())
+            fin = np.isfinite(c) if np.issubdtype(c.dtype, np.number) else np.ones(c.size, bool)
+            self.nonfinite += int((~fin).sum())
+            real = c[~np.isnan(c)] if np.issubdtype(c.dtype, np.floating) else c
+            if real.size:
+                t = float(real.max())
+                self.top = t if np.isnan(self.top) else max(self.top, t)
+            self.whole = self.whole and close_to_counts(c)
+            self.exact = self.exact and _is_counts(c)
+        return self
+
+    @property
+    def counts(self) -> bool:
+        """This module's :func:`_is_counts` of the whole matrix."""
+        return self.numeric and self.size > 0 and self.exact
+
+
+def stored_values(m, cols: np.ndarray | None = None) -> np.ndarray:
+    """Stored values of ``m`` (or of ``m[:, cols]``, a column as often as ``cols`` names it)."""
+    if cols is not None:
+        m = m[:, np.asarray(cols, np.int64)]
+    return _values(m)
+
+
+class InMemoryFacts:
+    """:class:`ValueStats` of an AnnData in memory: the whole input of ``Study.embed``.
+
+    Keys: ``X``, ``.raw`` (``raw.X``) or a layer's name (``counts`` included).
+    """
+
+    def __init__(self, adata: ad.AnnData):
+        self.adata = adata
+        self._stats: dict = {}  # a matrix is scanned once however often a test asks
+
+    def matrix(self, key: str):
+        if key == "X":
+            return self.adata.X
+        if key == ".raw":
+            return self.adata.raw.X
+        return self.adata.layers[key]
+
+    def stats(self, key: str, cols: np.ndarray | None = None) -> ValueStats:
+        """The stats of matrix ``key`` (of its columns ``cols`` when given)."""
+        memo = (key, None if cols is None else np.asarray(cols).tobytes())
+        if memo not in self._stats:
+            self._stats[memo] = ValueStats().add(stored_values(self.matrix(key), cols))
+        return self._stats[memo]
+
+
+def _matrix_kind(node) -> str | None:
+    """``csr``, ``dense`` (a 2-D dataset) or None (a layout not read by rows: CSC...)."""
+    import h5py
+
+    if isinstance(node, h5py.Dataset):
+        return "dense" if node.ndim == 2 else None
+    enc = node.attrs.get("encoding-type", "")
+    enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+    return "csr" if enc == "csr_matrix" else None
+
+
+def row_blocks_unsupported(path: str | Path, orientation: str = "auto") -> str | None:
+    """Why the ``.h5ad`` at ``path`` cannot be embedded a block of rows at a time
+    (:class:`H5adRowBlocks`), or None when it can.
+
+    Read in memory instead (``read_expression``): other formats, a file to be transposed
+    (``genes_by_cells``), a matrix that is not CSR or dense (CSC: its rows are not
+    contiguous), or images in ``obsm["crops"]`` (a paired table: ``embed.h5ad``).
+    """
+    import h5py
+
+    p = Path(path)
+    if not p.is_file() or not p.name.lower().endswith(".h5ad"):
+        return "not an .h5ad file"
+    if orientation == "genes_by_cells":
+        return "transposed on reading (expression.orientation=genes_by_cells)"
+    try:
+        with h5py.File(p, "r") as f:
+            if "X" not in f or "obs" not in f or "var" not in f:
+                return "no X, obs or var"
+            nodes = {"X": f["X"], **{f"layers/{k}": v for k, v in f.get("layers", {}).items()}}
+            if "raw" in f and "X" in f["raw"]:
+                nodes["raw/X"] = f["raw/X"]
+            for name, node in nodes.items():
+                if _matrix_kind(node) is None:
+                    return f"{name} is stored neither as CSR nor dense"
+            if "obsm" in f and "crops" in f["obsm"]:
+                return "it holds crops (obsm['crops'])"
+    except Exception as e:  # noqa: BLE001 - read_expression then names the fault
+        return f"unreadable by h5py ({type(e).__name__})"
+    return None
+
+
+class H5adRowBlocks:
+    """An ``.h5ad`` expression file as AnnData blocks of rows, for ``stage=embed``.
+
+    What :func:`read_expression` (and ``counts_from`` for ``counts_layer``) gives, a
+    block of ``rows`` cells at a time: ``obs`` rows (every obs column), ``X``, every
+    layer and ``.raw`` as CSR (or dense) rows over *all* genes, so a cell's library is
+    summed over every gene as before; ``var`` after :func:`symbols_as_names`. Only
+    ``obs`` and ``var`` are held whole. :meth:`stats` scans one matrix of the file a
+    chunk at a time for the whole-file decisions (:class:`ValueStats`).
+
+    Parameters
+    ----------
+    path : an ``.h5ad`` that :func:`row_blocks_unsupported` accepts
+    orientation : ``auto`` or ``cells_by_genes`` (as :func:`read_expression`)
+    known_genes : gene symbols for ``orientation="auto"``
+    counts_layer : as ``counts_from``: a layer's name or ``".raw"``, copied to
+        ``layers["counts"]`` in each block
+    rows : rows a block (default :data:`EMBED_BLOCK_ROWS`)
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        orientation: str = "auto",
+        known_genes: Iterable[str] | None = None,
+        counts_layer: str | None = None,
+        rows: int | None = None,
+    ):
+        import h5py
+        from anndata.io import read_elem
+
+        if orientation not in ORIENTATIONS:
+            raise ExpressionInputError(
+                f"unknown orientation {orientation!r}; valid: {', '.join(ORIENTATIONS)}",
+                field="expression.orientation",
+            )
+        self.path, src = Path(path), str(path)
+        self.rows = int(rows or EMBED_BLOCK_ROWS)
+        try:
+            with h5py.File(self.path, "r") as f:
+                obs, var = read_elem(f["obs"]), read_elem(f["var"])
+                self.raw_var = read_elem(f["raw/var"]) if "raw" in f else None
+                self.layers = list(f["layers"].keys()) if "layers" in f else []
+                self.shape = (len(obs), len(var))
+        except Exception as e:  # noqa: BLE001 - name the file in every reader failure
+            raise ExpressionInputError(
+                f"could not read as h5ad: {type(e).__name__}: {e}", field="path", source=src
+            ) from e
+        # the names and the checks read_expression applies to the whole file, once
+        meta = blank_as_read(ad.AnnData(obs=obs, var=var))
+        meta = _orient_anndata(meta, orientation, known_genes, src)
+        symbols_as_names(meta, src)
+        self.obs, self.var = meta.obs, meta.var
+        self.counts_layer = counts_layer or None
+        if self.counts_layer == ".raw":
+            if self.raw_var is None:
+                raise ExpressionInputError(
+                    "the file has no .raw", field="expression.counts_layer", source=src
+                )
+            # raw[:, var_names] of counts_from: raw's column of each of X's genes
+            self.raw_cols = self.raw_var.index.get_indexer(self.var.index)
+            if (self.raw_cols < 0).any():
+                missing = list(self.var.index[self.raw_cols < 0][:5])
+                raise ExpressionInputError(
+                    f".raw lacks {int((self.raw_cols < 0).sum())} of X's genes (e.g. {missing})",
+                    field="expression.counts_layer",
+                    source=src,
+                )
+            log.info(
+                "%s: counts from .raw (expression.counts_layer): X's %d genes, each cell "
+                "normalised by its total over all %d genes of .raw",
+                src,
+                self.shape[1],
+                len(self.raw_var),
+            )
+        elif self.counts_layer is not None:
+            if self.counts_layer not in self.layers:
+                raise ExpressionInputError(
+                    f"no layer {self.counts_layer!r}; layers: {self.layers or 'none'}"
+                    + ("; .raw" if self.raw_var is not None else ""),
+                    field="expression.counts_layer",
+                    source=src,
+                )
+            log.info("%s: counts from %s (expression.counts_layer)", src, self.counts_layer)
+        self._stats: dict = {}
+        self.plans: dict = {}  # vae.api.Study's reading plan of this file, by source
+
+    @property
+    def n_obs(self) -> int:
+        return self.shape[0]
+
+    @property
+    def obs_names(self) -> pd.Index:
+        return self.obs.index
+
+    def _node(self, f, key: str):
+        if key == "X":
+            return f["X"]
+        if key == ".raw":
+            return f["raw/X"]
+        if key == "counts" and self.counts_layer is not None:
+            return self._node(f, self.counts_layer)
+        return f[f"layers/{key}"]
+
+    @staticmethod
+    def _rows(node, s: int, e: int):
+        from anndata.io import sparse_dataset
+
+        return node[s:e] if _matrix_kind(node) == "dense" else sparse_dataset(node)[s:e]
+
+    def __iter__(self):
+        """AnnData blocks of :attr:`rows` cells (one empty block for a file of no cell)."""
+        import h5py
+
+        n = self.n_obs
+        with h5py.File(self.path, "r") as f:
+            for s in range(0, max(n, 1), self.rows):
+                e = min(n, s + self.rows)
+                obs = self.obs.iloc[s:e]
+                a = ad.AnnData(X=self._rows(f["X"], s, e), obs=obs, var=self.var)
+                for k in self.layers:
+                    a.layers[k] = self._rows(f[f"layers/{k}"], s, e)
+                if self.raw_var is not None:
+                    a.raw = ad.AnnData(X=self._rows(f["raw/X"], s, e), obs=obs, var=self.raw_var)
+                if self.counts_layer == ".raw":
+                    # as counts_from: X's genes of .raw, the library over all its genes
+                    a.layers["counts"] = a.raw.X[:, self.raw_cols].copy()
+                    a.obs[RAW_LIBRARY] = np.asarray(a.raw.X.sum(1), np.float64).ravel()
+                elif self.counts_layer is not None:
+                    a.layers["counts"] = a.layers[self.counts_layer].copy()
+                a.uns["source"] = str(self.path)
+                yield a
+
+    def stats(self, key: str, cols: np.ndarray | None = None) -> ValueStats:
+        """:class:`ValueStats` of matrix ``key`` of the whole file (``X``, ``.raw``, a
+        layer; ``counts`` is ``layers["counts"]`` as the blocks hold it), of its columns
+        ``cols`` when given (a column as often as ``cols`` names it), read a chunk at a
+        time."""
+        import h5py
+
+        if key == "counts" and self.counts_layer == ".raw":
+            sel = self.raw_cols if cols is None else self.raw_cols[np.asarray(cols, np.int64)]
+            return self.stats(".raw", sel)
+        memo = (key, None if cols is None else np.asarray(cols).tobytes())
+        if memo in self._stats:
+            return self._stats[memo]
+        out = ValueStats()
+        with h5py.File(self.path, "r") as f:
+            node = self._node(f, key)
+            if _matrix_kind(node) == "dense":
+                step = max(1, STATS_VALUES // max(1, node.shape[1]))
+                for s in range(0, node.shape[0], step):
+                    out.add(stored_values(node[s : s + step], cols))
+            else:
+                data = node["data"]
+                many = None
+                if cols is not None:  # how often each column is named
+                    many = np.bincount(np.asarray(cols, np.int64), minlength=_h5_shape(node)[1])
+                if data.shape[0] == 0:
+                    out.add(np.zeros(0, data.dtype))
+                for s in range(0, data.shape[0], STATS_VALUES):
+                    v = data[s : s + STATS_VALUES]
+                    if many is not None:
+                        v = np.repeat(v, many[node["indices"][s : s + STATS_VALUES]])
+                    out.add(v)
+        self._stats[memo] = out
+        return out
+
+
+def _node_bytes(node) -> int:
+    """Bytes an HDF5 matrix (a dataset, or a CSR/CSC group) takes in memory."""
+    import h5py
+
+    if isinstance(node, h5py.Dataset):
+        return int(node.size) * node.dtype.itemsize
+    return sum(int(node[k].size) * node[k].dtype.itemsize for k in ("data", "indices", "indptr"))
+
+
+def whole_read_size(path: str | Path) -> tuple[int, int] | None:
+    """``(bytes, cells)``: the least memory :func:`read_expression` takes for an ``.h5ad``
+    or 10x ``.h5`` (its matrices as stored: ``X``, layers and ``.raw``; a 10x file's
+    counts as float32 CSR), from the file's metadata; None for other formats or a file
+    h5py cannot read (the reader then names the fault)."""
+    import h5py
+
+    p = Path(path)
+    name = p.name.lower()
+    try:
+        with h5py.File(p, "r") as f:
+            if name.endswith(".h5ad"):
+                nodes = [f["X"]] if "X" in f else []
+                nodes += list(f["layers"].values()) if "layers" in f else []
+                nodes += [f["raw/X"]] if "raw" in f and "X" in f["raw"] else []
+                shape = _h5_shape(f["X"]) if "X" in f else (0, 0)
+                return sum(_node_bytes(n) for n in nodes), int(shape[0])
+            if name.endswith(".h5"):
+                m = f["matrix"] if "matrix" in f else next(iter(f.values()))
+                nnz, cells = int(m["data"].size), int(m["shape"][1])
+                return nnz * 8 + (cells + 1) * 8, cells  # float32 values, int32 indices
+    except Exception:  # noqa: BLE001 - read_expression names an unreadable file
+        return None
+    return None
+
+
+def _h5_shape(node) -> tuple[int, int]:
+    return tuple(int(x) for x in (node.shape if hasattr(node, "dtype") else node.attrs["shape"]))
