@@ -13,7 +13,8 @@ study instead). The inputs are synthetic sparse count ``.h5ad`` files (float32 C
 genes), written block by block with h5py (no whole matrix in this process either)
 under ``--dir`` and reused when present.
 
-``--repo`` runs another checkout (e.g. a copy of the code before a change) with this
+``--format 10x_h5`` embeds the same counts as a Cell Ranger v3 ``.h5`` (written beside
+the ``.h5ad``). ``--repo`` runs another checkout (e.g. a copy of the code before a change) with this
 environment's Python, for a before/after table. Run with 1 thread::
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_embed_scale.py \\
@@ -181,6 +182,31 @@ def make_input(
     tmp.replace(path)
 
 
+def to_10x_h5(h5ad: Path, path: Path) -> None:
+    """The CSR counts of ``h5ad`` as a Cell Ranger v3 ``.h5`` (its CSC of genes x cells
+    holds the same three arrays), copied by h5py without loading them."""
+    import h5py
+    import numpy as np
+    import pandas as pd
+    from anndata.io import read_elem
+
+    tmp = path.with_suffix(".tmp.h5")
+    with h5py.File(h5ad, "r") as src, h5py.File(tmp, "w") as dst:
+        n_cells, n_genes = (int(x) for x in src["X"].attrs["shape"])
+        g = dst.create_group("matrix")
+        for k in ("data", "indices", "indptr"):
+            src.copy(src[f"X/{k}"], g, k)
+        g["shape"] = np.array([n_genes, n_cells], np.int32)
+        g["barcodes"] = np.array(read_elem(src["obs"]).index, dtype="S")
+        genes = pd.Index(read_elem(src["var"]).index)
+        ft = g.create_group("features")
+        ft["name"] = np.array(genes, dtype="S")
+        ft["id"] = np.array([f"ENSG{i:08d}" for i in range(n_genes)], dtype="S")
+        ft["feature_type"] = np.array(["Gene Expression"] * n_genes, dtype="S")
+        ft["genome"] = np.array(["GRCh38"] * n_genes, dtype="S")
+    tmp.replace(path)
+
+
 def _rss(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -265,6 +291,12 @@ def main() -> None:
     ap.add_argument("--genes", type=int, default=20000)
     ap.add_argument("--nnz", type=int, default=1500, help="stored counts a cell (about)")
     ap.add_argument("--study-genes", type=int, default=500)
+    ap.add_argument(
+        "--format",
+        choices=["h5ad", "10x_h5"],
+        default="h5ad",
+        help="file embedded (10x_h5: the .h5ad's counts copied into a Cell Ranger v3 .h5)",
+    )
     ap.add_argument("--study", type=Path, default=None, help="a finished study (else a toy one)")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/embedscale"))
     ap.add_argument("--repo", type=Path, default=ROOT, help="checkout to run")
@@ -289,10 +321,16 @@ def main() -> None:
         if not path.is_file():
             print(f"writing {path} ...", flush=True)
             make_input(path, n, args.genes, args.nnz, cols)
+        if args.format == "10x_h5":
+            h5 = path.with_suffix(".h5")
+            if not h5.is_file():
+                print(f"writing {h5} ...", flush=True)
+                to_10x_h5(path, h5)
+            path = h5
         inputs.append((n, path))
     rows = []
     for n, path in inputs:
-        root = args.dir / "runs" / (args.tag or "run") / path.stem
+        root = args.dir / "runs" / (args.tag or "run") / path.name.replace(".", "_")
         r = run_case(
             args.repo.resolve(), study.resolve(), path.resolve(), root, args.max_gib, args.timeout
         )

@@ -950,8 +950,8 @@ class Study:
         counts_layer: str | None = None,
         rows: int | None = None,
     ):
-        """An ``.h5ad`` expression file as blocks of rows, for :meth:`embed` a block at a
-        time (``embed(block, source, whole=blocks)``), or None where the file is read
+        """An ``.h5ad`` or 10x ``.h5`` expression file as blocks of rows, for :meth:`embed`
+        a block at a time (``embed(block, source, whole=blocks)``), or None where the file is read
         whole by :meth:`read` instead (another format; see
         :func:`vae.inputs.expression.row_blocks_unsupported`).
 
@@ -969,12 +969,13 @@ class Study:
 
         Returns
         -------
-        :class:`vae.inputs.expression.H5adRowBlocks` (iterable of AnnData blocks;
-        ``n_obs``, ``obs``, ``var``) or None.
+        :class:`vae.inputs.expression.H5adRowBlocks` (or its 10x ``.h5`` kind; iterable
+        of AnnData blocks; ``n_obs``, ``obs``, ``var``) or None.
         """
         from vae.inputs.expression import (
             ExpressionInputError,
             H5adRowBlocks,
+            TenxH5RowBlocks,
             row_blocks_unsupported,
         )
 
@@ -982,8 +983,9 @@ class Study:
         if why is not None:
             log.debug("%s: read whole (%s)", path, why)
             return None
+        reader = TenxH5RowBlocks if str(path).lower().endswith(".h5") else H5adRowBlocks
         try:
-            return H5adRowBlocks(
+            return reader(
                 path,
                 orientation=orientation,
                 known_genes=self.gene_names,

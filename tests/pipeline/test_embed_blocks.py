@@ -269,3 +269,49 @@ def test_a_file_read_whole_that_cannot_fit_is_refused_with_what_to_do(study, tmp
 
     q = Study.load(study / "out" / "s").read(tmp_path / "csc.h5ad", "expression")
     assert q.n_obs == 60
+
+
+def _write_10x_h5(path: Path, a: ad.AnnData) -> None:
+    """``a``'s counts as a Cell Ranger v3 ``.h5`` (int32, genes x cells CSC), with two
+    antibody features that the reader leaves out (scanpy's ``gex_only``)."""
+    import h5py
+
+    x = sp.csr_matrix(a.X)
+    ab = sp.csr_matrix(np.arange(2 * a.n_obs, dtype=np.float32).reshape(a.n_obs, 2) % 5)
+    m = sp.hstack([x[:, :5], ab, x[:, 5:]], format="csr")  # antibodies among the genes
+    names = [*a.var_names[:5], "CD3_TotalSeqB", "CD19_TotalSeqB", *a.var_names[5:]]
+    kinds = ["Gene Expression"] * 5 + ["Antibody Capture"] * 2
+    kinds += ["Gene Expression"] * (len(names) - 7)
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g["barcodes"] = np.array(a.obs_names, dtype="S")
+        g["data"] = m.data.astype(np.int32)
+        g["indices"] = m.indices.astype(np.int64)
+        g["indptr"] = m.indptr.astype(np.int64)
+        g["shape"] = np.array([m.shape[1], m.shape[0]], np.int32)
+        ft = g.create_group("features")
+        ft["name"] = np.array(names, dtype="S")
+        ft["id"] = np.array([f"ENSG{i:05d}" for i in range(len(names))], dtype="S")
+        ft["feature_type"] = np.array(kinds, dtype="S")
+        ft["genome"] = np.array(["GRCh38"] * len(names), dtype="S")
+
+
+def test_a_10x_h5_is_read_by_blocks_with_the_whole_files_result(study, loaded, tmp_path):
+    """A Cell Ranger v3 .h5 (int32 counts, antibody features beside the genes): blocks of
+    rows give ``scanpy.read_10x_h5``'s reading (Gene Expression features, float32)."""
+    import scanpy as sc
+
+    path = tmp_path / "filtered_feature_bc_matrix.h5"
+    _write_10x_h5(path, _query(study, "counts_in_x"))
+    whole = loaded.read(path, "expression")
+    assert whole.n_vars == 42 and "CD3_TotalSeqB" not in whole.var_names
+    blocks = loaded.read_blocks(path, rows=ROWS)
+    assert blocks is not None and blocks.n_obs == 60
+    first = next(iter(blocks))
+    ref = sc.read_10x_h5(path)[:ROWS].copy()
+    assert first.X.dtype == ref.X.dtype == np.float32
+    assert (first.X != ref.X).nnz == 0 and list(first.var_names) == list(ref.var_names)
+    pd.testing.assert_frame_equal(first.var, ref.var)
+    mem = loaded.embed(whole, "q")
+    blk = ad.concat([loaded.embed(b, "q", whole=blocks) for b in blocks], merge="first")
+    _same(mem, blk)

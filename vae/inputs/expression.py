@@ -1770,22 +1770,30 @@ def _matrix_kind(node) -> str | None:
 
 
 def row_blocks_unsupported(path: str | Path, orientation: str = "auto") -> str | None:
-    """Why the ``.h5ad`` at ``path`` cannot be embedded a block of rows at a time
-    (:class:`H5adRowBlocks`), or None when it can.
+    """Why the ``.h5ad`` or 10x ``.h5`` at ``path`` cannot be embedded a block of rows at
+    a time (:class:`H5adRowBlocks`, :class:`TenxH5RowBlocks`), or None when it can.
 
     Read in memory instead (``read_expression``): other formats, a file to be transposed
     (``genes_by_cells``), a matrix that is not CSR or dense (CSC: its rows are not
-    contiguous), or images in ``obsm["crops"]`` (a paired table: ``embed.h5ad``).
+    contiguous), images in ``obsm["crops"]`` (a paired table: ``embed.h5ad``), a
+    Cell Ranger 2 ``.h5`` (one group per genome).
     """
     import h5py
 
     p = Path(path)
-    if not p.is_file() or not p.name.lower().endswith(".h5ad"):
-        return "not an .h5ad file"
+    name = p.name.lower()
+    if not p.is_file() or not name.endswith((".h5ad", ".h5")):
+        return "not an .h5ad or 10x .h5 file"
     if orientation == "genes_by_cells":
         return "transposed on reading (expression.orientation=genes_by_cells)"
     try:
         with h5py.File(p, "r") as f:
+            if name.endswith(".h5"):
+                m = f.get("matrix")
+                need = ("data", "indices", "indptr", "shape", "barcodes", "features")
+                if m is None or not all(k in m for k in need):
+                    return "a 10x .h5 without /matrix (Cell Ranger 2: read whole)"
+                return None
             if "X" not in f or "obs" not in f or "var" not in f:
                 return "no X, obs or var"
             nodes = {"X": f["X"], **{f"layers/{k}": v for k, v in f.get("layers", {}).items()}}
@@ -1830,9 +1838,6 @@ class H5adRowBlocks:
         counts_layer: str | None = None,
         rows: int | None = None,
     ):
-        import h5py
-        from anndata.io import read_elem
-
         if orientation not in ORIENTATIONS:
             raise ExpressionInputError(
                 f"unknown orientation {orientation!r}; valid: {', '.join(ORIENTATIONS)}",
@@ -1840,18 +1845,17 @@ class H5adRowBlocks:
             )
         self.path, src = Path(path), str(path)
         self.rows = int(rows or EMBED_BLOCK_ROWS)
+        self.raw_var, self.layers = None, []
         try:
-            with h5py.File(self.path, "r") as f:
-                obs, var = read_elem(f["obs"]), read_elem(f["var"])
-                self.raw_var = read_elem(f["raw/var"]) if "raw" in f else None
-                self.layers = list(f["layers"].keys()) if "layers" in f else []
-                self.shape = (len(obs), len(var))
+            meta = self._read_meta()
         except Exception as e:  # noqa: BLE001 - name the file in every reader failure
             raise ExpressionInputError(
-                f"could not read as h5ad: {type(e).__name__}: {e}", field="path", source=src
+                f"could not read as {self.FORMAT}: {type(e).__name__}: {e}",
+                field="path",
+                source=src,
             ) from e
+        self.shape = meta.shape
         # the names and the checks read_expression applies to the whole file, once
-        meta = blank_as_read(ad.AnnData(obs=obs, var=var))
         meta = _orient_anndata(meta, orientation, known_genes, src)
         symbols_as_names(meta, src)
         self.obs, self.var = meta.obs, meta.var
@@ -1889,6 +1893,27 @@ class H5adRowBlocks:
         self._stats: dict = {}
         self.plans: dict = {}  # vae.api.Study's reading plan of this file, by source
 
+    FORMAT = "h5ad"
+
+    def _read_meta(self) -> ad.AnnData:
+        """The file's obs and var (no matrix) as :func:`read_expression` reads them; sets
+        :attr:`raw_var` and :attr:`layers`."""
+        import h5py
+        from anndata.io import read_elem
+
+        with h5py.File(self.path, "r") as f:
+            obs, var = read_elem(f["obs"]), read_elem(f["var"])
+            self.raw_var = read_elem(f["raw/var"]) if "raw" in f else None
+            self.layers = list(f["layers"].keys()) if "layers" in f else []
+        return blank_as_read(ad.AnnData(obs=obs, var=var))
+
+    def _x_rows(self, f, s: int, e: int):
+        """Rows ``s:e`` of ``X`` (all genes)."""
+        return self._rows(f["X"], s, e)
+
+    def _n_cols(self, node) -> int:
+        return _h5_shape(node)[1]
+
     @property
     def n_obs(self) -> int:
         return self.shape[0]
@@ -1921,7 +1946,7 @@ class H5adRowBlocks:
             for s in range(0, max(n, 1), self.rows):
                 e = min(n, s + self.rows)
                 obs = self.obs.iloc[s:e]
-                a = ad.AnnData(X=self._rows(f["X"], s, e), obs=obs, var=self.var)
+                a = ad.AnnData(X=self._x_rows(f, s, e), obs=obs, var=self.var)
                 for k in self.layers:
                     a.layers[k] = self._rows(f[f"layers/{k}"], s, e)
                 if self.raw_var is not None:
@@ -1959,7 +1984,7 @@ class H5adRowBlocks:
                 data = node["data"]
                 many = None
                 if cols is not None:  # how often each column is named
-                    many = np.bincount(np.asarray(cols, np.int64), minlength=_h5_shape(node)[1])
+                    many = np.bincount(np.asarray(cols, np.int64), minlength=self._n_cols(node))
                 if data.shape[0] == 0:
                     out.add(np.zeros(0, data.dtype))
                 for s in range(0, data.shape[0], STATS_VALUES):
@@ -1969,6 +1994,83 @@ class H5adRowBlocks:
                     out.add(v)
         self._stats[memo] = out
         return out
+
+
+class TenxH5RowBlocks(H5adRowBlocks):
+    """A Cell Ranger (v3, ``/matrix``) 10x ``.h5`` as AnnData blocks of rows.
+
+    What ``scanpy.read_10x_h5`` (its Gene Expression features; counts as float32 where
+    stored as int32) then :func:`read_expression` give, a block of cells at a time: the
+    file's CSC matrix of genes x cells is a CSR of cells x genes, read a slice of
+    ``indptr`` at a time. No layer, no ``.raw``. Parameters as :class:`H5adRowBlocks`.
+    """
+
+    FORMAT = "10x_h5"
+
+    def _read_meta(self) -> ad.AnnData:
+        import h5py
+
+        def collect(out: dict, group) -> None:  # scanpy's _collect_datasets, matrix aside
+            for k, v in group.items():
+                if isinstance(v, h5py.Dataset):
+                    if k not in ("data", "indices", "indptr"):
+                        out[k] = v[()]
+                else:
+                    collect(out, v)
+
+        d: dict = {}
+        with h5py.File(self.path, "r") as f:
+            m = f["matrix"]
+            collect(d, m)
+            self.int32 = m["data"].dtype == np.dtype("int32")
+            extra = [
+                k
+                for k, v in m["features"].items()
+                if isinstance(v, h5py.Dataset)
+                and k not in ("name", "feature_type", "id", "gene_id", "_all_tag_keys")
+            ]
+            kinds = {k: m["features"][k].dtype.kind for k in extra}
+        n_cols, n_rows = (int(x) for x in d["shape"])  # transposed
+        obs = {"obs_names": d["barcodes"].astype(str)}
+        var = {"var_names": d["name"].astype(str)}
+        if "gene_id" not in d:
+            var["gene_ids"] = d["id"].astype(str)
+        else:
+            var.update(gene_ids=d["gene_id"].astype(str), probe_ids=d["id"].astype(str))
+        var["feature_types"] = d["feature_type"].astype(str)
+        if "filtered_barcodes" in d:
+            obs["filtered_barcodes"] = d["filtered_barcodes"].astype(bool)
+        var.update((k, d[k].astype(bool if kinds[k] == "b" else str)) for k in extra)
+        self.n_features = n_cols
+        # an empty matrix of the file's shape: the obs and var scanpy's AnnData builds
+        empty = sp.csr_matrix((n_rows, n_cols), dtype=np.float32)
+        meta = ad.AnnData(empty, obs=obs, var=var)
+        keep = meta.var["feature_types"].to_numpy() == "Gene Expression"  # gex_only
+        self.gex = None if keep.all() else np.flatnonzero(keep)
+        meta = meta[:, keep].copy() if self.gex is not None else meta
+        meta.X = None
+        return meta
+
+    def _x_rows(self, f, s: int, e: int):
+        m = f["matrix"]
+        ptr = m["indptr"][s : e + 1].astype(np.int64)
+        a, b = int(ptr[0]), int(ptr[-1])
+        data = m["data"][a:b]
+        if self.int32:  # as scanpy: int32 counts read as float32
+            data = data.astype(np.float32)
+        x = sp.csr_matrix((data, m["indices"][a:b], ptr - a), shape=(e - s, self.n_features))
+        return x if self.gex is None else x[:, self.gex]
+
+    def _node(self, f, key: str):
+        return f["matrix"]  # its only matrix (X); a layer or .raw key was refused
+
+    def _n_cols(self, node) -> int:
+        return self.n_features
+
+    def stats(self, key: str, cols: np.ndarray | None = None) -> ValueStats:
+        if self.gex is not None:  # the Gene Expression columns of the file's features
+            cols = self.gex if cols is None else self.gex[np.asarray(cols, np.int64)]
+        return super().stats(key, cols)
 
 
 def _node_bytes(node) -> int:
