@@ -116,7 +116,13 @@ def test_streamed_h5ad_embeds_by_blocks_with_the_in_memory_result(study: Path, m
     for c in mem.obs.columns:
         x, y = mem.obs[c].to_numpy(), st.obs[c].to_numpy()
         if x.dtype.kind == "f":
-            assert np.allclose(x, y, atol=1e-5, equal_nan=True), c
+            # scores derived from the codes carry the codes' float32 rounding, which
+            # differs with the block's rows (the CNN's kernels depend on the batch size);
+            # anomaly_image_class_distance is a difference of two squared Mahalanobis
+            # distances (vae.analysis.anomaly.class_distance), so
+            # its rounding is absolute: 6.8e-5 apart near 0 (0.01431 vs 0.01425) in a
+            # fresh environment (2026-12-05; torch 2.14.1, numpy 2.4.6)
+            assert np.allclose(x, y, atol=1e-4, equal_nan=True), c
         else:
             assert (x.astype(str) == y.astype(str)).all(), c
     # the page's example crops are read from the input file: they said "No images among
