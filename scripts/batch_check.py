@@ -141,6 +141,41 @@ def expression_scores(root: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def figure(root: Path, seed: int, path: Path) -> None:
+    """Side by side, the cell-type and batch panels of ``umap_labels.png`` of the ``effect``
+    and ``effect+batch_key`` runs of ``seed`` (cut from the evaluate figure: its layout
+    puts the label panel top left and the batch panel in the middle of the bottom row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    runs = [
+        ("batch effect, no covariate", f"effect_s{seed}"),
+        ("batch effect, expression.batch_key=batch", f"effect_batch_key_s{seed}"),
+    ]
+    fig, axs = plt.subplots(2, 2, figsize=(11, 8.2))
+    for r, (title, exp) in enumerate(runs):
+        im = Image.open(root / exp / "evaluate" / "umap_labels.png")
+        w, h = im.size
+        label = im.crop((0, int(0.05 * h), int(0.37 * w), int(0.515 * h)))
+        batch = im.crop((int(0.37 * w), int(0.53 * h), int(0.67 * w), h))
+        for c, part in enumerate((label, batch)):
+            axs[r, c].imshow(part)
+            axs[r, c].axis("off")
+        axs[r, 0].set_title(f"{title}: cell type", fontsize=10, loc="left")
+        axs[r, 1].set_title("the same cells by batch", fontsize=10, loc="left")
+    fig.suptitle(
+        "Paul15 with a synthetic batch effect on batch B: PCA of the shared latent "
+        f"(seed {seed}, all cells)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def run(cmd: list[str], log: Path) -> None:
     with open(log, "w") as f:
         r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
@@ -172,6 +207,9 @@ def main() -> None:
     ap.add_argument("--share", type=float, default=0.45, help="share of cells in batch B")
     ap.add_argument("--eryth-share", type=float, default=0.2, help="... of erythroid cells")
     ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument(
+        "--figure", type=Path, default=None, help="PNG of the first seed's two batch arms"
+    )
     ap.add_argument(
         "--reuse",
         action="store_true",
@@ -258,6 +296,9 @@ def main() -> None:
         print(
             f"{name:<18} {row['maturation_vs_clean_spearman']:>22.3f} {row['pca_separation']:>22.3f}"
         )
+    if args.figure:
+        figure(root, args.seeds[0], args.figure)
+        print(f"wrote {args.figure}")
     load = os.getloadavg()
     print(
         f"\nseeds {args.seeds}; load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"

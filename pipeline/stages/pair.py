@@ -211,7 +211,9 @@ def run_pair(ctx: StageContext) -> None:
     if corrected is not None:
         out.uns["pair"]["label_corrections"] = json.dumps(corrected)
     for k in (
-        ("programs", "label_key", "maturation_source", "data_notes") if expr is not None else ()
+        ("programs", "label_key", "maturation_source", "data_notes", "batch_correction")
+        if expr is not None
+        else ()
     ):
         if k in expr.uns:
             out.uns[f"expression_{k}"] = expr.uns[k]

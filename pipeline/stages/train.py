@@ -128,6 +128,24 @@ def use_batches(data, obs, key: str, source: str) -> None:
     log.info("expression batches (vae.batch_key=%s), profiles each: %s", key, sizes)
 
 
+def warn_uncorrected(uns, source: str) -> None:
+    """A warning when stage=expression corrected batches (``expression.batch_key``, carried
+    by stage=pair as ``uns['expression_batch_correction']``) but this run has no
+    ``vae.batch_key``: run stage by stage, the setting is easily given to one stage only."""
+    rec = uns.get("expression_batch_correction")
+    key = rec.get("batch_key") if isinstance(rec, dict) else None
+    if key:
+        log.warning(
+            "%s: stage=expression corrected batches by obs['%s'] (expression.batch_key), but "
+            "vae.batch_key is null here: the VAE gets no batch covariate (pass "
+            "expression.batch_key=%s or vae.batch_key=%s to this command too)",
+            source,
+            key,
+            key,
+            key,
+        )
+
+
 def _needs(cfg) -> list[str]:
     # vae.image_backbone_weights=detector: the study's detector must exist before train
     return ["paired", "segmentation_model"] if _backbone_is_detector(cfg) else ["paired"]
@@ -267,6 +285,8 @@ def run_train(ctx: StageContext) -> None:
         )
     if cfg.vae.get("batch_key"):
         use_batches(data, adata.obs, str(cfg.vae.batch_key), str(src))
+    else:
+        warn_uncorrected(adata.uns, str(src))
     margs = build_model_args(cfg, data, str(src))
     align = resolve_align(cfg.vae.align, adata.obs)
     targs = build_train_args(cfg, align, unknown_label_code(data.label_names), data)

@@ -268,3 +268,24 @@ def test_vae_batch_key_follows_expression_batch_key_unless_set():
     assert compose_config(["stage=train"]).vae.batch_key is None
     both = compose_config(["stage=train", "expression.batch_key=donor", "vae.batch_key=null"])
     assert both.vae.batch_key is None and both.expression.batch_key == "donor"
+
+
+def test_train_warns_when_expression_corrected_batches_and_the_vae_was_not_told(
+    tmp_path, run_in_process, caplog
+):
+    """Stage by stage, expression.batch_key given to stage=expression only: pair carries
+    the record, train says the VAE got no covariate and how to give it one."""
+    import logging
+
+    expr = _expression_h5ad(tmp_path / "expression.h5ad")
+    a = ad.read_h5ad(expr)
+    a.uns["batch_correction"] = {"batch_key": "batch", "method": "combat", "n_genes": 12}
+    a.write_h5ad(expr)
+    common = [f"paths.root={tmp_path / 'out'}", "experiment=b", *TINY_TRAIN]
+    run_in_process(["pair=expression_only", f"paths.inputs.expression={expr}", *common], "pair")
+    paired = ad.read_h5ad(tmp_path / "out" / "b" / "pair" / "paired.h5ad")
+    assert paired.uns["expression_batch_correction"]["batch_key"] == "batch"
+    with caplog.at_level(logging.WARNING):
+        run_in_process(common, "train")
+    (msg,) = [r.getMessage() for r in caplog.records if "corrected batches" in r.getMessage()]
+    assert "vae.batch_key is null" in msg and "expression.batch_key=batch" in msg
