@@ -1080,7 +1080,37 @@ class Study:
                 data = from_anndata(a, source, crops=ZeroRows(n, 3, s), masks=ZeroRows(n, 1, s))
         except PairedDataError as e:
             raise StudyError(str(e)) from e
+        self._query_batches(data, adata.obs)
         return data, report
+
+    def _query_batches(self, data, obs) -> None:
+        """A model with expression batches (``vae.batch_key``) decodes each query profile in
+        its own batch when the query names it (the column the study was trained with),
+        as the study's own cells were scored: the anomaly and imputation of a query cell
+        of a known batch read like the reference's. A batch the study never saw, or no
+        such column: the average of the batches (the code itself never reads a batch)."""
+        from vae.data import assign_batches, batch_column
+
+        args = self.model.args
+        key = getattr(args, "batch_key", None)
+        if not getattr(args, "batch_names", None) or not key:
+            return
+        if batch_column(obs, key) not in obs:
+            log.info(
+                "the study decodes expression by batch (obs['%s']); the query has no such "
+                "column: its profiles are decoded in the average batch",
+                key,
+            )
+            return
+        assign_batches(data, obs, key, "query", list(args.batch_names))
+        unknown = int(((data.batch < 0) & data.has_expression).sum())
+        if unknown:
+            log.info(
+                "%d query profiles of a batch the study never saw (obs['%s']): decoded in "
+                "the average batch",
+                unknown,
+                key,
+            )
 
     def _images(self, adata, source: str):
         from vae.inputs.pairing import resize_crop

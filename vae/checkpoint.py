@@ -184,7 +184,12 @@ def load_model(
         model.load_state_dict(ck["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         # a detector's file, or another program's, can carry the same two keys
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's state-dict error puts the missing / unexpected keys after a header line
+        # ("Error(s) in loading state_dict for TwoBranchVAE:"): keep them, shortened
+        lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
+        first = "; ".join(lines) if lines else type(e).__name__
+        if len(first) > 400:
+            first = first[:400] + "..."
         raise CheckpointError(
             f"{path}: not a usable vae checkpoint (its model_args / weights do not build "
             f"this package's VAE: {first})"

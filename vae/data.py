@@ -292,6 +292,17 @@ def from_anndata(
     )
 
 
+def batch_column(obs: pd.DataFrame, key: str) -> str:
+    """The obs column of a paired (or latent) table holding the expression file's column
+    ``key``: ``stage=pair`` carries an expression column whose name the table already uses
+    (``specimen``, ``maturation``, ``split``...) as ``expression_<key>`` (prefixed again
+    while taken), so ``vae.batch_key=specimen`` means that one; else ``key`` itself."""
+    name = key
+    while f"expression_{name}" in obs:
+        name = f"expression_{name}"
+    return name
+
+
 def batch_values(obs: pd.DataFrame, key: str, source: str) -> np.ndarray:
     """(N,) object: each row's expression batch from ``obs[key]`` as text, None where
     unknown (NaN / None / "" / "nan", as for labels).
@@ -301,12 +312,13 @@ def batch_values(obs: pd.DataFrame, key: str, source: str) -> np.ndarray:
     PairedDataError
         When ``obs`` has no column ``key``, naming ``source`` and the columns it has.
     """
-    if key not in obs:
+    col = batch_column(obs, key)
+    if col not in obs:
         cols = ", ".join(map(str, obs.columns)) or "none"
         raise PairedDataError(
             f"{source}: obs['{key}'] (vae.batch_key) is missing; its columns: {cols}"
         )
-    v = obs[key].astype(object).to_numpy()
+    v = obs[col].astype(object).to_numpy()
     return np.where(known_labels(v), v.astype(str), None)
 
 
@@ -351,8 +363,9 @@ def assign_batches(
         if missing.any():
             first = str(np.asarray(data.obs_names, dtype=object)[missing][0])
             raise PairedDataError(
-                f"{source}: obs['{key}'] (vae.batch_key) is empty for {int(missing.sum())} "
-                f"rows with a profile (first: {first!r}); give every profile its batch"
+                f"{source}: obs['{batch_column(obs, key)}'] (vae.batch_key={key}) is empty "
+                f"for {int(missing.sum())} rows with a profile (first: {first!r}); give every "
+                "profile its batch"
             )
         names = sorted({str(v) for v in values[has_expr]})
     lookup = {n: i for i, n in enumerate(names)}

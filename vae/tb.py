@@ -108,7 +108,10 @@ class TBLogger:
         model.eval()
         post = encode_batch(model, batch)
         use_image = batch.image is not None
-        joint = model.decode(post.joint[0], render=use_image, use_image=use_image)
+        # each profile decoded in its own batch (a model with vae.batch_key), as evaluate does
+        joint = model.decode(
+            post.joint[0], render=use_image, use_image=use_image, batch=batch.batch
+        )
         if use_image:
             from_img = model.decode(post.image[0], render=True)
             rows = [batch.image.float().cpu(), _cells(joint), _cells(from_img)]

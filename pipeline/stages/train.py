@@ -125,7 +125,11 @@ def use_batches(data, obs, key: str, source: str) -> None:
         data.batch, data.batch_names = None, []
         return
     sizes = ", ".join(f"{n} {int((codes == i).sum())}" for i, n in enumerate(names))
-    log.info("expression batches (vae.batch_key=%s), profiles each: %s", key, sizes)
+    from vae.data import batch_column
+
+    col = batch_column(obs, key)
+    where = "" if col == key else f", read from obs['{col}'] (stage=pair's name for it)"
+    log.info("expression batches (vae.batch_key=%s%s), profiles each: %s", key, where, sizes)
 
 
 def warn_uncorrected(uns, source: str) -> None:

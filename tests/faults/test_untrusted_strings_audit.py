@@ -366,3 +366,17 @@ def test_spreadsheet_quoting_is_reversible():
     out = spreadsheet_safe(pd.DataFrame({"n": names}))["n"].tolist()
     assert out == ["'=x", "''=x", "'''=x", "'x", "'", "-3", "'-3", "+1", "plain", "'-ctrl", ""]
     assert [spreadsheet_unquote(v) for v in out] == names
+
+
+def test_report_tables_show_names_as_written_not_quoted(tmp_path):
+    """The report rebuilds its tables from the quoted CSVs: a label ``=x`` showed as
+    ``'=x`` in report.html (review); vae.analysis.run.read_table unquotes them."""
+    from segmentation.io import spreadsheet_safe
+    from vae.analysis.run import read_table
+
+    df = pd.DataFrame({"label": ["=x", "@SUM(1)", "band"], "n": [-1, 2, 3]})
+    spreadsheet_safe(df).to_csv(tmp_path / "t.csv", index=False)
+    assert pd.read_csv(tmp_path / "t.csv")["label"].tolist()[0] == "'=x"
+    back = read_table(tmp_path / "t.csv")
+    assert back["label"].tolist() == ["=x", "@SUM(1)", "band"]
+    assert back["n"].tolist() == [-1, 2, 3]

@@ -110,6 +110,16 @@ def test_assign_batches_codes_the_profiles_and_leaves_image_rows_unknown():
     assert to_batch(raw, torch.device("cpu")).batch.tolist() == [d.batch[1].item(), -1]
 
 
+def test_assign_batches_reads_the_column_pair_renamed():
+    """stage=pair carries an expression column whose name the table already uses
+    (specimen, maturation...) as expression_<name>: vae.batch_key=specimen means it."""
+    a = _paired_with_batches()
+    a.obs["expression_specimen"] = a.obs.pop("batch")
+    a.obs["specimen"] = "pipeline's own"
+    d = from_anndata(a)
+    assert assign_batches(d, a.obs, "specimen", "paired.h5ad") == ["run1", "run2"]
+
+
 def test_assign_batches_names_the_file_and_the_column():
     a = _paired_with_batches()
     d = from_anndata(a)
@@ -140,6 +150,18 @@ def test_batch_mixing_tells_batch_islands_from_mixed_batches():
     one = batch_mixing(mixed, b2, labels)
     assert one["classes"] == ["a"] and one["n_cells"] == 100
     assert batch_mixing(mixed, np.full(200, "x"), labels) is None
+    # a class of k + 1 cells or fewer: every cell's neighbours are its whole class, so
+    # even batches 100 apart would score as mixed: left out and named (review)
+    few = np.r_[np.zeros((6, 2)), np.full((6, 2), 100.0)]
+    out = batch_mixing(
+        np.r_[few, mixed[:, :2]],
+        np.r_[np.repeat(["x", "y"], 6), batches],
+        np.r_[np.full(12, "tiny"), labels],
+    )
+    assert out["classes"] == ["a", "b"] and out["classes_too_small"] == ["tiny"]
+    alone = batch_mixing(few, np.repeat(["x", "y"], 6), np.full(12, "c"), k=15)
+    assert alone is None
+    assert batch_mixing(few, np.repeat(["x", "y"], 6), np.full(12, "c"), k=5)["separation"] > 0.9
 
 
 def _expression_h5ad(path: Path) -> Path:
@@ -181,6 +203,17 @@ def test_train_with_batch_key_saves_the_batches_and_evaluate_scores_their_mixing
     table = pd.read_csv(run / "evaluate" / "batch_mixing.csv")
     assert table["latent"].tolist() == ["expression", "joint"]
     run_in_process(common, "traverse")  # decodes the path in the average batch
+    # embedding the study's own profiles gives back its anomaly scores: each query
+    # profile is decoded in its own batch, as the study's were (review: 0.31 apart)
+    from vae.api import Study
+
+    study = Study.load(run)
+    q = study.embed(study.read(run / "pair" / "paired.h5ad", "h5ad"), "again")
+    lat = ad.read_h5ad(run / "train" / "latent.h5ad")
+    held = (lat.obs["split"] != "train").to_numpy()  # a training row is its own neighbour
+    for col in ("anomaly_expression_reconstruction", "anomaly_score"):
+        x, y = q.obs[col].to_numpy(float)[held], lat.obs[col].to_numpy(float)[held]
+        assert np.allclose(x, y, atol=1e-4, equal_nan=True), col
     html = (run / "traverse" / "report.html").read_text()
     assert "Batch mixing (expression code, obs[&#x27;batch&#x27;])" in html  # escaped
 
@@ -260,6 +293,17 @@ def test_expression_batch_key_errors_name_the_setting(change, match):
     assert e.value.field == "expression.batch_key" and "mine.h5ad" in str(e.value)
 
 
+def test_expression_batch_key_takes_an_integer_patient_id():
+    """scanpy's per-batch HVG needs a categorical: an int column failed (review)."""
+    from vae.inputs.expression import preprocess
+
+    a = _two_batches()
+    a.obs["patient"] = np.where(a.obs["batch"] == "A", 7, 12)
+    out = preprocess(a, _expr_params(n_pcs=5, batch_key="patient")).adata
+    assert out.uns["batch_correction"]["batches"] == {"12": 60, "7": 60}
+    assert "_hvg_batch" not in out.obs and out.obs["patient"].dtype.kind == "i"
+
+
 def test_vae_batch_key_follows_expression_batch_key_unless_set():
     from tests.helpers.run import compose_config
 
@@ -289,3 +333,19 @@ def test_train_warns_when_expression_corrected_batches_and_the_vae_was_not_told(
         run_in_process(common, "train")
     (msg,) = [r.getMessage() for r in caplog.records if "corrected batches" in r.getMessage()]
     assert "vae.batch_key is null" in msg and "expression.batch_key=batch" in msg
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_names_the_keys(tmp_path):
+    """The load error kept only torch's header line ("Error(s) in loading state_dict
+    for TwoBranchVAE:"), so which weights did not fit was lost (review)."""
+    from dataclasses import asdict
+
+    from vae.checkpoint import CheckpointError, load_model
+
+    model = _model()
+    state = model.state_dict()
+    state["expression_decoder.batch_out.weight"] = torch.zeros(12, 2)
+    path = tmp_path / "model.pt"
+    torch.save({"model_args": asdict(model.args), "model": state}, path)
+    with pytest.raises(CheckpointError, match="Unexpected key.*batch_out.weight"):
+        load_model(path)

@@ -108,7 +108,9 @@ def _batch_mixing(lat, a, rd, rows: np.ndarray, labels: np.ndarray) -> dict | No
     key = a.batch_key or getattr(rd.model.args, "batch_key", None)
     if not key:
         return None
-    batches = obs_col(lat, key)
+    from vae.data import batch_column
+
+    batches = obs_col(lat, batch_column(lat.obs, key))
     if batches is None:
         log.warning("batch mixing not scored: latent.h5ad has no obs[%r] (analysis.batch_key)", key)
         return None
@@ -453,7 +455,10 @@ def evaluate(
         out["batch_mixing"] = mixing
         tables["batch_mixing"] = pd.DataFrame(
             [
-                {"latent": k, **{c: v for c, v in m.items() if c != "classes"}}
+                {
+                    "latent": k,
+                    **{c: v for c, v in m.items() if c not in ("classes", "classes_too_small")},
+                }
                 for k, m in mixing.items()
                 if isinstance(m, dict)
             ]
@@ -667,8 +672,11 @@ def evaluate(
         if mix is not None:
             out["modality_mixing"] = mix
     bkey = a.batch_key or getattr(rd.model.args, "batch_key", None)
-    if bkey and obs_col(lat, bkey) is not None:  # a class split by batch shows here
-        cols["batch"] = lat.obs[bkey].astype(str).to_numpy()
+    if bkey:  # a class split by batch shows here
+        from vae.data import batch_column
+
+        if obs_col(lat, batch_column(lat.obs, bkey)) is not None:
+            cols["batch"] = lat.obs[batch_column(lat.obs, bkey)].astype(str).to_numpy()
     # one label -> colour mapping of all rows for every panel (a subset keeps its colours)
     colours = label_colours(labels)
     fig = F.scatter_panel(

@@ -896,8 +896,10 @@ def batch_mixing(
     """Do cells of one class from different batches share one region of the latent?
 
     Within each class holding at least ``min_per_batch`` cells of two or more batches
-    (batches with fewer are left out of that class), each cell's ``k`` nearest cells *of
-    its class* are found; the share of them from its own batch is compared with the
+    (batches with fewer are left out of that class) and more than ``k + 1`` cells (with
+    fewer, every cell's neighbours are its whole class and the share is the expected one
+    whatever the layout: such a class would read as perfectly mixed), each cell's ``k``
+    nearest cells *of its class* are found; the share of them from its own batch is compared with the
     share expected if the batch did not matter (the other cells of its batch over the
     other cells of its class). Scoring within a class keeps a difference in the
     batches' make-up (one patient with more blasts) from reading as a batch effect, as
@@ -917,7 +919,8 @@ def batch_mixing(
     dict with ``same_batch_share`` (mean over the scored cells), ``if_mixed`` (its
     expectation), ``separation`` = (share - if_mixed) / (1 - if_mixed) (0: mixed as
     chance has it, 1: every neighbour from one's own batch), ``n_cells``, ``n_batches``,
-    ``classes`` (the classes scored); None when no class qualifies.
+    ``classes`` (the classes scored), ``classes_too_small`` (classes with two batches
+    left out for having ``k + 1`` cells or fewer); None when no class qualifies.
     """
     from sklearn.neighbors import NearestNeighbors
 
@@ -928,7 +931,7 @@ def batch_mixing(
     lab = np.asarray(labels, dtype=object)
     keep = known_labels(bat) & known_labels(lab) & np.isfinite(z).all(1)
     bat, lab = bat.astype(str), lab.astype(str)
-    obs, exp, classes, seen = [], [], [], set()
+    obs, exp, classes, small, seen = [], [], [], [], set()
     for c in np.unique(lab[keep]):
         rows = np.flatnonzero(keep & (lab == c))
         names, sizes = np.unique(bat[rows], return_counts=True)
@@ -936,7 +939,10 @@ def batch_mixing(
         rows = rows[np.isin(bat[rows], list(big))]
         if len(big) < 2:
             continue
-        kk = min(k, len(rows) - 1)
+        if len(rows) <= k + 1:
+            small.append(str(c))
+            continue
+        kk = k
         nn = NearestNeighbors(n_neighbors=kk + 1).fit(z[rows])
         idx = nn.kneighbors(z[rows], return_distance=False)[:, 1:]  # self first: dropped
         mine = bat[rows]
@@ -957,6 +963,7 @@ def batch_mixing(
         "n_cells": int(len(o)),
         "n_batches": len(seen),
         "classes": classes,
+        "classes_too_small": small,
     }
 
 

@@ -53,6 +53,19 @@ class Outputs:
         return self.path(f"{name}.csv")
 
 
+def read_table(path: Path | str, **kw) -> pd.DataFrame:
+    """A CSV this package wrote (formula-safe: :func:`segmentation.io.spreadsheet_safe`)
+    with its text as it was before quoting, for the report's tables: a label ``=x``
+    showed as ``'=x`` in report.html."""
+    from segmentation.io import spreadsheet_unquote
+
+    df = pd.read_csv(path, **kw)
+    for c in df.columns:
+        if df[c].dtype == object:
+            df[c] = df[c].map(spreadsheet_unquote)
+    return df
+
+
 @dataclass
 class RunData:
     """What both stages read: latent table, model, and (optionally) the paired data."""

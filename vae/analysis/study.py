@@ -34,6 +34,7 @@ from vae.analysis.run import (
     minmax,
     obs_col,
     programs_of,
+    read_table,
     split_rows,
     tb_scalars,
 )
@@ -1279,7 +1280,7 @@ def _eval_sections(
         f = ev_dir / f"{name}.csv"
         if not f.exists():
             continue
-        df = pd.read_csv(f)
+        df = read_table(f)
         if name == "reconstruction":
             tables += _reconstruction_tables(df, cap)
             continue
@@ -1626,7 +1627,7 @@ def _rejects_section(sheet: Path):
     tables = []
     csv = sheet.with_name("rejects.csv")
     if csv.exists():
-        rej = pd.read_csv(csv, keep_default_na=False)
+        rej = read_table(csv, keep_default_na=False)
         rej = rej[rej["action"] == "rejected_cell"] if "action" in rej else rej.iloc[:0]
         if len(rej):
             flags = rej["reason"].astype(str).str.split(",").explode()

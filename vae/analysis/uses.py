@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from vae.analysis import imputation as I
+from vae.analysis.run import read_table
 from vae.inputs.schema import ANOMALY_SCORE
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def report_section(ev_dir: Path):
     for name, cap in caps.items():
         f = Path(ev_dir) / f"{name}.csv"
         if f.exists():
-            df = pd.read_csv(f)
+            df = read_table(f)
             if name == ANOMALY_CSV:
                 cap = f"The {len(df)} {cap}"
             tables.append(TableItem(name.replace("_", " "), df, cap))

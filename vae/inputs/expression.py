@@ -1199,10 +1199,18 @@ def preprocess(
                 field="expression.hvg_flavor",
                 source=src,
             )
+        tmp = None
         if p.batch_key:  # genes variable within batches, not genes that differ between them
-            _batch_labels(adata, p.batch_key, src)
-            kw["batch_key"] = p.batch_key
-        sc.pp.highly_variable_genes(adata, n_top_genes=p.n_top_genes, flavor=p.hvg_flavor, **kw)
+            # scanpy's per-batch HVG needs a categorical column (an integer patient id
+            # failed with "Can only use .cat accessor"): a temporary one, dropped after
+            tmp = "_hvg_batch"
+            adata.obs[tmp] = pd.Categorical(_batch_labels(adata, p.batch_key, src))
+            kw["batch_key"] = tmp
+        try:
+            sc.pp.highly_variable_genes(adata, n_top_genes=p.n_top_genes, flavor=p.hvg_flavor, **kw)
+        finally:
+            if tmp is not None:
+                adata.obs.drop(columns=tmp, inplace=True)
     adata.var["highly_variable"] = adata.var["highly_variable"].astype(bool)
 
     # -- program scores (on all genes, before any HVG subsetting) ------------
@@ -1776,7 +1784,8 @@ def row_blocks_unsupported(path: str | Path, orientation: str = "auto") -> str |
     Read in memory instead (``read_expression``): other formats, a file to be transposed
     (``genes_by_cells``), a matrix that is not CSR or dense (CSC: its rows are not
     contiguous), images in ``obsm["crops"]`` (a paired table: ``embed.h5ad``), a
-    Cell Ranger 2 ``.h5`` (one group per genome).
+    Cell Ranger 2 ``.h5`` (one group per genome), obs / var in the layout of anndata
+    before 0.7 (compound datasets).
     """
     import h5py
 
@@ -1796,6 +1805,12 @@ def row_blocks_unsupported(path: str | Path, orientation: str = "auto") -> str |
                 return None
             if "X" not in f or "obs" not in f or "var" not in f:
                 return "no X, obs or var"
+            for part in ("obs", "var"):
+                # anndata < 0.7 wrote obs / var as compound datasets without an encoding:
+                # anndata itself still reads them, the block reader's obs / var do not
+                node = f[part]
+                if isinstance(node, h5py.Dataset) or "encoding-type" not in node.attrs:
+                    return f"{part} in an old anndata layout (no encoding-type)"
             nodes = {"X": f["X"], **{f"layers/{k}": v for k, v in f.get("layers", {}).items()}}
             if "raw" in f and "X" in f["raw"]:
                 nodes["raw/X"] = f["raw/X"]

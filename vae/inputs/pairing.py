@@ -584,9 +584,7 @@ def read_label_corrections(path: str | Path) -> tuple[str, pd.DataFrame]:
     key = keys[0]
     # label_suspects.csv writes a crop named "=x.png" as "'=x.png" (spreadsheet_safe): the
     # key is matched as the crop is named
-    tab = pd.DataFrame(
-        {c: tab[c].str.strip().map(spreadsheet_unquote) for c in (key, "label")}
-    )
+    tab = pd.DataFrame({c: tab[c].str.strip().map(spreadsheet_unquote) for c in (key, "label")})
     empty = np.flatnonzero(tab[key].to_numpy() == "")
     if empty.size:
         raise PairingError(f"line {empty[0] + 2}: empty {key}", field=key, source=src)

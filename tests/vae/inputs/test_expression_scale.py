@@ -171,3 +171,23 @@ def test_copy_false_consumes_the_input():
     assert out.n_obs == 197 and "counts" in out.layers
     # the input's matrices are given up (stage=expression: not held twice)
     assert a.X is None and not a.layers
+
+
+def test_an_old_anndata_layout_is_read_whole_not_in_blocks(tmp_path):
+    """anndata < 0.7 wrote obs / var as compound datasets: anndata reads them, the embed
+    block reader did not ("Cannot convert ... to obs DataFrame"; review), so such a file
+    is read whole."""
+    import h5py
+
+    from vae.inputs.expression import row_blocks_unsupported
+
+    path = tmp_path / "legacy.h5ad"
+    rec = np.dtype([("index", "S8")])
+    with h5py.File(path, "w") as f:
+        f["X"] = np.ones((3, 2), np.float32)
+        f["obs"] = np.array([(b"c0",), (b"c1",), (b"c2",)], dtype=rec)
+        f["var"] = np.array([(b"g0",), (b"g1",)], dtype=rec)
+    assert row_blocks_unsupported(path) == "obs in an old anndata layout (no encoding-type)"
+    modern = tmp_path / "modern.h5ad"
+    ad.AnnData(np.ones((3, 2), np.float32)).write_h5ad(modern)
+    assert row_blocks_unsupported(modern) is None
