@@ -6,7 +6,9 @@ import them too; tests take them as fixtures or import them directly.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +89,29 @@ def spawn_tmp(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(d))
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(d / "torchelastic_error.json"))
     return d
+
+
+@pytest.fixture(scope="session")
+def toy_study(tmp_path_factory):
+    """``toy_study(dest, *extra)`` -> ``dest``: a copy of the tiny study of
+    :func:`tests.helpers.vae_toy.train_toy_study` (``paired.h5ad`` and ``out/s/train``).
+
+    Each distinct ``extra`` is trained once per session, into a folder of its own that no
+    test is given; each caller gets its own copy, so a module that writes into its study
+    (embeds beside it, copies of its train folder, a user's h5ad) changes no other
+    module's. The copy's manifests and checkpoint name the session folder (paths.root,
+    paths.inputs.paired) as a moved study's do; that folder stays as trained.
+    """
+    from tests.helpers.vae_toy import train_toy_study  # anndata: only where it is used
+
+    trained: dict[tuple[str, ...], Path] = {}
+
+    def copy(dest, *extra: str) -> Path:
+        key = tuple(extra)
+        if key not in trained:
+            trained[key] = train_toy_study(tmp_path_factory.mktemp("toy_study"), *extra)
+        dest = Path(dest)
+        shutil.copytree(trained[key], dest, symlinks=True, dirs_exist_ok=True)
+        return dest
+
+    return copy

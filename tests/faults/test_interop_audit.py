@@ -27,7 +27,6 @@ import pytest
 
 from segmentation.io import blank_as_read, write_h5ad
 from tests.helpers.run import run_stage_in_process
-from tests.helpers.vae_toy import train_toy_study
 
 
 def _table() -> ad.AnnData:
@@ -124,9 +123,9 @@ def test_samples_have_a_column_for_every_study_label():
 
 
 @pytest.fixture(scope="module")
-def embedded(tmp_path_factory) -> Path:
+def embedded(tmp_path_factory, toy_study) -> Path:
     """A toy study and an embed of 8 of its cells (one sample): <tmp>/out/q/embed."""
-    study = train_toy_study(tmp_path_factory.mktemp("interop"))
+    study = toy_study(tmp_path_factory.mktemp("interop"))
     paired = ad.read_h5ad(study / "paired.h5ad")
     few = paired[paired.obs["has_image"].to_numpy().astype(bool)][:8].copy()
     few.obs["note"] = pd.Categorical([""] * 4 + ["x"] * 4)  # a user's column with ""

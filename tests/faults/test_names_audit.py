@@ -26,7 +26,6 @@ from tests.faults.conftest import cfg_for
 from tests.faults.test_interrupted_runs import CHAIN, _chain
 from tests.helpers.run import run_stage_in_process
 from tests.helpers.seg_synth import untrained_checkpoint
-from tests.helpers.vae_toy import train_toy_study
 
 LATIN1 = b"Patient_M\xfcller_1.png"  # "Müller" in Latin-1: not UTF-8
 # its name as every table writes it (segmentation.table.recorded_name)
@@ -128,9 +127,9 @@ def test_segment_reads_a_latin1_named_smear_and_records_a_valid_name(
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
-    """A trained tiny study: <root>/out/s/train/{model.pt,latent.h5ad}."""
-    return train_toy_study(tmp_path_factory.mktemp("study"))
+def study(tmp_path_factory, toy_study) -> Path:
+    """A trained tiny study: <root>/out/s/train/{model.pt,latent.h5ad} (this module's copy)."""
+    return toy_study(tmp_path_factory.mktemp("study"))
 
 
 def _embed(study: Path, exp: str, *args: str) -> Path:

@@ -153,7 +153,8 @@ def image_tensors(crops, masks, **kw):
 def train_toy_study(tmp, *extra: str):
     """Train the tiny study the embed and old-study tests use: ``<tmp>/paired.h5ad``
     (48 cells, 6 image-only, 6 expression-only) and ``<tmp>/out/s/train``; ``extra``
-    are more overrides. Returns ``tmp``."""
+    are more overrides. Returns ``tmp``. Modules that can share a training take a copy
+    from the session fixture ``toy_study`` (tests/conftest.py) instead."""
     from pathlib import Path
 
     from tests.helpers.run import run_pipeline

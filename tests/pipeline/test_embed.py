@@ -16,15 +16,16 @@ import pipeline.stages.embed
 from pipeline.runner import StageError
 from tests.helpers.run import SHARED_DATA, needs_shared, run_pipeline, run_stage_in_process
 from tests.helpers.seg_synth import LIGHT_HEADS
-from tests.helpers.vae_toy import TINY_TRAIN, train_toy_study
+from tests.helpers.vae_toy import TINY_TRAIN
 
 TINY = TINY_TRAIN
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
-    """outputs root of a trained tiny study: <root>/s/train/{model.pt,latent.h5ad}."""
-    return train_toy_study(tmp_path_factory.mktemp("study"))
+def study(tmp_path_factory, toy_study) -> Path:
+    """outputs root of a trained tiny study: <root>/s/train/{model.pt,latent.h5ad}
+    (this module's copy)."""
+    return toy_study(tmp_path_factory.mktemp("study"))
 
 
 def _args(study: Path, exp: str, *args: str) -> list[str]:

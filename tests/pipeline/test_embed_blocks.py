@@ -19,15 +19,15 @@ import scipy.sparse as sp
 
 from pipeline.runner import StageError
 from tests.helpers.run import run_stage_in_process
-from tests.helpers.vae_toy import train_toy_study
 
 ROWS = 7  # 60 cells: 8 blocks of 7 and one of 4
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
-    """outputs root of a trained tiny study: <root>/s/train/{model.pt,latent.h5ad}."""
-    return train_toy_study(tmp_path_factory.mktemp("study"))
+def study(tmp_path_factory, toy_study) -> Path:
+    """outputs root of a trained tiny study: <root>/s/train/{model.pt,latent.h5ad}
+    (this module's copy)."""
+    return toy_study(tmp_path_factory.mktemp("study"))
 
 
 @pytest.fixture(scope="module")
