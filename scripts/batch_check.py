@@ -36,7 +36,8 @@ nearest cells of its own batch against the share if the batch did not matter; 0:
         --work /tmp/batch_check --out /tmp/batch_check.json
 
 ``--reuse`` keeps the data sets and finished runs in ``--work`` and only scores them.
-Prints a table and writes JSON (``--out``); asserts nothing. About 1 minute per arm
+Prints a table (mean ± sample sd over the seeds) and writes JSON (``--out``); asserts
+nothing. About 1 minute per arm
 and seed on the 2-core CPU.
 """
 
@@ -286,7 +287,7 @@ def main() -> None:
     for arm in ARMS:
         sel = [r for r in rows if r["arm"] == arm]
         stats = {
-            c: (float(np.mean([r[c] for r in sel])), float(np.std([r[c] for r in sel])))
+            c: (float(np.mean([r[c] for r in sel])), float(np.std([r[c] for r in sel], ddof=1)))
             for c in cols
         }
         summary[arm] = {c: {"mean": m, "sd": s} for c, (m, s) in stats.items()}
