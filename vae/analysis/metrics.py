@@ -976,7 +976,8 @@ def modality_mixing(
 ) -> dict | None:
     """Do cells with a crop and profile-only cells of one class share one region of the latent?
 
-    Within each class that has at least ``min_per_group`` cells of both kinds, each cell's
+    :func:`batch_mixing` with the two kinds as the batches: within each class that has at
+    least ``min_per_group`` cells of both kinds and more than ``k + 1`` cells, each cell's
     ``k`` nearest cells *of its class* are found; the share of them that are of its own
     kind (crop or profile only) is compared with the share expected if the kind did not
     matter (the other cells of its kind over the other cells of its class). A shared latent
@@ -989,46 +990,29 @@ def modality_mixing(
     has_image : (n,) bool, the row has a crop
     labels : (n,) class labels; unknown ones (:func:`vae.inputs.schema.known_labels`)
         are left out
-    k : neighbours per cell (fewer in a smaller class)
+    k : neighbours per cell
     min_per_group : cells of each kind a class needs to be scored
 
     Returns
     -------
     dict with ``same_kind_share`` (mean over the scored cells), ``if_mixed`` (its
     expectation), ``separation`` = (share - if_mixed) / (1 - if_mixed) (0: mixed as
-    chance has it, 1: islands by kind), ``n_cells``, ``classes`` (the classes scored);
+    chance has it, 1: islands by kind), ``n_cells``, ``classes`` (the classes scored),
+    ``classes_too_small`` (both kinds, ``k + 1`` cells or fewer: a class whose cells'
+    neighbours are all of it scores as mixed whatever its layout, so it is left out);
     None when no class qualifies.
     """
-    from sklearn.neighbors import NearestNeighbors
-
-    from vae.inputs.schema import known_labels
-
-    z = np.asarray(z, np.float64)
-    img = np.asarray(has_image, bool)
-    lab = np.asarray(labels).astype(str)
-    obs, exp, classes = [], [], []
-    for c in np.unique(lab[known_labels(labels)]):
-        rows = np.flatnonzero(lab == c)
-        n_img = int(img[rows].sum())
-        if min(n_img, len(rows) - n_img) < min_per_group:
-            continue
-        kk = min(k, len(rows) - 1)
-        nn = NearestNeighbors(n_neighbors=kk + 1).fit(z[rows])
-        idx = nn.kneighbors(z[rows], return_distance=False)[:, 1:]  # self first: dropped
-        mine = img[rows]
-        obs.append((mine[idx] == mine[:, None]).mean(1))
-        same = np.where(mine, n_img, len(rows) - n_img) - 1
-        exp.append(same / (len(rows) - 1))
-        classes.append(str(c))
-    if not classes:
+    kind = np.where(np.asarray(has_image, bool), "crop", "profile only")
+    m = batch_mixing(z, kind, labels, k=k, min_per_batch=min_per_group)
+    if m is None:
         return None
-    o, e = np.concatenate(obs), np.concatenate(exp)
-    so, se = float(o.mean()), float(e.mean())
+    # the same within-class neighbour count as batch_mixing, the two kinds as batches
     return {
-        "same_kind_share": so,
-        "if_mixed": se,
+        "same_kind_share": m["same_batch_share"],
+        "if_mixed": m["if_mixed"],
         # 0: the kinds mixed as chance has it, 1: every neighbour of one's own kind
-        "separation": (so - se) / (1.0 - se) if se < 1 else float("nan"),
-        "n_cells": int(len(o)),
-        "classes": classes,
+        "separation": m["separation"],
+        "n_cells": m["n_cells"],
+        "classes": m["classes"],
+        "classes_too_small": m["classes_too_small"],
     }

@@ -357,3 +357,16 @@ def test_retrieval_in_blocks_equals_the_whole_distance_matrix(monkeypatch, rows_
     r = m.retrieval(q, t)
     assert (r.recall_at_1, r.recall_at_5, r.recall_at_10) == want[:3]
     assert r.foscttm == pytest.approx(want[3], abs=1e-15) and r.n == n
+
+
+def test_modality_mixing_leaves_out_a_class_of_k_plus_one_cells_or_fewer():
+    """Each cell's k neighbours would be its whole class: the share is the expected one
+    whatever the layout, so two islands 100 apart read as mixed; such a class is named,
+    not scored (the review of batch_mixing, which modality_mixing now shares)."""
+    from vae.analysis.metrics import modality_mixing
+
+    z = np.r_[np.zeros((6, 2)), np.full((6, 2), 100.0)]
+    img = np.r_[np.ones(6, bool), np.zeros(6, bool)]
+    assert modality_mixing(z, img, np.full(12, "neu"), k=15) is None
+    r = modality_mixing(z, img, np.full(12, "neu"), k=5)
+    assert r["separation"] == 1.0 and r["classes_too_small"] == []
