@@ -209,6 +209,12 @@ def main() -> None:
     ap.add_argument("--eryth-share", type=float, default=0.2, help="... of erythroid cells")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument(
+        "--batch-arm",
+        nargs="*",
+        default=[],
+        help="extra overrides of the batch_key arm's training (e.g. vae.batch_encoder=true)",
+    )
+    ap.add_argument(
         "--figure", type=Path, default=None, help="PNG of the first seed's two batch arms"
     )
     ap.add_argument(
@@ -250,6 +256,8 @@ def main() -> None:
     for arm in ARMS:
         data = DATA[arm]
         extra = BATCH_KEY[data]  # vae.batch_key follows expression.batch_key
+        if extra:
+            extra = [*extra, *args.batch_arm]
         for seed in args.seeds:
             exp = f"{arm.replace('+', '_')}_s{seed}"
             t0 = time.time()
