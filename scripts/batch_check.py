@@ -142,6 +142,28 @@ def expression_scores(root: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def separations(run_dir: Path, k: int = 15) -> dict[str, float]:
+    """:func:`batch_mixing` separation of the test split's expression and joint codes, as
+    stage=evaluate scores it, computed here from ``latent.h5ad`` so that ``--reuse``
+    rescores finished runs with the current metric (their metrics.json keeps the one of
+    the day they ran)."""
+    import anndata as ad
+
+    from vae.analysis.metrics import batch_mixing
+
+    lat = ad.read_h5ad(run_dir / "train" / "latent.h5ad")
+    test = lat.obs["split"].astype(str).to_numpy() == "test"
+    out = {}
+    for name, key in (("expression", "X_vae_expression"), ("joint", "X_vae")):
+        z = np.asarray(lat.obsm[key], np.float64)
+        rows = test & np.isfinite(z).all(1)
+        m = batch_mixing(
+            z[rows], lat.obs["batch"].to_numpy()[rows], lat.obs["label"].to_numpy()[rows], k=k
+        )
+        out[name] = m["separation"] if m else float("nan")
+    return out
+
+
 def figure(root: Path, seed: int, path: Path) -> None:
     """Side by side, the cell-type and batch panels of ``umap_labels.png`` of the ``effect``
     and ``effect+batch_key`` runs of ``seed`` (cut from the evaluate figure: its layout
@@ -212,7 +234,7 @@ def main() -> None:
         "--batch-arm",
         nargs="*",
         default=[],
-        help="extra overrides of the batch_key arm's training (e.g. vae.batch_encoder=true)",
+        help="extra overrides of the batch_key arm's training (e.g. vae.beta=2)",
     )
     ap.add_argument(
         "--figure", type=Path, default=None, help="PNG of the first seed's two batch arms"
@@ -273,12 +295,12 @@ def main() -> None:
             m = json.loads((root / exp / "evaluate" / "metrics.json").read_text())
             row = {"arm": arm, "seed": seed, "seconds": round(time.time() - t0, 1)}
             cross = cross_batch_knn(root / exp)
+            mixing = separations(root / exp)
             for latent in ("expression", "joint"):
                 row[f"cross_batch_knn_{latent}"] = cross[latent]
                 ls = m["latent_structure"].get(latent, {})
-                mix = (m.get("batch_mixing") or {}).get(latent, {})
                 row[f"knn_{latent}"] = ls.get("knn_accuracy")
-                row[f"separation_{latent}"] = mix.get("separation")
+                row[f"separation_{latent}"] = mixing[latent]
             rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -295,7 +317,10 @@ def main() -> None:
     for arm in ARMS:
         sel = [r for r in rows if r["arm"] == arm]
         stats = {
-            c: (float(np.mean([r[c] for r in sel])), float(np.std([r[c] for r in sel], ddof=1)))
+            c: (
+                float(np.mean([r[c] for r in sel])),
+                float(np.std([r[c] for r in sel], ddof=1)) if len(sel) > 1 else float("nan"),
+            )
             for c in cols
         }
         summary[arm] = {c: {"mean": m, "sd": s} for c, (m, s) in stats.items()}

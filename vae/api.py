@@ -1080,37 +1080,59 @@ class Study:
                 data = from_anndata(a, source, crops=ZeroRows(n, 3, s), masks=ZeroRows(n, 1, s))
         except PairedDataError as e:
             raise StudyError(str(e)) from e
-        self._query_batches(data, adata.obs)
+        self._query_batches(data, adata.obs, adata.uns)
         return data, report
 
-    def _query_batches(self, data, obs) -> None:
+    def _query_batches(self, data, obs, uns=None) -> None:
         """A model with expression batches (``vae.batch_key``) decodes each query profile in
-        its own batch when the query names it (the column the study was trained with),
-        as the study's own cells were scored: the anomaly and imputation of a query cell
-        of a known batch read like the reference's. A batch the study never saw, or no
-        such column: the average of the batches (the code itself never reads a batch)."""
-        from vae.data import assign_batches, batch_column
+        its own batch when the query names it (the column the study was trained with; in a
+        paired table, where stage=pair put it), as the study's own cells were scored: the
+        anomaly and imputation of a query cell of a known batch read like the reference's.
+        A batch the study never saw, or no such column: the average of the batches (the
+        code itself never reads a batch). Each note is logged once per study object (a
+        large file is prepared a block at a time)."""
+        from vae.data import assign_batches, batch_column, obs_renames
 
         args = self.model.args
         key = getattr(args, "batch_key", None)
         if not getattr(args, "batch_names", None) or not key:
             return
-        if batch_column(obs, key) not in obs:
-            log.info(
+        if not bool(data.has_expression.any()):
+            return  # no profile to decode
+        col = batch_column(key, obs_renames(uns))
+        if col not in obs:
+            self._note(
+                logging.INFO,
                 "the study decodes expression by batch (obs['%s']); the query has no such "
                 "column: its profiles are decoded in the average batch",
                 key,
             )
             return
-        assign_batches(data, obs, key, "query", list(args.batch_names))
-        unknown = int(((data.batch < 0) & data.has_expression).sum())
-        if unknown:
-            log.info(
-                "%d query profiles of a batch the study never saw (obs['%s']): decoded in "
-                "the average batch",
-                unknown,
-                key,
+        assign_batches(data, obs, key, "query", list(args.batch_names), obs_renames(uns))
+        profiles = data.has_expression.numpy().astype(bool)
+        unknown = (data.batch.numpy() < 0) & profiles
+        if unknown.all():
+            self._note(
+                logging.WARNING,
+                "none of the query's batches in obs['%s'] is one the study was trained on "
+                "(%s): every profile is decoded in the average batch",
+                col,
+                ", ".join(map(str, args.batch_names)),
             )
+        elif unknown.any():
+            self._note(
+                logging.INFO,
+                "query profiles of a batch the study never saw (obs['%s']): decoded in the "
+                "average batch",
+                col,
+            )
+
+    def _note(self, level: int, msg: str, *args) -> None:
+        """``log.log(level, msg, *args)`` the first time this study says it."""
+        said = self.__dict__.setdefault("_said", set())
+        if (msg, args) not in said:
+            said.add((msg, args))
+            log.log(level, msg, *args)
 
     def _images(self, adata, source: str):
         from vae.inputs.pairing import resize_crop

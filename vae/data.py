@@ -292,34 +292,58 @@ def from_anndata(
     )
 
 
-def batch_column(obs: pd.DataFrame, key: str) -> str:
-    """The obs column of a paired (or latent) table holding the expression file's column
+def obs_renames(uns) -> dict[str, str]:
+    """``{expression obs column: its name in the paired table}`` that ``stage=pair``
+    recorded (``uns[OBS_RENAMED]``, JSON); {} for a table without the record."""
+    import json
+
+    from vae.inputs.schema import OBS_RENAMED
+
+    raw = uns.get(OBS_RENAMED) if uns is not None else None
+    try:
+        out = json.loads(str(raw)) if raw is not None else {}
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in out.items()} if isinstance(out, dict) else {}
+
+
+def batch_column(key: str, renamed: dict[str, str] | None = None) -> str:
+    """The column of a paired (or latent) table holding the expression file's column
     ``key``: ``stage=pair`` carries an expression column whose name the table already uses
-    (``specimen``, ``maturation``, ``split``...) as ``expression_<key>`` (prefixed again
-    while taken), so ``vae.batch_key=specimen`` means that one; else ``key`` itself."""
-    name = key
-    while f"expression_{name}" in obs:
-        name = f"expression_{name}"
-    return name
+    (``specimen``, ``maturation``, ``split``...) under another name, which it records
+    (:func:`obs_renames`); ``vae.batch_key=specimen`` means the expression file's
+    ``specimen``. Without a record (a query file, an older table): ``key`` itself."""
+    return (renamed or {}).get(key, key)
 
 
-def batch_values(obs: pd.DataFrame, key: str, source: str) -> np.ndarray:
-    """(N,) object: each row's expression batch from ``obs[key]`` as text, None where
-    unknown (NaN / None / "" / "nan", as for labels).
+def batch_values(
+    obs: pd.DataFrame, key: str, source: str, renamed: dict[str, str] | None = None
+) -> np.ndarray:
+    """(N,) object: each row's expression batch from ``obs[key]`` (the column
+    :func:`batch_column` names) as text, None where unknown (NaN / None / "" / "nan", as
+    for labels). Whole-number floats are written as integers and text is stripped, so a
+    patient id 7 read back as 7.0 (a column with gaps) or "7 " is still batch "7".
 
     Raises
     ------
     PairedDataError
         When ``obs`` has no column ``key``, naming ``source`` and the columns it has.
     """
-    col = batch_column(obs, key)
+    col = batch_column(key, renamed)
     if col not in obs:
         cols = ", ".join(map(str, obs.columns)) or "none"
         raise PairedDataError(
-            f"{source}: obs['{key}'] (vae.batch_key) is missing; its columns: {cols}"
+            f"{source}: obs['{col}'] (vae.batch_key={key}) is missing; its columns: {cols}"
         )
     v = obs[col].astype(object).to_numpy()
-    return np.where(known_labels(v), v.astype(str), None)
+
+    def text(x) -> str:
+        if isinstance(x, float | np.floating) and float(x).is_integer():
+            return str(int(x))
+        return str(x).strip()
+
+    known = known_labels(v)
+    return np.array([text(x) if k else None for x, k in zip(v, known)], dtype=object)
 
 
 def assign_batches(
@@ -328,6 +352,7 @@ def assign_batches(
     key: str,
     source: str,
     names: list[str] | None = None,
+    renamed: dict[str, str] | None = None,
 ) -> list[str]:
     """Fill ``data.batch`` / ``data.batch_names`` from ``obs[key]``.
 
@@ -345,6 +370,8 @@ def assign_batches(
         The batches a trained model knows (``VAEArgs.batch_names``): rows of any other
         batch get -1 (unknown: decoded as the average batch). None: the sorted batches
         of the rows with a profile (training).
+    renamed : dict, optional
+        ``stage=pair``'s record of renamed expression columns (:func:`obs_renames`).
 
     Returns
     -------
@@ -356,14 +383,14 @@ def assign_batches(
     PairedDataError
         The column is missing, or (training) a row with a profile has no batch.
     """
-    values = batch_values(obs, key, source)
+    values = batch_values(obs, key, source, renamed)
     has_expr = data.has_expression.cpu().numpy().astype(bool)
     if names is None:
         missing = has_expr & np.array([v is None for v in values], dtype=bool)
         if missing.any():
             first = str(np.asarray(data.obs_names, dtype=object)[missing][0])
             raise PairedDataError(
-                f"{source}: obs['{batch_column(obs, key)}'] (vae.batch_key={key}) is empty "
+                f"{source}: obs['{batch_column(key, renamed)}'] (vae.batch_key={key}) is empty "
                 f"for {int(missing.sum())} rows with a profile (first: {first!r}); give every "
                 "profile its batch"
             )

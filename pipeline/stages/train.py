@@ -106,13 +106,15 @@ def exclude_labels(split: np.ndarray, data, labels: list[str]) -> np.ndarray:
     return out
 
 
-def use_batches(data, obs, key: str, source: str) -> None:
-    """Give ``data`` its expression batches from ``obs[key]`` (``vae.batch_key``); one
-    batch only: a warning and no covariate (nothing to condition on)."""
-    from vae.data import PairedDataError, assign_batches
+def use_batches(data, obs, key: str, source: str, uns=None) -> None:
+    """Give ``data`` its expression batches from ``obs[key]`` (``vae.batch_key``; the
+    column stage=pair renamed it to, per ``uns``); one batch only: a warning and no
+    covariate (nothing to condition on)."""
+    from vae.data import PairedDataError, assign_batches, batch_column, obs_renames
 
+    renamed = obs_renames(uns)
     try:
-        names = assign_batches(data, obs, key, source)
+        names = assign_batches(data, obs, key, source, renamed=renamed)
     except PairedDataError as e:
         raise StageError(str(e)) from e
     codes = data.batch.numpy()
@@ -125,9 +127,7 @@ def use_batches(data, obs, key: str, source: str) -> None:
         data.batch, data.batch_names = None, []
         return
     sizes = ", ".join(f"{n} {int((codes == i).sum())}" for i, n in enumerate(names))
-    from vae.data import batch_column
-
-    col = batch_column(obs, key)
+    col = batch_column(key, renamed)
     where = "" if col == key else f", read from obs['{col}'] (stage=pair's name for it)"
     log.info("expression batches (vae.batch_key=%s%s), profiles each: %s", key, where, sizes)
 
@@ -288,7 +288,7 @@ def run_train(ctx: StageContext) -> None:
             f"trainer.lr_schedule={cfg.trainer.lr_schedule!r}; valid: cosine, constant"
         )
     if cfg.vae.get("batch_key"):
-        use_batches(data, adata.obs, str(cfg.vae.batch_key), str(src))
+        use_batches(data, adata.obs, str(cfg.vae.batch_key), str(src), adata.uns)
     else:
         warn_uncorrected(adata.uns, str(src))
     margs = build_model_args(cfg, data, str(src))

@@ -112,18 +112,37 @@ def test_assign_batches_codes_the_profiles_and_leaves_image_rows_unknown():
 
 def test_assign_batches_reads_the_column_pair_renamed():
     """stage=pair carries an expression column whose name the table already uses
-    (specimen, maturation...) as expression_<name>: vae.batch_key=specimen means it."""
+    (specimen, maturation...) as expression_<name> and records it: vae.batch_key=specimen
+    means the renamed one then, and only then (review: a user's `ref` read the pipeline's
+    `expression_ref`, a profile id, when the rename was guessed from the names)."""
     a = _paired_with_batches()
     a.obs["expression_specimen"] = a.obs.pop("batch")
     a.obs["specimen"] = "pipeline's own"
     d = from_anndata(a)
-    assert assign_batches(d, a.obs, "specimen", "paired.h5ad") == ["run1", "run2"]
+    renamed = {"specimen": "expression_specimen"}
+    assert assign_batches(d, a.obs, "specimen", "p", renamed=renamed) == ["run1", "run2"]
+    assert assign_batches(d, a.obs, "specimen", "p") == ["pipeline's own"]
+    a.obs["ref"] = a.obs["expression_specimen"]
+    a.obs["expression_ref"] = [f"profile{i}" for i in range(a.n_obs)]
+    assert assign_batches(d, a.obs, "ref", "p") == ["run1", "run2"]
+
+
+def test_batch_values_read_a_patient_id_alike_whatever_its_dtype():
+    """7 written as 7.0 (a column with gaps) or "7 " is batch "7" (review: a float query
+    column decoded every profile in the average batch)."""
+    from vae.data import batch_values
+
+    obs = pd.DataFrame({"p": [7.0, 12.0, np.nan, 7.5], "q": ["7 ", " 12", "", "x"]})
+    assert batch_values(obs, "p", "q.h5ad").tolist() == ["7", "12", None, "7.5"]
+    assert batch_values(obs, "q", "q.h5ad").tolist() == ["7", "12", None, "x"]
 
 
 def test_assign_batches_names_the_file_and_the_column():
     a = _paired_with_batches()
     d = from_anndata(a)
-    with pytest.raises(PairedDataError, match=r"paired.h5ad: obs\['donor'\] \(vae.batch_key\)"):
+    with pytest.raises(
+        PairedDataError, match=r"paired.h5ad: obs\['donor'\] \(vae.batch_key=donor\)"
+    ):
         assign_batches(d, a.obs, "donor", "paired.h5ad")
     a.obs.loc[a.obs_names[0], "batch"] = np.nan  # a profile without its batch
     with pytest.raises(PairedDataError, match="empty for 1 rows with a profile"):
@@ -182,7 +201,7 @@ def _expression_h5ad(path: Path) -> Path:
 
 
 def test_train_with_batch_key_saves_the_batches_and_evaluate_scores_their_mixing(
-    tmp_path, run_in_process
+    tmp_path, run_in_process, caplog
 ):
     from vae.checkpoint import load_model
 
@@ -197,7 +216,12 @@ def test_train_with_batch_key_saves_the_batches_and_evaluate_scores_their_mixing
     run_in_process([*common, "analysis.split=all"], "evaluate")  # 5 cells a batch per class
     metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
     mix = metrics["batch_mixing"]
-    assert mix["batch_key"] == "batch" and set(mix) == {"batch_key", "expression", "joint"}
+    assert mix["batch_key"] == "batch" and set(mix) == {
+        "batch_key",
+        "column",
+        "expression",
+        "joint",
+    }
     for latent in ("expression", "joint"):
         assert mix[latent]["n_batches"] == 2 and -1 <= mix[latent]["separation"] <= 1
     table = pd.read_csv(run / "evaluate" / "batch_mixing.csv")
@@ -214,6 +238,16 @@ def test_train_with_batch_key_saves_the_batches_and_evaluate_scores_their_mixing
     for col in ("anomaly_expression_reconstruction", "anomaly_score"):
         x, y = q.obs[col].to_numpy(float)[held], lat.obs[col].to_numpy(float)[held]
         assert np.allclose(x, y, atol=1e-4, equal_nan=True), col
+    # a query whose batches the study never saw: said once, at WARNING, not per block
+    import logging
+
+    other = ad.read_h5ad(run / "pair" / "paired.h5ad")
+    other.obs["batch"] = "elsewhere"
+    with caplog.at_level(logging.INFO):
+        study.embed(other, "other")
+        study.embed(other, "other again")
+    said = [r for r in caplog.records if "none of the query's batches" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING
     html = (run / "traverse" / "report.html").read_text()
     assert "Batch mixing (expression code, obs[&#x27;batch&#x27;])" in html  # escaped
 
@@ -223,7 +257,7 @@ def test_a_batch_key_the_table_lacks_stops_train_naming_file_and_column(tmp_path
     common = [f"paths.root={tmp_path / 'out'}", "experiment=b", *TINY_TRAIN]
     run_in_process(["pair=expression_only", f"paths.inputs.expression={expr}", *common], "pair")
     with pytest.raises(
-        StageError, match=r"paired.h5ad: obs\['donor'\] \(vae.batch_key\) is missing"
+        StageError, match=r"paired.h5ad: obs\['donor'\] \(vae.batch_key=donor\) is missing"
     ):
         run_in_process([*common, "vae.batch_key=donor"], "train")
     assert not (tmp_path / "out" / "b" / "train" / "model.pt").exists()
@@ -329,6 +363,10 @@ def test_train_warns_when_expression_corrected_batches_and_the_vae_was_not_told(
     run_in_process(["pair=expression_only", f"paths.inputs.expression={expr}", *common], "pair")
     paired = ad.read_h5ad(tmp_path / "out" / "b" / "pair" / "paired.h5ad")
     assert paired.uns["expression_batch_correction"]["batch_key"] == "batch"
+    # the expression columns pair renamed are recorded (vae.data.batch_column reads it)
+    assert json.loads(paired.uns["expression_obs_renamed"]) == {
+        "maturation": "expression_maturation"
+    }
     with caplog.at_level(logging.WARNING):
         run_in_process(common, "train")
     (msg,) = [r.getMessage() for r in caplog.records if "corrected batches" in r.getMessage()]

@@ -99,22 +99,36 @@ DISAGREEMENT_CROPS = 10
 DISAGREEMENT_OBS = ("image_ref", "specimen")
 
 
+def batch_key_column(a, rd) -> tuple[str, str] | None:
+    """``(key, column)`` batch mixing is scored by: ``analysis.batch_key`` as given (a
+    column of latent.h5ad), else the model's ``vae.batch_key`` in the column stage=pair
+    put it (:func:`vae.data.batch_column`); None without either."""
+    from vae.data import batch_column
+
+    if a.batch_key:
+        return str(a.batch_key), str(a.batch_key)
+    key = getattr(rd.model.args, "batch_key", None)
+    if not key:
+        return None
+    return str(key), batch_column(str(key), getattr(rd, "obs_renamed", None))
+
+
 def _batch_mixing(lat, a, rd, rows: np.ndarray, labels: np.ndarray) -> dict | None:
     """:func:`metrics.batch_mixing` of the expression and joint codes of the evaluated
     rows, by ``analysis.batch_key`` (else the model's ``vae.batch_key``); None without
     a batch column, or with no class holding two batches."""
     from vae.analysis import metrics as M
 
-    key = a.batch_key or getattr(rd.model.args, "batch_key", None)
-    if not key:
+    kc = batch_key_column(a, rd)
+    if kc is None:
         return None
-    from vae.data import batch_column
-
-    batches = obs_col(lat, batch_column(lat.obs, key))
+    key, col = kc
+    batches = obs_col(lat, col)
     if batches is None:
-        log.warning("batch mixing not scored: latent.h5ad has no obs[%r] (analysis.batch_key)", key)
+        log.warning("batch mixing not scored: latent.h5ad has no obs[%r] (analysis.batch_key)", col)
         return None
-    out: dict = {"batch_key": str(key)}
+    out: dict = {"batch_key": key, "column": col}
+    small: set[str] = set()
     for name in ("expression", "joint"):
         if LATENTS[name] not in lat.obsm:
             continue
@@ -123,7 +137,18 @@ def _batch_mixing(lat, a, rd, rows: np.ndarray, labels: np.ndarray) -> dict | No
         m = M.batch_mixing(z[sel], batches[sel], labels[sel], k=a.knn_k)
         if m is not None:
             out[name] = m
-    return out if len(out) > 1 else None
+            small |= set(m["classes_too_small"])
+    if small:
+        log.info(
+            "batch mixing: classes of %d cells or fewer left out (every neighbour would be "
+            "of the class): %s",
+            a.knn_k + 1,
+            ", ".join(sorted(small)),
+        )
+    if len(out) == 2:
+        log.info("batch mixing not scored: no class of > %d cells holds two batches", a.knn_k + 1)
+        return None
+    return out
 
 
 def _disagreements(lat, a: AnalysisSettings, z, labels, pred, rows, vote_ref) -> pd.DataFrame:
@@ -671,12 +696,9 @@ def evaluate(
         mix = M.modality_mixing(z_all, hi, labels, k=a.knn_k)
         if mix is not None:
             out["modality_mixing"] = mix
-    bkey = a.batch_key or getattr(rd.model.args, "batch_key", None)
-    if bkey:  # a class split by batch shows here
-        from vae.data import batch_column
-
-        if obs_col(lat, batch_column(lat.obs, bkey)) is not None:
-            cols["batch"] = lat.obs[batch_column(lat.obs, bkey)].astype(str).to_numpy()
+    kc = batch_key_column(a, rd)
+    if kc is not None and obs_col(lat, kc[1]) is not None:  # a class split by batch shows
+        cols["batch"] = lat.obs[kc[1]].astype(str).to_numpy()
     # one label -> colour mapping of all rows for every panel (a subset keeps its colours)
     colours = label_colours(labels)
     fig = F.scatter_panel(

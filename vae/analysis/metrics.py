@@ -911,7 +911,7 @@ def batch_mixing(
     batches : (n,) batch names; unknown ones (:func:`vae.inputs.schema.known_labels`)
         are left out
     labels : (n,) class labels; unknown ones are left out
-    k : neighbours per cell (fewer in a smaller class)
+    k : neighbours per cell
     min_per_batch : cells a batch needs within a class to be scored there
 
     Returns

@@ -61,7 +61,8 @@ def read_table(path: Path | str, **kw) -> pd.DataFrame:
 
     df = pd.read_csv(path, **kw)
     for c in df.columns:
-        if df[c].dtype == object:
+        # object today; pandas 3 reads text as its own string dtype
+        if pd.api.types.is_object_dtype(df[c]) or pd.api.types.is_string_dtype(df[c]):
             df[c] = df[c].map(spreadsheet_unquote)
     return df
 
@@ -83,6 +84,8 @@ class RunData:
     # pixel value outside the cell masks of the paired crops (stage=pair records it in
     # uns["background_value"]), or None: not known from the data
     background_value: int | None = None
+    # expression obs columns stage=pair renamed (vae.data.obs_renames; {} without paired)
+    obs_renamed: dict[str, str] = field(default_factory=dict)
 
 
 def load_run(
@@ -130,8 +133,12 @@ def load_run(
     gene_program: dict[str, str] = {}
     notes: list[str] = []
     background = None
+    renamed: dict[str, str] = {}
     if data is not None:
+        from vae.data import obs_renames
+
         paired = blank_as_read(ad.read_h5ad(paired_path, backed="r"))
+        renamed = obs_renames(paired.uns)
         if model.args.batch_names:  # each profile decoded in its own batch
             from vae.data import PairedDataError, assign_batches
 
@@ -142,6 +149,7 @@ def load_run(
                     str(model.args.batch_key),
                     str(paired_path),
                     list(model.args.batch_names),
+                    renamed,
                 )
             except PairedDataError as e:
                 raise AnalysisError(str(e)) from e
@@ -155,7 +163,9 @@ def load_run(
             for prog, members in (paired.uns.get("expression_programs") or {}).items():
                 for g in members:
                     gene_program.setdefault(str(g), str(prog))
-    return RunData(latent, model, meta, data, genes, device, gene_program, notes, background)
+    return RunData(
+        latent, model, meta, data, genes, device, gene_program, notes, background, renamed
+    )
 
 
 def full_codes(latent) -> np.ndarray:

@@ -1204,6 +1204,8 @@ def preprocess(
             # scanpy's per-batch HVG needs a categorical column (an integer patient id
             # failed with "Can only use .cat accessor"): a temporary one, dropped after
             tmp = "_hvg_batch"
+            while tmp in adata.obs:  # never a user's column
+                tmp = f"_{tmp}"
             adata.obs[tmp] = pd.Categorical(_batch_labels(adata, p.batch_key, src))
             kw["batch_key"] = tmp
         try:

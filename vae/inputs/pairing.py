@@ -24,6 +24,7 @@ Rows without a partner become single-modality rows (``keep_unmatched_images``,
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ from vae.inputs.schema import (  # noqa: F401 - TRUTH_COLUMNS: columns copied in
     HAS_IMAGE,
     HAS_MASK,
     LABEL_ORIGINAL,
+    OBS_RENAMED,
     PAIR_MODES,
     TRUTH_COLUMNS,
     cell_diameters,
@@ -1108,7 +1110,7 @@ def _assemble(
         "specimen",
     ):
         obs[c] = obs[c].astype(str)
-    _carry_expression_obs(obs, eobs, ei)
+    renamed = _carry_expression_obs(obs, eobs, ei)
     var = pd.DataFrame(index=expression.var_names.astype(str))
     for c in ("highly_variable", "gene_of_interest"):
         if c in expression.var:
@@ -1119,6 +1121,9 @@ def _assemble(
     out.uns[HAS_COUNTS] = has_counts
     out.uns["crop_size"] = int(s)
     out.uns["background_value"] = int(background)
+    # which expression columns took another name here (vae.data.batch_column reads it); JSON:
+    # a column name may hold "/", which an h5ad mapping's keys cannot
+    out.uns[OBS_RENAMED] = json.dumps(renamed)
     return out
 
 
@@ -1130,8 +1135,12 @@ _CARRIED_ELSEWHERE = ("label",)
 _RESERVED_DOWNSTREAM = ("split", "row", *ANOMALY_COLUMNS.values())
 
 
-def _carry_expression_obs(obs: pd.DataFrame, eobs: pd.DataFrame, ei: np.ndarray) -> None:
+def _carry_expression_obs(
+    obs: pd.DataFrame, eobs: pd.DataFrame, ei: np.ndarray
+) -> dict[str, str]:
     """Add the expression input's own obs columns (donor, sample, QC, ...) to ``obs``, in place.
+
+    Returns ``{input name: name in obs}`` of the columns that took another name.
 
     Parameters
     ----------
@@ -1153,6 +1162,7 @@ def _carry_expression_obs(obs: pd.DataFrame, eobs: pd.DataFrame, ei: np.ndarray)
     """
     skip = {*_CARRIED_ELSEWHERE, *TRUTH_COLUMNS}
     taken = {*map(str, obs.columns), *_RESERVED_DOWNSTREAM}
+    renamed: dict[str, str] = {}
     for col in eobs.columns:
         name = str(col)
         if name in skip or name.startswith("score_"):
@@ -1162,6 +1172,9 @@ def _carry_expression_obs(obs: pd.DataFrame, eobs: pd.DataFrame, ei: np.ndarray)
             out = f"expression_{out}"
         taken.add(out)
         obs[out] = _take_rows(eobs[col], ei)
+        if out != name:
+            renamed[name] = out
+    return renamed
 
 
 def _take_rows(col: pd.Series, ei: np.ndarray):

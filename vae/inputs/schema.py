@@ -20,6 +20,9 @@ HAS_MASK = "has_mask"
 LABEL_ORIGINAL = "image_label_original"
 # expression.h5ad / paired.h5ad uns: layers["counts"] holds raw counts
 HAS_COUNTS = "has_counts"
+# paired.h5ad uns: JSON {expression obs column: its name in paired obs} of the columns
+# stage=pair renamed (a name the paired table already uses: specimen -> expression_specimen)
+OBS_RENAMED = "expression_obs_renamed"
 
 
 def cell_diameters(frame: pd.DataFrame) -> np.ndarray | None:
