@@ -833,8 +833,9 @@ class ExpressionDecoder(nn.Module):
         super().__init__()
         self.likelihood = likelihood
         self.n_batches = n_batches
-        # the batch enters the first layer only (scvi-tools injects it into every layer;
-        # one layer is enough for a per-gene shift of each batch and keeps old widths)
+        # the batch enters the first layer only (scvi-tools injects it into every layer);
+        # a per-gene, per-batch offset on the output as well mixed the batches no better
+        # on two synthetic effects (docs/vae.md, "Expression batches")
         self.net = _mlp([n_in + n_batches, *reversed(hidden)], dropout, norm)
         self.out = nn.Linear(hidden[0], n_genes)
         self.register_buffer("log_norm_total", torch.tensor(math.log(norm_total)))
