@@ -1135,9 +1135,7 @@ _CARRIED_ELSEWHERE = ("label",)
 _RESERVED_DOWNSTREAM = ("split", "row", *ANOMALY_COLUMNS.values())
 
 
-def _carry_expression_obs(
-    obs: pd.DataFrame, eobs: pd.DataFrame, ei: np.ndarray
-) -> dict[str, str]:
+def _carry_expression_obs(obs: pd.DataFrame, eobs: pd.DataFrame, ei: np.ndarray) -> dict[str, str]:
     """Add the expression input's own obs columns (donor, sample, QC, ...) to ``obs``, in place.
 
     Returns ``{input name: name in obs}`` of the columns that took another name.
