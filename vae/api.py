@@ -377,6 +377,7 @@ class Study:
         self._anomaly_ref = None
         self._scored_ref = None  # the reference with its anomaly columns (_scored_reference)
         self._atypical_why: str | None = None
+        self._said: set = set()  # notes logged once per study (_note)
         # where the paired.h5ad the study was trained on may be (load() adds the study's
         # own pair/paired.h5ad): a latent that predates the anomaly scores is scored from it
         self._paired_candidates: list[Path] = _source_candidates(
@@ -1129,9 +1130,8 @@ class Study:
 
     def _note(self, level: int, msg: str, *args) -> None:
         """``log.log(level, msg, *args)`` the first time this study says it."""
-        said = self.__dict__.setdefault("_said", set())
-        if (msg, args) not in said:
-            said.add((msg, args))
+        if (msg, args) not in self._said:
+            self._said.add((msg, args))
             log.log(level, msg, *args)
 
     def _images(self, adata, source: str):
