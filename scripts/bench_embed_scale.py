@@ -28,13 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_expression_scale import watch  # noqa: E402 - the child's wall, RSS, kill rule
 
 # stage=train of a tiny VAE in seconds (tests/helpers/run.py TINY_MODEL, one private dim)
 TINY_TRAIN = [
@@ -207,17 +208,6 @@ def to_10x_h5(h5ad: Path, path: Path) -> None:
     tmp.replace(path)
 
 
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def _load() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -239,33 +229,12 @@ def run_case(
         "overwrite=true",
         "hardware.torch_threads=1",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = root / "bench.log"
     root.mkdir(parents=True, exist_ok=True)
     load = _load()
-    t0 = time.monotonic()
-    with open(log, "w") as out:
-        p = subprocess.Popen(
-            cmd, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    killed, sampled = "", 0
-    while True:
-        # os.wait4, not Popen.poll: it reaps the child with its resource usage
-        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
-        if pid:
-            break
-        sampled = max(sampled, _rss(p.pid))
-        if not killed and sampled > max_gib * 2**30:
-            killed = f"killed: RSS > {max_gib} GiB"
-            os.killpg(p.pid, signal.SIGKILL)
-        elif not killed and time.monotonic() - t0 > timeout:
-            killed = f"killed: over {timeout:.0f} s"
-            os.killpg(p.pid, signal.SIGKILL)
-        time.sleep(0.5)
-    wall = time.monotonic() - t0
+    rc, killed, wall, peak = watch(cmd, repo, log, max_gib, timeout)
     summary = root / "bench" / "embed" / "summary.json"
     cells = json.loads(summary.read_text())["cells"] if summary.is_file() and not killed else None
-    rc = os.waitstatus_to_exitcode(status)
     last = ""
     if rc:
         lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
@@ -278,7 +247,7 @@ def run_case(
         "error": last,
         "cells_embedded": cells,
         "wall_s": round(wall, 1),
-        "peak_rss_mib": round(max(ru.ru_maxrss * 1024, sampled) / 2**20),
+        "peak_rss_mib": round(peak / 2**20),
         "load_before": load,
         "load_after": _load(),
         "log": str(log),

@@ -90,6 +90,37 @@ def _rss(pid: int) -> int:
     return 0
 
 
+def watch(
+    cmd: list[str], cwd: Path, log: Path, max_gib: float, timeout: float
+) -> tuple[int, str, float, int]:
+    """Run ``cmd`` in ``cwd`` (one OpenMP thread, output to ``log``), killed past
+    ``max_gib`` of RSS or ``timeout`` s. Returns ``(exit code, why killed or "", wall s,
+    peak RSS bytes)``; the peak is the larger of the child's ``ru_maxrss`` and the RSS
+    sampled every 0.5 s (also the benchmarks' of stage=embed, bench_embed_scale.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.monotonic()
+    with open(log, "w") as out:
+        p = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    killed, sampled = "", 0
+    while True:
+        # os.wait4, not Popen.poll: it reaps the child with its resource usage
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            break
+        sampled = max(sampled, _rss(p.pid))
+        if not killed and sampled > max_gib * 2**30:
+            killed = f"killed: RSS > {max_gib} GiB"
+            os.killpg(p.pid, signal.SIGKILL)
+        elif not killed and time.monotonic() - t0 > timeout:
+            killed = f"killed: over {timeout:.0f} s"
+            os.killpg(p.pid, signal.SIGKILL)
+        time.sleep(0.5)
+    wall = time.monotonic() - t0
+    return os.waitstatus_to_exitcode(status), killed, wall, max(ru.ru_maxrss * 1024, sampled)
+
+
 def run_case(
     repo: Path, input_file: Path, root: Path, max_gib: float, timeout: float, extra: list[str]
 ) -> dict:
@@ -108,37 +139,17 @@ def run_case(
         "hardware.torch_threads=1",
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = root / "bench.log"
     root.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    with open(log, "w") as out:
-        p = subprocess.Popen(
-            cmd, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    killed, sampled = "", 0
-    while True:
-        # os.wait4, not Popen.poll: it reaps the child with its resource usage
-        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
-        if pid:
-            break
-        sampled = max(sampled, _rss(p.pid))
-        if not killed and sampled > max_gib * 2**30:
-            killed = f"killed: RSS > {max_gib} GiB"
-            os.killpg(p.pid, signal.SIGKILL)
-        elif not killed and time.monotonic() - t0 > timeout:
-            killed = f"killed: over {timeout:.0f} s"
-            os.killpg(p.pid, signal.SIGKILL)
-        time.sleep(0.5)
-    wall = time.monotonic() - t0
+    rc, killed, wall, peak = watch(cmd, repo, log, max_gib, timeout)
     h5 = root / "bench" / "expression" / "expression.h5ad"
     return {
         "input": str(input_file),
         "repo": str(repo),
-        "rc": os.waitstatus_to_exitcode(status),
+        "rc": rc,
         "killed": killed,
         "wall_s": round(wall, 1),
-        "peak_rss_gib": round(max(ru.ru_maxrss * 1024, sampled) / 2**30, 2),
+        "peak_rss_gib": round(peak / 2**30, 2),
         "output_mb": round(h5.stat().st_size / 1e6, 1) if h5.is_file() and not killed else None,
         "overrides": extra,
         "log": str(log),
