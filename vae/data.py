@@ -26,6 +26,7 @@ from vae.inputs.schema import (
     HAS_EXPRESSION,
     HAS_IMAGE,
     UNKNOWN_LABEL,
+    batch_text,
     cell_diameters,
     known_labels,
 )
@@ -321,7 +322,8 @@ def batch_values(
 ) -> np.ndarray:
     """(N,) object: each row's expression batch from ``obs[key]`` (the column
     :func:`batch_column` names) as text, None where unknown (NaN / None / "" / "nan", as
-    for labels). Whole-number floats are written as integers and text is stripped, so a
+    for labels; :func:`vae.inputs.schema.batch_text`, the reading ``stage=expression``
+    shares). Whole-number floats are written as integers and text is stripped, so a
     patient id 7 read back as 7.0 (a column with gaps) or "7 " is still batch "7".
 
     Raises
@@ -335,15 +337,7 @@ def batch_values(
         raise PairedDataError(
             f"{source}: obs['{col}'] (vae.batch_key={key}) is missing; its columns: {cols}"
         )
-    v = obs[col].astype(object).to_numpy()
-
-    def text(x) -> str:
-        if isinstance(x, float | np.floating) and float(x).is_integer():
-            return str(int(x))
-        return str(x).strip()
-
-    known = known_labels(v)
-    return np.array([text(x) if k else None for x, k in zip(v, known)], dtype=object)
+    return batch_text(obs[col].astype(object).to_numpy())
 
 
 def assign_batches(

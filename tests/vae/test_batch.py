@@ -338,6 +338,24 @@ def test_expression_batch_key_takes_an_integer_patient_id():
     assert "_hvg_batch" not in out.obs and out.obs["patient"].dtype.kind == "i"
 
 
+def test_expression_and_vae_group_a_patient_id_the_same_way():
+    """The expression stage read ids with astype(str) (7.0 -> "7.0"; "7 " and "7" two
+    batches) and the VAE as integers, stripped: both now read schema.batch_text."""
+    from vae.data import batch_values
+    from vae.inputs.expression import preprocess
+
+    a = _two_batches()
+    a.obs["patient"] = pd.Series(
+        np.where(a.obs["batch"] == "A", 7.0, 12.0), index=a.obs_names, dtype=object
+    )
+    a.obs.loc[a.obs_names[:10], "patient"] = [" 7", "7 ", "7"] * 3 + ["7"]  # as typed
+    out = preprocess(a, _expr_params(n_pcs=5, batch_key="patient")).adata
+    groups = out.uns["batch_correction"]["batches"]
+    vae_side = pd.Series(batch_values(a.obs, "patient", "x.h5ad")).value_counts().to_dict()
+    assert groups == vae_side
+    assert set(groups) == {"7", "12"} and sum(groups.values()) == a.n_obs
+
+
 def test_vae_batch_key_follows_expression_batch_key_unless_set():
     from tests.helpers.run import compose_config
 

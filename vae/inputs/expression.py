@@ -1308,7 +1308,8 @@ def _pca(adata: ad.AnnData, p: PreprocessParams, dense_x: bool, src: str) -> Non
 
 
 def _batch_labels(adata: ad.AnnData, key: str, src: str) -> np.ndarray:
-    """(n,) str: each cell's batch from ``obs[key]`` (``expression.batch_key``).
+    """(n,) str: each cell's batch from ``obs[key]`` (``expression.batch_key``), read as
+    the VAE reads it (:func:`vae.inputs.schema.batch_text`: 7.0 and "7 " are batch "7").
 
     Raises
     ------
@@ -1317,10 +1318,12 @@ def _batch_labels(adata: ad.AnnData, key: str, src: str) -> np.ndarray:
         batch; scanpy's per-batch HVG ranks genes within each), naming
         ``expression.batch_key`` and ``src``.
     """
-    from vae.inputs.schema import known_labels
+    from vae.inputs.schema import batch_text
 
-    values = adata.obs[key].astype(object).to_numpy()
-    known = known_labels(values)
+    # the VAE reads the same column through batch_text too (vae.data.batch_values): one
+    # grouping of cells into batches for ComBat, the HVGs and the decoder's covariate
+    values = batch_text(adata.obs[key].astype(object).to_numpy())
+    known = np.array([v is not None for v in values], dtype=bool)
     if not known.all():
         first = str(adata.obs_names[~known][0])
         raise ExpressionInputError(
@@ -1329,7 +1332,7 @@ def _batch_labels(adata: ad.AnnData, key: str, src: str) -> np.ndarray:
             field="expression.batch_key",
             source=src,
         )
-    batches = values.astype(str)
+    batches = values.astype(str)  # every value known here
     names, sizes = np.unique(batches, return_counts=True)
     if (sizes < 2).any():
         raise ExpressionInputError(

@@ -93,6 +93,38 @@ def known_labels(labels) -> np.ndarray:
     return ~(pd.isna(lab) | np.isin(lab.astype(str), UNKNOWN_LABELS))
 
 
+def batch_text(values) -> np.ndarray:
+    """Each row's batch (patient, run, site) as text, None where unknown.
+
+    The one reading of a batch column, shared by ``stage=expression`` (HVGs and ComBat
+    per batch) and the VAE (``vae.batch_key``), so both group cells the same way: a
+    whole-number float is written as an integer (a patient id 7 read back as 7.0 from a
+    column with gaps is still batch ``"7"``) and text is stripped (``"7 "`` is ``"7"``).
+
+    Parameters
+    ----------
+    values : array-like, shape (N,)
+        A batch column's values (numbers, strings, categoricals; NaN / None / "" /
+        "nan" are unknown, as for labels: :func:`known_labels`).
+
+    Returns
+    -------
+    ndarray of object, shape (N,)
+        str per row, None where unknown.
+    """
+    v = np.asarray(values, dtype=object)
+
+    def text(x) -> str:
+        if isinstance(x, float | np.floating) and float(x).is_integer():
+            return str(int(x))
+        return str(x).strip()
+
+    # stripped first, so a blank "  " is unknown like ""
+    out = np.array([None if pd.isna(x) else text(x) for x in v], dtype=object)
+    out[~known_labels(out)] = None
+    return out
+
+
 # simulator ground truth carried from crops / expression obs into paired obs
 TRUTH_COLUMNS = TRUTH_FIELDS
 
