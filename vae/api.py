@@ -378,6 +378,11 @@ class Study:
         self._scored_ref = None  # the reference with its anomaly columns (_scored_reference)
         self._atypical_why: str | None = None
         self._said: set = set()  # notes logged once per study (_note)
+        # the label transfer's reference side and fitted kNN (_label_reference,
+        # transfer_labels): fitted once, read by every block of a large query
+        self._label_ref: dict = {}
+        self._label_knn: dict = {}
+        self._label_for = reference  # the reference they were fitted on
         # where the paired.h5ad the study was trained on may be (load() adds the study's
         # own pair/paired.h5ad): a latent that predates the anomaly scores is scored from it
         self._paired_candidates: list[Path] = _source_candidates(
@@ -1615,17 +1620,71 @@ class Study:
         Euclidean) and ``confidence`` (fraction of those k that carry it, in [0, 1]);
         a row of ``z`` with a NaN (no such modality) gets ``""`` and NaN.
         """
-        from sklearn.neighbors import KNeighborsClassifier
+        if modality not in LABEL_MODALITIES:
+            raise StudyError(f"modality={modality!r}; valid: {', '.join(LABEL_MODALITIES)}")
+        codes, lab, known = self._label_reference(modality)
+        z = np.asarray(z, np.float64)
+        widths = sorted({codes.shape[1], self.n_shared})
+        if z.ndim != 2 or z.shape[1] not in widths:
+            raise StudyError(
+                f"transfer_labels: z must be (n, {' or '.join(map(str, widths))}) for "
+                f"modality={modality!r}; got {z.shape}"
+            )
+        if k is not None and (not _whole_number(k) or int(float(k)) < 1):
+            raise StudyError(f"transfer_labels: k={k!r}; must be an integer >= 1")
+        k = int(float(k)) if k is not None else int(self.analysis.get("knn_k") or 15)
+        # fitted once per study, modality, width and k: stage=embed labels a large file
+        # a block of 8192 cells at a time, and each block fitted it on the same rows again
+        key = (self.label_key, modality, z.shape[1], k)
+        clf = self._label_knn.get(key)
+        if clf is None:
+            from sklearn.neighbors import KNeighborsClassifier
 
+            if k > int(known.sum()):
+                log.warning(
+                    "transfer_labels: k=%d but the reference has %d labelled cells%s: k=%d",
+                    k,
+                    int(known.sum()),
+                    "" if modality == "joint" else f" with a {modality} code",
+                    int(known.sum()),
+                )
+            kk = min(k, int(known.sum()))
+            # an expert's shared dims: the reference's too
+            clf = KNeighborsClassifier(n_neighbors=kk).fit(codes[known, : z.shape[1]], lab[known])
+            self._label_knn[key] = clf
+        if len(z) == 0:
+            return pd.DataFrame({"label": pd.Series([], dtype=str), "confidence": []})
+        # a row without this modality (NaN code, e.g. X_vae_expression of an image-only
+        # cell) gets no label: "" and confidence NaN
+        ok = np.isfinite(z).all(1)
+        label = np.full(len(z), "", dtype=object)
+        conf = np.full(len(z), np.nan)
+        if ok.any():
+            proba = clf.predict_proba(z[ok])
+            label[ok] = clf.classes_[proba.argmax(1)]
+            conf[ok] = proba.max(1)
+        return pd.DataFrame({"label": label.astype(str), "confidence": conf})
+
+    def _label_reference(self, modality: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(codes, labels, known)`` of the reference for :meth:`transfer_labels`: (m, w)
+        codes of ``modality``, (m,) labels and the (m,) bool rows that vote (a known
+        label, a finite code, and for an expert that modality). Kept per label key and
+        modality, fitted anew when :attr:`reference` is replaced (not when it is changed
+        in place)."""
         from vae.analysis.anomaly import latent_modalities
 
+        if self._label_for is not self.reference:  # a reference set after load: fit anew
+            self._label_ref.clear()
+            self._label_knn.clear()
+            self._label_for = self.reference
+        key = (self.label_key, modality)
+        if key in self._label_ref:
+            return self._label_ref[key]
         ref = self.reference
         if self.label_key not in ref.obs:
             raise StudyError(
                 f"{self.latent_path}: obs[{self.label_key!r}] is missing (analysis.label_key)"
             )
-        if modality not in LABEL_MODALITIES:
-            raise StudyError(f"modality={modality!r}; valid: {', '.join(LABEL_MODALITIES)}")
         lab = ref.obs[self.label_key].astype(str).to_numpy()
         known = known_labels(lab)
         if modality == "joint":
@@ -1642,39 +1701,8 @@ class Study:
                 f"{self.latent_path}: no reference cell has a known label"
                 + ("" if modality == "joint" else f" and a {modality} code")
             )
-        z = np.asarray(z, np.float64)
-        widths = sorted({codes.shape[1], self.n_shared})
-        if z.ndim != 2 or z.shape[1] not in widths:
-            raise StudyError(
-                f"transfer_labels: z must be (n, {' or '.join(map(str, widths))}) for "
-                f"modality={modality!r}; got {z.shape}"
-            )
-        codes = codes[:, : z.shape[1]]  # an expert's shared dims: the reference's too
-        if k is not None and (not _whole_number(k) or int(float(k)) < 1):
-            raise StudyError(f"transfer_labels: k={k!r}; must be an integer >= 1")
-        k = int(float(k)) if k is not None else int(self.analysis.get("knn_k") or 15)
-        if k > int(known.sum()):
-            log.warning(
-                "transfer_labels: k=%d but the reference has %d labelled cells%s: k=%d",
-                k,
-                int(known.sum()),
-                "" if modality == "joint" else f" with a {modality} code",
-                int(known.sum()),
-            )
-            k = int(known.sum())
-        clf = KNeighborsClassifier(n_neighbors=k).fit(codes[known], lab[known])
-        if len(z) == 0:
-            return pd.DataFrame({"label": pd.Series([], dtype=str), "confidence": []})
-        # a row without this modality (NaN code, e.g. X_vae_expression of an image-only
-        # cell) gets no label: "" and confidence NaN
-        ok = np.isfinite(z).all(1)
-        label = np.full(len(z), "", dtype=object)
-        conf = np.full(len(z), np.nan)
-        if ok.any():
-            proba = clf.predict_proba(z[ok])
-            label[ok] = clf.classes_[proba.argmax(1)]
-            conf[ok] = proba.max(1)
-        return pd.DataFrame({"label": label.astype(str), "confidence": conf})
+        self._label_ref[key] = (codes, lab, known)
+        return self._label_ref[key]
 
     # ------------------------------------------------------ maturation path
     def maturation_path(self):

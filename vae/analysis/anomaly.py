@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -53,23 +53,38 @@ RAW_KEYS = tuple(
 )
 
 
+def fit_knn(z_ref: np.ndarray, k: int = DEFAULT_K):
+    """The neighbour index :func:`knn_distance` reads ``z_ref`` (m, d) by: a fitted
+    ``sklearn.neighbors.NearestNeighbors`` of ``min(k + 1, m)`` neighbours (one extra: a
+    row's own entry in the reference). Fitted once, it scores any number of query blocks
+    (:meth:`Reference.fitted`)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    z_ref = np.asarray(z_ref, dtype=np.float64)
+    return NearestNeighbors(n_neighbors=min(k + 1, z_ref.shape[0])).fit(z_ref)
+
+
 def knn_distance(
-    z: np.ndarray, z_ref: np.ndarray, k: int = DEFAULT_K, self_in_ref: np.ndarray | None = None
+    z: np.ndarray,
+    z_ref: np.ndarray | None,
+    k: int = DEFAULT_K,
+    self_in_ref: np.ndarray | None = None,
+    index=None,
 ) -> np.ndarray:
     """Mean distance of each row of ``z`` to its ``k`` nearest rows of ``z_ref``, (n,).
 
     Parameters
     ----------
-    z : (n, d); z_ref : (m, d)
+    z : (n, d); z_ref : (m, d), or None with ``index``
     self_in_ref : (n,) bool, rows of ``z`` that are also in ``z_ref`` (their zero
         distance to themselves is left out)
+    index : :func:`fit_knn` of ``z_ref`` and ``k`` when already fitted (the same
+        distances; not fitted again for every block of a query)
     """
-    from sklearn.neighbors import NearestNeighbors
-
     z = np.asarray(z, dtype=np.float64)
-    z_ref = np.asarray(z_ref, dtype=np.float64)
-    kk = min(k + 1, z_ref.shape[0])  # one extra: a row's own entry in the reference
-    d, _ = NearestNeighbors(n_neighbors=kk).fit(z_ref).kneighbors(z)
+    nn = index if index is not None else fit_knn(z_ref, k)
+    kk = int(nn.n_neighbors)
+    d, _ = nn.kneighbors(z)
     own = np.zeros(z.shape[0], bool) if self_in_ref is None else np.asarray(self_in_ref, bool)
     m = max(kk - 1, 1)
     out = d[:, :m].mean(1)
@@ -94,6 +109,54 @@ def _sq_mahalanobis(
     return out
 
 
+@dataclass
+class ClassGaussians:
+    """The Gaussians :func:`class_distance` reads a code against, fitted on the
+    reference (:func:`fit_class_gaussians`).
+
+    location : (d,) mean and precision : (d, d) of one Gaussian of all reference rows;
+    centres : (c, d) class means and tied : (d, d) their tied within-class precision, or
+    None when fewer than two classes qualify.
+    """
+
+    location: np.ndarray
+    precision: np.ndarray
+    centres: np.ndarray | None
+    tied: np.ndarray | None
+
+    def distance(self, z: np.ndarray) -> np.ndarray:
+        """(n,) relative Mahalanobis distance of each row of ``z`` (n, d)
+        (:func:`class_distance`)."""
+        z = np.asarray(z, dtype=np.float64)
+        if z.shape[0] == 0:
+            return np.zeros(0)
+        d0 = _sq_mahalanobis(z, self.location[None], self.precision)[:, 0]
+        if self.centres is None:
+            return d0
+        return (_sq_mahalanobis(z, self.centres, self.tied) - d0[:, None]).min(1)
+
+
+def fit_class_gaussians(
+    z_ref: np.ndarray, labels_ref: np.ndarray, min_class: int = MIN_CLASS_ROWS
+) -> ClassGaussians:
+    """The background and per-class Gaussians of reference codes ``z_ref`` (m, d) with
+    labels ``labels_ref`` (m,) (both covariances Ledoit-Wolf shrunk; see
+    :func:`class_distance`)."""
+    from sklearn.covariance import LedoitWolf
+
+    z_ref = np.asarray(z_ref, dtype=np.float64)
+    lab = np.asarray(labels_ref).astype(str)
+    bg = LedoitWolf().fit(z_ref)
+    names, counts = np.unique(lab[known_labels(lab)], return_counts=True)
+    classes = names[counts >= min_class]
+    if classes.size < 2:
+        return ClassGaussians(bg.location_, bg.precision_, None, None)
+    centres = np.stack([z_ref[lab == c].mean(0) for c in classes])
+    resid = np.concatenate([z_ref[lab == c] - centres[i] for i, c in enumerate(classes)])
+    tied = LedoitWolf(assume_centered=True).fit(resid)
+    return ClassGaussians(bg.location_, bg.precision_, centres, tied.precision_)
+
+
 def class_distance(
     z: np.ndarray, z_ref: np.ndarray, labels_ref: np.ndarray, min_class: int = MIN_CLASS_ROWS
 ) -> np.ndarray:
@@ -113,25 +176,12 @@ def class_distance(
     ``c``'s mean under the tied within-class covariance and ``D_0`` the distance
     under one Gaussian of all reference rows (both covariances Ledoit-Wolf shrunk);
     ``D_0(z)^2`` alone when fewer than two classes qualify. Unitless; higher = more
-    atypical.
+    atypical. Fitted once, the Gaussians score any number of query blocks
+    (:func:`fit_class_gaussians`, :meth:`Reference.fitted`).
     """
-    from sklearn.covariance import LedoitWolf
-
-    z = np.asarray(z, dtype=np.float64)
-    z_ref = np.asarray(z_ref, dtype=np.float64)
-    lab = np.asarray(labels_ref).astype(str)
-    if z.shape[0] == 0:
+    if np.asarray(z).shape[0] == 0:
         return np.zeros(0)
-    bg = LedoitWolf().fit(z_ref)
-    d0 = _sq_mahalanobis(z, bg.location_[None], bg.precision_)[:, 0]
-    names, counts = np.unique(lab[known_labels(lab)], return_counts=True)
-    classes = names[counts >= min_class]
-    if classes.size < 2:
-        return d0
-    centres = np.stack([z_ref[lab == c].mean(0) for c in classes])
-    resid = np.concatenate([z_ref[lab == c] - centres[i] for i, c in enumerate(classes)])
-    tied = LedoitWolf(assume_centered=True).fit(resid)
-    return (_sq_mahalanobis(z, centres, tied.precision_) - d0[:, None]).min(1)
+    return fit_class_gaussians(z_ref, labels_ref, min_class).distance(z)
 
 
 def modality_latent(z_full: np.ndarray, n_shared: int, n_private: int, modality: str) -> np.ndarray:
@@ -160,6 +210,26 @@ class Reference:
     latents: dict[str, np.ndarray]
     labels: np.ndarray
     raw: dict[str, np.ndarray]
+    # modality, k -> what fitted() returns: fitted on first use, then kept (stage=embed
+    # scores a large query a block at a time; each block fitted the index and the
+    # Gaussians on the same reference rows again). The latents are not changed after.
+    _fits: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def fitted(self, modality: str, k: int = DEFAULT_K):
+        """``(rows, index, gaussians)`` of one modality's reference rows: ``rows`` (m,)
+        bool, the rows with a code; :func:`fit_knn` of them and :func:`fit_class_gaussians`
+        of them with their labels (both None with fewer than two such rows). Fitted once
+        per modality and ``k``."""
+        key = (modality, int(k))
+        if key not in self._fits:
+            zr = np.asarray(self.latents[modality], dtype=np.float64)
+            okr = np.isfinite(zr).all(1)
+            if okr.sum() >= 2:
+                lab = np.asarray(self.labels)[okr]
+                self._fits[key] = (okr, fit_knn(zr[okr], k), fit_class_gaussians(zr[okr], lab))
+            else:
+                self._fits[key] = (okr, None, None)
+        return self._fits[key]
 
 
 def latent_scores(
@@ -180,14 +250,14 @@ def latent_scores(
     out = {}
     for mod in MODALITIES:
         z = np.asarray(latents[mod], dtype=np.float64)
-        zr = np.asarray(ref.latents[mod], dtype=np.float64)
-        ok, okr = np.isfinite(z).all(1), np.isfinite(zr).all(1)
+        ok = np.isfinite(z).all(1)
         knn = np.full(z.shape[0], np.nan)
         cls = np.full(z.shape[0], np.nan)
-        if okr.sum() >= 2 and ok.any():
+        index, gaussians = ref.fitted(mod, k)[1:] if ok.any() else (None, None)
+        if index is not None:
             own = None if self_in_ref is None else np.asarray(self_in_ref, bool)[ok]
-            knn[ok] = knn_distance(z[ok], zr[okr], k, self_in_ref=own)
-            cls[ok] = class_distance(z[ok], zr[okr], np.asarray(ref.labels)[okr])
+            knn[ok] = knn_distance(z[ok], None, k, self_in_ref=own, index=index)
+            cls[ok] = gaussians.distance(z[ok])
         out[f"{mod}_latent"] = knn
         out[f"{mod}_class_distance"] = cls
     return out
