@@ -14,7 +14,8 @@ genes), written block by block with h5py (no whole matrix in this process either
 under ``--dir`` and reused when present.
 
 ``--format 10x_h5`` embeds the same counts as a Cell Ranger v3 ``.h5`` (written beside
-the ``.h5ad``). ``--repo`` runs another checkout (e.g. a copy of the code before a change) with this
+the ``.h5ad``), ``--format csv`` as a dense CSV of cells x genes (integers; keep
+``--genes`` small: every zero is written). ``--repo`` runs another checkout (e.g. a copy of the code before a change) with this
 environment's Python, for a before/after table. Run with 1 thread::
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_embed_scale.py \\
@@ -208,6 +209,34 @@ def to_10x_h5(h5ad: Path, path: Path) -> None:
     tmp.replace(path)
 
 
+def to_csv(h5ad: Path, path: Path, rows: int = 4096) -> None:
+    """The CSR counts of ``h5ad`` as a dense CSV of cells x genes (a header of the genes,
+    the cell ids first), written a block of rows at a time."""
+    import h5py
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+    from anndata.io import read_elem
+
+    tmp = path.with_suffix(".tmp.csv")
+    with h5py.File(h5ad, "r") as src:
+        obs = pd.Index(read_elem(src["obs"]).index)
+        genes = pd.Index(read_elem(src["var"]).index)
+        x = src["X"]
+        ptr = x["indptr"][:]
+        with open(tmp, "w") as f:
+            for s in range(0, len(obs), rows):
+                e = min(len(obs), s + rows)
+                a, b = int(ptr[s]), int(ptr[e])
+                m = sp.csr_matrix(
+                    (x["data"][a:b], x["indices"][a:b], ptr[s : e + 1] - a),
+                    shape=(e - s, len(genes)),
+                )
+                df = pd.DataFrame(m.toarray().astype(np.int32), index=obs[s:e], columns=genes)
+                df.to_csv(f, header=s == 0)
+    tmp.replace(path)
+
+
 def _load() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -262,9 +291,10 @@ def main() -> None:
     ap.add_argument("--study-genes", type=int, default=500)
     ap.add_argument(
         "--format",
-        choices=["h5ad", "10x_h5"],
+        choices=["h5ad", "10x_h5", "csv"],
         default="h5ad",
-        help="file embedded (10x_h5: the .h5ad's counts copied into a Cell Ranger v3 .h5)",
+        help="file embedded (10x_h5: the .h5ad's counts copied into a Cell Ranger v3 .h5; "
+        "csv: written as a dense CSV of cells x genes)",
     )
     ap.add_argument("--study", type=Path, default=None, help="a finished study (else a toy one)")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/embedscale"))
@@ -296,6 +326,12 @@ def main() -> None:
                 print(f"writing {h5} ...", flush=True)
                 to_10x_h5(path, h5)
             path = h5
+        if args.format == "csv":
+            table = path.with_suffix(".csv")
+            if not table.is_file():
+                print(f"writing {table} ...", flush=True)
+                to_csv(path, table)
+            path = table
         inputs.append((n, path))
     rows = []
     for n, path in inputs:

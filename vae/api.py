@@ -873,7 +873,7 @@ class Study:
         if kind == "expression":
             from vae.inputs.expression import ExpressionInputError, counts_from, read_expression
 
-            self._check_whole_read_fits(p)
+            self.check_whole_read_fits(p, orientation)
             try:
                 # the axes told by the model's own genes: the granule programs' few genes
                 # (the default) may be absent from a query that holds every model gene
@@ -925,28 +925,59 @@ class Study:
         a.uns["rejects"] = rej
         return a
 
-    def _check_whole_read_fits(self, path: Path) -> None:
+    def check_whole_read_fits(self, path: Path, orientation: str = "auto") -> None:
         """Refuse an expression file read whole (:meth:`read`) that cannot fit in the
         memory available, with what to do: an OOM kill says nothing. The least it takes:
-        its matrices as stored (:func:`vae.inputs.expression.whole_read_size`; ``.h5ad``
-        and 10x ``.h5``, not estimated for other formats) and the model's genes of every
-        cell made dense (float64 values, float32 ``x`` and counts: 16 bytes a value)."""
-        from vae.inputs.expression import whole_read_size
+        the file read whole (:func:`vae.inputs.expression.whole_read_size`: an ``.h5ad``
+        or 10x ``.h5``'s matrices as stored, a 10x matrix folder's entries, a table's
+        values) and the model's genes of every cell made dense (float64 values, float32
+        ``x`` and counts: 16 bytes a value).
 
-        size, avail = whole_read_size(path), _available_memory()
+        Parameters
+        ----------
+        path : an expression file or 10x matrix folder that :meth:`read` reads whole
+        orientation : as :meth:`read` (a table's cells are its rows or its columns)
+
+        Raises
+        ------
+        StudyError
+            It does not fit: the message names the file, what it takes, what is
+            available and what to give instead. A format not estimated passes.
+        """
+        from vae.inputs.expression import is_table, whole_read_size
+
+        size, avail = whole_read_size(path, orientation), _available_memory()
         if size is None or avail is None:
             return
-        stored, cells = size
-        need = stored + cells * len(self.gene_names) * 16
+        need = size.need + size.cells * len(self.gene_names) * 16
         if need <= avail:
             return
+        p = Path(path)
+        if p.is_dir():
+            fix = (
+                "A 10x matrix folder is read whole; an .h5ad or Cell Ranger's "
+                "filtered_feature_bc_matrix.h5 is read a block of rows at a time: give that "
+                "file, or convert the folder once (scanpy: sc.read_10x_mtx(FOLDER)"
+                ".write_h5ad('query.h5ad'), which holds its entries only) and set "
+                "embed.expression=query.h5ad"
+            )
+        elif is_table(p):
+            fix = (
+                "A table with cells as rows is read a block of rows at a time; this one is "
+                "read whole (genes as rows, or expression.orientation=genes_by_cells): "
+                "write it with cells as rows, or as a CSR .h5ad"
+            )
+        else:
+            fix = (
+                "An .h5ad whose X, layers and .raw are stored as CSR (or dense), cells x "
+                "genes, is read and embedded a block of rows at a time: write it so "
+                "(anndata: adata.X = scipy.sparse.csr_matrix(adata.X); adata.write_h5ad(...))"
+            )
         raise StudyError(
-            f"{path}: read whole it takes at least {need / 2**30:.1f} GiB ({cells} cells; "
-            f"its matrices {stored / 2**30:.1f} GiB as stored), more than the "
-            f"{avail / 2**30:.1f} GiB available. An .h5ad whose X, layers and .raw are "
-            "stored as CSR (or dense), cells x genes, is read and embedded a block of rows "
-            "at a time: write it so (anndata: adata.X = scipy.sparse.csr_matrix(adata.X); "
-            "adata.write_h5ad(...); docs/embed.md, 'Large expression files')"
+            f"{path}: read whole it takes at least {need / 2**30:.1f} GiB ({size.cells} "
+            f"cells; {size.what}: {size.need / 2**30:.1f} GiB), more than the "
+            f"{avail / 2**30:.1f} GiB available. {fix} (docs/embed.md, 'Large expression "
+            "files')"
         )
 
     def read_blocks(
@@ -956,32 +987,38 @@ class Study:
         counts_layer: str | None = None,
         rows: int | None = None,
     ):
-        """An ``.h5ad`` or 10x ``.h5`` expression file as blocks of rows, for :meth:`embed`
-        a block at a time (``embed(block, source, whole=blocks)``), or None where the file is read
-        whole by :meth:`read` instead (another format; see
-        :func:`vae.inputs.expression.row_blocks_unsupported`).
+        """An ``.h5ad``, 10x ``.h5`` or CSV / TSV expression file as blocks of rows, for
+        :meth:`embed` a block at a time (``embed(block, source, whole=blocks)``), or None
+        where the file is read whole by :meth:`read` instead (another format, a table
+        with genes as rows; see :func:`vae.inputs.expression.row_blocks_unsupported`).
 
         Only ``obs`` and ``var`` are held whole: a block holds its rows of ``X``, of every
         layer and of ``.raw`` (all genes), the reading :meth:`read` with
         ``kind="expression"`` gives of them. Peak memory goes with the block, not the
-        file (docs/embed.md, "Large expression files").
+        file (docs/embed.md, "Large expression files"). A table is parsed once here (its
+        row names and each column's value tests) and once more as its blocks are read.
 
         Parameters
         ----------
         path : the expression file
         orientation, counts_layer : as :meth:`read`
         rows : cells a block (default
-            :data:`vae.inputs.expression.EMBED_BLOCK_ROWS`)
+            :data:`vae.inputs.expression.EMBED_BLOCK_ROWS`; a wide table's blocks hold at
+            most :data:`vae.inputs.expression.TABLE_BLOCK_VALUES` values)
 
         Returns
         -------
-        :class:`vae.inputs.expression.H5adRowBlocks` (or its 10x ``.h5`` kind; iterable
-        of AnnData blocks; ``n_obs``, ``obs``, ``var``) or None.
+        :class:`vae.inputs.expression.H5adRowBlocks` (or its 10x ``.h5`` kind, or
+        :class:`vae.inputs.expression.CsvRowBlocks`; iterable of AnnData blocks;
+        ``n_obs``, ``obs``, ``var``) or None.
         """
         from vae.inputs.expression import (
+            CsvRowBlocks,
             ExpressionInputError,
             H5adRowBlocks,
+            ReadWhole,
             TenxH5RowBlocks,
+            is_table,
             row_blocks_unsupported,
         )
 
@@ -989,6 +1026,18 @@ class Study:
         if why is not None:
             log.debug("%s: read whole (%s)", path, why)
             return None
+        if is_table(path):
+            if counts_layer:
+                return None  # a table has no layer: read whole, which says so
+            try:
+                return CsvRowBlocks(
+                    path, orientation=orientation, known_genes=self.gene_names, rows=rows
+                )
+            except ReadWhole as e:
+                log.info("%s: read whole (%s)", path, e)
+                return None
+            except ExpressionInputError as e:
+                raise _reader_error(e) from e
         reader = TenxH5RowBlocks if str(path).lower().endswith(".h5") else H5adRowBlocks
         try:
             return reader(

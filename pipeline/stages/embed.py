@@ -315,23 +315,32 @@ def run_embed(ctx: StageContext) -> None:
     # per part: (input file, its rows) where its crops stayed in a streamed input, else None
     crop_files: list[tuple[Path, np.ndarray] | None] = []
     named_by_csv = 0  # cells embed.samples_csv names, over every input
+    # the expression file, before any input is embedded: its blocks (an .h5ad, 10x .h5
+    # or table of cells as rows: a block of rows at a time whatever its size, only the
+    # study's genes of a block made dense), else None (read whole: a 10x matrix folder,
+    # genes as rows...) once its whole read was found to fit; a file too large to read
+    # whole was refused only when its turn came, after the smears were segmented
+    whole = _expression_input(study, cfg)
     for kind, p in _inputs(cfg):
         path = resolve_data_path(cfg, p, f"embed.{kind}")
         setting = f"embed.{kind}={p}"
-        if kind == "expression" and not study.gene_names:
-            raise StageError(
-                f"{setting}: the study's model has no gene (trained with pair=image_only), "
-                "so it cannot embed expression profiles; embed smears or crops instead"
-            )
         stream = kind == "h5ad" and streams(cfg, path)
         names = _h5ad_obs_names(path) if stream else None
-        # an .h5ad expression file: a block of rows at a time whatever its size (only the
-        # study's genes of a block are made dense), None: read whole (CSV, 10x...)
-        whole = _expression_blocks(study, cfg, path, setting) if kind == "expression" else None
         try:
-            blocks = h5ad_blocks(path) if stream else whole if whole is not None else [None]
+            blocks = h5ad_blocks(path) if stream else [None]
+            if kind == "expression" and whole is not None:
+                blocks = whole
             for block in blocks:
-                q = _embed_one(study, cfg, path, kind, setting, block, rejects, whole)
+                q = _embed_one(
+                    study,
+                    cfg,
+                    path,
+                    kind,
+                    setting,
+                    block,
+                    rejects,
+                    whole if kind == "expression" else None,
+                )
                 if q is None:
                     continue
                 if stream:  # crops stay in the input file (same obs_names), not in memory
@@ -629,9 +638,34 @@ def _study_error(e, setting: str, path) -> StageError:
     return StageError(f"{setting}: {msg}")
 
 
+def _expression_input(study, cfg):
+    """``embed.expression``'s blocks (:func:`_expression_blocks`), or None: no such input,
+    or a file read whole whose whole read fits in the memory available (else refused
+    here, before any input is embedded, with what to do)."""
+    from vae.api import StudyError
+
+    if not cfg.embed.expression:
+        return None
+    p = cfg.embed.expression
+    path = resolve_data_path(cfg, p, "embed.expression")
+    setting = f"embed.expression={p}"
+    if not study.gene_names:
+        raise StageError(
+            f"{setting}: the study's model has no gene (trained with pair=image_only), "
+            "so it cannot embed expression profiles; embed smears or crops instead"
+        )
+    blocks = _expression_blocks(study, cfg, path, setting)
+    if blocks is None:
+        try:
+            study.check_whole_read_fits(path, cfg.expression.orientation)
+        except StudyError as e:
+            raise _study_error(e, setting, path) from e
+    return blocks
+
+
 def _expression_blocks(study, cfg, path, setting):
     """``embed.expression`` as blocks of rows (:meth:`vae.api.Study.read_blocks`), or
-    None where the file is read whole (not an ``.h5ad``, CSC, transposed...).
+    None where the file is read whole (a 10x matrix folder, CSC, transposed...).
 
     Read whole, a 300k cells x 20k genes ``.h5ad`` took 7.55 GiB and a 1M-cell atlas
     did not fit (docs/embed.md, "Large expression files")."""

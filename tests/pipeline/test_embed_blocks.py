@@ -230,11 +230,13 @@ def test_block_reading_keeps_the_clear_errors(study, loaded, tmp_path, monkeypat
 
 
 def test_files_not_read_by_rows_are_read_whole(study, loaded, tmp_path):
-    """CSV, a matrix stored by columns (CSC) and a file to transpose are read whole, as
-    before (``Study.read_blocks`` says None)."""
+    """A matrix stored by columns (CSC) and a file to transpose are read whole, as
+    before (``Study.read_blocks`` says None); a CSV of cells as rows is read by blocks
+    too (test_embed_large_inputs.py)."""
     a = _query(study, "counts_in_x")
     a.to_df().to_csv(tmp_path / "q.csv")
-    assert loaded.read_blocks(tmp_path / "q.csv") is None
+    assert loaded.read_blocks(tmp_path / "q.csv") is not None
+    assert loaded.read_blocks(tmp_path / "q.csv", orientation="genes_by_cells") is None
     c = a.copy()
     c.X = sp.csc_matrix(c.X)
     c.write_h5ad(tmp_path / "csc.h5ad")

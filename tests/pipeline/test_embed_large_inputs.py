@@ -1,17 +1,25 @@
-"""stage=embed of large expression inputs: the reference fitted once for every block.
+"""stage=embed of large expression inputs: the reference fitted once for every block, CSV /
+TSV tables read a block of rows at a time, and the up-front memory check of the files
+still read whole (a 10x matrix folder, a table of genes as rows).
 
 On the toy study (60 query cells) with blocks of 7 rows (9 blocks, the last one short).
 """
 
 from __future__ import annotations
 
+import gzip
+import json
+import shutil
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.io
+import scipy.sparse as sp
 
+from pipeline.runner import StageError
 from tests.helpers.run import run_stage_in_process
 from tests.pipeline.test_embed_blocks import ROWS, _query, _same
 
@@ -96,3 +104,158 @@ def test_a_label_transfer_fit_follows_k_and_a_new_reference(loaded):
     finally:
         loaded.reference = ref
     pd.testing.assert_frame_equal(loaded.transfer_labels(z, k=1), a1)
+
+
+@pytest.mark.parametrize("name", ["q.csv", "q.tsv.gz", "lognorm.csv", "missing.csv"])
+def test_a_table_is_read_by_blocks_with_the_whole_files_result(
+    study, loaded, tmp_path, name, caplog
+):
+    """A CSV / TSV (gzipped too) of cells as rows: blocks of rows give what the table read
+    whole gives (codes to 1e-5, calls, gene report), counts or log-normalised values and
+    missing genes decided for the whole table, cell ids as the whole table reads them."""
+    from vae.inputs.expression import CsvRowBlocks
+
+    layout = {"lognorm.csv": "counts_layer", "missing.csv": "missing_genes"}.get(
+        name, "counts_in_x"
+    )
+    a = _query(study, layout)
+    df = a.to_df()
+    df.index = [f"{i:03d}" for i in range(a.n_obs)]  # ids pandas reads as numbers: 0, 1
+    path = tmp_path / name
+    if name.endswith(".gz"):
+        with gzip.open(path, "wt") as f:
+            df.to_csv(f, sep="\t")
+    else:
+        df.to_csv(path)
+    whole = loaded.read(path, "expression")
+    assert list(whole.obs_names[:2]) == ["0", "1"]  # as before: every block reads numbers
+    blocks = loaded.read_blocks(path, rows=ROWS)
+    assert isinstance(blocks, CsvRowBlocks) and blocks.n_obs == 60
+    mem = loaded.embed(whole, "q")
+    parts = [loaded.embed(b, "q", whole=blocks) for b in blocks]
+    assert len(parts) == 9 and sum(p.n_obs for p in parts) == mem.n_obs
+    _same(mem, ad.concat([p for p in parts if p.n_obs], merge="first", uns_merge="first"))
+    assert sum((p.uns["dropped"] for p in parts), []) == mem.uns["dropped"]
+    assert {p.uns["genes"] for p in parts} == {mem.uns["genes"]}
+    want = "lognorm" if layout == "counts_layer" else "counts"
+    assert json.loads(mem.uns["genes"])["values"] == want
+
+
+def test_stage_embeds_a_csv_by_blocks_with_the_in_memory_result(study, tmp_path, monkeypatch):
+    """stage=embed reads a CSV a block of rows at a time: query.h5ad, summary.json and
+    samples.csv as when it is read whole (the reader before)."""
+    import vae.inputs.expression
+    from vae.api import Study
+
+    path = tmp_path / "q.csv"
+    _query(study, "counts_in_x").to_df().to_csv(path)
+    monkeypatch.setattr(vae.inputs.expression, "EMBED_BLOCK_ROWS", ROWS)
+    blocks = _embed_stage(study, "csvblocks", f"embed.expression={path}")
+    monkeypatch.setattr(Study, "read_blocks", lambda *a, **k: None)  # read whole, as before
+    whole = _embed_stage(study, "csvwhole", f"embed.expression={path}")
+    _same(ad.read_h5ad(whole / "query.h5ad"), ad.read_h5ad(blocks / "query.h5ad"))
+    sw, sb = (json.loads((d / "summary.json").read_text()) for d in (whole, blocks))
+    for key in ("cells", "by_label", "by_call", "genes", "samples"):
+        assert sb[key] == sw[key], key
+    pd.testing.assert_frame_equal(
+        pd.read_csv(whole / "samples.csv"), pd.read_csv(blocks / "samples.csv")
+    )
+
+
+def test_tables_not_read_by_rows_are_read_whole(study, loaded, tmp_path):
+    """Genes as rows (found from the names, or said), a text column, a header only, a
+    counts layer asked of a table, ids read as numbers in one block and as text in
+    another: read whole, which reads or refuses them as before."""
+    a = _query(study, "counts_in_x")
+    a.to_df().T.to_csv(tmp_path / "genes.csv")
+    assert loaded.read_blocks(tmp_path / "genes.csv") is None
+    assert loaded.read(tmp_path / "genes.csv", "expression").n_obs == 60
+    a.to_df().to_csv(tmp_path / "q.csv")
+    assert loaded.read_blocks(tmp_path / "q.csv", orientation="genes_by_cells") is None
+    assert loaded.read_blocks(tmp_path / "q.csv", counts_layer="umi") is None
+    text = a.to_df()
+    text["G3"] = "x"
+    text.to_csv(tmp_path / "text.csv")
+    assert loaded.read_blocks(tmp_path / "text.csv") is None
+    a.to_df().iloc[:0].to_csv(tmp_path / "empty.csv")
+    assert loaded.read_blocks(tmp_path / "empty.csv") is None
+    mixed = a.to_df()
+    mixed.index = [*[str(i) for i in range(ROWS)], *[f"c{i}" for i in range(ROWS, 60)]]
+    mixed.to_csv(tmp_path / "mixed.csv")  # ids: numbers in the first block, text after
+    assert loaded.read_blocks(tmp_path / "mixed.csv", rows=ROWS) is None
+    assert loaded.read_blocks(tmp_path / "mixed.csv", rows=60) is not None  # one block
+
+
+def _write_mtx(folder: Path, a: ad.AnnData) -> None:
+    """``a``'s counts as a 10x matrix folder (genes x cells matrix.mtx.gz, features, barcodes)."""
+    folder.mkdir(parents=True)
+    scipy.io.mmwrite(folder / "matrix.mtx", sp.coo_matrix(sp.csr_matrix(a.X).T), field="integer")
+    with open(folder / "matrix.mtx", "rb") as f, gzip.open(folder / "matrix.mtx.gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    (folder / "matrix.mtx").unlink()
+    pd.DataFrame({0: [f"E{i}" for i in range(a.n_vars)], 1: list(a.var_names)}).to_csv(
+        folder / "features.tsv", sep="\t", header=False, index=False
+    )
+    pd.DataFrame({0: list(a.obs_names)}).to_csv(
+        folder / "barcodes.tsv", sep="\t", header=False, index=False
+    )
+
+
+def test_whole_read_sizes_of_tables_and_matrix_folders(study, tmp_path, monkeypatch):
+    """The least memory of a whole read: a matrix folder from its header's entries, a
+    table counted when small, else estimated from its size and first lines (here within
+    10 % of its 60 rows; gzipped too)."""
+    import vae.inputs.expression as E
+
+    a = _query(study, "counts_in_x")  # 60 cells x 42 genes
+    _write_mtx(tmp_path / "mtx", a)
+    size = E.whole_read_size(tmp_path / "mtx")
+    nnz = int(sp.csr_matrix(a.X).nnz)
+    assert size.cells == 60 and size.need == nnz * E.MTX_BYTES_PER_ENTRY + 61 * 8
+    a.to_df().to_csv(tmp_path / "q.csv")
+    with open(tmp_path / "q.csv", "rb") as f, gzip.open(tmp_path / "q.csv.gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    exact = E.whole_read_size(tmp_path / "q.csv", "cells_by_genes")
+    assert exact.cells == 60 and not exact.estimated
+    assert exact.need == 60 * 42 * E.TABLE_BYTES_PER_VALUE
+    assert E.whole_read_size(tmp_path / "q.csv").cells == 42  # auto: the lesser axis
+    assert E.whole_read_size(tmp_path / "q.csv", "genes_by_cells").cells == 42
+    monkeypatch.setattr(E, "TABLE_SAMPLE_BYTES", 2000)  # a few lines: estimated
+    for name in ("q.csv", "q.csv.gz"):
+        est = E.whole_read_size(tmp_path / name, "cells_by_genes")
+        assert est.estimated and 54 <= est.cells <= 66, (name, est)
+
+
+def test_a_file_read_whole_too_large_is_refused_before_any_input_is_embedded(
+    study, tmp_path, monkeypatch
+):
+    """A 10x matrix folder or a table of genes as rows too large for the memory: the
+    stage stops before any input (here the study's paired table) is embedded, naming the
+    file, the sizes and what to give instead; nothing of the run is written."""
+    import vae.api
+    from vae.api import Study
+
+    a = _query(study, "counts_in_x")
+    _write_mtx(tmp_path / "mtx", a)
+    a.to_df().T.to_csv(tmp_path / "genes.csv")
+    embedded = []
+    real = Study.embed
+    monkeypatch.setattr(Study, "embed", lambda *x, **k: embedded.append(1) or real(*x, **k))
+    monkeypatch.setattr(vae.api, "_available_memory", lambda: 10_000)  # 10 kB left
+    h5ad = f"embed.h5ad={study / 'paired.h5ad'}"
+    with pytest.raises(StageError) as e:
+        _embed_stage(study, "bigmtx", h5ad, f"embed.expression={tmp_path / 'mtx'}")
+    msg = str(e.value)
+    assert msg.startswith(f"embed.expression={tmp_path / 'mtx'}: read whole it takes at least")
+    assert (
+        "matrix.mtx.gz" in msg and "read_10x_mtx" in msg and "filtered_feature_bc_matrix.h5" in msg
+    )
+    with pytest.raises(StageError, match=r"genes.csv: read whole .* write it with cells as rows"):
+        _embed_stage(study, "bigcsv", h5ad, f"embed.expression={tmp_path / 'genes.csv'}")
+    assert embedded == []
+    for exp in ("bigmtx", "bigcsv"):
+        assert not (study / "out" / exp / "embed" / "query.h5ad").exists()
+    # a table of cells as rows is read by blocks: not refused, whatever its size
+    a.to_df().to_csv(tmp_path / "cells.csv")
+    run = _embed_stage(study, "smallmem", f"embed.expression={tmp_path / 'cells.csv'}")
+    assert json.loads((run / "summary.json").read_text())["cells"] == 60

@@ -332,11 +332,15 @@ def _read_table(path: Path, sep: str) -> pd.DataFrame:
     with _text_open(path) as fh:
         n_cols = len(next(csv.reader(fh, delimiter=sep), []))
     try:
-        return pd.read_csv(
-            path, sep=sep, index_col=0, dtype={i: np.float32 for i in range(1, n_cols)}
-        )
+        return pd.read_csv(path, sep=sep, index_col=0, dtype=_table_dtypes(n_cols))
     except (ValueError, TypeError):  # text in a value column: the reading that names it
         return pd.read_csv(path, sep=sep, index_col=0)
+
+
+def _table_dtypes(n_cols: int) -> dict:
+    """``read_csv`` dtypes of a table of ``n_cols`` columns (row names first): the values
+    float32, the row names as pandas infers them."""
+    return {i: np.float32 for i in range(1, n_cols)}
 
 
 def read_expression(
@@ -1783,11 +1787,13 @@ def _matrix_kind(node) -> str | None:
 
 
 def row_blocks_unsupported(path: str | Path, orientation: str = "auto") -> str | None:
-    """Why the ``.h5ad`` or 10x ``.h5`` at ``path`` cannot be embedded a block of rows at
-    a time (:class:`H5adRowBlocks`, :class:`TenxH5RowBlocks`), or None when it can.
+    """Why the ``.h5ad``, 10x ``.h5`` or CSV / TSV table at ``path`` cannot be embedded a
+    block of rows at a time (:class:`H5adRowBlocks`, :class:`TenxH5RowBlocks`,
+    :class:`CsvRowBlocks`), or None when it can.
 
-    Read in memory instead (``read_expression``): other formats, a file to be transposed
-    (``genes_by_cells``), a matrix that is not CSR or dense (CSC: its rows are not
+    Read in memory instead (``read_expression``): other formats (a 10x matrix folder,
+    ``.loom``), a file to be transposed (``genes_by_cells``; a table found to hold genes
+    as rows by :class:`CsvRowBlocks`), a matrix that is not CSR or dense (CSC: its rows are not
     contiguous), images in ``obsm["crops"]`` (a paired table: ``embed.h5ad``), a
     Cell Ranger 2 ``.h5`` (one group per genome), obs / var in the layout of anndata
     before 0.7 (compound datasets).
@@ -1796,10 +1802,12 @@ def row_blocks_unsupported(path: str | Path, orientation: str = "auto") -> str |
 
     p = Path(path)
     name = p.name.lower()
-    if not p.is_file() or not name.endswith((".h5ad", ".h5")):
-        return "not an .h5ad or 10x .h5 file"
+    if not p.is_file() or not name.endswith((".h5ad", ".h5", *TABLE_SUFFIXES)):
+        return "not an .h5ad, 10x .h5 or CSV / TSV file"
     if orientation == "genes_by_cells":
         return "transposed on reading (expression.orientation=genes_by_cells)"
+    if is_table(p):
+        return None  # CsvRowBlocks says ReadWhole where its first pass finds otherwise
     try:
         with h5py.File(p, "r") as f:
             if name.endswith(".h5"):
@@ -2093,6 +2101,188 @@ class TenxH5RowBlocks(H5adRowBlocks):
         return super().stats(key, cols)
 
 
+TABLE_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")
+# values a block of a text table holds at most (float32: 128 MiB; pandas parses a block
+# at ~13 bytes a value, scripts/bench_whole_read.py): a table of 20k genes is read 1536
+# rows at a time, one of 2000 genes 8192 (EMBED_BLOCK_ROWS)
+TABLE_BLOCK_VALUES = 1 << 25
+
+
+def is_table(path: str | Path) -> bool:
+    """Whether ``path`` names a CSV / TSV expression table (:func:`detect_format`)."""
+    return str(path).lower().endswith(TABLE_SUFFIXES)
+
+
+class ReadWhole(Exception):
+    """A file a block reader cannot read by rows after all (read whole instead; the
+    message says why)."""
+
+
+class CsvRowBlocks:
+    """A CSV / TSV expression table (``.gz`` too) with cells as rows, as AnnData blocks
+    of rows, for ``stage=embed``: what :func:`read_expression` reads of it (float32
+    values, row names as pandas infers them, repeated gene names as written), a block
+    at a time.
+
+    The table is parsed twice, a block at a time (``pandas.read_csv(chunksize=...)``):
+    once here for the row names and each column's :class:`ValueStats` (the whole-file
+    decisions of ``vae.api.Study``), then once more as the blocks are embedded. Only
+    the row names and those per-column figures are held whole.
+
+    Parameters
+    ----------
+    path : a table (:func:`is_table`)
+    orientation : ``auto`` (decided from the names as :func:`read_expression` does) or
+        ``cells_by_genes``
+    known_genes : gene symbols for ``orientation="auto"``
+    rows : rows a block (default: :data:`EMBED_BLOCK_ROWS`, fewer for a wide table so
+        that a block holds at most :data:`TABLE_BLOCK_VALUES` values, a multiple of 256)
+
+    Raises
+    ------
+    ReadWhole
+        The table is read whole instead: genes as rows, a value that is not a number, no
+        data row (:func:`read_expression` then says what is wrong, as before), row names
+        typed otherwise in different blocks (numbers in one, text in another).
+    ExpressionInputError
+        The orientation cannot be told (as :func:`read_expression`).
+    """
+
+    FORMAT = "csv"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        orientation: str = "auto",
+        known_genes: Iterable[str] | None = None,
+        rows: int | None = None,
+    ):
+        if orientation not in ("auto", "cells_by_genes"):
+            raise ReadWhole(f"expression.orientation={orientation}")
+        self.path, src = Path(path), str(path)
+        fmt = detect_format(self.path)
+        self.sep = table_separator(self.path, "," if fmt == "csv" else "\t")
+        with _text_open(self.path) as fh:
+            header = next(csv.reader(fh, delimiter=self.sep), [])
+        n_genes = max(0, len(header) - 1)
+        wide = max(256, TABLE_BLOCK_VALUES // max(1, n_genes) // 256 * 256)
+        self.rows = int(rows or min(EMBED_BLOCK_ROWS, wide))
+        self._dtypes = _table_dtypes(len(header))
+        names, columns, kinds = [], None, set()
+        neg = nonfinite = whole = exact = top = None
+        try:
+            for df in self._chunks():
+                if columns is None:
+                    columns = df.columns
+                    g = df.shape[1]
+                    neg, nonfinite = np.zeros(g, np.int64), np.zeros(g, np.int64)
+                    whole, exact = np.ones(g, bool), np.ones(g, bool)
+                    top = np.full(g, np.nan)
+                names.append(df.index.to_numpy())
+                kinds.add(df.index.dtype)
+                v = df.to_numpy(dtype=np.float32)
+                # per column, so that any set of columns' ValueStats is known (a whole
+                # matrix's tests are value by value: vae.api._is_counts, _is_counts)
+                neg += (v < 0).sum(0)
+                fin = np.isfinite(v)
+                nonfinite += (~fin).sum(0)
+                with np.errstate(invalid="ignore"):
+                    top = np.fmax(top, np.fmax.reduce(v, axis=0, initial=np.nan))
+                    r = np.round(v)
+                    whole &= ((v >= 0) & np.isclose(v, r)).all(0)
+                    exact &= (fin & (v >= 0) & (v == r)).all(0)
+        except (ValueError, TypeError) as e:  # text in a value column: read_expression names it
+            raise ReadWhole(f"a value that is not a number ({type(e).__name__})") from None
+        if columns is None or not names or sum(len(n) for n in names) == 0:
+            raise ReadWhole("no data rows")
+        if len(kinds) > 1:
+            # the row names are typed as pandas infers them, a block at a time: ids read
+            # as numbers in one block and as text in another would not be the whole
+            # table's (001 is 1 where the whole column reads as numbers)
+            raise ReadWhole(f"row names read as {sorted(map(str, kinds))} in different blocks")
+        index = pd.Index(np.concatenate(names)).astype(str)
+        # pandas renames a repeated header ("Actb.1"): the names as written, as read_expression
+        if len(header) - 1 == len(columns) and len(set(header[1:])) < len(header) - 1:
+            columns = pd.Index(header[1:])
+        if orientation == "auto":
+            genes = known_genes
+            if genes is None:
+                genes = [g for gs in GRANULE_PROGRAMS.values() for g in gs]
+            try:
+                orientation, why = detect_orientation(index, columns, genes)
+            except ExpressionInputError as e:
+                raise ExpressionInputError(
+                    str(e).split("] ", 1)[-1], field=e.field, source=src
+                ) from None
+            if orientation == "genes_by_cells":
+                raise ReadWhole(f"genes as rows ({why})")
+            log.info("%s: read as %s (expression.orientation=auto: %s)", src, orientation, why)
+        self.obs = pd.DataFrame(index=index)
+        self.var = pd.DataFrame(index=columns.astype(str))
+        self._cols = {
+            "negative": neg,
+            "nonfinite": nonfinite,
+            "top": top,
+            "whole": whole,
+            "exact": exact,
+        }
+        self.plans: dict = {}  # vae.api.Study's reading plan of this file, by source
+
+    def _chunks(self):
+        return pd.read_csv(
+            self.path, sep=self.sep, index_col=0, dtype=self._dtypes, chunksize=self.rows
+        )
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.obs)
+
+    @property
+    def obs_names(self) -> pd.Index:
+        return self.obs.index
+
+    def __iter__(self):
+        """AnnData blocks of :attr:`rows` cells, X dense float32 as read whole."""
+        s = 0
+        for df in self._chunks():
+            e = s + len(df)
+            if e > self.n_obs:
+                raise ExpressionInputError(
+                    "the table changed while it was read (more rows than before)",
+                    field="path",
+                    source=str(self.path),
+                )
+            a = ad.AnnData(X=df.to_numpy(dtype=np.float32), obs=self.obs.iloc[s:e], var=self.var)
+            a.uns["source"] = str(self.path)
+            s = e
+            yield a
+
+    def stats(self, key: str, cols: np.ndarray | None = None) -> ValueStats:
+        """:class:`ValueStats` of ``X`` (a table's only matrix; its values are all
+        stored), of its columns ``cols`` when given (a column as often as named)."""
+        if key != "X":
+            raise KeyError(f"{self.path}: a table has no matrix {key!r}, only X")
+        c = self._cols
+        n_var = len(c["top"])
+        many = (
+            np.ones(n_var, np.int64)
+            if cols is None
+            else np.bincount(np.asarray(cols, np.int64), minlength=n_var)
+        )
+        on = many > 0
+        out = ValueStats(
+            size=int(self.n_obs * many.sum()),
+            negative=int((c["negative"] * many).sum()),
+            nonfinite=int((c["nonfinite"] * many).sum()),
+            whole=bool(c["whole"][on].all()),
+            exact=bool(c["exact"][on].all()),
+        )
+        if out.size:
+            out.top = float(np.fmax.reduce(c["top"][on], initial=np.nan))
+        return out
+
+
 def _node_bytes(node) -> int:
     """Bytes an HDF5 matrix (a dataset, or a CSR/CSC group) takes in memory."""
     import h5py
@@ -2102,30 +2292,126 @@ def _node_bytes(node) -> int:
     return sum(int(node[k].size) * node[k].dtype.itemsize for k in ("data", "indices", "indptr"))
 
 
-def whole_read_size(path: str | Path) -> tuple[int, int] | None:
-    """``(bytes, cells)``: the least memory :func:`read_expression` takes for an ``.h5ad``
-    or 10x ``.h5`` (its matrices as stored: ``X``, layers and ``.raw``; a 10x file's
-    counts as float32 CSR), from the file's metadata; None for other formats or a file
-    h5py cannot read (the reader then names the fault)."""
+# the least memory a whole read takes, a value of a text table and an entry of a matrix
+# market file, below what scripts/bench_whole_read.py measured (13.5 and 58.8: read_csv's
+# columns, the frame and X; mmread's COO of int64 values and its CSR copy)
+TABLE_BYTES_PER_VALUE = 12
+MTX_BYTES_PER_ENTRY = 24
+# bytes of a text table read to estimate its rows (the rest is estimated from the size)
+TABLE_SAMPLE_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class ReadSize:
+    """The least memory :func:`read_expression` takes for a file, from its metadata.
+
+    need : bytes; cells : cells it holds (a lower bound where the orientation is not
+    known yet); what : how ``need`` was found, for a message (e.g. "its matrices as
+    stored"); estimated : True where the shape is estimated (a table's rows from its
+    size and first lines)."""
+
+    need: int
+    cells: int
+    what: str
+    estimated: bool = False
+
+
+def whole_read_size(path: str | Path, orientation: str = "auto") -> ReadSize | None:
+    """The least memory :func:`read_expression` takes for ``path`` read whole, from its
+    metadata without reading it: an ``.h5ad`` or 10x ``.h5`` (its matrices as stored:
+    ``X``, layers and ``.raw``; a 10x file's counts as float32 CSR), a 10x matrix folder
+    (the entries its ``matrix.mtx`` header counts, :data:`MTX_BYTES_PER_ENTRY` each), a
+    CSV / TSV table (rows x columns, :data:`TABLE_BYTES_PER_VALUE` each; rows estimated
+    from its size and first lines, a ``.gz`` one's size from how its first
+    :data:`TABLE_SAMPLE_BYTES` decompress). None for other formats or a file that
+    cannot be read so (the reader then names the fault)."""
     import h5py
 
     p = Path(path)
     name = p.name.lower()
     try:
+        if p.is_dir():
+            return _mtx_read_size(p)
+        if is_table(p):
+            return _table_read_size(p, orientation)
         with h5py.File(p, "r") as f:
             if name.endswith(".h5ad"):
                 nodes = [f["X"]] if "X" in f else []
                 nodes += list(f["layers"].values()) if "layers" in f else []
                 nodes += [f["raw/X"]] if "raw" in f and "X" in f["raw"] else []
                 shape = _h5_shape(f["X"]) if "X" in f else (0, 0)
-                return sum(_node_bytes(n) for n in nodes), int(shape[0])
+                stored = sum(_node_bytes(n) for n in nodes)
+                return ReadSize(stored, int(shape[0]), "its matrices as stored")
             if name.endswith(".h5"):
                 m = f["matrix"] if "matrix" in f else next(iter(f.values()))
                 nnz, cells = int(m["data"].size), int(m["shape"][1])
-                return nnz * 8 + (cells + 1) * 8, cells  # float32 values, int32 indices
+                # float32 values, int32 indices
+                return ReadSize(nnz * 8 + (cells + 1) * 8, cells, "its counts as stored")
     except Exception:  # noqa: BLE001 - read_expression names an unreadable file
         return None
     return None
+
+
+def _mtx_read_size(folder: Path) -> ReadSize | None:
+    """:func:`whole_read_size` of a 10x matrix folder: its one ``matrix.mtx[.gz]``'s
+    header (``scipy.io.mminfo``: genes, cells, entries)."""
+    import scipy.io
+
+    found = [f for f in folder.iterdir() if _MTX.fullmatch(f.name)]
+    if len(found) != 1:
+        return None  # read_10x_folder says what is wrong
+    genes, cells, entries = scipy.io.mminfo(str(found[0]))[:3]
+    need = int(entries) * MTX_BYTES_PER_ENTRY + (int(cells) + 1) * 8
+    return ReadSize(
+        need,
+        int(cells),
+        f"{found[0].name}: {int(entries)} entries, {MTX_BYTES_PER_ENTRY} bytes each",
+    )
+
+
+def _table_read_size(p: Path, orientation: str) -> ReadSize | None:
+    """:func:`whole_read_size` of a CSV / TSV table (``.gz`` too)."""
+    import zlib
+
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        if p.name.lower().endswith(".gz"):
+            d, out, used, end = zlib.decompressobj(zlib.MAX_WBITS | 16), bytearray(), 0, False
+            while len(out) < TABLE_SAMPLE_BYTES:
+                piece = f.read(1 << 16)
+                if not piece:
+                    end = True
+                    break
+                used += len(piece)
+                out += d.decompress(piece)
+            text = bytes(out)
+            total = len(text) if end else int(size * len(text) / max(used, 1))
+        else:
+            text = f.read(TABLE_SAMPLE_BYTES)
+            end = len(text) >= size
+            total = size
+    lines = text.split(b"\n")
+    if not lines or not lines[0].strip():
+        return None
+    header = lines[0]
+    # the separator table_separator picks: the commonest of tab, comma, semicolon
+    n_cols = max(header.count(c) for c in (b"\t", b",", b";")) + 1
+    body = lines[1:] if end else lines[1:-1]  # the last line read may be cut
+    body = [x for x in body if x.strip()]
+    if end:
+        rows = len(body)
+    else:
+        mean = np.mean([len(x) + 1 for x in body]) if body else len(header) + 1
+        rows = int((total - len(header) - 1) / mean)
+    genes = max(n_cols - 1, 0)
+    cells = {"cells_by_genes": rows, "genes_by_cells": genes}.get(orientation, min(rows, genes))
+    how = "counted" if end else "estimated from its size and first lines"
+    return ReadSize(
+        rows * genes * TABLE_BYTES_PER_VALUE,
+        cells,
+        f"{rows} rows x {genes} columns ({how}), {TABLE_BYTES_PER_VALUE} bytes a value",
+        estimated=not end,
+    )
 
 
 def _h5_shape(node) -> tuple[int, int]:
