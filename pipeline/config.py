@@ -371,6 +371,11 @@ class PairConfig:
     crop_sources: list[CropSourceConfig] = field(default_factory=lambda: [CropSourceConfig()])
     crop_size: int = 64  # crops resized to (S, S)
     background_value: int = 0  # pixel value outside the cell mask (0..255)
+    # find each stage=segment cell's granule centres on its crop as cut, before the resize
+    # to crop_size (obsm["granule_centres"]: the VAE granule layer's targets); granules
+    # blur and merge in a halved crop (docs/vae.md, "Granule targets at the crop's own
+    # resolution"); other crop sources: their centres are found on the resized crop
+    granule_centres: bool = False
     # image class -> expression label (by_label); {} = identity on shared labels;
     # image classes are lower-cased by the folder readers
     label_map: dict[str, str] = field(default_factory=dict)

@@ -22,6 +22,8 @@ import torch
 from torch.nn import functional as F
 
 from vae.inputs.schema import (
+    GRANULE_CENTRES,
+    GRANULE_OD,
     HAS_COUNTS,
     HAS_EXPRESSION,
     HAS_IMAGE,
@@ -56,9 +58,12 @@ class PairedTensors:
     norm_total : float
         Median of ``expm1(x).sum(1)`` over rows with expression (typical
         normalised total, used to turn NB proportions into log-normalised values).
-    granules : (N, 1, S, S) uint8 in {0, 1} or None
-        Granule centres found on each crop (:func:`granule_centres`); filled by
-        the trainer when the model has a granule head.
+    granules : (N, 1, S, S) uint8 or None
+        Granule centres of each crop, a count per pixel: read from the table's
+        ``obsm['granule_centres']`` (``stage=pair`` found them on the crop at the
+        resolution it was cut, ``pair.granule_centres``), else found on the crop at
+        model size (:func:`granule_centres`, {0, 1}) by the trainer when the model
+        has a granule head.
     nucleus : (N, 1, S, S) uint8 in {0, 1} or None
         Nucleus mask of each crop (:func:`nucleus_masks`, the lobe counter's
         nucleus); filled by the trainer when the model has a nucleus layer.
@@ -80,6 +85,11 @@ class PairedTensors:
         covariate (``VAEArgs.batch_key``), None otherwise.
     batch_names : list of str
         The batches' names in code order (empty without ``batch``).
+    granule_od : (N, 3) float32 or None
+        Each crop's granule optical density (R, G, B; NaN: no granule found) measured
+        where ``granules`` were found (``obsm['granule_od']`` of ``stage=pair`` with
+        ``pair.granule_centres``); None: the granule stain is scored against the
+        model-size crop's contrast.
 
     For data larger than memory, ``crops``, ``masks``, ``granules`` and ``nucleus``
     may be :class:`vae.store.RowStore` (chunked on disk) and ``x``, ``counts``
@@ -106,6 +116,7 @@ class PairedTensors:
     diameter: torch.Tensor | None = None
     batch: torch.Tensor | None = None
     batch_names: list[str] = field(default_factory=list)
+    granule_od: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -128,7 +139,8 @@ class Batch:
     batch was made without images: no row of the data set has one); x (B, G);
     counts (B, G) or None; library (B,); log_library (B,); has_image,
     has_expression (B,) bool; labels (B,) int64; index (B,) int64 rows;
-    granules (B, 1, S, S) float {0, 1} granule centres, or None; nucleus
+    granules (B, 1, S, S) float granule centres (a count per pixel), or None;
+    granule_od (B, 3) float the crops' granule optical density, or None; nucleus
     (B, 1, S, S) float {0, 1} nucleus mask, or None; log_factorial (B, G)
     ``lgamma(counts + 1)`` when the data set holds it (``PairedTensors.log_factorial``);
     lobes (B,) int64 the input nuclei's lobe counts (0: none), or None;
@@ -152,6 +164,7 @@ class Batch:
     lobes: torch.Tensor | None = None
     diameter: torch.Tensor | None = None
     batch: torch.Tensor | None = None
+    granule_od: torch.Tensor | None = None
 
 
 def _dense(m) -> np.ndarray:
@@ -288,9 +301,49 @@ def from_anndata(
         t_crops, t_masks = _resize(t_crops, t_masks, image_size)
     x_t = torch.from_numpy(x)
     c_t = torch.from_numpy(counts) if counts is not None else None
-    return _tensors(
+    out = _tensors(
         adata, t_crops, t_masks, x_t, c_t, library, has_image, has_expr, names, codes, norm_total
     )
+    if GRANULE_CENTRES in adata.obsm:
+        out.granules = _granule_counts(
+            np.asarray(adata.obsm[GRANULE_CENTRES]), t_crops.shape[-1], source
+        )
+        if GRANULE_OD in adata.obsm:
+            od = np.asarray(adata.obsm[GRANULE_OD], dtype=np.float32)
+            if od.shape != (n, 3):
+                raise PairedDataError(
+                    f"{source}: obsm['{GRANULE_OD}'] should be (N, 3), got {od.shape}"
+                )
+            out.granule_od = torch.from_numpy(np.ascontiguousarray(od))
+    return out
+
+
+def _granule_counts(centres: np.ndarray, size: int, source: str) -> torch.Tensor:
+    """``obsm['granule_centres']`` (N, S, S) counts -> (N, 1, size, size) uint8 counts.
+
+    ``stage=pair`` finds granules on the crop at the resolution it was cut
+    (``pair.granule_centres``), where they are resolved; a model of another crop size
+    gets each centre moved to the pixel it falls in (counts add)."""
+    if centres.ndim != 3 or centres.shape[1] != centres.shape[2]:
+        raise PairedDataError(
+            f"{source}: obsm['{GRANULE_CENTRES}'] should be (N, S, S) counts, got {centres.shape}"
+        )
+    s = centres.shape[-1]
+    if s == size:
+        return torch.from_numpy(np.ascontiguousarray(centres, dtype=np.uint8)).unsqueeze(1)
+    out = np.zeros((centres.shape[0], size, size), dtype=np.int64)
+    i, r, c = np.nonzero(centres)
+    f = size / s
+    np.add.at(
+        out,
+        (
+            i,
+            np.minimum((r + 0.5) * f, size - 1).astype(int),
+            np.minimum((c + 0.5) * f, size - 1).astype(int),
+        ),
+        centres[i, r, c].astype(np.int64),
+    )
+    return torch.from_numpy(np.minimum(out, 255).astype(np.uint8)).unsqueeze(1)
 
 
 def obs_renames(uns) -> dict[str, str]:
@@ -620,6 +673,8 @@ def raw_batch(d: PairedTensors, idx: torch.Tensor, images: bool = True) -> dict[
         out["masks"] = d.masks.index_select(0, idx)
         if d.granules is not None:  # the crops' granule centres, read with them
             out["granules"] = d.granules.index_select(0, idx)
+        if d.granule_od is not None:  # and their stain where they were found
+            out["granule_od"] = d.granule_od.index_select(0, idx)
         if d.nucleus is not None:  # the crops' nucleus masks, read with them
             out["nucleus"] = d.nucleus.index_select(0, idx)
         if d.lobes is not None:  # and their lobe counts
@@ -892,6 +947,7 @@ def to_batch(
         lobes=mv(raw["lobes"]) if "lobes" in raw else None,
         diameter=mv(raw["diameter"]) if "diameter" in raw else None,
         batch=mv(raw["batch"]) if "batch" in raw else None,
+        granule_od=mv(raw["granule_od"]) if "granule_od" in raw else None,
     )
 
 

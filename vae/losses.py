@@ -429,15 +429,17 @@ def masked_blur(t: torch.Tensor, mask: torch.Tensor, sigma: float) -> torch.Tens
     return blur(t * mask) / blur(mask).clamp_min(1e-6).expand(-1, t.shape[1], -1, -1)
 
 
-def granule_contrast(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def granule_contrast(
+    image: torch.Tensor, mask: torch.Tensor, sigma: float = GRANULE_OD_SIGMA
+) -> torch.Tensor:
     """Optical density of each pixel above its masked neighbourhood (B, 3, S, S).
 
-    ``OD = -ln(I)``; the neighbourhood is a Gaussian (``GRANULE_OD_SIGMA``)
-    average over cell pixels only (normalised convolution), so the black
-    background outside the mask does not count as stain.
+    ``OD = -ln(I)``; the neighbourhood is a Gaussian (``sigma`` px, default
+    ``GRANULE_OD_SIGMA`` at model size) average over cell pixels only (normalised
+    convolution), so the black background outside the mask does not count as stain.
     """
     od = -torch.log(image.clamp_min(1.0 / 255.0))
-    return (od * mask - masked_blur(od, mask, GRANULE_OD_SIGMA)).clamp_min(0.0) * mask
+    return (od * mask - masked_blur(od, mask, sigma)).clamp_min(0.0) * mask
 
 
 # texture layer: the detail is what the optical density holds finer than a Gaussian of
@@ -828,6 +830,7 @@ def vae_loss(
     lobes: torch.Tensor | None = None,
     view_codes: torch.Tensor | None = None,
     size_target: torch.Tensor | None = None,
+    granule_od: torch.Tensor | None = None,
 ) -> LossTerms:
     """All loss terms of one batch.
 
@@ -850,9 +853,15 @@ def vae_loss(
         Shared dims used for alignment (default: all).
     labels : (B,) int, optional
         Class codes for ``class`` alignment.
-    granules : (B, 1, S, S) float {0, 1}, optional
-        Granule centres of the input crops (scored when ``weights.granules`` > 0
-        and the model has a granule head).
+    granules : (B, 1, S, S) float, optional
+        Granule centres of the input crops, a count per pixel (scored when
+        ``weights.granules`` > 0 and the model has a granule head).
+    granule_od : (B, 3) float, optional
+        Each row's granule optical density as measured where the centres were found
+        (``stage=pair`` at the crop's own resolution: ``obsm['granule_od']``); the
+        granule stain is scored against it instead of the model-size crop's
+        contrast, in which a granule blurred by the resize is fainter and takes
+        the colour around it.
     nucleus : (B, 1, S, S) float {0, 1}, optional
         Nucleus masks of the input crops (scored when ``weights.nucleus`` > 0 and
         the model has a nucleus layer).
@@ -902,6 +911,9 @@ def vae_loss(
         if w.granules > 0 and granules is not None and image is not None
         else None
     )
+    if contrast is not None and granule_od is not None:
+        od_rows = pick(granule_od)
+        contrast = torch.nan_to_num(od_rows, nan=0.0)[:, :, None, None].to(contrast.dtype)
 
     score_nucleus = w.nucleus > 0 and nucleus is not None and image is not None
     # the input's fine detail and where it is texture, once per batch

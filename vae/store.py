@@ -35,7 +35,7 @@ import torch
 
 from segmentation.io import blank_as_read
 from vae.data import PairedDataError, PairedTensors, check_crop_arrays
-from vae.inputs.schema import HAS_IMAGE
+from vae.inputs.schema import GRANULE_CENTRES, HAS_IMAGE
 
 log = logging.getLogger(__name__)
 
@@ -486,6 +486,13 @@ def paired_streamed(
     with h5py.File(h5ad, "r") as f:
         has_obsm_crops = "obsm/crops" in f
         stored_size = int(f["obsm/crops"].shape[1]) if has_obsm_crops else None
+        if f"obsm/{GRANULE_CENTRES}" in f:
+            # not carried into the store (yet): the trainer finds them on the stored crops
+            log.warning(
+                "%s: obsm['granule_centres'] (pair.granule_centres) is not used when training "
+                "streams the crops; the granule targets are found on the crops at model size",
+                h5ad,
+            )
     no_image = HAS_IMAGE in adata.obs and not adata.obs[HAS_IMAGE].to_numpy().astype(bool).any()
     if no_image:  # expression only: no crop is ever read, none is copied
         size = image_size or stored_size

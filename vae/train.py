@@ -332,6 +332,7 @@ def forward_loss(
         n_shared=n_shared,
         labels=batch.labels,
         granules=batch.granules,
+        granule_od=batch.granule_od,
         nucleus=batch.nucleus,
         log_factorial=batch.log_factorial,
         lobes=batch.lobes,
@@ -455,6 +456,14 @@ def train(
             "; ".join(parts) or "computed",
             time.time() - t_g,
         )
+    if (
+        use_image
+        and getattr(core.args, "granule_head", False)
+        and isinstance(data.granules, torch.Tensor)
+        and not need_g
+    ):
+        # stage=pair found them on each crop as cut (pair.granule_centres), before the resize
+        log.info("granule centres of the paired table: %d", int(data.granules.sum()))
     if use_image and getattr(core.args, "lobe_head", False) and data.lobes is None:
         from vae.lobes import lobe_targets
 

@@ -45,7 +45,9 @@ def load_crops(ctx: StageContext, rejects: list | None = None):
     for k, s in enumerate(cfg.pair.crop_sources):
         setting = f"pair.crop_sources[{k}]"
         if s.kind == "cells":
-            cs = pr.read_cells_h5ad(ctx.input("cells"), size, bg, rejects=rejects)
+            cs = pr.read_cells_h5ad(
+                ctx.input("cells"), size, bg, rejects=rejects, granules=cfg.pair.granule_centres
+            )
             if s.max_per_class is not None:
                 cs = _cap(cs, s.max_per_class)
         elif s.kind == "coco":
@@ -73,10 +75,8 @@ def load_crops(ctx: StageContext, rejects: list | None = None):
 
 
 def _cap(cs, n: int):
-    from vae.inputs.pairing import CropSet
-
     keep = cs.obs.groupby("label", sort=False).cumcount().to_numpy() < n
-    return CropSet(crops=cs.crops[keep], masks=cs.masks[keep], obs=cs.obs[keep])
+    return cs.take(keep)
 
 
 CROP_KINDS = ("cells", "coco", "image_folder", "segmentation_wbc")

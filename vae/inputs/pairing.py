@@ -43,6 +43,8 @@ from segmentation.io import (
 from vae.inputs.schema import (  # noqa: F401 - TRUTH_COLUMNS: columns copied into paired obs
     ANOMALY_COLUMNS,
     CELL_DIAMETER,
+    GRANULE_CENTRES,
+    GRANULE_OD,
     HAS_COUNTS,
     HAS_EXPRESSION,
     HAS_IMAGE,
@@ -95,11 +97,19 @@ class CropSet:
         N rows, index = unique image reference; columns ``label`` (str, may be
         ""), ``source``, ``has_mask`` and, when known, ``maturation``,
         ``truth_cell_id`` and the truth columns.
+    granules
+        (N, S, S) uint8 granule centres per pixel, or None: found on each crop at the
+        resolution it was cut (:func:`granule_centres_at_source`, ``pair.granule_centres``).
+    granule_od
+        (N, 3) float32 each crop's mean granule optical density there (NaN: none), or
+        None (with ``granules``).
     """
 
     crops: np.ndarray
     masks: np.ndarray
     obs: pd.DataFrame
+    granules: np.ndarray | None = None
+    granule_od: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.obs)
@@ -107,6 +117,11 @@ class CropSet:
             raise PairingError(
                 f"{self.crops.shape[0]} crops, {self.masks.shape[0]} masks, {n} obs rows",
                 field="crops",
+            )
+        if self.granules is not None and self.granules.shape != self.masks.shape:
+            raise PairingError(
+                f"granule centres {self.granules.shape} for masks {self.masks.shape}",
+                field="granules",
             )
         if self.obs.index.duplicated().any():
             raise PairingError(
@@ -121,11 +136,99 @@ class CropSet:
     def concat(sets: list[CropSet]) -> CropSet:
         if not sets:
             raise PairingError("no crop source", field="pair.crop_sources")
+        gran = od = None
+        if any(s.granules is not None for s in sets):
+            # a source without them (crop folders: no finer frame than the crop) gets its
+            # centres found on the crop itself, as the trainer would
+            found = [
+                (s.granules, s.granule_od)
+                if s.granules is not None
+                else granule_centres_at_source(s.crops, s.masks)
+                for s in sets
+            ]
+            gran = np.concatenate([g for g, _ in found])
+            od = np.concatenate([o for _, o in found])
         return CropSet(
             crops=np.concatenate([s.crops for s in sets]),
             masks=np.concatenate([s.masks for s in sets]),
             obs=pd.concat([s.obs for s in sets]),
+            granules=gran,
+            granule_od=od,
         )
+
+    def take(self, keep: np.ndarray) -> CropSet:
+        """The rows ``keep`` (bool or int index) of every field."""
+        return CropSet(
+            crops=self.crops[keep],
+            masks=self.masks[keep],
+            obs=self.obs[keep] if np.asarray(keep).dtype == bool else self.obs.iloc[keep],
+            granules=None if self.granules is None else self.granules[keep],
+            granule_od=None if self.granule_od is None else self.granule_od[keep],
+        )
+
+
+def granule_centres_at_source(
+    crops: np.ndarray, masks: np.ndarray, size: int | None = None, params=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Granule centres found on each crop at its own resolution, counted on a ``size`` grid,
+    and the granules' mean optical density there.
+
+    Why: the granule layer of the VAE learns the granules the analyses count
+    (:func:`vae.analysis.granules.measure_cell`). ``stage=segment`` cuts a cell at the
+    detector's working resolution in a 128 px crop and the pairing halves it to 64 px,
+    where a granule of 1 px sd becomes half a pixel and touching granules merge: on the
+    demo's crops the counter then reads the simulator's drawn granules at 0.87, against
+    0.97 on the 128 px crop (docs/vae.md, "Granule targets at the crop's own
+    resolution"). So the centres are found before the resize and carried over, and so
+    is their stain: in the halved crop a myelocyte's granules are fainter than the
+    counter's threshold and take the colour of the cytoplasm around them.
+
+    Parameters
+    ----------
+    crops : (N, H, H, 3) uint8, background outside the mask
+    masks : (N, H, H) bool
+    size : int, optional
+        Side of the grid the centres are counted on (the resized crop's); default H.
+        A centre at (r, c) lands in pixel ``floor((r + 0.5) * size / H)``, the pixel
+        of the resized crop that covers it (the whole crop resized, as
+        :func:`read_cells_h5ad` does).
+    params : vae.analysis.granules.GranuleParams, optional
+
+    Returns
+    -------
+    centres : (N, size, size) uint8
+        Granule centres per pixel (0-255).
+    od : (N, 3) float32
+        Mean optical density (R, G, B) of each crop's granules above their surroundings
+        at the centres (:func:`vae.losses.granule_contrast`, its neighbourhood scaled by
+        ``H / size`` so it spans the same part of the cell as at model size); NaN
+        where no granule was found.
+    """
+    import torch
+
+    from vae.analysis.granules import measure_cell
+    from vae.losses import GRANULE_OD_SIGMA, granule_contrast
+
+    n, h = crops.shape[0], crops.shape[1]
+    size = h if size is None else int(size)
+    out = np.zeros((n, size, size), dtype=np.int64)
+    od = np.full((n, 3), np.nan, dtype=np.float32)
+    f = size / h
+    for i in range(n):
+        m = np.asarray(masks[i], dtype=bool)
+        if m.sum() < 16:  # as vae.data.crop_targets: no cell to search
+            continue
+        blobs = measure_cell(crops[i], m, params).blobs
+        if not len(blobs):
+            continue
+        rc = np.clip(np.rint(blobs[:, :2]).astype(int), 0, h - 1)
+        img = torch.from_numpy(np.ascontiguousarray(crops[i])).permute(2, 0, 1)[None]
+        mt = torch.from_numpy(m)[None, None].float()
+        c = granule_contrast(img.float().div(255.0), mt, GRANULE_OD_SIGMA * h / size)[0]
+        od[i] = c.numpy()[:, rc[:, 0], rc[:, 1]].mean(1)
+        at = np.minimum((rc + 0.5) * f, size - 1).astype(int)
+        np.add.at(out[i], (at[:, 0], at[:, 1]), 1)
+    return np.minimum(out, 255).astype(np.uint8), od
 
 
 # ----------------------------------------------------------------------------
@@ -213,12 +316,18 @@ def _load_rgb(path: Path) -> np.ndarray:
 
 
 def read_cells_h5ad(
-    path: str | Path, size: int, background: int = 0, rejects: list | None = None
+    path: str | Path,
+    size: int,
+    background: int = 0,
+    rejects: list | None = None,
+    granules: bool = False,
 ) -> CropSet:
     """Crops of ``stage=segment`` (``cells.h5ad``), resized to ``size`` if needed.
 
     A cell whose mask is empty would train as an all-background crop: it is skipped
     (a reject row in ``rejects`` when given, else a warning); none left is an error.
+    ``granules``: also find each cell's granule centres on the crop as cut, before the
+    resize (:func:`granule_centres_at_source`; ``CropSet.granules``).
     """
     path = Path(path)
     a = blank_as_read(ad.read_h5ad(path))
@@ -251,6 +360,12 @@ def read_cells_h5ad(
                 source=str(path),
             )
         a, crops, masks = a[~empty], crops[~empty], masks[~empty]
+    gran = gran_od = None
+    if granules:
+        cut = crops.copy()
+        cut[~masks] = background  # as the crop the trainer sees: no smear around the cell
+        gran, gran_od = granule_centres_at_source(cut, masks, size)
+        del cut
     if crops.shape[1] != size or crops.shape[2] != size:
         # keep the segment stage's framing: resize the whole crop, not the mask box
         resized = [resize_crop(c, m, size, background) for c, m in zip(crops, masks)]
@@ -259,6 +374,8 @@ def read_cells_h5ad(
     else:
         crops = crops.copy()
         crops[~masks] = background
+    if gran is not None:
+        gran[~masks] = 0  # a centre the resized mask leaves out is not on the cell
     obs = pd.DataFrame(index=a.obs_names.astype(str))
     src = a.obs
     obs["label"] = src["kind"].astype(str).to_numpy() if "kind" in src else ""
@@ -280,7 +397,7 @@ def read_cells_h5ad(
     diameter = cell_diameters(src)  # the cell's size, lost in the crop's framing (stage=segment)
     if diameter is not None:
         obs[CELL_DIAMETER] = diameter
-    return CropSet(crops=crops, masks=masks, obs=obs)
+    return CropSet(crops=crops, masks=masks, obs=obs, granules=gran, granule_od=gran_od)
 
 
 def _record_skip(rejects: list | None, path: Path, field: str, reason: str) -> None:
@@ -694,7 +811,17 @@ def apply_label_corrections(
     obs = crops.obs.copy()
     obs[LABEL_ORIGINAL] = lab
     obs["label"] = new.astype(str)
-    return CropSet(crops=crops.crops, masks=crops.masks, obs=obs), rejects, counts
+    return (
+        CropSet(
+            crops=crops.crops,
+            masks=crops.masks,
+            obs=obs,
+            granules=crops.granules,
+            granule_od=crops.granule_od,
+        ),
+        rejects,
+        counts,
+    )
 
 
 @dataclass
@@ -1017,9 +1144,15 @@ def _assemble(
     s = crops.crops.shape[1] if crops is not None else crop_size
     crop_arr = np.zeros((n, s, s, 3), np.uint8)
     mask_arr = np.zeros((n, s, s), bool)
+    gran_arr = od_arr = None
     if crops is not None:
         crop_arr[has_img] = crops.crops[ci[has_img]]
         mask_arr[has_img] = crops.masks[ci[has_img]]
+        if crops.granules is not None:
+            gran_arr = np.zeros((n, s, s), np.uint8)
+            gran_arr[has_img] = crops.granules[ci[has_img]]
+            od_arr = np.full((n, 3), np.nan, np.float32)
+            od_arr[has_img] = crops.granule_od[ci[has_img]]
 
     cobs = crops.obs if crops is not None else pd.DataFrame(columns=["label", "source"])
     eobs = expression.obs
@@ -1118,6 +1251,9 @@ def _assemble(
     out = ad.AnnData(X=X, obs=obs, var=var, layers=layers)
     out.obsm["crops"] = crop_arr
     out.obsm["masks"] = mask_arr
+    if gran_arr is not None:
+        out.obsm[GRANULE_CENTRES] = gran_arr
+        out.obsm[GRANULE_OD] = od_arr
     out.uns[HAS_COUNTS] = has_counts
     out.uns["crop_size"] = int(s)
     out.uns["background_value"] = int(background)

@@ -23,6 +23,12 @@ HAS_COUNTS = "has_counts"
 # paired.h5ad uns: JSON {expression obs column: its name in paired obs} of the columns
 # stage=pair renamed (a name the paired table already uses: specimen -> expression_specimen)
 OBS_RENAMED = "expression_obs_renamed"
+# paired.h5ad obsm: (N, S, S) uint8 granule centres per pixel, found by stage=pair on each
+# crop at the resolution it was cut (pair.granule_centres); the granule layer's targets
+GRANULE_CENTRES = "granule_centres"
+# paired.h5ad obsm: (N, 3) float32 each crop's mean granule optical density (R, G, B) at
+# those centres, measured at the same resolution (NaN: no granule); the layer's stain target
+GRANULE_OD = "granule_od"
 
 
 def cell_diameters(frame: pd.DataFrame) -> np.ndarray | None:
