@@ -358,7 +358,8 @@ class Study:
         min_confidence: float = 0.5,
         atypical_quantile: float | None = 0.99,
     ):
-        self.model, self.meta, self.reference, self.config = model, meta, reference, config
+        self.model, self.meta, self.config = model, meta, config
+        self.reference = reference  # the property: sets the caches fitted on it (empty)
         self.model_path, self.latent_path = Path(model_path), Path(latent_path)
         self.segmentation_model = segmentation_model
         # the detector is loaded when images are first read: its file as it was now, so a
@@ -371,18 +372,10 @@ class Study:
         self.impute, self.impute_iterations = impute, impute_iterations
         # which cells embed's vae_call leaves unclassified (settable after load, checked)
         self.min_confidence, self.atypical_quantile = min_confidence, atypical_quantile
-        self._path = None
-        self._path_key = None
-        self._ref_expr = None
-        self._anomaly_ref = None
-        self._scored_ref = None  # the reference with its anomaly columns (_scored_reference)
-        self._atypical_why: str | None = None
         self._said: set = set()  # notes logged once per study (_note)
-        # the label transfer's reference side and fitted kNN (_label_reference,
-        # transfer_labels): fitted once, read by every block of a large query
-        self._label_ref: dict = {}
-        self._label_knn: dict = {}
-        self._label_for = reference  # the reference they were fitted on
+        # why read_blocks read a file whole, by path (check_whole_read_fits words its
+        # refusal by it)
+        self._read_whole: dict = {}
         # where the paired.h5ad the study was trained on may be (load() adds the study's
         # own pair/paired.h5ad): a latent that predates the anomaly scores is scored from it
         self._paired_candidates: list[Path] = _source_candidates(
@@ -397,6 +390,33 @@ class Study:
                 f"{model_path} has n_shared={ns}: the latent comes from another study"
             )
         self._check_same_study()
+
+    @property
+    def reference(self):
+        """The reference latent (AnnData of ``latent.h5ad``) query cells are labelled and
+        scored against. Setting it drops everything fitted on the one before (label
+        transfer kNN, atypical-score neighbours, Gaussians and thresholds, reference
+        expression, maturation path). Those are kept while it stays the same object:
+        after changing it in place, assign it again
+        (``st.reference = st.reference.copy()``) to fit them anew."""
+        return self._reference
+
+    @reference.setter
+    def reference(self, value) -> None:
+        self._reference = value
+        # fitted once on the reference and read by every block of a large query
+        # (stage=embed fitted them again per 8192-cell block); each built when first used
+        self._path = None  # maturation_path: (centroids, path), and the settings' key
+        self._path_key = None
+        self._ref_expr = None  # reference_expression
+        self._anomaly_ref = None  # _anomaly_reference: kNN index and class Gaussians
+        self._scored_ref = None  # the reference with its anomaly columns (_scored_reference)
+        self._atypical_why: str | None = None
+        self._atypical_thr = None  # atypical_thresholds
+        # the label transfer's reference side and fitted kNN (_label_reference,
+        # transfer_labels), by label key, modality, code width and k
+        self._label_ref: dict = {}
+        self._label_knn: dict = {}
 
     @property
     def impute(self) -> str:
@@ -933,6 +953,10 @@ class Study:
         values) and the model's genes of every cell made dense (float64 values, float32
         ``x`` and counts: 16 bytes a value).
 
+        The advice follows why the file is read whole: where :meth:`read_blocks` gave
+        None for it, the reason it found (a table's cells are counted on the axis it
+        found too); else, for a file :meth:`read_blocks` may read by rows, that method.
+
         Parameters
         ----------
         path : an expression file or 10x matrix folder that :meth:`read` reads whole
@@ -944,41 +968,82 @@ class Study:
             It does not fit: the message names the file, what it takes, what is
             available and what to give instead. A format not estimated passes.
         """
-        from vae.inputs.expression import is_table, whole_read_size
+        from vae.inputs.expression import whole_read_size
 
+        why = self._read_whole_why(path, orientation)
+        if orientation == "auto" and why is not None:
+            orientation = why.orientation  # the axis the table's names gave
         size, avail = whole_read_size(path, orientation), _available_memory()
         if size is None or avail is None:
             return
         need = size.need + size.cells * len(self.gene_names) * 16
         if need <= avail:
             return
+        raise StudyError(
+            f"{path}: read whole it takes at least {need / 2**30:.1f} GiB ({size.cells} "
+            f"cells; {size.what}: {size.need / 2**30:.1f} GiB), more than the "
+            f"{avail / 2**30:.1f} GiB available. {self._whole_read_fix(path, orientation, why)} "
+            "(docs/embed.md, 'Large expression files')"
+        )
+
+    def _read_whole_why(self, path, orientation: str):
+        """Why :meth:`read_blocks` last read ``path`` whole (a
+        :class:`vae.inputs.expression.ReadWhole`), or None: not asked, asked with another
+        orientation, or the file changed since."""
+        got = self._read_whole.get(str(path))
+        if got is None or got[0] != orientation or got[1] != _file_stamp(path):
+            return None
+        return got[2]
+
+    @staticmethod
+    def _whole_read_fix(path, orientation: str, why) -> str:
+        """What to do about a file too large to read whole, by why it is read whole
+        (``why``: a :class:`vae.inputs.expression.ReadWhole` or None, see
+        :meth:`check_whole_read_fits`)."""
+        from vae.inputs.expression import is_table, row_blocks_unsupported
+
         p = Path(path)
+        if why is None and row_blocks_unsupported(p, orientation) is None:
+            # Study.read: this file may be read by rows, which Study.read never does
+            return (
+                "Study.read reads a file whole; Study.read_blocks reads an .h5ad, a 10x .h5 "
+                "or a table of cells as rows a block of rows at a time: blocks = "
+                "st.read_blocks(path); parts = [st.embed(b, 'query', whole=blocks) for b in "
+                "blocks] (None, and the log says why, where the file must be read whole)"
+            )
         if p.is_dir():
-            fix = (
+            return (
                 "A 10x matrix folder is read whole; an .h5ad or Cell Ranger's "
                 "filtered_feature_bc_matrix.h5 is read a block of rows at a time: give that "
                 "file, or convert the folder once (scanpy: sc.read_10x_mtx(FOLDER)"
                 ".write_h5ad('query.h5ad'), which holds its entries only) and set "
                 "embed.expression=query.h5ad"
             )
-        elif is_table(p):
-            fix = (
-                "A table with cells as rows is read a block of rows at a time; this one is "
-                "read whole (genes as rows, or expression.orientation=genes_by_cells): "
-                "write it with cells as rows, or as a CSR .h5ad"
-            )
-        else:
-            fix = (
+        if not is_table(p):
+            return (
                 "An .h5ad whose X, layers and .raw are stored as CSR (or dense), cells x "
                 "genes, is read and embedded a block of rows at a time: write it so "
                 "(anndata: adata.X = scipy.sparse.csr_matrix(adata.X); adata.write_h5ad(...))"
             )
-        raise StudyError(
-            f"{path}: read whole it takes at least {need / 2**30:.1f} GiB ({size.cells} "
-            f"cells; {size.what}: {size.need / 2**30:.1f} GiB), more than the "
-            f"{avail / 2**30:.1f} GiB available. {fix} (docs/embed.md, 'Large expression "
-            "files')"
-        )
+        rows = "A table of cells as rows is read a block of rows at a time; this one is read whole"
+        if why is None or why.reason == "genes_as_rows":  # why None: genes_by_cells said
+            detail = f"expression.orientation={orientation}" if why is None else str(why)
+            return f"{rows} ({detail}): write it with cells as rows, or as a CSR .h5ad"
+        if why.reason == "mixed_ids":
+            return (
+                f"{rows}: its cell ids read as numbers in some blocks and as text in others "
+                f"({why}), so read by blocks they would not be the ids the whole table "
+                "gives: make every id text (e.g. prefix 'c': c001 for 001) and it is read "
+                "by blocks"
+            )
+        if why.reason in ("text_value", "unparsed"):
+            return (
+                f"{rows}: it holds {why}; read whole it is refused for that too: correct "
+                "the table (numbers only, one field a gene on every row)"
+            )
+        if why.reason == "counts_layer":
+            return f"{rows}: {why}: a table has no layer, unset expression.counts_layer"
+        return f"{rows} ({why}): write it with cells as rows and numbers only, or as a CSR .h5ad"
 
     def read_blocks(
         self,
@@ -1010,7 +1075,11 @@ class Study:
         -------
         :class:`vae.inputs.expression.H5adRowBlocks` (or its 10x ``.h5`` kind, or
         :class:`vae.inputs.expression.CsvRowBlocks`; iterable of AnnData blocks;
-        ``n_obs``, ``obs``, ``var``) or None.
+        ``n_obs``, ``obs``, ``var``) or None. Why it is None is logged and kept for
+        :meth:`check_whole_read_fits` of the same file (its advice follows it).
+        Iterating a table's blocks raises
+        :class:`vae.inputs.expression.ExpressionInputError` where the table changed
+        since this first pass.
         """
         from vae.inputs.expression import (
             CsvRowBlocks,
@@ -1022,20 +1091,37 @@ class Study:
             row_blocks_unsupported,
         )
 
+        self._read_whole.pop(str(path), None)
+        stamp = _file_stamp(path)
+
+        def whole(why: ReadWhole) -> None:
+            # kept for check_whole_read_fits, whose refusal says what to do about it; a
+            # copy: the raised one's traceback holds the reader's frames (a block of values)
+            kept = ReadWhole(str(why), reason=why.reason, orientation=why.orientation)
+            self._read_whole[str(path)] = (orientation, stamp, kept)
+
         why = row_blocks_unsupported(path, orientation)
         if why is not None:
             log.debug("%s: read whole (%s)", path, why)
-            return None
+            return whole(
+                ReadWhole(
+                    why,
+                    reason="genes_as_rows" if orientation == "genes_by_cells" else "layout",
+                    orientation=orientation,
+                )
+            )
         if is_table(path):
-            if counts_layer:
-                return None  # a table has no layer: read whole, which says so
+            if counts_layer:  # a table has no layer: read whole, which says so
+                return whole(
+                    ReadWhole(f"expression.counts_layer={counts_layer}", reason="counts_layer")
+                )
             try:
                 return CsvRowBlocks(
                     path, orientation=orientation, known_genes=self.gene_names, rows=rows
                 )
             except ReadWhole as e:
                 log.info("%s: read whole (%s)", path, e)
-                return None
+                return whole(e)
             except ExpressionInputError as e:
                 raise _reader_error(e) from e
         reader = TenxH5RowBlocks if str(path).lower().endswith(".h5") else H5adRowBlocks
@@ -1718,14 +1804,9 @@ class Study:
         """``(codes, labels, known)`` of the reference for :meth:`transfer_labels`: (m, w)
         codes of ``modality``, (m,) labels and the (m,) bool rows that vote (a known
         label, a finite code, and for an expert that modality). Kept per label key and
-        modality, fitted anew when :attr:`reference` is replaced (not when it is changed
-        in place)."""
+        modality until :attr:`reference` is set again."""
         from vae.analysis.anomaly import latent_modalities
 
-        if self._label_for is not self.reference:  # a reference set after load: fit anew
-            self._label_ref.clear()
-            self._label_knn.clear()
-            self._label_for = self.reference
         key = (self.label_key, modality)
         if key in self._label_ref:
             return self._label_ref[key]

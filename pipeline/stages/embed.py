@@ -281,6 +281,7 @@ def run_embed(ctx: StageContext) -> None:
     from vae.analysis.samples import sample_profile, write_samples_html
     from vae.api import StudyError
     from vae.data import PairedDataError
+    from vae.inputs.expression import ExpressionInputError
     from vae.inputs.query import REJECT_COLUMNS
 
     cfg = ctx.cfg
@@ -318,8 +319,8 @@ def run_embed(ctx: StageContext) -> None:
     # the expression file, before any input is embedded: its blocks (an .h5ad, 10x .h5
     # or table of cells as rows: a block of rows at a time whatever its size, only the
     # study's genes of a block made dense), else None (read whole: a 10x matrix folder,
-    # genes as rows...) once its whole read was found to fit; a file too large to read
-    # whole was refused only when its turn came, after the smears were segmented
+    # genes as rows...) once its whole read was found to fit. Before, a file too large to
+    # read whole was refused only when its turn came, after the smears were segmented
     whole = _expression_input(study, cfg)
     for kind, p in _inputs(cfg):
         path = resolve_data_path(cfg, p, f"embed.{kind}")
@@ -354,6 +355,10 @@ def run_embed(ctx: StageContext) -> None:
                     crop_files.append((path, names.get_indexer(q.obs_names)) if stream else None)
         except PairedDataError as e:
             raise StageError(f"{setting}: {e}") from e
+        except ExpressionInputError as e:
+            # a table's blocks are read as they are embedded: one changed since its
+            # first pass is refused then (it gave an uncaught error, or fewer cells)
+            raise _study_error(e, setting, path) from e
     if not parts:
         with ctx.atomic("rejects.csv") as tmp:  # what was skipped, kept with the failed run
             spreadsheet_safe(pd.DataFrame(rejects, columns=REJECT_COLUMNS)).to_csv(tmp, index=False)

@@ -287,3 +287,183 @@ def test_a_tables_value_tests_are_those_of_the_table_read_whole(tmp_path):
         assert want.keys() == got.keys()
         for k in want:
             assert want[k] == got[k] or (want[k] != want[k] and got[k] != got[k]), (cols, k)
+
+
+def test_a_damaged_gz_table_is_refused_naming_the_file(study, loaded, tmp_path):
+    """A ``.gz`` table cut short, or plain text named ``.csv.gz``: the block reader names
+    the file and the fault (``[path] could not read as csv``), from the Python API and
+    from stage=embed (a stage error, not a crash out of the reader)."""
+    text = _query(study, "counts_in_x").to_df().to_csv().encode()
+    packed = gzip.compress(text)
+    (tmp_path / "cut.csv.gz").write_bytes(packed[: len(packed) // 2])
+    (tmp_path / "plain.csv.gz").write_bytes(text)
+    from vae.api import StudyError
+
+    for name, fault in (("cut.csv.gz", "EOFError"), ("plain.csv.gz", "BadGzipFile")):
+        with pytest.raises(StudyError) as e:
+            loaded.read_blocks(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: [path] could not read as csv: {fault}")
+    with pytest.raises(StageError) as e:
+        _embed_stage(study, "cutgz", f"embed.expression={tmp_path / 'cut.csv.gz'}")
+    want = f"embed.expression={tmp_path / 'cut.csv.gz'}: [path] could not read as csv: EOFError"
+    assert str(e.value).startswith(want)
+
+
+def test_a_table_read_whole_for_a_text_value_says_which(study, loaded, tmp_path):
+    """The reason a table is read whole is the real one: the value pandas could not
+    read as a number and the rows it is in (it said 'a value that is not a number' for
+    any fault), and the orientation the header gave."""
+    from vae.inputs.expression import CsvRowBlocks, ReadWhole
+
+    df = _query(study, "counts_in_x").to_df().astype(object)
+    df.iloc[45, 3] = "n/a x"
+    df.to_csv(tmp_path / "text.csv")
+    with pytest.raises(ReadWhole) as e:
+        CsvRowBlocks(tmp_path / "text.csv", known_genes=loaded.gene_names, rows=ROWS)
+    assert e.value.reason == "text_value" and e.value.orientation == "cells_by_genes"
+    assert "'n/a x'" in str(e.value) and "data rows 43-49" in str(e.value)
+
+
+def test_a_table_changed_between_its_two_passes_is_refused(study, tmp_path, monkeypatch):
+    """A table rewritten between the first pass (names, value tests) and the blocks:
+    rows added or removed are refused naming the file, from the stage too (rows added
+    raised out of it uncaught; rows removed wrote fewer cells); rows counted as well
+    where the size and time stay the same."""
+    import vae.inputs.expression as E
+
+    df = _query(study, "counts_in_x").to_df()
+    real = E.CsvRowBlocks.__init__
+    for what, rows in (
+        ("grow", pd.concat([df, df.iloc[:1].rename(index=lambda i: "new")])),
+        ("shrink", df.iloc[:50]),
+    ):
+        path = tmp_path / f"{what}.csv"
+        df.to_csv(path)
+
+        def rewrite(self, *a, _rows=rows, _path=path, **k):
+            real(self, *a, **k)
+            _rows.to_csv(_path)  # after the first pass, before the blocks
+
+        monkeypatch.setattr(E.CsvRowBlocks, "__init__", rewrite)
+        with pytest.raises(StageError) as e:
+            _embed_stage(study, f"changed_{what}", f"embed.expression={path}")
+        assert str(e.value).startswith(
+            f"embed.expression={path}: [path] the table changed while it was read"
+        )
+        assert not (study / "out" / f"changed_{what}" / "embed" / "query.h5ad").exists()
+    monkeypatch.setattr(E.CsvRowBlocks, "__init__", real)
+    for rows, want in (
+        (df.iloc[:50], "50 rows where its first pass read 60"),
+        (pd.concat([df, df.iloc[:1]]), "more than the 60 rows"),
+    ):
+        path = tmp_path / "same_stamp.csv"
+        df.to_csv(path)
+        blocks = E.CsvRowBlocks(path, orientation="cells_by_genes", rows=ROWS)
+        rows.to_csv(path)
+        blocks._stamp = E._table_stamp(path)  # as if size and time had not changed
+        with pytest.raises(E.ExpressionInputError, match=want):
+            list(blocks)
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r", "gz"])
+def test_a_header_longer_than_the_sample_is_read_whole(tmp_path, monkeypatch, ending):
+    """A table of genes as rows whose header (every cell id) is longer than the sample:
+    its columns are counted in the whole first line and its rows estimated from the
+    lines after it (cut at the sample, the header gave 0.21 of the size), with any line
+    end; a ``.gz`` one's too."""
+    import vae.inputs.expression as E
+
+    rng = np.random.default_rng(0)
+    cells = [f"AAACCTGAGAAACC{i:04d}-1" for i in range(400)]  # a header of ~8.8 kB
+    df = pd.DataFrame(
+        rng.integers(0, 10, (80, 400)), index=[f"G{i}" for i in range(80)], columns=cells
+    )
+    text = df.to_csv(lineterminator="\n" if ending == "gz" else ending)
+    path = tmp_path / ("g.csv.gz" if ending == "gz" else "g.csv")
+    if ending == "gz":
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_bytes(text.encode())
+    exact = E.whole_read_size(path, "genes_by_cells")
+    assert not exact.estimated and exact.cells == 400
+    assert exact.need == 80 * 400 * E.TABLE_BYTES_PER_VALUE
+    monkeypatch.setattr(E, "TABLE_SAMPLE_BYTES", 2000)  # a quarter of the header
+    est = E.whole_read_size(path, "genes_by_cells")
+    assert est.estimated and est.cells == 400 and "x 400 columns" in est.what
+    assert 0.8 <= est.need / exact.need <= 1.25, est
+
+
+def test_a_table_read_whole_for_another_reason_is_refused_with_its_own_advice(
+    study, loaded, tmp_path, monkeypatch
+):
+    """A table of cells as rows read whole because its ids read as numbers in one
+    block and text in another, or because of a text value, and too large for the
+    memory: the refusal says that reason and what to do about it, and counts its cells
+    on the axis found (60 rows, not the lesser axis: 42 genes); from Study.read of a
+    table never given to read_blocks, it points to Study.read_blocks."""
+    import vae.api
+    import vae.inputs.expression as E
+    from vae.api import Study, StudyError
+
+    a = _query(study, "counts_in_x")
+    mixed = a.to_df()
+    mixed.index = [*[str(i) for i in range(ROWS)], *[f"c{i}" for i in range(ROWS, 60)]]
+    mixed.to_csv(tmp_path / "mixed.csv")
+    text = a.to_df().astype(object)
+    text.iloc[45, 3] = "x"
+    text.to_csv(tmp_path / "text.csv")
+    a.to_df().to_csv(tmp_path / "cells.csv")
+    monkeypatch.setattr(E, "EMBED_BLOCK_ROWS", ROWS)
+    monkeypatch.setattr(vae.api, "_available_memory", lambda: 10_000)  # 10 kB left
+    with pytest.raises(StageError) as e:
+        _embed_stage(study, "bigmixed", f"embed.expression={tmp_path / 'mixed.csv'}")
+    msg = str(e.value)
+    assert "(60 cells;" in msg and "make every id text (e.g. prefix 'c'" in msg
+    assert "genes as rows" not in msg and "write it with cells as rows" not in msg
+    st = Study.load(study / "out" / "s")
+    assert st.read_blocks(tmp_path / "text.csv") is None
+    with pytest.raises(StudyError) as e:
+        st.check_whole_read_fits(tmp_path / "text.csv")
+    msg = str(e.value)
+    assert "(60 cells;" in msg and "could not convert string to float: 'x'" in msg
+    assert "write it with cells as rows" not in msg
+    with pytest.raises(StudyError) as e:  # never given to read_blocks: it reads by rows
+        st.read(tmp_path / "cells.csv", "expression")
+    assert "Study.read_blocks" in str(e.value) and "genes as rows" not in str(e.value)
+
+
+def test_setting_the_reference_drops_what_was_fitted_on_the_one_before(study, loaded):
+    """Every cache fitted on the reference (label kNN, anomaly neighbours and
+    Gaussians, thresholds, reference expression, maturation path) is dropped when
+    the reference is set; a reference changed in place keeps them until assigned again."""
+    from vae.api import Study
+
+    st = Study.load(study / "out" / "s")
+    z = np.asarray(st.reference.obsm["X_vae"][:10])
+    before = st.transfer_labels(z, k=1)
+    st.atypical_thresholds()
+    st.reference_expression()
+    names = ("_anomaly_ref", "_scored_ref", "_atypical_thr", "_ref_expr")
+    assert all(getattr(st, n) is not None for n in names) and st._label_knn
+    lab = st.reference.obs[st.label_key].astype(str).to_numpy()
+    st.reference.obs[st.label_key] = np.roll(lab, 1)  # in place: still the old fits
+    pd.testing.assert_frame_equal(st.transfer_labels(z, k=1), before)
+    st.reference = st.reference.copy()
+    assert all(getattr(st, n) is None for n in names)
+    assert not st._label_knn and not st._label_ref and st._path is None
+    assert list(st.transfer_labels(z, k=1)["label"]) == list(np.roll(lab, 1)[:10])
+
+
+def test_a_gz_table_named_in_capitals_is_read_as_gzip(study, tmp_path):
+    """``Q.CSV.GZ``: its header is read gunzipped (the reader opened it as text: a
+    header of compressed bytes, so its values were not read as float32)."""
+    from vae.inputs.expression import CsvRowBlocks, _text_open
+
+    df = _query(study, "counts_in_x").to_df()
+    with gzip.open(tmp_path / "Q.CSV.GZ", "wt") as f:
+        df.to_csv(f)
+    with _text_open(tmp_path / "Q.CSV.GZ") as f:
+        assert f.readline().rstrip("\r\n").split(",")[1:] == list(df.columns)
+    blocks = CsvRowBlocks(tmp_path / "Q.CSV.GZ", orientation="cells_by_genes", rows=ROWS)
+    assert len(blocks._dtypes) == df.shape[1]
+    assert next(iter(blocks)).X.dtype == np.float32

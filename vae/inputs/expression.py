@@ -152,7 +152,9 @@ def _text_open(path: str | Path):
     """A text table opened for reading, gunzipped when its name ends ``.gz``."""
     import gzip
 
-    if str(path).endswith(".gz"):
+    # case-insensitive as detect_format and is_table: a "Q.CSV.GZ" opened as text gave
+    # its compressed bytes as the header
+    if str(path).lower().endswith(".gz"):
         return gzip.open(path, "rt", newline="", encoding="utf-8", errors="replace")
     return open(path, newline="", encoding="utf-8", errors="replace")
 
@@ -2113,9 +2115,42 @@ def is_table(path: str | Path) -> bool:
     return str(path).lower().endswith(TABLE_SUFFIXES)
 
 
+# why a file is read whole rather than a block of rows at a time (ReadWhole.reason):
+# the advice of vae.api.Study.check_whole_read_fits differs for each
+READ_WHOLE_REASONS = (
+    "layout",  # not a block-readable format or layout (10x folder, CSC .h5ad, ...)
+    "genes_as_rows",  # a table of genes as rows, found from its names or set so
+    "text_value",  # a table value that is not a number
+    "unparsed",  # a table row pandas cannot parse (too many fields, not UTF-8)
+    "mixed_ids",  # a table's row names read as numbers in one block, text in another
+    "no_rows",  # a table without a data row
+    "counts_layer",  # expression.counts_layer asked of a table (it has no layer)
+)
+
+
 class ReadWhole(Exception):
-    """A file a block reader cannot read by rows after all (read whole instead; the
-    message says why)."""
+    """A file a block reader cannot read by rows after all (read whole instead).
+
+    Parameters
+    ----------
+    message : str
+        Why, for the log (and the refusal of a whole read too large for the memory).
+    reason : str
+        One of :data:`READ_WHOLE_REASONS`.
+    orientation : str
+        The table's orientation where it was found (``cells_by_genes`` or
+        ``genes_by_cells``), else ``auto``: a refusal counts the cells on that axis.
+    """
+
+    def __init__(self, message: str, *, reason: str = "layout", orientation: str = "auto"):
+        super().__init__(message)
+        self.reason, self.orientation = reason, orientation
+
+
+def _table_stamp(path: Path) -> tuple[int, int]:
+    """(size, modification time in ns) of a table: the same for the same file."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 class CsvRowBlocks:
@@ -2141,11 +2176,14 @@ class CsvRowBlocks:
     Raises
     ------
     ReadWhole
-        The table is read whole instead: genes as rows, a value that is not a number, no
+        The table is read whole instead (its ``reason``, :data:`READ_WHOLE_REASONS`):
+        genes as rows, a value that is not a number or a row pandas cannot parse, no
         data row (:func:`read_expression` then says what is wrong, as before), row names
         typed otherwise in different blocks (numbers in one, text in another).
     ExpressionInputError
-        The orientation cannot be told (as :func:`read_expression`).
+        The orientation cannot be told (as :func:`read_expression`); the file cannot be
+        read at all (a ``.gz`` cut short or not gzipped; field ``path``). On iterating:
+        the table changed since this first pass (field ``path``).
     """
 
     FORMAT = "csv"
@@ -2159,19 +2197,30 @@ class CsvRowBlocks:
         rows: int | None = None,
     ):
         if orientation not in ("auto", "cells_by_genes"):
-            raise ReadWhole(f"expression.orientation={orientation}")
+            raise ReadWhole(
+                f"expression.orientation={orientation}",
+                reason="genes_as_rows" if orientation == "genes_by_cells" else "layout",
+                orientation=orientation,
+            )
         self.path, src = Path(path), str(path)
         fmt = detect_format(self.path)
+        if known_genes is None:
+            known_genes = [g for gs in GRANULE_PROGRAMS.values() for g in gs]
         self.sep = table_separator(self.path, "," if fmt == "csv" else "\t")
-        with _text_open(self.path) as fh:
-            header = next(csv.reader(fh, delimiter=self.sep), [])
-        n_genes = max(0, len(header) - 1)
-        wide = max(256, TABLE_BLOCK_VALUES // max(1, n_genes) // 256 * 256)
-        self.rows = int(rows or min(EMBED_BLOCK_ROWS, wide))
-        self._dtypes = _table_dtypes(len(header))
-        names, columns, kinds = [], None, set()
+        self.rows = int(rows or EMBED_BLOCK_ROWS)  # set from the header's width below
+        names, columns, kinds, header = [], None, set(), []
         neg = nonfinite = whole = exact = top = None
         try:
+            # the file as this first pass reads it: the blocks are read in a second pass,
+            # and a table rewritten in between gave more rows (uncaught) or fewer (cells
+            # dropped)
+            self._stamp = _table_stamp(self.path)
+            with _text_open(self.path) as fh:
+                header = next(csv.reader(fh, delimiter=self.sep), [])
+            n_genes = max(0, len(header) - 1)
+            wide = max(256, TABLE_BLOCK_VALUES // max(1, n_genes) // 256 * 256)
+            self.rows = int(rows or min(EMBED_BLOCK_ROWS, wide))
+            self._dtypes = _table_dtypes(len(header))
             for df in self._chunks():
                 if columns is None:
                     columns = df.columns
@@ -2192,32 +2241,43 @@ class CsvRowBlocks:
                     r = np.round(v)
                     whole &= ((v >= 0) & np.isclose(v, r)).all(0)
                     exact &= (fin & (v >= 0) & (v == r)).all(0)
-        except (ValueError, TypeError) as e:  # text in a value column: read_expression names it
-            raise ReadWhole(f"a value that is not a number ({type(e).__name__})") from None
+        except (OSError, EOFError, csv.Error) as e:
+            # a damaged file (a .gz cut short: EOFError; plain text named .gz: BadGzipFile,
+            # an OSError): read whole it fails the same way, so it is named here
+            raise ExpressionInputError(
+                f"could not read as {fmt}: {type(e).__name__}: {e}", field="path", source=src
+            ) from e
+        except (ValueError, TypeError) as e:  # read_expression names the fault, read whole
+            seen = sum(len(n) for n in names)
+            where = f"data rows {seen + 1}-{seen + self.rows}"
+            if isinstance(e, pd.errors.ParserError | UnicodeDecodeError):
+                why, reason = f"a row not parsed in {where}", "unparsed"
+            else:
+                why, reason = f"a value that is not a number in {where}", "text_value"
+            # the axes as far as they are known (the header, the rows before the fault):
+            # a refusal of the whole read counts the cells on the right axis
+            found = self._orientation(
+                names, pd.Index(header[1:]), orientation, known_genes, src, quiet=True
+            )
+            raise ReadWhole(
+                f"{why} ({type(e).__name__}: {str(e).strip()})", reason=reason, orientation=found
+            ) from None
         if columns is None or not names or sum(len(n) for n in names) == 0:
-            raise ReadWhole("no data rows")
-        if len(kinds) > 1:
-            # the row names are typed as pandas infers them, a block at a time: ids read
-            # as numbers in one block and as text in another would not be the whole
-            # table's (001 is 1 where the whole column reads as numbers)
-            raise ReadWhole(f"row names read as {sorted(map(str, kinds))} in different blocks")
+            raise ReadWhole("no data rows", reason="no_rows")
         index = pd.Index(np.concatenate(names)).astype(str)
         # pandas renames a repeated header ("Actb.1"): the names as written, as read_expression
         if len(header) - 1 == len(columns) and len(set(header[1:])) < len(header) - 1:
             columns = pd.Index(header[1:])
-        if orientation == "auto":
-            genes = known_genes
-            if genes is None:
-                genes = [g for gs in GRANULE_PROGRAMS.values() for g in gs]
-            try:
-                orientation, why = detect_orientation(index, columns, genes)
-            except ExpressionInputError as e:
-                raise ExpressionInputError(
-                    str(e).split("] ", 1)[-1], field=e.field, source=src
-                ) from None
-            if orientation == "genes_by_cells":
-                raise ReadWhole(f"genes as rows ({why})")
-            log.info("%s: read as %s (expression.orientation=auto: %s)", src, orientation, why)
+        orientation = self._orientation(names, columns, orientation, known_genes, src)
+        if len(kinds) > 1:
+            # the row names are typed as pandas infers them, a block at a time: ids read
+            # as numbers in one block and as text in another would not be the whole
+            # table's (001 is 1 where the whole column reads as numbers)
+            raise ReadWhole(
+                f"row names read as {sorted(map(str, kinds))} in different blocks",
+                reason="mixed_ids",
+                orientation=orientation,
+            )
         self.obs = pd.DataFrame(index=index)
         self.var = pd.DataFrame(index=columns.astype(str))
         self._cols = {
@@ -2228,6 +2288,31 @@ class CsvRowBlocks:
             "exact": exact,
         }
         self.plans: dict = {}  # vae.api.Study's reading plan of this file, by source
+
+    def _orientation(
+        self, names: list, columns: pd.Index, orientation: str, genes, src: str, quiet=False
+    ) -> str:
+        """The table's orientation (``orientation`` unless ``auto``: told from the row
+        names read and ``columns`` as :func:`read_expression` tells it). Genes as rows
+        raise :class:`ReadWhole`; ``quiet``: an orientation not told is ``auto``, not an
+        error, and nothing is raised or logged (a table read whole for another fault)."""
+        if orientation != "auto":
+            return orientation
+        index = pd.Index(np.concatenate(names) if names else []).astype(str)
+        try:
+            found, why = detect_orientation(index, columns, genes)
+        except ExpressionInputError as e:
+            if quiet:
+                return "auto"
+            raise ExpressionInputError(
+                str(e).split("] ", 1)[-1], field=e.field, source=src
+            ) from None
+        if quiet:
+            return found
+        if found == "genes_by_cells":
+            raise ReadWhole(f"genes as rows ({why})", reason="genes_as_rows", orientation=found)
+        log.info("%s: read as %s (expression.orientation=auto: %s)", src, found, why)
+        return found
 
     def _chunks(self):
         return pd.read_csv(
@@ -2242,21 +2327,50 @@ class CsvRowBlocks:
     def obs_names(self) -> pd.Index:
         return self.obs.index
 
+    def _changed(self, what: str) -> ExpressionInputError:
+        return ExpressionInputError(
+            f"the table changed while it was read ({what}): run again once it is written",
+            field="path",
+            source=str(self.path),
+        )
+
     def __iter__(self):
-        """AnnData blocks of :attr:`rows` cells, X dense float32 as read whole."""
+        """AnnData blocks of :attr:`rows` cells, X dense float32 as read whole.
+
+        Raises
+        ------
+        ExpressionInputError
+            The table is not the one the first pass read (its size or modification time
+            differ, or it gives more or fewer rows, or it no longer parses): its cells
+            would not be those the whole-table decisions were made on.
+        """
+        try:
+            now = _table_stamp(self.path)
+        except OSError as e:
+            raise self._changed(f"{type(e).__name__}: {e}") from e
+        if now != self._stamp:
+            raise self._changed("its size or modification time differ from its first pass")
         s = 0
-        for df in self._chunks():
+        try:
+            chunks = iter(self._chunks())
+        except (OSError, EOFError, ValueError, TypeError, csv.Error) as e:
+            raise self._changed(f"{type(e).__name__}: {e}") from e
+        while True:
+            try:
+                df = next(chunks, None)
+            except (OSError, EOFError, ValueError, TypeError, csv.Error) as e:
+                raise self._changed(f"{type(e).__name__}: {e}") from e
+            if df is None:
+                break
             e = s + len(df)
             if e > self.n_obs:
-                raise ExpressionInputError(
-                    "the table changed while it was read (more rows than before)",
-                    field="path",
-                    source=str(self.path),
-                )
+                raise self._changed(f"more than the {self.n_obs} rows of its first pass")
             a = ad.AnnData(X=df.to_numpy(dtype=np.float32), obs=self.obs.iloc[s:e], var=self.var)
             a.uns["source"] = str(self.path)
             s = e
             yield a
+        if s != self.n_obs:  # rows cut off: their cells would be missing from the output
+            raise self._changed(f"{s} rows where its first pass read {self.n_obs}")
 
     def stats(self, key: str, cols: np.ndarray | None = None) -> ValueStats:
         """:class:`ValueStats` of ``X`` (a table's only matrix; its values are all
@@ -2297,7 +2411,8 @@ def _node_bytes(node) -> int:
 # columns, the frame and X; mmread's COO of int64 values and its CSR copy)
 TABLE_BYTES_PER_VALUE = 12
 MTX_BYTES_PER_ENTRY = 24
-# bytes of a text table read to estimate its rows (the rest is estimated from the size)
+# bytes of a text table read after its first line (read in full) to estimate its rows
+# (the rest is estimated from the size)
 TABLE_SAMPLE_BYTES = 4 << 20
 
 
@@ -2322,8 +2437,9 @@ def whole_read_size(path: str | Path, orientation: str = "auto") -> ReadSize | N
     ``X``, layers and ``.raw``; a 10x file's counts as float32 CSR), a 10x matrix folder
     (the entries its ``matrix.mtx`` header counts, :data:`MTX_BYTES_PER_ENTRY` each), a
     CSV / TSV table (rows x columns, :data:`TABLE_BYTES_PER_VALUE` each; rows estimated
-    from its size and first lines, a ``.gz`` one's size from how its first
-    :data:`TABLE_SAMPLE_BYTES` decompress). None for other formats or a file that
+    from its size and first lines: its first line in full and up to
+    :data:`TABLE_SAMPLE_BYTES` after it, a ``.gz`` one's size from how those
+    decompress). None for other formats or a file that
     cannot be read so (the reader then names the fault)."""
     import h5py
 
@@ -2369,39 +2485,79 @@ def _mtx_read_size(folder: Path) -> ReadSize | None:
     )
 
 
-def _table_read_size(p: Path, orientation: str) -> ReadSize | None:
-    """:func:`whole_read_size` of a CSV / TSV table (``.gz`` too)."""
+def _table_sample(p: Path) -> tuple[bytes, bytes, int, bool]:
+    """The first lines of a CSV / TSV table (``.gz`` too) for :func:`_table_read_size`.
+
+    Returns
+    -------
+    (header, body, total, end)
+        The first line in full, without its line end (the header of a table of genes as
+        rows holds every cell id: 5 MB for 300k cells, longer than the sample; cut at
+        the sample, it hid the table's width and size); up to :data:`TABLE_SAMPLE_BYTES`
+        of the lines after it (the last one may be cut), ``\\r\\n`` and ``\\r`` line ends
+        made ``\\n``; the file's size in bytes (a ``.gz`` one's decompressed size,
+        estimated from how the bytes read decompress unless ``end``); whether the whole
+        file was read.
+    """
     import zlib
 
+    line_end = re.compile(rb"[\r\n]")
     size = p.stat().st_size
+    gz = p.name.lower().endswith(".gz")
+    d = zlib.decompressobj(zlib.MAX_WBITS | 16) if gz else None
+    out, used, end, first, searched = bytearray(), 0, False, None, 0
     with open(p, "rb") as f:
-        if p.name.lower().endswith(".gz"):
-            d, out, used, end = zlib.decompressobj(zlib.MAX_WBITS | 16), bytearray(), 0, False
-            while len(out) < TABLE_SAMPLE_BYTES:
-                piece = f.read(1 << 16)
-                if not piece:
-                    end = True
-                    break
-                used += len(piece)
+        while first is None or len(out) - first.end() < TABLE_SAMPLE_BYTES:
+            piece = f.read(1 << 16)
+            if not piece:
+                end = True
+                break
+            used += len(piece)
+            if d is None:
+                out += piece
+            else:
                 out += d.decompress(piece)
-            text = bytes(out)
-            total = len(text) if end else int(size * len(text) / max(used, 1))
-        else:
-            text = f.read(TABLE_SAMPLE_BYTES)
-            end = len(text) >= size
-            total = size
-    lines = text.split(b"\n")
-    if not lines or not lines[0].strip():
+                while d.eof and d.unused_data:  # a .gz of several members (cat a.gz b.gz)
+                    rest, d = d.unused_data, zlib.decompressobj(zlib.MAX_WBITS | 16)
+                    out += d.decompress(rest)
+            if first is None:
+                first = line_end.search(out, searched)
+                searched = len(out)
+    text = bytes(out)
+    if first is None:  # one line and no line end: the whole file
+        header, body = text, b""
+    else:
+        header, body = text[: first.start()], text[first.end() :]
+        if first.group() == b"\r" and body[:1] == b"\n":
+            body = body[1:]
+    body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if end:
+        total = len(text)
+    elif d is None:
+        total = size
+    else:
+        total = int(size * len(text) / max(used, 1))
+    return header, body, total, end
+
+
+def _table_read_size(p: Path, orientation: str) -> ReadSize | None:
+    """:func:`whole_read_size` of a CSV / TSV table (``.gz`` too): its columns counted in
+    its first line (read in full), its rows counted, or past the first
+    :data:`TABLE_SAMPLE_BYTES` after that line estimated from the size and the mean
+    length of the lines read."""
+    header, body, total, end = _table_sample(p)
+    if not header.strip():
         return None
-    header = lines[0]
     # the separator table_separator picks: the commonest of tab, comma, semicolon
     n_cols = max(header.count(c) for c in (b"\t", b",", b";")) + 1
-    body = lines[1:] if end else lines[1:-1]  # the last line read may be cut
-    body = [x for x in body if x.strip()]
+    lines = body.split(b"\n")
+    lines = lines if end else lines[:-1]  # the last line read may be cut
+    lines = [x for x in lines if x.strip()]
     if end:
-        rows = len(body)
+        rows = len(lines)
     else:
-        mean = np.mean([len(x) + 1 for x in body]) if body else len(header) + 1
+        # no whole line in the sample (rows longer than it): one as long as the header
+        mean = np.mean([len(x) + 1 for x in lines]) if lines else len(header) + 1
         rows = int((total - len(header) - 1) / mean)
     genes = max(n_cols - 1, 0)
     cells = {"cells_by_genes": rows, "genes_by_cells": genes}.get(orientation, min(rows, genes))
