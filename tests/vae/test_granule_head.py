@@ -90,6 +90,39 @@ def test_granule_loss_scores_the_head_and_only_when_on():
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in dec_.deconv.parameters())
 
 
+def test_granule_stain_is_scored_against_the_rows_measured_stain_when_given():
+    """pair.granule_centres: each row's granule stain comes measured where the centres
+    were found (obsm['granule_od']), not from the model-size crop's contrast."""
+    torch.manual_seed(0)
+    m = TwoBranchVAE(_args())
+    b = 3
+    img, mask = torch.rand(b, 3, 16, 16), torch.ones(b, 1, 16, 16)
+    x, has = torch.rand(b, 6) * 3, torch.ones(b, dtype=torch.bool)
+    cen = torch.zeros(b, 1, 16, 16)
+    cen[:, 0, 4, 4] = 2.0  # two granules on one pixel (counts, after the resize)
+    out = m(img, mask, x, has, has)
+    w = LossWeights(granules=1.0, image=0, mask=0, expression=0, cross=0)
+    # stain error 0: the NLL alone (the loss term is the mean over the rows)
+    nll = granule_error(out.joint, cen, out.joint.granule_od).mean().detach()
+
+    def total(od):
+        kw = dict(beta=0.0, weights=w, granules=cen, granule_od=od)
+        return vae_loss(out, img, mask, x, x.round(), x.sum(1), **kw).granules.detach()
+
+    decoded = out.joint.granule_od[:, :, 0, 0].detach()
+    assert torch.allclose(total(decoded), nll, rtol=1e-5)
+    # the error grows with the distance to the measured stain, per granule counted:
+    # 2 granules x 3 channels x 0.5^2 a row
+    far = total(decoded + 0.5)
+    assert torch.allclose(far - nll, torch.tensor(2 * 3 * 0.25), rtol=1e-4)
+    # a row without granules (NaN stain) adds nothing
+    cen[0] = 0
+    od = decoded.clone()
+    od[0] = float("nan")
+    nll0 = granule_error(out.joint, cen, out.joint.granule_od).mean().detach()
+    assert torch.isfinite(total(od)) and torch.allclose(total(od), nll0, rtol=1e-5)
+
+
 def test_granule_layer_needs_the_residual_decoder():
     import pytest
 
