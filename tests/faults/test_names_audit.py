@@ -24,7 +24,7 @@ from PIL import Image
 from pipeline import guards, runner
 from tests.faults.conftest import cfg_for
 from tests.faults.test_interrupted_runs import CHAIN, _chain
-from tests.helpers.run import run_stage_in_process
+from tests.helpers.run import embed_on_toy_study, run_stage_in_process
 from tests.helpers.seg_synth import untrained_checkpoint
 
 LATIN1 = b"Patient_M\xfcller_1.png"  # "Müller" in Latin-1: not UTF-8
@@ -133,16 +133,7 @@ def study(tmp_path_factory, toy_study) -> Path:
 
 
 def _embed(study: Path, exp: str, *args: str) -> Path:
-    return run_stage_in_process(
-        [
-            f"paths.root={study / 'out'}",
-            f"experiment={exp}",
-            f"embed.study={study / 'out' / 's'}",
-            "hardware.torch_threads=1",
-            *args,
-        ],
-        "embed",
-    )
+    return embed_on_toy_study(study, exp, *args)
 
 
 def _crop(path: Path, seed: int) -> None:

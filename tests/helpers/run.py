@@ -104,3 +104,18 @@ def run_stage_in_process(overrides: list[str], name: str) -> Path:
 
     runner.load_stages()
     return runner.run_stage(compose_config([f"stage={name}", *overrides]), name)
+
+
+def embed_on_toy_study(study: Path, exp: str, *overrides: str) -> Path:
+    """``stage=embed`` of the ``toy_study`` fixture's study (``<study>/out/s``) in this
+    process, one thread, as experiment ``exp``; returns the stage's folder."""
+    return run_stage_in_process(
+        [
+            f"paths.root={study / 'out'}",
+            f"experiment={exp}",
+            f"embed.study={study / 'out' / 's'}",
+            "hardware.torch_threads=1",
+            *overrides,
+        ],
+        "embed",
+    )

@@ -20,7 +20,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from pipeline.runner import StageError
-from tests.helpers.run import run_stage_in_process
+from tests.helpers.run import embed_on_toy_study
 from tests.pipeline.test_embed_blocks import ROWS, _query, _same
 
 
@@ -38,16 +38,7 @@ def loaded(study: Path):
 
 
 def _embed_stage(study: Path, exp: str, *extra: str) -> Path:
-    return run_stage_in_process(
-        [
-            f"paths.root={study / 'out'}",
-            f"experiment={exp}",
-            f"embed.study={study / 'out' / 's'}",
-            "hardware.torch_threads=1",
-            *extra,
-        ],
-        "embed",
-    )
+    return embed_on_toy_study(study, exp, *extra)
 
 
 def test_the_reference_is_fitted_once_for_every_block(study, tmp_path, monkeypatch):
