@@ -331,19 +331,21 @@ def _granule_counts(centres: np.ndarray, size: int, source: str) -> torch.Tensor
     s = centres.shape[-1]
     if s == size:
         return torch.from_numpy(np.ascontiguousarray(centres, dtype=np.uint8)).unsqueeze(1)
-    out = np.zeros((centres.shape[0], size, size), dtype=np.int64)
-    i, r, c = np.nonzero(centres)
+    out = np.zeros((centres.shape[0], size, size), dtype=np.uint8)
     f = size / s
-    np.add.at(
-        out,
-        (
-            i,
-            np.minimum((r + 0.5) * f, size - 1).astype(int),
-            np.minimum((c + 0.5) * f, size - 1).astype(int),
-        ),
-        centres[i, r, c].astype(np.int64),
-    )
-    return torch.from_numpy(np.minimum(out, 255).astype(np.uint8)).unsqueeze(1)
+    for k in range(centres.shape[0]):  # a row at a time: no N x S x S int64
+        r, c = np.nonzero(centres[k])
+        row = np.zeros((size, size), dtype=np.int64)
+        np.add.at(
+            row,
+            (
+                np.minimum((r + 0.5) * f, size - 1).astype(int),
+                np.minimum((c + 0.5) * f, size - 1).astype(int),
+            ),
+            centres[k, r, c].astype(np.int64),
+        )
+        out[k] = np.minimum(row, 255)
+    return torch.from_numpy(out).unsqueeze(1)
 
 
 def obs_renames(uns) -> dict[str, str]:
@@ -809,9 +811,10 @@ def augment_rotate(
     mask : (B, 1, S, S) {0, 1}, resampled nearest (stays binary)
     generator : CPU generator (seeded by the trainer)
     scale : zoom half-range, 0 = rotation only
-    points : (B, K, S, S) {0, 1} maps (granule centres, nucleus mask), resampled
-        nearest, so each centre moves with its pixels and stays one pixel and a
-        mask stays binary
+    points : (B, K, S, S) maps (granule centres, a count per pixel; nucleus mask),
+        resampled nearest, so each centre moves with its pixels and keeps its count
+        and a mask stays binary (a zoom in duplicates a centre now and then, a zoom
+        out drops one)
 
     Returns
     -------

@@ -428,6 +428,16 @@ def train(
     n_shared = core.args.n_shared
     # the decoder's granule / nucleus layers learn what the analyses measure on the
     # input crops: computed once per crop (one pass serves both), kept with the data
+    if data.granule_od is not None and args.stain_jitter > 0:
+        # the table's granule stain was measured on the crop as cut; jittered crops change
+        # colour every step and it would not follow: score against the jittered crop's own
+        # contrast (the centres still come from the table)
+        log.warning(
+            "trainer.stain_jitter=%s: the paired table's granule stain (obsm['granule_od']) "
+            "is not used; the granule stain is scored against each jittered crop",
+            args.stain_jitter,
+        )
+        data.granule_od = None
     need_g = getattr(core.args, "granule_head", False) and data.granules is None
     need_n = getattr(core.args, "nucleus_head", False) and data.nucleus is None
     if use_image and (need_g or need_n):

@@ -206,6 +206,7 @@ def run_pair(ctx: StageContext) -> None:
         "draws_per_crop": int(p.draws_per_crop),
         "n_bins": int(p.n_bins),
         "crop_sources": json.dumps(OmegaConf.to_container(p.crop_sources)),
+        "granule_centres": bool(p.granule_centres),
         "notes": json.dumps(res.notes),
     }
     if corrected is not None:

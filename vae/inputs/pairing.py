@@ -123,6 +123,14 @@ class CropSet:
                 f"granule centres {self.granules.shape} for masks {self.masks.shape}",
                 field="granules",
             )
+        if (self.granules is None) != (self.granule_od is None) or (
+            self.granule_od is not None and self.granule_od.shape != (n, 3)
+        ):
+            raise PairingError(
+                "granule centres and their stain (N, 3) come together, got "
+                f"{None if self.granule_od is None else self.granule_od.shape}",
+                field="granule_od",
+            )
         if self.obs.index.duplicated().any():
             raise PairingError(
                 f"duplicate crop ids {list(self.obs.index[self.obs.index.duplicated()][:5])}",
@@ -211,7 +219,7 @@ def granule_centres_at_source(
 
     n, h = crops.shape[0], crops.shape[1]
     size = h if size is None else int(size)
-    out = np.zeros((n, size, size), dtype=np.int64)
+    out = np.zeros((n, size, size), dtype=np.uint8)
     od = np.full((n, 3), np.nan, dtype=np.float32)
     f = size / h
     for i in range(n):
@@ -227,8 +235,10 @@ def granule_centres_at_source(
         c = granule_contrast(img.float().div(255.0), mt, GRANULE_OD_SIGMA * h / size)[0]
         od[i] = c.numpy()[:, rc[:, 0], rc[:, 1]].mean(1)
         at = np.minimum((rc + 0.5) * f, size - 1).astype(int)
-        np.add.at(out[i], (at[:, 0], at[:, 1]), 1)
-    return np.minimum(out, 255).astype(np.uint8), od
+        row = np.zeros((size, size), dtype=np.int64)  # one row at a time: no N x S x S int64
+        np.add.at(row, (at[:, 0], at[:, 1]), 1)
+        out[i] = np.minimum(row, 255)
+    return out, od
 
 
 # ----------------------------------------------------------------------------
@@ -362,10 +372,13 @@ def read_cells_h5ad(
         a, crops, masks = a[~empty], crops[~empty], masks[~empty]
     gran = gran_od = None
     if granules:
-        cut = crops.copy()
-        cut[~masks] = background  # as the crop the trainer sees: no smear around the cell
-        gran, gran_od = granule_centres_at_source(cut, masks, size)
-        del cut
+        gran = np.zeros((len(crops), size, size), dtype=np.uint8)
+        gran_od = np.full((len(crops), 3), np.nan, dtype=np.float32)
+        for i in range(len(crops)):  # a row at a time: no second copy of every crop
+            cut = crops[i].copy()
+            cut[~masks[i]] = background  # as the trainer sees it: no smear around the cell
+            g, o = granule_centres_at_source(cut[None], masks[i][None], size)
+            gran[i], gran_od[i] = g[0], o[0]
     if crops.shape[1] != size or crops.shape[2] != size:
         # keep the segment stage's framing: resize the whole crop, not the mask box
         resized = [resize_crop(c, m, size, background) for c, m in zip(crops, masks)]

@@ -166,3 +166,46 @@ def test_pair_stage_writes_granule_centres_when_asked(tmp_path):
     assert GRANULE_CENTRES not in off.obsm
     assert int(np.asarray(on.obsm[GRANULE_CENTRES]).sum()) == 88
     np.testing.assert_array_equal(on.obsm["crops"], off.obsm["crops"])  # crops unchanged
+
+
+def test_centres_without_their_stain_are_refused_naming_the_field():
+    from vae.inputs.pairing import PairingError
+
+    img, cell = _granular_cell(6, size=64)
+    obs = pd.DataFrame({"label": ["x"]}, index=["f0"])
+    with pytest.raises(PairingError) as e:
+        CropSet(crops=img[None], masks=cell[None], obs=obs, granules=cell[None].astype(np.uint8))
+    assert e.value.field == "granule_od"
+
+
+def test_training_uses_the_tables_targets_and_leaves_the_stain_under_stain_jitter(tmp_path, caplog):
+    import logging
+
+    from tests.helpers.run import TINY_TRAIN, run_stage_in_process
+    from tests.vae.inputs.test_pairing import _expr
+
+    _cells_h5ad(tmp_path / "cells.h5ad")
+    _expr().write_h5ad(tmp_path / "expression.h5ad")
+    common = [f"paths.root={tmp_path}", "experiment=g", *TINY_TRAIN]
+    run_stage_in_process(
+        [
+            *common,
+            f"paths.inputs.cells={tmp_path / 'cells.h5ad'}",
+            f"paths.inputs.expression={tmp_path / 'expression.h5ad'}",
+            "pair.mode=unpaired",
+            "pair.granule_centres=true",
+        ],
+        "pair",
+    )
+    paired = ad.read_h5ad(tmp_path / "g" / "pair" / "paired.h5ad")
+    assert paired.uns["pair"]["granule_centres"]
+    with caplog.at_level(logging.INFO):
+        run_stage_in_process([*common, "variant=plain"], "train")
+    said = [r.getMessage() for r in caplog.records]
+    assert "granule centres of the paired table: 88" in said
+    assert not any("obsm['granule_od']" in m for m in said)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run_stage_in_process([*common, "variant=jitter", "trainer.stain_jitter=0.2"], "train")
+    warned = [r for r in caplog.records if "obsm['granule_od']" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
