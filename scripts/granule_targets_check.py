@@ -17,6 +17,8 @@ crop's own resolution"), on a simulator run (truth in ``obs``):
     .venv/bin/python scripts/granule_targets_check.py outputs/demo/train \\
         --paired outputs/demo/pair/paired.h5ad --cells outputs/demo/segment/cells.h5ad \\
         [--out granule_targets.json]
+    # real smears (no truth): granules the counter finds per class, as cut and halved
+    .venv/bin/python scripts/granule_targets_check.py --real-cells outputs/real/segment/cells.h5ad
 
 Prints tables; ``--out`` writes the numbers as JSON.
 """
@@ -181,21 +183,71 @@ def decoded_chain(run: Path, paired) -> dict:
     return out
 
 
+def per_label(cells, side: int = 64) -> dict:
+    """Mean granules the counter finds per labelled cell of a ``cells.h5ad`` (real data:
+    no truth) on the crop as cut and halved to ``side`` px as ``stage=pair`` does."""
+    import pandas as pd
+
+    from vae.analysis import granules as G
+    from vae.inputs.pairing import resize_crop
+    from vae.inputs.schema import known_labels
+
+    lab = cells.obs["label"].astype(object).to_numpy() if "label" in cells.obs else None
+    if lab is None or not known_labels(lab).any():
+        raise SystemExit("--real-cells: no labelled cell (obs['label'])")
+    keep = known_labels(lab)
+    crops = np.asarray(cells.obsm["crops"])[keep].copy()
+    masks = np.asarray(cells.obsm["masks"])[keep].astype(bool)
+    crops[~masks] = 0
+    src = G.measure_batch(crops, masks, G.GranuleParams())
+    small = [resize_crop(c, m, side) for c, m in zip(crops, masks)]
+    half = G.measure_batch(
+        np.stack([c for c, _ in small]), np.stack([m for _, m in small]), G.GranuleParams()
+    )
+    t = pd.DataFrame(
+        {
+            "cells": 1,
+            f"as_cut_{crops.shape[1]}px": src["granule_count"].to_numpy(float),
+            f"halved_{side}px": half["granule_count"].to_numpy(float),
+            "cell_area_px": src["cell_area"].to_numpy(float),
+        }
+    ).groupby(lab[keep].astype(str))
+    out = t.mean().round(2)
+    out["cells"] = t.size()
+    return out.to_dict(orient="index")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("run", type=Path, nargs="?", help="stage=train folder (model.pt, split.csv)")
-    ap.add_argument("--paired", type=Path, required=True, help="the run's paired.h5ad")
+    ap.add_argument("--paired", type=Path, help="the run's paired.h5ad (simulator truth)")
+    ap.add_argument(
+        "--real-cells",
+        type=Path,
+        help="a labelled cells.h5ad without truth (real smears): granules per class, as cut and halved",
+    )
     ap.add_argument("--cells", type=Path, help="stage=segment's cells.h5ad (the crops as cut)")
     ap.add_argument("--out", type=Path, help="write the numbers as JSON")
     a = ap.parse_args()
     import anndata as ad
     import pandas as pd
 
+    res: dict = {}
+    if a.real_cells is not None:
+        res["real_cells"] = r = per_label(ad.read_h5ad(a.real_cells))
+        print(f"granules the counter finds per labelled cell of {a.real_cells} (mean):")
+        print(pd.DataFrame(r).T.to_string())
+    if a.paired is None:
+        if a.run is not None or a.cells is not None:
+            raise SystemExit("RUN and --cells need --paired")
+        if a.out is not None:
+            a.out.write_text(json.dumps(res, indent=2))
+        return
     paired = ad.read_h5ad(a.paired)
     for col in ("t", "lineage", "kind", "azurophilic_granules", "diameter"):
         if col not in paired.obs:
             raise SystemExit(f"{a.paired}: obs['{col}'] is missing (a simulator run is needed)")
-    res: dict = {"paired": str(a.paired)}
+    res["paired"] = str(a.paired)
     if a.cells is not None:
         res["counter_on_crops"] = r = source_vs_paired(paired, ad.read_h5ad(a.cells))
         print(f"counter on {r['n']} lineage crops (Spearman):")
