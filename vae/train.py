@@ -426,8 +426,6 @@ def train(
         log.info("no row has expression: expression branch frozen and skipped")
     wrapped = dist.wrap(core)
     n_shared = core.args.n_shared
-    # the decoder's granule / nucleus layers learn what the analyses measure on the
-    # input crops: computed once per crop (one pass serves both), kept with the data
     if data.granule_od is not None and args.stain_jitter > 0:
         # the table's granule stain was measured on the crop as cut; jittered crops change
         # colour every step and it would not follow: score against the jittered crop's own
@@ -438,6 +436,8 @@ def train(
             args.stain_jitter,
         )
         data.granule_od = None
+    # the decoder's granule / nucleus layers learn what the analyses measure on the
+    # input crops: computed once per crop (one pass serves both), kept with the data
     need_g = getattr(core.args, "granule_head", False) and data.granules is None
     need_n = getattr(core.args, "nucleus_head", False) and data.nucleus is None
     if use_image and (need_g or need_n):
