@@ -520,7 +520,8 @@ def paired_streamed(
 def dense_bytes(h5ad: str | Path, image_size: int | None = None) -> int:
     """Bytes :func:`vae.data.from_anndata` would hold in memory for ``h5ad`` (from shapes only).
 
-    Crops and masks as uint8, X (and counts) as dense float32.
+    Crops and masks as uint8, X (and counts) as dense float32, granule centres of
+    ``pair.granule_centres`` as uint8.
     """
     import h5py
 
@@ -531,6 +532,8 @@ def dense_bytes(h5ad: str | Path, image_size: int | None = None) -> int:
             n, s = f["obsm/crops"].shape[:2]
             s = image_size or s
             total += n * s * s * 4  # 3 crop channels + 1 mask
+            if f"obsm/{GRANULE_CENTRES}" in f:
+                total += n * s * s + n * 3 * 4  # a count per pixel; the stain (N, 3)
         if "X" in f:
             node = f["X"]
             shape = node.shape if hasattr(node, "shape") else tuple(node.attrs["shape"])

@@ -388,7 +388,10 @@ def read_cells_h5ad(
         crops = crops.copy()
         crops[~masks] = background
     if gran is not None:
-        gran[~masks] = 0  # a centre the resized mask leaves out is not on the cell
+        off = int(gran[~masks].sum())
+        if off:  # a centre the resized mask leaves out is not on the cell
+            log.info("%s: %d granule centres fell outside the resized masks", path, off)
+        gran[~masks] = 0
     obs = pd.DataFrame(index=a.obs_names.astype(str))
     src = a.obs
     obs["label"] = src["kind"].astype(str).to_numpy() if "kind" in src else ""

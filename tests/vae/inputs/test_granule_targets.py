@@ -209,3 +209,26 @@ def test_training_uses_the_tables_targets_and_leaves_the_stain_under_stain_jitte
         run_stage_in_process([*common, "variant=jitter", "trainer.stain_jitter=0.2"], "train")
     warned = [r for r in caplog.records if "obsm['granule_od']" in r.getMessage()]
     assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+
+
+def test_the_memory_estimate_counts_the_centres(tmp_path):
+    """hardware.stream_above_gib decides on vae.store.dense_bytes: the table's centres
+    (a byte a pixel) and stain are held in memory with the crops."""
+    from vae.store import dense_bytes
+
+    _cells_h5ad(tmp_path / "cells.h5ad")
+    e = ad.AnnData(
+        np.ones((2, 3), np.float32),
+        obs=pd.DataFrame({"label": ["a", "b"]}, index=["e0", "e1"]),
+        var=pd.DataFrame(index=["g0", "g1", "g2"]),
+    )
+    with_c = make_pairs(read_cells_h5ad(tmp_path / "cells.h5ad", 64, granules=True), e, "unpaired")
+    plain = make_pairs(read_cells_h5ad(tmp_path / "cells.h5ad", 64), e, "unpaired")
+    with_c.adata.write_h5ad(tmp_path / "with.h5ad")
+    plain.adata.write_h5ad(tmp_path / "plain.h5ad")
+    n = with_c.adata.n_obs
+    extra = dense_bytes(tmp_path / "with.h5ad") - dense_bytes(tmp_path / "plain.h5ad")
+    assert extra == n * 64 * 64 + n * 3 * 4
+    assert dense_bytes(tmp_path / "with.h5ad", 32) - dense_bytes(tmp_path / "plain.h5ad", 32) == (
+        n * 32 * 32 + n * 3 * 4
+    )
