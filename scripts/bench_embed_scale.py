@@ -320,18 +320,14 @@ def main() -> None:
         if not path.is_file():
             print(f"writing {path} ...", flush=True)
             make_input(path, n, args.genes, args.nnz, cols)
-        if args.format == "10x_h5":
-            h5 = path.with_suffix(".h5")
-            if not h5.is_file():
-                print(f"writing {h5} ...", flush=True)
-                to_10x_h5(path, h5)
-            path = h5
-        if args.format == "csv":
-            table = path.with_suffix(".csv")
-            if not table.is_file():
-                print(f"writing {table} ...", flush=True)
-                to_csv(path, table)
-            path = table
+        convert = {"10x_h5": (".h5", to_10x_h5), "csv": (".csv", to_csv)}.get(args.format)
+        if convert is not None:  # the same cells written in the format asked for
+            suffix, write = convert
+            other = path.with_suffix(suffix)
+            if not other.is_file():
+                print(f"writing {other} ...", flush=True)
+                write(path, other)
+            path = other
         inputs.append((n, path))
     rows = []
     for n, path in inputs:

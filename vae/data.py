@@ -332,20 +332,39 @@ def _granule_counts(centres: np.ndarray, size: int, source: str) -> torch.Tensor
     if s == size:
         return torch.from_numpy(np.ascontiguousarray(centres, dtype=np.uint8)).unsqueeze(1)
     out = np.zeros((centres.shape[0], size, size), dtype=np.uint8)
-    f = size / s
     for k in range(centres.shape[0]):  # a row at a time: no N x S x S int64
         r, c = np.nonzero(centres[k])
-        row = np.zeros((size, size), dtype=np.int64)
-        np.add.at(
-            row,
-            (
-                np.minimum((r + 0.5) * f, size - 1).astype(int),
-                np.minimum((c + 0.5) * f, size - 1).astype(int),
-            ),
-            centres[k, r, c].astype(np.int64),
-        )
-        out[k] = np.minimum(row, 255)
+        out[k] = centres_on_grid(r, c, s, size, centres[k, r, c])
     return torch.from_numpy(out).unsqueeze(1)
+
+
+def centres_on_grid(
+    rows: np.ndarray, cols: np.ndarray, side: int, size: int, counts: np.ndarray | None = None
+) -> np.ndarray:
+    """Points of a ``side`` px crop counted on the ``size`` px grid of the resized crop.
+
+    A point at (r, c) lands in pixel ``floor((r + 0.5) * size / side)``, the pixel of
+    the whole crop resized that covers it; points on one pixel add (``counts`` each,
+    default 1), capped at 255.
+
+    Parameters
+    ----------
+    rows, cols : (k,) int pixel coordinates in the ``side`` px crop
+    side, size : the crop's side and the grid's, px
+    counts : (k,) int, optional
+
+    Returns
+    -------
+    (size, size) uint8
+    """
+    f = size / side
+    grid = np.zeros((size, size), dtype=np.int64)
+    at = (
+        np.minimum((np.asarray(rows) + 0.5) * f, size - 1).astype(int),
+        np.minimum((np.asarray(cols) + 0.5) * f, size - 1).astype(int),
+    )
+    np.add.at(grid, at, 1 if counts is None else np.asarray(counts, dtype=np.int64))
+    return np.minimum(grid, 255).astype(np.uint8)
 
 
 def obs_renames(uns) -> dict[str, str]:

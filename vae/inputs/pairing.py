@@ -176,7 +176,11 @@ class CropSet:
 
 
 def granule_centres_at_source(
-    crops: np.ndarray, masks: np.ndarray, size: int | None = None, params=None
+    crops: np.ndarray,
+    masks: np.ndarray,
+    size: int | None = None,
+    params=None,
+    background: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Granule centres found on each crop at its own resolution, counted on a ``size`` grid,
     and the granules' mean optical density there.
@@ -201,6 +205,10 @@ def granule_centres_at_source(
         of the resized crop that covers it (the whole crop resized, as
         :func:`read_cells_h5ad` does).
     params : vae.analysis.granules.GranuleParams, optional
+    background : int, optional
+        Set the pixels outside each mask to this first (on a copy of one crop at a
+        time), as the trainer sees the crop: no smear around the cell. None: the crops
+        are blanked already.
 
     Returns
     -------
@@ -215,29 +223,30 @@ def granule_centres_at_source(
     import torch
 
     from vae.analysis.granules import measure_cell
+    from vae.data import centres_on_grid
     from vae.losses import GRANULE_OD_SIGMA, granule_contrast
 
     n, h = crops.shape[0], crops.shape[1]
     size = h if size is None else int(size)
     out = np.zeros((n, size, size), dtype=np.uint8)
     od = np.full((n, 3), np.nan, dtype=np.float32)
-    f = size / h
     for i in range(n):
         m = np.asarray(masks[i], dtype=bool)
         if m.sum() < 16:  # as vae.data.crop_targets: no cell to search
             continue
-        blobs = measure_cell(crops[i], m, params).blobs
+        crop = crops[i]
+        if background is not None:
+            crop = crop.copy()
+            crop[~m] = background
+        blobs = measure_cell(crop, m, params).blobs
         if not len(blobs):
             continue
         rc = np.clip(np.rint(blobs[:, :2]).astype(int), 0, h - 1)
-        img = torch.from_numpy(np.ascontiguousarray(crops[i])).permute(2, 0, 1)[None]
+        img = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None]
         mt = torch.from_numpy(m)[None, None].float()
         c = granule_contrast(img.float().div(255.0), mt, GRANULE_OD_SIGMA * h / size)[0]
         od[i] = c.numpy()[:, rc[:, 0], rc[:, 1]].mean(1)
-        at = np.minimum((rc + 0.5) * f, size - 1).astype(int)
-        row = np.zeros((size, size), dtype=np.int64)  # one row at a time: no N x S x S int64
-        np.add.at(row, (at[:, 0], at[:, 1]), 1)
-        out[i] = np.minimum(row, 255)
+        out[i] = centres_on_grid(rc[:, 0], rc[:, 1], h, size)
     return out, od
 
 
@@ -371,14 +380,8 @@ def read_cells_h5ad(
             )
         a, crops, masks = a[~empty], crops[~empty], masks[~empty]
     gran = gran_od = None
-    if granules:
-        gran = np.zeros((len(crops), size, size), dtype=np.uint8)
-        gran_od = np.full((len(crops), 3), np.nan, dtype=np.float32)
-        for i in range(len(crops)):  # a row at a time: no second copy of every crop
-            cut = crops[i].copy()
-            cut[~masks[i]] = background  # as the trainer sees it: no smear around the cell
-            g, o = granule_centres_at_source(cut[None], masks[i][None], size)
-            gran[i], gran_od[i] = g[0], o[0]
+    if granules:  # on the crops as cut, each blanked around its cell as the trainer sees it
+        gran, gran_od = granule_centres_at_source(crops, masks, size, background=background)
     if crops.shape[1] != size or crops.shape[2] != size:
         # keep the segment stage's framing: resize the whole crop, not the mask box
         resized = [resize_crop(c, m, size, background) for c, m in zip(crops, masks)]
