@@ -1011,8 +1011,9 @@ def test_evaluate_scores_labelled_rows_only(tmp_path):
 
 
 def test_report_says_when_training_stopped_at_its_time_limit(tmp_path):
-    """The demo's 2-minute cap leaves a model of 22 epochs on a busy machine: the
-    report's header says so (a user compares its numbers with the README's)."""
+    """A time cap (the demo's 6-minute safety cap on a busy machine, its 2-minute cap
+    before 2026-12-06) leaves a model of fewer epochs: the report's header says so (a
+    user compares its numbers with the README's)."""
     from pipeline.stages.traverse import training_note
 
     model = tmp_path / "model.pt"
