@@ -28,10 +28,16 @@ and measures on the test split (rows never used for early stopping):
   and nucleus layers' own outputs decoded, like the reconstructions, from each cell's
   single-view code (the crop as given);
 - with ``--traverse EXP/traverse``: the truth-recovery numbers ``stage=traverse`` wrote
-  (``traverse_summary.json``: decoded granules / lobes vs truth, path position vs t).
+  (``traverse_summary.json``: decoded granules / lobes vs truth, path position vs t);
+- with ``--unseen PAIRED``: every neutrophil-lineage cell of another simulated paired table
+  the run never saw (``unseen_*``: drawn lobes and granules vs truth, the lobe head's count,
+  the input crops' own reading; ``scripts/lobes_check.py``). The demo's test split holds
+  ~6 segmented neutrophils, too few to tell a model from a seed (docs/vae.md, "How many
+  epochs the drawn lobes need"); ``outputs/sim1`` there is 224 such cells.
 
     .venv/bin/python scripts/image_branch_check.py outputs/demo/train \
-        [--paired outputs/demo/pair/paired.h5ad] [--out outputs/demo/train/image_branch.json]
+        [--paired outputs/demo/pair/paired.h5ad] [--out outputs/demo/train/image_branch.json] \
+        [--unseen outputs/sim1/pair/paired.h5ad]
 
 The last line reads ``image-only kNN X.XX | joint kNN Y.YY | active units A/D | SSIM S.SS``.
 """
@@ -225,6 +231,7 @@ def check(
     views: int | None = None,
     stages: list[str] | None = None,
     lobe_deep_valley: str = "model",
+    unseen: Path | None = None,
 ) -> dict:
     import anndata as ad
     import pandas as pd
@@ -558,7 +565,34 @@ def check(
         for k, v in truth.items():
             if isinstance(v, (int, float)):
                 res[f"traverse_{k}"] = float(v)
+    if unseen is not None:
+        res.update(_unseen(run, Path(unseen)))
     return res
+
+
+def _unseen(run: Path, paired: Path) -> dict:
+    """``scripts/lobes_check.py``'s numbers on every neutrophil-lineage cell of ``paired``
+    (a simulated table the run never saw), as ``unseen_*`` keys."""
+    import importlib.util
+
+    import anndata as ad
+
+    obs = ad.read_h5ad(paired, backed="r").obs
+    missing = [c for c in ("lineage", "lobes", "t", "kind") if c not in obs]
+    if missing:
+        raise SystemExit(
+            f"--unseen {paired}: obs lacks {missing}; it must be a simulated paired table "
+            "(stage=pair on simulator cells)"
+        )
+    spec = importlib.util.spec_from_file_location(
+        "lobes_check", Path(__file__).with_name("lobes_check.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.check(run, paired)
+    out = {"unseen_paired": str(paired)}
+    out.update({f"unseen_{k}": v for k, v in r.items() if k not in ("run", "paired")})
+    return out
 
 
 def _drawn_granule_density(obs) -> np.ndarray | None:
@@ -585,6 +619,13 @@ def main() -> None:
     ap.add_argument("--traverse", type=Path, default=None, help="stage=traverse folder")
     ap.add_argument("--out", type=Path, default=None, help="JSON (default RUN/image_branch.json)")
     ap.add_argument(
+        "--unseen",
+        type=Path,
+        default=None,
+        help="another simulated paired.h5ad the run never saw: drawn lobes / granules vs truth "
+        "on all its neutrophil-lineage cells (unseen_*)",
+    )
+    ap.add_argument(
         "--views",
         type=int,
         choices=(1, 8),
@@ -609,7 +650,13 @@ def main() -> None:
 
     torch.set_num_threads(1)
     res = check(
-        args.run, args.paired, args.traverse, args.views, args.stages, args.lobe_deep_valley
+        args.run,
+        args.paired,
+        args.traverse,
+        args.views,
+        args.stages,
+        args.lobe_deep_valley,
+        args.unseen,
     )
     out = args.out or args.run / "image_branch.json"
     out.write_text(json.dumps(res, indent=2, default=float))

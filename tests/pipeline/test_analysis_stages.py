@@ -743,6 +743,35 @@ def test_reviewed_labels_check_scores_runs_on_the_same_crops(tiny_run, tmp_path)
     assert again["all"]["n"] == res["all"]["n"] and again["all"]["knn_accuracy"] == 0.0
 
 
+def test_image_branch_check_scores_unseen_simulated_cells(tiny_run, tmp_path):
+    """--unseen: lobes_check.py's numbers on another table's lineage cells, as unseen_* keys;
+    a table without simulator truth is refused naming the missing columns."""
+    import anndata as ad
+
+    root, paired = tiny_run
+    run = root / "tiny" / "train"
+    mod = _script("image_branch_check")
+    a = ad.read_h5ad(paired)
+    rng = np.random.default_rng(0)
+    a.obs["lineage"] = np.where(np.arange(a.n_obs) % 3 == 0, "monocyte", "neutrophil")
+    a.obs["t"] = rng.uniform(0, 1, a.n_obs)
+    a.obs["lobes"] = np.where(a.obs["t"] > 0.8, 3.0, 1.0)
+    a.obs["kind"] = np.where(a.obs["t"] > 0.8, "segmented_neutrophil", "myelocyte")
+    a.write_h5ad(tmp_path / "unseen.h5ad")
+    res = mod.check(run, paired, None, unseen=tmp_path / "unseen.h5ad")
+    want = _script("lobes_check").check(run, tmp_path / "unseen.h5ad")
+    lineage = a.obs["has_image"].to_numpy(bool) & (a.obs["lineage"] == "neutrophil").to_numpy()
+    assert res["unseen_n_cells"] == want["n_cells"] == int(lineage.sum()) > 0
+    for k, v in want.items():
+        if k not in ("run", "paired"):
+            assert res[f"unseen_{k}"] == v or (v != v and res[f"unseen_{k}"] != res[f"unseen_{k}"])
+    assert "knn_image" in res  # the test split's numbers are still there
+    del a.obs["lobes"]
+    a.write_h5ad(tmp_path / "no_truth.h5ad")
+    with pytest.raises(SystemExit, match="lobes"):
+        mod.check(run, paired, None, unseen=tmp_path / "no_truth.h5ad")
+
+
 def test_image_branch_check_scores_the_maturation_axis_against_pseudotime():
     """Real data: dim 0 against obs['maturation'] over the stages' profiles, overall and
     within each stage; without the head, the best dim."""
