@@ -577,7 +577,11 @@ def _unseen(run: Path, paired: Path) -> dict:
 
     import anndata as ad
 
-    obs = ad.read_h5ad(paired, backed="r").obs
+    if not paired.is_file():
+        raise SystemExit(f"--unseen {paired}: no such file")
+    table = ad.read_h5ad(paired, backed="r")  # obs only: the crops are read by lobes_check
+    obs = table.obs
+    table.file.close()
     missing = [c for c in ("lineage", "lobes", "t", "kind") if c not in obs]
     if missing:
         raise SystemExit(

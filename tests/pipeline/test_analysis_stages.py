@@ -770,6 +770,8 @@ def test_image_branch_check_scores_unseen_simulated_cells(tiny_run, tmp_path):
     a.write_h5ad(tmp_path / "no_truth.h5ad")
     with pytest.raises(SystemExit, match="lobes"):
         mod.check(run, paired, None, unseen=tmp_path / "no_truth.h5ad")
+    with pytest.raises(SystemExit, match="no such file"):
+        mod.check(run, paired, None, unseen=tmp_path / "missing.h5ad")
 
 
 def test_image_branch_check_scores_the_maturation_axis_against_pseudotime():
