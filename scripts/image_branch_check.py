@@ -572,22 +572,10 @@ def check(
 
 def _unseen(run: Path, paired: Path) -> dict:
     """``scripts/lobes_check.py``'s numbers on every neutrophil-lineage cell of ``paired``
-    (a simulated table the run never saw), as ``unseen_*`` keys."""
+    (a simulated table the run never saw), as ``unseen_*`` keys; a missing table or one
+    without simulator truth ends the script with one line (``lobes_check.check``)."""
     import importlib.util
 
-    import anndata as ad
-
-    if not paired.is_file():
-        raise SystemExit(f"--unseen {paired}: no such file")
-    table = ad.read_h5ad(paired, backed="r")  # obs only: the crops are read by lobes_check
-    obs = table.obs
-    table.file.close()
-    missing = [c for c in ("lineage", "lobes", "t", "kind") if c not in obs]
-    if missing:
-        raise SystemExit(
-            f"--unseen {paired}: obs lacks {missing}; it must be a simulated paired table "
-            "(stage=pair on simulator cells)"
-        )
     spec = importlib.util.spec_from_file_location(
         "lobes_check", Path(__file__).with_name("lobes_check.py")
     )

@@ -78,8 +78,16 @@ def check(run: Path, paired: Path, figure: Path | None = None) -> dict:
     from vae.data import from_anndata
     from vae.infer import encode_dataset
 
-    model, _ = load_model(run / "model.pt")
+    if not Path(paired).is_file():
+        raise SystemExit(f"{paired}: no such file")
     a = ad.read_h5ad(paired)
+    missing = [c for c in ("lineage", "lobes", "t", "kind") if c not in a.obs]
+    if missing:
+        raise SystemExit(
+            f"{paired}: obs lacks {missing}; it must be a simulated paired table "
+            "(stage=pair on simulator cells)"
+        )
+    model, _ = load_model(run / "model.pt")
     data = from_anndata(a, image_size=model.args.crop_size)
     o = a.obs
     neut = (
