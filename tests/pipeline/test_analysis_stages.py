@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers.run import FAST_ANALYSIS, compose_config, run_pipeline
+from tests.helpers.run import FAST_ANALYSIS, compose_config, load_script, run_pipeline
 from tests.helpers.vae_toy import make_paired
 
 TINY_TRAIN = [
@@ -64,13 +64,7 @@ def _on_run(stage: str, root: Path, train: Path, *extra: str) -> int:
 
 def _script(name: str):
     """Import ``scripts/<name>.py`` as a module (the scripts are not a package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(name)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +110,10 @@ def _check_outputs(run: Path) -> None:
     assert len(rank) == 12 and {"gene", "log2fc", "spearman", "score"} <= set(rank.columns)
     assert (rank["score"].diff().dropna() <= 0).all()  # sorted
     path = pd.read_csv(tr / "path_features_gp.csv")
-    assert len(path) == 6 and "granule_density" in path
+    assert len(path) == 6 and "granule_density" in path and "cytoplasm_grain" in path
+    # the report's findings read the grain beside the count (real smears: docs/vae.md)
+    findings = json.loads((tr / "traverse_summary.json").read_text())["key_findings"]
+    assert any("with cytoplasm_grain measured on held-out crops" in f for f in findings)
     truth = pd.read_csv(tr / "truth_recovery.csv")
     assert "gp_path_position_vs_true_t_spearman" in set(truth["measure"])
     # every measure says how many cells it rests on (the path reads every code, the

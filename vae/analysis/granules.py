@@ -18,7 +18,10 @@ can be compared. For one RGB crop and its cell mask:
    touching granules with their own peaks count apart, lines and chromatin
    texture do not count (:func:`detect_granules`); count and density per
    100 px^2 of the searched area;
-5. texture: GLCM contrast of the cytoplasm grey levels;
+5. texture: GLCM contrast of the cytoplasm grey levels, and the cytoplasm's grain (root
+   mean square of the stain's fine detail, :func:`detail_rms`): how granular the cell
+   looks where granules are too small or too dense to count (real smears at 64 px:
+   docs/vae.md, "Granularity on real crops");
 6. colour: circular mean hue (degrees, 90-450: red is 360) and mean saturation of the cytoplasm.
 """
 
@@ -48,6 +51,7 @@ FEATURES = [
     "granule_count",
     "granule_density",
     "glcm_contrast",
+    "cytoplasm_grain",
     "cytoplasm_hue",
     "cytoplasm_saturation",
     "lobes",
@@ -97,6 +101,7 @@ class CellFeatures:
     granule_count: int
     granule_density: float  # granules per 100 px^2 of the searched area (cell minus its rim)
     glcm_contrast: float  # GLCM contrast of the cytoplasm, distance 1, mean of 4 angles
+    cytoplasm_grain: float  # RMS fine detail of the stain over the cytoplasm (OD; NaN < 10 px)
     cytoplasm_hue: float  # degrees in [0, 360), circular mean
     cytoplasm_saturation: float  # mean HSV saturation in [0, 1]
     lobes: int  # nucleus lobe count (0: no nucleus found)
@@ -702,6 +707,7 @@ def measure_cell(
         granule_count=len(blobs),
         granule_density=float(100.0 * len(blobs) / searched) if searched else float("nan"),
         glcm_contrast=glcm_contrast(img, cyto, p.glcm_levels),
+        cytoplasm_grain=float(detail_rms(img, cell, nuc, [cyto])[0]),
         cytoplasm_hue=hue,
         cytoplasm_saturation=sat,
         lobes=count_lobes(nuc, p.neck_ratio, p.min_lobe_radius_px),
@@ -713,46 +719,64 @@ def measure_cell(
     return CellMeasurement(features=feats, nucleus=nuc, cytoplasm=cyto, blobs=blobs)
 
 
+def detail_rms(
+    img: np.ndarray, cell_mask: np.ndarray, nucleus: np.ndarray, parts: list[np.ndarray]
+) -> np.ndarray:
+    """Root-mean-square fine detail of the stain over each of ``parts``, (len(parts),).
+
+    The detail is what the texture layer of the VAE learns
+    (:func:`vae.losses.texture_detail`: optical density minus its local mean at 1.5 px,
+    the nucleus and the cytoplasm averaged apart so the nuclear outline does not leak in;
+    three channels, their squares summed). NaN for a part under 10 px.
+
+    Parameters
+    ----------
+    img : (H, W, 3) uint8 or float [0, 1] RGB crop.
+    cell_mask, nucleus : (H, W) bool.
+    parts : (H, W) bool masks to average over (e.g. the cytoplasm of :func:`measure_cell`).
+    """
+    import torch
+
+    from vae.losses import texture_detail
+
+    cell = np.asarray(cell_mask, dtype=bool)
+    x = torch.from_numpy(to_float_rgb(img).astype(np.float32)).permute(2, 0, 1)[None]
+    m = torch.from_numpy(cell.astype(np.float32))[None, None]
+    n = torch.from_numpy((np.asarray(nucleus, dtype=bool) & cell).astype(np.float32))[None, None]
+    energy = texture_detail(x, m, n).pow(2).sum(1)[0].numpy()  # (H, W)
+    out = np.full(len(parts), np.nan)
+    for j, part in enumerate(parts):
+        part = np.asarray(part, dtype=bool)
+        if part.sum() >= 10:
+            out[j] = float(np.sqrt(energy[part].mean()))
+    return out
+
+
 def stain_grain(
     images: np.ndarray, masks: np.ndarray, params: GranuleParams | None = None
 ) -> np.ndarray:
     """Root-mean-square fine detail of the stain per crop, (n, 2): cytoplasm, nucleus.
 
-    The detail is what the texture layer of the VAE learns
-    (:func:`vae.losses.texture_detail`: optical density minus its local mean at 1.5 px
-    over the same part, three channels), read here on each crop's own cytoplasm and
-    nucleus as :func:`measure_cell` segments them (the nucleus shrunk by 1 px, so its
-    outline, an edge rather than grain, is left out). How granular a cell looks: eosinophil and
-    basophil granules, chromatin clumps; a smooth decoded cell reads near 0. NaN where
-    a part has under 10 px.
+    :func:`detail_rms` over each crop's own cytoplasm and nucleus as :func:`measure_cell`
+    segments them (the nucleus shrunk by 1 px, so its outline, an edge rather than grain,
+    is left out; the cytoplasm column is :attr:`CellFeatures.cytoplasm_grain`). How
+    granular a cell looks: eosinophil and basophil granules, chromatin clumps; a smooth
+    decoded cell reads near 0. NaN where a part has under 10 px.
 
     Parameters
     ----------
     images : (n, H, W, 3) uint8 or float [0, 1]
     masks : (n, H, W) bool cell masks
     """
-    import torch
     from scipy import ndimage as ndi
-
-    from vae.losses import texture_detail
 
     images = np.asarray(images)
     masks = np.asarray(masks, dtype=bool)
-    x = images.astype(np.float32) / (255.0 if images.dtype == np.uint8 else 1.0)
-    meas = [measure_cell(images[i], masks[i], params) for i in range(len(images))]
-    nuc = np.stack([mc.nucleus for mc in meas]) & masks
-    det = texture_detail(
-        torch.from_numpy(x).permute(0, 3, 1, 2),
-        torch.from_numpy(masks[:, None].astype(np.float32)),
-        torch.from_numpy(nuc[:, None].astype(np.float32)),
-    )
-    energy = det.pow(2).sum(1).numpy()  # (n, H, W)
     out = np.full((len(images), 2), np.nan)
-    for i, mc in enumerate(meas):
+    for i in range(len(images)):
+        mc = measure_cell(images[i], masks[i], params)
         inner_nuc = ndi.binary_erosion(mc.nucleus, iterations=1)
-        for j, part in enumerate((mc.cytoplasm, inner_nuc)):
-            if part.sum() >= 10:
-                out[i, j] = float(np.sqrt(energy[i][part].mean()))
+        out[i] = detail_rms(images[i], masks[i], mc.nucleus, [mc.cytoplasm, inner_nuc])
     return out
 
 

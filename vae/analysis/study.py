@@ -1171,7 +1171,11 @@ def _key_findings(
     if "real_feature_correlation" in tables:
         df = tables["real_feature_correlation"].set_index("feature")
         zcols = [c for c in df.columns if c.startswith("z")]
-        for feat in ["granule_density", *[f for f in df.index if f.startswith("program:")]]:
+        # the grain beside the count: on real smears the counter finds few or no granules
+        # at 64 px and ranks eosinophils under lymphocytes, where the grain ranks them
+        # first (docs/vae.md, "Granularity on real crops")
+        measured = ["granule_density", "cytoplasm_grain"]
+        for feat in [*measured, *[f for f in df.index if f.startswith("program:")]]:
             if feat not in df.index:
                 continue
             r = df.loc[feat, zcols].astype(float)

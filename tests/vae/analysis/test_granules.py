@@ -277,3 +277,21 @@ def test_stain_grain_reads_granular_cytoplasm_and_not_outlines():
     # uint8 input reads as float within quantisation
     g8 = G.stain_grain(np.rint(grainy * 255).astype(np.uint8)[None], cell[None])
     assert abs(g8[0, 0] - g[1, 0]) < 0.02
+
+
+def test_cytoplasm_grain_is_a_feature_and_stain_grains_cytoplasm_column():
+    # the report's and the traverse's feature tables carry the grain (real smears: the
+    # granules a 64 px crop cannot count; docs/vae.md "Granularity on real crops")
+    smooth, cell = _od_cell([])
+    rng = np.random.default_rng(1)
+    ang, rad = rng.uniform(0, 2 * np.pi, 120), rng.uniform(15, 25, 120)
+    grainy, _ = _od_cell([(32 + r * np.sin(a), 32 + r * np.cos(a)) for a, r in zip(ang, rad)])
+    imgs, masks = np.stack([smooth, grainy]), np.stack([cell, cell])
+    df = G.measure_batch(imgs, masks)
+    assert "cytoplasm_grain" in G.FEATURES
+    np.testing.assert_allclose(df["cytoplasm_grain"], G.stain_grain(imgs, masks)[:, 0])
+    assert df["cytoplasm_grain"][1] > 10 * max(df["cytoplasm_grain"][0], 1e-3)
+    # a cell too small to hold 10 px of cytoplasm reads NaN, not 0
+    tiny = np.zeros((64, 64), bool)
+    tiny[30:33, 30:33] = True
+    assert np.isnan(G.measure_cell(grainy, tiny).features.cytoplasm_grain)
