@@ -114,6 +114,14 @@ def _check_outputs(run: Path) -> None:
     # the report's findings read the grain beside the count (real smears: docs/vae.md)
     findings = json.loads((tr / "traverse_summary.json").read_text())["key_findings"]
     assert any("with cytoplasm_grain measured on held-out crops" in f for f in findings)
+    # each measured crop with its class, and the class medians the report shows
+    crops = pd.read_csv(tr / "real_crop_features.csv")
+    assert list(crops.columns[:2]) == ["cell", "label"] and crops["label"].notna().all()
+    by_class = pd.read_csv(tr / "real_morphology_by_class.csv")
+    assert by_class["n"].sum() == len(crops)
+    assert set(by_class["label"]) == set(crops["label"])
+    lobes = crops.groupby("label")["lobes"].median()
+    assert np.allclose(by_class.set_index("label").loc[lobes.index, "lobes"], lobes)
     truth = pd.read_csv(tr / "truth_recovery.csv")
     assert "gp_path_position_vs_true_t_spearman" in set(truth["measure"])
     # every measure says how many cells it rests on (the path reads every code, the
@@ -126,6 +134,7 @@ def _check_outputs(run: Path) -> None:
     assert pngs and pngs == embedded
     assert html.count("<figcaption>") == len(embedded)
     assert "data:image/png;base64," in html and "Config" in html
+    assert "What the instruments read on the real crops, by class" in html
     assert "Imputation, denoising and atypical cells" in html
     # the interactive page next to the report: one file, its data inline
     page = (tr / "study.html").read_text()

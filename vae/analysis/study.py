@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from segmentation.progress import Steps
-from vae.analysis.palette import abbreviation_note, short_label
+from vae.analysis.palette import abbreviation_note, display_label, label_order, short_label
 from vae.analysis.run import (
     AnalysisError,
     Outputs,
@@ -725,6 +725,13 @@ def traverse_study(
             masks = rd.data.masks[cand, 0].numpy().astype(bool)
             real = G.measure_batch(crops, masks, params)
             real.insert(0, "cell", np.asarray(lat.obs_names)[cand])
+            # each crop's class and source beside its features (a reader of the CSV should
+            # not have to join it back to latent.h5ad), and the class medians below
+            real.insert(1, "label", [display_label(x) for x in labels[cand]])
+            src = obs_col(lat, "image_source")
+            if src is not None:
+                real.insert(2, "image_source", np.asarray(src).astype(str)[cand])
+            tables["real_morphology_by_class"] = morphology_by_class(real)
             zc = Z[cand]
             # granule program scores of the expression decoded from each cell's reported
             # code (the one correlated with the latent dims below; expression has no pose)
@@ -914,7 +921,7 @@ def traverse_study(
         )
         out_files.csv(tables["truth_recovery"], "truth_recovery")
 
-    for name in ("dim_feature_correlation", "real_feature_correlation"):
+    for name in ("dim_feature_correlation", "real_feature_correlation", "real_morphology_by_class"):
         if name in tables:
             out_files.csv(tables[name], name)
     summary["seconds"] = round(time.time() - t0, 2)
@@ -1018,13 +1025,29 @@ def traverse_study(
                 missing=_CONSTANT,
             )
         )
+    if "real_morphology_by_class" in tables:
+        gt.append(
+            TableItem(
+                "What the instruments read on the real crops, by class (median)",
+                tables["real_morphology_by_class"],
+                "The same crops, their features' medians per class: a check of the "
+                "instruments before reading the correlations above (segmented neutrophils "
+                "should read more lobes than lymphocytes, eosinophils and basophils a "
+                "grainier cytoplasm). Compare classes within one image source, where stains and "
+                "sharpness agree (real_crop_features.csv has every crop with its source).",
+                missing="no crop of this class was measured",
+            )
+        )
     sections.append(
         Section(
             "Granule formation in the latent space",
             text=(
                 "Which latent directions carry granule formation: correlations of granule count/density, "
-                "GLCM contrast, cytoplasm hue, lobe count and nucleus share with each latent dim and with the "
-                "path position. The granule counter counts dark dots of granule size inside the cell: "
+                "GLCM contrast, the cytoplasm's grain, cytoplasm hue, lobe count and nucleus share with "
+                "each latent dim and with the path position. On real smears read the grain (and GLCM "
+                "contrast) for granularity: the counter ranks eosinophils and basophils no higher "
+                'than other cells there (docs/vae.md "Granularity on real crops"). The granule '
+                "counter counts dark dots of granule size inside the cell: "
                 "on 64 px crops of blood cells it reads granule-like texture (chromatin and stain "
                 'grain count too, docs/vae.md "Measuring instruments"), and blood cells have '
                 "finished forming their granules in the marrow."
@@ -1342,6 +1365,45 @@ def _eval_sections(
 
 
 # features of the real crops nearest each path step, as path_features_*.csv columns
+# features of the by-class table of the real crops: what a haematologist checks first
+CLASS_MORPHOLOGY = (
+    "lobes",
+    "nucleus_fraction",
+    "cytoplasm_grain",
+    "glcm_contrast",
+    "granule_density",
+    "cytoplasm_hue",
+    "cell_area",
+)
+
+
+def morphology_by_class(real: pd.DataFrame) -> pd.DataFrame:
+    """Median of each measured feature per class (and per image source, when known).
+
+    Parameters
+    ----------
+    real : one row per measured crop: ``label``, optional ``image_source``, and the
+        :data:`vae.analysis.granules.FEATURES` columns (``real_crop_features.csv``)
+
+    Returns
+    -------
+    DataFrame with ``label``, [``image_source``], ``n`` and one column per feature of
+    :data:`CLASS_MORPHOLOGY` present in ``real``; classes in palette order (maturation
+    order first), the unlabelled last.
+    """
+    keys = ["label"] + (["image_source"] if "image_source" in real else [])
+    feats = [f for f in CLASS_MORPHOLOGY if f in real]
+    g = real.groupby(keys, sort=False, observed=True)
+    out = g[feats].median()
+    out.insert(0, "n", g.size())
+    out = out.reset_index()
+    order = {lab: i for i, lab in enumerate(label_order(out["label"]))}
+    out["_o"] = out["label"].map(order)
+    return (
+        out.sort_values(["_o", *keys[1:]], kind="stable").drop(columns="_o").reset_index(drop=True)
+    )
+
+
 NEAREST_CROP_FEATURES = ("lobes", "nucleus_fraction", "granule_density", "cytoplasm_hue")
 
 

@@ -81,3 +81,41 @@ def test_a_table_without_the_class_column_is_one_clear_refusal(tmp_path):
     # one class only: no AUC (NaN), not a crash; a NaN score counts as 0
     assert np.isnan(mod.auc(np.array([1.0, 2.0]), np.array([True, True])))
     assert mod.auc(np.array([np.nan, 2.0]), np.array([False, True])) == 1.0
+
+
+def test_morphology_by_class_gives_medians_per_class_and_source_in_display_order():
+    from vae.analysis.study import morphology_by_class
+
+    real = pd.DataFrame(
+        {
+            "cell": [f"c{i}" for i in range(7)],
+            "label": [
+                "lymphocyte",
+                "neutrophil",
+                "neutrophil",
+                "(unlabelled)",
+                "myelocyte",
+                "neutrophil",
+                "lymphocyte",
+            ],
+            "image_source": ["a", "a", "a", "a", "a", "b", "b"],
+            "lobes": [1, 3, 2, 1, 1, 4, 1],
+            "cytoplasm_grain": [0.1, 0.2, 0.4, 0.3, 0.5, 0.6, 0.2],
+        }
+    )
+    out = morphology_by_class(real)
+    assert list(out.columns) == ["label", "image_source", "n", "lobes", "cytoplasm_grain"]
+    # classes in the figures' order (vae.analysis.palette.label_order: the lineage in
+    # maturation order, other white cells, unlabelled last), each class's sources together
+    from vae.analysis.palette import label_order
+
+    assert list(dict.fromkeys(out["label"])) == label_order(real["label"])
+    assert out["label"].iloc[0] == "myelocyte" and out["label"].iloc[-1] == "(unlabelled)"
+    assert list(out.loc[out["label"] == "neutrophil", "image_source"]) == ["a", "b"]
+    neu_a = out[(out["label"] == "neutrophil") & (out["image_source"] == "a")].iloc[0]
+    assert neu_a["n"] == 2 and neu_a["lobes"] == 2.5
+    assert neu_a["cytoplasm_grain"] == pytest.approx(0.3)
+    # without a source column: one row per class
+    one = morphology_by_class(real.drop(columns="image_source"))
+    assert list(one["label"]) == label_order(real["label"])
+    assert one.set_index("label").loc["neutrophil", "n"] == 3
