@@ -754,7 +754,7 @@ def crop_targets(
         if gran is None:  # the nucleus alone: no granule search
             nuc[i, 0] = cell_nucleus(img, m, params)
             continue
-        meas = measure_cell(img, m, params)
+        meas = measure_cell(img, m, params, grain=False)  # blobs and nucleus only
         if nuc is not None:
             nuc[i, 0] = meas.nucleus
         if len(meas.blobs):

@@ -120,8 +120,9 @@ def _check_outputs(run: Path) -> None:
     by_class = pd.read_csv(tr / "real_morphology_by_class.csv")
     assert by_class["n"].sum() == len(crops)
     assert set(by_class["label"]) == set(crops["label"])
-    lobes = crops.groupby("label")["lobes"].median()
-    assert np.allclose(by_class.set_index("label").loc[lobes.index, "lobes"], lobes)
+    keys = ["label"] + (["image_source"] if "image_source" in crops else [])
+    lobes = crops.groupby(keys)["lobes"].median()
+    assert np.allclose(by_class.set_index(keys).loc[lobes.index, "lobes"], lobes)
     truth = pd.read_csv(tr / "truth_recovery.csv")
     assert "gp_path_position_vs_true_t_spearman" in set(truth["measure"])
     # every measure says how many cells it rests on (the path reads every code, the

@@ -1035,7 +1035,8 @@ def traverse_study(
                 "should read more lobes than lymphocytes, eosinophils and basophils a "
                 "grainier cytoplasm). Compare classes within one image source, where stains and "
                 "sharpness agree (real_crop_features.csv has every crop with its source).",
-                missing="no crop of this class was measured",
+                missing="the feature is undefined on every crop of this class and source "
+                "(e.g. a cytoplasm under 10 px for the grain)",
             )
         )
     sections.append(
@@ -1364,7 +1365,6 @@ def _eval_sections(
     return out + ([uses] if uses is not None else [])
 
 
-# features of the real crops nearest each path step, as path_features_*.csv columns
 # features of the by-class table of the real crops: what a haematologist checks first
 CLASS_MORPHOLOGY = (
     "lobes",
@@ -1393,17 +1393,20 @@ def morphology_by_class(real: pd.DataFrame) -> pd.DataFrame:
     """
     keys = ["label"] + (["image_source"] if "image_source" in real else [])
     feats = [f for f in CLASS_MORPHOLOGY if f in real]
-    g = real.groupby(keys, sort=False, observed=True)
+    # a key read back from a CSV ("nan", "NA", "" -> NaN) is a group of its own, not dropped
+    real = real.assign(**{k: real[k].astype(object).fillna("(unknown)").astype(str) for k in keys})
+    g = real.groupby(keys, sort=False)
     out = g[feats].median()
     out.insert(0, "n", g.size())
     out = out.reset_index()
     order = {lab: i for i, lab in enumerate(label_order(out["label"]))}
-    out["_o"] = out["label"].map(order)
+    out["_o"] = out["label"].map(order).fillna(len(order))
     return (
         out.sort_values(["_o", *keys[1:]], kind="stable").drop(columns="_o").reset_index(drop=True)
     )
 
 
+# features of the real crops nearest each path step, as path_features_*.csv columns
 NEAREST_CROP_FEATURES = ("lobes", "nucleus_fraction", "granule_density", "cytoplasm_hue")
 
 

@@ -238,7 +238,7 @@ def granule_centres_at_source(
         if background is not None:
             crop = crop.copy()
             crop[~m] = background
-        blobs = measure_cell(crop, m, params).blobs
+        blobs = measure_cell(crop, m, params, grain=False).blobs
         if not len(blobs):
             continue
         rc = np.clip(np.rint(blobs[:, :2]).astype(int), 0, h - 1)

@@ -55,7 +55,7 @@ def test_granular_classes_are_ranked_by_the_grain_per_source(tmp_path, capsys):
     _table().write_h5ad(path)
     res = mod.main([str(path), "--granular", "eosinophil", "--out", str(tmp_path / "g.json")])
     assert res["n_crops"] == 24  # each crop once, not once per expression row
-    assert set(res["sources"]) == {"all", "a", "b"}
+    assert set(res["sources"]) == {mod.POOLED, "a", "b"}
     for r in res["sources"].values():
         assert r["auc"]["cytoplasm_grain"] == 1.0  # packed granules read as grain
         assert (
@@ -67,7 +67,10 @@ def test_granular_classes_are_ranked_by_the_grain_per_source(tmp_path, capsys):
         json.loads((tmp_path / "g.json").read_text())["sources"]["b"]["auc"]
         == (res["sources"]["b"]["auc"])
     )
-    assert "cytoplasm_grain" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert any(
+        line.startswith("a ") and line.rstrip().endswith("1.000") for line in out.splitlines()
+    )
 
 
 def test_a_table_without_the_class_column_is_one_clear_refusal(tmp_path):
@@ -78,9 +81,43 @@ def test_a_table_without_the_class_column_is_one_clear_refusal(tmp_path):
         mod.main([str(path), "--label-key", "celltype"])
     with pytest.raises(SystemExit, match="no such file"):
         mod.main([str(tmp_path / "none.h5ad")])
-    # one class only: no AUC (NaN), not a crash; a NaN score counts as 0
-    assert np.isnan(mod.auc(np.array([1.0, 2.0]), np.array([True, True])))
-    assert mod.auc(np.array([np.nan, 2.0]), np.array([False, True])) == 1.0
+    # one class only: no AUC (NaN), not a crash
+    assert np.isnan(mod.auc(np.array([1.0, 2.0]), np.array([True, True]))[0])
+
+
+def test_undefined_scores_are_left_out_not_ranked_as_smooth():
+    mod = load_script("granularity_check")
+    # a NaN (a cytoplasm too small to read) among the non-granular cells: counting it as
+    # 0 would rank it below every granular cell and flatter the feature
+    scores = np.array([np.nan, 0.5, 0.1, 0.6, 0.4])
+    positive = np.array([False, False, False, True, True])
+    a, left = mod.auc(scores, positive)
+    assert left == 1 and a == pytest.approx(0.75)  # 3 of the 4 pairs ordered right
+    # the NaN read as 0 instead (the first version): 5 of 6 pairs, a flattered score
+    assert mod.auc(np.nan_to_num(scores), positive)[0] == pytest.approx(5 / 6)
+
+
+def test_unknown_labels_unnamed_crops_and_channel_first_float_crops(tmp_path):
+    mod = load_script("granularity_check")
+    t = _table(2)
+    n = t.n_obs
+    lab = t.obs["image_label"].astype(str).to_numpy().copy()
+    lab[:2] = "NA"  # the project's unknown label (vae.inputs.schema.UNKNOWN_LABEL)
+    t.obs["image_label"] = lab
+    ref = t.obs["image_ref"].astype(str).to_numpy().copy()
+    ref[4:8] = ""  # crops without a name: each its own crop, not one
+    t.obs["image_ref"] = ref
+    t.obsm["crops"] = t.obsm["crops"].transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    t.obsm["masks"] = t.obsm["masks"][:, None].astype(np.float32) * 0.9
+    crops, masks, labels, sources = mod.labelled_crops(t, "image_label", "image_source")
+    # 16 crops, each on two rows: rows 0-1 unknown (crop 0 out), rows 4-7 unnamed (crops 2
+    # and 3 counted on both their rows)
+    assert len(crops) == n // 2 - 1 + 2
+    assert "NA" not in set(labels)
+    assert crops.shape[1:] == (64, 64, 3) and crops.dtype == np.uint8
+    assert masks.dtype == bool and masks.any()
+    t.obs = t.obs.drop(columns="image_source")
+    assert set(mod.labelled_crops(t, "image_label", "image_source")[3]) == {"all"}
 
 
 def test_morphology_by_class_gives_medians_per_class_and_source_in_display_order():
