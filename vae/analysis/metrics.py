@@ -749,6 +749,50 @@ def correlation_matrix(x: np.ndarray, y: np.ndarray, method: str = "spearman") -
     return out
 
 
+def correlation_within_groups(
+    x: np.ndarray, y: np.ndarray, groups: np.ndarray, min_rows: int = 10
+) -> tuple[np.ndarray, int]:
+    """Spearman of every column of ``x`` with ``y`` inside each group, pooled.
+
+    The mean of the per-group correlations weighted by each group's rows, over the groups
+    with at least ``min_rows`` rows and a defined correlation: what a correlation reads
+    once the groups' offsets (image sources with their own stain and sharpness) are taken
+    out, where a pooled correlation can follow the groups instead of the cells.
+
+    Parameters
+    ----------
+    x : (n, p) features; y : (n,) values; groups : (n,) group of each row.
+    min_rows : a group with fewer rows is left out.
+
+    Returns
+    -------
+    (p,) pooled within-group correlations (NaN where no group has one), and the number of
+    groups used (the most over the columns).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    y = np.asarray(y, dtype=np.float64)
+    groups = np.asarray(groups)
+    _check_rows("y", y[:, None], len(x))
+    _check_rows("groups", groups[:, None], len(x))
+    num = np.zeros(x.shape[1])
+    den = np.zeros(x.shape[1])
+    used = np.zeros(x.shape[1], dtype=int)
+    for g in np.unique(groups.astype(str)):
+        rows = groups.astype(str) == g
+        if rows.sum() < min_rows:
+            continue
+        r = correlation_matrix(x[rows], y[rows])[:, 0]
+        ok = np.isfinite(r)
+        num[ok] += rows.sum() * r[ok]
+        den[ok] += rows.sum()
+        used[ok] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(den > 0, num / den, np.nan)
+    return out, int(used.max()) if used.size else 0
+
+
 # ----------------------------------------------------------------------------
 # reconstruction
 # ----------------------------------------------------------------------------

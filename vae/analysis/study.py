@@ -751,6 +751,15 @@ def traverse_study(
                 corr_df["gp_path_position"] = M.correlation_matrix(
                     real[fcols].to_numpy(float), pos
                 )[:, 0]
+                # the same within each image source: sources differ in stain and sharpness
+                # more than classes do (docs/vae.md "Granularity on real crops"), so a pooled
+                # rho can follow the sources; two or more sources of >= 10 crops
+                if "image_source" in real:
+                    within, n_src = M.correlation_within_groups(
+                        real[fcols].to_numpy(float), pos, real["image_source"].to_numpy()
+                    )
+                    if n_src >= 2:
+                        corr_df["gp_path_position_within_source"] = within
             tables["real_feature_correlation"] = corr_df
             # a sweep is local (one anchor cell); say where it runs against the crops
             for row in dim_rows:
@@ -770,7 +779,7 @@ def traverse_study(
             figs["granules"].append(
                 FigureItem(
                     p,
-                    f"Spearman correlation of granule/nucleus features measured on {len(cand)} real {a.split} crops, and of program scores of the expression decoded from their codes, with each latent dim and with their position on the GP path.",
+                    f"Spearman correlation of granule/nucleus features measured on {len(cand)} real {a.split} crops, and of program scores of the expression decoded from their codes, with each latent dim and with their position on the GP path (last row, where two or more image sources hold 10 crops: the same within each source, pooled by crops, as sources differ in stain and sharpness more than classes do).",
                 )
             )
 
@@ -1210,6 +1219,9 @@ def _key_findings(
             extra = ""
             if "gp_path_position" in df.columns and np.isfinite(df.loc[feat, "gp_path_position"]):
                 extra = f"; with GP path position rho {df.loc[feat, 'gp_path_position']:+.2f}"
+                w = df.loc[feat].get("gp_path_position_within_source", np.nan)
+                if np.isfinite(w):
+                    extra += f" (within image sources {w:+.2f})"
             # a program score here is decoded from the crop's own code (most real crops
             # have no measured profile); the granule density is measured on the crop
             what = (

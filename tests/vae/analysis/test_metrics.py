@@ -370,3 +370,44 @@ def test_modality_mixing_leaves_out_a_class_of_k_plus_one_cells_or_fewer():
     assert modality_mixing(z, img, np.full(12, "neu"), k=15) is None
     r = modality_mixing(z, img, np.full(12, "neu"), k=5)
     assert r["separation"] == 1.0 and r["classes_too_small"] == []
+
+
+def test_correlation_within_groups_takes_the_group_offsets_out():
+    from vae.analysis.metrics import correlation_matrix, correlation_within_groups
+
+    rng = np.random.default_rng(0)
+    # two sources: inside each, x falls as y rises; source b sits higher on both, so the
+    # pooled rank correlation is positive and says the opposite of every source
+    y = np.concatenate([rng.uniform(0, 1, 40), rng.uniform(2, 3, 20)])
+    x = -y + np.concatenate([np.zeros(40), np.full(20, 5.0)]) + rng.normal(0, 0.05, 60)
+    groups = np.array(["a"] * 40 + ["b"] * 20)
+    assert correlation_matrix(x, y)[0, 0] > 0.3
+    r, n = correlation_within_groups(np.column_stack([x, np.full(60, 1.0)]), y, groups)
+    assert n == 2 and r[0] < -0.95
+    assert np.isnan(r[1])  # a constant feature has no correlation in any group
+    # weighted by rows: a group's own value when the other is too small to count
+    r_a, n_a = correlation_within_groups(x, y, groups, min_rows=30)
+    assert n_a == 1 and r_a[0] == pytest.approx(correlation_matrix(x[:40], y[:40])[0, 0])
+    with pytest.raises(ValueError, match="groups"):
+        correlation_within_groups(x, y, groups[:10])
+
+
+def test_key_findings_say_the_within_source_correlation_with_the_path():
+    import pandas as pd
+
+    from vae.analysis.study import _key_findings
+
+    df = pd.DataFrame(
+        {
+            "feature": ["granule_density", "cytoplasm_grain"],
+            "z0": [0.1, -0.5],
+            "z1": [0.2, 0.4],
+            "gp_path_position": [-0.2, -0.55],
+            "gp_path_position_within_source": [np.nan, -0.40],
+        }
+    )
+    lines = _key_findings({"real_feature_correlation": df}, {}, [], 3)
+    grain = next(x for x in lines if "cytoplasm_grain" in x)
+    assert "with GP path position rho -0.55 (within image sources -0.40)" in grain
+    dens = next(x for x in lines if "granule_density" in x)
+    assert "rho -0.20." in dens and "within" not in dens
