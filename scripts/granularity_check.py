@@ -77,7 +77,7 @@ def labelled_crops(adata, label_key: str, source_key: str):
     sources = (
         obs[source_key].astype(str).to_numpy()[rows]
         if source_key in obs
-        else np.full(rows.size, "all", dtype=object)
+        else np.full(rows.size, POOLED, dtype=object)  # one source: the pooled entry only
     )
     return crops, masks, labels.to_numpy()[rows], sources
 
@@ -111,7 +111,7 @@ def check(adata, granular: list[str], label_key: str, source_key: str) -> dict:
     feats["label"], feats["source"] = labels, sources
     gran = {g.lower() for g in granular}
     out = {"granular": sorted(gran), "n_crops": int(len(feats)), "sources": {}}
-    for src in [POOLED, *sorted(set(sources))]:
+    for src in [POOLED, *sorted(set(sources) - {POOLED})]:
         sub = feats if src == POOLED else feats[feats["source"] == src]
         pos = sub["label"].str.lower().isin(gran).to_numpy()
         scored = {f: auc(sub[f].to_numpy(float), pos) for f in COMPARED}

@@ -127,7 +127,7 @@ def real(root: Path, crop_size: int, params=None) -> dict:
             crop, cm = square_crop(img, m > 0, crop_size)
             nuc3 = np.repeat((m == 255).astype(np.uint8)[..., None] * 255, 3, axis=2)
             true_nuc = square_crop(nuc3, m > 0, crop_size)[0][..., 0] > 127
-            me = G.measure_cell(crop, cm, params)
+            me = G.measure_cell(crop, cm, params, grain=False)  # nucleus, lobes, count
             iou = (me.nucleus & true_nuc).sum() / max((me.nucleus | true_nuc).sum(), 1)
             rec.append(
                 {

@@ -751,46 +751,54 @@ def correlation_matrix(x: np.ndarray, y: np.ndarray, method: str = "spearman") -
 
 def correlation_within_groups(
     x: np.ndarray, y: np.ndarray, groups: np.ndarray, min_rows: int = 10
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Spearman of every column of ``x`` with ``y`` inside each group, pooled.
 
-    The mean of the per-group correlations weighted by each group's rows, over the groups
-    with at least ``min_rows`` rows and a defined correlation: what a correlation reads
-    once the groups' offsets (image sources with their own stain and sharpness) are taken
-    out, where a pooled correlation can follow the groups instead of the cells.
+    The mean of the per-group correlations weighted by the rows each rests on, over the
+    groups with at least ``min_rows`` rows where both values are defined and a defined
+    correlation: what a correlation reads once the groups' offsets (image sources with
+    their own stain and sharpness) are taken out, where a pooled correlation can follow
+    the groups instead of the cells. Rows of no known group (None, NaN, "", "nan",
+    :data:`vae.inputs.schema.UNKNOWN_LABELS`) are left out. A column whose value rests on
+    fewer than two groups is NaN: it is not a comparison within groups.
 
     Parameters
     ----------
     x : (n, p) features; y : (n,) values; groups : (n,) group of each row.
-    min_rows : a group with fewer rows is left out.
+    min_rows : a group with fewer defined rows for a column is left out of that column.
 
     Returns
     -------
-    (p,) pooled within-group correlations (NaN where no group has one), and the number of
-    groups used (the most over the columns).
+    (p,) pooled within-group correlations, and (p,) int the number of groups behind each.
     """
+    from vae.inputs.schema import known_labels
+
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 1:
         x = x[:, None]
     y = np.asarray(y, dtype=np.float64)
-    groups = np.asarray(groups)
+    groups = np.asarray(groups, dtype=object)
     _check_rows("y", y[:, None], len(x))
     _check_rows("groups", groups[:, None], len(x))
+    known = known_labels(groups)
+    names = groups.astype(str)
     num = np.zeros(x.shape[1])
     den = np.zeros(x.shape[1])
     used = np.zeros(x.shape[1], dtype=int)
-    for g in np.unique(groups.astype(str)):
-        rows = groups.astype(str) == g
-        if rows.sum() < min_rows:
-            continue
-        r = correlation_matrix(x[rows], y[rows])[:, 0]
-        ok = np.isfinite(r)
-        num[ok] += rows.sum() * r[ok]
-        den[ok] += rows.sum()
-        used[ok] += 1
+    for g in np.unique(names[known]):
+        rows = known & (names == g)
+        for j in range(x.shape[1]):
+            ok = rows & np.isfinite(x[:, j]) & np.isfinite(y)
+            if ok.sum() < min_rows:
+                continue
+            r = correlation_matrix(x[ok, j], y[ok])[0, 0]
+            if np.isfinite(r):
+                num[j] += ok.sum() * r
+                den[j] += ok.sum()
+                used[j] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(den > 0, num / den, np.nan)
-    return out, int(used.max()) if used.size else 0
+        out = np.where(used >= 2, num / np.where(den > 0, den, 1.0), np.nan)
+    return out, used
 
 
 # ----------------------------------------------------------------------------

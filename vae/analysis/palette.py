@@ -83,8 +83,10 @@ SERIES_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h")
 
 
 def normalise(label: object) -> str:
-    """Label -> lookup key: lower case, spaces/dashes -> underscores, plural 's' kept."""
-    return str(label).strip().lower().replace(" ", "_").replace("-", "_")
+    """Label -> lookup key: lower case, spaces/dashes -> underscores, plural 's' kept;
+    the brackets of a shown name ("(unlabelled)", :func:`display_label`) dropped."""
+    k = str(label).strip().lower().replace(" ", "_").replace("-", "_")
+    return k[1:-1] if k.startswith("(") and k.endswith(")") else k
 
 
 def known_colour(label: object) -> str | None:

@@ -730,7 +730,7 @@ def traverse_study(
             real.insert(1, "label", [display_label(x) for x in labels[cand]])
             src = obs_col(lat, "image_source")
             if src is not None:
-                real.insert(2, "image_source", np.asarray(src).astype(str)[cand])
+                real.insert(2, "image_source", [_source_name(x) for x in np.asarray(src)[cand]])
             tables["real_morphology_by_class"] = morphology_by_class(real)
             zc = Z[cand]
             # granule program scores of the expression decoded from each cell's reported
@@ -748,18 +748,8 @@ def traverse_study(
             if path_ok:
                 pos = T.project_onto_path(zc, paths["gp"])
                 real["gp_path_position"] = pos
-                corr_df["gp_path_position"] = M.correlation_matrix(
-                    real[fcols].to_numpy(float), pos
-                )[:, 0]
-                # the same within each image source: sources differ in stain and sharpness
-                # more than classes do (docs/vae.md "Granularity on real crops"), so a pooled
-                # rho can follow the sources; two or more sources of >= 10 crops
-                if "image_source" in real:
-                    within, n_src = M.correlation_within_groups(
-                        real[fcols].to_numpy(float), pos, real["image_source"].to_numpy()
-                    )
-                    if n_src >= 2:
-                        corr_df["gp_path_position_within_source"] = within
+                for col, v in path_position_correlations(real, fcols, pos).items():
+                    corr_df[col] = v
             tables["real_feature_correlation"] = corr_df
             # a sweep is local (one anchor cell); say where it runs against the crops
             for row in dim_rows:
@@ -1031,7 +1021,9 @@ def traverse_study(
             TableItem(
                 "Real crop features vs latent dims (Spearman)",
                 tables["real_feature_correlation"],
-                missing=_CONSTANT,
+                missing="the feature is constant here (e.g. no granules found on any crop), "
+                "so no correlation is defined; in gp_path_position_within_source also where "
+                "fewer than two image sources hold 10 crops with the feature",
             )
         )
     if "real_morphology_by_class" in tables:
@@ -1377,6 +1369,44 @@ def _eval_sections(
     return out + ([uses] if uses is not None else [])
 
 
+def _source_name(value) -> str:
+    """An image source as tables show it; a crop of no known source reads "(unknown)"."""
+    from vae.inputs.schema import known_labels
+
+    return str(value) if known_labels(np.asarray([value], dtype=object))[0] else "(unknown)"
+
+
+def path_position_correlations(
+    real: pd.DataFrame, features: list[str], position: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Spearman of each measured feature with the crops' GP path position.
+
+    Parameters
+    ----------
+    real : one row per crop, the ``features`` columns and optionally ``image_source``
+    features : the columns to correlate
+    position : (n,) each crop's position along the GP path (0..1)
+
+    Returns
+    -------
+    ``{"gp_path_position": (F,)}`` and, where ``image_source`` is known,
+    ``"gp_path_position_within_source"``: the same inside each source of >= 10 crops,
+    pooled weighted by crops (:func:`vae.analysis.metrics.correlation_within_groups`);
+    NaN for a feature that rests on fewer than two sources. Sources differ in stain and
+    sharpness more than classes do (docs/vae.md "Granularity on real crops"), so the
+    pooled value can follow the sources; the column is left out when no feature has it.
+    """
+    from vae.analysis import metrics as M
+
+    x = real[features].to_numpy(float)
+    out = {"gp_path_position": M.correlation_matrix(x, position)[:, 0]}
+    if "image_source" in real:
+        within, _ = M.correlation_within_groups(x, position, real["image_source"].to_numpy())
+        if np.isfinite(within).any():
+            out["gp_path_position_within_source"] = within
+    return out
+
+
 # features of the by-class table of the real crops: what a haematologist checks first
 CLASS_MORPHOLOGY = (
     "lobes",
@@ -1412,7 +1442,7 @@ def morphology_by_class(real: pd.DataFrame) -> pd.DataFrame:
     out.insert(0, "n", g.size())
     out = out.reset_index()
     order = {lab: i for i, lab in enumerate(label_order(out["label"]))}
-    out["_o"] = out["label"].map(order).fillna(len(order))
+    out["_o"] = out["label"].map(order)
     return (
         out.sort_values(["_o", *keys[1:]], kind="stable").drop(columns="_o").reset_index(drop=True)
     )

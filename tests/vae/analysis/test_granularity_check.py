@@ -108,51 +108,19 @@ def test_unknown_labels_unnamed_crops_and_channel_first_float_crops(tmp_path):
     ref[4:8] = ""  # crops without a name: each its own crop, not one
     t.obs["image_ref"] = ref
     t.obsm["crops"] = t.obsm["crops"].transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-    t.obsm["masks"] = t.obsm["masks"][:, None].astype(np.float32) * 0.9
+    soft = t.obsm["masks"][:, None].astype(np.float32) * 0.9
+    soft[:, :, :, :8] *= 0.5  # a left band of probability <= 0.5: not cell
+    t.obsm["masks"] = soft
     crops, masks, labels, sources = mod.labelled_crops(t, "image_label", "image_source")
     # 16 crops, each on two rows: rows 0-1 unknown (crop 0 out), rows 4-7 unnamed (crops 2
     # and 3 counted on both their rows)
     assert len(crops) == n // 2 - 1 + 2
     assert "NA" not in set(labels)
     assert crops.shape[1:] == (64, 64, 3) and crops.dtype == np.uint8
-    assert masks.dtype == bool and masks.any()
+    assert masks.dtype == bool and masks.any() and not masks[:, :, :8].any()
     t.obs = t.obs.drop(columns="image_source")
-    assert set(mod.labelled_crops(t, "image_label", "image_source")[3]) == {"all"}
-
-
-def test_morphology_by_class_gives_medians_per_class_and_source_in_display_order():
-    from vae.analysis.study import morphology_by_class
-
-    real = pd.DataFrame(
-        {
-            "cell": [f"c{i}" for i in range(7)],
-            "label": [
-                "lymphocyte",
-                "neutrophil",
-                "neutrophil",
-                "(unlabelled)",
-                "myelocyte",
-                "neutrophil",
-                "lymphocyte",
-            ],
-            "image_source": ["a", "a", "a", "a", "a", "b", "b"],
-            "lobes": [1, 3, 2, 1, 1, 4, 1],
-            "cytoplasm_grain": [0.1, 0.2, 0.4, 0.3, 0.5, 0.6, 0.2],
-        }
-    )
-    out = morphology_by_class(real)
-    assert list(out.columns) == ["label", "image_source", "n", "lobes", "cytoplasm_grain"]
-    # classes in the figures' order (vae.analysis.palette.label_order: the lineage in
-    # maturation order, other white cells, unlabelled last), each class's sources together
-    from vae.analysis.palette import label_order
-
-    assert list(dict.fromkeys(out["label"])) == label_order(real["label"])
-    assert out["label"].iloc[0] == "myelocyte" and out["label"].iloc[-1] == "(unlabelled)"
-    assert list(out.loc[out["label"] == "neutrophil", "image_source"]) == ["a", "b"]
-    neu_a = out[(out["label"] == "neutrophil") & (out["image_source"] == "a")].iloc[0]
-    assert neu_a["n"] == 2 and neu_a["lobes"] == 2.5
-    assert neu_a["cytoplasm_grain"] == pytest.approx(0.3)
-    # without a source column: one row per class
-    one = morphology_by_class(real.drop(columns="image_source"))
-    assert list(one["label"]) == label_order(real["label"])
-    assert one.set_index("label").loc["neutrophil", "n"] == 3
+    assert set(mod.labelled_crops(t, "image_label", "image_source")[3]) == {mod.POOLED}
+    # no source column: the pooled entry only, not the same numbers twice
+    assert list(mod.check(t, ["eosinophil"], "image_label", "image_source")["sources"]) == [
+        mod.POOLED
+    ]

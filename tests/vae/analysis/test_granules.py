@@ -1,5 +1,7 @@
 """Granule counter and lobe counter on hand-drawn cells with known answers."""
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 from skimage.draw import disk, ellipse, line
@@ -295,3 +297,18 @@ def test_cytoplasm_grain_is_a_feature_and_stain_grains_cytoplasm_column():
     tiny = np.zeros((64, 64), bool)
     tiny[30:33, 30:33] = True
     assert np.isnan(G.measure_cell(grainy, tiny).features.cytoplasm_grain)
+
+
+def test_measure_cell_without_the_grain_gives_every_other_feature_unchanged():
+    rng = np.random.default_rng(2)
+    ang, rad = rng.uniform(0, 2 * np.pi, 60), rng.uniform(15, 25, 60)
+    img, cell = _od_cell([(32 + r * np.sin(a), 32 + r * np.cos(a)) for a, r in zip(ang, rad)])
+    full = G.measure_cell(img, cell)
+    fast = G.measure_cell(img, cell, grain=False)
+    assert np.isnan(fast.features.cytoplasm_grain) and full.features.cytoplasm_grain > 0
+    a, b = asdict(full.features), asdict(fast.features)
+    assert {k: v for k, v in a.items() if k != "cytoplasm_grain"} == {
+        k: v for k, v in b.items() if k != "cytoplasm_grain"
+    }
+    np.testing.assert_array_equal(full.blobs, fast.blobs)
+    np.testing.assert_array_equal(full.nucleus, fast.nucleus)

@@ -380,34 +380,29 @@ def test_correlation_within_groups_takes_the_group_offsets_out():
     # pooled rank correlation is positive and says the opposite of every source
     y = np.concatenate([rng.uniform(0, 1, 40), rng.uniform(2, 3, 20)])
     x = -y + np.concatenate([np.zeros(40), np.full(20, 5.0)]) + rng.normal(0, 0.05, 60)
-    groups = np.array(["a"] * 40 + ["b"] * 20)
+    groups = np.array(["a"] * 40 + ["b"] * 20, dtype=object)
     assert correlation_matrix(x, y)[0, 0] > 0.3
-    r, n = correlation_within_groups(np.column_stack([x, np.full(60, 1.0)]), y, groups)
-    assert n == 2 and r[0] < -0.95
+    r, used = correlation_within_groups(np.column_stack([x, np.full(60, 1.0)]), y, groups)
+    assert list(used) == [2, 0] and r[0] < -0.95
     assert np.isnan(r[1])  # a constant feature has no correlation in any group
-    # weighted by rows: a group's own value when the other is too small to count
-    r_a, n_a = correlation_within_groups(x, y, groups, min_rows=30)
-    assert n_a == 1 and r_a[0] == pytest.approx(correlation_matrix(x[:40], y[:40])[0, 0])
+    # one group left with enough rows: not a comparison within groups (NaN)
+    r1, used1 = correlation_within_groups(x, y, groups, min_rows=30)
+    assert list(used1) == [1] and np.isnan(r1[0])
+    # weights count the rows where the value is defined: group b's 20 rows hold 12 NaN,
+    # so it falls under min_rows=10 for that column and only a counts (and then NaN)
+    xn = x.copy()
+    xn[40:52] = np.nan
+    rn, usedn = correlation_within_groups(xn, y, groups)
+    assert list(usedn) == [1] and np.isnan(rn[0])
+    # rows of no known group are left out, not a group of their own
+    g3 = groups.copy()
+    g3[:5], g3[5:10], g3[10:15] = None, np.nan, ""
+    g3 = np.concatenate([g3, np.array(["c"] * 9, dtype=object)])
+    x3, y3 = np.concatenate([x, np.arange(9.0)]), np.concatenate([y, np.arange(9.0)])
+    r3, used3 = correlation_within_groups(x3, y3, g3)
+    assert list(used3) == [2]  # a and b; c has 9 rows; None / NaN / "" are no group
+    w_a = correlation_matrix(x[15:40], y[15:40])[0, 0]
+    w_b = correlation_matrix(x[40:], y[40:])[0, 0]
+    assert r3[0] == pytest.approx((25 * w_a + 20 * w_b) / 45)
     with pytest.raises(ValueError, match="groups"):
         correlation_within_groups(x, y, groups[:10])
-
-
-def test_key_findings_say_the_within_source_correlation_with_the_path():
-    import pandas as pd
-
-    from vae.analysis.study import _key_findings
-
-    df = pd.DataFrame(
-        {
-            "feature": ["granule_density", "cytoplasm_grain"],
-            "z0": [0.1, -0.5],
-            "z1": [0.2, 0.4],
-            "gp_path_position": [-0.2, -0.55],
-            "gp_path_position_within_source": [np.nan, -0.40],
-        }
-    )
-    lines = _key_findings({"real_feature_correlation": df}, {}, [], 3)
-    grain = next(x for x in lines if "cytoplasm_grain" in x)
-    assert "with GP path position rho -0.55 (within image sources -0.40)" in grain
-    dens = next(x for x in lines if "granule_density" in x)
-    assert "rho -0.20." in dens and "within" not in dens
