@@ -313,8 +313,13 @@ def _run_app() -> None:
     # from here a Ctrl-C is a KeyboardInterrupt again: the runner marks a started
     # stage's folder failed and puts a previous result back, then says so in one line.
     # Set here, next to the try that reports it: set at the top of main(), a Ctrl-C
-    # while main imported the runner (expand_home) ended in a traceback (CI, 0.5 s)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # while main imported the runner (expand_home) ended in a traceback (CI, 0.5 s).
+    # The runner's handler raises KeyboardInterrupt as the default one does and also notes
+    # it, so one swallowed by a library's catch-all import still stops the run before a
+    # stage starts (CI, 1.0 s: the run went on to the stage's missing-input error)
+    from pipeline.runner import interrupt
+
+    signal.signal(signal.SIGINT, interrupt)
     if _USER_FULL_ERROR == "1":  # the user asked for Hydra's full traceback
         app()
         return

@@ -444,6 +444,24 @@ def run_stage(cfg: DictConfig, name: str) -> Path:
 
 # stage folders this process has started to write (see _drop_hydra_dir)
 _FOLDERS_STARTED = 0
+# a Ctrl-C seen by the pipeline's SIGINT handler (:func:`interrupt`), kept even when the
+# KeyboardInterrupt it raised was swallowed: it can land inside a library's import that
+# catches everything (torch's, numba's), and the run then went on to a stage's own error
+_INTERRUPTED = False
+
+
+def interrupt(signum, frame) -> None:
+    """SIGINT handler of ``python -m pipeline`` once Hydra runs (``pipeline.__main__``):
+    notes the Ctrl-C, then raises KeyboardInterrupt as Python's default handler does."""
+    global _INTERRUPTED
+    _INTERRUPTED = True
+    raise KeyboardInterrupt
+
+
+def _check_interrupt() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C was seen but its KeyboardInterrupt swallowed."""
+    if _INTERRUPTED:
+        raise KeyboardInterrupt
 
 
 def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, Path]) -> Path:
@@ -709,6 +727,7 @@ def main(cfg: DictConfig) -> int:
         from pipeline.stagedir import check_writable
 
         load_stages()
+        _check_interrupt()
     except KeyboardInterrupt:
         return _interrupted_early(cfg, name)
     hardware.forget_warnings()  # a run's stage logs replay its own warnings only
@@ -756,10 +775,15 @@ def main(cfg: DictConfig) -> int:
                         run_dir(cfg),
                     )
                 for k, (name, stage_cfg) in enumerate(plan, 1):
+                    _check_interrupt()  # one swallowed by a library: no next stage
                     if len(names) > 1:
                         log.info("stage %d/%d: %s", k, len(names), name)
                     run_stage(stage_cfg, name)
     except guards.USER_ERRORS as e:
+        if _INTERRUPTED and _FOLDERS_STARTED == started:
+            # a Ctrl-C a library swallowed while the run checked its inputs: the user
+            # asked to stop, so that is what the run says
+            return _interrupted_early(cfg, name)
         _log_off_console(f"{e}")
         print(f"error: {e}", file=sys.stderr)
         _drop_hydra_dir(cfg)
