@@ -1369,11 +1369,15 @@ def _eval_sections(
     return out + ([uses] if uses is not None else [])
 
 
+# how the real-crop tables name a crop's image source or class when none is known
+UNKNOWN_NAME = "(unknown)"
+
+
 def _source_name(value) -> str:
-    """An image source as tables show it; a crop of no known source reads "(unknown)"."""
+    """An image source as tables show it; a crop of no known source reads :data:`UNKNOWN_NAME`."""
     from vae.inputs.schema import known_labels
 
-    return str(value) if known_labels(np.asarray([value], dtype=object))[0] else "(unknown)"
+    return str(value) if known_labels(np.asarray([value], dtype=object))[0] else UNKNOWN_NAME
 
 
 def path_position_correlations(
@@ -1401,7 +1405,9 @@ def path_position_correlations(
     x = real[features].to_numpy(float)
     out = {"gp_path_position": M.correlation_matrix(x, position)[:, 0]}
     if "image_source" in real:
-        within, _ = M.correlation_within_groups(x, position, real["image_source"].to_numpy())
+        src = real["image_source"].to_numpy(dtype=object)
+        src = np.where(src == UNKNOWN_NAME, None, src)  # no source: in no group
+        within, _ = M.correlation_within_groups(x, position, src)
         if np.isfinite(within).any():
             out["gp_path_position_within_source"] = within
     return out
@@ -1436,7 +1442,7 @@ def morphology_by_class(real: pd.DataFrame) -> pd.DataFrame:
     keys = ["label"] + (["image_source"] if "image_source" in real else [])
     feats = [f for f in CLASS_MORPHOLOGY if f in real]
     # a key read back from a CSV ("nan", "NA", "" -> NaN) is a group of its own, not dropped
-    real = real.assign(**{k: real[k].astype(object).fillna("(unknown)").astype(str) for k in keys})
+    real = real.assign(**{k: real[k].astype(object).fillna(UNKNOWN_NAME).astype(str) for k in keys})
     g = real.groupby(keys, sort=False)
     out = g[feats].median()
     out.insert(0, "n", g.size())

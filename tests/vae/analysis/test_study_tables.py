@@ -98,6 +98,12 @@ def test_path_correlations_within_sources_only_where_two_sources_hold_ten_crops(
     # one source with 10 crops (b has 9): no within-source column at all
     real1, pos1 = _path_crops(["a"] * 30 + ["b"] * 9)
     assert set(path_position_correlations(real1, ["cytoplasm_grain"], pos1)) == {"gp_path_position"}
+    # crops of no known source ("(unknown)" in real_crop_features.csv) are in no source:
+    # 12 of them beside a's 30 do not make a second source
+    real_u, pos_u = _path_crops(["a"] * 30 + ["(unknown)"] * 12)
+    assert set(path_position_correlations(real_u, ["cytoplasm_grain"], pos_u)) == {
+        "gp_path_position"
+    }
     # no source column: the pooled correlation only
     assert set(path_position_correlations(real.drop(columns="image_source"), ["lobes"], pos)) == {
         "gp_path_position"
