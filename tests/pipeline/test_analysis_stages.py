@@ -62,11 +62,6 @@ def _on_run(stage: str, root: Path, train: Path, *extra: str) -> int:
     return runner.main(cfg)
 
 
-def _script(name: str):
-    """Import ``scripts/<name>.py`` as a module (the scripts are not a package)."""
-    return load_script(name)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("analysis")
@@ -677,7 +672,7 @@ def test_evaluate_missing_inputs_names_the_stage(tmp_path):
 def test_image_branch_check_script_on_a_finished_run(tiny_run):
     """scripts/image_branch_check.py: the table's numbers exist, are in range, files written."""
     root, paired = tiny_run
-    mod = _script("image_branch_check")
+    mod = load_script("image_branch_check")
     run = root / "tiny" / "train"
     res = mod.check(run, paired, root / "tiny" / "traverse")
     assert res["n_test"] > 0 and 0 <= res["active_units"] <= res["n_latent"]
@@ -723,7 +718,7 @@ def test_reviewed_labels_check_scores_runs_on_the_same_crops(tiny_run, tmp_path)
     import anndata as ad
 
     root, paired = tiny_run
-    mod = _script("reviewed_labels_check")
+    mod = load_script("reviewed_labels_check")
     run = root / "tiny" / "train"
     lat = ad.read_h5ad(run / "latent.h5ad")
     test = lat.obs[(lat.obs["split"] == "test") & lat.obs["has_image"].astype(bool)]
@@ -757,7 +752,7 @@ def test_image_branch_check_scores_unseen_simulated_cells(tiny_run, tmp_path):
 
     root, paired = tiny_run
     run = root / "tiny" / "train"
-    mod = _script("image_branch_check")
+    mod = load_script("image_branch_check")
     a = ad.read_h5ad(paired)
     rng = np.random.default_rng(0)
     a.obs["lineage"] = np.where(np.arange(a.n_obs) % 3 == 0, "monocyte", "neutrophil")
@@ -766,7 +761,7 @@ def test_image_branch_check_scores_unseen_simulated_cells(tiny_run, tmp_path):
     a.obs["kind"] = np.where(a.obs["t"] > 0.8, "segmented_neutrophil", "myelocyte")
     a.write_h5ad(tmp_path / "unseen.h5ad")
     res = mod.check(run, paired, None, unseen=tmp_path / "unseen.h5ad")
-    want = _script("lobes_check").check(run, tmp_path / "unseen.h5ad")
+    want = load_script("lobes_check").check(run, tmp_path / "unseen.h5ad")
     lineage = a.obs["has_image"].to_numpy(bool) & (a.obs["lineage"] == "neutrophil").to_numpy()
     assert res["unseen_n_cells"] == want["n_cells"] == int(lineage.sum()) > 0
     for k, v in want.items():
@@ -786,7 +781,7 @@ def test_image_branch_check_scores_the_maturation_axis_against_pseudotime():
     within each stage; without the head, the best dim."""
     import pandas as pd
 
-    mod = _script("image_branch_check")
+    mod = load_script("image_branch_check")
     rng = np.random.default_rng(0)
     stages = ["MPP", "GMP", "Neu"]
     labels = np.repeat(stages + ["Mono"], 10)

@@ -1120,12 +1120,9 @@ def test_whole_cell_check_scores_a_nucleus_box_as_partial():
     """scripts/whole_cell_check.py: a kept box over the cell's nucleus half overlaps its
     cell (IoU 0.5 hit, not 0.75) and counts as partial; a whole box does not; a kept box on
     no cell lowers precision; a missed cell lowers recall."""
-    import importlib.util
+    from tests.helpers.run import load_script
 
-    path = Path(__file__).resolve().parents[2] / "scripts" / "whole_cell_check.py"
-    spec = importlib.util.spec_from_file_location("whole_cell_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("whole_cell_check")
     truth = np.array([[0, 0, 100, 100], [200, 200, 300, 300]], float)
     nucleus = np.array([[10, 10, 80, 80]], float)  # 49 % of the first cell's box
     r = mod.score_image(nucleus, truth)

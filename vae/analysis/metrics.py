@@ -796,8 +796,7 @@ def correlation_within_groups(
                 num[j] += ok.sum() * r
                 den[j] += ok.sum()
                 used[j] += 1
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(used >= 2, num / np.where(den > 0, den, 1.0), np.nan)
+    out = np.where(used >= 2, num / np.where(den > 0, den, 1.0), np.nan)
     return out, used
 
 

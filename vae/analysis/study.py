@@ -39,7 +39,13 @@ from vae.analysis.run import (
     tb_scalars,
 )
 from vae.analysis.settings import AnalysisSettings
-from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE, MATURATION_ORDER, UNKNOWN_LABELS
+from vae.inputs.schema import (
+    HAS_EXPRESSION,
+    HAS_IMAGE,
+    MATURATION_ORDER,
+    UNKNOWN_LABELS,
+    known_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -730,7 +736,10 @@ def traverse_study(
             real.insert(1, "label", [display_label(x) for x in labels[cand]])
             src = obs_col(lat, "image_source")
             if src is not None:
-                real.insert(2, "image_source", [_source_name(x) for x in np.asarray(src)[cand]])
+                src = np.asarray(src, dtype=object)[cand]
+                real.insert(
+                    2, "image_source", np.where(known_labels(src), src.astype(str), UNKNOWN_NAME)
+                )
             tables["real_morphology_by_class"] = morphology_by_class(real)
             zc = Z[cand]
             # granule program scores of the expression decoded from each cell's reported
@@ -1370,14 +1379,8 @@ def _eval_sections(
 
 
 # how the real-crop tables name a crop's image source or class when none is known
+# (vae.inputs.schema.known_labels says which are)
 UNKNOWN_NAME = "(unknown)"
-
-
-def _source_name(value) -> str:
-    """An image source as tables show it; a crop of no known source reads :data:`UNKNOWN_NAME`."""
-    from vae.inputs.schema import known_labels
-
-    return str(value) if known_labels(np.asarray([value], dtype=object))[0] else UNKNOWN_NAME
 
 
 def path_position_correlations(

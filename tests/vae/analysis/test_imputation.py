@@ -112,14 +112,9 @@ def test_model_imputation_goes_through_encode_dataset():
 
 def _bench_imputation():
     """scripts/bench_imputation.py as a module (it is a script, not a package)."""
-    import importlib.util
-    from pathlib import Path
+    from tests.helpers.run import load_script
 
-    path = Path(__file__).resolve().parents[3] / "scripts" / "bench_imputation.py"
-    spec = importlib.util.spec_from_file_location("bench_imputation", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_imputation")
 
 
 def _scvi_args(python: str, epochs: int = 2):
