@@ -325,6 +325,27 @@ def test_image_folder_reader(tmp_path):
         read_image_folder(root, 12)  # not collecting: an error, as before
 
 
+def test_image_folder_names_not_utf8_are_escaped_as_stage_segment_writes_them(tmp_path):
+    # a Latin-1 name (b"caf\xe9.png") reaches Python with a surrogate, which the h5ad
+    # writer refused after every crop was read: ids, labels and reject rows are escaped
+    # as segmentation.table.recorded_name writes them
+    import os
+
+    root = tmp_path / "crops"
+    cls = root / os.fsdecode(b"Caf\xe9s")
+    cls.mkdir(parents=True)
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(cls / os.fsdecode(b"caf\xe9.png"))
+    (cls / os.fsdecode(b"b\xe4d.jpg")).write_bytes(b"not an image")
+    rejects: list = []
+    cs = read_image_folder(root, 12, rejects=rejects)
+    assert list(cs.obs.index) == ["crops/Caf\\xe9s/caf\\xe9.png"]
+    assert list(cs.obs.label) == ["caf\\xe9s"]
+    assert [Path(r["image"]).name for r in rejects] == ["b\\xe4d.jpg"]
+    out = make_pairs(cs, None, "image_only").adata
+    out.write_h5ad(tmp_path / "p.h5ad")  # no UnicodeEncodeError
+    assert ad.read_h5ad(tmp_path / "p.h5ad").obs.image_ref.tolist() == list(cs.obs.index)
+
+
 def test_segmentation_wbc_reader(tmp_path):
     root = tmp_path / "seg"
     (root / "dataset1").mkdir(parents=True)
