@@ -541,7 +541,15 @@ def read_segmentation_wbc(
         csv = root / f"{sub}_labels.csv"
         if not csv.exists():
             raise PairingError("label CSV missing", field="path", source=str(csv))
-        lab = pd.read_csv(csv)
+        try:
+            lab = pd.read_csv(csv)
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            # a damaged file (Latin-1 bytes, 0 bytes, a ragged line): named, not pandas' error
+            raise PairingError(
+                f"not a readable label CSV ({type(e).__name__}: {str(e).strip()})",
+                field="path",
+                source=str(csv),
+            ) from None
         if lab.shape[1] < 2:
             raise PairingError(
                 "expected columns: image id, class", field="columns", source=str(csv)

@@ -381,6 +381,31 @@ def test_segmentation_wbc_reader(tmp_path):
         read_segmentation_wbc(root, 16, subsets=("dataset1",))
 
 
+def _segmentation_wbc(root: Path, ids=(1, 2, 3), shape=(40, 40)) -> None:
+    (root / "dataset1").mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        img = np.full((*shape, 3), 220, np.uint8)
+        m = np.zeros(shape, np.uint8)
+        m[10:30, 10:30] = 128
+        img[m > 0] = 90
+        Image.fromarray(img).save(root / "dataset1" / f"{i:03d}.bmp")
+        Image.fromarray(m).save(root / "dataset1" / f"{i:03d}.png")
+    lines = "".join(f"{i},1\n" for i in ids)
+    (root / "dataset1_labels.csv").write_text("image ID,class label\n" + lines)
+
+
+def test_segmentation_wbc_damaged_label_csv_names_the_file(tmp_path):
+    # was pandas' UnicodeDecodeError / EmptyDataError / ParserError, exit 1, no file named
+    root = tmp_path / "seg"
+    _segmentation_wbc(root)
+    csv = root / "dataset1_labels.csv"
+    for data in (b"image ID,class label\n1,1\n2,1 caf\xe9\n", b"", b"a,b\n1,1\n2,1,3,4\n"):
+        csv.write_bytes(data)
+        with pytest.raises(PairingError, match="not a readable label CSV") as e:
+            read_segmentation_wbc(root, 16, subsets=("dataset1",), rejects=[])
+        assert e.value.source == str(csv) and e.value.field == "path"
+
+
 def _cells_h5ad(path: Path, size: int = 12) -> None:
     n = 3
     crops = np.full((n, size, size, 3), 100, np.uint8)
