@@ -60,6 +60,10 @@ def read_bccd_labels(
     csv_path = Path(csv_path)
     try:
         tab = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:  # 0 bytes or blank lines only: no header
+        raise LabelFileError(
+            f"{csv_path}: empty label file (no header; expected ',Image,Category')"
+        ) from None
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise LabelFileError(f"{csv_path}: unreadable label file ({e})") from e
     for col in ("Image", "Category"):

@@ -127,6 +127,11 @@ def test_bccd_labels_missing_image_is_a_reject(tmp_path):
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     with pytest.raises(LabelFileError, match="Category"):
         read_bccd_labels(tmp_path / "bad.csv", set())
+    # an empty file: was pandas' EmptyDataError out of stage=segment and stage=all
+    for i, text in enumerate(("", "\n\n")):
+        (tmp_path / f"empty{i}.csv").write_text(text)
+        with pytest.raises(LabelFileError, match=f"empty{i}.csv: empty label file"):
+            read_bccd_labels(tmp_path / f"empty{i}.csv", set())
 
 
 def test_label_for_image_rules():

@@ -734,6 +734,10 @@ def read_label_corrections(path: str | Path) -> tuple[str, pd.DataFrame]:
         tab = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
         raise PairingError("file not found", field=field, source=src) from None
+    except IsADirectoryError:
+        raise PairingError("a folder, not a CSV file", field=field, source=src) from None
+    except OSError as e:  # permission denied, an I/O error
+        raise PairingError(f"unreadable ({e.strerror or e})", field=field, source=src) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise PairingError(f"not a readable CSV ({e})", field=field, source=src) from None
     if "label" not in tab.columns:

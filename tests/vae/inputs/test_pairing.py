@@ -735,6 +735,9 @@ def test_label_corrections_by_specimen_and_bad_tables(tmp_path):
         assert f"b{i}.csv" in str(e.value)  # the message names the file
     with pytest.raises(PairingError, match=r"file not found"):
         read_label_corrections(tmp_path / "none.csv")
+    # a folder given for the file: was IsADirectoryError, exit 1
+    with pytest.raises(PairingError, match=r"\[pair.label_corrections\] a folder, not a CSV"):
+        read_label_corrections(tmp_path)
     key, tab = _corrections(tmp_path / "u.csv", "image_ref,label\nimg0,promyelocyte\n")
     with pytest.raises(PairingError, match=r"\[label\] line 2: label 'promyelocyte'.*'band'"):
         apply_label_corrections(c, key, tab, source=str(tmp_path / "u.csv"))
