@@ -531,8 +531,10 @@ def read_segmentation_wbc(
     Mask coding 0 background, 128 cytoplasm, 255 nucleus; cell = mask > 0.
     Labels CSV: first column image id (int), second the class code 1-5
     (:data:`SEGMENTATION_WBC_CLASSES`). ``rejects``: a list to collect one row per
-    label row whose image or mask is missing or unreadable, which is then skipped
-    (None: a missing pair is logged and skipped, an unreadable one is an error).
+    label row whose image or mask is missing or unreadable, or whose mask is not the
+    image's size, which is then skipped (None: a missing pair is logged and skipped, an
+    unreadable or mis-sized one is an error). An empty mask (no cell) is always skipped
+    (a reject row, else a warning), as in :func:`read_cells_h5ad`.
     """
     root = Path(root)
     crops, masks, rows = [], [], []
@@ -604,10 +606,13 @@ def read_segmentation_wbc(
             except (OSError, UnidentifiedImageError) as e:
                 _skip(rejects, mask_path, "mask", f"unreadable mask ({e})")
                 continue
-            if m.shape != img.shape[:2]:
-                raise PairingError(
-                    f"mask {m.shape} vs image {img.shape[:2]}", field="mask", source=str(mask_path)
-                )
+            if m.shape != img.shape[:2]:  # one bad pair in many: skipped, as an unreadable one
+                why = f"mask {m.shape[1]}x{m.shape[0]} px vs image {img.shape[1]}x{img.shape[0]} px"
+                _skip(rejects, mask_path, "mask", why)
+                continue
+            if not m.any():  # would train as an all-background crop (as read_cells_h5ad)
+                _record_skip(rejects, mask_path, "mask", "empty mask (no cell)")
+                continue
             c, mm = square_crop(img, m, size, background)
             crops.append(c)
             masks.append(mm)

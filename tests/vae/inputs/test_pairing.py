@@ -406,6 +406,26 @@ def test_segmentation_wbc_damaged_label_csv_names_the_file(tmp_path):
         assert e.value.source == str(csv) and e.value.field == "path"
 
 
+def test_segmentation_wbc_mis_sized_or_empty_mask_is_a_reject_not_fatal(tmp_path):
+    # a mask of another size stopped the whole stage (exit 2) though unreadable ones
+    # were skipped; an all-zero mask was paired as an all-black crop without a word
+    root = tmp_path / "seg"
+    _segmentation_wbc(root, ids=(1, 2, 3))
+    Image.fromarray(np.zeros((40, 30), np.uint8)).save(root / "dataset1" / "002.png")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(root / "dataset1" / "003.png")
+    rejects: list = []
+    cs = read_segmentation_wbc(root, 16, subsets=("dataset1",), rejects=rejects)
+    assert list(cs.obs.index) == ["segmentation_wbc/dataset1/001"]
+    assert [(Path(r["image"]).name, r["field"], r["action"]) for r in rejects] == [
+        ("002.png", "mask", "skipped"),
+        ("003.png", "mask", "skipped"),
+    ]
+    assert "30x40 px vs image 40x40 px" in rejects[0]["reason"]
+    assert rejects[1]["reason"] == "empty mask (no cell)"
+    with pytest.raises(PairingError, match=r"002.png: \[mask\] mask 30x40"):
+        read_segmentation_wbc(root, 16, subsets=("dataset1",))  # not collecting: an error
+
+
 def _cells_h5ad(path: Path, size: int = 12) -> None:
     n = 3
     crops = np.full((n, size, size, 3), 100, np.uint8)
