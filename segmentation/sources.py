@@ -12,7 +12,7 @@ Two helpers the stage needs beyond tiled inference on smears:
 
 Every problem is a reject row ``{"image", "field", "action", "reason"}`` for
 ``rejects.csv``, never an exception, except a label file that cannot be read at
-all (:class:`LabelFileError`, naming file and field). Library code: typed
+all or lists an image twice (:class:`LabelFileError`, naming file and field). Library code: typed
 arguments only.
 """
 
@@ -56,6 +56,13 @@ def read_bccd_labels(
     labels, rejects
         Lower-cased class names per image (``[]`` for an empty category), and
         one reject row per unusable line.
+
+    Raises
+    ------
+    LabelFileError
+        The file cannot be read, lacks a column, or lists an image number on two
+        lines (with the same class or not: which line is right is unknown, and
+        segmentation_wbc's and ``pair.label_corrections``' readers refuse a repeat too).
     """
     csv_path = Path(csv_path)
     try:
@@ -74,6 +81,7 @@ def read_bccd_labels(
             )
     labels: dict[str, list[str]] = {}
     rejects: list[dict[str, str]] = []
+    first: dict[str, tuple[int, str]] = {}  # image -> (line, category) where first listed
     for line, (num, cat) in enumerate(zip(tab["Image"], tab["Category"]), start=2):
         try:
             name = BCCD_IMAGE.format(int(str(num).strip()))
@@ -87,6 +95,14 @@ def read_bccd_labels(
                 }
             )
             continue
+        if name in first:  # which line is right is unknown: refused, as the other label readers
+            at, was = first[name]
+            raise LabelFileError(
+                f"{csv_path}: column 'Image', line {line}: image {str(num).strip()} ({name}, "
+                f"{cat or 'no class'!r}) is listed again (first on line {at}, "
+                f"{was or 'no class'!r}); keep one line per image"
+            )
+        first[name] = (line, cat)
         if name not in available:
             rejects.append(
                 {

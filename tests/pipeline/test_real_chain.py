@@ -127,6 +127,13 @@ def test_bccd_labels_missing_image_is_a_reject(tmp_path):
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     with pytest.raises(LabelFileError, match="Category"):
         read_bccd_labels(tmp_path / "bad.csv", set())
+    # an image listed twice, conflicting or not (the last line won silently): refused
+    # naming both lines, as segmentation_wbc's and pair.label_corrections' readers do
+    for i, second in enumerate(("EOSINOPHIL", "NEUTROPHIL")):
+        (tmp_path / f"dup{i}.csv").write_text(f",Image,Category\n,0,NEUTROPHIL\n,00,{second}\n")
+        with pytest.raises(LabelFileError, match=f"dup{i}.csv: column 'Image', line 3: ") as e:
+            read_bccd_labels(tmp_path / f"dup{i}.csv", {"BloodImage_00000.jpg"})
+        assert "listed again (first on line 2, 'NEUTROPHIL')" in str(e.value)
     # an empty file: was pandas' EmptyDataError out of stage=segment and stage=all
     for i, text in enumerate(("", "\n\n")):
         (tmp_path / f"empty{i}.csv").write_text(text)
