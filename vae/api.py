@@ -15,7 +15,7 @@ Examples
 >>> q = study.embed(study.read("new_cells.h5ad"))               # AnnData, all results
 >>> q.obs[["vae_label", "vae_label_confidence", "vae_call", "vae_maturation", "vae_stage"]]
 >>> calls = study.transfer_labels(q.obsm["X_vae_image"], modality="image")  # crops
->>> pos = study.maturation_position(q.obsm["X_vae_full"], q.obs["vae_label"])  # position, stage
+>>> pos = study.maturation_position(q.obsm["X_vae_full"], q.obs["vae_call"])  # NaN / "" off the path
 >>> dec = study.decode(q.obsm["X_vae_full"][:4])                # images, expression
 
 How inputs are matched to the model (docs/embed.md):
@@ -687,6 +687,13 @@ class Study:
         # a study that is not this user's may be unreadable to them: say which path, not
         # a PermissionError traceback from deep in the search for its files
         try:
+            if run_dir is not None and not model and not Path(run_dir).expanduser().exists():
+                # the path given, not the train/model.pt it would hold (an audit:
+                # "/x/nowhere/model.pt/train/model.pt: no such file")
+                raise StudyError(
+                    f"{Path(run_dir).expanduser()}: no such file or folder (Study.load: the "
+                    "study's folder, outputs/<experiment>, or its train/model.pt)"
+                )
             files = study_files(run_dir, variant=variant, model=model, latent=latent)
             root, train, variant = files.root, files.train, files.variant
             mp, lp = files.model, files.latent
@@ -1800,6 +1807,19 @@ class Study:
             conf[ok] = proba.max(1)
         return pd.DataFrame({"label": label.astype(str), "confidence": conf})
 
+    def callable_labels(self, modality: str = "joint") -> list[str]:
+        """The classes :meth:`transfer_labels` can give a cell read by ``modality``
+        (``joint`` / ``image`` / ``expression``; ``both``, a ``vae_modality``, is read as
+        ``joint``): the labels of the reference cells that vote for it, in the order of
+        :attr:`labels`. In a study paired by label (the real chain) an image-only cell is
+        never called a class no crop has (Erythrocyte, GMP, ...)."""
+        m = "joint" if modality == "both" else modality
+        if m not in LABEL_MODALITIES:
+            raise StudyError(f"modality={modality!r}; valid: {', '.join(LABEL_MODALITIES)}, both")
+        _, lab, known = self._label_reference(m)
+        have = set(lab[known].tolist())
+        return [c for c in self.labels if c in have]
+
     def _label_reference(self, modality: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(codes, labels, known)`` of the reference for :meth:`transfer_labels`: (m, w)
         codes of ``modality``, (m,) labels and the (m,) bool rows that vote (a known
@@ -1887,24 +1907,28 @@ class Study:
     def maturation_position(self, z_full: np.ndarray, labels=None) -> pd.DataFrame:
         """Position of each code along the maturation path and the stage it falls in.
 
-        Every code has a projection onto the path, a lymphocyte's too; its nearest
-        knot would name a false stage. Give the cells' calls (``labels``, e.g.
-        ``obs["vae_label"]``) and a cell called a class off the path gets no stage
-        (``""``), as :meth:`embed` does.
+        Every code has a projection onto the path, a lymphocyte's too; it would read as
+        a position and its nearest knot would name a false stage. Give the cells' calls
+        (``labels``: ``obs["vae_call"]``) and a cell not on the path (not called one of
+        its classes: a lymphocyte, an ``unclassified`` cell;
+        :func:`vae.analysis.samples.on_maturation_path`, the rule of ``samples.csv``'s
+        ``n_on_path``) gets no position (NaN) and no stage (``""``), as :meth:`embed`
+        does.
 
         Parameters
         ----------
         z_full : (n, d) full latent means (``obsm["X_vae_full"]``)
-        labels : (n,) the cells' labels or calls, or None (every cell staged)
+        labels : (n,) the cells' calls, or None (every code placed and staged)
 
         Returns
         -------
         DataFrame with ``position`` in [0, 1] (nearest point of the GP path,
-        :func:`vae.analysis.traverse.project_onto_path`; 0 = first path class)
-        and ``stage``: the path class whose centroid position is nearest ("" for a
-        cell whose label is not a path class).
+        :func:`vae.analysis.traverse.project_onto_path`; 0 = first path class; NaN
+        for a cell not on the path) and ``stage``: the path class whose centroid
+        position is nearest ("" for a cell not on the path).
         """
         from vae.analysis import traverse as T
+        from vae.analysis.samples import on_maturation_path
 
         cents, path = self.maturation_path()
         z = np.asarray(z_full, np.float64)
@@ -1922,12 +1946,14 @@ class Study:
             knot = np.abs(pos[ok, None] - path.knots_s[None]).argmin(1)
             stage[ok] = np.asarray(cents.names, dtype=object)[knot]
         if labels is not None:
-            labels = np.asarray(labels).astype(str)
+            labels = np.asarray(labels, dtype=object)
             if labels.shape != (len(z),):
                 raise StudyError(
                     f"maturation_position: labels must be ({len(z)},); got {labels.shape}"
                 )
-            stage = np.where(np.isin(labels, [str(c) for c in cents.names]), stage, "")
+            on = on_maturation_path(labels, cents.names)
+            pos[~on] = np.nan
+            stage = np.where(on, stage, "")
         return pd.DataFrame({"position": pos, "stage": stage.astype(str)})
 
     # ---------------------------------------------------------------- decode
@@ -1979,6 +2005,78 @@ class Study:
 
         known = {stem(x) for x in ref["image_ref"].astype(str) if x}
         return np.array([len(stem(n)) >= 6 and stem(n) in known for n in names], bool)
+
+    def seen_expression(self, ids) -> np.ndarray:
+        """(n,) bool: whether each expression cell id (a query's ``obs_names``) is one the
+        study's reference holds the profile of (``latent.h5ad``'s ``expression_ref`` of
+        its rows with expression; a latent without that column: their ``obs_names``). A
+        cell so marked is not new to the model if it is that cell (an audit embedded 400
+        of the study's own Paul15 cells as "new"). Matched by id only: 10x barcodes
+        repeat between runs, so a few matches among many cells can be chance."""
+        obs = self.reference.obs
+        rows = (
+            obs[HAS_EXPRESSION].to_numpy().astype(bool)
+            if HAS_EXPRESSION in obs
+            else np.ones(len(obs), bool)
+        )
+        refs = obs["expression_ref"] if "expression_ref" in obs else pd.Series(obs.index)
+        refs = refs.astype(object).to_numpy()[rows]
+        known = {str(x) for x in refs if isinstance(x, str) and x}
+        return np.array([str(i) in known for i in ids], bool)
+
+    def seen_cells(self, q) -> dict[str, np.ndarray]:
+        """Which cells of an embedded query (:meth:`embed`'s AnnData, or its obs) the
+        study's reference already holds: ``{"images": ..., "expression": ...}``, (n,)
+        bool each. ``images``: a cell with an image whose file (``obs["image"]``) is named
+        like one the study holds a crop of (:meth:`seen_images`); ``expression``: a cell
+        with expression whose id (``obs_names``) is one of the study's profiles
+        (:meth:`seen_expression`). Both by name only."""
+        obs = getattr(q, "obs", q)
+        mod = (
+            obs["vae_modality"].astype(str).to_numpy()
+            if "vae_modality" in obs
+            else np.full(len(obs), "both")
+        )
+        images = np.zeros(len(obs), bool)
+        if "image" in obs:
+            has = np.isin(mod, ("image", "both"))
+            images[has] = self.seen_images(obs["image"].astype(str).to_numpy()[has])
+        expression = np.zeros(len(obs), bool)
+        has = np.isin(mod, ("expression", "both"))
+        expression[has] = self.seen_expression(obs.index.astype(str).to_numpy()[has])
+        return {"images": images, "expression": expression}
+
+    def warn_seen(self, q, source: str = "query", seen=None) -> dict[str, int]:
+        """Log a warning for the cells of ``q`` the study's reference already holds
+        (:meth:`seen_cells`, or ``seen`` when given; if they are those cells their calls
+        are not those of new cells: a review embedded TXL-PBC val smears, which
+        ``+preset=real`` trains on, an audit 400 of the study's own Paul15 cells) and
+        return the counts, ``{"images": n, "expression": n}``."""
+        seen = self.seen_cells(q) if seen is None else seen
+        obs = getattr(q, "obs", q)
+        n = len(obs)
+        if seen["images"].any():
+            log.warning(
+                "%s: %d of the %d embedded cells come from image files named like images the "
+                "study trained on (its latent.h5ad image_ref, e.g. %s; matched by file name "
+                "only): if they are those images, their calls are not those of new cells",
+                source,
+                int(seen["images"].sum()),
+                n,
+                obs["image"].astype(str).to_numpy()[seen["images"]][0],
+            )
+        if seen["expression"].any():
+            log.warning(
+                "%s: %d of the %d embedded cells have the cell ids of expression profiles "
+                "the study trained on (its latent.h5ad expression_ref, e.g. %s; matched by "
+                "id only, and 10x barcodes repeat between runs): if they are those cells, "
+                "their calls are not those of new cells",
+                source,
+                int(seen["expression"].sum()),
+                n,
+                obs.index[seen["expression"]][0],
+            )
+        return {k: int(v.sum()) for k, v in seen.items()}
 
     def image_support(self, z_full: np.ndarray):
         """Whether cells decoded from ``z_full`` (n, d) are drawn where crops were seen.
@@ -2067,8 +2165,8 @@ class Study:
         (:meth:`transfer_labels`: a cell with both modalities on the fused code,
         an image-only cell on its image code against the reference cells with a
         crop, an expression-only one likewise), ``vae_maturation`` + ``vae_stage``
-        (:meth:`maturation_position`; NaN / "" when the study has no path; stage ""
-        for a cell called a class off the path), the
+        (:meth:`maturation_position` of ``vae_call``; NaN / "" when the study has no
+        path, and for a cell not called one of the path's classes), the
         atypical-cell scores of :meth:`anomaly_scores` (``anomaly_*``),
         ``vae_atypical`` (``anomaly_score`` above :meth:`atypical_thresholds` for the
         modalities the cell has) and ``vae_call`` (``vae_label``, or ``unclassified``
@@ -2076,8 +2174,10 @@ class Study:
         :attr:`min_confidence`: what a differential count should count); ``obsm``: ``X_vae``, ``X_vae_image``, ``X_vae_expression``,
         ``X_vae_full``, ``X_vae_logvar`` (+ private blocks), ``crops``/``masks``
         at the model's size when there are images; ``uns["genes"]``: the
-        :class:`GeneReport`. Rows with neither modality are dropped (listed in
-        ``uns["dropped"]``).
+        :class:`GeneReport`; ``uns["seen_by_study"]``: ``{"images": n, "expression":
+        n}``, the cells the study's reference already holds (:meth:`seen_cells`, by
+        image file name and cell id; a warning says so). Rows with neither modality are
+        dropped (listed in ``uns["dropped"]``).
         """
         import anndata as ad
 
@@ -2158,9 +2258,10 @@ class Study:
         call = np.where(doubt, UNCLASSIFIED, label.astype(str)).astype(str)
         out.obs["vae_call"] = label_categorical(call, classes)
         try:
-            # a cell called a class off the path (a lymphocyte on the granulocyte path)
-            # has a projection but no stage: its nearest knot would name a false one
-            mp = self.maturation_position(out.obsm["X_vae_full"], label)
+            # a cell not called a class of the path (a lymphocyte on the granulocyte
+            # path, an unclassified cell) has a projection but no position and no
+            # stage: the rule of samples.csv's n_on_path (on_maturation_path)
+            mp = self.maturation_position(out.obsm["X_vae_full"], call)
             out.obs["vae_maturation"] = mp["position"].to_numpy()
             out.obs["vae_stage"] = mp["stage"].to_numpy().astype(str)
         except StudyError as e:
@@ -2175,6 +2276,14 @@ class Study:
             out.obsm["X_vae_imputed"] = imp[keep]
             out.uns["imputed_genes"] = list(report.missing)
         out.uns["dropped"] = dropped
+        # cells the study's reference already holds (its own images or profiles): counted
+        # in uns["seen_by_study"] and warned, once for a file embedded a block at a time
+        seen = self.seen_cells(out)
+        out.uns["seen_by_study"] = {k: int(v.sum()) for k, v in seen.items()}
+        if whole is None or not whole.plans.get(("seen", source), False):
+            self.warn_seen(out, source, seen)
+            if whole is not None and any(v.any() for v in seen.values()):
+                whole.plans["seen", source] = True
         out.uns["study"] = {"model": str(self.model_path), "latent": str(self.latent_path)}
         digest = self.reference.uns.get("model_digest")
         if digest is not None:  # ties a moved query to its model (paths alone do not)

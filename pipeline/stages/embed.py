@@ -313,6 +313,7 @@ def run_embed(ctx: StageContext) -> None:
         _report_detector(ctx, study)
         _warn_cut_unlike_study(cfg, study)
     parts, rejects, genes = [], [], {}
+    seen = {"images": 0, "expression": 0}  # cells the study already holds, by kind
     # per part: (input file, its rows) where its crops stayed in a streamed input, else None
     crop_files: list[tuple[Path, np.ndarray] | None] = []
     named_by_csv = 0  # cells embed.samples_csv names, over every input
@@ -349,7 +350,7 @@ def run_embed(ctx: StageContext) -> None:
                     q.obsm.pop("masks", None)
                 before = len(parts)
                 named_by_csv += _collect(
-                    q, cfg, kind, path, setting, mapping, genes, rejects, parts
+                    q, cfg, kind, path, setting, mapping, genes, rejects, parts, seen
                 )
                 if len(parts) > before:  # the page's example crops are read from there
                     crop_files.append((path, names.get_indexer(q.obs_names)) if stream else None)
@@ -383,7 +384,6 @@ def run_embed(ctx: StageContext) -> None:
     images = {k: [q.obsm.pop(k, None) for q in parts] for k in ("crops", "masks")}
     out = _concat(parts) if len(parts) > 1 else parts[0]
     out.uns["genes"] = json.dumps(genes)
-    seen = _seen_by_study(study, out)
     try:  # the histogram is of the cells on the path's lineage
         path_classes = list(study.maturation_path()[0].names)
     except StudyError:
@@ -407,10 +407,20 @@ def run_embed(ctx: StageContext) -> None:
             int(cfg.embed.examples_per_call),
             title=f"Per-sample maturation profile ({cfg.experiment})",
             seed=int(cfg.seed),
-            notes=_page_notes(study, path_classes, bool((out.obs["vae_input"] == "smears").any())),
+            notes=_page_notes(
+                study,
+                path_classes,
+                bool((out.obs["vae_input"] == "smears").any()),
+                seen=seen,
+                n_cells=int(out.n_obs),
+                genes=genes,
+            ),
             min_confidence=study.min_confidence,
             atypical_quantile=study.atypical_quantile,
             atypical_off=study.atypical_off,
+            callable_calls={
+                m: study.callable_labels(m) for m in out.obs["vae_modality"].astype(str).unique()
+            },
         )
     write_json(
         ctx.output("summary.json"),
@@ -446,7 +456,8 @@ def run_embed(ctx: StageContext) -> None:
             },
             "samples": int(len(prof)),
             "rejects": len(rejects),
-            "cells_from_images_the_study_trained_on": seen,
+            "cells_from_images_the_study_trained_on": seen["images"],
+            "cells_from_expression_the_study_trained_on": seen["expression"],
             "genes": genes,
         },
     )
@@ -545,33 +556,45 @@ def _query_obs_for_writing(out, classes: list[str]) -> None:
     out.obs = blank_as_missing(obs, [c for c in obs.columns if c in QUERY_STRING_COLUMNS])
 
 
-def _seen_by_study(study, out) -> int:
-    """Cells whose image file is named like one the study's reference holds a crop of
-    (warned: if they are those images they are not new patients; a review embedded
-    TXL-PBC val smears, which +preset=real trains on). Names only: new smears that reuse
-    a name (a simulator's sim_0000.png) are counted too, and the warning says so."""
-    if "image" not in out.obs:
-        return 0
-    names = out.obs["image"].astype(str).to_numpy()
-    seen = study.seen_images(names)
-    if seen.any():
-        log.warning(
-            "%d of the %d embedded cells come from image files named like images the study "
-            "trained on (its latent.h5ad image_ref, e.g. %s; matched by file name only): if "
-            "they are those images, their calls are not those of new cells",
-            int(seen.sum()),
-            out.n_obs,
-            names[seen][0],
-        )
-    return int(seen.sum())
-
-
-def _page_notes(study, path_classes: list[str] | None, smears: bool = False) -> list[str]:
+def _page_notes(
+    study,
+    path_classes: list[str] | None,
+    smears: bool = False,
+    seen: dict[str, int] | None = None,
+    n_cells: int = 0,
+    genes: dict[str, dict] | None = None,
+) -> list[str]:
     """What samples.html says about the study it read the cells with (``smears``: cells
-    of smears were embedded, so qupath/ holds them on their images)."""
+    of smears were embedded, so qupath/ holds them on their images), about cells it
+    already holds (``seen``, of ``n_cells``: summary.json's counts) and about the genes
+    an input lacked (``genes``: summary.json's gene reports by input)."""
     from vae.inputs.schema import HAS_IMAGE
 
     notes = [f"Study: model {study.model_path}, reference latent {study.latent_path}."]
+    seen = seen or {}
+    if seen.get("images"):
+        notes.append(
+            f"{seen['images']} of the {n_cells} cells come from image files named like "
+            "images the study trained on (matched by file name only; summary.json "
+            "cells_from_images_the_study_trained_on): if they are those images, the model "
+            "has seen these cells, and their calls are not those of new patients."
+        )
+    if seen.get("expression"):
+        notes.append(
+            f"{seen['expression']} of the {n_cells} cells have the cell ids of expression "
+            "profiles the study trained on (matched by id only; summary.json "
+            "cells_from_expression_the_study_trained_on): if they are those cells, the "
+            "model has seen them, and their calls are not those of new patients."
+        )
+    for setting, g in (genes or {}).items():
+        missing = g.get("missing") or []
+        if missing:
+            notes.append(
+                f"{setting}: {len(missing)} of the model's {g.get('n_model_genes')} genes "
+                f"are missing from this input and were imputed (embed.impute="
+                f"{g.get('impute')}): their values are the model's estimates, not "
+                "measurements (summary.json genes)."
+            )
     if smears:
         notes.append(
             "Each smear's cells with their calls, confidence and maturation position, on "
@@ -737,10 +760,10 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects, whole=None):
         raise _study_error(e, setting, path) from e
 
 
-def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> int:
-    """Record the gene match of an embedded input (checked in :func:`_embed_one`), label
-    its rows and keep it in ``parts``; returns how many of its cells the samples CSV
-    names (0 without one)."""
+def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts, seen) -> int:
+    """Record the gene match of an embedded input (checked in :func:`_embed_one`) and the
+    cells the study already holds (``seen``, summed), label its rows and keep it in
+    ``parts``; returns how many of its cells the samples CSV names (0 without one)."""
     genes[setting] = json.loads(q.uns.get("genes", "{}"))
     for cid in q.uns.get("dropped", []):
         rejects.append(
@@ -758,7 +781,12 @@ def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> int
     q.obs["vae_sample"], named = _samples(q, kind, path, cfg, mapping, setting)
     if mapping is not None:
         log.info("%s: embed.samples_csv names %d of its %d cells", setting, named, q.n_obs)
-    for k in ("genes", "dropped", "rejects"):
+    # cells the study already holds (Study.embed warned): images named like its crops' (a
+    # review embedded TXL-PBC val smears, which +preset=real trains on), profiles with its
+    # cell ids (an audit embedded 400 of the study's own Paul15 cells); by name only
+    for k, n in q.uns.get("seen_by_study", {}).items():
+        seen[k] = seen.get(k, 0) + int(n)
+    for k in ("genes", "dropped", "rejects", "seen_by_study"):
         q.uns.pop(k, None)
     parts.append(q)
     log.info("%s: %d cells embedded", setting, q.n_obs)

@@ -82,10 +82,11 @@ def test_round_trip_reproduces_latent(study: Path):
         )
     assert (q.obs["vae_label"].astype(str) == paired.obs["label"].to_numpy()).mean() > 0.5
     assert q.obs["vae_label_confidence"].between(0, 1).all()
-    assert q.obs["vae_maturation"].between(0, 1).all()
-    # a stage only for cells called one of the path's classes
+    # a position and a stage only for cells called one of the path's classes
     on_path = {"myeloblast", "myelocyte"}
-    called = q.obs["vae_label"].astype(str).isin(on_path).to_numpy()
+    called = q.obs["vae_call"].astype(str).isin(on_path).to_numpy()
+    assert q.obs["vae_maturation"][called].between(0, 1).all()
+    assert q.obs["vae_maturation"][~called].isna().all()
     stage = q.obs["vae_stage"]
     assert set(stage[called].astype(str)) <= on_path and stage[~called].isna().all()
     d = study / "out" / "rt" / "embed"
@@ -232,6 +233,14 @@ def test_crops_and_expression_with_samples(study: Path):
     assert prof.loc["pat2", "n_cells"] == 3
     html = (d / "samples.html").read_text()
     assert "<img" in html and "pat1" in html
+    # the expression cells are the study's own (their ids are its profiles'): counted and
+    # said beside the images' count, on the page too, with the genes imputed (an audit:
+    # 399 of 400 of a study's own Paul15 cells reported 0, and the page said neither)
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["cells_from_expression_the_study_trained_on"] == e.n_obs
+    assert summary["cells_from_images_the_study_trained_on"] == 0
+    assert f"{e.n_obs} of the {q.n_obs} cells have the cell ids of expression profiles" in html
+    assert "2 of the model&#x27;s 12 genes are missing from this input and were imputed" in html
 
 
 def test_bad_inputs_fail_clearly_and_write_nothing(study: Path, tmp_path: Path):
@@ -511,11 +520,12 @@ def test_api_genes_by_name_path_and_decode(study: Path):
     cents, path = st.maturation_path()
     mp = st.maturation_position(cents.points)
     assert list(mp["stage"]) == cents.names
-    # given the cells' calls, a cell called a class off the path has a position, no stage
+    # given the cells' calls, a cell called a class off the path has no position, no stage
     off = ["not_on_path"] + list(cents.names[1:])
     mp_l = st.maturation_position(cents.points, off)
     assert mp_l["stage"].iloc[0] == "" and list(mp_l["stage"].iloc[1:]) == cents.names[1:]
-    assert np.array_equal(mp_l["position"].to_numpy(), mp["position"].to_numpy())
+    assert np.isnan(mp_l["position"].iloc[0])
+    assert np.array_equal(mp_l["position"].to_numpy()[1:], mp["position"].to_numpy()[1:])
     with pytest.raises(StudyError, match="labels must be"):
         st.maturation_position(cents.points, off[:1])
     assert np.abs(mp["position"].to_numpy() - path.knots_s).max() <= 1 / 199 + 1e-9
@@ -593,6 +603,10 @@ def test_api_audit_nan_codes_settings_and_calls(study: Path, caplog):
     st.impute_iterations = "3"  # whole numbers as the pipeline's config may give them
     assert st.impute_iterations == 3
     assert len(st.transfer_labels(st.reference.obsm["X_vae"][:2], k=3.0)) == 2
+    # a path that is not there is named as given (was ".../model.pt/train/model.pt")
+    for gone in (study / "nowhere" / "model.pt", study / "nowhere"):
+        with pytest.raises(StudyError, match=rf"^{re.escape(str(gone))}: no such file or folder"):
+            Study.load(gone)
     # the model file itself as the study (was ".../model.pt/train/model.pt: no such file")
     by_file = Study.load(study / "out" / "s" / "train" / "model.pt")
     assert by_file.model_path == st.model_path
@@ -647,6 +661,10 @@ def test_each_cell_is_labelled_from_reference_cells_with_its_modalities(study: P
     out = st.embed(q)
     assert (out.obs["vae_modality"] == "image").all()
     assert "profile_only" not in set(out.obs["vae_label"])
+    # what the page marks "not callable from images" (no crop of the class)
+    assert "profile_only" not in st.callable_labels("image")
+    assert "profile_only" in st.callable_labels("both") == st.callable_labels("joint")
+    assert "profile_only" in st.callable_labels("expression")
     with pytest.raises(StudyError, match="modality='pixels'"):
         st.transfer_labels(codes["image"][:2], modality="pixels")
     with pytest.raises(StudyError, match="must be"):
@@ -710,6 +728,87 @@ def test_doubtful_and_atypical_cells_are_left_unclassified(study: Path, tmp_path
     assert heads[-1] == UNCLASSIFIED  # examples in maturation order, unclassified last
     diff = text.split("<h2>Differential count</h2>")[1].split("</table>")[0]
     assert re.findall(r"<tr><th>([^<]+)</th>", diff)[-1] == UNCLASSIFIED
+
+
+def test_cells_not_on_the_path_get_no_position_and_no_stage(study: Path):
+    """One rule, samples.csv's n_on_path: a cell is placed on the maturation path only when
+    its vae_call is one of the path's classes. An unclassified cell whose label is a path
+    class got a stage (an audit's platelet-sized object on the real chain: GMP) and a
+    position, as did a lymphocyte (0.0 in QuPath: the most immature end)."""
+    from vae.analysis.samples import on_maturation_path, sample_profile
+    from vae.api import UNCLASSIFIED, Study
+
+    st = Study.load(study / "out" / "s")
+    st.atypical_quantile = 0.05  # many cells left unclassified
+    q = st.embed(ad.read_h5ad(study / "paired.h5ad"))
+    names = list(st.maturation_path()[0].names)
+    call = q.obs["vae_call"].astype(str).to_numpy()
+    label = q.obs["vae_label"].astype(str).to_numpy()
+    on = np.isin(call, names)
+    unc_on_label = (call == UNCLASSIFIED) & np.isin(label, names)
+    assert unc_on_label.any() and on.any() and (~on & (call != UNCLASSIFIED)).any()
+    pos = q.obs["vae_maturation"].to_numpy(float)
+    stage = q.obs["vae_stage"].astype(str).to_numpy()
+    assert np.isfinite(pos[on]).all() and np.isnan(pos[~on]).all()
+    assert set(stage[on]) <= set(names) and (stage[~on] == "").all()
+    # the API given the calls says the same; the rule is the profile's
+    mp = st.maturation_position(q.obsm["X_vae_full"], q.obs["vae_call"])
+    assert np.array_equal(np.isnan(mp["position"].to_numpy()), ~on)
+    assert (mp["stage"].to_numpy() == stage).all()
+    assert np.array_equal(on_maturation_path(q.obs["vae_call"], names), on)
+    q.obs["vae_sample"] = "p"
+    prof = sample_profile(q.obs, path_classes=names).set_index("sample")
+    assert prof.loc["p", "n_on_path"] == on.sum() == np.isfinite(pos).sum()
+    # NaN or "" is no call
+    assert not on_maturation_path(pd.Series([np.nan, "", names[0]]), names)[:2].any()
+
+
+def test_classes_an_image_only_sample_cannot_be_called_are_not_shown_as_zero(tmp_path):
+    """The real chain's image-only samples listed Erythrocyte, GMP, ... (classes no crop
+    of the study has) as "0.0 (0.0-30.8)": a counting interval of a class their cells can
+    never receive. Marked "not callable from images" now (left out where no sample can
+    be called it); samples.csv keeps its columns."""
+    from vae.analysis.samples import sample_profile, uncallable_calls, write_samples_html
+
+    obs = pd.DataFrame(
+        {
+            "vae_sample": ["img"] * 3 + ["mix"] * 3,
+            "vae_modality": ["image"] * 4 + ["expression"] * 2,
+            "vae_call": ["a", "b", "a", "a", "c", "b"],
+            "vae_label": ["a", "b", "a", "a", "c", "b"],
+            "vae_label_confidence": 1.0,
+            "vae_maturation": 0.5,
+        },
+        index=[f"x{i}" for i in range(6)],
+    )
+    callable_calls = {"image": ["a", "b"], "expression": ["a", "b", "c"]}
+    prof = sample_profile(obs, study_labels=["a", "b", "c"])
+    assert {"n_c", "frac_c", "frac_c_ci_low", "frac_c_ci_high"} <= set(prof.columns)
+    marks = uncallable_calls(prof, obs, callable_calls)
+    assert marks == {"img": ({"c"}, "images")}
+
+    def differential(prof, obs) -> str:
+        page = tmp_path / "samples.html"
+        write_samples_html(page, prof, obs, None, callable_calls=callable_calls)
+        return page.read_text().split("<h2>Differential count</h2>")[1].split("<h2>")[0]
+
+    diff = differential(prof, obs)
+    row_c = re.search(r"<tr><th>c</th>(.*?)</tr>", diff).group(1)
+    assert "not callable from images" in row_c and "0.0 <small>" not in row_c.split("</td>")[0]
+    assert "33.3" in row_c  # the mixed sample's 1 in 3 is a count
+    # one sample, image only: the row is left out, the note names the class
+    one = obs[obs["vae_sample"] == "img"]
+    diff = differential(sample_profile(one, study_labels=["a", "b", "c"]), one)
+    assert "<tr><th>c</th>" not in diff and "Left out for every sample: c." in diff
+    # many samples (a row each): the cell says so
+    many = pd.concat([obs.assign(vae_sample=obs["vae_sample"] + str(k)) for k in range(4)])
+    many.index = [f"y{i}" for i in range(len(many))]
+    diff = differential(sample_profile(many, study_labels=["a", "b", "c"]), many)
+    assert diff.count("not callable from images") == 4
+    # without the modalities' classes nothing is marked (as before)
+    page = tmp_path / "plain.html"
+    write_samples_html(page, prof, obs, None)
+    assert "not callable" not in page.read_text()
 
 
 def test_differential_count_of_many_samples_has_a_row_per_sample(tmp_path):
@@ -1268,6 +1367,46 @@ def test_images_the_study_trained_on_are_recognised_by_file_name(study: Path):
     assert got.tolist() == [True, True, False, False]  # "001": too short to trust
 
 
+def test_study_embed_counts_and_warns_of_cells_the_study_holds(study: Path, caplog):
+    """Expression cells by id as images by file name: an audit embedded 400 of a study's
+    own Paul15 cells (399 ids in its latent.h5ad) and was told nothing; Study.embed warned
+    of neither, the stage of images only."""
+    import logging
+
+    from vae.api import Study
+
+    st = Study.load(study / "out" / "s")
+    ref = st.reference
+    has_expr = ref.obs["has_expression"].to_numpy(bool)
+    ids = list(ref.obs_names[has_expr][:2])
+    # a latent without expression_ref (the toy's): the ids of its rows with expression
+    no_expr = ref.obs_names[~has_expr][0]
+    assert st.seen_expression([*ids, "new_cell", no_expr]).tolist() == [1, 1, 0, 0]
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    q = paired[:12].copy()
+    q.obs["image"] = "smear_0001.jpg"
+    ref.obs["image_ref"] = ""
+    ref.obs.iloc[0, ref.obs.columns.get_loc("image_ref")] = "smear_0001_d002"
+    with caplog.at_level(logging.WARNING, logger="vae.api"):
+        out = st.embed(q, "mine")
+    mod = out.obs["vae_modality"].astype(str)
+    n_img, n_expr = (
+        int(mod.isin(["image", "both"]).sum()),
+        int(mod.isin(["expression", "both"]).sum()),
+    )
+    assert n_img and n_expr
+    assert out.uns["seen_by_study"] == {"images": n_img, "expression": n_expr}
+    said = [r.getMessage() for r in caplog.records]
+    assert any(
+        m.startswith(f"mine: {n_img} of the {out.n_obs}") and "image files" in m for m in said
+    )
+    assert any(f"{n_expr} of the {out.n_obs}" in m and "cell ids of expression" in m for m in said)
+    # expression_ref names the profiles where the latent has it (a 10x barcode, not the row)
+    ref.obs["expression_ref"] = ""
+    ref.obs.iloc[np.flatnonzero(has_expr)[0], ref.obs.columns.get_loc("expression_ref")] = "AC-1"
+    assert st.seen_expression(["AC-1", ids[0]]).tolist() == [True, False]
+
+
 def test_the_counts_check_reads_by_chunks_with_the_whole_arrays_answer(monkeypatch):
     """np.allclose over a whole matrix took +0.64 GiB for 43 M values (scale audit)."""
     import vae.api as api
@@ -1431,8 +1570,9 @@ def test_smear_cells_go_to_qupath_with_their_calls(study: Path, tmp_path: Path, 
         row = smear.loc[f["properties"]["name"]]
         assert f["properties"]["classification"]["name"] == str(row["vae_call"])
         assert len(f["properties"]["classification"]["color"]) == 3
-        got = f["properties"]["measurements"]["vae_maturation"]
-        assert got == pytest.approx(float(row["vae_maturation"]))
+        # a cell not on the path has no position: no measurement (was its projection)
+        got = f["properties"].get("measurements", {}).get("vae_maturation", np.nan)
+        assert got == pytest.approx(float(row["vae_maturation"]), nan_ok=True)
         ring = np.array(f["geometry"]["coordinates"][0])
         # on its disc, in image px (the 16 px model mask of a 128 px crop: 8 px a pixel;
         # torch's nearest resize had moved it 3.5 px right and down: 5 px off)

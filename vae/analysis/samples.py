@@ -83,6 +83,25 @@ def call_column(obs: pd.DataFrame) -> str:
     return "vae_call" if "vae_call" in obs else "vae_label"
 
 
+def on_maturation_path(calls, path_classes) -> np.ndarray:
+    """(n,) bool: which cells are on the study's maturation path: those called one of the
+    classes the path runs through (``path_classes``,
+    :meth:`vae.api.Study.maturation_path`). ``calls`` are the cells' calls
+    (``vae_call``: the transferred label, or ``unclassified`` for a doubtful or atypical
+    cell); NaN or ``""`` is no call.
+
+    The one rule of ``n_on_path`` and the position columns here, of ``vae_maturation`` /
+    ``vae_stage`` (:meth:`vae.api.Study.maturation_position` given the calls,
+    :meth:`vae.api.Study.embed`) and so of the QuPath measurement: every code has a
+    projection onto the path, but a lymphocyte's lands near a granulocyte path's start
+    and would read as an immature cell, and an unclassified cell (a platelet-sized
+    object, a doublet) is no cell the study can place. Those get no position and no stage.
+    """
+    names = [str(c) for c in path_classes]
+    s = pd.Series(np.asarray(calls, dtype=object))
+    return s.where(s.notna(), "").astype(str).isin(names).to_numpy()
+
+
 def sample_profile(
     obs: pd.DataFrame,
     sample_key: str | None = None,
@@ -125,7 +144,6 @@ def sample_profile(
     callable_stages = (
         None if study_labels is None else {stage_name(c) for c in study_labels} - {None}
     )
-    on_path = None if path_classes is None else {str(c) for c in path_classes}
     weighted = EDGE_WEIGHT in obs
     rows = []
     for sample, g in obs.groupby(sample_key, sort=True, observed=True):
@@ -156,8 +174,8 @@ def sample_profile(
             if w is not None:
                 row[f"{name}_edge_corrected"] = _share(w, num, den) if ok else np.nan
         pos = pd.to_numeric(g["vae_maturation"], errors="coerce").to_numpy(float)
-        if on_path is not None:
-            pos = pos[calls.isin(on_path).to_numpy()]
+        if path_classes is not None:
+            pos = pos[on_maturation_path(calls, path_classes)]
             row["n_on_path"] = int(pos.size)
         pos = pos[np.isfinite(pos)]
         row["maturation_mean"] = float(pos.mean()) if pos.size else np.nan
@@ -223,18 +241,88 @@ def _share(w: np.ndarray, num: np.ndarray, den: np.ndarray) -> float:
     return float(w[num & den].sum() / total) if total > 0 else np.nan
 
 
-def _differential_html(profile: pd.DataFrame) -> str:
+MODALITY_WORDS = {"image": "images", "expression": "expression", "both": "image + expression"}
+
+
+def uncallable_calls(
+    profile: pd.DataFrame,
+    obs: pd.DataFrame,
+    callable_calls: dict[str, list[str]] | None,
+    sample_key: str | None = None,
+) -> dict[str, tuple[set[str], str]]:
+    """Per sample (``profile["sample"]``): the classes none of its cells could be called,
+    and the words for why (``"images"``: every cell of the sample was seen as an image
+    only). ``callable_calls``: the classes a cell of each ``vae_modality`` can be called
+    (:meth:`vae.api.Study.callable_labels`: in a study paired by label, an image-only
+    cell takes its label from the reference cells with a crop, so a class no crop has,
+    e.g. the real chain's Erythrocyte or GMP, is never its call and its 0 % with a
+    counting interval would read as a measured absence). A class a cell was called
+    anyway is not listed. None, or obs without ``vae_modality``: nothing listed."""
+    if not callable_calls or "vae_modality" not in obs or "sample" not in profile:
+        return {}
+    if sample_key is None:
+        sample_key = next((k for k in ("vae_sample", "sample") if k in obs), None)
+    if sample_key is None or sample_key not in obs:
+        return {}
+    every = {c[2:] for c in profile.columns if c.startswith("n_") and f"frac_{c[2:]}" in profile}
+    every.discard(UNCLASSIFIED)
+    mods = obs.groupby(sample_key, sort=False, observed=True)["vae_modality"].agg(
+        lambda m: set(m.astype(str))
+    )
+    out = {}
+    for _, r in profile.iterrows():
+        present = mods.get(r["sample"], set())
+        if not present or any(m not in callable_calls for m in present):
+            continue
+        can = set().union(*(set(callable_calls[m]) for m in present))
+        cannot = {c for c in every - can if int(r.get(f"n_{c}", 0)) == 0}
+        if cannot:
+            words = " or ".join(MODALITY_WORDS.get(m, m) for m in sorted(present))
+            out[r["sample"]] = (cannot, words)
+    return out
+
+
+def _not_callable_note(dropped: list[str], marks: dict[str, tuple[set[str], str]]) -> str:
+    """The page's words for the classes left out of the differential (``dropped``: no
+    sample's cells could be called them) and the cells marked "not callable"."""
+    if not dropped and not marks:
+        return ""
+    words = sorted({w for _, w in marks.values()})
+    text = (
+        "<p>Not callable: classes the study cannot give these cells, having no labelled "
+        "reference cell with the modalities they were seen with (e.g. no crop of the "
+        f"class, for cells seen as {' or '.join(words)} only); their count is 0 by "
+        "construction, not a measured absence."
+    )
+    if dropped:
+        text += f" Left out for every sample: {html.escape(', '.join(dropped))}."
+    return text + " samples.csv keeps their columns (n 0, frac 0).</p>"
+
+
+def _differential_html(
+    profile: pd.DataFrame, marks: dict[str, tuple[set[str], str]] | None = None
+) -> str:
     """The differential count as a haematologist reads it: one row per call, per sample
-    the cells, their percentage and (with edge weights) the edge-corrected percentage."""
+    the cells, their percentage and (with edge weights) the edge-corrected percentage.
+    ``marks`` (:func:`uncallable_calls`): per sample the classes its cells cannot be
+    called, shown "not callable from ..." instead of a 0 % and its interval; a class no
+    sample can be called is left out."""
     from vae.analysis.palette import label_order
 
+    marks = marks or {}
     labels = [c[2:] for c in profile.columns if c.startswith("n_") and f"frac_{c[2:]}" in profile]
     labels = label_order(labels)  # maturation order, as the study's figures list them
     if UNCLASSIFIED in labels:  # after every call, as a counter lists its flagged cells
         labels = [c for c in labels if c != UNCLASSIFIED] + [UNCLASSIFIED]
+    samples = list(profile["sample"]) if "sample" in profile else []
+    dropped = [
+        c for c in labels if samples and all(s in marks and c in marks[s][0] for s in samples)
+    ]
+    labels = [c for c in labels if c not in dropped]
+    note = _not_callable_note(dropped, marks)
     edge = any(f"frac_{c}_edge_corrected" in profile for c in labels)
     if len(profile) > DIFFERENTIAL_SAMPLE_COLUMNS:
-        return _differential_rows_html(profile, labels, edge)
+        return _differential_rows_html(profile, labels, edge, marks) + note
     cols = ["n", "%", "% edge-corrected"] if edge else ["n", "%"]
     head = "".join(
         f"<th colspan='{len(cols)}'>{html.escape(str(r['sample']))} "
@@ -246,6 +334,12 @@ def _differential_html(profile: pd.DataFrame) -> str:
     for c in labels:
         cells = []
         for _, r in profile.iterrows():
+            if c in marks.get(r["sample"], (set(),))[0]:
+                why = marks[r["sample"]][1]
+                cells.append(
+                    f"<td colspan='{len(cols)}'><small>not callable from {why}</small></td>"
+                )
+                continue
             ci = _ci_text(r, f"frac_{c}", 100.0, 1)
             cells.append(f"<td>{int(r[f'n_{c}'])}</td><td>{100 * r[f'frac_{c}']:.1f}{ci}</td>")
             if edge:
@@ -257,20 +351,30 @@ def _differential_html(profile: pd.DataFrame) -> str:
         f"<p>% (low-high): the share and its {100 * CI_LEVEL:.0f} % confidence interval. "
         "Every column is in samples.csv (n_&lt;call&gt;, frac_&lt;call&gt;, "
         "frac_&lt;call&gt;_ci_low / _ci_high, frac_&lt;call&gt;_edge_corrected).</p>"
+        f"{note}"
     )
 
 
-def _differential_rows_html(profile: pd.DataFrame, labels: list[str], edge: bool) -> str:
+def _differential_rows_html(
+    profile: pd.DataFrame,
+    labels: list[str],
+    edge: bool,
+    marks: dict[str, tuple[set[str], str]] | None = None,
+) -> str:
     """The differential count with one row per sample (more samples than
     :data:`DIFFERENTIAL_SAMPLE_COLUMNS`): calls across, each cell "n (x.x %)" and, with
     edge weights, the edge-corrected percentage under it; the sample column stays in
-    view while the table scrolls sideways."""
+    view while the table scrolls sideways. ``marks``: as :func:`_differential_html`."""
+    marks = marks or {}
     sticky = "position:sticky;left:0;background:#fff"
     head = "".join(f"<th>{html.escape(c)}</th>" for c in labels)
     rows = []
     for _, r in profile.iterrows():
         cells = []
         for c in labels:
+            if c in marks.get(r["sample"], (set(),))[0]:
+                cells.append(f"<td><small>not callable from {marks[r['sample']][1]}</small></td>")
+                continue
             ci = _ci_text(r, f"frac_{c}", 100.0, 1)
             text = f"{int(r[f'n_{c}'])} ({100 * r[f'frac_{c}']:.1f} %{ci})"
             if edge:
@@ -381,6 +485,8 @@ def write_samples_html(
     min_confidence: float = 0.5,
     atypical_quantile: float | None = 0.99,
     atypical_off: str | None = None,
+    callable_calls: dict[str, list[str]] | None = None,
+    sample_key: str | None = None,
 ) -> None:
     """A self-contained HTML page: the profile table, histograms, example crops per call.
 
@@ -399,6 +505,12 @@ def write_samples_html(
     atypical_off : why no cell could be flagged atypical although ``atypical_quantile``
         is set (:attr:`vae.api.Study.atypical_off`); the page says so instead of the
         held-out rule
+    callable_calls : the classes a cell of each ``vae_modality`` can be called
+        (:meth:`vae.api.Study.callable_labels`); a sample's classes none of its cells
+        could be called read "not callable from images" in the differential, not 0 %
+        with an interval (:func:`uncallable_calls`); None: every class is callable
+    sample_key : obs column of the profile's samples (None: ``vae_sample``, else
+        ``sample``, as :func:`sample_profile`)
     """
     from vae.analysis.palette import label_order
 
@@ -463,7 +575,8 @@ def write_samples_html(
         cells.append(f"<td>{_hist_svg(r[hist_cols].to_numpy(float))}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
     parts.append("</table><h2>Differential count</h2>")
-    parts.append(_differential_html(profile))
+    marks = uncallable_calls(profile, obs, callable_calls, sample_key)
+    parts.append(_differential_html(profile, marks))
     parts.append("<h2>Example crops per call</h2>")
     has = "vae_modality" in obs and crops is not None
     if not has:
