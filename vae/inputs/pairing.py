@@ -289,34 +289,66 @@ def square_crop(
     -------
     crop, mask
         (S, S, 3) uint8 and (S, S) bool.
+
+    Notes
+    -----
+    The result is Pillow's bilinear resize of the square (padded with ``background``
+    where it leaves the image, pixels outside the mask set to it first) and the
+    nearest resize of its mask, computed without a square-sized copy: Pillow resizes
+    rows first, then columns, each pass rounded to uint8, so the row pass runs on strips
+    of rows of the square and the column pass on the (side, S) result, and the mask is
+    sampled at the pixels Pillow's nearest resize picks. A 16000 x 12000 crop (no mask)
+    needed about 7 GB more than the image itself this way (``np.nonzero`` of its
+    all-True mask, the padded copies); now a few tens of MB (docs/reliability.md).
     """
     from PIL import Image
 
     h, w = mask.shape
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        ys, xs = np.array([0, h - 1]), np.array([0, w - 1])
-    if mask.all():
+    full = bool(mask.all())  # no mask known: the whole image
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if full or not len(rows):  # (an empty mask: the whole image's box, blanked)
+        ymin, ymax, xmin, xmax = 0, h - 1, 0, w - 1
+    else:
+        ymin, ymax, xmin, xmax = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    if full:
         side = max(h, w)
     else:
-        side = int(np.ceil(max(np.ptp(ys) + 1, np.ptp(xs) + 1) * (1 + margin)))
+        side = int(np.ceil(max(ymax - ymin + 1, xmax - xmin + 1) * (1 + margin)))
     # box centre in pixel-edge coordinates; the square [y0, y0 + side) is centred on it
-    cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
+    cy, cx = (ymin + ymax + 1) / 2, (xmin + xmax + 1) / 2
     y0, x0 = int(np.floor(cy - side / 2)), int(np.floor(cx - side / 2))
-    y1, x1 = y0 + side, x0 + side
-    pad = max(0, -y0, -x0, y1 - h, x1 - w)
-    image = image.copy()
-    image[~mask] = background  # no smear context bleeds into edge pixels on resize
-    img = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), constant_values=background)
-    msk = np.pad(mask, ((pad, pad), (pad, pad)), constant_values=False)
-    img = img[y0 + pad : y1 + pad, x0 + pad : x1 + pad]
-    msk = msk[y0 + pad : y1 + pad, x0 + pad : x1 + pad]
-    img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
-    msk = (
-        np.asarray(Image.fromarray(msk.astype(np.uint8) * 255).resize((size, size), Image.NEAREST))
-        > 127
+    # the square's part inside the image
+    iy0, iy1, ix0, ix1 = max(y0, 0), min(y0 + side, h), max(x0, 0), min(x0 + side, w)
+    # row pass: each row of the square -> S columns; a row wholly outside the image is
+    # the resize of a background row
+    dtype = image.dtype
+    bg_row = np.asarray(
+        Image.fromarray(np.full((1, side, 3), background, dtype)).resize((size, 1), Image.BILINEAR)
     )
-    img = img.copy()
+    half = np.empty((side, size, 3), dtype)
+    half[:] = bg_row
+    step = max(1, (16 << 20) // (3 * side))  # strips of about 16 MB
+    for r0 in range(iy0, iy1, step):
+        r1 = min(r0 + step, iy1)
+        strip = np.full((r1 - r0, side, 3), background, dtype)
+        inside = strip[:, ix0 - x0 : ix1 - x0]
+        inside[:] = image[r0:r1, ix0:ix1]
+        if not full:  # no smear context bleeds into edge pixels on resize
+            inside[~mask[r0:r1, ix0:ix1]] = background
+        half[r0 - y0 : r1 - y0] = np.asarray(
+            Image.fromarray(strip).resize((size, r1 - r0), Image.BILINEAR)
+        )
+    # column pass (the width is S already: Pillow resizes the columns only)
+    img = np.array(Image.fromarray(half).resize((size, size), Image.BILINEAR))
+    # the mask: Pillow's nearest resize of the square's mask picks these pixels (the
+    # same on both axes: side -> S)
+    pick = np.asarray(
+        Image.fromarray(np.arange(side, dtype=np.int32)[None, :]).resize((size, 1), Image.NEAREST)
+    )[0].astype(np.int64)
+    sy, sx = y0 + pick, x0 + pick
+    iny, inx = (sy >= 0) & (sy < h), (sx >= 0) & (sx < w)
+    msk = np.zeros((size, size), bool)
+    msk[np.ix_(iny, inx)] = mask[np.ix_(sy[iny], sx[inx])]
     img[~msk] = background
     return img.astype(np.uint8), msk
 
@@ -497,7 +529,8 @@ def read_image_folder(
                 )
                 _skip(rejects, f, "image", why)
                 continue
-            c, m = square_crop(img, np.ones(img.shape[:2], bool), size, background)
+            # no mask: all True, as a view (no image-sized array)
+            c, m = square_crop(img, np.broadcast_to(True, img.shape[:2]), size, background)
             crops.append(c)
             masks.append(m)
             # ids, labels and source as every table writes them (stage=segment's rule:

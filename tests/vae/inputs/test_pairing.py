@@ -299,6 +299,57 @@ def test_square_crop_background_and_mask():
     assert (c[m] <= 50).all()
 
 
+def _square_crop_padded(image, mask, size, background=0, margin=0.1):
+    """square_crop as it was: the padded square made whole, then resized (the reference)."""
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        ys, xs = np.array([0, h - 1]), np.array([0, w - 1])
+    side = int(np.ceil(max(np.ptp(ys) + 1, np.ptp(xs) + 1) * (1 + margin)))
+    side = max(h, w) if mask.all() else side
+    cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
+    y0, x0 = int(np.floor(cy - side / 2)), int(np.floor(cx - side / 2))
+    pad = max(0, -y0, -x0, y0 + side - h, x0 + side - w)
+    image = image.copy()
+    image[~mask] = background
+    img = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), constant_values=background)
+    msk = np.pad(mask, pad, constant_values=False)
+    img = img[y0 + pad : y0 + side + pad, x0 + pad : x0 + side + pad]
+    msk = msk[y0 + pad : y0 + side + pad, x0 + pad : x0 + side + pad]
+    img = np.array(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+    msk = np.asarray(
+        Image.fromarray(msk.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+    )
+    msk = msk > 127
+    img[~msk] = background
+    return img, msk
+
+
+def test_square_crop_is_the_padded_resize_without_image_sized_copies():
+    # a 16000 x 12000 crop made stage=pair peak at 8 GB: np.nonzero of its all-True mask
+    # and padded copies; the strip-wise resize gives the same bytes
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    for t in range(300):
+        h, w = (int(v) for v in rng.integers(1, 70, 2))
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        mask = [np.ones((h, w), bool), rng.random((h, w)) < 0.4, np.zeros((h, w), bool)][t % 3]
+        size, bg = int(rng.choice([8, 16, 64, 100])), int(rng.choice([0, 7, 255]))
+        margin = float(rng.choice([0.0, 0.1, 1.0]))
+        c, m = square_crop(img, mask, size, bg, margin)
+        rc, rm = _square_crop_padded(img, mask, size, bg, margin)
+        assert np.array_equal(c, rc) and np.array_equal(m, rm), (h, w, t % 3, size, bg, margin)
+    img = rng.integers(0, 256, (2000, 3000, 3), dtype=np.uint8)  # 18 MB, several strips
+    whole = np.broadcast_to(True, img.shape[:2])
+    tracemalloc.start()
+    c, m = square_crop(img, whole, 64)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1.5 * img.nbytes  # was 9 x (nonzero's two int64 arrays, padded copies)
+    assert np.array_equal(c, _square_crop_padded(img, np.ones(img.shape[:2], bool), 64)[0])
+
+
 def test_image_folder_reader(tmp_path):
     root = tmp_path / "crops"
     for cls, n in (("Neutrophil", 3), ("Monocyte", 1)):
