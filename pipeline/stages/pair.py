@@ -74,6 +74,13 @@ def load_crops(ctx: StageContext, rejects: list | None = None):
     return pr.CropSet.concat(sets) if sets else None
 
 
+def _write_rejects(ctx: StageContext, rejects: list[dict]) -> None:
+    with ctx.atomic("rejects.csv") as tmp:
+        spreadsheet_safe(
+            pd.DataFrame(rejects, columns=["image", "field", "action", "reason"])
+        ).to_csv(tmp, index=False)
+
+
 def _cap(cs, n: int):
     keep = cs.obs.groupby("label", sort=False).cumcount().to_numpy() < n
     return cs.take(keep)
@@ -198,6 +205,9 @@ def run_pair(ctx: StageContext) -> None:
             crop_size=p.crop_size,
         )
     except pr.PairingError as e:
+        if rejects and ctx.is_main:  # the files skipped before the refusal: listed still
+            _write_rejects(ctx, rejects)
+            raise StageError(f"{e} ({len(rejects)} row(s) in {ctx.output('rejects.csv')})") from e
         raise StageError(str(e)) from e
     out = res.adata
     out.uns["pair"] = {
@@ -239,10 +249,7 @@ def run_pair(ctx: StageContext) -> None:
             # text, so a spreadsheet runs no "=..." label as a formula
             spreadsheet_safe(res.summary).to_csv(tmp, index=False)
         write_json(ctx.output("pair_counts.json"), counts)
-        with ctx.atomic("rejects.csv") as tmp:
-            spreadsheet_safe(
-                pd.DataFrame(rejects, columns=["image", "field", "action", "reason"])
-            ).to_csv(tmp, index=False)
+        _write_rejects(ctx, rejects)
         if hi.any():
             with ctx.atomic("crops.png") as tmp:
                 pr.contact_sheet(out, tmp, seed=cfg.seed)

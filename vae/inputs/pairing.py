@@ -510,12 +510,14 @@ def read_image_folder(
             "no class sub-folders (ImageFolder layout)", field="path", source=str(root)
         )
     crops, masks, rows = [], [], []
+    listed = 0
     for d in classes:
         files = sorted(
             f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTS and not f.name.startswith(".")
         )
         if max_per_class is not None:
             files = files[:max_per_class]
+        listed += len(files)
         for f in files:
             try:
                 img = _load_rgb(f)
@@ -542,6 +544,13 @@ def read_image_folder(
 
                 log.warning("%s", undecodable_warning(f))
             rows.append({"id": cid, "label": _shown(d.name).lower()})
+    if not rows and listed:  # every one skipped: not "no images"
+        raise PairingError(
+            f"none of its {listed} image file(s) could be used: each was skipped as "
+            "unreadable or too small (each a warning and a reject row)",
+            field="image",
+            source=str(root),
+        )
     if not rows:
         raise PairingError("no images found", field="path", source=str(root))
     obs = pd.DataFrame(rows).set_index("id")

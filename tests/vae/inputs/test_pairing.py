@@ -625,6 +625,33 @@ def test_pair_stage_bad_label_map_writes_nothing(tmp_path):
     assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "pair.log"]
 
 
+def test_pair_stage_with_every_crop_rejected_says_so_and_lists_them(tmp_path):
+    # was "[path] no images found" though 2 files were read and rejected, no rejects.csv
+    root = tmp_path / "crops"
+    (root / "X").mkdir(parents=True)
+    (root / "X" / "text.jpg").write_text("not an image")
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(root / "X" / "tiny.png")
+    _expr().write_h5ad(tmp_path / "expression.h5ad")
+    from pipeline.runner import StageError
+
+    with pytest.raises(StageError) as e:
+        _run_in_process(
+            [
+                f"paths.root={tmp_path}",
+                "experiment=bad",
+                f"paths.inputs.expression={tmp_path / 'expression.h5ad'}",
+                f"pair.crop_sources=[{{kind: image_folder, path: '{root}'}}]",
+                "pair.mode=unpaired",
+            ]
+        )
+    d = tmp_path / "bad" / "pair"
+    assert "[image] none of its 2 image file(s) could be used" in str(e.value)
+    assert f"2 row(s) in {d / 'rejects.csv'}" in str(e.value)
+    rej = pd.read_csv(d / "rejects.csv")
+    assert sorted(Path(p).name for p in rej["image"]) == ["text.jpg", "tiny.png"]
+    assert not (d / "paired.h5ad").exists()
+
+
 @needs_shared(SHARED / "cells/bccd_cropped", "bccd_cropped")
 def test_real_crops_by_label_against_paul15_labels(tmp_path):
     """The real-data config: bccd_cropped + segmentation_wbc x Paul15-style labels."""
