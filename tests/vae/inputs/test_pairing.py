@@ -652,6 +652,25 @@ def test_pair_stage_with_every_crop_rejected_says_so_and_lists_them(tmp_path):
     assert not (d / "paired.h5ad").exists()
 
 
+def test_pair_stage_names_an_expression_file_without_labels(tmp_path):
+    e = _expr()
+    del e.obs["label"]
+    e.write_h5ad(tmp_path / "expression.h5ad")
+    from pipeline.runner import StageError
+
+    with pytest.raises(StageError) as err:
+        _run_in_process(
+            [
+                f"paths.root={tmp_path}",
+                "experiment=nolab",
+                f"paths.inputs.expression={tmp_path / 'expression.h5ad'}",
+                "pair.crop_sources=[]",
+                "pair.mode=unpaired",
+            ]
+        )
+    assert str(err.value).startswith(f"{tmp_path / 'expression.h5ad'}: [obs['label']] no obs")
+
+
 @needs_shared(SHARED / "cells/bccd_cropped", "bccd_cropped")
 def test_real_crops_by_label_against_paul15_labels(tmp_path):
     """The real-data config: bccd_cropped + segmentation_wbc x Paul15-style labels."""
