@@ -855,6 +855,41 @@ def _study_segmentation(study) -> dict | None:
     return None if run is None else dict((run[0].get("config") or {}).get("segmentation") or {})
 
 
+# the segmentation.* settings that set the scale a smear is read at
+SCALE_SETTINGS = ("input_scale", "estimate_scale", "refine_scale", "scale_spread", "cell_px")
+
+
+def study_smear_scales(run_config: dict) -> tuple[list[str], list[float]] | None:
+    """The fixed scales a study's ``stage=segment`` read its smears at, when it read
+    ``data.segment_sources`` and every smear source there has one (``scale`` and / or
+    ``scale_by_width``); None otherwise (one folder read with ``segmentation.*``, or a
+    source measured per image, which those settings describe).
+
+    Returns
+    -------
+    (descriptions, scales): one description per smear source (``"bccd 0.21"``,
+    ``"txl_pbc_train 0.2 (by image width 575 px: 0.15, ...)"``) and every scale named.
+    """
+    srcs = ((run_config.get("data") or {}).get("segment_sources")) or []
+    smears = [s for s in srcs if isinstance(s, dict) and s.get("kind", "smears") == "smears"]
+    if not smears:
+        return None
+    text, scales = [], []
+    for s in smears:
+        by = s.get("scale_by_width") or {}
+        if s.get("scale") is None and not by:
+            return None  # measured per image, with the segmentation.* settings
+        d = str(s.get("name") or s.get("path"))
+        if s.get("scale") is not None:
+            d += f" {s['scale']}"
+            scales.append(float(s["scale"]))
+        if by:
+            d += " (by image width " + ", ".join(f"{w} px: {v}" for w, v in by.items()) + ")"
+            scales += [float(v) for v in by.values()]
+        text.append(d)
+    return text, scales
+
+
 # segmentation.* settings that change which cells of a smear are kept or how they are
 # cut and framed (settings_from_config, detector_kwargs, the scale): new cells read with
 # other values than the study's own stage=segment are not cut like its reference cells
@@ -1017,6 +1052,7 @@ def _warn_cut_unlike_study(cfg, study) -> None:
     from omegaconf import OmegaConf
 
     from pipeline.guards import override
+    from segmentation.shipped import wants_scale_estimate
 
     rec = _study_segmentation(study)
     if rec is None:
@@ -1027,9 +1063,34 @@ def _warn_cut_unlike_study(cfg, study) -> None:
     now_ckpt = _detector_ckpt(now_det) if now_det else {}
     rec_ckpt = now_ckpt if rec_det is None or rec_det == now_det else _detector_ckpt(rec_det)
     diffs = cut_differences(now, rec, now_ckpt, rec_ckpt)
-    if not diffs:
-        return
     lines, fixes = [], []
+    fixed = study_smear_scales(_study_segment_run(study)[0].get("config") or {})
+    if fixed is not None:
+        # the study read its smears at the fixed scales of data.segment_sources, not at
+        # segmentation.input_scale / estimate_scale: compared with those (an audit was told
+        # "study input_scale 0.6 ... add segmentation.input_scale=0.6
+        # segmentation.estimate_scale=true", the reverse of how the study cut its cells)
+        diffs = [d for d in diffs if d[0] not in SCALE_SETTINGS]
+        text, scales = fixed
+        if wants_scale_estimate(now.get("estimate_scale"), now_ckpt):
+            lines.append(
+                f"scale: the study read its smears at fixed scales per source ({'; '.join(text)}), "
+                "this run measures each image's (segmentation.estimate_scale)"
+            )
+            fixes.append(
+                "segmentation.estimate_scale=false segmentation.input_scale=<the scale of the "
+                "study's source these smears come from>"
+            )
+        elif not any(abs(float(now.get("input_scale") or 0) - v) < 1e-9 for v in scales):
+            lines.append(
+                f"input_scale: the study read its smears at fixed scales per source "
+                f"({'; '.join(text)}), this run {now.get('input_scale')!r}"
+            )
+            fixes.append(
+                "segmentation.input_scale=<the scale of the study's source these smears come from>"
+            )
+    if not diffs and not lines:
+        return
     for key, was, mine, recorded in diffs:
         if recorded:
             lines.append(f"{key}: study {was!r}, this run {mine!r}")

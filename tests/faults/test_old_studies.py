@@ -125,11 +125,12 @@ def test_an_old_latent_that_cannot_be_scored_says_flagging_is_off(study: Path, m
     assert "less like the study's cells than" not in page
 
 
-def _segment_manifest(root: Path, seg: dict) -> SimpleNamespace:
-    """A study folder whose stage=segment recorded ``seg``; the Study's fields read."""
+def _segment_manifest(root: Path, seg: dict, data: dict | None = None) -> SimpleNamespace:
+    """A study folder whose stage=segment recorded ``seg`` (and ``data``); the Study's
+    fields read."""
     (root / "segment").mkdir(parents=True)
     (root / "train").mkdir()
-    man = {"stage": "segment", "config": {"segmentation": seg}, "inputs": {}}
+    man = {"stage": "segment", "config": {"segmentation": seg, "data": data or {}}, "inputs": {}}
     (root / "segment" / "manifest.json").write_text(json.dumps(man))
     return SimpleNamespace(model_path=root / "train" / "model.pt", segmentation_model=None)
 
@@ -181,6 +182,54 @@ def test_smears_cut_unlike_an_old_studys_segment_run_are_named_with_the_override
         _warn_cut_unlike_study(alike, _segment_manifest(tmp_path / "old2", seg2))
     (msg,) = [r.getMessage() for r in caplog.records if "segmented unlike" in r.getMessage()]
     assert "mask_threshold: not in the study (predates it): this run" in msg
+
+
+def test_a_study_that_read_its_smears_at_fixed_source_scales_is_compared_with_those(
+    tmp_path: Path, caplog
+):
+    """A +preset=real study read its smears through data.segment_sources at fixed scales
+    per microscope, not at segmentation.input_scale: an audit's embed at the estimated
+    scale was not warned, and one at a study source's own scale was told to add
+    segmentation.input_scale=0.6 segmentation.estimate_scale=true (the nominal config, the
+    reverse of how the study cut its cells). Now the source scales are the reference."""
+    from pipeline.stages.embed import _warn_cut_unlike_study
+
+    base = ["stage=embed", "experiment=x", "embed.h5ad=x.h5ad"]
+    cfg = compose_config(base)  # the embed default: the scale measured per image
+    seg = OmegaConf.to_container(cfg.segmentation, resolve=True)
+    seg["estimate_scale"], seg["input_scale"] = True, 0.6
+    data = {
+        "segment_sources": [
+            {"name": "bccd", "kind": "smears", "scale": 0.21, "scale_by_width": {}},
+            {"name": "txl", "kind": "smears", "scale": 0.2, "scale_by_width": {"575": 0.15}},
+            {"name": "crops", "kind": "crop_folder", "scale": None},
+        ]
+    }
+    study = _segment_manifest(tmp_path / "real", seg, data)
+
+    def said(c) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            _warn_cut_unlike_study(c, study)
+        return [r.getMessage() for r in caplog.records if "segmented unlike" in r.getMessage()]
+
+    (msg,) = said(compose_config([*base, "segmentation.estimate_scale=true"]))
+    assert "fixed scales per source (bccd 0.21; txl 0.2 (by image width 575 px: 0.15))" in msg
+    assert "this run measures each image's" in msg
+    assert "segmentation.estimate_scale=false segmentation.input_scale=<the scale" in msg
+    assert "input_scale=0.6" not in msg
+    # at one of the study's own scales nothing is said; at another scale it is
+    fixed = [*base, "segmentation.estimate_scale=false"]
+    assert said(compose_config([*fixed, "segmentation.input_scale=0.15"])) == []
+    assert said(compose_config([*fixed, "segmentation.input_scale=0.21"])) == []
+    (msg,) = said(compose_config([*fixed, "segmentation.input_scale=0.5"]))
+    assert "input_scale: the study read its smears at fixed scales per source" in msg
+    assert "this run 0.5" in msg
+    # a source measured per image: the segmentation.* settings are the reference again
+    data["segment_sources"][0]["scale"] = None
+    study = _segment_manifest(tmp_path / "mixed", seg, data)
+    (msg,) = said(compose_config([*fixed, "segmentation.input_scale=0.15"]))
+    assert "estimate_scale: study True, this run False" in msg
 
 
 def test_an_old_training_run_resumes_with_the_overrides_its_refusal_names(study: Path):
