@@ -547,6 +547,12 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
                     name,
                     failed,
                 )
+                moved = _moved_paths(str(exc), d, failed)
+                if type(exc) is StageError and moved != str(exc):
+                    # a file the stage named in its folder (e.g. the rejects gathered before a
+                    # refusal) now lies in the failed attempt's: the folder it names holds
+                    # the previous result again
+                    raise StageError(moved) from exc
         raise
     finally:
         if handler is not None:
@@ -556,6 +562,11 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
         shutil.rmtree(backup, ignore_errors=True)
     log.info("stage=%s done in %.1f s", name, time.time() - t0)
     return d
+
+
+def _moved_paths(message: str, folder: Path, moved_to: Path) -> str:
+    """``message`` with every path inside ``folder`` pointed into ``moved_to``."""
+    return message.replace(f"{folder}{os.sep}", f"{moved_to}{os.sep}")
 
 
 class _Records(logging.Handler):

@@ -581,6 +581,7 @@ def read_segmentation_wbc(
     root = Path(root)
     crops, masks, rows = [], [], []
     per_class: dict[str, int] = {}  # max_per_class counts over all subsets
+    tried = 0  # label rows looked for
     for sub in subsets:
         csv = root / f"{sub}_labels.csv"
         if not csv.exists():
@@ -627,6 +628,7 @@ def read_segmentation_wbc(
             label = SEGMENTATION_WBC_CLASSES[code_i]
             if max_per_class is not None and per_class.get(label, 0) >= max_per_class:
                 continue
+            tried += 1
             stem = f"{id_i:03d}"
             img_path = root / sub / f"{stem}.bmp"
             mask_path = root / sub / f"{stem}.png"
@@ -660,6 +662,14 @@ def read_segmentation_wbc(
             masks.append(mm)
             per_class[label] = per_class.get(label, 0) + 1
             rows.append({"id": f"segmentation_wbc/{sub}/{stem}", "label": label})
+    if not rows and tried:  # every one skipped: not "no images" (as read_image_folder)
+        raise PairingError(
+            f"none of its {tried} labelled image(s) could be used: each was skipped (a "
+            "missing or unreadable image or mask, a mask of another size, an empty mask; "
+            "each a warning and a reject row)",
+            field="image",
+            source=str(root),
+        )
     if not rows:
         raise PairingError("no images found", field="path", source=str(root))
     obs = pd.DataFrame(rows).set_index("id")

@@ -475,6 +475,13 @@ def test_segmentation_wbc_mis_sized_or_empty_mask_is_a_reject_not_fatal(tmp_path
     assert rejects[1]["reason"] == "empty mask (no cell)"
     with pytest.raises(PairingError, match=r"002.png: \[mask\] mask 30x40"):
         read_segmentation_wbc(root, 16, subsets=("dataset1",))  # not collecting: an error
+    # every mask empty: said so, not "no images found" (review of the reject rows above)
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(root / "dataset1" / "001.png")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(root / "dataset1" / "002.png")
+    rejects = []
+    with pytest.raises(PairingError, match=r"\[image\] none of its 3 labelled image\(s\)"):
+        read_segmentation_wbc(root, 16, subsets=("dataset1",), rejects=rejects)
+    assert len(rejects) == 3
 
 
 def _cells_h5ad(path: Path, size: int = 12) -> None:
@@ -650,6 +657,35 @@ def test_pair_stage_with_every_crop_rejected_says_so_and_lists_them(tmp_path):
     rej = pd.read_csv(d / "rejects.csv")
     assert sorted(Path(p).name for p in rej["image"]) == ["text.jpg", "tiny.png"]
     assert not (d / "paired.h5ad").exists()
+    # overwrite=true on a complete run: the previous result is put back, so the error
+    # names the rejects.csv of the failed attempt's folder, not the one it restored
+    # (review: it named pair/rejects.csv, which held the previous run's rows again)
+    good = tmp_path / "good"
+    (good / "X").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 60 * i, np.uint8)).save(good / "X" / f"c{i}.png")
+    args = [
+        f"paths.root={tmp_path}",
+        "experiment=ow",
+        f"paths.inputs.expression={tmp_path / 'expression.h5ad'}",
+        "pair.mode=unpaired",
+    ]
+    _run_in_process([*args, f"pair.crop_sources=[{{kind: image_folder, path: '{good}'}}]"])
+    d = tmp_path / "ow" / "pair"
+    before = (d / "rejects.csv").read_bytes()
+    with pytest.raises(StageError) as e:
+        _run_in_process(
+            [
+                *args,
+                "overwrite=true",
+                f"pair.crop_sources=[{{kind: image_folder, path: '{root}'}}]",
+            ]
+        )
+    (failed,) = d.parent.glob("pair.failed-*")
+    assert f"2 row(s) in {failed / 'rejects.csv'}" in str(e.value)
+    assert str(d / "rejects.csv") not in str(e.value)
+    assert len(pd.read_csv(failed / "rejects.csv")) == 2
+    assert (d / "rejects.csv").read_bytes() == before and (d / "paired.h5ad").is_file()
 
 
 def test_pair_stage_names_an_expression_file_without_labels(tmp_path):
