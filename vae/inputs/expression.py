@@ -1026,6 +1026,10 @@ def preprocess(
     has_counts = validate_matrix(adata, values=p.values, source=src)
     if sp.issparse(adata.X):
         adata.X = adata.X.tocsr()
+        # one stored value per cell and gene: log1p, the HVG sums and the QC counts all
+        # work on stored values, so a value stored as two parts (a CSR another tool wrote
+        # without summing its duplicates) became log1p(a) + log1p(b) (review, 2026-12-06)
+        adata.X.sum_duplicates()
     if has_counts:
         if "counts" not in adata.layers:
             # the same matrix, not a copy: X is replaced by the normalised values below and
@@ -1034,6 +1038,8 @@ def preprocess(
         # X is computed from the counts after QC; dropped now, a subset copies one matrix
         adata.X = None
     base = adata.layers["counts"] if has_counts else adata.X
+    if sp.issparse(base) and base.format == "csr":
+        base.sum_duplicates()  # a counts layer given beside X too (see above)
     # dense X (and PCA input) as always, unless a sparse input would be too large dense
     dense_x = not sp.issparse(base) or adata.n_obs * adata.n_vars * 4 <= p.dense_max_bytes
     if not dense_x:
@@ -1295,7 +1301,10 @@ def seurat_hvg_sparse(x: sp.csr_matrix, n_top_genes: int, n_bins: int = 20) -> p
     Parameters
     ----------
     x
-        (cells, genes) CSR, ``log1p`` of normalised counts (float32 or float64).
+        (cells, genes) CSR, ``log1p`` (natural) of normalised counts, one stored value per
+        entry; float32 as :func:`preprocess` passes it (equal to scanpy's to the bit; in
+        float64, genes tied in normalised dispersion at the cut-off can be broken
+        otherwise than scanpy breaks them).
     n_top_genes
         How many genes to flag (all genes when larger than the number of genes).
     n_bins
@@ -1334,6 +1343,13 @@ def seurat_hvg_sparse(x: sp.csr_matrix, n_top_genes: int, n_bins: int = 20) -> p
     norm = ((df["dispersions"] - stats["avg"]) / stats["dev"]).to_numpy()
     ranked = np.sort(norm[~np.isnan(norm)])[::-1]
     k = min(int(n_top_genes), ranked.size)
+    if k < n_top_genes:  # scanpy warns the same
+        log.warning(
+            "n_top_genes=%d but only %d genes have a normalised dispersion: all %d flagged",
+            n_top_genes,
+            ranked.size,
+            k,
+        )
     hv = np.nan_to_num(norm, nan=-np.inf) >= ranked[k - 1] if k else np.zeros(g, bool)
     return pd.DataFrame(
         {
