@@ -2027,10 +2027,16 @@ class Study:
     def seen_cells(self, q) -> dict[str, np.ndarray]:
         """Which cells of an embedded query (:meth:`embed`'s AnnData, or its obs) the
         study's reference already holds: ``{"images": ..., "expression": ...}``, (n,)
-        bool each. ``images``: a cell with an image whose file (``obs["image"]``) is named
-        like one the study holds a crop of (:meth:`seen_images`); ``expression``: a cell
-        with expression whose id (``obs_names``) is one of the study's profiles
-        (:meth:`seen_expression`). Both by name only."""
+        bool each, by name only. ``images``: a cell with an image whose file is named like
+        one the study holds a crop of (:meth:`seen_images`); ``expression``: a cell with
+        expression whose id is one of the study's profiles (:meth:`seen_expression`).
+
+        Each side is named as ``latent.h5ad`` names it: a query that carries the columns
+        (the study's own ``paired.h5ad``, or a ``latent.h5ad``: rows ``r000000``, the crop
+        in ``image_ref``, the cell id in ``expression_ref``) is read by them, a row where
+        they are empty and a query without them by ``obs["image"]`` (``cells.h5ad``, a
+        folder read by :meth:`read`) and ``obs_names`` (an expression file). An
+        ``image_ref`` equal to one of the reference's counts whatever its stem's length."""
         obs = getattr(q, "obs", q)
         mod = (
             obs["vae_modality"].astype(str).to_numpy()
@@ -2038,12 +2044,20 @@ class Study:
             else np.full(len(obs), "both")
         )
         images = np.zeros(len(obs), bool)
-        if "image" in obs:
-            has = np.isin(mod, ("image", "both"))
-            images[has] = self.seen_images(obs["image"].astype(str).to_numpy()[has])
+        names = _names_by(obs, "image_ref", obs["image"] if "image" in obs else None)
+        if names is not None:
+            has = np.isin(mod, ("image", "both")) & (names != "")
+            images[has] = self.seen_images(names[has])
+            ref = self.reference.obs
+            if "image_ref" in obs and "image_ref" in ref:
+                # an image_ref the reference holds as it is: the study's crop whatever its
+                # stem (segmentation_wbc/dataset1/001, too short for a file name's match)
+                known = set(ref["image_ref"].dropna().astype(str))
+                images |= has & np.isin(names, list(known))
         expression = np.zeros(len(obs), bool)
-        has = np.isin(mod, ("expression", "both"))
-        expression[has] = self.seen_expression(obs.index.astype(str).to_numpy()[has])
+        ids = _names_by(obs, "expression_ref", obs.index)
+        has = np.isin(mod, ("expression", "both")) & (ids != "")
+        expression[has] = self.seen_expression(ids[has])
         return {"images": images, "expression": expression}
 
     def warn_seen(self, q, source: str = "query", seen=None) -> dict[str, int]:
@@ -2051,30 +2065,32 @@ class Study:
         (:meth:`seen_cells`, or ``seen`` when given; if they are those cells their calls
         are not those of new cells: a review embedded TXL-PBC val smears, which
         ``+preset=real`` trains on, an audit 400 of the study's own Paul15 cells) and
-        return the counts, ``{"images": n, "expression": n}``."""
+        return the counts, ``{"images": n, "expression": n}``: one line per kind, with
+        ``q``'s totals (the stage passes the obs of every block of an input at once)."""
         seen = self.seen_cells(q) if seen is None else seen
         obs = getattr(q, "obs", q)
         n = len(obs)
         if seen["images"].any():
+            names = _names_by(obs, "image_ref", obs["image"] if "image" in obs else None)
             log.warning(
                 "%s: %d of the %d embedded cells come from image files named like images the "
-                "study trained on (its latent.h5ad image_ref, e.g. %s; matched by file name "
-                "only): if they are those images, their calls are not those of new cells",
+                "study's reference holds (its latent.h5ad image_ref, e.g. %s; matched by file "
+                "name only): if they are those images, their calls are not those of new cells",
                 source,
                 int(seen["images"].sum()),
                 n,
-                obs["image"].astype(str).to_numpy()[seen["images"]][0],
+                names[seen["images"]][0],
             )
         if seen["expression"].any():
             log.warning(
                 "%s: %d of the %d embedded cells have the cell ids of expression profiles "
-                "the study trained on (its latent.h5ad expression_ref, e.g. %s; matched by "
-                "id only, and 10x barcodes repeat between runs): if they are those cells, "
-                "their calls are not those of new cells",
+                "the study's reference holds (its latent.h5ad expression_ref, e.g. %s; "
+                "matched by id only, and 10x barcodes repeat between runs): if they are "
+                "those cells, their calls are not those of new cells",
                 source,
                 int(seen["expression"].sum()),
                 n,
-                obs.index[seen["expression"]][0],
+                _names_by(obs, "expression_ref", obs.index)[seen["expression"]][0],
             )
         return {k: int(v.sum()) for k, v in seen.items()}
 
@@ -2148,7 +2164,9 @@ class Study:
         return A.score_rows(recs, z, ref)
 
     # ----------------------------------------------------------------- embed
-    def embed(self, adata, source: str = "query", batch_size: int = 256, whole=None):
+    def embed(
+        self, adata, source: str = "query", batch_size: int = 256, whole=None, warn_seen=True
+    ):
         """Everything at once: a copy of ``adata``'s obs with the study's readings.
 
         ``whole``: ``adata`` is a block of rows of this file
@@ -2157,6 +2175,12 @@ class Study:
         holds the counts, its errors and warnings, unique cell ids) is decided on the
         whole file, once, so the blocks' results, stacked, are the whole file's. Every
         other reading is of the cell alone.
+
+        ``warn_seen``: warn of the cells the study's reference already holds
+        (:meth:`warn_seen`; with ``whole``, once for the file, at its first block that
+        has any, with that block's count); False: only count them in
+        ``uns["seen_by_study"]``, for a caller that warns once with an input's totals
+        (``stage=embed``, whose blocks are one input).
 
         Returns
         -------
@@ -2280,8 +2304,9 @@ class Study:
         # in uns["seen_by_study"] and warned, once for a file embedded a block at a time
         seen = self.seen_cells(out)
         out.uns["seen_by_study"] = {k: int(v.sum()) for k, v in seen.items()}
-        if whole is None or not whole.plans.get(("seen", source), False):
-            self.warn_seen(out, source, seen)
+        if warn_seen and (whole is None or not whole.plans.get(("seen", source), False)):
+            # a block's count is not the file's: said so (stage=embed warns with totals)
+            self.warn_seen(out, source if whole is None else f"{source} (a block)", seen)
             if whole is not None and any(v.any() for v in seen.values()):
                 whole.plans["seen", source] = True
         out.uns["study"] = {"model": str(self.model_path), "latent": str(self.latent_path)}
@@ -2289,6 +2314,24 @@ class Study:
         if digest is not None:  # ties a moved query to its model (paths alone do not)
             out.uns["study"]["model_digest"] = str(digest)
         return out
+
+
+def _names_by(obs, column: str, fallback) -> np.ndarray | None:
+    """(n,) str: ``obs[column]`` where it holds a name, else ``fallback``'s (a column
+    or index of the same rows; None: ``""``); None where neither exists. The names
+    :meth:`Study.seen_cells` matches a query by (``image_ref`` / ``expression_ref``:
+    as ``latent.h5ad`` names the reference's cells)."""
+    if column not in obs and fallback is None:
+        return None
+    out = np.full(len(obs), "", dtype=object)
+    if fallback is not None:
+        fb = pd.Series(np.asarray(fallback, dtype=object))
+        out[:] = fb.where(fb.notna(), "").astype(str).to_numpy()
+    if column in obs:
+        col = pd.Series(obs[column].to_numpy(dtype=object))
+        ok = (col.notna() & (col.astype(str) != "")).to_numpy()
+        out[ok] = col[ok].astype(str).to_numpy()
+    return out.astype(str)
 
 
 def label_categorical(values: np.ndarray, categories: list[str]) -> pd.Categorical:

@@ -328,6 +328,7 @@ def run_embed(ctx: StageContext) -> None:
         setting = f"embed.{kind}={p}"
         stream = kind == "h5ad" and streams(cfg, path)
         names = _h5ad_obs_names(path) if stream else None
+        first = len(parts)  # this input's parts: parts[first:] (one per block)
         try:
             blocks = h5ad_blocks(path) if stream else [None]
             if kind == "expression" and whole is not None:
@@ -350,7 +351,7 @@ def run_embed(ctx: StageContext) -> None:
                     q.obsm.pop("masks", None)
                 before = len(parts)
                 named_by_csv += _collect(
-                    q, cfg, kind, path, setting, mapping, genes, rejects, parts, seen
+                    q, cfg, kind, path, setting, mapping, genes, rejects, parts
                 )
                 if len(parts) > before:  # the page's example crops are read from there
                     crop_files.append((path, names.get_indexer(q.obs_names)) if stream else None)
@@ -360,6 +361,15 @@ def run_embed(ctx: StageContext) -> None:
             # a table's blocks are read as they are embedded: one changed since its
             # first pass is refused then (it gave an uncaught error, or fewer cells)
             raise _study_error(e, setting, path) from e
+        if len(parts) > first:
+            # cells the study's reference already holds (images named like its crops': a
+            # review embedded TXL-PBC val smears, which +preset=real trains on; profiles
+            # with its cell ids: an audit embedded 400 of the study's own Paul15 cells), by
+            # name only: one warning per input with its totals (Study.embed, told not to,
+            # warned once a block: 132 of 8192, 133 of 8192, 133 of 3616 for one file)
+            obs = parts[first].obs if len(parts) == first + 1 else _obs_of(parts[first:])
+            for k, n in study.warn_seen(obs, setting).items():
+                seen[k] += n
     if not parts:
         with ctx.atomic("rejects.csv") as tmp:  # what was skipped, kept with the failed run
             spreadsheet_safe(pd.DataFrame(rejects, columns=REJECT_COLUMNS)).to_csv(tmp, index=False)
@@ -575,16 +585,18 @@ def _page_notes(
     if seen.get("images"):
         notes.append(
             f"{seen['images']} of the {n_cells} cells come from image files named like "
-            "images the study trained on (matched by file name only; summary.json "
-            "cells_from_images_the_study_trained_on): if they are those images, the model "
-            "has seen these cells, and their calls are not those of new patients."
+            "images the study's reference holds (its training, validation or test cells; "
+            "matched by file name only; summary.json cells_from_images_the_study_trained_on): "
+            "if they are those images, these cells are the study's own, and their calls "
+            "are not those of new patients."
         )
     if seen.get("expression"):
         notes.append(
             f"{seen['expression']} of the {n_cells} cells have the cell ids of expression "
-            "profiles the study trained on (matched by id only; summary.json "
-            "cells_from_expression_the_study_trained_on): if they are those cells, the "
-            "model has seen them, and their calls are not those of new patients."
+            "profiles the study's reference holds (its training, validation or test cells; "
+            "matched by id only; summary.json cells_from_expression_the_study_trained_on): "
+            "if they are those cells, they are the study's own, and their calls are not "
+            "those of new patients."
         )
     for setting, g in (genes or {}).items():
         missing = g.get("missing") or []
@@ -755,15 +767,16 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects, whole=None):
             rejects.append({"input": setting, "item": str(path), "reason": f"no cells ({why})"})
             log.warning("%s: no cells (%s)", setting, why)
             return None
-        return study.embed(adata, setting, int(cfg.embed.batch_size), whole=whole)
+        # cells the study holds: warned by run_embed once for the input, not per block
+        return study.embed(adata, setting, int(cfg.embed.batch_size), whole=whole, warn_seen=False)
     except StudyError as e:
         raise _study_error(e, setting, path) from e
 
 
-def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts, seen) -> int:
-    """Record the gene match of an embedded input (checked in :func:`_embed_one`) and the
-    cells the study already holds (``seen``, summed), label its rows and keep it in
-    ``parts``; returns how many of its cells the samples CSV names (0 without one)."""
+def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> int:
+    """Record the gene match of an embedded input (checked in :func:`_embed_one`), label
+    its rows and keep it in ``parts``; returns how many of its cells the samples CSV
+    names (0 without one)."""
     genes[setting] = json.loads(q.uns.get("genes", "{}"))
     for cid in q.uns.get("dropped", []):
         rejects.append(
@@ -781,11 +794,7 @@ def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts, seen) 
     q.obs["vae_sample"], named = _samples(q, kind, path, cfg, mapping, setting)
     if mapping is not None:
         log.info("%s: embed.samples_csv names %d of its %d cells", setting, named, q.n_obs)
-    # cells the study already holds (Study.embed warned): images named like its crops' (a
-    # review embedded TXL-PBC val smears, which +preset=real trains on), profiles with its
-    # cell ids (an audit embedded 400 of the study's own Paul15 cells); by name only
-    for k, n in q.uns.get("seen_by_study", {}).items():
-        seen[k] = seen.get(k, 0) + int(n)
+    # seen_by_study: a block's count; run_embed counts (and warns of) the whole input
     for k in ("genes", "dropped", "rejects", "seen_by_study"):
         q.uns.pop(k, None)
     parts.append(q)
@@ -1166,6 +1175,12 @@ class _CropLookup:
         if self.crops[k] is None:
             raise LookupError(f"query row {i} has no crop (its input had no images)")
         return np.asarray(self.crops[k][j])
+
+
+def _obs_of(parts):
+    """The obs of several blocks of one input, stacked (what :meth:`Study.warn_seen`
+    reads: each block's categoricals may differ, so as objects)."""
+    return pd.concat([p.obs for p in parts], copy=False)
 
 
 def _concat(parts):

@@ -805,6 +805,16 @@ def test_classes_an_image_only_sample_cannot_be_called_are_not_shown_as_zero(tmp
     many.index = [f"y{i}" for i in range(len(many))]
     diff = differential(sample_profile(many, study_labels=["a", "b", "c"]), many)
     assert diff.count("not callable from images") == 4
+    # the note's example is the modality's: an expression-only sample lacks no crop
+    expr = obs.assign(vae_modality="expression")
+    page = tmp_path / "expr.html"
+    write_samples_html(
+        page, prof, expr, None, callable_calls={"expression": ["a", "b"], "image": ["a"]}
+    )
+    note = page.read_text().split("<p>Not callable:")[1].split("</p>")[0]
+    assert "expression only: no expression profile of the class" in note and "crop" not in note
+    write_samples_html(page, prof, obs, None, callable_calls=callable_calls)
+    assert "images only: no crop of the class" in page.read_text()
     # without the modalities' classes nothing is marked (as before)
     page = tmp_path / "plain.html"
     write_samples_html(page, prof, obs, None)
@@ -1578,3 +1588,128 @@ def test_smear_cells_go_to_qupath_with_their_calls(study: Path, tmp_path: Path, 
         # torch's nearest resize had moved it 3.5 px right and down: 5 px off)
         cx, cy = ring[:, 0].mean(), ring[:, 1].mean()
         assert min(np.hypot(cx - (70 + 60 * k), cy - (50 + 60 * k)) for k in range(2)) < 3
+
+
+def _real_layout(study: Path, dest: Path) -> tuple[Path, ad.AnnData]:
+    """A copy of the study and its paired.h5ad laid out as the real chain's: the
+    latent's rows carry ``image_ref`` (a crop, ``<smear>_d000``) and ``expression_ref``
+    (the cell id), and paired.h5ad's rows are ``r000000``... with the same two columns
+    (no ``image`` column, the cell id not the row name)."""
+    import shutil
+
+    sd = dest / "s"
+    shutil.copytree(study / "out" / "s", sd)
+    lat = ad.read_h5ad(sd / "train" / "latent.h5ad")
+    ids = lat.obs_names.to_numpy()
+    lat.obs["image_ref"] = pd.Series(
+        [f"smear_{i:05d}_d000" for i in range(lat.n_obs)], index=lat.obs_names
+    ).where(lat.obs["has_image"].astype(bool))
+    lat.obs["expression_ref"] = pd.Series(ids, index=lat.obs_names).where(
+        lat.obs["has_expression"].astype(bool)
+    )
+    lat.obs_names = [f"W{i}" for i in range(lat.n_obs)]  # neither the row nor the id
+    lat.write_h5ad(sd / "train" / "latent.h5ad")
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    paired.obs["image_ref"] = lat.obs["image_ref"].to_numpy()
+    paired.obs["expression_ref"] = lat.obs["expression_ref"].to_numpy()
+    paired.obs_names = [f"r{i:06d}" for i in range(paired.n_obs)]
+    return sd, paired
+
+
+def test_a_paired_query_is_matched_by_its_image_ref_and_expression_ref(
+    study: Path, tmp_path, caplog
+):
+    """The study's own paired.h5ad (a documented embed.h5ad input) was counted 0 / 0:
+    its rows are r000000..., the cell id is in obs['expression_ref'] and the crop in
+    obs['image_ref'] (no 'image' column). Review: Study.embed(paired[:300]) of real_e2e
+    gave {'images': 0, 'expression': 0}, while 151 of its ids are the study's."""
+    import logging
+
+    from vae.api import Study
+
+    sd, paired = _real_layout(study, tmp_path)
+    st = Study.load(sd)
+    q = paired[:20].copy()
+    with caplog.at_level(logging.WARNING, logger="vae.api"):
+        out = st.embed(q, "own")
+    mod = out.obs["vae_modality"].astype(str)
+    n_img, n_expr = (
+        int(mod.isin(["image", "both"]).sum()),
+        int(mod.isin(["expression", "both"]).sum()),
+    )
+    assert n_img and n_expr and n_img + n_expr > out.n_obs  # some of each kind only too
+    assert out.uns["seen_by_study"] == {"images": n_img, "expression": n_expr}
+    said = [
+        r.getMessage() for r in caplog.records if "the study's reference holds" in r.getMessage()
+    ]
+    assert len(said) == 2
+    assert said[0].startswith(f"own: {n_img} of the {out.n_obs}") and "smear_" in said[0]
+    assert said[1].startswith(f"own: {n_expr} of the {out.n_obs}") and "e.g. c0" in said[1]
+    # the rule reads each row: one without the columns' value falls back to image / obs_names
+    obs = pd.DataFrame(
+        {
+            "vae_modality": ["both", "both", "expression"],
+            "image_ref": [np.nan, "smear_00001_d000", np.nan],
+            "image": ["smear_00000.png", "new_00000.png", "x"],
+            "expression_ref": [np.nan, "nobody", np.nan],
+        },
+        index=[str(paired.obs["expression_ref"].iloc[0]), "r1", "fresh"],
+    )
+    seen = st.seen_cells(obs)
+    assert seen["images"].tolist() == [True, True, False]
+    assert seen["expression"].tolist() == [True, False, False]
+    # an image_ref the reference holds as it is counts, however short its stem (400
+    # segmentation_wbc crops of real_e2e, ".../dataset1/001", were not)
+    st.reference.obs["image_ref"] = st.reference.obs["image_ref"].astype(object)
+    st.reference.obs.iloc[0, st.reference.obs.columns.get_loc("image_ref")] = "wbc/d1/001"
+    short = pd.DataFrame(
+        {"vae_modality": "image", "image_ref": ["wbc/d1/001", "other/001"]}, index=["a", "b"]
+    )
+    assert st.seen_cells(short)["images"].tolist() == [True, False]
+
+
+def test_a_streamed_input_warns_once_of_the_cells_the_study_holds(
+    study: Path, tmp_path, monkeypatch, caplog
+):
+    """Read block by block (hardware.stream_above_gib), an input logged one "N of the
+    8192 embedded cells ..." warning per block (132/8192, 133/8192, 133/3616 for 20,000
+    cells of the real chain) where summary.json had the total: one line per input now,
+    with its totals; the study's paired.h5ad in the real chain's layout is counted."""
+    import json
+
+    import pipeline.streaming
+
+    monkeypatch.setattr(pipeline.streaming, "EMBED_BLOCK_ROWS", 7)  # 60 rows: 9 blocks
+    sd, paired = _real_layout(study, tmp_path)
+    paired.write_h5ad(tmp_path / "paired_r.h5ad")
+    with caplog.at_level("WARNING"):
+        d = run_stage_in_process(
+            [
+                f"paths.root={tmp_path / 'out'}",
+                "experiment=own",
+                f"embed.study={sd}",
+                f"embed.h5ad={tmp_path / 'paired_r.h5ad'}",
+                "hardware.stream_above_gib=0",
+                "hardware.torch_threads=1",
+            ],
+            "embed",
+        )
+    q = ad.read_h5ad(d / "query.h5ad", backed="r")
+    mod = q.obs["vae_modality"].astype(str)
+    n_img, n_expr = (
+        int(mod.isin(["image", "both"]).sum()),
+        int(mod.isin(["expression", "both"]).sum()),
+    )
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["cells_from_images_the_study_trained_on"] == n_img
+    assert summary["cells_from_expression_the_study_trained_on"] == n_expr
+    said = [
+        r.getMessage() for r in caplog.records if "the study's reference holds" in r.getMessage()
+    ]
+    setting = f"embed.h5ad={tmp_path / 'paired_r.h5ad'}"
+    assert len(said) == 2, said  # one line per kind, not one per block
+    assert said[0].startswith(f"{setting}: {n_img} of the 60 embedded cells come from image")
+    assert said[1].startswith(f"{setting}: {n_expr} of the 60 embedded cells have the cell ids")
+    html = (d / "samples.html").read_text()
+    assert f"{n_expr} of the 60 cells have the cell ids of expression profiles" in html
+    assert "the model has seen" not in html and "the study&#x27;s reference holds" in html

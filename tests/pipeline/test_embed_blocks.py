@@ -317,3 +317,37 @@ def test_a_10x_h5_is_read_by_blocks_with_the_whole_files_result(study, loaded, t
     mem = loaded.embed(whole, "q")
     blk = ad.concat([loaded.embed(b, "q", whole=blocks) for b in blocks], merge="first")
     _same(mem, blk)
+
+
+def test_an_expression_file_read_by_blocks_warns_once_with_its_totals(
+    study, tmp_path, monkeypatch, caplog
+):
+    """An .h5ad over EMBED_BLOCK_ROWS cells is embedded a block at a time: the warning of
+    the cells the study holds gave the first block's count (132 of 8192 for 398 of the
+    real chain's 20,000, summary.json's total); one line with the file's totals now."""
+    import json
+
+    import vae.inputs.expression
+
+    a = _query(study, "counts_layer")
+    a.obs_names = ad.read_h5ad(study / "paired.h5ad").obs_names  # the study's own ids
+    a.obs_names = [*a.obs_names[:40], *[f"new{i}" for i in range(20)]]  # 20 new ones
+    path = tmp_path / "q.h5ad"
+    a.write_h5ad(path)
+    monkeypatch.setattr(vae.inputs.expression, "EMBED_BLOCK_ROWS", ROWS)
+    with caplog.at_level(logging.WARNING):
+        d = run_stage_in_process(
+            [
+                f"paths.root={study / 'out'}",
+                "experiment=seenblocks",
+                f"embed.study={study / 'out' / 's'}",
+                f"embed.expression={path}",
+                "hardware.torch_threads=1",
+            ],
+            "embed",
+        )
+    summary = json.loads((d / "summary.json").read_text())
+    n, seen = summary["cells"], summary["cells_from_expression_the_study_trained_on"]
+    assert 0 < seen <= 40 < n
+    said = [r.getMessage() for r in caplog.records if "cell ids of expression" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"embed.expression={path}: {seen} of the {n} ")

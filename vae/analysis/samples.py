@@ -242,6 +242,12 @@ def _share(w: np.ndarray, num: np.ndarray, den: np.ndarray) -> float:
 
 
 MODALITY_WORDS = {"image": "images", "expression": "expression", "both": "image + expression"}
+# what the reference lacks that a class is never called for cells seen as these only
+MODALITY_LACKS = {
+    "images": "no crop of the class",
+    "expression": "no expression profile of the class",
+    "image + expression": "no cell of the class with both",
+}
 
 
 def uncallable_calls(
@@ -287,12 +293,17 @@ def _not_callable_note(dropped: list[str], marks: dict[str, tuple[set[str], str]
     sample's cells could be called them) and the cells marked "not callable"."""
     if not dropped and not marks:
         return ""
-    words = sorted({w for _, w in marks.values()})
+    # the example by the modalities the marked samples' cells were seen with (an
+    # expression-only sample's note spoke of crops)
+    seen_as = {x for _, w in marks.values() for x in w.split(" or ")}
+    why = "; ".join(
+        f"{w} only: {MODALITY_LACKS[w]}" for w in sorted(seen_as) if w in MODALITY_LACKS
+    )
     text = (
         "<p>Not callable: classes the study cannot give these cells, having no labelled "
-        "reference cell with the modalities they were seen with (e.g. no crop of the "
-        f"class, for cells seen as {' or '.join(words)} only); their count is 0 by "
-        "construction, not a measured absence."
+        "reference cell with the modalities they were seen with"
+        + (f" (cells seen as {why})" if why else "")
+        + "; their count is 0 by construction, not a measured absence."
     )
     if dropped:
         text += f" Left out for every sample: {html.escape(', '.join(dropped))}."
