@@ -721,6 +721,8 @@ def traverse_study(
     steps("granule features")
     # ---- real crops: granule features vs latent dims
     real = None
+    crop_lines: list[str] = []  # what the held-out crops can show (key findings)
+    blind: dict[str, list] = {}  # measured feature -> sources where it reads one value
     if rd.data is not None:
         rng = np.random.default_rng(int(seed))
         cand = rows[rd.data.has_image.numpy()[rows]]
@@ -760,6 +762,10 @@ def traverse_study(
                 for col, v in path_position_correlations(real, fcols, pos).items():
                     corr_df[col] = v
             tables["real_feature_correlation"] = corr_df
+            crop_lines = crop_findings(
+                real, labels[rd.data.has_image.numpy()], CROP_FINDING_FEATURES, _paired_by(lat)
+            )
+            blind = {f: blind_sources(real, f) for f in ("granule_density", "cytoplasm_grain")}
             # a sweep is local (one anchor cell); say where it runs against the crops
             for row in dim_rows:
                 item = dim_items.get(int(row["dim"]))
@@ -967,7 +973,15 @@ def traverse_study(
 
     steps("report")
     # ---- report
-    key = _key_findings(tables, truth, cents.names if path_ok else [], a.top_genes, truth_caveats)
+    key = _key_findings(
+        tables,
+        truth,
+        cents.names if path_ok else [],
+        a.top_genes,
+        truth_caveats,
+        crop_lines=crop_lines,
+        blind=blind,
+    )
     summary["key_findings"] = key
     sections = [Section("What these data cannot show", text="\n\n".join(limits))] if limits else []
     sections += [Section("Key findings", text="\n\n".join(key))] if key else []
@@ -1199,9 +1213,17 @@ def _key_findings(
     path_classes: list[str],
     top: int,
     caveats: dict[str, str] | None = None,
+    crop_lines: Sequence[str] = (),
+    blind: dict[str, list] | None = None,
 ) -> list[str]:
-    """One-line findings for the top of the report (from the tables just computed)."""
-    out = []
+    """One-line findings for the top of the report (from the tables just computed).
+
+    ``crop_lines`` (:func:`crop_findings`) come first: what the crops can show bounds
+    every line after them. ``blind``: measured feature -> :func:`blind_sources`, said
+    beside that feature's line."""
+    from vae.analysis.report import fmt_number
+
+    out = list(crop_lines)
     if "real_feature_correlation" in tables:
         df = tables["real_feature_correlation"].set_index("feature")
         zcols = [c for c in df.columns if c.startswith("z")]
@@ -1223,6 +1245,19 @@ def _key_findings(
                 w = df.loc[feat].get("gp_path_position_within_source", np.nan)
                 if np.isfinite(w):
                     extra += f" (within image sources {w:+.2f})"
+                if feat.startswith("program:"):
+                    # both from the crop's code: the model agreeing with itself
+                    extra += " (both read from the model's code: the model agreeing with itself)"
+            gone = (blind or {}).get(feat) or []
+            if gone:
+                by_value: dict[str, list[str]] = {}
+                for src, v, share in gone:
+                    by_value.setdefault(fmt_number(v), []).append(f"{share:.0%} of the {src}")
+                extra += (
+                    "; it reads "
+                    + "; ".join(f"{v} on {' and '.join(w)} crops" for v, w in by_value.items())
+                    + " (nothing measured there: those crops enter as one value)"
+                )
             # a program score here is decoded from the crop's own code (most real crops
             # have no measured profile); the granule density is measured on the crop
             what = (
@@ -1381,6 +1416,139 @@ def _eval_sections(
 # how the real-crop tables name a crop's image source or class when none is known
 # (vae.inputs.schema.known_labels says which are)
 UNKNOWN_NAME = "(unknown)"
+
+
+# the image features the crop findings read (not the areas, which measure the framing)
+CROP_FINDING_FEATURES = (
+    "granule_density",
+    "cytoplasm_grain",
+    "glcm_contrast",
+    "lobes",
+    "nucleus_fraction",
+    "cytoplasm_hue",
+    "cytoplasm_saturation",
+)
+# a source on whose crops a measured feature takes one value this often reads nothing
+# there (the granule counter finds no granule on any BCCD crop at 64 px): said beside the
+# feature's finding, which otherwise compares the sources it can see with those it cannot
+BLIND_SHARE = 0.9
+# crops of a source (or class) below which no share or within-class rank is read
+MIN_GROUP_CROPS = 10
+# below this largest |Spearman| of image features with programs within one class, the
+# finding says the two are tied through the class only
+WITHIN_CLASS_TIE = 0.3
+
+
+def blind_sources(real: pd.DataFrame, feature: str) -> list[tuple[str, float, float]]:
+    """The image sources where ``feature`` reads one value on >= :data:`BLIND_SHARE` of
+    their crops (sources of >= :data:`MIN_GROUP_CROPS` crops with the value defined).
+
+    Returns
+    -------
+    ``(source, that value, its share)`` per such source, in source order.
+    """
+    if "image_source" not in real or feature not in real:
+        return []
+    out = []
+    for src, v in real.groupby("image_source", sort=True)[feature]:
+        v = v.to_numpy(float)
+        v = v[np.isfinite(v)]
+        if src == UNKNOWN_NAME or v.size < MIN_GROUP_CROPS:
+            continue
+        vals, counts = np.unique(v, return_counts=True)
+        k = int(counts.argmax())
+        if counts[k] / v.size >= BLIND_SHARE:
+            out.append((str(src), float(vals[k]), float(counts[k] / v.size)))
+    return out
+
+
+def crop_findings(
+    real: pd.DataFrame,
+    image_labels: Sequence[object],
+    measured: Sequence[str],
+    paired_by: str | None = None,
+) -> list[str]:
+    """Findings on what the held-out crops can show, for the top of the report.
+
+    Parameters
+    ----------
+    real : one row per held-out crop (``real_crop_features.csv``): ``label``, the
+        ``measured`` feature columns, ``program:*`` columns and ``gp_path_position``
+        where they were computed
+    image_labels : the labels of every crop of the study (training ones included)
+    measured : the image features to read (:data:`vae.analysis.granules.FEATURES`)
+    paired_by : ``by_label`` / ``by_maturation`` where images met profiles that way
+        (no cell's image met its own profile: a tie within a class is then the model's)
+
+    Returns
+    -------
+    Up to three sentences: that no crop is of a stage in which granules form (when none
+    of ``image_labels`` names a lineage stage before the segmented neutrophil), with the
+    crops' path position per class, which then compares classes; and, within the
+    commonest labelled class, the strongest Spearman between an image feature and a
+    decoded program (below :data:`WITHIN_CLASS_TIE`: tied through the class only).
+    """
+    from vae.analysis.metrics import correlation_matrix
+    from vae.inputs.schema import stage_name
+
+    out = []
+    stages = {stage_name(v) for v in image_labels} - {None}
+    forming = [s for s in MATURATION_ORDER[:-1]]
+    from vae.analysis.palette import MISSING_NAMES, normalise
+
+    lab = real["label"].astype(str) if "label" in real else pd.Series([], dtype=str)
+    # "(unlabelled)" / "(unknown)" as the CSV shows them are no class
+    named = np.array([normalise(v) not in MISSING_NAMES for v in lab], bool)
+    known = lab[named & known_labels(lab.to_numpy(dtype=object))] if len(lab) else lab
+    if not stages & set(forming):
+        line = (
+            "No crop of this study is labelled "
+            + ", ".join(s.replace("_", " ") for s in forming)
+            + ": the stages in which granules form have no images here, so these data "
+            "cannot show granule formation in the image against the gene programs; the "
+            "image features below differ between classes and image sources, not along "
+            "maturation"
+        )
+        if "gp_path_position" in real and known.size:
+            pos = real.loc[known.index, "gp_path_position"].astype(float)
+            med = pos.groupby(known).agg(["median", "size"])
+            med = med[med["size"] >= 3].sort_values("median")
+            if len(med) >= 2:
+                line += (
+                    "; the held-out crops' GP path position follows their class (median: "
+                    + ", ".join(f"{c} {m:.2f}" for c, m in med["median"].items())
+                    + "), so a correlation with it compares these classes"
+                )
+        out.append(line + ".")
+    progs = [c for c in real.columns if c.startswith("program:")]
+    feats = [f for f in measured if f in real]
+    if known.size and progs and feats:
+        top = known.value_counts()
+        cls, n = str(top.index[0]), int(top.iloc[0])
+        if n >= 2 * MIN_GROUP_CROPS:
+            sub = real.loc[known.index[known == cls]]
+            cm = correlation_matrix(sub[feats].to_numpy(float), sub[progs].to_numpy(float))
+            if np.isfinite(cm).any():
+                i, j = np.unravel_index(np.nanargmax(np.abs(cm)), cm.shape)
+                rho = float(cm[i, j])
+                line = (
+                    f"Within the {n} held-out {cls} crops (the commonest class), the "
+                    f"strongest tie of a measured image feature with a decoded program is "
+                    f"{feats[i]} vs {progs[j]} (rho {rho:+.2f})"
+                )
+                if abs(rho) < WITHIN_CLASS_TIE:
+                    line += (
+                        ": within a class the image and the gene programs barely move "
+                        "together; across classes they are tied through the label"
+                    )
+                if paired_by:
+                    line += (
+                        f"; images met profiles by {paired_by.removeprefix('by_')}, never "
+                        "a cell its own profile, so a tie within a class is the model's "
+                        "interpolation, not an observation"
+                    )
+                out.append(line + ".")
+    return out
 
 
 def path_position_correlations(

@@ -7,7 +7,13 @@ import pandas as pd
 import pytest
 
 from vae.analysis.palette import label_order
-from vae.analysis.study import _key_findings, morphology_by_class, path_position_correlations
+from vae.analysis.study import (
+    _key_findings,
+    blind_sources,
+    crop_findings,
+    morphology_by_class,
+    path_position_correlations,
+)
 
 
 def _real() -> pd.DataFrame:
@@ -125,3 +131,82 @@ def test_key_findings_say_the_within_source_correlation_with_the_path():
     assert "with GP path position rho -0.55 (within image sources -0.40)" in grain
     dens = next(x for x in lines if "granule_density" in x)
     assert "rho -0.20." in dens and "within" not in dens
+
+
+def _crops(n_per: int = 24, seed: int = 0) -> pd.DataFrame:
+    """Held-out crops of three classes over two sources: the counter blind on source b,
+    the path position following the class, within neutrophils lobes tied to nothing."""
+    rng = np.random.default_rng(seed)
+    lab = np.repeat(["lymphocyte", "Neutrophils", "eosinophil"], n_per).astype(object)
+    lab[:3] = "(unlabelled)"
+    src = np.tile(["a", "b"], len(lab) // 2)
+    pos = np.select([lab == "lymphocyte", lab == "eosinophil"], [0.1, 0.3], 0.95)
+    dens = np.where(src == "b", 0.0, rng.uniform(0, 1, len(lab)))
+    return pd.DataFrame(
+        {
+            "label": lab,
+            "image_source": src,
+            "granule_density": dens,
+            "lobes": rng.integers(1, 5, len(lab)).astype(float),
+            "program:primary": rng.normal(5, 1, len(lab)),
+            "gp_path_position": pos + rng.normal(0, 0.01, len(lab)),
+        }
+    )
+
+
+def test_blind_sources_name_a_source_where_a_feature_reads_one_value():
+    real = _crops()
+    assert blind_sources(real, "granule_density") == [("b", 0.0, 1.0)]
+    assert blind_sources(real, "lobes") == []
+    few = real[real.image_source == "a"].head(5).assign(image_source="c", granule_density=0.0)
+    assert blind_sources(pd.concat([real, few]), "granule_density") == [("b", 0.0, 1.0)]
+
+
+def test_crop_findings_say_no_forming_stage_has_images_and_what_the_path_compares():
+    """Review (2026-12-06): the real report led with a granule counter blind on two
+    sources, correlated the model with itself, and never said that no crop is of a stage
+    in which granules form, nor that the crops' path position is their class."""
+    real = _crops()
+    lines = crop_findings(
+        real,
+        ["lymphocyte", "Neutrophils", "eosinophil", "(unlabelled)"],
+        ["granule_density", "lobes"],
+        "by_label",
+    )
+    assert len(lines) == 2
+    assert lines[0].startswith(
+        "No crop of this study is labelled myeloblast, promyelocyte, myelocyte, metamyelocyte, band"
+    )
+    assert "median: lymphocyte 0.10, eosinophil 0.30, Neutrophils 0.95" in lines[0]
+    assert "(unlabelled)" not in lines[0]
+    assert lines[1].startswith("Within the 24 held-out Neutrophils crops (the commonest class)")
+    assert "barely move together" in lines[1]  # random lobes vs a random program
+    assert "images met profiles by label, never a cell its own profile" in lines[1]
+    # a study with crops of the forming stages: no such line; true pairs: no pairing note
+    staged = crop_findings(
+        real, ["myelocyte", "band", "Neutrophils"], ["granule_density", "lobes"], None
+    )
+    assert len(staged) == 1 and "never a cell" not in staged[0]
+
+
+def test_key_findings_put_the_crop_findings_first_and_name_blind_sources():
+    df = pd.DataFrame(
+        {
+            "feature": ["granule_density", "program:primary"],
+            "z0": [0.1, 0.8],
+            "gp_path_position": [-0.2, 0.89],
+        }
+    )
+    lines = _key_findings(
+        {"real_feature_correlation": df},
+        {},
+        [],
+        3,
+        crop_lines=["First."],
+        blind={"granule_density": [("bccd", 0.0, 1.0), ("bccd_cropped", 0.0, 0.95)]},
+    )
+    assert lines[0] == "First."
+    dens = next(x for x in lines if "granule_density" in x)
+    assert "it reads 0 on 100% of the bccd and 95% of the bccd_cropped crops" in dens
+    prog = next(x for x in lines if "program:primary" in x)
+    assert "both read from the model's code" in prog
