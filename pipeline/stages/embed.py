@@ -870,9 +870,10 @@ SCALE_SETTINGS = ("input_scale", "estimate_scale", "refine_scale", "scale_spread
 
 def study_smear_scales(run_config: dict) -> tuple[list[str], list[float]] | None:
     """The fixed scales a study's ``stage=segment`` read its smears at, when it read
-    ``data.segment_sources`` and every smear source there has one (``scale`` and / or
-    ``scale_by_width``); None otherwise (one folder read with ``segmentation.*``, or a
-    source measured per image, which those settings describe).
+    ``data.segment_sources`` and every smear source there has one (``scale``, and
+    ``scale_by_width`` per image width); None otherwise (one folder read with
+    ``segmentation.*``, or a source some of whose images were measured, which those
+    settings describe: no ``scale``, even with ``scale_by_width`` for some widths).
 
     Returns
     -------
@@ -886,12 +887,12 @@ def study_smear_scales(run_config: dict) -> tuple[list[str], list[float]] | None
     text, scales = [], []
     for s in smears:
         by = s.get("scale_by_width") or {}
-        if s.get("scale") is None and not by:
-            return None  # measured per image, with the segmentation.* settings
-        d = str(s.get("name") or s.get("path"))
-        if s.get("scale") is not None:
-            d += f" {s['scale']}"
-            scales.append(float(s["scale"]))
+        if s.get("scale") is None:
+            # measured per image, with the segmentation.* settings (with scale_by_width
+            # alone, every image of a width it does not list: review of ae89767)
+            return None
+        d = f"{s.get('name') or s.get('path')} {s['scale']}"
+        scales.append(float(s["scale"]))
         if by:
             d += " (by image width " + ", ".join(f"{w} px: {v}" for w, v in by.items()) + ")"
             scales += [float(v) for v in by.values()]

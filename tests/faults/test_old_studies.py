@@ -225,7 +225,14 @@ def test_a_study_that_read_its_smears_at_fixed_source_scales_is_compared_with_th
     (msg,) = said(compose_config([*fixed, "segmentation.input_scale=0.5"]))
     assert "input_scale: the study read its smears at fixed scales per source" in msg
     assert "this run 0.5" in msg
-    # a source measured per image: the segmentation.* settings are the reference again
+    # a source measured per image: the segmentation.* settings are the reference again;
+    # also with scale_by_width alone, which fixes only the widths it lists (review)
+    data["segment_sources"][1]["scale"] = None
+    study = _segment_manifest(tmp_path / "by_width", seg, data)
+    (msg,) = said(compose_config([*fixed, "segmentation.input_scale=0.15"]))
+    assert "estimate_scale: study True, this run False" in msg
+    assert "fixed scales per source" not in msg
+    data["segment_sources"][1]["scale"] = 0.2
     data["segment_sources"][0]["scale"] = None
     study = _segment_manifest(tmp_path / "mixed", seg, data)
     (msg,) = said(compose_config([*fixed, "segmentation.input_scale=0.15"]))
