@@ -9,6 +9,7 @@ import pytest
 from vae.analysis.palette import label_order
 from vae.analysis.study import (
     _key_findings,
+    _path_peak,
     blind_sources,
     crop_findings,
     morphology_by_class,
@@ -210,3 +211,33 @@ def test_key_findings_put_the_crop_findings_first_and_name_blind_sources():
     assert "it reads 0 on 100% of the bccd and 95% of the bccd_cropped crops" in dens
     prog = next(x for x in lines if "program:primary" in x)
     assert "both read from the model's code" in prog
+
+
+def test_a_feature_that_rises_and_falls_along_the_path_is_said_to_peak():
+    """Review: the demo quoted granule density vs path position as rho -0.07, a rank
+    statistic for a feature that peaks at the promyelocyte (3.75 at 0.36, 0 at both ends)."""
+    s = np.linspace(0, 1, 12)
+    feats = pd.DataFrame(
+        {"s": s, "granule_density": np.r_[0, 1, 2, 3, 3.75, 2, 1, 0.5, 0, 0, 0, 0], "lobes": s}
+    )
+    peak = _path_peak(feats, "granule_density")
+    assert "peaks at position 0.36 (3.75 against 0 and 0 at the ends)" in peak
+    assert _path_peak(feats, "lobes") == ""  # monotone: the rank correlation says it
+    flat_end = feats.assign(
+        granule_density=np.r_[0, 1, 2, 3, 3.75, 3.7, 3.7, 3.7, 3.7, 3.7, 3.7, 3.6]
+    )
+    assert _path_peak(flat_end, "granule_density") == ""  # barely above the end
+    df = pd.DataFrame({"feature": ["granule_density"], "z0": [0.3], "gp_path_position": [-0.07]})
+    lines = _key_findings({"real_feature_correlation": df, "path_features_gp": feats}, {}, [], 3)
+    assert "rho -0.07; on the cells decoded along the GP path it peaks at position 0.36" in lines[0]
+
+
+def test_truth_recovery_keeps_the_total_granule_density_with_why_it_is_low():
+    truth = {
+        "decoded_granule_density_vs_true_spearman": -0.44,
+        "decoded_granule_density_vs_true_azurophilic_spearman": 0.90,
+    }
+    lines = _key_findings({}, truth, [], 3)
+    total = next(x for x in lines if "vs true spearman" in x)
+    assert "= -0.440 (the total adds the fine specific granules" in total
+    assert any("azurophilic spearman = 0.900" in x for x in lines)
