@@ -10,6 +10,7 @@ from vae.analysis.palette import label_order
 from vae.analysis.study import (
     _key_findings,
     _path_peak,
+    _step_variation,
     blind_sources,
     crop_findings,
     morphology_by_class,
@@ -241,3 +242,15 @@ def test_truth_recovery_keeps_the_total_granule_density_with_why_it_is_low():
     total = next(x for x in lines if "vs true spearman" in x)
     assert "= -0.440 (the total adds the fine specific granules" in total
     assert any("azurophilic spearman = 0.900" in x for x in lines)
+
+
+def test_step_variation_reads_uint8_and_float_strips_alike():
+    """The path caption compares how much the drawn cells and the nearest crops vary
+    across the steps (drawn as uint8 or 0..1 floats)."""
+    flat = np.full((12, 8, 8, 3), 0.5)
+    assert _step_variation(flat) == 0.0
+    ramp = np.linspace(0, 1, 12)[:, None, None, None] * np.ones((12, 8, 8, 3))
+    as_u8 = (ramp * 255).round().astype(np.uint8)
+    assert _step_variation(ramp) == pytest.approx(ramp[:, 0, 0, 0].std())
+    assert _step_variation(as_u8) == pytest.approx(_step_variation(ramp), abs=1e-3)
+    assert _step_variation(ramp[:1]) == 0.0
