@@ -1134,6 +1134,10 @@ def _paired_by(lat) -> str | None:
     return next((m for m in ("by_label", "by_maturation") if m in modes), None)
 
 
+# the simulator's truth columns (stage=simulate writes them with every cell)
+SIMULATOR_TRUTH = frozenset({"t", "kind", "azurophilic_density"})
+
+
 def _data_limits(lat, classes_without_crops: list[str], notes: list[str] = ()) -> list[str]:
     """Sentences on what the study's data cannot show (empty for data without such gaps).
 
@@ -1142,6 +1146,14 @@ def _data_limits(lat, classes_without_crops: list[str], notes: list[str] = ()) -
     expression data set's own (``expression.notes``), appended as they are.
     """
     out = []
+    if SIMULATOR_TRUTH <= set(lat.obs.columns):
+        # a reader audit found nothing on the demo's page saying the data are simulated
+        out.append(
+            "These data are simulated (the built-in simulator, stage=simulate): its smears, "
+            "profiles and the way granules, nucleus and gene programs change with "
+            "maturation are the simulator's rules (docs/simulator.md), so this report "
+            "checks that the model recovers them (truth recovery below), not biology."
+        )
     by = _paired_by(lat)
     if by:
         out.append(

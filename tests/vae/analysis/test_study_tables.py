@@ -8,6 +8,7 @@ import pytest
 
 from vae.analysis.palette import label_order
 from vae.analysis.study import (
+    _data_limits,
     _key_findings,
     _path_peak,
     _step_variation,
@@ -254,3 +255,13 @@ def test_step_variation_reads_uint8_and_float_strips_alike():
     assert _step_variation(ramp) == pytest.approx(ramp[:, 0, 0, 0].std())
     assert _step_variation(as_u8) == pytest.approx(_step_variation(ramp), abs=1e-3)
     assert _step_variation(ramp[:1]) == 0.0
+
+
+def test_the_data_limits_say_when_the_data_are_simulated():
+    """A reader audit found nothing on the demo's report saying its data are simulated."""
+    from types import SimpleNamespace
+
+    sim = pd.DataFrame({"t": [0.1], "kind": ["band"], "azurophilic_density": [0.2]})
+    (line,) = _data_limits(SimpleNamespace(obs=sim), [])
+    assert line.startswith("These data are simulated (the built-in simulator")
+    assert _data_limits(SimpleNamespace(obs=sim.drop(columns="azurophilic_density")), []) == []
