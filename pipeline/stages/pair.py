@@ -173,10 +173,11 @@ def run_pair(ctx: StageContext) -> None:
     image_only = p.mode == "image_only"
     expr = None if image_only else blank_as_read(ad.read_h5ad(ctx.input("expression")))
     if expr is not None and "label" not in expr.obs:  # (make_pairs' own check names no file)
+        cols = list(map(str, expr.obs.columns))
+        shown = ", ".join(cols[:20]) + (f", ... ({len(cols)} in all)" if len(cols) > 20 else "")
         raise StageError(
             f"{ctx.input('expression')}: [obs['label']] no obs['label'] (columns: "
-            f"{list(map(str, expr.obs.columns))[:20]}); stage=expression writes it "
-            "(expression.label_key)"
+            f"{shown or 'none'}); stage=expression writes it (expression.label_key)"
         )
     rejects: list[dict] = []
     label_map = OmegaConf.to_container(p.label_map)

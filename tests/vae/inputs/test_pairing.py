@@ -691,6 +691,8 @@ def test_pair_stage_with_every_crop_rejected_says_so_and_lists_them(tmp_path):
 def test_pair_stage_names_an_expression_file_without_labels(tmp_path):
     e = _expr()
     del e.obs["label"]
+    for i in range(25):  # a long column list is cut, and says so (review)
+        e.obs[f"qc{i:02d}"] = 0
     e.write_h5ad(tmp_path / "expression.h5ad")
     from pipeline.runner import StageError
 
@@ -705,6 +707,7 @@ def test_pair_stage_names_an_expression_file_without_labels(tmp_path):
             ]
         )
     assert str(err.value).startswith(f"{tmp_path / 'expression.h5ad'}: [obs['label']] no obs")
+    assert f", ... ({len(e.obs.columns)} in all)); stage=expression writes it" in str(err.value)
 
 
 @needs_shared(SHARED / "cells/bccd_cropped", "bccd_cropped")
