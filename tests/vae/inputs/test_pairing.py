@@ -609,6 +609,17 @@ def test_pair_stage_same_cell_on_cells_h5ad(tmp_path):
     assert (d / "crops.png").exists()
 
 
+def _pair_args(tmp_path: Path, experiment: str, mode: str, crops: Path) -> list[str]:
+    """stage=pair overrides: the test's expression.h5ad and one image_folder of crops."""
+    return [
+        f"paths.root={tmp_path}",
+        f"experiment={experiment}",
+        f"paths.inputs.expression={tmp_path / 'expression.h5ad'}",
+        f"pair.crop_sources=[{{kind: image_folder, path: '{crops}'}}]",
+        f"pair.mode={mode}",
+    ]
+
+
 def test_pair_stage_bad_label_map_writes_nothing(tmp_path):
     root = tmp_path / "crops"
     (root / "Neutrophil").mkdir(parents=True)
@@ -619,11 +630,7 @@ def test_pair_stage_bad_label_map_writes_nothing(tmp_path):
     with pytest.raises(StageError) as e:
         _run_in_process(
             [
-                f"paths.root={tmp_path}",
-                "experiment=bad",
-                f"paths.inputs.expression={tmp_path / 'expression.h5ad'}",
-                f"pair.crop_sources=[{{kind: image_folder, path: '{root}'}}]",
-                "pair.mode=by_label",
+                *_pair_args(tmp_path, "bad", "by_label", root),
                 "+pair.label_map={neutrophil: Neutrophilz}",
             ]
         )
@@ -642,15 +649,7 @@ def test_pair_stage_with_every_crop_rejected_says_so_and_lists_them(tmp_path):
     from pipeline.runner import StageError
 
     with pytest.raises(StageError) as e:
-        _run_in_process(
-            [
-                f"paths.root={tmp_path}",
-                "experiment=bad",
-                f"paths.inputs.expression={tmp_path / 'expression.h5ad'}",
-                f"pair.crop_sources=[{{kind: image_folder, path: '{root}'}}]",
-                "pair.mode=unpaired",
-            ]
-        )
+        _run_in_process(_pair_args(tmp_path, "bad", "unpaired", root))
     d = tmp_path / "bad" / "pair"
     assert "[image] none of its 2 image file(s) could be used" in str(e.value)
     assert f"2 row(s) in {d / 'rejects.csv'}" in str(e.value)
@@ -664,23 +663,11 @@ def test_pair_stage_with_every_crop_rejected_says_so_and_lists_them(tmp_path):
     (good / "X").mkdir(parents=True)
     for i in range(3):
         Image.fromarray(np.full((20, 20, 3), 60 * i, np.uint8)).save(good / "X" / f"c{i}.png")
-    args = [
-        f"paths.root={tmp_path}",
-        "experiment=ow",
-        f"paths.inputs.expression={tmp_path / 'expression.h5ad'}",
-        "pair.mode=unpaired",
-    ]
-    _run_in_process([*args, f"pair.crop_sources=[{{kind: image_folder, path: '{good}'}}]"])
+    _run_in_process(_pair_args(tmp_path, "ow", "unpaired", good))
     d = tmp_path / "ow" / "pair"
     before = (d / "rejects.csv").read_bytes()
     with pytest.raises(StageError) as e:
-        _run_in_process(
-            [
-                *args,
-                "overwrite=true",
-                f"pair.crop_sources=[{{kind: image_folder, path: '{root}'}}]",
-            ]
-        )
+        _run_in_process([*_pair_args(tmp_path, "ow", "unpaired", root), "overwrite=true"])
     (failed,) = d.parent.glob("pair.failed-*")
     assert f"2 row(s) in {failed / 'rejects.csv'}" in str(e.value)
     assert str(d / "rejects.csv") not in str(e.value)
