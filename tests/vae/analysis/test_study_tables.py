@@ -170,26 +170,52 @@ def test_crop_findings_say_no_forming_stage_has_images_and_what_the_path_compare
     sources, correlated the model with itself, and never said that no crop is of a stage
     in which granules form, nor that the crops' path position is their class."""
     real = _crops()
+    feats = ["granule_density", "lobes"]
     lines = crop_findings(
-        real,
-        ["lymphocyte", "Neutrophils", "eosinophil", "(unlabelled)"],
-        ["granule_density", "lobes"],
-        "by_label",
+        real, ["lymphocyte", "Neutrophils", "eosinophil", "band", "(unlabelled)"], feats, "by_label"
     )
     assert len(lines) == 2
     assert lines[0].startswith(
-        "No crop of this study is labelled myeloblast, promyelocyte, myelocyte, metamyelocyte, band"
+        "No crop of this study is labelled promyelocyte, myelocyte or metamyelocyte (the "
+        "immature granulocytes, in which the granules form): granule formation has no "
+        "labelled image here"
     )
-    assert "median: lymphocyte 0.10, eosinophil 0.30, Neutrophils 0.95" in lines[0]
+    assert (
+        "median: lymphocyte 0.10 (n=21), eosinophil 0.30 (n=24), Neutrophils 0.95 (n=24)"
+        in (lines[0])
+    )
     assert "(unlabelled)" not in lines[0]
-    assert lines[1].startswith("Within the 24 held-out Neutrophils crops (the commonest class)")
-    assert "barely move together" in lines[1]  # random lobes vs a random program
-    assert "images met profiles by label, never a cell its own profile" in lines[1]
-    # a study with crops of the forming stages: no such line; true pairs: no pairing note
-    staged = crop_findings(
-        real, ["myelocyte", "band", "Neutrophils"], ["granule_density", "lobes"], None
+    assert lines[1].startswith(
+        "Within the 24 held-out Neutrophils cells (the commonest class, each specimen once), "
+        "the strongest of 2 ties of a measured image feature with a decoded program is"
     )
-    assert len(staged) == 1 and "never a cell" not in staged[0]
+    assert "with the programs shuffled the strongest reaches" in lines[1]
+    assert "no more than chance" in lines[1]  # random lobes vs a random program
+    assert "images met profiles by label, never a cell its own profile" in lines[1]
+    # crops of an immature stage (or PBC's "IG"): no such line; true pairs: no pairing note
+    for staged in (["myelocyte", "Neutrophils"], ["IG", "SNE"]):
+        (line,) = crop_findings(real, staged, feats, None)
+        assert line.startswith("Within") and "never a cell" not in line
+    # nothing labelled at all: nothing can be said of the labels
+    assert all(not x.startswith("No crop") for x in crop_findings(real, ["(unlabelled)"], feats))
+
+
+def test_crop_findings_count_a_specimen_once_and_need_ten_values_a_pair():
+    """Review: 46 of the real chain's 78 held-out neutrophils were BCCD cells entering
+    twice (bccd and bccd_cropped), and a pair resting on 3 values printed rho +1.00."""
+    real = _crops(n_per=48)
+    neu = real.index[real.label == "Neutrophils"]
+    real["specimen"] = [f"s{i}" for i in range(len(real))]
+    real.loc[neu[24:], "specimen"] = [f"s{i}" for i in neu[:24]]  # each twice
+    real["program:two"] = np.nan
+    real.loc[neu[:3], "program:two"] = [1.0, 2.0, 3.0]
+    real.loc[neu[:3], "lobes"] = [1.0, 2.0, 3.0]  # rho +1 on 3 values: not a tie
+    (line,) = crop_findings(real, ["myelocyte"], ["lobes"])
+    assert line.startswith("Within the 24 held-out Neutrophils cells")
+    assert "the strongest of 1 ties" in line and "program:two" not in line
+    real.loc[neu[24:], "specimen"] = ""  # an unknown specimen is never a twin
+    (line,) = crop_findings(real, ["myelocyte"], ["lobes"])
+    assert line.startswith("Within the 48 held-out Neutrophils cells")
 
 
 def test_key_findings_put_the_crop_findings_first_and_name_blind_sources():
@@ -222,8 +248,19 @@ def test_a_feature_that_rises_and_falls_along_the_path_is_said_to_peak():
     feats = pd.DataFrame(
         {"s": s, "granule_density": np.r_[0, 1, 2, 3, 3.75, 2, 1, 0.5, 0, 0, 0, 0], "lobes": s}
     )
-    peak = _path_peak(feats, "granule_density")
-    assert "peaks at position 0.36 (3.75 against 0 and 0 at the ends)" in peak
+    peak = _path_peak(feats, "granule_density", -0.07)
+    assert peak.endswith(
+        "peaks at position 0.36 (3.75 against 0 and 0 at the ends): a rank correlation "
+        "reads no trend in a rise and fall"
+    )
+    # a real trend with a bump (review: the real chain's erythroid program, rho -0.79)
+    assert "reads no trend" not in _path_peak(feats, "granule_density", -0.79)
+    wobble = feats.assign(
+        granule_density=np.r_[2.8, 2.9, 2.97, 2.7, 2.6, 2.5, 2.5].tolist() + [2.5] * 5
+    )
+    assert _path_peak(wobble, "granule_density", -0.79) == ""  # 0.32 of its range: a wobble
+    tiny = feats.assign(granule_density=feats["granule_density"] + 1e-17)
+    assert "against 0 and 0 at the ends" in _path_peak(tiny, "granule_density")
     assert _path_peak(feats, "lobes") == ""  # monotone: the rank correlation says it
     flat_end = feats.assign(
         granule_density=np.r_[0, 1, 2, 3, 3.75, 3.7, 3.7, 3.7, 3.7, 3.7, 3.7, 3.6]
