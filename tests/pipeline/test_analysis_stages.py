@@ -108,9 +108,12 @@ def _check_outputs(run: Path) -> None:
     assert len(path) == 6 and "granule_density" in path and "cytoplasm_grain" in path
     # the report's findings read the grain beside the count (real smears: docs/vae.md)
     findings = json.loads((tr / "traverse_summary.json").read_text())["key_findings"]
-    assert any("with cytoplasm_grain measured on held-out crops" in f for f in findings)
     # each measured crop with its class, and the class medians the report shows
     crops = pd.read_csv(tr / "real_crop_features.csv")
+    # ... on how many crops: a reader asked for the n behind each finding
+    assert any(
+        f"with cytoplasm_grain measured on {len(crops)} held-out crops" in f for f in findings
+    )
     assert list(crops.columns[:2]) == ["cell", "label"] and crops["label"].notna().all()
     by_class = pd.read_csv(tr / "real_morphology_by_class.csv")
     assert by_class["n"].sum() == len(crops)

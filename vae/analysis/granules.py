@@ -102,7 +102,7 @@ class CellFeatures:
     granule_density: float  # granules per 100 px^2 of the searched area (cell minus its rim)
     glcm_contrast: float  # GLCM contrast of the cytoplasm, distance 1, mean of 4 angles
     cytoplasm_grain: float  # RMS fine detail of the stain over the cytoplasm (OD; NaN < 10 px)
-    cytoplasm_hue: float  # degrees in [0, 360), circular mean
+    cytoplasm_hue: float  # degrees in [90, 450): red is 360 (HUE_ORIGIN_DEG); circular mean
     cytoplasm_saturation: float  # mean HSV saturation in [0, 1]
     lobes: int  # nucleus lobe count (0: no nucleus found)
     nucleus_fraction: float  # nucleus area / cell area

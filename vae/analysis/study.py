@@ -1007,6 +1007,7 @@ def traverse_study(
         truth_caveats,
         crop_lines=crop_lines,
         blind=blind,
+        n_crops=None if real is None else len(real),
     )
     summary["key_findings"] = key
     sections = [Section("What these data cannot show", text="\n\n".join(limits))] if limits else []
@@ -1084,7 +1085,12 @@ def traverse_study(
                 "instruments before reading the correlations above (segmented neutrophils "
                 "should read more lobes than lymphocytes, eosinophils and basophils a "
                 "grainier cytoplasm). Compare classes within one image source, where stains and "
-                "sharpness agree (real_crop_features.csv has every crop with its source).",
+                "sharpness agree (real_crop_features.csv has every crop with its source). "
+                "Units: cytoplasm_hue in degrees on a circle cut open at yellow-green (90 to "
+                "450: blue ~220, purple ~280, red 360, orange ~390); nucleus_fraction and "
+                "saturation 0-1; cytoplasm_grain the stain's fine-detail RMS (optical "
+                "density); granule_density granules per 100 px^2; cell_area px at the crop "
+                "size.",
                 missing="the feature is undefined on every crop of this class and source "
                 "(e.g. a cytoplasm under 10 px for the grain)",
             )
@@ -1253,12 +1259,14 @@ def _key_findings(
     caveats: dict[str, str] | None = None,
     crop_lines: Sequence[str] = (),
     blind: dict[str, list] | None = None,
+    n_crops: int | None = None,
 ) -> list[str]:
     """One-line findings for the top of the report (from the tables just computed).
 
     ``crop_lines`` (:func:`crop_findings`) come first: what the crops can show bounds
     every line after them. ``blind``: measured feature -> :func:`blind_sources`, said
-    beside that feature's line."""
+    beside that feature's line. ``n_crops``: the held-out crops the correlations rest on,
+    said in each line."""
     from vae.analysis.report import fmt_number
 
     out = list(crop_lines)
@@ -1305,10 +1313,11 @@ def _key_findings(
                 )
             # a program score here is decoded from the crop's own code (most real crops
             # have no measured profile); the granule density is measured on the crop
+            crops = "held-out crops" if n_crops is None else f"{n_crops} held-out crops"
             what = (
-                f"{feat} decoded from the codes of held-out crops"
+                f"{feat} decoded from the codes of {crops}"
                 if feat.startswith("program:")
-                else f"{feat} measured on held-out crops"
+                else f"{feat} measured on {crops}"
             )
             out.append(f"Latent dims most correlated with {what}: {dims}{extra}.")
     if "gene_ranking_gp" in tables and path_classes:
