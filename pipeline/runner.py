@@ -261,7 +261,7 @@ def resolve_input(cfg: DictConfig, name: str) -> Path:
                 raise StageInputError(
                     f"{p} comes from an unfinished run of stage={producer} "
                     f"(status: {man.get('status')}). Re-run `python -m pipeline "
-                    f"stage={producer} experiment={cfg.experiment} overwrite=true`."
+                    f"{rerun_args(cfg, producer)} overwrite=true`."
                 )
             if man is not None:
                 check_fresh(p, man, name)
@@ -280,13 +280,25 @@ def resolve_input(cfg: DictConfig, name: str) -> Path:
     )
 
 
-def rerun_args(cfg: DictConfig, stage_name: str) -> str:
-    """``stage=... experiment=...`` plus the run's own ``paths.root`` and ``variant`` when
-    they are not the defaults: the suggested command writes where this run reads (the
-    terminal audit: with paths.root=/data/runs the advice wrote into ./outputs)."""
+# command-line overrides that are not a choice of configs: the rerun advice sets its own
+RUN_KEYS = frozenset({"stage", "experiment", "variant", "overwrite", "resume"})
+
+
+def rerun_args(cfg: DictConfig, stage_name: str, overrides: list[str] | None = None) -> str:
+    """``stage=... experiment=...`` plus the run's own presets and config-group choices
+    (``+preset=real``, ``data=real_small``: a docs audit followed the advice without
+    ``+preset=real`` and would have trained the simulator's defaults), ``paths.root`` and
+    ``variant`` when they are not the defaults: the suggested command writes where this
+    run reads (the terminal audit: with paths.root=/data/runs the advice wrote into
+    ./outputs). ``overrides``: the command line's (default: this Hydra run's)."""
+    from pipeline.artifacts import command_overrides
     from pipeline.config import PathsConfig
 
     args = [f"stage={stage_name}", f"experiment={cfg.experiment}"]
+    for o in (command_overrides() or []) if overrides is None else overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if "=" in o and "." not in key and key not in RUN_KEYS:
+            args.append(o)  # a group choice (or a preset) shapes what the stage runs
     root = cfg.paths.get("root")
     if root is not None and str(root) != PathsConfig.root:
         args.append(f"paths.root={root}")

@@ -514,3 +514,10 @@ def test_missing_input_advice_writes_where_the_run_reads(tmp_path):
     )
     plain = compose_config(["stage=train", "experiment=e3"])
     assert runner.rerun_args(plain, "pair") == "stage=pair experiment=e3"
+    # the run's presets and config-group choices go with it (docs audit: the advice for a
+    # +preset=real run left the preset out, so it would have trained the demo's settings)
+    given = ["stage=evaluate", "+preset=real", "experiment=e3", "data=real_small"]
+    given += ["vae.beta=4", "overwrite=true", "variant=x", "hardware.torch_threads=1"]
+    assert runner.rerun_args(plain, "train", given) == (
+        "stage=train experiment=e3 +preset=real data=real_small"
+    )
