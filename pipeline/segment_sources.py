@@ -34,7 +34,7 @@ from pipeline.config_sources import LABEL_FORMATS, SEGMENT_SOURCE_KINDS
 from pipeline.runner import StageContext, StageError, resolve_data_path
 from segmentation.cells import SegmentSettings, contact_sheet, reject_sheet
 from segmentation.crops import FLAGS
-from segmentation.io import list_images, read_rgb, write_h5ad
+from segmentation.io import list_images, read_rgb, recorded_name, write_h5ad
 from segmentation.progress import bar
 from segmentation.shipped import wants_scale_refinement
 from segmentation.sources import (
@@ -48,7 +48,6 @@ from segmentation.table import (
     cells_adata,
     empty_table,
     merge_parts,
-    recorded_name,
     specimen_ids,
 )
 

@@ -8,7 +8,6 @@ builds the artifact (keys: docs/artifacts.md, section *segment*).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -22,56 +21,6 @@ from segmentation.schema import (
     TRUTH_NUMERIC_FIELDS,
     TRUTH_TEXT_FIELDS,
 )
-
-
-def recorded_name(name: str | os.PathLike) -> str:
-    r"""A file name (or path) as every table, h5ad, HTML page and CSV records it.
-
-    A name that is not valid UTF-8 (Latin-1 bytes from a Windows share or an old zip:
-    ``b"M\xfcller.png"``) reaches Python with surrogates (``"M\udcfcller.png"``), which
-    the OS takes back but no UTF-8 writer does: ``cells.h5ad`` failed after every
-    image was segmented. The one rule: the name's bytes, each byte that is not UTF-8
-    written as the four characters ``\xNN`` (``M\xfcller.png``). Distinct names stay
-    distinct (``errors="replace"`` would make ``\xfc`` and ``\xe4`` both U+FFFD), and
-    a valid name is returned unchanged. Files on disk keep their own bytes.
-
-    Parameters
-    ----------
-    name : str or path-like
-        A file name or path as ``os.listdir`` / ``Path.iterdir`` gave it.
-
-    Returns
-    -------
-    str
-        ``name`` when it encodes as UTF-8, else its escaped form.
-    """
-    name = os.fspath(name)
-    try:
-        name.encode("utf-8")
-        return name
-    except UnicodeEncodeError:
-        pass
-    try:
-        raw = os.fsencode(name)  # the bytes the file system holds
-    except UnicodeEncodeError:  # a lone surrogate not from a byte (made in Python)
-        return name.encode("utf-8", "backslashreplace").decode("utf-8")
-    return raw.decode("utf-8", "backslashreplace")
-
-
-def undecodable_warning(path: str | os.PathLike) -> str | None:
-    """The warning for a file whose path :func:`recorded_name` has to escape, else None.
-
-    Names the file by ``repr`` (printable in any log, which a surrogate is not: a log
-    line holding one fails to be written) and says how the tables write it instead.
-    """
-    path = os.fspath(path)
-    shown = recorded_name(path)
-    if shown == path:
-        return None
-    return (
-        f"{path!r}: not valid UTF-8 (a name in another system's encoding); the file is "
-        f"read, and tables write its path as {shown}"
-    )
 
 
 def merge_parts(

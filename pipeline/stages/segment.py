@@ -45,8 +45,10 @@ from segmentation.io import (
     error_line,
     list_images,
     read_rgb,
+    recorded_name,
     skipped_slides,
     slide_skip_message,
+    undecodable_warning,
     write_h5ad,
     write_label_image,
 )
@@ -65,9 +67,7 @@ from segmentation.slides import (
 from segmentation.table import (
     cells_adata,
     merge_parts,
-    recorded_name,
     run_summary,
-    undecodable_warning,
 )
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from tests.helpers.run import embed_on_toy_study, run_stage_in_process
 from tests.helpers.seg_synth import untrained_checkpoint
 
 LATIN1 = b"Patient_M\xfcller_1.png"  # "Müller" in Latin-1: not UTF-8
-# its name as every table writes it (segmentation.table.recorded_name)
+# its name as every table writes it (segmentation.io.recorded_name)
 RECORDED = "Patient_M\\xfcller_1.png"
 
 # an untrained detector's cells kept whatever their shape: the names reach every table
@@ -66,7 +66,7 @@ def _rename_bytes(path: Path, name: bytes) -> None:
 
 
 def test_recorded_name_is_one_rule_and_keeps_names_apart():
-    from segmentation.table import recorded_name, undecodable_warning
+    from segmentation.io import recorded_name, undecodable_warning
 
     assert recorded_name("Müller.png") == "Müller.png"  # valid names unchanged
     odd = os.fsdecode(LATIN1)

@@ -38,7 +38,9 @@ from segmentation.io import (
     IMAGE_SUFFIXES,
     blank_as_read,
     decode_coco_mask,
+    recorded_name,
     spreadsheet_unquote,
+    undecodable_warning,
 )
 from vae.inputs.schema import (  # noqa: F401 - TRUTH_COLUMNS: columns copied into paired obs
     ANOMALY_COLUMNS,
@@ -72,24 +74,11 @@ SEGMENTATION_WBC_CLASSES = {
 }
 
 
-def _shown(path: str | Path) -> str:
-    """``path`` as every table and message writes it (:func:`segmentation.table.recorded_name`:
-    a name that is not UTF-8 has its bytes escaped), imported only for such a name."""
-    path = str(path)
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        from segmentation.table import recorded_name
-
-        return recorded_name(path)
-
-
 class PairingError(ValueError):
     """Bad crop input or pairing setting. ``field`` names the offending field."""
 
     def __init__(self, message: str, *, field: str, source: str = ""):
-        source = _shown(source)  # a path that is not UTF-8 would break the log line
+        source = recorded_name(str(source))  # a path that is not UTF-8 would break the log line
         self.field = field
         self.source = source
         self.message = message  # without the source and field (a reject row has its own)
@@ -467,8 +456,8 @@ def read_cells_h5ad(
 
 def _record_skip(rejects: list | None, path: Path, field: str, reason: str) -> None:
     """Log a skipped file and, when the caller collects them, add its reject row (the
-    path as every table writes it: :func:`segmentation.table.recorded_name`)."""
-    shown, reason = _shown(path), _shown(reason)
+    path as every table writes it: :func:`segmentation.io.recorded_name`)."""
+    shown, reason = recorded_name(path), recorded_name(str(reason))
     log.warning("%s: %s; skipped", shown, reason)
     if rejects is not None:
         rejects.append({"image": shown, "field": field, "action": "skipped", "reason": reason})
@@ -538,12 +527,10 @@ def read_image_folder(
             # ids, labels and source as every table writes them (stage=segment's rule:
             # a name that is not UTF-8 has its bytes escaped; the h5ad writer takes no
             # surrogate); the file is read from its own path
-            cid = _shown(f"{root.name}/{d.name}/{f.name}")
+            cid = recorded_name(f"{root.name}/{d.name}/{f.name}")
             if cid != f"{root.name}/{d.name}/{f.name}":
-                from segmentation.table import undecodable_warning
-
                 log.warning("%s", undecodable_warning(f))
-            rows.append({"id": cid, "label": _shown(d.name).lower()})
+            rows.append({"id": cid, "label": recorded_name(d.name).lower()})
     if not rows and listed:  # every one skipped: not "no images"
         raise PairingError(
             f"none of its {listed} image file(s) could be used: each was skipped as "
@@ -555,7 +542,7 @@ def read_image_folder(
         raise PairingError("no images found", field="path", source=str(root))
     obs = pd.DataFrame(rows).set_index("id")
     obs.index.name = None
-    obs["source"] = _shown(root.name)
+    obs["source"] = recorded_name(root.name)
     obs[HAS_MASK] = False
     return CropSet(crops=np.stack(crops), masks=np.stack(masks), obs=obs)
 

@@ -19,9 +19,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from segmentation.io import IMAGE_SUFFIXES, is_other_slide, slide_skip_message
+from segmentation.io import (
+    IMAGE_SUFFIXES,
+    is_other_slide,
+    recorded_name,
+    slide_skip_message,
+    undecodable_warning,
+)
 from segmentation.schema import SCALE_SPREAD
-from segmentation.table import recorded_name, undecodable_warning
 
 REJECT_COLUMNS = ["input", "item", "reason"]
 
@@ -246,7 +251,7 @@ def _images_below(top: Path, seen: set[str]) -> list[Path]:
 def image_id(folder: Path, sample: str, p: Path) -> str:
     """A crop's cell id: ``sample/name``, with the sub-folders below the sample's
     (``patientB/slide1/x.jpg``) so two slides' files of one name stay apart; a name that
-    is not valid UTF-8 as :func:`segmentation.table.recorded_name` writes it."""
+    is not valid UTF-8 as :func:`segmentation.io.recorded_name` writes it."""
     base = folder / sample if (folder / sample).is_dir() and folder / sample != folder else None
     rel = p.relative_to(base).as_posix() if base is not None and base in p.parents else p.name
     return recorded_name(f"{sample}/{rel}")
@@ -255,7 +260,7 @@ def image_id(folder: Path, sample: str, p: Path) -> str:
 def _note_undecodable(p: Path) -> None:
     """Warn (once per read) of an image whose name, or a folder name below the input,
     is not valid UTF-8: it is read, and recorded as
-    :func:`segmentation.table.recorded_name` writes it."""
+    :func:`segmentation.io.recorded_name` writes it."""
     odd = undecodable_warning(p)
     if odd:
         log.warning("%s", odd)

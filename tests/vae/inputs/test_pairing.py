@@ -379,7 +379,7 @@ def test_image_folder_reader(tmp_path):
 def test_image_folder_names_not_utf8_are_escaped_as_stage_segment_writes_them(tmp_path):
     # a Latin-1 name (b"caf\xe9.png") reaches Python with a surrogate, which the h5ad
     # writer refused after every crop was read: ids, labels and reject rows are escaped
-    # as segmentation.table.recorded_name writes them
+    # as segmentation.io.recorded_name writes them
     import os
 
     root = tmp_path / "crops"
