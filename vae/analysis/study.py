@@ -464,7 +464,8 @@ def traverse_study(
                 )
                 posed_dec = T.decode(rd.model, posed.codes.reshape(-1, d), a.batch_size, rd.device)
             ok_img = support.supported
-            cells = T.fade_unsupported(dec.cells(), ok_img) if img_ok else None
+            drawn = dec.cells() if img_ok else None  # the top row, before fading
+            cells = T.fade_unsupported(drawn, ok_img) if img_ok else None
             rows_img: Any = cells
             row_names = None
             if posed_dec is not None:
@@ -498,7 +499,7 @@ def traverse_study(
             # so when the drawn cells vary far less along it than the crops near its steps
             flat_note = ""
             if img_ok and crops_near is not None:
-                v_drawn = _step_variation(dec.cells())
+                v_drawn = _step_variation(drawn)
                 v_crops = _step_variation(crops_near.first)
                 if v_crops > 0 and v_drawn < FLAT_PATH_SHARE * v_crops:
                     flat_note = (
@@ -1362,11 +1363,14 @@ FLAT_PATH_SHARE = 0.5
 
 
 def _step_variation(images) -> float:
-    """Mean over pixels of the s.d. across a strip's images, intensities in 0..1."""
-    x = np.asarray(images, dtype=np.float64)
-    if x.size and np.nanmax(x) > 1.5:  # uint8 0..255
-        x = x / 255.0
-    return float(x.std(axis=0).mean()) if len(x) > 1 else 0.0
+    """Mean over pixels of the s.d. across a strip's (n, S, S, 3) images, intensities in
+    0..1 (:func:`vae.analysis.granules.to_float_rgb`: uint8 / 255, floats as they are)."""
+    from vae.analysis.granules import to_float_rgb
+
+    if len(images) < 2:
+        return 0.0
+    x = np.stack([to_float_rgb(im) for im in images])
+    return float(x.std(axis=0).mean())
 
 
 # a decoded feature whose path maximum exceeds both ends by this share of its range rises
@@ -1609,13 +1613,16 @@ def crop_findings(
     from vae.analysis.palette import MISSING_NAMES, normalise
     from vae.inputs.schema import stage_name
 
+    def names_a_class(values) -> np.ndarray:
+        # known_labels, and not a missing name as the tables show it ("(unlabelled)")
+        v = np.asarray(values, dtype=object)
+        shown = np.array([normalise(x) not in MISSING_NAMES for x in v], bool)
+        return known_labels(v) & shown if len(v) else np.zeros(0, bool)
+
     out = []
     lab = real["label"].astype(str) if "label" in real else pd.Series([], dtype=str)
-    # "(unlabelled)" / "(unknown)" as the CSV shows them are no class
-    named = np.array([normalise(v) not in MISSING_NAMES for v in lab], bool)
-    known = lab[named & known_labels(lab.to_numpy(dtype=object))] if len(lab) else lab
-    all_named = [v for v in image_labels if normalise(v) not in MISSING_NAMES]
-    all_named = [v for v, ok in zip(all_named, known_labels(np.asarray(all_named, object))) if ok]
+    known = lab[names_a_class(lab)]
+    all_named = list(np.asarray(image_labels, dtype=object)[names_a_class(image_labels)])
     immature = {
         v for v in all_named if stage_name(v) in IMMATURE_GRANULOCYTES or normalise(v) in IG_NAMES
     }
