@@ -858,12 +858,6 @@ def _study_segment_run(study) -> tuple[dict, Path] | None:
     return None
 
 
-def _study_segmentation(study) -> dict | None:
-    """``cfg.segmentation`` of the study's own ``stage=segment`` run, or None."""
-    run = _study_segment_run(study)
-    return None if run is None else dict((run[0].get("config") or {}).get("segmentation") or {})
-
-
 # the segmentation.* settings that set the scale a smear is read at
 SCALE_SETTINGS = ("input_scale", "estimate_scale", "refine_scale", "scale_spread", "cell_px")
 
@@ -1064,9 +1058,11 @@ def _warn_cut_unlike_study(cfg, study) -> None:
     from pipeline.guards import override
     from segmentation.shipped import wants_scale_estimate
 
-    rec = _study_segmentation(study)
-    if rec is None:
+    run = _study_segment_run(study)
+    if run is None:
         return
+    config = run[0].get("config") or {}  # the study's segment run, read once
+    rec = dict(config.get("segmentation") or {})
     now = OmegaConf.to_container(cfg.segmentation, resolve=True)
     now_det = study.segmentation_model
     rec_det = _study_detector(study)
@@ -1074,7 +1070,7 @@ def _warn_cut_unlike_study(cfg, study) -> None:
     rec_ckpt = now_ckpt if rec_det is None or rec_det == now_det else _detector_ckpt(rec_det)
     diffs = cut_differences(now, rec, now_ckpt, rec_ckpt)
     lines, fixes = [], []
-    fixed = study_smear_scales(_study_segment_run(study)[0].get("config") or {})
+    fixed = study_smear_scales(config)
     if fixed is not None:
         # the study read its smears at the fixed scales of data.segment_sources, not at
         # segmentation.input_scale / estimate_scale: compared with those (an audit was told

@@ -156,6 +156,12 @@ def test_expression_alone_holds_no_crops(study: Path):
     np.testing.assert_array_equal(st.get_latent(expr, modality="expression"), with_crops)
 
 
+def _with_each_modality(obs) -> tuple[int, int]:
+    """(cells with an image, cells with expression) of an embedded query's obs."""
+    mod = obs["vae_modality"].astype(str)
+    return int(mod.isin(["image", "both"]).sum()), int(mod.isin(["expression", "both"]).sum())
+
+
 def _write_crops(folder: Path, paired: ad.AnnData, rows: dict[str, list[int]], size: int) -> None:
     for sample, idx in rows.items():
         (folder / sample).mkdir(parents=True)
@@ -1399,11 +1405,7 @@ def test_study_embed_counts_and_warns_of_cells_the_study_holds(study: Path, capl
     ref.obs.iloc[0, ref.obs.columns.get_loc("image_ref")] = "smear_0001_d002"
     with caplog.at_level(logging.WARNING, logger="vae.api"):
         out = st.embed(q, "mine")
-    mod = out.obs["vae_modality"].astype(str)
-    n_img, n_expr = (
-        int(mod.isin(["image", "both"]).sum()),
-        int(mod.isin(["expression", "both"]).sum()),
-    )
+    n_img, n_expr = _with_each_modality(out.obs)
     assert n_img and n_expr
     assert out.uns["seen_by_study"] == {"images": n_img, "expression": n_expr}
     said = [r.getMessage() for r in caplog.records]
@@ -1632,11 +1634,7 @@ def test_a_paired_query_is_matched_by_its_image_ref_and_expression_ref(
     q = paired[:20].copy()
     with caplog.at_level(logging.WARNING, logger="vae.api"):
         out = st.embed(q, "own")
-    mod = out.obs["vae_modality"].astype(str)
-    n_img, n_expr = (
-        int(mod.isin(["image", "both"]).sum()),
-        int(mod.isin(["expression", "both"]).sum()),
-    )
+    n_img, n_expr = _with_each_modality(out.obs)
     assert n_img and n_expr and n_img + n_expr > out.n_obs  # some of each kind only too
     assert out.uns["seen_by_study"] == {"images": n_img, "expression": n_expr}
     said = [
@@ -1695,11 +1693,7 @@ def test_a_streamed_input_warns_once_of_the_cells_the_study_holds(
             "embed",
         )
     q = ad.read_h5ad(d / "query.h5ad", backed="r")
-    mod = q.obs["vae_modality"].astype(str)
-    n_img, n_expr = (
-        int(mod.isin(["image", "both"]).sum()),
-        int(mod.isin(["expression", "both"]).sum()),
-    )
+    n_img, n_expr = _with_each_modality(q.obs)
     summary = json.loads((d / "summary.json").read_text())
     assert summary["cells_from_images_the_study_trained_on"] == n_img
     assert summary["cells_from_expression_the_study_trained_on"] == n_expr
