@@ -1728,7 +1728,7 @@ def path_position_correlations(
     if "image_source" in real:
         src = real["image_source"].to_numpy(dtype=object)
         src = np.where(src == UNKNOWN_NAME, None, src)  # no source: in no group
-        within, _ = M.correlation_within_groups(x, position, src)
+        within, _ = M.correlation_within_groups(x, position, src, min_rows=MIN_GROUP_CROPS)
         if np.isfinite(within).any():
             out["gp_path_position_within_source"] = within
     return out
