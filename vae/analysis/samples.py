@@ -250,6 +250,12 @@ MODALITY_LACKS = {
 }
 
 
+def _call_names(profile: pd.DataFrame) -> list[str]:
+    """The calls the differential counts, in column order: each ``n_<call>`` that has its
+    ``frac_<call>`` (not ``n_cells``, ``n_on_path``, ...)."""
+    return [c[2:] for c in profile.columns if c.startswith("n_") and f"frac_{c[2:]}" in profile]
+
+
 def uncallable_calls(
     profile: pd.DataFrame,
     obs: pd.DataFrame,
@@ -270,7 +276,7 @@ def uncallable_calls(
         sample_key = next((k for k in ("vae_sample", "sample") if k in obs), None)
     if sample_key is None or sample_key not in obs:
         return {}
-    every = {c[2:] for c in profile.columns if c.startswith("n_") and f"frac_{c[2:]}" in profile}
+    every = set(_call_names(profile))
     every.discard(UNCLASSIFIED)
     mods = obs.groupby(sample_key, sort=False, observed=True)["vae_modality"].agg(
         lambda m: set(m.astype(str))
@@ -321,7 +327,7 @@ def _differential_html(
     from vae.analysis.palette import label_order
 
     marks = marks or {}
-    labels = [c[2:] for c in profile.columns if c.startswith("n_") and f"frac_{c[2:]}" in profile]
+    labels = _call_names(profile)
     labels = label_order(labels)  # maturation order, as the study's figures list them
     if UNCLASSIFIED in labels:  # after every call, as a counter lists its flagged cells
         labels = [c for c in labels if c != UNCLASSIFIED] + [UNCLASSIFIED]
