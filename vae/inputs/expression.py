@@ -1228,7 +1228,6 @@ def preprocess(
                 # scanpy would copy the whole CSR twice (expm1): the same selection by
                 # row blocks (100k x 20k genes: peak 8.45 -> see docs/performance.md)
                 hvg = seurat_hvg_sparse(adata.X, p.n_top_genes)
-                hvg.index = adata.var_names
                 adata.uns["hvg"] = {"flavor": "seurat"}
                 for col in hvg.columns:
                     adata.var[col] = hvg[col].to_numpy()
@@ -1320,10 +1319,10 @@ def seurat_hvg_sparse(x: sp.csr_matrix, n_top_genes: int, n_bins: int = 20) -> p
     n, g = x.shape
     s1, s2 = np.zeros(g), np.zeros(g)
     for s in range(0, n, ROW_BLOCK):
-        b = x[s : s + ROW_BLOCK]
-        v = np.expm1(b.data)  # the input's dtype; squared in it too, as scanpy's kernel does
-        s1 += np.bincount(b.indices, weights=v, minlength=g)
-        s2 += np.bincount(b.indices, weights=v * v, minlength=g)
+        lo, hi = x.indptr[s], x.indptr[min(s + ROW_BLOCK, n)]  # the block's entries (views)
+        v = np.expm1(x.data[lo:hi])  # the input's dtype; squared in it too, as scanpy's kernel
+        s1 += np.bincount(x.indices[lo:hi], weights=v, minlength=g)
+        s2 += np.bincount(x.indices[lo:hi], weights=v * v, minlength=g)
     mean = s1 / n
     var = s2 / n - mean**2
     if n != 1:
