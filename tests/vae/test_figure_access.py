@@ -128,7 +128,7 @@ def test_split_and_modality_panels_use_a_safe_palette_and_markers():
 def test_lines_differ_by_style_not_only_by_hue():
     x = np.linspace(0, 1, 12)
     series = {f"feature {i}": np.sin(x * (i + 1)) for i in range(9)}
-    fig = F.line_plot(x, series, "path position", "scaled", "features")
+    fig = F.panel_lines(x, [("score", series)], "path position", "features")
     lines = [ln for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")]
     assert len(lines) == 9
     # every line has its own line style + marker pair, so no two rely on colour alone
@@ -137,6 +137,32 @@ def test_lines_differ_by_style_not_only_by_hue():
         same_style = a.get_linestyle() == b.get_linestyle() and a.get_marker() == b.get_marker()
         assert not same_style
     assert min(t.get_fontsize() for t in fig.axes[0].get_legend().get_texts()) >= 8
+
+
+def test_path_features_keep_each_measure_in_its_units():
+    """One panel per measure with its own axis: a 37.2 -> 38.9 px diameter is drawn on a
+    px axis (not stretched over 0..1 beside a program that doubles), empty panels are
+    dropped and the shaded steps are grey in every panel."""
+    x = np.linspace(0, 1, 5)
+    diam = np.array([37.2, 37.6, 38.0, 38.5, 38.9])
+    fig = F.panel_lines(
+        x,
+        [
+            ("cell diameter (px)", {"decoded": diam}),
+            ("lobes", {}),
+            ("program score", {"a": np.array([1.0, 2, 3, 4, 5]), "b": np.ones(5)}),
+        ],
+        "path position",
+        "features",
+        shade=np.array([True, False, False, False, False]),
+    )
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_ylabel() for ax in shown] == ["cell diameter (px)", "program score"]
+    np.testing.assert_allclose(shown[0].get_lines()[0].get_ydata(), diam)
+    lo, hi = shown[0].get_ylim()
+    assert lo > 30 and hi < 45  # its own units, not 0..1
+    assert [ln.get_label() for ln in shown[1].get_lines()] == ["a", "b"]
+    assert all(len(ax.patches) == 1 for ax in shown)  # the one shaded step
 
 
 def test_colour_bars_are_labelled_and_captions_readable():

@@ -401,44 +401,51 @@ def confusion_panels(panels: dict[str, tuple[Sequence[str], np.ndarray]], title:
     return fig
 
 
-def line_plot(
+def panel_lines(
     x: np.ndarray,
-    series: dict[str, np.ndarray],
+    panels: Sequence[tuple[str, dict[str, np.ndarray]]],
     xlabel: str,
-    ylabel: str,
     title: str,
     shade: np.ndarray | None = None,
 ):
-    """Lines over ``x``; ``shade`` (len(x),) bool greys the span around each marked x
-    (e.g. path steps decoded by extrapolation). Each line has its own colour, line style
-    and marker (:func:`vae.analysis.palette.series_styles`), so lines stay apart without
-    colour vision."""
+    """Small multiples: one axis per measure, in its own units. ``panels``: (y-axis
+    label with its unit, {line name: (len(x),) values}); lines that share a unit share a
+    panel (a decoded measure beside the same measure on the nearest real crops). ``shade``
+    (len(x),) bool greys the span around each marked x in every panel (e.g. path steps
+    decoded by extrapolation). Why not one min-max scaled axis: a feature that moves by 5 %
+    would rise as far as one that doubles."""
     from vae.analysis.palette import series_styles
 
-    # the legend sits right of the axes: with many lines over the whole range, any
-    # place inside hides some of them
-    wide = len(series) > 4
-    fig, ax = plt.subplots(figsize=(7.6 if wide else 5, 3.2))
-    if shade is not None and np.any(shade) and len(x) > 1:
-        half = float(np.min(np.diff(np.sort(np.asarray(x, float))))) / 2
-        for xi in np.asarray(x, float)[np.asarray(shade, bool)]:
-            ax.axvspan(xi - half, xi + half, color="0.88", lw=0, zorder=0)
-    for (name, y), style in zip(series.items(), series_styles(len(series))):
-        ax.plot(x, y, ms=4, lw=1.3, label=name, **style)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    # long handles: the dash pattern of each line shows in the legend
-    if series and wide:
+    panels = [(lab, s) for lab, s in panels if s]
+    n = max(len(panels), 1)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.7 * rows), squeeze=False)
+    xs = np.asarray(x, float)
+    half = float(np.min(np.diff(np.sort(xs)))) / 2 if len(xs) > 1 else 0.0
+    for ax, (ylabel, series) in zip(axes.flat, panels):
+        if shade is not None and np.any(shade) and half > 0:
+            for xi in xs[np.asarray(shade, bool)]:
+                ax.axvspan(xi - half, xi + half, color="0.88", lw=0, zorder=0)
+        for (name, y), style in zip(series.items(), series_styles(len(series))):
+            ax.plot(xs, np.asarray(y, float), ms=4, lw=1.3, label=name, **style)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=8)
+        # long handles: the dash pattern of each line shows in the legend; more than two
+        # lines (the programs) cross the whole axis, so their legend goes under it
+        below = len(series) > 2
         ax.legend(
             fontsize=8,
             frameon=False,
-            loc="center left",
-            bbox_to_anchor=(1.01, 0.5),
-            handlelength=3.2,
+            handlelength=2.8,
+            ncol=2 if below else 1,
+            loc="upper center" if below else "best",
+            bbox_to_anchor=(0.5, -0.28) if below else None,
         )
-    elif series:  # an empty plot has nothing to label
-        ax.legend(fontsize=8, frameon=False, handlelength=3.2)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -281,12 +281,6 @@ def observed_program_scores(latent, data, genes, programs) -> dict[str, np.ndarr
     return out
 
 
-def minmax(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, dtype=float)
-    r = np.nanmax(v) - np.nanmin(v) if np.isfinite(v).any() else 0
-    return (v - np.nanmin(v)) / r if r > 0 else np.zeros_like(v)
-
-
 def markdown_table(df: pd.DataFrame, name: str, max_rows: int = 50) -> str:
     """``df`` as a Markdown pipe table (what TensorBoard's text tab renders as a table).
 

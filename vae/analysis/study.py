@@ -31,7 +31,6 @@ from vae.analysis.run import (
     image_reference_rows,
     labels_of,
     measure,
-    minmax,
     obs_col,
     programs_of,
     read_table,
@@ -664,36 +663,40 @@ def traverse_study(
                 else None,
                 "top_genes": rank["gene"].head(a.top_genes).tolist() if expr_ok else [],
             }
-            # each line min-max scaled to share one axis; its legend gives the real
-            # range, so a 5 % change does not read as a full rise
-            shown = [
-                c
-                for c in [
-                    "granule_density",
-                    "lobes",
-                    "nucleus_fraction",
-                    "cell_diameter",
-                    "nearest_crops_lobes",
-                    "nearest_crops_nucleus_fraction",
-                    *[k for k in feats if k.startswith("program:")],
-                ]
-                if c in feats
+            # one panel per measure in its own units (decoded beside the nearest real
+            # crops' median where both exist), so a 5 % change does not read as a rise
+            progs = [k for k in feats if k.startswith("program:")]
+            panels = [
+                (ylabel, {name: feats[c].to_numpy(float) for c, name in lines if c in feats})
+                for ylabel, lines in (
+                    (
+                        "granule density (per 100 px²)",
+                        [("granule_density", "decoded")],
+                    ),
+                    (
+                        "lobes",
+                        [("lobes", "decoded"), ("nearest_crops_lobes", "nearest crops")],
+                    ),
+                    (
+                        "nucleus share of the cell",
+                        [
+                            ("nucleus_fraction", "decoded"),
+                            ("nearest_crops_nucleus_fraction", "nearest crops"),
+                        ],
+                    ),
+                    ("cell diameter (px)", [("cell_diameter", "decoded")]),
+                    (
+                        "program score (mean log1p expression)",
+                        [(k, k.removeprefix("program:")) for k in progs],
+                    ),
+                )
             ]
-            # a feature constant along the path is a flat line hiding others: named in
-            # the caption instead
-            flat = [c for c in shown if np.ptp(np.nan_to_num(feats[c].to_numpy(float))) == 0]
-            series = {
-                _span_label(c, feats[c].to_numpy(float)): minmax(feats[c].to_numpy(float))
-                for c in shown
-                if c not in flat
-            }
-            if not series and not flat:  # no image features and no program gene: no figure
-                continue
-            fig = F.line_plot(
+            if not any(lines for _, lines in panels):
+                continue  # no image features and no program gene: no figure
+            fig = F.panel_lines(
                 pth.s,
-                series,
+                panels,
                 "path position",
-                "each scaled to its range (legend)",
                 f"features along the {kind} path",
                 shade=None if not img_ok else ~np.asarray(support.supported, bool),
             )
@@ -711,21 +714,15 @@ def traverse_study(
                     + (
                         "; nearest_crops_*: the median of the real crops nearest each step "
                         "(measured on crops, not on decoded cells)"
-                        if any(c.startswith("nearest_crops_") and c not in flat for c in shown)
+                        if any(c.startswith("nearest_crops_") for c in feats)
                         else ""
                     )
-                    + f", along the {kind} path (each scaled to 0..1)"
+                    + f", along the {kind} path (each in its own units)"
                     + (
                         f"; grey: the {int((~support.supported).sum())} steps decoded far "
                         "from every training crop (extrapolation, drawn faded in the path "
                         "figure)"
                         if img_ok and not support.supported.all()
-                        else ""
-                    )
-                    + (
-                        "; constant along the path, not drawn: "
-                        + ", ".join(f"{c} ({fmt_number(float(feats[c].iloc[0]))})" for c in flat)
-                        if flat
                         else ""
                     )
                     + ".",
@@ -2197,14 +2194,3 @@ def _sweep_vs_crops_note(row: dict, crops: pd.DataFrame, dim: int, strong: float
         + ": the sweep shows what the decoder does near the anchor cell, not what the dim "
         "means across cells (real_feature_correlation.csv)."
     )
-
-
-def _span_label(name: str, v: np.ndarray) -> str:
-    """Legend label of a min-max scaled path feature: its name and its range, e.g.
-    ``cell_diameter 37.2-38.9 px``, ``granule_density 0-1.2 per 100 px²``."""
-    v = np.asarray(v, dtype=float)
-    if not np.isfinite(v).any():
-        return name
-    units = {"cell_diameter": " px", "granule_density": " per 100 px²"}  # granules.py's units
-    unit = units.get(name, "")
-    return f"{name} {np.nanmin(v):.3g}-{np.nanmax(v):.3g}{unit}"

@@ -294,23 +294,6 @@ def test_posed_codes_add_the_nearest_cells_pose_to_each_step():
         T.posed_codes(points, reported, single, k=0)
 
 
-def test_path_feature_legend_gives_each_lines_real_range():
-    """The features figure scales every line to [0, 1]; the legend keeps the range, so a
-    37.2 -> 38.9 px diameter does not read as a full rise."""
-    import numpy as np
-
-    from vae.analysis.study import _span_label
-
-    assert _span_label("cell_diameter", np.array([37.21, 38.0, 38.94])) == (
-        "cell_diameter 37.2-38.9 px"
-    )
-    assert _span_label("lobes", np.array([np.nan, 1.0, 3.0])) == "lobes 1-3"
-    assert _span_label("granule_density", np.array([0.0, 1.2])) == (
-        "granule_density 0-1.2 per 100 px²"
-    )
-    assert _span_label("lobes", np.array([np.nan, np.nan])) == "lobes"
-
-
 def test_path_on_scatter_runs_between_class_medians():
     """The study page draws the path between the classes' median scatter positions,
     linear in path position; a class absent from the scatter gives no line."""
