@@ -177,6 +177,7 @@ def _samples(
     name; the samples CSV overrides where it names a cell (or its image)."""
     from pipeline.config_embed import EmbedConfig
     from vae.inputs.query import FOLDER_SAMPLE
+    from vae.scverse import ROW_KEY
 
     key = cfg.embed.sample_key
     if key in adata.obs:
@@ -200,6 +201,11 @@ def _samples(
             m = ids_m.set_index("cell_id")["sample"]
             ids = adata.obs["cell_id"] if "cell_id" in adata.obs else adata.obs_names.to_series()
             hit = pd.Series(_nfc(ids.astype(str))).map(m).to_numpy()  # the CSV's are NFC
+            if "cell_id" not in adata.obs and ROW_KEY in adata.obs:
+                # a paired table's rows, named by their cells (Study.embed): their row ids
+                # (r000000 ..., obs["row"]), which named them before, name them too
+                by_row = pd.Series(_nfc(adata.obs[ROW_KEY].astype(str))).map(m).to_numpy()
+                hit = np.where(pd.notna(hit), hit, by_row)
             named |= pd.notna(hit)
             out = np.where(pd.notna(hit), hit, out)
         if "image" in mapping and "image" in adata.obs:
@@ -282,7 +288,8 @@ def run_embed(ctx: StageContext) -> None:
     from vae.api import StudyError
     from vae.data import PairedDataError
     from vae.inputs.expression import ExpressionInputError
-    from vae.inputs.query import REJECT_COLUMNS
+    from vae.inputs.query import REJECT_COLUMNS, name_paired_rows
+    from vae.scverse import ROW_KEY
 
     cfg = ctx.cfg
     study = load_study(ctx)
@@ -327,13 +334,17 @@ def run_embed(ctx: StageContext) -> None:
         path = resolve_data_path(cfg, p, f"embed.{kind}")
         setting = f"embed.{kind}={p}"
         stream = kind == "h5ad" and streams(cfg, path)
-        names = _h5ad_obs_names(path) if stream else None
+        names, paired = _h5ad_obs_names(path) if stream else (None, None)
         first = len(parts)  # this input's parts: parts[first:] (one per block)
         try:
             blocks = h5ad_blocks(path) if stream else [None]
             if kind == "expression" and whole is not None:
                 blocks = whole
             for block in blocks:
+                if paired is not None:  # named over the whole table, not block by block
+                    obs = block.obs.copy()
+                    name_paired_rows(obs, paired[names.get_indexer(block.obs_names)])
+                    block.obs = obs
                 q = _embed_one(
                     study,
                     cfg,
@@ -354,7 +365,8 @@ def run_embed(ctx: StageContext) -> None:
                     q, cfg, kind, path, setting, mapping, genes, rejects, parts
                 )
                 if len(parts) > before:  # the page's example crops are read from there
-                    crop_files.append((path, names.get_indexer(q.obs_names)) if stream else None)
+                    own = q.obs[ROW_KEY] if paired is not None else q.obs_names  # file's names
+                    crop_files.append((path, names.get_indexer(own)) if stream else None)
         except PairedDataError as e:
             raise StageError(f"{setting}: {e}") from e
         except ExpressionInputError as e:
@@ -398,8 +410,18 @@ def run_embed(ctx: StageContext) -> None:
         path_classes = list(study.maturation_path()[0].names)
     except StudyError:
         path_classes = None  # no path: maturation is NaN anyway
+    # the classes a cell of each modality can be called: samples.csv's not_callable
+    # (NaN shares) and the page's "not callable from ..." read the same
+    callable_calls = {
+        m: study.callable_labels(m) for m in out.obs["vae_modality"].astype(str).unique()
+    }
     prof = sample_profile(
-        out.obs, "vae_sample", int(cfg.embed.histogram_bins), path_classes, study.labels
+        out.obs,
+        "vae_sample",
+        int(cfg.embed.histogram_bins),
+        path_classes,
+        study.labels,
+        callable_calls,
     )
     crops = None  # the page's example crops (None: "No images among the inputs")
     if any(c is not None for c in images["crops"]) or any(crop_files):
@@ -428,9 +450,7 @@ def run_embed(ctx: StageContext) -> None:
             min_confidence=study.min_confidence,
             atypical_quantile=study.atypical_quantile,
             atypical_off=study.atypical_off,
-            callable_calls={
-                m: study.callable_labels(m) for m in out.obs["vae_modality"].astype(str).unique()
-            },
+            callable_calls=callable_calls,
         )
     write_json(
         ctx.output("summary.json"),
@@ -1140,13 +1160,19 @@ def _segment_args(cfg, kind: str) -> dict:
     }
 
 
-def _h5ad_obs_names(path: Path) -> pd.Index:
-    """The obs names of an ``.h5ad``, read alone (its obs table; no matrix, no crops)."""
+def _h5ad_obs_names(path: Path) -> tuple[pd.Index, np.ndarray | None]:
+    """The obs names of an ``.h5ad``, read alone (its obs table; no matrix, no crops), and
+    where it is a paired table the names its rows get in the query, over the whole table
+    (:func:`vae.inputs.query.paired_row_names`), else None."""
     import h5py
     from anndata.io import read_elem
 
+    from vae.inputs.query import paired_row_names
+
     with h5py.File(path, "r") as f:
-        return pd.Index(read_elem(f["obs"]).index.astype(str))
+        obs = read_elem(f["obs"])
+    paired = paired_row_names(obs)
+    return pd.Index(obs.index.astype(str)), None if paired is None else paired.to_numpy()
 
 
 class _CropLookup:
@@ -1195,6 +1221,19 @@ def _concat(parts):
             p.obsm["X_vae_imputed"] = m
             p.uns["imputed_genes"] = genes
     out = ad.concat(parts, join="outer", merge="first", uns_merge="first")
-    if out.obs_names.duplicated().any():
+    repeat = out.obs_names.duplicated()
+    if repeat.any():
+        # one name in two inputs (or two blocks): made unique, never two rows of one name,
+        # and said (a user joining query.h5ad by name finds the repeats renamed)
+        was = list(out.obs_names[repeat][:3])
         out.obs_names_make_unique()
+        now = list(out.obs_names[repeat][:3])
+        log.warning(
+            "%d cell ids of the query repeat an earlier input's (or block's) ids (e.g. %s): "
+            "the repeats are named %s in query.h5ad (anndata's obs_names_make_unique: a "
+            "suffix -1, -2 ...; vae_input names each row's input)",
+            int(repeat.sum()),
+            ", ".join(map(str, was)),
+            ", ".join(map(str, now)),
+        )
     return out

@@ -237,6 +237,17 @@ def test_crops_and_expression_with_samples(study: Path):
     assert np.isfinite(imp[is_expr]).all() and np.isnan(imp[~is_expr]).all()
     prof = pd.read_csv(d / "samples.csv").set_index("sample")
     assert prof.loc["pat2", "n_cells"] == 3
+    # not_callable: per sample the classes the study cannot give cells seen as its
+    # modality (Study.callable_labels) and none was called, their shares empty
+    from vae.api import Study
+
+    st = Study.load(study / "out" / "s")
+    listed = prof["not_callable"].fillna("").str.split("; ")
+    for s, mod in (("pat1", "image"), ("pat2", "image"), ("pat3", "expression")):
+        want = {c for c in st.labels if c not in st.callable_labels(mod)}
+        assert set(filter(None, listed[s])) == {c for c in want if prof.loc[s, f"n_{c}"] == 0}
+        for c in filter(None, listed[s]):
+            assert prof.loc[s, [f"frac_{c}", f"frac_{c}_ci_low"]].isna().all(), (s, c)
     html = (d / "samples.html").read_text()
     assert "<img" in html and "pat1" in html
     # the expression cells are the study's own (their ids are its profiles'): counted and
@@ -773,8 +784,14 @@ def test_classes_an_image_only_sample_cannot_be_called_are_not_shown_as_zero(tmp
     """The real chain's image-only samples listed Erythrocyte, GMP, ... (classes no crop
     of the study has) as "0.0 (0.0-30.8)": a counting interval of a class their cells can
     never receive. Marked "not callable from images" now (left out where no sample can
-    be called it); samples.csv keeps its columns."""
-    from vae.analysis.samples import sample_profile, uncallable_calls, write_samples_html
+    be called it); samples.csv keeps its columns, names the classes in not_callable and
+    leaves their shares and intervals empty (its 0 % read as a measured absence too)."""
+    from vae.analysis.samples import (
+        proportion_ci,
+        sample_profile,
+        uncallable_calls,
+        write_samples_html,
+    )
 
     obs = pd.DataFrame(
         {
@@ -792,6 +809,33 @@ def test_classes_an_image_only_sample_cannot_be_called_are_not_shown_as_zero(tmp
     assert {"n_c", "frac_c", "frac_c_ci_low", "frac_c_ci_high"} <= set(prof.columns)
     marks = uncallable_calls(prof, obs, callable_calls)
     assert marks == {"img": ({"c"}, "images")}
+    assert list(prof["not_callable"]) == ["", ""]  # not told the modalities' classes
+    # samples.csv's rule is the page's: told them, the image-only sample's c is empty
+    honest = sample_profile(obs, study_labels=["a", "b", "c"], callable_calls=callable_calls)
+    h = honest.set_index("sample")
+    assert list(honest.columns) == list(prof.columns)  # the same columns, marked or not
+    assert h["not_callable"].to_dict() == {"img": "c", "mix": ""}
+    for col in ("frac_c", "frac_c_ci_low", "frac_c_ci_high"):
+        assert np.isnan(h.loc["img", col]), col
+    assert h.loc["img", "n_c"] == 0  # no cell was called it: a true count
+    # the callable classes and the other sample are as before, to the value
+    assert h.loc["img", "frac_a"] == pytest.approx(2 / 3)
+    assert (h.loc["img", "frac_a_ci_low"], h.loc["img", "frac_a_ci_high"]) == proportion_ci(2, 3)
+    assert h.loc["mix", "frac_c"] == pytest.approx(1 / 3)
+    assert (h.loc["mix", "frac_c_ci_low"], h.loc["mix", "frac_c_ci_high"]) == proportion_ci(1, 3)
+    p = prof.set_index("sample")
+    same = h.drop(columns=["frac_c", "frac_c_ci_low", "frac_c_ci_high", "not_callable"])
+    pd.testing.assert_frame_equal(
+        same, p.drop(columns=["frac_c", "frac_c_ci_low", "frac_c_ci_high", "not_callable"])
+    )
+    # the page reads n_c, which the profile keeps: the same marks from either profile
+    assert uncallable_calls(honest, obs, callable_calls) == marks
+    # as a CSV: the share and its interval empty, the class named
+    csv = tmp_path / "samples.csv"
+    honest.to_csv(csv, index=False)
+    back = pd.read_csv(csv, keep_default_na=False).set_index("sample")
+    assert back.loc["img", ["frac_c", "frac_c_ci_low", "frac_c_ci_high"]].tolist() == ["", "", ""]
+    assert back.loc["img", "not_callable"] == "c" and back.loc["mix", "not_callable"] == ""
 
     def differential(prof, obs) -> str:
         page = tmp_path / "samples.html"
@@ -799,6 +843,7 @@ def test_classes_an_image_only_sample_cannot_be_called_are_not_shown_as_zero(tmp
         return page.read_text().split("<h2>Differential count</h2>")[1].split("<h2>")[0]
 
     diff = differential(prof, obs)
+    assert differential(honest, obs) == diff  # the NaN shares are never shown
     row_c = re.search(r"<tr><th>c</th>(.*?)</tr>", diff).group(1)
     assert "not callable from images" in row_c and "0.0 <small>" not in row_c.split("</td>")[0]
     assert "33.3" in row_c  # the mixed sample's 1 in 3 is a count
@@ -825,6 +870,76 @@ def test_classes_an_image_only_sample_cannot_be_called_are_not_shown_as_zero(tmp
     page = tmp_path / "plain.html"
     write_samples_html(page, prof, obs, None)
     assert "not callable" not in page.read_text()
+
+
+def test_a_ratio_a_sample_cannot_be_called_from_its_modalities_is_nan():
+    """The study-level rule (a ratio is NaN when the study's labels name none of its
+    stages) per sample: promyelocytes and myelocytes labelled on expression cells only,
+    an image-only sample's IG fraction was 0 with an interval, a measured normal count of
+    cells its calls could never hold. NaN now, with its interval and edge-corrected
+    share; the ratios it can count are as before."""
+    from vae.analysis.samples import proportion_ci, sample_profile
+
+    labels = [
+        "myeloblast",
+        "promyelocyte",
+        "myelocyte",
+        "band",
+        "segmented_neutrophil",
+        "lymphocyte",
+    ]
+    image = ["myeloblast", "band", "segmented_neutrophil", "lymphocyte"]
+    obs = pd.DataFrame(
+        {
+            "vae_sample": ["img"] * 4 + ["called"] * 2 + ["expr"] * 4,
+            "vae_modality": ["image"] * 6 + ["expression"] * 4,
+            "vae_call": [
+                *("band", "segmented_neutrophil", "segmented_neutrophil", "lymphocyte"),
+                # an image-only cell called a myelocyte anyway: that class is measured
+                *("myelocyte", "segmented_neutrophil"),
+                *("promyelocyte", "segmented_neutrophil", "band", "lymphocyte"),
+            ],
+            "vae_maturation": 0.5,
+            "edge_weight": 1.0,
+        }
+    )
+    calls = {"image": image, "expression": labels}
+    prof = sample_profile(obs, study_labels=labels, callable_calls=calls).set_index("sample")
+    before = sample_profile(obs, study_labels=labels).set_index("sample")
+    assert prof["not_callable"].to_dict() == {
+        "called": "promyelocyte",
+        "expr": "",
+        "img": "myelocyte; promyelocyte",
+    }
+    for col in ("ig_fraction", "ig_fraction_ci_low", "ig_fraction_ci_high"):
+        assert np.isnan(prof.loc["img", col]), col
+    assert np.isnan(prof.loc["img", "ig_fraction_edge_corrected"])
+    assert np.isnan(prof.loc["img", "frac_promyelocyte_edge_corrected"])
+    assert before.loc["img", "ig_fraction"] == 0.0  # what it read before
+    # the ratios the image-only sample can count: 0 blasts in 4 with its interval, I:T
+    # from its band (1 of 3 neutrophils)
+    assert prof.loc["img", "blast_fraction"] == 0.0
+    blast_ci = (prof.loc["img", "blast_fraction_ci_low"], prof.loc["img", "blast_fraction_ci_high"])
+    assert blast_ci == proportion_ci(0, 4)
+    assert prof.loc["img", "left_shift_index"] == pytest.approx(1 / 3)
+    # a class called anyway is counted, and so is the ratio it belongs to
+    assert prof.loc["called", "ig_fraction"] == pytest.approx(0.5)
+    assert prof.loc["called", "frac_myelocyte"] == pytest.approx(0.5)
+    # the expression sample, which can be called every class: unchanged to the value
+    pd.testing.assert_series_equal(prof.loc["expr"], before.loc["expr"])
+    assert prof.loc["expr", "ig_fraction"] == pytest.approx(0.25)
+    # no immature neutrophil stage callable from images: the I:T ratio is NaN too
+    calls["image"] = ["myeloblast", "segmented_neutrophil", "lymphocyte"]
+    img = obs[obs["vae_sample"] == "img"].assign(vae_call="segmented_neutrophil")
+    prof = sample_profile(img, study_labels=labels, callable_calls=calls).set_index("sample")
+    assert prof.loc["img", "not_callable"] == "band; myelocyte; promyelocyte"
+    for col in ("left_shift_index", "left_shift_index_ci_low", "left_shift_index_ci_high"):
+        assert np.isnan(prof.loc["img", col]), col
+    assert prof.loc["img", "blast_fraction"] == 0.0
+    # without the study's labels the ratios stay taken as callable (as the study-level
+    # rule); the shares are still marked
+    prof = sample_profile(img, callable_calls=calls).set_index("sample")
+    assert prof.loc["img", "left_shift_index"] == 0.0
 
 
 def test_differential_count_of_many_samples_has_a_row_per_sample(tmp_path):

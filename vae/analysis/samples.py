@@ -22,6 +22,15 @@ ones included, as a manual differential counts its unidentified cells) unless sa
   (no myeloblast class; no immature granulocyte class; no promyelocyte ... band class):
   0 would read as a measured normal value. The I:T ratio is NaN too for a sample with no
   neutrophil;
+* per sample, the classes none of its cells could be called given the modalities they
+  were seen with (:func:`uncallable_calls`, the one rule of this and of the page's "not
+  callable from images"; e.g. an image-only sample in a study paired by label, a class no
+  labelled crop has) are listed in ``not_callable`` ("; "-joined, "" when none), and
+  their ``frac_<call>``, its interval and ``frac_<call>_edge_corrected`` are NaN: a 0 %
+  with a counting interval would read as a measured absence. ``n_<call>`` stays 0 (no
+  cell was called it: a true count, and what :func:`uncallable_calls` reads). A ratio is
+  NaN for that sample too (with its interval) when none of the classes left to it names
+  a stage it counts, the study-level rule above for this sample's modalities;
 * every count share (``frac_<call>`` and the three ratios) has its 95 % confidence
   interval, ``<column>_ci_low`` / ``<column>_ci_high``: the exact (Clopper-Pearson)
   binomial interval of k cells of the denominator, the intervals of Rümke's table that
@@ -108,6 +117,7 @@ def sample_profile(
     bins: int = 10,
     path_classes: list[str] | None = None,
     study_labels: list[str] | None = None,
+    callable_calls: dict[str, list[str]] | None = None,
 ) -> pd.DataFrame:
     """One row per sample: counts, fractions, blast / IG fractions, I:T ratio, histogram.
 
@@ -126,6 +136,17 @@ def sample_profile(
         ``n_``/``frac_`` columns (zeros where none was called), so samples tables of
         two queries of one study have the same columns. None: every ratio is taken as
         callable, and the columns are of the labels called
+    callable_calls : the classes a cell of each ``vae_modality`` can be called
+        (:meth:`vae.api.Study.callable_labels`, as stage=embed passes it and
+        :func:`write_samples_html` takes it); per sample the classes none of its cells
+        could be called (:func:`uncallable_calls`) are named in ``not_callable`` with
+        NaN shares, and a ratio none of the rest can count is NaN (module docstring;
+        the ratios only where ``study_labels`` is given, as the study-level rule). None,
+        or obs without ``vae_modality``: nothing is marked, ``not_callable`` is ""
+
+    Returns
+    -------
+    DataFrame, one row per sample (sorted), the columns of the module docstring
     """
     if sample_key is None:
         sample_key = next((k for k in ("vae_sample", "sample") if k in obs), None)
@@ -184,7 +205,47 @@ def sample_profile(
         for b, v in enumerate(hist):
             row[f"hist_{b:02d}"] = v / pos.size if pos.size else np.nan
         rows.append(row)
-    return pd.DataFrame(rows)
+    prof = pd.DataFrame(rows)
+    # the column is always there (a table without marks too), so the samples tables of
+    # two queries of one study have the same columns
+    prof.insert(prof.columns.get_loc("n_cells") + 1, "not_callable", "")
+    marks = uncallable_calls(prof, obs, callable_calls, sample_key)
+    return _blank_not_callable(prof, marks, study_labels) if marks else prof
+
+
+def _blank_not_callable(
+    prof: pd.DataFrame,
+    marks: dict[str, tuple[set[str], str]],
+    study_labels: list[str] | None,
+) -> pd.DataFrame:
+    """``prof`` with each sample's not-callable classes (``marks``,
+    :func:`uncallable_calls`) named in ``not_callable`` and their shares, intervals and
+    edge-corrected shares NaN; a ratio NaN (interval, edge-corrected too) where none of
+    the study's classes left to the sample names a stage it counts. ``n_<call>`` is
+    kept: 0 cells were called it, and :func:`uncallable_calls` reads that 0, so the page
+    given this profile marks the same classes."""
+    names = _call_names(prof)  # column order, for a stable not_callable
+    for i, sample in zip(prof.index, prof["sample"]):
+        if sample not in marks:
+            continue
+        cannot = marks[sample][0]
+        prof.at[i, "not_callable"] = "; ".join(c for c in names if c in cannot)
+        blank = [
+            f"frac_{c}{part}"
+            for c in cannot
+            for part in ("", "_ci_low", "_ci_high", "_edge_corrected")
+        ]
+        if study_labels is not None:
+            # the study-level rule of sample_profile over the classes this sample's cells
+            # can still be called (by class, not stage: two classes may name one stage)
+            left = {stage_name(str(c)) for c in study_labels if str(c) not in cannot}
+            for name, _, needs in RATIOS:
+                if not left & set(needs):
+                    blank += [
+                        f"{name}{part}" for part in ("", "_ci_low", "_ci_high", "_edge_corrected")
+                    ]
+        prof.loc[i, [c for c in blank if c in prof]] = np.nan
+    return prof
 
 
 def proportion_ci(k: int, n: int, level: float = CI_LEVEL) -> tuple[float, float]:
@@ -269,7 +330,12 @@ def uncallable_calls(
     cell takes its label from the reference cells with a crop, so a class no crop has,
     e.g. the real chain's Erythrocyte or GMP, is never its call and its 0 % with a
     counting interval would read as a measured absence). A class a cell was called
-    anyway is not listed. None, or obs without ``vae_modality``: nothing listed."""
+    anyway is not listed. None, or obs without ``vae_modality``: nothing listed.
+
+    The one rule of both outputs: :func:`sample_profile` names these classes in
+    samples.csv's ``not_callable`` with NaN shares (and NaN ratios none of the rest can
+    count), :func:`write_samples_html` marks them "not callable from ..."; it reads
+    ``n_<call>``, which both keep."""
     if not callable_calls or "vae_modality" not in obs or "sample" not in profile:
         return {}
     if sample_key is None:
@@ -313,7 +379,10 @@ def _not_callable_note(dropped: list[str], marks: dict[str, tuple[set[str], str]
     )
     if dropped:
         text += f" Left out for every sample: {html.escape(', '.join(dropped))}."
-    return text + " samples.csv keeps their columns (n 0, frac 0).</p>"
+    return text + (
+        " samples.csv keeps their columns: n_&lt;call&gt; 0, frac_&lt;call&gt; and its "
+        "interval empty (NaN), the classes named in not_callable.</p>"
+    )
 
 
 def _differential_html(
@@ -525,7 +594,9 @@ def write_samples_html(
     callable_calls : the classes a cell of each ``vae_modality`` can be called
         (:meth:`vae.api.Study.callable_labels`); a sample's classes none of its cells
         could be called read "not callable from images" in the differential, not 0 %
-        with an interval (:func:`uncallable_calls`); None: every class is callable
+        with an interval (:func:`uncallable_calls`); None: every class is callable.
+        The one :func:`sample_profile` was given, so the page marks the classes its
+        ``not_callable`` names
     sample_key : obs column of the profile's samples (None: ``vae_sample``, else
         ``sample``, as :func:`sample_profile`)
     """
@@ -560,7 +631,9 @@ def write_samples_html(
         "neutrophils); blasts are in neither part, they are reported on their own.</li>"
         "<li><b>NaN</b>: not measurable here: the study's labels name none of the stages a "
         "column counts (a study labelled by cell kind, e.g. with Paul15's 'Neutrophils', "
-        "names no immature stage), or the sample has no neutrophil (I:T).</li>"
+        "names no immature stage), or none of the study's classes that name them can be "
+        "given this sample's cells from the modalities they were seen with (not_callable), "
+        "or the sample has no neutrophil (I:T).</li>"
         "<li><b>histogram</b>: the position along the study's maturation path (0 = the "
         "earliest class's centre, 1 = the latest's; cells beyond either centre sit at the "
         "end) of the cells called one of the path's classes (n_on_path).</li>"
