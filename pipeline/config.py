@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
 from omegaconf import MISSING
 
 from pipeline.config_embed import EmbedConfig
@@ -499,6 +500,55 @@ def _home_resolver(value: Any) -> str:
     from pathlib import Path
 
     return str(Path(str(value)).expanduser())
+
+
+# the folders of Hydra's run folder's path (itself and those above it, absolute) that did
+# not exist when this process's run started: what Hydra is about to make. A run refused
+# before any stage removes these again, if empty, and nothing else (runner._drop_hydra_dir):
+# a refused command left an empty paths.root behind. None until Hydra starts a run.
+_ABSENT_AT_START: tuple[str, ...] | None = None
+
+
+def absent_at_start() -> tuple[str, ...] | None:
+    """The folders Hydra's run folder needed that did not exist before this run (the
+    deepest first); None when no Hydra run recorded them (the Python API, a test)."""
+    return _ABSENT_AT_START
+
+
+def _record_absent(folder: Any) -> None:
+    import os
+
+    global _ABSENT_AT_START
+    absent: list[str] = []
+    path = os.path.abspath(str(folder))
+    while not os.path.lexists(path):
+        absent.append(path)
+        up = os.path.dirname(path)
+        if up == path:
+            break
+        path = up
+    _ABSENT_AT_START = tuple(absent)
+
+
+class RunFolderRecord(Callback):
+    """Hydra callback (``hydra.callbacks`` in pipeline/conf/config.yaml): before Hydra
+    makes its run folder, note which of its folders do not exist yet."""
+
+    def _note(self, config: Any, key: str) -> None:
+        from omegaconf import OmegaConf
+
+        try:
+            folder = OmegaConf.select(config, key)
+        except Exception:  # noqa: BLE001 - Hydra reports a bad run folder itself, next
+            return
+        if folder is not None:
+            _record_absent(folder)
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        self._note(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self._note(config, "hydra.sweep.dir")
 
 
 def register_configs() -> None:

@@ -658,8 +658,10 @@ def _log_off_console(msg: str) -> None:
 def _drop_hydra_dir(cfg: DictConfig) -> None:
     """Remove the folder Hydra made for this run when a user error stopped it before
     any stage folder was touched: a mistyped setting should leave no
-    ``<experiment>/.hydra/<stage>-<time>`` behind (nor an experiment folder that holds
-    nothing else). Once a stage has started, its log there is kept."""
+    ``<experiment>/.hydra/<stage>-<time>`` behind, nor the folders above it that this
+    run made (``.hydra``, the experiment, ``paths.root`` itself) once they hold nothing.
+    A folder that existed before the run is kept, empty or not. Once a stage has
+    started, its log there is kept."""
     if _FOLDERS_STARTED:
         return
     try:
@@ -683,6 +685,23 @@ def _drop_hydra_dir(cfg: DictConfig) -> None:
             root_log.removeHandler(h)
             h.close()
     shutil.rmtree(out, ignore_errors=True)
+    from pipeline.config import absent_at_start
+
+    made = absent_at_start()
+    if made is not None:
+        # the folders above it that Hydra made for this run (RunFolderRecord noted them
+        # before), deepest first, while empty: .hydra, the experiment, paths.root and up
+        for parent in Path(os.path.abspath(out)).parents:
+            if str(parent) not in made:
+                break
+            try:
+                if parent.name.endswith(tag) and os.listdir(parent) == ["multirun.yaml"]:
+                    # a sweep's folder (-m) whose first job was refused: it stops the sweep
+                    (parent / "multirun.yaml").unlink()
+                parent.rmdir()
+            except OSError:
+                break
+        return
     for parent in out.resolve().parents:  # .hydra, then the experiment folder, if empty
         if parent == root or root not in parent.parents:
             break

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from pipeline.artifacts import in_experiment, write_json
+from pipeline.artifacts import in_experiment, spreadsheet_safe, write_json
 from pipeline.runner import StageContext, StageError, stage
 from pipeline.streaming import load_streamed, streams
 from pipeline.train_args import (
@@ -28,7 +28,7 @@ from pipeline.train_args import (
     resolve_align,
     unknown_label_code,
 )
-from segmentation.io import blank_as_read, write_h5ad
+from segmentation.io import blank_as_read, spreadsheet_unquote, write_h5ad
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,8 @@ def run_train(ctx: StageContext) -> None:
         log.warning("resume=true but %s does not exist: starting from scratch", last)
     if resume and split_csv.exists():
         saved = pd.read_csv(split_csv, index_col=0)
-        if list(saved.index.astype(str)) != data.obs_names:
+        # the names as they were before quoting (a cell named "=x" is written "'=x")
+        if list(saved.index.astype(str).map(spreadsheet_unquote)) != data.obs_names:
             raise StageError(f"{split_csv}: rows differ from {src}; cannot resume")
         split = saved["split"].to_numpy().astype(str)
     else:
@@ -333,9 +334,10 @@ def run_train(ctx: StageContext) -> None:
         warn_empty_test(split, groups, float(cfg.trainer.test_fraction), cfg.trainer.split_by)
         if dist.is_main:
             with ctx.atomic("split.csv") as tmp:
-                pd.DataFrame({"split": split}, index=pd.Index(data.obs_names, name="obs")).to_csv(
-                    tmp
-                )
+                # the cell names come from the user's files: "=HYPERLINK(...)" quoted as
+                # text (spreadsheet_safe quotes columns, not the index: "obs" is one)
+                table = pd.DataFrame({"obs": data.obs_names, "split": split})
+                spreadsheet_safe(table).to_csv(tmp, index=False)
     class_w = classify_class_weights(
         float(cfg.vae.classify_balance),
         targs.weights.classify,

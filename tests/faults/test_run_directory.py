@@ -192,6 +192,38 @@ def test_settings_error_leaves_no_hydra_folder(tmp_path):
     assert sorted(x.name for x in (root / "kept").iterdir()) == ["expression"]
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["stage=train", "vae.fusion=bogus"],
+        ["stage=train"],  # its input (stage=pair's paired.h5ad) is missing
+        ["stage=expression", "expression.input_file=/no/such/x.csv"],
+        ["-m", "stage=train", "vae.beta=-1,-2"],  # a sweep whose first job is refused
+    ],
+)
+def test_refused_run_leaves_no_paths_root(tmp_path, args):
+    """Was: the refused run removed Hydra's run folder but left the paths.root (and the
+    folders above it) that Hydra had made for it, empty."""
+    root = tmp_path / "new" / "out"
+    p = run_pipeline([*args, f"paths.root={root}"])
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_refused_run_keeps_the_folders_it_found(tmp_path):
+    """Only what the refused run made goes: an empty paths.root, experiment or .hydra
+    folder that was there before stays."""
+    root = tmp_path / "out"
+    (root / "e" / ".hydra").mkdir(parents=True)
+    (root / "empty").mkdir()
+    before = _files(tmp_path)
+    for exp in ("e", "empty", "fresh"):
+        p = run_pipeline(["stage=train", f"paths.root={root}", f"experiment={exp}", "vae.beta=-3"])
+        assert p.returncode == 2 and "vae.beta=-3.0 is out of range" in p.stderr
+        assert _files(tmp_path) == before
+
+
 def test_hydra_run_dir_never_leaves_paths_root():
     """A bad name that reaches Hydra (not from argv) puts .hydra/ under paths.root."""
     from omegaconf import OmegaConf

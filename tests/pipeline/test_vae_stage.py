@@ -374,3 +374,30 @@ def test_stage_train_reuses_another_runs_split(paired: Path):
     assert "60 rows keep their split from" in log and "2 rows new to it" in log
     with pytest.raises(StageError, match=r"trainer.split_from=.*no latent.h5ad"):
         _run_here(paired / "b", "experiment=c", f"trainer.split_from={paired / 'nowhere'}")
+
+
+def test_split_csv_quotes_cell_names_that_start_a_formula(paired: Path):
+    """split.csv names each cell (the names come from the user's files) and was written
+    as is: a cell named ``=HYPERLINK(...)`` ran as a formula in a spreadsheet. Now a name
+    that starts one is written with a leading ``'`` (``+1`` stays the number it reads as),
+    and resume=true still matches the rows by their names."""
+    import pandas as pd
+
+    from segmentation.io import spreadsheet_unquote
+
+    a = ad.read_h5ad(paired / "paired.h5ad")
+    hostile = ['=HYPERLINK("http://x","y")', "@cmd", "-ctrl", "+1", "'=x"]
+    names = list(a.obs_names)
+    names[: len(hostile)] = hostile
+    a.obs_names = names
+    a.write_h5ad(paired / "paired.h5ad")
+    d = _run_here(paired, "experiment=q", "trainer.max_epochs=1")
+    back = pd.read_csv(d / "split.csv", dtype=str, keep_default_na=False)
+    assert list(back.columns) == ["obs", "split"]
+    written = back["obs"].tolist()[: len(hostile)]
+    assert written == ["'" + hostile[0], "'@cmd", "'-ctrl", "+1", "''=x"]
+    assert [spreadsheet_unquote(v) for v in back["obs"]] == names
+    split_before = (d / "split.csv").read_text()
+    assert _run_here(paired, "experiment=q", "trainer.max_epochs=2", "resume=true") == d
+    assert "resumed from" in (d / "train.log").read_text()
+    assert (d / "split.csv").read_text() == split_before
