@@ -636,8 +636,46 @@ def _decode(path: Path, converted: list[str], layout: TiffLayout | None = None) 
         return np.asarray(im)
 
 
+# modes :func:`_decode_reduced` reads reduced (8-bit colour and grey); any other (16-bit,
+# RGBA, palette, CMYK...) is decoded whole, with :func:`_decode`'s and :func:`_as_rgb`'s rules
+_REDUCED_MODES = ("RGB", "L")
+
+
+def _decode_reduced(path: Path, converted: list[str], reduce_to: int) -> np.ndarray | None:
+    """The image decoded at 1/k of its size (k >= 2, its long side kept >= ``reduce_to``),
+    or None where it is not (too small to gain, a TIFF, a stack, another mode, a file
+    Pillow cannot read: the whole decode then reads it, or rejects it, as before).
+
+    A JPEG is decoded reduced by its own decoder (``Image.draft``: DCT scaling by 1/2, 1/4
+    or 1/8, never a full-size array), then, as any other format, box-reduced
+    (``Image.reduce``) by what is left of k. A 14000 x 14000 px JPEG crop held 2.5 GB
+    decoded whole for a 128 px crop; reduced, a few MB (docs/embed.md, "Huge crops").
+    """
+    if path.suffix.lower() in TIFF_SUFFIXES:  # series, levels, planes: _decode's rules
+        return None
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            k = max(w, h) // reduce_to
+            if k < 2 or im.mode not in _REDUCED_MODES or int(getattr(im, "n_frames", 1) or 1) > 1:
+                return None
+            if im.format == "JPEG":  # scaled while decoded: at least (w // k, h // k)
+                im.draft(im.mode, (w // k, h // k))
+            f = max(im.size) // reduce_to
+            out = im.reduce(f) if f >= 2 else im
+            a = np.asarray(out)
+    except Exception:  # noqa: BLE001 - a damaged file: the whole decode judges it, as before
+        return None
+    converted.append(f"decoded reduced {w}x{h} -> {a.shape[1]}x{a.shape[0]}")
+    return a
+
+
 def read_rgb(
-    path: str | Path, convert: bool = True, min_side: int = 8, background: int = 255
+    path: str | Path,
+    convert: bool = True,
+    min_side: int = 8,
+    background: int = 255,
+    reduce_to: int | None = None,
 ) -> ImageRead:
     """Read any image as (H, W, 3) uint8 RGB, or say why it cannot be used.
 
@@ -652,6 +690,13 @@ def read_rgb(
         Images smaller than this (px) in either dimension are rejected.
     background
         Grey level an alpha channel is composited onto (255: white slide).
+    reduce_to
+        The long side (px) the caller needs at least, for a reader that shrinks the
+        image anyway (a crop folder's crops, resized to the model's side): an 8-bit RGB
+        or grey image that is not a TIFF and whose long side is 2x this or more is
+        decoded reduced by an integer factor, its long side kept >= ``reduce_to``
+        (:func:`_decode_reduced`; noted in ``converted``). None (default): full
+        resolution, as smears and the detector need.
 
     Returns
     -------
@@ -668,7 +713,9 @@ def read_rgb(
         return ImageRead(path, None, [], big)
     t0 = time.perf_counter()
     try:
-        a = _decode(path, converted, layout)
+        a = _decode_reduced(path, converted, reduce_to) if reduce_to else None
+        if a is None:
+            a = _decode(path, converted, layout)
     except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
         why = _tiff_codec_reason(path, layout, error_line(e, 120))
         return ImageRead(path, None, [], why or f"unreadable: {error_line(e, 160)}")

@@ -2201,9 +2201,15 @@ class Study:
         :class:`GeneReport`; ``uns["seen_by_study"]``: ``{"images": n, "expression":
         n}``, the cells the study's reference already holds (:meth:`seen_cells`, by
         image file name and cell id; a warning says so). Rows with neither modality are
-        dropped (listed in ``uns["dropped"]``).
+        dropped (listed in ``uns["dropped"]``). Rows keep the input's ``obs_names``,
+        except a paired table's (``image_ref`` / ``expression_ref`` columns: the study's
+        own ``paired.h5ad``), named as ``latent.h5ad`` names them, their own row id in
+        ``obs["row"]`` (:func:`vae.inputs.query.paired_row_names`), so the round trip
+        joins ``latent.h5ad`` by ``obs_names``.
         """
         import anndata as ad
+
+        from vae.inputs.query import name_paired_rows
 
         clash = [c for c in OBS_COLUMNS if c in adata.obs]
         if clash:
@@ -2241,6 +2247,9 @@ class Study:
             )
         ns, npv = self.n_shared, int(self.meta["n_private"])
         obs = adata.obs.copy()
+        names = _paired_names(adata, source, whole)
+        if names is not None:  # a paired table: its rows named as latent.h5ad names them
+            name_paired_rows(obs, names)
         obs["vae_modality"] = np.where(hi & he, "both", np.where(hi, "image", "expression"))
         out = ad.AnnData(obs=obs, obsm=latent_obsm(lat, ns, npv))
         if hi.any():
@@ -2314,6 +2323,23 @@ class Study:
         if digest is not None:  # ties a moved query to its model (paths alone do not)
             out.uns["study"]["model_digest"] = str(digest)
         return out
+
+
+def _paired_names(adata, source: str, whole=None) -> np.ndarray | None:
+    """The names of ``adata``'s rows where it is (a block of) a paired table, else None
+    (:func:`vae.inputs.query.paired_row_names`); for a block of ``whole``, named over the
+    whole file once (a repeat's suffix depends on the rows before it)."""
+    from vae.inputs.query import paired_row_names
+
+    if whole is None or getattr(whole, "obs", None) is None:
+        names = paired_row_names(adata.obs)
+        return None if names is None else names.to_numpy()
+    if ("names", source) not in whole.plans:
+        whole.plans["names", source] = paired_row_names(whole.obs)
+    names = whole.plans["names", source]
+    if names is None:
+        return None
+    return names.to_numpy()[whole.obs_names.get_indexer(adata.obs_names)]
 
 
 def _names_by(obs, column: str, fallback) -> np.ndarray | None:

@@ -1229,7 +1229,7 @@ def _concat(parts):
         out.obs_names_make_unique()
         now = list(out.obs_names[repeat][:3])
         log.warning(
-            "%d cell ids of the query repeat an earlier input's (or block's) ids (e.g. %s): "
+            "%d cell id(s) of the query repeat an earlier input's (or block's) ids (e.g. %s): "
             "the repeats are named %s in query.h5ad (anndata's obs_names_make_unique: a "
             "suffix -1, -2 ...; vae_input names each row's input)",
             int(repeat.sum()),

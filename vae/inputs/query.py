@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 # obs column the folder readers name each image's sample in (its sub-folder)
 FOLDER_SAMPLE = "sample"
 
+# a crop of a crop folder (taken whole) is decoded at 1/k of its size where its long side
+# stays >= this many times the side S it is resized to (segmentation.io.read_rgb's
+# reduce_to): the bilinear resize to S then still averages >= 8 px of the reduced image
+# per output px. A crop under 2 * 8 * S px (256 px for S = 16, 2048 for S = 128) is
+# decoded whole, so its crop is as before to the bit; a 14000 px JPEG crop peaked at 2.5
+# GB RSS decoded whole (docs/embed.md, "Huge crops")
+REDUCED_READ_MARGIN = 8
+
 # images between two progress lines of a folder read (a terminal also gets a bar): a
 # 20k-crop folder read ~4 min without a line (docs/performance.md, "Embedding large inputs")
 PROGRESS_EVERY = 1000
@@ -248,6 +256,46 @@ def _images_below(top: Path, seen: set[str]) -> list[Path]:
     return sorted(p for p in found if _is_image(p))
 
 
+# obs columns of a paired table (stage=pair's paired.h5ad) naming each row's crop and profile
+PAIRED_REFS = ("image_ref", "expression_ref")
+
+
+def paired_row_names(obs: pd.DataFrame) -> pd.Index | None:
+    """The names ``latent.h5ad`` gives the rows of a paired table, for a query that is one.
+
+    ``stage=pair`` names the rows of ``paired.h5ad`` ``r000000``, ...; ``latent.h5ad``
+    names them by the cells' own ids (:func:`vae.scverse.cell_obs_names`:
+    ``expression_ref``, else ``image_ref``, repeats made unique ``-1``, ``-2``...) and
+    keeps the row id in ``obs["row"]``. A query of such a table (the round trip: the
+    study's own ``paired.h5ad`` through ``stage=embed``) is named the same way, so
+    ``query.h5ad`` joins ``latent.h5ad`` by ``obs_names``; it was named ``r000000`` ...
+    and joined nothing. Computed over the whole table: a repeat's suffix depends on
+    the rows before it.
+
+    Returns
+    -------
+    (n,) the rows' names, or None where the input's own ``obs_names`` stay: not a paired
+    table (no ``image_ref`` / ``expression_ref``: ``cells.h5ad``, expression files,
+    folders), one that already has ``obs["row"]`` (``latent.h5ad``, a query named so
+    before), or one whose names are those already.
+    """
+    from vae.scverse import ROW_KEY, cell_obs_names
+
+    if ROW_KEY in obs or not any(c in obs for c in PAIRED_REFS):
+        return None
+    names = cell_obs_names(obs)
+    return None if names.equals(obs.index.astype(str)) else names
+
+
+def name_paired_rows(obs: pd.DataFrame, names) -> None:
+    """``obs`` (rows of a paired table) named ``names`` in place, each row's own name
+    kept in ``obs["row"]`` first, as ``latent.h5ad`` keeps it (:func:`paired_row_names`)."""
+    from vae.scverse import ROW_KEY
+
+    obs.insert(0, ROW_KEY, obs.index.astype(str))
+    obs.index = pd.Index(np.asarray(names, dtype=str), dtype=object)
+
+
 def image_id(folder: Path, sample: str, p: Path) -> str:
     """A crop's cell id: ``sample/name``, with the sub-folders below the sample's
     (``patientB/slide1/x.jpg``) so two slides' files of one name stay apart; a name that
@@ -306,7 +354,9 @@ def read_crop_folder(
 
     Each image is squared (padding marked outside the mask), resized to
     ``size`` px with the pairing's :func:`vae.inputs.pairing.square_crop`, as
-    ``stage=pair`` does for crop folders; the mask covers the whole image.
+    ``stage=pair`` does for crop folders; the mask covers the whole image. An image
+    16x ``size`` or more is decoded reduced (:data:`REDUCED_READ_MARGIN`): a huge crop
+    costs a few MB, not gigabytes; smaller ones are read as before, to the bit.
 
     Parameters
     ----------
@@ -330,11 +380,15 @@ def read_crop_folder(
     for sample, p in images:
         progress.step(out.n)
         _note_undecodable(p)
-        rd = read_rgb(p)
+        # decoded reduced where far larger than the crop it becomes (REDUCED_READ_MARGIN)
+        rd = read_rgb(p, reduce_to=REDUCED_READ_MARGIN * size)
         if not rd.ok:
             rejects.append({"input": str(folder), "item": recorded_name(p), "reason": rd.reason})
             continue
-        c, m = square_crop(rd.image, np.ones(rd.image.shape[:2], bool), size, background)
+        # the whole image is the cell: an all-True mask as a view of one value (a full-size
+        # array of True took 196 MB for a 14000 px crop); square_crop reads it the same
+        whole = np.broadcast_to(True, rd.image.shape[:2])
+        c, m = square_crop(rd.image, whole, size, background)
         out.add(*keep(c[None], m[None]))
         rows.append(
             {
