@@ -49,7 +49,6 @@ def main() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
 
     from vae.analysis.granules import stain_grain
     from vae.checkpoint import load_model
@@ -60,7 +59,9 @@ def main() -> None:
     if len(names) != len(args.runs):
         raise SystemExit("--names: one per run")
     adata = ad.read_h5ad(args.paired)
-    split = pd.read_csv(args.runs[0] / "split.csv", index_col=0)["split"].reindex(adata.obs_names)
+    from vae.analysis.run import read_split
+
+    split = read_split(args.runs[0] / "split.csv").reindex(adata.obs_names)
     has_i = adata.obs["has_image"].to_numpy(bool)
     test = np.flatnonzero((split.to_numpy().astype(str) == "test") & has_i)
     labels = adata.obs["image_label"].astype(str).to_numpy()[test]

@@ -31,7 +31,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import anndata as ad
-    import pandas as pd
     import torch
     from scipy.stats import spearmanr
 
@@ -45,7 +44,9 @@ def main() -> None:
     torch.set_num_threads(1)
     model, _ = load_model(args.run / "model.pt")
     a = ad.read_h5ad(args.paired)
-    split = pd.read_csv(args.run / "split.csv", index_col=0)["split"].reindex(a.obs_names)
+    from vae.analysis.run import read_split
+
+    split = read_split(args.run / "split.csv").reindex(a.obs_names)
     data = from_anndata(a, image_size=model.args.crop_size)
     test = np.flatnonzero(split.to_numpy().astype(str) == "test")
     o = a.obs.iloc[test]

@@ -135,7 +135,9 @@ def decoded_chain(run: Path, paired) -> dict:
     model, _ = load_model(run / "model.pt")
     if not getattr(model.args, "granule_head", False):
         raise SystemExit(f"{run}/model.pt has no granule layer")
-    split = pd.read_csv(run / "split.csv", index_col=0)["split"].reindex(paired.obs_names)
+    from vae.analysis.run import read_split
+
+    split = read_split(run / "split.csv").reindex(paired.obs_names)
     o = paired.obs
     rows = np.flatnonzero(_lineage(o) & (split.astype(str).to_numpy() == "test"))
     data = from_anndata(paired, image_size=model.args.crop_size)

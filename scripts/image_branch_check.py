@@ -252,7 +252,9 @@ def check(
         src = manifest.get("inputs", {}).get("paired", {})
         paired = Path(src.get("path", "")) if isinstance(src, dict) else Path(str(src))
     adata = ad.read_h5ad(paired)
-    split = pd.read_csv(run / "split.csv", index_col=0)["split"].reindex(adata.obs_names)
+    from vae.analysis.run import read_split
+
+    split = read_split(run / "split.csv").reindex(adata.obs_names)
     data = from_anndata(adata, image_size=model.args.crop_size)
     sp = split.to_numpy().astype(str)
     test = np.flatnonzero(sp == "test")

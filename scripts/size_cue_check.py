@@ -70,12 +70,9 @@ logsize = np.array([np.log(size.get(r, np.nan)) for r in ref])
 for v in sys.argv[1:]:
     run = root / "outputs/real_chain/train" / v
     model, _ = load_model(run / "model.pt")
-    split = (
-        pd.read_csv(run / "split.csv", index_col=0)["split"]
-        .reindex(paired.obs_names)
-        .to_numpy()
-        .astype(str)
-    )
+    from vae.analysis.run import read_split
+
+    split = read_split(run / "split.csv").reindex(paired.obs_names).to_numpy().astype(str)
     data = from_anndata(paired, image_size=model.args.crop_size)
     lat = encode_dataset(model, data, views=int(model.args.encode_views)).image
     y = np.asarray(data.label_names)[data.labels.numpy()]

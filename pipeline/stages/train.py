@@ -28,7 +28,7 @@ from pipeline.train_args import (
     resolve_align,
     unknown_label_code,
 )
-from segmentation.io import blank_as_read, spreadsheet_unquote, write_h5ad
+from segmentation.io import blank_as_read, write_h5ad
 
 log = logging.getLogger(__name__)
 
@@ -309,11 +309,12 @@ def run_train(ctx: StageContext) -> None:
     if cfg.resume and not last.exists():
         log.warning("resume=true but %s does not exist: starting from scratch", last)
     if resume and split_csv.exists():
-        saved = pd.read_csv(split_csv, index_col=0)
-        # the names as they were before quoting (a cell named "=x" is written "'=x")
-        if list(saved.index.astype(str).map(spreadsheet_unquote)) != data.obs_names:
+        from vae.analysis.run import read_split
+
+        saved = read_split(split_csv)  # the names as they were before quoting
+        if list(saved.index) != data.obs_names:
             raise StageError(f"{split_csv}: rows differ from {src}; cannot resume")
-        split = saved["split"].to_numpy().astype(str)
+        split = saved.to_numpy()
     else:
         groups = split_groups(adata.obs, cfg.trainer.split_by, src)
 

@@ -384,6 +384,7 @@ def test_split_csv_quotes_cell_names_that_start_a_formula(paired: Path):
     import pandas as pd
 
     from segmentation.io import spreadsheet_unquote
+    from vae.analysis.run import read_split
 
     a = ad.read_h5ad(paired / "paired.h5ad")
     hostile = ['=HYPERLINK("http://x","y")', "@cmd", "-ctrl", "+1", "'=x"]
@@ -397,6 +398,8 @@ def test_split_csv_quotes_cell_names_that_start_a_formula(paired: Path):
     written = back["obs"].tolist()[: len(hostile)]
     assert written == ["'" + hostile[0], "'@cmd", "'-ctrl", "+1", "''=x"]
     assert [spreadsheet_unquote(v) for v in back["obs"]] == names
+    # the one reader (stages, scripts) gives the names back, "+1" and "'=x" included
+    assert read_split(d / "split.csv").index.tolist() == names
     split_before = (d / "split.csv").read_text()
     assert _run_here(paired, "experiment=q", "trainer.max_epochs=2", "resume=true") == d
     assert "resumed from" in (d / "train.log").read_text()

@@ -67,6 +67,20 @@ def read_table(path: Path | str, **kw) -> pd.DataFrame:
     return df
 
 
+def read_split(path: Path | str) -> pd.Series:
+    """``split.csv`` of a train run: its split (``train`` / ``val`` / ``test``) per cell,
+    indexed by the cell names as they were before quoting (the writer quotes a name
+    like ``=x`` as ``'=x`` so a spreadsheet opens it as text; matching by name needs the
+    name back). The one reader of that file, for the stages and the scripts alike."""
+    # text as written: a cell named "001" or "NA" is not a number or a missing value
+    df = read_table(path, dtype=str, keep_default_na=False)
+    return pd.Series(
+        df["split"].to_numpy(),
+        index=pd.Index(df.iloc[:, 0].astype(str), name="obs"),
+        name="split",
+    )
+
+
 @dataclass
 class RunData:
     """What both stages read: latent table, model, and (optionally) the paired data."""

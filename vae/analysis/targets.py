@@ -186,7 +186,9 @@ def targets_for_run(
             paired = here[0]
     adata = blank_as_read(ad.read_h5ad(paired))
     data = from_anndata(adata, str(paired), model.args.crop_size)
-    split = pd.read_csv(train_dir / "split.csv", index_col=0)["split"].to_numpy().astype(str)
+    from vae.analysis.run import read_split
+
+    split = read_split(train_dir / "split.csv").to_numpy()
     names = meta.get("granule_genes") or []
     idx = [data.gene_names.index(g) for g in names if g in data.gene_names]
     programs = None
