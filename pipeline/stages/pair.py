@@ -247,6 +247,8 @@ def run_pair(ctx: StageContext) -> None:
     }
     if corrected is not None:
         counts["label_corrections"] = corrected
+    if res.shared_labels:  # several image classes mapped onto one expression label
+        counts["label_map_shared"] = res.shared_labels
     log.info("pair (%s): %s", p.mode, counts)
     if (hi & he).sum() == 0 and p.mode not in ("unpaired", "image_only"):
         log.warning("pair.mode=%s produced no paired row; check labels / label_map", p.mode)

@@ -53,6 +53,9 @@ LABEL_CANDIDATES = (
     "louvain",
 )
 MATURATION_CANDIDATES = ("t", "maturation", "pseudotime", "dpt_pseudotime")
+# an obs column of text or categories with this many distinct values looks like labels
+# (named in the warning when no LABEL_CANDIDATES column is found)
+LABEL_LIKE_VALUES = (2, 100)
 # sc.pp.highly_variable_genes flavors; the seurat_v3 ones rank raw counts with
 # scikit-misc's loess (module skmisc, an optional scanpy dependency)
 HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper")
@@ -1535,6 +1538,34 @@ def label_strings(values) -> tuple[np.ndarray, int]:
     return out, n_missing
 
 
+def label_like_columns(obs: pd.DataFrame, skip=()) -> list[tuple[str, int]]:
+    """The obs columns that look like cell labels, with their number of distinct values.
+
+    A column of text or categories (not numbers, not booleans) with
+    :data:`LABEL_LIKE_VALUES` distinct non-missing values, some shared by several cells
+    (a column of one value per cell names cells, not classes); ``skip``: columns that
+    are something else (the batch column). In ``obs`` order.
+    """
+    lo, hi = LABEL_LIKE_VALUES
+    out = []
+    for c in obs.columns:
+        col = obs[c]
+        if str(c) in skip or pd.api.types.is_bool_dtype(col):
+            continue
+        v = col.dropna()
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            n = int(v.nunique())
+        elif pd.api.types.is_object_dtype(col) or pd.api.types.is_string_dtype(col):
+            if v.map(lambda x: isinstance(x, bool | np.bool_)).all():
+                continue  # an object column of flags
+            n = int(v.astype(str).nunique())
+        else:
+            continue
+        if lo <= n <= hi and n < len(v):
+            out.append((str(c), n))
+    return out
+
+
 def _assign_label(adata: ad.AnnData, p: PreprocessParams, src: str) -> None:
     import scanpy as sc
 
@@ -1550,11 +1581,39 @@ def _assign_label(adata: ad.AnnData, p: PreprocessParams, src: str) -> None:
     else:
         key = next((c for c in LABEL_CANDIDATES if c in adata.obs), None)
     if key is None:
+        # read before Leiden adds its own column
+        like = label_like_columns(adata.obs, skip={p.batch_key} if p.batch_key else ())
         _neighbors(adata, p)
         sc.tl.leiden(adata, random_state=seed, key_added="leiden", flavor="igraph", n_iterations=2)
         key = "leiden"
         adata.obs["label"] = "cluster_" + adata.obs["leiden"].astype(str)
-        log.info("%s: no label column; labels are leiden clusters", src)
+        # a warning: labels are what stage=pair matches crops on and what evaluate scores,
+        # and an annotation under another name (e.g. "annotation") was silently replaced
+        n = int(adata.obs["leiden"].nunique())
+        if like:
+            shown = ", ".join(f"{c} ({k} values)" for c, k in like[:10])
+            more = f", ... ({len(like)} in all)" if len(like) > 10 else ""
+            log.warning(
+                "%s: no label column (none of %s); labels are %d Leiden clusters "
+                "(cluster_0, ...). obs columns that look like labels: %s%s. "
+                "Set expression.label_key=%s (or another column) to use one",
+                src or "expression input",
+                ", ".join(LABEL_CANDIDATES),
+                n,
+                shown,
+                more,
+                like[0][0],
+            )
+        else:
+            log.warning(
+                "%s: no label column (none of %s, and no text or categorical obs column "
+                "with %d..%d values); labels are %d Leiden clusters (cluster_0, ...). "
+                "Set expression.label_key=COLUMN if a column holds the cell types",
+                src or "expression input",
+                ", ".join(LABEL_CANDIDATES),
+                *LABEL_LIKE_VALUES,
+                n,
+            )
     else:
         labels, n_missing = label_strings(adata.obs[key])
         if n_missing:

@@ -880,6 +880,13 @@ def apply_label_corrections(
                 t = _ci_lookup(targets, want)
                 back = [c for c, v in single.items() if v == t] if t is not None else []
                 cls = back[0] if len(back) == 1 else None
+                if len(back) > 1:  # several classes share the target: which one is meant
+                    raise PairingError(
+                        f"line {line}: label {want!r} is the pair.label_map target of "
+                        f"several crop classes {sorted(back)}; name one of them",
+                        field="label",
+                        source=source,
+                    )
             if cls is None:
                 raise PairingError(
                     f"line {line}: label {want!r} is neither a crop class {classes} nor a "
@@ -934,11 +941,19 @@ class PairResult:
     summary
         Rows per ``label`` x ``modalities`` (``image+expression``, ``image``,
         ``expression``) with column ``n``.
+    notes
+        What the pairing decided, in words (``uns["pair"]["notes"]`` of the stage).
+    shared_labels
+        ``by_label``: expression label -> {image class: number of crops} for each label
+        that several image classes map onto (:func:`one_vocabulary`); empty otherwise.
     """
 
     adata: ad.AnnData
     summary: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    # by_label: expression label -> {image class: crops} for the labels that several
+    # image classes map onto (each class then keeps its name; see one_vocabulary)
+    shared_labels: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def _ci_lookup(names, wanted: str) -> str | None:
@@ -991,6 +1006,61 @@ def resolve_label_map(
             continue
         out[ki] = LABEL_UNION.join(found)
     return out
+
+
+def one_vocabulary(
+    label_map: dict[str, str], image_labels
+) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    """Which image classes take their expression label as ``obs["label"]``.
+
+    With ``by_label`` a crop whose class maps onto one expression label is labelled
+    with it (``neutrophil`` crops become ``Neutrophils``), so crops and profiles share
+    one vocabulary. That would merge classes when several image classes (other than
+    spellings of one class in different case) end up with the same label, e.g.
+    ``band`` and ``segmented_neutrophil`` both mapped onto ``Neutrophils``: the band
+    class would vanish from training, evaluation and the traverse path. Those classes
+    keep their own names instead, as a crop mapped onto a ``|`` union of labels does;
+    they still draw their profiles from the label they map onto.
+
+    Parameters
+    ----------
+    label_map
+        Resolved map (:func:`resolve_label_map`): image class -> expression label(s).
+    image_labels
+        Every crop's class (``""``: unlabelled).
+
+    Returns
+    -------
+    relabel
+        Image class -> the label its crops take (classes not in it keep their name).
+    shared
+        Expression label -> {image class: number of crops}, for each label several
+        image classes map onto (empty when none does).
+    """
+    one = {k: v for k, v in label_map.items() if LABEL_UNION not in v}  # unions keep theirs
+    sizes = pd.Series(np.asarray(image_labels, dtype=str)).value_counts()
+    groups: dict[str, list[str]] = {}  # label a class would end with -> the classes
+    for c in sizes.index:
+        if c:
+            groups.setdefault(one.get(c, c), []).append(c)
+    shared = {
+        lab: {c: int(sizes[c]) for c in sorted(cs)}
+        for lab, cs in sorted(groups.items())
+        if len({c.lower() for c in cs}) > 1 and any(c in one for c in cs)
+    }
+    return {k: v for k, v in one.items() if v not in shared}, shared
+
+
+def shared_label_message(label: str, classes: dict[str, int]) -> str:
+    """One line on the image classes that share the expression label ``label``."""
+    listed = ", ".join(f"{c} ({n} crops)" for c, n in classes.items())
+    return (
+        f"pair.label_map: image classes {listed} all map onto the expression label "
+        f"{label!r}; each keeps its own class as obs['label'] (as with a '|' union), so "
+        f"they stay apart in training, evaluation and analysis.path_classes, and all draw "
+        f"{label!r} profiles. To merge them into one class, relabel their crops before "
+        f"pairing (pair.label_corrections, or one folder / class name at the source)"
+    )
 
 
 # a dense expression input is paired into a dense table up to this many values (rows x
@@ -1083,6 +1153,9 @@ def make_pairs(
         One of :data:`PAIR_MODES`.
     label_map
         ``by_label``: image class -> expression label (see :func:`resolve_label_map`).
+        A crop's ``obs["label"]`` becomes its class's one expression label, except
+        where several image classes map onto the same label: they keep their own
+        names, with a warning (:func:`one_vocabulary`), as ``|`` unions do.
     draws_per_crop
         ``by_label``/``by_maturation``: profiles drawn per crop (with replacement
         across crops, without within a crop when the class has enough profiles);
@@ -1133,6 +1206,8 @@ def make_pairs(
     expr_labels = expression.obs["label"].astype(str).to_numpy()
     pairs: list[tuple[int, int, int]] = []  # (crop index or -1, profile index or -1, draw)
     lm: dict[str, str] = {}
+    relabel: dict[str, str] = {}  # by_label: image class -> the label its crops take
+    shared: dict[str, dict[str, int]] = {}
     notes: list[str] = []
 
     if mode == "same_cell":
@@ -1149,6 +1224,11 @@ def make_pairs(
     elif mode == "by_label":
         lm = resolve_label_map(label_map or {}, img_labels, expr_labels)
         notes.append(f"label_map: {lm}")
+        relabel, shared = one_vocabulary(lm, img_labels)
+        for target, classes in shared.items():
+            msg = shared_label_message(target, classes)
+            log.warning("%s", msg)
+            notes.append(msg)
         pools = {
             v: np.flatnonzero(np.isin(expr_labels, v.split(LABEL_UNION))) for v in set(lm.values())
         }
@@ -1197,12 +1277,10 @@ def make_pairs(
     if mode == "unpaired" or keep_unused_expression:
         pairs.extend((-1, j, 0) for j in range(expression.n_obs) if j not in used)
 
-    adata = _assemble(
-        crops, expression, pairs, mode, background, lm if mode == "by_label" else None, crop_size
-    )
+    adata = _assemble(crops, expression, pairs, mode, background, relabel, crop_size)
     summary = summarize(adata)
     adata.uns["pair_summary"] = summary
-    return PairResult(adata=adata, summary=summary, notes=notes)
+    return PairResult(adata=adata, summary=summary, notes=notes, shared_labels=shared)
 
 
 def _no_expression() -> ad.AnnData:
@@ -1227,9 +1305,11 @@ def _assemble(
     pairs: list[tuple[int, int, int]],
     mode: str,
     background: int,
-    label_map: dict[str, str] | None = None,
+    relabel: dict[str, str] | None = None,
     crop_size: int = 64,
 ) -> ad.AnnData:
+    """The paired table; ``relabel``: image class -> the ``obs["label"]`` its crops take
+    (:func:`one_vocabulary`; other crops keep their class)."""
     n = len(pairs)
     ci = np.array([p[0] for p in pairs], dtype=int)
     ei = np.array([p[1] for p in pairs], dtype=int)
@@ -1271,9 +1351,8 @@ def _assemble(
     obs["image_label"] = np.where(has_img, c_lab[np.maximum(ci, 0)], "")
     obs["expression_label"] = np.where(has_expr, e_lab[np.maximum(ei, 0)], "")
     img_as = obs["image_label"].to_numpy(dtype=object)
-    if label_map:  # one vocabulary: mapped image classes take the expression label
-        one = {k: v for k, v in label_map.items() if LABEL_UNION not in v}  # unions keep theirs
-        img_as = np.array([one.get(v, v) for v in img_as], dtype=object)
+    if relabel:  # one vocabulary: mapped image classes take the expression label
+        img_as = np.array([relabel.get(v, v) for v in img_as], dtype=object)
     obs["label"] = np.where(has_img, img_as, obs["expression_label"])
     obs["image_source"] = np.where(
         has_img, cobs["source"].astype(str).to_numpy()[np.maximum(ci, 0)] if len(cobs) else "", ""

@@ -346,6 +346,45 @@ def test_a_column_named_label_is_the_label_column():
     assert list(out.obs["label"]) == ["x", "y"] * 4 and out.uns["label_key"] == "label"
 
 
+def test_an_unknown_label_column_is_named_with_the_setting_that_picks_it(caplog):
+    """Audit: a label column named "annotation" became Leiden clusters with an INFO line."""
+    a = _toy()
+    a.obs = a.obs.rename(columns={"celltype": "annotation"})
+    a.obs["donor"] = pd.Categorical(["d1", "d2"] * 4)
+    a.obs["barcode"] = [f"AAC{i}" for i in range(8)]  # one value per cell: not a class
+    a.obs["n_reads"] = np.arange(8)  # a number: not a class
+    a.obs["doublet"] = [False, True] * 4
+    with caplog.at_level(logging.WARNING):
+        out = preprocess(a, _params(n_neighbors=3), source="study.h5ad").adata
+    assert out.uns["label_key"] == "leiden" and out.obs["label"].str.startswith("cluster_").all()
+    warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    line = next(m for m in warn if "Leiden clusters" in m)
+    assert line.startswith("study.h5ad: no label column (none of label, kind, celltype")
+    assert "obs columns that look like labels: annotation (2 values), donor (2 values)." in line
+    assert "Set expression.label_key=annotation" in line
+    assert "barcode" not in line and "n_reads" not in line and "doublet" not in line
+    # with the setting, the column is the labels and nothing is said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        out = preprocess(a, _params(label_key="annotation"), source="study.h5ad").adata
+    assert list(out.obs["label"]) == ["A"] * 4 + ["B"] * 4 and "Leiden" not in caplog.text
+    # a known column is taken as before, with no warning
+    a.obs["cell_type"] = a.obs["annotation"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        out = preprocess(a, _params(), source="study.h5ad").adata
+    assert out.uns["label_key"] == "cell_type" and "Leiden" not in caplog.text
+    # nothing that looks like labels: the warning says so and names the setting
+    b = _toy()
+    del b.obs["celltype"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        preprocess(b, _params(n_neighbors=3), source="bare.h5ad")
+    assert "bare.h5ad: no label column" in caplog.text
+    assert "no text or categorical obs column with 2..100 values" in caplog.text
+    assert "expression.label_key=COLUMN" in caplog.text
+
+
 def test_maturation_column_outside_0_1_is_rescaled(caplog):
     a = _toy()
     a.obs["pseudotime"] = [0.0, 30.0, np.nan, 15.0, 7.5, 3.0, 30.0, 6.0]

@@ -7,6 +7,7 @@ mode is checked for exact row counts and modality flags.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import anndata as ad
@@ -21,6 +22,7 @@ from vae.inputs.pairing import (
     PairingError,
     apply_label_corrections,
     make_pairs,
+    one_vocabulary,
     read_cells_h5ad,
     read_coco_crops,
     read_image_folder,
@@ -211,6 +213,100 @@ def test_by_label_union_of_expression_labels():
     with pytest.raises(PairingError) as err:
         make_pairs(c, e, "by_label", label_map={"monocyte": "Monocytes|nope"})
     assert "'nope'" in str(err.value)
+
+
+def test_image_classes_mapped_onto_one_label_keep_their_names_and_are_named(caplog):
+    """Audit: band and segmented neutrophils both mapped onto Neutrophils were all
+    labelled Neutrophils, and the band class was gone with no word said."""
+    c, e = _crops(), _expr()
+    lm = {"band": "Neutrophils", "neutrophil": "Neutrophils", "monocyte": "Monocytes"}
+    with caplog.at_level(logging.WARNING):
+        res = make_pairs(c, e, "by_label", label_map=lm, seed=0)
+    obs = res.adata.obs
+    img = obs[obs.has_image]
+    # each class keeps its name (as a "|" union does); the 1:1 class takes the target
+    assert list(img.label) == ["neutrophil", "neutrophil", "Monocytes", "eosinophil", "band"]
+    assert list(img.image_label) == ["neutrophil", "neutrophil", "monocyte", "eosinophil", "band"]
+    # ... and still draws the profiles of the label it maps onto
+    b = img[img.image_label == "band"]
+    assert bool(b.has_expression.iloc[0]) and b.expression_label.iloc[0] == "Neutrophils"
+    assert set(img[img.image_label == "neutrophil"].expression_label) == {"Neutrophils"}
+    assert res.shared_labels == {"Neutrophils": {"band": 1, "neutrophil": 2}}
+    text = (
+        "pair.label_map: image classes band (1 crops), neutrophil (2 crops) all map onto the "
+        "expression label 'Neutrophils'; each keeps its own class as obs['label']"
+    )
+    assert text in caplog.text and "pair.label_corrections" in caplog.text
+    assert any(text in n for n in res.notes)
+    s = res.summary
+    assert set(s[s.modalities == "image+expression"].label) == {"band", "neutrophil", "Monocytes"}
+    # the same study written with a union keeps the image classes as well
+    union = {"band": "Neutrophils|Neutrophils", "neutrophil": "Neutrophils|Neutrophils"}
+    u = make_pairs(c, e, "by_label", label_map=union, seed=0).adata.obs
+    assert list(u.label[u.has_image]) == [
+        "neutrophil",
+        "neutrophil",
+        "monocyte",
+        "eosinophil",
+        "band",
+    ]
+
+
+def test_one_vocabulary_merges_only_spellings_of_one_class():
+    # {} = identity: two spellings of one class both meet "Neutrophils" and take it
+    relabel, shared = one_vocabulary(
+        {"Neutrophils": "Neutrophils", "neutrophils": "Neutrophils"},
+        ["Neutrophils", "neutrophils", "neutrophils"],
+    )
+    assert relabel == {"Neutrophils": "Neutrophils", "neutrophils": "Neutrophils"}
+    assert shared == {}
+    # a class mapped onto the name another (unmapped) crop class already has
+    relabel, shared = one_vocabulary({"band": "Neutrophils"}, ["band", "Neutrophils", ""])
+    assert relabel == {} and shared == {"Neutrophils": {"Neutrophils": 1, "band": 1}}
+    # a union beside a single target: nothing merges, the single class takes its label
+    relabel, shared = one_vocabulary(
+        {"band": "Neutrophils", "lymphocyte": "Neutrophils|GMP"}, ["band", "lymphocyte"]
+    )
+    assert relabel == {"band": "Neutrophils"} and shared == {}
+
+
+@pytest.mark.parametrize("preset", ["by_label_real", "real_chain", "by_label_pbmc"])
+def test_presets_pair_as_before(preset, caplog):
+    """The shipped maps send one image class to each label: every mapped crop takes its
+    target (a union keeps its class), the draws are those of before, and no warning."""
+    from omegaconf import OmegaConf
+
+    from tests.helpers.run import compose_config
+
+    cfg = compose_config(["stage=pair", f"pair={preset}"])
+    lm = OmegaConf.to_container(cfg.pair.label_map)
+    targets = sorted({t for v in lm.values() for t in v.split("|")})
+    classes = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+    n = 3 * len(classes)
+    c = CropSet(
+        crops=np.zeros((n, S, S, 3), np.uint8),
+        masks=np.ones((n, S, S), bool),
+        obs=pd.DataFrame(
+            {"label": classes * 3, "source": "toy"}, index=[f"img{i}" for i in range(n)]
+        ),
+    )
+    labs = [*targets, *targets, "GMP"]
+    e = ad.AnnData(
+        X=np.ones((len(labs), 2), np.float32),
+        obs=pd.DataFrame({"label": labs}, index=[f"e{i}" for i in range(len(labs))]),
+    )
+    with caplog.at_level(logging.WARNING):
+        res = make_pairs(c, e, "by_label", label_map=lm, seed=0)
+    assert res.shared_labels == {} and "all map onto" not in caplog.text
+    obs = res.adata.obs
+    img = obs[obs.has_image]
+    # the rule of before: a class with one target takes it; unions and unmapped keep theirs
+    single = {k: v for k, v in lm.items() if "|" not in v}
+    assert list(img.label) == [single.get(x, x) for x in img.image_label]
+    assert set(img[img.has_expression].image_label) == set(lm)
+    # the draws depend on the seed and the map only
+    same = make_pairs(c, e, "by_label", label_map=lm, seed=0).adata.obs
+    assert list(same.expression_ref) == list(obs.expression_ref)
 
 
 def test_label_map_naming_a_missing_class_is_an_error():
@@ -697,6 +793,38 @@ def test_pair_stage_names_an_expression_file_without_labels(tmp_path):
     assert f", ... ({len(e.obs.columns)} in all)); stage=expression writes it" in str(err.value)
 
 
+def test_pair_stage_names_image_classes_sharing_one_label(tmp_path, caplog):
+    """The auditor's study: band and segmented_neutrophil both onto Neutrophils."""
+    root = tmp_path / "crops"
+    for cls, k in (("band", 2), ("segmented_neutrophil", 3), ("monocyte", 1)):
+        (root / cls).mkdir(parents=True)
+        for i in range(k):
+            img = np.full((12, 12, 3), 40 * (i + 1), np.uint8)
+            Image.fromarray(img).save(root / cls / f"{cls}{i}.png")
+    _expr().write_h5ad(tmp_path / "expression.h5ad")
+    with caplog.at_level(logging.WARNING):
+        _run_in_process(
+            [
+                *_pair_args(tmp_path, "merge", "by_label", root),
+                "pair.crop_size=16",
+                "+pair.label_map={band: Neutrophils, segmented_neutrophil: Neutrophils, "
+                "monocyte: Monocytes}",
+            ]
+        )
+    d = tmp_path / "merge" / "pair"
+    assert (
+        "image classes band (2 crops), segmented_neutrophil (3 crops) all map onto the "
+        "expression label 'Neutrophils'" in caplog.text
+    )
+    counts = json.loads((d / "pair_counts.json").read_text())
+    assert counts["label_map_shared"] == {"Neutrophils": {"band": 2, "segmented_neutrophil": 3}}
+    summary = pd.read_csv(d / "pair_summary.csv")
+    both = summary[summary.modalities == "image+expression"].set_index("label").n.to_dict()
+    assert both == {"band": 2, "segmented_neutrophil": 3, "Monocytes": 1}
+    a = ad.read_h5ad(d / "paired.h5ad")
+    assert "all map onto" in " ".join(json.loads(a.uns["pair"]["notes"]))
+
+
 @needs_shared(SHARED / "cells/bccd_cropped", "bccd_cropped")
 def test_real_crops_by_label_against_paul15_labels(tmp_path):
     """The real-data config: bccd_cropped + segmentation_wbc x Paul15-style labels."""
@@ -884,3 +1012,15 @@ def test_label_corrections_by_specimen_and_bad_tables(tmp_path):
     key, tab = _corrections(tmp_path / "u.csv", "image_ref,label\nimg0,promyelocyte\n")
     with pytest.raises(PairingError, match=r"\[label\] line 2: label 'promyelocyte'.*'band'"):
         apply_label_corrections(c, key, tab, source=str(tmp_path / "u.csv"))
+    # a target several classes map onto names no one class: the crop class is asked for
+    key, tab = _corrections(tmp_path / "t.csv", "image_ref,label\nimg0,Neutrophils\n")
+    lm = {"band": "Neutrophils", "neutrophil": "Neutrophils"}
+    with pytest.raises(
+        PairingError,
+        match=r"line 2: label 'Neutrophils' is the pair.label_map "
+        r"target of several crop classes \['band', 'neutrophil'\]",
+    ):
+        apply_label_corrections(c, key, tab, lm, source=str(tmp_path / "t.csv"))
+    key, tab = _corrections(tmp_path / "m.csv", "image_ref,label\nimg4,neutrophil\n")
+    fixed, _, _ = apply_label_corrections(c, key, tab, lm)  # band merged on purpose
+    assert list(fixed.obs["label"]) == ["neutrophil"] * 2 + ["monocyte", "eosinophil", "neutrophil"]
