@@ -87,6 +87,8 @@ def _check_outputs(run: Path) -> None:
     for t in metrics["tables"]:
         assert (ev / t).exists()
     assert (ev / "umap_labels.png").exists()
+    # the simulator's t colours its own panel (a study without one has none)
+    assert metrics["umap_labels_panels"] == ["label", "split", "maturation", "modality"]
     from vae.analysis.palette import label_order
 
     conf = pd.read_csv(ev / "confusion_joint.csv")  # classes in maturation order
@@ -164,6 +166,45 @@ def test_evaluate_refuses_more_neighbours_than_labelled_cells(tiny_run, tmp_path
     run = root / "tiny" / "train"
     assert _on_run("evaluate", tmp_path, run, "analysis.knn_k=100000") == 2
     assert "analysis.knn_k=100000 is more than the" in caplog.text
+
+
+def test_umap_has_no_all_grey_maturation_panel_for_data_without_maturation(
+    tiny_run, tmp_path, monkeypatch
+):
+    """A real or own-data study has no simulator t and no pseudotime: its umap_labels.png
+    drew an all-grey maturation panel. Dropped now, the figure's title says why, and
+    metrics.json lists the panels drawn."""
+    import shutil
+
+    import anndata as ad
+
+    from vae.analysis import figures
+
+    titles = []
+    draw = figures.scatter_panel
+
+    def spy(emb, columns, suptitle, *args, **kwargs):
+        titles.append((list(columns), suptitle))
+        return draw(emb, columns, suptitle, *args, **kwargs)
+
+    monkeypatch.setattr(figures, "scatter_panel", spy)
+    root, _ = tiny_run
+    train = root / "tiny" / "train"
+    lat = ad.read_h5ad(train / "latent.h5ad")
+    assert np.isfinite(lat.obs["maturation"].to_numpy(float)).any()  # the demo's t
+    lat.obs["maturation"] = np.nan
+    own = tmp_path / "own"
+    own.mkdir()
+    lat.write_h5ad(own / "latent.h5ad")
+    shutil.copy(train / "model.pt", own / "model.pt")  # the latent's own model
+    assert _on_run("evaluate", tmp_path / "run", own) == 0
+    metrics = json.loads((tmp_path / "run" / "x" / "evaluate" / "metrics.json").read_text())
+    assert metrics["umap_labels_panels"][:2] == ["label", "split"]
+    assert "maturation" not in metrics["umap_labels_panels"]
+    cols, title = next((c, t) for c, t in titles if "of the shared latent" in t)
+    assert "maturation" not in cols
+    assert "no maturation panel: no maturation value in these data" in title
+    assert "(obs['maturation'] is empty: no simulator t, no pseudotime)" in title
 
 
 def test_latent_holds_anomaly_scores_and_exclude_labels_moves_rows_to_test(tiny_run):

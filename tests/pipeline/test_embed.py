@@ -942,6 +942,119 @@ def test_a_ratio_a_sample_cannot_be_called_from_its_modalities_is_nan():
     assert prof.loc["img", "left_shift_index"] == 0.0
 
 
+def test_a_mostly_unclassified_sample_is_flagged_not_read_as_a_measured_count(tmp_path):
+    """A sample of 20 unclassified cells (masked vs unmasked crops: most atypical) read
+    "ig_fraction 0.000 (0.0-16.8 %)", an empty not_callable and nothing else: a normal
+    measured count. With no classified cell its shares and ratios are NaN now (0 of 0
+    classified cells is no measured 0); half or more unclassified is mostly_unclassified
+    in samples.csv, and the page names the sample in a box above its tables, with the
+    usual cause."""
+    from vae.analysis.samples import (
+        FLAGGED_SAMPLES_SHOWN,
+        proportion_ci,
+        sample_profile,
+        write_samples_html,
+    )
+
+    labels = ["myeloblast", "promyelocyte", "myelocyte", "band", "segmented_neutrophil"]
+    labels += ["lymphocyte"]
+    ok_calls = ["band", "segmented_neutrophil", "lymphocyte", "myelocyte", "myeloblast"] * 2
+    obs = pd.DataFrame(
+        {
+            "vae_sample": ["all"] * 20 + ["most"] * 20 + ["ok"] * 10,
+            "vae_modality": "image",
+            "vae_label": ["band"] * 40 + ok_calls,
+            "vae_call": ["unclassified"] * 38 + ["band", "lymphocyte"] + ok_calls,
+            # 19 + 17 atypical, the rest of the unclassified doubtful
+            "vae_atypical": [True] * 19 + [False] + [True] * 17 + [False] * 13,
+            "vae_label_confidence": 0.9,
+            "vae_maturation": 0.5,
+            "edge_weight": 1.0,
+        },
+        index=[f"c{i}" for i in range(50)],
+    )
+    calls = {"image": labels}
+    prof = sample_profile(obs, study_labels=labels, callable_calls=calls).set_index("sample")
+    assert prof["n_classified"].to_dict() == {"all": 0, "most": 2, "ok": 10}
+    assert prof["mostly_unclassified"].to_dict() == {"all": True, "most": True, "ok": False}
+    assert prof.loc["all", "frac_unclassified"] == 1.0  # measured: 20 of 20
+    assert prof.loc["most", "frac_unclassified"] == pytest.approx(0.9)
+    # no classified cell: every ratio and every class's share NaN, intervals too
+    for name in ("blast_fraction", "ig_fraction", "left_shift_index"):
+        for part in ("", "_ci_low", "_ci_high", "_edge_corrected"):
+            assert np.isnan(prof.loc["all", f"{name}{part}"]), name + part
+    for c in labels:
+        assert prof.loc["all", f"n_{c}"] == 0  # a true count of calls
+        for part in ("", "_ci_low", "_ci_high", "_edge_corrected"):
+            assert np.isnan(prof.loc["all", f"frac_{c}{part}"]), c + part
+    assert prof.loc["all", "not_callable"] == ""  # callable classes, none called
+    # two called cells among 20: still a count (the flag says what it is worth)
+    assert prof.loc["most", "ig_fraction"] == 0.0
+    ci = (prof.loc["most", "ig_fraction_ci_low"], prof.loc["most", "ig_fraction_ci_high"])
+    assert ci == proportion_ci(0, 20)
+    assert prof.loc["most", "frac_band"] == pytest.approx(0.05)
+    # the other sample is as it was
+    assert prof.loc["ok", "ig_fraction"] == pytest.approx(0.2)
+    # samples.csv: the flag and the count machine-readable, the shares empty
+    csv = tmp_path / "samples.csv"
+    prof.reset_index().to_csv(csv, index=False)
+    back = pd.read_csv(csv).set_index("sample")
+    assert back["mostly_unclassified"].tolist() == [True, True, False]
+    assert back["n_classified"].tolist() == [0, 2, 10]
+    assert back.loc["all", ["ig_fraction", "frac_band"]].isna().all()
+
+    def page(o: pd.DataFrame, **kw) -> str:
+        p = tmp_path / "samples.html"
+        pr = sample_profile(o, study_labels=labels, callable_calls=calls)
+        write_samples_html(p, pr, o, None, callable_calls=calls, **kw)
+        return p.read_text()
+
+    text = page(obs)
+    box = text.split("<section aria-labelledby='mostly-unclassified'")[1].split("</section>")[0]
+    # the first thing under the title, above the definitions and the tables
+    assert text.index("mostly-unclassified") < text.index("Definitions")
+    assert text.index("</section>") < text.index("<h2>Samples</h2>")
+    assert "2 samples mostly unclassified: their shares say little" in box
+    assert (
+        "<b>all</b>: 20 of 20 cells unclassified (100 %: 19 atypical, 1 doubtful); "
+        "no cell was called a class, so its shares and ratios are empty (NaN), not 0 %"
+    ) in box
+    assert "<b>most</b>: 18 of 20 cells unclassified (90 %: 17 atypical, 1 doubtful)" in box
+    assert "its shares count the 2 called cells among all 20" in box
+    assert "<b>ok</b>" not in box
+    # the usual cause, most cells being atypical: inputs unlike the training crops
+    assert "Most of these cells are atypical" in box
+    for words in ("embed.crop_masks=whole", "another stain", "magnification"):
+        assert words in box, words
+    assert "samples.csv: mostly_unclassified" in box
+    # the table marks the rows; the ratios of the all-unclassified sample are NaN
+    table = text.split("<h2>Samples</h2>")[1].split("</table>")[0]
+    row = re.search(r"<tr[^>]*><td>all<br>(.*?)</tr>", table).group(1)
+    assert "mostly unclassified" in row and "20 <b>(100 %)</b>" in row
+    assert row.count("<td>NaN</td>") >= 3 and "0.000" not in row
+    assert "<tr><td>ok</td>" in table  # unmarked
+    # the differential: no 0 % with a counting interval for a sample of no called cell
+    diff = text.split("<h2>Differential count</h2>")[1].split("</table>")[0]
+    band = re.search(r"<tr><th>band</th>(.*?)</tr>", diff).group(1)
+    assert band.startswith("<td>0</td><td colspan='2'><small>no cell classified</small>")
+    assert "5.0 <small>(0.1-24.9)</small>" in band  # most's 1 band in 20
+    # most of the unclassified doubtful: the cause says so (inputs still named)
+    doubt = page(obs.assign(vae_atypical=False))
+    assert "Most of these cells are doubtful: fewer than 50 %" in doubt
+    assert "embed.crop_masks=whole" in doubt
+    # no sample flagged: no box
+    assert "<section aria-labelledby='mostly-unclassified'" not in page(obs[obs.vae_sample == "ok"])
+    # many flagged samples: the first named, the rest counted; the rows layout says it
+    n = FLAGGED_SAMPLES_SHOWN + 3
+    many = pd.concat(
+        [obs[obs.vae_sample == "all"].assign(vae_sample=f"p{k:02d}") for k in range(n)]
+    )
+    many.index = [f"m{i}" for i in range(len(many))]
+    text = page(many)
+    assert f"{n} samples mostly unclassified" in text and "and 3 more (samples.csv" in text
+    assert "0 <small>(no cell classified)</small>" in text
+
+
 def test_differential_count_of_many_samples_has_a_row_per_sample(tmp_path):
     """301 samples as columns made the differential ~25,000 px wide, the call names out
     of view (scale audit); above DIFFERENTIAL_SAMPLE_COLUMNS each sample is a row."""
@@ -1674,13 +1787,17 @@ def test_smear_cells_go_to_qupath_with_their_calls(study: Path, tmp_path: Path, 
             img[disc(160, 200, 50 + 60 * k, 70 + 60 * k, 14)] = (120, 60, 160)
         Image.fromarray(img).save(tmp_path / "smears" / sample / "field.png")
     paired = ad.read_h5ad(study / "paired.h5ad")
-    _write_crops(tmp_path / "crops", paired, {"pat1": [0, 1]}, 16)
+    # crops already cut out on the background: read with their own masks under the
+    # default (embed.crop_masks=auto: the study's masked cut), which also cuts the smear
+    # cells out with their masks (embed.crop_masks=whole would cut them as squares)
+    cut = paired[:2].copy()
+    cut.obsm["crops"][~cut.obsm["masks"].astype(bool)] = 0
+    _write_crops(tmp_path / "crops", cut, {"pat1": [0, 1]}, 16)
     d = _embed(
         study,
         "qp",
         f"embed.smears={tmp_path / 'smears'}",
         f"embed.crops={tmp_path / 'crops'}",
-        "embed.crop_masks=whole",
         f"paths.inputs.segmentation_model={tmp_path / 'det.pt'}",
         "segmentation.estimate_scale=false",
         "segmentation.input_scale=1.0",

@@ -301,6 +301,26 @@ def _disagreement_figure(disagree: pd.DataFrame, P, k: int, split: str):
     )
 
 
+def maturation_panel(lat, key: str) -> tuple[np.ndarray | None, str]:
+    """The maturation colouring of ``umap_labels.png``: obs[``key``]
+    (``analysis.maturation_key``: the simulator's true t in the demo, else the expression
+    stage's pseudotime) as floats and ""; or None and the figure's words (two lines) for
+    why it has no maturation panel: the column is missing or holds no value. A real or
+    own-data study without simulator t or pseudotime drew an all-grey panel, and the
+    report's caption spoke of both. Text that is no number counts as missing."""
+    mat = obs_col(lat, key)
+    if mat is not None:
+        mat = pd.to_numeric(pd.Series(np.asarray(mat, dtype=object)), errors="coerce")
+        mat = mat.to_numpy(dtype=np.float64)
+        if np.isfinite(mat).any():
+            return mat, ""
+    return None, (
+        "no maturation panel: no maturation value in these data\n"
+        f"(obs[{key!r}] {'is empty' if mat is not None else 'is missing'}: "
+        "no simulator t, no pseudotime)"
+    )
+
+
 def seen_profiles(lat, rows: np.ndarray) -> np.ndarray:
     """(N,) bool: rows of ``rows`` whose expression profile (``obs["expression_ref"]``)
     is also the profile of a row outside ``rows`` (train / val), as pairing by label
@@ -683,9 +703,9 @@ def evaluate(
     cols: dict[str, np.ndarray] = {"label": labels}
     if "split" in lat.obs:
         cols["split"] = lat.obs["split"].astype(str).to_numpy()
-    mat = obs_col(lat, a.maturation_key)
+    mat, no_mat = maturation_panel(lat, a.maturation_key)
     if mat is not None:
-        cols["maturation"] = mat.astype(float)
+        cols["maturation"] = mat
     if rd.data is not None and len(rd.data.has_image) == lat.n_obs:
         # which rows have a crop: a class split into islands by kind shows here
         hi = rd.data.has_image.numpy().astype(bool)
@@ -704,11 +724,15 @@ def evaluate(
     fig = F.scatter_panel(
         emb,
         cols,
-        f"{method} of the shared latent (all {lat.n_obs} rows)",
+        # a study without maturation values says so on the figure, not an all-grey panel
+        f"{method} of the shared latent (all {lat.n_obs} rows)" + (f"\n{no_mat}" if no_mat else ""),
         colours=colours,
         axis_name=method,
     )
     out_files.figure(fig, "umap_labels", "evaluate/umap_labels")
+    # which colourings the figure has, in its order (the report's caption can say
+    # "maturation" only where there is that panel)
+    out["umap_labels_panels"] = list(cols)
     scores = observed_program_scores(lat, rd.data, rd.gene_names, programs)
     if scores:
         fig = F.scatter_panel(

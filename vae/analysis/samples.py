@@ -18,6 +18,19 @@ ones included, as a manual differential counts its unidentified cells) unless sa
   (promyelocyte + myelocyte + metamyelocyte + band) / (those + segmented neutrophils)
   (``it_denominator``). Blasts are in neither: a blast count is reported on its own
   (``blast_fraction``), never read as a reactive left shift;
+* ``n_classified``: the cells called one of the study's classes (not ``unclassified``,
+  not without a call). A sample none of whose cells was called a class (every cell
+  doubtful or atypical: 20 of 20 unclassified) has NaN ``frac_<call>`` of every class
+  (with their intervals and edge-corrected shares) and NaN ratios: 0 of 0 classified
+  cells is no measured 0, and its counting interval (0 - 16.8 % for 20 cells) would
+  claim a bound the unclassified cells, which may be any kind, do not give.
+  ``n_<call>`` stays 0 and ``frac_unclassified`` (1.0) is measured;
+* ``mostly_unclassified`` (bool): at least :data:`MOSTLY_UNCLASSIFIED` (half) of the
+  sample's cells were called no class; its shares then count the few called cells
+  among all of them and say little. samples.html names these samples in a box above
+  its tables, with the usual cause (most cells atypical: inputs unlike the study's
+  training crops, e.g. unmasked crops for a study trained on masked ones, another
+  stain or magnification);
 * each of the three is NaN, not 0, when the study's labels cannot call what it counts
   (no myeloblast class; no immature granulocyte class; no promyelocyte ... band class):
   0 would read as a measured normal value. The I:T ratio is NaN too for a sample with no
@@ -72,6 +85,11 @@ IMMATURE_GRANULOCYTES = ("promyelocyte", "myelocyte", "metamyelocyte")
 IMMATURE_NEUTROPHILS = (*IMMATURE_GRANULOCYTES, "band")  # the I of the I:T ratio
 NEUTROPHILS = (*IMMATURE_NEUTROPHILS, "segmented_neutrophil")  # its T
 UNCLASSIFIED = "unclassified"  # vae.api's vae_call of a doubtful or atypical cell
+# share of a sample's cells called no class from which samples.csv's mostly_unclassified
+# is true and samples.html flags the sample above its tables: its shares say little
+MOSTLY_UNCLASSIFIED = 0.5
+# flagged samples named one by one in the page's box (the rest counted, in samples.csv)
+FLAGGED_SAMPLES_SHOWN = 10
 # samples shown as columns of the differential count, as on a lab report; more are shown
 # one row each (301 samples as columns made a table ~25,000 px wide, the calls out of view)
 DIFFERENTIAL_SAMPLE_COLUMNS = 6
@@ -172,16 +190,26 @@ def sample_profile(
         stage = calls.map(stage_name).to_numpy()
         n = len(g)
         every = np.ones(n, bool)
-        row: dict = {"sample": sample, "n_cells": n}
+        # cells called a class: none (all unclassified) leaves no share measured
+        n_classified = int((known_labels(calls.to_numpy()) & (calls != UNCLASSIFIED)).sum())
+        row: dict = {
+            "sample": sample,
+            "n_cells": n,
+            "n_classified": n_classified,
+            "mostly_unclassified": bool(n - n_classified >= MOSTLY_UNCLASSIFIED * n),
+        }
         w = _weights(g) if weighted else None
         for c in labels:
             hit = (calls == c).to_numpy()
             k = int(hit.sum())
             row[f"n_{c}"] = k
-            row[f"frac_{c}"] = k / n if n else np.nan
-            row[f"frac_{c}_ci_low"], row[f"frac_{c}_ci_high"] = proportion_ci(k, n)
+            # a class's share of a sample with no classified cell: not measured (NaN)
+            measured = n_classified > 0 or c == UNCLASSIFIED or not known_labels([c])[0]
+            row[f"frac_{c}"] = k / n if n and measured else np.nan
+            ci = proportion_ci(k, n) if measured else (np.nan, np.nan)
+            row[f"frac_{c}_ci_low"], row[f"frac_{c}_ci_high"] = ci
             if w is not None:
-                row[f"frac_{c}_edge_corrected"] = _share(w, hit, every)
+                row[f"frac_{c}_edge_corrected"] = _share(w, hit, every) if measured else np.nan
         row["n_neutrophil_lineage"] = int(np.isin(stage, (*BLASTS, *NEUTROPHILS)).sum())
         neut = np.isin(stage, NEUTROPHILS)
         row["it_denominator"] = int(neut.sum())
@@ -189,6 +217,7 @@ def sample_profile(
             num = np.isin(stage, counted)
             den = neut if name == "left_shift_index" else every
             ok = callable_stages is None or bool(callable_stages & set(needs))
+            ok = ok and n_classified > 0  # 0 of 0 classified cells is no measured 0
             row[name] = float(num.sum() / den.sum()) if ok and den.any() else np.nan
             k, m = int((num & den).sum()), int(den.sum()) if ok else 0
             row[f"{name}_ci_low"], row[f"{name}_ci_high"] = proportion_ci(k, m)
@@ -426,6 +455,12 @@ def _differential_html(
                     f"<td colspan='{len(cols)}'><small>not callable from {why}</small></td>"
                 )
                 continue
+            if not np.isfinite(r[f"frac_{c}"]):  # no cell of the sample classified
+                cells.append(
+                    f"<td>{int(r[f'n_{c}'])}</td><td colspan='{len(cols) - 1}'>"
+                    "<small>no cell classified</small></td>"
+                )
+                continue
             ci = _ci_text(r, f"frac_{c}", 100.0, 1)
             cells.append(f"<td>{int(r[f'n_{c}'])}</td><td>{100 * r[f'frac_{c}']:.1f}{ci}</td>")
             if edge:
@@ -460,6 +495,9 @@ def _differential_rows_html(
         for c in labels:
             if c in marks.get(r["sample"], (set(),))[0]:
                 cells.append(f"<td><small>not callable from {marks[r['sample']][1]}</small></td>")
+                continue
+            if not np.isfinite(r[f"frac_{c}"]):  # no cell of the sample classified
+                cells.append(f"<td>{int(r[f'n_{c}'])} <small>(no cell classified)</small></td>")
                 continue
             ci = _ci_text(r, f"frac_{c}", 100.0, 1)
             text = f"{int(r[f'n_{c}'])} ({100 * r[f'frac_{c}']:.1f} %{ci})"
@@ -522,6 +560,124 @@ def _unclassified_rule(
             f" Atypical flagging off: {html.escape(atypical_off)}; no cell is left out as atypical."
         )
     return rule
+
+
+def _n_uncalled(row: pd.Series) -> int:
+    """Cells of a profile row called no class: ``n_cells - n_classified`` (a profile
+    without ``n_classified``: its ``n_unclassified``, else 0)."""
+    if "n_classified" in row:
+        return int(row["n_cells"]) - int(row["n_classified"])
+    return int(row.get(f"n_{UNCLASSIFIED}", 0))
+
+
+def _is_flagged(row: pd.Series) -> bool:
+    """Whether a profile row is mostly unclassified (``mostly_unclassified``, or the same
+    rule on a profile without it)."""
+    if "mostly_unclassified" in row:
+        return bool(row["mostly_unclassified"])
+    n = int(row["n_cells"])
+    return n > 0 and _n_uncalled(row) >= MOSTLY_UNCLASSIFIED * n
+
+
+# why most of a sample's cells come out atypical: the inputs, seldom the patient
+UNLIKE_INPUTS = (
+    "images unlike the crops the study was trained on, such as crops read whole (unmasked, "
+    "embed.crop_masks=whole) by a study trained on crops cut out with their mask (or the "
+    "reverse), another stain, another magnification or camera"
+)
+COMPARE_CROPS = (
+    "Compare the unclassified example crops at the foot of this page with the study's own "
+    'crops (study.html) before reading any share (docs/embed.md, "Mostly unclassified '
+    'samples" and "Crop folders: what the mask buys").'
+)
+
+
+def _unclassified_flag_html(
+    profile: pd.DataFrame,
+    obs: pd.DataFrame,
+    sample_key: str | None,
+    min_confidence: float,
+    atypical_quantile: float | None,
+    atypical_off: str | None,
+) -> str:
+    """The page's box above its tables naming the samples with most cells called no class
+    (:func:`_is_flagged`), each with its unclassified cells (atypical / doubtful where
+    obs says which) and what that leaves of its shares, then the usual cause; "" when
+    no sample is flagged."""
+    flagged = [r for _, r in profile.iterrows() if _is_flagged(r)]
+    if not flagged:
+        return ""
+    if sample_key is None:
+        sample_key = next((k for k in ("vae_sample", "sample") if k in obs), None)
+    col = call_column(obs) if len(obs) else None
+    split = (
+        col == "vae_call" and "vae_atypical" in obs and sample_key is not None and sample_key in obs
+    )
+    if split:  # per sample: its unclassified cells, and the atypical among them
+        unc = obs[col].astype(str).to_numpy() == UNCLASSIFIED
+        atyp = pd.to_numeric(obs["vae_atypical"], errors="coerce").fillna(0).to_numpy() > 0
+        by = pd.DataFrame({"u": unc, "a": unc & atyp}, index=obs.index)
+        by = by.groupby(obs[sample_key].to_numpy(), sort=False).sum()
+    n_atyp = n_unc = 0
+    items = []
+    for r in flagged:
+        n, u = int(r["n_cells"]), _n_uncalled(r)
+        kinds = ""
+        if split and r["sample"] in by.index:
+            nu, a = int(by.at[r["sample"], "u"]), int(by.at[r["sample"], "a"])
+            n_atyp, n_unc = n_atyp + a, n_unc + nu
+            kinds = f": {a} atypical, {nu - a} doubtful"
+        k = n - u
+        what = (
+            "no cell was called a class, so its shares and ratios are empty (NaN), not 0 %"
+            if k == 0
+            else f"its shares count the {k} called cell{'s' if k != 1 else ''} among all "
+            f"{n}: its differential, blast and IG fractions and I:T ratio say little"
+        )
+        items.append(
+            f"<li><b>{html.escape(str(r['sample']))}</b>: {u} of {n} cells unclassified "
+            f"({100 * u / max(n, 1):.0f} %{kinds}); {what}.</li>"
+        )
+    more = len(items) - FLAGGED_SAMPLES_SHOWN
+    items = items[:FLAGGED_SAMPLES_SHOWN] + (
+        [f"<li>and {more} more (samples.csv, mostly_unclassified)</li>"] if more > 0 else []
+    )
+    if split and n_unc and n_atyp >= n_unc / 2:
+        q = f"{100 * atypical_quantile:.3g} %" if atypical_quantile is not None else "most"
+        cause = (
+            f"Most of these cells are atypical: less like the study's cells than {q} of its "
+            "own held-out cells. The usual cause is the inputs, not the patient: "
+            f"{UNLIKE_INPUTS}. {COMPARE_CROPS}"
+        )
+    elif split and n_unc:
+        cause = (
+            f"Most of these cells are doubtful: fewer than {100 * min_confidence:.0f} % of "
+            "their nearest reference cells agree on a label: cells between the study's "
+            "classes or of a kind it has no class for, or cells the study reads poorly, as "
+            f"it reads {UNLIKE_INPUTS}. {COMPARE_CROPS}"
+        )
+    else:  # no vae_atypical to tell the two apart
+        cause = (
+            "When most cells are atypical, the usual cause is the inputs, not the patient: "
+            f"{UNLIKE_INPUTS}. {COMPARE_CROPS}"
+        )
+    if atypical_off:
+        cause += f" (Atypical flagging was off here: {html.escape(atypical_off)}.)"
+    n_flag = len(flagged)
+    return (
+        "<section aria-labelledby='mostly-unclassified' style='border:3px solid #a40000;"
+        "background:#fff4f4;padding:0 1em;margin:1em 0'>"
+        f"<h2 id='mostly-unclassified' style='color:#a40000'>{n_flag} sample"
+        f"{'s' if n_flag != 1 else ''} mostly unclassified: "
+        f"{'their' if n_flag != 1 else 'its'} shares say little</h2>"
+        f"<p>Half or more of the cells of {'these samples' if n_flag != 1 else 'this sample'} "
+        "were called no class (unclassified: doubtful or atypical, defined below). They "
+        "count in n_cells as a manual differential counts its unidentified cells, so a "
+        "0 % here is no measured absence: the unclassified cells may be of any kind.</p>"
+        f"<ul>{''.join(items)}</ul><p>{cause}</p>"
+        "<p>samples.csv: mostly_unclassified (true for these), n_classified, "
+        "n_unclassified and frac_unclassified.</p></section>"
+    )
 
 
 def _hist_svg(h: np.ndarray, width: int = 160, height: int = 40) -> str:
@@ -618,11 +774,18 @@ def write_samples_html(
         "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}"
         "img{margin:1px;image-rendering:pixelated}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
+        # first thing on the page: a sample whose shares say little (most cells called
+        # no class) read as a normal measured count in the table below
+        _unclassified_flag_html(
+            profile, obs, sample_key, min_confidence, atypical_quantile, atypical_off
+        ),
         *(f"<p><b>{html.escape(n)}</b></p>" for n in (notes or [])),
         "<p>Definitions (every fraction but the left-shift index is over all the sample's "
         "cells, n_cells):</p><ul>"
         f"<li><b>unclassified</b>: cells the study does not call: {_unclassified_rule(min_confidence, atypical_quantile, atypical_off)} "
-        "They count in n_cells and in no call.</li>"
+        "They count in n_cells and in no call; a sample with half or more of its cells "
+        "called no class is named in a box at the top of this page "
+        "(samples.csv mostly_unclassified).</li>"
         "<li><b>blast fraction</b> = myeloblasts / all cells.</li>"
         "<li><b>immature granulocyte fraction</b> = (promyelocyte + myelocyte + "
         "metamyelocyte) / all cells, as an analyser's IG% (bands and blasts are not IG).</li>"
@@ -633,7 +796,9 @@ def write_samples_html(
         "column counts (a study labelled by cell kind, e.g. with Paul15's 'Neutrophils', "
         "names no immature stage), or none of the study's classes that name them can be "
         "given this sample's cells from the modalities they were seen with (not_callable), "
-        "or the sample has no neutrophil (I:T).</li>"
+        "or the sample has no neutrophil (I:T), or none of its cells was called a class "
+        "(every cell unclassified: 0 of 0 classified cells is no measured 0; its calls' "
+        "shares read 'no cell classified').</li>"
         "<li><b>histogram</b>: the position along the study's maturation path (0 = the "
         "earliest class's centre, 1 = the latest's; cells beyond either centre sit at the "
         "end) of the cells called one of the path's classes (n_on_path).</li>"
@@ -655,15 +820,25 @@ def write_samples_html(
     ]
     for _, r in profile.iterrows():
         cells = []
+        flag = _is_flagged(r)
         for c in main:
             v = r[c]
             if isinstance(v, float):  # NaN as the definitions above spell it
                 ci = _ci_text(r, c, 1.0, 3)
                 cells.append("<td>NaN</td>" if np.isnan(v) else f"<td>{v:.3f}{ci}</td>")
+            elif flag and c == "sample":  # the box at the top names it too
+                cells.append(
+                    f"<td>{html.escape(str(v))}<br><small><b>mostly unclassified</b></small></td>"
+                )
+            elif flag and c == f"n_{UNCLASSIFIED}":
+                cells.append(
+                    f"<td>{v} <b>({100 * int(v) / max(int(r['n_cells']), 1):.0f} %)</b></td>"
+                )
             else:
                 cells.append(f"<td>{html.escape(str(v))}</td>")
         cells.append(f"<td>{_hist_svg(r[hist_cols].to_numpy(float))}</td>")
-        parts.append("<tr>" + "".join(cells) + "</tr>")
+        style = " style='background:#fff4f4'" if flag else ""
+        parts.append(f"<tr{style}>" + "".join(cells) + "</tr>")
     parts.append("</table><h2>Differential count</h2>")
     marks = uncallable_calls(profile, obs, callable_calls, sample_key)
     parts.append(_differential_html(profile, marks))

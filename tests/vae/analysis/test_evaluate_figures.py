@@ -34,3 +34,27 @@ def test_reconstruction_rows_respect_the_cap_and_the_candidates():
     got = rows_per_label(labels, cand, per_label=2, max_rows=3)
     assert got.size == 3
     assert rows_per_label(labels, np.array([], int), 2, 12).size == 0
+
+
+def test_umap_maturation_panel_only_where_the_data_have_maturation():
+    """A real or own-data study (no simulator t, no pseudotime) drew an all-grey
+    maturation panel whose caption spoke of both: no panel now, and the figure says why.
+    The demo's simulator t, or a pseudotime with gaps, keeps its panel."""
+    import anndata as ad
+    import pandas as pd
+
+    from vae.analysis.evaluate import maturation_panel
+
+    def latent(mat) -> ad.AnnData:
+        obs = pd.DataFrame({"label": ["a", "b", "c"]}, index=["x", "y", "z"])
+        if mat is not None:
+            obs["maturation"] = mat
+        return ad.AnnData(np.zeros((3, 2), np.float32), obs=obs)
+
+    t, note = maturation_panel(latent([0.1, np.nan, 0.9]), "maturation")
+    assert note == "" and np.allclose(t, [0.1, np.nan, 0.9], equal_nan=True)
+    for mat, why in (([np.nan] * 3, "is empty"), (None, "is missing"), (["", "", ""], "is empty")):
+        t, note = maturation_panel(latent(mat), "maturation")
+        assert t is None
+        assert note.startswith("no maturation panel: no maturation value in these data")
+        assert f"(obs['maturation'] {why}: no simulator t, no pseudotime)" in note
