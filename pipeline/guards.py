@@ -153,7 +153,19 @@ def data_layout(obs, n_genes: int, has_counts: bool) -> Any:
         has_expression=flag(HAS_EXPRESSION),
         counts=True if has_counts else None,
         obs_columns=set(obs.columns),
+        # the labels vae.maturation_classes is resolved on (None: no label column)
+        label_names=_label_names(obs),
     )
+
+
+def _label_names(obs) -> list[str] | None:
+    """The distinct known labels of ``obs["label"]``, sorted; None without the column."""
+    from vae.inputs.schema import known_labels
+
+    if "label" not in obs:
+        return None
+    lab = obs["label"].astype(object).to_numpy()
+    return sorted({str(x) for x in lab[known_labels(lab)]})
 
 
 def _data_layout(inputs: dict) -> Any:
@@ -195,6 +207,14 @@ def resolved_setting(key: str, value: Any, data: Any) -> Any:
         return T.expression_norm(value, data)
     if key == "vae.expression_input":
         return T.expression_input(value, data)
+    if key == "vae.maturation_classes" and getattr(data, "label_names", None) is not None:
+        # the axis the classes order on these labels: the default six stages and
+        # [promyelocyte,...] (or [Promyelocytes,...]) on labels Promyelocytes... are one
+        # axis, not a change (a model trained so, traversed without repeating the list)
+        try:
+            return T.maturation_axis(list(value or []), data.label_names, say=False)
+        except StageError:
+            return value
     if key == "trainer.split_by" and value == "specimen":
         # the default column: a table without it is split by row (train.split_groups)
         cols = getattr(data, "obs_columns", None)

@@ -14,7 +14,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.runner import StageError
-from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE, label_typos
+from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE, class_labels, stage_name
 
 log = logging.getLogger(__name__)
 
@@ -194,39 +194,59 @@ def size_args(weight: float, data, source: str) -> dict:
     }
 
 
-def maturation_ranks(weight: float, order: list[str], label_names: list[str]) -> list[int]:
-    """Rank of each label code along ``order`` (-1: not a stage), ranks renumbered over
-    the stages present; [] (no head) when off or fewer than two stages are labels.
+def maturation_axis(order: list[str], label_names: list[str], say: bool = True) -> list[str]:
+    """The labels ``vae.maturation_classes`` (``order``) orders, earliest first: the
+    stages among ``label_names``; [] (no axis) when fewer than two are.
 
-    A stage absent from the labels is dropped (a preset's stages on data that lacks some),
-    but one that looks like a typo of a label ("Neutrophil" for "Neutrophils") is an error:
-    dropping it would silently train another axis, or none."""
-    if weight <= 0:
-        return []
+    A class is taken as the data spell it (:func:`vae.inputs.schema.class_labels`):
+    "promyelocyte" is the label "Promyelocytes", "segmented_neutrophil" the label
+    "Neutrophils", when exactly one label names that stage (said at INFO); two such labels
+    are an error naming both. A stage absent from the labels is dropped (a preset's stages
+    on data that lacks some), but one that looks like a typo of a label ("Neutrophls" for
+    "Neutrophils") is an error: dropping it would silently train another axis, or none.
+    ``say=False``: no log line (the comparison of two settings,
+    :func:`pipeline.guards.resolved_setting`)."""
+    try:
+        named, taken = class_labels(order, label_names, "vae.maturation_classes")
+    except ValueError as e:
+        raise StageError(str(e)) from e
+    if say:
+        for c, lab in taken.items():
+            log.info(
+                "vae.maturation_classes: %r taken as the label %r (the same stage, %s)",
+                c,
+                lab,
+                stage_name(c),
+            )
     labels = set(label_names)
-    typos = label_typos(order, labels)
-    if typos:
-        c, near = next(iter(typos.items()))
-        raise StageError(
-            f"vae.maturation_classes: {c!r} is not a label of the paired data; did "
-            f"you mean {near!r}? (labels: {', '.join(sorted(labels))})"
-        )
-    present = [c for c in order if c in labels]
+    present = [c for c in named if c in labels]
     if len(present) < 2:
-        log.warning(
-            "vae.maturation_classes: %d of %s among the labels, so no maturation head (labels: %s)",
-            len(present),
-            list(order),
-            ", ".join(sorted(labels)[:20]),
-        )
+        if say:
+            log.warning(
+                "vae.maturation_classes: %d of %s among the labels, so no maturation head "
+                "(labels: %s)",
+                len(present),
+                list(order),
+                ", ".join(sorted(labels)[:20]),
+            )
         return []
-    if len(present) < len(order):
+    if say and len(present) < len(named):
         log.info(
             "vae.maturation_classes: %s not among the labels; the axis orders %s",
-            [c for c in order if c not in labels],
+            [c for c in named if c not in labels],
             present,
         )
-    return [present.index(n) if n in present else -1 for n in label_names]
+    return present
+
+
+def maturation_ranks(weight: float, order: list[str], label_names: list[str]) -> list[int]:
+    """Rank of each label code along ``order`` (-1: not a stage), ranks renumbered over
+    the stages present (:func:`maturation_axis`); [] (no head) when off or fewer than two
+    stages are labels."""
+    if weight <= 0:
+        return []
+    present = maturation_axis(order, label_names)
+    return [present.index(n) if n in present else -1 for n in label_names] if present else []
 
 
 def unknown_label_code(label_names: list[str]) -> int:
@@ -338,6 +358,8 @@ __all__ = [
     "expression_input",
     "expression_likelihood",
     "expression_norm",
+    "maturation_axis",
+    "maturation_ranks",
     "resolve_align",
     "unknown_label_code",
 ]

@@ -303,6 +303,35 @@ def test_auto_settings_compare_by_their_resolved_value():
     assert resolved_setting("vae.dropout", None, None) is None  # nothing to resolve on
 
 
+def test_traverse_does_not_warn_of_maturation_classes_that_order_the_same_axis(tmp_path: Path):
+    """A model trained with vae.maturation_classes=[promyelocyte,...] on labels spelled
+    Promyelocytes...: a traverse run that does not repeat the list (its default, the six
+    stages) orders the same axis on these labels, so it is no difference to warn of; a
+    list that orders another axis still is."""
+    from pipeline.guards import data_layout
+    from pipeline.stages.traverse import model_settings
+
+    (tmp_path / "train").mkdir()
+    trained = ["promyelocyte", "myelocyte", "band", "segmented_neutrophil"]
+    man = {"stage": "train", "config": {"vae": {"maturation_classes": trained}}}
+    (tmp_path / "train" / "manifest.json").write_text(json.dumps(man))
+    six = ["myeloblast", "promyelocyte", "myelocyte", "metamyelocyte", "band"]
+    mine = {"vae": {"maturation_classes": [*six, "segmented_neutrophil"]}}
+    labels = ["Promyelocytes", "Myelocytes", "band", "Neutrophils", "Lymphocytes", None]
+    obs = pd.DataFrame({"has_image": [True] * 6, "has_expression": [True] * 6, "label": labels})
+    model = tmp_path / "train" / "model.pt"
+    assert model_settings(mine, model, data_layout(obs, 5, True))[1] == []
+    # without the labels (an old latent): compared as written
+    assert model_settings(mine, model, data_layout(obs.drop(columns="label"), 5, True))[1]
+    # another axis: named
+    _, differ = model_settings(
+        {"vae": {"maturation_classes": ["band", "segmented_neutrophil"]}},
+        model,
+        data_layout(obs, 5, True),
+    )
+    assert [d.split(":")[0] for d in differ] == ["vae.maturation_classes"]
+
+
 def test_traverse_does_not_warn_of_an_auto_dropout_that_resolves_alike(tmp_path: Path):
     from pipeline.guards import data_layout
     from pipeline.stages.traverse import model_settings

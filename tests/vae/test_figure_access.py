@@ -34,6 +34,8 @@ REAL_LABELS = [
     "Multipotent progenitors",
     "",
 ]
+# an audit's own spellings of the stages (stage_name): each takes its stage's ramp colour
+AUDIT_LABELS = ["Promyelocytes", "Myelocytes", "band", "Neutrophils", "Lymphocytes", ""]
 
 
 def _too_close(colours: dict, markers: dict) -> list:
@@ -66,7 +68,9 @@ def _categorical(ax) -> dict:
     return out
 
 
-@pytest.mark.parametrize("labels", [DEMO_LABELS, REAL_LABELS], ids=["demo", "real"])
+@pytest.mark.parametrize(
+    "labels", [DEMO_LABELS, REAL_LABELS, AUDIT_LABELS], ids=["demo", "real", "audit"]
+)
 def test_label_classes_stay_apart_under_colour_vision_deficiencies(labels):
     colours, markers = P.label_colours(labels), P.label_markers(labels)
     assert list(colours) == list(markers)  # one owner: same keys, same order

@@ -10,6 +10,7 @@ from scipy.stats import spearmanr
 from pipeline.train_args import maturation_ranks
 from tests.helpers.vae_toy import make_paired
 from vae.data import from_anndata, raw_batch, to_batch
+from vae.inputs.schema import MATURATION_ORDER
 from vae.losses import LossWeights, vae_loss
 from vae.model import MaturationHead, TwoBranchVAE, VAEArgs
 
@@ -101,6 +102,74 @@ def test_a_maturation_class_that_looks_like_a_typo_is_refused():
 
     names = ["GMP", "Multipotent progenitors", "Neutrophils"]
     with pytest.raises(StageError, match="did you mean 'Neutrophils'"):
-        maturation_ranks(100.0, ["Multipotent progenitors", "GMP", "Neutrophil"], names)
+        maturation_ranks(100.0, ["Multipotent progenitors", "GMP", "Neutrophls"], names)
     # a stage the data do not hold, unlike any label: dropped, the others ordered
     assert maturation_ranks(100.0, ["GMP", "Neutrophils", "Metamyelocyte"], names) == [0, -1, 1]
+    # "Neutrophil" names the stage the label "Neutrophils" names: taken, not refused
+    assert maturation_ranks(100.0, ["Multipotent progenitors", "GMP", "Neutrophil"], names) == [
+        1,
+        0,
+        2,
+    ]
+
+
+# an audit's own spellings of the stages (and a non-lineage class), as the data's
+# sorted label names (vae.data: "NA" for the unlabelled)
+AUDIT = sorted(["Promyelocytes", "Myelocytes", "band", "Neutrophils", "Lymphocytes", "NA"])
+
+
+def test_stage_names_take_the_labels_that_spell_the_same_stage(caplog):
+    """vae.maturation_classes=[promyelocyte,...,segmented_neutrophil] on labels spelled
+    Promyelocytes / Myelocytes / band / Neutrophils: each stage is its label (said at
+    INFO), where an exact comparison refused "promyelocyte" as a typo of "Promyelocytes"."""
+    import logging
+
+    from pipeline.train_args import maturation_axis
+
+    order = ["promyelocyte", "myelocyte", "band", "segmented_neutrophil"]
+    with caplog.at_level(logging.INFO, logger="pipeline.train_args"):
+        ranks = maturation_ranks(100.0, order, AUDIT)
+    rank = dict(zip(AUDIT, ranks))
+    assert rank == {
+        "Lymphocytes": -1,
+        "Myelocytes": 1,
+        "NA": -1,
+        "Neutrophils": 3,
+        "Promyelocytes": 0,
+        "band": 2,
+    }
+    assert "'promyelocyte' taken as the label 'Promyelocytes'" in caplog.text
+    assert "'segmented_neutrophil' taken as the label 'Neutrophils'" in caplog.text
+    # the default six stages order the same axis: the mature end is no longer dropped
+    # (labels promyelocyte, myelocyte, band, Neutrophils: the axis ended at band)
+    mixed = sorted(["promyelocyte", "myelocyte", "band", "Neutrophils", "NA"])
+    assert maturation_axis(list(MATURATION_ORDER), mixed) == [
+        "promyelocyte",
+        "myelocyte",
+        "band",
+        "Neutrophils",
+    ]
+    assert maturation_axis(list(MATURATION_ORDER), AUDIT, say=False) == [
+        "Promyelocytes",
+        "Myelocytes",
+        "band",
+        "Neutrophils",
+    ]
+    # an exact label wins over another spelling of its stage
+    both = sorted(["promyelocyte", "Promyelocytes", "band"])
+    assert maturation_axis(["promyelocyte", "band"], both) == ["promyelocyte", "band"]
+
+
+def test_a_stage_two_labels_name_is_refused_naming_both():
+    from pipeline.runner import StageError
+
+    names = sorted(["SNE", "Neutrophils", "band", "myelocyte"])
+    with pytest.raises(
+        StageError, match=r"2 labels name its stage \(segmented_neutrophil\): 'Neutrophils', 'SNE'"
+    ):
+        maturation_ranks(100.0, ["myelocyte", "band", "segmented_neutrophil"], names)
+    # naming one of them settles it
+    assert maturation_ranks(100.0, ["myelocyte", "band", "SNE"], names) == [-1, 2, 1, 0]
+    # a real typo still errors as before
+    with pytest.raises(StageError, match="did you mean 'Promyelocytes'"):
+        maturation_ranks(100.0, ["promyelocyt", "band"], AUDIT)

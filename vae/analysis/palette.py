@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-from vae.inputs.schema import MATURATION_ORDER
+from vae.inputs.schema import MATURATION_ORDER, stage_name
 
 # dark to light along maturation, inferno-like, tuned so that every two steps stay
 # apart under the three colour-vision deficiencies (see the module docstring)
@@ -37,7 +37,9 @@ OTHERS: dict[str, str] = {
     "monocyte": "#56b4e9",  # sky blue
     "eosinophil": "#ee3377",  # magenta
     "basophil": "#aa4499",  # purple
-    "neutrophil": LINEAGE["segmented_neutrophil"],  # real data names the mature cell so
+    # real data names the mature cell so; known_colour reads it as a stage first
+    # (stage_name: "neutrophil" is segmented_neutrophil), so this entry is that colour too
+    "neutrophil": LINEAGE["segmented_neutrophil"],
 }
 MISSING = "#c8c8c8"  # unlabelled / unknown / empty
 MISSING_NAMES = frozenset({"", "nan", "none", "unlabelled", "unlabeled", "unknown", "na"})
@@ -89,13 +91,30 @@ def normalise(label: object) -> str:
     return k[1:-1] if k.startswith("(") and k.endswith(")") else k
 
 
+def _stage(k: str) -> str | None:
+    """The lineage stage a :func:`normalise`-d label names, in any spelling
+    (:func:`vae.inputs.schema.stage_name`: "Promyelocytes", "PMY", "Segmented
+    neutrophils", "Neutrophils"), or None.
+
+    Paul15's "Neutrophils" (the real chain) are marrow neutrophil precursors, yet they
+    keep the mature end's colour and circle: they had it before (as the "neutrophil" of
+    :data:`OTHERS`), and the real chain's figures keep their colours; taking them as the
+    stage only moves them in :func:`label_order` from after the other white cells to the
+    lineage's mature end, beside the colour they are drawn in. Before, only an exact
+    stage name was one: an audit's "Promyelocytes" got an extra colour 8.5 CIEDE2000
+    from band's, and its "Neutrophils" came after its "Lymphocytes"."""
+    return stage_name(k)
+
+
 def known_colour(label: object) -> str | None:
-    """The fixed colour of a label this module names (None for any other label)."""
+    """The fixed colour of a label this module names (None for any other label): a
+    stage of the lineage in any spelling (:func:`_stage`) has the stage's ramp colour."""
     k = normalise(label)
     if k in MISSING_NAMES:
         return MISSING
-    if k in LINEAGE:
-        return LINEAGE[k]
+    stage = _stage(k)
+    if stage is not None:
+        return LINEAGE[stage]
     if k in OTHERS:
         return OTHERS[k]
     if k.endswith("s") and k[:-1] in OTHERS:  # "lymphocytes", "monocytes"
@@ -104,8 +123,8 @@ def known_colour(label: object) -> str | None:
 
 
 def label_order(labels: Iterable[object]) -> list[str]:
-    """Distinct labels in display order: maturation order, other white cells, the rest
-    sorted, unlabelled last."""
+    """Distinct labels in display order: maturation order (a stage in any spelling,
+    :func:`_stage`), other white cells, the rest sorted, unlabelled last."""
     uniq = sorted({str(v) for v in labels})
     rank = {k: i for i, k in enumerate([*LINEAGE, *OTHERS])}
 
@@ -113,6 +132,9 @@ def label_order(labels: Iterable[object]) -> list[str]:
         k = normalise(lab)
         if k in MISSING_NAMES:
             return (3, 0, lab)
+        stage = _stage(k)
+        if stage is not None:
+            return (0, rank[stage], lab)
         if k in rank:
             return (0, rank[k], lab)
         if k.endswith("s") and k[:-1] in rank:
@@ -157,7 +179,7 @@ def known_marker(label: object) -> str | None:
     k = normalise(label)
     if k in MISSING_NAMES:
         return MISSING_MARKER
-    if k in LINEAGE:
+    if _stage(k) is not None:
         return LINEAGE_MARKER
     if k in OTHER_MARKERS:
         return OTHER_MARKERS[k]

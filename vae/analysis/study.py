@@ -122,7 +122,8 @@ def traverse_study(
             g for g in gl if g.upper() not in {x.upper() for x in rd.gene_program}
         )
     labels = labels_of(lat, a.label_key)
-    _check_path_classes(a.path_classes, labels)
+    # refused before any work: a typo or a stage two labels name
+    path_classes = path_order(a.path_classes, labels, lat.uns.get("maturation_axis"))
     Z = full_codes(lat)  # (N, d)
     d = Z.shape[1]
     rows = split_rows(lat, a.split)
@@ -371,19 +372,19 @@ def traverse_study(
     steps("maturation path")
     # ---- path from the earliest to the latest class
     mat = obs_col(lat, a.maturation_key)
-    order = list(a.path_classes) if a.path_classes else None
+    order = path_classes
     have = {str(x) for x in labels}
     missing = [] if order is None else [c for c in order if c not in have]
     if missing:  # a class the data lack drops a step of the path: say which, and what is there
         from vae.inputs.schema import label_typos
 
         present = sorted(x for x in have if x)
-        # near misses (>= 0.9) were refused at the start (_check_path_classes): these hints
-        # are the looser ones
-        hints = label_typos(missing, present, cutoff=0.5)
+        # near misses (>= 0.9) were refused at the start (path_order): these hints are the
+        # looser ones, among the labels not on the path already
+        hints = label_typos(missing, [x for x in present if x not in order], cutoff=0.5)
         # the default list names every stage of granulopoiesis, and data without one of
         # them is normal: only a list the user gave, or a near miss, is worth a warning
-        if order == list(MATURATION_ORDER) and not hints:
+        if list(a.path_classes) == list(MATURATION_ORDER) and not hints:
             missing = []
     if missing:
         log.warning(
@@ -1865,23 +1866,53 @@ def _source_note(s: np.ndarray, sources: np.ndarray) -> str:
     )
 
 
-def _check_path_classes(path_classes, labels: np.ndarray) -> None:
-    """A path class that is a near miss of a label ("neutrophil" for "Neutrophils") is a
-    typo: refused before any work, since the path would silently lose that step (or fall
-    back to ordering every class by pseudotime). A class unlike every label is left to
-    the path's own warning: a preset's classes on data without them."""
-    from vae.inputs.schema import label_typos
+def path_order(path_classes, labels: np.ndarray, maturation_axis=None) -> list[str] | None:
+    """The classes the maturation path runs through, earliest first, as the data spell
+    them; None (``analysis.path_classes=[]``): the classes ordered by mean maturation.
+
+    ``path_classes`` at its default (the six neutrophil stages,
+    :data:`~vae.inputs.schema.MATURATION_ORDER`) on a model trained with the maturation
+    head is the model's own axis (``maturation_axis``: latent ``uns["maturation_axis"]``,
+    the labels ``vae.maturation_classes`` ordered when it was trained), when at least two
+    of its classes are labels here: the path then runs through the classes the swept
+    axis orders, and a model trained with ``vae.maturation_classes=[GMP,Neutrophils]``
+    needs no list repeated at traverse. Any other list (or the default without such an
+    axis) is taken as the data spell it (:func:`vae.inputs.schema.class_labels`:
+    "promyelocyte" is the label "Promyelocytes", "segmented_neutrophil" the label
+    "Neutrophils", when exactly one label names that stage; said at INFO).
+
+    Raises :class:`AnalysisError` before any work for a near miss of a label
+    ("lymphocyt" for "lymphocyte": a typo, the path would silently lose that step, or
+    fall back to ordering every class by pseudotime) and for a stage that two labels
+    name. A class unlike every label stays, left to the path's own warning: a preset's
+    classes on data without them.
+    """
+    from vae.inputs.schema import class_labels, stage_name
 
     if not path_classes:
-        return
-    have = sorted({str(x) for x in labels} - {""})
-    typos = label_typos(path_classes, have)
-    if typos:
-        c, near = next(iter(typos.items()))
-        raise AnalysisError(
-            f"analysis.path_classes: {c!r} is not a label; did you mean {near!r}? "
-            f"(labels: {', '.join(have[:20])})"
+        return None
+    have = {str(x) for x in labels} - {""}
+    if list(path_classes) == list(MATURATION_ORDER) and maturation_axis is not None:
+        axis = [str(c) for c in np.asarray(maturation_axis.get("classes", []), dtype=object)]
+        if sum(c in have for c in axis) >= 2:
+            log.info(
+                "analysis.path_classes: not set, so the path runs through the model's "
+                "maturation axis (vae.maturation_classes as trained): %s",
+                " -> ".join(axis),
+            )
+            return axis
+    try:
+        order, taken = class_labels(path_classes, sorted(have), "analysis.path_classes")
+    except ValueError as e:
+        raise AnalysisError(str(e)) from e
+    for c, lab in taken.items():
+        log.info(
+            "analysis.path_classes: %r taken as the label %r (the same stage, %s)",
+            c,
+            lab,
+            stage_name(c),
         )
+    return order
 
 
 def _axis_means(

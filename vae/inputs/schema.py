@@ -185,6 +185,68 @@ def stage_name(label: object) -> str | None:
     return None
 
 
+def class_labels(names, labels, setting: str) -> tuple[list[str], dict[str, str]]:
+    """The classes a setting names (``vae.maturation_classes``, ``analysis.path_classes``)
+    as the data spell them.
+
+    A name that is a label stays. A name of a maturation stage (:func:`stage_name`) that
+    no label spells so, where exactly one label names that same stage, is that label
+    ("promyelocyte" -> "Promyelocytes", "segmented_neutrophil" -> "Neutrophils"): a
+    study labelled its own way still gets its stages, where an exact comparison dropped
+    them (or refused them as typos). Any other name stays as given: a class the data
+    lack, which the caller drops (a preset's stages on data without some). A label
+    named twice (two spellings of one stage) is kept once, where it first comes.
+
+    Parameters
+    ----------
+    names : the class names the setting gives, in order
+    labels : the labels the data hold (unknown ones, :data:`UNKNOWN_LABELS`, ignored)
+    setting : the setting's name, for the messages
+
+    Returns
+    -------
+    (names, taken) : the names as labels, in order; ``{name: label}`` of those taken
+        through their stage (the caller says so).
+
+    Raises
+    ------
+    ValueError
+        A stage name that two or more labels name (which one is meant cannot be told),
+        or a near miss of a label (:func:`label_typos`: a typo that would drop a class).
+    """
+    have = sorted({str(x) for x in labels} - set(UNKNOWN_LABELS))
+    by_stage: dict[str, list[str]] = {}
+    for lab in have:
+        s = stage_name(lab)
+        if s is not None:
+            by_stage.setdefault(s, []).append(lab)
+    shown = ", ".join(have[:20]) + (", ..." if len(have) > 20 else "")
+    out: list[str] = []
+    taken: dict[str, str] = {}
+    for c in map(str, names):
+        lab = c
+        if c not in have:
+            stage = stage_name(c)
+            cands = by_stage.get(stage, []) if stage else []
+            if len(cands) > 1:
+                raise ValueError(
+                    f"{setting}: {c!r} is not a label, and {len(cands)} labels name its "
+                    f"stage ({stage}): {', '.join(map(repr, cands))}; name the one meant "
+                    f"(labels: {shown})"
+                )
+            if cands:
+                lab = taken[c] = cands[0]
+            else:
+                near = label_typos([c], have).get(c)
+                if near is not None:
+                    raise ValueError(
+                        f"{setting}: {c!r} is not a label; did you mean {near!r}? (labels: {shown})"
+                    )
+        if lab not in out:
+            out.append(lab)
+    return out, taken
+
+
 # granule gene programs (human symbols; matched case-insensitively, so mouse
 # Mpo/Elane map too): expression.programs and analysis.programs default to these,
 # and obs["score_<program>"] of expression.h5ad is keyed by them

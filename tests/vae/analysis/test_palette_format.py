@@ -64,6 +64,44 @@ def test_palette_follows_maturation_and_greys_unlabelled():
     assert lum[-1] > lum[0]
 
 
+def test_any_spelling_of_a_stage_has_its_ramp_colour_and_place():
+    """stage_name spellings (an audit's "Promyelocytes", "Neutrophils"; "PMY", "Segmented
+    neutrophils") are the stage: its colour, the lineage's circle and its place in the
+    maturation order, not an extra colour 8.5 CIEDE2000 from band's, nor "Neutrophils"
+    after "Lymphocytes"."""
+    from vae.analysis.palette import LINEAGE_MARKER, known_colour, label_markers
+
+    audit = ["Lymphocytes", "Neutrophils", "band", "Myelocytes", "Promyelocytes"]
+    pal, markers = label_colours(audit), label_markers(audit)
+    assert pal["Promyelocytes"] == LINEAGE["promyelocyte"] == known_colour("promyelocyte")
+    assert pal["Myelocytes"] == LINEAGE["myelocyte"]
+    assert pal["Neutrophils"] == LINEAGE["segmented_neutrophil"]
+    assert {markers[k] for k in ("Promyelocytes", "Myelocytes", "band", "Neutrophils")} == {
+        LINEAGE_MARKER
+    }
+    assert label_order(audit) == [
+        "Promyelocytes",
+        "Myelocytes",
+        "band",
+        "Neutrophils",
+        "Lymphocytes",
+    ]
+    for spelling, stage in [
+        ("PMY", "promyelocyte"),
+        ("Segmented neutrophils", "segmented_neutrophil"),
+        ("Metamyelocytes", "metamyelocyte"),
+        ("neutrophil", "segmented_neutrophil"),
+    ]:
+        assert known_colour(spelling) == LINEAGE[stage]
+    # the canonical names keep their colours; the real chain's (Paul15) labels keep theirs,
+    # "Neutrophils" now first, at the lineage's mature end
+    real = ["lymphocyte", "Monocytes", "eosinophil", "Basophils", "Neutrophils", "GMP", ""]
+    pal = label_colours(real)
+    assert pal["Neutrophils"] == "#e1e196" and pal["Monocytes"] == "#56b4e9"
+    assert pal["GMP"] == "#e69f00"  # the first colour for a label named nowhere
+    assert label_order(real)[:2] == ["Neutrophils", "lymphocyte"]
+
+
 def test_numbers_are_rounded_to_three_significant_digits():
     cases = {
         0.02083205907050001: "0.0208",

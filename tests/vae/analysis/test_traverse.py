@@ -358,3 +358,52 @@ def test_path_classes_say_which_rest_on_profiles_alone():
     got = _class_makeup(["GMP", "Neu"], [2, 3], labels, obs)
     assert got == "GMP 2 (0 with a crop), Neu 3 (2 with a crop)"
     assert _class_makeup(["GMP"], [2], labels, obs.drop(columns="has_image")) == "GMP 2"
+
+
+def test_path_classes_take_the_labels_that_spell_their_stage(caplog):
+    """analysis.path_classes names stages; an audit's labels spell them their own way
+    (Promyelocytes, Neutrophils): each is taken as its label (said at INFO), where the
+    path used to end at band with only a warning."""
+    import logging
+
+    from vae.analysis.run import AnalysisError
+    from vae.analysis.study import path_order
+    from vae.inputs.schema import MATURATION_ORDER
+
+    labels = np.array(["Promyelocytes", "Myelocytes", "band", "Neutrophils", "Lymphocytes", ""])
+    with caplog.at_level(logging.INFO, logger="vae.analysis.study"):
+        got = path_order(["promyelocyte", "myelocyte", "band", "segmented_neutrophil"], labels)
+    assert got == ["Promyelocytes", "Myelocytes", "band", "Neutrophils"]
+    assert "'segmented_neutrophil' taken as the label 'Neutrophils'" in caplog.text
+    # the default: the six stages as the data spell them (absent ones left to the path)
+    mixed = np.array(["promyelocyte", "myelocyte", "band", "Neutrophils"])
+    assert path_order(list(MATURATION_ORDER), mixed)[-2:] == ["band", "Neutrophils"]
+    # a stage two labels name: which one is meant cannot be told
+    two = np.array(["SNE", "Neutrophils", "band"])
+    with pytest.raises(AnalysisError, match="'Neutrophils', 'SNE'; name the one meant"):
+        path_order(["band", "segmented_neutrophil"], two)
+    # a real typo is still refused before any work
+    with pytest.raises(AnalysisError, match="did you mean 'Lymphocytes'"):
+        path_order(["band", "Lymphocyte"], labels)
+    assert path_order([], labels) is None  # ordered by mean maturation
+
+
+def test_the_default_path_follows_the_models_maturation_axis(caplog):
+    """A model trained with vae.maturation_classes=[GMP, Neutrophils] needs no list at
+    traverse: analysis.path_classes at its default runs through the model's axis; a
+    list the user gives is theirs."""
+    import logging
+
+    from vae.analysis.study import path_order
+    from vae.inputs.schema import MATURATION_ORDER
+
+    labels = np.array(["Multipotent progenitors", "GMP", "Neutrophils", "Monocytes"])
+    axis = {"dim": 0, "classes": np.array(["GMP", "Neutrophils"], dtype=object)}
+    with caplog.at_level(logging.INFO, logger="vae.analysis.study"):
+        assert path_order(list(MATURATION_ORDER), labels, axis) == ["GMP", "Neutrophils"]
+    assert "the model's maturation axis" in caplog.text
+    given = ["Multipotent progenitors", "GMP", "Neutrophils"]
+    assert path_order(given, labels, axis) == given
+    # an axis of classes this latent does not label (another label_key): the default
+    other = {"dim": 0, "classes": np.array(["a", "b"], dtype=object)}
+    assert path_order(list(MATURATION_ORDER), labels, other)[-1] == "Neutrophils"
