@@ -1481,6 +1481,17 @@ def _eval_sections(
         "label_disagreements.png": "Held-out crops whose kNN call on the image code is not their label, by label -> call pair (label_disagreements.csv lists them all, with each crop's file): judge by eye whether the code or the label is wrong. Under each crop: the share of its neighbours voting the call / its label.",
         "label_suspects.png": "The labelled training crops that voted for those wrong calls, by their label, the most misleading first (label_suspects.csv lists them all, with each crop's file): one mislabelled crop can mislead many held-out cells, so re-check these labels first. Under each crop: the wrong calls it voted for / the share of its own neighbours carrying its label.",
     }
+    panels = metrics.get("umap_labels_panels")
+    if panels is not None and "maturation" not in panels:
+        # stage=evaluate drew no maturation panel (maturation all missing): the caption
+        # must not describe one
+        fcaps["umap_labels.png"] = (
+            f"Embedding of the shared latent, coloured by {', '.join(panels)} (modality: "
+            "whether a row has a crop, a profile or both). No maturation panel: these data "
+            "hold no maturation value (no simulator t, no pseudotime). One class drawn as "
+            "two islands that differ in modality is the pairing's doing, not two "
+            "populations (modality mixing in the text above)."
+        )
     for fn, cap in fcaps.items():
         if (ev_dir / fn).exists():
             figs.append(FigureItem(ev_dir / fn, cap))

@@ -302,3 +302,27 @@ def test_the_data_limits_say_when_the_data_are_simulated():
     (line,) = _data_limits(SimpleNamespace(obs=sim), [])
     assert line.startswith("These data are simulated (the built-in simulator")
     assert _data_limits(SimpleNamespace(obs=sim.drop(columns="azurophilic_density")), []) == []
+
+
+def test_umap_caption_follows_the_panels_evaluate_drew(tmp_path):
+    """Without maturation values stage=evaluate draws no maturation panel
+    (``umap_labels_panels``); the report's caption then says so instead of describing the
+    simulator's t or a pseudotime panel that is not there. With the panel (the demo), the
+    caption is the full one."""
+    import json
+
+    from vae.analysis.study import _eval_sections
+
+    ev = tmp_path / "metrics.json"
+    (tmp_path / "umap_labels.png").write_bytes(b"")
+
+    def caption(panels):
+        ev.write_text(json.dumps({"n_rows": 3, "split": "test", "umap_labels_panels": panels}))
+        figs = [f for s in _eval_sections(ev) for f in s.figures]
+        return next(f.caption for f in figs if f.path.name == "umap_labels.png")
+
+    without = caption(["label", "split", "modality"])
+    assert "coloured by label, split, modality" in without
+    assert "No maturation panel: these data hold no maturation value" in without
+    assert "simulator's true t" not in without
+    assert "simulator's true t in the demo" in caption(["label", "split", "maturation", "modality"])
