@@ -14,10 +14,14 @@ class EmbedConfig:
     study: str | None = None
     smears: str | None = None  # folder of smear images (sub-folders = samples), run through segment
     crops: str | None = None  # folder of single-cell crops (sub-folders = samples)
-    # crops: detector = the study's detector finds each crop's centre cell and its mask
-    # (as stage=segment masks a crop folder; none found -> rejects.csv); whole = the
-    # whole image is the cell (crops already masked, or a study trained on unmasked crops)
-    crop_masks: str = "detector"
+    # crops and smears: how each cell is cut for the model. auto = as the study's training
+    # crops were (vae.api.Study.training_crops: whole for a study trained on unmasked
+    # squares, pair.crop_sources of kind image_folder; else detector); detector = the
+    # study's detector cuts each cell out with its mask (a crop folder: the crop's centre
+    # cell, as stage=segment masks one; none found -> rejects.csv); whole = unmasked: a
+    # crop image whole, a smear's cell as its square box. A cut unlike the study's
+    # training crops is warned of (most cells then come out atypical)
+    crop_masks: str = "auto"
     h5ad: str | None = None  # cells.h5ad of stage=segment, paired.h5ad, or any AnnData with crops
     expression: str | None = None  # expression file (h5ad, 10x, CSV/TSV): genes matched by name
     sample_key: str = "sample"  # obs column of h5ad/expression inputs naming the sample

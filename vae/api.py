@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,12 @@ log = logging.getLogger(__name__)
 
 # label transfer: which reference cells and codes a query is read against
 LABEL_MODALITIES = ("joint", "image", "expression")
-# crop folders: the detector's mask of the centre cell | the whole image is the cell
-CROP_MASKS = ("detector", "whole")
+# how crops and smears are cut for the model (Study.read's crop_masks, embed.crop_masks):
+# auto = as the study's training crops (Study.training_crops: detector where they were
+# masked, whole where they were unmasked squares, detector where it cannot be told) |
+# detector = each cell cut out with the detector's instance mask (a crop folder: its
+# centre cell) | whole = unmasked (a crop image whole; a smear's cell as its square box)
+CROP_MASKS = ("auto", "detector", "whole")
 # largest value a log1p-normalised matrix can hold and still be one: log1p(1e6) = 13.8
 # (counts per million, one gene holding the whole cell); above it, values are not logged
 LOGNORM_MAX = 14.0
@@ -85,6 +90,14 @@ OBS_COLUMNS = (
     "vae_call",
 )
 UNCLASSIFIED = "unclassified"  # vae_call of a doubtful or atypical cell
+# an input more than this share of whose cells are atypical (vae_atypical) is warned of
+# with the usual causes (Study.warn_atypical): no patient is mostly cells unlike every
+# cell the study saw; crops cut unlike its training crops, another stain or
+# magnification, or kinds it never saw are
+ATYPICAL_MOSTLY = 0.5
+# a study's training crops whole (unmasked) when at least this share of its paired rows'
+# masks read whole (vae.inputs.query.whole_masks), else masked
+WHOLE_CROPS_SHARE = 0.5
 # a latent.h5ad older than its anomaly columns is scored from its paired data in memory
 # (Study._scored_reference) up to this size; a larger one leaves atypical flagging off
 RESCORE_MAX_GIB = 8.0
@@ -251,6 +264,53 @@ class _ExpressionPlan:
 
 
 @dataclass(frozen=True)
+class TrainingCrops:
+    """How a study's training crops were made (:meth:`Study.training_crops`).
+
+    ``kind``: ``masked`` (each cell cut out with its instance mask, the background painted
+    ``pair.background_value``: ``stage=segment``'s cells, ``segmentation_wbc``, ``coco``),
+    ``whole`` (unmasked squares, background and red cells in view: ``pair.crop_sources``
+    of kind ``image_folder``) or None (not known: no paired data, no record of the pair
+    run; or no crop at all). ``evidence``: what it was read from, for the log.
+    ``whole_share``: the share of the paired rows' masks read that are whole squares
+    (None where read from the pair run's record)."""
+
+    kind: str | None
+    evidence: str
+    whole_share: float | None = None
+
+    @property
+    def crop_masks(self) -> str:
+        """The ``crop_masks`` that reads new cells like these: ``whole`` for unmasked
+        crops, else ``detector`` (also where not known: the reading before 2026-12-06)."""
+        return "whole" if self.kind == "whole" else "detector"
+
+    @property
+    def what(self) -> str:
+        """The cut in a few words (``unmasked square crops`` ...)."""
+        return {"whole": "unmasked square crops", "masked": "crops masked to the cell"}.get(
+            str(self.kind), "crops of an unknown cut"
+        )
+
+    def describe(self) -> str:
+        """The cut, what it shows and where it was read, for the log."""
+        shows = {
+            "whole": "background and red cells in view; ",
+            "masked": "background blacked out; ",
+        }.get(str(self.kind), "")
+        return f"{self.what} ({shows}{self.evidence})"
+
+
+# what each crop_masks does to the cells of a crop folder / of a smear
+_CROP_MASKS_READS = {
+    ("crops", "detector"): "each crop's centre cell cut out by the detector's mask",
+    ("crops", "whole"): "each crop image whole, unmasked",
+    ("smears", "detector"): "each cell cut out by the detector's mask",
+    ("smears", "whole"): "each cell as its square box, unmasked",
+}
+
+
+@dataclass(frozen=True)
 class StudyFiles:
     """Where a finished study's files are (:func:`study_files`); nothing is checked to
     exist. ``root``: the experiment folder (``segment_train/``, ``traverse/``, ``pair/``
@@ -373,6 +433,8 @@ class Study:
         # which cells embed's vae_call leaves unclassified (settable after load, checked)
         self.min_confidence, self.atypical_quantile = min_confidence, atypical_quantile
         self._said: set = set()  # notes logged once per study (_note)
+        self._training_crops: TrainingCrops | None = None  # training_crops(), read once
+        self._crop_masks_said: set = set()  # (kind, crop_masks) told of (crop_masks_for)
         # why read_blocks read a file whole, by path (check_whole_read_fits words its
         # refusal by it)
         self._read_whole: dict = {}
@@ -805,6 +867,145 @@ class Study:
         return [str(c) for c in names[known_labels(names)]]
 
     # ---------------------------------------------------------------- inputs
+    def training_crops(self) -> TrainingCrops:
+        """How the crops the study was trained on were made: masked to the cell or whole
+        unmasked squares (:class:`TrainingCrops`), read once.
+
+        The paired data it was trained on (its own ``pair/paired.h5ad``, else the one its
+        checkpoint names) holds it in its masks: ``pair.crop_sources`` of kind
+        ``image_folder`` give every crop an all-True mask (the file read whole as the
+        cell), every other kind the cell's instance mask
+        (:func:`vae.inputs.query.paired_masks`: 256 image rows spread over the table).
+        Whole at least :data:`WHOLE_CROPS_SHARE` of them: ``whole``. Without readable
+        paired data, the pair run's record (``manifest.json`` beside it: the kinds of
+        its ``pair.crop_sources``) says it where every source is of one cut. Neither:
+        ``kind`` None (studies of any age: nothing new is needed from the study).
+        """
+        if self._training_crops is not None:
+            return self._training_crops
+        from vae.inputs.query import paired_masks
+
+        found = None
+        for p in self._paired_candidates:
+            if not p.is_file():
+                continue
+            try:
+                got = paired_masks(p)
+            except (OSError, KeyError, ValueError, TypeError) as e:
+                log.info("%s: its masks cannot be read (%s)", p, e)
+                continue
+            if got is None:  # a study without crops (expression only): nothing to match
+                found = TrainingCrops(None, f"{p} holds no crop")
+                break
+            share = got.share
+            kind = "whole" if share >= WHOLE_CROPS_SHARE else "masked"
+            found = TrainingCrops(
+                kind,
+                f"the masks of {p}: {got.whole} of {got.n} image rows read are whole squares",
+                share,
+            )
+            if 0.05 < share < 0.95:
+                log.warning(
+                    "the study's training crops are mixed: %d of %d read in %s are unmasked "
+                    "squares, the others masked to the cell; new cells are read as the "
+                    "most (%s)",
+                    got.whole,
+                    got.n,
+                    p,
+                    kind,
+                )
+            break
+        if found is None:
+            found = self._training_crops_by_manifest()
+        self._training_crops = found
+        return found
+
+    def _training_crops_by_manifest(self) -> TrainingCrops:
+        """:meth:`training_crops` from the pair run's ``manifest.json`` (the kinds of its
+        ``pair.crop_sources``), where the paired data are gone."""
+        for p in self._paired_candidates:
+            man = p.parent / "manifest.json"
+            try:
+                rec = json.loads(man.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(rec, dict) or rec.get("stage") != "pair":
+                continue
+            sources = ((rec.get("config") or {}).get("pair") or {}).get("crop_sources") or []
+            kinds = {str((src or {}).get("kind")) for src in sources if isinstance(src, dict)}
+            if not kinds:
+                continue
+            said = f"{man}: pair.crop_sources of kind {', '.join(sorted(kinds))}"
+            if kinds == {"image_folder"}:
+                return TrainingCrops("whole", said)
+            if "image_folder" not in kinds:
+                return TrainingCrops("masked", said)
+            return TrainingCrops(None, f"{said} (unmasked and masked; their shares unknown)")
+        return TrainingCrops(
+            None,
+            "no paired data of the study to read its crops' masks from "
+            f"({', '.join(map(str, self._paired_candidates)) or 'none recorded'}) and no "
+            "record of its pair run",
+        )
+
+    def crop_masks_for(self, kind: str, crop_masks: str | None = "auto", setting: str = "") -> str:
+        """The cut (``detector`` / ``whole``) that ``crop_masks`` gives the cells of a
+        ``kind`` (``crops`` / ``smears``) input, said in the log once per study.
+
+        ``auto`` (or None) follows :meth:`training_crops`: a study trained on unmasked
+        square crops reads a crop folder whole and a smear's cells as their square boxes,
+        unmasked; a masked one (or one whose crops cannot be told) the detector's masks
+        (an info line says which and why). Given another cut than the study's training
+        crops, a warning names ``setting`` (default ``crop_masks``) and what follows:
+        the cells look unlike the study's training crops and most come out atypical.
+
+        Raises
+        ------
+        StudyError
+            ``crop_masks`` not one of :data:`CROP_MASKS`.
+        """
+        if crop_masks is None:
+            crop_masks = "auto"
+        if crop_masks not in CROP_MASKS:
+            raise StudyError(f"crop_masks={crop_masks!r}; valid: {', '.join(CROP_MASKS)}")
+        setting = setting or "crop_masks"
+        study = self.training_crops()
+        use = study.crop_masks if crop_masks == "auto" else crop_masks
+        key = (kind, use)
+        if key in self._crop_masks_said:
+            return use
+        self._crop_masks_said.add(key)
+        reads = _CROP_MASKS_READS.get((kind, use), use)
+        if crop_masks == "auto":
+            log.info(
+                "%s: %s=auto reads %s (%s), as the study's training crops: %s",
+                kind,
+                setting,
+                reads,
+                use,
+                study.describe(),
+            )
+        elif study.kind is not None and use != study.crop_masks:
+            premasked = (
+                " (crops already cut out on the background value are found so and keep "
+                "their own mask under the default)"
+                if kind == "crops" and use == "whole"
+                else ""
+            )
+            log.warning(
+                "%s=%s reads %s %s, but the study was trained on %s: cells will look unlike "
+                "the study's training crops and most will be called unclassified (atypical)"
+                "%s. Leave %s unset (auto) to read them as the study's training crops",
+                setting,
+                use,
+                kind,
+                f"as {reads}",
+                study.describe(),
+                premasked,
+                setting,
+            )
+        return use
+
     def read(
         self,
         path: str | Path,
@@ -816,7 +1017,7 @@ class Study:
         refine_scale: bool | None = None,
         estimate_scale: bool | None = None,
         scale_spread: float | None = SCALE_SPREAD,
-        crop_masks: str = "detector",
+        crop_masks: str | None = "auto",
         orientation: str = "auto",
         counts_layer: str | None = None,
     ):
@@ -840,17 +1041,24 @@ class Study:
             Without it, integer counts in ``.raw`` holding every gene of ``X`` are used
             (scanpy's usual layout: log-normalised ``X``, counts in ``.raw.X``)
         background : pixel value outside the mask (default: the study's ``pair.background_value``)
-        crop_masks : for ``crops``: ``detector`` (default) finds the cell of each crop
-            with the study's detector and keeps it with its instance mask, as
-            ``stage=segment`` masks a crop folder (:func:`vae.inputs.query.segment_crop_folder`;
-            a crop with no cell at its centre is a reject row); ``whole`` takes the
-            whole image as the cell (crops already masked, or a study trained on
-            unmasked crops). A study trained on masked crops reads unmasked ones
-            badly: on the real chain's test crops label transfer 0.849 masked by
-            the detector vs 0.604 whole, five seeds (docs/embed.md, "Crop folders:
-            what the mask buys")
+        crop_masks : for ``crops`` and ``smears``: how each cell is cut for the model.
+            ``auto`` (default; None alike) as the study's training crops were
+            (:meth:`training_crops`, :meth:`crop_masks_for`): ``whole`` for a study
+            trained on unmasked square crops (``pair.crop_sources`` of kind
+            ``image_folder``), else ``detector``. ``detector``: the study's detector
+            finds the cell of each crop and keeps it with its instance mask, as
+            ``stage=segment`` masks a crop folder
+            (:func:`vae.inputs.query.segment_crop_folder`; a crop with no cell at its
+            centre is a reject row), and cuts each smear cell out with its mask.
+            ``whole``: a crop image is taken whole as the cell; a smear cell is cut as
+            its square box with its surroundings, unmasked
+            (:func:`vae.inputs.query.square_cells`). A cut other than the study's
+            training crops' is warned of: on the real chain's (masked) test crops
+            label transfer 0.849 masked by the detector vs 0.604 whole, five seeds
+            (docs/embed.md, "Crop folders: what the mask buys"); an unmasked study
+            called 24 of 24 detector-masked cells unclassified (atypical)
         segment_settings, detector_kwargs, estimate_cell_px : for ``smears`` and
-            ``crops`` with ``crop_masks="detector"``
+            ``crops`` read by the detector
             (:func:`vae.inputs.query.segment_smear_folder`; ``estimate_cell_px``
             measures each image's magnification from its white cells, else red cells)
         refine_scale : when the scale is estimated: the detector's own confident white
@@ -913,13 +1121,14 @@ class Study:
             return a
         if kind not in ("crops", "smears"):
             raise StudyError(f"kind={kind!r}; valid: auto, h5ad, expression, crops, smears")
-        if crop_masks not in CROP_MASKS:
+        if crop_masks is not None and crop_masks not in CROP_MASKS:
             raise StudyError(f"crop_masks={crop_masks!r}; valid: {', '.join(CROP_MASKS)}")
         if not p.is_dir():
             raise StudyError(
                 f"{p}: kind={kind!r} reads a folder of images (sub-folders = samples); this "
                 "is a file: give the folder that holds it"
             )
+        crop_masks = self.crop_masks_for(kind, crop_masks)
         if kind == "crops" and crop_masks == "whole":
             # each crop held at the model's side as it is read (20k crops: 3.85 -> 2.75
             # GiB peak); the resize prepare() would do later, so the same values
@@ -934,7 +1143,10 @@ class Study:
                     self.segmentation_model = shipped_detector()
                     self._detector_stamp = _file_stamp(self.segmentation_model)
                 self._check_detector_unchanged()
-                read = Q.segment_crop_folder if kind == "crops" else Q.segment_smear_folder
+                if kind == "crops":
+                    read = Q.segment_crop_folder
+                else:  # a study trained on unmasked squares: each cell's square, unmasked
+                    read = partial(Q.segment_smear_folder, unmasked=crop_masks == "whole")
                 a, rej = read(
                     p,
                     self.segmentation_model,
@@ -2094,6 +2306,51 @@ class Study:
             )
         return {k: int(v.sum()) for k, v in seen.items()}
 
+    def warn_atypical(self, q, source: str = "query") -> float | None:
+        """Log a warning where more than :data:`ATYPICAL_MOSTLY` of the cells of ``q``
+        (an embedded query, or its obs) are atypical (``vae_atypical``: called
+        unclassified), with the share and the usual causes, whatever the cause: that
+        many cells unlike every cell the study saw says more of the inputs than of the
+        patient (an unmasked study read 24 of 24 detector-masked cells so, without a
+        word in the log). The stage passes the obs of every block of an input at once.
+
+        Returns
+        -------
+        The share of atypical cells (None: ``q`` has no cell or no ``vae_atypical``).
+        """
+        obs = getattr(q, "obs", q)
+        if not len(obs) or "vae_atypical" not in obs:
+            return None
+        atypical = obs["vae_atypical"].to_numpy(dtype=bool)
+        share = float(atypical.mean())
+        if share <= ATYPICAL_MOSTLY:
+            return share
+        causes = []
+        mod = obs["vae_modality"].astype(str) if "vae_modality" in obs else None
+        if mod is None or mod.isin(["image", "both"]).any():
+            crops = self.training_crops()
+            study = f"; the study was trained on {crops.what}" if crops.kind else ""
+            causes.append(
+                "cells cut unlike the study's training crops (masked where it saw unmasked "
+                f"squares or the reverse: crop_masks / embed.crop_masks{study})"
+            )
+            causes.append("images of another stain or magnification than the study's")
+        if mod is None or mod.isin(["expression", "both"]).any():
+            causes.append("profiles of another platform, species or normalisation")
+        causes.append("cells of kinds the study never saw")
+        log.warning(
+            "%s: %d of %d cells (%.0f %%) are atypical (anomaly_score above the study's "
+            "threshold from its own held-out cells) and called unclassified: more than "
+            "%.0f %% says more of the inputs than of the sample. Usual causes: %s",
+            source,
+            int(atypical.sum()),
+            len(obs),
+            100 * share,
+            100 * ATYPICAL_MOSTLY,
+            "; ".join(causes),
+        )
+        return share
+
     def image_support(self, z_full: np.ndarray):
         """Whether cells decoded from ``z_full`` (n, d) are drawn where crops were seen.
 
@@ -2165,7 +2422,13 @@ class Study:
 
     # ----------------------------------------------------------------- embed
     def embed(
-        self, adata, source: str = "query", batch_size: int = 256, whole=None, warn_seen=True
+        self,
+        adata,
+        source: str = "query",
+        batch_size: int = 256,
+        whole=None,
+        warn_seen=True,
+        warn_atypical=True,
     ):
         """Everything at once: a copy of ``adata``'s obs with the study's readings.
 
@@ -2181,6 +2444,9 @@ class Study:
         has any, with that block's count); False: only count them in
         ``uns["seen_by_study"]``, for a caller that warns once with an input's totals
         (``stage=embed``, whose blocks are one input).
+
+        ``warn_atypical``: warn where most cells come out atypical (:meth:`warn_atypical`;
+        with ``whole``, of each block); False: the caller warns of the whole input.
 
         Returns
         -------
@@ -2318,6 +2584,8 @@ class Study:
             self.warn_seen(out, source if whole is None else f"{source} (a block)", seen)
             if whole is not None and any(v.any() for v in seen.values()):
                 whole.plans["seen", source] = True
+        if warn_atypical:
+            self.warn_atypical(out, source if whole is None else f"{source} (a block)")
         out.uns["study"] = {"model": str(self.model_path), "latent": str(self.latent_path)}
         digest = self.reference.uns.get("model_digest")
         if digest is not None:  # ties a moved query to its model (paths alone do not)
@@ -2367,4 +2635,12 @@ def label_categorical(values: np.ndarray, categories: list[str]) -> pd.Categoric
     return pd.Categorical(values, categories=[*categories, *extra])
 
 
-__all__ = ["Study", "StudyError", "GeneReport", "UNCLASSIFIED", "label_categorical"]
+__all__ = [
+    "Study",
+    "StudyError",
+    "GeneReport",
+    "TrainingCrops",
+    "UNCLASSIFIED",
+    "ATYPICAL_MOSTLY",
+    "label_categorical",
+]

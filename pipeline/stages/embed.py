@@ -46,9 +46,33 @@ def _needs(cfg) -> list[str]:
     return [] if cfg.embed.study else ["model", "latent"]
 
 
-def _uses_detector(cfg) -> bool:
-    """Smear folders, and crop folders whose masks come from the detector."""
-    return bool(cfg.embed.smears) or (bool(cfg.embed.crops) and cfg.embed.crop_masks != "whole")
+def _uses_detector(cfg, cuts: dict[str, str] | None = None) -> bool:
+    """Smear folders, and crop folders whose masks come from the detector: ``cuts`` (the
+    cut of each image input, :func:`_cuts`) once the study is known; before, a crop
+    folder may be (``embed.crop_masks=auto`` follows the study)."""
+    if cfg.embed.smears:
+        return True
+    if not cfg.embed.crops:
+        return False
+    cut = cuts.get("crops") if cuts is not None else cfg.embed.crop_masks
+    return cut != "whole"
+
+
+def _cuts(cfg, study) -> dict[str, str]:
+    """``crops`` / ``smears`` -> the cut ``embed.crop_masks`` gives its cells
+    (``detector`` / ``whole``; ``auto``: as the study's training crops were cut), each
+    said in the log once (a cut unlike the study's training crops: a warning naming
+    ``embed.crop_masks``: :meth:`vae.api.Study.crop_masks_for`)."""
+    from vae.api import StudyError
+
+    try:
+        return {
+            kind: study.crop_masks_for(kind, cfg.embed.crop_masks, setting="embed.crop_masks")
+            for kind, _ in _inputs(cfg)
+            if kind in ("crops", "smears")
+        }
+    except StudyError as e:
+        raise StageError(str(e)) from e
 
 
 def _optional(cfg) -> list[str]:
@@ -316,7 +340,8 @@ def run_embed(ctx: StageContext) -> None:
     )
     # the manifest names what was used: the study's model and latent, and its detector
     ctx.inputs["model"], ctx.inputs["latent"] = Path(study.model_path), Path(study.latent_path)
-    if _uses_detector(cfg):
+    cuts = _cuts(cfg, study)  # auto: as the study's training crops (masked or whole)
+    if _uses_detector(cfg, cuts):
         _report_detector(ctx, study)
         _warn_cut_unlike_study(cfg, study)
     parts, rejects, genes = [], [], {}
@@ -354,6 +379,7 @@ def run_embed(ctx: StageContext) -> None:
                     block,
                     rejects,
                     whole if kind == "expression" else None,
+                    cuts.get(kind),
                 )
                 if q is None:
                     continue
@@ -382,6 +408,8 @@ def run_embed(ctx: StageContext) -> None:
             obs = parts[first].obs if len(parts) == first + 1 else _obs_of(parts[first:])
             for k, n in study.warn_seen(obs, setting).items():
                 seen[k] += n
+            # most of the input atypical: said with its totals and the usual causes
+            study.warn_atypical(obs, setting)
     if not parts:
         with ctx.atomic("rejects.csv") as tmp:  # what was skipped, kept with the failed run
             spreadsheet_safe(pd.DataFrame(rejects, columns=REJECT_COLUMNS)).to_csv(tmp, index=False)
@@ -744,9 +772,10 @@ def _expression_blocks(study, cfg, path, setting):
     return blocks
 
 
-def _embed_one(study, cfg, path, kind, setting, block, rejects, whole=None):
+def _embed_one(study, cfg, path, kind, setting, block, rejects, whole=None, cut=None):
     """One input (or one block of a streamed h5ad; ``whole``: the expression file
-    ``block`` is a block of) through ``Study.embed``; None: no cells."""
+    ``block`` is a block of; ``cut``: how an image folder's cells are cut, :func:`_cuts`)
+    through ``Study.embed``; None: no cells."""
     from vae.api import StudyError
 
     try:
@@ -755,7 +784,7 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects, whole=None):
         how = (
             {"orientation": cfg.expression.orientation, "counts_layer": cfg.expression.counts_layer}
             if kind == "expression"
-            else _segment_args(cfg, kind)
+            else _segment_args(cfg, kind, cut)
         )
         adata = study.read(path, kind, **how) if block is None else block
         read_rejects = list(adata.uns.pop("rejects", []))
@@ -787,8 +816,16 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects, whole=None):
             rejects.append({"input": setting, "item": str(path), "reason": f"no cells ({why})"})
             log.warning("%s: no cells (%s)", setting, why)
             return None
-        # cells the study holds: warned by run_embed once for the input, not per block
-        return study.embed(adata, setting, int(cfg.embed.batch_size), whole=whole, warn_seen=False)
+        # cells the study holds, and most cells atypical: warned by run_embed once for the
+        # input, not per block
+        return study.embed(
+            adata,
+            setting,
+            int(cfg.embed.batch_size),
+            whole=whole,
+            warn_seen=False,
+            warn_atypical=False,
+        )
     except StudyError as e:
         raise _study_error(e, setting, path) from e
 
@@ -1138,13 +1175,14 @@ def _warn_cut_unlike_study(cfg, study) -> None:
     )
 
 
-def _segment_args(cfg, kind: str) -> dict:
-    """``Study.read`` settings: smears and detector-masked crops use stage=segment's."""
-    if kind == "crops":
-        if cfg.embed.crop_masks == "whole":
-            return {"crop_masks": "whole"}
-    elif kind != "smears":
+def _segment_args(cfg, kind: str, cut: str | None = None) -> dict:
+    """``Study.read`` settings: smears and detector-masked crops use stage=segment's;
+    ``cut``: the cut of the input's cells (:func:`_cuts`; None: ``embed.crop_masks``)."""
+    if kind not in ("crops", "smears"):
         return {}
+    cut = cut or cfg.embed.crop_masks
+    if kind == "crops" and cut == "whole":
+        return {"crop_masks": "whole"}
     from pipeline.stages.segment import detector_kwargs, settings_from_config
 
     sc = cfg.segmentation
@@ -1157,6 +1195,7 @@ def _segment_args(cfg, kind: str) -> dict:
         "refine_scale": sc.refine_scale,  # null: as the detector says (shipped: on)
         "estimate_scale": sc.estimate_scale,  # null: as the detector says (shipped: on)
         "scale_spread": sc.scale_spread,  # held near the median of a sub-folder and size
+        "crop_masks": cut,  # smears: whole = each cell's square box, unmasked
     }
 
 

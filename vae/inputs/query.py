@@ -93,6 +93,122 @@ class ModelCrops:
         return crops, masks
 
 
+# paired.h5ad rows read to tell how a study's crops were made (whole_masks): this many
+# consecutive image rows at each of PAIRED_MASK_SPOTS places spread over the table
+# (0.5 s for real_e2e's 4534 rows; a few chunks of a large table, never all of it)
+PAIRED_MASK_ROWS = 32
+PAIRED_MASK_SPOTS = 8
+
+
+def whole_masks(masks: np.ndarray) -> np.ndarray:
+    """(N,) bool: which of (N, S, S) masks mark the whole square as the cell, not a cut-out
+    cell: every pixel, or a filled rectangle spanning the square's full width or height
+    (``stage=pair``'s ``image_folder`` crop of a non-square file, the padding that made it
+    square left out: :func:`vae.inputs.pairing.square_crop`). A cell's instance mask is
+    neither (:func:`vae.inputs.pairing.square_crop` and
+    :func:`segmentation.crops.extract_crop` leave a margin around it); an empty mask (a
+    row without an image) is not whole."""
+    m = np.asarray(masks).astype(bool)
+    rows, cols = m.any(axis=2), m.any(axis=1)  # (N, S) each
+    box = rows[:, :, None] & cols[:, None, :]  # each mask's bounding rectangle, filled
+    filled = (m == box).all(axis=(1, 2))
+    spans = rows.all(axis=1) | cols.all(axis=1)
+    return filled & spans & rows.any(axis=1)
+
+
+@dataclass(frozen=True)
+class PairedMasks:
+    """What a paired table's masks say of its crops (:func:`paired_masks`): ``n`` image
+    rows read, ``whole`` of them whole squares (:func:`whole_masks`), of ``n_image``."""
+
+    n: int
+    whole: int
+    n_image: int
+
+    @property
+    def share(self) -> float:
+        return self.whole / self.n if self.n else float("nan")
+
+
+def paired_masks(path: str | Path) -> PairedMasks | None:
+    """How the crops of a paired table (``stage=pair``'s ``paired.h5ad``) were made, read
+    from its masks: up to :data:`PAIRED_MASK_SPOTS` runs of :data:`PAIRED_MASK_ROWS`
+    image rows spread over the table (``obs["has_image"]``; a file without it: every row
+    with a mask), nothing else of the file. The table does not record it otherwise:
+    ``pair.crop_sources`` of kind ``image_folder`` give all-True masks (False only on a
+    non-square file's padding), every other kind the cell's instance mask.
+
+    Returns
+    -------
+    :class:`PairedMasks`, or None: no ``obsm["masks"]`` of (N, S, S), or no image row.
+
+    Raises
+    ------
+    OSError
+        The file cannot be read as HDF5.
+    """
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        ds = f.get("obsm/masks")
+        if not isinstance(ds, h5py.Dataset) or ds.ndim != 3:
+            return None
+        n = int(ds.shape[0])
+        has = f.get("obs/has_image")
+        if isinstance(has, h5py.Dataset) and has.shape == (n,) and has.dtype.kind in "biu":
+            rows = np.flatnonzero(np.asarray(has[:]).astype(bool))
+        else:
+            rows = np.arange(n)
+        if not len(rows):
+            return None
+        starts = np.unique(
+            np.linspace(0, max(len(rows) - PAIRED_MASK_ROWS, 0), PAIRED_MASK_SPOTS).astype(int)
+        )
+        pick = np.unique(
+            np.concatenate([rows[s : s + PAIRED_MASK_ROWS] for s in starts])
+        )  # increasing, as h5py reads a list of rows
+        m = np.asarray(ds[pick]).astype(bool)
+    m = m[m.reshape(len(m), -1).any(axis=1)]  # rows without an image (no has_image column)
+    if not len(m):
+        return None
+    return PairedMasks(len(m), int(whole_masks(m).sum()), len(rows))
+
+
+def square_cells(cells, settings):
+    """A smear image's cells (:class:`segmentation.cells.ImageCells`) with each kept cell
+    cut anew as its square box, unmasked: for a study trained on unmasked square crops
+    (``stage=pair``'s ``image_folder``: a file that is a cell's box, read whole).
+
+    The square is the cell's box with ``settings.crop_margin`` of its side around it
+    (:func:`segmentation.crops.extract_crop`'s framing), resized to fill
+    ``settings.crop_size`` as a crop file is resized whatever its size (``fill``), with
+    the neighbourhood kept (red cells, background: ``paint=False``) and an all-True mask.
+    The table's ``crop_scale``, ``crop_x0``, ``crop_y0``, ``crop_side`` give the new
+    squares; the detector's masks stay in ``cells.kept`` (area, ``cell_diameter``).
+    """
+    from segmentation.crops import extract_crops
+
+    if cells.kept is None or not len(cells.kept):
+        return cells
+    s = settings
+    c = extract_crops(
+        cells.image,
+        cells.kept,
+        s.crop_size,
+        s.background_value,
+        s.crop_margin,
+        paint=False,
+        fill=True,
+    )
+    c.masks[:] = True
+    table = cells.table.copy()
+    keep = np.flatnonzero(table["kept"].to_numpy(bool))
+    table.loc[table.index[keep], "crop_scale"] = c.scale
+    for k, col in enumerate(("crop_x0", "crop_y0", "crop_side")):
+        table.loc[table.index[keep], col] = c.windows[:, k]
+    return replace(cells, crops=c, table=table)
+
+
 def _as_cut(crops: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Crops kept at the side they were cut at (no :class:`ModelCrops`)."""
     return crops, np.asarray(masks).astype(bool)
@@ -417,6 +533,7 @@ def segment_smear_folder(
     scale_spread: float | None = SCALE_SPREAD,
     centre_cell: bool = False,
     model_crops: ModelCrops | None = None,
+    unmasked: bool = False,
 ):
     """Detect and crop the white cells of every smear image -> ``(AnnData, rejects)``.
 
@@ -465,6 +582,10 @@ def segment_smear_folder(
     model_crops : crops and masks resized to the study model's side as each image is
         read (:class:`ModelCrops`; the same latents, a quarter of the memory at 128 ->
         64 px); None: ``settings.crop_size``
+    unmasked : smears only (not ``centre_cell``): each kept cell cut as its square box
+        with its neighbourhood and an all-True mask (:func:`square_cells`), for a study
+        trained on unmasked square crops; False: cut out with its instance mask, the
+        background painted ``settings.background_value`` (as ``stage=segment`` cuts)
     """
     import anndata as ad
 
@@ -567,6 +688,8 @@ def segment_smear_folder(
             rows.put(i, *keep(cells.crops.images[pos : pos + 1], cells.crops.masks[pos : pos + 1]))
         else:
             cells = smear_cells(image, name, prefix, pooled.get(p))
+            if unmasked:
+                cells = square_cells(cells, settings)
             kept = cells.table[cells.table["kept"]].copy()
             if not len(kept):
                 reason = "no cells kept"
@@ -635,6 +758,8 @@ def segment_smear_folder(
                     )
                     scales[wp] = float(cells.scale)
                     cells.table.drop(columns="input_scale", inplace=True)  # uns["input_scales"]
+                if unmasked:  # (window px: own_cells moves the squares onto the slide)
+                    cells = square_cells(cells, settings)
                 cells = own_cells(cells, win, h, w, settings.filters.border_margin, seen)
                 kept = cells.table[cells.table["kept"]].copy()
                 if len(kept):
