@@ -194,13 +194,38 @@ def config_error_line(e: BaseException) -> str:
         lines = [re.sub(r"^\d+\. ", "", ln) for ln in lines]
         if needs_quotes(given):
             lines.append(quoting_hint(given))
-    # Hydra's hint for a key no setting has ("To append to your config use +k=v") leads
-    # to a refusal (pipeline.config.unknown_addition): name the nearest settings instead
+    # Hydra's hint "To append to your config use +k=v" comes for two different things:
+    # a key no setting has (its '+' form is refused, pipeline.config.unknown_addition:
+    # name the nearest settings instead), and a new key of a free mapping such as
+    # pair.label_map, which the '+' form is the way to add (it said "no such setting")
     hint = next((ln for ln in lines if ln.startswith("To append to your config use +")), None)
     if hint is not None:
         added = hint.split(" use ", 1)[1]
-        near = re.search(r"did you mean [^?]+\?", unknown_addition([added]) or "")
-        lines = [f"{added[1:]}: no such setting"] + ([near.group(0)] if near else [])
+        new_key = _new_mapping_key(cause)
+        if new_key is not None:
+            mapping, key = new_key
+            lines = [
+                f"{added[1:]}: {key!r} is not yet a key of {mapping} (a mapping: a new key "
+                f"needs a leading '+'): add it with {_shell_word(added)}"
+            ]
+        else:
+            near = _nearest_settings(cause)
+            if near is None:  # no OmegaConf cause to read: the schema's nearest names
+                m = re.search(r"did you mean [^?]+\?", unknown_addition([added]) or "")
+                near = m.group(0) if m else None
+            lines = [f"{added[1:]}: no such setting"] + ([near] if near else [])
+    # preset=demo: a config group the defaults list does not hold (Hydra: "Could not
+    # override 'preset'. No match in the defaults list") is added with a '+'
+    group_hint = next(
+        (ln for ln in lines if ln.startswith("To append to your default list use +")), None
+    )
+    if group_hint is not None:
+        added = group_hint.split(" use ", 1)[1]
+        group = added[1:].split("=", 1)[0]
+        lines = [
+            f"{added[1:]}: {group} is not in the default config (an optional config group): "
+            f"add it with a leading '+': {_shell_word(added)}"
+        ]
     # "In 'config': Could not find 'stage/nope'": an option of a config group that
     # has no file in pipeline/conf/<group>/
     missing = (
@@ -214,6 +239,62 @@ def config_error_line(e: BaseException) -> str:
     lines = _options_line(lines)
     out = "; ".join(ln.rstrip(".") if k < len(lines) - 1 else ln for k, ln in enumerate(lines))
     return out or type(e).__name__
+
+
+def _new_mapping_key(cause: BaseException | None) -> tuple[str, str] | None:
+    """``(mapping, key)`` when OmegaConf refused ``cause``'s key because a free mapping
+    (a ``dict`` setting: ``pair.label_map``, ``expression.programs``) does not hold it
+    yet ("Key 'x' is not in struct"), else None: a section of settings (a dataclass:
+    "Key 'x' not in 'PairConfig'") that has no such setting, or no OmegaConf cause."""
+    import dataclasses
+
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(cause, OmegaConfBaseException):
+        return None
+    full_key, kind = getattr(cause, "full_key", None), getattr(cause, "object_type", None)
+    if not full_key or kind is None or dataclasses.is_dataclass(kind):
+        return None
+    if "is not in struct" not in str(cause):
+        return None
+    full_key = re.sub(r"\[(\d+)\]", r".\1", str(full_key))
+    mapping, _, key = full_key.rpartition(".")
+    return (mapping, key) if mapping else None
+
+
+def _nearest_settings(cause: BaseException | None) -> str | None:
+    """ "did you mean pair.label_map?" for a setting a section (a dataclass) does not
+    have, from OmegaConf's ``cause`` (its key and section); None if none is near."""
+    import dataclasses
+    import difflib
+
+    kind = getattr(cause, "object_type", None)
+    full_key, key = getattr(cause, "full_key", None), getattr(cause, "key", None)
+    if not (full_key and key and kind is not None and dataclasses.is_dataclass(kind)):
+        return None
+    section = re.sub(r"\[(\d+)\]", r".\1", str(full_key)).rpartition(".")[0]
+    names = [f.name for f in dataclasses.fields(kind)]
+    near = difflib.get_close_matches(str(key), names, n=3)
+    if not near:
+        return None
+    return f"did you mean {', '.join(f'{section}.{k}' if section else k for k in near)}?"
+
+
+def _shell_word(arg: str) -> str:
+    """``arg`` as one word of a POSIX shell command line (quoted only when needed).
+
+    >>> _shell_word("+pair.label_map={band: Neutrophils}")
+    "'+pair.label_map={band: Neutrophils}'"
+    >>> _shell_word("+pair.label_map.band=Neutrophils")
+    '+pair.label_map.band=Neutrophils'
+    """
+    import shlex
+
+    if re.fullmatch(r"[\w@%+=:,./-]+", arg):
+        return arg
+    if "'" in arg and not re.search(r'["$`\\!]', arg):
+        return f'"{arg}"'
+    return shlex.quote(arg)
 
 
 def needs_quotes(override: str) -> bool:

@@ -39,7 +39,8 @@ from pipeline.names import BadNameError, check_run_name
 
 log = logging.getLogger(__name__)
 
-# Stage order of `stage=all`. `simulate` runs only with data=synthetic.
+# Stage order of `stage=all`. `simulate` runs only with data=synthetic, and only when a
+# later stage of the run reads its outputs (simulate_readers).
 ORDER = [
     "simulate",
     "segment_train",
@@ -104,6 +105,9 @@ class StageSpec:
 
 
 REGISTRY: dict[str, StageSpec] = {}
+# each stage as its module registered it: what it reads (:func:`simulate_readers`) is a
+# property of the pipeline's own stages, also while a test runs a stand-in in REGISTRY
+DECLARED: dict[str, StageSpec] = {}
 
 
 def stage(
@@ -121,7 +125,7 @@ def stage(
         raise ValueError(f"unknown stage {name!r}; valid: {', '.join(ORDER + EXTRA_STAGES)}")
 
     def deco(fn: Callable[[StageContext], None]) -> Callable[[StageContext], None]:
-        REGISTRY[name] = StageSpec(
+        REGISTRY[name] = DECLARED[name] = StageSpec(
             name=name,
             fn=fn,
             needs=needs if callable(needs) else list(needs),
@@ -386,7 +390,64 @@ class StageContext:
 # ----------------------------------------------------------------------------
 
 
+# what stage=simulate writes: the artifacts a later stage may read
+SIMULATED = [a for a, (producer, _) in ARTIFACTS.items() if producer == "simulate"]
+
+
+def simulate_readers(cfg: DictConfig, names: list[str]) -> dict[str, list[str]]:
+    """The stages of ``names`` that read stage=simulate's outputs under ``cfg``, each with
+    the artifacts it reads from there (``{"segment_train": ["smears"]}``).
+
+    From each stage's declared inputs (``needs`` and ``optional`` of its registration,
+    which follow the settings: ``expression.input_file`` leaves stage=expression no
+    ``expression_raw``, a ``pair.crop_sources`` folder no smears); an artifact given as
+    ``paths.inputs.<name>`` is read from there, not from the simulator's folder.
+    """
+    if any(n not in DECLARED for n in names):
+        load_stages()
+    readers: dict[str, list[str]] = {}
+    for name in names:
+        if name == "simulate":
+            continue
+        spec = DECLARED[name]
+        wanted = [*spec.needs_for(cfg), *spec.optional_for(cfg)]
+        own = [
+            a
+            for a in SIMULATED
+            if a in wanted and not (a in cfg.paths.inputs and cfg.paths.inputs.get(a))
+        ]
+        if own:
+            readers[name] = own
+    return readers
+
+
+def simulate_note(cfg: DictConfig, chain: list[str], names: list[str]) -> str | None:
+    """Why a ``stage=all`` with ``data=synthetic`` (the default) runs stage=simulate or
+    leaves it out (``chain``: :func:`stages_for`; ``names``: the stages that run)."""
+    if cfg.stage.name != "all" or cfg.data.name != "synthetic":
+        return None
+    if "simulate" not in chain:
+        return (
+            f"stage={cfg.stage.name}: simulate left out: no stage of this run reads the "
+            f"simulated smears or expression (its inputs are the run's own: "
+            f"expression.input_file, pair.crop_sources, paths.inputs.*)"
+        )
+    if "simulate" not in names:
+        return None
+    readers = simulate_readers(cfg, chain)
+    used = ", ".join(f"{s} ({', '.join(a)})" for s, a in readers.items())
+    return (
+        f"stage={cfg.stage.name}: simulate runs (data=synthetic): read by {used}; give these "
+        f"stages inputs of your own (expression.input_file, pair.crop_sources folders, "
+        f"paths.inputs.*) and it is left out"
+    )
+
+
 def stages_for(cfg: DictConfig) -> list[str]:
+    """The stages ``cfg`` runs: ``stage=all``'s those of :data:`ORDER` that its settings
+    use (no detector without a ``cells`` crop source, no ``expression`` for
+    ``pair.mode=image_only``, no ``simulate`` unless ``data=synthetic`` and a stage of the
+    run reads its outputs), else the one stage named."""
     name = cfg.stage.name
     if name == "all":
         seq = list(ORDER)
@@ -398,6 +459,10 @@ def stages_for(cfg: DictConfig) -> list[str]:
             seq.remove("segment")
         if cfg.pair.mode == "image_only":  # pair=image_only reads no expression table
             seq.remove("expression")
+        if "simulate" in seq and not simulate_readers(cfg, seq):
+            # data=synthetic is the default, but the user's own inputs (an expression file,
+            # crop folders, paths.inputs.*) leave nothing of the simulator's to read
+            seq.remove("simulate")
         return seq
     if name not in ORDER + EXTRA_STAGES:
         valid = ", ".join([*ORDER, *EXTRA_STAGES, "all"])
@@ -777,7 +842,8 @@ def main(cfg: DictConfig) -> int:
     logging.getLogger("anndata").setLevel(logging.WARNING)
     expand_user_paths(cfg)
     try:
-        names = guards.start_run(cfg, stages_for(cfg))
+        chain = stages_for(cfg)
+        names = guards.start_run(cfg, chain)
         plan = guards.stage_plan(cfg, names)
         with ExitStack() as run_locks:
             if len(names) > 1 and os.environ.get("RANK", "0") in ("", "0"):
@@ -816,6 +882,9 @@ def main(cfg: DictConfig) -> int:
                         ", ".join(names),
                         run_dir(cfg),
                     )
+                    note = simulate_note(cfg, chain, names)
+                    if note:
+                        log.info(note)
                 for k, (name, stage_cfg) in enumerate(plan, 1):
                     _check_interrupt()  # one swallowed by a library: no next stage
                     if len(names) > 1:

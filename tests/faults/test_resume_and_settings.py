@@ -324,3 +324,29 @@ def test_stage_all_says_its_stages_and_folder_first(tmp_path, toy, caplog):
         first
         == f"stage=all: {len(runner.ORDER)} stages ({', '.join(runner.ORDER)}) -> {root / 't'}"
     )
+    said = [r.getMessage() for r in caplog.records if r.name == "pipeline.runner"]
+    assert said[1].startswith("stage=all: simulate runs (data=synthetic): read by segment_train")
+
+
+def test_stage_all_without_a_reader_of_the_simulation_leaves_simulate_out(tmp_path, toy, caplog):
+    """With the user's own expression file and crop folder, stage=all ran simulate first
+    (data=synthetic is the default) and nothing read what it wrote."""
+    import logging
+
+    for name in runner.ORDER:
+        toy(name, writes(name))
+    root = tmp_path / "out"
+    own = (
+        "expression.input_file=mine.h5ad",
+        "pair=by_label",
+        f"pair.crop_sources=[{{kind: image_folder, path: {tmp_path}}}]",
+        "+pair.label_map={promyelocyte: Promyelocytes}",
+    )
+    with caplog.at_level(logging.INFO, logger="pipeline.runner"):
+        assert runner.main(cfg_for(root, "all", *own)) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "pipeline.runner"]
+    assert said[0] == (
+        f"stage=all: 5 stages (expression, pair, train, evaluate, traverse) -> {root / 't'}"
+    )
+    assert said[1].startswith("stage=all: simulate left out: no stage of this run reads")
+    assert not (root / "t" / "simulate").exists()

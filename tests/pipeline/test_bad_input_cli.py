@@ -11,10 +11,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.helpers.run import run_pipeline
 
@@ -50,6 +52,99 @@ def test_bad_override_is_one_line_and_exit_2(tmp_path, args, names):
     for n in names:
         assert n in err, err
     assert not root.exists()  # composed before any folder is made
+
+
+# a new key of a free mapping (pair.label_map, expression.programs): Hydra's "To append to
+# your config use +k=v" was rewritten as "no such setting", and the '+' form is the way
+_PLUS = "(a mapping: a new key needs a leading '+'): add it with"
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        (
+            "pair.label_map={promyelocyte: Promyelocytes}",
+            f"'promyelocyte' is not yet a key of pair.label_map {_PLUS} "
+            "'+pair.label_map={promyelocyte: Promyelocytes}'",
+        ),
+        (
+            "pair.label_map.promyelocyte=Promyelocytes",
+            f"'promyelocyte' is not yet a key of pair.label_map {_PLUS} "
+            "+pair.label_map.promyelocyte=Promyelocytes",
+        ),
+        (
+            "expression.programs.mine=[MPO]",
+            f"'mine' is not yet a key of expression.programs {_PLUS} '+expression.programs.mine=[MPO]'",
+        ),
+        (
+            "pair.label_maturation.band=0.8",
+            f"'band' is not yet a key of pair.label_maturation {_PLUS} +pair.label_maturation.band=0.8",
+        ),
+    ],
+)
+def test_a_new_key_of_a_mapping_says_to_add_it_with_a_plus(override, expected):
+    from hydra.errors import ConfigCompositionException
+
+    from pipeline.__main__ import config_error_line
+    from tests.helpers.run import compose_config
+
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_config(["stage=pair", "pair=by_label", override])
+    line = config_error_line(e.value)
+    assert line == f"{override}: {expected}"
+    assert "no such setting" not in line
+    # what the line says to run composes, with the new key in the mapping
+    mapping, key = re.match(r"'(\w+)' is not yet a key of ([\w.]+) ", expected).group(2, 1)
+    cfg = compose_config(["stage=pair", "pair=by_label", f"+{override}"])
+    assert key in OmegaConf.select(cfg, mapping)
+
+
+@pytest.mark.parametrize(
+    "override,near",
+    [
+        ("pair.labl_map=x", "; did you mean pair.label_map?"),
+        ("vae.nonsense=1", ""),
+        ("pair.nonsense.x=1", ""),
+        ("pair.crop_sources.0.paht=x", "; did you mean pair.crop_sources.0.path?"),
+        ("seeed=1", "; did you mean seed"),
+    ],
+)
+def test_a_key_no_setting_has_is_still_no_such_setting(override, near):
+    from hydra.errors import ConfigCompositionException
+
+    from pipeline.__main__ import config_error_line
+    from tests.helpers.run import compose_config
+
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_config(["stage=pair", "pair=by_label", override])
+    line = config_error_line(e.value)
+    assert line.startswith(f"{override}: no such setting{near}"), line
+    assert "'+'" not in line
+
+
+def test_new_mapping_key_and_optional_group_on_the_command_line(tmp_path):
+    """The user's command: one line naming the '+' form, nothing made; a preset given
+    without its '+' (an optional config group) likewise."""
+    root = tmp_path / "out"
+    r = run_pipeline(
+        [
+            "stage=pair",
+            "pair=by_label",
+            "pair.label_map={promyelocyte: Promyelocytes}",
+            f"paths.root={root}",
+        ],
+        timeout=120,
+    )
+    assert _one_error(r) == (
+        "error: pair.label_map={promyelocyte: Promyelocytes}: 'promyelocyte' is not yet a "
+        f"key of pair.label_map {_PLUS} '+pair.label_map={{promyelocyte: Promyelocytes}}'"
+    )
+    r = run_pipeline(["stage=all", "preset=demo", f"paths.root={root}"], timeout=120)
+    assert _one_error(r) == (
+        "error: preset=demo: preset is not in the default config (an optional config "
+        "group): add it with a leading '+': +preset=demo"
+    )
+    assert not root.exists()
 
 
 def test_bad_override_with_help_is_one_line_too():

@@ -322,6 +322,55 @@ def test_all_runs_every_stage_in_order(tmp_path):
     assert runner.stages_for(cfg) == runner.ORDER[1:]
 
 
+def test_all_leaves_simulate_out_when_no_stage_reads_it(tmp_path):
+    """data=synthetic is the default: with the user's own expression file and crop
+    folders, stage=all simulated smears and profiles nobody read (6 stages)."""
+    own = [
+        "expression.input_file=mine.h5ad",
+        "pair=by_label",
+        f"pair.crop_sources=[{{kind: image_folder, path: {tmp_path}}}]",
+        "+pair.label_map={promyelocyte: Promyelocytes}",
+    ]
+    cfg = _cfg(tmp_path, "all", *own)
+    chain = runner.stages_for(cfg)
+    assert chain == ["expression", "pair", "train", "evaluate", "traverse"]
+    assert runner.simulate_readers(cfg, [*chain, "simulate"]) == {}
+    assert runner.simulate_note(cfg, chain, chain).startswith(
+        "stage=all: simulate left out: no stage of this run reads the simulated"
+    )
+    # expression only, from a file: the same (paths.inputs.expression_raw too)
+    for given in ("data.expression_file=mine.h5ad", "paths.inputs.expression_raw=mine.h5ad"):
+        cfg = _cfg(tmp_path, "all", "pair=expression_only", given)
+        assert runner.stages_for(cfg) == ["expression", "pair", "train", "evaluate", "traverse"]
+    # one input of its own, the other still the simulator's: simulate runs, and says why
+    cfg = _cfg(tmp_path, "all", "expression.input_file=mine.h5ad")
+    chain = runner.stages_for(cfg)
+    assert chain == runner.ORDER
+    assert runner.simulate_note(cfg, chain, chain) == (
+        "stage=all: simulate runs (data=synthetic): read by segment_train (smears), "
+        "segment (smears); give these stages inputs of your own (expression.input_file, "
+        "pair.crop_sources folders, paths.inputs.*) and it is left out"
+    )
+    for kept in (
+        ["pair=expression_only"],  # the simulated profiles
+        ["pair=image_only", "pair.crop_sources=[{kind: coco}]"],  # its smears' cells
+        ["expression.input_file=mine.h5ad", "pair.crop_sources=[{kind: coco}]"],
+    ):
+        assert "simulate" in runner.stages_for(_cfg(tmp_path, "all", *kept)), kept
+    # the default and the demo read the simulated data
+    for preset in ([], ["+preset=demo"]):
+        cfg = _cfg(tmp_path, "all", *preset)
+        assert runner.stages_for(cfg) == runner.ORDER
+        assert set(runner.simulate_readers(cfg, runner.ORDER)) == {
+            "segment_train",
+            "segment",
+            "expression",
+        }
+    # not data=synthetic: nothing to say
+    cfg = _cfg(tmp_path, "all", "+preset=real")
+    assert runner.simulate_note(cfg, runner.stages_for(cfg), runner.stages_for(cfg)) is None
+
+
 # --- atomic writes -------------------------------------------------------------
 
 
