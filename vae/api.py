@@ -2099,7 +2099,19 @@ class Study:
             labels = ref.obs[self.label_key].astype(str).to_numpy()
             mkey = str(a.get("maturation_key", "maturation"))
             mat = ref.obs[mkey].to_numpy().astype(float) if mkey in ref.obs else None
-            order = list(a.get("path_classes") or []) or None
+            # the classes as stage=traverse takes them (vae.analysis.study.path_order):
+            # the model's maturation axis at the default, another spelling of a stage
+            # resolved to the data's label ("promyelocyte" -> "Promyelocytes"), so the
+            # query's positions run along the path the study's report drew
+            from vae.analysis.run import AnalysisError
+            from vae.analysis.study import path_order
+
+            try:
+                order = path_order(
+                    list(a.get("path_classes") or []), labels, ref.uns.get("maturation_axis")
+                )
+            except AnalysisError as e:
+                raise StudyError(f"{self.latent_path}: {e}") from e
             if order is not None and sum(c in set(labels) for c in order) < 2:
                 order = None
             try:

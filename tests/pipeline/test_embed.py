@@ -610,6 +610,14 @@ def test_api_audit_nan_codes_settings_and_calls(study: Path, caplog):
     assert st.maturation_path()[0].names == list(reversed(cents.names))
     again = st.maturation_position(zf[:5])
     assert np.allclose(again["position"], 1 - first["position"], atol=0.05)
+    # another spelling of each stage is the data's label, as stage=traverse takes it
+    # (vae.analysis.study.path_order): the embed path is the report's path
+    from vae.inputs.schema import stage_name
+
+    staged = [n for n in cents.names if stage_name(n) == n]
+    assert len(staged) >= 2, cents.names
+    st.analysis["path_classes"] = [n.capitalize() + "s" for n in staged]
+    assert st.maturation_path()[0].names == staged
     # a rebuild that fails is not replaced by the path built before (review)
     st.analysis["label_key"] = "nonexistent"
     for _ in range(2):
