@@ -449,47 +449,63 @@ def _run_name_resolver(value: Any, setting: str = "experiment") -> str:
 
 
 def unknown_addition(argv: list[str]) -> str | None:
-    """The message for a ``+section.key=value`` that adds a key no setting has, else None.
+    """The message for a ``+key=value`` / ``++key=value`` that adds a key no setting has,
+    else None.
 
     Hydra refuses ``vae.betta=4`` and suggests ``+vae.betta=4``, which it then accepts
     and nothing reads: a typo would run silently with the default. Adding to a settings
-    section (a dataclass of this module) is refused; adding to a free mapping
-    (``+expression.programs.NAME=[...]``, ``+pair.label_map.X=Y``) and ``+preset=`` stay.
+    section (a dataclass of this module) is refused at any depth (``+pair.nonsense.x=1``:
+    ``pair`` has no ``nonsense``), and so is a top-level key that is neither a setting
+    nor a config group (``+nonsense=1``). Adding to a free mapping
+    (``+expression.programs.NAME=[...]``, ``+pair.label_map.X=Y``), a config group
+    (``+preset=NAME``) and Hydra's own ``hydra.*`` stay.
     """
+    import difflib
+    from pathlib import Path
+
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
+    groups = sorted(p.name for p in (Path(__file__).parent / "conf").iterdir() if p.is_dir())
     root = None
     for arg in argv:
-        if not arg.startswith("+") or arg.startswith("++") or "=" not in arg:
+        if not arg.startswith("+") or "=" not in arg:
             continue
-        key = arg[1:].split("=", 1)[0]
-        if "." not in key:
-            continue  # +preset=NAME: a config group
+        key = arg.lstrip("+").split("=", 1)[0]
+        if key == "hydra" or key.startswith("hydra."):
+            continue  # Hydra's own settings
         if root is None:
             root = OmegaConf.structured(Config)
         parts = key.split(".")
+        if len(parts) == 1:
+            if key in groups or key in root:
+                continue  # +preset=NAME: a config group; +seed=1: a setting Hydra has
+            near = difflib.get_close_matches(key, [*groups, *(str(k) for k in root)], n=3)
+            hint = f"did you mean {', '.join(near)}? " if near else ""
+            return (
+                f"{arg}: {key!r} is neither a setting nor a config group; {hint}('+' adds a "
+                f"key that no stage reads; config groups: {', '.join(groups)})"
+            )
         node = root
-        for part in parts[:-1]:
+        for i, part in enumerate(parts):
             if isinstance(node, ListConfig) and part.isdigit():
                 # an entry of a list of settings (data.smear_sources.0): its schema
                 kind = node._metadata.element_type
                 node = OmegaConf.structured(kind) if dataclasses.is_dataclass(kind) else None
                 continue
-            if not isinstance(node, DictConfig) or part not in node:
-                node = None
-                break
-            node = node[part]
-        if isinstance(node, DictConfig) and parts[-1] not in node:
+            if not isinstance(node, DictConfig):
+                break  # a value, or a free list: not ours to check
+            if part in node:
+                node = node[part]
+                continue
             if dataclasses.is_dataclass(OmegaConf.get_type(node)):
-                import difflib
-
-                section = ".".join(parts[:-1])
-                near = difflib.get_close_matches(parts[-1], [str(k) for k in node], n=3)
+                section = ".".join(parts[:i])
+                near = difflib.get_close_matches(part, [str(k) for k in node], n=3)
                 hint = f"did you mean {', '.join(f'{section}.{k}' for k in near)}? " if near else ""
                 return (
-                    f"{arg}: {section} has no setting {parts[-1]!r}; {hint}('+' adds a key "
+                    f"{arg}: {section} has no setting {part!r}; {hint}('+' adds a key "
                     f"that no stage reads; the settings are in pipeline/config*.py)"
                 )
+            break  # a free mapping: a new key is what '+' is for
     return None
 
 

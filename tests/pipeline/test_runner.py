@@ -107,6 +107,19 @@ def test_adding_to_a_free_mapping_is_allowed():
     msg = unknown_addition(["+data.smear_sources.0.scal=0.3"])
     assert "did you mean data.smear_sources.0.scale" in msg
     assert unknown_addition(["+data.smear_sources.0.wbc_classes=[neutrophil]"]) is None
+    # '++', a new top-level key and a key under a missing section were let through (and
+    # nothing read them); a free mapping's new key, a config group and hydra.* still pass
+    assert "did you mean pair.label_map" in unknown_addition(["++pair.labl_map=x"])
+    assert "pair has no setting 'nonsense'" in unknown_addition(["+pair.nonsense.x=1"])
+    assert "neither a setting nor a config group" in unknown_addition(["+nonsense=1"])
+    assert "did you mean preset" in unknown_addition(["+prest=demo"])
+    for ok in (
+        "++pair.label_map.x=y",
+        "+pair.label_map={a: b}",
+        "+seed=1",
+        "+hydra.job.chdir=false",
+    ):
+        assert unknown_addition([ok]) is None, ok
 
 
 # --- run directory and runner -------------------------------------------------
