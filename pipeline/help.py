@@ -122,7 +122,8 @@ def help_text(root=None) -> str:
         "evaluate/traverse measure and walk it. Docs: README.md and docs/.",
         "",
         "== Stages (stage=NAME; stage=all runs them in this order, simulate only with",
-        "   data=synthetic). Each writes outputs/<experiment>/<stage>/ and reads the",
+        "   data=synthetic and a later stage reading its smears or expression). Each",
+        "   writes outputs/<experiment>/<stage>/ and reads the",
         "   earlier stages' folders; paths.inputs.<artifact>=PATH reads a file instead. ==",
     ]
     for k, name in enumerate(ORDER, 1):
