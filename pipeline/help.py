@@ -123,8 +123,8 @@ def help_text(root=None) -> str:
         "",
         "== Stages (stage=NAME; stage=all runs them in this order, simulate only with",
         "   data=synthetic and a later stage reading its smears or expression). Each",
-        "   writes outputs/<experiment>/<stage>/ and reads the",
-        "   earlier stages' folders; paths.inputs.<artifact>=PATH reads a file instead. ==",
+        "   writes outputs/<experiment>/<stage>/ and reads the earlier stages' folders;",
+        "   paths.inputs.<artifact>=PATH reads a file instead. ==",
     ]
     for k, name in enumerate(ORDER, 1):
         what, reads, writes = STAGES[name]
