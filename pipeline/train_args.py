@@ -14,7 +14,13 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.runner import StageError
-from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE, class_labels, stage_name
+from vae.inputs.schema import (
+    HAS_EXPRESSION,
+    HAS_IMAGE,
+    MATURATION_ORDER,
+    class_labels,
+    stage_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +207,19 @@ def maturation_axis(order: list[str], label_names: list[str], say: bool = True) 
     A class is taken as the data spell it (:func:`vae.inputs.schema.class_labels`):
     "promyelocyte" is the label "Promyelocytes", "segmented_neutrophil" the label
     "Neutrophils", when exactly one label names that stage (said at INFO); two such labels
-    are an error naming both. A stage absent from the labels is dropped (a preset's stages
+    are an error naming both where the user gave the list, and leave the stage out with
+    a warning where it is the default (the six stages). A stage absent from the labels is dropped (a preset's stages
     on data that lacks some), but one that looks like a typo of a label ("Neutrophls" for
     "Neutrophils") is an error: dropping it would silently train another axis, or none.
     ``say=False``: no log line (the comparison of two settings,
     :func:`pipeline.guards.resolved_setting`)."""
+    # the default list (the six stages) was named by no one: a stage two labels spell is
+    # left out with a warning, not refused
+    given = [str(c) for c in order] != list(MATURATION_ORDER)
     try:
-        named, taken = class_labels(order, label_names, "vae.maturation_classes")
+        named, taken, ambiguous = class_labels(
+            order, label_names, "vae.maturation_classes", given=given
+        )
     except ValueError as e:
         raise StageError(str(e)) from e
     if say:
@@ -217,6 +229,14 @@ def maturation_axis(order: list[str], label_names: list[str], say: bool = True) 
                 c,
                 lab,
                 stage_name(c),
+            )
+        for c, cands in ambiguous.items():
+            log.warning(
+                "vae.maturation_classes (default): %s left out: %d labels name that stage "
+                "(%s); set vae.maturation_classes to the labels meant, in order",
+                c,
+                len(cands),
+                ", ".join(map(repr, cands)),
             )
     labels = set(label_names)
     present = [c for c in named if c in labels]

@@ -1895,7 +1895,8 @@ def path_order(path_classes, labels: np.ndarray, maturation_axis=None) -> list[s
     Raises :class:`AnalysisError` before any work for a near miss of a label
     ("lymphocyt" for "lymphocyte": a typo, the path would silently lose that step, or
     fall back to ordering every class by pseudotime) and for a stage that two labels
-    name. A class unlike every label stays, left to the path's own warning: a preset's
+    name in a list the user gave (in the default, that stage is left out with a
+    warning). A class unlike every label stays, left to the path's own warning: a preset's
     classes on data without them.
     """
     from vae.inputs.schema import class_labels, stage_name
@@ -1912,8 +1913,13 @@ def path_order(path_classes, labels: np.ndarray, maturation_axis=None) -> list[s
                 " -> ".join(axis),
             )
             return axis
+    # the default (the six stages) was named by no one: a stage two labels spell is left
+    # out with a warning, not refused
+    given = [str(c) for c in path_classes] != list(MATURATION_ORDER)
     try:
-        order, taken = class_labels(path_classes, sorted(have), "analysis.path_classes")
+        order, taken, ambiguous = class_labels(
+            path_classes, sorted(have), "analysis.path_classes", given=given
+        )
     except ValueError as e:
         raise AnalysisError(str(e)) from e
     for c, lab in taken.items():
@@ -1922,6 +1928,14 @@ def path_order(path_classes, labels: np.ndarray, maturation_axis=None) -> list[s
             c,
             lab,
             stage_name(c),
+        )
+    for c, cands in ambiguous.items():
+        log.warning(
+            "analysis.path_classes (default): %s left out: %d labels name that stage (%s); "
+            "set analysis.path_classes to the labels meant, in order",
+            c,
+            len(cands),
+            ", ".join(map(repr, cands)),
         )
     return order
 

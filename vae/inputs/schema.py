@@ -185,7 +185,9 @@ def stage_name(label: object) -> str | None:
     return None
 
 
-def class_labels(names, labels, setting: str) -> tuple[list[str], dict[str, str]]:
+def class_labels(
+    names, labels, setting: str, given: bool = True
+) -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
     """The classes a setting names (``vae.maturation_classes``, ``analysis.path_classes``)
     as the data spell them.
 
@@ -202,17 +204,23 @@ def class_labels(names, labels, setting: str) -> tuple[list[str], dict[str, str]
     names : the class names the setting gives, in order
     labels : the labels the data hold (unknown ones, :data:`UNKNOWN_LABELS`, ignored)
     setting : the setting's name, for the messages
+    given : the user gave the list; False for the setting's default (the six stages),
+        where a stage two labels name is left out (``ambiguous``) instead of refused:
+        real data often hold two spellings of one stage ("neutrophil" crops beside
+        Paul15's "Neutrophils" profiles) and the user named neither
 
     Returns
     -------
-    (names, taken) : the names as labels, in order; ``{name: label}`` of those taken
-        through their stage (the caller says so).
+    (names, taken, ambiguous) : the names as labels, in order; ``{name: label}`` of those
+        taken through their stage (the caller says so); ``{name: [labels]}`` of the
+        default's stages left out because several labels name them (the caller says so).
 
     Raises
     ------
     ValueError
-        A stage name that two or more labels name (which one is meant cannot be told),
-        or a near miss of a label (:func:`label_typos`: a typo that would drop a class).
+        A stage name the user gave that two or more labels name (which one is meant cannot
+        be told), or a near miss of a label (:func:`label_typos`: a typo that would drop
+        a class).
     """
     have = sorted({str(x) for x in labels} - set(UNKNOWN_LABELS))
     by_stage: dict[str, list[str]] = {}
@@ -223,11 +231,15 @@ def class_labels(names, labels, setting: str) -> tuple[list[str], dict[str, str]
     shown = ", ".join(have[:20]) + (", ..." if len(have) > 20 else "")
     out: list[str] = []
     taken: dict[str, str] = {}
+    ambiguous: dict[str, list[str]] = {}
     for c in map(str, names):
         lab = c
         if c not in have:
             stage = stage_name(c)
             cands = by_stage.get(stage, []) if stage else []
+            if len(cands) > 1 and not given:
+                ambiguous[c] = cands
+                continue
             if len(cands) > 1:
                 raise ValueError(
                     f"{setting}: {c!r} is not a label, and {len(cands)} labels name its "
@@ -244,7 +256,7 @@ def class_labels(names, labels, setting: str) -> tuple[list[str], dict[str, str]
                     )
         if lab not in out:
             out.append(lab)
-    return out, taken
+    return out, taken, ambiguous
 
 
 # granule gene programs (human symbols; matched case-insensitively, so mouse

@@ -382,6 +382,12 @@ def test_path_classes_take_the_labels_that_spell_their_stage(caplog):
     two = np.array(["SNE", "Neutrophils", "band"])
     with pytest.raises(AnalysisError, match="'Neutrophils', 'SNE'; name the one meant"):
         path_order(["band", "segmented_neutrophil"], two)
+    # ... but in the default (named by no one) that stage is left out, with a warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vae.analysis.study"):
+        got = path_order(list(MATURATION_ORDER), two)
+    assert got == [c for c in MATURATION_ORDER if c != "segmented_neutrophil"]
+    assert "segmented_neutrophil left out: 2 labels name that stage" in caplog.text
     # a real typo is still refused before any work
     with pytest.raises(AnalysisError, match="did you mean 'Lymphocytes'"):
         path_order(["band", "Lymphocyte"], labels)
