@@ -95,8 +95,9 @@ UNCLASSIFIED = "unclassified"  # vae_call of a doubtful or atypical cell
 # cell the study saw; crops cut unlike its training crops, another stain or
 # magnification, or kinds it never saw are
 ATYPICAL_MOSTLY = 0.5
-# a study's training crops whole (unmasked) when at least this share of its paired rows'
-# masks read whole (vae.inputs.query.whole_masks), else masked
+# a study's training crops whole (unmasked) when more than this share of its paired rows'
+# masks read whole (vae.inputs.query.whole_masks), else masked: a tie keeps the
+# detector's cut, the behaviour before the study's cut was read
 WHOLE_CROPS_SHARE = 0.5
 # a latent.h5ad older than its anomaly columns is scored from its paired data in memory
 # (Study._scored_reference) up to this size; a larger one leaves atypical flagging off
@@ -876,7 +877,7 @@ class Study:
         ``image_folder`` give every crop an all-True mask (the file read whole as the
         cell), every other kind the cell's instance mask
         (:func:`vae.inputs.query.paired_masks`: 256 image rows spread over the table).
-        Whole at least :data:`WHOLE_CROPS_SHARE` of them: ``whole``. Without readable
+        Whole more than :data:`WHOLE_CROPS_SHARE` of them: ``whole``. Without readable
         paired data, the pair run's record (``manifest.json`` beside it: the kinds of
         its ``pair.crop_sources``) says it where every source is of one cut. Neither:
         ``kind`` None (studies of any age: nothing new is needed from the study).
@@ -898,7 +899,7 @@ class Study:
                 found = TrainingCrops(None, f"{p} holds no crop")
                 break
             share = got.share
-            kind = "whole" if share >= WHOLE_CROPS_SHARE else "masked"
+            kind = "whole" if share > WHOLE_CROPS_SHARE else "masked"
             found = TrainingCrops(
                 kind,
                 f"the masks of {p}: {got.whole} of {got.n} image rows read are whole squares",

@@ -87,6 +87,32 @@ def test_whole_masks_tell_a_square_read_whole_from_a_cut_out_cell():
     assert not whole_masks(box)[0]
 
 
+def test_the_crops_cut_is_read_from_rows_spread_over_every_source(tmp_path: Path):
+    """A paired table lists its crops source by source: 351 whole crop-folder crops, then
+    400 masked ones (by_label_real's layout). Runs of consecutive rows read them in
+    clusters (0.500 whole, and the tie went to whole: review); single rows evenly spaced
+    read about the true share (0.467), and the study is masked."""
+    import h5py
+
+    yy, xx = np.mgrid[:16, :16]
+    cell = (yy - 8) ** 2 + (xx - 8) ** 2 <= 36
+    masks = np.concatenate([np.ones((351, 16, 16), bool), np.repeat(cell[None], 400, 0)])
+    masks = np.concatenate([masks, np.zeros((300, 16, 16), bool)])  # expression-only rows
+    has = np.r_[np.ones(751, bool), np.zeros(300, bool)]
+    path = tmp_path / "paired.h5ad"
+    with h5py.File(path, "w") as f:
+        f["obsm/masks"] = masks.astype(np.uint8)
+        f["obs/has_image"] = has
+    from vae.inputs.query import paired_masks
+
+    got = paired_masks(path)
+    assert (got.n, got.n_image) == (256, 751)
+    assert abs(got.share - 351 / 751) < 0.01
+    from vae.api import WHOLE_CROPS_SHARE
+
+    assert not got.share > WHOLE_CROPS_SHARE  # masked: new cells cut by the detector
+
+
 def test_the_study_says_how_its_crops_were_made(study: Path, tmp_path: Path):
     """From its paired data's masks; without them from its pair run's record; else not
     known (the detector, as before)."""
