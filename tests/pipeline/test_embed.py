@@ -649,6 +649,18 @@ def test_api_audit_nan_codes_settings_and_calls(study: Path, caplog):
         {"sample": ["a", "a", "b"], "vae_label": ["x", "y", "x"], "vae_maturation": [0.1, 0.5, 0.9]}
     )
     assert list(sample_profile(obs)["sample"]) == ["a", "b"]
+    # a query.h5ad read back holds NaN where no class was called: an unclassified cell,
+    # never an "n_" / "frac_" column of its own that another query lacks (review)
+    calls = obs.assign(vae_call=["x", None, "x"])
+    got = sample_profile(calls, study_labels=["x", "y"]).set_index("sample")
+    clean = sample_profile(
+        calls.assign(vae_call=["x", "unclassified", "x"]), study_labels=["x", "y"]
+    )
+    assert list(got.columns) == list(clean.set_index("sample").columns)
+    assert "n_" not in got and got.loc["a", "n_unclassified"] == 1
+    # without a call column, a cell with no label counts in n_cells only
+    unl = sample_profile(obs.assign(vae_label=["x", None, "x"]), study_labels=["x", "y"])
+    assert "n_" not in unl and list(unl["n_cells"]) == [2, 1] and list(unl["n_x"]) == [1, 1]
 
 
 def test_each_cell_is_labelled_from_reference_cells_with_its_modalities(study: Path):

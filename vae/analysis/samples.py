@@ -173,9 +173,12 @@ def sample_profile(
     elif sample_key not in obs:
         raise KeyError(f"sample_profile: obs has no column {sample_key!r}")
     col = call_column(obs)
-    # a query.h5ad read back holds NaN where no label was called: counted as ""
-    obs = obs.assign(**{col: obs[col].astype(object).where(obs[col].notna(), "").astype(str)})
-    every_label = set(obs[col])
+    # a query.h5ad read back holds NaN where no label was called: an unclassified cell
+    # where the column is the call, else no label ("", counted in n_cells only: never a
+    # class column of its own, which gave one query an n_ / frac_ column another lacked)
+    none = UNCLASSIFIED if col == "vae_call" else ""
+    obs = obs.assign(**{col: obs[col].astype(object).where(obs[col].notna(), none).astype(str)})
+    every_label = set(obs[col]) - {""}
     if study_labels is not None:
         names = np.asarray([str(c) for c in study_labels], dtype=object)
         every_label |= set(names[known_labels(names)].tolist())
