@@ -203,11 +203,24 @@ def config_error_line(e: BaseException) -> str:
         added = hint.split(" use ", 1)[1]
         new_key = _new_mapping_key(cause)
         if new_key is not None:
-            mapping, key = new_key
-            lines = [
-                f"{added[1:]}: {key!r} is not yet a key of {mapping} (a mapping: a new key "
-                f"needs a leading '+'): add it with {_shell_word(added)}"
-            ]
+            mapping, key, held = new_key
+            # a slip of a key the mapping holds ("primry" for "primary", "Band" for "band"):
+            # the '+' form would add a second key and leave the meant one at its default
+            import difflib
+
+            lower = {k.lower(): k for k in held}
+            near = [lower[k] for k in difflib.get_close_matches(key.lower(), list(lower), n=2)]
+            if near:
+                lines = [
+                    f"{added[1:]}: {key!r} is not a key of {mapping}; did you mean "
+                    f"{' or '.join(f'{mapping}.{k}' for k in near)} (a key it holds)? A new "
+                    f"key needs a leading '+': {_shell_word(added)}"
+                ]
+            else:
+                lines = [
+                    f"{added[1:]}: {key!r} is not yet a key of {mapping} (a mapping: a new "
+                    f"key needs a leading '+'): add it with {_shell_word(added)}"
+                ]
         else:
             near = _nearest_settings(cause)
             if near is None:  # no OmegaConf cause to read: the schema's nearest names
@@ -241,11 +254,12 @@ def config_error_line(e: BaseException) -> str:
     return out or type(e).__name__
 
 
-def _new_mapping_key(cause: BaseException | None) -> tuple[str, str] | None:
-    """``(mapping, key)`` when OmegaConf refused ``cause``'s key because a free mapping
-    (a ``dict`` setting: ``pair.label_map``, ``expression.programs``) does not hold it
-    yet ("Key 'x' is not in struct"), else None: a section of settings (a dataclass:
-    "Key 'x' not in 'PairConfig'") that has no such setting, or no OmegaConf cause."""
+def _new_mapping_key(cause: BaseException | None) -> tuple[str, str, list[str]] | None:
+    """``(mapping, key, keys it holds)`` when OmegaConf refused ``cause``'s key because a
+    free mapping (a ``dict`` setting: ``pair.label_map``, ``expression.programs``) does
+    not hold it yet ("Key 'x' is not in struct"), else None: a section of settings (a
+    dataclass: "Key 'x' not in 'PairConfig'") that has no such setting, or no OmegaConf
+    cause."""
     import dataclasses
 
     from omegaconf.errors import OmegaConfBaseException
@@ -259,7 +273,12 @@ def _new_mapping_key(cause: BaseException | None) -> tuple[str, str] | None:
         return None
     full_key = re.sub(r"\[(\d+)\]", r".\1", str(full_key))
     mapping, _, key = full_key.rpartition(".")
-    return (mapping, key) if mapping else None
+    parent = getattr(cause, "parent_node", None)
+    try:
+        held = [str(k) for k in parent.keys()] if parent is not None else []
+    except Exception:  # a node without keys (not a mapping after all): nothing to suggest
+        held = []
+    return (mapping, key, held) if mapping else None
 
 
 def _nearest_settings(cause: BaseException | None) -> str | None:

@@ -553,6 +553,8 @@ class RunFolderRecord(Callback):
     def _note(self, config: Any, key: str) -> None:
         from omegaconf import OmegaConf
 
+        global _ABSENT_AT_START
+        _ABSENT_AT_START = None  # never an earlier run's list (a second run in a process)
         try:
             folder = OmegaConf.select(config, key)
         except Exception:  # noqa: BLE001 - Hydra reports a bad run folder itself, next

@@ -99,6 +99,23 @@ def test_a_new_key_of_a_mapping_says_to_add_it_with_a_plus(override, expected):
     assert key in OmegaConf.select(cfg, mapping)
 
 
+def test_a_slip_of_a_key_the_mapping_holds_is_named_before_the_plus():
+    """``expression.programs.primry=[A]``: the '+' form would add a program 'primry' and
+    leave 'primary' at its default (review), so the key it holds comes first."""
+    from hydra.errors import ConfigCompositionException
+
+    from pipeline.__main__ import config_error_line
+    from tests.helpers.run import compose_config
+
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_config(["stage=pair", "expression.programs.primry=[A]"])
+    assert config_error_line(e.value) == (
+        "expression.programs.primry=[A]: 'primry' is not a key of expression.programs; did "
+        "you mean expression.programs.primary (a key it holds)? A new key needs a leading "
+        "'+': '+expression.programs.primry=[A]'"
+    )
+
+
 @pytest.mark.parametrize(
     "override,near",
     [
