@@ -641,9 +641,12 @@ def _decode(path: Path, converted: list[str], layout: TiffLayout | None = None) 
 _REDUCED_MODES = ("RGB", "L")
 
 
-def _decode_reduced(path: Path, converted: list[str], reduce_to: int) -> np.ndarray | None:
-    """The image decoded at 1/k of its size (k >= 2, its long side kept >= ``reduce_to``),
-    or None where it is not (too small to gain, a TIFF, a stack, another mode, a file
+def _decode_reduced(
+    path: Path, converted: list[str], reduce_to: int, min_side: int = 8
+) -> np.ndarray | None:
+    """The image decoded at 1/k of its size (k >= 2, its long side kept >= ``reduce_to``
+    and its short side >= ``min_side``: a thin strip the whole decode accepts is never
+    made too small to use), or None where it is not (too small to gain, a TIFF, a stack, another mode, a file
     Pillow cannot read: the whole decode then reads it, or rejects it, as before).
 
     A JPEG is decoded reduced by its own decoder (``Image.draft``: DCT scaling by 1/2, 1/4
@@ -656,12 +659,12 @@ def _decode_reduced(path: Path, converted: list[str], reduce_to: int) -> np.ndar
     try:
         with Image.open(path) as im:
             w, h = im.size
-            k = max(w, h) // reduce_to
+            k = min(max(w, h) // reduce_to, min(w, h) // max(int(min_side), 1))
             if k < 2 or im.mode not in _REDUCED_MODES or int(getattr(im, "n_frames", 1) or 1) > 1:
                 return None
             if im.format == "JPEG":  # scaled while decoded: at least (w // k, h // k)
                 im.draft(im.mode, (w // k, h // k))
-            f = max(im.size) // reduce_to
+            f = min(max(im.size) // reduce_to, min(im.size) // max(int(min_side), 1))
             out = im.reduce(f) if f >= 2 else im
             a = np.asarray(out)
     except Exception:  # noqa: BLE001 - a damaged file: the whole decode judges it, as before
@@ -713,7 +716,7 @@ def read_rgb(
         return ImageRead(path, None, [], big)
     t0 = time.perf_counter()
     try:
-        a = _decode_reduced(path, converted, reduce_to) if reduce_to else None
+        a = _decode_reduced(path, converted, reduce_to, min_side) if reduce_to else None
         if a is None:
             a = _decode(path, converted, layout)
     except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"

@@ -1210,8 +1210,16 @@ def _h5ad_obs_names(path: Path) -> tuple[pd.Index, np.ndarray | None]:
 
     with h5py.File(path, "r") as f:
         obs = read_elem(f["obs"])
+    names = pd.Index(obs.index.astype(str))
+    dup = names.duplicated()
+    if dup.any():  # Study.embed's refusal, before rows are looked up by name (review)
+        raise StageError(
+            f"{path}: obs_names holds duplicated cell ids "
+            f"{list(dict.fromkeys(names[dup]))[:5]}; make them unique "
+            "(anndata's obs_names_make_unique) and embed it again"
+        )
     paired = paired_row_names(obs)
-    return pd.Index(obs.index.astype(str)), None if paired is None else paired.to_numpy()
+    return names, None if paired is None else paired.to_numpy()
 
 
 class _CropLookup:

@@ -175,3 +175,23 @@ def test_names_repeated_across_inputs_stay_unique_and_are_said(caplog):
     assert list(out.obs["vae_input"]) == ["expression"] * 3 + ["h5ad"] * 2
     said = [r.getMessage() for r in caplog.records if "repeat" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("1 cell id(s)") and out.obs_names[3] in said[0]
+
+
+def test_a_streamed_table_with_repeated_ids_is_refused_naming_them(tmp_path):
+    """Two paired tables joined with ad.concat both hold r000000 ...: a streamed read
+    looked rows up by name and crashed (pandas InvalidIndexError, review); it is refused
+    as Study.embed refuses it, naming the file and the ids."""
+    import warnings
+
+    from pipeline.runner import StageError
+    from pipeline.stages.embed import _h5ad_obs_names
+
+    a = ad.AnnData(np.zeros((3, 2), np.float32))
+    a.obs_names = ["r000000", "r000001", "r000000"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's own "not unique" warning
+        a.write_h5ad(tmp_path / "twice.h5ad")
+    with pytest.raises(
+        StageError, match=r"twice.h5ad: obs_names holds duplicated cell ids \['r000000'\]"
+    ):
+        _h5ad_obs_names(tmp_path / "twice.h5ad")

@@ -144,3 +144,14 @@ def test_crop_ids_are_their_paths_below_the_folder(tmp_path):
         "pB/x.png",
     ]
     assert a.obs_names.is_unique
+
+
+def test_a_thin_strip_is_not_reduced_below_the_usable_side(tmp_path):
+    """An 1100 x 12 px file: reduced by 2 its short side was 6 px and it was rejected as
+    "too small: 550x6 px", a size the file does not have (review); the whole decode
+    accepts it, and the reduced read now does too, with the same pixels."""
+    p = tmp_path / "strip.png"
+    Image.fromarray(np.full((12, 1100, 3), 120, np.uint8)).save(p)
+    whole, reduced = read_rgb(p), read_rgb(p, reduce_to=512)
+    assert whole.ok and reduced.ok, reduced.reason
+    np.testing.assert_array_equal(reduced.image, whole.image)
