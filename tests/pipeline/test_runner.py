@@ -83,6 +83,20 @@ def test_cli_missing_stage_and_unknown_stage(tmp_path):
         assert name in r.stderr
 
 
+def test_cli_a_list_setting_indexed_by_a_name_is_one_error_line(tmp_path):
+    """``vae.maturation_classes.foo=1``: OmegaConf's list update fails as a bare int()
+    ValueError, which reached the user as a traceback (review); now one line naming the
+    list and the two ways to set it, and nothing is written."""
+    r = _run(["stage=train", "vae.maturation_classes.foo=1", f"paths.root={tmp_path / 'o'}"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (
+        "error: vae.maturation_classes.foo=1: vae.maturation_classes is a list; give the "
+        "whole list (vae.maturation_classes=[a,b]) or an entry by its index "
+        "(vae.maturation_classes.0=a), not by a name ('foo')"
+    )
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_typo_fails_with_hydra_message(tmp_path):
     r = _run(["stage=simulate", "vae.betta=4", f"paths.root={tmp_path}"])
     assert r.returncode != 0
