@@ -221,15 +221,196 @@ def _diameters(obs: pd.DataFrame, has_image: np.ndarray) -> torch.Tensor | None:
     return torch.from_numpy(d) if np.isfinite(d).any() else None
 
 
+# spellings of a modality flag (obs['has_image'] / obs['has_expression']) read as text,
+# case and surrounding blanks aside; anything else is refused (astype(bool) read "False"
+# and NaN as True: 222 rows without a crop trained as if they had one)
+FLAG_TRUE = ("true", "1", "yes")
+FLAG_FALSE = ("false", "0", "no")
+# rows named in a message about bad rows (the first ones, in table order)
+SHOW_ROWS = 5
+# the share of the rows with a profile whose expression may be unusable (NaN / inf in X
+# or layers['counts'], a negative count) and skipped; more refuses the table: a few
+# broken cells are skipped and reported, a table broken throughout is not trained on
+BAD_PROFILES_MAX_SHARE = 0.1
+
+
+def _flag_value(v) -> bool | None:
+    """One modality flag value as a bool, None when it is not one (:data:`FLAG_TRUE`)."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer, float, np.floating)):
+        return bool(v) if v in (0, 1) else None  # NaN is neither
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    if isinstance(v, str):
+        t = v.strip().lower()
+        return True if t in FLAG_TRUE else False if t in FLAG_FALSE else None
+    return None
+
+
+def parse_flag(values, source: str, col: str, names=None) -> np.ndarray:
+    """(N,) bool of a modality flag column, read strictly.
+
+    A bool column as it is; numbers 0 / 1; text true/false, 1/0, yes/no (any case).
+    Anything else (NaN, None, other text or numbers) is an error: ``astype(bool)`` took
+    the text "False" and NaN for True.
+
+    Parameters
+    ----------
+    values : array-like (N,)
+        The column (``obs[col]``).
+    source, col : str
+        File and column named in the error.
+    names : array-like (N,), optional
+        Row names, to name the first bad row.
+
+    Raises
+    ------
+    PairedDataError
+        Naming ``source``, ``obs[col]``, how many rows hold no flag and the first one.
+    """
+    s = pd.Series(values)
+    if pd.api.types.is_bool_dtype(s.dtype) and not s.isna().any():
+        return s.to_numpy(dtype=bool)
+    codes, uniques = pd.factorize(s.astype(object), use_na_sentinel=True)
+    lut = [_flag_value(u) for u in uniques]
+    read = np.array([False if v is None else v for v in lut], dtype=bool)
+    ok_u = np.array([v is not None for v in lut], dtype=bool)
+    ok = (codes >= 0) & ok_u[np.maximum(codes, 0)] if len(lut) else codes >= 0
+    if ok.all():
+        return read[codes] if len(lut) else np.zeros(len(s), bool)
+    first = int(np.flatnonzero(~ok)[0])
+    bad = s.iloc[first]
+    bad = bad.item() if isinstance(bad, np.generic) else bad  # 2, not np.int64(2)
+    row = f"row {str(np.asarray(names)[first])!r}" if names is not None else f"row {first}"
+    raise PairedDataError(
+        f"{source}: obs['{col}'] must be true or false on every row; {int((~ok).sum())} of "
+        f"{len(s)} rows hold something else (first: {row} = {bad!r}). Write it as "
+        "booleans (True/False, 1/0, or the text true/false/yes/no), as stage=pair does"
+    )
+
+
 def _modality_flags(adata, source: str) -> tuple[np.ndarray, np.ndarray]:
-    """(N,) bool ``obs['has_image']`` and ``obs['has_expression']``; a clear error when missing."""
+    """(N,) bool ``obs['has_image']`` and ``obs['has_expression']`` (:func:`parse_flag`);
+    a clear error when missing or not read as true/false."""
     for col in (HAS_IMAGE, HAS_EXPRESSION):
         if col not in adata.obs:
             raise PairedDataError(f"{source}: obs['{col}'] is missing")
+    names = adata.obs_names
     return (
-        adata.obs[HAS_IMAGE].to_numpy().astype(bool),
-        adata.obs[HAS_EXPRESSION].to_numpy().astype(bool),
+        parse_flag(adata.obs[HAS_IMAGE], source, HAS_IMAGE, names),
+        parse_flag(adata.obs[HAS_EXPRESSION], source, HAS_EXPRESSION, names),
     )
+
+
+def _shown(names, rows: np.ndarray) -> str:
+    """The first :data:`SHOW_ROWS` names of ``rows`` (bool mask), quoted, for a message."""
+    picked = [str(v) for v in np.asarray(names, dtype=object)[rows][:SHOW_ROWS]]
+    more = ", ..." if int(rows.sum()) > SHOW_ROWS else ""
+    return ", ".join(repr(v) for v in picked) + more
+
+
+def _skip_bad_profiles(
+    bad: dict[str, np.ndarray], has_expr: np.ndarray, has_image: np.ndarray, names, source: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose expression holds unusable values: skipped, or the table refused.
+
+    Parameters
+    ----------
+    bad : {what is wrong: (N,) bool rows}
+        e.g. ``{"X holds non-finite values": rows}``.
+    has_expr, has_image : (N,) bool
+    names : (N,) row names (cell ids)
+    source : str
+
+    Returns
+    -------
+    zero : (N,) bool
+        Rows whose X / counts are to be zeroed (every bad row, with a profile or not).
+    has_expr : (N,) bool
+        ``has_expr`` without the skipped profiles: those rows keep their crop and train
+        as rows without a profile.
+
+    Raises
+    ------
+    PairedDataError
+        More than :data:`BAD_PROFILES_MAX_SHARE` of the profiles are bad: naming
+        ``source``, the fields, the count and the first cells.
+    """
+    zero = np.zeros(has_expr.shape[0], bool)
+    for rows in bad.values():
+        zero |= rows
+    skipped = zero & has_expr
+    k, total = int(skipped.sum()), int(has_expr.sum())
+    if not zero.any():
+        return zero, has_expr
+    what = "; ".join(
+        f"{field} in {int((rows & has_expr).sum())}" for field, rows in bad.items() if rows.any()
+    )
+    if k > BAD_PROFILES_MAX_SHARE * total:
+        raise PairedDataError(
+            f"{source}: {k} of {total} expression profiles are unusable ({what}; first: "
+            f"{_shown(names, skipped)}): more than {BAD_PROFILES_MAX_SHARE:.0%}, so the table "
+            "is refused rather than trained on what is left. X must hold finite "
+            "log-normalised values and layers['counts'] raw counts (>= 0): check the "
+            "expression file, then re-run stage=expression and stage=pair"
+        )
+    if k:
+        bare = int((skipped & ~has_image).sum())
+        logging.getLogger(__name__).warning(
+            "%s: %d of %d expression profiles skipped, their values unusable (%s); first: "
+            "%s. Those rows are kept without a profile (has_expression False)%s",
+            source,
+            k,
+            total,
+            what,
+            _shown(names, skipped),
+            f"; {bare} of them have no crop either and carry no data" if bare else "",
+        )
+    return zero, has_expr & ~zero
+
+
+def _check_rows(adata, source: str) -> None:
+    """A table without a row: one clear error (it failed deep in the split before)."""
+    if adata.n_obs == 0:
+        raise PairedDataError(
+            f"{source}: has no rows (no cell to train on or embed); re-run stage=pair and "
+            "see its rejects.csv for what it left out"
+        )
+
+
+def _write_flags(adata, has_image: np.ndarray, has_expr: np.ndarray) -> None:
+    """Put the flags as read back in ``adata.obs`` (bool; skipped profiles False) where they
+    differ, so a table written from this obs (stage=train's latent.h5ad) and every reader
+    of it agree with the tensors."""
+    for col, flags in ((HAS_IMAGE, has_image), (HAS_EXPRESSION, has_expr)):
+        cur = adata.obs[col]
+        if cur.dtype != bool or not np.array_equal(cur.to_numpy(), flags):
+            adata.obs[col] = flags
+
+
+def _warn_unlabelled(adata, source: str, expect: bool | None) -> None:
+    """A WARNING when a table to train on has no usable ``obs['label']``.
+
+    ``expect`` None: a table stage=pair wrote (``obs['pair_mode']`` or ``uns['pair']``)
+    is expected to hold labels; a query (:meth:`vae.api.Study.prepare`) is not."""
+    if expect is None:
+        expect = "pair_mode" in adata.obs or "pair" in adata.uns
+    if not expect or adata.n_obs == 0:
+        return
+    if "label" not in adata.obs:
+        logging.getLogger(__name__).warning(
+            "%s: obs['label'] is missing, so every row is unlabelled: nothing learns from "
+            "classes (classifier, class alignment, maturation head). stage=pair writes it "
+            "from the expression file's labels (expression.label_key) or the crop folders",
+            source,
+        )
+    elif not known_labels(adata.obs["label"].astype(object).to_numpy()).any():
+        logging.getLogger(__name__).warning(
+            "%s: obs['label'] names no class on any row (all empty / NA), so every row is "
+            "unlabelled",
+            source,
+        )
 
 
 def from_anndata(
@@ -240,8 +421,18 @@ def from_anndata(
     crops=None,
     masks=None,
     sparse: bool = False,
+    expect_labels: bool | None = None,
 ) -> PairedTensors:
     """Convert a paired AnnData (see docs/artifacts.md, ``pair``) to tensors.
+
+    A row whose expression holds unusable values (NaN / inf in X or
+    ``layers['counts']``, a negative count) loses its profile: its X and counts are
+    zeroed and it becomes a row without one (``has_expression`` False, its crop kept;
+    rows stay where they are, so split.csv and latent.h5ad keep the table's rows), with a
+    WARNING naming how many and the first cell ids; more than
+    :data:`BAD_PROFILES_MAX_SHARE` of the profiles is refused. ``obs['has_image']`` /
+    ``obs['has_expression']`` of ``adata`` are set to the flags as read (bool, skipped
+    profiles False) where they differ, so tables written from this obs agree.
 
     Parameters
     ----------
@@ -257,15 +448,21 @@ def from_anndata(
     sparse : bool
         Keep X and counts as CSR (:class:`vae.store.SparseRows`), made dense one
         batch at a time; same values.
+    expect_labels : bool, optional
+        Warn when ``obs['label']`` is missing or names no class (training unlabelled).
+        None: for a table stage=pair wrote (``obs['pair_mode']`` / ``uns['pair']``),
+        not for a query.
 
     Raises
     ------
     PairedDataError
-        Naming ``source`` and the missing or malformed field.
+        Naming ``source`` and the missing or malformed field: no row at all, a flag
+        that is not true/false, too many unusable profiles.
     """
     n, g = adata.shape
+    _check_rows(adata, source)
     if crops is not None:
-        return _from_parts(adata, source, crops, masks, sparse)
+        return _from_parts(adata, source, crops, masks, sparse, expect_labels)
     for key in ("crops", "masks"):
         if key not in adata.obsm:
             raise PairedDataError(f"{source}: obsm['{key}'] is missing")
@@ -275,16 +472,20 @@ def from_anndata(
     has_image, has_expr = _modality_flags(adata, source)
     # an AnnData without X (0 genes, e.g. written by hand for images alone) has none to read
     x = (_dense(adata.X) if adata.X is not None else np.zeros((n, g))).astype(np.float32)
-    if not np.isfinite(x).all():
-        raise PairedDataError(f"{source}: X holds non-finite values")
     has_counts = "counts" in adata.layers and bool(adata.uns.get(HAS_COUNTS, True))
     counts = _dense(adata.layers["counts"]).astype(np.float32) if has_counts else None
     # NaN passed the "< 0" test (audit: a NaN training row stopped at epoch 1 with
-    # "Lower trainer.lr"; NaN only in test rows finished silently)
-    if counts is not None and not np.isfinite(counts).all():
-        raise PairedDataError(f"{source}: layers['counts'] holds non-finite values")
-    if counts is not None and (counts < 0).any():
-        raise PairedDataError(f"{source}: layers['counts'] holds negative values")
+    # "Lower trainer.lr"; NaN only in test rows finished silently); one bad cell of 555
+    # then refused the whole table (audit): now its profile is skipped
+    zero, has_expr = _skip_bad_profiles(
+        _bad_rows(x, counts), has_expr, has_image, adata.obs_names, source
+    )
+    if zero.any():  # astype made copies: adata keeps its values
+        x[zero] = 0
+        if counts is not None:
+            counts[zero] = 0
+    _write_flags(adata, has_image, has_expr)
+    _warn_unlabelled(adata, source, expect_labels)
     if counts is not None:
         library = counts.sum(1)
     else:
@@ -483,7 +684,37 @@ def _label_codes(obs: pd.DataFrame, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.unique(lab, return_inverse=True)
 
 
-def _from_parts(adata, source: str, crops, masks, sparse: bool) -> PairedTensors:
+def _bad_rows(x, counts) -> dict[str, np.ndarray]:
+    """``{what is wrong: (N,) bool rows}`` of X and counts (dense or CSR; empty: none)."""
+    n = x.shape[0]
+
+    def rows(m, bad_values) -> np.ndarray:
+        if not hasattr(m, "indptr"):  # dense: (N, G) bool
+            return bad_values.any(1)
+        out = np.zeros(n, bool)  # CSR: the row of each stored value
+        out[np.repeat(np.arange(n), np.diff(m.indptr))[bad_values]] = True
+        return out
+
+    def values(m) -> np.ndarray:
+        return m.data if hasattr(m, "indptr") else m
+
+    out = {}
+    fin = np.isfinite(values(x))
+    if not fin.all():
+        out["X holds non-finite values"] = rows(x, ~fin)
+    if counts is not None:
+        fin = np.isfinite(values(counts))
+        if not fin.all():
+            out["layers['counts'] holds non-finite values"] = rows(counts, ~fin)
+        neg = values(counts) < 0  # NaN is not < 0: counted above
+        if neg.any():
+            out["layers['counts'] holds negative values"] = rows(counts, neg)
+    return out
+
+
+def _from_parts(
+    adata, source: str, crops, masks, sparse: bool, expect_labels: bool | None = None
+) -> PairedTensors:
     """:func:`from_anndata` with crops and masks given (on disk), X / counts as CSR.
 
     The same checks and derived fields as the in-memory path, computed on the
@@ -505,14 +736,15 @@ def _from_parts(adata, source: str, crops, masks, sparse: bool) -> PairedTensors
         return sp.csr_matrix(m if m is not None else (n, g), dtype=np.float32)
 
     x = csr(adata.X)
-    if not np.isfinite(x.data).all():
-        raise PairedDataError(f"{source}: X holds non-finite values")
     has_counts = "counts" in adata.layers and bool(adata.uns.get(HAS_COUNTS, True))
     counts = csr(adata.layers["counts"]) if has_counts else None
-    if counts is not None and not np.isfinite(counts.data).all():
-        raise PairedDataError(f"{source}: layers['counts'] holds non-finite values")
-    if counts is not None and (counts.data < 0).any():
-        raise PairedDataError(f"{source}: layers['counts'] holds negative values")
+    zero, has_expr = _skip_bad_profiles(
+        _bad_rows(x, counts), has_expr, has_image, adata.obs_names, source
+    )
+    if zero.any():  # csr_matrix may share adata's arrays: zeroed on copies
+        x, counts = _zero_rows(x, zero), _zero_rows(counts, zero)
+    _write_flags(adata, has_image, has_expr)
+    _warn_unlabelled(adata, source, expect_labels)
     # expm1(0) = 0: the same pattern; the structure is shared, only the values copied
     ex = sp.csr_matrix((np.expm1(x.data), x.indices, x.indptr), shape=x.shape)
     ex_sums = np.asarray(ex.sum(1), np.float32).ravel()
@@ -531,6 +763,16 @@ def _from_parts(adata, source: str, crops, masks, sparse: bool) -> PairedTensors
     return _tensors(
         adata, crops, masks, xs, cs, library, has_image, has_expr, names, codes, norm_total
     )
+
+
+def _zero_rows(m, rows: np.ndarray):
+    """A copy of CSR ``m`` (or None) without values on ``rows`` (bool)."""
+    if m is None:
+        return None
+    m = m.copy()
+    m.data[np.repeat(rows, np.diff(m.indptr))] = 0
+    m.eliminate_zeros()
+    return m
 
 
 def _resize(crops: torch.Tensor, masks: torch.Tensor, size: int, chunk: int = 512):
@@ -596,6 +838,8 @@ def stratified_split(
         )
     labels = np.asarray(labels)
     n = labels.shape[0]
+    if n == 0:  # no unit to place (the crosstab of groups had no row to argmax)
+        return np.array([], dtype=str)
     if groups is None:
         unit = np.arange(n)
     else:

@@ -41,6 +41,8 @@ def _args(**kw) -> TrainArgs:
 # 1 -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("sparse", [False, True])
 def test_nan_counts_are_refused_at_load(sparse):
+    """Refused when many profiles hold NaN (1 of 6 here: over BAD_PROFILES_MAX_SHARE);
+    one in many is skipped instead (tests/vae/test_paired_checks.py)."""
     a = make_paired(6)
     a.layers["counts"][1, 2] = np.nan
     if not sparse:
