@@ -13,6 +13,8 @@ the config onto it (see docs/analysis.md).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import OmegaConf
 
 from pipeline.artifacts import write_json
@@ -32,15 +34,111 @@ def analysis_settings(ctx: StageContext):
 
 
 def load_run_data(ctx: StageContext):
-    """The run's latent table, model and (optional) paired data, checked to fit together."""
+    """The run's latent table, model and (optional) paired data, checked to fit together:
+    rows and genes (:func:`vae.analysis.run.load_run`), and the paired data against the
+    one stage=train recorded in the model's manifest (:func:`check_trained_input`)."""
     from vae.analysis.run import AnalysisError, load_run
 
     paired = ctx.input("paired") if ctx.has_input("paired") else None
+    model = Path(ctx.input("model"))
     device = ctx.dist.device if ctx.dist is not None else "cpu"
+    trained = trained_input(ctx, model) if paired is not None else None
+    advice = retrain_advice(ctx, Path(paired), model, *trained) if trained is not None else None
     try:
-        return load_run(ctx.input("latent"), ctx.input("model"), paired, device)
+        rd = load_run(ctx.input("latent"), model, paired, device, advice=advice)
     except AnalysisError as e:
         raise StageError(str(e)) from e
+    if trained is not None:
+        check_trained_input(Path(paired), model, *trained, advice=advice)
+    return rd
+
+
+def trained_input(ctx: StageContext, model: Path) -> tuple[Path, int] | None:
+    """The paired data stage=train trained ``model`` on, as its manifest.json (beside
+    model.pt) recorded it: where that input is now (:func:`recorded_input_path`: inside
+    this experiment, here, so a moved experiment reads its own) and its size then. None
+    where no train manifest beside the model says."""
+    from pipeline.artifacts import in_experiment, read_manifest, recorded_input_path
+
+    man = read_manifest(model.parent)
+    rec = ((man or {}).get("inputs") or {}).get("paired")
+    if not man or man.get("stage") != "train" or not isinstance(rec, dict):
+        return None
+    if not isinstance(rec.get("bytes"), int):
+        return None
+    here = ctx.run_dir if in_experiment(model, ctx.run_dir) is not None else None
+    return recorded_input_path(rec, man, here), int(rec["bytes"])
+
+
+def _is_size(path: Path, size: int) -> bool:
+    """Whether ``path`` exists with ``size`` bytes (:func:`pipeline.artifacts.describe`)."""
+    from pipeline.artifacts import describe
+
+    return path.exists() and describe(path)["bytes"] == size
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
+def retrain_advice(ctx: StageContext, paired: Path, model: Path, used: Path, size: int) -> str:
+    """What to do when ``paired`` is not the data ``model`` learned (``used``, ``size``
+    bytes when stage=train read it): train again on it (the command, for this
+    experiment's own model), or pass the file train used while it is still that file."""
+    from pipeline.artifacts import describe
+    from pipeline.runner import rerun_args, stage_dir
+    from vae.analysis.run import RETRAIN
+
+    if _is_size(used, size) and not _same_file(paired, used):
+        return f"{RETRAIN} (paths.inputs.paired={used})"
+    if model.parent == stage_dir(ctx.cfg, "train"):
+        given = ctx.cfg.paths.inputs.get("paired")
+        args = rerun_args(ctx.cfg, "train") + (f" paths.inputs.paired={given}" if given else "")
+        again = f"`python -m pipeline {args} overwrite=true`"
+    else:
+        again = "stage=train"
+    if _same_file(paired, used):
+        why = f"train read it at {size} bytes, it is {describe(used)['bytes']} now"
+    elif used.exists():
+        why = f"the file train used, {used}, is {describe(used)['bytes']} bytes now, not {size}"
+    else:
+        why = f"the file train used, {used}, is gone"
+    return f"re-run {again} on this paired.h5ad ({why})"
+
+
+def check_trained_input(paired: Path, model: Path, used: Path, size: int, advice: str) -> None:
+    """Refuse paired data other than the file stage=train trained ``model`` on.
+
+    Compared by size, as the resume guard and ``resume=true``'s plan compare a stage's
+    inputs (:func:`pipeline.guards.changed_inputs`): a copy of the file (same size) is
+    that file. Another size is other data (``stage=pair`` run again with other settings)
+    or the same data written differently; the size cannot tell which, and the scores of
+    a model on data it did not learn are wrong numbers: refused, with ``advice``
+    (:func:`retrain_advice`).
+
+    Raises
+    ------
+    StageError
+        Naming the paired file, the model and both sizes.
+    """
+    from pipeline.artifacts import describe
+
+    if _is_size(paired, size):
+        return
+    now = describe(paired)["bytes"]
+    wrong = "the model's scores on data it was not trained on would be wrong numbers"
+    if _same_file(paired, used):
+        raise StageError(
+            f"{paired} changed since stage=train trained {model} on it (stage=pair run "
+            f"again?); {wrong}: {advice}, or restore the paired.h5ad train used"
+        )
+    raise StageError(
+        f"{paired} ({now} bytes) is not the paired.h5ad stage=train trained {model} on "
+        f"({used}, {size} bytes); {wrong}: {advice}"
+    )
 
 
 def simulator_truth(ctx: StageContext, rd):

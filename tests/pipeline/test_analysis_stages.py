@@ -1127,3 +1127,151 @@ def test_traverse_measures_on_the_paired_datas_background_not_this_runs(tiny_run
     a.write_h5ad(tmp_path / "p.h5ad")
     rd = load_run(run / "latent.h5ad", run / "model.pt", tmp_path / "p.h5ad")
     assert rd.background_value is None and _background(rd, cfg) == 0.0
+
+
+def _paired_like(paired: Path, out: Path, edit) -> Path:
+    """A copy of ``paired`` changed by ``edit(AnnData) -> AnnData``, written to ``out``."""
+    import anndata as ad
+
+    edit(ad.read_h5ad(paired)).write_h5ad(out)
+    return out
+
+
+def test_analysis_refuses_paired_data_with_other_genes_than_the_model(tiny_run, tmp_path, caplog):
+    """A paired.h5ad with the model's genes in another order (audit: exit 0, per-gene r
+    against the wrong genes) or fewer of them (audit: torch's "mat1 and mat2 shapes cannot
+    be multiplied", no file named): exit 2 naming both files, how many genes differ and
+    the fix, before any output."""
+    root, paired = tiny_run
+    train = root / "tiny" / "train"
+    model = train / "model.pt"
+    rev = _paired_like(paired, tmp_path / "rev.h5ad", lambda a: a[:, ::-1].copy())
+    few = _paired_like(paired, tmp_path / "few.h5ad", lambda a: a[:, :9].copy())
+    fix = (
+        "re-run stage=train on this paired.h5ad, or pass the paired.h5ad train used "
+        f"(paths.inputs.paired={paired})"
+    )
+    for stage, product in (("evaluate", "metrics.json"), ("traverse", "report.html")):
+        caplog.clear()
+        assert _on_run(stage, tmp_path / f"rev_{stage}", train, f"paths.inputs.paired={rev}") == 2
+        assert (
+            f"{rev} does not hold the genes {model} was trained on: the same 12 genes in "
+            "another order (12 of them at another column" in caplog.text
+        )
+        assert fix in caplog.text
+        assert not (tmp_path / f"rev_{stage}" / "x" / stage / product).exists()
+    caplog.clear()
+    assert _on_run("evaluate", tmp_path / "few", train, f"paths.inputs.paired={few}") == 2
+    assert (
+        f"{few} does not hold the genes {model} was trained on: 9 genes against the model's "
+        "12: 3 of the model's 12 are missing" in caplog.text
+    )
+    assert fix in caplog.text and "mat1 and mat2" not in caplog.text
+
+
+def test_analysis_refuses_a_paired_file_other_than_the_one_train_read(tiny_run, tmp_path, caplog):
+    """Same genes and rows, another file (its size differs from the one the train run's
+    manifest recorded): exit 2 naming both files and sizes; the same file changed since
+    (stage=pair run again) names the command that trains on it. A byte copy of the file
+    train read is that file: accepted."""
+    import shutil
+
+    from pipeline import runner
+    from pipeline.artifacts import describe
+
+    root, paired = tiny_run
+    train = root / "tiny" / "train"
+    size = describe(paired)["bytes"]
+
+    def tagged(a):
+        a.uns["note"] = "written again"
+        return a
+
+    other = _paired_like(paired, tmp_path / "other.h5ad", tagged)
+    now = describe(other)["bytes"]
+    assert now != size
+    assert _on_run("evaluate", tmp_path / "o", train, f"paths.inputs.paired={other}") == 2
+    assert (
+        f"{other} ({now} bytes) is not the paired.h5ad stage=train trained {train / 'model.pt'} "
+        f"on ({paired}, {size} bytes); the model's scores on data it was not trained on would "
+        "be wrong numbers: re-run stage=train on this paired.h5ad, or pass the paired.h5ad "
+        f"train used (paths.inputs.paired={paired})" in caplog.text
+    )
+    assert not (tmp_path / "o" / "x" / "evaluate" / "metrics.json").exists()
+
+    # the experiment's own paired file, re-made after training
+    exp = tmp_path / "own" / "tiny"
+    shutil.copytree(train, exp / "train")
+    mine = shutil.copy(paired, tmp_path / "own" / "p.h5ad")
+    man = json.loads((exp / "train" / "manifest.json").read_text())
+    man["inputs"]["paired"]["path"] = str(mine)
+    (exp / "train" / "manifest.json").write_text(json.dumps(man))
+    _paired_like(mine, tmp_path / "own" / "p.h5ad", tagged)
+    caplog.clear()
+    args = [f"paths.root={tmp_path / 'own'}", "experiment=tiny", f"paths.inputs.paired={mine}"]
+    assert runner.main(compose_config(["stage=evaluate", *args, *FAST_ANALYSIS])) == 2
+    assert (
+        f"{mine} changed since stage=train trained {exp / 'train' / 'model.pt'} on it "
+        "(stage=pair run again?)" in caplog.text
+    )
+    assert (
+        f"re-run `python -m pipeline stage=train experiment=tiny paths.root={tmp_path / 'own'} "
+        f"paths.inputs.paired={mine} overwrite=true` on this paired.h5ad (train read it at "
+        f"{size} bytes, it is {now} now), or restore the paired.h5ad train used" in caplog.text
+    )
+
+    # a byte copy elsewhere: the data train read
+    caplog.clear()
+    copy = shutil.copy(paired, tmp_path / "copy.h5ad")
+    assert _on_run("evaluate", tmp_path / "c", train, f"paths.inputs.paired={copy}") == 0
+    assert "not the paired.h5ad" not in caplog.text and "changed since" not in caplog.text
+    assert (tmp_path / "c" / "x" / "evaluate" / "metrics.json").exists()
+
+
+def test_crops_of_another_size_than_the_models_are_warned_of(tiny_run, tmp_path, caplog):
+    """Crops of 32 px to a model trained on 16 px (pair.crop_size changed; audit:
+    silently resized): a WARNING naming both sizes; the model's own size: none."""
+    import logging
+
+    from vae.analysis.run import load_run
+
+    root, paired = tiny_run
+    run = root / "tiny" / "train"
+
+    def doubled(a):
+        for k in ("crops", "masks"):
+            a.obsm[k] = np.repeat(np.repeat(a.obsm[k], 2, axis=1), 2, axis=2)
+        return a
+
+    big = _paired_like(paired, tmp_path / "big.h5ad", doubled)
+    with caplog.at_level(logging.WARNING, logger="vae.analysis.run"):
+        rd = load_run(run / "latent.h5ad", run / "model.pt", paired)
+        assert "holds crops of" not in caplog.text
+        rd = load_run(run / "latent.h5ad", run / "model.pt", big)
+    assert rd.data.crops.shape[-1] == 16
+    assert (
+        f"{big} holds crops of 32 px, {run / 'model.pt'} was trained on 16 px crops" in caplog.text
+    )
+
+
+def test_a_paired_file_of_other_genes_is_one_error_line(tiny_run, tmp_path):
+    """The refusal reaches the terminal as one `error:` line, not a traceback."""
+    root, paired = tiny_run
+    train = root / "tiny" / "train"
+    rev = _paired_like(paired, tmp_path / "rev.h5ad", lambda a: a[:, ::-1].copy())
+    r = run_pipeline(
+        [
+            "stage=evaluate",
+            f"paths.root={tmp_path}",
+            "experiment=x",
+            f"paths.inputs.latent={train / 'latent.h5ad'}",
+            f"paths.inputs.model={train / 'model.pt'}",
+            f"paths.inputs.paired={rev}",
+            "hardware.torch_threads=1",
+            *FAST_ANALYSIS,
+        ]
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr
+    assert f"{rev} does not hold the genes {train / 'model.pt'} was trained on" in errors[0]

@@ -7,6 +7,7 @@ and ``pipeline/stages/traverse.py`` wire it).
 from __future__ import annotations
 
 import html
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,11 @@ import pandas as pd
 from segmentation.io import blank_as_read
 
 LATENTS = {"joint": "X_vae", "image": "X_vae_image", "expression": "X_vae_expression"}
+
+log = logging.getLogger(__name__)
+
+# what a message suggests when paired.h5ad is not the data the model learned
+RETRAIN = "re-run stage=train on this paired.h5ad, or pass the paired.h5ad train used"
 
 
 class AnalysisError(ValueError):
@@ -103,11 +109,24 @@ class RunData:
 
 
 def load_run(
-    lat_path: Path, model_path: Path, paired_path: Path | None, device: Any = "cpu"
+    lat_path: Path,
+    model_path: Path,
+    paired_path: Path | None,
+    device: Any = "cpu",
+    advice: str | None = None,
 ) -> RunData:
     """Read latent.h5ad, the trained model and (when given) the paired data it was trained on.
 
-    Raises :class:`AnalysisError` when they do not belong together.
+    Parameters
+    ----------
+    advice : what a message says to do when the paired data are not the model's (the
+        pipeline's, from the train run's manifest: the command, the file train used);
+        None: :data:`RETRAIN`.
+
+    Raises :class:`AnalysisError` when they do not belong together: other rows than the
+    latent's, or other genes than the model's (another set, or the same in another order:
+    each gene's values would be read as another's). Crops of another size than the
+    model's are warned of (they are resized to it, as a model trained on them never was).
     """
     import anndata as ad
 
@@ -136,6 +155,18 @@ def load_run(
             raise AnalysisError(str(e)) from e
         from vae.scverse import ROW_KEY
 
+        fix = advice or RETRAIN
+        # a reversed gene order ran silently (per-gene r against other genes); fewer genes
+        # stopped in the encoder with torch's "mat1 and mat2 shapes cannot be multiplied"
+        model_genes = [str(g) for g in (meta.get("gene_names") or [])]
+        differ = gene_difference(model_genes, [str(g) for g in data.gene_names])
+        n_model = int(getattr(model.args, "n_genes", 0) or 0)
+        if not differ and not model_genes and n_model and n_model != len(data.gene_names):
+            differ = f"{len(data.gene_names)} genes against the model's {n_model}"
+        if differ:
+            raise AnalysisError(
+                f"{p} does not hold the genes {model_path} was trained on: {differ}; {fix}"
+            )
         # latent.h5ad rows carry paired.h5ad's row ID in obs["row"] (older runs: obs_names)
         rows = latent.obs[ROW_KEY] if ROW_KEY in latent.obs else latent.obs_names
         if list(data.obs_names) != [str(s) for s in rows]:
@@ -167,6 +198,21 @@ def load_run(
                 )
             except PairedDataError as e:
                 raise AnalysisError(str(e)) from e
+        crops = paired.obsm["crops"] if "crops" in paired.obsm else None
+        size = int(crops.shape[1]) if crops is not None and len(crops.shape) == 4 else None
+        if size is not None and size != int(model.args.crop_size):
+            # stage=train takes the crops' own size: these are not the crops it learned
+            log.warning(
+                "%s holds crops of %d px, %s was trained on %d px crops: they are resized to "
+                "%d px, and the image numbers are of crops unlike those the model learned "
+                "(pair.crop_size changed since stage=train?); %s",
+                paired_path,
+                size,
+                model_path,
+                int(model.args.crop_size),
+                int(model.args.crop_size),
+                fix,
+            )
         notes = [str(n) for n in np.atleast_1d(paired.uns.get("expression_data_notes", []))]
         if "background_value" in paired.uns:
             background = int(paired.uns["background_value"])
@@ -221,9 +267,51 @@ def obs_col(latent, key: str) -> np.ndarray | None:
 
 
 def labels_of(latent, key: str) -> np.ndarray:
+    """(N,) str: each row's class, ``""`` where it is not known.
+
+    Unknown is what :func:`vae.inputs.schema.known_labels` says (NaN, None, ``""``,
+    ``"nan"``, ``"NA"``): ``astype(str)`` read a missing label as the class ``"nan"``
+    (an unlabelled study's traverse offered "did you mean nan?").
+    """
+    from vae.inputs.schema import known_labels
+
     if key not in latent.obs:
         raise AnalysisError(f"latent.h5ad: obs[{key!r}] is missing (analysis.label_key)")
-    return latent.obs[key].astype(str).to_numpy()
+    lab = latent.obs[key].astype(object).to_numpy()
+    return np.where(known_labels(lab), lab.astype(str), "").astype(str)
+
+
+def gene_difference(model_genes: list[str], genes: list[str]) -> str:
+    """How the genes of a paired table (``genes``, its column order) differ from those a
+    model was trained on (``model_genes``, its output order): ``""`` when they are the same
+    in the same order, else a clause for a message. ``model_genes`` empty: not known
+    (nothing to compare)."""
+    if not model_genes or list(model_genes) == list(genes):
+        return ""
+
+    def few(names) -> str:
+        names = list(names)
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    if sorted(model_genes) == sorted(genes):
+        moved = [g for g, h in zip(model_genes, genes) if g != h]
+        return (
+            f"the same {len(genes)} genes in another order ({len(moved)} of them at another "
+            f"column: {few(moved)}), so each gene's values would be read as another gene's"
+        )
+    have, want = set(genes), set(model_genes)
+    missing = [g for g in model_genes if g not in have]
+    extra = [g for g in genes if g not in want]
+    parts = []
+    if missing:
+        parts.append(
+            f"{len(missing)} of the model's {len(model_genes)} are missing ({few(missing)})"
+        )
+    if extra:
+        parts.append(f"{len(extra)} of its {len(genes)} are new to the model ({few(extra)})")
+    if not parts:  # same set, a gene twice in one of them
+        parts.append("the same names, some repeated")
+    return f"{len(genes)} genes against the model's {len(model_genes)}: " + ", ".join(parts)
 
 
 def programs_of(programs: dict | None, genes: list[str]) -> dict[str, list[str]]:
