@@ -13,6 +13,7 @@ the config onto it (see docs/analysis.md).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -20,6 +21,8 @@ from omegaconf import OmegaConf
 from pipeline.artifacts import write_json
 from pipeline.runner import StageContext, StageError, stage
 from segmentation.io import write_h5ad
+
+log = logging.getLogger(__name__)
 
 
 def analysis_settings(ctx: StageContext):
@@ -114,10 +117,11 @@ def check_trained_input(paired: Path, model: Path, used: Path, size: int, advice
 
     Compared by size, as the resume guard and ``resume=true``'s plan compare a stage's
     inputs (:func:`pipeline.guards.changed_inputs`): a copy of the file (same size) is
-    that file. Another size is other data (``stage=pair`` run again with other settings)
-    or the same data written differently; the size cannot tell which, and the scores of
-    a model on data it did not learn are wrong numbers: refused, with ``advice``
-    (:func:`retrain_advice`).
+    that file. Another file of another size is other data, and the scores of a model on
+    data it did not learn are wrong numbers: refused, with ``advice``
+    (:func:`retrain_advice`). The file train read, of another size now (``stage=pair`` run
+    again), has the model's genes and rows (:func:`vae.analysis.run.load_run` checked):
+    the same pairing written again, or another draw; warned of, with ``advice``.
 
     Raises
     ------
@@ -131,10 +135,21 @@ def check_trained_input(paired: Path, model: Path, used: Path, size: int, advice
     now = describe(paired)["bytes"]
     wrong = "the model's scores on data it was not trained on would be wrong numbers"
     if _same_file(paired, used):
-        raise StageError(
-            f"{paired} changed since stage=train trained {model} on it (stage=pair run "
-            f"again?); {wrong}: {advice}, or restore the paired.h5ad train used"
+        # the file train read, written again (stage=pair re-run) with the same genes, rows
+        # and cells (load_run checked those): the same pairing rewritten (a new metadata
+        # key changed the size by 448 bytes, crops and genes identical) or another draw
+        # of profiles; the size cannot tell which, and retraining costs hours, so said
+        # loudly, not refused
+        log.warning(
+            "%s changed since stage=train trained %s on it (stage=pair run again?); its "
+            "genes and rows are the model's, but if the pairing changed (other settings, "
+            "another draw of profiles), %s: %s, or restore the paired.h5ad train used",
+            paired,
+            model,
+            wrong,
+            advice,
         )
+        return
     raise StageError(
         f"{paired} ({now} bytes) is not the paired.h5ad stage=train trained {model} on "
         f"({used}, {size} bytes); {wrong}: {advice}"
