@@ -262,11 +262,7 @@ def resolve_input(cfg: DictConfig, name: str) -> Path:
                 busy = _being_written(cfg, producer, d, name, p)
                 if busy:
                     raise StageInputError(busy)
-                raise StageInputError(
-                    f"{p} comes from an unfinished run of stage={producer} "
-                    f"(status: {man.get('status')}). Re-run `python -m pipeline "
-                    f"{rerun_args(cfg, producer)} overwrite=true`."
-                )
+                raise StageInputError(unfinished_input(cfg, producer, d, p, man))
             if man is not None:
                 check_fresh(p, man, name)
             return p
@@ -282,6 +278,43 @@ def resolve_input(cfg: DictConfig, name: str) -> Path:
         f"writes. Run `python -m pipeline {rerun_args(cfg, producer)}` "
         f"first, or set paths.inputs.{name}=PATH.{broken}"
     )
+
+
+def unfinished_input(cfg: DictConfig, producer: str, d: Path, p: Path, man: dict) -> str:
+    """The message for input ``p`` found in stage folder ``d`` whose run did not finish
+    (manifest ``man``), with the re-run that keeps what can be kept.
+
+    A killed ``overwrite=true`` or ``resume=true`` run left the complete result it was
+    replacing or continuing as a backup ``.<stage>.old-*``: "re-run with overwrite=true"
+    would have replaced it (an audit), while a plain run of the stage puts it back.
+    """
+    from pipeline.guards import RESUMABLE
+    from pipeline.stagedir import complete_backup, run_kind
+
+    status = man.get("status")
+    again = f"python -m pipeline {rerun_args(cfg, producer)}"
+    head = f"{p} comes from an unfinished run of stage={producer} (status: {status})"
+    backup = complete_backup(d)
+    if backup is not None:
+        kind = run_kind(d) or "overwrite=true or resume=true"
+        cont = (
+            f"`{again} resume=true` finishes the interrupted run instead (the complete "
+            f"result is kept until it succeeds)"
+            if producer in RESUMABLE and (d / RESUMABLE[producer]).exists()
+            else f"`{again} overwrite=true` runs it again (the complete result is kept until "
+            f"it succeeds)"
+        )
+        return (
+            f"{head}: an interrupted {kind} run, and the complete result it started from is "
+            f"kept in {backup}. Run `{again}` to put that result back (it restores the "
+            f"result and stops there, running nothing), or {cont}."
+        )
+    if producer in RESUMABLE and (d / RESUMABLE[producer]).exists():
+        return (
+            f"{head}. Run `{again} resume=true` to finish it from its {RESUMABLE[producer]}, "
+            f"or `{again} overwrite=true` to start it over."
+        )
+    return f"{head}. Re-run `{again} overwrite=true`."
 
 
 # command-line overrides that are not a choice of configs: the rerun advice sets its own
@@ -544,9 +577,9 @@ def _check_interrupt() -> None:
 def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, Path]) -> Path:
     from pipeline import hardware
     from pipeline.guards import log_traceback, settings_hash
-    from pipeline.stagedir import add_log_file, prepare_stage_dir, restore_backup
+    from pipeline.stagedir import add_log_file, folder_status, prepare_stage_dir, restore_backup
 
-    global _FOLDERS_STARTED
+    global _FOLDERS_STARTED, _LAST_FAILED
     _FOLDERS_STARTED += 1
     # what preparing the folder says (a backup restored, an attempt set aside) belongs
     # in the stage's log too, which can only be opened once the folder is ready
@@ -556,6 +589,8 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
         d, backup = prepare_stage_dir(cfg, name, inputs)
     finally:
         logging.getLogger().removeHandler(early)
+    # the run this one continues in place (resume=true), before its manifest is rewritten
+    before = folder_status(d)
     handler: logging.Handler | None = None
     manifest: Manifest | None = None
     ctx: StageContext | None = None
@@ -606,6 +641,9 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
         if manifest is not None and ctx is not None and ctx.dist is not None:
             manifest.data["torch_threads"] = _threads_used(cfg, ctx)
         _fail(manifest, ctx, name, exc)
+        _LAST_FAILED = _Failed(
+            name, cfg, d, before, backup, folder_status(backup) if backup is not None else None
+        )
         if backup is not None:
             try:
                 failed = restore_backup(d, backup)
@@ -619,6 +657,7 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
                     d,
                 )
             else:
+                _LAST_FAILED.attempt = failed
                 log.error(
                     "stage=%s failed; previous outputs restored, this attempt kept in %s",
                     name,
@@ -639,6 +678,76 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
         shutil.rmtree(backup, ignore_errors=True)
     log.info("stage=%s done in %.1f s", name, time.time() - t0)
     return d
+
+
+@dataclass
+class _Failed:
+    """What the last stage that failed in this process left (the interrupt message)."""
+
+    stage: str
+    cfg: DictConfig
+    dir: Path
+    before: str | None  # status of the run it continued in place (resume=true), or None
+    backup: Path | None  # the previous result set aside
+    earlier: str | None  # its status (overwrite=true sets aside a failed run too)
+    attempt: Path | None = None  # where the attempt went once the backup was put back
+
+
+_LAST_FAILED: _Failed | None = None
+
+
+def interrupt_advice(f: _Failed) -> str | None:
+    """What a Ctrl-C during stage ``f.stage`` left, and the re-runs that do what they
+    say; None when the previous result could not be put back (that error was logged).
+
+    After ``overwrite=true`` the earlier complete result is put back and the attempt moved
+    to ``<stage>.failed-*``: "resume=true" then continues the *earlier* run, never the
+    interrupted attempt (the advice said resume=true as if it did: an audit).
+    """
+    from pipeline.guards import RESUMABLE
+
+    name, d = f.stage, f.dir
+    ck = RESUMABLE.get(name)
+    again = f"python -m pipeline {rerun_args(f.cfg, name)}"
+    head = f"interrupted during stage={name}"
+    if f.attempt is not None:  # a previous complete result was put back
+        if f.cfg.resume and not f.cfg.overwrite and f.before == "complete":
+            # resumed a complete run from a copy: the copy is what came back
+            return (
+                f"{head} (resume=true): the complete run in {d} is back as it was before this "
+                f"resume; what this attempt added is kept in {f.attempt} and is not "
+                f"continued. `{again} resume=true` continues the complete run again from its "
+                f"{ck}; `{again} overwrite=true` starts it over. Delete {f.attempt} when it "
+                f"is not needed."
+            )
+        flag = "overwrite=true" if f.cfg.overwrite else "resume=true"
+        earlier = "complete result" if f.earlier == "complete" else f"run (status: {f.earlier})"
+        text = (
+            f"{head}: the earlier {earlier} is back in {d}, unchanged; the attempt of this "
+            f"{flag} run is kept in {f.attempt} (marked failed)."
+        )
+        if ck and (d / ck).exists():
+            text += (
+                f" `{again} resume=true` would continue that earlier run from its {ck}, not "
+                f"the interrupted attempt; `{again} overwrite=true` starts the new run over "
+                f"from the beginning."
+            )
+        else:
+            text += f" `{again} overwrite=true` runs it again from the beginning."
+        return text + f" Delete {f.attempt} when it is not needed."
+    if f.backup is not None:
+        return None  # the previous result could not be put back: logged with where it is
+    if ck and (d / ck).exists():
+        return (
+            f"{head}: {d} is marked failed and keeps its {ck}: `{again} resume=true` "
+            f"continues it from there; `{again} overwrite=true` starts it over."
+        )
+    if ck:
+        return (
+            f"{head}: {d} is marked failed before it wrote its first {ck}: `{again}` runs "
+            f"it again from the start."
+        )
+    return f"{head}: {d} is marked failed: `{again}` runs it again (the attempt is set aside)."
 
 
 def _moved_paths(message: str, folder: Path, moved_to: Path) -> str:
@@ -824,6 +933,8 @@ def _interrupted_early(cfg: DictConfig, name: str) -> int:
 
 def main(cfg: DictConfig) -> int:
     """Entry point after Hydra composed ``cfg``. Returns a process exit code."""
+    global _LAST_FAILED
+    _LAST_FAILED = None
     name = cfg.stage.name
     started = _FOLDERS_STARTED
     try:
@@ -904,12 +1015,18 @@ def main(cfg: DictConfig) -> int:
             return _interrupted_early(cfg, name)
         # the stage's folder is already marked failed and any previous result put
         # back (_run_locked); the user pressed Ctrl-C, so no traceback
-        msg = (
-            f"interrupted during stage={name}: a stage folder it had started is marked "
-            f"failed and a previous complete result, if any, was put back. Re-run with "
-            f"overwrite=true, or resume=true for the stages that continue from a checkpoint "
-            f"({', '.join(sorted(guards.RESUMABLE))}; from scratch if none was written yet)."
-        )
+        failed = _LAST_FAILED
+        msg = interrupt_advice(failed) if failed is not None else None
+        if msg is None:
+            msg = (
+                f"interrupted during stage={name}: a stage folder it had started is marked "
+                f"failed and a previous complete result, if any, was put back. Re-run with "
+                f"overwrite=true, or resume=true for the stages that continue from a "
+                f"checkpoint ({', '.join(sorted(guards.RESUMABLE))}; from scratch if none was "
+                f"written yet)."
+            )
+        elif cfg.stage.name == "all":
+            msg += f" The stages after stage={failed.stage} did not run."
         _log_off_console(msg)
         print(f"error: {msg}", file=sys.stderr)
         return 130

@@ -109,21 +109,46 @@ def backups_of(d: Path) -> list[Path]:
     return sorted(olds, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def recover_backups(d: Path, stage: str) -> None:
+def run_kind(d: Path) -> str:
+    """How the run in folder ``d`` was started, as its manifest recorded it:
+    ``"overwrite=true"``, ``"resume=true"``, or ``""`` (neither, or not known)."""
+    try:
+        man = read_manifest(d)
+    except Exception:  # noqa: BLE001 - an unreadable manifest says nothing of it
+        return ""
+    config = (man or {}).get("config")
+    if not isinstance(config, dict):
+        return ""
+    if config.get("overwrite"):
+        return "overwrite=true"
+    return "resume=true" if config.get("resume") else ""
+
+
+def complete_backup(d: Path) -> Path | None:
+    """The newest complete backup ``.<name>.old-*`` of folder ``d``, or None."""
+    return next((o for o in backups_of(d) if _status(o) == "complete"), None)
+
+
+def recover_backups(d: Path, stage: str) -> tuple[Path, Path | None, str] | None:
     """Restore the backup a killed ``overwrite=true`` (or resume) run left next to ``d``.
 
     Call only while holding the stage's lock. If ``d`` holds no complete run, the
     newest complete backup is moved back to ``d`` (the interrupted attempt is kept
     as ``<name>.interrupted-<time>``); other backups are reported, never deleted.
+    Returns (the backup put back, where the attempt was kept or None, how the killed
+    run was started: :func:`run_kind`), or None when nothing was put back.
     """
     olds = backups_of(d)
     if not olds:
-        return
+        return None
     here = folder_status(d)
+    restored = None
     if here != "complete":
         good = next((o for o in olds if _status(o) == "complete"), None)
         if good is not None:
+            kind, kept = "", None
             if d.exists():
+                kind = run_kind(d)
                 move_variant_runs(d, good)  # other variants' runs stay where they are
                 if any(d.iterdir()):
                     kept = aside_name(d, "interrupted")
@@ -136,11 +161,13 @@ def recover_backups(d: Path, stage: str) -> None:
             good.rename(d)
             log.warning(
                 "stage=%s: restored the previous complete result from %s (left by an "
-                "interrupted overwrite=true or resume=true run)",
+                "interrupted %s run)",
                 stage,
                 good,
+                kind or "overwrite=true or resume=true",
             )
             olds.remove(good)
+            restored = (good, kept, kind)
     for o in olds:
         log.warning(
             "stage=%s: %s holds an earlier result (status: %s) left by an interrupted run; "
@@ -150,6 +177,7 @@ def recover_backups(d: Path, stage: str) -> None:
             _status(o),
             d,
         )
+    return restored
 
 
 def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, Path | None]:
@@ -161,8 +189,7 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
     """
     d = stage_dir(cfg, name)
     backup = _attempt_to_continue(cfg, name, d)
-    if backup is None:
-        recover_backups(d, name)
+    restored = recover_backups(d, name) if backup is None else None
     if own_entries(d):
         status = _status(d)
         if cfg.overwrite:
@@ -170,10 +197,11 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
         elif cfg.resume and backup is not None and name in RESUMABLE:
             check_resume(cfg, name, read_manifest(d), inputs)
             log.warning(
-                "resume=true: stage=%s continues the attempt an interrupted overwrite=true "
-                "run left in %s (status: %s) from its %s; the complete result it replaces "
-                "stays in %s until this run succeeds",
+                "resume=true: stage=%s continues the attempt an interrupted %s run left in "
+                "%s (status: %s) from its %s; the complete result it started from stays in "
+                "%s until this run succeeds",
                 name,
+                run_kind(d) or "overwrite=true",
                 d,
                 status,
                 RESUMABLE[name],
@@ -224,6 +252,18 @@ def prepare_stage_dir(cfg: DictConfig, name: str, inputs: dict) -> tuple[Path, P
             # keep the attempt (its log says why it failed) and start afresh
             failed = _set_aside(cfg, name, d, aside_name(d, "failed"))
             log.warning("stage=%s: the failed earlier attempt in %s is kept in %s", name, d, failed)
+        elif restored is not None and status == "complete":
+            # a plain re-run after a killed overwrite / resume: putting the result back
+            # was all it did (the advice after the kill says so); not an unexplained refusal
+            good, kept, kind = restored
+            attempt = f"; that run's attempt is kept in {kept}" if kept is not None else ""
+            more = " or resume=true to continue it," if name in RESUMABLE else ""
+            raise StageError(
+                f"stage={name}: put the complete result back in {d} from {good.name}, left by "
+                f"an interrupted {kind or 'overwrite=true or resume=true'} run{attempt}. "
+                f"Nothing was run: the stages that read it can run now; pass overwrite=true "
+                f"to run stage={name} again,{more} or choose another experiment=NAME."
+            )
         else:
             if status == "running":
                 status = "running when it was interrupted: no process holds its lock now"
@@ -320,10 +360,29 @@ def report_backups(run_dir: Path) -> None:
             current = p.with_name(name)
             here, was = folder_status(current), _status(p)
             if was == "complete" and here != "complete":  # what recover_backups restores
+                kind = run_kind(current) or "overwrite=true or resume=true"
+                ck = RESUMABLE.get(stage)
+                if ck is None or (current / ck).exists():
+                    # _attempt_to_continue: resume=true goes on with the attempt instead
+                    goes = (
+                        f"continue the interrupted attempt in {current} from its {ck}"
+                        if ck
+                        else "run the stage again"
+                    )
+                    nxt = (
+                        f"a run of that stage without resume=true puts it back; resume=true "
+                        f"would {goes}, keeping this backup until it succeeds"
+                    )
+                else:
+                    nxt = "the next run of that stage puts it back"
                 log.warning(
-                    "%s: backup of a complete result left by an interrupted overwrite=true "
-                    "run; the next run of that stage restores it",
+                    "%s: backup of a complete result left by an interrupted %s run (its "
+                    "attempt, status %s, is in %s); %s",
                     p,
+                    kind,
+                    here or "empty",
+                    current,
+                    nxt,
                 )
             else:
                 # what recover_backups does with it: nothing to restore, so say what it is

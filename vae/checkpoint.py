@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import uuid
 from pathlib import Path
@@ -161,6 +162,129 @@ def _unknown_args(model_args: Any) -> list[str]:
     return sorted(str(k) for k in model_args if k not in known)
 
 
+def error_line(e: BaseException, limit: int = 400) -> str:
+    """``e`` as one line of at most ``limit`` characters.
+
+    torch's state-dict error puts the missing / unexpected keys and the size mismatches
+    after a header line ("Error(s) in loading state_dict for TwoBranchVAE:"): they are
+    kept, joined by "; ".
+    """
+    lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
+    first = "; ".join(lines) if lines else type(e).__name__
+    return first[:limit] + "..." if len(first) > limit else first
+
+
+# what a resume tells the user to do when last.pt cannot be continued (stage=train)
+RESUME_FIX = (
+    "Pass overwrite=true instead of resume=true to train afresh (a complete result stays "
+    "in place until the new run succeeds), or put back the last.pt this study's run wrote"
+)
+
+# where the model_args a resume compares come from, for the user (the rest: vae.<name>)
+_ARG_SOURCE = {
+    "n_genes": "the paired data's genes",
+    "crop_size": "the paired crops' side, px",
+    "n_classes": "the label head: the data's labels, vae.classify_weight",
+    "maturation_ranks": "vae.maturation_weight / vae.maturation_classes",
+    "norm_total": "the paired data",
+    "batch_names": "vae.batch_key",
+    "size_log_mean": "the cells' sizes",
+    "size_log_sd": "the cells' sizes",
+}
+
+
+def resume_error(path: str | os.PathLike, why: str) -> CheckpointError:
+    """The one-line error for a ``last.pt`` that a resume cannot continue: names the
+    file, says ``why`` and what to do (:data:`RESUME_FIX`)."""
+    return CheckpointError(f"{path}: resume=true cannot continue from it: {why}. {RESUME_FIX}.")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def model_args_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``name: saved value in the checkpoint -> value now`` for every VAEArgs field both
+    hold with different values (a field the checkpoint predates is not compared)."""
+    out = []
+    for k in now:
+        if k not in saved or saved[k] == now[k]:
+            continue
+        a, b = saved[k], now[k]
+        if isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-6):
+            continue
+        where = f" ({_ARG_SOURCE[k]})" if k in _ARG_SOURCE else ""
+        out.append(f"{k}{where}: {_short(a)} in the checkpoint, {_short(b)} now")
+    return out
+
+
+def _names_difference(what: str, saved: Any, now: Any) -> str | None:
+    """Where list ``saved`` (the checkpoint's meta) and ``now`` first differ, or None."""
+    if saved is None or now is None:
+        return None
+    saved, now = [str(x) for x in saved], [str(x) for x in now]
+    if saved == now:
+        return None
+    if len(saved) != len(now):
+        return f"{what}: {len(saved)} in the checkpoint, {len(now)} now"
+    i = next(k for k, (a, b) in enumerate(zip(saved, now)) if a != b)
+    return f"{what}: #{i} is {saved[i]!r} in the checkpoint, {now[i]!r} now"
+
+
+def load_for_resume(
+    path: str | os.PathLike, model: torch.nn.Module, meta: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The payload of ``last.pt`` (``path``) with its weights loaded into ``model``.
+
+    Raises
+    ------
+    CheckpointError
+        One line naming the file, saying why it cannot be continued and what to do: not
+        a VAE checkpoint, a best-model checkpoint (model.pt: no optimizer state), or
+        one written for another model (another study's last.pt, or the settings that
+        shape the model differ: the differing ``model_args`` fields are named, and the
+        genes / labels of ``meta`` when they differ from the checkpoint's).
+    """
+    ck = load_checkpoint(path)
+    if "optimizer" not in ck:
+        raise resume_error(
+            path,
+            "it is a best-model checkpoint (a model.pt: no optimizer state), not the "
+            "last.pt a training run writes every epoch",
+        )
+    saved_meta = ck.get("meta") or {}
+    diffs = model_args_differences(ck["model_args"], dataclasses.asdict(model.args))
+    for what in ("gene_names", "label_names"):
+        d = _names_difference(what, saved_meta.get(what), (meta or {}).get(what))
+        if d is not None:
+            diffs.append(d)
+    try:
+        model.load_state_dict(ck["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        detail = "; ".join(diffs) if diffs else f"its weights do not fit: {error_line(e)}"
+        raise resume_error(
+            path,
+            f"it was written for another model than this run builds (another study's "
+            f"last.pt, or settings that shape the model differ): {detail}",
+        ) from None
+    names = [d for d in diffs if d.startswith(("gene_names", "label_names"))]
+    if names:
+        raise resume_error(
+            path,
+            f"it was trained on other data than this run's (another study's last.pt): "
+            f"{'; '.join(names)}",
+        )
+    if diffs:
+        log.warning(
+            "resume: %s was written with other model_args than this run builds (the "
+            "weights fit; continuing): %s",
+            path,
+            "; ".join(diffs),
+        )
+    return ck
+
+
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[TwoBranchVAE, dict[str, Any]]:
@@ -184,15 +308,9 @@ def load_model(
         model.load_state_dict(ck["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         # a detector's file, or another program's, can carry the same two keys
-        # torch's state-dict error puts the missing / unexpected keys after a header line
-        # ("Error(s) in loading state_dict for TwoBranchVAE:"): keep them, shortened
-        lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
-        first = "; ".join(lines) if lines else type(e).__name__
-        if len(first) > 400:
-            first = first[:400] + "..."
         raise CheckpointError(
             f"{path}: not a usable vae checkpoint (its model_args / weights do not build "
-            f"this package's VAE: {first})"
+            f"this package's VAE: {error_line(e)})"
         ) from None
     model.to(device).eval()
     meta = dict(ck.get("meta", {}))

@@ -38,7 +38,7 @@ from segmentation.runtime import (
 )
 from segmentation.runtime import rng_state as _rng_state
 from vae.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
-from vae.checkpoint import load_checkpoint, save_checkpoint
+from vae.checkpoint import error_line, load_for_resume, resume_error, save_checkpoint
 from vae.data import (
     Batch,
     PairedTensors,
@@ -559,12 +559,9 @@ def train(
     skipped = 0  # optimizer steps skipped for a non-finite gradient norm, in total
     rank_rngs = None  # every rank's RNG state at the last epoch end (several processes)
     if resume_from is not None:
-        ck = load_checkpoint(resume_from)
-        if "optimizer" not in ck:
-            raise ValueError(
-                f"{resume_from}: a best-model checkpoint (no optimizer state); a resume "
-                f"reads last.pt"
-            )
+        # the weights first: another study's last.pt (or one of other model settings)
+        # is refused as one line naming the file, why and what to do, not torch's error
+        ck = load_for_resume(resume_from, core, meta)
         kept = int(ck.get("schedule_total_steps", total_steps))
         if kept != total_steps:
             # a resume may raise trainer.max_epochs to train on, but a cosine rebuilt over
@@ -591,18 +588,27 @@ def train(
                 resume_from,
                 args.max_epochs,
             )
-        core.load_state_dict(ck["model"])
-        opt.load_state_dict(
-            flat.flat_state(ck["optimizer"]) if flat is not None else ck["optimizer"]
-        )
-        sched.load_state_dict(ck["scheduler"])
+        try:
+            opt.load_state_dict(
+                flat.flat_state(ck["optimizer"]) if flat is not None else ck["optimizer"]
+            )
+            sched.load_state_dict(ck["scheduler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise resume_error(
+                resume_from,
+                f"its optimizer state does not fit this run's optimizer (the trainer "
+                f"settings differ from the run that wrote it: {error_line(e, 200)})",
+            ) from None
         if (ema is not None) != ("ema" in ck):
             # the average is part of the run's state: dropping or adding it half-way
             # would give a model.pt that neither setting describes
             was = "with" if "ema" in ck else "without"
-            raise ValueError(
-                f"{resume_from}: trained {was} trainer.ema_epochs (a moving average of the "
-                f"weights); resume with the same trainer settings"
+            now = "is off" if ema is None else f"is {args.ema_epochs:g}"
+            raise resume_error(
+                resume_from,
+                f"it was trained {was} trainer.ema_epochs (a moving average of the "
+                f"weights), which {now} in this run: resume with the settings it was "
+                f"trained with",
             )
         if ema is not None:
             ema.load_state_dict(ck["ema"])
@@ -621,6 +627,17 @@ def train(
         if warn and is_main:
             log.warning("%s: %s", resume_from, warn)
         log.info("resumed from %s at epoch %d, step %d", resume_from, epoch, step)
+        if epoch >= args.max_epochs and is_main:
+            # not an error: the run is as far as asked (a resume with a lower max_epochs,
+            # or of a run that already ran them all); said, as 0 epochs would look odd
+            log.warning(
+                "resume: %s already trained %d epochs >= trainer.max_epochs=%d: nothing to "
+                "train; the run ends with the weights it has (raise trainer.max_epochs to "
+                "train on)",
+                resume_from,
+                epoch,
+                args.max_epochs,
+            )
 
     # fixed validation batch for the figures (first rows of val, else train)
     fig_rows = (val_idx if val_idx.size else train_idx)[: args.n_images]

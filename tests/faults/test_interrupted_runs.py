@@ -293,3 +293,148 @@ def test_variant_folders_have_their_own_locks(tmp_path, monkeypatch, capsys):
     assert (run / "simulate" / "v1" / "smears").read_text() == "s"  # kept in place
     assert runner.main(cfg_for(root, "evaluate", "variant=v1")) == 0
     assert (run / "evaluate" / "v1" / "manifest.json").is_file()
+
+
+def _trained(ctx):
+    """A toy stage=train: the earlier complete run (its last.pt, model and latent)."""
+    for f, text in (("last.pt", "earlier run"), ("model.pt", "m"), ("latent.h5ad", "l")):
+        (ctx.dir / f).write_text(text)
+
+
+def _ctrl_c_after_a_checkpoint(ctx):
+    (ctx.dir / "last.pt").write_text("attempt")
+    raise KeyboardInterrupt
+
+
+def _reads_last(read: dict):
+    def body(ctx):
+        read["last"] = (ctx.dir / "last.pt").read_text()
+        (ctx.dir / "model.pt").write_text("continued")
+
+    return body
+
+
+def test_ctrl_c_of_an_overwrite_says_resume_continues_the_earlier_run(tmp_path, toy, capsys):
+    """Ctrl-C of ``stage=train overwrite=true`` put the earlier run back and moved the
+    attempt (its own last.pt) to train.failed-*, then advised resume=true, which
+    continues the earlier run, never the interrupted attempt (an audit)."""
+    root = tmp_path / "out"
+    d = root / "t" / "train"
+    toy("train", _trained)
+    assert runner.main(cfg_for(root, "train")) == 0
+    capsys.readouterr()
+    toy("train", _ctrl_c_after_a_checkpoint)
+    assert runner.main(cfg_for(root, "train", "overwrite=true")) == 130
+    err = capsys.readouterr().err
+    (failed,) = d.parent.glob("train.failed-*")
+    assert (d / "last.pt").read_text() == "earlier run" and _status(d) == "complete"
+    assert (failed / "last.pt").read_text() == "attempt"
+    assert err.count("\n") == 1 and "interrupted during stage=train: " in err
+    assert f"the earlier complete result is back in {d}, unchanged" in err
+    assert f"the attempt of this overwrite=true run is kept in {failed}" in err
+    assert "resume=true` would continue that earlier run from its last.pt, not the " in err
+    assert "overwrite=true` starts the new run over from the beginning" in err
+    # which is what happens: resume=true continues the earlier run
+    read: dict = {}
+    toy("train", _reads_last(read))
+    assert runner.main(cfg_for(root, "train", "resume=true")) == 0
+    assert read["last"] == "earlier run"
+
+
+def test_ctrl_c_of_a_resume_says_the_complete_run_is_back(tmp_path, toy, capsys):
+    root = tmp_path / "out"
+    d = root / "t" / "train"
+    toy("train", _trained)
+    assert runner.main(cfg_for(root, "train")) == 0
+    capsys.readouterr()
+    toy("train", _ctrl_c_after_a_checkpoint)
+    assert runner.main(cfg_for(root, "train", "resume=true")) == 130
+    err = capsys.readouterr().err
+    (failed,) = d.parent.glob("train.failed-*")
+    assert (d / "last.pt").read_text() == "earlier run" and _status(d) == "complete"
+    assert f"(resume=true): the complete run in {d} is back as it was before this resume" in err
+    assert f"what this attempt added is kept in {failed} and is not continued" in err
+    assert "resume=true` continues the complete run again from its last.pt" in err
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_ctrl_c_of_a_first_run_says_how_to_go_on(tmp_path, toy, capsys, checkpoint):
+    """No earlier result: the folder is marked failed; resume=true continues it when it
+    wrote its last.pt, a plain re-run starts afresh when it did not."""
+    root = tmp_path / "out"
+    d = root / "t" / "train"
+
+    def body(ctx):
+        if checkpoint:
+            (ctx.dir / "last.pt").write_text("attempt")
+        raise KeyboardInterrupt
+
+    toy("train", body)
+    assert runner.main(cfg_for(root, "train")) == 130
+    err = capsys.readouterr().err
+    assert _status(d) == "failed"
+    read: dict = {}
+    toy("train", _reads_last(read) if checkpoint else _trained)
+    if checkpoint:
+        assert f"{d} is marked failed and keeps its last.pt: `python -m pipeline " in err
+        assert "resume=true` continues it from there" in err
+        assert runner.main(cfg_for(root, "train", "resume=true")) == 0
+        assert read["last"] == "attempt"
+    else:
+        assert f"{d} is marked failed before it wrote its first last.pt" in err
+        assert "` runs it again from the start" in err and "resume=true" not in err
+        assert runner.main(cfg_for(root, "train")) == 0
+    assert _status(d) == "complete"
+
+
+def _kill_a_resume(d: Path) -> Path:
+    """What SIGKILL leaves of ``train resume=true`` on a complete run: the complete
+    result copied to a backup, the folder continued in place (status running, the
+    resume recorded in its manifest, last.pt advanced)."""
+    import shutil
+
+    backup = d.with_name(f".{d.name}.old-{uuid.uuid4().hex[:6]}")
+    shutil.copytree(d, backup)
+    man = json.loads((d / "manifest.json").read_text())
+    man["status"] = "running"
+    man["config"]["resume"] = True
+    (d / "manifest.json").write_text(json.dumps(man))
+    (d / "last.pt").write_text("advanced")
+    return backup
+
+
+def test_after_a_killed_resume_the_advice_keeps_the_complete_result(tmp_path, toy, caplog, capsys):
+    """A killed resume: stage=evaluate advised `stage=train overwrite=true`, which would
+    replace the complete result kept in .train.old-*, and the backup warning called the
+    killed run an overwrite=true one. A plain run of the stage puts the result back."""
+    import logging
+
+    root = tmp_path / "out"
+    d = root / "t" / "train"
+    toy("train", _trained)
+    assert runner.main(cfg_for(root, "train")) == 0
+    backup = _kill_a_resume(d)
+    with pytest.raises(runner.StageInputError) as e:
+        runner.resolve_input(cfg_for(root, "evaluate"), "latent")
+    said = str(e.value)
+    assert "latent.h5ad comes from an unfinished run of stage=train (status: running)" in said
+    assert f"resume=true run, and the complete result it started from is kept in {backup}" in said
+    assert "paths.root=" in said and "to put that result back" in said
+    assert "resume=true` finishes the interrupted run instead" in said
+    assert "overwrite=true" not in said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        guards.start_run(cfg_for(root, "evaluate"), ["evaluate"])
+    (line,) = [r.getMessage() for r in caplog.records if str(backup) in r.getMessage()]
+    assert "left by an interrupted resume=true run" in line and "overwrite=true" not in line
+    assert "a run of that stage without resume=true puts it back" in line
+    # the plain run it advises: the result back, nothing run, and it says so
+    capsys.readouterr()
+    assert runner.main(cfg_for(root, "train")) == 2
+    err = capsys.readouterr().err
+    assert f"put the complete result back in {d} from {backup.name}" in err
+    assert "left by an interrupted resume=true run" in err and "Nothing was run" in err
+    assert _status(d) == "complete" and (d / "last.pt").read_text() == "earlier run"
+    (kept,) = d.parent.glob("train.interrupted-*")
+    assert (kept / "last.pt").read_text() == "advanced"
+    assert runner.resolve_input(cfg_for(root, "evaluate"), "latent") == d / "latent.h5ad"

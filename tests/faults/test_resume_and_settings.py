@@ -350,3 +350,136 @@ def test_stage_all_without_a_reader_of_the_simulation_leaves_simulate_out(tmp_pa
     )
     assert said[1].startswith("stage=all: simulate left out: no stage of this run reads")
     assert not (root / "t" / "simulate").exists()
+
+
+def _toy_last(tmp_path: Path):
+    """A last.pt of a tiny run after one epoch, with what resuming it needs."""
+    from tests.vae.test_vae import CPU, _fresh_model, _toy_run_data, _train_args
+    from vae.train import train
+
+    d, split = _toy_run_data()
+    meta = {"gene_names": list(d.gene_names), "label_names": list(d.label_names)}
+    out = tmp_path / "run"
+    train(_fresh_model(), d, split, _train_args(stop_after_epochs=1), CPU, out, meta=meta)
+    return out / "last.pt", d, split, meta
+
+
+def _resume(last: Path, d, split, meta, **train_kw):
+    from tests.vae.test_vae import CPU, _fresh_model, _train_args
+    from vae.train import train
+
+    return train(
+        _fresh_model(),
+        d,
+        split,
+        _train_args(**train_kw),
+        CPU,
+        last.parent,
+        resume_from=last,
+        meta=meta,
+    )
+
+
+def _foreign(last: Path, to: Path, **model_kw) -> Path:
+    """``last`` with the weights and model_args of a model built with ``model_kw``: the
+    last.pt of another study (other genes, crops, labels)."""
+    from dataclasses import asdict
+
+    from segmentation.io import load_torch_file
+    from tests.vae.test_vae import small_args
+    from vae.model import TwoBranchVAE
+
+    ck = load_torch_file(last)
+    other = TwoBranchVAE(small_args(dropout=0.1, **model_kw))
+    torch.save({**ck, "model": other.state_dict(), "model_args": asdict(other.args)}, to)
+    return to
+
+
+@pytest.mark.parametrize(
+    "model_kw, named",
+    [
+        (
+            {"n_genes": 10, "crop_size": 32},
+            ["n_genes (the paired data's genes): 10 in the checkpoint, 12 now", "crop_size"],
+        ),
+        ({"n_classes": 3}, ["n_classes (the label head", "3 in the checkpoint, 0 now"]),
+    ],
+)
+def test_resume_from_another_studys_last_pt_names_the_file_and_why(tmp_path, model_kw, named):
+    """A last.pt of 200 genes / 32 px crops (or one with a label head) copied into
+    train/: resume=true failed with torch's "size mismatch for expression_decoder.out.bias"
+    / "Missing key(s) in state_dict", naming no file (an audit)."""
+    from vae.checkpoint import CheckpointError
+
+    last, d, split, meta = _toy_last(tmp_path)
+    bad = _foreign(last, tmp_path / "run" / "other.pt", **model_kw)
+    with pytest.raises(CheckpointError) as e:
+        _resume(bad, d, split, meta)
+    said = str(e.value)
+    assert said.startswith(f"{bad}: resume=true cannot continue from it: it was written for ")
+    assert "another study's last.pt, or settings that shape the model differ" in said
+    for text in named:
+        assert text in said
+    assert "Pass overwrite=true instead of resume=true to train afresh" in said
+    assert "\n" not in said and "size mismatch" not in said and "Missing key" not in said
+
+
+def test_resume_from_a_model_pt_or_other_genes_is_one_user_error(tmp_path):
+    from segmentation.io import load_torch_file
+    from vae.checkpoint import CheckpointError
+
+    last, d, split, meta = _toy_last(tmp_path)
+    best = last.with_name("model.pt")
+    with pytest.raises(CheckpointError) as e:  # was "failed: ValueError"
+        _resume(best, d, split, meta)
+    assert str(e.value).startswith(f"{best}: resume=true cannot continue from it: it is a ")
+    assert "best-model checkpoint" in str(e.value) and "overwrite=true" in str(e.value)
+    # same shapes, other genes: another study's run, not continued silently
+    renamed = dict(meta, gene_names=[*meta["gene_names"][:-1], "OTHER"])
+    with pytest.raises(CheckpointError, match="trained on other data than this run's") as e:
+        _resume(last, d, split, renamed)
+    assert f"#11 is {meta['gene_names'][-1]!r} in the checkpoint, 'OTHER' now" in str(e.value)
+    # its own last.pt still resumes
+    assert _resume(last, d, split, meta).epochs == 4
+    assert load_torch_file(last)["epoch"] == 4
+
+
+def test_resume_past_max_epochs_says_there_is_nothing_to_train(tmp_path, caplog):
+    import logging
+
+    last, d, split, meta = _toy_last(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="vae.train"):
+        r = _resume(last, d, split, meta, max_epochs=1)
+    assert r.epochs == 1
+    said = [x.getMessage() for x in caplog.records]
+    assert (
+        f"resume: {last} already trained 1 epochs >= trainer.max_epochs=1: nothing to "
+        "train" in " ".join(said)
+    )
+
+
+def test_a_refused_resume_through_the_pipeline_is_exit_2_and_keeps_the_result(
+    tmp_path, toy, capsys
+):
+    """The stage's CheckpointError is a user error: one line, exit 2, the complete
+    result back as it was."""
+    from vae.checkpoint import resume_error
+
+    def refused(ctx):
+        raise resume_error(ctx.dir / "last.pt", "it was written for another model")
+
+    toy("train", writes("model-v1"))
+    root = tmp_path / "out"
+    assert runner.main(cfg_for(root, "train")) == 0
+    d = root / "t" / "train"
+    toy("train", refused)
+    capsys.readouterr()
+    assert runner.main(cfg_for(root, "train", "resume=true")) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {d / 'last.pt'}: resume=true cannot continue from it: it was written for "
+        f"another model. Pass overwrite=true instead of resume=true to train afresh (a "
+        f"complete result stays in place until the new run succeeds), or put back the "
+        f"last.pt this study's run wrote.\n"
+    )
+    assert _status(d) == "complete" and (d / "model.pt").read_text() == "model-v1"

@@ -134,9 +134,11 @@ def test_killed_overwrite_is_restored_by_the_next_run(tmp_path, toy, capsys):
     root = tmp_path / "out"
     assert runner.main(cfg_for(root, "evaluate")) == 0
     d, backup = _kill_during_overwrite(root)
-    # the next plain run restores the complete result, then refuses to replace it
+    # the next plain run restores the complete result, then runs nothing, and says so
     assert runner.main(cfg_for(root, "evaluate")) == 2
-    assert "already holds a run of stage=evaluate (status: complete)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"put the complete result back in {d} from .evaluate.old-abc123" in err
+    assert "Nothing was run" in err and "evaluate.interrupted-" in err
     assert (d / "metrics.json").read_text() == "good"
     assert not backup.exists()
     kept = list(d.parent.glob("evaluate.interrupted-*"))

@@ -12,6 +12,7 @@ import torch
 from pipeline.hardware import DistInfo
 from segmentation.io import load_torch_file
 from tests.helpers.vae_toy import make_paired
+from vae.checkpoint import CheckpointError
 from vae.data import (
     augment_dihedral,
     epoch_batches,
@@ -560,7 +561,7 @@ def test_averaged_weights_reach_model_pt_and_leave_training_alone(tmp_path):
     for k, v in last["ema"].items():
         assert torch.equal(v, ema_res[k]), k
     # a checkpoint trained with the average cannot resume without it, nor the reverse
-    with pytest.raises(ValueError, match="trained with trainer.ema_epochs"):
+    with pytest.raises(CheckpointError, match="trained with trainer.ema_epochs"):
         train(
             _fresh_model(),
             d,
@@ -570,7 +571,7 @@ def test_averaged_weights_reach_model_pt_and_leave_training_alone(tmp_path):
             tmp_path / "res",
             resume_from=tmp_path / "res" / "last.pt",
         )
-    with pytest.raises(ValueError, match="trained without trainer.ema_epochs"):
+    with pytest.raises(CheckpointError, match="trained without trainer.ema_epochs"):
         train(
             _fresh_model(),
             d,
