@@ -476,9 +476,27 @@ def simulate_note(cfg: DictConfig, chain: list[str], names: list[str]) -> str | 
     )
 
 
+def detector_given(cfg: DictConfig) -> str | None:
+    """Why ``stage=all`` trains no detector though stage=segment runs, else None: a model
+    given (``paths.inputs.segmentation_model``), or the user's own real images
+    (``data.segment_sources``) with ``data=synthetic``, whose ``segment_train`` would
+    train on simulated smears; stage=segment then uses the given model or the real-data
+    detector shipped with the package (pipeline.artifacts)."""
+    if cfg.paths.inputs.get("segmentation_model"):
+        return "paths.inputs.segmentation_model is given"
+    if cfg.data.name == "synthetic" and cfg.data.segment_sources:
+        return (
+            "data.segment_sources lists real images and data=synthetic would train the "
+            "detector on simulated smears: stage=segment uses the real-data detector shipped "
+            "with the package"
+        )
+    return None
+
+
 def stages_for(cfg: DictConfig) -> list[str]:
     """The stages ``cfg`` runs: ``stage=all``'s those of :data:`ORDER` that its settings
-    use (no detector without a ``cells`` crop source, no ``expression`` for
+    use (no detector without a ``cells`` crop source, none trained where one is given or
+    the images are the user's own (:func:`detector_given`), no ``expression`` for
     ``pair.mode=image_only``, no ``simulate`` unless ``data=synthetic`` and a stage of the
     run reads its outputs), else the one stage named."""
     name = cfg.stage.name
@@ -490,6 +508,8 @@ def stages_for(cfg: DictConfig) -> list[str]:
             # no crop source reads cells.h5ad (e.g. pair=expression_only): no detector
             seq.remove("segment_train")
             seq.remove("segment")
+        elif detector_given(cfg):
+            seq.remove("segment_train")
         if cfg.pair.mode == "image_only":  # pair=image_only reads no expression table
             seq.remove("expression")
         if "simulate" in seq and not simulate_readers(cfg, seq):
@@ -996,6 +1016,9 @@ def main(cfg: DictConfig) -> int:
                     note = simulate_note(cfg, chain, names)
                     if note:
                         log.info(note)
+                    why = detector_given(cfg) if cfg.stage.name == "all" else None
+                    if why and "segment" in names:
+                        log.info("stage=all: segment_train left out: %s", why)
                 for k, (name, stage_cfg) in enumerate(plan, 1):
                     _check_interrupt()  # one swallowed by a library: no next stage
                     if len(names) > 1:

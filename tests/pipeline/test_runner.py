@@ -349,6 +349,35 @@ def test_all_runs_every_stage_in_order(tmp_path):
     assert runner.stages_for(cfg) == runner.ORDER[1:]
 
 
+def test_all_trains_no_detector_for_the_users_own_images_or_a_given_model(tmp_path):
+    """The masked route of the README's "Your own data": crop folders through
+    data.segment_sources with data=synthetic (the default) made stage=all simulate smears,
+    train segment_train on them and cut the user's crops with that detector (docs
+    helper); now segment uses the shipped real-data detector and nothing is simulated. A
+    given model is never retrained; the real preset still trains its own."""
+    own = [
+        f"data.segment_sources=[{{name: mine, kind: crop_folder, path: {tmp_path}}}]",
+        "expression.input_file=mine.h5ad",
+        "pair=by_label",
+    ]
+    cfg = _cfg(tmp_path, "all", *own)
+    assert runner.stages_for(cfg) == [
+        "segment",
+        "expression",
+        "pair",
+        "train",
+        "evaluate",
+        "traverse",
+    ]
+    assert "shipped with the package" in runner.detector_given(cfg)
+    cfg = _cfg(tmp_path, "all", f"paths.inputs.segmentation_model={tmp_path / 'm.pt'}")
+    assert runner.stages_for(cfg) == [n for n in runner.ORDER if n != "segment_train"]
+    assert runner.detector_given(cfg) == "paths.inputs.segmentation_model is given"
+    cfg = _cfg(tmp_path, "all", "+preset=real")
+    assert runner.stages_for(cfg)[:2] == ["segment_train", "segment"]
+    assert runner.detector_given(cfg) is None
+
+
 def test_all_leaves_simulate_out_when_no_stage_reads_it(tmp_path):
     """data=synthetic is the default: with the user's own expression file and crop
     folders, stage=all simulated smears and profiles nobody read (6 stages)."""
