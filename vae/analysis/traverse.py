@@ -337,7 +337,11 @@ def class_centroids(
     mat = (
         np.full(len(z), np.nan) if maturation is None else np.asarray(maturation, dtype=np.float64)
     )
-    present = {str(x) for x in lab}  # plain str: numpy 2 prints np.str_('...') in messages
+    # plain str: numpy 2 prints np.str_('...') in messages; unlabelled rows ("", "nan",
+    # :data:`vae.inputs.schema.UNKNOWN_LABELS`) are no class a path can run through
+    from vae.inputs.schema import known_labels
+
+    present = {str(x) for x in lab[known_labels(lab)]}
     if order is not None:
         names = [c for c in order if c in present]
     else:

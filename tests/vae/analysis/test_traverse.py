@@ -109,6 +109,13 @@ def test_class_centroids_maturation_order_and_explicit_order():
     assert c2.names == ["late", "early"]
     with pytest.raises(ValueError, match="at least 2 classes"):
         T.class_centroids(z, lab, None)
+    # unlabelled rows are no class, even with a maturation: an all-unlabelled study read
+    # "found ['']" (evaluate helper); among labelled ones they are left out of the order
+    blank = np.array(["", "", "", "", "", ""])
+    with pytest.raises(ValueError, match=r"found \[\] \(labels present: \[\]"):
+        T.class_centroids(z, blank, mat)
+    part = np.array(["mid", "mid", "nan", "", "late", "late"])
+    assert T.class_centroids(z, part, np.r_[mat[:5], 0.9]).names == ["mid", "late"]
 
 
 def test_straight_and_gp_paths_on_hand_made_latent():
