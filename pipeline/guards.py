@@ -133,18 +133,26 @@ LEGACY_MOOT: dict[str, str] = {
 }
 
 
-def data_layout(obs, n_genes: int, has_counts: bool) -> Any:
+def data_layout(obs, n_genes: int, has_counts: bool, source: str = "paired table") -> Any:
     """What the auto settings of stage=train are resolved from (:func:`resolved_setting`):
     a stand-in for its ``PairedTensors`` built from a table's obs (``has_image``,
-    ``has_expression``), its gene count and whether it holds counts."""
+    ``has_expression``, read as :func:`vae.data.parse_flag` does: the text "False" is
+    False), its gene count and whether it holds counts. ``source``: the table, named in
+    the StageError a flag that is not true / false raises."""
     from types import SimpleNamespace
 
+    from vae.data import PairedDataError, parse_flag
     from vae.inputs.schema import HAS_EXPRESSION, HAS_IMAGE
 
     n = len(obs)
 
     def flag(col: str) -> np.ndarray:
-        return obs[col].to_numpy().astype(bool) if col in obs else np.zeros(n, bool)
+        if col not in obs:
+            return np.zeros(n, bool)
+        try:
+            return parse_flag(obs[col], source, col, obs.index)
+        except PairedDataError as e:
+            raise StageError(str(e)) from None
 
     return SimpleNamespace(
         n=n,  # rows (PairedTensors.n): vae.expression_norm=auto depends on it
@@ -182,7 +190,7 @@ def _data_layout(inputs: dict) -> Any:
         a = blank_as_read(ad.read_h5ad(p, backed="r"))
         try:
             counts = "counts" in a.layers and bool(a.uns.get(HAS_COUNTS, True))
-            return data_layout(a.obs, a.n_vars, counts)
+            return data_layout(a.obs, a.n_vars, counts, str(p))
         finally:
             a.file.close()
     except Exception:  # noqa: BLE001 - unreadable: the stage names the fault itself

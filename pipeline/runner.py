@@ -588,6 +588,13 @@ def interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def interrupted() -> bool:
+    """Whether a Ctrl-C was noted (:func:`interrupt`), also one whose KeyboardInterrupt a
+    library swallowed: the stages pass it to the long library loops (``should_stop`` of
+    :func:`vae.train.train`), which then stop at their next step."""
+    return _INTERRUPTED
+
+
 def _check_interrupt() -> None:
     """Raise KeyboardInterrupt if a Ctrl-C was seen but its KeyboardInterrupt swallowed."""
     if _INTERRUPTED:

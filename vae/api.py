@@ -108,6 +108,18 @@ class StudyError(ValueError):
     """The study or a query input does not fit; the message names the file and field."""
 
 
+def _flag(obs: pd.DataFrame, col: str, source: str) -> np.ndarray:
+    """(N,) bool ``obs[col]`` (``has_image`` / ``has_expression``) read strictly
+    (:func:`vae.data.parse_flag`: ``astype(bool)`` read the text "False" as True);
+    a value that is no flag raises StudyError naming ``source`` and the row."""
+    from vae.data import PairedDataError, parse_flag
+
+    try:
+        return parse_flag(obs[col], source, col, obs.index)
+    except PairedDataError as e:
+        raise StudyError(str(e)) from None
+
+
 @dataclass
 class GeneReport:
     """How a query's genes matched the model's.
@@ -1413,9 +1425,9 @@ class Study:
         if adata.n_vars > 0:
             x, counts, has_expr, report = self._expression(adata, source, whole)
         if HAS_IMAGE in adata.obs:
-            has_img &= adata.obs[HAS_IMAGE].to_numpy().astype(bool)
+            has_img &= _flag(adata.obs, HAS_IMAGE, source)
         if HAS_EXPRESSION in adata.obs:
-            has_expr &= adata.obs[HAS_EXPRESSION].to_numpy().astype(bool)
+            has_expr &= _flag(adata.obs, HAS_EXPRESSION, source)
         a = ad.AnnData(X=x, obs=pd.DataFrame(index=[str(i) for i in range(n)]))
         a.var_names = self.gene_names
         a.obs[HAS_IMAGE] = has_img
@@ -1893,8 +1905,13 @@ class Study:
         if self._ref_expr is None:
             ref = self.reference
             z = np.asarray(ref.obsm.get("X_vae_full", ref.obsm["X_vae"]), np.float32)
-            if HAS_EXPRESSION in ref.obs and ref.obs[HAS_EXPRESSION].astype(bool).any():
-                z = z[ref.obs[HAS_EXPRESSION].to_numpy().astype(bool)]
+            with_expr = (
+                _flag(ref.obs, HAS_EXPRESSION, str(self.latent_path))
+                if HAS_EXPRESSION in ref.obs
+                else None
+            )
+            if with_expr is not None and with_expr.any():
+                z = z[with_expr]
             logs, props = [], []
             with torch.inference_mode():
                 for i in range(0, len(z), 512):
@@ -2057,7 +2074,7 @@ class Study:
             codes = latent_modalities(ref, self.n_shared, npv)[modality]
             flag = HAS_IMAGE if modality == "image" else HAS_EXPRESSION
             if flag in ref.obs:
-                known &= ref.obs[flag].to_numpy().astype(bool)
+                known &= _flag(ref.obs, flag, str(self.latent_path))
         known &= np.isfinite(codes).all(1)
         if not known.any():
             raise StudyError(
@@ -2240,7 +2257,7 @@ class Study:
         repeat between runs, so a few matches among many cells can be chance."""
         obs = self.reference.obs
         rows = (
-            obs[HAS_EXPRESSION].to_numpy().astype(bool)
+            _flag(obs, HAS_EXPRESSION, str(self.latent_path))
             if HAS_EXPRESSION in obs
             else np.ones(len(obs), bool)
         )

@@ -867,7 +867,12 @@ def stratified_split(
     return out_unit[unit].astype(str)
 
 
-def match_split(obs: pd.DataFrame, ref: pd.DataFrame) -> np.ndarray:
+def match_split(
+    obs: pd.DataFrame,
+    ref: pd.DataFrame,
+    source: str = "paired table",
+    ref_source: str = "latent.h5ad",
+) -> np.ndarray:
     """Each row's split in another run over the same crops and profiles.
 
     A row with a crop takes the split of that crop in ``ref`` (``image_ref``); a row
@@ -879,6 +884,7 @@ def match_split(obs: pd.DataFrame, ref: pd.DataFrame) -> np.ndarray:
     ----------
     obs : (N rows) obs of the paired table: ``has_image``, ``image_ref``, ``expression_ref``.
     ref : obs of the other run's ``latent.h5ad``: the same columns and ``split``.
+    source, ref_source : the two files, named in an error.
 
     Returns
     -------
@@ -889,15 +895,18 @@ def match_split(obs: pd.DataFrame, ref: pd.DataFrame) -> np.ndarray:
     ------
     KeyError
         A column is missing.
+    PairedDataError
+        A ``has_image`` that is not true / false (:func:`parse_flag`: the text "False"
+        read as True).
     """
     rs = ref["split"].astype(str).to_numpy()
-    r_img = ref[HAS_IMAGE].to_numpy(bool)
+    r_img = parse_flag(ref[HAS_IMAGE], ref_source, HAS_IMAGE, ref.index)
     by_crop = dict(zip(ref["image_ref"].astype(str).to_numpy()[r_img], rs[r_img]))
     by_profile: dict[str, str] = {}
     for e, s in zip(ref["expression_ref"].astype(str).to_numpy(), rs):
         if e and e not in by_profile:
             by_profile[e] = s
-    has = obs[HAS_IMAGE].to_numpy(bool)
+    has = parse_flag(obs[HAS_IMAGE], source, HAS_IMAGE, obs.index)
     crop = obs["image_ref"].astype(str).to_numpy()
     prof = obs["expression_ref"].astype(str).to_numpy()
     return np.array(

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from segmentation.io import blank_as_read
-from vae.data import PairedDataError, PairedTensors, check_crop_arrays
+from vae.data import PairedDataError, PairedTensors, check_crop_arrays, parse_flag
 from vae.inputs.schema import GRANULE_CENTRES, HAS_IMAGE
 
 log = logging.getLogger(__name__)
@@ -493,7 +493,11 @@ def paired_streamed(
                 "streams the crops; the granule targets are found on the crops at model size",
                 h5ad,
             )
-    no_image = HAS_IMAGE in adata.obs and not adata.obs[HAS_IMAGE].to_numpy().astype(bool).any()
+    # read strictly: astype(bool) took a column of the text "False" for crops on every row
+    no_image = (
+        HAS_IMAGE in adata.obs
+        and not parse_flag(adata.obs[HAS_IMAGE], str(h5ad), HAS_IMAGE, adata.obs_names).any()
+    )
     if no_image:  # expression only: no crop is ever read, none is copied
         size = image_size or stored_size
         if size is None:

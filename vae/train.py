@@ -21,6 +21,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -341,6 +342,14 @@ def forward_loss(
     )
 
 
+def stop_if(should_stop: Callable[[], bool] | None) -> None:
+    """Raise KeyboardInterrupt when ``should_stop()`` is true (a Ctrl-C the caller
+    noted): the long loops stop at their next step, even where the KeyboardInterrupt
+    itself was swallowed (it can land in a weakref callback, which only prints it)."""
+    if should_stop is not None and should_stop():
+        raise KeyboardInterrupt("stopped: an interrupt (Ctrl-C) was noted")
+
+
 def _seeded(seed: int | None) -> torch.Generator | None:
     """A CPU generator seeded with ``seed``; None for None (draw from the trainer's)."""
     return None if seed is None else torch.Generator().manual_seed(seed)
@@ -358,6 +367,7 @@ def train(
     meta: dict[str, Any] | None = None,
     config: dict[str, Any] | None = None,
     tb: TBLogger | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train ``model`` on the ``train`` rows of ``data``, early-stop on ``val``.
 
@@ -372,6 +382,9 @@ def train(
     resume_from : a ``last.pt`` to continue from (same args and split)
     meta, config : stored in the checkpoints
     tb : TensorBoard logger (rank 0) or None
+    should_stop : asked before every training and validation batch; True raises
+        KeyboardInterrupt there (the pipeline passes whether a Ctrl-C was noted: one
+        whose KeyboardInterrupt a library swallowed trained on to the end, exit 0)
 
     Returns
     -------
@@ -382,6 +395,8 @@ def train(
     NonFiniteLossError
         On a NaN/inf loss, naming epoch, step and the terms; also on a diverged finite
         loss (:func:`diverged`), before the diverged weights are kept as model.pt.
+    KeyboardInterrupt
+        When ``should_stop()`` says so, before the next batch (no checkpoint written).
     """
     t_start = time.time()
     out_dir = Path(out_dir)
@@ -752,6 +767,7 @@ def train(
             unit="batch",
             enabled=is_main,
         ):
+            stop_if(should_stop)
             stain_seed = int(torch.randint(2**62, (1,), generator=gen)) if same_stain else None
             batch = to_batch(
                 raw,
@@ -887,9 +903,9 @@ def train(
             # state a run without the average scores them with (the loss samples z), and
             # the average's pass below puts the state back: the training steps, the raw
             # scores and model_raw.pt are those of the same run without the average
-            raw_val = evaluate_loss(wrapped, data, val_rows, args, dist, kl_sched, n_shared)[0][
-                "total"
-            ]
+            raw_val = evaluate_loss(
+                wrapped, data, val_rows, args, dist, kl_sched, n_shared, should_stop
+            )[0]["total"]
             if is_main and eligible and raw_val < best_raw_val:
                 best_raw_val, best_raw_epoch = raw_val, epoch
                 best_raw_ck = _snapshot(payload("best"))
@@ -899,7 +915,7 @@ def train(
         with torch.random.fork_rng(devices=devs) if ema is not None else contextlib.nullcontext():
             with averaged_weights(core, ema):
                 val_means, last_kl = evaluate_loss(
-                    wrapped, data, val_rows, args, dist, kl_sched, n_shared
+                    wrapped, data, val_rows, args, dist, kl_sched, n_shared, should_stop
                 )
         monitor = val_means["total"]
         why = diverged(monitor, val_means.get("kl", 0.0), loss_ref)
@@ -1050,10 +1066,12 @@ def evaluate_loss(
     dist: Any,
     kl_sched: KLSchedule,
     n_shared: int,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Mean loss terms over ``rows`` (sharded over ranks) at the final β and C.
 
     Returns the term means and the per-dim KL (d,) of the fused posterior.
+    ``should_stop`` as in :func:`train` (asked before every batch).
     """
     was = model.training
     model.eval()
@@ -1076,6 +1094,7 @@ def evaluate_loss(
     kl_sum = None
     n = 0
     for raw, counted in zip(iterate(data, batches, images=has_images), counts, strict=True):
+        stop_if(should_stop)
         batch = to_batch(raw, dist.device)
         terms = forward_loss(
             model,

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artifacts import spreadsheet_safe, write_json
-from pipeline.runner import StageContext, StageError, resolve_data_path, stage
+from pipeline.runner import StageContext, StageError, interrupted, resolve_data_path, stage
 from pipeline.streaming import h5ad_blocks, streams
 from segmentation.io import add_obsm_rows, array_bytes, check_h5ad_fits, error_line
 
@@ -366,6 +366,8 @@ def run_embed(ctx: StageContext) -> None:
             if kind == "expression" and whole is not None:
                 blocks = whole
             for block in blocks:
+                if interrupted():  # a Ctrl-C a library swallowed: no next block
+                    raise KeyboardInterrupt
                 if paired is not None:  # named over the whole table, not block by block
                     obs = block.obs.copy()
                     name_paired_rows(obs, paired[names.get_indexer(block.obs_names)])
@@ -669,7 +671,10 @@ def _page_notes(
     )
     ref = study.reference.obs
     if HAS_IMAGE in ref and study.label_key in ref:
-        with_crop = set(ref[study.label_key].astype(str)[ref[HAS_IMAGE].astype(bool)])
+        from vae.data import parse_flag  # the text "False" is False (astype(bool): True)
+
+        crop = parse_flag(ref[HAS_IMAGE], str(study.latent_path), HAS_IMAGE, ref.index)
+        with_crop = set(ref[study.label_key].astype(str)[crop])
         missing = [c for c in path_classes if c not in with_crop]
         if missing:
             notes.append(

@@ -18,7 +18,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from pipeline.artifacts import in_experiment, spreadsheet_safe, write_json
-from pipeline.runner import StageContext, StageError, stage
+from pipeline.runner import StageContext, StageError, interrupted, stage
 from pipeline.streaming import load_streamed, streams
 from pipeline.train_args import (
     build_model_args,
@@ -209,16 +209,18 @@ def _reused_split(setting: str, obs, groups, fresh) -> np.ndarray:
     in one split); the rest get ``fresh(rows)`` (the usual seeded split among them)."""
     import anndata as ad
 
-    from vae.data import match_split
+    from vae.data import PairedDataError, match_split
 
     path = _split_source(setting)
     ref_table = ad.read_h5ad(path, backed="r")
     ref = blank_as_read(ref_table.obs.copy())
     ref_table.file.close()
     try:
-        split = match_split(obs, ref)
+        split = match_split(obs, ref, "paired table", str(path))
     except KeyError as e:
         raise StageError(f"trainer.split_from={setting}: {path} has no obs column {e}") from None
+    except PairedDataError as e:
+        raise StageError(f"trainer.split_from={setting}: {e}") from None
     unknown = np.flatnonzero(split == "")
     if unknown.size and groups is not None:
         known = {g: s for g, s in zip(groups, split) if g and s}
@@ -395,7 +397,12 @@ def run_train(ctx: StageContext) -> None:
             meta=meta,
             config=resolved,
             tb=tb,
+            # a Ctrl-C whose KeyboardInterrupt a library swallowed (a weakref callback
+            # only prints it) trained on to the end, exit 0: now the next step stops
+            should_stop=interrupted,
         )
+        if interrupted():  # noted during the last steps: no latents of a stopped run
+            raise KeyboardInterrupt
         if not dist.is_main:
             return
         # latents of every row from the best checkpoint

@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline import guards, runner
 from pipeline.locks import StageBusyError, producer_lock, stage_lock
@@ -438,3 +439,42 @@ def test_after_a_killed_resume_the_advice_keeps_the_complete_result(tmp_path, to
     (kept,) = d.parent.glob("train.interrupted-*")
     assert (kept / "last.pt").read_text() == "advanced"
     assert runner.resolve_input(cfg_for(root, "evaluate"), "latent") == d / "latent.h5ad"
+
+
+def test_a_ctrl_c_a_library_swallowed_stops_stage_train_at_the_next_step(
+    tmp_path, monkeypatch, capsys
+):
+    """The KeyboardInterrupt of a Ctrl-C landed in a weakref callback ("Exception ignored
+    in ... WeakKeyDictionary"): the handler noted it, nothing raised it, and stage=train
+    ran to the end with exit 0. Now the next training step stops: exit 130, the advice
+    line, the folder marked failed."""
+    import vae.train as vt
+    from tests.helpers.vae_toy import TINY_TRAIN, make_paired
+
+    make_paired(24).write_h5ad(tmp_path / "paired.h5ad")
+    real = vt.forward_loss
+    steps = {"n": 0}
+
+    def step(*a, **kw):
+        if torch.is_grad_enabled():
+            steps["n"] += 1
+            if steps["n"] == 1:  # the handler ran, its KeyboardInterrupt swallowed
+                monkeypatch.setattr(runner, "_INTERRUPTED", True)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(vt, "forward_loss", step)
+    root = tmp_path / "out"
+    cfg = cfg_for(
+        root,
+        "train",
+        f"paths.inputs.paired={tmp_path / 'paired.h5ad'}",
+        *TINY_TRAIN,
+        "trainer.max_epochs=20",
+        "trainer.batch_size=4",
+    )
+    assert runner.main(cfg) == 130
+    assert steps["n"] == 1  # the step under way ended, no other began
+    d = root / "t" / "train"
+    assert _status(d) == "failed" and not (d / "model.pt").exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted during stage=train: " in err

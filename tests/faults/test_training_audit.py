@@ -202,3 +202,52 @@ def test_a_detector_that_finds_no_cell_is_warned(caplog):
         assert warn_if_blind("bccd", 0.0)
         assert not warn_if_blind("txl", 0.42)
     assert "val bccd: recall 0" in caplog.text and "txl" not in caplog.text
+
+
+def test_a_noted_interrupt_stops_training_at_the_next_step(tmp_path, monkeypatch):
+    """A Ctrl-C whose KeyboardInterrupt landed in a weakref callback ("Exception ignored
+    in ... WeakKeyDictionary") was only printed: training ran to the end, exit 0. The
+    caller's ``should_stop`` is asked before every batch, training and validation."""
+    import vae.train as vt
+
+    real = vt.forward_loss
+    seen = {"train": 0, "val": 0}
+    noted = {"ctrl_c": False}
+
+    def step(*a, **kw):
+        seen["train" if torch.is_grad_enabled() else "val"] += 1
+        if seen["train"] == 2:  # during the second step: noted, nothing raised
+            noted["ctrl_c"] = True
+        return real(*a, **kw)
+
+    monkeypatch.setattr(vt, "forward_loss", step)
+    d = from_anndata(make_paired(24))
+    split = np.array(["train"] * 16 + ["val"] * 8)  # 2 steps an epoch
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            _model(),
+            d,
+            split,
+            _args(max_epochs=5),
+            CPU,
+            tmp_path,
+            should_stop=lambda: noted["ctrl_c"],
+        )
+    assert seen == {"train": 2, "val": 0}  # the step under way ends, no other begins
+    assert not (tmp_path / "model.pt").exists()
+    # validation asks too, before each of its batches (200 rows: 2 batches of 128)
+    from vae.schedules import KLSchedule
+
+    big = from_anndata(make_paired(200))
+    asked = []
+
+    def after_one():
+        asked.append(seen["val"])
+        return seen["val"] >= 1
+
+    seen["val"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        vt.evaluate_loss(
+            _model(), big, np.arange(200), _args(), CPU, KLSchedule(beta=1.0), 4, after_one
+        )
+    assert seen["val"] == 1 and asked == [0, 1]

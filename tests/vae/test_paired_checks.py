@@ -145,6 +145,71 @@ def test_flags_stored_as_text_are_not_all_true():
         from_anndata(a, "x.h5ad")
 
 
+def _as_text(obs: pd.DataFrame) -> pd.DataFrame:
+    """``obs`` with its modality flags written as the text "True" / "False"."""
+    out = obs.copy()
+    for col in ("has_image", "has_expression"):
+        out[col] = out[col].map({True: "True", False: "False"}).astype(object)
+    return out
+
+
+def test_text_flags_read_as_the_bool_flags_outside_from_anndata(tmp_path):
+    """The flags read with ``astype(bool)`` beside from_anndata: "False" was True (a
+    table of profiles alone built a crop store of blank crops; the auto settings saw
+    crops on every row; a reused split gave crop-less rows their profile's crop split)."""
+    from pipeline.guards import data_layout
+    from vae.analysis.evaluate import seen_profiles
+    from vae.analysis.study import trained_modalities
+    from vae.data import match_split
+    from vae.store import ZeroRows, paired_streamed
+
+    a = make_paired(12, image_only=3, expression_only=5)
+    text = _as_text(a.obs)
+    assert (text["has_image"] == "False").sum() == 5  # what astype(bool) read as True
+    # the auto settings' stand-in for the data (pipeline.guards)
+    for read in (data_layout(a.obs, 12, True), data_layout(text, 12, True)):
+        assert read.has_image.tolist() == a.obs["has_image"].tolist()
+        assert read.has_expression.tolist() == a.obs["has_expression"].tolist()
+    # a table of profiles alone, streamed (vae.store): no crop store of blank crops
+    for kind, obs in (("bool", None), ("text", "text")):
+        e = make_paired(0, expression_only=8)
+        if obs == "text":
+            e.obs = _as_text(e.obs)
+        p = tmp_path / f"{kind}.h5ad"
+        e.write_h5ad(p)
+        st, _ = paired_streamed(p, tmp_path / f"{kind}.zarr")
+        assert isinstance(st.crops, ZeroRows) and not (tmp_path / f"{kind}.zarr").exists()
+        assert not st.has_image.any()
+    # a split reused from another run (vae.data.match_split), both tables as text
+    obs = a.obs.assign(
+        image_ref=[f"crop{i}" for i in range(a.n_obs)],
+        expression_ref=[f"prof{i}" for i in range(a.n_obs)],
+    )
+    ref = obs.assign(split=np.array(["train", "val", "test"])[np.arange(a.n_obs) % 3])
+    ref["image_ref"] = ref["image_ref"].where(ref["has_image"], "crop0")  # no crop: any
+    want = match_split(obs, ref)
+    assert match_split(_as_text(obs), _as_text(ref)).tolist() == want.tolist()
+    assert want.tolist() == ref["split"].tolist()
+    # the run's latent table as evaluate reads it (vae.analysis)
+    import anndata as ad
+
+    seen = ref.copy()
+    seen.loc[seen.index[13], "expression_ref"] = "prof0"  # a row without a profile
+    lat_bool = ad.AnnData(obs=seen)
+    lat_text = ad.AnnData(obs=_as_text(seen))
+    img_only = ad.AnnData(obs=ref.assign(has_expression=False))
+    assert trained_modalities(lat_text) == trained_modalities(lat_bool) == (True, True)
+    assert trained_modalities(ad.AnnData(obs=_as_text(img_only.obs))) == (True, False)
+    rows = np.arange(0, a.n_obs, 2)
+    assert not seen["has_expression"].iloc[13]
+    assert not seen_profiles(lat_text, rows).any() and not seen_profiles(lat_bool, rows).any()
+    # and what is no flag is refused by name, not read as True
+    bad = text.copy()
+    bad.loc[bad.index[2], "has_image"] = "maybe"
+    with pytest.raises(PairedDataError, match=r"obs\['has_image'\].*row 'c002' = 'maybe'"):
+        match_split(bad.assign(image_ref="x", expression_ref="y"), ref, "paired.h5ad")
+
+
 # 3: no rows ------------------------------------------------------------------------
 @pytest.mark.parametrize("sparse", [False, True])
 def test_a_table_without_rows_is_refused_by_name(sparse):

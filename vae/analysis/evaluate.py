@@ -329,7 +329,10 @@ def seen_profiles(lat, rows: np.ndarray) -> np.ndarray:
     if "expression_ref" not in lat.obs or "has_expression" not in lat.obs:
         return out
     ref = lat.obs["expression_ref"].astype(str).to_numpy()
-    has = lat.obs["has_expression"].to_numpy().astype(bool) & ~np.isin(ref, ["", "nan", "None"])
+    from vae.data import parse_flag  # the text "False" is False (astype(bool): True)
+
+    flag = parse_flag(lat.obs["has_expression"], "latent.h5ad", "has_expression", lat.obs_names)
+    has = flag & ~np.isin(ref, ["", "nan", "None"])
     inside = np.zeros(lat.n_obs, bool)
     inside[rows] = True
     elsewhere = set(ref[has & ~inside])

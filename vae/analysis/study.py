@@ -52,6 +52,15 @@ log = logging.getLogger(__name__)
 PATH_TITLES = {"straight": "straight path", "gp": "Gaussian-process path"}
 
 
+def _flag(obs: pd.DataFrame, col: str) -> np.ndarray:
+    """(N,) bool ``obs[col]`` of the run's latent table (``has_image`` /
+    ``has_expression``), read as :func:`vae.data.parse_flag` reads it: ``astype(bool)``
+    took the text "False" for True."""
+    from vae.data import parse_flag
+
+    return parse_flag(obs[col], "latent.h5ad", col, obs.index)
+
+
 def _votes(share: float, k: int) -> str:
     """A neighbour vote as a count of ``k``: share 0.4 of 5 -> ``"2/5"``."""
     return f"{int(round(float(share) * k))}/{k}"
@@ -1211,7 +1220,7 @@ def _specimens_in_two_sources(obs: pd.DataFrame) -> tuple[int, list[str]] | None
     enters twice."""
     if not {"specimen", "image_source", HAS_IMAGE} <= set(obs.columns):
         return None
-    o = obs.loc[obs[HAS_IMAGE].to_numpy(bool), ["specimen", "image_source"]].astype(str)
+    o = obs.loc[_flag(obs, HAS_IMAGE), ["specimen", "image_source"]].astype(str)
     o = o[(o.specimen != "") & (o.image_source != "")]
     per = o.groupby("specimen").image_source.nunique()
     shared = per.index[per > 1]
@@ -1229,7 +1238,7 @@ def trained_modalities(lat) -> tuple[bool, bool]:
     """
     out = []
     for col in (HAS_IMAGE, HAS_EXPRESSION):
-        out.append(bool(lat.obs[col].to_numpy().astype(bool).any()) if col in lat.obs else True)
+        out.append(bool(_flag(lat.obs, col).any()) if col in lat.obs else True)
     return out[0], out[1]
 
 
@@ -2210,7 +2219,7 @@ def _class_makeup(names, counts, labels: np.ndarray, obs: pd.DataFrame) -> str:
     is made of, so a reader sees which end rests on profiles alone (a review asked)."""
     if HAS_IMAGE not in obs:
         return ", ".join(f"{c} {int(n)}" for c, n in zip(names, counts))
-    hi = obs[HAS_IMAGE].to_numpy(bool)
+    hi = _flag(obs, HAS_IMAGE)
     lab = np.asarray(labels).astype(str)
     return ", ".join(
         f"{c} {int(n)} ({int((hi & (lab == str(c))).sum())} with a crop)"
