@@ -265,7 +265,8 @@ def resolve_input(cfg: DictConfig, name: str) -> Path:
                 raise StageInputError(unfinished_input(cfg, producer, d, p, man))
             if man is not None:
                 check_fresh(p, man, name)
-            return p
+            shipped = _instead_of_simulated_detector(cfg, name, p, man)
+            return p if shipped is None else shipped
     for d in candidates:  # moved aside by a running overwrite=true, or not made yet
         busy = _being_written(cfg, producer, d, name, d / rel)
         if busy:
@@ -278,6 +279,37 @@ def resolve_input(cfg: DictConfig, name: str) -> Path:
         f"writes. Run `python -m pipeline {rerun_args(cfg, producer)}` "
         f"first, or set paths.inputs.{name}=PATH.{broken}"
     )
+
+
+def _instead_of_simulated_detector(
+    cfg: DictConfig, name: str, p: Path, man: dict | None
+) -> Path | None:
+    """The shipped real-data detector where the experiment's ``segment_train/model.pt``
+    (``p``) was trained on simulated smears (its manifest's ``data.name``) and this run
+    segments the user's own images (``data.segment_sources`` under ``data=synthetic``):
+    left by ``make demo`` in the default experiment, or by a run before stage=all left
+    segment_train out for such images, it cut real crops with a detector that never saw
+    one (review). Warned of, naming the file and how to use it anyway; else None."""
+    if name != "segmentation_model" or not detector_given(cfg) or man is None:
+        return None
+    if cfg.paths.inputs.get("segmentation_model"):
+        return None
+    trained_on = (man.get("config") or {}).get("data", {}).get("name")
+    if trained_on != "synthetic":
+        return None
+    shipped, _ = shipped_default(name)
+    if shipped is None:
+        return None
+    log.warning(
+        "segmentation_model: %s was trained on simulated smears (data=synthetic) and this "
+        "run segments your own images (data.segment_sources): the real-data detector "
+        "shipped with the package is used instead (%s); to use that model anyway, "
+        "paths.inputs.segmentation_model=%s",
+        p,
+        shipped,
+        p,
+    )
+    return shipped
 
 
 def unfinished_input(cfg: DictConfig, producer: str, d: Path, p: Path, man: dict) -> str:

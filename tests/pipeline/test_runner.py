@@ -378,6 +378,29 @@ def test_all_trains_no_detector_for_the_users_own_images_or_a_given_model(tmp_pa
     assert runner.detector_given(cfg) is None
 
 
+def test_own_images_are_not_cut_by_a_detector_trained_on_simulated_smears(tmp_path, monkeypatch):
+    """An experiment that holds segment_train/model.pt trained on simulated smears (make
+    demo's, or a run before stage=all left segment_train out): segmenting the user's own
+    images took it (review); now the shipped real-data detector, with a warning naming
+    the file; a model given, or a detector trained on real data, is used as before."""
+    from pipeline.artifacts import shipped_default
+
+    d = tmp_path / "t" / "segment_train"
+    d.mkdir(parents=True)
+    (d / "model.pt").write_bytes(b"x")
+    trained = {"status": "complete", "config": {"data": {"name": "synthetic"}}}
+    monkeypatch.setattr(runner, "read_manifest", lambda _d: trained)
+    monkeypatch.setattr(runner, "check_fresh", lambda *a: None)
+    own = f"data.segment_sources=[{{name: mine, kind: crop_folder, path: {tmp_path}}}]"
+    shipped = shipped_default("segmentation_model")[0]
+    assert runner.resolve_input(_cfg(tmp_path, "segment", own), "segmentation_model") == shipped
+    assert runner.resolve_input(_cfg(tmp_path, "segment"), "segmentation_model") == d / "model.pt"
+    trained["config"]["data"]["name"] = "real_small"
+    assert (
+        runner.resolve_input(_cfg(tmp_path, "segment", own), "segmentation_model") == d / "model.pt"
+    )
+
+
 def test_all_leaves_simulate_out_when_no_stage_reads_it(tmp_path):
     """data=synthetic is the default: with the user's own expression file and crop
     folders, stage=all simulated smears and profiles nobody read (6 stages)."""
