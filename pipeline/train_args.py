@@ -39,8 +39,13 @@ def expression_likelihood(cfg_value: str, has_counts: bool, source: str) -> str:
 
 
 def expression_alone(data) -> bool:
-    """Every row of ``data`` has a profile and none an image (``pair=expression_only``)."""
-    return data.n_genes > 0 and bool(data.has_expression.all()) and not bool(data.has_image.any())
+    """No row of ``data`` has an image and some have a profile (``pair=expression_only``).
+
+    Rows with neither (a profile :func:`vae.data.from_anndata` skipped as unusable: NaN,
+    a negative count) do not count: one such cell of an expression-only table flipped
+    the auto settings of expression alone (norm, dropout, input) with only a warning
+    that it was skipped (review)."""
+    return data.n_genes > 0 and bool(data.has_expression.any()) and not bool(data.has_image.any())
 
 
 DEFAULT_DROPOUT = 0.1  # the expression MLPs' dropout when data hold images too

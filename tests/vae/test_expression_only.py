@@ -145,6 +145,11 @@ def test_expression_norm_and_dropout_auto_for_expression_alone_only():
     assert expression_dropout(None, alone) == 0.0
     assert expression_dropout(None, mixed) == DEFAULT_DROPOUT == 0.1
     assert expression_dropout(0.2, alone) == 0.2 and expression_dropout(0.0, mixed) == 0.0
+    # a profile skipped as unusable leaves its row with neither modality: still expression
+    # alone (one bad cell flipped norm, dropout and input: review)
+    skipped = _expression_only()
+    skipped.has_expression[0] = False
+    assert expression_norm("auto", skipped) == "batch" and expression_dropout(None, skipped) == 0.0
 
 
 def test_batch_norm_expression_model_trains_saves_and_reloads(tmp_path):
