@@ -353,13 +353,20 @@ def unfinished_input(cfg: DictConfig, producer: str, d: Path, p: Path, man: dict
 RUN_KEYS = frozenset({"stage", "experiment", "variant", "overwrite", "resume"})
 
 
-def rerun_args(cfg: DictConfig, stage_name: str, overrides: list[str] | None = None) -> str:
+def rerun_args(
+    cfg: DictConfig, stage_name: str, overrides: list[str] | None = None, settings: bool = False
+) -> str:
     """``stage=... experiment=...`` plus the run's own presets and config-group choices
     (``+preset=real``, ``data=real_small``: a docs audit followed the advice without
     ``+preset=real`` and would have trained the simulator's defaults), ``paths.root`` and
     ``variant`` when they are not the defaults: the suggested command writes where this
     run reads (the terminal audit: with paths.root=/data/runs the advice wrote into
-    ./outputs). ``overrides``: the command line's (default: this Hydra run's)."""
+    ./outputs). ``overrides``: the command line's (default: this Hydra run's).
+    ``settings``: its dotted settings too (``vae.beta=4``), shell-quoted where needed:
+    the advice to run *this* command again (after a Ctrl-C, "overwrite=true starts the
+    new run over" named a command without the run's vae.beta=4: review)."""
+    import shlex
+
     from pipeline.artifacts import command_overrides
     from pipeline.config import PathsConfig
 
@@ -368,6 +375,8 @@ def rerun_args(cfg: DictConfig, stage_name: str, overrides: list[str] | None = N
         key = o.split("=", 1)[0].lstrip("+~")
         if "=" in o and "." not in key and key not in RUN_KEYS:
             args.append(o)  # a group choice (or a preset) shapes what the stage runs
+        elif settings and "=" in o and "." in key and not key.startswith(("paths.root", "hydra.")):
+            args.append(shlex.quote(o))
     root = cfg.paths.get("root")
     if root is not None and str(root) != PathsConfig.root:
         args.append(f"paths.root={root}")
@@ -767,7 +776,7 @@ def interrupt_advice(f: _Failed) -> str | None:
 
     name, d = f.stage, f.dir
     ck = RESUMABLE.get(name)
-    again = f"python -m pipeline {rerun_args(f.cfg, name)}"
+    again = f"python -m pipeline {rerun_args(f.cfg, name, settings=True)}"
     head = f"interrupted during stage={name}"
     if f.attempt is not None:  # a previous complete result was put back
         if f.cfg.resume and not f.cfg.overwrite and f.before == "complete":

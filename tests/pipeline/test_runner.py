@@ -649,3 +649,23 @@ def test_missing_input_advice_writes_where_the_run_reads(tmp_path):
     assert runner.rerun_args(plain, "train", given) == (
         "stage=train experiment=e3 +preset=real data=real_small"
     )
+
+
+def test_the_interrupt_advice_repeats_the_commands_own_settings():
+    """After a Ctrl-C, "`... overwrite=true` starts the new run over" named a command
+    without the run's dotted settings: run as written, it trained with the default beta
+    (review). The advice's command keeps them (shell-quoted), never overwrite / resume."""
+    cfg = compose_config(["stage=train", "experiment=x", "+preset=demo", "vae.beta=4"])
+    given = [
+        "stage=train",
+        "experiment=x",
+        "+preset=demo",
+        "vae.beta=4",
+        "overwrite=true",
+        "pair.crop_sources=[{kind: image_folder, path: a b}]",
+    ]
+    assert runner.rerun_args(cfg, "train", given, settings=True) == (
+        "stage=train experiment=x +preset=demo vae.beta=4 "
+        "'pair.crop_sources=[{kind: image_folder, path: a b}]'"
+    )
+    assert runner.rerun_args(cfg, "train", given) == "stage=train experiment=x +preset=demo"
