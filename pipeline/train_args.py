@@ -19,7 +19,7 @@ from vae.inputs.schema import (
     HAS_IMAGE,
     MATURATION_ORDER,
     class_labels,
-    stage_name,
+    say_class_labels,
 )
 
 log = logging.getLogger(__name__)
@@ -228,21 +228,7 @@ def maturation_axis(order: list[str], label_names: list[str], say: bool = True) 
     except ValueError as e:
         raise StageError(str(e)) from e
     if say:
-        for c, lab in taken.items():
-            log.info(
-                "vae.maturation_classes: %r taken as the label %r (the same stage, %s)",
-                c,
-                lab,
-                stage_name(c),
-            )
-        for c, cands in ambiguous.items():
-            log.warning(
-                "vae.maturation_classes (default): %s left out: %d labels name that stage "
-                "(%s); set vae.maturation_classes to the labels meant, in order",
-                c,
-                len(cands),
-                ", ".join(map(repr, cands)),
-            )
+        say_class_labels(log, "vae.maturation_classes", taken, ambiguous)
     labels = set(label_names)
     present = [c for c in named if c in labels]
     if len(present) < 2:

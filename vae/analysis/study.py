@@ -1908,7 +1908,7 @@ def path_order(path_classes, labels: np.ndarray, maturation_axis=None) -> list[s
     warning). A class unlike every label stays, left to the path's own warning: a preset's
     classes on data without them.
     """
-    from vae.inputs.schema import class_labels, stage_name
+    from vae.inputs.schema import class_labels, say_class_labels
 
     if not path_classes:
         return None
@@ -1931,21 +1931,7 @@ def path_order(path_classes, labels: np.ndarray, maturation_axis=None) -> list[s
         )
     except ValueError as e:
         raise AnalysisError(str(e)) from e
-    for c, lab in taken.items():
-        log.info(
-            "analysis.path_classes: %r taken as the label %r (the same stage, %s)",
-            c,
-            lab,
-            stage_name(c),
-        )
-    for c, cands in ambiguous.items():
-        log.warning(
-            "analysis.path_classes (default): %s left out: %d labels name that stage (%s); "
-            "set analysis.path_classes to the labels meant, in order",
-            c,
-            len(cands),
-            ", ".join(map(repr, cands)),
-        )
+    say_class_labels(log, "analysis.path_classes", taken, ambiguous)
     return order
 
 

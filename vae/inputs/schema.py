@@ -185,6 +185,28 @@ def stage_name(label: object) -> str | None:
     return None
 
 
+def say_class_labels(
+    logger, setting: str, taken: dict[str, str], ambiguous: dict[str, list[str]]
+) -> None:
+    """Log what :func:`class_labels` resolved: each name taken as a label through its
+    stage (INFO), each default stage left out because several labels name it (WARNING).
+    One wording for ``vae.maturation_classes`` and ``analysis.path_classes``."""
+    for c, lab in taken.items():
+        logger.info(
+            "%s: %r taken as the label %r (the same stage, %s)", setting, c, lab, stage_name(c)
+        )
+    for c, cands in ambiguous.items():
+        logger.warning(
+            "%s (default): %s left out: %d labels name that stage (%s); set %s to the labels "
+            "meant, in order",
+            setting,
+            c,
+            len(cands),
+            ", ".join(map(repr, cands)),
+            setting,
+        )
+
+
 def class_labels(
     names, labels, setting: str, given: bool = True
 ) -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
