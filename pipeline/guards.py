@@ -23,6 +23,8 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -276,7 +278,7 @@ def check_start(cfg: DictConfig) -> None:
         raise StageError(str(e)) from None
 
 
-def probe_inputs(inputs: dict[str, Path]) -> None:
+def probe_inputs(inputs: dict[str, Path], cheap: bool = False) -> None:
     """Open every checkpoint and AnnData input once; a bad file is a StageError.
 
     Checkpoints are loaded with ``weights_only=True`` (no code from the file
@@ -285,6 +287,11 @@ def probe_inputs(inputs: dict[str, Path]) -> None:
     ``expression_raw`` may be one: a 10x matrix folder).
     ``segmentation.pretrained_weights`` is opened by segment_train's own
     settings check, which also compares its weight shapes with the run's.
+
+    ``cheap``: a checkpoint's tensors are memory-mapped, not read (its zip index and
+    pickled structure are: the same keys, ``model_args`` and detector checks), for
+    ``stage=all``'s precheck (pipeline/precheck.py), which probes every input of the
+    chain before the first stage; each stage still probes its own inputs in full.
     """
     from segmentation.io import UnsafeCheckpointError, load_torch_file
     from segmentation.shipped import is_shipped
@@ -298,9 +305,15 @@ def probe_inputs(inputs: dict[str, Path]) -> None:
                 "paths.inputs.segmentation_model is given; reinstall the package if it is damaged)"
             )
         try:
-            ck = load_torch_file(p, "cpu", setting)
+            with _mapped_loads(cheap):
+                ck = load_torch_file(p, "cpu", setting)
         except UnsafeCheckpointError as e:
-            raise StageError(str(e)) from None
+            if not cheap:
+                raise StageError(str(e)) from None
+            try:  # a file is never refused for the mapping alone: a full load decides
+                ck = load_torch_file(p, "cpu", setting)
+            except UnsafeCheckpointError as full:
+                raise StageError(str(full)) from None
         if not (isinstance(ck, dict) and "model" in ck and "model_args" in ck):
             raise StageError(
                 f"{setting}={p}: not a {CHECKPOINT_INPUTS[n]} checkpoint of this pipeline "
@@ -332,6 +345,25 @@ def probe_inputs(inputs: dict[str, Path]) -> None:
             )
         if p.is_file() and p.suffix == ".h5ad":
             _probe_h5ad(n, p)
+
+
+@contextmanager
+def _mapped_loads(on: bool) -> Iterator[None]:
+    """While ``on``: ``torch.load`` maps the tensors' bytes instead of reading them
+    (torch's ``serialization.config.load.mmap``; without it, a full load)."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # torch < 2.5
+        on = False
+    if not on:
+        yield
+        return
+    was = config.load.mmap
+    config.load.mmap = True
+    try:
+        yield
+    finally:
+        config.load.mmap = was
 
 
 def _probe_h5ad(n: str, p: Path) -> None:

@@ -188,6 +188,34 @@ def simulator_truth(ctx: StageContext, rd):
     return out
 
 
+# analysis.* counts ranges.py leaves out (the study page's): the range each must be in
+PAGE_COUNTS = ("analysis.page_max_cells", "analysis.page_nearest")
+
+
+def validate_analysis(cfg) -> None:
+    """The analysis settings stage=evaluate and stage=traverse read that the config alone
+    can refuse (``stage=all`` checks them before its first stage, pipeline/precheck.py):
+    ``analysis.split`` one of the splits stage=train writes or ``all`` (a typo was only
+    refused once evaluate had loaded the run), and the study page's counts >= 0. The
+    other numbers are in pipeline/ranges.py, checked when any run starts; the split's
+    rows and the labels are checked against latent.h5ad where it exists (the precheck),
+    else by the stage."""
+    from pipeline.ranges import in_range
+    from vae.data import SPLITS
+
+    valid = (*SPLITS, "all")
+    split = cfg.analysis.split
+    if str(split) not in valid:
+        raise StageError(
+            f"analysis.split={split!r} is not an option: valid: {', '.join(valid)} "
+            f"(the rows of latent.h5ad measured)"
+        )
+    for key in PAGE_COUNTS:
+        v = OmegaConf.select(cfg, key, default=None)
+        if v is not None and not in_range(v, ">=0"):
+            raise StageError(f"{key}={v} is out of range: must be >= 0")
+
+
 def tensorboard(ctx: StageContext):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -199,6 +227,7 @@ def tensorboard(ctx: StageContext):
     needs=["latent", "model"],
     optional=["paired"],
     produces=["evaluation", "latent.h5ad"],
+    validate=validate_analysis,
 )
 def run_evaluate(ctx: StageContext) -> None:
     from vae.analysis.evaluate import evaluate

@@ -23,7 +23,12 @@ from omegaconf import OmegaConf
 
 from pipeline.artifacts import read_manifest, write_json
 from pipeline.runner import StageContext, StageError, stage
-from pipeline.stages.evaluate import analysis_settings, load_run_data, tensorboard
+from pipeline.stages.evaluate import (
+    analysis_settings,
+    load_run_data,
+    tensorboard,
+    validate_analysis,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +139,34 @@ def next_steps(report: Path, run_dir: Path) -> str:
     return f"report: {report}\ntensorboard --logdir {shlex.quote(str(run_dir))}"
 
 
+def validate_traverse(cfg) -> None:
+    """:func:`validate_analysis`, and ``analysis.path_classes`` as a path can be drawn
+    through: no blank name, and two or more classes or none (``[]``: the cells ordered by
+    ``analysis.maturation_key``); one class drew no path, only a warning after the model
+    was loaded. Whether the classes are labels of the data: pipeline/precheck.py where
+    the labels exist before the run, else :func:`vae.analysis.study.path_order`."""
+    validate_analysis(cfg)
+    classes = list(cfg.analysis.path_classes or [])
+    blank = [c for c in classes if not str(c).strip()]
+    if blank:
+        raise StageError(
+            f"analysis.path_classes={[str(c) for c in classes]}: a blank class name; give "
+            f"the labels the path runs through, earliest first"
+        )
+    if len({str(c) for c in classes}) == 1:
+        raise StageError(
+            f"analysis.path_classes={[str(c) for c in classes]}: a path runs through two "
+            f"or more classes, earliest first (e.g. [myeloblast,segmented_neutrophil]); "
+            f"[] orders the cells by analysis.maturation_key instead"
+        )
+
+
 @stage(
     "traverse",
     needs=["latent", "model"],
     optional=["paired", "evaluation", "crop_rejects"],
     produces=["report"],
+    validate=validate_traverse,
 )
 def run_traverse(ctx: StageContext) -> None:
     from pipeline.simulator.morphology import azurophilic_density
