@@ -106,6 +106,7 @@ def train_one_epoch(
     n_epochs: int | None = None,
     progress: bool = True,
     reference: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> EpochStats:
     """One training pass.
 
@@ -135,6 +136,10 @@ def train_one_epoch(
     reference
         The run's first loss (divergence reference; ``EpochStats.first_loss`` of its
         first epoch); None: this epoch's first iteration's.
+    should_stop
+        Checked before every iteration; true raises KeyboardInterrupt (a Ctrl-C the
+        caller noted, whose own KeyboardInterrupt a library's callback may have
+        swallowed: the loop then ran to the end).
 
     Raises
     ------
@@ -151,6 +156,8 @@ def train_one_epoch(
     of = f"/{n_epochs}" if n_epochs else ""
     pbar = bar(loader, desc=f"epoch {epoch + 1}{of}", unit="it", enabled=progress)
     for it, (images, targets) in enumerate(pbar):
+        if should_stop is not None and should_stop():
+            raise KeyboardInterrupt("stopped: an interrupt (Ctrl-C) was noted")
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [
             {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}

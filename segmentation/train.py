@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -131,10 +132,13 @@ def fit(
     tb_dir: Path,
     pretrained_weights: str | None = None,
     checkpoint_extra: dict[str, Any] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any] | None:
     """Train, checkpoint every epoch to ``checkpoint``, evaluate; rank 0 returns the metrics.
 
     ``checkpoint_extra`` is stored in every checkpoint (config, input scale...).
+    ``should_stop``: checked before every training iteration (a Ctrl-C the caller
+    noted; :func:`segmentation.engine.train_one_epoch`).
     Returns ``None`` on the other ranks.
 
     Raises
@@ -254,6 +258,7 @@ def fit(
             n_epochs=int(args.epochs),
             progress=dist.is_main,
             reference=loss_ref,
+            should_stop=should_stop,
         )
         if loss_ref is None:
             loss_ref = stats.first_loss

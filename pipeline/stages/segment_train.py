@@ -380,6 +380,7 @@ def segment_train(ctx: StageContext) -> None:
     cfg, dist = ctx.cfg, ctx.dist
     # the recipe's imports (torchvision, albumentations: ~5 s) wait until the stage runs,
     # so every other stage and every settings error starts without them
+    from pipeline.runner import interrupted
     from segmentation.pseudomask import PseudoMasker
     from segmentation.train import FitArgs, FitError, fit
     from segmentation.transforms import AugmentOptions, build_train_transform
@@ -472,6 +473,7 @@ def segment_train(ctx: StageContext) -> None:
                 "config": OmegaConf.to_container(cfg, resolve=True),
                 **scale_record(cfg),
             },
+            should_stop=interrupted,  # a Ctrl-C a library swallowed stops at the next step
         )
     except FitError as e:
         raise StageError(str(e)) from e

@@ -71,6 +71,24 @@ def _tiny(tmp_path, n=3):
     return read_coco(ann).renumber()
 
 
+def test_a_noted_interrupt_stops_the_detector_epoch_before_a_step(tmp_path):
+    """A Ctrl-C a library's callback swallowed let segment_train run to its end; the
+    caller's noted interrupt (should_stop) now stops the epoch before the next step, with
+    the weights untouched."""
+    ds = _tiny(tmp_path)
+    loader = torch.utils.data.DataLoader(
+        DetectionDataset(ds.images[:2]), batch_size=2, collate_fn=collate
+    )
+    model = build_maskrcnn(**SMALL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(KeyboardInterrupt, match="interrupt"):
+        train_one_epoch(
+            model, opt, loader, torch.device("cpu"), 0, log_every=0, should_stop=lambda: True
+        )
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_one_training_step_changes_weights(tmp_path):
     torch.manual_seed(0)
     ds = _tiny(tmp_path)
