@@ -234,11 +234,26 @@ def config_error_line(e: BaseException) -> str:
     )
     if group_hint is not None:
         added = group_hint.split(" use ", 1)[1]
-        group = added[1:].split("=", 1)[0]
-        lines = [
-            f"{added[1:]}: {group} is not in the default config (an optional config group): "
-            f"add it with a leading '+': {_shell_word(added)}"
-        ]
+        group, _, option = added[1:].partition("=")
+        # the '+' form of an option the group does not have fails next ("Could not find
+        # 'preset/dmo'"): name the options first (review)
+        conf = Path(__file__).parent / "conf" / group
+        options = sorted(p.stem for p in conf.glob("*.yaml")) if conf.is_dir() else []
+        if options and option not in options:
+            import difflib
+
+            near = difflib.get_close_matches(option, options, n=1)
+            lines = [
+                f"{added[1:]}: {group} has no option {option!r}"
+                + (f"; did you mean +{group}={near[0]}?" if near else "")
+                + f" (options: {', '.join(options)}; an optional config group: add it with "
+                "a leading '+')"
+            ]
+        else:
+            lines = [
+                f"{added[1:]}: {group} is not in the default config (an optional config "
+                f"group): add it with a leading '+': {_shell_word(added)}"
+            ]
     # "In 'config': Could not find 'stage/nope'": an option of a config group that
     # has no file in pipeline/conf/<group>/
     missing = (

@@ -161,6 +161,12 @@ def test_new_mapping_key_and_optional_group_on_the_command_line(tmp_path):
         "error: preset=demo: preset is not in the default config (an optional config "
         "group): add it with a leading '+': +preset=demo"
     )
+    # an option the group does not have: named first, its '+' form would fail next
+    r = run_pipeline(["stage=all", "preset=dmo", f"paths.root={root}"], timeout=120)
+    assert _one_error(r) == (
+        "error: preset=dmo: preset has no option 'dmo'; did you mean +preset=demo? "
+        "(options: demo, real; an optional config group: add it with a leading '+')"
+    )
     assert not root.exists()
 
 
