@@ -315,20 +315,28 @@ def _reads_last(read: dict):
     return body
 
 
-def test_ctrl_c_of_an_overwrite_says_resume_continues_the_earlier_run(tmp_path, toy, capsys):
-    """Ctrl-C of ``stage=train overwrite=true`` put the earlier run back and moved the
-    attempt (its own last.pt) to train.failed-*, then advised resume=true, which
-    continues the earlier run, never the interrupted attempt (an audit)."""
-    root = tmp_path / "out"
+def _ctrl_c_after_a_complete_run(root, toy, capsys, flag: str):
+    """A complete toy train run, then a Ctrl-C of ``flag`` (overwrite=true / resume=true)
+    after its first last.pt: exit 130, the earlier run back and complete. Returns the
+    stage folder, the attempt's train.failed-* folder and the one-line stderr."""
     d = root / "t" / "train"
     toy("train", _trained)
     assert runner.main(cfg_for(root, "train")) == 0
     capsys.readouterr()
     toy("train", _ctrl_c_after_a_checkpoint)
-    assert runner.main(cfg_for(root, "train", "overwrite=true")) == 130
+    assert runner.main(cfg_for(root, "train", flag)) == 130
     err = capsys.readouterr().err
     (failed,) = d.parent.glob("train.failed-*")
     assert (d / "last.pt").read_text() == "earlier run" and _status(d) == "complete"
+    return d, failed, err
+
+
+def test_ctrl_c_of_an_overwrite_says_resume_continues_the_earlier_run(tmp_path, toy, capsys):
+    """Ctrl-C of ``stage=train overwrite=true`` put the earlier run back and moved the
+    attempt (its own last.pt) to train.failed-*, then advised resume=true, which
+    continues the earlier run, never the interrupted attempt (an audit)."""
+    root = tmp_path / "out"
+    d, failed, err = _ctrl_c_after_a_complete_run(root, toy, capsys, "overwrite=true")
     assert (failed / "last.pt").read_text() == "attempt"
     assert err.count("\n") == 1 and "interrupted during stage=train: " in err
     assert f"the earlier complete result is back in {d}, unchanged" in err
@@ -343,16 +351,7 @@ def test_ctrl_c_of_an_overwrite_says_resume_continues_the_earlier_run(tmp_path, 
 
 
 def test_ctrl_c_of_a_resume_says_the_complete_run_is_back(tmp_path, toy, capsys):
-    root = tmp_path / "out"
-    d = root / "t" / "train"
-    toy("train", _trained)
-    assert runner.main(cfg_for(root, "train")) == 0
-    capsys.readouterr()
-    toy("train", _ctrl_c_after_a_checkpoint)
-    assert runner.main(cfg_for(root, "train", "resume=true")) == 130
-    err = capsys.readouterr().err
-    (failed,) = d.parent.glob("train.failed-*")
-    assert (d / "last.pt").read_text() == "earlier run" and _status(d) == "complete"
+    d, failed, err = _ctrl_c_after_a_complete_run(tmp_path / "out", toy, capsys, "resume=true")
     assert f"(resume=true): the complete run in {d} is back as it was before this resume" in err
     assert f"what this attempt added is kept in {failed} and is not continued" in err
     assert "resume=true` continues the complete run again from its last.pt" in err

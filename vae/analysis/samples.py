@@ -262,20 +262,15 @@ def _blank_not_callable(
             continue
         cannot = marks[sample][0]
         prof.at[i, "not_callable"] = "; ".join(c for c in names if c in cannot)
-        blank = [
-            f"frac_{c}{part}"
-            for c in cannot
-            for part in ("", "_ci_low", "_ci_high", "_edge_corrected")
-        ]
+        parts = ("", "_ci_low", "_ci_high", "_edge_corrected")  # a share and its companions
+        blank = [f"frac_{c}{part}" for c in cannot for part in parts]
         if study_labels is not None:
             # the study-level rule of sample_profile over the classes this sample's cells
             # can still be called (by class, not stage: two classes may name one stage)
             left = {stage_name(str(c)) for c in study_labels if str(c) not in cannot}
             for name, _, needs in RATIOS:
                 if not left & set(needs):
-                    blank += [
-                        f"{name}{part}" for part in ("", "_ci_low", "_ci_high", "_edge_corrected")
-                    ]
+                    blank += [f"{name}{part}" for part in parts]
         prof.loc[i, [c for c in blank if c in prof]] = np.nan
     return prof
 
