@@ -290,9 +290,9 @@ def _instead_of_simulated_detector(
     left by ``make demo`` in the default experiment, or by a run before stage=all left
     segment_train out for such images, it cut real crops with a detector that never saw
     one (review). Warned of, naming the file and how to use it anyway; else None."""
+    # (a model given as paths.inputs.segmentation_model never reaches here: resolve_input
+    # returns it first)
     if name != "segmentation_model" or not detector_given(cfg) or man is None:
-        return None
-    if cfg.paths.inputs.get("segmentation_model"):
         return None
     trained_on = (man.get("config") or {}).get("data", {}).get("name")
     if trained_on != "synthetic":
@@ -327,12 +327,13 @@ def unfinished_input(cfg: DictConfig, producer: str, d: Path, p: Path, man: dict
     again = f"python -m pipeline {rerun_args(cfg, producer)}"
     head = f"{p} comes from an unfinished run of stage={producer} (status: {status})"
     backup = complete_backup(d)
+    resumable = producer in RESUMABLE and (d / RESUMABLE[producer]).exists()
     if backup is not None:
         kind = run_kind(d) or "overwrite=true or resume=true"
         cont = (
             f"`{again} resume=true` finishes the interrupted run instead (the complete "
             f"result is kept until it succeeds)"
-            if producer in RESUMABLE and (d / RESUMABLE[producer]).exists()
+            if resumable
             else f"`{again} overwrite=true` runs it again (the complete result is kept until "
             f"it succeeds)"
         )
@@ -341,7 +342,7 @@ def unfinished_input(cfg: DictConfig, producer: str, d: Path, p: Path, man: dict
             f"kept in {backup}. Run `{again}` to put that result back (it restores the "
             f"result and stops there, running nothing), or {cont}."
         )
-    if producer in RESUMABLE and (d / RESUMABLE[producer]).exists():
+    if resumable:
         return (
             f"{head}. Run `{again} resume=true` to finish it from its {RESUMABLE[producer]}, "
             f"or `{again} overwrite=true` to start it over."
