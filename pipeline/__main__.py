@@ -454,6 +454,8 @@ def _run_app() -> None:
     except ValueError:
         # OmegaConf's update of a list by a key that is no index
         # (vae.maturation_classes.foo=1) fails as a bare int() ValueError: a traceback
+        from pipeline.config import list_index_slip
+
         slip = None if _TASK_STARTED else list_index_slip(sys.argv[1:])
         if slip is None:
             raise
@@ -466,40 +468,6 @@ def _run_app() -> None:
         sys.exit(2)
     finally:
         _restore_full_error()
-
-
-def list_index_slip(argv: list[str]) -> str | None:
-    """The message for an override that indexes a list setting by a name
-    (``vae.maturation_classes.foo=1``), else None.
-
-    >>> list_index_slip(["vae.maturation_classes.foo=1"]).split(";")[0]
-    'vae.maturation_classes.foo=1: vae.maturation_classes is a list'
-    >>> list_index_slip(["vae.maturation_classes.0=band", "vae.beta=4"]) is None
-    True
-    """
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    from pipeline.config import Config
-
-    root = OmegaConf.structured(Config)
-    for arg in argv:
-        key, sep, _ = arg.lstrip("+~").partition("=")
-        if not sep or key.startswith("hydra."):
-            continue
-        node, done = root, []
-        for part in key.split("."):
-            if isinstance(node, ListConfig):
-                if not part.isdigit():
-                    name = ".".join(done)
-                    return (
-                        f"{arg}: {name} is a list; give the whole list ({name}=[a,b]) or "
-                        f"an entry by its index ({name}.0=a), not by a name ({part!r})"
-                    )
-                break  # an entry by its index: Hydra checks the rest
-            if not isinstance(node, DictConfig) or part not in node:
-                break
-            node, done = node[part], [*done, part]
-    return None
 
 
 def expand_home(args: list[str]) -> list[str]:

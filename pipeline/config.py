@@ -448,6 +448,34 @@ def _run_name_resolver(value: Any, setting: str = "experiment") -> str:
         return "_rejected_name"
 
 
+def _schema_stop(root, parts: list[str]) -> tuple[str, int, Any] | None:
+    """Where the settings schema ``root`` stops the dotted key ``parts``: ``("list", i,
+    node)`` where part ``i`` names an entry of a list by something other than an index,
+    ``("missing", i, node)`` where a section of settings (a dataclass) has no part ``i``;
+    None where the key reaches a setting, a value, a free mapping or a free list. An entry
+    of a list of settings (``data.smear_sources.0``) is walked by its schema. The one walk
+    of :func:`unknown_addition` and :func:`list_index_slip`."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    node = root
+    for i, part in enumerate(parts):
+        if isinstance(node, ListConfig):
+            if not part.isdigit():
+                return ("list", i, node)
+            kind = node._metadata.element_type
+            node = OmegaConf.structured(kind) if dataclasses.is_dataclass(kind) else None
+            continue
+        if not isinstance(node, DictConfig):
+            return None  # a value, or a free list: not ours to check
+        if part in node:
+            node = node[part]
+            continue
+        if dataclasses.is_dataclass(OmegaConf.get_type(node)):
+            return ("missing", i, node)
+        return None  # a free mapping: a new key is what '+' is for
+    return None
+
+
 def unknown_addition(argv: list[str]) -> str | None:
     """The message for a ``+key=value`` / ``++key=value`` that adds a key no setting has,
     else None.
@@ -463,7 +491,7 @@ def unknown_addition(argv: list[str]) -> str | None:
     import difflib
     from pathlib import Path
 
-    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf import OmegaConf
 
     groups = sorted(p.name for p in (Path(__file__).parent / "conf").iterdir() if p.is_dir())
     root = None
@@ -485,27 +513,44 @@ def unknown_addition(argv: list[str]) -> str | None:
                 f"{arg}: {key!r} is neither a setting nor a config group; {hint}('+' adds a "
                 f"key that no stage reads; config groups: {', '.join(groups)})"
             )
-        node = root
-        for i, part in enumerate(parts):
-            if isinstance(node, ListConfig) and part.isdigit():
-                # an entry of a list of settings (data.smear_sources.0): its schema
-                kind = node._metadata.element_type
-                node = OmegaConf.structured(kind) if dataclasses.is_dataclass(kind) else None
-                continue
-            if not isinstance(node, DictConfig):
-                break  # a value, or a free list: not ours to check
-            if part in node:
-                node = node[part]
-                continue
-            if dataclasses.is_dataclass(OmegaConf.get_type(node)):
-                section = ".".join(parts[:i])
-                near = difflib.get_close_matches(part, [str(k) for k in node], n=3)
-                hint = f"did you mean {', '.join(f'{section}.{k}' for k in near)}? " if near else ""
-                return (
-                    f"{arg}: {section} has no setting {part!r}; {hint}('+' adds a key "
-                    f"that no stage reads; the settings are in pipeline/config*.py)"
-                )
-            break  # a free mapping: a new key is what '+' is for
+        stop = _schema_stop(root, parts)
+        if stop is not None and stop[0] == "missing":
+            _, i, node = stop
+            section, part = ".".join(parts[:i]), parts[i]
+            near = difflib.get_close_matches(part, [str(k) for k in node], n=3)
+            hint = f"did you mean {', '.join(f'{section}.{k}' for k in near)}? " if near else ""
+            return (
+                f"{arg}: {section} has no setting {part!r}; {hint}('+' adds a key "
+                f"that no stage reads; the settings are in pipeline/config*.py)"
+            )
+    return None
+
+
+def list_index_slip(argv: list[str]) -> str | None:
+    """The message for an override that indexes a list setting by a name
+    (``vae.maturation_classes.foo=1``: OmegaConf's update fails on it as a bare int()
+    ValueError), else None.
+
+    >>> list_index_slip(["vae.maturation_classes.foo=1"]).split(";")[0]
+    'vae.maturation_classes.foo=1: vae.maturation_classes is a list'
+    >>> list_index_slip(["vae.maturation_classes.0=band", "vae.beta=4"]) is None
+    True
+    """
+    from omegaconf import OmegaConf
+
+    root = OmegaConf.structured(Config)
+    for arg in argv:
+        key, sep, _ = arg.lstrip("+~").partition("=")
+        if not sep or key.startswith("hydra."):
+            continue
+        parts = key.split(".")
+        stop = _schema_stop(root, parts)
+        if stop is not None and stop[0] == "list":
+            name, part = ".".join(parts[: stop[1]]), parts[stop[1]]
+            return (
+                f"{arg}: {name} is a list; give the whole list ({name}=[a,b]) or "
+                f"an entry by its index ({name}.0=a), not by a name ({part!r})"
+            )
     return None
 
 
