@@ -514,6 +514,9 @@ def run_embed(ctx: StageContext) -> None:
                     for k, v in study.atypical_thresholds().items()
                 },
             },
+            # how each image input's cells were cut (detector mask / whole square): a
+            # reader comparing two embeds sees whether their crops were cut alike
+            "crop_masks": {"setting": str(cfg.embed.crop_masks), **cuts},
             "samples": int(len(prof)),
             "rejects": len(rejects),
             "cells_from_images_the_study_trained_on": seen["images"],

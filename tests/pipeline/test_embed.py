@@ -227,7 +227,10 @@ def test_crops_and_expression_with_samples(study: Path):
     assert rej["input"].str.startswith("embed.").all(), rej["input"].tolist()
     import json
 
-    genes = json.loads((d / "summary.json").read_text())["genes"]
+    summary = json.loads((d / "summary.json").read_text())
+    # the cut each image input's cells got is written beside the setting that chose it
+    assert summary["crop_masks"] == {"setting": "whole", "crops": "whole"}
+    genes = summary["genes"]
     rep = next(v for k, v in genes.items() if k.startswith("embed.expression"))
     assert sorted(rep["missing"]) == sorted(e.var_names[::-1][:2]) and rep["n_extra_ignored"] == 1
     # the imputed values of the two missing genes: expression rows only
