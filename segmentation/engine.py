@@ -239,7 +239,10 @@ class EvalResult:
     by a detection with score >= ``score_threshold``; ``precision`` the
     fraction of those detections that match a cell. ``mean_mask_iou``: mean
     over ground-truth cells that have a real mask of the best mask IoU with a
-    detection above the threshold (0 when missed). Mask AP is ``None`` when
+    detection above the threshold (0 when missed); ``None`` when no cell has one.
+    Cells ignored as cut by the image edge (``ignore_edge_px``) and the detections
+    lying on them count in none of these. AP is -1 when no ground-truth cell
+    counts and 0 when there are cells but no detection. Mask AP is ``None`` when
     the ground truth has no real masks (box-only data).
     """
 
@@ -320,6 +323,11 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _coco_stats(gt: COCO, dets: list[dict[str, Any]], iou_type: str) -> tuple[float, float, float]:
+    """pycocotools AP, AP50, AP75: -1 (undefined) when no ground truth counts (none, or
+    every box an ignore region), as pycocotools itself says; 0 when there is ground truth
+    but no detection (every cell missed; ``loadRes`` cannot take an empty list)."""
+    if not any(not a.get("iscrowd", 0) for a in gt.dataset["annotations"]):
+        return -1.0, -1.0, -1.0
     if not dets:
         return 0.0, 0.0, 0.0
     with contextlib.redirect_stdout(io.StringIO()):
@@ -397,14 +405,21 @@ def evaluate(
         iou = box_iou(gboxes, dboxes)
         if len(cut) and len(dboxes):  # a detection of an ignored (cut) cell counts neither way
             hit = iou.max(axis=0) >= 0.5 if iou.size else np.zeros(len(dboxes), bool)
-            dboxes = dboxes[hit | (_inside_fraction(dboxes, cut) < 0.5)]
+            counted = hit | (_inside_fraction(dboxes, cut) < 0.5)
+            dboxes, dmasks = dboxes[counted], dmasks[counted]
             iou = box_iou(gboxes, dboxes)
         n_gt += len(gboxes)
         n_det_thr += len(dboxes)
         if iou.size:
             n_hit += int((iou.max(axis=1) >= 0.5).sum())
             n_det_ok += int((iou.max(axis=0) >= 0.5).sum())
-        masked = [i for i, a in enumerate(rec.wbcs) if a.mask is not None]
+        # the cells recall counts (an ignored cut cell is left out) that have a real mask;
+        # anns[i] is rec.wbcs[i] (to_coco keeps their order)
+        masked = [
+            i
+            for i, a in enumerate(rec.wbcs)
+            if a.mask is not None and not anns[i].get("iscrowd", 0)
+        ]
         if masked:
             for i in masked:
                 g = mask_utils.decode(anns[i]["segmentation"]).astype(bool)

@@ -428,3 +428,54 @@ def test_training_on_cell_type_classes_needs_wbc_classes(tmp_path):
     # no 'split' field in the file: val_fraction (0.2) of the 4 images held out
     assert len(train) == 3 and len(val["lab"]) == 1
     assert {a.category for r in train for a in r.instances} == {"wbc"}
+
+
+def _masked_record(boxes, size=100):
+    """One ``size`` x ``size`` image whose white cells fill their boxes (real masks)."""
+    from pathlib import Path
+
+    from segmentation.datasets import ImageRecord, Instance, SmearDataset, encode_mask
+
+    inst = []
+    for x0, y0, x1, y1 in boxes:
+        m = np.zeros((size, size), bool)
+        m[int(y0) : int(y1), int(x0) : int(x1)] = True
+        inst.append(Instance((x0, y0, x1, y1), mask=encode_mask(m)))
+    rec = ImageRecord(Path("x.png"), size, size, instances=inst)
+    return DetectionDataset(SmearDataset([rec]).renumber().images)
+
+
+def _preds(boxes, size=100, score=0.9):
+    b = np.array(boxes, np.float32).reshape(-1, 4)
+    masks = np.zeros((len(b), size, size), bool)
+    for k, (x0, y0, x1, y1) in enumerate(b.astype(int)):
+        masks[k, y0:y1, x0:x1] = True
+    return [{"boxes": b, "scores": np.full(len(b), score, np.float32), "masks": masks}]
+
+
+def test_mask_iou_skips_ignored_edge_cells_and_ap_is_undefined_without_ground_truth():
+    """A cell cut by the edge and ignored (ignore_edge_px) is left out of mean_mask_iou as
+    it is of recall; with no ground truth left, AP is -1 (undefined), not 0."""
+    corner = (0.0, 0.0, 20.0, 20.0)
+    dset = _masked_record([corner])
+    cpu = torch.device("cpu")
+    r = evaluate(None, dset, cpu, 0.5, predictions=_preds([]), ignore_edge_px=5)
+    assert r.n_gt == 0 and r.recall is None
+    assert r.mean_mask_iou is None and r.n_gt_with_mask == 0
+    assert (r.box_ap, r.box_ap50, r.box_ap75) == (-1.0, -1.0, -1.0)
+    assert (r.mask_ap, r.mask_ap50, r.mask_ap75) == (-1.0, -1.0, -1.0)
+    # the same cell counted (no ignore_edge_px) and missed: a real 0
+    r = evaluate(None, dset, cpu, 0.5, predictions=_preds([]))
+    assert r.n_gt == 1 and r.recall == 0.0 and r.mean_mask_iou == 0.0
+    assert (r.box_ap, r.mask_ap) == (0.0, 0.0)
+
+
+def test_mask_iou_uses_the_detections_left_after_ignored_ones():
+    """A detection lying on an ignored (cut) cell counts for no cell's mask IoU either:
+    the mask IoU is scored against the same detections as recall and precision."""
+    whole, cut = (30.0, 30.0, 60.0, 60.0), (0.0, 30.0, 36.0, 60.0)
+    dset = _masked_record([whole, cut])
+    # a detection of the cut cell, which also overlaps the whole cell (box IoU < 0.5)
+    r = evaluate(None, dset, torch.device("cpu"), 0.5, predictions=_preds([cut]), ignore_edge_px=2)
+    assert r.n_gt == 1 and r.n_det == 0 and r.recall == 0.0
+    assert r.n_gt_with_mask == 1 and r.mean_mask_iou == 0.0
