@@ -405,6 +405,66 @@ def _source_candidates(src: Any, model_path: Path) -> list[Path]:
     return [*out, p]
 
 
+def _traverse_analysis(root: Path | None, variant: str, default: Any) -> Any:
+    """The ``analysis`` settings :meth:`Study.load` reads the study with: those of the
+    study's finished ``stage=traverse`` run, else ``default`` (the checkpoint's).
+
+    The first ``manifest.json`` found, of ``<root>/traverse/<variant>`` then
+    ``<root>/traverse`` (as :func:`pipeline.runner.resolve_input` looks for a stage's
+    output), decides. One that cannot be read, is no record of a run, or whose
+    ``status`` is not ``complete`` (``running``: being written now; ``failed``) is not
+    used: a warning names it and ``default`` is returned (the traverse run is optional;
+    its settings are not used unless it finished).
+    """
+    if root is None:
+        return default
+    tdirs = [root / "traverse" / variant, root / "traverse"] if variant else [root / "traverse"]
+    for tdir in tdirs:
+        man = tdir / "manifest.json"
+        try:
+            if not man.is_file():
+                continue
+            rec = json.loads(man.read_text())
+        except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
+            log.warning(
+                "%s: cannot be read (%s); the study's analysis settings are its "
+                "checkpoint's, not this traverse run's",
+                man,
+                e,
+            )
+            return default
+        if not isinstance(rec, dict):
+            log.warning(
+                "%s: holds %s, not a run's record; the study's analysis settings are its "
+                "checkpoint's",
+                man,
+                type(rec).__name__,
+            )
+            return default
+        if rec.get("status") != "complete":
+            log.warning(
+                "%s: the traverse run is not complete (status %r); the study's analysis "
+                "settings are its checkpoint's, not this run's (rerun stage=traverse)",
+                man,
+                rec.get("status"),
+            )
+            return default
+        config = rec.get("config")
+        analysis = config.get("analysis") if isinstance(config, dict) else None
+        if analysis is None:  # no settings recorded (config or analysis null or absent)
+            return default
+        if not isinstance(analysis, dict):
+            log.warning(
+                "%s: config.analysis is %s, not a mapping; the study's analysis settings "
+                "are its checkpoint's",
+                man,
+                type(analysis).__name__,
+            )
+            return default
+        return analysis
+    return default
+
+
 class Study:
     """A trained study: model, reference latent and (optionally) the detector.
 
@@ -749,6 +809,11 @@ class Study:
         min_confidence, atypical_quantile : which cells :meth:`embed` leaves
             ``unclassified`` in ``vae_call`` (the properties of the same names)
 
+        The ``analysis`` settings (label key, maturation path, kNN) are those of the
+        study's ``stage=traverse`` run where it completed, else the checkpoint's; a
+        traverse record that cannot be read or did not complete is warned of and not
+        used.
+
         Raises
         ------
         StudyError
@@ -815,13 +880,8 @@ class Study:
 
             seg = SHIPPED_DETECTOR if SHIPPED_DETECTOR.is_file() else None
         config = dict(ck.get("config") or {})
-        analysis = config.get("analysis")
-        # the path of stage=traverse: its analysis settings when it ran
-        for tdir in [root / "traverse" / variant, root / "traverse"] if root else []:
-            man = tdir / "manifest.json"
-            if man.exists():
-                analysis = json.loads(man.read_text()).get("config", {}).get("analysis", analysis)
-                break
+        # the path of stage=traverse: its analysis settings when it ran (and finished)
+        analysis = _traverse_analysis(root, variant, config.get("analysis"))
         study = cls(
             net,
             meta,

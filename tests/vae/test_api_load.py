@@ -1,0 +1,107 @@
+"""vae.api.Study.load on a tiny study: which stage=traverse record it takes its analysis
+settings from."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, toy_study) -> Path:
+    """The experiment folder of a trained tiny study (``train/{model.pt,latent.h5ad}``)."""
+    return toy_study(tmp_path_factory.mktemp("study")) / "out" / "s"
+
+
+def _traverse_record(exp: Path, text: str, variant: str = "") -> Path:
+    d = exp / "traverse" / variant if variant else exp / "traverse"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "manifest.json").write_text(text)
+    return d / "manifest.json"
+
+
+def _record(status: str, label_key: str = "traverse_key") -> str:
+    return json.dumps(
+        {"stage": "traverse", "status": status, "config": {"analysis": {"label_key": label_key}}}
+    )
+
+
+def test_a_complete_traverse_run_gives_the_analysis_settings(study: Path, tmp_path, caplog):
+    import shutil
+
+    from vae.api import Study
+
+    exp = tmp_path / "exp"
+    shutil.copytree(study / "train", exp / "train")
+    own = Study.load(exp).label_key  # no traverse run: the checkpoint's settings
+    assert own != "traverse_key"
+    _traverse_record(exp, _record("complete"))
+    with caplog.at_level(logging.WARNING, logger="vae.api"):
+        assert Study.load(exp).label_key == "traverse_key"
+    assert not [r for r in caplog.records if "traverse" in r.getMessage()]
+    # a record without its settings ("config": null): the checkpoint's, no error
+    _traverse_record(exp, json.dumps({"stage": "traverse", "status": "complete", "config": None}))
+    assert Study.load(exp).label_key == own
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        ("{not json", "cannot be read"),
+        ("", "cannot be read"),
+        (_record("failed"), "not complete \\(status 'failed'\\)"),
+        (_record("running"), "not complete \\(status 'running'\\)"),
+        (
+            json.dumps({"stage": "traverse", "config": {"analysis": {"label_key": "x"}}}),
+            "not complete",
+        ),
+        ("[1, 2]", "not a run's record"),
+        (
+            json.dumps({"stage": "traverse", "status": "complete", "config": {"analysis": 3}}),
+            "not a mapping",
+        ),
+    ],
+)
+def test_a_corrupt_or_unfinished_traverse_record_is_named_and_not_used(
+    study: Path, tmp_path, caplog, text: str, said: str
+):
+    """A traverse run that failed, is still running or left a broken manifest.json: the
+    checkpoint's settings, and a warning naming the file (a bare JSONDecodeError or
+    AttributeError before; a failed run's settings used silently)."""
+    import re
+    import shutil
+
+    from vae.api import Study
+
+    exp = tmp_path / "exp"
+    shutil.copytree(study / "train", exp / "train")
+    own = Study.load(exp).label_key
+    man = _traverse_record(exp, text)
+    with caplog.at_level(logging.WARNING, logger="vae.api"):
+        got = Study.load(exp)
+    assert got.label_key == own
+    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith(str(man)) and re.search(said, m) for m in msgs), msgs
+
+
+def test_a_variants_own_traverse_record_decides(study: Path, tmp_path, caplog):
+    """With a variant, its own traverse/<variant> record is read first; an unfinished one
+    is not replaced by the main run's."""
+    import shutil
+
+    from vae.api import Study
+
+    exp = tmp_path / "exp"
+    shutil.copytree(study / "train", exp / "train" / "v1")
+    _traverse_record(exp, _record("complete", "main_key"))
+    assert Study.load(exp, variant="v1").label_key == "main_key"  # none of its own
+    _traverse_record(exp, _record("complete", "v1_key"), "v1")
+    assert Study.load(exp, variant="v1").label_key == "v1_key"
+    man = _traverse_record(exp, _record("failed", "v1_key"), "v1")
+    with caplog.at_level(logging.WARNING, logger="vae.api"):
+        got = Study.load(exp, variant="v1")
+    assert got.label_key not in ("v1_key", "main_key")
+    assert any(str(man) in r.getMessage() for r in caplog.records)
