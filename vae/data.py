@@ -803,6 +803,13 @@ def load_paired(path: str | Path, image_size: int | None = None) -> PairedTensor
     return from_anndata(blank_as_read(ad.read_h5ad(path)), str(path), image_size)
 
 
+def _no_group(g: object) -> bool:
+    """Whether a group value is missing: None, ``""``, NaN, ``pd.NA`` or ``NaT``."""
+    if g is None or (isinstance(g, str) and g == ""):
+        return True
+    return bool(pd.api.types.is_scalar(g) and pd.isna(g))
+
+
 def stratified_split(
     labels: np.ndarray,
     val_fraction: float,
@@ -818,8 +825,8 @@ def stratified_split(
     A unit is a row, or with ``groups`` every row of one group (a specimen: all of
     its rows land in one split, labelled by the group's most common label), so two
     views of the same cell never sit on both sides of a test. Rows whose group is
-    empty (``""`` or None) are their own group; with only such rows the result is
-    the same as without ``groups``.
+    empty (``""``, None, NaN, ``pd.NA``: an empty cell read by pandas) are their own
+    group; with only such rows the result is the same as without ``groups``.
 
     Parameters
     ----------
@@ -843,7 +850,7 @@ def stratified_split(
     if groups is None:
         unit = np.arange(n)
     else:
-        keys = [f"r:{i}" if g is None or g == "" else f"g:{g}" for i, g in enumerate(groups)]
+        keys = [f"r:{i}" if _no_group(g) else f"g:{g}" for i, g in enumerate(groups)]
         # units numbered in order of first appearance: singletons keep the row order
         unit = pd.factorize(pd.Index(keys))[0]
     n_units = int(unit.max()) + 1 if n else 0

@@ -492,6 +492,23 @@ def test_split_keeps_a_specimen_in_one_split():
     assert specimen_ids(["dir/cell_7.png"], "txl", r"BloodImage_\d+") == ["txl:cell_7"]
 
 
+@pytest.mark.parametrize("missing", [None, "", float("nan"), np.nan, pd.NA, pd.NaT])
+def test_split_rows_without_a_group_are_each_their_own(missing):
+    """A missing group (None, "", NaN, pd.NA: how a table read with pandas leaves an empty
+    cell) is no group: each such row is its own unit, not one shared group "nan"."""
+    labels = np.random.default_rng(1).integers(0, 3, 300)
+    groups = np.array([missing] * 300, dtype=object)
+    assert np.array_equal(
+        stratified_split(labels, 0.15, 0.15, 0, groups=groups),
+        stratified_split(labels, 0.15, 0.15, 0),
+    )
+    # mixed with real groups: the real ones still keep their rows together
+    groups[:100] = [f"s{i // 4}" for i in range(100)]
+    split = stratified_split(labels, 0.15, 0.15, 0, groups=groups)
+    assert pd.Series(split[:100]).groupby(groups[:100]).nunique().max() == 1
+    assert len(set(split[100:])) == 3  # the group-less rows spread over all three splits
+
+
 def test_train_split_by_names_a_missing_column():
     from pipeline.runner import StageError
     from pipeline.stages.train import split_groups
