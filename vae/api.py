@@ -953,6 +953,15 @@ class Study:
         paired data, the pair run's record (``manifest.json`` beside it: the kinds of
         its ``pair.crop_sources``) says it where every source is of one cut. Neither:
         ``kind`` None (studies of any age: nothing new is needed from the study).
+
+        Returns
+        -------
+        TrainingCrops
+            ``kind`` (``"masked"``, ``"whole"`` or None: not known, or a study without
+            crops), ``evidence`` (what it was read from, for the log) and
+            ``whole_share`` (float in [0, 1], the share of the paired rows' masks read
+            that are whole squares; None where read from the pair run's record). Read
+            once per study and cached.
         """
         if self._training_crops is not None:
             return self._training_crops
@@ -1031,6 +1040,24 @@ class Study:
         (an info line says which and why). Given another cut than the study's training
         crops, a warning names ``setting`` (default ``crop_masks``) and what follows:
         the cells look unlike the study's training crops and most come out atypical.
+
+        Parameters
+        ----------
+        kind : str
+            The input's kind: ``"crops"`` (a crop folder) or ``"smears"`` (whole smears
+            the detector segments); only the log's wording depends on it.
+        crop_masks : str or None, default ``"auto"``
+            ``"auto"`` (None reads the same), ``"detector"`` or ``"whole"``
+            (:data:`CROP_MASKS`).
+        setting : str, default ``""``
+            The setting's name as the user gave it, for the messages (``""``:
+            ``crop_masks``; ``stage=embed`` passes ``embed.crop_masks``).
+
+        Returns
+        -------
+        str
+            ``"detector"`` (each cell cut out with the detector's instance mask) or
+            ``"whole"`` (unmasked: a crop image whole, a smear's cell as its square box).
 
         Raises
         ------
@@ -1612,6 +1639,21 @@ class Study:
 
         Genes are matched by name: exactly, else ignoring case; order is irrelevant and
         extra genes are ignored.
+
+        Parameters
+        ----------
+        var_names : sequence of str, length n_input_genes
+            The input's gene names (e.g. ``adata.var_names``), expected unique (a
+            query's are made unique, ``NAME-1`` ..., before they are matched); of a
+            name repeated here the exact match takes its last column, the
+            case-insensitive match its first.
+
+        Returns
+        -------
+        numpy.ndarray
+            (n_model_genes,) int (``np.int_``), one entry per :attr:`gene_names` in
+            its order: the gene's column index into ``var_names``, or -1 where the
+            input lacks it.
         """
         names = [str(v) for v in var_names]
         pos = {g: i for i, g in enumerate(names)}
@@ -1853,6 +1895,21 @@ class Study:
         What a check of the model's genes against an input must count: a scanpy file
         with a few highly variable genes in ``X`` and every gene in ``.raw`` is embedded
         from ``.raw``. ``whole``: the file ``adata`` is a block of (as :meth:`embed`).
+
+        Parameters
+        ----------
+        adata : anndata.AnnData
+            The query (in memory, or a block of rows of a file).
+        whole : optional
+            Facts of the whole file ``adata`` is a block of (whether its ``X`` /
+            ``.raw.X`` hold counts), as :meth:`embed` passes them; None: read from
+            ``adata`` itself.
+
+        Returns
+        -------
+        pandas.Index
+            (n_vars,) str gene names: ``adata.raw.var_names`` where the counts are read
+            from ``.raw``, else ``adata.var_names``.
         """
         from vae.inputs.expression import InMemoryFacts
 
@@ -1959,6 +2016,20 @@ class Study:
 
         Decoded from the reference latent (``X_vae_full`` of rows with
         expression), so nothing but ``model.pt`` and ``latent.h5ad`` is needed.
+
+        Returns
+        -------
+        mean_log : numpy.ndarray
+            (G,) float32, G = ``len(gene_names)``: the mean over the reference cells
+            with expression (all cells where none is marked) of the decoded
+            expression, on the model's log1p-normalised scale (that of the training
+            data's ``X``, ``log1p(normalize_total(counts, expression.target_sum))``).
+        mean_prop : numpy.ndarray
+            (G,) float32, sums to 1: the mean share of a cell's counts each gene takes
+            (the decoder's NB/ZINB proportions; for a Gaussian model ``expm1`` of its
+            decoded log-expression, each cell normalised to sum 1).
+
+        Computed once per reference and cached (a new :attr:`reference` clears it).
         """
         import torch
 
@@ -1988,7 +2059,27 @@ class Study:
 
     # ------------------------------------------------------------- encoding
     def encode(self, data, batch_size: int = 256):
-        """:class:`vae.infer.Latents` of prepared tensors (see :meth:`prepare`)."""
+        """:class:`vae.infer.Latents` of prepared tensors (see :meth:`prepare`).
+
+        Parameters
+        ----------
+        data : vae.data.PairedTensors
+            The model's input tensors, ``self.prepare(adata)[0]``.
+        batch_size : int, default 256
+            Rows per forward pass (memory, not results).
+
+        Returns
+        -------
+        vae.infer.Latents
+            float32 numpy arrays (computed on :attr:`device`), one row per row of
+            ``data``: the posterior means ``joint``, ``image``, ``expression`` and the
+            joint log-variance ``joint_logvar``, each (n, n_latent) with n_latent =
+            n_shared + 2 * n_private (shared block first, then the image's and the
+            expression's private blocks); ``image`` / ``expression`` NaN on rows
+            without that modality. ``expression_from_image`` (n, G): log1p-normalised expression
+            decoded from the image mean, NaN on rows without an image. The image mean
+            is the average over ``model.args.encode_views`` symmetries of the crop.
+        """
         from vae.infer import encode_dataset
 
         return encode_dataset(self.model, data, self.device, batch_size)
@@ -2007,6 +2098,21 @@ class Study:
         modality : ``joint`` (every modality a row has), ``image`` or
             ``expression`` (that modality only; NaN rows where it is absent),
             ``full`` (all d dims of the joint mean, private blocks included)
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 posterior means, one row per cell (n): (n, n_shared) for ``joint``,
+            ``image`` and ``expression`` (the shared block, the space of the
+            reference's ``obsm["X_vae"]``); (n, n_latent) for ``full``, n_latent =
+            n_shared + 2 * n_private (shared, image-private, expression-private; as
+            ``obsm["X_vae_full"]``). ``image`` / ``expression``: rows NaN where the cell
+            lacks that modality.
+
+        Raises
+        ------
+        StudyError
+            ``modality`` not one of the four, or an input that does not fit (named).
         """
         adata = self._as_adata(data, kind)
         prepared, _ = self.prepare(adata, str(data) if isinstance(data, str | Path) else "query")
@@ -2102,7 +2208,24 @@ class Study:
         (``joint`` / ``image`` / ``expression``; ``both``, a ``vae_modality``, is read as
         ``joint``): the labels of the reference cells that vote for it, in the order of
         :attr:`labels`. In a study paired by label (the real chain) an image-only cell is
-        never called a class no crop has (Erythrocyte, GMP, ...)."""
+        never called a class no crop has (Erythrocyte, GMP, ...).
+
+        Parameters
+        ----------
+        modality : str, default ``"joint"``
+            ``"joint"``, ``"image"``, ``"expression"`` (:data:`LABEL_MODALITIES`) or
+            ``"both"`` (read as ``"joint"``).
+
+        Returns
+        -------
+        list of str
+            The callable class names, a subset of :attr:`labels` in its order.
+
+        Raises
+        ------
+        StudyError
+            ``modality`` not one of those.
+        """
         m = "joint" if modality == "both" else modality
         if m not in LABEL_MODALITIES:
             raise StudyError(f"modality={modality!r}; valid: {', '.join(LABEL_MODALITIES)}, both")
@@ -2294,7 +2417,19 @@ class Study:
         suffix ``_d000`` and folders dropped). A cell so marked is not new to the model,
         which trained on it (e.g. TXL-PBC val smears, which ``+preset=real`` segments
         into the study). Stems shorter than 6 characters (``001``) are never matched:
-        too many data sets reuse them."""
+        too many data sets reuse them.
+
+        Parameters
+        ----------
+        names : sequence of str, length n
+            Image file names or paths (folders and extension are dropped).
+
+        Returns
+        -------
+        numpy.ndarray
+            (n,) bool, True where the reference holds a crop of that file; all False
+            for a reference without ``obs["image_ref"]``.
+        """
         import re
 
         ref = self.reference.obs
@@ -2314,7 +2449,18 @@ class Study:
         its rows with expression; a latent without that column: their ``obs_names``). A
         cell so marked is not new to the model if it is that cell (an audit embedded 400
         of the study's own Paul15 cells as "new"). Matched by id only: 10x barcodes
-        repeat between runs, so a few matches among many cells can be chance."""
+        repeat between runs, so a few matches among many cells can be chance.
+
+        Parameters
+        ----------
+        ids : sequence, length n
+            Cell ids, compared as ``str`` exactly (case and all).
+
+        Returns
+        -------
+        numpy.ndarray
+            (n,) bool, True where the id is one of the reference's expression cells.
+        """
         obs = self.reference.obs
         rows = (
             _flag(obs, HAS_EXPRESSION, str(self.latent_path))
@@ -2338,7 +2484,20 @@ class Study:
         in ``image_ref``, the cell id in ``expression_ref``) is read by them, a row where
         they are empty and a query without them by ``obs["image"]`` (``cells.h5ad``, a
         folder read by :meth:`read`) and ``obs_names`` (an expression file). An
-        ``image_ref`` equal to one of the reference's counts whatever its stem's length."""
+        ``image_ref`` equal to one of the reference's counts whatever its stem's length.
+
+        Parameters
+        ----------
+        q : anndata.AnnData or pandas.DataFrame
+            The query, or its ``obs`` (n rows). Its ``vae_modality`` column, where
+            present, limits each side to the cells with that modality (``image`` /
+            ``expression`` / ``both``); without it every row is read for both.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            ``{"images": (n,) bool, "expression": (n,) bool}``, in the rows' order.
+        """
         obs = getattr(q, "obs", q)
         mod = (
             obs["vae_modality"].astype(str).to_numpy()

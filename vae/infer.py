@@ -102,7 +102,33 @@ def _encoded_batches(
 
 def encode_batch(model: TwoBranchVAE, b: Batch, views: int = 1) -> Posteriors:
     """The posteriors of one :class:`vae.data.Batch`: every modality it holds, the
-    cells' sizes included (read by a model with a size head)."""
+    cells' sizes included (read by a model with a size head).
+
+    Parameters
+    ----------
+    model : TwoBranchVAE
+        Used as it is: its train/eval mode is not changed and gradients are recorded
+        unless the caller turns them off (:func:`encode_dataset` does both).
+    b : vae.data.Batch
+        On the model's device (:func:`vae.data.to_batch`): ``image`` (B, 3, S, S)
+        float in [0, 1] and ``mask`` (B, 1, S, S) {0, 1}, or both None; ``x`` (B, G)
+        log1p-normalised expression; ``log_library`` (B,) log total counts;
+        ``has_image`` / ``has_expression`` (B,) bool; ``diameter`` (B,) px or None.
+    views : int, default 1
+        1: the image expert of each crop as given; 8: its mean over the square's 8
+        symmetries (:func:`vae.model.dihedral_mean`).
+
+    Returns
+    -------
+    vae.model.Posteriors
+        ``joint``, ``image``, ``expression``: each a ``(mu, logvar)`` pair of (B, d)
+        tensors on ``b``'s device, d = ``model.n_latent`` = n_shared + 2 * n_private;
+        ``image`` None when ``b.image`` is None, ``expression`` None for a model
+        without genes. The unimodal posteriors are not NaN-masked (rows without an
+        image hold N(0, 1) placeholders, rows without expression the expert's reading
+        of their zero ``x``): read them with ``has_image`` / ``has_expression``.
+        ``joint``'s private blocks are 0 (the prior) where the modality is absent.
+    """
     return model.encode(
         b.image,
         b.x,
@@ -137,6 +163,37 @@ def encode_dataset(
     :func:`vae.model.dihedral_mean`). Reconstructions (``decode=True``) are always
     decoded from the single-view posterior: the averaged code has no pose, so it
     decodes a cell in no particular orientation, not the input's.
+
+    Parameters
+    ----------
+    model : TwoBranchVAE
+        Put in eval mode while encoding, its previous mode restored after.
+    data : vae.data.PairedTensors
+        The rows: ``crops`` (N, 3, S, S) uint8, ``masks`` (N, 1, S, S), ``x`` (N, G)
+        float32 log1p-normalised expression, ``has_image`` / ``has_expression`` (N,)
+        bool.
+    device : torch.device or str, default ``"cpu"``
+        Where the batches are encoded (the model must already be there).
+    batch_size : int, default 256
+        Rows per forward pass (memory, not results).
+    rows : (n,) int array, optional
+        Row indices into ``data``, in the order returned; default all N rows.
+    decode : bool, default False
+        Also fill ``Latents.decoded`` (:class:`Decoded`).
+    views : int, optional
+        1 or 8, see above; default ``model.args.encode_views`` (1 where unset).
+
+    Returns
+    -------
+    Latents
+        float32 numpy arrays, one row per entry of ``rows`` (n): ``joint``,
+        ``image``, ``expression`` posterior means and ``joint_logvar``, each (n, d),
+        d = ``model.n_latent`` = n_shared + 2 * n_private (``[shared | image private
+        | expression private]``); ``image`` NaN on rows without an image,
+        ``expression`` NaN on rows without expression (every row for a model without
+        genes); ``joint`` and ``joint_logvar`` are never masked.
+        ``expression_from_image`` (n, G) log1p-normalised expression decoded from the
+        image mean, NaN on rows without an image. ``decoded``: None unless ``decode``.
     """
     rows = np.arange(data.n) if rows is None else np.asarray(rows)
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("j", "lv", "i", "e")}
