@@ -189,8 +189,9 @@ def _data_layout(inputs: dict) -> Any:
         from segmentation.io import blank_as_read
         from vae.inputs.schema import HAS_COUNTS
 
-        a = blank_as_read(ad.read_h5ad(p, backed="r"))
+        a = ad.read_h5ad(p, backed="r")
         try:
+            blank_as_read(a)
             counts = "counts" in a.layers and bool(a.uns.get(HAS_COUNTS, True))
             return data_layout(a.obs, a.n_vars, counts, str(p))
         finally:

@@ -28,7 +28,7 @@ from pipeline.train_args import (
     resolve_align,
     unknown_label_code,
 )
-from segmentation.io import blank_as_read, write_h5ad
+from segmentation.io import blank_as_read, error_line, write_h5ad
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +212,19 @@ def _reused_split(setting: str, obs, groups, fresh) -> np.ndarray:
     from vae.data import PairedDataError, match_split
 
     path = _split_source(setting)
-    ref_table = ad.read_h5ad(path, backed="r")
-    ref = blank_as_read(ref_table.obs.copy())
-    ref_table.file.close()
+    try:
+        ref_table = ad.read_h5ad(path, backed="r")
+    except Exception as e:  # noqa: BLE001 - the user's file: OSError (not HDF5, truncated),
+        # KeyError (HDF5 without AnnData's groups), anndata's IORegistryError (an encoding
+        # it does not know)...: whichever, one line naming the setting and the file
+        raise StageError(
+            f"trainer.split_from={setting}: {path} is not a readable .h5ad file (truncated, "
+            f"or not the latent.h5ad of a stage=train run): {error_line(e)}"
+        ) from None
+    try:
+        ref = blank_as_read(ref_table.obs.copy())
+    finally:
+        ref_table.file.close()
     try:
         split = match_split(obs, ref, "paired table", str(path))
     except KeyError as e:

@@ -303,6 +303,29 @@ def test_auto_settings_compare_by_their_resolved_value():
     assert resolved_setting("vae.dropout", None, None) is None  # nothing to resolve on
 
 
+def test_data_layout_closes_the_paired_file_when_reading_it_fails(tmp_path: Path, monkeypatch):
+    """_data_layout (the resume check's view of paired.h5ad) gives None on a file it cannot
+    read and closes it: the handle was left open when blank_as_read raised."""
+    from pipeline.guards import _data_layout
+
+    p = tmp_path / "paired.h5ad"
+    ad.AnnData(obs=pd.DataFrame({"has_image": [True]}, index=["a"])).write_h5ad(p)
+    opened = []
+    read = ad.read_h5ad
+
+    def read_h5ad(*args, **kwargs):
+        opened.append(read(*args, **kwargs))
+        return opened[-1]
+
+    def fails(_):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("anndata.read_h5ad", read_h5ad)
+    monkeypatch.setattr("segmentation.io.blank_as_read", fails)
+    assert _data_layout({"paired": p}) is None
+    assert len(opened) == 1 and not opened[0].file.is_open
+
+
 def test_traverse_does_not_warn_of_maturation_classes_that_order_the_same_axis(tmp_path: Path):
     """A model trained with vae.maturation_classes=[promyelocyte,...] on labels spelled
     Promyelocytes...: a traverse run that does not repeat the list (its default, the six

@@ -376,6 +376,65 @@ def test_stage_train_reuses_another_runs_split(paired: Path):
         _run_here(paired / "b", "experiment=c", f"trainer.split_from={paired / 'nowhere'}")
 
 
+def test_split_from_a_file_that_is_not_h5ad_is_one_clear_error(paired: Path):
+    """trainer.split_from naming a file that is not an .h5ad (a text file, a truncated
+    latent.h5ad) is one error line naming the setting and the file, not h5py's traceback."""
+    bad = paired / "latent.h5ad"
+    bad.write_text("not an h5ad\n")
+    p = run_pipeline(
+        [
+            "stage=train",
+            f"paths.root={paired / 'out'}",
+            f"paths.inputs.paired={paired / 'paired.h5ad'}",
+            *TINY,
+            "experiment=s",
+            "trainer.max_epochs=1",
+            f"trainer.split_from={bad}",
+        ]
+    )
+    assert p.returncode == 2, p.stderr[-3000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert f"trainer.split_from={bad}" in errors[0] and "not a readable .h5ad" in errors[0]
+    # a truncated file, an HDF5 file that is not AnnData: the same error (in this process)
+    import h5py
+
+    from pipeline.runner import StageError
+    from pipeline.stages.train import _reused_split
+
+    whole = (paired / "paired.h5ad").read_bytes()
+    (paired / "cut.h5ad").write_bytes(whole[: len(whole) // 2])
+    with h5py.File(paired / "plain.h5", "w") as f:
+        f["x"] = np.ones(3)
+    obs = ad.read_h5ad(paired / "paired.h5ad").obs
+    for f in ("cut.h5ad", "plain.h5"):
+        with pytest.raises(StageError, match=r"trainer.split_from=.*not a readable \.h5ad"):
+            _reused_split(str(paired / f), obs, None, None)
+
+
+def test_split_from_closes_its_file_when_reading_it_fails(paired: Path, monkeypatch):
+    """The latent.h5ad that trainer.split_from names is closed even when reading its obs
+    fails (the handle was left open then)."""
+    import pipeline.stages.train as T
+
+    opened = []
+    read = ad.read_h5ad
+
+    def read_h5ad(*args, **kwargs):
+        opened.append(read(*args, **kwargs))
+        return opened[-1]
+
+    def fails(_):
+        raise RuntimeError("boom")
+
+    obs = ad.read_h5ad(paired / "paired.h5ad").obs
+    monkeypatch.setattr("anndata.read_h5ad", read_h5ad)
+    monkeypatch.setattr(T, "blank_as_read", fails)
+    with pytest.raises(RuntimeError, match="boom"):
+        T._reused_split(str(paired / "paired.h5ad"), obs, None, None)
+    assert len(opened) == 1 and not opened[0].file.is_open
+
+
 def test_split_csv_quotes_cell_names_that_start_a_formula(paired: Path):
     """split.csv names each cell (the names come from the user's files) and was written
     as is: a cell named ``=HYPERLINK(...)`` ran as a formula in a spreadsheet. Now a name
