@@ -1072,7 +1072,16 @@ def evaluate_loss(
 
     Returns the term means and the per-dim KL (d,) of the fused posterior.
     ``should_stop`` as in :func:`train` (asked before every batch).
+
+    Raises
+    ------
+    ValueError
+        ``rows`` is empty: no loss to score (:func:`train` validates on the training
+        rows when there are no validation rows). ``rows`` is the same on every rank, so
+        every rank raises, before the all-reduce.
     """
+    if len(rows) == 0:
+        raise ValueError("no rows to evaluate: evaluate_loss needs at least one row")
     was = model.training
     model.eval()
     # rows without a crop cost little memory: large batches save the per-batch
@@ -1118,8 +1127,7 @@ def evaluate_loss(
         n += bsz
     if was:
         model.train()
-    if sums is None:
-        return {"total": math.nan}, np.zeros(n_shared)
+    assert sums is not None and kl_sum is not None  # rows is not empty: every rank ran a batch
     both = torch.cat([sums, kl_sum]).to(dist.device)
     dist.all_reduce_sum(both)
     both = both.cpu()

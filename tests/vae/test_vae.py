@@ -598,3 +598,19 @@ def test_averaged_weights_reach_model_pt_and_leave_training_alone(tmp_path):
             tmp_path / "plain",
             resume_from=tmp_path / "plain" / "last.pt",
         )
+
+
+def test_evaluate_loss_with_no_rows_is_a_clear_error():
+    """No rows to score: a ValueError saying so, not {"total": nan} (the caller reads every
+    term, and under DDP that rank would skip the all-reduce the others wait in)."""
+    from tests.helpers.vae_toy import tiny_model
+    from vae.train import evaluate_loss
+
+    data = from_anndata(make_paired(13), image_size=16)
+    model = tiny_model()
+    model.train()
+    with pytest.raises(ValueError, match="no rows to evaluate"):
+        evaluate_loss(
+            model, data, np.array([], dtype=np.int64), TrainArgs(), CPU, KLSchedule(beta=1.0), 4
+        )
+    assert model.training  # left as it was
