@@ -46,7 +46,13 @@ def split_groups(obs, column: str | None, src) -> np.ndarray | None:
         if column == "specimen":
             return None
         raise StageError(f"{src}: trainer.split_by={column!r} but obs has no such column")
-    return obs[column].astype(str).replace({"nan": "", "None": ""}).to_numpy(dtype=object)
+    col = obs[column]
+    # a missing value of any dtype ("" = a row of its own): a nullable string column's
+    # pd.NA read as the text "<NA>" and put every specimen-less row into one group;
+    # "nan" / "None" are the texts a missing value became in a table written as strings
+    out = col.astype(str).replace({"nan": "", "None": "", "<NA>": ""}).to_numpy(dtype=object)
+    out[col.isna().to_numpy()] = ""
+    return out
 
 
 def warn_empty_test(

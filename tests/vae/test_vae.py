@@ -519,6 +519,14 @@ def test_train_split_by_names_a_missing_column():
     assert split_groups(obs, None, "p.h5ad") is None
     with pytest.raises(StageError, match="trainer.split_by='patient'"):
         split_groups(obs, "patient", "p.h5ad")
+    # a missing value of any dtype is a row of its own, never one group named "<NA>"
+    for col in (
+        pd.array(["a", pd.NA, None], dtype="string"),
+        pd.Categorical(["a", None, None]),
+        ["a", np.nan, None],
+    ):
+        got = split_groups(pd.DataFrame({"specimen": col}), "specimen", "p.h5ad")
+        assert got.tolist() == ["a", "", ""], col
 
 
 def test_averaged_weights_reach_model_pt_and_leave_training_alone(tmp_path):
