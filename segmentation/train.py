@@ -99,9 +99,14 @@ def epoch_line(epoch: int, n_epochs: int, stats: Any, val: dict[str, dict[str, A
 
 
 def metrics_text(s: dict[str, Any]) -> str:
-    """``box AP 0.512, mask AP 0.430, recall 0.900`` from a :func:`summary` (None: left out)."""
+    """``box AP 0.512, mask AP 0.430, recall 0.900`` from a :func:`summary` (None: left out;
+    an AP of -1, pycocotools' "no ground-truth cell to score", reads ``undefined``)."""
     names = {"box_ap": "box AP", "mask_ap": "mask AP", "recall": "recall"}
-    return ", ".join(f"{nm} {s[k]:.3f}" for k, nm in names.items() if s.get(k) is not None)
+    return ", ".join(
+        f"{nm} undefined" if s[k] < 0 else f"{nm} {s[k]:.3f}"
+        for k, nm in names.items()
+        if s.get(k) is not None
+    )
 
 
 def warn_if_blind(name: str, recall: float) -> bool:

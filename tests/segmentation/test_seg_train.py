@@ -479,3 +479,12 @@ def test_mask_iou_uses_the_detections_left_after_ignored_ones():
     r = evaluate(None, dset, torch.device("cpu"), 0.5, predictions=_preds([cut]), ignore_edge_px=2)
     assert r.n_gt == 1 and r.n_det == 0 and r.recall == 0.0
     assert r.n_gt_with_mask == 1 and r.mean_mask_iou == 0.0
+
+
+def test_metrics_text_says_undefined_for_an_ap_with_nothing_to_score():
+    """pycocotools' AP of -1 (no ground-truth cell scored) is not printed as a score."""
+    from segmentation.train import metrics_text
+
+    s = {"box_ap": -1.0, "mask_ap": None, "recall": 0.5}
+    assert metrics_text(s) == "box AP undefined, recall 0.500"
+    assert metrics_text({"box_ap": 0.25}) == "box AP 0.250"
