@@ -695,6 +695,9 @@ def segment(ctx: StageContext) -> None:
         mask_dir=parts / "masks",
     )
     if ctx.dist.distributed:
+        # through files, not dist.gather_object: a rank's part holds its crops and masks
+        # (100s of MB for a slide folder), which NCCL would stage through GPU memory and
+        # gather_object pickles into one tensor per rank in memory at once
         with open(parts / f"rank{ctx.dist.rank}.pkl", "wb") as f:
             pickle.dump(part, f)
         ctx.dist.barrier()
