@@ -25,7 +25,14 @@ ALIGNS = ("none", "clip", "class")
 
 @dataclass
 class LossWeights:
-    """Weights of the loss terms (plain values, from ``vae.*`` in the config)."""
+    """Weights of the loss terms (plain values, from ``vae.*`` in the config).
+
+    The defaults here are the plain two-branch β-VAE (every extra layer and the alignment
+    off), not what ``stage=train`` uses: the pipeline's defaults are owned by
+    ``pipeline/conf`` (``VAEConfig``) and reach this class through
+    ``pipeline.train_args.build_train_args``; a Python caller who wants the pipeline's
+    model builds its weights from a config there, not from ``LossWeights()``.
+    """
 
     image: float = 1.0
     mask: float = 1.0

@@ -60,7 +60,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainArgs:
-    """Optimisation settings (see TrainerConfig / VAEConfig in pipeline/config_vae.py)."""
+    """Optimisation settings (see TrainerConfig / VAEConfig in pipeline/config_vae.py).
+
+    The defaults are a short library run, not ``stage=train``'s: the pipeline's own
+    (``trainer.max_epochs``, ``trainer.early_stopping_patience``, ...) are owned by
+    ``pipeline/conf`` and reach this class through
+    ``pipeline.train_args.build_train_args``.
+    """
 
     max_epochs: int = 30
     batch_size: int = 64
