@@ -139,7 +139,10 @@ def main() -> None:
     expected = None
     if a.simulator_seed is not None:
         expected = noise_free(a.run, a.paired, a.simulator_seed)
-    rep = targets_for_run(a.run, a.paired, expected)
+    try:
+        rep = targets_for_run(a.run, a.paired, expected)
+    except ValueError as e:  # a run folder without a readable manifest: one line
+        raise SystemExit(f"error: {e}") from None
     out = a.out or a.run / "targets.json"
     out.write_text(json.dumps(rep.to_dict(), indent=2, default=float) + "\n")
     print(f"{'target':48s} {'value':>8s} {'goal':>6s}  pass")

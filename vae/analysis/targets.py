@@ -173,10 +173,17 @@ def targets_for_run(
     from vae.data import from_anndata
 
     train_dir = Path(train_dir)
-    model, meta = load_model(train_dir / "model.pt")
     if paired is None:
-        man = json.loads((train_dir / "manifest.json").read_text())
-        rec = man["inputs"]["paired"]
+        man_path = train_dir / "manifest.json"
+        try:
+            rec = json.loads(man_path.read_text())["inputs"]["paired"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            # a run folder copied without its manifest, or one of another stage: say which
+            # file and what to give instead, not a bare KeyError / JSONDecodeError
+            raise ValueError(
+                f"{man_path}: cannot read the paired input the run trained on "
+                f"({type(e).__name__}: {e}); give the paired.h5ad explicitly (--paired)"
+            ) from e
         paired = rec["path"]
         # inside the experiment: where it is now (a moved or copied experiment reads its
         # own file; the manifest records the path within it as well)
@@ -184,6 +191,7 @@ def targets_for_run(
         here = [b / rel for b in train_dir.resolve().parents if rel and (b / rel).is_file()]
         if here:
             paired = here[0]
+    model, meta = load_model(train_dir / "model.pt")
     adata = blank_as_read(ad.read_h5ad(paired))
     data = from_anndata(adata, str(paired), model.args.crop_size)
     from vae.analysis.run import read_split

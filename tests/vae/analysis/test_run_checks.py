@@ -6,6 +6,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 
 from vae.analysis.run import gene_difference, labels_of
 
@@ -44,3 +45,16 @@ def test_gene_difference_says_order_and_set_changes():
     other = gene_difference(genes, [*genes[:7], "NEW"])
     assert "1 of the model's 8 are missing (G7)" in other
     assert "1 of its 8 are new to the model (NEW)" in other
+
+
+@pytest.mark.parametrize("text", ['{"inputs": {}}', "{not json", None])
+def test_targets_of_a_run_without_a_readable_manifest_name_the_file(tmp_path, text):
+    """scripts/vae_targets.py eval on a run folder whose manifest.json is missing, corrupt
+    or names no paired input: one error naming the file and --paired (was a bare
+    KeyError / JSONDecodeError / FileNotFoundError)."""
+    from vae.analysis.targets import targets_for_run
+
+    if text is not None:
+        (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ValueError, match=r"manifest\.json: cannot read the paired input.*--paired"):
+        targets_for_run(tmp_path)
