@@ -97,8 +97,9 @@ def noise_free(run: Path, paired: Path | None, seed: int, target_sum: float = 1e
     from pipeline.simulator.expression import mean_profile
 
     if paired is None:
-        man = json.loads((run / "manifest.json").read_text())
-        paired = Path(man["inputs"]["paired"]["path"])
+        from vae.analysis.targets import paired_of_run
+
+        paired = paired_of_run(run)
     a = ad.read_h5ad(paired, backed="r")
     panel = make_gene_panel(a.n_vars, seed)
     if list(map(str, panel.genes)) != list(a.var_names):
@@ -134,14 +135,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from vae.analysis.targets import targets_for_run
+    from vae.analysis.targets import RunManifestError, targets_for_run
 
-    expected = None
-    if a.simulator_seed is not None:
-        expected = noise_free(a.run, a.paired, a.simulator_seed)
     try:
+        expected = None
+        if a.simulator_seed is not None:
+            expected = noise_free(a.run, a.paired, a.simulator_seed)
         rep = targets_for_run(a.run, a.paired, expected)
-    except ValueError as e:  # a run folder without a readable manifest: one line
+    except RunManifestError as e:  # a run folder without a readable manifest: one line
         raise SystemExit(f"error: {e}") from None
     out = a.out or a.run / "targets.json"
     out.write_text(json.dumps(rep.to_dict(), indent=2, default=float) + "\n")

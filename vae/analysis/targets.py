@@ -161,11 +161,44 @@ def _truth_ceiling(obs: pd.DataFrame, x: np.ndarray, fit: np.ndarray, test: np.n
     return per_gene_correlation(reg.predict(feats[test]), x[test]).mean_pearson
 
 
+class RunManifestError(ValueError):
+    """A train run's ``manifest.json`` cannot say which paired input the run read."""
+
+
+def paired_of_run(train_dir: str | Path) -> Path:
+    """The ``paired.h5ad`` a train run read, from its ``manifest.json``.
+
+    Inside the experiment the file is looked up where it is now (a moved or copied
+    experiment reads its own file; the manifest records the path within it as well).
+
+    Raises
+    ------
+    RunManifestError
+        The manifest is missing, not JSON, or names no paired input with a path: the
+        message names the file and says to give the paired.h5ad explicitly.
+    """
+    import json
+
+    man_path = Path(train_dir) / "manifest.json"
+    try:
+        rec = json.loads(man_path.read_text())["inputs"]["paired"]
+        path = rec["path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        # a run folder copied without its manifest, or one of another stage: say which
+        # file and what to give instead, not a bare KeyError / JSONDecodeError
+        raise RunManifestError(
+            f"{man_path}: cannot read the paired input the run trained on "
+            f"({type(e).__name__}: {e}); give the paired.h5ad explicitly (--paired)"
+        ) from e
+    rel = rec.get("in_experiment")
+    here = [b / rel for b in Path(train_dir).resolve().parents if rel and (b / rel).is_file()]
+    return here[0] if here else Path(path)
+
+
 def targets_for_run(
     train_dir: str | Path, paired: str | Path | None = None, expected: np.ndarray | None = None
 ) -> TargetReport:
     """Load ``model.pt``, ``split.csv`` and the paired input of a train run, compute targets."""
-    import json
 
     import anndata as ad
 
@@ -174,23 +207,7 @@ def targets_for_run(
 
     train_dir = Path(train_dir)
     if paired is None:
-        man_path = train_dir / "manifest.json"
-        try:
-            rec = json.loads(man_path.read_text())["inputs"]["paired"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            # a run folder copied without its manifest, or one of another stage: say which
-            # file and what to give instead, not a bare KeyError / JSONDecodeError
-            raise ValueError(
-                f"{man_path}: cannot read the paired input the run trained on "
-                f"({type(e).__name__}: {e}); give the paired.h5ad explicitly (--paired)"
-            ) from e
-        paired = rec["path"]
-        # inside the experiment: where it is now (a moved or copied experiment reads its
-        # own file; the manifest records the path within it as well)
-        rel = rec.get("in_experiment")
-        here = [b / rel for b in train_dir.resolve().parents if rel and (b / rel).is_file()]
-        if here:
-            paired = here[0]
+        paired = paired_of_run(train_dir)
     model, meta = load_model(train_dir / "model.pt")
     adata = blank_as_read(ad.read_h5ad(paired))
     data = from_anndata(adata, str(paired), model.args.crop_size)

@@ -47,14 +47,25 @@ def test_gene_difference_says_order_and_set_changes():
     assert "1 of its 8 are new to the model (NEW)" in other
 
 
-@pytest.mark.parametrize("text", ['{"inputs": {}}', "{not json", None])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"inputs": {}}',
+        "{not json",
+        None,
+        '{"inputs": {"paired": {"in_experiment": "x"}}}',
+        '{"inputs": {"paired": null}}',
+        '{"inputs": {"paired": "p.h5ad"}}',
+    ],
+)
 def test_targets_of_a_run_without_a_readable_manifest_name_the_file(tmp_path, text):
     """scripts/vae_targets.py eval on a run folder whose manifest.json is missing, corrupt
     or names no paired input: one error naming the file and --paired (was a bare
     KeyError / JSONDecodeError / FileNotFoundError)."""
-    from vae.analysis.targets import targets_for_run
+    from vae.analysis.targets import RunManifestError, targets_for_run
 
     if text is not None:
         (tmp_path / "manifest.json").write_text(text)
-    with pytest.raises(ValueError, match=r"manifest\.json: cannot read the paired input.*--paired"):
+    msg = r"manifest\.json: cannot read the paired input.*--paired"
+    with pytest.raises(RunManifestError, match=msg):
         targets_for_run(tmp_path)
