@@ -79,6 +79,21 @@ def summary(r: EvalResult) -> dict[str, Any]:
     return out
 
 
+# the summary keys that are pycocotools APs (-1 = undefined)
+AP_KEYS = ("_ap", "_ap50", "_ap75")
+
+
+def tb_scalars(s: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a :func:`summary` TensorBoard plots: None (no masks to score) and an
+    AP of -1 (pycocotools' "no ground-truth cell scored") are left out, not drawn as a
+    dip below 0.
+
+    >>> tb_scalars({"box_ap": -1.0, "mask_ap": None, "recall": 0.5})
+    {'recall': 0.5}
+    """
+    return {k: v for k, v in s.items() if v is not None and not (k.endswith(AP_KEYS) and v < 0)}
+
+
 def epoch_line(epoch: int, n_epochs: int, stats: Any, val: dict[str, dict[str, Any]]) -> str:
     """One log line per epoch: ``epoch k/N: loss L (terms) T s; val SRC box AP .. mask AP ..``.
 
@@ -103,7 +118,7 @@ def metrics_text(s: dict[str, Any]) -> str:
     an AP of -1, pycocotools' "no ground-truth cell to score", reads ``undefined``)."""
     names = {"box_ap": "box AP", "mask_ap": "mask AP", "recall": "recall"}
     return ", ".join(
-        f"{nm} undefined" if s[k] < 0 else f"{nm} {s[k]:.3f}"
+        f"{nm} undefined" if k.endswith(AP_KEYS) and s[k] < 0 else f"{nm} {s[k]:.3f}"
         for k, nm in names.items()
         if s.get(k) is not None
     )
@@ -284,9 +299,8 @@ def fit(
                     r = evaluate(core, ds, dist.device, args.score_threshold, predictions=preds)
                     last[name] = r
                     entry["val"][name] = summary(r)
-                    for k, v in summary(r).items():
-                        if v is not None:
-                            writer.add_scalar(f"val/{name}/{k}", v, epoch)
+                    for k, v in tb_scalars(summary(r)).items():
+                        writer.add_scalar(f"val/{name}/{k}", v, epoch)
                     for i in range(min(int(args.tb_images), len(ds))):
                         img = draw_predictions(ds[i][0], preds[i], args.score_threshold)
                         writer.add_image(f"val_pred/{name}/{i}", img, epoch)
@@ -323,9 +337,8 @@ def fit(
     for name, ds in test_sets.items():
         r = evaluate(core, ds, dist.device, args.score_threshold)
         final["test"][name] = r.as_dict()
-        for k, val_ in summary(r).items():
-            if val_ is not None:
-                writer.add_scalar(f"test/{name}/{k}", val_, int(args.epochs))
+        for k, val_ in tb_scalars(summary(r)).items():
+            writer.add_scalar(f"test/{name}/{k}", val_, int(args.epochs))
         log.info("test %s: %s", name, metrics_text(summary(r)))
     final.update(
         epochs=int(args.epochs),

@@ -444,9 +444,12 @@ def _traverse_analysis(root: Path | None, variant: str, default: Any) -> Any:
         if rec.get("status") != "complete":
             log.warning(
                 "%s: the traverse run is not complete (status %r); the study's analysis "
-                "settings are its checkpoint's, not this run's (rerun stage=traverse)",
+                "settings are its checkpoint's, not this run's (%s)",
                 man,
                 rec.get("status"),
+                "wait for it to finish"
+                if rec.get("status") == "running"
+                else "rerun stage=traverse",
             )
             return default
         config = rec.get("config")
