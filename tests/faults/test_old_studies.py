@@ -307,21 +307,11 @@ def test_data_layout_closes_the_paired_file_when_reading_it_fails(tmp_path: Path
     """_data_layout (the resume check's view of paired.h5ad) gives None on a file it cannot
     read and closes it: the handle was left open when blank_as_read raised."""
     from pipeline.guards import _data_layout
+    from tests.helpers.h5ad_handles import opens_and_fails
 
     p = tmp_path / "paired.h5ad"
     ad.AnnData(obs=pd.DataFrame({"has_image": [True]}, index=["a"])).write_h5ad(p)
-    opened = []
-    read = ad.read_h5ad
-
-    def read_h5ad(*args, **kwargs):
-        opened.append(read(*args, **kwargs))
-        return opened[-1]
-
-    def fails(_):
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr("anndata.read_h5ad", read_h5ad)
-    monkeypatch.setattr("segmentation.io.blank_as_read", fails)
+    opened = opens_and_fails(monkeypatch, "segmentation.io.blank_as_read")
     assert _data_layout({"paired": p}) is None
     assert len(opened) == 1 and not opened[0].file.is_open
 

@@ -416,20 +416,10 @@ def test_split_from_closes_its_file_when_reading_it_fails(paired: Path, monkeypa
     """The latent.h5ad that trainer.split_from names is closed even when reading its obs
     fails (the handle was left open then)."""
     import pipeline.stages.train as T
-
-    opened = []
-    read = ad.read_h5ad
-
-    def read_h5ad(*args, **kwargs):
-        opened.append(read(*args, **kwargs))
-        return opened[-1]
-
-    def fails(_):
-        raise RuntimeError("boom")
+    from tests.helpers.h5ad_handles import opens_and_fails
 
     obs = ad.read_h5ad(paired / "paired.h5ad").obs
-    monkeypatch.setattr("anndata.read_h5ad", read_h5ad)
-    monkeypatch.setattr(T, "blank_as_read", fails)
+    opened = opens_and_fails(monkeypatch, "pipeline.stages.train.blank_as_read")
     with pytest.raises(RuntimeError, match="boom"):
         T._reused_split(str(paired / "paired.h5ad"), obs, None, None)
     assert len(opened) == 1 and not opened[0].file.is_open
