@@ -742,6 +742,12 @@ def train(
         and args.stain_jitter > 0
         and use_image
     )
+
+    def schedule_now(beta: float, cap: float) -> dict[str, float]:
+        # β and C of the step just taken, the learning rate of the next one
+        return {"beta": beta, "capacity": cap, "lr": sched.get_last_lr()[0]}
+
+    schedule_logged = -1  # the step whose schedule/* TensorBoard last got
     while epoch < args.max_epochs:
         t_ep = time.time()
         wrapped.train()
@@ -884,12 +890,9 @@ def train(
             sums = vec if sums is None else sums + vec
             if tb is not None and is_main and step % max(1, args.log_every_steps) == 0:
                 tb.scalars("train", terms.scalars(), step)
-                tb.scalars(
-                    "schedule",
-                    {"beta": beta, "capacity": cap, "lr": sched.get_last_lr()[0]},
-                    step,
-                )
+                tb.scalars("schedule", schedule_now(beta, cap), step)
                 tb.writer.add_scalar("train/grad_norm", float(gnorm), step)
+                schedule_logged = step
             t_data = time.time()
         epoch += 1
         loop_s = time.time() - t_ep  # the training steps, without validation
@@ -976,6 +979,11 @@ def train(
             if raw_val is not None:
                 log.info("epoch %d: raw weights val %.4g", epoch, raw_val)
             if tb is not None:
+                if schedule_logged != step:
+                    # once an epoch at least: a run of fewer than trainer.log_every_steps
+                    # steps per epoch showed no β, C or learning rate at all (audit)
+                    tb.scalars("schedule", schedule_now(beta, cap), step)
+                    schedule_logged = step
                 tb.scalars("epoch_train", train_means, epoch)
                 tb.scalars("val", val_means, epoch)
                 tb.kl_per_dim(last_kl, epoch)

@@ -1,0 +1,59 @@
+"""TensorBoard of a training run (user audit s52): what a short run writes, and where."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.hardware import DistInfo
+from tests.helpers.vae_toy import make_paired, tiny_model
+from vae.data import from_anndata, stratified_split
+from vae.train import TrainArgs, train
+
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+def _scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def _train(tmp_path, *, epochs=2, resume=False, log_dir=None, **kw):
+    from vae.tb import TBLogger
+
+    d = from_anndata(make_paired(16))
+    split = stratified_split(d.labels.numpy(), 0.25, 0.0, 0)
+    log_dir = log_dir or tmp_path / "tb"
+    tb = TBLogger(log_dir, d.gene_names, [0, 1])
+    # 12 training rows, batches of 6: 2 optimizer steps per epoch (< log_every_steps)
+    args = TrainArgs(max_epochs=epochs, batch_size=6, kl_warmup_epochs=1, figure_budget=0.0, **kw)
+    res = train(
+        tiny_model(12, "poe", 1),
+        d,
+        split,
+        args,
+        CPU,
+        tmp_path,
+        tb=tb,
+        resume_from=tmp_path / "last.pt" if resume else None,
+    )
+    tb.close()
+    return res, _scalars(log_dir)
+
+
+def test_schedule_scalars_reach_tensorboard_once_per_epoch_on_a_short_run(tmp_path):
+    """2 steps per epoch, log_every_steps=10: β, C and the LR are still written, once an
+    epoch (were written only every 10 steps: a short run had none)."""
+    res, sc = _train(tmp_path, log_every_steps=10)
+    assert res.steps == 4
+    for tag in ("schedule/beta", "schedule/capacity", "schedule/lr"):
+        assert tag in sc, tag
+        assert [s for s, _ in sc[tag]] == [2, 4], (tag, sc[tag])
+    # β warms up over the first epoch (kl_warmup_epochs=1): below 1 after step 1
+    assert np.isclose(sc["schedule/beta"][-1][1], 1.0)
+    # written once where the step logging already did (log_every_steps=2): no duplicates
+    _, sc = _train(tmp_path / "b", log_every_steps=2)
+    assert [s for s, _ in sc["schedule/beta"]] == [2, 4]
