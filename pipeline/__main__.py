@@ -48,7 +48,9 @@ if not OmegaConf.has_resolver("pid"):
     # ``${pid:}`` in pipeline/conf/config.yaml's run folders: one folder per process
     OmegaConf.register_new_resolver("pid", os.getpid)
 
-# settings that never name a sweep job's folder (where, how and on what it runs)
+# settings that name a sweep job's folder only when swept: where, how and on what it
+# runs. A swept one names it (hardware.torch_threads=1,2: a user timing the two wants
+# both results; left out, the second job overwrote the first: an audit)
 _NOT_IN_VARIANT = (
     "stage",
     "experiment",
@@ -59,6 +61,10 @@ _NOT_IN_VARIANT = (
     "paths",
     "hardware",
 )
+# settings that give a job a folder of its own without a variant: a sweep over stages
+# (-m stage=train,evaluate vae.beta=1,4) keeps one variant per beta across the stages,
+# so that evaluate reads the matching train folder
+_OWN_FOLDER = ("stage", "experiment", "variant", "paths.root")
 
 
 def _top_level_comma(value: str) -> bool:
@@ -70,17 +76,8 @@ def _top_level_comma(value: str) -> bool:
     return False
 
 
-def sweep_variant(task_overrides: list[str], argv: list[str]) -> str:
-    """Folder name of one ``-m`` sweep job: the swept settings with this job's values.
-
-    ``argv`` tells which keys were swept (``vae.beta=1,4,16``, ``range(...)``,
-    ``choice(...)``); ``task_overrides`` holds this job's value of each. Paths and
-    hardware never count; long names are shortened with a hash.
-
-    >>> sweep_variant(["stage=train", "vae.beta=4", "paths.root=/tmp/x"],
-    ...               ["stage=train", "vae.beta=1,4", "paths.root=/tmp/x"])
-    'vae.beta=4'
-    """
+def _swept_keys(argv: list[str]) -> set[str]:
+    """The keys ``argv`` sweeps (``vae.beta=1,4,16``, ``range(...)``, ``choice(...)``)."""
     swept = set()
     for arg in argv:
         if "=" not in arg or arg.startswith("-"):
@@ -88,17 +85,94 @@ def sweep_variant(task_overrides: list[str], argv: list[str]) -> str:
         key, value = arg.split("=", 1)
         if _top_level_comma(value) or re.match(r"(range|choice|glob|interval)\(", value):
             swept.add(key.lstrip("+~"))
+    return swept
+
+
+def sweep_variant(task_overrides: list[str], argv: list[str]) -> str:
+    """Folder name of one ``-m`` sweep job: the swept settings with this job's values.
+
+    ``argv`` tells which keys were swept (``vae.beta=1,4,16``, ``range(...)``,
+    ``choice(...)``); ``task_overrides`` holds this job's value of each. Every swept
+    setting names the folder (``hardware.*`` and ``paths.*`` too) except those that give
+    the job a folder of their own (``stage``, ``experiment``, ``paths.root``); without
+    a swept setting, every setting but those of :data:`_NOT_IN_VARIANT` names it. Long
+    names are shortened with a hash.
+
+    >>> sweep_variant(["stage=train", "vae.beta=4", "paths.root=/tmp/x"],
+    ...               ["stage=train", "vae.beta=1,4", "paths.root=/tmp/x"])
+    'vae.beta=4'
+    >>> sweep_variant(["stage=train", "vae.beta=4", "hardware.torch_threads=2"],
+    ...               ["stage=train", "vae.beta=1,4", "hardware.torch_threads=1,2"])
+    'hardware.torch_threads=2,vae.beta=4'
+    """
+    swept = _swept_keys(argv)
     pairs = []
     for o in task_overrides:
         key, _, value = o.partition("=")
         key = key.lstrip("+~")
-        if key.split(".")[0] in _NOT_IN_VARIANT or (swept and key not in swept):
+        if key in _OWN_FOLDER:
+            continue
+        if (key not in swept) if swept else key.split(".")[0] in _NOT_IN_VARIANT:
             continue
         pairs.append(f"{key}={value}")
     name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", ",".join(sorted(pairs)))
     if len(name) > 120:
         name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     return name
+
+
+def sweep_jobs(argv: list[str]) -> list[list[str]]:
+    """Each job's overrides of the ``-m`` sweep ``argv`` (as Hydra's basic sweeper
+    splits them), in job order; [] when Hydra cannot parse them (it says why)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except Exception:  # noqa: BLE001 - not a basic sweep: Hydra reports it itself
+        return []
+
+
+def _job_folder(job: list[str], argv: list[str]) -> str:
+    """The folder (below ``paths.root``) that sweep job ``job`` writes, as a label."""
+    values = {}
+    for o in job:
+        key, _, value = o.partition("=")
+        values[key.lstrip("+~")] = value
+    variant = values.get("variant") or sweep_variant(job, argv)
+    parts = [values.get("paths.root"), values.get("experiment"), values.get("stage", "?"), variant]
+    return "/".join(str(p) for p in parts if p)
+
+
+def sweep_collision(argv: list[str]) -> str | None:
+    """Why two jobs of the ``-m`` sweep ``argv`` would write one stage folder (the
+    second would refuse, or with ``overwrite=true`` replace, the first's result), naming
+    the jobs and the settings; None when every job has a folder of its own."""
+    jobs = sweep_jobs(argv)
+    seen: dict[str, int] = {}
+    for k, job in enumerate(jobs):
+        folder = _job_folder(job, argv)
+        if folder not in seen:
+            seen[folder] = k
+            continue
+        first = jobs[seen[folder]]
+        differ = sorted(o.partition("=")[0].lstrip("+~") for o in job if o not in first)
+        if any(o.partition("=")[0].lstrip("+~") == "variant" for o in job):
+            why = "variant= names one folder for every job; leave it out, or sweep it"
+        elif differ:
+            why = (
+                f"their values of {', '.join(differ)} differ only in characters a folder "
+                f"name cannot hold; name each job's folder with variant=NAME, one run per job"
+            )
+        else:
+            why = "they have the same settings: a value is given twice in the sweep"
+        return (
+            f"-m: jobs #{seen[folder]} ({' '.join(first)}) and #{k} ({' '.join(job)}) of "
+            f"this sweep would write the same folder ({folder}): {why}. Nothing was run."
+        )
+    return None
 
 
 # Hydra prints its own errors (several lines, "Set the environment variable
@@ -127,9 +201,17 @@ def app(cfg: DictConfig) -> int:
     # log_level=DEBUG, by Hydra as before): the processes a stage starts inherit nothing
     _restore_full_error()
     hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and hc.job.num == 0:
+        # two jobs of one sweep never share a folder: refused before the first runs
+        clash = sweep_collision(sys.argv[1:])
+        if clash is not None:
+            print(f"error: {clash}", file=sys.stderr)
+            runner._drop_hydra_dir(cfg)
+            raise SystemExit(2)
     if hc.mode == RunMode.MULTIRUN and not cfg.variant:
-        # each job of a sweep (-m vae.beta=1,4,16) gets its own sub-folder
-        cfg.variant = sweep_variant(list(hc.overrides.task), sys.argv[1:]) or str(hc.job.num)
+        # each job of a sweep (-m vae.beta=1,4,16) gets its own sub-folder; a sweep over
+        # stages (or experiments) alone needs none: each job has its own folder already
+        cfg.variant = sweep_variant(list(hc.overrides.task), sys.argv[1:])
     code = runner.main(cfg)
     if code and hc.mode != RunMode.MULTIRUN:
         sys.exit(code)
