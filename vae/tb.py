@@ -1,6 +1,12 @@
 """TensorBoard logging of β-VAE training.
 
-Tags written (all by rank 0 only):
+Tags written (all by rank 0 only), every one at the optimizer step (the usual TensorBoard
+x-axis): per-step values at that step, per-epoch values (``val/*``, ``epoch_train/*``,
+``kl_dim/*``, figures) at the global step reached at the end of that epoch; the scalar
+``epoch`` maps the one to the other. A resumed run purges what the earlier run wrote after
+the step it resumes from (``purge_step``), so no step holds two values.
+
+* ``epoch``: the epoch just ended, at the step that ended it
 
 * ``train/<term>``, ``val/<term>``: every loss term (see :class:`vae.losses.LossTerms`)
 * ``schedule/beta``, ``schedule/capacity``, ``schedule/lr``, ``train/grad_norm``
@@ -72,12 +78,31 @@ class TBLogger:
     """
 
     def __init__(self, log_dir: str | Path, gene_names: list[str], granule_genes: list[int]):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(log_dir))
+        self.log_dir = Path(log_dir)
         self.gene_names = gene_names
         self.granule_genes = granule_genes
         self._legend_written = False
+        self._writer = None  # opened at the first write: a resume sets purge_step first
+        self._purge_step: int | None = None
+
+    @property
+    def writer(self):
+        """The ``SummaryWriter`` (opened on first use)."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.log_dir), purge_step=self._purge_step)
+        return self._writer
+
+    def resume_at(self, step: int) -> None:
+        """A resumed run continues after optimizer step ``step``: TensorBoard drops what
+        earlier event files hold at later steps (written after the checkpoint the run
+        resumes from), so no step holds two values. Values at ``step`` itself (the last
+        kept epoch's) stay."""
+        self._purge_step = int(step) + 1
+        if self._writer is not None:  # already written to: a new file that purges
+            self._writer.close()
+            self._writer = None
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         for k, v in values.items():
@@ -100,8 +125,9 @@ class TBLogger:
             self.writer.add_scalar(f"kl_dim/{i:02d}", float(v), step)
 
     @torch.no_grad()
-    def epoch_figures(self, model: TwoBranchVAE, batch: Batch, epoch: int) -> None:
-        """Reconstruction grid, expression figure and latent histograms on a fixed batch."""
+    def epoch_figures(self, model: TwoBranchVAE, batch: Batch, step: int) -> None:
+        """Reconstruction grid, expression figure and latent histograms on a fixed batch,
+        at ``step`` (the optimizer step that ended the epoch)."""
         import torchvision
 
         was = model.training
@@ -123,7 +149,7 @@ class TBLogger:
                 padding=2,
                 pad_value=1.0,
             )
-            self.writer.add_image(RECON_TAG, grid, epoch)
+            self.writer.add_image(RECON_TAG, grid, step)
             if not self._legend_written:  # the image card has no room for row titles
                 names = ["input (masked crop)", "fused reconstruction", "from the image alone"]
                 if len(rows) > 3:
@@ -135,7 +161,7 @@ class TBLogger:
                     + f". Columns: the same {batch.image.shape[0]} cells every epoch (the "
                     "validation split's when there is one); decoded cells drawn as every "
                     "figure draws them.",
-                    epoch,
+                    step,
                 )
                 self._legend_written = True
         else:  # no image in the data: no reconstruction grid, no image -> expression
@@ -150,11 +176,11 @@ class TBLogger:
                     from_img.expression_log.float().cpu().numpy(),
                     batch.has_expression.cpu().numpy(),
                 ),
-                epoch,
+                step,
             )
         mu = post.joint[0].float().cpu()
         for i in range(mu.shape[1]):
-            self.writer.add_histogram(f"latent/mu_{i:02d}", mu[:, i], epoch)
+            self.writer.add_histogram(f"latent/mu_{i:02d}", mu[:, i], step)
         if was:
             model.train()
 
@@ -203,7 +229,9 @@ class TBLogger:
         )
 
     def flush(self) -> None:
-        self.writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()

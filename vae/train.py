@@ -648,6 +648,8 @@ def train(
         if warn and is_main:
             log.warning("%s: %s", resume_from, warn)
         log.info("resumed from %s at epoch %d, step %d", resume_from, epoch, step)
+        if tb is not None and is_main:  # what the earlier run logged after `step` goes
+            tb.resume_at(step)
         if epoch >= args.max_epochs and is_main:
             # not an error: the run is as far as asked (a resume with a lower max_epochs,
             # or of a run that already ran them all); said, as 0 epochs would look odd
@@ -984,12 +986,16 @@ def train(
                     # steps per epoch showed no β, C or learning rate at all (audit)
                     tb.scalars("schedule", schedule_now(beta, cap), step)
                     schedule_logged = step
-                tb.scalars("epoch_train", train_means, epoch)
-                tb.scalars("val", val_means, epoch)
-                tb.kl_per_dim(last_kl, epoch)
-                tb.scalars("val", {"active_units": rec["active_units"]}, epoch)
+                # every tag on one axis, the optimizer step: the epoch's values at the
+                # step that ended it (they were at the epoch number, and β / LR could not
+                # be lined up with the val curves); "epoch" maps the one to the other
+                tb.writer.add_scalar("epoch", epoch, step)
+                tb.scalars("epoch_train", train_means, step)
+                tb.scalars("val", val_means, step)
+                tb.kl_per_dim(last_kl, step)
+                tb.scalars("val", {"active_units": rec["active_units"]}, step)
                 if raw_val is not None:  # the raw weights beside the average's
-                    tb.scalars("val_raw", {"total": raw_val}, epoch)
+                    tb.scalars("val_raw", {"total": raw_val}, step)
                 due = args.image_every_epochs > 0 and (
                     epoch % args.image_every_epochs == 0 or epoch == args.max_epochs
                 )
@@ -1001,7 +1007,7 @@ def train(
                 if due and within:
                     t_fig = time.time()
                     with averaged_weights(core, ema):
-                        tb.epoch_figures(core, fig_batch, epoch)
+                        tb.epoch_figures(core, fig_batch, step)
                     fig_s += time.time() - t_fig
                 tb.flush()
             if improved:  # kept in memory, written with the next last.pt

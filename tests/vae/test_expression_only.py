@@ -117,7 +117,8 @@ def test_encode_dataset_of_expression_only_rows_runs_no_cnn():
 
 @pytest.mark.parametrize(("budget", "epochs_drawn"), [(0.0, [1, 4]), (None, [1, 2, 3, 4])])
 def test_epoch_figures_stay_within_their_time_budget(tmp_path, budget, epochs_drawn):
-    """figure_budget=0: the first and the last epoch's figures only; None: every epoch."""
+    """figure_budget=0: the first and the last epoch's figures only; None: every epoch.
+    Each at the optimizer step that ended its epoch (3 steps an epoch here)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from vae.tb import EXPRESSION_TAG, TBLogger
@@ -130,8 +131,9 @@ def test_epoch_figures_stay_within_their_time_budget(tmp_path, budget, epochs_dr
     tb.close()
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
-    assert [e.step for e in acc.Images(EXPRESSION_TAG)] == epochs_drawn
-    assert [e.step for e in acc.Scalars("val/total")] == [1, 2, 3, 4]  # scalars every epoch
+    assert [e.step for e in acc.Images(EXPRESSION_TAG)] == [3 * e for e in epochs_drawn]
+    assert [e.step for e in acc.Scalars("val/total")] == [3, 6, 9, 12]  # scalars every epoch
+    assert [e.value for e in acc.Scalars("epoch")] == [1, 2, 3, 4]
 
 
 def test_expression_norm_and_dropout_auto_for_expression_alone_only():

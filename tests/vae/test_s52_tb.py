@@ -29,7 +29,8 @@ def _train(tmp_path, *, epochs=2, resume=False, log_dir=None, **kw):
     log_dir = log_dir or tmp_path / "tb"
     tb = TBLogger(log_dir, d.gene_names, [0, 1])
     # 12 training rows, batches of 6: 2 optimizer steps per epoch (< log_every_steps)
-    args = TrainArgs(max_epochs=epochs, batch_size=6, kl_warmup_epochs=1, figure_budget=0.0, **kw)
+    kw = {"max_epochs": epochs, "batch_size": 6, "kl_warmup_epochs": 1, "figure_budget": 0.0, **kw}
+    args = TrainArgs(**kw)
     res = train(
         tiny_model(12, "poe", 1),
         d,
@@ -57,3 +58,37 @@ def test_schedule_scalars_reach_tensorboard_once_per_epoch_on_a_short_run(tmp_pa
     # written once where the step logging already did (log_every_steps=2): no duplicates
     _, sc = _train(tmp_path / "b", log_every_steps=2)
     assert [s for s, _ in sc["schedule/beta"]] == [2, 4]
+
+
+def test_every_tag_is_on_the_optimizer_step_axis_with_epoch_as_a_scalar(tmp_path):
+    """val/*, epoch_train/*, kl_dim/* and the figures at the global step that ended their
+    epoch (were at the epoch number: two x-axes both named "step")."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vae.tb import RECON_TAG
+
+    res, sc = _train(tmp_path, log_every_steps=1, figure_budget=None)
+    assert sc["epoch"] == [(2, 1.0), (4, 2.0)]
+    for tag in ("val/total", "epoch_train/total", "kl_dim/00", "val/active_units"):
+        assert [s for s, _ in sc[tag]] == [2, 4], (tag, sc[tag])
+    assert [s for s, _ in sc["train/total"]] == [1, 2, 3, 4]
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "histograms": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images(RECON_TAG)] == [2, 4]
+    assert [e.step for e in acc.Histograms("latent/mu_00")] == [2, 4]
+
+
+def test_a_resumed_run_leaves_no_step_with_two_values(tmp_path):
+    """Resuming from a last.pt older than what was logged (a killed job: last.pt at most
+    every 30 s) purges the later steps of the earlier event files (purge_step)."""
+    import shutil
+
+    _train(tmp_path, epochs=2)
+    shutil.copy(tmp_path / "last.pt", tmp_path / "kept.pt")
+    _train(tmp_path, epochs=3, resume=True)  # logs epoch 3 (step 6)
+    shutil.copy(tmp_path / "kept.pt", tmp_path / "last.pt")  # back to epoch 2
+    _, sc = _train(tmp_path, epochs=3, resume=True)  # epoch 3 again
+    for tag in ("val/total", "epoch", "schedule/beta", "epoch_train/total"):
+        steps = [s for s, _ in sc[tag]]
+        assert steps == [2, 4, 6], (tag, steps)
+    assert [v for _, v in sc["epoch"]] == [1.0, 2.0, 3.0]
