@@ -134,6 +134,10 @@ class LossTerms:
     image_from_expression, expression_from_image : cross-modal reconstruction
         on paired rows
     kl_unimodal : KL of the unimodal posteriors on paired rows
+    kl_image, kl_expression : each expert's own KL, nats per cell, reported only (not
+        added to ``total`` again): with PoE the two parts of ``kl_unimodal`` (paired rows),
+        with MoE each expert's part of ``kl``. One modality's expert collapsing (its KL
+        going to 0) shows here and nowhere else
     align : alignment loss (0 when off): InfoNCE on paired rows (clip) or
         class-level InfoNCE (class)
     align_centroid : per-dim squared distance between the experts' class means
@@ -157,6 +161,8 @@ class LossTerms:
     image_from_expression: torch.Tensor
     expression_from_image: torch.Tensor
     kl_unimodal: torch.Tensor
+    kl_image: torch.Tensor
+    kl_expression: torch.Tensor
     align: torch.Tensor
     align_centroid: torch.Tensor
     kl_per_dim: torch.Tensor
@@ -1022,9 +1028,8 @@ def vae_loss(
         ue = expr_term(out.from_expression, paired)
         ci = img_terms(out.from_expression, paired)
         ce = expr_term(out.from_image, paired)
-        kl_uni = _weighted_sum(
-            zero, [(1.0, kl_of(post.image, paired)), (1.0, kl_of(post.expression, paired))]
-        )
+        kl_img, kl_expr = kl_of(post.image, paired), kl_of(post.expression, paired)
+        kl_uni = _weighted_sum(zero, [(1.0, kl_img), (1.0, kl_expr)])
         cross = [(1.0, weighted_img(ui)), (w.expression, ue), (1.0, weighted_img(ci))]
         extra = _weighted_sum(zero, [(w.cross, _weighted_sum(zero, [*cross, (w.expression, ce)]))])
     else:  # MoE: average of the present components' ELBOs
@@ -1047,6 +1052,8 @@ def vae_loss(
             if g is not None
         )
         kl = kl_dims.sum(dim=1).mean()
+        # each expert's part of that KL (reported only: kl is their sum)
+        kl_img, kl_expr = kl_of(post.image, wi), kl_of(post.expression, we)
         ui = ci = (zero,) * 8
         ue = ce = zero
         # cross-modal terms are part of the MoE ELBO above; report them alone too
@@ -1168,6 +1175,8 @@ def vae_loss(
         image_from_expression=ci[0],
         expression_from_image=ce,
         kl_unimodal=kl_uni,
+        kl_image=kl_img,
+        kl_expression=kl_expr,
         align=align,
         align_centroid=align_centroid,
         kl_per_dim=kl_dims.mean(dim=0).detach(),

@@ -92,3 +92,32 @@ def test_a_resumed_run_leaves_no_step_with_two_values(tmp_path):
         steps = [s for s, _ in sc[tag]]
         assert steps == [2, 4, 6], (tag, steps)
     assert [v for _, v in sc["epoch"]] == [1.0, 2.0, 3.0]
+
+
+def _terms(fusion: str, beta: float = 0.7):
+    from vae.data import raw_batch, to_batch
+    from vae.train import forward_loss
+
+    d = from_anndata(make_paired(12, image_only=2, expression_only=2))
+    b = to_batch(raw_batch(d, torch.arange(d.n)), torch.device("cpu"))
+    model = tiny_model(12, fusion, 1).train()
+    torch.manual_seed(7)
+    return forward_loss(model, b, beta=beta, capacity=0.0, args=TrainArgs(), n_shared=4)
+
+
+def test_kl_of_each_expert_is_a_named_term_outside_the_total():
+    """kl_image and kl_expression (one modality's expert collapsing was invisible in their
+    sum kl_unimodal); PoE: the parts of kl_unimodal, MoE: the parts of kl."""
+    poe = _terms("poe")
+    s = poe.scalars()
+    assert s["kl_image"] > 0 and s["kl_expression"] > 0
+    assert np.isclose(s["kl_image"] + s["kl_expression"], s["kl_unimodal"], rtol=1e-5)
+    moe = _terms("moe").scalars()
+    assert moe["kl_image"] > 0 and moe["kl_expression"] > 0
+    assert np.isclose(moe["kl_image"] + moe["kl_expression"], moe["kl"], rtol=1e-5)
+
+
+def test_kl_of_each_expert_reaches_tensorboard(tmp_path):
+    _, sc = _train(tmp_path, log_every_steps=1)
+    for tag in ("train/kl_image", "train/kl_expression", "val/kl_image", "val/kl_expression"):
+        assert tag in sc, tag
