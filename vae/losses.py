@@ -823,6 +823,53 @@ def view_contrast_loss(a: torch.Tensor, b: torch.Tensor, temperature: float) -> 
     return F.cross_entropy(sim, target)
 
 
+# terms that count only when their own weight is > 0 (a layer, head or extra term
+# switched on): with weight 0 they are exact zeros, not logged to TensorBoard
+_SWITCHED = {
+    "mask": "mask",
+    "ssim": "ssim",
+    "spectral": "spectral",
+    "granules": "granules",
+    "nucleus": "nucleus",
+    "size": "size",
+    "texture": "texture",
+    "align": "align",
+    "align_centroid": "align_centroid",
+    "classify": "classify",
+    "maturation": "maturation",
+    "view": "view_contrast",
+}
+
+
+def term_weights(w: LossWeights) -> dict[str, str]:
+    """How each logged term of :class:`LossTerms` enters ``total`` (PoE fusion): the
+    weight as text (``"0"``: off), by term name. The logged terms are unweighted."""
+    g = f"{w.cross:g}"
+    out = {
+        "image": f"{w.image:g}",
+        "expression": f"{w.expression:g}",
+        "kl": "β, via kl_objective (schedule/beta)",
+        "kl_objective": "1 (β·KL, or β·|KL − C| with capacity)",
+        "image_unimodal": f"{g} × {w.image:g} (cross × image)",
+        "image_from_expression": f"{g} × {w.image:g} (cross × image)",
+        "expression_unimodal": f"{g} × {w.expression:g} (cross × expression)",
+        "expression_from_image": f"{g} × {w.expression:g} (cross × expression)",
+        "kl_unimodal": f"β × {g} (β × cross)",
+        "kl_image": "none: part of kl_unimodal",
+        "kl_expression": "none: part of kl_unimodal",
+    }
+    for term, attr in _SWITCHED.items():
+        out[term] = f"{float(getattr(w, attr)):g}"
+    if w.align_mode == "none":
+        out["align"] = "0"
+    return out
+
+
+def terms_off(w: LossWeights) -> set[str]:
+    """Terms whose weight is 0 (always exact zeros: not worth a TensorBoard card)."""
+    return {t for t, v in term_weights(w).items() if t in _SWITCHED and v == "0"}
+
+
 def vae_loss(
     out: ForwardOutput,
     image: torch.Tensor,

@@ -17,6 +17,8 @@ the step it resumes from (``purge_step``), so no step holds two values.
 * ``reconstruction/val/rows``: text, once: what the grid's rows and columns are
 * ``latent/mu_NN``: histograms of the fused posterior means of the figure batch's cells
 * ``latent/dims``: text, once: which dims (``NN``) are shared and which private
+* ``loss/weights``: text, once: each term's weight in ``total`` (terms of weight 0 are
+  not logged)
 * projector: fused latent of (up to) N cells with crop thumbnails and labels
 """
 
@@ -119,6 +121,23 @@ class TBLogger:
                 f"{n_shared + n_private:02d}-{last:02d} private to the expression"
             )
         self.writer.add_text("latent/dims", text + ".", 0)
+
+    def weights_legend(self, weights: dict[str, str], off: set[str], moe: bool = False) -> None:
+        """Say once how each logged (unweighted) loss term enters ``total``, and which are
+        not logged because their weight is 0."""
+        rows = [f"| `{t}` | {v} |" for t, v in weights.items() if t not in off]
+        text = (
+            "Loss terms are logged unweighted; `total` = Σ weight × term.\n\n"
+            "| term | weight in total |\n|---|---|\n" + "\n".join(rows)
+        )
+        if moe:
+            text += (
+                "\n\nvae.fusion=moe: the cross-modal and unimodal terms are reported only "
+                "(they are inside `image` / `expression`); `kl_image` + `kl_expression` = `kl`."
+            )
+        if off:
+            text += "\n\nNot logged (weight 0, always 0): " + ", ".join(sorted(off)) + "."
+        self.writer.add_text("loss/weights", text, 0)
 
     def kl_per_dim(self, kl: np.ndarray, step: int) -> None:
         for i, v in enumerate(np.asarray(kl).ravel()):

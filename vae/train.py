@@ -50,7 +50,7 @@ from vae.data import (
     to_batch,
 )
 from vae.flat import FlatParameters
-from vae.losses import LossTerms, LossWeights, vae_loss
+from vae.losses import LossTerms, LossWeights, term_weights, terms_off, vae_loss
 from vae.model import TwoBranchVAE
 from vae.schedules import DEFAULT_BETA, KLSchedule, lr_lambda
 from vae.tb import TBLogger
@@ -745,6 +745,15 @@ def train(
         and use_image
     )
 
+    # terms of weight 0 are exact zeros: not logged (flat zero cards under every prefix)
+    off = terms_off(args.weights)
+
+    def shown(values: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in values.items() if k not in off}
+
+    if tb is not None and is_main and resume_from is None:  # once per run, at step 0
+        tb.weights_legend(term_weights(args.weights), off, moe=core.args.fusion == "moe")
+
     def schedule_now(beta: float, cap: float) -> dict[str, float]:
         # β and C of the step just taken, the learning rate of the next one
         return {"beta": beta, "capacity": cap, "lr": sched.get_last_lr()[0]}
@@ -891,7 +900,7 @@ def train(
             vec = terms.vector().double() * bsz
             sums = vec if sums is None else sums + vec
             if tb is not None and is_main and step % max(1, args.log_every_steps) == 0:
-                tb.scalars("train", terms.scalars(), step)
+                tb.scalars("train", shown(terms.scalars()), step)
                 tb.scalars("schedule", schedule_now(beta, cap), step)
                 tb.writer.add_scalar("train/grad_norm", float(gnorm), step)
                 schedule_logged = step
@@ -990,8 +999,8 @@ def train(
                 # step that ended it (they were at the epoch number, and β / LR could not
                 # be lined up with the val curves); "epoch" maps the one to the other
                 tb.writer.add_scalar("epoch", epoch, step)
-                tb.scalars("epoch_train", train_means, step)
-                tb.scalars("val", val_means, step)
+                tb.scalars("epoch_train", shown(train_means), step)
+                tb.scalars("val", shown(val_means), step)
                 tb.kl_per_dim(last_kl, step)
                 tb.scalars("val", {"active_units": rec["active_units"]}, step)
                 if raw_val is not None:  # the raw weights beside the average's

@@ -121,3 +121,38 @@ def test_kl_of_each_expert_reaches_tensorboard(tmp_path):
     _, sc = _train(tmp_path, log_every_steps=1)
     for tag in ("train/kl_image", "train/kl_expression", "val/kl_image", "val/kl_expression"):
         assert tag in sc, tag
+
+
+def _texts(log_dir) -> dict[str, list[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {
+        t.removesuffix("/text_summary"): [
+            e.tensor_proto.string_val[0].decode() for e in acc.Tensors(t)
+        ]
+        for t in acc.Tags()["tensors"]
+        if t.endswith("/text_summary")
+    }
+
+
+def test_terms_of_weight_zero_are_not_logged_and_the_weights_are_in_a_legend(tmp_path):
+    """ssim, spectral, texture, view, size, align_centroid ... at weight 0 were flat zeros
+    under train/, val/ and epoch_train/; the logged terms are unweighted while total is
+    weighted, so a text card says each term's weight."""
+    from vae.losses import LossWeights
+
+    w = LossWeights(classify=200.0, align=20.0, align_mode="class")
+    _, sc = _train(tmp_path, log_every_steps=1, weights=w)
+    for off in ("ssim", "spectral", "texture", "view", "size", "align_centroid", "granules"):
+        for prefix in ("train", "val", "epoch_train"):
+            assert f"{prefix}/{off}" not in sc, (prefix, off)
+    for on in ("total", "image", "expression", "kl", "classify", "align", "kl_unimodal"):
+        for prefix in ("train", "val", "epoch_train"):
+            assert f"{prefix}/{on}" in sc, (prefix, on)
+    (legend,) = _texts(tmp_path / "tb")["loss/weights"]
+    assert "| `classify` | 200 |" in legend and "| `align` | 20 |" in legend
+    assert "| `expression_from_image` | 1 × 1 (cross × expression) |" in legend
+    assert "Not logged (weight 0, always 0):" in legend and "align_centroid" in legend
+    assert "`ssim`" not in legend
