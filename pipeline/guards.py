@@ -258,7 +258,8 @@ FOLDER_INPUTS = {"expression_raw"}
 
 
 def check_start(cfg: DictConfig) -> None:
-    """Names, ranges and hardware: everything checkable before any folder exists.
+    """Names, ranges, hardware and ``resume=true`` with ``overwrite=true`` (refused):
+    everything checkable before any folder exists.
 
     Raises
     ------
@@ -269,6 +270,17 @@ def check_start(cfg: DictConfig) -> None:
     from pipeline.ranges import SettingRangeError, check_ranges
 
     stage_dir(cfg, "check")  # experiment / variant (pipeline/names.py)
+    if cfg.resume and cfg.overwrite:
+        # overwrite moved the run aside, then resume found no last.pt and trained from
+        # scratch: the run the user asked to continue was dropped (an audit)
+        name = cfg.stage.name
+        where = (
+            f"the runs in {run_dir(cfg)}" if name == "all" else f"the run in {stage_dir(cfg, name)}"
+        )
+        raise StageError(
+            f"resume=true and overwrite=true contradict: resume=true continues {where}, "
+            f"overwrite=true starts it over; give one"
+        )
     try:
         check_ranges(cfg)
     except SettingRangeError as e:
