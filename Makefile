@@ -36,8 +36,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# make tensorboard DIR=outputs/demo/train/tb: that folder; without DIR the newest outputs/*/
 tensorboard: $(STAMP)
-	$(VENV)/bin/tensorboard --logdir $$(ls -td outputs/*/ 2>/dev/null | head -1 || echo outputs)
+	$(VENV)/bin/tensorboard --logdir $(if $(DIR),'$(DIR)',$$(ls -td outputs/*/ 2>/dev/null | head -1 || echo outputs))
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -9,6 +9,8 @@ from ``last.pt`` with the saved split.
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -400,6 +402,7 @@ def run_train(ctx: StageContext) -> None:
     tb = TBLogger(ctx.output("tb"), data.gene_names, granule[:12]) if dist.is_main else None
     if tb is not None:
         tb.dims_legend(int(model.args.n_shared), int(model.args.n_private))
+        log.info("TensorBoard: %s", tensorboard_command(ctx.output("tb")))
     resolved = checkpoint_config(OmegaConf.to_container(cfg, resolve=True))
     try:
         result = train(
@@ -457,6 +460,13 @@ def run_train(ctx: StageContext) -> None:
         result.best_val,
         result.seconds,
     )
+
+
+def tensorboard_command(log_dir: str | Path) -> str:
+    """The command that shows ``log_dir``: the ``tensorboard`` beside the running
+    interpreter (the bare name is on PATH only with the venv activated), quoted."""
+    exe = Path(sys.executable).parent / "tensorboard"
+    return f"{shlex.quote(str(exe))} --logdir {shlex.quote(str(Path(log_dir).absolute()))}"
 
 
 def checkpoint_source(src: str | Path, experiment: str | Path) -> str:
