@@ -143,6 +143,12 @@ class LossTerms:
     align_centroid : per-dim squared distance between the experts' class means
         (:func:`class_centroid_gap`; 0 when off)
     kl_per_dim : (d,) KL of the fused posterior per latent dim (not in total)
+    elbo : the negative ELBO of the fused posterior without β, reported only: the
+        reconstruction likelihood terms of the fused decode (image-side NLLs but not the
+        ssim / spectral distances, and the expression NLL, each with its weight as in
+        ``total``) plus 1 · ``kl`` (no free bits, no capacity). Runs of different
+        ``vae.beta`` or capacity compare on it (``total`` holds β · KL); runs of
+        different term weights do not
     """
 
     total: torch.Tensor
@@ -170,6 +176,7 @@ class LossTerms:
     view: torch.Tensor
     size: torch.Tensor
     texture: torch.Tensor
+    elbo: torch.Tensor
 
     def scalars(self) -> dict[str, float]:
         """Every scalar term as a Python float (for logging)."""
@@ -857,6 +864,7 @@ def term_weights(w: LossWeights) -> dict[str, str]:
         "kl_unimodal": f"β × {g} (β × cross)",
         "kl_image": "none: part of kl_unimodal",
         "kl_expression": "none: part of kl_unimodal",
+        "elbo": "none: reported only (β-free negative ELBO: fused reconstruction + 1·kl)",
     }
     for term, attr in _SWITCHED.items():
         out[term] = f"{float(getattr(w, attr)):g}"
@@ -1231,4 +1239,12 @@ def vae_loss(
         view=view,
         size=i_size,
         texture=i_tex,
+        elbo=_weighted_sum(
+            zero,
+            [
+                (1.0, weighted_img((i_nll, i_mask, zero, zero, i_gran, i_nuc, i_size, i_tex))),
+                (w.expression, e_nll),
+                (1.0, kl),
+            ],
+        ),
     )

@@ -449,6 +449,7 @@ def run_train(ctx: StageContext) -> None:
             "n_rows": data.n,
             "split_counts": {s: int((split == s).sum()) for s in ("train", "val", "test")},
             "model_args": asdict(margs),
+            **run_settings(cfg, result),
             "wall_seconds": round(time.time() - t0, 2),
         },
     )
@@ -460,6 +461,26 @@ def run_train(ctx: StageContext) -> None:
         result.best_val,
         result.seconds,
     )
+
+
+def run_settings(cfg, result) -> dict:
+    """What train_summary.json says to compare runs by: the key settings, and the best
+    epoch's validation loss with and without β (``val/elbo``: reconstruction + 1 · KL;
+    ``best_val`` holds β · KL, so runs of different ``vae.beta`` compare on the ELBO)."""
+    best = next((r for r in result.history if r.get("epoch") == result.best_epoch), None)
+    val = best.get("val", {}) if best else {}
+    return {
+        "settings": {
+            "vae.beta": float(cfg.vae.beta),
+            "vae.n_latent": int(cfg.vae.n_latent),
+            "vae.n_private": int(cfg.vae.n_private),
+            "vae.kl_warmup_epochs": float(cfg.vae.kl_warmup_epochs),
+            "vae.capacity_max": float(cfg.vae.capacity_max),
+            "trainer.max_epochs": int(cfg.trainer.max_epochs),
+            "trainer.lr": float(cfg.trainer.lr),
+        },
+        "best_val_elbo": val.get("elbo"),
+    }
 
 
 def tensorboard_command(log_dir: str | Path) -> str:

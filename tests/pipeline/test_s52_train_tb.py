@@ -66,3 +66,14 @@ def test_make_tensorboard_honours_dir():
 
     assert cmd("DIR=out/my run/train/tb").endswith("--logdir 'out/my run/train/tb'")
     assert "ls -td outputs/*/" in cmd()
+
+
+def test_train_summary_names_the_settings_and_the_beta_free_elbo(paired: Path):
+    import json
+
+    d = _run(paired, "experiment=s", "vae.beta=4")
+    s = json.loads((d / "train_summary.json").read_text())
+    assert s["settings"]["vae.beta"] == 4.0 and s["settings"]["vae.n_latent"] == 4
+    assert s["settings"]["trainer.max_epochs"] == 2 and s["epochs"] == 2
+    assert s["best_epoch"] >= 1
+    assert isinstance(s["best_val_elbo"], float) and s["best_val_elbo"] > 0

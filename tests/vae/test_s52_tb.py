@@ -156,3 +156,15 @@ def test_terms_of_weight_zero_are_not_logged_and_the_weights_are_in_a_legend(tmp
     assert "| `expression_from_image` | 1 × 1 (cross × expression) |" in legend
     assert "Not logged (weight 0, always 0):" in legend and "align_centroid" in legend
     assert "`ssim`" not in legend
+
+
+def test_elbo_is_free_of_beta_and_reaches_tensorboard(tmp_path):
+    """val/total holds β·KL, so runs of β=4 and β=1 did not compare; elbo is the fused
+    reconstruction + 1·KL: the same for any β on the same draws."""
+    for fusion in ("poe", "moe"):
+        one, four = _terms(fusion, beta=1.0).scalars(), _terms(fusion, beta=4.0).scalars()
+        assert one["total"] != four["total"]
+        assert np.isclose(one["elbo"], four["elbo"], rtol=1e-6)
+        assert np.isclose(one["elbo"], one["image"] + one["mask"] + one["expression"] + one["kl"])
+    _, sc = _train(tmp_path, log_every_steps=1)
+    assert [s for s, _ in sc["val/elbo"]] == [2, 4]
