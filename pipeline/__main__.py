@@ -257,12 +257,24 @@ def config_error_line(e: BaseException) -> str:
     if m and cause is not None:
         # OmegaConf's message: the reason first, then full_key / object_type lines
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        several = _several_values(m.group(1))
+        if several is not None and "could not be converted" in reason:
+            # vae.beta='1,4', quoted as Hydra's hint for the unquoted form said: a sweep
+            key, _, value = m.group(1).partition("=")
+            value = value.strip("'\"")
+            return (
+                f"{m.group(1)}: {reason}; to run one job per value, add -m (a sweep) and "
+                f"leave out the quotes: python -m pipeline -m ... {key}={value}"
+            )
         return f"{m.group(1)}: {reason}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     override = getattr(e, "override", None)  # OverrideParseException: the text not parsed
     if override and lines and not lines[0].startswith(str(override)):
         lines[0] = f"{override}: {lines[0]}"
     ambiguous = re.match(r"Ambiguous value for argument '(.*)'$", lines[0]) if lines else None
+    several = _several_values(ambiguous.group(1)) if ambiguous else None
+    if several is not None:
+        return several
     if override or ambiguous:
         # a path with a space, bracket, accent, = , # & ' ~ ... is no plain override
         # value: Hydra's lexer message and its link to old docs did not say to quote it
@@ -342,6 +354,9 @@ def config_error_line(e: BaseException) -> str:
         re.match(r"In '[^']*': Could not find '([\w.]+)/([^']+)'$", lines[0]) if lines else None
     )
     if missing:
+        several = _several_values(f"{missing.group(1)}={missing.group(2)}")
+        if several is not None:  # stage='train,evaluate': quoted as the hint said
+            return several
         lines[0] = f"{missing.group(1)}={missing.group(2)}: {lines[0].split(': ', 1)[1]}"
     # Hydra's "Config search path:" block tells where it looked, not what to change
     if "Config search path:" in lines:
@@ -349,6 +364,41 @@ def config_error_line(e: BaseException) -> str:
     lines = _options_line(lines)
     out = "; ".join(ln.rstrip(".") if k < len(lines) - 1 else ln for k, ln in enumerate(lines))
     return out or type(e).__name__
+
+
+def _several_values(given: str) -> str | None:
+    """The line for ``key=a,b`` given without ``-m`` where the comma means several runs,
+    not one text to quote: stages (``stage=train,evaluate``), options of a config group
+    (``vae=tiny,default``) and numbers (``vae.beta=1,4``), whose quoted form fails next
+    ("Could not find 'stage/train,evaluate'", "could not be converted to Float"). None
+    for anything else (a path with a comma: quoted, as Hydra's hint says).
+
+    >>> print(_several_values("vae.beta=1,4"))
+    vae.beta=1,4: several values in one run; to run one job per value, add -m (a sweep): python -m pipeline -m ... vae.beta=1,4
+    """
+    key, sep, value = given.partition("=")
+    key = key.lstrip("+~")
+    value = value.strip().strip("'\"")
+    parts = [v.strip() for v in value.split(",")]
+    if not sep or len(parts) < 2 or not all(parts):
+        return None
+    if key == "stage":
+        return (
+            f"stage={value}: one stage per run: stage=all runs the whole chain, or add -m to "
+            f"run the stages one after another (python -m pipeline -m stage={value} ...)"
+        )
+    group = Path(__file__).parent / "conf" / key
+    if "." not in key and group.is_dir():
+        return (
+            f"{key}={value}: one {key} option per run; to run one job per option, add -m "
+            f"(a sweep): python -m pipeline -m ... {key}={value}"
+        )
+    if all(re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", v) for v in parts):
+        return (
+            f"{key}={value}: several values in one run; to run one job per value, add -m (a "
+            f"sweep): python -m pipeline -m ... {key}={value}"
+        )
+    return None
 
 
 def _new_mapping_key(cause: BaseException | None) -> tuple[str, str, list[str]] | None:
