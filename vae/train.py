@@ -561,6 +561,13 @@ def train(
         capacity_steps=round(args.capacity_epochs * steps_per_epoch),
     )
 
+    if is_main and args.beta == 0:
+        log.info(
+            "vae.beta=0 trains a plain autoencoder: the KL to the prior costs nothing (kl "
+            "is still logged), the code is not drawn towards N(0, I), and decodes of prior "
+            "samples or traversals in prior units mean little"
+        )
+
     # moving average of the weights (args.ema_epochs): what validation, model.pt and the
     # figures read; the optimizer steps the raw weights
     decay = ema_decay(args.ema_epochs, steps_per_epoch)
@@ -1059,7 +1066,17 @@ def train(
     dist.barrier()
     if is_main and stopped != "interrupted" and best_epoch == 0:
         # the KL schedule never finished: keep the last weights as "best"
-        log.warning("KL schedule did not finish within the run; model.pt = last epoch")
+        if args.beta > 0:  # β = 0: no KL to warm up, the fallback needs no warning
+            cap = f", vae.capacity_epochs={args.capacity_epochs:g}" if args.capacity_max > 0 else ""
+            log.warning(
+                "the KL schedule (vae.kl_warmup_epochs=%g%s) did not finish within the %d "
+                "epochs run (trainer.max_epochs=%d): no epoch could be selected, model.pt = "
+                "the last epoch; raise trainer.max_epochs or shorten vae.kl_warmup_epochs",
+                args.kl_warmup_epochs,
+                cap,
+                epoch,
+                args.max_epochs,
+            )
         best_epoch, best_val = epoch, history[-1]["val"]["total"] if history else math.nan
         with averaged_weights(core, ema):
             save_checkpoint(out_dir / "model.pt", payload("best"))

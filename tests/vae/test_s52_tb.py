@@ -168,3 +168,18 @@ def test_elbo_is_free_of_beta_and_reaches_tensorboard(tmp_path):
         assert np.isclose(one["elbo"], one["image"] + one["mask"] + one["expression"] + one["kl"])
     _, sc = _train(tmp_path, log_every_steps=1)
     assert [s for s, _ in sc["val/elbo"]] == [2, 4]
+
+
+def test_kl_schedule_warning_names_its_settings_and_beta_zero_says_autoencoder(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="vae.train"):
+        _train(tmp_path / "a", kl_warmup_epochs=5, beta=1.0)
+    warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("vae.kl_warmup_epochs=5" in m and "trainer.max_epochs=2" in m for m in warn), warn
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vae.train"):
+        _train(tmp_path / "b", kl_warmup_epochs=5, beta=0.0)
+    msgs = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert not [m for lv, m in msgs if lv == logging.WARNING and "KL schedule" in m], msgs
+    assert any("vae.beta=0 trains a plain autoencoder" in m for _, m in msgs), msgs
