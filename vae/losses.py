@@ -856,7 +856,7 @@ def term_weights(w: LossWeights) -> dict[str, str]:
         "image": f"{w.image:g}",
         "expression": f"{w.expression:g}",
         "kl": "β, via kl_objective (schedule/beta)",
-        "kl_objective": "1 (β·KL, or β·|KL − C| with capacity)",
+        "kl_objective": "1 (β·KL, or β·abs(KL − C) with capacity)",
         "image_unimodal": f"{g} × {w.image:g} (cross × image)",
         "image_from_expression": f"{g} × {w.image:g} (cross × image)",
         "expression_unimodal": f"{g} × {w.expression:g} (cross × expression)",

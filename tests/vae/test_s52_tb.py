@@ -156,6 +156,9 @@ def test_terms_of_weight_zero_are_not_logged_and_the_weights_are_in_a_legend(tmp
     assert "| `expression_from_image` | 1 × 1 (cross × expression) |" in legend
     assert "Not logged (weight 0, always 0):" in legend and "align_centroid" in legend
     assert "`ssim`" not in legend
+    # a Markdown table: no "|" inside a cell (|KL − C| split the kl_objective row)
+    rows = [ln for ln in legend.splitlines() if ln.startswith("| `")]
+    assert rows and all(ln.count("|") == 3 for ln in rows), rows
 
 
 def test_elbo_is_free_of_beta_and_reaches_tensorboard(tmp_path):
