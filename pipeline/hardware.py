@@ -213,6 +213,54 @@ def plan(hw: Any) -> tuple[str, list[int], int]:
     return "cuda", devices, len(devices)
 
 
+def _cpus() -> int:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def fit_fallback(hw: Any) -> None:
+    """On a GPU run that fell back to the CPU (``hardware.fallback_to_cpu=true``), lower
+    ``hw.num_workers`` (in place) to the CPUs this process may use, and say so once:
+    the GPU configs' 4 DataLoader workers on a 2-core machine made torch warn, and
+    competed with the training threads for the cores."""
+    dtype, _, _ = plan(hw)
+    if dtype != "cpu" or hw.kind == "cpu":
+        return
+    cpus = _cpus()
+    workers = int(hw.get("num_workers", 0) or 0)
+    if workers > cpus:
+        _warn_once(
+            "hardware.num_workers=%d lowered to %d, the CPUs this process may use: the run "
+            "fell back to the CPU",
+            workers,
+            cpus,
+        )
+        hw.num_workers = cpus
+
+
+def used(hw: Any) -> dict[str, Any]:
+    """What a stage ran on, for its manifest (``hardware_used``): the config says what
+    was asked for, which after ``hardware.fallback_to_cpu=true`` is not what ran.
+
+    ``precision`` is the one in effect: bf16 autocast is GPU only
+    (:meth:`DistInfo.autocast`), so a CPU run computes in fp32 whatever
+    ``hardware.precision`` says.
+    """
+    dtype, ids, world = plan(hw)
+    out: dict[str, Any] = {
+        "device": dtype,
+        "devices": list(ids),
+        "processes": int(world),
+        "precision": str(hw.precision) if dtype == "cuda" else "fp32",
+        "num_workers": int(hw.get("num_workers", 0) or 0),
+    }
+    if dtype == "cpu" and hw.kind != "cpu":
+        out["fallback_to_cpu"] = True
+    return out
+
+
 # (hardware.torch_threads, world size) -> (threads, why): decided once per process
 _THREADS: dict[tuple[int | None, int], tuple[int, str]] = {}
 

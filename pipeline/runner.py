@@ -678,9 +678,13 @@ def _run_locked(cfg: DictConfig, name: str, spec: StageSpec, inputs: dict[str, P
                 handler.handle(
                     logging.LogRecord(hardware.log.name, logging.WARNING, "", 0, text, None, None)
                 )
+        # a GPU run fallen back to the CPU: no more DataLoader workers than CPUs (said)
+        hardware.fit_fallback(cfg.hardware)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         manifest = Manifest(d, name, resolved)
         manifest.data["resume_hash"] = settings_hash(resolved, name)
+        # the device, precision and workers in effect (the config says what was asked)
+        manifest.data["hardware_used"] = hardware.used(cfg.hardware)
         for n, p in inputs.items():
             manifest.add_input(n, p)
         manifest.save()
