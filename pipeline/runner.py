@@ -769,6 +769,29 @@ class _Failed:
 _LAST_FAILED: _Failed | None = None
 
 
+# the epoch a resumable stage's checkpoint records, and what adds to it to give the
+# epochs done: vae.train saves the count done, segmentation.train the 0-based index
+_CHECKPOINT_EPOCH_DONE = {"train": 0, "segment_train": 1}
+
+
+def checkpoint_said(d: Path, name: str) -> str:
+    """``last.pt (saved after epoch 20)``: stage ``name``'s resume checkpoint in ``d`` and
+    the epochs it holds, read from its ``epoch`` field without reading its tensors
+    (mapped, not loaded: a big model costs no more than a small one); the file name
+    alone where that cannot be read."""
+    from pipeline.guards import RESUMABLE
+
+    ck = RESUMABLE[name]
+    try:
+        import torch
+
+        data = torch.load(d / ck, map_location="cpu", weights_only=True, mmap=True)
+        done = int(data["epoch"]) + _CHECKPOINT_EPOCH_DONE.get(name, 0)
+    except Exception:  # noqa: BLE001 - advice after a Ctrl-C: never a new error
+        return ck
+    return f"{ck} (saved after epoch {done})"
+
+
 def interrupt_advice(f: _Failed) -> str | None:
     """What a Ctrl-C during stage ``f.stage`` left, and the re-runs that do what they
     say; None when the previous result could not be put back (that error was logged).
@@ -781,6 +804,9 @@ def interrupt_advice(f: _Failed) -> str | None:
 
     name, d = f.stage, f.dir
     ck = RESUMABLE.get(name)
+    # "keeps its last.pt" did not say how far it got (the log had reached epoch 25, the
+    # file held 20: an audit): the epoch it holds, where it can be read
+    said = checkpoint_said(d, name) if ck else None
     again = f"python -m pipeline {rerun_args(f.cfg, name, settings=True)}"
     head = f"interrupted during stage={name}"
     if f.attempt is not None:  # a previous complete result was put back
@@ -790,7 +816,7 @@ def interrupt_advice(f: _Failed) -> str | None:
                 f"{head} (resume=true): the complete run in {d} is back as it was before this "
                 f"resume; what this attempt added is kept in {f.attempt} and is not "
                 f"continued. `{again} resume=true` continues the complete run again from its "
-                f"{ck}; `{again} overwrite=true` starts it over. Delete {f.attempt} when it "
+                f"{said}; `{again} overwrite=true` starts it over. Delete {f.attempt} when it "
                 f"is not needed."
             )
         flag = "overwrite=true" if f.cfg.overwrite else "resume=true"
@@ -801,7 +827,7 @@ def interrupt_advice(f: _Failed) -> str | None:
         )
         if ck and (d / ck).exists():
             text += (
-                f" `{again} resume=true` would continue that earlier run from its {ck}, not "
+                f" `{again} resume=true` would continue that earlier run from its {said}, not "
                 f"the interrupted attempt; `{again} overwrite=true` starts the new run over "
                 f"from the beginning."
             )
@@ -812,7 +838,7 @@ def interrupt_advice(f: _Failed) -> str | None:
         return None  # the previous result could not be put back: logged with where it is
     if ck and (d / ck).exists():
         return (
-            f"{head}: {d} is marked failed and keeps its {ck}: `{again} resume=true` "
+            f"{head}: {d} is marked failed and keeps its {said}: `{again} resume=true` "
             f"continues it from there; `{again} overwrite=true` starts it over."
         )
     if ck:
