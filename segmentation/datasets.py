@@ -78,6 +78,11 @@ class AnnotationError(ValueError):
     """An annotation file is malformed; the message names the file and field."""
 
 
+# Skip.field of one annotation left out (the rest of its file and image are used), as
+# against ``image`` / ``annotation`` (a whole image or annotation file left out)
+ANNOTATION_FIELDS = ("bbox", "segmentation")
+
+
 @dataclass
 class Skip:
     """A file left out of a data set instead of stopping the run, and why.
@@ -293,6 +298,38 @@ def _coco_segmentation(seg: Any, h: int, w: int, where: str) -> dict[str, Any] |
         raise AnnotationError(f"{where}: field 'segmentation' cannot be read ({e})") from e
 
 
+# share of a mask's pixels that must lie in its annotation's box (1 px margin): a mask
+# mostly elsewhere is a misplaced annotation (a polygon from another image, shifted
+# coordinates), whose training target would teach the mask head a wrong cell
+MASK_IN_BOX_MIN = 0.5
+
+
+def mask_problem(rle: dict[str, Any], box: Sequence[float]) -> str | None:
+    """Why the COCO RLE ``rle`` cannot be the mask of an object in ``box`` (x0, y0, x1, y1),
+    or None: it is empty (a polygon outside the image, one of an odd number of
+    coordinates), or under :data:`MASK_IN_BOX_MIN` of its pixels lie in the box.
+    RLE operations only: the mask is never decoded."""
+    r = {"size": list(rle["size"]), "counts": rle["counts"]}
+    if isinstance(r["counts"], str):
+        r["counts"] = r["counts"].encode("ascii")
+    area = float(mask_utils.area(r))
+    if area <= 0:
+        return "mask is empty (0 pixels inside the image)"
+    h, w = (int(v) for v in r["size"])
+    x0, y0 = max(0.0, np.floor(box[0]) - 1), max(0.0, np.floor(box[1]) - 1)
+    x1, y1 = min(float(w), np.ceil(box[2]) + 1), min(float(h), np.ceil(box[3]) + 1)
+    b = mask_utils.frPyObjects(np.array([[x0, y0, x1 - x0, y1 - y0]], np.float64), h, w)
+    inside = float(mask_utils.area(mask_utils.merge([r, b[0]], intersect=True)))
+    if inside < MASK_IN_BOX_MIN * area:
+        mx, my, mw, mh = (float(v) for v in mask_utils.toBbox(r))
+        return (
+            f"mask lies outside its bbox ({inside:.0f} of its {area:.0f} pixels inside; "
+            f"mask x {mx:g}-{mx + mw:g}, y {my:g}-{my + mh:g}; bbox x {box[0]:g}-{box[2]:g}, "
+            f"y {box[1]:g}-{box[3]:g})"
+        )
+    return None
+
+
 def read_coco(
     json_path: str | Path,
     image_root: str | Path | None = None,
@@ -300,6 +337,7 @@ def read_coco(
     default_split: str = "train",
     val_fraction: float = 0.0,
     seed: int = 0,
+    skipped: list[Skip] | None = None,
 ) -> SmearDataset:
     """Read a COCO instances JSON.
 
@@ -315,6 +353,13 @@ def read_coco(
         When no image has a ``split`` field (COCO has none; exports from annotation
         tools do not add one), this deterministic share of the images (by ``seed``) is
         split ``val``, the rest ``default_split``; 0: none.
+    skipped
+        Annotations left out are added here (one :class:`Skip` each, its ``path`` the
+        image, its ``field`` the one at fault (:data:`ANNOTATION_FIELDS`: ``bbox`` or
+        ``segmentation``), the reason naming the JSON and
+        ``annotations[k]``): a box outside the image or under 1 px once clipped, a mask
+        that is empty or lies outside its box (:func:`mask_problem`). Either way each
+        file's left-out annotations get one warning.
 
     Notes
     -----
@@ -368,6 +413,12 @@ def read_coco(
         )
     std = {"id", "image_id", "category_id", "bbox", "area", "segmentation", "iscrowd"}
     dropped = []
+    bad_masks: list[str] = []
+
+    def left_out(rec: ImageRecord, what: str, fld: str) -> None:
+        if skipped is not None:
+            skipped.append(Skip(rec.path, f"{json_path}: {what}", fld))
+
     for i, a in enumerate(data["annotations"]):
         where = f"{json_path}: annotations[{i}]"
         for key in ("image_id", "category_id", "bbox"):
@@ -399,10 +450,23 @@ def read_coco(
         box = _clip_box((x, y, x + w, y + h), rec.width, rec.height)
         if not _valid(box):
             dropped.append(f"annotations[{i}] bbox {a['bbox']}")
+            left_out(rec, f"{dropped[-1]}: outside the image or under 1 px after clipping", "bbox")
+            continue
+        why = mask_problem(rle, box) if rle is not None else None
+        if why is not None:
+            bad_masks.append(f"annotations[{i}]: {why}")
+            left_out(rec, bad_masks[-1], "segmentation")
             continue
         extra = {k: v for k, v in a.items() if k not in std}
         rec.instances.append(Instance(bbox=box, category=cat, mask=rle, extra=extra))
     _report_dropped(json_path, dropped)
+    if bad_masks:
+        log.warning(
+            "%s: %d annotation(s) left out, their mask unusable: %s",
+            json_path,
+            len(bad_masks),
+            _few(bad_masks, "; "),
+        )
     return SmearDataset(list(records.values()))
 
 

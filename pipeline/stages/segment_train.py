@@ -31,6 +31,7 @@ from pipeline.runner import StageContext, StageError, stage
 # columns of stage=segment's
 from pipeline.segment_sources import REJECT_COLUMNS
 from segmentation.datasets import (
+    ANNOTATION_FIELDS,
     READERS,
     DetectionDataset,
     Skip,
@@ -112,8 +113,8 @@ def load_sets(
     donors: list[int] = []
     if cfg.data.name == "synthetic":
         ann = cfg.paths.inputs.get("annotations") or (Path(smears) / "annotations.json")
-        ds = read_coco(ann, image_root=smears, source="synthetic")
         skips: list[Skip] = []
+        ds = read_coco(ann, image_root=smears, source="synthetic", skipped=skips)
         ds = drop_unreadable(ds, skips)
         rejects += _reject_rows("synthetic", skips)
         ds = with_scale(ds, float(sc.input_scale), sc.cell_px)
@@ -155,6 +156,7 @@ def load_sets(
                     source=name,
                     val_fraction=float(src.val_fraction) if src.val_splits else 0.0,
                     seed=int(cfg.seed),
+                    skipped=skips,
                 )
             gone = [r.path for r in ds if not Path(r.path).is_file()]
             if gone and len(gone) <= MISSING_IMAGES_SKIPPED * len(ds):
@@ -220,17 +222,25 @@ def load_sets(
             ds.counts(),
         )
     train.renumber()
-    if len(train) == 0 and rejects:
-        first = rejects[0]
+    files = [r for r in rejects if r["field"] not in ANNOTATION_FIELDS]
+    if len(train) == 0 and files:
+        first = files[0]
         # the skips need not be the cause (a train split named wrong leaves none too)
         raise StageError(
-            f"no trainable image left: {len(rejects)} file(s) were skipped as unreadable or "
+            f"no trainable image left: {len(files)} file(s) were skipped as unreadable or "
             f"malformed and no training image remains (first: {first['image']}: "
             f"{first['reason']}); fix or replace them, or, if they were not training "
             f"images, check data.smear_sources[*].train_splits"
         )
     if len(train) == 0:
         raise StageError("no training images: check data.smear_sources[*].train_splits")
+    anns = [r for r in rejects if r["field"] in ANNOTATION_FIELDS]
+    if anns and not any(a.category == "wbc" for r in train for a in r.instances):
+        raise StageError(
+            f"no white-cell box left among the {len(train)} training images: "
+            f"{len(anns)} annotation(s) were left out (first: {anns[0]['image']}: "
+            f"{anns[0]['reason']}); fix their bbox / segmentation fields"
+        )
     if not any(a.category == "wbc" for r in train for a in r.instances):
         seen = {k: v for k, v in train.counts().items() if k not in ("images", "wbc_with_mask")}
         cells = [k for k in seen if k not in ("rbc", "platelet")]  # candidates
@@ -393,11 +403,19 @@ def segment_train(ctx: StageContext) -> None:
     smears = ctx.input("smears") if cfg.data.name == "synthetic" else None
     rejects: list[dict[str, str]] = []
     train, val, test, donors = load_sets(cfg, smears, rejects)
-    if rejects:
+    n_ann = sum(r["field"] in ANNOTATION_FIELDS for r in rejects)
+    if len(rejects) > n_ann:
         log.warning(
             "segment_train: %d file(s) left out of training as unreadable or malformed; "
             "listed in %s",
-            len(rejects),
+            len(rejects) - n_ann,
+            ctx.output("rejects.csv"),
+        )
+    if n_ann:
+        log.warning(
+            "segment_train: %d annotation(s) left out (box outside the image, mask empty "
+            "or outside its box); listed in %s",
+            n_ann,
             ctx.output("rejects.csv"),
         )
     if ctx.is_main:  # written now, so a run that fails later still says what was left out
@@ -495,7 +513,9 @@ def segment_train(ctx: StageContext) -> None:
             rejects += _reject_rows(source.get(str(k.path), ""), [k])
         with ctx.atomic("rejects.csv") as tmp:
             write_rejects(tmp, rejects)
-    final["skipped_files"] = len(rejects)  # listed in rejects.csv
+    # listed in rejects.csv: whole files, and single annotations left out
+    final["skipped_files"] = sum(r["field"] not in ANNOTATION_FIELDS for r in rejects)
+    final["skipped_annotations"] = sum(r["field"] in ANNOTATION_FIELDS for r in rejects)
     final["seconds"] = round(time.time() - t_start, 1)
     final["pseudo_masks"] = {"watershed": pseudo.stats.watershed, "ellipse": pseudo.stats.ellipse}
     write_json(ctx.output("metrics.json"), final)

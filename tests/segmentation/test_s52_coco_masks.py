@@ -1,0 +1,127 @@
+"""COCO annotations whose mask cannot be a training target (audit s52 M1, S5).
+
+A polygon of an odd number of coordinates or outside the image decoded to an empty
+mask, and a polygon far from its box was kept: segment_train trained on them with no
+warning. A polygon of 2 points stopped the run with pycocotools' internal message
+and refused the whole file. Each is now one annotation left out with a warning naming
+the file and ``annotations[k]``, listed in ``rejects.csv`` (field ``segmentation``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from segmentation.datasets import Skip, read_coco
+
+S = 96
+
+
+def _coco(tmp_path: Path, segs: dict[int, object]) -> Path:
+    """6 images, one 24 px white cell each at (30 + 6k, 40); annotation k's
+    segmentation replaced by ``segs[k]``."""
+    images, anns = [], []
+    for k in range(6):
+        cx, cy = 30 + 6 * k, 40
+        Image.new("RGB", (S, S), (230, 200, 200)).save(tmp_path / f"s{k}.png")
+        images.append({"id": k + 1, "file_name": f"s{k}.png", "width": S, "height": S})
+        poly = [cx - 12, cy, cx, cy - 12, cx + 12, cy, cx, cy + 12]
+        anns.append(
+            {
+                "id": k + 1,
+                "image_id": k + 1,
+                "category_id": 1,
+                "bbox": [cx - 12, cy - 12, 24, 24],
+                "iscrowd": 0,
+                "segmentation": segs.get(k, [poly]),
+            }
+        )
+    p = tmp_path / "annotations.json"
+    cats = [{"id": 1, "name": "wbc"}]
+    p.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return p
+
+
+def _kept(ds) -> int:
+    return sum(len(r.instances) for r in ds)
+
+
+def test_empty_and_misplaced_masks_are_left_out_and_listed(tmp_path, caplog):
+    p = _coco(
+        tmp_path,
+        {
+            0: [[10, 10, 20, 20, 30]],  # odd number of coordinates: 0 pixels
+            1: [[500, 500, 524, 500, 524, 524]],  # outside the image (its box is inside)
+            2: [[70, 70, 90, 70, 90, 90, 70, 90]],  # far from its box (24-48, 28-52)
+        },
+    )
+    skipped: list[Skip] = []
+    with caplog.at_level("WARNING"):
+        ds = read_coco(p, skipped=skipped)
+    assert _kept(ds) == 3
+    assert "annotations.json: 3 annotation(s) left out" in caplog.text
+    assert "annotations[0]: mask is empty" in caplog.text
+    assert "annotations[1]: mask is empty" in caplog.text
+    assert "annotations[2]: mask lies outside its bbox" in caplog.text
+    assert [k.field for k in skipped] == ["segmentation"] * 3
+    assert [k.path.name for k in skipped] == ["s0.png", "s1.png", "s2.png"]
+    assert all(str(p) in k.reason for k in skipped)
+    # without a list to record into, the reader still leaves them out (and warns)
+    assert _kept(read_coco(p)) == 3
+
+
+def test_a_mask_slightly_beyond_its_box_is_kept(tmp_path):
+    """A box drawn a little tighter than the polygon is an ordinary annotation."""
+    p = _coco(tmp_path, {0: [[16, 40, 30, 26, 44, 40, 30, 54]]})  # box 18-42 x 28-52
+    assert _kept(read_coco(p, skipped=[])) == 6
+
+
+def test_stage_rejects_list_the_left_out_annotations(tmp_path):
+    from pipeline.stages.segment_train import load_sets
+    from tests.helpers.run import compose_config
+
+    p = _coco(tmp_path, {0: [[10, 10, 20, 20, 30]], 3: [[70, 70, 90, 70, 90, 90, 70, 90]]})
+    src = f"{{format: coco, path: '{p}', name: lab, scale: 1.0, val_splits: []}}"
+    cfg = compose_config(
+        [
+            "stage=segment_train",
+            "data=bccd",
+            f"paths.root={tmp_path / 'out'}",
+            f"data.smear_sources=[{src}]",
+        ]
+    )
+    rejects: list = []
+    train, _, _, _ = load_sets(cfg, None, rejects)
+    assert len(train) == 6 and _kept(train) == 4
+    assert [(Path(r["image"]).name, r["field"], r["source"]) for r in rejects] == [
+        ("s0.png", "segmentation", "lab"),
+        ("s3.png", "segmentation", "lab"),
+    ]
+    assert "annotations[0]: mask is empty" in rejects[0]["reason"]
+    assert "annotations[3]: mask lies outside its bbox" in rejects[1]["reason"]
+
+
+def test_every_annotation_left_out_says_so(tmp_path):
+    """All masks misplaced: the stop names the annotations left out (was: 'no
+    white-cell box ... (classes found: none)', which sent one to the class names)."""
+    import pytest
+
+    from pipeline.runner import StageError
+    from pipeline.stages.segment_train import load_sets
+    from tests.helpers.run import compose_config
+
+    far = [[70, 70, 90, 70, 90, 90, 70, 90]]
+    p = _coco(tmp_path, {k: far for k in range(6)})
+    src = f"{{format: coco, path: '{p}', name: lab, scale: 1.0, val_splits: []}}"
+    cfg = compose_config(
+        [
+            "stage=segment_train",
+            "data=bccd",
+            f"paths.root={tmp_path}",
+            f"data.smear_sources=[{src}]",
+        ]
+    )
+    with pytest.raises(StageError, match=r"6 annotation\(s\) were left out .*outside its bbox"):
+        load_sets(cfg, None, [])
