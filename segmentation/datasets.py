@@ -298,6 +298,23 @@ def _coco_segmentation(seg: Any, h: int, w: int, where: str) -> dict[str, Any] |
         raise AnnotationError(f"{where}: field 'segmentation' cannot be read ({e})") from e
 
 
+def polygon_problem(seg: Any) -> str | None:
+    """Why a COCO polygon ``segmentation`` (a list of ``[x0, y0, x1, y1, ...]`` rings) is
+    not an outline, or None (also for RLE and anything :func:`coco_rle` judges): a ring
+    of under 3 points. pycocotools reads a 4-number ring as a box and fails with
+    "Argument 'bb' has incorrect type", and a shorter one encloses no pixel."""
+    if not isinstance(seg, list):
+        return None
+    for j, ring in enumerate(seg):
+        if not isinstance(ring, (list, tuple)) or len(ring) >= 6:
+            continue
+        n = len(ring)
+        which = f"polygon {j} of {len(seg)}" if len(seg) > 1 else "polygon"
+        odd = f", {n} coordinates" if n % 2 else ""
+        return f"{which} with {n // 2} point(s){odd} (needs >= 3 x, y pairs)"
+    return None
+
+
 # share of a mask's pixels that must lie in its annotation's box (1 px margin): a mask
 # mostly elsewhere is a misplaced annotation (a polygon from another image, shifted
 # coordinates), whose training target would teach the mask head a wrong cell
@@ -445,6 +462,11 @@ def read_coco(
         if not all(np.isfinite((x, y, w, h))):
             raise AnnotationError(f"{where}: bbox {a['bbox']!r} holds a non-finite number")
         if a.get("iscrowd", 0):
+            continue
+        why = polygon_problem(a.get("segmentation"))
+        if why is not None:
+            bad_masks.append(f"annotations[{i}]: {why}")
+            left_out(rec, bad_masks[-1], "segmentation")
             continue
         rle = _coco_segmentation(a.get("segmentation"), rec.height, rec.width, where)
         box = _clip_box((x, y, x + w, y + h), rec.width, rec.height)

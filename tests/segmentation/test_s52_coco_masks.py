@@ -62,7 +62,8 @@ def test_empty_and_misplaced_masks_are_left_out_and_listed(tmp_path, caplog):
         ds = read_coco(p, skipped=skipped)
     assert _kept(ds) == 3
     assert "annotations.json: 3 annotation(s) left out" in caplog.text
-    assert "annotations[0]: mask is empty" in caplog.text
+    # an odd number of coordinates: 2 points (S5's message, was "mask is empty")
+    assert "annotations[0]: polygon with 2 point(s), 5 coordinates" in caplog.text
     assert "annotations[1]: mask is empty" in caplog.text
     assert "annotations[2]: mask lies outside its bbox" in caplog.text
     assert [k.field for k in skipped] == ["segmentation"] * 3
@@ -99,7 +100,7 @@ def test_stage_rejects_list_the_left_out_annotations(tmp_path):
         ("s0.png", "segmentation", "lab"),
         ("s3.png", "segmentation", "lab"),
     ]
-    assert "annotations[0]: mask is empty" in rejects[0]["reason"]
+    assert "annotations[0]: polygon with 2 point(s)" in rejects[0]["reason"]
     assert "annotations[3]: mask lies outside its bbox" in rejects[1]["reason"]
 
 
@@ -125,3 +126,23 @@ def test_every_annotation_left_out_says_so(tmp_path):
     )
     with pytest.raises(StageError, match=r"6 annotation\(s\) were left out .*outside its bbox"):
         load_sets(cfg, None, [])
+
+
+def test_a_polygon_of_under_3_points_is_one_annotation_left_out(tmp_path, caplog):
+    """[[x, y, x + 5, y + 5]] (2 points) stopped the reader with pycocotools' "Argument
+    'bb' has incorrect type" and refused the whole file; now that annotation is left
+    out, saying why, and the others are read."""
+    p = _coco(tmp_path, {1: [[18, 28, 23, 33]], 4: [[1, 2]], 5: [[20, 28, 44, 40, 30, 52], [1, 1]]})
+    skipped: list[Skip] = []
+    with caplog.at_level("WARNING"):
+        ds = read_coco(p, skipped=skipped)
+    assert _kept(ds) == 3
+    assert "annotations[1]: polygon with 2 point(s) (needs >= 3 x, y pairs)" in caplog.text
+    assert "annotations[4]: polygon with 1 point(s)" in caplog.text
+    assert "annotations[5]: polygon 1 of 2 with 1 point(s)" in caplog.text
+    assert [(k.path.name, k.field) for k in skipped] == [
+        ("s1.png", "segmentation"),
+        ("s4.png", "segmentation"),
+        ("s5.png", "segmentation"),
+    ]
+    assert "cannot be read" not in caplog.text
