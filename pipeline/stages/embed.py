@@ -195,19 +195,30 @@ def _nfc(values) -> np.ndarray:
 
 def _samples(
     adata, kind: str, path: Path, cfg, mapping: pd.DataFrame | None, setting: str
-) -> tuple[np.ndarray, int]:
-    """Sample of each row and how many rows the samples CSV named: the obs column
-    ``embed.sample_key``, else the reader's sub-folder (image folders), else the input's
-    name; the samples CSV overrides where it names a cell (or its image)."""
+) -> tuple[np.ndarray, int, np.ndarray, dict[str, set]]:
+    """Sample of each row: the obs column ``embed.sample_key``, else the reader's
+    sub-folder (image folders), else the input's name; the samples CSV overrides where it
+    names a cell (or its image). A row whose column holds no value (NaN, ``""``), or that
+    the samples CSV was given to name and does not, gets the input's name too, as a cell
+    of an input without samples does (never a sample named ``""``).
+
+    Returns
+    -------
+    (samples, named, fallback, matched)
+        The samples (str), how many rows the samples CSV named, which rows got the
+        input's name for want of their own (:func:`_warn_unnamed` says so), and the CSV's
+        ``cell_id`` / ``image`` values that named a row (:func:`_warn_unmatched_rows`)."""
     from pipeline.config_embed import EmbedConfig
     from vae.inputs.query import FOLDER_SAMPLE
     from vae.scverse import ROW_KEY
 
     key = cfg.embed.sample_key
+    name = path.stem if path.is_file() else path.name
+    has_own = True  # a column or folder gives the rows their samples
     if key in adata.obs:
-        out = adata.obs[key].astype(str).to_numpy().astype(object)
+        col = adata.obs[key]
     elif kind in ("smears", "crops") and FOLDER_SAMPLE in adata.obs:
-        out = adata.obs[FOLDER_SAMPLE].astype(str).to_numpy().astype(object)
+        col = adata.obs[FOLDER_SAMPLE]
     elif key != EmbedConfig.sample_key and kind in ("h5ad", "expression"):
         # a column the user named that is not there would pool every cell into one sample
         raise StageError(
@@ -215,34 +226,100 @@ def _samples(
             f"(columns: {list(adata.obs.columns)[:20]})"
         )
     else:
-        out = np.full(adata.n_obs, path.stem if path.is_file() else path.name, dtype=object)
+        col, has_own = None, False
+    if col is None:
+        out = np.full(adata.n_obs, name, dtype=object)
+        missing = np.ones(adata.n_obs, bool)
+    else:
+        v = pd.Series(col.to_numpy(dtype=object))
+        # NaN (no value; astype(str) made it a sample "nan") and "" (a sample "" in
+        # samples.csv): the input's name, as a cell of an input without samples
+        missing = (v.isna() | (v.astype(str).str.strip() == "")).to_numpy()
+        out = np.where(missing, name, v.astype(str).to_numpy()).astype(object)
     named = np.zeros(adata.n_obs, bool)
+    matched: dict[str, set] = {"cell_id": set(), "image": set()}
     if mapping is not None:
         if "cell_id" in mapping:
             # rows naming an image only have no cell_id; a repeat (other columns aside)
             # names the same sample (_read_mapping refused clashes)
-            ids_m = mapping.dropna(subset=["cell_id"]).drop_duplicates("cell_id")
+            ids_m = mapping.dropna(subset=["cell_id", "sample"]).drop_duplicates("cell_id")
             m = ids_m.set_index("cell_id")["sample"]
             ids = adata.obs["cell_id"] if "cell_id" in adata.obs else adata.obs_names.to_series()
-            hit = pd.Series(_nfc(ids.astype(str))).map(m).to_numpy()  # the CSV's are NFC
+            ids = pd.Series(_nfc(ids.astype(str)))  # the CSV's are NFC
+            hit = ids.map(m).to_numpy()
+            matched["cell_id"] |= set(ids[pd.notna(hit)])
             if "cell_id" not in adata.obs and ROW_KEY in adata.obs:
                 # a paired table's rows, named by their cells (Study.embed): their row ids
                 # (r000000 ..., obs["row"]), which named them before, name them too
-                by_row = pd.Series(_nfc(adata.obs[ROW_KEY].astype(str))).map(m).to_numpy()
+                rows = pd.Series(_nfc(adata.obs[ROW_KEY].astype(str)))
+                by_row = rows.map(m).to_numpy()
+                matched["cell_id"] |= set(rows[pd.notna(by_row)])
                 hit = np.where(pd.notna(hit), hit, by_row)
             named |= pd.notna(hit)
             out = np.where(pd.notna(hit), hit, out)
         if "image" in mapping and "image" in adata.obs:
             m = (
-                mapping.dropna(subset=["image"])
+                mapping.dropna(subset=["image", "sample"])
                 .drop_duplicates("image")
                 .set_index("image")["sample"]
             )
-            hit = pd.Series(_nfc(adata.obs["image"].astype(str))).map(m).to_numpy()
+            images = pd.Series(_nfc(adata.obs["image"].astype(str)))
+            hit = images.map(m).to_numpy()
+            matched["image"] |= set(images[pd.notna(hit)])
             named |= pd.notna(hit)
             out = np.where(pd.notna(hit), hit, out)
+    # the input's name for want of a sample: said when the rows had a column (or folder)
+    # to give them one, or a samples CSV to (an input of one sample is its own name)
+    fallback = missing & ~named
+    if not has_own and mapping is None:
+        fallback[:] = False
     # a sample named by a folder (NFD on macOS) and by the CSV (NFC) is one sample
-    return _nfc(out.astype(str)).astype(str), int(named.sum())
+    return _nfc(out.astype(str)).astype(str), int(named.sum()), fallback, matched
+
+
+def _warn_unnamed(setting: str, tally: dict, key: str, samples_csv: str | None) -> None:
+    """One warning per input for its cells given the input's name as their sample for
+    want of one (``tally``: ``n``, ``ids`` (first few), ``sample``, ``column``: whether
+    the input had the ``embed.sample_key`` column or sub-folders)."""
+    if not tally.get("n"):
+        return
+    why = []
+    if tally["column"]:
+        why.append(f"no value in obs[{key!r}]")
+    if samples_csv:
+        why.append(f"not named by embed.samples_csv={samples_csv}")
+    log.warning(
+        "%s: %d cell(s) have no sample (%s), e.g. %s: they are put in sample %r (the "
+        "input's name); give every cell its sample to keep patients apart",
+        setting,
+        tally["n"],
+        " and ".join(why),
+        ", ".join(tally["ids"][:3]),
+        tally["sample"],
+    )
+
+
+def _warn_unmatched_rows(mapping: pd.DataFrame, matched: dict[str, set], samples_csv) -> None:
+    """A warning for the rows of the samples CSV that named no embedded cell (another
+    barcode format, a typo, a cell rejected or not given): with their count and a few."""
+    hit = np.zeros(len(mapping), bool)
+    for col in ("cell_id", "image"):
+        if col in mapping:
+            hit |= mapping[col].isin(matched[col]).to_numpy()
+    miss = mapping[~hit]
+    if not len(miss):
+        return
+    shown = [
+        str(r.get("cell_id") if isinstance(r.get("cell_id"), str) else r.get("image"))
+        for _, r in miss.head(3).iterrows()
+    ]
+    log.warning(
+        "embed.samples_csv=%s: %d of its %d rows name no embedded cell, e.g. %s",
+        samples_csv,
+        len(miss),
+        len(mapping),
+        ", ".join(shown),
+    )
 
 
 def _read_mapping(cfg) -> pd.DataFrame | None:
@@ -349,6 +426,7 @@ def run_embed(ctx: StageContext) -> None:
     # per part: (input file, its rows) where its crops stayed in a streamed input, else None
     crop_files: list[tuple[Path, np.ndarray] | None] = []
     named_by_csv = 0  # cells embed.samples_csv names, over every input
+    matched: dict[str, set] = {"cell_id": set(), "image": set()}  # CSV values that named one
     # the expression file, before any input is embedded: its blocks (an .h5ad, 10x .h5
     # or table of cells as rows: a block of rows at a time whatever its size, only the
     # study's genes of a block made dense), else None (read whole: a 10x matrix folder,
@@ -361,6 +439,7 @@ def run_embed(ctx: StageContext) -> None:
         stream = kind == "h5ad" and streams(cfg, path)
         names, paired = _h5ad_obs_names(path) if stream else (None, None)
         first = len(parts)  # this input's parts: parts[first:] (one per block)
+        unnamed = {"n": 0, "ids": [], "sample": "", "column": False}  # cells without a sample
         try:
             blocks = h5ad_blocks(path) if stream else [None]
             if kind == "expression" and whole is not None:
@@ -390,7 +469,7 @@ def run_embed(ctx: StageContext) -> None:
                     q.obsm.pop("masks", None)
                 before = len(parts)
                 named_by_csv += _collect(
-                    q, cfg, kind, path, setting, mapping, genes, rejects, parts
+                    q, cfg, kind, path, setting, mapping, genes, rejects, parts, unnamed, matched
                 )
                 if len(parts) > before:  # the page's example crops are read from there
                     own = q.obs[ROW_KEY] if paired is not None else q.obs_names  # file's names
@@ -401,6 +480,7 @@ def run_embed(ctx: StageContext) -> None:
             # a table's blocks are read as they are embedded: one changed since its
             # first pass is refused then (it gave an uncaught error, or fewer cells)
             raise _study_error(e, setting, path) from e
+        _warn_unnamed(setting, unnamed, cfg.embed.sample_key, cfg.embed.samples_csv)
         if len(parts) > first:
             # cells the study's reference already holds (images named like its crops': a
             # review embedded TXL-PBC val smears, which +preset=real trains on; profiles
@@ -429,6 +509,8 @@ def run_embed(ctx: StageContext) -> None:
             f"embed.samples_csv={cfg.embed.samples_csv}: names none of the {sum(q.n_obs for q in parts)} "
             f"cells embedded (its cell_id / image values vs the cells' ids, e.g. {ids})"
         )
+    if mapping is not None:
+        _warn_unmatched_rows(mapping, matched, cfg.embed.samples_csv)
     sizes = [q.n_obs for q in parts]
     # crops and masks leave the parts before the concat and are written after the table,
     # input by input (add_obsm_rows): an input without images is never padded with zero
@@ -838,10 +920,14 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects, whole=None, cut=
         raise _study_error(e, setting, path) from e
 
 
-def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> int:
+def _collect(
+    q, cfg, kind, path, setting, mapping, genes, rejects, parts, unnamed=None, matched=None
+) -> int:
     """Record the gene match of an embedded input (checked in :func:`_embed_one`), label
     its rows and keep it in ``parts``; returns how many of its cells the samples CSV
-    names (0 without one)."""
+    names (0 without one). ``unnamed`` tallies the input's cells put in its name's sample
+    for want of their own, ``matched`` the samples CSV's values that named a cell
+    (:func:`_samples`)."""
     genes[setting] = json.loads(q.uns.get("genes", "{}"))
     for cid in q.uns.get("dropped", []):
         rejects.append(
@@ -856,7 +942,17 @@ def _collect(q, cfg, kind, path, setting, mapping, genes, rejects, parts) -> int
         log.warning("%s: no cell left to embed (rejects.csv)", setting)
         return 0
     q.obs["vae_input"] = kind
-    q.obs["vae_sample"], named = _samples(q, kind, path, cfg, mapping, setting)
+    q.obs["vae_sample"], named, fallback, hits = _samples(q, kind, path, cfg, mapping, setting)
+    if unnamed is not None and fallback.any():
+        unnamed["n"] += int(fallback.sum())
+        unnamed["ids"] += [str(x) for x in q.obs_names[fallback][: 3 - len(unnamed["ids"])]]
+        unnamed["sample"] = str(q.obs["vae_sample"].to_numpy()[fallback][0])
+        unnamed["column"] = cfg.embed.sample_key in q.obs or (
+            kind in ("smears", "crops") and "sample" in q.obs
+        )
+    if matched is not None:
+        for k in matched:
+            matched[k] |= hits[k]
     if mapping is not None:
         log.info("%s: embed.samples_csv names %d of its %d cells", setting, named, q.n_obs)
     # seen_by_study: a block's count; run_embed counts (and warns of) the whole input

@@ -1,0 +1,89 @@
+"""stage=embed's samples: cells without one are said, never put in a sample named "".
+
+Audit s52 (bad input of stage=embed): an ``obs['sample']`` NaN became a sample ``""`` in
+``samples.csv`` with no warning and the input's own column was rewritten NaN -> ``""``;
+a samples CSV naming 30 of 40 cells put the other 10 in the file's sample at INFO only;
+rows of the CSV that named no cell went unsaid; a CSV whose sample column is empty was
+said to name none of the cells.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.helpers.run import run_stage_in_process
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, toy_study) -> Path:
+    return toy_study(tmp_path_factory.mktemp("study"))
+
+
+def _embed(study: Path, exp: str, *args: str) -> Path:
+    return run_stage_in_process(
+        [
+            f"paths.root={study / 'out'}",
+            f"experiment={exp}",
+            f"embed.study={study / 'out' / 's'}",
+            "hardware.torch_threads=1",
+            *args,
+        ],
+        "embed",
+    )
+
+
+def _counts(study: Path, n: int, sample=None) -> ad.AnnData:
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    has = np.asarray(paired.layers["counts"].sum(1)).ravel() > 0
+    counts = np.asarray(paired.layers["counts"][np.flatnonzero(has)[:n]], np.float32)
+    obs = pd.DataFrame(index=[f"q{i:03d}" for i in range(n)])
+    if sample is not None:
+        obs["sample"] = pd.Categorical(sample)
+    return ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=paired.var_names))
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_cell_without_a_sample_gets_the_inputs_name_and_a_warning(study, tmp_path, caplog):
+    sample = [None] * 3 + ["pA"] * 5 + [""] * 2 + ["pB"] * 6
+    a = _counts(study, 16, sample)
+    a.write_h5ad(tmp_path / "nans.h5ad")
+    with caplog.at_level(logging.WARNING):
+        out = _embed(study, "nans", f"embed.expression={tmp_path / 'nans.h5ad'}")
+    prof = pd.read_csv(out / "samples.csv", keep_default_na=False)
+    assert "" not in set(prof["sample"])
+    assert dict(zip(prof["sample"], prof["n_cells"])) == {"nans": 5, "pA": 5, "pB": 6}
+    said = [w for w in _warnings(caplog) if "have no sample" in w]
+    assert len(said) == 1, _warnings(caplog)
+    assert "5 cell(s)" in said[0] and "q000, q001, q002" in said[0]
+    assert "'nans'" in said[0] and "obs['sample']" in said[0]
+
+
+def test_cells_a_samples_csv_leaves_out_and_rows_naming_no_cell_are_said(study, tmp_path, caplog):
+    _counts(study, 12).write_h5ad(tmp_path / "plain.h5ad")
+    rows = [("pA", f"q{i:03d}") for i in range(8)] + [("pB", "nothere1"), ("pB", "nothere2")]
+    pd.DataFrame(rows, columns=["sample", "cell_id"]).to_csv(tmp_path / "s.csv", index=False)
+    with caplog.at_level(logging.WARNING):
+        out = _embed(
+            study,
+            "misscsv",
+            f"embed.expression={tmp_path / 'plain.h5ad'}",
+            f"embed.samples_csv={tmp_path / 's.csv'}",
+        )
+    prof = pd.read_csv(out / "samples.csv")
+    assert dict(zip(prof["sample"], prof["n_cells"])) == {"pA": 8, "plain": 4}
+    w = _warnings(caplog)
+    left = [m for m in w if "have no sample" in m]
+    assert len(left) == 1 and "4 cell(s)" in left[0] and "q008, q009, q010" in left[0], w
+    assert "'plain'" in left[0] and "not named by embed.samples_csv" in left[0]
+    unmatched = [m for m in w if "name no embedded cell" in m]
+    assert len(unmatched) == 1 and "2 of its 10 rows" in unmatched[0], w
+    assert "nothere1, nothere2" in unmatched[0]
