@@ -458,6 +458,14 @@ def load_checkpoint(
     fmt = ckpt.get("model_format")
     if fmt is not None:
         state = _unpacked(fmt, state, path)
+    bad = nonfinite_weights(state)
+    if bad:
+        n = sum(torch.is_tensor(v) and v.is_floating_point() for v in state.values())
+        raise UnsafeCheckpointError(
+            f"{path}: {len(bad)} of its {n} weight tensors hold NaN or infinite values "
+            f"(e.g. {', '.join(bad[:3])}): a diverged or damaged training run, which "
+            f"detects nothing; retrain, or use an earlier checkpoint"
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -465,3 +473,15 @@ def load_checkpoint(
             f"{path}: its weights do not fit its model_args ({error_line(e)})"
         ) from None
     return model, ckpt
+
+
+def nonfinite_weights(state: Any) -> list[str]:
+    """Names of the floating-point tensors of ``state`` that hold a NaN or an infinity
+    (a diverged run's weights load and detect nothing, with no error)."""
+    if not isinstance(state, dict):
+        return []
+    return [
+        str(k)
+        for k, v in state.items()
+        if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]

@@ -817,3 +817,24 @@ def _write_outputs(
         # the filters that dropped any, not a dict of 11 mostly zeros (terminal audit)
         ", ".join(f"{k} {counts[k]}" for k in FLAGS if counts[k]) or "none",
     )
+    if counts["images_read"] and not counts["kept"]:
+        # an empty cells.h5ad ends the chain at stage=pair with no word on why
+        log.warning("%s", no_cells_message(counts))
+
+
+def no_cells_message(counts: dict[str, int]) -> str:
+    """The warning of a run that kept no cell in any image: the filters that dropped
+    the detections, or, with none detected, what to check."""
+    n = counts["images_read"]
+    if not counts["detections"]:
+        return (
+            f"no cell kept in any of {n} images (dropped: none; the detector found "
+            f"nothing: check the detector (paths.inputs.segmentation_model), "
+            f"segmentation.input_scale and segmentation.score_threshold)"
+        )
+    why = ", ".join(f"{k} {counts[k]}" for k in FLAGS if counts[k]) or "none"
+    return (
+        f"no cell kept in any of {n} images (dropped: {why}; of {counts['detections']} "
+        f"detections): the segmentation.* filter settings named by the counts may be too "
+        f"strict for these smears"
+    )
