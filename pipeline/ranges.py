@@ -124,12 +124,17 @@ RANGES: dict[str, str] = {
     "segmentation.merge_iou": PROB,
     "segmentation.merge_containment": PROB,
     "segmentation.max_images": COUNT,
-    "segmentation.crop_size": COUNT,
+    # embed refuses crops under 8 px (vae.api: "the model needs cells of >= 8 px"),
+    # once segment, pair and train had run on them
+    "segmentation.crop_size": ">=8",
     "segmentation.crop_margin": NONNEG,
     "segmentation.trim_rim": NONNEG,
     "segmentation.background_value": "[0,255]",
     "segmentation.score_threshold": PROB,
     "segmentation.min_area": NONNEG,
+    "segmentation.min_solidity": PROB,  # area / convex hull area: 2 dropped every cell
+    "segmentation.touch_px": NONNEG,
+    "segmentation.max_area_ratio": POS,  # x the image's median area: -1 dropped every cell
     "segmentation.max_area": COUNT,
     "segmentation.border_margin": NONNEG,
     "segmentation.max_overlap_iou": PROB,
