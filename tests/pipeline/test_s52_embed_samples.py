@@ -87,3 +87,14 @@ def test_cells_a_samples_csv_leaves_out_and_rows_naming_no_cell_are_said(study, 
     unmatched = [m for m in w if "name no embedded cell" in m]
     assert len(unmatched) == 1 and "2 of its 10 rows" in unmatched[0], w
     assert "nothere1, nothere2" in unmatched[0]
+
+
+def test_the_inputs_own_sample_column_stays_as_given_in_the_query(study, tmp_path):
+    """NaN in the input's ``sample`` column stays NaN in ``query.h5ad`` (was ``""``: the
+    expression reader turned the user's NaN into ``""``); ``vae_sample`` is the stage's."""
+    a = _counts(study, 10, [None] * 4 + ["pA"] * 6)
+    a.write_h5ad(tmp_path / "nans.h5ad")
+    out = _embed(study, "asgiven", f"embed.expression={tmp_path / 'nans.h5ad'}")
+    q = ad.read_h5ad(out / "query.h5ad")
+    assert q.obs["sample"].isna().tolist() == [True] * 4 + [False] * 6
+    assert list(q.obs["vae_sample"].astype(str)) == ["nans"] * 4 + ["pA"] * 6

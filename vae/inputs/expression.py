@@ -415,7 +415,11 @@ def read_expression(
         raise ExpressionInputError("no such file or folder", field="path", source=src)
     try:
         if fmt == "h5ad":
-            adata = blank_as_read(ad.read_h5ad(p))
+            adata = ad.read_h5ad(p)
+            # obs as stored: a user's NaN stays NaN (query.h5ad keeps the input's own
+            # columns as given; a NaN label is counted as missing); var as the pipeline
+            # reads its own files (a NaN symbol "")
+            blank_as_read(adata.var)
         elif fmt == "10x_h5":
             adata = sc.read_10x_h5(p)
         elif fmt == "10x_mtx":
@@ -1615,7 +1619,9 @@ def _assign_label(adata: ad.AnnData, p: PreprocessParams, src: str) -> None:
                 n,
             )
     else:
-        labels, n_missing = label_strings(adata.obs[key])
+        labels, _ = label_strings(adata.obs[key])
+        # NaN and "" alike: a cell whose label is empty text has none either
+        n_missing = int(np.sum(labels == ""))
         if n_missing:
             log.warning(
                 "%s: %d of %d cells have no label in obs column %r: they stay unlabelled "
@@ -2088,7 +2094,7 @@ class H5adRowBlocks:
             obs, var = read_elem(f["obs"]), read_elem(f["var"])
             self.raw_var = read_elem(f["raw/var"]) if "raw" in f else None
             self.layers = list(f["layers"].keys()) if "layers" in f else []
-        return blank_as_read(ad.AnnData(obs=obs, var=var))
+        return ad.AnnData(obs=obs, var=blank_as_read(var))  # obs as stored (read_expression)
 
     def _x_rows(self, f, s: int, e: int):
         """Rows ``s:e`` of ``X`` (all genes)."""
