@@ -260,11 +260,9 @@ def build_maskrcnn(
         except RuntimeError as e:
             # e.g. the shipped detector's 128-channel FPN under another fpn_channels;
             # torch's message: a header line, then one line per mismatched weight
-            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-            first = lines[1] if len(lines) > 1 else lines[0] if lines else "shape mismatch"
             raise ValueError(
                 f"segmentation.pretrained_weights={pretrained_weights}: its weights do not "
-                f"fit this model ({first}; for the shipped detector keep "
+                f"fit this model ({state_dict_error(e)}; for the shipped detector keep "
                 f"the default segmentation settings: arch, fpn_channels, box_representation, "
                 f"mask_head_layers)"
             ) from None
@@ -440,7 +438,7 @@ def load_checkpoint(
     Also reads the compact int8 format of the shipped detector
     (``model_format``, :mod:`segmentation.shipped`), dequantised to fp32.
     """
-    from segmentation.io import UnsafeCheckpointError, error_line, load_torch_file
+    from segmentation.io import UnsafeCheckpointError, load_torch_file
 
     path = Path(path)
     ckpt = load_torch_file(path, map_location, "segmentation model")
@@ -470,9 +468,18 @@ def load_checkpoint(
         model.load_state_dict(state)
     except RuntimeError as e:
         raise UnsafeCheckpointError(
-            f"{path}: its weights do not fit its model_args ({error_line(e)})"
+            f"{path}: its weights do not fit its model_args ({state_dict_error(e)})"
         ) from None
     return model, ckpt
+
+
+def state_dict_error(e: BaseException, limit: int = 300) -> str:
+    """The informative line of torch's ``load_state_dict`` error: its first line is only
+    "Error(s) in loading state_dict for MaskRCNN:", the second names the first weight
+    that does not fit (``size mismatch for ...`` / ``Missing key(s) ...``)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    line = lines[1] if len(lines) > 1 else lines[0] if lines else "shape mismatch"
+    return line[:limit] + (" ..." if len(line) > limit else "")
 
 
 def nonfinite_weights(state: Any) -> list[str]:

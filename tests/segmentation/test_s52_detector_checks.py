@@ -89,3 +89,23 @@ def test_no_detection_at_all_names_what_to_check():
     m = no_cells_message(counts)
     assert m.startswith("no cell kept in any of 3 images (dropped: none;")
     assert "paths.inputs.segmentation_model" in m
+
+
+def test_weights_that_do_not_fit_name_the_first_misfit(ckpt, tmp_path):
+    """The message was cut at torch's header line: "its weights do not fit its
+    model_args (Error(s) in loading state_dict for MaskRCNN:)"."""
+
+    def wider(ck):
+        ck["model_args"]["fpn_channels"] = 48
+
+    with pytest.raises(UnsafeCheckpointError) as e:
+        load_checkpoint(_spoiled(ckpt, tmp_path, wider))
+    msg = str(e.value)
+    assert "spoiled.pt: its weights do not fit its model_args (size mismatch for " in msg
+    assert "Error(s) in loading" not in msg
+
+    def lost(ck):
+        del ck["model"]["roi_heads.box_predictor.cls_score.weight"]
+
+    with pytest.raises(UnsafeCheckpointError, match=r"Missing key\(s\) in state_dict: .*cls_score"):
+        load_checkpoint(_spoiled(ckpt, tmp_path, lost))
