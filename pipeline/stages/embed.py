@@ -119,7 +119,7 @@ def _validate(cfg) -> None:
         raise StageError(f"embed.impute_iterations={e.impute_iterations}: must be >= 1")
     if e.knn_k is not None and int(e.knn_k) < 1:
         raise StageError(f"embed.knn_k={e.knn_k}: must be >= 1")
-    _read_mapping(cfg)  # a broken samples CSV fails before any folder is made
+    _read_mapping(cfg, say=False)  # a broken samples CSV fails before any folder is made
 
 
 def load_study(ctx: StageContext):
@@ -322,7 +322,9 @@ def _warn_unmatched_rows(mapping: pd.DataFrame, matched: dict[str, set], samples
     )
 
 
-def _read_mapping(cfg) -> pd.DataFrame | None:
+def _read_mapping(cfg, say: bool = True) -> pd.DataFrame | None:
+    """``embed.samples_csv`` read and checked (None without one); ``say``: warn of its rows
+    without a sample (run_embed's reading; _validate's only refuses)."""
     if not cfg.embed.samples_csv:
         return None
     try:
@@ -339,6 +341,30 @@ def _read_mapping(cfg) -> pd.DataFrame | None:
     for key in ("cell_id", "image", "sample"):
         if key in m:  # compared with the cells' names in NFC (_nfc); clashes too
             m[key] = _nfc(m[key])
+    if not len(m):
+        raise StageError(
+            f"embed.samples_csv={cfg.embed.samples_csv}: no rows under its header {list(m.columns)}"
+        )
+    # a row without a sample names no patient: all of them is a CSV of empty samples
+    # (said to name none of the cells before), some of them are said and skipped
+    blank = (m["sample"].isna() | (m["sample"].astype(str).str.strip() == "")).to_numpy()
+    if blank.all():
+        raise StageError(
+            f"embed.samples_csv={cfg.embed.samples_csv}: its 'sample' column is empty in all "
+            f"{len(m)} rows: give each cell_id / image its sample"
+        )
+    if blank.any() and say:
+        ids = [str(x) for x in m.loc[blank, "cell_id" if "cell_id" in m else "image"].head(3)]
+        log.warning(
+            "embed.samples_csv=%s: %d of its %d rows have an empty 'sample' (e.g. %s): "
+            "skipped, as if not given",
+            cfg.embed.samples_csv,
+            int(blank.sum()),
+            len(m),
+            ", ".join(ids),
+        )
+    if blank.any():
+        m = m[~blank].reset_index(drop=True)
     for key in ("cell_id", "image"):
         if key not in m:
             continue

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.runner import StageError
 from tests.helpers.run import run_stage_in_process
 
 
@@ -98,3 +99,26 @@ def test_the_inputs_own_sample_column_stays_as_given_in_the_query(study, tmp_pat
     q = ad.read_h5ad(out / "query.h5ad")
     assert q.obs["sample"].isna().tolist() == [True] * 4 + [False] * 6
     assert list(q.obs["vae_sample"].astype(str)) == ["nans"] * 4 + ["pA"] * 6
+
+
+def test_a_samples_csv_without_samples_is_refused_as_such(study, tmp_path, caplog):
+    """Its sample column empty in every row: said (was "names none of the 40 cells",
+    which it names all of); some rows empty: warned of and skipped; no row: refused."""
+    _counts(study, 6).write_h5ad(tmp_path / "plain.h5ad")
+    expr = f"embed.expression={tmp_path / 'plain.h5ad'}"
+    ids = [f"q{i:03d}" for i in range(6)]
+    pd.DataFrame({"sample": [""] * 6, "cell_id": ids}).to_csv(tmp_path / "e.csv", index=False)
+    with pytest.raises(StageError, match="'sample' column is empty in all 6 rows"):
+        _embed(study, "emptys", expr, f"embed.samples_csv={tmp_path / 'e.csv'}")
+    assert not (study / "out" / "emptys").exists()
+    (tmp_path / "h.csv").write_text("sample,cell_id\n")
+    with pytest.raises(StageError, match="no rows under its header"):
+        _embed(study, "headonly", expr, f"embed.samples_csv={tmp_path / 'h.csv'}")
+    half = pd.DataFrame({"sample": ["pA"] * 4 + ["", ""], "cell_id": ids})
+    half.to_csv(tmp_path / "half.csv", index=False)
+    with caplog.at_level(logging.WARNING):
+        out = _embed(study, "halfs", expr, f"embed.samples_csv={tmp_path / 'half.csv'}")
+    said = [r.getMessage() for r in caplog.records if "empty 'sample'" in r.getMessage()]
+    assert len(said) == 1 and "2 of its 6 rows" in said[0] and "q004, q005" in said[0]
+    prof = pd.read_csv(out / "samples.csv")
+    assert dict(zip(prof["sample"], prof["n_cells"])) == {"pA": 4, "plain": 2}
