@@ -266,6 +266,16 @@ def build_maskrcnn(
                 f"the default segmentation settings: arch, fpn_channels, box_representation, "
                 f"mask_head_layers)"
             ) from None
+        if isinstance(state, dict) and not set(model.state_dict()) & set(state):
+            # not one name in common: nothing is loaded, a run from scratch (missing_keys
+            # leaves out some of the frozen layers' entries: 136 of 156 here)
+            raise ValueError(
+                f"segmentation.pretrained_weights={pretrained_weights}: none of the model's "
+                f"{len(model.state_dict())} weights is in the file (its "
+                f"{len(res.unexpected_keys)} entries are named e.g. "
+                f"{', '.join(res.unexpected_keys[:2]) or 'nothing'}): not a Mask R-CNN's "
+                f"weights; give a segment_train model.pt, or null to train from scratch"
+            )
         log.info(
             "loaded %s: %d missing, %d unexpected keys",
             p,

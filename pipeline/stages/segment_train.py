@@ -341,6 +341,17 @@ def _check_start_fits(cfg: DictConfig) -> None:
     have = ck.get("model_args") if isinstance(ck, dict) else None
     if not isinstance(have, dict):
         return  # a plain state dict (e.g. torchvision's): checked as it loads
+    from segmentation.model import detector_checkpoint_problem
+
+    # a VAE's model.pt (model + model_args too) loaded 20 of 156 weights by chance of
+    # names, with a warning, and trained from scratch (audit s52 S4)
+    why = detector_checkpoint_problem(ck)
+    if why is not None:
+        raise StageError(
+            f"segmentation.pretrained_weights={sc.pretrained_weights} ({start}): not a "
+            f"segmentation model checkpoint: {why}; give a segment_train model.pt, or "
+            f"train from scratch (segmentation.pretrained_weights=null)"
+        )
     want = model_args_from(cfg)
     diff = [k for k in _SHAPE_ARGS if k in have and have[k] != want[k]]
     if diff:

@@ -357,11 +357,16 @@ def test_segment_train_can_start_from_the_shipped_detector(tmp_path):
 
 
 def test_a_start_whose_names_do_not_match_is_warned_about(tmp_path, caplog):
-    """A file of another model loads nothing under strict=False: say so, not just count."""
+    """A file of another model loads nothing under strict=False: refused (audit s52 S4;
+    was a warning, and a run from scratch); one that fits only in part: say so."""
     import logging
 
     path = tmp_path / "other.pt"
     torch.save({"model": {"head.weight": torch.zeros(2, 2)}}, path)
+    with pytest.raises(ValueError, match="none of the model's .* weights is in the file"):
+        build_maskrcnn(**SMALL, pretrained_weights=str(path))
+    part = {k: v for k, v in build_maskrcnn(**SMALL).state_dict().items() if "layer1" in k}
+    torch.save({"model": part}, path)
     with caplog.at_level(logging.WARNING, logger="segmentation.model"):
         build_maskrcnn(**SMALL, pretrained_weights=str(path))
     assert "are not in the file, so most of the model starts from scratch" in caplog.text
