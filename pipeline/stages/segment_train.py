@@ -222,6 +222,8 @@ def load_sets(
             ds.counts(),
         )
     train.renumber()
+    if not val and len(train):
+        log.warning("%s", _no_val_message(cfg))
     files = [r for r in rejects if r["field"] not in ANNOTATION_FIELDS]
     if len(train) == 0 and files:
         first = files[0]
@@ -253,6 +255,27 @@ def load_sets(
             f"leukocyte in the file"
         )
     return train, val, test, donors
+
+
+def _no_val_message(cfg: DictConfig) -> str:
+    """The warning of a run with no validation image: what it loses, and the setting
+    that would give it a val split."""
+    if cfg.data.name == "synthetic":
+        how = (
+            "the simulator's annotations.json has no image of split 'val' (simulate more "
+            "smears, or give a folder whose images include a val split)"
+        )
+    else:
+        how = (
+            "no data.smear_sources[N] has images in its val_splits: name the split that "
+            "holds them (data.smear_sources[N].val_splits=[val]), or, for a COCO file "
+            "without 'split' fields or a mask_png / geojson folder, hold a share out with "
+            "data.smear_sources[N].val_fraction=0.2 (with val_splits non-empty)"
+        )
+    return (
+        f"segment_train: no validation images: {how}. Without them metrics.json 'val' "
+        f"stays empty: no box / mask AP or recall says whether model.pt finds cells"
+    )
 
 
 def as_white_cells(ds: SmearDataset, classes: list[str]) -> SmearDataset:
