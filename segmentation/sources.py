@@ -18,6 +18,7 @@ arguments only.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +28,8 @@ import pandas as pd
 from segmentation.cells import ImageCells
 from segmentation.crops import FilterSettings
 from segmentation.io import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
 
 BCCD_IMAGE = "BloodImage_{:05d}.jpg"
 
@@ -174,7 +177,49 @@ def list_crop_folder(root: str | Path, max_per_class: int | None = None) -> list
         out += [(f, d.name.lower()) for f in files[:max_per_class]]
     if not out:
         raise FileNotFoundError(f"{root}: no class sub-folder with images (ImageFolder layout)")
+    _report_unread(root)
     return out
+
+
+_REPORTED: set[str] = set()  # folders already reported (the stage lists a folder twice)
+
+
+def _is_image(f: Path) -> bool:
+    return f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+
+
+def _report_unread(root: Path) -> None:
+    """One warning per folder for what the ImageFolder layout does not read: images at
+    the top level (no class), images in folders below a class folder, and class folders
+    with no image (audit s52 S2: 4 crops were counted of 6 files, without a word)."""
+    if str(root) in _REPORTED:
+        return
+    top = sorted(f.name for f in root.iterdir() if _is_image(f))
+    nested: list[str] = []
+    empty: list[str] = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for sub in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            nested += [str(f.relative_to(root)) for f in sorted(sub.rglob("*")) if _is_image(f)]
+        if not any(_is_image(f) for f in d.iterdir()):
+            empty.append(d.name)
+    parts = []
+    if top:
+        parts.append(f"{len(top)} image(s) at its top level, in no class folder ({_few(top)})")
+    if nested:
+        parts.append(f"{len(nested)} image(s) in folders below a class folder ({_few(nested)})")
+    if empty:
+        parts.append(f"{len(empty)} class folder(s) with no image ({_few(empty)})")
+    if parts:
+        _REPORTED.add(str(root))
+        log.warning(
+            "%s: not read as crops (one folder per class, images directly in it): %s",
+            root,
+            "; ".join(parts),
+        )
+
+
+def _few(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (" ..." if len(names) > k else "")
 
 
 def crop_folder_filters(filters: FilterSettings) -> FilterSettings:
