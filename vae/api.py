@@ -77,6 +77,9 @@ CROP_MASKS = ("auto", "detector", "whole")
 # largest value a log1p-normalised matrix can hold and still be one: log1p(1e6) = 13.8
 # (counts per million, one gene holding the whole cell); above it, values are not logged
 LOGNORM_MAX = 14.0
+# Study.embed refuses an expression input lacking more than this fraction of the model's
+# genes (its max_missing_genes; embed.max_missing_genes of stage=embed defaults to it)
+MAX_MISSING_GENES = 0.5
 IMPUTE_METHODS = ("model", "mean")  # missing genes: cell-wise model imputation | reference mean
 # columns this module adds to obs (a user's column of the same name is refused)
 OBS_COLUMNS = (
@@ -1637,6 +1640,18 @@ class Study:
         has = masks.reshape(n, -1).any(1)
         return crops, masks, has
 
+    def missing_genes(self, adata, whole=None) -> list[str] | None:
+        """The model's genes ``adata`` lacks (as :meth:`embed` reads its genes:
+        :meth:`expression_var_names`), or None where the check does not apply: an input
+        without genes (images only) or one with none of the model's (:meth:`prepare` names
+        both gene lists then). What ``Study.embed(max_missing_genes=)`` and
+        ``embed.max_missing_genes`` compare with the model's gene count."""
+        if not adata.n_vars or not self.gene_names:
+            return None
+        cols = self.gene_columns(self.expression_var_names(adata, whole))
+        missing = [g for g, c in zip(self.gene_names, cols) if c < 0]
+        return missing if len(missing) < len(cols) else None
+
     def gene_columns(self, var_names) -> np.ndarray:
         """(n_model_genes,) column of each model gene in ``var_names``, -1 when missing.
 
@@ -2681,8 +2696,18 @@ class Study:
         whole=None,
         warn_seen=True,
         warn_atypical=True,
+        max_missing_genes: float | None = MAX_MISSING_GENES,
     ):
         """Everything at once: a copy of ``adata``'s obs with the study's readings.
+
+        ``adata``: an AnnData (:meth:`read` reads a file or folder into one; a path,
+        None or an array is refused with a :class:`TypeError` saying so).
+
+        ``max_missing_genes``: refuse (:class:`StudyError`) an input with genes that
+        lacks more than this fraction of the model's genes, as ``stage=embed``
+        (``embed.max_missing_genes``, default :data:`MAX_MISSING_GENES`) does; its cells'
+        codes would lean on imputed values. None or 1: embed it anyway (imputed, with a
+        warning).
 
         ``whole``: ``adata`` is a block of rows of this file
         (:class:`vae.inputs.expression.H5adRowBlocks`, :meth:`read_blocks`): what is
@@ -2729,6 +2754,15 @@ class Study:
 
         from vae.inputs.query import name_paired_rows
 
+        if not isinstance(adata, ad.AnnData):
+            # a path gave "AttributeError: 'str' object has no attribute 'obs'"
+            raise TypeError(
+                f"Study.embed takes an AnnData (got {type(adata).__name__}); read a file "
+                "or folder with study.read(path) (an expression file a block at a time: "
+                "study.read_blocks(path))"
+            )
+        if max_missing_genes is not None and not 0 <= float(max_missing_genes) <= 1:
+            raise StudyError(f"max_missing_genes={max_missing_genes}: must be in [0, 1]")
         clash = [c for c in OBS_COLUMNS if c in adata.obs]
         if clash:
             raise StudyError(f"{source}: obs already has column(s) {clash}; rename them")
@@ -2742,6 +2776,16 @@ class Study:
                 )
             if whole is not None:  # checked once for the file, not once a block
                 whole.plans["ids", source] = True
+        if max_missing_genes is not None:
+            missing = self.missing_genes(adata, whole)
+            n = len(self.gene_names)
+            if missing is not None and len(missing) > float(max_missing_genes) * n:
+                raise StudyError(
+                    f"{source}: var_names match only {n - len(missing)} of the model's {n} "
+                    f"genes (missing e.g. {missing[:5]}); more than max_missing_genes="
+                    f"{max_missing_genes} of them are missing (max_missing_genes=None "
+                    "embeds it anyway, imputing them)"
+                )
         data, report = self.prepare(adata, source, whole)
         hi, he = data.has_image.numpy(), data.has_expression.numpy()
         keep = hi | he

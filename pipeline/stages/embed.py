@@ -909,14 +909,14 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects, whole=None, cut=
         rejects += [{**r, "input": setting} for r in read_rejects]
         if kind == "expression" and adata.n_vars == 0:
             raise StageError(f"{setting}: var_names: no genes (an expression input with 0 columns)")
-        if adata.n_vars:  # too few of the model's genes: refused before the imputation runs
-            # the genes the study reads: .raw's when the counts are there (scanpy files
-            # keep a few variable genes in X and every gene in .raw)
-            cols = study.gene_columns(study.expression_var_names(adata, whole))
-            missing = [g for g, c in zip(study.gene_names, cols) if c < 0]
-            n_model = len(cols)
-            # none at all: Study names the model's and the input's genes itself
-            if len(missing) < n_model and len(missing) > cfg.embed.max_missing_genes * n_model:
+        # too few of the model's genes: refused before the imputation runs (the genes the
+        # study reads: .raw's when the counts are there; none at all: Study names the
+        # model's and the input's genes itself); Study.embed's own check, with the
+        # setting's name here
+        missing = study.missing_genes(adata, whole)
+        if missing is not None:
+            n_model = len(study.gene_names)
+            if len(missing) > cfg.embed.max_missing_genes * n_model:
                 raise StageError(
                     f"{setting}: var_names match only {n_model - len(missing)} of the model's "
                     f"{n_model} genes (missing e.g. {missing[:5]}); more than "
@@ -941,6 +941,7 @@ def _embed_one(study, cfg, path, kind, setting, block, rejects, whole=None, cut=
             whole=whole,
             warn_seen=False,
             warn_atypical=False,
+            max_missing_genes=None,  # checked above against embed.max_missing_genes
         )
     except StudyError as e:
         raise _study_error(e, setting, path) from e
