@@ -654,6 +654,10 @@ def segment(ctx: StageContext) -> None:
         slides = skipped_slides(smears)  # named, with the way to read them
         also = f"; {slide_skip_message(slides)}" if slides else ""
         raise StageError(f"no images ({kinds}) found in {smears} (sub-folders are not read){also}")
+    # the detector before the scratch folder: a refused checkpoint leaves none behind
+    from segmentation.model import load_checkpoint
+
+    model, ckpt = load_checkpoint(ctx.input("segmentation_model"), map_location=ctx.dist.device)
     parts = ctx.dir / PARTS
     if ctx.is_main:
         shutil.rmtree(parts, ignore_errors=True)
@@ -665,9 +669,6 @@ def segment(ctx: StageContext) -> None:
     # "rank 0: 5 of 5 images" in a one-process run was noise (terminal audit)
     who = f"rank {ctx.dist.rank}: {len(mine)} of " if ctx.dist.distributed else ""
     log.info("%s%d images from %s (truth: %s)", who, len(images), smears, ann or "none")
-    from segmentation.model import load_checkpoint
-
-    model, ckpt = load_checkpoint(ctx.input("segmentation_model"), map_location=ctx.dist.device)
     settings.input_scale, scale_from = resolve_input_scale(ctx.cfg, ckpt)
     est = smear_estimate_px(ctx.cfg, ckpt)
     if ctx.is_main and est is None:

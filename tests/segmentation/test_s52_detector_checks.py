@@ -109,3 +109,32 @@ def test_weights_that_do_not_fit_name_the_first_misfit(ckpt, tmp_path):
 
     with pytest.raises(UnsafeCheckpointError, match=r"Missing key\(s\) in state_dict: .*cls_score"):
         load_checkpoint(_spoiled(ckpt, tmp_path, lost))
+
+
+def test_a_refused_detector_leaves_no_scratch_folder(ckpt, tmp_path):
+    """The detector is loaded before stage=segment makes its .segment_parts scratch
+    folder: a refused checkpoint left an empty one behind (audit s52 nit)."""
+    from pipeline.stages.segment import PARTS
+    from tests.helpers.run import run_stage_in_process
+
+    def nan_all(ck):
+        for v in ck["model"].values():
+            if v.is_floating_point():
+                v.fill_(float("nan"))
+
+    d = tmp_path / "smears"
+    d.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(d / "s0.png")
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match=r"NaN or infinite"):
+        run_stage_in_process(
+            [
+                "experiment=t",
+                f"paths.root={out}",
+                f"paths.inputs.smears={d}",
+                f"paths.inputs.segmentation_model={_spoiled(ckpt, tmp_path, nan_all)}",
+                "hardware.torch_threads=1",
+            ],
+            "segment",
+        )
+    assert not list(out.rglob(PARTS))
