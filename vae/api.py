@@ -868,7 +868,8 @@ class Study:
             net = TwoBranchVAE(VAEArgs(**ck["model_args"]))
             net.load_state_dict(ck["model"])
         except (CheckpointError, TypeError, RuntimeError) as e:
-            raise StudyError(f"{mp}: not a usable vae checkpoint ({e})") from e
+            why = str(e).removeprefix(f"{mp}: ")  # the file named once
+            raise StudyError(f"{mp}: not a usable vae checkpoint ({why})") from e
         net.to(device).eval()
         meta = dict(ck.get("meta", {}))
         for k in ("n_latent", "n_shared", "n_private", "crop_size", "n_genes"):

@@ -1,0 +1,20 @@
+"""A detector (segment_train) checkpoint given as the VAE model is named as one (audit
+s52 S7: it said "VAEArgs.__init__() got an unexpected keyword argument 'arch'")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vae.checkpoint import CheckpointError, load_checkpoint
+
+
+def test_a_detector_checkpoint_is_named_and_pointed_to_its_setting(tmp_path):
+    p = tmp_path / "model.pt"
+    args = {"arch": "resnet18_fpn", "num_classes": 2, "min_size": 512, "input_scale": 1.0}
+    torch.save({"model": {}, "model_args": args, "format_version": 1}, p)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: a detector (segment_train) checkpoint")
+    assert "paths.inputs.segmentation_model" in msg and "arch" not in msg.split(": ", 1)[1][:20]
