@@ -94,7 +94,13 @@ def _validate(cfg) -> None:
             "embed.h5ad=FILE or embed.expression=FILE"
         )
     for k, p in _inputs(cfg):
-        resolve_data_path(cfg, p, f"embed.{k}")
+        path = resolve_data_path(cfg, p, f"embed.{k}")
+        if k in ("smears", "crops") and path.is_file():
+            # refused before the study and its detector load (the reader said it after)
+            raise StageError(
+                f"embed.{k}={p}: reads a folder of images (sub-folders = samples); this is "
+                "a file: give the folder that holds it"
+            )
     if e.study and not Path(e.study).is_dir():
         raise StageError(f"embed.study={e.study}: no such folder (outputs/<experiment> of a study)")
     for key in ("model", "latent"):
