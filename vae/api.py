@@ -362,6 +362,12 @@ def study_files(
     root = Path(run_dir).expanduser().absolute() if run_dir is not None else None
     train = None
     given_file = root is not None and root.is_file()
+    if given_file and root.suffix != ".pt":
+        # an audit gave a .h5ad and was told "<its folder>/latent.h5ad: no such file"
+        raise StudyError(
+            f"Study.load({run_dir}): a file that is not a model (.pt); give the study folder "
+            "(outputs/<experiment>), its train folder, or the train run's model.pt"
+        )
     if given_file:  # the model file itself: its folder is the train folder
         if variant:
             raise StudyError(

@@ -105,3 +105,13 @@ def test_a_variants_own_traverse_record_decides(study: Path, tmp_path, caplog):
         got = Study.load(exp, variant="v1")
     assert got.label_key not in ("v1_key", "main_key")
     assert any(str(man) in r.getMessage() for r in caplog.records)
+
+
+def test_a_file_that_is_not_a_model_is_named_as_such(tmp_path: Path):
+    """Study.load(<a .h5ad>) said "<its folder>/latent.h5ad: no such file" (audit s52)."""
+    from vae.api import Study, StudyError
+
+    f = tmp_path / "expression.h5ad"
+    f.write_bytes(b"")
+    with pytest.raises(StudyError, match=r"expression\.h5ad\): a file that is not a model"):
+        Study.load(f)
