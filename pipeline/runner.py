@@ -785,7 +785,12 @@ def checkpoint_said(d: Path, name: str) -> str:
     try:
         import torch
 
-        data = torch.load(d / ck, map_location="cpu", weights_only=True, mmap=True)
+        from segmentation.io import _numpy_safe_globals
+
+        # the numpy RNG state both checkpoints carry needs the loaders' allow-list (without
+        # it every real checkpoint was refused and the epoch never said)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            data = torch.load(d / ck, map_location="cpu", weights_only=True, mmap=True)
         done = int(data["epoch"]) + _CHECKPOINT_EPOCH_DONE.get(name, 0)
     except Exception:  # noqa: BLE001 - advice after a Ctrl-C: never a new error
         return ck
