@@ -94,6 +94,14 @@ class TBLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.log_dir), purge_step=self._purge_step)
+            if self._purge_step is not None:
+                # a second START at the same step: TensorBoard's Python reader (and
+                # --load_fast=false) reads a run's first START as its beginning, not as a
+                # restart, and purged nothing on a first resume (a fresh run writes none)
+                from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+                start = SessionLog(status=SessionLog.START)
+                self._writer.file_writer.add_event(Event(step=self._purge_step, session_log=start))
         return self._writer
 
     def resume_at(self, step: int) -> None:
