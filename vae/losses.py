@@ -143,12 +143,13 @@ class LossTerms:
     align_centroid : per-dim squared distance between the experts' class means
         (:func:`class_centroid_gap`; 0 when off)
     kl_per_dim : (d,) KL of the fused posterior per latent dim (not in total)
-    elbo : the negative ELBO of the fused posterior without β, reported only: the
-        reconstruction likelihood terms of the fused decode (image-side NLLs but not the
-        ssim / spectral distances, and the expression NLL, each with its weight as in
-        ``total``) plus 1 · ``kl`` (no free bits, no capacity). Runs of different
-        ``vae.beta`` or capacity compare on it (``total`` holds β · KL); runs of
-        different term weights do not
+    neg_elbo : the β=1 objective, reported only (lower is better): the fused decode's
+        weighted reconstruction terms (as weighted in ``total``; no ssim / spectral)
+        + 1 · ``kl`` of the fused posterior (no free bits / capacity). Compares runs of
+        different ``vae.beta`` / capacity at equal term weights (``total`` holds β · KL);
+        a true negative ELBO only with unit likelihood weights (not with
+        ``vae.image_weight=null`` per-value balance, the nucleus term's lobe-head
+        cross-entropy, the granule squared error, or MoE's average of the experts)
     """
 
     total: torch.Tensor
@@ -176,7 +177,7 @@ class LossTerms:
     view: torch.Tensor
     size: torch.Tensor
     texture: torch.Tensor
-    elbo: torch.Tensor
+    neg_elbo: torch.Tensor
 
     def scalars(self) -> dict[str, float]:
         """Every scalar term as a Python float (for logging)."""
@@ -864,7 +865,7 @@ def term_weights(w: LossWeights) -> dict[str, str]:
         "kl_unimodal": f"β × {g} (β × cross)",
         "kl_image": "none: part of kl_unimodal",
         "kl_expression": "none: part of kl_unimodal",
-        "elbo": "none: reported only (β-free negative ELBO: fused reconstruction + 1·kl)",
+        "neg_elbo": "none: reported only (β=1 objective: reconstruction + 1·kl; lower is better)",
     }
     for term, attr in _SWITCHED.items():
         out[term] = f"{float(getattr(w, attr)):g}"
@@ -1239,7 +1240,7 @@ def vae_loss(
         view=view,
         size=i_size,
         texture=i_tex,
-        elbo=_weighted_sum(
+        neg_elbo=_weighted_sum(
             zero,
             [
                 (1.0, weighted_img((i_nll, i_mask, zero, zero, i_gran, i_nuc, i_size, i_tex))),

@@ -465,8 +465,10 @@ def run_train(ctx: StageContext) -> None:
 
 def run_settings(cfg, result) -> dict:
     """What train_summary.json says to compare runs by: the key settings, and the best
-    epoch's validation loss with and without β (``val/elbo``: reconstruction + 1 · KL;
-    ``best_val`` holds β · KL, so runs of different ``vae.beta`` compare on the ELBO)."""
+    epoch's validation loss with β (``best_val``: β · KL) and at β = 1
+    (``best_val_neg_elbo``, the ``val/neg_elbo`` term: weighted reconstruction + 1 · KL,
+    lower is better), on which runs of different ``vae.beta`` compare at equal term
+    weights."""
     best = next((r for r in result.history if r.get("epoch") == result.best_epoch), None)
     val = best.get("val", {}) if best else {}
     return {
@@ -479,7 +481,7 @@ def run_settings(cfg, result) -> dict:
             "trainer.max_epochs": int(cfg.trainer.max_epochs),
             "trainer.lr": float(cfg.trainer.lr),
         },
-        "best_val_elbo": val.get("elbo"),
+        "best_val_neg_elbo": val.get("neg_elbo"),
     }
 
 

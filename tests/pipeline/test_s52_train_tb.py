@@ -68,7 +68,7 @@ def test_make_tensorboard_honours_dir():
     assert "ls -td outputs/*/" in cmd()
 
 
-def test_train_summary_names_the_settings_and_the_beta_free_elbo(paired: Path):
+def test_train_summary_names_the_settings_and_the_beta_free_neg_elbo(paired: Path):
     import json
 
     d = _run(paired, "experiment=s", "vae.beta=4")
@@ -76,4 +76,5 @@ def test_train_summary_names_the_settings_and_the_beta_free_elbo(paired: Path):
     assert s["settings"]["vae.beta"] == 4.0 and s["settings"]["vae.n_latent"] == 4
     assert s["settings"]["trainer.max_epochs"] == 2 and s["epochs"] == 2
     assert s["best_epoch"] >= 1
-    assert isinstance(s["best_val_elbo"], float) and s["best_val_elbo"] > 0
+    assert isinstance(s["best_val_neg_elbo"], float) and s["best_val_neg_elbo"] > 0
+    assert "best_val_elbo" not in s

@@ -156,21 +156,25 @@ def test_terms_of_weight_zero_are_not_logged_and_the_weights_are_in_a_legend(tmp
     assert "| `expression_from_image` | 1 × 1 (cross × expression) |" in legend
     assert "Not logged (weight 0, always 0):" in legend and "align_centroid" in legend
     assert "`ssim`" not in legend
+    assert "| `neg_elbo` | none: reported only (β=1 objective" in legend
     # a Markdown table: no "|" inside a cell (|KL − C| split the kl_objective row)
     rows = [ln for ln in legend.splitlines() if ln.startswith("| `")]
     assert rows and all(ln.count("|") == 3 for ln in rows), rows
 
 
-def test_elbo_is_free_of_beta_and_reaches_tensorboard(tmp_path):
-    """val/total holds β·KL, so runs of β=4 and β=1 did not compare; elbo is the fused
+def test_neg_elbo_is_free_of_beta_and_reaches_tensorboard(tmp_path):
+    """val/total holds β·KL, so runs of β=4 and β=1 did not compare; neg_elbo is the fused
     reconstruction + 1·KL: the same for any β on the same draws."""
     for fusion in ("poe", "moe"):
         one, four = _terms(fusion, beta=1.0).scalars(), _terms(fusion, beta=4.0).scalars()
         assert one["total"] != four["total"]
-        assert np.isclose(one["elbo"], four["elbo"], rtol=1e-6)
-        assert np.isclose(one["elbo"], one["image"] + one["mask"] + one["expression"] + one["kl"])
+        assert np.isclose(one["neg_elbo"], four["neg_elbo"], rtol=1e-6)
+        assert np.isclose(
+            one["neg_elbo"], one["image"] + one["mask"] + one["expression"] + one["kl"]
+        )
     _, sc = _train(tmp_path, log_every_steps=1)
-    assert [s for s, _ in sc["val/elbo"]] == [2, 4]
+    assert [s for s, _ in sc["val/neg_elbo"]] == [2, 4]
+    assert "val/elbo" not in sc and "train/elbo" not in sc
 
 
 def test_kl_schedule_warning_names_its_settings_and_beta_zero_says_autoencoder(tmp_path, caplog):
