@@ -1068,14 +1068,20 @@ def train(
         # the KL schedule never finished: keep the last weights as "best"
         if args.beta > 0:  # β = 0: no KL to warm up, the fallback needs no warning
             cap = f", vae.capacity_epochs={args.capacity_epochs:g}" if args.capacity_max > 0 else ""
+            if stopped == "time_limit":  # cut short by the time cap, not the epoch count
+                cut = f"trainer.max_minutes={args.max_minutes:g}"
+                fix = "raise trainer.max_minutes"
+            else:
+                cut, fix = f"trainer.max_epochs={args.max_epochs}", "raise trainer.max_epochs"
             log.warning(
                 "the KL schedule (vae.kl_warmup_epochs=%g%s) did not finish within the %d "
-                "epochs run (trainer.max_epochs=%d): no epoch could be selected, model.pt = "
-                "the last epoch; raise trainer.max_epochs or shorten vae.kl_warmup_epochs",
+                "epochs run (%s): no epoch could be selected, model.pt = the last epoch; "
+                "%s or shorten vae.kl_warmup_epochs",
                 args.kl_warmup_epochs,
                 cap,
                 epoch,
-                args.max_epochs,
+                cut,
+                fix,
             )
         best_epoch, best_val = epoch, history[-1]["val"]["total"] if history else math.nan
         with averaged_weights(core, ema):

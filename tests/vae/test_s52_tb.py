@@ -190,3 +190,16 @@ def test_kl_schedule_warning_names_its_settings_and_beta_zero_says_autoencoder(t
     msgs = [(r.levelno, r.getMessage()) for r in caplog.records]
     assert not [m for lv, m in msgs if lv == logging.WARNING and "KL schedule" in m], msgs
     assert any("vae.beta=0 trains a plain autoencoder" in m for _, m in msgs), msgs
+
+
+def test_kl_schedule_warning_names_max_minutes_when_the_time_cap_stopped_the_run(tmp_path, caplog):
+    """A run cut short by trainer.max_minutes was told to raise trainer.max_epochs."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="vae.train"):
+        res, _ = _train(tmp_path, epochs=3, kl_warmup_epochs=5, beta=1.0, max_minutes=1e-9)
+    assert res.stopped == "time_limit" and res.epochs == 1
+    warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    (m,) = [m for m in warn if "KL schedule" in m]
+    assert "(trainer.max_minutes=1e-09)" in m and "raise trainer.max_minutes" in m, m
+    assert "trainer.max_epochs" not in m, m
