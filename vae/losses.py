@@ -849,9 +849,11 @@ _SWITCHED = {
 }
 
 
-def term_weights(w: LossWeights) -> dict[str, str]:
-    """How each logged term of :class:`LossTerms` enters ``total`` (PoE fusion): the
-    weight as text (``"0"``: off), by term name. The logged terms are unweighted."""
+def term_weights(w: LossWeights, moe: bool = False) -> dict[str, str]:
+    """How each logged term of :class:`LossTerms` enters ``total`` (PoE fusion; ``moe``:
+    the experts' KLs are parts of ``kl``): the weight as text (``"0"``: off), by term
+    name. The logged terms are unweighted."""
+    kl_parts = "kl" if moe else "kl_unimodal"
     g = f"{w.cross:g}"
     out = {
         "image": f"{w.image:g}",
@@ -863,8 +865,8 @@ def term_weights(w: LossWeights) -> dict[str, str]:
         "expression_unimodal": f"{g} × {w.expression:g} (cross × expression)",
         "expression_from_image": f"{g} × {w.expression:g} (cross × expression)",
         "kl_unimodal": f"β × {g} (β × cross)",
-        "kl_image": "none: part of kl_unimodal",
-        "kl_expression": "none: part of kl_unimodal",
+        "kl_image": f"none: part of {kl_parts}",
+        "kl_expression": f"none: part of {kl_parts}",
         "neg_elbo": "none: reported only (β=1 objective: reconstruction + 1·kl; lower is better)",
     }
     for term, attr in _SWITCHED.items():

@@ -759,7 +759,8 @@ def train(
         return {k: v for k, v in values.items() if k not in off}
 
     if tb is not None and is_main and resume_from is None:  # once per run, at step 0
-        tb.weights_legend(term_weights(args.weights), off, moe=core.args.fusion == "moe")
+        moe = core.args.fusion == "moe"
+        tb.weights_legend(term_weights(args.weights, moe=moe), off, moe=moe)
 
     def schedule_now(beta: float, cap: float) -> dict[str, float]:
         # β and C of the step just taken, the learning rate of the next one

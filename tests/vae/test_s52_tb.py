@@ -203,3 +203,13 @@ def test_kl_schedule_warning_names_max_minutes_when_the_time_cap_stopped_the_run
     (m,) = [m for m in warn if "KL schedule" in m]
     assert "(trainer.max_minutes=1e-09)" in m and "raise trainer.max_minutes" in m, m
     assert "trainer.max_epochs" not in m, m
+
+
+def test_weights_legend_says_which_kl_the_experts_kls_are_part_of():
+    """kl_image / kl_expression are parts of kl_unimodal with PoE but of kl with MoE (the
+    legend said kl_unimodal for both)."""
+    from vae.losses import LossWeights, term_weights
+
+    poe, moe = term_weights(LossWeights()), term_weights(LossWeights(), moe=True)
+    for t in ("kl_image", "kl_expression"):
+        assert poe[t] == "none: part of kl_unimodal" and moe[t] == "none: part of kl", t
