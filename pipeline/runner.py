@@ -16,6 +16,7 @@ import errno
 import importlib
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -380,10 +381,34 @@ def rerun_args(
             args.append(shlex.quote(o))
     root = cfg.paths.get("root")
     if root is not None and str(root) != PathsConfig.root:
-        args.append(f"paths.root={root}")
+        args.append(hydra_word("paths.root", root))
     if cfg.get("variant"):
-        args.append(f"variant={cfg.variant}")
+        args.append(hydra_word("variant", cfg.variant))
     return " ".join(args)
+
+
+def hydra_word(key: str, value: object) -> str:
+    """``key=value`` as one shell word that Hydra reads back as the string ``value``.
+
+    A sweep job's variant (``vae.beta=4``, ``hardware.torch_threads=2,vae.beta=4``) and a
+    root with spaces were written bare, and Hydra refused the advised command
+    (``mismatched input '='``): such values are quoted for Hydra inside the shell's
+    quotes (README "Paths with spaces, brackets or accents").
+
+    >>> print(hydra_word("variant", "vae.beta=4"))
+    "variant='vae.beta=4'"
+    >>> print(hydra_word("paths.root", "/data/runs"))
+    paths.root=/data/runs
+    """
+    import shlex
+
+    v = str(value)
+    if re.fullmatch(r"~?[\w@%+:./-]+", v):
+        return f"{key}={v}"
+    if "'" in v:  # Hydra's double quotes, the shell's single ones
+        return shlex.quote(f'{key}="{v}"')
+    inner = f"{key}='{v}'"
+    return shlex.quote(inner) if re.search(r'["$`\\!]', inner) else f'"{inner}"'
 
 
 def _being_written(cfg: DictConfig, producer: str, d: Path, name: str, p: Path) -> str:

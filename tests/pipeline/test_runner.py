@@ -669,3 +669,24 @@ def test_the_interrupt_advice_repeats_the_commands_own_settings():
         "'pair.crop_sources=[{kind: image_folder, path: a b}]'"
     )
     assert runner.rerun_args(cfg, "train", given) == "stage=train experiment=x +preset=demo"
+
+
+def test_the_advice_quotes_a_sweep_variant_and_a_root_with_spaces(tmp_path):
+    """A sweep job's variant (vae.beta=4) and a root with spaces were written bare, and
+    Hydra refused every command advised from such a run (mismatched input '='): quoted
+    for Hydra inside the shell's quotes, the command parses back to the same values."""
+    import shlex
+
+    root = tmp_path / "Patient 1 (M)"
+    cfg = compose_config(
+        [
+            "stage=train",
+            "experiment=e",
+            f"paths.root='{root}'",
+            "variant='hardware.torch_threads=2,vae.beta=4'",
+        ]
+    )
+    said = runner.rerun_args(cfg, "evaluate")
+    again = compose_config(shlex.split(said))
+    assert again.variant == "hardware.torch_threads=2,vae.beta=4"
+    assert again.paths.root == str(root) and again.stage.name == "evaluate"
