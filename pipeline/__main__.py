@@ -393,6 +393,10 @@ def _several_values(given: str) -> str | None:
             f"{key}={value}: one {key} option per run; to run one job per option, add -m "
             f"(a sweep): python -m pipeline -m ... {key}={value}"
         )
+    from pipeline.config import is_list_setting
+
+    if is_list_setting(key):  # one run's list, not a sweep: -m would fail on each value
+        return f"{key}={value}: a list setting; give its values in brackets: {key}=[{value}]"
     if all(re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", v) for v in parts):
         return (
             f"{key}={value}: several values in one run; to run one job per value, add -m (a "

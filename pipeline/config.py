@@ -476,6 +476,19 @@ def _schema_stop(root, parts: list[str]) -> tuple[str, int, Any] | None:
     return None
 
 
+def is_list_setting(key: str) -> bool:
+    """Whether the dotted ``key`` names a list setting (``vae.channels``), whose several
+    values are given in brackets, not swept."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    node = OmegaConf.structured(Config)
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node[part]
+    return isinstance(node, ListConfig)
+
+
 def unknown_addition(argv: list[str]) -> str | None:
     """The message for a ``+key=value`` / ``++key=value`` that adds a key no setting has,
     else None.

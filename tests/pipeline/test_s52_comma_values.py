@@ -29,6 +29,11 @@ STAGES = (
             "(a sweep): python -m pipeline -m ... vae.beta=1,4",
         ),
         (
+            "vae.channels=16,32",
+            "error: vae.channels=16,32: a list setting; give its values in brackets: "
+            "vae.channels=[16,32]",
+        ),
+        (
             "vae.beta='1,4'",
             "error: vae.beta='1,4': Value '1,4' of type 'str' could not be converted to Float; "
             "to run one job per value, add -m (a sweep) and leave out the quotes: python -m "
