@@ -298,21 +298,33 @@ def _coco_segmentation(seg: Any, h: int, w: int, where: str) -> dict[str, Any] |
         raise AnnotationError(f"{where}: field 'segmentation' cannot be read ({e})") from e
 
 
-def polygon_problem(seg: Any) -> str | None:
-    """Why a COCO polygon ``segmentation`` (a list of ``[x0, y0, x1, y1, ...]`` rings) is
-    not an outline, or None (also for RLE and anything :func:`coco_rle` judges): a ring
-    of under 3 points. pycocotools reads a 4-number ring as a box and fails with
-    "Argument 'bb' has incorrect type", and a shorter one encloses no pixel."""
-    if not isinstance(seg, list):
+def short_rings(seg: Any) -> list[int] | None:
+    """Indices of the rings of a COCO polygon ``segmentation`` (a list of ``[x0, y0, x1,
+    y1, ...]`` rings) of under 3 points (< 6 coordinates), or None when ``seg`` is not a
+    list of rings (RLE, a flat list: left to :func:`coco_rle`, whose error names the
+    field). pycocotools reads a 4-number ring as a box and fails with "Argument 'bb' has
+    incorrect type", and a shorter one encloses no pixel; as detectron2 does, such rings
+    are dropped and the others kept."""
+    if not isinstance(seg, list) or not seg:
         return None
-    for j, ring in enumerate(seg):
-        if not isinstance(ring, (list, tuple)) or len(ring) >= 6:
-            continue
-        n = len(ring)
-        which = f"polygon {j} of {len(seg)}" if len(seg) > 1 else "polygon"
-        odd = f", {n} coordinates" if n % 2 else ""
-        return f"{which} with {n // 2} point(s){odd} (needs >= 3 x, y pairs)"
-    return None
+    for ring in seg:
+        if not isinstance(ring, (list, tuple)):
+            return None
+    return [j for j, ring in enumerate(seg) if len(ring) < 6]
+
+
+def polygon_problem(seg: Any) -> str | None:
+    """Why a COCO polygon ``segmentation`` has no outline left once its rings of under 3
+    points are dropped (:func:`short_rings`), or None (also for RLE and anything
+    :func:`coco_rle` judges, and when at least one ring of >= 3 points is left)."""
+    short = short_rings(seg)
+    if not short or len(short) < len(seg):
+        return None
+    if len(seg) > 1:
+        return f"all {len(seg)} polygons have under 3 points (needs >= 3 x, y pairs)"
+    n = len(seg[0])
+    odd = f", {n} coordinates" if n % 2 else ""
+    return f"polygon with {n // 2} point(s){odd} (needs >= 3 x, y pairs)"
 
 
 # share of a mask's pixels that must lie in its annotation's box (1 px margin): a mask
@@ -431,6 +443,7 @@ def read_coco(
     std = {"id", "image_id", "category_id", "bbox", "area", "segmentation", "iscrowd"}
     dropped = []
     bad_masks: list[str] = []
+    thinned: list[str] = []
 
     def left_out(rec: ImageRecord, what: str, fld: str) -> None:
         if skipped is not None:
@@ -463,12 +476,16 @@ def read_coco(
             raise AnnotationError(f"{where}: bbox {a['bbox']!r} holds a non-finite number")
         if a.get("iscrowd", 0):
             continue
-        why = polygon_problem(a.get("segmentation"))
+        seg = a.get("segmentation")
+        why = polygon_problem(seg)
         if why is not None:
             bad_masks.append(f"annotations[{i}]: {why}")
             left_out(rec, bad_masks[-1], "segmentation")
             continue
-        rle = _coco_segmentation(a.get("segmentation"), rec.height, rec.width, where)
+        short = short_rings(seg) or []
+        if short:
+            seg = [ring for j, ring in enumerate(seg) if j not in short]
+        rle = _coco_segmentation(seg, rec.height, rec.width, where)
         box = _clip_box((x, y, x + w, y + h), rec.width, rec.height)
         if not _valid(box):
             dropped.append(f"annotations[{i}] bbox {a['bbox']}")
@@ -479,9 +496,19 @@ def read_coco(
             bad_masks.append(f"annotations[{i}]: {why}")
             left_out(rec, bad_masks[-1], "segmentation")
             continue
+        if short:
+            thinned.append(f"annotations[{i}] ({len(short)} of {len(short) + len(seg)})")
         extra = {k: v for k, v in a.items() if k not in std}
         rec.instances.append(Instance(bbox=box, category=cat, mask=rle, extra=extra))
     _report_dropped(json_path, dropped)
+    if thinned:
+        log.warning(
+            "%s: %d annotation(s) with polygon rings of under 3 points, those rings "
+            "dropped and the rest of each mask kept: %s",
+            json_path,
+            len(thinned),
+            _few(thinned, "; "),
+        )
     if bad_masks:
         log.warning(
             "%s: %d annotation(s) left out, their mask unusable: %s",

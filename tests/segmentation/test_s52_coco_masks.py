@@ -132,17 +132,57 @@ def test_a_polygon_of_under_3_points_is_one_annotation_left_out(tmp_path, caplog
     """[[x, y, x + 5, y + 5]] (2 points) stopped the reader with pycocotools' "Argument
     'bb' has incorrect type" and refused the whole file; now that annotation is left
     out, saying why, and the others are read."""
-    p = _coco(tmp_path, {1: [[18, 28, 23, 33]], 4: [[1, 2]], 5: [[20, 28, 44, 40, 30, 52], [1, 1]]})
+    p = _coco(tmp_path, {1: [[18, 28, 23, 33]], 4: [[1, 2]], 5: [[50, 30, 70, 30, 60, 50], [1, 1]]})
     skipped: list[Skip] = []
     with caplog.at_level("WARNING"):
         ds = read_coco(p, skipped=skipped)
-    assert _kept(ds) == 3
+    assert _kept(ds) == 4
     assert "annotations[1]: polygon with 2 point(s) (needs >= 3 x, y pairs)" in caplog.text
     assert "annotations[4]: polygon with 1 point(s)" in caplog.text
-    assert "annotations[5]: polygon 1 of 2 with 1 point(s)" in caplog.text
+    # annotations[5]'s short second ring is dropped, its first ring kept (as detectron2)
+    assert "rings dropped and the rest of each mask kept: annotations[5] (1 of 2)" in caplog.text
     assert [(k.path.name, k.field) for k in skipped] == [
         ("s1.png", "segmentation"),
         ("s4.png", "segmentation"),
-        ("s5.png", "segmentation"),
     ]
     assert "cannot be read" not in caplog.text
+
+
+def test_a_short_extra_ring_is_dropped_and_the_mask_kept(tmp_path, caplog):
+    """A multi-polygon annotation with one ring of under 3 points was left out whole
+    (d0abb8d); pycocotools failed only when the first ring was short, and a later short
+    ring loaded with the right mask. Now, as detectron2, the short rings are dropped
+    (first or later), one warning per file counts them, and only an annotation with no
+    ring left is skipped."""
+    sq = [24, 28, 48, 28, 48, 52, 24, 52]  # annotation 0's box: 24-48, 28-52
+    p = _coco(
+        tmp_path,
+        {
+            0: [sq, [60, 60, 61, 61]],
+            1: [sq, [60, 60]],
+            2: [[60, 60, 61, 61], sq],
+            3: [[60, 60, 61, 61], [1, 1]],
+        },
+    )
+    # annotations 1-3 sit 6, 12, 18 px right of the square: shift it to each box
+    data = json.loads(p.read_text())
+    for k in (1, 2):
+        for ring in data["annotations"][k]["segmentation"]:
+            if len(ring) >= 6:
+                ring[0::2] = [x + 6 * k for x in ring[0::2]]
+    p.write_text(json.dumps(data))
+    skipped: list[Skip] = []
+    with caplog.at_level("WARNING"):
+        ds = read_coco(p, skipped=skipped)
+    recs = {r.path.name: r for r in ds}
+    for k in (0, 1, 2):
+        (inst,) = recs[f"s{k}.png"].instances
+        assert int(inst.decode_mask(S, S).sum()) == 576
+    assert recs["s3.png"].instances == []
+    assert "3 annotation(s) with polygon rings of under 3 points" in caplog.text
+    assert "annotations[0] (1 of 2); annotations[1] (1 of 2); annotations[2] (1 of 2)" in (
+        caplog.text
+    )
+    assert str(p) in caplog.text
+    assert "annotations[3]: all 2 polygons have under 3 points" in caplog.text
+    assert [(k.path.name, k.field) for k in skipped] == [("s3.png", "segmentation")]
