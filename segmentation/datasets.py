@@ -301,14 +301,16 @@ def _coco_segmentation(seg: Any, h: int, w: int, where: str) -> dict[str, Any] |
 def short_rings(seg: Any) -> list[int] | None:
     """Indices of the rings of a COCO polygon ``segmentation`` (a list of ``[x0, y0, x1,
     y1, ...]`` rings) of under 3 points (< 6 coordinates), or None when ``seg`` is not a
-    list of rings (RLE, a flat list: left to :func:`coco_rle`, whose error names the
-    field). pycocotools reads a 4-number ring as a box and fails with "Argument 'bb' has
+    list of rings of numbers (RLE, ``[[x, y], ...]`` point pairs, a flat list: left to
+    :func:`coco_rle`, whose error names the field). pycocotools reads a 4-number ring as a box and fails with "Argument 'bb' has
     incorrect type", and a shorter one encloses no pixel; as detectron2 does, such rings
     are dropped and the others kept."""
     if not isinstance(seg, list) or not seg:
         return None
     for ring in seg:
         if not isinstance(ring, (list, tuple)):
+            return None
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ring):
             return None
     return [j for j, ring in enumerate(seg) if len(ring) < 6]
 

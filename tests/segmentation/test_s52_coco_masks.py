@@ -186,3 +186,20 @@ def test_a_short_extra_ring_is_dropped_and_the_mask_kept(tmp_path, caplog):
     assert str(p) in caplog.text
     assert "annotations[3]: all 2 polygons have under 3 points" in caplog.text
     assert [(k.path.name, k.field) for k in skipped] == [("s3.png", "segmentation")]
+
+
+def test_point_pair_rings_are_not_judged_as_short_polygons(tmp_path):
+    """``[[x, y], ...]`` point pairs (LabelMe style) were read as a ring of 3 or 4 items,
+    said to be "polygon with 1 point(s), 3 coordinates" and skipped; the reader's own
+    error naming the field is raised again, as before d0abb8d."""
+    import pytest
+
+    from segmentation.datasets import AnnotationError
+
+    for pairs in (
+        [[[24, 28], [48, 28], [48, 52]]],
+        [[[24, 28], [48, 28], [48, 52], [24, 52]]],
+    ):
+        p = _coco(tmp_path, {0: pairs})
+        with pytest.raises(AnnotationError, match=r"annotations\[0\]: field 'segmentation'"):
+            read_coco(p, skipped=[])
