@@ -95,12 +95,17 @@ class Skip:
         Why (without the path).
     field
         ``image`` (the picture cannot be read or does not match its annotation) or
-        ``annotation`` (the annotation file is malformed).
+        ``annotation`` (the annotation file is malformed), or, for one annotation left
+        out, the field at fault (:data:`ANNOTATION_FIELDS`).
+    category
+        The class of an annotation left out (as read, e.g. ``wbc`` or ``neutrophil``);
+        empty for a file.
     """
 
     path: Path
     reason: str
     field: str = "image"
+    category: str = ""
 
 
 def record_skip(
@@ -447,9 +452,9 @@ def read_coco(
     bad_masks: list[str] = []
     thinned: list[str] = []
 
-    def left_out(rec: ImageRecord, what: str, fld: str) -> None:
+    def left_out(rec: ImageRecord, what: str, fld: str, category: str) -> None:
         if skipped is not None:
-            skipped.append(Skip(rec.path, f"{json_path}: {what}", fld))
+            skipped.append(Skip(rec.path, f"{json_path}: {what}", fld, category))
 
     for i, a in enumerate(data["annotations"]):
         where = f"{json_path}: annotations[{i}]"
@@ -482,7 +487,7 @@ def read_coco(
         why = polygon_problem(seg)
         if why is not None:
             bad_masks.append(f"annotations[{i}]: {why}")
-            left_out(rec, bad_masks[-1], "segmentation")
+            left_out(rec, bad_masks[-1], "segmentation", cat)
             continue
         short = short_rings(seg) or []
         if short:
@@ -491,12 +496,14 @@ def read_coco(
         box = _clip_box((x, y, x + w, y + h), rec.width, rec.height)
         if not _valid(box):
             dropped.append(f"annotations[{i}] bbox {a['bbox']}")
-            left_out(rec, f"{dropped[-1]}: outside the image or under 1 px after clipping", "bbox")
+            left_out(
+                rec, f"{dropped[-1]}: outside the image or under 1 px after clipping", "bbox", cat
+            )
             continue
         why = mask_problem(rle, box) if rle is not None else None
         if why is not None:
             bad_masks.append(f"annotations[{i}]: {why}")
-            left_out(rec, bad_masks[-1], "segmentation")
+            left_out(rec, bad_masks[-1], "segmentation", cat)
             continue
         if short:
             thinned.append(f"annotations[{i}] ({len(short)} of {len(short) + len(seg)})")

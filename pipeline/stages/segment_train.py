@@ -60,6 +60,13 @@ def _resolve(cfg: DictConfig, path: str) -> Path:
 MISSING_IMAGES_SKIPPED = 0.05
 
 
+def _white_cells_left_out(skips: list[Skip], classes: Any = ()) -> list[Skip]:
+    """The annotations in ``skips`` left out whose class is a white cell (``wbc``, or one
+    of the source's ``wbc_classes``, case-insensitive)."""
+    want = {"wbc", *(str(c).strip().lower() for c in classes or ())}
+    return [k for k in skips if k.field in ANNOTATION_FIELDS and k.category.lower() in want]
+
+
 def _reject_rows(source: str, skips: list[Skip]) -> list[dict[str, str]]:
     return [
         {
@@ -111,12 +118,14 @@ def load_sets(
     rejects = [] if rejects is None else rejects
     train, val, test = SmearDataset(), {}, {}
     donors: list[int] = []
+    white_out: list[Skip] = []  # white-cell annotations left out (bad bbox / mask)
     if cfg.data.name == "synthetic":
         ann = cfg.paths.inputs.get("annotations") or (Path(smears) / "annotations.json")
         skips: list[Skip] = []
         ds = read_coco(ann, image_root=smears, source="synthetic", skipped=skips)
         ds = drop_unreadable(ds, skips)
         rejects += _reject_rows("synthetic", skips)
+        white_out += _white_cells_left_out(skips)
         ds = with_scale(ds, float(sc.input_scale), sc.cell_px)
         sources = [("synthetic", ds, ["train"], ["val"], [], 1, False)]
     else:
@@ -181,6 +190,7 @@ def load_sets(
             # one unreadable image among many: left out now, not an error mid-epoch
             ds = drop_unreadable(ds, skips)
             rejects += _reject_rows(name, skips)
+            white_out += _white_cells_left_out(skips, src.get("wbc_classes"))
             if src.get("wbc_classes"):
                 ds = as_white_cells(ds, list(src.wbc_classes))
             ds = with_scale(ds, src.scale, sc.cell_px)
@@ -236,19 +246,23 @@ def load_sets(
         )
     if len(train) == 0:
         raise StageError("no training images: check data.smear_sources[*].train_splits")
-    anns = [r for r in rejects if r["field"] in ANNOTATION_FIELDS]
-    if anns and not any(a.category == "wbc" for r in train for a in r.instances):
+    # a white-cell annotation left out (bad bbox / mask) may be why none is left; one of
+    # another class is not, and the class names are then what to fix
+    if white_out and not any(a.category == "wbc" for r in train for a in r.instances):
+        first = white_out[0]
         raise StageError(
             f"no white-cell box left among the {len(train)} training images: "
-            f"{len(anns)} annotation(s) were left out (first: {anns[0]['image']}: "
-            f"{anns[0]['reason']}); fix their bbox / segmentation fields"
+            f"{len(white_out)} annotation(s) were left out (first: {first.path}: "
+            f"{first.reason}); fix their bbox / segmentation fields"
         )
     if not any(a.category == "wbc" for r in train for a in r.instances):
         seen = {k: v for k, v in train.counts().items() if k not in ("images", "wbc_with_mask")}
         cells = [k for k in seen if k not in ("rbc", "platelet")]  # candidates
+        n_ann = sum(r["field"] in ANNOTATION_FIELDS for r in rejects)
+        also = f" ({n_ann} annotation(s) were also left out)" if n_ann else ""
         raise StageError(
             f"no white-cell box among the {len(train)} training images (classes found: "
-            f"{', '.join(f'{k} {v}' for k, v in seen.items()) or 'none'}): the detector "
+            f"{', '.join(f'{k} {v}' for k, v in seen.items()) or 'none'}){also}: the detector "
             f"would learn to find nothing. Name the white-cell classes of your annotations "
             f"with data.smear_sources[N].wbc_classes="
             f"[{','.join(cells) if cells else 'neutrophil,lymphocyte'}], or call them wbc / "

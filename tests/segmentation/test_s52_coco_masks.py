@@ -203,3 +203,54 @@ def test_point_pair_rings_are_not_judged_as_short_polygons(tmp_path):
         p = _coco(tmp_path, {0: pairs})
         with pytest.raises(AnnotationError, match=r"annotations\[0\]: field 'segmentation'"):
             read_coco(p, skipped=[])
+
+
+def _load_sets_error(tmp_path, p: Path, extra: str = "") -> str:
+    import pytest
+
+    from pipeline.runner import StageError
+    from pipeline.stages.segment_train import load_sets
+    from tests.helpers.run import compose_config
+
+    src = f"{{format: coco, path: '{p}', name: lab, scale: 1.0, val_splits: []{extra}}}"
+    cfg = compose_config(
+        [
+            "stage=segment_train",
+            "data=bccd",
+            f"paths.root={tmp_path / 'out'}",
+            f"data.smear_sources=[{src}]",
+        ]
+    )
+    with pytest.raises(StageError) as e:
+        load_sets(cfg, None, [])
+    return str(e.value)
+
+
+def _rename_category(p: Path, name: str) -> None:
+    d = json.loads(p.read_text())
+    d["categories"] = [{"id": 1, "name": name}]
+    p.write_text(json.dumps(d))
+
+
+def test_a_bad_annotation_of_another_class_keeps_the_class_advice(tmp_path):
+    """Classes named neutrophil (no wbc_classes) and one annotation with an empty mask:
+    the stop said to fix the bbox / segmentation fields (33dea8e), though the class
+    names are what is wrong; it lists the classes found again, and counts the
+    annotation left out."""
+    p = _coco(tmp_path, {0: [[500, 500, 524, 500, 524, 524]]})
+    _rename_category(p, "neutrophil")
+    msg = _load_sets_error(tmp_path, p)
+    assert "classes found: neutrophil 5) (1 annotation(s) were also left out)" in msg
+    assert "wbc_classes=[neutrophil]" in msg
+    assert "fix their bbox" not in msg
+
+
+def test_white_cell_annotations_left_out_of_a_wbc_class_say_so(tmp_path):
+    """Every annotation of a class named white by wbc_classes left out (mask far from
+    its box): the stop names the annotations left out, not the classes."""
+    far = [[70, 70, 90, 70, 90, 90, 70, 90]]
+    p = _coco(tmp_path, {k: far for k in range(6)})
+    _rename_category(p, "Neutrophil")
+    msg = _load_sets_error(tmp_path, p, ", wbc_classes: [neutrophil]")
+    assert "6 annotation(s) were left out" in msg and "fix their bbox" in msg
+    assert "classes found" not in msg
