@@ -118,18 +118,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         if key not in ck:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}' (not a vae checkpoint?)")
     args = ck["model_args"]
-    if (
-        isinstance(args, dict)
-        and "arch" in args
-        and "num_classes" in args
-        and "n_genes" not in args
-    ):
+    if isinstance(args, dict) and "num_classes" in args and "n_genes" not in args:
         # the likely mix-up: a segment_train model.pt given as the study's (both model.pt);
         # it failed as "VAEArgs.__init__() got an unexpected keyword argument 'arch'"
+        # (a detector saved without "arch" loads as resnet18_fpn: num_classes tells it)
         raise CheckpointError(
-            f"{path}: a detector (segment_train) checkpoint, not a vae model: give it as "
-            "paths.inputs.segmentation_model (Study.load(..., segmentation_model=)); the vae "
-            "model is the study's train/model.pt"
+            f"{path}: not a usable vae checkpoint: a detector (segment_train) checkpoint: "
+            "give it as paths.inputs.segmentation_model (Study.load(..., "
+            "segmentation_model=)); the vae model is the study's train/model.pt"
         )
     _drop_removed_args(ck["model_args"], path)
     why = newer_checkpoint_problem(ck, FORMAT_VERSION, _unknown_args(ck["model_args"]))

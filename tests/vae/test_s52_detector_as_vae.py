@@ -16,5 +16,13 @@ def test_a_detector_checkpoint_is_named_and_pointed_to_its_setting(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(p)
     msg = str(e.value)
-    assert msg.startswith(f"{p}: a detector (segment_train) checkpoint")
+    assert msg.startswith(f"{p}: not a usable vae checkpoint: a detector (segment_train)")
     assert "paths.inputs.segmentation_model" in msg and "arch" not in msg.split(": ", 1)[1][:20]
+
+
+def test_a_detector_saved_without_arch_is_named_too(tmp_path):
+    """A detector's model_args without "arch" (it loads as resnet18_fpn) is one too."""
+    p = tmp_path / "model.pt"
+    torch.save({"model": {}, "model_args": {"num_classes": 2}, "format_version": 1}, p)
+    with pytest.raises(CheckpointError, match="a detector \\(segment_train\\) checkpoint"):
+        load_checkpoint(p)
