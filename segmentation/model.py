@@ -494,11 +494,18 @@ def state_dict_error(e: BaseException, limit: int = 300) -> str:
 
 def nonfinite_weights(state: Any) -> list[str]:
     """Names of the floating-point tensors of ``state`` that hold a NaN or an infinity
-    (a diverged run's weights load and detect nothing, with no error)."""
+    (a diverged run's weights load and detect nothing, with no error). 1-byte floats
+    (float8) are upcast first: ``torch.isfinite`` is not implemented for them."""
     if not isinstance(state, dict):
         return []
+
+    def finite(v: torch.Tensor) -> bool:
+        if v.element_size() == 1:
+            v = v.float()
+        return bool(torch.isfinite(v).all())
+
     return [
         str(k)
         for k, v in state.items()
-        if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+        if torch.is_tensor(v) and v.is_floating_point() and not finite(v)
     ]

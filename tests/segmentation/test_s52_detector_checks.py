@@ -51,6 +51,19 @@ def test_nonfinite_weights_are_refused_naming_the_file(ckpt, tmp_path):
     load_checkpoint(ckpt)  # a finite one loads
 
 
+def test_nonfinite_weights_reads_float8():
+    """torch.isfinite is not implemented for float8: an fp8 state dict raised a bare
+    NotImplementedError (68894a5); its tensors are upcast for the check."""
+    import torch
+
+    from segmentation.model import nonfinite_weights
+
+    ok = torch.tensor([0.5, -1.0, 2.0]).to(torch.float8_e4m3fn)
+    bad = torch.tensor([0.5, float("nan")]).to(torch.float8_e4m3fn)
+    assert nonfinite_weights({"a.weight": ok, "b.weight": bad}) == ["b.weight"]
+    assert ok.dtype == torch.float8_e4m3fn  # the state is not changed
+
+
 def test_a_run_that_keeps_no_cell_warns(ckpt, tmp_path, caplog):
     from tests.helpers.run import run_stage_in_process
 
