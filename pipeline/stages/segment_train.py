@@ -10,8 +10,11 @@ box/mask AP, recall at ``segmentation.score_threshold``, mean mask IoU) per
 validation / test source. Runs under DDP through ``ctx.dist``; only rank 0
 writes. The training recipe is :func:`segmentation.train.fit`; this file maps
 the config onto it. An unreadable image or a malformed annotation file is left
-out with a warning and listed in ``rejects.csv`` (counted in ``metrics.json`` as
-``skipped_files``); only a set with no trainable image left stops the stage.
+out with a warning and listed in ``rejects.csv`` (field ``image`` / ``annotation``,
+counted in ``metrics.json`` as ``skipped_files``), and so is a single COCO annotation
+whose box or mask is unusable while its image is kept (field ``bbox`` /
+``segmentation``, counted as ``skipped_annotations``); only a set with no trainable
+image, or no white-cell box, left stops the stage.
 """
 
 from __future__ import annotations
