@@ -235,8 +235,6 @@ def load_sets(
             ds.counts(),
         )
     train.renumber()
-    if not val and len(train):
-        log.warning("%s", _no_val_message(cfg))
     files = [r for r in rejects if r["field"] not in ANNOTATION_FIELDS]
     if len(train) == 0 and files:
         first = files[0]
@@ -271,6 +269,8 @@ def load_sets(
             f"[{','.join(cells) if cells else 'neutrophil,lymphocyte'}], or call them wbc / "
             f"leukocyte in the file"
         )
+    if not val:  # after the stops above: a run that cannot train needs no such warning
+        log.warning("%s", _no_val_message(cfg))
     return train, val, test, donors
 
 

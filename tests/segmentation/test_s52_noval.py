@@ -8,11 +8,16 @@ import logging
 from tests.segmentation.test_s52_coco_masks import _coco
 
 
-def _load(tmp_path, caplog, src_extra: str):
+def _load(tmp_path, caplog, src_extra: str, category: str = "wbc"):
+    import json
+
     from pipeline.stages.segment_train import load_sets
     from tests.helpers.run import compose_config
 
     p = _coco(tmp_path, {})
+    d = json.loads(p.read_text())
+    d["categories"] = [{"id": 1, "name": category}]
+    p.write_text(json.dumps(d))
     src = f"{{format: coco, path: '{p}', name: lab, scale: 1.0{src_extra}}}"
     cfg = compose_config(
         [
@@ -39,4 +44,16 @@ def test_no_val_images_is_warned_naming_the_setting(tmp_path, caplog):
 def test_a_val_split_gives_no_warning(tmp_path, caplog):
     _, val, _, _ = _load(tmp_path, caplog, ", val_fraction: 0.34")  # no split fields
     assert len(val["lab"]) == 2
+    assert "no validation images" not in caplog.text
+
+
+def test_a_run_that_stops_gives_no_no_val_warning(tmp_path, caplog):
+    """The warning came before the no-white-cell stop (e967552): a run that cannot train
+    warned first of the metrics it would not have. Now it is logged after the stops."""
+    import pytest
+
+    from pipeline.runner import StageError
+
+    with pytest.raises(StageError, match="no white-cell box"):
+        _load(tmp_path, caplog, ", val_splits: []", category="neutrophil")  # not white
     assert "no validation images" not in caplog.text
