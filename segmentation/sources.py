@@ -154,9 +154,17 @@ def label_for_image(n_cells: int, classes: list[str] | None) -> tuple[str, str]:
     return classes[0], "labelled"
 
 
-def list_crop_folder(root: str | Path, max_per_class: int | None = None) -> list[tuple[Path, str]]:
+def list_crop_folder(
+    root: str | Path, max_per_class: int | None = None, seen: set[str] | None = None
+) -> list[tuple[Path, str]]:
     """``(file, class)`` of an ImageFolder (``root/<Class>/*.jpg``), class lower-cased;
     hidden folders and files (names starting with ``.``) are skipped.
+
+    What the layout does not read (images at the top level or below a class folder,
+    class folders with no image) is warned once per call, or, given ``seen`` (the
+    folders already reported, kept by a caller that lists a folder more than once in
+    one run), once per folder in ``seen``; ``root`` is added to it. Nothing is kept
+    between calls otherwise, so a second run in the same process warns again.
 
     Raises
     ------
@@ -177,11 +185,11 @@ def list_crop_folder(root: str | Path, max_per_class: int | None = None) -> list
         out += [(f, d.name.lower()) for f in files[:max_per_class]]
     if not out:
         raise FileNotFoundError(f"{root}: no class sub-folder with images (ImageFolder layout)")
-    _report_unread(root)
+    if seen is None or str(root) not in seen:
+        _report_unread(root)
+    if seen is not None:
+        seen.add(str(root))
     return out
-
-
-_REPORTED: set[str] = set()  # folders already reported (the stage lists a folder twice)
 
 
 def _is_image(f: Path) -> bool:
@@ -192,8 +200,6 @@ def _report_unread(root: Path) -> None:
     """One warning per folder for what the ImageFolder layout does not read: images at
     the top level (no class), images in folders below a class folder, and class folders
     with no image (audit s52 S2: 4 crops were counted of 6 files, without a word)."""
-    if str(root) in _REPORTED:
-        return
     top = sorted(f.name for f in root.iterdir() if _is_image(f))
     nested: list[str] = []
     empty: list[str] = []
@@ -210,7 +216,6 @@ def _report_unread(root: Path) -> None:
     if empty:
         parts.append(f"{len(empty)} class folder(s) with no image ({_few(empty)})")
     if parts:
-        _REPORTED.add(str(root))
         log.warning(
             "%s: not read as crops (one folder per class, images directly in it): %s",
             root,
