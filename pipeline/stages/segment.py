@@ -77,8 +77,9 @@ PARTS = ".segment_parts"
 
 def settings_from_config(sc: Any) -> SegmentSettings:
     """``cfg.segmentation`` -> :class:`SegmentSettings` (validated)."""
-    if not 1 <= int(sc.crop_size) <= 4096:
-        raise StageError(f"segmentation.crop_size={sc.crop_size}: must be in [1, 4096]")
+    # >= 8 as pipeline/ranges.py refuses at start (embed's smallest crop)
+    if not 8 <= int(sc.crop_size) <= 4096:
+        raise StageError(f"segmentation.crop_size={sc.crop_size}: must be in [8, 4096]")
     if not 0 <= int(sc.background_value) <= 255:
         raise StageError(f"segmentation.background_value={sc.background_value}: must be 0..255")
     if float(sc.batch_megapixels) <= 0:

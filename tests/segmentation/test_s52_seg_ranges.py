@@ -43,3 +43,17 @@ def test_out_of_range_is_refused(setting, must):
 )
 def test_in_range_and_off_pass(setting):
     check_ranges(compose_config(["stage=segment", setting]))
+
+
+def test_settings_from_config_agrees_on_crop_size():
+    """settings_from_config (called without the start checks, e.g. by the API) let
+    crop_size 1..7 through and said 'must be in [1, 4096]'; it now agrees with
+    pipeline/ranges.py (>= 8)."""
+    from pipeline.runner import StageError
+    from pipeline.stages.segment import settings_from_config
+
+    sc = compose_config(["stage=segment", "segmentation.crop_size=8"]).segmentation
+    settings_from_config(sc)
+    sc.crop_size = 4
+    with pytest.raises(StageError, match=re.escape("crop_size=4: must be in [8, 4096]")):
+        settings_from_config(sc)
