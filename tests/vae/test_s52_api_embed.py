@@ -61,3 +61,45 @@ def test_embed_refuses_an_input_missing_most_genes_as_the_stage_does(study):
     assert s.embed(_counts(study, 6, 0.6)).n_obs == 6  # 40 % missing: under the default
     with pytest.raises(StudyError, match=r"max_missing_genes=2: must be in \[0, 1\]"):
         s.embed(few, max_missing_genes=2)
+
+
+def test_sample_profile_keeps_cells_with_no_sample_through_the_api(study, tmp_path, caplog):
+    """Study.read keeps a user's NaN sample (a9ec74f): sample_profile grouped with pandas'
+    dropna, so those cells vanished from the per-sample table without a word (16 cells
+    read 13). A missing sample (NaN, "", blanks) is one named group, with a warning."""
+    import logging
+
+    from vae.analysis.samples import NO_SAMPLE, sample_profile, write_samples_html
+    from vae.api import Study
+
+    a = _counts(study, 16, 1.0)
+    a.obs["sample"] = pd.Categorical([None] * 3 + ["pA"] * 5 + [""] * 2 + ["pB"] * 4 + [" "] * 2)
+    a.write_h5ad(tmp_path / "q.h5ad")
+    s = Study.load(study / "out" / "s")
+    q = s.embed(s.read(tmp_path / "q.h5ad", kind="expression"))
+    assert q.obs["sample"].isna().sum() == 3  # the input's column as given
+    with caplog.at_level(logging.WARNING, logger="vae.analysis.samples"):
+        prof = sample_profile(q.obs, callable_calls={"expression": s.labels})
+    assert dict(zip(prof["sample"], prof["n_cells"])) == {NO_SAMPLE: 7, "pA": 5, "pB": 4}
+    said = [r.getMessage() for r in caplog.records if "have no sample" in r.getMessage()]
+    assert len(said) == 1 and "7 of 16 cells" in said[0] and repr(NO_SAMPLE) in said[0], said
+    named = sample_profile(q.obs, no_sample="q")  # the input's name, as stage=embed names them
+    assert dict(zip(named["sample"], named["n_cells"])) == {"q": 7, "pA": 5, "pB": 4}
+    write_samples_html(tmp_path / "s.html", prof, q.obs, None, callable_calls={"expression": []})
+    assert NO_SAMPLE in (tmp_path / "s.html").read_text()
+
+
+def test_sample_profile_names_a_whole_number_sample_as_an_integer():
+    """A numeric sample column with gaps reads 7.0: sample "7", as batch_text reads it."""
+    from vae.analysis.samples import sample_profile
+
+    obs = pd.DataFrame(
+        {
+            "sample": [7.0, 7.0, np.nan, 12.0],
+            "vae_call": ["band"] * 4,
+            "vae_maturation": [0.5] * 4,
+        },
+        index=[f"c{i}" for i in range(4)],
+    )
+    prof = sample_profile(obs)
+    assert dict(zip(prof["sample"], prof["n_cells"])) == {"(no sample)": 1, "12": 1, "7": 2}

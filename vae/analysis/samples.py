@@ -73,12 +73,15 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
 
 import numpy as np
 import pandas as pd
 
 from segmentation.schema import EDGE_WEIGHT
 from vae.inputs.schema import ANOMALY_SCORE, known_labels, stage_name
+
+log = logging.getLogger(__name__)
 
 BLASTS = ("myeloblast",)
 IMMATURE_GRANULOCYTES = ("promyelocyte", "myelocyte", "metamyelocyte")
@@ -93,6 +96,10 @@ FLAGGED_SAMPLES_SHOWN = 10
 # samples shown as columns of the differential count, as on a lab report; more are shown
 # one row each (301 samples as columns made a table ~25,000 px wide, the calls out of view)
 DIFFERENTIAL_SAMPLE_COLUMNS = 6
+# the sample of cells whose sample column holds no value (NaN, "" or blanks), where the
+# caller gives no name for it: such cells were dropped from the profile (pandas' groupby
+# leaves NaN keys out). stage=embed names them after their input before (docs/embed.md)
+NO_SAMPLE = "(no sample)"
 # confidence level of the count intervals (<column>_ci_low / _ci_high): 95 %, as Rümke's
 # table that haematology reads a manual differential with
 CI_LEVEL = 0.95
@@ -129,6 +136,59 @@ def on_maturation_path(calls, path_classes) -> np.ndarray:
     return s.where(s.notna(), "").astype(str).isin(names).to_numpy()
 
 
+def sample_names(obs: pd.DataFrame, sample_key: str, no_sample: str = NO_SAMPLE) -> np.ndarray:
+    """Each cell's sample as text, the one reading of every table of this module.
+
+    A missing sample (NaN / None, ``""`` or blanks) is ``no_sample``: never left out (a
+    groupby drops NaN keys, so an API caller's cells with a NaN sample vanished from the
+    profile without a word). A whole-number float is written as an integer (a patient id
+    7 read back as 7.0 from a column with gaps is sample ``"7"``, as
+    :func:`vae.inputs.schema.batch_text` reads a batch).
+
+    >>> obs = pd.DataFrame({"sample": [None, "pA", " ", 7.0]})
+    >>> sample_names(obs, "sample").tolist()
+    ['(no sample)', 'pA', '(no sample)', '7']
+    """
+
+    def text(x) -> str:
+        if x is None or (not isinstance(x, str) and pd.isna(x)):
+            return no_sample
+        if isinstance(x, float | np.floating) and float(x).is_integer():
+            return str(int(x))
+        x = str(x)
+        return no_sample if not x.strip() else x
+
+    return np.array([text(x) for x in obs[sample_key].to_numpy(dtype=object)], dtype=object)
+
+
+def _with_sample_names(
+    obs: pd.DataFrame, sample_key: str, no_sample: str, warn: bool = False
+) -> pd.DataFrame:
+    """``obs`` with its ``sample_key`` column read by :func:`sample_names`; ``warn``: log
+    how many cells had no sample and the name they are counted under."""
+    names = sample_names(obs, sample_key, no_sample)
+    if warn:
+        raw = obs[sample_key].to_numpy(dtype=object)
+        missing = np.array(
+            [
+                x is None or (not isinstance(x, str) and pd.isna(x)) or not str(x).strip()
+                for x in raw
+            ],
+            dtype=bool,
+        )
+        if missing.any():
+            log.warning(
+                "%d of %d cells have no sample (obs[%r] NaN or empty, e.g. %s): they are "
+                "counted as sample %r; give every cell its sample to keep patients apart",
+                int(missing.sum()),
+                len(missing),
+                sample_key,
+                ", ".join(str(i) for i in obs.index[missing][:3]),
+                no_sample,
+            )
+    return obs.assign(**{sample_key: names})
+
+
 def sample_profile(
     obs: pd.DataFrame,
     sample_key: str | None = None,
@@ -136,6 +196,7 @@ def sample_profile(
     path_classes: list[str] | None = None,
     study_labels: list[str] | None = None,
     callable_calls: dict[str, list[str]] | None = None,
+    no_sample: str = NO_SAMPLE,
 ) -> pd.DataFrame:
     """One row per sample: counts, fractions, blast / IG fractions, I:T ratio, histogram.
 
@@ -161,10 +222,16 @@ def sample_profile(
         NaN shares, and a ratio none of the rest can count is NaN (module docstring;
         the ratios only where ``study_labels`` is given, as the study-level rule). None,
         or obs without ``vae_modality``: nothing is marked, ``not_callable`` is ""
+    no_sample : the sample of the cells whose sample is missing (NaN, ``""`` or blanks:
+        :func:`sample_names`), with a warning naming how many; give the input's name
+        (its file stem or folder name) to name them as ``stage=embed`` does, whose
+        ``vae_sample`` is never missing. Default :data:`NO_SAMPLE`. Kept in the result's
+        ``attrs["no_sample"]`` for :func:`write_samples_html`
 
     Returns
     -------
-    DataFrame, one row per sample (sorted), the columns of the module docstring
+    DataFrame, one row per sample (sorted), the columns of the module docstring; sample
+    names are text (:func:`sample_names`)
     """
     if sample_key is None:
         sample_key = next((k for k in ("vae_sample", "sample") if k in obs), None)
@@ -172,6 +239,8 @@ def sample_profile(
             raise KeyError("sample_profile: obs has neither 'vae_sample' nor 'sample'")
     elif sample_key not in obs:
         raise KeyError(f"sample_profile: obs has no column {sample_key!r}")
+    # a cell with no sample is counted under no_sample (a groupby would drop it)
+    obs = _with_sample_names(obs, sample_key, no_sample, warn=True)
     col = call_column(obs)
     # a query.h5ad read back holds NaN where no label was called: an unclassified cell
     # where the column is the call, else no label ("", counted in n_cells only: never a
@@ -242,7 +311,9 @@ def sample_profile(
     # two queries of one study have the same columns
     prof.insert(prof.columns.get_loc("n_cells") + 1, "not_callable", "")
     marks = uncallable_calls(prof, obs, callable_calls, sample_key)
-    return _blank_not_callable(prof, marks, study_labels) if marks else prof
+    prof = _blank_not_callable(prof, marks, study_labels) if marks else prof
+    prof.attrs["no_sample"] = no_sample
+    return prof
 
 
 def _blank_not_callable(
@@ -369,6 +440,8 @@ def uncallable_calls(
         sample_key = next((k for k in ("vae_sample", "sample") if k in obs), None)
     if sample_key is None or sample_key not in obs:
         return {}
+    # the profile's names: a missing sample is its no_sample (sample_profile)
+    obs = _with_sample_names(obs, sample_key, profile.attrs.get("no_sample", NO_SAMPLE))
     every = set(_call_names(profile))
     every.discard(UNCLASSIFIED)
     mods = obs.groupby(sample_key, sort=False, observed=True)["vae_modality"].agg(
@@ -615,7 +688,8 @@ def _unclassified_flag_html(
         unc = obs[col].astype(str).to_numpy() == UNCLASSIFIED
         atyp = pd.to_numeric(obs["vae_atypical"], errors="coerce").fillna(0).to_numpy() > 0
         by = pd.DataFrame({"u": unc, "a": unc & atyp}, index=obs.index)
-        by = by.groupby(obs[sample_key].to_numpy(), sort=False).sum()
+        no_sample = profile.attrs.get("no_sample", NO_SAMPLE)
+        by = by.groupby(sample_names(obs, sample_key, no_sample), sort=False).sum()
     n_atyp = n_unc = 0
     items = []
     for r in flagged:
