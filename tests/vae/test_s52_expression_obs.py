@@ -44,3 +44,30 @@ def test_cells_with_a_nan_or_empty_label_are_counted_and_warned_of(tmp_path, cap
     said = [r.getMessage() for r in caplog.records if "have no label" in r.getMessage()]
     assert len(said) == 1 and "3 of 8 cells" in said[0], said
     assert list(a.obs["label"]) == ["B", "", "B", "T", "", "", "T", "T"]
+
+
+def test_genes_by_cells_keeps_the_cells_nan_as_stored(tmp_path):
+    """With orientation=genes_by_cells the stored var is the cells: it was cleaned
+    (NaN -> "") before the transpose, so a cell's NaN sample read back "" (review of
+    a9ec74f); only the genes' table (stored obs) is read as the pipeline's own files."""
+    rng = np.random.default_rng(0)
+    a = ad.AnnData(
+        X=rng.poisson(2, (5, 4)).astype(np.float32),
+        obs=pd.DataFrame(
+            {"gsym": pd.Categorical(["A", None, "B", "C", "D"])},
+            index=[f"G{i}" for i in range(5)],
+        ),
+        var=pd.DataFrame(
+            {"sample": pd.Categorical(["p1", None, "p2", "p2"])},
+            index=[f"c{i}" for i in range(4)],
+        ),
+    )
+    a.write_h5ad(tmp_path / "t.h5ad")
+    r = read_expression(tmp_path / "t.h5ad", orientation="genes_by_cells")
+    assert list(r.obs_names) == ["c0", "c1", "c2", "c3"]
+    assert r.obs["sample"].isna().tolist() == [False, True, False, False]
+    assert list(r.var["gsym"]) == ["A", "", "B", "C", "D"]  # the genes' table, as before
+    c = read_expression(tmp_path / "t.h5ad", orientation="cells_by_genes")
+    assert list(c.var["sample"]) == ["p1", "", "p2", "p2"]  # var is the genes here
+    b = H5adRowBlocks(tmp_path / "t.h5ad", orientation="cells_by_genes", rows=2)
+    assert list(b.var["sample"]) == ["p1", "", "p2", "p2"]

@@ -415,11 +415,10 @@ def read_expression(
         raise ExpressionInputError("no such file or folder", field="path", source=src)
     try:
         if fmt == "h5ad":
-            adata = ad.read_h5ad(p)
             # obs as stored: a user's NaN stays NaN (query.h5ad keeps the input's own
-            # columns as given; a NaN label is counted as missing); var as the pipeline
-            # reads its own files (a NaN symbol "")
-            blank_as_read(adata.var)
+            # columns as given; a NaN label is counted as missing); var (the genes, once
+            # oriented below) as the pipeline reads its own files (a NaN symbol "")
+            adata = ad.read_h5ad(p)
         elif fmt == "10x_h5":
             adata = sc.read_10x_h5(p)
         elif fmt == "10x_mtx":
@@ -485,6 +484,10 @@ def read_expression(
         ) from e
     if fmt not in ("csv", "tsv"):
         adata = _orient_anndata(adata, orientation, known_genes, src)
+        if fmt == "h5ad":
+            # the genes' table only: with genes_by_cells the stored var is the cells (obs
+            # now), kept as stored (a NaN sample was made "" before the transpose)
+            blank_as_read(adata.var)
         symbols_as_names(adata, src)
     adata.uns["source"] = src
     return adata
@@ -2046,6 +2049,8 @@ class H5adRowBlocks:
         self.shape = meta.shape
         # the names and the checks read_expression applies to the whole file, once
         meta = _orient_anndata(meta, orientation, known_genes, src)
+        if self.FORMAT == "h5ad":  # the genes' table, after orienting, as read_expression
+            blank_as_read(meta.var)
         symbols_as_names(meta, src)
         self.obs, self.var = meta.obs, meta.var
         self.counts_layer = counts_layer or None
@@ -2094,7 +2099,8 @@ class H5adRowBlocks:
             obs, var = read_elem(f["obs"]), read_elem(f["var"])
             self.raw_var = read_elem(f["raw/var"]) if "raw" in f else None
             self.layers = list(f["layers"].keys()) if "layers" in f else []
-        return ad.AnnData(obs=obs, var=blank_as_read(var))  # obs as stored (read_expression)
+        # as stored: __init__ reads var (the genes) as read_expression does, once oriented
+        return ad.AnnData(obs=obs, var=var)
 
     def _x_rows(self, f, s: int, e: int):
         """Rows ``s:e`` of ``X`` (all genes)."""
