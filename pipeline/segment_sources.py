@@ -78,7 +78,8 @@ def validate_sources(cfg: Any) -> None:
             raise StageError(f"{at}.path={src.path}: not a folder")
         if src.kind == "crop_folder":  # its layout, checked before any source is read
             try:
-                list_crop_folder(folder, 1)
+                # quiet: the listing that reads the crops warns of files it leaves out
+                list_crop_folder(folder, 1, seen={str(folder)})
             except FileNotFoundError as e:
                 raise StageError(f"{at}.path={src.path}: {e}") from e
         if src.labels:
