@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.helpers.run import compose_config
+
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, toy_study) -> Path:
@@ -52,6 +54,8 @@ def test_embed_refuses_an_input_missing_most_genes_as_the_stage_does(study):
     from vae.api import MAX_MISSING_GENES, Study, StudyError
 
     assert EmbedConfig.max_missing_genes == MAX_MISSING_GENES  # one default for both
+    # and the value the stage runs with: the yaml it composes, not only the dataclass
+    assert compose_config(["stage=embed"]).embed.max_missing_genes == MAX_MISSING_GENES
     s = Study.load(study / "out" / "s")
     few = _counts(study, 6, 0.4)  # 60 % of the model's genes missing
     with pytest.raises(StudyError, match=r"more than max_missing_genes=0.5 of them are missing"):
