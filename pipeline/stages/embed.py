@@ -323,7 +323,7 @@ def _warn_unmatched_rows(mapping: pd.DataFrame, matched: dict[str, set], samples
         "embed.samples_csv=%s: %d of its %d rows name no embedded cell, e.g. %s",
         samples_csv,
         len(miss),
-        len(mapping),
+        mapping.attrs.get("rows", len(mapping)),  # its rows with an empty sample counted too
         ", ".join(shown),
     )
 
@@ -371,6 +371,7 @@ def _read_mapping(cfg, say: bool = True) -> pd.DataFrame | None:
         )
     if blank.any():
         m = m[~blank].reset_index(drop=True)
+    m.attrs["rows"] = len(blank)  # every row of the CSV, those skipped too (M of "N of its M")
     for key in ("cell_id", "image"):
         if key not in m:
             continue

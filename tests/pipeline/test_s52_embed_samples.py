@@ -122,3 +122,26 @@ def test_a_samples_csv_without_samples_is_refused_as_such(study, tmp_path, caplo
     assert len(said) == 1 and "2 of its 6 rows" in said[0] and "q004, q005" in said[0]
     prof = pd.read_csv(out / "samples.csv")
     assert dict(zip(prof["sample"], prof["n_cells"])) == {"pA": 4, "plain": 2}
+
+
+def test_rows_naming_no_cell_are_counted_among_all_the_csvs_rows(study, tmp_path, caplog):
+    """ "N of its M rows name no embedded cell": M is every row of the CSV; the rows with an
+    empty sample, skipped before, were left out of M (1 of its 4 rows for a CSV of 6)."""
+    _counts(study, 6).write_h5ad(tmp_path / "plain.h5ad")
+    ids = ["q000", "q001", "q002", "nothere", "q004", "q005"]
+    pd.DataFrame({"sample": ["pA"] * 3 + ["pB", "", ""], "cell_id": ids}).to_csv(
+        tmp_path / "s.csv", index=False
+    )
+    with caplog.at_level(logging.WARNING):
+        _embed(
+            study,
+            "rowsall",
+            f"embed.expression={tmp_path / 'plain.h5ad'}",
+            f"embed.samples_csv={tmp_path / 's.csv'}",
+        )
+    w = _warnings(caplog)
+    unmatched = [m for m in w if "name no embedded cell" in m]
+    assert (
+        len(unmatched) == 1 and "1 of its 6 rows" in unmatched[0] and "nothere" in unmatched[0]
+    ), w
+    assert any("2 of its 6 rows have an empty 'sample'" in m for m in w), w
