@@ -135,6 +135,19 @@ def sweep_jobs(argv: list[str]) -> list[list[str]]:
         return []
 
 
+def _preset_experiment(preset: str | None) -> str | None:
+    """The ``experiment`` that ``pipeline/conf/preset/<preset>.yaml`` sets, or None
+    (no preset, a preset that sets none, or one this package does not hold)."""
+    if not preset:
+        return None
+    path = Path(__file__).parent / "conf" / "preset" / f"{preset}.yaml"
+    try:
+        value = OmegaConf.load(path).get("experiment")
+    except Exception:  # noqa: BLE001 - not ours to read: Hydra reports a bad preset itself
+        return None
+    return None if value is None else str(value)
+
+
 def _job_folder(job: list[str], argv: list[str]) -> str:
     """The folder (below ``paths.root``) that sweep job ``job`` writes, as a label."""
     values = {}
@@ -142,7 +155,10 @@ def _job_folder(job: list[str], argv: list[str]) -> str:
         key, _, value = o.partition("=")
         values[key.lstrip("+~")] = value
     variant = values.get("variant") or sweep_variant(job, argv)
-    parts = [values.get("paths.root"), values.get("experiment"), values.get("stage", "?"), variant]
+    # a preset names the experiment too (+preset=real,demo variant=x: real/... and
+    # demo/..., two folders); an experiment= given beside it wins, as in the config
+    experiment = values.get("experiment") or _preset_experiment(values.get("preset"))
+    parts = [values.get("paths.root"), experiment, values.get("stage", "?"), variant]
     return "/".join(str(p) for p in parts if p)
 
 

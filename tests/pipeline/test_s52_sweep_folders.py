@@ -101,3 +101,14 @@ def test_a_sweep_of_torch_threads_keeps_both_results(tmp_path: Path):
     assert subs == ["hardware.torch_threads=1", "hardware.torch_threads=2"], subs
     for s in subs:
         assert (d / s / "model.pt").exists()
+
+
+def test_a_sweep_over_presets_with_one_variant_writes_one_folder_per_preset():
+    """+preset=real,demo variant=x writes real/train/x and demo/train/x (each preset sets
+    its experiment); the check read experiment from the command line only and refused it."""
+    from pipeline.__main__ import sweep_collision
+
+    assert sweep_collision(["-m", "stage=train", "+preset=real,demo", "variant=x"]) is None
+    # an experiment given beside the presets names one folder for both: still refused
+    said = sweep_collision(["-m", "stage=train", "+preset=real,demo", "variant=x", "experiment=e"])
+    assert said is not None and "e/train/x" in said
