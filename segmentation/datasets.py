@@ -451,6 +451,7 @@ def read_coco(
     dropped = []
     bad_masks: list[str] = []
     thinned: list[str] = []
+    crowd = 0
 
     def left_out(rec: ImageRecord, what: str, fld: str, category: str) -> None:
         if skipped is not None:
@@ -482,6 +483,9 @@ def read_coco(
         if not all(np.isfinite((x, y, w, h))):
             raise AnnotationError(f"{where}: bbox {a['bbox']!r} holds a non-finite number")
         if a.get("iscrowd", 0):
+            # a crowd region (COCO iscrowd=1) has no one cell to learn: not trained on,
+            # as torchvision's and detectron2's recipes; said once per file below
+            crowd += 1
             continue
         seg = a.get("segmentation")
         why = polygon_problem(seg)
@@ -510,6 +514,13 @@ def read_coco(
         extra = {k: v for k, v in a.items() if k not in std}
         rec.instances.append(Instance(bbox=box, category=cat, mask=rle, extra=extra))
     _report_dropped(json_path, dropped)
+    if crowd:
+        log.info(
+            "%s: %d crowd annotation(s) (iscrowd=1) not trained on: a crowd region "
+            "outlines no single cell",
+            json_path,
+            crowd,
+        )
     if thinned:
         log.warning(
             "%s: %d annotation(s) with polygon rings of under 3 points, those rings "

@@ -254,3 +254,21 @@ def test_white_cell_annotations_left_out_of_a_wbc_class_say_so(tmp_path):
     msg = _load_sets_error(tmp_path, p, ", wbc_classes: [neutrophil]")
     assert "6 annotation(s) were left out" in msg and "fix their bbox" in msg
     assert "classes found" not in msg
+
+
+def test_crowd_annotations_are_said_not_trained_on(tmp_path, caplog):
+    """iscrowd=1 regions were left out of training without a word; one line per file
+    now counts them (they are not rejects: COCO marks them as no single object)."""
+    import logging
+
+    p = _coco(tmp_path, {})
+    data = json.loads(p.read_text())
+    for a in data["annotations"][:2]:
+        a["iscrowd"] = 1
+    p.write_text(json.dumps(data))
+    skipped: list[Skip] = []
+    with caplog.at_level(logging.INFO, logger="segmentation.datasets"):
+        ds = read_coco(p, skipped=skipped)
+    assert _kept(ds) == 4 and skipped == []
+    said = [r.getMessage() for r in caplog.records if "crowd" in r.getMessage()]
+    assert len(said) == 1 and "2 crowd annotation(s) (iscrowd=1) not trained on" in said[0]
