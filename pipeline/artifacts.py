@@ -18,19 +18,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
-
-
 # one atomic writer and one CSV quoting for every package (libraries cannot import
 # pipeline: vae/analysis writes evaluate's CSVs)
 from segmentation.io import (  # noqa: E402
     FORMULA_START,
+    MANIFEST,
     atomic_path,
     spreadsheet_safe,
 )
 from segmentation.provenance import code_record  # noqa: E402
 
-__all__ = ["FORMULA_START", "atomic_path", "spreadsheet_safe"]
+__all__ = ["FORMULA_START", "MANIFEST", "atomic_path", "spreadsheet_safe"]
 
 
 class StageInputError(RuntimeError):

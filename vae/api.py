@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from segmentation.io import blank_as_read
+from segmentation.io import MANIFEST, blank_as_read
 from segmentation.schema import SCALE_SPREAD
 from vae.inputs.schema import (
     ANOMALY_COLUMNS,
@@ -429,7 +429,7 @@ def _traverse_analysis(root: Path | None, variant: str, default: Any) -> Any:
         return default
     tdirs = [root / "traverse" / variant, root / "traverse"] if variant else [root / "traverse"]
     for tdir in tdirs:
-        man = tdir / "manifest.json"
+        man = tdir / MANIFEST
         try:
             if not man.is_file():
                 continue
@@ -1019,7 +1019,7 @@ class Study:
         """:meth:`training_crops` from the pair run's ``manifest.json`` (the kinds of its
         ``pair.crop_sources``), where the paired data are gone."""
         for p in self._paired_candidates:
-            man = p.parent / "manifest.json"
+            man = p.parent / MANIFEST
             try:
                 rec = json.loads(man.read_text())
             except (OSError, ValueError):

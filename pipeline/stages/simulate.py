@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.artifacts import MANIFEST
 from pipeline.runner import StageContext, StageError, stage
 from pipeline.simulator import SimulatorParams, SimulatorSettingError, write_dataset
 
@@ -33,7 +34,7 @@ def simulated_seed(run_dir: Path, cfg: DictConfig) -> int:
     :func:`simulator_seed` of ``cfg``. A later stage run with another top-level ``seed``
     (a training seed) must not rebuild another seed's gene panel (review: stage=evaluate
     seed=S on data simulated at 0 built the seed-S panel, its profiles 0.74 alike)."""
-    man = Path(run_dir) / "simulate" / "manifest.json"
+    man = Path(run_dir) / "simulate" / MANIFEST
     try:
         data = json.loads(man.read_text())
     except (OSError, ValueError):

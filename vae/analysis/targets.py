@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from segmentation.io import blank_as_read
+from segmentation.io import MANIFEST, blank_as_read
 
 TARGETS = {
     "t_best_dim_abs_spearman": 0.9,
@@ -179,7 +179,7 @@ def paired_of_run(train_dir: str | Path) -> Path:
     """
     import json
 
-    man_path = Path(train_dir) / "manifest.json"
+    man_path = Path(train_dir) / MANIFEST
     try:
         rec = json.loads(man_path.read_text())["inputs"]["paired"]
         path = rec["path"]
