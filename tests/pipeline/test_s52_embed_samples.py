@@ -18,25 +18,12 @@ import pandas as pd
 import pytest
 
 from pipeline.runner import StageError
-from tests.helpers.run import run_stage_in_process
+from tests.helpers.run import embed_on_toy_study as _embed
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, toy_study) -> Path:
     return toy_study(tmp_path_factory.mktemp("study"))
-
-
-def _embed(study: Path, exp: str, *args: str) -> Path:
-    return run_stage_in_process(
-        [
-            f"paths.root={study / 'out'}",
-            f"experiment={exp}",
-            f"embed.study={study / 'out' / 's'}",
-            "hardware.torch_threads=1",
-            *args,
-        ],
-        "embed",
-    )
 
 
 def _counts(study: Path, n: int, sample=None) -> ad.AnnData:

@@ -10,20 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.run import run_stage_in_process
+from tests.helpers.run import run_stage_in_process, tiny_train
 from tests.helpers.vae_toy import make_paired
 
-TINY = [
-    "vae.channels=[8,16]",
-    "vae.hidden=[16]",
-    "vae.n_latent=4",
-    "vae.n_private=0",
-    "vae.kl_warmup_epochs=1",
-    "trainer.batch_size=16",
-    "trainer.max_minutes=null",
-    "trainer.max_epochs=2",
-    "hardware.torch_threads=1",
-]
+TINY = tiny_train(0, "vae.kl_warmup_epochs=1")  # two epochs, one thread
 
 
 @pytest.fixture
