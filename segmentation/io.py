@@ -86,13 +86,13 @@ def undecodable_warning(path: str | os.PathLike) -> str | None:
     )
 
 
-# whole-slide scanner files that are TIFFs inside (Aperio .svs, Hamamatsu .ndpi, Leica .scn,
-# Ventana .bif): read as TIFFs, the full-resolution level of the largest series
-# (:func:`_tiff_layout`); they were skipped without a word by the suffix check
 # every stage folder's record of what it read and wrote (pipeline/artifacts.py writes
 # it); here, not in pipeline/, because the libraries read finished runs' records too
 MANIFEST = "manifest.json"
 
+# whole-slide scanner files that are TIFFs inside (Aperio .svs, Hamamatsu .ndpi, Leica .scn,
+# Ventana .bif): read as TIFFs, the full-resolution level of the largest series
+# (:func:`_tiff_layout`); they were skipped without a word by the suffix check
 TIFF_SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif")
 TIFF_SUFFIXES = (".tif", ".tiff", *TIFF_SLIDE_SUFFIXES)
 # the image types every reader lists (case-insensitive); WebP (browser and phone exports)
