@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -362,8 +363,9 @@ def study_files(
     root = Path(run_dir).expanduser().absolute() if run_dir is not None else None
     train = None
     given_file = root is not None and root.is_file()
-    if given_file and root.suffix != ".pt":
-        # an audit gave a .h5ad and was told "<its folder>/latent.h5ad: no such file"
+    if given_file and root.suffix != ".pt" and not zipfile.is_zipfile(root):
+        # an audit gave a .h5ad and was told "<its folder>/latent.h5ad: no such file"; a
+        # checkpoint of another name (model.pth) is a torch zip archive and loads
         raise StudyError(
             f"Study.load({run_dir}): a file that is not a model (.pt); give the study folder "
             "(outputs/<experiment>), its train folder, or the train run's model.pt"
@@ -875,6 +877,8 @@ class Study:
             net.load_state_dict(ck["model"])
         except (CheckpointError, TypeError, RuntimeError) as e:
             why = str(e).removeprefix(f"{mp}: ")  # the file named once
+            if why.startswith("not a usable vae checkpoint"):  # said once (a detector's)
+                raise StudyError(f"{mp}: {why}") from e
             raise StudyError(f"{mp}: not a usable vae checkpoint ({why})") from e
         net.to(device).eval()
         meta = dict(ck.get("meta", {}))

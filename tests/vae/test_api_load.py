@@ -115,3 +115,17 @@ def test_a_file_that_is_not_a_model_is_named_as_such(tmp_path: Path):
     f.write_bytes(b"")
     with pytest.raises(StudyError, match=r"expression\.h5ad\): a file that is not a model"):
         Study.load(f)
+
+
+def test_a_model_file_of_another_suffix_still_loads(study: Path, tmp_path: Path):
+    """A torch checkpoint named other than .pt (model.pth) loaded before 07211b8, which
+    refused every file not ending in .pt; only a file that is no torch archive is."""
+    import shutil
+
+    from vae.api import Study
+
+    train = tmp_path / "train"
+    shutil.copytree(study / "train", train)
+    (train / "model.pt").rename(train / "model.pth")
+    got = Study.load(train / "model.pth")
+    assert got.model_path == train / "model.pth"
