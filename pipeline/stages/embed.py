@@ -215,6 +215,7 @@ def _samples(
         input's name for want of their own (:func:`_warn_unnamed` says so), and the CSV's
         ``cell_id`` / ``image`` values that named a row (:func:`_warn_unmatched_rows`)."""
     from pipeline.config_embed import EmbedConfig
+    from vae.analysis.samples import sample_names
     from vae.inputs.query import FOLDER_SAMPLE
     from vae.scverse import ROW_KEY
 
@@ -241,7 +242,8 @@ def _samples(
         # NaN (no value; astype(str) made it a sample "nan") and "" (a sample "" in
         # samples.csv): the input's name, as a cell of an input without samples
         missing = (v.isna() | (v.astype(str).str.strip() == "")).to_numpy()
-        out = np.where(missing, name, v.astype(str).to_numpy()).astype(object)
+        # as sample_profile reads a sample (7.0 of a column with gaps is "7", as without)
+        out = sample_names(pd.DataFrame({"s": v}), "s", name)
     named = np.zeros(adata.n_obs, bool)
     matched: dict[str, set] = {"cell_id": set(), "image": set()}
     if mapping is not None:

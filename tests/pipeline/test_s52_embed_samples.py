@@ -132,3 +132,20 @@ def test_rows_naming_no_cell_are_counted_among_all_the_csvs_rows(study, tmp_path
         len(unmatched) == 1 and "1 of its 6 rows" in unmatched[0] and "nothere" in unmatched[0]
     ), w
     assert any("2 of its 6 rows have an empty 'sample'" in m for m in w), w
+
+
+def test_a_whole_number_sample_is_named_alike_with_or_without_a_gap(tmp_path):
+    """A patient id column with a missing value is read as float (7.0): stage=embed named
+    the patient '7.0' there and '7' in a column without gaps, while sample_profile (and
+    so Study.embed's tables) names it '7' (vae.analysis.samples.sample_names)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.stages.embed import _samples
+
+    cfg = OmegaConf.create({"embed": {"sample_key": "sample", "samples_csv": None}})
+    path = tmp_path / "q.h5ad"
+    gap = ad.AnnData(obs=pd.DataFrame({"sample": [7.0, np.nan, 8.0]}, index=list("abc")))
+    full = ad.AnnData(obs=pd.DataFrame({"sample": [7, 8, 8]}, index=list("abc")))
+    got, _, fallback, _ = _samples(gap, "h5ad", path, cfg, None, "embed.h5ad")
+    assert list(got) == ["7", "q.h5ad", "8"] and list(fallback) == [False, True, False]
+    assert list(_samples(full, "h5ad", path, cfg, None, "embed.h5ad")[0]) == ["7", "8", "8"]
