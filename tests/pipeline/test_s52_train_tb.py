@@ -48,8 +48,13 @@ def test_make_tensorboard_honours_dir():
     from tests.helpers.run import ROOT
 
     def cmd(*extra: str) -> str:
+        # under `make test` this make is a sub-make: without --no-print-directory it ends
+        # its output with "make[1]: Leaving directory ..." (seen in .ci/run)
         p = subprocess.run(
-            ["make", "-n", "tensorboard", *extra], cwd=ROOT, capture_output=True, text=True
+            ["make", "--no-print-directory", "-n", "tensorboard", *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
         assert p.returncode == 0, p.stderr
         return p.stdout.strip().splitlines()[-1]
