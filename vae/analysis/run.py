@@ -473,7 +473,9 @@ def measure(images: np.ndarray, masks: np.ndarray | None, params, background: fl
     from vae.analysis import granules as G
 
     if masks is not None:
-        m = masks > 0.5
+        from vae.analysis.traverse import cell_masks
+
+        m = cell_masks(masks)  # the cell as the figures draw it
     else:
         m = np.stack([G.mask_from_background(im, background) for im in images])
     return G.measure_batch(images, m, params)

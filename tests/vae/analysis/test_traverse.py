@@ -420,3 +420,21 @@ def test_the_default_path_follows_the_models_maturation_axis(caplog):
     # an axis of classes this latent does not label (another label_key): the default
     other = {"dim": 0, "classes": np.array(["a", "b"], dtype=object)}
     assert path_order(list(MATURATION_ORDER), labels, other)[-1] == "Neutrophils"
+
+
+def test_a_hole_in_a_decoded_mask_is_drawn_as_cell():
+    """A decoded mask that dips under the threshold inside the cell drew a black hole in
+    the cell (the real chain's path figure); the cell is its outline, holes filled. A dip
+    open to the outside (a notch) stays background."""
+    img = np.full((1, 9, 9, 3), 0.6, np.float32)
+    mask = np.zeros((1, 9, 9), np.float32)
+    mask[0, 1:8, 1:8] = 0.9
+    mask[0, 4, 4] = 0.2  # a hole
+    mask[0, 1, 4] = 0.2  # a notch on the outline
+    out = T.draw_cells(img, mask)
+    assert (out[0, 4, 4] == 0.6).all()
+    assert (out[0, 1, 4] == 0).all()
+    cm = T.cell_masks(mask)
+    assert cm.dtype == bool and cm[0, 4, 4] and not cm[0, 1, 4] and cm.sum() == 48
+    assert T.cell_masks(mask[0]).shape == (9, 9)
+    assert T.cell_masks(mask[:0]).shape == (0, 9, 9)
