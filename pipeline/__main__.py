@@ -599,6 +599,7 @@ def _run_app() -> None:
         sys.exit(130)
     except (HydraException, OmegaConfBaseException) as e:
         # before OSError: hydra.errors.MissingConfigException is an OSError too
+        _exit_if_interrupted()
         if _TASK_STARTED:  # not composing: a stage's own error (runner.main reports those)
             raise
         print(f"error: {config_error_line(e)}", file=sys.stderr)
@@ -608,18 +609,35 @@ def _run_app() -> None:
         # (vae.maturation_classes.foo=1) fails as a bare int() ValueError: a traceback
         from pipeline.config import list_index_slip
 
+        _exit_if_interrupted()
         slip = None if _TASK_STARTED else list_index_slip(sys.argv[1:])
         if slip is None:
             raise
         print(f"error: {slip}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
+        _exit_if_interrupted()
         if _TASK_STARTED:  # the stage's own (runner.main reports those; DEBUG re-raises)
             raise
         print(f"error: {run_folder_error_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except Exception:
+        _exit_if_interrupted()
+        raise
     finally:
         _restore_full_error()
+
+
+def _exit_if_interrupted() -> None:
+    """Exit 130 with the one interrupt line if a Ctrl-C was noted while Hydra composed the
+    config, whatever error it turned into: one landing inside OmegaConf's flag_override
+    left a node half-updated, and the context manager's exit raised AttributeError in
+    place of the KeyboardInterrupt (a traceback and exit 1; CI, once in four runs)."""
+    from pipeline.runner import interrupted
+
+    if not _TASK_STARTED and interrupted():
+        print(f"error: {INTERRUPTED}", file=sys.stderr)
+        sys.exit(130)
 
 
 def expand_home(args: list[str]) -> list[str]:
