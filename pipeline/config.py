@@ -381,6 +381,11 @@ class PairConfig:
     # image classes are lower-cased by the folder readers
     label_map: dict[str, str] = field(default_factory=dict)
     draws_per_crop: int = 1  # by_label/by_maturation: rows (profile draws) per crop
+    # by_label: which profile of its class a crop draws. random | maturation: crops ranked
+    # by how far their nucleus has segmented (lobes + 1 - solidity) draw the profiles at
+    # the same rank of obs['maturation'] (an assumption of the pairing, not an
+    # observation: docs/expression_pairing.md, "Within a class")
+    within_label: str = "random"
     keep_unmatched_images: bool = True  # crops without a partner -> image-only rows
     keep_unused_expression: bool = True  # profiles never drawn -> expression-only rows
     n_bins: int = 5  # by_maturation: equal-width bins of maturation in [0, 1]

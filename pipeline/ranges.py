@@ -227,6 +227,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         ORIENTATIONS,
         PAIR_MODES,
         VALUE_KINDS,
+        WITHIN_LABEL,
     )
     from vae.losses import ALIGNS
     from vae.model import (
@@ -251,6 +252,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "vae.expression_norm": ("auto", *EXPRESSION_NORMS),
         "vae.align": ("auto", *ALIGNS),
         "pair.mode": PAIR_MODES,
+        "pair.within_label": WITHIN_LABEL,
         "expression.input_format": INPUT_FORMATS,
         "expression.orientation": ORIENTATIONS,
         "expression.values": VALUE_KINDS,

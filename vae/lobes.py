@@ -99,6 +99,54 @@ def lobe_targets(
     return torch.from_numpy(out)
 
 
+def nucleus_segmentation(
+    crops: np.ndarray,
+    masks: np.ndarray,
+    deep_valley_ratio: float | None = None,
+    block: int = 512,
+) -> np.ndarray:
+    """How far each crop's nucleus has segmented: lobes + (1 - solidity), (N,) float64.
+
+    The image side's maturation order within a granulocyte class: a round myelocyte
+    nucleus scores ~1 (one lobe, solidity ~0.9-1), a kidney or band nucleus 1.1-1.4
+    (one lobe, bent: its convex hull holds cytoplasm), a segmented neutrophil 2-5 and
+    more (the lobe counter's count, :func:`vae.analysis.granules.count_lobes`, on the
+    nucleus of :func:`vae.data.nucleus_masks`). The solidity term only breaks ties within
+    a count. ``stage=pair``'s ``pair.within_label=maturation`` ranks crops by it.
+
+    Parameters
+    ----------
+    crops : (N, S, S, 3) uint8 RGB crops (background outside the cell)
+    masks : (N, S, S) bool cell masks
+    deep_valley_ratio : the counter's second cut rule for pale touching lobes
+        (``GranuleParams.lobe_deep_valley_ratio``; the study's ``vae.lobe_deep_valley``)
+    block : crops segmented at a time (bounds memory on large crop sets)
+
+    Returns
+    -------
+    (N,) float64; NaN where no nucleus was found
+    """
+    from skimage.morphology import convex_hull_image
+
+    from vae.analysis.granules import GranuleParams, count_lobes
+    from vae.data import nucleus_masks
+
+    params = GranuleParams(lobe_deep_valley_ratio=deep_valley_ratio)
+    n = len(crops)
+    out = np.full(n, np.nan)
+    for i in range(0, n, block):
+        c = torch.from_numpy(np.ascontiguousarray(crops[i : i + block])).permute(0, 3, 1, 2)
+        m = torch.from_numpy(np.asarray(masks[i : i + block], dtype=bool))[:, None]
+        on = torch.ones(len(c), dtype=torch.bool)
+        nuc = nucleus_masks(c, m, on, params).numpy()[:, 0].astype(bool)
+        for j, nm in enumerate(nuc):
+            if nm.sum() < 4:  # no nucleus found (a pale or empty crop)
+                continue
+            solidity = nm.sum() / max(int(convex_hull_image(nm).sum()), 1)
+            out[i + j] = count_lobes(nm) + (1.0 - min(solidity, 1.0))
+    return out
+
+
 def lobe_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-row cross-entropy of the lobe count (B,), nats; 0 where the target is 0."""
     scored = targets > 0

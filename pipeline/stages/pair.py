@@ -10,6 +10,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
@@ -117,6 +118,11 @@ def _validate(cfg: DictConfig) -> None:
                 "pair.label_corrections corrects crop labels, but pair.crop_sources is empty"
             )
         resolve_data_path(cfg, cfg.pair.label_corrections, "pair.label_corrections")
+    if cfg.pair.within_label == "maturation" and cfg.pair.mode != "by_label":
+        raise StageError(
+            f"pair.within_label=maturation ranks crops and profiles within each label: "
+            f"it needs pair.mode=by_label, not {cfg.pair.mode}"
+        )
     if int(cfg.pair.min_class_size) < 1:
         raise StageError(f"pair.min_class_size={cfg.pair.min_class_size}: must be >= 1")
 
@@ -160,6 +166,29 @@ def _keep_present(label_map: dict, loaded: set[str], crops) -> dict:
     return {k: v for k, v in label_map.items() if k.lower() not in gone}
 
 
+def _rank_agreement(paired) -> dict[str, float]:
+    """Spearman of the crop's nucleus segmentation vs its profile's maturation, per label,
+    over the paired rows (``pair.within_label=maturation``: the order the pairing set)."""
+    from scipy.stats import spearmanr
+
+    from vae.inputs.schema import NUCLEUS_SEGMENTATION
+
+    o = paired.obs
+    both = o[HAS_IMAGE].to_numpy(bool) & o[HAS_EXPRESSION].to_numpy(bool)
+    seg = o[NUCLEUS_SEGMENTATION].to_numpy(float)
+    # the profile's own maturation (obs["maturation"] is the crop's where it has one)
+    key = "expression_maturation" if "expression_maturation" in o else "maturation"
+    mat = o[key].to_numpy(float)
+    out: dict[str, float] = {}
+    ok = both & np.isfinite(seg) & np.isfinite(mat)
+    for lab in sorted(set(o["label"].astype(str)[ok])):
+        sel = ok & (o["label"].astype(str).to_numpy() == lab)
+        if sel.sum() >= 3 and np.ptp(seg[sel]) > 0 and np.ptp(mat[sel]) > 0:
+            out[lab] = round(float(spearmanr(seg[sel], mat[sel]).statistic), 3)
+    log.info("pair: crop nucleus segmentation vs profile maturation (Spearman): %s", out)
+    return out
+
+
 @stage("pair", needs=_pair_needs, produces=["paired"], validate=_validate)
 def run_pair(ctx: StageContext) -> None:
     import anndata as ad
@@ -197,6 +226,18 @@ def run_pair(ctx: StageContext) -> None:
             rejects += small
         if crops is not None:
             label_map = _keep_present(label_map, loaded, crops)
+        crop_order = None
+        if p.within_label == "maturation" and crops is not None:
+            from vae.lobes import nucleus_segmentation
+
+            # the lobes counted as the study's lobe head counts them (vae.lobe_deep_valley)
+            crop_order = nucleus_segmentation(crops.crops, crops.masks, cfg.vae.lobe_deep_valley)
+            log.info(
+                "pair: within_label=maturation: nucleus segmentation of %d crops "
+                "(%d without a nucleus: drawn at random within their class)",
+                len(crop_order),
+                int((~np.isfinite(crop_order)).sum()),
+            )
         res = pr.make_pairs(
             crops,
             expr,
@@ -210,6 +251,8 @@ def run_pair(ctx: StageContext) -> None:
             seed=cfg.seed if p.seed is None else p.seed,
             background=p.background_value,
             crop_size=p.crop_size,
+            within_label=p.within_label,
+            crop_order=crop_order,
         )
     except pr.PairingError as e:
         if rejects and ctx.is_main:  # the files skipped before the refusal: listed still
@@ -222,6 +265,7 @@ def run_pair(ctx: StageContext) -> None:
         "seed": int(cfg.seed if p.seed is None else p.seed),
         "draws_per_crop": int(p.draws_per_crop),
         "n_bins": int(p.n_bins),
+        "within_label": str(p.within_label),
         "crop_sources": json.dumps(OmegaConf.to_container(p.crop_sources)),
         "granule_centres": bool(p.granule_centres),
         "notes": json.dumps(res.notes),
@@ -247,6 +291,8 @@ def run_pair(ctx: StageContext) -> None:
     }
     if corrected is not None:
         counts["label_corrections"] = corrected
+    if crop_order is not None:
+        counts["within_label"] = _rank_agreement(out)
     if res.shared_labels:  # several image classes mapped onto one expression label
         counts["label_map_shared"] = res.shared_labels
     log.info("pair (%s): %s", p.mode, counts)

@@ -42,6 +42,7 @@ from vae.inputs.schema import (
     HAS_EXPRESSION,
     HAS_IMAGE,
     MATURATION_ORDER,
+    NUCLEUS_SEGMENTATION,
     UNKNOWN_LABELS,
     known_labels,
 )
@@ -1181,7 +1182,18 @@ def _data_limits(lat, classes_without_crops: list[str], notes: list[str] = ()) -
             "checks that the model recovers them (truth recovery below), not biology."
         )
     by = _paired_by(lat)
-    if by:
+    ranked = by == "by_label" and _ranked_within_label(lat.obs)
+    if ranked:
+        out.append(
+            "Images and expression profiles were paired by label and, within each label, "
+            "by rank (pair.within_label=maturation): crops ordered by how far their "
+            "nucleus has segmented met the profiles at the same rank of pseudotime, not "
+            "measured on the same cells. What ties a picture to a gene program here is "
+            "the class and that assumed order: the morphology that changes along a path "
+            "within a class is the order the pairing put in, which the model cannot "
+            "confirm."
+        )
+    elif by:
         out.append(
             "Images and expression profiles were paired by "
             + ("label" if by == "by_label" else "maturation")
@@ -1210,6 +1222,15 @@ def _data_limits(lat, classes_without_crops: list[str], notes: list[str] = ()) -
         )
     out += [str(n) for n in notes]
     return out
+
+
+def _ranked_within_label(obs: pd.DataFrame) -> bool:
+    """Whether rows met their profile by rank within their label (``pair.within_label=
+    maturation`` wrote each crop's ``nucleus_segmentation``)."""
+    if NUCLEUS_SEGMENTATION not in obs or "pair_mode" not in obs:
+        return False
+    paired = obs["pair_mode"].astype(str).to_numpy() == "by_label"
+    return bool(np.isfinite(obs[NUCLEUS_SEGMENTATION].to_numpy(float)[paired]).any())
 
 
 def _specimens_in_two_sources(obs: pd.DataFrame) -> tuple[int, list[str]] | None:

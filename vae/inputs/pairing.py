@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anndata as ad
@@ -52,9 +52,11 @@ from vae.inputs.schema import (  # noqa: F401 - TRUTH_COLUMNS: columns copied in
     HAS_IMAGE,
     HAS_MASK,
     LABEL_ORIGINAL,
+    NUCLEUS_SEGMENTATION,
     OBS_RENAMED,
     PAIR_MODES,
     TRUTH_COLUMNS,
+    WITHIN_LABEL,
     cell_diameters,
 )
 
@@ -1138,6 +1140,8 @@ def make_pairs(
     seed: int = 0,
     background: int = 0,
     crop_size: int = 64,
+    within_label: str = "random",
+    crop_order: np.ndarray | None = None,
 ) -> PairResult:
     """Build the paired training table.
 
@@ -1170,6 +1174,16 @@ def make_pairs(
         Recorded in ``uns["background_value"]``.
     crop_size
         S of the all-zero crop arrays when ``crops`` is None.
+    within_label
+        ``by_label``: which profile of its class a crop draws. ``random`` (default):
+        any. ``maturation``: the crops of a class ranked by ``crop_order`` draw the
+        profiles at their own rank of ``obs["maturation"]`` (within
+        ``RANK_WINDOW`` of the same quantile): the least segmented nucleus meets the
+        earliest profile (:func:`rank_matched_pools`). An assumption the pairing
+        makes, not an observation: see docs/expression_pairing.md, "Within a class".
+    crop_order
+        (N crops,) float, ``within_label=maturation``: each crop's image maturation
+        (:func:`vae.lobes.nucleus_segmentation`); NaN: unknown (drawn at random).
 
     Returns
     -------
@@ -1183,6 +1197,23 @@ def make_pairs(
         raise PairingError("must be >= 1", field="pair.draws_per_crop")
     if n_bins < 1:
         raise PairingError("must be >= 1", field="pair.n_bins")
+    if within_label not in WITHIN_LABEL:
+        raise PairingError(
+            f"unknown {within_label!r}; valid: {', '.join(WITHIN_LABEL)}",
+            field="pair.within_label",
+        )
+    ranked = within_label == "maturation"
+    if ranked and mode != "by_label":
+        raise PairingError(
+            f"within_label=maturation ranks the crops within each label: it needs "
+            f"mode by_label, not {mode}",
+            field="pair.within_label",
+        )
+    if ranked and crops is not None and (crop_order is None or len(crop_order) != len(crops)):
+        raise PairingError(
+            "within_label=maturation needs one image maturation per crop (crop_order)",
+            field="pair.within_label",
+        )
     if mode == "image_only":
         if expression is not None:
             raise PairingError("image_only reads no expression table; got one", field="pair.mode")
@@ -1232,8 +1263,30 @@ def make_pairs(
         pools = {
             v: np.flatnonzero(np.isin(expr_labels, v.split(LABEL_UNION))) for v in set(lm.values())
         }
+        per_crop: dict[int, np.ndarray] = {}
+        if ranked and n_img:
+            if "maturation" not in expression.obs:
+                raise PairingError(
+                    "within_label=maturation needs obs['maturation'] of the profiles "
+                    "(stage=expression: a pseudotime column or expression.root_label)",
+                    field="obs['maturation']",
+                )
+            e_mat = expression.obs["maturation"].to_numpy(dtype=float)
+            targets = np.array([lm.get(lab, "") for lab in img_labels], dtype=object)
+            for v, pool in pools.items():
+                per_crop.update(
+                    rank_matched_pools(
+                        np.flatnonzero(targets == v), np.asarray(crop_order, float), pool, e_mat
+                    )
+                )
+            notes.append(f"within_label: maturation ({len(per_crop)} crops ranked)")
+            crops = replace(
+                crops, obs=crops.obs.assign(**{NUCLEUS_SEGMENTATION: np.asarray(crop_order, float)})
+            )
         for i in range(n_img):
-            pool = pools.get(lm.get(img_labels[i], None), np.array([], int))
+            pool = per_crop.get(i)
+            if pool is None:
+                pool = pools.get(lm.get(img_labels[i], None), np.array([], int))
             pairs.extend(_draw(i, pool, draws_per_crop, rng))
     elif mode == "by_maturation":
         edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -1281,6 +1334,53 @@ def make_pairs(
     summary = summarize(adata)
     adata.uns["pair_summary"] = summary
     return PairResult(adata=adata, summary=summary, notes=notes, shared_labels=shared)
+
+
+RANK_WINDOW = 0.1  # within_label=maturation: a crop draws from profiles within this quantile
+
+
+def rank_matched_pools(
+    crop_rows: np.ndarray,
+    crop_order: np.ndarray,
+    pool: np.ndarray,
+    profile_maturation: np.ndarray,
+    window: float = RANK_WINDOW,
+) -> dict[int, np.ndarray]:
+    """The profiles each crop of one class may draw when crops and profiles are rank-matched.
+
+    Quantile matching, as trajectory alignment pairs two orderings of one process: a
+    crop at quantile q of its class's image maturation draws among the class's profiles
+    whose expression maturation lies within ``window`` of the same quantile q (at least
+    one profile: the nearest rank). Crops or profiles whose order is unknown (NaN) are
+    left out of the ranking (those crops draw at random from the whole class).
+
+    Parameters
+    ----------
+    crop_rows : (n,) int, the crops of the class (indices into ``crop_order``)
+    crop_order : (N crops,) float image maturation (:func:`vae.lobes.nucleus_segmentation`)
+    pool : (m,) int, the class's profiles (indices into ``profile_maturation``)
+    profile_maturation : (N profiles,) float, ``obs["maturation"]``
+    window : half-width of the quantile window, in [0, 0.5]
+
+    Returns
+    -------
+    {crop index: (k,) int profile indices}; crops without a finite order are absent
+    """
+    crop_rows = np.asarray(crop_rows, dtype=int)
+    ok_c = crop_rows[np.isfinite(crop_order[crop_rows])]
+    ok_p = pool[np.isfinite(profile_maturation[pool])]
+    if ok_c.size == 0 or ok_p.size == 0:
+        return {}
+    from scipy.stats import rankdata
+
+    q_crop = (rankdata(crop_order[ok_c]) - 0.5) / ok_c.size  # ties share their mean rank
+    by_mat = ok_p[np.argsort(profile_maturation[ok_p], kind="stable")]
+    q_prof = (np.arange(by_mat.size) + 0.5) / by_mat.size
+    out = {}
+    for i, q in zip(ok_c, q_crop):
+        near = by_mat[np.abs(q_prof - q) <= window]
+        out[int(i)] = near if near.size else by_mat[[int(np.argmin(np.abs(q_prof - q)))]]
+    return out
 
 
 def _no_expression() -> ad.AnnData:
@@ -1390,6 +1490,10 @@ def _assemble(
     if CELL_DIAMETER in cobs:
         diam[has_img] = cobs[CELL_DIAMETER].to_numpy(dtype=np.float32)[ci[has_img]]
     obs[CELL_DIAMETER] = diam
+    if NUCLEUS_SEGMENTATION in cobs:  # the image order of pair.within_label=maturation
+        seg = np.full(n, np.nan, np.float32)
+        seg[has_img] = cobs[NUCLEUS_SEGMENTATION].to_numpy(dtype=np.float32)[ci[has_img]]
+        obs[NUCLEUS_SEGMENTATION] = seg
     # program scores of the row's profile (NaN without expression)
     for col in [c for c in eobs.columns if str(c).startswith("score_")]:
         v = np.full(n, np.nan, np.float32)

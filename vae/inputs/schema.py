@@ -29,6 +29,9 @@ GRANULE_CENTRES = "granule_centres"
 # paired.h5ad obsm: (N, 3) float32 each crop's mean granule optical density (R, G, B) at
 # those centres, measured at the same resolution (NaN: no granule); the layer's stain target
 GRANULE_OD = "granule_od"
+# paired.h5ad obs: each crop's image maturation within its class, lobes + (1 - nucleus
+# solidity) (vae.lobes.nucleus_segmentation), written with pair.within_label=maturation
+NUCLEUS_SEGMENTATION = "nucleus_segmentation"
 
 
 def cell_diameters(frame: pd.DataFrame) -> np.ndarray | None:
@@ -320,3 +323,5 @@ ORIENTATIONS = ("auto", "cells_by_genes", "genes_by_cells")
 VALUE_KINDS = ("auto", "counts", "lognorm")
 MATURATION_MODES = ("auto", "column", "dpt", "none")
 PAIR_MODES = ("same_cell", "by_label", "by_maturation", "unpaired", "image_only")
+# pair.within_label: which profile of its class a by_label crop draws (any; same rank)
+WITHIN_LABEL = ("random", "maturation")

@@ -304,6 +304,27 @@ def test_the_data_limits_say_when_the_data_are_simulated():
     assert _data_limits(SimpleNamespace(obs=sim.drop(columns="azurophilic_density")), []) == []
 
 
+def test_the_data_limits_say_when_pairs_were_ranked_within_their_label():
+    """pair.within_label=maturation puts an order into the pairs: the report says it is
+    the pairing's assumption, not the plain by-label sentence."""
+    from types import SimpleNamespace
+
+    obs = pd.DataFrame(
+        {
+            "pair_mode": ["by_label", "by_label", "unpaired"],
+            "nucleus_segmentation": [1.2, 3.1, np.nan],
+        }
+    )
+    (line,) = _data_limits(SimpleNamespace(obs=obs), [])
+    assert "within each label, by rank (pair.within_label=maturation)" in line
+    assert "the order the pairing put in" in line
+    plain = obs.assign(nucleus_segmentation=np.nan)
+    (line,) = _data_limits(SimpleNamespace(obs=plain), [])
+    assert line.startswith("Images and expression profiles were paired by label, not measured")
+    (line,) = _data_limits(SimpleNamespace(obs=obs.drop(columns="nucleus_segmentation")), [])
+    assert "by rank" not in line
+
+
 def test_umap_caption_follows_the_panels_evaluate_drew(tmp_path):
     """Without maturation values stage=evaluate draws no maturation panel
     (``umap_labels_panels``); the report's caption then says so instead of describing the
