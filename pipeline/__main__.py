@@ -574,9 +574,6 @@ def run_folder_error_line(e: OSError) -> str:
 
 def _run_app() -> None:
     """``app()`` with Hydra's own errors as one ``error:`` line and exit code 2."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     # from here a Ctrl-C is a KeyboardInterrupt again: the runner marks a started
     # stage's folder failed and puts a previous result back, then says so in one line.
     # Set here, next to the try that reports it: set at the top of main(), a Ctrl-C
@@ -597,35 +594,36 @@ def _run_app() -> None:
         # a Ctrl-C while Hydra composes the config (the runner reports the later ones)
         print(f"error: {INTERRUPTED if not _TASK_STARTED else 'interrupted'}", file=sys.stderr)
         sys.exit(130)
-    except (HydraException, OmegaConfBaseException) as e:
-        # before OSError: hydra.errors.MissingConfigException is an OSError too
+    except Exception as e:
+        # first: a Ctrl-C noted while composing, whatever error it turned into
         _exit_if_interrupted()
-        if _TASK_STARTED:  # not composing: a stage's own error (runner.main reports those)
+        line = None if _TASK_STARTED else _compose_error_line(e)
+        if line is None:  # a stage's own error (runner.main reports those) or a bug
             raise
-        print(f"error: {config_error_line(e)}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
-    except ValueError:
+    finally:
+        _restore_full_error()
+
+
+def _compose_error_line(e: Exception) -> str | None:
+    """The one line for an error Hydra or OmegaConf raised while composing the config,
+    or None for any other error (shown as it is)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(e, (HydraException, OmegaConfBaseException)):
+        # before OSError: hydra.errors.MissingConfigException is an OSError too
+        return config_error_line(e)
+    if isinstance(e, ValueError):
         # OmegaConf's update of a list by a key that is no index
         # (vae.maturation_classes.foo=1) fails as a bare int() ValueError: a traceback
         from pipeline.config import list_index_slip
 
-        _exit_if_interrupted()
-        slip = None if _TASK_STARTED else list_index_slip(sys.argv[1:])
-        if slip is None:
-            raise
-        print(f"error: {slip}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
-        _exit_if_interrupted()
-        if _TASK_STARTED:  # the stage's own (runner.main reports those; DEBUG re-raises)
-            raise
-        print(f"error: {run_folder_error_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    except Exception:
-        _exit_if_interrupted()
-        raise
-    finally:
-        _restore_full_error()
+        return list_index_slip(sys.argv[1:])
+    if isinstance(e, OSError):
+        return run_folder_error_line(e)
+    return None
 
 
 def _exit_if_interrupted() -> None:
