@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.artifacts import spreadsheet_safe, write_json
 from pipeline.runner import StageContext, StageError, resolve_data_path, stage
 from segmentation.io import blank_as_read, write_h5ad
-from vae.inputs.schema import HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE
+from vae.inputs.schema import HAS_COUNTS, HAS_EXPRESSION, HAS_IMAGE, NUCLEUS_SEGMENTATION
 
 log = logging.getLogger(__name__)
 
@@ -171,18 +171,17 @@ def _rank_agreement(paired) -> dict[str, float]:
     over the paired rows (``pair.within_label=maturation``: the order the pairing set)."""
     from scipy.stats import spearmanr
 
-    from vae.inputs.schema import NUCLEUS_SEGMENTATION
-
     o = paired.obs
     both = o[HAS_IMAGE].to_numpy(bool) & o[HAS_EXPRESSION].to_numpy(bool)
     seg = o[NUCLEUS_SEGMENTATION].to_numpy(float)
     # the profile's own maturation (obs["maturation"] is the crop's where it has one)
     key = "expression_maturation" if "expression_maturation" in o else "maturation"
     mat = o[key].to_numpy(float)
+    labels = o["label"].astype(str).to_numpy()
     out: dict[str, float] = {}
     ok = both & np.isfinite(seg) & np.isfinite(mat)
-    for lab in sorted(set(o["label"].astype(str)[ok])):
-        sel = ok & (o["label"].astype(str).to_numpy() == lab)
+    for lab in sorted(set(labels[ok])):
+        sel = ok & (labels == lab)
         if sel.sum() >= 3 and np.ptp(seg[sel]) > 0 and np.ptp(mat[sel]) > 0:
             out[lab] = round(float(spearmanr(seg[sel], mat[sel]).statistic), 3)
     log.info("pair: crop nucleus segmentation vs profile maturation (Spearman): %s", out)

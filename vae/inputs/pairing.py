@@ -1272,17 +1272,14 @@ def make_pairs(
                     field="obs['maturation']",
                 )
             e_mat = expression.obs["maturation"].to_numpy(dtype=float)
+            order = np.asarray(crop_order, dtype=float)
             targets = np.array([lm.get(lab, "") for lab in img_labels], dtype=object)
             for v, pool in pools.items():
                 per_crop.update(
-                    rank_matched_pools(
-                        np.flatnonzero(targets == v), np.asarray(crop_order, float), pool, e_mat
-                    )
+                    rank_matched_pools(np.flatnonzero(targets == v), order, pool, e_mat)
                 )
             notes.append(f"within_label: maturation ({len(per_crop)} crops ranked)")
-            crops = replace(
-                crops, obs=crops.obs.assign(**{NUCLEUS_SEGMENTATION: np.asarray(crop_order, float)})
-            )
+            crops = replace(crops, obs=crops.obs.assign(**{NUCLEUS_SEGMENTATION: order}))
         for i in range(n_img):
             pool = per_crop.get(i)
             if pool is None:
