@@ -78,9 +78,11 @@ def test_two_blobs_are_cut_between_them_first():
 
 def test_cut_corners_are_rounded_next_to_the_cut_only():
     """round_px > 0: the corners a straight cut leaves in a disc nucleus are cut off too
-    (the lobes end round, a notch between them), only next to the cut; the count and
-    the rest of the outline stay."""
+    (the lobes end round, a notch between them), only next to the cut, by a disc sized
+    to each lobe; the count and the rest of the outline stay."""
     from scipy import ndimage as ndi
+
+    from vae.lobes import LOBE_ROUND_FRACTION
 
     disc = _ring(r_in=-1.0, r_out=12.0)  # a filled disc
     _, straight = carve_lobes(disc, torch.tensor([2]), sharpness=8.0, round_px=0)
@@ -89,12 +91,38 @@ def test_cut_corners_are_rounded_next_to_the_cut_only():
     assert (b >= a).all()
     extra = b & ~a
     assert extra.sum() >= 4  # the corners at both ends of the cut
-    assert ndi.distance_transform_edt(~a)[extra].max() <= 4.0 + 1e-6
+    nucleus = (disc[0, 0] > 0).numpy()
+    # each half-disc's widest half-width sets its disc: ~6 px -> a 4 px disc, reaching 6 px
+    w = ndi.distance_transform_edt(nucleus & ~a).max()
+    r = max(2, round(LOBE_ROUND_FRACTION * w))
+    assert 3 <= r <= 5
+    assert ndi.distance_transform_edt(~a)[extra].max() <= r + 2 + 1e-6
     assert count_lobes((carved[0, 0] > 0).numpy()) == 2
     # the notch: the cut is wider where it leaves the disc than at the centre
-    nucleus = (disc[0, 0] > 0).numpy()
     rim = nucleus & ~ndi.binary_erosion(nucleus, iterations=3)
     assert b[rim].sum() > a[rim].sum()
+    # the outline far from the cut is the decoder's
+    far = ndi.distance_transform_edt(~a) > r + 2
+    assert (b[far] == a[far]).all()
+
+
+def test_rounding_scales_with_the_lobe_and_never_loses_one():
+    """A larger lobe gets a larger disc (the notch is wider on a larger nucleus), and
+    the opening keeps each lobe's widest disc: a thin ring cut into five keeps five."""
+    from scipy import ndimage as ndi
+
+    def removed(r_out):
+        disc = _ring(s=64, r_in=-1.0, r_out=r_out)
+        _, straight = carve_lobes(disc, torch.tensor([2]), sharpness=8.0, round_px=0)
+        _, rounded = carve_lobes(disc, torch.tensor([2]), sharpness=8.0)
+        a, b = straight[0, 0].bool().numpy(), rounded[0, 0].bool().numpy()
+        return ndi.distance_transform_edt(~a)[b & ~a].max()
+
+    assert removed(24.0) > removed(10.0)
+    thin = _ring(r_in=8.0, r_out=11.0)
+    for k in (2, 3, 4, 5):
+        carved, _ = carve_lobes(thin, torch.tensor([k]), sharpness=8.0)
+        assert count_lobes((carved[0, 0] > 0).numpy()) == k
 
 
 def test_counts_rows_independently():
