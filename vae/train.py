@@ -1,5 +1,10 @@
 """Training loop of the two-branch β-VAE (typed arguments, no config objects).
 
+Laid out as torchvision's detection reference is: :func:`train` is the one linear recipe
+(rows and targets, optimizer and schedules, resume, the epoch loop with validation,
+logging and checkpoints) over a per-epoch engine, :func:`train_one_epoch` (the batches:
+loss, backward, clip, step).
+
 ``train(model, data, split, args, dist, out_dir)`` runs AdamW with a warm-up +
 cosine learning rate, the KL schedule (β warm-up / capacity annealing),
 gradient clipping, a non-finite-loss stop, early stopping on the validation
@@ -348,6 +353,475 @@ def forward_loss(
     )
 
 
+def _freeze_missing_branches(core: TwoBranchVAE, data: PairedTensors) -> tuple[bool, bool]:
+    """Freeze the branch no row of ``data`` feeds; returns ``(use_image, use_expression)``."""
+    # no row of the data set has an image (e.g. pair=expression_only): the image
+    # branch would only ever see empty sub-batches; freeze it (out of the optimizer
+    # and of DDP's gradient sync) and build batches without crops, so no step runs
+    # a convolution, an augmentation or an image term (same loss values)
+    use_image = bool(data.has_image.any())
+    if not use_image:
+        for part in (core.image_encoder, core.image_decoder):
+            part.requires_grad_(False)
+        core.image_log_scale.requires_grad_(False)
+        log.info("no row has an image: image branch frozen and skipped")
+    # the mirror case (pair=image_only: 0 genes, no expression branch built; or a
+    # table whose rows hold no profile): the expression branch never runs
+    use_expression = bool(data.has_expression.any()) and core.expression_encoder is not None
+    if not use_expression:
+        for part in (core.expression_encoder, core.expression_decoder):
+            if part is not None:
+                part.requires_grad_(False)
+        log.info("no row has expression: expression branch frozen and skipped")
+    return use_image, use_expression
+
+
+def _prepare_targets(
+    core: TwoBranchVAE,
+    data: PairedTensors,
+    args: TrainArgs,
+    use_image: bool,
+    use_expression: bool,
+) -> None:
+    """Compute, once, the per-crop targets the decoder's layers train on (kept on ``data``).
+
+    Granule centres and nucleus masks (what the analyses measure on the input crops),
+    lobe counts, and ``lgamma(counts + 1)`` of the NB likelihood; the table's granule
+    stain is dropped when the crops are stain-jittered (it would not follow the colour).
+    """
+    if data.granule_od is not None and args.stain_jitter > 0:
+        # the table's granule stain was measured on the crop as cut; jittered crops change
+        # colour every step and it would not follow: score against the jittered crop's own
+        # contrast (the centres still come from the table)
+        log.warning(
+            "trainer.stain_jitter=%s: the paired table's granule stain (obsm['granule_od']) "
+            "is not used; the granule stain is scored against each jittered crop",
+            args.stain_jitter,
+        )
+        data.granule_od = None
+    # the decoder's granule / nucleus layers learn what the analyses measure on the
+    # input crops: computed once per crop (one pass serves both), kept with the data
+    need_g = getattr(core.args, "granule_head", False) and data.granules is None
+    need_n = getattr(core.args, "nucleus_head", False) and data.nucleus is None
+    if use_image and (need_g or need_n):
+        from vae.data import crop_targets
+
+        t_g = time.time()
+        if isinstance(data.crops, torch.Tensor):
+            gran, nuc = crop_targets(data.crops, data.masks, data.has_image, need_g, need_n)
+        else:  # crops on disk: computed by blocks, kept next to them in the store
+            from vae.store import crop_target_store
+
+            gran, nuc = crop_target_store(data.crops, data.masks, data.has_image, need_g, need_n)
+        data.granules = gran if need_g else data.granules
+        data.nucleus = nuc if need_n else data.nucleus
+        in_memory = isinstance(data.crops, torch.Tensor)  # a store is not summed here
+        parts = []
+        if need_g and in_memory:
+            parts.append(f"{int(gran.sum())} granule centres")
+        if need_n and in_memory:
+            parts.append(
+                f"nucleus {float(nuc.sum()) / max(float(data.masks.sum()), 1):.1%} of cell area"
+            )
+        log.info(
+            "crop targets of %d crops: %s (%.1f s)",
+            int(data.has_image.sum()),
+            "; ".join(parts) or "computed",
+            time.time() - t_g,
+        )
+    if (
+        use_image
+        and getattr(core.args, "granule_head", False)
+        and isinstance(data.granules, torch.Tensor)
+        and not need_g
+    ):
+        # stage=pair found them on each crop as cut (pair.granule_centres), before the resize
+        log.info("granule centres of the paired table: %d", int(data.granules.sum()))
+    if use_image and getattr(core.args, "lobe_head", False) and data.lobes is None:
+        from vae.lobes import lobe_targets
+
+        t_l = time.time()
+        data.lobes = lobe_targets(
+            data.nucleus,
+            data.has_image,
+            crops=data.crops,
+            masks=data.masks,
+            deep_valley_ratio=getattr(core.args, "lobe_deep_valley", None),
+        )
+        log.info(
+            "lobe counts of %d nuclei: mean %.2f (%.1f s)",
+            int((data.lobes > 0).sum()),
+            float(data.lobes[data.lobes > 0].float().mean()) if (data.lobes > 0).any() else 0.0,
+            time.time() - t_l,
+        )
+    # lgamma(counts + 1) is the costliest op of an NB step after the digamma of the
+    # gradient, and a constant of the data: once here, gathered per batch after that
+    if (
+        use_expression
+        and core.args.has_counts
+        and data.log_factorial is None
+        and isinstance(data.counts, torch.Tensor)
+    ):
+        data.log_factorial = torch.lgamma(data.counts + 1.0)
+
+
+@dataclass
+class _Optimization:
+    """What steps the weights (:func:`_build_optimization`); a resume may rebuild ``sched``."""
+
+    trainable: list[torch.nn.Parameter]
+    flat: FlatParameters | None
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    kl_sched: KLSchedule
+    ema: torch.optim.swa_utils.AveragedModel | None
+    steps_per_epoch: int
+    total_steps: int  # the length of the learning-rate schedule (a resume keeps its own)
+
+
+@dataclass
+class _Progress:
+    """Counters the training steps advance (kept in last.pt, restored on resume)."""
+
+    step: int = 0
+    loss_ref: float | None = None  # the run's first-step loss (divergence reference)
+    skipped: int = 0  # optimizer steps skipped for a non-finite gradient norm, in total
+    schedule_logged: int = -1  # the step whose schedule/* TensorBoard last got
+
+
+@dataclass
+class EpochStats:
+    """What :func:`train_one_epoch` measured: mean loss terms per row, seconds, β / C."""
+
+    train_means: dict[str, float]
+    train_seconds: float  # the training steps, without validation
+    data_seconds: float  # of which reading and augmenting batches
+    beta: float  # β and C of the epoch's last step
+    capacity: float
+
+
+def train_one_epoch(
+    wrapped: torch.nn.Module,
+    core: TwoBranchVAE,
+    data: PairedTensors,
+    train_idx: np.ndarray,
+    epoch: int,
+    args: TrainArgs,
+    dist: Any,
+    optim: _Optimization,
+    prog: _Progress,
+    gen: torch.Generator,
+    *,
+    use_image: bool,
+    use_expression: bool,
+    n_shared: int,
+    same_stain: bool,
+    tb: TBLogger | None,
+    shown: Callable[[dict[str, float]], dict[str, float]],
+    should_stop: Callable[[], bool] | None,
+) -> EpochStats:
+    """One pass over this rank's shard of the training rows (``epoch`` 0-based).
+
+    Per batch: augment, :func:`forward_loss`, backward, clip, the non-finite and
+    divergence stops, optimizer / scheduler / weight-average step; ``prog`` advances.
+    ``tb`` (rank 0 only) gets the step scalars every ``args.log_every_steps``.
+
+    Raises
+    ------
+    NonFiniteLossError
+        On a NaN/inf or diverged loss, before the step.
+    KeyboardInterrupt
+        When ``should_stop()`` says so, before the next batch.
+    """
+    t_ep = time.time()
+    device = dist.device
+    is_main = dist.rank == 0
+    wrapped.train()
+    beta = optim.kl_sched.beta_at(prog.step)
+    cap = optim.kl_sched.capacity_at(prog.step)
+    batches = epoch_batches(
+        train_idx,
+        args.batch_size,
+        shuffle=True,
+        seed=args.seed,
+        epoch=epoch,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+    sums: torch.Tensor | None = None  # (T,) on the device: no host sync per step
+    n_rows = 0
+    data_s = 0.0
+    t_data = time.time()
+    for raw in bar(
+        iterate(
+            data,
+            batches,
+            args.num_workers,
+            args.pin_memory,
+            use_image,
+            device=device,
+            seed=args.seed,
+        ),
+        desc=f"epoch {epoch + 1}/{args.max_epochs}",
+        total=len(batches),
+        unit="batch",
+        enabled=is_main,
+    ):
+        stop_if(should_stop)
+        stain_seed = int(torch.randint(2**62, (1,), generator=gen)) if same_stain else None
+        batch = to_batch(
+            raw,
+            device,
+            args.augment,
+            gen,
+            non_blocking=args.pin_memory,
+            stain_jitter=args.stain_jitter,
+            rotate=args.rotate,
+            stain_generator=_seeded(stain_seed),
+        )
+        view = None
+        if args.weights.view_contrast > 0 and use_image:
+            # the second view: the same crops augmented again, plus a small rotation
+            # and zoom, so that the pair differs by more than the flips
+            view = to_batch(
+                raw,
+                device,
+                True,
+                gen,
+                non_blocking=args.pin_memory,
+                stain_jitter=args.stain_jitter,
+                rotate=max(args.rotate, VIEW_ROTATE),
+                stain_generator=_seeded(stain_seed),  # the first view's colours again
+            )
+        data_s += time.time() - t_data
+        beta = optim.kl_sched.beta_at(prog.step)
+        cap = optim.kl_sched.capacity_at(prog.step)
+        terms = forward_loss(
+            wrapped,
+            batch,
+            beta=beta,
+            capacity=cap,
+            args=args,
+            n_shared=n_shared,
+            autocast=dist.autocast,
+            use_expression=use_expression,
+            view=view,
+        )
+        if optim.flat is not None:
+            optim.flat.zero_grad()
+        else:
+            optim.opt.zero_grad(set_to_none=True)
+        loss = terms.total
+        if dist.world_size > 1:
+            # every parameter in every rank's graph: a head whose rows one rank's
+            # batch lacked (a last batch of 3 rows without a maturation label) gave
+            # no gradient there, the ranks' all-reduces stopped matching and the run
+            # hung for good (DDP audit); 0 * p leaves every gradient as it was
+            loss = loss + 0.0 * torch.stack([p.sum() for p in optim.trainable]).sum()
+        loss.backward()
+        if args.grad_clip <= 0:
+            gnorm = torch.zeros((), device=terms.total.device)
+        elif optim.flat is not None:
+            gnorm = optim.flat.clip_(args.grad_clip)
+        else:
+            gnorm = torch.nn.utils.clip_grad_norm_(optim.trainable, args.grad_clip, foreach=True)
+        # loss, KL and gradient norm in one host sync (as many as the NaN check alone
+        # took); nothing has been stepped yet, so a stop here keeps the weights
+        tot, kl_now, gn = (
+            torch.stack([t.detach().float().reshape(()) for t in (terms.total, terms.kl, gnorm)])
+            .cpu()
+            .tolist()
+        )
+        if not math.isfinite(tot):
+            bad = {k: v for k, v in terms.scalars().items() if not math.isfinite(v)}
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch + 1}, step {prog.step}: non-finite terms "
+                f"{bad} (beta={beta:.3g}, lr={optim.sched.get_last_lr()[0]:.3g}). Lower "
+                f"trainer.lr, keep trainer.grad_clip > 0, or check the input "
+                f"(X must be log-normalised, counts non-negative)."
+            )
+        if prog.loss_ref is None:
+            prog.loss_ref = tot
+        why = diverged(tot, kl_now, prog.loss_ref)
+        if why is not None:
+            raise NonFiniteLossError(
+                f"diverged loss at epoch {epoch + 1}, step {prog.step}: {why} (beta={beta:.3g}, "
+                f"lr={optim.sched.get_last_lr()[0]:.3g}). Lower trainer.lr, keep "
+                f"trainer.grad_clip > 0, or check the input (X must be log-normalised)."
+            )
+        if math.isfinite(gn):
+            optim.opt.step()
+        else:
+            # a finite loss can still give an inf/NaN gradient (an overflow in the
+            # backward pass); clipping scales by NaN, so a step would write NaN
+            # into every weight: the batch is dropped instead, and counted
+            prog.skipped += 1
+            log.warning(
+                "epoch %d, step %d: gradient norm %s; optimizer step skipped (%d so far)",
+                epoch + 1,
+                prog.step,
+                gn,
+                prog.skipped,
+            )
+        with warnings.catch_warnings():
+            # a skipped first step: torch's "scheduler before optimizer" notice is moot
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+            optim.sched.step()
+        if optim.ema is not None:
+            optim.ema.update_parameters(core)
+        prog.step += 1
+        bsz = int(batch.x.shape[0])
+        n_rows += bsz
+        vec = terms.vector().double() * bsz
+        sums = vec if sums is None else sums + vec
+        if tb is not None and is_main and prog.step % max(1, args.log_every_steps) == 0:
+            tb.scalars("train", shown(terms.scalars()), prog.step)
+            tb.scalars("schedule", _schedule_now(optim.sched, beta, cap), prog.step)
+            tb.writer.add_scalar("train/grad_norm", float(gnorm), prog.step)
+            prog.schedule_logged = prog.step
+        t_data = time.time()
+    loop_s = time.time() - t_ep  # the training steps, without validation
+    train_means = (
+        dict(zip(LossTerms.names(), (sums / max(n_rows, 1)).tolist())) if sums is not None else {}
+    )
+    return EpochStats(train_means, loop_s, data_s, beta, cap)
+
+
+def _schedule_now(sched: torch.optim.lr_scheduler.LRScheduler, beta: float, cap: float) -> dict:
+    """β and C of the step just taken, the learning rate of the next one."""
+    return {"beta": beta, "capacity": cap, "lr": sched.get_last_lr()[0]}
+
+
+def _build_optimization(
+    core: TwoBranchVAE,
+    args: TrainArgs,
+    train_idx: np.ndarray,
+    dist: Any,
+    use_image: bool,
+    use_expression: bool,
+) -> _Optimization:
+    """AdamW over the trainable weights, the learning-rate and KL schedules, the average."""
+    # a list, once: clip_grad_norm_ re-walking the module tree each step costs ~1 ms
+    trainable = [p for p in core.parameters() if p.requires_grad]
+    # expression only, one process: every trainable tensor takes part in every step,
+    # so they can share one buffer (one fused update, one norm; vae/flat.py)
+    flat = (
+        FlatParameters(trainable)
+        if not use_image and use_expression and dist.world_size == 1
+        else None
+    )
+    opt = torch.optim.AdamW(
+        [flat.flat] if flat is not None else trainable,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        # one fused kernel per tensor: the CPU default loops in Python with a host sync
+        # (.item()) per tensor and step
+        fused=True,
+    )
+    steps_per_epoch = len(
+        epoch_batches(
+            train_idx,
+            args.batch_size,
+            shuffle=False,
+            seed=0,
+            epoch=0,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+    )
+    total_steps = steps_per_epoch * args.max_epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lr_lambda(round(args.lr_warmup_epochs * steps_per_epoch), total_steps, args.lr_schedule),
+    )
+    kl_sched = KLSchedule(
+        beta=args.beta,
+        warmup_steps=round(args.kl_warmup_epochs * steps_per_epoch),
+        capacity_max=args.capacity_max,
+        capacity_steps=round(args.capacity_epochs * steps_per_epoch),
+    )
+    # moving average of the weights (args.ema_epochs): what validation, model.pt and the
+    # figures read; the optimizer steps the raw weights
+    decay = ema_decay(args.ema_epochs, steps_per_epoch)
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            core, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True
+        )
+        if decay > 0
+        else None
+    )
+    return _Optimization(trainable, flat, opt, sched, kl_sched, ema, steps_per_epoch, total_steps)
+
+
+def _report_epoch(
+    rec: dict[str, Any],
+    ep: EpochStats,
+    last_kl: np.ndarray,
+    improved: bool,
+    figures_within_budget: bool,
+    args: TrainArgs,
+    tb: TBLogger | None,
+    prog: _Progress,
+    optim: _Optimization,
+    shown: Callable[[dict[str, float]], dict[str, float]],
+    core: TwoBranchVAE,
+    fig_batch: Batch,
+) -> float:
+    """The epoch's log line and TensorBoard scalars / figures (rank 0); ``rec`` is its
+    history entry, ``last_kl`` (d,) the validation KL per dim. Returns the seconds spent
+    drawing figures (``args.figure_budget``)."""
+    epoch, train_means, val_means = rec["epoch"], rec["train"], rec["val"]
+    raw_val = rec.get("val_raw")
+    log.info(
+        "epoch %d/%d step %d: train %.4g val %.4g (img %.4g expr %.4g kl %.3g "
+        "x-expr %.4g) active %d/%d beta %.3g %.1fs%s",
+        epoch,
+        args.max_epochs,
+        prog.step,
+        train_means.get("total", math.nan),
+        val_means["total"],
+        val_means["image"],
+        val_means["expression"],
+        val_means["kl"],
+        val_means["expression_from_image"],
+        rec["active_units"],
+        len(last_kl),
+        rec["beta"],
+        rec["seconds"],
+        " *" if improved else "",
+    )
+    if raw_val is not None:
+        log.info("epoch %d: raw weights val %.4g", epoch, raw_val)
+    if tb is None:
+        return 0.0
+    if prog.schedule_logged != prog.step:
+        # once an epoch at least: a run of fewer than trainer.log_every_steps
+        # steps per epoch showed no β, C or learning rate at all (audit)
+        tb.scalars("schedule", _schedule_now(optim.sched, ep.beta, ep.capacity), prog.step)
+        prog.schedule_logged = prog.step
+    # every tag on one axis, the optimizer step: the epoch's values at the
+    # step that ended it (they were at the epoch number, and β / LR could not
+    # be lined up with the val curves); "epoch" maps the one to the other
+    tb.writer.add_scalar("epoch", epoch, prog.step)
+    tb.scalars("epoch_train", shown(train_means), prog.step)
+    tb.scalars("val", shown(val_means), prog.step)
+    tb.kl_per_dim(last_kl, prog.step)
+    tb.scalars("val", {"active_units": rec["active_units"]}, prog.step)
+    if raw_val is not None:  # the raw weights beside the average's
+        tb.scalars("val_raw", {"total": raw_val}, prog.step)
+    due = args.image_every_epochs > 0 and (
+        epoch % args.image_every_epochs == 0 or epoch == args.max_epochs
+    )
+    fig_s = 0.0
+    if due and figures_within_budget:
+        t_fig = time.time()
+        with averaged_weights(core, optim.ema):
+            tb.epoch_figures(core, fig_batch, prog.step)
+        fig_s = time.time() - t_fig
+    tb.flush()
+    return fig_s
+
+
 def stop_if(should_stop: Callable[[], bool] | None) -> None:
     """Raise KeyboardInterrupt when ``should_stop()`` is true (a Ctrl-C the caller
     noted): the long loops stop at their next step, even where the KeyboardInterrupt
@@ -427,139 +901,11 @@ def train(
     gen = torch.Generator().manual_seed(args.seed * 7919 + dist.rank)
 
     core = model
-    # no row of the data set has an image (e.g. pair=expression_only): the image
-    # branch would only ever see empty sub-batches; freeze it (out of the optimizer
-    # and of DDP's gradient sync) and build batches without crops, so no step runs
-    # a convolution, an augmentation or an image term (same loss values)
-    use_image = bool(data.has_image.any())
-    if not use_image:
-        for part in (core.image_encoder, core.image_decoder):
-            part.requires_grad_(False)
-        core.image_log_scale.requires_grad_(False)
-        log.info("no row has an image: image branch frozen and skipped")
-    # the mirror case (pair=image_only: 0 genes, no expression branch built; or a
-    # table whose rows hold no profile): the expression branch never runs
-    use_expression = bool(data.has_expression.any()) and core.expression_encoder is not None
-    if not use_expression:
-        for part in (core.expression_encoder, core.expression_decoder):
-            if part is not None:
-                part.requires_grad_(False)
-        log.info("no row has expression: expression branch frozen and skipped")
+    use_image, use_expression = _freeze_missing_branches(core, data)
     wrapped = dist.wrap(core)
     n_shared = core.args.n_shared
-    if data.granule_od is not None and args.stain_jitter > 0:
-        # the table's granule stain was measured on the crop as cut; jittered crops change
-        # colour every step and it would not follow: score against the jittered crop's own
-        # contrast (the centres still come from the table)
-        log.warning(
-            "trainer.stain_jitter=%s: the paired table's granule stain (obsm['granule_od']) "
-            "is not used; the granule stain is scored against each jittered crop",
-            args.stain_jitter,
-        )
-        data.granule_od = None
-    # the decoder's granule / nucleus layers learn what the analyses measure on the
-    # input crops: computed once per crop (one pass serves both), kept with the data
-    need_g = getattr(core.args, "granule_head", False) and data.granules is None
-    need_n = getattr(core.args, "nucleus_head", False) and data.nucleus is None
-    if use_image and (need_g or need_n):
-        from vae.data import crop_targets
-
-        t_g = time.time()
-        if isinstance(data.crops, torch.Tensor):
-            gran, nuc = crop_targets(data.crops, data.masks, data.has_image, need_g, need_n)
-        else:  # crops on disk: computed by blocks, kept next to them in the store
-            from vae.store import crop_target_store
-
-            gran, nuc = crop_target_store(data.crops, data.masks, data.has_image, need_g, need_n)
-        data.granules = gran if need_g else data.granules
-        data.nucleus = nuc if need_n else data.nucleus
-        in_memory = isinstance(data.crops, torch.Tensor)  # a store is not summed here
-        parts = []
-        if need_g and in_memory:
-            parts.append(f"{int(gran.sum())} granule centres")
-        if need_n and in_memory:
-            parts.append(
-                f"nucleus {float(nuc.sum()) / max(float(data.masks.sum()), 1):.1%} of cell area"
-            )
-        log.info(
-            "crop targets of %d crops: %s (%.1f s)",
-            int(data.has_image.sum()),
-            "; ".join(parts) or "computed",
-            time.time() - t_g,
-        )
-    if (
-        use_image
-        and getattr(core.args, "granule_head", False)
-        and isinstance(data.granules, torch.Tensor)
-        and not need_g
-    ):
-        # stage=pair found them on each crop as cut (pair.granule_centres), before the resize
-        log.info("granule centres of the paired table: %d", int(data.granules.sum()))
-    if use_image and getattr(core.args, "lobe_head", False) and data.lobes is None:
-        from vae.lobes import lobe_targets
-
-        t_l = time.time()
-        data.lobes = lobe_targets(
-            data.nucleus,
-            data.has_image,
-            crops=data.crops,
-            masks=data.masks,
-            deep_valley_ratio=getattr(core.args, "lobe_deep_valley", None),
-        )
-        log.info(
-            "lobe counts of %d nuclei: mean %.2f (%.1f s)",
-            int((data.lobes > 0).sum()),
-            float(data.lobes[data.lobes > 0].float().mean()) if (data.lobes > 0).any() else 0.0,
-            time.time() - t_l,
-        )
-    # lgamma(counts + 1) is the costliest op of an NB step after the digamma of the
-    # gradient, and a constant of the data: once here, gathered per batch after that
-    if (
-        use_expression
-        and core.args.has_counts
-        and data.log_factorial is None
-        and isinstance(data.counts, torch.Tensor)
-    ):
-        data.log_factorial = torch.lgamma(data.counts + 1.0)
-    # a list, once: clip_grad_norm_ re-walking the module tree each step costs ~1 ms
-    trainable = [p for p in core.parameters() if p.requires_grad]
-    # expression only, one process: every trainable tensor takes part in every step,
-    # so they can share one buffer (one fused update, one norm; vae/flat.py)
-    flat = (
-        FlatParameters(trainable)
-        if not use_image and use_expression and dist.world_size == 1
-        else None
-    )
-    opt = torch.optim.AdamW(
-        [flat.flat] if flat is not None else trainable,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        # one fused kernel per tensor: the CPU default loops in Python with a host sync
-        # (.item()) per tensor and step
-        fused=True,
-    )
-    steps_per_epoch = len(
-        epoch_batches(
-            train_idx,
-            args.batch_size,
-            shuffle=False,
-            seed=0,
-            epoch=0,
-            rank=dist.rank,
-            world_size=dist.world_size,
-        )
-    )
-    total_steps = steps_per_epoch * args.max_epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lr_lambda(round(args.lr_warmup_epochs * steps_per_epoch), total_steps, args.lr_schedule),
-    )
-    kl_sched = KLSchedule(
-        beta=args.beta,
-        warmup_steps=round(args.kl_warmup_epochs * steps_per_epoch),
-        capacity_max=args.capacity_max,
-        capacity_steps=round(args.capacity_epochs * steps_per_epoch),
-    )
+    _prepare_targets(core, data, args, use_image, use_expression)
+    optim = _build_optimization(core, args, train_idx, dist, use_image, use_expression)
 
     if is_main and args.beta == 0:
         log.info(
@@ -568,30 +914,18 @@ def train(
             "samples or traversals in prior units mean little"
         )
 
-    # moving average of the weights (args.ema_epochs): what validation, model.pt and the
-    # figures read; the optimizer steps the raw weights
-    decay = ema_decay(args.ema_epochs, steps_per_epoch)
-    ema = (
-        torch.optim.swa_utils.AveragedModel(
-            core, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True
-        )
-        if decay > 0
-        else None
-    )
-
-    epoch, step = 0, 0
+    epoch = 0
+    prog = _Progress()  # step, divergence reference, skipped steps
     best_val, best_epoch, bad_epochs = math.inf, 0, 0
     best_raw_val, best_raw_epoch = math.inf, 0  # the raw weights' own best (ema only)
     history: list[dict[str, Any]] = []
-    loss_ref: float | None = None  # the run's first-step loss (divergence reference)
-    skipped = 0  # optimizer steps skipped for a non-finite gradient norm, in total
     rank_rngs = None  # every rank's RNG state at the last epoch end (several processes)
     if resume_from is not None:
         # the weights first: another study's last.pt (or one of other model settings)
         # is refused as one line naming the file, why and what to do, not torch's error
         ck = load_for_resume(resume_from, core, meta)
-        kept = int(ck.get("schedule_total_steps", total_steps))
-        if kept != total_steps:
+        kept = int(ck.get("schedule_total_steps", optim.total_steps))
+        if kept != optim.total_steps:
             # a resume may raise trainer.max_epochs to train on, but a cosine rebuilt over
             # the new length would jump back up (x12 in an audit): the run keeps the
             # schedule it was trained under, and the extra steps run at its final rate
@@ -599,14 +933,16 @@ def train(
                 "resume: the learning-rate schedule keeps its original %d steps (now %d "
                 "with trainer.max_epochs=%d): steps past it run at its final rate",
                 kept,
-                total_steps,
+                optim.total_steps,
                 args.max_epochs,
             )
-            total_steps = kept
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt,
+            optim.total_steps = kept
+            optim.sched = torch.optim.lr_scheduler.LambdaLR(
+                optim.opt,
                 lr_lambda(
-                    round(args.lr_warmup_epochs * steps_per_epoch), total_steps, args.lr_schedule
+                    round(args.lr_warmup_epochs * optim.steps_per_epoch),
+                    optim.total_steps,
+                    args.lr_schedule,
                 ),
             )
         elif "schedule_total_steps" not in ck and args.lr_schedule != "constant":
@@ -617,46 +953,48 @@ def train(
                 args.max_epochs,
             )
         try:
-            opt.load_state_dict(
-                flat.flat_state(ck["optimizer"]) if flat is not None else ck["optimizer"]
+            optim.opt.load_state_dict(
+                optim.flat.flat_state(ck["optimizer"])
+                if optim.flat is not None
+                else ck["optimizer"]
             )
-            sched.load_state_dict(ck["scheduler"])
+            optim.sched.load_state_dict(ck["scheduler"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise resume_error(
                 resume_from,
                 f"its optimizer state does not fit this run's optimizer (the trainer "
                 f"settings differ from the run that wrote it: {error_line(e, 200)})",
             ) from None
-        if (ema is not None) != ("ema" in ck):
+        if (optim.ema is not None) != ("ema" in ck):
             # the average is part of the run's state: dropping or adding it half-way
             # would give a model.pt that neither setting describes
             was = "with" if "ema" in ck else "without"
-            now = "is off" if ema is None else f"is {args.ema_epochs:g}"
+            now = "is off" if optim.ema is None else f"is {args.ema_epochs:g}"
             raise resume_error(
                 resume_from,
                 f"it was trained {was} trainer.ema_epochs (a moving average of the "
                 f"weights), which {now} in this run: resume with the settings it was "
                 f"trained with",
             )
-        if ema is not None:
-            ema.load_state_dict(ck["ema"])
-        epoch, step = int(ck["epoch"]), int(ck["step"])
+        if optim.ema is not None:
+            optim.ema.load_state_dict(ck["ema"])
+        epoch, prog.step = int(ck["epoch"]), int(ck["step"])
         best_val = float(ck.get("best_val", math.inf))
         best_epoch = int(ck.get("best_epoch", 0))
         bad_epochs = int(ck.get("bad_epochs", 0))
         best_raw_val = float(ck.get("best_raw_val", math.inf))
         best_raw_epoch = int(ck.get("best_raw_epoch", 0))
         history = list(ck.get("history", []))
-        loss_ref = ck.get("loss_ref")
-        if loss_ref is None and history:  # last.pt written before the reference was kept
-            loss_ref = history[0]["train"].get("total")
-        skipped = int(ck.get("skipped_steps", 0))
+        prog.loss_ref = ck.get("loss_ref")
+        if prog.loss_ref is None and history:  # last.pt written before the reference was kept
+            prog.loss_ref = history[0]["train"].get("total")
+        prog.skipped = int(ck.get("skipped_steps", 0))
         warn = restore_rank_rng(ck, dist.rank, dist.world_size, gen)
         if warn and is_main:
             log.warning("%s: %s", resume_from, warn)
-        log.info("resumed from %s at epoch %d, step %d", resume_from, epoch, step)
+        log.info("resumed from %s at epoch %d, step %d", resume_from, epoch, prog.step)
         if tb is not None and is_main:  # what the earlier run logged after `step` goes
-            tb.resume_at(step)
+            tb.resume_at(prog.step)
         if epoch >= args.max_epochs and is_main:
             # not an error: the run is as far as asked (a resume with a lower max_epochs,
             # or of a run that already ran them all); said, as 0 epochs would look odd
@@ -681,13 +1019,13 @@ def train(
         resume = (
             {
                 "optimizer": (  # always the per-tensor layout
-                    flat.per_tensor_state(opt.state_dict())
-                    if flat is not None
-                    else opt.state_dict()
+                    optim.flat.per_tensor_state(optim.opt.state_dict())
+                    if optim.flat is not None
+                    else optim.opt.state_dict()
                 ),
-                "scheduler": sched.state_dict(),
-                "schedule_total_steps": total_steps,  # the length a resume keeps
-                **({"ema": ema.state_dict()} if ema is not None else {}),
+                "scheduler": optim.sched.state_dict(),
+                "schedule_total_steps": optim.total_steps,  # the length a resume keeps
+                **({"ema": optim.ema.state_dict()} if optim.ema is not None else {}),
             }
             if kind == "last"
             else {}
@@ -699,7 +1037,7 @@ def train(
             "model_args": asdict(core.args),
             **resume,
             "epoch": epoch,
-            "step": step,
+            "step": prog.step,
             "rng": _rng_state(gen),
             # every rank's own streams (several processes), each restored by its rank
             **({"rng_ranks": rank_rngs} if kind == "last" and rank_rngs is not None else {}),
@@ -708,14 +1046,14 @@ def train(
             "bad_epochs": bad_epochs,
             **(
                 {"best_raw_val": best_raw_val, "best_raw_epoch": best_raw_epoch}
-                if ema is not None
+                if optim.ema is not None
                 else {}
             ),
             # model.pt / model_raw.pt: without the wall-clock seconds, so two identical
             # runs write identical files (one model_digest); last.pt keeps them
             "history": history if kind == "last" else _untimed(history),
-            "loss_ref": loss_ref,
-            "skipped_steps": skipped,
+            "loss_ref": prog.loss_ref,
+            "skipped_steps": prog.skipped,
             "train_args": asdict(args),
             "config": config,
             "meta": dict(
@@ -762,177 +1100,42 @@ def train(
         moe = core.args.fusion == "moe"
         tb.weights_legend(term_weights(args.weights, moe=moe), off, moe=moe)
 
-    def schedule_now(beta: float, cap: float) -> dict[str, float]:
-        # β and C of the step just taken, the learning rate of the next one
-        return {"beta": beta, "capacity": cap, "lr": sched.get_last_lr()[0]}
-
-    schedule_logged = -1  # the step whose schedule/* TensorBoard last got
     while epoch < args.max_epochs:
         t_ep = time.time()
-        wrapped.train()
-        batches = epoch_batches(
+        ep = train_one_epoch(
+            wrapped,
+            core,
+            data,
             train_idx,
-            args.batch_size,
-            shuffle=True,
-            seed=args.seed,
-            epoch=epoch,
-            rank=dist.rank,
-            world_size=dist.world_size,
+            epoch,
+            args,
+            dist,
+            optim,
+            prog,
+            gen,
+            use_image=use_image,
+            use_expression=use_expression,
+            n_shared=n_shared,
+            same_stain=same_stain,
+            tb=tb if is_main else None,
+            shown=shown,
+            should_stop=should_stop,
         )
-        sums: torch.Tensor | None = None  # (T,) on the device: no host sync per step
-        n_rows = 0
-        data_s = 0.0
-        t_data = time.time()
-        for raw in bar(
-            iterate(
-                data,
-                batches,
-                args.num_workers,
-                args.pin_memory,
-                use_image,
-                device=device,
-                seed=args.seed,
-            ),
-            desc=f"epoch {epoch + 1}/{args.max_epochs}",
-            total=len(batches),
-            unit="batch",
-            enabled=is_main,
-        ):
-            stop_if(should_stop)
-            stain_seed = int(torch.randint(2**62, (1,), generator=gen)) if same_stain else None
-            batch = to_batch(
-                raw,
-                device,
-                args.augment,
-                gen,
-                non_blocking=args.pin_memory,
-                stain_jitter=args.stain_jitter,
-                rotate=args.rotate,
-                stain_generator=_seeded(stain_seed),
-            )
-            view = None
-            if args.weights.view_contrast > 0 and use_image:
-                # the second view: the same crops augmented again, plus a small rotation
-                # and zoom, so that the pair differs by more than the flips
-                view = to_batch(
-                    raw,
-                    device,
-                    True,
-                    gen,
-                    non_blocking=args.pin_memory,
-                    stain_jitter=args.stain_jitter,
-                    rotate=max(args.rotate, VIEW_ROTATE),
-                    stain_generator=_seeded(stain_seed),  # the first view's colours again
-                )
-            data_s += time.time() - t_data
-            beta = kl_sched.beta_at(step)
-            cap = kl_sched.capacity_at(step)
-            terms = forward_loss(
-                wrapped,
-                batch,
-                beta=beta,
-                capacity=cap,
-                args=args,
-                n_shared=n_shared,
-                autocast=dist.autocast,
-                use_expression=use_expression,
-                view=view,
-            )
-            if flat is not None:
-                flat.zero_grad()
-            else:
-                opt.zero_grad(set_to_none=True)
-            loss = terms.total
-            if dist.world_size > 1:
-                # every parameter in every rank's graph: a head whose rows one rank's
-                # batch lacked (a last batch of 3 rows without a maturation label) gave
-                # no gradient there, the ranks' all-reduces stopped matching and the run
-                # hung for good (DDP audit); 0 * p leaves every gradient as it was
-                loss = loss + 0.0 * torch.stack([p.sum() for p in trainable]).sum()
-            loss.backward()
-            if args.grad_clip <= 0:
-                gnorm = torch.zeros((), device=terms.total.device)
-            elif flat is not None:
-                gnorm = flat.clip_(args.grad_clip)
-            else:
-                gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip, foreach=True)
-            # loss, KL and gradient norm in one host sync (as many as the NaN check alone
-            # took); nothing has been stepped yet, so a stop here keeps the weights
-            tot, kl_now, gn = (
-                torch.stack(
-                    [t.detach().float().reshape(()) for t in (terms.total, terms.kl, gnorm)]
-                )
-                .cpu()
-                .tolist()
-            )
-            if not math.isfinite(tot):
-                bad = {k: v for k, v in terms.scalars().items() if not math.isfinite(v)}
-                raise NonFiniteLossError(
-                    f"non-finite loss at epoch {epoch + 1}, step {step}: non-finite terms "
-                    f"{bad} (beta={beta:.3g}, lr={sched.get_last_lr()[0]:.3g}). Lower "
-                    f"trainer.lr, keep trainer.grad_clip > 0, or check the input "
-                    f"(X must be log-normalised, counts non-negative)."
-                )
-            if loss_ref is None:
-                loss_ref = tot
-            why = diverged(tot, kl_now, loss_ref)
-            if why is not None:
-                raise NonFiniteLossError(
-                    f"diverged loss at epoch {epoch + 1}, step {step}: {why} (beta={beta:.3g}, "
-                    f"lr={sched.get_last_lr()[0]:.3g}). Lower trainer.lr, keep "
-                    f"trainer.grad_clip > 0, or check the input (X must be log-normalised)."
-                )
-            if math.isfinite(gn):
-                opt.step()
-            else:
-                # a finite loss can still give an inf/NaN gradient (an overflow in the
-                # backward pass); clipping scales by NaN, so a step would write NaN
-                # into every weight: the batch is dropped instead, and counted
-                skipped += 1
-                log.warning(
-                    "epoch %d, step %d: gradient norm %s; optimizer step skipped (%d so far)",
-                    epoch + 1,
-                    step,
-                    gn,
-                    skipped,
-                )
-            with warnings.catch_warnings():
-                # a skipped first step: torch's "scheduler before optimizer" notice is moot
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
-                sched.step()
-            if ema is not None:
-                ema.update_parameters(core)
-            step += 1
-            bsz = int(batch.x.shape[0])
-            n_rows += bsz
-            vec = terms.vector().double() * bsz
-            sums = vec if sums is None else sums + vec
-            if tb is not None and is_main and step % max(1, args.log_every_steps) == 0:
-                tb.scalars("train", shown(terms.scalars()), step)
-                tb.scalars("schedule", schedule_now(beta, cap), step)
-                tb.writer.add_scalar("train/grad_norm", float(gnorm), step)
-                schedule_logged = step
-            t_data = time.time()
         epoch += 1
-        loop_s = time.time() - t_ep  # the training steps, without validation
-        train_means = (
-            dict(zip(LossTerms.names(), (sums / max(n_rows, 1)).tolist()))
-            if sums is not None
-            else {}
-        )
+        train_means = ep.train_means
 
         # validation at the final β / C so epochs stay comparable during warm-up
         val_rows = val_idx if val_idx.size else train_idx
-        eligible = kl_sched.done_at(step)
+        eligible = optim.kl_sched.done_at(prog.step)
         raw_val = None
-        if ema is not None:
+        if optim.ema is not None:
             # the raw weights too, so every run with the average holds its own control
             # (model_raw.pt = the best raw epoch). They are scored first, with the RNG
             # state a run without the average scores them with (the loss samples z), and
             # the average's pass below puts the state back: the training steps, the raw
             # scores and model_raw.pt are those of the same run without the average
             raw_val = evaluate_loss(
-                wrapped, data, val_rows, args, dist, kl_sched, n_shared, should_stop
+                wrapped, data, val_rows, args, dist, optim.kl_sched, n_shared, should_stop
             )[0]["total"]
             if is_main and eligible and raw_val < best_raw_val:
                 best_raw_val, best_raw_epoch = raw_val, epoch
@@ -940,17 +1143,21 @@ def train(
                 best_raw_ck.update(best_val=raw_val, best_epoch=epoch)
                 best_raw_ck["meta"]["checkpoint"] = "best_raw"
         devs = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devs) if ema is not None else contextlib.nullcontext():
-            with averaged_weights(core, ema):
+        with (
+            torch.random.fork_rng(devices=devs)
+            if optim.ema is not None
+            else contextlib.nullcontext()
+        ):
+            with averaged_weights(core, optim.ema):
                 val_means, last_kl = evaluate_loss(
-                    wrapped, data, val_rows, args, dist, kl_sched, n_shared, should_stop
+                    wrapped, data, val_rows, args, dist, optim.kl_sched, n_shared, should_stop
                 )
         monitor = val_means["total"]
-        why = diverged(monitor, val_means.get("kl", 0.0), loss_ref)
+        why = diverged(monitor, val_means.get("kl", 0.0), prog.loss_ref)
         if why is not None:  # raised before this epoch's weights can become model.pt
             raise NonFiniteLossError(
                 f"diverged validation loss at epoch {epoch}: {why} "
-                f"(lr={sched.get_last_lr()[0]:.3g}). Lower trainer.lr, keep "
+                f"(lr={optim.sched.get_last_lr()[0]:.3g}). Lower trainer.lr, keep "
                 f"trainer.grad_clip > 0, or check the input (X must be log-normalised)."
             )
         improved = eligible and monitor < best_val
@@ -960,75 +1167,33 @@ def train(
             bad_epochs += 1
         rec = {
             "epoch": epoch,
-            "step": step,
-            "beta": kl_sched.beta_at(step),
-            "capacity": kl_sched.capacity_at(step),
-            "lr": sched.get_last_lr()[0],
+            "step": prog.step,
+            "beta": optim.kl_sched.beta_at(prog.step),
+            "capacity": optim.kl_sched.capacity_at(prog.step),
+            "lr": optim.sched.get_last_lr()[0],
             "seconds": round(time.time() - t_ep, 3),
-            "data_seconds": round(data_s, 3),
-            "train_seconds": round(loop_s, 3),
+            "data_seconds": round(ep.data_seconds, 3),
+            "train_seconds": round(ep.train_seconds, 3),
             "train": train_means,
             "val": val_means,
             "active_units": active_units(last_kl),
-            "skipped_steps": skipped,
+            "skipped_steps": prog.skipped,
             **({"val_raw": raw_val} if raw_val is not None else {}),
         }
         history.append(rec)
         ebar.update(1)
         ebar.set_postfix_str(f"val {monitor:.4g}", refresh=False)
         if is_main:
-            log.info(
-                "epoch %d/%d step %d: train %.4g val %.4g (img %.4g expr %.4g kl %.3g "
-                "x-expr %.4g) active %d/%d beta %.3g %.1fs%s",
-                epoch,
-                args.max_epochs,
-                step,
-                train_means.get("total", math.nan),
-                monitor,
-                val_means["image"],
-                val_means["expression"],
-                val_means["kl"],
-                val_means["expression_from_image"],
-                rec["active_units"],
-                len(last_kl),
-                rec["beta"],
-                rec["seconds"],
-                " *" if improved else "",
+            within = (
+                args.figure_budget is None
+                or epoch in (1, args.max_epochs)
+                or fig_s <= args.figure_budget * (time.time() - t_start)
             )
-            if raw_val is not None:
-                log.info("epoch %d: raw weights val %.4g", epoch, raw_val)
-            if tb is not None:
-                if schedule_logged != step:
-                    # once an epoch at least: a run of fewer than trainer.log_every_steps
-                    # steps per epoch showed no β, C or learning rate at all (audit)
-                    tb.scalars("schedule", schedule_now(beta, cap), step)
-                    schedule_logged = step
-                # every tag on one axis, the optimizer step: the epoch's values at the
-                # step that ended it (they were at the epoch number, and β / LR could not
-                # be lined up with the val curves); "epoch" maps the one to the other
-                tb.writer.add_scalar("epoch", epoch, step)
-                tb.scalars("epoch_train", shown(train_means), step)
-                tb.scalars("val", shown(val_means), step)
-                tb.kl_per_dim(last_kl, step)
-                tb.scalars("val", {"active_units": rec["active_units"]}, step)
-                if raw_val is not None:  # the raw weights beside the average's
-                    tb.scalars("val_raw", {"total": raw_val}, step)
-                due = args.image_every_epochs > 0 and (
-                    epoch % args.image_every_epochs == 0 or epoch == args.max_epochs
-                )
-                within = (
-                    args.figure_budget is None
-                    or epoch in (1, args.max_epochs)
-                    or fig_s <= args.figure_budget * (time.time() - t_start)
-                )
-                if due and within:
-                    t_fig = time.time()
-                    with averaged_weights(core, ema):
-                        tb.epoch_figures(core, fig_batch, step)
-                    fig_s += time.time() - t_fig
-                tb.flush()
+            fig_s += _report_epoch(
+                rec, ep, last_kl, improved, within, args, tb, prog, optim, shown, core, fig_batch
+            )
             if improved:  # kept in memory, written with the next last.pt
-                with averaged_weights(core, ema):
+                with averaged_weights(core, optim.ema):
                     best_ck = _snapshot(payload("best"))
         stop = None
         if args.early_stopping_patience > 0 and bad_epochs >= args.early_stopping_patience:
@@ -1085,15 +1250,15 @@ def train(
                 fix,
             )
         best_epoch, best_val = epoch, history[-1]["val"]["total"] if history else math.nan
-        with averaged_weights(core, ema):
+        with averaged_weights(core, optim.ema):
             save_checkpoint(out_dir / "model.pt", payload("best"))
-        if ema is not None:
+        if optim.ema is not None:
             save_checkpoint(out_dir / "model_raw.pt", payload("best"))
     return TrainResult(
         best_epoch=best_epoch,
         best_val=float(best_val),
         epochs=epoch,
-        steps=step,
+        steps=prog.step,
         stopped=stopped,
         history=history,
         kl_per_dim=[float(v) for v in last_kl],
