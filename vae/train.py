@@ -466,8 +466,8 @@ def _prepare_targets(
 
 
 @dataclass
-class _Optimization:
-    """What steps the weights (:func:`_build_optimization`); a resume may rebuild ``sched``."""
+class Optimization:
+    """What steps the weights (:func:`build_optimization`); a resume may rebuild ``sched``."""
 
     trainable: list[torch.nn.Parameter]
     flat: FlatParameters | None
@@ -480,7 +480,7 @@ class _Optimization:
 
 
 @dataclass
-class _Progress:
+class Progress:
     """Counters the training steps advance (kept in last.pt, restored on resume)."""
 
     step: int = 0
@@ -508,8 +508,8 @@ def train_one_epoch(
     epoch: int,
     args: TrainArgs,
     dist: Any,
-    optim: _Optimization,
-    prog: _Progress,
+    optim: Optimization,
+    prog: Progress,
     gen: torch.Generator,
     *,
     use_image: bool,
@@ -692,14 +692,14 @@ def _schedule_now(sched: torch.optim.lr_scheduler.LRScheduler, beta: float, cap:
     return {"beta": beta, "capacity": cap, "lr": sched.get_last_lr()[0]}
 
 
-def _build_optimization(
+def build_optimization(
     core: TwoBranchVAE,
     args: TrainArgs,
     train_idx: np.ndarray,
     dist: Any,
     use_image: bool,
     use_expression: bool,
-) -> _Optimization:
+) -> Optimization:
     """AdamW over the trainable weights, the learning-rate and KL schedules, the average."""
     # a list, once: clip_grad_norm_ re-walking the module tree each step costs ~1 ms
     trainable = [p for p in core.parameters() if p.requires_grad]
@@ -750,7 +750,7 @@ def _build_optimization(
         if decay > 0
         else None
     )
-    return _Optimization(trainable, flat, opt, sched, kl_sched, ema, steps_per_epoch, total_steps)
+    return Optimization(trainable, flat, opt, sched, kl_sched, ema, steps_per_epoch, total_steps)
 
 
 def _report_epoch(
@@ -761,8 +761,8 @@ def _report_epoch(
     figures_within_budget: bool,
     args: TrainArgs,
     tb: TBLogger | None,
-    prog: _Progress,
-    optim: _Optimization,
+    prog: Progress,
+    optim: Optimization,
     shown: Callable[[dict[str, float]], dict[str, float]],
     core: TwoBranchVAE,
     fig_batch: Batch,
@@ -905,7 +905,7 @@ def train(
     wrapped = dist.wrap(core)
     n_shared = core.args.n_shared
     _prepare_targets(core, data, args, use_image, use_expression)
-    optim = _build_optimization(core, args, train_idx, dist, use_image, use_expression)
+    optim = build_optimization(core, args, train_idx, dist, use_image, use_expression)
 
     if is_main and args.beta == 0:
         log.info(
@@ -915,7 +915,7 @@ def train(
         )
 
     epoch = 0
-    prog = _Progress()  # step, divergence reference, skipped steps
+    prog = Progress()  # step, divergence reference, skipped steps
     best_val, best_epoch, bad_epochs = math.inf, 0, 0
     best_raw_val, best_raw_epoch = math.inf, 0  # the raw weights' own best (ema only)
     history: list[dict[str, Any]] = []
