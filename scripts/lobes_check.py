@@ -121,6 +121,11 @@ def check(run: Path, paired: Path, figure: Path | None = None) -> dict:
     d = drawn["lobes"].to_numpy(float)
 
     def rho(x, ref=true) -> float:
+        # undefined (NaN, said as such) where either side is constant: a tiny test set
+        # whose cells all draw one lobe, without scipy's ConstantInputWarning
+        x, ref = np.asarray(x, float), np.asarray(ref, float)
+        if np.ptp(x) == 0 or np.ptp(ref) == 0:
+            return float("nan")
         return round(float(spearmanr(x, ref).correlation), 3)
 
     # granules: the measure of image_branch_check.py (granule density counted on the
