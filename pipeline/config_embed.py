@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vae import defaults
+
 
 @dataclass
 class EmbedConfig:
@@ -28,16 +30,16 @@ class EmbedConfig:
     samples_csv: str | None = None  # CSV: (cell_id | image) -> sample, for inputs without one
     knn_k: int | None = None  # label-transfer neighbours; null -> the study's analysis.knn_k
     # refuse an expression input missing more than this fraction of the model's genes
-    max_missing_genes: float = 0.5
+    max_missing_genes: float = defaults.MAX_MISSING_GENES
     # missing genes: model = imputed from each cell's observed genes (iterated
     # encode -> decode, impute_iterations passes); mean = the reference mean
-    impute: str = "model"
-    impute_iterations: int = 5
+    impute: str = defaults.IMPUTE
+    impute_iterations: int = defaults.IMPUTE_ITERATIONS
     # vae_call "unclassified" (counted in no call of samples.csv): a cell whose label
     # confidence (share of the k neighbours that agree) is below min_confidence, or whose
     # anomaly_score is above this quantile of the study's own held-out cells' (null: off)
-    min_confidence: float = 0.5
-    atypical_quantile: float | None = 0.99
+    min_confidence: float = defaults.MIN_CONFIDENCE
+    atypical_quantile: float | None = defaults.ATYPICAL_QUANTILE
     batch_size: int = 256  # encoding batch
     examples_per_call: int = 8  # example crops per transferred label in samples.html
     histogram_bins: int = 10  # maturation-position histogram per sample (samples.csv)

@@ -54,6 +54,13 @@ import pandas as pd
 
 from segmentation.io import MANIFEST, blank_as_read
 from segmentation.schema import SCALE_SPREAD
+from vae.defaults import (
+    ATYPICAL_QUANTILE,
+    IMPUTE,
+    IMPUTE_ITERATIONS,
+    MAX_MISSING_GENES,
+    MIN_CONFIDENCE,
+)
 from vae.inputs.schema import (
     ANOMALY_COLUMNS,
     CELL_DIAMETER,
@@ -78,9 +85,6 @@ CROP_MASKS = ("auto", "detector", "whole")
 # largest value a log1p-normalised matrix can hold and still be one: log1p(1e6) = 13.8
 # (counts per million, one gene holding the whole cell); above it, values are not logged
 LOGNORM_MAX = 14.0
-# Study.embed refuses an expression input lacking more than this fraction of the model's
-# genes (its max_missing_genes; embed.max_missing_genes of stage=embed defaults to it)
-MAX_MISSING_GENES = 0.5
 IMPUTE_METHODS = ("model", "mean")  # missing genes: cell-wise model imputation | reference mean
 # columns this module adds to obs (a user's column of the same name is refused)
 OBS_COLUMNS = (
@@ -500,10 +504,10 @@ class Study:
         segmentation_model: Path | None = None,
         analysis: dict | None = None,
         device: str = "cpu",
-        impute: str = "model",
-        impute_iterations: int = 5,
-        min_confidence: float = 0.5,
-        atypical_quantile: float | None = 0.99,
+        impute: str = IMPUTE,
+        impute_iterations: int = IMPUTE_ITERATIONS,
+        min_confidence: float = MIN_CONFIDENCE,
+        atypical_quantile: float | None = ATYPICAL_QUANTILE,
     ):
         self.model, self.meta, self.config = model, meta, config
         self.reference = reference  # the property: sets the caches fitted on it (empty)
@@ -802,10 +806,10 @@ class Study:
         latent: str | Path | None = None,
         segmentation_model: str | Path | None = None,
         device: str = "cpu",
-        impute: str = "model",
-        impute_iterations: int = 5,
-        min_confidence: float = 0.5,
-        atypical_quantile: float | None = 0.99,
+        impute: str = IMPUTE,
+        impute_iterations: int = IMPUTE_ITERATIONS,
+        min_confidence: float = MIN_CONFIDENCE,
+        atypical_quantile: float | None = ATYPICAL_QUANTILE,
     ) -> Study:
         """Load a finished study.
 

@@ -79,6 +79,7 @@ import numpy as np
 import pandas as pd
 
 from segmentation.schema import EDGE_WEIGHT
+from vae.defaults import ATYPICAL_QUANTILE, MIN_CONFIDENCE
 from vae.inputs.schema import ANOMALY_SCORE, known_labels, stage_name
 
 log = logging.getLogger(__name__)
@@ -796,8 +797,8 @@ def write_samples_html(
     title: str = "Per-sample maturation profile",
     seed: int = 0,
     notes: list[str] | None = None,
-    min_confidence: float = 0.5,
-    atypical_quantile: float | None = 0.99,
+    min_confidence: float = MIN_CONFIDENCE,
+    atypical_quantile: float | None = ATYPICAL_QUANTILE,
     atypical_off: str | None = None,
     callable_calls: dict[str, list[str]] | None = None,
     sample_key: str | None = None,
