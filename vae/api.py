@@ -943,9 +943,20 @@ class Study:
     def n_shared(self) -> int:
         return int(self.meta["n_shared"])
 
+    def _setting(self, key: str):
+        """``analysis[key]`` of the study, or where it holds none (a study saved before
+        the setting existed, one built by hand) the default of
+        :class:`vae.analysis.settings.AnalysisSettings`, the one owner of each default."""
+        value = self.analysis.get(key)
+        if value is None:
+            from vae.analysis.settings import AnalysisSettings
+
+            value = getattr(AnalysisSettings(), key)
+        return value
+
     @property
     def label_key(self) -> str:
-        return str(self.analysis.get("label_key", "label"))
+        return str(self._setting("label_key"))
 
     @property
     def labels(self) -> list[str]:
@@ -2203,7 +2214,7 @@ class Study:
             )
         if k is not None and (not _whole_number(k) or int(float(k)) < 1):
             raise StudyError(f"transfer_labels: k={k!r}; must be an integer >= 1")
-        k = int(float(k)) if k is not None else int(self.analysis.get("knn_k") or 15)
+        k = int(float(k)) if k is not None else int(self._setting("knn_k"))
         # fitted once per study, modality, width and k: stage=embed labels a large file
         # a block of 8192 cells at a time, and each block fitted it on the same rows again
         key = (self.label_key, modality, z.shape[1], k)
@@ -2331,7 +2342,7 @@ class Study:
                 raise StudyError(f"{self.latent_path}: obs[{self.label_key!r}] is missing")
             z = np.asarray(ref.obsm.get("X_vae_full", ref.obsm["X_vae"]), np.float64)
             labels = ref.obs[self.label_key].astype(str).to_numpy()
-            mkey = str(a.get("maturation_key", "maturation"))
+            mkey = str(self._setting("maturation_key"))
             mat = ref.obs[mkey].to_numpy().astype(float) if mkey in ref.obs else None
             # the classes as stage=traverse takes them (vae.analysis.study.path_order):
             # the model's maturation axis at the default, another spelling of a stage
@@ -2354,9 +2365,9 @@ class Study:
                 raise StudyError(f"{self.latent_path}: no maturation path: {e}") from e
             path = T.gp_path(
                 cents.points,
-                int(a.get("path_steps", 12)),
-                float(a.get("gp_length_scale", 0.3)),
-                float(a.get("gp_noise", 1e-3)),
+                int(self._setting("path_steps")),
+                float(self._setting("gp_length_scale")),
+                float(self._setting("gp_noise")),
                 int(self.config.get("seed", 0)),
             )
             self._path, self._path_key = (cents, path), key  # only a path that was built
@@ -2649,7 +2660,6 @@ class Study:
         ``supported`` (n,) bool).
         """
         from vae.analysis.run import full_codes, image_reference_rows
-        from vae.analysis.settings import AnalysisSettings
         from vae.analysis.traverse import image_support
 
         z = np.asarray(z_full, np.float64)
@@ -2660,12 +2670,11 @@ class Study:
         zr = full_codes(ref)
         if zr.shape[1] != d:
             raise StudyError(f"{self.latent_path}: obsm['X_vae_full'] is missing")
-        dflt = AnalysisSettings()
         return image_support(  # a row without a code (NaN): not supported, distance NaN
             z,
             zr[image_reference_rows(ref)],
-            int(self.analysis.get("image_support_k") or dflt.image_support_k),
-            float(self.analysis.get("image_support_quantile") or dflt.image_support_quantile),
+            int(self._setting("image_support_k")),
+            float(self._setting("image_support_quantile")),
         )
 
     # --------------------------------------------------------------- anomaly
