@@ -1033,6 +1033,70 @@ class TwoBranchVAE(nn.Module):
             return z
         return torch.cat([z[:, : a.n_shared], z[:, a.n_shared + a.n_private :]], 1)
 
+    # -------------------------------------------------------------------- loss
+    def loss(
+        self,
+        out: ForwardOutput,
+        batch,
+        *,
+        beta: float,
+        capacity: float = 0.0,
+        weights=None,
+        image_likelihood: str | None = None,
+        n_shared: int | None = None,
+        view_codes: torch.Tensor | None = None,
+    ):
+        """All loss terms of one batch, named (:class:`vae.losses.LossTerms`).
+
+        The loss lives with the module, as scvi-tools' ``LossOutput`` does: the trainer
+        passes the KL weight and capacity of the step and the term weights, the batch
+        (:class:`vae.data.Batch`) gives every target, and the model what it knows of
+        itself (its shared dims, its size standardisation).
+
+        Parameters
+        ----------
+        out : this model's ``forward`` on ``batch``
+        batch : vae.data.Batch
+        beta, capacity : KL weight and Burgess capacity (nats) of the step
+        weights : vae.losses.LossWeights (None: the defaults)
+        image_likelihood : ``mse`` | ``gaussian`` | ``laplace`` (:func:`vae.losses.image_nll`;
+            None: the model's own, ``args.image_likelihood``)
+        n_shared : shared dims used for alignment (None: the model's ``n_shared``)
+        view_codes : (N, n_shared + n_private) image means of a second view of the N
+            rows with an image (the view-contrast term), or None
+
+        Returns
+        -------
+        vae.losses.LossTerms; ``.total`` is the scalar to minimise
+        """
+        from vae.losses import LossWeights, vae_loss  # losses imports this module
+
+        w = weights if weights is not None else LossWeights()
+        size_target = None
+        if w.size > 0 and batch.image is not None:
+            size_target = self.size_target(batch.diameter, batch.x.shape[0], batch.x.device)
+        return vae_loss(
+            out,
+            batch.image,
+            batch.mask,
+            batch.x,
+            batch.counts,
+            batch.library,
+            beta=beta,
+            capacity=capacity,
+            weights=w,
+            image_likelihood=image_likelihood or self.args.image_likelihood,
+            n_shared=self.args.n_shared if n_shared is None else n_shared,
+            labels=batch.labels,
+            granules=batch.granules,
+            granule_od=batch.granule_od,
+            nucleus=batch.nucleus,
+            log_factorial=batch.log_factorial,
+            lobes=batch.lobes,
+            view_codes=view_codes,
+            size_target=size_target,
+        )
+
     # -------------------------------------------------------------------- size
     def size_target(self, diameter: torch.Tensor | None, b: int, device) -> torch.Tensor:
         """(B,) standardised log diameter, NaN where unknown (``diameter`` None: all).

@@ -55,7 +55,7 @@ from vae.data import (
     to_batch,
 )
 from vae.flat import FlatParameters
-from vae.losses import LossTerms, LossWeights, term_weights, terms_off, vae_loss
+from vae.losses import LossTerms, LossWeights, term_weights, terms_off
 from vae.model import TwoBranchVAE
 from vae.schedules import DEFAULT_BETA, KLSchedule, lr_lambda
 from vae.tb import TBLogger
@@ -327,29 +327,15 @@ def forward_loss(
             diameter=batch.diameter,
             batch=batch.batch,
         )
-    size_target = None
-    if args.weights.size > 0 and batch.image is not None:
-        size_target = _unwrap(model).size_target(batch.diameter, batch.x.shape[0], batch.x.device)
-    return vae_loss(
+    return _unwrap(model).loss(
         out,
-        batch.image,
-        batch.mask,
-        batch.x,
-        batch.counts,
-        batch.library,
+        batch,
         beta=beta,
         capacity=capacity,
         weights=args.weights,
         image_likelihood=args.image_likelihood,
         n_shared=n_shared,
-        labels=batch.labels,
-        granules=batch.granules,
-        granule_od=batch.granule_od,
-        nucleus=batch.nucleus,
-        log_factorial=batch.log_factorial,
-        lobes=batch.lobes,
         view_codes=view_codes,
-        size_target=size_target,
     )
 
 
