@@ -1309,21 +1309,32 @@ class TwoBranchVAE(nn.Module):
         mean = None
         if render and (rate is not None or nuc_logits is not None or tex[0] is not None):
             mean = img
+            cell, cell_holes = mask, None
+            if mask is not None:
+                # a cell mask that dips under 0.5 inside the cell (an extrapolated code:
+                # the real chain's GMP end) is drawn filled by every figure
+                # (vae.analysis.traverse.cell_masks), in the decoder's background grey:
+                # the hole is drawn as cell, its colour the cytoplasm's around it, with
+                # grain and granules (nucleus_holes: the pixels a mask encloses)
+                cell_holes = nucleus_holes(mask)
+                cell = torch.maximum(mask, cell_holes)
             if nuc_logits is not None:
                 sharp, drawn = NUCLEUS_RENDER_SHARPNESS, nuc_logits
                 # what shows through the nucleus: the cytoplasm layer there was never a
                 # target (nucleus pixels in the inputs), so a ring's hole and the lobe
                 # cuts take the cytoplasm colour around them (a ring drew a white dot)
-                holes = nucleus_holes(torch.sigmoid(sharp * nuc_logits), mask)
+                holes = nucleus_holes(torch.sigmoid(sharp * nuc_logits), cell)
                 if lobes is not None:  # the nucleus cut into the count the head gives
                     drawn, cut = carve_lobes(nuc_logits, lobe_count(lobes), sharp)
                     holes = torch.maximum(holes, cut)
-                under = fill_cuts(cyto, holes, torch.sigmoid(sharp * drawn), mask)
+                if cell_holes is not None:
+                    holes = torch.maximum(holes, cell_holes)
+                under = fill_cuts(cyto, holes, torch.sigmoid(sharp * drawn), cell)
                 img = compose_nucleus(under, nuc_colour, drawn, sharp)
             if tex[0] is not None:
-                img = render_texture(img, tex[0], tex[2], mask, seed)
+                img = render_texture(img, tex[0], tex[2], cell, seed)
             if rate is not None:
-                img = render_granules(img, rate, od, mask, seed)
+                img = render_granules(img, rate, od, cell, seed)
         if self.expression_decoder is None:
             expr = {"expression_log": z.new_zeros(z.shape[0], 0)}
         elif not use_expression:

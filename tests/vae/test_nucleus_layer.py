@@ -322,3 +322,37 @@ def test_traverse_draws_the_sharp_nucleus():
     with torch.no_grad():
         drawn = m.decode(z, render=True).image.permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(out.images, np.clip(drawn, 0, 1), atol=1e-6)
+
+
+def test_a_hole_in_the_decoded_cell_mask_is_drawn_as_cytoplasm():
+    """A cell mask that dips under 0.5 inside the cell (an extrapolated code) is drawn
+    filled by every figure; the drawing gives the hole the cytoplasm's colour around it,
+    not the decoder's background grey there."""
+    m = _model()
+    inner = m.image_decoder
+    s = 16
+
+    class Holed(torch.nn.Module):
+        def forward(self, z):
+            out = list(inner(z))
+            b = z.shape[0]
+            cell = torch.full((b, 1, s, s), -8.0)
+            cell[..., 2:14, 2:14] = 8.0
+            cell[..., 7:9, 7:9] = -8.0  # the hole
+            cyto = torch.zeros(b, 3, s, s)
+            cyto[:, 0], cyto[:, 2] = 0.9, 0.7  # pink cytoplasm...
+            cyto[..., 7:9, 7:9] = 0.5  # ...grey where the mask dips
+            out[1], out[6] = cell, cyto
+            out[4] = torch.full((b, 1, s, s), -8.0)  # no nucleus
+            return tuple(out)
+
+    m.image_decoder = Holed()
+    z = torch.zeros(2, m.n_latent)
+    with torch.no_grad():
+        got = m.decode(z, render=True)
+    hole = got.image[:, :, 7:9, 7:9]
+    assert torch.allclose(hole[:, 0], torch.tensor(0.9), atol=1e-4)
+    assert torch.allclose(hole[:, 1], torch.tensor(0.0), atol=1e-4)
+    assert torch.allclose(hole[:, 2], torch.tensor(0.7), atol=1e-4)
+    # the decoded mask itself is what the decoder said (figures fill it when drawing)
+    assert float(got.mask[0, 0, 7, 7]) < 0.5
