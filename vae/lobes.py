@@ -412,7 +412,9 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def nucleus_holes(
-    nucleus_prob: torch.Tensor, cell_prob: torch.Tensor | None = None
+    nucleus_prob: torch.Tensor,
+    cell_prob: torch.Tensor | None = None,
+    diagonal_gaps: bool = True,
 ) -> torch.Tensor:
     """Pixels the drawn nucleus encloses: (B, 1, S, S) {0, 1}.
 
@@ -420,15 +422,17 @@ def nucleus_holes(
     cytoplasm in its hole: the pixels not reached from the crop's border without crossing
     the nucleus (mask > 0.5; 8-connected steps, so a diagonal gap lets the outside in;
     ``scipy.ndimage.binary_fill_holes`` per row, ~0.1 ms a 64 px crop) and inside the cell
-    (``cell_prob`` > 0.5, when given).
+    (``cell_prob`` > 0.5, when given). ``diagonal_gaps=False``: edge-adjacent steps only
+    (scipy's default), the rule by which :func:`vae.analysis.traverse.cell_masks` fills a
+    decoded cell mask, for the holes of that mask.
     """
     from scipy import ndimage as ndi
 
     nuc = (nucleus_prob > 0.5)[:, 0].detach().cpu().numpy()
-    eight = np.ones((3, 3), bool)
+    steps = np.ones((3, 3), bool) if diagonal_gaps else None
     holes = np.zeros_like(nuc)
     for i, m in enumerate(nuc):
-        holes[i] = ndi.binary_fill_holes(m, structure=eight) & ~m
+        holes[i] = ndi.binary_fill_holes(m, structure=steps) & ~m
     out = torch.from_numpy(holes[:, None]).to(nucleus_prob.device, nucleus_prob.dtype)
     if cell_prob is not None:
         out = out * (cell_prob > 0.5).to(out.dtype)

@@ -1315,8 +1315,9 @@ class TwoBranchVAE(nn.Module):
                 # the real chain's GMP end) is drawn filled by every figure
                 # (vae.analysis.traverse.cell_masks), in the decoder's background grey:
                 # the hole is drawn as cell, its colour the cytoplasm's around it, with
-                # grain and granules (nucleus_holes: the pixels a mask encloses)
-                cell_holes = nucleus_holes(mask)
+                # grain and granules (nucleus_holes: the pixels a mask encloses, by
+                # cell_masks' rule, so the holes drawn are those the figures fill)
+                cell_holes = nucleus_holes(mask, diagonal_gaps=False)
                 cell = torch.maximum(mask, cell_holes)
             if nuc_logits is not None:
                 sharp, drawn = NUCLEUS_RENDER_SHARPNESS, nuc_logits

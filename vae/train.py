@@ -305,8 +305,6 @@ def forward_loss(
     expression branch. ``view``: the same rows augmented once more (the view-contrast
     term, ``args.weights.view_contrast`` > 0): its crops go through the image encoder only.
     """
-    import contextlib
-
     view_codes = None
     if view is not None and view.image is not None and batch.image is not None:
         rows = batch.has_image.bool().nonzero().flatten()

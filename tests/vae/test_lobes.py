@@ -352,3 +352,25 @@ def test_a_cut_deep_in_a_large_nucleus_takes_the_nearest_cytoplasm_not_the_rim()
     flat = fill_cuts(cyto, cut, nuc * (1 - cut), cell, sigma=0)
     assert float(flat[0, 2][grown].mean()) > 0.2  # the cell-wide mean: the rim's blue in it
     assert float(out[0, 2][grown].max()) < 0.5 * float(flat[0, 2][grown].mean())
+
+
+def test_cell_holes_are_the_ones_the_figures_fill():
+    """The drawing fills the holes of a decoded cell mask by the rule the figures use
+    (vae.analysis.traverse.cell_masks: edge-adjacent steps), so a hole whose only way out
+    is a diagonal gap is drawn as cytoplasm, not in the decoder's background colour."""
+    from vae.analysis.traverse import cell_masks
+    from vae.lobes import nucleus_holes
+
+    m = np.zeros((12, 12), np.float32)
+    m[2:10, 2:10] = 1
+    m[5, 5] = 0  # a one-pixel hole...
+    m[4, 4] = m[3, 3] = m[2, 2] = 0  # ...open to the outside by a diagonal only
+    t = torch.from_numpy(m)[None, None]
+    holes = nucleus_holes(t, diagonal_gaps=False)[0, 0].bool().numpy()
+    assert np.array_equal(cell_masks(m), (m > 0.5) | holes)
+    assert holes[5, 5] and not nucleus_holes(t)[0, 0, 5, 5]  # the nucleus rule: open
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        r = (rng.random((16, 16)) > 0.35).astype(np.float32)
+        h = nucleus_holes(torch.from_numpy(r)[None, None], diagonal_gaps=False)[0, 0].numpy()
+        assert np.array_equal(cell_masks(r), (r > 0.5) | (h > 0))
