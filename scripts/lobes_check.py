@@ -11,7 +11,10 @@ lobe layer (``vae.lobe_head``) also the head's own count and the same model's ce
 drawn without it (the head reads the code detached, so that is the paired baseline).
 Granule density counted on the same drawn cells (and on the input crops) is scored
 against the simulator's azurophilic density at each cell's ``t``, as
-``image_branch_check.py`` scores the test split::
+``image_branch_check.py`` scores the test split. The same lobes, granules and masked
+SSIM are read on the cells drawn from each profile alone (``from_expression_*``), as
+decoded and in the pose of the run's nearest training crop (evaluate's
+``reconstructions.png``)::
 
     .venv/bin/python scripts/lobes_check.py RUN [RUN ...] --paired outputs/bench_anomaly/paired_100_seed2.h5ad
 
@@ -66,6 +69,68 @@ def _figure(path: Path, obs, inputs, without, with_layer, n_without, n_with) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _own_paired(run: Path) -> Path | None:
+    """The paired table ``run`` trained on: ``pair/paired.h5ad`` of its experiment, else
+    the path its ``manifest.json`` records (where it still exists), else None."""
+    beside = run.parent / "pair" / "paired.h5ad"
+    if beside.is_file():
+        return beside
+    try:
+        rec = json.loads((run / "manifest.json").read_text())["inputs"]["paired"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Path(rec) if Path(rec).is_file() else None
+
+
+def _from_expression(run: Path, model, data, rows: np.ndarray, true, azu, rho) -> dict:
+    """Lobes and granules of the cells drawn from each profile alone (no crop), scored
+    as the drawn reconstructions are: decoded as the expression expert's code is (a
+    nucleus averaged over orientations) and in the pose of the run's training crop
+    nearest each code (``vae.analysis.run.in_training_poses``, evaluate's
+    ``reconstructions.png``); each drawn through its decoded mask. The poses come from
+    the run's own paired table (:func:`_own_paired`); without it, only the pose-free
+    rows."""
+    from vae.analysis import granules as G
+    from vae.analysis import metrics as M
+    from vae.analysis.run import in_training_poses, load_run
+    from vae.analysis.traverse import cell_masks, decode
+    from vae.infer import encode_dataset
+
+    he = data.has_expression.numpy().astype(bool)[rows]
+    if he.sum() < 3:
+        return {}
+    e = encode_dataset(model, data, rows=rows[he]).expression
+    r = rows[he]
+    # the masked input crops in [0, 1], as evaluate's reconstruction table reads them
+    crops = (data.crops[r] * data.masks[r]).permute(0, 2, 3, 1).numpy().astype(np.float32) / 255
+    crop_masks = data.masks[r][:, 0].numpy().astype(bool)
+
+    def scored(name: str, codes: np.ndarray) -> dict:
+        dec = decode(model, codes, 256, "cpu")
+        masks = cell_masks(dec.masks)
+        m = G.measure_batch(dec.cells(), masks, G.GranuleParams())
+        # masked SSIM vs the input crop, as evaluate's "expression -> image" row scores
+        ssim = float(np.nanmean(M.masked_ssim(np.clip(dec.images, 0, 1), crops, crop_masks)))
+        return {
+            f"from_expression_{name}_ssim": round(ssim, 3),
+            f"from_expression_{name}_lobes_vs_true_spearman": rho(
+                m["lobes"].to_numpy(float), true[he]
+            ),
+            f"from_expression_{name}_granules_vs_true_azurophilic_spearman": rho(
+                m["granule_density"].to_numpy(float), azu[he]
+            ),
+        }
+
+    out = scored("mean_pose", e)
+    own = _own_paired(run)
+    if own is not None:
+        rd = load_run(run / "latent.h5ad", run / "model.pt", own)
+        posed = in_training_poses(rd, e, 256)
+        if posed is not None:
+            out.update(scored("training_pose", posed))
+    return out
 
 
 def check(run: Path, paired: Path, figure: Path | None = None) -> dict:
@@ -135,7 +200,7 @@ def check(run: Path, paired: Path, figure: Path | None = None) -> dict:
     t = o["t"].to_numpy(float)[rows]
     azu = np.array([azurophilic_density(v) for v in t])
 
-    extra = {}
+    extra = {**_from_expression(run, model, data, rows, true, azu, rho)}
     if head is not None and figure is not None:
         _figure(
             figure,
@@ -147,7 +212,7 @@ def check(run: Path, paired: Path, figure: Path | None = None) -> dict:
             d,
         )
     if head is not None:
-        extra = {
+        extra |= {
             "head_lobes_vs_true_spearman": rho(head),
             "drawn_without_lobe_layer_spearman": rho(plain["lobes"].to_numpy(float)),
             "segmented_mean_head_lobes": round(float(head[seg].mean()), 2),

@@ -317,6 +317,47 @@ def test_traverse_decodes_cells_from_their_crop_and_paths_from_the_reported_late
     assert any(c[0].shape == gp.points.shape and np.allclose(c[0], gp.points) for c in calls)
 
 
+def test_cells_drawn_from_expression_take_a_training_cells_pose(tiny_run):
+    """evaluate's "from expression" column: each row's expression-only code plus the pose
+    (single-view minus reported code) of the training crop nearest it, never a held-out
+    crop; a single-view model lends no pose."""
+    import dataclasses
+
+    from vae.analysis import traverse as T
+    from vae.analysis.run import (
+        AnalysisError,
+        full_codes,
+        in_training_poses,
+        load_run,
+        split_rows,
+    )
+    from vae.infer import encode_dataset
+
+    root, paired = tiny_run
+    run = root / "tiny" / "train"
+    rd = load_run(run / "latent.h5ad", run / "model.pt", paired)
+    test = split_rows(rd.latent, "test")
+    rows = test[rd.data.has_expression.numpy()[test] & rd.data.has_image.numpy()[test]][:6]
+    assert rows.size >= 3
+    e = encode_dataset(rd.model, rd.data, rows=rows).expression
+    got = in_training_poses(rd, e, 4)
+    split = rd.latent.obs["split"].astype(str).to_numpy()
+    lenders = np.flatnonzero((split == "train") & rd.data.has_image.numpy())
+    one = encode_dataset(rd.model, rd.data, rows=lenders, views=1).joint
+    posed = T.posed_codes(e, full_codes(rd.latent)[lenders], one, 1)
+    np.testing.assert_allclose(got, posed.codes[:, 0], atol=1e-5)
+    assert np.abs(got - e).max() > 1e-3  # a pose was added
+    assert not np.isin(lenders[posed.nearest[:, 0]], rows).any()
+    # a training cell's own reported code takes its own pose: its single-view code
+    Z = full_codes(rd.latent)
+    np.testing.assert_allclose(in_training_poses(rd, Z[lenders[:3]], 4), one[:3], atol=1e-5)
+    with pytest.raises(AnalysisError, match="not finite"):
+        in_training_poses(rd, np.full_like(e, np.nan), 4)
+    # a model whose reported latent is single-view has no pose to lend
+    rd.model.args = dataclasses.replace(rd.model.args, encode_views=1)
+    assert in_training_poses(rd, e, 4) is None
+
+
 def test_path_steps_are_drawn_and_measured_in_the_poses_of_their_nearest_cells(
     tiny_run, tmp_path, monkeypatch
 ):
@@ -812,6 +853,12 @@ def test_image_branch_check_scores_unseen_simulated_cells(tiny_run, tmp_path):
         if k not in ("run", "paired"):
             assert res[f"unseen_{k}"] == v or (v != v and res[f"unseen_{k}"] != res[f"unseen_{k}"])
     assert "knn_image" in res  # the test split's numbers are still there
+    # cells drawn from expression alone: as decoded and in a training crop's pose (the
+    # run's own paired table, found through its manifest)
+    for pose in ("mean_pose", "training_pose"):
+        assert {f"from_expression_{pose}_{k}" for k in ("ssim", "lobes_vs_true_spearman")} <= set(
+            want
+        )
     del a.obs["lobes"]
     a.write_h5ad(tmp_path / "no_truth.h5ad")
     with pytest.raises(SystemExit, match="lobes"):

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from segmentation.progress import Steps
+from vae.analysis import traverse as T
 from vae.analysis.palette import label_colours
 from vae.analysis.run import (
     LATENTS,
@@ -20,6 +21,7 @@ from vae.analysis.run import (
     clean_json,
     embedding,
     heatmap_genes,
+    in_training_poses,
     labels_of,
     markdown_table,
     obs_col,
@@ -652,6 +654,18 @@ def evaluate(
         show = rows_per_label(labels[P.rows], np.flatnonzero(hi), per_label=2, max_rows=12)
         if show.size:
             rec_cells, expr_cells = P.rec_cells(), P.image_from_expr_cells()
+            # from expression: drawn in the pose of the nearest training crop (a nucleus
+            # averaged over orientations reads as a ring); the table's "expression ->
+            # image" row scores the pose-free decode above
+            with_expr, posed = show[he[show]], None
+            if with_expr.size:  # the expression code reads no crop: one view is enough
+                e = encode_dataset(
+                    rd.model, rd.data, rd.device, a.batch_size, rows=P.rows[with_expr], views=1
+                )
+                posed = in_training_poses(rd, e.expression, a.batch_size)
+            if posed is not None:
+                expr_cells = expr_cells.copy()
+                expr_cells[with_expr] = T.decode(rd.model, posed, a.batch_size, rd.device).cells()
             # a crop without a profile has nothing to decode from expression: left
             # black and said so, not the decode of an empty expression posterior
             fig = F.image_grid(
@@ -666,7 +680,11 @@ def evaluate(
                     for i in show
                 ],
                 [labels[P.rows[i]] if known[P.rows[i]] else "(unlabelled)" for i in show],
-                ["input (masked)", "joint recon", "from expression"],
+                [
+                    "input (masked)",
+                    "joint recon",
+                    "from expression" + ("\n(a training cell's pose)" if posed is not None else ""),
+                ],
                 "held-out reconstructions",
                 captions=[["", "", "" if he[i] else "no expression profile"] for i in show],
                 cell_inches=1.5,

@@ -468,6 +468,48 @@ def cell_codes(rd: RunData, rows: np.ndarray, batch_size: int) -> np.ndarray:
     return np.asarray(lat.joint, dtype=np.float64)
 
 
+def in_training_poses(rd: RunData, codes: np.ndarray, batch_size: int) -> np.ndarray | None:
+    """``codes`` each given the pose of the training crop nearest it, to be drawn in a
+    real cell's orientation; None when there is no pose to lend.
+
+    A pose-free code (the expression expert's: expression knows the kind of cell, not how
+    its crop lies on the slide; or a mean of reported codes) decodes a nucleus averaged
+    over orientations: a band or a segmented neutrophil is drawn as a ring that the lobe
+    layer cuts into a pale cross. As the traversal poses its path steps
+    (:func:`vae.analysis.traverse.posed_codes`), each code gets the pose (single-view
+    minus reported code) of the *training* crop whose reported code lies nearest it, so
+    a held-out cell's own crop never reaches its drawing.
+
+    Parameters
+    ----------
+    rd : RunData
+        With its paired data (``rd.data``): the training crops lend the poses.
+    codes : (n, d) float
+        Full-layout codes (``[shared | image private | expression private]``), e.g.
+        :attr:`vae.infer.Latents.expression`; finite.
+    batch_size : int
+        Rows per forward pass (memory, not results).
+
+    Returns
+    -------
+    (n, d) float64, or None: no paired data or no training crop, or the reported
+    latent is single-view (``vae.encode_views`` 1: no pose was taken out of it).
+    """
+    from vae.analysis.traverse import posed_codes
+
+    z = np.asarray(codes, dtype=np.float64)
+    if not np.isfinite(z).all():
+        raise AnalysisError("in_training_poses: a code is not finite (a row without its modality?)")
+    views = int(getattr(rd.model.args, "encode_views", 1) or 1)
+    if views == 1 or rd.data is None or len(z) == 0:
+        return None
+    lenders = image_reference_rows(rd.latent, rd.data.has_image.numpy().astype(bool))
+    if lenders.size == 0:
+        return None
+    one = cell_codes(rd, lenders, batch_size)
+    return posed_codes(z, full_codes(rd.latent)[lenders], one, k=1).codes[:, 0]
+
+
 def measure(images: np.ndarray, masks: np.ndarray | None, params, background: float):
     """Granule features of decoded images; masks from the decoder or the background."""
     from vae.analysis import granules as G
