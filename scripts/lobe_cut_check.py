@@ -3,9 +3,11 @@
 Decodes the fused code (``latent.h5ad`` ``obsm['X_vae_full']``) of up to ``--n`` crops of
 one label as every figure draws them (``decode(render=True)``), and compares the pixels of
 the lobe cuts (:func:`vae.lobes.carve_lobes` with the lobe head's count) with the drawn
-cytoplasm within 3 px of them: mean RGB of the final drawing, the granule layer's rate and
-the texture layer's grain amplitude. A cut that reads as a crack although these match is
-a matter of geometry (docs/vae.md, "Rounding sized to the lobe").
+cytoplasm within 3 px of them: mean RGB and fine detail (grain and granules as drawn) of
+the final drawing, the granule layer's rate and the texture layer's grain amplitude as
+decoded (the drawing fills the cuts with the cytoplasm's, ``vae.lobes.fill_cuts``). A cut
+that reads as a crack although these match is a matter of geometry (docs/vae.md,
+"Rounding sized to the lobe").
 
 Example::
 
@@ -73,6 +75,17 @@ def main() -> None:
         "rgb_beside": mean(dec.image, beside),
         "rgb_cytoplasm": mean(dec.image, cytoplasm),
     }
+    # the drawing's own fine detail (grain and granules as drawn): what changes between
+    # two drawings of the same codes with other seeds of the grain and granule fields
+    # (the rest of the drawing is deterministic; a local contrast would read the cut's
+    # own edges)
+    with torch.inference_mode():
+        other = model.decode(z, render=True, seed=1).image
+    detail = (dec.image - other).abs().mean(1, keepdim=True)
+    res["drawn_detail_cut"], res["drawn_detail_beside"] = (
+        mean(detail, cut_px)[0],
+        mean(detail, beside)[0],
+    )
     if rate is not None:
         res["granule_rate_cut"], res["granule_rate_beside"] = (
             mean(rate, cut_px)[0],

@@ -354,7 +354,9 @@ def fill_cuts(
 
     Parameters
     ----------
-    cytoplasm : (B, 3, S, S) colour layer
+    cytoplasm : (B, C, S, S) colour layer (C = 3), or it and more layers drawn as the
+        cytoplasm is, stacked on channels (the texture's grain, the granule rate): every
+        channel filled by the same rule
     cut : (B, 1, S, S) {0, 1} the pixels to fill: the cuts (:func:`carve_lobes`) and the
         holes of a ring-shaped nucleus (:func:`nucleus_holes`)
     nucleus_prob : (B, 1, S, S) the drawn nucleus mask, in [0, 1]
@@ -365,7 +367,7 @@ def fill_cuts(
 
     Returns
     -------
-    (B, 3, S, S); a row without cuts, or whose nucleus fills the cell, is unchanged.
+    (B, C, S, S); a row without cuts, or whose nucleus fills the cell, is unchanged.
     """
     rows = cut.flatten(1).amax(1) > 0
     if not bool(rows.any()):  # nothing to fill (most cells: one lobe, no ring)

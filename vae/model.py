@@ -1319,6 +1319,8 @@ class TwoBranchVAE(nn.Module):
                 # cell_masks' rule, so the holes drawn are those the figures fill)
                 cell_holes = nucleus_holes(mask, diagonal_gaps=False)
                 cell = torch.maximum(mask, cell_holes)
+            # what is drawn (Decoded keeps the decoder's own maps)
+            amp, direction, drawn_rate = tex[0], tex[2], rate
             if nuc_logits is not None:
                 sharp, drawn = NUCLEUS_RENDER_SHARPNESS, nuc_logits
                 # what shows through the nucleus: the cytoplasm layer there was never a
@@ -1330,12 +1332,24 @@ class TwoBranchVAE(nn.Module):
                     holes = torch.maximum(holes, cut)
                 if cell_holes is not None:
                     holes = torch.maximum(holes, cell_holes)
-                under = fill_cuts(cyto, holes, torch.sigmoid(sharp * drawn), cell)
+                # ... and the cytoplasm's grain and granules: where the nucleus was, the
+                # texture layer decodes the chromatin's grain (1.7-2.6x the cytoplasm's
+                # amplitude at the real chain's GMP end), which drew the cuts and holes
+                # as pale speckled cracks; filled by the same rule, in one pass
+                layers = [cyto] + ([amp, direction] if amp is not None else [])
+                layers += [rate] if rate is not None else []
+                filled = fill_cuts(torch.cat(layers, 1), holes, torch.sigmoid(sharp * drawn), cell)
+                under = filled[:, :3]
+                if amp is not None:
+                    amp = filled[:, 3:4]
+                    direction = F.normalize(filled[:, 4:7], dim=1, eps=1e-6)
+                if rate is not None:
+                    drawn_rate = filled[:, -1:]
                 img = compose_nucleus(under, nuc_colour, drawn, sharp)
-            if tex[0] is not None:
-                img = render_texture(img, tex[0], tex[2], cell, seed)
-            if rate is not None:
-                img = render_granules(img, rate, od, cell, seed)
+            if amp is not None:
+                img = render_texture(img, amp, direction, cell, seed)
+            if drawn_rate is not None:
+                img = render_granules(img, drawn_rate, od, cell, seed)
         if self.expression_decoder is None:
             expr = {"expression_log": z.new_zeros(z.shape[0], 0)}
         elif not use_expression:

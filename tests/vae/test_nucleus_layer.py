@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
 
+import vae.model as vm
 from tests.helpers.vae_toy import assert_same_loss_terms, image_tensors
 from vae.data import crop_targets, nucleus_masks, raw_batch, to_batch
 from vae.losses import LossWeights, image_nll, nucleus_bce, nucleus_gaps, vae_loss
@@ -356,3 +359,62 @@ def test_a_hole_in_the_decoded_cell_mask_is_drawn_as_cytoplasm():
     assert torch.allclose(hole[:, 2], torch.tensor(0.7), atol=1e-4)
     # the decoded mask itself is what the decoder said (figures fill it when drawing)
     assert float(got.mask[0, 0, 7, 7]) < 0.5
+
+
+def test_a_hole_in_the_nucleus_is_drawn_with_the_cytoplasms_grain_and_granules():
+    """Where the drawing shows cytoplasm through the nucleus (a ring's hole, a lobe cut),
+    the grain amplitude, its colour and the granule rate drawn there are the cytoplasm's
+    around it, not the chromatin's the layers decode at those pixels (which drew the cuts
+    as pale speckled cracks); the Decoded maps stay the decoder's own."""
+    m = _model(texture_head=True, granule_head=True)
+    inner = m.image_decoder
+    s = 16
+
+    class Ring(torch.nn.Module):
+        def forward(self, z):
+            img, _, rate, od, _, colour, cyto, amp, floor, direction = inner(z)
+            b = z.shape[0]
+            cell = torch.full((b, 1, s, s), 8.0)
+            nuc = torch.full((b, 1, s, s), -8.0)
+            nuc[..., 4:12, 4:12] = 8.0
+            nuc[..., 7:9, 7:9] = -8.0  # the ring's hole
+            cyto = torch.zeros(b, 3, s, s)
+            cyto[:, 0], cyto[:, 2] = 0.9, 0.7
+            inside = torch.zeros(b, 1, s, s, dtype=torch.bool)
+            inside[..., 4:12, 4:12] = True  # the nucleus's square, its hole included
+            amp = torch.where(inside, 0.4, 0.1).expand(b, 1, s, s).contiguous()
+            direction = torch.zeros(b, 3, s, s)
+            direction[:, 2] = torch.where(inside[:, 0], 1.0, 0.0)  # chromatin: blue
+            direction[:, 0] = torch.where(inside[:, 0], 0.0, 1.0)  # cytoplasm: red
+            rate = torch.where(inside, 2.0, 0.5).expand(b, 1, s, s).contiguous()
+            return img, cell, rate, od, nuc, colour, cyto, amp, floor, direction
+
+    m.image_decoder = Ring()
+    z = torch.zeros(1, m.n_latent)
+    seen = {}
+    real_texture, real_granules = vm.render_texture, vm.render_granules
+
+    def texture(img, amp, direction, *a, **k):
+        seen["amp"], seen["dir"] = amp, direction
+        return real_texture(img, amp, direction, *a, **k)
+
+    def granules(img, rate, *a, **k):
+        seen["rate"] = rate
+        return real_granules(img, rate, *a, **k)
+
+    with (
+        mock.patch.object(vm, "render_texture", texture),
+        mock.patch.object(vm, "render_granules", granules),
+        torch.no_grad(),
+    ):
+        got = m.decode(z, render=True)
+    hole = (slice(None), slice(None), slice(7, 9), slice(7, 9))
+    assert torch.allclose(seen["amp"][hole], torch.tensor(0.1), atol=1e-4)
+    assert torch.allclose(seen["rate"][hole], torch.tensor(0.5), atol=1e-4)
+    assert torch.allclose(seen["dir"][:, 0][hole[2:]], torch.tensor(1.0), atol=1e-4)
+    # on the nucleus itself the chromatin's stays
+    assert torch.allclose(seen["amp"][..., 4, 4], torch.tensor(0.4))
+    assert torch.allclose(seen["rate"][..., 4, 4], torch.tensor(2.0))
+    # what decode returns is the decoder's own maps
+    assert torch.allclose(got.texture_amp[hole], torch.tensor(0.4))
+    assert torch.allclose(got.granule_rate[hole], torch.tensor(2.0))
