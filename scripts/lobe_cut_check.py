@@ -29,6 +29,13 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="train run folder (model.pt, latent.h5ad)")
     ap.add_argument("--label", default="Neutrophils", help="obs['label'] of the crops drawn")
     ap.add_argument("--n", type=int, default=64, help="crops drawn (the first of the label)")
+    ap.add_argument(
+        "--gp-path",
+        type=int,
+        metavar="K",
+        help="draw the first K steps of the study's GP maturation path (as stage=traverse "
+        "builds it; the run's experiment folder read by vae.api.Study) instead of crops",
+    )
     ap.add_argument("--out", type=Path, help="JSON written here")
     args = ap.parse_args()
 
@@ -46,12 +53,22 @@ def main() -> None:
     if model.lobe_head is None or not getattr(model.args, "nucleus_head", False):
         raise SystemExit(f"{args.run}/model.pt: no lobe head or nucleus layer: nothing is cut")
     a = ad.read_h5ad(args.run / "latent.h5ad")
-    rows = np.flatnonzero(
-        (a.obs["label"].astype(str) == args.label).to_numpy() & a.obs["has_image"].to_numpy()
-    )[: args.n]
-    if rows.size == 0:
-        raise SystemExit(f"{args.run}/latent.h5ad: no crop labelled {args.label!r}")
-    z = torch.from_numpy(np.asarray(a.obsm["X_vae_full"][rows], np.float32))
+    if args.gp_path:
+        from vae.api import Study, StudyError
+
+        try:
+            _, path = Study.load(args.run.parent).maturation_path()
+        except StudyError as e:
+            raise SystemExit(f"{args.run.parent}: {e}") from None
+        codes, what = path.points[: args.gp_path], f"GP path, first {args.gp_path} steps"
+    else:
+        rows = np.flatnonzero(
+            (a.obs["label"].astype(str) == args.label).to_numpy() & a.obs["has_image"].to_numpy()
+        )[: args.n]
+        if rows.size == 0:
+            raise SystemExit(f"{args.run}/latent.h5ad: no crop labelled {args.label!r}")
+        codes, what = a.obsm["X_vae_full"][rows], args.label
+    z = torch.from_numpy(np.asarray(codes, np.float32))
     with torch.inference_mode():
         dec = model.decode(z, render=True)
         zi = model.image_part(z)
@@ -68,8 +85,8 @@ def main() -> None:
 
     res = {
         "run": str(args.run),
-        "label": args.label,
-        "n_drawn": int(rows.size),
+        "label": what,
+        "n_drawn": int(z.shape[0]),
         "n_with_cuts": int(cut_px.flatten(1).any(1).sum()),
         "rgb_cut": mean(dec.image, cut_px),
         "rgb_beside": mean(dec.image, beside),
