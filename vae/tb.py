@@ -12,7 +12,8 @@ the step it resumes from (``purge_step``), so no step holds two values.
 * ``schedule/beta``, ``schedule/capacity``, ``schedule/lr``, ``train/grad_norm``
 * ``kl_dim/NN``: KL of the fused posterior per latent dim (val, per epoch)
 * ``reconstruction/val``: image grid, rows = input | reconstruction (fused) |
-  reconstruction from the image alone | cross-modal (image decoded from expression)
+  reconstruction from the image alone | cross-modal (image decoded from expression, in
+  the pose of the nearest other cell of the batch: :func:`lend_batch_poses`)
 * ``expression/granule_genes``: observed vs reconstructed (fused and from image)
 * ``reconstruction/val/rows``: text, once: what the grid's rows and columns are
 * ``latent/mu_NN``: histograms of the fused posterior means of the figure batch's cells
@@ -35,6 +36,38 @@ from vae.model import TwoBranchVAE
 
 RECON_TAG = "reconstruction/val"
 EXPRESSION_TAG = "expression/granule_genes"
+
+
+def lend_batch_poses(model: TwoBranchVAE, batch: Batch, post) -> torch.Tensor:
+    """(B, d) the expression experts' codes of ``batch``, each in the pose of the nearest
+    *other* cell of the batch with a crop; the codes as they are where none can lend.
+
+    The figure batch's own version of :func:`vae.analysis.run.in_training_poses` (a
+    training run has no finished reference to lend poses): the expression code is
+    pose-free and decodes a nucleus averaged over orientations (a band drawn as a ring);
+    a cell's pose is its single-view fused code minus its code over the crop's 8
+    symmetries (``vae.encode_views``), lent by the cell whose 8-view code lies nearest,
+    never the cell itself.
+
+    Parameters
+    ----------
+    model : TwoBranchVAE
+    batch : vae.data.Batch
+        The figure batch, with images.
+    post : vae.model.Posteriors
+        ``batch``'s single-view posteriors (:func:`vae.infer.encode_batch`).
+    """
+    ze = post.expression[0]
+    views = int(getattr(model.args, "encode_views", 1) or 1)
+    lenders = batch.has_image.bool()
+    if views == 1 or batch.image is None or int(lenders.sum()) < 2:
+        return ze
+    rep = encode_batch(model, batch, views=views).joint[0]
+    pose = post.joint[0] - rep
+    dist = torch.cdist(ze.float(), rep.float())
+    dist[:, ~lenders] = float("inf")
+    dist.fill_diagonal_(float("inf"))  # never the cell's own crop
+    return ze + pose[dist.argmin(1)]
 
 
 def pick_granule_genes(gene_names: list[str], var=None, max_genes: int = 12) -> list[int]:
@@ -169,7 +202,8 @@ class TBLogger:
             from_img = model.decode(post.image[0], render=True)
             rows = [batch.image.float().cpu(), _cells(joint), _cells(from_img)]
             if post.expression is not None:  # none without genes (pair=image_only)
-                rows.append(_cells(model.decode(post.expression[0], render=True)))
+                ze = lend_batch_poses(model, batch, post)
+                rows.append(_cells(model.decode(ze, render=True)))
             grid = torchvision.utils.make_grid(
                 torch.cat(rows).clamp(0, 1),
                 nrow=batch.image.shape[0],
@@ -180,7 +214,10 @@ class TBLogger:
             if not self._legend_written:  # the image card has no room for row titles
                 names = ["input (masked crop)", "fused reconstruction", "from the image alone"]
                 if len(rows) > 3:
-                    names.append("from expression alone (cross-modal)")
+                    names.append(
+                        "from expression alone (cross-modal; in the pose of the nearest other "
+                        "cell of these, when the model's codes are pose-free)"
+                    )
                 self.writer.add_text(
                     f"{RECON_TAG}/rows",
                     "Rows, top to bottom: "

@@ -573,3 +573,36 @@ def test_a_downsized_mask_stays_on_its_crop(factor):
         grey = c[0, 0].float().mean(1)  # the crop's own cell, drawn where the mask is
         assert ((grey >= 100) == (rows > 0)).all()
     assert abs(np.mean(shifts)) < 0.1 and max(map(abs, shifts)) <= factor / 2
+
+
+def test_tensorboard_from_expression_row_takes_the_pose_of_another_cell_of_the_batch():
+    """The grid's cross-modal row: each expression code plus the pose (single-view minus
+    8-view fused code) of the batch's cell with a crop nearest it, never its own; a model
+    whose codes keep their pose (encode_views 1) draws the codes as they are."""
+    import dataclasses
+
+    from tests.helpers.vae_toy import make_paired, tiny_model
+    from vae.data import from_anndata, raw_batch, to_batch
+    from vae.infer import encode_batch
+    from vae.tb import lend_batch_poses
+
+    model = tiny_model().eval()
+    model.args = dataclasses.replace(model.args, encode_views=8)
+    data = from_anndata(make_paired(n=8), image_size=16)
+    batch = to_batch(raw_batch(data, torch.arange(6)), torch.device("cpu"))
+    batch.has_image[1] = False  # a row without a crop lends nothing
+    with torch.no_grad():
+        post = encode_batch(model, batch)
+        got = lend_batch_poses(model, batch, post)
+        rep = encode_batch(model, batch, views=8).joint[0]
+    ze, pose = post.expression[0], post.joint[0] - rep
+    assert float(pose.abs().max()) > 1e-4
+    for i in range(6):
+        d = torch.cdist(ze[i : i + 1], rep)[0]
+        d[i], d[1] = float("inf"), float("inf")
+        j = int(d.argmin())
+        assert j not in (i, 1)
+        torch.testing.assert_close(got[i], ze[i] + pose[j])
+    model.args = dataclasses.replace(model.args, encode_views=1)
+    with torch.no_grad():
+        torch.testing.assert_close(lend_batch_poses(model, batch, post), ze)
