@@ -1333,9 +1333,10 @@ class TwoBranchVAE(nn.Module):
                 if cell_holes is not None:
                     holes = torch.maximum(holes, cell_holes)
                 # ... and the cytoplasm's grain and granules: where the nucleus was, the
-                # texture layer decodes the chromatin's grain (1.7-2.6x the cytoplasm's
-                # amplitude at the real chain's GMP end), which drew the cuts and holes
-                # as pale speckled cracks; filled by the same rule, in one pass
+                # layers decode the chromatin's (at the real chain's GMP end 1.65x the
+                # grain amplitude, 2.3x the granule rate of the cytoplasm beside the cuts:
+                # docs/vae.md), which drew cuts and holes as pale speckled cracks; filled
+                # by the same rule, in one pass
                 layers = [cyto] + ([amp, direction] if amp is not None else [])
                 layers += [rate] if rate is not None else []
                 filled = fill_cuts(torch.cat(layers, 1), holes, torch.sigmoid(sharp * drawn), cell)
