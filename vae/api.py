@@ -97,6 +97,8 @@ OBS_COLUMNS = (
     "vae_atypical",
     "vae_call",
 )
+# Study.decode: codes drawn as they are, or each in the pose of the nearest training crop
+POSES = ("as_given", "training")
 UNCLASSIFIED = "unclassified"  # vae_call of a doubtful or atypical cell
 # an input more than this share of whose cells are atypical (vae_atypical) is warned of
 # with the usual causes (Study.warn_atypical): no patient is mostly cells unlike every
@@ -570,6 +572,7 @@ class Study:
         # transfer_labels), by label key, modality, code width and k
         self._label_ref: dict = {}
         self._label_knn: dict = {}
+        self._pose_lenders = None  # _training_poses: the training crops' two codes
 
     @property
     def impute(self) -> str:
@@ -2426,12 +2429,21 @@ class Study:
         return pd.DataFrame({"position": pos, "stage": stage.astype(str)})
 
     # ---------------------------------------------------------------- decode
-    def decode(self, z: np.ndarray, batch_size: int = 256, render: bool = True):
+    def decode(
+        self, z: np.ndarray, batch_size: int = 256, render: bool = True, pose: str = "as_given"
+    ):
         """Decode full latent codes (n, d): images, masks and log-expression.
 
         ``render`` (default True): a model with a granule, texture or nucleus layer draws
         the cells as every figure does (granules, grain, a sharp nucleus cut into its
         lobes; :meth:`vae.model.TwoBranchVAE.decode`); False: the decoder's mean image.
+
+        ``pose``: ``"as_given"`` (default) decodes the codes as they are; ``"training"``
+        first gives each code the pose of the study's training crop nearest it
+        (:meth:`training_poses`): the reported codes (``X_vae_full``) and expression
+        codes are pose-free and draw a nucleus averaged over orientations (a band or a
+        segmented neutrophil as a ring), drawn so in a real cell's orientation, as
+        ``stage=traverse`` draws its path steps.
 
         Returns :class:`vae.analysis.traverse.DecodedArrays` (``images``
         (n, S, S, 3) in [0, 1], ``masks``, ``expression`` (n, G) log1p-normalised
@@ -2453,7 +2465,95 @@ class Study:
                 f"{', '.join(map(str, bad[:5]))}{' ...' if bad.size > 5 else ''}): e.g. a "
                 f"cell without that modality; select the rows with a code first"
             )
+        if pose not in POSES:
+            raise StudyError(f"decode: pose={pose!r}; valid: {', '.join(POSES)}")
+        if pose == "training":
+            z = self.training_poses(z, batch_size).astype(np.float32)
         return decode(self.model, z, batch_size, self.device, render=render)
+
+    def training_poses(self, z: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Full codes, each given the pose of the study's training crop nearest it.
+
+        A cell's *pose* is the part of its code from the crop as given that the reported
+        code (the image expert over the crop's 8 symmetries, ``vae.encode_views``) leaves
+        out: ``single_view - reported``. Each code gets the pose of the training crop whose
+        reported code lies nearest it (Euclidean), so a pose-free code (a path step, a
+        class centroid, an expression-only code) is drawn in an orientation a real cell of
+        its kind takes (:func:`vae.analysis.traverse.posed_codes`, as ``stage=traverse``
+        and evaluate's "from expression" column). The training crops' single-view codes
+        are encoded once per study from the paired data it was trained on.
+
+        Parameters
+        ----------
+        z : (n, d) float
+            Full codes (``X_vae_full`` layout), finite.
+        batch_size : int, default 256
+            Crops per forward pass when the training crops are first encoded.
+
+        Returns
+        -------
+        numpy.ndarray
+            (n, d) float64; ``z`` unchanged for a study whose codes keep their pose
+            (``encode_views`` 1).
+
+        Raises
+        ------
+        StudyError
+            ``z`` is not (n, d) finite codes; or the paired data the study was trained on
+            cannot be read (gone, other rows than the reference), or it has no training crop.
+        """
+        from vae.analysis.traverse import posed_codes
+
+        d = int(self.meta["n_latent"])
+        z = np.asarray(z, np.float64)
+        if z.ndim != 2 or z.shape[1] != d or not np.isfinite(z).all():
+            raise StudyError(
+                f"training_poses: z must be (n, {d}) finite full codes; got {z.shape}"
+                + ("" if z.ndim != 2 or np.isfinite(z).all() else " holding NaN or inf")
+            )
+        if int(getattr(self.model.args, "encode_views", 1) or 1) == 1:
+            return z
+        if self._pose_lenders is None:
+            self._pose_lenders = self._training_pose_codes(batch_size)
+        reported, single = self._pose_lenders
+        return posed_codes(z, reported, single, k=1).codes[:, 0]
+
+    def _training_pose_codes(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(reported, single-view) codes of the reference's training crops, (m, d) each,
+        the single-view ones encoded from the study's paired data."""
+        from vae.analysis.run import image_reference_rows
+        from vae.data import PairedDataError, load_paired
+        from vae.infer import encode_dataset
+        from vae.scverse import ROW_KEY
+
+        ref = self.reference
+        if "X_vae_full" not in ref.obsm:
+            raise StudyError(f"{self.latent_path}: no full codes (obsm['X_vae_full']) to pose by")
+        rows = [str(s) for s in (ref.obs[ROW_KEY] if ROW_KEY in ref.obs else ref.obs_names)]
+        why = "no paired.h5ad it was trained on is known (meta 'source')"
+        for p in self._paired_candidates:
+            if not p.is_file():
+                why = f"its paired data {p} is gone"
+                continue
+            try:
+                data = load_paired(p, image_size=self.crop_size)
+            except (OSError, PairedDataError, KeyError, ValueError) as e:
+                why = f"its paired data {p} is unreadable ({e})"
+                continue
+            if list(data.obs_names) != rows:
+                why = f"{p} holds other rows than the latent ({data.n} vs {ref.n_obs})"
+                continue
+            lenders = image_reference_rows(ref, data.has_image.numpy().astype(bool))
+            if lenders.size == 0:
+                raise StudyError(f"{p}: no training row with a crop to lend a pose")
+            one = encode_dataset(
+                self.model, data, self.device, batch_size, rows=lenders, views=1
+            ).joint
+            return np.asarray(ref.obsm["X_vae_full"], np.float64)[lenders], one.astype(np.float64)
+        raise StudyError(
+            f"training poses need the crops the study was trained on, but {why}; decode "
+            f"with pose='as_given'"
+        )
 
     def seen_images(self, names) -> np.ndarray:
         """(n,) bool: whether each image file name is one the study's reference holds a

@@ -129,3 +129,35 @@ def test_a_model_file_of_another_suffix_still_loads(study: Path, tmp_path: Path)
     (train / "model.pt").rename(train / "model.pth")
     got = Study.load(train / "model.pth")
     assert got.model_path == train / "model.pth"
+
+
+def test_decode_in_a_training_cells_pose(study: Path, tmp_path: Path):
+    """Study.decode(pose="training"): each code plus the pose (single-view minus reported
+    code) of the training crop nearest it; a training crop's own reported code takes its
+    own single-view code. Without the paired data, a clear StudyError."""
+    import numpy as np
+
+    from vae.analysis.run import image_reference_rows
+    from vae.api import Study, StudyError
+    from vae.data import load_paired
+    from vae.infer import encode_dataset
+
+    st = Study.load(study)
+    assert st.model.args.encode_views == 8
+    ref = st.reference
+    data = load_paired(study.parent.parent / "paired.h5ad", image_size=st.crop_size)
+    lenders = image_reference_rows(ref, data.has_image.numpy().astype(bool))[:4]
+    one = encode_dataset(st.model, data, rows=lenders, views=1).joint
+    z = np.asarray(ref.obsm["X_vae_full"], np.float64)[lenders]
+    np.testing.assert_allclose(st.training_poses(z), one, atol=1e-5)
+    got = st.decode(z, pose="training").images
+    np.testing.assert_allclose(got, st.decode(st.training_poses(z)).images, atol=1e-6)
+    assert np.abs(got - st.decode(z).images).max() > 1e-3  # the pose moved the drawing
+    with pytest.raises(StudyError, match="pose='sideways'"):
+        st.decode(z, pose="sideways")
+    with pytest.raises(StudyError, match="finite"):
+        st.training_poses(np.full_like(z, np.nan))
+    gone = Study.load(study)
+    gone._paired_candidates = [tmp_path / "gone.h5ad"]
+    with pytest.raises(StudyError, match="is gone.*pose='as_given'"):
+        gone.decode(z, pose="training")
