@@ -97,6 +97,8 @@ OBS_COLUMNS = (
     "vae_atypical",
     "vae_call",
 )
+# why a study's paired data cannot be read, when it names none
+NO_PAIRED = "no paired.h5ad it was trained on is known (meta 'source')"
 # Study.decode: codes drawn as they are, or each in the pose of the nearest training crop
 POSES = ("as_given", "training")
 UNCLASSIFIED = "unclassified"  # vae_call of a doubtful or atypical cell
@@ -109,8 +111,9 @@ ATYPICAL_MOSTLY = 0.5
 # masks read whole (vae.inputs.query.whole_masks), else masked: a tie keeps the
 # detector's cut, the behaviour before the study's cut was read
 WHOLE_CROPS_SHARE = 0.5
-# a latent.h5ad older than its anomaly columns is scored from its paired data in memory
-# (Study._scored_reference) up to this size; a larger one leaves atypical flagging off
+# a study's paired data is read into memory (Study._read_paired: a latent.h5ad older than
+# its anomaly columns is scored from it, training poses are encoded from it) up to this
+# size; a larger one leaves atypical flagging off and decode(pose="training") refused
 RESCORE_MAX_GIB = 8.0
 
 
@@ -705,35 +708,52 @@ class Study:
             )
         return self._scored_ref
 
-    def _rescore_reference(self) -> tuple[pd.DataFrame | None, str]:
-        """The reference rows' anomaly scores from the study's paired data, or
-        ``(None, why not)``."""
-        from vae.analysis import anomaly as A
+    def _read_paired(self):
+        """Each candidate ``paired.h5ad`` the study was trained on (its own
+        ``pair/paired.h5ad``, else the one its checkpoint names), read in turn: yields
+        ``(path, data, "")`` for one that holds the reference's rows
+        (:class:`vae.data.PairedTensors` at the model's crop size), ``(path, None, why
+        not)`` for one that is gone, unreadable, larger than :data:`RESCORE_MAX_GIB` in
+        memory or of other rows."""
         from vae.data import PairedDataError, load_paired
         from vae.scverse import ROW_KEY
         from vae.store import dense_bytes
 
         ref = self.reference
         rows = [str(s) for s in (ref.obs[ROW_KEY] if ROW_KEY in ref.obs else ref.obs_names)]
-        why = "no paired.h5ad it was trained on is known (meta 'source')"
         for p in self._paired_candidates:
             if not p.is_file():
-                why = f"its paired data {p} is gone"
+                yield p, None, f"its paired data {p} is gone"
                 continue
             try:
                 gib = dense_bytes(p, self.crop_size) / 2**30
                 if gib > RESCORE_MAX_GIB:
-                    why = (
+                    yield (
+                        p,
+                        None,
                         f"its paired data {p} needs {gib:.1f} GiB in memory (more than "
-                        f"{RESCORE_MAX_GIB:g} GiB) to be scored here"
+                        f"{RESCORE_MAX_GIB:g} GiB) to be read here",
                     )
                     continue
                 data = load_paired(p, image_size=self.crop_size)
             except (OSError, PairedDataError, KeyError, ValueError) as e:
-                why = f"its paired data {p} is unreadable ({e})"
+                yield p, None, f"its paired data {p} is unreadable ({e})"
                 continue
             if list(data.obs_names) != rows:
-                why = f"{p} holds other rows than the latent ({data.n} vs {ref.n_obs})"
+                yield p, None, f"{p} holds other rows than the latent ({data.n} vs {ref.n_obs})"
+                continue
+            yield p, data, ""
+
+    def _rescore_reference(self) -> tuple[pd.DataFrame | None, str]:
+        """The reference rows' anomaly scores from the study's paired data, or
+        ``(None, why not)``."""
+        from vae.analysis import anomaly as A
+
+        ref = self.reference
+        why = NO_PAIRED
+        for p, data, why_not in self._read_paired():
+            if data is None:
+                why = why_not
                 continue
             log.info(
                 "%s predates the atypical-cell scores: computing them for its %d cells from "
@@ -2522,26 +2542,15 @@ class Study:
         """(reported, single-view) codes of the reference's training crops, (m, d) each,
         the single-view ones encoded from the study's paired data."""
         from vae.analysis.run import image_reference_rows
-        from vae.data import PairedDataError, load_paired
         from vae.infer import encode_dataset
-        from vae.scverse import ROW_KEY
 
         ref = self.reference
         if "X_vae_full" not in ref.obsm:
             raise StudyError(f"{self.latent_path}: no full codes (obsm['X_vae_full']) to pose by")
-        rows = [str(s) for s in (ref.obs[ROW_KEY] if ROW_KEY in ref.obs else ref.obs_names)]
-        why = "no paired.h5ad it was trained on is known (meta 'source')"
-        for p in self._paired_candidates:
-            if not p.is_file():
-                why = f"its paired data {p} is gone"
-                continue
-            try:
-                data = load_paired(p, image_size=self.crop_size)
-            except (OSError, PairedDataError, KeyError, ValueError) as e:
-                why = f"its paired data {p} is unreadable ({e})"
-                continue
-            if list(data.obs_names) != rows:
-                why = f"{p} holds other rows than the latent ({data.n} vs {ref.n_obs})"
+        why = NO_PAIRED
+        for p, data, why_not in self._read_paired():
+            if data is None:
+                why = why_not
                 continue
             lenders = image_reference_rows(ref, data.has_image.numpy().astype(bool))
             if lenders.size == 0:
