@@ -353,6 +353,10 @@ def test_cells_drawn_from_expression_take_a_training_cells_pose(tiny_run):
     np.testing.assert_allclose(in_training_poses(rd, Z[lenders[:3]], 4), one[:3], atol=1e-5)
     with pytest.raises(AnalysisError, match="not finite"):
         in_training_poses(rd, np.full_like(e, np.nan), 4)
+    # a latent table without its full codes (shared dims only) lends none
+    full = rd.latent.obsm.pop("X_vae_full")
+    assert in_training_poses(rd, e, 4) is None
+    rd.latent.obsm["X_vae_full"] = full
     # a model whose reported latent is single-view has no pose to lend
     rd.model.args = dataclasses.replace(rd.model.args, encode_views=1)
     assert in_training_poses(rd, e, 4) is None

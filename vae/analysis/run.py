@@ -492,8 +492,9 @@ def in_training_poses(rd: RunData, codes: np.ndarray, batch_size: int) -> np.nda
 
     Returns
     -------
-    (n, d) float64, or None: no paired data or no training crop, or the reported
-    latent is single-view (``vae.encode_views`` 1: no pose was taken out of it).
+    (n, d) float64, or None: no paired data or no training crop, the reported latent
+    is single-view (``vae.encode_views`` 1: no pose was taken out of it), or the latent
+    table holds no full codes of the width of ``codes``.
     """
     from vae.analysis.traverse import posed_codes
 
@@ -504,10 +505,12 @@ def in_training_poses(rd: RunData, codes: np.ndarray, batch_size: int) -> np.nda
     if views == 1 or rd.data is None or len(z) == 0:
         return None
     lenders = image_reference_rows(rd.latent, rd.data.has_image.numpy().astype(bool))
-    if lenders.size == 0:
+    reported = full_codes(rd.latent)
+    # a latent without its full codes (obsm["X_vae_full"]) holds the shared dims only
+    if lenders.size == 0 or reported.shape[1] != z.shape[1]:
         return None
     one = cell_codes(rd, lenders, batch_size)
-    return posed_codes(z, full_codes(rd.latent)[lenders], one, k=1).codes[:, 0]
+    return posed_codes(z, reported[lenders], one, k=1).codes[:, 0]
 
 
 def measure(images: np.ndarray, masks: np.ndarray | None, params, background: float):
