@@ -76,6 +76,10 @@ def _check_outputs(run: Path) -> None:
     assert metrics["split"] == "test" and metrics["n_rows"] > 0
     for key in ("latent_structure", "reconstruction", "retrieval", "disentanglement"):
         assert key in metrics, key
+    rb = metrics["readback"]  # drawings read back by the image encoder (vae.analysis.readback)
+    assert rb["n"] >= 3
+    assert set(rb) == {"n", "input", "joint", "from_expression_pose_free", "from_expression"}
+    assert all(0 <= rb[k] <= 1 for k in rb if k != "n")
     au = metrics["active_units"]
     assert 0 <= au["n_active"] <= au["n_latent"] == len(au["kl_per_dim"])
     assert au["n_active"] == sum(v > au["threshold_nats"] for v in au["kl_per_dim"])
@@ -360,6 +364,47 @@ def test_cells_drawn_from_expression_take_a_training_cells_pose(tiny_run):
     # a model whose reported latent is single-view has no pose to lend
     rd.model.args = dataclasses.replace(rd.model.args, encode_views=1)
     assert in_training_poses(rd, e, 4) is None
+
+
+def test_read_back_of_the_input_crops_is_the_image_kNN_of_their_codes(tiny_run):
+    """vae.analysis.readback: a row's own crop, read back, gets the label the kNN of the
+    training crops' image codes gives its stored image code (the crop encoded as the
+    reported latent encodes it); any drawing is read likewise, one label per row."""
+    from vae.analysis import metrics as M
+    from vae.analysis.readback import read_back
+    from vae.analysis.run import load_run, split_rows
+
+    root, paired = tiny_run
+    run = root / "tiny" / "train"
+    rd = load_run(run / "latent.h5ad", run / "model.pt", paired)
+    lat = rd.latent
+    labels = lat.obs["label"].astype(str).to_numpy()
+    hi = rd.data.has_image.numpy().astype(bool)
+    rows = split_rows(lat, "test")
+    rows = rows[hi[rows]]
+    split = lat.obs["split"].astype(str).to_numpy()
+    voters = np.flatnonzero((split == "train") & hi)
+    zi = np.asarray(lat.obsm["X_vae_image"], np.float64)
+    crops = (rd.data.crops[rows].float() / 255).permute(0, 2, 3, 1).numpy()
+    masks = rd.data.masks[rows][:, 0].numpy().astype(bool)
+    flipped = crops[:, ::-1].copy(), masks[:, ::-1].copy()  # a symmetry: the same pose-free code
+    got = read_back(
+        rd.model,
+        rd.data,
+        rows,
+        {"input": (crops, masks), "flipped": flipped},
+        zi[voters],
+        labels[voters],
+        3,
+        batch_size=4,
+    )
+    want = M.knn_predict(zi[rows], labels[rows], 3, zi[voters], labels[voters])
+    assert list(got["input"]) == list(want)
+    assert list(got["flipped"]) == list(want)
+    with pytest.raises(ValueError, match="drawings"):
+        read_back(
+            rd.model, rd.data, rows, {"x": (crops[:1], masks[:1])}, zi[voters], labels[voters], 3
+        )
 
 
 def test_path_steps_are_drawn_and_measured_in_the_poses_of_their_nearest_cells(

@@ -85,6 +85,65 @@ def _image_row(what: str, decoded: np.ndarray, P, rows: np.ndarray) -> dict:
     }
 
 
+def _expression_posed(rd: RunData, rows: np.ndarray, batch_size: int):
+    """The cells decoded from ``rows``' expression codes, each in the pose of the
+    training crop nearest it (:func:`vae.analysis.run.in_training_poses`), as
+    :class:`vae.analysis.traverse.DecodedArrays`; None when no pose can be lent."""
+    if rows.size == 0:
+        return None
+    # the expression code reads no crop: one view is enough
+    e = encode_dataset(rd.model, rd.data, rd.device, batch_size, rows=rows, views=1)
+    posed = in_training_poses(rd, e.expression, batch_size)
+    return None if posed is None else T.decode(rd.model, posed, batch_size, rd.device)
+
+
+def _readback(rd: RunData, a, P, labels, known, ref) -> dict | None:
+    """``metrics.json`` ``readback``: the share of held-out rows with a crop, a profile and
+    a known label whose drawings the image encoder reads as that label
+    (:mod:`vae.analysis.readback`): the input crops themselves, the joint reconstruction,
+    the cell drawn from expression as decoded (``from_expression_pose_free``) and in a
+    training crop's pose (``from_expression``, as ``reconstructions.png`` draws it).
+    None without a training split, decoded masks, image codes or 3 such rows."""
+    from vae.analysis.readback import read_back
+
+    lat = rd.latent
+    if ref is None or P.rec_mask is None or "X_vae_image" not in lat.obsm:
+        return None
+    sel = np.flatnonzero(P.has_image & P.has_expression & known[P.rows])
+    zi = np.asarray(lat.obsm["X_vae_image"], dtype=np.float64)
+    voters = ref[known[ref] & np.isfinite(zi[ref]).all(1)]
+    if sel.size < 3 or voters.size == 0:
+        return None
+    bg = (rd.background_value or 0) / 255.0  # drawn on the crops' own background
+    drawings = {
+        "input": (P.image[sel], P.mask[sel]),
+        "joint": (
+            T.draw_cells(P.rec_image[sel], P.rec_mask[sel], bg),
+            T.cell_masks(P.rec_mask[sel]),
+        ),
+        "from_expression_pose_free": (
+            T.draw_cells(P.image_from_expr[sel], P.image_from_expr_mask[sel], bg),
+            T.cell_masks(P.image_from_expr_mask[sel]),
+        ),
+    }
+    posed = _expression_posed(rd, P.rows[sel], a.batch_size)
+    if posed is not None:
+        drawings["from_expression"] = (posed.cells(bg), T.cell_masks(posed.masks))
+    calls = read_back(
+        rd.model,
+        rd.data,
+        P.rows[sel],
+        drawings,
+        zi[voters],
+        labels[voters],
+        a.knn_k,
+        rd.device,
+        a.batch_size,
+    )
+    truth = labels[P.rows[sel]]
+    return {"n": int(sel.size), **{k: float(np.mean(v == truth)) for k, v in calls.items()}}
+
+
 def _gene_row(what: str, n: int, gc, gidx: list[int]) -> dict:
     """One reconstruction-table row from per-gene correlations (granule genes apart)."""
     row = {"what": what, "n": n, "gene_pearson": gc.mean_pearson, "gene_spearman": gc.mean_spearman}
@@ -657,15 +716,11 @@ def evaluate(
             # from expression: drawn in the pose of the nearest training crop (a nucleus
             # averaged over orientations reads as a ring); the table's "expression ->
             # image" row scores the pose-free decode above
-            with_expr, posed = show[he[show]], None
-            if with_expr.size:  # the expression code reads no crop: one view is enough
-                e = encode_dataset(
-                    rd.model, rd.data, rd.device, a.batch_size, rows=P.rows[with_expr], views=1
-                )
-                posed = in_training_poses(rd, e.expression, a.batch_size)
+            with_expr = show[he[show]]
+            posed = _expression_posed(rd, P.rows[with_expr], a.batch_size)
             if posed is not None:
                 expr_cells = expr_cells.copy()
-                expr_cells[with_expr] = T.decode(rd.model, posed, a.batch_size, rd.device).cells()
+                expr_cells[with_expr] = posed.cells()
             # a crop without a profile has nothing to decode from expression: left
             # black and said so, not the decode of an empty expression posterior
             fig = F.image_grid(
@@ -690,6 +745,10 @@ def evaluate(
                 cell_inches=1.5,
             )
             out_files.figure(fig, "reconstructions", "evaluate/reconstructions")
+        # ---- the drawings read back by the image encoder: of their row's class?
+        rb = _readback(rd, a, P, labels, known, ref)
+        if rb is not None:
+            out["readback"] = rb
         if disagree is not None and len(disagree):
             fig = _disagreement_figure(disagree, P, a.knn_k, a.split)
             if fig is not None:
@@ -817,6 +876,18 @@ def summary_line(out: dict, n_rows: int, split: str) -> str:
     r = out.get("retrieval") or {}
     if r.get("recall_at_10") is not None:
         parts.append(f"image->expression recall@10 {r['recall_at_10']:.3f} (n {r.get('n', '?')})")
+    rb = out.get("readback") or {}
+    if rb.get("n"):
+        read = [
+            f"{name} {rb[key]:.2f}"
+            for name, key in (
+                ("crops", "input"),
+                ("joint", "joint"),
+                ("from expression", "from_expression"),
+            )
+            if rb.get(key) is not None
+        ]
+        parts.append(f"drawings read as their label: {', '.join(read)} (n {rb['n']})")
     au = out.get("active_units") or {}
     if au.get("n_latent"):
         parts.append(f"active dims {au['n_active']}/{au['n_latent']}")
