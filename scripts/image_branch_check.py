@@ -27,6 +27,10 @@ and measures on the test split (rows never used for early stopping):
   true azurophilic density, decoded lobes vs true lobes (neutrophil lineage); the granule
   and nucleus layers' own outputs decoded, like the reconstructions, from each cell's
   single-view code (the crop as given);
+- the drawings read back (``readback_*``): the share of the test rows with a crop, a
+  profile and a label whose input crop, joint reconstruction and cell drawn from
+  expression (as decoded, and in a training crop's pose) the model's own image encoder
+  reads as that label (stage=evaluate's ``readback``, ``vae.analysis.readback``);
 - with ``--traverse EXP/traverse``: the truth-recovery numbers ``stage=traverse`` wrote
   (``traverse_summary.json``: decoded granules / lobes vs truth, path position vs t);
 - with ``--unseen PAIRED``: every neutrophil-lineage cell of another simulated paired table
@@ -567,9 +571,34 @@ def check(
         for k, v in truth.items():
             if isinstance(v, (int, float)):
                 res[f"traverse_{k}"] = float(v)
+    # the drawings read back by the model's own image encoder: the numbers of evaluate's
+    # metrics.json readback (the same function; the train split votes)
+    res.update(_readback(run, paired))
     if unseen is not None:
         res.update(_unseen(run, Path(unseen)))
     return res
+
+
+def _readback(run: Path, paired: Path) -> dict:
+    """``readback_*``: stage=evaluate's ``readback`` (:func:`vae.analysis.evaluate.readback_summary`)
+    on the test split, at the default analysis settings; {} without a split or such rows."""
+    from vae.analysis.evaluate import readback_summary
+    from vae.analysis.run import labels_of, load_run, split_rows
+    from vae.analysis.settings import AnalysisSettings
+    from vae.infer import encode_dataset
+    from vae.inputs.schema import known_labels
+
+    rd = load_run(run / "latent.h5ad", run / "model.pt", paired)
+    lat = rd.latent
+    if "split" not in lat.obs:
+        return {}
+    a = AnalysisSettings()
+    labels = labels_of(lat, a.label_key)
+    rows = split_rows(lat, "test")
+    train = np.flatnonzero(lat.obs["split"].astype(str).to_numpy() == "train")
+    dec = encode_dataset(rd.model, rd.data, rd.device, a.batch_size, rows=rows, decode=True)
+    rb = readback_summary(rd, a, dec.decoded, labels, known_labels(labels), train)
+    return {} if rb is None else {f"readback_{k}": v for k, v in rb.items()}
 
 
 def _unseen(run: Path, paired: Path) -> dict:

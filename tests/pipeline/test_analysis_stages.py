@@ -844,6 +844,21 @@ def test_image_branch_check_script_on_a_finished_run(tiny_run):
         assert all(np.isnan(r) or -1 <= r <= 1 for r in rho), rho
         assert np.isfinite(res[f"morphology_{name}_mean"])
     assert (run / "image_branch_recon.png").stat().st_size > 0
+    # the drawings read back: evaluate's readback on the test split, from the same function
+    from vae.analysis.evaluate import readback_summary
+    from vae.analysis.run import labels_of, load_run, split_rows
+    from vae.analysis.settings import AnalysisSettings
+    from vae.inputs.schema import known_labels
+
+    rd = load_run(run / "latent.h5ad", run / "model.pt", paired)
+    lab = labels_of(rd.latent, "label")
+    dec = encode_dataset(rd.model, rd.data, rows=split_rows(rd.latent, "test"), decode=True)
+    train = np.flatnonzero(sp == "train")
+    want = readback_summary(rd, AnalysisSettings(), dec.decoded, lab, known_labels(lab), train)
+    assert want is not None
+    assert {f"readback_{k}": v for k, v in want.items()} == {
+        k: v for k, v in res.items() if k.startswith("readback_")
+    }
 
 
 def test_reviewed_labels_check_scores_runs_on_the_same_crops(tiny_run, tmp_path):

@@ -97,13 +97,32 @@ def _expression_posed(rd: RunData, rows: np.ndarray, batch_size: int):
     return None if posed is None else T.decode(rd.model, posed, batch_size, rd.device)
 
 
-def _readback(rd: RunData, a, P, labels, known, ref) -> dict | None:
+def readback_summary(rd: RunData, a, P, labels, known, ref) -> dict | None:
     """``metrics.json`` ``readback``: the share of held-out rows with a crop, a profile and
     a known label whose drawings the image encoder reads as that label
     (:mod:`vae.analysis.readback`): the input crops themselves, the joint reconstruction,
     the cell drawn from expression as decoded (``from_expression_pose_free``) and in a
     training crop's pose (``from_expression``, as ``reconstructions.png`` draws it).
-    None without a training split, decoded masks, image codes or 3 such rows."""
+
+    Parameters
+    ----------
+    rd : RunData
+        With its paired data.
+    a : AnalysisSettings
+        ``knn_k`` (the vote) and ``batch_size``.
+    P : vae.infer.Decoded
+        The evaluated rows decoded (``encode_dataset(..., decode=True).decoded``).
+    labels, known : (N,) str, (N,) bool
+        Every latent row's label and whether it is known.
+    ref : (m,) int or None
+        The training rows, whose labelled crops vote.
+
+    Returns
+    -------
+    dict or None
+        ``n`` and the four shares; None without a training split, decoded masks, image
+        codes or 3 such rows.
+    """
     from vae.analysis.readback import read_back
 
     lat = rd.latent
@@ -746,7 +765,7 @@ def evaluate(
             )
             out_files.figure(fig, "reconstructions", "evaluate/reconstructions")
         # ---- the drawings read back by the image encoder: of their row's class?
-        rb = _readback(rd, a, P, labels, known, ref)
+        rb = readback_summary(rd, a, P, labels, known, ref)
         if rb is not None:
             out["readback"] = rb
         if disagree is not None and len(disagree):
