@@ -575,7 +575,7 @@ class Study:
         # transfer_labels), by label key, modality, code width and k
         self._label_ref: dict = {}
         self._label_knn: dict = {}
-        self._pose_lenders = None  # _training_poses: the training crops' two codes
+        self._pose_lenders = None  # training_poses: the training crops' two codes, once
 
     @property
     def impute(self) -> str:
