@@ -84,7 +84,7 @@ def _own_paired(run: Path) -> Path | None:
     return Path(rec) if Path(rec).is_file() else None
 
 
-def _from_expression(run: Path, model, data, rows: np.ndarray, true, azu, rho) -> dict:
+def _from_expression(run: Path, model, data, rows: np.ndarray, true, azu, rho, labels) -> dict:
     """Lobes and granules of the cells drawn from each profile alone (no crop), scored
     as the drawn reconstructions are: decoded as the expression expert's code is (a
     nucleus averaged over orientations) and in the pose of the run's training crop
@@ -130,7 +130,39 @@ def _from_expression(run: Path, model, data, rows: np.ndarray, true, azu, rho) -
         posed = in_training_poses(rd, e, 256)
         if posed is not None:
             out.update(scored("training_pose", posed))
+        codes = {"mean_pose": e} | ({"training_pose": posed} if posed is not None else {})
+        out.update(_read_back(rd, data, rows[he], labels[he], codes))
     return out
+
+
+def _read_back(rd, data, rows, labels, codes: dict) -> dict:
+    """``from_expression_*_readback`` (and ``input_readback``): the share of the cells whose
+    drawing the run's own image encoder reads as their label, voted by the run's labelled
+    training crops (``vae.analysis.readback``, evaluate's ``readback``); {} without them."""
+    from vae.analysis.readback import read_back
+    from vae.analysis.run import image_reference_rows
+    from vae.analysis.traverse import cell_masks, decode
+    from vae.inputs.schema import known_labels
+
+    lab = rd.latent.obs["label"].astype(str).to_numpy() if "label" in rd.latent.obs else None
+    if lab is None or "X_vae_image" not in rd.latent.obsm:
+        return {}
+    voters = image_reference_rows(rd.latent, rd.data.has_image.numpy().astype(bool))
+    voters = voters[known_labels(lab[voters])]
+    ok = known_labels(labels)
+    if voters.size == 0 or ok.sum() < 3:
+        return {}
+    bg = (rd.background_value or 0) / 255.0  # drawn on the crops' own background
+    r = rows[ok]
+    # the crops as stored (their background painted as the pair stage painted it)
+    crops = (data.crops[r].float() / 255).permute(0, 2, 3, 1).numpy()
+    drawings = {"input": (crops, data.masks[r][:, 0].numpy().astype(bool))}
+    for name, z in codes.items():
+        dec = decode(rd.model, z[ok], 256, "cpu")
+        drawings[f"from_expression_{name}"] = (dec.cells(bg), cell_masks(dec.masks))
+    zi = np.asarray(rd.latent.obsm["X_vae_image"], np.float64)
+    calls = read_back(rd.model, data, r, drawings, zi[voters], lab[voters], 15)
+    return {f"{k}_readback": round(float(np.mean(v == labels[ok])), 3) for k, v in calls.items()}
 
 
 def check(run: Path, paired: Path, figure: Path | None = None) -> dict:
@@ -200,7 +232,8 @@ def check(run: Path, paired: Path, figure: Path | None = None) -> dict:
     t = o["t"].to_numpy(float)[rows]
     azu = np.array([azurophilic_density(v) for v in t])
 
-    extra = {**_from_expression(run, model, data, rows, true, azu, rho)}
+    labels = o["label"].astype(str).to_numpy()[rows] if "label" in o else np.full(rows.size, "")
+    extra = {**_from_expression(run, model, data, rows, true, azu, rho, labels)}
     if head is not None and figure is not None:
         _figure(
             figure,
