@@ -442,6 +442,35 @@ def test_path_steps_are_drawn_and_measured_in_the_poses_of_their_nearest_cells(
     med = feats.groupby(np.arange(len(feats)) // 3).median()
     got = pd.read_csv(tmp_path / "path_features_gp.csv")
     np.testing.assert_allclose(got["nucleus_fraction"], med["nucleus_fraction"], atol=1e-6)
+    # each step's drawing in its nearest cell's pose, read back by the image encoder
+    from vae.analysis.readback import read_back
+    from vae.analysis.run import image_reference_rows
+    from vae.inputs.schema import known_labels
+
+    posed = T.posed_codes(gp.points, Z[ref], one, 3)
+    dec = hit[0][1]
+    voters = image_reference_rows(rd.latent, rd.data.has_image.numpy().astype(bool))
+    voters = voters[known_labels(labels[voters])]
+    zi = np.asarray(rd.latent.obsm["X_vae_image"], np.float64)
+    drawn = (T.draw_cells(dec.images[::3], dec.masks[::3]), T.cell_masks(dec.masks[::3]))
+    read = read_back(
+        rd.model,
+        rd.data,
+        ref[posed.nearest[:, 0]],
+        {"p": drawn},
+        zi[voters],
+        labels[voters],
+        a.knn_k,
+    )["p"]
+    gp_info = summary["path"]["gp"]
+    assert gp_info["drawn_read_as"] == list(read) and len(read) == 5
+    place = {"myeloblast": 0, "myelocyte": 1}
+    order = np.array([place.get(x, np.nan) for x in read])
+    rho = gp_info["drawn_read_order_spearman"]
+    if np.isfinite(order).sum() >= 3 and np.nanmax(order) > np.nanmin(order):
+        assert -1 <= rho <= 1
+    else:
+        assert rho is None or np.isnan(rho)
     # off: no posed decode, features of the step codes themselves
     calls.clear()
     off = traverse_study(

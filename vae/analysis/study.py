@@ -674,6 +674,12 @@ def traverse_study(
                 else None,
                 "top_genes": rank["gene"].head(a.top_genes).tolist() if expr_ok else [],
             }
+            if posed_dec is not None:
+                # the drawn cell of each step, read back by the image encoder: which kind
+                # of cell the drawing itself shows (image_neighbour_labels: the code's)
+                path_info[kind].update(
+                    _path_readback(rd, a, posed, posed_dec, pose_ref, labels, cents.names) or {}
+                )
             # one panel per measure in its own units (decoded beside the nearest real
             # crops' median where both exist), so a 5 % change does not read as a rise
             progs = [k for k in feats if k.startswith("program:")]
@@ -1858,6 +1864,56 @@ def _nearest_crops(
     sc = rd.data.crops[shown].permute(0, 2, 3, 1).numpy().astype(np.float64) / 255.0
     sm = rd.data.masks[shown, 0].numpy().astype(bool)
     return _NearestCrops(sc * sm[..., None], shown, med, kk)
+
+
+def _path_readback(
+    rd: RunData, a: AnalysisSettings, posed, posed_dec, pose_ref, labels, classes
+) -> dict | None:
+    """Each path step drawn in its nearest cell's pose, read back by the model's own image
+    encoder (:func:`vae.analysis.readback.read_back`, voted by the labelled training
+    crops' image codes, as evaluate's ``readback``): ``drawn_read_as`` (n_steps,) the
+    label each drawing is read as, and ``drawn_read_order_spearman`` the Spearman of the
+    step's position with the place of that label in the path's class order (``classes``;
+    labels off the path left out; NaN when fewer than 3 steps or one label remain). None
+    without image codes, decoded masks or labelled training crops."""
+    from scipy.stats import spearmanr
+
+    from vae.analysis import traverse as T
+    from vae.analysis.readback import read_back
+
+    lat = rd.latent
+    if "X_vae_image" not in lat.obsm or posed_dec.masks is None:
+        return None
+    voters = image_reference_rows(lat, _has_crop(rd))
+    voters = voters[known_labels(labels[voters])]
+    if voters.size == 0:
+        return None
+    k = posed.codes.shape[1]
+    images, masks = posed_dec.images[::k], posed_dec.masks[::k]
+    bg = (rd.background_value or 0) / 255.0  # drawn on the crops' own background
+    drawn = (T.draw_cells(images, masks, bg), T.cell_masks(masks))
+    zi = np.asarray(lat.obsm["X_vae_image"], dtype=np.float64)
+    # the nearest cell of each step carries what the encoder reads beside the crop (its
+    # size, for a model with a size head); the drawing is the crop, no profile is read
+    carriers = np.asarray(pose_ref)[posed.nearest[:, 0]]
+    calls = read_back(
+        rd.model,
+        rd.data,
+        carriers,
+        {"path": drawn},
+        zi[voters],
+        labels[voters],
+        a.knn_k,
+        rd.device,
+        a.batch_size,
+    )["path"]
+    place = {str(c): i for i, c in enumerate(classes)}
+    order = np.array([place.get(str(c), np.nan) for c in calls], dtype=float)
+    ok = np.isfinite(order)
+    rho = float("nan")
+    if ok.sum() >= 3 and np.ptp(order[ok]) > 0:
+        rho = round(float(spearmanr(np.flatnonzero(ok), order[ok]).correlation), 3)
+    return {"drawn_read_as": [str(c) for c in calls], "drawn_read_order_spearman": rho}
 
 
 def _pose_reference(rd: RunData, image_rows: np.ndarray, a: AnalysisSettings) -> np.ndarray | None:
