@@ -32,7 +32,9 @@ and measures on the test split (rows never used for early stopping):
   expression (as decoded, and in a training crop's pose) the model's own image encoder
   reads as that label (stage=evaluate's ``readback``, ``vae.analysis.readback``);
 - with ``--traverse EXP/traverse``: the truth-recovery numbers ``stage=traverse`` wrote
-  (``traverse_summary.json``: decoded granules / lobes vs truth, path position vs t);
+  (``traverse_summary.json``: decoded granules / lobes vs truth, path position vs t) and
+  the GP path's drawn steps read back by the image encoder, against the path's class
+  order (``traverse_gp_drawn_read_order_spearman``);
 - with ``--unseen PAIRED``: every neutrophil-lineage cell of another simulated paired table
   the run never saw (``unseen_*``: drawn lobes and granules vs truth, the lobe head's count,
   the input crops' own reading; ``scripts/lobes_check.py``). The demo's test split holds
@@ -567,10 +569,15 @@ def check(
                 )
     summary = traverse / "traverse_summary.json" if traverse is not None else None
     if summary is not None and summary.exists():
-        truth = json.loads(summary.read_text()).get("truth_recovery") or {}
+        told = json.loads(summary.read_text())
+        truth = told.get("truth_recovery") or {}
         for k, v in truth.items():
             if isinstance(v, (int, float)):
                 res[f"traverse_{k}"] = float(v)
+        # the GP path's drawn steps read back by the image encoder: in the path's order?
+        rho = ((told.get("path") or {}).get("gp") or {}).get("drawn_read_order_spearman")
+        if rho is not None:
+            res["traverse_gp_drawn_read_order_spearman"] = float(rho)
     # the drawings read back by the model's own image encoder: the numbers of evaluate's
     # metrics.json readback (the same function; the train split votes)
     res.update(_readback(run, paired))

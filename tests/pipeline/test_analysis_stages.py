@@ -888,6 +888,13 @@ def test_image_branch_check_script_on_a_finished_run(tiny_run):
     assert {f"readback_{k}": v for k, v in want.items()} == {
         k: v for k, v in res.items() if k.startswith("readback_")
     }
+    # the traverse's GP path drawings read back, as traverse_summary.json holds it
+    summary = root / "tiny" / "traverse" / "traverse_summary.json"
+    if summary.exists():
+        told = json.loads(summary.read_text())["path"]["gp"].get("drawn_read_order_spearman")
+        assert res.get("traverse_gp_drawn_read_order_spearman") == (
+            None if told is None else float(told)
+        )
 
 
 def test_reviewed_labels_check_scores_runs_on_the_same_crops(tiny_run, tmp_path):
