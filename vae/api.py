@@ -2541,8 +2541,7 @@ class Study:
     def _training_pose_codes(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """(reported, single-view) codes of the reference's training crops, (m, d) each,
         the single-view ones encoded from the study's paired data."""
-        from vae.analysis.run import image_reference_rows
-        from vae.infer import encode_dataset
+        from vae.analysis.run import pose_lenders
 
         ref = self.reference
         if "X_vae_full" not in ref.obsm:
@@ -2552,13 +2551,10 @@ class Study:
             if data is None:
                 why = why_not
                 continue
-            lenders = image_reference_rows(ref, data.has_image.numpy().astype(bool))
-            if lenders.size == 0:
+            lenders = pose_lenders(ref, data, self.model, self.device, batch_size)
+            if lenders is None:
                 raise StudyError(f"{p}: no training row with a crop to lend a pose")
-            one = encode_dataset(
-                self.model, data, self.device, batch_size, rows=lenders, views=1
-            ).joint
-            return np.asarray(ref.obsm["X_vae_full"], np.float64)[lenders], one.astype(np.float64)
+            return lenders
         raise StudyError(
             f"training poses need the crops the study was trained on, but {why}; decode "
             f"with pose='as_given'"

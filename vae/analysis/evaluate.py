@@ -26,6 +26,7 @@ from vae.analysis.run import (
     markdown_table,
     obs_col,
     observed_program_scores,
+    pose_lenders,
     programs_of,
     split_rows,
     tb_scalars,
@@ -85,19 +86,20 @@ def _image_row(what: str, decoded: np.ndarray, P, rows: np.ndarray) -> dict:
     }
 
 
-def _expression_posed(rd: RunData, rows: np.ndarray, batch_size: int):
+def _expression_posed(rd: RunData, rows: np.ndarray, batch_size: int, lenders=None):
     """The cells decoded from ``rows``' expression codes, each in the pose of the
-    training crop nearest it (:func:`vae.analysis.run.in_training_poses`), as
+    training crop nearest it (:func:`vae.analysis.run.in_training_poses`; ``lenders``:
+    its :func:`vae.analysis.run.pose_lenders`, encoded there when None), as
     :class:`vae.analysis.traverse.DecodedArrays`; None when no pose can be lent."""
     if rows.size == 0:
         return None
     # the expression code reads no crop: one view is enough
     e = encode_dataset(rd.model, rd.data, rd.device, batch_size, rows=rows, views=1)
-    posed = in_training_poses(rd, e.expression, batch_size)
+    posed = in_training_poses(rd, e.expression, batch_size, lenders)
     return None if posed is None else T.decode(rd.model, posed, batch_size, rd.device)
 
 
-def readback_summary(rd: RunData, a, P, labels, known, ref) -> dict | None:
+def readback_summary(rd: RunData, a, P, labels, known, ref, lenders=None) -> dict | None:
     """``metrics.json`` ``readback``: the share of held-out rows with a crop, a profile and
     a known label whose drawings the image encoder reads as that label
     (:mod:`vae.analysis.readback`): the input crops themselves, the joint reconstruction,
@@ -116,6 +118,9 @@ def readback_summary(rd: RunData, a, P, labels, known, ref) -> dict | None:
         Every latent row's label and whether it is known.
     ref : (m,) int or None
         The training rows, whose labelled crops vote.
+    lenders : tuple, optional
+        :func:`vae.analysis.run.pose_lenders` of ``rd`` when the caller has them (the
+        training crops' codes are then not encoded again); None: encoded here.
 
     Returns
     -------
@@ -145,7 +150,7 @@ def readback_summary(rd: RunData, a, P, labels, known, ref) -> dict | None:
             T.cell_masks(P.image_from_expr_mask[sel]),
         ),
     }
-    posed = _expression_posed(rd, P.rows[sel], a.batch_size)
+    posed = _expression_posed(rd, P.rows[sel], a.batch_size, lenders)
     if posed is not None:
         drawings["from_expression"] = (posed.cells(bg), T.cell_masks(posed.masks))
     calls = read_back(
@@ -729,6 +734,11 @@ def evaluate(
         # (a reader compares the kinds of cell, not eight neutrophils); decoded cells
         # drawn through their decoded mask, as the masked inputs are drawn, large
         # enough that the drawn grain and granules show
+        # the training crops' codes that lend poses to the cells drawn from expression
+        # (the figure's and the readback's), encoded once
+        lenders = (
+            pose_lenders(lat, rd.data, rd.model, rd.device, a.batch_size) if he.any() else None
+        )
         show = rows_per_label(labels[P.rows], np.flatnonzero(hi), per_label=2, max_rows=12)
         if show.size:
             rec_cells, expr_cells = P.rec_cells(), P.image_from_expr_cells()
@@ -736,7 +746,7 @@ def evaluate(
             # averaged over orientations reads as a ring); the table's "expression ->
             # image" row scores the pose-free decode above
             with_expr = show[he[show]]
-            posed = _expression_posed(rd, P.rows[with_expr], a.batch_size)
+            posed = _expression_posed(rd, P.rows[with_expr], a.batch_size, lenders)
             if posed is not None:
                 expr_cells = expr_cells.copy()
                 expr_cells[with_expr] = posed.cells()
@@ -765,7 +775,7 @@ def evaluate(
             )
             out_files.figure(fig, "reconstructions", "evaluate/reconstructions")
         # ---- the drawings read back by the image encoder: of their row's class?
-        rb = readback_summary(rd, a, P, labels, known, ref)
+        rb = readback_summary(rd, a, P, labels, known, ref, lenders)
         if rb is not None:
             out["readback"] = rb
         if disagree is not None and len(disagree):

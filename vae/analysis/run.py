@@ -468,7 +468,45 @@ def cell_codes(rd: RunData, rows: np.ndarray, batch_size: int) -> np.ndarray:
     return np.asarray(lat.joint, dtype=np.float64)
 
 
-def in_training_poses(rd: RunData, codes: np.ndarray, batch_size: int) -> np.ndarray | None:
+def pose_lenders(
+    latent, data, model, device, batch_size: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The codes of the training crops that lend their poses (:func:`in_training_poses`):
+    ``(reported, single_view)``, (m, d) float64 each; None when there is no pose to lend.
+
+    Parameters
+    ----------
+    latent : AnnData
+        The run's ``latent.h5ad`` (its reported full codes, ``obsm["X_vae_full"]``).
+    data : vae.data.PairedTensors or None
+        The paired data the run was trained on, rows as ``latent``'s.
+    model : vae.model.TwoBranchVAE
+    device, batch_size
+        Where and how many crops at once their single-view codes are encoded.
+
+    Returns
+    -------
+    tuple or None
+        None without paired data or a training crop, for a model whose reported latent
+        is single-view (``vae.encode_views`` 1: no pose was taken out of it), or a latent
+        table without full codes of the model's width.
+    """
+    from vae.infer import encode_dataset
+
+    if int(getattr(model.args, "encode_views", 1) or 1) == 1 or data is None:
+        return None
+    lenders = image_reference_rows(latent, data.has_image.numpy().astype(bool))
+    reported = full_codes(latent)
+    # a latent table without its full codes (obsm["X_vae_full"]) holds the shared dims only
+    if lenders.size == 0 or reported.shape[1] != int(model.n_latent):
+        return None
+    one = encode_dataset(model, data, device, batch_size, rows=lenders, views=1).joint
+    return reported[lenders], np.asarray(one, dtype=np.float64)
+
+
+def in_training_poses(
+    rd: RunData, codes: np.ndarray, batch_size: int, lenders: tuple | None = None
+) -> np.ndarray | None:
     """``codes`` each given the pose of the training crop nearest it, to be drawn in a
     real cell's orientation; None when there is no pose to lend.
 
@@ -489,28 +527,27 @@ def in_training_poses(rd: RunData, codes: np.ndarray, batch_size: int) -> np.nda
         :attr:`vae.infer.Latents.expression`; finite.
     batch_size : int
         Rows per forward pass (memory, not results).
+    lenders : tuple, optional
+        :func:`pose_lenders` of ``rd``, where the caller poses several sets of codes
+        (the training crops are then encoded once); default: encoded here.
 
     Returns
     -------
-    (n, d) float64, or None: no paired data or no training crop, the reported latent
-    is single-view (``vae.encode_views`` 1: no pose was taken out of it), or the latent
-    table holds no full codes of the width of ``codes``.
+    (n, d) float64, or None: :func:`pose_lenders` has none, or ``codes`` are empty or
+    not of the lenders' width.
     """
     from vae.analysis.traverse import posed_codes
 
     z = np.asarray(codes, dtype=np.float64)
     if not np.isfinite(z).all():
         raise AnalysisError("in_training_poses: a code is not finite (a row without its modality?)")
-    views = int(getattr(rd.model.args, "encode_views", 1) or 1)
-    if views == 1 or rd.data is None or len(z) == 0:
+    if len(z) == 0:
         return None
-    lenders = image_reference_rows(rd.latent, rd.data.has_image.numpy().astype(bool))
-    reported = full_codes(rd.latent)
-    # a latent without its full codes (obsm["X_vae_full"]) holds the shared dims only
-    if lenders.size == 0 or reported.shape[1] != z.shape[1]:
+    if lenders is None:
+        lenders = pose_lenders(rd.latent, rd.data, rd.model, rd.device, batch_size)
+    if lenders is None or lenders[0].shape[1] != z.shape[1]:
         return None
-    one = cell_codes(rd, lenders, batch_size)
-    return posed_codes(z, reported[lenders], one, k=1).codes[:, 0]
+    return posed_codes(z, lenders[0], lenders[1], k=1).codes[:, 0]
 
 
 def measure(images: np.ndarray, masks: np.ndarray | None, params, background: float):
