@@ -139,29 +139,27 @@ def _read_back(rd, data, rows, labels, codes: dict) -> dict:
     """``from_expression_*_readback`` (and ``input_readback``): the share of the cells whose
     drawing the run's own image encoder reads as their label, voted by the run's labelled
     training crops (``vae.analysis.readback``, evaluate's ``readback``); {} without them."""
-    from vae.analysis.readback import read_back
-    from vae.analysis.run import image_reference_rows
-    from vae.analysis.traverse import cell_masks, decode
+    from vae.analysis.readback import drawing, read_back, training_voters
+    from vae.analysis.run import crop_background
+    from vae.analysis.traverse import decode
     from vae.inputs.schema import known_labels
 
     lab = rd.latent.obs["label"].astype(str).to_numpy() if "label" in rd.latent.obs else None
     if lab is None or "X_vae_image" not in rd.latent.obsm:
         return {}
-    voters = image_reference_rows(rd.latent, rd.data.has_image.numpy().astype(bool))
-    voters = voters[known_labels(lab[voters])]
+    z_ref, labels_ref = training_voters(rd.latent, rd.data.has_image.numpy().astype(bool), lab)
     ok = known_labels(labels)
-    if voters.size == 0 or ok.sum() < 3:
+    if len(z_ref) == 0 or ok.sum() < 3:
         return {}
-    bg = (rd.background_value or 0) / 255.0  # drawn on the crops' own background
+    bg = crop_background(rd)
     r = rows[ok]
     # the crops as stored (their background painted as the pair stage painted it)
     crops = (data.crops[r].float() / 255).permute(0, 2, 3, 1).numpy()
     drawings = {"input": (crops, data.masks[r][:, 0].numpy().astype(bool))}
     for name, z in codes.items():
         dec = decode(rd.model, z[ok], 256, "cpu")
-        drawings[f"from_expression_{name}"] = (dec.cells(bg), cell_masks(dec.masks))
-    zi = np.asarray(rd.latent.obsm["X_vae_image"], np.float64)
-    calls = read_back(rd.model, data, r, drawings, zi[voters], lab[voters], 15)
+        drawings[f"from_expression_{name}"] = drawing(dec.images, dec.masks, bg)
+    calls = read_back(rd.model, data, r, drawings, z_ref, labels_ref, 15)
     return {f"{k}_readback": round(float(np.mean(v == labels[ok])), 3) for k, v in calls.items()}
 
 

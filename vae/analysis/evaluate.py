@@ -19,6 +19,7 @@ from vae.analysis.run import (
     Outputs,
     RunData,
     clean_json,
+    crop_background,
     embedding,
     heatmap_genes,
     in_training_poses,
@@ -128,38 +129,33 @@ def readback_summary(rd: RunData, a, P, labels, known, ref, lenders=None) -> dic
         ``n`` and the four shares; None without a training split, decoded masks, image
         codes or 3 such rows.
     """
-    from vae.analysis.readback import read_back
+    from vae.analysis.readback import drawing, read_back, training_voters
 
     lat = rd.latent
     if ref is None or P.rec_mask is None or "X_vae_image" not in lat.obsm:
         return None
     sel = np.flatnonzero(P.has_image & P.has_expression & known[P.rows])
-    zi = np.asarray(lat.obsm["X_vae_image"], dtype=np.float64)
-    voters = ref[known[ref] & np.isfinite(zi[ref]).all(1)]
-    if sel.size < 3 or voters.size == 0:
+    z_ref, labels_ref = training_voters(lat, rd.data.has_image.numpy().astype(bool), labels)
+    if sel.size < 3 or len(z_ref) == 0:
         return None
-    bg = (rd.background_value or 0) / 255.0  # drawn on the crops' own background
+    bg = crop_background(rd)
     drawings = {
         "input": (P.image[sel], P.mask[sel]),
-        "joint": (
-            T.draw_cells(P.rec_image[sel], P.rec_mask[sel], bg),
-            T.cell_masks(P.rec_mask[sel]),
-        ),
-        "from_expression_pose_free": (
-            T.draw_cells(P.image_from_expr[sel], P.image_from_expr_mask[sel], bg),
-            T.cell_masks(P.image_from_expr_mask[sel]),
+        "joint": drawing(P.rec_image[sel], P.rec_mask[sel], bg),
+        "from_expression_pose_free": drawing(
+            P.image_from_expr[sel], P.image_from_expr_mask[sel], bg
         ),
     }
     posed = _expression_posed(rd, P.rows[sel], a.batch_size, lenders)
     if posed is not None:
-        drawings["from_expression"] = (posed.cells(bg), T.cell_masks(posed.masks))
+        drawings["from_expression"] = drawing(posed.images, posed.masks, bg)
     calls = read_back(
         rd.model,
         rd.data,
         P.rows[sel],
         drawings,
-        zi[voters],
-        labels[voters],
+        z_ref,
+        labels_ref,
         a.knn_k,
         rd.device,
         a.batch_size,

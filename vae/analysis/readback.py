@@ -20,6 +20,33 @@ import torch
 from vae.analysis import metrics as M
 
 
+def training_voters(latent, has_image: np.ndarray, labels: np.ndarray):
+    """The kNN reference of :func:`read_back`: ``(z_ref, labels_ref)``, the image codes
+    (``obsm["X_vae_image"]``, (m, n_shared) float64) and labels of the training crops with
+    a known label (:func:`vae.analysis.run.image_reference_rows`); m may be 0.
+
+    ``has_image`` (N,) bool: which rows hold a crop, where ``latent.obs`` does not say;
+    ``labels`` (N,) str: every latent row's label."""
+    from vae.analysis.run import image_reference_rows
+    from vae.inputs.schema import known_labels
+
+    labels = np.asarray(labels)
+    z = np.asarray(latent.obsm["X_vae_image"], dtype=np.float64)
+    rows = image_reference_rows(latent, has_image)
+    rows = rows[known_labels(labels[rows]) & np.isfinite(z[rows]).all(1)]
+    return z[rows], labels[rows]
+
+
+def drawing(images: np.ndarray, masks: np.ndarray, background: float):
+    """A decode as :func:`read_back` takes it: ``(cells, cell_masks)``, the decoded RGB
+    (n, S, S, 3) drawn through its cell mask on ``background`` (the paired crops' own,
+    0-1) and that mask (n, S, S) bool (:func:`vae.analysis.traverse.draw_cells`,
+    :func:`~vae.analysis.traverse.cell_masks`)."""
+    from vae.analysis.traverse import cell_masks, draw_cells
+
+    return draw_cells(images, masks, background), cell_masks(masks)
+
+
 def read_back(
     model,
     data,

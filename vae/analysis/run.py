@@ -468,6 +468,13 @@ def cell_codes(rd: RunData, rows: np.ndarray, batch_size: int) -> np.ndarray:
     return np.asarray(lat.joint, dtype=np.float64)
 
 
+def crop_background(rd: RunData) -> float:
+    """The paired crops' background outside the cell, 0-1 (``stage=pair``'s
+    ``uns["background_value"]``; 0 where not recorded): what a decoded cell is drawn on
+    to be read as a crop is."""
+    return (rd.background_value or 0) / 255.0
+
+
 def pose_lenders(
     latent, data, model, device, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray] | None:

@@ -26,6 +26,7 @@ from vae.analysis.run import (
     RunData,
     cell_codes,
     clean_json,
+    crop_background,
     full_codes,
     heatmap_genes,
     image_reference_rows,
@@ -1878,21 +1879,16 @@ def _path_readback(
     without image codes, decoded masks or labelled training crops."""
     from scipy.stats import spearmanr
 
-    from vae.analysis import traverse as T
-    from vae.analysis.readback import read_back
+    from vae.analysis.readback import drawing, read_back, training_voters
 
     lat = rd.latent
     if "X_vae_image" not in lat.obsm or posed_dec.masks is None:
         return None
-    voters = image_reference_rows(lat, _has_crop(rd))
-    voters = voters[known_labels(labels[voters])]
-    if voters.size == 0:
+    z_ref, labels_ref = training_voters(lat, _has_crop(rd), labels)
+    if len(z_ref) == 0:
         return None
     k = posed.codes.shape[1]
-    images, masks = posed_dec.images[::k], posed_dec.masks[::k]
-    bg = (rd.background_value or 0) / 255.0  # drawn on the crops' own background
-    drawn = (T.draw_cells(images, masks, bg), T.cell_masks(masks))
-    zi = np.asarray(lat.obsm["X_vae_image"], dtype=np.float64)
+    drawn = drawing(posed_dec.images[::k], posed_dec.masks[::k], crop_background(rd))
     # the nearest cell of each step carries what the encoder reads beside the crop (its
     # size, for a model with a size head); the drawing is the crop, no profile is read
     carriers = np.asarray(pose_ref)[posed.nearest[:, 0]]
@@ -1901,8 +1897,8 @@ def _path_readback(
         rd.data,
         carriers,
         {"path": drawn},
-        zi[voters],
-        labels[voters],
+        z_ref,
+        labels_ref,
         a.knn_k,
         rd.device,
         a.batch_size,
