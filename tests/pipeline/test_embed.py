@@ -1672,15 +1672,15 @@ def test_study_embed_counts_and_warns_of_cells_the_study_holds(study: Path, capl
 
 def test_the_counts_check_reads_by_chunks_with_the_whole_arrays_answer(monkeypatch):
     """np.allclose over a whole matrix took +0.64 GiB for 43 M values (scale audit)."""
-    import vae.api as api
+    import vae.study_prepare as prepare  # the module _is_counts reads the constant from
 
-    monkeypatch.setattr(api, "COUNT_CHECK_VALUES", 7)
+    monkeypatch.setattr(prepare, "COUNT_CHECK_VALUES", 7)
     m = np.arange(60, dtype=np.float32).reshape(6, 10)
-    assert api._is_counts(m) and api._is_counts(np.zeros((0, 3)))
+    assert prepare._is_counts(m) and prepare._is_counts(np.zeros((0, 3)))
     for bad in (0.5, -1.0):
         m2 = m.copy()
         m2[-1, -1] = bad  # in the last chunk
-        assert not api._is_counts(m2)
+        assert not prepare._is_counts(m2)
 
 
 def test_a_second_embed_beside_the_first_with_a_variant_of_its_own(study: Path):

@@ -249,12 +249,12 @@ def test_files_not_read_by_rows_are_read_whole(study, loaded, tmp_path):
 def test_a_file_read_whole_that_cannot_fit_is_refused_with_what_to_do(study, tmp_path, monkeypatch):
     """A file read whole (here CSC, not readable by rows) larger than the memory
     available: a message naming the need and the fix, not an OOM kill."""
-    import vae.api
+    import vae.study_read  # where Study.check_whole_read_fits reads the memory
 
     c = _query(study, "counts_in_x")
     c.X = sp.csc_matrix(c.X)
     c.write_h5ad(tmp_path / "csc.h5ad")
-    monkeypatch.setattr(vae.api, "_available_memory", lambda: 10_000)  # 10 kB left
+    monkeypatch.setattr(vae.study_read, "_available_memory", lambda: 10_000)  # 10 kB left
     with pytest.raises(StageError, match=r"csc.h5ad: read whole it takes at least .* CSR"):
         run_stage_in_process(
             [
@@ -266,7 +266,7 @@ def test_a_file_read_whole_that_cannot_fit_is_refused_with_what_to_do(study, tmp
             ],
             "embed",
         )
-    monkeypatch.setattr(vae.api, "_available_memory", lambda: 2**40)  # read as before
+    monkeypatch.setattr(vae.study_read, "_available_memory", lambda: 2**40)  # read as before
     from vae.api import Study
 
     q = Study.load(study / "out" / "s").read(tmp_path / "csc.h5ad", "expression")

@@ -223,7 +223,7 @@ def test_a_file_read_whole_too_large_is_refused_before_any_input_is_embedded(
     """A 10x matrix folder or a table of genes as rows too large for the memory: the
     stage stops before any input (here the study's paired table) is embedded, naming the
     file, the sizes and what to give instead; nothing of the run is written."""
-    import vae.api
+    import vae.study_read  # where Study.check_whole_read_fits reads the memory
     from vae.api import Study
 
     a = _query(study, "counts_in_x")
@@ -232,7 +232,7 @@ def test_a_file_read_whole_too_large_is_refused_before_any_input_is_embedded(
     embedded = []
     real = Study.embed
     monkeypatch.setattr(Study, "embed", lambda *x, **k: embedded.append(1) or real(*x, **k))
-    monkeypatch.setattr(vae.api, "_available_memory", lambda: 10_000)  # 10 kB left
+    monkeypatch.setattr(vae.study_read, "_available_memory", lambda: 10_000)  # 10 kB left
     h5ad = f"embed.h5ad={study / 'paired.h5ad'}"
     with pytest.raises(StageError) as e:
         _embed_stage(study, "bigmtx", h5ad, f"embed.expression={tmp_path / 'mtx'}")
@@ -392,8 +392,8 @@ def test_a_table_read_whole_for_another_reason_is_refused_with_its_own_advice(
     memory: the refusal says that reason and what to do about it, and counts its cells
     on the axis found (60 rows, not the lesser axis: 42 genes); from Study.read of a
     table never given to read_blocks, it points to Study.read_blocks."""
-    import vae.api
     import vae.inputs.expression as E
+    import vae.study_read  # where Study.check_whole_read_fits reads the memory
     from vae.api import Study, StudyError
 
     a = _query(study, "counts_in_x")
@@ -405,7 +405,7 @@ def test_a_table_read_whole_for_another_reason_is_refused_with_its_own_advice(
     text.to_csv(tmp_path / "text.csv")
     a.to_df().to_csv(tmp_path / "cells.csv")
     monkeypatch.setattr(E, "EMBED_BLOCK_ROWS", ROWS)
-    monkeypatch.setattr(vae.api, "_available_memory", lambda: 10_000)  # 10 kB left
+    monkeypatch.setattr(vae.study_read, "_available_memory", lambda: 10_000)  # 10 kB left
     with pytest.raises(StageError) as e:
         _embed_stage(study, "bigmixed", f"embed.expression={tmp_path / 'mixed.csv'}")
     msg = str(e.value)

@@ -1868,9 +1868,10 @@ class ValueStats:
 
     size : values seen; negative : values < 0; nonfinite : NaN or infinite values;
     top : their largest non-NaN value (NaN when there is none);
-    whole : every value passes ``vae.api._is_counts`` (>= 0 and close to a whole number);
-    exact : every value is finite, >= 0 and a whole number (this module's ``_is_counts``,
-    before its dtype and size tests: :attr:`counts`); numeric : a numeric dtype.
+    whole : every value passes ``vae.study_prepare._is_counts`` (>= 0 and close to a whole
+    number); exact : every value is finite, >= 0 and a whole number (this module's
+    ``_is_counts``, before its dtype and size tests: :attr:`counts`); numeric : a numeric
+    dtype.
     """
 
     size: int = 0
@@ -1883,7 +1884,7 @@ class ValueStats:
 
     def add(self, values) -> ValueStats:
         """Take in (k,) more stored values (any shape: flattened), in place; returns self."""
-        from vae.api import _is_counts as close_to_counts
+        from vae.study_prepare import _is_counts as close_to_counts
 
         v = np.asarray(values).reshape(-1)
         self.numeric &= bool(np.issubdtype(v.dtype, np.number))
@@ -2397,7 +2398,7 @@ class CsvRowBlocks:
                 kinds.add(df.index.dtype)
                 v = df.to_numpy(dtype=np.float32)
                 # per column, so that any set of columns' ValueStats is known (a whole
-                # matrix's tests are value by value: vae.api._is_counts, _is_counts)
+                # matrix's tests are value by value: vae.study_prepare._is_counts, _is_counts)
                 neg += (v < 0).sum(0)
                 fin = np.isfinite(v)
                 nonfinite += (~fin).sum(0)
