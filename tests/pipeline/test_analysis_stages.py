@@ -78,8 +78,12 @@ def _check_outputs(run: Path) -> None:
         assert key in metrics, key
     rb = metrics["readback"]  # drawings read back by the image encoder (vae.analysis.readback)
     assert rb["n"] >= 3
-    assert set(rb) == {"n", "input", "joint", "from_expression_pose_free", "from_expression"}
-    assert all(0 <= rb[k] <= 1 for k in rb if k != "n")
+    drawn = ("joint", "from_expression_pose_free", "from_expression")
+    assert set(rb) == {"n", "input", *drawn, *(f"grain_over_input_{k}" for k in drawn)}
+    assert all(0 <= rb[k] <= 1 for k in ("input", *drawn))
+    # the drawn cytoplasm's grain over the crop's: a positive ratio
+    # (JSON null: NaN, no cytoplasm to read on the tiny crops)
+    assert all(rb[k] is None or rb[k] > 0 for k in rb if k.startswith("grain_over_input_"))
     au = metrics["active_units"]
     assert 0 <= au["n_active"] <= au["n_latent"] == len(au["kl_per_dim"])
     assert au["n_active"] == sum(v > au["threshold_nats"] for v in au["kl_per_dim"])
@@ -364,6 +368,37 @@ def test_cells_drawn_from_expression_take_a_training_cells_pose(tiny_run):
     # a model whose reported latent is single-view has no pose to lend
     rd.model.args = dataclasses.replace(rd.model.args, encode_views=1)
     assert in_training_poses(rd, e, 4) is None
+
+
+def test_grain_over_input_reads_how_much_grainier_a_drawing_is_than_its_crop():
+    """evaluate's readback ``grain_over_input_<drawing>``: the median over rows of the drawn
+    cytoplasm's stain grain over the crop's; 1 for the crop itself, > 1 drawn grainier."""
+    from vae.analysis.evaluate import _grain_over_input
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 32, xx - 32)
+    cell, nucleus = r < 26, r < 10
+
+    def cells(amp: float, n: int = 4) -> np.ndarray:
+        out = np.zeros((n, 64, 64, 3))
+        for i in range(n):
+            od = np.where(nucleus, 1.2, 0.3)[..., None] * np.array([0.6, 0.9, 0.4])
+            od = od + amp * rng.standard_normal((64, 64, 1)) * np.array([0.5, 0.8, 0.3])
+            out[i] = np.exp(-od.clip(0)) * cell[..., None]
+        return out
+
+    masks = np.repeat(cell[None], 4, 0)
+    crops = cells(0.03)
+    got = _grain_over_input(
+        {"input": (crops, masks), "same": (crops, masks), "grainy": (cells(0.09), masks)}
+    )
+    assert set(got) == {"grain_over_input_same", "grain_over_input_grainy"}
+    assert got["grain_over_input_same"] == pytest.approx(1.0)
+    assert 2.0 < got["grain_over_input_grainy"] < 4.0  # three times the grain
+    # under 3 rows with a cytoplasm to read on both: NaN, not a number from one cell
+    few = _grain_over_input({"input": (crops[:2], masks[:2]), "same": (crops[:2], masks[:2])})
+    assert np.isnan(few["grain_over_input_same"])
 
 
 def test_read_back_of_the_input_crops_is_the_image_kNN_of_their_codes(tiny_run):
@@ -885,9 +920,12 @@ def test_image_branch_check_script_on_a_finished_run(tiny_run):
     train = np.flatnonzero(sp == "train")
     want = readback_summary(rd, AnalysisSettings(), dec.decoded, lab, known_labels(lab), train)
     assert want is not None
-    assert {f"readback_{k}": v for k, v in want.items()} == {
-        k: v for k, v in res.items() if k.startswith("readback_")
-    }
+    got = {k: v for k, v in res.items() if k.startswith("readback_")}
+    assert set(got) == {f"readback_{k}" for k in want}
+    # the same numbers (a grain ratio is NaN where the tiny crops hold no cytoplasm to read)
+    np.testing.assert_array_equal(
+        [got[f"readback_{k}"] for k in want], [float(v) for v in want.values()]
+    )
     # the traverse's GP path drawings read back, as traverse_summary.json holds it
     summary = root / "tiny" / "traverse" / "traverse_summary.json"
     if summary.exists():

@@ -126,7 +126,8 @@ def readback_summary(rd: RunData, a, P, labels, known, ref, lenders=None) -> dic
     Returns
     -------
     dict or None
-        ``n`` and the four shares; None without a training split, decoded masks, image
+        ``n``, the four shares and each drawing's ``grain_over_input_<drawing>``
+        (:func:`_grain_over_input`); None without a training split, decoded masks, image
         codes or 3 such rows.
     """
     from vae.analysis.readback import drawing, read_back, training_voters
@@ -161,7 +162,29 @@ def readback_summary(rd: RunData, a, P, labels, known, ref, lenders=None) -> dic
         a.batch_size,
     )
     truth = labels[P.rows[sel]]
-    return {"n": int(sel.size), **{k: float(np.mean(v == truth)) for k, v in calls.items()}}
+    out = {"n": int(sel.size), **{k: float(np.mean(v == truth)) for k, v in calls.items()}}
+    return {**out, **_grain_over_input(drawings)}
+
+
+def _grain_over_input(drawings: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """``grain_over_input_<drawing>``: the median over the rows of each drawing's cytoplasm
+    grain over its input crop's (:func:`vae.analysis.granules.stain_grain`, root-mean-square
+    fine detail of the stain); 1: drawn as granular as the crop, 2: twice as grainy. Rows
+    where either has no cytoplasm to read are left out; NaN under 3 rows."""
+    from vae.analysis import granules as G
+
+    cells, masks = drawings["input"]
+    g_in = G.stain_grain(cells, masks)[:, 0]
+    out = {}
+    for name, (img, m) in drawings.items():
+        if name == "input":
+            continue
+        g = G.stain_grain(img, m)[:, 0]
+        ok = np.isfinite(g) & np.isfinite(g_in) & (g_in > 0)
+        out[f"grain_over_input_{name}"] = (
+            float(np.median(g[ok] / g_in[ok])) if ok.sum() >= 3 else float("nan")
+        )
+    return out
 
 
 def _gene_row(what: str, n: int, gc, gidx: list[int]) -> dict:
@@ -913,6 +936,16 @@ def summary_line(out: dict, n_rows: int, split: str) -> str:
             if rb.get(key) is not None
         ]
         parts.append(f"drawings read as their label: {', '.join(read)} (n {rb['n']})")
+        grain = [
+            f"{name} {rb[key]:.2f}"
+            for name, key in (
+                ("joint", "grain_over_input_joint"),
+                ("from expression", "grain_over_input_from_expression"),
+            )
+            if rb.get(key) is not None and np.isfinite(rb[key])
+        ]
+        if grain:
+            parts.append(f"drawn cytoplasm grain over the crops': {', '.join(grain)}")
     au = out.get("active_units") or {}
     if au.get("n_latent"):
         parts.append(f"active dims {au['n_active']}/{au['n_latent']}")

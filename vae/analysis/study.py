@@ -1821,8 +1821,15 @@ def morphology_by_class(real: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-# features of the real crops nearest each path step, as path_features_*.csv columns
-NEAREST_CROP_FEATURES = ("lobes", "nucleus_fraction", "granule_density", "cytoplasm_hue")
+# features of the real crops nearest each path step, as path_features_*.csv columns (the
+# grain since 2026-12-07: a drawn step's cytoplasm_grain was 1.5-2x its nearest crops')
+NEAREST_CROP_FEATURES = (
+    "lobes",
+    "nucleus_fraction",
+    "granule_density",
+    "cytoplasm_hue",
+    "cytoplasm_grain",
+)
 
 
 @dataclass
