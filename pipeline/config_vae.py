@@ -62,6 +62,11 @@ class VAEConfig:
     # likelihood of the input's detail finer than 1.5 px without shaping the latent;
     # decoded cells are drawn with that grain (docs/vae.md, "Texture layer"); 0: off
     texture_weight: float = 0.0
+    # the image drawn from the expression expert alone (the cross-modal term) is scored
+    # on the texture layer too; false: not there (a crop's grain level is its
+    # microscope's, which a profile cannot know: docs/vae.md, "Grain of cells drawn from
+    # expression")
+    cross_texture: bool = True
     # nucleus layer (> 0 builds it): nucleus-mask logits scored by a Bernoulli likelihood
     # against the lobe counter's nucleus of each input crop; the decoded image paints a
     # nucleus colour layer through that mask over the cytoplasm, drawn sharp in decoded

@@ -307,6 +307,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
             spectral=v.spectral_weight,
             granules=float(v.granule_weight),
             texture=float(v.texture_weight),
+            cross_texture=bool(v.cross_texture),
             nucleus=float(v.nucleus_weight),
             nucleus_gap=float(v.nucleus_gap_weight),
             nucleus_input_compose=bool(v.nucleus_input_compose),

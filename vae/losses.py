@@ -72,6 +72,13 @@ class LossWeights:
     # texture layer: Gaussian NLL of the input's fine stain detail under the decoded
     # texture maps (:func:`texture_nll`); needs a model built with texture_head
     texture: float = 0.0
+    # the cross-modal image term (the image drawn from the expression expert alone) scores
+    # the texture layer too; False: not there. A crop's grain level is its microscope's
+    # (compression, sensor, stain: 0.05 on BCCD crops, 0.11 on segmentation_wbc's), which
+    # a profile cannot know, so the likelihood's best grain for a profile is the mean of
+    # squares over the sources of its paired crops, drawn stronger than nearly any one
+    # cell (docs/vae.md, "Grain of cells drawn from expression")
+    cross_texture: bool = True
     # nucleus layer: Bernoulli NLL (BCE) of the decoded nucleus mask against the
     # input's nucleus (the lobe counter's), summed over the cell's pixels; needs a
     # model built with nucleus_head and nucleus masks in the batch
@@ -780,6 +787,12 @@ def class_balance_weights(
     return tuple(float(x) for x in wt)
 
 
+def _without_texture(terms: tuple[torch.Tensor, ...], keep: bool) -> tuple[torch.Tensor, ...]:
+    """The image terms of one decode (``img_terms``' 8, texture last), its texture term
+    zeroed unless ``keep`` (:attr:`LossWeights.cross_texture`)."""
+    return terms if keep else (*terms[:7], torch.zeros_like(terms[7]))
+
+
 def _weighted_sum(zero: torch.Tensor, terms) -> torch.Tensor:
     """``Σ w · t`` over ``(w, t)`` pairs, left to right, with the same value as the
     written-out sum: a term that is ``zero`` itself (a part that was not computed) is
@@ -1084,7 +1097,7 @@ def vae_loss(
         # alone reconstructs both modalities -> cross-modal prediction works
         ui = img_terms(out.from_image, paired)
         ue = expr_term(out.from_expression, paired)
-        ci = img_terms(out.from_expression, paired)
+        ci = _without_texture(img_terms(out.from_expression, paired), w.cross_texture)
         ce = expr_term(out.from_image, paired)
         kl_img, kl_expr = kl_of(post.image, paired), kl_of(post.expression, paired)
         kl_uni = _weighted_sum(zero, [(1.0, kl_img), (1.0, kl_expr)])
@@ -1094,7 +1107,7 @@ def vae_loss(
         n_present = (hi + he).clamp_min(1.0)
         wi, we = hi / n_present, he / n_present
         ii = img_terms(out.from_image, wi)
-        ie = img_terms(out.from_expression, wi * he)
+        ie = _without_texture(img_terms(out.from_expression, wi * he), w.cross_texture)
         i_nll = ii[0] + ie[0]
         i_mask = ii[1] + ie[1]
         i_ssim = ii[2] + ie[2]
@@ -1116,7 +1129,7 @@ def vae_loss(
         ue = ce = zero
         # cross-modal terms are part of the MoE ELBO above; report them alone too
         with torch.no_grad():
-            ci = img_terms(out.from_expression, paired)
+            ci = _without_texture(img_terms(out.from_expression, paired), w.cross_texture)
             ce = expr_term(out.from_image, paired)
         kl_uni = zero
         extra = zero

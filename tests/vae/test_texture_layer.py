@@ -117,6 +117,35 @@ def test_texture_loss_trains_the_layer_and_leaves_the_latent_alone():
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in dec_.deconv.parameters())
 
 
+@pytest.mark.parametrize("fusion", ["poe", "moe"])
+def test_cross_texture_off_drops_only_the_grain_of_the_image_drawn_from_expression(fusion):
+    """vae.cross_texture=false: the image decoded from the expression expert alone is not
+    scored on the texture layer (a crop's grain level is its microscope's); every other
+    term, the fused decode's texture included, is as before."""
+    torch.manual_seed(0)
+    m = TwoBranchVAE(_args(fusion=fusion))
+    b = 4
+    img, mask = torch.rand(b, 3, 16, 16), torch.ones(b, 1, 16, 16)
+    x, has = torch.rand(b, 6) * 3, torch.ones(b, dtype=torch.bool)
+    out = m(img, mask, x, has, has)
+
+    def loss(cross_texture: bool):
+        w = LossWeights(texture=1.0, cross=0.5, cross_texture=cross_texture)
+        return vae_loss(out, img, mask, x, x.round(), x.sum(1), beta=1.0, weights=w)
+
+    on, off = loss(True), loss(False)
+    from_expr = texture_nll(out.from_expression, texture_detail(img, mask), texture_region(mask))
+    assert float(from_expr.mean()) != 0.0
+    if fusion == "poe":  # the cross-modal term (cross x its image terms) loses its grain
+        assert torch.allclose(on.total - off.total, 0.5 * from_expr.mean(), atol=1e-4)
+        assert torch.equal(on.texture, off.texture)  # the fused decode's term stays
+    else:  # MoE: the expression component's share of each paired row's ELBO
+        assert torch.allclose(on.texture - off.texture, 0.5 * from_expr.mean(), atol=1e-5)
+        assert torch.allclose(on.total - off.total, 0.5 * from_expr.mean(), atol=1e-4)
+    for k in ("image", "mask", "expression", "kl", "image_from_expression"):
+        assert torch.equal(getattr(on, k), getattr(off, k)), k
+
+
 def test_fitted_layer_tells_grainy_cells_from_smooth_ones():
     # two kinds of cell, their codes apart; a few steps on the texture term alone must
     # decode a stronger grain for the grainy kind
