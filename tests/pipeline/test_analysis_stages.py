@@ -1462,3 +1462,33 @@ def test_a_paired_file_of_other_genes_is_one_error_line(tiny_run, tmp_path):
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in r.stderr
     assert f"{rev} does not hold the genes {train / 'model.pt'} was trained on" in errors[0]
+
+
+def test_lobe_cut_check_script_on_a_finished_run(tiny_run, tmp_path, monkeypatch, capsys):
+    """scripts/lobe_cut_check.py: the drawn cells of one label, the colour of their lobe
+    cuts beside the cytoplasm's and the drawn detail, in a table and a JSON; a label no
+    crop has is refused by name."""
+    import anndata as ad
+
+    root, _ = tiny_run
+    run = root / "tiny" / "train"
+    mod = load_script("lobe_cut_check")
+    lat = ad.read_h5ad(run / "latent.h5ad")
+    crops = (lat.obs["label"].astype(str) == "myeloblast").to_numpy() & lat.obs[
+        "has_image"
+    ].to_numpy(bool)
+    out = tmp_path / "cuts.json"
+    argv = ["lobe_cut_check.py", str(run), "--label", "myeloblast", "--n", "5", "--out", str(out)]
+    monkeypatch.setattr("sys.argv", argv)
+    mod.main()
+    res = json.loads(out.read_text())
+    assert res["label"] == "myeloblast" and res["n_drawn"] == min(5, int(crops.sum())) > 0
+    assert 0 <= res["n_with_cuts"] <= res["n_drawn"]
+    for k in ("rgb_cut", "rgb_beside", "rgb_cytoplasm"):  # mean RGB, 0 where no such pixel
+        assert len(res[k]) == 3 and all(0 <= v <= 1 for v in res[k]), k
+    # what two drawings with other grain / granule seeds differ by: >= 0
+    assert res["drawn_detail_cut"] >= 0 and res["drawn_detail_beside"] >= 0
+    assert "n_drawn" in capsys.readouterr().out  # the table
+    monkeypatch.setattr("sys.argv", [*argv[:3], "no-such-label"])
+    with pytest.raises(SystemExit, match="no crop labelled 'no-such-label'"):
+        mod.main()
