@@ -74,10 +74,10 @@ class LossWeights:
     texture: float = 0.0
     # the cross-modal image term (the image drawn from the expression expert alone) scores
     # the texture layer too; False: not there. A crop's grain level is its microscope's
-    # (compression, sensor, stain: 0.05 on BCCD crops, 0.11 on segmentation_wbc's), which
-    # a profile cannot know, so the likelihood's best grain for a profile is the mean of
-    # squares over the sources of its paired crops, drawn stronger than nearly any one
-    # cell (docs/vae.md, "Grain of cells drawn from expression")
+    # (compression, sensor, stain: median cytoplasm detail 0.05 on BCCD crops, 0.09 on
+    # segmentation_wbc's), which a profile cannot know, so the likelihood's best grain for
+    # a profile is the root-mean-square over the sources of its paired crops, drawn
+    # stronger than the typical cell (docs/vae.md, "Grain of cells drawn from expression")
     cross_texture: bool = True
     # nucleus layer: Bernoulli NLL (BCE) of the decoded nucleus mask against the
     # input's nucleus (the lobe counter's), summed over the cell's pixels; needs a

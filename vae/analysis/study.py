@@ -1822,7 +1822,8 @@ def morphology_by_class(real: pd.DataFrame) -> pd.DataFrame:
 
 
 # features of the real crops nearest each path step, as path_features_*.csv columns (the
-# grain since 2026-12-07: a drawn step's cytoplasm_grain was 1.5-2x its nearest crops')
+# grain since 2026-12-07: the real GP path's middle steps are drawn at twice the
+# cytoplasm_grain of their nearest crops)
 NEAREST_CROP_FEATURES = (
     "lobes",
     "nucleus_fraction",
