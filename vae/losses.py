@@ -787,12 +787,6 @@ def class_balance_weights(
     return tuple(float(x) for x in wt)
 
 
-def _without_texture(terms: tuple[torch.Tensor, ...], keep: bool) -> tuple[torch.Tensor, ...]:
-    """The image terms of one decode (``img_terms``' 8, texture last), its texture term
-    zeroed unless ``keep`` (:attr:`LossWeights.cross_texture`)."""
-    return terms if keep else (*terms[:7], torch.zeros_like(terms[7]))
-
-
 def _weighted_sum(zero: torch.Tensor, terms) -> torch.Tensor:
     """``Σ w · t`` over ``(w, t)`` pairs, left to right, with the same value as the
     written-out sum: a term that is ``zero`` itself (a part that was not computed) is
@@ -1011,7 +1005,11 @@ def vae_loss(
         1.0 + w.nucleus_gap * nucleus_gaps(nucleus) if score_nucleus and w.nucleus_gap > 0 else None
     )
 
-    def img_terms(dec: Decoded | None, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def img_terms(
+        dec: Decoded | None, rows: torch.Tensor, texture: bool = True
+    ) -> tuple[torch.Tensor, ...]:
+        # texture False: the texture term is 0, not computed (the image drawn from a
+        # profile with LossWeights.cross_texture off)
         if dec is None or dec.image is None:
             return zero, zero, zero, zero, zero, zero, zero, zero
         rows = pick(rows)
@@ -1066,7 +1064,7 @@ def vae_loss(
             sz = (0.5 * err.pow(2) * rows).sum()
         else:
             sz = zero
-        if detail is not None and dec.texture_amp is not None:
+        if texture and detail is not None and dec.texture_amp is not None:
             tx = (texture_nll(dec, detail, region) * rows).sum()
         else:
             tx = zero
@@ -1097,7 +1095,7 @@ def vae_loss(
         # alone reconstructs both modalities -> cross-modal prediction works
         ui = img_terms(out.from_image, paired)
         ue = expr_term(out.from_expression, paired)
-        ci = _without_texture(img_terms(out.from_expression, paired), w.cross_texture)
+        ci = img_terms(out.from_expression, paired, w.cross_texture)
         ce = expr_term(out.from_image, paired)
         kl_img, kl_expr = kl_of(post.image, paired), kl_of(post.expression, paired)
         kl_uni = _weighted_sum(zero, [(1.0, kl_img), (1.0, kl_expr)])
@@ -1107,7 +1105,7 @@ def vae_loss(
         n_present = (hi + he).clamp_min(1.0)
         wi, we = hi / n_present, he / n_present
         ii = img_terms(out.from_image, wi)
-        ie = _without_texture(img_terms(out.from_expression, wi * he), w.cross_texture)
+        ie = img_terms(out.from_expression, wi * he, w.cross_texture)
         i_nll = ii[0] + ie[0]
         i_mask = ii[1] + ie[1]
         i_ssim = ii[2] + ie[2]
@@ -1129,7 +1127,7 @@ def vae_loss(
         ue = ce = zero
         # cross-modal terms are part of the MoE ELBO above; report them alone too
         with torch.no_grad():
-            ci = _without_texture(img_terms(out.from_expression, paired), w.cross_texture)
+            ci = img_terms(out.from_expression, paired, w.cross_texture)
             ce = expr_term(out.from_image, paired)
         kl_uni = zero
         extra = zero

@@ -786,6 +786,27 @@ def stain_grain(
     return out
 
 
+def grain_ratio(drawn: np.ndarray, inputs: np.ndarray, min_rows: int = 3) -> float:
+    """Median over the rows of a drawing's grain over its input's (:func:`stain_grain`,
+    one part): 1 drawn as granular as the crop, 2 twice as grainy.
+
+    Rows where either is NaN (no such part to read) or the input has no grain at all
+    (a ratio without meaning) are left out.
+
+    Parameters
+    ----------
+    drawn, inputs : (n,) grain of the drawn cells and of their input crops
+    min_rows : fewer usable rows give NaN
+
+    Returns
+    -------
+    float, NaN under ``min_rows`` usable rows
+    """
+    drawn, inputs = np.asarray(drawn, float), np.asarray(inputs, float)
+    ok = np.isfinite(drawn) & np.isfinite(inputs) & (inputs > 0)
+    return float(np.median(drawn[ok] / inputs[ok])) if ok.sum() >= min_rows else float("nan")
+
+
 def measure_batch(images: np.ndarray, masks: np.ndarray, params: GranuleParams | None = None):
     """Features of many crops as a pandas DataFrame (one row per crop).
 

@@ -312,3 +312,15 @@ def test_measure_cell_without_the_grain_gives_every_other_feature_unchanged():
     }
     np.testing.assert_array_equal(full.blobs, fast.blobs)
     np.testing.assert_array_equal(full.nucleus, fast.nucleus)
+
+
+def test_grain_ratio_is_the_median_over_crops_that_have_grain():
+    """The one ratio evaluate's readback and scripts/image_branch_check.py report: a crop
+    without grain (0) or without the part (NaN) says nothing and is left out."""
+    from vae.analysis.granules import grain_ratio
+
+    drawn = np.array([0.1, 0.2, 0.3, 0.5, np.nan, 0.4])
+    inputs = np.array([0.1, 0.1, 0.1, 0.0, 0.2, np.nan])
+    assert grain_ratio(drawn, inputs) == pytest.approx(2.0)  # rows 0-2: 1, 2, 3
+    assert np.isnan(grain_ratio(drawn[:2], inputs[:2]))  # under 3 usable rows
+    assert grain_ratio(drawn[:2], inputs[:2], min_rows=2) == pytest.approx(1.5)
