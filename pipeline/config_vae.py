@@ -138,6 +138,12 @@ class VAEConfig:
     # embed). Default: expression.batch_key; null: no covariate (docs/vae.md,
     # "Expression batches")
     batch_key: str | None = "${expression.batch_key}"
+    # obs column naming each crop's source (microscope, stain, scanner; stage=pair's
+    # image_source): the image decoder reads it as a one-hot, so the code need not carry
+    # each microscope's colour and grain; the encoders never read it, and a code without
+    # a crop is drawn in the average of the sources. null: no covariate (docs/vae.md,
+    # "Image sources")
+    image_batch_key: str | None = None
     late_mask: bool = False  # score observed non-zero entries only (LATE)
     # MLP dropout; null (auto): 0 for expression alone (every row a profile, no image:
     # better held-out likelihood on 5 of 5 Paul15 seeds, a cheaper step;

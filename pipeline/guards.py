@@ -125,6 +125,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "vae.align_centroid_weight": 0.0,  # 2026-12-04 (4b452a7): no centroid term
     "vae.batch_key": None,  # 2026-12-05: no expression batch covariate
     "vae.cross_texture": True,  # 2026-12-07: the cross-modal image term scored the texture
+    "vae.image_batch_key": None,  # 2026-12-07: no image source covariate
 }
 
 # settings added with a feature that read nothing while the feature is off: a run that

@@ -146,6 +146,9 @@ def build_model_args(cfg: DictConfig, data, source: str):
             # filled by stage=train's use_batches from vae.batch_key (two or more batches)
             batch_key=str(v.batch_key) if data.batch_names else None,
             batch_names=list(data.batch_names),
+            # filled by stage=train's use_image_batches from vae.image_batch_key
+            image_batch_key=str(v.image_batch_key) if data.image_batch_names else None,
+            image_batch_names=list(data.image_batch_names),
         )
     except ValueError as e:
         raise StageError(f"vae config: {e}") from e

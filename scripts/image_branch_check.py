@@ -428,11 +428,7 @@ def check(
         for j, part in enumerate(("cytoplasm", "nucleus")):
             ok = np.isfinite(g_in[:, j]) & np.isfinite(g_out[:, j])
             res[f"drawn_grain_vs_input_{part}_spearman"] = _spearman(g_out[ok, j], g_in[ok, j])
-            res[f"drawn_grain_over_input_{part}_median"] = (
-                float(np.median(g_out[ok, j] / np.maximum(g_in[ok, j], 1e-6)))
-                if ok.sum() >= 3
-                else float("nan")
-            )
+            res[f"drawn_grain_over_input_{part}_median"] = G.grain_ratio(g_out[:, j], g_in[:, j])
             if kinds_g is not None:
                 for k in sorted(set(kinds_g[ok]) - {"", "nan", UNKNOWN_LABEL}):
                     sel = ok & (kinds_g == k)

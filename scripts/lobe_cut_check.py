@@ -71,10 +71,10 @@ def main() -> None:
     z = torch.from_numpy(np.asarray(codes, np.float32))
     with torch.inference_mode():
         dec = model.decode(z, render=True)
-        zi = model.image_part(z)
-        _, _, rate, _, nuc_logits, _, _, amp, *_ = model.image_decoder(zi)
+        # the decoder's own maps (Decoded keeps them beside the drawing)
+        rate, nuc_logits, amp = dec.granule_rate, dec.nucleus_logits, dec.texture_amp
         sharp = vm.NUCLEUS_RENDER_SHARPNESS
-        drawn, cut = carve_lobes(nuc_logits, lobe_count(model.lobe_head(zi)), sharp)
+        drawn, cut = carve_lobes(nuc_logits, lobe_count(dec.lobe_logits), sharp)
     cut_px = cut > 0.5
     cytoplasm = (dec.mask > 0.5) & (torch.sigmoid(sharp * drawn) < 0.5) & ~cut_px
     beside = (F.max_pool2d(cut, 7, 1, 3) > 0.5) & cytoplasm

@@ -198,6 +198,7 @@ _ARG_SOURCE = {
     "maturation_ranks": "vae.maturation_weight / vae.maturation_classes",
     "norm_total": "the paired data",
     "batch_names": "vae.batch_key",
+    "image_batch_names": "vae.image_batch_key",
     "size_log_mean": "the cells' sizes",
     "size_log_sd": "the cells' sizes",
 }

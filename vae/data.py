@@ -85,6 +85,12 @@ class PairedTensors:
         covariate (``VAEArgs.batch_key``), None otherwise.
     batch_names : list of str
         The batches' names in code order (empty without ``batch``).
+    image_batch : (N,) int64 or None
+        Image source code of each row into ``image_batch_names`` (-1: unknown, or a
+        row without a crop); filled by :func:`assign_image_batches` for a model with an
+        image source covariate (``VAEArgs.image_batch_key``), None otherwise.
+    image_batch_names : list of str
+        The image sources' names in code order (empty without ``image_batch``).
     granule_od : (N, 3) float32 or None
         Each crop's granule optical density (R, G, B; NaN: no granule found) measured
         where ``granules`` were found (``obsm['granule_od']`` of ``stage=pair`` with
@@ -117,6 +123,8 @@ class PairedTensors:
     batch: torch.Tensor | None = None
     batch_names: list[str] = field(default_factory=list)
     granule_od: torch.Tensor | None = None
+    image_batch: torch.Tensor | None = None
+    image_batch_names: list[str] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -145,7 +153,8 @@ class Batch:
     ``lgamma(counts + 1)`` when the data set holds it (``PairedTensors.log_factorial``);
     lobes (B,) int64 the input nuclei's lobe counts (0: none), or None;
     diameter (B,) float32 the cells' diameters (NaN: unknown), or None;
-    batch (B,) int64 expression batch codes (-1: unknown), or None.
+    batch (B,) int64 expression batch codes (-1: unknown), or None;
+    image_batch (B,) int64 image source codes (-1: unknown), or None.
     """
 
     image: torch.Tensor | None
@@ -165,6 +174,7 @@ class Batch:
     diameter: torch.Tensor | None = None
     batch: torch.Tensor | None = None
     granule_od: torch.Tensor | None = None
+    image_batch: torch.Tensor | None = None
 
 
 def _dense(m) -> np.ndarray:
@@ -674,6 +684,71 @@ def assign_batches(
     return data.batch_names
 
 
+def assign_image_batches(
+    data: PairedTensors,
+    obs: pd.DataFrame,
+    key: str,
+    source: str,
+    names: list[str] | None = None,
+) -> list[str]:
+    """Fill ``data.image_batch`` / ``data.image_batch_names`` from ``obs[key]``.
+
+    The image counterpart of :func:`assign_batches`: each crop's source (microscope,
+    stain, scanner; ``image_source`` of ``stage=pair``), read the same way (text,
+    whole-number floats as integers, blanks unknown).
+
+    Parameters
+    ----------
+    data : PairedTensors
+        The table's tensors (rows in ``obs`` order); changed in place.
+    obs : pandas.DataFrame
+        The paired table's obs.
+    key : str
+        The source column (``vae.image_batch_key``).
+    source : str
+        File name for messages.
+    names : list of str, optional
+        The sources a trained model knows (``VAEArgs.image_batch_names``): crops of any
+        other source get -1 (drawn in the average of the sources). None: the sorted
+        sources of the rows with a crop (training).
+
+    Returns
+    -------
+    list of str
+        The source names in code order (``data.image_batch_names``).
+
+    Raises
+    ------
+    PairedDataError
+        The column is missing, or (training) a row with a crop has no source.
+    """
+    if key not in obs:
+        cols = ", ".join(map(str, obs.columns)) or "none"
+        raise PairedDataError(
+            f"{source}: obs['{key}'] (vae.image_batch_key={key}) is missing; its columns: {cols}"
+        )
+    values = batch_text(obs[key].astype(object).to_numpy())
+    has_img = data.has_image.cpu().numpy().astype(bool)
+    if names is None:
+        missing = has_img & np.array([v is None for v in values], dtype=bool)
+        if missing.any():
+            first = str(np.asarray(data.obs_names, dtype=object)[missing][0])
+            raise PairedDataError(
+                f"{source}: obs['{key}'] (vae.image_batch_key={key}) is empty for "
+                f"{int(missing.sum())} rows with a crop (first: {first!r}); give every crop "
+                "its source"
+            )
+        names = sorted({str(v) for v in values[has_img]})
+    lookup = {n: i for i, n in enumerate(names)}
+    codes = np.array(
+        [lookup.get(v, -1) if (h and v is not None) else -1 for v, h in zip(values, has_img)],
+        dtype=np.int64,
+    )
+    data.image_batch = torch.from_numpy(codes)
+    data.image_batch_names = list(names)
+    return data.image_batch_names
+
+
 def _label_codes(obs: pd.DataFrame, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted label names and each row's code; NaN / None / "" / "nan" -> ``"NA"``."""
     if "label" in obs:
@@ -964,6 +1039,8 @@ def raw_batch(d: PairedTensors, idx: torch.Tensor, images: bool = True) -> dict[
             out["diameter"] = d.diameter.index_select(0, idx)
     if d.batch is not None:  # the profiles' batches, for the expression decoder
         out["batch"] = d.batch.index_select(0, idx)
+    if d.image_batch is not None:  # the crops' sources, for the image decoder
+        out["image_batch"] = d.image_batch.index_select(0, idx)
     if d.counts is not None:
         out["counts"] = d.counts.index_select(0, idx)
     if d.log_factorial is not None:
@@ -1230,6 +1307,7 @@ def to_batch(
         diameter=mv(raw["diameter"]) if "diameter" in raw else None,
         batch=mv(raw["batch"]) if "batch" in raw else None,
         granule_od=mv(raw["granule_od"]) if "granule_od" in raw else None,
+        image_batch=mv(raw["image_batch"]) if "image_batch" in raw else None,
     )
 
 

@@ -224,7 +224,10 @@ def encode_dataset(
             mi = post.image[0].float()
             # expression decoded from the image mean; the image decoder on image rows only
             di = model.decode(
-                post.image[0], image_rows=None if decode else b.has_image, batch=b.batch
+                post.image[0],
+                image_rows=None if decode else b.has_image,
+                batch=b.batch,
+                image_batch=b.image_batch,
             )
             if x_img_all is not None and bool(b.has_image.any()):
                 x_img = di.expression_log.float()
@@ -237,7 +240,11 @@ def encode_dataset(
         if decode:
             if views != 1:  # reconstructions from the posterior of the crop as given
                 post = encode_batch(model, b)
-                di = model.decode(post.image[0], batch=b.batch) if post.image is not None else None
+                di = (
+                    model.decode(post.image[0], batch=b.batch, image_batch=b.image_batch)
+                    if post.image is not None
+                    else None
+                )
             t = _decode_batch(model, b, post, di, dec)
             theta = t if t is not None else theta
 
@@ -260,11 +267,11 @@ def _decode_batch(model: TwoBranchVAE, b, post, di, acc: dict) -> np.ndarray | N
     """Append one batch's inputs and decodings to ``acc``; the NB theta when the model has one."""
     # decoded cells as a user sees them: with granules drawn when the model has a head
     # each profile decoded in its own batch (a model with a batch covariate; None: average)
-    dj = model.decode(post.joint[0], render=True, batch=b.batch)
+    dj = model.decode(post.joint[0], render=True, batch=b.batch, image_batch=b.image_batch)
     # no expression posterior without genes: nothing decoded from it (zeros, has_expression
     # is False on every row)
     de = (
-        model.decode(post.expression[0], render=True, batch=b.batch)
+        model.decode(post.expression[0], render=True, batch=b.batch, image_batch=b.image_batch)
         if post.expression is not None
         else None
     )
@@ -345,14 +352,19 @@ def reconstruction_nll(
     rows = np.arange(data.n) if rows is None else np.asarray(rows)
     img_out, expr_out = [], []
     for b, post in _encoded_batches(model, data, rows, batch_size, device):
-        di = model.decode(post.image[0], b.has_image, batch=b.batch)
+        di = model.decode(post.image[0], b.has_image, batch=b.batch, image_batch=b.image_batch)
         n_val = (b.mask.sum(dim=(1, 2, 3)) * b.image.shape[1]).clamp_min(1.0)
         mse = ((di.image.float() - b.image) * b.mask).pow(2).sum(dim=(1, 2, 3)) / n_val
         img_out.append(torch.where(b.has_image, mse, torch.nan).cpu().numpy())
         if post.expression is None:  # a model without genes: no profile to score
             expr_out.append(np.full(b.x.shape[0], np.nan, np.float32))
             continue
-        de = model.decode(post.expression[0], torch.zeros_like(b.has_image), batch=b.batch)
+        de = model.decode(
+            post.expression[0],
+            torch.zeros_like(b.has_image),
+            batch=b.batch,
+            image_batch=b.image_batch,
+        )
         if b.counts is None and de.expression_log_sd is None:
             # a count likelihood without counts (a log-normalised query): not on the
             # training scale, so not scored

@@ -182,6 +182,14 @@ class VAEArgs:
     # saved before these fields load as such).
     batch_key: str | None = None
     batch_names: list[str] = field(default_factory=list)
+    # image sources (the microscope, stain and scanner of each crop: ``image_source``):
+    # the image decoder reads the source as a one-hot beside the code, as the expression
+    # decoder reads its batch, so the code need not carry each microscope's colour and
+    # grain; the encoders never read it. A code without a crop (a profile, a path step)
+    # is drawn in the average of the sources or in one the caller names. Empty: no
+    # covariate (checkpoints saved before these fields load as such).
+    image_batch_key: str | None = None
+    image_batch_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.expression_likelihood not in EXPRESSION_LIKELIHOODS:
@@ -270,6 +278,16 @@ class VAEArgs:
                 )
             if self.n_genes == 0:
                 raise ValueError("batch_names: a model without genes has no expression decoder")
+        if self.image_batch_names:
+            if not self.image_batch_key:
+                raise ValueError(
+                    "image_batch_names needs image_batch_key (the obs column they come from)"
+                )
+            names = self.image_batch_names
+            if len(set(names)) != len(names) or len(names) < 2:
+                raise ValueError(
+                    f"image_batch_names must be two or more distinct names; got {names}"
+                )
         if self.n_shared < 1 or self.n_private < 0 or self.n_genes < 0:
             raise ValueError(
                 f"need n_shared >= 1, n_private >= 0, n_genes >= 0; got {self.n_shared}, "
@@ -289,6 +307,11 @@ class VAEArgs:
     def n_batches(self) -> int:
         """Number of expression batches the decoder is conditioned on (0: none)."""
         return len(self.batch_names)
+
+    @property
+    def n_image_batches(self) -> int:
+        """Number of image sources the image decoder is conditioned on (0: none)."""
+        return len(self.image_batch_names)
 
 
 @dataclass
@@ -950,7 +973,7 @@ class TwoBranchVAE(nn.Module):
         self.image_decoder = ImageDecoder(
             a.crop_size,
             a.channels,
-            ns + npv,
+            ns + npv + a.n_image_batches,  # the code [+ the image source's one-hot]
             a.predict_mask,
             a.image_arch,
             a.texture_noise,
@@ -1258,6 +1281,7 @@ class TwoBranchVAE(nn.Module):
         use_image: bool = True,
         use_expression: bool = True,
         batch: torch.Tensor | None = None,
+        image_batch: torch.Tensor | None = None,
     ) -> Decoded:
         """Decode latent codes.
 
@@ -1284,6 +1308,10 @@ class TwoBranchVAE(nn.Module):
             Expression batch code of each row (``args.batch_names``; -1 unknown) for a
             model with a batch covariate; default (None): every row the average of the
             batches. Ignored by a model without one.
+        image_batch : (B,) int64, optional
+            Image source code of each row (``args.image_batch_names``; -1 unknown) for
+            a model with an image source covariate; default (None): every row drawn in
+            the average of the sources. Ignored by a model without one.
 
         Returns
         -------
@@ -1293,6 +1321,10 @@ class TwoBranchVAE(nn.Module):
             the likelihood parameters.
         """
         zi = self.image_part(z)
+        lobes_in = zi  # the lobe and size heads read the code alone: a cell's, not a source's
+        k = self.args.n_image_batches
+        if k and use_image:
+            zi = torch.cat([zi, batch_onehot(image_batch, k, zi.shape[0], zi)], dim=1)
         rate = od = nuc_logits = nuc_colour = cyto = None
         tex: tuple[torch.Tensor | None, ...] = (None, None, None)
         if not use_image:
@@ -1304,8 +1336,8 @@ class TwoBranchVAE(nn.Module):
                 self.image_decoder, image_rows, zi
             )
         mask = torch.sigmoid(mask_logits) if mask_logits is not None else None
-        lobes = self.lobe_head(zi) if self.lobe_head is not None and use_image else None
-        size = self.size_head(zi) if self.size_head is not None and use_image else None
+        lobes = self.lobe_head(lobes_in) if self.lobe_head is not None and use_image else None
+        size = self.size_head(lobes_in) if self.size_head is not None and use_image else None
         mean = None
         if render and (rate is not None or nuc_logits is not None or tex[0] is not None):
             mean = img
@@ -1389,6 +1421,7 @@ class TwoBranchVAE(nn.Module):
         use_expression: bool = True,
         diameter: torch.Tensor | None = None,
         batch: torch.Tensor | None = None,
+        image_batch: torch.Tensor | None = None,
     ) -> ForwardOutput:
         """Encode, sample and decode everything the training loss needs.
 
@@ -1414,6 +1447,7 @@ class TwoBranchVAE(nn.Module):
         log_library : (B,) optional
         diameter : (B,) optional, the cells' diameters (see :meth:`encode`)
         batch : (B,) int64 optional, expression batch codes (see :meth:`decode`)
+        image_batch : (B,) int64 optional, image source codes (see :meth:`decode`)
         """
         if self.expression_encoder is None:
             use_expression = False
@@ -1423,7 +1457,7 @@ class TwoBranchVAE(nn.Module):
             post = self.encode(image, None, has_image, None, mask, None, diameter=diameter)
             poe = self.args.fusion == "poe"
             z = reparameterize(post.joint if poe else post.image)
-            dec = self.decode(z, post.has_image, use_expression=False)
+            dec = self.decode(z, post.has_image, use_expression=False, image_batch=image_batch)
             # PoE: the fused decode only (no paired row for the unimodal / cross-modal
             # terms); MoE: the image component (the first draw of the full path too)
             return ForwardOutput(
@@ -1455,12 +1489,16 @@ class TwoBranchVAE(nn.Module):
             image, expression, has_image, has_expression, mask, log_library, diameter=diameter
         )
         hi, paired = post.has_image, post.has_image & post.has_expression
+        ib = image_batch
         if self.args.fusion == "poe":
-            joint = self.decode(reparameterize(post.joint), hi, batch=batch)
+            joint = self.decode(reparameterize(post.joint), hi, batch=batch, image_batch=ib)
         else:
             joint = None
-        from_img = self.decode(reparameterize(post.image), hi, batch=batch)
-        from_expr = self.decode(reparameterize(post.expression), paired, batch=batch)
+        from_img = self.decode(reparameterize(post.image), hi, batch=batch, image_batch=ib)
+        # the image drawn from a profile is scored against its row's crop: that crop's source
+        from_expr = self.decode(
+            reparameterize(post.expression), paired, batch=batch, image_batch=ib
+        )
         return ForwardOutput(post, joint, from_img, from_expr, self.classifier, self.maturation)
 
 

@@ -214,7 +214,41 @@ class StudyPrepareMixin:
         except PairedDataError as e:
             raise StudyError(str(e)) from e
         self._query_batches(data, adata.obs, adata.uns)
+        self._query_image_sources(data, adata.obs)
         return data, report
+
+    def _query_image_sources(self, data, obs) -> None:
+        """A model with image sources (``vae.image_batch_key``) decodes each query crop in
+        its own source when the query names one the study knows (its reconstruction and
+        anomaly score then read like the study's own crops'); any other crop, or a query
+        without the column, is drawn in the average of the sources. The code itself never
+        reads a source."""
+        from vae.data import assign_image_batches
+
+        args = self.model.args
+        key = getattr(args, "image_batch_key", None)
+        if not getattr(args, "image_batch_names", None) or not key:
+            return
+        if not bool(data.has_image.any()):
+            return  # no crop to decode
+        if key not in obs:
+            self._note(
+                logging.INFO,
+                "the study draws cells by image source (obs['%s']); the query has no such "
+                "column: its crops are drawn in the average of the sources",
+                key,
+            )
+            return
+        assign_image_batches(data, obs, key, "query", list(args.image_batch_names))
+        unknown = (data.image_batch.numpy() < 0) & data.has_image.numpy().astype(bool)
+        if unknown.any():
+            self._note(
+                logging.INFO,
+                "query crops of a source the study never saw (obs['%s']; the study's: %s): "
+                "drawn in the average of the sources",
+                key,
+                ", ".join(map(str, args.image_batch_names)),
+            )
 
     def _query_batches(self, data, obs, uns=None) -> None:
         """A model with expression batches (``vae.batch_key``) decodes each query profile in

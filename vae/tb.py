@@ -196,14 +196,18 @@ class TBLogger:
         use_image = batch.image is not None
         # each profile decoded in its own batch (a model with vae.batch_key), as evaluate does
         joint = model.decode(
-            post.joint[0], render=use_image, use_image=use_image, batch=batch.batch
+            post.joint[0],
+            render=use_image,
+            use_image=use_image,
+            batch=batch.batch,
+            image_batch=batch.image_batch,
         )
         if use_image:
-            from_img = model.decode(post.image[0], render=True)
+            from_img = model.decode(post.image[0], render=True, image_batch=batch.image_batch)
             rows = [batch.image.float().cpu(), _cells(joint), _cells(from_img)]
             if post.expression is not None:  # none without genes (pair=image_only)
                 ze = lend_batch_poses(model, batch, post)
-                rows.append(_cells(model.decode(ze, render=True)))
+                rows.append(_cells(model.decode(ze, render=True, image_batch=batch.image_batch)))
             grid = torchvision.utils.make_grid(
                 torch.cat(rows).clamp(0, 1),
                 nrow=batch.image.shape[0],

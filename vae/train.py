@@ -324,6 +324,7 @@ def forward_loss(
             use_expression=use_expression,
             diameter=batch.diameter,
             batch=batch.batch,
+            image_batch=batch.image_batch,
         )
     return _unwrap(model).loss(
         out,

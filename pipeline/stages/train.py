@@ -140,6 +140,28 @@ def use_batches(data, obs, key: str, source: str, uns=None) -> None:
     log.info("expression batches (vae.batch_key=%s%s), profiles each: %s", key, where, sizes)
 
 
+def use_image_batches(data, obs, key: str, source: str) -> None:
+    """Give ``data`` its crops' sources from ``obs[key]`` (``vae.image_batch_key``); one
+    source only: a warning and no covariate (nothing to condition on)."""
+    from vae.data import PairedDataError, assign_image_batches
+
+    try:
+        names = assign_image_batches(data, obs, key, source)
+    except PairedDataError as e:
+        raise StageError(str(e)) from e
+    codes = data.image_batch.numpy()
+    if len(names) < 2:
+        log.warning(
+            "vae.image_batch_key=%s: %s; no image source covariate",
+            key,
+            f"every crop is from {names[0]!r}" if names else "no row has a crop",
+        )
+        data.image_batch, data.image_batch_names = None, []
+        return
+    sizes = ", ".join(f"{n} {int((codes == i).sum())}" for i, n in enumerate(names))
+    log.info("image sources (vae.image_batch_key=%s), crops each: %s", key, sizes)
+
+
 def warn_uncorrected(uns, source: str) -> None:
     """A warning when stage=expression corrected batches (``expression.batch_key``, carried
     by stage=pair as ``uns['expression_batch_correction']``) but this run has no
@@ -311,6 +333,8 @@ def run_train(ctx: StageContext) -> None:
         use_batches(data, adata.obs, str(cfg.vae.batch_key), str(src), adata.uns)
     else:
         warn_uncorrected(adata.uns, str(src))
+    if cfg.vae.get("image_batch_key"):
+        use_image_batches(data, adata.obs, str(cfg.vae.image_batch_key), str(src))
     margs = build_model_args(cfg, data, str(src))
     align = resolve_align(cfg.vae.align, adata.obs)
     targs = build_train_args(cfg, align, unknown_label_code(data.label_names), data)

@@ -87,20 +87,34 @@ def _image_row(what: str, decoded: np.ndarray, P, rows: np.ndarray) -> dict:
     }
 
 
-def _expression_posed(rd: RunData, rows: np.ndarray, batch_size: int, lenders=None):
+def _expression_posed(
+    rd: RunData, rows: np.ndarray, batch_size: int, lenders=None, codes: np.ndarray | None = None
+):
     """The cells decoded from ``rows``' expression codes, each in the pose of the
     training crop nearest it (:func:`vae.analysis.run.in_training_poses`; ``lenders``:
     its :func:`vae.analysis.run.pose_lenders`, encoded there when None), as
-    :class:`vae.analysis.traverse.DecodedArrays`; None when no pose can be lent."""
+    :class:`vae.analysis.traverse.DecodedArrays`; None when no pose can be lent.
+
+    ``codes`` : (len(rows), d) the rows' expression codes when the caller has them
+    (``encode_dataset(...).expression``); None: encoded here. Each cell is drawn in its
+    crop's image source (a model with ``vae.image_batch_key``), as the pose-free drawing
+    and the training's cross-modal term are."""
     if rows.size == 0:
         return None
-    # the expression code reads no crop: one view is enough
-    e = encode_dataset(rd.model, rd.data, rd.device, batch_size, rows=rows, views=1)
-    posed = in_training_poses(rd, e.expression, batch_size, lenders)
-    return None if posed is None else T.decode(rd.model, posed, batch_size, rd.device)
+    if codes is None:  # the expression code reads no crop: one view is enough
+        codes = encode_dataset(rd.model, rd.data, rd.device, batch_size, rows=rows, views=1)
+        codes = codes.expression
+    posed = in_training_poses(rd, codes, batch_size, lenders)
+    if posed is None:
+        return None
+    src = rd.data.image_batch
+    src = None if src is None else src.numpy()[rows]
+    return T.decode(rd.model, posed, batch_size, rd.device, image_batch=src)
 
 
-def readback_summary(rd: RunData, a, P, labels, known, ref, lenders=None) -> dict | None:
+def readback_summary(
+    rd: RunData, a, P, labels, known, ref, lenders=None, codes: np.ndarray | None = None
+) -> dict | None:
     """``metrics.json`` ``readback``: the share of held-out rows with a crop, a profile and
     a known label whose drawings the image encoder reads as that label
     (:mod:`vae.analysis.readback`): the input crops themselves, the joint reconstruction,
@@ -147,7 +161,9 @@ def readback_summary(rd: RunData, a, P, labels, known, ref, lenders=None) -> dic
             P.image_from_expr[sel], P.image_from_expr_mask[sel], bg
         ),
     }
-    posed = _expression_posed(rd, P.rows[sel], a.batch_size, lenders)
+    posed = _expression_posed(
+        rd, P.rows[sel], a.batch_size, lenders, None if codes is None else codes[sel]
+    )
     if posed is not None:
         drawings["from_expression"] = drawing(posed.images, posed.masks, bg)
     calls = read_back(
@@ -170,7 +186,8 @@ def _grain_over_input(drawings: dict[str, tuple[np.ndarray, np.ndarray]]) -> dic
     """``grain_over_input_<drawing>``: the median over the rows of each drawing's cytoplasm
     grain over its input crop's (:func:`vae.analysis.granules.stain_grain`, root-mean-square
     fine detail of the stain); 1: drawn as granular as the crop, 2: twice as grainy. Rows
-    where either has no cytoplasm to read are left out; NaN under 3 rows."""
+    where either has no cytoplasm to read are left out; NaN under 3 rows
+    (:func:`vae.analysis.granules.grain_ratio`)."""
     from vae.analysis import granules as G
 
     cells, masks = drawings["input"]
@@ -179,11 +196,7 @@ def _grain_over_input(drawings: dict[str, tuple[np.ndarray, np.ndarray]]) -> dic
     for name, (img, m) in drawings.items():
         if name == "input":
             continue
-        g = G.stain_grain(img, m)[:, 0]
-        ok = np.isfinite(g) & np.isfinite(g_in) & (g_in > 0)
-        out[f"grain_over_input_{name}"] = (
-            float(np.median(g[ok] / g_in[ok])) if ok.sum() >= 3 else float("nan")
-        )
+        out[f"grain_over_input_{name}"] = G.grain_ratio(G.stain_grain(img, m)[:, 0], g_in)
     return out
 
 
@@ -714,9 +727,10 @@ def evaluate(
     # ---- reconstruction and cross-modal prediction (needs the paired data)
     P = None
     if rd.data is not None:
-        P = encode_dataset(
-            rd.model, rd.data, rd.device, a.batch_size, rows=rows, decode=True
-        ).decoded
+        enc = encode_dataset(rd.model, rd.data, rd.device, a.batch_size, rows=rows, decode=True)
+        # the expression codes of the figure's and the readback's cells drawn from
+        # expression, (len(rows), d): encoded once, here
+        P, expr_codes = enc.decoded, enc.expression
         rec, gene_rows = [], []
         hi, he = P.has_image, P.has_expression
         if hi.any():
@@ -765,7 +779,9 @@ def evaluate(
             # averaged over orientations reads as a ring); the table's "expression ->
             # image" row scores the pose-free decode above
             with_expr = show[he[show]]
-            posed = _expression_posed(rd, P.rows[with_expr], a.batch_size, lenders)
+            posed = _expression_posed(
+                rd, P.rows[with_expr], a.batch_size, lenders, expr_codes[with_expr]
+            )
             if posed is not None:
                 expr_cells = expr_cells.copy()
                 expr_cells[with_expr] = posed.cells()
@@ -794,7 +810,7 @@ def evaluate(
             )
             out_files.figure(fig, "reconstructions", "evaluate/reconstructions")
         # ---- the drawings read back by the image encoder: of their row's class?
-        rb = readback_summary(rd, a, P, labels, known, ref, lenders)
+        rb = readback_summary(rd, a, P, labels, known, ref, lenders, expr_codes)
         if rb is not None:
             out["readback"] = rb
         if disagree is not None and len(disagree):

@@ -198,6 +198,19 @@ def load_run(
                 )
             except PairedDataError as e:
                 raise AnalysisError(str(e)) from e
+        if getattr(model.args, "image_batch_names", None):  # each crop drawn in its source
+            from vae.data import PairedDataError, assign_image_batches
+
+            try:
+                assign_image_batches(
+                    data,
+                    paired.obs,
+                    str(model.args.image_batch_key),
+                    str(paired_path),
+                    list(model.args.image_batch_names),
+                )
+            except PairedDataError as e:
+                raise AnalysisError(str(e)) from e
         crops = paired.obsm["crops"] if "crops" in paired.obsm else None
         size = int(crops.shape[1]) if crops is not None and len(crops.shape) == 4 else None
         if size is not None and size != int(model.args.crop_size):

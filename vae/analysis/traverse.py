@@ -106,7 +106,12 @@ class DecodedArrays:
 
 
 def decode(
-    model, z: np.ndarray, batch_size: int = 256, device: str = "cpu", render: bool = True
+    model,
+    z: np.ndarray,
+    batch_size: int = 256,
+    device: str = "cpu",
+    render: bool = True,
+    image_batch: np.ndarray | None = None,
 ) -> DecodedArrays:
     """Decode latent codes in batches under ``torch.inference_mode``.
 
@@ -116,6 +121,10 @@ def decode(
     z : (n, d) latent codes; (0, d) gives empty arrays.
     render : a model with a granule, texture or nucleus layer draws the cells (as
         every figure does); False: the decoder's mean image.
+    image_batch : (n,) int, optional
+        Image source code of each row for a model with image sources
+        (``vae.image_batch_key``; -1 unknown); None: every cell drawn in the average of
+        the sources (a path step, a traversal). Not passed to a model without sources.
     """
     import torch
 
@@ -140,6 +149,10 @@ def decode(
     model.eval()
     with torch.inference_mode():
         for i in range(0, len(z), batch_size):
+            if image_batch is not None and getattr(args, "image_batch_names", None):
+                kw["image_batch"] = torch.from_numpy(
+                    np.asarray(image_batch[i : i + batch_size], dtype=np.int64)
+                ).to(device)
             dec = model.decode(torch.from_numpy(z[i : i + batch_size]).to(device), **kw)
             # (B, 3, S, S) -> (B, S, S, 3)
             imgs.append(dec.image.float().permute(0, 2, 3, 1).cpu().numpy())
