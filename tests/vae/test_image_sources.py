@@ -4,6 +4,8 @@ code without a crop is drawn in the average of the sources."""
 
 from __future__ import annotations
 
+import json
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -136,9 +138,7 @@ def test_assign_image_batches_names_the_file_and_the_column():
         assign_image_batches(d, a.obs, "image_source", "paired.h5ad")
 
 
-def test_train_with_image_sources_saves_them_and_evaluate_embed_use_them(
-    tmp_path, run_in_process
-):
+def test_train_with_image_sources_saves_them_and_evaluate_embed_use_them(tmp_path, run_in_process):
     from vae.api import Study
     from vae.checkpoint import load_model
 
@@ -159,7 +159,25 @@ def test_train_with_image_sources_saves_them_and_evaluate_embed_use_them(
         (run / "train" / "train.log").read_text()
     )
     run_in_process([*common, "analysis.split=all"], "evaluate")
-    run_in_process(common, "traverse")  # draws the path in the average of the sources
+    # the path and sweeps: drawn in the average of the sources, or under one the user names
+    run_in_process(common, "traverse")
+    avg = pd.read_csv(run / "traverse" / "path_features_gp.csv")
+    summary = json.loads((run / "traverse" / "traverse_summary.json").read_text())
+    assert summary["draw_source"] == "average of the sources"
+    run_in_process([*common, "analysis.draw_source=txl", "overwrite=true"], "traverse")
+    txl = pd.read_csv(run / "traverse" / "path_features_gp.csv")
+    summary = json.loads((run / "traverse" / "traverse_summary.json").read_text())
+    assert summary["draw_source"] == "txl"
+    drawn = ["cytoplasm_hue", "cytoplasm_saturation", "nucleus_fraction", "cell_area"]
+    drawn = [c for c in drawn if c in avg]
+    assert drawn and not np.allclose(
+        avg[drawn].to_numpy(float), txl[drawn].to_numpy(float), equal_nan=True
+    )
+    with pytest.raises(
+        StageError,
+        match=r"analysis.draw_source='raabin' is not one of the model's image sources: bccd, txl",
+    ):
+        run_in_process([*common, "analysis.draw_source=raabin", "overwrite=true"], "traverse")
     # embedding the study's own crops gives back their image reconstruction scores: each
     # query crop is drawn in its own source, as the study's were
     study = Study.load(run)

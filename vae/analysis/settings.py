@@ -29,6 +29,10 @@ class AnalysisSettings:
     # none without one). Set it on a model trained without the covariate to see whether
     # its latent sorts cells by batch (docs/vae.md, "Expression batches")
     batch_key: str | None = None
+    # a model with image sources (vae.image_batch_key) draws every code without a crop
+    # (path steps, dimension sweeps) as under this source's microscope; null: in the
+    # average of the sources (docs/vae.md, "Image sources")
+    draw_source: str | None = None
     n_neighbors: int = 15  # kNN graph for Leiden and UMAP
     leiden_resolution: float = 1.0
     umap: bool = True  # UMAP figures (off: PCA, faster)

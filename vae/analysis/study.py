@@ -54,6 +54,17 @@ log = logging.getLogger(__name__)
 PATH_TITLES = {"straight": "straight path", "gp": "Gaussian-process path"}
 
 
+def draw_code(rd: RunData, a: AnalysisSettings) -> int | None:
+    """The image source every code without a crop is drawn in (``a.draw_source``,
+    :func:`vae.analysis.traverse.source_code`); None: the average of the sources."""
+    from vae.analysis import traverse as T
+
+    try:
+        return T.source_code(rd.model, a.draw_source)
+    except ValueError as e:
+        raise AnalysisError(str(e)) from e
+
+
 def _flag(obs: pd.DataFrame, col: str) -> np.ndarray:
     """(N,) bool ``obs[col]`` of the run's latent table (``has_image`` /
     ``has_expression``), read as :func:`vae.data.parse_flag` reads it: ``astype(bool)``
@@ -118,6 +129,8 @@ def traverse_study(
     from vae.analysis.report import FigureItem, Section, TableItem, fmt_number, write_report
 
     t0 = time.time()
+    # the image source codes without a crop are drawn in (checked before any work)
+    draw = draw_code(rd, a)
     lat = rd.latent
     genes = rd.gene_names
     programs = programs_of(a.programs, genes)
@@ -152,6 +165,8 @@ def traverse_study(
     figs: dict[str, list] = {k: [] for k in ("dims", "path", "granules", "truth")}
     tables: dict[str, pd.DataFrame] = {}
     summary: dict[str, Any] = {"n_latent": d, "split": a.split}
+    if getattr(rd.model.args, "image_batch_names", None):  # what codes without a crop look like
+        summary["draw_source"] = a.draw_source or "average of the sources"
     steps = Steps("traverse", 5)  # one per section below (terminal only)
     # a decoder branch no training row ever reached decodes noise: leave its figures out
     img_ok, expr_ok = trained_modalities(lat)
@@ -212,7 +227,7 @@ def traverse_study(
         summary["sweep_range_sd"] = {
             int(k): [round(v[0], 2), round(v[1], 2)] for k, v in ranges.items()
         }
-    trs = T.traverse_dims(rd.model, anchor, dims, sd, a.span_sd, a.n_steps, rd.device, ranges)
+    trs = T.traverse_dims(rd.model, anchor, dims, sd, a.span_sd, a.n_steps, rd.device, ranges, draw)
     dim_rows = []
     dim_items: dict[int, FigureItem] = {}  # each swept dim's figure (its caption grows below)
 
@@ -446,7 +461,7 @@ def traverse_study(
         if pose_ref is not None:
             summary["path_pose_cells"] = int(min(a.path_pose_cells, len(pose_ref)))
         for kind, pth in paths.items():
-            dec = T.decode(rd.model, pth.points, a.batch_size, rd.device)
+            dec = T.decode(rd.model, pth.points, a.batch_size, rd.device, image_batch=draw)
             path_decoded[kind] = dec
             support = T.image_support(
                 pth.points, z_img, a.image_support_k, a.image_support_quantile
@@ -473,7 +488,9 @@ def traverse_study(
                 posed = T.posed_codes(
                     pth.points, Z[pose_ref], single_view_codes(pose_ref), a.path_pose_cells
                 )
-                posed_dec = T.decode(rd.model, posed.codes.reshape(-1, d), a.batch_size, rd.device)
+                posed_dec = T.decode(
+                    rd.model, posed.codes.reshape(-1, d), a.batch_size, rd.device, image_batch=draw
+                )
             ok_img = support.supported
             drawn = dec.cells() if img_ok else None  # the top row, before fading
             cells = T.fade_unsupported(drawn, ok_img) if img_ok else None
@@ -875,7 +892,11 @@ def traverse_study(
             # each cell decoded to be compared with its truth and its crop: from the
             # single-view code of its crop, not the pose-free reported latent Z (whose
             # decoded cell has an orientation-averaged nucleus: run.cell_codes)
-            dec = T.decode(rd.model, single_view_codes(ok), a.batch_size, rd.device)
+            # ... in its crop's own image source (a model with vae.image_batch_key)
+            src = None if rd.data.image_batch is None else rd.data.image_batch.numpy()[ok]
+            dec = T.decode(
+                rd.model, single_view_codes(ok), a.batch_size, rd.device, image_batch=src
+            )
             fd = measure(dec.images, dec.masks, params, bg)
             truth["decoded_granule_density_vs_true_spearman"] = M.correlation_matrix(
                 fd["granule_density"].to_numpy(float), dens[ok]

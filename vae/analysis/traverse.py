@@ -105,13 +105,39 @@ class DecodedArrays:
         return draw_cells(self.images, self.masks, background)
 
 
+def source_code(model, name: str | None) -> int | None:
+    """The image source code ``model`` draws ``name`` with (``analysis.draw_source``):
+    None for None (the average of the sources).
+
+    Raises
+    ------
+    ValueError
+        ``name`` is not one of the model's sources, or the model has none (it was
+        trained without ``vae.image_batch_key``); the message lists what it has.
+    """
+    if name is None:
+        return None
+    names = list(getattr(getattr(model, "args", None), "image_batch_names", None) or [])
+    if not names:
+        raise ValueError(
+            f"analysis.draw_source={name!r}: the model has no image sources (trained "
+            "without vae.image_batch_key); leave it null"
+        )
+    if str(name) not in names:
+        raise ValueError(
+            f"analysis.draw_source={name!r} is not one of the model's image sources: "
+            + ", ".join(names)
+        )
+    return names.index(str(name))
+
+
 def decode(
     model,
     z: np.ndarray,
     batch_size: int = 256,
     device: str = "cpu",
     render: bool = True,
-    image_batch: np.ndarray | None = None,
+    image_batch: np.ndarray | int | None = None,
 ) -> DecodedArrays:
     """Decode latent codes in batches under ``torch.inference_mode``.
 
@@ -121,16 +147,18 @@ def decode(
     z : (n, d) latent codes; (0, d) gives empty arrays.
     render : a model with a granule, texture or nucleus layer draws the cells (as
         every figure does); False: the decoder's mean image.
-    image_batch : (n,) int, optional
-        Image source code of each row for a model with image sources
-        (``vae.image_batch_key``; -1 unknown); None: every cell drawn in the average of
-        the sources (a path step, a traversal). Not passed to a model without sources.
+    image_batch : (n,) int or int, optional
+        Image source code of each row (one int: every row) for a model with image
+        sources (``vae.image_batch_key``; -1 unknown, :func:`source_code`); None: every
+        cell drawn in the average of the sources. Not passed to a model without sources.
     """
     import torch
 
     z = np.asarray(z, dtype=np.float32)
     if z.ndim != 2:
         raise ValueError(f"decode: z must be (n, d), got {z.shape}")
+    if image_batch is not None and np.ndim(image_batch) == 0:
+        image_batch = np.full(len(z), int(image_batch), dtype=np.int64)
     if len(z) == 0:  # empty in, empty out: the shapes of one decoded code
         one = decode(model, np.zeros((1, z.shape[1]), np.float32), batch_size, device, render)
         return DecodedArrays(
@@ -304,6 +332,7 @@ def traverse_dims(
     n_steps: int = 9,
     device: str = "cpu",
     ranges: dict[int, tuple[float, float]] | None = None,
+    image_batch: int | None = None,
 ) -> list[DimTraversal]:
     """Sweep each of ``dims`` over ``anchor[dim] + linspace(-span, span) * sd[dim]``.
 
@@ -317,6 +346,8 @@ def traverse_dims(
     n_steps : points per sweep (odd keeps the anchor itself in the middle).
     ranges : dim -> (lo, hi) offsets in sd units that replace ``-span, span`` for that
         dim (e.g. :func:`supported_range`); dims not in it use ``span``.
+    image_batch : the image source every step is drawn in (:func:`source_code`); None:
+        the average of the sources (a model without sources: ignored).
     """
     anchor = np.asarray(anchor, dtype=np.float64)
     sd = np.asarray(sd, dtype=np.float64)
@@ -332,7 +363,7 @@ def traverse_dims(
                 dim=int(dim),
                 values=z[:, dim].copy(),
                 offsets=offsets,
-                decoded=decode(model, z, device=device),
+                decoded=decode(model, z, device=device, image_batch=image_batch),
             )
         )
     return out
