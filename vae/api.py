@@ -991,7 +991,12 @@ class Study(StudyReadMixin, StudyPrepareMixin, StudySeenMixin, StudyAtypicalMixi
 
     # ---------------------------------------------------------------- decode
     def decode(
-        self, z: np.ndarray, batch_size: int = 256, render: bool = True, pose: str = "as_given"
+        self,
+        z: np.ndarray,
+        batch_size: int = 256,
+        render: bool = True,
+        pose: str = "as_given",
+        source: str | None = None,
     ):
         """Decode full latent codes (n, d): images, masks and log-expression.
 
@@ -1006,6 +1011,10 @@ class Study(StudyReadMixin, StudyPrepareMixin, StudySeenMixin, StudyAtypicalMixi
         segmented neutrophil as a ring), drawn so in a real cell's orientation, as
         ``stage=traverse`` draws its path steps.
 
+        ``source``: a study trained with image sources (``vae.image_batch_key``) draws the
+        cells as under this source's microscope (one of :attr:`image_sources`); None
+        (default): in the average of the sources. A study without sources refuses a name.
+
         Returns :class:`vae.analysis.traverse.DecodedArrays` (``images``
         (n, S, S, 3) in [0, 1], ``masks``, ``expression`` (n, G) log1p-normalised
         in the order of :attr:`gene_names`; ``diameter`` (n,) px of the detector's
@@ -1013,7 +1022,7 @@ class Study(StudyReadMixin, StudyPrepareMixin, StudySeenMixin, StudyAtypicalMixi
         ``.cells()`` draws the decoded cells through their decoded masks, as every
         figure does.
         """
-        from vae.analysis.traverse import decode
+        from vae.analysis.traverse import decode, source_code
 
         z = np.asarray(z, np.float32)
         d = int(self.meta["n_latent"])
@@ -1028,9 +1037,19 @@ class Study(StudyReadMixin, StudyPrepareMixin, StudySeenMixin, StudyAtypicalMixi
             )
         if pose not in POSES:
             raise StudyError(f"decode: pose={pose!r}; valid: {', '.join(POSES)}")
+        try:
+            code = source_code(self.model, source, "source")
+        except ValueError as e:
+            raise StudyError(f"decode: {e}") from e
         if pose == "training":
             z = self.training_poses(z, batch_size).astype(np.float32)
-        return decode(self.model, z, batch_size, self.device, render=render)
+        return decode(self.model, z, batch_size, self.device, render=render, image_batch=code)
+
+    @property
+    def image_sources(self) -> list[str]:
+        """The image sources the study's decoder knows (``vae.image_batch_key``), in code
+        order; [] for a study trained without them."""
+        return list(getattr(self.model.args, "image_batch_names", None) or [])
 
     def training_poses(self, z: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Full codes, each given the pose of the study's training crop nearest it.

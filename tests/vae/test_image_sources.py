@@ -187,6 +187,19 @@ def test_train_with_image_sources_saves_them_and_evaluate_embed_use_them(tmp_pat
     assert col in q.obs and col in lat.obs
     x, y = q.obs[col].to_numpy(float), lat.obs[col].to_numpy(float)
     assert np.allclose(x, y, atol=1e-4, equal_nan=True)
+    # the API draws codes as under a named microscope, or in the average
+    assert study.image_sources == ["bccd", "txl"]
+    z = np.asarray(lat.obsm["X_vae_full"][:4], np.float32)
+    under = {src: study.decode(z, source=src).images for src in (None, "bccd", "txl")}
+    assert not np.allclose(under["bccd"], under["txl"])
+    assert not np.allclose(under[None], under["bccd"])
+    from vae.api import StudyError
+
+    with pytest.raises(
+        StudyError,
+        match=r"decode: source='raabin' is not one of the model's image sources: bccd, txl",
+    ):
+        study.decode(z, source="raabin")
     # ... and without the column they are drawn in the average: other scores
     other = ad.read_h5ad(tmp_path / "paired.h5ad")
     del other.obs["image_source"]

@@ -105,9 +105,9 @@ class DecodedArrays:
         return draw_cells(self.images, self.masks, background)
 
 
-def source_code(model, name: str | None) -> int | None:
-    """The image source code ``model`` draws ``name`` with (``analysis.draw_source``):
-    None for None (the average of the sources).
+def source_code(model, name: str | None, setting: str = "analysis.draw_source") -> int | None:
+    """The image source code ``model`` draws ``name`` with (``setting``, named in the
+    messages): None for None (the average of the sources).
 
     Raises
     ------
@@ -120,13 +120,12 @@ def source_code(model, name: str | None) -> int | None:
     names = list(getattr(getattr(model, "args", None), "image_batch_names", None) or [])
     if not names:
         raise ValueError(
-            f"analysis.draw_source={name!r}: the model has no image sources (trained "
-            "without vae.image_batch_key); leave it null"
+            f"{setting}={name!r}: the model has no image sources (trained "
+            "without vae.image_batch_key); leave it unset"
         )
     if str(name) not in names:
         raise ValueError(
-            f"analysis.draw_source={name!r} is not one of the model's image sources: "
-            + ", ".join(names)
+            f"{setting}={name!r} is not one of the model's image sources: " + ", ".join(names)
         )
     return names.index(str(name))
 
