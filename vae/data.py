@@ -664,24 +664,41 @@ def assign_batches(
     """
     values = batch_values(obs, key, source, renamed)
     has_expr = data.has_expression.cpu().numpy().astype(bool)
+    where = f"{source}: obs['{batch_column(key, renamed)}'] (vae.batch_key={key})"
+    codes, names = _row_codes(values, has_expr, names, data.obs_names, where, "profile", "batch")
+    data.batch = torch.from_numpy(codes)
+    data.batch_names = names
+    return data.batch_names
+
+
+def _row_codes(
+    values: np.ndarray,
+    present: np.ndarray,
+    names: list[str] | None,
+    obs_names,
+    where: str,
+    row_kind: str,
+    value_kind: str,
+) -> tuple[np.ndarray, list[str]]:
+    """Each row's code into ``names`` (-1: absent modality, no value or a value not in
+    ``names``) and the names; ``names`` None (training): the sorted values of the
+    ``present`` rows, every one of which must have a value (else a PairedDataError that
+    starts with ``where`` and names the first such row)."""
     if names is None:
-        missing = has_expr & np.array([v is None for v in values], dtype=bool)
+        missing = present & np.array([v is None for v in values], dtype=bool)
         if missing.any():
-            first = str(np.asarray(data.obs_names, dtype=object)[missing][0])
+            first = str(np.asarray(obs_names, dtype=object)[missing][0])
             raise PairedDataError(
-                f"{source}: obs['{batch_column(key, renamed)}'] (vae.batch_key={key}) is empty "
-                f"for {int(missing.sum())} rows with a profile (first: {first!r}); give every "
-                "profile its batch"
+                f"{where} is empty for {int(missing.sum())} rows with a {row_kind} (first: "
+                f"{first!r}); give every {row_kind} its {value_kind}"
             )
-        names = sorted({str(v) for v in values[has_expr]})
+        names = sorted({str(v) for v in values[present]})
     lookup = {n: i for i, n in enumerate(names)}
     codes = np.array(
-        [lookup.get(v, -1) if (e and v is not None) else -1 for v, e in zip(values, has_expr)],
+        [lookup.get(v, -1) if (p and v is not None) else -1 for v, p in zip(values, present)],
         dtype=np.int64,
     )
-    data.batch = torch.from_numpy(codes)
-    data.batch_names = list(names)
-    return data.batch_names
+    return codes, list(names)
 
 
 def assign_image_batches(
@@ -729,23 +746,10 @@ def assign_image_batches(
         )
     values = batch_text(obs[key].astype(object).to_numpy())
     has_img = data.has_image.cpu().numpy().astype(bool)
-    if names is None:
-        missing = has_img & np.array([v is None for v in values], dtype=bool)
-        if missing.any():
-            first = str(np.asarray(data.obs_names, dtype=object)[missing][0])
-            raise PairedDataError(
-                f"{source}: obs['{key}'] (vae.image_batch_key={key}) is empty for "
-                f"{int(missing.sum())} rows with a crop (first: {first!r}); give every crop "
-                "its source"
-            )
-        names = sorted({str(v) for v in values[has_img]})
-    lookup = {n: i for i, n in enumerate(names)}
-    codes = np.array(
-        [lookup.get(v, -1) if (h and v is not None) else -1 for v, h in zip(values, has_img)],
-        dtype=np.int64,
-    )
+    where = f"{source}: obs['{key}'] (vae.image_batch_key={key})"
+    codes, names = _row_codes(values, has_img, names, data.obs_names, where, "crop", "source")
     data.image_batch = torch.from_numpy(codes)
-    data.image_batch_names = list(names)
+    data.image_batch_names = names
     return data.image_batch_names
 
 
