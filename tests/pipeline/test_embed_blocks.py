@@ -151,7 +151,7 @@ def test_stage_embeds_an_expression_file_by_blocks_with_the_in_memory_result(
     summary.json and samples.csv as when the file is read whole (the reader before)."""
     import json
 
-    import vae.inputs.expression
+    import vae.inputs.expression_blocks
     from vae.api import Study
 
     path = tmp_path / "q.h5ad"
@@ -170,7 +170,7 @@ def test_stage_embeds_an_expression_file_by_blocks_with_the_in_memory_result(
             "embed",
         )
 
-    monkeypatch.setattr(vae.inputs.expression, "EMBED_BLOCK_ROWS", ROWS)
+    monkeypatch.setattr(vae.inputs.expression_blocks, "EMBED_BLOCK_ROWS", ROWS)
     read = []
     real = Study.read_blocks
     monkeypatch.setattr(Study, "read_blocks", lambda *a, **k: read.append(1) or real(*a, **k))
@@ -191,9 +191,9 @@ def test_stage_embeds_an_expression_file_by_blocks_with_the_in_memory_result(
 def test_block_reading_keeps_the_clear_errors(study, loaded, tmp_path, monkeypatch):
     """A file without the study's genes, with too few of them, or with one cell id in two
     blocks: the errors of the whole-file reader, before any block is embedded."""
-    import vae.inputs.expression
+    import vae.inputs.expression_blocks
 
-    monkeypatch.setattr(vae.inputs.expression, "EMBED_BLOCK_ROWS", ROWS)
+    monkeypatch.setattr(vae.inputs.expression_blocks, "EMBED_BLOCK_ROWS", ROWS)
 
     def embed(exp: str, path: Path):
         return run_stage_in_process(
@@ -327,14 +327,14 @@ def test_an_expression_file_read_by_blocks_warns_once_with_its_totals(
     real chain's 20,000, summary.json's total); one line with the file's totals now."""
     import json
 
-    import vae.inputs.expression
+    import vae.inputs.expression_blocks
 
     a = _query(study, "counts_layer")
     a.obs_names = ad.read_h5ad(study / "paired.h5ad").obs_names  # the study's own ids
     a.obs_names = [*a.obs_names[:40], *[f"new{i}" for i in range(20)]]  # 20 new ones
     path = tmp_path / "q.h5ad"
     a.write_h5ad(path)
-    monkeypatch.setattr(vae.inputs.expression, "EMBED_BLOCK_ROWS", ROWS)
+    monkeypatch.setattr(vae.inputs.expression_blocks, "EMBED_BLOCK_ROWS", ROWS)
     with caplog.at_level(logging.WARNING):
         d = run_stage_in_process(
             [

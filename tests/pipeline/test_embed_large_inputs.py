@@ -135,12 +135,12 @@ def test_a_table_is_read_by_blocks_with_the_whole_files_result(
 def test_stage_embeds_a_csv_by_blocks_with_the_in_memory_result(study, tmp_path, monkeypatch):
     """stage=embed reads a CSV a block of rows at a time: query.h5ad, summary.json and
     samples.csv as when it is read whole (the reader before)."""
-    import vae.inputs.expression
+    import vae.inputs.expression_blocks
     from vae.api import Study
 
     path = tmp_path / "q.csv"
     _query(study, "counts_in_x").to_df().to_csv(path)
-    monkeypatch.setattr(vae.inputs.expression, "EMBED_BLOCK_ROWS", ROWS)
+    monkeypatch.setattr(vae.inputs.expression_blocks, "EMBED_BLOCK_ROWS", ROWS)
     blocks = _embed_stage(study, "csvblocks", f"embed.expression={path}")
     monkeypatch.setattr(Study, "read_blocks", lambda *a, **k: None)  # read whole, as before
     whole = _embed_stage(study, "csvwhole", f"embed.expression={path}")
@@ -197,6 +197,7 @@ def test_whole_read_sizes_of_tables_and_matrix_folders(study, tmp_path, monkeypa
     table counted when small, else estimated from its size and first lines (here within
     10 % of its 60 rows; gzipped too)."""
     import vae.inputs.expression as E
+    from vae.inputs import expression_readsize
 
     a = _query(study, "counts_in_x")  # 60 cells x 42 genes
     _write_mtx(tmp_path / "mtx", a)
@@ -211,7 +212,7 @@ def test_whole_read_sizes_of_tables_and_matrix_folders(study, tmp_path, monkeypa
     assert exact.need == 60 * 42 * E.TABLE_BYTES_PER_VALUE
     assert E.whole_read_size(tmp_path / "q.csv").cells == 42  # auto: the lesser axis
     assert E.whole_read_size(tmp_path / "q.csv", "genes_by_cells").cells == 42
-    monkeypatch.setattr(E, "TABLE_SAMPLE_BYTES", 2000)  # a few lines: estimated
+    monkeypatch.setattr(expression_readsize, "TABLE_SAMPLE_BYTES", 2000)  # a few lines: estimated
     for name in ("q.csv", "q.csv.gz"):
         est = E.whole_read_size(tmp_path / name, "cells_by_genes")
         assert est.estimated and 54 <= est.cells <= 66, (name, est)
@@ -363,6 +364,7 @@ def test_a_header_longer_than_the_sample_is_read_whole(tmp_path, monkeypatch, en
     lines after it (cut at the sample, the header gave 0.21 of the size), with any line
     end; a ``.gz`` one's too."""
     import vae.inputs.expression as E
+    from vae.inputs import expression_readsize
 
     rng = np.random.default_rng(0)
     cells = [f"AAACCTGAGAAACC{i:04d}-1" for i in range(400)]  # a header of ~8.8 kB
@@ -378,7 +380,7 @@ def test_a_header_longer_than_the_sample_is_read_whole(tmp_path, monkeypatch, en
     exact = E.whole_read_size(path, "genes_by_cells")
     assert not exact.estimated and exact.cells == 400
     assert exact.need == 80 * 400 * E.TABLE_BYTES_PER_VALUE
-    monkeypatch.setattr(E, "TABLE_SAMPLE_BYTES", 2000)  # a quarter of the header
+    monkeypatch.setattr(expression_readsize, "TABLE_SAMPLE_BYTES", 2000)  # a quarter of the header
     est = E.whole_read_size(path, "genes_by_cells")
     assert est.estimated and est.cells == 400 and "x 400 columns" in est.what
     assert 0.8 <= est.need / exact.need <= 1.25, est
@@ -392,7 +394,7 @@ def test_a_table_read_whole_for_another_reason_is_refused_with_its_own_advice(
     memory: the refusal says that reason and what to do about it, and counts its cells
     on the axis found (60 rows, not the lesser axis: 42 genes); from Study.read of a
     table never given to read_blocks, it points to Study.read_blocks."""
-    import vae.inputs.expression as E
+    import vae.inputs.expression_blocks
     import vae.study_read  # where Study.check_whole_read_fits reads the memory
     from vae.api import Study, StudyError
 
@@ -404,7 +406,7 @@ def test_a_table_read_whole_for_another_reason_is_refused_with_its_own_advice(
     text.iloc[45, 3] = "x"
     text.to_csv(tmp_path / "text.csv")
     a.to_df().to_csv(tmp_path / "cells.csv")
-    monkeypatch.setattr(E, "EMBED_BLOCK_ROWS", ROWS)
+    monkeypatch.setattr(vae.inputs.expression_blocks, "EMBED_BLOCK_ROWS", ROWS)
     monkeypatch.setattr(vae.study_read, "_available_memory", lambda: 10_000)  # 10 kB left
     with pytest.raises(StageError) as e:
         _embed_stage(study, "bigmixed", f"embed.expression={tmp_path / 'mixed.csv'}")

@@ -147,9 +147,9 @@ def test_seurat_hvg_by_row_blocks_is_scanpys(monkeypatch, dtype):
     genes, a bin of one gene and more genes asked for than there are."""
     import scanpy as sc
 
-    from vae.inputs import expression
+    from vae.inputs import expression, expression_qc
 
-    monkeypatch.setattr(expression, "ROW_BLOCK", 7)
+    monkeypatch.setattr(expression_qc, "ROW_BLOCK", 7)  # where seurat_hvg_sparse reads it
     rng = np.random.default_rng(3)
     for n, g, top in [(60, 50, 10), (95, 120, 33), (40, 30, 200)]:
         m = sp.random(n, g, density=0.3, random_state=rng, format="csr", dtype=np.float64)
