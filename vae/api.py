@@ -1049,7 +1049,9 @@ class Study(StudyReadMixin, StudyPrepareMixin, StudySeenMixin, StudyAtypicalMixi
     def image_sources(self) -> list[str]:
         """The image sources the study's decoder knows (``vae.image_batch_key``), in code
         order; [] for a study trained without them."""
-        return list(getattr(self.model.args, "image_batch_names", None) or [])
+        from vae.analysis.traverse import image_sources
+
+        return image_sources(self.model)
 
     def training_poses(self, z: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Full codes, each given the pose of the study's training crop nearest it.

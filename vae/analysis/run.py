@@ -180,37 +180,21 @@ def load_run(
     background = None
     renamed: dict[str, str] = {}
     if data is not None:
-        from vae.data import obs_renames
+        from vae.data import PairedDataError, assign_batches, assign_image_batches, obs_renames
 
         paired = blank_as_read(ad.read_h5ad(paired_path, backed="r"))
         renamed = obs_renames(paired.uns)
-        if model.args.batch_names:  # each profile decoded in its own batch
-            from vae.data import PairedDataError, assign_batches
 
-            try:
-                assign_batches(
-                    data,
-                    paired.obs,
-                    str(model.args.batch_key),
-                    str(paired_path),
-                    list(model.args.batch_names),
-                    renamed,
-                )
-            except PairedDataError as e:
-                raise AnalysisError(str(e)) from e
-        if getattr(model.args, "image_batch_names", None):  # each crop drawn in its source
-            from vae.data import PairedDataError, assign_image_batches
-
-            try:
-                assign_image_batches(
-                    data,
-                    paired.obs,
-                    str(model.args.image_batch_key),
-                    str(paired_path),
-                    list(model.args.image_batch_names),
-                )
-            except PairedDataError as e:
-                raise AnalysisError(str(e)) from e
+        args, where = model.args, str(paired_path)
+        try:
+            if args.batch_names:  # each profile decoded in its own batch
+                keep = list(args.batch_names)
+                assign_batches(data, paired.obs, str(args.batch_key), where, keep, renamed)
+            if args.image_batch_names:  # each crop drawn in its own source
+                keep = list(args.image_batch_names)
+                assign_image_batches(data, paired.obs, str(args.image_batch_key), where, keep)
+        except PairedDataError as e:
+            raise AnalysisError(str(e)) from e
         crops = paired.obsm["crops"] if "crops" in paired.obsm else None
         size = int(crops.shape[1]) if crops is not None and len(crops.shape) == 4 else None
         if size is not None and size != int(model.args.crop_size):

@@ -165,7 +165,7 @@ def traverse_study(
     figs: dict[str, list] = {k: [] for k in ("dims", "path", "granules", "truth")}
     tables: dict[str, pd.DataFrame] = {}
     summary: dict[str, Any] = {"n_latent": d, "split": a.split}
-    if getattr(rd.model.args, "image_batch_names", None):  # what codes without a crop look like
+    if T.image_sources(rd.model):  # what codes without a crop are drawn as
         summary["draw_source"] = a.draw_source or "average of the sources"
     steps = Steps("traverse", 5)  # one per section below (terminal only)
     # a decoder branch no training row ever reached decodes noise: leave its figures out

@@ -105,6 +105,12 @@ class DecodedArrays:
         return draw_cells(self.images, self.masks, background)
 
 
+def image_sources(model) -> list[str]:
+    """The image sources ``model``'s decoder reads (``VAEArgs.image_batch_names``, code
+    order); [] for a model without them (or without ``args``)."""
+    return list(getattr(getattr(model, "args", None), "image_batch_names", None) or [])
+
+
 def source_code(model, name: str | None, setting: str = "analysis.draw_source") -> int | None:
     """The image source code ``model`` draws ``name`` with (``setting``, named in the
     messages): None for None (the average of the sources).
@@ -117,7 +123,7 @@ def source_code(model, name: str | None, setting: str = "analysis.draw_source") 
     """
     if name is None:
         return None
-    names = list(getattr(getattr(model, "args", None), "image_batch_names", None) or [])
+    names = image_sources(model)
     if not names:
         raise ValueError(
             f"{setting}={name!r}: the model has no image sources (trained "
@@ -173,10 +179,11 @@ def decode(
     args = getattr(model, "args", None)
     drawn = any(getattr(args, k, False) for k in ("granule_head", "nucleus_head", "texture_head"))
     kw = {"render": True} if drawn and render else {}
+    has_sources = bool(image_sources(model))  # else image_batch is not passed on
     model.eval()
     with torch.inference_mode():
         for i in range(0, len(z), batch_size):
-            if image_batch is not None and getattr(args, "image_batch_names", None):
+            if image_batch is not None and has_sources:
                 kw["image_batch"] = torch.from_numpy(
                     np.asarray(image_batch[i : i + batch_size], dtype=np.int64)
                 ).to(device)
