@@ -62,6 +62,12 @@ class VAEConfig:
     # likelihood of the input's detail finer than 1.5 px without shaping the latent;
     # decoded cells are drawn with that grain (docs/vae.md, "Texture layer"); 0: off
     texture_weight: float = 0.0
+    # the texture layer in two bands (with texture_weight > 0): the grain finer and
+    # coarser than 1 px (vae.losses.TEXTURE_COARSE_SIGMA) gets an amplitude each, and
+    # decoded cells are drawn with blobs of the size the cell's detail has (coarse
+    # granules, chromatin clumps) instead of one grain size; false: one band
+    # (docs/vae.md, "Grain in two bands")
+    texture_coarse: bool = False
     # the image drawn from the expression expert alone (the cross-modal term) is scored
     # on the texture layer too; false: not there (a crop's grain level is its
     # microscope's, which a profile cannot know: docs/vae.md, "Grain of cells drawn from

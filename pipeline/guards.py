@@ -126,6 +126,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "vae.batch_key": None,  # 2026-12-05: no expression batch covariate
     "vae.cross_texture": True,  # 2026-12-07: the cross-modal image term scored the texture
     "vae.image_batch_key": None,  # 2026-12-07: no image source covariate
+    "vae.texture_coarse": False,  # 2026-12-07: the texture layer drew one grain size
 }
 
 # settings added with a feature that read nothing while the feature is off: a run that

@@ -135,6 +135,7 @@ def build_model_args(cfg: DictConfig, data, source: str):
             encode_views=int(v.encode_views),
             granule_head=float(v.granule_weight) > 0,
             texture_head=float(v.texture_weight) > 0,
+            texture_coarse=bool(v.texture_coarse) and float(v.texture_weight) > 0,
             nucleus_head=float(v.nucleus_weight) > 0,
             lobe_head=bool(v.lobe_head) and float(v.nucleus_weight) > 0,
             lobe_deep_valley=None if v.lobe_deep_valley is None else float(v.lobe_deep_valley),

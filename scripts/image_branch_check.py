@@ -437,6 +437,24 @@ def check(
                             round(float(np.median(g_in[sel, j])), 4),
                             round(float(np.median(g_out[sel, j])), 4),
                         ]
+        # and how coarse: the share of the cytoplasm's detail in 2-4 px blobs (the grain
+        # of a two-band texture layer follows the crop's; one band draws 1 px grain)
+        c_in = G.grain_coarse_share(inputs_u8, dec.mask, params)
+        c_out = G.grain_coarse_share(dec_imgs, dec.mask, params)
+        ok = np.isfinite(c_in) & np.isfinite(c_out)
+        res["drawn_grain_coarse_share_vs_input_spearman"] = _spearman(c_out[ok], c_in[ok])
+        res["grain_coarse_share_input_drawn_median"] = [
+            round(float(np.median(c_in[ok])), 4) if ok.any() else float("nan"),
+            round(float(np.median(c_out[ok])), 4) if ok.any() else float("nan"),
+        ]
+        if kinds_g is not None:
+            for k in sorted(set(kinds_g[ok]) - {"", "nan", UNKNOWN_LABEL}):
+                sel = ok & (kinds_g == k)
+                if sel.sum() >= 3:
+                    res[f"grain_coarse_share_{k}_input_drawn"] = [
+                        round(float(np.median(c_in[sel])), 4),
+                        round(float(np.median(c_out[sel])), 4),
+                    ]
         res["input_multilobed_share"] = float((inp_lobes >= 2).mean())
         if getattr(model, "lobe_head", None) is not None:
             from vae.lobes import without_lobe_layer

@@ -199,6 +199,7 @@ _ARG_SOURCE = {
     "norm_total": "the paired data",
     "batch_names": "vae.batch_key",
     "image_batch_names": "vae.image_batch_key",
+    "texture_coarse": "vae.texture_coarse",
     "size_log_mean": "the cells' sizes",
     "size_log_sd": "the cells' sizes",
 }

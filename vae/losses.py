@@ -474,6 +474,10 @@ def granule_contrast(
 # this width (px at 64 px crops: a granule is 1-3 px, a lobe 8-15 px)
 TEXTURE_SIGMA = 1.5
 TEXTURE_RIM_PX = 2  # the cell's outermost rim is not scored (the outline, not texture)
+# px: the two-band texture layer splits the detail here: its Gaussian average at this
+# width is the coarse band (blobs 2-4 px across: coarse granules, chromatin clumps, the
+# stain's blotches), the rest the fine band (1 px grain, compression noise)
+TEXTURE_COARSE_SIGMA = 1.0
 
 
 def texture_detail(
@@ -522,7 +526,32 @@ def texture_region(mask: torch.Tensor, nucleus: torch.Tensor | None = None) -> t
     return inner * (1.0 - (grown - shrunk).clamp(0, 1))
 
 
-def texture_nll(dec: Decoded, detail: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+def texture_bands(detail: torch.Tensor, region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The detail split into a fine and a coarse band, each (B, 3, S, S).
+
+    Coarse: the detail's Gaussian average (``TEXTURE_COARSE_SIGMA``) over ``region``
+    (B, 1, S, S) only; fine: the rest. Granules 2-4 px across (eosinophil and basophil
+    granules, a promyelocyte's primary granules) and chromatin clumps keep most of their
+    detail in the coarse band, 1 px grain and compression noise in the fine one.
+    """
+    coarse = masked_blur(detail, region, TEXTURE_COARSE_SIGMA) * region
+    return detail - coarse, coarse
+
+
+def _grain_nll(r: torch.Tensor, a2: torch.Tensor, d2: torch.Tensor, direction: torch.Tensor):
+    """Per-pixel NLL (B, 1, S, S) of detail ``r`` under covariance ``a2 c c^T + d2 I``."""
+    proj = (r * direction).sum(1, keepdim=True)
+    quad = (r.pow(2).sum(1, keepdim=True) - a2 / (a2 + d2) * proj.pow(2)) / d2
+    logdet = 2.0 * torch.log(d2) + torch.log(a2 + d2)
+    return 0.5 * (quad + logdet + 3.0 * math.log(2 * math.pi))
+
+
+def texture_nll(
+    dec: Decoded,
+    detail: torch.Tensor,
+    region: torch.Tensor,
+    bands: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Per-row texture-layer loss (B,): Gaussian NLL of the detail, nats per pixel.
 
     At each pixel the detail ``r`` (3 optical densities) is scored as zero-mean
@@ -531,15 +560,29 @@ def texture_nll(dec: Decoded, detail: torch.Tensor, region: torch.Tensor) -> tor
     others) plus a small isotropic part ``d``; ``a``, ``c``, ``d`` are the decoded
     texture maps. Averaged over ``region`` (:func:`texture_region`), so the term is a
     few nats per row whatever the cell's size.
+
+    A two-band layer (``dec.texture_amp_coarse`` set) scores the fine and the coarse
+    band (``bands``, :func:`texture_bands` of ``detail``; computed here when not given)
+    each so, with ``a`` the fine band's amplitude and ``texture_amp_coarse`` the coarse
+    band's, one colour ``c`` for both; the coarse band's isotropic part is ``d``
+    averaged as the band is (white noise under the band's Gaussian keeps
+    ``1 / (2 sqrt(pi) sigma)`` of its sd). The sum of the two NLLs: the bands' pixels
+    are not independent, which weighs the coarse band a little more than its share of
+    the information; the layer reads the code detached, so only its own fit sees that.
     """
     a2 = dec.texture_amp.pow(2)  # (B, 1, S, S)
     # rows a decode skipped hold zeros (weighted 0 by the caller): keep them finite; the
     # layer's own floor is >= exp(-7), so the clamp never moves a decoded value
     d2 = dec.texture_floor.pow(2).clamp_min(1e-8)
-    proj = (detail * dec.texture_dir).sum(1, keepdim=True)
-    quad = (detail.pow(2).sum(1, keepdim=True) - a2 / (a2 + d2) * proj.pow(2)) / d2
-    logdet = 2.0 * torch.log(d2) + torch.log(a2 + d2)
-    nll = 0.5 * (quad + logdet + 3.0 * math.log(2 * math.pi))
+    coarse_amp = getattr(dec, "texture_amp_coarse", None)  # any object with the maps
+    if coarse_amp is None:
+        nll = _grain_nll(detail, a2, d2, dec.texture_dir)
+    else:
+        fine, coarse = texture_bands(detail, region) if bands is None else bands
+        white = 1.0 / (4.0 * math.pi * TEXTURE_COARSE_SIGMA**2)  # variance kept by the blur
+        nll = _grain_nll(fine, a2, d2, dec.texture_dir) + _grain_nll(
+            coarse, coarse_amp.pow(2), d2 * white, dec.texture_dir
+        )
     n = region.sum(dim=(1, 2, 3)).clamp_min(1.0)
     return (nll * region).sum(dim=(1, 2, 3)) / n
 
@@ -998,8 +1041,10 @@ def vae_loss(
     if w.texture > 0 and image is not None:
         detail = texture_detail(image, mask, nucleus)
         region = texture_region(mask, nucleus)
+        # a two-band layer's bands, once per batch (cheap; unused by a one-band layer)
+        bands = texture_bands(detail, region)
     else:
-        detail = region = None
+        detail = region = bands = None
     # gaps between lobes weigh more (once per batch: every decode is scored against it)
     nucleus_weight_map = (
         1.0 + w.nucleus_gap * nucleus_gaps(nucleus) if score_nucleus and w.nucleus_gap > 0 else None
@@ -1025,6 +1070,7 @@ def vae_loss(
             texture_amp=pick(dec.texture_amp),
             texture_floor=pick(dec.texture_floor),
             texture_dir=pick(dec.texture_dir),
+            texture_amp_coarse=pick(dec.texture_amp_coarse),
         )
         if w.nucleus_input_compose and score_nucleus and dec.cytoplasm is not None:
             # p(x, n | z) = p(n | z) p(x | z, n): the colours given the observed nucleus
@@ -1065,7 +1111,7 @@ def vae_loss(
         else:
             sz = zero
         if texture and detail is not None and dec.texture_amp is not None:
-            tx = (texture_nll(dec, detail, region) * rows).sum()
+            tx = (texture_nll(dec, detail, region, bands) * rows).sum()
         else:
             tx = zero
         return nll / b, m / b, s / b, f / b, g / b, nu / b, sz / b, tx / b

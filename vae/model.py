@@ -128,6 +128,12 @@ class VAEArgs:
     # a fixed noise field (:func:`render_texture`). Default False so checkpoints saved
     # before this field load unchanged.
     texture_head: bool = False
+    # texture layer in two bands: the grain's amplitude is decoded apart for the detail
+    # finer and coarser than ``TEXTURE_COARSE_SIGMA`` (granules 1 px vs 2-4 px across:
+    # eosinophil, basophil and primary granules, chromatin clumps), each drawn from a
+    # field of its own size (:func:`render_texture`). Default False so checkpoints saved
+    # before this field load unchanged (one band: the grain drawn at one size)
+    texture_coarse: bool = False
     # nucleus layer: the decoder also outputs nucleus-mask logits (trained as a
     # Bernoulli against the lobe counter's nucleus of the input) and a nucleus colour
     # layer; the image is the cytoplasm layer with the nucleus layer painted through
@@ -371,6 +377,10 @@ class Decoded:
         ``texture_dir`` and in every channel (texture layer only, :func:`vae.losses.texture_nll`).
     texture_dir : (B, 3, S, S) or None
         Unit colour direction (optical density per RGB channel) of that detail.
+    texture_amp_coarse : (B, 1, S, S) > 0 or None
+        Two-band texture layer only (``VAEArgs.texture_coarse``): the standard deviation
+        along ``texture_dir`` of the detail's coarse band (:func:`vae.losses.texture_bands`);
+        ``texture_amp`` is then the fine band's.
     lobe_logits : (B, LOBE_CLASSES) or None
         Logits of the nucleus lobe count 1..5 (lobe layer only, :mod:`vae.lobes`).
     size : (B,) or None
@@ -398,6 +408,7 @@ class Decoded:
     texture_amp: torch.Tensor | None = None
     texture_floor: torch.Tensor | None = None
     texture_dir: torch.Tensor | None = None
+    texture_amp_coarse: torch.Tensor | None = None
 
 
 @dataclass
@@ -656,6 +667,7 @@ class ImageDecoder(nn.Module):
         granule_head: bool = False,
         nucleus_head: bool = False,
         texture_head: bool = False,
+        texture_coarse: bool = False,
     ):
         super().__init__()
         self.side = crop_size // 2 ** len(channels)
@@ -666,6 +678,7 @@ class ImageDecoder(nn.Module):
         self.granule_head = granule_head
         self.nucleus_head = nucleus_head
         self.texture_head = texture_head
+        self.texture_coarse = texture_head and texture_coarse
         # output channels: RGB (the cytoplasm layer with a nucleus layer) [+ cell-mask
         # logit] [+ nucleus logit + nucleus RGB]; new channels go last, so a model
         # without the nucleus layer is the same network as before it existed
@@ -719,15 +732,17 @@ class ImageDecoder(nn.Module):
                 # cytoplasm, rim vs centre). Channels: log grain sd, log floor sd, colour.
                 # Initialised on a fork of the random stream, so every other parameter of
                 # the model starts as it would without the layer: a run with it and one
-                # without, same seed, differ by the layer alone (a paired comparison)
+                # without, same seed, differ by the layer alone (a paired comparison).
+                # Two bands: one more channel, the coarse band's log sd
+                n_tex = TEXTURE_CHANNELS + int(self.texture_coarse)
                 with torch.random.fork_rng(devices=[]):
                     self.texture_mlp = nn.Sequential(
-                        nn.Linear(n_in, 32), nn.SiLU(), nn.Linear(32, TEXTURE_CHANNELS)
+                        nn.Linear(n_in, 32), nn.SiLU(), nn.Linear(32, n_tex)
                     )
                     self.texture_conv = nn.Sequential(
                         nn.Conv2d(c_top, 16, 3, padding=1),
                         nn.SiLU(),
-                        nn.Conv2d(16, TEXTURE_CHANNELS, 1),
+                        nn.Conv2d(16, n_tex, 1),
                     )
         self.deconv = nn.Sequential(*layers)
 
@@ -735,8 +750,9 @@ class ImageDecoder(nn.Module):
         """(B, n_in) -> image (B, 3, S, S), mask logits (B, 1, S, S) or None, the
         granule rate (B, 1, S, S, per 100 px^2) and optical density (B, 3, S, S) or
         None, the nucleus logits (B, 1, S, S), nucleus colour and cytoplasm
-        (B, 3, S, S) or None, and the texture amplitude, floor (B, 1, S, S) and
-        colour direction (B, 3, S, S) or None."""
+        (B, 3, S, S) or None, and the texture amplitude, floor (B, 1, S, S),
+        colour direction (B, 3, S, S) and coarse band's amplitude (B, 1, S, S) or None
+        (the amplitude is then the fine band's)."""
         h = F.silu(self.fc(z)).view(-1, self.c0, self.side, self.side)  # (B, C*s*s) -> (B, C, s, s)
         top = self.deconv[:-1](h)  # features before the output layer
         out = self.deconv[-1](top)  # (B, 3 [+1 mask] [+4 nucleus], S, S)
@@ -750,14 +766,16 @@ class ImageDecoder(nn.Module):
             colour = torch.sigmoid(out[:, k + 1 : k + NUCLEUS_CHANNELS])
             nuc = (logits, colour, img)
             img = compose_nucleus(img, colour, logits)
-        tex: tuple[torch.Tensor | None, ...] = (None, None, None)
+        tex: tuple[torch.Tensor | None, ...] = (None, None, None, None)
         if self.texture_head:
             t = self.texture_conv(top.detach()) + self.texture_mlp(z.detach())[:, :, None, None]
             amp = torch.exp(t[:, :1].clamp(-7.0, 1.0))  # sd of the grain, optical density
             floor = torch.exp(t[:, 1:2].clamp(-7.0, 1.0))
             # stain absorbs: the grain's colour has no negative optical density (a free
             # sign drew light, colour-fringed dots on 40 % of real cells' pixels)
-            tex = (amp, floor, F.normalize(F.softplus(t[:, 2:5]), dim=1, eps=1e-6))
+            direction = F.normalize(F.softplus(t[:, 2:5]), dim=1, eps=1e-6)
+            coarse = torch.exp(t[:, 5:6].clamp(-7.0, 1.0)) if self.texture_coarse else None
+            tex = (amp, floor, direction, coarse)
         if not self.granule_head:
             return img, mask_logits, None, None, *nuc, *tex
         g = self.granule_mlp(z.detach())  # (B, 4): log density offset, granule optical density
@@ -808,15 +826,18 @@ class ExpressionEncoder(nn.Module):
 
 
 def batch_onehot(codes: torch.Tensor | None, n_batches: int, n_rows: int, like: torch.Tensor):
-    """One-hot of expression batch codes, (B, K); a row of ``1 / K`` where unknown.
+    """One-hot of batch codes, (B, K); a row of ``1 / K`` where unknown.
+
+    The expression decoder's batches (``VAEArgs.batch_names``) and the image decoder's
+    sources (``VAEArgs.image_batch_names``) are both coded so.
 
     Parameters
     ----------
     codes : (B,) int64 or None
-        Batch code of each row, ``-1`` (or None for every row): unknown, e.g. a
-        decoded traversal step, or a query cell from a batch the study never saw.
+        Batch (or source) code of each row, ``-1`` (or None for every row): unknown, e.g.
+        a decoded traversal step, or a query cell from a batch the study never saw.
     n_batches : int
-        K, the number of batches the decoder knows.
+        K, the number of batches (sources) the decoder knows.
     n_rows : int
         B, used when ``codes`` is None.
     like : torch.Tensor
@@ -980,6 +1001,7 @@ class TwoBranchVAE(nn.Module):
             a.granule_head,
             a.nucleus_head,
             a.texture_head,
+            a.texture_coarse,
         )
         # 0 genes (pair=image_only): no expression branch at all, so no parameter
         # of it is trained, saved or synchronised
@@ -1326,7 +1348,7 @@ class TwoBranchVAE(nn.Module):
         if k and use_image:
             zi = torch.cat([zi, batch_onehot(image_batch, k, zi.shape[0], zi)], dim=1)
         rate = od = nuc_logits = nuc_colour = cyto = None
-        tex: tuple[torch.Tensor | None, ...] = (None, None, None)
+        tex: tuple[torch.Tensor | None, ...] = (None, None, None, None)
         if not use_image:
             img = mask_logits = None
         elif image_rows is None:
@@ -1352,7 +1374,7 @@ class TwoBranchVAE(nn.Module):
                 cell_holes = nucleus_holes(mask, diagonal_gaps=False)
                 cell = torch.maximum(mask, cell_holes)
             # what is drawn (Decoded keeps the decoder's own maps)
-            amp, direction, drawn_rate = tex[0], tex[2], rate
+            amp, direction, coarse, drawn_rate = tex[0], tex[2], tex[3], rate
             if nuc_logits is not None:
                 sharp, drawn = NUCLEUS_RENDER_SHARPNESS, nuc_logits
                 # what shows through the nucleus: the cytoplasm layer there was never a
@@ -1370,17 +1392,20 @@ class TwoBranchVAE(nn.Module):
                 # docs/vae.md), which drew cuts and holes as pale speckled cracks; filled
                 # by the same rule, in one pass
                 layers = [cyto] + ([amp, direction] if amp is not None else [])
+                layers += [coarse] if coarse is not None else []
                 layers += [rate] if rate is not None else []
                 filled = fill_cuts(torch.cat(layers, 1), holes, torch.sigmoid(sharp * drawn), cell)
                 under = filled[:, :3]
                 if amp is not None:
                     amp = filled[:, 3:4]
                     direction = F.normalize(filled[:, 4:7], dim=1, eps=1e-6)
+                if coarse is not None:
+                    coarse = filled[:, 7:8]
                 if rate is not None:
                     drawn_rate = filled[:, -1:]
                 img = compose_nucleus(under, nuc_colour, drawn, sharp)
             if amp is not None:
-                img = render_texture(img, amp, direction, cell, seed)
+                img = render_texture(img, amp, direction, cell, seed, coarse)
             if drawn_rate is not None:
                 img = render_granules(img, drawn_rate, od, cell, seed)
         if self.expression_decoder is None:
@@ -1405,6 +1430,7 @@ class TwoBranchVAE(nn.Module):
             texture_amp=tex[0],
             texture_floor=tex[1],
             texture_dir=tex[2],
+            texture_amp_coarse=tex[3],
             **expr,
         )
 
@@ -1573,8 +1599,9 @@ def render_texture(
     direction: torch.Tensor,
     mask: torch.Tensor | None = None,
     seed: int = 0,
+    amp_coarse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Draw the stain's fine grain on decoded images.
+    """Draw the stain's grain on decoded images.
 
     The optical density gains ``amp * direction * n`` (``n`` the grain of
     :func:`texture_field`), so the drawn detail has the standard deviation and colour
@@ -1583,6 +1610,14 @@ def render_texture(
     noise of the inputs) is scored but not drawn. With ``mask``, only inside the cell
     minus its outer rim (where the loss scores).
 
+    With ``amp_coarse`` (two-band layer) ``amp`` and ``amp_coarse`` are the standard
+    deviations of the fine and the coarse band of the detail
+    (:func:`vae.losses.texture_bands`); the grain is then ``alpha n + gamma n_c``, a mix
+    of the fine field and a coarse one (:func:`texture_field_coarse`) whose weights
+    solve, pixel by pixel, for the two bands' decoded standard deviations as the same
+    band split measures them on the two fields (:func:`texture_field_bands`): a cell
+    decoded with coarse granules is drawn with blobs of their size.
+
     Parameters
     ----------
     image : (B, 3, S, S) in [0, 1]
@@ -1590,6 +1625,7 @@ def render_texture(
     direction : (B, 3, S, S) unit vectors
     mask : (B, 1, S, S) cell probability, optional
     seed : int
+    amp_coarse : (B, 1, S, S) > 0, optional
 
     Returns
     -------
@@ -1599,10 +1635,71 @@ def render_texture(
 
     s = image.shape[-1]
     n = texture_field(s, int(seed)).to(image.device, image.dtype)
-    od = amp * direction * n
+    if amp_coarse is None:
+        grain = amp * n
+    else:
+        n_c = texture_field_coarse(s, int(seed)).to(image.device, image.dtype)
+        (ff, fc), (cf, cc) = texture_field_bands(s, int(seed))
+        # alpha^2 ff^2 + gamma^2 cf^2 = amp^2 and alpha^2 fc^2 + gamma^2 cc^2 = coarse^2;
+        # a band the other field's share already exceeds gets no field of its own
+        det = ff**2 * cc**2 - cf**2 * fc**2
+        a2, c2 = amp.pow(2), amp_coarse.pow(2)
+        alpha2 = ((a2 * cc**2 - c2 * cf**2) / det).clamp_min(0.0)
+        gamma2 = ((c2 * ff**2 - a2 * fc**2) / det).clamp_min(0.0)
+        alpha2 = torch.where(gamma2 > 0, alpha2, a2 / ff**2)
+        gamma2 = torch.where(alpha2 > 0, gamma2, c2 / cc**2)
+        grain = alpha2.sqrt() * n + gamma2.sqrt() * n_c
+    od = grain * direction
     if mask is not None:
         od = od * texture_region((mask > 0.5).to(image.dtype))
     return (image * torch.exp(-od)).clamp(0.0, 1.0)
+
+
+TEXTURE_COARSE_GRAIN_SIGMA = 2.0  # px: the coarse field's blobs (granules 2-4 px across)
+
+
+@functools.lru_cache(maxsize=8)
+def texture_field_coarse(side: int, seed: int = 0) -> torch.Tensor:
+    """Coarse grain of the two-band texture layer, (side, side), mean 0, variance 1.
+
+    White noise blurred to ``TEXTURE_COARSE_GRAIN_SIGMA``, minus its local mean at twice
+    that: dense spots 2-4 px across on an even ground. Rectified by a softplus, not by
+    the fine field's positive part: a hard kink puts fine detail on every blob's edge,
+    and the coarse field's fine band is the least fine grain a coarse-grained cell can
+    be drawn with (fine over coarse band 0.55 vs 0.67 with the kink, at 64 px). Its own
+    stream, independent of the fine field.
+    """
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(int(seed) + 7920)
+    sig = TEXTURE_COARSE_GRAIN_SIGMA
+    n = ndi.gaussian_filter(rng.standard_normal((side, side)), sig, mode="wrap")
+    n = n - ndi.gaussian_filter(n, 2 * sig, mode="wrap")
+    n = np.logaddexp(0.0, 2.0 * n / n.std()) / 2.0  # softplus at a temperature of 0.5 sd
+    n = (n - n.mean()) / n.std()
+    return torch.from_numpy(n.astype(np.float32))
+
+
+@functools.lru_cache(maxsize=8)
+def texture_field_bands(side: int, seed: int = 0) -> tuple[tuple[float, float], ...]:
+    """Standard deviation of the fine and coarse band of each drawn field's detail.
+
+    ``((fine field: fine band, coarse band), (coarse field: fine band, coarse band))``,
+    each field drawn as a faint grain (0.05 optical density, where ``exp`` is linear)
+    over a whole square and measured by the loss's own operators
+    (:func:`vae.losses.texture_detail`, :func:`vae.losses.texture_bands`), per unit of
+    the field's weight: what :func:`render_texture` solves the two weights with.
+    """
+    from vae.losses import texture_bands, texture_detail
+
+    ones = torch.ones(1, 1, side, side)
+    out = []
+    for n in (texture_field(side, seed), texture_field_coarse(side, seed)):
+        img = torch.exp(-0.05 * n)[None, None].expand(1, 3, side, side)
+        fine, coarse = texture_bands(texture_detail(img, ones), ones)
+        # per channel: the three channels carry the same field
+        out.append(tuple(float(b[:, :1].pow(2).mean().sqrt()) / 0.05 for b in (fine, coarse)))
+    return tuple(out)
 
 
 GRANULE_DOT_SIGMA = 0.8  # px: a rendered granule is a Gaussian dot of this width

@@ -209,6 +209,12 @@ def _validate(cfg) -> None:
         raise StageError(
             f"vae.texture_noise=true needs vae.image_arch=residual (got {cfg.vae.image_arch!r})"
         )
+    if cfg.vae.get("texture_coarse") and not float(cfg.vae.texture_weight) > 0:
+        # the two bands are the texture layer's; without it the switch would do nothing
+        raise StageError(
+            "vae.texture_coarse=true needs the texture layer it splits in two: "
+            f"vae.texture_weight > 0 (got {cfg.vae.texture_weight})"
+        )
     if cfg.trainer.get("split_from"):
         _split_source(cfg.trainer.split_from)
     # the crop side the image branch will see: vae.image_size, else the crops stage=pair

@@ -188,6 +188,19 @@ def test_texture_noise_on_the_plain_decoder_is_refused_at_start():
     _validate(compose_config(["stage=train", "vae.texture_noise=true"]))  # residual: fine
 
 
+def test_two_texture_bands_without_the_texture_layer_are_refused_at_start():
+    """vae.texture_coarse splits the texture layer's grain in two: with the layer off
+    (vae.texture_weight=0, the default) it would do nothing, silently."""
+    from pipeline.precheck import precheck
+    from pipeline.runner import StageError
+    from pipeline.stages.train import _validate
+
+    cfg = compose_config(["stage=train", "vae.texture_coarse=true"])
+    with pytest.raises(StageError, match=r"vae.texture_coarse=true needs .*vae.texture_weight > 0"):
+        precheck(cfg, ["train"])
+    _validate(compose_config(["stage=train", "vae.texture_coarse=true", "vae.texture_weight=1"]))
+
+
 def test_training_on_crops_of_a_size_the_image_branch_cannot_halve_names_the_file(tmp_path):
     """A paired.h5ad cut at 20 px (e.g. by an older pair run): stage=train names the file
     and the setting that made it, not the model's internal crop_size."""

@@ -16,7 +16,7 @@ from vae.losses import (
     texture_region,
     vae_loss,
 )
-from vae.model import TwoBranchVAE, VAEArgs, render_texture, texture_field
+from vae.model import TwoBranchVAE, VAEArgs, render_texture, texture_field, texture_field_bands
 
 
 def _args(**kw) -> VAEArgs:
@@ -236,6 +236,7 @@ def test_rows_a_decode_skipped_stay_finite():
         texture_amp=torch.zeros(2, 1, s, s),
         texture_floor=torch.zeros(2, 1, s, s),
         texture_dir=torch.zeros(2, 3, s, s),
+        texture_amp_coarse=None,
     )
     out = texture_nll(dec, texture_detail(img, mask), texture_region(mask))
     assert torch.isfinite(out).all() and torch.isfinite(out * 0).all()
@@ -250,3 +251,176 @@ def test_the_layer_leaves_every_other_parameter_as_without_it():
     extra = {k for k in with_layer if k not in plain}
     assert extra and all("texture" in k for k in extra)
     assert all(torch.equal(plain[k], with_layer[k]) for k in plain)
+
+
+# -- two bands (VAEArgs.texture_coarse) ---------------------------------------------------
+
+
+def _blobs(s: int, amp: float, sigma: float, seed: int = 0) -> torch.Tensor:
+    """A pale cell whose optical density carries blobs ``sigma`` px wide, detail sd ~amp."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    n = ndi.gaussian_filter(rng.standard_normal((s, s)), sigma, mode="wrap")
+    n = torch.from_numpy((n / n.std()).astype(np.float32))[None, None]
+    c = F.normalize(torch.tensor([0.3, 0.9, 0.3]), dim=0).view(1, 3, 1, 1)
+    return torch.exp(-(0.3 + amp * n * c)).clamp(0, 1)
+
+
+def _band_sd(img: torch.Tensor, mask: torch.Tensor, inner) -> tuple[float, float]:
+    from vae.losses import texture_bands
+
+    fine, coarse = texture_bands(texture_detail(img, mask), mask)
+    return float(fine[inner].pow(2).sum(1).mean().sqrt()), float(
+        coarse[inner].pow(2).sum(1).mean().sqrt()
+    )
+
+
+def test_bands_split_the_detail_by_size():
+    from vae.losses import texture_bands
+
+    s = 48
+    mask = torch.ones(1, 1, s, s)
+    inner = (slice(None), slice(None), slice(6, -6), slice(6, -6))
+    for img in (_blobs(s, 0.1, 0.5), _blobs(s, 0.1, 2.0)):
+        d = texture_detail(img, mask)
+        fine, coarse = texture_bands(d, mask)
+        assert torch.allclose(fine + coarse, d, atol=1e-6)
+    f1, c1 = _band_sd(_blobs(s, 0.1, 0.5), mask, inner)  # 1 px grain
+    f2, c2 = _band_sd(_blobs(s, 0.1, 2.0), mask, inner)  # blobs 4-5 px across
+    assert f1 > 2 * c1 and c2 > 1.5 * f2
+
+
+def test_two_band_layer_adds_one_map_and_leaves_the_rest_as_one_band():
+    torch.manual_seed(3)
+    one = TwoBranchVAE(_args()).state_dict()
+    torch.manual_seed(3)
+    m = TwoBranchVAE(_args(texture_coarse=True))
+    two = m.state_dict()
+    assert set(one) == set(two)
+    differ = {k for k in one if one[k].shape != two[k].shape}
+    # the layer's two output layers have one more channel; nothing else changes
+    assert differ and all("texture" in k for k in differ)
+    assert all(torch.equal(one[k], two[k]) for k in one if "texture" not in k)
+    dec = m.decode(torch.randn(2, m.n_latent))
+    assert dec.texture_amp_coarse.shape == (2, 1, 16, 16) and bool(
+        (dec.texture_amp_coarse > 0).all()
+    )
+    assert TwoBranchVAE(_args()).decode(torch.randn(2, m.n_latent)).texture_amp_coarse is None
+    # switched on without the texture layer: nothing to split
+    assert (
+        TwoBranchVAE(_args(texture_head=False, texture_coarse=True))
+        .decode(torch.randn(1, m.n_latent))
+        .texture_amp_coarse
+        is None
+    )
+
+
+def test_fitted_two_band_layer_tells_coarse_granules_from_fine_grain():
+    # two kinds of cell with the same detail sd, one in 1 px grain, one in 4-5 px blobs:
+    # a few steps on the texture term alone must decode the coarse band stronger for the
+    # blobs and the fine band stronger for the grain
+    torch.manual_seed(0)
+    m = TwoBranchVAE(_args(crop_size=32, texture_coarse=True))
+    s, b = 32, 8
+    fine = torch.cat([_blobs(s, 0.1, 0.5, seed=i) for i in range(b // 2)])
+    coarse = torch.cat([_blobs(s, 0.1, 2.0, seed=i) for i in range(b // 2)])
+    img, mask = torch.cat([fine, coarse]), torch.ones(b, 1, s, s)
+    z = torch.zeros(b, m.n_latent)
+    z[: b // 2, 0], z[b // 2 :, 0] = 2.0, -2.0
+    d, reg = texture_detail(img, mask), texture_region(mask)
+    dec_ = m.image_decoder
+    params = [*dec_.texture_conv.parameters(), *dec_.texture_mlp.parameters()]
+    opt = torch.optim.Adam(params, lr=0.03)
+    for _ in range(150):
+        opt.zero_grad()
+        texture_nll(m.decode(z), d, reg).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        out = m.decode(z)
+    ratio = (out.texture_amp_coarse / out.texture_amp)[:, 0, 8:-8, 8:-8].mean(dim=(1, 2))
+    assert float(ratio[b // 2 :].min()) > 3 * float(ratio[: b // 2].max())
+
+
+@pytest.mark.parametrize(
+    "fine_sd, coarse_sd", [(0.08, 0.03), (0.06, 0.06), (0.05, 0.07), (0.01, 0.08)]
+)
+def test_render_draws_each_band_at_its_decoded_sd(fine_sd, coarse_sd):
+    s = 64
+    img = torch.full((1, 3, s, s), 0.8)
+    mask = torch.ones(1, 1, s, s)
+    c = F.normalize(torch.tensor([0.3, 0.9, 0.3]), dim=0).view(1, 3, 1, 1).expand(1, 3, s, s)
+    drawn = render_texture(
+        img,
+        torch.full((1, 1, s, s), fine_sd),
+        c,
+        mask,
+        seed=2,
+        amp_coarse=torch.full((1, 1, s, s), coarse_sd),
+    )
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
+    f, k = _band_sd(drawn, mask, inner)
+    assert k == pytest.approx(coarse_sd, rel=0.3)
+    (_, _), (cf, cc) = texture_field_bands(s, 2)
+    if fine_sd >= coarse_sd * cf / cc:
+        assert f == pytest.approx(fine_sd, rel=0.3)
+    else:  # finer than the coarse field's own fine band: drawn with the coarse field alone
+        assert f == pytest.approx(coarse_sd * cf / cc, rel=0.3)
+
+
+def test_two_band_rows_a_decode_skipped_stay_finite():
+    s = 16
+    mask = torch.ones(2, 1, s, s)
+    img = _grainy(s, 0.1).expand(2, -1, -1, -1)
+    zeros = torch.zeros(2, 1, s, s)
+    dec = SimpleNamespace(
+        texture_amp=zeros,
+        texture_floor=zeros,
+        texture_dir=torch.zeros(2, 3, s, s),
+        texture_amp_coarse=zeros,
+    )
+    out = texture_nll(dec, texture_detail(img, mask), texture_region(mask))
+    assert torch.isfinite(out).all() and torch.isfinite(out * 0).all()
+
+
+def test_coarse_share_reads_blobs_high_and_grain_low():
+    from vae.analysis.granules import grain_coarse_share
+
+    s = 48
+    yy, xx = np.mgrid[:s, :s]
+    cell = (yy - s / 2) ** 2 + (xx - s / 2) ** 2 < (s / 2 - 2) ** 2
+    imgs = [
+        (b[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        for b in (_blobs(s, 0.1, 0.5), _blobs(s, 0.1, 2.0))
+    ]
+    share = grain_coarse_share(np.stack(imgs), np.stack([cell, cell]))
+    assert 0 <= share[0] < 0.5 < share[1] <= 1
+    assert np.isnan(grain_coarse_share(np.stack(imgs[:1]), np.zeros((1, s, s), bool))[0])
+
+
+def test_train_with_two_bands_saves_them_and_evaluate_draws_them(tmp_path, run_in_process):
+    from tests.helpers.run import TINY_TRAIN
+    from tests.helpers.vae_toy import make_paired
+    from vae.api import Study
+    from vae.checkpoint import load_model
+
+    make_paired(12, image_only=3, expression_only=4).write_h5ad(tmp_path / "paired.h5ad")
+    common = [
+        f"paths.root={tmp_path / 'out'}",
+        f"paths.inputs.paired={tmp_path / 'paired.h5ad'}",
+        "experiment=s",
+        *TINY_TRAIN,
+        "vae.texture_weight=1",
+        "vae.texture_coarse=true",
+    ]
+    run_in_process(common, "train")
+    run = tmp_path / "out" / "s"
+    model, _ = load_model(run / "train" / "model.pt", "cpu")
+    assert model.args.texture_head and model.args.texture_coarse
+    run_in_process([*common, "analysis.split=all"], "evaluate")
+    assert (run / "evaluate" / "reconstructions.png").is_file()
+    study = Study.load(run)
+    z = torch.from_numpy(np.asarray(study.reference.obsm["X_vae_full"][:3], np.float32))
+    with torch.no_grad():
+        dec = model.decode(z, render=True)
+    assert dec.texture_amp_coarse is not None and torch.isfinite(dec.image).all()

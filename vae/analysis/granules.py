@@ -786,6 +786,47 @@ def stain_grain(
     return out
 
 
+def grain_coarse_share(
+    images: np.ndarray, masks: np.ndarray, params: GranuleParams | None = None
+) -> np.ndarray:
+    """How much of each crop's cytoplasm detail lies in the coarse band, (n,) in [0, 1].
+
+    The root-mean-square of the coarse band of the stain's detail
+    (:func:`vae.losses.texture_bands`: the detail's Gaussian average at
+    ``TEXTURE_COARSE_SIGMA``, the split the two-band texture layer learns) over that of the
+    whole detail, both over the cytoplasm as :func:`measure_cell` segments it. Blobs
+    2-4 px across (coarse granules, the blotches of a smooth crop) read high, a 1 px
+    grain low: what decides whether a drawn cell's grain looks like its crop's. NaN
+    where the cytoplasm has under 10 px or no detail.
+
+    Parameters
+    ----------
+    images : (n, H, W, 3) uint8 or float [0, 1]
+    masks : (n, H, W) bool cell masks
+    """
+    import torch
+
+    from vae.losses import texture_bands, texture_detail
+
+    images = np.asarray(images)
+    masks = np.asarray(masks, dtype=bool)
+    out = np.full(len(images), np.nan)
+    for i in range(len(images)):
+        mc = measure_cell(images[i], masks[i], params, grain=False)
+        cyto = mc.cytoplasm
+        if cyto.sum() < 10:
+            continue
+        x = torch.from_numpy(to_float_rgb(images[i]).astype(np.float32)).permute(2, 0, 1)[None]
+        m = torch.from_numpy(masks[i].astype(np.float32))[None, None]
+        n = torch.from_numpy((mc.nucleus & masks[i]).astype(np.float32))[None, None]
+        detail = texture_detail(x, m, n)
+        coarse = texture_bands(detail, m)[1]
+        whole = float(detail.pow(2).sum(1)[0].numpy()[cyto].mean())
+        if whole > 0:
+            out[i] = float(np.sqrt(coarse.pow(2).sum(1)[0].numpy()[cyto].mean() / whole))
+    return out
+
+
 def grain_ratio(drawn: np.ndarray, inputs: np.ndarray, min_rows: int = 3) -> float:
     """Median over the rows of a drawing's grain over its input's (:func:`stain_grain`,
     one part): 1 drawn as granular as the crop, 2 twice as grainy.

@@ -65,8 +65,9 @@ class ValueStats:
     size : values seen; negative : values < 0; nonfinite : NaN or infinite values;
     top : their largest non-NaN value (NaN when there is none);
     whole : every value passes ``vae.study_prepare._is_counts`` (>= 0 and close to a whole
-    number); exact : every value is finite, >= 0 and a whole number (this module's
-    ``_is_counts``, before its dtype and size tests: :attr:`counts`); numeric : a numeric
+    number); exact : every value is finite, >= 0 and a whole number
+    (``vae.inputs.expression_qc._is_counts``, before its dtype and size tests:
+    :attr:`counts`); numeric : a numeric
     dtype.
     """
 
