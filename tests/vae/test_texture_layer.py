@@ -155,20 +155,27 @@ def test_fitted_layer_tells_grainy_cells_from_smooth_ones():
     grainy = torch.cat([_grainy(s, 0.15, seed=i) for i in range(b // 2)])
     smooth = torch.cat([_grainy(s, 0.01, seed=i) for i in range(b // 2)])
     img, mask = torch.cat([grainy, smooth]), torch.ones(b, 1, s, s)
+    amp = _fit_two_kinds(m, img, mask).texture_amp[:, 0, 8:-8, 8:-8].mean(dim=(1, 2))
+    assert float(amp[: b // 2].min()) > 4 * float(amp[b // 2 :].max())
+
+
+def _fit_two_kinds(m: TwoBranchVAE, img: torch.Tensor, mask: torch.Tensor, steps: int = 150):
+    """Fit the texture layer alone (Adam, the texture term only) to two kinds of cell,
+    the first half and the second half of ``img``, whose codes lie apart; the decoding
+    of their codes after it."""
+    b = img.shape[0]
     z = torch.zeros(b, m.n_latent)
     z[: b // 2, 0], z[b // 2 :, 0] = 2.0, -2.0
     d, reg = texture_detail(img, mask), texture_region(mask)
     dec_ = m.image_decoder
     params = [*dec_.texture_conv.parameters(), *dec_.texture_mlp.parameters()]
     opt = torch.optim.Adam(params, lr=0.03)
-    for _ in range(150):
+    for _ in range(steps):
         opt.zero_grad()
-        out = m.decode(z)
-        texture_nll(out, d, reg).mean().backward()
+        texture_nll(m.decode(z), d, reg).mean().backward()
         opt.step()
     with torch.no_grad():
-        amp = m.decode(z).texture_amp[:, 0, 8:-8, 8:-8].mean(dim=(1, 2))
-    assert float(amp[: b // 2].min()) > 4 * float(amp[b // 2 :].max())
+        return m.decode(z)
 
 
 def test_field_is_seeded_unit_variance_fine_grained_and_dark_spotted():
@@ -325,19 +332,7 @@ def test_fitted_two_band_layer_tells_coarse_granules_from_fine_grain():
     s, b = 32, 8
     fine = torch.cat([_blobs(s, 0.1, 0.5, seed=i) for i in range(b // 2)])
     coarse = torch.cat([_blobs(s, 0.1, 2.0, seed=i) for i in range(b // 2)])
-    img, mask = torch.cat([fine, coarse]), torch.ones(b, 1, s, s)
-    z = torch.zeros(b, m.n_latent)
-    z[: b // 2, 0], z[b // 2 :, 0] = 2.0, -2.0
-    d, reg = texture_detail(img, mask), texture_region(mask)
-    dec_ = m.image_decoder
-    params = [*dec_.texture_conv.parameters(), *dec_.texture_mlp.parameters()]
-    opt = torch.optim.Adam(params, lr=0.03)
-    for _ in range(150):
-        opt.zero_grad()
-        texture_nll(m.decode(z), d, reg).mean().backward()
-        opt.step()
-    with torch.no_grad():
-        out = m.decode(z)
+    out = _fit_two_kinds(m, torch.cat([fine, coarse]), torch.ones(b, 1, s, s))
     ratio = (out.texture_amp_coarse / out.texture_amp)[:, 0, 8:-8, 8:-8].mean(dim=(1, 2))
     assert float(ratio[b // 2 :].min()) > 3 * float(ratio[: b // 2].max())
 

@@ -741,6 +741,18 @@ def detail_rms(
     cell_mask, nucleus : (H, W) bool.
     parts : (H, W) bool masks to average over (e.g. the cytoplasm of :func:`measure_cell`).
     """
+    energy = _detail(img, cell_mask, nucleus)[0].pow(2).sum(1)[0].numpy()  # (H, W)
+    out = np.full(len(parts), np.nan)
+    for j, part in enumerate(parts):
+        part = np.asarray(part, dtype=bool)
+        if part.sum() >= 10:
+            out[j] = float(np.sqrt(energy[part].mean()))
+    return out
+
+
+def _detail(img: np.ndarray, cell_mask: np.ndarray, nucleus: np.ndarray):
+    """The texture layer's detail of one crop (:func:`vae.losses.texture_detail`) and its
+    cell mask, torch (1, 3, H, W) and (1, 1, H, W)."""
     import torch
 
     from vae.losses import texture_detail
@@ -749,13 +761,16 @@ def detail_rms(
     x = torch.from_numpy(to_float_rgb(img).astype(np.float32)).permute(2, 0, 1)[None]
     m = torch.from_numpy(cell.astype(np.float32))[None, None]
     n = torch.from_numpy((np.asarray(nucleus, dtype=bool) & cell).astype(np.float32))[None, None]
-    energy = texture_detail(x, m, n).pow(2).sum(1)[0].numpy()  # (H, W)
-    out = np.full(len(parts), np.nan)
-    for j, part in enumerate(parts):
-        part = np.asarray(part, dtype=bool)
-        if part.sum() >= 10:
-            out[j] = float(np.sqrt(energy[part].mean()))
-    return out
+    return texture_detail(x, m, n), m
+
+
+def _segmented(images: np.ndarray, masks: np.ndarray, params: GranuleParams | None):
+    """``(i, image, mask, CellMeasurement)`` of each crop, its parts as
+    :func:`measure_cell` segments them (the grain itself not read)."""
+    images = np.asarray(images)
+    masks = np.asarray(masks, dtype=bool)
+    for i in range(len(images)):
+        yield i, images[i], masks[i], measure_cell(images[i], masks[i], params, grain=False)
 
 
 def stain_grain(
@@ -776,13 +791,10 @@ def stain_grain(
     """
     from scipy import ndimage as ndi
 
-    images = np.asarray(images)
-    masks = np.asarray(masks, dtype=bool)
     out = np.full((len(images), 2), np.nan)
-    for i in range(len(images)):
-        mc = measure_cell(images[i], masks[i], params, grain=False)  # both parts at once below
+    for i, img, cell, mc in _segmented(images, masks, params):  # both parts at once below
         inner_nuc = ndi.binary_erosion(mc.nucleus, iterations=1)
-        out[i] = detail_rms(images[i], masks[i], mc.nucleus, [mc.cytoplasm, inner_nuc])
+        out[i] = detail_rms(img, cell, mc.nucleus, [mc.cytoplasm, inner_nuc])
     return out
 
 
@@ -804,26 +816,17 @@ def grain_coarse_share(
     images : (n, H, W, 3) uint8 or float [0, 1]
     masks : (n, H, W) bool cell masks
     """
-    import torch
+    from vae.losses import texture_bands
 
-    from vae.losses import texture_bands, texture_detail
-
-    images = np.asarray(images)
-    masks = np.asarray(masks, dtype=bool)
     out = np.full(len(images), np.nan)
-    for i in range(len(images)):
-        mc = measure_cell(images[i], masks[i], params, grain=False)
-        cyto = mc.cytoplasm
-        if cyto.sum() < 10:
+    for i, img, cell, mc in _segmented(images, masks, params):
+        if mc.cytoplasm.sum() < 10:
             continue
-        x = torch.from_numpy(to_float_rgb(images[i]).astype(np.float32)).permute(2, 0, 1)[None]
-        m = torch.from_numpy(masks[i].astype(np.float32))[None, None]
-        n = torch.from_numpy((mc.nucleus & masks[i]).astype(np.float32))[None, None]
-        detail = texture_detail(x, m, n)
-        coarse = texture_bands(detail, m)[1]
-        whole = float(detail.pow(2).sum(1)[0].numpy()[cyto].mean())
+        detail, m = _detail(img, cell, mc.nucleus)
+        whole = float(detail.pow(2).sum(1)[0].numpy()[mc.cytoplasm].mean())
         if whole > 0:
-            out[i] = float(np.sqrt(coarse.pow(2).sum(1)[0].numpy()[cyto].mean() / whole))
+            coarse = texture_bands(detail, m)[1].pow(2).sum(1)[0].numpy()
+            out[i] = float(np.sqrt(coarse[mc.cytoplasm].mean() / whole))
     return out
 
 
