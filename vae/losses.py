@@ -563,12 +563,12 @@ def texture_nll(
 
     A two-band layer (``dec.texture_amp_coarse`` set) scores the fine and the coarse
     band (``bands``, :func:`texture_bands` of ``detail``; computed here when not given)
-    each so, with ``a`` the fine band's amplitude and ``texture_amp_coarse`` the coarse
-    band's, one colour ``c`` for both; the coarse band's isotropic part is ``d``
-    averaged as the band is (white noise under the band's Gaussian keeps
-    ``1 / (2 sqrt(pi) sigma)`` of its sd). The sum of the two NLLs: the bands' pixels
-    are not independent, which weighs the coarse band a little more than its share of
-    the information; the layer reads the code detached, so only its own fit sees that.
+    each so, the fine band under ``texture_amp`` / ``_floor`` / ``_dir`` and the coarse
+    band under ``texture_amp_coarse`` / ``_floor_coarse`` / ``_dir_coarse`` (a coarse
+    grain has a colour of its own: chromatin clumps, eosinophil granules). The sum of the
+    two NLLs: the bands' pixels are not independent, which weighs the coarse band more
+    than its share of the information; the layer reads the code detached, so only its
+    own fit sees that.
     """
     a2 = dec.texture_amp.pow(2)  # (B, 1, S, S)
     # rows a decode skipped hold zeros (weighted 0 by the caller): keep them finite; the
@@ -579,9 +579,9 @@ def texture_nll(
         nll = _grain_nll(detail, a2, d2, dec.texture_dir)
     else:
         fine, coarse = texture_bands(detail, region) if bands is None else bands
-        white = 1.0 / (4.0 * math.pi * TEXTURE_COARSE_SIGMA**2)  # variance kept by the blur
+        d2c = dec.texture_floor_coarse.pow(2).clamp_min(1e-8)
         nll = _grain_nll(fine, a2, d2, dec.texture_dir) + _grain_nll(
-            coarse, coarse_amp.pow(2), d2 * white, dec.texture_dir
+            coarse, coarse_amp.pow(2), d2c, dec.texture_dir_coarse
         )
     n = region.sum(dim=(1, 2, 3)).clamp_min(1.0)
     return (nll * region).sum(dim=(1, 2, 3)) / n
@@ -1071,6 +1071,8 @@ def vae_loss(
             texture_floor=pick(dec.texture_floor),
             texture_dir=pick(dec.texture_dir),
             texture_amp_coarse=pick(dec.texture_amp_coarse),
+            texture_floor_coarse=pick(dec.texture_floor_coarse),
+            texture_dir_coarse=pick(dec.texture_dir_coarse),
         )
         if w.nucleus_input_compose and score_nucleus and dec.cytoplasm is not None:
             # p(x, n | z) = p(n | z) p(x | z, n): the colours given the observed nucleus

@@ -128,11 +128,11 @@ class VAEArgs:
     # a fixed noise field (:func:`render_texture`). Default False so checkpoints saved
     # before this field load unchanged.
     texture_head: bool = False
-    # texture layer in two bands: the grain's amplitude is decoded apart for the detail
-    # finer and coarser than ``TEXTURE_COARSE_SIGMA`` (granules 1 px vs 2-4 px across:
-    # eosinophil, basophil and primary granules, chromatin clumps), each drawn from a
-    # field of its own size (:func:`render_texture`). Default False so checkpoints saved
-    # before this field load unchanged (one band: the grain drawn at one size)
+    # texture layer in two bands: the grain's amplitude, colour and floor are decoded apart
+    # for the detail finer and coarser than ``TEXTURE_COARSE_SIGMA`` (1 px grain vs blobs
+    # 2-4 px across: eosinophil, basophil and primary granules, chromatin clumps), each
+    # drawn from a field of its own size (:func:`render_texture`). Default False so
+    # checkpoints saved before this field load unchanged (one band: one grain size)
     texture_coarse: bool = False
     # nucleus layer: the decoder also outputs nucleus-mask logits (trained as a
     # Bernoulli against the lobe counter's nucleus of the input) and a nucleus colour
@@ -377,10 +377,10 @@ class Decoded:
         ``texture_dir`` and in every channel (texture layer only, :func:`vae.losses.texture_nll`).
     texture_dir : (B, 3, S, S) or None
         Unit colour direction (optical density per RGB channel) of that detail.
-    texture_amp_coarse : (B, 1, S, S) > 0 or None
-        Two-band texture layer only (``VAEArgs.texture_coarse``): the standard deviation
-        along ``texture_dir`` of the detail's coarse band (:func:`vae.losses.texture_bands`);
-        ``texture_amp`` is then the fine band's.
+    texture_amp_coarse, texture_floor_coarse, texture_dir_coarse : or None
+        Two-band texture layer only (``VAEArgs.texture_coarse``): the same three maps
+        for the detail's coarse band (:func:`vae.losses.texture_bands`); ``texture_amp``,
+        ``texture_floor`` and ``texture_dir`` are then the fine band's.
     lobe_logits : (B, LOBE_CLASSES) or None
         Logits of the nucleus lobe count 1..5 (lobe layer only, :mod:`vae.lobes`).
     size : (B,) or None
@@ -409,6 +409,8 @@ class Decoded:
     texture_floor: torch.Tensor | None = None
     texture_dir: torch.Tensor | None = None
     texture_amp_coarse: torch.Tensor | None = None
+    texture_floor_coarse: torch.Tensor | None = None
+    texture_dir_coarse: torch.Tensor | None = None
 
 
 @dataclass
@@ -733,8 +735,10 @@ class ImageDecoder(nn.Module):
                 # Initialised on a fork of the random stream, so every other parameter of
                 # the model starts as it would without the layer: a run with it and one
                 # without, same seed, differ by the layer alone (a paired comparison).
-                # Two bands: one more channel, the coarse band's log sd
-                n_tex = TEXTURE_CHANNELS + int(self.texture_coarse)
+                # Two bands: the same channels again for the coarse band (its grain has
+                # a colour of its own: chromatin clumps and eosinophil granules are coarse,
+                # compression noise fine)
+                n_tex = TEXTURE_CHANNELS * (1 + int(self.texture_coarse))
                 with torch.random.fork_rng(devices=[]):
                     self.texture_mlp = nn.Sequential(
                         nn.Linear(n_in, 32), nn.SiLU(), nn.Linear(32, n_tex)
@@ -751,8 +755,8 @@ class ImageDecoder(nn.Module):
         granule rate (B, 1, S, S, per 100 px^2) and optical density (B, 3, S, S) or
         None, the nucleus logits (B, 1, S, S), nucleus colour and cytoplasm
         (B, 3, S, S) or None, and the texture amplitude, floor (B, 1, S, S),
-        colour direction (B, 3, S, S) and coarse band's amplitude (B, 1, S, S) or None
-        (the amplitude is then the fine band's)."""
+        colour direction (B, 3, S, S), then the coarse band's three maps or None (the
+        first three are then the fine band's)."""
         h = F.silu(self.fc(z)).view(-1, self.c0, self.side, self.side)  # (B, C*s*s) -> (B, C, s, s)
         top = self.deconv[:-1](h)  # features before the output layer
         out = self.deconv[-1](top)  # (B, 3 [+1 mask] [+4 nucleus], S, S)
@@ -766,16 +770,11 @@ class ImageDecoder(nn.Module):
             colour = torch.sigmoid(out[:, k + 1 : k + NUCLEUS_CHANNELS])
             nuc = (logits, colour, img)
             img = compose_nucleus(img, colour, logits)
-        tex: tuple[torch.Tensor | None, ...] = (None, None, None, None)
+        tex: tuple[torch.Tensor | None, ...] = (None,) * 6
         if self.texture_head:
             t = self.texture_conv(top.detach()) + self.texture_mlp(z.detach())[:, :, None, None]
-            amp = torch.exp(t[:, :1].clamp(-7.0, 1.0))  # sd of the grain, optical density
-            floor = torch.exp(t[:, 1:2].clamp(-7.0, 1.0))
-            # stain absorbs: the grain's colour has no negative optical density (a free
-            # sign drew light, colour-fringed dots on 40 % of real cells' pixels)
-            direction = F.normalize(F.softplus(t[:, 2:5]), dim=1, eps=1e-6)
-            coarse = torch.exp(t[:, 5:6].clamp(-7.0, 1.0)) if self.texture_coarse else None
-            tex = (amp, floor, direction, coarse)
+            tex = _texture_maps(t[:, :TEXTURE_CHANNELS])
+            tex += _texture_maps(t[:, TEXTURE_CHANNELS:]) if self.texture_coarse else (None,) * 3
         if not self.granule_head:
             return img, mask_logits, None, None, *nuc, *tex
         g = self.granule_mlp(z.detach())  # (B, 4): log density offset, granule optical density
@@ -1348,7 +1347,7 @@ class TwoBranchVAE(nn.Module):
         if k and use_image:
             zi = torch.cat([zi, batch_onehot(image_batch, k, zi.shape[0], zi)], dim=1)
         rate = od = nuc_logits = nuc_colour = cyto = None
-        tex: tuple[torch.Tensor | None, ...] = (None, None, None, None)
+        tex: tuple[torch.Tensor | None, ...] = (None,) * 6
         if not use_image:
             img = mask_logits = None
         elif image_rows is None:
@@ -1374,7 +1373,8 @@ class TwoBranchVAE(nn.Module):
                 cell_holes = nucleus_holes(mask, diagonal_gaps=False)
                 cell = torch.maximum(mask, cell_holes)
             # what is drawn (Decoded keeps the decoder's own maps)
-            amp, direction, coarse, drawn_rate = tex[0], tex[2], tex[3], rate
+            amp, direction, drawn_rate = tex[0], tex[2], rate
+            coarse, coarse_dir = tex[3], tex[5]
             if nuc_logits is not None:
                 sharp, drawn = NUCLEUS_RENDER_SHARPNESS, nuc_logits
                 # what shows through the nucleus: the cytoplasm layer there was never a
@@ -1392,7 +1392,7 @@ class TwoBranchVAE(nn.Module):
                 # docs/vae.md), which drew cuts and holes as pale speckled cracks; filled
                 # by the same rule, in one pass
                 layers = [cyto] + ([amp, direction] if amp is not None else [])
-                layers += [coarse] if coarse is not None else []
+                layers += [coarse, coarse_dir] if coarse is not None else []
                 layers += [rate] if rate is not None else []
                 filled = fill_cuts(torch.cat(layers, 1), holes, torch.sigmoid(sharp * drawn), cell)
                 under = filled[:, :3]
@@ -1401,11 +1401,12 @@ class TwoBranchVAE(nn.Module):
                     direction = F.normalize(filled[:, 4:7], dim=1, eps=1e-6)
                 if coarse is not None:
                     coarse = filled[:, 7:8]
+                    coarse_dir = F.normalize(filled[:, 8:11], dim=1, eps=1e-6)
                 if rate is not None:
                     drawn_rate = filled[:, -1:]
                 img = compose_nucleus(under, nuc_colour, drawn, sharp)
             if amp is not None:
-                img = render_texture(img, amp, direction, cell, seed, coarse)
+                img = render_texture(img, amp, direction, cell, seed, coarse, coarse_dir)
             if drawn_rate is not None:
                 img = render_granules(img, drawn_rate, od, cell, seed)
         if self.expression_decoder is None:
@@ -1431,6 +1432,8 @@ class TwoBranchVAE(nn.Module):
             texture_floor=tex[1],
             texture_dir=tex[2],
             texture_amp_coarse=tex[3],
+            texture_floor_coarse=tex[4],
+            texture_dir_coarse=tex[5],
             **expr,
         )
 
@@ -1567,6 +1570,16 @@ def compose_nucleus(
 
 
 TEXTURE_CHANNELS = 5  # texture layer: log grain sd, log floor sd, grain colour (3)
+
+
+def _texture_maps(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The texture layer's raw channels of one band (B, TEXTURE_CHANNELS, S, S) -> grain
+    sd, floor sd (B, 1, S, S), optical density, and unit colour direction (B, 3, S, S)."""
+    amp = torch.exp(t[:, :1].clamp(-7.0, 1.0))  # sd of the grain, optical density
+    floor = torch.exp(t[:, 1:2].clamp(-7.0, 1.0))
+    # stain absorbs: the grain's colour has no negative optical density (a free sign drew
+    # light, colour-fringed dots on 40 % of real cells' pixels)
+    return amp, floor, F.normalize(F.softplus(t[:, 2:5]), dim=1, eps=1e-6)
 TEXTURE_GRAIN_SIGMA = 0.8  # px: the drawn grain's blobs (a granule at 64 px is 1-3 px)
 
 
@@ -1600,6 +1613,7 @@ def render_texture(
     mask: torch.Tensor | None = None,
     seed: int = 0,
     amp_coarse: torch.Tensor | None = None,
+    direction_coarse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw the stain's grain on decoded images.
 
@@ -1610,13 +1624,14 @@ def render_texture(
     noise of the inputs) is scored but not drawn. With ``mask``, only inside the cell
     minus its outer rim (where the loss scores).
 
-    With ``amp_coarse`` (two-band layer) ``amp`` and ``amp_coarse`` are the standard
-    deviations of the fine and the coarse band of the detail
-    (:func:`vae.losses.texture_bands`); the grain is then ``alpha n + gamma n_c``, a mix
-    of the fine field and a coarse one (:func:`texture_field_coarse`) whose weights
-    solve, pixel by pixel, for the two bands' decoded standard deviations as the same
-    band split measures them on the two fields (:func:`texture_field_bands`): a cell
-    decoded with coarse granules is drawn with blobs of their size.
+    With ``amp_coarse`` and ``direction_coarse`` (two-band layer) ``amp`` and
+    ``amp_coarse`` are the standard deviations of the fine and the coarse band of the
+    detail (:func:`vae.losses.texture_bands`); the optical density then gains
+    ``alpha n direction + gamma n_c direction_coarse``, the fine field and a coarse one
+    (:func:`texture_field_coarse`) in each band's colour, whose weights solve, pixel by
+    pixel, for the two bands' decoded standard deviations as the same band split
+    measures them on the two fields (:func:`texture_field_bands`): a cell decoded with
+    coarse granules is drawn with blobs of their size and colour.
 
     Parameters
     ----------
@@ -1626,6 +1641,7 @@ def render_texture(
     mask : (B, 1, S, S) cell probability, optional
     seed : int
     amp_coarse : (B, 1, S, S) > 0, optional
+    direction_coarse : (B, 3, S, S) unit vectors, optional (default ``direction``)
 
     Returns
     -------
@@ -1636,7 +1652,7 @@ def render_texture(
     s = image.shape[-1]
     n = texture_field(s, int(seed)).to(image.device, image.dtype)
     if amp_coarse is None:
-        grain = amp * n
+        od = amp * n * direction
     else:
         n_c = texture_field_coarse(s, int(seed)).to(image.device, image.dtype)
         (ff, fc), (cf, cc) = texture_field_bands(s, int(seed))
@@ -1648,8 +1664,8 @@ def render_texture(
         gamma2 = ((c2 * ff**2 - a2 * fc**2) / det).clamp_min(0.0)
         alpha2 = torch.where(gamma2 > 0, alpha2, a2 / ff**2)
         gamma2 = torch.where(alpha2 > 0, gamma2, c2 / cc**2)
-        grain = alpha2.sqrt() * n + gamma2.sqrt() * n_c
-    od = grain * direction
+        coarse_dir = direction if direction_coarse is None else direction_coarse
+        od = alpha2.sqrt() * n * direction + gamma2.sqrt() * n_c * coarse_dir
     if mask is not None:
         od = od * texture_region((mask > 0.5).to(image.dtype))
     return (image * torch.exp(-od)).clamp(0.0, 1.0)

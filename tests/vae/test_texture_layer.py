@@ -373,6 +373,8 @@ def test_two_band_rows_a_decode_skipped_stay_finite():
         texture_floor=zeros,
         texture_dir=torch.zeros(2, 3, s, s),
         texture_amp_coarse=zeros,
+        texture_floor_coarse=zeros,
+        texture_dir_coarse=torch.zeros(2, 3, s, s),
     )
     out = texture_nll(dec, texture_detail(img, mask), texture_region(mask))
     assert torch.isfinite(out).all() and torch.isfinite(out * 0).all()
@@ -419,3 +421,28 @@ def test_train_with_two_bands_saves_them_and_evaluate_draws_them(tmp_path, run_i
     with torch.no_grad():
         dec = model.decode(z, render=True)
     assert dec.texture_amp_coarse is not None and torch.isfinite(dec.image).all()
+
+
+def test_render_draws_each_band_in_its_own_colour():
+    from vae.losses import texture_bands
+
+    s = 64
+    img = torch.full((1, 3, s, s), 0.8)
+    mask = torch.ones(1, 1, s, s)
+
+    def unit(rgb):
+        return F.normalize(torch.tensor(rgb), dim=0).view(1, 3, 1, 1).expand(1, 3, s, s)
+
+    fine_c, coarse_c = unit([0.2, 0.9, 0.3]), unit([0.9, 0.2, 0.3])  # violet grain, cyan blobs
+    amp = torch.full((1, 1, s, s), 0.06)
+    drawn = render_texture(img, amp, fine_c, mask, 2, amp_coarse=amp, direction_coarse=coarse_c)
+    fine, coarse = texture_bands(texture_detail(drawn, mask), mask)
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
+
+    def energy(band):  # share of each channel in a band's energy
+        e = band[inner].pow(2).mean(dim=(0, 2, 3))
+        return e / e.sum()
+
+    # the coarse band is mostly the coarse colour's (red-absorbing), the fine mostly green
+    assert float(energy(coarse)[0]) > 0.5 > float(energy(fine)[0])
+    assert float(energy(fine)[1]) > float(energy(coarse)[1])
