@@ -1580,6 +1580,8 @@ def _texture_maps(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     # stain absorbs: the grain's colour has no negative optical density (a free sign drew
     # light, colour-fringed dots on 40 % of real cells' pixels)
     return amp, floor, F.normalize(F.softplus(t[:, 2:5]), dim=1, eps=1e-6)
+
+
 TEXTURE_GRAIN_SIGMA = 0.8  # px: the drawn grain's blobs (a granule at 64 px is 1-3 px)
 
 
