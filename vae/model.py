@@ -1405,8 +1405,17 @@ class TwoBranchVAE(nn.Module):
                 if rate is not None:
                     drawn_rate = filled[:, -1:]
                 img = compose_nucleus(under, nuc_colour, drawn, sharp)
+                # coarse grain in the cytoplasm only: drawn blobs at random places in a
+                # nucleus read as lobes and valleys the cell does not have (real chain,
+                # drawn vs input lobes 0.755 -> 0.554 with them: docs/vae.md, "Grain in
+                # two bands"); the nucleus keeps one fine grain of both bands' strength
+                coarse_where = 1.0 - torch.sigmoid(sharp * drawn)
+            else:
+                coarse_where = None
             if amp is not None:
-                img = render_texture(img, amp, direction, cell, seed, coarse, coarse_dir)
+                img = render_texture(
+                    img, amp, direction, cell, seed, coarse, coarse_dir, coarse_where
+                )
             if drawn_rate is not None:
                 img = render_granules(img, drawn_rate, od, cell, seed)
         if self.expression_decoder is None:
@@ -1616,6 +1625,7 @@ def render_texture(
     seed: int = 0,
     amp_coarse: torch.Tensor | None = None,
     direction_coarse: torch.Tensor | None = None,
+    coarse_where: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw the stain's grain on decoded images.
 
@@ -1633,7 +1643,10 @@ def render_texture(
     (:func:`texture_field_coarse`) in each band's colour, whose weights solve, pixel by
     pixel, for the two bands' decoded standard deviations as the same band split
     measures them on the two fields (:func:`texture_field_bands`): a cell decoded with
-    coarse granules is drawn with blobs of their size and colour.
+    coarse granules is drawn with blobs of their size and colour. ``coarse_where``
+    (B, 1, S, S) in [0, 1] limits that to where it is 1 (decode: the cytoplasm, outside
+    the drawn nucleus); elsewhere both bands' strength is drawn as one fine grain in the
+    fine band's colour, as a one-band layer draws it.
 
     Parameters
     ----------
@@ -1644,6 +1657,7 @@ def render_texture(
     seed : int
     amp_coarse : (B, 1, S, S) > 0, optional
     direction_coarse : (B, 3, S, S) unit vectors, optional (default ``direction``)
+    coarse_where : (B, 1, S, S) in [0, 1], optional (default: everywhere)
 
     Returns
     -------
@@ -1668,6 +1682,9 @@ def render_texture(
         gamma2 = torch.where(alpha2 > 0, gamma2, c2 / cc**2)
         coarse_dir = direction if direction_coarse is None else direction_coarse
         od = alpha2.sqrt() * n * direction + gamma2.sqrt() * n_c * coarse_dir
+        if coarse_where is not None:
+            one = (a2 + c2).sqrt() * n * direction
+            od = coarse_where * od + (1.0 - coarse_where) * one
     if mask is not None:
         od = od * texture_region((mask > 0.5).to(image.dtype))
     return (image * torch.exp(-od)).clamp(0.0, 1.0)

@@ -446,3 +446,21 @@ def test_render_draws_each_band_in_its_own_colour():
     # the coarse band is mostly the coarse colour's (red-absorbing), the fine mostly green
     assert float(energy(coarse)[0]) > 0.5 > float(energy(fine)[0])
     assert float(energy(fine)[1]) > float(energy(coarse)[1])
+
+
+def test_coarse_grain_is_drawn_where_asked_and_one_fine_grain_elsewhere():
+    s = 32
+    img = torch.full((1, 3, s, s), 0.8)
+    mask = torch.ones(1, 1, s, s)
+    c = F.normalize(torch.tensor([0.3, 0.9, 0.3]), dim=0).view(1, 3, 1, 1).expand(1, 3, s, s)
+    fine, coarse = torch.full((1, 1, s, s), 0.03), torch.full((1, 1, s, s), 0.04)
+    where = torch.zeros(1, 1, s, s)
+    where[..., :, : s // 2] = 1.0  # the left half is cytoplasm
+
+    def draw(w):
+        return render_texture(img, fine, c, mask, 1, coarse, c, w)
+
+    both, left = draw(None), draw(where)
+    one = render_texture(img, torch.full((1, 1, s, s), 0.05), c, mask, 1)  # sqrt(.03^2 + .04^2)
+    assert torch.allclose(left[..., : s // 2], both[..., : s // 2])
+    assert torch.allclose(left[..., s // 2 :], one[..., s // 2 :])
