@@ -1407,8 +1407,9 @@ class TwoBranchVAE(nn.Module):
                 img = compose_nucleus(under, nuc_colour, drawn, sharp)
                 # coarse grain in the cytoplasm only: drawn blobs at random places in a
                 # nucleus read as lobes and valleys the cell does not have (real chain,
-                # drawn vs input lobes 0.755 -> 0.554 with them: docs/vae.md, "Grain in
-                # two bands"); the nucleus keeps one fine grain of both bands' strength
+                # one model: drawn vs input lobes 0.649 with them there, 0.767 without;
+                # SSIM 0.597 / 0.621: docs/vae.md, "Grain in two bands"); the nucleus
+                # keeps one fine grain of both bands' strength
                 coarse_where = 1.0 - torch.sigmoid(sharp * drawn)
             else:
                 coarse_where = None
