@@ -1041,10 +1041,10 @@ def vae_loss(
     if w.texture > 0 and image is not None:
         detail = texture_detail(image, mask, nucleus)
         region = texture_region(mask, nucleus)
-        # a two-band layer's bands, once per batch (cheap; unused by a one-band layer)
-        bands = texture_bands(detail, region)
     else:
-        detail = region = bands = None
+        detail = region = None
+    # a two-band layer's bands of the detail: once per batch, at its first decode
+    bands: tuple[torch.Tensor, torch.Tensor] | None = None
     # gaps between lobes weigh more (once per batch: every decode is scored against it)
     nucleus_weight_map = (
         1.0 + w.nucleus_gap * nucleus_gaps(nucleus) if score_nucleus and w.nucleus_gap > 0 else None
@@ -1113,6 +1113,9 @@ def vae_loss(
         else:
             sz = zero
         if texture and detail is not None and dec.texture_amp is not None:
+            nonlocal bands
+            if bands is None and dec.texture_amp_coarse is not None:
+                bands = texture_bands(detail, region)
             tx = (texture_nll(dec, detail, region, bands) * rows).sum()
         else:
             tx = zero

@@ -1669,7 +1669,7 @@ def render_texture(
     s = image.shape[-1]
     n = texture_field(s, int(seed)).to(image.device, image.dtype)
     if amp_coarse is None:
-        od = amp * n * direction
+        od = amp * direction * n  # as before two bands existed, to the bit
     else:
         n_c = texture_field_coarse(s, int(seed)).to(image.device, image.dtype)
         (ff, fc), (cf, cc) = texture_field_bands(s, int(seed))
