@@ -372,7 +372,7 @@ def test_a_hole_in_the_nucleus_is_drawn_with_the_cytoplasms_grain_and_granules()
 
     class Ring(torch.nn.Module):
         def forward(self, z):
-            img, _, rate, od, _, colour, cyto, amp, floor, direction = inner(z)
+            img, _, rate, od, _, colour, cyto, amp, floor, direction, *coarse = inner(z)
             b = z.shape[0]
             cell = torch.full((b, 1, s, s), 8.0)
             nuc = torch.full((b, 1, s, s), -8.0)
@@ -387,7 +387,7 @@ def test_a_hole_in_the_nucleus_is_drawn_with_the_cytoplasms_grain_and_granules()
             direction[:, 2] = torch.where(inside[:, 0], 1.0, 0.0)  # chromatin: blue
             direction[:, 0] = torch.where(inside[:, 0], 0.0, 1.0)  # cytoplasm: red
             rate = torch.where(inside, 2.0, 0.5).expand(b, 1, s, s).contiguous()
-            return img, cell, rate, od, nuc, colour, cyto, amp, floor, direction
+            return img, cell, rate, od, nuc, colour, cyto, amp, floor, direction, *coarse
 
     m.image_decoder = Ring()
     z = torch.zeros(1, m.n_latent)
