@@ -63,10 +63,10 @@ class VAEConfig:
     # decoded cells are drawn with that grain (docs/vae.md, "Texture layer"); 0: off
     texture_weight: float = 0.0
     # the texture layer in two bands (with texture_weight > 0): the grain finer and
-    # coarser than 1 px (vae.losses.TEXTURE_COARSE_SIGMA) gets an amplitude each, and
-    # decoded cells are drawn with blobs of the size the cell's detail has (coarse
-    # granules, chromatin clumps) instead of one grain size; false: one band
-    # (docs/vae.md, "Grain in two bands")
+    # coarser than 1 px (vae.losses.TEXTURE_COARSE_SIGMA) gets an amplitude, colour and
+    # floor each, and decoded cells are drawn with 2-4 px blobs in the cytoplasm where the
+    # cell's detail is coarse (granules, blotches) instead of one grain size; false: one
+    # band (docs/vae.md, "Grain in two bands")
     texture_coarse: bool = False
     # the image drawn from the expression expert alone (the cross-modal term) is scored
     # on the texture layer too; false: not there (a crop's grain level is its
