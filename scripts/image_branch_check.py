@@ -112,6 +112,23 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.spearmanr(a[ok], b[ok])[0])
 
 
+def _medians_by_kind(res: dict, prefix: str, kinds, inputs, drawn, ok: np.ndarray) -> None:
+    """``res["<prefix>_<kind>_input_drawn"]`` = [median of ``inputs``, of ``drawn``] over
+    the ``ok`` rows of each labelled kind with 3 or more of them; nothing without
+    ``kinds``."""
+    from vae.data import UNKNOWN_LABEL
+
+    if kinds is None:
+        return
+    for k in sorted(set(kinds[ok]) - {"", "nan", UNKNOWN_LABEL}):
+        sel = ok & (kinds == k)
+        if sel.sum() >= 3:
+            res[f"{prefix}_{k}_input_drawn"] = [
+                round(float(np.median(inputs[sel])), 4),
+                round(float(np.median(drawn[sel])), 4),
+            ]
+
+
 def _figure(path: Path, inputs, rows: np.ndarray, dec: np.ndarray, obs, n: int = 12) -> None:
     """Masked input (top) and fused reconstruction (bottom) of ``n`` test cells, by class/t.
 
@@ -429,14 +446,7 @@ def check(
             ok = np.isfinite(g_in[:, j]) & np.isfinite(g_out[:, j])
             res[f"drawn_grain_vs_input_{part}_spearman"] = _spearman(g_out[ok, j], g_in[ok, j])
             res[f"drawn_grain_over_input_{part}_median"] = G.grain_ratio(g_out[:, j], g_in[:, j])
-            if kinds_g is not None:
-                for k in sorted(set(kinds_g[ok]) - {"", "nan", UNKNOWN_LABEL}):
-                    sel = ok & (kinds_g == k)
-                    if sel.sum() >= 3:
-                        res[f"grain_{part}_{k}_input_drawn"] = [
-                            round(float(np.median(g_in[sel, j])), 4),
-                            round(float(np.median(g_out[sel, j])), 4),
-                        ]
+            _medians_by_kind(res, f"grain_{part}", kinds_g, g_in[:, j], g_out[:, j], ok)
         # and how coarse: the share of the cytoplasm's detail in 2-4 px blobs (the grain
         # of a two-band texture layer follows the crop's; one band draws 1 px grain)
         c_in = G.grain_coarse_share(inputs_u8, dec.mask, params)
@@ -447,14 +457,7 @@ def check(
             round(float(np.median(c_in[ok])), 4) if ok.any() else float("nan"),
             round(float(np.median(c_out[ok])), 4) if ok.any() else float("nan"),
         ]
-        if kinds_g is not None:
-            for k in sorted(set(kinds_g[ok]) - {"", "nan", UNKNOWN_LABEL}):
-                sel = ok & (kinds_g == k)
-                if sel.sum() >= 3:
-                    res[f"grain_coarse_share_{k}_input_drawn"] = [
-                        round(float(np.median(c_in[sel])), 4),
-                        round(float(np.median(c_out[sel])), 4),
-                    ]
+        _medians_by_kind(res, "grain_coarse_share", kinds_g, c_in, c_out, ok)
         res["input_multilobed_share"] = float((inp_lobes >= 2).mean())
         if getattr(model, "lobe_head", None) is not None:
             from vae.lobes import without_lobe_layer
