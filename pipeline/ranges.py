@@ -240,6 +240,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         IMAGE_INPUTS,
         IMAGE_LIKELIHOODS,
     )
+    from vae.train import MONITORS
 
     return {
         "vae.fusion": FUSIONS,
@@ -258,6 +259,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "expression.values": VALUE_KINDS,
         "expression.maturation": MATURATION_MODES,
         "expression.hvg_flavor": HVG_FLAVORS,
+        "trainer.monitor": MONITORS,
     }
 
 

@@ -343,6 +343,7 @@ def build_train_args(cfg: DictConfig, align: str | None = None, unknown_label: i
         lr_warmup_epochs=float(t.lr_warmup_epochs),
         grad_clip=float(t.grad_clip),
         early_stopping_patience=int(t.early_stopping_patience),
+        monitor=str(t.monitor),
         max_minutes=t.max_minutes,
         augment=bool(t.augment),
         stain_jitter=float(t.stain_jitter),

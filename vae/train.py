@@ -62,6 +62,9 @@ from vae.tb import TBLogger
 
 log = logging.getLogger(__name__)
 
+# validation terms (names of vae.losses.LossTerms) that may select model.pt
+MONITORS = ("total", "neg_elbo")
+
 
 @dataclass
 class TrainArgs:
@@ -81,6 +84,11 @@ class TrainArgs:
     lr_warmup_epochs: float = 1.0
     grad_clip: float = 10.0
     early_stopping_patience: int = 10
+    # the validation term that picks model.pt and counts the patience (one of MONITORS):
+    # "total", the training objective with every weighted term; "neg_elbo", the β=1
+    # reconstruction + KL only, without the auxiliary heads' terms (label, alignment,
+    # maturation, views), whose validation values swing from epoch to epoch
+    monitor: str = "total"
     max_minutes: float | None = None
     augment: bool = True
     stain_jitter: float = 0.0  # strength of the stain/colour jitter (vae.data.augment_stain)
@@ -124,7 +132,7 @@ class TrainArgs:
 class TrainResult:
     """Outcome of :func:`train`.
 
-    best_epoch : epoch (1-based) of model.pt; best_val : its validation loss;
+    best_epoch : epoch (1-based) of model.pt; best_val : its validation ``monitor`` term;
     epochs : epochs completed in total; steps : optimizer steps in total;
     stopped : ``max_epochs`` | ``early_stopping`` | ``time_limit`` | ``interrupted``;
     history : per-epoch dicts (train/val loss terms, β, C, lr, seconds);
@@ -871,6 +879,8 @@ def train(
     val_idx = np.flatnonzero(split == "val")
     if train_idx.size == 0:
         raise ValueError("no training rows in the split")
+    if args.monitor not in MONITORS:
+        raise ValueError(f"monitor={args.monitor!r}; valid: {', '.join(MONITORS)}")
     if train_idx.size < 2 and getattr(model.args, "expression_norm", "") == "batch":
         # BatchNorm cannot train on a batch of one row (a raw torch ValueError otherwise)
         raise ValueError(
@@ -963,6 +973,15 @@ def train(
             )
         if optim.ema is not None:
             optim.ema.load_state_dict(ck["ema"])
+        was_monitor = (ck.get("train_args") or {}).get("monitor", "total")
+        if was_monitor != args.monitor:
+            # the kept best value is of the other term: comparing the two would pick
+            # model.pt by neither
+            raise resume_error(
+                resume_from,
+                f"it selected model.pt on trainer.monitor={was_monitor}, this run on "
+                f"{args.monitor}: resume with the setting it was trained with",
+            )
         epoch, prog.step = int(ck["epoch"]), int(ck["step"])
         best_val = float(ck.get("best_val", math.inf))
         best_epoch = int(ck.get("best_epoch", 0))
@@ -1121,7 +1140,7 @@ def train(
             # scores and model_raw.pt are those of the same run without the average
             raw_val = evaluate_loss(
                 wrapped, data, val_rows, args, dist, optim.kl_sched, n_shared, should_stop
-            )[0]["total"]
+            )[0][args.monitor]
             if is_main and eligible and raw_val < best_raw_val:
                 best_raw_val, best_raw_epoch = raw_val, epoch
                 best_raw_ck = _snapshot(payload("best"))
@@ -1137,8 +1156,9 @@ def train(
                 val_means, last_kl = evaluate_loss(
                     wrapped, data, val_rows, args, dist, optim.kl_sched, n_shared, should_stop
                 )
-        monitor = val_means["total"]
-        why = diverged(monitor, val_means.get("kl", 0.0), prog.loss_ref)
+        monitor = val_means[args.monitor]
+        # the divergence rule reads the objective itself (its reference is a training loss)
+        why = diverged(val_means["total"], val_means.get("kl", 0.0), prog.loss_ref)
         if why is not None:  # raised before this epoch's weights can become model.pt
             raise NonFiniteLossError(
                 f"diverged validation loss at epoch {epoch}: {why} "
@@ -1234,7 +1254,7 @@ def train(
                 cut,
                 fix,
             )
-        best_epoch, best_val = epoch, history[-1]["val"]["total"] if history else math.nan
+        best_epoch, best_val = epoch, history[-1]["val"][args.monitor] if history else math.nan
         with averaged_weights(core, optim.ema):
             save_checkpoint(out_dir / "model.pt", payload("best"))
         if optim.ema is not None:

@@ -484,10 +484,11 @@ def run_train(ctx: StageContext) -> None:
         },
     )
     log.info(
-        "train: %d epochs (%s), best epoch %d val %.4g, %.1fs",
+        "train: %d epochs (%s), best epoch %d val %s %.4g, %.1fs",
         result.epochs,
         result.stopped,
         result.best_epoch,
+        cfg.trainer.monitor,
         result.best_val,
         result.seconds,
     )
@@ -495,10 +496,10 @@ def run_train(ctx: StageContext) -> None:
 
 def run_settings(cfg, result) -> dict:
     """What train_summary.json says to compare runs by: the key settings, and the best
-    epoch's validation loss with β (``best_val``: β · KL) and at β = 1
-    (``best_val_neg_elbo``, the ``val/neg_elbo`` term: weighted reconstruction + 1 · KL,
-    lower is better), on which runs of different ``vae.beta`` compare at equal term
-    weights."""
+    epoch's validation loss with β (``best_val_total``: the objective, β · KL) and at
+    β = 1 (``best_val_neg_elbo``, the ``val/neg_elbo`` term: weighted reconstruction +
+    1 · KL, lower is better), on which runs of different ``vae.beta`` compare at equal
+    term weights. (``best_val`` beside them is the term ``trainer.monitor`` selected on.)"""
     best = next((r for r in result.history if r.get("epoch") == result.best_epoch), None)
     val = best.get("val", {}) if best else {}
     return {
@@ -510,7 +511,9 @@ def run_settings(cfg, result) -> dict:
             "vae.capacity_max": float(cfg.vae.capacity_max),
             "trainer.max_epochs": int(cfg.trainer.max_epochs),
             "trainer.lr": float(cfg.trainer.lr),
+            "trainer.monitor": str(cfg.trainer.monitor),
         },
+        "best_val_total": val.get("total"),
         "best_val_neg_elbo": val.get("neg_elbo"),
     }
 

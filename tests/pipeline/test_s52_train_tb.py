@@ -73,3 +73,9 @@ def test_train_summary_names_the_settings_and_the_beta_free_neg_elbo(paired: Pat
     assert s["best_epoch"] >= 1
     assert isinstance(s["best_val_neg_elbo"], float) and s["best_val_neg_elbo"] > 0
     assert "best_val_elbo" not in s
+    # the default monitor: best_val is the objective's value at the best epoch
+    assert s["settings"]["trainer.monitor"] == "total" and s["best_val"] == s["best_val_total"]
+    d = _run(paired, "experiment=m", "trainer.monitor=neg_elbo")
+    s = json.loads((d / "train_summary.json").read_text())
+    assert s["settings"]["trainer.monitor"] == "neg_elbo"
+    assert s["best_val"] == s["best_val_neg_elbo"] != s["best_val_total"]

@@ -608,6 +608,71 @@ def test_averaged_weights_reach_model_pt_and_leave_training_alone(tmp_path):
         )
 
 
+def test_monitor_names_the_term_that_selects_model_pt(tmp_path, monkeypatch):
+    """trainer.monitor: model.pt is the epoch with the lowest validation value of the named
+    term, the patience counts on it, and a resume under the other term is refused (the
+    kept best value is of the other term)."""
+    import vae.train as vt
+
+    real = vt.evaluate_loss
+    # per epoch: the objective bottoms out at epoch 2, the β=1 terms keep falling
+    script = {"total": [9.0, 1.0, 4.0, 3.0], "neg_elbo": [9.0, 8.0, 7.0, 6.0]}
+    calls = {"n": 0}
+
+    def scripted(*a, **kw):
+        means, kl = real(*a, **kw)
+        e = calls["n"] % 4
+        calls["n"] += 1
+        return {**means, "total": script["total"][e], "neg_elbo": script["neg_elbo"][e]}, kl
+
+    monkeypatch.setattr(vt, "evaluate_loss", scripted)
+    d, split = _toy_run_data()
+    on_total = train(_fresh_model(), d, split, _train_args(), CPU, tmp_path / "total")
+    calls["n"] = 0
+    on_elbo = train(
+        _fresh_model(), d, split, _train_args(monitor="neg_elbo"), CPU, tmp_path / "elbo"
+    )
+    assert (on_total.best_epoch, on_total.best_val) == (2, 1.0)
+    assert (on_elbo.best_epoch, on_elbo.best_val) == (4, 6.0)
+    ck = load_torch_file(tmp_path / "elbo" / "model.pt")
+    assert (ck["best_epoch"], ck["best_val"], ck["train_args"]["monitor"]) == (4, 6.0, "neg_elbo")
+    # the same training steps either way: only the choice of epoch differs
+    assert [h["train"]["total"] for h in on_total.history] == [
+        h["train"]["total"] for h in on_elbo.history
+    ]
+    # patience 1 stops the objective's run after epoch 3; the falling term runs on
+    calls["n"] = 0
+    short = train(
+        _fresh_model(), d, split, _train_args(early_stopping_patience=1), CPU, tmp_path / "p1"
+    )
+    assert (short.stopped, short.epochs) == ("early_stopping", 3)
+    calls["n"] = 0
+    long = train(
+        _fresh_model(),
+        d,
+        split,
+        _train_args(early_stopping_patience=1, monitor="neg_elbo"),
+        CPU,
+        tmp_path / "p1e",
+    )
+    assert (long.stopped, long.epochs) == ("max_epochs", 4)
+    # a resume that changes the term is refused, naming both
+    calls["n"] = 0
+    train(_fresh_model(), d, split, _train_args(stop_after_epochs=2), CPU, tmp_path / "res")
+    with pytest.raises(CheckpointError, match="trainer.monitor=total, this run on neg_elbo"):
+        train(
+            _fresh_model(),
+            d,
+            split,
+            _train_args(monitor="neg_elbo"),
+            CPU,
+            tmp_path / "res",
+            resume_from=tmp_path / "res" / "last.pt",
+        )
+    with pytest.raises(ValueError, match="monitor='elbo'; valid: total, neg_elbo"):
+        train(_fresh_model(), d, split, _train_args(monitor="elbo"), CPU, tmp_path / "bad")
+
+
 def test_evaluate_loss_with_no_rows_is_a_clear_error():
     """No rows to score: a ValueError saying so, not {"total": nan} (the caller reads every
     term, and under DDP that rank would skip the all-reduce the others wait in)."""
