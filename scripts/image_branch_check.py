@@ -1,7 +1,8 @@
 """Image-branch check of a finished ``stage=train`` run: one table, one JSON (issue 9).
 
-Reads ``model.pt``, ``split.csv`` and the ``paired.h5ad`` the run trained on,
-and measures on the test split (rows never used for early stopping):
+Reads ``model.pt`` (or another checkpoint of the run, ``--checkpoint last.pt``),
+``split.csv`` and the ``paired.h5ad`` the run trained on, and measures on the test split
+(rows never used for early stopping):
 
 - kNN(15) class accuracy (``obs['label']``) of the image-only (shared + image-private
   dims, and shared dims only, as ``stage=evaluate`` reports it), expression-only and
@@ -255,6 +256,7 @@ def check(
     stages: list[str] | None = None,
     lobe_deep_valley: str = "model",
     unseen: Path | None = None,
+    checkpoint: str = "model.pt",
 ) -> dict:
     import anndata as ad
     import pandas as pd
@@ -267,7 +269,9 @@ def check(
     from vae.losses import kl_normal, masked_ssim
     from vae.train import active_units
 
-    model, meta = load_model(run / "model.pt")
+    if checkpoint != "model.pt" and unseen is not None:
+        raise SystemExit("--unseen reads the run's model.pt: leave --checkpoint out with it")
+    model, meta = load_model(run / checkpoint)
     manifest = (
         json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").exists() else {}
     )
@@ -291,6 +295,8 @@ def check(
 
     res: dict = {
         "run": str(run),
+        "checkpoint": checkpoint,
+        "epoch": meta.get("epoch"),  # of the checkpoint measured (None: not recorded)
         "paired": str(paired),
         "n_test": int(test.size),
         "encode_views": views,
@@ -597,22 +603,37 @@ def check(
             res["traverse_gp_drawn_read_order_spearman"] = float(rho)
     # the drawings read back by the model's own image encoder: the numbers of evaluate's
     # metrics.json readback (the same function; the train split votes)
-    res.update(_readback(run, paired))
+    res.update(_readback(run, paired, checkpoint))
     if unseen is not None:
         res.update(_unseen(run, Path(unseen)))
     return res
 
 
-def _readback(run: Path, paired: Path) -> dict:
+def _readback(run: Path, paired: Path, checkpoint: str = "model.pt") -> dict:
     """``readback_*``: stage=evaluate's ``readback`` (:func:`vae.analysis.evaluate.readback_summary`)
-    on the test split, at the default analysis settings; {} without a split or such rows."""
+    on the test split, at the default analysis settings; {} without a split or such rows.
+    Another ``checkpoint`` than model.pt: its own codes vote (latent.h5ad re-encoded with
+    it, as stage=train writes it for model.pt)."""
+    import dataclasses
+
     from vae.analysis.evaluate import readback_summary
     from vae.analysis.run import labels_of, load_run, split_rows
     from vae.analysis.settings import AnalysisSettings
+    from vae.checkpoint import load_model
     from vae.infer import encode_dataset
     from vae.inputs.schema import known_labels
+    from vae.scverse import latent_obsm
 
     rd = load_run(run / "latent.h5ad", run / "model.pt", paired)
+    if checkpoint != "model.pt":
+        model, meta = load_model(run / checkpoint, rd.device)
+        lat = rd.latent.copy()
+        obsm = latent_obsm(
+            encode_dataset(model, rd.data, rd.device), model.args.n_shared, model.args.n_private
+        )
+        for k, v in obsm.items():
+            lat.obsm[k] = v
+        rd = dataclasses.replace(rd, latent=lat, model=model, meta=meta)
     lat = rd.latent
     if "split" not in lat.obs:
         return {}
@@ -692,6 +713,12 @@ def main() -> None:
         help="the lobe counter's second cut rule for the drawn-vs-input lobes: 'model' (the "
         "rule the lobe head trained with, vae.lobe_deep_valley), 'none', or a ratio",
     )
+    ap.add_argument(
+        "--checkpoint",
+        default="model.pt",
+        help="which checkpoint of the run to measure: model.pt (the selected epoch), "
+        "last.pt (the last saved one) or model_raw.pt (trainer.ema_epochs' raw best)",
+    )
     args = ap.parse_args()
     import torch
 
@@ -704,6 +731,7 @@ def main() -> None:
         args.stages,
         args.lobe_deep_valley,
         args.unseen,
+        args.checkpoint,
     )
     out = args.out or args.run / "image_branch.json"
     out.write_text(json.dumps(res, indent=2, default=float))

@@ -935,6 +935,50 @@ def test_image_branch_check_script_on_a_finished_run(tiny_run):
         )
 
 
+def test_image_branch_check_measures_another_checkpoint_of_the_run(tiny_run, tmp_path):
+    """--checkpoint: every number of another checkpoint file, its readback voted by its own
+    codes; model.pt's bytes under another name give model.pt's numbers to the digit (the
+    re-encoded latent is the one stage=train wrote), and last.pt is measured as itself."""
+    import shutil
+
+    root, paired = tiny_run
+    mod = load_script("image_branch_check")
+    run = tmp_path / "train"
+    shutil.copytree(root / "tiny" / "train", run)
+    shutil.copy(run / "model.pt", run / "copy.pt")
+    ref = mod.check(run, paired, None)
+    same = mod.check(run, paired, None, checkpoint="copy.pt")
+    assert (ref["checkpoint"], same["checkpoint"]) == ("model.pt", "copy.pt")
+    assert [k for k in ref if k != "checkpoint"] == [k for k in same if k != "checkpoint"]
+    for k, v in ref.items():
+        if k != "checkpoint" and isinstance(v, float):
+            assert v == same[k] or (v != v and same[k] != same[k]), k
+    assert any(k.startswith("readback_") for k in same)
+    # last.pt: its own epoch and codes
+    from vae.analysis.metrics import knn_accuracy
+    from vae.checkpoint import load_model
+    from vae.infer import encode_dataset
+
+    last = mod.check(run, paired, None, checkpoint="last.pt")
+    model, meta = load_model(run / "last.pt")
+    assert last["epoch"] == meta["epoch"] >= ref["epoch"]
+    import anndata as ad
+
+    from vae.data import UNKNOWN_LABEL, from_anndata
+
+    a = ad.read_h5ad(paired)
+    d = from_anndata(a, image_size=model.args.crop_size)
+    sp = pd.read_csv(run / "split.csv", index_col=0)["split"].reindex(a.obs_names)
+    sp = sp.to_numpy().astype(str)
+    z = encode_dataset(model, d, views=int(model.args.encode_views)).image
+    y = np.asarray(d.label_names)[d.labels.numpy()]
+    ok = d.has_image.numpy().astype(bool) & (y != UNKNOWN_LABEL)
+    fit, test = ok & (sp != "test"), ok & (sp == "test")
+    assert last["knn_image"] == pytest.approx(knn_accuracy(z[test], y[test], 15, z[fit], y[fit]))
+    with pytest.raises(SystemExit, match="--unseen reads the run's model.pt"):
+        mod.check(run, paired, None, unseen=paired, checkpoint="last.pt")
+
+
 def test_reviewed_labels_check_scores_runs_on_the_same_crops(tiny_run, tmp_path):
     """scripts/reviewed_labels_check.py: reviewed crops leave the 'unreviewed' set only;
     the votes come from the run's own train labels, the score from --paired's labels."""
