@@ -202,8 +202,9 @@ class TrainerConfig:
     grad_clip: float = 10.0  # max grad norm (0: off)
     early_stopping_patience: int = 15  # epochs without val improvement (0: off)
     # the validation term that picks model.pt and counts the patience: total (the
-    # objective) | neg_elbo (reconstruction + KL at β = 1, without the label, alignment,
-    # maturation and view terms; docs/vae.md, "Which epoch becomes model.pt")
+    # objective) | neg_elbo (the fused decode's reconstruction + KL at β = 1, without the
+    # cross-modal, label, alignment, maturation and view terms; docs/vae.md, "Which epoch
+    # becomes model.pt")
     monitor: str = "total"
     val_fraction: float = 0.15  # split stratified by obs["label"], seeded by `seed`
     test_fraction: float = 0.15  # never used for early stopping or tuning

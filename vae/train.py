@@ -85,9 +85,10 @@ class TrainArgs:
     grad_clip: float = 10.0
     early_stopping_patience: int = 10
     # the validation term that picks model.pt and counts the patience (one of MONITORS):
-    # "total", the training objective with every weighted term; "neg_elbo", the β=1
-    # reconstruction + KL only, without the auxiliary heads' terms (label, alignment,
-    # maturation, views), whose validation values swing from epoch to epoch
+    # "total", the training objective with every weighted term; "neg_elbo", the fused
+    # decode's reconstruction + KL at β=1 only, without the cross-modal and the auxiliary
+    # heads' terms (label, alignment, maturation, views), whose validation values swing
+    # from epoch to epoch on pairs that are not the same cell
     monitor: str = "total"
     max_minutes: float | None = None
     augment: bool = True
