@@ -867,6 +867,28 @@ def test_evaluate_missing_inputs_names_the_stage(tmp_path):
     assert "stage=train" in r.stderr
 
 
+def _image_knn(run: Path, checkpoint: str, paired: Path) -> tuple[float, np.ndarray]:
+    """The image-only kNN(15) accuracy of a run's checkpoint, written out: the test crops'
+    image codes voted by the train + val crops with a label; and the run's split, (N,)."""
+    import anndata as ad
+
+    from vae.analysis.metrics import knn_accuracy
+    from vae.checkpoint import load_model
+    from vae.data import UNKNOWN_LABEL, from_anndata
+    from vae.infer import encode_dataset
+
+    model, _ = load_model(run / checkpoint)
+    a = ad.read_h5ad(paired)
+    d = from_anndata(a, image_size=model.args.crop_size)
+    sp = pd.read_csv(run / "split.csv", index_col=0)["split"].reindex(a.obs_names)
+    sp = sp.to_numpy().astype(str)
+    z = encode_dataset(model, d, views=int(model.args.encode_views)).image
+    y = np.asarray(d.label_names)[d.labels.numpy()]
+    ok = d.has_image.numpy().astype(bool) & (y != UNKNOWN_LABEL)
+    fit, test = ok & (sp != "test"), ok & (sp == "test")
+    return knn_accuracy(z[test], y[test], 15, z[fit], y[fit]), sp
+
+
 def test_image_branch_check_script_on_a_finished_run(tiny_run):
     """scripts/image_branch_check.py: the table's numbers exist, are in range, files written."""
     root, paired = tiny_run
@@ -878,23 +900,10 @@ def test_image_branch_check_script_on_a_finished_run(tiny_run):
         assert 0 <= res[k] <= 1, k
     # the image score is the kNN(15) of the test crops' image codes, voted by the
     # train + val crops with a label
-    import anndata as ad
-
-    from vae.analysis.metrics import knn_accuracy
-    from vae.checkpoint import load_model
-    from vae.data import UNKNOWN_LABEL, from_anndata
     from vae.infer import encode_dataset
 
-    model, _ = load_model(run / "model.pt")
-    a = ad.read_h5ad(paired)
-    d = from_anndata(a, image_size=model.args.crop_size)
-    sp = pd.read_csv(run / "split.csv", index_col=0)["split"].reindex(a.obs_names)
-    sp = sp.to_numpy().astype(str)
-    z = encode_dataset(model, d, views=int(model.args.encode_views)).image
-    y = np.asarray(d.label_names)[d.labels.numpy()]
-    ok = d.has_image.numpy().astype(bool) & (y != UNKNOWN_LABEL)
-    fit, test = ok & (sp != "test"), ok & (sp == "test")
-    assert res["knn_image"] == pytest.approx(knn_accuracy(z[test], y[test], 15, z[fit], y[fit]))
+    want_knn, sp = _image_knn(run, "model.pt", paired)
+    assert res["knn_image"] == pytest.approx(want_knn)
     assert -1 <= res["ssim_joint"] <= 1 and -1 <= res["ssim_joint_mean_image"] <= 1
     # how granular the drawn cells are vs their inputs, on both parts of the cell
     for part in ("cytoplasm", "nucleus"):
@@ -955,26 +964,11 @@ def test_image_branch_check_measures_another_checkpoint_of_the_run(tiny_run, tmp
             assert v == same[k] or (v != v and same[k] != same[k]), k
     assert any(k.startswith("readback_") for k in same)
     # last.pt: its own epoch and codes
-    from vae.analysis.metrics import knn_accuracy
     from vae.checkpoint import load_model
-    from vae.infer import encode_dataset
 
     last = mod.check(run, paired, None, checkpoint="last.pt")
-    model, meta = load_model(run / "last.pt")
-    assert last["epoch"] == meta["epoch"] >= ref["epoch"]
-    import anndata as ad
-
-    from vae.data import UNKNOWN_LABEL, from_anndata
-
-    a = ad.read_h5ad(paired)
-    d = from_anndata(a, image_size=model.args.crop_size)
-    sp = pd.read_csv(run / "split.csv", index_col=0)["split"].reindex(a.obs_names)
-    sp = sp.to_numpy().astype(str)
-    z = encode_dataset(model, d, views=int(model.args.encode_views)).image
-    y = np.asarray(d.label_names)[d.labels.numpy()]
-    ok = d.has_image.numpy().astype(bool) & (y != UNKNOWN_LABEL)
-    fit, test = ok & (sp != "test"), ok & (sp == "test")
-    assert last["knn_image"] == pytest.approx(knn_accuracy(z[test], y[test], 15, z[fit], y[fit]))
+    assert last["epoch"] == load_model(run / "last.pt")[1]["epoch"] >= ref["epoch"]
+    assert last["knn_image"] == pytest.approx(_image_knn(run, "last.pt", paired)[0])
     with pytest.raises(SystemExit, match="--unseen reads the run's model.pt"):
         mod.check(run, paired, None, unseen=paired, checkpoint="last.pt")
 
