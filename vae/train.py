@@ -766,9 +766,11 @@ def _report_epoch(
     drawing figures (``args.figure_budget``)."""
     epoch, train_means, val_means = rec["epoch"], rec["train"], rec["val"]
     raw_val = rec.get("val_raw")
+    # "*" marks an epoch that improved the monitored term: named when it is not "val"
+    picked = "" if args.monitor == "total" else f" {args.monitor} {val_means[args.monitor]:.4g}"
     log.info(
         "epoch %d/%d step %d: train %.4g val %.4g (img %.4g expr %.4g kl %.3g "
-        "x-expr %.4g) active %d/%d beta %.3g %.1fs%s",
+        "x-expr %.4g) active %d/%d beta %.3g %.1fs%s%s",
         epoch,
         args.max_epochs,
         prog.step,
@@ -782,10 +784,11 @@ def _report_epoch(
         len(last_kl),
         rec["beta"],
         rec["seconds"],
+        picked,
         " *" if improved else "",
     )
     if raw_val is not None:
-        log.info("epoch %d: raw weights val %.4g", epoch, raw_val)
+        log.info("epoch %d: raw weights val %s %.4g", epoch, args.monitor, raw_val)
     if tb is None:
         return 0.0
     if prog.schedule_logged != prog.step:
@@ -802,7 +805,7 @@ def _report_epoch(
     tb.kl_per_dim(last_kl, prog.step)
     tb.scalars("val", {"active_units": rec["active_units"]}, prog.step)
     if raw_val is not None:  # the raw weights beside the average's
-        tb.scalars("val_raw", {"total": raw_val}, prog.step)
+        tb.scalars("val_raw", {args.monitor: raw_val}, prog.step)  # the term that selects
     due = args.image_every_epochs > 0 and (
         epoch % args.image_every_epochs == 0 or epoch == args.max_epochs
     )
