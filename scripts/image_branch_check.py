@@ -269,8 +269,11 @@ def check(
     from vae.losses import kl_normal, masked_ssim
     from vae.train import active_units
 
-    if checkpoint != "model.pt" and unseen is not None:
-        raise SystemExit("--unseen reads the run's model.pt: leave --checkpoint out with it")
+    if checkpoint != "model.pt" and (unseen is not None or traverse is not None):
+        # both read what model.pt gave (lobes_check loads it; stage=traverse ran on it)
+        raise SystemExit(
+            "--unseen and --traverse read the run's model.pt: leave --checkpoint out with them"
+        )
     model, meta = load_model(run / checkpoint)
     manifest = (
         json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").exists() else {}
@@ -410,7 +413,8 @@ def check(
 
         m = torch.from_numpy(dec.mask).float()[:, None]
         res["ssim_joint"] = float(masked_ssim(chw(dec.image), chw(dec_imgs), m).mean())
-        _figure(run / "image_branch_recon.png", dec.image, rows, dec.rec_cells(), obs[has_i])
+        fig = run / f"image_branch_recon{_suffix(checkpoint)}.png"
+        _figure(fig, dec.image, rows, dec.rec_cells(), obs[has_i])
         # lobes drawn vs lobes of the input crop, both read by the lobe counter: needs no
         # truth, so it scores real crops too (with a lobe layer, also without it: the
         # head reads the code detached, so that is the same model's paired baseline)
@@ -609,6 +613,12 @@ def check(
     return res
 
 
+def _suffix(checkpoint: str) -> str:
+    """What the files written for a checkpoint other than model.pt carry in their names
+    (``_last`` for last.pt), so its numbers never overwrite model.pt's."""
+    return "" if checkpoint == "model.pt" else "_" + Path(checkpoint).stem
+
+
 def _readback(run: Path, paired: Path, checkpoint: str = "model.pt") -> dict:
     """``readback_*``: stage=evaluate's ``readback`` (:func:`vae.analysis.evaluate.readback_summary`)
     on the test split, at the default analysis settings; {} without a split or such rows.
@@ -685,7 +695,13 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="finished stage=train folder")
     ap.add_argument("--paired", type=Path, default=None, help="default: the run's manifest input")
     ap.add_argument("--traverse", type=Path, default=None, help="stage=traverse folder")
-    ap.add_argument("--out", type=Path, default=None, help="JSON (default RUN/image_branch.json)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON (default RUN/image_branch.json; RUN/image_branch_last.json for "
+        "--checkpoint last.pt)",
+    )
     ap.add_argument(
         "--unseen",
         type=Path,
@@ -717,7 +733,8 @@ def main() -> None:
         "--checkpoint",
         default="model.pt",
         help="which checkpoint of the run to measure: model.pt (the selected epoch), "
-        "last.pt (the last saved one) or model_raw.pt (trainer.ema_epochs' raw best)",
+        "last.pt (the last saved one; with trainer.ema_epochs > 0 its raw weights, not the "
+        "average) or model_raw.pt (trainer.ema_epochs' raw best)",
     )
     args = ap.parse_args()
     import torch
@@ -733,7 +750,7 @@ def main() -> None:
         args.unseen,
         args.checkpoint,
     )
-    out = args.out or args.run / "image_branch.json"
+    out = args.out or args.run / f"image_branch{_suffix(args.checkpoint)}.json"
     out.write_text(json.dumps(res, indent=2, default=float))
     width = max(len(k) for k in res)
     for k, v in res.items():

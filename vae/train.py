@@ -984,7 +984,7 @@ def train(
             raise resume_error(
                 resume_from,
                 f"it selected model.pt on trainer.monitor={was_monitor}, this run on "
-                f"{args.monitor}: resume with the setting it was trained with",
+                f"{args.monitor}: resume with trainer.monitor={was_monitor}",
             )
         epoch, prog.step = int(ck["epoch"]), int(ck["step"])
         best_val = float(ck.get("best_val", math.inf))

@@ -969,8 +969,16 @@ def test_image_branch_check_measures_another_checkpoint_of_the_run(tiny_run, tmp
     last = mod.check(run, paired, None, checkpoint="last.pt")
     assert last["epoch"] == load_model(run / "last.pt")[1]["epoch"] >= ref["epoch"]
     assert last["knn_image"] == pytest.approx(_image_knn(run, "last.pt", paired)[0])
-    with pytest.raises(SystemExit, match="--unseen reads the run's model.pt"):
-        mod.check(run, paired, None, unseen=paired, checkpoint="last.pt")
+    # its figure beside model.pt's, never over it
+    assert (run / "image_branch_recon_last.png").stat().st_size > 0
+    assert (run / "image_branch_recon.png").stat().st_mtime < (
+        run / "image_branch_recon_last.png"
+    ).stat().st_mtime
+    for kw in ({"unseen": paired}, {"traverse": root / "tiny" / "traverse"}):
+        with pytest.raises(SystemExit, match="--unseen and --traverse read the run's model.pt"):
+            mod.check(
+                run, paired, kw.get("traverse"), unseen=kw.get("unseen"), checkpoint="last.pt"
+            )
 
 
 def test_reviewed_labels_check_scores_runs_on_the_same_crops(tiny_run, tmp_path):

@@ -663,6 +663,23 @@ def test_monitor_names_the_term_that_selects_model_pt(tmp_path, monkeypatch, cap
     # a resume that changes the term is refused, naming both
     calls["n"] = 0
     train(_fresh_model(), d, split, _train_args(stop_after_epochs=2), CPU, tmp_path / "res")
+    with pytest.raises(
+        CheckpointError,
+        match="trainer.monitor=total, this run on neg_elbo: resume with trainer.monitor=total",
+    ):
+        train(
+            _fresh_model(),
+            d,
+            split,
+            _train_args(monitor="neg_elbo"),
+            CPU,
+            tmp_path / "res",
+            resume_from=tmp_path / "res" / "last.pt",
+        )
+    # a last.pt written before the setting: it selected on the objective
+    ck = load_torch_file(tmp_path / "res" / "last.pt")
+    del ck["train_args"]["monitor"]
+    torch.save(ck, tmp_path / "res" / "last.pt")
     with pytest.raises(CheckpointError, match="trainer.monitor=total, this run on neg_elbo"):
         train(
             _fresh_model(),
@@ -673,6 +690,17 @@ def test_monitor_names_the_term_that_selects_model_pt(tmp_path, monkeypatch, cap
             tmp_path / "res",
             resume_from=tmp_path / "res" / "last.pt",
         )
+    calls["n"] = 2
+    resumed = train(
+        _fresh_model(),
+        d,
+        split,
+        _train_args(),
+        CPU,
+        tmp_path / "res",
+        resume_from=tmp_path / "res" / "last.pt",
+    )
+    assert (resumed.best_epoch, resumed.epochs) == (2, 4)
     with pytest.raises(ValueError, match="monitor='elbo'; valid: total, neg_elbo"):
         train(_fresh_model(), d, split, _train_args(monitor="elbo"), CPU, tmp_path / "bad")
 
