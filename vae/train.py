@@ -766,7 +766,7 @@ def _report_epoch(
     drawing figures (``args.figure_budget``)."""
     epoch, train_means, val_means = rec["epoch"], rec["train"], rec["val"]
     raw_val = rec.get("val_raw")
-    # "*" marks an epoch that improved the monitored term: named when it is not "val"
+    # "*" marks an epoch that improved the monitored term: named unless it is the "val" shown
     picked = "" if args.monitor == "total" else f" {args.monitor} {val_means[args.monitor]:.4g}"
     log.info(
         "epoch %d/%d step %d: train %.4g val %.4g (img %.4g expr %.4g kl %.3g "
