@@ -663,44 +663,25 @@ def test_monitor_names_the_term_that_selects_model_pt(tmp_path, monkeypatch, cap
     assert (long.stopped, long.epochs) == ("max_epochs", 4)
     # a resume that changes the term is refused, naming both
     calls["n"] = 0
-    train(_fresh_model(), d, split, _train_args(stop_after_epochs=2), CPU, tmp_path / "res")
+    res, last = tmp_path / "res", tmp_path / "res" / "last.pt"
+    train(_fresh_model(), d, split, _train_args(stop_after_epochs=2), CPU, res)
+
+    def resume(**kw):
+        return train(_fresh_model(), d, split, _train_args(**kw), CPU, res, resume_from=last)
+
     with pytest.raises(
         CheckpointError,
         match="trainer.monitor=total, this run on neg_elbo: resume with trainer.monitor=total",
     ):
-        train(
-            _fresh_model(),
-            d,
-            split,
-            _train_args(monitor="neg_elbo"),
-            CPU,
-            tmp_path / "res",
-            resume_from=tmp_path / "res" / "last.pt",
-        )
+        resume(monitor="neg_elbo")
     # a last.pt written before the setting: it selected on the objective
-    ck = load_torch_file(tmp_path / "res" / "last.pt")
+    ck = load_torch_file(last)
     del ck["train_args"]["monitor"]
-    torch.save(ck, tmp_path / "res" / "last.pt")
+    torch.save(ck, last)
     with pytest.raises(CheckpointError, match="trainer.monitor=total, this run on neg_elbo"):
-        train(
-            _fresh_model(),
-            d,
-            split,
-            _train_args(monitor="neg_elbo"),
-            CPU,
-            tmp_path / "res",
-            resume_from=tmp_path / "res" / "last.pt",
-        )
+        resume(monitor="neg_elbo")
     calls["n"] = 2
-    resumed = train(
-        _fresh_model(),
-        d,
-        split,
-        _train_args(),
-        CPU,
-        tmp_path / "res",
-        resume_from=tmp_path / "res" / "last.pt",
-    )
+    resumed = resume()
     assert (resumed.best_epoch, resumed.epochs) == (2, 4)
     with pytest.raises(ValueError, match="monitor='elbo'; valid: total, neg_elbo"):
         train(_fresh_model(), d, split, _train_args(monitor="elbo"), CPU, tmp_path / "bad")
