@@ -55,10 +55,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if TYPE_CHECKING:
+    from vae.infer import Latents
 
 
 def _knn_calls(
@@ -607,7 +611,9 @@ def check(
             res["traverse_gp_drawn_read_order_spearman"] = float(rho)
     # the drawings read back by the model's own image encoder: the numbers of evaluate's
     # metrics.json readback (the same function; the train split votes)
-    res.update(_readback(run, paired, checkpoint))
+    # the codes stage=train would write for this checkpoint (its own views) vote there
+    own_views = views == int(getattr(model.args, "encode_views", 1))
+    res.update(_readback(run, paired, checkpoint, lat_all if own_views else None))
     if unseen is not None:
         res.update(_unseen(run, Path(unseen)))
     return res
@@ -619,11 +625,14 @@ def _suffix(checkpoint: str) -> str:
     return "" if checkpoint == "model.pt" else "_" + Path(checkpoint).stem
 
 
-def _readback(run: Path, paired: Path, checkpoint: str = "model.pt") -> dict:
+def _readback(
+    run: Path, paired: Path, checkpoint: str = "model.pt", latents: Latents | None = None
+) -> dict:
     """``readback_*``: stage=evaluate's ``readback`` (:func:`vae.analysis.evaluate.readback_summary`)
     on the test split, at the default analysis settings; {} without a split or such rows.
     Another ``checkpoint`` than model.pt: its own codes vote (latent.h5ad re-encoded with
-    it, as stage=train writes it for model.pt)."""
+    it, as stage=train writes it for model.pt; ``latents``, :func:`encode_dataset`'s of
+    every row at the model's ``encode_views``, when the caller has them)."""
     import dataclasses
 
     from vae.analysis.evaluate import readback_summary
@@ -638,9 +647,9 @@ def _readback(run: Path, paired: Path, checkpoint: str = "model.pt") -> dict:
     if checkpoint != "model.pt":
         model, meta = load_model(run / checkpoint, rd.device)
         lat = rd.latent.copy()
-        obsm = latent_obsm(
-            encode_dataset(model, rd.data, rd.device), model.args.n_shared, model.args.n_private
-        )
+        if latents is None:
+            latents = encode_dataset(model, rd.data, rd.device)
+        obsm = latent_obsm(latents, model.args.n_shared, model.args.n_private)
         for k, v in obsm.items():
             lat.obsm[k] = v
         rd = dataclasses.replace(rd, latent=lat, model=model, meta=meta)
