@@ -3,7 +3,7 @@
 Usage:
   python scripts/eval_segmentation.py CKPT --format yolo --path ../shared/data/smears/txl_pbc \
       --split val [--scale auto|estimate|FLOAT] [--cell-px 40] [--threshold 0.5] [--out FILE.json] \
-      [--by-source]
+      [--by-source] [--score-floor 0.05]
   python scripts/eval_segmentation.py --scale-only --scale estimate --format yolo --path ... \
       --split val [--ruler auto|white|red] [--out FILE.json]
 
@@ -311,7 +311,7 @@ def by_source(
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()  # the JSON's "seconds" times the scoring only
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint", nargs="?")
@@ -384,7 +384,16 @@ def main() -> None:
         "cut by the edge look whole-ish; scored at the kept scales (measured: no gain)",
     )
     ap.add_argument("--edge-pad-mode", default="reflect", choices=["reflect", "constant"])
-    a = ap.parse_args()
+    ap.add_argument(
+        "--score-floor",
+        type=float,
+        default=None,
+        help="the detector keeps boxes scoring at least this (its ROI heads' score_thresh; "
+        "default: the checkpoint's own, torchvision's 0.05). AP integrates the ranking to its "
+        "end, so a lower floor can only add low-ranked boxes: an evaluation convention, not "
+        "what stage=segment keeps (segmentation.score_threshold)",
+    )
+    a = ap.parse_args(argv)
     torch.set_num_threads(1)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.bf16 == "all" else None
     if a.format in ("voc", "yolo"):
@@ -432,6 +441,8 @@ def main() -> None:
         if not a.checkpoint:
             ap.error("checkpoint is required unless --scale-only")
         model, _ = load_checkpoint(a.checkpoint)
+        if a.score_floor is not None:
+            model.roi_heads.score_thresh = float(a.score_floor)
         if a.bf16 == "backbone":
             from segmentation.inference import use_bf16_backbone
 
@@ -470,6 +481,7 @@ def main() -> None:
             ignore_edge_px=a.ignore_edge_px,
         )
         out = {**r.as_dict(), **extra, "cell_px": a.cell_px, "bf16": a.bf16}
+        out["score_floor"] = float(model.roi_heads.score_thresh)
         out["ignore_edge_px"] = a.ignore_edge_px
         if a.by_source:
             out["by_source"] = by_source(model, ds, a.threshold, preds, a.ignore_edge_px)

@@ -1197,3 +1197,26 @@ def test_long_image_names_get_output_names_that_fit(tmp_path, untrained_ckpt, mo
     for name in overlays + masks:
         assert len(name.encode()) <= 255 and name.startswith("x" * 200) and "~" in name
     assert seg.short_stem("cell") == "cell"
+
+
+def test_eval_segmentation_score_floor_sets_what_the_detector_keeps(tmp_path, untrained_ckpt):
+    """scripts/eval_segmentation.py --score-floor: the ROI heads' floor is the one given
+    and is written out; an untrained detector's boxes all score low, so a floor of 0.99
+    keeps none of them and a floor of 0 keeps some (the checkpoint's own floor, 0.05, is
+    what runs without the option)."""
+    from tests.helpers.run import load_script
+    from tests.helpers.seg_synth import make_coco_smears
+
+    ann = make_coco_smears(tmp_path / "smears", n_images=2, val=2)
+    mod = load_script("eval_segmentation")
+    base = [str(untrained_ckpt), "--format", "coco", "--path", str(ann), "--split", "val"]
+    base += ["--scale", "1", "--threshold", "0"]  # n_det: every box the detector kept
+    kept = {}
+    for floor in (None, 0.0, 0.99):
+        out = tmp_path / f"floor_{floor}.json"
+        extra = [] if floor is None else ["--score-floor", str(floor)]
+        mod.main([*base, *extra, "--out", str(out)])
+        r = json.loads(out.read_text())
+        assert r["score_floor"] == pytest.approx(0.05 if floor is None else floor)
+        kept[floor] = r["n_det"]
+    assert kept[0.99] == 0 < kept[0.0]
