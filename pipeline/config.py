@@ -218,6 +218,8 @@ class SegmentationConfig:
     aug_crop: int = 0  # random square crop side, px (0 = whole image)
     # up to this fraction cut from each side of half the images (cells cut by the edge)
     aug_border_crop: float = 0.0
+    # probability that a field is cut through one of its cells (a sliver at the new edge)
+    aug_cut_cell: float = 0.0
     aug_color: float = 0.2  # brightness/contrast/saturation jitter strength
     aug_stain: float = 0.2  # probability of an H&E-like stain perturbation
     aug_blur: float = 0.1  # probability of a Gaussian blur

@@ -72,7 +72,7 @@ RESUME_SETTINGS: dict[str, list[str]] = {
                 "rpn_pre_nms_top_n_train rpn_post_nms_top_n_train rpn_pre_nms_top_n_test "
                 "rpn_batch_size_per_image box_batch_size_per_image cell_px mask_mode "
                 "pseudo_method copy_paste copy_paste_max max_train_images aug_flips aug_rot90 "
-                "aug_scale aug_crop aug_border_crop aug_color aug_stain aug_blur aug_noise epochs "
+                "aug_scale aug_crop aug_border_crop aug_cut_cell aug_color aug_stain aug_blur aug_noise epochs "
                 "train_batch_size optimizer lr momentum weight_decay warmup_iters schedule "
                 "grad_clip"
             ).split()
@@ -127,6 +127,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "vae.cross_texture": True,  # 2026-12-07: the cross-modal image term scored the texture
     "vae.image_batch_key": None,  # 2026-12-07: no image source covariate
     "vae.texture_coarse": False,  # 2026-12-07: the texture layer drew one grain size
+    "segmentation.aug_cut_cell": 0.0,  # 2026-12-07: no field cut through a cell
 }
 
 # settings added with a feature that read nothing while the feature is off: a run that

@@ -97,6 +97,7 @@ RANGES: dict[str, str] = {
     "segmentation.aug_crop": NONNEG,
     # fraction cut from each side: at most 0.4 so that a fifth of the field is always left
     "segmentation.aug_border_crop": "[0,0.4]",
+    "segmentation.aug_cut_cell": PROB,
     "segmentation.aug_color": NONNEG,
     "segmentation.aug_stain": PROB,
     "segmentation.aug_blur": PROB,

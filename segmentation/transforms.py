@@ -41,6 +41,15 @@ class AugmentOptions:
         box-only cell while >= 1/4 of its box is), as annotators box cut cells: without
         it a detector trained on whole fields rarely sees a cut cell (TXL-PBC train: 8
         of 358 Raabin boxes) and gives such slivers no box at all.
+    cut_cell
+        Probability that a field is cropped (before every other transform, no resize) so
+        that its new edge runs through one of its white cells, chosen at random, leaving
+        a fraction in ``cut_keep`` of that cell's box width (or height) inside; 0 = off.
+        :attr:`border_crop` cuts at random places, so on fields centred on one cell
+        (Raabin's) it seldom reaches a cell; this makes the slivers annotators box at the
+        edge of such fields (TXL-PBC val: 0.14-0.67 of a whole cell's side).
+    cut_keep
+        ``(lo, hi)`` fraction of the chosen cell's box left inside the field.
     color_jitter
         Strength of brightness/contrast/saturation jitter (hue gets a quarter).
     stain_jitter
@@ -56,6 +65,8 @@ class AugmentOptions:
     scale_range: tuple[float, float] = (0.8, 1.25)
     crop_size: int = 0
     border_crop: float = 0.0
+    cut_cell: float = 0.0
+    cut_keep: tuple[float, float] = (0.1, 0.7)
     color_jitter: float = 0.2
     stain_jitter: float = 0.2
     blur_p: float = 0.2
@@ -63,14 +74,97 @@ class AugmentOptions:
     min_area: float = 16.0
 
 
-class Augment:
-    """``fn(sample, seed) -> sample`` around an albumentations pipeline."""
+# the least of the field's width (or height) that a cut through a cell leaves: a field
+# centred on one large cell (Raabin: the cell spans ~0.47 of the width) has no cut that
+# keeps half of it, and a quarter is still several cells wide on every TXL-PBC source
+CUT_MIN_FIELD = 0.25
 
-    def __init__(self, compose: A.Compose, min_area: float = 16.0):
+
+def cut_through_cell(
+    s: Sample,
+    rng: np.random.Generator,
+    keep: tuple[float, float] = (0.1, 0.7),
+    min_field: float = CUT_MIN_FIELD,
+) -> Sample:
+    """Crop ``s`` so that the new field edge runs through one of its cells.
+
+    Parameters
+    ----------
+    s
+        Sample in the loaded frame: image (H, W, 3), boxes (N, 4) xyxy px, masks (N, H, W).
+    rng
+        Picks the cell, the kept fraction ``U(keep)`` of its box and the side cut.
+    keep
+        Fraction of the chosen cell's box width (left/right cut) or height (top/bottom)
+        left inside the field.
+    min_field
+        A cut is only made where it leaves at least this fraction of the field's width
+        (or height) and 32 px; when no side allows it the sample is returned unchanged.
+
+    Returns
+    -------
+    Sample
+        The cropped sample (no resize). Boxes are shifted and clipped to the new field;
+        instances left with no width or height are dropped (a masked instance's box is
+        recomputed from its cut mask by :class:`Augment` afterwards).
+    """
+    n = len(s.boxes)
+    if n == 0:
+        return s
+    h, w = s.image.shape[:2]
+    i = int(rng.integers(n))
+    x0, y0, x1, y1 = (float(v) for v in s.boxes[i])
+    v = float(rng.uniform(*keep))
+    # candidate windows (cx0, cy0, cx1, cy1): the field minus the side beyond the cut
+    cands = []
+    for lo, hi, size, axis in ((x0, x1, w, 0), (y0, y1, h, 1)):
+        need = max(32.0, min_field * size)
+        e = hi - v * (hi - lo)  # cut from the low side: the cell's far part stays
+        if size - e >= need and e > 0:
+            cands.append((int(round(e)), 0, w, h) if axis == 0 else (0, int(round(e)), w, h))
+        e = lo + v * (hi - lo)  # cut from the high side: the cell's near part stays
+        if e >= need and e < size:
+            cands.append((0, 0, int(round(e)), h) if axis == 0 else (0, 0, w, int(round(e))))
+    if not cands:
+        return s
+    cx0, cy0, cx1, cy1 = cands[int(rng.integers(len(cands)))]
+    b = s.boxes.astype(np.float32) - np.array([cx0, cy0, cx0, cy0], np.float32)
+    b[:, [0, 2]] = b[:, [0, 2]].clip(0, cx1 - cx0)
+    b[:, [1, 3]] = b[:, [1, 3]].clip(0, cy1 - cy0)
+    ok = (b[:, 2] - b[:, 0] >= 1) & (b[:, 3] - b[:, 1] >= 1)
+    return Sample(
+        image=np.ascontiguousarray(s.image[cy0:cy1, cx0:cx1]),
+        boxes=b[ok].reshape(-1, 4),
+        masks=np.ascontiguousarray(s.masks[ok][:, cy0:cy1, cx0:cx1]),
+        has_mask=np.asarray(s.has_mask)[ok],
+    )
+
+
+class Augment:
+    """``fn(sample, seed) -> sample`` around an albumentations pipeline.
+
+    ``cut_cell`` > 0: with that probability the sample is first cut through one of its
+    cells (:func:`cut_through_cell`, drawn from ``seed`` so that resume stays exact).
+    """
+
+    def __init__(
+        self,
+        compose: A.Compose,
+        min_area: float = 16.0,
+        cut_cell: float = 0.0,
+        cut_keep: tuple[float, float] = (0.1, 0.7),
+    ):
         self.compose = compose
         self.min_area = min_area
+        self.cut_cell = float(cut_cell)
+        self.cut_keep = (float(cut_keep[0]), float(cut_keep[1]))
 
     def __call__(self, s: Sample, seed: int) -> Sample:
+        if self.cut_cell > 0:
+            # its own stream, so that turning it on does not move albumentations' draws
+            rng = np.random.default_rng([int(seed), 0xC07])
+            if rng.random() < self.cut_cell:
+                s = cut_through_cell(s, rng, self.cut_keep)
         self.compose.set_random_seed(int(seed))
         n = len(s.boxes)
         kw = {"image": s.image, "bboxes": s.boxes.reshape(n, 4), "idx": np.arange(n)}
@@ -145,7 +239,7 @@ def build_train_transform(opt: AugmentOptions) -> Augment:
             format="pascal_voc", label_fields=["idx"], min_visibility=0.25, clip=True
         ),
     )
-    return Augment(compose, opt.min_area)
+    return Augment(compose, opt.min_area, cut_cell=opt.cut_cell, cut_keep=opt.cut_keep)
 
 
 def boxes_match_masks(boxes: np.ndarray, masks: np.ndarray, has_mask: Sequence[bool]) -> bool:

@@ -480,6 +480,7 @@ def segment_train(ctx: StageContext) -> None:
             scale_range=(float(sc.aug_scale[0]), float(sc.aug_scale[1])),
             crop_size=int(sc.aug_crop),
             border_crop=float(sc.aug_border_crop),
+            cut_cell=float(sc.aug_cut_cell),
             color_jitter=float(sc.aug_color),
             stain_jitter=float(sc.aug_stain),
             blur_p=float(sc.aug_blur),

@@ -267,6 +267,64 @@ def test_border_crop_cuts_cells_and_keeps_their_cut_boxes():
     assert build_train_transform(opt0)(s, 1).image.shape == (100, 100, 3)
 
 
+def test_cut_cell_leaves_a_sliver_of_a_centred_cell_at_the_new_edge():
+    """aug_cut_cell: on a field centred on one large cell (Raabin's), where border_crop
+    seldom reaches the cell, the field is cut through the cell: what is left of it lies
+    on the new edge, keeps its cut box (== bbox of its cut mask) and is 10-70 % of the
+    whole cell's side; the field is not resized and keeps >= a quarter of each side."""
+    from segmentation.datasets import Sample
+    from segmentation.transforms import cut_through_cell
+
+    img = np.full((200, 200, 3), 200, np.uint8)
+    m = np.zeros((1, 200, 200), np.uint8)
+    m[0, 50:150, 50:150] = 1
+    s = Sample(
+        image=img,
+        boxes=np.array([[50, 50, 150, 150]], np.float32),
+        masks=m,
+        has_mask=np.array([True]),
+    )
+    opt = AugmentOptions(
+        flips=False, rot90=False, scale_range=(1.0, 1.0), cut_cell=1.0,
+        color_jitter=0, stain_jitter=0, blur_p=0, noise_p=0,
+    )  # fmt: skip
+    aug = build_train_transform(opt)
+    kept = []
+    for seed in range(30):
+        out = aug(s, seed)
+        h, w = out.image.shape[:2]
+        assert (h == 200) != (w == 200)  # one side cut, the other whole
+        assert min(h, w) >= 50  # CUT_MIN_FIELD of 200
+        assert len(out.boxes) == 1 and boxes_match_masks(out.boxes, out.masks, out.has_mask)
+        x0, y0, x1, y1 = out.boxes[0]
+        on_edge = min(x0, y0) == 0 or x1 == w or y1 == h
+        assert on_edge
+        kept.append(min(x1 - x0, y1 - y0) / 100)
+    assert 0.09 <= min(kept) and max(kept) <= 0.71 and max(kept) - min(kept) > 0.2
+    # same seed, same cut (resume stays exact); probability 0 leaves the field whole
+    np.testing.assert_array_equal(aug(s, 4).boxes, aug(s, 4).boxes)
+    opt0 = AugmentOptions(flips=False, rot90=False, scale_range=(1.0, 1.0), color_jitter=0,
+                          stain_jitter=0, blur_p=0, noise_p=0)  # fmt: skip
+    assert build_train_transform(opt0)(s, 4).image.shape == (200, 200, 3)
+    # a cell filling the field leaves no cut with a quarter of the field: unchanged
+    big = Sample(image=img, boxes=np.array([[0, 0, 200, 200]], np.float32),
+                 masks=np.ones((1, 200, 200), np.uint8), has_mask=np.array([True]))  # fmt: skip
+    rng = np.random.default_rng(0)
+    assert cut_through_cell(big, rng, keep=(0.1, 0.2)).image.shape == (200, 200, 3)
+    # box-only neighbours beyond the cut are dropped, not left with an empty box
+    two = Sample(
+        image=img,
+        boxes=np.array([[50, 50, 150, 150], [160, 10, 190, 40]], np.float32),
+        masks=np.concatenate([m, np.full((1, 200, 200), MASK_UNKNOWN, np.uint8)]),
+        has_mask=np.array([True, False]),
+    )
+    for seed in range(20):
+        c = cut_through_cell(two, np.random.default_rng(seed))
+        assert len(c.boxes) == len(c.masks) == len(c.has_mask) >= 1
+        assert ((c.boxes[:, 2] - c.boxes[:, 0]) >= 1).all()
+        assert c.masks.shape[1:] == c.image.shape[:2]
+
+
 def test_flip_moves_box_exactly(tmp_path):
     rec, m1, _ = _masked_record(tmp_path)
     s = load_sample(rec, "ignore")
