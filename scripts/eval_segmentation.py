@@ -393,6 +393,14 @@ def main(argv: list[str] | None = None) -> None:
         "end, so a lower floor can only add low-ranked boxes: an evaluation convention, not "
         "what stage=segment keeps (segmentation.score_threshold)",
     )
+    ap.add_argument(
+        "--gt-review",
+        default=None,
+        help="CSV of reviewed ground-truth boxes (image,x0,y0,x1,y1,category[,note]; "
+        "docs/reviews/txl_pbc_val_wbc_boxes.csv): each listed white-cell box takes the "
+        "reviewed category before scoring (the oracle scale reads the corrected boxes too); "
+        "default: the annotations as published",
+    )
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.bf16 == "all" else None
@@ -407,7 +415,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{a.path}: no image of split {a.split!r} (a COCO file without per-image 'split' "
             f"fields has only 'train'; --split train scores them all)"
         )
-    extra = {}
+    extra, reviewed = {}, {}
+    if a.gt_review:
+        from segmentation.datasets import apply_box_review, read_box_review
+
+        reviewed = {"gt_review": {"file": a.gt_review}}
+        reviewed["gt_review"] |= apply_box_review(ds, read_box_review(a.gt_review))
     if a.every > 1:
         from segmentation.datasets import SmearDataset
 
@@ -485,6 +498,7 @@ def main(argv: list[str] | None = None) -> None:
         out["ignore_edge_px"] = a.ignore_edge_px
         if a.by_source:
             out["by_source"] = by_source(model, ds, a.threshold, preds, a.ignore_edge_px)
+    out.update(reviewed)
     out["seconds_total"] = round(time.perf_counter() - t_start, 1)  # reading, scale, detector
     shown = out
     for key in ("scale_estimate", "scale_refined"):  # the per-image lists go to --out only

@@ -986,6 +986,107 @@ def _geojson_instances(path: Path, w: int, h: int, dropped: list[str]) -> list[I
     return out
 
 
+# the columns of a box review (read_box_review): the file name of the image, the box in
+# its source px, and what the reviewer says the box holds
+BOX_REVIEW_COLUMNS = ("image", "x0", "y0", "x1", "y1", "category")
+
+
+@dataclass
+class BoxReview:
+    """One reviewed ground-truth box: ``image`` (file name), ``bbox`` (x0, y0, x1, y1)
+    in source px, the reviewed ``category`` (``rbc``, ``platelet``...), ``note``, and
+    ``row`` (its line in the CSV, for messages)."""
+
+    image: str
+    bbox: tuple[float, float, float, float]
+    category: str
+    note: str = ""
+    row: int = 0
+
+
+def read_box_review(path: str | Path) -> list[BoxReview]:
+    """Read a CSV of reviewed ground-truth boxes (docs/reviews/txl_pbc_val_wbc_boxes.csv).
+
+    Columns :data:`BOX_REVIEW_COLUMNS` plus an optional ``note``; one row per box whose
+    annotated class the reviewer corrects. Raises :class:`AnnotationError` naming the
+    file, the line and the field on a missing column, a box that is not a number or
+    is empty, or an empty category.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: box review file not found")
+    out = []
+    with path.open(newline="") as f:
+        rd = csv.DictReader(f)
+        missing = [c for c in BOX_REVIEW_COLUMNS if c not in (rd.fieldnames or [])]
+        if missing:
+            raise AnnotationError(
+                f"{path}: missing column(s) {missing} (need {BOX_REVIEW_COLUMNS})"
+            )
+        for line, r in enumerate(rd, start=2):
+            try:
+                b = tuple(float(r[k]) for k in ("x0", "y0", "x1", "y1"))
+            except (TypeError, ValueError):
+                raise AnnotationError(f"{path}:{line}: x0/y0/x1/y1 must be numbers") from None
+            if not (b[2] > b[0] and b[3] > b[1]):
+                raise AnnotationError(f"{path}:{line}: empty box {b}")
+            cat = (r["category"] or "").strip().lower()
+            if not cat or not (r["image"] or "").strip():
+                raise AnnotationError(f"{path}:{line}: image and category must not be empty")
+            out.append(BoxReview(r["image"].strip(), b, cat, (r.get("note") or "").strip(), line))
+    return out
+
+
+def _box_area(b: Sequence[float]) -> float:
+    return float(b[2] - b[0]) * float(b[3] - b[1])
+
+
+def apply_box_review(
+    ds: SmearDataset, review: Sequence[BoxReview], min_iou: float = 0.9
+) -> dict[str, int]:
+    """Give reviewed white-cell boxes of ``ds`` their reviewed category, in place.
+
+    Each review entry is matched to the ``wbc`` instance of the image of that file name
+    whose box overlaps it best (IoU >= ``min_iou``). Entries whose image is not in
+    ``ds`` (another split) are counted, not errors; an entry whose image is there but
+    has no such box raises :class:`AnnotationError` (the review does not describe these
+    annotations).
+
+    Returns
+    -------
+    dict
+        ``{"n_entries", "n_relabelled", "n_other_images"}``.
+    """
+    by_name: dict[str, list[ImageRecord]] = {}
+    for rec in ds:
+        by_name.setdefault(Path(rec.path).name, []).append(rec)
+    n_rel = n_other = 0
+    for e in review:
+        recs = by_name.get(e.image)
+        if not recs:
+            n_other += 1
+            continue
+        best, best_iou = None, 0.0
+        for rec in recs:
+            for a in rec.wbcs:
+                x0, y0 = max(a.bbox[0], e.bbox[0]), max(a.bbox[1], e.bbox[1])
+                x1, y1 = min(a.bbox[2], e.bbox[2]), min(a.bbox[3], e.bbox[3])
+                inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+                iou = inter / (_box_area(a.bbox) + _box_area(e.bbox) - inter)
+                if iou > best_iou:
+                    best, best_iou = a, iou
+        if best is None or best_iou < min_iou:
+            raise AnnotationError(
+                f"review line {e.row}: {e.image} has no white-cell box at {e.bbox} "
+                f"(best IoU {best_iou:.2f} < {min_iou}): the review does not match these "
+                "annotations"
+            )
+        best.category = e.category
+        best.extra["reviewed"] = e.note or "reviewed"
+        n_rel += 1
+    return {"n_entries": len(review), "n_relabelled": n_rel, "n_other_images": n_other}
+
+
 READERS = {
     "coco": read_coco,
     "voc": read_voc,

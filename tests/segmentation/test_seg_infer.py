@@ -1220,3 +1220,79 @@ def test_eval_segmentation_score_floor_sets_what_the_detector_keeps(tmp_path, un
         assert r["score_floor"] == pytest.approx(0.05 if floor is None else floor)
         kept[floor] = r["n_det"]
     assert kept[0.99] == 0 < kept[0.0]
+
+
+def test_eval_segmentation_gt_review_relabels_listed_boxes(tmp_path, untrained_ckpt):
+    """scripts/eval_segmentation.py --gt-review: a white-cell box the review calls a red
+    cell leaves the WBC ground truth (n_gt one lower) and the JSON says how many entries
+    matched; an entry naming an image of another split is counted, not an error."""
+    from segmentation.datasets import READERS
+    from tests.helpers.run import load_script
+    from tests.helpers.seg_synth import make_coco_smears
+
+    ann = make_coco_smears(tmp_path / "smears", n_images=2, val=2)
+    rec = next(r for r in READERS["coco"](ann).split("val") if r.wbcs)
+    b = rec.wbcs[0].bbox
+    review = tmp_path / "review.csv"
+    review.write_text(
+        "image,x0,y0,x1,y1,category,note\n"
+        f"{Path(rec.path).name},{b[0] + 0.5},{b[1]},{b[2]},{b[3]},rbc,no nucleus\n"
+        "not_in_this_split.png,1,1,20,20,rbc,\n"
+    )
+    mod = load_script("eval_segmentation")
+    base = [str(untrained_ckpt), "--format", "coco", "--path", str(ann), "--split", "val"]
+    base += ["--scale", "1"]
+    mod.main([*base, "--out", str(tmp_path / "plain.json")])
+    mod.main([*base, "--gt-review", str(review), "--out", str(tmp_path / "rev.json")])
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    rev = json.loads((tmp_path / "rev.json").read_text())
+    assert rev["n_gt"] == plain["n_gt"] - 1
+    assert rev["gt_review"] == {
+        "file": str(review),
+        "n_entries": 2,
+        "n_relabelled": 1,
+        "n_other_images": 1,
+    }
+    assert "gt_review" not in plain
+    # the estimated-scale path builds its own extras: the review is still recorded
+    mod.main([*base[:-2], "--scale", "estimate", "--gt-review", str(review), "--out",
+              str(tmp_path / "est.json")])  # fmt: skip
+    est = json.loads((tmp_path / "est.json").read_text())
+    assert est["gt_review"]["n_relabelled"] == 1 and est["n_gt"] == rev["n_gt"]
+
+
+def test_box_review_bad_input_names_file_line_and_field(tmp_path):
+    """A review with a missing column, a box that is not a number, an empty box, or a box
+    that matches no white cell of its image: AnnotationError naming file/line/field."""
+    from segmentation.datasets import (
+        AnnotationError,
+        ImageRecord,
+        Instance,
+        SmearDataset,
+        apply_box_review,
+        read_box_review,
+    )
+
+    def review(text: str) -> Path:
+        p = tmp_path / "r.csv"
+        p.write_text(text)
+        return p
+
+    head = "image,x0,y0,x1,y1,category\n"
+    with pytest.raises(AnnotationError, match=r"r\.csv: missing column\(s\) \['category'\]"):
+        read_box_review(review("image,x0,y0,x1,y1\na.png,0,0,1,1\n"))
+    with pytest.raises(AnnotationError, match=r"r\.csv:2: x0/y0/x1/y1 must be numbers"):
+        read_box_review(review(head + "a.png,zero,0,1,1,rbc\n"))
+    with pytest.raises(AnnotationError, match=r"r\.csv:3: empty box"):
+        read_box_review(review(head + "a.png,0,0,5,5,rbc\na.png,5,5,5,9,rbc\n"))
+    with pytest.raises(FileNotFoundError, match="box review file not found"):
+        read_box_review(tmp_path / "absent.csv")
+    ds = SmearDataset(
+        [ImageRecord(Path("x/a.png"), 50, 50, "val", instances=[Instance((10, 10, 30, 30))])]
+    )
+    with pytest.raises(AnnotationError, match=r"review line 2: a\.png has no white-cell box"):
+        apply_box_review(ds, read_box_review(review(head + "a.png,0,0,9,9,rbc\n")))
+    # a match relabels in place and keeps the reviewer's note
+    n = apply_box_review(ds, read_box_review(review(head + "a.png,10,10,30,31,rbc\n")))
+    assert n["n_relabelled"] == 1 and ds.images[0].instances[0].category == "rbc"
+    assert ds.images[0].wbcs == []
