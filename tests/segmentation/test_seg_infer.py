@@ -1296,3 +1296,34 @@ def test_box_review_bad_input_names_file_line_and_field(tmp_path):
     n = apply_box_review(ds, read_box_review(review(head + "a.png,10,10,30,31,rbc\n")))
     assert n["n_relabelled"] == 1 and ds.images[0].instances[0].category == "rbc"
     assert ds.images[0].wbcs == []
+
+
+def test_box_review_sheet_draws_every_box_and_the_review(tmp_path):
+    """scripts/box_review_sheet.py: --all numbers every white-cell box of the split (its
+    index names image and box), --review draws the reviewed boxes of this split only; a
+    review none of whose images is in the split is one clear error."""
+    from PIL import Image
+
+    from segmentation.datasets import READERS
+    from tests.helpers.run import load_script
+    from tests.helpers.seg_synth import make_coco_smears
+
+    ann = make_coco_smears(tmp_path / "smears", n_images=2, val=2)
+    ds = READERS["coco"](ann).split("val")
+    n = sum(len(r.wbcs) for r in ds)
+    mod = load_script("box_review_sheet")
+    base = ["--format", "coco", "--path", str(ann), "--split", "val"]
+    mod.main([*base, "--all", "--out", str(tmp_path / "all.png")])
+    index = json.loads((tmp_path / "all_index.json").read_text())
+    assert len(index) == n > 0 and Image.open(tmp_path / "all.png").size == (1180, 1040)
+    rec = next(r for r in ds if r.wbcs)
+    b = rec.wbcs[0].bbox
+    review = tmp_path / "review.csv"
+    review.write_text(
+        f"image,x0,y0,x1,y1,category\n{Path(rec.path).name},{b[0]},{b[1]},{b[2]},{b[3]},rbc\n"
+    )
+    mod.main([*base, "--review", str(review), "--out", str(tmp_path / "rev.png")])
+    assert Image.open(tmp_path / "rev.png").size == (280, 280)  # one field, 280 px side
+    review.write_text("image,x0,y0,x1,y1,category\nelsewhere.png,1,1,9,9,rbc\n")
+    with pytest.raises(FileNotFoundError, match="no image of the review is in this split"):
+        mod.main([*base, "--review", str(review), "--out", str(tmp_path / "none.png")])
