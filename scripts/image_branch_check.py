@@ -351,6 +351,16 @@ def check(
         ):
             calls = _knn_calls(zz[fit][labf & hf], yf[labf & hf], zz[test][lab & ht], y[lab & ht])
             res[f"knn_{name}"] = _scored(y[lab & ht], calls)
+            if calls is not None:
+                # the sampling error of ~150 test crops: an exact binomial 95 % interval
+                # (crops taken as independent; a BCCD cell present twice, as a smear
+                # detection and a curated crop, makes the true interval a little wider)
+                from vae.analysis.samples import proportion_ci
+
+                b, pred = calls
+                n_ok = int((y[lab & ht][b] == pred).sum())
+                res[f"knn_{name}_n"] = int(b.sum())
+                res[f"knn_{name}_ci95"] = [round(v, 4) for v in proportion_ci(n_ok, int(b.sum()))]
             if spec is not None:
                 # one cell through two image sources (a BCCD smear cell and its curated
                 # crop) counted once, not once per copy: the same calls, weighted
@@ -771,6 +781,13 @@ def main() -> None:
         + (
             f" ({res['knn_image_per_cell']:.2f} each cell once)"
             if "knn_image_per_cell" in res
+            else ""
+        )
+        + (
+            " (95 % CI {:.2f}-{:.2f} over {} test crops)".format(
+                *res["knn_image_ci95"], res["knn_image_n"]
+            )
+            if "knn_image_ci95" in res
             else ""
         )
         + f" | joint kNN "

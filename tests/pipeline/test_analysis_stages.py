@@ -904,6 +904,14 @@ def test_image_branch_check_script_on_a_finished_run(tiny_run):
 
     want_knn, sp = _image_knn(run, "model.pt", paired)
     assert res["knn_image"] == pytest.approx(want_knn)
+    # its sampling error: the exact binomial 95 % interval of that many test crops
+    from vae.analysis.samples import proportion_ci
+
+    n = res["knn_image_n"]
+    assert 0 < n <= res["n_test"]
+    lo, hi = res["knn_image_ci95"]
+    assert (lo, hi) == pytest.approx(proportion_ci(round(res["knn_image"] * n), n), abs=1e-4)
+    assert lo <= res["knn_image"] <= hi
     assert -1 <= res["ssim_joint"] <= 1 and -1 <= res["ssim_joint_mean_image"] <= 1
     # how granular the drawn cells are vs their inputs, on both parts of the cell
     for part in ("cytoplasm", "nucleus"):
