@@ -157,6 +157,11 @@ class SmearSourceConfig:
     image_root: str | None = None  # coco: folder of the images (default: the JSON's folder)
     repeat: int = 1  # times each training image is listed per epoch (oversampling)
     copy_paste_donor: bool = False  # its masked cells may be pasted onto other images
+    # CSVs of reviewed boxes (image,x0,y0,x1,y1,category[,note]; scripts/eval_segmentation.py
+    # --gt-review's format): each listed white-cell box takes its reviewed class (rbc,
+    # platelet...) before training, so an annotation error is not learnt as a white cell;
+    # a path as given, else under paths.shared_data
+    box_review: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -212,6 +212,15 @@ def resolved_setting(key: str, value: Any, data: Any) -> Any:
     A run recorded ``vae.dropout=0.1`` before the setting became ``null`` (auto, 0.1 where
     the data hold images): compared as set, an unchanged model read as a change.
     """
+    if key == "data.smear_sources" and isinstance(value, list):
+        # box_review (2026-12-07) empty reads no file: a run recorded before it existed
+        # trained on the same labels
+        value = [
+            {k: v for k, v in s.items() if not (k == "box_review" and not v)}
+            if isinstance(s, dict)
+            else s
+            for s in value
+        ]
     if data is None:
         return value
     from pipeline import train_args as T

@@ -28,7 +28,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import pretrained_weights_path, spreadsheet_safe, write_json
-from pipeline.runner import StageContext, StageError, stage
+from pipeline.runner import StageContext, StageError, resolve_data_path, stage
 
 # rejects.csv of stage=segment_train (the files left out of training and why) has the
 # columns of stage=segment's
@@ -36,10 +36,13 @@ from pipeline.segment_sources import REJECT_COLUMNS
 from segmentation.datasets import (
     ANNOTATION_FIELDS,
     READERS,
+    AnnotationError,
     DetectionDataset,
     Skip,
     SmearDataset,
+    apply_box_review,
     drop_unreadable,
+    read_box_review,
     read_coco,
     record_skip,
     with_scale,
@@ -196,6 +199,22 @@ def load_sets(
             white_out += _white_cells_left_out(skips, src.get("wbc_classes"))
             if src.get("wbc_classes"):
                 ds = as_white_cells(ds, list(src.wbc_classes))
+            for k, rv in enumerate(src.get("box_review") or []):
+                setting = f"data.smear_sources[{i}].box_review[{k}]"
+                f = resolve_data_path(cfg, rv, setting)
+                try:
+                    n = apply_box_review(ds, read_box_review(f))
+                except (AnnotationError, FileNotFoundError) as e:
+                    raise StageError(f"{setting}: {e}") from None
+                log.info(
+                    "source %s: %d white-cell box(es) take their reviewed class from %s "
+                    "(%d entries; %d name images not in this source)",
+                    name,
+                    n["n_relabelled"],
+                    f,
+                    n["n_entries"],
+                    n["n_other_images"],
+                )
             ds = with_scale(ds, src.scale, sc.cell_px)
             sources.append(
                 (
