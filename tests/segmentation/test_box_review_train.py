@@ -8,36 +8,18 @@ does not match the annotations is one clear error naming the setting.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
-S = 96
 
 
-def _coco(tmp_path: Path) -> Path:
-    """4 images of 96 px, one 24 px white cell each at (30 + 6k, 40)."""
-    images, anns = [], []
-    for k in range(4):
-        cx, cy = 30 + 6 * k, 40
-        Image.new("RGB", (S, S), (230, 200, 200)).save(tmp_path / f"s{k}.png")
-        images.append({"id": k + 1, "file_name": f"s{k}.png", "width": S, "height": S})
-        anns.append(
-            {
-                "id": k + 1,
-                "image_id": k + 1,
-                "category_id": 1,
-                "bbox": [cx - 12, cy - 12, 24, 24],
-                "iscrowd": 0,
-                "segmentation": [[cx - 12, cy, cx, cy - 12, cx + 12, cy, cx, cy + 12]],
-            }
-        )
-    p = tmp_path / "ann.json"
-    cats = [{"id": 1, "name": "wbc"}]
-    p.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return p
+def _smears(tmp_path: Path) -> tuple[Path, list]:
+    """4 hand-made COCO smears (2 cells each, all train) and their records."""
+    from segmentation.datasets import READERS
+    from tests.helpers.seg_synth import make_coco_smears
+
+    ann = make_coco_smears(tmp_path / "smears", n_images=4, size=96, cells=2, radius=10, val=0)
+    return ann, list(READERS["coco"](ann))
 
 
 def _cfg(tmp_path: Path, ann: Path, reviews: list[Path]):
@@ -58,40 +40,42 @@ def _cfg(tmp_path: Path, ann: Path, reviews: list[Path]):
 def test_reviewed_boxes_leave_the_white_cells_before_training(tmp_path, caplog):
     from pipeline.stages.segment_train import load_sets
 
-    ann = _coco(tmp_path)
+    ann, recs = _smears(tmp_path)
+    target = recs[1]
+    name, b = Path(target.path).name, target.wbcs[0].bbox
     review = tmp_path / "review.csv"
     review.write_text(
         "image,x0,y0,x1,y1,category,note\n"
-        "s1.png,24,28,48,52,rbc,a red cell\n"
+        f"{name},{b[0]},{b[1]},{b[2]},{b[3]},rbc,a red cell\n"
         "elsewhere.png,1,1,9,9,rbc,\n"
     )
     with caplog.at_level("INFO"):
         train, _, _, _ = load_sets(_cfg(tmp_path, ann, [review]), None, [])
-    assert len(train) == 4
-    wbcs = {Path(r.path).name: len(r.wbcs) for r in train}
-    assert wbcs == {"s0.png": 1, "s1.png": 0, "s2.png": 1, "s3.png": 1}
-    s1 = next(r for r in train if Path(r.path).name == "s1.png")
-    assert [a.category for a in s1.instances] == ["rbc"]
+    want = {Path(r.path).name: len(r.wbcs) - (Path(r.path).name == name) for r in recs}
+    assert {Path(r.path).name: len(r.wbcs) for r in train} == want
+    got = next(r for r in train if Path(r.path).name == name)
+    assert sorted(a.category for a in got.instances) == ["rbc", "wbc"]
     assert "1 white-cell box(es) take their reviewed class" in caplog.text
     assert "1 name images not in this source" in caplog.text
     # no review: the annotations as published
     train0, _, _, _ = load_sets(_cfg(tmp_path, ann, []), None, [])
-    assert sum(len(r.wbcs) for r in train0) == 4
+    assert sum(len(r.wbcs) for r in train0) == sum(len(r.wbcs) for r in recs)
 
 
 def test_a_review_that_does_not_match_is_one_clear_error(tmp_path):
     from pipeline.runner import StageError
     from pipeline.stages.segment_train import load_sets
 
-    ann = _coco(tmp_path)
+    ann, recs = _smears(tmp_path)
+    name = Path(recs[1].path).name
     stale = tmp_path / "stale.csv"
-    stale.write_text("image,x0,y0,x1,y1,category\ns1.png,60,60,90,90,rbc\n")
-    with pytest.raises(StageError, match=r"box_review\[0\]: review line 2: s1\.png has no white"):
+    stale.write_text(f"image,x0,y0,x1,y1,category\n{name},0,0,3,3,rbc\n")
+    with pytest.raises(StageError, match=rf"box_review\[0\]: review line 2: {name} has no white"):
         load_sets(_cfg(tmp_path, ann, [stale]), None, [])
     with pytest.raises(StageError, match=r"box_review\[0\]=.*absent\.csv: no such file"):
         load_sets(_cfg(tmp_path, ann, [tmp_path / "absent.csv"]), None, [])
     bad = tmp_path / "bad.csv"
-    bad.write_text("image,x0,y0,x1,y1\ns1.png,24,28,48,52\n")
+    bad.write_text(f"image,x0,y0,x1,y1\n{name},24,28,48,52\n")
     with pytest.raises(StageError, match=r"missing column\(s\) \['category'\]"):
         load_sets(_cfg(tmp_path, ann, [bad]), None, [])
 
