@@ -1037,10 +1037,6 @@ def read_box_review(path: str | Path) -> list[BoxReview]:
     return out
 
 
-def _box_area(b: Sequence[float]) -> float:
-    return float(b[2] - b[0]) * float(b[3] - b[1])
-
-
 def apply_box_review(
     ds: SmearDataset, review: Sequence[BoxReview], min_iou: float = 0.9
 ) -> dict[str, int]:
@@ -1057,6 +1053,8 @@ def apply_box_review(
     dict
         ``{"n_entries", "n_relabelled", "n_other_images"}``.
     """
+    from segmentation.engine import box_iou  # engine imports this module
+
     by_name: dict[str, list[ImageRecord]] = {}
     for rec in ds:
         by_name.setdefault(Path(rec.path).name, []).append(rec)
@@ -1066,21 +1064,18 @@ def apply_box_review(
         if not recs:
             n_other += 1
             continue
-        best, best_iou = None, 0.0
-        for rec in recs:
-            for a in rec.wbcs:
-                x0, y0 = max(a.bbox[0], e.bbox[0]), max(a.bbox[1], e.bbox[1])
-                x1, y1 = min(a.bbox[2], e.bbox[2]), min(a.bbox[3], e.bbox[3])
-                inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
-                iou = inter / (_box_area(a.bbox) + _box_area(e.bbox) - inter)
-                if iou > best_iou:
-                    best, best_iou = a, iou
-        if best is None or best_iou < min_iou:
+        wbcs = [a for rec in recs for a in rec.wbcs]
+        iou = box_iou(
+            np.asarray([e.bbox], float), np.asarray([a.bbox for a in wbcs], float).reshape(-1, 4)
+        )[0]
+        best_iou = float(iou.max()) if iou.size else 0.0
+        if best_iou < min_iou:
             raise AnnotationError(
                 f"review line {e.row}: {e.image} has no white-cell box at {e.bbox} "
                 f"(best IoU {best_iou:.2f} < {min_iou}): the review does not match these "
                 "annotations"
             )
+        best = wbcs[int(iou.argmax())]
         best.category = e.category
         best.extra["reviewed"] = e.note or "reviewed"
         n_rel += 1
