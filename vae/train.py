@@ -901,6 +901,11 @@ def train(
 
     core = model
     use_image, use_expression = _freeze_missing_branches(core, data)
+    if device.type == "cpu":
+        # NHWC weights: oneDNN's channels-last kernels run the image branch's many small
+        # convolutions ~15 % faster per epoch on CPU (`make demo`'s VAE), with the same
+        # losses to four digits; on a GPU this was not measured, so the layout stays
+        core.to(memory_format=torch.channels_last)
     wrapped = dist.wrap(core)
     n_shared = core.args.n_shared
     _prepare_targets(core, data, args, use_image, use_expression)
