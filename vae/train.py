@@ -903,8 +903,10 @@ def train(
     use_image, use_expression = _freeze_missing_branches(core, data)
     if device.type == "cpu":
         # NHWC weights: oneDNN's channels-last kernels run the image branch's many small
-        # convolutions ~15 % faster per epoch on CPU (`make demo`'s VAE), with the same
-        # losses to four digits; on a GPU this was not measured, so the layout stays
+        # convolutions faster on a CPU (an epoch 20 % shorter in `make demo`, 13 % with
+        # the real preset; the same losses to four digits over 5 demo epochs, float
+        # rounding apart after that); not measured on a GPU, so the layout stays there
+        # (docs/vae.md, "Speed (this CPU)")
         core.to(memory_format=torch.channels_last)
     wrapped = dist.wrap(core)
     n_shared = core.args.n_shared
