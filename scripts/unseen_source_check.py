@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # image_branch_check, imported too
 
 
 def _held_rows(obs, sources: list[str]) -> np.ndarray:
