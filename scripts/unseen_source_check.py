@@ -158,8 +158,12 @@ def _morph_cv(code: np.ndarray, feats: np.ndarray, folds: int = 5, seed: int = 0
         return np.where(np.isfinite(rho).any(0), np.nanmean(rho, 0), np.nan)
 
 
-def score(run: Path, paired: Path, sources: list[str], k: int = 15) -> dict:
-    """Score ``run`` on the labelled crops of ``sources`` in ``paired`` (module doc)."""
+def score(
+    run: Path, paired: Path, sources: list[str], k: int = 15, ref_pattern: str | None = None
+) -> dict:
+    """Score ``run`` on the labelled crops of ``sources`` in ``paired`` (module doc); with
+    ``ref_pattern``, only those whose ``obs['image_ref']`` matches that regular expression
+    (one of a source's data sets, e.g. ``dataset2`` of segmentation_wbc)."""
     import anndata as ad
     from image_branch_check import MORPHOLOGY_FEATURES  # the features it scores on test crops
     from sklearn.decomposition import PCA
@@ -180,18 +184,26 @@ def score(run: Path, paired: Path, sources: list[str], k: int = 15) -> dict:
         if overlap:
             print(f"warning: {run} trained on crops of {', '.join(overlap)}: not unseen")
     table = ad.read_h5ad(paired)
-    held, y = _labelled_crops(table, _held_rows(table.obs, sources))
+    rows = _held_rows(table.obs, sources)
+    if ref_pattern is not None:
+        refs = table.obs["image_ref"].astype(str).str.contains(ref_pattern, regex=True)
+        rows &= refs.to_numpy(bool)
+        if not rows.any():
+            raise SystemExit(f"--ref-pattern {ref_pattern!r}: no crop of the source matches")
+    held, y = _labelled_crops(table, rows)
     ref, y_ref = _labelled_crops(ref_table, np.ones(ref_table.n_obs, bool))
     z, pix = _encode(model, held)
     z_ref, pix_ref = _encode(model, ref)
     d, ns = int(model.n_latent), int(model.args.n_shared)
-    n_img = z.shape[1]
+    # as many pixel PCs as the image code has dims (fewer only when there are fewer crops)
+    n_img = min(z.shape[1], y.size - 1, y_ref.size - 1)
     vals, cnt = np.unique(y, return_counts=True)
     res: dict = {
         "run": str(run),
         "paired": str(paired),
         "trained_on": str(trained_on),
         "held_out_sources": sources,
+        "ref_pattern": ref_pattern,
         "n_held_out_crops": int(y.size),
         "classes": {str(v): int(c) for v, c in zip(vals, cnt)},
         "majority": float(cnt.max() / cnt.sum()),
@@ -231,10 +243,15 @@ def score(run: Path, paired: Path, sources: list[str], k: int = 15) -> dict:
     big = str(vals[cnt.argmax()])
     for name, zz in (("image", z), ("pixel_pca", within)):
         for tag, sel in (("", np.ones(y.size, bool)), ("_within", y == big)):
-            rho = _morph_cv(zz[sel], feats[sel])
+            if sel.sum() < 25:  # five folds of at least five crops
+                rho = np.full(len(MORPHOLOGY_FEATURES), np.nan)
+            else:
+                rho = _morph_cv(zz[sel], feats[sel])
             for feat, r in zip(MORPHOLOGY_FEATURES, rho):
                 res[f"morph_{name}{tag}_{feat}"] = float(r)
-            res[f"morph_{name}{tag}_mean"] = float(np.nanmean(rho))
+            res[f"morph_{name}{tag}_mean"] = (
+                float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan")
+            )
     res["morph_within_label"] = big
     res["n_latent"] = d
     return res
@@ -248,7 +265,8 @@ def _table(res: dict) -> str:
     ]
     out = [
         f"{res['run']}: {res['n_held_out_crops']} crops of {', '.join(res['held_out_sources'])}"
-        f" (majority {res['majority']:.3f}; {res['n_reference_crops']} labelled training crops)",
+        + (f" matching {res['ref_pattern']!r}" if res.get("ref_pattern") else "")
+        + f" (majority {res['majority']:.3f}; {res['n_reference_crops']} labelled training crops)",
         "| measure | image code | shared dims | raw-pixel PCA |",
         "|---|---|---|---|",
     ]
@@ -276,12 +294,13 @@ def main() -> None:
     s.add_argument("--paired", type=Path, required=True, help="a table with the source's crops")
     s.add_argument("--source", action="append", required=True, help="image_source (repeat)")
     s.add_argument("--k", type=int, default=15)
+    s.add_argument("--ref-pattern", default=None, help="only crops whose image_ref matches")
     s.add_argument("--out", type=Path, default=None, help="JSON (default: RUN/unseen_source.json)")
     args = ap.parse_args()
     if args.cmd == "hold-out":
         hold_out(args.paired, args.source, args.out)
         return
-    res = score(args.run, args.paired, args.source, args.k)
+    res = score(args.run, args.paired, args.source, args.k, args.ref_pattern)
     out = args.out or args.run / "unseen_source.json"
     out.write_text(json.dumps(res, indent=1))
     print(_table(res))

@@ -103,6 +103,12 @@ def test_hold_out_then_score_a_source_the_model_never_saw(tmp_path, capsys):
     assert res["morph_within_label"] == max(res["classes"], key=res["classes"].get)
     print(mod._table(res))
     assert "raw-pixel PCA" in capsys.readouterr().out
+    # one data set of the source: the crops whose image_ref matches
+    part = mod.score(run, tmp_path / "paired.h5ad", ["b"], ref_pattern=r"crop\d*[13]$")
+    ends = full.obs["image_ref"].astype(str).str.contains(r"crop\d*[13]$").to_numpy()
+    assert part["n_held_out_crops"] == int((rows & ends).sum()) < n_b
+    with pytest.raises(SystemExit, match="no crop of the source matches"):
+        mod.score(run, tmp_path / "paired.h5ad", ["b"], ref_pattern="nothing")
     # a run that did see the source is scored, with a warning that it is not unseen
     mod.score(run, out, ["a"])
     assert "not unseen" in capsys.readouterr().out
