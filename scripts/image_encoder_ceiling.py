@@ -42,19 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _reinhard_by_source(d, source) -> None:
     """In place: each source's cell pixels moved to the mean / sd (CIELAB) of all cells."""
     import torch
-    from skimage.color import lab2rgb, rgb2lab
+
+    from vae.stain import lab_stats, match_stain
 
     rows = np.flatnonzero(d.has_image.numpy().astype(bool))
     crops = d.crops[rows].permute(0, 2, 3, 1).numpy()  # (N, S, S, 3) uint8
     m = d.masks[rows, 0].numpy().astype(bool)
-    labc = rgb2lab(crops)
-    ref_mu, ref_sd = labc[m].mean(0), labc[m].std(0)
-    for src in np.unique(source[rows]):
-        k = source[rows] == src
-        px = labc[k][m[k]]
-        mu, sd = px.mean(0), px.std(0)
-        labc[k] = (labc[k] - mu) / sd * ref_sd + ref_mu
-    out = (np.clip(lab2rgb(labc), 0, 1) * 255).round().astype(np.uint8)
+    out = match_stain(crops, m, *lab_stats(crops, m), groups=source[rows])
     out[~m] = 0
     d.crops[rows] = torch.as_tensor(out).permute(0, 3, 1, 2)
 

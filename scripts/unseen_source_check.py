@@ -159,11 +159,18 @@ def _morph_cv(code: np.ndarray, feats: np.ndarray, folds: int = 5, seed: int = 0
 
 
 def score(
-    run: Path, paired: Path, sources: list[str], k: int = 15, ref_pattern: str | None = None
+    run: Path,
+    paired: Path,
+    sources: list[str],
+    k: int = 15,
+    ref_pattern: str | None = None,
+    stain_match: bool = False,
 ) -> dict:
     """Score ``run`` on the labelled crops of ``sources`` in ``paired`` (module doc); with
     ``ref_pattern``, only those whose ``obs['image_ref']`` matches that regular expression
-    (one of a source's data sets, e.g. ``dataset2`` of segmentation_wbc)."""
+    (one of a source's data sets, e.g. ``dataset2`` of segmentation_wbc); with
+    ``stain_match``, the held-out crops' cell pixels first moved, as one group, to the
+    CIELAB mean and sd of the training crops (:func:`vae.stain.match_stain`)."""
     import anndata as ad
     from image_branch_check import MORPHOLOGY_FEATURES  # the features it scores on test crops
     from sklearn.decomposition import PCA
@@ -192,6 +199,11 @@ def score(
             raise SystemExit(f"--ref-pattern {ref_pattern!r}: no crop of the source matches")
     held, y = _labelled_crops(table, rows)
     ref, y_ref = _labelled_crops(ref_table, np.ones(ref_table.n_obs, bool))
+    if stain_match:
+        from vae.stain import lab_stats, match_stain
+
+        target = lab_stats(ref.obsm["crops"], ref.obsm["masks"])
+        held.obsm["crops"] = match_stain(held.obsm["crops"], held.obsm["masks"], *target)
     z, pix = _encode(model, held)
     z_ref, pix_ref = _encode(model, ref)
     d, ns = int(model.n_latent), int(model.args.n_shared)
@@ -204,6 +216,7 @@ def score(
         "trained_on": str(trained_on),
         "held_out_sources": sources,
         "ref_pattern": ref_pattern,
+        "stain_match": stain_match,
         "n_held_out_crops": int(y.size),
         "classes": {str(v): int(c) for v, c in zip(vals, cnt)},
         "majority": float(cnt.max() / cnt.sum()),
@@ -254,7 +267,35 @@ def score(
             )
     res["morph_within_label"] = big
     res["n_latent"] = d
+    res.update(_study_calls(run, held))
     return res
+
+
+def _study_calls(run: Path, held) -> dict:
+    """What ``stage=embed`` tells a user of these crops (:meth:`vae.api.Study.embed`):
+    the label transfer's accuracy against ``obs['label']`` (the study's label names),
+    the shares of atypical and unclassified cells, and the accuracy of the called ones."""
+    import warnings
+
+    from vae.api import Study
+
+    study = Study.load(run)
+    keep = [c for c in ("has_image", "has_expression", "image_ref", "label") if c in held.obs]
+    q = held.copy()
+    q.obs = q.obs[keep]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "most cells atypical": counted below instead
+        r = study.embed(q, warn_seen=False, warn_atypical=False)
+    truth = r.obs["label"].astype(str).to_numpy()
+    right = r.obs["vae_label"].astype(str).to_numpy() == truth
+    called = r.obs["vae_call"].astype(str).to_numpy() != "unclassified"
+    return {
+        "embed_label_accuracy": float(right.mean()),
+        "embed_atypical": float(r.obs["vae_atypical"].to_numpy(bool).mean()),
+        "embed_unclassified": float((~called).mean()),
+        "embed_called_accuracy": float(right[called].mean()) if called.any() else float("nan"),
+        "embed_confidence_median": float(np.median(r.obs["vae_label_confidence"])),
+    }
 
 
 def _table(res: dict) -> str:
@@ -276,6 +317,11 @@ def _table(res: dict) -> str:
             a, b = res.get(f"{key}_{name}"), res.get(f"{key}_{name}_balanced")
             cells.append("-" if a is None else f"{a:.3f} (bal. {b:.3f})")
         out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out.append(
+        f"| `stage=embed`: label accuracy; atypical / unclassified share; accuracy of the "
+        f"called | {res['embed_label_accuracy']:.3f}; {res['embed_atypical']:.3f} / "
+        f"{res['embed_unclassified']:.3f}; {res['embed_called_accuracy']:.3f} | | |"
+    )
     for tag, label in (("", "all crops"), ("_within", res["morph_within_label"] + "s")):
         a, b = res[f"morph_image{tag}_mean"], res[f"morph_pixel_pca{tag}_mean"]
         out.append(f"| morphology ridge, 5-fold Spearman, {label} | {a:.3f} | | {b:.3f} |")
@@ -295,12 +341,17 @@ def main() -> None:
     s.add_argument("--source", action="append", required=True, help="image_source (repeat)")
     s.add_argument("--k", type=int, default=15)
     s.add_argument("--ref-pattern", default=None, help="only crops whose image_ref matches")
+    s.add_argument(
+        "--stain-match",
+        action="store_true",
+        help="move the crops' colours to the training crops' (CIELAB mean / sd) first",
+    )
     s.add_argument("--out", type=Path, default=None, help="JSON (default: RUN/unseen_source.json)")
     args = ap.parse_args()
     if args.cmd == "hold-out":
         hold_out(args.paired, args.source, args.out)
         return
-    res = score(args.run, args.paired, args.source, args.k, args.ref_pattern)
+    res = score(args.run, args.paired, args.source, args.k, args.ref_pattern, args.stain_match)
     out = args.out or args.run / "unseen_source.json"
     out.write_text(json.dumps(res, indent=1))
     print(_table(res))

@@ -35,7 +35,7 @@ def mod_features():
     return load_script("image_branch_check").MORPHOLOGY_FEATURES
 
 
-def test_hold_out_then_score_a_source_the_model_never_saw(tmp_path, capsys):
+def test_hold_out_then_score_a_source_the_model_never_saw(tmp_path, capsys, monkeypatch):
     mod = load_script("unseen_source_check")
     full = _table(tmp_path / "paired.h5ad")
     out = tmp_path / "lso" / "no_b.h5ad"
@@ -103,6 +103,29 @@ def test_hold_out_then_score_a_source_the_model_never_saw(tmp_path, capsys):
     assert res["morph_within_label"] == max(res["classes"], key=res["classes"].get)
     print(mod._table(res))
     assert "raw-pixel PCA" in capsys.readouterr().out
+    # what stage=embed tells a user of those crops: shares and accuracies
+    for key in ("embed_label_accuracy", "embed_atypical", "embed_unclassified"):
+        assert 0 <= res[key] <= 1, key
+    assert np.isnan(res["embed_called_accuracy"]) or 0 <= res["embed_called_accuracy"] <= 1
+    # colours matched first: the held-out crops, as one group, to the training crops'
+    # CIELAB statistics
+    import vae.stain
+
+    seen, original = {}, vae.stain.match_stain
+
+    def spy(crops, masks, mean, sd, groups=None):
+        seen.update(n=len(crops), mean=mean, sd=sd, groups=groups)
+        return original(crops, masks, mean, sd, groups)
+
+    monkeypatch.setattr(vae.stain, "match_stain", spy)
+    matched = mod.score(run, tmp_path / "paired.h5ad", ["b"], stain_match=True)
+    assert matched["stain_match"] and matched["n_held_out_crops"] == n_b == seen["n"]
+    ref = held.obs["has_image"].to_numpy(bool) & held.obs["image_label"].notna().to_numpy()
+    want_mean, want_sd = vae.stain.lab_stats(held.obsm["crops"][ref], held.obsm["masks"][ref])
+    np.testing.assert_allclose(seen["mean"], want_mean)
+    np.testing.assert_allclose(seen["sd"], want_sd)
+    assert seen["groups"] is None
+    assert 0 <= matched["loo1nn_image"] <= 1
     # one data set of the source: the crops whose image_ref matches
     part = mod.score(run, tmp_path / "paired.h5ad", ["b"], ref_pattern=r"crop\d*[13]$")
     ends = full.obs["image_ref"].astype(str).str.contains(r"crop\d*[13]$").to_numpy()
