@@ -285,6 +285,13 @@ def _samples(
     return _nfc(out.astype(str)).astype(str), int(named.sum()), fallback, matched
 
 
+def _json_shift(shift: dict | None) -> dict | None:
+    """:meth:`vae.api.Study.input_shift` for summary.json (plain floats, rounded)."""
+    if shift is None:
+        return None
+    return {**shift, "share": round(shift["share"], 4), "p": float(f"{shift['p']:.3g}")}
+
+
 def _warn_unnamed(setting: str, tally: dict, key: str, samples_csv: str | None) -> None:
     """One warning per input for its cells given the input's name as their sample for
     want of one (``tally``: ``n``, ``ids`` (first few), ``sample``, ``column``: whether
@@ -631,6 +638,10 @@ def run_embed(ctx: StageContext) -> None:
                     for k, v in study.atypical_thresholds().items()
                 },
             },
+            # the cells as a whole against the study's own held-out cells (Study.input_shift:
+            # the share above their 75th percentile, a quarter expected; null: no scores),
+            # which a new microscope moves where few of its cells are atypical
+            "shift_from_study": _json_shift(study.input_shift(out)),
             # how each image input's cells were cut (detector mask / whole square): a
             # reader comparing two embeds sees whether their crops were cut alike
             "crop_masks": {"setting": str(cfg.embed.crop_masks), **cuts},

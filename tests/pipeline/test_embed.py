@@ -228,6 +228,12 @@ def test_crops_and_expression_with_samples(study: Path):
     import json
 
     summary = json.loads((d / "summary.json").read_text())
+    # the cells as a whole against the study's held-out cells (Study.input_shift)
+    shift = summary["shift_from_study"]
+    assert shift["n"] == int(np.isfinite(q.obs[ANOMALY_SCORE]).sum())
+    assert 0 <= shift["above"] <= shift["n"] and shift["expected"] == 0.25
+    assert shift["share"] == pytest.approx(shift["above"] / shift["n"], abs=1e-4)
+    assert 0 <= shift["p"] <= 1 and isinstance(shift["shifted"], bool)
     # the cut each image input's cells got is written beside the setting that chose it
     assert summary["crop_masks"] == {"setting": "whole", "crops": "whole"}
     genes = summary["genes"]

@@ -269,3 +269,43 @@ def test_the_stage_warns_once_per_input_of_most_cells_atypical(study: Path, monk
     )
     lines = [ln for ln in (d / "embed.log").read_text().splitlines() if "are atypical" in ln]
     assert len(lines) == 1 and "WARNING" in lines[0] and "of 60 cells" in lines[0], lines
+
+
+def test_an_input_unlike_the_study_as_a_whole_is_warned_of(study: Path, caplog):
+    """Few cells atypical but most above the study's held-out 75th percentile (a new
+    microscope, measured: 94 % of unseen BCCD crops, 0.3 % atypical): a warning with the
+    share and the binomial p; a quarter above, or a handful of cells, is not warned of."""
+    import pandas as pd
+
+    from vae.analysis import anomaly as A
+    from vae.api import Study
+    from vae.study_atypical import SHIFT_QUANTILE
+
+    st = Study.load(study / "out" / "s")
+    thr = A.held_out_thresholds(st._scored_reference(), st._anomaly_reference(), SHIFT_QUANTILE)
+    cut = thr["image"]
+    assert np.isfinite(cut)
+
+    def obs(n_above: int, n_below: int) -> pd.DataFrame:
+        score = [cut + 0.5] * n_above + [cut - 0.5] * n_below
+        return pd.DataFrame(
+            {"anomaly_score": score, "vae_modality": "image", "vae_atypical": False}
+        )
+
+    shifted = obs(30, 10)
+    got = st.input_shift(shifted)
+    assert (got["n"], got["above"], got["expected"]) == (40, 30, pytest.approx(0.25))
+    assert got["share"] == pytest.approx(0.75) and got["p"] < 1e-3 and got["shifted"]
+    with caplog.at_level(logging.WARNING, logger="vae.api"):
+        assert st.warn_atypical(shifted, "embed.crops=X") == 0.0
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "embed.crops=X: 30 of 40 cells (75 %) score above the 75th percentile" in msg
+    assert "another microscope" in msg
+    for quiet in (obs(10, 30), obs(3, 0)):  # a quarter above; three cells (p = 0.016)
+        caplog.clear()
+        assert not st.input_shift(quiet)["shifted"]
+        with caplog.at_level(logging.WARNING, logger="vae.api"):
+            st.warn_atypical(quiet)
+        assert not caplog.records
+    # no scores: nothing to say
+    assert st.input_shift(pd.DataFrame({"vae_modality": ["image"]})) is None
