@@ -16,10 +16,13 @@ one source out of training entirely and scores the model on it, in two steps:
 
    - ``loo1nn_*``: leave-one-out 1-nearest-neighbour class accuracy *within* the held-out
      crops (the measure issue 9 quotes: 0.24 for the first design vs 0.36 for pixels);
-   - ``cv_knn_*``: kNN(k) class accuracy by stratified 5-fold cross-validation within them;
+   - ``loo_knn_*``: the same with the k nearest neighbours voting;
    - ``transfer_knn_*``: kNN(k) fitted on the labelled crops the model trained on (other
      sources), scored on the held-out crops: what a label transfer to new slides gives
      (the pixel PCA is fitted on the training crops too);
+   - what ``stage=embed`` tells a user of these crops (``embed_*``: the label accuracy,
+     the atypical and unclassified shares, the accuracy of the called cells, and the
+     input-level test ``Study.input_shift``);
    - each with its balanced accuracy (``_balanced``; the mean recall over classes) and
      the share of the most common class (``majority``);
    - ``morph_*``: how well each feature ``vae.analysis.granules`` measures on the crop
@@ -289,7 +292,11 @@ def _study_calls(run: Path, held) -> dict:
     truth = r.obs["label"].astype(str).to_numpy()
     right = r.obs["vae_label"].astype(str).to_numpy() == truth
     called = r.obs["vae_call"].astype(str).to_numpy() != "unclassified"
+    shift = study.input_shift(r) or {}
     return {
+        # the input as a whole against the study's held-out cells (Study.input_shift)
+        "embed_shift_share": shift.get("share", float("nan")),
+        "embed_shifted": shift.get("shifted"),
         "embed_label_accuracy": float(right.mean()),
         "embed_atypical": float(r.obs["vae_atypical"].to_numpy(bool).mean()),
         "embed_unclassified": float((~called).mean()),
@@ -321,6 +328,10 @@ def _table(res: dict) -> str:
         f"| `stage=embed`: label accuracy; atypical / unclassified share; accuracy of the "
         f"called | {res['embed_label_accuracy']:.3f}; {res['embed_atypical']:.3f} / "
         f"{res['embed_unclassified']:.3f}; {res['embed_called_accuracy']:.3f} | | |"
+    )
+    out.append(
+        f"| `stage=embed`: share above the study's held-out 75th percentile (a quarter "
+        f"expected) | {res['embed_shift_share']:.3f} (warned: {res['embed_shifted']}) | | |"
     )
     for tag, label in (("", "all crops"), ("_within", res["morph_within_label"] + "s")):
         a, b = res[f"morph_image{tag}_mean"], res[f"morph_pixel_pca{tag}_mean"]

@@ -107,6 +107,7 @@ def test_hold_out_then_score_a_source_the_model_never_saw(tmp_path, capsys, monk
     for key in ("embed_label_accuracy", "embed_atypical", "embed_unclassified"):
         assert 0 <= res[key] <= 1, key
     assert np.isnan(res["embed_called_accuracy"]) or 0 <= res["embed_called_accuracy"] <= 1
+    assert 0 <= res["embed_shift_share"] <= 1 and isinstance(res["embed_shifted"], bool)
     # colours matched first: the held-out crops, as one group, to the training crops'
     # CIELAB statistics
     import vae.stain
