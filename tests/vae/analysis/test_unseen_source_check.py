@@ -6,7 +6,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from tests.helpers.run import load_script, run_stage_in_process
+from tests.helpers.run import TINY_TRAIN, load_script, run_stage_in_process
 from tests.helpers.vae_toy import make_paired
 
 
@@ -64,13 +64,7 @@ def test_hold_out_then_score_a_source_the_model_never_saw(tmp_path, capsys, monk
             f"paths.root={tmp_path}",
             "experiment=lso",
             f"paths.inputs.paired={out}",
-            "hardware.torch_threads=1",
-            "trainer.max_epochs=2",
-            "trainer.batch_size=16",
-            "trainer.projector_max_cells=0",
-            "vae.channels=[8,16]",
-            "vae.hidden=[16]",
-            "vae.n_latent=4",
+            *TINY_TRAIN,
         ],
         "train",
     )
