@@ -20,6 +20,9 @@ one source out of training entirely and scores the model on it, in two steps:
    - ``transfer_knn_*``: kNN(k) fitted on the labelled crops the model trained on (other
      sources), scored on the held-out crops: what a label transfer to new slides gives
      (the pixel PCA is fitted on the training crops too);
+   - ``fewshot{5,20}_knn_*``: kNN fitted on 5 or 20 labelled crops per class of the
+     held-out source itself (20 random draws), scored on its other crops: what labelling
+     a few cells of a new microscope buys;
    - what ``stage=embed`` tells a user of these crops (``embed_*``: the label accuracy,
      the atypical and unclassified shares, the accuracy of the called cells, and the
      input-level test ``Study.input_shift``);
@@ -59,6 +62,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # image_branch_check, imported too
+
+
+# labelled cells per class of the new microscope in the few-shot reference
+FEW_SHOT = (5, 20)
 
 
 def _held_rows(obs, sources: list[str]) -> np.ndarray:
@@ -144,6 +151,30 @@ def _accuracy(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
     with warnings.catch_warnings():  # a call of a class y lacks: counted as wrong, said
         warnings.simplefilter("ignore", UserWarning)
         return float(accuracy_score(y, pred)), float(balanced_accuracy_score(y, pred))
+
+
+def _few_shot(
+    z: np.ndarray, y: np.ndarray, shots: int, k: int, draws: int = 20, seed: int = 0
+) -> tuple[float, float]:
+    """Mean (accuracy, balanced accuracy) over ``draws`` random draws of ``shots`` crops
+    per class as the kNN(``k``) reference, scored on the other crops."""
+    from vae.analysis.metrics import knn_predict
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(draws):
+        ref = np.zeros(y.size, bool)
+        for c in np.unique(y):
+            rows = np.flatnonzero(y == c)
+            ref[rng.choice(rows, min(shots, rows.size), replace=False)] = True
+        if ref.all():
+            continue
+        pred = knn_predict(z[~ref], y[~ref], k, z[ref], y[ref])
+        out.append(_accuracy(y[~ref], pred))
+    if not out:
+        return float("nan"), float("nan")
+    acc, bal = np.mean(out, 0)
+    return float(acc), float(bal)
 
 
 def _morph_cv(code: np.ndarray, feats: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
@@ -252,6 +283,16 @@ def score(
         pred = knn_predict(zz, y, k, zr, y_ref)
         acc, bal = _accuracy(y, pred)
         res[f"transfer_knn_{name}"], res[f"transfer_knn_{name}_balanced"] = acc, bal
+    # a few labelled cells of the new microscope as the only reference: what labelling
+    # FEW_SHOT cells per class of it buys (the cells of a class with no more than that
+    # many crops are all reference and none is scored)
+    for shots in FEW_SHOT:
+        for name, zz in (("image", z), ("pixel_pca", within)):
+            acc, bal = _few_shot(zz, y, shots, k=min(k, shots))
+            res[f"fewshot{shots}_knn_{name}"], res[f"fewshot{shots}_knn_{name}_balanced"] = (
+                acc,
+                bal,
+            )
     # morphology: what the instruments measure on each held-out crop
     S = model.args.crop_size
     crops = (pix.reshape(-1, 3, S, S) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
@@ -311,6 +352,10 @@ def _table(res: dict) -> str:
         ("leave-one-out 1-NN", "loo1nn"),
         (f"leave-one-out kNN({res['k']})", "loo_knn"),
         (f"transfer kNN({res['k']}) from the training sources", "transfer_knn"),
+        *(
+            (f"{n} labelled crops per class of this source as reference", f"fewshot{n}_knn")
+            for n in FEW_SHOT
+        ),
     ]
     out = [
         f"{res['run']}: {res['n_held_out_crops']} crops of {', '.join(res['held_out_sources'])}"

@@ -77,6 +77,17 @@ def test_hold_out_then_score_a_source_the_model_never_saw(tmp_path, capsys, monk
     for key in ("loo1nn", "loo_knn", "transfer_knn"):
         for name in ("image", "image_shared", "pixel_pca"):
             assert 0 <= res[f"{key}_{name}"] <= 1 and 0 <= res[f"{key}_{name}_balanced"] <= 1
+    # a few labelled crops per class of the source itself as the reference; with as many
+    # shots as a class has crops, nothing is left to score
+    for name in ("image", "pixel_pca"):
+        assert 0 <= res[f"fewshot5_knn_{name}"] <= 1
+        assert 0 <= res[f"fewshot5_knn_{name}_balanced"] <= 1
+    few = mod._few_shot(np.zeros((6, 2)), np.array(list("aabbcc")), shots=2, k=1)
+    assert np.isnan(few).all()
+    assert mod._few_shot(np.eye(6)[[0, 0, 0, 1, 1, 1]], np.array(list("aaabbb")), 2, 1) == (
+        1.0,
+        1.0,
+    )
     # the pixel baseline is leave-one-out 1-NN on as many PCs of the masked crops
     from sklearn.decomposition import PCA
     from sklearn.model_selection import LeaveOneOut, cross_val_score
