@@ -122,16 +122,17 @@ def hold_out(paired: Path, sources: list[str], out: Path) -> dict:
     return counts
 
 
-def _encode(model, adata) -> tuple[np.ndarray, np.ndarray]:
-    """(image code (n, d) over the model's ``encode_views``, masked pixels (n, 3*S*S))
-    of the rows of ``adata`` (all with a crop), at the model's crop size."""
+def _encode(model, adata):
+    """(image code (n, d) over the model's ``encode_views``, masked pixels (n, 3*S*S)
+    in [0, 1], the model's input tensors) of the rows of ``adata`` (all with a crop), at
+    the model's crop size."""
     from vae.data import from_anndata
     from vae.infer import encode_dataset
 
     data = from_anndata(adata, image_size=model.args.crop_size, expect_labels=False)
     lat = encode_dataset(model, data, views=int(getattr(model.args, "encode_views", 1)))
     pix = (data.crops.float().div(255) * data.masks.float()).flatten(1).numpy()
-    return lat.image, pix
+    return lat.image, pix, data
 
 
 def _labelled_crops(adata, rows: np.ndarray):
@@ -239,8 +240,8 @@ def score(
 
         target = lab_stats(ref.obsm["crops"], ref.obsm["masks"])
         held.obsm["crops"] = match_stain(held.obsm["crops"], held.obsm["masks"], *target)
-    z, pix = _encode(model, held)
-    z_ref, pix_ref = _encode(model, ref)
+    z, pix, data = _encode(model, held)
+    z_ref, pix_ref, _ = _encode(model, ref)
     d, ns = int(model.n_latent), int(model.args.n_shared)
     # as many pixel PCs as the image code has dims (fewer only when there are fewer crops)
     n_img = min(z.shape[1], y.size - 1, y_ref.size - 1)
@@ -261,12 +262,8 @@ def score(
     }
     within = PCA(n_img, random_state=0).fit_transform(pix)  # unsupervised, on the crops
     pca_ref = PCA(n_img, random_state=0).fit(pix_ref)
-    codes = {
-        "image": (z, z_ref),
-        "image_shared": (z[:, :ns], z_ref[:, :ns]),
-        "pixel_pca": (within, None),
-    }
-    for name, (zz, _) in codes.items():
+    codes = {"image": z, "image_shared": z[:, :ns], "pixel_pca": within}
+    for name, zz in codes.items():
         for tag, kk in (("loo1nn", 1), ("loo_knn", k)):
             pred = knn_predict(zz, y, kk)  # leave-one-out within the held-out crops
             acc, bal = _accuracy(y, pred)
@@ -288,15 +285,11 @@ def score(
     # many crops are all reference and none is scored)
     for shots in FEW_SHOT:
         for name, zz in (("image", z), ("pixel_pca", within)):
-            acc, bal = _few_shot(zz, y, shots, k=min(k, shots))
-            res[f"fewshot{shots}_knn_{name}"], res[f"fewshot{shots}_knn_{name}_balanced"] = (
-                acc,
-                bal,
-            )
-    # morphology: what the instruments measure on each held-out crop
-    S = model.args.crop_size
-    crops = (pix.reshape(-1, 3, S, S) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
-    masks = crops.any(-1)
+            key = f"fewshot{shots}_knn_{name}"
+            res[key], res[f"{key}_balanced"] = _few_shot(zz, y, shots, k=min(k, shots))
+    # morphology: what the instruments measure on each held-out crop (masked, as encoded)
+    masks = data.masks[:, 0].numpy().astype(bool)
+    crops = data.crops.permute(0, 2, 3, 1).numpy() * masks[..., None]
     feats = G.measure_batch(crops, masks)[list(MORPHOLOGY_FEATURES)].to_numpy(float)
     big = str(vals[cnt.argmax()])
     for name, zz in (("image", z), ("pixel_pca", within)):
@@ -320,8 +313,6 @@ def _study_calls(run: Path, held) -> dict:
     """What ``stage=embed`` tells a user of these crops (:meth:`vae.api.Study.embed`):
     the label transfer's accuracy against ``obs['label']`` (the study's label names),
     the shares of atypical and unclassified cells, and the accuracy of the called ones."""
-    import warnings
-
     from vae.api import Study
 
     study = Study.load(run)

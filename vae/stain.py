@@ -40,7 +40,8 @@ def lab_stats(crops: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndar
     crops, masks = _check(crops, masks)
     if not masks.any():
         raise ValueError("lab_stats: no cell pixel in the masks")
-    px = rgb2lab(crops[masks.any((1, 2))])[masks[masks.any((1, 2))]]
+    cells = masks.any((1, 2))  # crops with a cell pixel: the others add nothing
+    px = rgb2lab(crops[cells])[masks[cells]]
     return px.mean(0), px.std(0)
 
 
