@@ -72,6 +72,8 @@ from vae.study_atypical import StudyAtypicalMixin
 from vae.study_common import NO_PAIRED as NO_PAIRED
 from vae.study_common import StudyError as StudyError
 from vae.study_common import _file_stamp, _flag, log
+from vae.study_labelled import LabelledCrops as LabelledCrops
+from vae.study_labelled import StudyLabelledMixin
 from vae.study_prepare import COUNT_CHECK_VALUES as COUNT_CHECK_VALUES
 from vae.study_prepare import LOGNORM_MAX as LOGNORM_MAX
 from vae.study_prepare import GeneReport as GeneReport
@@ -275,7 +277,9 @@ def _traverse_analysis(root: Path | None, variant: str, default: Any) -> Any:
     return default
 
 
-class Study(StudyReadMixin, StudyPrepareMixin, StudySeenMixin, StudyAtypicalMixin):
+class Study(
+    StudyReadMixin, StudyPrepareMixin, StudySeenMixin, StudyAtypicalMixin, StudyLabelledMixin
+):
     """A trained study: model, reference latent and (optionally) the detector.
 
     Build it with :meth:`load`. Attributes: ``model`` (eval mode), ``meta``
@@ -287,8 +291,9 @@ class Study(StudyReadMixin, StudyPrepareMixin, StudySeenMixin, StudyAtypicalMixi
     path, decoding and :meth:`embed`; the rest comes from mixins, one concern each:
     reading inputs (:class:`vae.study_read.StudyReadMixin`), preparing them for the
     model (:class:`vae.study_prepare.StudyPrepareMixin`), cells the study has seen
-    (:class:`vae.study_seen.StudySeenMixin`) and atypical cells
-    (:class:`vae.study_atypical.StudyAtypicalMixin`).
+    (:class:`vae.study_seen.StudySeenMixin`), atypical cells
+    (:class:`vae.study_atypical.StudyAtypicalMixin`) and the user's labelled crops of
+    a new microscope (:class:`vae.study_labelled.StudyLabelledMixin`).
     """
 
     def __init__(
@@ -309,6 +314,7 @@ class Study(StudyReadMixin, StudyPrepareMixin, StudySeenMixin, StudyAtypicalMixi
         atypical_quantile: float | None = ATYPICAL_QUANTILE,
     ):
         self.model, self.meta, self.config = model, meta, config
+        self._labelled: LabelledCrops | None = None  # fit_labelled_crops: image-only calls
         self.reference = reference  # the property: sets the caches fitted on it (empty)
         self.model_path, self.latent_path = Path(model_path), Path(latent_path)
         self.segmentation_model = segmentation_model
@@ -837,6 +843,8 @@ class Study(StudyReadMixin, StudyPrepareMixin, StudySeenMixin, StudyAtypicalMixi
         m = "joint" if modality == "both" else modality
         if m not in LABEL_MODALITIES:
             raise StudyError(f"modality={modality!r}; valid: {', '.join(LABEL_MODALITIES)}, both")
+        if m == "image" and self._labelled is not None:  # fit_labelled_crops' classes
+            return [c for c in self.labels if c in self._labelled.counts]
         _, lab, known = self._label_reference(m)
         have = set(lab[known].tolist())
         return [c for c in self.labels if c in have]
@@ -1297,11 +1305,16 @@ class Study(StudyReadMixin, StudyPrepareMixin, StudySeenMixin, StudyAtypicalMixi
         mod = out.obs["vae_modality"].to_numpy()
         for m, lm in (("both", "joint"), ("image", "image"), ("expression", "expression")):
             rows = np.flatnonzero(mod == m)
-            if rows.size:
-                z = out.obsm["X_vae"][rows] if lm == "joint" else codes[lm][rows]
-                lab = self.transfer_labels(z, modality=lm)
-                label[rows] = lab["label"].to_numpy().astype(str)
-                conf[rows] = lab["confidence"].to_numpy()
+            if not rows.size:
+                continue
+            if m == "image" and self._labelled is not None:
+                # the user's labelled crops of this microscope (fit_labelled_crops)
+                label[rows], conf[rows] = self._labelled.predict(codes["image"][rows])
+                continue
+            z = out.obsm["X_vae"][rows] if lm == "joint" else codes[lm][rows]
+            lab = self.transfer_labels(z, modality=lm)
+            label[rows] = lab["label"].to_numpy().astype(str)
+            conf[rows] = lab["confidence"].to_numpy()
         # the study's classes as categories whichever were called: one colour per label
         # in the study's UMAP and the query's ("" where no code: NaN when written);
         # vae_label's and vae_call's alike, so the two compare (pandas refuses otherwise)

@@ -43,7 +43,7 @@ class StudyAtypicalMixin:
     ``_atypical_q`` (the ``atypical_quantile`` property's value), ``_paired_candidates``,
     the caches ``_anomaly_ref``, ``_scored_ref``, ``_atypical_thr`` and
     ``_atypical_why`` (reset by the ``reference`` setter; ``_atypical_thr`` also by the
-    ``atypical_quantile`` setter), and the methods ``encode``, ``_read_paired`` (the
+    ``atypical_quantile`` setter), ``_labelled`` (:meth:`fit_labelled_crops`), and the methods ``encode``, ``_read_paired`` (the
     study's paired data) and ``training_crops`` (:class:`vae.study_read.StudyReadMixin`).
     """
 
@@ -51,7 +51,8 @@ class StudyAtypicalMixin:
         """``image`` / ``expression`` / ``both`` -> the ``anomaly_score`` above which a
         query cell with those modalities is atypical (NaN: none is; every value NaN
         when :attr:`atypical_quantile` is None, or when the study's held-out scores
-        cannot be had: :attr:`atypical_off` says why)."""
+        cannot be had: :attr:`atypical_off` says why). With :attr:`labelled_crops`,
+        ``image`` is that quantile of the labelled crops' own scores."""
         if self._atypical_q is None:
             return {m: float("nan") for m in ("image", "expression", "both")}
         if self._atypical_thr is None:
@@ -60,6 +61,10 @@ class StudyAtypicalMixin:
             self._atypical_thr = A.held_out_thresholds(
                 self._scored_reference(), self._anomaly_reference(), self._atypical_q
             )
+        if self._labelled is not None and not self.atypical_off:
+            # image-only cells against the user's labelled crops of their microscope
+            # (vae.study_labelled), not the study's held-out cells of other microscopes
+            return {**self._atypical_thr, "image": self._labelled.threshold(self._atypical_q)}
         return self._atypical_thr
 
     @property

@@ -1,0 +1,267 @@
+"""Labelled crops of the user's own microscope, for :class:`vae.api.Study` (the public class).
+
+A study's label transfer reads a query cell against the study's own labelled cells. On
+a microscope the study never saw those calls were near chance for every class but the
+commonest (``scripts/unseen_source_check.py``; docs/vae.md, "A microscope the study
+never saw"), while a few labelled crops *of that microscope* told its cells apart well:
+the image code keeps the cell's morphology where the colours moved. So a user who sorts
+some crops of the new microscope into one sub-folder per class
+(:meth:`StudyLabelledMixin.fit_labelled_crops`) gets the image-only cells called from
+those crops (a logistic regression on the image code,
+:func:`vae.analysis.metrics.code_classifier`), and their atypical threshold set from
+those crops' own scores, not from the study's held-out cells (which flagged 81 % of one
+unseen microscope's cells atypical). Cells with a profile keep the study's reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vae.inputs.schema import ANOMALY_COLUMNS
+from vae.study_common import StudyError, log
+
+# below this many labelled crops in a class the calls were poor when measured (5 per
+# class: right 0.52-0.67 of the time; 20 per class: 0.64-0.79; docs/embed.md): said so
+FEW_LABELLED = 20
+
+
+@dataclass
+class LabelledCrops:
+    """What :meth:`StudyLabelledMixin.fit_labelled_crops` fitted.
+
+    Attributes
+    ----------
+    source : where the crops came from (a folder, or ``"AnnData"``)
+    counts : class -> labelled crops used, in the study's label order
+    classifier : the fitted :func:`vae.analysis.metrics.code_classifier` (image codes)
+    scores : (n,) ``anomaly_score`` of the labelled crops (the atypical threshold of
+        image-only query cells is their :attr:`vae.api.Study.atypical_quantile`)
+    cv_accuracy, cv_balanced_accuracy : stratified 5-fold cross-validated accuracy of
+        the classifier on the labelled crops (NaN: a class with one crop)
+    rejects : the folder's unreadable or uncut images (``input``, ``item``, ``reason``)
+    """
+
+    source: str
+    counts: dict[str, int]
+    classifier: Any
+    scores: np.ndarray
+    cv_accuracy: float
+    cv_balanced_accuracy: float
+    rejects: list[dict] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.counts)
+
+    def predict(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(label (n,) str, confidence (n,) the classifier's probability of it) of image
+        codes ``z`` (n, n_shared + n_private)."""
+        if len(z) == 0:
+            return np.array([], dtype=str), np.array([], dtype=np.float64)
+        proba = self.classifier.predict_proba(np.asarray(z, np.float64))
+        return self.classifier.classes_[proba.argmax(1)].astype(str), proba.max(1)
+
+    def threshold(self, q: float | None) -> float:
+        """The ``q`` quantile of the labelled crops' ``anomaly_score`` (NaN: ``q`` None
+        or no finite score)."""
+        ok = np.isfinite(self.scores)
+        if q is None or not ok.any():
+            return float("nan")
+        return float(np.quantile(self.scores[ok], float(q)))
+
+    def as_dict(self) -> dict:
+        """JSON-ready summary (``stage=embed``'s ``summary.json``)."""
+
+        def num(v: float) -> float | None:
+            return round(float(v), 4) if np.isfinite(v) else None
+
+        return {
+            "source": self.source,
+            "crops": int(sum(self.counts.values())),
+            "by_class": dict(self.counts),
+            "cv_accuracy": num(self.cv_accuracy),
+            "cv_balanced_accuracy": num(self.cv_balanced_accuracy),
+            "rejects": len(self.rejects),
+        }
+
+
+def _class_key(name: str) -> str:
+    """A class name as matched: case, surrounding blanks and a plural ``s`` ignored
+    (``Neutrophil/`` names the study's ``Neutrophils``)."""
+    key = str(name).strip().casefold()
+    return key[:-1] if len(key) > 3 and key.endswith("s") else key
+
+
+class StudyLabelledMixin:
+    """The user's labelled crops of :class:`vae.api.Study`.
+
+    Relies on these of :class:`vae.api.Study`: ``labels``, ``config``, ``n_shared``, ``meta``,
+    ``read``, ``prepare``, ``encode``, ``anomaly_scores``, ``atypical_off`` and
+    ``_labelled`` (None until :meth:`fit_labelled_crops`).
+    """
+
+    @property
+    def labelled_crops(self) -> LabelledCrops | None:
+        """The fitted labelled crops (:meth:`fit_labelled_crops`), or None: the study's
+        own reference labels every cell. Set to None to go back to that."""
+        return self._labelled
+
+    @labelled_crops.setter
+    def labelled_crops(self, value: LabelledCrops | None) -> None:
+        if value is not None and not isinstance(value, LabelledCrops):
+            raise StudyError(
+                "labelled_crops: set it with fit_labelled_crops(folder), or to None "
+                f"(got {type(value).__name__})"
+            )
+        self._labelled = value
+
+    def _class_names(self) -> dict[str, str]:
+        """:func:`_class_key` -> the study's label, for its labels and the crop classes
+        its ``pair.label_map`` maps to them (``neutrophil`` -> ``Neutrophils``)."""
+        names = {_class_key(c): c for c in self.labels}
+        label_map = (self.config.get("pair") or {}).get("label_map") or {}
+        for k, v in label_map.items():
+            if str(v) in self.labels:
+                names.setdefault(_class_key(str(k)), str(v))
+        return names
+
+    def fit_labelled_crops(
+        self, data, label_key: str = "sample", crop_masks: str | None = "auto", **read_kwargs
+    ) -> LabelledCrops:
+        """Call image-only cells from labelled crops of their own microscope.
+
+        Parameters
+        ----------
+        data : str, Path or AnnData
+            A folder with one sub-folder of crops per class, each named after one of
+            the study's classes (:attr:`labels` or a crop class its ``pair.label_map``
+            maps to one; case and a plural ``s`` ignored: ``Neutrophil/`` is the
+            real chain's ``Neutrophils``), read as a query crop folder is
+            (:meth:`read`, ``kind="crops"``); or an AnnData with crops whose
+            ``obs[label_key]`` names each crop's class.
+        label_key : str, default ``"sample"``
+            The obs column of the class (a folder's sub-folder names are in ``sample``).
+        crop_masks, read_kwargs : how a folder's crops are cut (:meth:`read`).
+
+        Returns
+        -------
+        LabelledCrops
+            Also kept as :attr:`labelled_crops`: from now on :meth:`embed` calls each
+            image-only cell (``vae_modality == "image"``) with a logistic regression
+            fitted on these crops' image codes (``vae_label_confidence``: its
+            probability), and flags it atypical above the
+            :attr:`atypical_quantile` of these crops' own ``anomaly_score``.
+
+        Raises
+        ------
+        StudyError
+            No readable crop, a class name that is not one of the study's, fewer than
+            two classes, or images directly in the folder (no class).
+        """
+        import anndata as ad
+
+        from vae.analysis.anomaly import latent_modalities
+        from vae.analysis.metrics import code_classifier, code_classifier_cv
+        from vae.scverse import latent_obsm
+
+        if isinstance(data, (str, Path)):
+            folder = Path(data)
+            if not folder.is_dir():
+                raise StudyError(
+                    f"{folder}: labelled crops are a folder (one sub-folder per class)"
+                )
+            adata = self.read(folder, "crops", crop_masks=crop_masks, **read_kwargs)
+            source = str(folder)
+            direct = (
+                adata.obs[label_key].astype(str) == folder.name if label_key in adata.obs else None
+            )
+            if direct is not None and direct.any() and folder.name not in self.labels:
+                raise StudyError(
+                    f"{folder}: {int(direct.sum())} image(s) directly in the folder have no "
+                    "class: put each class's crops in a sub-folder named after it "
+                    f"({', '.join(self.labels)})"
+                )
+        elif isinstance(data, ad.AnnData):
+            adata, source = data, "AnnData"
+        else:
+            raise TypeError(
+                "fit_labelled_crops takes a folder (one sub-folder per class) or an AnnData "
+                f"with crops (got {type(data).__name__})"
+            )
+        rejects = list(adata.uns.get("rejects", []))
+        if label_key not in adata.obs:
+            raise StudyError(f"{source}: obs[{label_key!r}] (each crop's class) is missing")
+        names = self._class_names()
+        given = adata.obs[label_key].astype(str).to_numpy()
+        unknown = sorted({g for g in given if _class_key(g) not in names})
+        if unknown:
+            raise StudyError(
+                f"{source}: class(es) {unknown} are not the study's; name each class's "
+                f"sub-folder after one of: {', '.join(self.labels)}"
+            )
+        if adata.n_obs == 0:
+            shown = "; ".join(f"{r.get('item')}: {r.get('reason')}" for r in rejects[:3])
+            raise StudyError(f"{source}: no readable crop ({len(rejects)} skipped: {shown})")
+        q = adata.copy()
+        q.obs = pd.DataFrame(index=q.obs_names)  # the crops only: no profile, no user column
+        prepared, _ = self.prepare(q, source)
+        has = prepared.has_image.numpy()
+        if not has.all():  # a crop the model cannot read (prepare says why)
+            log.warning(
+                "%s: %d of %d crops unusable, left out", source, int((~has).sum()), len(has)
+            )
+        lat = self.encode(prepared)
+        z = latent_modalities(
+            ad.AnnData(
+                obs=q.obs, obsm=latent_obsm(lat, self.n_shared, int(self.meta["n_private"]))
+            ),
+            self.n_shared,
+            int(self.meta["n_private"]),
+        )["image"]
+        scores = self.anomaly_scores(prepared, lat)[ANOMALY_COLUMNS["combined"]].to_numpy(
+            np.float64
+        )
+        y = np.array([names[_class_key(g)] for g in given])
+        keep = has & np.isfinite(z).all(1)
+        z, y, scores = z[keep], y[keep], scores[keep]
+        classes, counts = np.unique(y, return_counts=True)
+        if classes.size < 2:
+            raise StudyError(
+                f"{source}: labelled crops of {classes.size} class(es) "
+                f"({', '.join(classes)}); at least two are needed to tell cells apart"
+            )
+        by_class = dict(zip(classes.tolist(), counts.tolist()))
+        few = {c: n for c, n in by_class.items() if n < FEW_LABELLED}
+        if few:
+            log.warning(
+                "%s: few labelled crops in %s: below %d per class the calls were poor when "
+                "measured (docs/embed.md, 'Labelled crops of your own microscope')",
+                source,
+                ", ".join(f"{c} ({n})" for c, n in few.items()),
+                FEW_LABELLED,
+            )
+        acc, bal = code_classifier_cv(z, y)
+        self._labelled = LabelledCrops(
+            source=source,
+            counts={c: by_class[c] for c in self.labels if c in by_class},
+            classifier=code_classifier(z, y),
+            scores=scores,
+            cv_accuracy=acc,
+            cv_balanced_accuracy=bal,
+            rejects=rejects,
+        )
+        log.info(
+            "%s: %d labelled crops (%s); cross-validated accuracy %.2f (balanced %.2f): "
+            "image-only cells are called from them",
+            source,
+            int(counts.sum()),
+            ", ".join(f"{c} {n}" for c, n in self._labelled.counts.items()),
+            acc,
+            bal,
+        )
+        return self._labelled
