@@ -28,6 +28,12 @@ class EmbedConfig:
     expression: str | None = None  # expression file (h5ad, 10x, CSV/TSV): genes matched by name
     sample_key: str = "sample"  # obs column of h5ad/expression inputs naming the sample
     samples_csv: str | None = None  # CSV: (cell_id | image) -> sample, for inputs without one
+    # folder of this microscope's crops sorted by class (one sub-folder per class, named
+    # after the study's classes): image-only cells are called from them (a logistic
+    # regression on the image code) instead of from the study's own labelled cells, which
+    # were right about half the time on a microscope the study never saw
+    # (vae.api.Study.fit_labelled_crops; docs/embed.md, "Labelled crops of your own microscope")
+    labelled_crops: str | None = None
     knn_k: int | None = None  # label-transfer neighbours; null -> the study's analysis.knn_k
     # refuse an expression input missing more than this fraction of the model's genes
     max_missing_genes: float = defaults.MAX_MISSING_GENES

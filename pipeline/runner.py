@@ -167,6 +167,7 @@ _PATH_SETTINGS = (
     "embed.h5ad",
     "embed.expression",
     "embed.samples_csv",
+    "embed.labelled_crops",
 )
 
 

@@ -20,9 +20,12 @@ one source out of training entirely and scores the model on it, in two steps:
    - ``transfer_knn_*``: kNN(k) fitted on the labelled crops the model trained on (other
      sources), scored on the held-out crops: what a label transfer to new slides gives
      (the pixel PCA is fitted on the training crops too);
-   - ``fewshot{5,20}_knn_*``: kNN fitted on 5 or 20 labelled crops per class of the
-     held-out source itself (20 random draws), scored on its other crops: what labelling
-     a few cells of a new microscope buys;
+   - ``fewshot{5,20}_{knn,lr}_*``: kNN, or the logistic regression of
+     ``Study.fit_labelled_crops`` (``lr``), fitted on 5 or 20 labelled crops per class of
+     the held-out source itself (20 random draws), scored on its other crops: what
+     labelling a few cells of a new microscope buys;
+   - ``embed_labelled20_*``: ``stage=embed`` given 20 of them per class as
+     ``embed.labelled_crops`` (``Study.fit_labelled_crops``, 5 draws), on the others;
    - what ``stage=embed`` tells a user of these crops (``embed_*``: the label accuracy,
      the atypical and unclassified shares, the accuracy of the called cells, and the
      input-level test ``Study.input_shift``);
@@ -154,13 +157,9 @@ def _accuracy(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
         return float(accuracy_score(y, pred)), float(balanced_accuracy_score(y, pred))
 
 
-def _few_shot(
-    z: np.ndarray, y: np.ndarray, shots: int, k: int, draws: int = 20, seed: int = 0
-) -> tuple[float, float]:
-    """Mean (accuracy, balanced accuracy) over ``draws`` random draws of ``shots`` crops
-    per class as the kNN(``k``) reference, scored on the other crops."""
-    from vae.analysis.metrics import knn_predict
-
+def _shot_draws(y: np.ndarray, shots: int, draws: int, seed: int = 0) -> list[np.ndarray]:
+    """``draws`` random (n,) bool masks of ``shots`` rows per class of ``y`` (every row of
+    a class with no more), each leaving some row out; the same for every caller."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(draws):
@@ -168,9 +167,26 @@ def _few_shot(
         for c in np.unique(y):
             rows = np.flatnonzero(y == c)
             ref[rng.choice(rows, min(shots, rows.size), replace=False)] = True
-        if ref.all():
-            continue
-        pred = knn_predict(z[~ref], y[~ref], k, z[ref], y[ref])
+        if not ref.all():
+            out.append(ref)
+    return out
+
+
+def _few_shot(
+    z: np.ndarray, y: np.ndarray, shots: int, k: int, how: str = "knn", draws: int = 20
+) -> tuple[float, float]:
+    """Mean (accuracy, balanced accuracy) over ``draws`` random draws of ``shots`` crops
+    per class as the reference, scored on the other crops: ``how`` = ``knn`` (a kNN(``k``)
+    vote) or ``lr`` (:func:`vae.analysis.metrics.code_classifier`, what
+    ``Study.fit_labelled_crops`` fits)."""
+    from vae.analysis.metrics import code_classifier, knn_predict
+
+    out = []
+    for ref in _shot_draws(y, shots, draws):
+        if how == "knn":
+            pred = knn_predict(z[~ref], y[~ref], k, z[ref], y[ref])
+        else:
+            pred = code_classifier(z[ref], y[ref]).predict(z[~ref])
         out.append(_accuracy(y[~ref], pred))
     if not out:
         return float("nan"), float("nan")
@@ -285,8 +301,9 @@ def score(
     # many crops are all reference and none is scored)
     for shots in FEW_SHOT:
         for name, zz in (("image", z), ("pixel_pca", within)):
-            key = f"fewshot{shots}_knn_{name}"
-            res[key], res[f"{key}_balanced"] = _few_shot(zz, y, shots, k=min(k, shots))
+            for how in ("knn", "lr"):
+                key = f"fewshot{shots}_{how}_{name}"
+                res[key], res[f"{key}_balanced"] = _few_shot(zz, y, shots, min(k, shots), how)
     # morphology: what the instruments measure on each held-out crop (masked, as encoded)
     masks = data.masks[:, 0].numpy().astype(bool)
     crops = data.crops.permute(0, 2, 3, 1).numpy() * masks[..., None]
@@ -306,6 +323,7 @@ def score(
     res["morph_within_label"] = big
     res["n_latent"] = d
     res.update(_study_calls(run, held))
+    res.update(_labelled_calls(run, held))
     return res
 
 
@@ -338,14 +356,55 @@ def _study_calls(run: Path, held) -> dict:
     }
 
 
+def _labelled_calls(run: Path, held, shots: int = 20, draws: int = 5) -> dict:
+    """``stage=embed`` with ``embed.labelled_crops``: ``shots`` labelled crops per class of
+    the held-out source (:meth:`vae.api.Study.fit_labelled_crops`; ``draws`` draws, as
+    :func:`_shot_draws` makes them), its other crops embedded; the means over the draws of
+    the label accuracy (and balanced), the shares called and atypical, the accuracy of
+    the called, and the fit's own cross-validated accuracy (``embed_labelled{shots}_*``)."""
+    from vae.api import Study
+
+    study = Study.load(run)
+    keep = [c for c in ("has_image", "has_expression", "image_ref", "label") if c in held.obs]
+    q = held.copy()
+    q.obs = q.obs[keep]
+    y = q.obs["label"].astype(str).to_numpy()
+    rows = []
+    for ref in _shot_draws(y, shots, draws):
+        study.fit_labelled_crops(q[ref].copy(), label_key="label")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = study.embed(q[~ref].copy(), warn_seen=False, warn_atypical=False)
+        truth = r.obs["label"].astype(str).to_numpy()
+        lab = r.obs["vae_label"].astype(str).to_numpy()
+        called = r.obs["vae_call"].astype(str).to_numpy() != "unclassified"
+        acc, bal = _accuracy(truth, lab)
+        right = lab == truth
+        rows.append(
+            [
+                acc,
+                bal,
+                called.mean(),
+                right[called].mean() if called.any() else np.nan,
+                r.obs["vae_atypical"].to_numpy(bool).mean(),
+                study.labelled_crops.cv_accuracy,
+            ]
+        )
+    study.labelled_crops = None
+    names = ("accuracy", "balanced", "called", "called_accuracy", "atypical", "cv_accuracy")
+    means = np.nanmean(np.asarray(rows, float), 0) if rows else [np.nan] * len(names)
+    return {f"embed_labelled{shots}_{n}": float(v) for n, v in zip(names, means)}
+
+
 def _table(res: dict) -> str:
     rows = [
         ("leave-one-out 1-NN", "loo1nn"),
         (f"leave-one-out kNN({res['k']})", "loo_knn"),
         (f"transfer kNN({res['k']}) from the training sources", "transfer_knn"),
         *(
-            (f"{n} labelled crops per class of this source as reference", f"fewshot{n}_knn")
+            (f"{n} labelled crops per class of this source, {how}", f"fewshot{n}_{how}")
             for n in FEW_SHOT
+            for how in ("knn", "lr")
         ),
     ]
     out = [
@@ -365,6 +424,14 @@ def _table(res: dict) -> str:
         f"| `stage=embed`: label accuracy; atypical / unclassified share; accuracy of the "
         f"called | {res['embed_label_accuracy']:.3f}; {res['embed_atypical']:.3f} / "
         f"{res['embed_unclassified']:.3f}; {res['embed_called_accuracy']:.3f} | | |"
+    )
+    out.append(
+        "| `stage=embed` with 20 labelled crops per class (`embed.labelled_crops`): label "
+        "accuracy (bal.); called share, accuracy of the called; atypical; the fit's CV "
+        f"accuracy | {res['embed_labelled20_accuracy']:.3f} "
+        f"({res['embed_labelled20_balanced']:.3f}); {res['embed_labelled20_called']:.3f}, "
+        f"{res['embed_labelled20_called_accuracy']:.3f}; {res['embed_labelled20_atypical']:.3f}; "
+        f"{res['embed_labelled20_cv_accuracy']:.3f} | | |"
     )
     out.append(
         f"| `stage=embed`: share above the study's held-out 75th percentile (a quarter "

@@ -237,7 +237,10 @@ class StudyAtypicalMixin:
                 "cells cut unlike the study's training crops (masked where it saw unmasked "
                 f"squares or the reverse: crop_masks / embed.crop_masks{study})"
             )
-            causes.append("images of another stain or magnification than the study's")
+            causes.append(
+                "images of another stain or magnification than the study's (labelled crops "
+                "of that microscope: embed.labelled_crops, Study.fit_labelled_crops)"
+            )
         if mod is None or mod.isin(["expression", "both"]).any():
             causes.append("profiles of another platform, species or normalisation")
         causes.append("cells of kinds the study never saw")
@@ -309,15 +312,26 @@ class StudyAtypicalMixin:
         shift = self.input_shift(obs)
         if shift is None or not shift["shifted"]:
             return
+        if self._labelled is None:
+            calls = (
+                "Label calls (vae_call) on a microscope the study never saw were right about "
+                "half the time when measured (docs/vae.md, 'A microscope the study never "
+                "saw'); some crops of this microscope sorted into one sub-folder per class "
+                "(embed.labelled_crops, Study.fit_labelled_crops) call its image-only cells "
+                "from your own labels"
+            )
+        else:
+            calls = (
+                "Its image-only cells are called from the labelled crops of "
+                f"{self._labelled.source} (cross-validated accuracy "
+                f"{self._labelled.cv_accuracy:.2f})"
+            )
         log.warning(
             "%s: %d of %d cells (%.0f %%) score above the %.0fth percentile of the study's "
             "own held-out cells (about %.0f %% would; binomial p = %.1g): few are atypical, "
             "but the input as a whole is unlike the cells the study was trained on: images "
             "of another microscope, stain or magnification, cells cut otherwise, or a mix "
-            "of kinds the study rarely saw. Label calls (vae_call) on a microscope the "
-            "study never saw were right about half the time when measured (docs/vae.md, "
-            "'A microscope the study never saw'): check them against labelled cells of "
-            "this microscope",
+            "of kinds the study rarely saw. %s",
             source,
             shift["above"],
             shift["n"],
@@ -325,4 +339,5 @@ class StudyAtypicalMixin:
             100 * SHIFT_QUANTILE,
             100 * shift["expected"],
             shift["p"],
+            calls,
         )

@@ -173,7 +173,7 @@ class StudyLabelledMixin:
             folder = Path(data)
             if not folder.is_dir():
                 raise StudyError(
-                    f"{folder}: labelled crops are a folder (one sub-folder per class)"
+                    f"{folder}: no such folder (labelled crops: one sub-folder of crops per class)"
                 )
             adata = self.read(folder, "crops", crop_masks=crop_masks, **read_kwargs)
             source = str(folder)

@@ -52,7 +52,7 @@ def _uses_detector(cfg, cuts: dict[str, str] | None = None) -> bool:
     folder may be (``embed.crop_masks=auto`` follows the study)."""
     if cfg.embed.smears:
         return True
-    if not cfg.embed.crops:
+    if not (cfg.embed.crops or cfg.embed.labelled_crops):  # both crop folders: one cut
         return False
     cut = cuts.get("crops") if cuts is not None else cfg.embed.crop_masks
     return cut != "whole"
@@ -65,11 +65,13 @@ def _cuts(cfg, study) -> dict[str, str]:
     ``embed.crop_masks``: :meth:`vae.api.Study.crop_masks_for`)."""
     from vae.api import StudyError
 
+    kinds = {k for k, _ in _inputs(cfg) if k in ("crops", "smears")}
+    if cfg.embed.labelled_crops:  # a crop folder, cut as embed.crops is
+        kinds.add("crops")
     try:
         return {
             kind: study.crop_masks_for(kind, cfg.embed.crop_masks, setting="embed.crop_masks")
-            for kind, _ in _inputs(cfg)
-            if kind in ("crops", "smears")
+            for kind in sorted(kinds, key=INPUT_KINDS.index)
         }
     except StudyError as e:
         raise StageError(str(e)) from e
@@ -111,6 +113,14 @@ def _validate(cfg) -> None:
                 f"paths.inputs.{key}={given} and embed.study={e.study}: give one (the study "
                 f"brings its own train/{'model.pt' if key == 'model' else 'latent.h5ad'})"
             )
+    if (
+        e.labelled_crops
+        and not resolve_data_path(cfg, e.labelled_crops, "embed.labelled_crops").is_dir()
+    ):
+        raise StageError(
+            f"embed.labelled_crops={e.labelled_crops}: no such folder (one sub-folder of "
+            "crops per class, named after the study's classes)"
+        )
     if e.samples_csv and not Path(e.samples_csv).is_file():
         raise StageError(f"embed.samples_csv={e.samples_csv}: no such file")
     if not 0 <= float(e.max_missing_genes) <= 1:
@@ -159,6 +169,29 @@ def load_study(ctx: StageContext):
         )
     except StudyError as e:
         raise StageError(str(e)) from e
+
+
+def _fit_labelled(ctx: StageContext, study, cut: str | None, rejects: list) -> dict | None:
+    """``embed.labelled_crops``: fit the study's image-only calls on them
+    (:meth:`vae.api.Study.fit_labelled_crops`), cut as ``embed.crops`` is (``cut``); their
+    skipped images join ``rejects``. Returns their summary for ``summary.json`` (None:
+    not given)."""
+    from vae.api import StudyError
+
+    cfg = ctx.cfg
+    p = cfg.embed.labelled_crops
+    if not p:
+        return None
+    path = resolve_data_path(cfg, p, "embed.labelled_crops")
+    setting = f"embed.labelled_crops={p}"
+    try:
+        fitted = study.fit_labelled_crops(path, **_segment_args(cfg, "crops", cut))
+    except StudyError as e:
+        raise _study_error(e, setting, path) from e
+    log_read_rejects(setting, fitted.rejects)
+    rejects += [{**r, "input": setting} for r in fitted.rejects]
+    ctx.inputs["labelled_crops"] = path
+    return fitted.as_dict()
 
 
 def _study_variant(cfg, say: bool = True) -> str:
@@ -450,6 +483,7 @@ def run_embed(ctx: StageContext) -> None:
             )
         study.analysis["knn_k"] = int(cfg.embed.knn_k)
     mapping = _read_mapping(cfg)
+    parts, rejects, genes = [], [], {}
     log.info(
         "study: %s (%d reference cells, %d genes, %d px crops)",
         study.model_path,
@@ -463,7 +497,7 @@ def run_embed(ctx: StageContext) -> None:
     if _uses_detector(cfg, cuts):
         _report_detector(ctx, study)
         _warn_cut_unlike_study(cfg, study)
-    parts, rejects, genes = [], [], {}
+    labelled = _fit_labelled(ctx, study, cuts.get("crops"), rejects)
     seen = {"images": 0, "expression": 0}  # cells the study already holds, by kind
     # per part: (input file, its rows) where its crops stayed in a streamed input, else None
     crop_files: list[tuple[Path, np.ndarray] | None] = []
@@ -642,6 +676,9 @@ def run_embed(ctx: StageContext) -> None:
             # the share above their 75th percentile, a quarter expected; null: no scores),
             # which a new microscope moves where few of its cells are atypical
             "shift_from_study": _json_shift(study.input_shift(out)),
+            # embed.labelled_crops: what the image-only cells were called from (null: the
+            # study's own labelled cells)
+            "labelled_crops": labelled,
             # how each image input's cells were cut (detector mask / whole square): a
             # reader comparing two embeds sees whether their crops were cut alike
             "crop_masks": {"setting": str(cfg.embed.crop_masks), **cuts},
