@@ -26,7 +26,7 @@ from vae.inputs.schema import ANOMALY_COLUMNS
 from vae.study_common import StudyError, log
 
 # below this many labelled crops in a class the calls were poor when measured (5 per
-# class: right 0.52-0.67 of the time; 20 per class: 0.64-0.79; docs/embed.md): said so
+# class: right 0.52-0.65 of the time; 20 per class: 0.65-0.79; docs/embed.md): said so
 FEW_LABELLED = 20
 
 

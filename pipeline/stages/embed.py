@@ -799,6 +799,14 @@ def _page_notes(
     from vae.inputs.schema import HAS_IMAGE
 
     notes = [f"Study: model {study.model_path}, reference latent {study.latent_path}."]
+    fitted = study.labelled_crops
+    if fitted is not None:  # embed.labelled_crops: where the image-only calls come from
+        notes.append(
+            f"Cells with an image only are called from {sum(fitted.counts.values())} labelled "
+            f"crops of {fitted.source} ({', '.join(f'{c} {n}' for c, n in fitted.counts.items())}; "
+            f"cross-validated accuracy {fitted.cv_accuracy:.2f}), not from the study's "
+            "own labelled cells (embed.labelled_crops; summary.json labelled_crops)."
+        )
     seen = seen or {}
     if seen.get("images"):
         notes.append(

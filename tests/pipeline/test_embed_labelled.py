@@ -3,7 +3,7 @@
 
 On a microscope a study never saw, its label calls were right about half the time, while
 20 labelled crops per class of that microscope, read by a logistic regression on the
-image code, were right 0.64-0.79 of the time (docs/embed.md, "Labelled crops of your own
+image code, were right 0.65-0.79 of the time (docs/embed.md, "Labelled crops of your own
 microscope"). The user sorts some crops into one sub-folder per class; image-only cells
 are then called from them.
 """
@@ -160,6 +160,8 @@ def test_the_stage_calls_from_labelled_crops_and_says_so(study: Path, tmp_path: 
     assert "broken.png" in rejects and "embed.labelled_crops=" in rejects
     q = ad.read_h5ad(d / "query.h5ad")
     assert (q.obs["vae_label"].astype(str) == "myeloblast").all()
+    page = (d / "samples.html").read_text()
+    assert "Cells with an image only are called from 12 labelled crops" in page
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["inputs"]["labelled_crops"]["kind"] == "dir"
     d0 = run_stage_in_process([*base, "experiment=nolab"], "embed")

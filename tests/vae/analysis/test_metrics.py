@@ -406,3 +406,24 @@ def test_correlation_within_groups_takes_the_group_offsets_out():
     assert r3[0] == pytest.approx((25 * w_a + 20 * w_b) / 45)
     with pytest.raises(ValueError, match="groups"):
         correlation_within_groups(x, y, groups[:10])
+
+
+def test_code_classifier_reads_labels_from_a_few_codes_and_cross_validates():
+    """Two classes apart along one dim of 8 (scale differs per dim: standardised first):
+    fitted probabilities favour the right class, the cross-validated accuracy is near 1;
+    labels shuffled, it falls to chance; one class or a class of one cell: refused / NaN."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1, (40, 8)) * np.array([1, 100, 1, 1, 1, 1, 1, 1])
+    y = np.array(["a", "b"] * 20)
+    z[y == "b", 0] += 4
+    clf = M.code_classifier(z, y)
+    assert list(clf.classes_) == ["a", "b"]
+    proba = clf.predict_proba(np.array([[4.0] + [0.0] * 7, [0.0] * 8]))
+    assert proba[0, 1] > 0.8 and proba[1, 0] > 0.8
+    acc, bal = M.code_classifier_cv(z, y)
+    assert acc > 0.9 and bal > 0.9
+    acc, _ = M.code_classifier_cv(z, rng.permutation(y))
+    assert acc < 0.75
+    with pytest.raises(ValueError, match="at least two classes"):
+        M.code_classifier(z, np.array(["a"] * 40))
+    assert np.isnan(M.code_classifier_cv(z[:21], y[:20].tolist() + ["c"])[0])
