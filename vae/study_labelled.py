@@ -41,8 +41,11 @@ class LabelledCrops:
     classifier : the fitted :func:`vae.analysis.metrics.code_classifier` (image codes)
     scores : (n,) ``anomaly_score`` of the labelled crops (the atypical threshold of
         image-only query cells is their :attr:`vae.api.Study.atypical_quantile`)
-    cv_accuracy, cv_balanced_accuracy : stratified 5-fold cross-validated accuracy of
-        the classifier on the labelled crops (NaN: a class with one crop)
+    cv_accuracy, cv_balanced_accuracy : stratified cross-validated accuracy of the
+        classifier on the labelled crops (:func:`vae.analysis.metrics.code_classifier_cv`;
+        NaN: a class with one crop)
+    cv_confusion : true class -> {called class: crops} of those out-of-fold calls
+        (empty where there are none)
     rejects : the folder's unreadable or uncut images (``input``, ``item``, ``reason``)
     """
 
@@ -52,6 +55,7 @@ class LabelledCrops:
     scores: np.ndarray
     cv_accuracy: float
     cv_balanced_accuracy: float
+    cv_confusion: dict[str, dict[str, int]] = field(default_factory=dict)
     rejects: list[dict] = field(default_factory=list)
 
     @property
@@ -86,8 +90,44 @@ class LabelledCrops:
             "by_class": dict(self.counts),
             "cv_accuracy": num(self.cv_accuracy),
             "cv_balanced_accuracy": num(self.cv_balanced_accuracy),
+            "cv_confusion": self.cv_confusion,
             "rejects": len(self.rejects),
         }
+
+
+def _cross_validated(z: np.ndarray, y: np.ndarray) -> tuple[float, float, dict]:
+    """(accuracy, balanced accuracy, confusion {true: {called: n}}) of the out-of-fold
+    calls of :func:`vae.analysis.metrics.code_classifier_cv` (NaN, NaN, {}: none)."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    from vae.analysis.metrics import code_classifier_cv
+
+    pred = code_classifier_cv(z, y)
+    if pred is None:
+        return float("nan"), float("nan"), {}
+    confusion: dict[str, dict[str, int]] = {}
+    for t, p in zip(y, pred):
+        confusion.setdefault(str(t), {}).setdefault(str(p), 0)
+        confusion[str(t)][str(p)] += 1
+    return float(accuracy_score(y, pred)), float(balanced_accuracy_score(y, pred)), confusion
+
+
+def _most_confused(confusion: dict, counts: dict) -> str:
+    """``"; most confused: A called B (n of m)"`` for the largest off-diagonal share of
+    ``confusion``, "" where every out-of-fold call was right (or there were none)."""
+    worst = max(
+        (
+            (n / counts[t], t, p, n)
+            for t, row in confusion.items()
+            for p, n in row.items()
+            if p != t
+        ),
+        default=None,
+    )
+    if worst is None:
+        return ""
+    _, t, p, n = worst
+    return f"; most confused: {t} called {p} ({n} of {counts[t]})"
 
 
 def _class_key(name: str) -> str:
@@ -166,7 +206,7 @@ class StudyLabelledMixin:
         import anndata as ad
 
         from vae.analysis.anomaly import latent_modalities
-        from vae.analysis.metrics import code_classifier, code_classifier_cv
+        from vae.analysis.metrics import code_classifier
         from vae.scverse import latent_obsm
 
         if isinstance(data, (str, Path)):
@@ -245,7 +285,7 @@ class StudyLabelledMixin:
                 ", ".join(f"{c} ({n})" for c, n in few.items()),
                 FEW_LABELLED,
             )
-        acc, bal = code_classifier_cv(z, y)
+        acc, bal, confusion = _cross_validated(z, y)
         self._labelled = LabelledCrops(
             source=source,
             counts={c: by_class[c] for c in self.labels if c in by_class},
@@ -253,15 +293,17 @@ class StudyLabelledMixin:
             scores=scores,
             cv_accuracy=acc,
             cv_balanced_accuracy=bal,
+            cv_confusion=confusion,
             rejects=rejects,
         )
         log.info(
-            "%s: %d labelled crops (%s); cross-validated accuracy %.2f (balanced %.2f): "
+            "%s: %d labelled crops (%s); cross-validated accuracy %.2f (balanced %.2f)%s: "
             "image-only cells are called from them",
             source,
             int(counts.sum()),
             ", ".join(f"{c} {n}" for c, n in self._labelled.counts.items()),
             acc,
             bal,
+            _most_confused(confusion, by_class),
         )
         return self._labelled

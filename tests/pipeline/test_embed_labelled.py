@@ -88,6 +88,7 @@ def test_image_only_cells_follow_the_users_labelled_crops(study: Path, tmp_path:
     assert fitted is st.labelled_crops
     assert fitted.counts == {"myeloblast": 6, "lymphocyte": 6}  # the study's names and order
     assert fitted.cv_accuracy == pytest.approx(1.0)
+    assert fitted.cv_confusion == {"myeloblast": {"myeloblast": 6}, "lymphocyte": {"lymphocyte": 6}}
     assert fitted.as_dict()["by_class"] == {"myeloblast": 6, "lymphocyte": 6}
     assert any("12 labelled crops" in r.getMessage() for r in caplog.records)
     # fewer than FEW_LABELLED per class: said
@@ -172,3 +173,13 @@ def test_the_stage_calls_from_labelled_crops_and_says_so(study: Path, tmp_path: 
         run_stage_in_process(
             [*base, "experiment=gone", f"embed.labelled_crops={tmp_path / 'gone'}"], "embed"
         )
+
+
+def test_the_log_names_the_classes_the_labelled_crops_confuse_most():
+    from vae.study_labelled import _most_confused
+
+    confusion = {"a": {"a": 8, "b": 2}, "b": {"b": 5, "a": 5}, "c": {"c": 3}}
+    counts = {"a": 10, "b": 10, "c": 3}
+    assert _most_confused(confusion, counts) == "; most confused: b called a (5 of 10)"
+    assert _most_confused({"a": {"a": 4}}, {"a": 4}) == ""
+    assert _most_confused({}, {}) == ""
