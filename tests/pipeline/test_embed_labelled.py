@@ -183,3 +183,20 @@ def test_the_log_names_the_classes_the_labelled_crops_confuse_most():
     assert _most_confused(confusion, counts) == "; most confused: b called a (5 of 10)"
     assert _most_confused({"a": {"a": 4}}, {"a": 4}) == ""
     assert _most_confused({}, {}) == ""
+
+
+def test_crops_the_study_calls_well_itself_are_warned_of(study: Path, caplog):
+    """The study's own training crops as "labelled crops" (a microscope it has seen): its
+    own labels call them at least as well as they call each other, so the log says the
+    labelled crops are not needed; the numbers are in the summary."""
+    from vae.api import Study
+
+    st = Study.load(study / "out" / "s")  # the masked study, on the crops it trained on
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    own = paired[paired.obs["has_image"].to_numpy(bool)].copy()
+    own.obs = own.obs[["label"]]
+    with caplog.at_level(logging.INFO, logger="vae.api"):
+        fitted = st.fit_labelled_crops(own, label_key="label")
+    got = fitted.as_dict()
+    assert got["study_reference_balanced_accuracy"] >= got["cv_balanced_accuracy"]
+    assert any("call these crops at least as well" in r.getMessage() for r in caplog.records)
