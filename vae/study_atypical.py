@@ -43,8 +43,9 @@ class StudyAtypicalMixin:
     ``_atypical_q`` (the ``atypical_quantile`` property's value), ``_paired_candidates``,
     the caches ``_anomaly_ref``, ``_scored_ref``, ``_atypical_thr`` and
     ``_atypical_why`` (reset by the ``reference`` setter; ``_atypical_thr`` also by the
-    ``atypical_quantile`` setter), ``_labelled`` (:meth:`fit_labelled_crops`), and the methods ``encode``, ``_read_paired`` (the
-    study's paired data) and ``training_crops`` (:class:`vae.study_read.StudyReadMixin`).
+    ``atypical_quantile`` setter), ``_labelled`` (:meth:`fit_labelled_crops`), and the
+    methods ``encode``, ``_read_paired`` (the study's paired data) and ``training_crops``
+    (:class:`vae.study_read.StudyReadMixin`).
     """
 
     def atypical_thresholds(self) -> dict[str, float]:

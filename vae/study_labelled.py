@@ -228,7 +228,11 @@ class StudyLabelledMixin:
             direct = (
                 adata.obs[label_key].astype(str) == folder.name if label_key in adata.obs else None
             )
-            if direct is not None and direct.any() and folder.name not in self.labels:
+            if (
+                direct is not None
+                and direct.any()
+                and _class_key(folder.name) not in self._class_names()
+            ):
                 raise StudyError(
                     f"{folder}: {int(direct.sum())} image(s) directly in the folder have no "
                     "class: put each class's crops in a sub-folder named after it "
