@@ -817,6 +817,14 @@ class Study(
             conf[ok] = proba.max(1)
         return pd.DataFrame({"label": label.astype(str), "confidence": conf})
 
+    @property
+    def call_labels(self) -> list[str]:
+        """Every class :meth:`embed` can call: :attr:`labels`, then the classes of
+        :attr:`labelled_crops` the study does not have (``vae_label`` / ``vae_call``
+        categories, ``samples.csv`` columns)."""
+        new = self._labelled.new_classes if self._labelled is not None else []
+        return [*self.labels, *new]
+
     def callable_labels(self, modality: str = "joint") -> list[str]:
         """The classes :meth:`transfer_labels` can give a cell read by ``modality``
         (``joint`` / ``image`` / ``expression``; ``both``, a ``vae_modality``, is read as
@@ -844,7 +852,7 @@ class Study(
         if m not in LABEL_MODALITIES:
             raise StudyError(f"modality={modality!r}; valid: {', '.join(LABEL_MODALITIES)}, both")
         if m == "image" and self._labelled is not None:  # fit_labelled_crops' classes
-            return [c for c in self.labels if c in self._labelled.counts]
+            return [c for c in self.call_labels if c in self._labelled.counts]
         _, lab, known = self._label_reference(m)
         have = set(lab[known].tolist())
         return [c for c in self.labels if c in have]
@@ -1318,7 +1326,7 @@ class Study(
         # the study's classes as categories whichever were called: one colour per label
         # in the study's UMAP and the query's ("" where no code: NaN when written);
         # vae_label's and vae_call's alike, so the two compare (pandas refuses otherwise)
-        classes = [*self.labels, UNCLASSIFIED]
+        classes = [*self.call_labels, UNCLASSIFIED]
         out.obs["vae_label"] = label_categorical(label.astype(str), classes)
         out.obs["vae_label_confidence"] = conf
         # the call a differential counts: a cell whose neighbours disagree, or that is

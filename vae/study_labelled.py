@@ -38,7 +38,8 @@ class LabelledCrops:
     Attributes
     ----------
     source : where the crops came from (a folder, or ``"AnnData"``)
-    counts : class -> labelled crops used, in the study's label order
+    counts : class -> labelled crops used: the study's classes in its label order, then
+        the classes it does not have (:attr:`new_classes`), sorted
     classifier : the fitted :func:`vae.analysis.metrics.code_classifier` (image codes)
     scores : (n,) ``anomaly_score`` of the labelled crops (the atypical threshold of
         image-only query cells is their :attr:`vae.api.Study.atypical_quantile`)
@@ -51,6 +52,9 @@ class LabelledCrops:
         same crops (:meth:`vae.api.Study.transfer_labels` on their image codes): what the
         labelled crops are measured against (NaN: the study has no labelled crop)
     rejects : the folder's unreadable or uncut images (``input``, ``item``, ``reason``)
+    new_classes : the classes none of the study's names (a maturation stage of the user's,
+        e.g. ``Myelocyte``): called and counted like the study's, with no position on its
+        maturation path
     """
 
     source: str
@@ -63,6 +67,7 @@ class LabelledCrops:
     study_accuracy: float = float("nan")
     study_balanced_accuracy: float = float("nan")
     rejects: list[dict] = field(default_factory=list)
+    new_classes: list[str] = field(default_factory=list)
 
     @property
     def classes(self) -> list[str]:
@@ -99,6 +104,7 @@ class LabelledCrops:
             "cv_confusion": self.cv_confusion,
             "study_reference_accuracy": num(self.study_accuracy),
             "study_reference_balanced_accuracy": num(self.study_balanced_accuracy),
+            "new_classes": list(self.new_classes),
             "rejects": len(self.rejects),
         }
 
@@ -178,6 +184,41 @@ class StudyLabelledMixin:
                 names.setdefault(_class_key(str(k)), str(v))
         return names
 
+    def _labelled_names(self, given: np.ndarray, source: str) -> tuple[dict[str, str], list[str]]:
+        """(:func:`_class_key` -> class, the classes none of the study's names) for the
+        class names ``given``: a study class by its name or ``pair.label_map``; any other
+        name is a new class, spelt as first given, said in the log (with the study class
+        it looks like, where one does: a misspelt sub-folder)."""
+        import difflib
+
+        names = self._class_names()
+        new_classes: list[str] = []
+        for g in dict.fromkeys(given):
+            key = _class_key(g)
+            if key not in names:
+                names[key] = g
+                new_classes.append(g)
+        if new_classes:
+            log.info(
+                "%s: class(es) %s are not the study's (%s): called and counted as given, "
+                "with no position on the study's maturation path",
+                source,
+                ", ".join(new_classes),
+                ", ".join(self.labels),
+            )
+        study_keys = {_class_key(c): c for c in self.labels}
+        for c in new_classes:
+            like = difflib.get_close_matches(_class_key(c), list(study_keys), n=1, cutoff=0.8)
+            if like:
+                log.warning(
+                    "%s: the new class %r looks like the study's %r: if it is that class, "
+                    "name its sub-folder so",
+                    source,
+                    c,
+                    study_keys[like[0]],
+                )
+        return names, sorted(new_classes)
+
     def fit_labelled_crops(
         self, data, label_key: str = "sample", crop_masks: str | None = "auto", **read_kwargs
     ) -> LabelledCrops:
@@ -186,12 +227,15 @@ class StudyLabelledMixin:
         Parameters
         ----------
         data : str, Path or AnnData
-            A folder with one sub-folder of crops per class, each named after one of
-            the study's classes (:attr:`labels` or a crop class its ``pair.label_map``
-            maps to one; case and a plural ``s`` ignored: ``Neutrophil/`` is the
-            real chain's ``Neutrophils``), read as a query crop folder is
-            (:meth:`read`, ``kind="crops"``); or an AnnData with crops whose
-            ``obs[label_key]`` names each crop's class.
+            A folder with one sub-folder of crops per class, read as a query crop
+            folder is (:meth:`read`, ``kind="crops"``), or an AnnData with crops whose
+            ``obs[label_key]`` names each crop's class. A name of one of the study's
+            classes (:attr:`labels`, or a crop class its ``pair.label_map`` maps to
+            one; case and a plural ``s`` ignored: ``Neutrophil/`` is the real chain's
+            ``Neutrophils``) is that class; any other name is a class of its own
+            (:attr:`LabelledCrops.new_classes`, e.g. maturation stages the study has no
+            crop of: ``Myelocyte/``, ``Band/``; stage names count in ``samples.csv``'s
+            immature-granulocyte fraction and left-shift index).
         label_key : str, default ``"sample"``
             The obs column of the class (a folder's sub-folder names are in ``sample``).
         crop_masks, read_kwargs : how a folder's crops are cut (:meth:`read`).
@@ -208,8 +252,8 @@ class StudyLabelledMixin:
         Raises
         ------
         StudyError
-            No readable crop, a class name that is not one of the study's, fewer than
-            two classes, or images directly in the folder (no class).
+            No readable crop, fewer than two classes, or images directly in the folder
+            (no class).
         """
         import anndata as ad
 
@@ -228,15 +272,11 @@ class StudyLabelledMixin:
             direct = (
                 adata.obs[label_key].astype(str) == folder.name if label_key in adata.obs else None
             )
-            if (
-                direct is not None
-                and direct.any()
-                and _class_key(folder.name) not in self._class_names()
-            ):
+            if direct is not None and direct.any():
                 raise StudyError(
                     f"{folder}: {int(direct.sum())} image(s) directly in the folder have no "
-                    "class: put each class's crops in a sub-folder named after it "
-                    f"({', '.join(self.labels)})"
+                    "class: put each class's crops in a sub-folder named after it (the "
+                    f"study's classes: {', '.join(self.labels)})"
                 )
         elif isinstance(data, ad.AnnData):
             adata, source = data, "AnnData"
@@ -248,14 +288,8 @@ class StudyLabelledMixin:
         rejects = list(adata.uns.get("rejects", []))
         if label_key not in adata.obs:
             raise StudyError(f"{source}: obs[{label_key!r}] (each crop's class) is missing")
-        names = self._class_names()
-        given = adata.obs[label_key].astype(str).to_numpy()
-        unknown = sorted({g for g in given if _class_key(g) not in names})
-        if unknown:
-            raise StudyError(
-                f"{source}: class(es) {unknown} are not the study's; name each class's "
-                f"sub-folder after one of: {', '.join(self.labels)}"
-            )
+        given = adata.obs[label_key].astype(str).str.strip().to_numpy()
+        names, new_classes = self._labelled_names(given, source)
         if adata.n_obs == 0:
             shown = "; ".join(f"{r.get('item')}: {r.get('reason')}" for r in rejects[:3])
             raise StudyError(f"{source}: no readable crop ({len(rejects)} skipped: {shown})")
@@ -301,7 +335,7 @@ class StudyLabelledMixin:
         own, own_bal = self._study_calls_of(z, y)
         self._labelled = LabelledCrops(
             source=source,
-            counts={c: by_class[c] for c in self.labels if c in by_class},
+            counts={c: by_class[c] for c in [*self.labels, *new_classes] if c in by_class},
             classifier=code_classifier(z, y),
             scores=scores,
             cv_accuracy=acc,
@@ -310,6 +344,7 @@ class StudyLabelledMixin:
             study_accuracy=own,
             study_balanced_accuracy=own_bal,
             rejects=rejects,
+            new_classes=[c for c in new_classes if c in by_class],
         )
         log.info(
             "%s: %d labelled crops (%s); cross-validated accuracy %.2f (balanced %.2f)%s; "

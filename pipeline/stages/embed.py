@@ -608,7 +608,7 @@ def run_embed(ctx: StageContext) -> None:
         "vae_sample",
         int(cfg.embed.histogram_bins),
         path_classes,
-        study.labels,
+        study.call_labels,  # the study's classes and those of embed.labelled_crops
         callable_calls,
     )
     crops = None  # the page's example crops (None: "No images among the inputs")
@@ -690,8 +690,8 @@ def run_embed(ctx: StageContext) -> None:
         },
     )
     starts = np.cumsum([0, *sizes])
-    _write_qupath(ctx, out.obs, images["masks"], starts, study.labels)
-    _query_obs_for_writing(out, study.labels)
+    _write_qupath(ctx, out.obs, images["masks"], starts, study.call_labels)
+    _query_obs_for_writing(out, study.call_labels)
     blocks = {
         k: [(int(b), a) for b, a in zip(starts, arrays) if a is not None]
         for k, arrays in images.items()

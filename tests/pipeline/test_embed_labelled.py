@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -112,14 +113,11 @@ def test_image_only_cells_follow_the_users_labelled_crops(study: Path, tmp_path:
 
 
 def test_labelled_folders_that_cannot_be_used_are_refused(study: Path, tmp_path: Path):
-    """A class the study does not have (named with the valid ones), one class, images
-    directly in the folder, no readable crop: a StudyError naming the folder."""
+    """One class, images directly in the folder, no readable crop, no folder: a
+    StudyError naming the folder."""
     from vae.api import Study, StudyError
 
     st = Study.load(study / "out" / "w")
-    bad = _labelled(tmp_path / "a", {"myeloblast": "myeloblast", "lymphocyte": "Blasts"})
-    with pytest.raises(StudyError, match=r"\['Blasts'\] are not the study's.*myeloblast"):
-        st.fit_labelled_crops(bad)
     one = _labelled(tmp_path / "b", {"myeloblast": "myeloblast"})
     with pytest.raises(StudyError, match="1 class.*at least two"):
         st.fit_labelled_crops(one)
@@ -200,3 +198,48 @@ def test_crops_the_study_calls_well_itself_are_warned_of(study: Path, caplog):
     got = fitted.as_dict()
     assert got["study_reference_balanced_accuracy"] >= got["cv_balanced_accuracy"]
     assert any("call these crops at least as well" in r.getMessage() for r in caplog.records)
+
+
+def test_classes_the_study_lacks_are_called_and_counted(study: Path, tmp_path: Path, caplog):
+    """Maturation stages the study has no crop of (``Band/``, ``Segmented neutrophils/``):
+    called as given, counted in samples.csv, where the left-shift index they name becomes
+    measurable; no position on the study's path; a name close to a study class is said."""
+    query = tmp_path / "query"
+    _cells(query / "p", "myeloblast", 3, seed=1)
+    _cells(query / "p", "lymphocyte", 3, seed=2)
+    lab = _labelled(tmp_path / "lab", {"myeloblast": "Band", "lymphocyte": "Segmented neutrophils"})
+    d = run_stage_in_process(
+        [
+            f"paths.root={study / 'out'}",
+            f"embed.study={study / 'out' / 'w'}",
+            "hardware.torch_threads=1",
+            f"embed.crops={query}",
+            "experiment=stages",
+            f"embed.labelled_crops={lab}",
+            # the toy's few crops lie far outside its training crops: the labelled crops'
+            # 0.99 quantile is about their largest score, which these cells' scores cross
+            "embed.atypical_quantile=null",
+        ],
+        "embed",
+    )
+    got = json.loads((d / "summary.json").read_text())["labelled_crops"]
+    assert got["new_classes"] == ["Band", "Segmented neutrophils"]
+    q = ad.read_h5ad(d / "query.h5ad")
+    kinds = np.array([n.split("/")[-1].split("_")[0] for n in q.obs_names])
+    calls = q.obs["vae_call"].astype(str).to_numpy()
+    assert (calls[kinds == "myeloblast"] == "Band").all()
+    assert (calls[kinds == "lymphocyte"] == "Segmented neutrophils").all()
+    assert q.obs["vae_maturation"].isna().all()  # not the study's path classes
+    assert "Band" in q.obs["vae_call"].cat.categories
+    prof = pd.read_csv(d / "samples.csv")
+    assert prof["left_shift_index"].iloc[0] == pytest.approx(0.5)  # 3 band of 6 neutrophils
+    from vae.api import Study
+
+    st = Study.load(study / "out" / "w")
+    near = _labelled(tmp_path / "near", {"myeloblast": "Myeloblasts", "lymphocyte": "lymphocite"})
+    with caplog.at_level(logging.INFO, logger="vae.api"):
+        st.fit_labelled_crops(near)
+    assert st.labelled_crops.new_classes == ["lymphocite"]
+    assert any(
+        "'lymphocite' looks like the study's 'lymphocyte'" in r.getMessage() for r in caplog.records
+    )
