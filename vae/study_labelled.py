@@ -364,9 +364,9 @@ class StudyLabelledMixin:
                 "%s: the study's own labelled cells call these crops at least as well "
                 "(accuracy %.2f, balanced %.2f) as the crops call each other when cross-"
                 "validated (%.2f, balanced %.2f): this looks like a microscope the study "
-                "has seen, whose cells its own labels call better; the calls follow the "
-                "labelled crops as asked (without them: embed.labelled_crops=null, "
-                "Study.labelled_crops = None)",
+                "has seen, whose cells its own labels call about as well, so the labelled "
+                "crops add little; the calls follow them as asked (without them: "
+                "embed.labelled_crops=null, Study.labelled_crops = None)",
                 source,
                 own,
                 own_bal,
