@@ -52,6 +52,11 @@ class LabelledCrops:
         same crops (:meth:`vae.api.Study.transfer_labels` on their image codes): what the
         labelled crops are measured against (NaN: the study has no labelled crop)
     rejects : the folder's unreadable or uncut images (``input``, ``item``, ``reason``)
+    path_check : path class -> ``{"crops", "median", "knot", "nearest"}``: where the
+        labelled crops of each class of the study's maturation path lie on it (median
+        position), against that class's own place (``knot``); ``nearest``: the path
+        class whose place the median is nearest (another class: the positions of this
+        microscope's cells are not to be read)
     new_classes : the classes none of the study's names (a maturation stage of the user's,
         e.g. ``Myelocyte``): called and counted like the study's, with no position on its
         maturation path
@@ -68,6 +73,7 @@ class LabelledCrops:
     study_balanced_accuracy: float = float("nan")
     rejects: list[dict] = field(default_factory=list)
     new_classes: list[str] = field(default_factory=list)
+    path_check: dict[str, dict] = field(default_factory=dict)
 
     @property
     def classes(self) -> list[str]:
@@ -105,6 +111,7 @@ class LabelledCrops:
             "study_reference_accuracy": num(self.study_accuracy),
             "study_reference_balanced_accuracy": num(self.study_balanced_accuracy),
             "new_classes": list(self.new_classes),
+            "path_check": self.path_check,
             "rejects": len(self.rejects),
         }
 
@@ -333,6 +340,7 @@ class StudyLabelledMixin:
             )
         acc, bal, confusion = _cross_validated(z, y)
         own, own_bal = self._study_calls_of(z, y)
+        path_check = self._path_check(lat.joint[keep], y, source)
         self._labelled = LabelledCrops(
             source=source,
             counts={c: by_class[c] for c in [*self.labels, *new_classes] if c in by_class},
@@ -345,6 +353,7 @@ class StudyLabelledMixin:
             study_balanced_accuracy=own_bal,
             rejects=rejects,
             new_classes=[c for c in new_classes if c in by_class],
+            path_check=path_check,
         )
         log.info(
             "%s: %d labelled crops (%s); cross-validated accuracy %.2f (balanced %.2f)%s; "
@@ -374,6 +383,49 @@ class StudyLabelledMixin:
                 bal,
             )
         return self._labelled
+
+    def _path_check(self, z_full: np.ndarray, y: np.ndarray, source: str) -> dict:
+        """Where the labelled crops of each class of the study's maturation path lie on
+        it (:attr:`LabelledCrops.path_check`; {} without a path), warned of where a
+        class's median lies nearest another class's place: calls come from the crops,
+        but a position is still the code's projection onto a path of other microscopes'
+        cells (segmentation_wbc's neutrophils through a study that never saw that
+        microscope: median 0.00, the GMP end; through one that did: 0.96)."""
+        try:
+            cents, path = self.maturation_path()
+            pos = self.maturation_position(z_full, y)["position"].to_numpy()
+        except StudyError:
+            return {}
+        names = list(cents.names)
+        knots = np.asarray(path.knots_s, np.float64)
+        out = {}
+        for c in names:
+            p = pos[(y == c) & np.isfinite(pos)]
+            if p.size < 3:  # too few to say where a class lies
+                continue
+            med = float(np.median(p))
+            k = names.index(c)
+            near = names[int(np.abs(knots - med).argmin())]
+            out[c] = {
+                "crops": int(p.size),
+                "median": round(med, 4),
+                "knot": round(float(knots[k]), 4),
+                "nearest": near,
+            }
+            if near != c:
+                log.warning(
+                    "%s: the labelled %s crops lie at a median position %.2f on the study's "
+                    "maturation path, nearest %s (%.2f), not their own place (%.2f): the "
+                    "calls follow the labelled crops, but this microscope's positions "
+                    "(vae_maturation, vae_stage, samples.csv's histogram) are not to be read",
+                    source,
+                    c,
+                    med,
+                    near,
+                    float(knots[names.index(near)]),
+                    float(knots[k]),
+                )
+        return out
 
     def _study_calls_of(self, z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         """(accuracy, balanced accuracy) of the study's own kNN label transfer on image

@@ -243,3 +243,32 @@ def test_classes_the_study_lacks_are_called_and_counted(study: Path, tmp_path: P
     assert any(
         "'lymphocite' looks like the study's 'lymphocyte'" in r.getMessage() for r in caplog.records
     )
+
+
+def test_labelled_crops_far_from_their_place_on_the_path_are_warned_of(study: Path, caplog):
+    """The study's own crops of its path classes (myeloblast -> myelocyte) labelled
+    right lie nearest their own places on the path; labelled the other way round, each
+    class lies nearest the other's place: warned, as segmentation_wbc's neutrophils were
+    through a study that never saw that microscope (median 0.00, the GMP end)."""
+    from vae.api import Study
+
+    st = Study.load(study / "out" / "s")
+    paired = ad.read_h5ad(study / "paired.h5ad")
+    own = paired[paired.obs["has_image"].to_numpy(bool)].copy()
+    own.obs = own.obs[["label"]]
+    right = st.fit_labelled_crops(own, label_key="label").path_check
+    assert {c: v["nearest"] for c, v in right.items()} == {
+        "myeloblast": "myeloblast",
+        "myelocyte": "myelocyte",
+    }
+    swap = {"myeloblast": "myelocyte", "myelocyte": "myeloblast", "lymphocyte": "lymphocyte"}
+    own.obs["label"] = own.obs["label"].astype(str).map(swap)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vae.api"):
+        wrong = st.fit_labelled_crops(own, label_key="label").path_check
+    assert wrong["myeloblast"]["nearest"] == "myelocyte"
+    assert any(
+        "labelled myeloblast crops lie at a median position" in r.getMessage()
+        for r in caplog.records
+    )
+    assert "path_check" in st.labelled_crops.as_dict()
