@@ -807,6 +807,22 @@ def _page_notes(
             f"cross-validated accuracy {fitted.cv_accuracy:.2f}), not from the study's "
             "own labelled cells (embed.labelled_crops; summary.json labelled_crops)."
         )
+        off = {c: v for c, v in fitted.path_check.items() if v["nearest"] != c}
+        if off:  # the crops change the calls, not the codes (Study._path_check)
+            notes.append(
+                "The maturation positions and the histogram are not to be read for these "
+                "cells: the labelled "
+                + ", ".join(
+                    f"{c} crops lie nearest {v['nearest']} on the path" for c, v in off.items()
+                )
+                + " (median position "
+                + ", ".join(
+                    f"{v['median']:.2f} vs their place {v['knot']:.2f}" for v in off.values()
+                )
+                + "): the crops set the calls, but a position is still the code's "
+                "projection onto a path of the study's microscopes (summary.json "
+                "labelled_crops.path_check)."
+            )
     seen = seen or {}
     if seen.get("images"):
         notes.append(

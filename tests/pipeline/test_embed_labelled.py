@@ -272,3 +272,8 @@ def test_labelled_crops_far_from_their_place_on_the_path_are_warned_of(study: Pa
         for r in caplog.records
     )
     assert "path_check" in st.labelled_crops.as_dict()
+    from pipeline.stages.embed import _page_notes
+
+    notes = " ".join(_page_notes(st, ["myeloblast", "myelocyte"]))
+    assert "labelled myeloblast crops lie nearest myelocyte on the path" in notes
+    assert "not to be read" in notes
