@@ -805,7 +805,15 @@ def _page_notes(
             f"Cells with an image only are called from {sum(fitted.counts.values())} labelled "
             f"crops of {fitted.source} ({', '.join(f'{c} {n}' for c, n in fitted.counts.items())}; "
             f"cross-validated accuracy {fitted.cv_accuracy:.2f}), not from the study's "
-            "own labelled cells (embed.labelled_crops; summary.json labelled_crops)."
+            "own labelled cells (embed.labelled_crops; summary.json labelled_crops). Such a "
+            f"cell is unclassified where that call's probability is below "
+            f"{study.min_confidence:g} or it is less like the study's cells than "
+            + (
+                f"{100 * study.atypical_quantile:g} % of the labelled crops"
+                if study.atypical_quantile is not None
+                else "any (atypical flagging off)"
+            )
+            + "."
         )
         off = {c: v for c, v in fitted.path_check.items() if v["nearest"] != c}
         if off:  # the crops change the calls, not the codes (Study._path_check)
