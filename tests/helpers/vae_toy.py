@@ -173,3 +173,25 @@ def train_toy_study(tmp, *extra: str):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     return tmp
+
+
+def add_unmasked_twin(root):
+    """Beside the ``toy_study`` fixture's study ``<root>/out/s`` (trained on crops masked
+    to a disc), ``<root>/out/w``: the same study whose own ``pair/paired.h5ad`` holds its
+    crops with all-True masks, as stage=pair writes the crops of an ``image_folder``, so
+    ``Study.training_crops`` reads it as a study of unmasked squares (a crop folder is
+    read whole, no detector). Returns ``root``."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(root)
+    w = root / "out" / "w"
+    shutil.copytree(root / "out" / "s", w)
+    paired = ad.read_h5ad(root / "paired.h5ad")
+    has = paired.obs["has_image"].to_numpy(bool)
+    masks = np.zeros_like(paired.obsm["masks"])
+    masks[has] = True
+    paired.obsm["masks"] = masks
+    (w / "pair").mkdir()
+    paired.write_h5ad(w / "pair" / "paired.h5ad")
+    return root

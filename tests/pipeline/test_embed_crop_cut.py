@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import anndata as ad
@@ -23,6 +22,7 @@ from PIL import Image
 
 from tests.helpers.run import run_stage_in_process
 from tests.helpers.seg_synth import LIGHT_HEADS
+from tests.helpers.vae_toy import add_unmasked_twin
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +30,7 @@ def study(tmp_path_factory, toy_study) -> Path:
     """The tiny study (trained on crops masked to a disc): <root>/out/s, and beside it
     <root>/out/w, the same study whose own pair/paired.h5ad holds the crops with
     all-True masks, as stage=pair writes crops of an image_folder."""
-    root = toy_study(tmp_path_factory.mktemp("cut"))
-    w = root / "out" / "w"
-    shutil.copytree(root / "out" / "s", w)
-    paired = ad.read_h5ad(root / "paired.h5ad")
-    has = paired.obs["has_image"].to_numpy(bool)
-    masks = np.zeros_like(paired.obsm["masks"])
-    masks[has] = True
-    paired.obsm["masks"] = masks
-    (w / "pair").mkdir()
-    paired.write_h5ad(w / "pair" / "paired.h5ad")
-    return root
+    return add_unmasked_twin(toy_study(tmp_path_factory.mktemp("cut")))
 
 
 def _crops(folder: Path, n: int = 3) -> Path:

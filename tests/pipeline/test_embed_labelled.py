@@ -13,7 +13,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import anndata as ad
@@ -23,6 +22,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers.run import run_stage_in_process
+from tests.helpers.vae_toy import add_unmasked_twin
 
 # the toy study's kinds (tests.helpers.vae_toy): colour and disc radius per kind
 COLOUR = {"myeloblast": (200, 80, 160), "lymphocyte": (90, 90, 220)}
@@ -33,17 +33,7 @@ RADIUS = {"myeloblast": 0.3, "lymphocyte": 0.5}
 def study(tmp_path_factory, toy_study) -> Path:
     """The tiny study as trained on unmasked squares (a crop folder is read whole, no
     detector): <root>/out/w."""
-    root = toy_study(tmp_path_factory.mktemp("labelled"))
-    w = root / "out" / "w"
-    shutil.copytree(root / "out" / "s", w)
-    paired = ad.read_h5ad(root / "paired.h5ad")
-    has = paired.obs["has_image"].to_numpy(bool)
-    masks = np.zeros_like(paired.obsm["masks"])
-    masks[has] = True
-    paired.obsm["masks"] = masks
-    (w / "pair").mkdir()
-    paired.write_h5ad(w / "pair" / "paired.h5ad")
-    return root
+    return add_unmasked_twin(toy_study(tmp_path_factory.mktemp("labelled")))
 
 
 def _cells(folder: Path, kind: str, n: int, seed: int) -> None:
