@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # unseen_source_check
 
 SEGWBC_CLASSES = {1: "neutrophil", 2: "lymphocyte", 3: "monocyte", 4: "eosinophil", 5: "basophil"}
 
@@ -81,8 +82,9 @@ def sort_folders(items: list[tuple[Path, str]], work: Path, shots: int, seed: in
 
 
 def calls(study, query, truth: pd.Series) -> dict:
-    """Accuracy of ``study.embed(query)``'s calls against ``truth`` (crop classes)."""
-    from sklearn.metrics import balanced_accuracy_score
+    """``study.embed(query)``'s calls against ``truth`` (crop classes):
+    :func:`unseen_source_check.call_scores` and the cells embedded."""
+    from unseen_source_check import call_scores
 
     from vae.study_labelled import _class_key
 
@@ -91,20 +93,7 @@ def calls(study, query, truth: pd.Series) -> dict:
         warnings.simplefilter("ignore")
         r = study.embed(query.copy(), warn_seen=False, warn_atypical=False)
     y = truth.reindex(r.obs_names).map(lambda c: names[_class_key(c)]).to_numpy(str)
-    lab = r.obs["vae_label"].astype(str).to_numpy()
-    called = r.obs["vae_call"].astype(str).to_numpy() != "unclassified"
-    right = lab == y
-    with warnings.catch_warnings():  # a call of a class y lacks: counted as wrong
-        warnings.simplefilter("ignore", UserWarning)
-        bal = float(balanced_accuracy_score(y, lab))
-    return {
-        "cells": int(len(y)),
-        "accuracy": float(right.mean()),
-        "balanced_accuracy": bal,
-        "called": float(called.mean()),
-        "called_accuracy": float(right[called].mean()) if called.any() else float("nan"),
-        "atypical": float(r.obs["vae_atypical"].to_numpy(bool).mean()),
-    }
+    return {"cells": int(len(y)), **call_scores(r, y)}
 
 
 def main() -> None:
@@ -142,7 +131,7 @@ def main() -> None:
     ):
         r = res[key]
         print(
-            f"| {name} | {r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | {r['called']:.3f} "
+            f"| {name} | {r['accuracy']:.3f} | {r['balanced']:.3f} | {r['called']:.3f} "
             f"| {r['called_accuracy']:.3f} | {r['atypical']:.3f} |"
         )
     fit = fitted.as_dict()

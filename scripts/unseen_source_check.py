@@ -62,6 +62,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # image_branch_check, imported too
@@ -327,6 +328,33 @@ def score(
     return res
 
 
+def call_scores(embedded, truth: np.ndarray) -> dict:
+    """How an embedded query's calls (:meth:`vae.api.Study.embed`) read against ``truth``
+    (the study's class names, one per row): ``accuracy`` and ``balanced`` (of
+    ``vae_label``), ``called`` (share not ``unclassified``), ``called_accuracy`` (NaN:
+    none called) and ``atypical`` (share of ``vae_atypical``)."""
+    obs = embedded.obs
+    lab = obs["vae_label"].astype(str).to_numpy()
+    called = obs["vae_call"].astype(str).to_numpy() != "unclassified"
+    right = lab == np.asarray(truth).astype(str)
+    acc, bal = _accuracy(np.asarray(truth).astype(str), lab)
+    return {
+        "accuracy": acc,
+        "balanced": bal,
+        "called": float(called.mean()),
+        "called_accuracy": float(right[called].mean()) if called.any() else float("nan"),
+        "atypical": float(obs["vae_atypical"].to_numpy(bool).mean()),
+    }
+
+
+def _query(held):
+    """``held`` with only the obs columns the scores read (the embed's own are added)."""
+    keep = [c for c in ("has_image", "has_expression", "image_ref", "label") if c in held.obs]
+    q = held.copy()
+    q.obs = q.obs[keep]
+    return q
+
+
 def _study_calls(run: Path, held) -> dict:
     """What ``stage=embed`` tells a user of these crops (:meth:`vae.api.Study.embed`):
     the label transfer's accuracy against ``obs['label']`` (the study's label names),
@@ -334,24 +362,19 @@ def _study_calls(run: Path, held) -> dict:
     from vae.api import Study
 
     study = Study.load(run)
-    keep = [c for c in ("has_image", "has_expression", "image_ref", "label") if c in held.obs]
-    q = held.copy()
-    q.obs = q.obs[keep]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "most cells atypical": counted below instead
-        r = study.embed(q, warn_seen=False, warn_atypical=False)
-    truth = r.obs["label"].astype(str).to_numpy()
-    right = r.obs["vae_label"].astype(str).to_numpy() == truth
-    called = r.obs["vae_call"].astype(str).to_numpy() != "unclassified"
+        r = study.embed(_query(held), warn_seen=False, warn_atypical=False)
+    got = call_scores(r, r.obs["label"].astype(str).to_numpy())
     shift = study.input_shift(r) or {}
     return {
         # the input as a whole against the study's held-out cells (Study.input_shift)
         "embed_shift_share": shift.get("share", float("nan")),
         "embed_shifted": shift.get("shifted"),
-        "embed_label_accuracy": float(right.mean()),
-        "embed_atypical": float(r.obs["vae_atypical"].to_numpy(bool).mean()),
-        "embed_unclassified": float((~called).mean()),
-        "embed_called_accuracy": float(right[called].mean()) if called.any() else float("nan"),
+        "embed_label_accuracy": got["accuracy"],
+        "embed_atypical": got["atypical"],
+        "embed_unclassified": 1.0 - got["called"],
+        "embed_called_accuracy": got["called_accuracy"],
         "embed_confidence_median": float(np.median(r.obs["vae_label_confidence"])),
     }
 
@@ -365,9 +388,7 @@ def _labelled_calls(run: Path, held, shots: int = 20, draws: int = 5) -> dict:
     from vae.api import Study
 
     study = Study.load(run)
-    keep = [c for c in ("has_image", "has_expression", "image_ref", "label") if c in held.obs]
-    q = held.copy()
-    q.obs = q.obs[keep]
+    q = _query(held)
     y = q.obs["label"].astype(str).to_numpy()
     rows = []
     for ref in _shot_draws(y, shots, draws):
@@ -375,25 +396,12 @@ def _labelled_calls(run: Path, held, shots: int = 20, draws: int = 5) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             r = study.embed(q[~ref].copy(), warn_seen=False, warn_atypical=False)
-        truth = r.obs["label"].astype(str).to_numpy()
-        lab = r.obs["vae_label"].astype(str).to_numpy()
-        called = r.obs["vae_call"].astype(str).to_numpy() != "unclassified"
-        acc, bal = _accuracy(truth, lab)
-        right = lab == truth
-        rows.append(
-            [
-                acc,
-                bal,
-                called.mean(),
-                right[called].mean() if called.any() else np.nan,
-                r.obs["vae_atypical"].to_numpy(bool).mean(),
-                study.labelled_crops.cv_accuracy,
-            ]
-        )
+        got = call_scores(r, r.obs["label"].astype(str).to_numpy())
+        rows.append({**got, "cv_accuracy": study.labelled_crops.cv_accuracy})
     study.labelled_crops = None
+    means = pd.DataFrame(rows).mean() if rows else {}
     names = ("accuracy", "balanced", "called", "called_accuracy", "atypical", "cv_accuracy")
-    means = np.nanmean(np.asarray(rows, float), 0) if rows else [np.nan] * len(names)
-    return {f"embed_labelled{shots}_{n}": float(v) for n, v in zip(names, means)}
+    return {f"embed_labelled{shots}_{n}": float(means.get(n, np.nan)) for n in names}
 
 
 def _table(res: dict) -> str:
