@@ -356,7 +356,9 @@ class Study(
         transfer kNN, atypical-score neighbours, Gaussians and thresholds, reference
         expression, maturation path). Those are kept while it stays the same object:
         after changing it in place, assign it again
-        (``st.reference = st.reference.copy()``) to fit them anew."""
+        (``st.reference = st.reference.copy()``) to fit them anew. :attr:`labelled_crops`
+        is kept: their atypical scores were read against the reference before, so fit
+        them again (:meth:`fit_labelled_crops`) after setting a new one."""
         return self._reference
 
     @reference.setter
