@@ -136,6 +136,7 @@ def main() -> None:
         )
     fit = fitted.as_dict()
     print(f"fit: {fit['by_class']}, cross-validated accuracy {fit['cv_accuracy']}")
+    print(f"path_check: {fit['path_check']}")
     out = args.out or args.work / "labelled_crops.json"
     out.write_text(json.dumps(res, indent=1))
     print(f"wrote {out}")

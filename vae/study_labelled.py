@@ -389,8 +389,8 @@ class StudyLabelledMixin:
         it (:attr:`LabelledCrops.path_check`; {} without a path), warned of where a
         class's median lies nearest another class's place: calls come from the crops,
         but a position is still the code's projection onto a path of other microscopes'
-        cells (segmentation_wbc's neutrophils through a study that never saw that
-        microscope: median 0.00, the GMP end; through one that did: 0.96)."""
+        cells (20 labelled segmentation_wbc neutrophils through a study that never saw
+        that microscope: median 0.00, the GMP end; through one that did: 0.74)."""
         try:
             cents, path = self.maturation_path()
             pos = self.maturation_position(z_full, y)["position"].to_numpy()
