@@ -164,6 +164,11 @@ def test_the_stage_calls_from_labelled_crops_and_says_so(study: Path, tmp_path: 
         run_stage_in_process(
             [*base, "experiment=gone", f"embed.labelled_crops={tmp_path / 'gone'}"], "embed"
         )
+    # a folder the fit refuses: the stage's one error names the setting, nothing written
+    one = _labelled(tmp_path / "one", {"myeloblast": "Myeloblast"})
+    with pytest.raises(StageError, match=r"embed.labelled_crops=.*1 class.*at least two"):
+        run_stage_in_process([*base, "experiment=one", f"embed.labelled_crops={one}"], "embed")
+    assert not (study / "out" / "one" / "embed" / "query.h5ad").exists()
 
 
 def test_the_log_names_the_classes_the_labelled_crops_confuse_most():
