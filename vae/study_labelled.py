@@ -298,6 +298,8 @@ class StudyLabelledMixin:
         given = adata.obs[label_key].astype(str).str.strip().to_numpy()
         names, new_classes = self._labelled_names(given, source)
         if adata.n_obs == 0:
+            if not rejects:  # nothing found to read (an empty folder, a dangling link)
+                raise StudyError(f"{source}: no image file in the folder or its sub-folders")
             shown = "; ".join(f"{r.get('item')}: {r.get('reason')}" for r in rejects[:3])
             raise StudyError(f"{source}: no readable crop ({len(rejects)} skipped: {shown})")
         q = adata.copy()

@@ -122,6 +122,9 @@ def test_labelled_folders_that_cannot_be_used_are_refused(study: Path, tmp_path:
     (broken / "x.png").write_bytes(b"not an image")
     with pytest.raises(StudyError, match="no readable crop"):
         st.fit_labelled_crops(tmp_path / "d")
+    (tmp_path / "e" / "myeloblast").mkdir(parents=True)
+    with pytest.raises(StudyError, match="no image file in the folder or its sub-folders"):
+        st.fit_labelled_crops(tmp_path / "e")
     with pytest.raises(StudyError, match="no such folder"):
         st.fit_labelled_crops(tmp_path / "nowhere")
     assert st.labelled_crops is None  # nothing fitted by a refused folder
