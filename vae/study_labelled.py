@@ -75,10 +75,6 @@ class LabelledCrops:
     new_classes: list[str] = field(default_factory=list)
     path_check: dict[str, dict] = field(default_factory=dict)
 
-    @property
-    def classes(self) -> list[str]:
-        return list(self.counts)
-
     def predict(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(label (n,) str, confidence (n,) the classifier's probability of it) of image
         codes ``z`` (n, n_shared + n_private)."""
@@ -116,11 +112,18 @@ class LabelledCrops:
         }
 
 
+def _accuracies(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    """(accuracy, balanced accuracy) of calls ``pred`` against labels ``y``."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    with warnings.catch_warnings():  # a call of a class y lacks: counted as wrong
+        warnings.simplefilter("ignore", UserWarning)
+        return float(accuracy_score(y, pred)), float(balanced_accuracy_score(y, pred))
+
+
 def _cross_validated(z: np.ndarray, y: np.ndarray) -> tuple[float, float, dict]:
     """(accuracy, balanced accuracy, confusion {true: {called: n}}) of the out-of-fold
     calls of :func:`vae.analysis.metrics.code_classifier_cv` (NaN, NaN, {}: none)."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score
-
     from vae.analysis.metrics import code_classifier_cv
 
     pred = code_classifier_cv(z, y)
@@ -130,7 +133,7 @@ def _cross_validated(z: np.ndarray, y: np.ndarray) -> tuple[float, float, dict]:
     for t, p in zip(y, pred):
         confusion.setdefault(str(t), {}).setdefault(str(p), 0)
         confusion[str(t)][str(p)] += 1
-    return float(accuracy_score(y, pred)), float(balanced_accuracy_score(y, pred)), confusion
+    return (*_accuracies(y, pred), confusion)
 
 
 def _most_confused(confusion: dict, counts: dict) -> str:
@@ -264,9 +267,8 @@ class StudyLabelledMixin:
         """
         import anndata as ad
 
-        from vae.analysis.anomaly import latent_modalities
+        from vae.analysis.anomaly import modality_latent
         from vae.analysis.metrics import code_classifier
-        from vae.scverse import latent_obsm
 
         if isinstance(data, (str, Path)):
             folder = Path(data)
@@ -311,13 +313,11 @@ class StudyLabelledMixin:
                 "%s: %d of %d crops unusable, left out", source, int((~has).sum()), len(has)
             )
         lat = self.encode(prepared)
-        z = latent_modalities(
-            ad.AnnData(
-                obs=q.obs, obsm=latent_obsm(lat, self.n_shared, int(self.meta["n_private"]))
-            ),
-            self.n_shared,
-            int(self.meta["n_private"]),
-        )["image"]
+        # the image code Study.embed reads an image-only cell by: shared + image-private dims
+        z = np.asarray(
+            modality_latent(lat.image, self.n_shared, int(self.meta["n_private"]), "image"),
+            np.float64,
+        )
         scores = self.anomaly_scores(prepared, lat)[ANOMALY_COLUMNS["combined"]].to_numpy(
             np.float64
         )
@@ -433,12 +433,8 @@ class StudyLabelledMixin:
         """(accuracy, balanced accuracy) of the study's own kNN label transfer on image
         codes ``z`` (n, n_shared + n_private) of crops labelled ``y``; NaN, NaN where the
         study has no labelled crop to read them against."""
-        from sklearn.metrics import accuracy_score, balanced_accuracy_score
-
         try:
             pred = self.transfer_labels(z, modality="image")["label"].to_numpy(str)
         except StudyError:
             return float("nan"), float("nan")
-        with warnings.catch_warnings():  # a call of a class y lacks: counted as wrong
-            warnings.simplefilter("ignore", UserWarning)
-            return float(accuracy_score(y, pred)), float(balanced_accuracy_score(y, pred))
+        return _accuracies(y, pred)
